@@ -1,0 +1,103 @@
+"""stockade: run code and tools nobody has vetted behind real isolation boundaries.
+
+    import stockade
+    result = stockade.run_code("print(6 * 7)")
+    result.stdout  # '42\n'
+
+The public surface is listed in ``__all__``; attributes load lazily so that
+``import stockade`` (and the CLI) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "run": "sdk",
+    "run_code": "sdk",
+    "arun": "sdk",
+    "arun_code": "sdk",
+    "warm_up": "sdk",
+    "Sandbox": "sdk",
+    "AsyncSandbox": "sdk",
+    "Policy": "policy",
+    "Mount": "policy",
+    "ExecResult": "result",
+    "SecurityViolation": "result",
+    "ResourceUsage": "result",
+    "RuntimeManager": "runtimes.manager",
+    "StockadeError": "errors",
+    "PolicyError": "errors",
+    "RuntimeUnavailableError": "errors",
+    "SandboxError": "errors",
+    "SandboxStartError": "errors",
+    "SandboxClosedError": "errors",
+    "AgentError": "errors",
+    "AgentProtocolError": "errors",
+    "DaemonUnavailableError": "errors",
+    "AuthenticationError": "errors",
+    "RateLimitError": "errors",
+}
+
+__all__ = [
+    "AgentError",
+    "AgentProtocolError",
+    "AsyncSandbox",
+    "AuthenticationError",
+    "DaemonUnavailableError",
+    "ExecResult",
+    "Mount",
+    "Policy",
+    "PolicyError",
+    "RateLimitError",
+    "ResourceUsage",
+    "RuntimeManager",
+    "RuntimeUnavailableError",
+    "Sandbox",
+    "SandboxClosedError",
+    "SandboxError",
+    "SandboxStartError",
+    "SecurityViolation",
+    "StockadeError",
+    "__version__",
+    "arun",
+    "arun_code",
+    "run",
+    "run_code",
+    "warm_up",
+]
+
+if TYPE_CHECKING:
+    from .errors import (
+        AgentError,
+        AgentProtocolError,
+        AuthenticationError,
+        DaemonUnavailableError,
+        PolicyError,
+        RateLimitError,
+        RuntimeUnavailableError,
+        SandboxClosedError,
+        SandboxError,
+        SandboxStartError,
+        StockadeError,
+    )
+    from .policy import Mount, Policy
+    from .result import ExecResult, ResourceUsage, SecurityViolation
+    from .runtimes.manager import RuntimeManager
+    from .sdk import AsyncSandbox, Sandbox, arun, arun_code, run, run_code, warm_up
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stockade' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

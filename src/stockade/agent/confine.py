@@ -1,0 +1,326 @@
+"""Build one isolate of the process runtime, then become its agent.
+
+Runs in a child freshly forked from the zygote (stdlib only, single-threaded).
+The whole confinement sequence reads top to bottom in ``start_isolate`` (after
+nsjail's ``containProc``): cgroup -> drop to the sandbox uid -> namespaces ->
+(fork into the pid namespace) -> mounts and pivot_root -> hostname and network
+-> rlimits -> capabilities -> no_new_privs -> Landlock -> seccomp -> agent.
+
+Messages to the host on the agent socket before the agent speaks JSON-RPC:
+  b"P" + u32 pid   the isolate's init, as the host's pid namespace sees it
+  b"R" + fd        ready; the fd (SCM_RIGHTS) is the seccomp listener
+  b"E" + frame     setup failed; the frame holds {"error": message}
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import socket
+import struct
+import sys
+import traceback
+from typing import Any
+
+from . import linux, server, wire
+
+INNER_UID = 1000
+INNER_GID = 1000
+
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_READ_EXEC = linux.LL_READ_FILE | linux.LL_READ_DIR | linux.LL_EXECUTE
+
+
+def start_isolate(config: dict[str, Any], conn: socket.socket) -> None:
+    """Never returns: ends with ``os._exit``."""
+    try:
+        _join_cgroups(config["cgroup_procs"])
+        _drop_to_sandbox_user(config.get("outer_uid"), config.get("outer_gid"))
+        _unshare_namespaces()
+        sync_r, sync_w = os.pipe()
+        pid = os.fork()
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, never raised past fork
+        _report_failure(conn, "namespaces", exc)
+        os._exit(1)
+    if pid:
+        # Still outside the new pid namespace: tell the host who init is, then leave.
+        conn.sendall(b"P" + struct.pack("<I", pid))
+        os.close(sync_w)
+        os._exit(0)
+    os.close(sync_w)
+    os.read(sync_r, 1)  # wait until the "P" message is out, so it precedes ours
+    os.close(sync_r)
+    try:
+        _confine_as_init(config, conn)
+    except BaseException as exc:  # noqa: BLE001
+        _report_failure(conn, "confinement", exc)
+        os._exit(1)
+    try:
+        server.Agent(conn, config.get("base_env") or {}).serve()
+    finally:
+        os._exit(0)
+
+
+def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> None:
+    _mount_new_root(config)
+    linux.sethostname(config.get("hostname", "stockade"))
+    if config.get("network") == "loopback":
+        _bring_up_loopback()
+    os.chdir("/work")
+    _set_hard_rlimits(config.get("hard_limits") or {})
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    linux.drop_all_capabilities()
+    abi = int(config.get("landlock_abi") or 0)
+    if abi:
+        _apply_landlock(abi, config)
+    # Not dumpable: code in the isolate (same uid) cannot open /proc/1/mem or fds.
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    listener = linux.seccomp_install_listener(base64.b64decode(config["seccomp_bpf"]))
+    socket.send_fds(conn, [b"R"], [listener])
+    os.close(listener)
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+# ---- the steps, in order --------------------------------------------------------
+
+
+def _join_cgroups(procs_files: list[str]) -> None:
+    pid = str(os.getpid())
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write(pid)
+
+
+def _drop_to_sandbox_user(uid: int | None, gid: int | None) -> None:
+    """As root, become the unprivileged sandbox uid before making the user namespace.
+
+    Inside, the code runs as uid 1000; outside, that uid is ``uid`` (never root),
+    so anything that escaped the namespaces would be an unprivileged user.
+    """
+    if os.getuid() != 0 or uid is None or uid == 0:
+        return
+    os.setgroups([])
+    os.setresgid(gid or uid, gid or uid, gid or uid)
+    os.setresuid(uid, uid, uid)
+    # setuid cleared "dumpable", which would leave /proc/self/uid_map owned by root.
+    linux.prctl(linux.PR_SET_DUMPABLE, 1)
+
+
+def _unshare_namespaces() -> None:
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    linux.unshare(
+        linux.CLONE_NEWUSER
+        | linux.CLONE_NEWNS
+        | linux.CLONE_NEWPID
+        | linux.CLONE_NEWNET
+        | linux.CLONE_NEWIPC
+        | linux.CLONE_NEWUTS
+        | linux.CLONE_NEWCGROUP
+    )
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{INNER_UID} {outer_uid} 1")
+    _write("/proc/self/gid_map", f"{INNER_GID} {outer_gid} 1")
+
+
+def _mount_new_root(config: dict[str, Any]) -> None:
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    # The new root is a small tmpfs; only this namespace sees it on /tmp.
+    linux.mount("tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4m,mode=0755")
+    os.mkdir("/tmp/.oldroot")
+    linux.pivot_root("/tmp", "/tmp/.oldroot")
+    os.chdir("/")
+    old = "/.oldroot"
+
+    for name in ("usr", "proc", "dev", "tmp", "work", "etc"):
+        os.mkdir("/" + name, 0o755)
+    _bind(old + "/usr", "/usr", writable=False)
+    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
+        host = f"{old}/{name}"
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), "/" + name)
+        elif os.path.isdir(host):
+            os.mkdir("/" + name, 0o755)
+            _bind(host, "/" + name, writable=False)
+
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    _make_dev(old)
+    _make_scratch(int(config.get("scratch_mb") or 64))
+    _make_etc(old, config)
+    for mount in config.get("mounts") or []:
+        _bind_extra(old, mount)
+
+    linux.umount2(old, linux.MNT_DETACH)
+    os.rmdir(old)
+    linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+
+
+def _make_dev(old: str) -> None:
+    linux.mount("tmpfs", "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755")
+    for name in _DEVICES:
+        path = "/dev/" + name
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+        linux.mount(f"{old}/dev/{name}", path, None, linux.MS_BIND)
+    os.symlink("/proc/self/fd", "/dev/fd")
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", "/dev/" + name)
+    os.mkdir("/dev/shm", 0o1777)
+
+
+def _make_scratch(size_mb: int) -> None:
+    """One size-capped tmpfs shared by /tmp, /work and /dev/shm: disk_mb caps them together."""
+    os.mkdir("/.scratch")
+    flags = linux.MS_NOSUID | linux.MS_NODEV
+    linux.mount("tmpfs", "/.scratch", "tmpfs", flags, f"size={size_mb}m,mode=0755")
+    for name, mode in (("tmp", 0o1777), ("work", 0o755), ("shm", 0o1777)):
+        os.mkdir("/.scratch/" + name)
+        os.chmod("/.scratch/" + name, mode)
+    linux.mount("/.scratch/tmp", "/tmp", None, linux.MS_BIND)
+    linux.mount("/.scratch/work", "/work", None, linux.MS_BIND)
+    linux.mount("/.scratch/shm", "/dev/shm", None, linux.MS_BIND)
+    linux.umount2("/.scratch", linux.MNT_DETACH)
+    os.rmdir("/.scratch")
+    # /dev itself is read-only from now on; its binds (shm, devices) keep their own mode.
+    _remount("/dev", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
+
+
+def _make_etc(old: str, config: dict[str, Any]) -> None:
+    hostname = config.get("hostname", "stockade")
+    files = {
+        "passwd": (
+            "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+            f"sandbox:x:{INNER_UID}:{INNER_GID}:sandbox:/work:/bin/sh\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"root:x:0:\nsandbox:x:{INNER_GID}:\nnogroup:x:65534:\n",
+        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
+        "hostname": hostname + "\n",
+        "resolv.conf": "# stockade: no name servers inside the sandbox\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+    }
+    for name, text in files.items():
+        _write("/etc/" + name, text)
+    # Not secrets: the loader's cache speeds up every exec; alternatives are symlinks
+    # that /usr/bin/awk and friends go through on Debian.
+    for name in ("ld.so.cache", "localtime"):
+        src = f"{old}/etc/{name}"
+        if os.path.isfile(src):
+            with open(src, "rb") as f:
+                data = f.read(1 << 20)
+            with open("/etc/" + name, "wb") as f:
+                f.write(data)
+    if os.path.isdir(f"{old}/etc/alternatives"):
+        os.mkdir("/etc/alternatives")
+        _bind(f"{old}/etc/alternatives", "/etc/alternatives", writable=False)
+
+
+def _bind_extra(old: str, mount: dict[str, Any]) -> None:
+    source, target = mount["source"], mount["target"]
+    host = old + source
+    if not os.path.exists(host):
+        raise FileNotFoundError(f"filesystem_access source {source} does not exist or is not reachable")
+    if os.path.isdir(host):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.exists(target):
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+    _bind(host, target, writable=bool(mount.get("writable")))
+
+
+def _bind(source: str, target: str, writable: bool) -> None:
+    linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
+    flags = linux.MS_NOSUID | linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
+    _remount(target, flags)
+
+
+def _remount(target: str, flags: int) -> None:
+    # In a user namespace the flags a mount was created with are locked: keep them.
+    st = os.statvfs(target)
+    locked = 0
+    for st_flag, ms_flag in (
+        (os.ST_NOSUID, linux.MS_NOSUID),
+        (os.ST_NODEV, linux.MS_NODEV),
+        (os.ST_NOEXEC, linux.MS_NOEXEC),
+        (os.ST_NOATIME, linux.MS_NOATIME),
+        (os.ST_NODIRATIME, linux.MS_NODIRATIME),
+        (os.ST_RELATIME, linux.MS_RELATIME),
+    ):
+        if st.f_flag & st_flag:
+            locked |= ms_flag
+    if st.f_flag & os.ST_RDONLY:
+        locked |= linux.MS_RDONLY
+    linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | flags | locked)
+
+
+def _bring_up_loopback() -> None:
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, ifreq))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
+def _set_hard_rlimits(limits: dict[str, int]) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for key, which in (
+        ("max_open_files", resource.RLIMIT_NOFILE),
+        ("max_processes", resource.RLIMIT_NPROC),
+        ("max_file_size_bytes", resource.RLIMIT_FSIZE),
+    ):
+        value = limits.get(key)
+        if isinstance(value, int) and value > 0:
+            _, hard = resource.getrlimit(which)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)  # a limit can only ever be lowered here
+            resource.setrlimit(which, (value, value))
+
+
+def _apply_landlock(abi: int, config: dict[str, Any]) -> None:
+    everything = linux.landlock_fs_rights(abi)
+    dev_rights = linux.LL_READ_FILE | linux.LL_WRITE_FILE | linux.LL_READ_DIR
+    if abi >= 5:
+        dev_rights |= linux.LL_IOCTL_DEV
+    rules = [
+        ("/", _READ_EXEC),
+        ("/proc", linux.LL_READ_FILE | linux.LL_READ_DIR | linux.LL_WRITE_FILE),
+        ("/dev", dev_rights),
+        ("/tmp", everything),
+        ("/work", everything),
+        ("/dev/shm", everything),
+    ]
+    for mount in config.get("mounts") or []:
+        if mount.get("writable"):
+            rules.append((mount["target"], everything))
+    deny_tcp = config.get("network", "none") == "none"
+    linux.landlock_restrict(abi, rules, deny_tcp=deny_tcp, scope=True)
+
+
+# ---- helpers -------------------------------------------------------------------
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _report_failure(conn: socket.socket, stage: str, exc: BaseException) -> None:
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    try:
+        conn.sendall(b"E" + wire.encode_message({"error": f"{stage}: {detail}"}))
+    except OSError:
+        pass
+    print(f"stockade isolate setup failed in {stage}: {detail}", file=sys.stderr)
+
+
+def decode_config(raw: bytes) -> dict[str, Any]:
+    config = json.loads(raw)
+    if not isinstance(config, dict):
+        raise ValueError("isolate config must be a JSON object")
+    return config

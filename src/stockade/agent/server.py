@@ -1,0 +1,470 @@
+"""The guest agent: a JSON-RPC 2.0 server that runs inside every isolate.
+
+Stdlib-only. Every runtime starts this same agent and speaks the framed protocol
+of ``wire.py`` to it. Methods: ``ping``, ``exec``, ``run_code``, ``write_file``,
+``read_file``, ``list_dir``.
+
+The agent is confined exactly like the code it runs, so it holds no secret and
+no privilege worth stealing; the host treats everything it says as untrusted
+(limits, violations and the final verdict are decided on the host side).
+
+It is usually pid 1 of its pid namespace: it reaps every orphan, and when it
+exits the kernel kills everything left in the namespace. It exits as soon as
+the host's end of the connection closes.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import errno
+import io
+import os
+import resource
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable
+from typing import Any
+
+from . import wire
+
+READ_CHUNK = 65536
+DEFAULT_MAX_OUTPUT = 1024 * 1024
+# After the main process exits, how long to keep reading output that a
+# background grandchild may still be writing into the same pipes.
+DRAIN_GRACE_S = 0.05
+
+_RLIMITS = {
+    "max_file_size_bytes": resource.RLIMIT_FSIZE,
+    "max_open_files": resource.RLIMIT_NOFILE,
+    "max_processes": resource.RLIMIT_NPROC,
+    "cpu_seconds": resource.RLIMIT_CPU,
+}
+
+
+class _Run:
+    """Book-keeping of one running command: its pid, pipes and collected output."""
+
+    def __init__(self, pid: int, out_fd: int, err_fd: int, max_output: int, stream: bool) -> None:
+        self.pid = pid
+        self.fds = {out_fd: "stdout", err_fd: "stderr"}
+        self.buffers: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.total = 0
+        self.max_output = max_output
+        self.stream = stream
+        self.status: int | None = None
+        self.output_truncated = False
+        self.timed_out = False
+
+
+class Agent:
+    def __init__(self, conn: socket.socket, base_env: dict[str, str] | None = None) -> None:
+        self.conn = conn
+        self.base_env = base_env or {}
+        self.exited: dict[int, int] = {}  # pid -> wait status, for children we reaped early
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "ping": self.ping,
+            "exec": self.exec,
+            "run_code": self.run_code,
+            "write_file": self.write_file,
+            "read_file": self.read_file,
+            "list_dir": self.list_dir,
+        }
+
+    # ---- the loop --------------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.conn.fileno(), self._wake_r], [], [])
+            if self._wake_r in ready:
+                self._drain_wakeups()
+                self._reap()
+            if self.conn.fileno() in ready:
+                try:
+                    payload = wire.read_frame(self.conn)
+                except (EOFError, wire.FrameError, OSError):
+                    return  # host gone or speaking garbage: end the isolate
+                reply = self.handle(payload)
+                if reply is not None:
+                    try:
+                        wire.send_message(self.conn, reply)
+                    except OSError:
+                        return
+
+    def handle(self, payload: bytes) -> dict[str, Any] | None:
+        msg_id = None
+        try:
+            message = wire.decode_payload(payload)
+            if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+                raise wire.RPCError(wire.INVALID_REQUEST, "Invalid Request")
+            msg_id = message.get("id")
+            method = message.get("method")
+            if not isinstance(method, str) or not isinstance(msg_id, (int, str, type(None))):
+                raise wire.RPCError(wire.INVALID_REQUEST, "Invalid Request")
+            params = message.get("params", {})
+            if not isinstance(params, dict):
+                raise wire.RPCError(wire.INVALID_PARAMS, "params must be an object")
+            handler = self.methods.get(method)
+            if handler is None:
+                raise wire.RPCError(wire.METHOD_NOT_FOUND, f"Method not found: {method}")
+            result = handler(params)
+        except wire.RPCError as exc:
+            return wire.error_response(msg_id, exc)
+        except OSError as exc:
+            return wire.error_response(msg_id, wire.RPCError(wire.INTERNAL_ERROR, str(exc), {"errno": exc.errno}))
+        except Exception as exc:  # noqa: BLE001 - any bug must become an error reply, not a dead agent
+            return wire.error_response(msg_id, wire.RPCError(wire.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+        if "id" not in message:
+            return None  # a notification gets no reply
+        return wire.response(msg_id, result)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.exited[pid] = status
+
+    # ---- methods ---------------------------------------------------------------
+
+    def ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "pid": os.getpid(), "uid": os.getuid()}
+
+    def exec(self, params: dict[str, Any]) -> dict[str, Any]:
+        argv = params.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise wire.RPCError(wire.INVALID_PARAMS, "argv must be a non-empty list of strings")
+        return self._run(params, lambda: self._spawn_exec(argv, params))
+
+    def run_code(self, params: dict[str, Any]) -> dict[str, Any]:
+        language = params.get("language", "python")
+        code = params.get("code")
+        if not isinstance(code, str):
+            raise wire.RPCError(wire.INVALID_PARAMS, "code must be a string")
+        if language == "python":
+            return self._run(params, lambda: self._spawn_python(code, params))
+        if language == "bash":
+            return self._run(params, lambda: self._spawn_exec(["/bin/bash", "-c", code], params))
+        raise wire.RPCError(wire.INVALID_PARAMS, f"unsupported language: {language!r} (python, bash)")
+
+    def write_file(self, params: dict[str, Any]) -> dict[str, Any]:
+        path = _str_param(params, "path")
+        data = _b64_param(params, "data")
+        mode = params.get("mode", 0o644)
+        if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise wire.RPCError(wire.INVALID_PARAMS, "mode must be an integer permission")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        return {"path": path, "size": len(data)}
+
+    def read_file(self, params: dict[str, Any]) -> dict[str, Any]:
+        path = _str_param(params, "path")
+        limit = params.get("max_bytes", wire.MAX_FRAME // 2)
+        if not isinstance(limit, int) or limit < 0:
+            raise wire.RPCError(wire.INVALID_PARAMS, "max_bytes must be a non-negative integer")
+        limit = min(limit, wire.MAX_FRAME // 2)  # base64 grows 4/3: keep the reply under the frame cap
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        return {
+            "path": path,
+            "data": base64.b64encode(data[:limit]).decode(),
+            "truncated": len(data) > limit,
+        }
+
+    def list_dir(self, params: dict[str, Any]) -> dict[str, Any]:
+        path = _str_param(params, "path")
+        entries: list[dict[str, Any]] = []
+        with os.scandir(path) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
+                entries.append({"name": entry.name, "type": kind, "size": st.st_size})
+        entries.sort(key=lambda e: str(e["name"]))
+        return {"path": path, "entries": entries}
+
+    # ---- running a command -----------------------------------------------------
+
+    def _spawn_exec(self, argv: list[str], params: dict[str, Any]) -> tuple[int, int, int, int | None]:
+        env = self._env(params)
+        cwd = params.get("cwd") or self.base_env.get("HOME", "/")
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        limits = params.get("limits", {})
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=in_r,
+                stdout=out_w,
+                stderr=err_w,
+                env=env,
+                cwd=cwd,
+                close_fds=True,
+                process_group=0,
+                restore_signals=True,
+                preexec_fn=lambda: _apply_rlimits(limits),  # noqa: PLW1509 - the agent has no threads
+            )
+        except OSError as exc:
+            for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
+                os.close(fd)
+            raise wire.RPCError(
+                wire.INVALID_PARAMS, f"cannot execute {argv[0]!r}: {exc.strerror}", {"errno": exc.errno}
+            ) from None
+        proc.returncode = 0  # we reap it ourselves; stop Popen from ever waiting on it
+        for fd in (out_w, err_w, in_r):
+            os.close(fd)
+        return proc.pid, out_r, err_r, in_w
+
+    def _spawn_python(self, code: str, params: dict[str, Any]) -> tuple[int, int, int, int | None]:
+        """Fork this already-started interpreter and run ``code`` in the child.
+
+        This is the fast path: no exec, no interpreter start-up. The child drops
+        every descriptor but 0-2 before running anything, so the code cannot
+        reach the host connection.
+        """
+        env = self._env(params)
+        cwd = params.get("cwd") or self.base_env.get("HOME", "/")
+        limits = params.get("limits", {})
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.dup2(in_r, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                os.closerange(3, 1 << 16)
+                os.setpgid(0, 0)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _apply_rlimits(limits)
+                os.chdir(cwd)
+                os.environ.clear()
+                os.environ.update(env)
+            except BaseException:  # noqa: BLE001
+                os._exit(126)
+            os._exit(_exec_python_source(code))
+        for fd in (out_w, err_w, in_r):
+            os.close(fd)
+        return pid, out_r, err_r, in_w
+
+    def _env(self, params: dict[str, Any]) -> dict[str, str]:
+        env = dict(self.base_env)
+        extra = params.get("env") or {}
+        if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise wire.RPCError(wire.INVALID_PARAMS, "env must map strings to strings")
+        env.update(extra)
+        return env
+
+    def _run(self, params: dict[str, Any], spawn: Callable[[], tuple[int, int, int, int | None]]) -> dict[str, Any]:
+        timeout = params.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise wire.RPCError(wire.INVALID_PARAMS, "timeout must be a positive number")
+        max_output = params.get("max_output_bytes", DEFAULT_MAX_OUTPUT)
+        if not isinstance(max_output, int) or max_output < 0:
+            raise wire.RPCError(wire.INVALID_PARAMS, "max_output_bytes must be a non-negative integer")
+        stdin = _b64_param(params, "stdin") if params.get("stdin") else b""
+        started = time.monotonic()
+        pid, out_r, err_r, in_w = spawn()
+        run = _Run(pid, out_r, err_r, max_output, bool(params.get("stream")))
+        if in_w is not None:
+            _feed_stdin(in_w, stdin)
+        deadline = started + timeout if timeout else None
+        self._collect(run, deadline)
+        status = run.status if run.status is not None else 0
+        return {
+            "exit_code": os.waitstatus_to_exitcode(status),
+            "stdout": base64.b64encode(b"".join(run.buffers["stdout"])).decode(),
+            "stderr": base64.b64encode(b"".join(run.buffers["stderr"])).decode(),
+            "timed_out": run.timed_out,
+            "output_truncated": run.output_truncated,
+            "duration": time.monotonic() - started,
+        }
+
+    def _collect(self, run: _Run, deadline: float | None) -> None:
+        drain_until: float | None = None
+        watch_conn = True
+        while run.fds or run.status is None:
+            now = time.monotonic()
+            if run.status is None and run.pid in self.exited:
+                run.status = self.exited.pop(run.pid)
+                drain_until = now + DRAIN_GRACE_S
+            if run.status is not None and drain_until is not None and now >= drain_until:
+                break
+            if deadline is not None and now >= deadline and run.status is None:
+                run.timed_out = True
+                _kill_group(run.pid)
+                deadline = None
+            waits = [t for t in (deadline, drain_until) if t is not None]
+            wait = max(0.0, min(waits) - now) if waits else None
+            watched = [self.conn.fileno()] if watch_conn else []
+            ready, _, _ = select.select([*watched, self._wake_r, *run.fds], [], [], wait)
+            if self.conn.fileno() in ready:
+                if not _peek_alive(self.conn):
+                    _kill_group(run.pid)
+                    os._exit(0)  # the host is gone: the whole isolate ends with us
+                watch_conn = False  # a pipelined request waits its turn
+            if self._wake_r in ready:
+                self._drain_wakeups()
+                self._reap()
+            for fd in [f for f in ready if f in run.fds]:
+                self._read_output(run, fd)
+        for fd in list(run.fds):
+            os.close(fd)
+        run.fds.clear()
+
+    def _read_output(self, run: _Run, fd: int) -> None:
+        name = run.fds[fd]
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            os.close(fd)
+            del run.fds[fd]
+            return
+        room = run.max_output - run.total
+        if len(chunk) > room:
+            chunk = chunk[: max(room, 0)]
+            if not run.output_truncated:
+                run.output_truncated = True
+                _kill_group(run.pid)
+        run.total += len(chunk)
+        if chunk:
+            run.buffers[name].append(chunk)
+            if run.stream:
+                note = wire.notification("output", {"stream": name, "data": base64.b64encode(chunk).decode()})
+                wire.send_message(self.conn, note)
+
+
+def _exec_python_source(code: str) -> int:
+    """Run ``code`` as ``python3 -c`` would, in this (forked) interpreter; return the exit status."""
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=False)
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
+    sys.argv = ["-c"]
+    status = 0
+    try:
+        exec(compile(code, "<string>", "exec"), main.__dict__)  # noqa: S102 - inside the isolate, by design
+    except SystemExit as exc:
+        if exc.code is None:
+            status = 0
+        elif isinstance(exc.code, int):
+            status = exc.code & 0xFF
+        else:
+            print(exc.code, file=sys.stderr)
+            status = 1
+    except BaseException:  # noqa: BLE001 - report like the interpreter does
+        traceback.print_exc()
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    return status
+
+
+def _apply_rlimits(limits: dict[str, Any]) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for key, which in _RLIMITS.items():
+        value = limits.get(key)
+        if isinstance(value, int) and value >= 0:
+            _, hard = resource.getrlimit(which)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(which, (value, value))
+
+
+def _feed_stdin(fd: int, data: bytes) -> None:
+    # Write what fits without blocking; a program that never reads its input
+    # must not stall the agent. Large inputs are bounded by the frame cap.
+    try:
+        os.set_blocking(fd, False)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except (BlockingIOError, BrokenPipeError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def _kill_group(pid: int) -> None:
+    for target in (-pid, pid):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
+
+def _peek_alive(conn: socket.socket) -> bool:
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _str_param(params: dict[str, Any], name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise wire.RPCError(wire.INVALID_PARAMS, f"{name} must be a non-empty string")
+    return value
+
+
+def _b64_param(params: dict[str, Any], name: str) -> bytes:
+    value = params.get(name, "")
+    if not isinstance(value, str):
+        raise wire.RPCError(wire.INVALID_PARAMS, f"{name} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise wire.RPCError(wire.INVALID_PARAMS, f"{name} is not valid base64") from None
+
+
+def main() -> None:
+    """Serve on fd 3 (or the fd in STOCKADE_AGENT_FD): used by runtimes that exec the agent."""
+    fd = int(os.environ.pop("STOCKADE_AGENT_FD", "3"))
+    conn = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    Agent(conn, dict(os.environ)).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The ``stockade`` command line.
+
+    stockade run [policy flags] [--json] -- CMD ARGS...
+    stockade exec-code [--language python|bash] [policy flags] [--json] (CODE | -f FILE | -)
+    stockade doctor [--json]
+
+Exit status of ``run``/``exec-code``: the command's own; 128+N when a signal
+ended it; 124 on timeout (as timeout(1)); 137 when the memory limit killed it;
+125 when stockade itself failed (bad policy, no runtime), with the reason on
+stderr. Heavy modules load only once a command needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .result import ExecResult
+
+EXIT_TIMEOUT = 124
+EXIT_STOCKADE_ERROR = 125
+EXIT_MEMORY = 137
+MAX_STDIN = 8 * 1024 * 1024
+
+
+def _policy_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("policy")
+    g.add_argument("--runtime", help="runtime by name (process, fake)")
+    g.add_argument("--isolation", choices=["none", "process", "gvisor", "microvm"], help="minimum isolation level")
+    g.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (default 30)")
+    g.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB (default 512)")
+    g.add_argument("--cpu", type=float, metavar="N", help="CPU limit in cores (default 1.0)")
+    g.add_argument("--pids", type=int, metavar="N", help="process limit (default 128)")
+    g.add_argument("--disk", type=int, metavar="MB", help="size of the writable /tmp and /work (default 64)")
+    g.add_argument("--max-output", type=int, metavar="BYTES", help="output cap (default 1 MiB)")
+    g.add_argument("--network", choices=["none", "loopback"], help="network (default none)")
+    g.add_argument("--mount", action="append", default=[], metavar="SRC[:DST][:rw]", help="share a host path")
+    g.add_argument("--env", action="append", default=[], metavar="K=V", help="set an environment variable")
+    g.add_argument("--on-violation", choices=["deny", "kill"], help="deny (EPERM, reported) or kill the run")
+    g.add_argument("--policy-file", metavar="FILE", help="JSON file with Policy fields (flags override it)")
+    parser.add_argument("--json", action="store_true", help="print the ExecResult as JSON")
+
+
+def _build_policy(args: argparse.Namespace) -> Any:
+    from .policy import Policy
+
+    fields: dict[str, Any] = {}
+    if args.policy_file:
+        with open(args.policy_file) as f:
+            fields.update(json.load(f))
+    env = dict(fields.get("environment") or {})
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(_fail(f"--env {item!r}: expected K=V"))
+        env[key] = value
+    flag_fields = {
+        "runtime": args.runtime,
+        "isolation": args.isolation,
+        "timeout_seconds": args.timeout,
+        "memory_mb": args.memory,
+        "cpu_limit": args.cpu,
+        "pids_limit": args.pids,
+        "disk_mb": args.disk,
+        "max_output_bytes": args.max_output,
+        "network_policy": args.network,
+        "on_violation": args.on_violation,
+    }
+    fields.update({k: v for k, v in flag_fields.items() if v is not None})
+    if env:
+        fields["environment"] = env
+    if args.mount:
+        fields["filesystem_access"] = list(fields.get("filesystem_access") or []) + args.mount
+    return Policy.build(**fields)
+
+
+def _fail(message: str) -> int:
+    print(f"stockade: {message}", file=sys.stderr)
+    return EXIT_STOCKADE_ERROR
+
+
+def _exit_status(result: ExecResult) -> int:
+    if result.termination_reason == "timeout":
+        return EXIT_TIMEOUT
+    if result.termination_reason == "memory_limit":
+        return EXIT_MEMORY
+    if result.exit_code is None:
+        return EXIT_STOCKADE_ERROR
+    if result.exit_code < 0:
+        return 128 - result.exit_code
+    return int(result.exit_code)
+
+
+def _read_stdin() -> bytes:
+    if sys.stdin is None or sys.stdin.isatty():
+        return b""
+    data = sys.stdin.buffer.read(MAX_STDIN + 1)
+    if len(data) > MAX_STDIN:
+        raise SystemExit(_fail(f"standard input is larger than {MAX_STDIN} bytes"))
+    return data
+
+
+def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) -> int:
+    from .errors import StockadeError
+    from .runtimes.manager import RuntimeManager
+
+    try:
+        policy = _build_policy(args)
+    except (StockadeError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    # A CLI process runs one command: a warm pool would only cost time here.
+    manager = RuntimeManager(pool_size=0)
+
+    def stream(name: str, data: bytes) -> None:
+        out = sys.stdout if name == "stdout" else sys.stderr
+        out.buffer.write(data)
+        out.flush()
+
+    try:
+        runtime = manager.select(policy)
+        sandbox = runtime.start(policy)
+        try:
+            on_output = None if args.json else stream
+            if call == "exec":
+                result = sandbox.exec(payload, stdin=stdin, on_output=on_output)
+            else:
+                result = sandbox.run_code(payload[1], payload[0], stdin=stdin, on_output=on_output)
+        finally:
+            sandbox.close()
+    except StockadeError as exc:
+        return _fail(str(exc))
+    finally:
+        manager.close()
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
+        print(result.summary(), file=sys.stderr)
+    return _exit_status(result)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        return _fail("run: no command given (stockade run [flags] -- CMD ARGS...)")
+    return _execute(args, "exec", argv, _read_stdin())
+
+
+def cmd_exec_code(args: argparse.Namespace) -> int:
+    if args.file:
+        try:
+            with open(args.file) as f:
+                code = f.read()
+        except OSError as exc:
+            return _fail(f"-f {args.file}: {exc.strerror}")
+        stdin = _read_stdin()
+    elif args.code == "-":
+        code, stdin = sys.stdin.read(), b""
+    elif args.code is not None:
+        code, stdin = args.code, _read_stdin()
+    else:
+        return _fail("exec-code: give CODE, -f FILE or - (read code from standard input)")
+    return _execute(args, "run_code", (args.language, code), stdin)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import collect, render
+
+    report = collect()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render(report))
+    return 0 if any(r["available"] and r["name"] != "fake" for r in report["runtimes"]) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stockade", description="Run untrusted code behind real isolation.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="cmd")
+
+    run = sub.add_parser("run", help="run a command in a fresh isolate")
+    _policy_flags(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    run.set_defaults(func=cmd_run)
+
+    code = sub.add_parser("exec-code", help="run a piece of code in a fresh isolate")
+    code.add_argument("--language", choices=["python", "bash"], default="python")
+    code.add_argument("-f", "--file", help="read the code from FILE")
+    _policy_flags(code)
+    code.add_argument("code", nargs="?", help="the code, or - to read it from standard input")
+    code.set_defaults(func=cmd_exec_code)
+
+    doctor = sub.add_parser("doctor", help="what works on this host, and why not")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"stockade {__version__}")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        status: int = args.func(args)
+        return status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os._exit(141)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

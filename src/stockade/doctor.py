@@ -1,0 +1,70 @@
+"""``stockade doctor``: every runtime, whether it works here, and exactly why not."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict
+from typing import Any
+
+from .agent import linux
+from .runtimes.manager import RuntimeManager
+from .runtimes.process.cgroups import detect_layout
+
+
+def _user_namespaces() -> str:
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            if int(f.read()) == 0:
+                return "disabled (user.max_user_namespaces = 0)"
+    except OSError:
+        pass
+    try:
+        with open("/proc/sys/kernel/unprivileged_userns_clone") as f:
+            if f.read().strip() == "0" and os.getuid() != 0:
+                return "disabled for unprivileged users (kernel.unprivileged_userns_clone = 0)"
+    except OSError:
+        pass
+    return "enabled"
+
+
+def collect() -> dict[str, Any]:
+    layout = detect_layout()
+    manager = RuntimeManager(pool_size=0)
+    try:
+        runtimes = [asdict(a) for a in manager.doctor()]
+    finally:
+        manager.close()
+    return {
+        "host": {
+            "kernel": platform.release(),
+            "arch": platform.machine(),
+            "uid": os.getuid(),
+            "mode": "root" if os.getuid() == 0 else "rootless",
+            "user_namespaces": _user_namespaces(),
+            "cgroup_version": layout.version,
+            "cgroup_limits": sorted(layout.limits),
+            "cgroup_problems": layout.problems,
+            "landlock_abi": linux.landlock_abi(),
+        },
+        "runtimes": runtimes,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    host = report["host"]
+    lines = [
+        f"host      kernel {host['kernel']} ({host['arch']}), uid {host['uid']} ({host['mode']})",
+        f"userns    {host['user_namespaces']}",
+        f"cgroups   {host['cgroup_version']}; limits enforceable: {', '.join(host['cgroup_limits']) or 'none'}",
+    ]
+    lines += [f"          ! {p}" for p in host["cgroup_problems"]]
+    abi = host["landlock_abi"]
+    lines.append(f"landlock  {'ABI ' + str(abi) if abi else 'not available (an extra layer only)'}")
+    lines.append("")
+    lines.append(f"{'runtime':<9} {'isolation':<9} {'status':<11} detail")
+    for r in report["runtimes"]:
+        status = "available" if r["available"] else "unavailable"
+        detail = r["reason"] or ", ".join(f"{k}={v}" for k, v in r["details"].items() if k != "cgroup_problems")
+        lines.append(f"{r['name']:<9} {r['isolation']:<9} {status:<11} {detail}")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""``Policy``: the one schema every entry point fills (CLI flags, SDK, HTTP, RPC, config files).
+
+Defaults are safe (no network, nothing of the host beyond what the runtime
+needs, empty environment); maxima follow seed 003 (memory 2048 MB, cpu 2.0
+cores, timeout 600 s). A value out of range raises ``PolicyError`` naming the
+field. ``digest`` is the SHA-256 of the canonical JSON, reported with every
+result so a caller can check which policy its code ran under.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PolicyError
+
+IsolationLevel = Literal["none", "process", "gvisor", "microvm"]
+NetworkPolicy = Literal["none", "loopback"]
+
+MAX_MEMORY_MB = 2048
+MAX_CPU = 2.0
+MAX_TIMEOUT_S = 600.0
+MAX_OUTPUT_BYTES = 8 * 1024 * 1024  # the agent's frame cap is 10 MiB; leave room for framing
+
+# Host paths never shared into an isolate, even when asked: they hand over the host.
+_FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot")
+# Isolate paths a mount may not cover: the runtime builds them itself.
+_RESERVED_TARGETS = ("/", "/proc", "/dev", "/usr", "/etc", "/tmp", "/work", "/bin", "/sbin", "/lib", "/lib64")
+
+
+class Mount(BaseModel):
+    """A host path made visible inside the isolate, read-only unless ``writable``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    target: str = ""
+    writable: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_short_form(cls, value: Any) -> Any:
+        # "SRC[:DST][:rw|ro]", the CLI's --mount form
+        if isinstance(value, str):
+            parts = value.split(":")
+            writable = False
+            if parts[-1] in ("rw", "ro") and len(parts) > 1:
+                writable = parts.pop() == "rw"
+            if len(parts) > 2 or not parts[0]:
+                raise ValueError(f"mount {value!r} is not SRC[:DST][:rw]")
+            return {"source": parts[0], "target": parts[1] if len(parts) > 1 else parts[0], "writable": writable}
+        return value
+
+    @model_validator(mode="after")
+    def _check_paths(self) -> Mount:
+        source = _clean_abs(self.source, "source")
+        target = _clean_abs(self.target or self.source, "target")
+        if any(source == p or source.startswith(p + "/") for p in _FORBIDDEN_SOURCES) or source == "/":
+            raise ValueError(f"source {source} may not be shared into a sandbox")
+        if any(target == p or target.startswith(p + "/") for p in ("/proc", "/dev")) or target in _RESERVED_TARGETS:
+            raise ValueError(f"target {target} is reserved by the runtime")
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "target", target)
+        return self
+
+
+def _clean_abs(path: str, what: str) -> str:
+    if not path.startswith("/") or "\0" in path:
+        raise ValueError(f"{what} {path!r} must be an absolute path")
+    clean = posixpath.normpath(path)
+    if clean.startswith("//"):
+        clean = clean[1:]
+    return clean
+
+
+class Policy(BaseModel):
+    """What an isolate may do and use. ``extra="forbid"``: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runtime: str | None = Field(default=None, description="a runtime by name (process, fake, ...)")
+    isolation: IsolationLevel | None = Field(default=None, description="minimum isolation level")
+    timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
+    memory_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB)
+    cpu_limit: float = Field(default=1.0, gt=0, le=MAX_CPU, description="cores")
+    pids_limit: int = Field(default=128, ge=1, le=4096)
+    max_output_bytes: int = Field(default=1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES)
+    max_file_size_mb: int = Field(default=64, ge=0, le=4096)
+    max_open_files: int = Field(default=256, ge=16, le=65536)
+    disk_mb: int = Field(default=64, ge=1, le=4096, description="size of the writable scratch (/tmp, /work)")
+    network_policy: NetworkPolicy = "none"
+    filesystem_access: tuple[Mount, ...] = ()
+    environment: dict[str, str] = Field(default_factory=dict)
+    on_violation: Literal["deny", "kill"] = Field(
+        default="deny", description="deny: the call fails with EPERM and is reported; kill: the run ends"
+    )
+
+    @field_validator("environment")
+    @classmethod
+    def _check_environment(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise ValueError(f"environment variable {key!r} has an invalid name or value")
+        return env
+
+    @field_validator("filesystem_access", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _check_targets_unique(self) -> Policy:
+        targets = [m.target for m in self.filesystem_access]
+        if len(targets) != len(set(targets)):
+            raise ValueError("filesystem_access has two mounts on the same target")
+        return self
+
+    @classmethod
+    def build(cls, **fields: Any) -> Policy:
+        """Validate, translating pydantic's error into a PolicyError naming the field."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise policy_error(exc) from None
+
+    def replace(self, **changes: Any) -> Policy:
+        return Policy.build(**{**self.model_dump(), **changes})
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def policy_error(exc: ValidationError) -> PolicyError:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "policy"
+        parts.append(f"{field}: {err['msg']}")
+    return PolicyError("invalid policy: " + "; ".join(parts))
+
+
+def coerce_policy(policy: Policy | dict[str, Any] | None, **overrides: Any) -> Policy:
+    """Accept a Policy, a dict of fields, or None (defaults), plus keyword overrides."""
+    if policy is None:
+        base: dict[str, Any] = {}
+    elif isinstance(policy, Policy):
+        if not overrides:
+            return policy
+        base = policy.model_dump()
+    elif isinstance(policy, dict):
+        base = dict(policy)
+    else:
+        raise PolicyError(f"policy must be a Policy or a dict, not {type(policy).__name__}")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return Policy.build(**base)

@@ -1,0 +1,79 @@
+"""``ExecResult``: the one result every entry point returns (seed 003's response shape)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TerminationReason = Literal["completed", "timeout", "memory_limit", "output_limit", "violation", "killed", "error"]
+Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
+DetectionLayer = Literal["SECCOMP", "LANDLOCK", "CGROUP", "RLIMIT", "GVISOR", "HYPERVISOR", "SUPERVISOR"]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class SecurityViolation(BaseModel):
+    """Something the code tried that the policy blocked, as seen by the supervisor (host side)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    violation_id: str = Field(default_factory=new_id)
+    timestamp: str = Field(default_factory=_now)
+    violation_type: str
+    syscall: str | None = None
+    severity: Severity = "HIGH"
+    description: str = ""
+    detection_layer: DetectionLayer = "SECCOMP"
+    blocked: bool = True
+    pid: int | None = None
+
+
+class ResourceUsage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpu_seconds: float | None = None
+    memory_peak_mb: float | None = None
+
+
+class ExecResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    execution_id: str = Field(default_factory=new_id)
+    success: bool
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    error: str | None = None
+    termination_reason: TerminationReason
+    security_violations: list[SecurityViolation] = Field(default_factory=list)
+    execution_time_seconds: float = 0.0
+    cold_start_time_ms: float = 0.0
+    resource_usage: ResourceUsage = Field(default_factory=ResourceUsage)
+    runtime_used: str
+    policy_digest: str
+    unenforced_limits: list[str] = Field(
+        default_factory=list, description="limits of the policy this host could not enforce, and why"
+    )
+
+    def summary(self) -> str:
+        """One line for humans: how it ended and what was blocked."""
+        parts = [f"{self.termination_reason}"]
+        if self.exit_code is not None:
+            parts.append(f"exit {self.exit_code}")
+        if self.security_violations:
+            names = sorted({v.syscall or v.violation_type for v in self.security_violations})
+            parts.append(f"{len(self.security_violations)} blocked: {', '.join(names)}")
+        if self.error:
+            parts.append(self.error)
+        if self.unenforced_limits:
+            parts.append("not enforced: " + "; ".join(self.unenforced_limits))
+        return f"stockade [{self.runtime_used}]: " + ", ".join(parts)

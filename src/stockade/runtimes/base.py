@@ -1,0 +1,383 @@
+"""The runtime interface, and the host half of the guest agent protocol shared by every runtime.
+
+A ``Runtime`` knows how to start, confine, connect and stop an isolate. Exec,
+files and code are implemented once, in ``AgentSandbox``, by talking framed
+JSON-RPC to the same guest agent in every isolate. A runtime subclass supplies
+only the hooks: what to kill, what the isolate used, what it tried.
+
+Sandboxes are resources: ``close()`` is idempotent and releases everything even
+when the graceful path fails; they are context managers.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..agent import wire
+from ..errors import AgentProtocolError, SandboxClosedError, SandboxError, agent_error
+from ..policy import Policy
+from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason
+
+OutputCallback = Callable[[str, bytes], None]
+
+# How long past the policy's timeout the host waits for the agent's own verdict
+# before it kills the isolate itself.
+HOST_TIMEOUT_GRACE_S = 2.0
+BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+
+
+@dataclass
+class Availability:
+    """Whether a runtime works on this host, and if not exactly why."""
+
+    name: str
+    available: bool
+    isolation: str
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IsolateUsage:
+    """What the host measured of an isolate (cgroup counters), sampled around a run."""
+
+    oom_kills: int = 0
+    cpu_seconds: float | None = None
+    memory_peak_mb: float | None = None
+
+
+class Runtime(abc.ABC):
+    name: str
+    isolation: str
+
+    @abc.abstractmethod
+    def detect(self) -> Availability:
+        """Can this runtime run here? Never raises."""
+
+    @abc.abstractmethod
+    def start(self, policy: Policy) -> AgentSandbox:
+        """Start an isolate under ``policy``; raises SandboxStartError naming the failed step."""
+
+    def close(self) -> None:  # noqa: B027 - most runtimes hold nothing runtime-wide
+        """Release runtime-wide resources (pools, helper processes)."""
+
+
+class AgentSandbox(abc.ABC):
+    """A live isolate with a guest agent on ``self.conn``."""
+
+    runtime_name: str
+
+    def __init__(self, policy: Policy, conn: socket.socket, cold_start_ms: float) -> None:
+        self.policy = policy
+        self.conn = conn
+        self.cold_start_ms = cold_start_ms
+        self.unenforced_limits: list[str] = []
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._dead = False  # the isolate ended (killed, OOM, agent gone)
+        self._kill_reason: TerminationReason | None = None
+
+    # ---- runtime hooks -----------------------------------------------------------
+
+    def usage(self) -> IsolateUsage:
+        """Counters of the isolate as a whole (cumulative)."""
+        return IsolateUsage()
+
+    def violations(self) -> list[SecurityViolation]:
+        """Every violation the supervisor saw so far (cumulative, in order)."""
+        return []
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Kill everything in the isolate now. Idempotent."""
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Free every host resource of the isolate (after kill). Idempotent."""
+
+    # ---- public API -------------------------------------------------------------------
+
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        params = {"argv": list(argv), "cwd": cwd}
+        return self._run("exec", params, stdin, env, timeout, on_output)
+
+    def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        params = {"code": code, "language": language}
+        return self._run("run_code", params, stdin, env, timeout, on_output)
+
+    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        self._call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}, 30.0)
+
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        params: dict[str, Any] = {"path": path}
+        if max_bytes is not None:
+            params["max_bytes"] = max_bytes
+        reply = self._call("read_file", params, 30.0)
+        data = reply.get("data") if isinstance(reply, dict) else None
+        if not isinstance(data, str):
+            raise AgentProtocolError("read_file reply has no data")
+        return base64.b64decode(data)
+
+    def list_dir(self, path: str) -> list[dict[str, Any]]:
+        reply = self._call("list_dir", {"path": path}, 30.0)
+        entries = reply.get("entries") if isinstance(reply, dict) else None
+        if not isinstance(entries, list):
+            raise AgentProtocolError("list_dir reply has no entries")
+        return entries
+
+    def ping(self) -> dict[str, Any]:
+        reply = self._call("ping", {}, 10.0)
+        return reply if isinstance(reply, dict) else {}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.kill()
+        finally:
+            try:
+                self.conn.close()
+            finally:
+                self._release()
+
+    def __enter__(self) -> AgentSandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten sandbox must not outlive its handle
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001, S110 - nothing to report to at interpreter teardown
+                pass
+
+    # ---- running --------------------------------------------------------------------------
+
+    def _run(
+        self,
+        method: str,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        on_output: OutputCallback | None,
+    ) -> ExecResult:
+        policy = self.policy
+        timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
+        raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
+        params.update(
+            {
+                "env": {**policy.environment, **(env or {})},
+                "timeout": timeout,
+                "max_output_bytes": policy.max_output_bytes,
+                "stdin": base64.b64encode(raw_stdin).decode() if raw_stdin else "",
+                "stream": on_output is not None,
+                "limits": {
+                    "max_file_size_bytes": policy.max_file_size_mb * 1024 * 1024,
+                    "max_open_files": policy.max_open_files,
+                    "max_processes": policy.pids_limit,
+                    "cpu_seconds": int(timeout) + 1,
+                },
+            }
+        )
+        before = self.usage()
+        violations_before = len(self.violations())
+        started = time.monotonic()
+        reply: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            reply = self._call(method, params, timeout + HOST_TIMEOUT_GRACE_S, on_output)
+        except TimeoutError:
+            self._mark_dead("timeout")
+        except (EOFError, OSError, AgentProtocolError) as exc:
+            self._mark_dead(None)
+            error = f"the isolate ended unexpectedly: {exc}"
+        elapsed = time.monotonic() - started
+        after = self.usage()
+        return self._result(reply, error, elapsed, before, after, self.violations()[violations_before:])
+
+    def _result(
+        self,
+        reply: dict[str, Any] | None,
+        error: str | None,
+        elapsed: float,
+        before: IsolateUsage,
+        after: IsolateUsage,
+        violations: list[SecurityViolation],
+    ) -> ExecResult:
+        exit_code: int | None = None
+        stdout = stderr = b""
+        timed_out = truncated = False
+        if reply is not None:
+            if not isinstance(reply, dict):
+                raise AgentProtocolError("exec reply is not an object")
+            exit_code = reply.get("exit_code") if isinstance(reply.get("exit_code"), int) else None
+            stdout = _b64(reply.get("stdout"))
+            stderr = _b64(reply.get("stderr"))
+            timed_out = reply.get("timed_out") is True
+            truncated = reply.get("output_truncated") is True
+        # The host, not the guest, has the last word on output size.
+        cap = self.policy.max_output_bytes
+        if len(stdout) + len(stderr) > cap:
+            truncated = True
+            stdout = stdout[:cap]
+            stderr = stderr[: max(0, cap - len(stdout))]
+        oom = after.oom_kills > before.oom_kills
+        reason: TerminationReason
+        if self._kill_reason == "violation":
+            reason = "violation"
+        elif oom:
+            reason = "memory_limit"
+        elif timed_out or self._kill_reason == "timeout":
+            reason = "timeout"
+        elif truncated:
+            reason = "output_limit"
+        elif error is not None:
+            reason = "error"
+        elif exit_code is not None and exit_code < 0:
+            reason = "killed"
+        else:
+            reason = "completed"
+        if reason == "memory_limit":
+            error = error or f"out of memory: the {self.policy.memory_mb} MB limit was reached"
+        elif reason == "timeout":
+            error = error or f"timed out after {self.policy.timeout_seconds:g} s"
+        elif reason == "output_limit":
+            error = error or f"output exceeded {cap} bytes and was cut"
+        elif reason == "violation":
+            error = error or "killed after a policy violation"
+        cpu = None
+        if after.cpu_seconds is not None and before.cpu_seconds is not None:
+            cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
+        return ExecResult(
+            success=reason == "completed" and exit_code == 0,
+            stdout=stdout.decode("utf-8", errors="replace"),
+            stderr=stderr.decode("utf-8", errors="replace"),
+            exit_code=exit_code,
+            error=error,
+            termination_reason=reason,
+            security_violations=violations,
+            execution_time_seconds=round(elapsed, 6),
+            cold_start_time_ms=round(self.cold_start_ms, 3),
+            resource_usage=ResourceUsage(cpu_seconds=cpu, memory_peak_mb=after.memory_peak_mb),
+            runtime_used=self.runtime_name,
+            policy_digest=self.policy.digest,
+            unenforced_limits=list(self.unenforced_limits),
+        )
+
+    def _mark_dead(self, reason: TerminationReason | None) -> None:
+        if reason and self._kill_reason is None:
+            self._kill_reason = reason
+        self._dead = True
+        self.kill()
+
+    # ---- JSON-RPC over the agent connection -------------------------------------------
+
+    def _call(
+        self, method: str, params: dict[str, Any], timeout: float, on_output: OutputCallback | None = None
+    ) -> Any:
+        if self._closed:
+            raise SandboxClosedError("the sandbox is closed")
+        if self._dead:
+            raise SandboxError("the isolate has ended (killed, out of memory or timed out); start a new sandbox")
+        with self._lock:
+            self._next_id += 1
+            msg_id = self._next_id
+            self.conn.sendall(wire.encode_message(wire.request(method, params, msg_id)))
+            deadline = time.monotonic() + timeout
+            while True:
+                message = self._read_message(deadline)
+                if "id" not in message:
+                    self._notification(message, on_output)
+                    continue
+                if message.get("id") != msg_id:
+                    raise AgentProtocolError(f"reply for id {message.get('id')!r}, expected {msg_id}")
+                if "error" in message:
+                    err = message["error"] if isinstance(message["error"], dict) else {}
+                    raise agent_error(err.get("code"), err.get("message", "agent error"), err.get("data"))
+                return message.get("result")
+
+    def _read_message(self, deadline: float) -> dict[str, Any]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the agent did not answer in time")
+        ready, _, _ = select.select([self.conn], [], [], remaining)
+        if not ready:
+            raise TimeoutError("the agent did not answer in time")
+        self.conn.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            payload = wire.read_frame(self.conn)
+        except wire.FrameError as exc:
+            raise AgentProtocolError(str(exc)) from None
+        except TimeoutError:
+            raise TimeoutError("the agent stalled in the middle of a frame") from None
+        finally:
+            self.conn.settimeout(None)
+        try:
+            message = wire.decode_payload(payload)
+        except wire.RPCError as exc:
+            raise AgentProtocolError(f"the agent sent invalid JSON: {exc.data}") from None
+        if not isinstance(message, dict):
+            raise AgentProtocolError("the agent sent a non-object message")
+        return message
+
+    @staticmethod
+    def _notification(message: dict[str, Any], on_output: OutputCallback | None) -> None:
+        params = message.get("params")
+        if message.get("method") != "output" or on_output is None or not isinstance(params, dict):
+            return
+        stream = params.get("stream")
+        if stream in ("stdout", "stderr"):
+            on_output(stream, _b64(params.get("data")))
+
+
+def _b64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        return b""
+    try:
+        return base64.b64decode(value)
+    except ValueError:
+        raise AgentProtocolError("the agent sent invalid base64") from None
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

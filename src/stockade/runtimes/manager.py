@@ -1,0 +1,93 @@
+"""RuntimeManager: knows every runtime, says why one is unavailable, picks one for a policy.
+
+Selection never downgrades silently: a policy that names a runtime or an
+isolation level gets exactly that, or a ``RuntimeUnavailableError`` saying
+what is missing. The default is the ``process`` runtime; ``none`` (the fake
+runtime) is only ever used when asked for by name or level.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import threading
+
+from ..errors import RuntimeUnavailableError
+from ..policy import Policy
+from .base import Availability, Runtime
+
+RUNTIME_NAMES = ("process", "gvisor", "microvm", "fake")
+LEVEL_TO_RUNTIME = {"none": "fake", "process": "process", "gvisor": "gvisor", "microvm": "microvm"}
+DEFAULT_RUNTIME = "process"
+
+
+def _planned(name: str, binary: str) -> Availability:
+    found = shutil.which(binary) or (f"/usr/bin/{binary}" if os.path.exists(f"/usr/bin/{binary}") else None)
+    where = f"{binary} found at {found}" if found else f"{binary} is not installed"
+    return Availability(name, False, name, f"not implemented in this version of stockade yet ({where})")
+
+
+class RuntimeManager:
+    def __init__(self, pool_size: int | None = None) -> None:
+        if pool_size is None:
+            pool_size = int(os.environ.get("STOCKADE_POOL_SIZE", "2"))
+        self.pool_size = pool_size
+        self._runtimes: dict[str, Runtime] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Runtime:
+        with self._lock:
+            runtime = self._runtimes.get(name)
+            if runtime is not None:
+                return runtime
+            if name == "process":
+                from .process.runtime import ProcessRuntime
+
+                runtime = ProcessRuntime(pool_size=self.pool_size)
+            elif name == "fake":
+                from .fake import FakeRuntime
+
+                runtime = FakeRuntime()
+            elif name in ("gvisor", "microvm"):
+                raise RuntimeUnavailableError(f"runtime {name!r}: {self.availability(name).reason}")
+            else:
+                raise RuntimeUnavailableError(f"unknown runtime {name!r}; known: {', '.join(RUNTIME_NAMES)}")
+            self._runtimes[name] = runtime
+            return runtime
+
+    def availability(self, name: str) -> Availability:
+        if name == "gvisor":
+            return _planned("gvisor", "runsc")
+        if name == "microvm":
+            return _planned("microvm", "qemu-system-x86_64")
+        return self.get(name).detect()
+
+    def doctor(self) -> list[Availability]:
+        return [self.availability(name) for name in RUNTIME_NAMES]
+
+    def select(self, policy: Policy) -> Runtime:
+        if policy.runtime:
+            return self.get(policy.runtime)
+        if policy.isolation:
+            return self.get(LEVEL_TO_RUNTIME[policy.isolation])
+        return self.get(DEFAULT_RUNTIME)
+
+    def close(self) -> None:
+        with self._lock:
+            runtimes, self._runtimes = list(self._runtimes.values()), {}
+        for runtime in runtimes:
+            runtime.close()
+
+
+_default: RuntimeManager | None = None
+_default_lock = threading.Lock()
+
+
+def default_manager() -> RuntimeManager:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = RuntimeManager()
+            atexit.register(_default.close)
+        return _default

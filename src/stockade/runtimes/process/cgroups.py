@@ -1,0 +1,340 @@
+"""Per-isolate cgroups on v1, v2 and the hybrid of both.
+
+- v2 (most current hosts): one group with memory.max, pids.max, cpu.max; usage
+  from memory.peak/cpu.stat; oom kills from memory.events; ``cgroup.kill``.
+- v1 (this kind of host): one group per controller (memory, pids, cpu,
+  cpuacct) under the host process's own group of that controller, which keeps
+  any limit the host itself is under.
+- hybrid: v1 controllers for limits plus a controller-less v2 group, only for
+  its ``cgroup.kill``.
+
+Groups are named ``stockade-<host pid>-<n>`` so that ``sweep`` can remove what
+a dead host left behind. Where a controller cannot be used (rootless without
+delegation) the group says so in ``unenforced``; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+
+from ..base import IsolateUsage
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+_NAME = re.compile(r"^stockade-(\d+)-\d+$")
+_counter = itertools.count(1)
+
+
+@dataclass
+class CgroupLayout:
+    """Where this host lets stockade make groups, found once per process."""
+
+    version: str  # "v1", "v2", "hybrid" or "none"
+    v1_parents: dict[str, str] = field(default_factory=dict)  # controller -> parent dir
+    v2_parent: str | None = None  # parent for v2 groups (limits in v2 mode, kill in hybrid)
+    v2_limits: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def limits(self) -> set[str]:
+        if self.v2_limits:
+            return {"memory", "pids", "cpu"}
+        return {c for c in ("memory", "pids", "cpu") if c in self.v1_parents}
+
+
+def _own_cgroups() -> dict[str, str]:
+    own: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                own[name] = path
+    return own
+
+
+def _cgroup2_mount() -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] == "cgroup2":
+                return left.split()[4]
+    return None
+
+
+def _writable_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def detect_layout() -> CgroupLayout:
+    try:
+        own = _own_cgroups()
+    except OSError as exc:
+        return CgroupLayout("none", problems=[f"cannot read /proc/self/cgroup: {exc}"])
+    layout = CgroupLayout("none")
+    for ctrl in V1_CONTROLLERS:
+        if ctrl in own:
+            parent = os.path.join(CGROUP_ROOT, ctrl) + own[ctrl]
+            if not os.path.isdir(parent):
+                parent = os.path.join(CGROUP_ROOT, ctrl)
+            if _writable_dir(parent):
+                layout.v1_parents[ctrl] = parent
+            else:
+                layout.problems.append(f"cgroup v1 {ctrl}: {parent} is not writable by uid {os.getuid()}")
+    mount = _cgroup2_mount()
+    if mount is not None and "" in own:
+        layout.v2_parent, layout.v2_limits = _v2_parent(mount, own[""], layout.problems)
+    if layout.v2_limits:
+        layout.version = "v2"
+    elif layout.v1_parents:
+        layout.version = "hybrid" if layout.v2_parent else "v1"
+    elif layout.v2_parent:
+        layout.version = "v2"
+        layout.problems.append("cgroup v2 controllers memory/pids/cpu are not delegated here")
+    return layout
+
+
+def _v2_parent(mount: str, own_path: str, problems: list[str]) -> tuple[str | None, bool]:
+    """Pick a v2 parent: our own group if it can take children with controllers, else <root>/stockade."""
+    try:
+        with open(os.path.join(mount, "cgroup.controllers")) as f:
+            root_controllers = set(f.read().split())
+    except OSError:
+        root_controllers = set()
+    wanted = set(V2_CONTROLLERS)
+    if not wanted <= root_controllers:
+        # Hybrid host: the v2 tree has no controllers, but cgroup.kill still works.
+        own = mount + own_path.rstrip("/")
+        for candidate in (own, mount):
+            if _writable_dir(candidate):
+                return candidate, False
+        return None, False
+    own = mount + own_path.rstrip("/")
+    for candidate in (own, os.path.join(mount, "stockade")):
+        try:
+            os.makedirs(candidate, exist_ok=True)
+            parent_ctl = os.path.join(os.path.dirname(candidate), "cgroup.subtree_control")
+            if candidate != own:
+                _enable(parent_ctl, wanted)
+            _enable(os.path.join(candidate, "cgroup.subtree_control"), wanted)
+            return candidate, True
+        except OSError as exc:
+            problems.append(f"cgroup v2: cannot delegate controllers under {candidate}: {exc.strerror}")
+    return None, False
+
+
+def _enable(subtree_control: str, controllers: set[str]) -> None:
+    with open(subtree_control) as f:
+        have = set(f.read().split())
+    missing = controllers - have
+    if missing:
+        with open(subtree_control, "w") as f:
+            f.write(" ".join("+" + c for c in sorted(missing)))
+
+
+class IsolateCgroup:
+    """The groups of one isolate; every method is safe to call after the isolate died."""
+
+    def __init__(self, layout: CgroupLayout, name: str) -> None:
+        self.layout = layout
+        self.name = name
+        self.dirs: dict[str, str] = {}  # controller (or "v2") -> dir
+        made: dict[str, str] = {}  # realpath of parent -> dir, for co-mounted controllers (cpu,cpuacct)
+        for ctrl, parent in layout.v1_parents.items():
+            if not layout.v2_limits:
+                real = os.path.realpath(parent)
+                if real not in made:
+                    made[real] = _mkdir(os.path.join(parent, name))
+                self.dirs[ctrl] = made[real]
+        if layout.v2_parent:
+            self.dirs["v2"] = _mkdir(os.path.join(layout.v2_parent, name))
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
+
+    def apply_limits(self, memory_mb: int, pids: int, cpu: float) -> list[str]:
+        """Write the limits; return the ones that could not be applied, with why."""
+        missing: list[str] = []
+        mem = memory_mb * 1024 * 1024
+        period = 100_000
+        quota = max(1000, int(cpu * period))
+        if self.layout.v2_limits:
+            v2 = self.dirs["v2"]
+            _write(os.path.join(v2, "memory.max"), str(mem))
+            _write_optional(os.path.join(v2, "memory.swap.max"), "0")
+            _write(os.path.join(v2, "pids.max"), str(pids))
+            _write(os.path.join(v2, "cpu.max"), f"{quota} {period}")
+            return missing
+        if "memory" in self.dirs:
+            d = self.dirs["memory"]
+            _write(os.path.join(d, "memory.limit_in_bytes"), str(mem))
+            _write_optional(os.path.join(d, "memory.memsw.limit_in_bytes"), str(mem))
+        else:
+            missing.append(f"memory_mb ({self._why('memory')})")
+        if "pids" in self.dirs:
+            _write(os.path.join(self.dirs["pids"], "pids.max"), str(pids))
+        else:
+            missing.append(f"pids_limit: cgroup ({self._why('pids')}); RLIMIT_NPROC still applies")
+        if "cpu" in self.dirs:
+            _write(os.path.join(self.dirs["cpu"], "cpu.cfs_period_us"), str(period))
+            _write(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"), str(quota))
+        else:
+            missing.append(f"cpu_limit ({self._why('cpu')})")
+        return missing
+
+    def _why(self, ctrl: str) -> str:
+        for problem in self.layout.problems:
+            if ctrl in problem:
+                return problem
+        return f"no usable {ctrl} cgroup on this host"
+
+    def usage(self) -> IsolateUsage:
+        usage = IsolateUsage()
+        if self.layout.v2_limits:
+            v2 = self.dirs["v2"]
+            usage.oom_kills = _keyed(os.path.join(v2, "memory.events"), "oom_kill") or 0
+            usec = _keyed(os.path.join(v2, "cpu.stat"), "usage_usec")
+            usage.cpu_seconds = usec / 1e6 if usec is not None else None
+            peak = _read_int(os.path.join(v2, "memory.peak"))
+            usage.memory_peak_mb = round(peak / 2**20, 3) if peak is not None else None
+            return usage
+        if "memory" in self.dirs:
+            d = self.dirs["memory"]
+            usage.oom_kills = _keyed(os.path.join(d, "memory.oom_control"), "oom_kill") or 0
+            peak = _read_int(os.path.join(d, "memory.max_usage_in_bytes"))
+            usage.memory_peak_mb = round(peak / 2**20, 3) if peak is not None else None
+        if "cpuacct" in self.dirs:
+            ns = _read_int(os.path.join(self.dirs["cpuacct"], "cpuacct.usage"))
+            usage.cpu_seconds = ns / 1e9 if ns is not None else None
+        return usage
+
+    def kill(self) -> None:
+        v2 = self.dirs.get("v2")
+        if v2 and _write_optional(os.path.join(v2, "cgroup.kill"), "1"):
+            return
+        for _ in range(50):  # v1 without cgroup.kill: kill until empty (fork races end fast)
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for procs in self.procs_files:
+            try:
+                with open(procs) as f:
+                    found.update(int(x) for x in f.read().split())
+            except OSError:
+                pass
+        return sorted(found)
+
+    def remove(self, wait_s: float = 2.0) -> bool:
+        """rmdir every group, waiting for dying processes to leave; True when all are gone."""
+        deadline = time.monotonic() + wait_s
+        pending = {path: path for path in self.dirs.values()}
+        while pending:
+            for key, path in list(pending.items()):
+                try:
+                    os.rmdir(path)
+                    del pending[key]
+                except FileNotFoundError:
+                    del pending[key]
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        del pending[key]
+            if not pending or time.monotonic() > deadline:
+                break
+            self.kill()
+            time.sleep(0.005)
+        return not pending
+
+
+class CgroupManager:
+    def __init__(self, layout: CgroupLayout | None = None) -> None:
+        self.layout = layout or detect_layout()
+
+    def create(self) -> IsolateCgroup:
+        return IsolateCgroup(self.layout, f"stockade-{os.getpid()}-{next(_counter)}")
+
+    def sweep(self) -> int:
+        """Remove groups left by stockade processes that no longer exist; return how many."""
+        parents = list(self.layout.v1_parents.values())
+        if self.layout.v2_parent:
+            parents.append(self.layout.v2_parent)
+        removed = 0
+        for parent in parents:
+            try:
+                names = os.listdir(parent)
+            except OSError:
+                continue
+            for name in names:
+                match = _NAME.match(name)
+                if not match or _alive(int(match.group(1))):
+                    continue
+                stale = IsolateCgroup.__new__(IsolateCgroup)
+                stale.layout, stale.name = self.layout, name
+                stale.dirs = {"x": os.path.join(parent, name)}
+                stale.kill()
+                removed += stale.remove(wait_s=1.0)
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mkdir(path: str) -> str:
+    os.mkdir(path)
+    return path
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _write_optional(path: str, value: str) -> bool:
+    try:
+        _write(path, value)
+        return True
+    except OSError:
+        return False
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _keyed(path: str, key: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None

@@ -1,0 +1,428 @@
+"""The ``process`` runtime: stockade's own Linux confinement.
+
+An isolate is a process tree in fresh user, pid, mount, net, ipc, uts and
+cgroup namespaces, pivot_rooted into a minimal root, with no capabilities,
+no_new_privs, rlimits, cgroup limits, Landlock and a seccomp filter whose
+blocked calls are answered and reported by the host (``seccomp.Supervisor``).
+The sequence itself is in ``stockade/agent/confine.py``; this module is the
+host half: it prepares the cgroup and the config, asks the zygote for an
+isolate, checks the handshake, and owns the isolate until ``close``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import platform
+import queue
+import signal
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+from ...agent import linux, wire
+from ...errors import SandboxStartError
+from ...policy import Policy
+from ...result import SecurityViolation
+from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage, Runtime
+from . import seccomp
+from .cgroups import CgroupManager, IsolateCgroup
+from .zygote import SYSTEM_PYTHON, Zygote
+
+HANDSHAKE_TIMEOUT_S = 10.0
+# Outside the user namespace, isolates run as this uid when stockade is root.
+SANDBOX_UID = int(os.environ.get("STOCKADE_SANDBOX_UID", "65534"))
+SANDBOX_GID = int(os.environ.get("STOCKADE_SANDBOX_GID", "65534"))
+
+
+def isolate_shape(policy: Policy) -> tuple[Any, ...]:
+    """What is fixed when an isolate is built (the rest is applied at hand-over)."""
+    return (policy.network_policy, policy.filesystem_access, policy.disk_mb)
+
+
+class ProcessSandbox(AgentSandbox):
+    runtime_name = "process"
+
+    def __init__(
+        self,
+        policy: Policy,
+        conn: socket.socket,
+        cold_start_ms: float,
+        cgroup: IsolateCgroup | None,
+        pidfd: int,
+        listener: int,
+    ) -> None:
+        super().__init__(policy, conn, cold_start_ms)
+        self.cgroup = cgroup
+        self.pidfd = pidfd
+        self.listener = listener
+        self._violations: list[SecurityViolation] = []
+        self._vlock = threading.Lock()
+        self._released = False
+        seccomp.supervisor().watch(listener, self._on_violation)
+
+    def _on_violation(self, violation: SecurityViolation) -> None:
+        with self._vlock:
+            self._violations.append(violation)
+        if self.policy.on_violation == "kill":
+            self._mark_dead("violation")
+
+    def violations(self) -> list[SecurityViolation]:
+        # The notification may still be in flight when the reply arrives; a
+        # blocked call is always answered before the caller can reply, so one
+        # short yield to the supervisor thread is enough to see it.
+        time.sleep(0)
+        with self._vlock:
+            return list(self._violations)
+
+    def usage(self) -> IsolateUsage:
+        return self.cgroup.usage() if self.cgroup else IsolateUsage()
+
+    def apply_policy(self, policy: Policy) -> None:
+        """Set the limits of ``policy`` on this (pooled) isolate before it runs anything."""
+        self.policy = policy
+        if self.cgroup is not None:
+            self.unenforced_limits = self.cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit)
+        else:
+            self.unenforced_limits = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
+
+    def kill(self) -> None:
+        if self.pidfd >= 0:
+            try:
+                # init of the pid namespace: when it dies the kernel kills the rest.
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+        if self.cgroup is not None:
+            self.cgroup.kill()
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        seccomp.supervisor().forget(self.listener)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
+class ProcessRuntime(Runtime):
+    name = "process"
+    isolation = "process"
+
+    def __init__(self, pool_size: int = 0) -> None:
+        self._zygote: Zygote | None = None
+        self._lock = threading.Lock()
+        self._cgroups: CgroupManager | None = None
+        self._bpf: bytes | None = None
+        self._landlock_abi = 0
+        self._pool = _Pool(self, pool_size) if pool_size > 0 else None
+        self._reaper = _Reaper()
+
+    # ---- discovery ----------------------------------------------------------------------
+
+    def detect(self) -> Availability:
+        details: dict[str, Any] = {}
+        if platform.system() != "Linux":
+            return Availability(self.name, False, self.isolation, "the process runtime needs Linux")
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return Availability(
+                self.name,
+                False,
+                self.isolation,
+                f"the seccomp profile is x86_64-only; this host is {platform.machine()}",
+            )
+        if not os.access(SYSTEM_PYTHON, os.X_OK):
+            return Availability(self.name, False, self.isolation, f"{SYSTEM_PYTHON} (the guest interpreter) is missing")
+        layout = self._cgroup_manager().layout
+        details["cgroup"] = layout.version
+        details["cgroup_limits"] = sorted(layout.limits)
+        details["cgroup_problems"] = layout.problems
+        details["landlock_abi"] = linux.landlock_abi()
+        details["uid"] = os.getuid()
+        try:
+            sandbox = self.start(Policy())
+        except SandboxStartError as exc:
+            return Availability(self.name, False, self.isolation, str(exc), details)
+        try:
+            sandbox.ping()
+        finally:
+            sandbox.close()
+        return Availability(self.name, True, self.isolation, "", details)
+
+    def _cgroup_manager(self) -> CgroupManager:
+        with self._lock:
+            if self._cgroups is None:
+                self._cgroups = CgroupManager()
+                self._cgroups.sweep()
+            return self._cgroups
+
+    def _zygote_handle(self) -> Zygote:
+        with self._lock:
+            if self._zygote is None or not self._zygote.alive:
+                if self._zygote is not None:
+                    self._zygote.close()
+                self._zygote = Zygote()
+                self._bpf = seccomp.compile_profile()
+                self._landlock_abi = linux.landlock_abi()
+            return self._zygote
+
+    # ---- isolates -----------------------------------------------------------------------
+
+    def start(self, policy: Policy) -> ProcessSandbox:
+        """A fresh isolate for ``policy``, built now (the cold path)."""
+        sandbox = self._build(policy)
+        sandbox.apply_policy(policy)
+        return sandbox
+
+    def acquire(self, policy: Policy) -> ProcessSandbox:
+        """A fresh isolate for a one-shot run: from the warm pool when its shape fits."""
+        if self._pool is not None:
+            sandbox = self._pool.take(policy)
+            if sandbox is not None:
+                return sandbox
+        return self.start(policy)
+
+    def dispose(self, sandbox: AgentSandbox) -> None:
+        """Close a one-shot isolate off the caller's critical path."""
+        self._reaper.put(sandbox)
+
+    def warm_up(self) -> None:
+        """Start the zygote and fill the pool now, instead of on first use."""
+        self._zygote_handle()
+        if self._pool is not None:
+            self._pool.start()
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until the warm pool is full; True if it is."""
+        return self._pool.wait_full(timeout) if self._pool is not None else True
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until every disposed isolate has been torn down."""
+        self._reaper.join(timeout)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+        self._reaper.join(10.0)
+        with self._lock:
+            if self._zygote is not None:
+                self._zygote.close()
+                self._zygote = None
+
+    def _build(self, policy: Policy) -> ProcessSandbox:
+        started = time.monotonic()
+        zygote = self._zygote_handle()
+        assert self._bpf is not None
+        cgroup: IsolateCgroup | None = None
+        manager = self._cgroup_manager()
+        try:
+            cgroup = manager.create() if manager.layout.version != "none" else None
+        except OSError as exc:
+            raise SandboxStartError(f"cannot create the isolate's cgroup: {exc}") from None
+        host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        config = self._config(policy, cgroup)
+        pidfd = listener = -1
+        try:
+            if cgroup is not None:
+                # Generous limits until hand-over writes the policy's own.
+                cgroup.apply_limits(2048, 4096, 2.0)
+            zygote.spawn(config, guest.fileno())
+            guest.close()
+            pidfd, listener = _handshake(host)
+            sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener)
+        except BaseException:
+            guest.close()
+            host.close()
+            if pidfd >= 0:
+                _kill_pidfd(pidfd)
+                os.close(pidfd)
+            if listener >= 0:
+                os.close(listener)
+            if cgroup is not None:
+                cgroup.kill()
+                cgroup.remove()
+            raise
+        return sandbox
+
+    def _config(self, policy: Policy, cgroup: IsolateCgroup | None) -> dict[str, Any]:
+        root = os.getuid() == 0
+        return {
+            "cgroup_procs": cgroup.procs_files if cgroup else [],
+            "outer_uid": SANDBOX_UID if root else None,
+            "outer_gid": SANDBOX_GID if root else None,
+            "hostname": "stockade",
+            "network": policy.network_policy,
+            "scratch_mb": policy.disk_mb,
+            "mounts": [m.model_dump() for m in policy.filesystem_access],
+            "seccomp_bpf": base64.b64encode(self._bpf or b"").decode(),
+            "landlock_abi": self._landlock_abi,
+            "base_env": BASE_ENV,
+            "hard_limits": {"max_open_files": 65536, "max_processes": 4096},
+        }
+
+
+def _handshake(host: socket.socket) -> tuple[int, int]:
+    host.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        first = _recv_exact(host, 1)
+        if first == b"E":
+            raise SandboxStartError(_setup_error(host))
+        if first != b"P":
+            raise SandboxStartError("the isolate sent an unexpected handshake")
+        (pid,) = struct.unpack("<I", _recv_exact(host, 4))
+        pidfd = os.pidfd_open(pid)
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(host, 1, 1)
+            if msg == b"E":
+                raise SandboxStartError(_setup_error(host))
+            if msg != b"R" or len(fds) != 1:
+                raise SandboxStartError("the isolate died during setup")
+        except BaseException:
+            _kill_pidfd(pidfd)
+            os.close(pidfd)
+            raise
+        return pidfd, fds[0]
+    except TimeoutError:
+        raise SandboxStartError(f"the isolate did not finish setup within {HANDSHAKE_TIMEOUT_S:g} s") from None
+    except (EOFError, ProcessLookupError):
+        raise SandboxStartError("the isolate died during setup") from None
+    finally:
+        host.settimeout(None)
+
+
+def _setup_error(host: socket.socket) -> str:
+    try:
+        message = wire.decode_payload(wire.read_frame(host))
+        return f"isolate setup failed: {message.get('error')}"
+    except Exception:  # noqa: BLE001
+        return "isolate setup failed (no detail)"
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _kill_pidfd(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class _Reaper:
+    """Tears one-shot isolates down in the background, so results return at once."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[AgentSandbox] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def put(self, sandbox: AgentSandbox) -> None:
+        sandbox.kill()  # nothing of it runs on, even before the teardown completes
+        self._queue.put(sandbox)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="stockade-reaper", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            sandbox = self._queue.get()
+            try:
+                sandbox.close()
+            except Exception:  # noqa: BLE001, S110 - teardown is best effort per isolate; next one goes on
+                pass
+            finally:
+                self._queue.task_done()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+
+class _Pool:
+    """Pre-built isolates of the default shape, refilled by a background thread."""
+
+    def __init__(self, runtime: ProcessRuntime, size: int) -> None:
+        self.runtime = runtime
+        self.size = size
+        self.shape = isolate_shape(Policy())
+        self._ready: list[ProcessSandbox] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._fill, name="stockade-pool", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def take(self, policy: Policy) -> ProcessSandbox | None:
+        if isolate_shape(policy) != self.shape:
+            return None
+        self.start()
+        with self._cond:
+            sandbox = self._ready.pop() if self._ready else None
+            self._cond.notify_all()
+        if sandbox is None:
+            return None
+        started = time.monotonic()
+        sandbox.apply_policy(policy)
+        sandbox.cold_start_ms = (time.monotonic() - started) * 1000
+        return sandbox
+
+    def wait_full(self, timeout: float) -> bool:
+        self.start()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._ready) < self.size and not self._stopped:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return len(self._ready) >= self.size
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and len(self._ready) >= self.size:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+            try:
+                sandbox = self.runtime._build(Policy())
+            except Exception as exc:  # noqa: BLE001 - keep the pool alive; callers fall back to cold starts
+                self.last_error = str(exc)
+                time.sleep(0.5)
+                continue
+            with self._cond:
+                if self._stopped:
+                    sandbox.close()
+                    return
+                self._ready.append(sandbox)
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            ready, self._ready = self._ready, []
+            self._cond.notify_all()
+        for sandbox in ready:
+            sandbox.close()
+        if self._thread is not None:
+            self._thread.join(5)

@@ -1,0 +1,268 @@
+"""The seccomp profile (data), its BPF compiler, and the host-side supervisor.
+
+The profile is ``seccomp_profile.json``: every rule names a syscall, an action
+and the reason it is there. ``compile_profile`` turns it into a classic-BPF
+program (x86_64 only; any other architecture or the x32 ABI is refused). Rules
+with action ``notify`` return ``SECCOMP_RET_USER_NOTIF``: the kernel suspends
+the call and asks the listener, which the isolate hands to the host at start.
+
+``Supervisor`` is one host thread that answers every isolate's notifications:
+each blocked call fails with EPERM and is recorded as a ``SecurityViolation``
+(``detection_layer="SECCOMP"``). The report comes from the host, not from code
+inside the sandbox, so the sandboxed code cannot hide or forge it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import select
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from ...result import SecurityViolation
+from .syscalls_x86_64 import SYSCALLS_X86_64
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+X32_SYSCALL_BIT = 0x40000000
+
+RET_KILL_PROCESS = 0x80000000
+RET_USER_NOTIF = 0x7FC00000
+RET_ERRNO = 0x00050000
+RET_ALLOW = 0x7FFF0000
+
+_LD_ABS = 0x20
+_JEQ = 0x15
+_JGE = 0x35
+_JSET = 0x45
+_AND = 0x54
+_RET = 0x06
+
+NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
+NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
+_NOTIF = struct.Struct("<QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
+_RESP = struct.Struct("<QqiI")  # id, val, error, flags
+
+SYSCALL_NAMES = {nr: name for name, nr in SYSCALLS_X86_64.items()}
+
+
+@dataclass(frozen=True)
+class Rule:
+    syscall: str
+    action: str  # notify | errno | kill
+    severity: str
+    comment: str
+    when: dict[str, Any] | list[dict[str, Any]] | None = None
+    errno: int = errno.EPERM
+    report: bool = True
+
+
+def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+
+@cache
+def load_profile() -> tuple[Rule, ...]:
+    text = resources.files(__package__).joinpath("seccomp_profile.json").read_text()
+    raw = json.loads(text)
+    rules = []
+    for entry in raw["rules"]:
+        if entry["syscall"] not in SYSCALLS_X86_64:
+            raise ValueError(f"seccomp profile names unknown syscall {entry['syscall']!r}")
+        if not entry.get("comment"):
+            raise ValueError(f"seccomp rule for {entry['syscall']} has no comment saying why")
+        rules.append(
+            Rule(
+                syscall=entry["syscall"],
+                action=entry["action"],
+                severity=entry.get("severity", "HIGH"),
+                comment=entry["comment"],
+                when=entry.get("when"),
+                errno=entry.get("errno", errno.EPERM),
+                report=entry.get("report", True),
+            )
+        )
+    return tuple(rules)
+
+
+def _action(rule: Rule) -> int:
+    if rule.action == "notify":
+        return RET_USER_NOTIF
+    if rule.action == "errno":
+        return RET_ERRNO | (rule.errno & 0xFFFF)
+    if rule.action == "kill":
+        return RET_KILL_PROCESS
+    raise ValueError(f"unknown seccomp action {rule.action!r}")
+
+
+def _conditions(rule: Rule) -> list[dict[str, Any]]:
+    when = rule.when
+    if when is None:
+        return []
+    return list(when) if isinstance(when, list) else [when]
+
+
+def _test(cond: dict[str, Any], fail: int) -> list[bytes]:
+    """Instructions that fall through when ``cond`` holds and jump ``fail`` past their end otherwise."""
+    offset = 16 + 8 * int(cond["arg"])  # low 32 bits of args[i] in struct seccomp_data
+    load = _insn(_LD_ABS, offset)
+    op = cond["op"]
+    if op == "eq":
+        return [load, _insn(_JEQ, cond["value"], 0, fail)]
+    if op == "masked_any":
+        return [load, _insn(_JSET, cond["value"], 0, fail)]
+    if op == "masked_eq":
+        return [load, _insn(_AND, cond["mask"]), _insn(_JEQ, cond["value"], 0, fail)]
+    if op == "not_in":
+        values = list(cond["values"])
+        # equal to an allowed value: jump over the remaining tests, then ``fail`` more
+        return [load] + [_insn(_JEQ, v, len(values) - 1 - i + fail, 0) for i, v in enumerate(values)]
+    raise ValueError(f"unknown condition op {op!r}")
+
+
+def _condition(rule: Rule) -> list[bytes]:
+    """Instructions ending in ``ret action`` when every condition holds; otherwise they fall through."""
+    tests = _conditions(rule)
+    body: list[bytes] = [_insn(_RET, _action(rule))]
+    for cond in reversed(tests):
+        # a failed test skips the rest of the body, which is already built behind it
+        body = _test(cond, len(body)) + body
+    return body
+
+
+def _holds(cond: dict[str, Any], args: tuple[int, ...]) -> bool:
+    value = args[int(cond["arg"])] & 0xFFFFFFFF
+    op = cond["op"]
+    return bool(
+        (op == "eq" and value == cond["value"])
+        or (op == "masked_any" and value & cond["value"])
+        or (op == "masked_eq" and value & cond["mask"] == cond["value"])
+        or (op == "not_in" and value not in cond["values"])
+    )
+
+
+def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
+    rules = load_profile() if rules is None else rules
+    program = [
+        _insn(_LD_ABS, 4),  # arch
+        _insn(_JEQ, AUDIT_ARCH_X86_64, 1, 0),
+        _insn(_RET, RET_KILL_PROCESS),
+        _insn(_LD_ABS, 0),  # nr
+        _insn(_JGE, X32_SYSCALL_BIT, 0, 1),
+        _insn(_RET, RET_ERRNO | errno.ENOSYS),
+    ]
+    groups: dict[str, list[Rule]] = {}
+    for rule in rules:
+        groups.setdefault(rule.syscall, []).append(rule)
+    for name, group in groups.items():
+        body: list[bytes] = []
+        unconditional = [r for r in group if r.when is None]
+        for rule in group:
+            if rule.when is not None:
+                body += _condition(rule)
+        body.append(_insn(_RET, _action(unconditional[0]) if unconditional else RET_ALLOW))
+        if len(body) > 255:
+            raise ValueError(f"too many conditions for {name}")
+        program.append(_insn(_JEQ, SYSCALLS_X86_64[name], 0, len(body)))
+        program += body  # every path through a body ends in ret, so A still holds nr after a skip
+    program.append(_insn(_RET, RET_ALLOW))
+    return b"".join(program)
+
+
+def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
+    name = SYSCALL_NAMES.get(nr)
+    for rule in load_profile():
+        if rule.syscall == name and all(_holds(c, args) for c in _conditions(rule)):
+            return rule
+    return None
+
+
+ViolationSink = Callable[[SecurityViolation], None]
+
+
+class Supervisor:
+    """One thread answering the seccomp notifications of every live isolate."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._sinks: dict[int, ViolationSink] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, listener_fd: int, sink: ViolationSink) -> None:
+        """Take ownership of ``listener_fd``; ``sink`` gets each violation, from this thread."""
+        with self._lock:
+            self._sinks[listener_fd] = sink
+            self._epoll.register(listener_fd, select.EPOLLIN)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="stockade-seccomp", daemon=True)
+                self._thread.start()
+
+    def forget(self, listener_fd: int) -> None:
+        with self._lock:
+            if self._sinks.pop(listener_fd, None) is None:
+                return
+            try:
+                self._epoll.unregister(listener_fd)
+            except OSError:
+                pass
+            os.close(listener_fd)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, mask in events:
+                if mask & select.EPOLLIN:
+                    self._answer(fd)
+                elif mask & (select.EPOLLHUP | select.EPOLLERR):
+                    self.forget(fd)  # every task under the filter has exited
+
+    def _answer(self, fd: int) -> None:
+        buf = bytearray(_NOTIF.size)
+        try:
+            fcntl.ioctl(fd, NOTIF_RECV, buf, True)
+        except OSError:
+            return  # ENOENT: the caller died meanwhile; EBADF: forgotten
+        notif_id, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+        try:
+            fcntl.ioctl(fd, NOTIF_SEND, bytearray(_RESP.pack(notif_id, 0, -errno.EPERM, 0)), True)
+        except OSError:
+            pass
+        rule = _rule_for(nr, tuple(args))
+        name = SYSCALL_NAMES.get(nr, f"syscall_{nr}")
+        detail = rule.comment if rule else "blocked by the seccomp profile"
+        violation = SecurityViolation(
+            violation_type="blocked_syscall",
+            syscall=name,
+            severity=rule.severity if rule else "HIGH",  # type: ignore[arg-type]
+            description=f"{name}: {detail}",
+            detection_layer="SECCOMP",
+            blocked=True,
+            pid=pid,
+        )
+        with self._lock:
+            sink = self._sinks.get(fd)
+        if sink is not None:
+            sink(violation)
+
+
+_supervisor: Supervisor | None = None
+_supervisor_lock = threading.Lock()
+
+
+def supervisor() -> Supervisor:
+    global _supervisor
+    with _supervisor_lock:
+        if _supervisor is None:
+            _supervisor = Supervisor()
+        return _supervisor

@@ -1,0 +1,71 @@
+"""Host side of the zygote: start it, hand it isolate configs, stop it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+from typing import Any
+
+from ...errors import SandboxStartError
+
+SYSTEM_PYTHON = os.environ.get("STOCKADE_GUEST_PYTHON", "/usr/bin/python3")
+# The directory holding the stdlib-only ``agent`` package; the zygote imports it as top-level ``agent``.
+AGENT_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOOT = f"import sys; sys.path.insert(0, {AGENT_PARENT!r}); from agent import zygote; zygote.main(int(sys.argv[1]))"
+
+
+class Zygote:
+    """One pre-started ``/usr/bin/python3 -I`` that forks isolates on request."""
+
+    def __init__(self, python: str = SYSTEM_PYTHON) -> None:
+        self.python = python
+        self._lock = threading.Lock()
+        host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # The zygote must be the system interpreter: after pivot_root only /usr is
+            # visible, and code run in the isolate imports the stdlib from there.
+            self.proc = subprocess.Popen(
+                [python, "-I", "-c", _BOOT, str(child.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=[child.fileno()],
+                close_fds=True,
+            )
+        except OSError as exc:
+            host.close()
+            raise SandboxStartError(f"cannot start the zygote {python}: {exc.strerror}") from None
+        finally:
+            child.close()
+        self.ctl = host
+        self.ctl.settimeout(15)
+        try:
+            if self.ctl.recv(16) != b"ready":
+                raise OSError("zygote did not say ready")
+        except OSError as exc:
+            self.close()
+            raise SandboxStartError(f"the zygote ({python}) failed to start: {exc}") from None
+        self.ctl.settimeout(None)
+
+    def spawn(self, config: dict[str, Any], agent_fd: int) -> None:
+        payload = json.dumps(config).encode()
+        with self._lock:
+            try:
+                socket.send_fds(self.ctl, [payload], [agent_fd])
+            except OSError as exc:
+                raise SandboxStartError(f"the zygote is gone: {exc}") from None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        try:
+            self.ctl.close()
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,188 @@
+"""The Python SDK: one-shot ``run``/``run_code`` and held ``Sandbox``/``AsyncSandbox``.
+
+One-shot calls get a fresh isolate each time (from the warm pool when the
+policy's shape allows) and tear it down in the background. A held sandbox keeps
+its files and processes across calls until it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .policy import Policy, coerce_policy
+from .result import ExecResult
+from .runtimes.base import AgentSandbox, OutputCallback, Runtime
+from .runtimes.manager import RuntimeManager, default_manager
+
+
+def _acquire(runtime: Runtime, policy: Policy) -> AgentSandbox:
+    acquire = getattr(runtime, "acquire", None)
+    return acquire(policy) if acquire is not None else runtime.start(policy)
+
+
+def _dispose(runtime: Runtime, sandbox: AgentSandbox) -> None:
+    dispose = getattr(runtime, "dispose", None)
+    if dispose is not None:
+        dispose(sandbox)
+    else:
+        sandbox.close()
+
+
+def run(
+    argv: list[str],
+    policy: Policy | dict[str, Any] | None = None,
+    *,
+    stdin: bytes | str = b"",
+    on_output: OutputCallback | None = None,
+    manager: RuntimeManager | None = None,
+    **policy_fields: Any,
+) -> ExecResult:
+    """Run ``argv`` in a fresh isolate and return what happened."""
+    pol = coerce_policy(policy, **policy_fields)
+    runtime = (manager or default_manager()).select(pol)
+    sandbox = _acquire(runtime, pol)
+    try:
+        return sandbox.exec(list(argv), stdin=stdin, on_output=on_output)
+    finally:
+        _dispose(runtime, sandbox)
+
+
+def run_code(
+    code: str,
+    language: str = "python",
+    policy: Policy | dict[str, Any] | None = None,
+    *,
+    stdin: bytes | str = b"",
+    on_output: OutputCallback | None = None,
+    manager: RuntimeManager | None = None,
+    **policy_fields: Any,
+) -> ExecResult:
+    """Run ``code`` (python or bash) in a fresh isolate and return what happened."""
+    pol = coerce_policy(policy, **policy_fields)
+    runtime = (manager or default_manager()).select(pol)
+    sandbox = _acquire(runtime, pol)
+    try:
+        return sandbox.run_code(code, language, stdin=stdin, on_output=on_output)
+    finally:
+        _dispose(runtime, sandbox)
+
+
+class Sandbox:
+    """A sandbox you hold: files and processes persist across calls until ``close``.
+
+    >>> with Sandbox() as sb:
+    ...     sb.write_file("/work/x.py", "print(6 * 7)")
+    ...     sb.exec(["python3", "/work/x.py"]).stdout
+    '42\\n'
+    """
+
+    def __init__(
+        self,
+        policy: Policy | dict[str, Any] | None = None,
+        *,
+        manager: RuntimeManager | None = None,
+        **policy_fields: Any,
+    ) -> None:
+        self.policy = coerce_policy(policy, **policy_fields)
+        self._sandbox = (manager or default_manager()).select(self.policy).start(self.policy)
+
+    @property
+    def runtime(self) -> str:
+        return self._sandbox.runtime_name
+
+    def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
+        return self._sandbox.exec(list(argv), **kwargs)
+
+    def run_code(self, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
+        return self._sandbox.run_code(code, language, **kwargs)
+
+    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        self._sandbox.write_file(path, data, mode)
+
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        return self._sandbox.read_file(path, max_bytes)
+
+    def list_dir(self, path: str) -> list[dict[str, Any]]:
+        return self._sandbox.list_dir(path)
+
+    @property
+    def closed(self) -> bool:
+        return self._sandbox.closed
+
+    def close(self) -> None:
+        self._sandbox.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSandbox:
+    """The async twin of ``Sandbox``: ``async with AsyncSandbox(policy) as sb: await sb.run_code(...)``."""
+
+    def __init__(
+        self,
+        policy: Policy | dict[str, Any] | None = None,
+        *,
+        manager: RuntimeManager | None = None,
+        **policy_fields: Any,
+    ) -> None:
+        self.policy = coerce_policy(policy, **policy_fields)
+        self._manager = manager
+        self._sync: Sandbox | None = None
+
+    async def start(self) -> AsyncSandbox:
+        if self._sync is None:
+            self._sync = await asyncio.to_thread(Sandbox, self.policy, manager=self._manager)
+        return self
+
+    def _held(self) -> Sandbox:
+        if self._sync is None:
+            raise RuntimeError("AsyncSandbox is not started: use 'async with' or 'await sb.start()'")
+        return self._sync
+
+    async def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
+        return await asyncio.to_thread(self._held().exec, argv, **kwargs)
+
+    async def run_code(self, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
+        return await asyncio.to_thread(self._held().run_code, code, language, **kwargs)
+
+    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        await asyncio.to_thread(self._held().write_file, path, data, mode)
+
+    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        return await asyncio.to_thread(self._held().read_file, path, max_bytes)
+
+    async def list_dir(self, path: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._held().list_dir, path)
+
+    async def aclose(self) -> None:
+        if self._sync is not None:
+            await asyncio.to_thread(self._sync.close)
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def arun(argv: list[str], policy: Policy | dict[str, Any] | None = None, **kwargs: Any) -> ExecResult:
+    return await asyncio.to_thread(run, argv, policy, **kwargs)
+
+
+async def arun_code(
+    code: str, language: str = "python", policy: Policy | dict[str, Any] | None = None, **kwargs: Any
+) -> ExecResult:
+    return await asyncio.to_thread(run_code, code, language, policy, **kwargs)
+
+
+def warm_up(manager: RuntimeManager | None = None) -> None:
+    """Start the default runtime's zygote and fill its warm pool now."""
+    runtime = (manager or default_manager()).select(Policy())
+    warm = getattr(runtime, "warm_up", None)
+    if warm is not None:
+        warm()
