@@ -19,6 +19,7 @@ import base64
 import builtins
 import errno
 import io
+import json
 import os
 import resource
 import select
@@ -69,6 +70,7 @@ class Agent:
         self.conn = conn
         self.base_env = base_env or {}
         self.exited: dict[int, int] = {}  # pid -> wait status, for children we reaped early
+        self._spare: _Runner | None = None  # a python runner forked ahead of the next run_code
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -84,6 +86,7 @@ class Agent:
     # ---- the loop --------------------------------------------------------------
 
     def serve(self) -> None:
+        self.prepare_spare()
         while True:
             ready, _, _ = select.select([self.conn.fileno(), self._wake_r], [], [])
             if self._wake_r in ready:
@@ -100,6 +103,7 @@ class Agent:
                         wire.send_message(self.conn, reply)
                     except OSError:
                         return
+                self.prepare_spare()
 
     def handle(self, payload: bytes) -> dict[str, Any] | None:
         msg_id = None
@@ -241,38 +245,38 @@ class Agent:
         return proc.pid, out_r, err_r, in_w
 
     def _spawn_python(self, code: str, params: dict[str, Any]) -> tuple[int, int, int, int | None]:
-        """Fork this already-started interpreter and run ``code`` in the child.
+        """Run ``code`` in a forked copy of this already-started interpreter.
 
-        This is the fast path: no exec, no interpreter start-up. The child drops
-        every descriptor but 0-2 before running anything, so the code cannot
-        reach the host connection.
+        This is the fast path: no exec, no interpreter start-up. A runner is
+        usually forked ahead of time (``_spare``), so the request only hands it
+        the job. The runner drops every descriptor but 0-2 before running
+        anything, so the code cannot reach the host connection.
         """
-        env = self._env(params)
-        cwd = params.get("cwd") or self.base_env.get("HOME", "/")
-        limits = params.get("limits", {})
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:  # child
+        job = json.dumps(
+            {
+                "code": code,
+                "env": self._env(params),
+                "cwd": params.get("cwd") or self.base_env.get("HOME", "/"),
+                "limits": params.get("limits", {}),
+            }
+        ).encode()
+        runner, self._spare = self._spare, None
+        if runner is None or not _send_job(runner.job_w, job):
+            if runner is not None:
+                _kill_group(runner.pid)
+            runner = _fork_runner()
+            if not _send_job(runner.job_w, job):
+                raise wire.RPCError(wire.INTERNAL_ERROR, "the python runner died before it got its job")
+        return runner.pid, runner.out_r, runner.err_r, runner.in_w
+
+    def prepare_spare(self) -> None:
+        """Fork the next python runner now, while nobody waits for it."""
+        if self._spare is None:
             try:
-                os.dup2(in_r, 0)
-                os.dup2(out_w, 1)
-                os.dup2(err_w, 2)
-                os.closerange(3, 1 << 16)
-                os.setpgid(0, 0)
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _apply_rlimits(limits)
-                os.chdir(cwd)
-                os.environ.clear()
-                os.environ.update(env)
-            except BaseException:  # noqa: BLE001
-                os._exit(126)
-            os._exit(_exec_python_source(code))
-        for fd in (out_w, err_w, in_r):
-            os.close(fd)
-        return pid, out_r, err_r, in_w
+                self._spare = _fork_runner()
+            except OSError:
+                self._spare = None  # e.g. pids limit reached: fork on demand instead
+        _warm_up()  # the fork made our own pages copy-on-write again
 
     def _env(self, params: dict[str, Any]) -> dict[str, str]:
         env = dict(self.base_env)
@@ -315,6 +319,8 @@ class Agent:
             if run.status is None and run.pid in self.exited:
                 run.status = self.exited.pop(run.pid)
                 drain_until = now + DRAIN_GRACE_S
+                if not run.fds:
+                    break
             if run.status is not None and drain_until is not None and now >= drain_until:
                 break
             if deadline is not None and now >= deadline and run.status is None:
@@ -363,13 +369,92 @@ class Agent:
                 wire.send_message(self.conn, note)
 
 
-def _exec_python_source(code: str) -> int:
-    """Run ``code`` as ``python3 -c`` would, in this (forked) interpreter; return the exit status."""
+class _Runner:
+    """A forked interpreter waiting for one job on ``job_w``, its stdio already on pipes."""
+
+    def __init__(self, pid: int, out_r: int, err_r: int, in_w: int, job_w: int) -> None:
+        self.pid, self.out_r, self.err_r, self.in_w, self.job_w = pid, out_r, err_r, in_w, job_w
+
+
+def _fork_runner() -> _Runner:
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    job_r, job_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the runner
+        try:
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.dup2(job_r, 3)
+            os.closerange(4, 1 << 16)
+            os.setpgid(0, 0)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _install_stdio()
+            _warm_up()  # take the copy-on-write faults now, not while a caller waits
+            chunks = []
+            while chunk := os.read(3, 1 << 20):
+                chunks.append(chunk)
+            os.close(3)
+            if not chunks:
+                os._exit(0)  # discarded spare
+            job = json.loads(b"".join(chunks))
+            _apply_rlimits(job["limits"])
+            os.chdir(job["cwd"])
+            os.environ.clear()
+            os.environ.update(job["env"])
+        except BaseException:  # noqa: BLE001
+            os._exit(126)
+        os._exit(_exec_python_source(job["code"]))
+    for fd in (out_w, err_w, in_r, job_r):
+        os.close(fd)
+    return _Runner(pid, out_r, err_r, in_w, job_w)
+
+
+def _send_job(fd: int, job: bytes) -> bool:
+    try:
+        view = memoryview(job)
+        while view:
+            view = view[os.write(fd, view) :]
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _install_stdio() -> None:
+    """Fresh sys.stdin/stdout/stderr on fds 0-2, as a new ``python3 -c`` would have."""
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=False)
     sys.stderr = io.TextIOWrapper(
         io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
     )
+
+
+def _warm_up() -> None:
+    """Exercise the paths a request takes, so that a forked process copies its pages ahead of time.
+
+    After fork every page is shared copy-on-write; the first write to each
+    one (a reference count is enough) faults and copies it. On virtualised
+    hosts a fault costs microseconds, and a cold request path touches hundreds
+    of pages: doing it while idle moves milliseconds off the critical path.
+    """
+    sample = {"code": "pass", "env": {"K": "v"}, "cwd": "/", "limits": {"max_open_files": 1}}
+    payload = json.dumps(wire.request("run_code", sample, 1)).encode()
+    json.loads(payload)
+    base64.b64decode(base64.b64encode(payload))
+    exec(compile("pass", "<string>", "exec"), {"__name__": "__warm__"})  # noqa: S102
+    types.ModuleType("__warm__")
+    wire.encode_message(wire.response(1, {"exit_code": 0, "stdout": "", "duration": 0.0}))
+
+
+def _exec_python_source(code: str) -> int:
+    """Run ``code`` as ``python3 -c`` would, in this (forked) interpreter; return the exit status."""
+    if sys.stdout is sys.__stdout__:
+        _install_stdio()
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main

@@ -13,6 +13,7 @@ isolate init), and dies with its host (PDEATHSIG and EOF on the control socket).
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -33,6 +34,9 @@ def main(ctl_fd: int) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # Everything imported so far is shared with every isolate: keep the
+    # collector from touching (and so copying) those pages after fork.
+    gc.freeze()
     ctl.sendall(b"ready")
     while True:
         ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])

@@ -20,6 +20,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ...agent import linux, wire
@@ -70,10 +71,8 @@ class ProcessSandbox(AgentSandbox):
             self._mark_dead("violation")
 
     def violations(self) -> list[SecurityViolation]:
-        # The notification may still be in flight when the reply arrives; a
-        # blocked call is always answered before the caller can reply, so one
-        # short yield to the supervisor thread is enough to see it.
-        time.sleep(0)
+        # The supervisor records a violation before it lets the blocked call
+        # return, so every violation of a run is here by the time its reply is.
         with self._vlock:
             return list(self._violations)
 
@@ -188,8 +187,8 @@ class ProcessRuntime(Runtime):
         return self.start(policy)
 
     def dispose(self, sandbox: AgentSandbox) -> None:
-        """Close a one-shot isolate off the caller's critical path."""
-        self._reaper.put(sandbox)
+        """Close a one-shot isolate off the caller's critical path, then refill the pool."""
+        self._reaper.put(sandbox, after=self._pool.kick if self._pool is not None else None)
 
     def warm_up(self) -> None:
         """Start the zygote and fill the pool now, instead of on first use."""
@@ -324,13 +323,13 @@ class _Reaper:
     """Tears one-shot isolates down in the background, so results return at once."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[AgentSandbox] = queue.Queue()
+        self._queue: queue.Queue[tuple[AgentSandbox, Callable[[], None] | None]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def put(self, sandbox: AgentSandbox) -> None:
+    def put(self, sandbox: AgentSandbox, after: Callable[[], None] | None = None) -> None:
         sandbox.kill()  # nothing of it runs on, even before the teardown completes
-        self._queue.put(sandbox)
+        self._queue.put((sandbox, after))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="stockade-reaper", daemon=True)
@@ -338,9 +337,11 @@ class _Reaper:
 
     def _loop(self) -> None:
         while True:
-            sandbox = self._queue.get()
+            sandbox, after = self._queue.get()
             try:
                 sandbox.close()
+                if after is not None:
+                    after()
             except Exception:  # noqa: BLE001, S110 - teardown is best effort per isolate; next one goes on
                 pass
             finally:
@@ -377,14 +378,19 @@ class _Pool:
             return None
         self.start()
         with self._cond:
+            # No refill here: building an isolate now would compete for the CPU
+            # with the run this one is taken for. ``kick`` refills after it.
             sandbox = self._ready.pop() if self._ready else None
-            self._cond.notify_all()
         if sandbox is None:
             return None
         started = time.monotonic()
         sandbox.apply_policy(policy)
         sandbox.cold_start_ms = (time.monotonic() - started) * 1000
         return sandbox
+
+    def kick(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def wait_full(self, timeout: float) -> bool:
         self.start()

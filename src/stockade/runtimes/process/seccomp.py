@@ -234,10 +234,6 @@ class Supervisor:
         except OSError:
             return  # ENOENT: the caller died meanwhile; EBADF: forgotten
         notif_id, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
-        try:
-            fcntl.ioctl(fd, NOTIF_SEND, bytearray(_RESP.pack(notif_id, 0, -errno.EPERM, 0)), True)
-        except OSError:
-            pass
         rule = _rule_for(nr, tuple(args))
         name = SYSCALL_NAMES.get(nr, f"syscall_{nr}")
         detail = rule.comment if rule else "blocked by the seccomp profile"
@@ -252,8 +248,14 @@ class Supervisor:
         )
         with self._lock:
             sink = self._sinks.get(fd)
+        # Record before answering: the blocked call cannot return, so nothing the
+        # sandboxed code does afterwards (finishing, replying) can overtake the report.
         if sink is not None:
             sink(violation)
+        try:
+            fcntl.ioctl(fd, NOTIF_SEND, bytearray(_RESP.pack(notif_id, 0, -errno.EPERM, 0)), True)
+        except OSError:
+            pass
 
 
 _supervisor: Supervisor | None = None
