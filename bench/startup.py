@@ -43,7 +43,7 @@ def measure(fn: Callable[[], object], runs: int, between: Callable[[], object] |
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def check(result: stockade.ExecResult) -> None:
@@ -68,9 +68,7 @@ def main() -> None:
     t0 = time.perf_counter()
     check(stockade.run(PY_ARGV, manager=cold_manager))
     first = (time.perf_counter() - t0) * 1000
-    rows["stockade.run(python3) cold, no pool"] = measure(
-        lambda: check(stockade.run(PY_ARGV, manager=cold_manager)), n
-    )
+    rows["stockade.run(python3) cold, no pool"] = measure(lambda: check(stockade.run(PY_ARGV, manager=cold_manager)), n)
     cold_runtime = cold_manager.get("process")
     cold_manager.close()
 
@@ -98,7 +96,10 @@ def main() -> None:
 
     ref_name = "bwrap --unshare-all + python3 (subprocess)"
     ref = statistics.median(rows[ref_name]) if ref_name in rows else None
-    print(f"\nstart-up, {n} runs each (CLI rows fewer), one Python process; first cold call incl. zygote: {first:.1f} ms\n")
+    print(
+        f"\nstart-up, {n} runs each (CLI rows fewer), one Python process;"
+        f" first cold call incl. zygote: {first:.1f} ms\n"
+    )
     print(f"| {'what':<52} | {'p50 ms':>7} | {'p95 ms':>7} | {'x bwrap+py':>10} |")
     print(f"|{'-' * 54}|{'-' * 9}|{'-' * 9}|{'-' * 12}|")
     for name, values in rows.items():

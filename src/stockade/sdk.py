@@ -91,6 +91,11 @@ class Sandbox:
     def runtime(self) -> str:
         return self._sandbox.runtime_name
 
+    @property
+    def scratch_dir(self) -> str:
+        """A writable directory inside the sandbox (``/tmp`` in every isolating runtime)."""
+        return self._sandbox.scratch_dir
+
     def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
         return self._sandbox.exec(list(argv), **kwargs)
 

@@ -75,6 +75,7 @@ class AgentSandbox(abc.ABC):
     """A live isolate with a guest agent on ``self.conn``."""
 
     runtime_name: str
+    scratch_dir = "/tmp"  # a writable directory inside the isolate
 
     def __init__(self, policy: Policy, conn: socket.socket, cold_start_ms: float) -> None:
         self.policy = policy

@@ -9,10 +9,12 @@ every result lists each limit as not enforced. Never a default.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from ..errors import SandboxStartError
@@ -23,12 +25,19 @@ from .process.zygote import AGENT_PARENT
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from agent import server; server.main()"
 
 
+def _python() -> str:
+    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
 class FakeSandbox(AgentSandbox):
     runtime_name = "fake"
 
-    def __init__(self, policy: Policy, conn: socket.socket, cold_ms: float, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, policy: Policy, conn: socket.socket, cold_ms: float, proc: subprocess.Popen[bytes], scratch: str
+    ) -> None:
         super().__init__(policy, conn, cold_ms)
         self.proc = proc
+        self.scratch_dir = scratch
         self.unenforced_limits = [
             "memory_mb, cpu_limit, pids_limit, disk_mb, network_policy, filesystem isolation: "
             "the fake runtime isolates nothing"
@@ -43,6 +52,7 @@ class FakeSandbox(AgentSandbox):
 
     def _release(self) -> None:
         self.proc.wait()
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
 
 class FakeRuntime(Runtime):
@@ -55,7 +65,8 @@ class FakeRuntime(Runtime):
     def start(self, policy: Policy) -> FakeSandbox:
         started = time.monotonic()
         host, guest = socket.socketpair()
-        env = {**BASE_ENV, "HOME": os.getcwd(), "STOCKADE_AGENT_FD": str(guest.fileno())}
+        scratch = tempfile.mkdtemp(prefix="stockade-fake-")
+        env = {**BASE_ENV, "HOME": scratch, "TMPDIR": scratch, "STOCKADE_AGENT_FD": str(guest.fileno())}
         try:
             proc = subprocess.Popen(
                 [
@@ -74,7 +85,8 @@ class FakeRuntime(Runtime):
             )
         except OSError as exc:
             host.close()
+            shutil.rmtree(scratch, ignore_errors=True)
             raise SandboxStartError(f"cannot start the agent: {exc}") from None
         finally:
             guest.close()
-        return FakeSandbox(policy, host, (time.monotonic() - started) * 1000, proc)
+        return FakeSandbox(policy, host, (time.monotonic() - started) * 1000, proc, scratch)

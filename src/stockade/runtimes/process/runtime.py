@@ -17,6 +17,7 @@ import platform
 import queue
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...agent import linux, wire
-from ...errors import SandboxStartError
+from ...errors import PolicyError, SandboxStartError
 from ...policy import Policy
 from ...result import SecurityViolation
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage, Runtime
@@ -215,6 +216,7 @@ class ProcessRuntime(Runtime):
 
     def _build(self, policy: Policy) -> ProcessSandbox:
         started = time.monotonic()
+        _check_mount_sources(policy)
         zygote = self._zygote_handle()
         assert self._bpf is not None
         cgroup: IsolateCgroup | None = None
@@ -263,6 +265,31 @@ class ProcessRuntime(Runtime):
             "base_env": BASE_ENV,
             "hard_limits": {"max_open_files": 65536, "max_processes": 4096},
         }
+
+
+def _check_mount_sources(policy: Policy) -> None:
+    """Shared paths are opened with the sandbox's uid: say so before building anything."""
+    for i, mount in enumerate(policy.filesystem_access):
+        where = f"filesystem_access[{i}]: {mount.source}"
+        if not os.path.exists(mount.source):
+            raise PolicyError(f"{where} does not exist on this host")
+        if os.getuid() != 0:
+            continue
+        path = ""
+        for part in mount.source.strip("/").split("/"):
+            path += "/" + part
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid != SANDBOX_UID and not st.st_mode & stat.S_IXOTH:
+                raise PolicyError(
+                    f"{where} is not accessible to the sandbox uid {SANDBOX_UID}: {path} is not searchable by others"
+                )
+        st = os.stat(mount.source)
+        need = stat.S_IROTH | (stat.S_IWOTH if mount.writable and stat.S_ISDIR(st.st_mode) else 0)
+        if st.st_uid != SANDBOX_UID and st.st_mode & need != need:
+            raise PolicyError(
+                f"{where} is not accessible to the sandbox uid {SANDBOX_UID} "
+                f"(needs to be {'readable and writable' if need & stat.S_IWOTH else 'readable'} by others)"
+            )
 
 
 def _handshake(host: socket.socket) -> tuple[int, int]:

@@ -1,0 +1,161 @@
+"""One suite, every runtime: the behaviour a caller can rely on whatever isolates the code.
+
+Parametrized over every runtime stockade ships that works on this host; the
+``fake`` runtime (no isolation) runs it too, so the suite itself is checked
+even on a host where no real runtime works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+import stockade
+from stockade import Policy, Sandbox
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+
+RUNTIMES = ["process", "fake"]
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    require(request.param)
+    return str(request.param)
+
+
+@pytest.fixture
+def sb(runtime: str, manager: RuntimeManager) -> Iterator[Sandbox]:
+    with Sandbox(Policy(runtime=runtime, timeout_seconds=20), manager=manager) as sandbox:
+        yield sandbox
+
+
+def test_exec_echo(sb: Sandbox) -> None:
+    r = sb.exec(["echo", "hello", "world"])
+    assert r.success and r.stdout == "hello world\n" and r.exit_code == 0
+    assert r.termination_reason == "completed"
+    assert r.runtime_used == sb.runtime
+    assert r.policy_digest == sb.policy.digest
+
+
+def test_exit_code_is_reported(sb: Sandbox) -> None:
+    r = sb.exec(["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert not r.success and r.exit_code == 7 and r.termination_reason == "completed"
+    assert r.stdout == "out\n" and r.stderr == "err\n"
+
+
+def test_killed_by_signal(sb: Sandbox) -> None:
+    r = sb.exec(["sh", "-c", "kill -9 $$"])
+    assert r.exit_code == -9 and r.termination_reason == "killed"
+
+
+def test_stdin_env_cwd(sb: Sandbox) -> None:
+    r = sb.exec(["sh", "-c", "cat; echo $GREETING; pwd"], stdin=b"piped\n", env={"GREETING": "hi"}, cwd="/tmp")
+    assert r.stdout.splitlines() == ["piped", "hi", "/tmp"]
+
+
+def test_policy_environment(runtime: str, manager: RuntimeManager) -> None:
+    with Sandbox(Policy(runtime=runtime, environment={"ANSWER": "42"}), manager=manager) as sandbox:
+        assert sandbox.run_code("import os; print(os.environ['ANSWER'])").stdout == "42\n"
+
+
+def test_run_code_python(sb: Sandbox) -> None:
+    r = sb.run_code("import sys\nprint(sum(range(10)))\nprint('e', file=sys.stderr)")
+    assert r.success and r.stdout == "45\n" and r.stderr == "e\n"
+
+
+def test_run_code_python_is_a_fresh_main(sb: Sandbox) -> None:
+    r = sb.run_code("print(__name__, sorted(k for k in globals() if not k.startswith('__')))")
+    assert r.stdout == "__main__ []\n"
+
+
+def test_run_code_exception_and_exit(sb: Sandbox) -> None:
+    r = sb.run_code("raise ValueError('boom')")
+    assert r.exit_code == 1 and "ValueError: boom" in r.stderr and "Traceback" in r.stderr
+    assert sb.run_code("import sys; sys.exit(3)").exit_code == 3
+    assert sb.run_code("raise SystemExit('bye')").exit_code == 1
+
+
+def test_run_code_bash(sb: Sandbox) -> None:
+    r = sb.run_code("for i in 1 2 3; do echo $i; done", language="bash")
+    assert r.stdout == "1\n2\n3\n"
+
+
+def test_unknown_language_is_an_error(sb: Sandbox) -> None:
+    with pytest.raises(stockade.AgentError, match="cobol"):
+        sb.run_code("x", language="cobol")
+
+
+def test_missing_command_is_an_error(sb: Sandbox) -> None:
+    with pytest.raises(stockade.AgentError, match="cannot execute"):
+        sb.exec(["/nonexistent/binary"])
+
+
+def test_files_persist_across_calls(sb: Sandbox) -> None:
+    tmp = sb.scratch_dir
+    sb.write_file(f"{tmp}/data.txt", "line1\nline2\n")
+    assert sb.exec(["wc", "-l", f"{tmp}/data.txt"]).stdout.split()[0] == "2"
+    sb.run_code(f"open('{tmp}/out.bin', 'wb').write(bytes(range(256)))")
+    assert sb.read_file(f"{tmp}/out.bin") == bytes(range(256))
+    names = {e["name"] for e in sb.list_dir(tmp)}
+    assert {"data.txt", "out.bin"} <= names
+
+
+def test_read_missing_file_is_an_error(sb: Sandbox) -> None:
+    with pytest.raises(stockade.AgentError):
+        sb.read_file(f"{sb.scratch_dir}/does-not-exist")
+
+
+def test_timeout(sb: Sandbox) -> None:
+    r = sb.run_code("import time; time.sleep(30)", timeout=0.5)
+    assert r.termination_reason == "timeout" and not r.success
+    assert r.execution_time_seconds < 10
+    assert sb.exec(["true"]).success  # the sandbox is still usable
+
+
+def test_output_limit(runtime: str, manager: RuntimeManager) -> None:
+    with Sandbox(Policy(runtime=runtime, max_output_bytes=1000), manager=manager) as sandbox:
+        r = sandbox.exec(["sh", "-c", "yes 0123456789"])
+        assert r.termination_reason == "output_limit"
+        assert len(r.stdout) + len(r.stderr) <= 1000
+        assert r.stdout.startswith("0123456789\n")
+
+
+def test_streaming_output(sb: Sandbox) -> None:
+    chunks: list[tuple[str, bytes]] = []
+    r = sb.exec(["sh", "-c", "echo a; echo b >&2"], on_output=lambda s, d: chunks.append((s, d)))
+    assert b"".join(d for s, d in chunks if s == "stdout") == b"a\n"
+    assert b"".join(d for s, d in chunks if s == "stderr") == b"b\n"
+    assert r.stdout == "a\n"
+
+
+def test_binary_output_does_not_break_the_result(sb: Sandbox) -> None:
+    r = sb.run_code("import sys; sys.stdout.buffer.write(b'\\xff\\xfeok')")
+    assert r.success and r.stdout.endswith("ok")
+
+
+def test_closed_sandbox_refuses_and_close_is_idempotent(runtime: str, manager: RuntimeManager) -> None:
+    sandbox = Sandbox(Policy(runtime=runtime), manager=manager)
+    sandbox.close()
+    sandbox.close()
+    assert sandbox.closed
+    with pytest.raises(stockade.SandboxClosedError):
+        sandbox.exec(["true"])
+
+
+def test_async_sandbox(runtime: str, manager: RuntimeManager) -> None:
+    async def main() -> tuple[str, bytes]:
+        async with stockade.AsyncSandbox(Policy(runtime=runtime), manager=manager) as sandbox:
+            path = f"{sandbox._held().scratch_dir}/a"
+            await sandbox.write_file(path, b"async")
+            r = await sandbox.exec(["cat", path])
+            return r.stdout, await sandbox.read_file(path)
+
+    assert asyncio.run(main()) == ("async", b"async")
+
+
+def test_one_shot_run_and_run_code(runtime: str, manager: RuntimeManager) -> None:
+    assert stockade.run(["echo", "one"], runtime=runtime, manager=manager).stdout == "one\n"
+    assert stockade.run_code("print(2)", runtime=runtime, manager=manager).stdout == "2\n"

@@ -1,0 +1,102 @@
+"""Shared fixtures: runtimes built step by step, an outer guard for attack tests.
+
+Every test that needs a host capability skips with the reason the runtime's
+own ``detect()`` gives, never silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from stockade.runtimes.base import Availability
+from stockade.runtimes.manager import RuntimeManager
+from stockade.runtimes.process.cgroups import detect_layout
+
+GUARD_MEMORY = 6 * 1024**3
+GUARD_PIDS = 4096
+
+
+def _own_v1_dir(controller: str) -> str | None:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controller in controllers.split(","):
+                base = f"/sys/fs/cgroup/{controller}{path}"
+                return base if os.path.isdir(base) else None
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outer_guard() -> Iterator[None]:
+    """Put the whole test session in a memory+pids cgroup of its own.
+
+    Isolates are created below the session's own cgroups, so even if a limit
+    of stockade were broken, a fork or memory bomb stops at this guard instead
+    of taking the machine down.
+    """
+    made: list[tuple[str, str]] = []
+    if os.getuid() == 0:
+        for controller, knob, value in (
+            ("memory", "memory.limit_in_bytes", GUARD_MEMORY),
+            ("pids", "pids.max", GUARD_PIDS),
+        ):
+            base = _own_v1_dir(controller)
+            if base is None:
+                continue
+            guard = os.path.join(base, f"stockade-test-guard-{os.getpid()}")
+            try:
+                os.makedirs(guard, exist_ok=True)
+                with open(os.path.join(guard, knob), "w") as f:
+                    f.write(str(value))
+                with open(os.path.join(guard, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+                made.append((base, guard))
+            except OSError:
+                continue
+    yield
+    for base, guard in made:
+        try:
+            with open(os.path.join(base, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            os.rmdir(guard)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def manager() -> Iterator[RuntimeManager]:
+    mgr = RuntimeManager(pool_size=1)
+    yield mgr
+    mgr.close()
+
+
+_availability: dict[str, Availability] = {}
+
+
+def availability(name: str) -> Availability:
+    if name not in _availability:
+        probe = RuntimeManager(pool_size=0)
+        try:
+            _availability[name] = probe.availability(name)
+        finally:
+            probe.close()
+    return _availability[name]
+
+
+def require(name: str) -> None:
+    avail = availability(name)
+    if not avail.available:
+        pytest.skip(f"runtime {name} is not available on this host: {avail.reason}")
+
+
+@pytest.fixture
+def process_runtime(manager: RuntimeManager) -> str:
+    require("process")
+    return "process"
+
+
+def cgroup_layout_version() -> str:
+    return detect_layout().version

@@ -1,0 +1,112 @@
+"""The ``stockade`` command, end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STOCKADE = [os.path.join(os.path.dirname(sys.executable), "stockade")]
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STOCKADE, *args], input=stdin, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def _needs_process(process_runtime: str) -> None:
+    return None
+
+
+def test_run_passes_output_and_exit_status() -> None:
+    r = cli("run", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+
+
+def test_run_passes_stdin() -> None:
+    r = cli("run", "--", "tr", "a-z", "A-Z", stdin="shout\n")
+    assert r.stdout == "SHOUT\n" and r.returncode == 0
+
+
+def test_run_json_is_an_exec_result() -> None:
+    r = cli("run", "--json", "--memory", "128", "--", "echo", "hi")
+    result = json.loads(r.stdout)
+    assert result["stdout"] == "hi\n" and result["termination_reason"] == "completed"
+    assert result["runtime_used"] == "process" and len(result["policy_digest"]) == 64
+
+
+def test_violation_summary_goes_to_stderr() -> None:
+    code = "import ctypes; ctypes.CDLL(None).ptrace(16, 1, 0, 0)"
+    r = cli("run", "--", "python3", "-c", code)
+    assert r.returncode == 0
+    assert "blocked: ptrace" in r.stderr.splitlines()[-1]
+
+
+def test_timeout_and_memory_exit_statuses() -> None:
+    assert cli("run", "--timeout", "0.5", "--", "sleep", "10").returncode == 124
+    r = cli(
+        "run", "--memory", "32", "--", "python3", "-c", "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096])"
+    )
+    assert r.returncode == 137 and "memory_limit" in r.stderr
+
+
+def test_env_mount_and_network_flags(tmp_path: Path) -> None:
+    r = cli(
+        "run",
+        "--env",
+        "A=1",
+        "--env",
+        "B=two",
+        "--network",
+        "loopback",
+        "--",
+        "sh",
+        "-c",
+        "echo $A$B; cat /proc/net/dev | grep -c lo",
+    )
+    assert r.stdout.split() == ["1two", "1"]
+
+
+def test_bad_flags_are_clear_errors() -> None:
+    r = cli("run", "--memory", "99999", "--", "true")
+    assert r.returncode == 125 and "memory_mb" in r.stderr
+    r = cli("run", "--env", "NOEQUALS", "--", "true")
+    assert r.returncode == 125 and "K=V" in r.stderr
+    r = cli("run")
+    assert r.returncode == 125 and "no command" in r.stderr
+    r = cli("run", "--runtime", "warp", "--", "true")
+    assert r.returncode == 125 and "unknown runtime" in r.stderr
+    r = cli("run", "--mount", "/proc:/x", "--", "true")
+    assert r.returncode == 125 and "filesystem_access" in r.stderr
+
+
+def test_missing_command_inside_is_reported() -> None:
+    r = cli("run", "--", "/no/such/program")
+    assert r.returncode == 125 and "cannot execute" in r.stderr
+
+
+def test_exec_code_forms(tmp_path: Path) -> None:
+    assert cli("exec-code", "print(1 + 1)").stdout == "2\n"
+    assert cli("exec-code", "-", stdin="print('from stdin')").stdout == "from stdin\n"
+    script = tmp_path / "s.sh"
+    script.write_text("echo $((6 * 7))")
+    assert cli("exec-code", "--language", "bash", "-f", str(script)).stdout == "42\n"
+    r = cli("exec-code", "--json", "raise SystemExit(4)")
+    assert json.loads(r.stdout)["exit_code"] == 4 and r.returncode == 4
+
+
+def test_doctor() -> None:
+    r = cli("doctor", "--json")
+    report = json.loads(r.stdout)
+    runtimes = {x["name"]: x for x in report["runtimes"]}
+    assert runtimes["process"]["available"] is True
+    assert runtimes["fake"]["isolation"] == "none"
+    for name in ("gvisor", "microvm"):
+        assert runtimes[name]["available"] is False and runtimes[name]["reason"]
+    assert report["host"]["cgroup_version"] in ("v1", "v2", "hybrid", "none")
+    human = cli("doctor").stdout
+    assert "process" in human and "landlock" in human

@@ -1,0 +1,98 @@
+"""The SDK's one-shot calls: a fresh isolate each time, from the warm pool, nothing carried over."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+import stockade
+from stockade import Policy
+from stockade.runtimes.manager import RuntimeManager
+
+
+@pytest.fixture
+def pooled(process_runtime: str) -> RuntimeManager:
+    return RuntimeManager(pool_size=2)
+
+
+def test_one_shots_share_nothing(pooled: RuntimeManager) -> None:
+    token = str(random.randrange(10**9))
+    try:
+        first = stockade.run_code(
+            f"import os, subprocess\nopen('/tmp/left', 'w').write('{token}')\n"
+            "subprocess.Popen(['sleep', '30'])\nimport builtins; builtins.LEFT = 1\nprint(os.getpid())",
+            manager=pooled,
+        )
+        assert first.success
+        second = stockade.run_code(
+            "import os, builtins\nprint(os.path.exists('/tmp/left'), hasattr(builtins, 'LEFT'),"
+            " sorted(p for p in os.listdir('/proc') if p.isdigit()))",
+            manager=pooled,
+        )
+        exists, leftover_attr, *_ = second.stdout.split()
+        assert exists == "False" and leftover_attr == "False"
+        assert "sleep" not in stockade.run(["ps", "-e"], manager=pooled).stdout
+    finally:
+        pooled.close()
+
+
+def test_pool_serves_warm_isolates_and_stays_bounded(pooled: RuntimeManager) -> None:
+    try:
+        runtime = pooled.get("process")
+        stockade.warm_up(manager=pooled)
+        assert runtime.wait_ready(20)  # type: ignore[attr-defined]
+        results = [stockade.run_code("print('x')", manager=pooled) for _ in range(5)]
+        assert all(r.stdout == "x\n" for r in results)
+        assert len({r.execution_id for r in results}) == 5
+        runtime.wait_idle()  # type: ignore[attr-defined]
+        runtime.wait_ready(20)  # type: ignore[attr-defined]
+        assert len(runtime._pool._ready) == 2  # type: ignore[attr-defined]
+        # A warm isolate still gets the caller's own limits at hand-over.
+        r = stockade.run_code("x = bytearray(100 << 20)", manager=pooled, memory_mb=32)
+        assert r.termination_reason == "memory_limit" or any("memory_mb" in u for u in r.unenforced_limits)
+    finally:
+        pooled.close()
+
+
+def test_policy_shapes_outside_the_pool_get_a_cold_isolate(pooled: RuntimeManager) -> None:
+    try:
+        r = stockade.run(["cat", "/proc/net/dev"], manager=pooled, network_policy="loopback")
+        assert r.success
+        assert r.cold_start_time_ms > 0
+    finally:
+        pooled.close()
+
+
+def test_policy_object_and_fields_mix(pooled: RuntimeManager) -> None:
+    try:
+        base = Policy(timeout_seconds=5, environment={"X": "1"})
+        r = stockade.run(["sh", "-c", "echo $X"], base, manager=pooled, memory_mb=64)
+        assert r.stdout == "1\n"
+        assert r.policy_digest == base.replace(memory_mb=64).digest
+    finally:
+        pooled.close()
+
+
+def test_runtime_selection_never_downgrades(pooled: RuntimeManager) -> None:
+    try:
+        for isolation in ("gvisor", "microvm"):
+            with pytest.raises(stockade.RuntimeUnavailableError, match=isolation):
+                stockade.run(["true"], manager=pooled, isolation=isolation)
+        assert stockade.run(["true"], manager=pooled, isolation="process").runtime_used == "process"
+    finally:
+        pooled.close()
+
+
+def test_close_tears_the_pool_down(process_runtime: str) -> None:
+    mgr = RuntimeManager(pool_size=2)
+    runtime = mgr.get("process")
+    stockade.warm_up(manager=mgr)
+    runtime.wait_ready(20)  # type: ignore[attr-defined]
+    pool = list(runtime._pool._ready)  # type: ignore[attr-defined]
+    mgr.close()
+    deadline = time.monotonic() + 5
+    while any(sb.cgroup and sb.cgroup.pids() for sb in pool) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(sb.closed for sb in pool)

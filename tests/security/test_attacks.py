@@ -1,0 +1,435 @@
+"""Attacks on every boundary of the process runtime.
+
+Each test tries to cross a boundary the way hostile code would, and checks
+both that it failed and, where the policy says so, that the host reported it.
+The session runs inside an outer memory/pids guard (tests/conftest.py), and
+every run here is bounded in time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import stockade
+from stockade import ExecResult, Policy, Sandbox
+from stockade.runtimes.manager import RuntimeManager
+
+
+@pytest.fixture
+def sb(process_runtime: str, manager: RuntimeManager) -> Iterator[Sandbox]:
+    with Sandbox(Policy(runtime="process", timeout_seconds=20), manager=manager) as sandbox:
+        yield sandbox
+
+
+def run(manager: RuntimeManager, code: str, **policy: object) -> ExecResult:
+    policy.setdefault("timeout_seconds", 20)
+    return stockade.run_code(code, runtime="process", manager=manager, **policy)
+
+
+def blocked(result: ExecResult) -> set[str]:
+    return {v.syscall for v in result.security_violations if v.detection_layer == "SECCOMP" and v.syscall}
+
+
+LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+
+# ---- privileges ---------------------------------------------------------------------
+
+
+def test_no_capabilities_no_new_privs_seccomp(sb: Sandbox) -> None:
+    status = sb.exec(["cat", "/proc/self/status"]).stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert fields[cap].strip() == "0000000000000000", cap
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"
+
+
+def test_unprivileged_inside_and_outside(sb: Sandbox) -> None:
+    out = sb.exec(["sh", "-c", "id -u; cat /proc/self/uid_map"]).stdout.split()
+    assert out[0] == "1000"
+    inner, outer, count = out[1:4]
+    assert inner == "1000" and count == "1"
+    assert outer != "0", "the sandbox uid must never be host root"
+
+
+def test_setuid_root_is_impossible(sb: Sandbox) -> None:
+    r = sb.run_code("import os\ntry:\n    os.setuid(0)\n    print('ROOT')\nexcept OSError as e:\n    print(e.errno)")
+    assert r.stdout.strip() in ("1", "22")  # EPERM, or EINVAL: uid 0 does not even exist in the namespace
+
+
+# ---- filesystem ---------------------------------------------------------------------
+
+
+def test_host_files_are_invisible(sb: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> None:
+    marker = f"/tmp/stockade-marker-{random.randrange(10**9)}"
+    with open(marker, "w") as f:
+        f.write("host secret")
+    try:
+        code = (
+            "import os\n"
+            f"for p in ('/root', '/home', '/etc/shadow', '/etc/ssh', '/var', '/boot', '/srv', '{marker}'):\n"
+            "    print(p, os.path.exists(p))"
+        )
+        lines = sb.run_code(code).stdout.splitlines()
+        assert lines and all(line.endswith("False") for line in lines), lines
+    finally:
+        os.unlink(marker)
+
+
+def test_no_sys_no_cgroupfs_no_dangerous_devices(sb: Sandbox) -> None:
+    r = sb.exec(["sh", "-c", "ls -d /sys /sys/fs/cgroup /dev/kvm /dev/vsock /dev/mem /dev/sda 2>&1"])
+    assert r.stdout.count("No such file") == 6, r.stdout
+    devices = set(sb.exec(["ls", "/dev"]).stdout.split())
+    assert devices == {"fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero"}
+
+
+def test_etc_is_synthesized(sb: Sandbox) -> None:
+    allowed = {"alternatives", "group", "hostname", "hosts", "ld.so.cache", "localtime", "nsswitch.conf", "passwd",
+               "resolv.conf"}  # fmt: skip
+    listed = set(sb.exec(["ls", "/etc"]).stdout.split())
+    assert listed <= allowed and {"passwd", "group", "hosts", "resolv.conf"} <= listed
+    assert "sandbox:x:1000" in sb.read_file("/etc/passwd").decode()
+
+
+@pytest.mark.parametrize("path", ["/usr/bin/evil", "/etc/passwd", "/newdir/x", "/bin/x", "/proc/sys/kernel/hostname"])
+def test_read_only_everywhere_but_scratch(sb: Sandbox, path: str) -> None:
+    r = sb.run_code(f"open({path!r}, 'w').write('x')")
+    assert r.exit_code == 1
+    assert any(e in r.stderr for e in ("Read-only file system", "Permission denied", "No such file")), r.stderr
+
+
+def test_scratch_is_writable_and_size_capped(process_runtime: str, manager: RuntimeManager) -> None:
+    r = run(
+        manager,
+        "import os\nwith open('/tmp/fill', 'wb') as f:\n"
+        "    try:\n        for _ in range(64):\n            f.write(b'x' * (1 << 20)); f.flush()\n"
+        "    except OSError as e:\n        print('stopped', e.errno, os.path.getsize('/tmp/fill') >> 20)",
+        disk_mb=8,
+    )
+    words = r.stdout.split()
+    assert words[:2] == ["stopped", "28"], r.stdout + r.stderr  # ENOSPC
+    assert int(words[2]) <= 8
+
+
+def test_work_and_tmp_share_the_disk_cap(process_runtime: str, manager: RuntimeManager) -> None:
+    r = run(
+        manager,
+        "open('/work/a', 'wb').write(b'x' * (6 << 20))\nopen('/tmp/b', 'wb').write(b'x' * (6 << 20))",
+        disk_mb=8,
+    )
+    assert r.exit_code == 1 and "No space left" in r.stderr
+
+
+def test_file_size_limit(process_runtime: str, manager: RuntimeManager) -> None:
+    r = run(
+        manager,
+        "import signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "try:\n    open('/tmp/big', 'wb').write(b'x' * (3 << 20))\nexcept OSError as e:\n    print(e.errno)",
+        max_file_size_mb=1,
+    )
+    assert r.stdout.strip() == "27"  # EFBIG
+
+
+def test_readonly_mount_and_rw_mount(process_runtime: str, manager: RuntimeManager) -> None:
+    base = tempfile.mkdtemp(prefix="stockade-share-")
+    try:
+        os.chmod(base, 0o777)
+        with open(os.path.join(base, "in.txt"), "w") as f:
+            f.write("from host")
+        os.chmod(os.path.join(base, "in.txt"), 0o644)
+        r = run(
+            manager, "print(open('/data/in.txt').read())\nopen('/data/x', 'w')", filesystem_access=[f"{base}:/data"]
+        )
+        assert "from host" in r.stdout and "Read-only file system" in r.stderr
+        r = run(manager, "open('/data/out.txt', 'w').write('from sandbox')", filesystem_access=[f"{base}:/data:rw"])
+        assert r.success, r.stderr
+        with open(os.path.join(base, "out.txt")) as f:
+            assert f.read() == "from sandbox"
+    finally:
+        shutil.rmtree(base)
+
+
+def test_unreachable_mount_source_is_a_clear_error(process_runtime: str, manager: RuntimeManager) -> None:
+    with pytest.raises((stockade.PolicyError, stockade.SandboxStartError), match="filesystem_access"):
+        run(manager, "pass", filesystem_access=["/nonexistent/stockade/path:/data"])
+    if os.getuid() == 0:
+        private = tempfile.mkdtemp(prefix="stockade-private-")  # 0700: not for the sandbox uid
+        try:
+            with pytest.raises(stockade.PolicyError, match="not accessible"):
+                run(manager, "pass", filesystem_access=[f"{private}:/data"])
+        finally:
+            os.rmdir(private)
+
+
+# ---- network ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def host_server() -> Iterator[int]:
+    """A TCP server on the host's loopback that nothing in a sandbox may reach."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    hits: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                hits.append(1)
+                conn.close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    thread.join()
+    srv.close()
+    assert hits == [], "a sandbox reached the host's loopback server"
+
+
+def test_no_network_by_default(sb: Sandbox, host_server: int) -> None:
+    r = sb.run_code(
+        "import socket\n"
+        f"try:\n    socket.create_connection(('127.0.0.1', {host_server}), timeout=2); print('CONNECTED')\n"
+        "except OSError as e:\n    print('refused', e.errno)"
+    )
+    assert r.stdout.startswith("refused")
+    links = sb.exec(["cat", "/proc/net/dev"]).stdout
+    assert [line.split(":")[0].strip() for line in links.splitlines()[2:]] == ["lo"]
+    assert sb.exec(["cat", "/sys/class/net/lo/operstate"]).exit_code != 0  # no /sys at all
+
+
+def test_loopback_policy_is_private(process_runtime: str, manager: RuntimeManager, host_server: int) -> None:
+    code = (
+        "import socket, threading\n"
+        "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)\n"
+        "port = srv.getsockname()[1]\n"
+        "threading.Thread(target=lambda: srv.accept()[0].sendall(b'inner'), daemon=True).start()\n"
+        "print(socket.create_connection(('127.0.0.1', port), timeout=2).recv(5).decode())\n"
+        f"try:\n    socket.create_connection(('127.0.0.1', {host_server}), timeout=2); print('HOST')\n"
+        "except OSError:\n    print('host unreachable')"
+    )
+    r = run(manager, code, network_policy="loopback")
+    assert r.stdout.split() == ["inner", "host", "unreachable"], r.stdout + r.stderr
+
+
+def test_raw_and_packet_sockets_blocked_and_reported(sb: Sandbox) -> None:
+    r = sb.run_code(
+        "import socket\n"
+        "for fam, typ, proto in ((socket.AF_INET, socket.SOCK_RAW, 1), (socket.AF_PACKET, socket.SOCK_RAW, 0)):\n"
+        "    try:\n        socket.socket(fam, typ, proto); print('OPEN')\n"
+        "    except OSError as e:\n        print(e.errno)"
+    )
+    assert r.stdout.split() == ["1", "1"]
+    assert [v.syscall for v in r.security_violations] == ["socket", "socket"]
+
+
+# ---- syscalls -------------------------------------------------------------------------
+
+
+SYSCALL_ATTACKS = {
+    "ptrace": "libc.ptrace(16, 1, 0, 0)",
+    "mount": "libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)",
+    "umount2": "libc.umount2(b'/proc', 2)",
+    "unshare": "libc.unshare(0x10000000)",
+    "setns": "libc.setns(os.open('/proc/self/ns/net', os.O_RDONLY), 0)",
+    "chroot": "libc.chroot(b'/tmp')",
+    "pivot_root": "libc.syscall(155, b'/tmp', b'/tmp')",
+    "bpf": "libc.syscall(321, 5, 0, 0)",
+    "perf_event_open": "libc.syscall(298, 0, 0, -1, -1, 0)",
+    "keyctl": "libc.syscall(250, 0, 0, 0, 0, 0)",
+    "userfaultfd": "libc.syscall(323, 0)",
+    "io_uring_setup": "libc.syscall(425, 1, 0)",
+    "kexec_load": "libc.syscall(246, 0, 0, 0, 0)",
+    "reboot": "libc.syscall(169, 0xfee1dead, 672274793, 0x1234567, 0)",
+    "init_module": "libc.syscall(175, 0, 0, b'')",
+    "process_vm_readv": "libc.syscall(310, 1, 0, 0, 0, 0, 0)",
+    "open_by_handle_at": "libc.syscall(304, 0, 0, 0)",
+    "syslog": "libc.syscall(103, 3, 0, 0)",
+    "clone": "libc.syscall(56, 0x20000000 | 17, 0, 0, 0, 0)",
+    "ioctl": "libc.ioctl(0, 0x5412, ctypes.c_char_p(b'x'))",
+}
+
+
+@pytest.mark.parametrize("syscall", sorted(SYSCALL_ATTACKS))
+def test_dangerous_syscall_blocked_and_reported_by_host(sb: Sandbox, syscall: str) -> None:
+    r = sb.run_code(LIBC + f"rc = {SYSCALL_ATTACKS[syscall]}\nprint(rc, ctypes.get_errno())")
+    rc, err = r.stdout.split()
+    assert rc == "-1" and err == "1", f"{syscall} returned {rc} errno {err}"  # EPERM
+    assert syscall in blocked(r)
+    v = next(v for v in r.security_violations if v.syscall == syscall)
+    assert v.blocked and v.detection_layer == "SECCOMP" and v.description
+
+
+def test_plain_fork_and_threads_still_work(sb: Sandbox) -> None:
+    r = sb.run_code(
+        "import os, threading\n"
+        "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+        "pid = os.fork()\nif pid == 0:\n    os._exit(5)\nprint(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))"
+    )
+    assert r.stdout.split() == ["thread", "5"] and not r.security_violations
+
+
+def test_on_violation_kill_ends_the_run(process_runtime: str, manager: RuntimeManager) -> None:
+    r = run(
+        manager, LIBC + "libc.ptrace(16, 1, 0, 0)\nimport time; time.sleep(10)\nprint('survived')", on_violation="kill"
+    )
+    assert r.termination_reason == "violation" and "survived" not in r.stdout
+    assert blocked(r) == {"ptrace"}
+
+
+# ---- processes and the agent --------------------------------------------------------
+
+
+def test_own_pid_namespace(sb: Sandbox) -> None:
+    pids = sb.exec(["sh", "-c", "ls /proc | grep -E '^[0-9]+$'"]).stdout.split()
+    assert "1" in pids and len(pids) <= 6  # the agent, its spare runner, sh, ls, grep
+
+
+def test_agent_cannot_be_killed_or_read(sb: Sandbox) -> None:
+    r = sb.run_code(
+        "import os, signal\n"
+        "os.kill(1, signal.SIGKILL)\n"
+        "for p in ('/proc/1/mem', '/proc/1/environ'):\n"
+        "    try:\n        open(p, 'rb').read(1); print('READ', p)\n"
+        "    except OSError as e:\n        print(e.errno)\n"
+        "try:\n    print(os.listdir('/proc/1/fd'))\nexcept OSError as e:\n    print(e.errno)"
+    )
+    assert "READ" not in r.stdout and r.stdout.split() == ["13", "13", "13"], r.stdout + r.stderr
+    assert sb.exec(["true"]).success  # the agent survived SIGKILL from inside
+
+
+def test_no_inherited_descriptors(sb: Sandbox) -> None:
+    r = sb.run_code("import os; print(sorted(os.listdir('/proc/self/fd')))")
+    assert r.stdout.strip() == "['0', '1', '2', '3']"  # 3 is the listdir handle itself
+    r = sb.exec(["sh", "-c", "ls /proc/self/fd"])
+    assert r.stdout.split() == ["0", "1", "2", "3"]
+
+
+def test_host_environment_does_not_leak(process_runtime: str, manager: RuntimeManager) -> None:
+    os.environ["STOCKADE_TEST_SECRET"] = "hunter2"
+    try:
+        r = run(manager, "import os; print(sorted(os.environ))")
+    finally:
+        del os.environ["STOCKADE_TEST_SECRET"]
+    assert "STOCKADE_TEST_SECRET" not in r.stdout and "hunter2" not in r.stdout
+    assert eval(r.stdout) == ["HOME", "LANG", "PATH", "TMPDIR"]
+
+
+def test_hostname_is_private(sb: Sandbox) -> None:
+    assert sb.exec(["hostname"]).stdout.strip() == "stockade"
+
+
+# ---- resources ------------------------------------------------------------------------
+
+
+def test_fork_bomb_is_contained(process_runtime: str, manager: RuntimeManager) -> None:
+    r = run(
+        manager,
+        "import os, time\ncount = 0\nwhile True:\n    try:\n        if os.fork() == 0:\n            time.sleep(60)\n"
+        "        count += 1\n    except OSError:\n        print('limit at', count); break",
+        pids_limit=16,
+        timeout_seconds=20,
+    )
+    assert r.stdout.startswith("limit at")
+    assert int(r.stdout.split()[-1]) < 16
+
+
+def test_memory_bomb_gives_memory_limit(process_runtime: str, manager: RuntimeManager) -> None:
+    r = run(manager, "x = []\nwhile True:\n    x.append(bytearray(8 << 20))", memory_mb=64, timeout_seconds=20)
+    if "memory_mb" in " ".join(r.unenforced_limits):
+        pytest.skip(f"no memory cgroup here: {r.unenforced_limits}")
+    assert r.termination_reason == "memory_limit" and not r.success
+    assert r.resource_usage.memory_peak_mb is not None and r.resource_usage.memory_peak_mb <= 64.5
+
+
+def test_timeout_even_when_sigterm_is_ignored(process_runtime: str, manager: RuntimeManager) -> None:
+    started = time.monotonic()
+    r = run(
+        manager, "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: pass", timeout_seconds=1
+    )
+    assert r.termination_reason == "timeout"
+    assert time.monotonic() - started < 10
+
+
+def test_output_flood_is_cut(process_runtime: str, manager: RuntimeManager) -> None:
+    r = stockade.run(
+        ["sh", "-c", "cat /dev/zero | tr '\\0' x"], runtime="process", manager=manager, max_output_bytes=5000
+    )
+    assert r.termination_reason == "output_limit"
+    assert len(r.stdout) == 5000 and set(r.stdout) == {"x"}
+
+
+def test_cpu_limit_is_applied(process_runtime: str, manager: RuntimeManager) -> None:
+    r = run(
+        manager,
+        "import threading, time\nend = time.monotonic() + 1.0\n"
+        "def spin():\n    while time.monotonic() < end: pass\n"
+        "ts = [threading.Thread(target=spin) for _ in range(2)]\n[t.start() for t in ts]; [t.join() for t in ts]",
+        cpu_limit=0.2,
+        timeout_seconds=20,
+    )
+    if "cpu_limit" in " ".join(r.unenforced_limits):
+        pytest.skip(f"no cpu cgroup here: {r.unenforced_limits}")
+    assert r.resource_usage.cpu_seconds is not None
+    # two spinning threads for 1 s of wall time, at most 0.2 cores: far below 2 cpu seconds
+    assert r.resource_usage.cpu_seconds < 0.6, r.resource_usage
+
+
+# ---- leftovers ----------------------------------------------------------------------
+
+
+def _processes_with_arg(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+def test_daemonised_grandchildren_die_with_a_one_shot(process_runtime: str, manager: RuntimeManager) -> None:
+    marker = f"{random.randrange(10**6, 10**7)}.5"
+    r = stockade.run(["sh", "-c", f"(setsid sleep {marker} &) ; echo started"], runtime="process", manager=manager)
+    assert r.stdout == "started\n"
+    manager.get("process").wait_idle()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while _processes_with_arg(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with_arg(marker) == []
+
+
+def test_close_leaves_nothing_behind(process_runtime: str, manager: RuntimeManager) -> None:
+    with open("/proc/self/mountinfo") as f:
+        mounts_before = f.read()
+    sandbox = Sandbox(Policy(runtime="process"), manager=manager)
+    inner = sandbox._sandbox
+    cgroup_dirs = list(inner.cgroup.dirs.values()) if inner.cgroup else []  # type: ignore[attr-defined]
+    marker = f"{random.randrange(10**6, 10**7)}.25"
+    sandbox.exec(["sh", "-c", f"(sleep {marker} &); echo"])
+    assert _processes_with_arg(marker)
+    sandbox.close()
+    assert _processes_with_arg(marker) == []
+    for d in cgroup_dirs:
+        assert not os.path.exists(d), d
+    with open("/proc/self/mountinfo") as f:
+        assert f.read() == mounts_before

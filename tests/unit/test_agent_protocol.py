@@ -1,0 +1,91 @@
+"""The guest agent answers every malformed input with the right JSON-RPC error or a clean close.
+
+The agent runs as a real process (the fake runtime starts it unconfined) and
+is spoken to with raw frames.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from stockade import Policy
+from stockade.agent import wire
+from stockade.runtimes.fake import FakeRuntime, FakeSandbox
+
+
+@pytest.fixture
+def agent() -> Iterator[FakeSandbox]:
+    sandbox = FakeRuntime().start(Policy())
+    yield sandbox
+    sandbox.close()
+
+
+def _ask(sb: FakeSandbox, raw: bytes) -> dict[str, object]:
+    sb.conn.sendall(raw)
+    ready, _, _ = select.select([sb.conn], [], [], 10)
+    assert ready, "the agent did not answer"
+    reply = json.loads(wire.read_frame(sb.conn))
+    assert isinstance(reply, dict)
+    return reply
+
+
+def _code(reply: dict[str, object]) -> int:
+    error = reply["error"]
+    assert isinstance(error, dict)
+    return int(error["code"])
+
+
+def test_ping(agent: FakeSandbox) -> None:
+    reply = _ask(agent, wire.encode_message(wire.request("ping", {}, 1)))
+    assert reply["id"] == 1 and reply["result"]["pong"] is True  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"\xff\xfe\xfd", wire.PARSE_ERROR),
+        (b"{not json", wire.PARSE_ERROR),
+        (b"[1, 2]", wire.INVALID_REQUEST),
+        (b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}', wire.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": 5}', wire.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "format_disk"}', wire.METHOD_NOT_FOUND),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "exec", "params": [1]}', wire.INVALID_PARAMS),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "exec", "params": {"argv": "ls"}}', wire.INVALID_PARAMS),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "exec", "params": {"argv": ["true"], "timeout": -1}}',
+         wire.INVALID_PARAMS),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "run_code", "params": {"code": "1", "language": "cobol"}}',
+         wire.INVALID_PARAMS),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "write_file", "params": {"path": "/tmp/x", "data": "!!"}}',
+         wire.INVALID_PARAMS),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "read_file", "params": {"path": "/nonexistent/x"}}',
+         wire.INTERNAL_ERROR),
+    ],
+)  # fmt: skip
+def test_errors_have_the_right_code(agent: FakeSandbox, payload: bytes, code: int) -> None:
+    assert _code(_ask(agent, wire.encode_frame(payload))) == code
+    # and the agent is still there afterwards
+    assert "result" in _ask(agent, wire.encode_message(wire.request("ping", {}, 2)))
+
+
+def test_notification_gets_no_reply(agent: FakeSandbox) -> None:
+    agent.conn.sendall(wire.encode_message(wire.notification("ping", {})))
+    reply = _ask(agent, wire.encode_message(wire.request("ping", {}, 9)))
+    assert reply["id"] == 9
+
+
+def test_oversized_length_closes_cleanly(agent: FakeSandbox) -> None:
+    agent.conn.sendall(struct.pack("<I", wire.MAX_FRAME + 1))
+    ready, _, _ = select.select([agent.conn], [], [], 10)
+    assert ready and agent.conn.recv(1) == b""  # closed, no hang
+    assert agent.proc.wait(timeout=10) == 0
+
+
+def test_truncated_frame_then_close_ends_the_agent(agent: FakeSandbox) -> None:
+    agent.conn.sendall(struct.pack("<I", 50) + b'{"jsonrpc"')
+    agent.conn.shutdown(1)  # SHUT_WR
+    assert agent.proc.wait(timeout=10) == 0

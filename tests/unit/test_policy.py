@@ -1,0 +1,90 @@
+"""Policy: one schema, safe defaults, hard maxima, errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from stockade import Mount, Policy, PolicyError
+from stockade.policy import coerce_policy
+
+
+def test_defaults_are_safe() -> None:
+    p = Policy()
+    assert p.network_policy == "none"
+    assert p.filesystem_access == ()
+    assert p.environment == {}
+    assert p.runtime is None and p.isolation is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("memory_mb", 4096),
+        ("cpu_limit", 2.5),
+        ("timeout_seconds", 601),
+        ("timeout_seconds", 0),
+        ("pids_limit", 0),
+        ("max_output_bytes", -1),
+        ("network_policy", "full"),
+        ("isolation", "tee"),
+    ],
+)
+def test_out_of_range_names_the_field(field: str, value: object) -> None:
+    with pytest.raises(PolicyError, match=field):
+        Policy.build(**{field: value})
+
+
+def test_unknown_field_is_refused() -> None:
+    with pytest.raises(PolicyError, match="memory_limit"):
+        Policy.build(memory_limit=5)
+
+
+def test_policy_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        Policy.build(cpu_limit=99)
+
+
+def test_digest_is_canonical_and_sensitive() -> None:
+    a = Policy.build(memory_mb=256, environment={"B": "2", "A": "1"})
+    b = Policy.build(environment={"A": "1", "B": "2"}, memory_mb=256)
+    assert a.digest == b.digest
+    assert len(a.digest) == 64
+    assert a.digest != Policy.build(memory_mb=257, environment={"A": "1", "B": "2"}).digest
+
+
+def test_mount_short_form() -> None:
+    m = Mount.model_validate("/opt/data:/data:rw")
+    assert (m.source, m.target, m.writable) == ("/opt/data", "/data", True)
+    m = Mount.model_validate("/opt/data")
+    assert (m.source, m.target, m.writable) == ("/opt/data", "/opt/data", False)
+
+
+@pytest.mark.parametrize(
+    "spec", ["relative:/x", "/proc/1:/x", "/sys:/x", "/dev/kvm:/x", "/:/host", "/opt:/usr", "/opt:/proc/x", "/opt:/"]
+)
+def test_dangerous_mounts_are_refused(spec: str) -> None:
+    with pytest.raises(PolicyError, match="filesystem_access"):
+        Policy.build(filesystem_access=[spec])
+
+
+def test_duplicate_mount_targets_refused() -> None:
+    with pytest.raises(PolicyError, match="same target"):
+        Policy.build(filesystem_access=["/opt/a:/data", "/opt/b:/data"])
+
+
+def test_bad_environment_names_refused() -> None:
+    with pytest.raises(PolicyError, match="environment"):
+        Policy.build(environment={"A=B": "x"})
+
+
+def test_coerce_accepts_dict_and_overrides() -> None:
+    p = coerce_policy({"memory_mb": 128}, timeout_seconds=5, cpu_limit=None)
+    assert p.memory_mb == 128 and p.timeout_seconds == 5 and p.cpu_limit == 1.0
+    with pytest.raises(PolicyError):
+        coerce_policy("nope")  # type: ignore[arg-type]
+
+
+def test_policy_is_frozen() -> None:
+    p = Policy()
+    with pytest.raises(Exception):
+        p.memory_mb = 5  # type: ignore[misc]
