@@ -23,6 +23,7 @@ import stockade
 from stockade.runtimes.manager import RuntimeManager
 
 PY_ARGV = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
+SETTLE_S = 0.01
 BWRAP = [
     "bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
     "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
@@ -77,8 +78,12 @@ def main() -> None:
     stockade.warm_up(manager=warm_manager)
 
     def refill() -> None:
+        # "Served by the warm pool": the previous isolate is torn down, the pool
+        # is full again, and the new isolate has settled (its builder processes
+        # have exited) before the timed call, as between requests of a service.
         warm_runtime.wait_idle()  # type: ignore[attr-defined]
         warm_runtime.wait_ready()  # type: ignore[attr-defined]
+        time.sleep(SETTLE_S)
 
     rows["stockade.run_code('pass') warm pool, fresh isolate"] = measure(
         lambda: check(stockade.run_code("pass", manager=warm_manager)), n, between=refill

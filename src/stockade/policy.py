@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from functools import cache, cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -133,8 +134,9 @@ class Policy(BaseModel):
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
-    @property
+    @cached_property
     def digest(self) -> str:
+        # The model is frozen, so the digest of an instance never changes.
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
@@ -148,6 +150,8 @@ def policy_error(exc: ValidationError) -> PolicyError:
 
 def coerce_policy(policy: Policy | dict[str, Any] | None, **overrides: Any) -> Policy:
     """Accept a Policy, a dict of fields, or None (defaults), plus keyword overrides."""
+    if policy is None and not any(v is not None for v in overrides.values()):
+        return default_policy()
     if policy is None:
         base: dict[str, Any] = {}
     elif isinstance(policy, Policy):
@@ -160,3 +164,9 @@ def coerce_policy(policy: Policy | dict[str, Any] | None, **overrides: Any) -> P
         raise PolicyError(f"policy must be a Policy or a dict, not {type(policy).__name__}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Policy.build(**base)
+
+
+@cache
+def default_policy() -> Policy:
+    """The all-defaults policy, built once (it is immutable)."""
+    return Policy()

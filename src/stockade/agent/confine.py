@@ -8,7 +8,8 @@ nsjail's ``containProc``): cgroup -> drop to the sandbox uid -> namespaces ->
 
 Messages to the host on the agent socket before the agent speaks JSON-RPC:
   b"P" + u32 pid   the isolate's init, as the host's pid namespace sees it
-  b"R" + fd        ready; the fd (SCM_RIGHTS) is the seccomp listener
+  b"R" + fd        ready (agent up, first runner forked and warm); the fd
+                   (SCM_RIGHTS) is the seccomp listener
   b"E" + frame     setup failed; the frame holds {"error": message}
 """
 
@@ -53,17 +54,24 @@ def start_isolate(config: dict[str, Any], conn: socket.socket) -> None:
     os.read(sync_r, 1)  # wait until the "P" message is out, so it precedes ours
     os.close(sync_r)
     try:
-        _confine_as_init(config, conn)
+        listener = _confine_as_init(config, conn)
+        agent = server.Agent(conn, config.get("base_env") or {})
+        # Fork and warm the first runner before saying ready, so that a pooled
+        # isolate is idle, not busy, when its first request arrives.
+        agent.prepare_spare()
+        socket.send_fds(conn, [b"R"], [listener])
+        os.close(listener)
     except BaseException as exc:  # noqa: BLE001
         _report_failure(conn, "confinement", exc)
         os._exit(1)
     try:
-        server.Agent(conn, config.get("base_env") or {}).serve()
+        agent.serve()
     finally:
         os._exit(0)
 
 
-def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> None:
+def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:
+    """Everything after the pid namespace; returns the seccomp listener fd."""
     _mount_new_root(config)
     linux.sethostname(config.get("hostname", "stockade"))
     if config.get("network") == "loopback":
@@ -78,12 +86,12 @@ def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> None:
     # Not dumpable: code in the isolate (same uid) cannot open /proc/1/mem or fds.
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     listener = linux.seccomp_install_listener(base64.b64decode(config["seccomp_bpf"]))
-    socket.send_fds(conn, [b"R"], [listener])
-    os.close(listener)
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    os.set_inheritable(conn.fileno(), False)
+    return listener
 
 
 # ---- the steps, in order --------------------------------------------------------

@@ -26,7 +26,6 @@ import select
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 import traceback
@@ -86,8 +85,9 @@ class Agent:
     # ---- the loop --------------------------------------------------------------
 
     def serve(self) -> None:
-        self.prepare_spare()
         while True:
+            if self._spare is None and not self._request_pending():
+                self.prepare_spare()
             ready, _, _ = select.select([self.conn.fileno(), self._wake_r], [], [])
             if self._wake_r in ready:
                 self._drain_wakeups()
@@ -103,7 +103,6 @@ class Agent:
                         wire.send_message(self.conn, reply)
                     except OSError:
                         return
-                self.prepare_spare()
 
     def handle(self, payload: bytes) -> dict[str, Any] | None:
         msg_id = None
@@ -214,60 +213,51 @@ class Agent:
     # ---- running a command -----------------------------------------------------
 
     def _spawn_exec(self, argv: list[str], params: dict[str, Any]) -> tuple[int, int, int, int | None]:
-        env = self._env(params)
-        cwd = params.get("cwd") or self.base_env.get("HOME", "/")
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        limits = params.get("limits", {})
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                env=env,
-                cwd=cwd,
-                close_fds=True,
-                process_group=0,
-                restore_signals=True,
-                preexec_fn=lambda: _apply_rlimits(limits),  # noqa: PLW1509 - the agent has no threads
-            )
-        except OSError as exc:
-            for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
+        runner = self._dispatch({"kind": "exec", "argv": argv, **self._job_context(params)})
+        failure = _read_all(runner.report_r)
+        os.close(runner.report_r)
+        if failure:
+            for fd in (runner.out_r, runner.err_r, runner.in_w):
                 os.close(fd)
+            report = json.loads(failure)
+            what = argv[0] if report.get("what") == "exec" else f"in {report.get('where')}"
             raise wire.RPCError(
-                wire.INVALID_PARAMS, f"cannot execute {argv[0]!r}: {exc.strerror}", {"errno": exc.errno}
-            ) from None
-        proc.returncode = 0  # we reap it ourselves; stop Popen from ever waiting on it
-        for fd in (out_w, err_w, in_r):
-            os.close(fd)
-        return proc.pid, out_r, err_r, in_w
+                wire.INVALID_PARAMS, f"cannot execute {what!r}: {os.strerror(report['errno'])}", report
+            )
+        return runner.pid, runner.out_r, runner.err_r, runner.in_w
 
     def _spawn_python(self, code: str, params: dict[str, Any]) -> tuple[int, int, int, int | None]:
-        """Run ``code`` in a forked copy of this already-started interpreter.
-
-        This is the fast path: no exec, no interpreter start-up. A runner is
-        usually forked ahead of time (``_spare``), so the request only hands it
-        the job. The runner drops every descriptor but 0-2 before running
-        anything, so the code cannot reach the host connection.
-        """
-        job = json.dumps(
-            {
-                "code": code,
-                "env": self._env(params),
-                "cwd": params.get("cwd") or self.base_env.get("HOME", "/"),
-                "limits": params.get("limits", {}),
-            }
-        ).encode()
-        runner, self._spare = self._spare, None
-        if runner is None or not _send_job(runner.job_w, job):
-            if runner is not None:
-                _kill_group(runner.pid)
-            runner = _fork_runner()
-            if not _send_job(runner.job_w, job):
-                raise wire.RPCError(wire.INTERNAL_ERROR, "the python runner died before it got its job")
+        """Run ``code`` in a forked copy of this already-started interpreter (no exec, no start-up)."""
+        runner = self._dispatch({"kind": "python", "code": code, **self._job_context(params)})
+        os.close(runner.report_r)
         return runner.pid, runner.out_r, runner.err_r, runner.in_w
+
+    def _job_context(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "env": self._env(params),
+            "cwd": params.get("cwd") or self.base_env.get("HOME", "/"),
+            "limits": params.get("limits", {}),
+        }
+
+    def _dispatch(self, job: dict[str, Any]) -> _Runner:
+        """Hand ``job`` to the runner forked ahead of time (or to a new one).
+
+        Both ``exec`` and ``run_code`` go through a runner: a forked copy of the
+        agent with its stdio already on pipes and its pages already copied, so
+        a request costs a pipe write instead of a fork. The runner drops every
+        descriptor but 0-2 before running anything, so the code cannot reach
+        the host connection.
+        """
+        payload = json.dumps(job).encode()
+        runner, self._spare = self._spare, None
+        if runner is None or not _send_job(runner.job_w, payload):
+            if runner is not None:
+                self._discard(runner)
+            runner = _fork_runner(warm=False)
+            if not _runner_ready(runner) or not _send_job(runner.job_w, payload):
+                self._discard(runner)
+                raise wire.RPCError(wire.INTERNAL_ERROR, "the runner died before it got its job")
+        return runner
 
     def prepare_spare(self) -> None:
         """Fork the next python runner now, while nobody waits for it."""
@@ -276,7 +266,23 @@ class Agent:
                 self._spare = _fork_runner()
             except OSError:
                 self._spare = None  # e.g. pids limit reached: fork on demand instead
-        _warm_up()  # the fork made our own pages copy-on-write again
+        if not self._request_pending():
+            _warm_up()  # the fork made our own pages copy-on-write again
+        if self._spare is not None and not _runner_ready(self._spare):
+            self._discard(self._spare)
+            self._spare = None
+
+    def _discard(self, runner: _Runner) -> None:
+        _kill_group(runner.pid)
+        for fd in (runner.out_r, runner.err_r, runner.in_w, runner.report_r, runner.job_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _request_pending(self) -> bool:
+        ready, _, _ = select.select([self.conn.fileno()], [], [], 0)
+        return bool(ready)
 
     def _env(self, params: dict[str, Any]) -> dict[str, str]:
         env = dict(self.base_env)
@@ -370,47 +376,90 @@ class Agent:
 
 
 class _Runner:
-    """A forked interpreter waiting for one job on ``job_w``, its stdio already on pipes."""
+    """A forked agent waiting for one job on ``job_w``, its stdio already on pipes.
 
-    def __init__(self, pid: int, out_r: int, err_r: int, in_w: int, job_w: int) -> None:
-        self.pid, self.out_r, self.err_r, self.in_w, self.job_w = pid, out_r, err_r, in_w, job_w
+    ``report_r`` carries one byte ``w`` once the runner is ready, then reaches
+    EOF when the job starts; on a failed exec or chdir it carries
+    ``{"errno", "what"}`` first.
+    """
+
+    def __init__(self, pid: int, out_r: int, err_r: int, in_w: int, job_w: int, report_r: int) -> None:
+        self.pid, self.out_r, self.err_r, self.in_w = pid, out_r, err_r, in_w
+        self.job_w, self.report_r = job_w, report_r
 
 
-def _fork_runner() -> _Runner:
+def _runner_ready(runner: _Runner) -> bool:
+    """Wait for the runner's one-byte "ready" (sent once its warm-up is done)."""
+    try:
+        return os.read(runner.report_r, 1) == b"w"
+    except OSError:
+        return False
+
+
+def _fork_runner(warm: bool = True) -> _Runner:
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     in_r, in_w = os.pipe2(os.O_CLOEXEC)
     job_r, job_w = os.pipe2(os.O_CLOEXEC)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
-    if pid == 0:  # the runner
-        try:
-            os.dup2(in_r, 0)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            os.dup2(job_r, 3)
-            os.closerange(4, 1 << 16)
-            os.setpgid(0, 0)
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _install_stdio()
-            _warm_up()  # take the copy-on-write faults now, not while a caller waits
-            chunks = []
-            while chunk := os.read(3, 1 << 20):
-                chunks.append(chunk)
-            os.close(3)
-            if not chunks:
-                os._exit(0)  # discarded spare
-            job = json.loads(b"".join(chunks))
-            _apply_rlimits(job["limits"])
-            os.chdir(job["cwd"])
-            os.environ.clear()
-            os.environ.update(job["env"])
-        except BaseException:  # noqa: BLE001
-            os._exit(126)
-        os._exit(_exec_python_source(job["code"]))
-    for fd in (out_w, err_w, in_r, job_r):
+    if pid == 0:
+        _runner_main(in_r, out_w, err_w, job_r, report_w, warm)
+    for fd in (out_w, err_w, in_r, job_r, report_w):
         os.close(fd)
-    return _Runner(pid, out_r, err_r, in_w, job_w)
+    return _Runner(pid, out_r, err_r, in_w, job_w, report_r)
+
+
+def _runner_main(in_r: int, out_w: int, err_w: int, job_r: int, report_w: int, warm: bool) -> None:
+    """The runner's whole life; never returns."""
+    try:
+        os.dup2(in_r, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.dup2(job_r, 3)
+        os.dup2(report_w, 4, inheritable=False)  # closes by itself on a successful exec
+        os.closerange(5, 1 << 16)
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _install_stdio()
+        if warm:
+            _warm_up()  # take the copy-on-write faults now, not while a caller waits
+        os.write(4, b"w")
+        raw = _read_all(3)
+        os.close(3)
+        if not raw:
+            os._exit(0)  # a discarded spare
+        job = json.loads(raw)
+    except BaseException:  # noqa: BLE001
+        os._exit(126)
+    where = "cwd"
+    try:
+        _apply_rlimits(job["limits"])
+        os.chdir(job["cwd"])
+        os.environ.clear()
+        os.environ.update(job["env"])
+        if job["kind"] == "exec":
+            where = "exec"
+            # As a fresh process would have them (Python ignores these two).
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            os.execvpe(job["argv"][0], job["argv"], job["env"])
+    except OSError as exc:
+        report = {"errno": exc.errno or 0, "what": where, "where": job.get("cwd")}
+        os.write(4, json.dumps(report).encode())
+        os._exit(127)
+    except BaseException:  # noqa: BLE001
+        os._exit(126)
+    os.close(4)
+    os._exit(_exec_python_source(job["code"]))
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _send_job(fd: int, job: bytes) -> bool:

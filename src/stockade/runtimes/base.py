@@ -87,11 +87,14 @@ class AgentSandbox(abc.ABC):
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
         self._kill_reason: TerminationReason | None = None
+        # Counters taken when a pooled isolate became ready: nothing runs in it
+        # between then and its first request, so they stand in for a fresh read.
+        self.baseline: IsolateUsage | None = None
 
     # ---- runtime hooks -----------------------------------------------------------
 
-    def usage(self) -> IsolateUsage:
-        """Counters of the isolate as a whole (cumulative)."""
+    def usage(self, peak: bool = True) -> IsolateUsage:
+        """Counters of the isolate as a whole (cumulative); ``peak=False`` skips the peak memory."""
         return IsolateUsage()
 
     def violations(self) -> list[SecurityViolation]:
@@ -217,7 +220,7 @@ class AgentSandbox(abc.ABC):
                 },
             }
         )
-        before = self.usage()
+        before, self.baseline = self.baseline or self.usage(peak=False), None
         violations_before = len(self.violations())
         started = time.monotonic()
         reply: dict[str, Any] | None = None

@@ -144,6 +144,8 @@ class IsolateCgroup:
     def __init__(self, layout: CgroupLayout, name: str) -> None:
         self.layout = layout
         self.name = name
+        self._applied: tuple[tuple[int, int, float], list[str]] | None = None
+        self._fds: dict[str, int] = {}
         self.dirs: dict[str, str] = {}  # controller (or "v2") -> dir
         made: dict[str, str] = {}  # realpath of parent -> dir, for co-mounted controllers (cpu,cpuacct)
         for ctrl, parent in layout.v1_parents.items():
@@ -152,7 +154,10 @@ class IsolateCgroup:
                 if real not in made:
                     made[real] = _mkdir(os.path.join(parent, name))
                 self.dirs[ctrl] = made[real]
-        if layout.v2_parent:
+        # On a hybrid host the controller-less v2 group would only add cgroup.kill,
+        # and every extra group to join costs the spawn an RCU grace period;
+        # killing the namespace's init (pidfd) already ends every process.
+        if layout.v2_parent and (layout.v2_limits or not layout.v1_parents):
             self.dirs["v2"] = _mkdir(os.path.join(layout.v2_parent, name))
 
     @property
@@ -161,6 +166,13 @@ class IsolateCgroup:
 
     def apply_limits(self, memory_mb: int, pids: int, cpu: float) -> list[str]:
         """Write the limits; return the ones that could not be applied, with why."""
+        if self._applied is not None and self._applied[0] == (memory_mb, pids, cpu):
+            return list(self._applied[1])  # a pooled isolate built with these very limits
+        missing = self._write_limits(memory_mb, pids, cpu)
+        self._applied = ((memory_mb, pids, cpu), missing)
+        return list(missing)
+
+    def _write_limits(self, memory_mb: int, pids: int, cpu: float) -> list[str]:
         missing: list[str] = []
         mem = memory_mb * 1024 * 1024
         period = 100_000
@@ -195,25 +207,59 @@ class IsolateCgroup:
                 return problem
         return f"no usable {ctrl} cgroup on this host"
 
-    def usage(self) -> IsolateUsage:
+    def usage(self, peak: bool = True) -> IsolateUsage:
+        """OOM kills and CPU time so far; the peak memory too unless ``peak=False``."""
         usage = IsolateUsage()
         if self.layout.v2_limits:
-            v2 = self.dirs["v2"]
-            usage.oom_kills = _keyed(os.path.join(v2, "memory.events"), "oom_kill") or 0
-            usec = _keyed(os.path.join(v2, "cpu.stat"), "usage_usec")
+            usage.oom_kills = self._keyed("v2", "memory.events", "oom_kill") or 0
+            usec = self._keyed("v2", "cpu.stat", "usage_usec")
             usage.cpu_seconds = usec / 1e6 if usec is not None else None
-            peak = _read_int(os.path.join(v2, "memory.peak"))
-            usage.memory_peak_mb = round(peak / 2**20, 3) if peak is not None else None
+            top = self._read_int("v2", "memory.peak") if peak else None
+            usage.memory_peak_mb = round(top / 2**20, 3) if top is not None else None
             return usage
         if "memory" in self.dirs:
-            d = self.dirs["memory"]
-            usage.oom_kills = _keyed(os.path.join(d, "memory.oom_control"), "oom_kill") or 0
-            peak = _read_int(os.path.join(d, "memory.max_usage_in_bytes"))
-            usage.memory_peak_mb = round(peak / 2**20, 3) if peak is not None else None
+            usage.oom_kills = self._keyed("memory", "memory.oom_control", "oom_kill") or 0
+            top = self._read_int("memory", "memory.max_usage_in_bytes") if peak else None
+            usage.memory_peak_mb = round(top / 2**20, 3) if top is not None else None
         if "cpuacct" in self.dirs:
-            ns = _read_int(os.path.join(self.dirs["cpuacct"], "cpuacct.usage"))
+            ns = self._read_int("cpuacct", "cpuacct.usage")
             usage.cpu_seconds = ns / 1e9 if ns is not None else None
         return usage
+
+    def _read(self, key: str, name: str) -> bytes | None:
+        # Counters are read several times per run: keep each file open and
+        # pread it from the start, which re-generates its contents.
+        path = os.path.join(self.dirs[key], name)
+        fd = self._fds.get(path)
+        try:
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.pread(fd, 4096, 0)
+        except OSError:
+            return None
+
+    def _read_int(self, key: str, name: str) -> int | None:
+        raw = self._read(key, name)
+        try:
+            return int(raw.split()[0]) if raw else None
+        except ValueError:
+            return None
+
+    def _keyed(self, key: str, name: str, field: str) -> int | None:
+        raw = self._read(key, name)
+        for line in (raw or b"").splitlines():
+            label, _, value = line.partition(b" ")
+            if label == field.encode():
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
+
+    def close_files(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def kill(self) -> None:
         v2 = self.dirs.get("v2")
@@ -241,6 +287,7 @@ class IsolateCgroup:
 
     def remove(self, wait_s: float = 2.0) -> bool:
         """rmdir every group, waiting for dying processes to leave; True when all are gone."""
+        self.close_files()
         deadline = time.monotonic() + wait_s
         pending = {path: path for path in self.dirs.values()}
         while pending:
@@ -283,7 +330,7 @@ class CgroupManager:
                 if not match or _alive(int(match.group(1))):
                     continue
                 stale = IsolateCgroup.__new__(IsolateCgroup)
-                stale.layout, stale.name = self.layout, name
+                stale.layout, stale.name, stale._applied, stale._fds = self.layout, name, None, {}
                 stale.dirs = {"x": os.path.join(parent, name)}
                 stale.kill()
                 removed += stale.remove(wait_s=1.0)
@@ -320,21 +367,3 @@ def _write_optional(path: str, value: str) -> bool:
         return False
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _keyed(path: str, key: str) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
-    except (OSError, ValueError):
-        return None
-    return None

@@ -26,7 +26,7 @@ from typing import Any
 
 from ...agent import linux, wire
 from ...errors import PolicyError, SandboxStartError
-from ...policy import Policy
+from ...policy import Policy, default_policy
 from ...result import SecurityViolation
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage, Runtime
 from . import seccomp
@@ -77,8 +77,8 @@ class ProcessSandbox(AgentSandbox):
         with self._vlock:
             return list(self._violations)
 
-    def usage(self) -> IsolateUsage:
-        return self.cgroup.usage() if self.cgroup else IsolateUsage()
+    def usage(self, peak: bool = True) -> IsolateUsage:
+        return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
 
     def apply_policy(self, policy: Policy) -> None:
         """Set the limits of ``policy`` on this (pooled) isolate before it runs anything."""
@@ -89,19 +89,21 @@ class ProcessSandbox(AgentSandbox):
             self.unenforced_limits = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
 
     def kill(self) -> None:
+        # init of the pid namespace: when it dies the kernel kills everything
+        # else in it, so one signal ends the isolate (the cgroup sweep in
+        # _release catches anything still in the group).
         if self.pidfd >= 0:
             try:
-                # init of the pid namespace: when it dies the kernel kills the rest.
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             except OSError:
                 pass
-        if self.cgroup is not None:
-            self.cgroup.kill()
 
     def _release(self) -> None:
         if self._released:
             return
         self._released = True
+        if self.cgroup is not None:
+            self.cgroup.kill()
         seccomp.supervisor().forget(self.listener)
         if self.pidfd >= 0:
             os.close(self.pidfd)
@@ -175,9 +177,7 @@ class ProcessRuntime(Runtime):
 
     def start(self, policy: Policy) -> ProcessSandbox:
         """A fresh isolate for ``policy``, built now (the cold path)."""
-        sandbox = self._build(policy)
-        sandbox.apply_policy(policy)
-        return sandbox
+        return self._build(policy)
 
     def acquire(self, policy: Policy) -> ProcessSandbox:
         """A fresh isolate for a one-shot run: from the warm pool when its shape fits."""
@@ -229,13 +229,16 @@ class ProcessRuntime(Runtime):
         config = self._config(policy, cgroup)
         pidfd = listener = -1
         try:
+            unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
             if cgroup is not None:
-                # Generous limits until hand-over writes the policy's own.
-                cgroup.apply_limits(2048, 4096, 2.0)
+                # A pooled isolate is built with the default policy's limits; hand-over
+                # rewrites them only when the caller's policy differs.
+                unenforced = cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit)
             zygote.spawn(config, guest.fileno())
             guest.close()
             pidfd, listener = _handshake(host)
             sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener)
+            sandbox.unenforced_limits = unenforced
         except BaseException:
             guest.close()
             host.close()
@@ -438,7 +441,8 @@ class _Pool:
                 if self._stopped:
                     return
             try:
-                sandbox = self.runtime._build(Policy())
+                sandbox = self.runtime._build(default_policy())
+                sandbox.baseline = sandbox.usage(peak=False)
             except Exception as exc:  # noqa: BLE001 - keep the pool alive; callers fall back to cold starts
                 self.last_error = str(exc)
                 time.sleep(0.5)
