@@ -221,9 +221,7 @@ class Agent:
                 os.close(fd)
             report = json.loads(failure)
             what = argv[0] if report.get("what") == "exec" else f"in {report.get('where')}"
-            raise wire.RPCError(
-                wire.INVALID_PARAMS, f"cannot execute {what!r}: {os.strerror(report['errno'])}", report
-            )
+            raise wire.RPCError(wire.INVALID_PARAMS, f"cannot execute {what!r}: {os.strerror(report['errno'])}", report)
         return runner.pid, runner.out_r, runner.err_r, runner.in_w
 
     def _spawn_python(self, code: str, params: dict[str, Any]) -> tuple[int, int, int, int | None]:
@@ -444,7 +442,7 @@ def _runner_main(in_r: int, out_w: int, err_w: int, job_r: int, report_w: int, w
             # As a fresh process would have them (Python ignores these two).
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-            os.execvpe(job["argv"][0], job["argv"], job["env"])
+            os.execvpe(job["argv"][0], job["argv"], job["env"])  # noqa: S606 - no shell, by design
     except OSError as exc:
         report = {"errno": exc.errno or 0, "what": where, "where": job.get("cwd")}
         os.write(4, json.dumps(report).encode())

@@ -12,6 +12,7 @@ import atexit
 import os
 import shutil
 import threading
+from typing import Any
 
 from ..errors import RuntimeUnavailableError
 from ..policy import Policy
@@ -55,6 +56,15 @@ class RuntimeManager:
                 raise RuntimeUnavailableError(f"unknown runtime {name!r}; known: {', '.join(RUNTIME_NAMES)}")
             self._runtimes[name] = runtime
             return runtime
+
+    def adopt_zygote(self, zygote: Any) -> None:
+        """Hand a pre-started process-runtime zygote to the process runtime."""
+        runtime = self.get("process")
+        adopt = getattr(runtime, "adopt_zygote", None)
+        if adopt is not None:
+            adopt(zygote)
+        else:
+            zygote.close()
 
     def availability(self, name: str) -> Availability:
         if name == "gvisor":

@@ -365,5 +365,3 @@ def _write_optional(path: str, value: str) -> bool:
         return True
     except OSError:
         return False
-
-

@@ -163,12 +163,21 @@ class ProcessRuntime(Runtime):
                 self._cgroups.sweep()
             return self._cgroups
 
+    def adopt_zygote(self, zygote: Zygote) -> None:
+        """Use a zygote the caller started early (the CLI overlaps its boot with imports)."""
+        with self._lock:
+            if self._zygote is None:
+                self._zygote = zygote
+                return
+        zygote.close()
+
     def _zygote_handle(self) -> Zygote:
         with self._lock:
             if self._zygote is None or not self._zygote.alive:
                 if self._zygote is not None:
                     self._zygote.close()
                 self._zygote = Zygote()
+            if self._bpf is None:
                 self._bpf = seccomp.compile_profile()
                 self._landlock_abi = linux.landlock_abi()
             return self._zygote

@@ -20,7 +20,7 @@ _BOOT = f"import sys; sys.path.insert(0, {AGENT_PARENT!r}); from agent import zy
 class Zygote:
     """One pre-started ``/usr/bin/python3 -I`` that forks isolates on request."""
 
-    def __init__(self, python: str = SYSTEM_PYTHON) -> None:
+    def __init__(self, python: str = SYSTEM_PYTHON, wait: bool = True) -> None:
         self.python = python
         self._lock = threading.Lock()
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -41,18 +41,28 @@ class Zygote:
         finally:
             child.close()
         self.ctl = host
+        self._ready = False
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the zygote has booted (``wait=False`` lets a caller overlap that)."""
+        if self._ready:
+            return
         self.ctl.settimeout(15)
         try:
             if self.ctl.recv(16) != b"ready":
                 raise OSError("zygote did not say ready")
         except OSError as exc:
             self.close()
-            raise SandboxStartError(f"the zygote ({python}) failed to start: {exc}") from None
+            raise SandboxStartError(f"the zygote ({self.python}) failed to start: {exc}") from None
         self.ctl.settimeout(None)
+        self._ready = True
 
     def spawn(self, config: dict[str, Any], agent_fd: int) -> None:
         payload = json.dumps(config).encode()
         with self._lock:
+            self.wait_ready()
             try:
                 socket.send_fds(self.ctl, [payload], [agent_fd])
             except OSError as exc:
