@@ -1,0 +1,62 @@
+"""The cgroup v2 code path, on a directory tree shaped like cgroupfs.
+
+This host is hybrid (v1 controllers), so the v2 controllers cannot run here;
+these tests pin down the v2 file names and formats stockade writes and parses
+(memory.max, memory.swap.max, pids.max, cpu.max, memory.events, cpu.stat,
+memory.peak, cgroup.kill, cgroup.subtree_control). The real v1/hybrid path is
+exercised by every security test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stockade.runtimes.process import cgroups
+
+
+def _read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def test_v2_limits_usage_and_kill(tmp_path: Path) -> None:
+    layout = cgroups.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
+    group = cgroups.IsolateCgroup(layout, "stockade-1-1")
+    d = tmp_path / "stockade-1-1"
+    assert group.procs_files == [str(d / "cgroup.procs")]
+    assert group.apply_limits(256, 64, 0.5) == []
+    assert _read(d / "memory.max") == str(256 << 20)
+    assert _read(d / "memory.swap.max") == "0"
+    assert _read(d / "pids.max") == "64"
+    assert _read(d / "cpu.max") == "50000 100000"
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\n")
+    (d / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n")
+    (d / "memory.peak").write_text(str(3 << 20) + "\n")
+    usage = group.usage()
+    assert (usage.oom_kills, usage.cpu_seconds, usage.memory_peak_mb) == (2, 1.5, 3.0)
+    group.kill()
+    assert _read(d / "cgroup.kill") == "1"
+    group.close_files()
+
+
+def test_v2_parent_prefers_own_group_when_it_can_delegate(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    own = tmp_path / "service"
+    own.mkdir()
+    (own / "cgroup.subtree_control").write_text("")
+    problems: list[str] = []
+    parent, limits = cgroups._v2_parent(str(tmp_path), "/service", problems)
+    assert (parent, limits, problems) == (str(own), True, [])
+    assert set(_read(own / "cgroup.subtree_control").split()) == {"+cpu", "+memory", "+pids"}
+
+
+def test_hybrid_v2_is_for_kill_only(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("")  # v1 holds every controller
+    parent, limits = cgroups._v2_parent(str(tmp_path), "/", [])
+    assert parent == str(tmp_path) and limits is False
+
+
+def test_hybrid_groups_skip_the_v2_tree(tmp_path: Path) -> None:
+    (tmp_path / "memory").mkdir()
+    layout = cgroups.CgroupLayout("hybrid", v1_parents={"memory": str(tmp_path / "memory")}, v2_parent=str(tmp_path))
+    group = cgroups.IsolateCgroup(layout, "stockade-1-2")
+    assert list(group.dirs) == ["memory"]  # one group to join fewer: the pidfd kill covers the rest
