@@ -58,7 +58,7 @@ def start_isolate(config: dict[str, Any], conn: socket.socket) -> None:
         agent = server.Agent(conn, config.get("base_env") or {})
         # Fork and warm the first runner before saying ready, so that a pooled
         # isolate is idle, not busy, when its first request arrives.
-        agent.prepare_spare()
+        agent.prepare_spare(warm=bool(config.get("warm", True)))
         socket.send_fds(conn, [b"R"], [listener])
         os.close(listener)
     except BaseException as exc:  # noqa: BLE001

@@ -257,14 +257,18 @@ class Agent:
                 raise wire.RPCError(wire.INTERNAL_ERROR, "the runner died before it got its job")
         return runner
 
-    def prepare_spare(self) -> None:
-        """Fork the next python runner now, while nobody waits for it."""
+    def prepare_spare(self, warm: bool = True) -> None:
+        """Fork the next runner now, while nobody waits for it.
+
+        ``warm=False`` skips the warm-ups: right for an isolate built on demand,
+        whose first request is already on its way.
+        """
         if self._spare is None:
             try:
-                self._spare = _fork_runner()
+                self._spare = _fork_runner(warm)
             except OSError:
                 self._spare = None  # e.g. pids limit reached: fork on demand instead
-        if not self._request_pending():
+        if warm and not self._request_pending():
             _warm_up()  # the fork made our own pages copy-on-write again
         if self._spare is not None and not _runner_ready(self._spare):
             self._discard(self._spare)

@@ -223,7 +223,8 @@ class ProcessRuntime(Runtime):
                 self._zygote.close()
                 self._zygote = None
 
-    def _build(self, policy: Policy) -> ProcessSandbox:
+    def _build(self, policy: Policy, warm: bool = False) -> ProcessSandbox:
+        """Build an isolate; ``warm`` (for the pool) pre-warms it, at a cost no caller waits for."""
         started = time.monotonic()
         _check_mount_sources(policy)
         zygote = self._zygote_handle()
@@ -236,6 +237,7 @@ class ProcessRuntime(Runtime):
             raise SandboxStartError(f"cannot create the isolate's cgroup: {exc}") from None
         host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config = self._config(policy, cgroup)
+        config["warm"] = warm
         pidfd = listener = -1
         try:
             unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
@@ -450,7 +452,7 @@ class _Pool:
                 if self._stopped:
                     return
             try:
-                sandbox = self.runtime._build(default_policy())
+                sandbox = self.runtime._build(default_policy(), warm=True)
                 sandbox.baseline = sandbox.usage(peak=False)
             except Exception as exc:  # noqa: BLE001 - keep the pool alive; callers fall back to cold starts
                 self.last_error = str(exc)
