@@ -42,7 +42,7 @@ SYSCALLS = """
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
 for name, call in (("ptrace(PTRACE_ATTACH, 1)", lambda: libc.ptrace(16, 1, 0, 0)),
-                   ("mount(tmpfs, /mnt)", lambda: libc.mount(b"x", b"/tmp", b"tmpfs", 0, None)),
+                   ("mount(tmpfs, /tmp)", lambda: libc.mount(b"x", b"/tmp", b"tmpfs", 0, None)),
                    ("unshare(CLONE_NEWUSER)", lambda: libc.unshare(0x10000000)),
                    ("bpf(BPF_PROG_LOAD)", lambda: libc.syscall(321, 5, 0, 0))):
     rc = call()

@@ -433,3 +433,11 @@ def test_close_leaves_nothing_behind(process_runtime: str, manager: RuntimeManag
         assert not os.path.exists(d), d
     with open("/proc/self/mountinfo") as f:
         assert f.read() == mounts_before
+
+
+def test_killing_everything_inside_leaves_the_sandbox_usable(sb: Sandbox) -> None:
+    # kill -9 -1 reaches every process of the uid in the namespace: the spare runner too.
+    sb.exec(["sh", "-c", "kill -9 -1"])
+    r = sb.run_code("print('still here')")
+    assert r.stdout == "still here\n"
+    assert sb.exec(["echo", "and here"]).stdout == "and here\n"

@@ -69,6 +69,9 @@ class Agent:
         self.conn = conn
         self.base_env = base_env or {}
         self.exited: dict[int, int] = {}  # pid -> wait status, for children we reaped early
+        # Runners whose status someone will ask for; every other child (orphans
+        # re-parented to us as pid 1, discarded spares) is reaped and forgotten.
+        self._watched: set[int] = set()
         self._spare: _Runner | None = None  # a python runner forked ahead of the next run_code
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -146,7 +149,8 @@ class Agent:
                 return
             if pid == 0:
                 return
-            self.exited[pid] = status
+            if pid in self._watched:
+                self.exited[pid] = status
 
     # ---- methods ---------------------------------------------------------------
 
@@ -217,6 +221,8 @@ class Agent:
         failure = _read_all(runner.report_r)
         os.close(runner.report_r)
         if failure:
+            self._watched.discard(runner.pid)
+            self.exited.pop(runner.pid, None)
             for fd in (runner.out_r, runner.err_r, runner.in_w):
                 os.close(fd)
             report = json.loads(failure)
@@ -248,10 +254,13 @@ class Agent:
         """
         payload = json.dumps(job).encode()
         runner, self._spare = self._spare, None
+        if runner is not None:
+            self._watched.add(runner.pid)
         if runner is None or not _send_job(runner.job_w, payload):
             if runner is not None:
                 self._discard(runner)
             runner = _fork_runner(warm=False)
+            self._watched.add(runner.pid)
             if not _runner_ready(runner) or not _send_job(runner.job_w, payload):
                 self._discard(runner)
                 raise wire.RPCError(wire.INTERNAL_ERROR, "the runner died before it got its job")
@@ -275,6 +284,8 @@ class Agent:
             self._spare = None
 
     def _discard(self, runner: _Runner) -> None:
+        self._watched.discard(runner.pid)
+        self.exited.pop(runner.pid, None)
         _kill_group(runner.pid)
         for fd in (runner.out_r, runner.err_r, runner.in_w, runner.report_r, runner.job_w):
             try:
@@ -326,6 +337,7 @@ class Agent:
             now = time.monotonic()
             if run.status is None and run.pid in self.exited:
                 run.status = self.exited.pop(run.pid)
+                self._watched.discard(run.pid)
                 drain_until = now + DRAIN_GRACE_S
                 if not run.fds:
                     break

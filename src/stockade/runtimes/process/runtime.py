@@ -445,6 +445,7 @@ class _Pool:
             return len(self._ready) >= self.size
 
     def _fill(self) -> None:
+        backoff = 0.5
         while True:
             with self._cond:
                 while not self._stopped and len(self._ready) >= self.size:
@@ -456,8 +457,11 @@ class _Pool:
                 sandbox.baseline = sandbox.usage(peak=False)
             except Exception as exc:  # noqa: BLE001 - keep the pool alive; callers fall back to cold starts
                 self.last_error = str(exc)
-                time.sleep(0.5)
+                with self._cond:
+                    self._cond.wait(backoff)  # a stop() ends the wait early
+                backoff = min(backoff * 2, 30.0)
                 continue
+            backoff = 0.5
             with self._cond:
                 if self._stopped:
                     sandbox.close()
