@@ -3,6 +3,11 @@
     stockade run [policy flags] [--json] -- CMD ARGS...
     stockade exec-code [--language python|bash] [policy flags] [--json] (CODE | -f FILE | -)
     stockade doctor [--json]
+    stockade serve [--socket PATH]
+    stockade token new [--file F]
+
+With ``--socket`` (or ``STOCKADE_SOCKET``), run/exec-code go through the daemon;
+without a reachable daemon and without ``--socket`` they run in-process.
 
 Exit status of ``run``/``exec-code``: the command's own; 128+N when a signal
 ended it; 124 on timeout (as timeout(1)); 137 when the memory limit killed it;
@@ -43,6 +48,9 @@ def _policy_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--on-violation", choices=["deny", "kill"], help="deny (EPERM, reported) or kill the run")
     g.add_argument("--policy-file", metavar="FILE", help="JSON file with Policy fields (flags override it)")
     parser.add_argument("--json", action="store_true", help="print the ExecResult as JSON")
+    d = parser.add_argument_group("daemon")
+    d.add_argument("--socket", metavar="PATH", help="run through the daemon on PATH (default: $STOCKADE_SOCKET if set)")
+    d.add_argument("--token-file", metavar="FILE", help="HMAC token for the daemon (default: $STOCKADE_AUTH_TOKEN)")
 
 
 def _build_policy(args: argparse.Namespace) -> Any:
@@ -107,6 +115,12 @@ def _read_stdin() -> bytes:
 def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) -> int:
     from .errors import StockadeError
 
+    socket_path = args.socket or os.environ.get("STOCKADE_SOCKET")
+    if socket_path:
+        status = _execute_via_daemon(args, socket_path, call, payload, stdin)
+        if status is not None:
+            return status
+
     # Start the process runtime's zygote first: its interpreter boots on the
     # other core while this one imports pydantic (the CLI's largest cost).
     zygote = _early_zygote(args)
@@ -148,6 +162,81 @@ def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) ->
     elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
         print(result.summary(), file=sys.stderr)
     return _exit_status(result)
+
+
+def _execute_via_daemon(
+    args: argparse.Namespace, socket_path: str, call: str, payload: Any, stdin: bytes
+) -> int | None:
+    """Run through the daemon; None means "no daemon there, run in-process" (only without --socket)."""
+    from .client import Client
+    from .errors import DaemonUnavailableError, StockadeError
+
+    try:
+        token = _read_token(args.token_file) if args.token_file else os.environ.get("STOCKADE_AUTH_TOKEN")
+        policy = _build_policy(args).model_dump(mode="json", exclude_defaults=True)
+    except (StockadeError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    with Client(socket_path, auth_token=token) as client:
+        try:
+            if call == "exec":
+                result = client.execute(payload, policy=policy, stdin=stdin)
+            else:
+                result = client.execute(code=payload[1], language=payload[0], policy=policy, stdin=stdin)
+        except DaemonUnavailableError as exc:
+            if args.socket:
+                return _fail(str(exc))
+            print(f"stockade: {exc}; running in-process", file=sys.stderr)
+            return None
+        except StockadeError as exc:
+            return _fail(str(exc))
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        if result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
+            print(result.summary(), file=sys.stderr)
+    return _exit_status(result)
+
+
+def _read_token(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon.config import DaemonConfig
+    from .daemon.main import serve
+    from .errors import StockadeError
+
+    try:
+        config = DaemonConfig.from_env()
+        if args.socket:
+            config = DaemonConfig.from_env({**os.environ, "STOCKADE_SOCKET": args.socket})
+    except StockadeError as exc:
+        return _fail(str(exc))
+    try:
+        return serve(config)
+    except StockadeError as exc:
+        return _fail(str(exc))
+
+
+def cmd_token_new(args: argparse.Namespace) -> int:
+    import secrets
+
+    token = secrets.token_hex(32)
+    if not args.file:
+        print(token)
+        return 0
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        return _fail(f"--file {args.file}: {exc.strerror}")
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
+        f.write(token + "\n")
+    print(f"wrote a new token to {args.file} (mode 0600)")
+    return 0
 
 
 def _early_zygote(args: argparse.Namespace) -> Any:
@@ -215,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_flags(code)
     code.add_argument("code", nargs="?", help="the code, or - to read it from standard input")
     code.set_defaults(func=cmd_exec_code)
+
+    serve = sub.add_parser("serve", help="run the daemon (Unix-socket RPC)")
+    serve.add_argument("--socket", metavar="PATH", help="socket path (default: $STOCKADE_SOCKET)")
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="manage daemon tokens")
+    token_sub = token.add_subparsers(dest="token_cmd", required=True)
+    new = token_sub.add_parser("new", help="make a 32-byte random hex token")
+    new.add_argument("--file", help="write it to FILE with mode 0600 instead of printing it")
+    new.set_defaults(func=cmd_token_new)
 
     doctor = sub.add_parser("doctor", help="what works on this host, and why not")
     doctor.add_argument("--json", action="store_true")

@@ -150,8 +150,9 @@ def policy_error(exc: ValidationError) -> PolicyError:
 
 def coerce_policy(policy: Policy | dict[str, Any] | None, **overrides: Any) -> Policy:
     """Accept a Policy, a dict of fields, or None (defaults), plus keyword overrides."""
-    if policy is None and not any(v is not None for v in overrides.values()):
-        return default_policy()
+    if not policy and not any(v is not None for v in overrides.values()):
+        if policy is None or policy == {}:
+            return default_policy()
     if policy is None:
         base: dict[str, Any] = {}
     elif isinstance(policy, Policy):

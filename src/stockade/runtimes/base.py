@@ -12,10 +12,12 @@ when the graceful path fails; they are context managers.
 from __future__ import annotations
 
 import abc
+import asyncio
 import base64
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -137,6 +139,28 @@ class AgentSandbox(abc.ABC):
         params = {"code": code, "language": language}
         return self._run("run_code", params, stdin, env, timeout, on_output)
 
+    async def aexec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        return await self._arun("exec", {"argv": list(argv), "cwd": cwd}, stdin, env, timeout)
+
+    async def arun_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        return await self._arun("run_code", {"code": code, "language": language}, stdin, env, timeout)
+
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
         self._call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}, 30.0)
@@ -202,6 +226,37 @@ class AgentSandbox(abc.ABC):
         timeout: float | None,
         on_output: OutputCallback | None,
     ) -> ExecResult:
+        run = self._begin_run(params, stdin, env, timeout, on_output)
+        try:
+            reply = self._call(method, run.params, run.wait, on_output)
+        except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
+            return self._finish_run(run, None, self._ended(exc))
+        return self._finish_run(run, reply, None)
+
+    async def _arun(
+        self,
+        method: str,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+    ) -> ExecResult:
+        """The async twin of ``_run``: the same request, awaited on the event loop (no thread)."""
+        run = self._begin_run(params, stdin, env, timeout, None)
+        try:
+            reply = await self._acall(method, run.params, run.wait)
+        except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
+            return self._finish_run(run, None, self._ended(exc))
+        return self._finish_run(run, reply, None)
+
+    def _begin_run(
+        self,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        on_output: OutputCallback | None,
+    ) -> _PendingRun:
         policy = self.policy
         timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
         raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
@@ -221,20 +276,20 @@ class AgentSandbox(abc.ABC):
             }
         )
         before, self.baseline = self.baseline or self.usage(peak=False), None
-        violations_before = len(self.violations())
-        started = time.monotonic()
-        reply: dict[str, Any] | None = None
-        error: str | None = None
-        try:
-            reply = self._call(method, params, timeout + HOST_TIMEOUT_GRACE_S, on_output)
-        except TimeoutError:
+        return _PendingRun(params, timeout + HOST_TIMEOUT_GRACE_S, before, len(self.violations()), time.monotonic())
+
+    def _ended(self, exc: BaseException) -> str | None:
+        """The isolate stopped answering: kill it, and say why (None for a timeout, which is a verdict)."""
+        if isinstance(exc, TimeoutError):
             self._mark_dead("timeout")
-        except (EOFError, OSError, AgentProtocolError) as exc:
-            self._mark_dead(None)
-            error = f"the isolate ended unexpectedly: {exc}"
-        elapsed = time.monotonic() - started
+            return None
+        self._mark_dead(None)
+        return f"the isolate ended unexpectedly: {exc}"
+
+    def _finish_run(self, run: _PendingRun, reply: dict[str, Any] | None, error: str | None) -> ExecResult:
+        elapsed = time.monotonic() - run.started
         after = self.usage()
-        return self._result(reply, error, elapsed, before, after, self.violations()[violations_before:])
+        return self._result(reply, error, elapsed, run.before, after, self.violations()[run.violations_before :])
 
     def _result(
         self,
@@ -316,26 +371,55 @@ class AgentSandbox(abc.ABC):
     def _call(
         self, method: str, params: dict[str, Any], timeout: float, on_output: OutputCallback | None = None
     ) -> Any:
+        with self._lock:
+            msg_id, frame = self._request(method, params)
+            self.conn.sendall(frame)
+            deadline = time.monotonic() + timeout
+            while True:
+                done, result = self._reply(self._read_message(deadline), msg_id, on_output)
+                if done:
+                    return result
+
+    async def _acall(self, method: str, params: dict[str, Any], timeout: float) -> Any:
+        """Like ``_call``, on the event loop: no thread, no wake-up of one."""
+        if not self._lock.acquire(blocking=False):
+            raise SandboxError("another call to this sandbox is in progress")
+        try:
+            msg_id, frame = self._request(method, params)
+            loop = asyncio.get_running_loop()
+            self.conn.setblocking(False)
+            try:
+                async with asyncio.timeout(timeout):
+                    await loop.sock_sendall(self.conn, frame)
+                    while True:
+                        payload = await _aread_frame(loop, self.conn)
+                        done, result = self._reply(_decode(payload), msg_id, None)
+                        if done:
+                            return result
+            finally:
+                self.conn.setblocking(True)
+        finally:
+            self._lock.release()
+
+    def _request(self, method: str, params: dict[str, Any]) -> tuple[int, bytes]:
         if self._closed:
             raise SandboxClosedError("the sandbox is closed")
         if self._dead:
             raise SandboxError("the isolate has ended (killed, out of memory or timed out); start a new sandbox")
-        with self._lock:
-            self._next_id += 1
-            msg_id = self._next_id
-            self.conn.sendall(wire.encode_message(wire.request(method, params, msg_id)))
-            deadline = time.monotonic() + timeout
-            while True:
-                message = self._read_message(deadline)
-                if "id" not in message:
-                    self._notification(message, on_output)
-                    continue
-                if message.get("id") != msg_id:
-                    raise AgentProtocolError(f"reply for id {message.get('id')!r}, expected {msg_id}")
-                if "error" in message:
-                    err = message["error"] if isinstance(message["error"], dict) else {}
-                    raise agent_error(err.get("code"), err.get("message", "agent error"), err.get("data"))
-                return message.get("result")
+        self._next_id += 1
+        return self._next_id, wire.encode_message(wire.request(method, params, self._next_id))
+
+    def _reply(self, message: dict[str, Any], msg_id: int, on_output: OutputCallback | None) -> tuple[bool, Any]:
+        """(True, result) for the reply to ``msg_id``; (False, None) after a notification; raises its error."""
+        if "id" not in message:
+            self._notification(message, on_output)
+            return False, None
+        if message.get("id") != msg_id:
+            raise AgentProtocolError(f"reply for id {message.get('id')!r}, expected {msg_id}")
+        if "error" in message:
+            err = message["error"] if isinstance(message["error"], dict) else {}
+            raise agent_error(err.get("code"), err.get("message", "agent error"), err.get("data"))
+        return True, message.get("result")
 
     def _read_message(self, deadline: float) -> dict[str, Any]:
         remaining = deadline - time.monotonic()
@@ -353,13 +437,7 @@ class AgentSandbox(abc.ABC):
             raise TimeoutError("the agent stalled in the middle of a frame") from None
         finally:
             self.conn.settimeout(None)
-        try:
-            message = wire.decode_payload(payload)
-        except wire.RPCError as exc:
-            raise AgentProtocolError(f"the agent sent invalid JSON: {exc.data}") from None
-        if not isinstance(message, dict):
-            raise AgentProtocolError("the agent sent a non-object message")
-        return message
+        return _decode(payload)
 
     @staticmethod
     def _notification(message: dict[str, Any], on_output: OutputCallback | None) -> None:
@@ -369,6 +447,45 @@ class AgentSandbox(abc.ABC):
         stream = params.get("stream")
         if stream in ("stdout", "stderr"):
             on_output(stream, _b64(params.get("data")))
+
+
+@dataclass
+class _PendingRun:
+    params: dict[str, Any]
+    wait: float  # how long the host waits for the agent's verdict
+    before: IsolateUsage
+    violations_before: int
+    started: float
+
+
+def _decode(payload: bytes) -> dict[str, Any]:
+    try:
+        message = wire.decode_payload(payload)
+    except wire.RPCError as exc:
+        raise AgentProtocolError(f"the agent sent invalid JSON: {exc.data}") from None
+    if not isinstance(message, dict):
+        raise AgentProtocolError("the agent sent a non-object message")
+    return message
+
+
+async def _aread_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    header = await _aread_exact(loop, sock, 4, at_start=True)
+    (length,) = struct.unpack("<I", header)
+    if length > wire.MAX_FRAME:
+        raise AgentProtocolError(f"frame length {length} exceeds the {wire.MAX_FRAME}-byte cap")
+    return await _aread_exact(loop, sock, length)
+
+
+async def _aread_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, at_start: bool = False) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, min(n - len(buf), 1 << 20))
+        if not chunk:
+            if at_start and not buf:
+                raise EOFError("the agent closed the connection")
+            raise AgentProtocolError("the agent closed the connection in the middle of a frame")
+        buf += chunk
+    return bytes(buf)
 
 
 def _b64(value: Any) -> bytes:

@@ -188,13 +188,13 @@ class ProcessRuntime(Runtime):
         """A fresh isolate for ``policy``, built now (the cold path)."""
         return self._build(policy)
 
+    def take_warm(self, policy: Policy) -> ProcessSandbox | None:
+        """A pre-built isolate for ``policy`` from the pool, or None; never blocks on a build."""
+        return self._pool.take(policy) if self._pool is not None else None
+
     def acquire(self, policy: Policy) -> ProcessSandbox:
         """A fresh isolate for a one-shot run: from the warm pool when its shape fits."""
-        if self._pool is not None:
-            sandbox = self._pool.take(policy)
-            if sandbox is not None:
-                return sandbox
-        return self.start(policy)
+        return self.take_warm(policy) or self.start(policy)
 
     def dispose(self, sandbox: AgentSandbox) -> None:
         """Close a one-shot isolate off the caller's critical path, then refill the pool."""

@@ -1,0 +1,149 @@
+"""The daemon's RPC: authenticated ping latency and throughput, and what it adds to an execution.
+
+Starts a real `stockade serve` on a temporary socket (HMAC on, rate limit out
+of the way), then measures from this process:
+
+- authenticated `ping` on one connection (sequential) and on 16 connections in
+  parallel (threads): p50/p99 latency and requests per second;
+- `execute` of `print(1)`-sized code through the daemon against the same run
+  with the in-process SDK (same warm pool settings), and their ratio.
+
+Targets (issue 4): ping p50 < 0.3 ms and > 5,000 req/s on one connection;
+daemon execute <= 1.2x the in-process SDK.
+
+    .venv/bin/python bench/rpc.py [--pings 5000] [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import stockade
+from stockade.client import Client
+from stockade.runtimes.manager import RuntimeManager
+
+PY_ARGV = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def start_daemon(token: str) -> tuple[subprocess.Popen[bytes], str]:
+    path = os.path.join(tempfile.mkdtemp(prefix="stockade-bench-"), "d.sock")
+    env = {
+        **os.environ,
+        "STOCKADE_SOCKET": path,
+        "STOCKADE_AUTH_TOKEN": token,
+        "STOCKADE_MAX_REQUESTS": "1000000",
+        "STOCKADE_POOL_SIZE": "2",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "stockade.cli", "serve"], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            Client(path, auth_token=token).ping()
+            return proc, path
+        except stockade.DaemonUnavailableError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the daemon did not start")
+
+
+def pings(client: Client, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.ping()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pings", type=int, default=5000)
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args()
+    token = secrets.token_hex(32)
+    proc, path = start_daemon(token)
+    rows: list[tuple[str, float, float, float]] = []
+    try:
+        client = Client(path, auth_token=token)
+        pings(client, 200)  # warm-up
+        t0 = time.perf_counter()
+        one = pings(client, args.pings)
+        rows.append(("authenticated ping, 1 connection", statistics.median(one), pct(one, 0.99),
+                     args.pings / (time.perf_counter() - t0)))  # fmt: skip
+
+        per_thread = max(100, args.pings // 16)
+        results: list[list[float]] = [[] for _ in range(16)]
+        clients = [Client(path, auth_token=token) for _ in range(16)]
+        for c in clients:
+            c.ping()
+        threads = [threading.Thread(target=lambda i=i: results[i].extend(pings(clients[i], per_thread)))
+                   for i in range(16)]  # fmt: skip
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        merged = [x for r in results for x in r]
+        rows.append(("authenticated ping, 16 connections", statistics.median(merged), pct(merged, 0.99),
+                     len(merged) / elapsed))  # fmt: skip
+
+        def settle() -> None:
+            time.sleep(0.03)  # both sides: the pool refilled and settled between runs
+
+        manager = RuntimeManager(pool_size=2)
+        stockade.warm_up(manager=manager)
+        manager.get("process").wait_ready()  # type: ignore[attr-defined]
+        workloads: list[tuple[str, Callable[[], stockade.ExecResult], Callable[[], stockade.ExecResult]]] = [
+            ("run_code('pass')", lambda: client.execute(code="pass"),
+             lambda: stockade.run_code("pass", manager=manager)),
+            ("run([python3 -I -S -c pass])", lambda: client.execute(PY_ARGV),
+             lambda: stockade.run(PY_ARGV, manager=manager)),
+        ]  # fmt: skip
+        for name, via_daemon_call, in_process_call in workloads:
+            for label, call in (
+                (f"execute {name} via daemon", via_daemon_call),
+                ("  same, in-process SDK", in_process_call),
+            ):
+                times = []
+                for _ in range(args.runs):
+                    settle()
+                    t0 = time.perf_counter()
+                    r = call()
+                    times.append((time.perf_counter() - t0) * 1000)
+                    assert r.success, r.summary()
+                rows.append((label, statistics.median(times), pct(times, 0.99), 1000 / statistics.median(times)))
+        manager.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+    print(f"\n| {'what':<48} | {'p50 ms':>7} | {'p99 ms':>7} | {'req/s':>8} |")
+    print(f"|{'-' * 50}|{'-' * 9}|{'-' * 9}|{'-' * 10}|")
+    for name, p50, p99, rate in rows:
+        print(f"| {name:<48} | {p50:7.3f} | {p99:7.3f} | {rate:8.0f} |")
+    ping_p50, ping_rate = rows[0][1], rows[0][3]
+    print(f"\nping p50 < 0.3 ms: {ping_p50:.3f} ms {'OK' if ping_p50 < 0.3 else 'MISSED'}")
+    print(f"ping > 5000 req/s on one connection: {ping_rate:.0f} {'OK' if ping_rate > 5000 else 'MISSED'}")
+    for i in (2, 4):
+        ratio = rows[i][1] / rows[i + 1][1]
+        print(f"{rows[i][0]} <= 1.2x in-process: {ratio:.2f}x {'OK' if ratio <= 1.2 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Client for the stockade daemon's Unix-socket RPC.
+
+    from stockade.client import Client, call_with_retry
+    client = Client("/run/stockade/stockade.sock", auth_token=token)
+    result = call_with_retry(lambda: client.execute(code="print(1)"))
+
+Errors map to the ``StockadeError`` tree through the response's ``error_code``:
+an unreachable daemon is ``DaemonUnavailableError`` (a ``ConnectionError``),
+a refused signature ``AuthenticationError``, the rate limit ``RateLimitError``.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .errors import (
+    AgentError,
+    AuthenticationError,
+    DaemonUnavailableError,
+    PolicyError,
+    RateLimitError,
+    RuntimeUnavailableError,
+    SandboxError,
+    StockadeError,
+)
+from .protocol import auth
+from .result import ExecResult
+
+T = TypeVar("T")
+
+
+class DaemonBusyError(SandboxError):
+    """The daemon has no free sandbox slot and its queue is full."""
+
+
+class NotFoundError(SandboxError, LookupError):
+    """No such sandbox (or it belongs to another user)."""
+
+
+_ERRORS: dict[str, type[StockadeError]] = {
+    "auth": AuthenticationError,
+    "rate_limit": RateLimitError,
+    "busy": DaemonBusyError,
+    "not_found": NotFoundError,
+    "policy": PolicyError,
+    "runtime_unavailable": RuntimeUnavailableError,
+    "agent": AgentError,
+}
+
+
+class Client:
+    """One connection to the daemon, opened lazily and reopened after a failure. Thread-safe."""
+
+    def __init__(self, socket_path: str | None = None, auth_token: str | None = None, timeout: float = 30.0) -> None:
+        if socket_path is None:
+            from .daemon.config import socket_path_from_env
+
+            socket_path = socket_path_from_env()
+        self.socket_path = socket_path
+        self._token = auth_token
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Client({self.socket_path!r}, auth={'hmac' if self._token else 'off'})"
+
+    # ---- transport ----------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise DaemonUnavailableError(
+                    f"cannot reach the stockade daemon at {self.socket_path}: {exc.strerror or exc}"
+                ) from None
+            self._sock, self._buffer = sock, b""
+        return self._sock
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        """Send one request and return its result, or raise the mapped error."""
+        request: dict[str, Any] = {"method": method, "params": params or {}, "id": next(self._ids)}
+        if self._token:
+            request = auth.sign(request, self._token)
+        line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+        with self._lock:
+            sock = self._connect()
+            try:
+                sock.settimeout(timeout or self.timeout)
+                sock.sendall(line)
+                reply = self._read_line(sock)
+            except (OSError, EOFError) as exc:
+                sock.close()
+                self._sock = None
+                raise DaemonUnavailableError(f"lost the connection to the stockade daemon: {exc}") from None
+        try:
+            response = json.loads(reply)
+        except ValueError:
+            raise StockadeError("the daemon sent an invalid response") from None
+        if response.get("error") is not None:
+            cls = _ERRORS.get(response.get("error_code", ""), StockadeError)
+            raise cls(str(response["error"]))
+        return response.get("result")
+
+    def _read_line(self, sock: socket.socket) -> bytes:
+        while b"\n" not in self._buffer:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError("the daemon closed the connection")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    # ---- methods --------------------------------------------------------------------
+
+    def ping(self) -> str:
+        return str(self.call("ping"))
+
+    def selftest(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("selftest", timeout=max(self.timeout, 60))
+        return result
+
+    def execute(
+        self,
+        command: list[str] | None = None,
+        *,
+        code: str | None = None,
+        language: str = "python",
+        policy: dict[str, Any] | None = None,
+        stdin: str | bytes | None = None,
+    ) -> ExecResult:
+        params: dict[str, Any] = {"policy": policy or {}, "language": language}
+        if command is not None:
+            params["command"] = list(command)
+        if code is not None:
+            params["code"] = code
+        if isinstance(stdin, bytes):
+            params["stdin_b64"] = base64.b64encode(stdin).decode()
+        elif stdin is not None:
+            params["stdin"] = stdin
+        wait = _run_timeout(policy) + self.timeout
+        return ExecResult.model_validate(self.call("execute", params, timeout=wait))
+
+    def create_sandbox(self, policy: dict[str, Any] | None = None, keep: bool = False) -> str:
+        result = self.call("sandbox.create", {"policy": policy or {}, "keep": keep}, timeout=max(self.timeout, 60))
+        return str(result["sandbox_id"])
+
+    def sandbox_exec(self, sandbox_id: str, command: list[str], **kwargs: Any) -> ExecResult:
+        params = {"sandbox_id": sandbox_id, "command": list(command), **kwargs}
+        return ExecResult.model_validate(self.call("sandbox.exec", params, timeout=self.timeout + 600))
+
+    def sandbox_run_code(self, sandbox_id: str, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
+        params = {"sandbox_id": sandbox_id, "code": code, "language": language, **kwargs}
+        return ExecResult.model_validate(self.call("sandbox.run_code", params, timeout=self.timeout + 600))
+
+    def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        encoded = base64.b64encode(raw).decode()
+        self.call("sandbox.write_file", {"sandbox_id": sandbox_id, "path": path, "data": encoded, "mode": mode})
+
+    def sandbox_read_file(self, sandbox_id: str, path: str) -> bytes:
+        result = self.call("sandbox.read_file", {"sandbox_id": sandbox_id, "path": path})
+        return base64.b64decode(result["data"])
+
+    def close_sandbox(self, sandbox_id: str) -> None:
+        self.call("sandbox.close", {"sandbox_id": sandbox_id})
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("status")
+        return result
+
+    def runtimes(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("runtimes", timeout=max(self.timeout, 60))
+        return result
+
+
+def _run_timeout(policy: dict[str, Any] | None) -> float:
+    value = (policy or {}).get("timeout_seconds", 30)
+    return float(value) if isinstance(value, (int, float)) else 30.0
+
+
+def call_with_retry(fn: Callable[[], T], max_retries: int = 3, backoff: float = 1.0) -> T:
+    """Call ``fn``; on a connection failure retry with exponential backoff (seed 000).
+
+    Only ``DaemonUnavailableError`` is retried: an authentication, rate-limit or
+    policy error would fail the same way again.
+    """
+    for attempt in range(max(1, max_retries)):
+        try:
+            return fn()
+        except DaemonUnavailableError:
+            if attempt >= max_retries - 1:
+                raise
+            time.sleep(backoff * (2**attempt))
+    raise AssertionError("unreachable")

@@ -1,0 +1,1 @@
+"""The stockade daemon: one asyncio process that owns the runtimes and every live sandbox."""

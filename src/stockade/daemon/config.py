@@ -1,0 +1,138 @@
+"""Daemon settings, read from ``STOCKADE_*`` environment variables (seed 000 names, stockade's prefix).
+
+| variable | default | meaning |
+| --- | --- | --- |
+| STOCKADE_SOCKET | /run/stockade/stockade.sock (root), $XDG_RUNTIME_DIR/stockade.sock | the Unix socket |
+| STOCKADE_SOCKET_PERMS | 0600 | socket file mode, octal |
+| STOCKADE_AUTH_TOKEN | unset | HMAC token; every request must then be signed |
+| STOCKADE_MAX_REQUESTS | 100 | requests per client per second (sliding window) |
+| STOCKADE_ALLOWED_UIDS / _GIDS | unset | comma-separated peers allowed (SO_PEERCRED) |
+| STOCKADE_MAX_SANDBOXES | 8 | sandboxes alive at once (held + executing) |
+| STOCKADE_QUEUE_LIMIT | 16 | requests that may wait for a free slot; more get "busy" |
+| STOCKADE_QUEUE_TIMEOUT | 30 | seconds a request may wait for a slot |
+| STOCKADE_REPLAY_WINDOW | 30 | seconds a signed request stays valid |
+| STOCKADE_MAX_REQUEST_BYTES | 16777216 | longest request line |
+| STOCKADE_SHUTDOWN_GRACE | 10 | seconds SIGTERM waits for running work |
+
+A malformed value is refused at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..errors import PolicyError
+
+
+class ConfigError(PolicyError):
+    """A STOCKADE_* setting is malformed."""
+
+
+def default_socket_path() -> str:
+    if os.getuid() == 0:
+        return "/run/stockade/stockade.sock"
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/stockade-{os.getuid()}"
+    return os.path.join(runtime_dir, "stockade.sock")
+
+
+def socket_path_from_env() -> str:
+    return os.environ.get("STOCKADE_SOCKET") or default_socket_path()
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket_path: str = field(default_factory=default_socket_path)
+    socket_perms: int = 0o600
+    auth_token: str | None = None
+    max_requests: int = 100
+    allowed_uids: frozenset[int] | None = None
+    allowed_gids: frozenset[int] | None = None
+    max_sandboxes: int = 8
+    queue_limit: int = 16
+    queue_timeout_s: float = 30.0
+    replay_window_s: float = 30.0
+    max_request_bytes: int = 16 * 1024 * 1024
+    shutdown_grace_s: float = 10.0
+    pool_size: int = 2
+
+    def __repr__(self) -> str:  # never print the token
+        token = "set" if self.auth_token else "unset"
+        return f"DaemonConfig(socket={self.socket_path!r}, perms={self.socket_perms:o}, auth_token={token})"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> DaemonConfig:
+        env = dict(os.environ if env is None else env)
+        return cls(
+            socket_path=env.get("STOCKADE_SOCKET") or default_socket_path(),
+            socket_perms=_octal(env, "STOCKADE_SOCKET_PERMS", 0o600),
+            auth_token=_token(env),
+            max_requests=_int(env, "STOCKADE_MAX_REQUESTS", 100, minimum=1),
+            allowed_uids=_ids(env, "STOCKADE_ALLOWED_UIDS"),
+            allowed_gids=_ids(env, "STOCKADE_ALLOWED_GIDS"),
+            max_sandboxes=_int(env, "STOCKADE_MAX_SANDBOXES", 8, minimum=1),
+            queue_limit=_int(env, "STOCKADE_QUEUE_LIMIT", 16, minimum=0),
+            queue_timeout_s=_float(env, "STOCKADE_QUEUE_TIMEOUT", 30.0),
+            replay_window_s=_float(env, "STOCKADE_REPLAY_WINDOW", 30.0),
+            max_request_bytes=_int(env, "STOCKADE_MAX_REQUEST_BYTES", 16 * 1024 * 1024, minimum=1024),
+            shutdown_grace_s=_float(env, "STOCKADE_SHUTDOWN_GRACE", 10.0),
+            pool_size=_int(env, "STOCKADE_POOL_SIZE", 2, minimum=0),
+        )
+
+
+def _octal(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw, 8)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an octal file mode (e.g. 0600)") from None
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"{name}={raw!r} is outside 0000-0777")
+    return value
+
+
+def _int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _ids(env: dict[str, str], name: str) -> frozenset[int] | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return frozenset(int(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a comma-separated list of numeric ids") from None
+
+
+def _token(env: dict[str, str]) -> str | None:
+    token = env.get("STOCKADE_AUTH_TOKEN")
+    if token is None or token == "":
+        return None
+    if len(token) < 16:
+        raise ConfigError("STOCKADE_AUTH_TOKEN is too short (use at least 16 characters; `stockade token new`)")
+    return token

@@ -1,0 +1,28 @@
+"""Sliding one-second window rate limiting, per client key (seed 000)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class SlidingWindowLimiter:
+    """At most ``limit`` events per key in any ``window_s`` seconds."""
+
+    def __init__(self, limit: int, window_s: float = 1.0) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._events: dict[object, deque[float]] = {}
+
+    def allow(self, key: object, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        events = self._events.setdefault(key, deque())
+        while events and now - events[0] >= self.window_s:
+            events.popleft()
+        if len(events) >= self.limit:
+            return False
+        events.append(now)
+        return True
+
+    def forget(self, key: object) -> None:
+        self._events.pop(key, None)

@@ -1,0 +1,292 @@
+"""The Unix-socket RPC server (seed 000): newline-delimited JSON, HMAC, rate limits, peer credentials.
+
+Request:  ``{"method": ..., "params": {...}, "id": ...}`` (+ ``ts``, ``nonce``, ``hmac`` when signed)
+Response: ``{"result": ..., "error": null | "message", "id": ...}``; an error also carries
+``error_code`` (``auth``, ``rate_limit``, ``busy``, ``invalid_request``, ``invalid_params``,
+``method_not_found``, ``not_found``, ``policy``, ``runtime_unavailable``, ``sandbox``, ``internal``).
+
+Order: peer credentials at accept (refused peers are answered once and
+dropped before a byte is read), then per request: size, JSON, rate limit
+(per connection and per peer uid), authentication, dispatch. Requests on one
+connection run in order; connections run in parallel. Nothing a client sends
+ends the daemon: every failure becomes an error response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..errors import AgentError, PolicyError, RuntimeUnavailableError, StockadeError
+from ..protocol import auth
+from ..result import ExecResult
+from .config import ConfigError, DaemonConfig
+from .controller import Controller, RequestError
+from .ratelimit import SlidingWindowLimiter
+
+log = logging.getLogger("stockade.daemon")
+
+AUTH_FAILED = "Authentication failed"
+RATE_LIMITED = "Rate limit exceeded"
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+class RPCServer:
+    def __init__(self, config: DaemonConfig, controller: Controller) -> None:
+        self.config = config
+        self.controller = controller
+        self.nonces = auth.NonceCache(config.replay_window_s)
+        self.per_connection = SlidingWindowLimiter(config.max_requests)
+        self.per_uid = SlidingWindowLimiter(config.max_requests)
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self.stopping = False
+        self.methods = {
+            "ping": self._ping,
+            "selftest": self._selftest,
+            "execute": self._execute,
+            "sandbox.create": self._create,
+            "sandbox.exec": self._sandbox("exec"),
+            "sandbox.run_code": self._sandbox("run_code"),
+            "sandbox.write_file": self._sandbox("write_file"),
+            "sandbox.read_file": self._sandbox("read_file"),
+            "sandbox.close": self._close,
+            "status": self._status,
+            "runtimes": self._runtimes,
+        }
+
+    # ---- socket ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        path = self.config.socket_path
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        _claim_socket_path(path)
+        old_umask = os.umask(0o777 & ~self.config.socket_perms)  # never wider than asked, not even briefly
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path, limit=self.config.max_request_bytes + 1)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.config.socket_perms)
+        log.info("listening on %s (mode %04o, auth %s)", path, self.config.socket_perms,
+                 "hmac" if self.config.auth_token else "off")  # fmt: skip
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop accepting, let requests in progress answer for up to ``grace_s``, then drop connections."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.socket_path)
+        await self.controller.wait_idle(grace_s)
+        await asyncio.sleep(0)  # let the answers of the work that just finished go out
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=5)
+
+    # ---- one connection -------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        connection = next(self._ids)
+        sock: socket.socket = writer.get_extra_info("socket")
+        try:
+            peer = Peer(*_PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)))
+            if not self._peer_allowed(peer):
+                log.warning("refused peer pid=%d uid=%d gid=%d", peer.pid, peer.uid, peer.gid)
+                await _send(writer, _error(None, f"Permission denied: uid {peer.uid} is not allowed", "auth"))
+                return
+            while True:
+                line = await _read_line(reader, self.config.max_request_bytes)
+                if line is None:
+                    return
+                if isinstance(line, int):
+                    response = _error(None, f"Request too large: over {line} bytes", "invalid_request")
+                else:
+                    response = await self._respond(line, peer, connection)
+                await _send(writer, response)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("connection %d failed", connection)
+        finally:
+            self.per_connection.forget(connection)
+            try:
+                await self.controller.close_connection(connection)
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+                if task is not None:
+                    self._connections.discard(task)
+
+    def _peer_allowed(self, peer: Peer) -> bool:
+        if self.config.allowed_uids is not None and peer.uid not in self.config.allowed_uids:
+            return False
+        return self.config.allowed_gids is None or peer.gid in self.config.allowed_gids
+
+    async def _respond(self, line: bytes, peer: Peer, connection: int) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, ValueError):
+            return _error(None, "Invalid JSON", "invalid_request")
+        if not isinstance(request, dict):
+            return _error(None, "Invalid request: expected a JSON object", "invalid_request")
+        msg_id = request.get("id")
+        if not isinstance(msg_id, (int, str, type(None))) or isinstance(msg_id, bool):
+            return _error(None, "Invalid request: id must be a number, a string or null", "invalid_request")
+        if not self.per_connection.allow(connection) or not self.per_uid.allow(peer.uid):
+            return _error(msg_id, RATE_LIMITED, "rate_limit")
+        if self.stopping:
+            return _error(msg_id, "Shutting down: no new requests", "unavailable")
+        if self.config.auth_token is not None and not auth.verify(request, self.config.auth_token, self.nonces):
+            log.warning("authentication failed: uid=%d method=%r", peer.uid, str(request.get("method"))[:64])
+            return _error(msg_id, AUTH_FAILED, "auth")
+        method, params = request.get("method"), request.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(method, str) or not isinstance(params, dict):
+            return _error(msg_id, "Invalid request: method must be a string and params an object", "invalid_request")
+        handler = self.methods.get(method)
+        if handler is None:
+            return _error(msg_id, f"Method not found: {method[:64]}", "method_not_found")
+        response = await self._call(handler, method, params, peer, connection, msg_id)
+        if method != "ping":  # never the params: they may hold code and data, and never the hmac
+            outcome = response.get("error_code") or "ok"
+            log.info("uid=%d %s %s %.1fms", peer.uid, method, outcome, (time.monotonic() - started) * 1000)
+        return response
+
+    async def _call(
+        self, handler: Any, method: str, params: dict[str, Any], peer: Peer, connection: int, msg_id: Any
+    ) -> dict[str, Any]:
+        try:
+            return {"result": await handler(params, peer, connection), "error": None, "id": msg_id}
+        except RequestError as exc:
+            return _error(msg_id, str(exc), exc.code)
+        except PolicyError as exc:
+            return _error(msg_id, str(exc), "policy")
+        except RuntimeUnavailableError as exc:
+            return _error(msg_id, str(exc), "runtime_unavailable")
+        except AgentError as exc:
+            return _error(msg_id, str(exc), "agent")
+        except StockadeError as exc:
+            return _error(msg_id, str(exc), "sandbox")
+        except Exception as exc:
+            log.exception("internal error in %s", method)
+            return _error(msg_id, f"Internal error: {type(exc).__name__}", "internal")
+
+    # ---- methods --------------------------------------------------------------------
+
+    async def _ping(self, params: dict[str, Any], peer: Peer, connection: int) -> str:
+        return "pong"
+
+    async def _selftest(self, params: dict[str, Any], peer: Peer, connection: int) -> dict[str, Any]:
+        return await self.controller.selftest()
+
+    async def _execute(self, params: dict[str, Any], peer: Peer, connection: int) -> ExecResult:
+        return await self.controller.execute(params, peer.uid)
+
+    async def _create(self, params: dict[str, Any], peer: Peer, connection: int) -> dict[str, Any]:
+        return await self.controller.create(params, peer.uid, connection)
+
+    def _sandbox(self, method: str) -> Any:
+        async def call(params: dict[str, Any], peer: Peer, connection: int) -> Any:
+            return await self.controller.sandbox_call(method, params, peer.uid)
+
+        return call
+
+    async def _close(self, params: dict[str, Any], peer: Peer, connection: int) -> dict[str, Any]:
+        return await self.controller.close_sandbox(params, peer.uid)
+
+    async def _status(self, params: dict[str, Any], peer: Peer, connection: int) -> dict[str, Any]:
+        return self.controller.status()
+
+    async def _runtimes(self, params: dict[str, Any], peer: Peer, connection: int) -> list[dict[str, Any]]:
+        return await self.controller.runtimes()
+
+
+def _error(msg_id: Any, message: str, code: str) -> dict[str, Any]:
+    return {"result": None, "error": message, "error_code": code, "id": msg_id}
+
+
+async def _send(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
+    result = response["result"]
+    if isinstance(result, BaseModel):
+        # A model (an ExecResult) goes out through pydantic's own serializer, in
+        # the same key order as every other answer.
+        line = f'{{"result": {result.model_dump_json()}, "error": null, "id": {json.dumps(response["id"])}}}'
+        writer.write(line.encode() + b"\n")
+    else:
+        # json.dumps' default separators: the seed's health check shows its answer byte for byte.
+        writer.write(json.dumps(response).encode() + b"\n")
+    await writer.drain()
+
+
+async def _read_line(reader: asyncio.StreamReader, limit: int) -> bytes | int | None:
+    """One request line; None at EOF; the limit (an int) when the line was too long (then skipped)."""
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial.strip() or None  # a last request without its newline still counts
+    except asyncio.LimitOverrunError as exc:
+        # Discard up to the end of the oversized line, then carry on with the next one.
+        await reader.readexactly(exc.consumed)
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return limit
+            except asyncio.LimitOverrunError as more:
+                await reader.readexactly(more.consumed)
+            except asyncio.IncompleteReadError:
+                return None
+    if len(line) > limit + 1:
+        return limit
+    stripped = line.strip()
+    return stripped if stripped else await _read_line(reader, limit)
+
+
+def _claim_socket_path(path: str) -> None:
+    """Remove a stale socket left by a dead daemon; never steal a live one's."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: stale
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot check whether {path} is in use: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"another daemon is already listening on {path}")

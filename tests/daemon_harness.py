@@ -1,0 +1,78 @@
+"""A real daemon in a subprocess, on a temporary socket, for the daemon tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import IO
+
+TOKEN = "f" * 16 + "0123456789abcdef" * 3
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket_path: str
+    log: IO[bytes]
+
+    def logs(self) -> str:
+        self.log.flush()
+        with open(self.log.name, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_daemon(env: dict[str, str] | None = None, socket_path: str | None = None, wait: bool = True) -> Daemon:
+    if socket_path is None:
+        socket_path = os.path.join(tempfile.mkdtemp(prefix="stockade-d-"), "d.sock")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+    full_env.update({"STOCKADE_SOCKET": socket_path, "STOCKADE_POOL_SIZE": "1", **(env or {})})
+    log = tempfile.NamedTemporaryFile(prefix="stockade-daemon-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stockade.cli", "serve"], env=full_env, stdout=log, stderr=log, start_new_session=True
+    )
+    daemon = Daemon(proc, socket_path, log)
+    if wait:
+        wait_for_socket(daemon)
+    return daemon
+
+
+def wait_for_socket(daemon: Daemon, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}: {daemon.logs()}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(daemon.socket_path)
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"daemon did not listen within {timeout} s: {daemon.logs()}")
+
+
+def raw_exchange(socket_path: str, *lines: bytes, timeout: float = 10) -> list[bytes]:
+    """Send request lines on one connection; return one reply line per request."""
+    replies = []
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(socket_path)
+        f = s.makefile("rb")
+        for line in lines:
+            s.sendall(line)
+            replies.append(f.readline().rstrip(b"\n"))
+    return replies

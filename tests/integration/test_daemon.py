@@ -1,0 +1,285 @@
+"""The daemon end to end: a real `stockade serve` on a temporary socket, real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_retry
+from stockade.errors import DaemonUnavailableError, PolicyError
+from tests.daemon_harness import Daemon, raw_exchange, start_daemon
+
+
+@pytest.fixture
+def daemon(process_runtime: str) -> Iterator[Daemon]:
+    d = start_daemon()
+    yield d
+    assert d.stop() == 0, d.logs()
+
+
+def test_seed_health_check_verbatim(daemon: Daemon) -> None:
+    if shutil.which("socat") is None:
+        pytest.skip("socat is not installed (make deps installs it)")
+    out = subprocess.run(
+        f'echo \'{{"method": "ping", "params": {{}}, "id": 1}}\' | socat - UNIX-CONNECT:{daemon.socket_path}',
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert out.stdout == '{"result": "pong", "error": null, "id": 1}\n'
+
+
+def test_selftest_runs_a_real_confined_sandbox(daemon: Daemon) -> None:
+    result = Client(daemon.socket_path).selftest()
+    assert result["ok"] is True and result["verified"] is True
+    assert result["runtime"] == "process" and len(result["policy_digest"]) == 64
+    assert result["message"].startswith("Self-test passed")
+
+
+def test_execute_command_and_code(daemon: Daemon) -> None:
+    with Client(daemon.socket_path) as c:
+        r = c.execute(["sh", "-c", "cat; echo $X"], policy={"environment": {"X": "1"}}, stdin="in\n")
+        assert r.stdout == "in\n1\n" and r.runtime_used == "process"
+        r = c.execute(code="import ctypes; ctypes.CDLL(None).ptrace(16, 1, 0, 0)")
+        assert [v.syscall for v in r.security_violations] == ["ptrace"]
+        with pytest.raises(PolicyError, match="memory_mb"):
+            c.execute(["true"], policy={"memory_mb": 10**6})
+
+
+def test_sandbox_lifecycle_and_ownership(daemon: Daemon) -> None:
+    with Client(daemon.socket_path) as c:
+        sid = c.create_sandbox({"memory_mb": 128})
+        c.sandbox_write_file(sid, "/work/f.txt", b"kept")
+        assert c.sandbox_exec(sid, ["cat", "/work/f.txt"]).stdout == "kept"
+        assert c.sandbox_run_code(sid, "print(open('/work/f.txt').read())").stdout == "kept\n"
+        assert c.sandbox_read_file(sid, "/work/f.txt") == b"kept"
+        assert [s["sandbox_id"] for s in c.status()["active_sandboxes"]] == [sid]
+        c.close_sandbox(sid)
+        with pytest.raises(NotFoundError):
+            c.sandbox_exec(sid, ["true"])
+        assert c.status()["total_count"] == 0
+
+
+def test_connection_owned_sandboxes_close_with_the_connection(daemon: Daemon) -> None:
+    owner = Client(daemon.socket_path)
+    owner.create_sandbox()
+    kept = owner.create_sandbox(keep=True)
+    owner.close()
+    watcher = Client(daemon.socket_path)
+    deadline = time.monotonic() + 5
+    while watcher.status()["total_count"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [s["sandbox_id"] for s in watcher.status()["active_sandboxes"]] == [kept]
+    watcher.close_sandbox(kept)
+
+
+def test_malformed_and_oversized_input_keep_the_connection(process_runtime: str) -> None:
+    d = start_daemon({"STOCKADE_MAX_REQUEST_BYTES": "4096"})
+    try:
+        ping = b'{"method": "ping", "params": {}, "id": 9}\n'
+        replies = raw_exchange(
+            d.socket_path,
+            b"{not json\n",
+            b"[1, 2]\n",
+            b'{"method": "nope", "id": 3}\n',
+            b'{"method": "ping", "params": [], "id": 4}\n',
+            b'{"method": "execute", "params": {"command": "ls"}, "id": 5}\n',
+            b"x" * 20000 + b"\n",
+            ping,
+        )
+        errors = [json.loads(r)["error"] for r in replies[:-1]]
+        assert errors[0] == "Invalid JSON"
+        assert errors[1].startswith("Invalid request")
+        assert errors[2] == "Method not found: nope"
+        assert errors[3].startswith("Invalid request")
+        assert "command" in errors[4]
+        assert errors[5].startswith("Request too large")
+        assert json.loads(replies[-1]) == {"result": "pong", "error": None, "id": 9}
+    finally:
+        assert d.stop() == 0
+
+
+def test_concurrency_cap_says_busy(process_runtime: str) -> None:
+    d = start_daemon({"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_LIMIT": "0"})
+    try:
+        with Client(d.socket_path) as holder, Client(d.socket_path) as other:
+            sid = holder.create_sandbox()
+            with pytest.raises(DaemonBusyError, match="busy"):
+                other.execute(["true"])
+            holder.close_sandbox(sid)
+            assert other.execute(["true"]).success
+    finally:
+        assert d.stop() == 0
+
+
+def test_queue_waits_for_a_slot(process_runtime: str) -> None:
+    d = start_daemon({"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_LIMIT": "4"})
+    try:
+        results: list[bool] = []
+
+        def one() -> None:
+            with Client(d.socket_path) as c:
+                results.append(c.execute(["sleep", "0.3"]).success)
+
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [True, True, True]
+    finally:
+        assert d.stop() == 0
+
+
+def test_socket_permissions_and_stale_socket(process_runtime: str, tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(str(tmp_path), "d.sock")
+    import socket as socketlib
+
+    stale = socketlib.socket(socketlib.AF_UNIX)
+    stale.bind(path)  # a socket file nobody listens on: what a killed daemon leaves
+    stale.close()
+    d = start_daemon({"STOCKADE_SOCKET_PERMS": "0640"}, socket_path=path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        second = start_daemon(socket_path=path, wait=False)
+        assert second.proc.wait(timeout=30) == 125
+        assert "already listening" in second.logs()
+        assert Client(path).ping() == "pong"  # the live daemon kept its socket
+    finally:
+        assert d.stop() == 0
+    assert not os.path.exists(path)  # removed on a clean stop
+
+
+@pytest.mark.parametrize("value", ["0999", "rw-r--r--", "01777"])
+def test_malformed_socket_perms_refused_at_start(process_runtime: str, value: str) -> None:
+    d = start_daemon({"STOCKADE_SOCKET_PERMS": value}, wait=False)
+    assert d.proc.wait(timeout=30) == 125
+    assert "STOCKADE_SOCKET_PERMS" in d.logs()
+
+
+def test_sigterm_lets_running_work_finish(process_runtime: str) -> None:
+    d = start_daemon()
+    results: list[str] = []
+
+    def long_run() -> None:
+        results.append(Client(d.socket_path).execute(["sh", "-c", "sleep 1; echo done"]).stdout)
+
+    t = threading.Thread(target=long_run)
+    t.start()
+    time.sleep(0.4)
+    assert d.stop(signal.SIGTERM) == 0
+    t.join(30)
+    assert results == ["done\n"]
+    assert not os.path.exists(d.socket_path)
+
+
+def _cgroups_of(pid: int) -> list[str]:
+    found = []
+    for root, dirs, _files in os.walk("/sys/fs/cgroup"):
+        found += [os.path.join(root, x) for x in dirs if x.startswith(f"stockade-{pid}-")]
+        if root.count("/") > 8:
+            dirs[:] = []
+    return found
+
+
+def _processes_with_arg(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigkill_during_execution_then_restart_and_retry(process_runtime: str) -> None:
+    d = start_daemon()
+    client = Client(d.socket_path, timeout=10)
+    marker = "4242.125"
+    errors: list[BaseException] = []
+
+    def doomed() -> None:
+        try:
+            client.execute(["sleep", marker])
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=doomed)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not _processes_with_arg(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _processes_with_arg(marker), "the execution never started"
+    old_pid = d.proc.pid
+    d.stop(signal.SIGKILL)
+    t.join(30)
+    assert errors and isinstance(errors[0], DaemonUnavailableError)
+    deadline = time.monotonic() + 10
+    while _processes_with_arg(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with_arg(marker) == [], "the sandbox outlived its daemon"
+
+    restarted = start_daemon(socket_path=d.socket_path)  # replaces the stale socket
+    try:
+        result = call_with_retry(lambda: client.execute(["echo", "back"]), max_retries=3, backoff=0.2)
+        assert result.stdout == "back\n"
+        assert _cgroups_of(old_pid) == [], "the restarted daemon did not sweep the dead one's cgroups"
+    finally:
+        assert restarted.stop() == 0
+
+
+def test_call_with_retry_gives_up_on_a_dead_socket(tmp_path: os.PathLike[str]) -> None:
+    client = Client(os.path.join(str(tmp_path), "none.sock"))
+    calls = []
+
+    def attempt() -> str:
+        calls.append(1)
+        return client.ping()
+
+    started = time.monotonic()
+    with pytest.raises(DaemonUnavailableError, match="cannot reach"):
+        call_with_retry(attempt, max_retries=3, backoff=0.05)
+    assert len(calls) == 3 and time.monotonic() - started >= 0.15  # 0.05 + 0.1 of backoff
+
+
+def test_cli_runs_through_the_daemon(daemon: Daemon) -> None:
+    env = {**os.environ, "STOCKADE_SOCKET": daemon.socket_path}
+    out = subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "run", "--", "sh", "-c", "echo hi; exit 4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (out.returncode, out.stdout) == (4, "hi\n")
+    assert "uid=0 execute ok" in daemon.logs() or f"uid={os.getuid()} execute ok" in daemon.logs()
+    missing = subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "run", "--socket", daemon.socket_path + ".nope", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 125 and "cannot reach" in missing.stderr
+
+
+def test_token_new(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(str(tmp_path), "token")
+    out = subprocess.run([sys.executable, "-m", "stockade.cli", "token", "new", "--file", path], capture_output=True)
+    assert out.returncode == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with open(path) as f:
+        token = f.read().strip()
+    assert len(token) == 64 and int(token, 16) >= 0

@@ -1,0 +1,206 @@
+"""Attacks on the daemon's front door: signatures, replays, rate limits, other users."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stockade.client import Client, NotFoundError
+from stockade.errors import AuthenticationError, RateLimitError
+from stockade.protocol import auth
+from tests.daemon_harness import TOKEN, Daemon, raw_exchange, start_daemon
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def signed_daemon(process_runtime: str) -> Iterator[Daemon]:
+    d = start_daemon({"STOCKADE_AUTH_TOKEN": TOKEN})
+    yield d
+    assert d.stop() == 0
+    assert TOKEN not in d.logs(), "the token leaked into the daemon's log"
+
+
+def _line(request: dict[str, object]) -> bytes:
+    return json.dumps(request).encode() + b"\n"
+
+
+def test_good_signature_is_accepted(signed_daemon: Daemon) -> None:
+    with Client(signed_daemon.socket_path, auth_token=TOKEN) as c:
+        assert c.ping() == "pong"
+        assert c.execute(["echo", "signed"]).stdout == "signed\n"
+
+
+def test_wrong_token_is_refused(signed_daemon: Daemon) -> None:
+    with Client(signed_daemon.socket_path, auth_token="0" * 64) as c, pytest.raises(AuthenticationError) as info:
+        c.ping()
+    assert str(info.value) == "Authentication failed"
+
+
+def test_missing_hmac_is_refused(signed_daemon: Daemon) -> None:
+    (reply,) = raw_exchange(signed_daemon.socket_path, b'{"method": "ping", "params": {}, "id": 1}\n')
+    assert json.loads(reply)["error"] == "Authentication failed"
+
+
+def test_seed_style_signature_without_freshness_is_refused(signed_daemon: Daemon) -> None:
+    request: dict[str, object] = {"method": "ping", "params": {}, "id": 1}
+    request["hmac"] = auth.compute_hmac(request, TOKEN)  # right key, but no ts/nonce: replayable forever
+    (reply,) = raw_exchange(signed_daemon.socket_path, _line(request))
+    assert json.loads(reply)["error"] == "Authentication failed"
+
+
+def test_replayed_request_is_refused(signed_daemon: Daemon) -> None:
+    signed = _line(auth.sign({"method": "ping", "params": {}, "id": 1}, TOKEN))
+    first, second = raw_exchange(signed_daemon.socket_path, signed, signed)
+    assert json.loads(first)["result"] == "pong"
+    assert json.loads(second)["error"] == "Authentication failed"
+    (again,) = raw_exchange(signed_daemon.socket_path, signed)  # on a new connection too
+    assert json.loads(again)["error"] == "Authentication failed"
+
+
+@pytest.mark.parametrize("skew", [-60.0, 60.0])
+def test_expired_or_future_request_is_refused(signed_daemon: Daemon, skew: float) -> None:
+    signed = auth.sign({"method": "ping", "params": {}, "id": 1}, TOKEN, now=time.time() + skew)
+    (reply,) = raw_exchange(signed_daemon.socket_path, _line(signed))
+    assert json.loads(reply)["error"] == "Authentication failed"
+
+
+def test_tampered_request_is_refused(signed_daemon: Daemon) -> None:
+    signed = auth.sign({"method": "execute", "params": {"command": ["echo", "a"]}, "id": 1}, TOKEN)
+    signed["params"] = {"command": ["sh", "-c", "echo evil"]}
+    (reply,) = raw_exchange(signed_daemon.socket_path, _line(signed))
+    assert json.loads(reply)["error"] == "Authentication failed"
+
+
+def test_error_replies_never_contain_the_token(signed_daemon: Daemon) -> None:
+    replies = raw_exchange(
+        signed_daemon.socket_path,
+        _line({"method": "ping", "params": {"token": "x"}, "id": 1, "hmac": "00"}),
+        _line(auth.sign({"method": "execute", "params": {"command": 5}, "id": 2}, TOKEN)),
+        b"{bad\n",
+    )
+    assert all(TOKEN.encode() not in r for r in replies)
+
+
+def test_nonce_cache_is_bounded() -> None:
+    cache = auth.NonceCache(window_s=30, max_entries=3)
+    for i in range(10):
+        assert cache.add(f"nonce-{i:04d}", now=1000.0)
+    assert len(cache._seen) <= 3
+
+
+def test_rate_limit_is_exact_at_the_boundary(process_runtime: str) -> None:
+    d = start_daemon({"STOCKADE_MAX_REQUESTS": "5"})
+    try:
+        ping = b'{"method": "ping", "params": {}, "id": 1}\n'
+        replies = [json.loads(r) for r in raw_exchange(d.socket_path, *[ping] * 6)]
+        assert [r["result"] for r in replies[:5]] == ["pong"] * 5
+        assert replies[5]["error"] == "Rate limit exceeded"
+        time.sleep(1.1)  # the sliding window has moved on
+        assert json.loads(raw_exchange(d.socket_path, ping)[0])["result"] == "pong"
+    finally:
+        assert d.stop() == 0
+
+
+def test_rate_limit_counts_per_uid_across_connections(process_runtime: str) -> None:
+    d = start_daemon({"STOCKADE_MAX_REQUESTS": "4"})
+    try:
+        a, b = Client(d.socket_path), Client(d.socket_path)
+        for client in (a, b, a, b):
+            assert client.ping() == "pong"
+        with pytest.raises(RateLimitError):
+            a.ping()
+        a.close()
+        b.close()
+    finally:
+        assert d.stop() == 0
+
+
+PEER_PROBE = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print(json.dumps({"connect": e.strerror})); raise SystemExit
+s.settimeout(5)
+f = s.makefile("rb")
+first = f.readline()
+sent = b""
+try:
+    s.sendall(json.dumps({"method": sys.argv[2], "params": json.loads(sys.argv[3]), "id": 1}).encode() + b"\n")
+    sent = f.readline()
+except OSError:
+    pass
+print(json.dumps({"first": first.decode(), "reply": sent.decode()}))
+"""
+
+
+def _as_nobody(socket_path: str, method: str = "ping", params: str = "{}", unsolicited: bool = True) -> dict[str, str]:
+    probe = PEER_PROBE if unsolicited else PEER_PROBE.replace("first = f.readline()", 'first = b""')
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", probe, socket_path, method, params],
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, str] = json.loads(out.stdout)
+    return result
+
+
+@pytest.fixture
+def needs_root() -> None:
+    if os.getuid() != 0:
+        pytest.skip("switching to another uid needs root")
+
+
+def _open_socket_dir(d: Daemon) -> None:
+    os.chmod(os.path.dirname(d.socket_path), 0o755)
+
+
+def test_peer_with_another_uid_is_refused_before_any_request(process_runtime: str, needs_root: None) -> None:
+    d = start_daemon({"STOCKADE_ALLOWED_UIDS": "0", "STOCKADE_SOCKET_PERMS": "0666"})
+    try:
+        _open_socket_dir(d)
+        seen = _as_nobody(d.socket_path)
+        assert "Permission denied: uid 65534" in seen["first"]
+        assert seen["reply"] == ""  # the connection was closed: no request was ever read
+        assert "refused peer" in d.logs() and "uid=65534" in d.logs()
+        assert Client(d.socket_path).ping() == "pong"  # root is still served
+    finally:
+        assert d.stop() == 0
+
+
+def test_socket_mode_keeps_other_users_out(process_runtime: str, needs_root: None) -> None:
+    d = start_daemon()  # default 0600
+    try:
+        _open_socket_dir(d)
+        assert _as_nobody(d.socket_path)["connect"] == "Permission denied"
+    finally:
+        assert d.stop() == 0
+
+
+def test_another_users_sandbox_is_invisible(process_runtime: str, needs_root: None) -> None:
+    d = start_daemon({"STOCKADE_SOCKET_PERMS": "0666"})
+    try:
+        _open_socket_dir(d)
+        with Client(d.socket_path) as root_client:
+            sid = root_client.create_sandbox(keep=True)
+            seen = _as_nobody(d.socket_path, "sandbox.exec", json.dumps({"sandbox_id": sid, "command": ["id"]}), False)
+            reply = json.loads(seen["reply"])
+            assert reply["error_code"] == "not_found" and reply["result"] is None
+            root_client.close_sandbox(sid)
+            with pytest.raises(NotFoundError):
+                root_client.close_sandbox(sid)
+    finally:
+        assert d.stop() == 0
