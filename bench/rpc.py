@@ -33,6 +33,7 @@ from stockade.client import Client
 from stockade.runtimes.manager import RuntimeManager
 
 PY_ARGV = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
+SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", "0.03"))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -104,7 +105,7 @@ def main() -> None:
                      len(merged) / elapsed))  # fmt: skip
 
         def settle() -> None:
-            time.sleep(0.03)  # both sides: the pool refilled and settled between runs
+            time.sleep(SETTLE_S)  # both sides: the pool refilled and settled between runs
 
         manager = RuntimeManager(pool_size=2)
         stockade.warm_up(manager=manager)
