@@ -35,7 +35,12 @@ MAX_STDIN = 8 * 1024 * 1024
 def _policy_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("policy")
     g.add_argument("--runtime", help="runtime by name (process, fake)")
-    g.add_argument("--isolation", choices=["none", "process", "gvisor", "microvm"], help="minimum isolation level")
+    g.add_argument("--isolation", choices=["none", "process", "gvisor", "microvm"], help="isolation level to use")
+    g.add_argument(
+        "--trust",
+        choices=["trusted", "verified", "untrusted"],
+        help="pick the strongest runtime this trust level accepts (never a weaker one)",
+    )
     g.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (default 30)")
     g.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB (default 512)")
     g.add_argument("--cpu", type=float, metavar="N", help="CPU limit in cores (default 1.0)")
@@ -69,6 +74,7 @@ def _build_policy(args: argparse.Namespace) -> Any:
     flag_fields = {
         "runtime": args.runtime,
         "isolation": args.isolation,
+        "trust": args.trust,
         "timeout_seconds": args.timeout,
         "memory_mb": args.memory,
         "cpu_limit": args.cpu,
@@ -240,7 +246,7 @@ def cmd_token_new(args: argparse.Namespace) -> int:
 
 
 def _early_zygote(args: argparse.Namespace) -> Any:
-    if args.runtime not in (None, "process") or args.isolation not in (None, "process"):
+    if args.runtime not in (None, "process") or args.isolation not in (None, "process") or args.trust:
         return None
     from .errors import StockadeError
     from .runtimes.process.zygote import Zygote

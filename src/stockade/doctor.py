@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .agent import linux
+from .isolation import LEVEL_INFO, NOT_OFFERED, trust_map
 from .runtimes.manager import RuntimeManager
 from .runtimes.process.cgroups import detect_layout
 
@@ -35,7 +36,14 @@ def collect() -> dict[str, Any]:
         runtimes = [asdict(a) for a in manager.doctor()]
     finally:
         manager.close()
+    for entry in runtimes:
+        info = LEVEL_INFO[entry["isolation"]]
+        entry["score"] = info.score
+        entry["boundary"] = info.boundary
+        entry["tradeoff"] = info.tradeoff
     return {
+        "trust_map": trust_map(),
+        "not_offered": NOT_OFFERED,
         "host": {
             "kernel": platform.release(),
             "arch": platform.machine(),
@@ -62,9 +70,13 @@ def render(report: dict[str, Any]) -> str:
     abi = host["landlock_abi"]
     lines.append(f"landlock  {'ABI ' + str(abi) if abi else 'not available (an extra layer only)'}")
     lines.append("")
-    lines.append(f"{'runtime':<9} {'isolation':<9} {'status':<11} detail")
+    lines.append(f"{'runtime':<9} {'isolation':<9} {'score':>5}  {'status':<11} detail")
     for r in report["runtimes"]:
         status = "available" if r["available"] else "unavailable"
         detail = r["reason"] or ", ".join(f"{k}={v}" for k, v in r["details"].items() if k != "cgroup_problems")
-        lines.append(f"{r['name']:<9} {r['isolation']:<9} {status:<11} {detail}")
+        lines.append(f"{r['name']:<9} {r['isolation']:<9} {r['score']:>5}  {status:<11} {detail}")
+    lines.append("")
+    lines.append("trust     " + ", ".join(f"{t} -> {level} or stronger" for t, level in report["trust_map"].items()))
+    for level, why in report["not_offered"].items():
+        lines.append(f"no {level}: {why}")
     return "\n".join(lines)

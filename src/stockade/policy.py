@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import PolicyError
 
 IsolationLevel = Literal["none", "process", "gvisor", "microvm"]
+TrustLevel = Literal["trusted", "verified", "untrusted"]
 NetworkPolicy = Literal["none", "loopback"]
 
 MAX_MEMORY_MB = 2048
@@ -84,7 +85,10 @@ class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     runtime: str | None = Field(default=None, description="a runtime by name (process, fake, ...)")
-    isolation: IsolationLevel | None = Field(default=None, description="minimum isolation level")
+    isolation: IsolationLevel | None = Field(default=None, description="the isolation level to use")
+    trust: TrustLevel | None = Field(
+        default=None, description="how far the code is trusted: the strongest available level meeting its minimum"
+    )
     timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
     memory_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB)
     cpu_limit: float = Field(default=1.0, gt=0, le=MAX_CPU, description="cores")

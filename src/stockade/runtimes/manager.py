@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from ..errors import RuntimeUnavailableError
+from ..isolation import LEVELS, rank, trust_map
 from ..policy import Policy
 from .base import Availability, Runtime
 
@@ -35,6 +36,7 @@ class RuntimeManager:
             pool_size = int(os.environ.get("STOCKADE_POOL_SIZE", "2"))
         self.pool_size = pool_size
         self._runtimes: dict[str, Runtime] = {}
+        self._availability: dict[str, Availability] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str) -> Runtime:
@@ -77,11 +79,41 @@ class RuntimeManager:
         return [self.availability(name) for name in RUNTIME_NAMES]
 
     def select(self, policy: Policy) -> Runtime:
-        if policy.runtime:
-            return self.get(policy.runtime)
-        if policy.isolation:
-            return self.get(LEVEL_TO_RUNTIME[policy.isolation])
-        return self.get(DEFAULT_RUNTIME)
+        """The runtime for ``policy``: by name, by level, or the strongest that its trust accepts."""
+        minimum = trust_map()[policy.trust] if policy.trust else None
+        if policy.runtime or policy.isolation:
+            runtime = self.get(policy.runtime or LEVEL_TO_RUNTIME[policy.isolation or DEFAULT_RUNTIME])
+            if minimum is not None and rank(runtime.isolation) < rank(minimum):
+                raise RuntimeUnavailableError(
+                    f"runtime {runtime.name} ({runtime.isolation}) is weaker than trust {policy.trust!r} "
+                    f"accepts (at least {minimum})"
+                )
+            return runtime
+        if minimum is None:
+            return self.get(DEFAULT_RUNTIME)
+        reasons = []
+        for level in reversed(LEVELS):  # strongest first
+            if rank(level) < rank(minimum) or level == "none":
+                continue
+            avail = self.cached_availability(LEVEL_TO_RUNTIME[level])
+            if avail.available:
+                return self.get(avail.name)
+            reasons.append(f"{level}: {avail.reason}")
+        raise RuntimeUnavailableError(
+            f"trust {policy.trust!r} needs isolation {minimum} or stronger, and none is available here ("
+            + "; ".join(reasons)
+            + "). stockade never falls back to a weaker level."
+        )
+
+    def cached_availability(self, name: str) -> Availability:
+        """``availability`` once per manager: detecting a runtime starts a real isolate."""
+        with self._lock:
+            cached = self._availability.get(name)
+        if cached is None:
+            cached = self.availability(name)
+            with self._lock:
+                self._availability[name] = cached
+        return cached
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,74 @@
+"""Isolation levels and trust: the strongest runtime that fits, or a clear refusal, never a downgrade."""
+
+from __future__ import annotations
+
+import pytest
+
+import stockade
+from stockade import Policy, PolicyError, RuntimeUnavailableError
+from stockade.isolation import DEFAULT_TRUST_MAP, LEVEL_INFO, trust_map
+from stockade.runtimes.manager import RuntimeManager
+
+
+@pytest.fixture
+def mgr(process_runtime: str) -> RuntimeManager:
+    return RuntimeManager(pool_size=0)
+
+
+def test_scores_are_ordered_by_strength() -> None:
+    scores = [LEVEL_INFO[level].score for level in ("none", "process", "gvisor", "microvm")]
+    assert scores == sorted(scores) and scores[0] == 0
+
+
+def test_trust_map_default_and_override() -> None:
+    assert trust_map({}) == DEFAULT_TRUST_MAP
+    assert trust_map({"STOCKADE_TRUST_MAP": "untrusted=gvisor, verified=process"})["untrusted"] == "gvisor"
+    with pytest.raises(PolicyError, match="STOCKADE_TRUST_MAP"):
+        trust_map({"STOCKADE_TRUST_MAP": "untrusted=chroot"})
+
+
+def test_default_is_the_process_runtime_never_none(mgr: RuntimeManager) -> None:
+    try:
+        assert mgr.select(Policy()).name == "process"
+    finally:
+        mgr.close()
+
+
+def test_trusted_gets_the_strongest_available(mgr: RuntimeManager) -> None:
+    try:
+        runtime = mgr.select(Policy(trust="trusted"))
+        strongest = max(
+            (a for a in mgr.doctor() if a.available and a.isolation != "none"),
+            key=lambda a: LEVEL_INFO[a.isolation].score,
+        )
+        assert runtime.name == strongest.name
+    finally:
+        mgr.close()
+
+
+def test_untrusted_refuses_rather_than_downgrade(mgr: RuntimeManager) -> None:
+    try:
+        if mgr.cached_availability("microvm").available:
+            pytest.skip("a microvm runtime works here: nothing to refuse")
+        with pytest.raises(RuntimeUnavailableError, match="untrusted.*microvm or stronger.*never falls back"):
+            stockade.run(["true"], trust="untrusted", manager=mgr)
+    finally:
+        mgr.close()
+
+
+def test_named_runtime_weaker_than_trust_is_refused(mgr: RuntimeManager) -> None:
+    try:
+        with pytest.raises(RuntimeUnavailableError, match="weaker"):
+            mgr.select(Policy(runtime="fake", trust="trusted"))
+        assert mgr.select(Policy(isolation="process", trust="trusted")).name == "process"
+    finally:
+        mgr.close()
+
+
+def test_trust_map_from_environment(mgr: RuntimeManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STOCKADE_TRUST_MAP", "untrusted=process")
+    try:
+        r = stockade.run(["echo", "ok"], trust="untrusted", manager=mgr)
+        assert r.stdout == "ok\n" and r.runtime_used in ("process", "gvisor", "microvm")
+    finally:
+        mgr.close()
