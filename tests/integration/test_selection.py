@@ -50,7 +50,7 @@ def test_untrusted_refuses_rather_than_downgrade(mgr: RuntimeManager) -> None:
     try:
         if mgr.cached_availability("microvm").available:
             pytest.skip("a microvm runtime works here: nothing to refuse")
-        with pytest.raises(RuntimeUnavailableError, match="untrusted.*microvm or stronger.*never falls back"):
+        with pytest.raises(RuntimeUnavailableError, match=r"untrusted.*microvm or stronger.*never falls back"):
             stockade.run(["true"], trust="untrusted", manager=mgr)
     finally:
         mgr.close()
