@@ -14,14 +14,12 @@ from __future__ import annotations
 import base64
 import os
 import platform
-import queue
 import signal
 import socket
 import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ...agent import linux, wire
@@ -29,6 +27,7 @@ from ...errors import PolicyError, SandboxStartError
 from ...policy import Policy, default_policy
 from ...result import SecurityViolation
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage, Runtime
+from ..pool import Reaper, WarmPool
 from . import seccomp
 from .cgroups import CgroupManager, IsolateCgroup
 from .zygote import SYSTEM_PYTHON, Zygote
@@ -122,8 +121,12 @@ class ProcessRuntime(Runtime):
         self._cgroups: CgroupManager | None = None
         self._bpf: bytes | None = None
         self._landlock_abi = 0
-        self._pool = _Pool(self, pool_size) if pool_size > 0 else None
-        self._reaper = _Reaper()
+        self._pool: WarmPool[ProcessSandbox] | None = None
+        if pool_size > 0:
+            self._pool = WarmPool(
+                lambda: self._build(default_policy(), warm=True), isolate_shape, ProcessSandbox.apply_policy, pool_size
+            )
+        self._reaper = Reaper()
 
     # ---- discovery ----------------------------------------------------------------------
 
@@ -358,123 +361,3 @@ def _kill_pidfd(pidfd: int) -> None:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except OSError:
         pass
-
-
-class _Reaper:
-    """Tears one-shot isolates down in the background, so results return at once."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[AgentSandbox, Callable[[], None] | None]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def put(self, sandbox: AgentSandbox, after: Callable[[], None] | None = None) -> None:
-        sandbox.kill()  # nothing of it runs on, even before the teardown completes
-        self._queue.put((sandbox, after))
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="stockade-reaper", daemon=True)
-                self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            sandbox, after = self._queue.get()
-            try:
-                sandbox.close()
-                if after is not None:
-                    after()
-            except Exception:  # noqa: BLE001, S110 - teardown is best effort per isolate; next one goes on
-                pass
-            finally:
-                self._queue.task_done()
-
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.002)
-
-
-class _Pool:
-    """Pre-built isolates of the default shape, refilled by a background thread."""
-
-    def __init__(self, runtime: ProcessRuntime, size: int) -> None:
-        self.runtime = runtime
-        self.size = size
-        self.shape = isolate_shape(Policy())
-        self._ready: list[ProcessSandbox] = []
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-        self.last_error: str | None = None
-
-    def start(self) -> None:
-        with self._cond:
-            if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._fill, name="stockade-pool", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def take(self, policy: Policy) -> ProcessSandbox | None:
-        if isolate_shape(policy) != self.shape:
-            return None
-        self.start()
-        with self._cond:
-            # No refill here: building an isolate now would compete for the CPU
-            # with the run this one is taken for. ``kick`` refills after it.
-            sandbox = self._ready.pop() if self._ready else None
-        if sandbox is None:
-            return None
-        started = time.monotonic()
-        sandbox.apply_policy(policy)
-        sandbox.cold_start_ms = (time.monotonic() - started) * 1000
-        return sandbox
-
-    def kick(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_full(self, timeout: float) -> bool:
-        self.start()
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self._ready) < self.size and not self._stopped:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return len(self._ready) >= self.size
-
-    def _fill(self) -> None:
-        backoff = 0.5
-        while True:
-            with self._cond:
-                while not self._stopped and len(self._ready) >= self.size:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-            try:
-                sandbox = self.runtime._build(default_policy(), warm=True)
-                sandbox.baseline = sandbox.usage(peak=False)
-            except Exception as exc:  # noqa: BLE001 - keep the pool alive; callers fall back to cold starts
-                self.last_error = str(exc)
-                with self._cond:
-                    self._cond.wait(backoff)  # a stop() ends the wait early
-                backoff = min(backoff * 2, 30.0)
-                continue
-            backoff = 0.5
-            with self._cond:
-                if self._stopped:
-                    sandbox.close()
-                    return
-                self._ready.append(sandbox)
-                self._cond.notify_all()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            ready, self._ready = self._ready, []
-            self._cond.notify_all()
-        for sandbox in ready:
-            sandbox.close()
-        if self._thread is not None:
-            self._thread.join(5)
