@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -133,6 +134,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
     print(f"\n| {'what':<48} | {'p50 ms':>7} | {'p99 ms':>7} | {'req/s':>8} |")
     print(f"|{'-' * 50}|{'-' * 9}|{'-' * 9}|{'-' * 10}|")

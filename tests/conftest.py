@@ -66,6 +66,16 @@ def outer_guard() -> Iterator[None]:
             pass
 
 
+@pytest.fixture(autouse=True)
+def _cleanup_daemons() -> Iterator[None]:
+    """Daemons a test started are killed and their files removed, whatever the test did."""
+    from tests import daemon_harness
+
+    yield
+    while daemon_harness.STARTED:
+        daemon_harness.STARTED.pop().cleanup()
+
+
 @pytest.fixture(scope="session")
 def manager() -> Iterator[RuntimeManager]:
     mgr = RuntimeManager(pool_size=1)

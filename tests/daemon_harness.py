@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import IO
 
 TOKEN = "f" * 16 + "0123456789abcdef" * 3
+STARTED: list[Daemon] = []  # every daemon a test started; tests/conftest.py cleans them up
 
 
 @dataclass
@@ -25,6 +28,16 @@ class Daemon:
         self.log.flush()
         with open(self.log.name, "rb") as f:
             return f.read().decode(errors="replace")
+
+    def cleanup(self) -> None:
+        """Kill the daemon if it still runs, and remove its socket directory and log."""
+        if self.proc.poll() is None:
+            self.stop(signal.SIGKILL)
+        self.log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log.name)
+        if os.path.basename(os.path.dirname(self.socket_path)).startswith("stockade-d-"):
+            shutil.rmtree(os.path.dirname(self.socket_path), ignore_errors=True)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
@@ -46,6 +59,7 @@ def start_daemon(env: dict[str, str] | None = None, socket_path: str | None = No
         [sys.executable, "-m", "stockade.cli", "serve"], env=full_env, stdout=log, stderr=log, start_new_session=True
     )
     daemon = Daemon(proc, socket_path, log)
+    STARTED.append(daemon)
     if wait:
         wait_for_socket(daemon)
     return daemon

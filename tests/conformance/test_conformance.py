@@ -17,7 +17,7 @@ from stockade import Policy, Sandbox
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
-RUNTIMES = ["process", "fake"]
+RUNTIMES = ["process", "gvisor", "fake"]
 
 
 @pytest.fixture(params=RUNTIMES)

@@ -105,8 +105,11 @@ def test_doctor() -> None:
     runtimes = {x["name"]: x for x in report["runtimes"]}
     assert runtimes["process"]["available"] is True
     assert runtimes["fake"]["isolation"] == "none"
-    for name in ("gvisor", "microvm"):
-        assert runtimes[name]["available"] is False and runtimes[name]["reason"]
+    for entry in runtimes.values():
+        assert entry["available"] or entry["reason"], f"{entry['name']} is unavailable without a reason"
+        assert 0 <= entry["score"] <= 100 and entry["boundary"]
+    assert runtimes["microvm"]["available"] is False and "not implemented" in runtimes["microvm"]["reason"]
+    assert report["trust_map"]["untrusted"] == "microvm"
     assert report["host"]["cgroup_version"] in ("v1", "v2", "hybrid", "none")
     human = cli("doctor").stdout
     assert "process" in human and "landlock" in human

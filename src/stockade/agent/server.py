@@ -606,12 +606,35 @@ def _b64_param(params: dict[str, Any], name: str) -> bytes:
         raise wire.RPCError(wire.INVALID_PARAMS, f"{name} is not valid base64") from None
 
 
+_KEEP: list[int] = []
+
+
 def main() -> None:
-    """Serve on fd 3 (or the fd in STOCKADE_AGENT_FD): used by runtimes that exec the agent."""
-    fd = int(os.environ.pop("STOCKADE_AGENT_FD", "3"))
+    """Serve on the socket in STOCKADE_AGENT_FD: a descriptor number, or ``stdio`` (fds 0 and 1).
+
+    Runtimes that start the agent as a program use this: the fake runtime
+    passes a descriptor; gVisor gets the host's socket as the container's
+    standard input and output.
+    """
+    where = os.environ.pop("STOCKADE_AGENT_FD", "3")
+    if where == "stdio":
+        fd = os.dup(0)
+        # gVisor imports stdin and stdout as two files over the one host socket and
+        # shuts the socket down when the stdout file goes: keep a reference to it
+        # for the agent's whole life (non-inheritable, so nothing else holds one).
+        _KEEP.append(os.dup(1))
+        null = os.open("/dev/null", os.O_RDWR)
+        for std in (0, 1):  # children must not inherit the host connection
+            os.dup2(null, std)
+        os.close(null)
+    else:
+        fd = int(where)
+    warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
     conn = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
-    Agent(conn, dict(os.environ)).serve()
+    agent = Agent(conn, dict(os.environ))
+    agent.prepare_spare(warm=warm)
+    agent.serve()
 
 
 if __name__ == "__main__":

@@ -182,8 +182,8 @@ class AgentSandbox(abc.ABC):
             raise AgentProtocolError("list_dir reply has no entries")
         return entries
 
-    def ping(self) -> dict[str, Any]:
-        reply = self._call("ping", {}, 10.0)
+    def ping(self, timeout: float = 10.0) -> dict[str, Any]:
+        reply = self._call("ping", {}, timeout)
         return reply if isinstance(reply, dict) else {}
 
     @property
@@ -334,7 +334,8 @@ class AgentSandbox(abc.ABC):
         else:
             reason = "completed"
         if reason == "memory_limit":
-            error = error or f"out of memory: the {self.policy.memory_mb} MB limit was reached"
+            # The isolate may have died of it: the limit, not the death, is the news.
+            error = f"out of memory: the {self.policy.memory_mb} MB limit was reached"
         elif reason == "timeout":
             error = error or f"timed out after {self.policy.timeout_seconds:g} s"
         elif reason == "output_limit":

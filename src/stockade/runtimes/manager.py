@@ -52,7 +52,11 @@ class RuntimeManager:
                 from .fake import FakeRuntime
 
                 runtime = FakeRuntime()
-            elif name in ("gvisor", "microvm"):
+            elif name == "gvisor":
+                from .gvisor import GvisorRuntime
+
+                runtime = GvisorRuntime(pool_size=self.pool_size)
+            elif name == "microvm":
                 raise RuntimeUnavailableError(f"runtime {name!r}: {self.availability(name).reason}")
             else:
                 raise RuntimeUnavailableError(f"unknown runtime {name!r}; known: {', '.join(RUNTIME_NAMES)}")
@@ -69,8 +73,6 @@ class RuntimeManager:
             zygote.close()
 
     def availability(self, name: str) -> Availability:
-        if name == "gvisor":
-            return _planned("gvisor", "runsc")
         if name == "microvm":
             return _planned("microvm", "qemu-system-x86_64")
         return self.get(name).detect()

@@ -6,6 +6,7 @@ the next one never competes for the CPU with the run the last one served.
 
 from __future__ import annotations
 
+import abc
 import queue
 import threading
 import time
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from ..policy import Policy, default_policy
-from .base import AgentSandbox
+from .base import AgentSandbox, Runtime
 
 S = TypeVar("S", bound=AgentSandbox)
 
@@ -149,3 +150,46 @@ class WarmPool(Generic[S]):
             sandbox.close()
         if self._thread is not None:
             self._thread.join(5)
+
+
+class PooledRuntime(Runtime, Generic[S]):
+    """A runtime with a warm pool and a reaper: hand-over, disposal and waiting, shared.
+
+    Subclasses set ``self._pool`` (or None) and ``self._reaper`` and implement ``start``.
+    """
+
+    _pool: WarmPool[S] | None
+    _reaper: Reaper
+
+    @abc.abstractmethod
+    def start(self, policy: Policy) -> S: ...
+
+    def take_warm(self, policy: Policy) -> S | None:
+        """A pre-built isolate for ``policy`` from the pool, or None; never blocks on a build."""
+        return self._pool.take(policy) if self._pool is not None else None
+
+    def acquire(self, policy: Policy) -> S:
+        """A fresh isolate for a one-shot run: from the warm pool when its shape fits."""
+        return self.take_warm(policy) or self.start(policy)
+
+    def dispose(self, sandbox: AgentSandbox) -> None:
+        """Close a one-shot isolate off the caller's critical path, then refill the pool."""
+        self._reaper.put(sandbox, after=self._pool.kick if self._pool is not None else None)
+
+    def warm_up(self) -> None:
+        """Fill the pool now, instead of on first use."""
+        if self._pool is not None:
+            self._pool.start()
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until the warm pool is full; True if it is."""
+        return self._pool.wait_full(timeout) if self._pool is not None else True
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until every disposed isolate has been torn down."""
+        self._reaper.join(timeout)
+
+    def stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+        self._reaper.join(10.0)

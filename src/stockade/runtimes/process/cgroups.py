@@ -327,7 +327,7 @@ class CgroupManager:
                 continue
             for name in names:
                 match = _NAME.match(name)
-                if not match or _alive(int(match.group(1))):
+                if not match or pid_alive(int(match.group(1))):
                     continue
                 stale = IsolateCgroup.__new__(IsolateCgroup)
                 stale.layout, stale.name, stale._applied, stale._fds = self.layout, name, None, {}
@@ -337,7 +337,8 @@ class CgroupManager:
         return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Does a process with this pid exist (ours counts as alive)?"""
     if pid == os.getpid():
         return True
     try:

@@ -26,8 +26,8 @@ from ...agent import linux, wire
 from ...errors import PolicyError, SandboxStartError
 from ...policy import Policy, default_policy
 from ...result import SecurityViolation
-from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage, Runtime
-from ..pool import Reaper, WarmPool
+from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
+from ..pool import PooledRuntime, Reaper, WarmPool
 from . import seccomp
 from .cgroups import CgroupManager, IsolateCgroup
 from .zygote import SYSTEM_PYTHON, Zygote
@@ -111,7 +111,7 @@ class ProcessSandbox(AgentSandbox):
             self.cgroup.remove()
 
 
-class ProcessRuntime(Runtime):
+class ProcessRuntime(PooledRuntime[ProcessSandbox]):
     name = "process"
     isolation = "process"
 
@@ -191,36 +191,13 @@ class ProcessRuntime(Runtime):
         """A fresh isolate for ``policy``, built now (the cold path)."""
         return self._build(policy)
 
-    def take_warm(self, policy: Policy) -> ProcessSandbox | None:
-        """A pre-built isolate for ``policy`` from the pool, or None; never blocks on a build."""
-        return self._pool.take(policy) if self._pool is not None else None
-
-    def acquire(self, policy: Policy) -> ProcessSandbox:
-        """A fresh isolate for a one-shot run: from the warm pool when its shape fits."""
-        return self.take_warm(policy) or self.start(policy)
-
-    def dispose(self, sandbox: AgentSandbox) -> None:
-        """Close a one-shot isolate off the caller's critical path, then refill the pool."""
-        self._reaper.put(sandbox, after=self._pool.kick if self._pool is not None else None)
-
     def warm_up(self) -> None:
         """Start the zygote and fill the pool now, instead of on first use."""
         self._zygote_handle()
-        if self._pool is not None:
-            self._pool.start()
-
-    def wait_ready(self, timeout: float = 10.0) -> bool:
-        """Wait until the warm pool is full; True if it is."""
-        return self._pool.wait_full(timeout) if self._pool is not None else True
-
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until every disposed isolate has been torn down."""
-        self._reaper.join(timeout)
+        super().warm_up()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.stop()
-        self._reaper.join(10.0)
+        self.stop_pool()
         with self._lock:
             if self._zygote is not None:
                 self._zygote.close()

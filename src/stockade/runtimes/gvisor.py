@@ -1,0 +1,536 @@
+"""The ``gvisor`` runtime: the guest agent under gVisor's ``runsc``.
+
+Each sandbox is one OCI container run by ``runsc run`` from a bundle stockade
+writes: a read-only root holding only mount points, symlinks and a synthesized
+``/etc``; ``/usr`` and the agent's code bound read-only; size-capped tmpfs for
+``/tmp`` and ``/work``; the policy's shared paths. The host's end of a
+socketpair is the container's standard input and output, so the same framed
+JSON-RPC reaches the same agent as in every runtime.
+
+- network: gVisor's own netstack with no interface but a private loopback
+  (``none`` and ``loopback`` are both private; nothing leaves the sandbox);
+- limits: the whole sandbox (Sentry and gofer) runs in the isolate's cgroup
+  (``--ignore-cgroups``: stockade makes and fills it), rlimits via OCI;
+- platform: the best that works (systrap, then kvm, then ptrace), probed once
+  and cached; ``STOCKADE_GVISOR_PLATFORM`` overrides;
+- violations: gVisor's strace of the dangerous syscalls and its "Unsupported
+  syscall" reports, read from its debug log: ``detection_layer="GVISOR"``;
+- teardown: close the socket (the agent, the container's init, exits), kill
+  the Sentry through a pidfd, ``runsc delete --force`` if anything is left,
+  remove the bundle, the state and the cgroup. A killed runsc's leftovers
+  (state dirs, ``runsc-*`` cgroups) are swept at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any
+
+from ..errors import SandboxStartError
+from ..policy import Policy, default_policy
+from ..result import SecurityViolation
+from .base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
+from .pool import PooledRuntime, Reaper, WarmPool
+from .process.cgroups import CgroupManager, IsolateCgroup, pid_alive
+from .process.zygote import AGENT_PARENT, SYSTEM_PYTHON
+
+AGENT_MOUNT = "/opt/stockade"
+BUNDLE_PREFIX = "stockade-gvisor-"  # + "<host pid>-": the sweep removes a dead host's bundles
+GVISOR_TASKS = 256  # host tasks gVisor itself needs (Sentry, gofer, platform stubs)
+START_TIMEOUT_S = 60.0
+PLATFORM_PROBE_TIMEOUT_S = 20.0
+# Syscalls gVisor traces for us: a call to one of these is reported, blocked or not.
+TRACED = (
+    "ptrace,process_vm_readv,process_vm_writev,mount,umount2,pivot_root,chroot,setns,unshare,kexec_load,"
+    "kexec_file_load,reboot,init_module,finit_module,delete_module,bpf,perf_event_open,keyctl,add_key,request_key,"
+    "userfaultfd,open_by_handle_at,name_to_handle_at,iopl,ioperm,acct,settimeofday,clock_settime,adjtimex,swapon,"
+    "swapoff,syslog,quotactl,io_uring_setup"
+)
+# glibc registers rseq at every start; gVisor does not implement it, and that is harmless.
+BENIGN_UNSUPPORTED = {"rseq"}
+_STRACE_EXIT = re.compile(
+    r"\[\s*(\d+):\s*(\d+)\] \S+ X (\w+)\(.*\) = -?\d+ \(0x[0-9a-f]+\)(?: errno=(\d+) \(([^)]*)\))?"
+)
+_UNSUPPORTED = re.compile(r"Unsupported syscall (\w+)\(")
+_counter = iter(range(1, 1 << 62))
+_BOOT = f"import sys; sys.path.insert(0, {AGENT_MOUNT!r}); from agent import server; server.main()"
+
+
+def gvisor_shape(policy: Policy) -> tuple[Any, ...]:
+    """What is fixed when the container is created (its rlimits come from the OCI config)."""
+    return (
+        policy.network_policy,
+        policy.filesystem_access,
+        policy.disk_mb,
+        policy.max_open_files,
+        policy.pids_limit,
+        policy.max_file_size_mb,
+    )
+
+
+def runsc_binary() -> str | None:
+    return shutil.which("runsc") or (os.path.exists("/usr/bin/runsc") and "/usr/bin/runsc") or None
+
+
+def state_root() -> str:
+    if os.getuid() == 0:
+        return "/run/stockade/runsc"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"stockade-runsc-{os.getuid()}")
+
+
+class GvisorSandbox(AgentSandbox):
+    runtime_name = "gvisor"
+
+    def __init__(
+        self,
+        policy: Policy,
+        conn: socket.socket,
+        cold_start_ms: float,
+        proc: subprocess.Popen[bytes],
+        container_id: str,
+        bundle: str,
+        root: str,
+        cgroup: IsolateCgroup | None,
+    ) -> None:
+        super().__init__(policy, conn, cold_start_ms)
+        self.proc = proc
+        self.container_id = container_id
+        self.bundle = bundle
+        self.root = root
+        self.cgroup = cgroup
+        self.pidfd = -1
+        self._log_offset = 0
+        self._violations: list[SecurityViolation] = []
+        self._vlock = threading.Lock()
+        self._released = False
+
+    def attach_sentry(self) -> None:
+        """Open a pidfd on the Sentry (the sandbox process) once it has started."""
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(self.bundle, "pid")) as f:
+                self.pidfd = os.pidfd_open(int(f.read().strip()))
+
+    def apply_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        if self.cgroup is not None:
+            self.unenforced_limits = _apply_limits(self.cgroup, policy)
+
+    def usage(self, peak: bool = True) -> IsolateUsage:
+        return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
+
+    def violations(self) -> list[SecurityViolation]:
+        with self._vlock:
+            self._violations.extend(self._read_log())
+            return list(self._violations)
+
+    def _read_log(self) -> list[SecurityViolation]:
+        """New strace exits and unsupported-syscall reports in the Sentry's debug log."""
+        found: list[SecurityViolation] = []
+        log_dir = os.path.join(self.bundle, "logs")
+        try:
+            boot = next(os.path.join(log_dir, n) for n in os.listdir(log_dir) if n.endswith(".boot.txt"))
+            with open(boot, "rb") as f:
+                f.seek(self._log_offset)
+                chunk = f.read()
+        except (OSError, StopIteration):
+            return found
+        complete = chunk.rfind(b"\n") + 1
+        self._log_offset += complete
+        for line in chunk[:complete].decode(errors="replace").splitlines():
+            if (m := _STRACE_EXIT.search(line)) is not None:
+                pid, name, errno_, why = int(m.group(1)), m.group(3), m.group(4), m.group(5)
+                found.append(
+                    SecurityViolation(
+                        violation_type="blocked_syscall" if errno_ else "sensitive_syscall",
+                        syscall=name,
+                        severity="HIGH",
+                        description=(
+                            f"{name}: refused by gVisor ({why})"
+                            if errno_
+                            else f"{name}: allowed inside gVisor's kernel, never reached the host"
+                        ),
+                        detection_layer="GVISOR",
+                        blocked=bool(errno_),
+                        pid=pid,
+                    )
+                )
+            elif (u := _UNSUPPORTED.search(line)) is not None and u.group(1) not in BENIGN_UNSUPPORTED:
+                found.append(
+                    SecurityViolation(
+                        violation_type="unsupported_syscall",
+                        syscall=u.group(1),
+                        severity="LOW",
+                        description=f"{u.group(1)}: not implemented by gVisor (the call failed with ENOSYS)",
+                        detection_layer="GVISOR",
+                        blocked=True,
+                    )
+                )
+        return found
+
+    def kill(self) -> None:
+        # Closing our end ends the agent (the container's init) and with it the
+        # container; the Sentry is killed outright in case anything is stuck.
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        _runsc_delete(self.root, self.container_id)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.cgroup is not None:
+            self.cgroup.kill()
+            self.cgroup.remove()
+        shutil.rmtree(self.bundle, ignore_errors=True)
+
+
+def _runsc_delete(root: str, container_id: str) -> None:
+    runsc = runsc_binary()
+    if runsc is None:
+        return
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    # runsc names its files "<sandbox id>_sandbox:<container id>.state" (and ".lock").
+    if any(n.endswith(f":{container_id}.state") or n == container_id for n in names):
+        subprocess.run(
+            [runsc, f"--root={root}", "delete", "--force", container_id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+            check=False,
+        )
+
+
+class GvisorRuntime(PooledRuntime[GvisorSandbox]):
+    name = "gvisor"
+    isolation = "gvisor"
+
+    def __init__(self, pool_size: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._platform: str | None = None
+        self._cgroups: CgroupManager | None = None
+        self._root = state_root()
+        self._pool: WarmPool[GvisorSandbox] | None = None
+        if pool_size > 0:
+            self._pool = WarmPool(
+                lambda: self._build(default_policy(), warm=True), gvisor_shape, GvisorSandbox.apply_policy, pool_size
+            )
+        self._reaper = Reaper()
+
+    # ---- discovery ----------------------------------------------------------------------
+
+    def detect(self) -> Availability:
+        runsc = runsc_binary()
+        if runsc is None:
+            return Availability(self.name, False, self.isolation, "runsc is not installed (apt install runsc)")
+        if not os.access(SYSTEM_PYTHON, os.X_OK):
+            return Availability(self.name, False, self.isolation, f"{SYSTEM_PYTHON} (the guest interpreter) is missing")
+        try:
+            platform = self.platform()
+        except SandboxStartError as exc:
+            return Availability(self.name, False, self.isolation, str(exc))
+        details = {"runsc": runsc, "platform": platform, "version": _runsc_version(runsc)}
+        try:
+            with self.start(Policy()) as sandbox:
+                sandbox.ping()
+        except SandboxStartError as exc:
+            return Availability(self.name, False, self.isolation, str(exc), details)
+        return Availability(self.name, True, self.isolation, "", details)
+
+    def platform(self) -> str:
+        """The best gVisor platform that works here, probed once per host and runsc version."""
+        with self._lock:
+            if self._platform is None:
+                self._platform = _choose_platform(self._root)
+            return self._platform
+
+    def _cgroup_manager(self) -> CgroupManager:
+        with self._lock:
+            if self._cgroups is None:
+                self._cgroups = CgroupManager()
+                self._cgroups.sweep()
+                _sweep_state(self._root)
+                _sweep_bundles()
+            return self._cgroups
+
+    # ---- sandboxes ----------------------------------------------------------------------
+
+    def start(self, policy: Policy) -> GvisorSandbox:
+        return self._build(policy)
+
+    def close(self) -> None:
+        self.stop_pool()
+
+    def _build(self, policy: Policy, warm: bool = False) -> GvisorSandbox:
+        from .process.runtime import _check_mount_sources  # same rules for shared paths
+
+        started = time.monotonic()
+        _check_mount_sources(policy)
+        runsc = runsc_binary()
+        if runsc is None:
+            raise SandboxStartError("runsc is not installed (apt install runsc)")
+        platform = self.platform()
+        manager = self._cgroup_manager()
+        container_id = f"stockade-{os.getpid()}-{next(_counter)}"
+        bundle = tempfile.mkdtemp(prefix=f"{BUNDLE_PREFIX}{os.getpid()}-")
+        os.chmod(bundle, 0o711)  # noqa: S103 - traversable, not listable: runsc's gofer reads the rootfs
+        cgroup: IsolateCgroup | None = None
+        host, guest = socket.socketpair()
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            _write_bundle(bundle, policy, warm)
+            cgroup = manager.create() if manager.layout.version != "none" else None
+            unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
+            if cgroup is not None:
+                unenforced = _apply_limits(cgroup, policy)
+            os.makedirs(self._root, mode=0o700, exist_ok=True)
+            cmd = [
+                runsc, f"--root={self._root}", f"--platform={platform}", "--network=none", "--ignore-cgroups",
+                f"--debug-log={bundle}/logs/", "--strace", f"--strace-syscalls={TRACED}",
+                "run", "--bundle", bundle, "--pid-file", f"{bundle}/pid", container_id,
+            ]  # fmt: skip
+            # A shell puts itself in the isolate's cgroup, then becomes runsc: every
+            # process runsc starts (Sentry, gofer) is born inside the limits.
+            joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
+            with open(os.path.join(bundle, "runsc.err"), "ab") as err:
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", f'{joins} exec "$@"', "stockade-gvisor", *cmd],
+                    stdin=guest.fileno(),
+                    stdout=guest.fileno(),
+                    stderr=err,
+                    start_new_session=True,
+                )
+            guest.close()
+            sandbox = GvisorSandbox(policy, host, 0.0, proc, container_id, bundle, self._root, cgroup)
+            try:
+                sandbox.ping(timeout=START_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - any failure here is a failed start, with runsc's words
+                raise SandboxStartError(f"gVisor sandbox did not start: {_tail(bundle)} ({exc})") from None
+            sandbox.attach_sentry()
+            sandbox.unenforced_limits = unenforced
+            sandbox.cold_start_ms = (time.monotonic() - started) * 1000
+            return sandbox
+        except BaseException:
+            guest.close()
+            host.close()
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            _runsc_delete(self._root, container_id)
+            if cgroup is not None:
+                cgroup.kill()
+                cgroup.remove()
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+
+
+def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
+    # The group holds gVisor itself (the Sentry's and gofer's host threads) as
+    # well as one host task per sandboxed thread: leave gVisor its own tasks on
+    # top of the policy's (the policy's count is also an RLIMIT_NPROC inside).
+    # Under the ptrace platform each sandboxed process is several host tasks, so the
+    # group's count is a generous backstop; RLIMIT_NPROC inside is the exact limit.
+    return cgroup.apply_limits(policy.memory_mb, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit)
+
+
+def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
+    rootfs = os.path.join(bundle, "rootfs")
+    os.makedirs(os.path.join(bundle, "logs"))
+    for name in ("usr", "proc", "dev", "tmp", "work", "etc", "opt/stockade/agent"):
+        os.makedirs(os.path.join(rootfs, name), mode=0o755)
+    for name in ("bin", "sbin", "lib", "lib64"):
+        host = "/" + name
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), os.path.join(rootfs, name))
+    etc = os.path.join(rootfs, "etc")
+    files = {
+        "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/work:/bin/sh\n",
+        "group": "root:x:0:\nsandbox:x:1000:\n",
+        "hosts": "127.0.0.1\tlocalhost stockade\n::1\tlocalhost\n",
+        "hostname": "stockade\n",
+        "resolv.conf": "# stockade: no name servers inside the sandbox\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+    }
+    for name, text in files.items():
+        with open(os.path.join(etc, name), "w") as f:
+            f.write(text)
+    if os.path.isfile("/etc/ld.so.cache"):
+        shutil.copyfile("/etc/ld.so.cache", os.path.join(etc, "ld.so.cache"))
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nosuid", "nodev"]},
+        {"destination": AGENT_MOUNT + "/agent", "type": "bind", "source": os.path.join(AGENT_PARENT, "agent"),
+         "options": ["rbind", "ro", "nosuid", "nodev"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=1777"]},
+        {"destination": "/work", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=0777"]},
+    ]  # fmt: skip
+    if os.path.isdir("/etc/alternatives"):
+        os.makedirs(os.path.join(etc, "alternatives"))
+        mounts.append({"destination": "/etc/alternatives", "type": "bind", "source": "/etc/alternatives",
+                       "options": ["rbind", "ro"]})  # fmt: skip
+    for m in policy.filesystem_access:
+        mounts.append({"destination": m.target, "type": "bind", "source": m.source,
+                       "options": ["rbind", "rw" if m.writable else "ro", "nosuid", "nodev"]})  # fmt: skip
+    env = {**BASE_ENV, "STOCKADE_AGENT_FD": "stdio", "STOCKADE_AGENT_WARM": "1" if warm else "0"}
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 1000, "gid": 1000},
+            "args": [SYSTEM_PYTHON, "-I", "-c", _BOOT],
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": "/work",
+            "noNewPrivileges": True,
+            "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "rlimits": [
+                {"type": "RLIMIT_NOFILE", "hard": policy.max_open_files, "soft": policy.max_open_files},
+                {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+                {"type": "RLIMIT_NPROC", "hard": policy.pids_limit, "soft": policy.pids_limit},
+                {"type": "RLIMIT_FSIZE", "hard": policy.max_file_size_mb << 20, "soft": policy.max_file_size_mb << 20},
+            ],
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "stockade",
+        "mounts": mounts,
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
+    }
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _tail(bundle: str) -> str:
+    try:
+        with open(os.path.join(bundle, "runsc.err"), "rb") as f:
+            text = f.read()[-600:].decode(errors="replace").strip()
+        return text or "runsc said nothing"
+    except OSError:
+        return "runsc said nothing"
+
+
+def _runsc_version(runsc: str) -> str:
+    try:
+        out = subprocess.run([runsc, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+        return out.splitlines()[0].removeprefix("runsc version ").strip() if out else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _platform_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "stockade", "gvisor-platform.json")
+
+
+def _choose_platform(root: str) -> str:
+    forced = os.environ.get("STOCKADE_GVISOR_PLATFORM")
+    if forced:
+        return forced
+    runsc = runsc_binary()
+    if runsc is None:
+        raise SandboxStartError("runsc is not installed (apt install runsc)")
+    key = f"{_runsc_version(runsc)} {os.uname().release}"
+    cache = _platform_cache()
+    with contextlib.suppress(OSError, ValueError):
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return str(cached["platform"])
+    listed = subprocess.run([runsc, "platforms"], capture_output=True, text=True, timeout=10, check=False).stdout
+    candidates = [p for p in ("systrap", "kvm") if p in listed.split()]
+    chosen = "ptrace"
+    for candidate in candidates:
+        if candidate == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            continue
+        if _probe_platform(runsc, root, candidate):
+            chosen = candidate
+            break
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with open(cache, "w") as f:
+            json.dump({"key": key, "platform": chosen, "tried": candidates}, f)
+    return chosen
+
+
+def _probe_platform(runsc: str, root: str, platform: str) -> bool:
+    """Can ``platform`` run /usr/bin/true? (KVM can hang on some hosts: bounded by a timeout.)"""
+    bundle = tempfile.mkdtemp(prefix="stockade-gvisor-probe-")
+    container_id = f"stockade-probe-{os.getpid()}-{platform}"
+    try:
+        _write_bundle(bundle, default_policy(), warm=False)
+        with open(os.path.join(bundle, "config.json")) as f:
+            config = json.load(f)
+        config["process"]["args"] = ["/usr/bin/true"]
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(config, f)
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        proc = subprocess.Popen(
+            [runsc, f"--root={root}", f"--platform={platform}", "--network=none", "--ignore-cgroups",
+             "run", "--bundle", bundle, container_id],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            return proc.wait(timeout=PLATFORM_PROBE_TIMEOUT_S) == 0
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return False
+    finally:
+        _runsc_delete(root, container_id)
+        shutil.rmtree(bundle, ignore_errors=True)
+
+
+_STATE = re.compile(r"(?:^|:)(stockade-(\d+)-\d+)\.(?:state|lock)$")
+
+
+def _sweep_state(root: str) -> None:
+    """Delete containers whose stockade process is gone (a SIGKILLed host's leftovers)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        match = _STATE.search(name)
+        if match is None:
+            continue
+        base, pid = match.group(1), int(match.group(2))
+        if pid_alive(pid):
+            continue  # its owner lives
+        _runsc_delete(root, base)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(root, name))  # what runsc delete could not remove
+
+
+def _sweep_bundles() -> None:
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if not name.startswith(BUNDLE_PREFIX):
+            continue
+        pid = name[len(BUNDLE_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)

@@ -1,0 +1,227 @@
+"""Attacks on the gvisor runtime's boundaries, and its leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import stockade
+from stockade import ExecResult, Policy, Sandbox
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+
+
+@pytest.fixture
+def gvisor(manager: RuntimeManager) -> str:
+    require("gvisor")
+    return "gvisor"
+
+
+@pytest.fixture
+def sb(gvisor: str, manager: RuntimeManager) -> Iterator[Sandbox]:
+    with Sandbox(Policy(runtime="gvisor", timeout_seconds=30), manager=manager) as sandbox:
+        yield sandbox
+
+
+def run(manager: RuntimeManager, code: str, **policy: object) -> ExecResult:
+    policy.setdefault("timeout_seconds", 30)
+    return stockade.run_code(code, runtime="gvisor", manager=manager, **policy)
+
+
+LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+
+def test_unprivileged_without_capabilities(sb: Sandbox) -> None:
+    status = sb.exec(["cat", "/proc/self/status"]).stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["Uid"].split()[0] == "1000"
+    assert fields["CapEff"].strip() == "0000000000000000"
+    # gVisor's status file has no NoNewPrivs line: ask prctl(PR_GET_NO_NEW_PRIVS).
+    assert sb.run_code(LIBC + "print(libc.prctl(39, 0, 0, 0, 0))").stdout.strip() == "1"
+
+
+def test_host_files_are_invisible(sb: Sandbox) -> None:
+    marker = f"/tmp/stockade-gv-marker-{random.randrange(10**9)}"
+    with open(marker, "w") as f:
+        f.write("secret")
+    try:
+        code = (
+            f"import os\nfor p in ('/root', '/home', '/etc/shadow', '/var', '{marker}'):\n    print(os.path.exists(p))"
+        )
+        assert set(sb.run_code(code).stdout.split()) == {"False"}
+    finally:
+        os.unlink(marker)
+
+
+def test_read_only_root_and_usr(sb: Sandbox) -> None:
+    for path in ("/usr/x", "/etc/passwd", "/newdir"):
+        r = sb.run_code(f"open({path!r}, 'w')")
+        assert r.exit_code == 1 and ("Read-only" in r.stderr or "Permission denied" in r.stderr), r.stderr
+
+
+def test_it_is_really_gvisor(sb: Sandbox) -> None:
+    # gVisor's own kernel answers, not the host's.
+    out = sb.exec(["cat", "/proc/version"]).stdout
+    with open("/proc/version") as f:
+        assert out != f.read()
+
+
+@pytest.fixture
+def host_server() -> Iterator[int]:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(0.2)
+    hits: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                srv.accept()[0].close()
+                hits.append(1)
+            except OSError:
+                continue
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    srv.close()
+    assert hits == [], "a gVisor sandbox reached the host's loopback"
+
+
+def test_host_network_unreachable(sb: Sandbox, host_server: int) -> None:
+    r = sb.run_code(
+        "import socket\n"
+        f"try:\n    socket.create_connection(('127.0.0.1', {host_server}), timeout=2); print('CONNECTED')\n"
+        "except OSError as e:\n    print('refused')"
+    )
+    assert r.stdout.strip() == "refused"
+    interfaces = [line.split(":")[0].strip() for line in sb.exec(["cat", "/proc/net/dev"]).stdout.splitlines()[2:]]
+    assert interfaces == ["lo"]
+
+
+@pytest.mark.parametrize(
+    ("syscall", "call"),
+    [
+        ("mount", "libc.mount(b'x', b'/tmp', b'tmpfs', 0, None)"),
+        ("ptrace", "libc.ptrace(16, 1, 0, 0)"),
+        ("kexec_load", "libc.syscall(246, 0, 0, 0, 0)"),
+        ("bpf", "libc.syscall(321, 5, 0, 0)"),
+        ("init_module", "libc.syscall(175, 0, 0, b'')"),
+    ],
+)
+def test_dangerous_syscalls_fail_and_gvisor_reports_them(sb: Sandbox, syscall: str, call: str) -> None:
+    r = sb.run_code(LIBC + f"print({call}, ctypes.get_errno())")
+    rc, errno_ = r.stdout.split()
+    assert rc == "-1" and errno_ in ("1", "38"), r.stdout  # EPERM, or ENOSYS where gVisor has no such call
+    found = [v for v in r.security_violations if v.syscall == syscall]
+    assert found and found[0].detection_layer == "GVISOR" and found[0].blocked
+
+
+def test_namespace_tricks_stay_inside_gvisor(sb: Sandbox) -> None:
+    r = sb.run_code(LIBC + "print(libc.unshare(0x10000000), open('/proc/self/status').read().count('CapEff'))")
+    reports = [v for v in r.security_violations if v.syscall == "unshare"]
+    assert reports and reports[0].detection_layer == "GVISOR"
+    if not reports[0].blocked:  # allowed by gVisor's own kernel: the report must say it never reached the host
+        assert "never reached the host" in reports[0].description
+
+
+def test_fork_bomb_contained(gvisor: str, manager: RuntimeManager) -> None:
+    r = run(
+        manager,
+        "import os, time\ncount = 0\nwhile True:\n    try:\n        if os.fork() == 0:\n            time.sleep(60)\n"
+        "        count += 1\n    except OSError:\n        print('limit at', count); break",
+        pids_limit=16,
+    )
+    assert r.stdout.startswith("limit at") and int(r.stdout.split()[-1]) < 16
+
+
+def test_memory_bomb(gvisor: str, manager: RuntimeManager) -> None:
+    r = run(manager, "x = []\nwhile True:\n    x.append(bytearray(8 << 20))", memory_mb=128)
+    assert r.termination_reason == "memory_limit" and not r.success
+
+
+def test_timeout(gvisor: str, manager: RuntimeManager) -> None:
+    r = run(
+        manager, "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: pass", timeout_seconds=1
+    )
+    assert r.termination_reason == "timeout"
+
+
+def test_disk_cap(gvisor: str, manager: RuntimeManager) -> None:
+    r = run(manager, "open('/tmp/f', 'wb').write(b'x' * (20 << 20))", disk_mb=8)
+    assert r.exit_code == 1 and "No space left" in r.stderr
+
+
+def _runsc_processes(container_id: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if container_id.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_close_leaves_nothing_behind(gvisor: str, manager: RuntimeManager) -> None:
+    sandbox = Sandbox(Policy(runtime="gvisor"), manager=manager)
+    inner = sandbox._sandbox
+    container_id, bundle, root = inner.container_id, inner.bundle, inner.root  # type: ignore[attr-defined]
+    cgroups = list(inner.cgroup.dirs.values()) if inner.cgroup else []  # type: ignore[attr-defined]
+    sandbox.exec(["sh", "-c", "(sleep 600 &) ; echo"])
+    assert _runsc_processes(container_id)
+    sandbox.close()
+    deadline = time.monotonic() + 10
+    while _runsc_processes(container_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _runsc_processes(container_id) == []
+    assert not os.path.exists(bundle)
+    assert not any(container_id in n for n in os.listdir(root))
+    for d in cgroups:
+        assert not os.path.exists(d)
+
+
+HOST = r"""
+import json, stockade
+from stockade.runtimes.manager import RuntimeManager
+sb = stockade.Sandbox(runtime="gvisor", manager=RuntimeManager(pool_size=0))
+inner = sb._sandbox
+print(json.dumps({"id": inner.container_id, "bundle": inner.bundle, "root": inner.root}), flush=True)
+sb.exec(["sleep", "3600"])
+"""
+
+
+def test_sigkilled_host_leaves_no_sandbox_and_sweep_cleans(gvisor: str) -> None:
+    host = subprocess.Popen([sys.executable, "-c", HOST], stdout=subprocess.PIPE, text=True)
+    assert host.stdout is not None
+    info = json.loads(host.stdout.readline())
+    time.sleep(0.3)
+    os.kill(host.pid, signal.SIGKILL)
+    host.wait(10)
+    deadline = time.monotonic() + 15
+    while _runsc_processes(info["id"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _runsc_processes(info["id"]) == [], "gVisor outlived its host"
+    fresh = RuntimeManager(pool_size=0)
+    try:
+        with fresh.get("gvisor").start(Policy()) as sandbox:  # the start sweeps
+            assert sandbox.exec(["true"]).success
+    finally:
+        fresh.close()
+    assert not os.path.exists(info["bundle"])
+    assert not any(info["id"] in n for n in os.listdir(info["root"]))
