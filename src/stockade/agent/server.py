@@ -15,25 +15,33 @@ the host's end of the connection closes.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import builtins
 import errno
 import io
-import json
 import os
 import resource
 import select
-import signal
-import socket
 import stat
 import sys
 import time
-import traceback
 import types
-from collections.abc import Callable
-from typing import Any
 
-from . import wire
+from . import jsoncodec, wire
+
+# Imports cost real time inside gVisor (every file the interpreter opens goes
+# through its gofer): the agent avoids typing, base64 (which pulls in re) and
+# traceback (loaded only on the error path), enum (behind signal and socket),
+# and parses JSON with jsoncodec.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    import socket
+    from collections.abc import Callable
+    from typing import Any
+else:  # the C modules behind signal and socket: their Python wrappers import enum
+    import _signal as signal
+    import _socket as socket
 
 READ_CHUNK = 65536
 DEFAULT_MAX_OUTPUT = 1024 * 1024
@@ -73,6 +81,7 @@ class Agent:
         # re-parented to us as pid 1, discarded spares) is reaped and forgotten.
         self._watched: set[int] = set()
         self._spare: _Runner | None = None  # a python runner forked ahead of the next run_code
+        self._answered = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -89,7 +98,10 @@ class Agent:
 
     def serve(self) -> None:
         while True:
-            if self._spare is None and not self._request_pending():
+            # Before the first request the agent only answers: a runtime that
+            # starts it on demand waits for that first answer (fork is slow
+            # under gVisor). Afterwards, idle time goes into the next runner.
+            if self._spare is None and self._answered and not self._request_pending():
                 self.prepare_spare()
             ready, _, _ = select.select([self.conn.fileno(), self._wake_r], [], [])
             if self._wake_r in ready:
@@ -106,6 +118,7 @@ class Agent:
                         wire.send_message(self.conn, reply)
                     except OSError:
                         return
+                    self._answered = True
 
     def handle(self, payload: bytes) -> dict[str, Any] | None:
         msg_id = None
@@ -199,7 +212,7 @@ class Agent:
             data = f.read(limit + 1)
         return {
             "path": path,
-            "data": base64.b64encode(data[:limit]).decode(),
+            "data": _b64encode(data[:limit]),
             "truncated": len(data) > limit,
         }
 
@@ -225,7 +238,7 @@ class Agent:
             self.exited.pop(runner.pid, None)
             for fd in (runner.out_r, runner.err_r, runner.in_w):
                 os.close(fd)
-            report = json.loads(failure)
+            report = jsoncodec.loads(failure)
             what = argv[0] if report.get("what") == "exec" else f"in {report.get('where')}"
             raise wire.RPCError(wire.INVALID_PARAMS, f"cannot execute {what!r}: {os.strerror(report['errno'])}", report)
         return runner.pid, runner.out_r, runner.err_r, runner.in_w
@@ -252,7 +265,7 @@ class Agent:
         descriptor but 0-2 before running anything, so the code cannot reach
         the host connection.
         """
-        payload = json.dumps(job).encode()
+        payload = jsoncodec.dumps(job).encode()
         runner, self._spare = self._spare, None
         if runner is not None:
             self._watched.add(runner.pid)
@@ -323,8 +336,8 @@ class Agent:
         status = run.status if run.status is not None else 0
         return {
             "exit_code": os.waitstatus_to_exitcode(status),
-            "stdout": base64.b64encode(b"".join(run.buffers["stdout"])).decode(),
-            "stderr": base64.b64encode(b"".join(run.buffers["stderr"])).decode(),
+            "stdout": _b64encode(b"".join(run.buffers["stdout"])),
+            "stderr": _b64encode(b"".join(run.buffers["stderr"])),
             "timed_out": run.timed_out,
             "output_truncated": run.output_truncated,
             "duration": time.monotonic() - started,
@@ -385,7 +398,7 @@ class Agent:
         if chunk:
             run.buffers[name].append(chunk)
             if run.stream:
-                note = wire.notification("output", {"stream": name, "data": base64.b64encode(chunk).decode()})
+                note = wire.notification("output", {"stream": name, "data": _b64encode(chunk)})
                 wire.send_message(self.conn, note)
 
 
@@ -444,7 +457,7 @@ def _runner_main(in_r: int, out_w: int, err_w: int, job_r: int, report_w: int, w
         os.close(3)
         if not raw:
             os._exit(0)  # a discarded spare
-        job = json.loads(raw)
+        job = jsoncodec.loads(raw)
     except BaseException:  # noqa: BLE001
         os._exit(126)
     where = "cwd"
@@ -461,7 +474,7 @@ def _runner_main(in_r: int, out_w: int, err_w: int, job_r: int, report_w: int, w
             os.execvpe(job["argv"][0], job["argv"], job["env"])  # noqa: S606 - no shell, by design
     except OSError as exc:
         report = {"errno": exc.errno or 0, "what": where, "where": job.get("cwd")}
-        os.write(4, json.dumps(report).encode())
+        os.write(4, jsoncodec.dumps(report).encode())
         os._exit(127)
     except BaseException:  # noqa: BLE001
         os._exit(126)
@@ -506,9 +519,9 @@ def _warm_up() -> None:
     of pages: doing it while idle moves milliseconds off the critical path.
     """
     sample = {"code": "pass", "env": {"K": "v"}, "cwd": "/", "limits": {"max_open_files": 1}}
-    payload = json.dumps(wire.request("run_code", sample, 1)).encode()
-    json.loads(payload)
-    base64.b64decode(base64.b64encode(payload))
+    payload = jsoncodec.dumps(wire.request("run_code", sample, 1)).encode()
+    jsoncodec.loads(payload)
+    _b64decode(_b64encode(payload))
     exec(compile("pass", "<string>", "exec"), {"__name__": "__warm__"})  # noqa: S102
     types.ModuleType("__warm__")
     wire.encode_message(wire.response(1, {"exit_code": 0, "stdout": "", "duration": 0.0}))
@@ -534,6 +547,8 @@ def _exec_python_source(code: str) -> int:
             print(exc.code, file=sys.stderr)
             status = 1
     except BaseException:  # noqa: BLE001 - report like the interpreter does
+        import traceback
+
         traceback.print_exc()
         status = 1
     for stream in (sys.stdout, sys.stderr):
@@ -601,7 +616,7 @@ def _b64_param(params: dict[str, Any], name: str) -> bytes:
     if not isinstance(value, str):
         raise wire.RPCError(wire.INVALID_PARAMS, f"{name} must be a base64 string")
     try:
-        return base64.b64decode(value, validate=True)
+        return _b64decode(value)
     except ValueError:
         raise wire.RPCError(wire.INVALID_PARAMS, f"{name} is not valid base64") from None
 
@@ -633,9 +648,22 @@ def main() -> None:
     conn = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
     agent = Agent(conn, dict(os.environ))
-    agent.prepare_spare(warm=warm)
+    if warm:
+        agent.prepare_spare(warm=True)
     agent.serve()
 
 
 if __name__ == "__main__":
     main()
+
+
+def _b64encode(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64 (like ``base64.b64decode(validate=True)``); ValueError when malformed."""
+    try:
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError(str(exc)) from None

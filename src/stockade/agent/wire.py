@@ -11,10 +11,14 @@ This module is stdlib-only: it is imported by the agent inside isolates (run by
 
 from __future__ import annotations
 
-import json
-import socket
 import struct
-from typing import Any
+
+from . import jsoncodec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Any
 
 MAX_FRAME = 10 * 1024 * 1024
 VSOCK_PORT = 5252  # seed 001: the agent's port where vsock exists
@@ -56,7 +60,7 @@ def encode_frame(payload: bytes) -> bytes:
 
 
 def encode_message(message: dict[str, Any]) -> bytes:
-    return encode_frame(json.dumps(message, separators=(",", ":")).encode())
+    return encode_frame(jsoncodec.dumps(message).encode())
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -88,7 +92,7 @@ def read_frame(sock: socket.socket) -> bytes:
 def decode_payload(payload: bytes) -> Any:
     """Bytes to JSON; RPCError(PARSE_ERROR) for bad UTF-8 or bad JSON."""
     try:
-        return json.loads(payload.decode("utf-8"))
+        return jsoncodec.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise RPCError(PARSE_ERROR, "Parse error", str(exc)) from None
 

@@ -63,7 +63,15 @@ _STRACE_EXIT = re.compile(
 )
 _UNSUPPORTED = re.compile(r"Unsupported syscall (\w+)\(")
 _counter = iter(range(1, 1 << 62))
-_BOOT = f"import sys; sys.path.insert(0, {AGENT_MOUNT!r}); from agent import server; server.main()"
+# -S skips site (slow under gVisor); the site directories Debian's python3 would
+# add are appended by hand so that code run in the sandbox finds the same packages.
+_BOOT = (
+    "import sys; v = '%d.%d' % sys.version_info[:2]; "
+    f"sys.path.insert(0, {AGENT_MOUNT!r}); "
+    "sys.path += ['/usr/local/lib/python%s/dist-packages' % v, '/usr/lib/python3/dist-packages', "
+    "'/usr/lib/python%s/dist-packages' % v]; "
+    "from agent import server; server.main()"
+)
 
 
 def gvisor_shape(policy: Policy) -> tuple[Any, ...]:
@@ -404,7 +412,7 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         "process": {
             "terminal": False,
             "user": {"uid": 1000, "gid": 1000},
-            "args": [SYSTEM_PYTHON, "-I", "-c", _BOOT],
+            "args": [SYSTEM_PYTHON, "-I", "-S", "-c", _BOOT],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/work",
             "noNewPrivileges": True,

@@ -1,0 +1,106 @@
+"""Cold start and warm exec per runtime, next to the raw tool, in one run.
+
+- gvisor: `runsc --network=none do /usr/bin/python3 -I -c pass` (raw) against
+  stockade's cold start of a gVisor sandbox (runsc run + the agent answering)
+  and a one-shot `run_code("pass")` on it; exec of `true` in a held sandbox.
+- process: the same rows, for comparison.
+- microvm: reported as unavailable until the runtime exists.
+
+Targets (issue 3): gvisor cold start <= 1.15x raw `runsc do`; microvm start from
+the pool or snapshot <= 0.2x a cold boot; exec in a warm microVM <= 50 ms.
+
+    .venv/bin/python bench/runtimes.py [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+from stockade import Policy
+from stockade.runtimes.manager import RuntimeManager
+
+
+def measure(fn: Callable[[], object], runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    rows: list[tuple[str, list[float]]] = []
+    manager = RuntimeManager(pool_size=0)
+    notes: list[str] = []
+
+    runsc = shutil.which("runsc")
+    gvisor = manager.cached_availability("gvisor")
+    if runsc and gvisor.available:
+        root = tempfile.mkdtemp(prefix="stockade-bench-runsc-")
+        raw = [runsc, f"--root={root}", "--network=none", f"--platform={gvisor.details['platform']}", "do",
+               "/usr/bin/python3", "-I", "-c", "pass"]  # fmt: skip
+        rows.append(("raw `runsc do python3 -I -c pass`", measure(lambda: subprocess.run(raw, check=True), args.runs)))
+        shutil.rmtree(root, ignore_errors=True)
+        runtime = manager.get("gvisor")
+
+        def cold() -> None:
+            sandbox = runtime.start(Policy())
+            sandbox.close()
+
+        starts: list[float] = []
+
+        def cold_recorded() -> None:
+            sandbox = runtime.start(Policy())
+            starts.append(sandbox.cold_start_ms)
+            sandbox.close()
+
+        measure(cold_recorded, args.runs)
+        rows.append(("gvisor: stockade cold start (runsc run + agent ready)", starts))
+        with runtime.start(Policy()) as held:
+            held.exec(["true"])
+            rows.append(("gvisor: exec `true` in a warm sandbox", measure(lambda: held.exec(["true"]), args.runs * 2)))
+            rows.append(("gvisor: run_code('pass') in a warm sandbox",
+                         measure(lambda: held.run_code("pass"), args.runs * 2)))  # fmt: skip
+    else:
+        notes.append(f"gvisor: {gvisor.reason}")
+
+    process = manager.get("process")
+    process.start(Policy()).close()  # the zygote is up
+    rows.append(("process: cold start", [process.start(Policy()).cold_start_ms for _ in range(args.runs)]))
+    with process.start(Policy()) as held:
+        rows.append(("process: exec `true` in a warm sandbox", measure(lambda: held.exec(["true"]), args.runs * 2)))
+    notes.append(f"microvm: {manager.cached_availability('microvm').reason}")
+    manager.close()
+
+    print(f"\n| {'what':<56} | {'p50 ms':>8} | {'p95 ms':>8} |")
+    print(f"|{'-' * 58}|{'-' * 10}|{'-' * 10}|")
+    for name, values in rows:
+        print(f"| {name:<56} | {statistics.median(values):8.2f} | {pct(values, 0.95):8.2f} |")
+    table = dict(rows)
+    raw_name = "raw `runsc do python3 -I -c pass`"
+    if raw_name in table:
+        ratio = statistics.median(table["gvisor: stockade cold start (runsc run + agent ready)"]) / statistics.median(
+            table[raw_name]
+        )
+        print(f"\ngvisor cold start <= 1.15x raw runsc do: {ratio:.2f}x {'OK' if ratio <= 1.15 else 'MISSED'}")
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
