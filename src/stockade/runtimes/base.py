@@ -12,7 +12,6 @@ when the graceful path fails; they are context managers.
 from __future__ import annotations
 
 import abc
-import asyncio
 import base64
 import os
 import select
@@ -22,12 +21,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..agent import wire
 from ..errors import AgentProtocolError, SandboxClosedError, SandboxError, agent_error
 from ..policy import Policy
 from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason
+
+if TYPE_CHECKING:
+    import asyncio
 
 OutputCallback = Callable[[str, bytes], None]
 
@@ -387,6 +389,8 @@ class AgentSandbox(abc.ABC):
             raise SandboxError("another call to this sandbox is in progress")
         try:
             msg_id, frame = self._request(method, params)
+            import asyncio
+
             loop = asyncio.get_running_loop()
             self.conn.setblocking(False)
             try:
