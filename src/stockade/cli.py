@@ -3,6 +3,8 @@
     stockade run [policy flags] [--json] -- CMD ARGS...
     stockade exec-code [--language python|bash] [policy flags] [--json] (CODE | -f FILE | -)
     stockade doctor [--json]
+    stockade start --name NAME [--restart no|on-failure|always] [policy flags] -- CMD ARGS...
+    stockade status [NAME] | ps | logs NAME | stop NAME
     stockade serve [--socket PATH]
     stockade token new [--file F]
 
@@ -245,6 +247,79 @@ def cmd_token_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_start(args: argparse.Namespace) -> int:
+    from . import components
+    from .errors import StockadeError
+
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    try:
+        policy = _build_policy(args).model_dump(mode="json", exclude_defaults=True)
+        # A component runs until stopped: its policy's timeout does not apply to it.
+        policy.pop("timeout_seconds", None)
+        store = components.ComponentStore()
+        components.start(components.check_name(args.name), argv, policy, args.restart, store)
+        state = store.state(args.name)
+    except (StockadeError, OSError) as exc:
+        return _fail(str(exc))
+    print(_component_line(state))
+    return 1 if state.status == "failed" else 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from . import components
+    from .errors import StockadeError
+
+    try:
+        state = components.stop(args.name, components.ComponentStore())
+    except (StockadeError, OSError) as exc:
+        return _fail(str(exc))
+    print(_component_line(state))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from . import components
+    from .errors import StockadeError
+
+    store = components.ComponentStore()
+    try:
+        states = [store.state(n) for n in ([args.name] if args.name else store.names())]
+    except (StockadeError, OSError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps([asdict(s) for s in states], indent=2))
+    elif not states:
+        print("no components")
+    else:
+        print(f"{'NAME':<20} {'STATUS':<9} {'RUNTIME':<8} {'RESTARTS':>8}  {'UPTIME':>8}  DETAIL")
+        for state in states:
+            print(_component_line(state))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from . import components
+    from .errors import StockadeError
+
+    try:
+        sys.stdout.buffer.write(components.read_log(args.name, components.ComponentStore(), args.tail_bytes))
+    except (StockadeError, OSError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _component_line(state: Any) -> str:
+    import time
+
+    uptime = f"{time.time() - state.started_at:.0f}s" if state.status == "running" and state.started_at else "-"
+    detail = state.error or (f"exit {state.exit_code}" if state.exit_code is not None else "")
+    return f"{state.name:<20} {state.status:<9} {state.runtime or '-':<8} {state.restarts:>8}  {uptime:>8}  {detail}"
+
+
 def _early_zygote(args: argparse.Namespace) -> Any:
     if args.runtime not in (None, "process") or args.isolation not in (None, "process") or args.trust:
         return None
@@ -310,6 +385,31 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_flags(code)
     code.add_argument("code", nargs="?", help="the code, or - to read it from standard input")
     code.set_defaults(func=cmd_exec_code)
+
+    start = sub.add_parser("start", help="keep a command running in its own isolate (a component)")
+    start.add_argument("--name", required=True, help="the component's name")
+    start.add_argument("--restart", choices=["no", "on-failure", "always"], default="no", help="restart policy")
+    _policy_flags(start)
+    start.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    start.set_defaults(func=cmd_start)
+
+    stop = sub.add_parser("stop", help="stop a component and release its isolate")
+    stop.add_argument("name")
+    stop.set_defaults(func=cmd_stop)
+
+    for verb in ("status", "ps"):
+        status = sub.add_parser(verb, help="components and their status")
+        if verb == "status":
+            status.add_argument("name", nargs="?")
+        else:
+            status.set_defaults(name=None)
+        status.add_argument("--json", action="store_true")
+        status.set_defaults(func=cmd_status)
+
+    logs = sub.add_parser("logs", help="what a component wrote")
+    logs.add_argument("name")
+    logs.add_argument("--tail-bytes", type=int, help="only the last N bytes")
+    logs.set_defaults(func=cmd_logs)
 
     serve = sub.add_parser("serve", help="run the daemon (Unix-socket RPC)")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $STOCKADE_SOCKET)")

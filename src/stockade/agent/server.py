@@ -60,8 +60,9 @@ _RLIMITS = {
 class _Run:
     """Book-keeping of one running command: its pid, pipes and collected output."""
 
-    def __init__(self, pid: int, out_fd: int, err_fd: int, max_output: int, stream: bool) -> None:
+    def __init__(self, pid: int, out_fd: int, err_fd: int, max_output: int, stream: bool, collect: bool) -> None:
         self.pid = pid
+        self.collect = collect  # False: stream only (long-lived components), no buffer, no output cap
         self.fds = {out_fd: "stdout", err_fd: "stderr"}
         self.buffers: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self.total = 0
@@ -328,7 +329,8 @@ class Agent:
         stdin = _b64_param(params, "stdin") if params.get("stdin") else b""
         started = time.monotonic()
         pid, out_r, err_r, in_w = spawn()
-        run = _Run(pid, out_r, err_r, max_output, bool(params.get("stream")))
+        collect = params.get("collect", True) is not False
+        run = _Run(pid, out_r, err_r, max_output, bool(params.get("stream")) or not collect, collect)
         if in_w is not None:
             _feed_stdin(in_w, stdin)
         deadline = started + timeout if timeout else None
@@ -387,6 +389,10 @@ class Agent:
         if not chunk:
             os.close(fd)
             del run.fds[fd]
+            return
+        if not run.collect:
+            note = wire.notification("output", {"stream": name, "data": _b64encode(chunk)})
+            wire.send_message(self.conn, note)
             return
         room = run.max_output - run.total
         if len(chunk) > room:

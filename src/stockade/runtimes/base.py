@@ -36,6 +36,8 @@ OutputCallback = Callable[[str, bytes], None]
 # How long past the policy's timeout the host waits for the agent's own verdict
 # before it kills the isolate itself.
 HOST_TIMEOUT_GRACE_S = 2.0
+UNBOUNDED = float("inf")  # exec(timeout=UNBOUNDED): run until it ends or the sandbox closes
+_FOREVER_S = 10.0 * 365 * 24 * 3600
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 
 
@@ -260,8 +262,25 @@ class AgentSandbox(abc.ABC):
         on_output: OutputCallback | None,
     ) -> _PendingRun:
         policy = self.policy
-        timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
         raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
+        if timeout == UNBOUNDED:
+            # A long-lived component: no deadline, output streamed and never cut.
+            params.update(
+                {
+                    "env": {**policy.environment, **(env or {})},
+                    "stdin": base64.b64encode(raw_stdin).decode() if raw_stdin else "",
+                    "stream": True,
+                    "collect": False,
+                    "limits": {
+                        "max_file_size_bytes": policy.max_file_size_mb * 1024 * 1024,
+                        "max_open_files": policy.max_open_files,
+                        "max_processes": policy.pids_limit,
+                    },
+                }
+            )
+            before, self.baseline = self.baseline or self.usage(peak=False), None
+            return _PendingRun(params, _FOREVER_S, before, len(self.violations()), time.monotonic())
+        timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
         params.update(
             {
                 "env": {**policy.environment, **(env or {})},
