@@ -32,6 +32,7 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
 test: deps $(STAMP) lint typecheck
+	@$(BIN)/stockade image build
 	$(BIN)/pytest tests
 
 bench: $(STAMP)

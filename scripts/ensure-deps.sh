@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian/Ubuntu packages stockade needs, only those missing. Idempotent.
 set -euo pipefail
-PKGS=(python3 python3-venv python3-pip bubblewrap util-linux iproute2 procps socat runsc)
+PKGS=(python3 python3-venv python3-pip bubblewrap util-linux iproute2 procps socat runsc qemu-system-x86)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

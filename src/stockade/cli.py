@@ -6,6 +6,7 @@
     stockade start --name NAME [--restart no|on-failure|always] [policy flags] -- CMD ARGS...
     stockade status [NAME] | ps | logs NAME | stop NAME
     stockade serve [--socket PATH]
+    stockade image build [--force]
     stockade token new [--file F]
 
 With ``--socket`` (or ``STOCKADE_SOCKET``), run/exec-code go through the daemon;
@@ -229,6 +230,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from .errors import StockadeError
+    from .runtimes.microvm import image
+
+    try:
+        built = image.build(image.bar, force=args.force)
+    except StockadeError as exc:
+        return _fail(str(exc))
+    print(f"guest image: {built.directory} (kernel {built.kernel_version})")
+    return 0
+
+
 def cmd_token_new(args: argparse.Namespace) -> int:
     import secrets
 
@@ -414,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon (Unix-socket RPC)")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $STOCKADE_SOCKET)")
     serve.set_defaults(func=cmd_serve)
+
+    img = sub.add_parser("image", help="the microVM guest image")
+    img_sub = img.add_subparsers(dest="image_cmd", required=True)
+    build = img_sub.add_parser("build", help="build (or reuse) the guest image from Debian packages")
+    build.add_argument("--force", action="store_true", help="rebuild even if the inputs did not change")
+    build.set_defaults(func=cmd_image_build)
 
     token = sub.add_parser("token", help="manage daemon tokens")
     token_sub = token.add_subparsers(dest="token_cmd", required=True)

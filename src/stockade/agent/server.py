@@ -601,7 +601,34 @@ def _kill_group(pid: int) -> None:
                 raise
 
 
+class _DeviceConn:
+    """The slice of a socket's interface the agent uses, over a character device."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, n: int, flags: int = 0) -> bytes:
+        return os.read(self.fd, n)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def alive(self) -> bool:
+        # A virtio-serial port whose host side went away polls as hung up.
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return not any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+
+
 def _peek_alive(conn: socket.socket) -> bool:
+    alive = getattr(conn, "alive", None)
+    if alive is not None:
+        return bool(alive())
     try:
         return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except BlockingIOError:
@@ -638,6 +665,21 @@ def main() -> None:
     standard input and output.
     """
     where = os.environ.pop("STOCKADE_AGENT_FD", "3")
+    user = os.environ.pop("STOCKADE_AGENT_USER", "")
+    if where.startswith("/"):
+        # A character device (the microVM's virtio-serial port).
+        conn: Any = _DeviceConn(os.open(where, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY))
+        if user:
+            uid = int(user)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)  # from root: drops every capability too
+        warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
+        agent = Agent(conn, dict(os.environ))
+        if warm:
+            agent.prepare_spare(warm=True)
+        agent.serve()
+        return
     if where == "stdio":
         fd = os.dup(0)
         # gVisor imports stdin and stdout as two files over the one host socket and

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import threading
 from typing import Any
 
@@ -22,12 +21,6 @@ from .base import Availability, Runtime
 RUNTIME_NAMES = ("process", "gvisor", "microvm", "fake")
 LEVEL_TO_RUNTIME = {"none": "fake", "process": "process", "gvisor": "gvisor", "microvm": "microvm"}
 DEFAULT_RUNTIME = "process"
-
-
-def _planned(name: str, binary: str) -> Availability:
-    found = shutil.which(binary) or (f"/usr/bin/{binary}" if os.path.exists(f"/usr/bin/{binary}") else None)
-    where = f"{binary} found at {found}" if found else f"{binary} is not installed"
-    return Availability(name, False, name, f"not implemented in this version of stockade yet ({where})")
 
 
 class RuntimeManager:
@@ -57,7 +50,9 @@ class RuntimeManager:
 
                 runtime = GvisorRuntime(pool_size=self.pool_size)
             elif name == "microvm":
-                raise RuntimeUnavailableError(f"runtime {name!r}: {self.availability(name).reason}")
+                from .microvm.runtime import MicrovmRuntime
+
+                runtime = MicrovmRuntime(pool_size=self.pool_size)
             else:
                 raise RuntimeUnavailableError(f"unknown runtime {name!r}; known: {', '.join(RUNTIME_NAMES)}")
             self._runtimes[name] = runtime
@@ -73,8 +68,6 @@ class RuntimeManager:
             zygote.close()
 
     def availability(self, name: str) -> Availability:
-        if name == "microvm":
-            return _planned("microvm", "qemu-system-x86_64")
         return self.get(name).detect()
 
     def doctor(self) -> list[Availability]:

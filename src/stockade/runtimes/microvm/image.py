@@ -1,0 +1,304 @@
+"""``stockade image build``: the microVM's guest image, made from Debian packages.
+
+- kernel: the ``linux-image-*-amd64`` package; its ``vmlinuz`` is a bzImage
+  whose payload is an xz stream, decompressed here into the ELF ``vmlinux``
+  that QEMU boots straight through the PVH entry (no bootloader, no real-mode
+  decompression: ~2 s under TCG instead of ~4.5 s);
+- initramfs (newc cpio, written here): ``busybox`` from ``busybox-static``, the
+  virtio, virtio-serial and 9p modules from the same kernel package, the
+  guest agent's code, and ``/init``. The guest's ``/usr`` is the host's,
+  shared read-only over 9p: nothing else of the host is visible.
+
+The image lives in ``$XDG_CACHE_HOME/stockade/images/<key>`` and is rebuilt only
+when an input changes (kernel package, busybox, agent code, init script).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ...errors import SandboxStartError
+from ..process.zygote import AGENT_PARENT
+
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_console",
+    "netfs",
+    "fscache",
+    "9pnet",
+    "9pnet_virtio",
+    "9p",
+)  # fmt: skip  (load order)
+IMAGE_LAYOUT = 2  # bump when the initramfs layout changes in a way the other inputs do not show
+BUSYBOX_APPLETS = (
+    "sh", "mount", "umount", "mkdir", "insmod", "ln", "sleep", "ls", "cat", "hostname", "poweroff", "ifconfig", "chmod",
+)  # fmt: skip
+
+INIT = r"""#!/bin/sh
+# stockade microVM init: modules, mounts, then the agent on the virtio-serial port.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in __MODULES__; do insmod /modules/$m.ko || { echo "stockade: insmod $m failed"; poweroff -f; }; done
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose,noatime usr /usr || poweroff -f
+set -- $(cat /proc/cmdline)
+DISK=64
+for arg; do case "$arg" in stockade.disk=*) DISK="${arg#stockade.disk=}";; esac; done
+mount -t tmpfs -o size=${DISK}m,mode=1777,nosuid,nodev tmpfs /tmp
+mkdir -p /tmp/.work && mount --bind /tmp/.work /work 2>/dev/null || mount -t tmpfs -o size=${DISK}m tmpfs /work
+chmod 0777 /work
+for arg; do
+  case "$arg" in
+    stockade.net=loopback) ifconfig lo 127.0.0.1 up;;
+    stockade.mounts=*)
+      IFS=,; for m in ${arg#stockade.mounts=}; do
+        IFS=:; set -- $m; IFS=' '
+        mkdir -p "$2" && mount -t 9p -o trans=virtio,version=9p2000.L,$3,msize=262144,nosuid,nodev "$1" "$2"
+      done; IFS=' ';;
+  esac
+done
+hostname stockade
+i=0
+while [ ! -e /dev/vport0p1 ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
+export HOME=/work TMPDIR=/tmp LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin
+export STOCKADE_AGENT_FD=/dev/vport0p1 STOCKADE_AGENT_USER=1000
+cd /work
+/usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import server; server.main()"
+poweroff -f
+"""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    directory: str
+    kernel: str  # ELF vmlinux
+    initramfs: str
+    kernel_version: str
+
+
+def cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "stockade", "images")
+
+
+Progress = Callable[[str, float], None]
+
+
+def _quiet(step: str, fraction: float) -> None:
+    return None
+
+
+def bar(step: str, fraction: float) -> None:
+    """A one-line text progress bar on stderr."""
+    width = 30
+    done = int(width * fraction)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {fraction * 100:3.0f}% {step:<40}")
+    if fraction >= 1:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def find_image() -> GuestImage | None:
+    """The newest built image whose inputs still match, without building anything."""
+    try:
+        key = _inputs_key(_kernel_package_name(cached_only=True))
+    except SandboxStartError:
+        return None
+    return _load(os.path.join(cache_root(), key))
+
+
+def build(progress: Progress = _quiet, force: bool = False) -> GuestImage:
+    progress("looking up the kernel package", 0.02)
+    package = _kernel_package_name(cached_only=False)
+    key = _inputs_key(package)
+    target = os.path.join(cache_root(), key)
+    if not force and (image := _load(target)) is not None:
+        progress("up to date", 1.0)
+        return image
+    work = tempfile.mkdtemp(prefix="stockade-image-")
+    try:
+        progress(f"downloading {package}", 0.1)
+        kernel_deb = _download(package, work)
+        progress("downloading busybox-static", 0.35)
+        busybox_deb = _download("busybox-static", work)
+        progress("unpacking", 0.45)
+        _run(["dpkg-deb", "-x", kernel_deb, os.path.join(work, "kernel")])
+        _run(["dpkg-deb", "-x", busybox_deb, os.path.join(work, "busybox")])
+        progress("decompressing the kernel", 0.6)
+        (vmlinuz,) = glob.glob(os.path.join(work, "kernel", "boot", "vmlinuz-*"))
+        version = os.path.basename(vmlinuz).removeprefix("vmlinuz-")
+        staging = target + ".tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        _extract_vmlinux(vmlinuz, os.path.join(staging, "vmlinux"))
+        progress("writing the initramfs", 0.8)
+        _write_initramfs(work, version, os.path.join(staging, "initramfs.cpio"))
+        with open(os.path.join(staging, "manifest.json"), "w") as f:
+            json.dump({"kernel_package": package, "kernel_version": version, "key": key}, f)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        for old in os.listdir(cache_root()):  # images of older inputs are never used again
+            path = os.path.join(cache_root(), old)
+            if old != key and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+        progress("done", 1.0)
+        image = _load(target)
+        assert image is not None
+        return image
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _load(directory: str) -> GuestImage | None:
+    try:
+        with open(os.path.join(directory, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    kernel, initramfs = os.path.join(directory, "vmlinux"), os.path.join(directory, "initramfs.cpio")
+    if not (os.path.isfile(kernel) and os.path.isfile(initramfs)):
+        return None
+    return GuestImage(directory, kernel, initramfs, manifest["kernel_version"])
+
+
+def _kernel_package_name(cached_only: bool) -> str:
+    """The newest linux-image-<abi>-amd64 package apt knows of (or the one last built)."""
+    marker = os.path.join(cache_root(), "kernel-package")
+    if cached_only:
+        try:
+            with open(marker) as f:
+                return f.read().strip()
+        except OSError:
+            raise SandboxStartError("no guest image has been built yet (stockade image build)") from None
+    try:
+        out = subprocess.run(
+            ["apt-cache", "search", "--names-only", r"^linux-image-[0-9.]+-[0-9]+-amd64$"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SandboxStartError(f"cannot look up a Debian kernel package: {exc}") from None
+    names = sorted((line.split()[0] for line in out.splitlines() if line), key=_version_key)
+    if not names:
+        raise SandboxStartError("apt knows no linux-image-*-amd64 package (run apt-get update)")
+    os.makedirs(cache_root(), exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(names[-1])
+    return names[-1]
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    digits = name.removeprefix("linux-image-").removesuffix("-amd64").replace("-", ".").split(".")
+    return tuple(int(d) for d in digits if d.isdigit())
+
+
+def _inputs_key(package: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"layout {IMAGE_LAYOUT}".encode())
+    h.update(package.encode())
+    h.update(" ".join(BUSYBOX_APPLETS).encode())
+    h.update(INIT.encode())
+    h.update(" ".join(MODULES).encode())
+    agent_dir = os.path.join(AGENT_PARENT, "agent")
+    for name in sorted(os.listdir(agent_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(agent_dir, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]
+
+
+def _download(package: str, into: str) -> str:
+    _run(["apt-get", "download", package], cwd=into)
+    found = glob.glob(os.path.join(into, f"{package}_*.deb"))
+    if not found:
+        raise SandboxStartError(f"apt-get download {package} produced no .deb")
+    return found[0]
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> None:
+    try:
+        subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, check=True)
+    except subprocess.CalledProcessError as exc:
+        raise SandboxStartError(f"{' '.join(cmd)} failed: {exc.stderr.strip()[-400:]}") from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxStartError(f"{' '.join(cmd)} failed: {exc}") from None
+
+
+def _extract_vmlinux(vmlinuz: str, out: str) -> None:
+    with open(vmlinuz, "rb") as f:
+        data = f.read()
+    start = data.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        raise SandboxStartError(f"{vmlinuz} holds no xz-compressed kernel")
+    elf = lzma.LZMADecompressor().decompress(data[start:])
+    if not elf.startswith(b"\x7fELF"):
+        raise SandboxStartError(f"{vmlinuz}: the decompressed payload is not an ELF kernel")
+    with open(out, "wb") as f:
+        f.write(elf)
+
+
+def _write_initramfs(work: str, version: str, out: str) -> None:
+    modules_root = os.path.join(work, "kernel", "lib", "modules", version)
+    entries: list[tuple[str, int, bytes]] = []  # path, mode, data (symlink target for links)
+
+    def add_dir(path: str) -> None:
+        entries.append((path, stat.S_IFDIR | 0o755, b""))
+
+    for d in ("bin", "dev", "proc", "sys", "tmp", "work", "usr", "modules", "opt", "opt/stockade",
+              "opt/stockade/agent", "etc"):  # fmt: skip
+        add_dir(d)
+    for link, target in (("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "bin")):
+        entries.append((link, stat.S_IFLNK | 0o777, target.encode()))
+    with open(os.path.join(work, "busybox", "bin", "busybox"), "rb") as f:
+        entries.append(("bin/busybox", stat.S_IFREG | 0o755, f.read()))
+    for applet in BUSYBOX_APPLETS:
+        entries.append((f"bin/{applet}", stat.S_IFLNK | 0o777, b"busybox"))
+    for module in MODULES:
+        found = glob.glob(os.path.join(modules_root, "kernel", "**", f"{module}.ko"), recursive=True)
+        if not found:
+            raise SandboxStartError(f"kernel module {module}.ko is not in the kernel package")
+        with open(found[0], "rb") as f:
+            entries.append((f"modules/{module}.ko", stat.S_IFREG | 0o644, f.read()))
+    agent_dir = os.path.join(AGENT_PARENT, "agent")
+    for name in sorted(os.listdir(agent_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(agent_dir, name), "rb") as f:
+                entries.append((f"opt/stockade/agent/{name}", stat.S_IFREG | 0o644, f.read()))
+    etc = {
+        "passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/work:/bin/sh\n",
+        "group": "root:x:0:\nsandbox:x:1000:\n",
+        "hosts": "127.0.0.1\tlocalhost stockade\n",
+        "hostname": "stockade\n",
+    }
+    for name, text in etc.items():
+        entries.append((f"etc/{name}", stat.S_IFREG | 0o644, text.encode()))
+    entries.append(("init", stat.S_IFREG | 0o755, INIT.replace("__MODULES__", " ".join(MODULES)).encode()))
+    with open(out, "wb") as archive:
+        for ino, (path, mode, data) in enumerate(entries, start=1):
+            _cpio_entry(archive, ino, path, mode, data)
+        _cpio_entry(archive, 0, "TRAILER!!!", 0, b"")
+
+
+def _cpio_entry(f: BinaryIO, ino: int, name: str, mode: int, data: bytes) -> None:
+    """One entry of a newc ("070701") cpio archive, as the kernel's initramfs unpacker reads it."""
+    raw_name = name.encode() + b"\0"
+    fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw_name), 0]
+    header = b"070701" + b"".join(b"%08X" % v for v in fields)
+    f.write(header + raw_name)
+    f.write(b"\0" * ((4 - (len(header) + len(raw_name)) % 4) % 4))
+    f.write(data)
+    f.write(b"\0" * ((4 - len(data) % 4) % 4))

@@ -1,0 +1,340 @@
+"""The ``microvm`` runtime: one QEMU ``-M microvm`` VM per sandbox, with a kernel of its own.
+
+- acceleration: KVM where it really works (probed once with a bounded boot and
+  cached: /dev/kvm opens on PVM hosts but a stock guest never boots there),
+  TCG software emulation otherwise; ``STOCKADE_MICROVM_ACCEL`` forces one.
+  Every result's ``runtime_used`` is ``microvm``; ``doctor`` says which accel.
+- guest: the image of ``stockade image build`` (ELF vmlinux through PVH, an
+  initramfs with busybox, the virtio/9p modules and the agent); the host's
+  ``/usr`` read-only over 9p; the policy's shared paths as more 9p shares;
+  no network device at all (``loopback`` brings the guest's ``lo`` up).
+- channel: virtio-serial (``virtserialport`` on a Unix-socket chardev) to the
+  agent's ``/dev/vport0p1``: the same framed JSON-RPC as every runtime.
+  (vsock needs /dev/vhost-vsock, which this kind of host does not have.)
+- limits: guest RAM = ``memory_mb``; QEMU itself runs in the isolate's cgroup
+  (guest RAM + emulator overhead; CPU quota); ``RLIMIT_NPROC`` inside the
+  guest; OOM kills inside the guest are read from the guest kernel's console.
+- teardown: closing the socket ends the agent and the guest powers off; QEMU
+  is killed through a pidfd anyway; the run directory and cgroup are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any
+
+from ...errors import SandboxStartError
+from ...policy import Policy, default_policy
+from ..base import AgentSandbox, Availability, IsolateUsage
+from ..pool import PooledRuntime, Reaper, WarmPool
+from ..process.cgroups import CgroupManager, IsolateCgroup, pid_alive
+from . import image as guest_image
+
+QEMU = "qemu-system-x86_64"
+BOOT_TIMEOUT_S = 120.0
+KVM_PROBE_TIMEOUT_S = 25.0
+QEMU_OVERHEAD_MB = 256  # the emulator's own memory (TCG translation cache, device state)
+MIN_GUEST_MB = 128
+RUN_PREFIX = "stockade-microvm-"
+_counter = iter(range(1, 1 << 62))
+_OOM = re.compile(rb"Out of memory: Killed process|oom-kill:")
+
+
+def microvm_shape(policy: Policy) -> tuple[Any, ...]:
+    """Fixed at boot: RAM, shares, network, scratch size, and the guest's own rlimits."""
+    return (policy.memory_mb, policy.filesystem_access, policy.network_policy, policy.disk_mb)
+
+
+def qemu_binary() -> str | None:
+    return shutil.which(QEMU)
+
+
+class MicrovmSandbox(AgentSandbox):
+    runtime_name = "microvm"
+
+    def __init__(
+        self,
+        policy: Policy,
+        conn: socket.socket,
+        proc: subprocess.Popen[bytes],
+        rundir: str,
+        cgroup: IsolateCgroup | None,
+        accel: str,
+    ) -> None:
+        super().__init__(policy, conn, 0.0)
+        self.proc = proc
+        self.rundir = rundir
+        self.cgroup = cgroup
+        self.accel = accel
+        self.pidfd = os.pidfd_open(proc.pid)
+        self._released = False
+
+    def apply_policy(self, policy: Policy) -> None:
+        self.policy = policy  # the VM's shape equals the policy's (see microvm_shape)
+        if self.cgroup is not None:
+            self.unenforced_limits = _apply_limits(self.cgroup, policy)
+
+    def usage(self, peak: bool = True) -> IsolateUsage:
+        usage = self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
+        # The host cgroup holds the emulator, not the guest's processes: an OOM kill
+        # inside the guest shows on the guest kernel's console, which the guest's
+        # unprivileged code cannot write to.
+        try:
+            with open(os.path.join(self.rundir, "console.log"), "rb") as f:
+                usage.oom_kills += len(_OOM.findall(f.read()))
+        except OSError:
+            pass
+        return usage
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.pidfd)
+        if self.cgroup is not None:
+            self.cgroup.kill()
+            self.cgroup.remove()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
+    name = "microvm"
+    isolation = "microvm"
+
+    def __init__(self, pool_size: int = 0) -> None:
+        self._lock = threading.RLock()  # accel() builds a probe VM, which takes the lock again
+        self._accel: str | None = None
+        self._cgroups: CgroupManager | None = None
+        self._pool: WarmPool[MicrovmSandbox] | None = None
+        if pool_size > 0:
+            self._pool = WarmPool(
+                lambda: self._build(default_policy()), microvm_shape, MicrovmSandbox.apply_policy, pool_size
+            )
+        self._reaper = Reaper()
+
+    def detect(self) -> Availability:
+        if qemu_binary() is None:
+            return Availability(self.name, False, self.isolation, "qemu-system-x86_64 is not installed")
+        image = guest_image.find_image()
+        details: dict[str, Any] = {"image": image.directory if image else None}
+        if image is None:
+            return Availability(
+                self.name, False, self.isolation, "no guest image yet: run `stockade image build`", details
+            )
+        try:
+            details["accel"] = self.accel()
+            with self.start(Policy()) as sandbox:
+                sandbox.ping()
+        except SandboxStartError as exc:
+            return Availability(self.name, False, self.isolation, str(exc), details)
+        return Availability(self.name, True, self.isolation, "", details)
+
+    def accel(self) -> str:
+        with self._lock:
+            if self._accel is None:
+                self._accel = _choose_accel(self)
+            return self._accel
+
+    def _cgroup_manager(self) -> CgroupManager:
+        with self._lock:
+            if self._cgroups is None:
+                self._cgroups = CgroupManager()
+                self._cgroups.sweep()
+                _sweep_rundirs()
+            return self._cgroups
+
+    def start(self, policy: Policy) -> MicrovmSandbox:
+        return self._build(policy)
+
+    def close(self) -> None:
+        self.stop_pool()
+
+    def _build(self, policy: Policy, accel: str | None = None, boot_timeout: float = BOOT_TIMEOUT_S) -> MicrovmSandbox:
+        from ..process.runtime import _check_mount_sources
+
+        started = time.monotonic()
+        _check_mount_sources(policy)
+        qemu = qemu_binary()
+        if qemu is None:
+            raise SandboxStartError("qemu-system-x86_64 is not installed (apt install qemu-system-x86)")
+        image = guest_image.find_image() or guest_image.build()
+        accel = accel or self.accel()
+        manager = self._cgroup_manager()
+        rundir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-{next(_counter)}-")
+        cgroup: IsolateCgroup | None = None
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            cgroup = manager.create() if manager.layout.version != "none" else None
+            unenforced = ["memory_mb (host side), cpu_limit: no usable cgroup for QEMU on this host"]
+            if cgroup is not None:
+                unenforced = _apply_limits(cgroup, policy)
+            agent_socket = os.path.join(rundir, "agent.sock")
+            cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
+            joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
+            with open(os.path.join(rundir, "qemu.err"), "ab") as err:
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", f'{joins} exec "$@"', "stockade-microvm", *cmd],
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            conn = _connect(agent_socket, proc, deadline=time.monotonic() + 10)
+            sandbox = MicrovmSandbox(policy, conn, proc, rundir, cgroup, accel)
+            try:
+                sandbox.ping(timeout=boot_timeout)
+            except Exception as exc:  # noqa: BLE001 - a failed boot, with the console's last words
+                sandbox.kill()
+                raise SandboxStartError(f"the microVM did not boot ({accel}): {_tail(rundir)} ({exc})") from None
+            sandbox.unenforced_limits = unenforced
+            sandbox.cold_start_ms = (time.monotonic() - started) * 1000
+            return sandbox
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if cgroup is not None:
+                cgroup.kill()
+                cgroup.remove()
+            shutil.rmtree(rundir, ignore_errors=True)
+            raise
+
+
+def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
+    memory = max(policy.memory_mb, MIN_GUEST_MB) + QEMU_OVERHEAD_MB
+    # pids: QEMU's own threads; the policy's count is RLIMIT_NPROC inside the guest.
+    missing = cgroup.apply_limits(memory, 256, policy.cpu_limit)
+    if policy.memory_mb < MIN_GUEST_MB:
+        missing.append(f"memory_mb below {MIN_GUEST_MB}: the guest gets {MIN_GUEST_MB} MB (its kernel needs it)")
+    return missing
+
+
+def _qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel: str, rundir: str,
+                  agent_socket: str) -> list[str]:  # fmt: skip
+    khz = _tsc_khz()
+    mounts = []
+    args = [
+        qemu, "-M", "microvm,x-option-roms=off,pit=off,pic=off,rtc=off", "-accel", accel,
+        "-cpu", "host" if accel == "kvm" else "max", "-m", str(max(policy.memory_mb, MIN_GUEST_MB)), "-smp", "1",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", image.kernel, "-initrd", image.initramfs,
+        "-serial", f"file:{os.path.join(rundir, 'console.log')}",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=stockade.agent",
+        "-fsdev", "local,id=usr,path=/usr,security_model=none,readonly=on",
+        "-device", "virtio-9p-device,fsdev=usr,mount_tag=usr",
+    ]  # fmt: skip
+    for i, m in enumerate(policy.filesystem_access):
+        tag = f"m{i}"
+        readonly = "" if m.writable else ",readonly=on"
+        args += ["-fsdev", f"local,id={tag},path={m.source},security_model=none{readonly}",
+                 "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]  # fmt: skip
+        mounts.append(f"{tag}:{m.target}:{'rw' if m.writable else 'ro'}")
+    cmdline = ["console=ttyS0", "quiet", "panic=-1", f"stockade.disk={policy.disk_mb}"]
+    if khz:
+        cmdline.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 5 hang under TCG here
+    if policy.network_policy == "loopback":
+        cmdline.append("stockade.net=loopback")
+    if mounts:
+        cmdline.append("stockade.mounts=" + ",".join(mounts))
+    return [*args, "-append", " ".join(cmdline)]
+
+
+def _tsc_khz() -> int | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float) -> socket.socket:
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SandboxStartError("QEMU exited before its agent socket appeared") from None
+            time.sleep(0.01)
+
+
+def _tail(rundir: str) -> str:
+    parts = []
+    for name in ("qemu.err", "console.log"):
+        with contextlib.suppress(OSError), open(os.path.join(rundir, name), "rb") as f:
+            text = f.read()[-400:].decode(errors="replace").strip()
+            if text:
+                parts.append(f"{name}: {text}")
+    return " | ".join(parts) or "no output"
+
+
+def _cache_file() -> str:
+    return os.path.join(os.path.dirname(guest_image.cache_root()), "microvm-accel.json")
+
+
+def _choose_accel(runtime: MicrovmRuntime) -> str:
+    forced = os.environ.get("STOCKADE_MICROVM_ACCEL")
+    if forced:
+        return forced
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        return "tcg"  # PVM: /dev/kvm opens, but a stock guest kernel hangs at boot (HOST_NOTES)
+    key = os.uname().release
+    with contextlib.suppress(OSError, ValueError):
+        with open(_cache_file()) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return str(cached["accel"])
+    # /dev/kvm opens on PVM-based hosts, but a stock guest kernel never boots
+    # there: only a real boot, bounded in time, says whether KVM works.
+    chosen = "tcg"
+    try:
+        with runtime._build(default_policy(), accel="kvm", boot_timeout=KVM_PROBE_TIMEOUT_S) as probe:
+            probe.ping()
+            chosen = "kvm"
+    except SandboxStartError:
+        chosen = "tcg"
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(_cache_file()), exist_ok=True)
+        with open(_cache_file(), "w") as f:
+            json.dump({"key": key, "accel": chosen}, f)
+    return chosen
+
+
+def _sweep_rundirs() -> None:
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if name.startswith(RUN_PREFIX):
+            pid = name[len(RUN_PREFIX) :].split("-")[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)

@@ -1,0 +1,122 @@
+"""The microvm runtime: the conformance checks and its boundaries, on as few boots as possible.
+
+Under TCG (this kind of host) a boot costs several seconds, so one VM is shared
+by the module's checks and only three more are booted. The full conformance
+suite in test_conformance.py runs on the faster runtimes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import stockade
+from stockade import Policy
+from stockade.runtimes.manager import RuntimeManager
+from stockade.runtimes.microvm.runtime import MicrovmSandbox
+from tests.conftest import require
+
+
+@pytest.fixture(scope="module")
+def vm_manager() -> Iterator[RuntimeManager]:
+    require("microvm")
+    mgr = RuntimeManager(pool_size=0)
+    yield mgr
+    mgr.close()
+
+
+@pytest.fixture(scope="module")
+def vm(vm_manager: RuntimeManager) -> Iterator[MicrovmSandbox]:
+    sandbox = vm_manager.get("microvm").start(Policy(max_output_bytes=4000, timeout_seconds=60))
+    assert isinstance(sandbox, MicrovmSandbox)
+    yield sandbox
+    rundir, pid = sandbox.rundir, sandbox.proc.pid
+    sandbox.close()
+    assert not os.path.exists(rundir)
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_exec_and_exit_codes(vm: MicrovmSandbox) -> None:
+    r = vm.exec(["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert (r.stdout, r.stderr, r.exit_code, r.runtime_used) == ("out\n", "err\n", 7, "microvm")
+
+
+def test_run_code_and_files_persist(vm: MicrovmSandbox) -> None:
+    vm.write_file("/work/data.txt", b"kept across calls")
+    r = vm.run_code("print(open('/work/data.txt').read().upper())")
+    assert r.stdout == "KEPT ACROSS CALLS\n"
+    assert vm.read_file("/work/data.txt") == b"kept across calls"
+
+
+def test_own_kernel_and_nothing_of_the_host(vm: MicrovmSandbox) -> None:
+    r = vm.run_code(
+        "import os\nprint(os.uname().release)\n"
+        "def ls(p):\n    try:\n        return os.listdir(p)\n    except OSError:\n        return []\n"
+        "print([p for p in ('/home', '/etc/shadow', '/var', '/boot') if os.path.exists(p)] + ls('/root'))\n"
+        "st = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n"
+        "print(os.getuid(), st['CapEff'].strip())"
+    )
+    release, visible, ids = r.stdout.splitlines()
+    assert release != os.uname().release  # a guest kernel, not the host's
+    assert visible == "[]"
+    assert ids == "1000 0000000000000000"
+
+
+def test_no_network_device(vm: MicrovmSandbox) -> None:
+    lines = vm.exec(["cat", "/proc/net/dev"]).stdout.splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in lines] == ["lo"]
+    r = vm.run_code(
+        "import socket\ntry:\n    socket.create_connection(('10.0.2.2', 80), timeout=2)\n"
+        "except OSError as e:\n    print('unreachable')"
+    )
+    assert r.stdout.strip() == "unreachable"
+
+
+def test_usr_is_read_only(vm: MicrovmSandbox) -> None:
+    r = vm.run_code("open('/usr/evil', 'w')")
+    assert r.exit_code == 1 and ("Read-only" in r.stderr or "Permission denied" in r.stderr)
+
+
+def test_timeout_and_output_limit(vm: MicrovmSandbox) -> None:
+    r = vm.run_code("import time; time.sleep(60)", timeout=2)
+    assert r.termination_reason == "timeout"
+    r = vm.exec(["sh", "-c", "yes stockade"])
+    assert r.termination_reason == "output_limit" and len(r.stdout) <= 4000
+    assert vm.exec(["true"]).success  # still usable
+
+
+def test_one_shot_memory_bomb_and_teardown(vm_manager: RuntimeManager, vm: MicrovmSandbox) -> None:
+    runtime = vm_manager.get("microvm")
+    r = stockade.run_code("x = []\nwhile True:\n    x.append(bytearray(16 << 20))", runtime="microvm",
+                          manager=vm_manager, memory_mb=128, timeout_seconds=60)  # fmt: skip
+    assert r.termination_reason == "memory_limit" and r.runtime_used == "microvm"
+    runtime.wait_idle()  # type: ignore[attr-defined]
+    mine = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"stockade-microvm-{os.getpid()}-")]
+    assert mine == [os.path.basename(vm.rundir)], "the one-shot VM left its run directory behind"
+
+
+def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
+    share = tempfile.mkdtemp(prefix="stockade-vmshare-")
+    try:
+        os.chmod(share, 0o755)
+        with open(os.path.join(share, "in.txt"), "w") as f:
+            f.write("from the host")
+        os.chmod(os.path.join(share, "in.txt"), 0o644)
+        code = (
+            "import socket\nprint(open('/data/in.txt').read())\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "socket.create_connection(s.getsockname(), timeout=5); print('loopback ok')\n"
+            "try:\n    open('/data/x', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)"
+        )
+        started = time.monotonic()
+        r = stockade.run_code(code, runtime="microvm", manager=vm_manager, network_policy="loopback",
+                              filesystem_access=[f"{share}:/data"], timeout_seconds=60)  # fmt: skip
+        assert r.stdout.splitlines() == ["from the host", "loopback ok", "read-only 30"], (r.stdout, r.stderr)
+        assert time.monotonic() - started < 120
+    finally:
+        shutil.rmtree(share)
