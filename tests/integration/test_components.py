@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import processes_with_arg
+
 CLI = [sys.executable, "-m", "stockade.cli"]
 
 
@@ -45,18 +47,6 @@ def _wait(predicate: Callable[[], bool], timeout: float = 20) -> None:
         time.sleep(0.1)
 
 
-def _processes_with_arg(marker: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
-
-
 def test_lifecycle(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     marker = f"{random.randrange(10**6, 10**7)}.5"
     started = cli("start", "--name", "ticker", "--memory", "64", "--", "sh", "-c",
@@ -64,12 +54,12 @@ def test_lifecycle(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None
     assert started.returncode == 0, started.stderr
     assert _status(cli, "ticker")["status"] == "running"
     _wait(lambda: b"tick" in cli("logs", "ticker").stdout.encode())
-    assert _processes_with_arg(marker)
+    assert processes_with_arg(marker)
     assert "ticker" in cli("ps").stdout  # another CLI process sees the same state
     stopped = cli("stop", "ticker")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert _status(cli, "ticker")["status"] == "stopped"
-    _wait(lambda: not _processes_with_arg(marker))
+    _wait(lambda: not processes_with_arg(marker))
 
 
 def test_failed_command_is_failed(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
@@ -104,7 +94,7 @@ def test_killed_supervisor_is_reported_and_its_isolate_dies(
     os.kill(pid, signal.SIGKILL)
     _wait(lambda: _status(cli, "victim")["status"] == "failed")
     assert "supervisor is gone" in str(_status(cli, "victim")["error"])
-    _wait(lambda: not _processes_with_arg(marker))
+    _wait(lambda: not processes_with_arg(marker))
 
 
 def test_bad_input(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:

@@ -18,6 +18,7 @@ import pytest
 from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_retry
 from stockade.errors import DaemonUnavailableError, PolicyError
 from tests.daemon_harness import Daemon, raw_exchange, start_daemon
+from tests.helpers import processes_with_arg
 
 
 @pytest.fixture
@@ -193,18 +194,6 @@ def _cgroups_of(pid: int) -> list[str]:
     return found
 
 
-def _processes_with_arg(marker: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
-
-
 def test_sigkill_during_execution_then_restart_and_retry(process_runtime: str) -> None:
     d = start_daemon()
     client = Client(d.socket_path, timeout=10)
@@ -220,17 +209,17 @@ def test_sigkill_during_execution_then_restart_and_retry(process_runtime: str) -
     t = threading.Thread(target=doomed)
     t.start()
     deadline = time.monotonic() + 10
-    while not _processes_with_arg(marker) and time.monotonic() < deadline:
+    while not processes_with_arg(marker) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _processes_with_arg(marker), "the execution never started"
+    assert processes_with_arg(marker), "the execution never started"
     old_pid = d.proc.pid
     d.stop(signal.SIGKILL)
     t.join(30)
     assert errors and isinstance(errors[0], DaemonUnavailableError)
     deadline = time.monotonic() + 10
-    while _processes_with_arg(marker) and time.monotonic() < deadline:
+    while processes_with_arg(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _processes_with_arg(marker) == [], "the sandbox outlived its daemon"
+    assert processes_with_arg(marker) == [], "the sandbox outlived its daemon"
 
     restarted = start_daemon(socket_path=d.socket_path)  # replaces the stale socket
     try:

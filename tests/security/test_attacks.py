@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 
@@ -22,6 +20,7 @@ import pytest
 import stockade
 from stockade import ExecResult, Policy, Sandbox
 from stockade.runtimes.manager import RuntimeManager
+from tests.helpers import processes_with_arg
 
 
 @pytest.fixture
@@ -172,34 +171,6 @@ def test_unreachable_mount_source_is_a_clear_error(process_runtime: str, manager
 
 
 # ---- network ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def host_server() -> Iterator[int]:
-    """A TCP server on the host's loopback that nothing in a sandbox may reach."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    srv.settimeout(0.2)
-    hits: list[int] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-                hits.append(1)
-                conn.close()
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    thread.join()
-    srv.close()
-    assert hits == [], "a sandbox reached the host's loopback server"
 
 
 def test_no_network_by_default(sb: Sandbox, host_server: int) -> None:
@@ -394,28 +365,15 @@ def test_cpu_limit_is_applied(process_runtime: str, manager: RuntimeManager) -> 
 # ---- leftovers ----------------------------------------------------------------------
 
 
-def _processes_with_arg(marker: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        found.append(int(pid))
-            except OSError:
-                continue
-    return found
-
-
 def test_daemonised_grandchildren_die_with_a_one_shot(process_runtime: str, manager: RuntimeManager) -> None:
     marker = f"{random.randrange(10**6, 10**7)}.5"
     r = stockade.run(["sh", "-c", f"(setsid sleep {marker} &) ; echo started"], runtime="process", manager=manager)
     assert r.stdout == "started\n"
     manager.get("process").wait_idle()  # type: ignore[attr-defined]
     deadline = time.monotonic() + 5
-    while _processes_with_arg(marker) and time.monotonic() < deadline:
+    while processes_with_arg(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _processes_with_arg(marker) == []
+    assert processes_with_arg(marker) == []
 
 
 def test_close_leaves_nothing_behind(process_runtime: str, manager: RuntimeManager) -> None:
@@ -426,9 +384,9 @@ def test_close_leaves_nothing_behind(process_runtime: str, manager: RuntimeManag
     cgroup_dirs = list(inner.cgroup.dirs.values()) if inner.cgroup else []  # type: ignore[attr-defined]
     marker = f"{random.randrange(10**6, 10**7)}.25"
     sandbox.exec(["sh", "-c", f"(sleep {marker} &); echo"])
-    assert _processes_with_arg(marker)
+    assert processes_with_arg(marker)
     sandbox.close()
-    assert _processes_with_arg(marker) == []
+    assert processes_with_arg(marker) == []
     for d in cgroup_dirs:
         assert not os.path.exists(d), d
     with open("/proc/self/mountinfo") as f:

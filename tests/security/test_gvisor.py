@@ -6,10 +6,8 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -19,6 +17,7 @@ import stockade
 from stockade import ExecResult, Policy, Sandbox
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
+from tests.helpers import processes_with_arg
 
 
 @pytest.fixture
@@ -74,32 +73,6 @@ def test_it_is_really_gvisor(sb: Sandbox) -> None:
     out = sb.exec(["cat", "/proc/version"]).stdout
     with open("/proc/version") as f:
         assert out != f.read()
-
-
-@pytest.fixture
-def host_server() -> Iterator[int]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-    srv.settimeout(0.2)
-    hits: list[int] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                srv.accept()[0].close()
-                hits.append(1)
-            except OSError:
-                continue
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join()
-    srv.close()
-    assert hits == [], "a gVisor sandbox reached the host's loopback"
 
 
 def test_host_network_unreachable(sb: Sandbox, host_server: int) -> None:
@@ -166,30 +139,18 @@ def test_disk_cap(gvisor: str, manager: RuntimeManager) -> None:
     assert r.exit_code == 1 and "No space left" in r.stderr
 
 
-def _runsc_processes(container_id: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if container_id.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
-
-
 def test_close_leaves_nothing_behind(gvisor: str, manager: RuntimeManager) -> None:
     sandbox = Sandbox(Policy(runtime="gvisor"), manager=manager)
     inner = sandbox._sandbox
     container_id, bundle, root = inner.container_id, inner.bundle, inner.root  # type: ignore[attr-defined]
     cgroups = list(inner.cgroup.dirs.values()) if inner.cgroup else []  # type: ignore[attr-defined]
     sandbox.exec(["sh", "-c", "(sleep 600 &) ; echo"])
-    assert _runsc_processes(container_id)
+    assert processes_with_arg(container_id)
     sandbox.close()
     deadline = time.monotonic() + 10
-    while _runsc_processes(container_id) and time.monotonic() < deadline:
+    while processes_with_arg(container_id) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _runsc_processes(container_id) == []
+    assert processes_with_arg(container_id) == []
     assert not os.path.exists(bundle)
     assert not any(container_id in n for n in os.listdir(root))
     for d in cgroups:
@@ -214,9 +175,9 @@ def test_sigkilled_host_leaves_no_sandbox_and_sweep_cleans(gvisor: str) -> None:
     os.kill(host.pid, signal.SIGKILL)
     host.wait(10)
     deadline = time.monotonic() + 15
-    while _runsc_processes(info["id"]) and time.monotonic() < deadline:
+    while processes_with_arg(info["id"]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _runsc_processes(info["id"]) == [], "gVisor outlived its host"
+    assert processes_with_arg(info["id"]) == [], "gVisor outlived its host"
     fresh = RuntimeManager(pool_size=0)
     try:
         with fresh.get("gvisor").start(Policy()) as sandbox:  # the start sweeps

@@ -39,7 +39,8 @@ from typing import Any
 from ..errors import SandboxStartError
 from ..policy import Policy, default_policy
 from ..result import SecurityViolation
-from .base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
+from .base import BASE_ENV, Availability
+from .hosted import HostedSandbox, spawn_in_cgroup
 from .pool import PooledRuntime, Reaper, WarmPool
 from .process.cgroups import CgroupManager, IsolateCgroup, pid_alive
 from .process.zygote import AGENT_PARENT, SYSTEM_PYTHON
@@ -96,31 +97,27 @@ def state_root() -> str:
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"stockade-runsc-{os.getuid()}")
 
 
-class GvisorSandbox(AgentSandbox):
+class GvisorSandbox(HostedSandbox):
     runtime_name = "gvisor"
+    wait_s = 5.0
 
     def __init__(
         self,
         policy: Policy,
         conn: socket.socket,
-        cold_start_ms: float,
         proc: subprocess.Popen[bytes],
         container_id: str,
         bundle: str,
         root: str,
         cgroup: IsolateCgroup | None,
     ) -> None:
-        super().__init__(policy, conn, cold_start_ms)
-        self.proc = proc
+        super().__init__(policy, conn, proc, bundle, cgroup)
         self.container_id = container_id
         self.bundle = bundle
         self.root = root
-        self.cgroup = cgroup
-        self.pidfd = -1
         self._log_offset = 0
         self._violations: list[SecurityViolation] = []
         self._vlock = threading.Lock()
-        self._released = False
 
     def attach_sentry(self) -> None:
         """Open a pidfd on the Sentry (the sandbox process) once it has started."""
@@ -132,9 +129,6 @@ class GvisorSandbox(AgentSandbox):
         self.policy = policy
         if self.cgroup is not None:
             self.unenforced_limits = _apply_limits(self.cgroup, policy)
-
-    def usage(self, peak: bool = True) -> IsolateUsage:
-        return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
 
     def violations(self) -> list[SecurityViolation]:
         with self._vlock:
@@ -185,32 +179,8 @@ class GvisorSandbox(AgentSandbox):
                 )
         return found
 
-    def kill(self) -> None:
-        # Closing our end ends the agent (the container's init) and with it the
-        # container; the Sentry is killed outright in case anything is stuck.
-        with contextlib.suppress(OSError):
-            self.conn.shutdown(socket.SHUT_RDWR)
-        if self.pidfd >= 0:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-
-    def _release(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def _release_program(self) -> None:
         _runsc_delete(self.root, self.container_id)
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-        if self.cgroup is not None:
-            self.cgroup.kill()
-            self.cgroup.remove()
-        shutil.rmtree(self.bundle, ignore_errors=True)
 
 
 def _runsc_delete(root: str, container_id: str) -> None:
@@ -323,17 +293,12 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             ]  # fmt: skip
             # A shell puts itself in the isolate's cgroup, then becomes runsc: every
             # process runsc starts (Sentry, gofer) is born inside the limits.
-            joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
             with open(os.path.join(bundle, "runsc.err"), "ab") as err:
-                proc = subprocess.Popen(
-                    ["/bin/sh", "-c", f'{joins} exec "$@"', "stockade-gvisor", *cmd],
-                    stdin=guest.fileno(),
-                    stdout=guest.fileno(),
-                    stderr=err,
-                    start_new_session=True,
+                proc = spawn_in_cgroup(
+                    cmd, cgroup, stdin=guest.fileno(), stdout=guest.fileno(), stderr=err, label="stockade-gvisor"
                 )
             guest.close()
-            sandbox = GvisorSandbox(policy, host, 0.0, proc, container_id, bundle, self._root, cgroup)
+            sandbox = GvisorSandbox(policy, host, proc, container_id, bundle, self._root, cgroup)
             try:
                 sandbox.ping(timeout=START_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - any failure here is a failed start, with runsc's words

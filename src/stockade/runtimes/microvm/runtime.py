@@ -35,7 +35,8 @@ from typing import Any
 
 from ...errors import SandboxStartError
 from ...policy import Policy, default_policy
-from ..base import AgentSandbox, Availability, IsolateUsage
+from ..base import Availability, IsolateUsage
+from ..hosted import HostedSandbox, spawn_in_cgroup
 from ..pool import PooledRuntime, Reaper, WarmPool
 from ..process.cgroups import CgroupManager, IsolateCgroup, pid_alive
 from . import image as guest_image
@@ -59,7 +60,7 @@ def qemu_binary() -> str | None:
     return shutil.which(QEMU)
 
 
-class MicrovmSandbox(AgentSandbox):
+class MicrovmSandbox(HostedSandbox):
     runtime_name = "microvm"
 
     def __init__(
@@ -71,13 +72,10 @@ class MicrovmSandbox(AgentSandbox):
         cgroup: IsolateCgroup | None,
         accel: str,
     ) -> None:
-        super().__init__(policy, conn, 0.0)
-        self.proc = proc
+        super().__init__(policy, conn, proc, rundir, cgroup)
         self.rundir = rundir
-        self.cgroup = cgroup
         self.accel = accel
         self.pidfd = os.pidfd_open(proc.pid)
-        self._released = False
 
     def apply_policy(self, policy: Policy) -> None:
         self.policy = policy  # the VM's shape equals the policy's (see microvm_shape)
@@ -85,7 +83,7 @@ class MicrovmSandbox(AgentSandbox):
             self.unenforced_limits = _apply_limits(self.cgroup, policy)
 
     def usage(self, peak: bool = True) -> IsolateUsage:
-        usage = self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
+        usage = super().usage(peak)
         # The host cgroup holds the emulator, not the guest's processes: an OOM kill
         # inside the guest shows on the guest kernel's console, which the guest's
         # unprivileged code cannot write to.
@@ -95,27 +93,6 @@ class MicrovmSandbox(AgentSandbox):
         except OSError:
             pass
         return usage
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-
-    def _release(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.pidfd)
-        if self.cgroup is not None:
-            self.cgroup.kill()
-            self.cgroup.remove()
-        shutil.rmtree(self.rundir, ignore_errors=True)
 
 
 class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
@@ -191,14 +168,9 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                 unenforced = _apply_limits(cgroup, policy)
             agent_socket = os.path.join(rundir, "agent.sock")
             cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
-            joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
             with open(os.path.join(rundir, "qemu.err"), "ab") as err:
-                proc = subprocess.Popen(
-                    ["/bin/sh", "-c", f'{joins} exec "$@"', "stockade-microvm", *cmd],
-                    stdin=subprocess.DEVNULL,
-                    stdout=err,
-                    stderr=err,
-                    start_new_session=True,
+                proc = spawn_in_cgroup(
+                    cmd, cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm"
                 )
             conn = _connect(agent_socket, proc, deadline=time.monotonic() + 10)
             sandbox = MicrovmSandbox(policy, conn, proc, rundir, cgroup, accel)
