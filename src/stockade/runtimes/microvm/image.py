@@ -43,7 +43,8 @@ MODULES = (
     "9pnet_virtio",
     "9p",
 )  # fmt: skip  (load order)
-IMAGE_LAYOUT = 2  # bump when the initramfs layout changes in a way the other inputs do not show
+IMAGE_LAYOUT = 3
+LD_SO_CACHE = "/etc/ld.so.cache"  # bump when the initramfs layout changes in a way the other inputs do not show
 BUSYBOX_APPLETS = (
     "sh", "mount", "umount", "mkdir", "insmod", "ln", "sleep", "ls", "cat", "hostname", "poweroff", "ifconfig", "chmod",
 )  # fmt: skip
@@ -218,6 +219,9 @@ def _inputs_key(package: str) -> str:
         if name.endswith(".py"):
             with open(os.path.join(agent_dir, name), "rb") as f:
                 h.update(name.encode() + f.read())
+    if os.path.isfile(LD_SO_CACHE):
+        with open(LD_SO_CACHE, "rb") as f:
+            h.update(f.read())  # changes whenever the host's libraries do
     return h.hexdigest()[:16]
 
 
@@ -286,6 +290,11 @@ def _write_initramfs(work: str, version: str, out: str) -> None:
     }
     for name, text in etc.items():
         entries.append((f"etc/{name}", stat.S_IFREG | 0o644, text.encode()))
+    # The guest's /usr is the host's, so the host's loader cache describes it (as
+    # in the process runtime's /etc): the loader need not search directories.
+    if os.path.isfile(LD_SO_CACHE):
+        with open(LD_SO_CACHE, "rb") as f:
+            entries.append(("etc/ld.so.cache", stat.S_IFREG | 0o644, f.read()))
     entries.append(("init", stat.S_IFREG | 0o755, INIT.replace("__MODULES__", " ".join(MODULES)).encode()))
     with open(out, "wb") as archive:
         for ino, (path, mode, data) in enumerate(entries, start=1):
