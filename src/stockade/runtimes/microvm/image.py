@@ -186,6 +186,19 @@ def _kernel_package_name(cached_only: bool) -> str:
                 return f.read().strip()
         except OSError:
             raise SandboxStartError("no guest image has been built yet (stockade image build)") from None
+    names = _search_kernels()
+    if not names and os.getuid() == 0:
+        _run(["apt-get", "update", "-qq"])  # a fresh machine may have no package lists yet
+        names = _search_kernels()
+    if not names:
+        raise SandboxStartError("apt knows no linux-image-*-amd64 package (run apt-get update)")
+    os.makedirs(cache_root(), exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(names[-1])
+    return names[-1]
+
+
+def _search_kernels() -> list[str]:
     try:
         out = subprocess.run(
             ["apt-cache", "search", "--names-only", r"^linux-image-[0-9.]+-[0-9]+-amd64$"],
@@ -193,13 +206,7 @@ def _kernel_package_name(cached_only: bool) -> str:
         ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:
         raise SandboxStartError(f"cannot look up a Debian kernel package: {exc}") from None
-    names = sorted((line.split()[0] for line in out.splitlines() if line), key=_version_key)
-    if not names:
-        raise SandboxStartError("apt knows no linux-image-*-amd64 package (run apt-get update)")
-    os.makedirs(cache_root(), exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(names[-1])
-    return names[-1]
+    return sorted((line.split()[0] for line in out.splitlines() if line), key=_version_key)
 
 
 def _version_key(name: str) -> tuple[int, ...]:
