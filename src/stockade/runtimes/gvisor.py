@@ -438,8 +438,10 @@ def _choose_platform(root: str) -> str:
     candidates = [p for p in ("systrap", "kvm") if p in listed.split()]
     chosen = "ptrace"
     for candidate in candidates:
-        if candidate == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            continue
+        if candidate == "kvm" and (
+            not os.access("/dev/kvm", os.R_OK | os.W_OK) or os.path.isdir("/sys/module/kvm_pvm")
+        ):
+            continue  # no KVM, or PVM's, on which guests hang (HOST_NOTES): not worth a probe
         if _probe_platform(runsc, root, candidate):
             chosen = candidate
             break
