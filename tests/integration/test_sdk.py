@@ -75,7 +75,8 @@ def test_policy_object_and_fields_mix(pooled: RuntimeManager) -> None:
         pooled.close()
 
 
-def test_runtime_selection_never_downgrades(pooled: RuntimeManager) -> None:
+def test_runtime_selection_never_downgrades(process_runtime: str) -> None:
+    pooled = RuntimeManager(pool_size=0)  # no background boots of gVisor sandboxes or microVMs
     try:
         for isolation in ("gvisor", "microvm"):
             if pooled.cached_availability(isolation).available:

@@ -37,7 +37,7 @@ _READ_EXEC = linux.LL_READ_FILE | linux.LL_READ_DIR | linux.LL_EXECUTE
 def start_isolate(config: dict[str, Any], conn: socket.socket) -> None:
     """Never returns: ends with ``os._exit``."""
     try:
-        _join_cgroups(config["cgroup_procs"])
+        join_cgroups(config["cgroup_procs"])
         _drop_to_sandbox_user(config.get("outer_uid"), config.get("outer_gid"))
         _unshare_namespaces()
         sync_r, sync_w = os.pipe()
@@ -56,9 +56,11 @@ def start_isolate(config: dict[str, Any], conn: socket.socket) -> None:
     try:
         listener = _confine_as_init(config, conn)
         agent = server.Agent(conn, config.get("base_env") or {})
-        # Fork and warm the first runner before saying ready, so that a pooled
-        # isolate is idle, not busy, when its first request arrives.
-        agent.prepare_spare(warm=bool(config.get("warm", True)))
+        if config.get("warm", True):
+            # Fork and warm the first runner before saying ready, so that a pooled
+            # isolate is idle, not busy, when its first request arrives. An isolate
+            # built on demand answers first (commands need no runner: posix_spawn).
+            agent.prepare_spare(warm=True)
         socket.send_fds(conn, [b"R"], [listener])
         os.close(listener)
     except BaseException as exc:  # noqa: BLE001
@@ -97,7 +99,7 @@ def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:
 # ---- the steps, in order --------------------------------------------------------
 
 
-def _join_cgroups(procs_files: list[str]) -> None:
+def join_cgroups(procs_files: list[str]) -> None:
     pid = str(os.getpid())
     for path in procs_files:
         with open(path, "w") as f:

@@ -231,7 +231,10 @@ class Agent:
     # ---- running a command -----------------------------------------------------
 
     def _spawn_exec(self, argv: list[str], params: dict[str, Any]) -> tuple[int, int, int, int | None]:
-        runner = self._dispatch({"kind": "exec", "argv": argv, **self._job_context(params)})
+        context = self._job_context(params)
+        if _spawnable(context["limits"]):
+            return self._posix_spawn(argv, context)
+        runner = self._dispatch({"kind": "exec", "argv": argv, **context})
         failure = _read_all(runner.report_r)
         os.close(runner.report_r)
         if failure:
@@ -243,6 +246,46 @@ class Agent:
             what = argv[0] if report.get("what") == "exec" else f"in {report.get('where')}"
             raise wire.RPCError(wire.INVALID_PARAMS, f"cannot execute {what!r}: {os.strerror(report['errno'])}", report)
         return runner.pid, runner.out_r, runner.err_r, runner.in_w
+
+    def _posix_spawn(self, argv: list[str], context: dict[str, Any]) -> tuple[int, int, int, int | None]:
+        """exec through posix_spawn: a vfork, no copy of this interpreter, no runner.
+
+        posix_spawn cannot set the child's rlimits, so the agent takes the
+        policy's limits itself, as hard limits: every exec of a sandbox runs
+        under the same policy, and the agent is as untrusted as its children.
+        """
+        _limit_self(context["limits"])
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        home = os.getcwd()
+        try:
+            os.chdir(context["cwd"])
+            pid = os.posix_spawnp(
+                argv[0],
+                argv,
+                context["env"],
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, in_r, 0),
+                    (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ],
+                setpgroup=0,
+                setsigmask=(),
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD),
+            )
+        except OSError as exc:
+            for fd in (out_r, err_r, in_w):
+                os.close(fd)
+            raise wire.RPCError(
+                wire.INVALID_PARAMS, f"cannot execute {argv[0]!r}: {exc.strerror}", {"errno": exc.errno}
+            ) from None
+        finally:
+            for fd in (out_w, err_w, in_r):
+                os.close(fd)
+            os.chdir(home)
+        self._watched.add(pid)
+        return pid, out_r, err_r, in_w
 
     def _spawn_python(self, code: str, params: dict[str, Any]) -> tuple[int, int, int, int | None]:
         """Run ``code`` in a forked copy of this already-started interpreter (no exec, no start-up)."""
@@ -563,6 +606,29 @@ def _exec_python_source(code: str) -> int:
         except (OSError, ValueError):
             pass
     return status
+
+
+# The agent needs a few descriptors of its own (connection, wake-up pipe, a
+# runner, three pipes per command): below this, commands go through a runner,
+# which can give the command alone the policy's lower limit.
+_AGENT_FDS = 64
+
+
+def _spawnable(limits: dict[str, Any]) -> bool:
+    files = limits.get("max_open_files")
+    return not isinstance(files, int) or files >= _AGENT_FDS
+
+
+def _limit_self(limits: dict[str, Any]) -> None:
+    """Lower this process's hard limits to the policy's (never raise them; raising is impossible)."""
+    for key in ("max_file_size_bytes", "max_open_files", "max_processes"):
+        value = limits.get(key)
+        which = _RLIMITS[key]
+        if isinstance(value, int) and value >= 0:
+            soft, hard = resource.getrlimit(which)
+            if hard == resource.RLIM_INFINITY or value < hard or soft != hard:
+                value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+                resource.setrlimit(which, (value, value))
 
 
 def _apply_rlimits(limits: dict[str, Any]) -> None:

@@ -121,6 +121,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         self._cgroups: CgroupManager | None = None
         self._bpf: bytes | None = None
         self._landlock_abi = 0
+        self._next_cgroup: IsolateCgroup | None = None  # where the zygote's spare child waits
         self._pool: WarmPool[ProcessSandbox] | None = None
         if pool_size > 0:
             self._pool = WarmPool(
@@ -200,8 +201,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         self.stop_pool()
         with self._lock:
             if self._zygote is not None:
-                self._zygote.close()
+                self._zygote.close()  # its spare child dies with it (PDEATHSIG)
                 self._zygote = None
+            nxt, self._next_cgroup = self._next_cgroup, None
+        if nxt is not None:
+            nxt.kill()
+            nxt.remove()
 
     def _build(self, policy: Policy, warm: bool = False) -> ProcessSandbox:
         """Build an isolate; ``warm`` (for the pool) pre-warms it, at a cost no caller waits for."""
@@ -209,10 +214,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         _check_mount_sources(policy)
         zygote = self._zygote_handle()
         assert self._bpf is not None
-        cgroup: IsolateCgroup | None = None
         manager = self._cgroup_manager()
+        with self._lock:
+            cgroup, self._next_cgroup = self._next_cgroup, None  # the zygote's spare child is in it
         try:
-            cgroup = manager.create() if manager.layout.version != "none" else None
+            if cgroup is None and manager.layout.version != "none":
+                cgroup = manager.create()
         except OSError as exc:
             raise SandboxStartError(f"cannot create the isolate's cgroup: {exc}") from None
         host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -230,6 +237,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             pidfd, listener = _handshake(host)
             sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener)
             sandbox.unenforced_limits = unenforced
+            self._prepare_next(zygote, manager)
         except BaseException:
             guest.close()
             host.close()
@@ -243,6 +251,24 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 cgroup.remove()
             raise
         return sandbox
+
+    def _prepare_next(self, zygote: Zygote, manager: CgroupManager) -> None:
+        """Make the next isolate's cgroup now and let the zygote place a child in it."""
+        if manager.layout.version == "none":
+            return
+        try:
+            nxt = manager.create()
+        except OSError:
+            return  # the next start creates its own
+        with self._lock:
+            stale, self._next_cgroup = self._next_cgroup, nxt
+        if stale is not None:
+            stale.kill()
+            stale.remove()
+        try:
+            zygote.prepare(nxt.procs_files)
+        except SandboxStartError:
+            return
 
     def _config(self, policy: Policy, cgroup: IsolateCgroup | None) -> dict[str, Any]:
         root = os.getuid() == 0
