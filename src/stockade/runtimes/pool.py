@@ -20,15 +20,24 @@ S = TypeVar("S", bound=AgentSandbox)
 
 
 class Reaper:
-    """Tears one-shot isolates down in the background, so results return at once."""
+    """Tears one-shot isolates down in the background, so results return at once.
+
+    ``defer`` runs other housekeeping on the same thread, in order.
+    """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[AgentSandbox, Callable[[], None] | None]] = queue.Queue()
+        self._queue: queue.Queue[tuple[AgentSandbox | None, Callable[[], None] | None]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def put(self, sandbox: AgentSandbox, after: Callable[[], None] | None = None) -> None:
         sandbox.kill()  # nothing of it runs on, even before the teardown completes
+        self._enqueue(sandbox, after)
+
+    def defer(self, work: Callable[[], None]) -> None:
+        self._enqueue(None, work)
+
+    def _enqueue(self, sandbox: AgentSandbox | None, after: Callable[[], None] | None) -> None:
         self._queue.put((sandbox, after))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -39,7 +48,8 @@ class Reaper:
         while True:
             sandbox, after = self._queue.get()
             try:
-                sandbox.close()
+                if sandbox is not None:
+                    sandbox.close()
                 if after is not None:
                     after()
             except Exception:  # noqa: BLE001, S110 - teardown is best effort per isolate; next one goes on

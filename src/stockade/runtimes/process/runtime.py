@@ -237,7 +237,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             pidfd, listener = _handshake(host)
             sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener)
             sandbox.unenforced_limits = unenforced
-            self._prepare_next(zygote, manager)
+            # Off the critical path: the caller is about to run something in this isolate.
+            self._reaper.defer(lambda: self._prepare_next(zygote, manager))
         except BaseException:
             guest.close()
             host.close()
@@ -258,6 +259,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             return
         try:
             nxt = manager.create()
+            limits = default_policy()
+            nxt.apply_limits(limits.memory_mb, limits.pids_limit, limits.cpu_limit)  # the usual case, written now
         except OSError:
             return  # the next start creates its own
         with self._lock:
