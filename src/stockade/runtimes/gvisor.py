@@ -40,7 +40,7 @@ from ..errors import SandboxStartError
 from ..policy import Policy, default_policy
 from ..result import SecurityViolation
 from .base import BASE_ENV, Availability
-from .hosted import HostedSandbox, spawn_in_cgroup
+from .hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from .pool import PooledRuntime, Reaper, WarmPool
 from .process.cgroups import CgroupManager, IsolateCgroup, pid_alive
 from .process.zygote import AGENT_PARENT, SYSTEM_PYTHON
@@ -310,24 +310,15 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         except BaseException:
             guest.close()
             host.close()
-            if proc is not None:
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            abandon_start(proc, cgroup, bundle)
             _runsc_delete(self._root, container_id)
-            if cgroup is not None:
-                cgroup.kill()
-                cgroup.remove()
-            shutil.rmtree(bundle, ignore_errors=True)
             raise
 
 
 def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
-    # The group holds gVisor itself (the Sentry's and gofer's host threads) as
-    # well as one host task per sandboxed thread: leave gVisor its own tasks on
-    # top of the policy's (the policy's count is also an RLIMIT_NPROC inside).
-    # Under the ptrace platform each sandboxed process is several host tasks, so the
-    # group's count is a generous backstop; RLIMIT_NPROC inside is the exact limit.
+    # The group holds gVisor itself (the Sentry's and gofer's host threads) and,
+    # under the ptrace platform, several host tasks per sandboxed process: its
+    # count is a generous backstop; RLIMIT_NPROC inside gVisor is the exact limit.
     return cgroup.apply_limits(policy.memory_mb, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit)
 
 

@@ -93,3 +93,16 @@ class HostedSandbox(AgentSandbox):
 
     def _release_program(self) -> None:
         """What the program leaves beyond its process (runsc's state); nothing by default."""
+
+
+def abandon_start(proc: subprocess.Popen[bytes] | None, cgroup: IsolateCgroup | None, workdir: str) -> None:
+    """Undo a start that failed before a sandbox owned its parts."""
+    if proc is not None and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if proc is not None:
+        proc.wait()
+    if cgroup is not None:
+        cgroup.kill()
+        cgroup.remove()
+    shutil.rmtree(workdir, ignore_errors=True)

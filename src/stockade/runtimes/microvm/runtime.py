@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 from ...errors import SandboxStartError
 from ...policy import Policy, default_policy
 from ..base import Availability, IsolateUsage
-from ..hosted import HostedSandbox, spawn_in_cgroup
+from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from ..pool import PooledRuntime, Reaper, WarmPool
 from ..process.cgroups import CgroupManager, IsolateCgroup, pid_alive
 from . import image as guest_image
@@ -191,25 +190,19 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                     cmd, cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm"
                 )
             conn = _connect(agent_socket, proc, deadline=time.monotonic() + 10)
-            sandbox = MicrovmSandbox(policy, conn, proc, rundir, cgroup, accel)
-            try:
-                sandbox.ping(timeout=boot_timeout)
-            except Exception as exc:  # noqa: BLE001 - a failed boot, with the console's last words
-                sandbox.kill()
-                raise SandboxStartError(f"the microVM did not boot ({accel}): {_tail(rundir)} ({exc})") from None
-            sandbox.unenforced_limits = unenforced
-            sandbox.cold_start_ms = (time.monotonic() - started) * 1000
-            return sandbox
         except BaseException:
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            if cgroup is not None:
-                cgroup.kill()
-                cgroup.remove()
-            shutil.rmtree(rundir, ignore_errors=True)
+            abandon_start(proc, cgroup, rundir)
             raise
+        sandbox = MicrovmSandbox(policy, conn, proc, rundir, cgroup, accel)  # from here it owns every part
+        try:
+            sandbox.ping(timeout=boot_timeout)
+        except Exception as exc:  # noqa: BLE001 - a failed boot, with the console's last words
+            why = f"the microVM did not boot ({accel}): {_tail(rundir)} ({exc})"
+            sandbox.close()
+            raise SandboxStartError(why) from None
+        sandbox.unenforced_limits = unenforced
+        sandbox.cold_start_ms = (time.monotonic() - started) * 1000
+        return sandbox
 
 
 def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
