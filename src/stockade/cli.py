@@ -185,12 +185,21 @@ def _execute_via_daemon(
         policy = _build_policy(args).model_dump(mode="json", exclude_defaults=True)
     except (StockadeError, OSError, ValueError) as exc:
         return _fail(str(exc))
+
+    def stream(name: str, data: bytes) -> None:
+        out = sys.stdout if name == "stdout" else sys.stderr
+        out.buffer.write(data)
+        out.flush()
+
+    on_output = None if args.json else stream
     with Client(socket_path, auth_token=token) as client:
         try:
             if call == "exec":
-                result = client.execute(payload, policy=policy, stdin=stdin)
+                result = client.execute(payload, policy=policy, stdin=stdin, on_output=on_output)
             else:
-                result = client.execute(code=payload[1], language=payload[0], policy=policy, stdin=stdin)
+                result = client.execute(
+                    code=payload[1], language=payload[0], policy=policy, stdin=stdin, on_output=on_output
+                )
         except DaemonUnavailableError as exc:
             if args.socket:
                 return _fail(str(exc))
@@ -200,11 +209,8 @@ def _execute_via_daemon(
             return _fail(str(exc))
     if args.json:
         print(result.model_dump_json(indent=2))
-    else:
-        sys.stdout.write(result.stdout)
-        sys.stderr.write(result.stderr)
-        if result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
-            print(result.summary(), file=sys.stderr)
+    elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
+        print(result.summary(), file=sys.stderr)
     return _exit_status(result)
 
 

@@ -102,8 +102,20 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
-        """Send one request and return its result, or raise the mapped error."""
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> Any:
+        """Send one request and return its result, or raise the mapped error.
+
+        With ``on_output`` the request asks for streamed output: each chunk the
+        daemon sends ahead of the answer is handed to it as (stream, bytes).
+        """
+        if on_output is not None:
+            params = {**(params or {}), "stream": True}
         request: dict[str, Any] = {"method": method, "params": params or {}, "id": next(self._ids)}
         if self._token:
             request = auth.sign(request, self._token)
@@ -113,15 +125,18 @@ class Client:
             try:
                 sock.settimeout(timeout or self.timeout)
                 sock.sendall(line)
-                reply = self._read_line(sock)
+                while True:
+                    response = _parse(self._read_line(sock))
+                    output = response.get("output")
+                    if "result" in response or not isinstance(output, dict):
+                        break
+                    # {"id": ..., "output": {"stream", "data"}}: output streamed ahead of the answer
+                    if on_output is not None and response.get("id") == request["id"]:
+                        on_output(str(output.get("stream")), base64.b64decode(str(output.get("data", ""))))
             except (OSError, EOFError) as exc:
                 sock.close()
                 self._sock = None
                 raise DaemonUnavailableError(f"lost the connection to the stockade daemon: {exc}") from None
-        try:
-            response = json.loads(reply)
-        except ValueError:
-            raise StockadeError("the daemon sent an invalid response") from None
         if response.get("error") is not None:
             cls = _ERRORS.get(response.get("error_code", ""), StockadeError)
             raise cls(str(response["error"]))
@@ -153,6 +168,7 @@ class Client:
         language: str = "python",
         policy: dict[str, Any] | None = None,
         stdin: str | bytes | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
     ) -> ExecResult:
         params: dict[str, Any] = {"policy": policy or {}, "language": language}
         if command is not None:
@@ -164,7 +180,7 @@ class Client:
         elif stdin is not None:
             params["stdin"] = stdin
         wait = _run_timeout(policy) + self.timeout
-        return ExecResult.model_validate(self.call("execute", params, timeout=wait))
+        return ExecResult.model_validate(self.call("execute", params, timeout=wait, on_output=on_output))
 
     def create_sandbox(self, policy: dict[str, Any] | None = None, keep: bool = False) -> str:
         result = self.call("sandbox.create", {"policy": policy or {}, "keep": keep}, timeout=max(self.timeout, 60))
@@ -197,6 +213,16 @@ class Client:
     def runtimes(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.call("runtimes", timeout=max(self.timeout, 60))
         return result
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise StockadeError("the daemon sent an invalid response") from None
+    if not isinstance(message, dict):
+        raise StockadeError("the daemon sent an invalid response")
+    return message
 
 
 def _run_timeout(policy: dict[str, Any] | None) -> float:

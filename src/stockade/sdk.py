@@ -150,16 +150,10 @@ class AsyncSandbox:
         return self._sync
 
     async def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
-        if kwargs.get("on_output") is None:
-            kwargs.pop("on_output", None)
-            return await self._held()._sandbox.aexec(list(argv), **kwargs)  # on the loop, no thread
-        return await asyncio.to_thread(self._held().exec, argv, **kwargs)
+        return await self._held()._sandbox.aexec(list(argv), **kwargs)  # on the event loop, no thread
 
     async def run_code(self, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
-        if kwargs.get("on_output") is None:
-            kwargs.pop("on_output", None)
-            return await self._held()._sandbox.arun_code(code, language, **kwargs)
-        return await asyncio.to_thread(self._held().run_code, code, language, **kwargs)
+        return await self._held()._sandbox.arun_code(code, language, **kwargs)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         await asyncio.to_thread(self._held().write_file, path, data, mode)

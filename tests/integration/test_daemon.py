@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -272,3 +273,40 @@ def test_token_new(tmp_path: os.PathLike[str]) -> None:
     with open(path) as f:
         token = f.read().strip()
     assert len(token) == 64 and int(token, 16) >= 0
+
+
+def test_streamed_output_arrives_before_the_answer(daemon: Daemon) -> None:
+    import socket as socketlib
+
+    request = {"method": "execute", "params": {"command": ["sh", "-c", "echo one; echo two >&2"], "stream": True},
+               "id": 42}  # fmt: skip
+    with socketlib.socket(socketlib.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(daemon.socket_path)
+        s.sendall(json.dumps(request).encode() + b"\n")
+        f = s.makefile("rb")
+        lines = []
+        while True:
+            message = json.loads(f.readline())
+            lines.append(message)
+            if "result" in message:
+                break
+    chunks = [m["output"] for m in lines[:-1]]
+    assert chunks and all(m["id"] == 42 for m in lines)
+    streamed = {c["stream"]: base64.b64decode(c["data"]) for c in chunks}
+    assert streamed == {"stdout": b"one\n", "stderr": b"two\n"}
+    assert lines[-1]["result"]["stdout"] == "one\n"
+
+
+def test_client_streaming(daemon: Daemon) -> None:
+    seen: list[tuple[str, bytes]] = []
+    with Client(daemon.socket_path) as c:
+        r = c.execute(["sh", "-c", "echo a; echo b"], on_output=lambda s, d: seen.append((s, d)))
+        assert b"".join(d for s, d in seen if s == "stdout") == b"a\nb\n" and r.stdout == "a\nb\n"
+        sid = c.create_sandbox()
+        seen.clear()
+        r = c.call(
+            "sandbox.run_code", {"sandbox_id": sid, "code": "print('held')"}, on_output=lambda s, d: seen.append((s, d))
+        )
+        assert seen == [("stdout", b"held\n")] and r["stdout"] == "held\n"
+        c.close_sandbox(sid)

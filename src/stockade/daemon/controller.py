@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from ..errors import SandboxError, StockadeError
 from ..policy import coerce_policy
 from ..result import ExecResult
-from ..runtimes.base import AgentSandbox
+from ..runtimes.base import AgentSandbox, OutputCallback
 from ..runtimes.manager import RuntimeManager
 from .config import DaemonConfig
 
@@ -126,7 +126,7 @@ class Controller:
             "policy_digest": result.policy_digest,
         }
 
-    async def execute(self, params: dict[str, Any], uid: int) -> ExecResult:
+    async def execute(self, params: dict[str, Any], uid: int, on_output: OutputCallback | None = None) -> ExecResult:
         command, code = params.get("command"), params.get("code")
         if (command is None) == (code is None):
             raise RequestError("execute needs exactly one of 'command' (a list of strings) or 'code'")
@@ -138,8 +138,9 @@ class Controller:
             raise RequestError("code must be a string")
         language = params.get("language", "python")
         return await self._execute_policy(
-            params.get("policy"), command=command, code=code, language=language, stdin=_stdin(params), uid=uid
-        )
+            params.get("policy"), command=command, code=code, language=language, stdin=_stdin(params), uid=uid,
+            on_output=on_output,
+        )  # fmt: skip
 
     async def _execute_policy(
         self,
@@ -150,6 +151,7 @@ class Controller:
         command: list[str] | None = None,
         code: str | None = None,
         language: str = "python",
+        on_output: OutputCallback | None = None,
     ) -> ExecResult:
         policy = coerce_policy(_policy_dict(policy_fields))
         runtime = self.manager.select(policy)
@@ -167,8 +169,8 @@ class Controller:
                 sandbox = await self._blocking(runtime.start, policy)
             try:
                 if command is not None:
-                    return await sandbox.aexec(command, stdin=stdin)
-                return await sandbox.arun_code(code or "", language, stdin=stdin)
+                    return await sandbox.aexec(command, stdin=stdin, on_output=on_output)
+                return await sandbox.arun_code(code or "", language, stdin=stdin, on_output=on_output)
             finally:
                 dispose = getattr(runtime, "dispose", None)
                 if dispose is not None:
@@ -204,7 +206,9 @@ class Controller:
             raise RequestError(f"no sandbox {sandbox_id!r}", "not_found")
         return held
 
-    async def sandbox_call(self, method: str, params: dict[str, Any], uid: int) -> Any:
+    async def sandbox_call(
+        self, method: str, params: dict[str, Any], uid: int, on_output: OutputCallback | None = None
+    ) -> Any:
         held = self._lookup(params, uid)
         sb = held.sandbox
         async with held.lock:
@@ -220,6 +224,7 @@ class Controller:
                         env=_env(params),
                         cwd=params.get("cwd"),
                         timeout=params.get("timeout"),
+                        on_output=on_output,
                     )
                 if method == "run_code":
                     code = params.get("code")
@@ -227,7 +232,7 @@ class Controller:
                         raise RequestError("code must be a string")
                     return await sb.arun_code(
                         code, params.get("language", "python"), stdin=_stdin(params), env=_env(params),
-                        timeout=params.get("timeout"),
+                        timeout=params.get("timeout"), on_output=on_output,
                     )  # fmt: skip
                 if method == "write_file":
                     data = _b64(params, "data")

@@ -15,6 +15,7 @@ ends the daemon: every failure becomes an error response.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -24,6 +25,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ log = logging.getLogger("stockade.daemon")
 AUTH_FAILED = "Authentication failed"
 RATE_LIMITED = "Rate limit exceeded"
 _PEERCRED = struct.Struct("3i")
+Emit = Callable[[str, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class RPCServer:
                 if isinstance(line, int):
                     response = _error(None, f"Request too large: over {line} bytes", "invalid_request")
                 else:
-                    response = await self._respond(line, peer, connection)
+                    response = await self._respond(line, peer, connection, writer)
                 await _send(writer, response)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -149,7 +152,7 @@ class RPCServer:
             return False
         return self.config.allowed_gids is None or peer.gid in self.config.allowed_gids
 
-    async def _respond(self, line: bytes, peer: Peer, connection: int) -> dict[str, Any]:
+    async def _respond(self, line: bytes, peer: Peer, connection: int, writer: asyncio.StreamWriter) -> dict[str, Any]:
         started = time.monotonic()
         try:
             request = json.loads(line)
@@ -175,17 +178,23 @@ class RPCServer:
         handler = self.methods.get(method)
         if handler is None:
             return _error(msg_id, f"Method not found: {method[:64]}", "method_not_found")
-        response = await self._call(handler, method, params, peer, connection, msg_id)
+
+        def emit(stream: str, data: bytes) -> None:
+            # Output of a run with "stream": true, ahead of its answer, on the same connection.
+            chunk = {"id": msg_id, "output": {"stream": stream, "data": base64.b64encode(data).decode()}}
+            writer.write(json.dumps(chunk).encode() + b"\n")
+
+        response = await self._call(handler, method, params, peer, connection, msg_id, emit)
         if method != "ping":  # never the params: they may hold code and data, and never the hmac
             outcome = response.get("error_code") or "ok"
             log.info("uid=%d %s %s %.1fms", peer.uid, method, outcome, (time.monotonic() - started) * 1000)
         return response
 
     async def _call(
-        self, handler: Any, method: str, params: dict[str, Any], peer: Peer, connection: int, msg_id: Any
+        self, handler: Any, method: str, params: dict[str, Any], peer: Peer, connection: int, msg_id: Any, emit: Emit
     ) -> dict[str, Any]:
         try:
-            return {"result": await handler(params, peer, connection), "error": None, "id": msg_id}
+            return {"result": await handler(params, peer, connection, emit), "error": None, "id": msg_id}
         except RequestError as exc:
             return _error(msg_id, str(exc), exc.code)
         except PolicyError as exc:
@@ -202,31 +211,31 @@ class RPCServer:
 
     # ---- methods --------------------------------------------------------------------
 
-    async def _ping(self, params: dict[str, Any], peer: Peer, connection: int) -> str:
+    async def _ping(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> str:
         return "pong"
 
-    async def _selftest(self, params: dict[str, Any], peer: Peer, connection: int) -> dict[str, Any]:
+    async def _selftest(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
         return await self.controller.selftest()
 
-    async def _execute(self, params: dict[str, Any], peer: Peer, connection: int) -> ExecResult:
-        return await self.controller.execute(params, peer.uid)
+    async def _execute(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> ExecResult:
+        return await self.controller.execute(params, peer.uid, emit if params.get("stream") else None)
 
-    async def _create(self, params: dict[str, Any], peer: Peer, connection: int) -> dict[str, Any]:
+    async def _create(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
         return await self.controller.create(params, peer.uid, connection)
 
     def _sandbox(self, method: str) -> Any:
-        async def call(params: dict[str, Any], peer: Peer, connection: int) -> Any:
-            return await self.controller.sandbox_call(method, params, peer.uid)
+        async def call(params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> Any:
+            return await self.controller.sandbox_call(method, params, peer.uid, emit if params.get("stream") else None)
 
         return call
 
-    async def _close(self, params: dict[str, Any], peer: Peer, connection: int) -> dict[str, Any]:
+    async def _close(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
         return await self.controller.close_sandbox(params, peer.uid)
 
-    async def _status(self, params: dict[str, Any], peer: Peer, connection: int) -> dict[str, Any]:
+    async def _status(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
         return self.controller.status()
 
-    async def _runtimes(self, params: dict[str, Any], peer: Peer, connection: int) -> list[dict[str, Any]]:
+    async def _runtimes(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> list[dict[str, Any]]:
         return await self.controller.runtimes()
 
 

@@ -151,8 +151,9 @@ class AgentSandbox(abc.ABC):
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        return await self._arun("exec", {"argv": list(argv), "cwd": cwd}, stdin, env, timeout)
+        return await self._arun("exec", {"argv": list(argv), "cwd": cwd}, stdin, env, timeout, on_output)
 
     async def arun_code(
         self,
@@ -162,8 +163,10 @@ class AgentSandbox(abc.ABC):
         stdin: bytes | str = b"",
         env: dict[str, str] | None = None,
         timeout: float | None = None,
+        on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        return await self._arun("run_code", {"code": code, "language": language}, stdin, env, timeout)
+        params = {"code": code, "language": language}
+        return await self._arun("run_code", params, stdin, env, timeout, on_output)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -244,11 +247,12 @@ class AgentSandbox(abc.ABC):
         stdin: bytes | str,
         env: dict[str, str] | None,
         timeout: float | None,
+        on_output: OutputCallback | None = None,
     ) -> ExecResult:
         """The async twin of ``_run``: the same request, awaited on the event loop (no thread)."""
-        run = self._begin_run(params, stdin, env, timeout, None)
+        run = self._begin_run(params, stdin, env, timeout, on_output)
         try:
-            reply = await self._acall(method, run.params, run.wait)
+            reply = await self._acall(method, run.params, run.wait, on_output)
         except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
             return self._finish_run(run, None, self._ended(exc))
         return self._finish_run(run, reply, None)
@@ -402,7 +406,9 @@ class AgentSandbox(abc.ABC):
                 if done:
                     return result
 
-    async def _acall(self, method: str, params: dict[str, Any], timeout: float) -> Any:
+    async def _acall(
+        self, method: str, params: dict[str, Any], timeout: float, on_output: OutputCallback | None = None
+    ) -> Any:
         """Like ``_call``, on the event loop: no thread, no wake-up of one."""
         if not self._lock.acquire(blocking=False):
             raise SandboxError("another call to this sandbox is in progress")
@@ -417,7 +423,7 @@ class AgentSandbox(abc.ABC):
                     await loop.sock_sendall(self.conn, frame)
                     while True:
                         payload = await _aread_frame(loop, self.conn)
-                        done, result = self._reply(_decode(payload), msg_id, None)
+                        done, result = self._reply(_decode(payload), msg_id, on_output)
                         if done:
                             return result
             finally:
