@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -399,3 +400,23 @@ def test_killing_everything_inside_leaves_the_sandbox_usable(sb: Sandbox) -> Non
     r = sb.run_code("print('still here')")
     assert r.stdout == "still here\n"
     assert sb.exec(["echo", "and here"]).stdout == "and here\n"
+
+
+def test_concurrent_sandboxes_get_only_their_own_violations(process_runtime: str, manager: RuntimeManager) -> None:
+    # One supervisor thread answers every isolate's seccomp notifications: no cross-talk.
+    calls = {"ptrace": "libc.ptrace(16, 1, 0, 0)", "mount": "libc.mount(b'x', b'/tmp', b'tmpfs', 0, None)",
+             "bpf": "libc.syscall(321, 5, 0, 0)", "syslog": "libc.syscall(103, 3, 0, 0)"}  # fmt: skip
+    results: dict[str, ExecResult] = {}
+
+    def one(name: str) -> None:
+        results[name] = run(
+            manager, LIBC + "import time\nfor _ in range(5):\n    " + calls[name] + "\n    time.sleep(0.01)"
+        )
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for name, r in results.items():
+        assert [v.syscall for v in r.security_violations] == [name] * 5, (name, r.security_violations)

@@ -186,3 +186,12 @@ def test_sigkilled_host_leaves_no_sandbox_and_sweep_cleans(gvisor: str) -> None:
         fresh.close()
     assert not os.path.exists(info["bundle"])
     assert not any(info["id"] in n for n in os.listdir(info["root"]))
+
+
+def test_on_violation_kill_ends_the_sandbox_after_the_run(gvisor: str, manager: RuntimeManager) -> None:
+    with Sandbox(Policy(runtime="gvisor", on_violation="kill"), manager=manager) as sandbox:
+        r = sandbox.run_code(LIBC + "libc.ptrace(16, 1, 0, 0)")
+        assert r.termination_reason == "violation" and "ptrace" in {v.syscall for v in r.security_violations}
+        assert any("on_violation=kill" in u for u in r.unenforced_limits)  # said, not hidden
+        with pytest.raises(stockade.SandboxError):
+            sandbox.exec(["true"])

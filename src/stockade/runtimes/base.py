@@ -314,7 +314,11 @@ class AgentSandbox(abc.ABC):
     def _finish_run(self, run: _PendingRun, reply: dict[str, Any] | None, error: str | None) -> ExecResult:
         elapsed = time.monotonic() - run.started
         after = self.usage()
-        return self._result(reply, error, elapsed, run.before, after, self.violations()[run.violations_before :])
+        found = self.violations()[run.violations_before :]
+        if self.policy.on_violation == "kill" and any(v.blocked for v in found) and self._kill_reason is None:
+            # A runtime that learns of violations only after the run (gVisor) ends the sandbox now.
+            self._mark_dead("violation")
+        return self._result(reply, error, elapsed, run.before, after, found)
 
     def _result(
         self,

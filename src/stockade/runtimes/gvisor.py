@@ -319,7 +319,10 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
     # The group holds gVisor itself (the Sentry's and gofer's host threads) and,
     # under the ptrace platform, several host tasks per sandboxed process: its
     # count is a generous backstop; RLIMIT_NPROC inside gVisor is the exact limit.
-    return cgroup.apply_limits(policy.memory_mb, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit)
+    missing = cgroup.apply_limits(policy.memory_mb, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit)
+    if policy.on_violation == "kill":
+        missing.append("on_violation=kill: gVisor's reports are read after the run, so the sandbox ends then")
+    return missing
 
 
 def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:

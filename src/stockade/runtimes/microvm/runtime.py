@@ -211,6 +211,8 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
     missing = cgroup.apply_limits(memory, 256, policy.cpu_limit)
     if policy.memory_mb < MIN_GUEST_MB:
         missing.append(f"memory_mb below {MIN_GUEST_MB}: the guest gets {MIN_GUEST_MB} MB (its kernel needs it)")
+    if policy.on_violation == "kill":
+        missing.append("on_violation=kill: a microVM reports no syscall violations (its own kernel handles them)")
     return missing
 
 
