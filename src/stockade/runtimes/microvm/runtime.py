@@ -43,7 +43,8 @@ from . import image as guest_image
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 120.0
 KVM_PROBE_TIMEOUT_S = 25.0
-QEMU_OVERHEAD_MB = 256  # the emulator's own memory (TCG translation cache, device state)
+QEMU_OVERHEAD_MB = 256
+TCG_CACHE_MB = 128  # the emulator's own memory (TCG translation cache, device state)
 MIN_GUEST_MB = 128
 RUN_PREFIX = "stockade-microvm-"
 _counter = iter(range(1, 1 << 62))
@@ -221,7 +222,7 @@ def _qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, acce
     khz = _tsc_khz()
     mounts = []
     args = [
-        qemu, "-M", "microvm,x-option-roms=off,pit=off,pic=off,rtc=off", "-accel", accel,
+        qemu, "-M", "microvm,x-option-roms=off,pit=off,pic=off,rtc=off", "-accel", _accel_option(accel),
         "-cpu", "host" if accel == "kvm" else "max", "-m", str(max(policy.memory_mb, MIN_GUEST_MB)), "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", image.kernel, "-initrd", image.initramfs,
@@ -246,6 +247,12 @@ def _qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, acce
     if mounts:
         cmdline.append("stockade.mounts=" + ",".join(mounts))
     return [*args, "-append", " ".join(cmdline)]
+
+
+def _accel_option(accel: str) -> str:
+    # TCG's translation cache defaults to 1 GiB of (lazily touched) memory: bound it so
+    # that QEMU stays inside the cgroup's guest RAM + QEMU_OVERHEAD_MB.
+    return f"tcg,tb-size={TCG_CACHE_MB}" if accel == "tcg" else accel
 
 
 def _tsc_khz() -> int | None:
