@@ -159,3 +159,12 @@ def test_async_sandbox(runtime: str, manager: RuntimeManager) -> None:
 def test_one_shot_run_and_run_code(runtime: str, manager: RuntimeManager) -> None:
     assert stockade.run(["echo", "one"], runtime=runtime, manager=manager).stdout == "one\n"
     assert stockade.run_code("print(2)", runtime=runtime, manager=manager).stdout == "2\n"
+
+
+def test_commands_inherit_only_their_stdio(sb: Sandbox) -> None:
+    # Nothing of the agent (its connection to the host, its pipes) may leak into a command.
+    listing = "import os; print(sorted(os.listdir('/proc/self/fd')))"
+    fds = sb.exec(["python3", "-I", "-S", "-c", listing]).stdout.strip()
+    assert fds == "['0', '1', '2', '3']", fds  # 3: the directory being listed
+    fds = sb.run_code("import os; print(sorted(os.listdir('/proc/self/fd')))").stdout.strip()
+    assert fds == "['0', '1', '2', '3']", fds

@@ -120,3 +120,7 @@ def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
         assert time.monotonic() - started < 120
     finally:
         shutil.rmtree(share)
+
+
+def test_commands_inherit_only_their_stdio(vm: MicrovmSandbox) -> None:
+    assert vm.exec(["sh", "-c", "ls /proc/self/fd"]).stdout.split() == ["0", "1", "2", "3"]
