@@ -124,3 +124,8 @@ def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
 
 def test_commands_inherit_only_their_stdio(vm: MicrovmSandbox) -> None:
     assert vm.exec(["sh", "-c", "ls /proc/self/fd"]).stdout.split() == ["0", "1", "2", "3"]
+
+
+def test_common_tools_work(vm: MicrovmSandbox) -> None:
+    r = vm.exec(["sh", "-c", "cd /tmp && printf 'b\\na\\n' > f && sort f && cp f g && ls && stat -c %s g"])
+    assert r.stdout.split() == ["a", "b", "f", "g", "4"], (r.stdout, r.stderr)
