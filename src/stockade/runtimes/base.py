@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import base64
-import os
 import select
 import socket
 import struct
@@ -529,10 +528,3 @@ def _b64(value: Any) -> bytes:
         return base64.b64decode(value)
     except ValueError:
         raise AgentProtocolError("the agent sent invalid base64") from None
-
-
-def close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
