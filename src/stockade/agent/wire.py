@@ -63,7 +63,8 @@ def encode_message(message: dict[str, Any]) -> bytes:
     return encode_frame(jsoncodec.dumps(message).encode())
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes; EOFError if the peer closes first."""
     chunks = []
     while n:
         chunk = sock.recv(min(n, 1 << 20))
@@ -80,11 +81,11 @@ def read_frame(sock: socket.socket) -> bytes:
     if not first:
         raise EOFError("peer closed the connection")
     try:
-        header = first + (_recv_exact(sock, _HEADER.size - len(first)) if len(first) < 4 else b"")
+        header = first + (recv_exact(sock, _HEADER.size - len(first)) if len(first) < 4 else b"")
         (length,) = _HEADER.unpack(header)
         if length > MAX_FRAME:
             raise FrameError(f"frame length {length} exceeds the {MAX_FRAME}-byte cap")
-        return _recv_exact(sock, length)
+        return recv_exact(sock, length)
     except EOFError as exc:
         raise FrameError("connection closed in the middle of a frame") from exc
 

@@ -264,10 +264,10 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         self.stop_pool()
 
     def _build(self, policy: Policy, warm: bool = False) -> GvisorSandbox:
-        from .process.runtime import _check_mount_sources  # same rules for shared paths
+        from .process.runtime import check_mount_sources  # same rules for shared paths
 
         started = time.monotonic()
-        _check_mount_sources(policy)
+        check_mount_sources(policy)
         runsc = runsc_binary()
         if runsc is None:
             raise SandboxStartError("runsc is not installed (apt install runsc)")

@@ -166,10 +166,10 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         self.stop_pool()
 
     def _build(self, policy: Policy, accel: str | None = None, boot_timeout: float = BOOT_TIMEOUT_S) -> MicrovmSandbox:
-        from ..process.runtime import _check_mount_sources
+        from ..process.runtime import check_mount_sources  # same rules for shared paths
 
         started = time.monotonic()
-        _check_mount_sources(policy)
+        check_mount_sources(policy)
         qemu = qemu_binary()
         if qemu is None:
             raise SandboxStartError("qemu-system-x86_64 is not installed (apt install qemu-system-x86)")

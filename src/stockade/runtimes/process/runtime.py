@@ -211,7 +211,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
     def _build(self, policy: Policy, warm: bool = False) -> ProcessSandbox:
         """Build an isolate; ``warm`` (for the pool) pre-warms it, at a cost no caller waits for."""
         started = time.monotonic()
-        _check_mount_sources(policy)
+        check_mount_sources(policy)
         zygote = self._zygote_handle()
         assert self._bpf is not None
         manager = self._cgroup_manager()
@@ -290,7 +290,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         }
 
 
-def _check_mount_sources(policy: Policy) -> None:
+def check_mount_sources(policy: Policy) -> None:
     """Shared paths are opened with the sandbox's uid: say so before building anything."""
     for i, mount in enumerate(policy.filesystem_access):
         where = f"filesystem_access[{i}]: {mount.source}"
@@ -318,12 +318,12 @@ def _check_mount_sources(policy: Policy) -> None:
 def _handshake(host: socket.socket) -> tuple[int, int]:
     host.settimeout(HANDSHAKE_TIMEOUT_S)
     try:
-        first = _recv_exact(host, 1)
+        first = wire.recv_exact(host, 1)
         if first == b"E":
             raise SandboxStartError(_setup_error(host))
         if first != b"P":
             raise SandboxStartError("the isolate sent an unexpected handshake")
-        (pid,) = struct.unpack("<I", _recv_exact(host, 4))
+        (pid,) = struct.unpack("<I", wire.recv_exact(host, 4))
         pidfd = os.pidfd_open(pid)
         try:
             msg, fds, _flags, _addr = socket.recv_fds(host, 1, 1)
@@ -350,16 +350,6 @@ def _setup_error(host: socket.socket) -> str:
         return f"isolate setup failed: {message.get('error')}"
     except Exception:  # noqa: BLE001
         return "isolate setup failed (no detail)"
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
 
 
 def _kill_pidfd(pidfd: int) -> None:
