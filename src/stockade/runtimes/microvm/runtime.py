@@ -114,13 +114,10 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
     def detect(self) -> Availability:
         if qemu_binary() is None:
             return Availability(self.name, False, self.isolation, "qemu-system-x86_64 is not installed")
-        image = guest_image.find_image()
-        details: dict[str, Any] = {"image": image.directory if image else None}
-        if image is None:
-            return Availability(
-                self.name, False, self.isolation, "no guest image yet: run `stockade image build`", details
-            )
+        details: dict[str, Any] = {}
         try:
+            # As start() does: a missing guest image is built (once), not a reason to say no.
+            details["image"] = (guest_image.find_image() or guest_image.build()).directory
             details["accel"] = self.accel()
             sandbox = self.start(Policy())
             sandbox.ping()
