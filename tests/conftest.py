@@ -31,6 +31,56 @@ def _own_v1_dir(controller: str) -> str | None:
     return None
 
 
+def _pure_v2() -> bool:
+    try:
+        with open("/sys/fs/cgroup/cgroup.controllers") as f:
+            return {"memory", "pids"} <= set(f.read().split())
+    except OSError:
+        return False
+
+
+def _v2_guard(pid: int) -> Iterator[None]:
+    """The guard on a pure cgroup v2 host: limits on a group with two children.
+
+    v2 lets only leaf groups hold processes, so the session runs in
+    ``guard/pytest`` and isolates are made in ``guard/isolates`` (through
+    STOCKADE_CGROUP_PARENT, which daemons started by tests inherit): both sit
+    under the guard's memory.max and pids.max.
+    """
+    mount = "/sys/fs/cgroup"
+    with open("/proc/self/cgroup") as f:
+        own = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+    rel = f"/stockade-test-guard-{pid}"
+    guard = mount + rel
+    os.mkdir(guard)
+    try:
+        with open(os.path.join(mount, "cgroup.subtree_control"), "w") as f:
+            f.write("+memory +pids +cpu")
+        with open(os.path.join(guard, "memory.max"), "w") as f:
+            f.write(str(GUARD_MEMORY))
+        with open(os.path.join(guard, "pids.max"), "w") as f:
+            f.write(str(GUARD_PIDS))
+        os.mkdir(os.path.join(guard, "pytest"))
+        with open(os.path.join(guard, "pytest", "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        os.environ["STOCKADE_CGROUP_PARENT"] = rel + "/isolates"
+        yield
+    finally:
+        os.environ.pop("STOCKADE_CGROUP_PARENT", None)
+        for home in (mount + own.rstrip("/"), mount):  # own may be outside what this namespace sees
+            try:
+                with open(home + "/cgroup.procs", "w") as f:
+                    f.write(str(pid))
+                break
+            except OSError:
+                continue
+        for leaf in ("isolates", "pytest", ""):
+            try:
+                os.rmdir(os.path.join(guard, leaf) if leaf else guard)
+            except OSError:
+                pass
+
+
 @pytest.fixture(scope="session", autouse=True)
 def outer_guard() -> Iterator[None]:
     """Put the whole test session in a memory+pids cgroup of its own.
@@ -39,6 +89,9 @@ def outer_guard() -> Iterator[None]:
     of stockade were broken, a fork or memory bomb stops at this guard instead
     of taking the machine down.
     """
+    if os.getuid() == 0 and _pure_v2() and not os.environ.get("STOCKADE_CGROUP_PARENT"):
+        yield from _v2_guard(os.getpid())
+        return
     made: list[tuple[str, str]] = []
     if os.getuid() == 0:
         for controller, knob, value in (

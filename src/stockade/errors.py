@@ -31,6 +31,10 @@ class PolicyError(StockadeError, ValueError):
     """A policy value is invalid; the message names the field."""
 
 
+class ConfigError(PolicyError):
+    """A STOCKADE_* setting is malformed; the message names the variable."""
+
+
 class RuntimeUnavailableError(StockadeError, RuntimeError):
     """The requested runtime or isolation level cannot run on this host (says why)."""
 

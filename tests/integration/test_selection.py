@@ -74,3 +74,17 @@ def test_trust_map_from_environment(mgr: RuntimeManager, monkeypatch: pytest.Mon
         assert r.stdout == "ok\n" and r.runtime_used in ("process", "gvisor", "microvm")
     finally:
         mgr.close()
+
+
+def test_a_named_runtime_found_unusable_is_refused_with_the_reason() -> None:
+    from stockade.runtimes.base import Availability
+
+    mgr = RuntimeManager(pool_size=0)
+    try:
+        # As after a detect() on a host where the binary exists but cannot boot a guest.
+        mgr._availability["microvm"] = Availability("microvm", False, "microvm", "QEMU exited before its agent socket")
+        for policy in (Policy(runtime="microvm"), Policy(isolation="microvm")):
+            with pytest.raises(RuntimeUnavailableError, match="microvm is not available on this host: QEMU exited"):
+                mgr.select(policy)
+    finally:
+        mgr.close()

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from stockade.errors import ConfigError
 from stockade.runtimes.process import cgroups
 
 
@@ -44,14 +47,14 @@ def test_v2_parent_prefers_own_group_when_it_can_delegate(tmp_path: Path) -> Non
     own.mkdir()
     (own / "cgroup.subtree_control").write_text("")
     problems: list[str] = []
-    parent, limits = cgroups._v2_parent(str(tmp_path), "/service", problems)
+    parent, limits = cgroups._v2_parent(str(tmp_path), "/service", None, problems)
     assert (parent, limits, problems) == (str(own), True, [])
     assert set(_read(own / "cgroup.subtree_control").split()) == {"+cpu", "+memory", "+pids"}
 
 
 def test_hybrid_v2_is_for_kill_only(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("")  # v1 holds every controller
-    parent, limits = cgroups._v2_parent(str(tmp_path), "/", [])
+    parent, limits = cgroups._v2_parent(str(tmp_path), "/", None, [])
     assert parent == str(tmp_path) and limits is False
 
 
@@ -60,3 +63,39 @@ def test_hybrid_groups_skip_the_v2_tree(tmp_path: Path) -> None:
     layout = cgroups.CgroupLayout("hybrid", v1_parents={"memory": str(tmp_path / "memory")}, v2_parent=str(tmp_path))
     group = cgroups.IsolateCgroup(layout, "stockade-1-2")
     assert list(group.dirs) == ["memory"]  # one group to join fewer: the pidfd kill covers the rest
+
+
+def test_chosen_parent_gets_controllers_passed_down_the_whole_chain(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    for group in ("", "guard", "guard/isolates"):
+        (tmp_path / group).mkdir(exist_ok=True)
+        (tmp_path / group / "cgroup.subtree_control").write_text("")
+    problems: list[str] = []
+    parent, limits = cgroups._v2_parent(str(tmp_path), "/elsewhere", "/guard/isolates", problems)
+    assert (parent, limits, problems) == (str(tmp_path / "guard" / "isolates"), True, [])
+    for group in ("", "guard", "guard/isolates"):
+        assert set(_read(tmp_path / group / "cgroup.subtree_control").split()) == {"+cpu", "+memory", "+pids"}
+
+
+def test_chosen_parent_that_cannot_delegate_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    problems: list[str] = []
+    # No cgroup.subtree_control in the made group: this is not a cgroupfs, as when delegation is missing.
+    parent, limits = cgroups._v2_parent(str(tmp_path), "/", "/made", problems)
+    assert (parent, limits) == (None, False)
+    assert problems and str(tmp_path / "made") in problems[0]
+
+
+@pytest.mark.parametrize("value", ["stockade", "/a/../b", "/a/./b", "../x"])
+def test_malformed_cgroup_parent_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("STOCKADE_CGROUP_PARENT", value)
+    with pytest.raises(ConfigError, match="STOCKADE_CGROUP_PARENT"):
+        cgroups.detect_layout()
+
+
+def test_cgroup_parent_is_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STOCKADE_CGROUP_PARENT", "//stockade//jobs/")
+    assert cgroups.cgroup_parent_setting() == "/stockade/jobs"
+    monkeypatch.setenv("STOCKADE_CGROUP_PARENT", "")
+    assert cgroups.cgroup_parent_setting() is None

@@ -19,6 +19,7 @@ def test_public_surface_is_stable() -> None:
         "AgentProtocolError",
         "AsyncSandbox",
         "AuthenticationError",
+        "ConfigError",
         "DaemonUnavailableError",
         "ExecResult",
         "Mount",

@@ -22,11 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import PolicyError
-
-
-class ConfigError(PolicyError):
-    """A STOCKADE_* setting is malformed."""
+from ..errors import ConfigError
 
 
 def default_socket_path() -> str:

@@ -31,10 +31,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..errors import AgentError, PolicyError, RuntimeUnavailableError, StockadeError
+from ..errors import AgentError, ConfigError, PolicyError, RuntimeUnavailableError, StockadeError
 from ..protocol import auth
 from ..result import ExecResult
-from .config import ConfigError, DaemonConfig
+from .config import DaemonConfig
 from .controller import Controller, RequestError
 from .ratelimit import SlidingWindowLimiter
 

@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import SandboxStartError
+from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
 from ..result import SecurityViolation
 from .base import BASE_ENV, Availability
@@ -270,7 +270,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         check_mount_sources(policy)
         runsc = runsc_binary()
         if runsc is None:
-            raise SandboxStartError("runsc is not installed (apt install runsc)")
+            raise RuntimeUnavailableError("runtime gvisor is not available: runsc is not installed (apt install runsc)")
         platform = self.platform()
         manager = self._cgroup_manager()
         container_id = f"stockade-{os.getpid()}-{next(_counter)}"

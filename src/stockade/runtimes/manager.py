@@ -78,6 +78,11 @@ class RuntimeManager:
         minimum = trust_map()[policy.trust] if policy.trust else None
         if policy.runtime or policy.isolation:
             runtime = self.get(policy.runtime or LEVEL_TO_RUNTIME[policy.isolation or DEFAULT_RUNTIME])
+            with self._lock:
+                known = self._availability.get(runtime.name)
+            if known is not None and not known.available:
+                # Already found unusable here: say why instead of failing the same start again.
+                raise RuntimeUnavailableError(f"runtime {runtime.name} is not available on this host: {known.reason}")
             if minimum is not None and rank(runtime.isolation) < rank(minimum):
                 raise RuntimeUnavailableError(
                     f"runtime {runtime.name} ({runtime.isolation}) is weaker than trust {policy.trust!r} "

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from ...errors import SandboxStartError
+from ...errors import RuntimeUnavailableError, SandboxStartError
 from ...policy import Policy, default_policy
 from ..base import Availability, IsolateUsage
 from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
@@ -169,7 +169,9 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         check_mount_sources(policy)
         qemu = qemu_binary()
         if qemu is None:
-            raise SandboxStartError("qemu-system-x86_64 is not installed (apt install qemu-system-x86)")
+            raise RuntimeUnavailableError(
+                "runtime microvm is not available: qemu-system-x86_64 is not installed (apt install qemu-system-x86)"
+            )
         image = guest_image.find_image() or guest_image.build()
         accel = accel or self.accel()
         manager = self._cgroup_manager()

@@ -9,7 +9,9 @@
   its ``cgroup.kill``.
 
 Groups are named ``stockade-<host pid>-<n>`` so that ``sweep`` can remove what
-a dead host left behind. Where a controller cannot be used (rootless without
+a dead host left behind. ``STOCKADE_CGROUP_PARENT`` (a path inside the cgroup
+hierarchy, like Docker's ``--cgroup-parent``) puts them under a group of the
+operator's choosing instead, made if missing. Where a controller cannot be used (rootless without
 delegation) the group says so in ``unenforced``; nothing is silently dropped.
 """
 
@@ -23,6 +25,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from ...errors import ConfigError
 from ..base import IsolateUsage
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -72,7 +75,23 @@ def _writable_dir(path: str) -> bool:
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
+def cgroup_parent_setting() -> str | None:
+    """``STOCKADE_CGROUP_PARENT``, checked: an absolute path inside the hierarchy, or None when unset."""
+    value = os.environ.get("STOCKADE_CGROUP_PARENT", "").strip()
+    if not value:
+        return None
+    parts = value.split("/")
+    if not value.startswith("/") or any(p in (".", "..") for p in parts) or "\0" in value:
+        raise ConfigError(
+            f"STOCKADE_CGROUP_PARENT={value!r}: must be an absolute path inside the cgroup hierarchy, "
+            "without '.' or '..' (for example /stockade)"
+        )
+    return "/" + "/".join(p for p in parts if p)
+
+
 def detect_layout() -> CgroupLayout:
+    """Find where groups can be made; raises ConfigError for a malformed STOCKADE_CGROUP_PARENT."""
+    chosen = cgroup_parent_setting()
     try:
         own = _own_cgroups()
     except OSError as exc:
@@ -80,8 +99,14 @@ def detect_layout() -> CgroupLayout:
     layout = CgroupLayout("none")
     for ctrl in V1_CONTROLLERS:
         if ctrl in own:
-            parent = os.path.join(CGROUP_ROOT, ctrl) + own[ctrl]
-            if not os.path.isdir(parent):
+            parent = os.path.join(CGROUP_ROOT, ctrl) + (chosen or own[ctrl])
+            if chosen is not None:
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                except OSError as exc:
+                    layout.problems.append(f"cgroup v1 {ctrl}: cannot make {parent}: {exc.strerror}")
+                    continue
+            elif not os.path.isdir(parent):
                 parent = os.path.join(CGROUP_ROOT, ctrl)
             if _writable_dir(parent):
                 layout.v1_parents[ctrl] = parent
@@ -89,7 +114,7 @@ def detect_layout() -> CgroupLayout:
                 layout.problems.append(f"cgroup v1 {ctrl}: {parent} is not writable by uid {os.getuid()}")
     mount = _cgroup2_mount()
     if mount is not None and "" in own:
-        layout.v2_parent, layout.v2_limits = _v2_parent(mount, own[""], layout.problems)
+        layout.v2_parent, layout.v2_limits = _v2_parent(mount, own[""], chosen, layout.problems)
     if layout.v2_limits:
         layout.version = "v2"
     elif layout.v1_parents:
@@ -100,8 +125,9 @@ def detect_layout() -> CgroupLayout:
     return layout
 
 
-def _v2_parent(mount: str, own_path: str, problems: list[str]) -> tuple[str | None, bool]:
-    """Pick a v2 parent: our own group if it can take children with controllers, else <root>/stockade."""
+def _v2_parent(mount: str, own_path: str, chosen: str | None, problems: list[str]) -> tuple[str | None, bool]:
+    """Pick a v2 parent: the operator's choice, else our own group if it can take
+    children with controllers (a delegated, otherwise empty group), else <root>/stockade."""
     try:
         with open(os.path.join(mount, "cgroup.controllers")) as f:
             root_controllers = set(f.read().split())
@@ -111,22 +137,47 @@ def _v2_parent(mount: str, own_path: str, problems: list[str]) -> tuple[str | No
     if not wanted <= root_controllers:
         # Hybrid host: the v2 tree has no controllers, but cgroup.kill still works.
         own = mount + own_path.rstrip("/")
-        for candidate in (own, mount):
+        if chosen is not None:
+            try:
+                os.makedirs(mount + chosen, exist_ok=True)
+            except OSError as exc:
+                problems.append(f"cgroup v2: cannot make {mount + chosen}: {exc.strerror}")
+                return None, False
+        for candidate in (mount + chosen,) if chosen is not None else (own, mount):
             if _writable_dir(candidate):
                 return candidate, False
         return None, False
     own = mount + own_path.rstrip("/")
-    for candidate in (own, os.path.join(mount, "stockade")):
+    candidates = [mount + chosen] if chosen is not None else [own, os.path.join(mount, "stockade")]
+    for candidate in candidates:
         try:
             os.makedirs(candidate, exist_ok=True)
-            parent_ctl = os.path.join(os.path.dirname(candidate), "cgroup.subtree_control")
-            if candidate != own:
-                _enable(parent_ctl, wanted)
+            # Every group from the root down to the candidate must pass the
+            # controllers on; our own group already has them if it is ours.
+            path = candidate
+            chain = []
+            while path not in (mount, own) and len(path) > len(mount):
+                chain.append(path)
+                path = os.path.dirname(path)
+            for group in reversed(chain):
+                _enable(os.path.join(os.path.dirname(group), "cgroup.subtree_control"), wanted)
             _enable(os.path.join(candidate, "cgroup.subtree_control"), wanted)
+            if not _writable_dir(candidate):
+                problems.append(f"cgroup v2: {candidate} is not writable by uid {os.getuid()}")
+                continue
             return candidate, True
         except OSError as exc:
-            problems.append(f"cgroup v2: cannot delegate controllers under {candidate}: {exc.strerror}")
+            problems.append(f"cgroup v2: cannot delegate controllers under {candidate}: {_delegation_error(exc)}")
     return None, False
+
+
+def _delegation_error(exc: OSError) -> str:
+    # The kernel's errnos for cgroup.subtree_control say little on their own.
+    if exc.errno == errno.EBUSY:
+        return "the group holds processes (cgroup v2 lets only leaf groups hold them)"
+    if exc.errno == errno.ENOENT and exc.filename and str(exc.filename).endswith("subtree_control"):
+        return "its parent does not pass the memory/pids/cpu controllers down"
+    return exc.strerror or str(exc)
 
 
 def _enable(subtree_control: str, controllers: set[str]) -> None:
