@@ -3,7 +3,9 @@
 Everything is started from this one Python process, N times each, and reported
 as p50/p95 in milliseconds with ratios to ``bwrap + python`` (the reference for
 the process runtime). Targets (issue 2): warm one-shot run_code p50 <= 0.25x
-bwrap+python; cold one-shot run p50 <= 1.2x bwrap+python.
+bwrap+python; cold one-shot run p50 <= 1.2x bwrap+python (the two measured in
+alternation; back-to-back cold runs, whose background teardown overlaps the
+next run, are printed too).
 
     .venv/bin/python bench/startup.py [--runs 50]
 """
@@ -24,6 +26,7 @@ from stockade.runtimes.manager import RuntimeManager
 
 PY_ARGV = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
 SETTLE_S = 0.01
+COLD_ROW = "stockade.run(python3) cold, no pool"
 BWRAP = [
     "bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
     "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
@@ -39,6 +42,19 @@ def measure(fn: Callable[[], object], runs: int, between: Callable[[], object] |
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def interleaved(
+    first: Callable[[], object], second: Callable[[], object], runs: int
+) -> tuple[list[float], list[float]]:
+    """Time two things in alternation: A, B, A, B, ..."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(runs):
+        for fn, out in ((first, times[0]), (second, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1000)
     return times
 
 
@@ -60,16 +76,26 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
 
     rows["python3 -I -S -c pass (subprocess)"] = measure(lambda: subprocess.run(PY_ARGV, check=True), n)
-    if shutil.which("bwrap"):
-        rows["bwrap --unshare-all + python3 (subprocess)"] = measure(
-            lambda: subprocess.run([*BWRAP, *PY_ARGV], check=True), n
-        )
 
     cold_manager = RuntimeManager(pool_size=0)
     t0 = time.perf_counter()
     check(stockade.run(PY_ARGV, manager=cold_manager))
     first = (time.perf_counter() - t0) * 1000
-    rows["stockade.run(python3) cold, no pool"] = measure(lambda: check(stockade.run(PY_ARGV, manager=cold_manager)), n)
+
+    def cold_run() -> None:
+        check(stockade.run(PY_ARGV, manager=cold_manager))
+
+    if shutil.which("bwrap"):
+        # Alternate the reference and the cold run, so that both see the same
+        # machine (these hosts drift), and each cold run finds the previous
+        # isolate's background teardown done, as a call to a service that is
+        # not saturated does. The back-to-back row below shows the other case.
+        ref_times, cold_times = interleaved(lambda: subprocess.run([*BWRAP, *PY_ARGV], check=True), cold_run, n)
+        rows["bwrap --unshare-all + python3 (subprocess)"] = ref_times
+        rows[COLD_ROW] = cold_times
+    else:
+        rows[COLD_ROW] = measure(cold_run, n)
+    rows["stockade.run(python3) cold, back-to-back"] = measure(cold_run, n)
     cold_runtime = cold_manager.get("process")
     cold_manager.close()
 
@@ -113,7 +139,7 @@ def main() -> None:
         print(f"| {name:<52} | {p50:7.2f} | {pct(values, 0.95):7.2f} | {ratio:>10} |")
     if ref:
         warm = statistics.median(rows["stockade.run_code('pass') warm pool, fresh isolate"]) / ref
-        cold = statistics.median(rows["stockade.run(python3) cold, no pool"]) / ref
+        cold = statistics.median(rows[COLD_ROW]) / ref
         print(f"\ntarget warm <= 0.25x: {warm:.2f}x {'OK' if warm <= 0.25 else 'MISSED'}")
         print(f"target cold <= 1.20x: {cold:.2f}x {'OK' if cold <= 1.2 else 'MISSED'}")
 

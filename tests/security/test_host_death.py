@@ -15,10 +15,22 @@ from stockade.runtimes.manager import RuntimeManager
 HOST = r"""
 import json, sys, stockade
 from stockade.runtimes.manager import RuntimeManager
-sb = stockade.Sandbox(runtime="process", manager=RuntimeManager(pool_size=0))
+manager = RuntimeManager(pool_size=0)
+sb = stockade.Sandbox(runtime="process", manager=manager)
 inner = sb._sandbox
 sb.exec(["sh", "-c", "(setsid sleep 3600.75 &); echo"])
-print(json.dumps({"procs": inner.cgroup.procs_files if inner.cgroup else [],
+# The zygote's spare for the next isolate (its builder and the pid-namespace init
+# waiting for a config) must die with the host too.
+import time
+runtime = manager.get("process")
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    nxt = runtime._next_cgroup
+    if nxt is not None and sum(len(open(p).read().split()) for p in nxt.procs_files[:1]) >= 2:
+        break
+    time.sleep(0.02)
+spare = nxt.procs_files if nxt is not None else []
+print(json.dumps({"procs": inner.cgroup.procs_files if inner.cgroup else [], "spare": spare,
                   "dirs": list(dict.fromkeys(inner.cgroup.dirs.values())) if inner.cgroup else []}), flush=True)
 sb.exec(["sleep", "3600"])  # the host is killed while this runs
 """
@@ -52,6 +64,11 @@ def test_sigkill_of_the_host_kills_every_isolate_and_sweep_cleans_up(process_run
     while _procs(info["procs"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _procs(info["procs"]) == set(), "processes of the isolate outlived their host"
+    if info["procs"]:
+        assert info["spare"], "the zygote had no spare child ready for the next isolate"
+    while _procs(info["spare"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _procs(info["spare"]) == set(), "the zygote's spare child outlived its host"
     # The dead host's cgroups are still on disk until a new runtime sweeps them.
     fresh = RuntimeManager(pool_size=0)
     try:

@@ -5,7 +5,10 @@ socket whose fd number is its argument. Each message is an isolate config (JSON)
 attached: the isolate's end of its agent socket. The zygote forks; the child
 builds the isolate (``confine.start_isolate``) and becomes its agent without an
 exec, so an isolate costs a fork and the confinement syscalls, never an
-interpreter start.
+interpreter start. A message without a descriptor, ``{"op": "prepare", ...}``,
+asks for the next child ahead of time (``_Spare``): the policy-independent
+steps (cgroups, sandbox uid, namespaces, the fork into the pid namespace) are
+then done before the isolate is asked for.
 
 The zygote is single-threaded (fork-safe), a child subreaper (it reaps every
 isolate init), and dies with its host (PDEATHSIG and EOF on the control socket).
@@ -19,9 +22,14 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 
 from . import confine, linux
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CONFIG_MAX = 1 << 20
 
@@ -60,7 +68,8 @@ def main(ctl_fd: int) -> None:
                 # {"op": "prepare", "cgroup_procs": [...]}: fork the next child ahead of time.
                 if spare is not None:
                     spare.discard()
-                spare = _fork_spare(ctl, (wake_r, wake_w), _prepare_request(raw))
+                request = _prepare_request(raw)
+                spare = _fork_spare(ctl, (wake_r, wake_w), request) if request is not None else None
                 continue
             if len(fds) != 1:
                 for fd in fds:
@@ -77,18 +86,22 @@ def main(ctl_fd: int) -> None:
 
 
 class _Spare:
-    """A child of the zygote waiting for one isolate config, already in that isolate's cgroups."""
+    """A child of the zygote forked ahead for the next isolate: in its cgroups,
+    already the sandbox uid, in fresh namespaces, with a pid-namespace init
+    waiting for the isolate's config (an unspecialised process, as Android's
+    zygote keeps them). Mounts, rlimits, Landlock, seccomp and the agent are
+    still done when the config comes, since they depend on the policy."""
 
-    def __init__(self, pid: int, sock: socket.socket, cgroup_procs: list[str]) -> None:
-        self.pid, self.sock, self.cgroup_procs = pid, sock, cgroup_procs
+    def __init__(self, pid: int, sock: socket.socket, request: dict[str, Any]) -> None:
+        self.pid, self.sock, self.request = pid, sock, request
 
     def take(self, raw: bytes, agent_fd: int) -> bool:
         try:
             config = confine.decode_config(raw)
         except ValueError:
             return False
-        if config.get("cgroup_procs") != self.cgroup_procs:
-            return False  # asked for another isolate's cgroups: build the usual way
+        if any(config.get(key) != self.request.get(key) for key in SPARE_KEYS):
+            return False  # asked for another isolate's cgroups or uid: build the usual way
         try:
             socket.send_fds(self.sock, [raw], [agent_fd])
         except OSError:
@@ -100,21 +113,30 @@ class _Spare:
     def discard(self) -> None:
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGKILL)  # its init sees EOF and exits
         self.sock.close()
 
 
-def _prepare_request(raw: bytes) -> list[str]:
+SPARE_KEYS = ("cgroup_procs", "outer_uid", "outer_gid")
+
+
+def _prepare_request(raw: bytes) -> dict[str, Any] | None:
     try:
         request = confine.decode_config(raw)
-        procs = request.get("cgroup_procs") or []
-        return [str(p) for p in procs] if request.get("op") == "prepare" else []
     except ValueError:
-        return []
+        return None
+    if request.get("op") != "prepare":
+        return None
+    procs = request.get("cgroup_procs") or []
+    uid, gid = request.get("outer_uid"), request.get("outer_gid")
+    if not all(isinstance(p, str) for p in procs) or not all(x is None or isinstance(x, int) for x in (uid, gid)):
+        return None
+    return {"cgroup_procs": procs, "outer_uid": uid, "outer_gid": gid}
 
 
-def _fork_spare(ctl: socket.socket, wake_fds: tuple[int, int], cgroup_procs: list[str]) -> _Spare | None:
+def _fork_spare(ctl: socket.socket, wake_fds: tuple[int, int], request: dict[str, Any]) -> _Spare | None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -123,20 +145,55 @@ def _fork_spare(ctl: socket.socket, wake_fds: tuple[int, int], cgroup_procs: lis
         return None
     if pid == 0:
         ours.close()
+        _spare_main(ctl, wake_fds, theirs, request, zygote)
+    theirs.close()
+    return _Spare(pid, ours, request)
+
+
+def _spare_main(
+    ctl: socket.socket, wake_fds: tuple[int, int], theirs: socket.socket, request: dict[str, Any], zygote: int
+) -> None:
+    """The spare, outside the new pid namespace: never returns."""
+    try:
+        _become_builder(ctl, wake_fds)
+        confine.join_cgroups(request["cgroup_procs"])
+        confine.enter_namespaces(request["outer_uid"], request["outer_gid"])
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
+        if os.getppid() != zygote:
+            os._exit(0)  # the zygote died before PDEATHSIG was armed
+        to_init, from_spare = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        init = os.fork()
+    except BaseException:  # noqa: BLE001 - the zygote builds the usual way (and reports) when a spare is gone
+        os._exit(1)
+    if init == 0:
+        # pid 1 of the new pid namespace: wait for the isolate's config and agent socket.
         try:
-            _become_builder(ctl, wake_fds)
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # a spare dies with the zygote
-            confine.join_cgroups(cgroup_procs)
-            raw, fds, _flags, _addr = socket.recv_fds(theirs, CONFIG_MAX, 1)
-            if not raw or len(fds) != 1:
-                os._exit(0)
             theirs.close()
-            linux.prctl(linux.PR_SET_PDEATHSIG, 0)
+            to_init.close()
+            raw, fds, _flags, _addr = socket.recv_fds(from_spare, CONFIG_MAX, 1)
+            if not raw or len(fds) != 1:
+                os._exit(0)  # the spare was discarded (EOF)
+            from_spare.close()
+            conn = socket.socket(fileno=fds[0])
         except BaseException:  # noqa: BLE001
             os._exit(1)
-        _build(raw, fds[0], joined=True)
-    theirs.close()
-    return _Spare(pid, ours, cgroup_procs)
+        try:
+            config = confine.decode_config(raw)
+        except BaseException as exc:  # noqa: BLE001
+            confine._report_failure(conn, "config", exc)
+            os._exit(1)
+        confine.become_init(config, conn)
+    from_spare.close()
+    try:
+        raw, fds, _flags, _addr = socket.recv_fds(theirs, CONFIG_MAX, 1)
+        if not raw or len(fds) != 1:
+            os._exit(0)
+        # Tell the host who init is, before init can say anything on the same socket.
+        os.write(fds[0], b"P" + struct.pack("<I", init))
+        socket.send_fds(to_init, [raw], [fds[0]])
+    except BaseException:  # noqa: BLE001
+        os._exit(1)
+    os._exit(0)
 
 
 def _spawn(ctl: socket.socket, raw: bytes, agent_fd: int, wake_fds: tuple[int, int]) -> None:
@@ -159,12 +216,10 @@ def _become_builder(ctl: socket.socket, wake_fds: tuple[int, int]) -> None:
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 0)
 
 
-def _build(raw: bytes, agent_fd: int, joined: bool = False) -> None:
+def _build(raw: bytes, agent_fd: int) -> None:
     conn = socket.socket(fileno=agent_fd)
     try:
         config = confine.decode_config(raw)
-        if joined:
-            config["cgroup_procs"] = []  # already there
     except BaseException as exc:  # noqa: BLE001
         confine._report_failure(conn, "config", exc)
         os._exit(1)

@@ -254,22 +254,24 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         return sandbox
 
     def _prepare_next(self, zygote: Zygote, manager: CgroupManager) -> None:
-        """Make the next isolate's cgroup now and let the zygote place a child in it."""
-        if manager.layout.version == "none":
-            return
-        try:
-            nxt = manager.create()
-            limits = default_policy()
-            nxt.apply_limits(limits.memory_mb, limits.pids_limit, limits.cpu_limit)  # the usual case, written now
-        except OSError:
-            return  # the next start creates its own
+        """Make the next isolate's cgroup now and have the zygote fork a child ahead into it."""
+        root = os.getuid() == 0
+        uid, gid = (SANDBOX_UID, SANDBOX_GID) if root else (None, None)
+        nxt: IsolateCgroup | None = None
+        if manager.layout.version != "none":
+            try:
+                nxt = manager.create()
+                limits = default_policy()
+                nxt.apply_limits(limits.memory_mb, limits.pids_limit, limits.cpu_limit)  # the usual case, written now
+            except OSError:
+                return  # the next start creates its own
         with self._lock:
             stale, self._next_cgroup = self._next_cgroup, nxt
         if stale is not None:
             stale.kill()
             stale.remove()
         try:
-            zygote.prepare(nxt.procs_files)
+            zygote.prepare(nxt.procs_files if nxt is not None else [], uid, gid)
         except SandboxStartError:
             return
 
