@@ -206,14 +206,30 @@ class Supervisor:
                 self._thread.start()
 
     def forget(self, listener_fd: int) -> None:
+        """The owner is done with the isolate: stop watching and close the fd."""
         with self._lock:
             if self._sinks.pop(listener_fd, None) is None:
                 return
             try:
                 self._epoll.unregister(listener_fd)
             except OSError:
-                pass
+                pass  # already retired
             os.close(listener_fd)
+
+    def _retire(self, listener_fd: int) -> None:
+        """Every task under the filter has exited: stop polling, but leave the fd open.
+
+        Only the owner's ``forget`` closes it. Closing it here would free the fd
+        number while the owner still holds it: the next isolate's listener could
+        get that number, and the owner's later ``forget`` would then unregister
+        and close the new isolate's listener, whose violations would go unseen.
+        """
+        with self._lock:
+            if listener_fd in self._sinks:
+                try:
+                    self._epoll.unregister(listener_fd)
+                except OSError:
+                    pass
 
     def _loop(self) -> None:
         while True:
@@ -225,7 +241,7 @@ class Supervisor:
                 if mask & select.EPOLLIN:
                     self._answer(fd)
                 elif mask & (select.EPOLLHUP | select.EPOLLERR):
-                    self.forget(fd)  # every task under the filter has exited
+                    self._retire(fd)
 
     def _answer(self, fd: int) -> None:
         buf = bytearray(_NOTIF.size)
