@@ -6,7 +6,7 @@
     stockade start --name NAME [--restart no|on-failure|always] [policy flags] -- CMD ARGS...
     stockade status [NAME] | ps | logs NAME | stop NAME
     stockade serve [--socket PATH]
-    stockade image build [--force]
+    stockade image build [--force] [--no-snapshot]
     stockade token new [--file F]
 
 With ``--socket`` (or ``STOCKADE_SOCKET``), run/exec-code go through the daemon;
@@ -245,6 +245,23 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     except StockadeError as exc:
         return _fail(str(exc))
     print(f"guest image: {built.directory} (kernel {built.kernel_version})")
+    if args.no_snapshot:
+        return 0
+    from .runtimes.microvm.runtime import MicrovmRuntime, qemu_binary
+
+    if qemu_binary() is None:
+        print("snapshot: none (qemu-system-x86_64 is not installed)")
+        return 0
+    runtime = MicrovmRuntime()
+    try:
+        print(f"snapshot: booting the guest once to save it ({runtime.accel()})...", file=sys.stderr)
+        path = runtime.make_snapshot()
+    except StockadeError as exc:
+        print(f"snapshot: none ({exc}); microVMs will boot instead of being restored", file=sys.stderr)
+        return 0
+    finally:
+        runtime.close()
+    print(f"snapshot: {path}")
     return 0
 
 
@@ -438,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     img_sub = img.add_subparsers(dest="image_cmd", required=True)
     build = img_sub.add_parser("build", help="build (or reuse) the guest image from Debian packages")
     build.add_argument("--force", action="store_true", help="rebuild even if the inputs did not change")
+    build.add_argument(
+        "--no-snapshot", action="store_true", help="do not boot the guest to save a snapshot for fast starts"
+    )
     build.set_defaults(func=cmd_image_build)
 
     token = sub.add_parser("token", help="manage daemon tokens")

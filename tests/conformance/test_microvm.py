@@ -129,3 +129,52 @@ def test_commands_inherit_only_their_stdio(vm: MicrovmSandbox) -> None:
 def test_common_tools_work(vm: MicrovmSandbox) -> None:
     r = vm.exec(["sh", "-c", "cd /tmp && printf 'b\\na\\n' > f && sort f && cp f g && ls && stat -c %s g"])
     assert r.stdout.split() == ["a", "b", "f", "g", "4"], (r.stdout, r.stderr)
+
+
+def test_restores_from_a_snapshot_each_with_its_own_randomness_and_clock(vm_manager: RuntimeManager) -> None:
+    runtime = vm_manager.get("microvm")
+    runtime.make_snapshot()  # type: ignore[attr-defined]  # made by `stockade image build`, or now
+    probe = [
+        "sh", "-c",
+        "cat /proc/sys/kernel/random/boot_id; python3 -c 'import os; print(os.urandom(16).hex())'; date +%s;"
+        " df -m /tmp | tail -1; cat /proc/net/dev | grep -c 'lo:'; ifconfig lo | grep -c 'inet addr'",
+    ]  # fmt: skip
+    seen = []
+    for policy in (Policy(), Policy(disk_mb=16, network_policy="loopback")):
+        sandbox = runtime.start(policy)
+        try:
+            assert isinstance(sandbox, MicrovmSandbox) and sandbox.restored
+            r = sandbox.exec(probe)
+            boot_id, rand, clock, df, _lo, lo_up = r.stdout.splitlines()
+            assert abs(int(clock) - time.time()) < 30, "the restored guest's clock was not set from the host"
+            assert df.split()[1] == str(policy.disk_mb)  # the go line's scratch size, not the snapshot's
+            assert lo_up == ("1" if policy.network_policy == "loopback" else "0")
+            seen.append((boot_id, rand))
+        finally:
+            sandbox.close()
+    assert seen[0][0] != seen[1][0], "two restores share a boot id"
+    assert seen[0][1] != seen[1][1], "two restores share the kernel's random state"
+
+
+def test_a_snapshot_qemu_cannot_resume_is_dropped_and_the_vm_boots(vm_manager: RuntimeManager) -> None:
+    from stockade.runtimes.microvm import snapshot
+    from stockade.runtimes.microvm.image import find_image
+    from stockade.runtimes.microvm.runtime import _qemu_command, qemu_binary
+
+    runtime = vm_manager.get("microvm")
+    policy = Policy(memory_mb=192)  # a shape of its own, so the shared snapshot is not touched
+    image, qemu = find_image(), qemu_binary()
+    assert image is not None and qemu is not None
+    rundir = tempfile.mkdtemp()
+    try:
+        cmd = _qemu_command(qemu, image, policy, runtime.accel(), rundir, os.path.join(rundir, "agent.sock"))  # type: ignore[attr-defined]
+        key = snapshot.key(cmd, rundir, snapshot.qemu_version(qemu))
+    finally:
+        os.rmdir(rundir)
+    os.makedirs(snapshot.directory(), exist_ok=True)
+    with open(snapshot.path_for(key), "wb") as f:
+        f.write(b"not a QEMU migration stream")
+    with runtime.start(policy) as sandbox:
+        assert isinstance(sandbox, MicrovmSandbox) and not sandbox.restored
+        assert sandbox.exec(["echo", "booted"]).stdout == "booted\n"
+    assert snapshot.find(key) is None

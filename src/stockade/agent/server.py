@@ -721,6 +721,28 @@ def _b64_param(params: dict[str, Any], name: str) -> bytes:
 
 
 _KEEP: list[int] = []
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
+def _reseed_kernel_rng() -> None:
+    """Make the kernel rekey its generator from the input pool (where init put the host's seed).
+
+    A microVM restored from a snapshot resumes with the generator state of the
+    moment the snapshot was taken; without this, every restored VM would hand
+    out the same "random" bytes until the kernel's next scheduled reseed.
+    """
+    import fcntl
+
+    try:
+        fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    except OSError:
+        pass  # not root (not a microVM guest): nothing to do
+    finally:
+        os.close(fd)
 
 
 def main() -> None:
@@ -732,9 +754,17 @@ def main() -> None:
     """
     where = os.environ.pop("STOCKADE_AGENT_FD", "3")
     user = os.environ.pop("STOCKADE_AGENT_USER", "")
-    if where.startswith("/"):
-        # A character device (the microVM's virtio-serial port).
-        conn: Any = _DeviceConn(os.open(where, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY))
+    if where.startswith(("/", "device:")):
+        # A character device (the microVM's virtio-serial port), by path or as an
+        # inherited descriptor ("device:3": init kept it open so nothing is lost).
+        if where.startswith("device:"):
+            device_fd = int(where[len("device:") :])
+            os.set_inheritable(device_fd, False)
+        else:
+            device_fd = os.open(where, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+        conn: Any = _DeviceConn(device_fd)
+        if os.environ.pop("STOCKADE_RESEED", "") == "1":
+            _reseed_kernel_rng()
         if user:
             uid = int(user)
             os.setgroups([])

@@ -47,25 +47,42 @@ IMAGE_LAYOUT = 3
 LD_SO_CACHE = "/etc/ld.so.cache"  # bump when the initramfs layout changes in a way the other inputs do not show
 BUSYBOX_APPLETS = (
     "sh", "mount", "umount", "mkdir", "insmod", "ln", "sleep", "ls", "cat", "hostname", "poweroff", "ifconfig", "chmod",
+    "date",
 )  # fmt: skip
 
 INIT = r"""#!/bin/sh
-# stockade microVM init: modules, mounts, then the agent on the virtio-serial port.
+# stockade microVM init: modules, the host's go line, mounts, then the agent on the virtio-serial port.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in __MODULES__; do insmod /modules/$m.ko || { echo "stockade: insmod $m failed"; poweroff -f; }; done
+i=0
+while [ ! -e /dev/vport0p1 ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
+[ -e /dev/vport0p1 ] || { echo "stockade: no virtio-serial port"; poweroff -f; }
+# Nothing of the host is mounted yet and no randomness has been handed out to a
+# program: a snapshot of the VM taken here can be restored many times. "S" tells
+# the host so; the go line gives each boot or restore its own random seed, the
+# wall-clock time (the VM has no RTC), the scratch size and the network.
+# The port stays open on fd 3 from here to the agent: the guest driver drops
+# whatever arrived unread when a port is closed (the agent's first request may
+# already be there). read takes one byte at a time and leaves that request.
+exec 3<>/dev/vport0p1
+echo -n S >&3
+SEED=
+until [ -n "$SEED" ]; do
+  read -r SEED NOW DISK NET <&3 || sleep 0.02
+done
+echo "$SEED" > /dev/urandom
+date -s "@$NOW" > /dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose,noatime usr /usr || poweroff -f
-set -- $(cat /proc/cmdline)
-DISK=64
-for arg; do case "$arg" in stockade.disk=*) DISK="${arg#stockade.disk=}";; esac; done
 mount -t tmpfs -o size=${DISK}m,mode=1777,nosuid,nodev tmpfs /tmp
 mkdir -p /tmp/.work && mount --bind /tmp/.work /work 2>/dev/null || mount -t tmpfs -o size=${DISK}m tmpfs /work
 chmod 0777 /work
+[ "$NET" = loopback ] && ifconfig lo 127.0.0.1 up
+set -- $(cat /proc/cmdline)
 for arg; do
   case "$arg" in
-    stockade.net=loopback) ifconfig lo 127.0.0.1 up;;
     stockade.mounts=*)
       IFS=,; for m in ${arg#stockade.mounts=}; do
         IFS=:; set -- $m; IFS=' '
@@ -74,10 +91,9 @@ for arg; do
   esac
 done
 hostname stockade
-i=0
-while [ ! -e /dev/vport0p1 ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
 export HOME=/work TMPDIR=/tmp LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin
-export STOCKADE_AGENT_FD=/dev/vport0p1 STOCKADE_AGENT_USER=1000
+# The agent makes the kernel reseed its generator from the seed before it drops to uid 1000.
+export STOCKADE_AGENT_FD=device:3 STOCKADE_AGENT_USER=1000 STOCKADE_RESEED=1
 cd /work
 /usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import server; server.main()"
 poweroff -f

@@ -39,6 +39,7 @@ from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from ..pool import PooledRuntime, Reaper, WarmPool
 from ..process.cgroups import CgroupManager, IsolateCgroup, pid_alive
 from . import image as guest_image
+from . import snapshot
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 120.0
@@ -75,6 +76,7 @@ class MicrovmSandbox(HostedSandbox):
         super().__init__(policy, conn, proc, rundir, cgroup)
         self.rundir = rundir
         self.accel = accel
+        self.restored = False  # resumed from a snapshot rather than booted
         self.pidfd = os.pidfd_open(proc.pid)
 
     def apply_policy(self, policy: Policy) -> None:
@@ -103,6 +105,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         self._lock = threading.RLock()  # accel() builds a probe VM, which takes the lock again
         self._accel: str | None = None
         self._checked: MicrovmSandbox | None = None  # the VM that detect() booted, not yet used
+        self._version: str | None = None  # of the QEMU build, for snapshot keys
         self._cgroups: CgroupManager | None = None
         self._pool: WarmPool[MicrovmSandbox] | None = None
         if pool_size > 0:
@@ -121,6 +124,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             details["accel"] = self.accel()
             sandbox = self.start(Policy())
             sandbox.ping()
+            details["snapshot"] = "restored" if sandbox.restored else "none (stockade image build saves one)"
         except SandboxStartError as exc:
             return Availability(self.name, False, self.isolation, str(exc), details)
         # A boot is the only honest check, and seconds long under TCG: keep the
@@ -162,29 +166,33 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             checked.close()
         self.stop_pool()
 
-    def _build(self, policy: Policy, accel: str | None = None, boot_timeout: float = BOOT_TIMEOUT_S) -> MicrovmSandbox:
+    def _build(
+        self, policy: Policy, accel: str | None = None, boot_timeout: float = BOOT_TIMEOUT_S, restore: bool = True
+    ) -> MicrovmSandbox:
+        """Start a VM for ``policy``: restored from a snapshot when one fits, booted otherwise."""
         from ..process.runtime import check_mount_sources  # same rules for shared paths
 
         started = time.monotonic()
         check_mount_sources(policy)
-        qemu = qemu_binary()
-        if qemu is None:
-            raise RuntimeUnavailableError(
-                "runtime microvm is not available: qemu-system-x86_64 is not installed (apt install qemu-system-x86)"
-            )
+        qemu = self._qemu()
         image = guest_image.find_image() or guest_image.build()
         accel = accel or self.accel()
         manager = self._cgroup_manager()
         rundir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-{next(_counter)}-")
         cgroup: IsolateCgroup | None = None
         proc: subprocess.Popen[bytes] | None = None
+        agent_socket = os.path.join(rundir, "agent.sock")
+        cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
+        snapshot_key = snapshot.key(cmd, rundir, self._qemu_version(qemu))
+        restored_from = snapshot.find(snapshot_key) if restore and snapshots_enabled() else None
+        if restored_from is not None:
+            cmd += snapshot.incoming_args(restored_from)
+        deadline = started + boot_timeout
         try:
             cgroup = manager.create() if manager.layout.version != "none" else None
             unenforced = ["memory_mb (host side), cpu_limit: no usable cgroup for QEMU on this host"]
             if cgroup is not None:
                 unenforced = _apply_limits(cgroup, policy)
-            agent_socket = os.path.join(rundir, "agent.sock")
-            cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
             with open(os.path.join(rundir, "qemu.err"), "ab") as err:
                 proc = spawn_in_cgroup(
                     cmd, cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm"
@@ -195,14 +203,85 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             raise
         sandbox = MicrovmSandbox(policy, conn, proc, rundir, cgroup, accel)  # from here it owns every part
         try:
-            sandbox.ping(timeout=boot_timeout)
+            if restored_from is None:
+                snapshot.wait_for_snapshot_point(conn, deadline)  # a restored guest is already past it
+            conn.sendall(snapshot.go_line(policy.disk_mb, policy.network_policy))
+            sandbox.ping(timeout=max(1.0, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - a failed boot, with the console's last words
-            why = f"the microVM did not boot ({accel}): {_tail(rundir)} ({exc})"
+            how = "restore" if restored_from else "boot"
+            why = f"the microVM did not {how} ({accel}): {_tail(rundir)} ({exc})"
             sandbox.close()
+            if restored_from is not None:
+                # A snapshot this QEMU cannot resume is of no use: drop it and boot.
+                snapshot.discard(snapshot_key)
+                return self._build(policy, accel, boot_timeout, restore=False)
             raise SandboxStartError(why) from None
         sandbox.unenforced_limits = unenforced
+        sandbox.restored = restored_from is not None
         sandbox.cold_start_ms = (time.monotonic() - started) * 1000
         return sandbox
+
+    def make_snapshot(self, boot_timeout: float = BOOT_TIMEOUT_S) -> str:
+        """Boot the default policy's VM to its snapshot point and save it; return the file.
+
+        Reuses a snapshot that is still valid for this QEMU, image and accelerator.
+        """
+        policy = default_policy()
+        qemu = self._qemu()
+        image = guest_image.find_image() or guest_image.build()
+        accel = self.accel()
+        manager = self._cgroup_manager()
+        rundir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-{next(_counter)}-")
+        agent_socket = os.path.join(rundir, "agent.sock")
+        cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
+        snapshot_key = snapshot.key(cmd, rundir, self._qemu_version(qemu))
+        found = snapshot.find(snapshot_key)
+        if found is not None:
+            shutil.rmtree(rundir, ignore_errors=True)
+            return found
+        qmp = os.path.join(rundir, "qmp.sock")
+        cgroup: IsolateCgroup | None = None
+        proc: subprocess.Popen[bytes] | None = None
+        deadline = time.monotonic() + boot_timeout
+        try:
+            cgroup = manager.create() if manager.layout.version != "none" else None
+            if cgroup is not None:
+                _apply_limits(cgroup, policy)
+            with open(os.path.join(rundir, "qemu.err"), "ab") as err:
+                proc = spawn_in_cgroup(
+                    [*cmd, "-qmp", f"unix:{qmp},server=on,wait=off"],
+                    cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
+                )  # fmt: skip
+            conn = _connect(agent_socket, proc, deadline=time.monotonic() + 10)
+            try:
+                snapshot.wait_for_snapshot_point(conn, deadline)
+                snapshot.save(qmp, snapshot.path_for(snapshot_key), deadline + snapshot.QMP_TIMEOUT_S)
+            except SandboxStartError as exc:
+                raise SandboxStartError(f"no snapshot ({accel}): {exc}; {_tail(rundir)}") from None
+            finally:
+                conn.close()
+        finally:
+            abandon_start(proc, cgroup, rundir)
+        return snapshot.path_for(snapshot_key)
+
+    def _qemu(self) -> str:
+        qemu = qemu_binary()
+        if qemu is None:
+            raise RuntimeUnavailableError(
+                "runtime microvm is not available: qemu-system-x86_64 is not installed (apt install qemu-system-x86)"
+            )
+        return qemu
+
+    def _qemu_version(self, qemu: str) -> str:
+        with self._lock:
+            if self._version is None:
+                self._version = snapshot.qemu_version(qemu)
+            return self._version
+
+
+def snapshots_enabled() -> bool:
+    """``STOCKADE_MICROVM_SNAPSHOTS=0`` makes every start a boot (for measuring one, say)."""
+    return os.environ.get("STOCKADE_MICROVM_SNAPSHOTS", "1") != "0"
 
 
 def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
@@ -238,11 +317,11 @@ def _qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, acce
         args += ["-fsdev", f"local,id={tag},path={m.source},security_model=none{readonly}",
                  "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]  # fmt: skip
         mounts.append(f"{tag}:{m.target}:{'rw' if m.writable else 'ro'}")
-    cmdline = ["console=ttyS0", "quiet", "panic=-1", f"stockade.disk={policy.disk_mb}"]
+    # The scratch size and the network come with the go line (snapshot.go_line), so
+    # that one snapshot serves them all; shared paths are devices, fixed at boot.
+    cmdline = ["console=ttyS0", "quiet", "panic=-1"]
     if khz:
         cmdline.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 5 hang under TCG here
-    if policy.network_policy == "loopback":
-        cmdline.append("stockade.net=loopback")
     if mounts:
         cmdline.append("stockade.mounts=" + ",".join(mounts))
     return [*args, "-append", " ".join(cmdline)]
