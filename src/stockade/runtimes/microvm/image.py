@@ -113,6 +113,11 @@ def cache_root() -> str:
     return os.path.join(base, "stockade", "images")
 
 
+def snapshots_directory() -> str:
+    """Where saved VMs live (runtimes/microvm/snapshot.py); they belong to the current image."""
+    return os.path.join(os.path.dirname(cache_root()), "snapshots")
+
+
 Progress = Callable[[str, float], None]
 
 
@@ -173,6 +178,8 @@ def build(progress: Progress = _quiet, force: bool = False) -> GuestImage:
             path = os.path.join(cache_root(), old)
             if old != key and os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
+        # Snapshots hold a booted copy of the old image: none of them can be restored now.
+        shutil.rmtree(snapshots_directory(), ignore_errors=True)
         progress("done", 1.0)
         image = _load(target)
         assert image is not None

@@ -35,7 +35,7 @@ SNAPSHOT_POINT = b"S"
 
 
 def directory() -> str:
-    return os.path.join(os.path.dirname(guest_image.cache_root()), "snapshots")
+    return guest_image.snapshots_directory()
 
 
 def key(command: list[str], rundir: str, qemu_version: str) -> str:
@@ -108,6 +108,13 @@ def save(qmp_path: str, target: str, deadline: float) -> None:
                 time.sleep(0.02)
         os.chmod(tmp, 0o600)  # a guest's memory, even a pristine one
         os.replace(tmp, target)
+        # Snapshots are made for one shape and this host's accelerator: any other is
+        # of an older QEMU build or command line, which can never restore it.
+        for name in os.listdir(os.path.dirname(target)):
+            other = os.path.join(os.path.dirname(target), name)
+            if name.endswith(".vmstate") and other != target:
+                with contextlib.suppress(OSError):
+                    os.unlink(other)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
