@@ -150,6 +150,10 @@ def test_restores_from_a_snapshot_each_with_its_own_randomness_and_clock(vm_mana
             assert df.split()[1] == str(policy.disk_mb)  # the go line's scratch size, not the snapshot's
             assert lo_up == ("1" if policy.network_policy == "loopback" else "0")
             seen.append((boot_id, rand))
+            # The agent started from the initramfs' copies; code gets the host's whole stdlib.
+            code = "import json, sys, decimal\nprint(json.dumps([sys.prefix, str(decimal.Decimal(1) / 8)]))"
+            r = sandbox.run_code(code)
+            assert r.stdout == '["/usr", "0.125"]\n', (r.stdout, r.stderr)
         finally:
             sandbox.close()
     assert seen[0][0] != seen[1][0], "two restores share a boot id"

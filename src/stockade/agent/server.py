@@ -724,6 +724,27 @@ _KEEP: list[int] = []
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 
 
+def _wait_for_go() -> None:
+    """The microVM's init started this interpreter early: say so, then wait for "go" on stdin.
+
+    The interpreter and the agent's modules are loaded by now, from the
+    initramfs; init reads the host's go line, mounts the host's /usr and the
+    scratch space, and writes "go" once the guest is ready for the agent.
+    """
+    os.close(os.open("/.agent-ready", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 64)
+        if not chunk:
+            os._exit(1)  # init's setup failed before the guest was ready
+        line += chunk
+    os.unlink("/.agent-ready")
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.chdir("/work")
+
+
 def _reseed_kernel_rng() -> None:
     """Make the kernel rekey its generator from the input pool (where init put the host's seed).
 
@@ -754,6 +775,8 @@ def main() -> None:
     """
     where = os.environ.pop("STOCKADE_AGENT_FD", "3")
     user = os.environ.pop("STOCKADE_AGENT_USER", "")
+    if os.environ.pop("STOCKADE_AGENT_WAIT", "") == "stdin":
+        _wait_for_go()
     if where.startswith(("/", "device:")):
         # A character device (the microVM's virtio-serial port), by path or as an
         # inherited descriptor ("device:3": init kept it open so nothing is lost).

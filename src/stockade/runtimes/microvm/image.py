@@ -6,8 +6,10 @@
   decompression: ~2 s under TCG instead of ~4.5 s);
 - initramfs (newc cpio, written here): ``busybox`` from ``busybox-static``, the
   virtio, virtio-serial and 9p modules from the same kernel package, the
-  guest agent's code, and ``/init``. The guest's ``/usr`` is the host's,
-  shared read-only over 9p: nothing else of the host is visible.
+  guest agent's code, copies of the files the host's ``python3`` reads to
+  start the agent (its binary, libraries and a dozen stdlib modules), and
+  ``/init``. The guest's ``/usr`` is the host's, shared read-only over 9p and
+  mounted over those copies: nothing else of the host is visible.
 
 The image lives in ``$XDG_CACHE_HOME/stockade/images/<key>`` and is rebuilt only
 when an input changes (kernel package, busybox, agent code, init script).
@@ -15,6 +17,8 @@ when an input changes (kernel package, busybox, agent code, init script).
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import glob
 import hashlib
 import json
@@ -32,6 +36,8 @@ from typing import BinaryIO
 from ...errors import SandboxStartError
 from ..process.zygote import AGENT_PARENT
 
+GUEST_PYTHON = "/usr/bin/python3"  # the guest runs the host's interpreter, as the init script says
+
 MODULES = (
     "virtio_ring",
     "virtio",
@@ -43,7 +49,7 @@ MODULES = (
     "9pnet_virtio",
     "9p",
 )  # fmt: skip  (load order)
-IMAGE_LAYOUT = 3
+IMAGE_LAYOUT = 5
 LD_SO_CACHE = "/etc/ld.so.cache"  # bump when the initramfs layout changes in a way the other inputs do not show
 BUSYBOX_APPLETS = (
     "sh", "mount", "umount", "mkdir", "insmod", "ln", "sleep", "ls", "cat", "hostname", "poweroff", "ifconfig", "chmod",
@@ -51,7 +57,8 @@ BUSYBOX_APPLETS = (
 )  # fmt: skip
 
 INIT = r"""#!/bin/sh
-# stockade microVM init: modules, the host's go line, mounts, then the agent on the virtio-serial port.
+# stockade microVM init: modules, the agent's interpreter started from the
+# initramfs, the host's go line, mounts, then the agent on the virtio-serial port.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -60,42 +67,52 @@ for m in __MODULES__; do insmod /modules/$m.ko || { echo "stockade: insmod $m fa
 i=0
 while [ ! -e /dev/vport0p1 ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
 [ -e /dev/vport0p1 ] || { echo "stockade: no virtio-serial port"; poweroff -f; }
-# Nothing of the host is mounted yet and no randomness has been handed out to a
-# program: a snapshot of the VM taken here can be restored many times. "S" tells
-# the host so; the go line gives each boot or restore its own random seed, the
-# wall-clock time (the VM has no RTC), the scratch size and the network.
 # The port stays open on fd 3 from here to the agent: the guest driver drops
 # whatever arrived unread when a port is closed (the agent's first request may
 # already be there). read takes one byte at a time and leaves that request.
 exec 3<>/dev/vport0p1
-echo -n S >&3
-SEED=
-until [ -n "$SEED" ]; do
-  read -r SEED NOW DISK NET <&3 || sleep 0.02
-done
-echo "$SEED" > /dev/urandom
-date -s "@$NOW" > /dev/null
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose,noatime usr /usr || poweroff -f
-mount -t tmpfs -o size=${DISK}m,mode=1777,nosuid,nodev tmpfs /tmp
-mkdir -p /tmp/.work && mount --bind /tmp/.work /work 2>/dev/null || mount -t tmpfs -o size=${DISK}m tmpfs /work
-chmod 0777 /work
-[ "$NET" = loopback ] && ifconfig lo 127.0.0.1 up
-set -- $(cat /proc/cmdline)
-for arg; do
-  case "$arg" in
-    stockade.mounts=*)
-      IFS=,; for m in ${arg#stockade.mounts=}; do
-        IFS=:; set -- $m; IFS=' '
-        mkdir -p "$2" && mount -t 9p -o trans=virtio,version=9p2000.L,$3,msize=262144,nosuid,nodev "$1" "$2"
-      done; IFS=' ';;
-  esac
-done
-hostname stockade
+setup() {
+  PATH=/bin
+  # The agent's interpreter has started from the copies in the initramfs and
+  # waits on its stdin. Nothing of the host is mounted and no program has been
+  # given randomness for its own use: a snapshot of the VM taken here can be
+  # restored many times. "S" tells the host so; the go line gives each boot or
+  # restore its own random seed, the wall-clock time (the VM has no RTC), the
+  # scratch size and the network.
+  i=0
+  while [ ! -e /.agent-ready ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done
+  echo -n S >&3
+  SEED=
+  until [ -n "$SEED" ]; do
+    read -r SEED NOW DISK NET <&3 || sleep 0.02
+  done
+  echo "$SEED" > /dev/urandom
+  date -s "@$NOW" > /dev/null
+  # The host's /usr goes over the initramfs copies: the running interpreter keeps
+  # what it has loaded, and everything else comes from the host.
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose,noatime usr /usr || poweroff -f
+  mount -t tmpfs -o size=${DISK}m,mode=1777,nosuid,nodev tmpfs /tmp
+  mkdir -p /tmp/.work && mount --bind /tmp/.work /work 2>/dev/null || mount -t tmpfs -o size=${DISK}m tmpfs /work
+  chmod 0777 /work
+  [ "$NET" = loopback ] && ifconfig lo 127.0.0.1 up
+  set -- $(cat /proc/cmdline)
+  for arg; do
+    case "$arg" in
+      stockade.mounts=*)
+        IFS=,; for m in ${arg#stockade.mounts=}; do
+          IFS=:; set -- $m; IFS=' '
+          mkdir -p "$2" && mount -t 9p -o trans=virtio,version=9p2000.L,$3,msize=262144,nosuid,nodev "$1" "$2"
+        done; IFS=' ';;
+    esac
+  done
+  hostname stockade
+  echo go
+}
 export HOME=/work TMPDIR=/tmp LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin
-# The agent makes the kernel reseed its generator from the seed before it drops to uid 1000.
-export STOCKADE_AGENT_FD=device:3 STOCKADE_AGENT_USER=1000 STOCKADE_RESEED=1
-cd /work
-/usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import server; server.main()"
+# After "go" the agent has the kernel reseed its generator from the seed, then drops to uid 1000.
+export STOCKADE_AGENT_FD=device:3 STOCKADE_AGENT_USER=1000 STOCKADE_RESEED=1 STOCKADE_AGENT_WAIT=stdin
+setup | /usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import server
+server.main()"
 poweroff -f
 """
 
@@ -252,6 +269,9 @@ def _inputs_key(package: str) -> str:
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             h.update(f.read())  # changes whenever the host's libraries do
+    with contextlib.suppress(OSError):
+        st = os.stat(GUEST_PYTHON)  # the initramfs carries a copy of it
+        h.update(f"{os.path.realpath(GUEST_PYTHON)} {st.st_size} {st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -325,11 +345,104 @@ def _write_initramfs(work: str, version: str, out: str) -> None:
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             entries.append(("etc/ld.so.cache", stat.S_IFREG | 0o644, f.read()))
+    entries += _interpreter_entries({path for path, mode, _ in entries if stat.S_ISDIR(mode)})
+    entries += _bytecode_entries(entries)
     entries.append(("init", stat.S_IFREG | 0o755, INIT.replace("__MODULES__", " ".join(MODULES)).encode()))
     with open(out, "wb") as archive:
         for ino, (path, mode, data) in enumerate(entries, start=1):
             _cpio_entry(archive, ino, path, mode, data)
         _cpio_entry(archive, 0, "TRAILER!!!", 0, b"")
+
+
+def _interpreter_entries(have_dirs: set[str]) -> list[tuple[str, int, bytes]]:
+    """Copies of what the agent's interpreter reads to start and import the agent.
+
+    The guest starts the agent from these, at the same paths, before the host's
+    /usr is mounted over them (a VM with a 9p export mounted cannot be saved),
+    so that a VM restored from a snapshot resumes with its agent already
+    loaded instead of reading an interpreter over 9p with a cold cache.
+    """
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from agent import server; "
+        "sys.stdout.write(repr(sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})))"
+    )
+    try:
+        loaded = subprocess.run([GUEST_PYTHON, "-I", "-S", "-c", code, AGENT_PARENT],
+                                capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+        libs = subprocess.run(["ldd", GUEST_PYTHON], capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SandboxStartError(f"cannot list what {GUEST_PYTHON} loads: {exc}") from None
+    paths = [p for p in ast.literal_eval(loaded) if p and not p.startswith(AGENT_PARENT + os.sep)]
+    paths.append(GUEST_PYTHON)
+    paths += [word for line in libs.splitlines() for word in line.split() if word.startswith("/")]
+    entries: dict[str, tuple[int, bytes]] = {}
+    for path in paths:
+        _add_host_file(path, entries)
+    dirs = set()
+    for name in entries:
+        parent = os.path.dirname(name)
+        while parent and parent not in have_dirs:
+            dirs.add(parent)
+            parent = os.path.dirname(parent)
+    out = [(d, stat.S_IFDIR | 0o755, b"") for d in sorted(dirs, key=lambda d: d.count("/"))]
+    return out + [(name, mode, data) for name, (mode, data) in sorted(entries.items())]
+
+
+def _bytecode_entries(entries: list[tuple[str, int, bytes]]) -> list[tuple[str, int, bytes]]:
+    """Bytecode for every Python file of the initramfs, made by the guest's interpreter.
+
+    Without it the guest compiles them at each boot (under TCG, most of a
+    second). "unchecked-hash" pycs are used as they are: the archive's files
+    carry no modification times for the usual check to compare.
+    """
+    sources = [(name, data) for name, mode, data in entries if stat.S_ISREG(mode) and name.endswith(".py")]
+    work = tempfile.mkdtemp(prefix="stockade-pyc-")
+    try:
+        for i, (_name, data) in enumerate(sources):
+            with open(os.path.join(work, f"{i}.py"), "wb") as f:
+                f.write(data)
+        code = (
+            "import py_compile, sys\n"
+            "for i in range(int(sys.argv[2])):\n"
+            "    py_compile.compile(f'{sys.argv[1]}/{i}.py', cfile=f'{sys.argv[1]}/{i}.pyc', doraise=True,\n"
+            "                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
+            "print(sys.implementation.cache_tag)"
+        )
+        try:
+            tag = subprocess.run([GUEST_PYTHON, "-I", "-S", "-c", code, work, str(len(sources))],
+                                 capture_output=True, text=True, timeout=120, check=True).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SandboxStartError(f"{GUEST_PYTHON} could not compile the guest's Python files: {exc}") from None
+        out: list[tuple[str, int, bytes]] = []
+        have = {name for name, _mode, _data in entries}
+        for i, (name, _data) in enumerate(sources):
+            cache_dir = os.path.join(os.path.dirname(name), "__pycache__")
+            if cache_dir not in have:
+                have.add(cache_dir)
+                out.append((cache_dir, stat.S_IFDIR | 0o755, b""))
+            stem = os.path.basename(name)[: -len(".py")]
+            with open(os.path.join(work, f"{i}.pyc"), "rb") as f:
+                out.append((os.path.join(cache_dir, f"{stem}.{tag}.pyc"), stat.S_IFREG | 0o644, f.read()))
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _add_host_file(path: str, entries: dict[str, tuple[int, bytes]], depth: int = 0) -> None:
+    """Add ``path`` (and whatever symlinks it goes through) under usr/ in the initramfs."""
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    name = real.lstrip("/")
+    if not name.startswith("usr/"):
+        raise SandboxStartError(f"{path} is outside /usr ({real}): the guest image needs a merged-/usr host")
+    if name in entries or depth > 8:
+        return
+    if os.path.islink(real):
+        target = os.readlink(real)
+        entries[name] = (stat.S_IFLNK | 0o777, target.encode())
+        _add_host_file(os.path.normpath(os.path.join(os.path.dirname(real), target)), entries, depth + 1)
+        return
+    with open(real, "rb") as f:
+        entries[name] = (stat.S_IFREG | (os.stat(real).st_mode & 0o755), f.read())
 
 
 def _cpio_entry(f: BinaryIO, ino: int, name: str, mode: int, data: bytes) -> None:
