@@ -170,6 +170,16 @@ def test_malformed_socket_perms_refused_at_start(process_runtime: str, value: st
     assert "STOCKADE_SOCKET_PERMS" in d.logs()
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("STOCKADE_POOL_SHAPES", "0"), ("STOCKADE_POOL_SIZE", "lots"), ("STOCKADE_CGROUP_PARENT", "../escape")],
+)
+def test_malformed_runtime_settings_refused_at_start(process_runtime: str, name: str, value: str) -> None:
+    d = start_daemon({name: value}, wait=False)
+    assert d.proc.wait(timeout=30) == 125
+    assert name in d.logs()
+
+
 def test_sigterm_lets_running_work_finish(process_runtime: str) -> None:
     d = start_daemon()
     results: list[str] = []

@@ -48,7 +48,7 @@ def test_pool_serves_warm_isolates_and_stays_bounded(pooled: RuntimeManager) -> 
         assert len({r.execution_id for r in results}) == 5
         runtime.wait_idle()  # type: ignore[attr-defined]
         runtime.wait_ready(20)  # type: ignore[attr-defined]
-        assert len(runtime._pool._ready) == 2  # type: ignore[attr-defined]
+        assert len(runtime._pool.ready()) == 2  # type: ignore[attr-defined]
         # A warm isolate still gets the caller's own limits at hand-over.
         r = stockade.run_code("x = bytearray(100 << 20)", manager=pooled, memory_mb=32)
         assert r.termination_reason == "memory_limit" or any("memory_mb" in u for u in r.unenforced_limits)
@@ -63,6 +63,56 @@ def test_policy_shapes_outside_the_pool_get_a_cold_isolate(pooled: RuntimeManage
         assert r.cold_start_time_ms > 0
     finally:
         pooled.close()
+
+
+def test_a_shape_asked_for_twice_joins_the_pool(pooled: RuntimeManager) -> None:
+    loopback = Policy(network_policy="loopback", timeout_seconds=5)
+    try:
+        runtime = pooled.get("process")
+        pool = runtime._pool  # type: ignore[attr-defined]
+        for _ in range(2):  # the first miss is only counted: one-off shapes cost nothing
+            assert stockade.run(["true"], loopback, manager=pooled).success
+        assert pool.shapes()[-1] == pool._shape(loopback)
+        runtime.wait_idle()  # type: ignore[attr-defined]
+        assert runtime.wait_ready(20)  # type: ignore[attr-defined]
+        ready = pool.ready(loopback)
+        assert len(ready) == 2
+        sandbox = runtime.acquire(loopback.replace(memory_mb=64))  # type: ignore[attr-defined]
+        try:
+            assert sandbox in ready  # served warm, with the caller's own limits applied
+            assert sandbox.policy.memory_mb == 64
+            r = sandbox.run_code(
+                "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+                "socket.create_connection(s.getsockname(), timeout=5); print('loopback up')"
+            )
+            assert r.stdout == "loopback up\n", r.stderr
+        finally:
+            runtime.dispose(sandbox)  # type: ignore[attr-defined]
+    finally:
+        pooled.close()
+
+
+def test_the_pool_keeps_at_most_its_number_of_shapes(process_runtime: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STOCKADE_POOL_SHAPES", "2")
+    mgr = RuntimeManager(pool_size=1)
+    try:
+        pool = mgr.get("process")._pool  # type: ignore[attr-defined]
+        loopback, bigger_disk = Policy(network_policy="loopback"), Policy(disk_mb=32)
+        for policy in (loopback, loopback, bigger_disk, bigger_disk):
+            assert stockade.run(["true"], policy, manager=mgr).success
+        # The default shape always stays; the newer shape pushed the older one out.
+        assert pool.shapes() == [pool.default_shape, pool._shape(bigger_disk)]
+    finally:
+        mgr.close()
+
+
+def test_a_malformed_pool_shapes_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stockade.runtimes.pool import pool_shapes_from_env
+
+    for bad in ("many", "0"):
+        monkeypatch.setenv("STOCKADE_POOL_SHAPES", bad)
+        with pytest.raises(stockade.ConfigError, match="STOCKADE_POOL_SHAPES"):
+            pool_shapes_from_env()
 
 
 def test_policy_object_and_fields_mix(pooled: RuntimeManager) -> None:
@@ -94,7 +144,7 @@ def test_close_tears_the_pool_down(process_runtime: str) -> None:
     runtime = mgr.get("process")
     stockade.warm_up(manager=mgr)
     runtime.wait_ready(20)  # type: ignore[attr-defined]
-    pool = list(runtime._pool._ready)  # type: ignore[attr-defined]
+    pool = runtime._pool.ready()  # type: ignore[attr-defined]
     mgr.close()
     deadline = time.monotonic() + 5
     while any(sb.cgroup and sb.cgroup.pids() for sb in pool) and time.monotonic() < deadline:

@@ -215,7 +215,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         self._pool: WarmPool[GvisorSandbox] | None = None
         if pool_size > 0:
             self._pool = WarmPool(
-                lambda: self._build(default_policy(), warm=True), gvisor_shape, GvisorSandbox.apply_policy, pool_size
+                lambda policy: self._build(policy, warm=True), gvisor_shape, GvisorSandbox.apply_policy, pool_size
             )
         self._reaper = Reaper()
 

@@ -7,12 +7,16 @@ the next one never competes for the CPU with the run the last one served.
 from __future__ import annotations
 
 import abc
+import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from ..errors import ConfigError
 from ..policy import Policy, default_policy
 from .base import AgentSandbox, Runtime
 
@@ -63,27 +67,62 @@ class Reaper:
             time.sleep(0.002)
 
 
-class WarmPool(Generic[S]):
-    """Pre-built isolates of the default policy's shape, refilled by a background thread.
+POOL_SHAPES_DEFAULT = 4
+MISSES_TO_KEEP = 2  # a shape asked for this many times without being served joins the pool
+MISSES_REMEMBERED = 64
+BUILD_FAILURES_TO_DROP = 3
 
-    ``build`` makes one warm isolate of the default policy; ``shape`` says which
-    parts of a policy are fixed when an isolate is built (the rest is applied at
-    hand-over by ``adopt``), so only policies of the default shape are served.
+
+def pool_shapes_from_env() -> int:
+    """``STOCKADE_POOL_SHAPES``: how many policy shapes the pool keeps isolates of (>= 1)."""
+    raw = os.environ.get("STOCKADE_POOL_SHAPES", "").strip()
+    if not raw:
+        return POOL_SHAPES_DEFAULT
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"STOCKADE_POOL_SHAPES={raw!r} is not an integer") from None
+    if value < 1:
+        raise ConfigError(f"STOCKADE_POOL_SHAPES={raw!r} must be at least 1")
+    return value
+
+
+@dataclass
+class _Shape(Generic[S]):
+    policy: Policy  # the first policy of this shape seen: what its isolates are built from
+    ready: list[S] = field(default_factory=list)
+    failures: int = 0
+
+
+class WarmPool(Generic[S]):
+    """Pre-built isolates of the policy shapes in use, refilled by a background thread.
+
+    ``shape`` says which parts of a policy are fixed when an isolate is built
+    (network, shared paths, scratch size, ...); the rest is applied at hand-over
+    by ``adopt``. The default policy's shape is always kept. Another shape joins
+    once it has been asked for twice without being served (so one-off shapes
+    cost nothing), up to ``max_shapes``; the least recently served goes first.
+    A shape whose isolates fail to build three times in a row is dropped.
+    ``build(policy)`` makes one isolate of that policy's shape; ``size`` is per shape.
     """
 
     def __init__(
         self,
-        build: Callable[[], S],
+        build: Callable[[Policy], S],
         shape: Callable[[Policy], tuple[Any, ...]],
         adopt: Callable[[S, Policy], None],
         size: int,
+        max_shapes: int | None = None,
     ) -> None:
         self._build = build
         self._shape = shape
         self._adopt = adopt
         self.size = size
-        self.shape = shape(default_policy())
-        self._ready: list[S] = []
+        self.max_shapes = max_shapes if max_shapes is not None else pool_shapes_from_env()
+        default = default_policy()
+        self.default_shape = shape(default)
+        self._shapes: OrderedDict[tuple[Any, ...], _Shape[S]] = OrderedDict({self.default_shape: _Shape(default)})
+        self._misses: OrderedDict[tuple[Any, ...], int] = OrderedDict()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -97,13 +136,21 @@ class WarmPool(Generic[S]):
             self._cond.notify_all()
 
     def take(self, policy: Policy) -> S | None:
-        if self._shape(policy) != self.shape:
-            return None
+        key = self._shape(policy)
         self.start()
+        evicted: list[S] = []
         with self._cond:
-            # No refill here: building an isolate now would compete for the CPU
-            # with the run this one is taken for. ``kick`` refills after it.
-            sandbox = self._ready.pop() if self._ready else None
+            entry = self._shapes.get(key)
+            if entry is None:
+                evicted = self._note_miss(key, policy)
+                sandbox = None
+            else:
+                self._shapes.move_to_end(key)
+                # No refill here: building an isolate now would compete for the CPU
+                # with the run this one is taken for. ``kick`` refills after it.
+                sandbox = entry.ready.pop() if entry.ready else None
+        for old in evicted:
+            old.close()
         if sandbox is None:
             return None
         started = time.monotonic()
@@ -111,50 +158,100 @@ class WarmPool(Generic[S]):
         sandbox.cold_start_ms = (time.monotonic() - started) * 1000
         return sandbox
 
+    def _note_miss(self, key: tuple[Any, ...], policy: Policy) -> list[S]:
+        """Count a miss; keep the shape once it has missed enough. Returns isolates to close."""
+        misses = self._misses.pop(key, 0) + 1
+        if misses < MISSES_TO_KEEP:
+            self._misses[key] = misses
+            while len(self._misses) > MISSES_REMEMBERED:
+                self._misses.popitem(last=False)
+            return []
+        if self.max_shapes < 2:
+            return []  # only the default shape is kept
+        self._shapes[key] = _Shape(policy)
+        evicted: list[S] = []
+        while len(self._shapes) > self.max_shapes:
+            victim = next(k for k in self._shapes if k not in (self.default_shape, key))
+            evicted += self._shapes.pop(victim).ready
+        self._cond.notify_all()
+        return evicted
+
+    def shapes(self) -> list[tuple[Any, ...]]:
+        with self._cond:
+            return list(self._shapes)
+
+    def ready(self, policy: Policy | None = None) -> list[S]:
+        """The isolates ready for ``policy``'s shape (the default's when None)."""
+        key = self._shape(policy) if policy is not None else self.default_shape
+        with self._cond:
+            entry = self._shapes.get(key)
+            return list(entry.ready) if entry is not None else []
+
     def kick(self) -> None:
         with self._cond:
             self._cond.notify_all()
 
     def wait_full(self, timeout: float) -> bool:
+        """Wait until every kept shape has ``size`` isolates ready."""
         self.start()
         deadline = time.monotonic() + timeout
         with self._cond:
-            while len(self._ready) < self.size and not self._stopped:
+            while self._next_to_fill() is not None and not self._stopped:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._cond.wait(remaining)
-            return len(self._ready) >= self.size
+            return self._next_to_fill() is None
+
+    def _next_to_fill(self) -> tuple[tuple[Any, ...], Policy] | None:
+        for key in reversed(self._shapes):  # the most recently served first
+            entry = self._shapes[key]
+            if len(entry.ready) < self.size:
+                return key, entry.policy
+        return None
 
     def _fill(self) -> None:
         backoff = 0.5
         while True:
             with self._cond:
-                while not self._stopped and len(self._ready) >= self.size:
+                while not self._stopped and (target := self._next_to_fill()) is None:
                     self._cond.wait()
-                if self._stopped:
+                if self._stopped or target is None:
                     return
+            key, policy = target
             try:
-                sandbox = self._build()
+                sandbox = self._build(policy)
                 sandbox.baseline = sandbox.usage(peak=False)
             except Exception as exc:  # noqa: BLE001 - keep the pool alive; callers fall back to cold starts
                 self.last_error = str(exc)
                 with self._cond:
+                    entry = self._shapes.get(key)
+                    if entry is not None and key != self.default_shape:
+                        entry.failures += 1
+                        if entry.failures >= BUILD_FAILURES_TO_DROP:
+                            del self._shapes[key]  # e.g. a shared path that went away
                     self._cond.wait(backoff)  # a stop() ends the wait early
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 0.5
             with self._cond:
-                if self._stopped:
-                    sandbox.close()
-                    return
-                self._ready.append(sandbox)
-                self._cond.notify_all()
+                entry = None if self._stopped else self._shapes.get(key)
+                if entry is not None:
+                    entry.failures = 0
+                    entry.ready.append(sandbox)
+                    self._cond.notify_all()
+                stopped = self._stopped
+            if entry is None:
+                sandbox.close()  # stopped, or its shape was evicted meanwhile
+            if stopped:
+                return
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
-            ready, self._ready = self._ready, []
+            ready = [sb for entry in self._shapes.values() for sb in entry.ready]
+            for entry in self._shapes.values():
+                entry.ready = []
             self._cond.notify_all()
         for sandbox in ready:
             sandbox.close()

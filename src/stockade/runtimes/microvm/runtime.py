@@ -109,9 +109,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         self._cgroups: CgroupManager | None = None
         self._pool: WarmPool[MicrovmSandbox] | None = None
         if pool_size > 0:
-            self._pool = WarmPool(
-                lambda: self._build(default_policy()), microvm_shape, MicrovmSandbox.apply_policy, pool_size
-            )
+            self._pool = WarmPool(self._build, microvm_shape, MicrovmSandbox.apply_policy, pool_size)
         self._reaper = Reaper()
 
     def detect(self) -> Availability:

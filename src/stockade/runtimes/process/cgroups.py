@@ -75,9 +75,9 @@ def _writable_dir(path: str) -> bool:
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
-def cgroup_parent_setting() -> str | None:
-    """``STOCKADE_CGROUP_PARENT``, checked: an absolute path inside the hierarchy, or None when unset."""
-    value = os.environ.get("STOCKADE_CGROUP_PARENT", "").strip()
+def cgroup_parent_setting(raw: str | None = None) -> str | None:
+    """``STOCKADE_CGROUP_PARENT`` (or ``raw``), checked: an absolute path inside the hierarchy, or None."""
+    value = (os.environ.get("STOCKADE_CGROUP_PARENT", "") if raw is None else raw).strip()
     if not value:
         return None
     parts = value.split("/")

@@ -125,7 +125,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         self._pool: WarmPool[ProcessSandbox] | None = None
         if pool_size > 0:
             self._pool = WarmPool(
-                lambda: self._build(default_policy(), warm=True), isolate_shape, ProcessSandbox.apply_policy, pool_size
+                lambda policy: self._build(policy, warm=True), isolate_shape, ProcessSandbox.apply_policy, pool_size
             )
         self._reaper = Reaper()
 
