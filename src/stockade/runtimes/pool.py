@@ -73,11 +73,11 @@ MISSES_REMEMBERED = 64
 BUILD_FAILURES_TO_DROP = 3
 
 
-def pool_shapes_from_env() -> int:
+def pool_shapes_from_env(default: int = POOL_SHAPES_DEFAULT) -> int:
     """``STOCKADE_POOL_SHAPES``: how many policy shapes the pool keeps isolates of (>= 1)."""
     raw = os.environ.get("STOCKADE_POOL_SHAPES", "").strip()
     if not raw:
-        return POOL_SHAPES_DEFAULT
+        return default
     try:
         value = int(raw)
     except ValueError:

@@ -36,7 +36,7 @@ from ...errors import RuntimeUnavailableError, SandboxStartError
 from ...policy import Policy, default_policy
 from ..base import Availability, IsolateUsage
 from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
-from ..pool import PooledRuntime, Reaper, WarmPool
+from ..pool import PooledRuntime, Reaper, WarmPool, pool_shapes_from_env
 from ..process.cgroups import CgroupManager, IsolateCgroup, pid_alive
 from . import image as guest_image
 from . import snapshot
@@ -47,6 +47,7 @@ KVM_PROBE_TIMEOUT_S = 25.0
 QEMU_OVERHEAD_MB = 256
 TCG_CACHE_MB = 128  # the emulator's own memory (TCG translation cache, device state)
 MIN_GUEST_MB = 128
+MICROVM_POOL_SHAPES = 2  # the default shape and one more, unless STOCKADE_POOL_SHAPES says otherwise
 RUN_PREFIX = "stockade-microvm-"
 _counter = iter(range(1, 1 << 62))
 _OOM = re.compile(rb"Out of memory: Killed process|oom-kill:")
@@ -109,7 +110,14 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         self._cgroups: CgroupManager | None = None
         self._pool: WarmPool[MicrovmSandbox] | None = None
         if pool_size > 0:
-            self._pool = WarmPool(self._build, microvm_shape, MicrovmSandbox.apply_policy, pool_size)
+            # A pooled VM holds its guest RAM: fewer shapes than the lighter runtimes keep.
+            self._pool = WarmPool(
+                self._build,
+                microvm_shape,
+                MicrovmSandbox.apply_policy,
+                pool_size,
+                max_shapes=pool_shapes_from_env(default=MICROVM_POOL_SHAPES),
+            )
         self._reaper = Reaper()
 
     def detect(self) -> Availability:
