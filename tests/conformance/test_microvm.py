@@ -178,7 +178,12 @@ def test_a_snapshot_qemu_cannot_resume_is_dropped_and_the_vm_boots(vm_manager: R
     os.makedirs(snapshot.directory(), exist_ok=True)
     with open(snapshot.path_for(key), "wb") as f:
         f.write(b"not a QEMU migration stream")
+    # When the boot that follows fails too, the fault was not the snapshot's: it is kept.
+    with pytest.raises(stockade.SandboxStartError):
+        runtime._build(policy, boot_timeout=1.0)  # type: ignore[attr-defined]
+    assert snapshot.find(key) is not None
     with runtime.start(policy) as sandbox:
         assert isinstance(sandbox, MicrovmSandbox) and not sandbox.restored
         assert sandbox.exec(["echo", "booted"]).stdout == "booted\n"
     assert snapshot.find(key) is None
+    assert not os.path.exists(snapshot.path_for(key) + ".suspect")

@@ -47,6 +47,7 @@ def main(ctl_fd: int) -> None:
     # collector from touching (and so copying) those pages after fork.
     gc.freeze()
     spare: _Spare | None = None
+    dead_spares = 0
     ctl.sendall(b"ready")
     while True:
         ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
@@ -65,11 +66,13 @@ def main(ctl_fd: int) -> None:
             if not raw:
                 return
             if not fds:
-                # {"op": "prepare", "cgroup_procs": [...]}: fork the next child ahead of time.
+                # {"op": "prepare", "cgroup_procs": [...]}: fork the next child ahead of time,
+                # unless spares keep dying before use (e.g. no user namespaces for this uid).
                 if spare is not None:
                     spare.discard()
                 request = _prepare_request(raw)
-                spare = _fork_spare(ctl, (wake_r, wake_w), request) if request is not None else None
+                usable = request is not None and dead_spares < DEAD_SPARES_TO_STOP
+                spare = _fork_spare(ctl, (wake_r, wake_w), request) if usable and request else None
                 continue
             if len(fds) != 1:
                 for fd in fds:
@@ -78,7 +81,11 @@ def main(ctl_fd: int) -> None:
             # A child forked ahead of time, already in the isolate's cgroups, takes the
             # request; otherwise fork now.
             if spare is None or not spare.take(raw, fds[0]):
+                if spare is not None and spare.died:
+                    dead_spares += 1
                 _spawn(ctl, raw, fds[0], (wake_r, wake_w))
+            else:
+                dead_spares = 0
             os.close(fds[0])
             if spare is not None:
                 spare.discard()
@@ -94,6 +101,7 @@ class _Spare:
 
     def __init__(self, pid: int, sock: socket.socket, request: dict[str, Any]) -> None:
         self.pid, self.sock, self.request = pid, sock, request
+        self.died = False  # it was gone when a config came for it
 
     def take(self, raw: bytes, agent_fd: int) -> bool:
         try:
@@ -105,6 +113,7 @@ class _Spare:
         try:
             socket.send_fds(self.sock, [raw], [agent_fd])
         except OSError:
+            self.died = True
             return False  # it died: build the usual way
         self.sock.close()
         self.pid = 0
@@ -118,6 +127,7 @@ class _Spare:
 
 
 SPARE_KEYS = ("cgroup_procs", "outer_uid", "outer_gid")
+DEAD_SPARES_TO_STOP = 3  # spares that died before use, in a row: stop forking them
 
 
 def _prepare_request(raw: bytes) -> dict[str, Any] | None:

@@ -218,9 +218,16 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             why = f"the microVM did not {how} ({accel}): {_tail(rundir)} ({exc})"
             sandbox.close()
             if restored_from is not None:
-                # A snapshot this QEMU cannot resume is of no use: drop it and boot.
-                snapshot.discard(snapshot_key)
-                return self._build(policy, accel, boot_timeout, restore=False)
+                # Boot instead; a snapshot this QEMU cannot resume is of no use and is
+                # dropped, but only if the boot works (else the fault lies elsewhere).
+                snapshot.set_aside(snapshot_key)
+                try:
+                    booted = self._build(policy, accel, boot_timeout, restore=False)
+                except BaseException:
+                    snapshot.settle(snapshot_key, booted=False)
+                    raise
+                snapshot.settle(snapshot_key, booted=True)
+                return booted
             raise SandboxStartError(why) from None
         sandbox.unenforced_limits = unenforced
         sandbox.restored = restored_from is not None

@@ -60,6 +60,23 @@ def discard(snapshot_key: str) -> None:
         os.unlink(path_for(snapshot_key))
 
 
+def set_aside(snapshot_key: str) -> None:
+    """A restore failed: take the snapshot out of use until a boot says whose fault it was."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path_for(snapshot_key), path_for(snapshot_key) + ".suspect")
+
+
+def settle(snapshot_key: str, booted: bool) -> None:
+    """After the boot that followed a failed restore: a boot that worked means the
+    snapshot was at fault (drop it); one that failed too means it was not (put it back)."""
+    suspect = path_for(snapshot_key) + ".suspect"
+    with contextlib.suppress(FileNotFoundError):
+        if booted:
+            os.unlink(suspect)
+        else:
+            os.replace(suspect, path_for(snapshot_key))
+
+
 def qemu_version(qemu: str) -> str:
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30, check=False)
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
