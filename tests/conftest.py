@@ -15,20 +15,18 @@ import pytest
 
 from stockade.runtimes.base import Availability
 from stockade.runtimes.manager import RuntimeManager
-from stockade.runtimes.process.cgroups import detect_layout
+from stockade.runtimes.process.cgroups import _own_cgroups, detect_layout
 
 GUARD_MEMORY = 6 * 1024**3
 GUARD_PIDS = 4096
 
 
 def _own_v1_dir(controller: str) -> str | None:
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if controller in controllers.split(","):
-                base = f"/sys/fs/cgroup/{controller}{path}"
-                return base if os.path.isdir(base) else None
-    return None
+    path = _own_cgroups().get(controller)
+    if path is None:
+        return None
+    base = f"/sys/fs/cgroup/{controller}{path}"
+    return base if os.path.isdir(base) else None
 
 
 def _pure_v2() -> bool:
@@ -48,8 +46,7 @@ def _v2_guard(pid: int) -> Iterator[None]:
     under the guard's memory.max and pids.max.
     """
     mount = "/sys/fs/cgroup"
-    with open("/proc/self/cgroup") as f:
-        own = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+    own = _own_cgroups()[""]
     rel = f"/stockade-test-guard-{pid}"
     guard = mount + rel
     os.mkdir(guard)

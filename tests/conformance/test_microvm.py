@@ -175,7 +175,7 @@ def test_a_snapshot_qemu_cannot_resume_is_dropped_and_the_vm_boots(vm_manager: R
         key = snapshot.key(cmd, rundir, snapshot.qemu_version(qemu))
     finally:
         os.rmdir(rundir)
-    os.makedirs(snapshot.directory(), exist_ok=True)
+    os.makedirs(os.path.dirname(snapshot.path_for(key)), exist_ok=True)
     with open(snapshot.path_for(key), "wb") as f:
         f.write(b"not a QEMU migration stream")
     # When the boot that follows fails too, the fault was not the snapshot's: it is kept.

@@ -342,9 +342,7 @@ def _write_bytes(path: str, data: bytes) -> None:
     # os-level I/O: a text-mode open() costs ~50 us in a freshly forked child.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        wire.write_all(fd, data)
     finally:
         os.close(fd)
 

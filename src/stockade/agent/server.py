@@ -196,9 +196,7 @@ class Agent:
             raise wire.RPCError(wire.INVALID_PARAMS, "mode must be an integer permission")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            wire.write_all(fd, data)
         finally:
             os.close(fd)
         return {"path": path, "size": len(data)}
@@ -540,9 +538,7 @@ def _read_all(fd: int) -> bytes:
 
 def _send_job(fd: int, job: bytes) -> bool:
     try:
-        view = memoryview(job)
-        while view:
-            view = view[os.write(fd, view) :]
+        wire.write_all(fd, job)
         return True
     except OSError:
         return False
@@ -647,9 +643,7 @@ def _feed_stdin(fd: int, data: bytes) -> None:
     # must not stall the agent. Large inputs are bounded by the frame cap.
     try:
         os.set_blocking(fd, False)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        wire.write_all(fd, data)
     except (BlockingIOError, BrokenPipeError):
         pass
     finally:
@@ -680,9 +674,7 @@ class _DeviceConn:
         return os.read(self.fd, n)
 
     def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        wire.write_all(self.fd, data)
 
     def alive(self) -> bool:
         # A virtio-serial port whose host side went away polls as hung up.

@@ -11,6 +11,7 @@ This module is stdlib-only: it is imported by the agent inside isolates (run by
 
 from __future__ import annotations
 
+import os
 import struct
 
 from . import jsoncodec
@@ -73,6 +74,13 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a descriptor (pipe, device, file), however the kernel splits it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def read_frame(sock: socket.socket) -> bytes:

@@ -187,12 +187,7 @@ def _spare_main(
             conn = socket.socket(fileno=fds[0])
         except BaseException:  # noqa: BLE001
             os._exit(1)
-        try:
-            config = confine.decode_config(raw)
-        except BaseException as exc:  # noqa: BLE001
-            confine._report_failure(conn, "config", exc)
-            os._exit(1)
-        confine.become_init(config, conn)
+        confine.become_init(_config_or_exit(raw, conn), conn)
     from_spare.close()
     try:
         raw, fds, _flags, _addr = socket.recv_fds(theirs, CONFIG_MAX, 1)
@@ -228,12 +223,16 @@ def _become_builder(ctl: socket.socket, wake_fds: tuple[int, int]) -> None:
 
 def _build(raw: bytes, agent_fd: int) -> None:
     conn = socket.socket(fileno=agent_fd)
+    confine.start_isolate(_config_or_exit(raw, conn), conn)
+
+
+def _config_or_exit(raw: bytes, conn: socket.socket) -> dict[str, Any]:
+    """The isolate's config; a bad one is reported to the host and ends this child."""
     try:
-        config = confine.decode_config(raw)
+        return confine.decode_config(raw)
     except BaseException as exc:  # noqa: BLE001
         confine._report_failure(conn, "config", exc)
         os._exit(1)
-    confine.start_isolate(config, conn)
 
 
 def _reap() -> None:

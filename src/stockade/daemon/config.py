@@ -51,7 +51,6 @@ class DaemonConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     pool_size: int = 2
-    pool_shapes: int = 4  # read again by each runtime's pool; checked here so a bad value stops the start
 
     def __repr__(self) -> str:  # never print the token
         token = "set" if self.auth_token else "unset"
@@ -60,9 +59,12 @@ class DaemonConfig:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> DaemonConfig:
         env = dict(os.environ if env is None else env)
+        from ..runtimes.pool import pool_shapes_from_env
         from ..runtimes.process.cgroups import cgroup_parent_setting
 
-        cgroup_parent_setting(env.get("STOCKADE_CGROUP_PARENT", ""))  # read by the runtimes; refused here if malformed
+        # Read by the runtimes when they start; checked now, so that a bad value stops the daemon's start.
+        cgroup_parent_setting(env.get("STOCKADE_CGROUP_PARENT", ""))
+        pool_shapes_from_env(env=env)
         return cls(
             socket_path=env.get("STOCKADE_SOCKET") or default_socket_path(),
             socket_perms=_octal(env, "STOCKADE_SOCKET_PERMS", 0o600),
@@ -77,7 +79,6 @@ class DaemonConfig:
             max_request_bytes=_int(env, "STOCKADE_MAX_REQUEST_BYTES", 16 * 1024 * 1024, minimum=1024),
             shutdown_grace_s=_float(env, "STOCKADE_SHUTDOWN_GRACE", 10.0),
             pool_size=_int(env, "STOCKADE_POOL_SIZE", 2, minimum=0),
-            pool_shapes=_int(env, "STOCKADE_POOL_SHAPES", 4, minimum=1),
         )
 
 

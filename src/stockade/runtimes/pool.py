@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -73,9 +73,9 @@ MISSES_REMEMBERED = 64
 BUILD_FAILURES_TO_DROP = 3
 
 
-def pool_shapes_from_env(default: int = POOL_SHAPES_DEFAULT) -> int:
+def pool_shapes_from_env(default: int = POOL_SHAPES_DEFAULT, env: Mapping[str, str] | None = None) -> int:
     """``STOCKADE_POOL_SHAPES``: how many policy shapes the pool keeps isolates of (>= 1)."""
-    raw = os.environ.get("STOCKADE_POOL_SHAPES", "").strip()
+    raw = (os.environ if env is None else env).get("STOCKADE_POOL_SHAPES", "").strip()
     if not raw:
         return default
     try:

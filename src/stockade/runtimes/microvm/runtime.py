@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ...errors import RuntimeUnavailableError, SandboxStartError
@@ -180,34 +181,13 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
 
         started = time.monotonic()
         check_mount_sources(policy)
-        qemu = self._qemu()
-        image = guest_image.find_image() or guest_image.build()
         accel = accel or self.accel()
-        manager = self._cgroup_manager()
-        rundir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-{next(_counter)}-")
-        cgroup: IsolateCgroup | None = None
-        proc: subprocess.Popen[bytes] | None = None
-        agent_socket = os.path.join(rundir, "agent.sock")
-        cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
-        snapshot_key = snapshot.key(cmd, rundir, self._qemu_version(qemu))
-        restored_from = snapshot.find(snapshot_key) if restore and snapshots_enabled() else None
-        if restored_from is not None:
-            cmd += snapshot.incoming_args(restored_from)
+        plan = self._plan(policy, accel)
+        restored_from = snapshot.find(plan.snapshot_key) if restore and snapshots_enabled() else None
+        extra = snapshot.incoming_args(restored_from) if restored_from is not None else []
         deadline = started + boot_timeout
-        try:
-            cgroup = manager.create() if manager.layout.version != "none" else None
-            unenforced = ["memory_mb (host side), cpu_limit: no usable cgroup for QEMU on this host"]
-            if cgroup is not None:
-                unenforced = _apply_limits(cgroup, policy)
-            with open(os.path.join(rundir, "qemu.err"), "ab") as err:
-                proc = spawn_in_cgroup(
-                    cmd, cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm"
-                )
-            conn = _connect(agent_socket, proc, deadline=time.monotonic() + 10)
-        except BaseException:
-            abandon_start(proc, cgroup, rundir)
-            raise
-        sandbox = MicrovmSandbox(policy, conn, proc, rundir, cgroup, accel)  # from here it owns every part
+        proc, cgroup, conn, unenforced = self._launch(policy, plan, extra)
+        sandbox = MicrovmSandbox(policy, conn, proc, plan.rundir, cgroup, accel)  # from here it owns every part
         try:
             if restored_from is None:
                 snapshot.wait_for_snapshot_point(conn, deadline)  # a restored guest is already past it
@@ -215,18 +195,18 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             sandbox.ping(timeout=max(1.0, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - a failed boot, with the console's last words
             how = "restore" if restored_from else "boot"
-            why = f"the microVM did not {how} ({accel}): {_tail(rundir)} ({exc})"
+            why = f"the microVM did not {how} ({accel}): {_tail(plan.rundir)} ({exc})"
             sandbox.close()
             if restored_from is not None:
                 # Boot instead; a snapshot this QEMU cannot resume is of no use and is
                 # dropped, but only if the boot works (else the fault lies elsewhere).
-                snapshot.set_aside(snapshot_key)
+                snapshot.set_aside(plan.snapshot_key)
                 try:
                     booted = self._build(policy, accel, boot_timeout, restore=False)
                 except BaseException:
-                    snapshot.settle(snapshot_key, booted=False)
+                    snapshot.settle(plan.snapshot_key, booted=False)
                     raise
-                snapshot.settle(snapshot_key, booted=True)
+                snapshot.settle(plan.snapshot_key, booted=True)
                 return booted
             raise SandboxStartError(why) from None
         sandbox.unenforced_limits = unenforced
@@ -240,42 +220,59 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         Reuses a snapshot that is still valid for this QEMU, image and accelerator.
         """
         policy = default_policy()
+        accel = self.accel()
+        plan = self._plan(policy, accel)
+        found = snapshot.find(plan.snapshot_key)
+        if found is not None:
+            shutil.rmtree(plan.rundir, ignore_errors=True)
+            return found
+        qmp = os.path.join(plan.rundir, "qmp.sock")
+        deadline = time.monotonic() + boot_timeout
+        proc, cgroup, conn, _unenforced = self._launch(policy, plan, ["-qmp", f"unix:{qmp},server=on,wait=off"])
+        try:
+            snapshot.wait_for_snapshot_point(conn, deadline)
+            snapshot.save(qmp, snapshot.path_for(plan.snapshot_key), deadline + snapshot.QMP_TIMEOUT_S)
+        except SandboxStartError as exc:
+            raise SandboxStartError(f"no snapshot ({accel}): {exc}; {_tail(plan.rundir)}") from None
+        finally:
+            conn.close()
+            abandon_start(proc, cgroup, plan.rundir)
+        return snapshot.path_for(plan.snapshot_key)
+
+    def _plan(self, policy: Policy, accel: str) -> _Plan:
+        """A run directory and the QEMU command for ``policy``, with the key of the snapshot it can resume."""
         qemu = self._qemu()
         image = guest_image.find_image() or guest_image.build()
-        accel = self.accel()
-        manager = self._cgroup_manager()
         rundir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-{next(_counter)}-")
         agent_socket = os.path.join(rundir, "agent.sock")
         cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
-        snapshot_key = snapshot.key(cmd, rundir, self._qemu_version(qemu))
-        found = snapshot.find(snapshot_key)
-        if found is not None:
-            shutil.rmtree(rundir, ignore_errors=True)
-            return found
-        qmp = os.path.join(rundir, "qmp.sock")
+        return _Plan(rundir, agent_socket, cmd, snapshot.key(cmd, rundir, self._qemu_version(qemu)))
+
+    def _launch(
+        self, policy: Policy, plan: _Plan, extra_args: list[str]
+    ) -> tuple[subprocess.Popen[bytes], IsolateCgroup | None, socket.socket, list[str]]:
+        """QEMU in the isolate's cgroup, connected to; on failure nothing is left behind.
+
+        Returns the process, its cgroup, the agent connection and the limits not enforced.
+        """
+        manager = self._cgroup_manager()
         cgroup: IsolateCgroup | None = None
         proc: subprocess.Popen[bytes] | None = None
-        deadline = time.monotonic() + boot_timeout
         try:
             cgroup = manager.create() if manager.layout.version != "none" else None
+            unenforced = ["memory_mb (host side), cpu_limit: no usable cgroup for QEMU on this host"]
             if cgroup is not None:
-                _apply_limits(cgroup, policy)
-            with open(os.path.join(rundir, "qemu.err"), "ab") as err:
+                unenforced = _apply_limits(cgroup, policy)
+            with open(os.path.join(plan.rundir, "qemu.err"), "ab") as err:
                 proc = spawn_in_cgroup(
-                    [*cmd, "-qmp", f"unix:{qmp},server=on,wait=off"],
-                    cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
+                    [*plan.cmd, *extra_args], cgroup,
+                    stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
                 )  # fmt: skip
-            conn = _connect(agent_socket, proc, deadline=time.monotonic() + 10)
-            try:
-                snapshot.wait_for_snapshot_point(conn, deadline)
-                snapshot.save(qmp, snapshot.path_for(snapshot_key), deadline + snapshot.QMP_TIMEOUT_S)
-            except SandboxStartError as exc:
-                raise SandboxStartError(f"no snapshot ({accel}): {exc}; {_tail(rundir)}") from None
-            finally:
-                conn.close()
-        finally:
-            abandon_start(proc, cgroup, rundir)
-        return snapshot.path_for(snapshot_key)
+            conn = _connect(plan.agent_socket, proc, deadline=time.monotonic() + 10)
+        except BaseException:
+            abandon_start(proc, cgroup, plan.rundir)
+            raise
+        return proc, cgroup, conn, unenforced
 
     def _qemu(self) -> str:
         qemu = qemu_binary()
@@ -290,6 +287,14 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             if self._version is None:
                 self._version = snapshot.qemu_version(qemu)
             return self._version
+
+
+@dataclass(frozen=True)
+class _Plan:
+    rundir: str
+    agent_socket: str
+    cmd: list[str]
+    snapshot_key: str
 
 
 def snapshots_enabled() -> bool:

@@ -34,10 +34,6 @@ QMP_TIMEOUT_S = 60.0
 SNAPSHOT_POINT = b"S"
 
 
-def directory() -> str:
-    return guest_image.snapshots_directory()
-
-
 def key(command: list[str], rundir: str, qemu_version: str) -> str:
     """The snapshot a QEMU command line can restore: same command (run-directory
     paths aside, they are host-side only) and the same QEMU build."""
@@ -47,7 +43,7 @@ def key(command: list[str], rundir: str, qemu_version: str) -> str:
 
 
 def path_for(snapshot_key: str) -> str:
-    return os.path.join(directory(), f"{snapshot_key}.vmstate")
+    return os.path.join(guest_image.snapshots_directory(), f"{snapshot_key}.vmstate")
 
 
 def find(snapshot_key: str) -> str | None:

@@ -255,8 +255,6 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
 
     def _prepare_next(self, zygote: Zygote, manager: CgroupManager) -> None:
         """Make the next isolate's cgroup now and have the zygote fork a child ahead into it."""
-        root = os.getuid() == 0
-        uid, gid = (SANDBOX_UID, SANDBOX_GID) if root else (None, None)
         nxt: IsolateCgroup | None = None
         if manager.layout.version != "none":
             try:
@@ -271,16 +269,16 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             stale.kill()
             stale.remove()
         try:
-            zygote.prepare(nxt.procs_files if nxt is not None else [], uid, gid)
+            zygote.prepare(nxt.procs_files if nxt is not None else [], *_outer_ids())
         except SandboxStartError:
             return
 
     def _config(self, policy: Policy, cgroup: IsolateCgroup | None) -> dict[str, Any]:
-        root = os.getuid() == 0
+        outer_uid, outer_gid = _outer_ids()
         return {
             "cgroup_procs": cgroup.procs_files if cgroup else [],
-            "outer_uid": SANDBOX_UID if root else None,
-            "outer_gid": SANDBOX_GID if root else None,
+            "outer_uid": outer_uid,
+            "outer_gid": outer_gid,
             "hostname": "stockade",
             "network": policy.network_policy,
             "scratch_mb": policy.disk_mb,
@@ -290,6 +288,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             "base_env": BASE_ENV,
             "hard_limits": {"max_open_files": 65536, "max_processes": 4096},
         }
+
+
+def _outer_ids() -> tuple[int | None, int | None]:
+    """The uid/gid an isolate runs as outside its user namespace: as root, the sandbox
+    ids; rootless, None (the caller's own ids, which it cannot leave)."""
+    return (SANDBOX_UID, SANDBOX_GID) if os.getuid() == 0 else (None, None)
 
 
 def check_mount_sources(policy: Policy) -> None:
