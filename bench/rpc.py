@@ -5,8 +5,9 @@ of the way), then measures from this process:
 
 - authenticated `ping` on one connection (sequential) and on 16 connections in
   parallel (threads): p50/p99 latency and requests per second;
-- `execute` of `print(1)`-sized code through the daemon against the same run
-  with the in-process SDK (same warm pool settings), and their ratio.
+- `execute` of `pass` (and of `python3 -c pass`) through the daemon against the
+  same run with the in-process SDK (same warm pool settings, in a worker process
+  of its own), timed in alternation, and their ratio.
 
 Targets (issue 4): ping p50 < 0.3 ms and > 5,000 req/s on one connection;
 daemon execute <= 1.2x the in-process SDK.
@@ -27,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 
 import stockade
 from stockade.client import Client
@@ -72,11 +72,33 @@ def pings(client: Client, n: int) -> list[float]:
     return out
 
 
+def sdk_worker() -> None:
+    """Time one in-process SDK call per line read ("code" or "argv"); print its ms."""
+    manager = RuntimeManager(pool_size=2)
+    stockade.warm_up(manager=manager)
+    manager.get("process").wait_ready()  # type: ignore[attr-defined]
+    print("ready", flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        if line.strip() == "code":
+            r = stockade.run_code("pass", manager=manager)
+        else:
+            r = stockade.run(PY_ARGV, manager=manager)
+        elapsed = (time.perf_counter() - t0) * 1000
+        assert r.success, r.summary()
+        print(f"{elapsed:.6f}", flush=True)
+    manager.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pings", type=int, default=5000)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--sdk-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sdk_worker:
+        sdk_worker()
+        return
     token = secrets.token_hex(32)
     proc, path = start_daemon(token)
     rows: list[tuple[str, float, float, float]] = []
@@ -105,32 +127,41 @@ def main() -> None:
         rows.append(("authenticated ping, 16 connections", statistics.median(merged), pct(merged, 0.99),
                      len(merged) / elapsed))  # fmt: skip
 
-        def settle() -> None:
-            time.sleep(SETTLE_S)  # both sides: the pool refilled and settled between runs
+        # The in-process SDK runs in a worker process of its own, so neither side's
+        # background threads (pool refill, reaper) share a process with the other's
+        # caller; the two are timed in alternation, so both see the same machine.
+        worker = subprocess.Popen([sys.executable, __file__, "--sdk-worker"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
+        assert worker.stdin is not None and worker.stdout is not None
+        if worker.stdout.readline().strip() != "ready":
+            raise SystemExit("the SDK worker did not start")
 
-        manager = RuntimeManager(pool_size=2)
-        stockade.warm_up(manager=manager)
-        manager.get("process").wait_ready()  # type: ignore[attr-defined]
-        workloads: list[tuple[str, Callable[[], stockade.ExecResult], Callable[[], stockade.ExecResult]]] = [
-            ("run_code('pass')", lambda: client.execute(code="pass"),
-             lambda: stockade.run_code("pass", manager=manager)),
-            ("run([python3 -I -S -c pass])", lambda: client.execute(PY_ARGV),
-             lambda: stockade.run(PY_ARGV, manager=manager)),
-        ]  # fmt: skip
-        for name, via_daemon_call, in_process_call in workloads:
-            for label, call in (
-                (f"execute {name} via daemon", via_daemon_call),
-                ("  same, in-process SDK", in_process_call),
-            ):
-                times = []
+        def in_process(workload: str) -> float:
+            assert worker.stdin is not None and worker.stdout is not None
+            worker.stdin.write(workload + "\n")
+            return float(worker.stdout.readline())
+
+        def via_daemon(workload: str) -> float:
+            t0 = time.perf_counter()
+            r = client.execute(code="pass") if workload == "code" else client.execute(PY_ARGV)
+            elapsed = (time.perf_counter() - t0) * 1000
+            assert r.success, r.summary()
+            return elapsed
+
+        try:
+            for workload, name in (("code", "run_code('pass')"), ("argv", "run([python3 -I -S -c pass])")):
+                daemon_times, sdk_times = [], []
                 for _ in range(args.runs):
-                    settle()
-                    t0 = time.perf_counter()
-                    r = call()
-                    times.append((time.perf_counter() - t0) * 1000)
-                    assert r.success, r.summary()
-                rows.append((label, statistics.median(times), pct(times, 0.99), 1000 / statistics.median(times)))
-        manager.close()
+                    time.sleep(SETTLE_S)  # the pools refilled and settled between runs
+                    daemon_times.append(via_daemon(workload))
+                    time.sleep(SETTLE_S)
+                    sdk_times.append(in_process(workload))
+                for label, times in ((f"execute {name} via daemon", daemon_times),
+                                     ("  same, in-process SDK", sdk_times)):  # fmt: skip
+                    rows.append((label, statistics.median(times), pct(times, 0.99), 1000 / statistics.median(times)))
+        finally:
+            worker.stdin.close()
+            worker.wait(30)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

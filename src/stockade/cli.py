@@ -154,6 +154,7 @@ def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) ->
     try:
         runtime = manager.select(policy)
         sandbox = runtime.start(policy)
+        sandbox.one_shot = True
         try:
             on_output = None if args.json else stream
             if call == "exec":

@@ -116,10 +116,12 @@ class Client:
         """
         if on_output is not None:
             params = {**(params or {}), "stream": True}
-        request: dict[str, Any] = {"method": method, "params": params or {}, "id": next(self._ids)}
+        msg_id = next(self._ids)
+        request: dict[str, Any] = {"method": method, "params": params or {}, "id": msg_id}
         if self._token:
-            request = auth.sign(request, self._token)
-        line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+            line = auth.signed_line(request, self._token) + b"\n"
+        else:
+            line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
         with self._lock:
             sock = self._connect()
             try:
@@ -131,7 +133,7 @@ class Client:
                     if "result" in response or not isinstance(output, dict):
                         break
                     # {"id": ..., "output": {"stream", "data"}}: output streamed ahead of the answer
-                    if on_output is not None and response.get("id") == request["id"]:
+                    if on_output is not None and response.get("id") == msg_id:
                         on_output(str(output.get("stream")), base64.b64decode(str(output.get("data", ""))))
             except (OSError, EOFError) as exc:
                 sock.close()

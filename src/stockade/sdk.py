@@ -18,7 +18,9 @@ from .runtimes.manager import RuntimeManager, default_manager
 
 def _acquire(runtime: Runtime, policy: Policy) -> AgentSandbox:
     acquire = getattr(runtime, "acquire", None)
-    return acquire(policy) if acquire is not None else runtime.start(policy)
+    sandbox: AgentSandbox = acquire(policy) if acquire is not None else runtime.start(policy)
+    sandbox.one_shot = True
+    return sandbox
 
 
 def _dispose(runtime: Runtime, sandbox: AgentSandbox) -> None:

@@ -77,6 +77,35 @@ def test_tampered_request_is_refused(signed_daemon: Daemon) -> None:
     assert json.loads(reply)["error"] == "Authentication failed"
 
 
+def test_signed_line_is_checked_over_its_own_bytes_and_as_parsed() -> None:
+    line = auth.signed_line({"method": "execute", "params": {"code": "print(1)"}, "id": 7}, TOKEN)
+    request = json.loads(line)
+    # The client's line passes on its bytes; a client that re-serializes the
+    # same request differently passes on the canonical form; replays do not.
+    assert auth.verify(request, TOKEN, auth.NonceCache(), raw=line)
+    assert auth.verify(request, TOKEN, auth.NonceCache(), raw=json.dumps(request, indent=1).encode())
+    nonces = auth.NonceCache()
+    assert auth.verify(request, TOKEN, nonces, raw=line)
+    assert not auth.verify(request, TOKEN, nonces, raw=line)
+    assert not auth.verify(request, "0" * 64, auth.NonceCache(), raw=line)
+
+
+def test_tampered_signed_line_is_refused(signed_daemon: Daemon) -> None:
+    line = auth.signed_line({"method": "execute", "params": {"command": ["echo", "a"]}, "id": 1}, TOKEN)
+    ping = auth.signed_line({"method": "ping", "params": {}, "id": 1}, TOKEN)
+    tampered = [
+        line.replace(b'"echo", "a"', b'"echo", "b"'),
+        # A member slipped in before the hmac: the signed bytes are no longer the body.
+        line.replace(b', "hmac":', b', "method": "selftest", "hmac":'),
+        # A real signature, of another request, grafted on.
+        line[: line.index(b', "hmac":')] + ping[ping.index(b', "hmac":') :],
+    ]
+    replies = raw_exchange(signed_daemon.socket_path, *[t + b"\n" for t in tampered])
+    assert [json.loads(r)["error"] for r in replies] == ["Authentication failed"] * 3
+    (good,) = raw_exchange(signed_daemon.socket_path, line + b"\n")
+    assert json.loads(good)["result"]["stdout"] == "a\n"
+
+
 def test_error_replies_never_contain_the_token(signed_daemon: Daemon) -> None:
     replies = raw_exchange(
         signed_daemon.socket_path,

@@ -7,8 +7,10 @@ is spoken to with raw frames.
 from __future__ import annotations
 
 import json
+import os
 import select
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -89,3 +91,43 @@ def test_truncated_frame_then_close_ends_the_agent(agent: FakeSandbox) -> None:
     agent.conn.sendall(struct.pack("<I", 50) + b'{"jsonrpc"')
     agent.conn.shutdown(1)  # SHUT_WR
     assert agent.proc.wait(timeout=10) == 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _wait_for_children(pid: int, within_s: float) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while not (kids := _children(pid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return kids
+
+
+def test_agent_forks_the_next_runner_ahead_unless_told_no_request_follows() -> None:
+    held, one_shot = FakeRuntime().start(Policy()), FakeRuntime().start(Policy())
+    try:
+        one_shot.one_shot = True
+        for sb in (held, one_shot):
+            assert sb.exec(["true"]).success
+        # A held sandbox's agent forks its next runner as soon as it has answered.
+        assert len(_wait_for_children(held.proc.pid, within_s=10)) == 1
+        # A one-shot run says "last": its agent forks nothing, even given the time.
+        time.sleep(0.5)
+        assert _children(one_shot.proc.pid) == []
+        # The hint never breaks a later request: its runner is forked on demand.
+        again = one_shot.run_code("print(6 * 7)")
+        assert again.success and again.stdout == "42\n"
+    finally:
+        held.close()
+        one_shot.close()

@@ -83,6 +83,7 @@ class Agent:
         self._watched: set[int] = set()
         self._spare: _Runner | None = None  # a python runner forked ahead of the next run_code
         self._answered = False
+        self._last = False  # the host said no request follows: fork nothing ahead
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -102,7 +103,7 @@ class Agent:
             # Before the first request the agent only answers: a runtime that
             # starts it on demand waits for that first answer (fork is slow
             # under gVisor). Afterwards, idle time goes into the next runner.
-            if self._spare is None and self._answered and not self._request_pending():
+            if self._spare is None and self._answered and not self._last and not self._request_pending():
                 self.prepare_spare()
             ready, _, _ = select.select([self.conn.fileno(), self._wake_r], [], [])
             if self._wake_r in ready:
@@ -137,6 +138,8 @@ class Agent:
             handler = self.methods.get(method)
             if handler is None:
                 raise wire.RPCError(wire.METHOD_NOT_FOUND, f"Method not found: {method}")
+            if params.get("last") is True:
+                self._last = True  # a later request still works: its runner is forked on demand
             result = handler(params)
         except wire.RPCError as exc:
             return wire.error_response(msg_id, exc)

@@ -74,7 +74,10 @@ class Controller:
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     async def _take_slot(self) -> None:
-        if self._slots.locked() and self._waiting >= self.config.queue_limit:
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: no wait_for, whose task costs a loop turn
+            return
+        if self._waiting >= self.config.queue_limit:
             raise RequestError(
                 f"busy: {self.config.max_sandboxes} sandboxes are running and {self._waiting} requests are waiting",
                 "busy",
@@ -167,6 +170,7 @@ class Controller:
             sandbox: AgentSandbox | None = take(policy) if take is not None else None
             if sandbox is None:
                 sandbox = await self._blocking(runtime.start, policy)
+            sandbox.one_shot = True
             try:
                 if command is not None:
                     return await sandbox.aexec(command, stdin=stdin, on_output=on_output)

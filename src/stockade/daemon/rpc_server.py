@@ -125,11 +125,18 @@ class RPCServer:
                 line = await _read_line(reader, self.config.max_request_bytes)
                 if line is None:
                     return
+                started = time.monotonic()
+                method: str | None = None
                 if isinstance(line, int):
                     response = _error(None, f"Request too large: over {line} bytes", "invalid_request")
                 else:
-                    response = await self._respond(line, peer, connection, writer)
+                    method, response = await self._respond(line, peer, connection, writer)
                 await _send(writer, response)
+                if method is not None and method != "ping":
+                    # Logged once the answer is out, not on the caller's time. Never the
+                    # params (they may hold code and data), never the hmac.
+                    outcome = response.get("error_code") or "ok"
+                    log.info("uid=%d %s %s %.1fms", peer.uid, method, outcome, (time.monotonic() - started) * 1000)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -152,43 +159,45 @@ class RPCServer:
             return False
         return self.config.allowed_gids is None or peer.gid in self.config.allowed_gids
 
-    async def _respond(self, line: bytes, peer: Peer, connection: int, writer: asyncio.StreamWriter) -> dict[str, Any]:
-        started = time.monotonic()
+    async def _respond(
+        self, line: bytes, peer: Peer, connection: int, writer: asyncio.StreamWriter
+    ) -> tuple[str | None, dict[str, Any]]:
+        """The answer to one request line, and the method it ran (None when refused before dispatch)."""
         try:
             request = json.loads(line)
         except (UnicodeDecodeError, ValueError):
-            return _error(None, "Invalid JSON", "invalid_request")
+            return None, _error(None, "Invalid JSON", "invalid_request")
         if not isinstance(request, dict):
-            return _error(None, "Invalid request: expected a JSON object", "invalid_request")
+            return None, _error(None, "Invalid request: expected a JSON object", "invalid_request")
         msg_id = request.get("id")
         if not isinstance(msg_id, (int, str, type(None))) or isinstance(msg_id, bool):
-            return _error(None, "Invalid request: id must be a number, a string or null", "invalid_request")
+            return None, _error(None, "Invalid request: id must be a number, a string or null", "invalid_request")
         if not self.per_connection.allow(connection) or not self.per_uid.allow(peer.uid):
-            return _error(msg_id, RATE_LIMITED, "rate_limit")
+            return None, _error(msg_id, RATE_LIMITED, "rate_limit")
         if self.stopping:
-            return _error(msg_id, "Shutting down: no new requests", "unavailable")
-        if self.config.auth_token is not None and not auth.verify(request, self.config.auth_token, self.nonces):
+            return None, _error(msg_id, "Shutting down: no new requests", "unavailable")
+        if self.config.auth_token is not None and not auth.verify(
+            request, self.config.auth_token, self.nonces, raw=line
+        ):
             log.warning("authentication failed: uid=%d method=%r", peer.uid, str(request.get("method"))[:64])
-            return _error(msg_id, AUTH_FAILED, "auth")
+            return None, _error(msg_id, AUTH_FAILED, "auth")
         method, params = request.get("method"), request.get("params", {})
         if params is None:
             params = {}
         if not isinstance(method, str) or not isinstance(params, dict):
-            return _error(msg_id, "Invalid request: method must be a string and params an object", "invalid_request")
+            return None, _error(
+                msg_id, "Invalid request: method must be a string and params an object", "invalid_request"
+            )
         handler = self.methods.get(method)
         if handler is None:
-            return _error(msg_id, f"Method not found: {method[:64]}", "method_not_found")
+            return None, _error(msg_id, f"Method not found: {method[:64]}", "method_not_found")
 
         def emit(stream: str, data: bytes) -> None:
             # Output of a run with "stream": true, ahead of its answer, on the same connection.
             chunk = {"id": msg_id, "output": {"stream": stream, "data": base64.b64encode(data).decode()}}
             writer.write(json.dumps(chunk).encode() + b"\n")
 
-        response = await self._call(handler, method, params, peer, connection, msg_id, emit)
-        if method != "ping":  # never the params: they may hold code and data, and never the hmac
-            outcome = response.get("error_code") or "ok"
-            log.info("uid=%d %s %s %.1fms", peer.uid, method, outcome, (time.monotonic() - started) * 1000)
-        return response
+        return method, await self._call(handler, method, params, peer, connection, msg_id, emit)
 
     async def _call(
         self, handler: Any, method: str, params: dict[str, Any], peer: Peer, connection: int, msg_id: Any, emit: Emit

@@ -22,17 +22,32 @@ DEFAULT_WINDOW_S = 30.0
 
 def compute_hmac(request: dict[str, Any], token: str) -> str:
     unsigned = {k: v for k, v in request.items() if k != "hmac"}
-    message = json.dumps(unsigned, sort_keys=True).encode("utf-8")
-    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).hexdigest()
+    return _mac(json.dumps(unsigned, sort_keys=True), token)
+
+
+def _mac(canonical: str, token: str) -> str:
+    return hmac.new(token.encode("utf-8"), canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _stamped(request: dict[str, Any], now: float | None) -> dict[str, Any]:
+    return {**request, "ts": round(time.time() if now is None else now, 3), "nonce": secrets.token_hex(16)}
 
 
 def sign(request: dict[str, Any], token: str, now: float | None = None) -> dict[str, Any]:
     """Return ``request`` with ``ts``, ``nonce`` and ``hmac`` added."""
-    signed = dict(request)
-    signed["ts"] = round(time.time() if now is None else now, 3)
-    signed["nonce"] = secrets.token_hex(16)
+    signed = _stamped(request, now)
     signed["hmac"] = compute_hmac(signed, token)
     return signed
+
+
+def signed_line(request: dict[str, Any], token: str, now: float | None = None) -> bytes:
+    """``sign(request)`` as the JSON bytes to send, serialized once.
+
+    The canonical form the HMAC covers is sent as is, with the ``hmac`` member
+    added at its end: the server parses it and checks the same bytes.
+    """
+    canonical = json.dumps(_stamped(request, now), sort_keys=True)
+    return f'{canonical[:-1]}, "hmac": "{_mac(canonical, token)}"}}'.encode()
 
 
 class NonceCache:
@@ -56,13 +71,21 @@ class NonceCache:
         return True
 
 
-def verify(request: dict[str, Any], token: str, nonces: NonceCache, now: float | None = None) -> bool:
-    """Constant-time HMAC check, then freshness, then replay; never raises."""
+def verify(
+    request: dict[str, Any], token: str, nonces: NonceCache, now: float | None = None, raw: bytes | None = None
+) -> bool:
+    """Constant-time HMAC check, then freshness, then replay; never raises.
+
+    ``raw``, the line ``request`` was parsed from, lets a line shaped like
+    ``signed_line``'s be checked over its own bytes instead of a re-serialization.
+    """
     given = request.get("hmac")
     if not isinstance(given, str):
         return False
-    expected = compute_hmac(request, token)
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not (
+        _signed_bytes_match(raw, given, token)
+        or hmac.compare_digest(given.encode(), compute_hmac(request, token).encode())
+    ):
         return False
     now = time.time() if now is None else now
     ts, nonce = request.get("ts"), request.get("nonce")
@@ -71,3 +94,20 @@ def verify(request: dict[str, Any], token: str, nonces: NonceCache, now: float |
     if not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
         return False
     return nonces.add(nonce, now)
+
+
+def _signed_bytes_match(raw: bytes | None, given: str, token: str) -> bool:
+    """True if ``raw`` is canonical bytes + ``, "hmac": "<given>"}`` and ``given`` is their HMAC.
+
+    Sound because the MAC covers every byte but the appended member: the only
+    line that passes for a signed body is that body with its own HMAC appended,
+    and the request parsed from it is the body's, plus ``hmac``.
+    """
+    if raw is None:
+        return False
+    suffix = f', "hmac": "{given}"}}'.encode()
+    if not raw.endswith(suffix) or len(raw) <= len(suffix):
+        return False
+    body = raw[: -len(suffix)] + b"}"
+    expected = hmac.new(token.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(given.encode(), expected.encode())

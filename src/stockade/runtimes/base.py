@@ -95,6 +95,10 @@ class AgentSandbox(abc.ABC):
         # Counters taken when a pooled isolate became ready: nothing runs in it
         # between then and its first request, so they stand in for a fresh read.
         self.baseline: IsolateUsage | None = None
+        # Set by one-shot callers (run, run_code, execute): the isolate serves one
+        # command and is then torn down, so its agent is told not to fork a runner
+        # ahead for a next one; that fork would compete for the CPU with the caller.
+        self.one_shot = False
 
     # ---- runtime hooks -----------------------------------------------------------
 
@@ -284,6 +288,8 @@ class AgentSandbox(abc.ABC):
             before, self.baseline = self.baseline or self.usage(peak=False), None
             return _PendingRun(params, _FOREVER_S, before, len(self.violations()), time.monotonic())
         timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
+        if self.one_shot:
+            params["last"] = True
         params.update(
             {
                 "env": {**policy.environment, **(env or {})},
