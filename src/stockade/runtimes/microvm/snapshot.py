@@ -46,9 +46,29 @@ def path_for(snapshot_key: str) -> str:
     return os.path.join(guest_image.snapshots_directory(), f"{snapshot_key}.vmstate")
 
 
-def find(snapshot_key: str) -> str | None:
+# A snapshot set aside this long ago was never settled: the process that set it
+# aside died before the boot that was to judge it ended (that boot takes seconds).
+SUSPECT_ABANDONED_S = 600.0
+
+
+def find(snapshot_key: str, now: float | None = None) -> str | None:
     path = path_for(snapshot_key)
+    if not os.path.exists(path):
+        _reclaim_abandoned(path, time.time() if now is None else now)
     return path if os.path.isfile(path) and os.path.getsize(path) > 0 else None
+
+
+def _reclaim_abandoned(path: str, now: float) -> None:
+    """Put back a snapshot whose judge died, so it is tried again (and judged) instead
+    of every start booting cold until the next image build."""
+    suspect = path + ".suspect"
+    try:
+        set_aside_at = os.stat(suspect).st_ctime  # the rename that set it aside
+    except FileNotFoundError:
+        return
+    if now - set_aside_at > SUSPECT_ABANDONED_S:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(suspect, path)
 
 
 def discard(snapshot_key: str) -> None:
