@@ -173,27 +173,30 @@ class AgentSandbox(abc.ABC):
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
-        self._call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}, 30.0)
+        self._agent_call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}, 30.0)
 
     def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         params: dict[str, Any] = {"path": path}
         if max_bytes is not None:
             params["max_bytes"] = max_bytes
-        reply = self._call("read_file", params, 30.0)
+        reply = self._agent_call("read_file", params, 30.0)
         data = reply.get("data") if isinstance(reply, dict) else None
         if not isinstance(data, str):
-            raise AgentProtocolError("read_file reply has no data")
-        return base64.b64decode(data)
+            raise self._broke_protocol("read_file reply has no data")
+        try:
+            return _b64(data)
+        except AgentProtocolError as exc:
+            raise self._broke_protocol(str(exc)) from None
 
     def list_dir(self, path: str) -> list[dict[str, Any]]:
-        reply = self._call("list_dir", {"path": path}, 30.0)
+        reply = self._agent_call("list_dir", {"path": path}, 30.0)
         entries = reply.get("entries") if isinstance(reply, dict) else None
         if not isinstance(entries, list):
-            raise AgentProtocolError("list_dir reply has no entries")
+            raise self._broke_protocol("list_dir reply has no entries")
         return entries
 
     def ping(self, timeout: float = 10.0) -> dict[str, Any]:
-        reply = self._call("ping", {}, timeout)
+        reply = self._agent_call("ping", {}, timeout)
         return reply if isinstance(reply, dict) else {}
 
     @property
@@ -238,10 +241,10 @@ class AgentSandbox(abc.ABC):
     ) -> ExecResult:
         run = self._begin_run(params, stdin, env, timeout, on_output)
         try:
-            reply = self._call(method, run.params, run.wait, on_output)
+            verdict = _verdict(self._call(method, run.params, run.wait, on_output))
         except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
             return self._finish_run(run, None, self._ended(exc))
-        return self._finish_run(run, reply, None)
+        return self._finish_run(run, verdict, None)
 
     async def _arun(
         self,
@@ -255,10 +258,10 @@ class AgentSandbox(abc.ABC):
         """The async twin of ``_run``: the same request, awaited on the event loop (no thread)."""
         run = self._begin_run(params, stdin, env, timeout, on_output)
         try:
-            reply = await self._acall(method, run.params, run.wait, on_output)
+            verdict = _verdict(await self._acall(method, run.params, run.wait, on_output))
         except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
             return self._finish_run(run, None, self._ended(exc))
-        return self._finish_run(run, reply, None)
+        return self._finish_run(run, verdict, None)
 
     def _begin_run(
         self,
@@ -314,9 +317,28 @@ class AgentSandbox(abc.ABC):
             self._mark_dead("timeout")
             return None
         self._mark_dead(None)
+        if isinstance(exc, AgentProtocolError):
+            return f"the isolate's agent broke the protocol ({exc}); the isolate was killed"
         return f"the isolate ended unexpectedly: {exc}"
 
-    def _finish_run(self, run: _PendingRun, reply: dict[str, Any] | None, error: str | None) -> ExecResult:
+    def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any:
+        """``_call`` for requests other than runs: an agent that garbles its answer or
+        stops answering ends the isolate, and the caller gets a ``SandboxError``."""
+        try:
+            return self._call(method, params, timeout)
+        except AgentProtocolError:
+            self._mark_dead(None)
+            raise
+        except (TimeoutError, EOFError, OSError) as exc:
+            self._mark_dead(None)
+            raise SandboxError(f"the isolate stopped answering ({method}): {exc}; it was killed") from None
+
+    def _broke_protocol(self, what: str) -> AgentProtocolError:
+        """The agent answered with something no honest agent sends: the isolate is killed."""
+        self._mark_dead(None)
+        return AgentProtocolError(f"{what}; the isolate was killed")
+
+    def _finish_run(self, run: _PendingRun, reply: _Verdict | None, error: str | None) -> ExecResult:
         elapsed = time.monotonic() - run.started
         after = self.usage()
         found = self.violations()[run.violations_before :]
@@ -327,24 +349,16 @@ class AgentSandbox(abc.ABC):
 
     def _result(
         self,
-        reply: dict[str, Any] | None,
+        reply: _Verdict | None,
         error: str | None,
         elapsed: float,
         before: IsolateUsage,
         after: IsolateUsage,
         violations: list[SecurityViolation],
     ) -> ExecResult:
-        exit_code: int | None = None
-        stdout = stderr = b""
-        timed_out = truncated = False
-        if reply is not None:
-            if not isinstance(reply, dict):
-                raise AgentProtocolError("exec reply is not an object")
-            exit_code = reply.get("exit_code") if isinstance(reply.get("exit_code"), int) else None
-            stdout = _b64(reply.get("stdout"))
-            stderr = _b64(reply.get("stderr"))
-            timed_out = reply.get("timed_out") is True
-            truncated = reply.get("output_truncated") is True
+        verdict = reply or _Verdict()
+        exit_code, stdout, stderr = verdict.exit_code, verdict.stdout, verdict.stderr
+        timed_out, truncated = verdict.timed_out, verdict.truncated
         # The host, not the guest, has the last word on output size.
         cap = self.policy.max_output_bytes
         if len(stdout) + len(stderr) > cap:
@@ -488,6 +502,31 @@ class AgentSandbox(abc.ABC):
             on_output(stream, _b64(params.get("data")))
 
 
+@dataclass(frozen=True)
+class _Verdict:
+    """What the agent says a run did. Types the host does not expect read as "not said"."""
+
+    exit_code: int | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+    truncated: bool = False
+
+
+def _verdict(reply: Any) -> _Verdict:
+    """Read an exec/run_code reply; AgentProtocolError if it is not one."""
+    if not isinstance(reply, dict):
+        raise AgentProtocolError("the run's reply is not an object")
+    exit_code = reply.get("exit_code")
+    return _Verdict(
+        exit_code=exit_code if isinstance(exit_code, int) and not isinstance(exit_code, bool) else None,
+        stdout=_b64(reply.get("stdout")),
+        stderr=_b64(reply.get("stderr")),
+        timed_out=reply.get("timed_out") is True,
+        truncated=reply.get("output_truncated") is True,
+    )
+
+
 @dataclass
 class _PendingRun:
     params: dict[str, Any]
@@ -531,6 +570,6 @@ def _b64(value: Any) -> bytes:
     if not isinstance(value, str):
         return b""
     try:
-        return base64.b64decode(value)
+        return base64.b64decode(value, validate=True)
     except ValueError:
         raise AgentProtocolError("the agent sent invalid base64") from None

@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import RuntimeUnavailableError, SandboxStartError
+from ..errors import RuntimeUnavailableError, SandboxError, SandboxStartError
 from ..policy import Policy, default_policy
 from ..result import SecurityViolation
 from .base import BASE_ENV, Availability
@@ -235,7 +235,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         try:
             with self.start(Policy()) as sandbox:
                 sandbox.ping()
-        except SandboxStartError as exc:
+        except SandboxError as exc:  # a failed start, or an agent that did not answer
             return Availability(self.name, False, self.isolation, str(exc), details)
         return Availability(self.name, True, self.isolation, "", details)
 

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import RuntimeUnavailableError, SandboxStartError
+from ...errors import RuntimeUnavailableError, SandboxError, SandboxStartError
 from ...policy import Policy, default_policy
 from ..base import Availability, IsolateUsage
 from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
@@ -130,9 +130,13 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             details["image"] = (guest_image.find_image() or guest_image.build()).directory
             details["accel"] = self.accel()
             sandbox = self.start(Policy())
-            sandbox.ping()
+            try:
+                sandbox.ping()
+            except SandboxError:
+                sandbox.close()
+                raise
             details["snapshot"] = "restored" if sandbox.restored else "none (stockade image build saves one)"
-        except SandboxStartError as exc:
+        except SandboxError as exc:  # a failed start, or an agent that did not answer
             return Availability(self.name, False, self.isolation, str(exc), details)
         # A boot is the only honest check, and seconds long under TCG: keep the
         # VM it produced for the next start instead of booting another.
@@ -160,7 +164,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         with self._lock:
             checked, self._checked = self._checked, None
         if checked is not None:
-            if microvm_shape(checked.policy) == microvm_shape(policy) and checked.ping().get("pong"):
+            if microvm_shape(checked.policy) == microvm_shape(policy) and _answers(checked):
                 checked.apply_policy(policy)
                 return checked
             checked.close()
@@ -426,3 +430,11 @@ def _sweep_rundirs() -> None:
             pid = name[len(RUN_PREFIX) :].split("-")[0]
             if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
+def _answers(sandbox: MicrovmSandbox) -> bool:
+    """Whether a VM kept since the availability check still answers (else a fresh one is built)."""
+    try:
+        return bool(sandbox.ping().get("pong"))
+    except SandboxError:
+        return False

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from ...agent import linux, wire
-from ...errors import PolicyError, SandboxStartError
+from ...errors import PolicyError, SandboxError, SandboxStartError
 from ...policy import Policy, default_policy
 from ...result import SecurityViolation
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
@@ -151,13 +151,10 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         details["landlock_abi"] = linux.landlock_abi()
         details["uid"] = os.getuid()
         try:
-            sandbox = self.start(Policy())
-        except SandboxStartError as exc:
+            with self.start(Policy()) as sandbox:
+                sandbox.ping()
+        except SandboxError as exc:  # a failed start, or an agent that did not answer
             return Availability(self.name, False, self.isolation, str(exc), details)
-        try:
-            sandbox.ping()
-        finally:
-            sandbox.close()
         return Availability(self.name, True, self.isolation, "", details)
 
     def _cgroup_manager(self) -> CgroupManager:

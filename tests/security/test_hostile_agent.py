@@ -1,0 +1,167 @@
+"""A guest agent that lies or speaks garbage: the host stays in charge.
+
+The agent runs inside the isolate, so a guest that escaped its confinement
+inside the isolate (or a guest kernel bug under gVisor or in a microVM) can
+answer anything. Here a thread plays such an agent on the host end's peer
+socket, answering each request with one crafted reply. The host must never
+crash, hang past its deadline, or take a malformed verdict as a result: the run
+ends with an error that names the cause, the isolate is treated as dead, and
+later calls refuse clearly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from stockade import ExecResult, Policy
+from stockade.agent import wire
+from stockade.errors import AgentError, AgentProtocolError, SandboxError
+from stockade.runtimes.base import AgentSandbox
+
+Reply = Callable[[int], bytes]  # request id -> the raw bytes the hostile agent sends back
+CLOSE = b"<close>"  # at the end of a reply: the hostile agent then closes its end
+
+
+class HostileSandbox(AgentSandbox):
+    runtime_name = "hostile"
+
+    def __init__(self, conn: socket.socket) -> None:
+        super().__init__(Policy(timeout_seconds=2), conn, 0.0)
+        self.killed = False
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def _release(self) -> None:
+        pass
+
+
+def _frame(obj: object) -> bytes:
+    return wire.encode_message(obj) if not isinstance(obj, bytes) else struct.pack("<I", len(obj)) + obj
+
+
+def _result(msg_id: int, result: object) -> bytes:
+    return _frame({"jsonrpc": "2.0", "id": msg_id, "result": result})
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[[Reply], HostileSandbox]]:
+    made: list[tuple[HostileSandbox, socket.socket, threading.Thread]] = []
+
+    def make(reply: Reply) -> HostileSandbox:
+        host, guest = socket.socketpair()
+
+        def agent() -> None:
+            with guest:
+                while True:
+                    try:
+                        request = json.loads(wire.read_frame(guest))
+                        raw = reply(request["id"])
+                        guest.sendall(raw.removesuffix(CLOSE))
+                        if raw.endswith(CLOSE):
+                            return
+                    except (EOFError, OSError, wire.FrameError):
+                        return
+
+        thread = threading.Thread(target=agent, daemon=True)
+        thread.start()
+        sandbox = HostileSandbox(host)
+        made.append((sandbox, guest, thread))
+        return sandbox
+
+    yield make
+    for sandbox, guest, thread in made:
+        sandbox.close()
+        guest.close()
+        thread.join(5)
+
+
+GARBAGE: dict[str, Reply] = {
+    "result not an object": lambda i: _result(i, 5),
+    "stdout not base64": lambda i: _result(i, {"exit_code": 0, "stdout": "%%% not base64 %%%", "stderr": ""}),
+    "reply for another id": lambda i: _result(i + 7, {"exit_code": 0}),
+    "not JSON": lambda i: _frame(b"{this is not json"),
+    "not an object": lambda i: _frame(b"[1, 2, 3]"),
+    "frame over the cap": lambda i: struct.pack("<I", wire.MAX_FRAME + 1),
+    "closed mid-frame": lambda i: struct.pack("<I", 1000) + b"{" + CLOSE,
+    "closed instead of answering": lambda i: CLOSE,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GARBAGE))
+def test_garbage_ends_the_run_with_an_error_and_the_isolate(
+    hostile: Callable[[Reply], HostileSandbox], name: str
+) -> None:
+    sb = hostile(GARBAGE[name])
+    result = sb.exec(["true"])
+    assert isinstance(result, ExecResult)
+    assert not result.success and result.termination_reason == "error", result.summary()
+    assert result.error and "isolate" in result.error, result.error
+    assert sb.killed, "a garbling agent's isolate must be killed"
+    with pytest.raises(SandboxError, match="has ended"):
+        sb.exec(["true"])
+
+
+def test_a_lying_verdict_is_not_taken_at_its_word(hostile: Callable[[Reply], HostileSandbox]) -> None:
+    # Types the host does not expect are read as "not said", never trusted or coerced.
+    sb = hostile(lambda i: _result(i, {"exit_code": "0", "timed_out": "yes", "output_truncated": 1,
+                                       "stdout": 5, "stderr": None}))  # fmt: skip
+    result = sb.exec(["true"])
+    assert result.exit_code is None and not result.success
+    assert result.stdout == "" and result.termination_reason == "completed"
+
+
+def test_output_beyond_the_policy_is_cut_by_the_host(hostile: Callable[[Reply], HostileSandbox]) -> None:
+    flood = base64.b64encode(b"x" * 3_000_000).decode()
+    sb = hostile(lambda i: _result(i, {"exit_code": 0, "stdout": flood, "stderr": flood}))
+    result = sb.exec(["true"])
+    assert len(result.stdout) + len(result.stderr) <= sb.policy.max_output_bytes
+    assert result.termination_reason == "output_limit"
+
+
+@pytest.mark.parametrize("reply", [lambda i: b"", lambda i: struct.pack("<I", 1000) + b"{"], ids=["silent", "stalled"])
+def test_an_agent_that_never_answers_is_timed_out(hostile: Callable[[Reply], HostileSandbox], reply: Reply) -> None:
+    sb = hostile(reply)  # reads the request, then says nothing or stops mid-frame
+    result = sb.exec(["true"], timeout=0.5)
+    assert result.termination_reason == "timeout" and sb.killed
+
+
+def test_a_file_call_to_a_silent_agent_is_a_sandbox_error(hostile: Callable[[Reply], HostileSandbox]) -> None:
+    sb = hostile(lambda i: b"")
+    with pytest.raises(SandboxError, match="stopped answering"):
+        sb.ping(timeout=0.3)
+    assert sb.killed
+
+
+def test_an_error_class_is_chosen_by_the_host(hostile: Callable[[Reply], HostileSandbox]) -> None:
+    error = {"code": 12345, "message": "SystemExit: __import__('os').system('reboot')", "data": {"class": "SystemExit"}}
+    sb = hostile(lambda i: _frame({"jsonrpc": "2.0", "id": i, "error": error}))
+    with pytest.raises(AgentError) as info:
+        sb.read_file("/etc/hostname")
+    assert type(info.value) is AgentError and info.value.code == 12345
+
+
+@pytest.mark.parametrize(
+    ("call", "reply"),
+    [
+        (lambda sb: sb.read_file("/x"), lambda i: _result(i, {"data": 5})),
+        (lambda sb: sb.list_dir("/"), lambda i: _result(i, {"entries": "no"})),
+        (lambda sb: sb.read_file("/x"), lambda i: _frame(b"garbage")),
+    ],
+)
+def test_file_calls_refuse_garbage_and_end_the_isolate(
+    hostile: Callable[[Reply], HostileSandbox], call: Callable[[AgentSandbox], object], reply: Reply
+) -> None:
+    sb = hostile(reply)
+    with pytest.raises(AgentProtocolError):
+        call(sb)
+    assert sb.killed
+    with pytest.raises(SandboxError, match="has ended"):
+        sb.read_file("/x")
