@@ -402,6 +402,21 @@ def test_killing_everything_inside_leaves_the_sandbox_usable(sb: Sandbox) -> Non
     assert sb.exec(["echo", "and here"]).stdout == "and here\n"
 
 
+def test_a_fifo_or_device_in_place_of_a_file_does_not_hang_the_agent(sb: Sandbox) -> None:
+    # The code plants a FIFO (with nobody at its other end) and a symlink to a
+    # device where the host will read and write files: a plain open would block
+    # the agent until the host gave up on the sandbox.
+    assert sb.exec(["sh", "-c", "mkfifo /work/pipe && ln -s /dev/zero /work/zero"]).success
+    started = time.monotonic()
+    for call in (lambda: sb.read_file("/work/pipe"), lambda: sb.write_file("/work/pipe", "x"),
+                 lambda: sb.read_file("/work/zero"), lambda: sb.write_file("/work/zero", "x")):  # fmt: skip
+        with pytest.raises(stockade.AgentError):
+            call()
+    assert time.monotonic() - started < 5
+    sb.write_file("/work/ok.txt", "fine")
+    assert sb.read_file("/work/ok.txt") == b"fine"
+
+
 def test_concurrent_sandboxes_get_only_their_own_violations(process_runtime: str, manager: RuntimeManager) -> None:
     # One supervisor thread answers every isolate's seccomp notifications: no cross-talk.
     calls = {"ptrace": "libc.ptrace(16, 1, 0, 0)", "mount": "libc.mount(b'x', b'/tmp', b'tmpfs', 0, None)",

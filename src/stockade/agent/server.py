@@ -197,7 +197,7 @@ class Agent:
         mode = params.get("mode", 0o644)
         if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
             raise wire.RPCError(wire.INVALID_PARAMS, "mode must be an integer permission")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        fd = _open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             wire.write_all(fd, data)
         finally:
@@ -210,7 +210,7 @@ class Agent:
         if not isinstance(limit, int) or limit < 0:
             raise wire.RPCError(wire.INVALID_PARAMS, "max_bytes must be a non-negative integer")
         limit = min(limit, wire.MAX_FRAME // 2)  # base64 grows 4/3: keep the reply under the frame cap
-        with open(path, "rb") as f:
+        with os.fdopen(_open_regular(path, os.O_RDONLY), "rb") as f:
             data = f.read(limit + 1)
         return {
             "path": path,
@@ -696,6 +696,21 @@ def _peek_alive(conn: socket.socket) -> bool:
         return True
     except OSError:
         return False
+
+
+def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+    """Open ``path`` for a file call, refusing anything but a regular file.
+
+    The code in the isolate may have put a FIFO or a device where the host
+    expects a file: a plain open would then block this (single-threaded) agent
+    until the host gives up on it. O_NONBLOCK makes such an open return at
+    once; a regular file ignores the flag.
+    """
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise wire.RPCError(wire.INVALID_PARAMS, f"{path} is not a regular file")
+    return fd
 
 
 def _str_param(params: dict[str, Any], name: str) -> str:
