@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 EXIT_TIMEOUT = 124
 EXIT_STOCKADE_ERROR = 125
 EXIT_MEMORY = 137
-MAX_STDIN = 8 * 1024 * 1024
+MAX_STDIN = 7 * 1024 * 1024  # what fits one agent frame, base64-encoded (agent/wire.py MAX_DATA_BYTES)
 
 
 def _policy_flags(parser: argparse.ArgumentParser) -> None:

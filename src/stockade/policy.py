@@ -26,7 +26,9 @@ NetworkPolicy = Literal["none", "loopback"]
 MAX_MEMORY_MB = 2048
 MAX_CPU = 2.0
 MAX_TIMEOUT_S = 600.0
-MAX_OUTPUT_BYTES = 8 * 1024 * 1024  # the agent's frame cap is 10 MiB; leave room for framing
+# The agent's reply carries the output base64-encoded in one frame of at most
+# 10 MiB (agent/wire.py, seed 001): 7 MiB of output is what fits.
+MAX_OUTPUT_BYTES = 7 * 1024 * 1024
 
 # Host paths never shared into an isolate, even when asked: they hand over the host.
 _FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot")

@@ -8,6 +8,8 @@ even on a host where no real runtime works.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -54,6 +56,15 @@ def test_killed_by_signal(sb: Sandbox) -> None:
 def test_stdin_env_cwd(sb: Sandbox) -> None:
     r = sb.exec(["sh", "-c", "cat; echo $GREETING; pwd"], stdin=b"piped\n", env={"GREETING": "hi"}, cwd="/tmp")
     assert r.stdout.splitlines() == ["piped", "hi", "/tmp"]
+
+
+def test_large_stdin_arrives_whole_and_unread_stdin_never_stalls(sb: Sandbox) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB: sixteen pipe buffers
+    r = sb.exec(["sha256sum"], stdin=data)
+    assert r.success and r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    started = time.monotonic()
+    r = sb.exec(["sleep", "0.2"], stdin=data)  # never reads it
+    assert r.success and time.monotonic() - started < 10
 
 
 def test_policy_environment(runtime: str, manager: RuntimeManager) -> None:

@@ -7,6 +7,7 @@ suite in test_conformance.py runs on the faster runtimes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -44,6 +45,12 @@ def vm(vm_manager: RuntimeManager) -> Iterator[MicrovmSandbox]:
 def test_exec_and_exit_codes(vm: MicrovmSandbox) -> None:
     r = vm.exec(["sh", "-c", "echo out; echo err >&2; exit 7"])
     assert (r.stdout, r.stderr, r.exit_code, r.runtime_used) == ("out\n", "err\n", 7, "microvm")
+
+
+def test_large_stdin_crosses_the_serial_port_whole(vm: MicrovmSandbox) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    r = vm.exec(["sha256sum"], stdin=data)
+    assert r.success and r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
 
 
 def test_run_code_and_files_persist(vm: MicrovmSandbox) -> None:

@@ -32,6 +32,15 @@ def test_run_passes_stdin() -> None:
     assert r.stdout == "SHOUT\n" and r.returncode == 0
 
 
+def test_stdin_up_to_the_cap_and_a_clear_error_beyond() -> None:
+    from stockade.cli import MAX_STDIN
+
+    r = cli("run", "--", "wc", "-c", stdin="x" * MAX_STDIN)
+    assert r.returncode == 0 and r.stdout.strip() == str(MAX_STDIN), r.stderr[-500:]
+    r = cli("run", "--", "wc", "-c", stdin="x" * (MAX_STDIN + 1))
+    assert r.returncode != 0 and "larger than" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_run_json_is_an_exec_result() -> None:
     r = cli("run", "--json", "--memory", "128", "--", "echo", "hi")
     result = json.loads(r.stdout)

@@ -20,6 +20,8 @@ import pytest
 
 import stockade
 from stockade import ExecResult, Policy, Sandbox
+from stockade.agent.wire import MAX_DATA_BYTES
+from stockade.policy import MAX_OUTPUT_BYTES
 from stockade.runtimes.manager import RuntimeManager
 from tests.helpers import processes_with_arg
 
@@ -345,6 +347,23 @@ def test_output_flood_is_cut(process_runtime: str, manager: RuntimeManager) -> N
     )
     assert r.termination_reason == "output_limit"
     assert len(r.stdout) == 5000 and set(r.stdout) == {"x"}
+
+
+def test_the_largest_output_cap_is_honoured(process_runtime: str, manager: RuntimeManager) -> None:
+    # At the policy's maximum the agent's reply (base64) must still fit one
+    # protocol frame: the run ends with output_limit, not a broken connection.
+    flood = "head -c 9000000 /dev/zero | tr '\\0' o; head -c 9000000 /dev/zero | tr '\\0' e >&2"
+    r = stockade.run(["sh", "-c", flood], runtime="process", manager=manager, max_output_bytes=MAX_OUTPUT_BYTES)
+    assert r.termination_reason == "output_limit", r.summary()
+    assert len(r.stdout) + len(r.stderr) == MAX_OUTPUT_BYTES
+
+
+def test_input_beyond_a_frame_is_refused_before_it_is_sent(sb: Sandbox) -> None:
+    too_big = b"x" * (MAX_DATA_BYTES + 1024 * 1024)
+    for call in (lambda: sb.exec(["wc", "-c"], stdin=too_big), lambda: sb.write_file("/work/big", too_big)):
+        with pytest.raises(stockade.SandboxError, match="too large"):
+            call()
+    assert sb.exec(["wc", "-c"], stdin=b"x" * MAX_DATA_BYTES).stdout.strip() == str(MAX_DATA_BYTES)
 
 
 def test_cpu_limit_is_applied(process_runtime: str, manager: RuntimeManager) -> None:

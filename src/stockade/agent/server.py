@@ -71,6 +71,26 @@ class _Run:
         self.status: int | None = None
         self.output_truncated = False
         self.timed_out = False
+        self.stdin_fd: int | None = None  # the command's stdin, while input is left to give it
+        self.stdin_left = memoryview(b"")
+
+    def feed_stdin(self) -> None:
+        """Write what the pipe takes now; close it once all is written or nobody reads."""
+        if self.stdin_fd is None:
+            return
+        try:
+            while self.stdin_left:
+                self.stdin_left = self.stdin_left[os.write(self.stdin_fd, self.stdin_left) :]
+        except BlockingIOError:
+            return  # the pipe is full: select says when it has room again
+        except OSError:
+            pass  # EPIPE: the command closed its input; the rest is not wanted
+        self.close_stdin()
+
+    def close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
 
 
 class Agent:
@@ -117,7 +137,7 @@ class Agent:
                 reply = self.handle(payload)
                 if reply is not None:
                     try:
-                        wire.send_message(self.conn, reply)
+                        self.conn.sendall(_frame_for(reply))
                     except OSError:
                         return
                     self._answered = True
@@ -376,7 +396,11 @@ class Agent:
         collect = params.get("collect", True) is not False
         run = _Run(pid, out_r, err_r, max_output, bool(params.get("stream")) or not collect, collect)
         if in_w is not None:
-            _feed_stdin(in_w, stdin)
+            # Fed as the command reads it, from the loop below: a command that
+            # never reads its input must not stall the agent, and none is lost.
+            os.set_blocking(in_w, False)
+            run.stdin_fd, run.stdin_left = in_w, memoryview(stdin)
+            run.feed_stdin()
         deadline = started + timeout if timeout else None
         self._collect(run, deadline)
         status = run.status if run.status is not None else 0
@@ -409,7 +433,10 @@ class Agent:
             waits = [t for t in (deadline, drain_until) if t is not None]
             wait = max(0.0, min(waits) - now) if waits else None
             watched = [self.conn.fileno()] if watch_conn else []
-            ready, _, _ = select.select([*watched, self._wake_r, *run.fds], [], [], wait)
+            feeding = [run.stdin_fd] if run.stdin_fd is not None else []
+            ready, writable, _ = select.select([*watched, self._wake_r, *run.fds], feeding, [], wait)
+            if writable:
+                run.feed_stdin()
             if self.conn.fileno() in ready:
                 if not _peek_alive(self.conn):
                     _kill_group(run.pid)
@@ -423,6 +450,7 @@ class Agent:
         for fd in list(run.fds):
             os.close(fd)
         run.fds.clear()
+        run.close_stdin()
 
     def _read_output(self, run: _Run, fd: int) -> None:
         name = run.fds[fd]
@@ -641,18 +669,6 @@ def _apply_rlimits(limits: dict[str, Any]) -> None:
             resource.setrlimit(which, (value, value))
 
 
-def _feed_stdin(fd: int, data: bytes) -> None:
-    # Write what fits without blocking; a program that never reads its input
-    # must not stall the agent. Large inputs are bounded by the frame cap.
-    try:
-        os.set_blocking(fd, False)
-        wire.write_all(fd, data)
-    except (BlockingIOError, BrokenPipeError):
-        pass
-    finally:
-        os.close(fd)
-
-
 def _kill_group(pid: int) -> None:
     for target in (-pid, pid):
         try:
@@ -696,6 +712,15 @@ def _peek_alive(conn: socket.socket) -> bool:
         return True
     except OSError:
         return False
+
+
+def _frame_for(reply: dict[str, Any]) -> bytes:
+    """``reply`` framed, or an error in its place when it does not fit one frame (a huge listing)."""
+    try:
+        return wire.encode_message(reply)
+    except wire.FrameError as exc:
+        error = wire.RPCError(wire.INTERNAL_ERROR, f"the reply is too large: {exc}")
+        return wire.encode_message(wire.error_response(reply.get("id"), error))
 
 
 def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:

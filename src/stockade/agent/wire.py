@@ -21,7 +21,10 @@ if TYPE_CHECKING:
     import socket
     from typing import Any
 
-MAX_FRAME = 10 * 1024 * 1024
+MAX_FRAME = 10 * 1024 * 1024  # seed 001: "Max message size: 10MB"
+# Raw bytes a message can carry base64-encoded (output, stdin, file data) and
+# still fit one frame: 7 MiB grows to 9.33 MiB, leaving room for the rest.
+MAX_DATA_BYTES = 7 * 1024 * 1024
 VSOCK_PORT = 5252  # seed 001: the agent's port where vsock exists
 
 # JSON-RPC 2.0 error codes.

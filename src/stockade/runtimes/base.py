@@ -460,7 +460,14 @@ class AgentSandbox(abc.ABC):
         if self._dead:
             raise SandboxError("the isolate has ended (killed, out of memory or timed out); start a new sandbox")
         self._next_id += 1
-        return self._next_id, wire.encode_message(wire.request(method, params, self._next_id))
+        try:
+            return self._next_id, wire.encode_message(wire.request(method, params, self._next_id))
+        except wire.FrameError:
+            # Nothing was sent: the isolate is untouched and the caller may retry smaller.
+            raise SandboxError(
+                f"the {method} request is too large for the agent protocol's {wire.MAX_FRAME}-byte frame: "
+                f"keep stdin, code and file data under {wire.MAX_DATA_BYTES} bytes per call"
+            ) from None
 
     def _reply(self, message: dict[str, Any], msg_id: int, on_output: OutputCallback | None) -> tuple[bool, Any]:
         """(True, result) for the reply to ``msg_id``; (False, None) after a notification; raises its error."""
