@@ -100,8 +100,23 @@ def test_unknown_language_is_an_error(sb: Sandbox) -> None:
 
 
 def test_missing_command_is_an_error(sb: Sandbox) -> None:
-    with pytest.raises(stockade.AgentError, match="cannot execute"):
+    with pytest.raises(stockade.AgentError, match="cannot execute '/nonexistent/binary'"):
         sb.exec(["/nonexistent/binary"])
+
+
+def test_missing_working_directory_is_named_as_such(sb: Sandbox) -> None:
+    with pytest.raises(stockade.AgentError, match="cannot use '/nonexistent' as the working directory"):
+        sb.exec(["pwd"], cwd="/nonexistent")
+
+
+def test_a_file_larger_than_a_frame_is_read_whole(sb: Sandbox) -> None:
+    tmp = sb.scratch_dir
+    assert sb.exec(["sh", "-c", f"head -c 12000000 /dev/urandom > {tmp}/big && sha256sum {tmp}/big"]).success
+    expected = sb.exec(["sha256sum", f"{tmp}/big"]).stdout.split()[0]
+    data = sb.read_file(f"{tmp}/big")
+    assert len(data) == 12_000_000 and hashlib.sha256(data).hexdigest() == expected
+    assert sb.read_file(f"{tmp}/big", max_bytes=6_000_000) == data[:6_000_000]
+    assert sb.read_file(f"{tmp}/big", max_bytes=0) == b""
 
 
 def test_files_persist_across_calls(sb: Sandbox) -> None:

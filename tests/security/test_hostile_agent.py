@@ -165,3 +165,18 @@ def test_file_calls_refuse_garbage_and_end_the_isolate(
     assert sb.killed
     with pytest.raises(SandboxError, match="has ended"):
         sb.read_file("/x")
+
+
+def test_a_file_that_keeps_growing_cannot_keep_the_host_reading(hostile: Callable[[Reply], HostileSandbox]) -> None:
+    # Each piece says "more follows" and a larger size: the host stops at the size first reported.
+    pieces = iter(range(1, 1_000_000))
+    sb = hostile(lambda i: _result(i, {"data": base64.b64encode(b"x" * 1000).decode(), "truncated": True,
+                                       "size": 3000 * next(pieces)}))  # fmt: skip
+    assert sb.read_file("/work/grows") == b"x" * 3000
+
+
+def test_a_piece_larger_than_asked_for_is_garbage(hostile: Callable[[Reply], HostileSandbox]) -> None:
+    sb = hostile(lambda i: _result(i, {"data": base64.b64encode(b"x" * 100).decode(), "size": 100}))
+    with pytest.raises(AgentProtocolError, match="at most 10"):
+        sb.read_file("/x", max_bytes=10)
+    assert sb.killed

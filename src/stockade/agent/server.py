@@ -229,13 +229,19 @@ class Agent:
         limit = params.get("max_bytes", wire.MAX_FRAME // 2)
         if not isinstance(limit, int) or limit < 0:
             raise wire.RPCError(wire.INVALID_PARAMS, "max_bytes must be a non-negative integer")
+        offset = params.get("offset", 0)
+        if not isinstance(offset, int) or offset < 0:
+            raise wire.RPCError(wire.INVALID_PARAMS, "offset must be a non-negative integer")
         limit = min(limit, wire.MAX_FRAME // 2)  # base64 grows 4/3: keep the reply under the frame cap
         with os.fdopen(_open_regular(path, os.O_RDONLY), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
             data = f.read(limit + 1)
         return {
             "path": path,
             "data": _b64encode(data[:limit]),
-            "truncated": len(data) > limit,
+            "truncated": len(data) > limit,  # more follows this piece
+            "size": size,
         }
 
     def list_dir(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -264,8 +270,7 @@ class Agent:
             for fd in (runner.out_r, runner.err_r, runner.in_w):
                 os.close(fd)
             report = jsoncodec.loads(failure)
-            what = argv[0] if report.get("what") == "exec" else f"in {report.get('where')}"
-            raise wire.RPCError(wire.INVALID_PARAMS, f"cannot execute {what!r}: {os.strerror(report['errno'])}", report)
+            raise _spawn_failure(argv[0], context["cwd"], str(report.get("what")), int(report["errno"]))
         return runner.pid, runner.out_r, runner.err_r, runner.in_w
 
     def _posix_spawn(self, argv: list[str], context: dict[str, Any]) -> tuple[int, int, int, int | None]:
@@ -280,8 +285,10 @@ class Agent:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         home = os.getcwd()
+        step = "cwd"
         try:
             os.chdir(context["cwd"])
+            step = "exec"
             pid = os.posix_spawnp(
                 argv[0],
                 argv,
@@ -298,9 +305,7 @@ class Agent:
         except OSError as exc:
             for fd in (out_r, err_r, in_w):
                 os.close(fd)
-            raise wire.RPCError(
-                wire.INVALID_PARAMS, f"cannot execute {argv[0]!r}: {exc.strerror}", {"errno": exc.errno}
-            ) from None
+            raise _spawn_failure(argv[0], context["cwd"], step, exc.errno or 0) from None
         finally:
             for fd in (out_w, err_w, in_r):
                 os.close(fd)
@@ -538,9 +543,10 @@ def _runner_main(in_r: int, out_w: int, err_w: int, job_r: int, report_w: int, w
         job = jsoncodec.loads(raw)
     except BaseException:  # noqa: BLE001
         os._exit(126)
-    where = "cwd"
+    where = "limits"
     try:
         _apply_rlimits(job["limits"])
+        where = "cwd"
         os.chdir(job["cwd"])
         os.environ.clear()
         os.environ.update(job["env"])
@@ -712,6 +718,16 @@ def _peek_alive(conn: socket.socket) -> bool:
         return True
     except OSError:
         return False
+
+
+def _spawn_failure(program: str, cwd: str, step: str, err: int) -> wire.RPCError:
+    """The error for a command that could not start: its working directory, or the program itself."""
+    data = {"errno": err, "what": step}
+    if step == "exec":
+        return wire.RPCError(wire.INVALID_PARAMS, f"cannot execute {program!r}: {os.strerror(err)}", data)
+    if step == "limits":
+        return wire.RPCError(wire.INTERNAL_ERROR, f"cannot apply the policy's limits: {os.strerror(err)}", data)
+    return wire.RPCError(wire.INVALID_PARAMS, f"cannot use {cwd!r} as the working directory: {os.strerror(err)}", data)
 
 
 def _frame_for(reply: dict[str, Any]) -> bytes:

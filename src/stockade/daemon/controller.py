@@ -243,7 +243,7 @@ class Controller:
                     await self._blocking(sb.write_file, _path(params), data, params.get("mode", 0o644))
                     return {"path": params["path"], "size": len(data)}
                 if method == "read_file":
-                    raw = await self._blocking(sb.read_file, _path(params), params.get("max_bytes"))
+                    raw = await self._blocking(sb.read_file, _path(params), _max_bytes(params))
                     return {"path": params["path"], "data": base64.b64encode(raw).decode()}
                 raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
             finally:
@@ -344,6 +344,13 @@ def _env(params: dict[str, Any]) -> dict[str, str] | None:
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise RequestError("env must map strings to strings")
     return env
+
+
+def _max_bytes(params: dict[str, Any]) -> int | None:
+    value = params.get("max_bytes")
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise RequestError("max_bytes must be a non-negative integer")
 
 
 def _path(params: dict[str, Any]) -> str:

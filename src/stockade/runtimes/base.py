@@ -176,17 +176,37 @@ class AgentSandbox(abc.ABC):
         self._agent_call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}, 30.0)
 
     def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
-        params: dict[str, Any] = {"path": path}
-        if max_bytes is not None:
-            params["max_bytes"] = max_bytes
-        reply = self._agent_call("read_file", params, 30.0)
+        """The file's bytes: all of them, or the first ``max_bytes``.
+
+        A file larger than one protocol frame comes in pieces. It is read up to
+        the size it had when the first piece was read, so code that keeps the
+        file growing cannot keep the host reading.
+        """
+        if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0):
+            raise ValueError("max_bytes must be a non-negative integer")
+        got = bytearray()
+        size: int | None = None
+        while True:
+            want = FILE_PIECE_BYTES if max_bytes is None else min(FILE_PIECE_BYTES, max_bytes - len(got))
+            piece, more, now_size = self._read_piece(path, len(got), want)
+            got += piece
+            size = now_size if size is None else size
+            if not more or not piece or (max_bytes is not None and len(got) >= max_bytes) or len(got) >= size:
+                return bytes(got)
+
+    def _read_piece(self, path: str, offset: int, max_bytes: int) -> tuple[bytes, bool, int]:
+        reply = self._agent_call("read_file", {"path": path, "offset": offset, "max_bytes": max_bytes}, 30.0)
         data = reply.get("data") if isinstance(reply, dict) else None
         if not isinstance(data, str):
             raise self._broke_protocol("read_file reply has no data")
         try:
-            return _b64(data)
+            piece = _b64(data)
         except AgentProtocolError as exc:
             raise self._broke_protocol(str(exc)) from None
+        if len(piece) > max_bytes:
+            raise self._broke_protocol(f"read_file sent {len(piece)} bytes where at most {max_bytes} were asked for")
+        size = reply.get("size")
+        return piece, reply.get("truncated") is True, size if isinstance(size, int) and size >= 0 else 0
 
     def list_dir(self, path: str) -> list[dict[str, Any]]:
         reply = self._agent_call("list_dir", {"path": path}, 30.0)
@@ -518,6 +538,9 @@ class _Verdict:
     stderr: bytes = b""
     timed_out: bool = False
     truncated: bool = False
+
+
+FILE_PIECE_BYTES = wire.MAX_FRAME // 2  # what one read_file reply carries (base64 grows it by 4/3)
 
 
 def _verdict(reply: Any) -> _Verdict:
