@@ -90,11 +90,14 @@ class Client:
             self._sock, self._buffer = sock, b""
         return self._sock
 
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
     def close(self) -> None:
         with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+            self._drop()
 
     def __enter__(self) -> Client:
         return self
@@ -122,6 +125,7 @@ class Client:
             line = auth.signed_line(request, self._token) + b"\n"
         else:
             line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+        callback_error: Exception | None = None
         with self._lock:
             sock = self._connect()
             try:
@@ -132,13 +136,24 @@ class Client:
                     output = response.get("output")
                     if "result" in response or not isinstance(output, dict):
                         break
-                    # {"id": ..., "output": {"stream", "data"}}: output streamed ahead of the answer
-                    if on_output is not None and response.get("id") == msg_id:
-                        on_output(str(output.get("stream")), base64.b64decode(str(output.get("data", ""))))
+                    # {"id": ..., "output": {"stream", "data"}}: output streamed ahead of the answer.
+                    # A callback that raises is not called again, and its exception waits for
+                    # the answer: left unread, that would be taken for the next call's.
+                    if on_output is not None and callback_error is None and response.get("id") == msg_id:
+                        try:
+                            on_output(str(output.get("stream")), base64.b64decode(str(output.get("data", ""))))
+                        except Exception as exc:  # noqa: BLE001 - raised below, once the answer is read
+                            callback_error = exc
+                if response.get("id") != msg_id and "id" in response and response.get("error_code") is None:
+                    raise StockadeError(f"the daemon answered request {response.get('id')!r}, not {msg_id}")
             except (OSError, EOFError) as exc:
-                sock.close()
-                self._sock = None
+                self._drop()
                 raise DaemonUnavailableError(f"lost the connection to the stockade daemon: {exc}") from None
+            except BaseException:
+                self._drop()  # a half-read answer (Ctrl-C, a bad line) must not reach the next call
+                raise
+        if callback_error is not None:
+            raise callback_error
         if response.get("error") is not None:
             cls = _ERRORS.get(response.get("error_code", ""), StockadeError)
             raise cls(str(response["error"]))

@@ -203,3 +203,28 @@ def test_common_tools_work(sb: Sandbox, request: pytest.FixtureRequest) -> None:
     tmp = sb.scratch_dir
     r = sb.exec(["sh", "-c", f"cd {tmp} && printf 'b\\na\\n' > f && sort f && cp f g && ls && stat -c %s g"])
     assert r.stdout.split() == ["a", "b", "f", "g", "4"], (r.stdout, r.stderr)
+
+
+def test_an_output_callback_that_raises_leaves_the_sandbox_usable(runtime: str, manager: RuntimeManager) -> None:
+    # The callback's exception reaches the caller once the run has been read to
+    # its end, so the next call gets its own answer, not the rest of this one's.
+    seen: list[bytes] = []
+
+    def breaks(stream: str, data: bytes) -> None:
+        seen.append(data)
+        raise LookupError("the caller's own bug")
+
+    noisy = ["sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.05; done"]
+    with Sandbox(Policy(runtime=runtime, timeout_seconds=20), manager=manager) as sb:
+        with pytest.raises(LookupError):
+            sb.exec(noisy, on_output=breaks)
+        assert len(seen) == 1
+        assert sb.exec(["echo", "next"]).stdout == "next\n"
+
+    async def main() -> str:
+        async with stockade.AsyncSandbox(Policy(runtime=runtime), manager=manager) as sandbox:
+            with pytest.raises(LookupError):
+                await sandbox.exec(noisy, on_output=breaks)
+            return (await sandbox.exec(["echo", "async next"])).stdout
+
+    assert asyncio.run(main()) == "async next\n"

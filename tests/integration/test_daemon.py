@@ -320,3 +320,16 @@ def test_client_streaming(daemon: Daemon) -> None:
         )
         assert seen == [("stdout", b"held\n")] and r["stdout"] == "held\n"
         c.close_sandbox(sid)
+
+
+def test_a_client_callback_that_raises_does_not_shift_later_answers(daemon: Daemon) -> None:
+    def breaks(stream: str, data: bytes) -> None:
+        raise LookupError("the caller's own bug")
+
+    with Client(daemon.socket_path) as c:
+        with pytest.raises(LookupError):
+            c.execute(["sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.05; done"], on_output=breaks)
+        # The rest of that run's output and its answer were read and dropped:
+        # this call gets its own answer.
+        assert c.execute(["echo", "mine"]).stdout == "mine\n"
+        assert c.ping() == "pong"

@@ -260,11 +260,12 @@ class AgentSandbox(abc.ABC):
         on_output: OutputCallback | None,
     ) -> ExecResult:
         run = self._begin_run(params, stdin, env, timeout, on_output)
+        guard = _CallbackGuard(on_output)
         try:
-            verdict = _verdict(self._call(method, run.params, run.wait, on_output))
+            verdict = _verdict(self._call(method, run.params, run.wait, guard.callback))
         except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
             return self._finish_run(run, None, self._ended(exc))
-        return self._finish_run(run, verdict, None)
+        return guard.check(self._finish_run(run, verdict, None))
 
     async def _arun(
         self,
@@ -277,11 +278,12 @@ class AgentSandbox(abc.ABC):
     ) -> ExecResult:
         """The async twin of ``_run``: the same request, awaited on the event loop (no thread)."""
         run = self._begin_run(params, stdin, env, timeout, on_output)
+        guard = _CallbackGuard(on_output)
         try:
-            verdict = _verdict(await self._acall(method, run.params, run.wait, on_output))
+            verdict = _verdict(await self._acall(method, run.params, run.wait, guard.callback))
         except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
             return self._finish_run(run, None, self._ended(exc))
-        return self._finish_run(run, verdict, None)
+        return guard.check(self._finish_run(run, verdict, None))
 
     def _begin_run(
         self,
@@ -527,6 +529,33 @@ class AgentSandbox(abc.ABC):
         stream = params.get("stream")
         if stream in ("stdout", "stderr"):
             on_output(stream, _b64(params.get("data")))
+
+
+class _CallbackGuard:
+    """The caller's ``on_output``, kept from breaking the conversation with the agent.
+
+    An exception in the callback would leave the rest of the run's output and
+    its answer unread on the connection, and the next call would read them as
+    its own. So the first exception stops further calls to the callback, the
+    run is read to its end, and the exception is raised then.
+    """
+
+    def __init__(self, on_output: OutputCallback | None) -> None:
+        self._on_output = on_output
+        self.error: Exception | None = None
+        self.callback: OutputCallback | None = self._call if on_output is not None else None
+
+    def _call(self, stream: str, data: bytes) -> None:
+        if self.error is None and self._on_output is not None:
+            try:
+                self._on_output(stream, data)
+            except Exception as exc:  # noqa: BLE001 - raised again once the run has been read to its end
+                self.error = exc
+
+    def check(self, result: ExecResult) -> ExecResult:
+        if self.error is not None:
+            raise self.error
+        return result
 
 
 @dataclass(frozen=True)
