@@ -140,6 +140,8 @@ class AsyncSandbox:
         self.policy = coerce_policy(policy, **policy_fields)
         self._manager = manager
         self._sync: Sandbox | None = None
+        # One request at a time reaches the agent: calls gathered on one sandbox queue here.
+        self._turn = asyncio.Lock()
 
     async def start(self) -> AsyncSandbox:
         if self._sync is None:
@@ -152,19 +154,24 @@ class AsyncSandbox:
         return self._sync
 
     async def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
-        return await self._held()._sandbox.aexec(list(argv), **kwargs)  # on the event loop, no thread
+        async with self._turn:
+            return await self._held()._sandbox.aexec(list(argv), **kwargs)  # on the event loop, no thread
 
     async def run_code(self, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
-        return await self._held()._sandbox.arun_code(code, language, **kwargs)
+        async with self._turn:
+            return await self._held()._sandbox.arun_code(code, language, **kwargs)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        await asyncio.to_thread(self._held().write_file, path, data, mode)
+        async with self._turn:
+            await asyncio.to_thread(self._held().write_file, path, data, mode)
 
     async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
-        return await asyncio.to_thread(self._held().read_file, path, max_bytes)
+        async with self._turn:
+            return await asyncio.to_thread(self._held().read_file, path, max_bytes)
 
     async def list_dir(self, path: str) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._held().list_dir, path)
+        async with self._turn:
+            return await asyncio.to_thread(self._held().list_dir, path)
 
     async def aclose(self) -> None:
         if self._sync is not None:

@@ -228,3 +228,14 @@ def test_an_output_callback_that_raises_leaves_the_sandbox_usable(runtime: str, 
             return (await sandbox.exec(["echo", "async next"])).stdout
 
     assert asyncio.run(main()) == "async next\n"
+
+
+def test_calls_gathered_on_one_async_sandbox_take_turns(runtime: str, manager: RuntimeManager) -> None:
+    async def main() -> list[str]:
+        async with stockade.AsyncSandbox(Policy(runtime=runtime), manager=manager) as sandbox:
+            path = f"{sandbox._held().scratch_dir}/turns"
+            runs = [sandbox.exec(["sh", "-c", f"sleep 0.05; echo {i} >> {path}; echo {i}"]) for i in range(4)]
+            results = await asyncio.gather(*runs, sandbox.write_file(f"{path}.b", "b"), sandbox.read_file(path))
+            return [r.stdout for r in results[:4]]  # type: ignore[union-attr]
+
+    assert asyncio.run(main()) == ["0\n", "1\n", "2\n", "3\n"]
