@@ -7,10 +7,15 @@ import select
 import socket
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
+from stockade import Policy
 from stockade.agent.zygote import DEAD_SPARES_TO_STOP
+from stockade.runtimes.process import cgroups
+from stockade.runtimes.process.cgroups import CgroupLayout
+from stockade.runtimes.process.runtime import ProcessRuntime
 from stockade.runtimes.process.zygote import Zygote
 
 
@@ -51,3 +56,37 @@ def test_spares_that_keep_dying_are_no_longer_forked(process_runtime: str) -> No
         os.close(fifo)
         os.unlink(path)
         os.rmdir(where)
+
+
+def _own_groups(layout: CgroupLayout) -> set[str]:
+    parents = [*layout.v1_parents.values(), *([layout.v2_parent] if layout.v2_parent else [])]
+    mine = f"stockade-{os.getpid()}-"
+    return {os.path.join(p, n) for p in parents if os.path.isdir(p) for n in os.listdir(p) if n.startswith(mine)}
+
+
+def test_a_child_prepared_after_close_leaves_no_cgroup(process_runtime: str) -> None:
+    # The next isolate's cgroup is made on the reaper thread after each start. If
+    # the runtime closes meanwhile, that group must not land in the emptied slot.
+    runtime = ProcessRuntime(pool_size=0)
+    runtime.start(Policy()).close()
+    runtime.wait_idle()
+    zygote, manager = runtime._zygote, runtime._cgroup_manager()
+    assert zygote is not None
+    runtime.close()
+    before = _own_groups(manager.layout)
+    runtime._prepare_next(zygote, manager)  # as if it had been running while close() ran
+    assert runtime._next_cgroup is None
+    assert _own_groups(manager.layout) == before
+
+
+def test_groups_a_remove_had_to_leave_are_retried(tmp_path: Path) -> None:
+    parent, child, busy = tmp_path / "g", tmp_path / "g" / "child", tmp_path / "busy"
+    child.mkdir(parents=True)
+    busy.mkdir()
+    (busy / "still-here").write_text("")
+    cgroups._LEFTOVERS.update({str(parent), str(child), str(busy)})
+    try:
+        assert cgroups.retry_leftovers() == 1  # the child first, then its parent; the busy one stays
+        assert not parent.exists() and busy.exists()
+    finally:
+        cgroups._LEFTOVERS.clear()

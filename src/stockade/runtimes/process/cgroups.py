@@ -22,6 +22,7 @@ import itertools
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -355,7 +356,31 @@ class IsolateCgroup:
                 break
             self.kill()
             time.sleep(0.005)
+        if pending:
+            with _LEFTOVERS_LOCK:
+                _LEFTOVERS.update(pending.values())  # retried by the next create(), and by retry_leftovers()
         return not pending
+
+
+# Groups whose remove() gave up while their processes were still dying (an
+# isolate with much memory to free, on a busy host): a long-lived process
+# retries them, instead of leaving them until the next start's sweep.
+_LEFTOVERS: set[str] = set()
+_LEFTOVERS_LOCK = threading.Lock()
+
+
+def retry_leftovers() -> int:
+    """rmdir the groups an earlier remove() had to leave; return how many are still there."""
+    with _LEFTOVERS_LOCK:
+        for path in sorted(_LEFTOVERS, key=len, reverse=True):  # a child before its parent
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            _LEFTOVERS.discard(path)
+        return len(_LEFTOVERS)
 
 
 class CgroupManager:
@@ -363,6 +388,8 @@ class CgroupManager:
         self.layout = layout or detect_layout()
 
     def create(self) -> IsolateCgroup:
+        if _LEFTOVERS:
+            retry_leftovers()
         return IsolateCgroup(self.layout, f"stockade-{os.getpid()}-{next(_counter)}")
 
     def sweep(self) -> int:

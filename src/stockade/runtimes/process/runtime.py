@@ -29,7 +29,7 @@ from ...result import SecurityViolation
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
 from ..pool import PooledRuntime, Reaper, WarmPool
 from . import seccomp
-from .cgroups import CgroupManager, IsolateCgroup
+from .cgroups import CgroupManager, IsolateCgroup, retry_leftovers
 from .zygote import SYSTEM_PYTHON, Zygote
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -204,6 +204,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         if nxt is not None:
             nxt.kill()
             nxt.remove()
+        retry_leftovers()
 
     def _build(self, policy: Policy, warm: bool = False) -> ProcessSandbox:
         """Build an isolate; ``warm`` (for the pool) pre-warms it, at a cost no caller waits for."""
@@ -261,10 +262,18 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             except OSError:
                 return  # the next start creates its own
         with self._lock:
-            stale, self._next_cgroup = self._next_cgroup, nxt
+            current = self._zygote is zygote
+            if current:
+                stale, self._next_cgroup = self._next_cgroup, nxt
+            else:
+                # Closed (or replaced) meanwhile: close() has already emptied the
+                # slot, and a group put there now would never be removed.
+                stale = nxt
         if stale is not None:
             stale.kill()
             stale.remove()
+        if not current:
+            return
         try:
             zygote.prepare(nxt.procs_files if nxt is not None else [], *_outer_ids())
         except SandboxStartError:
