@@ -6,8 +6,10 @@ own ``detect()`` gives, never silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -71,11 +73,29 @@ def _v2_guard(pid: int) -> Iterator[None]:
                 break
             except OSError:
                 continue
+        _remove_leftovers(os.path.join(guard, "isolates"))
         for leaf in ("isolates", "pytest", ""):
             try:
                 os.rmdir(os.path.join(guard, leaf) if leaf else guard)
             except OSError:
                 pass
+
+
+def _remove_leftovers(where: str) -> None:
+    """Isolate groups still under the guard when the session ends: each is a leak
+    stockade should not have, so say so (on stderr, not as a failure of the last
+    test), then remove it so the guard itself goes too."""
+    from stockade.runtimes.process import cgroups
+
+    cgroups.retry_leftovers()
+    try:
+        names = [n for n in os.listdir(where) if n.startswith("stockade-")]
+    except OSError:
+        return
+    for name in names:
+        sys.stderr.write(f"\nstockade tests: cgroup {os.path.join(where, name)} was left behind\n")
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(where, name))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -110,6 +130,7 @@ def outer_guard() -> Iterator[None]:
                 continue
     yield
     for base, guard in made:
+        _remove_leftovers(guard)
         try:
             with open(os.path.join(base, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))

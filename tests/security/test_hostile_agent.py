@@ -180,3 +180,11 @@ def test_a_piece_larger_than_asked_for_is_garbage(hostile: Callable[[Reply], Hos
     with pytest.raises(AgentProtocolError, match="at most 10"):
         sb.read_file("/x", max_bytes=10)
     assert sb.killed
+
+
+def test_the_runtimes_own_last_words_are_in_the_error(hostile: Callable[[Reply], HostileSandbox]) -> None:
+    sb = hostile(lambda i: CLOSE)
+    sb.last_words = lambda: "sentry panic: out of cheese"  # type: ignore[method-assign]
+    result = sb.exec(["true"])
+    assert result.termination_reason == "error"
+    assert result.error and "hostile said: sentry panic: out of cheese" in result.error

@@ -110,6 +110,10 @@ class AgentSandbox(abc.ABC):
         """Every violation the supervisor saw so far (cumulative, in order)."""
         return []
 
+    def last_words(self) -> str:
+        """What the runtime itself logged (runsc, the VM console), for when the agent vanished."""
+        return ""
+
     @abc.abstractmethod
     def kill(self) -> None:
         """Kill everything in the isolate now. Idempotent."""
@@ -338,22 +342,29 @@ class AgentSandbox(abc.ABC):
         if isinstance(exc, TimeoutError):
             self._mark_dead("timeout")
             return None
+        words = self.last_words()
         self._mark_dead(None)
+        said = f" ({self.runtime_name} said: {words})" if words else ""
         if isinstance(exc, AgentProtocolError):
-            return f"the isolate's agent broke the protocol ({exc}); the isolate was killed"
-        return f"the isolate ended unexpectedly: {exc}"
+            return f"the isolate's agent broke the protocol ({exc}); the isolate was killed{said}"
+        return f"the isolate ended unexpectedly: {exc}{said}"
 
     def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any:
         """``_call`` for requests other than runs: an agent that garbles its answer or
         stops answering ends the isolate, and the caller gets a ``SandboxError``."""
         try:
             return self._call(method, params, timeout)
-        except AgentProtocolError:
+        except AgentProtocolError as exc:
+            words = self.last_words()
             self._mark_dead(None)
-            raise
+            if not words:
+                raise
+            raise AgentProtocolError(f"{exc} ({self.runtime_name} said: {words})") from None
         except (TimeoutError, EOFError, OSError) as exc:
+            words = self.last_words()
             self._mark_dead(None)
-            raise SandboxError(f"the isolate stopped answering ({method}): {exc}; it was killed") from None
+            said = f" ({self.runtime_name} said: {words})" if words else ""
+            raise SandboxError(f"the isolate stopped answering ({method}): {exc}; it was killed{said}") from None
 
     def _broke_protocol(self, what: str) -> AgentProtocolError:
         """The agent answered with something no honest agent sends: the isolate is killed."""

@@ -101,6 +101,10 @@ class GvisorSandbox(HostedSandbox):
     runtime_name = "gvisor"
     wait_s = 5.0
 
+    def last_words(self) -> str:
+        text = _tail(self.bundle)
+        return "" if text == "runsc said nothing" else text
+
     def __init__(
         self,
         policy: Policy,

@@ -66,6 +66,10 @@ def qemu_binary() -> str | None:
 class MicrovmSandbox(HostedSandbox):
     runtime_name = "microvm"
 
+    def last_words(self) -> str:
+        text = _tail(self.rundir)
+        return "" if text == "no output" else text
+
     def __init__(
         self,
         policy: Policy,
