@@ -8,7 +8,9 @@ even on a host where no real runtime works.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import json
 import time
 from collections.abc import Iterator
 
@@ -16,6 +18,7 @@ import pytest
 
 import stockade
 from stockade import Policy, Sandbox
+from stockade.agent import wire
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -239,3 +242,25 @@ def test_calls_gathered_on_one_async_sandbox_take_turns(runtime: str, manager: R
             return [r.stdout for r in results[:4]]  # type: ignore[union-attr]
 
     assert asyncio.run(main()) == ["0\n", "1\n", "2\n", "3\n"]
+
+
+def test_a_slow_host_on_either_side_of_a_frame_is_waited_for(sb: Sandbox) -> None:
+    # A host that sends a request in pieces, or reads a large reply late: the
+    # agent must wait (under gVisor its socket could say EAGAIN, and the agent
+    # took that for the end of the connection).
+    agent = sb._sandbox
+    frame = wire.encode_message(wire.request("ping", {"pad": "x" * 300_000}, 9001))
+    agent.conn.sendall(frame[:1000])
+    time.sleep(0.3)
+    agent.conn.sendall(frame[1000:])
+    agent.conn.settimeout(20)
+    assert json.loads(wire.read_frame(agent.conn))["result"]["pong"] is True
+
+    tmp = sb.scratch_dir
+    assert sb.exec(["sh", "-c", f"head -c 4000000 /dev/zero > {tmp}/late"]).success
+    agent.conn.sendall(wire.encode_message(wire.request("read_file", {"path": f"{tmp}/late"}, 9002)))
+    time.sleep(0.5)  # the reply (5.3 MB of base64) fills the socket long before this
+    reply = json.loads(wire.read_frame(agent.conn))
+    agent.conn.settimeout(None)
+    assert reply["id"] == 9002 and len(base64.b64decode(reply["result"]["data"])) == 4_000_000
+    assert sb.exec(["echo", "still in step"]).stdout == "still in step\n"

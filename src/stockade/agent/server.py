@@ -708,6 +708,39 @@ class _DeviceConn:
         return not any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
 
 
+class _PatientConn:
+    """A socket whose blocking calls may still fail with EAGAIN: wait for it and retry.
+
+    gVisor hands the agent the host socket as its stdin, and (runsc 2022 on the
+    ptrace platform) a read or write on it can say EAGAIN when the host is slow
+    to send the rest of a frame or to read one: taken as an error, that ended
+    the agent mid-frame. Nothing else changes.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, n: int, flags: int = 0) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(n, flags)
+            except BlockingIOError:
+                if flags & socket.MSG_DONTWAIT:
+                    raise
+                select.select([self.sock], [], [], 1.0)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:
+                select.select([], [self.sock], [], 1.0)
+
+
 def _peek_alive(conn: socket.socket) -> bool:
     alive = getattr(conn, "alive", None)
     if alive is not None:
@@ -865,6 +898,8 @@ def main() -> None:
     warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
     conn = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
+    if where == "stdio":
+        conn = _PatientConn(conn)
     agent = Agent(conn, dict(os.environ))
     if warm:
         agent.prepare_spare(warm=True)
