@@ -26,13 +26,15 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .agent.wire import MAX_DATA_BYTES
+
 if TYPE_CHECKING:
     from .result import ExecResult
 
 EXIT_TIMEOUT = 124
 EXIT_STOCKADE_ERROR = 125
 EXIT_MEMORY = 137
-MAX_STDIN = 7 * 1024 * 1024  # what fits one agent frame, base64-encoded (agent/wire.py MAX_DATA_BYTES)
+MAX_STDIN = MAX_DATA_BYTES  # what fits one agent frame, base64-encoded
 
 
 def _policy_flags(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .agent.wire import MAX_DATA_BYTES
 from .errors import PolicyError
 
 IsolationLevel = Literal["none", "process", "gvisor", "microvm"]
@@ -28,7 +29,7 @@ MAX_CPU = 2.0
 MAX_TIMEOUT_S = 600.0
 # The agent's reply carries the output base64-encoded in one frame of at most
 # 10 MiB (agent/wire.py, seed 001): 7 MiB of output is what fits.
-MAX_OUTPUT_BYTES = 7 * 1024 * 1024
+MAX_OUTPUT_BYTES = MAX_DATA_BYTES
 
 # Host paths never shared into an isolate, even when asked: they hand over the host.
 _FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot")

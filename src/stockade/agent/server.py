@@ -226,13 +226,13 @@ class Agent:
 
     def read_file(self, params: dict[str, Any]) -> dict[str, Any]:
         path = _str_param(params, "path")
-        limit = params.get("max_bytes", wire.MAX_FRAME // 2)
+        limit = params.get("max_bytes", wire.MAX_FILE_PIECE)
         if not isinstance(limit, int) or limit < 0:
             raise wire.RPCError(wire.INVALID_PARAMS, "max_bytes must be a non-negative integer")
         offset = params.get("offset", 0)
         if not isinstance(offset, int) or offset < 0:
             raise wire.RPCError(wire.INVALID_PARAMS, "offset must be a non-negative integer")
-        limit = min(limit, wire.MAX_FRAME // 2)  # base64 grows 4/3: keep the reply under the frame cap
+        limit = min(limit, wire.MAX_FILE_PIECE)  # keep the reply under the frame cap
         with os.fdopen(_open_regular(path, os.O_RDONLY), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             f.seek(offset)

@@ -25,6 +25,7 @@ MAX_FRAME = 10 * 1024 * 1024  # seed 001: "Max message size: 10MB"
 # Raw bytes a message can carry base64-encoded (output, stdin, file data) and
 # still fit one frame: 7 MiB grows to 9.33 MiB, leaving room for the rest.
 MAX_DATA_BYTES = 7 * 1024 * 1024
+MAX_FILE_PIECE = MAX_FRAME // 2  # what one read_file reply carries (base64 grows it by 4/3)
 VSOCK_PORT = 5252  # seed 001: the agent's port where vsock exists
 
 # JSON-RPC 2.0 error codes.

@@ -22,11 +22,11 @@ DEFAULT_WINDOW_S = 30.0
 
 def compute_hmac(request: dict[str, Any], token: str) -> str:
     unsigned = {k: v for k, v in request.items() if k != "hmac"}
-    return _mac(json.dumps(unsigned, sort_keys=True), token)
+    return _mac(json.dumps(unsigned, sort_keys=True).encode("utf-8"), token)
 
 
-def _mac(canonical: str, token: str) -> str:
-    return hmac.new(token.encode("utf-8"), canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+def _mac(message: bytes, token: str) -> str:
+    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).hexdigest()
 
 
 def _stamped(request: dict[str, Any], now: float | None) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def signed_line(request: dict[str, Any], token: str, now: float | None = None) -
     added at its end: the server parses it and checks the same bytes.
     """
     canonical = json.dumps(_stamped(request, now), sort_keys=True)
-    return f'{canonical[:-1]}, "hmac": "{_mac(canonical, token)}"}}'.encode()
+    return f'{canonical[:-1]}, "hmac": "{_mac(canonical.encode("utf-8"), token)}"}}'.encode()
 
 
 class NonceCache:
@@ -108,6 +108,4 @@ def _signed_bytes_match(raw: bytes | None, given: str, token: str) -> bool:
     suffix = f', "hmac": "{given}"}}'.encode()
     if not raw.endswith(suffix) or len(raw) <= len(suffix):
         return False
-    body = raw[: -len(suffix)] + b"}"
-    expected = hmac.new(token.encode("utf-8"), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(given.encode(), expected.encode())
+    return hmac.compare_digest(given.encode(), _mac(raw[: -len(suffix)] + b"}", token).encode())

@@ -191,11 +191,11 @@ class AgentSandbox(abc.ABC):
         got = bytearray()
         size: int | None = None
         while True:
-            want = FILE_PIECE_BYTES if max_bytes is None else min(FILE_PIECE_BYTES, max_bytes - len(got))
-            piece, more, now_size = self._read_piece(path, len(got), want)
-            got += piece
+            piece = wire.MAX_FILE_PIECE if max_bytes is None else min(wire.MAX_FILE_PIECE, max_bytes - len(got))
+            data, more, now_size = self._read_piece(path, len(got), piece)
+            got += data
             size = now_size if size is None else size
-            if not more or not piece or (max_bytes is not None and len(got) >= max_bytes) or len(got) >= size:
+            if not more or not data or (max_bytes is not None and len(got) >= max_bytes) or len(got) >= size:
                 return bytes(got)
 
     def _read_piece(self, path: str, offset: int, max_bytes: int) -> tuple[bytes, bool, int]:
@@ -342,9 +342,7 @@ class AgentSandbox(abc.ABC):
         if isinstance(exc, TimeoutError):
             self._mark_dead("timeout")
             return None
-        words = self.last_words()
-        self._mark_dead(None)
-        said = f" ({self.runtime_name} said: {words})" if words else ""
+        said = self._kill_vanished()
         if isinstance(exc, AgentProtocolError):
             return f"the isolate's agent broke the protocol ({exc}); the isolate was killed{said}"
         return f"the isolate ended unexpectedly: {exc}{said}"
@@ -355,43 +353,46 @@ class AgentSandbox(abc.ABC):
         try:
             return self._call(method, params, timeout)
         except AgentProtocolError as exc:
-            words = self.last_words()
-            self._mark_dead(None)
-            if not words:
+            said = self._kill_vanished()
+            if not said:
                 raise
-            raise AgentProtocolError(f"{exc} ({self.runtime_name} said: {words})") from None
+            raise AgentProtocolError(f"{exc}{said}") from None
         except (TimeoutError, EOFError, OSError) as exc:
-            words = self.last_words()
-            self._mark_dead(None)
-            said = f" ({self.runtime_name} said: {words})" if words else ""
+            said = self._kill_vanished()
             raise SandboxError(f"the isolate stopped answering ({method}): {exc}; it was killed{said}") from None
+
+    def _kill_vanished(self) -> str:
+        """Kill an isolate whose agent is gone or garbled; return `` (<runtime> said: ...)`` or ""."""
+        words = self.last_words()  # read before the kill: the runtime's log is its account
+        self._mark_dead(None)
+        return f" ({self.runtime_name} said: {words})" if words else ""
 
     def _broke_protocol(self, what: str) -> AgentProtocolError:
         """The agent answered with something no honest agent sends: the isolate is killed."""
         self._mark_dead(None)
         return AgentProtocolError(f"{what}; the isolate was killed")
 
-    def _finish_run(self, run: _PendingRun, reply: _Verdict | None, error: str | None) -> ExecResult:
+    def _finish_run(self, run: _PendingRun, verdict: _Verdict | None, error: str | None) -> ExecResult:
         elapsed = time.monotonic() - run.started
         after = self.usage()
         found = self.violations()[run.violations_before :]
         if self.policy.on_violation == "kill" and any(v.blocked for v in found) and self._kill_reason is None:
             # A runtime that learns of violations only after the run (gVisor) ends the sandbox now.
             self._mark_dead("violation")
-        return self._result(reply, error, elapsed, run.before, after, found)
+        return self._result(verdict, error, elapsed, run.before, after, found)
 
     def _result(
         self,
-        reply: _Verdict | None,
+        verdict: _Verdict | None,
         error: str | None,
         elapsed: float,
         before: IsolateUsage,
         after: IsolateUsage,
         violations: list[SecurityViolation],
     ) -> ExecResult:
-        verdict = reply or _Verdict()
-        exit_code, stdout, stderr = verdict.exit_code, verdict.stdout, verdict.stderr
-        timed_out, truncated = verdict.timed_out, verdict.truncated
+        said = verdict or _Verdict()  # no verdict: the agent said nothing
+        exit_code, stdout, stderr = said.exit_code, said.stdout, said.stderr
+        timed_out, truncated = said.timed_out, said.truncated
         # The host, not the guest, has the last word on output size.
         cap = self.policy.max_output_bytes
         if len(stdout) + len(stderr) > cap:
@@ -578,9 +579,6 @@ class _Verdict:
     stderr: bytes = b""
     timed_out: bool = False
     truncated: bool = False
-
-
-FILE_PIECE_BYTES = wire.MAX_FRAME // 2  # what one read_file reply carries (base64 grows it by 4/3)
 
 
 def _verdict(reply: Any) -> _Verdict:

@@ -101,10 +101,6 @@ class GvisorSandbox(HostedSandbox):
     runtime_name = "gvisor"
     wait_s = 5.0
 
-    def last_words(self) -> str:
-        text = _tail(self.bundle)
-        return "" if text == "runsc said nothing" else text
-
     def __init__(
         self,
         policy: Policy,
@@ -122,6 +118,9 @@ class GvisorSandbox(HostedSandbox):
         self._log_offset = 0
         self._violations: list[SecurityViolation] = []
         self._vlock = threading.Lock()
+
+    def last_words(self) -> str:
+        return _runsc_log(self.bundle)
 
     def attach_sentry(self) -> None:
         """Open a pidfd on the Sentry (the sandbox process) once it has started."""
@@ -397,12 +396,16 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
 
 
 def _tail(bundle: str) -> str:
+    return _runsc_log(bundle) or "runsc said nothing"
+
+
+def _runsc_log(bundle: str) -> str:
+    """The end of runsc's log ("" when it logged nothing)."""
     try:
         with open(os.path.join(bundle, "runsc.err"), "rb") as f:
-            text = f.read()[-600:].decode(errors="replace").strip()
-        return text or "runsc said nothing"
+            return f.read()[-600:].decode(errors="replace").strip()
     except OSError:
-        return "runsc said nothing"
+        return ""
 
 
 def _runsc_version(runsc: str) -> str:

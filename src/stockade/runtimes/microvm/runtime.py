@@ -66,10 +66,6 @@ def qemu_binary() -> str | None:
 class MicrovmSandbox(HostedSandbox):
     runtime_name = "microvm"
 
-    def last_words(self) -> str:
-        text = _tail(self.rundir)
-        return "" if text == "no output" else text
-
     def __init__(
         self,
         policy: Policy,
@@ -84,6 +80,9 @@ class MicrovmSandbox(HostedSandbox):
         self.accel = accel
         self.restored = False  # resumed from a snapshot rather than booted
         self.pidfd = os.pidfd_open(proc.pid)
+
+    def last_words(self) -> str:
+        return _vm_log(self.rundir)
 
     def apply_policy(self, policy: Policy) -> None:
         self.policy = policy  # the VM's shape equals the policy's (see microvm_shape)
@@ -384,13 +383,18 @@ def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float) -> socke
 
 
 def _tail(rundir: str) -> str:
+    return _vm_log(rundir) or "no output"
+
+
+def _vm_log(rundir: str) -> str:
+    """The ends of QEMU's log and the guest console ("" when both are empty)."""
     parts = []
     for name in ("qemu.err", "console.log"):
         with contextlib.suppress(OSError), open(os.path.join(rundir, name), "rb") as f:
             text = f.read()[-400:].decode(errors="replace").strip()
             if text:
                 parts.append(f"{name}: {text}")
-    return " | ".join(parts) or "no output"
+    return " | ".join(parts)
 
 
 def _cache_file() -> str:
