@@ -85,7 +85,6 @@ def instrument() -> None:
     """Wrap the steps of a request, on whichever side this process is."""
     from stockade import client
     from stockade.daemon import controller, rpc_server
-    from stockade.result import ExecResult
     from stockade.runtimes import base
 
     _wrap(rpc_server.RPCServer, "_respond", "daemon: request read; parse, limits, hmac, dispatch")
@@ -95,7 +94,7 @@ def instrument() -> None:
     _wrap(base.AgentSandbox, "_finish_run", "usage and result")
     _wrap(rpc_server, "_send", "daemon: result to the socket")
     _wrap(client.Client, "_read_line", "client: waiting for the answer")
-    _wrap(ExecResult, "model_validate", "client: validate")
+    _wrap(client, "_parse", "client: parse and validate the answer")
 
 
 def dump(path: str) -> None:

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
 from .errors import (
     AgentError,
     AuthenticationError,
@@ -53,6 +55,24 @@ _ERRORS: dict[str, type[StockadeError]] = {
     "runtime_unavailable": RuntimeUnavailableError,
     "agent": AgentError,
 }
+
+
+class _Answer(BaseModel):
+    """One line from the daemon: an answer, or output streamed ahead of it.
+
+    Lines are read straight from their JSON bytes into this model: one pass
+    of pydantic's parser instead of ``json.loads`` and then validation.
+    """
+
+    result: Any = None
+    error: Any = None
+    error_code: Any = None
+    id: Any = None
+    output: Any = None
+
+
+class _ExecAnswer(_Answer):
+    result: ExecResult | None = None
 
 
 class Client:
@@ -117,6 +137,24 @@ class Client:
         With ``on_output`` the request asks for streamed output: each chunk the
         daemon sends ahead of the answer is handed to it as (stream, bytes).
         """
+        return self._call(method, params, timeout, on_output, _Answer).result
+
+    def _run(
+        self, method: str, params: dict[str, Any], timeout: float, on_output: Callable[[str, bytes], None] | None = None
+    ) -> ExecResult:
+        result = self._call(method, params, timeout, on_output, _ExecAnswer).result
+        if not isinstance(result, ExecResult):
+            raise StockadeError(f"the daemon's answer to {method} has no result")
+        return result
+
+    def _call(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        timeout: float | None,
+        on_output: Callable[[str, bytes], None] | None,
+        answer_type: type[_Answer],
+    ) -> _Answer:
         if on_output is not None:
             params = {**(params or {}), "stream": True}
         msg_id = next(self._ids)
@@ -132,20 +170,20 @@ class Client:
                 sock.settimeout(timeout or self.timeout)
                 sock.sendall(line)
                 while True:
-                    response = _parse(self._read_line(sock))
-                    output = response.get("output")
-                    if "result" in response or not isinstance(output, dict):
+                    answer = _parse(self._read_line(sock), answer_type)
+                    output = answer.output
+                    if "result" in answer.model_fields_set or not isinstance(output, dict):
                         break
                     # {"id": ..., "output": {"stream", "data"}}: output streamed ahead of the answer.
                     # A callback that raises is not called again, and its exception waits for
                     # the answer: left unread, that would be taken for the next call's.
-                    if on_output is not None and callback_error is None and response.get("id") == msg_id:
+                    if on_output is not None and callback_error is None and answer.id == msg_id:
                         try:
                             on_output(str(output.get("stream")), base64.b64decode(str(output.get("data", ""))))
                         except Exception as exc:  # noqa: BLE001 - raised below, once the answer is read
                             callback_error = exc
-                if response.get("id") != msg_id and "id" in response and response.get("error_code") is None:
-                    raise StockadeError(f"the daemon answered request {response.get('id')!r}, not {msg_id}")
+                if answer.id != msg_id and "id" in answer.model_fields_set and answer.error_code is None:
+                    raise StockadeError(f"the daemon answered request {answer.id!r}, not {msg_id}")
             except (OSError, EOFError) as exc:
                 self._drop()
                 raise DaemonUnavailableError(f"lost the connection to the stockade daemon: {exc}") from None
@@ -154,10 +192,10 @@ class Client:
                 raise
         if callback_error is not None:
             raise callback_error
-        if response.get("error") is not None:
-            cls = _ERRORS.get(response.get("error_code", ""), StockadeError)
-            raise cls(str(response["error"]))
-        return response.get("result")
+        if answer.error is not None:
+            cls = _ERRORS.get(str(answer.error_code or ""), StockadeError)
+            raise cls(str(answer.error))
+        return answer
 
     def _read_line(self, sock: socket.socket) -> bytes:
         while b"\n" not in self._buffer:
@@ -197,7 +235,7 @@ class Client:
         elif stdin is not None:
             params["stdin"] = stdin
         wait = _run_timeout(policy) + self.timeout
-        return ExecResult.model_validate(self.call("execute", params, timeout=wait, on_output=on_output))
+        return self._run("execute", params, wait, on_output)
 
     def create_sandbox(self, policy: dict[str, Any] | None = None, keep: bool = False) -> str:
         result = self.call("sandbox.create", {"policy": policy or {}, "keep": keep}, timeout=max(self.timeout, 60))
@@ -205,11 +243,11 @@ class Client:
 
     def sandbox_exec(self, sandbox_id: str, command: list[str], **kwargs: Any) -> ExecResult:
         params = {"sandbox_id": sandbox_id, "command": list(command), **kwargs}
-        return ExecResult.model_validate(self.call("sandbox.exec", params, timeout=self.timeout + 600))
+        return self._run("sandbox.exec", params, self.timeout + 600)
 
     def sandbox_run_code(self, sandbox_id: str, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
         params = {"sandbox_id": sandbox_id, "code": code, "language": language, **kwargs}
-        return ExecResult.model_validate(self.call("sandbox.run_code", params, timeout=self.timeout + 600))
+        return self._run("sandbox.run_code", params, self.timeout + 600)
 
     def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -232,14 +270,11 @@ class Client:
         return result
 
 
-def _parse(line: bytes) -> dict[str, Any]:
+def _parse(line: bytes, answer_type: type[_Answer]) -> _Answer:
     try:
-        message = json.loads(line)
-    except ValueError:
+        return answer_type.model_validate_json(line)
+    except ValidationError:
         raise StockadeError("the daemon sent an invalid response") from None
-    if not isinstance(message, dict):
-        raise StockadeError("the daemon sent an invalid response")
-    return message
 
 
 def _run_timeout(policy: dict[str, Any] | None) -> float:

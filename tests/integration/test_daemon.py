@@ -333,3 +333,41 @@ def test_a_client_callback_that_raises_does_not_shift_later_answers(daemon: Daem
         # this call gets its own answer.
         assert c.execute(["echo", "mine"]).stdout == "mine\n"
         assert c.ping() == "pong"
+
+
+def test_an_answered_execute_is_killed_at_once_and_torn_down_by_shutdown(
+    process_runtime: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The teardown after an answer is put off (so it does not compete with the
+    # client reading it), but the kill is not: a background process the command
+    # left must be gone while its teardown still waits, and a shutdown in that
+    # window must tear it down rather than leave its cgroups behind.
+    import asyncio
+
+    from stockade.daemon import controller as controller_module
+    from stockade.daemon.config import DaemonConfig
+
+    monkeypatch.setattr(controller_module, "TEARDOWN_DELAY_S", 3600.0)
+    marker = "4243.375"
+
+    async def scenario() -> None:
+        controller = controller_module.Controller(DaemonConfig(pool_size=1))
+        try:
+            result = await controller.execute({"command": ["sh", "-c", f"sleep {marker} & echo started"]}, uid=0)
+            assert result.stdout == "started\n", result.summary()
+            deadline = time.monotonic() + 5
+            while processes_with_arg(marker) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert processes_with_arg(marker) == [], "the answered isolate's process ran on"
+            assert len(controller._teardowns) == 1, "the teardown was expected to be still waiting"
+            (waiting,) = controller._teardowns
+            cgroup = getattr(waiting, "cgroup", None)
+            dirs.extend(cgroup.dirs.values() if cgroup is not None else [])
+        finally:
+            await controller.shutdown(0.0)
+        assert controller._teardowns == {}
+
+    dirs: list[str] = []
+    asyncio.run(scenario())
+    assert dirs, "the isolate had no cgroup to check"
+    assert [d for d in dirs if os.path.exists(d)] == [], "a shutdown left the waiting teardown's cgroups behind"

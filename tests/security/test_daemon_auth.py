@@ -90,6 +90,43 @@ def test_signed_line_is_checked_over_its_own_bytes_and_as_parsed() -> None:
     assert not auth.verify(request, "0" * 64, auth.NonceCache(), raw=line)
 
 
+@pytest.mark.parametrize("token", ["", "k", TOKEN, "t" * 64, "long" * 40, "clé-ünïcode"])
+def test_the_mac_is_hmac_sha256_as_the_seed_computes_it(token: str) -> None:
+    # Keyed once and copied per message, it must still be exactly the seed's
+    # hmac.new(token, json.dumps(request, sort_keys=True), sha256), for short
+    # tokens, a 64-byte one and ones longer than the hash's block.
+    import hashlib
+    import hmac
+
+    request = {"method": "execute", "params": {"code": "print('é')", "policy": {"b": 1, "a": [2]}}, "id": 3}
+    seed = hmac.new(token.encode(), json.dumps(request, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+    assert auth.compute_hmac(request, token) == seed
+    signed = json.loads(auth.signed_line(request, token))
+    assert signed["hmac"] == hmac.new(
+        token.encode(), json.dumps({k: v for k, v in signed.items() if k != "hmac"}, sort_keys=True).encode(),
+        hashlib.sha256,
+    ).hexdigest()  # fmt: skip
+
+
+def test_nonces_never_repeat_not_even_across_a_fork() -> None:
+    mine = [json.loads(auth.signed_line({"method": "ping", "id": i}, TOKEN))["nonce"] for i in range(1000)]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child signs too, from the same state of the nonce source
+        os.close(read)
+        nonce = json.loads(auth.signed_line({"method": "ping", "id": 0}, TOKEN))["nonce"]
+        os.write(write, nonce.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode()
+    os.waitpid(pid, 0)
+    parent_next = json.loads(auth.signed_line({"method": "ping", "id": 0}, TOKEN))["nonce"]
+    everything = [*mine, child, parent_next]
+    assert len(set(everything)) == len(everything)
+    assert all(len(n) == 32 and 8 <= len(n) <= 128 for n in everything)
+
+
 def test_tampered_signed_line_is_refused(signed_daemon: Daemon) -> None:
     line = auth.signed_line({"method": "execute", "params": {"command": ["echo", "a"]}, "id": 1}, TOKEN)
     ping = auth.signed_line({"method": "ping", "params": {}, "id": 1}, TOKEN)

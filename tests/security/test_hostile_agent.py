@@ -11,12 +11,14 @@ later calls refuse clearly.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -52,10 +54,10 @@ def _result(msg_id: int, result: object) -> bytes:
 
 
 @pytest.fixture
-def hostile() -> Iterator[Callable[[Reply], HostileSandbox]]:
+def hostile() -> Iterator[Callable[..., HostileSandbox]]:
     made: list[tuple[HostileSandbox, socket.socket, threading.Thread]] = []
 
-    def make(reply: Reply) -> HostileSandbox:
+    def make(reply: Reply, on_request: Callable[[dict[str, Any]], None] | None = None) -> HostileSandbox:
         host, guest = socket.socketpair()
 
         def agent() -> None:
@@ -63,6 +65,8 @@ def hostile() -> Iterator[Callable[[Reply], HostileSandbox]]:
                 while True:
                     try:
                         request = json.loads(wire.read_frame(guest))
+                        if on_request is not None:
+                            on_request(request)
                         raw = reply(request["id"])
                         guest.sendall(raw.removesuffix(CLOSE))
                         if raw.endswith(CLOSE):
@@ -83,6 +87,14 @@ def hostile() -> Iterator[Callable[[Reply], HostileSandbox]]:
         thread.join(5)
 
 
+@pytest.fixture(params=["blocking", "event loop"])
+def run_exec(request: pytest.FixtureRequest) -> Callable[..., ExecResult]:
+    """``exec`` as the SDK calls it (blocking) and as the daemon does (awaited on its event loop)."""
+    if request.param == "blocking":
+        return lambda sb, argv, **kw: sb.exec(argv, **kw)
+    return lambda sb, argv, **kw: asyncio.run(sb.aexec(argv, **kw))
+
+
 GARBAGE: dict[str, Reply] = {
     "result not an object": lambda i: _result(i, 5),
     "stdout not base64": lambda i: _result(i, {"exit_code": 0, "stdout": "%%% not base64 %%%", "stderr": ""}),
@@ -97,10 +109,10 @@ GARBAGE: dict[str, Reply] = {
 
 @pytest.mark.parametrize("name", sorted(GARBAGE))
 def test_garbage_ends_the_run_with_an_error_and_the_isolate(
-    hostile: Callable[[Reply], HostileSandbox], name: str
+    hostile: Callable[[Reply], HostileSandbox], run_exec: Callable[..., ExecResult], name: str
 ) -> None:
     sb = hostile(GARBAGE[name])
-    result = sb.exec(["true"])
+    result = run_exec(sb, ["true"])
     assert isinstance(result, ExecResult)
     assert not result.success and result.termination_reason == "error", result.summary()
     assert result.error and "isolate" in result.error, result.error
@@ -118,19 +130,40 @@ def test_a_lying_verdict_is_not_taken_at_its_word(hostile: Callable[[Reply], Hos
     assert result.stdout == "" and result.termination_reason == "completed"
 
 
-def test_output_beyond_the_policy_is_cut_by_the_host(hostile: Callable[[Reply], HostileSandbox]) -> None:
+def test_output_beyond_the_policy_is_cut_by_the_host(
+    hostile: Callable[[Reply], HostileSandbox], run_exec: Callable[..., ExecResult]
+) -> None:
     flood = base64.b64encode(b"x" * 3_000_000).decode()
     sb = hostile(lambda i: _result(i, {"exit_code": 0, "stdout": flood, "stderr": flood}))
-    result = sb.exec(["true"])
+    result = run_exec(sb, ["true"])
     assert len(result.stdout) + len(result.stderr) <= sb.policy.max_output_bytes
     assert result.termination_reason == "output_limit"
 
 
 @pytest.mark.parametrize("reply", [lambda i: b"", lambda i: struct.pack("<I", 1000) + b"{"], ids=["silent", "stalled"])
-def test_an_agent_that_never_answers_is_timed_out(hostile: Callable[[Reply], HostileSandbox], reply: Reply) -> None:
+def test_an_agent_that_never_answers_is_timed_out(
+    hostile: Callable[[Reply], HostileSandbox], run_exec: Callable[..., ExecResult], reply: Reply
+) -> None:
     sb = hostile(reply)  # reads the request, then says nothing or stops mid-frame
-    result = sb.exec(["true"], timeout=0.5)
+    result = run_exec(sb, ["true"], timeout=0.5)
     assert result.termination_reason == "timeout" and sb.killed
+
+
+def test_a_request_larger_than_the_socket_buffer_reaches_the_agent_whole(
+    hostile: Callable[[Reply], HostileSandbox], run_exec: Callable[..., ExecResult]
+) -> None:
+    # Megabytes of stdin do not fit the socket's buffer: the host must wait for
+    # room (on the event loop: for the socket to be writable), never send part.
+    stdin = bytes(range(256)) * 20_000
+    seen: list[bytes] = []
+
+    def echo_stdin(msg_id: int) -> bytes:
+        return _result(msg_id, {"exit_code": 0, "stdout": base64.b64encode(b"%d" % len(seen[-1])).decode()})
+
+    sb = hostile(echo_stdin, on_request=lambda request: seen.append(base64.b64decode(request["params"]["stdin"])))
+    result = run_exec(sb, ["cat"], stdin=stdin)
+    assert result.success and result.stdout == str(len(stdin)), result.summary()
+    assert seen == [stdin]
 
 
 def test_a_file_call_to_a_silent_agent_is_a_sandbox_error(hostile: Callable[[Reply], HostileSandbox]) -> None:

@@ -9,9 +9,12 @@ and a nonce it has already seen, so a captured request cannot be replayed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import itertools
 import json
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -19,18 +22,76 @@ from typing import Any
 
 DEFAULT_WINDOW_S = 30.0
 
+# ``json.dumps(obj, sort_keys=True)``, byte for byte, without building an encoder per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True)
+
+
+class _Key:
+    """HMAC-SHA256 under one token (RFC 2104), its padded key states hashed once.
+
+    Every request is signed or checked with the same token, so the inner and
+    outer states are computed when the key is first used, and each MAC copies
+    them: the same digest as ``hmac.new(token, message, sha256)`` for less work
+    on the request path.
+    """
+
+    def __init__(self, token: str) -> None:
+        key = token.encode("utf-8")
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def mac(self, message: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _key(token: str) -> _Key:
+    return _Key(token)
+
+
+class _Nonces:
+    """Nonces unique to this process: a random prefix and a counter.
+
+    A nonce only has to be new (the HMAC is what makes it unforgeable), so it
+    takes a counter instead of a call to the kernel's random source per
+    request. A forked child draws a fresh prefix, or it would repeat its
+    parent's nonces and see its requests refused as replays.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_NONCES = _Nonces()
+os.register_at_fork(after_in_child=_NONCES.reset)
+
 
 def compute_hmac(request: dict[str, Any], token: str) -> str:
     unsigned = {k: v for k, v in request.items() if k != "hmac"}
-    return _mac(json.dumps(unsigned, sort_keys=True).encode("utf-8"), token)
+    return _mac(_CANONICAL.encode(unsigned).encode("utf-8"), token)
 
 
 def _mac(message: bytes, token: str) -> str:
-    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).hexdigest()
+    return _key(token).mac(message)
 
 
 def _stamped(request: dict[str, Any], now: float | None) -> dict[str, Any]:
-    return {**request, "ts": round(time.time() if now is None else now, 3), "nonce": secrets.token_hex(16)}
+    return {**request, "ts": round(time.time() if now is None else now, 3), "nonce": _NONCES.next()}
 
 
 def sign(request: dict[str, Any], token: str, now: float | None = None) -> dict[str, Any]:
@@ -46,7 +107,7 @@ def signed_line(request: dict[str, Any], token: str, now: float | None = None) -
     The canonical form the HMAC covers is sent as is, with the ``hmac`` member
     added at its end: the server parses it and checks the same bytes.
     """
-    canonical = json.dumps(_stamped(request, now), sort_keys=True)
+    canonical = _CANONICAL.encode(_stamped(request, now))
     return f'{canonical[:-1]}, "hmac": "{_mac(canonical.encode("utf-8"), token)}"}}'.encode()
 
 

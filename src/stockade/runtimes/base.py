@@ -473,16 +473,15 @@ class AgentSandbox(abc.ABC):
             msg_id, frame = self._request(method, params)
             import asyncio
 
-            loop = asyncio.get_running_loop()
+            io = _LoopIO(asyncio.get_running_loop(), self.conn, timeout)
             self.conn.setblocking(False)
             try:
-                async with asyncio.timeout(timeout):
-                    await loop.sock_sendall(self.conn, frame)
-                    while True:
-                        payload = await _aread_frame(loop, self.conn)
-                        done, result = self._reply(_decode(payload), msg_id, on_output)
-                        if done:
-                            return result
+                await io.send_all(frame)
+                while True:
+                    payload = await io.read_frame()
+                    done, result = self._reply(_decode(payload), msg_id, on_output)
+                    if done:
+                        return result
             finally:
                 self.conn.setblocking(True)
         finally:
@@ -614,24 +613,71 @@ def _decode(payload: bytes) -> dict[str, Any]:
     return message
 
 
-async def _aread_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
-    header = await _aread_exact(loop, sock, 4, at_start=True)
-    (length,) = struct.unpack("<I", header)
-    if length > wire.MAX_FRAME:
-        raise AgentProtocolError(f"frame length {length} exceeds the {wire.MAX_FRAME}-byte cap")
-    return await _aread_exact(loop, sock, length)
+class _LoopIO:
+    """Frames to and from the agent on the event loop, under one deadline for the whole call.
+
+    The socket is read and written directly, and the loop is asked to wait only
+    when it has nothing to give or no room: a reader (or writer) callback
+    resolves one future per wait, and one timer bounds the call. That is less
+    work per answer than ``loop.sock_recv`` under ``asyncio.timeout``, and on
+    a host whose caches have gone cold while the isolate ran, each step the
+    daemon takes after the agent answers is paid for in the caller's latency.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.deadline = loop.time() + timeout
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                await self._ready(self.loop.add_writer, self.loop.remove_writer)
+                continue
+            view = view[sent:]
+
+    async def read_frame(self) -> bytes:
+        (length,) = struct.unpack("<I", await self._read_exact(4, at_start=True))
+        if length > wire.MAX_FRAME:
+            raise AgentProtocolError(f"frame length {length} exceeds the {wire.MAX_FRAME}-byte cap")
+        return await self._read_exact(length)
+
+    async def _read_exact(self, n: int, at_start: bool = False) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            except BlockingIOError:
+                await self._ready(self.loop.add_reader, self.loop.remove_reader)
+                continue
+            if not chunk:
+                if at_start and not buf:
+                    raise EOFError("the agent closed the connection")
+                raise AgentProtocolError("the agent closed the connection in the middle of a frame")
+            buf += chunk
+        return bytes(buf)
+
+    async def _ready(self, watch: Callable[..., Any], unwatch: Callable[[int], Any]) -> None:
+        """Wait until the socket is ready (``watch`` is add_reader or add_writer), or the deadline."""
+        fd = self.sock.fileno()
+        ready = self.loop.create_future()
+        watch(fd, _settle, ready, True)
+        timer = self.loop.call_at(self.deadline, _settle, ready, False)
+        try:
+            in_time = await ready
+        finally:
+            timer.cancel()
+            unwatch(fd)
+        if not in_time:
+            raise TimeoutError("the agent did not answer in time")
 
 
-async def _aread_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, at_start: bool = False) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, min(n - len(buf), 1 << 20))
-        if not chunk:
-            if at_start and not buf:
-                raise EOFError("the agent closed the connection")
-            raise AgentProtocolError("the agent closed the connection in the middle of a frame")
-        buf += chunk
-    return bytes(buf)
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _b64(value: Any) -> bytes:

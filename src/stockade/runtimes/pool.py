@@ -129,25 +129,29 @@ class WarmPool(Generic[S]):
         self.last_error: str | None = None
 
     def start(self) -> None:
+        """Start the filler if needed, and have it top the pool up now."""
         with self._cond:
-            if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._fill, name="stockade-pool", daemon=True)
-                self._thread.start()
+            self._start_filler()
             self._cond.notify_all()
+
+    def _start_filler(self) -> None:
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._fill, name="stockade-pool", daemon=True)
+            self._thread.start()
 
     def take(self, policy: Policy) -> S | None:
         key = self._shape(policy)
-        self.start()
         evicted: list[S] = []
         with self._cond:
+            # Started, but not woken: a refill now would compete for the CPU (and the
+            # GIL) with the run this isolate is taken for. ``kick`` refills after it.
+            self._start_filler()
             entry = self._shapes.get(key)
             if entry is None:
                 evicted = self._note_miss(key, policy)
                 sandbox = None
             else:
                 self._shapes.move_to_end(key)
-                # No refill here: building an isolate now would compete for the CPU
-                # with the run this one is taken for. ``kick`` refills after it.
                 sandbox = entry.ready.pop() if entry.ready else None
         for old in evicted:
             old.close()

@@ -1,0 +1,117 @@
+"""The client reads what a daemon answers, and refuses what is not an answer.
+
+A thread plays the daemon on a real Unix socket and answers each request line
+with one scripted line; the client must return the result, or raise a
+``StockadeError`` that says what was wrong, and never hand a malformed answer
+back as a result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from stockade import ExecResult
+from stockade.client import Client
+from stockade.errors import AuthenticationError, DaemonUnavailableError, StockadeError
+
+Answer = Callable[[dict[str, object]], bytes]  # the request -> the line sent back; b"": hang up
+
+
+@pytest.fixture
+def scripted(tmp_path: os.PathLike[str]) -> Iterator[Callable[[Answer], Client]]:
+    servers: list[tuple[socket.socket, threading.Thread]] = []
+    clients: list[Client] = []
+
+    def make(answer: Answer) -> Client:
+        path = os.path.join(str(tmp_path), f"d{len(servers)}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen()
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn, conn.makefile("rb") as lines:
+                    for line in lines:
+                        reply = answer(json.loads(line))
+                        if not reply:
+                            break
+                        conn.sendall(reply)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        servers.append((listener, thread))
+        clients.append(Client(path, timeout=5))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+    for listener, thread in servers:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+def _line(answer: dict[str, object]) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
+
+
+def _exec_result() -> dict[str, object]:
+    result = ExecResult(
+        success=True, exit_code=0, stdout="hi\n", termination_reason="completed", runtime_used="process",
+        policy_digest="0" * 16,
+    )  # fmt: skip
+    return json.loads(result.model_dump_json())
+
+
+def test_a_well_formed_answer_is_the_result(scripted: Callable[[Answer], Client]) -> None:
+    client = scripted(lambda r: _line({"result": _exec_result(), "error": None, "id": r["id"]}))
+    result = client.execute(["echo", "hi"])
+    assert isinstance(result, ExecResult) and result.stdout == "hi\n" and result.success
+
+
+BROKEN: dict[str, Answer] = {
+    "not JSON": lambda r: b"{half an answer\n",
+    "not an object": lambda r: b"[1, 2, 3]\n",
+    "result of the wrong shape": lambda r: _line({"result": {"exit_code": "zero"}, "id": r["id"]}),
+    "no result and no error": lambda r: _line({"result": None, "error": None, "id": r["id"]}),
+    "another request's answer": lambda r: _line({"result": _exec_result(), "id": 999}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_broken_answer_is_an_error_and_the_connection_is_not_reused(
+    scripted: Callable[[Answer], Client], name: str
+) -> None:
+    answers = [BROKEN[name]]
+    client = scripted(
+        lambda r: answers.pop()(r) if answers else _line({"result": "pong", "error": None, "id": r["id"]})
+    )
+    with pytest.raises(StockadeError) as info:
+        client.execute(["true"])
+    assert not isinstance(info.value, DaemonUnavailableError)
+    assert "daemon" in str(info.value), str(info.value)
+    assert client.ping() == "pong"  # a fresh connection: nothing of the broken answer is read as this one's
+
+
+def test_an_error_answer_maps_to_its_class(scripted: Callable[[Answer], Client]) -> None:
+    refused = {"result": None, "error": "Authentication failed", "error_code": "auth"}
+    client = scripted(lambda r: _line({**refused, "id": r["id"]}))
+    with pytest.raises(AuthenticationError, match="Authentication failed"):
+        client.execute(code="pass")
+
+
+def test_a_daemon_that_hangs_up_is_unavailable(scripted: Callable[[Answer], Client]) -> None:
+    client = scripted(lambda r: b"")
+    with pytest.raises(DaemonUnavailableError):
+        client.execute(code="pass")
