@@ -5,9 +5,9 @@ in-process SDK (a worker process of its own) stamp the steps of each request
 with the same monotonic clock; the stamps are merged per request and printed
 as medians. The steps are marked by wrapping the functions that do them, so
 no stamping code lives in stockade itself. This is how the table in
-docs/performance.md ("Where the ~0.95 ms goes") is measured. Last, it times
-the event loop's wait for an answer against a blocking one, on a bare socket
-pair, with nothing of stockade in between.
+docs/performance.md ("Why a no-op costs the daemon what it does here") is
+measured. Last, it times the event loop's wait for an answer against a
+blocking one, on a bare socket pair, with nothing of stockade in between.
 
     .venv/bin/python bench/rpc_legs.py [--runs 100]
 """
