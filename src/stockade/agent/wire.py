@@ -36,6 +36,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 
 _HEADER = struct.Struct("<I")
+HEADER_SIZE = _HEADER.size
 
 
 class FrameError(Exception):
@@ -87,17 +88,22 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def frame_length(header: bytes) -> int:
+    """The payload length a frame's 4-byte header announces; FrameError past the cap."""
+    (length,) = _HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise FrameError(f"frame length {length} exceeds the {MAX_FRAME}-byte cap")
+    return int(length)
+
+
 def read_frame(sock: socket.socket) -> bytes:
     """Read one frame; EOFError on a clean close before a header, FrameError otherwise."""
-    first = sock.recv(_HEADER.size)
+    first = sock.recv(HEADER_SIZE)
     if not first:
         raise EOFError("peer closed the connection")
     try:
-        header = first + (recv_exact(sock, _HEADER.size - len(first)) if len(first) < 4 else b"")
-        (length,) = _HEADER.unpack(header)
-        if length > MAX_FRAME:
-            raise FrameError(f"frame length {length} exceeds the {MAX_FRAME}-byte cap")
-        return recv_exact(sock, length)
+        header = first + (recv_exact(sock, HEADER_SIZE - len(first)) if len(first) < HEADER_SIZE else b"")
+        return recv_exact(sock, frame_length(header))
     except EOFError as exc:
         raise FrameError("connection closed in the middle of a frame") from exc
 

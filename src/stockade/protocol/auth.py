@@ -26,35 +26,11 @@ DEFAULT_WINDOW_S = 30.0
 _CANONICAL = json.JSONEncoder(sort_keys=True)
 
 
-class _Key:
-    """HMAC-SHA256 under one token (RFC 2104), its padded key states hashed once.
-
-    Every request is signed or checked with the same token, so the inner and
-    outer states are computed when the key is first used, and each MAC copies
-    them: the same digest as ``hmac.new(token, message, sha256)`` for less work
-    on the request path.
-    """
-
-    def __init__(self, token: str) -> None:
-        key = token.encode("utf-8")
-        block = hashlib.sha256().block_size
-        if len(key) > block:
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(block, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-
-    def mac(self, message: bytes) -> str:
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
-
-
 @functools.lru_cache(maxsize=8)
-def _key(token: str) -> _Key:
-    return _Key(token)
+def _keyed(token: str) -> hmac.HMAC:
+    """HMAC-SHA256 under ``token``, keyed once: every request is signed or checked
+    with the same token, so each MAC copies this instead of keying afresh."""
+    return hmac.new(token.encode("utf-8"), digestmod=hashlib.sha256)
 
 
 class _Nonces:
@@ -87,7 +63,9 @@ def compute_hmac(request: dict[str, Any], token: str) -> str:
 
 
 def _mac(message: bytes, token: str) -> str:
-    return _key(token).mac(message)
+    mac = _keyed(token).copy()
+    mac.update(message)
+    return mac.hexdigest()
 
 
 def _stamped(request: dict[str, Any], now: float | None) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import abc
 import base64
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -640,9 +639,11 @@ class _LoopIO:
             view = view[sent:]
 
     async def read_frame(self) -> bytes:
-        (length,) = struct.unpack("<I", await self._read_exact(4, at_start=True))
-        if length > wire.MAX_FRAME:
-            raise AgentProtocolError(f"frame length {length} exceeds the {wire.MAX_FRAME}-byte cap")
+        header = await self._read_exact(wire.HEADER_SIZE, at_start=True)
+        try:
+            length = wire.frame_length(header)
+        except wire.FrameError as exc:
+            raise AgentProtocolError(str(exc)) from None
         return await self._read_exact(length)
 
     async def _read_exact(self, n: int, at_start: bool = False) -> bytes:
