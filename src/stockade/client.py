@@ -272,7 +272,9 @@ class Client:
 
 def _parse(line: bytes, answer_type: type[_Answer]) -> _Answer:
     try:
-        return answer_type.model_validate_json(line)
+        # Fields this client does not know (a newer daemon's) are skipped, at any
+        # depth: a client older than its daemon still reads its results.
+        return answer_type.model_validate_json(line, extra="ignore")
     except ValidationError:
         raise StockadeError("the daemon sent an invalid response") from None
 

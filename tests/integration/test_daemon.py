@@ -18,6 +18,7 @@ import pytest
 
 from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_retry
 from stockade.errors import DaemonUnavailableError, PolicyError
+from stockade.result import ExecResult
 from tests.daemon_harness import Daemon, raw_exchange, start_daemon
 from tests.helpers import processes_with_arg
 
@@ -71,6 +72,27 @@ def test_sandbox_lifecycle_and_ownership(daemon: Daemon) -> None:
         with pytest.raises(NotFoundError):
             c.sandbox_exec(sid, ["true"])
         assert c.status()["total_count"] == 0
+
+
+def test_status_and_result_carry_the_same_execution_id(daemon: Daemon) -> None:
+    """A run seen in ``status`` can be matched with its result and the daemon's log line."""
+    results: list[object] = []
+    runner = threading.Thread(
+        target=lambda: results.append(Client(daemon.socket_path).execute(code="import time; time.sleep(1.5)"))
+    )
+    runner.start()
+    watcher = Client(daemon.socket_path)
+    running: list[dict[str, object]] = []
+    deadline = time.monotonic() + 10
+    while not running and time.monotonic() < deadline:
+        running = [s for s in watcher.status()["active_sandboxes"] if s["kind"] == "execute"]
+        time.sleep(0.02)
+    runner.join(30)
+    assert len(running) == 1 and len(results) == 1
+    result = results[0]
+    assert isinstance(result, ExecResult) and result.success
+    assert result.execution_id == running[0]["execution_id"]
+    assert f"execute ok execution={result.execution_id} " in daemon.logs()
 
 
 def test_connection_owned_sandboxes_close_with_the_connection(daemon: Daemon) -> None:

@@ -80,6 +80,19 @@ def test_a_well_formed_answer_is_the_result(scripted: Callable[[Answer], Client]
     assert isinstance(result, ExecResult) and result.stdout == "hi\n" and result.success
 
 
+def test_fields_a_newer_daemon_adds_are_ignored(scripted: Callable[[Answer], Client]) -> None:
+    """A client older than its daemon still reads its results: unknown fields are skipped, anywhere."""
+    newer = _exec_result()
+    newer["gpu_seconds"] = 1.5
+    newer["resource_usage"] = {**newer["resource_usage"], "io_bytes": 10}  # type: ignore[dict-item]
+    newer["security_violations"] = [{"violation_type": "syscall", "syscall": "ptrace", "rule": "deny-ptrace"}]
+    client = scripted(lambda r: _line({"result": newer, "error": None, "id": r["id"], "trace_id": "t-1"}))
+    result = client.execute(["echo", "hi"])
+    assert result.stdout == "hi\n" and result.success
+    assert [v.syscall for v in result.security_violations] == ["ptrace"]
+    assert "gpu_seconds" not in result.model_dump()
+
+
 BROKEN: dict[str, Answer] = {
     "not JSON": lambda r: b"{half an answer\n",
     "not an object": lambda r: b"[1, 2, 3]\n",

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..errors import SandboxError, StockadeError
 from ..policy import coerce_policy
-from ..result import ExecResult
+from ..result import ExecResult, new_id
 from ..runtimes.base import AgentSandbox, OutputCallback
 from ..runtimes.manager import RuntimeManager
 from .config import DaemonConfig
@@ -189,7 +189,9 @@ class Controller:
         runtime = self.manager.select(policy)
         await self._take_slot()
         self._track(+1)
-        execution_id = secrets.token_hex(8)
+        # One id from start to end: ``status`` shows it while the run is going,
+        # and the ExecResult carries it, so a caller can match the two.
+        execution_id = new_id()
         self.running[execution_id] = Running(execution_id, runtime.name, uid)
         try:
             # A warm isolate is handed over and spoken to on the event loop itself:
@@ -202,8 +204,11 @@ class Controller:
             sandbox.one_shot = True
             try:
                 if command is not None:
-                    return await sandbox.aexec(command, stdin=stdin, on_output=on_output)
-                return await sandbox.arun_code(code or "", language, stdin=stdin, on_output=on_output)
+                    result = await sandbox.aexec(command, stdin=stdin, on_output=on_output)
+                else:
+                    result = await sandbox.arun_code(code or "", language, stdin=stdin, on_output=on_output)
+                result.execution_id = execution_id
+                return result
             finally:
                 dispose = getattr(runtime, "dispose", None)
                 if dispose is not None:

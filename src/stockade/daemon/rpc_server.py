@@ -136,7 +136,10 @@ class RPCServer:
                     # Logged once the answer is out, not on the caller's time. Never the
                     # params (they may hold code and data), never the hmac.
                     outcome = response.get("error_code") or "ok"
-                    log.info("uid=%d %s %s %.1fms", peer.uid, method, outcome, (time.monotonic() - started) * 1000)
+                    result = response.get("result")
+                    run = f" execution={result.execution_id}" if isinstance(result, ExecResult) else ""
+                    elapsed_ms = (time.monotonic() - started) * 1000
+                    log.info("uid=%d %s %s%s %.1fms", peer.uid, method, outcome, run, elapsed_ms)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
