@@ -41,6 +41,23 @@ def test_v2_limits_usage_and_kill(tmp_path: Path) -> None:
     group.close_files()
 
 
+def test_the_baseline_read_opens_the_peak_counter_for_the_run(tmp_path: Path) -> None:
+    """The pool's baseline read (``peak=False``) opens every counter the run's read
+    needs: the run reads through the open file and opens none (here: the file's
+    name is gone by then, and its counter is still read)."""
+    layout = cgroups.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
+    group = cgroups.IsolateCgroup(layout, "stockade-1-2")
+    d = tmp_path / "stockade-1-2"
+    group.apply_limits(256, 64, 0.5)
+    (d / "memory.events").write_text("oom_kill 0\n")
+    (d / "cpu.stat").write_text("usage_usec 1000\n")
+    (d / "memory.peak").write_text(str(5 << 20) + "\n")
+    assert group.usage(peak=False).memory_peak_mb is None
+    (d / "memory.peak").rename(d / "memory.peak.gone")
+    assert group.usage().memory_peak_mb == 5.0
+    group.close_files()
+
+
 def test_v2_parent_prefers_own_group_when_it_can_delegate(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     own = tmp_path / "service"

@@ -260,33 +260,49 @@ class IsolateCgroup:
         return f"no usable {ctrl} cgroup on this host"
 
     def usage(self, peak: bool = True) -> IsolateUsage:
-        """OOM kills and CPU time so far; the peak memory too unless ``peak=False``."""
+        """OOM kills and CPU time so far; the peak memory too unless ``peak=False``.
+
+        ``peak=False`` is the baseline read when an isolate is built: it still
+        opens the peak counter, so that a run's own read opens no file.
+        """
         usage = IsolateUsage()
         if self.layout.v2_limits:
             usage.oom_kills = self._keyed("v2", "memory.events", "oom_kill") or 0
             usec = self._keyed("v2", "cpu.stat", "usage_usec")
             usage.cpu_seconds = usec / 1e6 if usec is not None else None
-            top = self._read_int("v2", "memory.peak") if peak else None
-            usage.memory_peak_mb = round(top / 2**20, 3) if top is not None else None
+            usage.memory_peak_mb = self._peak_mb("v2", "memory.peak", peak)
             return usage
         if "memory" in self.dirs:
             usage.oom_kills = self._keyed("memory", "memory.oom_control", "oom_kill") or 0
-            top = self._read_int("memory", "memory.max_usage_in_bytes") if peak else None
-            usage.memory_peak_mb = round(top / 2**20, 3) if top is not None else None
+            usage.memory_peak_mb = self._peak_mb("memory", "memory.max_usage_in_bytes", peak)
         if "cpuacct" in self.dirs:
             ns = self._read_int("cpuacct", "cpuacct.usage")
             usage.cpu_seconds = ns / 1e9 if ns is not None else None
         return usage
 
-    def _read(self, key: str, name: str) -> bytes | None:
-        # Counters are read several times per run: keep each file open and
-        # pread it from the start, which re-generates its contents.
+    def _peak_mb(self, key: str, name: str, read: bool) -> float | None:
+        if not read:
+            self._open(key, name)  # ready for the run's read
+            return None
+        top = self._read_int(key, name)
+        return round(top / 2**20, 3) if top is not None else None
+
+    def _open(self, key: str, name: str) -> int | None:
+        # Counters are read several times per run: each file is opened once and
+        # pread from the start, which re-generates its contents.
         path = os.path.join(self.dirs[key], name)
         fd = self._fds.get(path)
-        try:
-            if fd is None:
+        if fd is None:
+            try:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            return os.pread(fd, 4096, 0)
+            except OSError:
+                return None
+        return fd
+
+    def _read(self, key: str, name: str) -> bytes | None:
+        fd = self._open(key, name)
+        try:
+            return os.pread(fd, 4096, 0) if fd is not None else None
         except OSError:
             return None
 
