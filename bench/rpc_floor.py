@@ -1,0 +1,156 @@
+"""The least a daemon on asyncio can add to a warm no-op `execute` on this host.
+
+bench/rpc.py measures `stockade serve` against the in-process SDK. This asks
+what any daemon built on an asyncio event loop would measure in its place, by
+serving the same request with as little as possible around the work that
+cannot go: the HMAC and replay check, the Policy, a warm isolate taken from
+the same pool, the agent's run and the serialized ExecResult. Everything is a
+callback on the loop (no task, no stream, no future: each of those costs a
+loop turn or more after a wake-up, at this VM's cold rate), there are no rate
+limits, no slots, no log line, one connection, and no error handling: it is a
+measuring device, not a server. The real `stockade.client.Client` is the
+client, the SDK worker of bench/rpc.py the reference, alternated, 30 ms apart.
+
+    .venv/bin/python bench/rpc_floor.py [--runs 100]
+
+On 2026-11-22 it measured 1.15-1.22x where `stockade serve` measured 1.32x in
+the same hour (docs/performance.md): the target of 1.2x is within reach of a
+daemon whose warm `execute` is served by callbacks, not by its tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import stockade
+from rpc import ratio_interval  # bench/rpc.py, beside this file
+from stockade.agent import wire
+from stockade.client import Client
+from stockade.policy import coerce_policy
+from stockade.protocol import auth
+from stockade.runtimes import base
+from stockade.runtimes.manager import RuntimeManager
+
+SETTLE_S = 0.03
+RPC_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rpc.py")
+
+
+def serve(path: str, token: str) -> None:
+    """Answer `execute(code=...)` requests on ``path`` with callbacks only, until SIGTERM."""
+    manager = RuntimeManager(pool_size=2)
+    stockade.warm_up(manager=manager)
+    runtime: Any = manager.get("process")
+    runtime.wait_ready()
+    nonces = auth.NonceCache(auth.DEFAULT_WINDOW_S)
+    loop = asyncio.new_event_loop()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    listener.setblocking(False)
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        pending = bytearray()
+
+        def request() -> None:
+            data = conn.recv(1 << 16)
+            if not data:
+                loop.remove_reader(conn.fileno())
+                conn.close()
+                return
+            pending.extend(data)
+            if b"\n" not in pending:
+                return
+            line, _, rest = bytes(pending).partition(b"\n")
+            pending[:] = rest
+            req = json.loads(line)
+            if not auth.verify(req, token, nonces, raw=line):
+                raise SystemExit("authentication failed")
+            params = req["params"]
+            sandbox = runtime.take_warm(coerce_policy(params.get("policy") or {}))
+            sandbox.one_shot = True
+            run = sandbox._begin_run({"code": params["code"], "language": "python"}, b"", None, None, None)
+            msg_id, frame = sandbox._request("run_code", run.params)
+            sandbox.conn.sendall(frame)
+
+            def answer() -> None:
+                loop.remove_reader(sandbox.conn.fileno())
+                _, reply = sandbox._reply(base._decode(wire.read_frame(sandbox.conn)), msg_id, None)
+                result = sandbox._finish_run(run, base._verdict(reply), None)
+                line = f'{{"result": {result.model_dump_json()}, "error": null, "id": {json.dumps(req["id"])}}}\n'
+                conn.send(line.encode())
+                loop.call_soon(sandbox.kill)
+                loop.call_later(0.005, runtime.dispose, sandbox)
+
+            loop.add_reader(sandbox.conn.fileno(), answer)
+
+        loop.add_reader(conn.fileno(), request)
+
+    loop.add_reader(listener.fileno(), accept)
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    print("ready", flush=True)
+    try:
+        loop.run_forever()
+    finally:
+        listener.close()
+        manager.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--serve", nargs=2, metavar=("SOCKET", "TOKEN"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(*args.serve)
+        return
+    token = secrets.token_hex(32)
+    path = os.path.join(tempfile.mkdtemp(prefix="stockade-floor-"), "floor.sock")
+    server = subprocess.Popen([sys.executable, __file__, "--serve", path, token], stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, RPC_BENCH, "--sdk-worker"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
+    assert server.stdout is not None and worker.stdin is not None and worker.stdout is not None
+    try:
+        if server.stdout.readline().strip() != "ready" or worker.stdout.readline().strip() != "ready":
+            raise SystemExit("the callback server or the SDK worker did not start")
+        client = Client(path, auth_token=token)
+        floor, sdk = [], []
+        for _ in range(args.runs):
+            time.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            result = client.execute(code="pass")
+            floor.append((time.perf_counter() - t0) * 1000)
+            if not result.success:
+                raise SystemExit(f"the run failed: {result.summary()}")
+            time.sleep(SETTLE_S)
+            worker.stdin.write("code\n")
+            sdk.append(float(worker.stdout.readline()))
+        client.close()
+    finally:
+        worker.stdin.close()
+        worker.wait(30)
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
+    low, high = ratio_interval(floor, sdk)
+    f50, s50 = statistics.median(floor), statistics.median(sdk)
+    print(f"run_code('pass'): callback-only asyncio server {f50:.3f} ms, in-process SDK {s50:.3f} ms, "
+          f"ratio {f50 / s50:.2f}x (90% interval {low:.2f}-{high:.2f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
