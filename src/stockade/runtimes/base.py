@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import functools
 import select
 import socket
 import threading
@@ -279,14 +280,60 @@ class AgentSandbox(abc.ABC):
         timeout: float | None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        """The async twin of ``_run``: the same request, awaited on the event loop (no thread)."""
+        """The async twin of ``_run``: ``start_run``, awaited."""
+        import asyncio
+
+        outcome: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()
+        settle = functools.partial(_settle_outcome, outcome)
+        call = self.start_run(method, params, stdin, env, timeout, on_output, settle)
+        try:
+            return await outcome
+        finally:
+            if not outcome.done():  # cancelled while the agent runs: stop waiting for it
+                call.abort()
+
+    def start_run(
+        self,
+        method: str,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        on_output: OutputCallback | None,
+        done: Callable[[ExecResult | Exception], None],
+    ) -> _LoopCall:
+        """``_run`` on the running event loop, in its callbacks: the request is sent now and
+        ``done`` gets the result (or the exception that stopped the run) from the loop's
+        reader callback, in the turn the agent's answer arrives: no task is woken for it.
+
+        A request that cannot start (a closed or dead sandbox, another call in
+        progress) raises here; once started, ``done`` is called exactly once,
+        never before this returns, unless ``abort`` is called first.
+        """
+        import asyncio
+
         run = self._begin_run(params, stdin, env, timeout, on_output)
         guard = _CallbackGuard(on_output)
-        try:
-            verdict = _verdict(await self._acall(method, run.params, run.wait, guard.callback))
-        except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
-            return self._finish_run(run, None, self._ended(exc))
-        return guard.check(self._finish_run(run, verdict, None))
+
+        def answered(reply: Any) -> None:
+            try:
+                if isinstance(reply, (TimeoutError, EOFError, OSError, AgentProtocolError)):
+                    result = self._finish_run(run, None, self._ended(reply))
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    try:
+                        verdict = _verdict(reply)
+                    except AgentProtocolError as exc:
+                        result = self._finish_run(run, None, self._ended(exc))
+                    else:
+                        result = guard.check(self._finish_run(run, verdict, None))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, as an awaited run would raise it
+                done(exc)
+                return
+            done(result)
+
+        return self._call_on_loop(asyncio.get_running_loop(), method, run.params, run.wait, guard.callback, answered)
 
     def _begin_run(
         self,
@@ -462,29 +509,28 @@ class AgentSandbox(abc.ABC):
                 if done:
                     return result
 
-    async def _acall(
-        self, method: str, params: dict[str, Any], timeout: float, on_output: OutputCallback | None = None
-    ) -> Any:
-        """Like ``_call``, on the event loop: no thread, no wake-up of one."""
+    def _call_on_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        method: str,
+        params: dict[str, Any],
+        timeout: float,
+        on_output: OutputCallback | None,
+        done: Callable[[Any], None],
+    ) -> _LoopCall:
+        """Like ``_call``, in the loop's callbacks: ``done`` gets the reply's result or the exception."""
         if not self._lock.acquire(blocking=False):
             raise SandboxError("another call to this sandbox is in progress")
         try:
             msg_id, frame = self._request(method, params)
-            import asyncio
-
-            io = _LoopIO(asyncio.get_running_loop(), self.conn, timeout)
-            self.conn.setblocking(False)
-            try:
-                await io.send_all(frame)
-                while True:
-                    payload = await io.read_frame()
-                    done, result = self._reply(_decode(payload), msg_id, on_output)
-                    if done:
-                        return result
-            finally:
-                self.conn.setblocking(True)
-        finally:
+        except BaseException:
             self._lock.release()
+            raise
+
+        def on_message(payload: bytes) -> tuple[bool, Any]:
+            return self._reply(_decode(payload), msg_id, on_output)
+
+        return _LoopCall(loop, self.conn, frame, timeout, on_message, done, self._lock.release)
 
     def _request(self, method: str, params: dict[str, Any]) -> tuple[int, bytes]:
         if self._closed:
@@ -612,73 +658,134 @@ def _decode(payload: bytes) -> dict[str, Any]:
     return message
 
 
-class _LoopIO:
-    """Frames to and from the agent on the event loop, under one deadline for the whole call.
+class _LoopCall:
+    """One request to the agent and the wait for its reply, driven by the event loop's callbacks.
 
-    The socket is read and written directly, and the loop is asked to wait only
-    when it has nothing to give or no room: a reader (or writer) callback
-    resolves one future per wait, and one timer bounds the call. That is less
-    work per answer than ``loop.sock_recv`` under ``asyncio.timeout``, and on
-    a host whose caches have gone cold while the isolate ran, each step the
-    daemon takes after the agent answers is paid for in the caller's latency.
+    The frame is written straight to the socket (the loop watches for room
+    only when the socket has none), then the reply is read by a reader
+    callback, frame by frame, exactly as many bytes as each frame holds; one
+    timer bounds the whole call. ``done`` gets the reply's result, or the
+    exception that ended the call, in the loop turn that ends it. Nothing
+    wakes a task on the way: on a host whose caches have gone cold while the
+    isolate ran, each step taken after the agent answers is paid for in the
+    caller's latency.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        frame: bytes,
+        timeout: float,
+        on_message: Callable[[bytes], tuple[bool, Any]],
+        done: Callable[[Any], None],
+        release: Callable[[], None],
+    ) -> None:
         self.loop = loop
         self.sock = sock
-        self.deadline = loop.time() + timeout
+        self.fd = sock.fileno()
+        self.on_message = on_message  # a frame's payload -> (the reply?, its result); raises to end the call
+        self.done = done
+        self.release = release
+        self.unsent = memoryview(frame)
+        self.received = bytearray()
+        self.length: int | None = None  # the payload length of the frame being read, once its header is in
+        self.writing = self.reading = self.ended = False
+        sock.setblocking(False)
+        self.timer = loop.call_later(timeout, self._end, TimeoutError("the agent did not answer in time"))
+        loop.call_soon(self._send)  # ``done`` is never called before the caller has the call
 
-    async def send_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
+    def abort(self) -> None:
+        """Stop watching the agent; ``done`` will not be called."""
+        self._finish()
+
+    def _send(self) -> None:
+        while self.unsent and not self.ended:
             try:
-                sent = self.sock.send(view)
+                sent = self.sock.send(self.unsent)
             except BlockingIOError:
-                await self._ready(self.loop.add_writer, self.loop.remove_writer)
-                continue
-            view = view[sent:]
+                if not self.writing:
+                    self.writing = True
+                    self.loop.add_writer(self.fd, self._send)
+                return
+            except OSError as exc:
+                self._end(exc)
+                return
+            self.unsent = self.unsent[sent:]
+        if self.ended:
+            return
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        self.reading = True
+        self.loop.add_reader(self.fd, self._receive)
+        self._receive()  # the answer may be there already
 
-    async def read_frame(self) -> bytes:
-        header = await self._read_exact(wire.HEADER_SIZE, at_start=True)
-        try:
-            length = wire.frame_length(header)
-        except wire.FrameError as exc:
-            raise AgentProtocolError(str(exc)) from None
-        return await self._read_exact(length)
-
-    async def _read_exact(self, n: int, at_start: bool = False) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
+    def _receive(self) -> None:
+        while not self.ended:
+            need = wire.HEADER_SIZE if self.length is None else self.length
             try:
-                chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+                chunk = self.sock.recv(min(need - len(self.received), 1 << 20)) if need else b""
             except BlockingIOError:
-                await self._ready(self.loop.add_reader, self.loop.remove_reader)
+                return
+            except OSError as exc:
+                self._end(exc)
+                return
+            if need and not chunk:
+                if self.length is None and not self.received:
+                    self._end(EOFError("the agent closed the connection"))
+                else:
+                    self._end(AgentProtocolError("the agent closed the connection in the middle of a frame"))
+                return
+            self.received += chunk
+            if len(self.received) < need:
                 continue
-            if not chunk:
-                if at_start and not buf:
-                    raise EOFError("the agent closed the connection")
-                raise AgentProtocolError("the agent closed the connection in the middle of a frame")
-            buf += chunk
-        return bytes(buf)
+            if self.length is None:
+                try:
+                    self.length = wire.frame_length(bytes(self.received))
+                except wire.FrameError as exc:
+                    self._end(AgentProtocolError(str(exc)))
+                    return
+                self.received = bytearray()
+                continue
+            payload, self.received, self.length = bytes(self.received), bytearray(), None
+            try:
+                finished, result = self.on_message(payload)
+            except Exception as exc:  # noqa: BLE001 - the call's outcome, handed to ``done``
+                self._end(exc)
+                return
+            if finished:
+                self._end(result)
+                return
 
-    async def _ready(self, watch: Callable[..., Any], unwatch: Callable[[int], Any]) -> None:
-        """Wait until the socket is ready (``watch`` is add_reader or add_writer), or the deadline."""
-        fd = self.sock.fileno()
-        ready = self.loop.create_future()
-        watch(fd, _settle, ready, True)
-        timer = self.loop.call_at(self.deadline, _settle, ready, False)
+    def _end(self, outcome: Any) -> None:
+        if not self.ended:
+            self._finish()
+            self.done(outcome)
+
+    def _finish(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.timer.cancel()
+        if self.writing:
+            self.loop.remove_writer(self.fd)
+        if self.reading:
+            self.loop.remove_reader(self.fd)
         try:
-            in_time = await ready
-        finally:
-            timer.cancel()
-            unwatch(fd)
-        if not in_time:
-            raise TimeoutError("the agent did not answer in time")
+            self.sock.setblocking(True)
+        except OSError:
+            pass  # closed under the call (the sandbox was closed): nothing to restore
+        self.release()
 
 
-def _settle(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
+def _settle_outcome(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _b64(value: Any) -> bytes:
