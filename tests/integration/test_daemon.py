@@ -92,7 +92,11 @@ def test_status_and_result_carry_the_same_execution_id(daemon: Daemon) -> None:
     result = results[0]
     assert isinstance(result, ExecResult) and result.success
     assert result.execution_id == running[0]["execution_id"]
-    assert f"execute ok execution={result.execution_id} " in daemon.logs()
+    logged = f"execute ok execution={result.execution_id} "
+    deadline = time.monotonic() + 5  # the line is logged once the answer is out, so it may trail it
+    while logged not in daemon.logs() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert logged in daemon.logs()
 
 
 def test_connection_owned_sandboxes_close_with_the_connection(daemon: Daemon) -> None:
@@ -216,6 +220,38 @@ def test_sigterm_lets_running_work_finish(process_runtime: str) -> None:
     t.join(30)
     assert results == ["done\n"]
     assert not os.path.exists(d.socket_path)
+
+
+def test_sigterm_past_the_grace_ends_a_warm_execute_and_leaves_nothing(process_runtime: str) -> None:
+    """A warm execute is answered from the loop's callbacks; a shutdown that will
+    not wait for it must still end its isolate and tear it down."""
+    d = start_daemon({"STOCKADE_SHUTDOWN_GRACE": "0.3"})
+    marker = f"stockade-grace-{os.getpid()}"
+    errors: list[Exception] = []
+
+    def long_run() -> None:
+        try:
+            Client(d.socket_path).execute(["sh", "-c", f"sleep 60; echo {marker}"])
+        except Exception as exc:  # the outcome under test
+            errors.append(exc)
+
+    t = threading.Thread(target=long_run)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not processes_with_arg(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert processes_with_arg(marker), "the run did not start"
+    pid = d.proc.pid
+    started = time.monotonic()
+    assert d.stop(signal.SIGTERM) == 0, d.logs()
+    assert time.monotonic() - started < 10
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], DaemonUnavailableError)
+    deadline = time.monotonic() + 5
+    while (processes_with_arg(marker) or _cgroups_of(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with_arg(marker) == [] and _cgroups_of(pid) == []
+    assert "Traceback" not in d.logs()
 
 
 def _cgroups_of(pid: int) -> list[str]:

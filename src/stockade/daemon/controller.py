@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from ..errors import SandboxError, StockadeError
-from ..policy import coerce_policy
+from ..policy import Policy, coerce_policy
 from ..result import ExecResult, new_id
-from ..runtimes.base import AgentSandbox, OutputCallback
+from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
 from ..runtimes.manager import RuntimeManager
 from .config import DaemonConfig
 
@@ -159,24 +159,78 @@ class Controller:
         }
 
     async def execute(self, params: dict[str, Any], uid: int, on_output: OutputCallback | None = None) -> ExecResult:
-        command, code = params.get("command"), params.get("code")
-        if (command is None) == (code is None):
-            raise RequestError("execute needs exactly one of 'command' (a list of strings) or 'code'")
-        if command is not None and (
-            not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command)
-        ):
-            raise RequestError("command must be a non-empty list of strings")
-        if code is not None and not isinstance(code, str):
-            raise RequestError("code must be a string")
-        language = params.get("language", "python")
+        job = _job(params)
         return await self._execute_policy(
-            params.get("policy"), command=command, code=code, language=language, stdin=_stdin(params), uid=uid,
+            job.policy, command=job.command, code=job.code, language=job.language, stdin=job.stdin, uid=uid,
             on_output=on_output,
         )  # fmt: skip
 
+    def execute_now(
+        self, params: dict[str, Any], uid: int, done: Callable[[ExecResult | Exception], None]
+    ) -> Callable[[], None] | None:
+        """``execute``, without a task, when a slot and a warm isolate are free right now.
+
+        Returns None when they are not (the caller awaits ``execute`` instead).
+        Otherwise the run has started, ``done`` gets its result (or what stopped
+        it) in the loop turn the agent answers, so the answer can go out with no
+        task woken on the way, and the function returned abandons the run (for a
+        caller that goes away first; ``done`` is then not called). Raises what
+        ``execute`` raises for a bad request.
+        """
+        job = _job(params)
+        runtime = self.manager.select(job.policy)
+        take, dispose = getattr(runtime, "take_warm", None), getattr(runtime, "dispose", None)
+        if take is None or dispose is None or not _take_now(self._slots):
+            return None
+        sandbox: AgentSandbox | None = take(job.policy)
+        if sandbox is None:
+            self._slots.release()
+            return None
+        execution_id = self._started(runtime.name, uid)
+        sandbox.one_shot = True
+        settled = False
+
+        def finish(outcome: ExecResult | Exception | None) -> None:
+            nonlocal settled
+            if settled:
+                return
+            settled = True
+            self._dispose_after_answer(sandbox, dispose)
+            self._ended(execution_id)
+            if isinstance(outcome, ExecResult):
+                outcome.execution_id = execution_id
+            if outcome is not None:
+                done(outcome)
+
+        try:
+            method, request = _agent_request(job)
+            call = sandbox.start_run(method, request, job.stdin, None, None, None, finish)
+        except BaseException:
+            finish(None)
+            raise
+
+        def abandon() -> None:
+            call.abort()
+            finish(None)
+
+        return abandon
+
+    def _started(self, runtime: str, uid: int) -> str:
+        """Count a running execute in; its id, from start to end: ``status`` shows it
+        while the run is going and the ExecResult carries it, so a caller can match the two."""
+        self._track(+1)
+        execution_id = new_id()
+        self.running[execution_id] = Running(execution_id, runtime, uid)
+        return execution_id
+
+    def _ended(self, execution_id: str) -> None:
+        del self.running[execution_id]
+        self._slots.release()
+        self._track(-1)
+
     async def _execute_policy(
         self,
-        policy_fields: Any,
+        policy: Policy | dict[str, Any] | None,
         *,
         uid: int,
         stdin: bytes,
@@ -185,14 +239,10 @@ class Controller:
         language: str = "python",
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        policy = coerce_policy(_policy_dict(policy_fields))
+        policy = policy if isinstance(policy, Policy) else coerce_policy(policy)
         runtime = self.manager.select(policy)
         await self._take_slot()
-        self._track(+1)
-        # One id from start to end: ``status`` shows it while the run is going,
-        # and the ExecResult carries it, so a caller can match the two.
-        execution_id = new_id()
-        self.running[execution_id] = Running(execution_id, runtime.name, uid)
+        execution_id = self._started(runtime.name, uid)
         try:
             # A warm isolate is handed over and spoken to on the event loop itself:
             # a trip through the thread pool costs two thread wake-ups (~1 ms here).
@@ -216,9 +266,7 @@ class Controller:
                 else:
                     await self._blocking(sandbox.close)
         finally:
-            del self.running[execution_id]
-            self._slots.release()
-            self._track(-1)
+            self._ended(execution_id)
 
     async def create(self, params: dict[str, Any], uid: int, connection: int) -> dict[str, Any]:
         policy = coerce_policy(_policy_dict(params.get("policy")))
@@ -351,6 +399,55 @@ class Controller:
                 pass
         await self._blocking(self.manager.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """An ``execute`` request's arguments, checked."""
+
+    policy: Policy
+    command: list[str] | None
+    code: str | None
+    language: str
+    stdin: bytes
+
+
+def _job(params: dict[str, Any]) -> _Job:
+    command, code = params.get("command"), params.get("code")
+    if (command is None) == (code is None):
+        raise RequestError("execute needs exactly one of 'command' (a list of strings) or 'code'")
+    if command is not None and (
+        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command)
+    ):
+        raise RequestError("command must be a non-empty list of strings")
+    if code is not None and not isinstance(code, str):
+        raise RequestError("code must be a string")
+    stdin = _stdin(params)
+    policy = coerce_policy(_policy_dict(params.get("policy")))
+    return _Job(policy, command, code, params.get("language", "python"), stdin)
+
+
+def _agent_request(job: _Job) -> tuple[str, dict[str, Any]]:
+    if job.command is not None:
+        return "exec", exec_params(job.command)
+    return "run_code", code_params(job.code or "", job.language)
+
+
+def _take_now(slots: asyncio.Semaphore) -> bool:
+    """Take a free slot in this loop turn, or say there is none.
+
+    ``acquire`` does not suspend when the semaphore is not locked, so its
+    coroutine is run to its end here instead of in a task of its own.
+    """
+    if slots.locked():
+        return False
+    acquire = slots.acquire()
+    try:
+        acquire.send(None)
+    except StopIteration:
+        return True
+    acquire.close()  # not reached: an unlocked semaphore is acquired without waiting
+    return False
 
 
 def _policy_dict(value: Any) -> dict[str, Any] | None:

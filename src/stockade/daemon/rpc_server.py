@@ -127,11 +127,15 @@ class RPCServer:
                     return
                 started = time.monotonic()
                 method: str | None = None
+                sent = False
                 if isinstance(line, int):
                     response = _error(None, f"Request too large: over {line} bytes", "invalid_request")
                 else:
-                    method, response = await self._respond(line, peer, connection, writer)
-                await _send(writer, response)
+                    method, response, sent = await self._respond(line, peer, connection, writer)
+                if sent:
+                    await writer.drain()
+                else:
+                    await _send(writer, response)
                 if method is not None and method != "ping":
                     # Logged once the answer is out, not on the caller's time. Never the
                     # params (they may hold code and data), never the hmac.
@@ -164,62 +168,103 @@ class RPCServer:
 
     async def _respond(
         self, line: bytes, peer: Peer, connection: int, writer: asyncio.StreamWriter
-    ) -> tuple[str | None, dict[str, Any]]:
-        """The answer to one request line, and the method it ran (None when refused before dispatch)."""
+    ) -> tuple[str | None, dict[str, Any], bool]:
+        """The answer to one request line, the method it ran (None when refused before
+        dispatch), and whether the answer has been written already."""
         try:
             request = json.loads(line)
         except (UnicodeDecodeError, ValueError):
-            return None, _error(None, "Invalid JSON", "invalid_request")
+            return None, _error(None, "Invalid JSON", "invalid_request"), False
         if not isinstance(request, dict):
-            return None, _error(None, "Invalid request: expected a JSON object", "invalid_request")
+            return None, _error(None, "Invalid request: expected a JSON object", "invalid_request"), False
         msg_id = request.get("id")
         if not isinstance(msg_id, (int, str, type(None))) or isinstance(msg_id, bool):
-            return None, _error(None, "Invalid request: id must be a number, a string or null", "invalid_request")
+            return (
+                None,
+                _error(None, "Invalid request: id must be a number, a string or null", "invalid_request"),
+                False,
+            )
         if not self.per_connection.allow(connection) or not self.per_uid.allow(peer.uid):
-            return None, _error(msg_id, RATE_LIMITED, "rate_limit")
+            return None, _error(msg_id, RATE_LIMITED, "rate_limit"), False
         if self.stopping:
-            return None, _error(msg_id, "Shutting down: no new requests", "unavailable")
+            return None, _error(msg_id, "Shutting down: no new requests", "unavailable"), False
         if self.config.auth_token is not None and not auth.verify(
             request, self.config.auth_token, self.nonces, raw=line
         ):
             log.warning("authentication failed: uid=%d method=%r", peer.uid, str(request.get("method"))[:64])
-            return None, _error(msg_id, AUTH_FAILED, "auth")
+            return None, _error(msg_id, AUTH_FAILED, "auth"), False
         method, params = request.get("method"), request.get("params", {})
         if params is None:
             params = {}
         if not isinstance(method, str) or not isinstance(params, dict):
-            return None, _error(
-                msg_id, "Invalid request: method must be a string and params an object", "invalid_request"
+            return (
+                None,
+                _error(msg_id, "Invalid request: method must be a string and params an object", "invalid_request"),
+                False,
             )
         handler = self.methods.get(method)
         if handler is None:
-            return None, _error(msg_id, f"Method not found: {method[:64]}", "method_not_found")
+            return None, _error(msg_id, f"Method not found: {method[:64]}", "method_not_found"), False
+        if method == "execute" and not params.get("stream"):
+            answered = await self._execute_now(params, peer, msg_id, writer)
+            if answered is not None:
+                return method, answered, True
 
         def emit(stream: str, data: bytes) -> None:
             # Output of a run with "stream": true, ahead of its answer, on the same connection.
             chunk = {"id": msg_id, "output": {"stream": stream, "data": base64.b64encode(data).decode()}}
             writer.write(json.dumps(chunk).encode() + b"\n")
 
-        return method, await self._call(handler, method, params, peer, connection, msg_id, emit)
+        return method, await self._call(handler, method, params, peer, connection, msg_id, emit), False
 
     async def _call(
         self, handler: Any, method: str, params: dict[str, Any], peer: Peer, connection: int, msg_id: Any, emit: Emit
     ) -> dict[str, Any]:
         try:
             return {"result": await handler(params, peer, connection, emit), "error": None, "id": msg_id}
-        except RequestError as exc:
-            return _error(msg_id, str(exc), exc.code)
-        except PolicyError as exc:
-            return _error(msg_id, str(exc), "policy")
-        except RuntimeUnavailableError as exc:
-            return _error(msg_id, str(exc), "runtime_unavailable")
-        except AgentError as exc:
-            return _error(msg_id, str(exc), "agent")
-        except StockadeError as exc:
-            return _error(msg_id, str(exc), "sandbox")
-        except Exception as exc:
-            log.exception("internal error in %s", method)
-            return _error(msg_id, f"Internal error: {type(exc).__name__}", "internal")
+        except Exception as exc:  # noqa: BLE001 - every failure is an answer; _failure logs the unexpected
+            return _failure(exc, method, msg_id)
+
+    async def _execute_now(
+        self, params: dict[str, Any], peer: Peer, msg_id: Any, writer: asyncio.StreamWriter
+    ) -> dict[str, Any] | None:
+        """Serve an ``execute`` on a warm isolate without waking this task for the agent's answer.
+
+        The answer is written by the loop's callback that reads the agent's, in
+        the same turn: on a host whose caches go cold while the isolate runs,
+        every step between the two is the caller's latency. The task only
+        learns of it afterwards. None when no warm isolate or slot is free now:
+        then the request takes the awaited path.
+        """
+        answered: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: ExecResult | Exception) -> None:
+            try:
+                if isinstance(outcome, ExecResult):
+                    response: dict[str, Any] = {"result": outcome, "error": None, "id": msg_id}
+                else:
+                    response = _failure(outcome, "execute", msg_id)
+                _write(writer, response)
+            except Exception as exc:  # noqa: BLE001 - raised in the task, which logs it and drops the connection
+                if not answered.done():
+                    answered.set_exception(exc)
+                return
+            if not answered.done():
+                answered.set_result(response)
+
+        try:
+            abandon = self.controller.execute_now(params, peer.uid, done)
+        except Exception as exc:  # noqa: BLE001 - a bad request is an answer, as on the awaited path
+            response = _failure(exc, "execute", msg_id)
+            _write(writer, response)
+            return response
+        if abandon is None:
+            return None
+        try:
+            return await answered
+        finally:
+            if not answered.done():
+                abandon()  # the connection is going away (shutdown): the isolate goes too
 
     # ---- methods --------------------------------------------------------------------
 
@@ -255,7 +300,28 @@ def _error(msg_id: Any, message: str, code: str) -> dict[str, Any]:
     return {"result": None, "error": message, "error_code": code, "id": msg_id}
 
 
+def _failure(exc: Exception, method: str, msg_id: Any) -> dict[str, Any]:
+    """The error answer for what a method raised."""
+    if isinstance(exc, RequestError):
+        return _error(msg_id, str(exc), exc.code)
+    if isinstance(exc, PolicyError):
+        return _error(msg_id, str(exc), "policy")
+    if isinstance(exc, RuntimeUnavailableError):
+        return _error(msg_id, str(exc), "runtime_unavailable")
+    if isinstance(exc, AgentError):
+        return _error(msg_id, str(exc), "agent")
+    if isinstance(exc, StockadeError):
+        return _error(msg_id, str(exc), "sandbox")
+    log.error("internal error in %s", method, exc_info=exc)
+    return _error(msg_id, f"Internal error: {type(exc).__name__}", "internal")
+
+
 async def _send(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
+    _write(writer, response)
+    await writer.drain()
+
+
+def _write(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
     result = response["result"]
     if isinstance(result, BaseModel):
         # A model (an ExecResult) goes out through pydantic's own serializer, in
@@ -265,7 +331,6 @@ async def _send(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
     else:
         # json.dumps' default separators: the seed's health check shows its answer byte for byte.
         writer.write(json.dumps(response).encode() + b"\n")
-    await writer.drain()
 
 
 async def _read_line(reader: asyncio.StreamReader, limit: int) -> bytes | int | None:

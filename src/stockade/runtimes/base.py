@@ -134,8 +134,7 @@ class AgentSandbox(abc.ABC):
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        params = {"argv": list(argv), "cwd": cwd}
-        return self._run("exec", params, stdin, env, timeout, on_output)
+        return self._run("exec", exec_params(argv, cwd), stdin, env, timeout, on_output)
 
     def run_code(
         self,
@@ -147,8 +146,7 @@ class AgentSandbox(abc.ABC):
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        params = {"code": code, "language": language}
-        return self._run("run_code", params, stdin, env, timeout, on_output)
+        return self._run("run_code", code_params(code, language), stdin, env, timeout, on_output)
 
     async def aexec(
         self,
@@ -160,7 +158,7 @@ class AgentSandbox(abc.ABC):
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        return await self._arun("exec", {"argv": list(argv), "cwd": cwd}, stdin, env, timeout, on_output)
+        return await self._arun("exec", exec_params(argv, cwd), stdin, env, timeout, on_output)
 
     async def arun_code(
         self,
@@ -172,8 +170,7 @@ class AgentSandbox(abc.ABC):
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        params = {"code": code, "language": language}
-        return await self._arun("run_code", params, stdin, env, timeout, on_output)
+        return await self._arun("run_code", code_params(code, language), stdin, env, timeout, on_output)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -777,6 +774,16 @@ class _LoopCall:
         except OSError:
             pass  # closed under the call (the sandbox was closed): nothing to restore
         self.release()
+
+
+def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
+    """The agent's ``exec`` request for ``argv`` (before the run's common fields)."""
+    return {"argv": list(argv), "cwd": cwd}
+
+
+def code_params(code: str, language: str = "python") -> dict[str, Any]:
+    """The agent's ``run_code`` request for ``code`` (before the run's common fields)."""
+    return {"code": code, "language": language}
 
 
 def _settle_outcome(future: asyncio.Future[Any], outcome: Any) -> None:
