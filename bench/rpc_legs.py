@@ -89,10 +89,11 @@ def instrument() -> None:
 
     _wrap(rpc_server.RPCServer, "_respond", "daemon: request read; parse, limits, hmac, dispatch")
     _wrap(controller.Controller, "_execute_policy", "daemon: policy, slot, hand-over")
-    _wrap(base.AgentSandbox, "_acall", "daemon: the agent's run (awaited)")
+    _wrap(base.AgentSandbox, "start_run", "daemon: the agent's run, sent")
+    _wrap(base._LoopCall, "_end", "daemon: the agent's answer, read in the loop's callback")
     _wrap(base.AgentSandbox, "_call", "sdk: the agent's run (blocking)")
     _wrap(base.AgentSandbox, "_finish_run", "usage and result")
-    _wrap(rpc_server, "_send", "daemon: result to the socket")
+    _wrap(rpc_server, "_write", "daemon: result to the socket")
     _wrap(client.Client, "_read_line", "client: waiting for the answer")
     _wrap(client, "_parse", "client: parse and validate the answer")
 
