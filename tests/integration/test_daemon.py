@@ -227,20 +227,7 @@ def test_sigterm_past_the_grace_ends_a_warm_execute_and_leaves_nothing(process_r
     not wait for it must still end its isolate and tear it down."""
     d = start_daemon({"STOCKADE_SHUTDOWN_GRACE": "0.3"})
     marker = f"stockade-grace-{os.getpid()}"
-    errors: list[Exception] = []
-
-    def long_run() -> None:
-        try:
-            Client(d.socket_path).execute(["sh", "-c", f"sleep 60; echo {marker}"])
-        except Exception as exc:  # the outcome under test
-            errors.append(exc)
-
-    t = threading.Thread(target=long_run)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not processes_with_arg(marker) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert processes_with_arg(marker), "the run did not start"
+    t, errors = _execute_in_background(Client(d.socket_path), ["sh", "-c", f"sleep 60; echo {marker}"], marker)
     pid = d.proc.pid
     started = time.monotonic()
     assert d.stop(signal.SIGTERM) == 0, d.logs()
@@ -252,6 +239,28 @@ def test_sigterm_past_the_grace_ends_a_warm_execute_and_leaves_nothing(process_r
         time.sleep(0.05)
     assert processes_with_arg(marker) == [] and _cgroups_of(pid) == []
     assert "Traceback" not in d.logs()
+
+
+def _execute_in_background(
+    client: Client, argv: list[str], marker: str
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``argv`` through ``client`` in a thread, once a process whose command line
+    holds ``marker`` runs; the thread, and the list its exception lands in."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            client.execute(argv)
+        except BaseException as exc:  # the outcome under test
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not processes_with_arg(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert processes_with_arg(marker), "the execution never started"
+    return t, errors
 
 
 def _cgroups_of(pid: int) -> list[str]:
@@ -267,20 +276,7 @@ def test_sigkill_during_execution_then_restart_and_retry(process_runtime: str) -
     d = start_daemon()
     client = Client(d.socket_path, timeout=10)
     marker = "4242.125"
-    errors: list[BaseException] = []
-
-    def doomed() -> None:
-        try:
-            client.execute(["sleep", marker])
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=doomed)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not processes_with_arg(marker) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert processes_with_arg(marker), "the execution never started"
+    t, errors = _execute_in_background(client, ["sleep", marker], marker)
     old_pid = d.proc.pid
     d.stop(signal.SIGKILL)
     t.join(30)

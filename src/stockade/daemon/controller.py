@@ -81,8 +81,7 @@ class Controller:
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     async def _take_slot(self) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()  # free: no wait_for, whose task costs a loop turn
+        if _take_now(self._slots):  # free: no wait_for, whose task costs a loop turn
             return
         if self._waiting >= self.config.queue_limit:
             raise RequestError(
@@ -107,10 +106,11 @@ class Controller:
             self._idle.set()
 
     def _dispose_after_answer(self, sandbox: AgentSandbox, dispose: Callable[[AgentSandbox], None]) -> None:
-        """Kill ``sandbox`` right after this task's answer is written; tear it down a little later.
+        """Kill ``sandbox`` right after its answer is written; tear it down a little later.
 
-        Both are callbacks on the loop, so both run after the handler returns
-        and its answer has gone out in the same loop turn.
+        Both are callbacks on the loop, so both run after the answer being
+        written in this loop turn (by the handler, or by the callback that read
+        the agent's answer) has gone out.
         """
         loop = asyncio.get_running_loop()
         loop.call_soon(sandbox.kill)

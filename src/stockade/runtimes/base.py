@@ -263,10 +263,10 @@ class AgentSandbox(abc.ABC):
         run = self._begin_run(params, stdin, env, timeout, on_output)
         guard = _CallbackGuard(on_output)
         try:
-            verdict = _verdict(self._call(method, run.params, run.wait, guard.callback))
-        except (TimeoutError, EOFError, OSError, AgentProtocolError) as exc:
-            return self._finish_run(run, None, self._ended(exc))
-        return guard.check(self._finish_run(run, verdict, None))
+            reply: Any = self._call(method, run.params, run.wait, guard.callback)
+        except _RUN_ENDINGS as exc:
+            reply = exc
+        return self._settle_run(run, guard, reply)
 
     async def _arun(
         self,
@@ -314,23 +314,30 @@ class AgentSandbox(abc.ABC):
 
         def answered(reply: Any) -> None:
             try:
-                if isinstance(reply, (TimeoutError, EOFError, OSError, AgentProtocolError)):
-                    result = self._finish_run(run, None, self._ended(reply))
-                elif isinstance(reply, Exception):
-                    raise reply
-                else:
-                    try:
-                        verdict = _verdict(reply)
-                    except AgentProtocolError as exc:
-                        result = self._finish_run(run, None, self._ended(exc))
-                    else:
-                        result = guard.check(self._finish_run(run, verdict, None))
+                result = self._settle_run(run, guard, reply)
             except Exception as exc:  # noqa: BLE001 - handed to the caller, as an awaited run would raise it
                 done(exc)
                 return
             done(result)
 
         return self._call_on_loop(asyncio.get_running_loop(), method, run.params, run.wait, guard.callback, answered)
+
+    def _settle_run(self, run: _PendingRun, guard: _CallbackGuard, reply: Any) -> ExecResult:
+        """The result of a run from the agent's reply, or from the exception that ended the call.
+
+        A timeout, a lost or garbled connection ends the isolate and is a verdict
+        (a result that says so); any other exception (the agent's own error, the
+        caller's output callback) is raised.
+        """
+        if isinstance(reply, _RUN_ENDINGS):
+            return self._finish_run(run, None, self._ended(reply))
+        if isinstance(reply, Exception):
+            raise reply
+        try:
+            verdict = _verdict(reply)
+        except AgentProtocolError as exc:
+            return self._finish_run(run, None, self._ended(exc))
+        return guard.check(self._finish_run(run, verdict, None))
 
     def _begin_run(
         self,
@@ -774,6 +781,10 @@ class _LoopCall:
         except OSError:
             pass  # closed under the call (the sandbox was closed): nothing to restore
         self.release()
+
+
+# How a call to the agent can end that is the isolate's end, not an error to raise.
+_RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
 
 
 def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
