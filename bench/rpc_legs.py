@@ -84,16 +84,17 @@ def _is_coroutine(fn: Any) -> bool:
 def instrument() -> None:
     """Wrap the steps of a request, on whichever side this process is."""
     from stockade import client
-    from stockade.daemon import controller, rpc_server
+    from stockade.daemon import connection, controller, rpc_server
     from stockade.runtimes import base
 
-    _wrap(rpc_server.RPCServer, "_respond", "daemon: request read; parse, limits, hmac, dispatch")
-    _wrap(controller.Controller, "_execute_policy", "daemon: policy, slot, hand-over")
+    _wrap(connection.Connection, "data_received", "daemon: request read")
+    _wrap(rpc_server.RPCServer, "admit", "daemon: parse, limits, hmac")
+    _wrap(controller.Controller, "execute_now", "daemon: policy, slot, hand-over")
     _wrap(base.AgentSandbox, "start_run", "daemon: the agent's run, sent")
     _wrap(base._LoopCall, "_end", "daemon: the agent's answer, read in the loop's callback")
     _wrap(base.AgentSandbox, "_call", "sdk: the agent's run (blocking)")
     _wrap(base.AgentSandbox, "_finish_run", "usage and result")
-    _wrap(rpc_server, "_write", "daemon: result to the socket")
+    _wrap(connection.Connection, "send", "daemon: result to the socket")
     _wrap(client.Client, "_read_line", "client: waiting for the answer")
     _wrap(client, "_parse", "client: parse and validate the answer")
 

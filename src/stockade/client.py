@@ -15,6 +15,7 @@ import base64
 import itertools
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .protocol import auth
 from .result import ExecResult
 
 T = TypeVar("T")
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 
 
 class DaemonBusyError(SandboxError):
@@ -87,6 +89,7 @@ class Client:
         self._token = auth_token
         self.timeout = timeout
         self._sock: socket.socket | None = None
+        self._sock_timeout: float | None = None
         self._buffer = b""
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -107,8 +110,22 @@ class Client:
                 raise DaemonUnavailableError(
                     f"cannot reach the stockade daemon at {self.socket_path}: {exc.strerror or exc}"
                 ) from None
-            self._sock, self._buffer = sock, b""
+            # Blocking from here on, with the wait bounded by the kernel
+            # (SO_RCVTIMEO, SO_SNDTIMEO): a Python timeout would poll() before
+            # every send and receive, two more system calls on each request.
+            sock.settimeout(None)
+            self._sock, self._buffer, self._sock_timeout = sock, b"", None
         return self._sock
+
+    def _bound(self, sock: socket.socket, timeout: float) -> None:
+        """Bound each send and receive on ``sock`` to ``timeout`` seconds (set only when it changes)."""
+        if timeout == self._sock_timeout:
+            return
+        seconds = int(timeout)
+        limit = _TIMEVAL.pack(seconds, max(1 if seconds == 0 else 0, int((timeout - seconds) * 1e6)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        self._sock_timeout = timeout
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -166,8 +183,9 @@ class Client:
         callback_error: Exception | None = None
         with self._lock:
             sock = self._connect()
+            wait = timeout or self.timeout
             try:
-                sock.settimeout(timeout or self.timeout)
+                self._bound(sock, wait)
                 sock.sendall(line)
                 while True:
                     answer = _parse(self._read_line(sock), answer_type)
@@ -184,6 +202,9 @@ class Client:
                             callback_error = exc
                 if answer.id != msg_id and "id" in answer.model_fields_set and answer.error_code is None:
                     raise StockadeError(f"the daemon answered request {answer.id!r}, not {msg_id}")
+            except BlockingIOError:  # the kernel's bound on the wait (EAGAIN)
+                self._drop()
+                raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
             except (OSError, EOFError) as exc:
                 self._drop()
                 raise DaemonUnavailableError(f"lost the connection to the stockade daemon: {exc}") from None

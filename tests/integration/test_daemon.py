@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -134,6 +135,97 @@ def test_malformed_and_oversized_input_keep_the_connection(process_runtime: str)
         assert "command" in errors[4]
         assert errors[5].startswith("Request too large")
         assert json.loads(replies[-1]) == {"result": "pong", "error": None, "id": 9}
+        # An oversized last line that ends the connection without its newline is answered too.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(d.socket_path)
+            s.sendall(b"y" * 20000)
+            s.shutdown(socket.SHUT_WR)
+            tail = s.makefile("rb").read().splitlines()
+        assert [json.loads(x)["error"] for x in tail] == ["Request too large: over 4096 bytes"]
+    finally:
+        assert d.stop() == 0
+
+
+def test_pipelined_requests_are_answered_in_order(daemon: Daemon) -> None:
+    # Sent in one write: each waits for the one before it, whether that one is
+    # answered at once (ping), by the agent's callback (a warm execute) or by a task.
+    lines = [
+        {"method": "ping", "params": {}, "id": 1},
+        {"method": "execute", "params": {"command": ["sh", "-c", "sleep 0.2; echo two"]}, "id": 2},
+        {"method": "status", "params": {}, "id": 3},
+        {"method": "runtimes", "params": {}, "id": 4},
+        {"method": "execute", "params": {"code": "print(5)"}, "id": 5},
+        {"method": "ping", "params": {}, "id": 6},
+    ]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(daemon.socket_path)
+        s.sendall(b"".join(json.dumps(x).encode() + b"\n" for x in lines) + b"{broken\n")
+        s.shutdown(socket.SHUT_WR)  # the answers still come, then the daemon closes
+        answers = [json.loads(x) for x in s.makefile("rb").read().splitlines()]
+    assert [a["id"] for a in answers] == [1, 2, 3, 4, 5, 6, None]
+    assert answers[1]["result"]["stdout"] == "two\n" and answers[4]["result"]["stdout"] == "5\n"
+    assert answers[2]["result"]["total_count"] == 0, "status was answered before the execute ahead of it ended"
+    assert answers[6]["error"] == "Invalid JSON"
+
+
+def test_a_client_that_hangs_up_mid_run_ends_its_run(daemon: Daemon) -> None:
+    # Its answer can go nowhere: the isolate is killed and its slot freed at
+    # once, not when the command would have ended. A policy of a shape the pool
+    # has never seen starts cold (awaited in a task); the default one is served
+    # warm, once the pool has refilled (answered by the agent's callback).
+    watcher = Client(daemon.socket_path)
+    for attempt, policy in (("cold", {"disk_mb": 77}), ("warm", {})):
+        marker = f"stockade-hangup-{attempt}-{os.getpid()}"
+        argv = ["sh", "-c", f"sleep 60; echo {marker}"]
+        request = {"method": "execute", "params": {"command": argv, "policy": policy}, "id": 1}
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(daemon.socket_path)
+            s.sendall(json.dumps(request).encode() + b"\n")
+            deadline = time.monotonic() + 10
+            while not processes_with_arg(marker) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert processes_with_arg(marker), "the execution never started"
+        deadline = time.monotonic() + 10
+        while (processes_with_arg(marker) or watcher.status()["total_count"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_with_arg(marker) == [], f"the {attempt} run outlived the client that asked for it"
+        assert watcher.status()["active_sandboxes"] == []
+        assert watcher.execute(["echo", "next"]).stdout == "next\n"
+        time.sleep(1.0)  # the pool refills
+
+
+def test_a_client_that_does_not_read_its_answers_is_paused(process_runtime: str) -> None:
+    # Answers a client leaves unread are not buffered without end: once they back
+    # up, the daemon stops reading that connection (its sends then block), and
+    # other clients are served all the while. Read late, every answer is there, in order.
+    d = start_daemon({"STOCKADE_MAX_REQUESTS": "1000000000"})
+    try:
+        line = b'{"method": "ping", "params": {}, "id": 7}\n'
+        batch = line * 1000
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(d.socket_path)
+            s.setblocking(False)
+            sent, stalled_since, stalled = 0, 0.0, False
+            deadline = time.monotonic() + 30
+            while not stalled and time.monotonic() < deadline:
+                try:
+                    sent += s.send(batch)
+                    stalled_since = 0.0
+                except BlockingIOError:
+                    stalled_since = stalled_since or time.monotonic()
+                    stalled = time.monotonic() - stalled_since > 1.0  # the daemon has stopped reading
+                    time.sleep(0.01)
+            assert stalled, f"the daemon kept reading a client that reads nothing ({sent} bytes sent)"
+            assert Client(d.socket_path).ping() == "pong"
+            s.setblocking(True)
+            s.settimeout(30)
+            s.shutdown(socket.SHUT_WR)
+            answers = s.makefile("rb").read().splitlines()
+        whole = sent - sent % len(line)
+        assert len(answers) == whole // len(line) + (1 if sent % len(line) else 0)
+        assert set(answers[: whole // len(line)]) == {b'{"result": "pong", "error": null, "id": 7}'}
     finally:
         assert d.stop() == 0
 

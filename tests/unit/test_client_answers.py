@@ -128,3 +128,22 @@ def test_a_daemon_that_hangs_up_is_unavailable(scripted: Callable[[Answer], Clie
     client = scripted(lambda r: b"")
     with pytest.raises(DaemonUnavailableError):
         client.execute(code="pass")
+
+
+def test_an_answer_that_never_comes_is_a_timeout_that_names_its_bound(
+    scripted: Callable[[Answer], Client],
+) -> None:
+    # The client's socket is blocking with the kernel's bound on each wait
+    # (SO_RCVTIMEO): the bound must still end a wait for an answer that never comes.
+    release = threading.Event()
+
+    def never_answer(request: dict[str, object]) -> bytes:
+        release.wait(30)
+        return b""  # then hang up
+
+    client = scripted(never_answer)
+    try:
+        with pytest.raises(DaemonUnavailableError, match=r"did not answer within 0\.3 s"):
+            client.call("ping", timeout=0.3)
+    finally:
+        release.set()

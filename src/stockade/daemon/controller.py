@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import secrets
 import time
@@ -186,8 +187,8 @@ class Controller:
         if sandbox is None:
             self._slots.release()
             return None
-        execution_id = self._started(runtime.name, uid)
         sandbox.one_shot = True
+        execution_id = ""
         settled = False
 
         def finish(outcome: ExecResult | Exception | None) -> None:
@@ -195,19 +196,25 @@ class Controller:
             if settled:
                 return
             settled = True
-            self._dispose_after_answer(sandbox, dispose)
-            self._ended(execution_id)
-            if isinstance(outcome, ExecResult):
-                outcome.execution_id = execution_id
-            if outcome is not None:
-                done(outcome)
+            try:
+                if isinstance(outcome, ExecResult):
+                    outcome.execution_id = execution_id
+                if outcome is not None:
+                    done(outcome)  # the answer first: the bookkeeping below is not the caller's wait
+            finally:
+                self._dispose_after_answer(sandbox, dispose)
+                self._ended(execution_id)
 
+        # The agent's request goes out first; the bookkeeping follows it, in
+        # the same loop turn (``finish`` is never called before this returns).
         try:
             method, request = _agent_request(job)
             call = sandbox.start_run(method, request, job.stdin, None, None, None, finish)
         except BaseException:
-            finish(None)
+            self._dispose_after_answer(sandbox, dispose)
+            self._slots.release()
             raise
+        execution_id = self._started(runtime.name, uid)
 
         def abandon() -> None:
             call.abort()
@@ -250,7 +257,7 @@ class Controller:
             take = getattr(runtime, "take_warm", None)
             sandbox: AgentSandbox | None = take(policy) if take is not None else None
             if sandbox is None:
-                sandbox = await self._blocking(runtime.start, policy)
+                sandbox = await self._start_for(runtime, policy)
             sandbox.one_shot = True
             try:
                 if command is not None:
@@ -267,6 +274,21 @@ class Controller:
                     await self._blocking(sandbox.close)
         finally:
             self._ended(execution_id)
+
+    async def _start_for(self, runtime: Any, policy: Policy) -> AgentSandbox:
+        """Start an isolate in a thread; one whose caller is cancelled meanwhile
+        (its client went away) is closed once it has started, not left behind."""
+        start = asyncio.get_running_loop().run_in_executor(self._pool, runtime.start, policy)
+        try:
+            return await asyncio.shield(start)
+        except asyncio.CancelledError:
+            start.add_done_callback(self._close_unwanted)
+            raise
+
+    def _close_unwanted(self, start: asyncio.Future[AgentSandbox]) -> None:
+        if not start.cancelled() and start.exception() is None:
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: manager.close ends it
+                self._pool.submit(start.result().close)
 
     async def create(self, params: dict[str, Any], uid: int, connection: int) -> dict[str, Any]:
         policy = coerce_policy(_policy_dict(params.get("policy")))

@@ -694,19 +694,33 @@ class _LoopCall:
         self.unsent = memoryview(frame)
         self.received = bytearray()
         self.length: int | None = None  # the payload length of the frame being read, once its header is in
-        self.writing = self.reading = self.ended = False
-        sock.setblocking(False)
-        self.timer = loop.call_later(timeout, self._end, TimeoutError("the agent did not answer in time"))
-        loop.call_soon(self._send)  # ``done`` is never called before the caller has the call
+        self.writing = self.reading = self.ended = self.aborted = False
+        # Every send and receive passes MSG_DONTWAIT, so the socket stays in the
+        # blocking mode its other (threaded) callers expect, with no fcntl calls
+        # to switch it. A timeout set on it would make Python poll before each
+        # call, though: then it is made non-blocking for the call's length.
+        self.restore_blocking = sock.gettimeout() is not None
+        if self.restore_blocking:
+            sock.setblocking(False)
+        self.timer: asyncio.TimerHandle | None = None
+        # Sent now, in the caller's loop turn, before anything else is set up;
+        # an end met on the way (a dead agent) reaches ``done`` a turn later:
+        # never before the caller has the call.
+        self.starting = True
+        self._send()
+        self.starting = False
+        if not self.ended:
+            self.timer = loop.call_later(timeout, self._end, TimeoutError("the agent did not answer in time"))
 
     def abort(self) -> None:
         """Stop watching the agent; ``done`` will not be called."""
+        self.aborted = True
         self._finish()
 
     def _send(self) -> None:
         while self.unsent and not self.ended:
             try:
-                sent = self.sock.send(self.unsent)
+                sent = self.sock.send(self.unsent, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if not self.writing:
                     self.writing = True
@@ -722,14 +736,13 @@ class _LoopCall:
             self.writing = False
             self.loop.remove_writer(self.fd)
         self.reading = True
-        self.loop.add_reader(self.fd, self._receive)
-        self._receive()  # the answer may be there already
+        self.loop.add_reader(self.fd, self._receive)  # level-triggered: an answer already there is seen too
 
     def _receive(self) -> None:
         while not self.ended:
             need = wire.HEADER_SIZE if self.length is None else self.length
             try:
-                chunk = self.sock.recv(min(need - len(self.received), 1 << 20)) if need else b""
+                chunk = self.sock.recv(min(need - len(self.received), 1 << 20), socket.MSG_DONTWAIT) if need else b""
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -765,21 +778,30 @@ class _LoopCall:
     def _end(self, outcome: Any) -> None:
         if not self.ended:
             self._finish()
+            if self.starting:
+                self.loop.call_soon(self._deliver, outcome)
+            else:
+                self.done(outcome)
+
+    def _deliver(self, outcome: Any) -> None:
+        if not self.aborted:
             self.done(outcome)
 
     def _finish(self) -> None:
         if self.ended:
             return
         self.ended = True
-        self.timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         if self.writing:
             self.loop.remove_writer(self.fd)
         if self.reading:
             self.loop.remove_reader(self.fd)
-        try:
-            self.sock.setblocking(True)
-        except OSError:
-            pass  # closed under the call (the sandbox was closed): nothing to restore
+        if self.restore_blocking:
+            try:
+                self.sock.setblocking(True)
+            except OSError:
+                pass  # closed under the call (the sandbox was closed): nothing to restore
         self.release()
 
 

@@ -1,0 +1,346 @@
+"""One client connection to the daemon: framing, order, flow control, and what ends with it.
+
+An ``asyncio.Protocol``, not a stream and a task: a request line is admitted
+(parsed, rate-limited, authenticated, dispatched) in the loop callback that
+reads it, and a warm ``execute`` is answered from the callback that reads the
+agent's answer, so the common request wakes no task at all. On this host each
+task or future wake-up after an idle spell costs 80-170 µs more than a
+callback (docs/performance.md). Methods that must wait (a cold start, a queue
+for a slot, a held sandbox's call) run in a task of their own, one at a time.
+
+Requests on one connection are answered in order: lines that arrive while one
+is being answered wait in a queue, and reading stops while the queue is full
+or the client does not read its answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import select
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import BaseModel
+
+from ..result import ExecResult
+
+if TYPE_CHECKING:
+    from .rpc_server import RPCServer
+
+log = logging.getLogger("stockade.daemon")
+
+_PEERCRED = struct.Struct("3i")
+# Lines read ahead of the one being answered; past this, reading pauses.
+MAX_QUEUED_LINES = 64
+_TOO_LARGE = None  # in the queue: an oversized line's place, answered in its turn
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: RPCServer, number: int) -> None:
+        self.server = server
+        self.number = number
+        self.limit = server.config.max_request_bytes
+        self.transport: asyncio.Transport | None = None
+        self.peer = Peer(0, -1, -1)
+        self.refused = True  # until connection_made has checked the peer
+        self._buffer = bytearray()
+        self._skipping = False  # inside an oversized line: dropped up to its newline
+        self._lines: deque[bytes | None] = deque()
+        self._busy = False  # a request is being answered (in a task or by the agent's callback)
+        self._pumping = False
+        self._abandon: Callable[[], None] | None = None  # ends a run answered by callback
+        self._task: asyncio.Task[None] | None = None
+        self._task_method = ""
+        self._write_paused = False
+        self._eof = False
+        self._lost = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ---- the transport's callbacks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream transport: the server is a Unix socket
+        self.server.connections.add(self)
+        sock: socket.socket = transport.get_extra_info("socket")
+        try:
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        except OSError as exc:  # a peer that cannot be named is not served
+            log.warning("refused a peer whose credentials cannot be read: %s", exc)
+            self.transport.abort()
+            return
+        self.peer = Peer(*_PEERCRED.unpack(credentials))
+        if not self.server.peer_allowed(self.peer):
+            # Answered once and dropped: closing here means the transport never starts reading.
+            log.warning("refused peer pid=%d uid=%d gid=%d", self.peer.pid, self.peer.uid, self.peer.gid)
+            self.send(error_answer(None, f"Permission denied: uid {self.peer.uid} is not allowed", "auth"))
+            self.transport.close()
+            return
+        self.refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused or self._lost:
+            return
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            data = data[end + 1 :]
+            self._skipping = False
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            self._queue(bytes(buffer[start:end]))
+            start = end + 1
+        del buffer[:start]
+        if len(buffer) > self.limit:
+            buffer.clear()
+            self._lines.append(_TOO_LARGE)
+            self._skipping = True
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if self.refused or _hung_up(self.transport):
+            # Closed, not just shut for writing (as socat does after its request):
+            # no answer can reach it, so nothing more is run for it.
+            return False  # the transport closes; connection_lost ends what still runs
+        if not self._skipping and self._buffer:
+            self._queue(bytes(self._buffer))  # a last request without its newline still counts
+        self._buffer.clear()
+        self._eof = True
+        self._pump()
+        return True  # keep the writing half open: the queued requests are still answered
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._lines.clear()
+        # The client went away: a one-shot run's answer can go nowhere, so its
+        # isolate and its slot go now. A held sandbox's call is let finish, so
+        # that a kept sandbox is left in step with its agent.
+        if self._abandon is not None:
+            abandon, self._abandon = self._abandon, None
+            abandon()
+            self._busy = False
+        if self._task is not None and self._task_method == "execute":
+            self._task.cancel()
+        asyncio.get_running_loop().create_task(self._release())
+
+    async def _release(self) -> None:
+        """What the connection held goes once its last request is over: its sandboxes, its rate window."""
+        try:
+            if self._task is not None:
+                await asyncio.gather(self._task, return_exceptions=True)
+            self.server.per_connection.forget(self.number)
+            await self.server.controller.close_connection(self.number)
+        except Exception:
+            log.exception("connection %d: releasing its sandboxes failed", self.number)
+        finally:
+            self.server.connections.discard(self)
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    # ---- answering, in order ----------------------------------------------------------
+
+    def _queue(self, line: bytes) -> None:
+        if len(line) > self.limit:
+            self._lines.append(_TOO_LARGE)
+            return
+        line = line.strip()
+        if line:
+            self._lines.append(line)
+
+    def _pump(self) -> None:
+        """Answer queued lines until one has to wait (or none is left)."""
+        if self._pumping:
+            return  # called back from inside an answer: the loop below goes on
+        self._pumping = True
+        try:
+            while self._lines and not self._busy and not self._write_paused and not self._lost:
+                line = self._lines.popleft()
+                try:
+                    self._answer(line)
+                except Exception:
+                    log.exception("connection %d failed", self.number)
+                    self._busy = False
+                    self.close()
+                    return
+        finally:
+            self._pumping = False
+        self._flow()
+        if self._eof and not self._lines and not self._busy and self.transport is not None:
+            self.transport.close()
+
+    def _flow(self) -> None:
+        """Read while there is room for more requests and the client reads its answers."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._write_paused or len(self._lines) >= MAX_QUEUED_LINES:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _answer(self, line: bytes | None) -> None:
+        started = time.monotonic()
+        if line is _TOO_LARGE:
+            self.send(error_answer(None, f"Request too large: over {self.limit} bytes", "invalid_request"))
+            return
+        admitted = self.server.admit(line, self.peer, self.number)
+        if isinstance(admitted, dict):
+            self.send(admitted)
+            return
+        method, params, msg_id = admitted
+        immediate = self.server.immediate.get(method)
+        if immediate is not None:
+            self.send({"result": immediate(params), "error": None, "id": msg_id})
+            self._logged(method, None, started)
+            return
+        if method == "execute" and not params.get("stream") and self._execute_now(params, msg_id, started):
+            return
+        self._busy = True
+        self._task_method = method
+        self._task = asyncio.get_running_loop().create_task(self._awaited(method, params, msg_id, started))
+
+    def _execute_now(self, params: dict[str, Any], msg_id: Any, started: float) -> bool:
+        """Start an ``execute`` on a warm isolate, answered by the callback that reads the agent's answer.
+
+        False when no slot or warm isolate is free now: then it is awaited.
+        """
+        self._busy = True
+        settled = False
+
+        def done(outcome: ExecResult | Exception) -> None:
+            nonlocal settled
+            settled = True
+            self._abandon = None
+            self._busy = False
+            if isinstance(outcome, ExecResult):
+                self.send({"result": outcome, "error": None, "id": msg_id})
+                self._logged("execute", outcome, started)
+            else:
+                response = self.server.failure(outcome, "execute", msg_id)
+                self.send(response)
+                self._logged("execute", response, started)
+            if self._lines or self._eof:
+                # A turn later: the run's slot and isolate are handed back once this returns.
+                asyncio.get_running_loop().call_soon(self._pump)
+
+        try:
+            abandon = self.server.controller.execute_now(params, self.peer.uid, done)
+        except Exception as exc:  # noqa: BLE001 - a bad request is an answer, as on the awaited path
+            self._busy = False
+            response = self.server.failure(exc, "execute", msg_id)
+            self.send(response)
+            self._logged("execute", response, started)
+            return True
+        if abandon is None:
+            self._busy = False
+            return False
+        if not settled:
+            self._abandon = abandon
+        return True
+
+    async def _awaited(self, method: str, params: dict[str, Any], msg_id: Any, started: float) -> None:
+        try:
+            response = await self.server.call(method, params, self.peer, self.number, msg_id, self._emitter(msg_id))
+            self.send(response)
+            self._logged(method, response.get("result") if response["error"] is None else response, started)
+        finally:
+            self._task = None
+            self._busy = False
+            if not self._lost:
+                self._pump()
+
+    # ---- writing ----------------------------------------------------------------------
+
+    def send(self, response: dict[str, Any]) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.write(encode_answer(response))
+
+    def _emitter(self, msg_id: Any) -> Callable[[str, bytes], None]:
+        def emit(stream: str, data: bytes) -> None:
+            # Output of a run with "stream": true, ahead of its answer, on the same connection.
+            if self.transport is not None and not self._lost:
+                chunk = {"id": msg_id, "output": {"stream": stream, "data": base64.b64encode(data).decode()}}
+                self.transport.write(json.dumps(chunk).encode() + b"\n")
+
+        return emit
+
+    def _logged(self, method: str, outcome: Any, started: float) -> None:
+        # Logged once the answer is out, not on the caller's time. Never the
+        # params (they may hold code and data), never the hmac.
+        if method == "ping":
+            return
+        code = outcome.get("error_code") if isinstance(outcome, dict) else None
+        run = f" execution={outcome.execution_id}" if isinstance(outcome, ExecResult) else ""
+        log.info("uid=%d %s %s%s %.1fms", self.peer.uid, method, code or "ok", run, (time.monotonic() - started) * 1000)
+
+    # ---- ending -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def shut(self) -> None:
+        """At the daemon's stop: end what this connection still runs, then the connection."""
+        if self._abandon is not None:
+            abandon, self._abandon = self._abandon, None
+            abandon()
+        if self._task is not None:
+            self._task.cancel()
+        if self.transport is not None:
+            if self._write_paused:
+                self.transport.abort()  # its client reads nothing: its backlog would hold the close open
+            else:
+                self.transport.close()
+
+
+def _hung_up(transport: asyncio.Transport | None) -> bool:
+    """Whether the peer closed its socket, rather than only shutting its writing half.
+
+    Both read as end of file; only a socket closed at both ends polls as
+    POLLHUP (Linux, Unix stream sockets).
+    """
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLHUP)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+def error_answer(msg_id: Any, message: str, code: str) -> dict[str, Any]:
+    return {"result": None, "error": message, "error_code": code, "id": msg_id}
+
+
+def encode_answer(response: dict[str, Any]) -> bytes:
+    result = response["result"]
+    if isinstance(result, BaseModel):
+        # A model (an ExecResult) goes out through pydantic's own serializer, in
+        # the same key order as every other answer.
+        return f'{{"result": {result.model_dump_json()}, "error": null, "id": {json.dumps(response["id"])}}}\n'.encode()
+    # json.dumps' default separators: the seed's health check shows its answer byte for byte.
+    return json.dumps(response).encode() + b"\n"
