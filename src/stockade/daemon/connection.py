@@ -290,13 +290,12 @@ class Connection(asyncio.Protocol):
         return emit
 
     def _logged(self, method: str, outcome: Any, started: float) -> None:
-        # Logged once the answer is out, not on the caller's time. Never the
-        # params (they may hold code and data), never the hmac.
+        # Never the params (they may hold code and data), never the hmac.
         if method == "ping":
             return
         code = outcome.get("error_code") if isinstance(outcome, dict) else None
         run = f" execution={outcome.execution_id}" if isinstance(outcome, ExecResult) else ""
-        log.info("uid=%d %s %s%s %.1fms", self.peer.uid, method, code or "ok", run, (time.monotonic() - started) * 1000)
+        self.server.answer_log.add(self.peer.uid, method, code or "ok", run, (time.monotonic() - started) * 1000)
 
     # ---- ending -----------------------------------------------------------------------
 
@@ -316,6 +315,35 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()  # its client reads nothing: its backlog would hold the close open
             else:
                 self.transport.close()
+
+
+class AnswerLog:
+    """The log line of each answer, written a moment after the answer, not right away.
+
+    Writing it costs about 0.1 ms here, and a client just answered is often
+    woken onto the daemon's own CPU (the kernel expects a process that has
+    just written to a socket to sleep next): every step the daemon takes
+    before it sleeps is one the client waits for. So lines are kept, and
+    written by one timer ``delay_s`` after the first of them.
+    """
+
+    def __init__(self, delay_s: float = 0.002) -> None:
+        self.delay_s = delay_s
+        self._pending: list[tuple[int, str, str, str, float]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, uid: int, method: str, outcome: str, run: str, elapsed_ms: float) -> None:
+        self._pending.append((uid, method, outcome, run, elapsed_ms))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            log.info("uid=%d %s %s%s %.1fms", *entry)
 
 
 def _hung_up(transport: asyncio.Transport | None) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import AgentError, ConfigError, PolicyError, RuntimeUnavailableError, StockadeError
 from ..protocol import auth
 from .config import DaemonConfig
-from .connection import Connection, Peer, error_answer
+from .connection import AnswerLog, Connection, Peer, error_answer
 from .controller import Controller, RequestError
 from .ratelimit import SlidingWindowLimiter
 
@@ -50,6 +50,7 @@ class RPCServer:
         self.per_uid = SlidingWindowLimiter(config.max_requests)
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[Connection] = set()
+        self.answer_log = AnswerLog()
         self._ids = itertools.count(1)
         self.stopping = False
         # Answered in the callback that read the request: nothing to wait for.
@@ -99,6 +100,7 @@ class RPCServer:
             connection.shut()
         if connections:
             await asyncio.wait([c.closed for c in connections], timeout=5)
+        self.answer_log.flush()
 
     def peer_allowed(self, peer: Peer) -> bool:
         if self.config.allowed_uids is not None and peer.uid not in self.config.allowed_uids:
