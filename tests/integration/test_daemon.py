@@ -230,6 +230,44 @@ def test_a_client_that_does_not_read_its_answers_is_paused(process_runtime: str)
         assert d.stop() == 0
 
 
+def test_connections_per_uid_are_bounded(process_runtime: str) -> None:
+    # Each connection holds one of the daemon's file descriptors: a client that
+    # opens them without end is refused past the bound, and served again once
+    # it closes some.
+    d = start_daemon({"STOCKADE_MAX_CONNECTIONS": "3"})
+    ping = b'{"method": "ping", "params": {}, "id": 1}\n'
+    held: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(d.socket_path)
+            s.sendall(ping)
+            assert json.loads(s.recv(4096))["result"] == "pong"
+            held.append(s)
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.settimeout(10)
+            extra.connect(d.socket_path)
+            refusal = extra.makefile("rb").read().splitlines()
+        assert len(refusal) == 1 and json.loads(refusal[0])["error"].startswith("Too many connections: uid")
+        assert json.loads(refusal[0])["error_code"] == "busy"
+        with pytest.raises(DaemonBusyError, match="Too many connections"):
+            Client(d.socket_path).ping()
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert Client(d.socket_path).ping() == "pong"
+                break
+            except DaemonBusyError:
+                assert time.monotonic() < deadline, "a closed connection was never counted out"
+                time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()
+        assert d.stop() == 0
+
+
 def test_concurrency_cap_says_busy(process_runtime: str) -> None:
     d = start_daemon({"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_LIMIT": "0"})
     try:
@@ -290,7 +328,12 @@ def test_malformed_socket_perms_refused_at_start(process_runtime: str, value: st
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("STOCKADE_POOL_SHAPES", "0"), ("STOCKADE_POOL_SIZE", "lots"), ("STOCKADE_CGROUP_PARENT", "../escape")],
+    [
+        ("STOCKADE_POOL_SHAPES", "0"),
+        ("STOCKADE_POOL_SIZE", "lots"),
+        ("STOCKADE_CGROUP_PARENT", "../escape"),
+        ("STOCKADE_MAX_CONNECTIONS", "0"),
+    ],
 )
 def test_malformed_runtime_settings_refused_at_start(process_runtime: str, name: str, value: str) -> None:
     d = start_daemon({name: value}, wait=False)

@@ -7,6 +7,7 @@
 | STOCKADE_AUTH_TOKEN | unset | HMAC token; every request must then be signed |
 | STOCKADE_MAX_REQUESTS | 100 | requests per client per second (sliding window) |
 | STOCKADE_ALLOWED_UIDS / _GIDS | unset | comma-separated peers allowed (SO_PEERCRED) |
+| STOCKADE_MAX_CONNECTIONS | 64 | connections open at once per peer uid |
 | STOCKADE_MAX_SANDBOXES | 8 | sandboxes alive at once (held + executing) |
 | STOCKADE_QUEUE_LIMIT | 16 | requests that may wait for a free slot; more get "busy" |
 | STOCKADE_QUEUE_TIMEOUT | 30 | seconds a request may wait for a slot |
@@ -44,6 +45,7 @@ class DaemonConfig:
     max_requests: int = 100
     allowed_uids: frozenset[int] | None = None
     allowed_gids: frozenset[int] | None = None
+    max_connections: int = 64
     max_sandboxes: int = 8
     queue_limit: int = 16
     queue_timeout_s: float = 30.0
@@ -72,6 +74,7 @@ class DaemonConfig:
             max_requests=_int(env, "STOCKADE_MAX_REQUESTS", 100, minimum=1),
             allowed_uids=_ids(env, "STOCKADE_ALLOWED_UIDS"),
             allowed_gids=_ids(env, "STOCKADE_ALLOWED_GIDS"),
+            max_connections=_int(env, "STOCKADE_MAX_CONNECTIONS", 64, minimum=1),
             max_sandboxes=_int(env, "STOCKADE_MAX_SANDBOXES", 8, minimum=1),
             queue_limit=_int(env, "STOCKADE_QUEUE_LIMIT", 16, minimum=0),
             queue_timeout_s=_float(env, "STOCKADE_QUEUE_TIMEOUT", 30.0),

@@ -84,12 +84,23 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
             return
         self.peer = Peer(*_PEERCRED.unpack(credentials))
+        # A refused peer is answered once and dropped: closing here means the
+        # transport never starts reading.
         if not self.server.peer_allowed(self.peer):
-            # Answered once and dropped: closing here means the transport never starts reading.
             log.warning("refused peer pid=%d uid=%d gid=%d", self.peer.pid, self.peer.uid, self.peer.gid)
             self.send(error_answer(None, f"Permission denied: uid {self.peer.uid} is not allowed", "auth"))
             self.transport.close()
             return
+        open_now = self.server.open_connections[self.peer.uid]
+        if open_now >= self.server.config.max_connections:
+            # Each connection holds a file descriptor: without a bound, one local
+            # user could leave the daemon none to start isolates with.
+            log.warning("refused peer pid=%d uid=%d: %d connections open", self.peer.pid, self.peer.uid, open_now)
+            message = f"Too many connections: uid {self.peer.uid} has {open_now} open (STOCKADE_MAX_CONNECTIONS)"
+            self.send(error_answer(None, message, "busy"))
+            self.transport.close()
+            return
+        self.server.open_connections[self.peer.uid] = open_now + 1
         self.refused = False
 
     def data_received(self, data: bytes) -> None:
@@ -159,6 +170,10 @@ class Connection(asyncio.Protocol):
             log.exception("connection %d: releasing its sandboxes failed", self.number)
         finally:
             self.server.connections.discard(self)
+            if not self.refused:
+                self.server.open_connections[self.peer.uid] -= 1
+                if not self.server.open_connections[self.peer.uid]:
+                    del self.server.open_connections[self.peer.uid]
             if not self.closed.done():
                 self.closed.set_result(None)
 

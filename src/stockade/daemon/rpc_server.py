@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import stat
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,7 @@ class RPCServer:
         self.per_uid = SlidingWindowLimiter(config.max_requests)
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[Connection] = set()
+        self.open_connections: Counter[int] = Counter()  # per peer uid, the ones admitted
         self.answer_log = AnswerLog()
         self._ids = itertools.count(1)
         self.stopping = False
