@@ -26,11 +26,23 @@ DEFAULT_WINDOW_S = 30.0
 _CANONICAL = json.JSONEncoder(sort_keys=True)
 
 
+_BLOCK = 64  # SHA-256's block size, in bytes
+
+
 @functools.lru_cache(maxsize=8)
-def _keyed(token: str) -> hmac.HMAC:
-    """HMAC-SHA256 under ``token``, keyed once: every request is signed or checked
-    with the same token, so each MAC copies this instead of keying afresh."""
-    return hmac.new(token.encode("utf-8"), digestmod=hashlib.sha256)
+def _keyed(token: str) -> tuple[Any, Any]:
+    """HMAC-SHA256 under ``token`` (RFC 2104), keyed once: the inner and outer
+    hashes with the padded key already absorbed. Every request is signed or
+    checked with the same token, so each MAC copies these two instead of keying
+    afresh; two plain hash copies cost a third less here than copying an
+    ``hmac`` object, right after a sleep (docs/performance.md)."""
+    key = token.encode("utf-8")
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    return inner, outer
 
 
 class _Nonces:
@@ -63,9 +75,13 @@ def compute_hmac(request: dict[str, Any], token: str) -> str:
 
 
 def _mac(message: bytes, token: str) -> str:
-    mac = _keyed(token).copy()
-    mac.update(message)
-    return mac.hexdigest()
+    """HMAC-SHA256(token, message) as hex: exactly ``hmac.new(...).hexdigest()`` (tested)."""
+    keyed_inner, keyed_outer = _keyed(token)
+    inner = keyed_inner.copy()
+    inner.update(message)
+    outer = keyed_outer.copy()
+    outer.update(inner.digest())
+    return str(outer.hexdigest())
 
 
 def _stamped(request: dict[str, Any], now: float | None) -> dict[str, Any]:
