@@ -16,7 +16,9 @@ class SlidingWindowLimiter:
 
     def allow(self, key: object, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        events = self._events.setdefault(key, deque())
+        events = self._events.get(key)
+        if events is None:  # not setdefault: that would build a deque on every call
+            events = self._events[key] = deque()
         while events and now - events[0] >= self.window_s:
             events.popleft()
         if len(events) >= self.limit:

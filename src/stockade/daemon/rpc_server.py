@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -125,7 +126,8 @@ class RPCServer:
         msg_id = request.get("id")
         if not isinstance(msg_id, (int, str, type(None))) or isinstance(msg_id, bool):
             return error_answer(None, "Invalid request: id must be a number, a string or null", "invalid_request")
-        if not self.per_connection.allow(connection) or not self.per_uid.allow(peer.uid):
+        now = time.monotonic()
+        if not self.per_connection.allow(connection, now) or not self.per_uid.allow(peer.uid, now):
             return error_answer(msg_id, RATE_LIMITED, "rate_limit")
         if self.stopping:
             return error_answer(msg_id, "Shutting down: no new requests", "unavailable")
