@@ -1,4 +1,5 @@
-"""A SIGKILLed host leaves nothing running, and the next start sweeps what it left on disk."""
+"""A SIGKILLed host leaves nothing running and nothing on disk: its zygote ends the
+isolates and removes their cgroups; if the zygote is killed too, the next start sweeps them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 from stockade import Policy
 from stockade.runtimes.manager import RuntimeManager
@@ -31,7 +33,9 @@ while time.monotonic() < deadline:
     time.sleep(0.02)
 spare = nxt.procs_files if nxt is not None else []
 print(json.dumps({"procs": inner.cgroup.procs_files if inner.cgroup else [], "spare": spare,
-                  "dirs": list(dict.fromkeys(inner.cgroup.dirs.values())) if inner.cgroup else []}), flush=True)
+                  "dirs": list(dict.fromkeys(inner.cgroup.dirs.values())) if inner.cgroup else [],
+                  "spare_dirs": list(dict.fromkeys(nxt.dirs.values())) if nxt is not None else [],
+                  "zygote": runtime._zygote_handle().proc.pid}), flush=True)
 sb.exec(["sleep", "3600"])  # the host is killed while this runs
 """
 
@@ -47,13 +51,17 @@ def _procs(files: list[str]) -> set[int]:
     return found
 
 
-def test_sigkill_of_the_host_kills_every_isolate_and_sweep_cleans_up(process_runtime: str) -> None:
+def _kill_host(kill_zygote_first: bool) -> dict[str, Any]:
+    """Start a host with a running isolate and a spare, SIGKILL it (and its zygote
+    first, if asked), check that no process of either isolate is left; what it printed."""
     host = subprocess.Popen([sys.executable, "-c", HOST], stdout=subprocess.PIPE, text=True)
     try:
         assert host.stdout is not None
-        info = json.loads(host.stdout.readline())
+        info: dict[str, Any] = json.loads(host.stdout.readline())
         assert not info["procs"] or _procs(info["procs"]), "the isolate should be running"
         time.sleep(0.2)
+        if kill_zygote_first:
+            os.kill(info["zygote"], signal.SIGKILL)
         os.kill(host.pid, signal.SIGKILL)
         host.wait(timeout=10)
     finally:
@@ -69,12 +77,28 @@ def test_sigkill_of_the_host_kills_every_isolate_and_sweep_cleans_up(process_run
     while _procs(info["spare"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _procs(info["spare"]) == set(), "the zygote's spare child outlived its host"
-    # The dead host's cgroups are still on disk until a new runtime sweeps them.
+    return info
+
+
+def test_sigkill_of_the_host_kills_every_isolate_and_its_zygote_removes_their_cgroups(process_runtime: str) -> None:
+    info = _kill_host(kill_zygote_first=False)
+    dirs = info["dirs"] + info["spare_dirs"]
+    assert info["dirs"], "the isolate had no cgroup to check"
+    deadline = time.monotonic() + 10
+    while [d for d in dirs if os.path.exists(d)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [d for d in dirs if os.path.exists(d)] == [], "the dead host's cgroups were left on disk"
+
+
+def test_when_the_zygote_dies_with_its_host_the_next_start_sweeps(process_runtime: str) -> None:
+    info = _kill_host(kill_zygote_first=True)
+    assert info["dirs"], "the isolate had no cgroup to check"
+    assert any(os.path.exists(d) for d in info["dirs"]), "nothing was left for the sweep to remove"
     fresh = RuntimeManager(pool_size=0)
     try:
         with fresh.get("process").start(Policy()) as sandbox:
             assert sandbox.exec(["true"]).success
     finally:
         fresh.close()
-    for d in info["dirs"]:
+    for d in info["dirs"] + info["spare_dirs"]:
         assert not os.path.exists(d), f"stale cgroup {d} was not swept"

@@ -11,12 +11,16 @@ steps (cgroups, sandbox uid, namespaces, the fork into the pid namespace) are
 then done before the isolate is asked for.
 
 The zygote is single-threaded (fork-safe), a child subreaper (it reaps every
-isolate init), and dies with its host (PDEATHSIG and EOF on the control socket).
+isolate init), and ends with its host (PDEATHSIG and EOF on the control socket).
+A host that dies without closing its isolates (SIGKILL, a crash) leaves their
+cgroups behind; the zygote then kills every isolate it built and removes the
+cgroups they were put in, so nothing waits for the next start's sweep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
 import select
@@ -24,6 +28,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 from . import confine, linux
 
@@ -36,13 +41,19 @@ CONFIG_MAX = 1 << 20
 
 def main(ctl_fd: int) -> None:
     ctl = socket.socket(fileno=ctl_fd)
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    host = os.getppid()
+    # SIGTERM, not SIGKILL: the zygote cleans up after a dead host. It is also
+    # sent when the host *thread* that started the zygote ends, so the zygote
+    # checks that its parent really changed before it acts.
+    signal.signal(signal.SIGTERM, lambda *_: None)  # wakes the select below
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
-    if os.getppid() == 1:
+    if os.getppid() != host or host == 1:
         os._exit(0)  # the host died before PDEATHSIG was armed
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    built = _Built()
     # Everything imported so far is shared with every isolate: keep the
     # collector from touching (and so copying) those pages after fork.
     gc.freeze()
@@ -58,12 +69,17 @@ def main(ctl_fd: int) -> None:
             except BlockingIOError:
                 pass
             _reap()
+            if os.getppid() != host:
+                built.clean_up()
+                return
         if ctl.fileno() in ready:
             try:
                 raw, fds, _flags, _addr = socket.recv_fds(ctl, CONFIG_MAX, 1)
             except OSError:
                 raw, fds = b"", []
             if not raw:
+                if os.getppid() != host:
+                    built.clean_up()  # the host died; a host that closes us cleans up itself
                 return
             if not fds:
                 # {"op": "prepare", "cgroup_procs": [...]}: fork the next child ahead of time,
@@ -71,6 +87,8 @@ def main(ctl_fd: int) -> None:
                 if spare is not None:
                     spare.discard()
                 request = _prepare_request(raw)
+                if request is not None:
+                    built.note(request["cgroup_procs"])
                 usable = request is not None and dead_spares < DEAD_SPARES_TO_STOP
                 spare = _fork_spare(ctl, (wake_r, wake_w), request) if usable and request else None
                 continue
@@ -83,6 +101,7 @@ def main(ctl_fd: int) -> None:
             if spare is None or not spare.take(raw, fds[0]):
                 if spare is not None and spare.died:
                     dead_spares += 1
+                built.note_config(raw)
                 _spawn(ctl, raw, fds[0], (wake_r, wake_w))
             else:
                 dead_spares = 0
@@ -90,6 +109,75 @@ def main(ctl_fd: int) -> None:
             if spare is not None:
                 spare.discard()
                 spare = None
+
+
+class _Built:
+    """The cgroups of the isolates this zygote built, for the clean-up after a dead host."""
+
+    def __init__(self) -> None:
+        self.dirs: dict[str, None] = {}  # in the order first seen
+
+    def note(self, procs_files: list[str]) -> None:
+        # Groups the host has removed (isolates it closed) are forgotten here, so
+        # the record stays as small as the set of live isolates.
+        for gone in [d for d in self.dirs if not os.path.isdir(d)]:
+            del self.dirs[gone]
+        for path in procs_files:
+            if isinstance(path, str):
+                self.dirs[os.path.dirname(path)] = None
+
+    def note_config(self, raw: bytes) -> None:
+        try:
+            procs = confine.decode_config(raw).get("cgroup_procs") or []
+        except ValueError:
+            return
+        if isinstance(procs, list):
+            self.note(procs)
+
+    def clean_up(self, deadline_s: float = 5.0) -> None:
+        """Kill every isolate built here (each pid-namespace init takes its namespace
+        with it), wait until they are gone, then remove their cgroups."""
+        me = os.getpid()
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            children = _children_of(me)
+            if not children:
+                break
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            _reap()
+            time.sleep(0.01)
+        for path in sorted(self.dirs, key=len, reverse=True):  # a nested group before its parent
+            while True:
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        break  # left for the next start's sweep
+                    time.sleep(0.01)  # its last processes are still exiting
+                else:
+                    break
+
+
+def _children_of(parent: int) -> list[int]:
+    """Pids whose parent is ``parent`` (from /proc: the zygote keeps no list of them)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == parent:
+            found.append(int(name))
+    return found
 
 
 class _Spare:
@@ -218,6 +306,7 @@ def _become_builder(ctl: socket.socket, wake_fds: tuple[int, int]) -> None:
         os.close(fd)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the zygote's own handler is not the isolate's
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 0)
 
 
