@@ -230,6 +230,33 @@ def test_a_client_that_does_not_read_its_answers_is_paused(process_runtime: str)
         assert d.stop() == 0
 
 
+def test_large_pipelined_requests_are_not_parked_in_memory(process_runtime: str) -> None:
+    # While one request runs, the requests piped in behind it wait in the daemon:
+    # up to about a MiB of them, not 64 lines of the line limit (here 4 MiB each).
+    d = start_daemon({"STOCKADE_MAX_REQUEST_BYTES": str(4 << 20), "STOCKADE_MAX_REQUESTS": "1000000"})
+    try:
+        busy = {"method": "execute", "params": {"command": ["sleep", "3"]}, "id": 1}
+        big = b'{"method": "ping", "params": {"pad": "' + b"x" * (3 << 20) + b'"}, "id": 2}\n'
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(d.socket_path)
+            s.sendall(json.dumps(busy).encode() + b"\n")
+            s.setblocking(False)
+            sent, stalled_since, stalled = 0, 0.0, False
+            deadline = time.monotonic() + 2.5  # within the 3 s the first request runs
+            while not stalled and sent < 96 << 20 and time.monotonic() < deadline:
+                try:
+                    sent += s.send(big[sent % len(big) :])
+                    stalled_since = 0.0
+                except BlockingIOError:
+                    stalled_since = stalled_since or time.monotonic()
+                    stalled = time.monotonic() - stalled_since > 0.5
+                    time.sleep(0.01)
+        assert stalled, f"the daemon read {sent >> 20} MiB of requests queued behind a running one"
+        assert sent < 24 << 20
+    finally:
+        assert d.stop() == 0
+
+
 def test_connections_per_uid_are_bounded(process_runtime: str) -> None:
     # Each connection holds one of the daemon's file descriptors: a client that
     # opens them without end is refused past the bound, and served again once

@@ -38,8 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("stockade.daemon")
 
 _PEERCRED = struct.Struct("3i")
-# Lines read ahead of the one being answered; past this, reading pauses.
+# Read ahead of the request being answered, at most this many lines and
+# (roughly: one read may overshoot) this many bytes; then reading pauses. The
+# byte bound keeps a client that pipelines large requests from parking up to
+# 64 of them (a GiB at the default line limit) in the daemon's memory.
 MAX_QUEUED_LINES = 64
+MAX_QUEUED_BYTES = 1 << 20
 _TOO_LARGE = None  # in the queue: an oversized line's place, answered in its turn
 
 
@@ -61,6 +65,7 @@ class Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._skipping = False  # inside an oversized line: dropped up to its newline
         self._lines: deque[bytes | None] = deque()
+        self._queued_bytes = 0
         self._busy = False  # a request is being answered (in a task or by the agent's callback)
         self._pumping = False
         self._abandon: Callable[[], None] | None = None  # ends a run answered by callback
@@ -148,6 +153,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._lines.clear()
+        self._queued_bytes = 0
         # The client went away: a one-shot run's answer can go nowhere, so its
         # isolate and its slot go now. A held sandbox's call is let finish, so
         # that a kept sandbox is left in step with its agent.
@@ -186,6 +192,7 @@ class Connection(asyncio.Protocol):
         line = line.strip()
         if line:
             self._lines.append(line)
+            self._queued_bytes += len(line)
 
     def _pump(self) -> None:
         """Answer queued lines until one has to wait (or none is left)."""
@@ -195,6 +202,7 @@ class Connection(asyncio.Protocol):
         try:
             while self._lines and not self._busy and not self._write_paused and not self._lost:
                 line = self._lines.popleft()
+                self._queued_bytes -= len(line) if line is not None else 0
                 try:
                     self._answer(line)
                 except Exception:
@@ -213,7 +221,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._write_paused or len(self._lines) >= MAX_QUEUED_LINES:
+        if self._write_paused or len(self._lines) >= MAX_QUEUED_LINES or self._queued_bytes >= MAX_QUEUED_BYTES:
             transport.pause_reading()
         else:
             transport.resume_reading()
