@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import select
@@ -24,15 +25,16 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from pydantic import BaseModel
 
 from ..result import ExecResult
 
 if TYPE_CHECKING:
+    from .controller import ExecuteJob
     from .rpc_server import RPCServer
 
 log = logging.getLogger("stockade.daemon")
@@ -45,6 +47,8 @@ _PEERCRED = struct.Struct("3i")
 MAX_QUEUED_LINES = 64
 MAX_QUEUED_BYTES = 1 << 20
 _TOO_LARGE = None  # in the queue: an oversized line's place, answered in its turn
+# What an awaited request runs, when it was prepared before its task (a checked execute).
+Work: TypeAlias = Callable[[], Awaitable[Any]] | None
 
 
 @dataclass(frozen=True)
@@ -241,13 +245,22 @@ class Connection(asyncio.Protocol):
             self.send({"result": immediate(params), "error": None, "id": msg_id})
             self._logged(method, None, started)
             return
-        if method == "execute" and not params.get("stream") and self._execute_now(params, msg_id, started):
-            return
+        work: Work = None
+        if method == "execute" and not params.get("stream"):
+            controller = self.server.controller
+            try:
+                job = controller.check_execute(params)
+            except Exception as exc:  # noqa: BLE001 - a bad request is an answer, as on the awaited path
+                self._failed(exc, method, msg_id, started)
+                return
+            if self._execute_now(job, msg_id, started):
+                return
+            work = functools.partial(controller.execute, job, self.peer.uid)  # checked once, not again
         self._busy = True
         self._task_method = method
-        self._task = asyncio.get_running_loop().create_task(self._awaited(method, params, msg_id, started))
+        self._task = asyncio.get_running_loop().create_task(self._awaited(method, params, msg_id, started, work))
 
-    def _execute_now(self, params: dict[str, Any], msg_id: Any, started: float) -> bool:
+    def _execute_now(self, job: ExecuteJob, msg_id: Any, started: float) -> bool:
         """Start an ``execute`` on a warm isolate, answered by the callback that reads the agent's answer.
 
         False when no slot or warm isolate is free now: then it is awaited.
@@ -264,20 +277,16 @@ class Connection(asyncio.Protocol):
                 self.send({"result": outcome, "error": None, "id": msg_id})
                 self._logged("execute", outcome, started)
             else:
-                response = self.server.failure(outcome, "execute", msg_id)
-                self.send(response)
-                self._logged("execute", response, started)
+                self._failed(outcome, "execute", msg_id, started)
             if self._lines or self._eof:
                 # A turn later: the run's slot and isolate are handed back once this returns.
                 asyncio.get_running_loop().call_soon(self._pump)
 
         try:
-            abandon = self.server.controller.execute_now(params, self.peer.uid, done)
-        except Exception as exc:  # noqa: BLE001 - a bad request is an answer, as on the awaited path
+            abandon = self.server.controller.execute_now(job, self.peer.uid, done)
+        except Exception as exc:  # noqa: BLE001 - a runtime that cannot serve it is an answer too
             self._busy = False
-            response = self.server.failure(exc, "execute", msg_id)
-            self.send(response)
-            self._logged("execute", response, started)
+            self._failed(exc, "execute", msg_id, started)
             return True
         if abandon is None:
             self._busy = False
@@ -286,9 +295,19 @@ class Connection(asyncio.Protocol):
             self._abandon = abandon
         return True
 
-    async def _awaited(self, method: str, params: dict[str, Any], msg_id: Any, started: float) -> None:
+    def _failed(self, exc: Exception, method: str, msg_id: Any, started: float) -> None:
+        response = self.server.failure(exc, method, msg_id)
+        self.send(response)
+        self._logged(method, response, started)
+
+    async def _awaited(self, method: str, params: dict[str, Any], msg_id: Any, started: float, work: Work) -> None:
+        """Answer a request that has to wait: ``work`` when the caller prepared it, else the method's handler."""
         try:
-            response = await self.server.call(method, params, self.peer, self.number, msg_id, self._emitter(msg_id))
+            if work is not None:
+                response = await self.server.answer(method, msg_id, work())
+            else:
+                emit = self._emitter(msg_id)
+                response = await self.server.call(method, params, self.peer, self.number, msg_id, emit)
             self.send(response)
             self._logged(method, response.get("result") if response["error"] is None else response, started)
         finally:

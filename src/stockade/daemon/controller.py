@@ -159,15 +159,23 @@ class Controller:
             "policy_digest": result.policy_digest,
         }
 
-    async def execute(self, params: dict[str, Any], uid: int, on_output: OutputCallback | None = None) -> ExecResult:
-        job = _job(params)
+    @staticmethod
+    def check_execute(params: dict[str, Any]) -> ExecuteJob:
+        """An ``execute`` request's arguments, checked (``RequestError``/``PolicyError`` if bad)."""
+        return _job(params)
+
+    async def execute(
+        self, params: dict[str, Any] | ExecuteJob, uid: int, on_output: OutputCallback | None = None
+    ) -> ExecResult:
+        """Run one ``execute``: from its raw params, or from a job ``check_execute`` made already."""
+        job = params if isinstance(params, ExecuteJob) else _job(params)
         return await self._execute_policy(
             job.policy, command=job.command, code=job.code, language=job.language, stdin=job.stdin, uid=uid,
             on_output=on_output,
         )  # fmt: skip
 
     def execute_now(
-        self, params: dict[str, Any], uid: int, done: Callable[[ExecResult | Exception], None]
+        self, job: ExecuteJob, uid: int, done: Callable[[ExecResult | Exception], None]
     ) -> Callable[[], None] | None:
         """``execute``, without a task, when a slot and a warm isolate are free right now.
 
@@ -175,10 +183,10 @@ class Controller:
         Otherwise the run has started, ``done`` gets its result (or what stopped
         it) in the loop turn the agent answers, so the answer can go out with no
         task woken on the way, and the function returned abandons the run (for a
-        caller that goes away first; ``done`` is then not called). Raises what
-        ``execute`` raises for a bad request.
+        caller that goes away first; ``done`` is then not called). ``job`` comes
+        from ``check_execute``, so a caller that falls back to ``execute`` hands
+        it the same job instead of having its arguments checked again.
         """
-        job = _job(params)
         runtime = self.manager.select(job.policy)
         take, dispose = getattr(runtime, "take_warm", None), getattr(runtime, "dispose", None)
         if take is None or dispose is None or not _take_now(self._slots):
@@ -424,7 +432,7 @@ class Controller:
 
 
 @dataclass(frozen=True)
-class _Job:
+class ExecuteJob:
     """An ``execute`` request's arguments, checked."""
 
     policy: Policy
@@ -434,7 +442,7 @@ class _Job:
     stdin: bytes
 
 
-def _job(params: dict[str, Any]) -> _Job:
+def _job(params: dict[str, Any]) -> ExecuteJob:
     command, code = params.get("command"), params.get("code")
     if (command is None) == (code is None):
         raise RequestError("execute needs exactly one of 'command' (a list of strings) or 'code'")
@@ -446,10 +454,10 @@ def _job(params: dict[str, Any]) -> _Job:
         raise RequestError("code must be a string")
     stdin = _stdin(params)
     policy = coerce_policy(_policy_dict(params.get("policy")))
-    return _Job(policy, command, code, params.get("language", "python"), stdin)
+    return ExecuteJob(policy, command, code, params.get("language", "python"), stdin)
 
 
-def _agent_request(job: _Job) -> tuple[str, dict[str, Any]]:
+def _agent_request(job: ExecuteJob) -> tuple[str, dict[str, Any]]:
     if job.command is not None:
         return "exec", exec_params(job.command)
     return "run_code", code_params(job.code or "", job.language)

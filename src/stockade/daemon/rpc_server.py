@@ -25,7 +25,7 @@ import socket
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import AgentError, ConfigError, PolicyError, RuntimeUnavailableError, StockadeError
@@ -151,8 +151,12 @@ class RPCServer:
         self, method: str, params: dict[str, Any], peer: Peer, connection: int, msg_id: Any, emit: Emit
     ) -> dict[str, Any]:
         """The answer of an awaited method: its result, or the error it raised."""
+        return await self.answer(method, msg_id, self.methods[method](params, peer, connection, emit))
+
+    async def answer(self, method: str, msg_id: Any, work: Awaitable[Any]) -> dict[str, Any]:
+        """``work``'s result as an answer, or the error answer for what it raised."""
         try:
-            return {"result": await self.methods[method](params, peer, connection, emit), "error": None, "id": msg_id}
+            return {"result": await work, "error": None, "id": msg_id}
         except Exception as exc:  # noqa: BLE001 - every failure is an answer; failure() logs the unexpected
             return self.failure(exc, method, msg_id)
 
