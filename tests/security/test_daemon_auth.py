@@ -108,6 +108,18 @@ def test_the_mac_is_hmac_sha256_as_the_seed_computes_it(token: str) -> None:
     ).hexdigest()  # fmt: skip
 
 
+@pytest.mark.parametrize("size", [0, 1, 2047, 2048, 2049, 100_000])
+@pytest.mark.parametrize("token", ["k", TOKEN, "long" * 40])
+def test_the_mac_is_the_same_on_both_sides_of_the_short_message_path(size: int, token: str) -> None:
+    # Short messages are hashed by the interpreter's SHA-256, long ones by
+    # OpenSSL's: either way the MAC is hmac.new's.
+    import hashlib
+    import hmac
+
+    message = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert auth._mac(message, token) == hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
 def test_nonces_never_repeat_not_even_across_a_fork() -> None:
     mine = [json.loads(auth.signed_line({"method": "ping", "id": i}, TOKEN))["nonce"] for i in range(1000)]
     read, write = os.pipe()

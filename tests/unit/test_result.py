@@ -57,3 +57,25 @@ def test_violation_ids_are_unique() -> None:
     a = SecurityViolation(violation_type="x")
     b = SecurityViolation(violation_type="x")
     assert a.violation_id != b.violation_id
+
+
+def test_new_id_is_a_random_version_4_uuid() -> None:
+    import uuid
+
+    from stockade.result import new_id
+
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # lower-case hex, 8-4-4-4-12, as str(uuid.uuid4())
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # Every other bit varies: the 122 random bits are not fixed by a mask gone wrong.
+    ored, anded = 0, (1 << 128) - 1
+    for text in ids:
+        n = uuid.UUID(text).int
+        ored |= n
+        anded &= n
+    fixed = (0xF << 76) | (0x3 << 62)
+    assert ored | fixed == (1 << 128) - 1
+    assert anded & ~fixed == 0

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from pydantic import BaseModel
 
+from ..protocol.hostjson import dumps, id_json
 from ..result import ExecResult
 
 if TYPE_CHECKING:
@@ -411,6 +412,6 @@ def encode_answer(response: dict[str, Any]) -> bytes:
     if isinstance(result, BaseModel):
         # A model (an ExecResult) goes out through pydantic's own serializer, in
         # the same key order as every other answer.
-        return f'{{"result": {result.model_dump_json()}, "error": null, "id": {json.dumps(response["id"])}}}\n'.encode()
+        return f'{{"result": {result.model_dump_json()}, "error": null, "id": {id_json(response["id"])}}}\n'.encode()
     # json.dumps' default separators: the seed's health check shows its answer byte for byte.
-    return json.dumps(response).encode() + b"\n"
+    return dumps(response).encode() + b"\n"

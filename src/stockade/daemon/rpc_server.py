@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import socket
@@ -29,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import AgentError, ConfigError, PolicyError, RuntimeUnavailableError, StockadeError
-from ..protocol import auth
+from ..protocol import auth, hostjson
 from .config import DaemonConfig
 from .connection import AnswerLog, Connection, Peer, error_answer
 from .controller import Controller, RequestError
@@ -118,7 +117,7 @@ class RPCServer:
         In this order: JSON, shape, rate limits, shutdown, authentication, method.
         """
         try:
-            request = json.loads(line)
+            request = hostjson.loads(line)
         except (UnicodeDecodeError, ValueError):
             return error_answer(None, "Invalid JSON", "invalid_request")
         if not isinstance(request, dict):
