@@ -30,6 +30,8 @@ from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationRe
 if TYPE_CHECKING:
     import asyncio
 
+    from .agent_waits import Deadline
+
 OutputCallback = Callable[[str, bytes], None]
 
 # How long past the policy's timeout the host waits for the agent's own verdict
@@ -702,7 +704,11 @@ class _LoopCall:
         self.restore_blocking = sock.gettimeout() is not None
         if self.restore_blocking:
             sock.setblocking(False)
-        self.timer: asyncio.TimerHandle | None = None
+        from .agent_waits import agent_waits  # here: the blocking paths never import asyncio
+
+        self.waits = agent_waits(loop)
+        self.on_readable = self._receive  # one bound method: unwatch() knows it by identity
+        self.timer: Deadline | None = None
         # Sent now, in the caller's loop turn, before anything else is set up;
         # an end met on the way (a dead agent) reaches ``done`` a turn later:
         # never before the caller has the call.
@@ -710,7 +716,7 @@ class _LoopCall:
         self._send()
         self.starting = False
         if not self.ended:
-            self.timer = loop.call_later(timeout, self._end, TimeoutError("the agent did not answer in time"))
+            self.timer = self.waits.call_later(timeout, self._timed_out)
 
     def abort(self) -> None:
         """Stop watching the agent; ``done`` will not be called."""
@@ -736,7 +742,10 @@ class _LoopCall:
             self.writing = False
             self.loop.remove_writer(self.fd)
         self.reading = True
-        self.loop.add_reader(self.fd, self._receive)  # level-triggered: an answer already there is seen too
+        self.waits.watch(self.fd, self.on_readable)  # level-triggered: an answer already there is seen too
+
+    def _timed_out(self) -> None:
+        self._end(TimeoutError("the agent did not answer in time"))
 
     def _receive(self) -> None:
         while not self.ended:
@@ -792,11 +801,11 @@ class _LoopCall:
             return
         self.ended = True
         if self.timer is not None:
-            self.timer.cancel()
+            self.waits.cancel(self.timer)
         if self.writing:
             self.loop.remove_writer(self.fd)
         if self.reading:
-            self.loop.remove_reader(self.fd)
+            self.waits.unwatch(self.fd, self.on_readable)
         if self.restore_blocking:
             try:
                 self.sock.setblocking(True)
