@@ -136,7 +136,7 @@ def test_nonces_never_repeat_not_even_across_a_fork() -> None:
     parent_next = json.loads(auth.signed_line({"method": "ping", "id": 0}, TOKEN))["nonce"]
     everything = [*mine, child, parent_next]
     assert len(set(everything)) == len(everything)
-    assert all(len(n) == 32 and 8 <= len(n) <= 128 for n in everything)
+    assert all(17 <= len(n) <= 128 for n in everything)  # a 16-character prefix and a count
 
 
 def test_tampered_signed_line_is_refused(signed_daemon: Daemon) -> None:
@@ -282,3 +282,12 @@ def test_another_users_sandbox_is_invisible(process_runtime: str, needs_root: No
                 root_client.close_sandbox(sid)
     finally:
         assert d.stop() == 0
+
+
+def test_a_signed_request_carries_the_current_time_in_milliseconds() -> None:
+    import time
+
+    before = time.time()
+    ts = json.loads(auth.signed_line({"method": "ping", "id": 1}, TOKEN))["ts"]
+    assert isinstance(ts, float) and round(ts, 3) == ts
+    assert before - 0.001 <= ts <= time.time()

