@@ -138,3 +138,35 @@ def test_one_epoll_set_per_loop_and_none_left_open_after_the_loop() -> None:
         assert asyncio.run(scenario())
     gc.collect()
     assert open_fds() <= before + 1  # the last loop's set may stay cached until the next loop
+
+
+def test_a_run_on_the_loop_whose_agent_never_answers_ends_at_its_deadline() -> None:
+    # A frozen agent: the run's host-side deadline (its timeout plus the
+    # host's grace) must end it as a timeout and kill the isolate, and a run
+    # started meanwhile on another sandbox must still be answered.
+    import signal
+    import time
+
+    from stockade import Policy
+    from stockade.runtimes.base import HOST_TIMEOUT_GRACE_S, code_params
+    from stockade.runtimes.fake import FakeRuntime
+
+    runtime = FakeRuntime()
+    frozen, alive = runtime.start(Policy()), runtime.start(Policy())
+    try:
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+
+        async def scenario() -> tuple[float, str, str]:
+            started = time.monotonic()
+            stuck = asyncio.ensure_future(frozen._arun("run_code", code_params("pass"), b"", None, 0.5))
+            answered = await alive._arun("run_code", code_params("print('meanwhile')"), b"", None, 30.0)
+            result = await asyncio.wait_for(stuck, 30)
+            return time.monotonic() - started, result.termination_reason, answered.stdout
+
+        elapsed, reason, meanwhile = asyncio.run(scenario())
+        assert reason == "timeout" and meanwhile == "meanwhile\n"
+        assert elapsed >= 0.5 + HOST_TIMEOUT_GRACE_S - 0.1  # not before the deadline
+        assert frozen.closed or frozen.proc.wait(10) is not None  # the isolate was killed
+    finally:
+        frozen.close()
+        alive.close()
