@@ -4,7 +4,7 @@ A call to an agent driven by the loop (``base._LoopCall``) waits for its
 socket to become readable, and for a deadline. Through asyncio's own API that
 is a selector registration (a key, a handle, a system call) and a timer
 handle for every call, and as much again to undo them: 205 µs here right
-after an idle spell, against 20-30 µs this way (docs/performance.md), and
+after an idle spell, against about 30 µs this way (docs/performance.md), and
 half of it lies between the agent's answer and the caller's. So the sockets
 are registered in an epoll set of their own, which the loop watches as one
 reader, and the deadlines are kept in one heap under one timer, which is set
