@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import json
 import logging
 import select
 import socket
@@ -328,7 +327,7 @@ class Connection(asyncio.Protocol):
             # Output of a run with "stream": true, ahead of its answer, on the same connection.
             if self.transport is not None and not self._lost:
                 chunk = {"id": msg_id, "output": {"stream": stream, "data": base64.b64encode(data).decode()}}
-                self.transport.write(json.dumps(chunk).encode() + b"\n")
+                self.transport.write(dumps(chunk).encode() + b"\n")
 
         return emit
 

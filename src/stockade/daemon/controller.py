@@ -139,7 +139,7 @@ class Controller:
             "print(6 * 7, *(st.get(k, '').strip() for k in ('CapEff', 'NoNewPrivs', 'Seccomp')),"
             " os.path.exists('/root'))"
         )
-        result = await self._execute_policy({}, code=probe, language="python", stdin=b"", uid=-1)
+        result = await self._execute_job(ExecuteJob(coerce_policy(None), None, probe, "python", b""), uid=-1)
         fields = result.stdout.split()
         answer_ok = bool(fields) and fields[0] == "42"
         confined = fields[1:] == ["0000000000000000", "1", "2", "False"]
@@ -169,10 +169,7 @@ class Controller:
     ) -> ExecResult:
         """Run one ``execute``: from its raw params, or from a job ``check_execute`` made already."""
         job = params if isinstance(params, ExecuteJob) else _job(params)
-        return await self._execute_policy(
-            job.policy, command=job.command, code=job.code, language=job.language, stdin=job.stdin, uid=uid,
-            on_output=on_output,
-        )  # fmt: skip
+        return await self._execute_job(job, uid, on_output)
 
     def execute_now(
         self, job: ExecuteJob, uid: int, done: Callable[[ExecResult | Exception], None]
@@ -243,18 +240,8 @@ class Controller:
         self._slots.release()
         self._track(-1)
 
-    async def _execute_policy(
-        self,
-        policy: Policy | dict[str, Any] | None,
-        *,
-        uid: int,
-        stdin: bytes,
-        command: list[str] | None = None,
-        code: str | None = None,
-        language: str = "python",
-        on_output: OutputCallback | None = None,
-    ) -> ExecResult:
-        policy = policy if isinstance(policy, Policy) else coerce_policy(policy)
+    async def _execute_job(self, job: ExecuteJob, uid: int, on_output: OutputCallback | None = None) -> ExecResult:
+        policy = job.policy
         runtime = self.manager.select(policy)
         await self._take_slot()
         execution_id = self._started(runtime.name, uid)
@@ -268,10 +255,10 @@ class Controller:
                 sandbox = await self._start_for(runtime, policy)
             sandbox.one_shot = True
             try:
-                if command is not None:
-                    result = await sandbox.aexec(command, stdin=stdin, on_output=on_output)
+                if job.command is not None:
+                    result = await sandbox.aexec(job.command, stdin=job.stdin, on_output=on_output)
                 else:
-                    result = await sandbox.arun_code(code or "", language, stdin=stdin, on_output=on_output)
+                    result = await sandbox.arun_code(job.code or "", job.language, stdin=job.stdin, on_output=on_output)
                 result.execution_id = execution_id
                 return result
             finally:
