@@ -84,6 +84,24 @@ def test_no_network_device(vm: MicrovmSandbox) -> None:
     assert r.stdout.strip() == "unreachable"
 
 
+def test_qemu_itself_runs_confined(vm: MicrovmSandbox) -> None:
+    """The second wall (runtimes/microvm/jail.py): what a guest that took QEMU over would hold."""
+    from stockade.runtimes.microvm import jail
+    from stockade.runtimes.microvm.runtime import qemu_binary
+
+    pid = vm.proc.pid
+    status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    assert open(f"/proc/{pid}/cmdline").read().split("\0")[0].endswith("qemu-system-x86_64")
+    assert status["NoNewPrivs"].strip() == "1"
+    if jail.seccomp_supported(qemu_binary() or ""):
+        assert status["Seccomp"].strip() == "2"
+    if os.geteuid() == 0:  # no shared path: uid 0 without a single capability
+        assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    if jail.namespaces():
+        for kind in ("net", "ipc"):
+            assert os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}")
+
+
 def test_usr_is_read_only(vm: MicrovmSandbox) -> None:
     r = vm.run_code("open('/usr/evil', 'w')")
     assert r.exit_code == 1 and ("Read-only" in r.stderr or "Permission denied" in r.stderr)

@@ -31,6 +31,7 @@ def spawn_in_cgroup(
     stdout: int | IO[bytes],
     stderr: int | IO[bytes],
     label: str,
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
     return subprocess.Popen(
@@ -38,6 +39,7 @@ def spawn_in_cgroup(
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
+        pass_fds=pass_fds,
         start_new_session=True,
     )
 

@@ -14,6 +14,8 @@
 - limits: guest RAM = ``memory_mb``; QEMU itself runs in the isolate's cgroup
   (guest RAM + emulator overhead; CPU quota); ``RLIMIT_NPROC`` inside the
   guest; OOM kills inside the guest are read from the guest kernel's console.
+- QEMU itself: jailed (jail.py): seccomp, its own network and IPC
+  namespaces, no new privileges, no capabilities beyond shared-path access.
 - teardown: closing the socket ends the agent and the guest powers off; QEMU
   is killed through a pidfd anyway; the run directory and cgroup are removed.
 """
@@ -40,7 +42,7 @@ from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from ..pool import PooledRuntime, Reaper, WarmPool, pool_shapes_from_env
 from ..process.cgroups import CgroupManager, IsolateCgroup, pid_alive
 from . import image as guest_image
-from . import snapshot
+from . import jail, snapshot
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 120.0
@@ -132,6 +134,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             # As start() does: a missing guest image is built (once), not a reason to say no.
             details["image"] = (guest_image.find_image() or guest_image.build()).directory
             details["accel"] = self.accel()
+            details["qemu_confinement"] = jail.describe(self._qemu(), default_policy())
             sandbox = self.start(Policy())
             try:
                 sandbox.ping()
@@ -191,9 +194,16 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         accel = accel or self.accel()
         plan = self._plan(policy, accel)
         restored_from = snapshot.find(plan.snapshot_key) if restore and snapshots_enabled() else None
-        extra = snapshot.incoming_args(restored_from) if restored_from is not None else []
         deadline = started + boot_timeout
-        proc, cgroup, conn, unenforced = self._launch(policy, plan, extra)
+        if restored_from is None:
+            proc, cgroup, conn, unenforced = self._launch(policy, plan, [])
+        else:
+            # QEMU reads the state from a descriptor opened here: it may not spawn a reader (jail.py).
+            state = snapshot.open_state(restored_from)
+            try:
+                proc, cgroup, conn, unenforced = self._launch(policy, plan, snapshot.incoming_args(state), state)
+            finally:
+                os.close(state)
         sandbox = MicrovmSandbox(policy, conn, proc, plan.rundir, cgroup, accel)  # from here it owns every part
         try:
             if restored_from is None:
@@ -256,9 +266,10 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         return _Plan(rundir, agent_socket, cmd, snapshot.key(cmd, rundir, self._qemu_version(qemu)))
 
     def _launch(
-        self, policy: Policy, plan: _Plan, extra_args: list[str]
+        self, policy: Policy, plan: _Plan, extra_args: list[str], state_fd: int | None = None
     ) -> tuple[subprocess.Popen[bytes], IsolateCgroup | None, socket.socket, list[str]]:
-        """QEMU in the isolate's cgroup, connected to; on failure nothing is left behind.
+        """QEMU in the isolate's cgroup and its jail (jail.py), connected to; on failure
+        nothing is left behind. ``state_fd``, a snapshot to resume, is handed to QEMU.
 
         Returns the process, its cgroup, the agent connection and the limits not enforced.
         """
@@ -272,8 +283,9 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                 unenforced = _apply_limits(cgroup, policy)
             with open(os.path.join(plan.rundir, "qemu.err"), "ab") as err:
                 proc = spawn_in_cgroup(
-                    [*plan.cmd, *extra_args], cgroup,
+                    [*jail.prefix(policy), *plan.cmd, *extra_args], cgroup,
                     stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
+                    pass_fds=() if state_fd is None else (state_fd,),
                 )  # fmt: skip
             conn = _connect(plan.agent_socket, proc, deadline=time.monotonic() + 10)
         except BaseException:
@@ -328,6 +340,7 @@ def _qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, acce
         qemu, "-M", "microvm,x-option-roms=off,pit=off,pic=off,rtc=off", "-accel", _accel_option(accel),
         "-cpu", "host" if accel == "kvm" else "max", "-m", str(max(policy.memory_mb, MIN_GUEST_MB)), "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        *(["-sandbox", jail.SECCOMP] if jail.seccomp_supported(qemu) else []),
         "-kernel", image.kernel, "-initrd", image.initramfs,
         "-serial", f"file:{os.path.join(rundir, 'console.log')}",
         "-device", "virtio-serial-device",

@@ -1,0 +1,110 @@
+"""What confines QEMU itself on the host: the second wall, for when the guest breaks the first.
+
+The guest's kernel is the boundary a microVM offers; QEMU, the program that
+emulates its devices (9p, virtio-serial, the CPU itself under TCG), is host
+code that parses what the guest sends. A guest that takes QEMU over through
+one of its bugs gets whatever QEMU has. So, as Firecracker's jailer does for
+its VMM, QEMU is started with as little as it needs:
+
+- **seccomp** (QEMU's own ``-sandbox``): no ``execve``/``fork`` of other
+  programs, no uid or gid changes, no obsolete syscalls, no scheduler or
+  resource controls. A restore therefore reads its snapshot from a file
+  descriptor stockade opened, not from a ``cat`` QEMU would spawn, and a
+  snapshot is written the same way (snapshot.py).
+- **a network namespace of its own** (and an IPC one): the VM has no network
+  device, so QEMU needs no network; taken over, it reaches no host address,
+  no abstract Unix socket and no other process's System V IPC.
+- **no new privileges**, and as root **no capabilities** beyond the file
+  access its shared paths need: a read-only share keeps
+  ``CAP_DAC_READ_SEARCH``, a writable one the file-owner capabilities 9p
+  uses to create and chown files there. Without shares, QEMU as root is
+  uid 0 without a single capability: no modules, mounts, ptrace, raw I/O or
+  devices.
+
+Unprivileged, the namespaces come from a user namespace that maps only the
+caller's own uid (where the host allows one); QEMU then has no capability
+anywhere on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+
+from ...policy import Policy
+
+# QEMU's -sandbox: seccomp on, and each optional group of syscalls denied.
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+_READ_SHARE_CAPS = ("dac_read_search",)
+_WRITE_SHARE_CAPS = ("dac_override", "dac_read_search", "fowner", "chown", "fsetid")
+
+
+@functools.lru_cache(maxsize=4)
+def seccomp_supported(qemu: str) -> bool:
+    """Whether this QEMU was built with seccomp: one that was not refuses ``-sandbox on``."""
+    try:
+        probe = subprocess.run(
+            [qemu, "-M", "none", "-nodefaults", "-display", "none", "-sandbox", SECCOMP, "-qmp", "stdio"],
+            input=b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0 and b'"return"' in probe.stdout
+
+
+def capabilities_for(policy: Policy) -> tuple[str, ...]:
+    """The capabilities QEMU keeps as root: only what reaching the shared paths takes."""
+    if any(m.writable for m in policy.filesystem_access):
+        return _WRITE_SHARE_CAPS
+    if policy.filesystem_access:
+        return _READ_SHARE_CAPS
+    return ()
+
+
+def prefix(policy: Policy) -> list[str]:
+    """The command that execs QEMU confined (namespaces, no new privileges, capabilities)."""
+    if shutil.which("setpriv") is None:  # util-linux, essential on Debian; said by describe()
+        return namespaces()
+    setpriv = ["setpriv", "--no-new-privs"]
+    if os.geteuid() == 0:
+        keep = "".join(f",+{cap}" for cap in capabilities_for(policy))
+        setpriv += ["--bounding-set", f"-all{keep}", "--inh-caps", "-all", "--ambient-caps", "-all"]
+    return [*namespaces(), *setpriv, "--"]
+
+
+def namespaces() -> list[str]:
+    """``unshare`` for a network and an IPC namespace of QEMU's own; [] where the host allows none."""
+    return _namespaces(os.geteuid())
+
+
+@functools.lru_cache(maxsize=2)
+def _namespaces(euid: int) -> list[str]:
+    if shutil.which("unshare") is None:
+        return []
+    command = ["unshare", "--net", "--ipc"]
+    if euid != 0:
+        command[1:1] = ["--user", "--map-current-user"]
+    try:
+        works = subprocess.run([*command, "--", "true"], capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        works = False
+    return [*command, "--"] if works else []
+
+
+def describe(qemu: str, policy: Policy) -> str:
+    """One line for ``doctor`` and the runtime's details: what confines QEMU here."""
+    parts = ["seccomp" if seccomp_supported(qemu) else "no seccomp (this QEMU was built without it)"]
+    parts.append("own network and IPC namespaces" if namespaces() else "the host's network namespace (no unshare)")
+    if shutil.which("setpriv") is None:
+        parts.append("the caller's privileges (no setpriv)")
+    elif os.geteuid() == 0:
+        caps = capabilities_for(policy)
+        parts.append("no new privileges, " + (f"capabilities: {', '.join(caps)}" if caps else "no capabilities"))
+    else:
+        parts.append("no new privileges")
+    return ", ".join(parts)

@@ -1,0 +1,169 @@
+"""Attacks on the jail QEMU runs in (runtimes/microvm/jail.py), as a guest that took QEMU over would try them.
+
+No guest escape is at hand to test with, so each attack is made by a program
+started through the same jail: QEMU itself (driven over QMP to spawn a
+program, as a compromised QEMU would) and a Python stand-in for the rest
+(reach the host's network, change uid, write a file it does not own). Each
+attack is first shown to work outside the jail, so that a test cannot pass
+because the attack was broken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stockade import Policy
+from stockade.policy import Mount
+from stockade.runtimes.microvm import jail
+
+# Every jailed program here is bounded in time and memory, like any attack test.
+_GUARD_S = 30
+
+
+def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=_GUARD_S, check=False, **kwargs)  # type: ignore[call-overload]
+
+
+def _jailed(policy: Policy | None = None) -> list[str]:
+    return jail.prefix(policy or Policy())
+
+
+@pytest.fixture
+def scratch() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="stockade-jail-test-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_jailed_qemu_that_is_told_to_spawn_a_program_is_killed(scratch: str) -> None:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt install qemu-system-x86)")
+    if not jail.seccomp_supported(qemu):
+        pytest.skip("this QEMU was built without seccomp: -sandbox is refused")
+    marker = os.path.join(scratch, "spawned")
+
+    # QMP's migrate to exec: is a documented way to make QEMU run a program: a
+    # stand-in for the shell code a guest that took QEMU over would run.
+    def attack(confined: bool) -> int:
+        argv = [qemu, "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"]
+        if confined:
+            argv = [*_jailed(), *argv, "-sandbox", jail.SECCOMP]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdout.readline()  # the greeting
+            # QMP's migrate to exec: is a documented way to make QEMU run a program:
+            # a stand-in for the shell code a guest that took QEMU over would run.
+            for message in (
+                {"execute": "qmp_capabilities"},
+                {"execute": "migrate", "arguments": {"uri": f"exec:touch {marker}"}},
+            ):
+                proc.stdin.write(json.dumps(message).encode() + b"\n")
+                proc.stdin.flush()
+                proc.stdout.readline()
+            deadline = time.monotonic() + 10
+            while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.stdin.write(b'{"execute": "quit"}\n')
+                proc.stdin.flush()
+            return proc.wait(timeout=_GUARD_S)
+        except (BrokenPipeError, OSError):
+            return proc.wait(timeout=_GUARD_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    assert attack(confined=False) == 0
+    assert os.path.exists(marker), "the attack itself does not work: the test would prove nothing"
+    os.unlink(marker)
+    assert attack(confined=True) == -31  # SIGSYS: seccomp killed it at the fork
+    assert not os.path.exists(marker)
+
+
+PROBE = r"""
+import json, os, socket, sys
+out = {}
+host, port, foreign = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+try:
+    socket.create_connection((host, port), timeout=3).close(); out["connect"] = "connected"
+except OSError as e:
+    out["connect"] = e.errno
+try:
+    with open(foreign, "a") as f:
+        f.write("owned"); out["write"] = "written"
+except OSError as e:
+    out["write"] = e.errno
+try:
+    os.setuid(4321); out["setuid"] = "changed"
+except OSError as e:
+    out["setuid"] = e.errno
+status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
+out["caps"] = int(status["CapEff"], 16)
+out["no_new_privs"] = status["NoNewPrivs"].strip()
+print(json.dumps(out))
+"""
+
+
+def _probe(prefix: list[str], port: int, foreign: str) -> dict[str, object]:
+    r = _run([*prefix, sys.executable, "-I", "-S", "-c", PROBE, "127.0.0.1", str(port), foreign])
+    assert r.returncode == 0, r.stderr
+    result: dict[str, object] = json.loads(r.stdout)
+    return result
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    server = socket.create_server(("127.0.0.1", 0))
+    server.listen(8)
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_the_jail_keeps_the_host_network_uid_changes_and_others_files_out_of_reach(scratch: str, listener: int) -> None:
+    if not jail.namespaces():
+        pytest.skip("this host lets no process have a network namespace of its own (unshare fails)")
+    foreign = os.path.join(scratch, "not-qemus")
+    with open(foreign, "w") as f:
+        f.write("")
+    os.chmod(foreign, 0o644)
+    if os.geteuid() == 0:
+        os.chown(foreign, 4242, 4242)  # another user's file: only a capability lets uid 0 write it
+
+    free = _probe([], listener, foreign)
+    assert free["connect"] == "connected"
+    if os.geteuid() == 0:
+        assert free["setuid"] == "changed" and free["write"] == "written"
+
+    jailed = _probe(_jailed(), listener, foreign)
+    assert jailed["connect"] != "connected"  # its own network namespace: the host's loopback is not there
+    assert jailed["setuid"] != "changed"
+    assert jailed["no_new_privs"] == "1"
+    if os.geteuid() == 0:
+        assert jailed["caps"] == 0
+        assert jailed["write"] != "written"
+        with open(foreign) as f:
+            assert f.read() == "owned"  # only the unjailed probe's write
+
+
+def test_shared_paths_keep_only_the_file_capabilities_they_need() -> None:
+    def caps(*mounts: Mount) -> set[str]:
+        return set(jail.capabilities_for(Policy(filesystem_access=mounts)))
+
+    assert caps() == set()
+    assert caps(Mount(source="/usr/share", target="/mnt/ro")) == {"dac_read_search"}
+    writable = caps(Mount(source="/tmp", target="/mnt/rw", writable=True))
+    assert "dac_override" in writable and "sys_admin" not in writable and "setuid" not in writable
