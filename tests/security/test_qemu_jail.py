@@ -46,52 +46,111 @@ def scratch() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_a_jailed_qemu_that_is_told_to_spawn_a_program_is_killed(scratch: str) -> None:
+def _qemu() -> str:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt install qemu-system-x86)")
-    if not jail.seccomp_supported(qemu):
+    return qemu
+
+
+class _Qemu:
+    """A guest-less QEMU driven over QMP on its stdio: jailed as the microvm runtime
+    jails it (same prefix, Landlock rules for a run directory, seccomp), or not."""
+
+    def __init__(self, confined: bool, rundir: str) -> None:
+        argv = [_qemu(), "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"]
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+
+        if confined:
+            if jail.seccomp_supported(argv[0]):
+                argv += ["-sandbox", jail.SECCOMP]
+            argv[:0] = _jailed()
+            rules = jail.file_rules(Policy(), rundir, rundir, ())
+            self.proc = jail.spawn_confined(rules, start)
+        else:
+            self.proc = start()
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.stdout.readline()  # the greeting
+        self.ask({"execute": "qmp_capabilities"})
+
+    def ask(self, message: dict[str, object]) -> dict[str, object]:
+        """Send one command; its answer (events skipped), or {} if QEMU is gone."""
+        try:
+            self.stdin.write(json.dumps(message).encode() + b"\n")
+            self.stdin.flush()
+            while line := self.stdout.readline():
+                answer: dict[str, object] = json.loads(line)
+                if "return" in answer or "error" in answer:
+                    return answer
+        except (BrokenPipeError, OSError):
+            pass
+        return {}
+
+    def end(self) -> int:
+        if self.proc.poll() is None:
+            self.ask({"execute": "quit"})
+        try:
+            return self.proc.wait(timeout=_GUARD_S)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def test_a_jailed_qemu_that_is_told_to_spawn_a_program_is_killed(scratch: str) -> None:
+    if not jail.seccomp_supported(_qemu()):
         pytest.skip("this QEMU was built without seccomp: -sandbox is refused")
     marker = os.path.join(scratch, "spawned")
 
-    # QMP's migrate to exec: is a documented way to make QEMU run a program: a
-    # stand-in for the shell code a guest that took QEMU over would run.
     def attack(confined: bool) -> int:
-        argv = [qemu, "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"]
-        if confined:
-            argv = [*_jailed(), *argv, "-sandbox", jail.SECCOMP]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        try:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdout.readline()  # the greeting
-            # QMP's migrate to exec: is a documented way to make QEMU run a program:
-            # a stand-in for the shell code a guest that took QEMU over would run.
-            for message in (
-                {"execute": "qmp_capabilities"},
-                {"execute": "migrate", "arguments": {"uri": f"exec:touch {marker}"}},
-            ):
-                proc.stdin.write(json.dumps(message).encode() + b"\n")
-                proc.stdin.flush()
-                proc.stdout.readline()
-            deadline = time.monotonic() + 10
-            while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if proc.poll() is None:
-                proc.stdin.write(b'{"execute": "quit"}\n')
-                proc.stdin.flush()
-            return proc.wait(timeout=_GUARD_S)
-        except (BrokenPipeError, OSError):
-            return proc.wait(timeout=_GUARD_S)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        qemu = _Qemu(confined, scratch)
+        # QMP's migrate to exec: is a documented way to make QEMU run a program:
+        # a stand-in for the shell code a guest that took QEMU over would run.
+        qemu.ask({"execute": "migrate", "arguments": {"uri": f"exec:touch {marker}"}})
+        deadline = time.monotonic() + 10
+        while not os.path.exists(marker) and qemu.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return qemu.end()
 
     assert attack(confined=False) == 0
     assert os.path.exists(marker), "the attack itself does not work: the test would prove nothing"
     os.unlink(marker)
     assert attack(confined=True) == -31  # SIGSYS: seccomp killed it at the fork
     assert not os.path.exists(marker)
+
+
+def test_a_jailed_qemu_cannot_open_host_files_outside_its_allow_list(scratch: str) -> None:
+    if not jail.LANDLOCK_ABI:
+        pytest.skip("this kernel has no Landlock")
+    secret = os.path.join(scratch, "secret")
+    with open(secret, "w") as f:
+        f.write("the host's")
+    os.chmod(secret, 0o600)  # readable by its owner: this test's uid, and so QEMU's
+    rundir = tempfile.mkdtemp(prefix="stockade-jail-run-")
+    try:
+        # blockdev-add opens a file for the VM's disk: what a QEMU taken over could do to any path.
+        disk = {"driver": "file", "node-name": "d", "filename": secret, "read-only": True}
+        open_it = {"execute": "blockdev-add", "arguments": disk}
+        free = _Qemu(False, rundir)
+        assert "return" in free.ask(open_it), "the attack itself does not work: the test would prove nothing"
+        free.end()
+        jailed = _Qemu(True, rundir)
+        answer = jailed.ask(open_it)
+        assert "error" in answer and "Permission denied" in str(answer["error"]), answer
+        # ... while its own run directory stays open to it, as the runtime needs.
+        inside = os.path.join(rundir, "disk")
+        with open(inside, "w") as f:
+            f.write("x")
+        own = {"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "e", "filename": inside}}
+        assert "return" in jailed.ask(own)
+        assert jailed.end() == 0
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
 
 
 PROBE = r"""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -155,6 +156,8 @@ LL_MAKE_SYM = 1 << 12
 LL_REFER = 1 << 13  # ABI 2
 LL_TRUNCATE = 1 << 14  # ABI 3
 LL_IOCTL_DEV = 1 << 15  # ABI 5
+# The rights that apply to a file (the others are about a directory's entries).
+LL_FILE_RIGHTS = LL_EXECUTE | LL_WRITE_FILE | LL_READ_FILE | LL_TRUNCATE | LL_IOCTL_DEV
 LL_NET_BIND_TCP = 1 << 0  # ABI 4
 LL_NET_CONNECT_TCP = 1 << 1
 LL_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
@@ -200,8 +203,10 @@ def landlock_restrict(abi: int, rules: list[tuple[str, int]], deny_tcp: bool, sc
             except FileNotFoundError:
                 continue
             try:
+                # The kernel refuses directory rights on a file (EINVAL).
+                applicable = handled_fs if stat.S_ISDIR(os.fstat(fd).st_mode) else handled_fs & LL_FILE_RIGHTS
                 # struct landlock_path_beneath_attr is packed: u64 allowed_access; s32 parent_fd
-                rule = struct.pack("=Qi", rights & handled_fs, fd)
+                rule = struct.pack("=Qi", rights & applicable, fd)
                 _check(
                     _libc.syscall(_NR_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, rule, 0),
                     f"landlock_add_rule {path}",

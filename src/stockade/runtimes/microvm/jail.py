@@ -14,6 +14,11 @@ its VMM, QEMU is started with as little as it needs:
 - **a network namespace of its own** (and an IPC one): the VM has no network
   device, so QEMU needs no network; taken over, it reaches no host address,
   no abstract Unix socket and no other process's System V IPC.
+- **Landlock**: QEMU opens only what it needs: read its own program, the
+  libraries and ``/usr`` (the guest's ``/usr`` is that share), the guest
+  image, a few files of ``/etc``, ``/proc`` and ``/sys``; read and write
+  its run directory, the few device nodes it uses and the policy's shared
+  paths (as shared); no TCP; no signal to a process outside its domain.
 - **no new privileges**, and as root **no capabilities** beyond the file
   access its shared paths need: a read-only share keeps
   ``CAP_DAC_READ_SEARCH``, a writable one the file-owner capabilities 9p
@@ -32,8 +37,14 @@ import functools
 import os
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
+from ...agent import linux
 from ...policy import Policy
+
+T = TypeVar("T")
 
 # QEMU's -sandbox: seccomp on, and each optional group of syscalls denied.
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -99,6 +110,7 @@ def _namespaces(euid: int) -> list[str]:
 def describe(qemu: str, policy: Policy) -> str:
     """One line for ``doctor`` and the runtime's details: what confines QEMU here."""
     parts = ["seccomp" if seccomp_supported(qemu) else "no seccomp (this QEMU was built without it)"]
+    parts.append(f"Landlock ABI {LANDLOCK_ABI}" if LANDLOCK_ABI else "no Landlock (this kernel has none)")
     parts.append("own network and IPC namespaces" if namespaces() else "the host's network namespace (no unshare)")
     if shutil.which("setpriv") is None:
         parts.append("the caller's privileges (no setpriv)")
@@ -108,3 +120,56 @@ def describe(qemu: str, policy: Policy) -> str:
     else:
         parts.append("no new privileges")
     return ", ".join(parts)
+
+
+LANDLOCK_ABI = linux.landlock_abi()
+# What QEMU may open, beyond the descriptors it is handed (its log, a snapshot).
+_READ = linux.LL_READ_FILE | linux.LL_READ_DIR
+_PROGRAMS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")  # its own program and libraries; 9p's /usr
+_CONFIG = ("/etc/ld.so.cache", "/etc/ld.so.preload", "/etc/gnutls", "/etc/libnl", "/etc/selinux", "/etc/qemu")
+_KERNEL_VIEWS = ("/proc", "/sys/devices/system", "/sys/bus")  # CPUs, NUMA nodes, its own status
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom", "/dev/random", "/dev/kvm")
+
+
+def file_rules(policy: Policy, rundir: str, image_dir: str, cgroup_files: Iterable[str]) -> list[tuple[str, int]]:
+    """Landlock's allow-list for one QEMU: (path, rights) pairs; a path that does not exist is skipped."""
+    everything = linux.landlock_fs_rights(LANDLOCK_ABI)
+    rules = [(path, _READ | linux.LL_EXECUTE) for path in _PROGRAMS]
+    rules += [(path, _READ) for path in (*_CONFIG, *_KERNEL_VIEWS, image_dir)]
+    rules += [(path, _READ | linux.LL_WRITE_FILE | linux.LL_IOCTL_DEV) for path in _DEVICES]
+    rules.append((rundir, everything))  # its sockets and the guest's console log
+    # The shell that starts QEMU writes its own pid into the isolate's cgroups first.
+    rules += [(path, linux.LL_WRITE_FILE | linux.LL_TRUNCATE) for path in cgroup_files]
+    rules += [(m.source, everything if m.writable else _READ) for m in policy.filesystem_access]
+    return rules
+
+
+def spawn_confined(rules: list[tuple[str, int]], spawn: Callable[[], T]) -> T:
+    """``spawn()`` (which forks and execs) from a thread confined by Landlock to ``rules``.
+
+    Landlock confines the thread that asks and the processes it starts from
+    then on, so a thread made for one spawn takes it on and ends: the caller's
+    other threads keep their access, and no code runs between fork and exec
+    (``preexec_fn`` is unsafe in a process with threads). Where the kernel has
+    no Landlock this is ``spawn()``.
+    """
+    if LANDLOCK_ABI == 0:
+        return spawn()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def confined() -> None:
+        try:
+            if os.geteuid() != 0:  # restrict_self needs no_new_privs without CAP_SYS_ADMIN
+                linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+            linux.landlock_restrict(LANDLOCK_ABI, rules, deny_tcp=True, scope=True)
+            outcome.append(spawn())
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=confined, name="stockade-qemu-jail")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]

@@ -14,7 +14,7 @@
 - limits: guest RAM = ``memory_mb``; QEMU itself runs in the isolate's cgroup
   (guest RAM + emulator overhead; CPU quota); ``RLIMIT_NPROC`` inside the
   guest; OOM kills inside the guest are read from the guest kernel's console.
-- QEMU itself: jailed (jail.py): seccomp, its own network and IPC
+- QEMU itself: jailed (jail.py): seccomp, Landlock, its own network and IPC
   namespaces, no new privileges, no capabilities beyond shared-path access.
 - teardown: closing the socket ends the agent and the guest powers off; QEMU
   is killed through a pidfd anyway; the run directory and cgroup are removed.
@@ -263,7 +263,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         rundir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-{next(_counter)}-")
         agent_socket = os.path.join(rundir, "agent.sock")
         cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
-        return _Plan(rundir, agent_socket, cmd, snapshot.key(cmd, rundir, self._qemu_version(qemu)))
+        return _Plan(rundir, agent_socket, cmd, snapshot.key(cmd, rundir, self._qemu_version(qemu)), image.directory)
 
     def _launch(
         self, policy: Policy, plan: _Plan, extra_args: list[str], state_fd: int | None = None
@@ -282,11 +282,12 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             if cgroup is not None:
                 unenforced = _apply_limits(cgroup, policy)
             with open(os.path.join(plan.rundir, "qemu.err"), "ab") as err:
-                proc = spawn_in_cgroup(
+                rules = jail.file_rules(policy, plan.rundir, plan.image_dir, cgroup.procs_files if cgroup else ())
+                proc = jail.spawn_confined(rules, lambda: spawn_in_cgroup(
                     [*jail.prefix(policy), *plan.cmd, *extra_args], cgroup,
                     stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
                     pass_fds=() if state_fd is None else (state_fd,),
-                )  # fmt: skip
+                ))  # fmt: skip
             conn = _connect(plan.agent_socket, proc, deadline=time.monotonic() + 10)
         except BaseException:
             abandon_start(proc, cgroup, plan.rundir)
@@ -314,6 +315,7 @@ class _Plan:
     agent_socket: str
     cmd: list[str]
     snapshot_key: str
+    image_dir: str  # the guest's kernel and initramfs, which QEMU reads
 
 
 def snapshots_enabled() -> bool:
