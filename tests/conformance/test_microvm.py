@@ -102,6 +102,35 @@ def test_qemu_itself_runs_confined(vm: MicrovmSandbox) -> None:
             assert os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}")
 
 
+def test_the_seccomp_profile_holds_inside_the_guest_and_is_reported(vm: MicrovmSandbox) -> None:
+    """The process runtime's profile, kept by the guest's agent: refused, reported, run goes on."""
+    assert vm.guest_seccomp and not any("seccomp" in gap for gap in vm.unenforced_limits)
+    r = vm.run_code(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.unshare(0x10000000), ctypes.get_errno())\n"  # CLONE_NEWUSER
+        "print(libc.ioctl(0, 0x5412, ctypes.c_char_p(b'x')), ctypes.get_errno())\n"  # TIOCSTI
+        "print('still running')"
+    )
+    assert r.stdout.splitlines() == ["-1 1", "-1 1", "still running"], r.summary()  # EPERM, twice
+    assert [v.syscall for v in r.security_violations] == ["unshare", "ioctl"]
+    for v in r.security_violations:
+        assert v.detection_layer == "SECCOMP" and v.blocked and "inside the guest" in v.description
+    # Reports belong to the run that caused them.
+    assert vm.exec(["true"]).security_violations == []
+
+
+def test_the_guest_filters_listener_reaches_no_command(vm: MicrovmSandbox) -> None:
+    # With it, code could answer its own blocked calls and let them run.
+    code = (
+        "import os\nprint(sorted(os.listdir('/proc/self/fd')))\n"
+        "try:\n    print(os.listdir(f'/proc/{os.getppid()}/fd'))\nexcept OSError as e:\n    print('denied', e.errno)"
+    )
+    r = vm.run_code(code)
+    own, agent = r.stdout.splitlines()
+    assert own == "['0', '1', '2', '3']"  # stdio, and the directory being listed
+    assert agent == "denied 13", r.summary()  # the agent is not dumpable
+
+
 def test_usr_is_read_only(vm: MicrovmSandbox) -> None:
     r = vm.run_code("open('/usr/evil', 'w')")
     assert r.exit_code == 1 and ("Read-only" in r.stderr or "Permission denied" in r.stderr)
@@ -123,6 +152,13 @@ def test_one_shot_memory_bomb_and_teardown(vm_manager: RuntimeManager, vm: Micro
     runtime.wait_idle()  # type: ignore[attr-defined]
     mine = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"stockade-microvm-{os.getpid()}-")]
     assert mine == [os.path.basename(vm.rundir)], "the one-shot VM left its run directory behind"
+
+
+def test_a_violation_ends_the_vm_when_the_policy_says_kill(vm_manager: RuntimeManager) -> None:
+    code = "import ctypes, time\nctypes.CDLL(None).unshare(0x10000000)\ntime.sleep(20)\nprint('survived')"
+    r = stockade.run_code(code, runtime="microvm", manager=vm_manager, on_violation="kill", timeout_seconds=60)
+    assert r.termination_reason == "violation" and r.error == "killed after a policy violation (unshare)"
+    assert "survived" not in r.stdout and r.execution_time_seconds < 20
 
 
 def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:

@@ -221,3 +221,19 @@ def test_the_runtimes_own_last_words_are_in_the_error(hostile: Callable[[Reply],
     result = sb.exec(["true"])
     assert result.termination_reason == "error"
     assert result.error and "hostile said: sentry panic: out of cheese" in result.error
+
+
+def _violation_note(nr: int = 272) -> bytes:  # 272: unshare
+    return _frame({"jsonrpc": "2.0", "method": "violation", "params": {"nr": nr, "args": [0x10000000], "pid": 7}})
+
+
+def test_an_agent_cannot_report_violations_where_the_host_watches_itself(
+    hostile: Callable[[Reply], HostileSandbox], run_exec: Callable[..., ExecResult]
+) -> None:
+    # The process runtime and gVisor see violations on the host: an agent's own
+    # reports (a microVM guest's channel) would let code inside frame or end a run.
+    sb = hostile(lambda i: _violation_note() + _result(i, {"exit_code": 0, "stdout": "", "stderr": ""}))
+    sb.policy = Policy(timeout_seconds=2, on_violation="kill")
+    result = run_exec(sb, ["true"])
+    assert result.success and result.security_violations == [], result.summary()
+    assert not sb.killed

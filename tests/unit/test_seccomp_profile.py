@@ -103,3 +103,29 @@ def test_rule_lookup_matches_the_program() -> None:
     rule = seccomp._rule_for(NR["socket"], (17, 2, 0, 0, 0, 0))
     assert rule is not None and "AF_PACKET" in rule.comment
     assert seccomp._rule_for(NR["socket"], (2, 1, 0, 0, 0, 0)) is None
+
+
+def test_a_guest_filters_report_is_read_with_the_profiles_own_rule() -> None:
+    from stockade.runtimes.microvm.runtime import guest_violation
+
+    v = guest_violation({"nr": NR["unshare"], "args": [0x10000000], "pid": 42})
+    assert v is not None and v.syscall == "unshare" and v.severity == "CRITICAL" and v.pid == 42
+    assert v.detection_layer == "SECCOMP" and "inside the guest" in v.description
+    # The arguments pick the rule, as on the host: TIOCSTI is its own rule.
+    tiocsti = guest_violation({"nr": NR["ioctl"], "args": [0, 0x5412], "pid": 1})
+    assert tiocsti is not None and "TIOCSTI" in tiocsti.description
+    # A guest may send anything: what is malformed is dropped, never raised on.
+    for params in (
+        {},
+        {"nr": "272", "args": []},
+        {"nr": True, "args": []},
+        {"nr": -1, "args": []},
+        {"nr": 1 << 40, "args": []},
+        {"nr": 272, "args": "0"},
+        {"nr": 272, "args": [0] * 7},
+        {"nr": 272, "args": [-1]},
+        {"nr": 272, "args": [1 << 64]},
+        {"nr": 272, "args": [1.5]},
+    ):
+        assert guest_violation(params) is None, params
+    assert guest_violation({"nr": 272, "args": [], "pid": "x"}) is not None  # an odd pid is only left out

@@ -136,6 +136,39 @@ def seccomp_install_listener(program: bytes) -> int:
     )
 
 
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
+_NOTIF = struct.Struct("<QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
+_NOTIF_RESP = struct.Struct("<QqiI")  # id, val, error, flags
+
+
+def seccomp_notif_recv(listener: int) -> tuple[int, int, int, tuple[int, ...]] | None:
+    """The next blocked call on ``listener`` (waits for one): (id, pid, syscall nr, args).
+
+    None when the caller died before it could be read (ENOENT), or the
+    listener is gone.
+    """
+    import fcntl
+
+    buf = bytearray(_NOTIF.size)
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+    except OSError:
+        return None
+    notif_id, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+    return notif_id, pid, nr, tuple(args)
+
+
+def seccomp_notif_deny(listener: int, notif_id: int, err: int) -> None:
+    """Make the blocked call ``notif_id`` fail with ``err`` (never run it). Quiet if its caller is gone."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, bytearray(_NOTIF_RESP.pack(notif_id, 0, -err, 0)), True)
+    except OSError:
+        pass
+
+
 # ---- Landlock ----------------------------------------------------------------
 
 LANDLOCK_CREATE_RULESET_VERSION = 1

@@ -104,6 +104,7 @@ class Agent:
         self._spare: _Runner | None = None  # a python runner forked ahead of the next run_code
         self._answered = False
         self._last = False  # the host said no request follows: fork nothing ahead
+        self.guest_seccomp = False  # a microVM guest's agent under its own filter (_GuestFilter)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -192,7 +193,7 @@ class Agent:
     # ---- methods ---------------------------------------------------------------
 
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"pong": True, "pid": os.getpid(), "uid": os.getuid()}
+        return {"pong": True, "pid": os.getpid(), "uid": os.getuid(), "guest_seccomp": self.guest_seccomp}
 
     def exec(self, params: dict[str, Any]) -> dict[str, Any]:
         argv = params.get("argv")
@@ -687,10 +688,17 @@ def _kill_group(pid: int) -> None:
 
 
 class _DeviceConn:
-    """The slice of a socket's interface the agent uses, over a character device."""
+    """The slice of a socket's interface the agent uses, over a character device.
+
+    Frames may come from two threads (the agent's, and the guest filter's
+    violation reports), so each is written whole under a lock.
+    """
 
     def __init__(self, fd: int) -> None:
+        import threading
+
         self.fd = fd
+        self._writing = threading.Lock()
 
     def fileno(self) -> int:
         return self.fd
@@ -699,7 +707,8 @@ class _DeviceConn:
         return os.read(self.fd, n)
 
     def sendall(self, data: bytes) -> None:
-        wire.write_all(self.fd, data)
+        with self._writing:
+            wire.write_all(self.fd, data)
 
     def alive(self) -> bool:
         # A virtio-serial port whose host side went away polls as hung up.
@@ -808,6 +817,68 @@ _KEEP: list[int] = []
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 
 
+class _GuestFilter:
+    """In a microVM guest: the process runtime's seccomp profile, kept by the agent itself.
+
+    The guest kernel is the VM's boundary, and its attack surface is also the
+    first step out of the VM; so code in the guest runs under the same filter
+    as in a process isolate. There the host answers each blocked call; here
+    nothing of the guest reaches the host kernel, so a thread of the agent
+    does: it sends the host a ``violation`` notification (the syscall, its
+    arguments, the caller's pid), and only then fails the call with EPERM,
+    so the report always comes before the run's answer. The host turns it
+    into a ``SecurityViolation`` with the profile's own rule and reason.
+
+    The filter binds the agent and everything it starts from then on; its
+    listener is closed in every child the agent forks (a runner that kept it
+    could answer its own blocked calls), and the agent is not dumpable, so
+    code running as the same uid cannot take it through /proc or ptrace.
+    """
+
+    def __init__(self, conn: Any, program: bytes) -> None:
+        import threading
+
+        from . import linux
+
+        self.conn = conn
+        self._linux = linux
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # an unprivileged filter needs it
+        self.listener = linux.seccomp_install_listener(program)
+        os.register_at_fork(after_in_child=self._close_in_child)
+        threading.Thread(target=self._answer_forever, name="stockade-guest-seccomp", daemon=True).start()
+
+    def _close_in_child(self) -> None:
+        try:
+            os.close(self.listener)
+        except OSError:
+            pass
+
+    def _answer_forever(self) -> None:
+        while True:
+            notif = self._linux.seccomp_notif_recv(self.listener)
+            if notif is None:
+                continue  # the caller died before its call could be read
+            notif_id, pid, nr, args = notif
+            note = wire.notification("violation", {"nr": nr, "args": list(args), "pid": pid})
+            try:
+                self.conn.sendall(wire.encode_message(note))
+            except OSError:
+                pass  # the host is gone: the call is still refused
+            self._linux.seccomp_notif_deny(self.listener, notif_id, errno.EPERM)
+
+
+def _guard_guest(conn: Any, path: str) -> bool:
+    """Put the agent under the seccomp program at ``path``; False if this guest kernel cannot."""
+    try:
+        with open(path, "rb") as f:
+            program = f.read()
+        _GuestFilter(conn, program)
+    except OSError:
+        return False
+    return True
+
+
 def _wait_for_go() -> None:
     """The microVM's init started this interpreter early: say so, then wait for "go" on stdin.
 
@@ -877,8 +948,11 @@ def main() -> None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)  # from root: drops every capability too
+        program = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
+        guarded = bool(program) and _guard_guest(conn, program)
         warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
         agent = Agent(conn, dict(os.environ))
+        agent.guest_seccomp = guarded
         if warm:
             agent.prepare_spare(warm=True)
         agent.serve()

@@ -116,6 +116,12 @@ class AgentSandbox(abc.ABC):
         """What the runtime itself logged (runsc, the VM console), for when the agent vanished."""
         return ""
 
+    def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
+        """A notification from the agent other than output. Ignored by default: where the
+        host watches the isolate itself (the process runtime, gVisor), the agent, which
+        runs next to the code, has nothing to tell it that it would believe."""
+        return None
+
     @abc.abstractmethod
     def kill(self) -> None:
         """Kill everything in the isolate now. Idempotent."""
@@ -394,6 +400,8 @@ class AgentSandbox(abc.ABC):
         if isinstance(exc, TimeoutError):
             self._mark_dead("timeout")
             return None
+        if self._kill_reason == "violation":
+            return None  # the host killed it for a violation: expected, and the result says which
         said = self._kill_vanished()
         if isinstance(exc, AgentProtocolError):
             return f"the isolate's agent broke the protocol ({exc}); the isolate was killed{said}"
@@ -475,7 +483,8 @@ class AgentSandbox(abc.ABC):
         elif reason == "output_limit":
             error = error or f"output exceeded {cap} bytes and was cut"
         elif reason == "violation":
-            error = error or "killed after a policy violation"
+            named = ", ".join(dict.fromkeys(v.syscall or v.violation_type for v in violations))
+            error = error or f"killed after a policy violation{f' ({named})' if named else ''}"
         cpu = None
         if after.cpu_seconds is not None and before.cpu_seconds is not None:
             cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
@@ -583,10 +592,14 @@ class AgentSandbox(abc.ABC):
             self.conn.settimeout(None)
         return _decode(payload)
 
-    @staticmethod
-    def _notification(message: dict[str, Any], on_output: OutputCallback | None) -> None:
+    def _notification(self, message: dict[str, Any], on_output: OutputCallback | None) -> None:
         params = message.get("params")
-        if message.get("method") != "output" or on_output is None or not isinstance(params, dict):
+        if not isinstance(params, dict):
+            return
+        if message.get("method") != "output":
+            self._agent_notice(str(message.get("method")), params)
+            return
+        if on_output is None:
             return
         stream = params.get("stream")
         if stream in ("stdout", "stderr"):

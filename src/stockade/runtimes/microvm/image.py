@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ...errors import SandboxStartError
+from ..process import seccomp
 from ..process.zygote import AGENT_PARENT
 
 GUEST_PYTHON = "/usr/bin/python3"  # the guest runs the host's interpreter, as the init script says
@@ -111,6 +112,8 @@ setup() {
 export HOME=/work TMPDIR=/tmp LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin
 # After "go" the agent has the kernel reseed its generator from the seed, then drops to uid 1000.
 export STOCKADE_AGENT_FD=device:3 STOCKADE_AGENT_USER=1000 STOCKADE_RESEED=1 STOCKADE_AGENT_WAIT=stdin
+# ... and puts itself under the process runtime's seccomp profile, compiled by the host.
+export STOCKADE_GUEST_SECCOMP=/opt/stockade/seccomp.bpf
 setup | /usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import server
 server.main()"
 poweroff -f
@@ -266,6 +269,7 @@ def _inputs_key(package: str) -> str:
         if name.endswith(".py"):
             with open(os.path.join(agent_dir, name), "rb") as f:
                 h.update(name.encode() + f.read())
+    h.update(seccomp.compile_profile())  # the guest's filter: the profile as this host compiles it
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             h.update(f.read())  # changes whenever the host's libraries do
@@ -332,6 +336,7 @@ def _write_initramfs(work: str, version: str, out: str) -> None:
         if name.endswith(".py"):
             with open(os.path.join(agent_dir, name), "rb") as f:
                 entries.append((f"opt/stockade/agent/{name}", stat.S_IFREG | 0o644, f.read()))
+    entries.append(("opt/stockade/seccomp.bpf", stat.S_IFREG | 0o644, seccomp.compile_profile()))
     etc = {
         "passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/work:/bin/sh\n",
         "group": "root:x:0:\nsandbox:x:1000:\n",

@@ -37,9 +37,11 @@ from typing import Any
 
 from ...errors import RuntimeUnavailableError, SandboxError, SandboxStartError
 from ...policy import Policy, default_policy
+from ...result import SecurityViolation
 from ..base import Availability, IsolateUsage
 from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from ..pool import PooledRuntime, Reaper, WarmPool, pool_shapes_from_env
+from ..process import seccomp
 from ..process.cgroups import CgroupManager, IsolateCgroup, pid_alive
 from . import image as guest_image
 from . import jail, snapshot
@@ -51,6 +53,7 @@ QEMU_OVERHEAD_MB = 256
 TCG_CACHE_MB = 128  # the emulator's own memory (TCG translation cache, device state)
 MIN_GUEST_MB = 128
 MICROVM_POOL_SHAPES = 2  # the default shape and one more, unless STOCKADE_POOL_SHAPES says otherwise
+MAX_GUEST_VIOLATIONS = 1000  # kept per VM; a guest can report any number
 RUN_PREFIX = "stockade-microvm-"
 _counter = iter(range(1, 1 << 62))
 _OOM = re.compile(rb"Out of memory: Killed process|oom-kill:")
@@ -82,6 +85,9 @@ class MicrovmSandbox(HostedSandbox):
         self.accel = accel
         self.restored = False  # resumed from a snapshot rather than booted
         self.pidfd = os.pidfd_open(proc.pid)
+        self.guest_seccomp = False  # the guest's agent keeps the seccomp profile (its ping says)
+        self._violations: list[SecurityViolation] = []
+        self._violations_lock = threading.Lock()
 
     def last_words(self) -> str:
         return _vm_log(self.rundir)
@@ -89,7 +95,36 @@ class MicrovmSandbox(HostedSandbox):
     def apply_policy(self, policy: Policy) -> None:
         self.policy = policy  # the VM's shape equals the policy's (see microvm_shape)
         if self.cgroup is not None:
-            self.unenforced_limits = _apply_limits(self.cgroup, policy)
+            self.unenforced_limits = _apply_limits(self.cgroup, policy) + self.guest_gaps()
+
+    def guest_gaps(self) -> list[str]:
+        """What the guest itself could not enforce."""
+        if self.guest_seccomp:
+            return []
+        return ["seccomp inside the guest: its kernel refused the filter, so no syscall violations are seen"]
+
+    def violations(self) -> list[SecurityViolation]:
+        with self._violations_lock:
+            return list(self._violations)
+
+    def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
+        """The guest's filter refused a call (agent/server.py ``_GuestFilter``).
+
+        Reported by the agent inside the VM, not seen by the host: believed as
+        far as it goes (a guest can hide its own calls from this report, never
+        make them succeed), and bounded, since a guest can send any number.
+        """
+        if method != "violation" or not self.guest_seccomp:
+            return
+        violation = guest_violation(params)
+        if violation is None:
+            return
+        with self._violations_lock:
+            if len(self._violations) >= MAX_GUEST_VIOLATIONS:
+                return  # the first ones are kept: enough to judge the run by
+            self._violations.append(violation)
+        if self.policy.on_violation == "kill":
+            self._mark_dead("violation")
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         usage = super().usage(peak)
@@ -209,7 +244,8 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             if restored_from is None:
                 snapshot.wait_for_snapshot_point(conn, deadline)  # a restored guest is already past it
             conn.sendall(snapshot.go_line(policy.disk_mb, policy.network_policy))
-            sandbox.ping(timeout=max(1.0, deadline - time.monotonic()))
+            pong = sandbox.ping(timeout=max(1.0, deadline - time.monotonic()))
+            sandbox.guest_seccomp = pong.get("guest_seccomp") is True
         except Exception as exc:  # noqa: BLE001 - a failed boot, with the console's last words
             how = "restore" if restored_from else "boot"
             why = f"the microVM did not {how} ({accel}): {_tail(plan.rundir)} ({exc})"
@@ -226,7 +262,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                 snapshot.settle(plan.snapshot_key, booted=True)
                 return booted
             raise SandboxStartError(why) from None
-        sandbox.unenforced_limits = unenforced
+        sandbox.unenforced_limits = unenforced + sandbox.guest_gaps()
         sandbox.restored = restored_from is not None
         sandbox.cold_start_ms = (time.monotonic() - started) * 1000
         return sandbox
@@ -329,9 +365,21 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
     missing = cgroup.apply_limits(memory, 256, policy.cpu_limit)
     if policy.memory_mb < MIN_GUEST_MB:
         missing.append(f"memory_mb below {MIN_GUEST_MB}: the guest gets {MIN_GUEST_MB} MB (its kernel needs it)")
-    if policy.on_violation == "kill":
-        missing.append("on_violation=kill: a microVM reports no syscall violations (its own kernel handles them)")
     return missing
+
+
+def guest_violation(params: dict[str, Any]) -> SecurityViolation | None:
+    """The report of the guest filter's ``violation`` notification, or None if it is malformed."""
+    nr, args, pid = params.get("nr"), params.get("args"), params.get("pid")
+    if not isinstance(nr, int) or isinstance(nr, bool) or not 0 <= nr < 1024:
+        return None
+    if not isinstance(args, list) or len(args) > 6 or not all(_is_int(a) and 0 <= a < 1 << 64 for a in args):
+        return None
+    return seccomp.violation_for(nr, tuple(args), pid if _is_int(pid) else None, " (refused inside the guest)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel: str, rundir: str,

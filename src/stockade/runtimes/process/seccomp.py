@@ -15,7 +15,6 @@ inside the sandbox, so the sandboxed code cannot hide or forge it.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import select
@@ -27,6 +26,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from ...agent import linux
 from ...result import SecurityViolation
 from .syscalls_x86_64 import SYSCALLS_X86_64
 
@@ -44,11 +44,6 @@ _JGE = 0x35
 _JSET = 0x45
 _AND = 0x54
 _RET = 0x06
-
-NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
-NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
-_NOTIF = struct.Struct("<QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
-_RESP = struct.Struct("<QqiI")  # id, val, error, flags
 
 SYSCALL_NAMES = {nr: name for name, nr in SYSCALLS_X86_64.items()}
 
@@ -244,34 +239,37 @@ class Supervisor:
                     self._retire(fd)
 
     def _answer(self, fd: int) -> None:
-        buf = bytearray(_NOTIF.size)
-        try:
-            fcntl.ioctl(fd, NOTIF_RECV, buf, True)
-        except OSError:
+        notif = linux.seccomp_notif_recv(fd)
+        if notif is None:
             return  # ENOENT: the caller died meanwhile; EBADF: forgotten
-        notif_id, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
-        rule = _rule_for(nr, tuple(args))
-        name = SYSCALL_NAMES.get(nr, f"syscall_{nr}")
-        detail = rule.comment if rule else "blocked by the seccomp profile"
-        violation = SecurityViolation(
-            violation_type="blocked_syscall",
-            syscall=name,
-            severity=rule.severity if rule else "HIGH",  # type: ignore[arg-type]
-            description=f"{name}: {detail}",
-            detection_layer="SECCOMP",
-            blocked=True,
-            pid=pid,
-        )
+        notif_id, pid, nr, args = notif
+        violation = violation_for(nr, args, pid)
         with self._lock:
             sink = self._sinks.get(fd)
         # Record before answering: the blocked call cannot return, so nothing the
         # sandboxed code does afterwards (finishing, replying) can overtake the report.
         if sink is not None:
             sink(violation)
-        try:
-            fcntl.ioctl(fd, NOTIF_SEND, bytearray(_RESP.pack(notif_id, 0, -errno.EPERM, 0)), True)
-        except OSError:
-            pass
+        linux.seccomp_notif_deny(fd, notif_id, errno.EPERM)
+
+
+def violation_for(nr: int, args: tuple[int, ...], pid: int | None, where: str = "") -> SecurityViolation:
+    """The report of a call the profile blocked: which rule, how severe, and why (its comment).
+
+    ``where`` says whose filter saw it, when it was not the host's (a microVM guest's).
+    """
+    rule = _rule_for(nr, args)
+    name = SYSCALL_NAMES.get(nr, f"syscall_{nr}")
+    detail = rule.comment if rule else "blocked by the seccomp profile"
+    return SecurityViolation(
+        violation_type="blocked_syscall",
+        syscall=name,
+        severity=rule.severity if rule else "HIGH",  # type: ignore[arg-type]
+        description=f"{name}: {detail}{where}",
+        detection_layer="SECCOMP",
+        blocked=True,
+        pid=pid,
+    )
 
 
 _supervisor: Supervisor | None = None
