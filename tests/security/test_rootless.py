@@ -87,3 +87,81 @@ def test_rootless_run_is_confined_and_honest(process_runtime: str, portable_site
     # Where no cgroup is delegated to this user, the run must say so, not drop limits silently.
     memory_unenforced = any("memory_mb" in item for item in result.unenforced_limits)
     assert memory_unenforced == ("memory" not in report["limits"]), (report["limits"], result.unenforced_limits)
+
+
+QEMU_CHILD = r"""
+import json, os, subprocess, sys, tempfile, time
+from stockade import Policy
+from stockade.runtimes.microvm import jail
+
+work = tempfile.mkdtemp()
+secret = os.path.join(work, "secret")
+with open(secret, "w") as f:
+    f.write("mine")
+os.chmod(secret, 0o600)  # this user's own file: only Landlock keeps QEMU from it
+marker = os.path.join(work, "spawned")
+rundir = tempfile.mkdtemp()
+
+def qemu(confined, *messages):
+    argv = [sys.argv[1], "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"]
+    start = lambda: subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if confined:
+        argv[:0] = jail.prefix(Policy())
+        argv += ["-sandbox", jail.SECCOMP]
+        proc = jail.spawn_confined(jail.file_rules(Policy(), rundir, rundir, ()), start)
+    else:
+        proc = start()
+    answers = []
+    try:
+        proc.stdout.readline()
+        for m in ({"execute": "qmp_capabilities"}, *messages):
+            proc.stdin.write(json.dumps(m).encode() + b"\n")
+            proc.stdin.flush()
+            answers.append(json.loads(proc.stdout.readline() or "{}"))
+        time.sleep(0.5)
+        if proc.poll() is None:
+            proc.stdin.write(b'{"execute": "quit"}\n')
+            proc.stdin.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    return answers, proc.wait(timeout=30)
+
+disk = {"execute": "blockdev-add",
+        "arguments": {"driver": "file", "node-name": "d", "filename": secret, "read-only": True}}
+spawn = {"execute": "migrate", "arguments": {"uri": "exec:touch " + marker}}
+out = {"uid": os.getuid(), "namespaces": bool(jail.namespaces())}
+out["free_disk"] = qemu(False, disk)[0][-1]
+out["jailed_disk"] = qemu(True, disk)[0][-1]
+out["jailed_spawn_rc"] = qemu(True, spawn)[1]
+out["spawned"] = os.path.exists(marker)
+import shutil
+shutil.rmtree(work)
+shutil.rmtree(rundir)
+print(json.dumps(out))
+"""
+
+
+def test_rootless_qemu_jail_still_holds(portable_site: str) -> None:
+    """Unprivileged, QEMU's namespaces come from a user namespace and Landlock from a
+    thread with no_new_privs of its own: the jail's attacks fail there too."""
+    if os.getuid() != 0:
+        pytest.skip("switching to another uid needs root; this session already runs rootless")
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt install qemu-system-x86)")
+    from stockade.runtimes.microvm import jail
+
+    if not jail.seccomp_supported(qemu) or not jail.LANDLOCK_ABI:
+        pytest.skip("this QEMU has no seccomp or this kernel no Landlock")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": portable_site, "HOME": "/nonexistent", "TMPDIR": "/tmp"}
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", QEMU_CHILD, qemu],
+        env=env, cwd="/", user=NOBODY, group=NOBODY, extra_groups=[],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["uid"] == NOBODY
+    assert "return" in report["free_disk"], "the attack itself does not work: the test would prove nothing"
+    assert "Permission denied" in str(report["jailed_disk"]), report
+    assert report["jailed_spawn_rc"] == -31 and not report["spawned"], report

@@ -136,6 +136,11 @@ def file_rules(policy: Policy, rundir: str, image_dir: str, cgroup_files: Iterab
     everything = linux.landlock_fs_rights(LANDLOCK_ABI)
     rules = [(path, _READ | linux.LL_EXECUTE) for path in _PROGRAMS]
     rules += [(path, _READ) for path in (*_CONFIG, *_KERNEL_VIEWS, image_dir)]
+    if os.geteuid() != 0:
+        # Unprivileged, unshare maps the uid of its user namespace through /proc/self
+        # (whose pid is not known here). As root it would not: there /proc stays
+        # read-only, since uid 0 owns sysctls that its owner bits alone let it write.
+        rules.append(("/proc", _READ | linux.LL_WRITE_FILE))
     rules += [(path, _READ | linux.LL_WRITE_FILE | linux.LL_IOCTL_DEV) for path in _DEVICES]
     rules.append((rundir, everything))  # its sockets and the guest's console log
     # The shell that starts QEMU writes its own pid into the isolate's cgroups first.
