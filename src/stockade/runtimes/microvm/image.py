@@ -50,8 +50,8 @@ MODULES = (
     "9pnet_virtio",
     "9p",
 )  # fmt: skip  (load order)
-IMAGE_LAYOUT = 5
-LD_SO_CACHE = "/etc/ld.so.cache"  # bump when the initramfs layout changes in a way the other inputs do not show
+IMAGE_LAYOUT = 6  # bump when the initramfs layout changes in a way the other inputs do not show
+LD_SO_CACHE = "/etc/ld.so.cache"
 BUSYBOX_APPLETS = (
     "sh", "mount", "umount", "mkdir", "insmod", "ln", "sleep", "ls", "cat", "hostname", "poweroff", "ifconfig", "chmod",
     "date",
@@ -189,9 +189,10 @@ def build(progress: Progress = _quiet, force: bool = False) -> GuestImage:
         os.makedirs(staging)
         _extract_vmlinux(vmlinuz, os.path.join(staging, "vmlinux"))
         progress("writing the initramfs", 0.8)
-        _write_initramfs(work, version, os.path.join(staging, "initramfs.cpio"))
+        copied = _write_initramfs(work, version, os.path.join(staging, "initramfs.cpio"))
         with open(os.path.join(staging, "manifest.json"), "w") as f:
-            json.dump({"kernel_package": package, "kernel_version": version, "key": key}, f)
+            host_files = {path: _host_stamp(path) for path in copied}
+            json.dump({"kernel_package": package, "kernel_version": version, "key": key, "host_files": host_files}, f)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
         for old in os.listdir(cache_root()):  # images of older inputs are never used again
@@ -217,6 +218,9 @@ def _load(directory: str) -> GuestImage | None:
     kernel, initramfs = os.path.join(directory, "vmlinux"), os.path.join(directory, "initramfs.cpio")
     if not (os.path.isfile(kernel) and os.path.isfile(initramfs)):
         return None
+    host_files = manifest.get("host_files")
+    if not isinstance(host_files, dict) or any(_host_stamp(p) != stamp for p, stamp in host_files.items()):
+        return None  # built from host files that have changed since (or by a stockade that kept no list)
     return GuestImage(directory, kernel, initramfs, manifest["kernel_version"])
 
 
@@ -309,7 +313,8 @@ def _extract_vmlinux(vmlinuz: str, out: str) -> None:
         f.write(elf)
 
 
-def _write_initramfs(work: str, version: str, out: str) -> None:
+def _write_initramfs(work: str, version: str, out: str) -> list[str]:
+    """Write the initramfs to ``out``; return the host files it copies from /usr (see ``_host_stamp``)."""
     modules_root = os.path.join(work, "kernel", "lib", "modules", version)
     entries: list[tuple[str, int, bytes]] = []  # path, mode, data (symlink target for links)
 
@@ -350,13 +355,29 @@ def _write_initramfs(work: str, version: str, out: str) -> None:
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             entries.append(("etc/ld.so.cache", stat.S_IFREG | 0o644, f.read()))
-    entries += _interpreter_entries({path for path, mode, _ in entries if stat.S_ISDIR(mode)})
+    interpreter = _interpreter_entries({path for path, mode, _ in entries if stat.S_ISDIR(mode)})
+    entries += interpreter
     entries += _bytecode_entries(entries)
     entries.append(("init", stat.S_IFREG | 0o755, INIT.replace("__MODULES__", " ".join(MODULES)).encode()))
     with open(out, "wb") as archive:
         for ino, (path, mode, data) in enumerate(entries, start=1):
             _cpio_entry(archive, ino, path, mode, data)
         _cpio_entry(archive, 0, "TRAILER!!!", 0, b"")
+    return ["/" + name for name, mode, _data in interpreter if not stat.S_ISDIR(mode)]
+
+
+def _host_stamp(path: str) -> str:
+    """What shows that a host file copied into the initramfs is unchanged: a link's
+    target, a file's size and modification time. An upgraded library or stdlib
+    module the interpreter's copies came from makes the image stale, though
+    neither the python binary nor the loader cache (the inputs key) changed."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "missing"
+    if stat.S_ISLNK(st.st_mode):
+        return "-> " + os.readlink(path)
+    return f"{st.st_size} {st.st_mtime_ns}"
 
 
 def _interpreter_entries(have_dirs: set[str]) -> list[tuple[str, int, bytes]]:
