@@ -868,11 +868,20 @@ class _GuestFilter:
             self._linux.seccomp_notif_deny(self.listener, notif_id, errno.EPERM)
 
 
-def _guard_guest(conn: Any, path: str) -> bool:
-    """Put the agent under the seccomp program at ``path``; False if this guest kernel cannot."""
+def _read_program(path: str) -> bytes | None:
+    """The guest filter's program, with what installs it loaded; None if it cannot be read."""
+    from . import linux  # noqa: F401 - loaded now (ctypes and all), used after the go line
+
     try:
         with open(path, "rb") as f:
-            program = f.read()
+            return f.read()
+    except OSError:
+        return None
+
+
+def _guard_guest(conn: Any, program: bytes) -> bool:
+    """Put the agent under the seccomp ``program``; False if this guest kernel cannot."""
+    try:
         _GuestFilter(conn, program)
     except OSError:
         return False
@@ -930,6 +939,10 @@ def main() -> None:
     """
     where = os.environ.pop("STOCKADE_AGENT_FD", "3")
     user = os.environ.pop("STOCKADE_AGENT_USER", "")
+    program_path = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
+    # Read and loaded before the go line, from the initramfs: a VM restored from a
+    # snapshot then has them already, instead of reading ctypes over 9p first.
+    program = _read_program(program_path) if program_path else None
     if os.environ.pop("STOCKADE_AGENT_WAIT", "") == "stdin":
         _wait_for_go()
     if where.startswith(("/", "device:")):
@@ -948,8 +961,7 @@ def main() -> None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)  # from root: drops every capability too
-        program = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
-        guarded = bool(program) and _guard_guest(conn, program)
+        guarded = program is not None and _guard_guest(conn, program)
         warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
         agent = Agent(conn, dict(os.environ))
         agent.guest_seccomp = guarded

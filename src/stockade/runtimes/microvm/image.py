@@ -388,19 +388,23 @@ def _interpreter_entries(have_dirs: set[str]) -> list[tuple[str, int, bytes]]:
     so that a VM restored from a snapshot resumes with its agent already
     loaded instead of reading an interpreter over 9p with a cold cache.
     """
+    # linux (and so ctypes) too: the agent loads it before the go line, to put
+    # itself under the guest's seccomp filter right after it.
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from agent import server; "
+        "import sys; sys.path.insert(0, sys.argv[1]); from agent import server, linux; "
         "sys.stdout.write(repr(sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})))"
     )
     try:
         loaded = subprocess.run([GUEST_PYTHON, "-I", "-S", "-c", code, AGENT_PARENT],
                                 capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
-        libs = subprocess.run(["ldd", GUEST_PYTHON], capture_output=True, text=True, timeout=60, check=True).stdout
+        paths = [p for p in ast.literal_eval(loaded) if p and not p.startswith(AGENT_PARENT + os.sep)]
+        paths.append(GUEST_PYTHON)
+        # The shared libraries of the interpreter and of the extension modules it loaded (libffi, ...).
+        for binary in [GUEST_PYTHON, *(p for p in paths if p.endswith(".so"))]:
+            libs = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=60, check=True).stdout
+            paths += [word for line in libs.splitlines() for word in line.split() if word.startswith("/")]
     except (OSError, subprocess.SubprocessError) as exc:
         raise SandboxStartError(f"cannot list what {GUEST_PYTHON} loads: {exc}") from None
-    paths = [p for p in ast.literal_eval(loaded) if p and not p.startswith(AGENT_PARENT + os.sep)]
-    paths.append(GUEST_PYTHON)
-    paths += [word for line in libs.splitlines() for word in line.split() if word.startswith("/")]
     entries: dict[str, tuple[int, bytes]] = {}
     for path in paths:
         _add_host_file(path, entries)

@@ -127,7 +127,8 @@ LANDLOCK_ABI = linux.landlock_abi()
 _READ = linux.LL_READ_FILE | linux.LL_READ_DIR
 _PROGRAMS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")  # its own program and libraries; 9p's /usr
 _CONFIG = ("/etc/ld.so.cache", "/etc/ld.so.preload", "/etc/gnutls", "/etc/libnl", "/etc/selinux", "/etc/qemu")
-_KERNEL_VIEWS = ("/proc", "/sys/devices/system", "/sys/bus")  # CPUs, NUMA nodes, its own status
+# CPUs, NUMA nodes, huge-page and KVM module settings, its own status: all world-readable.
+_KERNEL_VIEWS = ("/proc", "/sys/devices/system", "/sys/bus", "/sys/kernel/mm", "/sys/module")
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom", "/dev/random", "/dev/kvm")
 
 
