@@ -210,15 +210,19 @@ def test_restores_from_a_snapshot_each_with_its_own_randomness_and_clock(vm_mana
             assert abs(int(clock) - time.time()) < 30, "the restored guest's clock was not set from the host"
             assert df.split()[1] == str(policy.disk_mb)  # the go line's scratch size, not the snapshot's
             assert lo_up == ("1" if policy.network_policy == "loopback" else "0")
-            seen.append((boot_id, rand))
             # The agent started from the initramfs' copies; code gets the host's whole stdlib.
             code = "import json, sys, decimal\nprint(json.dumps([sys.prefix, str(decimal.Decimal(1) / 8)]))"
             r = sandbox.run_code(code)
             assert r.stdout == '["/usr", "0.125"]\n', (r.stdout, r.stderr)
+            # Code runs in a runner forked from the agent, which started before the
+            # snapshot: its random module must be seeded afresh all the same.
+            drawn = sandbox.run_code("import random\nprint(random.getrandbits(64))").stdout
+            seen.append((boot_id, rand, drawn))
         finally:
             sandbox.close()
     assert seen[0][0] != seen[1][0], "two restores share a boot id"
     assert seen[0][1] != seen[1][1], "two restores share the kernel's random state"
+    assert seen[0][2] != seen[1][2], "code in two restores draws the same random numbers"
 
 
 def test_a_snapshot_qemu_cannot_resume_is_dropped_and_the_vm_boots(vm_manager: RuntimeManager) -> None:
