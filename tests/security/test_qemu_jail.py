@@ -66,10 +66,10 @@ class _Qemu:
             )
 
         if confined:
+            rules = jail.file_rules(Policy(), argv[0], rundir, rundir, ())
             if jail.seccomp_supported(argv[0]):
                 argv += ["-sandbox", jail.SECCOMP]
             argv[:0] = _jailed()
-            rules = jail.file_rules(Policy(), rundir, rundir, ())
             self.proc = jail.spawn_confined(rules, start)
         else:
             self.proc = start()
@@ -226,3 +226,12 @@ def test_shared_paths_keep_only_the_file_capabilities_they_need() -> None:
     assert caps(Mount(source="/usr/share", target="/mnt/ro")) == {"dac_read_search"}
     writable = caps(Mount(source="/tmp", target="/mnt/rw", writable=True))
     assert "dac_override" in writable and "sys_admin" not in writable and "setuid" not in writable
+
+
+def test_qemu_installed_outside_usr_may_read_its_own_prefix_only() -> None:
+    def readable(qemu: str) -> set[str]:
+        return {path for path, _rights in jail.file_rules(Policy(), qemu, "/run/x", "/img", ()) if path != "/run/x"}
+
+    assert "/opt/qemu" in readable("/opt/qemu/bin/qemu-system-x86_64")
+    assert "/" not in readable("/qemu-system-x86_64") and "/qemu-system-x86_64" in readable("/qemu-system-x86_64")
+    assert "/" not in readable("/usr/bin/qemu-system-x86_64")

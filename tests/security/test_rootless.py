@@ -108,7 +108,7 @@ def qemu(confined, *messages):
     if confined:
         argv[:0] = jail.prefix(Policy())
         argv += ["-sandbox", jail.SECCOMP]
-        proc = jail.spawn_confined(jail.file_rules(Policy(), rundir, rundir, ()), start)
+        proc = jail.spawn_confined(jail.file_rules(Policy(), sys.argv[1], rundir, rundir, ()), start)
     else:
         proc = start()
     answers = []

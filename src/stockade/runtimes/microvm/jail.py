@@ -132,10 +132,17 @@ _KERNEL_VIEWS = ("/proc", "/sys/devices/system", "/sys/bus", "/sys/kernel/mm", "
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom", "/dev/random", "/dev/kvm")
 
 
-def file_rules(policy: Policy, rundir: str, image_dir: str, cgroup_files: Iterable[str]) -> list[tuple[str, int]]:
+def file_rules(
+    policy: Policy, qemu: str, rundir: str, image_dir: str, cgroup_files: Iterable[str]
+) -> list[tuple[str, int]]:
     """Landlock's allow-list for one QEMU: (path, rights) pairs; a path that does not exist is skipped."""
     everything = linux.landlock_fs_rights(LANDLOCK_ABI)
-    rules = [(path, _READ | linux.LL_EXECUTE) for path in _PROGRAMS]
+    # QEMU's own install prefix (its bin/.. : firmware and modules under share/ and lib/),
+    # wherever it was installed, and the usual system locations.
+    program = os.path.realpath(qemu)
+    prefix = os.path.dirname(os.path.dirname(program))
+    own = prefix if prefix not in ("/", "") else program  # never the whole tree for a binary at /
+    rules = [(path, _READ | linux.LL_EXECUTE) for path in (*_PROGRAMS, own)]
     rules += [(path, _READ) for path in (*_CONFIG, *_KERNEL_VIEWS, image_dir)]
     if os.geteuid() != 0:
         # Unprivileged, unshare maps the uid of its user namespace through /proc/self

@@ -318,7 +318,8 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             if cgroup is not None:
                 unenforced = _apply_limits(cgroup, policy)
             with open(os.path.join(plan.rundir, "qemu.err"), "ab") as err:
-                rules = jail.file_rules(policy, plan.rundir, plan.image_dir, cgroup.procs_files if cgroup else ())
+                cgroup_files = cgroup.procs_files if cgroup else ()
+                rules = jail.file_rules(policy, plan.cmd[0], plan.rundir, plan.image_dir, cgroup_files)
                 proc = jail.spawn_confined(rules, lambda: spawn_in_cgroup(
                     [*jail.prefix(policy), *plan.cmd, *extra_args], cgroup,
                     stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
