@@ -6,6 +6,7 @@
     stockade start --name NAME [--restart no|on-failure|always] [policy flags] -- CMD ARGS...
     stockade status [NAME] | ps | logs NAME | stop NAME
     stockade serve [--socket PATH]
+    stockade daemon ping|selftest|status|runtimes [--socket PATH] [--token-file F]
     stockade image build [--force] [--no-snapshot]
     stockade token new [--file F]
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from .agent.wire import MAX_DATA_BYTES
@@ -215,6 +217,32 @@ def _execute_via_daemon(
     elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
         print(result.summary(), file=sys.stderr)
     return _exit_status(result)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """Ask a running daemon one question: for operators, and for health checks (exit 0: healthy)."""
+    from .client import Client
+    from .errors import StockadeError
+
+    try:
+        token = _read_token(args.token_file) if args.token_file else os.environ.get("STOCKADE_AUTH_TOKEN")
+    except OSError as exc:
+        return _fail(f"--token-file {args.token_file}: {exc.strerror}")
+    with Client(args.socket or None, auth_token=token) as client:
+        try:
+            if args.daemon_cmd == "ping":
+                started = time.monotonic()
+                answer = client.ping()
+                print(f"{answer} from {client.socket_path} in {(time.monotonic() - started) * 1000:.1f} ms")
+                return 0
+            report: Any = getattr(client, args.daemon_cmd)()
+        except StockadeError as exc:
+            return _fail(str(exc))
+    print(json.dumps(report, indent=2))
+    if args.daemon_cmd == "selftest" and not report.get("ok"):
+        print(f"stockade: self-test failed: {report.get('message')}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _read_token(path: str) -> str:
@@ -453,6 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon (Unix-socket RPC)")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $STOCKADE_SOCKET)")
     serve.set_defaults(func=cmd_serve)
+
+    daemon = sub.add_parser("daemon", help="ask a running daemon: ping, selftest, status, runtimes")
+    daemon.add_argument(
+        "daemon_cmd",
+        choices=["ping", "selftest", "status", "runtimes"],
+        help="ping: is it there; selftest: a real confined run; status: its sandboxes; runtimes: what it can run",
+    )
+    daemon.add_argument("--socket", metavar="PATH", help="the daemon's socket (default: $STOCKADE_SOCKET)")
+    daemon.add_argument("--token-file", metavar="FILE", help="HMAC token (default: $STOCKADE_AUTH_TOKEN)")
+    daemon.set_defaults(func=cmd_daemon)
 
     img = sub.add_parser("image", help="the microVM guest image")
     img_sub = img.add_subparsers(dest="image_cmd", required=True)

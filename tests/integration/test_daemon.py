@@ -491,6 +491,28 @@ def test_cli_runs_through_the_daemon(daemon: Daemon) -> None:
     assert missing.returncode == 125 and "cannot reach" in missing.stderr
 
 
+def _stockade(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stockade.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_daemon_command_answers_for_operators_and_health_checks(daemon: Daemon) -> None:
+    env = {**os.environ, "STOCKADE_SOCKET": daemon.socket_path}
+    ping = _stockade("daemon", "ping", env=env)
+    assert ping.returncode == 0 and ping.stdout.startswith(f"pong from {daemon.socket_path} in "), ping
+    selftest = _stockade("daemon", "selftest", "--socket", daemon.socket_path)
+    report = json.loads(selftest.stdout)
+    assert selftest.returncode == 0 and report["ok"] is True and report["runtime"] == "process"
+    status = _stockade("daemon", "status", env=env)
+    assert status.returncode == 0 and isinstance(json.loads(status.stdout), dict)
+    runtimes = json.loads(_stockade("daemon", "runtimes", env=env).stdout)
+    assert {"name": "process", "available": True}.items() <= next(r for r in runtimes if r["name"] == "process").items()
+    # No daemon there: a health check that fails, and says why.
+    gone = _stockade("daemon", "ping", "--socket", daemon.socket_path + ".nope")
+    assert gone.returncode == 125 and "cannot reach the stockade daemon" in gone.stderr and gone.stdout == ""
+
+
 def test_token_new(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(str(tmp_path), "token")
     out = subprocess.run([sys.executable, "-m", "stockade.cli", "token", "new", "--file", path], capture_output=True)

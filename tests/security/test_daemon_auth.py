@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -291,3 +293,20 @@ def test_a_signed_request_carries_the_current_time_in_milliseconds() -> None:
     ts = json.loads(auth.signed_line({"method": "ping", "id": 1}, TOKEN))["ts"]
     assert isinstance(ts, float) and round(ts, 3) == ts
     assert before - 0.001 <= ts <= time.time()
+
+
+def test_daemon_command_signs_with_the_token_file_and_fails_without_it(signed_daemon: Daemon, tmp_path: Path) -> None:
+    good, wrong = tmp_path / "token", tmp_path / "wrong"
+    good.write_text(TOKEN + "\n")
+    wrong.write_text("0" * 64 + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "STOCKADE_AUTH_TOKEN"}
+
+    def ping(*extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "stockade.cli", "daemon", "ping", "--socket", signed_daemon.socket_path, *extra]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+    assert ping("--token-file", str(good)).returncode == 0
+    for refused in (ping("--token-file", str(wrong)), ping()):
+        assert refused.returncode == 125 and "Authentication failed" in refused.stderr, refused
+    missing = ping("--token-file", str(tmp_path / "none"))
+    assert missing.returncode == 125 and "--token-file" in missing.stderr
