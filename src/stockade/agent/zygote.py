@@ -134,9 +134,13 @@ class _Built:
         if isinstance(procs, list):
             self.note(procs)
 
-    def clean_up(self, deadline_s: float = 5.0) -> None:
+    def clean_up(self, deadline_s: float = 20.0) -> None:
         """Kill every isolate built here (each pid-namespace init takes its namespace
-        with it), wait until they are gone, then remove their cgroups."""
+        with it), wait until they are gone, then remove their cgroups.
+
+        The zygote has nothing else left to do, so it waits long: on a loaded
+        host the last exits can take seconds, and a group given up on here
+        stays until the next start sweeps it."""
         me = os.getpid()
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
