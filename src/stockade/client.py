@@ -186,7 +186,10 @@ class Client:
             wait = timeout or self.timeout
             try:
                 self._bound(sock, wait)
-                sock.sendall(line)
+                try:
+                    sock.sendall(line)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise self._refusal(sock) or exc from None
                 while True:
                     answer = _parse(self._read_line(sock), answer_type)
                     output = answer.output
@@ -217,6 +220,22 @@ class Client:
             cls = _ERRORS.get(str(answer.error_code or ""), StockadeError)
             raise cls(str(answer.error))
         return answer
+
+    def _refusal(self, sock: socket.socket) -> StockadeError | None:
+        """The error the daemon sent before it hung up, if it did.
+
+        A daemon that will not serve a connection (a peer it does not allow,
+        too many connections from one uid) answers once and closes it before
+        reading. A request sent after that close fails with a broken pipe, but
+        the answer that says why is still there to read.
+        """
+        try:
+            answer = _parse(self._read_line(sock), _Answer)
+        except (OSError, EOFError, StockadeError):
+            return None
+        if answer.error is None:
+            return None
+        return _ERRORS.get(str(answer.error_code or ""), StockadeError)(str(answer.error))
 
     def _read_line(self, sock: socket.socket) -> bytes:
         while b"\n" not in self._buffer:

@@ -147,3 +147,33 @@ def test_an_answer_that_never_comes_is_a_timeout_that_names_its_bound(
             client.call("ping", timeout=0.3)
     finally:
         release.set()
+
+
+def test_a_refusal_sent_before_the_hang_up_is_what_the_caller_gets(tmp_path: os.PathLike[str]) -> None:
+    # A daemon that will not serve a connection answers once and closes it unread.
+    # When that close wins the race with the request, the send fails (broken
+    # pipe); the reason, already on the socket, must still reach the caller.
+    from stockade.client import DaemonBusyError
+
+    path = os.path.join(str(tmp_path), "refusing.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    client = Client(path, timeout=5)
+    try:
+        client._connect()  # connected before the daemon refuses, as the race goes
+        conn, _ = listener.accept()
+        refusal = {"result": None, "error": "Too many connections: uid 0 has 3 open", "error_code": "busy", "id": None}
+        conn.sendall(json.dumps(refusal).encode() + b"\n")
+        conn.close()  # closed unread: the client's send now fails
+        with pytest.raises(DaemonBusyError, match="Too many connections"):
+            client.ping()
+        # A hang-up with nothing said stays a lost connection.
+        client._connect()
+        conn, _ = listener.accept()
+        conn.close()
+        with pytest.raises(DaemonUnavailableError):
+            client.ping()
+    finally:
+        client.close()
+        listener.close()
