@@ -116,6 +116,15 @@ class AgentSandbox(abc.ABC):
         """What the runtime itself logged (runsc, the VM console), for when the agent vanished."""
         return ""
 
+    def _run_started(self) -> None:
+        """A run's request is about to go out: a runtime that must look for violations
+        while it runs (one not told of each as it happens) starts looking here."""
+        return None
+
+    def _run_finished(self) -> None:
+        """The run's answer (or its end) is in: whatever ``_run_started`` began stops."""
+        return None
+
     def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
         """A notification from the agent other than output. Ignored by default: where the
         host watches the isolate itself (the process runtime, gVisor), the agent, which
@@ -373,7 +382,9 @@ class AgentSandbox(abc.ABC):
                 }
             )
             before, self.baseline = self.baseline or self.usage(peak=False), None
-            return _PendingRun(params, _FOREVER_S, before, len(self.violations()), time.monotonic())
+            run = _PendingRun(params, _FOREVER_S, before, len(self.violations()), time.monotonic())
+            self._run_started()
+            return run
         timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
         if self.one_shot:
             params["last"] = True
@@ -393,7 +404,9 @@ class AgentSandbox(abc.ABC):
             }
         )
         before, self.baseline = self.baseline or self.usage(peak=False), None
-        return _PendingRun(params, timeout + HOST_TIMEOUT_GRACE_S, before, len(self.violations()), time.monotonic())
+        run = _PendingRun(params, timeout + HOST_TIMEOUT_GRACE_S, before, len(self.violations()), time.monotonic())
+        self._run_started()
+        return run
 
     def _ended(self, exc: BaseException) -> str | None:
         """The isolate stopped answering: kill it, and say why (None for a timeout, which is a verdict)."""
@@ -434,6 +447,7 @@ class AgentSandbox(abc.ABC):
 
     def _finish_run(self, run: _PendingRun, verdict: _Verdict | None, error: str | None) -> ExecResult:
         elapsed = time.monotonic() - run.started
+        self._run_finished()
         after = self.usage()
         found = self.violations()[run.violations_before :]
         if self.policy.on_violation == "kill" and any(v.blocked for v in found) and self._kill_reason is None:

@@ -50,6 +50,7 @@ BUNDLE_PREFIX = "stockade-gvisor-"  # + "<host pid>-": the sweep removes a dead 
 GVISOR_TASKS = 256  # host tasks gVisor itself needs (Sentry, gofer, platform stubs)
 START_TIMEOUT_S = 60.0
 PLATFORM_PROBE_TIMEOUT_S = 20.0
+WATCH_INTERVAL_S = 0.02  # how often a run under on_violation=kill reads the Sentry's log
 # Syscalls gVisor traces for us: a call to one of these is reported, blocked or not.
 TRACED = (
     "ptrace,process_vm_readv,process_vm_writev,mount,umount2,pivot_root,chroot,setns,unshare,kexec_load,"
@@ -118,6 +119,7 @@ class GvisorSandbox(HostedSandbox):
         self._log_offset = 0
         self._violations: list[SecurityViolation] = []
         self._vlock = threading.Lock()
+        self._watching: threading.Event | None = None  # set to stop the current run's watcher
 
     def last_words(self) -> str:
         return _runsc_log(self.bundle)
@@ -137,6 +139,29 @@ class GvisorSandbox(HostedSandbox):
         with self._vlock:
             self._violations.extend(self._read_log())
             return list(self._violations)
+
+    def _run_started(self) -> None:
+        # gVisor tells of violations only in its log: with on_violation=kill the
+        # log is read while the run goes, so the sandbox ends within a poll of
+        # the call, not when the run is over.
+        if self.policy.on_violation != "kill" or self._watching is not None:
+            return
+        stop = self._watching = threading.Event()
+        threading.Thread(target=self._watch, args=(stop,), name="stockade-gvisor-watch", daemon=True).start()
+
+    def _run_finished(self) -> None:
+        if self._watching is not None:
+            self._watching.set()
+            self._watching = None
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(WATCH_INTERVAL_S) and not self._dead:
+            with self._vlock:
+                found = self._read_log()
+                self._violations.extend(found)
+            if any(v.blocked for v in found):
+                self._mark_dead("violation")
+                return
 
     def _read_log(self) -> list[SecurityViolation]:
         """New strace exits and unsupported-syscall reports in the Sentry's debug log."""
@@ -323,8 +348,6 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
     # under the ptrace platform, several host tasks per sandboxed process: its
     # count is a generous backstop; RLIMIT_NPROC inside gVisor is the exact limit.
     missing = cgroup.apply_limits(policy.memory_mb, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit)
-    if policy.on_violation == "kill":
-        missing.append("on_violation=kill: gVisor's reports are read after the run, so the sandbox ends then")
     return missing
 
 
