@@ -265,6 +265,7 @@ def test_on_violation_kill_ends_the_run(process_runtime: str, manager: RuntimeMa
     )
     assert r.termination_reason == "violation" and "survived" not in r.stdout
     assert blocked(r) == {"ptrace"}
+    assert r.error == "killed after a policy violation (ptrace)"  # the kill was ours: it says which call
 
 
 # ---- processes and the agent --------------------------------------------------------
