@@ -193,7 +193,8 @@ class Controller:
             self._slots.release()
             return None
         sandbox.one_shot = True
-        execution_id = ""
+        # Named before it starts, so that the result carries the id ``status`` shows.
+        execution_id = new_id()
         settled = False
 
         def finish(outcome: ExecResult | Exception | None) -> None:
@@ -202,8 +203,6 @@ class Controller:
                 return
             settled = True
             try:
-                if isinstance(outcome, ExecResult):
-                    outcome.execution_id = execution_id
                 if outcome is not None:
                     done(outcome)  # the answer first: the bookkeeping below is not the caller's wait
             finally:
@@ -214,12 +213,12 @@ class Controller:
         # the same loop turn (``finish`` is never called before this returns).
         try:
             method, request = _agent_request(job)
-            call = sandbox.start_run(method, request, job.stdin, None, None, None, finish)
+            call = sandbox.start_run(method, request, job.stdin, None, None, None, finish, execution_id)
         except BaseException:
             self._dispose_after_answer(sandbox, dispose)
             self._slots.release()
             raise
-        execution_id = self._started(runtime.name, uid)
+        self._started(runtime.name, uid, execution_id)
 
         def abandon() -> None:
             call.abort()
@@ -227,11 +226,12 @@ class Controller:
 
         return abandon
 
-    def _started(self, runtime: str, uid: int) -> str:
-        """Count a running execute in; its id, from start to end: ``status`` shows it
-        while the run is going and the ExecResult carries it, so a caller can match the two."""
+    def _started(self, runtime: str, uid: int, execution_id: str | None = None) -> str:
+        """Count a running execute in; its id (drawn here unless given), from start to end:
+        ``status`` shows it while the run is going and the ExecResult carries it, so a
+        caller can match the two."""
         self._track(+1)
-        execution_id = new_id()
+        execution_id = execution_id or new_id()
         self.running[execution_id] = Running(execution_id, runtime, uid)
         return execution_id
 

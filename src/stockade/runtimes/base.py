@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..agent import wire
 from ..errors import AgentProtocolError, SandboxClosedError, SandboxError, agent_error
 from ..policy import Policy
-from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason
+from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
 
 if TYPE_CHECKING:
     import asyncio
@@ -315,6 +315,7 @@ class AgentSandbox(abc.ABC):
         timeout: float | None,
         on_output: OutputCallback | None,
         done: Callable[[ExecResult | Exception], None],
+        execution_id: str | None = None,
     ) -> _LoopCall:
         """``_run`` on the running event loop, in its callbacks: the request is sent now and
         ``done`` gets the result (or the exception that stopped the run) from the loop's
@@ -323,10 +324,11 @@ class AgentSandbox(abc.ABC):
         A request that cannot start (a closed or dead sandbox, another call in
         progress) raises here; once started, ``done`` is called exactly once,
         never before this returns, unless ``abort`` is called first.
+        ``execution_id`` is the result's, when the caller has named the run already.
         """
         import asyncio
 
-        run = self._begin_run(params, stdin, env, timeout, on_output)
+        run = self._begin_run(params, stdin, env, timeout, on_output, execution_id)
         guard = _CallbackGuard(on_output)
 
         def answered(reply: Any) -> None:
@@ -363,8 +365,10 @@ class AgentSandbox(abc.ABC):
         env: dict[str, str] | None,
         timeout: float | None,
         on_output: OutputCallback | None,
+        execution_id: str | None = None,
     ) -> _PendingRun:
         policy = self.policy
+        execution_id = execution_id or new_id()
         raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
         if timeout == UNBOUNDED:
             # A long-lived component: no deadline, output streamed and never cut.
@@ -382,7 +386,7 @@ class AgentSandbox(abc.ABC):
                 }
             )
             before, self.baseline = self.baseline or self.usage(peak=False), None
-            run = _PendingRun(params, _FOREVER_S, before, len(self.violations()), time.monotonic())
+            run = _PendingRun(params, _FOREVER_S, before, len(self.violations()), time.monotonic(), execution_id)
             self._run_started()
             return run
         timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
@@ -404,7 +408,8 @@ class AgentSandbox(abc.ABC):
             }
         )
         before, self.baseline = self.baseline or self.usage(peak=False), None
-        run = _PendingRun(params, timeout + HOST_TIMEOUT_GRACE_S, before, len(self.violations()), time.monotonic())
+        wait = timeout + HOST_TIMEOUT_GRACE_S
+        run = _PendingRun(params, wait, before, len(self.violations()), time.monotonic(), execution_id)
         self._run_started()
         return run
 
@@ -453,7 +458,7 @@ class AgentSandbox(abc.ABC):
         if self.policy.on_violation == "kill" and any(v.blocked for v in found) and self._kill_reason is None:
             # A runtime that learns of violations only after the run (gVisor) ends the sandbox now.
             self._mark_dead("violation")
-        return self._result(verdict, error, elapsed, run.before, after, found)
+        return self._result(verdict, error, elapsed, run.before, after, found, run.execution_id)
 
     def _result(
         self,
@@ -463,6 +468,7 @@ class AgentSandbox(abc.ABC):
         before: IsolateUsage,
         after: IsolateUsage,
         violations: list[SecurityViolation],
+        execution_id: str,
     ) -> ExecResult:
         said = verdict or _Verdict()  # no verdict: the agent said nothing
         exit_code, stdout, stderr = said.exit_code, said.stdout, said.stderr
@@ -503,6 +509,7 @@ class AgentSandbox(abc.ABC):
         if after.cpu_seconds is not None and before.cpu_seconds is not None:
             cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
         return ExecResult(
+            execution_id=execution_id,
             success=reason == "completed" and exit_code == 0,
             stdout=stdout.decode("utf-8", errors="replace"),
             stderr=stderr.decode("utf-8", errors="replace"),
@@ -679,6 +686,7 @@ class _PendingRun:
     before: IsolateUsage
     violations_before: int
     started: float
+    execution_id: str  # the result's: drawn when the run begins, or given by its caller
 
 
 def _decode(payload: bytes) -> dict[str, Any]:
