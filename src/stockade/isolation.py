@@ -49,7 +49,8 @@ LEVEL_INFO = {
         "microvm",
         80,
         "a guest kernel of its own behind QEMU microvm (hardware virtualisation with KVM; software emulation "
-        "with TCG, which is slower and has a larger emulator surface)",
+        "with TCG, which is slower and has a larger emulator surface), the process profile's seccomp inside "
+        "the guest, and QEMU itself jailed on the host (seccomp, Landlock, no network, no capabilities)",
         "seconds to boot cold under TCG; amortised by a warm pool",
     ),
 }
