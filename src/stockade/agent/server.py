@@ -858,7 +858,8 @@ class _GuestFilter:
         while True:
             notif = self._linux.seccomp_notif_recv(self.listener)
             if notif is None:
-                continue  # the caller died before its call could be read
+                time.sleep(0.001)  # its caller died before it could be read; never a busy loop
+                continue
             notif_id, pid, nr, args = notif
             note = wire.notification("violation", {"nr": nr, "args": list(args), "pid": pid})
             try:
