@@ -69,6 +69,7 @@ def become_init(config: dict[str, Any], conn: socket.socket) -> None:
     """As pid 1 of the new pid namespace: confine, then serve as the agent. Never returns."""
     try:
         listener = _confine_as_init(config, conn)
+        server.freeze_heap()  # what confinement loaded, too (the zygote froze the rest)
         agent = server.Agent(conn, config.get("base_env") or {})
         if config.get("warm", True):
             # Fork and warm the first runner before saying ready, so that a pooled
