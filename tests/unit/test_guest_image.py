@@ -6,9 +6,14 @@ Files only: no image is built here (tests/conformance/test_microvm.py boots real
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 from pathlib import Path
 
+import pytest
+
+from stockade.errors import SandboxStartError
 from stockade.runtimes.microvm import image
 
 
@@ -58,3 +63,25 @@ def test_a_relinked_or_removed_host_file_makes_the_image_stale(tmp_path: Path) -
 
 def test_an_image_that_kept_no_list_of_host_files_is_rebuilt(tmp_path: Path) -> None:
     assert image._load(_image_dir(tmp_path, None)) is None
+
+
+def test_an_image_built_on_demand_says_so_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A first microVM start builds the image: a minute that must not look like a hang.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the build's work directory goes
+    monkeypatch.setattr(image, "_kernel_package_name", lambda cached_only: "linux-image-test")
+
+    def offline(package: str, into: str) -> str:
+        raise SandboxStartError(f"apt-get download {package} failed: offline")
+
+    monkeypatch.setattr(image, "_download", offline)
+    with caplog.at_level(logging.WARNING, logger="stockade.microvm"), pytest.raises(SandboxStartError):
+        image.build()
+    assert "building the microVM guest image from linux-image-test" in caplog.text
+    caplog.clear()
+    with pytest.raises(SandboxStartError):
+        image.build(progress=lambda step, fraction: None)  # `stockade image build` shows its own bar
+    assert "building the microVM guest image" not in caplog.text
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith("stockade-image-")]  # no work dir left

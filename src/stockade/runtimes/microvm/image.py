@@ -22,6 +22,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import lzma
 import os
 import shutil
@@ -50,6 +51,7 @@ MODULES = (
     "9pnet_virtio",
     "9p",
 )  # fmt: skip  (load order)
+log = logging.getLogger("stockade.microvm")
 IMAGE_LAYOUT = 6  # bump when the initramfs layout changes in a way the other inputs do not show
 LD_SO_CACHE = "/etc/ld.so.cache"
 BUSYBOX_APPLETS = (
@@ -172,6 +174,10 @@ def build(progress: Progress = _quiet, force: bool = False) -> GuestImage:
     if not force and (image := _load(target)) is not None:
         progress("up to date", 1.0)
         return image
+    if progress is _quiet:
+        # Built on demand (a first microVM start, doctor, the daemon): without a
+        # word, the minute this takes would look like a hang.
+        log.warning("building the microVM guest image from %s and busybox-static (once; about a minute)", package)
     work = tempfile.mkdtemp(prefix="stockade-image-")
     try:
         progress(f"downloading {package}", 0.1)
