@@ -129,3 +129,23 @@ def test_a_guest_filters_report_is_read_with_the_profiles_own_rule() -> None:
     ):
         assert guest_violation(params) is None, params
     assert guest_violation({"nr": 272, "args": [], "pid": "x"}) is not None  # an odd pid is only left out
+
+
+def test_a_guest_cannot_flood_the_hosts_record_or_report_without_a_filter() -> None:
+    import threading
+
+    from stockade import Policy
+    from stockade.runtimes.microvm.runtime import MAX_GUEST_VIOLATIONS, MicrovmSandbox
+
+    # Only the reporting half of a sandbox: no VM is needed to feed it notices.
+    sb = MicrovmSandbox.__new__(MicrovmSandbox)
+    sb.policy, sb.guest_seccomp = Policy(), False
+    sb._violations, sb._violations_lock = [], threading.Lock()
+    notice = {"nr": NR["unshare"], "args": [0x10000000], "pid": 9}
+    sb._agent_notice("violation", notice)
+    assert sb.violations() == []  # a guest whose agent is not under the filter has nothing to report
+    sb.guest_seccomp = True
+    for _ in range(MAX_GUEST_VIOLATIONS + 50):
+        sb._agent_notice("violation", notice)
+    sb._agent_notice("output", notice)  # not a report
+    assert len(sb.violations()) == MAX_GUEST_VIOLATIONS

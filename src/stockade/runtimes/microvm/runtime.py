@@ -114,8 +114,8 @@ class MicrovmSandbox(HostedSandbox):
         far as it goes (a guest can hide its own calls from this report, never
         make them succeed), and bounded, since a guest can send any number.
         """
-        if method != "violation" or not self.guest_seccomp:
-            return
+        if method != "violation" or not self.guest_seccomp or len(self._violations) >= MAX_GUEST_VIOLATIONS:
+            return  # past the cap, a flood costs no more than reading it
         violation = guest_violation(params)
         if violation is None:
             return
