@@ -4,6 +4,8 @@
     client = Client("/run/stockade/stockade.sock", auth_token=token)
     result = call_with_retry(lambda: client.execute(code="print(1)"))
 
+``AsyncClient`` has the same methods for asyncio callers, awaited.
+
 Errors map to the ``StockadeError`` tree through the response's ``error_code``:
 an unreachable daemon is ``DaemonUnavailableError`` (a ``ConnectionError``),
 a refused signature ``AuthenticationError``, the rate limit ``RateLimitError``.
@@ -11,7 +13,9 @@ a refused signature ``AuthenticationError``, the rate limit ``RateLimitError``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import socket
@@ -77,8 +81,9 @@ class _ExecAnswer(_Answer):
     result: ExecResult | None = None
 
 
-class Client:
-    """One connection to the daemon, opened lazily and reopened after a failure. Thread-safe."""
+class _Requests:
+    """What ``Client`` and ``AsyncClient`` share: where the daemon is, the token, the
+    bound on a wait, and what each RPC method sends: (method, params, timeout)."""
 
     def __init__(self, socket_path: str | None = None, auth_token: str | None = None, timeout: float = 30.0) -> None:
         if socket_path is None:
@@ -88,14 +93,79 @@ class Client:
         self.socket_path = socket_path
         self._token = auth_token
         self.timeout = timeout
+        self._ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.socket_path!r}, auth={'hmac' if self._token else 'off'})"
+
+    def _ping(self) -> tuple[str, dict[str, Any] | None, float | None]:
+        return "ping", None, None
+
+    def _selftest(self) -> tuple[str, dict[str, Any] | None, float | None]:
+        return "selftest", None, max(self.timeout, 60)  # a real sandbox, started cold if need be
+
+    def _execute(
+        self,
+        command: list[str] | None,
+        code: str | None,
+        language: str,
+        policy: dict[str, Any] | None,
+        stdin: str | bytes | None,
+    ) -> tuple[str, dict[str, Any], float]:
+        params: dict[str, Any] = {"policy": policy or {}, "language": language}
+        if command is not None:
+            params["command"] = list(command)
+        if code is not None:
+            params["code"] = code
+        if isinstance(stdin, bytes):
+            params["stdin_b64"] = base64.b64encode(stdin).decode()
+        elif stdin is not None:
+            params["stdin"] = stdin
+        return "execute", params, _run_timeout(policy) + self.timeout
+
+    def _create(self, policy: dict[str, Any] | None, keep: bool) -> tuple[str, dict[str, Any], float]:
+        return "sandbox.create", {"policy": policy or {}, "keep": keep}, max(self.timeout, 60)
+
+    def _sandbox_exec(
+        self, sandbox_id: str, command: list[str], extra: dict[str, Any]
+    ) -> tuple[str, dict[str, Any], float]:
+        return "sandbox.exec", {"sandbox_id": sandbox_id, "command": list(command), **extra}, self.timeout + 600
+
+    def _sandbox_run_code(
+        self, sandbox_id: str, code: str, language: str, extra: dict[str, Any]
+    ) -> tuple[str, dict[str, Any], float]:
+        params = {"sandbox_id": sandbox_id, "code": code, "language": language, **extra}
+        return "sandbox.run_code", params, self.timeout + 600
+
+    def _write_file(
+        self, sandbox_id: str, path: str, data: bytes | str, mode: int
+    ) -> tuple[str, dict[str, Any], float | None]:
+        raw = data.encode() if isinstance(data, str) else data
+        params = {"sandbox_id": sandbox_id, "path": path, "data": base64.b64encode(raw).decode(), "mode": mode}
+        return "sandbox.write_file", params, None
+
+    def _read_file(self, sandbox_id: str, path: str) -> tuple[str, dict[str, Any], float | None]:
+        return "sandbox.read_file", {"sandbox_id": sandbox_id, "path": path}, None
+
+    def _close(self, sandbox_id: str) -> tuple[str, dict[str, Any], float | None]:
+        return "sandbox.close", {"sandbox_id": sandbox_id}, None
+
+    def _status(self) -> tuple[str, dict[str, Any] | None, float | None]:
+        return "status", None, None
+
+    def _runtimes(self) -> tuple[str, dict[str, Any] | None, float | None]:
+        return "runtimes", None, max(self.timeout, 60)  # detecting a runtime may start one
+
+
+class Client(_Requests):
+    """One connection to the daemon, opened lazily and reopened after a failure. Thread-safe."""
+
+    def __init__(self, socket_path: str | None = None, auth_token: str | None = None, timeout: float = 30.0) -> None:
+        super().__init__(socket_path, auth_token, timeout)
         self._sock: socket.socket | None = None
         self._sock_timeout: float | None = None
         self._buffer = b""
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"Client({self.socket_path!r}, auth={'hmac' if self._token else 'off'})"
 
     # ---- transport ----------------------------------------------------------------------
 
@@ -172,14 +242,8 @@ class Client:
         on_output: Callable[[str, bytes], None] | None,
         answer_type: type[_Answer],
     ) -> _Answer:
-        if on_output is not None:
-            params = {**(params or {}), "stream": True}
         msg_id = next(self._ids)
-        request: dict[str, Any] = {"method": method, "params": params or {}, "id": msg_id}
-        if self._token:
-            line = auth.signed_line(request, self._token) + b"\n"
-        else:
-            line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+        line = _request_line(method, params, msg_id, self._token, streamed=on_output is not None)
         callback_error: Exception | None = None
         with self._lock:
             sock = self._connect()
@@ -192,19 +256,17 @@ class Client:
                     raise self._refusal(sock) or exc from None
                 while True:
                     answer = _parse(self._read_line(sock), answer_type)
-                    output = answer.output
-                    if "result" in answer.model_fields_set or not isinstance(output, dict):
+                    chunk = _streamed(answer, msg_id)
+                    if chunk is None:
                         break
-                    # {"id": ..., "output": {"stream", "data"}}: output streamed ahead of the answer.
                     # A callback that raises is not called again, and its exception waits for
                     # the answer: left unread, that would be taken for the next call's.
-                    if on_output is not None and callback_error is None and answer.id == msg_id:
+                    if on_output is not None and callback_error is None and chunk is not _NOT_OURS:
                         try:
-                            on_output(str(output.get("stream")), base64.b64decode(str(output.get("data", ""))))
+                            on_output(*chunk)
                         except Exception as exc:  # noqa: BLE001 - raised below, once the answer is read
                             callback_error = exc
-                if answer.id != msg_id and "id" in answer.model_fields_set and answer.error_code is None:
-                    raise StockadeError(f"the daemon answered request {answer.id!r}, not {msg_id}")
+                _check_id(answer, msg_id)
             except BlockingIOError:  # the kernel's bound on the wait (EAGAIN)
                 self._drop()
                 raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
@@ -216,9 +278,8 @@ class Client:
                 raise
         if callback_error is not None:
             raise callback_error
-        if answer.error is not None:
-            cls = _ERRORS.get(str(answer.error_code or ""), StockadeError)
-            raise cls(str(answer.error))
+        if (failure := _failure(answer)) is not None:
+            raise failure
         return answer
 
     def _refusal(self, sock: socket.socket) -> StockadeError | None:
@@ -230,12 +291,9 @@ class Client:
         the answer that says why is still there to read.
         """
         try:
-            answer = _parse(self._read_line(sock), _Answer)
+            return _failure(_parse(self._read_line(sock), _Answer))
         except (OSError, EOFError, StockadeError):
             return None
-        if answer.error is None:
-            return None
-        return _ERRORS.get(str(answer.error_code or ""), StockadeError)(str(answer.error))
 
     def _read_line(self, sock: socket.socket) -> bytes:
         while b"\n" not in self._buffer:
@@ -246,13 +304,13 @@ class Client:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
 
-    # ---- methods --------------------------------------------------------------------
+    # ---- methods (what each sends: _Requests) -------------------------------------------
 
     def ping(self) -> str:
-        return str(self.call("ping"))
+        return str(self.call(*self._ping()))
 
     def selftest(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("selftest", timeout=max(self.timeout, 60))
+        result: dict[str, Any] = self.call(*self._selftest())
         return result
 
     def execute(
@@ -265,49 +323,261 @@ class Client:
         stdin: str | bytes | None = None,
         on_output: Callable[[str, bytes], None] | None = None,
     ) -> ExecResult:
-        params: dict[str, Any] = {"policy": policy or {}, "language": language}
-        if command is not None:
-            params["command"] = list(command)
-        if code is not None:
-            params["code"] = code
-        if isinstance(stdin, bytes):
-            params["stdin_b64"] = base64.b64encode(stdin).decode()
-        elif stdin is not None:
-            params["stdin"] = stdin
-        wait = _run_timeout(policy) + self.timeout
-        return self._run("execute", params, wait, on_output)
+        return self._run(*self._execute(command, code, language, policy, stdin), on_output)
 
     def create_sandbox(self, policy: dict[str, Any] | None = None, keep: bool = False) -> str:
-        result = self.call("sandbox.create", {"policy": policy or {}, "keep": keep}, timeout=max(self.timeout, 60))
-        return str(result["sandbox_id"])
+        return str(self.call(*self._create(policy, keep))["sandbox_id"])
 
     def sandbox_exec(self, sandbox_id: str, command: list[str], **kwargs: Any) -> ExecResult:
-        params = {"sandbox_id": sandbox_id, "command": list(command), **kwargs}
-        return self._run("sandbox.exec", params, self.timeout + 600)
+        return self._run(*self._sandbox_exec(sandbox_id, command, kwargs))
 
     def sandbox_run_code(self, sandbox_id: str, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
-        params = {"sandbox_id": sandbox_id, "code": code, "language": language, **kwargs}
-        return self._run("sandbox.run_code", params, self.timeout + 600)
+        return self._run(*self._sandbox_run_code(sandbox_id, code, language, kwargs))
 
     def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        raw = data.encode() if isinstance(data, str) else data
-        encoded = base64.b64encode(raw).decode()
-        self.call("sandbox.write_file", {"sandbox_id": sandbox_id, "path": path, "data": encoded, "mode": mode})
+        self.call(*self._write_file(sandbox_id, path, data, mode))
 
     def sandbox_read_file(self, sandbox_id: str, path: str) -> bytes:
-        result = self.call("sandbox.read_file", {"sandbox_id": sandbox_id, "path": path})
-        return base64.b64decode(result["data"])
+        return base64.b64decode(self.call(*self._read_file(sandbox_id, path))["data"])
 
     def close_sandbox(self, sandbox_id: str) -> None:
-        self.call("sandbox.close", {"sandbox_id": sandbox_id})
+        self.call(*self._close(sandbox_id))
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("status")
+        result: dict[str, Any] = self.call(*self._status())
         return result
 
     def runtimes(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.call("runtimes", timeout=max(self.timeout, 60))
+        result: list[dict[str, Any]] = self.call(*self._runtimes())
         return result
+
+
+# An answer is one line: a file's data (up to 5 MiB, base64) or a run's output
+# (JSON escapes can take six bytes a character) stay well under this.
+_LINE_LIMIT = 64 << 20
+
+
+class AsyncClient(_Requests):
+    """``Client`` for asyncio: the same methods, awaited; the event loop is never blocked.
+
+        async with AsyncClient("/run/stockade/stockade.sock", auth_token=token) as client:
+            result = await client.execute(code="print(1)")
+
+    One connection, opened on first use and reopened after a failure. Calls on
+    one client go out one at a time, each answered before the next is sent (a
+    lock keeps them in order on the connection): for runs in parallel, use a
+    client each. A call that times out or is cancelled drops the connection,
+    so that its late answer is never taken for the next call's.
+    """
+
+    def __init__(self, socket_path: str | None = None, auth_token: str | None = None, timeout: float = 30.0) -> None:
+        super().__init__(socket_path, auth_token, timeout)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        writer = self._writer
+        self._drop()
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def _drop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is None or self._writer is None:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path, limit=_LINE_LIMIT)
+            except OSError as exc:
+                raise DaemonUnavailableError(
+                    f"cannot reach the stockade daemon at {self.socket_path}: {exc.strerror or exc}"
+                ) from None
+        return self._reader, self._writer
+
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> Any:
+        """As ``Client.call``: one request, its result or the mapped error."""
+        return (await self._call(method, params, timeout, on_output, _Answer)).result
+
+    async def _run(
+        self, method: str, params: dict[str, Any], timeout: float, on_output: Callable[[str, bytes], None] | None = None
+    ) -> ExecResult:
+        result = (await self._call(method, params, timeout, on_output, _ExecAnswer)).result
+        if not isinstance(result, ExecResult):
+            raise StockadeError(f"the daemon's answer to {method} has no result")
+        return result
+
+    async def _call(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        timeout: float | None,
+        on_output: Callable[[str, bytes], None] | None,
+        answer_type: type[_Answer],
+    ) -> _Answer:
+        msg_id = next(self._ids)
+        line = _request_line(method, params, msg_id, self._token, streamed=on_output is not None)
+        wait = timeout or self.timeout
+        async with self._lock:
+            reader, writer = await self._connect()
+            try:
+                exchange = self._exchange(reader, writer, line, msg_id, answer_type, on_output)
+                answer, callback_error = await asyncio.wait_for(exchange, wait)
+            except TimeoutError:
+                self._drop()
+                raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
+            except (OSError, EOFError) as exc:
+                self._drop()
+                raise DaemonUnavailableError(f"lost the connection to the stockade daemon: {exc}") from None
+            except BaseException:
+                self._drop()  # cancelled, or a bad line: a half-read answer must not reach the next call
+                raise
+        if callback_error is not None:
+            raise callback_error
+        if (failure := _failure(answer)) is not None:
+            raise failure
+        return answer
+
+    @staticmethod
+    async def _exchange(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        line: bytes,
+        msg_id: int,
+        answer_type: type[_Answer],
+        on_output: Callable[[str, bytes], None] | None,
+    ) -> tuple[_Answer, Exception | None]:
+        writer.write(line)
+        try:
+            await writer.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # Refused and hung up on before the request went out: the reason may be waiting.
+            try:
+                refusal = _failure(_parse(await _read_answer_line(reader), _Answer))
+            except (OSError, EOFError, StockadeError):
+                refusal = None
+            raise refusal or exc from None
+        callback_error: Exception | None = None
+        while True:
+            answer = _parse(await _read_answer_line(reader), answer_type)
+            chunk = _streamed(answer, msg_id)
+            if chunk is None:
+                break
+            if on_output is not None and callback_error is None and chunk is not _NOT_OURS:
+                try:
+                    on_output(*chunk)
+                except Exception as exc:  # noqa: BLE001 - raised by the caller, once the answer is read
+                    callback_error = exc
+        _check_id(answer, msg_id)
+        return answer, callback_error
+
+    # ---- methods (what each sends: _Requests) -------------------------------------------
+
+    async def ping(self) -> str:
+        return str(await self.call(*self._ping()))
+
+    async def selftest(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(*self._selftest())
+        return result
+
+    async def execute(
+        self,
+        command: list[str] | None = None,
+        *,
+        code: str | None = None,
+        language: str = "python",
+        policy: dict[str, Any] | None = None,
+        stdin: str | bytes | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return await self._run(*self._execute(command, code, language, policy, stdin), on_output)
+
+    async def create_sandbox(self, policy: dict[str, Any] | None = None, keep: bool = False) -> str:
+        return str((await self.call(*self._create(policy, keep)))["sandbox_id"])
+
+    async def sandbox_exec(self, sandbox_id: str, command: list[str], **kwargs: Any) -> ExecResult:
+        return await self._run(*self._sandbox_exec(sandbox_id, command, kwargs))
+
+    async def sandbox_run_code(self, sandbox_id: str, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
+        return await self._run(*self._sandbox_run_code(sandbox_id, code, language, kwargs))
+
+    async def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        await self.call(*self._write_file(sandbox_id, path, data, mode))
+
+    async def sandbox_read_file(self, sandbox_id: str, path: str) -> bytes:
+        return base64.b64decode((await self.call(*self._read_file(sandbox_id, path)))["data"])
+
+    async def close_sandbox(self, sandbox_id: str) -> None:
+        await self.call(*self._close(sandbox_id))
+
+    async def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(*self._status())
+        return result
+
+    async def runtimes(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call(*self._runtimes())
+        return result
+
+
+async def _read_answer_line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return (await reader.readuntil(b"\n"))[:-1]
+    except asyncio.IncompleteReadError:
+        raise EOFError("the daemon closed the connection") from None
+    except asyncio.LimitOverrunError:
+        raise StockadeError(f"the daemon sent an answer longer than {_LINE_LIMIT} bytes") from None
+
+
+def _request_line(method: str, params: dict[str, Any] | None, msg_id: int, token: str | None, streamed: bool) -> bytes:
+    """One request, signed when there is a token, as the line to send."""
+    if streamed:
+        params = {**(params or {}), "stream": True}
+    request: dict[str, Any] = {"method": method, "params": params or {}, "id": msg_id}
+    if token:
+        return auth.signed_line(request, token) + b"\n"
+    return json.dumps(request, separators=(",", ":")).encode() + b"\n"
+
+
+_NOT_OURS: tuple[str, bytes] = ("", b"")  # a chunk of output, but of another request's run
+
+
+def _streamed(answer: _Answer, msg_id: int) -> tuple[str, bytes] | None:
+    """Output streamed ahead of the answer (``{"id", "output": {"stream", "data"}}``) as
+    (stream, bytes); ``_NOT_OURS`` for another request's; None when this is the answer."""
+    output = answer.output
+    if "result" in answer.model_fields_set or not isinstance(output, dict):
+        return None
+    if answer.id != msg_id:
+        return _NOT_OURS
+    return str(output.get("stream")), base64.b64decode(str(output.get("data", "")))
+
+
+def _check_id(answer: _Answer, msg_id: int) -> None:
+    # An error about the connection itself (a refusal) carries no id; anything else must be ours.
+    if answer.id != msg_id and "id" in answer.model_fields_set and answer.error_code is None:
+        raise StockadeError(f"the daemon answered request {answer.id!r}, not {msg_id}")
+
+
+def _failure(answer: _Answer) -> StockadeError | None:
+    """The error an answer carries, as its class in the ``StockadeError`` tree."""
+    if answer.error is None:
+        return None
+    return _ERRORS.get(str(answer.error_code or ""), StockadeError)(str(answer.error))
 
 
 def _parse(line: bytes, answer_type: type[_Answer]) -> _Answer:

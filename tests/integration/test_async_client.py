@@ -1,0 +1,84 @@
+"""``AsyncClient`` against a real daemon: the same RPC, awaited, in order, and never a late answer taken for another."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from stockade.client import AsyncClient, NotFoundError
+from stockade.errors import AuthenticationError, DaemonUnavailableError
+from tests.daemon_harness import TOKEN, Daemon, start_daemon
+
+
+@pytest.fixture
+def signed(process_runtime: str) -> Iterator[Daemon]:
+    d = start_daemon({"STOCKADE_AUTH_TOKEN": TOKEN, "STOCKADE_MAX_REQUESTS": "10000"})
+    yield d
+    assert d.stop() == 0, d.logs()
+
+
+def test_every_method_awaited(signed: Daemon) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(signed.socket_path, auth_token=TOKEN) as client:
+            assert await client.ping() == "pong"
+            chunks: list[tuple[str, bytes]] = []
+            r = await client.execute(
+                ["sh", "-c", "echo out; echo err >&2; exit 3"], on_output=lambda s, d: chunks.append((s, d))
+            )
+            assert (r.exit_code, r.stdout, r.stderr) == (3, "out\n", "err\n")
+            assert b"".join(d for s, d in chunks if s == "stdout") == b"out\n"
+            assert (await client.execute(code="print(6 * 7)", stdin=b"")).stdout == "42\n"
+            sandbox = await client.create_sandbox()
+            await client.sandbox_write_file(sandbox, "/work/f.txt", b"kept")
+            assert await client.sandbox_read_file(sandbox, "/work/f.txt") == b"kept"
+            assert (await client.sandbox_exec(sandbox, ["cat", "/work/f.txt"])).stdout == "kept"
+            assert (await client.sandbox_run_code(sandbox, "print(open('/work/f.txt').read())")).stdout == "kept\n"
+            held = [s for s in (await client.status())["active_sandboxes"] if s["kind"] == "held"]
+            assert [s["sandbox_id"] for s in held] == [sandbox]
+            await client.close_sandbox(sandbox)
+            with pytest.raises(NotFoundError):
+                await client.sandbox_exec(sandbox, ["true"])
+            assert any(r["name"] == "process" and r["available"] for r in await client.runtimes())
+
+    asyncio.run(scenario())
+
+
+def test_calls_made_at_once_are_answered_each_with_its_own_result(signed: Daemon) -> None:
+    async def scenario() -> list[str]:
+        async with AsyncClient(signed.socket_path, auth_token=TOKEN) as client:
+            runs = [client.execute(code=f"import time; time.sleep(0.{i}); print({i})") for i in range(5)]
+            return [r.stdout for r in await asyncio.gather(*runs)]
+
+    assert asyncio.run(scenario()) == [f"{i}\n" for i in range(5)]
+
+
+def test_a_cancelled_or_timed_out_call_never_hands_its_answer_to_the_next(signed: Daemon) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(signed.socket_path, auth_token=TOKEN) as client:
+            slow = asyncio.ensure_future(client.execute(code="import time; time.sleep(1); print('late')"))
+            await asyncio.sleep(0.3)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            assert (await client.execute(code="print('mine')")).stdout == "mine\n"
+            with pytest.raises(DaemonUnavailableError, match="did not answer within"):
+                await client.call("execute", {"code": "import time; time.sleep(2)"}, timeout=0.3)
+            assert await client.ping() == "pong"
+
+    asyncio.run(scenario())
+
+
+def test_errors_map_as_for_the_blocking_client(signed: Daemon) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(signed.socket_path, auth_token="0" * 64) as wrong:
+            with pytest.raises(AuthenticationError):
+                await wrong.ping()
+        async with AsyncClient(signed.socket_path + ".nope") as gone:
+            with pytest.raises(DaemonUnavailableError, match="cannot reach"):
+                await gone.ping()
+
+    asyncio.run(scenario())
+    assert os.path.exists(signed.socket_path)
