@@ -244,7 +244,7 @@ class Client(_Requests):
     ) -> _Answer:
         msg_id = next(self._ids)
         line = _request_line(method, params, msg_id, self._token, streamed=on_output is not None)
-        callback_error: Exception | None = None
+        reply = _Reply(msg_id, on_output)
         with self._lock:
             sock = self._connect()
             wait = timeout or self.timeout
@@ -254,19 +254,8 @@ class Client(_Requests):
                     sock.sendall(line)
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     raise self._refusal(sock) or exc from None
-                while True:
-                    answer = _parse(self._read_line(sock), answer_type)
-                    chunk = _streamed(answer, msg_id)
-                    if chunk is None:
-                        break
-                    # A callback that raises is not called again, and its exception waits for
-                    # the answer: left unread, that would be taken for the next call's.
-                    if on_output is not None and callback_error is None and chunk is not _NOT_OURS:
-                        try:
-                            on_output(*chunk)
-                        except Exception as exc:  # noqa: BLE001 - raised below, once the answer is read
-                            callback_error = exc
-                _check_id(answer, msg_id)
+                while not reply.take(answer := _parse(self._read_line(sock), answer_type)):
+                    pass
             except BlockingIOError:  # the kernel's bound on the wait (EAGAIN)
                 self._drop()
                 raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
@@ -276,11 +265,7 @@ class Client(_Requests):
             except BaseException:
                 self._drop()  # a half-read answer (Ctrl-C, a bad line) must not reach the next call
                 raise
-        if callback_error is not None:
-            raise callback_error
-        if (failure := _failure(answer)) is not None:
-            raise failure
-        return answer
+        return reply.outcome(answer)
 
     def _refusal(self, sock: socket.socket) -> StockadeError | None:
         """The error the daemon sent before it hung up, if it did.
@@ -436,8 +421,8 @@ class AsyncClient(_Requests):
         async with self._lock:
             reader, writer = await self._connect()
             try:
-                exchange = self._exchange(reader, writer, line, msg_id, answer_type, on_output)
-                answer, callback_error = await asyncio.wait_for(exchange, wait)
+                reply = _Reply(msg_id, on_output)
+                answer = await asyncio.wait_for(self._exchange(reader, writer, line, reply, answer_type), wait)
             except TimeoutError:
                 self._drop()
                 raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
@@ -447,21 +432,16 @@ class AsyncClient(_Requests):
             except BaseException:
                 self._drop()  # cancelled, or a bad line: a half-read answer must not reach the next call
                 raise
-        if callback_error is not None:
-            raise callback_error
-        if (failure := _failure(answer)) is not None:
-            raise failure
-        return answer
+        return reply.outcome(answer)
 
     @staticmethod
     async def _exchange(
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         line: bytes,
-        msg_id: int,
+        reply: _Reply,
         answer_type: type[_Answer],
-        on_output: Callable[[str, bytes], None] | None,
-    ) -> tuple[_Answer, Exception | None]:
+    ) -> _Answer:
         writer.write(line)
         try:
             await writer.drain()
@@ -472,19 +452,9 @@ class AsyncClient(_Requests):
             except (OSError, EOFError, StockadeError):
                 refusal = None
             raise refusal or exc from None
-        callback_error: Exception | None = None
-        while True:
-            answer = _parse(await _read_answer_line(reader), answer_type)
-            chunk = _streamed(answer, msg_id)
-            if chunk is None:
-                break
-            if on_output is not None and callback_error is None and chunk is not _NOT_OURS:
-                try:
-                    on_output(*chunk)
-                except Exception as exc:  # noqa: BLE001 - raised by the caller, once the answer is read
-                    callback_error = exc
-        _check_id(answer, msg_id)
-        return answer, callback_error
+        while not reply.take(answer := _parse(await _read_answer_line(reader), answer_type)):
+            pass
+        return answer
 
     # ---- methods (what each sends: _Requests) -------------------------------------------
 
@@ -553,24 +523,40 @@ def _request_line(method: str, params: dict[str, Any] | None, msg_id: int, token
     return json.dumps(request, separators=(",", ":")).encode() + b"\n"
 
 
-_NOT_OURS: tuple[str, bytes] = ("", b"")  # a chunk of output, but of another request's run
+class _Reply:
+    """The lines of one call's reply, as both clients read them: output streamed ahead
+    of the answer (``{"id", "output": {"stream", "data"}}``) goes to ``on_output``,
+    then the answer ends it."""
 
+    def __init__(self, msg_id: int, on_output: Callable[[str, bytes], None] | None) -> None:
+        self.msg_id = msg_id
+        self.on_output = on_output
+        self.callback_error: Exception | None = None
 
-def _streamed(answer: _Answer, msg_id: int) -> tuple[str, bytes] | None:
-    """Output streamed ahead of the answer (``{"id", "output": {"stream", "data"}}``) as
-    (stream, bytes); ``_NOT_OURS`` for another request's; None when this is the answer."""
-    output = answer.output
-    if "result" in answer.model_fields_set or not isinstance(output, dict):
-        return None
-    if answer.id != msg_id:
-        return _NOT_OURS
-    return str(output.get("stream")), base64.b64decode(str(output.get("data", "")))
+    def take(self, answer: _Answer) -> bool:
+        """Take one line; True once it is the answer."""
+        output = answer.output
+        if "result" in answer.model_fields_set or not isinstance(output, dict):
+            # An error about the connection itself (a refusal) carries no id; anything else must be ours.
+            if answer.id != self.msg_id and "id" in answer.model_fields_set and answer.error_code is None:
+                raise StockadeError(f"the daemon answered request {answer.id!r}, not {self.msg_id}")
+            return True
+        # A callback that raises is not called again, and its exception waits for
+        # the answer: left unread, that would be taken for the next call's.
+        if self.on_output is not None and self.callback_error is None and answer.id == self.msg_id:
+            try:
+                self.on_output(str(output.get("stream")), base64.b64decode(str(output.get("data", ""))))
+            except Exception as exc:  # noqa: BLE001 - raised by outcome(), once the answer is read
+                self.callback_error = exc
+        return False
 
-
-def _check_id(answer: _Answer, msg_id: int) -> None:
-    # An error about the connection itself (a refusal) carries no id; anything else must be ours.
-    if answer.id != msg_id and "id" in answer.model_fields_set and answer.error_code is None:
-        raise StockadeError(f"the daemon answered request {answer.id!r}, not {msg_id}")
+    def outcome(self, answer: _Answer) -> _Answer:
+        """The answer, or what to raise instead: the callback's exception, then the daemon's error."""
+        if self.callback_error is not None:
+            raise self.callback_error
+        if (failure := _failure(answer)) is not None:
+            raise failure
+        return answer
 
 
 def _failure(answer: _Answer) -> StockadeError | None:
