@@ -186,7 +186,7 @@ def _execute_via_daemon(
     from .errors import DaemonUnavailableError, StockadeError
 
     try:
-        token = _read_token(args.token_file) if args.token_file else os.environ.get("STOCKADE_AUTH_TOKEN")
+        token = _daemon_token(args)
         policy = _build_policy(args).model_dump(mode="json", exclude_defaults=True)
     except (StockadeError, OSError, ValueError) as exc:
         return _fail(str(exc))
@@ -225,7 +225,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from .errors import StockadeError
 
     try:
-        token = _read_token(args.token_file) if args.token_file else os.environ.get("STOCKADE_AUTH_TOKEN")
+        token = _daemon_token(args)
     except OSError as exc:
         return _fail(f"--token-file {args.token_file}: {exc.strerror}")
     with Client(args.socket or None, auth_token=token) as client:
@@ -245,8 +245,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_token(path: str) -> str:
-    with open(path) as f:
+def _daemon_token(args: argparse.Namespace) -> str | None:
+    """The HMAC token: from ``--token-file``, else ``$STOCKADE_AUTH_TOKEN``, else none (OSError if unreadable)."""
+    if not args.token_file:
+        return os.environ.get("STOCKADE_AUTH_TOKEN")
+    with open(args.token_file) as f:
         return f.read().strip()
 
 

@@ -385,30 +385,28 @@ class AgentSandbox(abc.ABC):
                     },
                 }
             )
-            before, self.baseline = self.baseline or self.usage(peak=False), None
-            run = _PendingRun(params, _FOREVER_S, before, len(self.violations()), time.monotonic(), execution_id)
-            self._run_started()
-            return run
-        timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
-        if self.one_shot:
-            params["last"] = True
-        params.update(
-            {
-                "env": {**policy.environment, **(env or {})},
-                "timeout": timeout,
-                "max_output_bytes": policy.max_output_bytes,
-                "stdin": base64.b64encode(raw_stdin).decode() if raw_stdin else "",
-                "stream": on_output is not None,
-                "limits": {
-                    "max_file_size_bytes": policy.max_file_size_mb * 1024 * 1024,
-                    "max_open_files": policy.max_open_files,
-                    "max_processes": policy.pids_limit,
-                    "cpu_seconds": int(timeout) + 1,
-                },
-            }
-        )
+            wait = _FOREVER_S
+        else:
+            timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
+            wait = timeout + HOST_TIMEOUT_GRACE_S
+            if self.one_shot:
+                params["last"] = True
+            params.update(
+                {
+                    "env": {**policy.environment, **(env or {})},
+                    "timeout": timeout,
+                    "max_output_bytes": policy.max_output_bytes,
+                    "stdin": base64.b64encode(raw_stdin).decode() if raw_stdin else "",
+                    "stream": on_output is not None,
+                    "limits": {
+                        "max_file_size_bytes": policy.max_file_size_mb * 1024 * 1024,
+                        "max_open_files": policy.max_open_files,
+                        "max_processes": policy.pids_limit,
+                        "cpu_seconds": int(timeout) + 1,
+                    },
+                }
+            )
         before, self.baseline = self.baseline or self.usage(peak=False), None
-        wait = timeout + HOST_TIMEOUT_GRACE_S
         run = _PendingRun(params, wait, before, len(self.violations()), time.monotonic(), execution_id)
         self._run_started()
         return run

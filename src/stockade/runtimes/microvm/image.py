@@ -279,7 +279,7 @@ def _inputs_key(package: str) -> str:
         if name.endswith(".py"):
             with open(os.path.join(agent_dir, name), "rb") as f:
                 h.update(name.encode() + f.read())
-    h.update(seccomp.compile_profile())  # the guest's filter: the profile as this host compiles it
+    h.update(seccomp.default_program())  # the guest's filter: the profile as this host compiles it
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             h.update(f.read())  # changes whenever the host's libraries do
@@ -347,7 +347,7 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
         if name.endswith(".py"):
             with open(os.path.join(agent_dir, name), "rb") as f:
                 entries.append((f"opt/stockade/agent/{name}", stat.S_IFREG | 0o644, f.read()))
-    entries.append(("opt/stockade/seccomp.bpf", stat.S_IFREG | 0o644, seccomp.compile_profile()))
+    entries.append(("opt/stockade/seccomp.bpf", stat.S_IFREG | 0o644, seccomp.default_program()))
     etc = {
         "passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/work:/bin/sh\n",
         "group": "root:x:0:\nsandbox:x:1000:\n",

@@ -179,7 +179,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                     self._zygote.close()
                 self._zygote = Zygote()
             if self._bpf is None:
-                self._bpf = seccomp.compile_profile()
+                self._bpf = seccomp.default_program()
                 self._landlock_abi = linux.landlock_abi()
             return self._zygote
 

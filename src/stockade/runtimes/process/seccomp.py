@@ -143,6 +143,12 @@ def _holds(cond: dict[str, Any], args: tuple[int, ...]) -> bool:
     )
 
 
+@cache
+def default_program() -> bytes:
+    """The profile's BPF, compiled once: every isolate, and the microVM image (and its key), use it."""
+    return compile_profile()
+
+
 def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
     rules = load_profile() if rules is None else rules
     program = [
