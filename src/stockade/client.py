@@ -123,8 +123,13 @@ class _Requests:
             params["stdin"] = stdin
         return "execute", params, _run_timeout(policy) + self.timeout
 
-    def _create(self, policy: dict[str, Any] | None, keep: bool) -> tuple[str, dict[str, Any], float]:
-        return "sandbox.create", {"policy": policy or {}, "keep": keep}, max(self.timeout, 60)
+    def _create(
+        self, policy: dict[str, Any] | None, keep: bool, idle_timeout: float | None
+    ) -> tuple[str, dict[str, Any], float]:
+        params: dict[str, Any] = {"policy": policy or {}, "keep": keep}
+        if idle_timeout is not None:
+            params["idle_timeout"] = idle_timeout
+        return "sandbox.create", params, max(self.timeout, 60)
 
     def _sandbox_exec(
         self, sandbox_id: str, command: list[str], extra: dict[str, Any]
@@ -310,8 +315,12 @@ class Client(_Requests):
     ) -> ExecResult:
         return self._run(*self._execute(command, code, language, policy, stdin), on_output)
 
-    def create_sandbox(self, policy: dict[str, Any] | None = None, keep: bool = False) -> str:
-        return str(self.call(*self._create(policy, keep))["sandbox_id"])
+    def create_sandbox(
+        self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
+    ) -> str:
+        """A held sandbox's id. ``keep``: it outlives this connection; ``idle_timeout``: seconds
+        without a call before the daemon closes it (default and most: the daemon's setting)."""
+        return str(self.call(*self._create(policy, keep, idle_timeout))["sandbox_id"])
 
     def sandbox_exec(self, sandbox_id: str, command: list[str], **kwargs: Any) -> ExecResult:
         return self._run(*self._sandbox_exec(sandbox_id, command, kwargs))
@@ -477,8 +486,10 @@ class AsyncClient(_Requests):
     ) -> ExecResult:
         return await self._run(*self._execute(command, code, language, policy, stdin), on_output)
 
-    async def create_sandbox(self, policy: dict[str, Any] | None = None, keep: bool = False) -> str:
-        return str((await self.call(*self._create(policy, keep)))["sandbox_id"])
+    async def create_sandbox(
+        self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
+    ) -> str:
+        return str((await self.call(*self._create(policy, keep, idle_timeout)))["sandbox_id"])
 
     async def sandbox_exec(self, sandbox_id: str, command: list[str], **kwargs: Any) -> ExecResult:
         return await self._run(*self._sandbox_exec(sandbox_id, command, kwargs))

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_retry
-from stockade.errors import DaemonUnavailableError, PolicyError
+from stockade.errors import DaemonUnavailableError, PolicyError, StockadeError
 from stockade.result import ExecResult
 from tests.daemon_harness import Daemon, raw_exchange, start_daemon
 from tests.helpers import processes_with_arg
@@ -111,6 +111,46 @@ def test_connection_owned_sandboxes_close_with_the_connection(daemon: Daemon) ->
         time.sleep(0.02)
     assert [s["sandbox_id"] for s in watcher.status()["active_sandboxes"]] == [kept]
     watcher.close_sandbox(kept)
+
+
+def test_an_idle_held_sandbox_is_closed_and_a_late_call_says_why(process_runtime: str) -> None:
+    # One slot, no queue: a forgotten kept sandbox would hold the daemon's only
+    # slot for good; closed for idleness, it frees it, and leaves nothing running.
+    d = start_daemon(
+        {"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_LIMIT": "0", "STOCKADE_SANDBOX_IDLE_TIMEOUT": "60"}
+    )
+    marker = "4244.625"
+    try:
+        with Client(d.socket_path) as c:
+            sid = c.create_sandbox(keep=True, idle_timeout=1.0)
+            (entry,) = c.status()["active_sandboxes"]
+            assert entry["sandbox_id"] == sid and entry["idle_timeout"] == 1.0
+            # A call that outlasts the timeout is not cut short: idleness counts between calls.
+            r = c.sandbox_exec(sid, ["sh", "-c", f"sleep {marker} & sleep 1.5; echo done"])
+            assert r.stdout == "done\n", r.summary()
+            assert processes_with_arg(marker), "the sandbox's background process should run while it is held"
+            assert c.sandbox_exec(sid, ["true"]).success  # the clock starts again after each call
+            with pytest.raises(DaemonBusyError):
+                c.execute(["true"])  # the held sandbox has the only slot
+            deadline = time.monotonic() + 15
+            while c.status()["total_count"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.status()["total_count"] == 0, "the idle sandbox was not closed"
+            with pytest.raises(NotFoundError, match=r"closed after 1 s without a call \(idle_timeout\)"):
+                c.sandbox_exec(sid, ["true"])
+            assert processes_with_arg(marker) == [], "the closed sandbox's process ran on"
+            assert c.execute(["true"]).success  # its slot is free again
+        assert f"closing sandbox {sid}" in d.logs()
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon", True, float("nan"), 601])
+def test_a_bad_idle_timeout_is_refused_before_anything_starts(daemon: Daemon, value: object) -> None:
+    with Client(daemon.socket_path) as c:
+        with pytest.raises(StockadeError, match="idle_timeout"):
+            c.call("sandbox.create", {"idle_timeout": value})
+        assert c.status()["total_count"] == 0
 
 
 def test_malformed_and_oversized_input_keep_the_connection(process_runtime: str) -> None:
@@ -360,6 +400,8 @@ def test_malformed_socket_perms_refused_at_start(process_runtime: str, value: st
         ("STOCKADE_POOL_SIZE", "lots"),
         ("STOCKADE_CGROUP_PARENT", "../escape"),
         ("STOCKADE_MAX_CONNECTIONS", "0"),
+        ("STOCKADE_SANDBOX_IDLE_TIMEOUT", "soon"),
+        ("STOCKADE_QUEUE_TIMEOUT", "nan"),
     ],
 )
 def test_malformed_runtime_settings_refused_at_start(process_runtime: str, name: str, value: str) -> None:

@@ -14,12 +14,14 @@
 | STOCKADE_REPLAY_WINDOW | 30 | seconds a signed request stays valid |
 | STOCKADE_MAX_REQUEST_BYTES | 16777216 | longest request line |
 | STOCKADE_SHUTDOWN_GRACE | 10 | seconds SIGTERM waits for running work |
+| STOCKADE_SANDBOX_IDLE_TIMEOUT | 600 | seconds a held sandbox may go uncalled before it is closed (0: never) |
 
 A malformed value is refused at start with a message naming the variable.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -53,6 +55,9 @@ class DaemonConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     pool_size: int = 2
+    # A held sandbox nobody calls still holds a slot, an isolate and its memory:
+    # one a client forgot (or a crashed client's kept one) is closed after this.
+    sandbox_idle_timeout_s: float | None = 600.0
 
     def __repr__(self) -> str:  # never print the token
         token = "set" if self.auth_token else "unset"
@@ -82,6 +87,7 @@ class DaemonConfig:
             max_request_bytes=_int(env, "STOCKADE_MAX_REQUEST_BYTES", 16 * 1024 * 1024, minimum=1024),
             shutdown_grace_s=_float(env, "STOCKADE_SHUTDOWN_GRACE", 10.0),
             pool_size=_int(env, "STOCKADE_POOL_SIZE", 2, minimum=0),
+            sandbox_idle_timeout_s=_seconds_or_never(env, "STOCKADE_SANDBOX_IDLE_TIMEOUT", 600.0),
         )
 
 
@@ -119,9 +125,17 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be positive")
+    if not math.isfinite(value) or value <= 0:  # nan compares false with everything: refused by name
+        raise ConfigError(f"{name}={raw!r} must be a positive, finite number")
     return value
+
+
+def _seconds_or_never(env: dict[str, str], name: str, default: float) -> float | None:
+    """A positive number of seconds, or None for 0 (never)."""
+    raw = env.get(name)
+    if raw is not None and raw.strip() in ("0", "0.0"):
+        return None
+    return _float(env, name, default)
 
 
 def _ids(env: dict[str, str], name: str) -> frozenset[int] | None:

@@ -12,8 +12,11 @@ import asyncio
 import base64
 import contextlib
 import functools
+import logging
+import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,6 +30,11 @@ from ..runtimes.manager import RuntimeManager
 from .config import DaemonConfig
 
 T = TypeVar("T")
+log = logging.getLogger("stockade.daemon")
+
+# Ids of sandboxes closed for idleness, remembered (up to this many) so that a
+# late call learns why its sandbox is gone instead of "no sandbox".
+EXPIRED_REMEMBERED = 1024
 
 # A one-shot isolate is killed as soon as its answer is written (nothing of it
 # runs on), but its teardown (cgroups, then the pool's next isolate) waits this
@@ -51,8 +59,15 @@ class Held:
     sandbox: AgentSandbox
     owner_uid: int
     connection: int | None  # closed with this connection, unless kept
+    idle_timeout_s: float | None  # closed after this long without a call; None: never
     created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)  # when its last call ended
+    calls: int = 0  # calls running or waiting for its lock: it is not idle while any is
+    idle_timer: asyncio.TimerHandle | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def idle_seconds(self, now: float) -> float:
+        return 0.0 if self.calls else max(0.0, now - self.last_used)
 
 
 @dataclass
@@ -76,6 +91,8 @@ class Controller:
         self._idle = asyncio.Event()
         self._idle.set()
         self._teardowns: dict[AgentSandbox, tuple[asyncio.TimerHandle, Callable[[AgentSandbox], None]]] = {}
+        self._expired: OrderedDict[str, tuple[int, str]] = OrderedDict()  # sandbox id -> (owner uid, why)
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -287,6 +304,7 @@ class Controller:
 
     async def create(self, params: dict[str, Any], uid: int, connection: int) -> dict[str, Any]:
         policy = coerce_policy(_policy_dict(params.get("policy")))
+        idle_timeout = _idle_timeout(params, self.config.sandbox_idle_timeout_s)
         runtime = self.manager.select(policy)
         await self._take_slot()
         try:
@@ -296,55 +314,114 @@ class Controller:
             raise
         sandbox_id = "sb-" + secrets.token_hex(8)
         keep = params.get("keep") is True
-        self.held[sandbox_id] = Held(sandbox_id, sandbox, uid, None if keep else connection)
-        return {"sandbox_id": sandbox_id, "runtime": sandbox.runtime_name, "policy_digest": policy.digest}
+        held = Held(sandbox_id, sandbox, uid, None if keep else connection, idle_timeout)
+        self.held[sandbox_id] = held
+        self._watch_idle(held)
+        return {
+            "sandbox_id": sandbox_id,
+            "runtime": sandbox.runtime_name,
+            "policy_digest": policy.digest,
+            "idle_timeout": idle_timeout,
+        }
 
     def _lookup(self, params: dict[str, Any], uid: int) -> Held:
         sandbox_id = params.get("sandbox_id")
         held = self.held.get(sandbox_id) if isinstance(sandbox_id, str) else None
         # Another uid's sandbox is reported exactly like a missing one.
         if held is None or uid not in (held.owner_uid, 0):
+            expired = self._expired.get(sandbox_id) if isinstance(sandbox_id, str) else None
+            if expired is not None and uid in (expired[0], 0):
+                raise RequestError(expired[1], "not_found")
             raise RequestError(f"no sandbox {sandbox_id!r}", "not_found")
         return held
+
+    # ---- idle held sandboxes ---------------------------------------------------------
+
+    def _watch_idle(self, held: Held, delay: float | None = None) -> None:
+        """Check ``held`` for idleness ``delay`` seconds from now (its whole timeout by default).
+
+        One timer per sandbox, moved only when it fires: a call does not touch
+        it, it only stamps ``last_used``, and a timer that finds the sandbox
+        used since sets itself again for the time that is left.
+        """
+        if held.idle_timeout_s is None or held.idle_timer is not None:
+            return
+        wait = held.idle_timeout_s if delay is None else delay
+        held.idle_timer = asyncio.get_running_loop().call_later(wait, self._idle_check, held)
+
+    def _idle_check(self, held: Held) -> None:
+        held.idle_timer = None
+        if self.held.get(held.sandbox_id) is not held or held.calls or held.idle_timeout_s is None:
+            return  # closed meanwhile, or in use: the call's end sets the timer again
+        left = held.last_used + held.idle_timeout_s - time.monotonic()
+        if left > 0:
+            self._watch_idle(held, left)
+            return
+        why = f"sandbox {held.sandbox_id!r} was closed after {held.idle_timeout_s:g} s without a call (idle_timeout)"
+        self._expired[held.sandbox_id] = (held.owner_uid, why)
+        while len(self._expired) > EXPIRED_REMEMBERED:
+            self._expired.popitem(last=False)
+        log.info("closing sandbox %s of uid %d: idle for %g s", held.sandbox_id, held.owner_uid, held.idle_timeout_s)
+        task = asyncio.get_running_loop().create_task(self._close_quietly(held))
+        self._closing.add(task)  # a task nobody awaits must be referenced until it ends
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_quietly(self, held: Held) -> None:
+        try:
+            await self._close(held)
+        except Exception:
+            log.exception("closing idle sandbox %s failed", held.sandbox_id)
 
     async def sandbox_call(
         self, method: str, params: dict[str, Any], uid: int, on_output: OutputCallback | None = None
     ) -> Any:
         held = self._lookup(params, uid)
         sb = held.sandbox
-        async with held.lock:
-            self._track(+1)
-            try:
-                if method == "exec":
-                    argv = params.get("command")
-                    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-                        raise RequestError("command must be a non-empty list of strings")
-                    return await sb.aexec(
-                        argv,
-                        stdin=_stdin(params),
-                        env=_env(params),
-                        cwd=params.get("cwd"),
-                        timeout=params.get("timeout"),
-                        on_output=on_output,
-                    )
-                if method == "run_code":
-                    code = params.get("code")
-                    if not isinstance(code, str):
-                        raise RequestError("code must be a string")
-                    return await sb.arun_code(
-                        code, params.get("language", "python"), stdin=_stdin(params), env=_env(params),
-                        timeout=params.get("timeout"), on_output=on_output,
-                    )  # fmt: skip
-                if method == "write_file":
-                    data = _b64(params, "data")
-                    await self._blocking(sb.write_file, _path(params), data, params.get("mode", 0o644))
-                    return {"path": params["path"], "size": len(data)}
-                if method == "read_file":
-                    raw = await self._blocking(sb.read_file, _path(params), _max_bytes(params))
-                    return {"path": params["path"], "data": base64.b64encode(raw).decode()}
-                raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
-            finally:
-                self._track(-1)
+        held.calls += 1  # from here, waiting for the lock included: not idle
+        try:
+            async with held.lock:
+                return await self._sandbox_call(sb, method, params, on_output)
+        finally:
+            held.calls -= 1
+            held.last_used = time.monotonic()
+            if self.held.get(held.sandbox_id) is held:
+                self._watch_idle(held)
+
+    async def _sandbox_call(
+        self, sb: AgentSandbox, method: str, params: dict[str, Any], on_output: OutputCallback | None
+    ) -> Any:
+        self._track(+1)
+        try:
+            if method == "exec":
+                argv = params.get("command")
+                if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+                    raise RequestError("command must be a non-empty list of strings")
+                return await sb.aexec(
+                    argv,
+                    stdin=_stdin(params),
+                    env=_env(params),
+                    cwd=params.get("cwd"),
+                    timeout=params.get("timeout"),
+                    on_output=on_output,
+                )
+            if method == "run_code":
+                code = params.get("code")
+                if not isinstance(code, str):
+                    raise RequestError("code must be a string")
+                return await sb.arun_code(
+                    code, params.get("language", "python"), stdin=_stdin(params), env=_env(params),
+                    timeout=params.get("timeout"), on_output=on_output,
+                )  # fmt: skip
+            if method == "write_file":
+                data = _b64(params, "data")
+                await self._blocking(sb.write_file, _path(params), data, params.get("mode", 0o644))
+                return {"path": params["path"], "size": len(data)}
+            if method == "read_file":
+                raw = await self._blocking(sb.read_file, _path(params), _max_bytes(params))
+                return {"path": params["path"], "data": base64.b64encode(raw).decode()}
+            raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
+        finally:
+            self._track(-1)
 
     async def close_sandbox(self, params: dict[str, Any], uid: int) -> dict[str, Any]:
         held = self._lookup(params, uid)
@@ -354,6 +431,9 @@ class Controller:
     async def _close(self, held: Held) -> None:
         if self.held.pop(held.sandbox_id, None) is None:
             return
+        if held.idle_timer is not None:
+            held.idle_timer.cancel()
+            held.idle_timer = None
         try:
             await self._blocking(held.sandbox.close)
         finally:
@@ -372,6 +452,8 @@ class Controller:
                 "runtime": h.sandbox.runtime_name,
                 "owner_uid": h.owner_uid,
                 "uptime_seconds": round(now - h.created, 3),
+                "idle_seconds": round(h.idle_seconds(now), 3),
+                "idle_timeout": h.idle_timeout_s,
             }
             for h in self.held.values()
         ] + [
@@ -406,6 +488,8 @@ class Controller:
     async def shutdown(self, grace_s: float) -> None:
         """Let running work finish for ``grace_s``, then kill and release everything."""
         await self.wait_idle(grace_s)
+        if self._closing:  # idle sandboxes being closed: done before the runtimes close
+            await asyncio.gather(*self._closing, return_exceptions=True)
         self._teardown_now()
         for held in list(self.held.values()):
             held.sandbox.kill()
@@ -465,6 +549,21 @@ def _take_now(slots: asyncio.Semaphore) -> bool:
         return True
     acquire.close()  # not reached: an unlocked semaphore is acquired without waiting
     return False
+
+
+def _idle_timeout(params: dict[str, Any], limit: float | None) -> float | None:
+    """``sandbox.create``'s ``idle_timeout``: seconds, at most the daemon's own (``limit``),
+    which is also the default; None when neither sets one."""
+    value = params.get("idle_timeout")
+    if value is None:
+        return limit
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise RequestError(f"idle_timeout must be a positive number of seconds, not {value!r}")
+    if limit is not None and value > limit:
+        raise RequestError(
+            f"idle_timeout {value:g} s is over this daemon's limit of {limit:g} s (STOCKADE_SANDBOX_IDLE_TIMEOUT)"
+        )
+    return float(value)
 
 
 def _policy_dict(value: Any) -> dict[str, Any] | None:
