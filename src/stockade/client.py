@@ -22,7 +22,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -132,15 +132,51 @@ class _Requests:
         return "sandbox.create", params, max(self.timeout, 60)
 
     def _sandbox_exec(
-        self, sandbox_id: str, command: list[str], extra: dict[str, Any]
+        self,
+        sandbox_id: str,
+        command: list[str],
+        stdin: str | bytes | None,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        timeout: float | None,
     ) -> tuple[str, dict[str, Any], float]:
-        return "sandbox.exec", {"sandbox_id": sandbox_id, "command": list(command), **extra}, self.timeout + 600
+        fields: dict[str, Any] = {"command": list(command)}
+        if cwd is not None:
+            fields["cwd"] = cwd
+        return self._sandbox_run("sandbox.exec", sandbox_id, fields, stdin, env, timeout)
 
     def _sandbox_run_code(
-        self, sandbox_id: str, code: str, language: str, extra: dict[str, Any]
+        self,
+        sandbox_id: str,
+        code: str,
+        language: str,
+        stdin: str | bytes | None,
+        env: dict[str, str] | None,
+        timeout: float | None,
     ) -> tuple[str, dict[str, Any], float]:
-        params = {"sandbox_id": sandbox_id, "code": code, "language": language, **extra}
-        return "sandbox.run_code", params, self.timeout + 600
+        fields = {"code": code, "language": language}
+        return self._sandbox_run("sandbox.run_code", sandbox_id, fields, stdin, env, timeout)
+
+    def _sandbox_run(
+        self,
+        method: str,
+        sandbox_id: str,
+        fields: dict[str, Any],
+        stdin: str | bytes | None,
+        env: dict[str, str] | None,
+        timeout: float | None,
+    ) -> tuple[str, dict[str, Any], float]:
+        params: dict[str, Any] = {"sandbox_id": sandbox_id, **fields}
+        if isinstance(stdin, bytes):
+            params["stdin_b64"] = base64.b64encode(stdin).decode()
+        elif stdin is not None:
+            params["stdin"] = stdin
+        if env is not None:
+            params["env"] = env
+        if timeout is not None:
+            params["timeout"] = timeout
+        # The sandbox's policy bounds a run the client did not bound; the client does not know it.
+        return method, params, (600 if timeout is None else timeout) + self.timeout
 
     def _write_file(
         self, sandbox_id: str, path: str, data: bytes | str, mode: int
@@ -315,6 +351,17 @@ class Client(_Requests):
     ) -> ExecResult:
         return self._run(*self._execute(command, code, language, policy, stdin), on_output)
 
+    def sandbox(
+        self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
+    ) -> RemoteSandbox:
+        """A held sandbox, as a handle that closes it on ``with`` exit (``create_sandbox``'s arguments)::
+
+        with client.sandbox({"memory_mb": 256}) as sb:
+            sb.write_file("/work/x.py", "print(6 * 7)")
+            sb.exec(["python3", "/work/x.py"]).stdout
+        """
+        return RemoteSandbox(self, self.create_sandbox(policy, keep, idle_timeout))
+
     def create_sandbox(
         self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
     ) -> str:
@@ -322,11 +369,31 @@ class Client(_Requests):
         without a call before the daemon closes it (default and most: the daemon's setting)."""
         return str(self.call(*self._create(policy, keep, idle_timeout))["sandbox_id"])
 
-    def sandbox_exec(self, sandbox_id: str, command: list[str], **kwargs: Any) -> ExecResult:
-        return self._run(*self._sandbox_exec(sandbox_id, command, kwargs))
+    def sandbox_exec(
+        self,
+        sandbox_id: str,
+        command: list[str],
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return self._run(*self._sandbox_exec(sandbox_id, command, stdin, env, cwd, timeout), on_output)
 
-    def sandbox_run_code(self, sandbox_id: str, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
-        return self._run(*self._sandbox_run_code(sandbox_id, code, language, kwargs))
+    def sandbox_run_code(
+        self,
+        sandbox_id: str,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return self._run(*self._sandbox_run_code(sandbox_id, code, language, stdin, env, timeout), on_output)
 
     def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self.call(*self._write_file(sandbox_id, path, data, mode))
@@ -486,16 +553,47 @@ class AsyncClient(_Requests):
     ) -> ExecResult:
         return await self._run(*self._execute(command, code, language, policy, stdin), on_output)
 
+    @contextlib.asynccontextmanager
+    async def sandbox(
+        self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
+    ) -> AsyncIterator[AsyncRemoteSandbox]:
+        """``Client.sandbox`` for asyncio: ``async with client.sandbox(policy) as sb: await sb.exec([...])``."""
+        handle = AsyncRemoteSandbox(self, await self.create_sandbox(policy, keep, idle_timeout))
+        try:
+            yield handle
+        finally:
+            await handle.close()
+
     async def create_sandbox(
         self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
     ) -> str:
         return str((await self.call(*self._create(policy, keep, idle_timeout)))["sandbox_id"])
 
-    async def sandbox_exec(self, sandbox_id: str, command: list[str], **kwargs: Any) -> ExecResult:
-        return await self._run(*self._sandbox_exec(sandbox_id, command, kwargs))
+    async def sandbox_exec(
+        self,
+        sandbox_id: str,
+        command: list[str],
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return await self._run(*self._sandbox_exec(sandbox_id, command, stdin, env, cwd, timeout), on_output)
 
-    async def sandbox_run_code(self, sandbox_id: str, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
-        return await self._run(*self._sandbox_run_code(sandbox_id, code, language, kwargs))
+    async def sandbox_run_code(
+        self,
+        sandbox_id: str,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return await self._run(*self._sandbox_run_code(sandbox_id, code, language, stdin, env, timeout), on_output)
 
     async def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
         await self.call(*self._write_file(sandbox_id, path, data, mode))
@@ -513,6 +611,122 @@ class AsyncClient(_Requests):
     async def runtimes(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self.call(*self._runtimes())
         return result
+
+
+class RemoteSandbox:
+    """A sandbox the daemon holds, by its id, with the SDK ``Sandbox``'s methods.
+
+    ``close`` is idempotent, and closing a sandbox the daemon already closed
+    (its idle timeout, its connection's end) is not an error.
+    """
+
+    def __init__(self, client: Client, sandbox_id: str) -> None:
+        self.client = client
+        self.sandbox_id = sandbox_id
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"RemoteSandbox({self.sandbox_id!r}{', closed' if self.closed else ''})"
+
+    def __enter__(self) -> RemoteSandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def exec(
+        self,
+        command: list[str],
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return self.client.sandbox_exec(
+            self.sandbox_id, command, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output
+        )
+
+    def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return self.client.sandbox_run_code(
+            self.sandbox_id, code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output
+        )
+
+    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
+
+    def read_file(self, path: str) -> bytes:
+        return self.client.sandbox_read_file(self.sandbox_id, path)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(NotFoundError):
+            self.client.close_sandbox(self.sandbox_id)
+
+
+class AsyncRemoteSandbox:
+    """``RemoteSandbox`` for an ``AsyncClient``: the same methods, awaited."""
+
+    def __init__(self, client: AsyncClient, sandbox_id: str) -> None:
+        self.client = client
+        self.sandbox_id = sandbox_id
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncRemoteSandbox({self.sandbox_id!r}{', closed' if self.closed else ''})"
+
+    async def exec(
+        self,
+        command: list[str],
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return await self.client.sandbox_exec(
+            self.sandbox_id, command, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output
+        )
+
+    async def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return await self.client.sandbox_run_code(
+            self.sandbox_id, code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output
+        )
+
+    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        await self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
+
+    async def read_file(self, path: str) -> bytes:
+        return await self.client.sandbox_read_file(self.sandbox_id, path)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(NotFoundError):
+            await self.client.close_sandbox(self.sandbox_id)
 
 
 async def _read_answer_line(reader: asyncio.StreamReader) -> bytes:

@@ -46,6 +46,22 @@ def test_every_method_awaited(signed: Daemon) -> None:
     asyncio.run(scenario())
 
 
+def test_an_async_sandbox_handle(signed: Daemon) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(signed.socket_path, auth_token=TOKEN) as client:
+            async with client.sandbox(idle_timeout=60) as sb:
+                await sb.write_file("/work/f.txt", b"kept")
+                assert await sb.read_file("/work/f.txt") == b"kept"
+                assert (await sb.exec(["wc", "-c"], stdin=b"\x00\xff")).stdout.strip() == "2"
+                assert (await sb.run_code("import os; print(os.environ['X'])", env={"X": "z"})).stdout == "z\n"
+                assert [s["sandbox_id"] for s in (await client.status())["active_sandboxes"]] == [sb.sandbox_id]
+            assert sb.closed and (await client.status())["total_count"] == 0
+            with pytest.raises(NotFoundError):
+                await client.sandbox_exec(sb.sandbox_id, ["true"])
+
+    asyncio.run(scenario())
+
+
 def test_calls_made_at_once_are_answered_each_with_its_own_result(signed: Daemon) -> None:
     async def scenario() -> list[str]:
         async with AsyncClient(signed.socket_path, auth_token=TOKEN) as client:

@@ -75,6 +75,33 @@ def test_sandbox_lifecycle_and_ownership(daemon: Daemon) -> None:
         assert c.status()["total_count"] == 0
 
 
+def test_a_sandbox_handle_takes_every_call_and_closes_on_exit(daemon: Daemon) -> None:
+    with Client(daemon.socket_path) as c:
+        with c.sandbox({"memory_mb": 128}, idle_timeout=60) as sb:
+            sb.write_file("/work/f.txt", "kept")
+            assert sb.read_file("/work/f.txt") == b"kept"
+            assert sb.exec(["wc", "-c"], stdin=b"\x00\xffx").stdout.strip() == "3"  # bytes in, unchanged
+            r = sb.exec(["sh", "-c", "echo $X; pwd"], env={"X": "y"}, cwd="/work")
+            assert r.stdout == "y\n/work\n", r.summary()
+            chunks: list[tuple[str, bytes]] = []
+            r = sb.run_code(
+                "import sys; print(sys.stdin.read()[::-1])", stdin="abc", on_output=lambda s, d: chunks.append((s, d))
+            )
+            assert r.stdout == "cba\n" and b"".join(d for s, d in chunks if s == "stdout") == b"cba\n"
+            assert sb.exec(["sleep", "5"], timeout=0.5).termination_reason == "timeout"
+            (entry,) = c.status()["active_sandboxes"]
+            assert entry["sandbox_id"] == sb.sandbox_id
+        assert sb.closed and c.status()["total_count"] == 0
+        sb.close()  # again: nothing to do
+        # A handle whose sandbox the daemon closed already (here: idle) closes without an error.
+        gone = c.sandbox(idle_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while c.status()["total_count"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gone.close()
+        assert gone.closed and c.status()["total_count"] == 0
+
+
 def test_status_and_result_carry_the_same_execution_id(daemon: Daemon) -> None:
     """A run seen in ``status`` can be matched with its result and the daemon's log line."""
     results: list[object] = []
