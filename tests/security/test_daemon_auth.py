@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade.client import Client, NotFoundError
+from stockade.client import Client, DaemonBusyError, NotFoundError
 from stockade.errors import AuthenticationError, RateLimitError
 from stockade.protocol import auth
 from tests.daemon_harness import TOKEN, Daemon, raw_exchange, start_daemon
@@ -310,3 +310,32 @@ def test_daemon_command_signs_with_the_token_file_and_fails_without_it(signed_da
         assert refused.returncode == 125 and "Authentication failed" in refused.stderr, refused
     missing = ping("--token-file", str(tmp_path / "none"))
     assert missing.returncode == 125 and "--token-file" in missing.stderr
+
+
+def test_one_uid_cannot_take_every_slot(process_runtime: str, needs_root: None) -> None:
+    d = start_daemon(
+        {
+            "STOCKADE_MAX_SANDBOXES": "3",
+            "STOCKADE_MAX_SANDBOXES_PER_UID": "2",
+            "STOCKADE_QUEUE_LIMIT": "4",
+            "STOCKADE_SOCKET_PERMS": "0666",
+        }
+    )
+    try:
+        _open_socket_dir(d)
+        with Client(d.socket_path) as c:
+            held = [c.create_sandbox(), c.create_sandbox()]
+            with pytest.raises(DaemonBusyError, match=r"uid 0 already has 2 sandboxes .*MAX_SANDBOXES_PER_UID"):
+                c.create_sandbox()
+            with pytest.raises(DaemonBusyError, match="MAX_SANDBOXES_PER_UID"):
+                c.execute(["true"])  # refused at once, not queued behind its own sandboxes
+            # Another uid still gets the slot that is left.
+            seen = _as_nobody(d.socket_path, "execute", '{"command": ["echo", "mine"]}', unsolicited=False)
+            reply = json.loads(seen["reply"])
+            assert reply["error"] is None and reply["result"]["stdout"] == "mine\n", reply
+            c.close_sandbox(held[0])
+            assert c.execute(["true"]).success  # a slot of its share is free again
+            status = c.status()
+            assert status["max_sandboxes_per_uid"] == 2 and status["total_count"] == 1
+    finally:
+        assert d.stop() == 0

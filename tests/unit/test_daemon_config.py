@@ -20,3 +20,10 @@ def test_the_idle_timeout_defaults_to_ten_minutes_and_zero_means_never() -> None
 def test_a_bad_number_of_seconds_is_refused_by_name(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         DaemonConfig.from_env({name: value})
+
+
+def test_a_per_uid_cap_is_off_unless_set() -> None:
+    assert DaemonConfig.from_env({}).max_sandboxes_per_uid is None
+    assert DaemonConfig.from_env({"STOCKADE_MAX_SANDBOXES_PER_UID": "2"}).max_sandboxes_per_uid == 2
+    with pytest.raises(ConfigError, match="STOCKADE_MAX_SANDBOXES_PER_UID"):
+        DaemonConfig.from_env({"STOCKADE_MAX_SANDBOXES_PER_UID": "0"})

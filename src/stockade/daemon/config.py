@@ -9,6 +9,7 @@
 | STOCKADE_ALLOWED_UIDS / _GIDS | unset | comma-separated peers allowed (SO_PEERCRED) |
 | STOCKADE_MAX_CONNECTIONS | 64 | connections open at once per peer uid |
 | STOCKADE_MAX_SANDBOXES | 8 | sandboxes alive at once (held + executing) |
+| STOCKADE_MAX_SANDBOXES_PER_UID | unset | of those, the most one peer uid may hold; more is "busy" at once |
 | STOCKADE_QUEUE_LIMIT | 16 | requests that may wait for a free slot; more get "busy" |
 | STOCKADE_QUEUE_TIMEOUT | 30 | seconds a request may wait for a slot |
 | STOCKADE_REPLAY_WINDOW | 30 | seconds a signed request stays valid |
@@ -49,6 +50,7 @@ class DaemonConfig:
     allowed_gids: frozenset[int] | None = None
     max_connections: int = 64
     max_sandboxes: int = 8
+    max_sandboxes_per_uid: int | None = None
     queue_limit: int = 16
     queue_timeout_s: float = 30.0
     replay_window_s: float = 30.0
@@ -81,6 +83,7 @@ class DaemonConfig:
             allowed_gids=_ids(env, "STOCKADE_ALLOWED_GIDS"),
             max_connections=_int(env, "STOCKADE_MAX_CONNECTIONS", 64, minimum=1),
             max_sandboxes=_int(env, "STOCKADE_MAX_SANDBOXES", 8, minimum=1),
+            max_sandboxes_per_uid=_int(env, "STOCKADE_MAX_SANDBOXES_PER_UID", 0, minimum=1) or None,
             queue_limit=_int(env, "STOCKADE_QUEUE_LIMIT", 16, minimum=0),
             queue_timeout_s=_float(env, "STOCKADE_QUEUE_TIMEOUT", 30.0),
             replay_window_s=_float(env, "STOCKADE_REPLAY_WINDOW", 30.0),

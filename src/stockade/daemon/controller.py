@@ -16,7 +16,7 @@ import logging
 import math
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -84,6 +84,7 @@ class Controller:
         self.manager = manager or RuntimeManager(pool_size=config.pool_size)
         self._pool = ThreadPoolExecutor(max_workers=config.max_sandboxes + 4, thread_name_prefix="stockade-run")
         self._slots = asyncio.Semaphore(config.max_sandboxes)
+        self._per_uid: Counter[int] = Counter()  # slots each peer uid holds
         self._waiting = 0
         self.held: dict[str, Held] = {}
         self.running: dict[str, Running] = {}
@@ -98,8 +99,12 @@ class Controller:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    async def _take_slot(self) -> None:
+    async def _take_slot(self, uid: int) -> None:
+        """Take one of the daemon's sandbox slots for ``uid``: now, after a wait in the
+        bounded queue, or not at all ("busy")."""
+        self._check_uid_room(uid)
         if _take_now(self._slots):  # free: no wait_for, whose task costs a loop turn
+            self._per_uid[uid] += 1
             return
         if self._waiting >= self.config.queue_limit:
             raise RequestError(
@@ -115,6 +120,31 @@ class Controller:
             ) from None
         finally:
             self._waiting -= 1
+        try:
+            self._check_uid_room(uid)  # its other requests may have taken the rest of its share meanwhile
+        except RequestError:
+            self._slots.release()
+            raise
+        self._per_uid[uid] += 1
+
+    def _uid_has_room(self, uid: int) -> bool:
+        cap = self.config.max_sandboxes_per_uid
+        return cap is None or self._per_uid[uid] < cap
+
+    def _check_uid_room(self, uid: int) -> None:
+        # One peer must not be able to take every slot: the others would get "busy" until it let go.
+        if not self._uid_has_room(uid):
+            raise RequestError(
+                f"busy: uid {uid} already has {self._per_uid[uid]} sandboxes running or held, "
+                f"its limit (STOCKADE_MAX_SANDBOXES_PER_UID)",
+                "busy",
+            )
+
+    def _release_slot(self, uid: int) -> None:
+        self._slots.release()
+        self._per_uid[uid] -= 1
+        if not self._per_uid[uid]:
+            del self._per_uid[uid]
 
     def _track(self, delta: int) -> None:
         self._inflight += delta
@@ -203,12 +233,13 @@ class Controller:
         """
         runtime = self.manager.select(job.policy)
         take, dispose = getattr(runtime, "take_warm", None), getattr(runtime, "dispose", None)
-        if take is None or dispose is None or not _take_now(self._slots):
-            return None
+        if take is None or dispose is None or not self._uid_has_room(uid) or not _take_now(self._slots):
+            return None  # the awaited path says why, or waits for a slot
         sandbox: AgentSandbox | None = take(job.policy)
         if sandbox is None:
             self._slots.release()
             return None
+        self._per_uid[uid] += 1
         sandbox.one_shot = True
         # Named before it starts, so that the result carries the id ``status`` shows.
         execution_id = new_id()
@@ -233,7 +264,7 @@ class Controller:
             call = sandbox.start_run(method, request, job.stdin, None, None, None, finish, execution_id)
         except BaseException:
             self._dispose_after_answer(sandbox, dispose)
-            self._slots.release()
+            self._release_slot(uid)
             raise
         self._started(runtime.name, uid, execution_id)
 
@@ -253,14 +284,13 @@ class Controller:
         return execution_id
 
     def _ended(self, execution_id: str) -> None:
-        del self.running[execution_id]
-        self._slots.release()
+        self._release_slot(self.running.pop(execution_id).owner_uid)
         self._track(-1)
 
     async def _execute_job(self, job: ExecuteJob, uid: int, on_output: OutputCallback | None = None) -> ExecResult:
         policy = job.policy
         runtime = self.manager.select(policy)
-        await self._take_slot()
+        await self._take_slot(uid)
         execution_id = self._started(runtime.name, uid)
         try:
             # A warm isolate is handed over and spoken to on the event loop itself:
@@ -306,11 +336,11 @@ class Controller:
         policy = coerce_policy(_policy_dict(params.get("policy")))
         idle_timeout = _idle_timeout(params, self.config.sandbox_idle_timeout_s)
         runtime = self.manager.select(policy)
-        await self._take_slot()
+        await self._take_slot(uid)
         try:
             sandbox = await self._blocking(runtime.start, policy)
         except BaseException:
-            self._slots.release()
+            self._release_slot(uid)
             raise
         sandbox_id = "sb-" + secrets.token_hex(8)
         keep = params.get("keep") is True
@@ -437,7 +467,7 @@ class Controller:
         try:
             await self._blocking(held.sandbox.close)
         finally:
-            self._slots.release()
+            self._release_slot(held.owner_uid)
 
     async def close_connection(self, connection: int) -> None:
         for held in [h for h in self.held.values() if h.connection == connection]:
@@ -470,6 +500,7 @@ class Controller:
             "active_sandboxes": active,
             "total_count": len(active),
             "max_sandboxes": self.config.max_sandboxes,
+            "max_sandboxes_per_uid": self.config.max_sandboxes_per_uid,
             "waiting": self._waiting,
         }
 
