@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from pydantic import BaseModel, ValidationError
 
@@ -61,6 +61,23 @@ _ERRORS: dict[str, type[StockadeError]] = {
     "runtime_unavailable": RuntimeUnavailableError,
     "agent": AgentError,
 }
+
+
+class RunOptions(TypedDict, total=False):
+    """What a held sandbox's ``run_code`` takes as keywords (and ``exec``, with ``cwd``)."""
+
+    stdin: str | bytes | None  # bytes go as ``stdin_b64``
+    env: dict[str, str] | None
+    timeout: float | None  # seconds, at most the sandbox's policy's
+    on_output: Callable[[str, bytes], None] | None  # streamed (stream, data) chunks
+
+
+class ExecOptions(RunOptions, total=False):
+    cwd: str | None
+
+
+_RUN_OPTIONS = frozenset(RunOptions.__annotations__)
+_EXEC_OPTIONS = frozenset(ExecOptions.__annotations__)
 
 
 class _Answer(BaseModel):
@@ -132,41 +149,27 @@ class _Requests:
         return "sandbox.create", params, max(self.timeout, 60)
 
     def _sandbox_exec(
-        self,
-        sandbox_id: str,
-        command: list[str],
-        stdin: str | bytes | None,
-        env: dict[str, str] | None,
-        cwd: str | None,
-        timeout: float | None,
+        self, sandbox_id: str, command: list[str], options: ExecOptions
     ) -> tuple[str, dict[str, Any], float]:
         fields: dict[str, Any] = {"command": list(command)}
-        if cwd is not None:
-            fields["cwd"] = cwd
-        return self._sandbox_run("sandbox.exec", sandbox_id, fields, stdin, env, timeout)
+        if options.get("cwd") is not None:
+            fields["cwd"] = options["cwd"]
+        return self._sandbox_run("sandbox.exec", sandbox_id, fields, options, _EXEC_OPTIONS)
 
     def _sandbox_run_code(
-        self,
-        sandbox_id: str,
-        code: str,
-        language: str,
-        stdin: str | bytes | None,
-        env: dict[str, str] | None,
-        timeout: float | None,
+        self, sandbox_id: str, code: str, language: str, options: RunOptions
     ) -> tuple[str, dict[str, Any], float]:
         fields = {"code": code, "language": language}
-        return self._sandbox_run("sandbox.run_code", sandbox_id, fields, stdin, env, timeout)
+        return self._sandbox_run("sandbox.run_code", sandbox_id, fields, options, _RUN_OPTIONS)
 
     def _sandbox_run(
-        self,
-        method: str,
-        sandbox_id: str,
-        fields: dict[str, Any],
-        stdin: str | bytes | None,
-        env: dict[str, str] | None,
-        timeout: float | None,
+        self, method: str, sandbox_id: str, fields: dict[str, Any], options: RunOptions, known: frozenset[str]
     ) -> tuple[str, dict[str, Any], float]:
+        if unknown := sorted(set(options) - known):
+            # Keywords travel as a dict: a misspelt one would otherwise be dropped without a word.
+            raise TypeError(f"{method} got unexpected keyword arguments: {', '.join(unknown)}")
         params: dict[str, Any] = {"sandbox_id": sandbox_id, **fields}
+        stdin, env, timeout = options.get("stdin"), options.get("env"), options.get("timeout")
         if isinstance(stdin, bytes):
             params["stdin_b64"] = base64.b64encode(stdin).decode()
         elif stdin is not None:
@@ -369,31 +372,14 @@ class Client(_Requests):
         without a call before the daemon closes it (default and most: the daemon's setting)."""
         return str(self.call(*self._create(policy, keep, idle_timeout))["sandbox_id"])
 
-    def sandbox_exec(
-        self,
-        sandbox_id: str,
-        command: list[str],
-        *,
-        stdin: str | bytes | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
-    ) -> ExecResult:
-        return self._run(*self._sandbox_exec(sandbox_id, command, stdin, env, cwd, timeout), on_output)
+    def sandbox_exec(self, sandbox_id: str, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        """``command`` in a held sandbox; ``stdin`` (text or bytes), ``env``, ``cwd``, ``timeout``, ``on_output``."""
+        return self._run(*self._sandbox_exec(sandbox_id, command, options), options.get("on_output"))
 
     def sandbox_run_code(
-        self,
-        sandbox_id: str,
-        code: str,
-        language: str = "python",
-        *,
-        stdin: str | bytes | None = None,
-        env: dict[str, str] | None = None,
-        timeout: float | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
+        self, sandbox_id: str, code: str, language: str = "python", **options: Unpack[RunOptions]
     ) -> ExecResult:
-        return self._run(*self._sandbox_run_code(sandbox_id, code, language, stdin, env, timeout), on_output)
+        return self._run(*self._sandbox_run_code(sandbox_id, code, language, options), options.get("on_output"))
 
     def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self.call(*self._write_file(sandbox_id, path, data, mode))
@@ -569,31 +555,13 @@ class AsyncClient(_Requests):
     ) -> str:
         return str((await self.call(*self._create(policy, keep, idle_timeout)))["sandbox_id"])
 
-    async def sandbox_exec(
-        self,
-        sandbox_id: str,
-        command: list[str],
-        *,
-        stdin: str | bytes | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
-    ) -> ExecResult:
-        return await self._run(*self._sandbox_exec(sandbox_id, command, stdin, env, cwd, timeout), on_output)
+    async def sandbox_exec(self, sandbox_id: str, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        return await self._run(*self._sandbox_exec(sandbox_id, command, options), options.get("on_output"))
 
     async def sandbox_run_code(
-        self,
-        sandbox_id: str,
-        code: str,
-        language: str = "python",
-        *,
-        stdin: str | bytes | None = None,
-        env: dict[str, str] | None = None,
-        timeout: float | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
+        self, sandbox_id: str, code: str, language: str = "python", **options: Unpack[RunOptions]
     ) -> ExecResult:
-        return await self._run(*self._sandbox_run_code(sandbox_id, code, language, stdin, env, timeout), on_output)
+        return await self._run(*self._sandbox_run_code(sandbox_id, code, language, options), options.get("on_output"))
 
     async def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
         await self.call(*self._write_file(sandbox_id, path, data, mode))
@@ -634,33 +602,11 @@ class RemoteSandbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def exec(
-        self,
-        command: list[str],
-        *,
-        stdin: str | bytes | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
-    ) -> ExecResult:
-        return self.client.sandbox_exec(
-            self.sandbox_id, command, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output
-        )
+    def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        return self.client.sandbox_exec(self.sandbox_id, command, **options)
 
-    def run_code(
-        self,
-        code: str,
-        language: str = "python",
-        *,
-        stdin: str | bytes | None = None,
-        env: dict[str, str] | None = None,
-        timeout: float | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
-    ) -> ExecResult:
-        return self.client.sandbox_run_code(
-            self.sandbox_id, code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output
-        )
+    def run_code(self, code: str, language: str = "python", **options: Unpack[RunOptions]) -> ExecResult:
+        return self.client.sandbox_run_code(self.sandbox_id, code, language, **options)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
@@ -687,33 +633,11 @@ class AsyncRemoteSandbox:
     def __repr__(self) -> str:
         return f"AsyncRemoteSandbox({self.sandbox_id!r}{', closed' if self.closed else ''})"
 
-    async def exec(
-        self,
-        command: list[str],
-        *,
-        stdin: str | bytes | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
-    ) -> ExecResult:
-        return await self.client.sandbox_exec(
-            self.sandbox_id, command, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output
-        )
+    async def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        return await self.client.sandbox_exec(self.sandbox_id, command, **options)
 
-    async def run_code(
-        self,
-        code: str,
-        language: str = "python",
-        *,
-        stdin: str | bytes | None = None,
-        env: dict[str, str] | None = None,
-        timeout: float | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
-    ) -> ExecResult:
-        return await self.client.sandbox_run_code(
-            self.sandbox_id, code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output
-        )
+    async def run_code(self, code: str, language: str = "python", **options: Unpack[RunOptions]) -> ExecResult:
+        return await self.client.sandbox_run_code(self.sandbox_id, code, language, **options)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         await self.client.sandbox_write_file(self.sandbox_id, path, data, mode)

@@ -70,7 +70,7 @@ def test_a_child_prepared_after_close_leaves_no_cgroup(process_runtime: str) -> 
     runtime = ProcessRuntime(pool_size=0)
     runtime.start(Policy()).close()
     runtime.wait_idle()
-    zygote, manager = runtime._zygote, runtime._cgroup_manager()
+    zygote, manager = runtime._zygote, runtime._cgroups.get()
     assert zygote is not None
     runtime.close()
     before = _own_groups(manager.layout)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from stockade import ExecResult
-from stockade.client import Client
+from stockade.client import Client, RemoteSandbox
 from stockade.errors import AuthenticationError, DaemonUnavailableError, StockadeError
 
 Answer = Callable[[dict[str, object]], bytes]  # the request -> the line sent back; b"": hang up
@@ -177,3 +177,28 @@ def test_a_refusal_sent_before_the_hang_up_is_what_the_caller_gets(tmp_path: os.
     finally:
         client.close()
         listener.close()
+
+
+def test_a_held_sandbox_call_sends_its_keywords_and_refuses_a_misspelt_one(
+    scripted: Callable[[Answer], Client],
+) -> None:
+    sent: list[dict[str, object]] = []
+
+    def record(request: dict[str, object]) -> bytes:
+        sent.append(request)
+        return _line({"result": _exec_result(), "error": None, "id": request["id"]})
+
+    client = scripted(record)
+    handle = RemoteSandbox(client, "sb-1")
+    handle.exec(["cat"], stdin=b"\x00\xff", env={"A": "b"}, cwd="/work", timeout=3)
+    handle.run_code("print(1)", stdin="text")
+    assert sent[0]["method"] == "sandbox.exec"
+    assert sent[0]["params"] == {
+        "sandbox_id": "sb-1", "command": ["cat"], "cwd": "/work", "stdin_b64": "AP8=", "env": {"A": "b"}, "timeout": 3,
+    }  # fmt: skip
+    assert sent[1]["params"] == {"sandbox_id": "sb-1", "code": "print(1)", "language": "python", "stdin": "text"}
+    with pytest.raises(TypeError, match="unexpected keyword arguments: stdn"):
+        client.sandbox_exec("sb-1", ["true"], stdn="x")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="cwd"):
+        client.sandbox_run_code("sb-1", "pass", cwd="/work")  # type: ignore[call-arg]
+    assert len(sent) == 2  # nothing was sent for either

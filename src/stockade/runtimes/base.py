@@ -77,6 +77,16 @@ class Runtime(abc.ABC):
     def close(self) -> None:  # noqa: B027 - most runtimes hold nothing runtime-wide
         """Release runtime-wide resources (pools, helper processes)."""
 
+    def _probe(self, details: dict[str, Any]) -> Availability:
+        """``detect``'s last word: available only if a sandbox under the default policy
+        really starts and its agent answers; otherwise the reason is what failed."""
+        try:
+            with self.start(Policy()) as sandbox:
+                sandbox.ping()
+        except SandboxError as exc:  # a failed start, or an agent that did not answer
+            return Availability(self.name, False, self.isolation, str(exc), details)
+        return Availability(self.name, True, self.isolation, "", details)
+
 
 class AgentSandbox(abc.ABC):
     """A live isolate with a guest agent on ``self.conn``."""

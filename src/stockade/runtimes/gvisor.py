@@ -36,13 +36,13 @@ import threading
 import time
 from typing import Any
 
-from ..errors import RuntimeUnavailableError, SandboxError, SandboxStartError
+from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
 from ..result import SecurityViolation
 from .base import BASE_ENV, Availability
 from .hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from .pool import PooledRuntime, Reaper, WarmPool
-from .process.cgroups import CgroupManager, IsolateCgroup, pid_alive
+from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from .process.zygote import AGENT_PARENT, SYSTEM_PYTHON
 
 AGENT_MOUNT = "/opt/stockade"
@@ -238,8 +238,8 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
     def __init__(self, pool_size: int = 0) -> None:
         self._lock = threading.Lock()
         self._platform: str | None = None
-        self._cgroups: CgroupManager | None = None
         self._root = state_root()
+        self._cgroups = SweptCgroupManager(self._sweep_own)
         self._pool: WarmPool[GvisorSandbox] | None = None
         if pool_size > 0:
             self._pool = WarmPool(
@@ -260,12 +260,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         except SandboxStartError as exc:
             return Availability(self.name, False, self.isolation, str(exc))
         details = {"runsc": runsc, "platform": platform, "version": _runsc_version(runsc)}
-        try:
-            with self.start(Policy()) as sandbox:
-                sandbox.ping()
-        except SandboxError as exc:  # a failed start, or an agent that did not answer
-            return Availability(self.name, False, self.isolation, str(exc), details)
-        return Availability(self.name, True, self.isolation, "", details)
+        return self._probe(details)
 
     def platform(self) -> str:
         """The best gVisor platform that works here, probed once per host and runsc version."""
@@ -274,14 +269,10 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
                 self._platform = _choose_platform(self._root)
             return self._platform
 
-    def _cgroup_manager(self) -> CgroupManager:
-        with self._lock:
-            if self._cgroups is None:
-                self._cgroups = CgroupManager()
-                self._cgroups.sweep()
-                _sweep_state(self._root)
-                _sweep_bundles()
-            return self._cgroups
+    def _sweep_own(self) -> None:
+        """runsc's state and bundles left by a host that died (its cgroups go with the others)."""
+        _sweep_state(self._root)
+        _sweep_bundles()
 
     # ---- sandboxes ----------------------------------------------------------------------
 
@@ -300,7 +291,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         if runsc is None:
             raise RuntimeUnavailableError("runtime gvisor is not available: runsc is not installed (apt install runsc)")
         platform = self.platform()
-        manager = self._cgroup_manager()
+        manager = self._cgroups.get()
         container_id = f"stockade-{os.getpid()}-{next(_counter)}"
         bundle = tempfile.mkdtemp(prefix=f"{BUNDLE_PREFIX}{os.getpid()}-")
         os.chmod(bundle, 0o711)  # noqa: S103 - traversable, not listable: runsc's gofer reads the rootfs

@@ -42,7 +42,7 @@ from ..base import Availability, IsolateUsage
 from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from ..pool import PooledRuntime, Reaper, WarmPool, pool_shapes_from_env
 from ..process import seccomp
-from ..process.cgroups import CgroupManager, IsolateCgroup, pid_alive
+from ..process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from . import image as guest_image
 from . import jail, snapshot
 
@@ -148,7 +148,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         self._accel: str | None = None
         self._checked: MicrovmSandbox | None = None  # the VM that detect() booted, not yet used
         self._version: str | None = None  # of the QEMU build, for snapshot keys
-        self._cgroups: CgroupManager | None = None
+        self._cgroups = SweptCgroupManager(_sweep_rundirs)
         self._pool: WarmPool[MicrovmSandbox] | None = None
         if pool_size > 0:
             # A pooled VM holds its guest RAM: fewer shapes than the lighter runtimes keep.
@@ -192,14 +192,6 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             if self._accel is None:
                 self._accel = _choose_accel(self)
             return self._accel
-
-    def _cgroup_manager(self) -> CgroupManager:
-        with self._lock:
-            if self._cgroups is None:
-                self._cgroups = CgroupManager()
-                self._cgroups.sweep()
-                _sweep_rundirs()
-            return self._cgroups
 
     def start(self, policy: Policy) -> MicrovmSandbox:
         with self._lock:
@@ -309,7 +301,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
 
         Returns the process, its cgroup, the agent connection and the limits not enforced.
         """
-        manager = self._cgroup_manager()
+        manager = self._cgroups.get()
         cgroup: IsolateCgroup | None = None
         proc: subprocess.Popen[bytes] | None = None
         try:

@@ -24,6 +24,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ...errors import ConfigError
@@ -397,6 +398,27 @@ def retry_leftovers() -> int:
                 continue
             _LEFTOVERS.discard(path)
         return len(_LEFTOVERS)
+
+
+class SweptCgroupManager:
+    """A runtime's ``CgroupManager``, made on first use, after the groups that dead
+    stockade processes left behind (and whatever ``sweep_more`` removes: a runtime's
+    own leftovers) are swept."""
+
+    def __init__(self, sweep_more: Callable[[], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._manager: CgroupManager | None = None
+        self._sweep_more = sweep_more
+
+    def get(self) -> CgroupManager:
+        with self._lock:
+            if self._manager is None:
+                manager = CgroupManager()
+                manager.sweep()
+                if self._sweep_more is not None:
+                    self._sweep_more()
+                self._manager = manager
+            return self._manager
 
 
 class CgroupManager:

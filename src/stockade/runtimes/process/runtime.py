@@ -23,13 +23,13 @@ import time
 from typing import Any
 
 from ...agent import linux, wire
-from ...errors import PolicyError, SandboxError, SandboxStartError
+from ...errors import PolicyError, SandboxStartError
 from ...policy import Policy, default_policy
 from ...result import SecurityViolation
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
 from ..pool import PooledRuntime, Reaper, WarmPool
 from . import seccomp
-from .cgroups import CgroupManager, IsolateCgroup, retry_leftovers
+from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .zygote import SYSTEM_PYTHON, Zygote
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -118,7 +118,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
     def __init__(self, pool_size: int = 0) -> None:
         self._zygote: Zygote | None = None
         self._lock = threading.Lock()
-        self._cgroups: CgroupManager | None = None
+        self._cgroups = SweptCgroupManager()
         self._bpf: bytes | None = None
         self._landlock_abi = 0
         self._next_cgroup: IsolateCgroup | None = None  # where the zygote's spare child waits
@@ -144,25 +144,13 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             )
         if not os.access(SYSTEM_PYTHON, os.X_OK):
             return Availability(self.name, False, self.isolation, f"{SYSTEM_PYTHON} (the guest interpreter) is missing")
-        layout = self._cgroup_manager().layout
+        layout = self._cgroups.get().layout
         details["cgroup"] = layout.version
         details["cgroup_limits"] = sorted(layout.limits)
         details["cgroup_problems"] = layout.problems
         details["landlock_abi"] = linux.landlock_abi()
         details["uid"] = os.getuid()
-        try:
-            with self.start(Policy()) as sandbox:
-                sandbox.ping()
-        except SandboxError as exc:  # a failed start, or an agent that did not answer
-            return Availability(self.name, False, self.isolation, str(exc), details)
-        return Availability(self.name, True, self.isolation, "", details)
-
-    def _cgroup_manager(self) -> CgroupManager:
-        with self._lock:
-            if self._cgroups is None:
-                self._cgroups = CgroupManager()
-                self._cgroups.sweep()
-            return self._cgroups
+        return self._probe(details)
 
     def adopt_zygote(self, zygote: Zygote) -> None:
         """Use a zygote the caller started early (the CLI overlaps its boot with imports)."""
@@ -212,7 +200,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         check_mount_sources(policy)
         zygote = self._zygote_handle()
         assert self._bpf is not None
-        manager = self._cgroup_manager()
+        manager = self._cgroups.get()
         with self._lock:
             cgroup, self._next_cgroup = self._next_cgroup, None  # the zygote's spare child is in it
         try:
