@@ -140,6 +140,9 @@ class _Requests:
             params["stdin"] = stdin
         return "execute", params, _run_timeout(policy) + self.timeout
 
+    def _cancel(self, execution_id: str) -> tuple[str, dict[str, Any], float | None]:
+        return "execute.cancel", {"execution_id": execution_id}, None
+
     def _create(
         self, policy: dict[str, Any] | None, keep: bool, idle_timeout: float | None
     ) -> tuple[str, dict[str, Any], float]:
@@ -354,6 +357,11 @@ class Client(_Requests):
     ) -> ExecResult:
         return self._run(*self._execute(command, code, language, policy, stdin), on_output)
 
+    def cancel_execution(self, execution_id: str) -> None:
+        """End a running ``execute`` (from any connection; ids from ``status`` or a result's
+        ``execution_id``): it is answered ``killed``. ``NotFoundError`` if it is not running."""
+        self.call(*self._cancel(execution_id))
+
     def sandbox(
         self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
     ) -> RemoteSandbox:
@@ -538,6 +546,9 @@ class AsyncClient(_Requests):
         on_output: Callable[[str, bytes], None] | None = None,
     ) -> ExecResult:
         return await self._run(*self._execute(command, code, language, policy, stdin), on_output)
+
+    async def cancel_execution(self, execution_id: str) -> None:
+        await self.call(*self._cancel(execution_id))
 
     @contextlib.asynccontextmanager
     async def sandbox(

@@ -102,6 +102,62 @@ def test_a_sandbox_handle_takes_every_call_and_closes_on_exit(daemon: Daemon) ->
         assert gone.closed and c.status()["total_count"] == 0
 
 
+def test_a_running_execute_is_cancelled_from_another_connection(daemon: Daemon) -> None:
+    marker = "4245.875"
+    results: list[ExecResult] = []
+    runner = threading.Thread(
+        target=lambda: results.append(Client(daemon.socket_path).execute(["sh", "-c", f"sleep {marker}"]))
+    )
+    runner.start()
+    with Client(daemon.socket_path) as c:
+        running: list[dict[str, object]] = []
+        deadline = time.monotonic() + 10
+        while not (running and processes_with_arg(marker)) and time.monotonic() < deadline:
+            running = [s for s in c.status()["active_sandboxes"] if s["kind"] == "execute"]
+            time.sleep(0.02)
+        assert running and processes_with_arg(marker), "the run never started"
+        c.cancel_execution(str(running[0]["execution_id"]))
+        runner.join(30)
+        (r,) = results
+        assert r.termination_reason == "killed" and not r.success, r.summary()
+        assert r.error == f"cancelled by uid {os.getuid()} (execute.cancel)"
+        assert r.execution_id == running[0]["execution_id"]
+        assert processes_with_arg(marker) == []
+        with pytest.raises(NotFoundError, match="no running execution"):
+            c.cancel_execution(r.execution_id)  # over: nothing to cancel
+        with pytest.raises(NotFoundError):
+            c.call("execute.cancel", {"execution_id": 7})
+        assert c.status()["total_count"] == 0
+
+
+def test_an_execute_cancelled_while_its_isolate_starts_is_answered_cancelled(process_runtime: str) -> None:
+    import asyncio
+
+    from stockade.daemon.config import DaemonConfig
+    from stockade.daemon.controller import Controller, RequestError
+
+    async def scenario() -> None:
+        controller = Controller(DaemonConfig(pool_size=0))  # no warm isolate: each run starts one in a thread
+        try:
+            task = asyncio.create_task(controller.execute({"command": ["true"]}, uid=0))
+            for _ in range(1000):  # a few loop turns: the run is counted in before its isolate starts
+                if controller.running or task.done():
+                    break
+                await asyncio.sleep(0)
+            (running,) = controller.running.values()
+            assert running.sandbox is None, "the isolate was expected to be still starting"
+            controller.cancel({"execution_id": running.execution_id}, uid=0)
+            with pytest.raises(
+                RequestError, match=r"cancelled by uid 0 \(execute.cancel\) before it started"
+            ) as caught:
+                await task
+            assert caught.value.code == "cancelled" and controller.running == {}
+        finally:
+            await controller.shutdown(0.0)
+
+    asyncio.run(scenario())
+
+
 def test_status_and_result_carry_the_same_execution_id(daemon: Daemon) -> None:
     """A run seen in ``status`` can be matched with its result and the daemon's log line."""
     results: list[object] = []

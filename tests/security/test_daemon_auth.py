@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -337,5 +338,31 @@ def test_one_uid_cannot_take_every_slot(process_runtime: str, needs_root: None) 
             assert c.execute(["true"]).success  # a slot of its share is free again
             status = c.status()
             assert status["max_sandboxes_per_uid"] == 2 and status["total_count"] == 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_another_uid_cannot_cancel_a_run(process_runtime: str, needs_root: None) -> None:
+    d = start_daemon({"STOCKADE_SOCKET_PERMS": "0666"})
+    try:
+        _open_socket_dir(d)
+        results: list[object] = []
+        runner = threading.Thread(target=lambda: results.append(Client(d.socket_path).execute(["sleep", "30"])))
+        runner.start()
+        with Client(d.socket_path) as c:
+            deadline = time.monotonic() + 10
+            running: list[dict[str, object]] = []
+            while not running and time.monotonic() < deadline:
+                running = [s for s in c.status()["active_sandboxes"] if s["kind"] == "execute"]
+                time.sleep(0.02)
+            assert running, "the run never showed in status"
+            execution_id = str(running[0]["execution_id"])
+            seen = _as_nobody(d.socket_path, "execute.cancel", json.dumps({"execution_id": execution_id}), False)
+            reply = json.loads(seen["reply"])
+            assert reply["error_code"] == "not_found" and execution_id in reply["error"], reply  # as if missing
+            assert [s["execution_id"] for s in c.status()["active_sandboxes"]] == [execution_id]  # still running
+            c.cancel_execution(execution_id)  # its owner can
+        runner.join(30)
+        assert len(results) == 1 and getattr(results[0], "termination_reason", None) == "killed"
     finally:
         assert d.stop() == 0

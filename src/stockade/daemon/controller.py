@@ -76,6 +76,8 @@ class Running:
     runtime: str
     owner_uid: int
     started: float = field(default_factory=time.monotonic)
+    sandbox: AgentSandbox | None = None  # None while its isolate is still being started
+    cancelled: str | None = None  # why, once ``execute.cancel`` ended it
 
 
 class Controller:
@@ -266,7 +268,7 @@ class Controller:
             self._dispose_after_answer(sandbox, dispose)
             self._release_slot(uid)
             raise
-        self._started(runtime.name, uid, execution_id)
+        self._started(runtime.name, uid, execution_id, sandbox)
 
         def abandon() -> None:
             call.abort()
@@ -274,14 +276,34 @@ class Controller:
 
         return abandon
 
-    def _started(self, runtime: str, uid: int, execution_id: str | None = None) -> str:
+    def _started(
+        self, runtime: str, uid: int, execution_id: str | None = None, sandbox: AgentSandbox | None = None
+    ) -> str:
         """Count a running execute in; its id (drawn here unless given), from start to end:
         ``status`` shows it while the run is going and the ExecResult carries it, so a
         caller can match the two."""
         self._track(+1)
         execution_id = execution_id or new_id()
-        self.running[execution_id] = Running(execution_id, runtime, uid)
+        self.running[execution_id] = Running(execution_id, runtime, uid, sandbox=sandbox)
         return execution_id
+
+    def cancel(self, params: dict[str, Any], uid: int) -> dict[str, Any]:
+        """``execute.cancel``: end a running execute (its owner's, or any as root).
+
+        A run under way ends at once (its isolate is killed) and is answered as
+        ``killed``; one whose isolate is still starting is answered with a
+        ``cancelled`` error instead, and its isolate is ended as soon as it exists.
+        """
+        execution_id = params.get("execution_id")
+        running = self.running.get(execution_id) if isinstance(execution_id, str) else None
+        if running is None or uid not in (running.owner_uid, 0):  # another uid's run is reported as missing
+            raise RequestError(f"no running execution {execution_id!r}", "not_found")
+        if running.cancelled is None:
+            running.cancelled = f"cancelled by uid {uid} (execute.cancel)"
+            log.info("execution %s of uid %d cancelled by uid %d", execution_id, running.owner_uid, uid)
+            if running.sandbox is not None:
+                running.sandbox.cancel(running.cancelled)
+        return {"execution_id": execution_id, "cancelled": True}
 
     def _ended(self, execution_id: str) -> None:
         self._release_slot(self.running.pop(execution_id).owner_uid)
@@ -301,7 +323,12 @@ class Controller:
             if sandbox is None:
                 sandbox = await self._start_for(runtime, policy)
             sandbox.one_shot = True
+            running = self.running[execution_id]
+            running.sandbox = sandbox
             try:
+                if running.cancelled is not None:  # while its isolate was being started
+                    sandbox.cancel(running.cancelled)
+                    raise RequestError(f"{running.cancelled} before it started", "cancelled")
                 if job.command is not None:
                     result = await sandbox.aexec(job.command, stdin=job.stdin, on_output=on_output)
                 else:

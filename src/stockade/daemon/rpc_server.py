@@ -3,7 +3,7 @@
 Request:  ``{"method": ..., "params": {...}, "id": ...}`` (+ ``ts``, ``nonce``, ``hmac`` when signed)
 Response: ``{"result": ..., "error": null | "message", "id": ...}``; an error also carries
 ``error_code`` (``auth``, ``rate_limit``, ``busy``, ``invalid_request``, ``invalid_params``,
-``method_not_found``, ``not_found``, ``policy``, ``runtime_unavailable``, ``sandbox``, ``internal``).
+``method_not_found``, ``not_found``, ``cancelled``, ``policy``, ``runtime_unavailable``, ``sandbox``, ``internal``).
 
 Order: peer credentials at accept (refused peers are answered once and
 dropped before a byte is read), then per request: size, JSON, rate limit
@@ -63,6 +63,7 @@ class RPCServer:
         self.methods = {
             "selftest": self._selftest,
             "execute": self._execute,
+            "execute.cancel": self._cancel,
             "sandbox.create": self._create,
             "sandbox.exec": self._sandbox("exec"),
             "sandbox.run_code": self._sandbox("run_code"),
@@ -182,6 +183,9 @@ class RPCServer:
 
     async def _execute(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> Any:
         return await self.controller.execute(params, peer.uid, emit if params.get("stream") else None)
+
+    async def _cancel(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
+        return self.controller.cancel(params, peer.uid)
 
     async def _create(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
         return await self.controller.create(params, peer.uid, connection)

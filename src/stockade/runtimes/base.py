@@ -104,6 +104,7 @@ class AgentSandbox(abc.ABC):
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
         self._kill_reason: TerminationReason | None = None
+        self._cancelled: str | None = None  # why its caller ended it (``cancel``)
         # Counters taken when a pooled isolate became ready: nothing runs in it
         # between then and its first request, so they stand in for a fresh read.
         self.baseline: IsolateUsage | None = None
@@ -140,6 +141,12 @@ class AgentSandbox(abc.ABC):
         host watches the isolate itself (the process runtime, gVisor), the agent, which
         runs next to the code, has nothing to tell it that it would believe."""
         return None
+
+    def cancel(self, why: str) -> None:
+        """End the isolate for its caller: a run in progress ends as ``killed``, ``why`` its error."""
+        if self._kill_reason is None:
+            self._cancelled = why
+        self._mark_dead("killed")
 
     @abc.abstractmethod
     def kill(self) -> None:
@@ -428,6 +435,8 @@ class AgentSandbox(abc.ABC):
             return None
         if self._kill_reason == "violation":
             return None  # the host killed it for a violation: expected, and the result says which
+        if self._cancelled is not None:
+            return self._cancelled  # its caller ended it: that is the whole story
         said = self._kill_vanished()
         if isinstance(exc, AgentProtocolError):
             return f"the isolate's agent broke the protocol ({exc}); the isolate was killed{said}"
@@ -491,6 +500,8 @@ class AgentSandbox(abc.ABC):
         reason: TerminationReason
         if self._kill_reason == "violation":
             reason = "violation"
+        elif self._cancelled is not None:
+            reason = "killed"
         elif oom:
             reason = "memory_limit"
         elif timed_out or self._kill_reason == "timeout":
