@@ -219,6 +219,10 @@ def _execute_via_daemon(
     return _exit_status(result)
 
 
+# `stockade daemon cancel|close ID`: the Client method each one calls.
+_DAEMON_ENDINGS = {"cancel": "cancel_execution", "close": "close_sandbox"}
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     """Ask a running daemon one question: for operators, and for health checks (exit 0: healthy)."""
     from .client import Client
@@ -230,6 +234,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return _fail(f"--token-file {args.token_file}: {exc.strerror}")
     with Client(args.socket or None, auth_token=token) as client:
         try:
+            if args.daemon_cmd in _DAEMON_ENDINGS:
+                if not args.target:
+                    return _fail(f"stockade daemon {args.daemon_cmd} needs the id that `stockade daemon status` lists")
+                getattr(client, _DAEMON_ENDINGS[args.daemon_cmd])(args.target)
+                print(f"{args.daemon_cmd}: {args.target}: done")
+                return 0
+            if args.target:
+                return _fail(f"stockade daemon {args.daemon_cmd} takes no id")
             if args.daemon_cmd == "ping":
                 started = time.monotonic()
                 answer = client.ping()
@@ -485,12 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $STOCKADE_SOCKET)")
     serve.set_defaults(func=cmd_serve)
 
-    daemon = sub.add_parser("daemon", help="ask a running daemon: ping, selftest, status, runtimes")
+    daemon = sub.add_parser("daemon", help="ask a running daemon: ping, selftest, status, runtimes; cancel, close")
     daemon.add_argument(
         "daemon_cmd",
-        choices=["ping", "selftest", "status", "runtimes"],
-        help="ping: is it there; selftest: a real confined run; status: its sandboxes; runtimes: what it can run",
+        choices=["ping", "selftest", "status", "runtimes", "cancel", "close"],
+        help="ping: is it there; selftest: a real confined run; status: its sandboxes; runtimes: what it can run; "
+        "cancel ID: end a running execute; close ID: close a held sandbox",
     )
+    daemon.add_argument("target", nargs="?", metavar="ID", help="for cancel: an execution_id; for close: a sandbox_id")
     daemon.add_argument("--socket", metavar="PATH", help="the daemon's socket (default: $STOCKADE_SOCKET)")
     daemon.add_argument("--token-file", metavar="FILE", help="HMAC token (default: $STOCKADE_AUTH_TOKEN)")
     daemon.set_defaults(func=cmd_daemon)

@@ -633,6 +633,24 @@ def test_daemon_command_answers_for_operators_and_health_checks(daemon: Daemon) 
     assert status.returncode == 0 and isinstance(json.loads(status.stdout), dict)
     runtimes = json.loads(_stockade("daemon", "runtimes", env=env).stdout)
     assert {"name": "process", "available": True}.items() <= next(r for r in runtimes if r["name"] == "process").items()
+    # An operator ends a runaway run, and is told when there is nothing to end.
+    results: list[ExecResult] = []
+    runner = threading.Thread(target=lambda: results.append(Client(daemon.socket_path).execute(["sleep", "30"])))
+    runner.start()
+    deadline = time.monotonic() + 10
+    running: list[dict[str, object]] = []
+    while not running and time.monotonic() < deadline:
+        running = [s for s in Client(daemon.socket_path).status()["active_sandboxes"] if s["kind"] == "execute"]
+        time.sleep(0.02)
+    assert running, "the run never showed in status"
+    cancel = _stockade("daemon", "cancel", str(running[0]["execution_id"]), env=env)
+    assert cancel.returncode == 0, cancel
+    runner.join(30)
+    assert [r.termination_reason for r in results] == ["killed"]
+    missing = _stockade("daemon", "close", "sb-nope", env=env)
+    assert missing.returncode == 125 and "no sandbox 'sb-nope'" in missing.stderr
+    no_id = _stockade("daemon", "cancel", env=env)
+    assert no_id.returncode == 125 and "needs the id" in no_id.stderr
     # No daemon there: a health check that fails, and says why.
     gone = _stockade("daemon", "ping", "--socket", daemon.socket_path + ".nope")
     assert gone.returncode == 125 and "cannot reach the stockade daemon" in gone.stderr and gone.stdout == ""
