@@ -52,6 +52,7 @@ def test_an_async_sandbox_handle(signed: Daemon) -> None:
             async with client.sandbox(idle_timeout=60) as sb:
                 await sb.write_file("/work/f.txt", b"kept")
                 assert await sb.read_file("/work/f.txt") == b"kept"
+                assert "f.txt" in [e["name"] for e in await sb.list_dir("/work")]
                 assert (await sb.exec(["wc", "-c"], stdin=b"\x00\xff")).stdout.strip() == "2"
                 assert (await sb.run_code("import os; print(os.environ['X'])", env={"X": "z"})).stdout == "z\n"
                 assert [s["sandbox_id"] for s in (await client.status())["active_sandboxes"]] == [sb.sandbox_id]

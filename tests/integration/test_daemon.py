@@ -80,6 +80,8 @@ def test_a_sandbox_handle_takes_every_call_and_closes_on_exit(daemon: Daemon) ->
         with c.sandbox({"memory_mb": 128}, idle_timeout=60) as sb:
             sb.write_file("/work/f.txt", "kept")
             assert sb.read_file("/work/f.txt") == b"kept"
+            (entry,) = [e for e in sb.list_dir("/work") if e["name"] == "f.txt"]
+            assert entry["size"] == 4 and entry["type"] == "file", entry
             assert sb.exec(["wc", "-c"], stdin=b"\x00\xffx").stdout.strip() == "3"  # bytes in, unchanged
             r = sb.exec(["sh", "-c", "echo $X; pwd"], env={"X": "y"}, cwd="/work")
             assert r.stdout == "y\n/work\n", r.summary()

@@ -21,11 +21,12 @@ from tests.daemon_harness import start_daemon
 
 METHODS = [
     "ping", "execute", "sandbox.create", "sandbox.exec", "sandbox.run_code", "sandbox.write_file",
-    "sandbox.read_file", "sandbox.close", "status", "runtimes", "selftest", "sandbox.", "", "execute ",
+    "sandbox.read_file", "sandbox.list_dir", "sandbox.close", "execute.cancel", "status", "runtimes", "selftest",
+    "sandbox.", "", "execute ",
 ]  # fmt: skip
 PARAMS = [
     "command", "code", "language", "policy", "stdin", "stdin_b64", "sandbox_id", "path", "data", "mode",
-    "max_bytes", "env", "cwd", "timeout", "keep", "stream",
+    "max_bytes", "env", "cwd", "timeout", "keep", "stream", "idle_timeout", "execution_id",
 ]  # fmt: skip
 POLICY_FIELDS = [
     "runtime", "isolation", "trust", "memory_mb", "cpu_limit", "pids_limit", "timeout_seconds", "network_policy",
@@ -63,11 +64,14 @@ def _near_valid(rng: random.Random, held: list[str]) -> tuple[str, dict[str, Any
             ("execute", {"command": ["echo", "fuzz"], "policy": policy}),
             ("execute", {"code": "print(1)", "language": rng.choice(["python", "bash", "cobol"]), "policy": policy}),
             ("sandbox.create", {"policy": policy}),
+            ("sandbox.create", {"policy": policy, "idle_timeout": _value(rng)}),
             ("sandbox.exec", {"sandbox_id": sandbox_id, "command": ["echo", "x"]}),
             ("sandbox.run_code", {"sandbox_id": sandbox_id, "code": "print(2)"}),
             ("sandbox.write_file", {"sandbox_id": sandbox_id, "path": "/work/f", "data": "aGk="}),
             ("sandbox.read_file", {"sandbox_id": sandbox_id, "path": "/work/f"}),
+            ("sandbox.list_dir", {"sandbox_id": sandbox_id, "path": rng.choice(["/work", "/", "/nope", 7])}),
             ("sandbox.close", {"sandbox_id": sandbox_id}),
+            ("execute.cancel", {"execution_id": rng.choice(SCALARS)}),
         ]
     )
     for _ in range(rng.randint(0, 2)):

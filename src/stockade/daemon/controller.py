@@ -476,6 +476,8 @@ class Controller:
             if method == "read_file":
                 raw = await self._blocking(sb.read_file, _path(params), _max_bytes(params))
                 return {"path": params["path"], "data": base64.b64encode(raw).decode()}
+            if method == "list_dir":
+                return {"path": params["path"], "entries": await self._blocking(sb.list_dir, _path(params))}
             raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
         finally:
             self._track(-1)

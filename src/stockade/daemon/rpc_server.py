@@ -69,6 +69,7 @@ class RPCServer:
             "sandbox.run_code": self._sandbox("run_code"),
             "sandbox.write_file": self._sandbox("write_file"),
             "sandbox.read_file": self._sandbox("read_file"),
+            "sandbox.list_dir": self._sandbox("list_dir"),
             "sandbox.close": self._close,
             "runtimes": self._runtimes,
         }
