@@ -252,3 +252,31 @@ def test_a_snapshot_qemu_cannot_resume_is_dropped_and_the_vm_boots(vm_manager: R
         assert sandbox.exec(["echo", "booted"]).stdout == "booted\n"
     assert snapshot.find(key) is None
     assert not os.path.exists(snapshot.path_for(key) + ".suspect")
+
+
+def test_a_qemu_that_will_not_start_is_reported_with_what_it_said(
+    vm_manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+) -> None:
+    # A QEMU that refuses to run (an option it lacks, a library its jail keeps from
+    # it) must be named with its own words, not as a bare "exited".
+    from stockade.runtimes.microvm import runtime as microvm_runtime
+
+    fake = os.path.join(str(tmp_path), "bin", "qemu-system-x86_64")
+    os.makedirs(os.path.dirname(fake))
+    with open(fake, "w") as f:
+        f.write(
+            '#!/bin/sh\n[ "$1" = --version ] && { echo "QEMU emulator version 7.2.99"; exit 0; }\n'
+            'echo "qemu-system-x86_64: this is a stand-in that cannot boot anything" >&2\nexit 3\n'
+        )
+    os.chmod(fake, 0o755)
+    monkeypatch.setattr(microvm_runtime, "qemu_binary", lambda: fake)
+    monkeypatch.setenv("STOCKADE_MICROVM_ACCEL", "tcg")
+    runtime = microvm_runtime.MicrovmRuntime(pool_size=0)
+    try:
+        with pytest.raises(stockade.SandboxStartError) as caught:
+            runtime.start(Policy())
+    finally:
+        runtime.close()
+    message = str(caught.value)
+    assert "QEMU exited with status 3 before its agent socket appeared" in message, message
+    assert "this is a stand-in that cannot boot anything" in message, message

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -317,7 +318,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                     stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
                     pass_fds=() if state_fd is None else (state_fd,),
                 ))  # fmt: skip
-            conn = _connect(plan.agent_socket, proc, deadline=time.monotonic() + 10)
+            conn = _connect(plan.agent_socket, proc, time.monotonic() + 10, plan.rundir)
         except BaseException:
             abandon_start(proc, cgroup, plan.rundir)
             raise
@@ -425,7 +426,7 @@ def _tsc_khz() -> int | None:
     return None
 
 
-def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float) -> socket.socket:
+def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float, rundir: str) -> socket.socket:
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -433,9 +434,23 @@ def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float) -> socke
             return sock
         except OSError:
             sock.close()
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SandboxStartError("QEMU exited before its agent socket appeared") from None
+            # What QEMU printed is the reason (a refused option, a library its jail
+            # does not let it load, a device it cannot open): pass it on.
+            if proc.poll() is not None:
+                raise SandboxStartError(
+                    f"QEMU {_exit_words(proc.returncode)} before its agent socket appeared ({_tail(rundir)})"
+                ) from None
+            if time.monotonic() > deadline:
+                raise SandboxStartError(f"QEMU made no agent socket within 10 s ({_tail(rundir)})") from None
             time.sleep(0.01)
+
+
+def _exit_words(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+        return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
 
 
 def _tail(rundir: str) -> str:
