@@ -235,3 +235,36 @@ def test_qemu_installed_outside_usr_may_read_its_own_prefix_only() -> None:
     assert "/opt/qemu" in readable("/opt/qemu/bin/qemu-system-x86_64")
     assert "/" not in readable("/qemu-system-x86_64") and "/qemu-system-x86_64" in readable("/qemu-system-x86_64")
     assert "/" not in readable("/usr/bin/qemu-system-x86_64")
+
+
+def test_libraries_from_outside_the_usual_places_are_readable_and_nothing_else(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A QEMU whose libraries live in a tree of their own (a Nix store, an RPATH
+    # elsewhere) needs those directories, and only those, on top of the usual ones.
+    store = os.path.join(str(tmp_path), "store", "glib", "lib")
+    os.makedirs(store)
+    qemu = os.path.join(str(tmp_path), "prefix", "bin", "qemu-system-x86_64")
+    os.makedirs(os.path.dirname(qemu))
+    with open(qemu, "w") as f:
+        f.write("stand-in")
+    fake_ldd = os.path.join(str(tmp_path), "bin", "ldd")
+    os.makedirs(os.path.dirname(fake_ldd))
+    with open(fake_ldd, "w") as f:
+        f.write(
+            "#!/bin/sh\ncat <<EOF\n"
+            "\tlinux-vdso.so.1 (0x00007ffc1a3f2000)\n"
+            f"\tlibglib-2.0.so.0 => {store}/libglib-2.0.so.0 (0x00007f0a1c000000)\n"
+            "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0a1be00000)\n"
+            "\t/lib64/ld-linux-x86-64.so.2 (0x00007f0a1c200000)\n"
+            "EOF\n"
+        )
+    os.chmod(fake_ldd, 0o755)
+    monkeypatch.setenv("PATH", f"{os.path.dirname(fake_ldd)}:{os.environ['PATH']}")
+    assert jail.library_dirs(qemu) == (store,)
+    assert (store, jail._READ) in jail.file_rules(Policy(), qemu, "/run/x", "/img", ())
+    # A QEMU from the distribution needs nothing beyond the usual places.
+    monkeypatch.undo()
+    real = shutil.which("qemu-system-x86_64")
+    if real is not None:
+        assert jail.library_dirs(real) == ()

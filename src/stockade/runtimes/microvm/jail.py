@@ -143,7 +143,7 @@ def file_rules(
     prefix = os.path.dirname(os.path.dirname(program))
     own = prefix if prefix not in ("/", "") else program  # never the whole tree for a binary at /
     rules = [(path, _READ | linux.LL_EXECUTE) for path in (*_PROGRAMS, own)]
-    rules += [(path, _READ) for path in (*_CONFIG, *_KERNEL_VIEWS, image_dir)]
+    rules += [(path, _READ) for path in (*_CONFIG, *_KERNEL_VIEWS, image_dir, *library_dirs(program))]
     if os.geteuid() != 0:
         # Unprivileged, unshare maps the uid of its user namespace through /proc/self
         # (whose pid is not known here). As root it would not: there /proc stays
@@ -155,6 +155,35 @@ def file_rules(
     rules += [(path, linux.LL_WRITE_FILE | linux.LL_TRUNCATE) for path in cgroup_files]
     rules += [(m.source, everything if m.writable else _READ) for m in policy.filesystem_access]
     return rules
+
+
+def library_dirs(program: str) -> tuple[str, ...]:
+    """The directories of the shared libraries ``program`` loads, outside the usual places.
+
+    A QEMU built into a prefix of its own may take its libraries from elsewhere
+    (a Nix store path each, an RPATH into another tree): its jail must let it
+    read those, or it dies before its first line. Read once per build of it.
+    """
+    try:
+        st = os.stat(program)
+    except OSError:
+        return ()
+    return _library_dirs(program, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _library_dirs(program: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    try:
+        out = subprocess.run(["ldd", program], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    dirs: set[str] = set()
+    for line in out.splitlines():
+        path = line.split("=>")[-1].strip().split(" (")[0].strip()
+        if path.startswith("/"):
+            dirs.add(os.path.dirname(os.path.realpath(path)))
+    usual = tuple(p + "/" for p in _PROGRAMS)
+    return tuple(sorted(d for d in dirs if not (d + "/").startswith(usual)))
 
 
 def spawn_confined(rules: list[tuple[str, int]], spawn: Callable[[], T]) -> T:
