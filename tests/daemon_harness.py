@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 TOKEN = "f" * 16 + "0123456789abcdef" * 3
 STARTED: list[Daemon] = []  # every daemon a test started; tests/conftest.py cleans them up
@@ -90,3 +92,28 @@ def raw_exchange(socket_path: str, *lines: bytes, timeout: float = 10) -> list[b
             s.sendall(line)
             replies.append(f.readline().rstrip(b"\n"))
     return replies
+
+
+def execute_in_background(socket_path: str, *args: Any, **kwargs: Any) -> tuple[threading.Thread, list[Any]]:
+    """``Client.execute(*args, **kwargs)`` in a thread of its own; its result lands in the list."""
+    from stockade.client import Client
+
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(Client(socket_path).execute(*args, **kwargs)))
+    thread.start()
+    return thread, results
+
+
+def running_execution(socket_path: str, ready: Callable[[], bool] = lambda: True, timeout: float = 10) -> str:
+    """The execution_id of the one ``execute`` that ``status`` lists, once it shows (and ``ready()``)."""
+    from stockade.client import Client
+
+    deadline = time.monotonic() + timeout
+    with Client(socket_path) as client:
+        while time.monotonic() < deadline:
+            running = [s for s in client.status()["active_sandboxes"] if s["kind"] == "execute"]
+            if running and ready():
+                assert len(running) == 1, running
+                return str(running[0]["execution_id"])
+            time.sleep(0.02)
+    raise AssertionError(f"no execute showed in status within {timeout:g} s")

@@ -16,3 +16,12 @@ def processes_with_arg(marker: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def write_executable(path: str, text: str) -> str:
+    """A script at ``path`` (its directories made), mode 0755; returns the path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path

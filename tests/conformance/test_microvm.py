@@ -21,6 +21,7 @@ from stockade import Policy
 from stockade.runtimes.manager import RuntimeManager
 from stockade.runtimes.microvm.runtime import MicrovmSandbox
 from tests.conftest import require
+from tests.helpers import write_executable
 
 
 @pytest.fixture(scope="module")
@@ -261,14 +262,11 @@ def test_a_qemu_that_will_not_start_is_reported_with_what_it_said(
     # it) must be named with its own words, not as a bare "exited".
     from stockade.runtimes.microvm import runtime as microvm_runtime
 
-    fake = os.path.join(str(tmp_path), "bin", "qemu-system-x86_64")
-    os.makedirs(os.path.dirname(fake))
-    with open(fake, "w") as f:
-        f.write(
-            '#!/bin/sh\n[ "$1" = --version ] && { echo "QEMU emulator version 7.2.99"; exit 0; }\n'
-            'echo "qemu-system-x86_64: this is a stand-in that cannot boot anything" >&2\nexit 3\n'
-        )
-    os.chmod(fake, 0o755)
+    fake = write_executable(
+        os.path.join(str(tmp_path), "bin", "qemu-system-x86_64"),
+        '#!/bin/sh\n[ "$1" = --version ] && { echo "QEMU emulator version 7.2.99"; exit 0; }\n'
+        'echo "qemu-system-x86_64: this is a stand-in that cannot boot anything" >&2\nexit 3\n',
+    )
     monkeypatch.setattr(microvm_runtime, "qemu_binary", lambda: fake)
     monkeypatch.setenv("STOCKADE_MICROVM_ACCEL", "tcg")
     runtime = microvm_runtime.MicrovmRuntime(pool_size=0)

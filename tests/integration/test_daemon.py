@@ -20,7 +20,7 @@ import pytest
 from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_retry
 from stockade.errors import DaemonUnavailableError, PolicyError, StockadeError
 from stockade.result import ExecResult
-from tests.daemon_harness import Daemon, raw_exchange, start_daemon
+from tests.daemon_harness import Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
 from tests.helpers import processes_with_arg
 
 
@@ -106,24 +106,15 @@ def test_a_sandbox_handle_takes_every_call_and_closes_on_exit(daemon: Daemon) ->
 
 def test_a_running_execute_is_cancelled_from_another_connection(daemon: Daemon) -> None:
     marker = "4245.875"
-    results: list[ExecResult] = []
-    runner = threading.Thread(
-        target=lambda: results.append(Client(daemon.socket_path).execute(["sh", "-c", f"sleep {marker}"]))
-    )
-    runner.start()
+    runner, results = execute_in_background(daemon.socket_path, ["sh", "-c", f"sleep {marker}"])
+    execution_id = running_execution(daemon.socket_path, ready=lambda: bool(processes_with_arg(marker)))
     with Client(daemon.socket_path) as c:
-        running: list[dict[str, object]] = []
-        deadline = time.monotonic() + 10
-        while not (running and processes_with_arg(marker)) and time.monotonic() < deadline:
-            running = [s for s in c.status()["active_sandboxes"] if s["kind"] == "execute"]
-            time.sleep(0.02)
-        assert running and processes_with_arg(marker), "the run never started"
-        c.cancel_execution(str(running[0]["execution_id"]))
+        c.cancel_execution(execution_id)
         runner.join(30)
         (r,) = results
         assert r.termination_reason == "killed" and not r.success, r.summary()
         assert r.error == f"cancelled by uid {os.getuid()} (execute.cancel)"
-        assert r.execution_id == running[0]["execution_id"]
+        assert r.execution_id == execution_id
         assert processes_with_arg(marker) == []
         with pytest.raises(NotFoundError, match="no running execution"):
             c.cancel_execution(r.execution_id)  # over: nothing to cancel
@@ -162,22 +153,12 @@ def test_an_execute_cancelled_while_its_isolate_starts_is_answered_cancelled(pro
 
 def test_status_and_result_carry_the_same_execution_id(daemon: Daemon) -> None:
     """A run seen in ``status`` can be matched with its result and the daemon's log line."""
-    results: list[object] = []
-    runner = threading.Thread(
-        target=lambda: results.append(Client(daemon.socket_path).execute(code="import time; time.sleep(1.5)"))
-    )
-    runner.start()
-    watcher = Client(daemon.socket_path)
-    running: list[dict[str, object]] = []
-    deadline = time.monotonic() + 10
-    while not running and time.monotonic() < deadline:
-        running = [s for s in watcher.status()["active_sandboxes"] if s["kind"] == "execute"]
-        time.sleep(0.02)
+    runner, results = execute_in_background(daemon.socket_path, code="import time; time.sleep(1.5)")
+    execution_id = running_execution(daemon.socket_path)
     runner.join(30)
-    assert len(running) == 1 and len(results) == 1
-    result = results[0]
+    (result,) = results
     assert isinstance(result, ExecResult) and result.success
-    assert result.execution_id == running[0]["execution_id"]
+    assert result.execution_id == execution_id
     logged = f"execute ok execution={result.execution_id} "
     deadline = time.monotonic() + 5  # the line is logged once the answer is out, so it may trail it
     while logged not in daemon.logs() and time.monotonic() < deadline:
@@ -636,16 +617,8 @@ def test_daemon_command_answers_for_operators_and_health_checks(daemon: Daemon) 
     runtimes = json.loads(_stockade("daemon", "runtimes", env=env).stdout)
     assert {"name": "process", "available": True}.items() <= next(r for r in runtimes if r["name"] == "process").items()
     # An operator ends a runaway run, and is told when there is nothing to end.
-    results: list[ExecResult] = []
-    runner = threading.Thread(target=lambda: results.append(Client(daemon.socket_path).execute(["sleep", "30"])))
-    runner.start()
-    deadline = time.monotonic() + 10
-    running: list[dict[str, object]] = []
-    while not running and time.monotonic() < deadline:
-        running = [s for s in Client(daemon.socket_path).status()["active_sandboxes"] if s["kind"] == "execute"]
-        time.sleep(0.02)
-    assert running, "the run never showed in status"
-    cancel = _stockade("daemon", "cancel", str(running[0]["execution_id"]), env=env)
+    runner, results = execute_in_background(daemon.socket_path, ["sleep", "30"])
+    cancel = _stockade("daemon", "cancel", running_execution(daemon.socket_path), env=env)
     assert cancel.returncode == 0, cancel
     runner.join(30)
     assert [r.termination_reason for r in results] == ["killed"]

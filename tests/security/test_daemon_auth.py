@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from stockade.client import Client, DaemonBusyError, NotFoundError
 from stockade.errors import AuthenticationError, RateLimitError
 from stockade.protocol import auth
-from tests.daemon_harness import TOKEN, Daemon, raw_exchange, start_daemon
+from tests.daemon_harness import TOKEN, Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
 
 NOBODY = 65534
 
@@ -346,17 +345,9 @@ def test_another_uid_cannot_cancel_a_run(process_runtime: str, needs_root: None)
     d = start_daemon({"STOCKADE_SOCKET_PERMS": "0666"})
     try:
         _open_socket_dir(d)
-        results: list[object] = []
-        runner = threading.Thread(target=lambda: results.append(Client(d.socket_path).execute(["sleep", "30"])))
-        runner.start()
+        runner, results = execute_in_background(d.socket_path, ["sleep", "30"])
+        execution_id = running_execution(d.socket_path)
         with Client(d.socket_path) as c:
-            deadline = time.monotonic() + 10
-            running: list[dict[str, object]] = []
-            while not running and time.monotonic() < deadline:
-                running = [s for s in c.status()["active_sandboxes"] if s["kind"] == "execute"]
-                time.sleep(0.02)
-            assert running, "the run never showed in status"
-            execution_id = str(running[0]["execution_id"])
             seen = _as_nobody(d.socket_path, "execute.cancel", json.dumps({"execution_id": execution_id}), False)
             reply = json.loads(seen["reply"])
             assert reply["error_code"] == "not_found" and execution_id in reply["error"], reply  # as if missing

@@ -25,6 +25,7 @@ import pytest
 from stockade import Policy
 from stockade.policy import Mount
 from stockade.runtimes.microvm import jail
+from tests.helpers import write_executable
 
 # Every jailed program here is bounded in time and memory, like any attack test.
 _GUARD_S = 30
@@ -244,22 +245,16 @@ def test_libraries_from_outside_the_usual_places_are_readable_and_nothing_else(
     # elsewhere) needs those directories, and only those, on top of the usual ones.
     store = os.path.join(str(tmp_path), "store", "glib", "lib")
     os.makedirs(store)
-    qemu = os.path.join(str(tmp_path), "prefix", "bin", "qemu-system-x86_64")
-    os.makedirs(os.path.dirname(qemu))
-    with open(qemu, "w") as f:
-        f.write("stand-in")
-    fake_ldd = os.path.join(str(tmp_path), "bin", "ldd")
-    os.makedirs(os.path.dirname(fake_ldd))
-    with open(fake_ldd, "w") as f:
-        f.write(
-            "#!/bin/sh\ncat <<EOF\n"
-            "\tlinux-vdso.so.1 (0x00007ffc1a3f2000)\n"
-            f"\tlibglib-2.0.so.0 => {store}/libglib-2.0.so.0 (0x00007f0a1c000000)\n"
-            "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0a1be00000)\n"
-            "\t/lib64/ld-linux-x86-64.so.2 (0x00007f0a1c200000)\n"
-            "EOF\n"
-        )
-    os.chmod(fake_ldd, 0o755)
+    qemu = write_executable(os.path.join(str(tmp_path), "prefix", "bin", "qemu-system-x86_64"), "stand-in")
+    fake_ldd = write_executable(
+        os.path.join(str(tmp_path), "bin", "ldd"),
+        "#!/bin/sh\ncat <<EOF\n"
+        "\tlinux-vdso.so.1 (0x00007ffc1a3f2000)\n"
+        f"\tlibglib-2.0.so.0 => {store}/libglib-2.0.so.0 (0x00007f0a1c000000)\n"
+        "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0a1be00000)\n"
+        "\t/lib64/ld-linux-x86-64.so.2 (0x00007f0a1c200000)\n"
+        "EOF\n",
+    )
     monkeypatch.setenv("PATH", f"{os.path.dirname(fake_ldd)}:{os.environ['PATH']}")
     assert jail.library_dirs(qemu) == (store,)
     assert (store, jail._READ) in jail.file_rules(Policy(), qemu, "/run/x", "/img", ())
