@@ -151,6 +151,29 @@ def test_an_execute_cancelled_while_its_isolate_starts_is_answered_cancelled(pro
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(
+    ("method", "params", "named"),
+    [
+        ("sandbox.run_code", {"code": "pass", "timeout": "\u0000"}, "timeout must be a positive number"),
+        ("sandbox.exec", {"command": ["true"], "timeout": -1}, "timeout must be a positive number"),
+        ("sandbox.exec", {"command": ["true"], "timeout": True}, "timeout must be a positive number"),
+        ("sandbox.exec", {"command": ["true"], "cwd": 5}, "cwd must be a string"),
+        ("sandbox.run_code", {"code": "pass", "language": ["python"]}, "language must be a string"),
+        ("execute", {"code": "pass", "language": 3}, "language must be a string"),
+    ],
+)
+def test_a_badly_typed_run_argument_is_named(
+    daemon: Daemon, method: str, params: dict[str, object], named: str
+) -> None:
+    # Found by the fuzzer: a string timeout reached the run and came back as an internal error.
+    with Client(daemon.socket_path) as c:
+        sid = c.create_sandbox()
+        with pytest.raises(StockadeError, match=named) as caught:
+            c.call(method, {"sandbox_id": sid, **params})
+        assert "Internal error" not in str(caught.value)
+        assert c.sandbox_exec(sid, ["echo", "still fine"]).stdout == "still fine\n"
+
+
 def test_status_and_result_carry_the_same_execution_id(daemon: Daemon) -> None:
     """A run seen in ``status`` can be matched with its result and the daemon's log line."""
     runner, results = execute_in_background(daemon.socket_path, code="import time; time.sleep(1.5)")

@@ -457,8 +457,8 @@ class Controller:
                     argv,
                     stdin=_stdin(params),
                     env=_env(params),
-                    cwd=params.get("cwd"),
-                    timeout=params.get("timeout"),
+                    cwd=_optional_str(params, "cwd"),
+                    timeout=_timeout(params),
                     on_output=on_output,
                 )
             if method == "run_code":
@@ -466,8 +466,8 @@ class Controller:
                 if not isinstance(code, str):
                     raise RequestError("code must be a string")
                 return await sb.arun_code(
-                    code, params.get("language", "python"), stdin=_stdin(params), env=_env(params),
-                    timeout=params.get("timeout"), on_output=on_output,
+                    code, _language(params), stdin=_stdin(params), env=_env(params),
+                    timeout=_timeout(params), on_output=on_output,
                 )  # fmt: skip
             if method == "write_file":
                 data = _b64(params, "data")
@@ -585,7 +585,7 @@ def _job(params: dict[str, Any]) -> ExecuteJob:
         raise RequestError("code must be a string")
     stdin = _stdin(params)
     policy = coerce_policy(_policy_dict(params.get("policy")))
-    return ExecuteJob(policy, command, code, params.get("language", "python"), stdin)
+    return ExecuteJob(policy, command, code, _language(params), stdin)
 
 
 def _agent_request(job: ExecuteJob) -> tuple[str, dict[str, Any]]:
@@ -641,6 +641,30 @@ def _stdin(params: dict[str, Any]) -> bytes:
     if isinstance(value, str):
         return value.encode()
     raise RequestError("stdin must be a string")
+
+
+def _timeout(params: dict[str, Any]) -> float | None:
+    """A call's own ``timeout``: seconds (the policy's bound still applies), or None."""
+    value = params.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise RequestError(f"timeout must be a positive number of seconds, not {value!r}"[:200])
+    return float(value)
+
+
+def _optional_str(params: dict[str, Any], name: str) -> str | None:
+    value = params.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise RequestError(f"{name} must be a string")
+
+
+def _language(params: dict[str, Any]) -> str:
+    value = params.get("language", "python")
+    if isinstance(value, str):
+        return value
+    raise RequestError("language must be a string")
 
 
 def _env(params: dict[str, Any]) -> dict[str, str] | None:
