@@ -174,6 +174,55 @@ def test_a_badly_typed_run_argument_is_named(
         assert c.sandbox_exec(sid, ["echo", "still fine"]).stdout == "still fine\n"
 
 
+def test_closing_a_held_sandbox_ends_its_call_in_progress_at_once(daemon: Daemon) -> None:
+    marker = "4246.125"
+    with Client(daemon.socket_path) as owner:
+        sid = owner.create_sandbox(keep=True)
+        results: list[ExecResult] = []
+        caller = threading.Thread(
+            target=lambda: results.append(Client(daemon.socket_path).sandbox_exec(sid, ["sleep", marker]))
+        )
+        caller.start()
+        deadline = time.monotonic() + 10
+        while not processes_with_arg(marker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert processes_with_arg(marker), "the call never started"
+        owner.close_sandbox(sid)
+        caller.join(10)  # the call's own timeout is 30 s: it must not be waited out
+        assert not caller.is_alive(), "the call went on after its sandbox was closed"
+        (r,) = results
+        assert r.termination_reason == "killed", r.summary()
+        assert r.error == f"the sandbox was closed by uid {os.getuid()} (sandbox.close) during this call"
+        assert processes_with_arg(marker) == [] and owner.status()["total_count"] == 0
+
+
+def test_a_call_on_a_connection_owned_sandbox_is_let_finish_when_its_client_goes(daemon: Daemon) -> None:
+    # The sandbox closes with its connection, but not under the call still running in it.
+    marker = "4246.375"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(daemon.socket_path)
+        s.sendall(b'{"method": "sandbox.create", "params": {}, "id": 1}\n')
+        sid = json.loads(s.makefile("rb").readline())["result"]["sandbox_id"]
+        command = ["sh", "-c", f"sleep {marker} & sleep 1.5; kill %1"]
+        request = {"method": "sandbox.exec", "params": {"sandbox_id": sid, "command": command}, "id": 2}
+        s.sendall(json.dumps(request).encode() + b"\n")
+        deadline = time.monotonic() + 10
+        while not processes_with_arg(marker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert processes_with_arg(marker), "the call never started"
+    # The client is gone; its call runs on (the sandbox is already being closed), then all of it goes.
+    time.sleep(0.5)
+    assert processes_with_arg(marker), "the call was cut short when its client went"
+    deadline = time.monotonic() + 15
+    while processes_with_arg(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with_arg(marker) == [], "the sandbox outlived its connection and its call"
+    with Client(daemon.socket_path) as watcher:
+        with pytest.raises(NotFoundError):
+            watcher.sandbox_exec(sid, ["true"])
+        assert watcher.status()["total_count"] == 0
+
+
 def test_status_and_result_carry_the_same_execution_id(daemon: Daemon) -> None:
     """A run seen in ``status`` can be matched with its result and the daemon's log line."""
     runner, results = execute_in_background(daemon.socket_path, code="import time; time.sleep(1.5)")

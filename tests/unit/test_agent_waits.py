@@ -158,8 +158,8 @@ def test_a_run_on_the_loop_whose_agent_never_answers_ends_at_its_deadline() -> N
 
         async def scenario() -> tuple[float, str, str]:
             started = time.monotonic()
-            stuck = asyncio.ensure_future(frozen._arun("run_code", code_params("pass"), b"", None, 0.5))
-            answered = await alive._arun("run_code", code_params("print('meanwhile')"), b"", None, 30.0)
+            stuck = asyncio.ensure_future(frozen.arun_request("run_code", code_params("pass"), b"", None, 0.5))
+            answered = await alive.arun_request("run_code", code_params("print('meanwhile')"), b"", None, 30.0)
             result = await asyncio.wait_for(stuck, 30)
             return time.monotonic() - started, result.termination_reason, answered.stdout
 

@@ -34,7 +34,6 @@ from ..protocol.hostjson import dumps, id_json
 from ..result import ExecResult
 
 if TYPE_CHECKING:
-    from .controller import ExecuteJob
     from .rpc_server import RPCServer
 
 log = logging.getLogger("stockade.daemon")
@@ -49,6 +48,11 @@ MAX_QUEUED_BYTES = 1 << 20
 _TOO_LARGE = None  # in the queue: an oversized line's place, answered in its turn
 # What an awaited request runs, when it was prepared before its task (a checked execute).
 Work: TypeAlias = Callable[[], Awaitable[Any]] | None
+# Starts a run answered by callback: given where its outcome goes, returns what abandons
+# it (for a client that goes away), or None when it cannot start now.
+StartNow: TypeAlias = Callable[[Callable[["ExecResult | Exception"], None]], Callable[[], None] | None]
+# Held-sandbox methods that run something, and so may be answered by callback.
+HELD_RUNS = ("sandbox.exec", "sandbox.run_code")
 
 
 @dataclass(frozen=True)
@@ -246,24 +250,31 @@ class Connection(asyncio.Protocol):
             self._logged(method, None, started)
             return
         work: Work = None
+        controller, uid = self.server.controller, self.peer.uid
         if method == "execute" and not params.get("stream"):
-            controller = self.server.controller
             try:
                 job = controller.check_execute(params)
             except Exception as exc:  # noqa: BLE001 - a bad request is an answer, as on the awaited path
                 self._failed(exc, method, msg_id, started)
                 return
-            if self._execute_now(job, msg_id, started):
+            if self._run_now(method, functools.partial(controller.execute_now, job, uid), msg_id, started):
                 return
-            work = functools.partial(controller.execute, job, self.peer.uid)  # checked once, not again
+            work = functools.partial(controller.execute, job, uid)  # checked once, not again
+        elif method in HELD_RUNS and not params.get("stream"):
+            held_method = method.removeprefix("sandbox.")
+            if self._run_now(method, functools.partial(controller.sandbox_call_now, held_method, params, uid),
+                             msg_id, started):  # fmt: skip
+                return
         self._busy = True
         self._task_method = method
         self._task = asyncio.get_running_loop().create_task(self._awaited(method, params, msg_id, started, work))
 
-    def _execute_now(self, job: ExecuteJob, msg_id: Any, started: float) -> bool:
-        """Start an ``execute`` on a warm isolate, answered by the callback that reads the agent's answer.
+    def _run_now(self, method: str, start: StartNow, msg_id: Any, started: float) -> bool:
+        """Start a run (an ``execute`` on a warm isolate, a call on a held sandbox that is
+        free), answered by the callback that reads the agent's answer.
 
-        False when no slot or warm isolate is free now: then it is awaited.
+        False when it cannot start now (no slot or warm isolate, the held sandbox
+        busy with another call): then it is awaited.
         """
         self._busy = True
         settled = False
@@ -275,18 +286,18 @@ class Connection(asyncio.Protocol):
             self._busy = False
             if isinstance(outcome, ExecResult):
                 self.send({"result": outcome, "error": None, "id": msg_id})
-                self._logged("execute", outcome, started)
+                self._logged(method, outcome, started)
             else:
-                self._failed(outcome, "execute", msg_id, started)
+                self._failed(outcome, method, msg_id, started)
             if self._lines or self._eof:
                 # A turn later: the run's slot and isolate are handed back once this returns.
                 asyncio.get_running_loop().call_soon(self._pump)
 
         try:
-            abandon = self.server.controller.execute_now(job, self.peer.uid, done)
-        except Exception as exc:  # noqa: BLE001 - a runtime that cannot serve it is an answer too
+            abandon = start(done)
+        except Exception as exc:  # noqa: BLE001 - a bad argument, a runtime that cannot serve it: an answer too
             self._busy = False
-            self._failed(exc, "execute", msg_id, started)
+            self._failed(exc, method, msg_id, started)
             return True
         if abandon is None:
             self._busy = False

@@ -429,76 +429,117 @@ class Controller:
         except Exception:
             log.exception("closing idle sandbox %s failed", held.sandbox_id)
 
+    def sandbox_call_now(
+        self, method: str, params: dict[str, Any], uid: int, done: Callable[[ExecResult | Exception], None]
+    ) -> Callable[[], None] | None:
+        """A held sandbox's ``exec`` or ``run_code``, without a task, when no other call has it.
+
+        As ``execute_now``: None when the sandbox is busy (the caller awaits
+        ``sandbox_call`` instead, which waits its turn); otherwise the run has
+        started and ``done`` gets its result in the loop turn the agent answers.
+        A bad argument or an unknown sandbox raises ``RequestError`` here. The
+        function returned is for a caller that goes away: the call is let
+        finish (a kept sandbox stays in step with its agent), unanswered.
+        """
+        held = self._lookup(params, uid)
+        run = _held_run(method, params)
+        if held.calls or not _take_now(held.lock):
+            return None
+        held.calls += 1
+        self._track(+1)
+        settled = False
+
+        def finish(outcome: ExecResult | Exception | None) -> None:
+            nonlocal settled
+            if settled:
+                return
+            settled = True
+            try:
+                if outcome is not None:
+                    done(outcome)
+            finally:
+                self._held_call_ended(held)
+
+        try:
+            held.sandbox.start_run(run.method, run.request, run.stdin, run.env, run.timeout, None, finish)
+        except BaseException:
+            self._held_call_ended(held)
+            raise
+        return lambda: None
+
+    def _held_call_ended(self, held: Held) -> None:
+        held.lock.release()
+        held.calls -= 1
+        held.last_used = time.monotonic()
+        self._track(-1)
+        if self.held.get(held.sandbox_id) is held:
+            self._watch_idle(held)
+
     async def sandbox_call(
         self, method: str, params: dict[str, Any], uid: int, on_output: OutputCallback | None = None
     ) -> Any:
         held = self._lookup(params, uid)
-        sb = held.sandbox
         held.calls += 1  # from here, waiting for the lock included: not idle
         try:
-            async with held.lock:
-                return await self._sandbox_call(sb, method, params, on_output)
-        finally:
+            await held.lock.acquire()
+        except BaseException:
             held.calls -= 1
-            held.last_used = time.monotonic()
-            if self.held.get(held.sandbox_id) is held:
-                self._watch_idle(held)
+            raise
+        self._track(+1)
+        try:
+            return await self._sandbox_call(held.sandbox, method, params, on_output)
+        finally:
+            self._held_call_ended(held)
 
     async def _sandbox_call(
         self, sb: AgentSandbox, method: str, params: dict[str, Any], on_output: OutputCallback | None
     ) -> Any:
-        self._track(+1)
-        try:
-            if method == "exec":
-                argv = params.get("command")
-                if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-                    raise RequestError("command must be a non-empty list of strings")
-                return await sb.aexec(
-                    argv,
-                    stdin=_stdin(params),
-                    env=_env(params),
-                    cwd=_optional_str(params, "cwd"),
-                    timeout=_timeout(params),
-                    on_output=on_output,
-                )
-            if method == "run_code":
-                code = params.get("code")
-                if not isinstance(code, str):
-                    raise RequestError("code must be a string")
-                return await sb.arun_code(
-                    code, _language(params), stdin=_stdin(params), env=_env(params),
-                    timeout=_timeout(params), on_output=on_output,
-                )  # fmt: skip
-            if method == "write_file":
-                data = _b64(params, "data")
-                await self._blocking(sb.write_file, _path(params), data, params.get("mode", 0o644))
-                return {"path": params["path"], "size": len(data)}
-            if method == "read_file":
-                raw = await self._blocking(sb.read_file, _path(params), _max_bytes(params))
-                return {"path": params["path"], "data": base64.b64encode(raw).decode()}
-            if method == "list_dir":
-                return {"path": params["path"], "entries": await self._blocking(sb.list_dir, _path(params))}
-            raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
-        finally:
-            self._track(-1)
+        if method in ("exec", "run_code"):
+            run = _held_run(method, params)
+            return await sb.arun_request(run.method, run.request, run.stdin, run.env, run.timeout, on_output)
+        if method == "write_file":
+            data = _b64(params, "data")
+            await self._blocking(sb.write_file, _path(params), data, params.get("mode", 0o644))
+            return {"path": params["path"], "size": len(data)}
+        if method == "read_file":
+            raw = await self._blocking(sb.read_file, _path(params), _max_bytes(params))
+            return {"path": params["path"], "data": base64.b64encode(raw).decode()}
+        if method == "list_dir":
+            return {"path": params["path"], "entries": await self._blocking(sb.list_dir, _path(params))}
+        raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
 
     async def close_sandbox(self, params: dict[str, Any], uid: int) -> dict[str, Any]:
         held = self._lookup(params, uid)
-        await self._close(held)
+        await self._close(held, interrupt=f"the sandbox was closed by uid {uid} (sandbox.close) during this call")
         return {"sandbox_id": held.sandbox_id, "closed": True}
 
-    async def _close(self, held: Held) -> None:
+    async def _close(self, held: Held, interrupt: str | None = None) -> None:
+        """Close a held sandbox and free its slot.
+
+        A call in progress on it ends first: at once when ``interrupt`` says why
+        (its isolate is ended, and the call answered ``killed`` with that
+        reason), else when it is done. Its agent connection is never closed
+        under a call still reading it: that call would wait out its timeout.
+        Calls still waiting their turn then find it closed.
+        """
         if self.held.pop(held.sandbox_id, None) is None:
             return
         if held.idle_timer is not None:
             held.idle_timer.cancel()
             held.idle_timer = None
         try:
-            await self._blocking(held.sandbox.close)
+            if held.calls:
+                if interrupt is not None:
+                    held.sandbox.cancel(interrupt)
+                async with held.lock:
+                    await self._blocking(held.sandbox.close)
+            else:
+                await self._blocking(held.sandbox.close)
         finally:
             self._release_slot(held.owner_uid)
 
     async def close_connection(self, connection: int) -> None:
+        """Close the sandboxes a connection held (not kept ones), each once its call, if any, is done."""
         for held in [h for h in self.held.values() if h.connection == connection]:
             await self._close(held)
 
@@ -555,7 +596,7 @@ class Controller:
             held.sandbox.kill()
         for held in list(self.held.values()):
             try:
-                await self._close(held)
+                await self._close(held, interrupt="the daemon stopped during this call")
             except SandboxError:
                 pass
         await self._blocking(self.manager.close)
@@ -588,17 +629,44 @@ def _job(params: dict[str, Any]) -> ExecuteJob:
     return ExecuteJob(policy, command, code, _language(params), stdin)
 
 
+@dataclass(frozen=True)
+class HeldRun:
+    """A held sandbox's ``exec`` or ``run_code`` request, checked: what goes to its agent."""
+
+    method: str
+    request: dict[str, Any]
+    stdin: bytes
+    env: dict[str, str] | None
+    timeout: float | None
+
+
+def _held_run(method: str, params: dict[str, Any]) -> HeldRun:
+    if method == "exec":
+        argv = params.get("command")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise RequestError("command must be a non-empty list of strings")
+        request = exec_params(argv, _optional_str(params, "cwd"))
+    elif method == "run_code":
+        code = params.get("code")
+        if not isinstance(code, str):
+            raise RequestError("code must be a string")
+        request = code_params(code, _language(params))
+    else:
+        raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
+    return HeldRun(method, request, _stdin(params), _env(params), _timeout(params))
+
+
 def _agent_request(job: ExecuteJob) -> tuple[str, dict[str, Any]]:
     if job.command is not None:
         return "exec", exec_params(job.command)
     return "run_code", code_params(job.code or "", job.language)
 
 
-def _take_now(slots: asyncio.Semaphore) -> bool:
-    """Take a free slot in this loop turn, or say there is none.
+def _take_now(slots: asyncio.Semaphore | asyncio.Lock) -> bool:
+    """Take a free slot (or a free lock) in this loop turn, or say there is none.
 
-    ``acquire`` does not suspend when the semaphore is not locked, so its
-    coroutine is run to its end here instead of in a task of its own.
+    ``acquire`` does not suspend when the semaphore (or lock) is not locked, so
+    its coroutine is run to its end here instead of in a task of its own.
     """
     if slots.locked():
         return False

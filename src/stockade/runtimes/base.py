@@ -192,7 +192,7 @@ class AgentSandbox(abc.ABC):
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        return await self._arun("exec", exec_params(argv, cwd), stdin, env, timeout, on_output)
+        return await self.arun_request("exec", exec_params(argv, cwd), stdin, env, timeout, on_output)
 
     async def arun_code(
         self,
@@ -204,7 +204,7 @@ class AgentSandbox(abc.ABC):
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        return await self._arun("run_code", code_params(code, language), stdin, env, timeout, on_output)
+        return await self.arun_request("run_code", code_params(code, language), stdin, env, timeout, on_output)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -302,7 +302,7 @@ class AgentSandbox(abc.ABC):
             reply = exc
         return self._settle_run(run, guard, reply)
 
-    async def _arun(
+    async def arun_request(
         self,
         method: str,
         params: dict[str, Any],
@@ -311,7 +311,8 @@ class AgentSandbox(abc.ABC):
         timeout: float | None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        """The async twin of ``_run``: ``start_run``, awaited."""
+        """An agent run request (``exec_params`` or ``code_params``), awaited: ``start_run``'s
+        async form, and the async twin of ``_run``."""
         import asyncio
 
         outcome: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()
