@@ -213,6 +213,9 @@ def test_a_call_on_a_connection_owned_sandbox_is_let_finish_when_its_client_goes
     # The client is gone; its call runs on (the sandbox is already being closed), then all of it goes.
     time.sleep(0.5)
     assert processes_with_arg(marker), "the call was cut short when its client went"
+    with Client(daemon.socket_path) as watcher:
+        (entry,) = watcher.status()["active_sandboxes"]  # still holding its slot, and saying why
+        assert entry["sandbox_id"] == sid and entry["closing"] is True
     deadline = time.monotonic() + 15
     while processes_with_arg(marker) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -89,6 +89,7 @@ class Controller:
         self._per_uid: Counter[int] = Counter()  # slots each peer uid holds
         self._waiting = 0
         self.held: dict[str, Held] = {}
+        self.closing: dict[str, Held] = {}  # held sandboxes being closed (a call of theirs may still run)
         self.running: dict[str, Running] = {}
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -527,6 +528,7 @@ class Controller:
         if held.idle_timer is not None:
             held.idle_timer.cancel()
             held.idle_timer = None
+        self.closing[held.sandbox_id] = held  # listed by ``status`` until its slot is free
         try:
             if held.calls:
                 if interrupt is not None:
@@ -536,6 +538,7 @@ class Controller:
             else:
                 await self._blocking(held.sandbox.close)
         finally:
+            del self.closing[held.sandbox_id]
             self._release_slot(held.owner_uid)
 
     async def close_connection(self, connection: int) -> None:
@@ -554,8 +557,9 @@ class Controller:
                 "uptime_seconds": round(now - h.created, 3),
                 "idle_seconds": round(h.idle_seconds(now), 3),
                 "idle_timeout": h.idle_timeout_s,
+                "closing": h.sandbox_id in self.closing,
             }
-            for h in self.held.values()
+            for h in [*self.held.values(), *self.closing.values()]
         ] + [
             {
                 "execution_id": r.execution_id,
