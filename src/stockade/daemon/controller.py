@@ -246,19 +246,12 @@ class Controller:
         sandbox.one_shot = True
         # Named before it starts, so that the result carries the id ``status`` shows.
         execution_id = new_id()
-        settled = False
 
-        def finish(outcome: ExecResult | Exception | None) -> None:
-            nonlocal settled
-            if settled:
-                return
-            settled = True
-            try:
-                if outcome is not None:
-                    done(outcome)  # the answer first: the bookkeeping below is not the caller's wait
-            finally:
-                self._dispose_after_answer(sandbox, dispose)
-                self._ended(execution_id)
+        def bookkeeping() -> None:
+            self._dispose_after_answer(sandbox, dispose)
+            self._ended(execution_id)
+
+        finish = _settle_once(done, bookkeeping)
 
         # The agent's request goes out first; the bookkeeping follows it, in
         # the same loop turn (``finish`` is never called before this returns).
@@ -448,19 +441,7 @@ class Controller:
             return None
         held.calls += 1
         self._track(+1)
-        settled = False
-
-        def finish(outcome: ExecResult | Exception | None) -> None:
-            nonlocal settled
-            if settled:
-                return
-            settled = True
-            try:
-                if outcome is not None:
-                    done(outcome)
-            finally:
-                self._held_call_ended(held)
-
+        finish = _settle_once(done, functools.partial(self._held_call_ended, held))
         try:
             held.sandbox.start_run(run.method, run.request, run.stdin, run.env, run.timeout, None, finish)
         except BaseException:
@@ -664,6 +645,27 @@ def _agent_request(job: ExecuteJob) -> tuple[str, dict[str, Any]]:
     if job.command is not None:
         return "exec", exec_params(job.command)
     return "run_code", code_params(job.code or "", job.language)
+
+
+def _settle_once(
+    done: Callable[[ExecResult | Exception], None], bookkeeping: Callable[[], None]
+) -> Callable[[ExecResult | Exception | None], None]:
+    """A run's ``finish``: its outcome to ``done`` first (None: abandoned, nobody to tell),
+    then ``bookkeeping``, which is not the caller's wait; once, however often it is called."""
+    settled = False
+
+    def finish(outcome: ExecResult | Exception | None) -> None:
+        nonlocal settled
+        if settled:
+            return
+        settled = True
+        try:
+            if outcome is not None:
+                done(outcome)
+        finally:
+            bookkeeping()
+
+    return finish
 
 
 def _take_now(slots: asyncio.Semaphore | asyncio.Lock) -> bool:
