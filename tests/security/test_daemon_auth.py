@@ -279,6 +279,17 @@ def test_another_users_sandbox_is_invisible(process_runtime: str, needs_root: No
             seen = _as_nobody(d.socket_path, "sandbox.exec", json.dumps({"sandbox_id": sid, "command": ["id"]}), False)
             reply = json.loads(seen["reply"])
             assert reply["error_code"] == "not_found" and reply["result"] is None
+            # Nor does status show it to another uid: only how many run, not whose or what.
+            status = json.loads(_as_nobody(d.socket_path, "status", "{}", False)["reply"])["result"]
+            assert status["active_sandboxes"] == [] and status["total_count"] == 1
+            assert [s["sandbox_id"] for s in root_client.status()["active_sandboxes"]] == [sid]
+            # Its own it sees, and root sees everyone's.
+            made = json.loads(_as_nobody(d.socket_path, "sandbox.create", '{"keep": true}', False)["reply"])
+            theirs = made["result"]["sandbox_id"]
+            mine = json.loads(_as_nobody(d.socket_path, "status", "{}", False)["reply"])["result"]
+            assert [s["sandbox_id"] for s in mine["active_sandboxes"]] == [theirs] and mine["total_count"] == 2
+            assert {s["sandbox_id"] for s in root_client.status()["active_sandboxes"]} == {sid, theirs}
+            root_client.close_sandbox(theirs)
             root_client.close_sandbox(sid)
             with pytest.raises(NotFoundError):
                 root_client.close_sandbox(sid)

@@ -246,7 +246,7 @@ class Connection(asyncio.Protocol):
         method, params, msg_id = admitted
         immediate = self.server.immediate.get(method)
         if immediate is not None:
-            self.send({"result": immediate(params), "error": None, "id": msg_id})
+            self.send({"result": immediate(params, self.peer), "error": None, "id": msg_id})
             self._logged(method, None, started)
             return
         work: Work = None

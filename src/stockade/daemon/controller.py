@@ -527,9 +527,12 @@ class Controller:
         for held in [h for h in self.held.values() if h.connection == connection]:
             await self._close(held)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, uid: int = 0) -> dict[str, Any]:
+        """What runs: ``uid``'s own sandboxes and runs (root's: everyone's), and the
+        daemon-wide counts. Another user's ids, runtimes and timings are not shown:
+        they would tell one local user what another is doing."""
         now = time.monotonic()
-        active = [
+        everything = [
             {
                 "sandbox_id": h.sandbox_id,
                 "kind": "held",
@@ -552,8 +555,8 @@ class Controller:
             for r in self.running.values()
         ]
         return {
-            "active_sandboxes": active,
-            "total_count": len(active),
+            "active_sandboxes": [e for e in everything if uid in (0, e["owner_uid"])],
+            "total_count": len(everything),
             "max_sandboxes": self.config.max_sandboxes,
             "max_sandboxes_per_uid": self.config.max_sandboxes_per_uid,
             "waiting": self._waiting,

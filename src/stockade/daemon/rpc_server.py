@@ -56,9 +56,9 @@ class RPCServer:
         self._ids = itertools.count(1)
         self.stopping = False
         # Answered in the callback that read the request: nothing to wait for.
-        self.immediate: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "ping": lambda params: "pong",
-            "status": lambda params: self.controller.status(),
+        self.immediate: dict[str, Callable[[dict[str, Any], Peer], Any]] = {
+            "ping": lambda params, peer: "pong",
+            "status": lambda params, peer: self.controller.status(peer.uid),
         }
         self.methods = {
             "selftest": self._selftest,
