@@ -226,6 +226,24 @@ def test_a_call_on_a_connection_owned_sandbox_is_let_finish_when_its_client_goes
         assert watcher.status()["total_count"] == 0
 
 
+def test_runtimes_asked_for_at_once_are_checked_once(daemon: Daemon) -> None:
+    # Each check starts a real sandbox of every runtime (a VM boot for microVM), outside
+    # the slots: clients asking over and over must not make the daemon start them over and over.
+    answers: list[list[dict[str, object]]] = []
+    askers = [threading.Thread(target=lambda: answers.append(Client(daemon.socket_path).runtimes())) for _ in range(5)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join(120)
+    answers.append(Client(daemon.socket_path).runtimes())
+    assert len(answers) == 6 and all(a == answers[0] for a in answers)
+    assert any(r["name"] == "process" and r["available"] for r in answers[0])
+    deadline = time.monotonic() + 5  # log lines trail their answers by a few ms
+    while "checked the runtimes" not in daemon.logs() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert daemon.logs().count("checked the runtimes") == 1, daemon.logs()
+
+
 def test_status_and_result_carry_the_same_execution_id(daemon: Daemon) -> None:
     """A run seen in ``status`` can be matched with its result and the daemon's log line."""
     runner, results = execute_in_background(daemon.socket_path, code="import time; time.sleep(1.5)")

@@ -36,6 +36,9 @@ log = logging.getLogger("stockade.daemon")
 # late call learns why its sandbox is gone instead of "no sandbox".
 EXPIRED_REMEMBERED = 1024
 
+# How long the answer to ``runtimes`` is reused before the runtimes are checked again.
+RUNTIMES_FRESH_S = 60.0
+
 # A one-shot isolate is killed as soon as its answer is written (nothing of it
 # runs on), but its teardown (cgroups, then the pool's next isolate) waits this
 # long: on a small host it otherwise competes for the CPU with the client that
@@ -97,6 +100,8 @@ class Controller:
         self._teardowns: dict[AgentSandbox, tuple[asyncio.TimerHandle, Callable[[AgentSandbox], None]]] = {}
         self._expired: OrderedDict[str, tuple[int, str]] = OrderedDict()  # sandbox id -> (owner uid, why)
         self._closing: set[asyncio.Task[None]] = set()
+        self._runtimes_lock = asyncio.Lock()
+        self._runtimes_seen: tuple[float, list[dict[str, Any]]] | None = None  # when, what ``runtimes`` found
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -563,8 +568,19 @@ class Controller:
         }
 
     async def runtimes(self) -> list[dict[str, Any]]:
-        found = await self._blocking(self.manager.doctor)
-        return [asdict(a) for a in found]
+        """Every runtime and whether it works here, from a check at most RUNTIMES_FRESH_S old.
+
+        A check starts a real sandbox of each runtime (a VM boot for microVM),
+        outside the slots: checked on every request, any local client could
+        have the daemon boot VMs as fast as it can ask. Callers that come during
+        a check wait for that one.
+        """
+        async with self._runtimes_lock:
+            if self._runtimes_seen is None or time.monotonic() - self._runtimes_seen[0] > RUNTIMES_FRESH_S:
+                found = [asdict(a) for a in await self._blocking(self.manager.doctor)]
+                log.info("checked the runtimes: %s", ", ".join(f"{a['name']}={a['available']}" for a in found))
+                self._runtimes_seen = (time.monotonic(), found)
+            return self._runtimes_seen[1]
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is running a sandbox; False if ``timeout`` passed first."""
