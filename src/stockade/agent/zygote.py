@@ -78,7 +78,7 @@ def main(ctl_fd: int) -> None:
             except OSError:
                 raw, fds = b"", []
             if not raw:
-                if os.getppid() != host:
+                if _host_gone(host, wait_s=5.0):
                     built.clean_up()  # the host died; a host that closes us cleans up itself
                 return
             if not fds:
@@ -109,6 +109,22 @@ def main(ctl_fd: int) -> None:
             if spare is not None:
                 spare.discard()
                 spare = None
+
+
+def _host_gone(host: int, wait_s: float) -> bool:
+    """After the host's end of our socket closed: did the host die, or close it on purpose?
+
+    A dying process closes its files before its children get a new parent, so
+    at the end of file the parent may still read as the host for a moment: it
+    is watched for a while. A host that closes the zygote on purpose kills it
+    right after, so the wait costs nothing then.
+    """
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if os.getppid() != host:
+            return True
+        time.sleep(0.005)
+    return False
 
 
 class _Built:
