@@ -279,10 +279,7 @@ class Client(_Requests):
     def _run(
         self, method: str, params: dict[str, Any], timeout: float, on_output: Callable[[str, bytes], None] | None = None
     ) -> ExecResult:
-        result = self._call(method, params, timeout, on_output, _ExecAnswer).result
-        if not isinstance(result, ExecResult):
-            raise StockadeError(f"the daemon's answer to {method} has no result")
-        return result
+        return _exec_result(method, self._call(method, params, timeout, on_output, _ExecAnswer))
 
     def _call(
         self,
@@ -480,10 +477,7 @@ class AsyncClient(_Requests):
     async def _run(
         self, method: str, params: dict[str, Any], timeout: float, on_output: Callable[[str, bytes], None] | None = None
     ) -> ExecResult:
-        result = (await self._call(method, params, timeout, on_output, _ExecAnswer)).result
-        if not isinstance(result, ExecResult):
-            raise StockadeError(f"the daemon's answer to {method} has no result")
-        return result
+        return _exec_result(method, await self._call(method, params, timeout, on_output, _ExecAnswer))
 
     async def _call(
         self,
@@ -604,7 +598,18 @@ class AsyncClient(_Requests):
         return result
 
 
-class RemoteSandbox:
+class _Handle:
+    """What both handles on a held sandbox keep: its id, and whether it was closed."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sandbox_id!r}{', closed' if self.closed else ''})"
+
+
+class RemoteSandbox(_Handle):
     """A sandbox the daemon holds, by its id, with the SDK ``Sandbox``'s methods.
 
     ``close`` is idempotent, and closing a sandbox the daemon already closed
@@ -612,12 +617,8 @@ class RemoteSandbox:
     """
 
     def __init__(self, client: Client, sandbox_id: str) -> None:
+        super().__init__(sandbox_id)
         self.client = client
-        self.sandbox_id = sandbox_id
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"RemoteSandbox({self.sandbox_id!r}{', closed' if self.closed else ''})"
 
     def __enter__(self) -> RemoteSandbox:
         return self
@@ -648,16 +649,12 @@ class RemoteSandbox:
             self.client.close_sandbox(self.sandbox_id)
 
 
-class AsyncRemoteSandbox:
+class AsyncRemoteSandbox(_Handle):
     """``RemoteSandbox`` for an ``AsyncClient``: the same methods, awaited."""
 
     def __init__(self, client: AsyncClient, sandbox_id: str) -> None:
+        super().__init__(sandbox_id)
         self.client = client
-        self.sandbox_id = sandbox_id
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"AsyncRemoteSandbox({self.sandbox_id!r}{', closed' if self.closed else ''})"
 
     async def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
         return await self.client.sandbox_exec(self.sandbox_id, command, **options)
@@ -735,6 +732,13 @@ class _Reply:
         if (failure := _failure(answer)) is not None:
             raise failure
         return answer
+
+
+def _exec_result(method: str, answer: _Answer) -> ExecResult:
+    """A run's answer as its ``ExecResult`` (an answer without one is an error)."""
+    if not isinstance(answer.result, ExecResult):
+        raise StockadeError(f"the daemon's answer to {method} has no result")
+    return answer.result
 
 
 def _failure(answer: _Answer) -> StockadeError | None:

@@ -22,6 +22,7 @@ A malformed value is refused at start with a message naming the variable.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -136,8 +137,9 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
 def _seconds_or_never(env: dict[str, str], name: str, default: float) -> float | None:
     """A positive number of seconds, or None for 0 (never)."""
     raw = env.get(name)
-    if raw is not None and raw.strip() in ("0", "0.0"):
-        return None
+    with contextlib.suppress(ValueError):  # not a number: _float says so, by name
+        if raw is not None and raw.strip() and float(raw) == 0:
+            return None
     return _float(env, name, default)
 
 

@@ -111,8 +111,7 @@ class Controller:
         """Take one of the daemon's sandbox slots for ``uid``: now, after a wait in the
         bounded queue, or not at all ("busy")."""
         self._check_uid_room(uid)
-        if _take_now(self._slots):  # free: no wait_for, whose task costs a loop turn
-            self._per_uid[uid] += 1
+        if self._take_slot_now(uid):  # free: no wait_for, whose task costs a loop turn
             return
         if self._waiting >= self.config.queue_limit:
             raise RequestError(
@@ -134,6 +133,13 @@ class Controller:
             self._slots.release()
             raise
         self._per_uid[uid] += 1
+
+    def _take_slot_now(self, uid: int) -> bool:
+        """Take a slot for ``uid`` in this loop turn; False when none is free or its share is taken."""
+        if not self._uid_has_room(uid) or not _take_now(self._slots):
+            return False
+        self._per_uid[uid] += 1
+        return True
 
     def _uid_has_room(self, uid: int) -> bool:
         cap = self.config.max_sandboxes_per_uid
@@ -241,13 +247,12 @@ class Controller:
         """
         runtime = self.manager.select(job.policy)
         take, dispose = getattr(runtime, "take_warm", None), getattr(runtime, "dispose", None)
-        if take is None or dispose is None or not self._uid_has_room(uid) or not _take_now(self._slots):
+        if take is None or dispose is None or not self._take_slot_now(uid):
             return None  # the awaited path says why, or waits for a slot
         sandbox: AgentSandbox | None = take(job.policy)
         if sandbox is None:
-            self._slots.release()
+            self._release_slot(uid)
             return None
-        self._per_uid[uid] += 1
         sandbox.one_shot = True
         # Named before it starts, so that the result carries the id ``status`` shows.
         execution_id = new_id()
@@ -516,12 +521,9 @@ class Controller:
             held.idle_timer = None
         self.closing[held.sandbox_id] = held  # listed by ``status`` until its slot is free
         try:
-            if held.calls:
-                if interrupt is not None:
-                    held.sandbox.cancel(interrupt)
-                async with held.lock:
-                    await self._blocking(held.sandbox.close)
-            else:
+            if held.calls and interrupt is not None:
+                held.sandbox.cancel(interrupt)
+            async with held.lock:  # a call still reading its agent ends first
                 await self._blocking(held.sandbox.close)
         finally:
             del self.closing[held.sandbox_id]
@@ -707,16 +709,14 @@ def _take_now(slots: asyncio.Semaphore | asyncio.Lock) -> bool:
 def _idle_timeout(params: dict[str, Any], limit: float | None) -> float | None:
     """``sandbox.create``'s ``idle_timeout``: seconds, at most the daemon's own (``limit``),
     which is also the default; None when neither sets one."""
-    value = params.get("idle_timeout")
+    value = _seconds(params, "idle_timeout")
     if value is None:
         return limit
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise RequestError(f"idle_timeout must be a positive number of seconds, not {value!r}")
     if limit is not None and value > limit:
         raise RequestError(
             f"idle_timeout {value:g} s is over this daemon's limit of {limit:g} s (STOCKADE_SANDBOX_IDLE_TIMEOUT)"
         )
-    return float(value)
+    return value
 
 
 def _policy_dict(value: Any) -> dict[str, Any] | None:
@@ -738,11 +738,16 @@ def _stdin(params: dict[str, Any]) -> bytes:
 
 def _timeout(params: dict[str, Any]) -> float | None:
     """A call's own ``timeout``: seconds (the policy's bound still applies), or None."""
-    value = params.get("timeout")
+    return _seconds(params, "timeout")
+
+
+def _seconds(params: dict[str, Any], name: str) -> float | None:
+    """``params[name]`` as a positive, finite number of seconds, or None when absent."""
+    value = params.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise RequestError(f"timeout must be a positive number of seconds, not {value!r}"[:200])
+        raise RequestError(f"{name} must be a positive number of seconds, not {value!r}"[:200])
     return float(value)
 
 
