@@ -711,7 +711,7 @@ class _Reply:
     def take(self, answer: _Answer) -> bool:
         """Take one line; True once it is the answer."""
         output = answer.output
-        if "result" in answer.model_fields_set or not isinstance(output, dict):
+        if not isinstance(output, dict) or "result" in answer.model_fields_set:
             # An error about the connection itself (a refusal) carries no id; anything else must be ours.
             if answer.id != self.msg_id and "id" in answer.model_fields_set and answer.error_code is None:
                 raise StockadeError(f"the daemon answered request {answer.id!r}, not {self.msg_id}")

@@ -127,7 +127,8 @@ def test_an_execute_cancelled_while_its_isolate_starts_is_answered_cancelled(pro
     import asyncio
 
     from stockade.daemon.config import DaemonConfig
-    from stockade.daemon.controller import Controller, RequestError
+    from stockade.daemon.controller import Controller
+    from stockade.daemon.errors import RequestError
 
     async def scenario() -> None:
         controller = Controller(DaemonConfig(pool_size=0))  # no warm isolate: each run starts one in a thread

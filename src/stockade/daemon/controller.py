@@ -16,18 +16,20 @@ import logging
 import math
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import SandboxError, StockadeError
+from ..errors import SandboxError
 from ..policy import Policy, coerce_policy
 from ..result import ExecResult, new_id
 from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
 from ..runtimes.manager import RuntimeManager
 from .config import DaemonConfig
+from .errors import RequestError
+from .slots import Slots
 
 T = TypeVar("T")
 log = logging.getLogger("stockade.daemon")
@@ -44,14 +46,6 @@ RUNTIMES_FRESH_S = 60.0
 # long: on a small host it otherwise competes for the CPU with the client that
 # was just answered, which measured 0.2-0.4 ms slower to wake and read it.
 TEARDOWN_DELAY_S = 0.005
-
-
-class RequestError(StockadeError):
-    """A request the daemon refuses; ``code`` is the machine-readable kind."""
-
-    def __init__(self, message: str, code: str = "invalid_params") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -88,9 +82,9 @@ class Controller:
         self.config = config
         self.manager = manager or RuntimeManager(pool_size=config.pool_size)
         self._pool = ThreadPoolExecutor(max_workers=config.max_sandboxes + 4, thread_name_prefix="stockade-run")
-        self._slots = asyncio.Semaphore(config.max_sandboxes)
-        self._per_uid: Counter[int] = Counter()  # slots each peer uid holds
-        self._waiting = 0
+        self.slots = Slots(
+            config.max_sandboxes, config.max_sandboxes_per_uid, config.queue_limit, config.queue_timeout_s
+        )
         self.held: dict[str, Held] = {}
         self.closing: dict[str, Held] = {}  # held sandboxes being closed (a call of theirs may still run)
         self.running: dict[str, Running] = {}
@@ -106,59 +100,6 @@ class Controller:
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
-
-    async def _take_slot(self, uid: int) -> None:
-        """Take one of the daemon's sandbox slots for ``uid``: now, after a wait in the
-        bounded queue, or not at all ("busy")."""
-        self._check_uid_room(uid)
-        if self._take_slot_now(uid):  # free: no wait_for, whose task costs a loop turn
-            return
-        if self._waiting >= self.config.queue_limit:
-            raise RequestError(
-                f"busy: {self.config.max_sandboxes} sandboxes are running and {self._waiting} requests are waiting",
-                "busy",
-            )
-        self._waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.config.queue_timeout_s)
-        except TimeoutError:
-            raise RequestError(
-                f"busy: no sandbox slot became free within {self.config.queue_timeout_s:g} s", "busy"
-            ) from None
-        finally:
-            self._waiting -= 1
-        try:
-            self._check_uid_room(uid)  # its other requests may have taken the rest of its share meanwhile
-        except RequestError:
-            self._slots.release()
-            raise
-        self._per_uid[uid] += 1
-
-    def _take_slot_now(self, uid: int) -> bool:
-        """Take a slot for ``uid`` in this loop turn; False when none is free or its share is taken."""
-        if not self._uid_has_room(uid) or not _take_now(self._slots):
-            return False
-        self._per_uid[uid] += 1
-        return True
-
-    def _uid_has_room(self, uid: int) -> bool:
-        cap = self.config.max_sandboxes_per_uid
-        return cap is None or self._per_uid[uid] < cap
-
-    def _check_uid_room(self, uid: int) -> None:
-        # One peer must not be able to take every slot: the others would get "busy" until it let go.
-        if not self._uid_has_room(uid):
-            raise RequestError(
-                f"busy: uid {uid} already has {self._per_uid[uid]} sandboxes running or held, "
-                f"its limit (STOCKADE_MAX_SANDBOXES_PER_UID)",
-                "busy",
-            )
-
-    def _release_slot(self, uid: int) -> None:
-        self._slots.release()
-        self._per_uid[uid] -= 1
-        if not self._per_uid[uid]:
-            del self._per_uid[uid]
 
     def _track(self, delta: int) -> None:
         self._inflight += delta
@@ -247,11 +188,11 @@ class Controller:
         """
         runtime = self.manager.select(job.policy)
         take, dispose = getattr(runtime, "take_warm", None), getattr(runtime, "dispose", None)
-        if take is None or dispose is None or not self._take_slot_now(uid):
+        if take is None or dispose is None or not self.slots.take_now(uid):
             return None  # the awaited path says why, or waits for a slot
         sandbox: AgentSandbox | None = take(job.policy)
         if sandbox is None:
-            self._release_slot(uid)
+            self.slots.release(uid)
             return None
         sandbox.one_shot = True
         # Named before it starts, so that the result carries the id ``status`` shows.
@@ -270,7 +211,7 @@ class Controller:
             call = sandbox.start_run(method, request, job.stdin, None, None, None, finish, execution_id)
         except BaseException:
             self._dispose_after_answer(sandbox, dispose)
-            self._release_slot(uid)
+            self.slots.release(uid)
             raise
         self._started(runtime.name, uid, execution_id, sandbox)
 
@@ -310,13 +251,13 @@ class Controller:
         return {"execution_id": execution_id, "cancelled": True}
 
     def _ended(self, execution_id: str) -> None:
-        self._release_slot(self.running.pop(execution_id).owner_uid)
+        self.slots.release(self.running.pop(execution_id).owner_uid)
         self._track(-1)
 
     async def _execute_job(self, job: ExecuteJob, uid: int, on_output: OutputCallback | None = None) -> ExecResult:
         policy = job.policy
         runtime = self.manager.select(policy)
-        await self._take_slot(uid)
+        await self.slots.take(uid)
         execution_id = self._started(runtime.name, uid)
         try:
             # A warm isolate is handed over and spoken to on the event loop itself:
@@ -367,11 +308,11 @@ class Controller:
         policy = coerce_policy(_policy_dict(params.get("policy")))
         idle_timeout = _idle_timeout(params, self.config.sandbox_idle_timeout_s)
         runtime = self.manager.select(policy)
-        await self._take_slot(uid)
+        await self.slots.take(uid)
         try:
             sandbox = await self._blocking(runtime.start, policy)
         except BaseException:
-            self._release_slot(uid)
+            self.slots.release(uid)
             raise
         sandbox_id = "sb-" + secrets.token_hex(8)
         keep = params.get("keep") is True
@@ -527,7 +468,7 @@ class Controller:
                 await self._blocking(held.sandbox.close)
         finally:
             del self.closing[held.sandbox_id]
-            self._release_slot(held.owner_uid)
+            self.slots.release(held.owner_uid)
 
     async def close_connection(self, connection: int) -> None:
         """Close the sandboxes a connection held (not kept ones), each once its call, if any, is done."""
@@ -566,7 +507,7 @@ class Controller:
             "total_count": len(everything),
             "max_sandboxes": self.config.max_sandboxes,
             "max_sandboxes_per_uid": self.config.max_sandboxes_per_uid,
-            "waiting": self._waiting,
+            "waiting": self.slots.waiting,
         }
 
     async def runtimes(self) -> list[dict[str, Any]]:
@@ -689,20 +630,20 @@ def _settle_once(
     return finish
 
 
-def _take_now(slots: asyncio.Semaphore | asyncio.Lock) -> bool:
-    """Take a free slot (or a free lock) in this loop turn, or say there is none.
+def _take_now(lock: asyncio.Lock) -> bool:
+    """Take a free lock in this loop turn, or say it is taken.
 
-    ``acquire`` does not suspend when the semaphore (or lock) is not locked, so
-    its coroutine is run to its end here instead of in a task of its own.
+    ``acquire`` does not suspend when the lock is not locked, so its coroutine
+    is run to its end here instead of in a task of its own.
     """
-    if slots.locked():
+    if lock.locked():
         return False
-    acquire = slots.acquire()
+    acquire = lock.acquire()
     try:
         acquire.send(None)
     except StopIteration:
         return True
-    acquire.close()  # not reached: an unlocked semaphore is acquired without waiting
+    acquire.close()  # not reached: an unlocked lock is acquired without waiting
     return False
 
 

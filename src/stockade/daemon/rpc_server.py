@@ -31,7 +31,8 @@ from ..errors import AgentError, ConfigError, PolicyError, RuntimeUnavailableErr
 from ..protocol import auth, hostjson
 from .config import DaemonConfig
 from .connection import AnswerLog, Connection, Peer, error_answer
-from .controller import Controller, RequestError
+from .controller import Controller
+from .errors import RequestError
 from .ratelimit import SlidingWindowLimiter
 
 log = logging.getLogger("stockade.daemon")

@@ -30,7 +30,7 @@ from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationRe
 if TYPE_CHECKING:
     import asyncio
 
-    from .agent_waits import Deadline
+    from .agent_waits import AgentWaits, Deadline
 
 OutputCallback = Callable[[str, bytes], None]
 
@@ -344,8 +344,6 @@ class AgentSandbox(abc.ABC):
         never before this returns, unless ``abort`` is called first.
         ``execution_id`` is the result's, when the caller has named the run already.
         """
-        import asyncio
-
         run = self._begin_run(params, stdin, env, timeout, on_output, execution_id)
         guard = _CallbackGuard(on_output)
 
@@ -357,7 +355,8 @@ class AgentSandbox(abc.ABC):
                 return
             done(result)
 
-        return self._call_on_loop(asyncio.get_running_loop(), method, run.params, run.wait, guard.callback, answered)
+        running_loop, _ = _loop_tools()
+        return self._call_on_loop(running_loop(), method, run.params, run.wait, guard.callback, answered)
 
     def _settle_run(self, run: _PendingRun, guard: _CallbackGuard, reply: Any) -> ExecResult:
         """The result of a run from the agent's reply, or from the exception that ended the call.
@@ -719,6 +718,18 @@ def _decode(payload: bytes) -> dict[str, Any]:
     return message
 
 
+@functools.cache
+def _loop_tools() -> tuple[Callable[[], asyncio.AbstractEventLoop], Callable[[asyncio.AbstractEventLoop], AgentWaits]]:
+    """``asyncio.get_running_loop`` and ``agent_waits``, imported on first use (the blocking
+    paths never import asyncio) and not again: an import statement in a function is
+    looked up on every call, several µs each time on a host whose caches went cold."""
+    import asyncio
+
+    from .agent_waits import agent_waits
+
+    return asyncio.get_running_loop, agent_waits
+
+
 class _LoopCall:
     """One request to the agent and the wait for its reply, driven by the event loop's callbacks.
 
@@ -759,8 +770,7 @@ class _LoopCall:
         self.restore_blocking = sock.gettimeout() is not None
         if self.restore_blocking:
             sock.setblocking(False)
-        from .agent_waits import agent_waits  # here: the blocking paths never import asyncio
-
+        _, agent_waits = _loop_tools()
         self.waits = agent_waits(loop)
         self.on_readable = self._receive  # one bound method: unwatch() knows it by identity
         self.timer: Deadline | None = None
