@@ -157,7 +157,7 @@ def policy_error(exc: ValidationError) -> PolicyError:
 
 def coerce_policy(policy: Policy | dict[str, Any] | None, **overrides: Any) -> Policy:
     """Accept a Policy, a dict of fields, or None (defaults), plus keyword overrides."""
-    if not policy and not any(v is not None for v in overrides.values()):
+    if not policy and (not overrides or all(v is None for v in overrides.values())):
         if policy is None or policy == {}:
             return default_policy()
     if policy is None:

@@ -174,6 +174,15 @@ def test_nonce_cache_is_bounded() -> None:
     assert len(cache._seen) <= 3
 
 
+def test_nonce_cache_forgets_only_what_its_window_no_longer_accepts() -> None:
+    cache = auth.NonceCache(window_s=30)
+    assert cache.add("a" * 16, now=1000.0)
+    for later in (1000.5, 1030.0, 1059.9):  # refused for twice the window, across sweeps
+        assert not cache.add("a" * 16, now=later)
+    assert cache.add("b" * 16, now=1061.0)  # a sweep is due: "a" is 61 s old
+    assert "a" * 16 not in cache._seen and not cache.add("b" * 16, now=1061.5)
+
+
 def test_rate_limit_is_exact_at_the_boundary(process_runtime: str) -> None:
     d = start_daemon({"STOCKADE_MAX_REQUESTS": "5"})
     try:

@@ -187,7 +187,6 @@ class Connection(asyncio.Protocol):
         try:
             if self._task is not None:
                 await asyncio.gather(self._task, return_exceptions=True)
-            self.server.per_connection.forget(self.number)
             await self.server.controller.close_connection(self.number)
         except Exception:
             log.exception("connection %d: releasing its sandboxes failed", self.number)
@@ -254,7 +253,7 @@ class Connection(asyncio.Protocol):
         if line is _TOO_LARGE:
             self.send(error_answer(None, f"Request too large: over {self.limit} bytes", "invalid_request"))
             return
-        admitted = self.server.admit(line, self.peer, self.number)
+        admitted = self.server.admit(line, self.peer)
         if isinstance(admitted, dict):
             self.send(admitted)
             return

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from ..errors import SandboxError
-from ..policy import Policy, coerce_policy
+from ..policy import Policy, coerce_policy, default_policy
 from ..result import ExecResult, new_id
 from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
 from ..runtimes.manager import RuntimeManager
@@ -67,7 +67,7 @@ class Held:
         return 0.0 if self.calls else max(0.0, now - self.last_used)
 
 
-@dataclass
+@dataclass(slots=True)
 class Running:
     execution_id: str
     runtime: str
@@ -305,7 +305,7 @@ class Controller:
                 self._pool.submit(start.result().close)
 
     async def create(self, params: dict[str, Any], uid: int, connection: int) -> dict[str, Any]:
-        policy = coerce_policy(_policy_dict(params.get("policy")))
+        policy = _policy(params.get("policy"))
         idle_timeout = _idle_timeout(params, self.config.sandbox_idle_timeout_s)
         runtime = self.manager.select(policy)
         await self.slots.take(uid)
@@ -550,7 +550,7 @@ class Controller:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: that doubles its cost to build, per request (docs/performance.md)
 class ExecuteJob:
     """An ``execute`` request's arguments, checked."""
 
@@ -572,11 +572,11 @@ def _job(params: dict[str, Any]) -> ExecuteJob:
     if code is not None and not isinstance(code, str):
         raise RequestError("code must be a string")
     stdin = _stdin(params)
-    policy = coerce_policy(_policy_dict(params.get("policy")))
+    policy = _policy(params.get("policy"))
     return ExecuteJob(policy, command, code, _language(params), stdin)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: that doubles its cost to build, per request (docs/performance.md)
 class HeldRun:
     """A held sandbox's ``exec`` or ``run_code`` request, checked: what goes to its agent."""
 
@@ -660,9 +660,12 @@ def _idle_timeout(params: dict[str, Any], limit: float | None) -> float | None:
     return value
 
 
-def _policy_dict(value: Any) -> dict[str, Any] | None:
-    if value is None or isinstance(value, dict):
-        return value
+def _policy(value: Any) -> Policy:
+    """A request's ``policy``; none (or ``{}``) is the default one, built once."""
+    if value is None or value == {}:
+        return default_policy()
+    if isinstance(value, dict):
+        return coerce_policy(value)
     raise RequestError("policy must be an object of Policy fields")
 
 

@@ -22,7 +22,6 @@ import logging
 import os
 import socket
 import stat
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -48,7 +47,10 @@ class RPCServer:
         self.config = config
         self.controller = controller
         self.nonces = auth.NonceCache(config.replay_window_s)
-        self.per_connection = SlidingWindowLimiter(config.max_requests)
+        # STOCKADE_MAX_REQUESTS holds per connection and per peer uid alike. Every
+        # request a connection makes is also its uid's, under the same limit, so a
+        # uid's window always holds at least what any one of its connections' would:
+        # checking the uid's checks both, for one window's cost per request.
         self.per_uid = SlidingWindowLimiter(config.max_requests)
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[Connection] = set()
@@ -114,7 +116,7 @@ class RPCServer:
 
     # ---- one request ----------------------------------------------------------------
 
-    def admit(self, line: bytes, peer: Peer, connection: int) -> Admitted | dict[str, Any]:
+    def admit(self, line: bytes, peer: Peer) -> Admitted | dict[str, Any]:
         """A request line's method, params and id, or the error answer that refuses it.
 
         In this order: JSON, shape, rate limits, shutdown, authentication, method.
@@ -128,8 +130,7 @@ class RPCServer:
         msg_id = request.get("id")
         if not isinstance(msg_id, (int, str, type(None))) or isinstance(msg_id, bool):
             return error_answer(None, "Invalid request: id must be a number, a string or null", "invalid_request")
-        now = time.monotonic()
-        if not self.per_connection.allow(connection, now) or not self.per_uid.allow(peer.uid, now):
+        if not self.per_uid.allow(peer.uid):
             return error_answer(msg_id, RATE_LIMITED, "rate_limit")
         if self.stopping:
             return error_answer(msg_id, "Shutting down: no new requests", "unavailable")

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import importlib
 import itertools
+import math
 import os
 import secrets
 import time
@@ -130,22 +131,36 @@ def signed_line(request: dict[str, Any], token: str, now: float | None = None) -
 class NonceCache:
     """Nonces seen within the window; bounded, oldest evicted first."""
 
+    # How often the nonces too old to matter are dropped: not on every request,
+    # which would cost each one a walk to the oldest entry.
+    SWEEP_EVERY_S = 1.0
+
     def __init__(self, window_s: float = DEFAULT_WINDOW_S, max_entries: int = 1_000_000) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
         self._seen: OrderedDict[str, float] = OrderedDict()
+        self._sweep_at = -math.inf
 
     def add(self, nonce: str, now: float) -> bool:
         """Record ``nonce``; False if it was already seen (a replay)."""
-        while self._seen:
-            oldest, seen_at = next(iter(self._seen.items()))
-            if now - seen_at <= self.window_s * 2 and len(self._seen) < self.max_entries:
-                break
-            del self._seen[oldest]
-        if nonce in self._seen:
+        seen = self._seen
+        if now >= self._sweep_at or len(seen) >= self.max_entries:
+            self._sweep(now)
+        if nonce in seen:
             return False
-        self._seen[nonce] = now
+        seen[nonce] = now
         return True
+
+    def _sweep(self, now: float) -> None:
+        # A nonce is kept for twice the window: a request is refused by its ts
+        # once it is a window old either way, so none still accepted is forgotten.
+        seen = self._seen
+        while seen:
+            oldest, seen_at = next(iter(seen.items()))
+            if now - seen_at <= self.window_s * 2 and len(seen) < self.max_entries:
+                break
+            del seen[oldest]
+        self._sweep_at = now + self.SWEEP_EVERY_S
 
 
 def verify(
