@@ -129,7 +129,9 @@ class _Requests:
         policy: dict[str, Any] | None,
         stdin: str | bytes | None,
     ) -> tuple[str, dict[str, Any], float]:
-        params: dict[str, Any] = {"policy": policy or {}, "language": language}
+        params: dict[str, Any] = {"language": language}
+        if policy:  # none: the daemon's default policy, with less to sign, send and read
+            params["policy"] = policy
         if command is not None:
             params["command"] = list(command)
         if code is not None:
