@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from ..errors import SandboxError
-from ..policy import Policy, coerce_policy, default_policy
+from ..policy import Policy, coerce_policy
 from ..result import ExecResult, new_id
 from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
 from ..runtimes.manager import RuntimeManager
@@ -661,10 +661,8 @@ def _idle_timeout(params: dict[str, Any], limit: float | None) -> float | None:
 
 
 def _policy(value: Any) -> Policy:
-    """A request's ``policy``; none (or ``{}``) is the default one, built once."""
-    if value is None or value == {}:
-        return default_policy()
-    if isinstance(value, dict):
+    """A request's ``policy`` (none, or ``{}``, is the default one: ``coerce_policy`` says so)."""
+    if value is None or isinstance(value, dict):
         return coerce_policy(value)
     raise RequestError("policy must be an object of Policy fields")
 
