@@ -25,6 +25,3 @@ class SlidingWindowLimiter:
             return False
         events.append(now)
         return True
-
-    def forget(self, key: object) -> None:
-        self._events.pop(key, None)
