@@ -1,0 +1,36 @@
+"""What stockade reads from a runsc build: the platforms it offers (``runsc flags``), the date it was cut."""
+
+from __future__ import annotations
+
+from stockade.runtimes.gvisor import STATX_BROKEN_UNTIL, build_date, platforms_from_flags
+
+# The -platform lines of `runsc flags`, as two builds print them.
+DEBIAN_12 = """  -platform string
+    \tspecifies which platform to use: ptrace (default), kvm. (default "ptrace")
+  -platform_device_path string
+"""
+BACKPORTS_2024 = """  -platform string
+    \tspecifies which platform to use: systrap (default), ptrace, kvm. (default "systrap")
+  -platform_device_path string
+"""
+
+
+def test_each_build_lists_its_own_platforms() -> None:
+    assert platforms_from_flags(DEBIAN_12) == ["ptrace", "kvm"]
+    assert platforms_from_flags(BACKPORTS_2024) == ["systrap", "ptrace", "kvm"]
+
+
+def test_unknown_platforms_and_unreadable_help_leave_ptrace() -> None:
+    # A platform stockade does not know is not probed; help it cannot read leaves the one every build has.
+    future = BACKPORTS_2024.replace("systrap (default)", "warp (default), systrap")
+    assert platforms_from_flags(future) == ["systrap", "ptrace", "kvm"]
+    assert platforms_from_flags("") == ["ptrace"]
+    assert platforms_from_flags("  -platform_device_path string\n") == ["ptrace"]
+
+
+def test_build_dates_from_versions() -> None:
+    assert build_date("0.0~20221219.0") == 20221219 <= STATX_BROKEN_UNTIL  # Debian 12's own: ls and stat fail
+    assert build_date("0.0~20240729.0") == 20240729 > STATX_BROKEN_UNTIL  # bookworm-backports
+    assert build_date("release-20231009.0") == 20231009
+    assert build_date("unknown") is None
+    assert build_date("0.0~202407291.0") is None  # nine digits are no date
