@@ -11,7 +11,7 @@ export DEBIAN_FRONTEND=noninteractive
 # only that package is taken from backports (-t; backports is never preferred
 # otherwise). docs/runtime-gvisor.md.
 RUNSC_MIN="0.0~20240729"
-codename="$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")"
+codename="$( (. /etc/os-release && echo "${VERSION_CODENAME:-}") 2>/dev/null || true)"
 runsc_from_backports() {
   [ "$codename" = bookworm ] || return 1
   local have
