@@ -533,15 +533,16 @@ def _probe_platform(runsc: str, root: str, platform: str) -> float | None:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
             try:
-                if proc.wait(timeout=PLATFORM_PROBE_TIMEOUT_S) != 0:
-                    return None
+                status = proc.wait(timeout=PLATFORM_PROBE_TIMEOUT_S)
+                elapsed = (time.monotonic() - started) * 1000
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return None
             finally:
-                _runsc_delete(root, container_id)
-            elapsed = (time.monotonic() - started) * 1000
+                _runsc_delete(root, container_id)  # not timed: the same for every platform
+            if status != 0:
+                return None
             best = elapsed if best is None else min(best, elapsed)
         return best
     finally:
