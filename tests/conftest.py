@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sys
 import threading
@@ -81,6 +82,27 @@ def _v2_guard(pid: int) -> Iterator[None]:
                 pass
 
 
+_GUARD_NAME = re.compile(r"stockade-test-guard-(\d+)$")
+
+
+def _sweep_dead_guards(parent: str) -> None:
+    """Remove the guards of sessions that were killed (a timeout, SIGKILL) before they
+    could remove their own: those named after a pid that is gone, innermost groups
+    first. A group that still holds a process stays (rmdir refuses it)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        match = _GUARD_NAME.match(name)
+        if match is None or os.path.exists(f"/proc/{match.group(1)}"):
+            continue
+        groups = [path for path, _, _ in os.walk(os.path.join(parent, name))]
+        for group in sorted(groups, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(group)
+
+
 def _remove_leftovers(where: str) -> None:
     """Isolate groups still under the guard when the session ends: each is a leak
     stockade should not have, so say so (on stderr, not as a failure of the last
@@ -107,6 +129,7 @@ def outer_guard() -> Iterator[None]:
     of taking the machine down.
     """
     if os.getuid() == 0 and _pure_v2() and not os.environ.get("STOCKADE_CGROUP_PARENT"):
+        _sweep_dead_guards("/sys/fs/cgroup")
         yield from _v2_guard(os.getpid())
         return
     made: list[tuple[str, str]] = []
@@ -118,6 +141,7 @@ def outer_guard() -> Iterator[None]:
             base = _own_v1_dir(controller)
             if base is None:
                 continue
+            _sweep_dead_guards(base)
             guard = os.path.join(base, f"stockade-test-guard-{os.getpid()}")
             try:
                 os.makedirs(guard, exist_ok=True)
