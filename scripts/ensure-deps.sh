@@ -19,13 +19,13 @@ runsc_from_backports() {
   [ -z "$have" ] || ! dpkg --compare-versions "$have" ge "$RUNSC_MIN"
 }
 
-missing=()
-for p in "${PKGS[@]}"; do
-  [ "$p" = runsc ] && runsc_from_backports && continue
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
 backports=0
 runsc_from_backports && backports=1
+missing=()
+for p in "${PKGS[@]}"; do
+  [ "$p" = runsc ] && [ $backports -eq 1 ] && continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
 [ ${#missing[@]} -eq 0 ] && [ $backports -eq 0 ] && exit 0
 
 if [ $backports -eq 1 ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then

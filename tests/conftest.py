@@ -18,7 +18,7 @@ import pytest
 
 from stockade.runtimes.base import Availability
 from stockade.runtimes.manager import RuntimeManager
-from stockade.runtimes.process.cgroups import _own_cgroups, detect_layout
+from stockade.runtimes.process.cgroups import _own_cgroups, detect_layout, pid_alive
 
 GUARD_MEMORY = 6 * 1024**3
 GUARD_PIDS = 4096
@@ -95,7 +95,7 @@ def _sweep_dead_guards(parent: str) -> None:
         return
     for name in names:
         match = _GUARD_NAME.match(name)
-        if match is None or os.path.exists(f"/proc/{match.group(1)}"):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         groups = [path for path, _, _ in os.walk(os.path.join(parent, name))]
         for group in sorted(groups, key=len, reverse=True):

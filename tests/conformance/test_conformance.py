@@ -212,8 +212,7 @@ def test_common_tools_work(sb: Sandbox, request: pytest.FixtureRequest) -> None:
 
 def _runsc_statx_broken() -> bool:
     runsc = gvisor.runsc_binary()
-    built = gvisor.build_date(gvisor._runsc_version(runsc)) if runsc else None
-    return built is not None and built <= gvisor.STATX_BROKEN_UNTIL
+    return runsc is not None and gvisor.statx_broken(gvisor._runsc_version(runsc))
 
 
 def test_an_output_callback_that_raises_leaves_the_sandbox_usable(runtime: str, manager: RuntimeManager) -> None:

@@ -263,8 +263,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             return Availability(self.name, False, self.isolation, str(exc))
         version = _runsc_version(runsc)
         details = {"runsc": runsc, "platform": platform, "version": version}
-        built = build_date(version)
-        if built is not None and built <= STATX_BROKEN_UNTIL:
+        if statx_broken(version):
             details["known_issue"] = STATX_ISSUE
         return self._probe(details)
 
@@ -448,6 +447,12 @@ def build_date(version: str) -> int | None:
     "release-20240729.0"); None when the version names none."""
     match = re.search(r"(?<!\d)(20\d{6})(?!\d)", version)
     return int(match.group(1)) if match else None
+
+
+def statx_broken(version: str) -> bool:
+    """Whether this runsc build fails statx with AT_NO_AUTOMOUNT, so that ls and stat fail inside."""
+    built = build_date(version)
+    return built is not None and built <= STATX_BROKEN_UNTIL
 
 
 def _platform_cache() -> str:
