@@ -1,10 +1,21 @@
 """Build one isolate of the process runtime, then become its agent.
 
 Runs in a child freshly forked from the zygote (stdlib only, single-threaded).
-The whole confinement sequence reads top to bottom in ``start_isolate`` (after
-nsjail's ``containProc``): cgroup -> drop to the sandbox uid -> namespaces ->
-(fork into the pid namespace) -> mounts and pivot_root -> hostname and network
--> rlimits -> capabilities -> no_new_privs -> Landlock -> seccomp -> agent.
+The whole confinement sequence reads top to bottom (after nsjail's
+``containProc``): cgroup -> drop to the sandbox uid -> namespaces -> (fork
+into the pid namespace) -> the new root -> **exec a fresh interpreter** ->
+the policy's mounts and pivot's end -> hostname and network -> rlimits ->
+capabilities -> no_new_privs -> Landlock -> seccomp -> agent.
+
+Why the exec: a forked child holds a copy of everything its parent ever held
+(the zygote's environment block on its stack, freed heap) and shares its
+address-space layout and stack canary with every other isolate. The exec
+leaves the isolate's agent, and every runner it forks, a memory of its own:
+nothing of the zygote, a fresh ASLR layout, a fresh canary. The agent's
+code is copied into the new root (``/.stockade``) so that nothing inside
+names the host's install path. The zygote's spare does all of this ahead of
+time (``prepare_root`` and the exec need no policy), so only an isolate built
+without a spare pays for the interpreter's start.
 
 Messages to the host on the agent socket before the agent speaks JSON-RPC:
   b"P" + u32 pid   the isolate's init, as the host's pid namespace sees it
@@ -15,28 +26,35 @@ Messages to the host on the agent socket before the agent speaks JSON-RPC:
 
 from __future__ import annotations
 
-import base64
-import json
+import binascii
 import os
 import resource
 import socket
 import struct
 import sys
-import traceback
-from typing import Any
 
-from . import linux, server, wire
+from . import jsoncodec, linux, server, wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 INNER_UID = 1000
 INNER_GID = 1000
+# Where the agent's code lives inside an isolate (a copy: see prepare_root).
+AGENT_HOME = "/.stockade"
+# The fresh interpreter's program: neutral words only, /proc/1/cmdline shows them.
+_BOOT = f"import sys; sys.path.insert(0, {AGENT_HOME!r}); from agent import confine; confine.main()"
 
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _READ_EXEC = linux.LL_READ_FILE | linux.LL_READ_DIR | linux.LL_EXECUTE
+_OLD_ROOT = "/.oldroot"
 
 
-def start_isolate(config: dict[str, Any], conn: socket.socket) -> None:
-    """Never returns: ends with ``os._exit``."""
+def start_isolate(raw: bytes, conn: socket.socket, agent_files: dict[str, bytes]) -> None:
+    """Build an isolate from its config ``raw`` without a spare. Never returns: ends with exec or ``os._exit``."""
     try:
+        config = decode_config(raw)
         join_cgroups(config["cgroup_procs"])
         enter_namespaces(config.get("outer_uid"), config.get("outer_gid"))
         sync_r, sync_w = os.pipe()
@@ -52,7 +70,16 @@ def start_isolate(config: dict[str, Any], conn: socket.socket) -> None:
     os.close(sync_w)
     os.read(sync_r, 1)  # wait until the "P" message is out, so it precedes ours
     os.close(sync_r)
-    become_init(config, conn)
+    try:
+        prepare_root(agent_files)
+        # The fresh interpreter takes its config and agent socket as a spare's does.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        socket.send_fds(ours, [raw], [conn.fileno()])
+        ours.close()
+        exec_agent(theirs.fileno(), announce=False)
+    except BaseException as exc:  # noqa: BLE001
+        _report_failure(conn, "root", exc)
+        os._exit(1)
 
 
 def enter_namespaces(outer_uid: int | None, outer_gid: int | None) -> None:
@@ -65,11 +92,80 @@ def enter_namespaces(outer_uid: int | None, outer_gid: int | None) -> None:
     _unshare_namespaces()
 
 
+def prepare_root(agent_files: dict[str, bytes]) -> None:
+    """As pid 1 of the new pid namespace, before the config: the parts of the new
+    root that no policy changes, with the agent's code copied in. The host's
+    root stays reachable at /.oldroot until ``_finish_root``."""
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    # The new root is a small tmpfs; only this namespace sees it on /tmp.
+    linux.mount("tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4m,mode=0755")
+    os.mkdir("/tmp" + _OLD_ROOT)
+    linux.pivot_root("/tmp", "/tmp" + _OLD_ROOT)
+    os.chdir("/")
+    old = _OLD_ROOT
+
+    for name in ("usr", "proc", "dev", "tmp", "work", "etc"):
+        os.mkdir("/" + name, 0o755)
+    _bind(old + "/usr", "/usr", writable=False)
+    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
+        host = f"{old}/{name}"
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), "/" + name)
+        elif os.path.isdir(host):
+            os.mkdir("/" + name, 0o755)
+            _bind(host, "/" + name, writable=False)
+
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    _make_dev(old)
+    for path, data in agent_files.items():
+        full = f"{AGENT_HOME}/{path}"
+        os.makedirs(os.path.dirname(full), mode=0o755, exist_ok=True)
+        _write_bytes(full, data)
+
+
+def exec_agent(fd: int, announce: bool) -> None:
+    """Replace this forked copy of the zygote by a fresh interpreter running ``main``.
+
+    Its only descriptor is ``fd``, on which the config and the agent socket
+    arrive (``announce``: say "ready" there first, for the spare that waits on
+    it); its environment is empty. Every capability of the isolate's user
+    namespace is kept across the exec (ambient), since the policy's mounts are
+    still to come; ``_confine_as_init`` drops them all.
+    """
+    linux.keep_capabilities_across_exec()
+    os.set_inheritable(fd, True)
+    argv = [sys.executable, "-I", "-c", _BOOT, str(fd), "1" if announce else "0"]
+    os.execve(sys.executable, argv, {})  # noqa: S606 - our own interpreter, no shell
+
+
+def main() -> None:
+    """The fresh interpreter of an isolate: wait for the config, then confine and serve. Never returns."""
+    try:
+        # A fresh exec is dumpable again; nothing of the sandbox's uid may attach to it.
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+        channel = socket.socket(fileno=int(sys.argv[1]))
+        if sys.argv[2] == "1":
+            channel.sendall(b"ready")
+        raw, fds, _flags, _addr = socket.recv_fds(channel, CONFIG_MAX, 1)
+        channel.close()
+        if not raw or len(fds) != 1:
+            os._exit(0)  # a discarded spare (EOF)
+        conn = socket.socket(fileno=fds[0])
+    except BaseException:  # noqa: BLE001
+        os._exit(1)
+    try:
+        config = decode_config(raw)
+    except BaseException as exc:  # noqa: BLE001
+        _report_failure(conn, "config", exc)
+        os._exit(1)
+    become_init(config, conn)
+
+
 def become_init(config: dict[str, Any], conn: socket.socket) -> None:
     """As pid 1 of the new pid namespace: confine, then serve as the agent. Never returns."""
     try:
         listener = _confine_as_init(config, conn)
-        server.freeze_heap()  # what confinement loaded, too (the zygote froze the rest)
+        server.freeze_heap()  # what confinement loaded, too
         agent = server.Agent(conn, config.get("base_env") or {})
         if config.get("warm", True):
             # Fork and warm the first runner before saying ready, so that a pooled
@@ -88,8 +184,8 @@ def become_init(config: dict[str, Any], conn: socket.socket) -> None:
 
 
 def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:
-    """Everything after the pid namespace; returns the seccomp listener fd."""
-    _mount_new_root(config)
+    """Everything after the exec; returns the seccomp listener fd."""
+    _finish_root(config)
     linux.sethostname(config.get("hostname", "stockade"))
     if config.get("network") == "loopback":
         _bring_up_loopback()
@@ -102,7 +198,7 @@ def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:
         _apply_landlock(abi, config)
     # Not dumpable: code in the isolate (same uid) cannot open /proc/1/mem or fds.
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
-    listener = linux.seccomp_install_listener(base64.b64decode(config["seccomp_bpf"]))
+    listener = linux.seccomp_install_listener(binascii.a2b_base64(config["seccomp_bpf"]))
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -154,33 +250,13 @@ def _unshare_namespaces() -> None:
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
 
 
-def _mount_new_root(config: dict[str, Any]) -> None:
-    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    # The new root is a small tmpfs; only this namespace sees it on /tmp.
-    linux.mount("tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4m,mode=0755")
-    os.mkdir("/tmp/.oldroot")
-    linux.pivot_root("/tmp", "/tmp/.oldroot")
-    os.chdir("/")
-    old = "/.oldroot"
-
-    for name in ("usr", "proc", "dev", "tmp", "work", "etc"):
-        os.mkdir("/" + name, 0o755)
-    _bind(old + "/usr", "/usr", writable=False)
-    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
-        host = f"{old}/{name}"
-        if os.path.islink(host):
-            os.symlink(os.readlink(host), "/" + name)
-        elif os.path.isdir(host):
-            os.mkdir("/" + name, 0o755)
-            _bind(host, "/" + name, writable=False)
-
-    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    _make_dev(old)
+def _finish_root(config: dict[str, Any]) -> None:
+    """The policy's part of the new root; then the host's root goes and / turns read-only."""
+    old = _OLD_ROOT
     _make_scratch(int(config.get("scratch_mb") or 64))
     _make_etc(old, config)
     for mount in config.get("mounts") or []:
         _bind_extra(old, mount)
-
     linux.umount2(old, linux.MNT_DETACH)
     os.rmdir(old)
     linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
@@ -349,6 +425,8 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 
 def _report_failure(conn: socket.socket, stage: str, exc: BaseException) -> None:
+    import traceback
+
     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     try:
         conn.sendall(b"E" + wire.encode_message({"error": f"{stage}: {detail}"}))
@@ -357,8 +435,11 @@ def _report_failure(conn: socket.socket, stage: str, exc: BaseException) -> None
     print(f"stockade isolate setup failed in {stage}: {detail}", file=sys.stderr)
 
 
+CONFIG_MAX = 1 << 20
+
+
 def decode_config(raw: bytes) -> dict[str, Any]:
-    config = json.loads(raw)
+    config = jsoncodec.loads(raw)
     if not isinstance(config, dict):
         raise ValueError("isolate config must be a JSON object")
     return config

@@ -56,7 +56,9 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_V3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
 
 # x86_64 syscall numbers of calls without a libc wrapper we can rely on.
 _NR_PIVOT_ROOT = 155
@@ -118,9 +120,26 @@ def drop_all_capabilities() -> None:
         cap += 1
     _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
     # struct __user_cap_header_struct {u32 version; int pid}; version 3 = 64-bit sets.
-    header = struct.pack("Ii", 0x20080522, 0)
+    header = struct.pack("Ii", _CAP_V3, 0)
     data = bytes(24)  # two zeroed {effective, permitted, inheritable} u32 triples
     _check(_libc.capset(header, data), "capset")
+
+
+def keep_capabilities_across_exec() -> None:
+    """Make every permitted capability inheritable and ambient, so that it survives execve.
+
+    An exec as a non-root uid would otherwise empty the permitted set; the
+    capabilities meant here are those of the isolate's own user namespace.
+    """
+    header = ctypes.create_string_buffer(struct.pack("Ii", _CAP_V3, 0), 8)
+    data = ctypes.create_string_buffer(24)
+    _check(_libc.capget(header, data), "capget")
+    eff0, perm0, _inh0, eff1, perm1, _inh1 = struct.unpack("6I", data.raw)
+    _check(_libc.capset(header, struct.pack("6I", eff0, perm0, perm0, eff1, perm1, perm1)), "capset")
+    permitted = perm0 | (perm1 << 32)
+    for cap in range(64):
+        if permitted >> cap & 1:
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
 
 
 def seccomp_install_listener(program: bytes) -> int:

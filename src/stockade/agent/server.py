@@ -43,6 +43,8 @@ else:  # the C modules behind signal and socket: their Python wrappers import en
     import _signal as signal
     import _socket as socket
 
+# The directory the agent's package was imported from (its copy inside the isolate).
+AGENT_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READ_CHUNK = 65536
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 # After the main process exits, how long to keep reading output that a
@@ -638,6 +640,8 @@ def _exec_python_source(code: str) -> int:
     main.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main
     sys.argv = ["-c"]
+    # As ``python3 -I -c`` has it: nothing of the agent's own on the path.
+    sys.path[:] = [entry for entry in sys.path if entry != AGENT_HOME]
     status = 0
     try:
         exec(compile(code, "<string>", "exec"), main.__dict__)  # noqa: S102 - inside the isolate, by design
@@ -649,10 +653,10 @@ def _exec_python_source(code: str) -> int:
         else:
             print(exc.code, file=sys.stderr)
             status = 1
-    except BaseException:  # noqa: BLE001 - report like the interpreter does
-        import traceback
-
-        traceback.print_exc()
+    except BaseException as exc:  # noqa: BLE001 - report like the interpreter does
+        # The code's frames only, as the interpreter prints them: not this function's.
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
         status = 1
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -1,13 +1,14 @@
 """The process runtime's zygote: an interpreter that has paid start-up once.
 
-The host starts it as ``/usr/bin/python3 -I`` with a SOCK_SEQPACKET control
-socket whose fd number is its argument. Each message is an isolate config (JSON) with one descriptor
-attached: the isolate's end of its agent socket. The zygote forks; the child
-builds the isolate (``confine.start_isolate``) and becomes its agent without an
-exec, so an isolate costs a fork and the confinement syscalls, never an
-interpreter start. A message without a descriptor, ``{"op": "prepare", ...}``,
-asks for the next child ahead of time (``_Spare``): the policy-independent
-steps (cgroups, sandbox uid, namespaces, the fork into the pid namespace) are
+The host starts it as ``/usr/bin/python3 -I`` with an empty environment and a
+SOCK_SEQPACKET control socket whose fd number is its argument. Each message is
+an isolate config (JSON) with one descriptor attached: the isolate's end of its
+agent socket. The zygote forks; the child builds the isolate
+(``confine.start_isolate``), which execs a fresh interpreter once its new root
+is ready (see confine.py for why). A message without a descriptor,
+``{"op": "prepare", ...}``, asks for the next child ahead of time (``_Spare``):
+the policy-independent steps (cgroups, sandbox uid, namespaces, the fork into
+the pid namespace, the new root, the exec and the interpreter's start) are
 then done before the isolate is asked for.
 
 The zygote is single-threaded (fork-safe), a child subreaper (it reaps every
@@ -23,11 +24,13 @@ import contextlib
 import errno
 import gc
 import os
+import py_compile
 import select
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 
 from . import confine, linux
@@ -36,7 +39,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-CONFIG_MAX = 1 << 20
+CONFIG_MAX = confine.CONFIG_MAX
+# The modules an isolate's fresh interpreter imports (copied into each isolate).
+AGENT_MODULES = ("__init__", "confine", "jsoncodec", "linux", "server", "wire")
 
 
 def main(ctl_fd: int) -> None:
@@ -54,8 +59,9 @@ def main(ctl_fd: int) -> None:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     built = _Built()
-    # Everything imported so far is shared with every isolate: keep the
-    # collector from touching (and so copying) those pages after fork.
+    agent_files = _agent_files()
+    # Everything imported so far is shared with the builders until they exec:
+    # keep the collector from touching (and so copying) those pages after fork.
     gc.freeze()
     spare: _Spare | None = None
     dead_spares = 0
@@ -90,7 +96,7 @@ def main(ctl_fd: int) -> None:
                 if request is not None:
                     built.note(request["cgroup_procs"])
                 usable = request is not None and dead_spares < DEAD_SPARES_TO_STOP
-                spare = _fork_spare(ctl, (wake_r, wake_w), request) if usable and request else None
+                spare = _fork_spare(ctl, (wake_r, wake_w), request, agent_files) if usable and request else None
                 continue
             if len(fds) != 1:
                 for fd in fds:
@@ -102,13 +108,40 @@ def main(ctl_fd: int) -> None:
                 if spare is not None and spare.died:
                     dead_spares += 1
                 built.note_config(raw)
-                _spawn(ctl, raw, fds[0], (wake_r, wake_w))
+                _spawn(ctl, raw, fds[0], (wake_r, wake_w), agent_files)
             else:
                 dead_spares = 0
             os.close(fds[0])
             if spare is not None:
                 spare.discard()
                 spare = None
+
+
+def _agent_files() -> dict[str, bytes]:
+    """The agent's modules as an isolate gets them: source, and bytecode compiled once here.
+
+    Inside, they live under ``confine.AGENT_HOME``; the bytecode names that
+    path (tracebacks and ``__file__`` never show the host's install path) and
+    is unchecked-hash, so the read-only copy is used as it is.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    tag = sys.implementation.cache_tag
+    files: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="stockade-agent-") as scratch:
+        for name in AGENT_MODULES:
+            with open(os.path.join(here, name + ".py"), "rb") as f:
+                files[f"agent/{name}.py"] = f.read()
+            compiled = os.path.join(scratch, name + ".pyc")
+            py_compile.compile(
+                os.path.join(here, name + ".py"),
+                cfile=compiled,
+                dfile=f"{confine.AGENT_HOME}/agent/{name}.py",
+                doraise=True,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+            )
+            with open(compiled, "rb") as f:
+                files[f"agent/__pycache__/{name}.{tag}.pyc"] = f.read()
+    return files
 
 
 def _host_gone(host: int, wait_s: float) -> bool:
@@ -252,7 +285,9 @@ def _prepare_request(raw: bytes) -> dict[str, Any] | None:
     return {"cgroup_procs": procs, "outer_uid": uid, "outer_gid": gid}
 
 
-def _fork_spare(ctl: socket.socket, wake_fds: tuple[int, int], request: dict[str, Any]) -> _Spare | None:
+def _fork_spare(
+    ctl: socket.socket, wake_fds: tuple[int, int], request: dict[str, Any], agent_files: dict[str, bytes]
+) -> _Spare | None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     zygote = os.getpid()
     try:
@@ -263,13 +298,18 @@ def _fork_spare(ctl: socket.socket, wake_fds: tuple[int, int], request: dict[str
         return None
     if pid == 0:
         ours.close()
-        _spare_main(ctl, wake_fds, theirs, request, zygote)
+        _spare_main(ctl, wake_fds, theirs, request, zygote, agent_files)
     theirs.close()
     return _Spare(pid, ours, request)
 
 
 def _spare_main(
-    ctl: socket.socket, wake_fds: tuple[int, int], theirs: socket.socket, request: dict[str, Any], zygote: int
+    ctl: socket.socket,
+    wake_fds: tuple[int, int],
+    theirs: socket.socket,
+    request: dict[str, Any],
+    zygote: int,
+    agent_files: dict[str, bytes],
 ) -> None:
     """The spare, outside the new pid namespace: never returns."""
     try:
@@ -284,20 +324,21 @@ def _spare_main(
     except BaseException:  # noqa: BLE001 - the zygote builds the usual way (and reports) when a spare is gone
         os._exit(1)
     if init == 0:
-        # pid 1 of the new pid namespace: wait for the isolate's config and agent socket.
+        # pid 1 of the new pid namespace: the new root, then a fresh interpreter
+        # that says "ready" and waits for the isolate's config and agent socket.
         try:
             theirs.close()
             to_init.close()
-            raw, fds, _flags, _addr = socket.recv_fds(from_spare, CONFIG_MAX, 1)
-            if not raw or len(fds) != 1:
-                os._exit(0)  # the spare was discarded (EOF)
-            from_spare.close()
-            conn = socket.socket(fileno=fds[0])
-        except BaseException:  # noqa: BLE001
-            os._exit(1)
-        confine.become_init(_config_or_exit(raw, conn), conn)
+            confine.prepare_root(agent_files)
+            confine.exec_agent(from_spare.fileno(), announce=True)
+        finally:
+            os._exit(1)  # only reached when the exec failed: the spare sees it as never ready
     from_spare.close()
     try:
+        # A spare whose init failed is gone before it takes a config, so the
+        # zygote builds that isolate the usual way.
+        if to_init.recv(16) != b"ready":
+            os._exit(1)
         raw, fds, _flags, _addr = socket.recv_fds(theirs, CONFIG_MAX, 1)
         if not raw or len(fds) != 1:
             os._exit(0)
@@ -309,14 +350,16 @@ def _spare_main(
     os._exit(0)
 
 
-def _spawn(ctl: socket.socket, raw: bytes, agent_fd: int, wake_fds: tuple[int, int]) -> None:
+def _spawn(
+    ctl: socket.socket, raw: bytes, agent_fd: int, wake_fds: tuple[int, int], agent_files: dict[str, bytes]
+) -> None:
     pid = os.fork()
     if pid == 0:
         try:
             _become_builder(ctl, wake_fds)
         except BaseException:  # noqa: BLE001
             os._exit(1)
-        _build(raw, agent_fd)
+        confine.start_isolate(raw, socket.socket(fileno=agent_fd), agent_files)
 
 
 def _become_builder(ctl: socket.socket, wake_fds: tuple[int, int]) -> None:
@@ -328,20 +371,6 @@ def _become_builder(ctl: socket.socket, wake_fds: tuple[int, int]) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the zygote's own handler is not the isolate's
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 0)
-
-
-def _build(raw: bytes, agent_fd: int) -> None:
-    conn = socket.socket(fileno=agent_fd)
-    confine.start_isolate(_config_or_exit(raw, conn), conn)
-
-
-def _config_or_exit(raw: bytes, conn: socket.socket) -> dict[str, Any]:
-    """The isolate's config; a bad one is reported to the host and ends this child."""
-    try:
-        return confine.decode_config(raw)
-    except BaseException as exc:  # noqa: BLE001
-        confine._report_failure(conn, "config", exc)
-        os._exit(1)
 
 
 def _reap() -> None:

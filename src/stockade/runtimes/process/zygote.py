@@ -27,8 +27,11 @@ class Zygote:
         try:
             # The zygote must be the system interpreter: after pivot_root only /usr is
             # visible, and code run in the isolate imports the stdlib from there.
+            # Its environment is empty: nothing of the caller's (secrets included)
+            # is ever in the memory that isolates are built from.
             self.proc = subprocess.Popen(
                 [python, "-I", "-c", _BOOT, str(child.fileno())],
+                env={},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
