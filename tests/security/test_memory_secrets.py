@@ -25,6 +25,7 @@ import pytest
 
 import stockade
 from stockade.client import Client
+from stockade.runtimes.hosted import HostedSandbox
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 from tests.daemon_harness import start_daemon
@@ -184,3 +185,21 @@ def test_the_host_install_path_is_not_visible_inside(process_runtime: str) -> No
     assert "site-packages/stockade" not in seen and "/src/stockade" not in seen
     assert 'File "<string>", line 6' in result.stderr
     assert "agent/server.py" not in result.stderr  # the agent's own frames are not the code's
+
+
+@pytest.mark.parametrize("runtime", ["gvisor", "microvm"])
+def test_the_programs_that_hold_an_isolate_start_without_the_callers_environment(
+    runtime: str, host_secret: str, fresh_manager: RuntimeManager
+) -> None:
+    """runsc and QEMU hold the isolate's memory: a program that escaped into
+    them must not find the caller's secrets there either."""
+    require(runtime)
+    sandbox = fresh_manager.get(runtime).start(stockade.Policy())
+    try:
+        assert isinstance(sandbox, HostedSandbox)
+        with open(f"/proc/{sandbox.proc.pid}/environ", "rb") as f:
+            environ = f.read()
+        assert b"PATH=" in environ
+        assert host_secret.encode() not in environ
+    finally:
+        sandbox.close()

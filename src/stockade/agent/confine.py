@@ -133,6 +133,10 @@ def exec_agent(fd: int, announce: bool) -> None:
     still to come; ``_confine_as_init`` drops them all.
     """
     linux.keep_capabilities_across_exec()
+    # Nothing else crosses: a descriptor the zygote received without CLOEXEC
+    # (SCM_RIGHTS sets none) would reach every command the agent starts.
+    os.closerange(3, fd)
+    os.closerange(fd + 1, 1 << 20)
     os.set_inheritable(fd, True)
     argv = [sys.executable, "-I", "-c", _BOOT, str(fd), "1" if announce else "0"]
     os.execve(sys.executable, argv, {})  # noqa: S606 - our own interpreter, no shell

@@ -23,6 +23,9 @@ from .base import AgentSandbox, IsolateUsage
 from .process.cgroups import IsolateCgroup
 
 
+PROGRAM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
 def spawn_in_cgroup(
     cmd: list[str],
     cgroup: IsolateCgroup | None,
@@ -36,6 +39,7 @@ def spawn_in_cgroup(
     joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
     return subprocess.Popen(
         ["/bin/sh", "-c", f'{joins} exec "$@"', label, *cmd],
+        env=PROGRAM_ENV,  # nothing of the caller's environment (a daemon's token, say) in runsc's or QEMU's memory
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
