@@ -22,7 +22,6 @@ from ..policy import Policy
 from .base import AgentSandbox, IsolateUsage
 from .process.cgroups import IsolateCgroup
 
-
 PROGRAM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
