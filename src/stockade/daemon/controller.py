@@ -190,7 +190,11 @@ class Controller:
         take, dispose = getattr(runtime, "take_warm", None), getattr(runtime, "dispose", None)
         if take is None or dispose is None or not self.slots.take_now(uid):
             return None  # the awaited path says why, or waits for a slot
-        sandbox: AgentSandbox | None = take(job.policy)
+        try:
+            sandbox: AgentSandbox | None = take(job.policy)
+        except BaseException:  # a limit the host refused at hand-over: the slot goes back
+            self.slots.release(uid)
+            raise
         if sandbox is None:
             self.slots.release(uid)
             return None

@@ -109,6 +109,8 @@ class WarmPool(Generic[S]):
     cost nothing), up to ``max_shapes``; the least recently served goes first.
     A shape whose isolates fail to build three times in a row is dropped.
     ``build(policy)`` makes one isolate of that policy's shape; ``size`` is per shape.
+    The filler builds only when asked (``start``, ``kick``, a shape joining) and
+    stops at a ``take``: the runtime kicks it once the isolate taken is torn down.
     """
 
     def __init__(
@@ -131,13 +133,18 @@ class WarmPool(Generic[S]):
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        # Whether the filler may build: set by a request to fill (start, kick, a new
+        # shape), cleared under the lock by a take and by the build that fills the
+        # pool. A take therefore never finds the filler free to refill at once:
+        # not even one that has yet to look again after filling the pool.
+        self._wanted = False
         self.last_error: str | None = None
 
     def start(self) -> None:
         """Start the filler if needed, and have it top the pool up now."""
         with self._cond:
             self._start_filler()
-            self._cond.notify_all()
+            self._want_fill()
 
     def _start_filler(self) -> None:
         if self._thread is None and not self._stopped:
@@ -158,12 +165,20 @@ class WarmPool(Generic[S]):
             else:
                 self._shapes.move_to_end(key)
                 sandbox = entry.ready.pop() if entry.ready else None
+                if sandbox is not None:
+                    self._wanted = False  # the next build waits for ``kick``
         for old in evicted:
             old.close()
         if sandbox is None:
             return None
         started = time.monotonic()
-        self._adopt(sandbox, policy)
+        try:
+            self._adopt(sandbox, policy)
+        except BaseException:
+            # A limit the host refused: the isolate goes, and nothing ran in it.
+            sandbox.close()
+            self.kick()
+            raise
         sandbox.cold_start_ms = (time.monotonic() - started) * 1000
         return sandbox
 
@@ -182,7 +197,7 @@ class WarmPool(Generic[S]):
         while len(self._shapes) > self.max_shapes:
             victim = next(k for k in self._shapes if k not in (self.default_shape, key))
             evicted += self._shapes.pop(victim).ready
-        self._cond.notify_all()
+        self._want_fill()
         return evicted
 
     def shapes(self) -> list[tuple[Any, ...]]:
@@ -197,8 +212,16 @@ class WarmPool(Generic[S]):
             return list(entry.ready) if entry is not None else []
 
     def kick(self) -> None:
+        """Have the filler top the pool up (the runtime calls it once a used isolate is torn down)."""
         with self._cond:
-            self._cond.notify_all()
+            self._want_fill()
+
+    def _want_fill(self) -> None:
+        # Called with the lock held. A pool already full is left as it is: a take
+        # that follows must not find a request to fill still standing.
+        if self._next_to_fill() is not None:
+            self._wanted = True
+        self._cond.notify_all()
 
     def wait_full(self, timeout: float) -> bool:
         """Wait until every kept shape has ``size`` isolates ready."""
@@ -219,11 +242,20 @@ class WarmPool(Generic[S]):
                 return key, entry.policy
         return None
 
+    def _wanted_target(self) -> tuple[tuple[Any, ...], Policy] | None:
+        """What the filler should build next, if it may build (called with the lock held)."""
+        if not self._wanted:
+            return None
+        target = self._next_to_fill()
+        if target is None:
+            self._wanted = False
+        return target
+
     def _fill(self) -> None:
         backoff = 0.5
         while True:
             with self._cond:
-                while not self._stopped and (target := self._next_to_fill()) is None:
+                while not self._stopped and (target := self._wanted_target()) is None:
                     self._cond.wait()
                 if self._stopped or target is None:
                     return
@@ -249,6 +281,8 @@ class WarmPool(Generic[S]):
                     entry.failures = 0
                     entry.ready.append(sandbox)
                     self._cond.notify_all()
+                if self._next_to_fill() is None:
+                    self._wanted = False  # full: whatever is taken from now on waits for ``kick``
                 stopped = self._stopped
             if entry is None:
                 sandbox.close()  # stopped, or its shape was evicted meanwhile

@@ -12,7 +12,8 @@ Groups are named ``stockade-<host pid>-<n>`` so that ``sweep`` can remove what
 a dead host left behind. ``STOCKADE_CGROUP_PARENT`` (a path inside the cgroup
 hierarchy, like Docker's ``--cgroup-parent``) puts them under a group of the
 operator's choosing instead, made if missing. Where a controller cannot be used (rootless without
-delegation) the group says so in ``unenforced``; nothing is silently dropped.
+delegation) the group says so in ``unenforced``; nothing is silently dropped. A limit the kernel
+refuses is a ``SandboxStartError`` naming it (``apply_limits``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ...errors import ConfigError
+from ...errors import ConfigError, SandboxStartError
 from ..base import IsolateUsage
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -201,26 +202,35 @@ class IsolateCgroup:
         self._fds: dict[str, int] = {}
         self.dirs: dict[str, str] = {}  # controller (or "v2") -> dir
         made: dict[str, str] = {}  # realpath of parent -> dir, for co-mounted controllers (cpu,cpuacct)
-        for ctrl, parent in layout.v1_parents.items():
-            if not layout.v2_limits:
-                real = os.path.realpath(parent)
-                if real not in made:
-                    made[real] = _mkdir(os.path.join(parent, name))
-                self.dirs[ctrl] = made[real]
-        # On a hybrid host the controller-less v2 group would only add cgroup.kill,
-        # and every extra group to join costs the spawn an RCU grace period;
-        # killing the namespace's init (pidfd) already ends every process.
-        if layout.v2_parent and (layout.v2_limits or not layout.v1_parents):
-            self.dirs["v2"] = _mkdir(os.path.join(layout.v2_parent, name))
+        try:
+            for ctrl, parent in layout.v1_parents.items():
+                if not layout.v2_limits:
+                    real = os.path.realpath(parent)
+                    if real not in made:
+                        made[real] = _mkdir(os.path.join(parent, name))
+                    self.dirs[ctrl] = made[real]
+            # On a hybrid host the controller-less v2 group would only add cgroup.kill,
+            # and every extra group to join costs the spawn an RCU grace period;
+            # killing the namespace's init (pidfd) already ends every process.
+            if layout.v2_parent and (layout.v2_limits or not layout.v1_parents):
+                self.dirs["v2"] = _mkdir(os.path.join(layout.v2_parent, name))
+        except OSError:
+            self.remove(wait_s=0)  # the groups made before the one that failed
+            raise
 
     @property
     def procs_files(self) -> list[str]:
         return [os.path.join(d, "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
 
     def apply_limits(self, memory_mb: int, pids: int, cpu: float) -> list[str]:
-        """Write the limits; return the ones that could not be applied, with why."""
+        """Write the limits; return the ones that could not be applied, with why.
+
+        A limit the kernel refuses raises ``SandboxStartError`` naming it: the
+        caller destroys the isolate (its limits are then only partly written).
+        """
         if self._applied is not None and self._applied[0] == (memory_mb, pids, cpu):
             return list(self._applied[1])  # a pooled isolate built with these very limits
+        self._applied = None  # until every limit is written
         missing = self._write_limits(memory_mb, pids, cpu)
         self._applied = ((memory_mb, pids, cpu), missing)
         return list(missing)
@@ -230,26 +240,27 @@ class IsolateCgroup:
         mem = memory_mb * 1024 * 1024
         period = 100_000
         quota = max(1000, int(cpu * period))
+        memory_limit = _Limit("memory_mb", memory_mb)
+        pids_limit = _Limit("pids_limit", pids)
+        cpu_limit = _Limit("cpu_limit", cpu)
         if self.layout.v2_limits:
             v2 = self.dirs["v2"]
-            _write(os.path.join(v2, "memory.max"), str(mem))
-            _write_optional(os.path.join(v2, "memory.swap.max"), "0")
-            _write(os.path.join(v2, "pids.max"), str(pids))
-            _write(os.path.join(v2, "cpu.max"), f"{quota} {period}")
+            memory_limit.write(os.path.join(v2, "memory.max"), str(mem))
+            memory_limit.write(os.path.join(v2, "memory.swap.max"), "0", optional=True)
+            pids_limit.write(os.path.join(v2, "pids.max"), str(pids))
+            cpu_limit.write(os.path.join(v2, "cpu.max"), f"{quota} {period}")
             return missing
         if "memory" in self.dirs:
-            d = self.dirs["memory"]
-            _write(os.path.join(d, "memory.limit_in_bytes"), str(mem))
-            _write_optional(os.path.join(d, "memory.memsw.limit_in_bytes"), str(mem))
+            _write_v1_memory(self.dirs["memory"], mem, memory_limit)
         else:
             missing.append(f"memory_mb ({self._why('memory')})")
         if "pids" in self.dirs:
-            _write(os.path.join(self.dirs["pids"], "pids.max"), str(pids))
+            pids_limit.write(os.path.join(self.dirs["pids"], "pids.max"), str(pids))
         else:
             missing.append(f"pids_limit: cgroup ({self._why('pids')}); RLIMIT_NPROC still applies")
         if "cpu" in self.dirs:
-            _write(os.path.join(self.dirs["cpu"], "cpu.cfs_period_us"), str(period))
-            _write(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"), str(quota))
+            cpu_limit.write(os.path.join(self.dirs["cpu"], "cpu.cfs_period_us"), str(period))
+            cpu_limit.write(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"), str(quota))
         else:
             missing.append(f"cpu_limit ({self._why('cpu')})")
         return missing
@@ -464,6 +475,52 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """A policy limit being written: a refused write is a ``SandboxStartError`` naming it."""
+
+    field: str  # the Policy field, as the caller knows it
+    value: int | float
+
+    def write(self, path: str, value: str, optional: bool = False) -> None:
+        """Write ``value`` to ``path``; ``optional``: a file the kernel does not offer is skipped."""
+        try:
+            _write(path, value)
+        except OSError as exc:
+            # cgroupfs answers a file it does not have with EACCES (it makes no files), not ENOENT.
+            if optional and not os.path.exists(path) and os.path.isdir(os.path.dirname(path)):
+                return
+            raise self.refused(path, value, exc.strerror or str(exc)) from None
+
+    def refused(self, path: str, value: str, why: str) -> SandboxStartError:
+        return SandboxStartError(
+            f"cannot apply {self.field}={self.value} to the isolate's cgroup: writing {value} to {path} failed: {why}"
+        )
+
+
+def _write_v1_memory(group: str, mem: int, limit: _Limit) -> None:
+    """memory.limit_in_bytes and memory.memsw.limit_in_bytes, in an order v1 accepts.
+
+    v1 refuses a memory limit above memory+swap, and memory+swap below memory, at
+    every single write: raising, memory+swap goes first; lowering, memory does.
+    A group already holds limits when it was written ahead (a pooled isolate, the
+    zygote's spare). memsw files exist only with swap accounting.
+    """
+    memory = os.path.join(group, "memory.limit_in_bytes")
+    memsw = os.path.join(group, "memory.memsw.limit_in_bytes")
+    if not os.path.exists(memsw):
+        limit.write(memory, str(mem))
+        return
+    try:
+        with open(memory) as f:
+            current = int(f.read())
+    except (OSError, ValueError):
+        current = None  # the writes below say what is wrong
+    order = (memsw, memory) if current is not None and mem > current else (memory, memsw)
+    for path in order:
+        limit.write(path, str(mem))
 
 
 def _mkdir(path: str) -> str:
