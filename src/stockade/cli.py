@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .agent.wire import MAX_DATA_BYTES
+from .isolation import RUNTIME_NAMES
 
 if TYPE_CHECKING:
     from .result import ExecResult
@@ -39,26 +40,34 @@ EXIT_MEMORY = 137
 MAX_STDIN = MAX_DATA_BYTES  # what fits one agent frame, base64-encoded
 
 
-def _policy_flags(parser: argparse.ArgumentParser) -> None:
+def _policy_flags(parser: argparse.ArgumentParser, one_run: bool = True) -> None:
+    """The Policy's flags. ``one_run`` adds what only a run that ends takes (a timeout, an
+    output cap, a result to print as JSON, a daemon to run it through): a component
+    (``start``) runs until stopped, supervised on this host, and would ignore them."""
     g = parser.add_argument_group("policy")
-    g.add_argument("--runtime", help="runtime by name (process, fake)")
+    g.add_argument("--runtime", help=f"runtime by name ({', '.join(RUNTIME_NAMES)})")
     g.add_argument("--isolation", choices=["none", "process", "gvisor", "microvm"], help="isolation level to use")
     g.add_argument(
         "--trust",
         choices=["trusted", "verified", "untrusted"],
         help="pick the strongest runtime this trust level accepts (never a weaker one)",
     )
-    g.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (default 30)")
+    if one_run:
+        g.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (default 30)")
     g.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB (default 512)")
     g.add_argument("--cpu", type=float, metavar="N", help="CPU limit in cores (default 1.0)")
     g.add_argument("--pids", type=int, metavar="N", help="process limit (default 128)")
     g.add_argument("--disk", type=int, metavar="MB", help="size of the writable /tmp and /work (default 64)")
-    g.add_argument("--max-output", type=int, metavar="BYTES", help="output cap (default 1 MiB)")
+    if one_run:
+        g.add_argument("--max-output", type=int, metavar="BYTES", help="output cap (default 1 MiB)")
     g.add_argument("--network", choices=["none", "loopback"], help="network (default none)")
     g.add_argument("--mount", action="append", default=[], metavar="SRC[:DST][:rw]", help="share a host path")
     g.add_argument("--env", action="append", default=[], metavar="K=V", help="set an environment variable")
     g.add_argument("--on-violation", choices=["deny", "kill"], help="deny (EPERM, reported) or kill the run")
+    g.add_argument("--max-violations", type=int, metavar="N", help="end the run once more than N calls are refused")
     g.add_argument("--policy-file", metavar="FILE", help="JSON file with Policy fields (flags override it)")
+    if not one_run:
+        return
     parser.add_argument("--json", action="store_true", help="print the ExecResult as JSON")
     d = parser.add_argument_group("daemon")
     d.add_argument("--socket", metavar="PATH", help="run through the daemon on PATH (default: $STOCKADE_SOCKET if set)")
@@ -82,14 +91,15 @@ def _build_policy(args: argparse.Namespace) -> Any:
         "runtime": args.runtime,
         "isolation": args.isolation,
         "trust": args.trust,
-        "timeout_seconds": args.timeout,
+        "timeout_seconds": getattr(args, "timeout", None),  # start has no --timeout, no --max-output
         "memory_mb": args.memory,
         "cpu_limit": args.cpu,
         "pids_limit": args.pids,
         "disk_mb": args.disk,
-        "max_output_bytes": args.max_output,
+        "max_output_bytes": getattr(args, "max_output", None),
         "network_policy": args.network,
         "on_violation": args.on_violation,
+        "max_violations": args.max_violations,
     }
     fields.update({k: v for k, v in flag_fields.items() if v is not None})
     if env:
@@ -471,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="keep a command running in its own isolate (a component)")
     start.add_argument("--name", required=True, help="the component's name")
     start.add_argument("--restart", choices=["no", "on-failure", "always"], default="no", help="restart policy")
-    _policy_flags(start)
+    _policy_flags(start, one_run=False)  # a component runs until stopped, supervised here
     start.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     start.set_defaults(func=cmd_start)
 

@@ -189,7 +189,10 @@ class _Requests:
     def _write_file(
         self, sandbox_id: str, path: str, data: bytes | str, mode: int
     ) -> tuple[str, dict[str, Any], float | None]:
+        from .runtimes.base import check_write_size  # here: the client's import stays light
+
         raw = data.encode() if isinstance(data, str) else data
+        check_write_size(raw)  # refused before it is sent, as the daemon would refuse it
         params = {"sandbox_id": sandbox_id, "path": path, "data": base64.b64encode(raw).decode(), "mode": mode}
         return "sandbox.write_file", params, None
 

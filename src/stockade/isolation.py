@@ -20,6 +20,9 @@ from .errors import PolicyError
 
 TrustLevel = Literal["trusted", "verified", "untrusted"]
 LEVELS = ("none", "process", "gvisor", "microvm")
+# Every runtime stockade ships, by name (runtimes/manager.py builds them; fake is level
+# none). Here, where the CLI can name them without importing any runtime.
+RUNTIME_NAMES = ("process", "gvisor", "microvm", "fake")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ LEVEL_INFO = {
         "gvisor",
         70,
         "gVisor's user-space kernel (runsc) handles every syscall; the host sees a small, filtered set",
-        "~150-200 ms cold start here (ptrace platform); some syscalls unsupported",
+        "a cold start of ~0.2 s (docs/performance.md), on the gVisor platform probed as fastest here; "
+        "some syscalls unsupported",
     ),
     "microvm": LevelInfo(
         "microvm",

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .agent.wire import MAX_DATA_BYTES
 from .errors import PolicyError
+from .isolation import RUNTIME_NAMES
 
 IsolationLevel = Literal["none", "process", "gvisor", "microvm"]
 TrustLevel = Literal["trusted", "verified", "untrusted"]
@@ -30,6 +31,11 @@ MAX_TIMEOUT_S = 600.0
 # The agent's reply carries the output base64-encoded in one frame of at most
 # 10 MiB (agent/wire.py, seed 001): 7 MiB of output is what fits.
 MAX_OUTPUT_BYTES = MAX_DATA_BYTES
+# The fewest tasks with which an isolate can run a command, in every runtime:
+# its agent, the runner the agent forks ahead for the next request, and the
+# command itself; in a microVM the agent also keeps a thread that answers the
+# guest's seccomp filter, and RLIMIT_NPROC counts threads.
+MIN_PIDS_LIMIT = 4
 
 # Host paths never shared into an isolate, even when asked: they hand over the host.
 _FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot")
@@ -87,7 +93,7 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    runtime: str | None = Field(default=None, description="a runtime by name (process, fake, ...)")
+    runtime: str | None = Field(default=None, description=f"a runtime by name ({', '.join(RUNTIME_NAMES)})")
     isolation: IsolationLevel | None = Field(default=None, description="the isolation level to use")
     trust: TrustLevel | None = Field(
         default=None, description="how far the code is trusted: the strongest available level meeting its minimum"
@@ -95,7 +101,9 @@ class Policy(BaseModel):
     timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
     memory_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB)
     cpu_limit: float = Field(default=1.0, gt=0, le=MAX_CPU, description="cores")
-    pids_limit: int = Field(default=128, ge=1, le=4096)
+    pids_limit: int = Field(
+        default=128, le=4096, description=f"tasks in the isolate, its agent included; at least {MIN_PIDS_LIMIT}"
+    )
     max_output_bytes: int = Field(default=1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES)
     max_file_size_mb: int = Field(default=64, ge=0, le=4096)
     max_open_files: int = Field(default=256, ge=16, le=65536)
@@ -106,6 +114,11 @@ class Policy(BaseModel):
     on_violation: Literal["deny", "kill"] = Field(
         default="deny", description="deny: the call fails with EPERM and is reported; kill: the run ends"
     )
+    max_violations: int | None = Field(
+        default=None,
+        ge=0,
+        description="a flood limit: the run ends (violation) once more calls than this were blocked; None: no limit",
+    )
 
     @field_validator("environment")
     @classmethod
@@ -114,6 +127,17 @@ class Policy(BaseModel):
             if not key or "=" in key or "\0" in key or "\0" in value:
                 raise ValueError(f"environment variable {key!r} has an invalid name or value")
         return env
+
+    @field_validator("pids_limit")
+    @classmethod
+    def _check_pids_limit(cls, value: int) -> int:
+        if value < MIN_PIDS_LIMIT:
+            raise ValueError(
+                f"must be at least {MIN_PIDS_LIMIT}: an isolate's agent, the runner it forks ahead and the "
+                "command itself all count (in a microVM, the agent's seccomp thread too), so fewer can never "
+                "run a command"
+            )
+        return value
 
     @field_validator("filesystem_access", mode="before")
     @classmethod

@@ -12,6 +12,13 @@ TerminationReason = Literal["completed", "timeout", "memory_limit", "output_limi
 Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
 DetectionLayer = Literal["SECCOMP", "LANDLOCK", "CGROUP", "RLIMIT", "GVISOR", "HYPERVISOR", "SUPERVISOR"]
 
+# A run's report keeps its first this many violations whole, on every runtime;
+# ``violation_counts`` counts every one, under at most MAX_VIOLATION_NAMES names.
+# Code can make millions of blocked calls: the report must not grow with them.
+MAX_VIOLATION_RECORDS = 1000
+MAX_VIOLATION_NAMES = 256
+OTHER_VIOLATIONS = "other"  # where calls past MAX_VIOLATION_NAMES distinct names are counted
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
@@ -49,6 +56,11 @@ class SecurityViolation(BaseModel):
     pid: int | None = None
 
 
+def violation_key(violation: SecurityViolation) -> str:
+    """What a violation is counted under in ``ExecResult.violation_counts``."""
+    return violation.syscall or violation.violation_type
+
+
 class ResourceUsage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,7 +78,13 @@ class ExecResult(BaseModel):
     exit_code: int | None = None
     error: str | None = None
     termination_reason: TerminationReason
-    security_violations: list[SecurityViolation] = Field(default_factory=list)
+    security_violations: list[SecurityViolation] = Field(
+        default_factory=list, description=f"the run's first violations, at most {MAX_VIOLATION_RECORDS}"
+    )
+    violation_counts: dict[str, int] = Field(
+        default_factory=dict, description="every violation of the run, by syscall (or type), those past the records too"
+    )
+    violations_dropped: int = Field(default=0, description="violations counted but not kept as records")
     execution_time_seconds: float = 0.0
     cold_start_time_ms: float = 0.0
     resource_usage: ResourceUsage = Field(default_factory=ResourceUsage)
@@ -81,9 +99,10 @@ class ExecResult(BaseModel):
         parts = [f"{self.termination_reason}"]
         if self.exit_code is not None:
             parts.append(f"exit {self.exit_code}")
-        if self.security_violations:
-            names = sorted({v.syscall or v.violation_type for v in self.security_violations})
-            parts.append(f"{len(self.security_violations)} blocked: {', '.join(names)}")
+        if self.security_violations or self.violation_counts:
+            names = sorted(self.violation_counts or {violation_key(v) for v in self.security_violations})
+            total = sum(self.violation_counts.values()) or len(self.security_violations)
+            parts.append(f"{total} blocked: {', '.join(names)}")
         if self.error:
             parts.append(self.error)
         if self.unenforced_limits:

@@ -1,8 +1,10 @@
 """One suite, every runtime: the behaviour a caller can rely on whatever isolates the code.
 
-Parametrized over every runtime stockade ships that works on this host; the
-``fake`` runtime (no isolation) runs it too, so the suite itself is checked
-even on a host where no real runtime works.
+Parametrized over ``process``, ``gvisor`` and ``fake``, each where it works on
+this host; the ``fake`` runtime (no isolation) runs it too, so the suite itself
+is checked even on a host where no real runtime works. Not over ``microvm``: a
+boot per test costs seconds under TCG, so test_microvm.py checks the microVM
+on one shared VM and a few more boots.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 import stockade
 from stockade import Policy, Sandbox
 from stockade.agent import wire
+from stockade.policy import MIN_PIDS_LIMIT
 from stockade.runtimes import gvisor
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
@@ -189,6 +192,41 @@ def test_async_sandbox(runtime: str, manager: RuntimeManager) -> None:
 def test_one_shot_run_and_run_code(runtime: str, manager: RuntimeManager) -> None:
     assert stockade.run(["echo", "one"], runtime=runtime, manager=manager).stdout == "one\n"
     assert stockade.run_code("print(2)", runtime=runtime, manager=manager).stdout == "2\n"
+
+
+def _least(field: str) -> int:
+    """The smallest value ``Policy`` accepts for ``field``."""
+    if field == "pids_limit":
+        return MIN_PIDS_LIMIT
+    (least,) = [m.ge for m in Policy.model_fields[field].metadata if hasattr(m, "ge")]
+    return int(least)
+
+
+@pytest.mark.parametrize("field", ["pids_limit", "memory_mb", "max_open_files", "disk_mb"])
+def test_the_least_limit_the_policy_accepts_still_runs_commands(
+    runtime: str, manager: RuntimeManager, field: str
+) -> None:
+    # A value that validates must give a sandbox that runs commands and code, call after
+    # call (with the runner its agent forks ahead), held or one-shot.
+    least = _least(field)
+    policy = Policy(runtime=runtime, timeout_seconds=20, **{field: least})
+    with Sandbox(policy, manager=manager) as sandbox:
+        if field == "max_open_files":  # the command's, whatever the agent itself needs
+            assert sandbox.exec(["sh", "-c", "ulimit -n"]).stdout == f"{least}\n"
+            assert sandbox.run_code("import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE))").stdout == (
+                f"({least}, {least})\n"
+            )
+        for _ in range(2):
+            for run in (
+                lambda: sandbox.exec(["sh", "-c", "echo ok"]),
+                lambda: sandbox.run_code("print('ok')"),
+                lambda: sandbox.exec(["python3", "-c", "print('ok')"]),
+            ):
+                r = run()
+                assert (r.termination_reason, r.stdout) == ("completed", "ok\n"), r.summary()
+                time.sleep(0.05)  # the agent forks its next runner once the host is quiet
+    r = stockade.run(["python3", "-c", "print('ok')"], policy, manager=manager)
+    assert (r.termination_reason, r.stdout) == ("completed", "ok\n"), r.summary()
 
 
 def test_commands_inherit_only_their_stdio(sb: Sandbox) -> None:

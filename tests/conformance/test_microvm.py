@@ -120,6 +120,27 @@ def test_the_seccomp_profile_holds_inside_the_guest_and_is_reported(vm: MicrovmS
     assert vm.exec(["true"]).security_violations == []
 
 
+def test_off_list_sockets_and_unknown_syscalls_are_refused_inside_the_guest(vm: MicrovmSandbox) -> None:
+    """The profile's socket lists and its refusal of numbers it does not know hold in the guest too."""
+    r = vm.run_code(
+        "import ctypes, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "def vsock():\n    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n"
+        "    s.bind((socket.VMADDR_CID_ANY, 5252)); s.listen(1)\n"
+        "for make in (vsock, lambda: socket.socket(socket.AF_INET, 10, 0x300),\n"  # SOCK_PACKET
+        "             lambda: socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0),\n"
+        "             lambda: socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0)):\n"
+        "    try:\n        make(); print('OPEN')\n    except OSError as e:\n        print(e.errno)\n"
+        "for nr in (467, 470, 1000):\n    print(libc.syscall(nr, -100, b'/tmp', 1, None, 0), ctypes.get_errno())\n"
+        "socket.socket().close(); print(sorted({a[4][0] for a in socket.getaddrinfo('localhost', 80)}))"
+    )
+    # EPERM for the sockets and open_tree_attr; ENOSYS, as from an older kernel, for the unknown numbers.
+    assert r.stdout.splitlines() == ["1"] * 4 + ["-1 1", "-1 38", "-1 38", "['127.0.0.1']"], r.summary()
+    syscalls = ["socket"] * 4 + ["open_tree_attr", "syscall_470", "syscall_1000"]
+    assert [v.syscall for v in r.security_violations] == syscalls
+    for word, v in zip(["AF_VSOCK", "SOCK_PACKET", "AF_PACKET", "AF_ALG"], r.security_violations, strict=False):
+        assert word in v.description and "inside the guest" in v.description, v.description
+
+
 def test_the_guest_filters_listener_reaches_no_command(vm: MicrovmSandbox) -> None:
     # With it, code could answer its own blocked calls and let them run.
     code = (
@@ -173,12 +194,15 @@ def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
             "import socket\nprint(open('/data/in.txt').read())\n"
             "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
             "socket.create_connection(s.getsockname(), timeout=5); print('loopback ok')\n"
-            "try:\n    open('/data/x', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)"
+            "try:\n    open('/data/x', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)\n"
+            "try:\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).bind((socket.VMADDR_CID_ANY, 5252))\n"
+            "except OSError as e:\n    print('vsock', e.errno)"
         )
         started = time.monotonic()
         r = stockade.run_code(code, runtime="microvm", manager=vm_manager, network_policy="loopback",
                               filesystem_access=[f"{share}:/data"], timeout_seconds=60)  # fmt: skip
-        assert r.stdout.splitlines() == ["from the host", "loopback ok", "read-only 30"], (r.stdout, r.stderr)
+        assert r.stdout.splitlines() == ["from the host", "loopback ok", "read-only 30", "vsock 1"], r.summary()
+        assert [v.syscall for v in r.security_violations] == ["socket"]  # AF_VSOCK, whatever the network policy
         assert time.monotonic() - started < 120
     finally:
         shutil.rmtree(share)

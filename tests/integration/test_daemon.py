@@ -20,6 +20,7 @@ import pytest
 from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_retry
 from stockade.errors import DaemonUnavailableError, PolicyError, StockadeError
 from stockade.result import ExecResult
+from stockade.runtimes.base import MAX_WRITE_BYTES
 from tests.daemon_harness import Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
 from tests.helpers import processes_with_arg
 
@@ -102,6 +103,19 @@ def test_a_sandbox_handle_takes_every_call_and_closes_on_exit(daemon: Daemon) ->
             time.sleep(0.05)
         gone.close()
         assert gone.closed and c.status()["total_count"] == 0
+
+
+def test_write_file_takes_7_mib_and_the_daemon_refuses_a_byte_more(daemon: Daemon) -> None:
+    with Client(daemon.socket_path) as c, c.sandbox() as sb:
+        sb.write_file("/work/seven", b"7" * MAX_WRITE_BYTES)
+        assert len(sb.read_file("/work/seven")) == MAX_WRITE_BYTES == 7 * 1024 * 1024
+        # The client refuses it before sending; sent anyway (a client of another make),
+        # the daemon refuses it too, and the sandbox stays usable.
+        data = base64.b64encode(b"7" * (MAX_WRITE_BYTES + 1)).decode()
+        with pytest.raises(StockadeError, match=f"too large: {MAX_WRITE_BYTES + 1} bytes.* {MAX_WRITE_BYTES} "):
+            c.call("sandbox.write_file", {"sandbox_id": sb.sandbox_id, "path": "/work/more", "data": data})
+        assert "more" not in [e["name"] for e in sb.list_dir("/work")]
+        assert sb.exec(["wc", "-c", "/work/seven"]).stdout.split()[0] == str(MAX_WRITE_BYTES)
 
 
 def test_a_running_execute_is_cancelled_from_another_connection(daemon: Daemon) -> None:
@@ -821,3 +835,35 @@ def test_an_answered_execute_is_killed_at_once_and_torn_down_by_shutdown(
     asyncio.run(scenario())
     assert dirs, "the isolate had no cgroup to check"
     assert [d for d in dirs if os.path.exists(d)] == [], "a shutdown left the waiting teardown's cgroups behind"
+
+
+def _memory_kb(pid: int) -> dict[str, int]:
+    """The process's resident set now (VmRSS) and at its peak (VmHWM), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_a_violation_flood_leaves_the_daemons_memory_bounded(runtime: str) -> None:
+    # Before reports were bounded, a 6 s flood took the daemon from 37 to 607 MB
+    # and it kept 444 MB afterwards.
+    from stockade.result import MAX_VIOLATION_RECORDS
+    from tests.conftest import require
+    from tests.security.test_violation_flood import flood
+
+    require(runtime)
+    daemon = start_daemon()
+    pid = daemon.proc.pid
+    with Client(daemon.socket_path, timeout=30) as c:
+        c.execute(code=flood(0.5), policy={"runtime": runtime})  # every path of a flood taken once
+        before = _memory_kb(pid)["VmRSS"]
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # VmHWM starts again from VmRSS: it shows this flood's peak
+        r = c.execute(code=flood(4), policy={"runtime": runtime, "timeout_seconds": 60})
+        after = _memory_kb(pid)
+    made = int(r.stdout)
+    assert made > 10 * MAX_VIOLATION_RECORDS and r.violation_counts["ptrace"] == made, r.summary()
+    grew = {key: (value - before) // 1024 for key, value in after.items()}
+    assert grew["VmHWM"] < 50 and grew["VmRSS"] < 50, f"the daemon grew by {grew} MB during/after {made} violations"
+    assert daemon.stop() == 0, daemon.logs()

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import stockade
 from stockade import ExecResult, Policy, Sandbox
 from stockade.agent.wire import MAX_DATA_BYTES
 from stockade.policy import MAX_OUTPUT_BYTES
+from stockade.runtimes.base import MAX_WRITE_BYTES
 from stockade.runtimes.manager import RuntimeManager
 from tests.helpers import processes_with_arg
 
@@ -213,6 +215,60 @@ def test_raw_and_packet_sockets_blocked_and_reported(sb: Sandbox) -> None:
     assert [v.syscall for v in r.security_violations] == ["socket", "socket"]
 
 
+# Each: a socket of a family or kind outside the profile's lists, and a word of the rule that refuses it.
+OFF_LIST_SOCKETS = {
+    "AF_VSOCK": "s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n"
+    "s.bind((socket.VMADDR_CID_ANY, 5252)); s.listen(1)",  # the host's vsock space, not the sandbox's
+    "SOCK_PACKET": "socket.socket(socket.AF_INET, 10, 0x300)",  # SOCK_PACKET, ETH_P_ALL: a packet socket
+    "AF_PACKET": "socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)",
+    "AF_ALG": "socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0)",
+    "NETLINK_ROUTE": "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)",  # generic netlink
+    "SCTP": "socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132)",
+    "only unix sockets": "socket.socketpair(socket.AF_INET)",
+}
+
+
+def off_list_sockets_code() -> str:
+    attempts = "".join(
+        f"try:\n{textwrap.indent(code, '    ')}\n    print('OPEN')\nexcept OSError as e:\n    print(e.errno)\n"
+        for code in OFF_LIST_SOCKETS.values()
+    )
+    return "import socket\n" + attempts
+
+
+@pytest.mark.parametrize("network", ["none", "loopback"])
+def test_socket_families_outside_the_list_are_refused_and_reported(
+    process_runtime: str, manager: RuntimeManager, network: str
+) -> None:
+    r = run(manager, off_list_sockets_code(), network_policy=network)
+    assert r.stdout.split() == ["1"] * len(OFF_LIST_SOCKETS), r.summary()  # EPERM, before any bind or listen
+    assert [v.syscall for v in r.security_violations] == ["socket"] * (len(OFF_LIST_SOCKETS) - 1) + ["socketpair"]
+    for word, v in zip(OFF_LIST_SOCKETS, r.security_violations, strict=True):
+        assert v.blocked and v.detection_layer == "SECCOMP" and word in v.description, (word, v.description)
+
+
+@pytest.mark.parametrize("network", ["none", "loopback"])
+def test_the_sockets_ordinary_code_uses_still_work(process_runtime: str, manager: RuntimeManager, network: str) -> None:
+    r = run(
+        manager,
+        "import socket\n"
+        "print(sorted({a[4][0] for a in socket.getaddrinfo('localhost', 80)}))\n"
+        "print(len(socket.getaddrinfo('localhost', 80, flags=socket.AI_ADDRCONFIG)) > 0)\n"  # netlink route
+        "print([name for _, name in socket.if_nameindex()])\n"  # netlink route too
+        "a, b = socket.socketpair(); a.sendall(b'pair'); print(b.recv(4).decode())\n"
+        "for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):\n"
+        "    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):\n"
+        "        socket.socket(family, kind | socket.SOCK_NONBLOCK).close()\n"
+        "socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP).close()\n"
+        "socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_UDP).close()\n"
+        "u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); u.bind('/tmp/u')\n"
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'unix', '/tmp/u'); print(u.recv(4).decode())",
+        network_policy=network,
+    )
+    assert r.stdout.splitlines() == ["['127.0.0.1']", "True", "['lo']", "pair", "unix"], r.summary()
+    assert r.security_violations == []
+
+
 # ---- syscalls -------------------------------------------------------------------------
 
 
@@ -237,6 +293,7 @@ SYSCALL_ATTACKS = {
     "syslog": "libc.syscall(103, 3, 0, 0)",
     "clone": "libc.syscall(56, 0x20000000 | 17, 0, 0, 0, 0)",
     "ioctl": "libc.ioctl(0, 0x5412, ctypes.c_char_p(b'x'))",
+    "open_tree_attr": "libc.syscall(467, -100, b'/tmp', 1, None, 0)",  # open_tree with attributes (6.15)
 }
 
 
@@ -248,6 +305,30 @@ def test_dangerous_syscall_blocked_and_reported_by_host(sb: Sandbox, syscall: st
     assert syscall in blocked(r)
     v = next(v for v in r.security_violations if v.syscall == syscall)
     assert v.blocked and v.detection_layer == "SECCOMP" and v.description
+
+
+def test_syscalls_the_profile_does_not_know_are_refused_and_reported(sb: Sandbox) -> None:
+    # 337: in x86_64's hole, where the kernel put uretprobe (335) and uprobe (336); 470: past 6.18's newest.
+    r = sb.run_code(
+        LIBC + "for nr in (337, 470, 1000):\n    print(libc.syscall(nr, 0, 0, 0, 0, 0), ctypes.get_errno())\n"
+        "print('still running')"
+    )
+    assert r.stdout.splitlines() == ["-1 38"] * 3 + ["still running"], r.summary()  # ENOSYS: libc falls back
+    assert [v.syscall for v in r.security_violations] == ["syscall_337", "syscall_470", "syscall_1000"]
+    for v in r.security_violations:
+        assert v.blocked and v.detection_layer == "SECCOMP" and v.severity == "MEDIUM"
+        assert "does not name" in v.description
+
+
+def test_common_programs_start_without_a_violation(sb: Sandbox) -> None:
+    """What the filter refuses by number must not be something libc, Python or coreutils use."""
+    r = sb.exec(
+        ["sh", "-c", "ls -la / >/dev/null && stat /usr >/dev/null && id -u && date +%Y >/dev/null && "
+         "python3 -c 'import asyncio, ssl, sqlite3, multiprocessing, subprocess, uuid; "
+         "print(subprocess.run([\"true\"]).returncode, asyncio.run(asyncio.sleep(0, \"ok\")))'"]
+    )  # fmt: skip
+    assert r.stdout.split() == ["1000", "0", "ok"], r.summary()
+    assert r.security_violations == []
 
 
 def test_plain_fork_and_threads_still_work(sb: Sandbox) -> None:
@@ -365,6 +446,16 @@ def test_input_beyond_a_frame_is_refused_before_it_is_sent(sb: Sandbox) -> None:
         with pytest.raises(stockade.SandboxError, match="too large"):
             call()
     assert sb.exec(["wc", "-c"], stdin=b"x" * MAX_DATA_BYTES).stdout.strip() == str(MAX_DATA_BYTES)
+
+
+def test_write_file_takes_7_mib_and_not_a_byte_more(sb: Sandbox) -> None:
+    # docs/sdk.md: a write_file over 7 MiB is refused. 7 MiB + 1 still fits a frame, so
+    # only a check of its own refuses it.
+    sb.write_file("/work/seven", b"7" * MAX_WRITE_BYTES)
+    assert len(sb.read_file("/work/seven")) == MAX_WRITE_BYTES == 7 * 1024 * 1024
+    with pytest.raises(stockade.SandboxError, match=f"too large: {MAX_WRITE_BYTES + 1} bytes.* {MAX_WRITE_BYTES} "):
+        sb.write_file("/work/more", b"7" * (MAX_WRITE_BYTES + 1))
+    assert not any(e["name"] == "more" for e in sb.list_dir("/work"))  # refused before anything was sent
 
 
 def test_cpu_limit_is_applied(process_runtime: str, manager: RuntimeManager) -> None:

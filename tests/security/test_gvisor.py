@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -203,6 +204,108 @@ def test_on_violation_kill_ends_the_sandbox_during_the_run(gvisor: str, manager:
 
 def test_a_run_without_violations_is_not_ended_by_the_watch(gvisor: str, manager: RuntimeManager) -> None:
     with Sandbox(Policy(runtime="gvisor", on_violation="kill"), manager=manager) as sandbox:
-        for _ in range(2):  # the watch of one run ends with it; the next starts its own
+        for _ in range(2):  # the log is read all along: only a refused call ends the sandbox
             r = sandbox.run_code("import time\ntime.sleep(0.3)\nprint('done')")
             assert (r.termination_reason, r.stdout) == ("completed", "done\n"), r.summary()
+
+
+def _host_bytes(path: str) -> int:
+    """What the regular files under ``path`` take on the host (size or blocks, the larger)."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += max(st.st_size, st.st_blocks * 512)
+    return total
+
+
+# Every descriptor of every other process in the sandbox, the agent's (pid 1) above all,
+# opened through /proc and written 300 MiB: gVisor lets any task open another's, whatever
+# the uids and dumpability. Its own pipes are only named (bulk into them is the code's own
+# output, or its own agent's input: nothing on the host).
+DESCRIPTOR_ATTACK = """
+import os
+own, chunk = str(os.getpid()), b"x" * (1 << 20)
+for pid in sorted((p for p in os.listdir("/proc") if p.isdigit() and p != own), key=int):
+    dirs = [f"/proc/{pid}/fd"] + [f"/proc/{pid}/task/{t}/fd" for t in os.listdir(f"/proc/{pid}/task")]
+    for d in dirs:
+        try:
+            names = os.listdir(d)
+        except OSError as e:
+            print(d, "-", "unlistable", e.errno)
+            continue
+        for n in names:
+            path = f"{d}/{n}"
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            if target.startswith("pipe:"):
+                print(path, target, "internal", 0)
+                continue
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                print(path, target, "refused", e.errno)
+                continue
+            written = 0
+            try:
+                while written < 300 << 20:
+                    written += os.write(fd, chunk)
+            except OSError:
+                pass
+            os.close(fd)
+            print(path, target, "wrote", written)
+"""
+
+
+def test_the_agents_descriptors_reach_nothing_on_the_host(gvisor: str, manager: RuntimeManager) -> None:
+    from stockade.runtimes.gvisor import GvisorSandbox
+
+    policy = Policy(runtime="gvisor", disk_mb=16, timeout_seconds=120)
+    with manager.get("gvisor").start(policy) as sandbox:
+        assert isinstance(sandbox, GvisorSandbox)
+        before = _host_bytes(sandbox.bundle)
+        r = sandbox.run_code(DESCRIPTOR_ATTACK)
+        assert r.termination_reason == "completed", r.summary()
+        rows = [line.split() for line in r.stdout.splitlines()]
+        agents = [row for row in rows if row[0].startswith("/proc/1/")]
+        assert agents, f"the agent's descriptors were not found: {r.stdout}"
+        # What the host handed in (its socket, runsc's stderr) shows as host:[N]: none may be written.
+        assert [row for row in rows if row[1].startswith("host:") and row[2] != "refused"] == [], r.stdout
+        # Nothing the code can write grows a file on the host; disk_mb caps the scratch space.
+        fill = sandbox.run_code(
+            "import os\nfor d in ('/tmp', '/work'):\n    n = 0\n    try:\n        with open(d + '/big', 'wb') as f:\n"
+            "            while n < 300 << 20:\n                f.write(b'x' * (1 << 20)); f.flush(); n += 1 << 20\n"
+            "    except OSError as e:\n        print(d, n >> 20, e.errno)"
+        )
+        assert fill.stdout.split() == ["/tmp", "16", "28", "/work", "16", "28"], fill.summary()  # ENOSPC at 16 MiB
+        assert _host_bytes(sandbox.bundle) - before < 1 << 20, "an attack grew a file on the host"
+        assert sandbox.exec(["true"]).success  # the agent took no harm either
+
+
+def test_a_flood_of_traced_calls_grows_no_host_file(gvisor: str, manager: RuntimeManager) -> None:
+    # The Sentry's strace of the flood (about 130 bytes a line, two lines a call) goes
+    # into a pipe the host drains, not a log file: megabytes a second before.
+    from stockade.runtimes.gvisor import GvisorSandbox
+    from tests.security.test_violation_flood import flood
+
+    with manager.get("gvisor").start(Policy(runtime="gvisor", timeout_seconds=60)) as sandbox:
+        assert isinstance(sandbox, GvisorSandbox)
+        before = _host_bytes(sandbox.bundle)
+        r = sandbox.run_code(flood(2))
+        made = int(r.stdout)
+        assert made > 1000 and r.violation_counts["ptrace"] == made, r.summary()
+        assert _host_bytes(sandbox.bundle) - before < 1 << 20, "the flood's log grew a file on the host"
+
+
+@pytest.mark.parametrize("name", [b"a b", b"", b"a\nb", b"\n", b"x X ptrace(", b"q X mount(0x1", b" X "])
+def test_a_task_name_cannot_hide_or_rename_a_call(sb: Sandbox, name: bytes) -> None:
+    # gVisor's strace prints the task's name as it is: the code chooses it (up to 15 bytes),
+    # spaces, newlines and a fake " X call(" included. Before, "a b" hid the call.
+    r = sb.run_code(LIBC + f"libc.prctl(15, {name!r}, 0, 0, 0)\nprint(libc.mount(None, None, None, 0, None))")
+    assert r.stdout == "-1\n" and r.violation_counts == {"mount": 1}, (r.stdout, r.violation_counts)

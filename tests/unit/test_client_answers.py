@@ -8,17 +8,20 @@ back as a result.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from stockade import ExecResult
 from stockade.client import Client, RemoteSandbox
-from stockade.errors import AuthenticationError, DaemonUnavailableError, StockadeError
+from stockade.errors import AuthenticationError, DaemonUnavailableError, SandboxError, StockadeError
+from stockade.runtimes.base import MAX_WRITE_BYTES
 
 Answer = Callable[[dict[str, object]], bytes]  # the request -> the line sent back; b"": hang up
 
@@ -202,3 +205,25 @@ def test_a_held_sandbox_call_sends_its_keywords_and_refuses_a_misspelt_one(
     with pytest.raises(TypeError, match="cwd"):
         client.sandbox_run_code("sb-1", "pass", cwd="/work")  # type: ignore[call-arg]
     assert len(sent) == 2  # nothing was sent for either
+
+
+def test_write_file_over_7_mib_is_refused_before_it_is_sent(scripted: Callable[[Answer], Client]) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def record(request: dict[str, Any]) -> bytes:
+        sent.append(request)
+        return _line({"result": {"path": "/work/f", "size": 0}, "error": None, "id": request["id"]})
+
+    client = scripted(record)
+    handle = RemoteSandbox(client, "sb-1")
+    handle.write_file("/work/f", b"x" * MAX_WRITE_BYTES)  # exactly 7 MiB: sent whole
+    assert len(base64.b64decode(sent[0]["params"]["data"])) == MAX_WRITE_BYTES
+    for call in (
+        lambda: handle.write_file("/work/f", b"x" * (MAX_WRITE_BYTES + 1)),
+        lambda: client.sandbox_write_file("sb-1", "/work/f", "x" * (MAX_WRITE_BYTES + 1)),
+    ):
+        with pytest.raises(
+            SandboxError, match=f"too large: {MAX_WRITE_BYTES + 1} bytes, and a call takes at most {MAX_WRITE_BYTES}"
+        ):
+            call()
+    assert len(sent) == 1  # nothing was sent for either

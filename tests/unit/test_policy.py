@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stockade import Mount, Policy, PolicyError
-from stockade.policy import coerce_policy
+from stockade.policy import MIN_PIDS_LIMIT, coerce_policy
 
 
 def test_defaults_are_safe() -> None:
@@ -32,6 +32,14 @@ def test_defaults_are_safe() -> None:
 def test_out_of_range_names_the_field(field: str, value: object) -> None:
     with pytest.raises(PolicyError, match=field):
         Policy.build(**{field: value})
+
+
+@pytest.mark.parametrize("value", [0, 1, MIN_PIDS_LIMIT - 1])
+def test_a_pids_limit_no_isolate_can_run_with_is_refused_naming_the_minimum(value: int) -> None:
+    # pids_limit=1 used to validate, and then no isolate could start (namespaces: BlockingIOError).
+    with pytest.raises(PolicyError, match=rf"pids_limit: .*at least {MIN_PIDS_LIMIT}: .*agent.*runner.*command"):
+        Policy.build(pids_limit=value)
+    assert Policy.build(pids_limit=MIN_PIDS_LIMIT).pids_limit == MIN_PIDS_LIMIT == 4
 
 
 def test_unknown_field_is_refused() -> None:

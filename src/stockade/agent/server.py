@@ -669,12 +669,12 @@ def _exec_python_source(code: str) -> int:
 # The agent needs a few descriptors of its own (connection, wake-up pipe, a
 # runner, three pipes per command): below this, commands go through a runner,
 # which can give the command alone the policy's lower limit.
-_AGENT_FDS = 64
+AGENT_FDS = 64
 
 
 def _spawnable(limits: dict[str, Any]) -> bool:
     files = limits.get("max_open_files")
-    return not isinstance(files, int) or files >= _AGENT_FDS
+    return not isinstance(files, int) or files >= AGENT_FDS
 
 
 def _limit_self(limits: dict[str, Any]) -> None:
@@ -863,9 +863,10 @@ class _GuestFilter:
     as in a process isolate. There the host answers each blocked call; here
     nothing of the guest reaches the host kernel, so a thread of the agent
     does: it sends the host a ``violation`` notification (the syscall, its
-    arguments, the caller's pid), and only then fails the call with EPERM,
-    so the report always comes before the run's answer. The host turns it
-    into a ``SecurityViolation`` with the profile's own rule and reason.
+    arguments, the caller's pid), and only then fails the call with EPERM
+    (with the errno ``answers`` names for the numbers the profile does not
+    know), so the report always comes before the run's answer. The host
+    turns it into a ``SecurityViolation`` with the profile's own rule and reason.
 
     The filter binds the agent and everything it starts from then on; its
     listener is closed in every child the agent forks (a runner that kept it
@@ -873,13 +874,14 @@ class _GuestFilter:
     code running as the same uid cannot take it through /proc or ptrace.
     """
 
-    def __init__(self, conn: Any, program: bytes) -> None:
+    def __init__(self, conn: Any, program: bytes, answers: str = "") -> None:
         import threading
 
         from . import linux
 
         self.conn = conn
         self._linux = linux
+        self._unknown_errno, self._unknown = _parse_answers(answers)
         linux.prctl(linux.PR_SET_DUMPABLE, 0)
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # an unprivileged filter needs it
         self.listener = linux.seccomp_install_listener(program)
@@ -904,7 +906,17 @@ class _GuestFilter:
                 self.conn.sendall(wire.encode_message(note))
             except OSError:
                 pass  # the host is gone: the call is still refused
-            self._linux.seccomp_notif_deny(self.listener, notif_id, errno.EPERM)
+            unknown = any(lo <= nr <= hi for lo, hi in self._unknown)
+            self._linux.seccomp_notif_deny(self.listener, notif_id, self._unknown_errno if unknown else errno.EPERM)
+
+
+def _parse_answers(text: str) -> tuple[int, list[tuple[int, int]]]:
+    """``38:337-423,470-1073741823`` (``seccomp.guest_answers``): an errno, and the syscall numbers it answers."""
+    if not text:
+        return errno.EPERM, []
+    err, _, ranges = text.partition(":")
+    bounds = [r.split("-") for r in ranges.split(",") if r]
+    return int(err), [(int(lo), int(hi)) for lo, hi in bounds]
 
 
 def _read_program(path: str) -> bytes | None:
@@ -918,10 +930,10 @@ def _read_program(path: str) -> bytes | None:
         return None
 
 
-def _guard_guest(conn: Any, program: bytes) -> bool:
+def _guard_guest(conn: Any, program: bytes, answers: str) -> bool:
     """Put the agent under the seccomp ``program``; False if this guest kernel cannot."""
     try:
-        _GuestFilter(conn, program)
+        _GuestFilter(conn, program, answers)
     except OSError:
         return False
     return True
@@ -979,6 +991,7 @@ def main() -> None:
     where = os.environ.pop("STOCKADE_AGENT_FD", "3")
     user = os.environ.pop("STOCKADE_AGENT_USER", "")
     program_path = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
+    answers = os.environ.pop("STOCKADE_GUEST_SECCOMP_ANSWERS", "")
     # Read and loaded before the go line, from the initramfs: a VM restored from a
     # snapshot then has them already, instead of reading ctypes over 9p first.
     program = _read_program(program_path) if program_path else None
@@ -1000,7 +1013,7 @@ def main() -> None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)  # from root: drops every capability too
-        guarded = program is not None and _guard_guest(conn, program)
+        guarded = program is not None and _guard_guest(conn, program, answers)
         warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
         freeze_heap()
         agent = Agent(conn, dict(os.environ))
@@ -1016,7 +1029,10 @@ def main() -> None:
         # for the agent's whole life (non-inheritable, so nothing else holds one).
         _KEEP.append(os.dup(1))
         null = os.open("/dev/null", os.O_RDWR)
-        for std in (0, 1):  # children must not inherit the host connection
+        # Children must not inherit the host connection. And nothing of the host may stay
+        # on the agent's descriptors: code in gVisor opens them through /proc/1/fd, whatever
+        # its uid or the agent's dumpability, so stderr (runsc's, on the host) goes too.
+        for std in (0, 1, 2):
             os.dup2(null, std)
         os.close(null)
     else:

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from ..agent import wire
 from ..errors import AgentProtocolError, SandboxClosedError, SandboxError, agent_error
 from ..policy import Policy
-from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
+from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id, violation_key
+from .violations import ViolationLog, ViolationReport
 
 if TYPE_CHECKING:
     import asyncio
@@ -40,6 +41,8 @@ HOST_TIMEOUT_GRACE_S = 2.0
 UNBOUNDED = float("inf")  # exec(timeout=UNBOUNDED): run until it ends or the sandbox closes
 _FOREVER_S = 10.0 * 365 * 24 * 3600
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+# What one write_file carries (docs/sdk.md): the data of one agent frame, base64-encoded.
+MAX_WRITE_BYTES = wire.MAX_DATA_BYTES
 
 
 @dataclass
@@ -112,6 +115,8 @@ class AgentSandbox(abc.ABC):
         # command and is then torn down, so its agent is told not to fork a runner
         # ahead for a next one; that fork would compete for the CPU with the caller.
         self.one_shot = False
+        # The current run's violations, bounded (violations.py); the runtime feeds it.
+        self.violation_log = ViolationLog()
 
     # ---- runtime hooks -----------------------------------------------------------
 
@@ -119,22 +124,32 @@ class AgentSandbox(abc.ABC):
         """Counters of the isolate as a whole (cumulative); ``peak=False`` skips the peak memory."""
         return IsolateUsage()
 
-    def violations(self) -> list[SecurityViolation]:
-        """Every violation the supervisor saw so far (cumulative, in order)."""
-        return []
+    def _collect_violations(self) -> None:
+        """Take in every violation the isolate has made so far: a runtime whose reports
+        are not handed over as they happen (gVisor's log) reads what is pending."""
+        return None
 
     def last_words(self) -> str:
         """What the runtime itself logged (runsc, the VM console), for when the agent vanished."""
         return ""
 
-    def _run_started(self) -> None:
-        """A run's request is about to go out: a runtime that must look for violations
-        while it runs (one not told of each as it happens) starts looking here."""
-        return None
+    def _record_violation(self, violation: SecurityViolation) -> None:
+        """A runtime saw ``violation``: ``_count_violation`` of a report already made."""
+        self._count_violation(violation_key(violation), violation.blocked, lambda: violation)
 
-    def _run_finished(self) -> None:
-        """The run's answer (or its end) is in: whatever ``_run_started`` began stops."""
-        return None
+    def _count_violation(self, name: str, blocked: bool, build: Callable[[], SecurityViolation]) -> None:
+        """A runtime saw a violation named ``name``: count it in the run's report (``build``
+        makes its record while the report has room), and end the isolate if the policy says
+        so. Called from the runtime's own thread (a supervisor, a log reader)."""
+        refused = self.violation_log.tally(name, blocked, build)
+        if blocked and self._kill_reason is None and self._violations_end_run(refused):
+            self._mark_dead("violation")
+
+    def _violations_end_run(self, refused: int) -> bool:
+        """``on_violation="kill"`` ends a run at its first refused call; ``max_violations``
+        ends it once it has made more than that many (a flood)."""
+        limit = self.policy.max_violations
+        return refused > 0 and (self.policy.on_violation == "kill" or (limit is not None and refused > limit))
 
     def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
         """A notification from the agent other than output. Ignored by default: where the
@@ -208,6 +223,7 @@ class AgentSandbox(abc.ABC):
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
+        check_write_size(raw)
         self._agent_call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}, 30.0)
 
     def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
@@ -424,9 +440,9 @@ class AgentSandbox(abc.ABC):
                 }
             )
         before, self.baseline = self.baseline or self.usage(peak=False), None
-        run = _PendingRun(params, wait, before, len(self.violations()), time.monotonic(), execution_id)
-        self._run_started()
-        return run
+        self._collect_violations()
+        self.violation_log.take()  # what came before (between runs of a held sandbox) is no run's
+        return _PendingRun(params, wait, before, time.monotonic(), execution_id)
 
     def _ended(self, exc: BaseException) -> str | None:
         """The isolate stopped answering: kill it, and say why (None for a timeout, which is a verdict)."""
@@ -469,13 +485,10 @@ class AgentSandbox(abc.ABC):
 
     def _finish_run(self, run: _PendingRun, verdict: _Verdict | None, error: str | None) -> ExecResult:
         elapsed = time.monotonic() - run.started
-        self._run_finished()
         after = self.usage()
-        found = self.violations()[run.violations_before :]
-        if self.policy.on_violation == "kill" and any(v.blocked for v in found) and self._kill_reason is None:
-            # A runtime that learns of violations only after the run (gVisor) ends the sandbox now.
-            self._mark_dead("violation")
-        return self._result(verdict, error, elapsed, run.before, after, found, run.execution_id)
+        self._collect_violations()
+        report = self.violation_log.take()
+        return self._result(verdict, error, elapsed, run.before, after, report, run.execution_id)
 
     def _result(
         self,
@@ -484,7 +497,7 @@ class AgentSandbox(abc.ABC):
         elapsed: float,
         before: IsolateUsage,
         after: IsolateUsage,
-        violations: list[SecurityViolation],
+        report: ViolationReport,
         execution_id: str,
     ) -> ExecResult:
         said = verdict or _Verdict()  # no verdict: the agent said nothing
@@ -522,8 +535,12 @@ class AgentSandbox(abc.ABC):
         elif reason == "output_limit":
             error = error or f"output exceeded {cap} bytes and was cut"
         elif reason == "violation":
-            named = ", ".join(dict.fromkeys(v.syscall or v.violation_type for v in violations))
-            error = error or f"killed after a policy violation{f' ({named})' if named else ''}"
+            named = f" ({', '.join(report.counts)})" if report.counts else ""
+            limit = self.policy.max_violations
+            if self.policy.on_violation == "kill" or limit is None:
+                error = error or f"killed after a policy violation{named}"
+            else:
+                error = error or f"killed after {report.blocked} refused calls, more than max_violations={limit}{named}"
         cpu = None
         if after.cpu_seconds is not None and before.cpu_seconds is not None:
             cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
@@ -535,7 +552,9 @@ class AgentSandbox(abc.ABC):
             exit_code=exit_code,
             error=error,
             termination_reason=reason,
-            security_violations=violations,
+            security_violations=report.records,
+            violation_counts=report.counts,
+            violations_dropped=report.dropped,
             execution_time_seconds=round(elapsed, 6),
             cold_start_time_ms=round(self.cold_start_ms, 3),
             resource_usage=ResourceUsage(cpu_seconds=cpu, memory_peak_mb=after.memory_peak_mb),
@@ -703,7 +722,6 @@ class _PendingRun:
     params: dict[str, Any]
     wait: float  # how long the host waits for the agent's verdict
     before: IsolateUsage
-    violations_before: int
     started: float
     execution_id: str  # the result's: drawn when the run begins, or given by its caller
 
@@ -886,6 +904,19 @@ _RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
 def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
     """The agent's ``exec`` request for ``argv`` (before the run's common fields)."""
     return {"argv": list(argv), "cwd": cwd}
+
+
+def check_write_size(data: bytes) -> None:
+    """Refuse a write_file of more than ``MAX_WRITE_BYTES``, before anything is sent.
+
+    Every door calls it (the SDK's sandboxes, the daemon, the daemon's client): the
+    frame alone would take a little more than the documented limit.
+    """
+    if len(data) > MAX_WRITE_BYTES:
+        raise SandboxError(
+            f"write_file data is too large: {len(data)} bytes, and a call takes at most {MAX_WRITE_BYTES} "
+            "(7 MiB); nothing was written"
+        )
 
 
 def code_params(code: str, language: str = "python") -> dict[str, Any]:

@@ -16,7 +16,12 @@ JSON-RPC reaches the same agent as in every runtime.
   probed once per runsc version and kernel and cached;
   ``STOCKADE_GVISOR_PLATFORM`` overrides;
 - violations: gVisor's strace of the dangerous syscalls and its "Unsupported
-  syscall" reports, read from its debug log: ``detection_layer="GVISOR"``;
+  syscall" reports, read from the Sentry's debug log as it is written:
+  ``detection_layer="GVISOR"``;
+- what runsc writes (that log, its stderr) goes into pipes the host drains
+  (drain.py), never into host files a flood could grow; the agent, the
+  container's init, keeps no descriptor of them (code can open another
+  process's descriptors through /proc here, whatever its uid or dumpability);
 - teardown: close the socket (the agent, the container's init, exits), kill
   the Sentry through a pidfd, ``runsc delete --force`` if anything is left,
   remove the bundle, the state and the cgroup. A killed runsc's leftovers
@@ -26,6 +31,7 @@ JSON-RPC reaches the same agent as in every runtime.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -38,10 +44,12 @@ import threading
 import time
 from typing import Any
 
+from ..agent.server import AGENT_FDS
 from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
 from ..result import SecurityViolation
 from .base import BASE_ENV, Availability
+from .drain import Lines, Tail, drain, weak
 from .hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from .pool import PooledRuntime, Reaper, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
@@ -50,9 +58,15 @@ from .process.zygote import AGENT_PARENT, SYSTEM_PYTHON
 AGENT_MOUNT = "/opt/stockade"
 BUNDLE_PREFIX = "stockade-gvisor-"  # + "<host pid>-": the sweep removes a dead host's bundles
 GVISOR_TASKS = 256  # host tasks gVisor itself needs (Sentry, gofer, platform stubs)
+# The Sentry and the gofer are charged to the sandbox's cgroup with the code: with
+# less, a sandbox does not start, or its agent's interpreter is OOM-killed.
+GVISOR_MIN_MB = 64
 START_TIMEOUT_S = 60.0
 PLATFORM_PROBE_TIMEOUT_S = 20.0
-WATCH_INTERVAL_S = 0.02  # how often a run under on_violation=kill reads the Sentry's log
+SENTRY_LOG = "sentry.log"  # a FIFO in the bundle: the Sentry's debug log, drained by the host
+MAX_LOG_LINE = 16384  # a longer line of that log is dropped whole: no report is that long
+STDERR_KEPT = 4096  # bytes of runsc's stderr the host keeps (the last ones)
+LAST_WORDS = 600  # of which an error quotes this many
 # Syscalls gVisor traces for us: a call to one of these is reported, blocked or not.
 TRACED = (
     "ptrace,process_vm_readv,process_vm_writev,mount,umount2,pivot_root,chroot,setns,unshare,kexec_load,"
@@ -62,10 +76,19 @@ TRACED = (
 )
 # glibc registers rseq at every start; gVisor does not implement it, and that is harmless.
 BENIGN_UNSUPPORTED = {"rseq"}
+# A record of the Sentry's log starts with glog's header, some 40 bytes long; what follows
+# it is matched there, never further on, where the code's own bytes (a path) can be.
+_GLOG = rb"[IWEFD]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [\w.-]+:\d+\] "
+_HEADER = re.compile(_GLOG)
+# An strace exit record: "[pid:tid] <task name> X <syscall>(<args>) = <ret> (<hex>)[ errno=N (<why>)]".
+# The task name is the code's to choose (prctl PR_SET_NAME): up to 15 bytes of anything,
+# spaces, " X name(" and newlines included. Taken greedily, it ends at the last " X name("
+# within those 15 bytes: the real one, since the arguments gVisor prints after it begin
+# with what it formats itself (constants, addresses), never with the code's bytes.
 _STRACE_EXIT = re.compile(
-    r"\[\s*(\d+):\s*(\d+)\] \S+ X (\w+)\(.*\) = -?\d+ \(0x[0-9a-f]+\)(?: errno=(\d+) \(([^)]*)\))?"
+    _GLOG + rb"\[\s*(\d+):\s*(\d+)\] (?s:.{0,15}) X (\w+)\(.*\) = -?\d+ \(0x[0-9a-f]+\)(?: errno=(\d+) \(([^)]*)\))?"
 )
-_UNSUPPORTED = re.compile(r"Unsupported syscall (\w+)\(")
+_UNSUPPORTED = re.compile(_GLOG + rb"Unsupported syscall (\w+)\(")
 _counter = iter(range(1, 1 << 62))
 # -S skips site (slow under gVisor); the site directories Debian's python3 would
 # add are appended by hand so that code run in the sandbox finds the same packages.
@@ -113,18 +136,27 @@ class GvisorSandbox(HostedSandbox):
         bundle: str,
         root: str,
         cgroup: IsolateCgroup | None,
+        log_fd: int,
+        err_fd: int,
     ) -> None:
         super().__init__(policy, conn, proc, bundle, cgroup)
         self.container_id = container_id
         self.bundle = bundle
         self.root = root
-        self._log_offset = 0
-        self._violations: list[SecurityViolation] = []
-        self._vlock = threading.Lock()
-        self._watching: threading.Event | None = None  # set to stop the current run's watcher
+        # The read ends of the Sentry's log (a FIFO) and of runsc's stderr (a pipe): the
+        # sandbox owns them, the drain reads them (each line of the log as it comes, so a
+        # refused call under on_violation=kill ends the sandbox then, not after the run).
+        self.log_fd, self.err_fd = log_fd, err_fd
+        self._log = Lines(MAX_LOG_LINE)
+        self._record = b""  # the log record being read: a task name with a newline splits one
+        self._stderr = Tail(STDERR_KEPT)
+        drain().watch(err_fd, self._stderr.feed)
+        drain().watch(log_fd, weak(self._read_log))
 
     def last_words(self) -> str:
-        return _runsc_log(self.bundle)
+        if self.err_fd >= 0:
+            drain().flush(self.err_fd)
+        return self._stderr.text()[-LAST_WORDS:].strip()
 
     def attach_sentry(self) -> None:
         """Open a pidfd on the Sentry (the sandbox process) once it has started."""
@@ -137,80 +169,72 @@ class GvisorSandbox(HostedSandbox):
         if self.cgroup is not None:
             self.unenforced_limits = _apply_limits(self.cgroup, policy)
 
-    def violations(self) -> list[SecurityViolation]:
-        with self._vlock:
-            self._violations.extend(self._read_log())
-            return list(self._violations)
+    def _collect_violations(self) -> None:
+        # The Sentry writes a traced call's line before the call returns to the code:
+        # whatever a run did is in the FIFO, if not read already, once its answer is in.
+        if self.log_fd >= 0:
+            drain().flush(self.log_fd)
 
-    def _run_started(self) -> None:
-        # gVisor tells of violations only in its log: with on_violation=kill the
-        # log is read while the run goes, so the sandbox ends within a poll of
-        # the call, not when the run is over.
-        if self.policy.on_violation != "kill" or self._watching is not None:
-            return
-        stop = self._watching = threading.Event()
-        threading.Thread(target=self._watch, args=(stop,), name="stockade-gvisor-watch", daemon=True).start()
+    def _read_log(self, chunk: bytes) -> None:
+        """Strace exits and unsupported-syscall reports in a piece of the Sentry's debug log."""
+        for line in self._log.feed(chunk):
+            if _HEADER.match(line):
+                record = self._record = line
+            elif self._record and len(self._record) + len(line) < MAX_LOG_LINE:
+                # A line without a header continues the record: a newline in the task's
+                # name (at most 15 bytes, too short to forge a header) split it.
+                record = self._record = self._record + b"\n" + line
+            else:
+                self._record = b""
+                continue
+            if b" X " in record and (m := _STRACE_EXIT.match(record)) is not None:
+                self._record = b""
+                pid, name, refused = int(m.group(1)), m.group(3).decode(), m.group(4) is not None
+                why = (m.group(5) or b"").decode(errors="replace")
+                self._count_violation(name, refused, functools.partial(_traced, name, refused, why, pid))
+            elif b"Unsupported syscall" in record and (u := _UNSUPPORTED.match(record)) is not None:
+                self._record = b""
+                name = u.group(1).decode()
+                if name not in BENIGN_UNSUPPORTED:
+                    self._count_violation(name, True, functools.partial(_unsupported, name))
 
-    def _run_finished(self) -> None:
-        if self._watching is not None:
-            self._watching.set()
-            self._watching = None
-
-    def _watch(self, stop: threading.Event) -> None:
-        while not stop.wait(WATCH_INTERVAL_S) and not self._dead:
-            with self._vlock:
-                found = self._read_log()
-                self._violations.extend(found)
-            if any(v.blocked for v in found):
-                self._mark_dead("violation")
-                return
-
-    def _read_log(self) -> list[SecurityViolation]:
-        """New strace exits and unsupported-syscall reports in the Sentry's debug log."""
-        found: list[SecurityViolation] = []
-        log_dir = os.path.join(self.bundle, "logs")
-        try:
-            boot = next(os.path.join(log_dir, n) for n in os.listdir(log_dir) if n.endswith(".boot.txt"))
-            with open(boot, "rb") as f:
-                f.seek(self._log_offset)
-                chunk = f.read()
-        except (OSError, StopIteration):
-            return found
-        complete = chunk.rfind(b"\n") + 1
-        self._log_offset += complete
-        for line in chunk[:complete].decode(errors="replace").splitlines():
-            if (m := _STRACE_EXIT.search(line)) is not None:
-                pid, name, errno_, why = int(m.group(1)), m.group(3), m.group(4), m.group(5)
-                found.append(
-                    SecurityViolation(
-                        violation_type="blocked_syscall" if errno_ else "sensitive_syscall",
-                        syscall=name,
-                        severity="HIGH",
-                        description=(
-                            f"{name}: refused by gVisor ({why})"
-                            if errno_
-                            else f"{name}: allowed inside gVisor's kernel, never reached the host"
-                        ),
-                        detection_layer="GVISOR",
-                        blocked=bool(errno_),
-                        pid=pid,
-                    )
-                )
-            elif (u := _UNSUPPORTED.search(line)) is not None and u.group(1) not in BENIGN_UNSUPPORTED:
-                found.append(
-                    SecurityViolation(
-                        violation_type="unsupported_syscall",
-                        syscall=u.group(1),
-                        severity="LOW",
-                        description=f"{u.group(1)}: not implemented by gVisor (the call failed with ENOSYS)",
-                        detection_layer="GVISOR",
-                        blocked=True,
-                    )
-                )
-        return found
+    def _forget_logs(self) -> None:
+        for fd in (self.log_fd, self.err_fd):
+            if fd >= 0:
+                drain().forget(fd)
+        self.log_fd = self.err_fd = -1
 
     def _release_program(self) -> None:
         _runsc_delete(self.root, self.container_id)
+        self._forget_logs()
+
+
+def _traced(name: str, refused: bool, why: str, pid: int) -> SecurityViolation:
+    """The report of a traced call: refused by gVisor (``why``: its errno's words) or allowed."""
+    return SecurityViolation(
+        violation_type="blocked_syscall" if refused else "sensitive_syscall",
+        syscall=name,
+        severity="HIGH",
+        description=(
+            f"{name}: refused by gVisor ({why})"
+            if refused
+            else f"{name}: allowed inside gVisor's kernel, never reached the host"
+        ),
+        detection_layer="GVISOR",
+        blocked=refused,
+        pid=pid,
+    )
+
+
+def _unsupported(name: str) -> SecurityViolation:
+    return SecurityViolation(
+        violation_type="unsupported_syscall",
+        syscall=name,
+        severity="LOW",
+        description=f"{name}: not implemented by gVisor (the call failed with ENOSYS)",
+        detection_layer="GVISOR",
+        blocked=True,
+    )
 
 
 def _runsc_delete(root: str, container_id: str) -> None:
@@ -303,6 +327,8 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         cgroup: IsolateCgroup | None = None
         host, guest = socket.socketpair()
         proc: subprocess.Popen[bytes] | None = None
+        sandbox: GvisorSandbox | None = None
+        log_fd = err_fd = -1
         try:
             _write_bundle(bundle, policy, warm)
             cgroup = manager.create() if manager.layout.version != "none" else None
@@ -310,23 +336,35 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             if cgroup is not None:
                 unenforced = _apply_limits(cgroup, policy)
             os.makedirs(self._root, mode=0o700, exist_ok=True)
+            # Only the Sentry logs (--debug-command=boot), into a FIFO the host drains, opened
+            # here first so that runsc's open of it does not wait for a reader.
+            log_path = os.path.join(bundle, SENTRY_LOG)
+            os.mkfifo(log_path, 0o600)
+            log_fd = os.open(log_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             cmd = [
                 runsc, f"--root={self._root}", f"--platform={platform}", "--network=none", "--ignore-cgroups",
-                f"--debug-log={bundle}/logs/", "--strace", f"--strace-syscalls={TRACED}",
+                f"--debug-log={log_path}", "--debug-command=boot", "--strace", f"--strace-syscalls={TRACED}",
                 "run", "--bundle", bundle, "--pid-file", f"{bundle}/pid", container_id,
             ]  # fmt: skip
             # A shell puts itself in the isolate's cgroup, then becomes runsc: every
-            # process runsc starts (Sentry, gofer) is born inside the limits.
-            with open(os.path.join(bundle, "runsc.err"), "ab") as err:
+            # process runsc starts (Sentry, gofer) is born inside the limits. Its stderr,
+            # which is also the container's, is a pipe: the agent puts /dev/null there for
+            # itself, and what runsc says goes to the drain, of which the host keeps a tail.
+            err_fd, err_w = os.pipe2(os.O_CLOEXEC)
+            try:
                 proc = spawn_in_cgroup(
-                    cmd, cgroup, stdin=guest.fileno(), stdout=guest.fileno(), stderr=err, label="stockade-gvisor"
+                    cmd, cgroup, stdin=guest.fileno(), stdout=guest.fileno(), stderr=err_w, label="stockade-gvisor"
                 )
+            finally:
+                os.close(err_w)
             guest.close()
-            sandbox = GvisorSandbox(policy, host, proc, container_id, bundle, self._root, cgroup)
+            sandbox = GvisorSandbox(policy, host, proc, container_id, bundle, self._root, cgroup, log_fd, err_fd)
+            log_fd = err_fd = -1  # the sandbox's now
             try:
                 sandbox.ping(timeout=START_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - any failure here is a failed start, with runsc's words
-                raise SandboxStartError(f"gVisor sandbox did not start: {_tail(bundle)} ({exc})") from None
+                words = sandbox.last_words() or "runsc said nothing"
+                raise SandboxStartError(f"gVisor sandbox did not start: {words} ({exc})") from None
             sandbox.attach_sentry()
             sandbox.unenforced_limits = unenforced
             sandbox.cold_start_ms = (time.monotonic() - started) * 1000
@@ -336,6 +374,11 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             host.close()
             abandon_start(proc, cgroup, bundle)
             _runsc_delete(self._root, container_id)
+            if sandbox is not None:
+                sandbox._forget_logs()
+            for fd in (log_fd, err_fd):
+                if fd >= 0:
+                    os.close(fd)
             raise
 
 
@@ -343,13 +386,15 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
     # The group holds gVisor itself (the Sentry's and gofer's host threads) and,
     # under the ptrace platform, several host tasks per sandboxed process: its
     # count is a generous backstop; RLIMIT_NPROC inside gVisor is the exact limit.
-    missing = cgroup.apply_limits(policy.memory_mb, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit)
+    memory = max(policy.memory_mb, GVISOR_MIN_MB)
+    missing = cgroup.apply_limits(memory, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit)
+    if policy.memory_mb < GVISOR_MIN_MB:
+        missing.append(f"memory_mb below {GVISOR_MIN_MB}: the sandbox gets {GVISOR_MIN_MB} MB (gVisor itself counts)")
     return missing
 
 
 def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
     rootfs = os.path.join(bundle, "rootfs")
-    os.makedirs(os.path.join(bundle, "logs"))
     for name in ("usr", "proc", "dev", "tmp", "work", "etc", "opt/stockade/agent"):
         os.makedirs(os.path.join(rootfs, name), mode=0o755)
     for name in ("bin", "sbin", "lib", "lib64"):
@@ -388,6 +433,7 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         mounts.append({"destination": m.target, "type": "bind", "source": m.source,
                        "options": ["rbind", "rw" if m.writable else "ro", "nosuid", "nodev"]})  # fmt: skip
     env = {**BASE_ENV, "STOCKADE_AGENT_FD": "stdio", "STOCKADE_AGENT_WARM": "1" if warm else "0"}
+    open_files = max(policy.max_open_files, AGENT_FDS)
     config = {
         "ociVersion": "1.0.2",
         "process": {
@@ -399,7 +445,9 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
             "noNewPrivileges": True,
             "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
             "rlimits": [
-                {"type": "RLIMIT_NOFILE", "hard": policy.max_open_files, "soft": policy.max_open_files},
+                # The agent's own need; a command gets the policy's limit from the agent (a runner
+                # when it is lower).
+                {"type": "RLIMIT_NOFILE", "hard": open_files, "soft": open_files},
                 {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
                 {"type": "RLIMIT_NPROC", "hard": policy.pids_limit, "soft": policy.pids_limit},
                 {"type": "RLIMIT_FSIZE", "hard": policy.max_file_size_mb << 20, "soft": policy.max_file_size_mb << 20},
@@ -412,19 +460,6 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
     }
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f)
-
-
-def _tail(bundle: str) -> str:
-    return _runsc_log(bundle) or "runsc said nothing"
-
-
-def _runsc_log(bundle: str) -> str:
-    """The end of runsc's log ("" when it logged nothing)."""
-    try:
-        with open(os.path.join(bundle, "runsc.err"), "rb") as f:
-            return f.read()[-600:].decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def _runsc_version(runsc: str) -> str:

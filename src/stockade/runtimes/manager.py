@@ -14,11 +14,10 @@ import threading
 from typing import Any
 
 from ..errors import RuntimeUnavailableError
-from ..isolation import LEVELS, rank, trust_map
+from ..isolation import LEVELS, RUNTIME_NAMES, rank, trust_map
 from ..policy import Policy
 from .base import Availability, Runtime
 
-RUNTIME_NAMES = ("process", "gvisor", "microvm", "fake")
 LEVEL_TO_RUNTIME = {"none": "fake", "process": "process", "gvisor": "gvisor", "microvm": "microvm"}
 DEFAULT_RUNTIME = "process"
 

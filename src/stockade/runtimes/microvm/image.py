@@ -115,7 +115,7 @@ export HOME=/work TMPDIR=/tmp LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin
 # After "go" the agent has the kernel reseed its generator from the seed, then drops to uid 1000.
 export STOCKADE_AGENT_FD=device:3 STOCKADE_AGENT_USER=1000 STOCKADE_RESEED=1 STOCKADE_AGENT_WAIT=stdin
 # ... and puts itself under the process runtime's seccomp profile, compiled by the host.
-export STOCKADE_GUEST_SECCOMP=/opt/stockade/seccomp.bpf
+export STOCKADE_GUEST_SECCOMP=/opt/stockade/seccomp.bpf STOCKADE_GUEST_SECCOMP_ANSWERS=__ANSWERS__
 setup | /usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import server
 server.main()"
 poweroff -f
@@ -280,6 +280,7 @@ def _inputs_key(package: str) -> str:
             with open(os.path.join(agent_dir, name), "rb") as f:
                 h.update(name.encode() + f.read())
     h.update(seccomp.default_program())  # the guest's filter: the profile as this host compiles it
+    h.update(seccomp.guest_answers().encode())  # and how its agent answers what the filter refuses
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             h.update(f.read())  # changes whenever the host's libraries do
@@ -364,7 +365,8 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
     interpreter = _interpreter_entries({path for path, mode, _ in entries if stat.S_ISDIR(mode)})
     entries += interpreter
     entries += _bytecode_entries(entries)
-    entries.append(("init", stat.S_IFREG | 0o755, INIT.replace("__MODULES__", " ".join(MODULES)).encode()))
+    init = INIT.replace("__MODULES__", " ".join(MODULES)).replace("__ANSWERS__", seccomp.guest_answers())
+    entries.append(("init", stat.S_IFREG | 0o755, init.encode()))
     with open(out, "wb") as archive:
         for ino, (path, mode, data) in enumerate(entries, start=1):
             _cpio_entry(archive, ino, path, mode, data)

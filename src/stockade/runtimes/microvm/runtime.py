@@ -54,7 +54,6 @@ QEMU_OVERHEAD_MB = 256
 TCG_CACHE_MB = 128  # the emulator's own memory (TCG translation cache, device state)
 MIN_GUEST_MB = 128
 MICROVM_POOL_SHAPES = 2  # the default shape and one more, unless STOCKADE_POOL_SHAPES says otherwise
-MAX_GUEST_VIOLATIONS = 1000  # kept per VM; a guest can report any number
 RUN_PREFIX = "stockade-microvm-"
 _counter = iter(range(1, 1 << 62))
 _OOM = re.compile(rb"Out of memory: Killed process|oom-kill:")
@@ -87,8 +86,6 @@ class MicrovmSandbox(HostedSandbox):
         self.restored = False  # resumed from a snapshot rather than booted
         self.pidfd = os.pidfd_open(proc.pid)
         self.guest_seccomp = False  # the guest's agent keeps the seccomp profile (its ping says)
-        self._violations: list[SecurityViolation] = []
-        self._violations_lock = threading.Lock()
 
     def last_words(self) -> str:
         return _vm_log(self.rundir)
@@ -104,28 +101,19 @@ class MicrovmSandbox(HostedSandbox):
             return []
         return ["seccomp inside the guest: its kernel refused the filter, so no syscall violations are seen"]
 
-    def violations(self) -> list[SecurityViolation]:
-        with self._violations_lock:
-            return list(self._violations)
-
     def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
         """The guest's filter refused a call (agent/server.py ``_GuestFilter``).
 
         Reported by the agent inside the VM, not seen by the host: believed as
         far as it goes (a guest can hide its own calls from this report, never
-        make them succeed), and bounded, since a guest can send any number.
+        make them succeed), and bounded like every runtime's (violations.py),
+        since a guest can send any number.
         """
-        if method != "violation" or not self.guest_seccomp or len(self._violations) >= MAX_GUEST_VIOLATIONS:
-            return  # past the cap, a flood costs no more than reading it
-        violation = guest_violation(params)
-        if violation is None:
+        if method != "violation" or not self.guest_seccomp:
             return
-        with self._violations_lock:
-            if len(self._violations) >= MAX_GUEST_VIOLATIONS:
-                return  # the first ones are kept: enough to judge the run by
-            self._violations.append(violation)
-        if self.policy.on_violation == "kill":
-            self._mark_dead("violation")
+        violation = guest_violation(params)
+        if violation is not None:
+            self._record_violation(violation)
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         usage = super().usage(peak)
@@ -365,7 +353,7 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
 def guest_violation(params: dict[str, Any]) -> SecurityViolation | None:
     """The report of the guest filter's ``violation`` notification, or None if it is malformed."""
     nr, args, pid = params.get("nr"), params.get("args"), params.get("pid")
-    if not isinstance(nr, int) or isinstance(nr, bool) or not 0 <= nr < 1024:
+    if not isinstance(nr, int) or isinstance(nr, bool) or not 0 <= nr < seccomp.X32_SYSCALL_BIT:
         return None
     if not isinstance(args, list) or len(args) > 6 or not all(_is_int(a) and 0 <= a < 1 << 64 for a in args):
         return None

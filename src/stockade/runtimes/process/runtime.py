@@ -23,19 +23,16 @@ import time
 from typing import Any
 
 from ...agent import linux, wire
-from ...errors import PolicyError, SandboxStartError
+from ...errors import PolicyError, SandboxStartError, StockadeError
 from ...policy import Policy, default_policy
-from ...result import SecurityViolation
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
 from ..pool import PooledRuntime, Reaper, WarmPool
 from . import seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
+from .uids import UidAllocator, UidLease, UidRange
 from .zygote import SYSTEM_PYTHON, Zygote
 
 HANDSHAKE_TIMEOUT_S = 10.0
-# Outside the user namespace, isolates run as this uid when stockade is root.
-SANDBOX_UID = int(os.environ.get("STOCKADE_SANDBOX_UID", "65534"))
-SANDBOX_GID = int(os.environ.get("STOCKADE_SANDBOX_GID", "65534"))
 
 
 def isolate_shape(policy: Policy) -> tuple[Any, ...]:
@@ -54,27 +51,17 @@ class ProcessSandbox(AgentSandbox):
         cgroup: IsolateCgroup | None,
         pidfd: int,
         listener: int,
+        uid: UidLease | None,
     ) -> None:
         super().__init__(policy, conn, cold_start_ms)
         self.cgroup = cgroup
+        self.uid = uid  # the host uid this isolate runs as (None: rootless, the caller's own)
         self.pidfd = pidfd
         self.listener = listener
-        self._violations: list[SecurityViolation] = []
-        self._vlock = threading.Lock()
         self._released = False
-        seccomp.supervisor().watch(listener, self._on_violation)
-
-    def _on_violation(self, violation: SecurityViolation) -> None:
-        with self._vlock:
-            self._violations.append(violation)
-        if self.policy.on_violation == "kill":
-            self._mark_dead("violation")
-
-    def violations(self) -> list[SecurityViolation]:
-        # The supervisor records a violation before it lets the blocked call
-        # return, so every violation of a run is here by the time its reply is.
-        with self._vlock:
-            return list(self._violations)
+        # The supervisor records a violation before it lets the blocked call return,
+        # so every violation of a run is in the log by the time its reply is.
+        seccomp.supervisor().watch(listener, self._record_violation)
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
@@ -109,6 +96,8 @@ class ProcessSandbox(AgentSandbox):
             self.pidfd = -1
         if self.cgroup is not None:
             self.cgroup.remove()
+        if self.uid is not None:
+            self.uid.release()  # its processes are gone (or named in the lease, if the group lingers)
 
 
 class ProcessRuntime(PooledRuntime[ProcessSandbox]):
@@ -122,6 +111,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         self._bpf: bytes | None = None
         self._landlock_abi = 0
         self._next_cgroup: IsolateCgroup | None = None  # where the zygote's spare child waits
+        self._next_uid: UidLease | None = None  # and the uid it runs as
+        self._uids: UidAllocator | None = None  # as root: one host uid per live isolate
         self._pool: WarmPool[ProcessSandbox] | None = None
         if pool_size > 0:
             self._pool = WarmPool(
@@ -189,9 +180,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 self._zygote.close()  # its spare child dies with it (PDEATHSIG)
                 self._zygote = None
             nxt, self._next_cgroup = self._next_cgroup, None
+            nxt_uid, self._next_uid = self._next_uid, None
         if nxt is not None:
             nxt.kill()
             nxt.remove()
+        if nxt_uid is not None:
+            nxt_uid.release()
         retry_leftovers()
 
     def _build(self, policy: Policy, warm: bool = False) -> ProcessSandbox:
@@ -202,14 +196,24 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         assert self._bpf is not None
         manager = self._cgroups.get()
         with self._lock:
-            cgroup, self._next_cgroup = self._next_cgroup, None  # the zygote's spare child is in it
+            # The zygote's spare child is in this cgroup, as this uid.
+            cgroup, self._next_cgroup = self._next_cgroup, None
+            uid, self._next_uid = self._next_uid, None
         try:
             if cgroup is None and manager.layout.version != "none":
                 cgroup = manager.create()
+            if uid is None:
+                uid = self._lease_uid(cgroup)
         except OSError as exc:
+            if cgroup is not None:
+                cgroup.remove()
             raise SandboxStartError(f"cannot create the isolate's cgroup: {exc}") from None
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
         host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        config = self._config(policy, cgroup)
+        config = self._config(policy, cgroup, uid)
         config["warm"] = warm
         pidfd = listener = -1
         try:
@@ -221,7 +225,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             zygote.spawn(config, guest.fileno())
             guest.close()
             pidfd, listener = _handshake(host)
-            sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener)
+            sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener, uid)
             sandbox.unenforced_limits = unenforced
             # Off the critical path: the caller is about to run something in this isolate.
             self._reaper.defer(lambda: self._prepare_next(zygote, manager))
@@ -236,39 +240,58 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             if cgroup is not None:
                 cgroup.kill()
                 cgroup.remove()
+            if uid is not None:
+                uid.release()
             raise
         return sandbox
 
     def _prepare_next(self, zygote: Zygote, manager: CgroupManager) -> None:
-        """Make the next isolate's cgroup now and have the zygote fork a child ahead into it."""
+        """Make the next isolate's cgroup and uid now and have the zygote fork a child ahead into them."""
         nxt: IsolateCgroup | None = None
-        if manager.layout.version != "none":
-            try:
+        uid: UidLease | None = None
+        try:
+            if manager.layout.version != "none":
                 nxt = manager.create()
                 limits = default_policy()
                 nxt.apply_limits(limits.memory_mb, limits.pids_limit, limits.cpu_limit)  # the usual case, written now
-            except OSError:
-                return  # the next start creates its own
+            uid = self._lease_uid(nxt)
+        except (OSError, StockadeError):
+            if nxt is not None:
+                nxt.remove()
+            return  # the next start makes its own (and reports what fails)
         with self._lock:
             current = self._zygote is zygote
             if current:
                 stale, self._next_cgroup = self._next_cgroup, nxt
+                stale_uid, self._next_uid = self._next_uid, uid
             else:
                 # Closed (or replaced) meanwhile: close() has already emptied the
                 # slot, and a group put there now would never be removed.
-                stale = nxt
+                stale, stale_uid = nxt, uid
         if stale is not None:
             stale.kill()
             stale.remove()
+        if stale_uid is not None:
+            stale_uid.release()
         if not current:
             return
         try:
-            zygote.prepare(nxt.procs_files if nxt is not None else [], *_outer_ids())
+            zygote.prepare(nxt.procs_files if nxt is not None else [], *_outer_ids(uid))
         except SandboxStartError:
             return
 
-    def _config(self, policy: Policy, cgroup: IsolateCgroup | None) -> dict[str, Any]:
-        outer_uid, outer_gid = _outer_ids()
+    def _lease_uid(self, cgroup: IsolateCgroup | None) -> UidLease | None:
+        """As root, a host uid of the isolate's own (rootless: None, the caller's uid)."""
+        if os.getuid() != 0:
+            return None
+        if self._uids is None:
+            self._uids = UidAllocator(UidRange.from_env())
+        lease = self._uids.lease()
+        lease.record(cgroup.procs_files if cgroup is not None else [])
+        return lease
+
+    def _config(self, policy: Policy, cgroup: IsolateCgroup | None, uid: UidLease | None) -> dict[str, Any]:
+        outer_uid, outer_gid = _outer_ids(uid)
         return {
             "cgroup_procs": cgroup.procs_files if cgroup else [],
             "outer_uid": outer_uid,
@@ -284,14 +307,15 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         }
 
 
-def _outer_ids() -> tuple[int | None, int | None]:
-    """The uid/gid an isolate runs as outside its user namespace: as root, the sandbox
-    ids; rootless, None (the caller's own ids, which it cannot leave)."""
-    return (SANDBOX_UID, SANDBOX_GID) if os.getuid() == 0 else (None, None)
+def _outer_ids(uid: UidLease | None) -> tuple[int | None, int | None]:
+    """The uid/gid an isolate runs as outside its user namespace: as root, its leased
+    uid (the gid is the same number); rootless, None (the caller's own ids)."""
+    return (uid.uid, uid.uid) if uid is not None else (None, None)
 
 
 def check_mount_sources(policy: Policy) -> None:
-    """Shared paths are opened with the sandbox's uid: say so before building anything."""
+    """Shared paths are opened with the sandbox's uid, a different one for each
+    isolate (as root): they must be open to others. Say so before building anything."""
     for i, mount in enumerate(policy.filesystem_access):
         where = f"filesystem_access[{i}]: {mount.source}"
         if not os.path.exists(mount.source):
@@ -302,15 +326,13 @@ def check_mount_sources(policy: Policy) -> None:
         for part in mount.source.strip("/").split("/"):
             path += "/" + part
             st = os.stat(path)
-            if stat.S_ISDIR(st.st_mode) and st.st_uid != SANDBOX_UID and not st.st_mode & stat.S_IXOTH:
-                raise PolicyError(
-                    f"{where} is not accessible to the sandbox uid {SANDBOX_UID}: {path} is not searchable by others"
-                )
+            if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
+                raise PolicyError(f"{where} is not accessible to the sandbox's uid: {path} is not searchable by others")
         st = os.stat(mount.source)
         need = stat.S_IROTH | (stat.S_IWOTH if mount.writable and stat.S_ISDIR(st.st_mode) else 0)
-        if st.st_uid != SANDBOX_UID and st.st_mode & need != need:
+        if st.st_mode & need != need:
             raise PolicyError(
-                f"{where} is not accessible to the sandbox uid {SANDBOX_UID} "
+                f"{where} is not accessible to the sandbox's uid "
                 f"(needs to be {'readable and writable' if need & stat.S_IWOTH else 'readable'} by others)"
             )
 

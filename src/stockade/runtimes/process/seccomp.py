@@ -5,9 +5,14 @@ and the reason it is there. ``compile_profile`` turns it into a classic-BPF
 program (x86_64 only; any other architecture or the x32 ABI is refused). Rules
 with action ``notify`` return ``SECCOMP_RET_USER_NOTIF``: the kernel suspends
 the call and asks the listener, which the isolate hands to the host at start.
+A syscall number the table in ``syscalls_x86_64.py`` does not name (one newer
+than the profile) is refused and reported too, by the profile's
+``unknown_syscalls`` entry: a kernel upgrade cannot open a hole the profile
+was never told about.
 
 ``Supervisor`` is one host thread that answers every isolate's notifications:
-each blocked call fails with EPERM and is recorded as a ``SecurityViolation``
+each blocked call fails (EPERM; an unknown number ENOSYS, as on a kernel
+without it, so libc falls back) and is recorded as a ``SecurityViolation``
 (``detection_layer="SECCOMP"``). The report comes from the host, not from code
 inside the sandbox, so the sandboxed code cannot hide or forge it.
 """
@@ -46,6 +51,7 @@ _AND = 0x54
 _RET = 0x06
 
 SYSCALL_NAMES = {nr: name for name, nr in SYSCALLS_X86_64.items()}
+UNKNOWN = "unknown_syscalls"  # the profile's entry for numbers the table does not name
 
 
 @dataclass(frozen=True)
@@ -64,27 +70,77 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
 
 
 @cache
-def load_profile() -> tuple[Rule, ...]:
+def _load() -> tuple[tuple[Rule, ...], Rule]:
     text = resources.files(__package__).joinpath("seccomp_profile.json").read_text()
     raw = json.loads(text)
     rules = []
     for entry in raw["rules"]:
         if entry["syscall"] not in SYSCALLS_X86_64:
             raise ValueError(f"seccomp profile names unknown syscall {entry['syscall']!r}")
-        if not entry.get("comment"):
-            raise ValueError(f"seccomp rule for {entry['syscall']} has no comment saying why")
-        rules.append(
-            Rule(
-                syscall=entry["syscall"],
-                action=entry["action"],
-                severity=entry.get("severity", "HIGH"),
-                comment=entry["comment"],
-                when=entry.get("when"),
-                errno=entry.get("errno", errno.EPERM),
-                report=entry.get("report", True),
-            )
-        )
-    return tuple(rules)
+        rules.append(_rule(entry["syscall"], entry))
+    unknown = _rule(UNKNOWN, raw[UNKNOWN])
+    if unknown.when is not None:
+        raise ValueError(f"{UNKNOWN} cannot have conditions: the arguments of an unknown call mean nothing yet")
+    return tuple(rules), unknown
+
+
+def _rule(syscall: str, entry: dict[str, Any]) -> Rule:
+    if not entry.get("comment"):
+        raise ValueError(f"seccomp rule for {syscall} has no comment saying why")
+    rule = Rule(
+        syscall=syscall,
+        action=entry["action"],
+        severity=entry.get("severity", "HIGH"),
+        comment=entry["comment"],
+        when=entry.get("when"),
+        errno=entry.get("errno", errno.EPERM),
+        report=entry.get("report", True),
+    )
+    if rule.action == "notify" and rule.errno != errno.EPERM and syscall != UNKNOWN:
+        # A microVM guest's agent answers its notifications knowing only the unknown numbers' errno.
+        raise ValueError(f"seccomp rule for {syscall}: a notify rule is answered EPERM")
+    return rule
+
+
+def load_profile() -> tuple[Rule, ...]:
+    return _load()[0]
+
+
+def unknown_rule() -> Rule:
+    """What becomes of a syscall number the table does not name."""
+    return _load()[1]
+
+
+@cache
+def unknown_ranges() -> tuple[tuple[int, int], ...]:
+    """The numbers below the x32 bit that the table does not name, as inclusive ranges.
+
+    The table has a hole where x86_64 skipped the numbers other architectures
+    use (337-423 today; the kernel fills it with x86-only calls now and then),
+    and ends at the newest call the profile was reviewed for.
+    """
+    ranges = []
+    expected = 0
+    for nr in sorted(set(SYSCALLS_X86_64.values())):
+        if nr > expected:
+            ranges.append((expected, nr - 1))
+        expected = nr + 1
+    ranges.append((expected, X32_SYSCALL_BIT - 1))
+    return tuple(ranges)
+
+
+def is_unknown(nr: int) -> bool:
+    return nr not in SYSCALL_NAMES and 0 <= nr < X32_SYSCALL_BIT
+
+
+def guest_answers() -> str:
+    """The errno of unknown numbers and their ranges, for a microVM guest's agent: ``38:337-423,470-1073741823``.
+
+    The guest's agent answers its filter's notifications without the profile:
+    EPERM, except for these.
+    """
+    ranges = ",".join(f"{lo}-{hi}" for lo, hi in unknown_ranges())
+    return f"{unknown_rule().errno}:{ranges}"
 
 
 def _action(rule: Rule) -> int:
@@ -117,8 +173,9 @@ def _test(cond: dict[str, Any], fail: int) -> list[bytes]:
         return [load, _insn(_AND, cond["mask"]), _insn(_JEQ, cond["value"], 0, fail)]
     if op == "not_in":
         values = list(cond["values"])
+        masked = [load] + ([_insn(_AND, cond["mask"])] if "mask" in cond else [])
         # equal to an allowed value: jump over the remaining tests, then ``fail`` more
-        return [load] + [_insn(_JEQ, v, len(values) - 1 - i + fail, 0) for i, v in enumerate(values)]
+        return masked + [_insn(_JEQ, v, len(values) - 1 - i + fail, 0) for i, v in enumerate(values)]
     raise ValueError(f"unknown condition op {op!r}")
 
 
@@ -139,7 +196,7 @@ def _holds(cond: dict[str, Any], args: tuple[int, ...]) -> bool:
         (op == "eq" and value == cond["value"])
         or (op == "masked_any" and value & cond["value"])
         or (op == "masked_eq" and value & cond["mask"] == cond["value"])
-        or (op == "not_in" and value not in cond["values"])
+        or (op == "not_in" and value & cond.get("mask", 0xFFFFFFFF) not in cond["values"])
     )
 
 
@@ -159,6 +216,12 @@ def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
         _insn(_JGE, X32_SYSCALL_BIT, 0, 1),
         _insn(_RET, RET_ERRNO | errno.ENOSYS),
     ]
+    unknown = _action(unknown_rule())
+    for lo, hi in unknown_ranges():
+        if hi == X32_SYSCALL_BIT - 1:  # every number from lo up (the x32 bit was refused above)
+            program += [_insn(_JGE, lo, 0, 1), _insn(_RET, unknown)]
+        else:
+            program += [_insn(_JGE, lo, 0, 2), _insn(_JGE, hi + 1, 1, 0), _insn(_RET, unknown)]
     groups: dict[str, list[Rule]] = {}
     for rule in rules:
         groups.setdefault(rule.syscall, []).append(rule)
@@ -178,6 +241,8 @@ def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
 
 
 def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
+    if is_unknown(nr):
+        return unknown_rule()
     name = SYSCALL_NAMES.get(nr)
     for rule in load_profile():
         if rule.syscall == name and all(_holds(c, args) for c in _conditions(rule)):
@@ -250,13 +315,14 @@ class Supervisor:
             return  # ENOENT: the caller died meanwhile; EBADF: forgotten
         notif_id, pid, nr, args = notif
         violation = violation_for(nr, args, pid)
+        rule = _rule_for(nr, args)
         with self._lock:
             sink = self._sinks.get(fd)
         # Record before answering: the blocked call cannot return, so nothing the
         # sandboxed code does afterwards (finishing, replying) can overtake the report.
         if sink is not None:
             sink(violation)
-        linux.seccomp_notif_deny(fd, notif_id, errno.EPERM)
+        linux.seccomp_notif_deny(fd, notif_id, rule.errno if rule else errno.EPERM)
 
 
 def violation_for(nr: int, args: tuple[int, ...], pid: int | None, where: str = "") -> SecurityViolation:

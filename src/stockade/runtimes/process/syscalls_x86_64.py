@@ -340,6 +340,9 @@ SYSCALLS_X86_64: dict[str, int] = {
     "statx": 332,
     "io_pgetevents": 333,
     "rseq": 334,
+    # x86_64 only (Linux 6.11 and later): called from the kernel's own uprobe trampolines.
+    "uretprobe": 335,
+    "uprobe": 336,
     "pidfd_send_signal": 424,
     "io_uring_setup": 425,
     "io_uring_enter": 426,
@@ -367,7 +370,7 @@ SYSCALLS_X86_64: dict[str, int] = {
     "process_mrelease": 448,
     "futex_waitv": 449,
     "set_mempolicy_home_node": 450,
-    # Added after the header this table was generated from (Linux 6.5 - 6.15).
+    # Added after the header this table was generated from (Linux 6.5 - 6.18).
     "cachestat": 451,
     "fchmodat2": 452,
     "map_shadow_stack": 453,
@@ -385,4 +388,6 @@ SYSCALLS_X86_64: dict[str, int] = {
     "listxattrat": 465,
     "removexattrat": 466,
     "open_tree_attr": 467,
+    "file_getattr": 468,
+    "file_setattr": 469,
 }

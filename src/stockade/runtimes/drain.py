@@ -1,0 +1,185 @@
+"""Pipes that an isolate's host program writes (runsc's stderr and its log), read as they fill.
+
+The host keeps no more of what an isolate makes it write than it decides to.
+A regular file that runsc appends to grows with whatever the sandbox makes it
+log: code that floods a traced syscall writes megabytes a second, to the
+host's disk, and reading the file back reads all of it into memory. A pipe
+holds 64 KiB. One thread reads every registered pipe as it fills and hands
+each chunk to its consumer, which keeps what it needs and no more (a tail of
+bounded size, counted violations). A writer that outpaces the thread waits
+for it: a flood slows down; the host does not fill up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import struct
+import termios
+import threading
+import weakref
+from collections.abc import Callable
+
+READ_CHUNK = 65536
+
+Consumer = Callable[[bytes], None]
+
+
+class Drain:
+    """One thread reading the pipes of every live isolate that has registered one."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._consumers: dict[int, Consumer] = {}
+        self._lock = threading.Lock()  # one reader of a pipe at a time, so chunks stay in order
+        self._thread: threading.Thread | None = None
+
+    def watch(self, fd: int, consume: Consumer) -> None:
+        """Take ownership of ``fd`` (a pipe's or FIFO's read end): ``consume`` gets each chunk read
+        from it, in order, from the drain's thread or from a caller of ``flush``."""
+        os.set_blocking(fd, False)
+        with self._lock:
+            self._consumers[fd] = consume
+            self._epoll.register(fd, select.EPOLLIN)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="stockade-drain", daemon=True)
+                self._thread.start()
+
+    def flush(self, fd: int) -> None:
+        """Consume, in the caller's thread, what ``fd`` holds now: everything written to it
+        before this call has reached its consumer when this returns. Bounded by what the
+        pipe held at the call, so a writer that keeps writing cannot keep the caller here."""
+        with self._lock:
+            consume = self._consumers.get(fd)
+            if consume is None:
+                return
+            left = _pending(fd)
+            while left > 0:
+                chunk = _read(fd, min(left, READ_CHUNK))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                consume(chunk)
+
+    def forget(self, fd: int) -> None:
+        """The owner is done with ``fd``: stop reading it and close it."""
+        with self._lock:
+            if self._consumers.pop(fd, None) is None:
+                return
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # retired already (its writers were gone)
+            os.close(fd)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, _mask in events:
+                with self._lock:
+                    consume = self._consumers.get(fd)
+                    if consume is None:
+                        continue
+                    chunk = _read(fd, READ_CHUNK)
+                    if chunk:
+                        try:
+                            consume(chunk)
+                        except Exception:  # noqa: BLE001, S110 - one consumer's bug must not stop every isolate's drain
+                            pass
+                    elif chunk == b"":
+                        # Every writer is gone: stop polling, but leave the fd open. Only the
+                        # owner's ``forget`` closes it, so its number cannot be reused (by the
+                        # next isolate's pipe) while the owner still holds it.
+                        try:
+                            self._epoll.unregister(fd)
+                        except OSError:
+                            pass
+
+
+def _read(fd: int, size: int) -> bytes | None:
+    """Up to ``size`` bytes; b"" at end of file; None when there is nothing to read now."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _pending(fd: int) -> int:
+    """How many bytes the pipe holds now."""
+    try:
+        raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
+
+def weak(method: Consumer) -> Consumer:
+    """A consumer that calls the bound ``method`` while its object lives, without keeping it
+    alive: a sandbox its caller forgot is still collected, and its ``__del__`` closes it."""
+    ref = weakref.WeakMethod(method)
+
+    def consume(chunk: bytes) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(chunk)
+
+    return consume
+
+
+class Lines:
+    """Chunks of a log, as whole lines. A line longer than ``limit`` is dropped whole
+    (its start would be lost, and a line read from its middle could say anything)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._partial = b""
+        self._skipping = False  # inside a line that was too long: drop up to its end
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        parts = chunk.split(b"\n")
+        rest = parts.pop()
+        if self._skipping:
+            if not parts:
+                return []  # still inside the long line
+            parts.pop(0)  # its end
+            self._skipping = False
+        elif parts:
+            parts[0] = self._partial + parts[0]
+        else:
+            rest = self._partial + rest
+        self._partial = rest
+        if len(self._partial) > self.limit:
+            self._partial, self._skipping = b"", True
+        return [line for line in parts if len(line) <= self.limit]
+
+
+class Tail:
+    """The last ``limit`` bytes written to a pipe (what a program said last)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._data = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._data = (self._data + chunk[-self.limit :])[-self.limit :]
+
+    def text(self) -> str:
+        return self._data.decode(errors="replace")
+
+
+_drain: Drain | None = None
+_drain_lock = threading.Lock()
+
+
+def drain() -> Drain:
+    global _drain
+    with _drain_lock:
+        if _drain is None:
+            _drain = Drain()
+        return _drain

@@ -1,0 +1,170 @@
+"""One host uid per live isolate, from a range no host account uses.
+
+Per-user kernel quotas (inotify instances and watches, queued real-time
+signals, POSIX message-queue bytes, user namespaces, ...) are counted per
+host uid. Isolates that shared one uid shared those quotas: one sandbox could
+exhaust them for every other, and for host processes running as that uid.
+So, as root, each isolate runs as a uid of its own from
+``STOCKADE_SANDBOX_UIDS`` (``first-last``; the gid is the same number).
+
+A uid is leased like a slot, across every stockade process on the host (the
+daemon, SDK callers, the CLI): the lease is an exclusive ``flock`` on
+``<lock dir>/<uid>``, which the kernel drops when its holder exits however it
+ends, and the file is removed when the isolate is released. The file names
+the isolate's cgroups; a uid whose file outlived its holder and whose cgroups
+still hold a process (the host was killed and the zygote has not finished
+cleaning up) is skipped, so a uid is never handed out while in use.
+
+Rootless, stockade cannot switch uids: every isolate runs as the caller's own
+uid and shares its per-user quotas (docs/threat-model.md says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import secrets
+
+from ...errors import ConfigError, SandboxStartError
+
+# systemd's UIDS-GIDS.md lists 0x70000000-0x7FFFFFFF as unused by any
+# allocator it knows (nspawn's container ranges end below, and its "foreign"
+# range starts above 0x7FFE0000); 65,536 of them are more than enough isolates.
+DEFAULT_RANGE = "1879048192-1879113727"
+LOCK_DIR = "/run/stockade/uids"
+_LEASE_MAX = 64 * 1024  # what a lease file may hold (the cgroup paths)
+
+
+class UidRange:
+    """The configured range, checked once against the host's accounts and subordinate ids."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> UidRange:
+        raw = (os.environ if env is None else env).get("STOCKADE_SANDBOX_UIDS", "").strip() or DEFAULT_RANGE
+        first_s, sep, last_s = raw.partition("-")
+        try:
+            first, last = int(first_s), int(last_s)
+        except ValueError:
+            first = last = -1
+        if not sep or not 1000 <= first <= last < 2**32 - 1:
+            raise ConfigError(
+                f"STOCKADE_SANDBOX_UIDS={raw!r}: expected 'first-last', "
+                "two uids with 1000 <= first <= last < 4294967295"
+            )
+        return cls(first, last)
+
+    def check_unused(self, etc: str = "/etc") -> None:
+        """Refuse a range that a host account, or a user's subordinate ids, overlap."""
+        for entry in pwd.getpwall():
+            if self.first <= entry.pw_uid <= self.last:
+                raise ConfigError(
+                    f"STOCKADE_SANDBOX_UIDS {self.first}-{self.last} holds uid {entry.pw_uid} "
+                    f"of the host account {entry.pw_name!r}: choose a range no account uses"
+                )
+        for name in ("subuid", "subgid"):
+            for owner, start, count in _subordinate_ranges(os.path.join(etc, name)):
+                if start <= self.last and self.first < start + count:
+                    raise ConfigError(
+                        f"STOCKADE_SANDBOX_UIDS {self.first}-{self.last} overlaps {owner}'s subordinate ids "
+                        f"{start}-{start + count - 1} in {etc}/{name}: choose a range no one else maps"
+                    )
+
+
+def _subordinate_ranges(path: str) -> list[tuple[str, int, int]]:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            ranges.append((parts[0], int(parts[1]), int(parts[2])))
+    return ranges
+
+
+class UidLease:
+    """One uid, held until ``release``; the lock goes with the process that holds it."""
+
+    def __init__(self, uid: int, fd: int, path: str) -> None:
+        self.uid = uid
+        self._fd = fd
+        self._path = path
+
+    def record(self, cgroup_procs: list[str]) -> None:
+        """Name the isolate's cgroups, so that nobody takes this uid while they hold a process."""
+        data = json.dumps(cgroup_procs).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def release(self) -> None:
+        """Give the uid back (after the isolate's processes are gone). Idempotent."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)  # while locked: a taker checks it locked the file still named so
+            os.close(self._fd)  # drops the flock
+            self._fd = -1
+
+
+class UidAllocator:
+    def __init__(self, uid_range: UidRange, lock_dir: str = LOCK_DIR) -> None:
+        self.range = uid_range
+        self.lock_dir = lock_dir
+        self._checked = False
+
+    def lease(self) -> UidLease:
+        """A uid no live isolate uses, from a random place in the range (few collisions)."""
+        if not self._checked:
+            self.range.check_unused()
+            os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+            self._checked = True
+        size = self.range.last - self.range.first + 1
+        start = secrets.randbelow(size)
+        for step in range(size):
+            uid = self.range.first + (start + step) % size
+            lease = self._try(uid)
+            if lease is not None:
+                return lease
+        raise SandboxStartError(
+            f"every uid of STOCKADE_SANDBOX_UIDS ({self.range.first}-{self.range.last}) is in use by a live isolate"
+        )
+
+    def _try(self, uid: int) -> UidLease | None:
+        path = os.path.join(self.lock_dir, str(uid))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Released (and unlinked) between our open and our lock: that file is
+            # no longer the uid's, and another taker may hold the new one.
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            return None
+        if _still_running(os.pread(fd, _LEASE_MAX, 0)):
+            os.close(fd)
+            return None
+        return UidLease(uid, fd, path)
+
+
+def _still_running(recorded: bytes) -> bool:
+    """Whether the cgroups a lease file names still hold a process (its holder died first)."""
+    try:
+        procs_files = json.loads(recorded) if recorded else []
+    except ValueError:
+        return False
+    for path in procs_files if isinstance(procs_files, list) else []:
+        try:
+            with open(str(path), "rb") as f:
+                if f.read(16).strip():
+                    return True
+        except OSError:
+            continue  # the group is gone
+    return False

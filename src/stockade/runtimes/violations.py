@@ -1,0 +1,60 @@
+"""A sandbox's violation reports, bounded: a run's first ones kept whole, every one counted.
+
+Code can make blocked calls as fast as the host answers them: four threads
+calling ``ptrace`` make 40,000 a second. A report that kept each one would
+grow the host's memory, and the result, with them. Every runtime's reports
+go through a ``ViolationLog`` instead: it keeps a run's first
+``MAX_VIOLATION_RECORDS`` as ``SecurityViolation`` records and counts every
+one by name (at most ``MAX_VIOLATION_NAMES`` names; the rest count under
+``"other"``). Nothing in it grows with the number of calls.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..result import MAX_VIOLATION_NAMES, MAX_VIOLATION_RECORDS, OTHER_VIOLATIONS, SecurityViolation
+
+
+@dataclass
+class ViolationReport:
+    """What a run tried that was reported: its first records, and counts of them all."""
+
+    records: list[SecurityViolation] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    blocked: int = 0  # how many of them were refused
+
+    @property
+    def dropped(self) -> int:
+        """Counted, but past the records kept."""
+        return sum(self.counts.values()) - len(self.records)
+
+
+class ViolationLog:
+    """The current run's report, fed from any thread (a supervisor's, a log reader's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._report = ViolationReport()
+
+    def tally(self, name: str, blocked: bool, build: Callable[[], SecurityViolation]) -> int:
+        """Count a violation under ``name``; keep ``build()`` as its record while the run has
+        room (past that it is never called). Returns how many refused calls the run has had."""
+        with self._lock:
+            report = self._report
+            if name not in report.counts and len(report.counts) >= MAX_VIOLATION_NAMES:
+                name = OTHER_VIOLATIONS
+            report.counts[name] = report.counts.get(name, 0) + 1
+            if blocked:
+                report.blocked += 1
+            if len(report.records) < MAX_VIOLATION_RECORDS:
+                report.records.append(build())
+            return report.blocked
+
+    def take(self) -> ViolationReport:
+        """The report so far; the log starts afresh for the next run."""
+        with self._lock:
+            report, self._report = self._report, ViolationReport()
+            return report

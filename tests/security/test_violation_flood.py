@@ -1,0 +1,103 @@
+"""A flood of blocked calls, on every runtime: the report stays bounded and its counts exact.
+
+Four threads calling ``ptrace(PTRACE_ATTACH)`` on a pid that does not exist
+make tens of thousands of violations a second. Before the report was bounded,
+4 s of that grew a result to 33-76 MB and the host process holding it to
+hundreds of MB. Every run here is bounded in time (the code stops by itself
+after a few seconds; the policy's timeout backs it), and the session runs
+inside the outer memory/pids guard of tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import stockade
+from stockade import ExecResult, Policy
+from stockade.result import MAX_VIOLATION_RECORDS
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+
+RUNTIMES = ["process", "gvisor", "microvm"]
+
+
+def flood(seconds: float) -> str:
+    """Code that floods ptrace from four threads for ``seconds``, then prints how many calls it made."""
+    return (
+        "import ctypes, threading, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"end = time.monotonic() + {seconds}\n"
+        "made = []\n"
+        "def attack():\n"
+        "    n = 0\n"
+        "    while time.monotonic() < end:\n"
+        "        libc.ptrace(16, 999999, 0, 0)  # PTRACE_ATTACH\n"
+        "        n += 1\n"
+        "    made.append(n)\n"
+        "threads = [threading.Thread(target=attack) for _ in range(4)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print(sum(made))\n"
+    )
+
+
+# A flood that would last 30 s and then say so, unless the run is ended first.
+ENDLESS_FLOOD = (
+    "import ctypes, time\nlibc = ctypes.CDLL(None, use_errno=True)\nend = time.monotonic() + 30\n"
+    "while time.monotonic() < end:\n    libc.ptrace(16, 999999, 0, 0)\nprint('survived')"
+)
+
+
+@pytest.fixture(scope="module")
+def own_manager() -> Iterator[RuntimeManager]:
+    # No warm pools: a microVM pool would boot VMs this module never uses.
+    mgr = RuntimeManager(pool_size=0)
+    yield mgr
+    mgr.close()
+
+
+def assert_bounded_and_exact(r: ExecResult, made: int) -> None:
+    assert made > MAX_VIOLATION_RECORDS, f"only {made} calls: not a flood, the test proves nothing"
+    assert r.violation_counts["ptrace"] == made, r.summary()  # every call counted, exactly
+    # Besides: at most what starting four threads reports (runsc 2022 lacks clone3, and says so).
+    others = sum(r.violation_counts.values()) - made
+    assert others <= 4, r.violation_counts
+    assert len(r.security_violations) == MAX_VIOLATION_RECORDS  # the first ones kept whole
+    assert sum(v.syscall == "ptrace" and v.blocked for v in r.security_violations) >= MAX_VIOLATION_RECORDS - others
+    assert r.violations_dropped == made + others - MAX_VIOLATION_RECORDS
+    assert len(r.model_dump_json()) < 1_000_000  # a thousand records, not one per call
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_flood_is_reported_bounded_with_exact_counts_run_after_run(runtime: str, own_manager: RuntimeManager) -> None:
+    require(runtime)
+    # The guest's notices cross an emulated serial port (about 1,500 a second under TCG).
+    seconds = 3 if runtime == "microvm" else 2
+    with stockade.Sandbox(Policy(runtime=runtime, timeout_seconds=60), manager=own_manager) as sb:
+        for _ in range(2):  # a held sandbox: each run's report is its own, none accumulates
+            r = sb.run_code(flood(seconds))
+            assert r.termination_reason == "completed", r.summary()
+            assert_bounded_and_exact(r, int(r.stdout))
+        quiet = sb.run_code("print('quiet')")
+        assert quiet.security_violations == [] and quiet.violation_counts == {} and quiet.violations_dropped == 0
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_max_violations_ends_a_flood(runtime: str, own_manager: RuntimeManager) -> None:
+    require(runtime)
+    r = stockade.run_code(ENDLESS_FLOOD, runtime=runtime, manager=own_manager, max_violations=100, timeout_seconds=60)
+    assert r.termination_reason == "violation", r.summary()
+    assert "survived" not in r.stdout
+    assert r.violation_counts["ptrace"] > 100, r.summary()
+    assert r.error is not None and "more than max_violations=100" in r.error and "ptrace" in r.error
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_calls_within_max_violations_do_not_end_the_run(runtime: str, own_manager: RuntimeManager) -> None:
+    require(runtime)
+    code = "import ctypes\nlibc = ctypes.CDLL(None)\nfor _ in range(100):\n    libc.ptrace(16, 999999, 0, 0)\n"
+    code += "print('done')"
+    r = stockade.run_code(code, runtime=runtime, manager=own_manager, max_violations=100, timeout_seconds=60)
+    assert (r.termination_reason, r.stdout, r.violation_counts) == ("completed", "done\n", {"ptrace": 100}), r.summary()

@@ -1,0 +1,50 @@
+"""What the gvisor runtime asks of the host for a policy: its cgroup, its container's rlimits.
+
+gVisor itself (the Sentry, the gofer) and the agent live inside the sandbox's limits,
+so a limit the policy accepts but gVisor could not start under is raised to what it
+needs, and the result says so (``unenforced_limits``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from stockade.agent.server import AGENT_FDS
+from stockade.policy import Policy
+from stockade.runtimes import gvisor
+
+
+class _Group:
+    """An isolate's cgroup that records what it is asked to hold."""
+
+    def __init__(self) -> None:
+        self.written: tuple[int, int, float] | None = None
+
+    def apply_limits(self, memory_mb: int, pids: int, cpu: float) -> list[str]:
+        self.written = (memory_mb, pids, cpu)
+        return []
+
+
+def test_memory_below_what_gvisor_itself_needs_is_raised_and_reported() -> None:
+    group = _Group()
+    missing = gvisor._apply_limits(group, Policy(memory_mb=16))  # type: ignore[arg-type]
+    assert group.written is not None and group.written[0] == gvisor.GVISOR_MIN_MB == 64
+    assert missing == ["memory_mb below 64: the sandbox gets 64 MB (gVisor itself counts)"]
+    group = _Group()
+    assert gvisor._apply_limits(group, Policy(memory_mb=64)) == []  # type: ignore[arg-type]
+    assert group.written is not None and group.written[0] == 64
+
+
+def _rlimits(bundle: str, policy: Policy) -> dict[str, int]:
+    gvisor._write_bundle(bundle, policy, warm=False)
+    with open(os.path.join(bundle, "config.json")) as f:
+        config = json.load(f)
+    return {r["type"]: r["hard"] for r in config["process"]["rlimits"]}
+
+
+def test_the_agent_keeps_the_descriptors_it_needs(tmp_path: os.PathLike[str]) -> None:
+    # The container's init is the agent: below its own need it could not serve (EMFILE);
+    # each command still gets the policy's limit from the agent (a runner when lower).
+    assert _rlimits(os.path.join(tmp_path, "a"), Policy(max_open_files=16))["RLIMIT_NOFILE"] == AGENT_FDS
+    assert _rlimits(os.path.join(tmp_path, "b"), Policy(max_open_files=1000))["RLIMIT_NOFILE"] == 1000

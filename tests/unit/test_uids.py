@@ -1,0 +1,75 @@
+"""The per-isolate uid range and its leases (runtimes/process/uids.py)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+
+from stockade.errors import ConfigError, SandboxStartError
+from stockade.runtimes.process.uids import DEFAULT_RANGE, UidAllocator, UidRange
+
+
+@pytest.mark.parametrize("raw", ["", "  "])
+def test_the_default_range_when_unset(raw: str) -> None:
+    r = UidRange.from_env({"STOCKADE_SANDBOX_UIDS": raw})
+    assert f"{r.first}-{r.last}" == DEFAULT_RANGE
+
+
+@pytest.mark.parametrize("raw", ["5000", "a-b", "9000-8000", "0-100", "10-20000", "5000-4294967295", "-1-5"])
+def test_a_malformed_range_is_refused_by_name(raw: str) -> None:
+    with pytest.raises(ConfigError, match="STOCKADE_SANDBOX_UIDS"):
+        UidRange.from_env({"STOCKADE_SANDBOX_UIDS": raw})
+
+
+def test_a_range_holding_a_host_account_is_refused() -> None:
+    account = pwd.getpwnam("nobody")
+    with pytest.raises(ConfigError, match="nobody"):
+        UidRange(account.pw_uid - 1, account.pw_uid + 1).check_unused()
+
+
+def test_a_range_overlapping_subordinate_ids_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "subuid").write_text("alice:100000:65536\n")
+    UidRange(200000, 300000).check_unused(str(tmp_path))
+    with pytest.raises(ConfigError, match="alice's subordinate ids 100000-165535"):
+        UidRange(165535, 170000).check_unused(str(tmp_path))
+
+
+def _allocator(tmp_path: Path, first: int, last: int) -> UidAllocator:
+    return UidAllocator(UidRange(first, last), lock_dir=str(tmp_path / "locks"))
+
+
+def test_leases_are_distinct_until_released(tmp_path: Path) -> None:
+    # Two allocators stand for two stockade processes on one host.
+    one, two = _allocator(tmp_path, 1879048192, 1879048193), _allocator(tmp_path, 1879048192, 1879048193)
+    a, b = one.lease(), two.lease()
+    assert {a.uid, b.uid} == {1879048192, 1879048193}
+    with pytest.raises(SandboxStartError, match=r"every uid .* is in use"):
+        one.lease()
+    a.release()
+    a.release()  # idempotent
+    again = two.lease()
+    assert again.uid == a.uid
+    assert sorted(os.listdir(tmp_path / "locks")) == sorted([str(b.uid), str(again.uid)])
+    b.release()
+    again.release()
+    assert os.listdir(tmp_path / "locks") == []
+
+
+def test_a_uid_whose_dead_holder_left_a_running_isolate_is_skipped(tmp_path: Path) -> None:
+    allocator = _allocator(tmp_path, 1879048192, 1879048192)
+    lease = allocator.lease()
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("4242\n")
+    lease.record([str(procs)])
+    # The holder dies without releasing: the kernel drops its lock, the file stays.
+    os.close(lease._fd)
+    lease._fd = -1
+    with pytest.raises(SandboxStartError):
+        allocator.lease()
+    procs.write_text("")  # the zygote finished its clean-up: the group is empty
+    assert allocator.lease().uid == 1879048192
+    procs.unlink()  # or gone altogether
+    assert _allocator(tmp_path, 1879048192, 1879048193).lease().uid == 1879048193  # 1879048192 is held
