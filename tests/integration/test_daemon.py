@@ -129,6 +129,10 @@ def test_a_running_execute_is_cancelled_from_another_connection(daemon: Daemon) 
         assert r.termination_reason == "killed" and not r.success, r.summary()
         assert r.error == f"cancelled by uid {os.getuid()} (execute.cancel)"
         assert r.execution_id == execution_id
+        # Killed, though not necessarily reaped by the time the answer is read.
+        deadline = time.monotonic() + 10
+        while processes_with_arg(marker) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert processes_with_arg(marker) == []
         with pytest.raises(NotFoundError, match="no running execution"):
             c.cancel_execution(r.execution_id)  # over: nothing to cancel
@@ -725,8 +729,10 @@ def test_daemon_command_answers_for_operators_and_health_checks(daemon: Daemon) 
     runtimes = json.loads(_stockade("daemon", "runtimes", env=env).stdout)
     assert {"name": "process", "available": True}.items() <= next(r for r in runtimes if r["name"] == "process").items()
     # An operator ends a runaway run, and is told when there is nothing to end.
-    runner, results = execute_in_background(daemon.socket_path, ["sleep", "30"])
-    cancel = _stockade("daemon", "cancel", running_execution(daemon.socket_path), env=env)
+    marker = "4247.375"
+    runner, results = execute_in_background(daemon.socket_path, ["sh", "-c", f"sleep {marker}"])
+    execution_id = running_execution(daemon.socket_path, ready=lambda: bool(processes_with_arg(marker)))
+    cancel = _stockade("daemon", "cancel", execution_id, env=env)
     assert cancel.returncode == 0, cancel
     runner.join(30)
     assert [r.termination_reason for r in results] == ["killed"]

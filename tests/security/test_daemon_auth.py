@@ -16,6 +16,7 @@ from stockade.client import Client, DaemonBusyError, NotFoundError
 from stockade.errors import AuthenticationError, RateLimitError
 from stockade.protocol import auth
 from tests.daemon_harness import TOKEN, Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
+from tests.helpers import processes_with_arg
 
 NOBODY = 65534
 
@@ -365,8 +366,11 @@ def test_another_uid_cannot_cancel_a_run(process_runtime: str, needs_root: None)
     d = start_daemon({"STOCKADE_SOCKET_PERMS": "0666"})
     try:
         _open_socket_dir(d)
-        runner, results = execute_in_background(d.socket_path, ["sleep", "30"])
-        execution_id = running_execution(d.socket_path)
+        # Listed in status before its isolate has started; cancelled then, it would be
+        # refused ("before it started") rather than killed: wait for the command itself.
+        marker = "4246.125"
+        runner, results = execute_in_background(d.socket_path, ["sh", "-c", f"sleep {marker}"])
+        execution_id = running_execution(d.socket_path, ready=lambda: bool(processes_with_arg(marker)))
         with Client(d.socket_path) as c:
             seen = _as_nobody(d.socket_path, "execute.cancel", json.dumps({"execution_id": execution_id}), False)
             reply = json.loads(seen["reply"])
