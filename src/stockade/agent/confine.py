@@ -26,18 +26,24 @@ Messages to the host on the agent socket before the agent speaks JSON-RPC:
 
 from __future__ import annotations
 
+import array
 import binascii
 import os
 import resource
-import socket
 import struct
 import sys
 
 from . import jsoncodec, linux, server, wire
 
+# The fresh interpreter of every isolate imports this module: it takes the C
+# module behind socket (whose Python wrapper imports enum and selectors, a
+# third of what the exec'd interpreter would import), as server.py does.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from typing import Any
+else:
+    import _socket as socket
 
 INNER_UID = 1000
 INNER_GID = 1000
@@ -74,7 +80,7 @@ def start_isolate(raw: bytes, conn: socket.socket, agent_files: dict[str, bytes]
         prepare_root(agent_files)
         # The fresh interpreter takes its config and agent socket as a spare's does.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        socket.send_fds(ours, [raw], [conn.fileno()])
+        _send_fds(ours, raw, conn.fileno())
         ours.close()
         exec_agent(theirs.fileno(), announce=False)
     except BaseException as exc:  # noqa: BLE001
@@ -150,7 +156,7 @@ def main() -> None:
         channel = socket.socket(fileno=int(sys.argv[1]))
         if sys.argv[2] == "1":
             channel.sendall(b"ready")
-        raw, fds, _flags, _addr = socket.recv_fds(channel, CONFIG_MAX, 1)
+        raw, fds = _recv_fds(channel, CONFIG_MAX)
         channel.close()
         if not raw or len(fds) != 1:
             os._exit(0)  # a discarded spare (EOF)
@@ -176,7 +182,7 @@ def become_init(config: dict[str, Any], conn: socket.socket) -> None:
             # isolate is idle, not busy, when its first request arrives. An isolate
             # built on demand answers first (commands need no runner: posix_spawn).
             agent.prepare_spare(warm=True)
-        socket.send_fds(conn, [b"R"], [listener])
+        _send_fds(conn, b"R", listener)
         os.close(listener)
     except BaseException as exc:  # noqa: BLE001
         _report_failure(conn, "confinement", exc)
@@ -440,6 +446,22 @@ def _report_failure(conn: socket.socket, stage: str, exc: BaseException) -> None
 
 
 CONFIG_MAX = 1 << 20
+
+
+def _send_fds(sock: socket.socket, data: bytes, fd: int) -> None:
+    """``socket.send_fds(sock, [data], [fd])``."""
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+def _recv_fds(sock: socket.socket, bufsize: int) -> tuple[bytes, list[int]]:
+    """``socket.recv_fds(sock, bufsize, 1)``: the message and the descriptors it carried."""
+    item = array.array("i").itemsize
+    data, ancdata, _flags, _addr = sock.recvmsg(bufsize, socket.CMSG_LEN(item))
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % item)])
+    return data, list(fds)
 
 
 def decode_config(raw: bytes) -> dict[str, Any]:
