@@ -60,6 +60,7 @@ _ERRORS: dict[str, type[StockadeError]] = {
     "policy": PolicyError,
     "runtime_unavailable": RuntimeUnavailableError,
     "agent": AgentError,
+    "sandbox": SandboxError,
 }
 
 

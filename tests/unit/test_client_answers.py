@@ -20,7 +20,14 @@ import pytest
 
 from stockade import ExecResult
 from stockade.client import Client, RemoteSandbox
-from stockade.errors import AuthenticationError, DaemonUnavailableError, SandboxError, StockadeError
+from stockade.errors import (
+    AgentError,
+    AuthenticationError,
+    DaemonUnavailableError,
+    PolicyError,
+    SandboxError,
+    StockadeError,
+)
 from stockade.runtimes.base import MAX_WRITE_BYTES
 
 Answer = Callable[[dict[str, object]], bytes]  # the request -> the line sent back; b"": hang up
@@ -120,10 +127,16 @@ def test_a_broken_answer_is_an_error_and_the_connection_is_not_reused(
     assert client.ping() == "pong"  # a fresh connection: nothing of the broken answer is read as this one's
 
 
-def test_an_error_answer_maps_to_its_class(scripted: Callable[[Answer], Client]) -> None:
-    refused = {"result": None, "error": "Authentication failed", "error_code": "auth"}
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [("auth", AuthenticationError), ("sandbox", SandboxError), ("policy", PolicyError), ("agent", AgentError)],
+)
+def test_an_error_answer_maps_to_its_class(
+    scripted: Callable[[Answer], Client], code: str, error: type[StockadeError]
+) -> None:
+    refused = {"result": None, "error": "Authentication failed", "error_code": code}
     client = scripted(lambda r: _line({**refused, "id": r["id"]}))
-    with pytest.raises(AuthenticationError, match="Authentication failed"):
+    with pytest.raises(error, match="Authentication failed"):
         client.execute(code="pass")
 
 
