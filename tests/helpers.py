@@ -30,12 +30,10 @@ def write_executable(path: str, text: str) -> str:
 def cgroup_limit_cases() -> list[tuple[str, int | float]]:
     """Every cgroup-backed Policy limit at its minimum, default and maximum.
 
-    The minimum is the Policy's own (the smallest value its validation accepts);
-    cpu_limit has none (any value above 0), and below 0.01 cores every value gets
-    the quota's floor of 1 ms per 100 ms, which 0.001 stands for.
+    The minimum is the Policy's own (the smallest value its validation accepts).
     """
     from stockade.errors import PolicyError
-    from stockade.policy import MAX_CPU, MAX_MEMORY_MB, Policy
+    from stockade.policy import MAX_CPU, MAX_MEMORY_MB, MIN_CPU, Policy
 
     def smallest_accepted(name: str) -> int:
         for value in range(1, 1 << 16):
@@ -50,6 +48,6 @@ def cgroup_limit_cases() -> list[tuple[str, int | float]]:
     limits: dict[str, tuple[int | float, ...]] = {
         "memory_mb": (smallest_accepted("memory_mb"), default.memory_mb, MAX_MEMORY_MB),
         "pids_limit": (smallest_accepted("pids_limit"), default.pids_limit, 4096),
-        "cpu_limit": (0.001, default.cpu_limit, MAX_CPU),
+        "cpu_limit": (MIN_CPU, default.cpu_limit, MAX_CPU),
     }
     return [(name, value) for name, values in limits.items() for value in values]

@@ -36,6 +36,8 @@ MAX_OUTPUT_BYTES = MAX_DATA_BYTES
 # command itself; in a microVM the agent also keeps a thread that answers the
 # guest's seccomp filter, and RLIMIT_NPROC counts threads.
 MIN_PIDS_LIMIT = 4
+# The smallest CPU quota a cgroup takes is 1 ms per 100 ms period: less cannot be enforced.
+MIN_CPU = 0.01
 
 # Host paths never shared into an isolate, even when asked: they hand over the host.
 _FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot")
@@ -100,7 +102,7 @@ class Policy(BaseModel):
     )
     timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
     memory_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB)
-    cpu_limit: float = Field(default=1.0, gt=0, le=MAX_CPU, description="cores")
+    cpu_limit: float = Field(default=1.0, le=MAX_CPU, description=f"cores; at least {MIN_CPU}")
     pids_limit: int = Field(
         default=128, le=4096, description=f"tasks in the isolate, its agent included; at least {MIN_PIDS_LIMIT}"
     )
@@ -136,6 +138,16 @@ class Policy(BaseModel):
                 f"must be at least {MIN_PIDS_LIMIT}: an isolate's agent, the runner it forks ahead and the "
                 "command itself all count (in a microVM, the agent's seccomp thread too), so fewer can never "
                 "run a command"
+            )
+        return value
+
+    @field_validator("cpu_limit")
+    @classmethod
+    def _check_cpu_limit(cls, value: float) -> float:
+        if not value >= MIN_CPU:  # NaN too
+            raise ValueError(
+                f"must be at least {MIN_CPU} cores: the smallest CPU quota a cgroup takes is 1 ms in every "
+                "100 ms, so less could not be enforced"
             )
         return value
 

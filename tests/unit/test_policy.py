@@ -42,6 +42,14 @@ def test_a_pids_limit_no_isolate_can_run_with_is_refused_naming_the_minimum(valu
     assert Policy.build(pids_limit=MIN_PIDS_LIMIT).pids_limit == MIN_PIDS_LIMIT == 4
 
 
+@pytest.mark.parametrize("value", [0, -1, 0.001, 0.0099])
+def test_a_cpu_limit_below_what_a_cgroup_can_enforce_is_refused(value: float) -> None:
+    # 0.001 used to validate and was quietly enforced as 0.01 (the smallest quota).
+    with pytest.raises(PolicyError, match=r"cpu_limit: .*at least 0.01 cores: .*1 ms in every 100 ms"):
+        Policy.build(cpu_limit=value)
+    assert Policy.build(cpu_limit=0.01).cpu_limit == 0.01
+
+
 def test_unknown_field_is_refused() -> None:
     with pytest.raises(PolicyError, match="memory_limit"):
         Policy.build(memory_limit=5)
