@@ -137,14 +137,16 @@ def test_no_host_secret_in_any_readable_memory(runtime: str, host_secret: str, f
         assert caller_tail not in found, "the caller's memory is readable inside the isolate"
 
 
-def test_no_daemon_token_in_an_isolate_it_starts() -> None:
-    require("process")
+@pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
+def test_no_daemon_token_in_an_isolate_it_starts(runtime: str) -> None:
+    require(runtime)
     token, token_tail = _canary()
     daemon = start_daemon({"STOCKADE_AUTH_TOKEN": token})
     control, control_tail = _canary()
-    with Client(daemon.socket_path, auth_token=token) as client:
+    policy = {"runtime": runtime, "environment": {"CONTROL": control}, "timeout_seconds": 120}
+    with Client(daemon.socket_path, auth_token=token, timeout=180) as client:
         for _ in range(2):  # built on demand, then from the daemon's pool
-            result = client.execute(code=SCANNER, policy={"environment": {"CONTROL": control}})
+            result = client.execute(code=SCANNER, policy=policy)
             found = set(_scan(result)["found"])  # type: ignore[arg-type]
             assert control_tail in found
             assert token_tail not in found, "the daemon's token is readable inside its isolate"
@@ -168,7 +170,9 @@ def test_each_process_isolate_has_its_own_layout_and_canary(process_runtime: str
         assert len(set(values)) == len(values), f"isolates share their {key}: {values}"
 
 
-def test_the_host_install_path_is_not_visible_inside(process_runtime: str) -> None:
+@pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
+def test_the_host_install_path_is_not_visible_inside(runtime: str) -> None:
+    require(runtime)
     install = os.path.dirname(os.path.dirname(os.path.abspath(stockade.__file__)))
     code = (
         "import sys, os\n"
@@ -178,7 +182,7 @@ def test_the_host_install_path_is_not_visible_inside(process_runtime: str) -> No
         "print([getattr(m, '__file__', '') for m in list(sys.modules.values())])\n"
         "raise RuntimeError('where am I')\n"
     )
-    result = stockade.run_code(code)
+    result = stockade.run_code(code, runtime=runtime, timeout_seconds=120)
     assert "RuntimeError: where am I" in result.stderr
     seen = result.stdout + result.stderr
     assert install not in seen
