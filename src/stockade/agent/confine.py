@@ -112,17 +112,17 @@ def prepare_root(agent_files: dict[str, bytes]) -> None:
 
     for name in ("usr", "proc", "dev", "tmp", "work", "etc"):
         os.mkdir("/" + name, 0o755)
-    _bind(old + "/usr", "/usr", writable=False)
+    bind(old + "/usr", "/usr", writable=False)
     for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
         host = f"{old}/{name}"
         if os.path.islink(host):
             os.symlink(os.readlink(host), "/" + name)
         elif os.path.isdir(host):
             os.mkdir("/" + name, 0o755)
-            _bind(host, "/" + name, writable=False)
+            bind(host, "/" + name, writable=False)
 
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    _make_dev(old)
+    make_dev(old)
     for path, data in agent_files.items():
         full = f"{AGENT_HOME}/{path}"
         os.makedirs(os.path.dirname(full), mode=0o755, exist_ok=True)
@@ -263,8 +263,8 @@ def _unshare_namespaces() -> None:
 def _finish_root(config: dict[str, Any]) -> None:
     """The policy's part of the new root; then the host's root goes and / turns read-only."""
     old = _OLD_ROOT
-    _make_scratch(int(config.get("scratch_mb") or 64))
-    _make_etc(old, config)
+    make_scratch(int(config.get("scratch_mb") or 64))
+    make_etc(old, config)
     for mount in config.get("mounts") or []:
         _bind_extra(old, mount)
     linux.umount2(old, linux.MNT_DETACH)
@@ -272,7 +272,7 @@ def _finish_root(config: dict[str, Any]) -> None:
     linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
 
 
-def _make_dev(old: str) -> None:
+def make_dev(old: str) -> None:
     linux.mount("tmpfs", "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755")
     for name in _DEVICES:
         path = "/dev/" + name
@@ -284,14 +284,20 @@ def _make_dev(old: str) -> None:
     os.mkdir("/dev/shm", 0o1777)
 
 
-def _make_scratch(size_mb: int) -> None:
-    """One size-capped tmpfs shared by /tmp, /work and /dev/shm: disk_mb caps them together."""
+def make_scratch(size_mb: int, owner: tuple[int, int] | None = None) -> None:
+    """One size-capped tmpfs shared by /tmp, /work and /dev/shm: disk_mb caps them together.
+
+    ``/work`` belongs to whoever makes it (the code's own uid in a user
+    namespace), or to ``owner`` (uid, gid) when the maker is a real root.
+    """
     os.mkdir("/.scratch")
     flags = linux.MS_NOSUID | linux.MS_NODEV
     linux.mount("tmpfs", "/.scratch", "tmpfs", flags, f"size={size_mb}m,mode=0755")
     for name, mode in (("tmp", 0o1777), ("work", 0o755), ("shm", 0o1777)):
         os.mkdir("/.scratch/" + name)
         os.chmod("/.scratch/" + name, mode)
+    if owner is not None:
+        os.chown("/.scratch/work", *owner)
     linux.mount("/.scratch/tmp", "/tmp", None, linux.MS_BIND)
     linux.mount("/.scratch/work", "/work", None, linux.MS_BIND)
     linux.mount("/.scratch/shm", "/dev/shm", None, linux.MS_BIND)
@@ -301,7 +307,7 @@ def _make_scratch(size_mb: int) -> None:
     _remount("/dev", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
 
 
-def _make_etc(old: str, config: dict[str, Any]) -> None:
+def make_etc(old: str, config: dict[str, Any]) -> None:
     hostname = config.get("hostname", "stockade")
     files = {
         "passwd": (
@@ -331,7 +337,7 @@ def _make_etc(old: str, config: dict[str, Any]) -> None:
         _write_bytes("/etc/" + name, data)
     if os.path.isdir(f"{old}/etc/alternatives"):
         os.mkdir("/etc/alternatives")
-        _bind(f"{old}/etc/alternatives", "/etc/alternatives", writable=False)
+        bind(f"{old}/etc/alternatives", "/etc/alternatives", writable=False)
 
 
 def _bind_extra(old: str, mount: dict[str, Any]) -> None:
@@ -345,10 +351,10 @@ def _bind_extra(old: str, mount: dict[str, Any]) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if not os.path.exists(target):
             os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
-    _bind(host, target, writable=bool(mount.get("writable")))
+    bind(host, target, writable=bool(mount.get("writable")))
 
 
-def _bind(source: str, target: str, writable: bool) -> None:
+def bind(source: str, target: str, writable: bool) -> None:
     linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
     flags = linux.MS_NOSUID | linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
     _remount(target, flags)
@@ -377,10 +383,13 @@ def _bring_up_loopback() -> None:
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
     import fcntl
 
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the C module's socket: no context manager
+    try:
         ifreq = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, ifreq))[1]
         fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+    finally:
+        s.close()
 
 
 def _set_hard_rlimits(limits: dict[str, int]) -> None:
