@@ -37,6 +37,7 @@ from .errors import (
     SandboxError,
     StockadeError,
 )
+from .limits import check_call_size
 from .protocol import auth
 from .result import ExecResult
 
@@ -130,6 +131,8 @@ class _Requests:
         policy: dict[str, Any] | None,
         stdin: str | bytes | None,
     ) -> tuple[str, dict[str, Any], float]:
+        check_call_size("code", code)  # refused before it is sent, as the daemon would refuse it
+        check_call_size("stdin", stdin)
         params: dict[str, Any] = {"language": language}
         if policy:  # none: the daemon's default policy, with less to sign, send and read
             params["policy"] = policy
@@ -176,6 +179,8 @@ class _Requests:
             raise TypeError(f"{method} got unexpected keyword arguments: {', '.join(unknown)}")
         params: dict[str, Any] = {"sandbox_id": sandbox_id, **fields}
         stdin, env, timeout = options.get("stdin"), options.get("env"), options.get("timeout")
+        check_call_size("code", fields.get("code"))  # refused before it is sent, as the daemon would refuse it
+        check_call_size("stdin", stdin)
         if isinstance(stdin, bytes):
             params["stdin_b64"] = base64.b64encode(stdin).decode()
         elif stdin is not None:
@@ -190,10 +195,8 @@ class _Requests:
     def _write_file(
         self, sandbox_id: str, path: str, data: bytes | str, mode: int
     ) -> tuple[str, dict[str, Any], float | None]:
-        from .runtimes.base import check_write_size  # here: the client's import stays light
-
         raw = data.encode() if isinstance(data, str) else data
-        check_write_size(raw)  # refused before it is sent, as the daemon would refuse it
+        check_call_size("write_file data", raw)  # refused before it is sent, as the daemon would refuse it
         params = {"sandbox_id": sandbox_id, "path": path, "data": base64.b64encode(raw).decode(), "mode": mode}
         return "sandbox.write_file", params, None
 

@@ -53,8 +53,9 @@ LEVEL_INFO = {
         "microvm",
         80,
         "a guest kernel of its own behind QEMU microvm (hardware virtualisation with KVM; software emulation "
-        "with TCG, which is slower and has a larger emulator surface), the process profile's seccomp inside "
-        "the guest, and QEMU itself jailed on the host (seccomp, Landlock, no network, no capabilities)",
+        "with TCG, which is slower and has a larger emulator surface), the code confined inside the guest as "
+        "a process isolate is (namespaces, a minimal root, no capabilities, the process profile's seccomp), "
+        "and QEMU itself jailed on the host (seccomp, Landlock, no network, no capabilities)",
         "seconds to boot cold under TCG; amortised by a warm pool",
     ),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from .limits import check_call_size
 from .policy import Policy, coerce_policy
 from .result import ExecResult
 from .runtimes.base import AgentSandbox, OutputCallback, Runtime
@@ -41,6 +42,7 @@ def run(
     **policy_fields: Any,
 ) -> ExecResult:
     """Run ``argv`` in a fresh isolate and return what happened."""
+    check_call_size("stdin", stdin)  # before an isolate is taken for a call that cannot be sent
     pol = coerce_policy(policy, **policy_fields)
     runtime = (manager or default_manager()).select(pol)
     sandbox = _acquire(runtime, pol)
@@ -61,6 +63,8 @@ def run_code(
     **policy_fields: Any,
 ) -> ExecResult:
     """Run ``code`` (python or bash) in a fresh isolate and return what happened."""
+    check_call_size("code", code)  # before an isolate is taken for a call that cannot be sent
+    check_call_size("stdin", stdin)
     pol = coerce_policy(policy, **policy_fields)
     runtime = (manager or default_manager()).select(pol)
     sandbox = _acquire(runtime, pol)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -73,6 +74,88 @@ def test_own_kernel_and_nothing_of_the_host(vm: MicrovmSandbox) -> None:
     assert release != os.uname().release  # a guest kernel, not the host's
     assert visible == "[]"
     assert ids == "1000 0000000000000000"
+
+
+GUEST_VIEW = r"""
+import errno, json, os
+def attempt(fn):
+    try:
+        fn()
+        return 0
+    except OSError as e:
+        return e.errno
+def status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(l.split(":\t", 1) for l in f.read().splitlines() if ":\t" in l)
+pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+def cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+def fill(path):  # one MiB past half the scratch cap, without writing it
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        return attempt(lambda: os.posix_fallocate(fd, 0, (int(os.environ["DISK_MB"]) // 2 + 1) << 20))
+    finally:
+        os.close(fd)
+scratch = {p: os.statvfs(p) for p in ("/tmp", "/work", "/dev/shm") if os.path.isdir(p)}
+print(json.dumps({
+    "dev": sorted(os.listdir("/dev")),
+    "root": sorted(os.listdir("/")),
+    "sys": os.path.exists("/sys"),
+    "processes": {p: [open(f"/proc/{p}/comm").read().strip(), cmdline(p)] for p in pids},
+    "me": [os.getpid(), os.getppid()],
+    "agent": {k: status(1)[k].strip() for k in ("Uid", "CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")},
+    "mounts": sorted(l.split()[4] for l in open("/proc/self/mountinfo")),
+    "passwd": open("/etc/passwd").read(),
+    "hostname": os.uname().nodename,
+    "root_writes": [attempt(lambda: open("/new", "w")), attempt(lambda: os.mkdir("/etc/new")),
+                    attempt(lambda: os.symlink("/", "/usr/new"))],
+    "scratch_writes": [attempt(lambda: (open(f"{p}/new", "w").close(), os.unlink(f"{p}/new"))) for p in scratch],
+    "scratch_mb": sorted({v.f_blocks * v.f_frsize >> 20 for v in scratch.values()}),
+    "one_scratch": len({os.stat(p).st_dev for p in scratch}) == 1,
+    "past_the_cap": [fill("/work/big"), fill("/tmp/big")],
+}))
+os.unlink("/work/big")
+os.unlink("/tmp/big")
+"""
+
+
+def test_the_code_sees_an_isolate_not_the_whole_guest(vm: MicrovmSandbox) -> None:
+    """Inside the guest, code runs confined as a process isolate is on the host
+    (agent/guest.py): none of the guest's devices, kernel threads, /sys or
+    initramfs; the agent is pid 1 of the code's own pid namespace."""
+    import json
+
+    r = vm.run_code(GUEST_VIEW, env={"DISK_MB": str(vm.policy.disk_mb)})
+    assert r.exit_code == 0, r.summary()
+    seen = json.loads(r.stdout)
+    assert seen["dev"] == ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero"]
+    # No mem, kmsg, port, hpet, snapshot, userfaultfd, ttyS*, tty*, console, vport*; no /init,
+    # /modules, /opt (the agent's code) or /sys; the links a merged-/usr host has.
+    assert set(seen["root"]) - {"lib32", "libx32"} == {"bin", "dev", "etc", "lib", "lib64", "proc", "sbin", "tmp",
+                                                       "usr", "work"}  # fmt: skip
+    assert not seen["sys"]
+    # Only the isolate's own processes: the agent (pid 1), this runner, perhaps the next runner.
+    processes = {int(pid): what for pid, what in seen["processes"].items()}
+    me, parent = seen["me"]
+    assert parent == 1 and me in processes and len(processes) <= 3, processes
+    assert all(comm == "python3" and "from agent import guest" in cmd for comm, cmd in processes.values()), processes
+    assert seen["agent"] == {"Uid": "1000\t1000\t1000\t1000", "CapEff": "0" * 16, "CapPrm": "0" * 16,
+                             "CapBnd": "0" * 16, "NoNewPrivs": "1", "Seccomp": "2"}  # fmt: skip
+    devices = ["/dev/" + name for name in ("full", "null", "random", "urandom", "zero")]
+    assert seen["mounts"] == sorted(["/", "/usr", "/proc", "/dev", *devices, "/dev/shm", "/tmp", "/work"])
+    assert seen["passwd"] == (
+        "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+        "sandbox:x:1000:1000:sandbox:/work:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )  # synthesized (agent/confine.py), as in a process isolate
+    assert seen["hostname"] == "stockade"
+    assert seen["root_writes"] == [30, 30, 30]  # EROFS: the root, /etc and /usr are read-only
+    # /tmp, /work and /dev/shm: writable, one tmpfs of disk_mb, which caps them together.
+    assert seen["scratch_writes"] == [0, 0, 0]
+    assert seen["scratch_mb"] == [vm.policy.disk_mb] and seen["one_scratch"]
+    assert seen["past_the_cap"] == [0, 28]  # over half of it in /work leaves /tmp less than half: ENOSPC
+    assert vm.ping()["pid"] == 1
 
 
 def test_no_network_device(vm: MicrovmSandbox) -> None:
@@ -141,6 +224,13 @@ def test_off_list_sockets_and_unknown_syscalls_are_refused_inside_the_guest(vm: 
         assert word in v.description and "inside the guest" in v.description, v.description
 
 
+def test_calls_through_other_abis_are_refused_and_reported_inside_the_guest(vm: MicrovmSandbox) -> None:
+    """i386's int 0x80 and x32's numbers: refused with ENOSYS and reported by their ABI, as on the host."""
+    from tests.security.test_attacks import OTHER_ABIS_CODE, check_other_abis_refused_and_reported
+
+    check_other_abis_refused_and_reported(vm.run_code(OTHER_ABIS_CODE), "inside the guest")
+
+
 def test_the_guest_filters_listener_reaches_no_command(vm: MicrovmSandbox) -> None:
     # With it, code could answer its own blocked calls and let them run.
     code = (
@@ -176,6 +266,63 @@ def test_one_shot_memory_bomb_and_teardown(vm_manager: RuntimeManager, vm: Micro
     assert mine == [os.path.basename(vm.rundir)], "the one-shot VM left its run directory behind"
 
 
+def _host_bytes(directory: str) -> int:
+    """What the files under ``directory`` hold on the host's disk."""
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def test_a_flooded_console_grows_no_host_file_and_is_read_bounded(vm: MicrovmSandbox) -> None:
+    """The guest kernel's console (a line for every OOM kill, for as long as the VM lives) reaches
+    the host through a pipe it drains. Before, QEMU appended it to a file in the run directory
+    that grew without bound, and the host read that whole file at every run, twice.
+
+    Only the guest's root can write the console, so the flood is written where QEMU writes it.
+    """
+    import tracemalloc
+
+    from stockade.runtimes.microvm.console import CONSOLE, LAST_WORDS
+
+    noise = b"[ 4242.000001] stockade: a line of the guest kernel's, of no interest to anyone\r\n"
+    mib = noise * ((1 << 20) // len(noise))
+    oom = b"[ 4242.000002] Out of memory: Killed process 4242 (python3) total-vm:1024kB, anon-rss:512kB\r\n"
+    files, ooms = _host_bytes(vm.rundir), vm.usage(peak=False).oom_kills
+    tracemalloc.start()
+    try:
+        with open(os.path.join(vm.rundir, CONSOLE), "ab", buffering=0) as console:
+            for i in range(64):
+                console.write(mib)
+                if i % 16 == 0:
+                    console.write(oom)
+            console.write(b"the last words\r\n")
+        counted = vm.usage(peak=False).oom_kills - ooms
+        words = vm.last_words()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert _host_bytes(vm.rundir) - files < 1 << 20, "64 MiB of console grew a file on the host"
+    assert peak < 8 << 20, f"the host held {peak} bytes of the console at once"
+    assert counted == 4  # every OOM report, each once, however much came around it
+    assert words.endswith("the last words") and len(words) <= 2 * LAST_WORDS + 32, words
+    assert vm.exec(["true"]).success
+
+
+def test_oom_kills_in_a_held_vm_are_told_run_by_run(vm_manager: RuntimeManager) -> None:
+    # The count of OOM kills is read from the console as it comes: each run is judged by its own.
+    bomb = "x = []\nwhile True:\n    x.append(bytearray(16 << 20))"
+    with vm_manager.get("microvm").start(Policy(memory_mb=128, timeout_seconds=60)) as sandbox:
+        for _ in range(2):
+            r = sandbox.run_code(bomb)
+            assert r.termination_reason == "memory_limit", r.summary()
+        r = sandbox.run_code("print('fine')")
+        assert r.termination_reason == "completed" and r.stdout == "fine\n", r.summary()
+
+
 def test_a_violation_ends_the_vm_when_the_policy_says_kill(vm_manager: RuntimeManager) -> None:
     code = "import ctypes, time\nctypes.CDLL(None).unshare(0x10000000)\ntime.sleep(20)\nprint('survived')"
     r = stockade.run_code(code, runtime="microvm", manager=vm_manager, on_violation="kill", timeout_seconds=60)
@@ -185,8 +332,10 @@ def test_a_violation_ends_the_vm_when_the_policy_says_kill(vm_manager: RuntimeMa
 
 def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
     share = tempfile.mkdtemp(prefix="stockade-vmshare-")
+    out = tempfile.mkdtemp(prefix="stockade-vmshare-rw-")
     try:
         os.chmod(share, 0o755)
+        os.chmod(out, 0o777)
         with open(os.path.join(share, "in.txt"), "w") as f:
             f.write("from the host")
         os.chmod(os.path.join(share, "in.txt"), 0o644)
@@ -195,17 +344,23 @@ def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
             "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
             "socket.create_connection(s.getsockname(), timeout=5); print('loopback ok')\n"
             "try:\n    open('/data/x', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)\n"
+            "open('/work/out/result.txt', 'w').write('from the guest')\n"
             "try:\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).bind((socket.VMADDR_CID_ANY, 5252))\n"
             "except OSError as e:\n    print('vsock', e.errno)"
         )
         started = time.monotonic()
+        # The writable share's target lies inside the scratch space: mounted over it, in the code's namespace.
         r = stockade.run_code(code, runtime="microvm", manager=vm_manager, network_policy="loopback",
-                              filesystem_access=[f"{share}:/data"], timeout_seconds=60)  # fmt: skip
+                              filesystem_access=[f"{share}:/data", f"{out}:/work/out:rw"],
+                              timeout_seconds=60)  # fmt: skip
         assert r.stdout.splitlines() == ["from the host", "loopback ok", "read-only 30", "vsock 1"], r.summary()
         assert [v.syscall for v in r.security_violations] == ["socket"]  # AF_VSOCK, whatever the network policy
+        with open(os.path.join(out, "result.txt")) as f:
+            assert f.read() == "from the guest"
         assert time.monotonic() - started < 120
     finally:
         shutil.rmtree(share)
+        shutil.rmtree(out)
 
 
 def test_commands_inherit_only_their_stdio(vm: MicrovmSandbox) -> None:
@@ -223,7 +378,7 @@ def test_restores_from_a_snapshot_each_with_its_own_randomness_and_clock(vm_mana
     probe = [
         "sh", "-c",
         "cat /proc/sys/kernel/random/boot_id; python3 -c 'import os; print(os.urandom(16).hex())'; date +%s;"
-        " df -m /tmp | tail -1; cat /proc/net/dev | grep -c 'lo:'; ifconfig lo | grep -c 'inet addr'",
+        " df -m /tmp | tail -1; cat /proc/net/dev | grep -c 'lo:'; ip -4 -o addr show dev lo | grep -c 'inet 127'",
     ]  # fmt: skip
     seen = []
     for policy in (Policy(), Policy(disk_mb=16, network_policy="loopback")):

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import pytest
 
 from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_retry
-from stockade.errors import DaemonUnavailableError, PolicyError, StockadeError
+from stockade.errors import DaemonUnavailableError, PolicyError, SandboxError, StockadeError
+from stockade.limits import MAX_CALL_BYTES
 from stockade.result import ExecResult
-from stockade.runtimes.base import MAX_WRITE_BYTES
 from tests.daemon_harness import Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
 from tests.helpers import processes_with_arg
 
@@ -107,15 +107,49 @@ def test_a_sandbox_handle_takes_every_call_and_closes_on_exit(daemon: Daemon) ->
 
 def test_write_file_takes_7_mib_and_the_daemon_refuses_a_byte_more(daemon: Daemon) -> None:
     with Client(daemon.socket_path) as c, c.sandbox() as sb:
-        sb.write_file("/work/seven", b"7" * MAX_WRITE_BYTES)
-        assert len(sb.read_file("/work/seven")) == MAX_WRITE_BYTES == 7 * 1024 * 1024
+        sb.write_file("/work/seven", b"7" * MAX_CALL_BYTES)
+        assert len(sb.read_file("/work/seven")) == MAX_CALL_BYTES == 7 * 1024 * 1024
         # The client refuses it before sending; sent anyway (a client of another make),
         # the daemon refuses it too, and the sandbox stays usable.
-        data = base64.b64encode(b"7" * (MAX_WRITE_BYTES + 1)).decode()
-        with pytest.raises(StockadeError, match=f"too large: {MAX_WRITE_BYTES + 1} bytes.* {MAX_WRITE_BYTES} "):
+        data = base64.b64encode(b"7" * (MAX_CALL_BYTES + 1)).decode()
+        with pytest.raises(StockadeError, match=f"too large: {MAX_CALL_BYTES + 1} bytes.* {MAX_CALL_BYTES} "):
             c.call("sandbox.write_file", {"sandbox_id": sb.sandbox_id, "path": "/work/more", "data": data})
         assert "more" not in [e["name"] for e in sb.list_dir("/work")]
-        assert sb.exec(["wc", "-c", "/work/seven"]).stdout.split()[0] == str(MAX_WRITE_BYTES)
+        assert sb.exec(["wc", "-c", "/work/seven"]).stdout.split()[0] == str(MAX_CALL_BYTES)
+
+
+def test_stdin_and_code_take_7_mib_and_the_daemon_refuses_a_byte_more(daemon: Daemon) -> None:
+    over = MAX_CALL_BYTES + 1
+    big = base64.b64encode(b"7" * over).decode()
+
+    def refused(field: str) -> str:
+        return f"{field} is too large: {over} bytes, and a call takes at most {MAX_CALL_BYTES} "
+
+    with Client(daemon.socket_path) as c, c.sandbox() as sb:
+        assert c.execute(["wc", "-c"], stdin=b"7" * MAX_CALL_BYTES).stdout.strip() == str(MAX_CALL_BYTES)
+        head = "print('seven')\n#"
+        assert sb.run_code(head + "7" * (MAX_CALL_BYTES - len(head))).stdout == "seven\n"
+        # The client refuses a byte more before sending it ...
+        for call in (
+            lambda: c.execute(["wc", "-c"], stdin=b"7" * over),
+            lambda: sb.exec(["wc", "-c"], stdin="7" * over),
+        ):
+            with pytest.raises(SandboxError, match=refused("stdin")):
+                call()
+        with pytest.raises(SandboxError, match=refused("code")):
+            sb.run_code("#" * over)
+        # ... and, sent anyway (a client of another make), so does the daemon: a one-shot
+        # before it takes a slot, a held sandbox before its agent sees it.
+        for method, params, field in (
+            ("execute", {"command": ["wc", "-c"], "stdin_b64": big}, "stdin"),
+            ("execute", {"code": "#" * over}, "code"),
+            ("sandbox.exec", {"sandbox_id": sb.sandbox_id, "command": ["wc", "-c"], "stdin": "7" * over}, "stdin"),
+            ("sandbox.run_code", {"sandbox_id": sb.sandbox_id, "code": "#" * over}, "code"),
+        ):
+            with pytest.raises(SandboxError, match=refused(field)):
+                c.call(method, params)
+        assert sb.exec(["echo", "still here"]).stdout == "still here\n"
+        assert [s["sandbox_id"] for s in c.status()["active_sandboxes"]] == [sb.sandbox_id]
 
 
 def test_a_running_execute_is_cancelled_from_another_connection(daemon: Daemon) -> None:

@@ -8,6 +8,7 @@ every run here is bounded in time.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -22,8 +23,8 @@ import pytest
 import stockade
 from stockade import ExecResult, Policy, Sandbox
 from stockade.agent.wire import MAX_DATA_BYTES
+from stockade.limits import MAX_CALL_BYTES
 from stockade.policy import MAX_OUTPUT_BYTES
-from stockade.runtimes.base import MAX_WRITE_BYTES
 from stockade.runtimes.manager import RuntimeManager
 from tests.helpers import processes_with_arg
 
@@ -320,6 +321,36 @@ def test_syscalls_the_profile_does_not_know_are_refused_and_reported(sb: Sandbox
         assert "does not name" in v.description
 
 
+# i386's mount (21; x86_64's 21 is access) through int 0x80, from an executable page:
+# push rbx; xor ebx, ebx; xor ecx, ecx; xor edx, edx; mov eax, 21; int 0x80; pop rbx; ret.
+OTHER_ABIS_CODE = (
+    LIBC + "import mmap\n"
+    "page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+    "page.write(bytes([0x53, 0x31, 0xDB, 0x31, 0xC9, 0x31, 0xD2, 0xB8, 21, 0, 0, 0, 0xCD, 0x80, 0x5B, 0xC3]))\n"
+    "int80 = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))\n"
+    "print(int80())\n"
+    "print(libc.syscall(0x40000000 | 165, None, None, None, 0, None), ctypes.get_errno())\n"  # x32's mount
+    "print('still running')"
+)
+
+
+def check_other_abis_refused_and_reported(r: ExecResult, where: str = "") -> None:
+    """Both calls failed with ENOSYS, as on a kernel without those ABIs, and each was reported by its ABI."""
+    assert r.stdout.splitlines() == ["-38", "-1 38", "still running"], r.summary()
+    assert [v.syscall for v in r.security_violations] == ["i386_syscall_21", "x32_syscall_165"], r.summary()
+    i386, x32 = r.security_violations
+    assert "int 0x80" in i386.description and "x32" in x32.description
+    for v in r.security_violations:
+        assert v.blocked and v.detection_layer == "SECCOMP" and v.severity == "HIGH", v
+        assert "another ABI" in v.description and where in v.description, v.description
+
+
+def test_calls_through_other_abis_are_refused_and_reported(sb: Sandbox) -> None:
+    # The rules name x86_64's numbers. Before, int 0x80 killed the process with SIGSYS
+    # and an x32 call failed with ENOSYS, and neither was reported.
+    check_other_abis_refused_and_reported(sb.run_code(OTHER_ABIS_CODE))
+
+
 def test_common_programs_start_without_a_violation(sb: Sandbox) -> None:
     """What the filter refuses by number must not be something libc, Python or coreutils use."""
     r = sb.exec(
@@ -451,11 +482,51 @@ def test_input_beyond_a_frame_is_refused_before_it_is_sent(sb: Sandbox) -> None:
 def test_write_file_takes_7_mib_and_not_a_byte_more(sb: Sandbox) -> None:
     # docs/sdk.md: a write_file over 7 MiB is refused. 7 MiB + 1 still fits a frame, so
     # only a check of its own refuses it.
-    sb.write_file("/work/seven", b"7" * MAX_WRITE_BYTES)
-    assert len(sb.read_file("/work/seven")) == MAX_WRITE_BYTES == 7 * 1024 * 1024
-    with pytest.raises(stockade.SandboxError, match=f"too large: {MAX_WRITE_BYTES + 1} bytes.* {MAX_WRITE_BYTES} "):
-        sb.write_file("/work/more", b"7" * (MAX_WRITE_BYTES + 1))
+    sb.write_file("/work/seven", b"7" * MAX_CALL_BYTES)
+    assert len(sb.read_file("/work/seven")) == MAX_CALL_BYTES == 7 * 1024 * 1024
+    with pytest.raises(stockade.SandboxError, match=f"too large: {MAX_CALL_BYTES + 1} bytes.* {MAX_CALL_BYTES} "):
+        sb.write_file("/work/more", b"7" * (MAX_CALL_BYTES + 1))
     assert not any(e["name"] == "more" for e in sb.list_dir("/work"))  # refused before anything was sent
+
+
+def test_stdin_and_code_take_7_mib_and_not_a_byte_more(sb: Sandbox, manager: RuntimeManager) -> None:
+    # docs/sdk.md: stdin and code share write_file's 7 MiB. Before, 7 MiB + 1 went through,
+    # up to the 10 MiB frame.
+    assert sb.exec(["wc", "-c"], stdin=b"7" * MAX_CALL_BYTES).stdout.strip() == str(MAX_CALL_BYTES)
+    head = "print('seven')\n#"
+    assert sb.run_code(head + "7" * (MAX_CALL_BYTES - len(head))).stdout == "seven\n"  # 7 MiB of code, to the byte
+
+    def refused(field: str, size: int) -> str:
+        return f"{field} is too large: {size} bytes, and a call takes at most {MAX_CALL_BYTES} "
+
+    over, text_over = b"7" * (MAX_CALL_BYTES + 1), "7" * (MAX_CALL_BYTES + 1)
+    for call in (
+        lambda: sb.exec(["wc", "-c"], stdin=over),
+        lambda: sb.exec(["wc", "-c"], stdin=text_over),
+        lambda: sb.run_code("print(1)", stdin=over),
+        lambda: stockade.run(["wc", "-c"], stdin=over, runtime="process", manager=manager),
+    ):
+        with pytest.raises(stockade.SandboxError, match=refused("stdin", MAX_CALL_BYTES + 1)):
+            call()
+    # Code is counted in bytes, as sent: half as many two-byte characters plus one are over.
+    wide = "\u00e9" * (MAX_CALL_BYTES // 2 + 1)
+    for code, size in ((text_over, MAX_CALL_BYTES + 1), (wide, MAX_CALL_BYTES + 2)):
+        with pytest.raises(stockade.SandboxError, match=refused("code", size)):
+            sb.run_code(code)
+        with pytest.raises(stockade.SandboxError, match=refused("code", size)):
+            stockade.run_code(code, runtime="process", manager=manager)
+
+    async def held_async() -> None:
+        async with stockade.AsyncSandbox(Policy(runtime="process"), manager=manager) as asb:
+            with pytest.raises(stockade.SandboxError, match=refused("code", MAX_CALL_BYTES + 1)):
+                await asb.run_code(text_over)
+            with pytest.raises(stockade.SandboxError, match=refused("stdin", MAX_CALL_BYTES + 1)):
+                await asb.exec(["wc", "-c"], stdin=over)
+            assert (await asb.exec(["true"])).success
+
+    asyncio.run(held_async())
+    r = sb.exec(["true"])
+    assert r.success and r.termination_reason == "completed", r.summary()  # refused before anything was sent
 
 
 def test_cpu_limit_is_applied(process_runtime: str, manager: RuntimeManager) -> None:

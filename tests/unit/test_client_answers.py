@@ -8,6 +8,7 @@ back as a result.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from stockade import ExecResult
-from stockade.client import Client, RemoteSandbox
+from stockade.client import AsyncClient, Client, RemoteSandbox
 from stockade.errors import (
     AgentError,
     AuthenticationError,
@@ -28,7 +29,7 @@ from stockade.errors import (
     SandboxError,
     StockadeError,
 )
-from stockade.runtimes.base import MAX_WRITE_BYTES
+from stockade.limits import MAX_CALL_BYTES
 
 Answer = Callable[[dict[str, object]], bytes]  # the request -> the line sent back; b"": hang up
 
@@ -229,14 +230,52 @@ def test_write_file_over_7_mib_is_refused_before_it_is_sent(scripted: Callable[[
 
     client = scripted(record)
     handle = RemoteSandbox(client, "sb-1")
-    handle.write_file("/work/f", b"x" * MAX_WRITE_BYTES)  # exactly 7 MiB: sent whole
-    assert len(base64.b64decode(sent[0]["params"]["data"])) == MAX_WRITE_BYTES
+    handle.write_file("/work/f", b"x" * MAX_CALL_BYTES)  # exactly 7 MiB: sent whole
+    assert len(base64.b64decode(sent[0]["params"]["data"])) == MAX_CALL_BYTES
     for call in (
-        lambda: handle.write_file("/work/f", b"x" * (MAX_WRITE_BYTES + 1)),
-        lambda: client.sandbox_write_file("sb-1", "/work/f", "x" * (MAX_WRITE_BYTES + 1)),
+        lambda: handle.write_file("/work/f", b"x" * (MAX_CALL_BYTES + 1)),
+        lambda: client.sandbox_write_file("sb-1", "/work/f", "x" * (MAX_CALL_BYTES + 1)),
     ):
         with pytest.raises(
-            SandboxError, match=f"too large: {MAX_WRITE_BYTES + 1} bytes, and a call takes at most {MAX_WRITE_BYTES}"
+            SandboxError, match=f"too large: {MAX_CALL_BYTES + 1} bytes, and a call takes at most {MAX_CALL_BYTES}"
         ):
             call()
     assert len(sent) == 1  # nothing was sent for either
+
+
+def test_stdin_and_code_over_7_mib_are_refused_before_they_are_sent(scripted: Callable[[Answer], Client]) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def record(request: dict[str, Any]) -> bytes:
+        sent.append(request)
+        return _line({"result": _exec_result(), "error": None, "id": request["id"]})
+
+    client = scripted(record)
+    handle = RemoteSandbox(client, "sb-1")
+    seven, over = b"x" * MAX_CALL_BYTES, b"x" * (MAX_CALL_BYTES + 1)
+    client.execute(["cat"], stdin=seven)  # exactly 7 MiB: sent whole
+    handle.run_code("#" * MAX_CALL_BYTES, stdin=seven.decode())
+    assert len(base64.b64decode(sent[0]["params"]["stdin_b64"])) == MAX_CALL_BYTES
+    assert len(sent[1]["params"]["code"]) == len(sent[1]["params"]["stdin"]) == MAX_CALL_BYTES
+
+    async def awaited(call: str) -> None:
+        async with AsyncClient(client.socket_path, timeout=5) as aclient:
+            if call == "execute":
+                await aclient.execute(code="#" * (MAX_CALL_BYTES + 1))
+            else:
+                await aclient.sandbox_exec("sb-1", ["cat"], stdin=over)
+
+    for field, call in (
+        ("stdin", lambda: client.execute(["cat"], stdin=over)),
+        ("code", lambda: client.execute(code="#" * (MAX_CALL_BYTES + 1))),
+        ("stdin", lambda: handle.exec(["cat"], stdin=over.decode())),
+        ("code", lambda: handle.run_code("#" * (MAX_CALL_BYTES + 1))),
+        ("stdin", lambda: client.sandbox_run_code("sb-1", "pass", stdin=over)),
+        ("code", lambda: asyncio.run(awaited("execute"))),
+        ("stdin", lambda: asyncio.run(awaited("sandbox_exec"))),
+    ):
+        with pytest.raises(
+            SandboxError, match=f"{field} is too large: {MAX_CALL_BYTES + 1} bytes, and a call takes at most"
+        ):
+            call()
+    assert len(sent) == 2  # nothing was sent for any of them

@@ -6,7 +6,9 @@ written here, on the seccomp_data of representative calls.
 
 from __future__ import annotations
 
+import json
 import struct
+from importlib import resources
 
 import pytest
 
@@ -25,7 +27,7 @@ REQUIRED = [
 
 
 def run_bpf(program: bytes, nr: int, args: tuple[int, ...] = (0,) * 6, arch: int = seccomp.AUDIT_ARCH_X86_64) -> int:
-    data = struct.pack("<iIQ6Q", nr, arch, 0, *args)
+    data = struct.pack("<IIQ6Q", nr & 0xFFFFFFFF, arch, 0, *args)  # the kernel's int nr, as BPF reads it
     insns = [struct.unpack("<HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
     acc, pc = 0, 0
     while True:
@@ -120,6 +122,11 @@ def test_the_rule_lookup_agrees_with_the_program(program: bytes) -> None:
 
     for nr in range(1100):
         assert run_bpf(program, nr) == expected(nr, (0,) * 6), nr
+    # The calls of other ABIs, as linux.seccomp_notif_recv hands them over: the arch above the number.
+    for nr in (*range(0, 1100, 7), 0x3FFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF):
+        assert run_bpf(program, nr, arch=seccomp.AUDIT_ARCH_I386) == expected(seccomp.AUDIT_ARCH_I386 << 32 | nr, ())
+        x86_64 = (seccomp.X32_SYSCALL_BIT | nr) & 0xFFFFFFFF
+        assert run_bpf(program, x86_64) == expected(x86_64, ()), hex(x86_64)
     for nr in (NR["socket"], NR["socketpair"]):
         for family in range(47):
             for kind in (1, 2, 3, 5, 6, 10):
@@ -153,9 +160,11 @@ def test_a_guests_agent_answers_unknown_numbers_as_the_host_does() -> None:
     from stockade.agent.server import _parse_answers
 
     err, ranges = _parse_answers(seccomp.guest_answers())
-    assert err == seccomp.unknown_rule().errno
-    for nr in (0, 336, 337, 423, 424, 467, 469, 470, 1000, seccomp.X32_SYSCALL_BIT - 1):
-        assert any(lo <= nr <= hi for lo, hi in ranges) == seccomp.is_unknown(nr), nr
+    assert err == seccomp.unknown_rule().errno == seccomp.other_abis_rule().errno
+    x32, i386 = seccomp.X32_SYSCALL_BIT, seccomp.AUDIT_ARCH_I386 << 32
+    for nr in (0, 336, 337, 423, 424, 467, 469, 470, 1000, x32 - 1, x32, x32 | 165, (1 << 32) - 1, i386, i386 | 21):
+        refused = seccomp.is_unknown(nr) or seccomp.is_other_abi(nr)
+        assert any(lo <= nr <= hi for lo, hi in ranges) == refused, nr
     assert _parse_answers("") == (1, [])  # no answers given: EPERM for everything
 
 
@@ -177,9 +186,36 @@ def test_personality_query_allowed_weakening_blocked(program: bytes) -> None:
     assert run_bpf(program, NR["personality"], (0x0400000, 0, 0, 0, 0, 0)) == seccomp.RET_USER_NOTIF
 
 
-def test_foreign_architecture_and_x32_refused(program: bytes) -> None:
-    assert run_bpf(program, NR["read"], arch=0x40000003) == seccomp.RET_KILL_PROCESS  # i386
-    assert run_bpf(program, 0x40000000 | NR["read"]) == seccomp.RET_ERRNO | 38
+def test_other_abis_calls_are_refused_and_reported(program: bytes) -> None:
+    # Before, an i386 call (int 0x80) killed the process and an x32 call failed, both unreported.
+    i386, x32 = seccomp.AUDIT_ARCH_I386, seccomp.X32_SYSCALL_BIT
+    for nr in (NR["read"], 21, 26, 400):  # i386's 21 is mount (x86_64's access), its 26 ptrace (msync)
+        assert run_bpf(program, nr, arch=i386) == seccomp.RET_USER_NOTIF, nr
+    for nr in (NR["read"], NR["mount"], 512, 0x3FFFFFFF):
+        assert run_bpf(program, x32 | nr) == seccomp.RET_USER_NOTIF, nr
+    # Each named by its ABI and number, never as the x86_64 call of the same number.
+    v = seccomp.violation_for(i386 << 32 | 21, (0,) * 6, 7)
+    assert (v.syscall, v.severity, v.blocked, v.pid) == ("i386_syscall_21", "HIGH", True, 7)
+    assert "int 0x80" in v.description and "another ABI" in v.description, v.description
+    v = seccomp.violation_for(x32 | NR["mount"], (0,) * 6, 7)
+    assert v.syscall == "x32_syscall_165" and "x32" in v.description and v.severity == "HIGH"
+    # Refused as a kernel without that ABI would: libc and runtimes that probe for it fall back.
+    assert seccomp.other_abis_rule().errno == 38
+    # A negative number is no call of any ABI: refused as unknown.
+    assert run_bpf(program, -1) == seccomp.RET_USER_NOTIF
+    v = seccomp.violation_for((1 << 32) - 1, (0,) * 6, None)
+    assert v.syscall == "syscall_-1" and "does not name" in v.description
+
+
+def test_other_abis_are_answered_with_the_unknown_numbers_errno() -> None:
+    # A microVM guest's agent answers both with one errno, by number ranges (guest_answers).
+    raw = json.loads(resources.files(seccomp.__package__).joinpath("seccomp_profile.json").read_text())
+    raw["other_abis"]["errno"] = 1
+    with pytest.raises(ValueError, match="other_abis is answered with the errno of unknown_syscalls"):
+        seccomp._parse(raw)
+    raw["other_abis"] = {"action": "notify", "comment": "why", "when": {"arg": 0, "op": "eq", "value": 1}}
+    with pytest.raises(ValueError, match="conditions"):
+        seccomp._parse(raw)
 
 
 def test_rule_lookup_matches_the_program() -> None:
@@ -205,6 +241,10 @@ def test_a_guest_filters_report_is_read_with_the_profiles_own_rule() -> None:
     for nr in (470, 5000):
         unknown = guest_violation({"nr": nr, "args": [], "pid": 1})
         assert unknown is not None and unknown.syscall == f"syscall_{nr}" and "does not name" in unknown.description
+    # Calls through i386's and x32's ABIs, by their ABI (linux.seccomp_notif_recv puts i386's arch above it).
+    for nr, name in ((seccomp.AUDIT_ARCH_I386 << 32 | 21, "i386_syscall_21"), (0x40000000 | 165, "x32_syscall_165")):
+        other = guest_violation({"nr": nr, "args": [0] * 6, "pid": 1})
+        assert other is not None and other.syscall == name and "inside the guest" in other.description
     # A guest may send anything: what is malformed is dropped, never raised on.
     for params in (
         {},
@@ -212,6 +252,8 @@ def test_a_guest_filters_report_is_read_with_the_profiles_own_rule() -> None:
         {"nr": True, "args": []},
         {"nr": -1, "args": []},
         {"nr": 1 << 40, "args": []},
+        {"nr": 1 << 64, "args": []},
+        {"nr": (seccomp.AUDIT_ARCH_X86_64 << 32) | 21, "args": []},
         {"nr": 272, "args": "0"},
         {"nr": 272, "args": [0] * 7},
         {"nr": 272, "args": [-1]},

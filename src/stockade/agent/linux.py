@@ -44,6 +44,7 @@ MS_REMOUNT = 32
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_BIND = 4096
+MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
@@ -111,13 +112,18 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return _check(_libc.prctl(option, *args), f"prctl({option})")
 
 
-def drop_all_capabilities() -> None:
-    """Empty the bounding, ambient, effective, permitted and inheritable sets."""
+def drop_bounding_set() -> None:
+    """Empty the bounding set (needs CAP_SETPCAP: a no-op without it)."""
     cap = 0
     while True:
         if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) < 0:
             break  # EINVAL past the last capability the kernel knows
         cap += 1
+
+
+def drop_all_capabilities() -> None:
+    """Empty the bounding, ambient, effective, permitted and inheritable sets."""
+    drop_bounding_set()
     _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
     # struct __user_cap_header_struct {u32 version; int pid}; version 3 = 64-bit sets.
     header = struct.pack("Ii", _CAP_V3, 0)
@@ -157,15 +163,20 @@ def seccomp_install_listener(program: bytes) -> int:
 
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
 SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
-_NOTIF = struct.Struct("<QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
+_NOTIF = struct.Struct("<QIIIIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
 _NOTIF_RESP = struct.Struct("<QqiI")  # id, val, error, flags
+AUDIT_ARCH_X86_64 = 0xC000003E
 
 
 def seccomp_notif_recv(listener: int) -> tuple[int, int, int, tuple[int, ...]] | None:
-    """The next blocked call on ``listener`` (waits for one): (id, pid, syscall nr, args).
+    """The next blocked call on ``listener`` (waits for one): (id, pid, call, args).
 
-    None when the caller died before it could be read (ENOENT), or the
-    listener is gone.
+    ``call`` names the call across ABIs: an x86_64 call's number as the kernel
+    saw it, unsigned (x32's have bit 30 set, a negative one is 2**31 or more);
+    a call through another ABI (i386's ``int 0x80``) is ``arch << 32 | number``,
+    so that its number is never read as the x86_64 call it equals
+    (runtimes/process/seccomp.py names them). None when the caller died before
+    it could be read (ENOENT), or the listener is gone.
     """
     import fcntl
 
@@ -174,8 +185,9 @@ def seccomp_notif_recv(listener: int) -> tuple[int, int, int, tuple[int, ...]] |
         fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
     except OSError:
         return None
-    notif_id, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
-    return notif_id, pid, nr, tuple(args)
+    notif_id, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
+    call = nr if arch == AUDIT_ARCH_X86_64 else arch << 32 | nr
+    return notif_id, pid, call, tuple(args)
 
 
 def seccomp_notif_deny(listener: int, notif_id: int, err: int) -> None:

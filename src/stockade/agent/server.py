@@ -939,27 +939,6 @@ def _guard_guest(conn: Any, program: bytes, answers: str) -> bool:
     return True
 
 
-def _wait_for_go() -> None:
-    """The microVM's init started this interpreter early: say so, then wait for "go" on stdin.
-
-    The interpreter and the agent's modules are loaded by now, from the
-    initramfs; init reads the host's go line, mounts the host's /usr and the
-    scratch space, and writes "go" once the guest is ready for the agent.
-    """
-    os.close(os.open("/.agent-ready", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = os.read(0, 64)
-        if not chunk:
-            os._exit(1)  # init's setup failed before the guest was ready
-        line += chunk
-    os.unlink("/.agent-ready")
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    os.chdir("/work")
-
-
 def _reseed_kernel_rng() -> None:
     """Make the kernel rekey its generator from the input pool (where init put the host's seed).
 
@@ -986,42 +965,9 @@ def main() -> None:
 
     Runtimes that start the agent as a program use this: the fake runtime
     passes a descriptor; gVisor gets the host's socket as the container's
-    standard input and output.
+    standard input and output. A microVM guest's agent starts in guest.py.
     """
     where = os.environ.pop("STOCKADE_AGENT_FD", "3")
-    user = os.environ.pop("STOCKADE_AGENT_USER", "")
-    program_path = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
-    answers = os.environ.pop("STOCKADE_GUEST_SECCOMP_ANSWERS", "")
-    # Read and loaded before the go line, from the initramfs: a VM restored from a
-    # snapshot then has them already, instead of reading ctypes over 9p first.
-    program = _read_program(program_path) if program_path else None
-    if os.environ.pop("STOCKADE_AGENT_WAIT", "") == "stdin":
-        _wait_for_go()
-    if where.startswith(("/", "device:")):
-        # A character device (the microVM's virtio-serial port), by path or as an
-        # inherited descriptor ("device:3": init kept it open so nothing is lost).
-        if where.startswith("device:"):
-            device_fd = int(where[len("device:") :])
-            os.set_inheritable(device_fd, False)
-        else:
-            device_fd = os.open(where, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
-        conn: Any = _DeviceConn(device_fd)
-        if os.environ.pop("STOCKADE_RESEED", "") == "1":
-            _reseed_kernel_rng()
-        if user:
-            uid = int(user)
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)  # from root: drops every capability too
-        guarded = program is not None and _guard_guest(conn, program, answers)
-        warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
-        freeze_heap()
-        agent = Agent(conn, dict(os.environ))
-        agent.guest_seccomp = guarded
-        if warm:
-            agent.prepare_spare(warm=True)
-        agent.serve()
-        return
     if where == "stdio":
         fd = os.dup(0)
         # gVisor imports stdin and stdout as two files over the one host socket and
@@ -1038,7 +984,7 @@ def main() -> None:
     else:
         fd = int(where)
     warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
-    conn = socket.socket(fileno=fd)
+    conn: Any = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
     if where == "stdio":
         conn = _PatientConn(conn)

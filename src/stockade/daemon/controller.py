@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from ..errors import SandboxError
+from ..limits import check_call_size
 from ..policy import Policy, coerce_policy
 from ..result import ExecResult, new_id
 from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
@@ -576,6 +577,8 @@ def _job(params: dict[str, Any]) -> ExecuteJob:
     if code is not None and not isinstance(code, str):
         raise RequestError("code must be a string")
     stdin = _stdin(params)
+    check_call_size("code", code)  # before a slot is taken or an isolate started
+    check_call_size("stdin", stdin)
     policy = _policy(params.get("policy"))
     return ExecuteJob(policy, command, code, _language(params), stdin)
 
@@ -601,10 +604,13 @@ def _held_run(method: str, params: dict[str, Any]) -> HeldRun:
         code = params.get("code")
         if not isinstance(code, str):
             raise RequestError("code must be a string")
+        check_call_size("code", code)
         request = code_params(code, _language(params))
     else:
         raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
-    return HeldRun(method, request, _stdin(params), _env(params), _timeout(params))
+    stdin = _stdin(params)
+    check_call_size("stdin", stdin)
+    return HeldRun(method, request, stdin, _env(params), _timeout(params))
 
 
 def _agent_request(job: ExecuteJob) -> tuple[str, dict[str, Any]]:

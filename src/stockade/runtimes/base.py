@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..agent import wire
 from ..errors import AgentProtocolError, SandboxClosedError, SandboxError, agent_error
+from ..limits import check_call_size
 from ..policy import Policy
 from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id, violation_key
 from .violations import ViolationLog, ViolationReport
@@ -41,8 +42,6 @@ HOST_TIMEOUT_GRACE_S = 2.0
 UNBOUNDED = float("inf")  # exec(timeout=UNBOUNDED): run until it ends or the sandbox closes
 _FOREVER_S = 10.0 * 365 * 24 * 3600
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-# What one write_file carries (docs/sdk.md): the data of one agent frame, base64-encoded.
-MAX_WRITE_BYTES = wire.MAX_DATA_BYTES
 
 
 @dataclass
@@ -223,7 +222,7 @@ class AgentSandbox(abc.ABC):
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
-        check_write_size(raw)
+        check_call_size("write_file data", raw)
         self._agent_call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}, 30.0)
 
     def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
@@ -403,6 +402,8 @@ class AgentSandbox(abc.ABC):
         policy = self.policy
         execution_id = execution_id or new_id()
         raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
+        check_call_size("stdin", raw_stdin)  # before anything is sent or counted (limits.py)
+        check_call_size("code", params.get("code"))
         if timeout == UNBOUNDED:
             # A long-lived component: no deadline, output streamed and never cut.
             params.update(
@@ -904,19 +905,6 @@ _RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
 def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
     """The agent's ``exec`` request for ``argv`` (before the run's common fields)."""
     return {"argv": list(argv), "cwd": cwd}
-
-
-def check_write_size(data: bytes) -> None:
-    """Refuse a write_file of more than ``MAX_WRITE_BYTES``, before anything is sent.
-
-    Every door calls it (the SDK's sandboxes, the daemon, the daemon's client): the
-    frame alone would take a little more than the documented limit.
-    """
-    if len(data) > MAX_WRITE_BYTES:
-        raise SandboxError(
-            f"write_file data is too large: {len(data)} bytes, and a call takes at most {MAX_WRITE_BYTES} "
-            "(7 MiB); nothing was written"
-        )
 
 
 def code_params(code: str, language: str = "python") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Pipes that an isolate's host program writes (runsc's stderr and its log), read as they fill.
+"""Pipes that an isolate's host program writes (runsc's stderr and log, QEMU's console and stderr), read as they fill.
 
 The host keeps no more of what an isolate makes it write than it decides to.
 A regular file that runsc appends to grows with whatever the sandbox makes it

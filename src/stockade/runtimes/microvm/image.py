@@ -52,7 +52,7 @@ MODULES = (
     "9p",
 )  # fmt: skip  (load order)
 log = logging.getLogger("stockade.microvm")
-IMAGE_LAYOUT = 6  # bump when the initramfs layout changes in a way the other inputs do not show
+IMAGE_LAYOUT = 7  # bump when the initramfs layout changes in a way the other inputs do not show
 LD_SO_CACHE = "/etc/ld.so.cache"
 BUSYBOX_APPLETS = (
     "sh", "mount", "umount", "mkdir", "insmod", "ln", "sleep", "ls", "cat", "hostname", "poweroff", "ifconfig", "chmod",
@@ -61,7 +61,8 @@ BUSYBOX_APPLETS = (
 
 INIT = r"""#!/bin/sh
 # stockade microVM init: modules, the agent's interpreter started from the
-# initramfs, the host's go line, mounts, then the agent on the virtio-serial port.
+# initramfs, the host's go line, /usr, then the agent on the virtio-serial port
+# (which confines itself and the code: agent/guest.py).
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -94,30 +95,19 @@ setup() {
   # The host's /usr goes over the initramfs copies: the running interpreter keeps
   # what it has loaded, and everything else comes from the host.
   mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose,noatime usr /usr || poweroff -f
-  mount -t tmpfs -o size=${DISK}m,mode=1777,nosuid,nodev tmpfs /tmp
-  mkdir -p /tmp/.work && mount --bind /tmp/.work /work 2>/dev/null || mount -t tmpfs -o size=${DISK}m tmpfs /work
-  chmod 0777 /work
   [ "$NET" = loopback ] && ifconfig lo 127.0.0.1 up
-  set -- $(cat /proc/cmdline)
-  for arg; do
-    case "$arg" in
-      stockade.mounts=*)
-        IFS=,; for m in ${arg#stockade.mounts=}; do
-          IFS=:; set -- $m; IFS=' '
-          mkdir -p "$2" && mount -t 9p -o trans=virtio,version=9p2000.L,$3,msize=262144,nosuid,nodev "$1" "$2"
-        done; IFS=' ';;
-    esac
-  done
   hostname stockade
-  echo go
+  echo "go $DISK"
 }
 export HOME=/work TMPDIR=/tmp LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin
-# After "go" the agent has the kernel reseed its generator from the seed, then drops to uid 1000.
-export STOCKADE_AGENT_FD=device:3 STOCKADE_AGENT_USER=1000 STOCKADE_RESEED=1 STOCKADE_AGENT_WAIT=stdin
-# ... and puts itself under the process runtime's seccomp profile, compiled by the host.
+# After "go" the agent has the kernel reseed its generator from the seed, makes
+# the code's namespaces and root (the scratch space of $DISK MB, the shared
+# paths of stockade.mounts=), drops to uid 1000 and puts itself under the
+# process runtime's seccomp profile, compiled by the host. Its first process
+# waits outside the namespaces until the confined agent ends: then the VM goes.
 export STOCKADE_GUEST_SECCOMP=/opt/stockade/seccomp.bpf STOCKADE_GUEST_SECCOMP_ANSWERS=__ANSWERS__
-setup | /usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import server
-server.main()"
+setup | /usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import guest
+guest.main()"
 poweroff -f
 """
 
@@ -328,7 +318,8 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
     def add_dir(path: str) -> None:
         entries.append((path, stat.S_IFDIR | 0o755, b""))
 
-    for d in ("bin", "dev", "proc", "sys", "tmp", "work", "usr", "modules", "opt", "opt/stockade",
+    # mnt: where the agent builds the code's root (agent/guest.py).
+    for d in ("bin", "dev", "proc", "sys", "mnt", "usr", "modules", "opt", "opt/stockade",
               "opt/stockade/agent", "etc"):  # fmt: skip
         add_dir(d)
     for link, target in (("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "bin")):
@@ -349,16 +340,9 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
             with open(os.path.join(agent_dir, name), "rb") as f:
                 entries.append((f"opt/stockade/agent/{name}", stat.S_IFREG | 0o644, f.read()))
     entries.append(("opt/stockade/seccomp.bpf", stat.S_IFREG | 0o644, seccomp.default_program()))
-    etc = {
-        "passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/work:/bin/sh\n",
-        "group": "root:x:0:\nsandbox:x:1000:\n",
-        "hosts": "127.0.0.1\tlocalhost stockade\n",
-        "hostname": "stockade\n",
-    }
-    for name, text in etc.items():
-        entries.append((f"etc/{name}", stat.S_IFREG | 0o644, text.encode()))
-    # The guest's /usr is the host's, so the host's loader cache describes it (as
-    # in the process runtime's /etc): the loader need not search directories.
+    # The code's /etc is synthesized by the agent (confine.make_etc), as in a process
+    # isolate. The guest's /usr is the host's, so the host's loader cache, which
+    # that /etc takes from here, describes it: the loader need not search directories.
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             entries.append(("etc/ld.so.cache", stat.S_IFREG | 0o644, f.read()))
@@ -396,10 +380,10 @@ def _interpreter_entries(have_dirs: set[str]) -> list[tuple[str, int, bytes]]:
     so that a VM restored from a snapshot resumes with its agent already
     loaded instead of reading an interpreter over 9p with a cold cache.
     """
-    # linux (and so ctypes) too: the agent loads it before the go line, to put
-    # itself under the guest's seccomp filter right after it.
+    # guest: the guest's agent, with all it loads before the go line (linux, and so
+    # ctypes, for its namespaces, mounts and seccomp filter; confine's parts).
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from agent import server, linux; "
+        "import sys; sys.path.insert(0, sys.argv[1]); from agent import guest; "
         "sys.stdout.write(repr(sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})))"
     )
     try:

@@ -13,7 +13,9 @@
   (vsock needs /dev/vhost-vsock, which this kind of host does not have.)
 - limits: guest RAM = ``memory_mb``; QEMU itself runs in the isolate's cgroup
   (guest RAM + emulator overhead; CPU quota); ``RLIMIT_NPROC`` inside the
-  guest; OOM kills inside the guest are read from the guest kernel's console.
+  guest; OOM kills inside the guest are read from the guest kernel's console,
+  which, like QEMU's stderr, is a pipe the host drains, keeping bounded amounts
+  (console.py), never a host file the guest could grow.
 - QEMU itself: jailed (jail.py): seccomp, Landlock, its own network and IPC
   namespaces, no new privileges, no capabilities beyond shared-path access.
 - teardown: closing the socket ends the agent and the guest powers off; QEMU
@@ -25,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -46,6 +47,7 @@ from ..process import seccomp
 from ..process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from . import image as guest_image
 from . import jail, snapshot
+from .console import CONSOLE, QemuOutput
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 120.0
@@ -56,7 +58,6 @@ MIN_GUEST_MB = 128
 MICROVM_POOL_SHAPES = 2  # the default shape and one more, unless STOCKADE_POOL_SHAPES says otherwise
 RUN_PREFIX = "stockade-microvm-"
 _counter = iter(range(1, 1 << 62))
-_OOM = re.compile(rb"Out of memory: Killed process|oom-kill:")
 
 
 def microvm_shape(policy: Policy) -> tuple[Any, ...]:
@@ -79,16 +80,18 @@ class MicrovmSandbox(HostedSandbox):
         rundir: str,
         cgroup: IsolateCgroup | None,
         accel: str,
+        output: QemuOutput,
     ) -> None:
         super().__init__(policy, conn, proc, rundir, cgroup)
         self.rundir = rundir
         self.accel = accel
+        self.output = output  # the console and QEMU's stderr, drained (console.py)
         self.restored = False  # resumed from a snapshot rather than booted
         self.pidfd = os.pidfd_open(proc.pid)
         self.guest_seccomp = False  # the guest's agent keeps the seccomp profile (its ping says)
 
     def last_words(self) -> str:
-        return _vm_log(self.rundir)
+        return self.output.last_words()
 
     def apply_policy(self, policy: Policy) -> None:
         self.policy = policy  # the VM's shape equals the policy's (see microvm_shape)
@@ -120,12 +123,11 @@ class MicrovmSandbox(HostedSandbox):
         # The host cgroup holds the emulator, not the guest's processes: an OOM kill
         # inside the guest shows on the guest kernel's console, which the guest's
         # unprivileged code cannot write to.
-        try:
-            with open(os.path.join(self.rundir, "console.log"), "rb") as f:
-                usage.oom_kills += len(_OOM.findall(f.read()))
-        except OSError:
-            pass
+        usage.oom_kills += self.output.count_oom_kills()
         return usage
+
+    def _release_program(self) -> None:
+        self.output.close()  # QEMU has exited: nothing writes to them any more
 
 
 class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
@@ -212,15 +214,16 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         restored_from = snapshot.find(plan.snapshot_key) if restore and snapshots_enabled() else None
         deadline = started + boot_timeout
         if restored_from is None:
-            proc, cgroup, conn, unenforced = self._launch(policy, plan, [])
+            proc, cgroup, conn, unenforced, output = self._launch(policy, plan, [])
         else:
             # QEMU reads the state from a descriptor opened here: it may not spawn a reader (jail.py).
             state = snapshot.open_state(restored_from)
             try:
-                proc, cgroup, conn, unenforced = self._launch(policy, plan, snapshot.incoming_args(state), state)
+                launched = self._launch(policy, plan, snapshot.incoming_args(state), state)
             finally:
                 os.close(state)
-        sandbox = MicrovmSandbox(policy, conn, proc, plan.rundir, cgroup, accel)  # from here it owns every part
+            proc, cgroup, conn, unenforced, output = launched
+        sandbox = MicrovmSandbox(policy, conn, proc, plan.rundir, cgroup, accel, output)  # it owns every part
         try:
             if restored_from is None:
                 snapshot.wait_for_snapshot_point(conn, deadline)  # a restored guest is already past it
@@ -229,7 +232,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             sandbox.guest_seccomp = pong.get("guest_seccomp") is True
         except Exception as exc:  # noqa: BLE001 - a failed boot, with the console's last words
             how = "restore" if restored_from else "boot"
-            why = f"the microVM did not {how} ({accel}): {_tail(plan.rundir)} ({exc})"
+            why = f"the microVM did not {how} ({accel}): {_tail(output)} ({exc})"
             sandbox.close()
             if restored_from is not None:
                 # Boot instead; a snapshot this QEMU cannot resume is of no use and is
@@ -262,15 +265,17 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             return found
         qmp = os.path.join(plan.rundir, "qmp.sock")
         deadline = time.monotonic() + boot_timeout
-        proc, cgroup, conn, _unenforced = self._launch(policy, plan, ["-qmp", f"unix:{qmp},server=on,wait=off"])
+        launched = self._launch(policy, plan, ["-qmp", f"unix:{qmp},server=on,wait=off"])
+        proc, cgroup, conn, _unenforced, output = launched
         try:
             snapshot.wait_for_snapshot_point(conn, deadline)
             snapshot.save(qmp, snapshot.path_for(plan.snapshot_key), deadline + snapshot.QMP_TIMEOUT_S)
         except SandboxStartError as exc:
-            raise SandboxStartError(f"no snapshot ({accel}): {exc}; {_tail(plan.rundir)}") from None
+            raise SandboxStartError(f"no snapshot ({accel}): {exc}; {_tail(output)}") from None
         finally:
             conn.close()
             abandon_start(proc, cgroup, plan.rundir)
+            output.close()
         return snapshot.path_for(plan.snapshot_key)
 
     def _plan(self, policy: Policy, accel: str) -> _Plan:
@@ -284,33 +289,39 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
 
     def _launch(
         self, policy: Policy, plan: _Plan, extra_args: list[str], state_fd: int | None = None
-    ) -> tuple[subprocess.Popen[bytes], IsolateCgroup | None, socket.socket, list[str]]:
+    ) -> tuple[subprocess.Popen[bytes], IsolateCgroup | None, socket.socket, list[str], QemuOutput]:
         """QEMU in the isolate's cgroup and its jail (jail.py), connected to; on failure
         nothing is left behind. ``state_fd``, a snapshot to resume, is handed to QEMU.
 
-        Returns the process, its cgroup, the agent connection and the limits not enforced.
+        Returns the process, its cgroup, the agent connection, the limits not enforced,
+        and what QEMU writes (the guest console, its stderr), drained by the host.
         """
         manager = self._cgroups.get()
         cgroup: IsolateCgroup | None = None
         proc: subprocess.Popen[bytes] | None = None
+        output: QemuOutput | None = None
         try:
             cgroup = manager.create() if manager.layout.version != "none" else None
             unenforced = ["memory_mb (host side), cpu_limit: no usable cgroup for QEMU on this host"]
             if cgroup is not None:
                 unenforced = _apply_limits(cgroup, policy)
-            with open(os.path.join(plan.rundir, "qemu.err"), "ab") as err:
-                cgroup_files = cgroup.procs_files if cgroup else ()
-                rules = jail.file_rules(policy, plan.cmd[0], plan.rundir, plan.image_dir, cgroup_files)
-                proc = jail.spawn_confined(rules, lambda: spawn_in_cgroup(
-                    [*jail.prefix(policy), *plan.cmd, *extra_args], cgroup,
-                    stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
-                    pass_fds=() if state_fd is None else (state_fd,),
-                ))  # fmt: skip
-            conn = _connect(plan.agent_socket, proc, time.monotonic() + 10, plan.rundir)
+            output = QemuOutput(plan.rundir)
+            err = output.stderr_w
+            cgroup_files = cgroup.procs_files if cgroup else ()
+            rules = jail.file_rules(policy, plan.cmd[0], plan.rundir, plan.image_dir, cgroup_files)
+            proc = jail.spawn_confined(rules, lambda: spawn_in_cgroup(
+                [*jail.prefix(policy), *plan.cmd, *extra_args], cgroup,
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
+                pass_fds=() if state_fd is None else (state_fd,),
+            ))  # fmt: skip
+            output.spawned()
+            conn = _connect(plan.agent_socket, proc, time.monotonic() + 10, output)
         except BaseException:
             abandon_start(proc, cgroup, plan.rundir)
+            if output is not None:
+                output.close()
             raise
-        return proc, cgroup, conn, unenforced
+        return proc, cgroup, conn, unenforced, output
 
     def _qemu(self) -> str:
         qemu = qemu_binary()
@@ -353,7 +364,7 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
 def guest_violation(params: dict[str, Any]) -> SecurityViolation | None:
     """The report of the guest filter's ``violation`` notification, or None if it is malformed."""
     nr, args, pid = params.get("nr"), params.get("args"), params.get("pid")
-    if not isinstance(nr, int) or isinstance(nr, bool) or not 0 <= nr < seccomp.X32_SYSCALL_BIT:
+    if not isinstance(nr, int) or isinstance(nr, bool) or not seccomp.is_call(nr):  # i386's, x32's too
         return None
     if not isinstance(args, list) or len(args) > 6 or not all(_is_int(a) and 0 <= a < 1 << 64 for a in args):
         return None
@@ -374,7 +385,7 @@ def _qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, acce
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         *(["-sandbox", jail.SECCOMP] if jail.seccomp_supported(qemu) else []),
         "-kernel", image.kernel, "-initrd", image.initramfs,
-        "-serial", f"file:{os.path.join(rundir, 'console.log')}",
+        "-serial", f"file:{os.path.join(rundir, CONSOLE)}",  # a FIFO the host drains (console.py)
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=stockade.agent",
@@ -414,7 +425,7 @@ def _tsc_khz() -> int | None:
     return None
 
 
-def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float, rundir: str) -> socket.socket:
+def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float, output: QemuOutput) -> socket.socket:
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -426,10 +437,10 @@ def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float, rundir: 
             # does not let it load, a device it cannot open): pass it on.
             if proc.poll() is not None:
                 raise SandboxStartError(
-                    f"QEMU {_exit_words(proc.returncode)} before its agent socket appeared ({_tail(rundir)})"
+                    f"QEMU {_exit_words(proc.returncode)} before its agent socket appeared ({_tail(output)})"
                 ) from None
             if time.monotonic() > deadline:
-                raise SandboxStartError(f"QEMU made no agent socket within 10 s ({_tail(rundir)})") from None
+                raise SandboxStartError(f"QEMU made no agent socket within 10 s ({_tail(output)})") from None
             time.sleep(0.01)
 
 
@@ -441,19 +452,8 @@ def _exit_words(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
-def _tail(rundir: str) -> str:
-    return _vm_log(rundir) or "no output"
-
-
-def _vm_log(rundir: str) -> str:
-    """The ends of QEMU's log and the guest console ("" when both are empty)."""
-    parts = []
-    for name in ("qemu.err", "console.log"):
-        with contextlib.suppress(OSError), open(os.path.join(rundir, name), "rb") as f:
-            text = f.read()[-400:].decode(errors="replace").strip()
-            if text:
-                parts.append(f"{name}: {text}")
-    return " | ".join(parts)
+def _tail(output: QemuOutput) -> str:
+    return output.last_words() or "no output"
 
 
 def _cache_file() -> str:

@@ -2,19 +2,23 @@
 
 The profile is ``seccomp_profile.json``: every rule names a syscall, an action
 and the reason it is there. ``compile_profile`` turns it into a classic-BPF
-program (x86_64 only; any other architecture or the x32 ABI is refused). Rules
-with action ``notify`` return ``SECCOMP_RET_USER_NOTIF``: the kernel suspends
-the call and asks the listener, which the isolate hands to the host at start.
-A syscall number the table in ``syscalls_x86_64.py`` does not name (one newer
-than the profile) is refused and reported too, by the profile's
+program for x86_64's calls. Rules with action ``notify`` return
+``SECCOMP_RET_USER_NOTIF``: the kernel suspends the call and asks the
+listener, which the isolate hands to the host at start. A syscall number the
+table in ``syscalls_x86_64.py`` does not name (one newer than the profile, or
+a negative one) is refused and reported too, by the profile's
 ``unknown_syscalls`` entry: a kernel upgrade cannot open a hole the profile
-was never told about.
+was never told about. So is every call through the kernel's other ABIs
+(i386's ``int 0x80``, x32's numbers), by its ``other_abis`` entry: their
+numbers are not the ones the rules name.
 
 ``Supervisor`` is one host thread that answers every isolate's notifications:
-each blocked call fails (EPERM; an unknown number ENOSYS, as on a kernel
-without it, so libc falls back) and is recorded as a ``SecurityViolation``
-(``detection_layer="SECCOMP"``). The report comes from the host, not from code
-inside the sandbox, so the sandboxed code cannot hide or forge it.
+each blocked call fails (EPERM; an unknown number or another ABI's call
+ENOSYS, as on a kernel without it, so libc falls back) and is recorded as a
+``SecurityViolation`` (``detection_layer="SECCOMP"``; another ABI's call is
+named by its ABI and number: ``i386_syscall_21``, ``x32_syscall_165``). The
+report comes from the host, not from code inside the sandbox, so the
+sandboxed code cannot hide or forge it.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from ...agent import linux
 from ...result import SecurityViolation
 from .syscalls_x86_64 import SYSCALLS_X86_64
 
-AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_X86_64 = linux.AUDIT_ARCH_X86_64
+AUDIT_ARCH_I386 = 0x40000003
 X32_SYSCALL_BIT = 0x40000000
+NEGATIVE = 0x80000000  # a syscall number this high is negative to the kernel: no call of any ABI
 
 RET_KILL_PROCESS = 0x80000000
 RET_USER_NOTIF = 0x7FC00000
@@ -52,6 +58,7 @@ _RET = 0x06
 
 SYSCALL_NAMES = {nr: name for name, nr in SYSCALLS_X86_64.items()}
 UNKNOWN = "unknown_syscalls"  # the profile's entry for numbers the table does not name
+OTHER_ABIS = "other_abis"  # the profile's entry for calls through i386's or x32's ABI
 
 
 @dataclass(frozen=True)
@@ -70,18 +77,25 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
 
 
 @cache
-def _load() -> tuple[tuple[Rule, ...], Rule]:
-    text = resources.files(__package__).joinpath("seccomp_profile.json").read_text()
-    raw = json.loads(text)
+def _load() -> tuple[tuple[Rule, ...], Rule, Rule]:
+    return _parse(json.loads(resources.files(__package__).joinpath("seccomp_profile.json").read_text()))
+
+
+def _parse(raw: dict[str, Any]) -> tuple[tuple[Rule, ...], Rule, Rule]:
+    """The profile's rules, and its entries for unknown numbers and other ABIs, checked."""
     rules = []
     for entry in raw["rules"]:
         if entry["syscall"] not in SYSCALLS_X86_64:
             raise ValueError(f"seccomp profile names unknown syscall {entry['syscall']!r}")
         rules.append(_rule(entry["syscall"], entry))
-    unknown = _rule(UNKNOWN, raw[UNKNOWN])
-    if unknown.when is not None:
-        raise ValueError(f"{UNKNOWN} cannot have conditions: the arguments of an unknown call mean nothing yet")
-    return tuple(rules), unknown
+    unknown, other = _rule(UNKNOWN, raw[UNKNOWN]), _rule(OTHER_ABIS, raw[OTHER_ABIS])
+    for rule in (unknown, other):
+        if rule.when is not None:
+            raise ValueError(f"{rule.syscall} cannot have conditions: a call no rule names has no arguments to read")
+    if other.action == "notify" and other.errno != unknown.errno:
+        # A microVM guest's agent answers both by number ranges, with one errno (guest_answers).
+        raise ValueError(f"{OTHER_ABIS} is answered with the errno of {UNKNOWN}")
+    return tuple(rules), unknown, other
 
 
 def _rule(syscall: str, entry: dict[str, Any]) -> Rule:
@@ -96,7 +110,7 @@ def _rule(syscall: str, entry: dict[str, Any]) -> Rule:
         errno=entry.get("errno", errno.EPERM),
         report=entry.get("report", True),
     )
-    if rule.action == "notify" and rule.errno != errno.EPERM and syscall != UNKNOWN:
+    if rule.action == "notify" and rule.errno != errno.EPERM and syscall not in (UNKNOWN, OTHER_ABIS):
         # A microVM guest's agent answers its notifications knowing only the unknown numbers' errno.
         raise ValueError(f"seccomp rule for {syscall}: a notify rule is answered EPERM")
     return rule
@@ -109,6 +123,11 @@ def load_profile() -> tuple[Rule, ...]:
 def unknown_rule() -> Rule:
     """What becomes of a syscall number the table does not name."""
     return _load()[1]
+
+
+def other_abis_rule() -> Rule:
+    """What becomes of a call through i386's or x32's ABI."""
+    return _load()[2]
 
 
 @cache
@@ -129,18 +148,49 @@ def unknown_ranges() -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def is_unknown(nr: int) -> bool:
-    return nr not in SYSCALL_NAMES and 0 <= nr < X32_SYSCALL_BIT
+def is_unknown(call: int) -> bool:
+    """A number the table does not name, or a negative one (``call`` as ``linux.seccomp_notif_recv`` gives it)."""
+    return (call not in SYSCALL_NAMES and 0 <= call < X32_SYSCALL_BIT) or NEGATIVE <= call < 1 << 32
+
+
+def is_other_abi(call: int) -> bool:
+    """A call through i386's ABI (its arch above the number) or x32's (bit 30 set)."""
+    return X32_SYSCALL_BIT <= call < NEGATIVE or call >> 32 == AUDIT_ARCH_I386
+
+
+def is_call(call: int) -> bool:
+    """Whether ``call`` can be a call as ``linux.seccomp_notif_recv`` gives it (a guest may send anything)."""
+    return 0 <= call < 1 << 32 or call >> 32 == AUDIT_ARCH_I386
+
+
+def call_name(call: int) -> tuple[str, str]:
+    """What a report calls ``call``: its name, and for another ABI's call the ABI in words."""
+    nr = call & 0xFFFFFFFF
+    if call >> 32 == AUDIT_ARCH_I386:
+        return f"i386_syscall_{nr}", "int 0x80 or sysenter: i386's ABI and its numbers"
+    if X32_SYSCALL_BIT <= nr < NEGATIVE:
+        return f"x32_syscall_{nr - X32_SYSCALL_BIT}", "x32's ABI: an x86_64 number with bit 30 set"
+    if nr >= NEGATIVE:
+        return f"syscall_{nr - (1 << 32)}", ""
+    return SYSCALL_NAMES.get(nr, f"syscall_{nr}"), ""
 
 
 def guest_answers() -> str:
-    """The errno of unknown numbers and their ranges, for a microVM guest's agent: ``38:337-423,470-1073741823``.
+    """The errno of unknown numbers and other ABIs' calls, and their ranges (calls as
+    ``linux.seccomp_notif_recv`` gives them), for a microVM guest's agent:
+    ``38:337-423,470-18446744073709551615``.
 
     The guest's agent answers its filter's notifications without the profile:
     EPERM, except for these.
     """
-    ranges = ",".join(f"{lo}-{hi}" for lo, hi in unknown_ranges())
-    return f"{unknown_rule().errno}:{ranges}"
+    ranges = [*unknown_ranges(), (X32_SYSCALL_BIT, NEGATIVE - 1), (NEGATIVE, (1 << 32) - 1), (1 << 32, (1 << 64) - 1)]
+    merged = [ranges[0]]
+    for lo, hi in ranges[1:]:
+        if lo == merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return f"{unknown_rule().errno}:" + ",".join(f"{lo}-{hi}" for lo, hi in merged)
 
 
 def _action(rule: Rule) -> int:
@@ -208,15 +258,17 @@ def default_program() -> bytes:
 
 def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
     rules = load_profile() if rules is None else rules
+    unknown, other = _action(unknown_rule()), _action(other_abis_rule())
     program = [
         _insn(_LD_ABS, 4),  # arch
         _insn(_JEQ, AUDIT_ARCH_X86_64, 1, 0),
-        _insn(_RET, RET_KILL_PROCESS),
+        _insn(_RET, other),  # i386: int 0x80, sysenter; its numbers are not the rules'
         _insn(_LD_ABS, 0),  # nr
+        _insn(_JGE, NEGATIVE, 0, 1),
+        _insn(_RET, unknown),  # negative: no call's number
         _insn(_JGE, X32_SYSCALL_BIT, 0, 1),
-        _insn(_RET, RET_ERRNO | errno.ENOSYS),
+        _insn(_RET, other),  # x32
     ]
-    unknown = _action(unknown_rule())
     for lo, hi in unknown_ranges():
         if hi == X32_SYSCALL_BIT - 1:  # every number from lo up (the x32 bit was refused above)
             program += [_insn(_JGE, lo, 0, 1), _insn(_RET, unknown)]
@@ -241,6 +293,9 @@ def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
 
 
 def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
+    """The rule that refuses the call ``nr`` (as ``linux.seccomp_notif_recv`` gives it), or None."""
+    if is_other_abi(nr):
+        return other_abis_rule()
     if is_unknown(nr):
         return unknown_rule()
     name = SYSCALL_NAMES.get(nr)
@@ -328,16 +383,17 @@ class Supervisor:
 def violation_for(nr: int, args: tuple[int, ...], pid: int | None, where: str = "") -> SecurityViolation:
     """The report of a call the profile blocked: which rule, how severe, and why (its comment).
 
-    ``where`` says whose filter saw it, when it was not the host's (a microVM guest's).
+    ``nr`` is the call as ``linux.seccomp_notif_recv`` gives it; ``where`` says whose
+    filter saw it, when it was not the host's (a microVM guest's).
     """
     rule = _rule_for(nr, args)
-    name = SYSCALL_NAMES.get(nr, f"syscall_{nr}")
+    name, abi = call_name(nr)
     detail = rule.comment if rule else "blocked by the seccomp profile"
     return SecurityViolation(
         violation_type="blocked_syscall",
         syscall=name,
         severity=rule.severity if rule else "HIGH",  # type: ignore[arg-type]
-        description=f"{name}: {detail}{where}",
+        description=f"{name}{f' ({abi})' if abi else ''}: {detail}{where}",
         detection_layer="SECCOMP",
         blocked=True,
         pid=pid,

@@ -1,0 +1,242 @@
+"""The agent of a microVM guest: it waits for the host's go line, then confines itself as a process isolate.
+
+The VM is the main boundary, but the guest kernel's attack surface is the
+first step out of it: so code in the guest gets no more of that kernel than a
+process isolate gets of the host's (as Kata Containers runs its workloads
+inside its VMs). The image's init starts this module as root, early, from the
+initramfs (runtimes/microvm/image.py), with the virtio-serial port open on
+fd 3. The sequence reads top to bottom in ``main`` (after nsjail's
+``containProc``, like ``confine.py``):
+
+wait for the go line -> reseed the kernel's generator -> pid namespace (fork:
+the agent becomes its pid 1; the process init started waits outside) ->
+mount, ipc and uts namespaces -> off the initramfs, onto a new root (tmpfs,
+``pivot_root``; the old root detached) -> hostname -> uid 1000, no
+capabilities, no_new_privs -> the guest's seccomp filter -> serve.
+
+The new root holds what a process isolate's holds (confine.py makes the
+parts): ``/usr`` (the host's, over 9p) read-only, the ``/bin`` and ``/lib*``
+links of a merged-/usr host, a fresh ``/proc`` of the new pid namespace, the
+minimal ``/dev``, one scratch tmpfs of the go line's size for ``/tmp``,
+``/work`` and ``/dev/shm``, the synthesized ``/etc``, the policy's shared
+paths (9p, mounted here, in the agent's own mount namespace); no ``/sys``, no
+``/init``, nothing of the initramfs. The root is read-only.
+
+No user namespace: inside the guest the agent is root of a kernel that serves
+this one sandbox, so there is no outside uid for a mapping to hide, and code
+already runs as uid 1000 with every capability set empty (the bounding set
+too) and no_new_privs, so a namespace owned by another user would hold
+nothing for it either. And the seccomp profile refuses to make one.
+
+Everything this module imports is loaded before the snapshot point, from the
+initramfs: a VM restored from the snapshot reads none of it over 9p.
+"""
+
+from __future__ import annotations
+
+import fcntl  # noqa: F401 - loaded before the snapshot point: server._reseed_kernel_rng uses it
+import os
+import sys
+import threading  # noqa: F401 - loaded before the snapshot point: server._DeviceConn uses it
+
+from . import confine, linux, server
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+# init opens the virtio-serial port as fd 3 and keeps it open: the guest driver
+# drops whatever arrived unread when a port is closed.
+PORT_FD = 3
+HOSTNAME = "stockade"
+# A directory of the initramfs: first where the initramfs itself is bound, then
+# where the new root is built (see _leave_the_initramfs).
+_STAGE = "/mnt"
+_OLD_ROOT = "/.oldroot"
+_NOBODY = 65534
+_P9_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
+
+
+def main() -> None:
+    """The whole life of the guest's agent; never returns."""
+    answers = os.environ.pop("STOCKADE_GUEST_SECCOMP_ANSWERS", "")
+    program_path = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
+    # Read and loaded before the go line, from the initramfs (see the module's docstring).
+    program = server._read_program(program_path) if program_path else None
+    scratch_mb = _wait_for_go()
+    os.set_inheritable(PORT_FD, False)
+    try:
+        server._reseed_kernel_rng()  # the first thing after a restore (snapshot.py)
+        shares = _shares(_read_text("/proc/cmdline"))
+        _enter_pid_namespace()
+        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        _make_root(scratch_mb, shares)
+        linux.sethostname(HOSTNAME)
+        os.chdir("/work")
+        _drop_privileges(confine.INNER_UID, confine.INNER_GID)
+        _quiet_stdio()
+    except BaseException as exc:  # noqa: BLE001 - any failure ends the VM, with the reason on its console
+        print(f"stockade: guest confinement failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+    conn: Any = server._DeviceConn(PORT_FD)  # the slice of a socket the agent uses
+    guarded = program is not None and server._guard_guest(conn, program, answers)
+    server.freeze_heap()
+    agent = server.Agent(conn, dict(os.environ))
+    agent.guest_seccomp = guarded
+    try:
+        agent.serve()
+    finally:
+        os._exit(0)  # pid 1: the kernel ends everything left in the namespace
+
+
+def _wait_for_go() -> int:
+    """Say the agent is loaded, then wait for init's ``go <scratch MB>`` on stdin.
+
+    init started this interpreter from the initramfs' copies; it then reads
+    the host's go line (the snapshot point lies in that read), mounts the
+    host's /usr and writes "go" with the go line's scratch size.
+    """
+    os.close(os.open("/.agent-ready", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 64)
+        if not chunk:
+            os._exit(1)  # init's setup failed before the guest was ready
+        line += chunk
+    os.unlink("/.agent-ready")
+    word, _, size = line.decode().partition(" ")
+    if word != "go" or not size.strip().isdigit():
+        print(f"stockade: init said {line!r} instead of go", file=sys.stderr, flush=True)
+        os._exit(1)
+    return int(size)
+
+
+def _shares(cmdline: str) -> list[tuple[str, str, bool]]:
+    """The policy's shared paths, from ``stockade.mounts=TAG:TARGET:ro|rw,...`` (runtime._qemu_command)."""
+    out = []
+    for arg in cmdline.split():
+        if arg.startswith("stockade.mounts="):
+            for item in arg[len("stockade.mounts=") :].split(","):
+                tag, target, mode = item.split(":")
+                out.append((tag, target, mode == "rw"))
+    return out
+
+
+def _enter_pid_namespace() -> None:
+    """Fork into a new pid namespace; return in the child, its pid 1.
+
+    The parent, the process init started, stays outside and waits: init's
+    script powers the VM off once it ends, and the confined agent's end ends
+    it. Nothing inside can see it (the new /proc shows the new namespace
+    only), and it holds no descriptor of the port and no privilege.
+    """
+    linux.unshare(linux.CLONE_NEWPID)
+    child = os.fork()
+    if child == 0:
+        return
+    _wait_outside(child)
+
+
+def _wait_outside(child: int) -> NoReturn:
+    code = 1
+    try:
+        os.close(PORT_FD)
+        # The guest's OOM killer should take a runaway program, not the process whose exit powers the VM off.
+        _write("/proc/self/oom_score_adj", "-1000")
+        os.setgroups([])
+        os.setresgid(_NOBODY, _NOBODY, _NOBODY)
+        os.setresuid(_NOBODY, _NOBODY, _NOBODY)  # from root: every capability goes too
+        _, status = os.waitpid(child, 0)
+        code = max(os.waitstatus_to_exitcode(status), 1) if status else 0
+    finally:
+        os._exit(code)
+
+
+def _make_root(scratch_mb: int, shares: list[tuple[str, str, bool]]) -> None:
+    """The code's root, as a process isolate's is made (confine.py's parts), over the initramfs."""
+    _leave_the_initramfs()
+    old = _OLD_ROOT
+    for name in ("usr", "proc", "dev", "tmp", "work", "etc"):
+        os.mkdir("/" + name, 0o755)
+    confine.bind(old + "/usr", "/usr", writable=False)
+    # The guest's /usr is the host's, which is merged (image.py copies only from /usr).
+    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
+        if os.path.isdir(f"{old}/usr/{name}"):
+            os.symlink(f"usr/{name}", "/" + name)
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    confine.make_dev(old)
+    # Made by the guest's root, not (as in a process isolate) by uid 1000 of a user namespace.
+    confine.make_scratch(scratch_mb, owner=(confine.INNER_UID, confine.INNER_GID))
+    confine.make_etc(old, {"hostname": HOSTNAME})
+    for tag, target, writable in shares:
+        _mount_share(tag, target, writable)
+    linux.umount2(old, linux.MNT_DETACH)
+    os.rmdir(old)
+    linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+
+
+def _leave_the_initramfs() -> None:
+    """``pivot_root`` onto a fresh tmpfs, the old root (the initramfs) at /.oldroot.
+
+    pivot_root refuses to move the initramfs' own mount (it has no parent),
+    so the agent first stands on a bind of it, moved over it, as switch_root
+    does. The new root then sits where a process isolate's sits on any host:
+    over the namespace's first mount, which no process in it can reach.
+    """
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount("/", _STAGE, None, linux.MS_BIND | linux.MS_REC)
+    os.chdir(_STAGE)
+    linux.mount(".", "/", None, linux.MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+    linux.mount("tmpfs", _STAGE, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4m,mode=0755")
+    os.mkdir(_STAGE + _OLD_ROOT)
+    linux.pivot_root(_STAGE, _STAGE + _OLD_ROOT)
+    os.chdir("/")
+
+
+def _mount_share(tag: str, target: str, writable: bool) -> None:
+    """A shared path: QEMU's 9p export ``tag``, mounted at ``target`` in this namespace only."""
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    flags = linux.MS_NOSUID | linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
+    linux.mount(tag, target, "9p", flags, _P9_OPTIONS)
+
+
+def _drop_privileges(uid: int, gid: int) -> None:
+    """uid 1000, every capability set empty, no_new_privs, not dumpable."""
+    linux.drop_bounding_set()  # while CAP_SETPCAP is still held
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    linux.drop_all_capabilities()  # ambient, effective, permitted, inheritable (setresuid emptied most)
+    # Code runs as the same uid: it may open neither /proc/1/mem nor the agent's descriptors.
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
+
+
+def _quiet_stdio() -> None:
+    """Nothing of the old root on the agent's descriptors: fds 0-2 on the new root's /dev/null.
+
+    Before, 1 and 2 were the guest's console, which the host reads for the
+    kernel's OOM reports: neither the agent nor anything it starts writes there.
+    """
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _read_text(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16).decode()
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)

@@ -1,0 +1,55 @@
+"""What QEMU writes for a microVM (the guest console, its stderr), read as it comes and kept bounded.
+
+No VM is needed: the test writes where QEMU writes, into the console's FIFO
+and the stderr pipe. tests/conformance/test_microvm.py floods a live VM's.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from stockade.runtimes.microvm.console import CONSOLE, LAST_WORDS, MAX_LINE, QemuOutput
+
+OOM = b"[   12.345678] Out of memory: Killed process 321 (python3) total-vm:1024kB, anon-rss:512kB\r\n"
+
+
+def test_oom_reports_are_counted_once_however_the_console_is_cut(tmp_path: os.PathLike[str]) -> None:
+    output = QemuOutput(str(tmp_path))
+    try:
+        assert stat.S_ISFIFO(os.stat(os.path.join(str(tmp_path), CONSOLE)).st_mode)
+        with open(os.path.join(str(tmp_path), CONSOLE), "ab", buffering=0) as console:  # as QEMU opens it
+            console.write(OOM[:20])
+            assert output.count_oom_kills() == 0  # half a line is no report yet
+            console.write(OOM[20:] + b"noise\r\n" * 1000 + OOM)
+            assert output.count_oom_kills() == 2
+            # One inside a line longer than any report is dropped with it, and what
+            # is kept of that line never grows past the bound.
+            console.write(b"x" * (MAX_LINE * 4) + OOM)
+            assert output.count_oom_kills() == 2 and len(output._lines._partial) <= MAX_LINE
+            console.write(OOM)
+            assert output.count_oom_kills() == 3
+    finally:
+        output.close()
+    output.close()  # again: nothing to do
+    assert output.count_oom_kills() == 3
+
+
+def test_last_words_are_the_ends_of_both(tmp_path: os.PathLike[str]) -> None:
+    output = QemuOutput(str(tmp_path))
+    try:
+        assert output.last_words() == ""
+        os.write(output.stderr_w, b"qemu-system-x86_64: " + b"e" * 5000 + b" could not open it\n")
+        output.spawned()  # the parent's copy goes once QEMU has its own
+        assert output.stderr_w == -1
+        with open(os.path.join(str(tmp_path), CONSOLE), "ab", buffering=0) as console:
+            for _ in range(100):
+                console.write(b"k" * 10000)
+            console.write(b"Kernel panic - not syncing\r\n")
+        words = output.last_words()
+        qemu, guest = words.split(" | ")
+        assert qemu.startswith("QEMU: ") and qemu.endswith("could not open it") and len(qemu) <= LAST_WORDS + 6
+        assert guest.startswith("console: ") and guest.endswith("not syncing") and len(guest) <= LAST_WORDS + 9
+    finally:
+        output.close()
+    assert os.listdir(str(tmp_path)) == [CONSOLE]  # the FIFO: it holds nothing on the disk
