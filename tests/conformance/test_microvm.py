@@ -14,6 +14,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -405,24 +406,32 @@ def test_restores_from_a_snapshot_each_with_its_own_randomness_and_clock(vm_mana
     assert seen[0][2] != seen[1][2], "code in two restores draws the same random numbers"
 
 
-def test_a_snapshot_qemu_cannot_resume_is_dropped_and_the_vm_boots(vm_manager: RuntimeManager) -> None:
+def _unusable_snapshot(runtime: Any, policy: Policy) -> str:
+    """Put a snapshot no QEMU can resume where ``policy``'s VM looks for one; its key."""
     from stockade.runtimes.microvm import snapshot
     from stockade.runtimes.microvm.image import find_image
     from stockade.runtimes.microvm.runtime import _qemu_command, qemu_binary
 
-    runtime = vm_manager.get("microvm")
-    policy = Policy(memory_mb=192)  # a shape of its own, so the shared snapshot is not touched
     image, qemu = find_image(), qemu_binary()
     assert image is not None and qemu is not None
     rundir = tempfile.mkdtemp()
     try:
-        cmd = _qemu_command(qemu, image, policy, runtime.accel(), rundir, os.path.join(rundir, "agent.sock"))  # type: ignore[attr-defined]
+        cmd = _qemu_command(qemu, image, policy, runtime.accel(), rundir, os.path.join(rundir, "agent.sock"))
         key = snapshot.key(cmd, rundir, snapshot.qemu_version(qemu))
     finally:
         os.rmdir(rundir)
     os.makedirs(os.path.dirname(snapshot.path_for(key)), exist_ok=True)
     with open(snapshot.path_for(key), "wb") as f:
         f.write(b"not a QEMU migration stream")
+    return key
+
+
+def test_a_snapshot_qemu_cannot_resume_is_dropped_and_the_vm_boots(vm_manager: RuntimeManager) -> None:
+    from stockade.runtimes.microvm import snapshot
+
+    runtime = vm_manager.get("microvm")
+    policy = Policy(memory_mb=192)  # a shape of its own, so the shared snapshot is not touched
+    key = _unusable_snapshot(runtime, policy)
     # When the boot that follows fails too, the fault was not the snapshot's: it is kept.
     with pytest.raises(stockade.SandboxStartError):
         runtime._build(policy, boot_timeout=1.0)  # type: ignore[attr-defined]
@@ -432,6 +441,30 @@ def test_a_snapshot_qemu_cannot_resume_is_dropped_and_the_vm_boots(vm_manager: R
         assert sandbox.exec(["echo", "booted"]).stdout == "booted\n"
     assert snapshot.find(key) is None
     assert not os.path.exists(snapshot.path_for(key) + ".suspect")
+
+
+def test_a_restoring_qemu_that_dies_before_its_socket_appears_boots_instead(
+    vm_manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU may give up on a bad stream before or after it makes its agent socket:
+    either way the VM boots (a restore that died early once escaped the fallback)."""
+    from stockade.runtimes.microvm import snapshot
+
+    runtime = vm_manager.get("microvm")
+    policy = Policy(memory_mb=176)  # a shape of its own
+    key = _unusable_snapshot(runtime, policy)
+    launch = runtime._launch  # type: ignore[attr-defined]
+
+    def dies_when_restoring(policy: Policy, plan: Any, extra: list[str], *rest: Any) -> Any:
+        if extra:  # -incoming: this launch restores
+            raise stockade.SandboxStartError("QEMU exited before its agent socket appeared")
+        return launch(policy, plan, extra, *rest)
+
+    monkeypatch.setattr(runtime, "_launch", dies_when_restoring)
+    with runtime.start(policy) as sandbox:
+        assert isinstance(sandbox, MicrovmSandbox) and not sandbox.restored
+        assert sandbox.exec(["echo", "booted"]).stdout == "booted\n"
+    assert snapshot.find(key) is None
 
 
 def test_a_qemu_that_will_not_start_is_reported_with_what_it_said(

@@ -220,6 +220,9 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             state = snapshot.open_state(restored_from)
             try:
                 launched = self._launch(policy, plan, snapshot.incoming_args(state), state)
+            except SandboxStartError:
+                # It died before its agent's socket appeared: a snapshot it cannot resume, as below.
+                return self._boot_instead(policy, accel, boot_timeout, plan.snapshot_key)
             finally:
                 os.close(state)
             proc, cgroup, conn, unenforced, output = launched
@@ -235,21 +238,24 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             why = f"the microVM did not {how} ({accel}): {_tail(output)} ({exc})"
             sandbox.close()
             if restored_from is not None:
-                # Boot instead; a snapshot this QEMU cannot resume is of no use and is
-                # dropped, but only if the boot works (else the fault lies elsewhere).
-                snapshot.set_aside(plan.snapshot_key)
-                try:
-                    booted = self._build(policy, accel, boot_timeout, restore=False)
-                except BaseException:
-                    snapshot.settle(plan.snapshot_key, booted=False)
-                    raise
-                snapshot.settle(plan.snapshot_key, booted=True)
-                return booted
+                return self._boot_instead(policy, accel, boot_timeout, plan.snapshot_key)
             raise SandboxStartError(why) from None
         sandbox.unenforced_limits = unenforced + sandbox.guest_gaps()
         sandbox.restored = restored_from is not None
         sandbox.cold_start_ms = (time.monotonic() - started) * 1000
         return sandbox
+
+    def _boot_instead(self, policy: Policy, accel: str, boot_timeout: float, snapshot_key: str) -> MicrovmSandbox:
+        """A restore failed: boot. A snapshot this QEMU cannot resume is of no use and is
+        dropped, but only if the boot works (else the fault lies elsewhere)."""
+        snapshot.set_aside(snapshot_key)
+        try:
+            booted = self._build(policy, accel, boot_timeout, restore=False)
+        except BaseException:
+            snapshot.settle(snapshot_key, booted=False)
+            raise
+        snapshot.settle(snapshot_key, booted=True)
+        return booted
 
     def make_snapshot(self, boot_timeout: float = BOOT_TIMEOUT_S) -> str:
         """Boot the default policy's VM to its snapshot point and save it; return the file.
