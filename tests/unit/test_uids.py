@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grp
+import json
 import os
 import pwd
 from pathlib import Path
@@ -73,3 +75,44 @@ def test_a_uid_whose_dead_holder_left_a_running_isolate_is_skipped(tmp_path: Pat
     assert allocator.lease().uid == 1879048192
     procs.unlink()  # or gone altogether
     assert _allocator(tmp_path, 1879048192, 1879048193).lease().uid == 1879048193  # 1879048192 is held
+
+
+def test_a_range_holding_a_host_group_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An isolate's gid is its uid's number: a host group there would be the isolate's.
+    monkeypatch.setattr(grp, "getgrall", lambda: [grp.struct_group(("builders", "x", 1879048300, []))])
+    with pytest.raises(ConfigError, match="gid 1879048300 of the host group 'builders'"):
+        UidRange(1879048192, 1879113727).check_unused()
+
+
+def test_a_lock_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o777)
+    locks.chmod(0o777)
+    with pytest.raises(ConfigError, match="mode 0700"):
+        _allocator(tmp_path, 1879048192, 1879048193).lease()
+
+
+def test_files_of_dead_holders_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("4242\n")
+    (locks / "1879048200").write_text("")  # a holder SIGKILLed after its isolate was gone
+    (locks / "1879048201").write_text(json.dumps([str(procs)]))  # one whose isolate still has a process
+    held = _allocator(tmp_path, 1879048202, 1879048202).lease()  # a live holder elsewhere
+    _allocator(tmp_path, 1879048192, 1879048192).lease()  # the first lease sweeps
+    assert sorted(os.listdir(locks)) == ["1879048192", "1879048201", "1879048202"]
+    held.release()
+
+
+def test_a_lease_whose_cgroup_lingers_keeps_its_uid_out_of_reach(tmp_path: Path) -> None:
+    allocator = _allocator(tmp_path, 1879048192, 1879048192)
+    lease = allocator.lease()
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("4242\n")
+    lease.record([str(procs)])
+    lease.release(keep_record=True)  # the group could not be removed: a process still dies in it
+    with pytest.raises(SandboxStartError):
+        allocator.lease()
+    procs.write_text("")
+    assert allocator.lease().uid == 1879048192

@@ -94,10 +94,7 @@ class ProcessSandbox(AgentSandbox):
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        if self.cgroup is not None:
-            self.cgroup.remove()
-        if self.uid is not None:
-            self.uid.release()  # its processes are gone (or named in the lease, if the group lingers)
+        _release_uid(self.uid, self.cgroup.remove() if self.cgroup is not None else True)
 
 
 class ProcessRuntime(PooledRuntime[ProcessSandbox]):
@@ -181,11 +178,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 self._zygote = None
             nxt, self._next_cgroup = self._next_cgroup, None
             nxt_uid, self._next_uid = self._next_uid, None
-        if nxt is not None:
-            nxt.kill()
-            nxt.remove()
-        if nxt_uid is not None:
-            nxt_uid.release()
+        _dispose(nxt, nxt_uid)
         retry_leftovers()
 
     def _build(self, policy: Policy, warm: bool = False) -> ProcessSandbox:
@@ -237,11 +230,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 os.close(pidfd)
             if listener >= 0:
                 os.close(listener)
-            if cgroup is not None:
-                cgroup.kill()
-                cgroup.remove()
-            if uid is not None:
-                uid.release()
+            _dispose(cgroup, uid)
             raise
         return sandbox
 
@@ -268,11 +257,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 # Closed (or replaced) meanwhile: close() has already emptied the
                 # slot, and a group put there now would never be removed.
                 stale, stale_uid = nxt, uid
-        if stale is not None:
-            stale.kill()
-            stale.remove()
-        if stale_uid is not None:
-            stale_uid.release()
+        _dispose(stale, stale_uid)
         if not current:
             return
         try:
@@ -287,7 +272,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         if self._uids is None:
             self._uids = UidAllocator(UidRange.from_env())
         lease = self._uids.lease()
-        lease.record(cgroup.procs_files if cgroup is not None else [])
+        try:
+            lease.record(cgroup.procs_files if cgroup is not None else [])
+        except OSError as exc:
+            lease.release()
+            where = self._uids.lock_dir
+            raise SandboxStartError(f"cannot record the lease of uid {lease.uid} in {where}: {exc}") from None
         return lease
 
     def _config(self, policy: Policy, cgroup: IsolateCgroup | None, uid: UidLease | None) -> dict[str, Any]:
@@ -305,6 +295,22 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             "base_env": BASE_ENV,
             "hard_limits": {"max_open_files": 65536, "max_processes": 4096},
         }
+
+
+def _dispose(cgroup: IsolateCgroup | None, uid: UidLease | None) -> None:
+    """End what an isolate (or the spare made for one) had: its processes, its cgroup, its uid."""
+    removed = True
+    if cgroup is not None:
+        cgroup.kill()
+        removed = cgroup.remove()
+    _release_uid(uid, removed)
+
+
+def _release_uid(uid: UidLease | None, cgroup_gone: bool) -> None:
+    # A group that outlived its wait still names the isolate's last processes in
+    # the lease: the uid is not handed out again until they are gone.
+    if uid is not None:
+        uid.release(keep_record=not cgroup_gone)
 
 
 def _outer_ids(uid: UidLease | None) -> tuple[int | None, int | None]:

@@ -11,9 +11,12 @@ A uid is leased like a slot, across every stockade process on the host (the
 daemon, SDK callers, the CLI): the lease is an exclusive ``flock`` on
 ``<lock dir>/<uid>``, which the kernel drops when its holder exits however it
 ends, and the file is removed when the isolate is released. The file names
-the isolate's cgroups; a uid whose file outlived its holder and whose cgroups
-still hold a process (the host was killed and the zygote has not finished
-cleaning up) is skipped, so a uid is never handed out while in use.
+the isolate's cgroups; a uid whose file outlived its holder, or whose
+isolate's cgroups could not be removed, is skipped while those cgroups hold a
+process (the host was killed and the zygote has not finished cleaning up), so
+a uid is never handed out while in use. Files of dead holders are swept when
+an allocator first leases. The lock directory is per kernel: two stockade
+installs on one kernel that do not share ``/run`` need disjoint ranges.
 
 Rootless, stockade cannot switch uids: every isolate runs as the caller's own
 uid and shares its per-user quotas (docs/threat-model.md says so).
@@ -23,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import json
 import os
 import pwd
 import secrets
+import stat
 
 from ...errors import ConfigError, SandboxStartError
 
@@ -60,12 +65,19 @@ class UidRange:
         return cls(first, last)
 
     def check_unused(self, etc: str = "/etc") -> None:
-        """Refuse a range that a host account, or a user's subordinate ids, overlap."""
+        """Refuse a range that a host account or group (an isolate's gid is its uid's
+        number), or a user's subordinate ids, overlap."""
         for entry in pwd.getpwall():
             if self.first <= entry.pw_uid <= self.last:
                 raise ConfigError(
                     f"STOCKADE_SANDBOX_UIDS {self.first}-{self.last} holds uid {entry.pw_uid} "
                     f"of the host account {entry.pw_name!r}: choose a range no account uses"
+                )
+        for group in grp.getgrall():
+            if self.first <= group.gr_gid <= self.last:
+                raise ConfigError(
+                    f"STOCKADE_SANDBOX_UIDS {self.first}-{self.last} holds gid {group.gr_gid} "
+                    f"of the host group {group.gr_name!r} (an isolate's gid is its uid): choose a range no group uses"
                 )
         for name in ("subuid", "subgid"):
             for owner, start, count in _subordinate_ranges(os.path.join(etc, name)):
@@ -104,11 +116,17 @@ class UidLease:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
 
-    def release(self) -> None:
-        """Give the uid back (after the isolate's processes are gone). Idempotent."""
+    def release(self, keep_record: bool = False) -> None:
+        """Give the uid back. Idempotent.
+
+        ``keep_record``: the isolate's cgroups could not be removed (a process
+        still dying in them); the file stays, naming them, so the uid is not
+        taken again until they are empty (and a later sweep removes it).
+        """
         if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.unlink(self._path)  # while locked: a taker checks it locked the file still named so
+            if not keep_record:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path)  # while locked: a taker checks it locked the file still named so
             os.close(self._fd)  # drops the flock
             self._fd = -1
 
@@ -123,7 +141,8 @@ class UidAllocator:
         """A uid no live isolate uses, from a random place in the range (few collisions)."""
         if not self._checked:
             self.range.check_unused()
-            os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+            self._check_lock_dir()
+            self._sweep()
             self._checked = True
         size = self.range.last - self.range.first + 1
         start = secrets.randbelow(size)
@@ -135,6 +154,27 @@ class UidAllocator:
         raise SandboxStartError(
             f"every uid of STOCKADE_SANDBOX_UIDS ({self.range.first}-{self.range.last}) is in use by a live isolate"
         )
+
+    def _check_lock_dir(self) -> None:
+        """The leases' directory is this process's owner's alone: anyone who could
+        write there could take or fake a lease."""
+        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        st = os.lstat(self.lock_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise ConfigError(
+                f"{self.lock_dir} (the uid leases) must be a directory owned by uid {os.geteuid()} "
+                f"with mode 0700; it is {stat.filemode(st.st_mode)} owned by uid {st.st_uid}"
+            )
+
+    def _sweep(self) -> None:
+        """Remove the files of leases whose holders died (a SIGKILLed host) and whose
+        isolates are gone: otherwise each would stay until its uid came up again."""
+        for name in os.listdir(self.lock_dir):
+            if not name.isdigit():
+                continue
+            lease = self._try(int(name))
+            if lease is not None:
+                lease.release()
 
     def _try(self, uid: int) -> UidLease | None:
         path = os.path.join(self.lock_dir, str(uid))
