@@ -142,7 +142,7 @@ def exec_agent(fd: int, announce: bool) -> None:
     # Nothing else crosses: a descriptor the zygote received without CLOEXEC
     # (SCM_RIGHTS sets none) would reach every command the agent starts.
     os.closerange(3, fd)
-    os.closerange(fd + 1, 1 << 20)
+    os.closerange(fd + 1, 0x7FFFFFFF)  # every descriptor number there can be (close_range)
     os.set_inheritable(fd, True)
     argv = [sys.executable, "-I", "-c", _BOOT, str(fd), "1" if announce else "0"]
     os.execve(sys.executable, argv, {})  # noqa: S606 - our own interpreter, no shell
@@ -198,7 +198,7 @@ def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:
     _finish_root(config)
     linux.sethostname(config.get("hostname", "stockade"))
     if config.get("network") == "loopback":
-        _bring_up_loopback()
+        bring_up_loopback()
     os.chdir("/work")
     _set_hard_rlimits(config.get("hard_limits") or {})
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
@@ -379,7 +379,7 @@ def _remount(target: str, flags: int) -> None:
     linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | flags | locked)
 
 
-def _bring_up_loopback() -> None:
+def bring_up_loopback() -> None:
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
     import fcntl
 

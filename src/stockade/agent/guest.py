@@ -10,7 +10,7 @@ fd 3. The sequence reads top to bottom in ``main`` (after nsjail's
 
 wait for the go line -> reseed the kernel's generator -> pid namespace (fork:
 the agent becomes its pid 1; the process init started waits outside) ->
-mount, ipc and uts namespaces -> off the initramfs, onto a new root (tmpfs,
+mount, ipc, uts, net and cgroup namespaces -> off the initramfs, onto a new root (tmpfs,
 ``pivot_root``; the old root detached) -> hostname -> uid 1000, no
 capabilities, no_new_privs -> the guest's seccomp filter -> serve.
 
@@ -63,15 +63,20 @@ def main() -> None:
     program_path = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
     # Read and loaded before the go line, from the initramfs (see the module's docstring).
     program = server._read_program(program_path) if program_path else None
-    scratch_mb = _wait_for_go()
+    scratch_mb, network = _wait_for_go()
     os.set_inheritable(PORT_FD, False)
     try:
         server._reseed_kernel_rng()  # the first thing after a restore (snapshot.py)
         shares = _shares(_read_text("/proc/cmdline"))
         _enter_pid_namespace()
-        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        # As a process isolate's: its own network (only lo, up for "loopback") and cgroup view too.
+        linux.unshare(
+            linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWNET | linux.CLONE_NEWCGROUP
+        )
         _make_root(scratch_mb, shares)
         linux.sethostname(HOSTNAME)
+        if network == "loopback":
+            confine.bring_up_loopback()
         os.chdir("/work")
         _drop_privileges(confine.INNER_UID, confine.INNER_GID)
         _quiet_stdio()
@@ -89,8 +94,8 @@ def main() -> None:
         os._exit(0)  # pid 1: the kernel ends everything left in the namespace
 
 
-def _wait_for_go() -> int:
-    """Say the agent is loaded, then wait for init's ``go <scratch MB>`` on stdin.
+def _wait_for_go() -> tuple[int, str]:
+    """Say the agent is loaded, then wait for init's ``go <scratch MB> <network>`` on stdin.
 
     init started this interpreter from the initramfs' copies; it then reads
     the host's go line (the snapshot point lies in that read), mounts the
@@ -104,11 +109,11 @@ def _wait_for_go() -> int:
             os._exit(1)  # init's setup failed before the guest was ready
         line += chunk
     os.unlink("/.agent-ready")
-    word, _, size = line.decode().partition(" ")
-    if word != "go" or not size.strip().isdigit():
+    word, size, network = [*line.decode().split(), "", "", ""][:3]
+    if word != "go" or not size.isdigit():
         print(f"stockade: init said {line!r} instead of go", file=sys.stderr, flush=True)
         os._exit(1)
-    return int(size)
+    return int(size), network
 
 
 def _shares(cmdline: str) -> list[tuple[str, str, bool]]:

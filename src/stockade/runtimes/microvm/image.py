@@ -95,9 +95,8 @@ setup() {
   # The host's /usr goes over the initramfs copies: the running interpreter keeps
   # what it has loaded, and everything else comes from the host.
   mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose,noatime usr /usr || poweroff -f
-  [ "$NET" = loopback ] && ifconfig lo 127.0.0.1 up
   hostname stockade
-  echo "go $DISK"
+  echo "go $DISK $NET"
 }
 export HOME=/work TMPDIR=/tmp LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin
 # After "go" the agent has the kernel reseed its generator from the seed, makes
