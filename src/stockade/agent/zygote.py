@@ -335,8 +335,10 @@ def _spare_main(
             os._exit(1)  # only reached when the exec failed: the spare sees it as never ready
     from_spare.close()
     try:
-        # A spare whose init failed is gone before it takes a config, so the
-        # zygote builds that isolate the usual way.
+        # A spare whose init failed exits without reading a config: if none was
+        # sent yet, the zygote finds it gone and builds the next isolate the usual
+        # way; a config already waiting for it is lost with it (that start fails,
+        # and the host says the isolate died during setup).
         if to_init.recv(16) != b"ready":
             os._exit(1)
         raw, fds, _flags, _addr = socket.recv_fds(theirs, CONFIG_MAX, 1)
