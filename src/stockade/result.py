@@ -54,6 +54,9 @@ class SecurityViolation(BaseModel):
     detection_layer: DetectionLayer = "SECCOMP"
     blocked: bool = True
     pid: int | None = None
+    # Made before the run began (in a held sandbox, between runs: by a process an earlier
+    # run left running), and reported with this run so that it is reported at all.
+    between_runs: bool = False
 
 
 def violation_key(violation: SecurityViolation) -> str:

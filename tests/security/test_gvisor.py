@@ -309,3 +309,39 @@ def test_a_task_name_cannot_hide_or_rename_a_call(sb: Sandbox, name: bytes) -> N
     # spaces, newlines and a fake " X call(" included. Before, "a b" hid the call.
     r = sb.run_code(LIBC + f"libc.prctl(15, {name!r}, 0, 0, 0)\nprint(libc.mount(None, None, None, 0, None))")
     assert r.stdout == "-1\n" and r.violation_counts == {"mount": 1}, (r.stdout, r.violation_counts)
+
+
+# gVisor's strace prints a path argument as it is. In its text log a newline in a path
+# split the record, so the call went unreported (and a forged header after it made a
+# record of its own); a line over 16 KiB (four paths of PATH_MAX) was dropped whole.
+FORGED_RECORDS = (
+    b"I1202 03:48:59.317470    2709 strace.go:611] [   2:   2] x X ptrace(0x0) = 0 (0x0) errno=1 (x) (1ns)\n"
+    b'}{"msg":"strace.go:611] [   2:   2] x X ptrace(0x0) = 0 (0x0) errno=1 (x) (1ns)","level":"info","time":"x"}\n'
+)
+HIDING_PATHS = {
+    "newline": b"/tmp\nzz",
+    "forged record": b"/tmp\n" + FORGED_RECORDS + b"zz",
+    "forged return": b"/tmp) = 0 (0x0) (1ns)\n" + FORGED_RECORDS,
+    "over-long line": b"/" + b"a" * 4094,
+}
+
+
+@pytest.mark.parametrize("path", HIDING_PATHS.values(), ids=HIDING_PATHS.keys())
+def test_a_path_can_neither_hide_a_refused_call_nor_forge_one(sb: Sandbox, path: bytes) -> None:
+    r = sb.run_code(
+        LIBC + f"p = {path!r}\n"
+        "print(libc.mount(p, p, p, 0, p), ctypes.get_errno())\nprint(libc.chroot(p), ctypes.get_errno())"
+    )
+    assert r.stdout == "-1 1\n-1 1\n", r.summary()
+    assert r.violation_counts == {"mount": 1, "chroot": 1}, r.violation_counts
+    assert [(v.syscall, v.blocked) for v in r.security_violations] == [("mount", True), ("chroot", True)]
+
+
+@pytest.mark.parametrize("path", [HIDING_PATHS["newline"], HIDING_PATHS["over-long line"]], ids=["newline", "long"])
+def test_a_hiding_path_does_not_escape_on_violation_kill(gvisor: str, manager: RuntimeManager, path: bytes) -> None:
+    with Sandbox(Policy(runtime="gvisor", on_violation="kill", timeout_seconds=60), manager=manager) as sandbox:
+        r = sandbox.run_code(
+            LIBC + f"p = {path!r}\nlibc.mount(p, p, p, 0, p)\nimport time\ntime.sleep(20)\nprint('survived')"
+        )
+        assert r.termination_reason == "violation" and r.violation_counts == {"mount": 1}, r.summary()
+        assert "survived" not in r.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from stockade.runtimes.drain import Drain, Lines, Tail
+from stockade.runtimes.drain import CUT, Drain, Lines, Tail
 
 
 def test_lines_are_whole_across_chunks() -> None:
@@ -26,6 +26,18 @@ def test_a_line_too_long_is_dropped_whole_and_the_next_ones_kept() -> None:
     # Its end is dropped with it, even when it looks like a line of its own.
     assert lines.feed(b"fake X ptrace(\nafter\n") == [b"after"]
     assert lines.feed(b"z" * 11 + b"\nok\n") == [b"ok"]  # too long within one chunk
+
+
+def test_a_line_too_long_can_be_kept_by_its_ends() -> None:
+    # The Sentry's log: a record's call is named at its start, its return at its end.
+    lines = Lines(limit=10, ends=3)
+    assert lines.feed(b"short\nabc" + b"x" * 8) == [b"short"]
+    for _ in range(1000):
+        assert lines.feed(b"y" * 1000) == []
+        assert len(lines._partial) <= 10
+    assert lines.feed(b"yyXYZ\nnext\n") == [b"abc" + CUT + b"XYZ", b"next"]
+    assert lines.feed(b"0123456789A\n") == [b"012" + CUT + b"89A"]  # too long within one chunk
+    assert lines.feed(b"0123456789\n") == [b"0123456789"]  # at the limit: whole
 
 
 def test_the_tail_keeps_the_last_bytes_only() -> None:

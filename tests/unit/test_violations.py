@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade import Policy, PolicyError, SecurityViolation
+from stockade import Policy, PolicyError, SandboxError, SecurityViolation
 from stockade.result import MAX_VIOLATION_NAMES, MAX_VIOLATION_RECORDS, OTHER_VIOLATIONS
 from stockade.runtimes.base import AgentSandbox, IsolateUsage
 from stockade.runtimes.violations import ViolationLog
@@ -45,6 +45,25 @@ def test_names_are_bounded_too() -> None:
     counts = log.take().counts
     assert len(counts) == MAX_VIOLATION_NAMES + 1 and counts[OTHER_VIOLATIONS] == 500
     assert sum(counts.values()) == MAX_VIOLATION_NAMES + 500
+
+
+def test_what_came_between_runs_opens_the_next_runs_report_marked() -> None:
+    log = ViolationLog()
+    log.tally("ptrace", True, refused)
+    log.take()  # a run ended
+    log.tally("ptrace", True, refused)  # a process it left running
+    log.tally("mount", True, lambda: refused("mount"))
+    log.begin_run()
+    log.tally("ptrace", True, refused)  # the run's own
+    report = log.take()
+    assert report.counts == {"ptrace": 2, "mount": 1} and report.blocked == 3
+    assert [(v.syscall, v.between_runs) for v in report.records] == [
+        ("ptrace", True),
+        ("mount", True),
+        ("ptrace", False),
+    ]
+    log.begin_run()
+    assert log.take().counts == {}  # reported once
 
 
 class _Reporting(AgentSandbox):
@@ -111,3 +130,21 @@ def test_max_violations_is_validated() -> None:
     assert Policy(max_violations=0).max_violations == 0
     with pytest.raises(PolicyError, match="max_violations"):
         Policy.build(max_violations=-1)
+
+
+def test_calls_between_runs_count_toward_the_next_runs_limit(conn: socket.socket) -> None:
+    sb = _Reporting(Policy(max_violations=3), conn)
+    for _ in range(2):
+        sb._record_violation(refused())  # between runs: within the limit
+    sb.violation_log.begin_run()
+    sb._record_violation(refused())
+    assert sb.kills == 0
+    sb._record_violation(refused())  # the fourth of the report
+    assert sb.kills == 1 and sb._kill_reason == "violation"
+
+
+def test_a_sandbox_killed_between_runs_says_for_what(conn: socket.socket) -> None:
+    sb = _Reporting(Policy(on_violation="kill"), conn)
+    sb._record_violation(refused())  # no run going: nothing else would report it
+    with pytest.raises(SandboxError, match=r"^the isolate was killed after a policy violation \(ptrace\); start"):
+        sb.exec(["true"])

@@ -442,7 +442,9 @@ class AgentSandbox(abc.ABC):
             )
         before, self.baseline = self.baseline or self.usage(peak=False), None
         self._collect_violations()
-        self.violation_log.take()  # what came before (between runs of a held sandbox) is no run's
+        # What was reported since the last run (a process that run left running) opens this
+        # run's report, marked: a call made between runs is not a call reported nowhere.
+        self.violation_log.begin_run()
         return _PendingRun(params, wait, before, time.monotonic(), execution_id)
 
     def _ended(self, exc: BaseException) -> str | None:
@@ -611,7 +613,7 @@ class AgentSandbox(abc.ABC):
         if self._closed:
             raise SandboxClosedError("the sandbox is closed")
         if self._dead:
-            raise SandboxError("the isolate has ended (killed, out of memory or timed out); start a new sandbox")
+            raise SandboxError(f"{self._death()}; start a new sandbox")
         self._next_id += 1
         try:
             return self._next_id, wire.encode_message(wire.request(method, params, self._next_id))
@@ -621,6 +623,16 @@ class AgentSandbox(abc.ABC):
                 f"the {method} request is too large for the agent protocol's {wire.MAX_FRAME}-byte frame: "
                 f"keep stdin, code and file data under {wire.MAX_DATA_BYTES} bytes per call"
             ) from None
+
+    def _death(self) -> str:
+        """Why the isolate ended, for a call that finds it dead: a run's result said so already,
+        unless it was killed for a call made between runs (reported nowhere else)."""
+        if self._kill_reason != "violation":
+            return "the isolate has ended (killed, out of memory or timed out)"
+        self._collect_violations()
+        names = self.violation_log.names()
+        named = f" ({', '.join(names)})" if names else ""
+        return f"the isolate was killed after a policy violation{named}"
 
     def _reply(self, message: dict[str, Any], msg_id: int, on_output: OutputCallback | None) -> tuple[bool, Any]:
         """(True, result) for the reply to ``msg_id``; (False, None) after a notification; raises its error."""

@@ -132,31 +132,41 @@ def weak(method: Consumer) -> Consumer:
     return consume
 
 
-class Lines:
-    """Chunks of a log, as whole lines. A line longer than ``limit`` is dropped whole
-    (its start would be lost, and a line read from its middle could say anything)."""
+CUT = b"\n"  # in a line from ``Lines``: where a line too long was cut (no whole line holds one)
 
-    def __init__(self, limit: int) -> None:
+
+class Lines:
+    """Chunks of a log, as whole lines. A line longer than ``limit`` is dropped whole (its
+    start would be lost, and a line read from its middle could say anything), or, with
+    ``ends``, cut: its first and last ``ends`` bytes, joined by ``CUT``. What is kept of a
+    line never grows past ``limit``, however long it goes on."""
+
+    def __init__(self, limit: int, ends: int = 0) -> None:
         self.limit = limit
-        self._partial = b""
-        self._skipping = False  # inside a line that was too long: drop up to its end
+        self.ends = min(ends, limit // 2)
+        self._partial = b""  # the line so far; once it is too long, its last ``ends`` bytes
+        self._head: bytes | None = None  # the first ``ends`` bytes of a line too long
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        parts = chunk.split(b"\n")
-        rest = parts.pop()
-        if self._skipping:
-            if not parts:
-                return []  # still inside the long line
-            parts.pop(0)  # its end
-            self._skipping = False
-        elif parts:
-            parts[0] = self._partial + parts[0]
-        else:
-            rest = self._partial + rest
-        self._partial = rest
-        if len(self._partial) > self.limit:
-            self._partial, self._skipping = b"", True
-        return [line for line in parts if len(line) <= self.limit]
+        *ended, rest = chunk.split(b"\n")
+        lines = []
+        for piece in ended:
+            self._add(piece)
+            line, head = self._partial, self._head
+            self._partial, self._head = b"", None
+            if head is None:
+                lines.append(line)
+            elif self.ends:
+                lines.append(head + CUT + line)
+        self._add(rest)
+        return lines
+
+    def _add(self, piece: bytes) -> None:
+        self._partial += piece
+        if self._head is None and len(self._partial) > self.limit:
+            self._head = self._partial[: self.ends]
+        if self._head is not None:
+            self._partial = self._partial[len(self._partial) - self.ends :]
 
 
 class Tail:

@@ -7,6 +7,10 @@ go through a ``ViolationLog`` instead: it keeps a run's first
 ``MAX_VIOLATION_RECORDS`` as ``SecurityViolation`` records and counts every
 one by name (at most ``MAX_VIOLATION_NAMES`` names; the rest count under
 ``"other"``). Nothing in it grows with the number of calls.
+
+A held sandbox can be reported to between runs: a process a run left running
+goes on making calls. Those open the next run's report (``begin_run``), each
+record marked ``between_runs``, rather than being reported nowhere.
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ class ViolationLog:
             if len(report.records) < MAX_VIOLATION_RECORDS:
                 report.records.append(build())
             return report.blocked
+
+    def begin_run(self) -> None:
+        """A run begins: what was counted since the last ``take`` (made between runs) opens
+        its report, counted as its own (``max_violations`` included), each record kept
+        marked ``between_runs``."""
+        with self._lock:
+            report = self._report
+            report.records = [r.model_copy(update={"between_runs": True}) for r in report.records]
+
+    def names(self) -> list[str]:
+        """The names counted so far (the report stays)."""
+        with self._lock:
+            return list(self._report.counts)
 
     def take(self) -> ViolationReport:
         """The report so far; the log starts afresh for the next run."""
