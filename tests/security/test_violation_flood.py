@@ -16,8 +16,9 @@ import pytest
 
 import stockade
 from stockade import ExecResult, Policy
-from stockade.result import MAX_VIOLATION_RECORDS
+from stockade.result import MAX_VIOLATION_RECORDS, SecurityViolation
 from stockade.runtimes.manager import RuntimeManager
+from stockade.runtimes.process import seccomp
 from tests.conftest import require
 
 RUNTIMES = ["process", "gvisor", "microvm"]
@@ -101,3 +102,23 @@ def test_calls_within_max_violations_do_not_end_the_run(runtime: str, own_manage
     code += "print('done')"
     r = stockade.run_code(code, runtime=runtime, manager=own_manager, max_violations=100, timeout_seconds=60)
     assert (r.termination_reason, r.stdout, r.violation_counts) == ("completed", "done\n", {"ptrace": 100}), r.summary()
+
+
+def test_past_the_cap_a_flood_costs_the_supervisor_a_count_not_a_record(
+    process_runtime: str, own_manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every isolate's blocked calls wait on one supervisor thread: one sandbox's
+    flood must not make it build a report record for every call it answers."""
+    built = []
+    real = seccomp.violation_for
+
+    def counted(*args: object, **kwargs: object) -> SecurityViolation:
+        built.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(seccomp, "violation_for", counted)
+    code = "import ctypes\nlibc = ctypes.CDLL(None)\nfor _ in range(5000):\n    libc.ptrace(16, 999999, 0, 0)\n"
+    r = stockade.run_code(code, runtime="process", manager=own_manager, timeout_seconds=60)
+    assert r.violation_counts == {"ptrace": 5000}, r.summary()
+    assert len(r.security_violations) == MAX_VIOLATION_RECORDS
+    assert len(built) == MAX_VIOLATION_RECORDS

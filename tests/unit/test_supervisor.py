@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from stockade.result import SecurityViolation
 from stockade.runtimes.process.seccomp import Supervisor
 
 
-def _ignore(violation: SecurityViolation) -> None:
+def _ignore(name: str, blocked: bool, build: Callable[[], SecurityViolation]) -> None:
     return None
 
 

@@ -61,7 +61,7 @@ class ProcessSandbox(AgentSandbox):
         self._released = False
         # The supervisor records a violation before it lets the blocked call return,
         # so every violation of a run is in the log by the time its reply is.
-        seccomp.supervisor().watch(listener, self._record_violation)
+        seccomp.supervisor().watch(listener, self._count_violation)
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()

@@ -305,7 +305,9 @@ def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
     return None
 
 
-ViolationSink = Callable[[SecurityViolation], None]
+# (the call's name, whether it was refused, what makes its record): the record is
+# built only while the run's report has room, so a flood costs a count, not a model.
+ViolationSink = Callable[[str, bool, Callable[[], SecurityViolation]], None]
 
 
 class Supervisor:
@@ -369,14 +371,13 @@ class Supervisor:
         if notif is None:
             return  # ENOENT: the caller died meanwhile; EBADF: forgotten
         notif_id, pid, nr, args = notif
-        violation = violation_for(nr, args, pid)
         rule = _rule_for(nr, args)
         with self._lock:
             sink = self._sinks.get(fd)
         # Record before answering: the blocked call cannot return, so nothing the
         # sandboxed code does afterwards (finishing, replying) can overtake the report.
         if sink is not None:
-            sink(violation)
+            sink(call_name(nr)[0], True, lambda: violation_for(nr, args, pid))
         linux.seccomp_notif_deny(fd, notif_id, rule.errno if rule else errno.EPERM)
 
 
