@@ -8,9 +8,7 @@ import json
 
 import pytest
 
-from stockade import Policy
-from stockade.runtimes.drain import Lines
-from stockade.runtimes.gvisor import LOG_LINE_ENDS, MAX_LOG_LINE, GvisorSandbox
+from stockade.runtimes.gvisor_log import LOG_LINE_ENDS, SentryLog
 from stockade.runtimes.violations import ViolationLog, ViolationReport
 
 STRACE_ENTRY, STRACE_EXIT = b"strace.go:573] ", b"strace.go:611] "
@@ -50,18 +48,12 @@ LOG = (
 )
 
 
-def _reader() -> GvisorSandbox:
-    sb = GvisorSandbox.__new__(GvisorSandbox)  # only its log reading: no runsc
-    sb.policy, sb._kill_reason, sb.violation_log = Policy(), None, ViolationLog()
-    sb._log, sb._held = Lines(MAX_LOG_LINE, LOG_LINE_ENDS), b""
-    return sb
-
-
 def read(log: bytes, size: int) -> ViolationReport:
-    sb = _reader()
+    parser, report = SentryLog(), ViolationLog()
     for i in range(0, len(log), size):
-        sb._read_log(log[i : i + size])
-    return sb.violation_log.take()
+        for name, blocked, build in parser.feed(log[i : i + size]):
+            report.tally(name, blocked, build)
+    return report.take()
 
 
 @pytest.mark.parametrize("size", [1, 7, 64, len(LOG)])

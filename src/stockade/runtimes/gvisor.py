@@ -31,7 +31,6 @@ JSON-RPC reaches the same agent as in every runtime.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -42,15 +41,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..agent.server import AGENT_FDS
 from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
-from ..result import SecurityViolation
 from .base import BASE_ENV, Availability
-from .drain import CUT, Lines, Tail, drain, weak
+from .drain import Tail, drain, weak
+from .gvisor_log import SentryLog
 from .hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from .pool import PooledRuntime, Reaper, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
@@ -65,8 +63,6 @@ GVISOR_MIN_MB = 64
 START_TIMEOUT_S = 60.0
 PLATFORM_PROBE_TIMEOUT_S = 20.0
 SENTRY_LOG = "sentry.log"  # a FIFO in the bundle: the Sentry's debug log, drained by the host
-MAX_LOG_LINE = 16384  # of a longer line of that log (long paths) only its two ends are read:
-LOG_LINE_ENDS = 512  # gVisor's start of a record (task, call) and its end (return, errno) lie there
 STDERR_KEPT = 4096  # bytes of runsc's stderr the host keeps (the last ones)
 LAST_WORDS = 600  # of which an error quotes this many
 # Syscalls gVisor traces for us: a call to one of these is reported, blocked or not.
@@ -76,28 +72,6 @@ TRACED = (
     "userfaultfd,open_by_handle_at,name_to_handle_at,iopl,ioperm,acct,settimeofday,clock_settime,adjtimex,swapon,"
     "swapoff,syslog,quotactl,io_uring_setup"
 )
-# glibc registers rseq at every start; gVisor does not implement it, and that is harmless.
-BENIGN_UNSUPPORTED = {"rseq"}
-# The Sentry's log is written as JSON, an object a record: {"msg": "<file>:<line>] ...",
-# "level": ..., "time": ...}. gVisor's strace prints a path argument as it is: in its text
-# log a newline in a path split a record (the call went unreported) and could start a line
-# that looked like a record of its own (a forged one). In JSON every byte of the code's is
-# escaped inside "msg", and a record's message is read from its start, gVisor's own words.
-_MSG_START, _MSG_END = b'{"msg":"', b'","level":"'  # how Go writes gVisor's JSON record
-# gVisor writes a record, then its newline, in two writes: another thread's record can come
-# between ('{A}{B}\n\n'). A record starts right after the one before it ends: '}{"msg":"',
-# which no byte of the code's makes (its quotes are escaped), nor a newline.
-_BOUNDARY = b"}" + _MSG_START
-# An strace exit: "[pid:tid] <task name> X <syscall>(<args>) = <ret> (<hex>)[ errno=N (<why>)] (<time>)".
-# The task name is the code's to choose (prctl PR_SET_NAME): up to 15 bytes of anything,
-# spaces, " X name(" and newlines included. Taken greedily, it ends at the last " X name("
-# (or " E name(", an entry) within those 15 bytes: the real one, since the arguments gVisor
-# prints after it begin with what it formats itself (constants, addresses), never with the
-# code's bytes. The arguments are the code's (paths, any length, anything in them): the
-# return value and errno are read after the message's last ") = ", which is gVisor's.
-_STRACE = re.compile(r"[\w.-]+:\d+\] \[\s*(\d+):\s*(\d+)\] (?s:.{0,15}) ([EX]) (\w+)\(")
-_STRACE_EXIT = re.compile(r"\) = -?\d+ \(0x[0-9a-f]+\)(?: errno=(\d+) \(([^)]*)\))?(?: \([^()]*\))?")
-_UNSUPPORTED = re.compile(r"[\w.-]+:\d+\] Unsupported syscall (\w+)\(")
 _counter = iter(range(1, 1 << 62))
 # -S skips site (slow under gVisor); the site directories Debian's python3 would
 # add are appended by hand so that code run in the sandbox finds the same packages.
@@ -156,8 +130,7 @@ class GvisorSandbox(HostedSandbox):
         # sandbox owns them, the drain reads them (each line of the log as it comes, so a
         # refused call under on_violation=kill ends the sandbox then, not after the run).
         self.log_fd, self.err_fd = log_fd, err_fd
-        self._log = Lines(MAX_LOG_LINE, LOG_LINE_ENDS)
-        self._held = b""  # the end of the log read so far, if it may be the start of a _BOUNDARY
+        self._sentry_log = SentryLog()
         self._stderr = Tail(STDERR_KEPT)
         drain().watch(err_fd, self._stderr.feed)
         drain().watch(log_fd, weak(self._read_log))
@@ -185,31 +158,8 @@ class GvisorSandbox(HostedSandbox):
             drain().flush(self.log_fd)
 
     def _read_log(self, chunk: bytes) -> None:
-        """Strace exits and unsupported-syscall reports in a piece of the Sentry's debug log."""
-        for line in self._log.feed(self._one_record_a_line(chunk)):
-            if b" X " not in line and b"Unsupported syscall" not in line:
-                continue  # most lines (an strace exit has " X " after the task name, whatever that is)
-            message = _message(line)
-            if message is None:
-                continue
-            start, end = message
-            if (m := _STRACE.match(start)) is not None:
-                if m.group(3) == "X":
-                    pid, name = int(m.group(1)), m.group(4)
-                    self._count_violation(name, *_exit(name, end, pid))
-            elif (u := _UNSUPPORTED.match(start)) is not None:
-                name = u.group(1)
-                if name not in BENIGN_UNSUPPORTED:
-                    self._count_violation(name, True, functools.partial(_unsupported, name))
-
-    def _one_record_a_line(self, chunk: bytes) -> bytes:
-        """``chunk`` with a newline between two records where gVisor wrote none (yet)."""
-        data, self._held = self._held + chunk, b""
-        for n in range(min(len(_BOUNDARY) - 1, len(data)), 0, -1):
-            if _BOUNDARY.startswith(data[-n:]):
-                data, self._held = data[:-n], data[-n:]
-                break
-        return data.replace(_BOUNDARY, b"}\n" + _MSG_START)
+        for name, blocked, build in self._sentry_log.feed(chunk):
+            self._count_violation(name, blocked, build)
 
     def _forget_logs(self) -> None:
         for fd in (self.log_fd, self.err_fd):
@@ -220,87 +170,6 @@ class GvisorSandbox(HostedSandbox):
     def _release_program(self) -> None:
         _runsc_delete(self.root, self.container_id)
         self._forget_logs()
-
-
-def _message(line: bytes) -> tuple[str, str] | None:
-    """The message of a line of the Sentry's JSON log, as its start and its end: the same
-    text for a whole line; for a line ``Lines`` cut, what its first and last bytes say."""
-    if CUT not in line:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return None
-        msg = record.get("msg") if isinstance(record, dict) else None
-        return (msg, msg) if isinstance(msg, str) else None
-    first, last = line.split(CUT, 1)
-    start = _json_piece(first[len(_MSG_START) :], cut_at_end=True) if first.startswith(_MSG_START) else None
-    at = last.rfind(_MSG_END)
-    end = _json_piece(last[:at], cut_at_end=False) if at >= 0 else None
-    return None if start is None else (start, end or "")
-
-
-def _json_piece(raw: bytes, cut_at_end: bool) -> str | None:
-    """The text of a piece of a JSON string cut at one end, perhaps inside an escape
-    (``\\u00e9``) or a UTF-8 character: the bytes past the last whole one are left out."""
-    for trim in range(7):
-        piece = raw[: len(raw) - trim] if cut_at_end else raw[trim:]
-        try:
-            text = json.loads(b'"' + piece + b'"')
-        except ValueError:  # UnicodeDecodeError included
-            continue
-        return text if isinstance(text, str) else None
-    return None
-
-
-def _exit(name: str, end: str, pid: int) -> tuple[bool, Callable[[], SecurityViolation]]:
-    """Whether a traced call was refused, and its report, from the end of its exit record.
-    A record whose end cannot be read is counted as a refused call: fail closed."""
-    at = end.rfind(") = ")
-    m = _STRACE_EXIT.fullmatch(end, at) if at >= 0 else None
-    if m is None:
-        return True, functools.partial(_unreadable, name, pid)
-    refused = m.group(1) is not None
-    return refused, functools.partial(_traced, name, refused, m.group(2) or "", pid)
-
-
-def _traced(name: str, refused: bool, why: str, pid: int) -> SecurityViolation:
-    """The report of a traced call: refused by gVisor (``why``: its errno's words) or allowed."""
-    return SecurityViolation(
-        violation_type="blocked_syscall" if refused else "sensitive_syscall",
-        syscall=name,
-        severity="HIGH",
-        description=(
-            f"{name}: refused by gVisor ({why})"
-            if refused
-            else f"{name}: allowed inside gVisor's kernel, never reached the host"
-        ),
-        detection_layer="GVISOR",
-        blocked=refused,
-        pid=pid,
-    )
-
-
-def _unreadable(name: str, pid: int) -> SecurityViolation:
-    return SecurityViolation(
-        violation_type="blocked_syscall",
-        syscall=name,
-        severity="HIGH",
-        description=f"{name}: counted as refused: gVisor's record of how it returned could not be read",
-        detection_layer="GVISOR",
-        blocked=True,
-        pid=pid,
-    )
-
-
-def _unsupported(name: str) -> SecurityViolation:
-    return SecurityViolation(
-        violation_type="unsupported_syscall",
-        syscall=name,
-        severity="LOW",
-        description=f"{name}: not implemented by gVisor (the call failed with ENOSYS)",
-        detection_layer="GVISOR",
-        blocked=True,
-    )
 
 
 def _runsc_delete(root: str, container_id: str) -> None:
