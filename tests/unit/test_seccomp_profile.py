@@ -157,7 +157,7 @@ def test_open_tree_attr_is_blocked_like_open_tree(program: bytes) -> None:
 
 
 def test_a_guests_agent_answers_unknown_numbers_as_the_host_does() -> None:
-    from stockade.agent.server import _parse_answers
+    from stockade.agent.guest import _parse_answers
 
     err, ranges = _parse_answers(seccomp.guest_answers())
     assert err == seccomp.unknown_rule().errno == seccomp.other_abis_rule().errno

@@ -34,12 +34,15 @@ initramfs: a VM restored from the snapshot reads none of it over 9p.
 
 from __future__ import annotations
 
-import fcntl  # noqa: F401 - loaded before the snapshot point: server._reseed_kernel_rng uses it
+import errno
+import fcntl
 import os
+import select
 import sys
-import threading  # noqa: F401 - loaded before the snapshot point: server._DeviceConn uses it
+import threading
+import time
 
-from . import confine, linux, server
+from . import confine, linux, server, wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ _STAGE = "/mnt"
 _OLD_ROOT = "/.oldroot"
 _NOBODY = 65534
 _P9_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 
 
 def main() -> None:
@@ -62,11 +66,11 @@ def main() -> None:
     answers = os.environ.pop("STOCKADE_GUEST_SECCOMP_ANSWERS", "")
     program_path = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
     # Read and loaded before the go line, from the initramfs (see the module's docstring).
-    program = server._read_program(program_path) if program_path else None
+    program = _read_program(program_path) if program_path else None
     scratch_mb, network = _wait_for_go()
     os.set_inheritable(PORT_FD, False)
     try:
-        server._reseed_kernel_rng()  # the first thing after a restore (snapshot.py)
+        _reseed_kernel_rng()  # the first thing after a restore (snapshot.py)
         shares = _shares(_read_text("/proc/cmdline"))
         _enter_pid_namespace()
         # As a process isolate's: its own network (only lo, up for "loopback") and cgroup view too.
@@ -83,8 +87,8 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001 - any failure ends the VM, with the reason on its console
         print(f"stockade: guest confinement failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
-    conn: Any = server._DeviceConn(PORT_FD)  # the slice of a socket the agent uses
-    guarded = program is not None and server._guard_guest(conn, program, answers)
+    conn: Any = _DeviceConn(PORT_FD)  # the slice of a socket the agent uses
+    guarded = program is not None and _guard_guest(conn, program, answers)
     server.freeze_heap()
     agent = server.Agent(conn, dict(os.environ))
     agent.guest_seccomp = guarded
@@ -243,5 +247,133 @@ def _write(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+# ---- the channel to the host, and the guest's own seccomp filter ----------------
+
+
+class _DeviceConn:
+    """The slice of a socket's interface the agent uses, over a character device.
+
+    Frames may come from two threads (the agent's, and the guest filter's
+    violation reports), so each is written whole under a lock.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._writing = threading.Lock()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, n: int, flags: int = 0) -> bytes:
+        return os.read(self.fd, n)
+
+    def sendall(self, data: bytes) -> None:
+        with self._writing:
+            wire.write_all(self.fd, data)
+
+    def alive(self) -> bool:
+        # A virtio-serial port whose host side went away polls as hung up.
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return not any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+
+
+class _GuestFilter:
+    """In a microVM guest: the process runtime's seccomp profile, kept by the agent itself.
+
+    The guest kernel is the VM's boundary, and its attack surface is also the
+    first step out of the VM; so code in the guest runs under the same filter
+    as in a process isolate. There the host answers each blocked call; here
+    nothing of the guest reaches the host kernel, so a thread of the agent
+    does: it sends the host a ``violation`` notification (the syscall, its
+    arguments, the caller's pid), and only then fails the call with EPERM
+    (with the errno ``answers`` names for the numbers the profile does not
+    know), so the report always comes before the run's answer. The host
+    turns it into a ``SecurityViolation`` with the profile's own rule and reason.
+
+    The filter binds the agent and everything it starts from then on; its
+    listener is closed in every child the agent forks (a runner that kept it
+    could answer its own blocked calls), and the agent is not dumpable, so
+    code running as the same uid cannot take it through /proc or ptrace.
+    """
+
+    def __init__(self, conn: Any, program: bytes, answers: str = "") -> None:
+        self.conn = conn
+        self._linux = linux
+        self._unknown_errno, self._unknown = _parse_answers(answers)
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # an unprivileged filter needs it
+        self.listener = linux.seccomp_install_listener(program)
+        os.register_at_fork(after_in_child=self._close_in_child)
+        threading.Thread(target=self._answer_forever, name="stockade-guest-seccomp", daemon=True).start()
+
+    def _close_in_child(self) -> None:
+        try:
+            os.close(self.listener)
+        except OSError:
+            pass
+
+    def _answer_forever(self) -> None:
+        while True:
+            notif = self._linux.seccomp_notif_recv(self.listener)
+            if notif is None:
+                time.sleep(0.001)  # its caller died before it could be read; never a busy loop
+                continue
+            notif_id, pid, nr, args = notif
+            note = wire.notification("violation", {"nr": nr, "args": list(args), "pid": pid})
+            try:
+                self.conn.sendall(wire.encode_message(note))
+            except OSError:
+                pass  # the host is gone: the call is still refused
+            unknown = any(lo <= nr <= hi for lo, hi in self._unknown)
+            self._linux.seccomp_notif_deny(self.listener, notif_id, self._unknown_errno if unknown else errno.EPERM)
+
+
+def _parse_answers(text: str) -> tuple[int, list[tuple[int, int]]]:
+    """``38:337-423,470-1073741823`` (``seccomp.guest_answers``): an errno, and the syscall numbers it answers."""
+    if not text:
+        return errno.EPERM, []
+    err, _, ranges = text.partition(":")
+    bounds = [r.split("-") for r in ranges.split(",") if r]
+    return int(err), [(int(lo), int(hi)) for lo, hi in bounds]
+
+
+def _read_program(path: str) -> bytes | None:
+    """The guest filter's program; None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _guard_guest(conn: Any, program: bytes, answers: str) -> bool:
+    """Put the agent under the seccomp ``program``; False if this guest kernel cannot."""
+    try:
+        _GuestFilter(conn, program, answers)
+    except OSError:
+        return False
+    return True
+
+
+def _reseed_kernel_rng() -> None:
+    """Make the kernel rekey its generator from the input pool (where init put the host's seed).
+
+    A microVM restored from a snapshot resumes with the generator state of the
+    moment the snapshot was taken; without this, every restored VM would hand
+    out the same "random" bytes until the kernel's next scheduled reseed.
+    """
+    try:
+        fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    except OSError:
+        pass  # not root (not a microVM guest): nothing to do
     finally:
         os.close(fd)

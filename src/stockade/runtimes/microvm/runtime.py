@@ -105,7 +105,7 @@ class MicrovmSandbox(HostedSandbox):
         return ["seccomp inside the guest: its kernel refused the filter, so no syscall violations are seen"]
 
     def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
-        """The guest's filter refused a call (agent/server.py ``_GuestFilter``).
+        """The guest's filter refused a call (agent/guest.py ``_GuestFilter``).
 
         Reported by the agent inside the VM, not seen by the host: believed as
         far as it goes (a guest can hide its own calls from this report, never
