@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade import Policy, PolicyError, SandboxError, SecurityViolation
-from stockade.result import MAX_VIOLATION_NAMES, MAX_VIOLATION_RECORDS, OTHER_VIOLATIONS
+from stockade.result import MAX_VIOLATION_NAMES, MAX_VIOLATION_RECORDS, OTHER_VIOLATIONS, violation_key
 from stockade.runtimes.base import AgentSandbox, IsolateUsage
 from stockade.runtimes.violations import ViolationLog
 
@@ -80,6 +80,10 @@ class _Reporting(AgentSandbox):
 
     def _release(self) -> None:
         pass
+
+    def _record_violation(self, violation: SecurityViolation) -> None:
+        """As a runtime reports one (a supervisor, a log reader): counted, its record kept while there is room."""
+        self._count_violation(violation_key(violation), violation.blocked, lambda: violation)
 
 
 @pytest.fixture

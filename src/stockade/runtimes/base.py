@@ -26,7 +26,7 @@ from ..agent import wire
 from ..errors import AgentProtocolError, SandboxClosedError, SandboxError, agent_error
 from ..limits import check_call_size
 from ..policy import Policy
-from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id, violation_key
+from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
 from .violations import ViolationLog, ViolationReport
 
 if TYPE_CHECKING:
@@ -131,10 +131,6 @@ class AgentSandbox(abc.ABC):
     def last_words(self) -> str:
         """What the runtime itself logged (runsc, the VM console), for when the agent vanished."""
         return ""
-
-    def _record_violation(self, violation: SecurityViolation) -> None:
-        """A runtime saw ``violation``: ``_count_violation`` of a report already made."""
-        self._count_violation(violation_key(violation), violation.blocked, lambda: violation)
 
     def _count_violation(self, name: str, blocked: bool, build: Callable[[], SecurityViolation]) -> None:
         """A runtime saw a violation named ``name``: count it in the run's report (``build``

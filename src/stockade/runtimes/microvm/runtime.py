@@ -114,9 +114,9 @@ class MicrovmSandbox(HostedSandbox):
         """
         if method != "violation" or not self.guest_seccomp:
             return
-        violation = guest_violation(params)
-        if violation is not None:
-            self._record_violation(violation)
+        call = _guest_call(params)
+        if call is not None:  # a record is made only while the run's report has room
+            self._count_violation(seccomp.call_name(call[0])[0], True, lambda: _guest_record(*call))
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         usage = super().usage(peak)
@@ -369,12 +369,22 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
 
 def guest_violation(params: dict[str, Any]) -> SecurityViolation | None:
     """The report of the guest filter's ``violation`` notification, or None if it is malformed."""
+    call = _guest_call(params)
+    return None if call is None else _guest_record(*call)
+
+
+def _guest_call(params: dict[str, Any]) -> tuple[int, tuple[int, ...], int | None] | None:
+    """The call (number, arguments, pid) a ``violation`` notification names, or None if it is malformed."""
     nr, args, pid = params.get("nr"), params.get("args"), params.get("pid")
     if not isinstance(nr, int) or isinstance(nr, bool) or not seccomp.is_call(nr):  # i386's, x32's too
         return None
     if not isinstance(args, list) or len(args) > 6 or not all(_is_int(a) and 0 <= a < 1 << 64 for a in args):
         return None
-    return seccomp.violation_for(nr, tuple(args), pid if _is_int(pid) else None, " (refused inside the guest)")
+    return nr, tuple(args), pid if _is_int(pid) else None
+
+
+def _guest_record(nr: int, args: tuple[int, ...], pid: int | None) -> SecurityViolation:
+    return seccomp.violation_for(nr, args, pid, " (refused inside the guest)")
 
 
 def _is_int(value: Any) -> bool:
