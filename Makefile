@@ -13,7 +13,7 @@ deps:
 $(STAMP): pyproject.toml | deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
-	@$(BIN)/python -m pip install -q -e '.[dev]'
+	@$(BIN)/python -m pip install -q -e '.[dev,server]'
 	@touch $(STAMP)
 
 demo: deps $(STAMP)

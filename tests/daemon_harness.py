@@ -25,6 +25,11 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     socket_path: str
     log: IO[bytes]
+    http_url: str | None = None  # with start_daemon(http=...): where its HTTP API listens
+
+    @property
+    def audit_log(self) -> str:
+        return os.path.join(os.path.dirname(self.socket_path), "audit.log")
 
     def logs(self) -> str:
         self.log.flush()
@@ -51,20 +56,50 @@ class Daemon:
             return self.proc.wait()
 
 
-def start_daemon(env: dict[str, str] | None = None, socket_path: str | None = None, wait: bool = True) -> Daemon:
+def start_daemon(
+    env: dict[str, str] | None = None,
+    socket_path: str | None = None,
+    wait: bool = True,
+    http: str | None = None,
+    args: tuple[str, ...] = (),
+) -> Daemon:
+    """A daemon on a temporary socket (its audit log beside it); with ``http`` (HOST:PORT,
+    port 0 for any), its HTTP API too, at ``daemon.http_url`` once it listens."""
     if socket_path is None:
         socket_path = os.path.join(tempfile.mkdtemp(prefix="stockade-d-"), "d.sock")
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
-    full_env.update({"STOCKADE_SOCKET": socket_path, "STOCKADE_POOL_SIZE": "1", **(env or {})})
-    log = tempfile.NamedTemporaryFile(prefix="stockade-daemon-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stockade.cli", "serve"], env=full_env, stdout=log, stderr=log, start_new_session=True
+    full_env.update(
+        {
+            "STOCKADE_SOCKET": socket_path,
+            "STOCKADE_POOL_SIZE": "1",
+            "STOCKADE_AUDIT_LOG": os.path.join(os.path.dirname(socket_path), "audit.log"),
+            **(env or {}),
+        }
     )
+    log = tempfile.NamedTemporaryFile(prefix="stockade-daemon-", suffix=".log", delete=False)
+    argv = [sys.executable, "-m", "stockade.cli", "serve", *(["--http", http] if http else []), *args]
+    proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=log, start_new_session=True)
     daemon = Daemon(proc, socket_path, log)
     STARTED.append(daemon)
     if wait:
         wait_for_socket(daemon)
+        if http:
+            wait_for_http(daemon)
     return daemon
+
+
+def wait_for_http(daemon: Daemon, timeout: float = 30) -> str:
+    """The daemon's HTTP API address, read from its log line once it listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in daemon.logs().splitlines():
+            if "HTTP API on " in line:
+                daemon.http_url = line.split("HTTP API on ", 1)[1].split()[0]
+                return daemon.http_url
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}: {daemon.logs()}")
+        time.sleep(0.02)
+    raise RuntimeError(f"daemon's HTTP API did not listen within {timeout} s: {daemon.logs()}")
 
 
 def wait_for_socket(daemon: Daemon, timeout: float = 30) -> None:

@@ -5,10 +5,11 @@
     stockade doctor [--json]
     stockade start --name NAME [--restart no|on-failure|always] [policy flags] -- CMD ARGS...
     stockade status [NAME] | ps | logs NAME | stop NAME
-    stockade serve [--socket PATH]
+    stockade serve [--socket PATH] [--http [HOST:PORT]] [--api-token-file F]
     stockade daemon ping|selftest|status|runtimes [--socket PATH] [--token-file F]
     stockade image build [--force] [--no-snapshot]
     stockade token new [--file F]
+    stockade audit verify FILE...
 
 With ``--socket`` (or ``STOCKADE_SOCKET``), run/exec-code go through the daemon;
 without a reachable daemon and without ``--socket`` they run in-process.
@@ -29,7 +30,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .agent.wire import MAX_DATA_BYTES
-from .isolation import RUNTIME_NAMES
 
 if TYPE_CHECKING:
     from .result import ExecResult
@@ -40,31 +40,30 @@ EXIT_MEMORY = 137
 MAX_STDIN = MAX_DATA_BYTES  # what fits one agent frame, base64-encoded
 
 
+# Fields only a run that ends acts on: a component (``start``) runs until stopped,
+# supervised on this host, its output streamed to its log uncut.
+_ONE_RUN_FIELDS = ("timeout_seconds", "max_output_bytes")
+# Subcommands whose parser carries the Policy's flags (building them loads pydantic).
+_POLICY_COMMANDS = ("run", "exec-code", "start")
+
+
 def _policy_flags(parser: argparse.ArgumentParser, one_run: bool = True) -> None:
-    """The Policy's flags. ``one_run`` adds what only a run that ends takes (a timeout, an
-    output cap, a result to print as JSON, a daemon to run it through): a component
-    (``start``) runs until stopped, supervised on this host, and would ignore them."""
+    """The Policy's flags, one per field, read from the model: name, type, choices,
+    default, bounds and help (``policy.CLI_FLAGS`` names the ones not called after
+    their field). ``one_run`` adds what only a run that ends takes."""
+    from .policy import CLI_FLAGS, Policy
+
     g = parser.add_argument_group("policy")
-    g.add_argument("--runtime", help=f"runtime by name ({', '.join(RUNTIME_NAMES)})")
-    g.add_argument("--isolation", choices=["none", "process", "gvisor", "microvm"], help="isolation level to use")
-    g.add_argument(
-        "--trust",
-        choices=["trusted", "verified", "untrusted"],
-        help="pick the strongest runtime this trust level accepts (never a weaker one)",
-    )
-    if one_run:
-        g.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (default 30)")
-    g.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB (default 512)")
-    g.add_argument("--cpu", type=float, metavar="N", help="CPU limit in cores (default 1.0)")
-    g.add_argument("--pids", type=int, metavar="N", help="process limit (default 128)")
-    g.add_argument("--disk", type=int, metavar="MB", help="size of the writable /tmp and /work (default 64)")
-    if one_run:
-        g.add_argument("--max-output", type=int, metavar="BYTES", help="output cap (default 1 MiB)")
-    g.add_argument("--network", choices=["none", "loopback"], help="network (default none)")
-    g.add_argument("--mount", action="append", default=[], metavar="SRC[:DST][:rw]", help="share a host path")
-    g.add_argument("--env", action="append", default=[], metavar="K=V", help="set an environment variable")
-    g.add_argument("--on-violation", choices=["deny", "kill"], help="deny (EPERM, reported) or kill the run")
-    g.add_argument("--max-violations", type=int, metavar="N", help="end the run once more than N calls are refused")
+    for name, field in Policy.model_fields.items():
+        if name in _ONE_RUN_FIELDS and not one_run:
+            continue
+        flag, metavar = CLI_FLAGS.get(name, ("--" + name.replace("_", "-"), None))
+        kind, choices, repeated = _flag_type(field.annotation)
+        help_text = _flag_help(field)
+        if repeated:
+            g.add_argument(flag, dest=name, action="append", default=[], metavar=metavar, help=help_text)
+        else:
+            g.add_argument(flag, dest=name, type=kind, choices=choices, metavar=metavar, help=help_text)
     g.add_argument("--policy-file", metavar="FILE", help="JSON file with Policy fields (flags override it)")
     if not one_run:
         return
@@ -72,6 +71,35 @@ def _policy_flags(parser: argparse.ArgumentParser, one_run: bool = True) -> None
     d = parser.add_argument_group("daemon")
     d.add_argument("--socket", metavar="PATH", help="run through the daemon on PATH (default: $STOCKADE_SOCKET if set)")
     d.add_argument("--token-file", metavar="FILE", help="HMAC token for the daemon (default: $STOCKADE_AUTH_TOKEN)")
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[str] | None, bool]:
+    """A field's flag as (type, choices, repeated): ``int | None`` takes an int,
+    a ``Literal`` its values, a tuple or a dict one item per use of the flag."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is typing.Literal:
+        return str, [str(a) for a in args], False
+    if origin in (tuple, dict):
+        return str, None, True
+    return (annotation if annotation in (int, float) else str), None, False
+
+
+def _flag_help(field: Any) -> str:
+    """A field's description, default and bounds, as its flag's help."""
+    parts = [field.description or ""]
+    if field.default_factory is None and field.default not in (None, ()):
+        parts.append(f"default {field.default}")
+    for bound in field.metadata:
+        for attr, word in (("le", "at most"), ("ge", "at least"), ("gt", "over")):
+            if getattr(bound, attr, None) is not None:
+                parts.append(f"{word} {getattr(bound, attr)}")
+    return "; ".join(p for p in parts if p)
 
 
 def _build_policy(args: argparse.Namespace) -> Any:
@@ -82,36 +110,41 @@ def _build_policy(args: argparse.Namespace) -> Any:
         with open(args.policy_file) as f:
             fields.update(json.load(f))
     env = dict(fields.get("environment") or {})
-    for item in args.env:
+    for item in args.environment:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(_fail(f"--env {item!r}: expected K=V"))
         env[key] = value
-    flag_fields = {
-        "runtime": args.runtime,
-        "isolation": args.isolation,
-        "trust": args.trust,
-        "timeout_seconds": getattr(args, "timeout", None),  # start has no --timeout, no --max-output
-        "memory_mb": args.memory,
-        "cpu_limit": args.cpu,
-        "pids_limit": args.pids,
-        "disk_mb": args.disk,
-        "max_output_bytes": getattr(args, "max_output", None),
-        "network_policy": args.network,
-        "on_violation": args.on_violation,
-        "max_violations": args.max_violations,
-    }
-    fields.update({k: v for k, v in flag_fields.items() if v is not None})
+    for name in Policy.model_fields:
+        value = getattr(args, name, None)  # start has no --timeout, no --max-output
+        if value is not None and name not in ("environment", "filesystem_access"):
+            fields[name] = value
     if env:
         fields["environment"] = env
-    if args.mount:
-        fields["filesystem_access"] = list(fields.get("filesystem_access") or []) + args.mount
+    if args.filesystem_access:
+        fields["filesystem_access"] = list(fields.get("filesystem_access") or []) + args.filesystem_access
     return Policy.build(**fields)
 
 
 def _fail(message: str) -> int:
     print(f"stockade: {message}", file=sys.stderr)
     return EXIT_STOCKADE_ERROR
+
+
+def _stream(name: str, data: bytes) -> None:
+    """A run's output as it comes, to this process's own stdout or stderr."""
+    out = sys.stdout if name == "stdout" else sys.stderr
+    out.buffer.write(data)
+    out.flush()
+
+
+def _report(args: argparse.Namespace, result: ExecResult) -> int:
+    """Print what the run's output did not say (all of it with --json); its exit status."""
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
+        print(result.summary(), file=sys.stderr)
+    return _exit_status(result)
 
 
 def _exit_status(result: ExecResult) -> int:
@@ -144,9 +177,7 @@ def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) ->
         if status is not None:
             return status
 
-    # Start the process runtime's zygote first: its interpreter boots on the
-    # other core while this one imports pydantic (the CLI's largest cost).
-    zygote = _early_zygote(args)
+    zygote = getattr(args, "zygote", None)  # started by main() before the parser was built
     from .runtimes.manager import RuntimeManager
 
     try:
@@ -160,32 +191,19 @@ def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) ->
     if zygote is not None:
         manager.adopt_zygote(zygote)
 
-    def stream(name: str, data: bytes) -> None:
-        out = sys.stdout if name == "stdout" else sys.stderr
-        out.buffer.write(data)
-        out.flush()
+    from . import sdk
 
+    on_output = None if args.json else _stream
     try:
-        runtime = manager.select(policy)
-        sandbox = runtime.start(policy)
-        sandbox.one_shot = True
-        try:
-            on_output = None if args.json else stream
-            if call == "exec":
-                result = sandbox.exec(payload, stdin=stdin, on_output=on_output)
-            else:
-                result = sandbox.run_code(payload[1], payload[0], stdin=stdin, on_output=on_output)
-        finally:
-            sandbox.close()
+        if call == "exec":
+            result = sdk.run(payload, policy, stdin=stdin, on_output=on_output, manager=manager)
+        else:
+            result = sdk.run_code(payload[1], payload[0], policy, stdin=stdin, on_output=on_output, manager=manager)
     except StockadeError as exc:
         return _fail(str(exc))
     finally:
         manager.close()
-    if args.json:
-        print(result.model_dump_json(indent=2))
-    elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
-        print(result.summary(), file=sys.stderr)
-    return _exit_status(result)
+    return _report(args, result)
 
 
 def _execute_via_daemon(
@@ -197,16 +215,11 @@ def _execute_via_daemon(
 
     try:
         token = _daemon_token(args)
-        policy = _build_policy(args).model_dump(mode="json", exclude_defaults=True)
+        policy = _build_policy(args)
     except (StockadeError, OSError, ValueError) as exc:
         return _fail(str(exc))
 
-    def stream(name: str, data: bytes) -> None:
-        out = sys.stdout if name == "stdout" else sys.stderr
-        out.buffer.write(data)
-        out.flush()
-
-    on_output = None if args.json else stream
+    on_output = None if args.json else _stream
     with Client(socket_path, auth_token=token) as client:
         try:
             if call == "exec":
@@ -222,11 +235,7 @@ def _execute_via_daemon(
             return None
         except StockadeError as exc:
             return _fail(str(exc))
-    if args.json:
-        print(result.model_dump_json(indent=2))
-    elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
-        print(result.summary(), file=sys.stderr)
-    return _exit_status(result)
+    return _report(args, result)
 
 
 # `stockade daemon cancel|close ID`: the Client method each one calls.
@@ -284,6 +293,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = DaemonConfig.from_env()
         if args.socket:
             config = DaemonConfig.from_env({**os.environ, "STOCKADE_SOCKET": args.socket})
+        if args.http is not None or args.api_token_file:
+            config = config.with_http(args.http, args.api_token_file)
     except StockadeError as exc:
         return _fail(str(exc))
     try:
@@ -319,6 +330,12 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         runtime.close()
     print(f"snapshot: {path}")
     return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify_main
+
+    return verify_main(args.files)
 
 
 def cmd_token_new(args: argparse.Namespace) -> int:
@@ -412,9 +429,21 @@ def _component_line(state: Any) -> str:
     return f"{state.name:<20} {state.status:<9} {state.runtime or '-':<8} {state.restarts:>8}  {uptime:>8}  {detail}"
 
 
-def _early_zygote(args: argparse.Namespace) -> Any:
-    if args.runtime not in (None, "process") or args.isolation not in (None, "process") or args.trust:
+def _early_zygote(argv: list[str]) -> Any:
+    """Start the process runtime's zygote before pydantic is imported (the CLI's largest
+    cost), so the guest interpreter boots on the other core meanwhile: for ``run`` and
+    ``exec-code`` on the process runtime, read off the raw arguments (the parser that
+    knows the Policy's flags needs pydantic itself)."""
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    if not words or words[0] not in ("run", "exec-code") or any(w.startswith("--socket") for w in words):
         return None
+    if os.environ.get("STOCKADE_SOCKET") or "--trust" in words or any(w.startswith("--trust=") for w in words):
+        return None
+    for flag in ("--runtime", "--isolation"):
+        for i, word in enumerate(words):
+            value = words[i + 1] if word == flag and i + 1 < len(words) else word.partition("=")[2]
+            if (word == flag or word.startswith(flag + "=")) and value != "process":
+                return None
     from .errors import StockadeError
     from .runtimes.process.zygote import Zygote
 
@@ -461,27 +490,34 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if any(r["available"] and r["name"] != "fake" for r in report["runtimes"]) else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command``, only that subcommand's parser carries the
+    Policy's flags (building them loads pydantic, which the other subcommands do without)."""
     parser = argparse.ArgumentParser(prog="stockade", description="Run untrusted code behind real isolation.")
+
+    def policy_flags(sub: argparse.ArgumentParser, name: str, one_run: bool = True) -> None:
+        if command is None or command == name:
+            _policy_flags(sub, one_run)
+
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd")
 
     run = sub.add_parser("run", help="run a command in a fresh isolate")
-    _policy_flags(run)
+    policy_flags(run, "run")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     run.set_defaults(func=cmd_run)
 
     code = sub.add_parser("exec-code", help="run a piece of code in a fresh isolate")
     code.add_argument("--language", choices=["python", "bash"], default="python")
     code.add_argument("-f", "--file", help="read the code from FILE")
-    _policy_flags(code)
+    policy_flags(code, "exec-code")
     code.add_argument("code", nargs="?", help="the code, or - to read it from standard input")
     code.set_defaults(func=cmd_exec_code)
 
     start = sub.add_parser("start", help="keep a command running in its own isolate (a component)")
     start.add_argument("--name", required=True, help="the component's name")
     start.add_argument("--restart", choices=["no", "on-failure", "always"], default="no", help="restart policy")
-    _policy_flags(start, one_run=False)  # a component runs until stopped, supervised here
+    policy_flags(start, "start", one_run=False)  # a component runs until stopped, supervised here
     start.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     start.set_defaults(func=cmd_start)
 
@@ -503,8 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail-bytes", type=int, help="only the last N bytes")
     logs.set_defaults(func=cmd_logs)
 
-    serve = sub.add_parser("serve", help="run the daemon (Unix-socket RPC)")
+    serve = sub.add_parser("serve", help="run the daemon (Unix-socket RPC, and the HTTP API with --http)")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $STOCKADE_SOCKET)")
+    serve.add_argument(
+        "--http",
+        nargs="?",
+        const="127.0.0.1:8002",
+        metavar="HOST:PORT",
+        help="serve the HTTP API too (default 127.0.0.1:8002; $STOCKADE_HTTP); without a token, loopback only",
+    )
+    serve.add_argument("--api-token-file", metavar="FILE", help="the HTTP API's bearer token (or $STOCKADE_API_TOKEN)")
     serve.set_defaults(func=cmd_serve)
 
     daemon = sub.add_parser("daemon", help="ask a running daemon: ping, selftest, status, runtimes; cancel, close")
@@ -534,6 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--file", help="write it to FILE with mode 0600 instead of printing it")
     new.set_defaults(func=cmd_token_new)
 
+    audit = sub.add_parser("audit", help="the daemon's tamper-evident audit log")
+    audit_sub = audit.add_subparsers(dest="audit_cmd", required=True)
+    verify = audit_sub.add_parser("verify", help="check the hash chain; names the first line where it breaks")
+    verify.add_argument(
+        "files", nargs="+", metavar="FILE", help="the log's files, oldest first (audit.log.2 audit.log.1 audit.log)"
+    )
+    verify.set_defaults(func=cmd_audit_verify)
+
     doctor = sub.add_parser("doctor", help="what works on this host, and why not")
     doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(func=cmd_doctor)
@@ -543,8 +595,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # The CLI needs no pydantic plugins; looking for them costs ~20 ms of start-up.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    zygote = _early_zygote(argv)
+    parser = build_parser(next((w for w in argv if not w.startswith("-")), None))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        if zygote is not None:
+            zygote.close()
+        raise
+    args.zygote = zygote
     if args.version:
         from . import __version__
 

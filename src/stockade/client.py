@@ -28,41 +28,36 @@ from typing import Any, TypedDict, TypeVar, Unpack
 from pydantic import BaseModel, ValidationError
 
 from .errors import (
-    AgentError,
-    AuthenticationError,
+    DaemonBusyError,
     DaemonUnavailableError,
-    PolicyError,
-    RateLimitError,
-    RuntimeUnavailableError,
-    SandboxError,
+    NotFoundError,
     StockadeError,
+    error_from_code,
 )
 from .limits import check_call_size
+from .policy import Policy
 from .protocol import auth
+from .protocol.models import (
+    CancelRequest,
+    ExecuteRequest,
+    ListDir,
+    ReadFile,
+    Request,
+    SandboxCreate,
+    SandboxExec,
+    SandboxRef,
+    SandboxRunCode,
+    WriteFile,
+    parse,
+)
 from .result import ExecResult
 
+__all__ = ["AsyncClient", "Client", "DaemonBusyError", "NotFoundError", "call_with_retry"]
+PolicyArg = Policy | dict[str, Any] | None
+
 T = TypeVar("T")
+_R = TypeVar("_R", bound=Request)
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
-
-
-class DaemonBusyError(SandboxError):
-    """The daemon has no free sandbox slot and its queue is full."""
-
-
-class NotFoundError(SandboxError, LookupError):
-    """No such sandbox (or it belongs to another user)."""
-
-
-_ERRORS: dict[str, type[StockadeError]] = {
-    "auth": AuthenticationError,
-    "rate_limit": RateLimitError,
-    "busy": DaemonBusyError,
-    "not_found": NotFoundError,
-    "policy": PolicyError,
-    "runtime_unavailable": RuntimeUnavailableError,
-    "agent": AgentError,
-    "sandbox": SandboxError,
-}
 
 
 class RunOptions(TypedDict, total=False):
@@ -117,6 +112,10 @@ class _Requests:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.socket_path!r}, auth={'hmac' if self._token else 'off'})"
 
+    # What each method sends, as (method, params, timeout): the request is built as the
+    # daemon's own model (protocol/models.py), so a bad argument is refused here, before
+    # anything is sent, with the daemon's own words.
+
     def _ping(self) -> tuple[str, dict[str, Any] | None, float | None]:
         return "ping", None, None
 
@@ -128,92 +127,98 @@ class _Requests:
         command: list[str] | None,
         code: str | None,
         language: str,
-        policy: dict[str, Any] | None,
+        policy: PolicyArg,
         stdin: str | bytes | None,
     ) -> tuple[str, dict[str, Any], float]:
-        check_call_size("code", code)  # refused before it is sent, as the daemon would refuse it
-        check_call_size("stdin", stdin)
-        params: dict[str, Any] = {"language": language}
-        if policy:  # none: the daemon's default policy, with less to sign, send and read
-            params["policy"] = policy
-        if command is not None:
-            params["command"] = list(command)
-        if code is not None:
-            params["code"] = code
-        if isinstance(stdin, bytes):
-            params["stdin_b64"] = base64.b64encode(stdin).decode()
-        elif stdin is not None:
-            params["stdin"] = stdin
-        return "execute", params, _run_timeout(policy) + self.timeout
+        fields: dict[str, Any] = {"command": None if command is None else list(command), "code": code}
+        request = _build(ExecuteRequest, "execute", language=language, policy=policy, **fields, **_stdin(stdin))
+        request.check_sizes()  # refused before it is sent, as the daemon would refuse it
+        return "execute", _params(request), request.policy.timeout_seconds + self.timeout
 
     def _cancel(self, execution_id: str) -> tuple[str, dict[str, Any], float | None]:
-        return "execute.cancel", {"execution_id": execution_id}, None
+        return "execute.cancel", _params(_build(CancelRequest, "execute.cancel", execution_id=execution_id)), None
 
-    def _create(
-        self, policy: dict[str, Any] | None, keep: bool, idle_timeout: float | None
-    ) -> tuple[str, dict[str, Any], float]:
-        params: dict[str, Any] = {"policy": policy or {}, "keep": keep}
-        if idle_timeout is not None:
-            params["idle_timeout"] = idle_timeout
-        return "sandbox.create", params, max(self.timeout, 60)
+    def _create(self, policy: PolicyArg, keep: bool, idle_timeout: float | None) -> tuple[str, dict[str, Any], float]:
+        request = _build(SandboxCreate, "sandbox.create", policy=policy, keep=keep, idle_timeout=idle_timeout)
+        return "sandbox.create", _params(request), max(self.timeout, 60)
 
     def _sandbox_exec(
         self, sandbox_id: str, command: list[str], options: ExecOptions
     ) -> tuple[str, dict[str, Any], float]:
-        fields: dict[str, Any] = {"command": list(command)}
-        if options.get("cwd") is not None:
-            fields["cwd"] = options["cwd"]
-        return self._sandbox_run("sandbox.exec", sandbox_id, fields, options, _EXEC_OPTIONS)
+        return self._sandbox_run(SandboxExec, "sandbox.exec", sandbox_id, {"command": list(command)}, options)
 
     def _sandbox_run_code(
         self, sandbox_id: str, code: str, language: str, options: RunOptions
     ) -> tuple[str, dict[str, Any], float]:
         fields = {"code": code, "language": language}
-        return self._sandbox_run("sandbox.run_code", sandbox_id, fields, options, _RUN_OPTIONS)
+        return self._sandbox_run(SandboxRunCode, "sandbox.run_code", sandbox_id, fields, options)
 
     def _sandbox_run(
-        self, method: str, sandbox_id: str, fields: dict[str, Any], options: RunOptions, known: frozenset[str]
+        self,
+        model: type[SandboxExec | SandboxRunCode],
+        method: str,
+        sandbox_id: str,
+        fields: dict[str, Any],
+        options: RunOptions,
     ) -> tuple[str, dict[str, Any], float]:
+        known = _EXEC_OPTIONS if model is SandboxExec else _RUN_OPTIONS
         if unknown := sorted(set(options) - known):
             # Keywords travel as a dict: a misspelt one would otherwise be dropped without a word.
             raise TypeError(f"{method} got unexpected keyword arguments: {', '.join(unknown)}")
-        params: dict[str, Any] = {"sandbox_id": sandbox_id, **fields}
-        stdin, env, timeout = options.get("stdin"), options.get("env"), options.get("timeout")
-        check_call_size("code", fields.get("code"))  # refused before it is sent, as the daemon would refuse it
-        check_call_size("stdin", stdin)
-        if isinstance(stdin, bytes):
-            params["stdin_b64"] = base64.b64encode(stdin).decode()
-        elif stdin is not None:
-            params["stdin"] = stdin
-        if env is not None:
-            params["env"] = env
-        if timeout is not None:
-            params["timeout"] = timeout
+        given = {k: v for k, v in options.items() if k not in ("stdin", "on_output")}
+        request = _build(model, method, sandbox_id=sandbox_id, **fields, **given, **_stdin(options.get("stdin")))
+        request.check_sizes()  # refused before it is sent, as the daemon would refuse it
         # The sandbox's policy bounds a run the client did not bound; the client does not know it.
-        return method, params, (600 if timeout is None else timeout) + self.timeout
+        timeout = request.timeout
+        return method, _params(request), (600 if timeout is None else timeout) + self.timeout
 
     def _write_file(
         self, sandbox_id: str, path: str, data: bytes | str, mode: int
     ) -> tuple[str, dict[str, Any], float | None]:
         raw = data.encode() if isinstance(data, str) else data
         check_call_size("write_file data", raw)  # refused before it is sent, as the daemon would refuse it
-        params = {"sandbox_id": sandbox_id, "path": path, "data": base64.b64encode(raw).decode(), "mode": mode}
-        return "sandbox.write_file", params, None
+        encoded = base64.b64encode(raw).decode()
+        request = _build(WriteFile, "sandbox.write_file", sandbox_id=sandbox_id, path=path, data=encoded, mode=mode)
+        return "sandbox.write_file", _params(request), None
 
     def _read_file(self, sandbox_id: str, path: str) -> tuple[str, dict[str, Any], float | None]:
-        return "sandbox.read_file", {"sandbox_id": sandbox_id, "path": path}, None
+        return (
+            "sandbox.read_file",
+            _params(_build(ReadFile, "sandbox.read_file", sandbox_id=sandbox_id, path=path)),
+            None,
+        )
 
     def _list_dir(self, sandbox_id: str, path: str) -> tuple[str, dict[str, Any], float | None]:
-        return "sandbox.list_dir", {"sandbox_id": sandbox_id, "path": path}, None
+        return "sandbox.list_dir", _params(_build(ListDir, "sandbox.list_dir", sandbox_id=sandbox_id, path=path)), None
 
     def _close(self, sandbox_id: str) -> tuple[str, dict[str, Any], float | None]:
-        return "sandbox.close", {"sandbox_id": sandbox_id}, None
+        return "sandbox.close", _params(_build(SandboxRef, "sandbox.close", sandbox_id=sandbox_id)), None
 
     def _status(self) -> tuple[str, dict[str, Any] | None, float | None]:
         return "status", None, None
 
     def _runtimes(self) -> tuple[str, dict[str, Any] | None, float | None]:
         return "runtimes", None, max(self.timeout, 60)  # detecting a runtime may start one
+
+
+def _build(model: type[_R], method: str, **fields: Any) -> _R:
+    """A request model from a client call's arguments (None: the field's default)."""
+    policy = fields.get("policy")
+    if isinstance(policy, Policy):
+        fields["policy"] = policy.model_dump(mode="json")
+    request: _R = parse(model, {k: v for k, v in fields.items() if v is not None}, f"{method} request")
+    return request
+
+
+def _params(request: Request) -> dict[str, Any]:
+    """A request as the params to send: only what differs from the defaults (less to sign and read)."""
+    return request.model_dump(mode="json", exclude_defaults=True)
+
+
+def _stdin(stdin: str | bytes | None) -> dict[str, Any]:
+    if isinstance(stdin, bytes):
+        return {"stdin_b64": base64.b64encode(stdin).decode()} if stdin else {}
+    return {"stdin": stdin} if stdin else {}
 
 
 class Client(_Requests):
@@ -360,7 +365,7 @@ class Client(_Requests):
         *,
         code: str | None = None,
         language: str = "python",
-        policy: dict[str, Any] | None = None,
+        policy: PolicyArg = None,
         stdin: str | bytes | None = None,
         on_output: Callable[[str, bytes], None] | None = None,
     ) -> ExecResult:
@@ -371,9 +376,7 @@ class Client(_Requests):
         ``execution_id``): it is answered ``killed``. ``NotFoundError`` if it is not running."""
         self.call(*self._cancel(execution_id))
 
-    def sandbox(
-        self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
-    ) -> RemoteSandbox:
+    def sandbox(self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None) -> RemoteSandbox:
         """A held sandbox, as a handle that closes it on ``with`` exit (``create_sandbox``'s arguments)::
 
         with client.sandbox({"memory_mb": 256}) as sb:
@@ -382,9 +385,7 @@ class Client(_Requests):
         """
         return RemoteSandbox(self, self.create_sandbox(policy, keep, idle_timeout))
 
-    def create_sandbox(
-        self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
-    ) -> str:
+    def create_sandbox(self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None) -> str:
         """A held sandbox's id. ``keep``: it outlives this connection; ``idle_timeout``: seconds
         without a call before the daemon closes it (default and most: the daemon's setting)."""
         return str(self.call(*self._create(policy, keep, idle_timeout))["sandbox_id"])
@@ -552,7 +553,7 @@ class AsyncClient(_Requests):
         *,
         code: str | None = None,
         language: str = "python",
-        policy: dict[str, Any] | None = None,
+        policy: PolicyArg = None,
         stdin: str | bytes | None = None,
         on_output: Callable[[str, bytes], None] | None = None,
     ) -> ExecResult:
@@ -563,7 +564,7 @@ class AsyncClient(_Requests):
 
     @contextlib.asynccontextmanager
     async def sandbox(
-        self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
+        self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None
     ) -> AsyncIterator[AsyncRemoteSandbox]:
         """``Client.sandbox`` for asyncio: ``async with client.sandbox(policy) as sb: await sb.exec([...])``."""
         handle = AsyncRemoteSandbox(self, await self.create_sandbox(policy, keep, idle_timeout))
@@ -573,7 +574,7 @@ class AsyncClient(_Requests):
             await handle.close()
 
     async def create_sandbox(
-        self, policy: dict[str, Any] | None = None, keep: bool = False, idle_timeout: float | None = None
+        self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None
     ) -> str:
         return str((await self.call(*self._create(policy, keep, idle_timeout)))["sandbox_id"])
 
@@ -751,10 +752,10 @@ def _exec_result(method: str, answer: _Answer) -> ExecResult:
 
 
 def _failure(answer: _Answer) -> StockadeError | None:
-    """The error an answer carries, as its class in the ``StockadeError`` tree."""
+    """The error an answer carries, as its class in the ``StockadeError`` tree (the shared table)."""
     if answer.error is None:
         return None
-    return _ERRORS.get(str(answer.error_code or ""), StockadeError)(str(answer.error))
+    return error_from_code(answer.error_code, str(answer.error))
 
 
 def _parse(line: bytes, answer_type: type[_Answer]) -> _Answer:
@@ -764,11 +765,6 @@ def _parse(line: bytes, answer_type: type[_Answer]) -> _Answer:
         return answer_type.model_validate_json(line, extra="ignore")
     except ValidationError:
         raise StockadeError("the daemon sent an invalid response") from None
-
-
-def _run_timeout(policy: dict[str, Any] | None) -> float:
-    value = (policy or {}).get("timeout_seconds", 30)
-    return float(value) if isinstance(value, (int, float)) else 30.0
 
 
 def call_with_retry(fn: Callable[[], T], max_retries: int = 3, backoff: float = 1.0) -> T:

@@ -4,14 +4,26 @@
     ├── PolicyError (ValueError)           a policy field is out of range or malformed
     ├── RuntimeUnavailableError (RuntimeError)
     │                                      no runtime on this host can serve the request
+    ├── InvalidRequestError (ValueError)  a request's fields are missing or malformed
+    │   └── MethodNotFoundError            no such method
     ├── SandboxError (RuntimeError)
     │   ├── SandboxStartError              the isolate could not be built
     │   ├── SandboxClosedError             the sandbox was used after aclose()/close()
+    │   ├── CallTooLargeError (+InvalidRequestError)  code, stdin or file data over one call's limit
+    │   ├── NotFoundError (LookupError)    no such sandbox or running execution (or another owner's)
+    │   ├── DaemonBusyError                no free sandbox slot, and the queue is full
+    │   ├── RunCancelledError              the run was cancelled before it started
     │   └── AgentError                     the guest agent answered with an error
     │       └── AgentProtocolError         the guest broke the wire protocol
-    ├── DaemonUnavailableError (ConnectionError)
+    ├── DaemonUnavailableError (ConnectionError)  unreachable, or shutting down: worth a retry
     ├── AuthenticationError (PermissionError)
-    └── RateLimitError
+    ├── RateLimitError
+    └── InternalError                      a fault in stockade itself (logged where it happened)
+
+Across a wire (the Unix socket's ``error_code``, the HTTP API's ``code``) an
+error travels as a code from ``ERROR_CODES``, never as a class name, and each
+door turns the code back into the same class: ``error_code`` and
+``error_from_code`` are the one table every server and client uses.
 
 Limits that a run hits (timeout, memory, output) are not errors: they are
 reported in ``ExecResult.termination_reason``. Errors mean stockade could not
@@ -79,6 +91,100 @@ class AuthenticationError(StockadeError, PermissionError):
 
 class RateLimitError(StockadeError):
     """The daemon's per-client rate limit was exceeded."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InvalidRequestError(StockadeError, ValueError):
+    """A request is malformed; the message names the field."""
+
+
+class MethodNotFoundError(InvalidRequestError):
+    """The daemon has no such method."""
+
+
+class CallTooLargeError(SandboxError, InvalidRequestError):
+    """Code, stdin or file data larger than one call carries; nothing was sent."""
+
+
+class NotFoundError(SandboxError, LookupError):
+    """No such sandbox or running execution (another owner's is reported the same way)."""
+
+
+class DaemonBusyError(SandboxError):
+    """The daemon has no free sandbox slot and its queue is full."""
+
+
+class RunCancelledError(SandboxError):
+    """The run was cancelled before its isolate started."""
+
+
+class InternalError(StockadeError):
+    """A fault in stockade itself, not in the request or the sandbox."""
+
+
+# code -> class, as errors travel between doors and clients. Codes are the
+# wire's words and never change meaning; the first code of a class is the one
+# it is sent as.
+ERROR_CODES: dict[str, type[StockadeError]] = {
+    "invalid_params": InvalidRequestError,
+    "invalid_request": InvalidRequestError,
+    "method_not_found": MethodNotFoundError,
+    "too_large": CallTooLargeError,
+    "policy": PolicyError,
+    "auth": AuthenticationError,
+    "rate_limit": RateLimitError,
+    "busy": DaemonBusyError,
+    "unavailable": DaemonUnavailableError,
+    "not_found": NotFoundError,
+    "cancelled": RunCancelledError,
+    "runtime_unavailable": RuntimeUnavailableError,
+    "agent": AgentError,
+    "sandbox": SandboxError,
+    "internal": InternalError,
+}
+_CODE_OF: dict[type[StockadeError], str] = {}
+for _code, _cls in ERROR_CODES.items():
+    _CODE_OF.setdefault(_cls, _code)
+_CODE_OF[ConfigError] = "policy"
+
+# The HTTP status each code is answered with by the HTTP API.
+HTTP_STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "invalid_params": 422,
+    "method_not_found": 404,
+    "too_large": 413,
+    "policy": 422,
+    "auth": 401,
+    "rate_limit": 429,
+    "busy": 503,
+    "unavailable": 503,
+    "not_found": 404,
+    "cancelled": 409,
+    "runtime_unavailable": 422,
+    "agent": 400,
+    "sandbox": 500,
+    "internal": 500,
+}
+
+
+def error_code(exc: BaseException) -> str:
+    """The wire code of ``exc``: its nearest class in ``ERROR_CODES``; ``internal`` for
+    anything outside the tree (a fault in stockade, to be logged by the caller)."""
+    for cls in type(exc).__mro__:
+        code = _CODE_OF.get(cls)
+        if code is not None:
+            return code
+    return "internal"
+
+
+def error_from_code(code: Any, message: str) -> StockadeError:
+    """The error a client raises for a wire error: the class of ``code`` (an unknown
+    code, from a newer daemon: ``StockadeError`` itself)."""
+    cls = ERROR_CODES.get(code, StockadeError) if isinstance(code, str) else StockadeError
+    return cls(message)
 
 
 _AGENT_ERRORS: dict[int, type[AgentError]] = {

@@ -11,7 +11,7 @@ Light on purpose: the daemon's client imports it.
 from __future__ import annotations
 
 from .agent.wire import MAX_DATA_BYTES
-from .errors import SandboxError
+from .errors import CallTooLargeError
 
 MAX_CALL_BYTES = MAX_DATA_BYTES
 _CHARS_UNDER = MAX_CALL_BYTES // 4  # no text this long is over the limit: UTF-8 takes at most 4 bytes a character
@@ -24,6 +24,6 @@ def check_call_size(field: str, data: bytes | str | None) -> None:
         return
     size = len(data.encode(errors="surrogatepass")) if isinstance(data, str) else len(data)
     if size > MAX_CALL_BYTES:
-        raise SandboxError(
+        raise CallTooLargeError(
             f"{field} is too large: {size} bytes, and a call takes at most {MAX_CALL_BYTES} (7 MiB); nothing was sent"
         )

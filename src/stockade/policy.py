@@ -100,19 +100,25 @@ class Policy(BaseModel):
     trust: TrustLevel | None = Field(
         default=None, description="how far the code is trusted: the strongest available level meeting its minimum"
     )
-    timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
-    memory_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB)
+    timeout_seconds: float = Field(
+        default=30.0, gt=0, le=MAX_TIMEOUT_S, description="wall-clock limit of a run, seconds"
+    )
+    memory_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB, description="memory limit, MB")
     cpu_limit: float = Field(default=1.0, le=MAX_CPU, description=f"cores; at least {MIN_CPU}")
     pids_limit: int = Field(
         default=128, le=4096, description=f"tasks in the isolate, its agent included; at least {MIN_PIDS_LIMIT}"
     )
-    max_output_bytes: int = Field(default=1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES)
-    max_file_size_mb: int = Field(default=64, ge=0, le=4096)
-    max_open_files: int = Field(default=256, ge=16, le=65536)
+    max_output_bytes: int = Field(
+        default=1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES, description="stdout and stderr kept, bytes (the rest is cut)"
+    )
+    max_file_size_mb: int = Field(default=64, ge=0, le=4096, description="largest file the code may write, MB")
+    max_open_files: int = Field(default=256, ge=16, le=65536, description="open file descriptors")
     disk_mb: int = Field(default=64, ge=1, le=4096, description="size of the writable scratch (/tmp, /work)")
-    network_policy: NetworkPolicy = "none"
-    filesystem_access: tuple[Mount, ...] = ()
-    environment: dict[str, str] = Field(default_factory=dict)
+    network_policy: NetworkPolicy = Field(default="none", description="none: no network at all; loopback: its own lo")
+    filesystem_access: tuple[Mount, ...] = Field(
+        default=(), description="host paths shared in, read-only unless rw: SRC[:DST][:rw]"
+    )
+    environment: dict[str, str] = Field(default_factory=dict, description="environment variables of the code")
     on_violation: Literal["deny", "kill"] = Field(
         default="deny", description="deny: the call fails with EPERM and is reported; kill: the run ends"
     )
@@ -181,6 +187,25 @@ class Policy(BaseModel):
     def digest(self) -> str:
         # The model is frozen, so the digest of an instance never changes.
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+# The command line's flag for each Policy field, where it is not the field's own name
+# with dashes, and the placeholder its help shows. Everything else a flag says (its
+# type, choices, default, bounds and help) is read from the field (cli.py).
+CLI_FLAGS: dict[str, tuple[str, str | None]] = {
+    "timeout_seconds": ("--timeout", "S"),
+    "memory_mb": ("--memory", "MB"),
+    "cpu_limit": ("--cpu", "N"),
+    "pids_limit": ("--pids", "N"),
+    "max_output_bytes": ("--max-output", "BYTES"),
+    "max_file_size_mb": ("--max-file-size", "MB"),
+    "max_open_files": ("--max-open-files", "N"),
+    "disk_mb": ("--disk", "MB"),
+    "network_policy": ("--network", None),
+    "filesystem_access": ("--mount", "SRC[:DST][:rw]"),
+    "environment": ("--env", "K=V"),
+    "max_violations": ("--max-violations", "N"),
+}
 
 
 def policy_error(exc: ValidationError) -> PolicyError:

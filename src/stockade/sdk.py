@@ -8,28 +8,34 @@ its files and processes across calls until it is closed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from .limits import check_call_size
 from .policy import Policy, coerce_policy
 from .result import ExecResult
-from .runtimes.base import AgentSandbox, OutputCallback, Runtime
+from .runtimes.base import AgentSandbox, OutputCallback
 from .runtimes.manager import RuntimeManager, default_manager
 
 
-def _acquire(runtime: Runtime, policy: Policy) -> AgentSandbox:
+def one_shot(
+    policy: Policy, run: Callable[[AgentSandbox], ExecResult], manager: RuntimeManager | None = None
+) -> ExecResult:
+    """``run`` on a fresh isolate for ``policy`` (from the warm pool when its shape fits),
+    torn down afterwards off the caller's path: the one-shot path of ``run``, ``run_code``
+    and the CLI (the daemon's is ``Controller._launch``, on its event loop)."""
+    runtime = (manager or default_manager()).select(policy)
     acquire = getattr(runtime, "acquire", None)
     sandbox: AgentSandbox = acquire(policy) if acquire is not None else runtime.start(policy)
     sandbox.one_shot = True
-    return sandbox
-
-
-def _dispose(runtime: Runtime, sandbox: AgentSandbox) -> None:
-    dispose = getattr(runtime, "dispose", None)
-    if dispose is not None:
-        dispose(sandbox)
-    else:
-        sandbox.close()
+    try:
+        return run(sandbox)
+    finally:
+        dispose = getattr(runtime, "dispose", None)
+        if dispose is not None:
+            dispose(sandbox)
+        else:
+            sandbox.close()
 
 
 def run(
@@ -43,13 +49,10 @@ def run(
 ) -> ExecResult:
     """Run ``argv`` in a fresh isolate and return what happened."""
     check_call_size("stdin", stdin)  # before an isolate is taken for a call that cannot be sent
-    pol = coerce_policy(policy, **policy_fields)
-    runtime = (manager or default_manager()).select(pol)
-    sandbox = _acquire(runtime, pol)
-    try:
-        return sandbox.exec(list(argv), stdin=stdin, on_output=on_output)
-    finally:
-        _dispose(runtime, sandbox)
+    command = list(argv)
+    return one_shot(
+        coerce_policy(policy, **policy_fields), lambda sb: sb.exec(command, stdin=stdin, on_output=on_output), manager
+    )
 
 
 def run_code(
@@ -66,12 +69,7 @@ def run_code(
     check_call_size("code", code)  # before an isolate is taken for a call that cannot be sent
     check_call_size("stdin", stdin)
     pol = coerce_policy(policy, **policy_fields)
-    runtime = (manager or default_manager()).select(pol)
-    sandbox = _acquire(runtime, pol)
-    try:
-        return sandbox.run_code(code, language, stdin=stdin, on_output=on_output)
-    finally:
-        _dispose(runtime, sandbox)
+    return one_shot(pol, lambda sb: sb.run_code(code, language, stdin=stdin, on_output=on_output), manager)
 
 
 class Sandbox:

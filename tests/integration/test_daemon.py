@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_retry
-from stockade.errors import DaemonUnavailableError, PolicyError, SandboxError, StockadeError
+from stockade.errors import DaemonUnavailableError, InvalidRequestError, PolicyError, SandboxError, StockadeError
 from stockade.limits import MAX_CALL_BYTES
 from stockade.result import ExecResult
 from tests.daemon_harness import Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
@@ -170,7 +170,7 @@ def test_a_running_execute_is_cancelled_from_another_connection(daemon: Daemon) 
         assert processes_with_arg(marker) == []
         with pytest.raises(NotFoundError, match="no running execution"):
             c.cancel_execution(r.execution_id)  # over: nothing to cancel
-        with pytest.raises(NotFoundError):
+        with pytest.raises(InvalidRequestError, match="execution_id: Input should be a valid string"):
             c.call("execute.cancel", {"execution_id": 7})
         assert c.status()["total_count"] == 0
 
@@ -180,24 +180,23 @@ def test_an_execute_cancelled_while_its_isolate_starts_is_answered_cancelled(pro
 
     from stockade.daemon.config import DaemonConfig
     from stockade.daemon.controller import Controller
-    from stockade.daemon.errors import RequestError
+    from stockade.errors import RunCancelledError
+    from stockade.protocol.models import CancelRequest, ExecuteRequest, unix_caller
 
     async def scenario() -> None:
         controller = Controller(DaemonConfig(pool_size=0))  # no warm isolate: each run starts one in a thread
         try:
-            task = asyncio.create_task(controller.execute({"command": ["true"]}, uid=0))
+            task = asyncio.create_task(controller.execute(ExecuteRequest(command=["true"]), unix_caller(0)))
             for _ in range(1000):  # a few loop turns: the run is counted in before its isolate starts
                 if controller.running or task.done():
                     break
                 await asyncio.sleep(0)
             (running,) = controller.running.values()
             assert running.sandbox is None, "the isolate was expected to be still starting"
-            controller.cancel({"execution_id": running.execution_id}, uid=0)
-            with pytest.raises(
-                RequestError, match=r"cancelled by uid 0 \(execute.cancel\) before it started"
-            ) as caught:
+            controller.cancel(CancelRequest(execution_id=running.execution_id), unix_caller(0))
+            with pytest.raises(RunCancelledError, match=r"cancelled by uid 0 \(execute.cancel\) before it started"):
                 await task
-            assert caught.value.code == "cancelled" and controller.running == {}
+            assert controller.running == {}
         finally:
             await controller.shutdown(0.0)
 
@@ -207,12 +206,12 @@ def test_an_execute_cancelled_while_its_isolate_starts_is_answered_cancelled(pro
 @pytest.mark.parametrize(
     ("method", "params", "named"),
     [
-        ("sandbox.run_code", {"code": "pass", "timeout": "\u0000"}, "timeout must be a positive number"),
-        ("sandbox.exec", {"command": ["true"], "timeout": -1}, "timeout must be a positive number"),
-        ("sandbox.exec", {"command": ["true"], "timeout": True}, "timeout must be a positive number"),
-        ("sandbox.exec", {"command": ["true"], "cwd": 5}, "cwd must be a string"),
-        ("sandbox.run_code", {"code": "pass", "language": ["python"]}, "language must be a string"),
-        ("execute", {"code": "pass", "language": 3}, "language must be a string"),
+        ("sandbox.run_code", {"code": "pass", "timeout": "\u0000"}, "timeout: Input should be a valid number"),
+        ("sandbox.exec", {"command": ["true"], "timeout": -1}, "timeout: Input should be greater than 0"),
+        ("sandbox.exec", {"command": ["true"], "timeout": True}, "timeout: Input should be a valid number"),
+        ("sandbox.exec", {"command": ["true"], "cwd": 5}, "cwd: Input should be a valid string"),
+        ("sandbox.run_code", {"code": "pass", "language": ["python"]}, "language: Input should be 'python' or 'bash'"),
+        ("execute", {"code": "pass", "language": 3}, "language: Input should be 'python' or 'bash'"),
     ],
 )
 def test_a_badly_typed_run_argument_is_named(
@@ -850,6 +849,7 @@ def test_an_answered_execute_is_killed_at_once_and_torn_down_by_shutdown(
 
     from stockade.daemon import controller as controller_module
     from stockade.daemon.config import DaemonConfig
+    from stockade.protocol.models import ExecuteRequest, unix_caller
 
     monkeypatch.setattr(controller_module, "TEARDOWN_DELAY_S", 3600.0)
     marker = "4243.375"
@@ -857,7 +857,8 @@ def test_an_answered_execute_is_killed_at_once_and_torn_down_by_shutdown(
     async def scenario() -> None:
         controller = controller_module.Controller(DaemonConfig(pool_size=1))
         try:
-            result = await controller.execute({"command": ["sh", "-c", f"sleep {marker} & echo started"]}, uid=0)
+            request = ExecuteRequest(command=["sh", "-c", f"sleep {marker} & echo started"])
+            result = await controller.execute(request, unix_caller(0))
             assert result.stdout == "started\n", result.summary()
             deadline = time.monotonic() + 5
             while processes_with_arg(marker) and time.monotonic() < deadline:

@@ -23,6 +23,7 @@ from stockade.daemon.config import DaemonConfig
 from stockade.daemon.controller import Controller
 from stockade.errors import SandboxStartError
 from stockade.policy import Policy
+from stockade.protocol.models import ExecuteRequest, unix_caller
 from stockade.runtimes.manager import RuntimeManager
 from stockade.runtimes.process import cgroups
 from stockade.runtimes.process.runtime import ProcessRuntime, ProcessSandbox
@@ -231,10 +232,10 @@ def test_a_limit_refused_at_hand_over_gives_the_daemon_its_slot_back(process_run
             runtime = controller.manager.get("process")
             runtime.warm_up()  # type: ignore[attr-defined]
             assert await asyncio.to_thread(runtime.wait_ready, 30)  # type: ignore[attr-defined]
-            job = Controller.check_execute({"command": ["/usr/bin/true"], "policy": {"pids_limit": REFUSED}})
+            job = ExecuteRequest.model_validate({"command": ["/usr/bin/true"], "policy": {"pids_limit": REFUSED}})
             answers: list[object] = []
             with pytest.raises(SandboxStartError, match=f"pids_limit={REFUSED}"):
-                controller.execute_now(job, os.getuid(), answers.append)
+                controller.execute_now(job, unix_caller(os.getuid()), answers.append)
             assert controller.slots.free == 1 and controller.slots.held == {}
             assert answers == []
         finally:

@@ -80,17 +80,15 @@ def test_tampered_request_is_refused(signed_daemon: Daemon) -> None:
     assert json.loads(reply)["error"] == "Authentication failed"
 
 
-def test_signed_line_is_checked_over_its_own_bytes_and_as_parsed() -> None:
+def test_a_signed_request_verifies_once_whatever_its_spacing() -> None:
     line = auth.signed_line({"method": "execute", "params": {"code": "print(1)"}, "id": 7}, TOKEN)
     request = json.loads(line)
-    # The client's line passes on its bytes; a client that re-serializes the
-    # same request differently passes on the canonical form; replays do not.
-    assert auth.verify(request, TOKEN, auth.NonceCache(), raw=line)
-    assert auth.verify(request, TOKEN, auth.NonceCache(), raw=json.dumps(request, indent=1).encode())
+    # The MAC covers the canonical form: the same request re-serialized any way passes; replays do not.
+    assert auth.verify(json.loads(json.dumps(request, indent=1)), TOKEN, auth.NonceCache())
     nonces = auth.NonceCache()
-    assert auth.verify(request, TOKEN, nonces, raw=line)
-    assert not auth.verify(request, TOKEN, nonces, raw=line)
-    assert not auth.verify(request, "0" * 64, auth.NonceCache(), raw=line)
+    assert auth.verify(request, TOKEN, nonces)
+    assert not auth.verify(request, TOKEN, nonces)
+    assert not auth.verify(request, "0" * 64, auth.NonceCache())
 
 
 @pytest.mark.parametrize("token", ["", "k", TOKEN, "t" * 64, "long" * 40, "clé-ünïcode"])
@@ -111,18 +109,6 @@ def test_the_mac_is_hmac_sha256_as_the_seed_computes_it(token: str) -> None:
     ).hexdigest()  # fmt: skip
 
 
-@pytest.mark.parametrize("size", [0, 1, 2047, 2048, 2049, 100_000])
-@pytest.mark.parametrize("token", ["k", TOKEN, "long" * 40])
-def test_the_mac_is_the_same_on_both_sides_of_the_short_message_path(size: int, token: str) -> None:
-    # Short messages are hashed by the interpreter's SHA-256, long ones by
-    # OpenSSL's: either way the MAC is hmac.new's.
-    import hashlib
-    import hmac
-
-    message = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    assert auth._mac(message, token) == hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
-
-
 def test_nonces_never_repeat_not_even_across_a_fork() -> None:
     mine = [json.loads(auth.signed_line({"method": "ping", "id": i}, TOKEN))["nonce"] for i in range(1000)]
     read, write = os.pipe()
@@ -139,7 +125,7 @@ def test_nonces_never_repeat_not_even_across_a_fork() -> None:
     parent_next = json.loads(auth.signed_line({"method": "ping", "id": 0}, TOKEN))["nonce"]
     everything = [*mine, child, parent_next]
     assert len(set(everything)) == len(everything)
-    assert all(17 <= len(n) <= 128 for n in everything)  # a 16-character prefix and a count
+    assert all(len(n) == 32 for n in everything)  # 16 random bytes, hex
 
 
 def test_tampered_signed_line_is_refused(signed_daemon: Daemon) -> None:

@@ -12,8 +12,8 @@ from stockade.runtimes.manager import RuntimeManager
 # What only a run that ends acts on: a component (start) runs until stopped, its output
 # streamed to its log uncut, supervised on this host, not through a daemon.
 ONE_RUN_FLAGS: dict[str, tuple[list[str], str, object]] = {
-    "--timeout": (["--timeout", "5"], "timeout", 5.0),
-    "--max-output": (["--max-output", "100"], "max_output", 100),
+    "--timeout": (["--timeout", "5"], "timeout_seconds", 5.0),
+    "--max-output": (["--max-output", "100"], "max_output_bytes", 100),
     "--json": (["--json"], "json", True),
     "--socket": (["--socket", "/x.sock"], "socket", "/x.sock"),
     "--token-file": (["--token-file", "/t"], "token_file", "/t"),
@@ -38,7 +38,7 @@ def test_run_and_exec_code_take_them(command: str, flag: str) -> None:
 
 def test_start_keeps_the_other_policy_flags() -> None:
     args = build_parser().parse_args(["start", "--name", "web", "--memory", "64", "--pids", "8", "--", "sleep", "9"])
-    assert (args.memory, args.pids, args.command) == (64, 8, ["--", "sleep", "9"])
+    assert (args.memory_mb, args.pids_limit, args.command) == (64, 8, ["--", "sleep", "9"])
 
 
 def test_the_runtime_flag_names_every_runtime(capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,3 +51,36 @@ def test_the_runtime_flag_names_every_runtime(capsys: pytest.CaptureFixture[str]
     # The manager knows exactly these, by the same list.
     with pytest.raises(RuntimeUnavailableError, match=f"known: {', '.join(RUNTIME_NAMES)}$"):
         RuntimeManager(pool_size=0).get("warp")
+
+
+def test_every_policy_field_has_its_flag_with_the_fields_choices_and_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    from stockade.policy import CLI_FLAGS, Policy
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in Policy.model_fields:
+        flag = CLI_FLAGS.get(name, ("--" + name.replace("_", "-"), None))[0]
+        assert flag in help_text, name
+    # Bounds and choices come from the model: a new maximum shows without a CLI edit.
+    assert "--memory MB memory limit, MB; default 512; at least 16; at most 2048" in help_text
+    assert "{none,loopback}" in help_text and "{deny,kill}" in help_text
+    args = build_parser().parse_args(["run", "--memory", "64", "--env", "A=1", "--mount", "/srv", "--", "true"])
+    assert (args.memory_mb, args.environment, args.filesystem_access) == (64, ["A=1"], ["/srv"])
+
+
+def test_a_value_out_of_the_fields_range_is_refused_naming_it() -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "stockade.cli", "run", "--memory", "99999", "--", "true"]
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 125
+    assert "memory_mb: Input should be less than or equal to 2048" in done.stderr
+
+
+def test_subcommands_without_a_policy_do_not_build_its_flags() -> None:
+    # Building the Policy's flags loads pydantic: `stockade ps` and the like stay cheap.
+    parser = build_parser("ps")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--memory", "64", "--", "true"])

@@ -213,7 +213,7 @@ def test_a_held_sandbox_call_sends_its_keywords_and_refuses_a_misspelt_one(
     assert sent[0]["params"] == {
         "sandbox_id": "sb-1", "command": ["cat"], "cwd": "/work", "stdin_b64": "AP8=", "env": {"A": "b"}, "timeout": 3,
     }  # fmt: skip
-    assert sent[1]["params"] == {"sandbox_id": "sb-1", "code": "print(1)", "language": "python", "stdin": "text"}
+    assert sent[1]["params"] == {"sandbox_id": "sb-1", "code": "print(1)", "stdin": "text"}
     with pytest.raises(TypeError, match="unexpected keyword arguments: stdn"):
         client.sandbox_exec("sb-1", ["true"], stdn="x")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="cwd"):

@@ -16,6 +16,11 @@
 | STOCKADE_MAX_REQUEST_BYTES | 16777216 | longest request line |
 | STOCKADE_SHUTDOWN_GRACE | 10 | seconds SIGTERM waits for running work |
 | STOCKADE_SANDBOX_IDLE_TIMEOUT | 600 | seconds a held sandbox may go uncalled before it is closed (0: never) |
+| STOCKADE_HTTP | unset | HOST:PORT of the HTTP API (``stockade serve --http``; seed 003's port is 8002) |
+| STOCKADE_API_TOKEN | unset | the HTTP API's bearer token; without one it serves loopback only |
+| STOCKADE_AGENT_MAX_REQUESTS | 20 | HTTP requests per ``agent_id`` per second |
+| STOCKADE_AUDIT_LOG | <state dir>/audit.log | the audit log (``off``: none) |
+| STOCKADE_AUDIT_MAX_BYTES | 67108864 | the audit log's size before it rotates (10 files kept) |
 
 A malformed value is refused at start with a message naming the variable.
 """
@@ -23,6 +28,8 @@ A malformed value is refused at start with a message naming the variable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
@@ -61,10 +68,32 @@ class DaemonConfig:
     # A held sandbox nobody calls still holds a slot, an isolate and its memory:
     # one a client forgot (or a crashed client's kept one) is closed after this.
     sandbox_idle_timeout_s: float | None = 600.0
+    http_listen: tuple[str, int] | None = None
+    api_token: str | None = None
+    agent_max_requests: int = 20
+    audit_log: str | None = None
+    audit_max_bytes: int = 64 * 1024 * 1024
 
-    def __repr__(self) -> str:  # never print the token
+    def __repr__(self) -> str:  # never print a token
         token = "set" if self.auth_token else "unset"
-        return f"DaemonConfig(socket={self.socket_path!r}, perms={self.socket_perms:o}, auth_token={token})"
+        api = "set" if self.api_token else "unset"
+        return (
+            f"DaemonConfig(socket={self.socket_path!r}, perms={self.socket_perms:o}, auth_token={token}, "
+            f"http={self.http_listen!r}, api_token={api})"
+        )
+
+    def with_http(self, listen: str | None, api_token_file: str | None = None) -> DaemonConfig:
+        """This config with ``stockade serve``'s ``--http`` and ``--api-token-file`` applied."""
+        token = self.api_token
+        if api_token_file:
+            try:
+                with open(api_token_file) as f:
+                    token = _api_token(f.read().strip(), f"--api-token-file {api_token_file}")
+            except OSError as exc:
+                raise ConfigError(f"--api-token-file {api_token_file}: {exc.strerror}") from None
+        address = self.http_listen if listen is None else _listen(listen, "--http")
+        _check_exposure(address, token)
+        return dataclasses.replace(self, http_listen=address, api_token=token)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> DaemonConfig:
@@ -75,7 +104,7 @@ class DaemonConfig:
         # Read by the runtimes when they start; checked now, so that a bad value stops the daemon's start.
         cgroup_parent_setting(env.get("STOCKADE_CGROUP_PARENT", ""))
         pool_shapes_from_env(env=env)
-        return cls(
+        config = cls(
             socket_path=env.get("STOCKADE_SOCKET") or default_socket_path(),
             socket_perms=_octal(env, "STOCKADE_SOCKET_PERMS", 0o600),
             auth_token=_token(env),
@@ -92,7 +121,14 @@ class DaemonConfig:
             shutdown_grace_s=_float(env, "STOCKADE_SHUTDOWN_GRACE", 10.0),
             pool_size=_int(env, "STOCKADE_POOL_SIZE", 2, minimum=0),
             sandbox_idle_timeout_s=_seconds_or_never(env, "STOCKADE_SANDBOX_IDLE_TIMEOUT", 600.0),
+            http_listen=_listen(env["STOCKADE_HTTP"], "STOCKADE_HTTP") if env.get("STOCKADE_HTTP") else None,
+            api_token=_api_token(env.get("STOCKADE_API_TOKEN"), "STOCKADE_API_TOKEN"),
+            agent_max_requests=_int(env, "STOCKADE_AGENT_MAX_REQUESTS", 20, minimum=1),
+            audit_log=_audit_path(env),
+            audit_max_bytes=_int(env, "STOCKADE_AUDIT_MAX_BYTES", 64 * 1024 * 1024, minimum=4096),
         )
+        _check_exposure(config.http_listen, config.api_token)
+        return config
 
 
 def _octal(env: dict[str, str], name: str, default: int) -> int:
@@ -160,3 +196,47 @@ def _token(env: dict[str, str]) -> str | None:
     if len(token) < 16:
         raise ConfigError("STOCKADE_AUTH_TOKEN is too short (use at least 16 characters; `stockade token new`)")
     return token
+
+
+def _listen(raw: str, name: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a host and a port."""
+    host, sep, port = raw.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}={raw!r} is not HOST:PORT (e.g. 127.0.0.1:8002)")
+    return host, int(port)
+
+
+def _check_exposure(address: tuple[str, int] | None, token: str | None) -> None:
+    """Without a token the HTTP API serves this host's own loopback, nothing wider."""
+    if address is None or token is not None:
+        return
+    host = address[0]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"refusing to serve the HTTP API on {host} without a token: anyone who can reach it could run code "
+            "here. Set STOCKADE_API_TOKEN (or --api-token-file; `stockade token new`), or serve 127.0.0.1"
+        )
+
+
+def _api_token(token: str | None, name: str) -> str | None:
+    if token is None or token == "":
+        return None
+    if len(token) < 16:
+        raise ConfigError(f"{name} is too short (use at least 16 characters; `stockade token new`)")
+    return token
+
+
+def _audit_path(env: dict[str, str]) -> str | None:
+    raw = env.get("STOCKADE_AUDIT_LOG", "")
+    if raw.lower() == "off":
+        return None
+    if raw:
+        return raw
+    from ..components import state_dir
+
+    return os.path.join(env.get("STOCKADE_STATE_DIR") or state_dir(), "audit.log")

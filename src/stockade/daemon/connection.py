@@ -18,22 +18,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import json
 import logging
 import select
 import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from pydantic import BaseModel
 
-from ..protocol.hostjson import dumps, id_json
+from ..protocol.models import Caller, unix_caller
 from ..result import ExecResult
 
 if TYPE_CHECKING:
+    from .methods import Method
     from .rpc_server import RPCServer
 
 log = logging.getLogger("stockade.daemon")
@@ -46,13 +48,9 @@ _PEERCRED = struct.Struct("3i")
 MAX_QUEUED_LINES = 64
 MAX_QUEUED_BYTES = 1 << 20
 _TOO_LARGE = None  # in the queue: an oversized line's place, answered in its turn
-# What an awaited request runs, when it was prepared before its task (a checked execute).
-Work: TypeAlias = Callable[[], Awaitable[Any]] | None
 # Starts a run answered by callback: given where its outcome goes, returns what abandons
 # it (for a client that goes away), or None when it cannot start now.
 StartNow: TypeAlias = Callable[[Callable[["ExecResult | Exception"], None]], Callable[[], None] | None]
-# Held-sandbox methods that run something, and so may be answered by callback.
-HELD_RUNS = ("sandbox.exec", "sandbox.run_code")
 
 
 @dataclass(frozen=True)
@@ -69,6 +67,7 @@ class Connection(asyncio.Protocol):
         self.limit = server.config.max_request_bytes
         self.transport: asyncio.Transport | None = None
         self.peer = Peer(0, -1, -1)
+        self.caller: Caller = unix_caller(-1, number)
         self.refused = True  # until connection_made has checked the peer
         self._buffer = bytearray()
         self._skipping = False  # inside an oversized line: dropped up to its newline
@@ -78,7 +77,7 @@ class Connection(asyncio.Protocol):
         self._pumping = False
         self._abandon: Callable[[], None] | None = None  # ends a run answered by callback
         self._task: asyncio.Task[None] | None = None
-        self._task_method = ""
+        self._task_ends_with_caller = False
         self._write_paused = False
         self._eof = False
         self._lost = False
@@ -97,6 +96,7 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
             return
         self.peer = Peer(*_PEERCRED.unpack(credentials))
+        self.caller = unix_caller(self.peer.uid, self.number)
         # A refused peer is answered once and dropped: closing here means the
         # transport never starts reading.
         if not self.server.peer_allowed(self.peer):
@@ -178,7 +178,7 @@ class Connection(asyncio.Protocol):
             abandon, self._abandon = self._abandon, None
             abandon()
             self._busy = False
-        if self._task is not None and self._task_method == "execute":
+        if self._task is not None and self._task_ends_with_caller:
             self._task.cancel()
         asyncio.get_running_loop().create_task(self._release())
 
@@ -257,31 +257,25 @@ class Connection(asyncio.Protocol):
         if isinstance(admitted, dict):
             self.send(admitted)
             return
-        method, params, msg_id = admitted
-        immediate = self.server.immediate.get(method)
-        if immediate is not None:
-            self.send({"result": immediate(params, self.peer), "error": None, "id": msg_id})
-            self._logged(method, None, started)
-            return
-        work: Work = None
-        controller, uid = self.server.controller, self.peer.uid
-        if method == "execute" and not params.get("stream"):
+        method, request, msg_id = admitted
+        controller = self.server.controller
+        if method.immediate is not None:
             try:
-                job = controller.check_execute(params)
-            except Exception as exc:  # noqa: BLE001 - a bad request is an answer, as on the awaited path
-                self._failed(exc, method, msg_id, started)
+                result = method.immediate(controller, request, self.caller)
+            except Exception as exc:  # noqa: BLE001 - an answer, as on the awaited path
+                self._failed(exc, method.name, msg_id, started)
                 return
-            if self._run_now(method, functools.partial(controller.execute_now, job, uid), msg_id, started):
-                return
-            work = functools.partial(controller.execute, job, uid)  # checked once, not again
-        elif method in HELD_RUNS and not params.get("stream"):
-            held_method = method.removeprefix("sandbox.")
-            if self._run_now(method, functools.partial(controller.sandbox_call_now, held_method, params, uid),
-                             msg_id, started):  # fmt: skip
+            self.send({"result": result, "error": None, "id": msg_id})
+            self._logged(method.name, None, started)
+            return
+        start_now = method.start_now
+        if start_now is not None and not getattr(request, "stream", False):
+            if self._run_now(method.name, functools.partial(start_now, controller, request, self.caller), msg_id,
+                             started):  # fmt: skip
                 return
         self._busy = True
-        self._task_method = method
-        self._task = asyncio.get_running_loop().create_task(self._awaited(method, params, msg_id, started, work))
+        self._task_ends_with_caller = method.ends_with_caller
+        self._task = asyncio.get_running_loop().create_task(self._awaited(method, request, msg_id, started))
 
     def _run_now(self, method: str, start: StartNow, msg_id: Any, started: float) -> bool:
         """Start a run (an ``execute`` on a warm isolate, a call on a held sandbox that is
@@ -325,16 +319,12 @@ class Connection(asyncio.Protocol):
         self.send(response)
         self._logged(method, response, started)
 
-    async def _awaited(self, method: str, params: dict[str, Any], msg_id: Any, started: float, work: Work) -> None:
-        """Answer a request that has to wait: ``work`` when the caller prepared it, else the method's handler."""
+    async def _awaited(self, method: Method, request: Any, msg_id: Any, started: float) -> None:
+        """Answer a request that has to wait."""
         try:
-            if work is not None:
-                response = await self.server.answer(method, msg_id, work())
-            else:
-                emit = self._emitter(msg_id)
-                response = await self.server.call(method, params, self.peer, self.number, msg_id, emit)
+            response = await self.server.call(method, request, self.caller, msg_id, self._emitter(msg_id))
             self.send(response)
-            self._logged(method, response.get("result") if response["error"] is None else response, started)
+            self._logged(method.name, response.get("result") if response["error"] is None else response, started)
         finally:
             self._task = None
             self._busy = False
@@ -352,17 +342,19 @@ class Connection(asyncio.Protocol):
             # Output of a run with "stream": true, ahead of its answer, on the same connection.
             if self.transport is not None and not self._lost:
                 chunk = {"id": msg_id, "output": {"stream": stream, "data": base64.b64encode(data).decode()}}
-                self.transport.write(dumps(chunk).encode() + b"\n")
+                self.transport.write(json.dumps(chunk).encode() + b"\n")
 
         return emit
 
     def _logged(self, method: str, outcome: Any, started: float) -> None:
         # Never the params (they may hold code and data), never the hmac.
+        code = outcome.get("error_code") if isinstance(outcome, dict) else None
+        elapsed = time.monotonic() - started
+        self.server.observers.request("unix", method, code or "ok", elapsed)
         if method == "ping":
             return
-        code = outcome.get("error_code") if isinstance(outcome, dict) else None
         run = f" execution={outcome.execution_id}" if isinstance(outcome, ExecResult) else ""
-        self.server.answer_log.add(self.peer.uid, method, code or "ok", run, (time.monotonic() - started) * 1000)
+        self.server.answer_log.add(self.peer.uid, method, code or "ok", run, elapsed * 1000)
 
     # ---- ending -----------------------------------------------------------------------
 
@@ -434,8 +426,15 @@ def error_answer(msg_id: Any, message: str, code: str) -> dict[str, Any]:
 def encode_answer(response: dict[str, Any]) -> bytes:
     result = response["result"]
     if isinstance(result, BaseModel):
-        # A model (an ExecResult) goes out through pydantic's own serializer, in
-        # the same key order as every other answer.
-        return f'{{"result": {result.model_dump_json()}, "error": null, "id": {id_json(response["id"])}}}\n'.encode()
+        # A model goes out through pydantic's own serializer, in the same key order as every other answer.
+        msg_id = json.dumps(response["id"])
+        return f'{{"result": {result.model_dump_json()}, "error": null, "id": {msg_id}}}\n'.encode()
     # json.dumps' default separators: the seed's health check shows its answer byte for byte.
-    return dumps(response).encode() + b"\n"
+    return json.dumps(response, default=_model_json).encode() + b"\n"
+
+
+def _model_json(value: Any) -> Any:
+    """A model inside an answer (a list of them): its JSON form."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

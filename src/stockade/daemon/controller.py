@@ -13,23 +13,42 @@ import base64
 import contextlib
 import functools
 import logging
-import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from ..errors import SandboxError
-from ..limits import check_call_size
-from ..policy import Policy, coerce_policy
+from ..errors import InvalidRequestError, NotFoundError, RunCancelledError, SandboxError
+from ..policy import Policy
+from ..protocol.models import (
+    ActiveSandbox,
+    Caller,
+    Cancelled,
+    CancelRequest,
+    Closed,
+    DirListing,
+    Empty,
+    ExecuteRequest,
+    FileData,
+    FileWritten,
+    ListDir,
+    ReadFile,
+    SandboxCreate,
+    SandboxCreated,
+    SandboxExec,
+    SandboxRef,
+    SandboxRunCode,
+    SelfTest,
+    Status,
+    WriteFile,
+)
 from ..result import ExecResult, new_id
 from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
 from ..runtimes.manager import RuntimeManager
 from .config import DaemonConfig
-from .errors import RequestError
 from .slots import Slots
 
 T = TypeVar("T")
@@ -49,13 +68,23 @@ RUNTIMES_FRESH_S = 60.0
 TEARDOWN_DELAY_S = 0.005
 
 
+class ExecutionListener(Protocol):
+    """Told of every finished ``execute`` (metrics, the audit log, the dashboard's history).
+
+    Called on the event loop, in the turn the result is ready: it must not block.
+    """
+
+    def execution(self, caller: Caller, agent_id: str | None, result: ExecResult, held: bool = False) -> None: ...
+
+
 @dataclass
 class Held:
     """A sandbox a client created and holds."""
 
     sandbox_id: str
     sandbox: AgentSandbox
-    owner_uid: int
+    caller: Caller
+    agent_id: str | None
     connection: int | None  # closed with this connection, unless kept
     idle_timeout_s: float | None  # closed after this long without a call; None: never
     created: float = field(default_factory=time.monotonic)
@@ -72,7 +101,8 @@ class Held:
 class Running:
     execution_id: str
     runtime: str
-    owner_uid: int
+    caller: Caller
+    agent_id: str | None
     started: float = field(default_factory=time.monotonic)
     sandbox: AgentSandbox | None = None  # None while its isolate is still being started
     cancelled: str | None = None  # why, once ``execute.cancel`` ended it
@@ -81,6 +111,10 @@ class Running:
 class Controller:
     def __init__(self, config: DaemonConfig, manager: RuntimeManager | None = None) -> None:
         self.config = config
+        self.listeners: list[ExecutionListener] = []
+        # Runtimes seen to work here: a sandbox of theirs started, or the last ``runtimes``
+        # check found them available. ``/health`` reports these without starting anything.
+        self.working_runtimes: set[str] = set()
         self.manager = manager or RuntimeManager(pool_size=config.pool_size)
         self._pool = ThreadPoolExecutor(max_workers=config.max_sandboxes + 4, thread_name_prefix="stockade-run")
         self.slots = Slots(
@@ -93,7 +127,7 @@ class Controller:
         self._idle = asyncio.Event()
         self._idle.set()
         self._teardowns: dict[AgentSandbox, tuple[asyncio.TimerHandle, Callable[[AgentSandbox], None]]] = {}
-        self._expired: OrderedDict[str, tuple[int, str]] = OrderedDict()  # sandbox id -> (owner uid, why)
+        self._expired: OrderedDict[str, tuple[str, str]] = OrderedDict()  # sandbox id -> (owner, why)
         self._closing: set[asyncio.Task[None]] = set()
         self._runtimes_lock = asyncio.Lock()
         self._runtimes_seen: tuple[float, list[dict[str, Any]]] | None = None  # when, what ``runtimes`` found
@@ -132,9 +166,9 @@ class Controller:
             timer.cancel()
             dispose(sandbox)
 
-    # ---- methods --------------------------------------------------------------------
+    # ---- methods ----------------------------------------------------------------------
 
-    async def selftest(self) -> dict[str, Any]:
+    async def selftest(self, request: Empty, caller: Caller) -> SelfTest:
         """Run a real sandbox end to end and check that it is really confined."""
         probe = (
             "import os\n"
@@ -142,7 +176,7 @@ class Controller:
             "print(6 * 7, *(st.get(k, '').strip() for k in ('CapEff', 'NoNewPrivs', 'Seccomp')),"
             " os.path.exists('/root'))"
         )
-        result = await self._execute_job(ExecuteJob(coerce_policy(None), None, probe, "python", b""), uid=-1)
+        result = await self.execute(ExecuteRequest(code=probe), Caller("selftest", "local", admin=True))
         fields = result.stdout.split()
         answer_ok = bool(fields) and fields[0] == "42"
         confined = fields[1:] == ["0000000000000000", "1", "2", "False"]
@@ -154,28 +188,16 @@ class Controller:
             if ok and confined
             else f"Self-test failed: {result.summary()} {result.stderr.strip()[:200]}"
         )
-        return {
-            "ok": ok and confined,
-            "message": message,
-            "verified": confined,
-            "runtime": result.runtime_used,
-            "policy_digest": result.policy_digest,
-        }
-
-    @staticmethod
-    def check_execute(params: dict[str, Any]) -> ExecuteJob:
-        """An ``execute`` request's arguments, checked (``RequestError``/``PolicyError`` if bad)."""
-        return _job(params)
-
-    async def execute(
-        self, params: dict[str, Any] | ExecuteJob, uid: int, on_output: OutputCallback | None = None
-    ) -> ExecResult:
-        """Run one ``execute``: from its raw params, or from a job ``check_execute`` made already."""
-        job = params if isinstance(params, ExecuteJob) else _job(params)
-        return await self._execute_job(job, uid, on_output)
+        return SelfTest(
+            ok=ok and confined,
+            message=message,
+            verified=confined,
+            runtime=result.runtime_used,
+            policy_digest=result.policy_digest,
+        )
 
     def execute_now(
-        self, job: ExecuteJob, uid: int, done: Callable[[ExecResult | Exception], None]
+        self, request: ExecuteRequest, caller: Caller, done: Callable[[ExecResult | Exception], None]
     ) -> Callable[[], None] | None:
         """``execute``, without a task, when a slot and a warm isolate are free right now.
 
@@ -183,42 +205,97 @@ class Controller:
         Otherwise the run has started, ``done`` gets its result (or what stopped
         it) in the loop turn the agent answers, so the answer can go out with no
         task woken on the way, and the function returned abandons the run (for a
-        caller that goes away first; ``done`` is then not called). ``job`` comes
-        from ``check_execute``, so a caller that falls back to ``execute`` hands
-        it the same job instead of having its arguments checked again.
+        caller that goes away first; ``done`` is then not called).
         """
-        runtime = self.manager.select(job.policy)
+        request.check_sizes()
+        runtime = self.manager.select(request.policy)
         take, dispose = getattr(runtime, "take_warm", None), getattr(runtime, "dispose", None)
-        if take is None or dispose is None or not self.slots.take_now(uid):
+        if take is None or dispose is None or not self.slots.take_now(caller.owner):
             return None  # the awaited path says why, or waits for a slot
         try:
-            sandbox: AgentSandbox | None = take(job.policy)
+            sandbox: AgentSandbox | None = take(request.policy)
         except BaseException:  # a limit the host refused at hand-over: the slot goes back
-            self.slots.release(uid)
+            self.slots.release(caller.owner)
             raise
         if sandbox is None:
-            self.slots.release(uid)
+            self.slots.release(caller.owner)
             return None
+        running = self._started(runtime.name, caller, request.agent_id, sandbox)
+        return self._launch(request, running, sandbox, dispose, done)
+
+    async def execute(
+        self, request: ExecuteRequest, caller: Caller, on_output: OutputCallback | None = None
+    ) -> ExecResult:
+        """One ``execute``: a slot (waiting in the queue if need be), a warm isolate or a
+        cold one, the run, the isolate's end."""
+        request.check_sizes()
+        policy = request.policy
+        runtime = self.manager.select(policy)
+        await self._take_slot(caller)
+        running = self._started(runtime.name, caller, request.agent_id)
+        try:
+            # A warm isolate is handed over on the event loop itself; only building
+            # one on demand blocks, so only that goes to a thread.
+            take = getattr(runtime, "take_warm", None)
+            sandbox: AgentSandbox | None = take(policy) if take is not None else None
+            if sandbox is None:
+                sandbox = await self._start_for(runtime, policy)
+        except BaseException:
+            self._ended(running.execution_id)
+            raise
+        running.sandbox = sandbox
+        dispose = getattr(runtime, "dispose", None) or self._close_in_pool
+        if running.cancelled is not None:  # while its isolate was being started
+            self._dispose_after_answer(sandbox, dispose)
+            self._ended(running.execution_id)
+            raise RunCancelledError(f"{running.cancelled} before it started")
+        outcome: asyncio.Future[ExecResult | Exception] = asyncio.get_running_loop().create_future()
+        abandon = self._launch(request, running, sandbox, dispose, outcome.set_result, on_output)
+        try:
+            answer = await outcome
+        except BaseException:  # the caller went away: the run ends with it
+            abandon()
+            raise
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _launch(
+        self,
+        request: ExecuteRequest,
+        running: Running,
+        sandbox: AgentSandbox,
+        dispose: Callable[[AgentSandbox], None],
+        done: Callable[[ExecResult | Exception], None],
+        on_output: OutputCallback | None = None,
+    ) -> Callable[[], None]:
+        """Start ``request`` on ``sandbox`` (a one-shot isolate): the one path every
+        ``execute`` takes. ``done`` gets the outcome in the loop turn the agent
+        answers; the isolate is killed right after and torn down a little later.
+        Returns what abandons the run."""
         sandbox.one_shot = True
-        # Named before it starts, so that the result carries the id ``status`` shows.
-        execution_id = new_id()
+        self.working_runtimes.add(sandbox.runtime_name)
+        execution_id = running.execution_id
 
         def bookkeeping() -> None:
             self._dispose_after_answer(sandbox, dispose)
             self._ended(execution_id)
 
-        finish = _settle_once(done, bookkeeping)
+        def deliver(outcome: ExecResult | Exception) -> None:
+            if isinstance(outcome, ExecResult):
+                self._observe(running.caller, running.agent_id, outcome)
+            done(outcome)
 
-        # The agent's request goes out first; the bookkeeping follows it, in
-        # the same loop turn (``finish`` is never called before this returns).
+        finish = _settle_once(deliver, bookkeeping)
+        if request.command is not None:
+            method, params = "exec", exec_params(request.command)
+        else:
+            method, params = "run_code", code_params(request.code or "", request.language)
         try:
-            method, request = _agent_request(job)
-            call = sandbox.start_run(method, request, job.stdin, None, None, None, finish, execution_id)
+            call = sandbox.start_run(method, params, request.stdin_bytes(), None, None, on_output, finish, execution_id)
         except BaseException:
-            self._dispose_after_answer(sandbox, dispose)
-            self.slots.release(uid)
+            finish(None)
             raise
-        self._started(runtime.name, uid, execution_id, sandbox)
 
         def abandon() -> None:
             call.abort()
@@ -226,73 +303,55 @@ class Controller:
 
         return abandon
 
-    def _started(
-        self, runtime: str, uid: int, execution_id: str | None = None, sandbox: AgentSandbox | None = None
-    ) -> str:
-        """Count a running execute in; its id (drawn here unless given), from start to end:
-        ``status`` shows it while the run is going and the ExecResult carries it, so a
-        caller can match the two."""
-        self._track(+1)
-        execution_id = execution_id or new_id()
-        self.running[execution_id] = Running(execution_id, runtime, uid, sandbox=sandbox)
-        return execution_id
+    async def _take_slot(self, caller: Caller) -> None:
+        if caller.waits:
+            await self.slots.take(caller.owner)
+        else:
+            self.slots.take_at_once(caller.owner)
 
-    def cancel(self, params: dict[str, Any], uid: int) -> dict[str, Any]:
-        """``execute.cancel``: end a running execute (its owner's, or any as root).
+    def _close_in_pool(self, sandbox: AgentSandbox) -> None:
+        """Close an isolate whose runtime keeps no pool, off the event loop."""
+        with contextlib.suppress(RuntimeError):  # the pool is shut down: manager.close ends it
+            self._pool.submit(sandbox.close)
+
+    def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: bool = False) -> None:
+        for listener in self.listeners:
+            try:
+                listener.execution(caller, agent_id, result, held)
+            except Exception:
+                log.exception("an execution listener failed")
+
+    def _started(
+        self, runtime: str, caller: Caller, agent_id: str | None, sandbox: AgentSandbox | None = None
+    ) -> Running:
+        """Count a running execute in, under an id drawn now: ``status`` shows it while the
+        run is going and the ExecResult carries it, so a caller can match the two."""
+        self._track(+1)
+        running = Running(new_id(), runtime, caller, agent_id, sandbox=sandbox)
+        self.running[running.execution_id] = running
+        return running
+
+    def cancel(self, request: CancelRequest, caller: Caller) -> Cancelled:
+        """``execute.cancel``: end a running execute (its owner's, or any for an admin).
 
         A run under way ends at once (its isolate is killed) and is answered as
         ``killed``; one whose isolate is still starting is answered with a
         ``cancelled`` error instead, and its isolate is ended as soon as it exists.
         """
-        execution_id = params.get("execution_id")
-        running = self.running.get(execution_id) if isinstance(execution_id, str) else None
-        if running is None or uid not in (running.owner_uid, 0):  # another uid's run is reported as missing
-            raise RequestError(f"no running execution {execution_id!r}", "not_found")
+        execution_id = request.execution_id
+        running = self.running.get(execution_id)
+        if running is None or not _may_touch(caller, running.caller.owner):  # another's is reported as missing
+            raise NotFoundError(f"no running execution {execution_id!r}")
         if running.cancelled is None:
-            running.cancelled = f"cancelled by uid {uid} (execute.cancel)"
-            log.info("execution %s of uid %d cancelled by uid %d", execution_id, running.owner_uid, uid)
+            running.cancelled = f"cancelled by {caller.owner} (execute.cancel)"
+            log.info("execution %s of %s cancelled by %s", execution_id, running.caller.owner, caller.owner)
             if running.sandbox is not None:
                 running.sandbox.cancel(running.cancelled)
-        return {"execution_id": execution_id, "cancelled": True}
+        return Cancelled(execution_id=execution_id)
 
     def _ended(self, execution_id: str) -> None:
-        self.slots.release(self.running.pop(execution_id).owner_uid)
+        self.slots.release(self.running.pop(execution_id).caller.owner)
         self._track(-1)
-
-    async def _execute_job(self, job: ExecuteJob, uid: int, on_output: OutputCallback | None = None) -> ExecResult:
-        policy = job.policy
-        runtime = self.manager.select(policy)
-        await self.slots.take(uid)
-        execution_id = self._started(runtime.name, uid)
-        try:
-            # A warm isolate is handed over and spoken to on the event loop itself:
-            # a trip through the thread pool costs two thread wake-ups (~1 ms here).
-            # Only building an isolate on demand blocks, so only that goes to a thread.
-            take = getattr(runtime, "take_warm", None)
-            sandbox: AgentSandbox | None = take(policy) if take is not None else None
-            if sandbox is None:
-                sandbox = await self._start_for(runtime, policy)
-            sandbox.one_shot = True
-            running = self.running[execution_id]
-            running.sandbox = sandbox
-            try:
-                if running.cancelled is not None:  # while its isolate was being started
-                    sandbox.cancel(running.cancelled)
-                    raise RequestError(f"{running.cancelled} before it started", "cancelled")
-                if job.command is not None:
-                    result = await sandbox.aexec(job.command, stdin=job.stdin, on_output=on_output)
-                else:
-                    result = await sandbox.arun_code(job.code or "", job.language, stdin=job.stdin, on_output=on_output)
-                result.execution_id = execution_id
-                return result
-            finally:
-                dispose = getattr(runtime, "dispose", None)
-                if dispose is not None:
-                    self._dispose_after_answer(sandbox, dispose)
-                else:
-                    await self._blocking(sandbox.close)
-        finally:
-            self._ended(execution_id)
 
     async def _start_for(self, runtime: Any, policy: Policy) -> AgentSandbox:
         """Start an isolate in a thread; one whose caller is cancelled meanwhile
@@ -309,37 +368,46 @@ class Controller:
             with contextlib.suppress(RuntimeError):  # the pool is shut down: manager.close ends it
                 self._pool.submit(start.result().close)
 
-    async def create(self, params: dict[str, Any], uid: int, connection: int) -> dict[str, Any]:
-        policy = _policy(params.get("policy"))
-        idle_timeout = _idle_timeout(params, self.config.sandbox_idle_timeout_s)
+    async def create(self, request: SandboxCreate, caller: Caller) -> SandboxCreated:
+        policy = request.policy
+        idle_timeout = self._idle_timeout(request.idle_timeout)
         runtime = self.manager.select(policy)
-        await self.slots.take(uid)
+        await self._take_slot(caller)
         try:
             sandbox = await self._blocking(runtime.start, policy)
         except BaseException:
-            self.slots.release(uid)
+            self.slots.release(caller.owner)
             raise
+        self.working_runtimes.add(sandbox.runtime_name)
         sandbox_id = "sb-" + secrets.token_hex(8)
-        keep = params.get("keep") is True
-        held = Held(sandbox_id, sandbox, uid, None if keep else connection, idle_timeout)
+        connection = None if request.keep else caller.connection
+        held = Held(sandbox_id, sandbox, caller, request.agent_id, connection, idle_timeout)
         self.held[sandbox_id] = held
         self._watch_idle(held)
-        return {
-            "sandbox_id": sandbox_id,
-            "runtime": sandbox.runtime_name,
-            "policy_digest": policy.digest,
-            "idle_timeout": idle_timeout,
-        }
+        return SandboxCreated(
+            sandbox_id=sandbox_id, runtime=sandbox.runtime_name, policy_digest=policy.digest, idle_timeout=idle_timeout
+        )
 
-    def _lookup(self, params: dict[str, Any], uid: int) -> Held:
-        sandbox_id = params.get("sandbox_id")
-        held = self.held.get(sandbox_id) if isinstance(sandbox_id, str) else None
-        # Another uid's sandbox is reported exactly like a missing one.
-        if held is None or uid not in (held.owner_uid, 0):
-            expired = self._expired.get(sandbox_id) if isinstance(sandbox_id, str) else None
-            if expired is not None and uid in (expired[0], 0):
-                raise RequestError(expired[1], "not_found")
-            raise RequestError(f"no sandbox {sandbox_id!r}", "not_found")
+    def _idle_timeout(self, asked: float | None) -> float | None:
+        """A held sandbox's idle timeout: at most the daemon's own, which is also the default."""
+        limit = self.config.sandbox_idle_timeout_s
+        if asked is None:
+            return limit
+        if limit is not None and asked > limit:
+            raise InvalidRequestError(
+                f"idle_timeout {asked:g} s is over this daemon's limit of {limit:g} s (STOCKADE_SANDBOX_IDLE_TIMEOUT)"
+            )
+        return asked
+
+    def _lookup(self, request: SandboxRef, caller: Caller) -> Held:
+        sandbox_id = request.sandbox_id
+        held = self.held.get(sandbox_id)
+        # Another owner's sandbox is reported exactly like a missing one.
+        if held is None or not _may_touch(caller, held.caller.owner):
+            expired = self._expired.get(sandbox_id)
+            if expired is not None and _may_touch(caller, expired[0]):
+                raise NotFoundError(expired[1])
+            raise NotFoundError(f"no sandbox {sandbox_id!r}")
         return held
 
     # ---- idle held sandboxes ---------------------------------------------------------
@@ -365,10 +433,10 @@ class Controller:
             self._watch_idle(held, left)
             return
         why = f"sandbox {held.sandbox_id!r} was closed after {held.idle_timeout_s:g} s without a call (idle_timeout)"
-        self._expired[held.sandbox_id] = (held.owner_uid, why)
+        self._expired[held.sandbox_id] = (held.caller.owner, why)
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)
-        log.info("closing sandbox %s of uid %d: idle for %g s", held.sandbox_id, held.owner_uid, held.idle_timeout_s)
+        log.info("closing sandbox %s of %s: idle for %g s", held.sandbox_id, held.caller.owner, held.idle_timeout_s)
         task = asyncio.get_running_loop().create_task(self._close_quietly(held))
         self._closing.add(task)  # a task nobody awaits must be referenced until it ends
         task.add_done_callback(self._closing.discard)
@@ -380,26 +448,33 @@ class Controller:
             log.exception("closing idle sandbox %s failed", held.sandbox_id)
 
     def sandbox_call_now(
-        self, method: str, params: dict[str, Any], uid: int, done: Callable[[ExecResult | Exception], None]
+        self, request: SandboxExec | SandboxRunCode, caller: Caller, done: Callable[[ExecResult | Exception], None]
     ) -> Callable[[], None] | None:
         """A held sandbox's ``exec`` or ``run_code``, without a task, when no other call has it.
 
         As ``execute_now``: None when the sandbox is busy (the caller awaits
-        ``sandbox_call`` instead, which waits its turn); otherwise the run has
+        ``sandbox_run`` instead, which waits its turn); otherwise the run has
         started and ``done`` gets its result in the loop turn the agent answers.
-        A bad argument or an unknown sandbox raises ``RequestError`` here. The
-        function returned is for a caller that goes away: the call is let
-        finish (a kept sandbox stays in step with its agent), unanswered.
+        An unknown sandbox raises ``NotFoundError`` here. The function returned
+        is for a caller that goes away: the call is let finish (a kept sandbox
+        stays in step with its agent), unanswered.
         """
-        held = self._lookup(params, uid)
-        run = _held_run(method, params)
+        held = self._lookup(request, caller)
+        request.check_sizes()
         if held.calls or not _take_now(held.lock):
             return None
         held.calls += 1
         self._track(+1)
-        finish = _settle_once(done, functools.partial(self._held_call_ended, held))
+
+        def deliver(outcome: ExecResult | Exception) -> None:
+            if isinstance(outcome, ExecResult):
+                self._observe(caller, held.agent_id, outcome, held=True)
+            done(outcome)
+
+        finish = _settle_once(deliver, functools.partial(self._held_call_ended, held))
+        method, params = _held_params(request)
         try:
-            held.sandbox.start_run(run.method, run.request, run.stdin, run.env, run.timeout, None, finish)
+            held.sandbox.start_run(method, params, request.stdin_bytes(), request.env, request.timeout, None, finish)
         except BaseException:
             self._held_call_ended(held)
             raise
@@ -413,10 +488,9 @@ class Controller:
         if self.held.get(held.sandbox_id) is held:
             self._watch_idle(held)
 
-    async def sandbox_call(
-        self, method: str, params: dict[str, Any], uid: int, on_output: OutputCallback | None = None
-    ) -> Any:
-        held = self._lookup(params, uid)
+    async def _held_call(self, request: SandboxRef, caller: Caller, call: Callable[[Held], Awaitable[T]]) -> T:
+        """``call`` on the held sandbox ``request`` names, in its turn (one call at a time reaches its agent)."""
+        held = self._lookup(request, caller)
         held.calls += 1  # from here, waiting for the lock included: not idle
         try:
             await held.lock.acquire()
@@ -425,31 +499,54 @@ class Controller:
             raise
         self._track(+1)
         try:
-            return await self._sandbox_call(held.sandbox, method, params, on_output)
+            if self.held.get(held.sandbox_id) is not held:  # closed while this call waited its turn
+                raise NotFoundError(f"sandbox {held.sandbox_id!r} was closed")
+            return await call(held)
         finally:
             self._held_call_ended(held)
 
-    async def _sandbox_call(
-        self, sb: AgentSandbox, method: str, params: dict[str, Any], on_output: OutputCallback | None
-    ) -> Any:
-        if method in ("exec", "run_code"):
-            run = _held_run(method, params)
-            return await sb.arun_request(run.method, run.request, run.stdin, run.env, run.timeout, on_output)
-        if method == "write_file":
-            data = _b64(params, "data")
-            await self._blocking(sb.write_file, _path(params), data, params.get("mode", 0o644))
-            return {"path": params["path"], "size": len(data)}
-        if method == "read_file":
-            raw = await self._blocking(sb.read_file, _path(params), _max_bytes(params))
-            return {"path": params["path"], "data": base64.b64encode(raw).decode()}
-        if method == "list_dir":
-            return {"path": params["path"], "entries": await self._blocking(sb.list_dir, _path(params))}
-        raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
+    async def sandbox_run(
+        self, request: SandboxExec | SandboxRunCode, caller: Caller, on_output: OutputCallback | None = None
+    ) -> ExecResult:
+        """A held sandbox's ``exec`` or ``run_code``, awaited."""
+        request.check_sizes()
+        method, params = _held_params(request)
+        stdin = request.stdin_bytes()
 
-    async def close_sandbox(self, params: dict[str, Any], uid: int) -> dict[str, Any]:
-        held = self._lookup(params, uid)
-        await self._close(held, interrupt=f"the sandbox was closed by uid {uid} (sandbox.close) during this call")
-        return {"sandbox_id": held.sandbox_id, "closed": True}
+        async def run(held: Held) -> ExecResult:
+            result = await held.sandbox.arun_request(method, params, stdin, request.env, request.timeout, on_output)
+            self._observe(caller, held.agent_id, result, held=True)
+            return result
+
+        return await self._held_call(request, caller, run)
+
+    async def write_file(self, request: WriteFile, caller: Caller) -> FileWritten:
+        data = request.data_bytes()
+
+        async def write(held: Held) -> None:
+            await self._blocking(held.sandbox.write_file, request.path, data, request.mode)
+
+        await self._held_call(request, caller, write)
+        return FileWritten(path=request.path, size=len(data))
+
+    async def read_file(self, request: ReadFile, caller: Caller) -> FileData:
+        async def read(held: Held) -> bytes:
+            return await self._blocking(held.sandbox.read_file, request.path, request.max_bytes)
+
+        raw = await self._held_call(request, caller, read)
+        return FileData(path=request.path, data=base64.b64encode(raw).decode())
+
+    async def list_dir(self, request: ListDir, caller: Caller) -> DirListing:
+        async def listing(held: Held) -> list[dict[str, Any]]:
+            return await self._blocking(held.sandbox.list_dir, request.path)
+
+        return DirListing(path=request.path, entries=await self._held_call(request, caller, listing))
+
+    async def close_sandbox(self, request: SandboxRef, caller: Caller) -> Closed:
+        held = self._lookup(request, caller)
+        why = f"the sandbox was closed by {caller.owner} (sandbox.close) during this call"
+        await self._close(held, interrupt=why)
+        return Closed(sandbox_id=held.sandbox_id)
 
     async def _close(self, held: Held, interrupt: str | None = None) -> None:
         """Close a held sandbox and free its slot.
@@ -473,47 +570,51 @@ class Controller:
                 await self._blocking(held.sandbox.close)
         finally:
             del self.closing[held.sandbox_id]
-            self.slots.release(held.owner_uid)
+            self.slots.release(held.caller.owner)
 
     async def close_connection(self, connection: int) -> None:
         """Close the sandboxes a connection held (not kept ones), each once its call, if any, is done."""
         for held in [h for h in self.held.values() if h.connection == connection]:
             await self._close(held)
 
-    def status(self, uid: int = 0) -> dict[str, Any]:
-        """What runs: ``uid``'s own sandboxes and runs (root's: everyone's), and the
-        daemon-wide counts. Another user's ids, runtimes and timings are not shown:
-        they would tell one local user what another is doing."""
+    def status(self, caller: Caller) -> Status:
+        """What runs: the caller's own sandboxes and runs (an admin's: everyone's), and
+        the daemon-wide counts. Another owner's ids, runtimes and timings are not
+        shown: they would tell one user what another is doing."""
         now = time.monotonic()
         everything = [
-            {
-                "sandbox_id": h.sandbox_id,
-                "kind": "held",
-                "runtime": h.sandbox.runtime_name,
-                "owner_uid": h.owner_uid,
-                "uptime_seconds": round(now - h.created, 3),
-                "idle_seconds": round(h.idle_seconds(now), 3),
-                "idle_timeout": h.idle_timeout_s,
-                "closing": h.sandbox_id in self.closing,
-            }
+            ActiveSandbox(
+                sandbox_id=h.sandbox_id,
+                kind="held",
+                runtime=h.sandbox.runtime_name,
+                owner=h.caller.owner,
+                owner_uid=h.caller.uid,
+                agent_id=h.agent_id,
+                uptime_seconds=round(now - h.created, 3),
+                idle_seconds=round(h.idle_seconds(now), 3),
+                idle_timeout=h.idle_timeout_s,
+                closing=h.sandbox_id in self.closing,
+            )
             for h in [*self.held.values(), *self.closing.values()]
         ] + [
-            {
-                "execution_id": r.execution_id,
-                "kind": "execute",
-                "runtime": r.runtime,
-                "owner_uid": r.owner_uid,
-                "uptime_seconds": round(now - r.started, 3),
-            }
+            ActiveSandbox(
+                execution_id=r.execution_id,
+                kind="execute",
+                runtime=r.runtime,
+                owner=r.caller.owner,
+                owner_uid=r.caller.uid,
+                agent_id=r.agent_id,
+                uptime_seconds=round(now - r.started, 3),
+            )
             for r in self.running.values()
         ]
-        return {
-            "active_sandboxes": [e for e in everything if uid in (0, e["owner_uid"])],
-            "total_count": len(everything),
-            "max_sandboxes": self.config.max_sandboxes,
-            "max_sandboxes_per_uid": self.config.max_sandboxes_per_uid,
-            "waiting": self.slots.waiting,
-        }
+        return Status(
+            active_sandboxes=[e for e in everything if _may_touch(caller, e.owner)],
+            total_count=len(everything),
+            max_sandboxes=self.config.max_sandboxes,
+            max_sandboxes_per_uid=self.config.max_sandboxes_per_uid,
+            waiting=self.slots.waiting,
+        )
 
     async def runtimes(self) -> list[dict[str, Any]]:
         """Every runtime and whether it works here, from a check at most RUNTIMES_FRESH_S old.
@@ -528,6 +629,7 @@ class Controller:
                 found = [asdict(a) for a in await self._blocking(self.manager.doctor)]
                 log.info("checked the runtimes: %s", ", ".join(f"{a['name']}={a['available']}" for a in found))
                 self._runtimes_seen = (time.monotonic(), found)
+                self.working_runtimes = {a["name"] for a in found if a["available"] and a["name"] != "fake"}
             return self._runtimes_seen[1]
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -555,68 +657,16 @@ class Controller:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-@dataclass(slots=True)  # not frozen: that doubles its cost to build, per request (docs/performance.md)
-class ExecuteJob:
-    """An ``execute`` request's arguments, checked."""
-
-    policy: Policy
-    command: list[str] | None
-    code: str | None
-    language: str
-    stdin: bytes
+def _held_params(request: SandboxExec | SandboxRunCode) -> tuple[str, dict[str, Any]]:
+    """The agent's request for a held sandbox's run."""
+    if isinstance(request, SandboxExec):
+        return "exec", exec_params(request.command, request.cwd)
+    return "run_code", code_params(request.code, request.language)
 
 
-def _job(params: dict[str, Any]) -> ExecuteJob:
-    command, code = params.get("command"), params.get("code")
-    if (command is None) == (code is None):
-        raise RequestError("execute needs exactly one of 'command' (a list of strings) or 'code'")
-    if command is not None and (
-        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command)
-    ):
-        raise RequestError("command must be a non-empty list of strings")
-    if code is not None and not isinstance(code, str):
-        raise RequestError("code must be a string")
-    stdin = _stdin(params)
-    check_call_size("code", code)  # before a slot is taken or an isolate started
-    check_call_size("stdin", stdin)
-    policy = _policy(params.get("policy"))
-    return ExecuteJob(policy, command, code, _language(params), stdin)
-
-
-@dataclass(slots=True)  # not frozen: that doubles its cost to build, per request (docs/performance.md)
-class HeldRun:
-    """A held sandbox's ``exec`` or ``run_code`` request, checked: what goes to its agent."""
-
-    method: str
-    request: dict[str, Any]
-    stdin: bytes
-    env: dict[str, str] | None
-    timeout: float | None
-
-
-def _held_run(method: str, params: dict[str, Any]) -> HeldRun:
-    if method == "exec":
-        argv = params.get("command")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise RequestError("command must be a non-empty list of strings")
-        request = exec_params(argv, _optional_str(params, "cwd"))
-    elif method == "run_code":
-        code = params.get("code")
-        if not isinstance(code, str):
-            raise RequestError("code must be a string")
-        check_call_size("code", code)
-        request = code_params(code, _language(params))
-    else:
-        raise RequestError(f"unknown sandbox method {method!r}", "method_not_found")
-    stdin = _stdin(params)
-    check_call_size("stdin", stdin)
-    return HeldRun(method, request, stdin, _env(params), _timeout(params))
-
-
-def _agent_request(job: ExecuteJob) -> tuple[str, dict[str, Any]]:
-    if job.command is not None:
-        return "exec", exec_params(job.command)
-    return "run_code", code_params(job.code or "", job.language)
+def _may_touch(caller: Caller, owner: str) -> bool:
+    """Whether ``caller`` may see or end what ``owner`` holds: its own, or anything for an admin."""
+    return caller.admin or caller.owner == owner
 
 
 def _settle_once(
@@ -655,96 +705,3 @@ def _take_now(lock: asyncio.Lock) -> bool:
         return True
     acquire.close()  # not reached: an unlocked lock is acquired without waiting
     return False
-
-
-def _idle_timeout(params: dict[str, Any], limit: float | None) -> float | None:
-    """``sandbox.create``'s ``idle_timeout``: seconds, at most the daemon's own (``limit``),
-    which is also the default; None when neither sets one."""
-    value = _seconds(params, "idle_timeout")
-    if value is None:
-        return limit
-    if limit is not None and value > limit:
-        raise RequestError(
-            f"idle_timeout {value:g} s is over this daemon's limit of {limit:g} s (STOCKADE_SANDBOX_IDLE_TIMEOUT)"
-        )
-    return value
-
-
-def _policy(value: Any) -> Policy:
-    """A request's ``policy`` (none, or ``{}``, is the default one: ``coerce_policy`` says so)."""
-    if value is None or isinstance(value, dict):
-        return coerce_policy(value)
-    raise RequestError("policy must be an object of Policy fields")
-
-
-def _stdin(params: dict[str, Any]) -> bytes:
-    if params.get("stdin_b64") is not None:
-        return _b64(params, "stdin_b64")
-    value = params.get("stdin")
-    if value is None:
-        return b""
-    if isinstance(value, str):
-        return value.encode()
-    raise RequestError("stdin must be a string")
-
-
-def _timeout(params: dict[str, Any]) -> float | None:
-    """A call's own ``timeout``: seconds (the policy's bound still applies), or None."""
-    return _seconds(params, "timeout")
-
-
-def _seconds(params: dict[str, Any], name: str) -> float | None:
-    """``params[name]`` as a positive, finite number of seconds, or None when absent."""
-    value = params.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise RequestError(f"{name} must be a positive number of seconds, not {value!r}"[:200])
-    return float(value)
-
-
-def _optional_str(params: dict[str, Any], name: str) -> str | None:
-    value = params.get(name)
-    if value is None or isinstance(value, str):
-        return value
-    raise RequestError(f"{name} must be a string")
-
-
-def _language(params: dict[str, Any]) -> str:
-    value = params.get("language", "python")
-    if isinstance(value, str):
-        return value
-    raise RequestError("language must be a string")
-
-
-def _env(params: dict[str, Any]) -> dict[str, str] | None:
-    env = params.get("env")
-    if env is None:
-        return None
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise RequestError("env must map strings to strings")
-    return env
-
-
-def _max_bytes(params: dict[str, Any]) -> int | None:
-    value = params.get("max_bytes")
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return value
-    raise RequestError("max_bytes must be a non-negative integer")
-
-
-def _path(params: dict[str, Any]) -> str:
-    path = params.get("path")
-    if not isinstance(path, str) or not path:
-        raise RequestError("path must be a non-empty string")
-    return path
-
-
-def _b64(params: dict[str, Any], name: str) -> bytes:
-    value = params.get(name)
-    if not isinstance(value, str):
-        raise RequestError(f"{name} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError:
-        raise RequestError(f"{name} is not valid base64") from None

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
+from ..policy import default_policy
+from ..protocol.models import Caller
 from .config import DaemonConfig
 from .controller import Controller
+from .observers import Observers
 from .rpc_server import RPCServer
 
 log = logging.getLogger("stockade.daemon")
@@ -16,27 +20,67 @@ log = logging.getLogger("stockade.daemon")
 
 async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     controller = Controller(config)
+    observers = _observers(config, controller)
+    controller.listeners.append(observers)
     # Start the default runtime now: its zygote, its pool, and the sweep of
     # whatever a previous daemon killed with SIGKILL left behind.
     try:
         await asyncio.get_running_loop().run_in_executor(None, _warm, controller)
+        controller.working_runtimes.add(controller.manager.select(default_policy()).name)
     except Exception as exc:  # noqa: BLE001 - the daemon still serves other runtimes and says why
         log.warning("default runtime unavailable: %s", exc)
-    server = RPCServer(config, controller)
+    server = RPCServer(config, controller, observers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    if ready is not None:
-        ready.set()
+    http = None
     try:
+        await server.start()  # a live daemon's socket is never claimed: nothing of this start to undo
+    except BaseException:
+        await controller.shutdown(0.0)
+        observers.close()
+        raise
+    try:
+        if config.http_listen is not None:
+            from ..server import http as http_door
+
+            http = await http_door.start(config, controller, observers)
+        observers.admin(_DAEMON, "daemon.start", config.socket_path, http=http.url if http else None)
+        if ready is not None:
+            ready.set()
         await stop.wait()
         log.info("stopping: finishing running work for up to %.0f s", config.shutdown_grace_s)
     finally:
+        if http is not None:
+            await http.close(config.shutdown_grace_s)
         await server.close(config.shutdown_grace_s)
         await controller.shutdown(0.0)
+        observers.admin(_DAEMON, "daemon.stop", config.socket_path)
+        observers.close()
         log.info("stopped")
+
+
+_DAEMON = Caller("daemon", "local", admin=True)
+
+
+def _observers(config: DaemonConfig, controller: Controller) -> Observers:
+    """Metrics (with the server extra), the audit log (unless turned off), the dashboard's history."""
+    metrics = None
+    try:
+        from ..metrics import Metrics
+
+        metrics = Metrics(active=lambda: len(controller.running) + len(controller.held))
+    except ImportError as exc:
+        log.info("no metrics: %s", exc)
+    audit = None
+    if config.audit_log is not None:
+        from ..audit import AuditLog
+
+        os.makedirs(os.path.dirname(config.audit_log) or ".", mode=0o700, exist_ok=True)
+        audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes)
+        log.info("audit log: %s", config.audit_log)
+    return Observers(metrics, audit, pools=controller.manager.pool_statistics)
 
 
 def _warm(controller: Controller) -> None:

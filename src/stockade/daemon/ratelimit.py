@@ -25,3 +25,11 @@ class SlidingWindowLimiter:
             return False
         events.append(now)
         return True
+
+    def wait_s(self, key: object, now: float | None = None) -> float:
+        """Seconds until ``key`` may make its next event (0 when it may now)."""
+        now = time.monotonic() if now is None else now
+        events = self._events.get(key)
+        if not events or len(events) < self.limit:
+            return 0.0
+        return max(0.0, self.window_s - (now - events[0]))

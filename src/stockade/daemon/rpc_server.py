@@ -2,12 +2,13 @@
 
 Request:  ``{"method": ..., "params": {...}, "id": ...}`` (+ ``ts``, ``nonce``, ``hmac`` when signed)
 Response: ``{"result": ..., "error": null | "message", "id": ...}``; an error also carries
-``error_code`` (``auth``, ``rate_limit``, ``busy``, ``invalid_request``, ``invalid_params``,
-``method_not_found``, ``not_found``, ``cancelled``, ``policy``, ``runtime_unavailable``, ``sandbox``, ``internal``).
+``error_code``, one of ``errors.ERROR_CODES`` (the table every door and client shares).
 
 Order: peer credentials at accept (refused peers are answered once and
 dropped before a byte is read), then per request: size, JSON, rate limit
-(per connection and per peer uid), authentication, dispatch. Requests on one
+(per connection and per peer uid), authentication, the request model
+(``protocol.models``), dispatch through the method table (``methods.py``,
+which the HTTP API serves too). Requests on one
 connection run in order; connections run in parallel (connection.py reads,
 orders and answers them). Nothing a client sends ends the daemon: every
 failure becomes an error response.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import socket
@@ -26,12 +28,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import AgentError, ConfigError, PolicyError, RuntimeUnavailableError, StockadeError
-from ..protocol import auth, hostjson
+from ..errors import ConfigError, StockadeError, error_code
+from ..protocol import auth
+from ..protocol.models import Caller
 from .config import DaemonConfig
 from .connection import AnswerLog, Connection, Peer, error_answer
 from .controller import Controller
-from .errors import RequestError
+from .methods import METHODS, Method, read_request
+from .observers import Observers
 from .ratelimit import SlidingWindowLimiter
 
 log = logging.getLogger("stockade.daemon")
@@ -39,11 +43,11 @@ log = logging.getLogger("stockade.daemon")
 AUTH_FAILED = "Authentication failed"
 RATE_LIMITED = "Rate limit exceeded"
 Emit = Callable[[str, bytes], None]
-Admitted = tuple[str, dict[str, Any], Any]  # method, params, id
+Admitted = tuple[Method, Any, Any]  # the method, its request (a model), the id
 
 
 class RPCServer:
-    def __init__(self, config: DaemonConfig, controller: Controller) -> None:
+    def __init__(self, config: DaemonConfig, controller: Controller, observers: Observers | None = None) -> None:
         self.config = config
         self.controller = controller
         self.nonces = auth.NonceCache(config.replay_window_s)
@@ -58,24 +62,7 @@ class RPCServer:
         self.answer_log = AnswerLog()
         self._ids = itertools.count(1)
         self.stopping = False
-        # Answered in the callback that read the request: nothing to wait for.
-        self.immediate: dict[str, Callable[[dict[str, Any], Peer], Any]] = {
-            "ping": lambda params, peer: "pong",
-            "status": lambda params, peer: self.controller.status(peer.uid),
-        }
-        self.methods = {
-            "selftest": self._selftest,
-            "execute": self._execute,
-            "execute.cancel": self._cancel,
-            "sandbox.create": self._create,
-            "sandbox.exec": self._sandbox("exec"),
-            "sandbox.run_code": self._sandbox("run_code"),
-            "sandbox.write_file": self._sandbox("write_file"),
-            "sandbox.read_file": self._sandbox("read_file"),
-            "sandbox.list_dir": self._sandbox("list_dir"),
-            "sandbox.close": self._close,
-            "runtimes": self._runtimes,
-        }
+        self.observers = observers or Observers()
 
     # ---- socket ---------------------------------------------------------------------
 
@@ -117,12 +104,12 @@ class RPCServer:
     # ---- one request ----------------------------------------------------------------
 
     def admit(self, line: bytes, peer: Peer) -> Admitted | dict[str, Any]:
-        """A request line's method, params and id, or the error answer that refuses it.
+        """A request line's method, request and id, or the error answer that refuses it.
 
-        In this order: JSON, shape, rate limits, shutdown, authentication, method.
+        In this order: JSON, shape, rate limits, shutdown, authentication, method, request.
         """
         try:
-            request = hostjson.loads(line)
+            request = json.loads(line)
         except (UnicodeDecodeError, ValueError):
             return error_answer(None, "Invalid JSON", "invalid_request")
         if not isinstance(request, dict):
@@ -134,27 +121,33 @@ class RPCServer:
             return error_answer(msg_id, RATE_LIMITED, "rate_limit")
         if self.stopping:
             return error_answer(msg_id, "Shutting down: no new requests", "unavailable")
-        if self.config.auth_token is not None and not auth.verify(
-            request, self.config.auth_token, self.nonces, raw=line
-        ):
+        if self.config.auth_token is not None and not auth.verify(request, self.config.auth_token, self.nonces):
             log.warning("authentication failed: uid=%d method=%r", peer.uid, str(request.get("method"))[:64])
+            self.observers.auth_failure("unix", f"uid {peer.uid} pid {peer.pid}", str(request.get("method"))[:64])
             return error_answer(msg_id, AUTH_FAILED, "auth")
-        method, params = request.get("method"), request.get("params", {})
+        name, params = request.get("method"), request.get("params", {})
         if params is None:
             params = {}
-        if not isinstance(method, str) or not isinstance(params, dict):
+        if not isinstance(name, str) or not isinstance(params, dict):
             return error_answer(
                 msg_id, "Invalid request: method must be a string and params an object", "invalid_request"
             )
-        if method not in self.methods and method not in self.immediate:
-            return error_answer(msg_id, f"Method not found: {method[:64]}", "method_not_found")
-        return method, params, msg_id
+        method = METHODS.get(name)
+        if method is None:
+            return error_answer(msg_id, f"Method not found: {name[:64]}", "method_not_found")
+        try:
+            return method, read_request(method, params), msg_id
+        except StockadeError as exc:
+            return self.failure(exc, name, msg_id)
 
-    async def call(
-        self, method: str, params: dict[str, Any], peer: Peer, connection: int, msg_id: Any, emit: Emit
-    ) -> dict[str, Any]:
+    async def call(self, method: Method, request: Any, caller: Caller, msg_id: Any, emit: Emit) -> dict[str, Any]:
         """The answer of an awaited method: its result, or the error it raised."""
-        return await self.answer(method, msg_id, self.methods[method](params, peer, connection, emit))
+        on_output = emit if getattr(request, "stream", False) else None
+        answer = await self.answer(method.name, msg_id, method.call(self.controller, request, caller, on_output))
+        if method.admin_action and answer["error"] is None:
+            target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", "")
+            self.observers.admin(caller, method.name, str(target))
+        return answer
 
     async def answer(self, method: str, msg_id: Any, work: Awaitable[Any]) -> dict[str, Any]:
         """``work``'s result as an answer, or the error answer for what it raised."""
@@ -165,45 +158,12 @@ class RPCServer:
 
     @staticmethod
     def failure(exc: Exception, method: str, msg_id: Any) -> dict[str, Any]:
-        """The error answer for what a method raised."""
-        if isinstance(exc, RequestError):
-            return error_answer(msg_id, str(exc), exc.code)
-        if isinstance(exc, PolicyError):
-            return error_answer(msg_id, str(exc), "policy")
-        if isinstance(exc, RuntimeUnavailableError):
-            return error_answer(msg_id, str(exc), "runtime_unavailable")
-        if isinstance(exc, AgentError):
-            return error_answer(msg_id, str(exc), "agent")
-        if isinstance(exc, StockadeError):
-            return error_answer(msg_id, str(exc), "sandbox")
-        log.error("internal error in %s", method, exc_info=exc)
-        return error_answer(msg_id, f"Internal error: {type(exc).__name__}", "internal")
-
-    # ---- methods that wait ----------------------------------------------------------
-
-    async def _selftest(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
-        return await self.controller.selftest()
-
-    async def _execute(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> Any:
-        return await self.controller.execute(params, peer.uid, emit if params.get("stream") else None)
-
-    async def _cancel(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
-        return self.controller.cancel(params, peer.uid)
-
-    async def _create(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
-        return await self.controller.create(params, peer.uid, connection)
-
-    def _sandbox(self, method: str) -> Any:
-        async def call(params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> Any:
-            return await self.controller.sandbox_call(method, params, peer.uid, emit if params.get("stream") else None)
-
-        return call
-
-    async def _close(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> dict[str, Any]:
-        return await self.controller.close_sandbox(params, peer.uid)
-
-    async def _runtimes(self, params: dict[str, Any], peer: Peer, connection: int, emit: Emit) -> list[dict[str, Any]]:
-        return await self.controller.runtimes()
+        """The error answer for what a method raised: its code from the shared table."""
+        code = error_code(exc)
+        if code == "internal":
+            log.error("internal error in %s", method, exc_info=exc)
+            return error_answer(msg_id, f"Internal error: {type(exc).__name__}", "internal")
+        return error_answer(msg_id, str(exc), code)
 
 
 def _claim_socket_path(path: str) -> None:

@@ -57,6 +57,18 @@ class RuntimeManager:
             self._runtimes[name] = runtime
             return runtime
 
+    def pool_statistics(self) -> dict[str, dict[str, int]]:
+        """Each started runtime's warm pool, by runtime name (those with a pool)."""
+        with self._lock:
+            started = dict(self._runtimes)
+        found = {}
+        for name, runtime in started.items():
+            statistics = getattr(runtime, "pool_statistics", None)
+            stats = statistics() if statistics is not None else None
+            if stats is not None:
+                found[name] = stats
+        return found
+
     def adopt_zygote(self, zygote: Any) -> None:
         """Hand a pre-started process-runtime zygote to the process runtime."""
         runtime = self.get("process")

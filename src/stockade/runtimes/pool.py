@@ -139,6 +139,8 @@ class WarmPool(Generic[S]):
         # not even one that has yet to look again after filling the pool.
         self._wanted = False
         self.last_error: str | None = None
+        self.served = 0  # takes answered with a warm isolate
+        self.missed = 0  # takes that found none (the caller built one cold)
 
     def start(self) -> None:
         """Start the filler if needed, and have it top the pool up now."""
@@ -167,6 +169,10 @@ class WarmPool(Generic[S]):
                 sandbox = entry.ready.pop() if entry.ready else None
                 if sandbox is not None:
                     self._wanted = False  # the next build waits for ``kick``
+            if sandbox is None:
+                self.missed += 1
+            else:
+                self.served += 1
         for old in evicted:
             old.close()
         if sandbox is None:
@@ -203,6 +209,12 @@ class WarmPool(Generic[S]):
     def shapes(self) -> list[tuple[Any, ...]]:
         with self._cond:
             return list(self._shapes)
+
+    def statistics(self) -> dict[str, int]:
+        """Isolates ready now (all shapes), shapes kept, and takes served warm or missed so far."""
+        with self._cond:
+            warm = sum(len(entry.ready) for entry in self._shapes.values())
+            return {"warm": warm, "shapes": len(self._shapes), "served": self.served, "missed": self.missed}
 
     def ready(self, policy: Policy | None = None) -> list[S]:
         """The isolates ready for ``policy``'s shape (the default's when None)."""
@@ -317,6 +329,10 @@ class PooledRuntime(Runtime, Generic[S]):
     def take_warm(self, policy: Policy) -> S | None:
         """A pre-built isolate for ``policy`` from the pool, or None; never blocks on a build."""
         return self._pool.take(policy) if self._pool is not None else None
+
+    def pool_statistics(self) -> dict[str, int] | None:
+        """The warm pool's ``statistics()``; None for a runtime started without one."""
+        return self._pool.statistics() if self._pool is not None else None
 
     def acquire(self, policy: Policy) -> S:
         """A fresh isolate for a one-shot run: from the warm pool when its shape fits."""

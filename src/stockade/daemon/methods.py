@@ -1,0 +1,128 @@
+"""The daemon's one method table: every door (the Unix-socket RPC, the HTTP API) serves these.
+
+A method is its name, the model its request is read into, and the
+controller call that answers it. A door parses the request with ``parse``
+(``protocol.models``), then either answers at once (``immediate``), starts a
+run answered from the agent's callback (``start_now``, when a warm isolate or
+a free held sandbox is there), or awaits ``call``. Adding a method is one
+entry here and one controller method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..protocol.models import (
+    Caller,
+    CancelRequest,
+    Empty,
+    ExecuteRequest,
+    ListDir,
+    ReadFile,
+    Request,
+    SandboxCreate,
+    SandboxExec,
+    SandboxRef,
+    SandboxRunCode,
+    WriteFile,
+    parse,
+)
+from ..result import ExecResult
+from ..runtimes.base import OutputCallback
+from .controller import Controller
+
+Done = Callable[[ExecResult | Exception], None]
+Call = Callable[[Controller, Any, Caller, OutputCallback | None], Awaitable[Any]]
+Immediate = Callable[[Controller, Any, Caller], Any]
+StartNow = Callable[[Controller, Any, Caller, Done], Callable[[], None] | None]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    request: type[Request]
+    call: Call
+    # Answered in the callback that read the request: nothing to wait for.
+    immediate: Immediate | None = None
+    # Starts the run now when it can, answered from the agent's callback (no task woken).
+    start_now: StartNow | None = None
+    # A caller that goes away ends the run: a one-shot result can go nowhere.
+    ends_with_caller: bool = False
+    # Logged to the audit log as an administrative act.
+    admin_action: bool = False
+
+
+async def _ping(c: Controller, r: Empty, caller: Caller, out: OutputCallback | None) -> str:
+    return "pong"
+
+
+async def _status(c: Controller, r: Empty, caller: Caller, out: OutputCallback | None) -> Any:
+    return c.status(caller)
+
+
+async def _cancel(c: Controller, r: CancelRequest, caller: Caller, out: OutputCallback | None) -> Any:
+    return c.cancel(r, caller)
+
+
+async def _runtimes(c: Controller, r: Empty, caller: Caller, out: OutputCallback | None) -> Any:
+    return await c.runtimes()
+
+
+def _method_list() -> list[Method]:
+    return [
+        Method("ping", Empty, _ping, immediate=lambda c, r, caller: "pong"),
+        Method("status", Empty, _status, immediate=lambda c, r, caller: c.status(caller)),
+        Method("selftest", Empty, lambda c, r, caller, out: c.selftest(r, caller)),
+        Method(
+            "execute",
+            ExecuteRequest,
+            lambda c, r, caller, out: c.execute(r, caller, out),
+            start_now=lambda c, r, caller, done: c.execute_now(r, caller, done),
+            ends_with_caller=True,
+        ),
+        Method("execute.cancel", CancelRequest, _cancel, admin_action=True),
+        Method("sandbox.create", SandboxCreate, lambda c, r, caller, out: c.create(r, caller)),
+        Method(
+            "sandbox.exec",
+            SandboxExec,
+            lambda c, r, caller, out: c.sandbox_run(r, caller, out),
+            start_now=lambda c, r, caller, done: c.sandbox_call_now(r, caller, done),
+        ),
+        Method(
+            "sandbox.run_code",
+            SandboxRunCode,
+            lambda c, r, caller, out: c.sandbox_run(r, caller, out),
+            start_now=lambda c, r, caller, done: c.sandbox_call_now(r, caller, done),
+        ),
+        Method("sandbox.write_file", WriteFile, lambda c, r, caller, out: c.write_file(r, caller)),
+        Method("sandbox.read_file", ReadFile, lambda c, r, caller, out: c.read_file(r, caller)),
+        Method("sandbox.list_dir", ListDir, lambda c, r, caller, out: c.list_dir(r, caller)),
+        Method("sandbox.close", SandboxRef, lambda c, r, caller, out: c.close_sandbox(r, caller), admin_action=True),
+        Method("runtimes", Empty, _runtimes),
+    ]
+
+
+METHODS: dict[str, Method] = {m.name: m for m in _method_list()}
+
+
+def read_request(method: Method, params: dict[str, Any] | None) -> Any:
+    """``params`` as the method's request model (``InvalidRequestError``/``PolicyError`` naming the field)."""
+    return parse(method.request, params, f"{method.name} request")
+
+
+async def dispatch(
+    controller: Controller,
+    name: str,
+    params: dict[str, Any] | None,
+    caller: Caller,
+    on_output: OutputCallback | None = None,
+) -> Any:
+    """Parse and answer one request by method name: what a door with nothing faster to do calls."""
+    from ..errors import MethodNotFoundError
+
+    method = METHODS.get(name)
+    if method is None:
+        raise MethodNotFoundError(f"Method not found: {name[:64]}")
+    return await method.call(controller, read_request(method, params), caller, on_output)

@@ -1,0 +1,113 @@
+"""Where the daemon's events go: metrics, the audit log, the dashboard's history.
+
+One ``Observers`` object per daemon, shared by both doors and the
+controller (as its ``ExecutionListener``). Each sink is optional: without
+the ``server`` extra there are no metrics, and without ``STOCKADE_AUDIT_LOG``
+turned off the audit log is always written. Nothing here blocks the event
+loop: metrics are counters, the audit log queues to its writer thread, the
+history is a few bounded deques.
+
+What reaches the audit log is metadata only: who (the owner, the agent id),
+what (method, policy digest, outcome), never code, input, output, file data
+or a token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..protocol.models import Caller
+from ..result import ExecResult
+from ..server.history import History
+
+if TYPE_CHECKING:
+    from ..audit import AuditLog
+    from ..metrics import Metrics
+
+log = logging.getLogger("stockade.daemon")
+
+
+class Observers:
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        audit: AuditLog | None = None,
+        pools: Callable[[], dict[str, dict[str, int]]] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.audit = audit
+        self.history = History()
+        self._pools = pools  # each runtime's warm pool statistics, read at each scrape
+        self._missed: dict[str, int] = {}
+
+    # ---- the controller's listener -------------------------------------------------------
+
+    def execution(self, caller: Caller, agent_id: str | None, result: ExecResult, held: bool = False) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_execution(result, cold_start=not held)
+        self.history.execution(caller, agent_id, result)
+        if self.audit is None:
+            return
+        self.audit.record(
+            "execution",
+            owner=caller.owner,
+            door=caller.door,
+            agent_id=agent_id,
+            execution_id=result.execution_id,
+            held=held,
+            runtime=result.runtime_used,
+            policy_digest=result.policy_digest,
+            outcome=result.termination_reason,
+            success=result.success,
+            exit_code=result.exit_code,
+            seconds=round(result.execution_time_seconds, 6),
+            violations=sum(result.violation_counts.values()) or len(result.security_violations),
+        )
+        for v in result.security_violations:
+            self.audit.record(
+                "violation",
+                owner=caller.owner,
+                agent_id=agent_id,
+                execution_id=result.execution_id,
+                violation_type=v.violation_type,
+                syscall=v.syscall,
+                severity=v.severity,
+                detection_layer=v.detection_layer,
+                blocked=v.blocked,
+            )
+        if result.violations_dropped:
+            self.audit.record(
+                "violations_uncounted",
+                execution_id=result.execution_id,
+                counts=dict(result.violation_counts),
+                dropped=result.violations_dropped,
+            )
+
+    # ---- the doors -----------------------------------------------------------------------
+
+    def request(self, door: str, method: str, code: int | str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request("http" if door == "http" else "unix", method, code, seconds)
+
+    def auth_failure(self, door: str, peer: str, method: str) -> None:
+        if self.audit is not None:
+            self.audit.record("auth_failure", door=door, peer=peer, method=method[:128])
+
+    def admin(self, caller: Caller, action: str, target: str, **details: Any) -> None:
+        if self.audit is not None:
+            self.audit.record("admin", owner=caller.owner, door=caller.door, action=action, target=target, **details)
+
+    def exposition(self) -> tuple[bytes, str]:
+        if self.metrics is None:
+            return b"# metrics need the server extra: pip install 'stockade[server]'\n", "text/plain; charset=utf-8"
+        for runtime, stats in (self._pools() if self._pools is not None else {}).items():
+            missed = stats["missed"] - self._missed.get(runtime, 0)
+            self._missed[runtime] = stats["missed"]
+            self.metrics.observe_pool(runtime, stats["warm"], max(0, missed))
+        return self.metrics.exposition()
+
+    def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()

@@ -1,0 +1,290 @@
+"""Every request and answer of the daemon, as pydantic models: the one request model.
+
+The Unix-socket RPC (``params`` of a method), the HTTP API (request bodies)
+and both clients read and write these; the controller takes them, whatever
+door a request came in by. A request is validated once, where it enters,
+and a failure names the field: ``request_error`` turns pydantic's report
+into ``InvalidRequestError`` (or ``PolicyError`` when every complaint is
+about the policy).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from ..errors import InvalidRequestError, PolicyError
+from ..limits import check_call_size
+from ..policy import Policy, default_policy
+
+Language = Literal["python", "bash"]
+Argv = Annotated[list[str], Field(min_length=1, description="the command and its arguments")]
+Seconds = Annotated[float, Field(gt=0, description="seconds")]
+AgentId = Annotated[str, Field(min_length=1, max_length=128, description="who the run is for (audit, metrics)")]
+
+
+class Request(BaseModel):
+    """A request's fields. Unknown fields are refused (a misspelt one would otherwise be
+    ignored), and values are taken as JSON gives them: no string is read as a number,
+    no ``true`` as 1."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Empty(Request):
+    """A method that takes no arguments."""
+
+
+class _WithPolicy(Request):
+    policy: Policy = Field(default_factory=default_policy, description="the isolate's Policy (defaults when omitted)")
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _default_policy(cls, value: Any) -> Any:
+        # None and {} are the default policy, built once rather than per request.
+        return default_policy() if value is None or value == {} else value
+
+
+class _WithStdin(Request):
+    stdin: str | None = Field(default=None, description="text for the run's standard input")
+    stdin_b64: str | None = Field(default=None, description="bytes for standard input, base64 (instead of stdin)")
+    stream: bool = Field(default=False, description="send output as it comes, ahead of the result")
+
+    _stdin: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _one_stdin(self) -> Any:
+        if self.stdin is not None and self.stdin_b64 is not None:
+            raise ValueError("give stdin or stdin_b64, not both")
+        if self.stdin_b64 is not None:
+            self._stdin = _b64decode(self.stdin_b64, "stdin_b64")
+        elif self.stdin:
+            self._stdin = self.stdin.encode(errors="surrogatepass")
+        return self
+
+    def stdin_bytes(self) -> bytes:
+        """Standard input as bytes (decoded once, when the request was validated)."""
+        return self._stdin
+
+    def check_sizes(self) -> None:
+        """Refuse code or stdin over one call's limit (``CallTooLargeError``) before a slot is taken."""
+        check_call_size("code", getattr(self, "code", None))
+        check_call_size("stdin", self._stdin)
+
+
+class ExecuteRequest(_WithPolicy, _WithStdin):
+    """``execute``: one command or piece of code in a fresh isolate."""
+
+    command: Argv | None = None
+    code: str | None = None
+    language: Language = "python"
+    agent_id: AgentId | None = None
+
+    @model_validator(mode="after")
+    def _command_or_code(self) -> ExecuteRequest:
+        if (self.command is None) == (self.code is None):
+            raise ValueError("execute needs exactly one of 'command' (a list of strings) or 'code'")
+        return self
+
+
+class CancelRequest(Request):
+    execution_id: str
+
+
+class SandboxCreate(_WithPolicy):
+    keep: bool = Field(default=False, description="outlive the connection that made it (until closed or idle)")
+    idle_timeout: Seconds | None = Field(default=None, description="closed after this long without a call")
+    agent_id: AgentId | None = None
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        return _finite(value, "idle_timeout")
+
+
+class SandboxRef(Request):
+    sandbox_id: str
+
+
+class _HeldRun(SandboxRef, _WithStdin):
+    env: dict[str, str] | None = Field(default=None, description="environment for this call, over the policy's")
+    timeout: Seconds | None = Field(default=None, description="this call's own limit (the policy's still holds)")
+
+    @field_validator("timeout")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        return _finite(value, "timeout")
+
+
+class SandboxExec(_HeldRun):
+    command: Argv
+    cwd: str | None = None
+
+
+class SandboxRunCode(_HeldRun):
+    code: str
+    language: Language = "python"
+
+
+class WriteFile(SandboxRef):
+    path: str = Field(min_length=1)
+    data: str = Field(description="the file's bytes, base64")
+    mode: int = Field(default=0o644, ge=0, le=0o7777)
+    _raw: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _decode(self) -> WriteFile:
+        self._raw = _b64decode(self.data, "data")
+        return self
+
+    def data_bytes(self) -> bytes:
+        """The file's bytes (decoded once, when the request was validated)."""
+        return self._raw
+
+
+class ReadFile(SandboxRef):
+    path: str = Field(min_length=1)
+    max_bytes: int | None = Field(default=None, ge=0)
+
+
+class ListDir(SandboxRef):
+    path: str = Field(min_length=1)
+
+
+# ---- answers -----------------------------------------------------------------------------
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SandboxCreated(Answer):
+    sandbox_id: str
+    runtime: str
+    policy_digest: str
+    idle_timeout: float | None
+
+
+class FileWritten(Answer):
+    path: str
+    size: int
+
+
+class FileData(Answer):
+    path: str
+    data: str = Field(description="the file's bytes, base64")
+
+
+class DirListing(Answer):
+    path: str
+    entries: list[dict[str, Any]]
+
+
+class Closed(Answer):
+    sandbox_id: str
+    closed: bool = True
+
+
+class Cancelled(Answer):
+    execution_id: str
+    cancelled: bool = True
+
+
+class ActiveSandbox(Answer):
+    kind: Literal["held", "execute"]
+    runtime: str
+    owner: str
+    owner_uid: int | None = None
+    agent_id: str | None = None
+    uptime_seconds: float
+    sandbox_id: str | None = None
+    execution_id: str | None = None
+    idle_seconds: float | None = None
+    idle_timeout: float | None = None
+    closing: bool = False
+
+
+class Status(Answer):
+    active_sandboxes: list[ActiveSandbox]
+    total_count: int
+    max_sandboxes: int
+    max_sandboxes_per_uid: int | None
+    waiting: int
+
+
+class SelfTest(Answer):
+    ok: bool
+    message: str
+    verified: bool
+    runtime: str
+    policy_digest: str
+
+
+# ---- who asks ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a request is for, whatever door it came in by.
+
+    ``owner`` keys what the caller holds (its sandboxes, its share of the
+    slots): ``uid 1000`` on the Unix socket, ``http <client>`` on the HTTP API.
+    ``admin`` callers (root on the socket) see and end everyone's runs.
+    ``connection`` is the Unix-socket connection whose end closes the
+    sandboxes it made (None: the HTTP API's, closed by DELETE or idleness).
+    ``waits``: whether a request may wait in the queue for a free slot; the HTTP
+    API's are answered "busy" (503) at once instead, never left hanging.
+    """
+
+    owner: str
+    door: Literal["unix", "http", "local"]
+    admin: bool = False
+    uid: int | None = None
+    connection: int | None = None
+    waits: bool = True
+
+
+def unix_caller(uid: int, connection: int | None = None) -> Caller:
+    return Caller(f"uid {uid}", "unix", admin=uid == 0, uid=uid, connection=connection)
+
+
+def request_error(exc: ValidationError, what: str) -> InvalidRequestError | PolicyError:
+    """pydantic's report on a request as the error that names each field it refuses."""
+    parts: list[str] = []
+    policy_only = True
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        policy_only = policy_only and bool(loc) and loc[0] == "policy"
+        field = ".".join(loc) or what
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}" if err["type"] != "extra_forbidden" else f"{field}: unknown field")
+    text = "; ".join(parts)[:2000]
+    if policy_only:
+        return PolicyError(f"invalid policy: {text.replace('policy.', '')}")
+    return InvalidRequestError(f"invalid {what}: {text}")
+
+
+def parse(model: type[Request], params: dict[str, Any] | None, what: str) -> Any:
+    """``params`` as ``model``, or the error naming what is wrong."""
+    try:
+        return model.model_validate(params or {})
+    except ValidationError as exc:
+        raise request_error(exc, what) from None
+
+
+def _finite(value: float | None, name: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds")
+    return value
+
+
+def _b64decode(value: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{name} is not valid base64") from None

@@ -1,0 +1,472 @@
+"""The HTTP API (FastAPI): a second door to the daemon's controller, never a second implementation.
+
+Every route reads its body into a request model (``protocol/models.py``, or
+seed 003's and SandboxFusion's shapes, translated into those) and answers
+through the same method table as the Unix socket (``daemon/methods.py``).
+Errors are answered ``{"error": message, "code": code}`` with the HTTP status
+of their code (``errors.HTTP_STATUS``); a refused request never reaches a
+sandbox.
+
+- Auth: ``Authorization: Bearer <token>`` on everything but ``/health``, the
+  dashboard's page and its static files, checked with ``hmac.compare_digest``.
+- Rate limits: per client address and per ``agent_id`` (429, ``Retry-After``).
+- Capacity: a full daemon answers 503 at once; the HTTP door never queues.
+- A client that goes away ends its one-shot run (its isolate is killed); a
+  held sandbox's call is let finish, so the sandbox stays in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import math
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, TypeVar
+
+from fastapi import Body, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..daemon.controller import Controller
+from ..daemon.methods import METHODS, read_request
+from ..daemon.observers import Observers
+from ..daemon.ratelimit import SlidingWindowLimiter
+from ..errors import (
+    HTTP_STATUS,
+    AuthenticationError,
+    InvalidRequestError,
+    RateLimitError,
+    StockadeError,
+    error_code,
+)
+from ..policy import Policy, default_policy
+from ..protocol.models import Caller, Cancelled, Closed, DirListing, FileWritten, SandboxCreated, request_error
+from ..result import ExecResult
+from . import sandboxfusion, seed
+from .sse import event_stream, until_disconnect
+
+T = TypeVar("T")
+HTTP_CALLER = Caller("http", "http", waits=False)
+MAX_FILE_BYTES = 7 * 1024 * 1024  # one call's data (limits.py)
+
+
+class ErrorBody(BaseModel):
+    error: str
+    code: str
+
+
+class HttpSandboxCreate(BaseModel):
+    """``POST /api/v1/sandboxes``: a held sandbox (closed by DELETE or after its idle timeout)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: dict[str, Any] | None = Field(default=None, description="Policy fields; the defaults when left out")
+    idle_timeout: float | None = Field(default=None, gt=0, description="seconds without a call before it is closed")
+    agent_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class HttpExec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(min_length=1)
+    cwd: str | None = None
+    stdin: str | None = None
+    env: dict[str, str] | None = None
+    timeout: float | None = Field(default=None, gt=0)
+
+
+class HttpRunCode(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str
+    language: str = "python"
+    stdin: str | None = None
+    env: dict[str, str] | None = None
+    timeout: float | None = Field(default=None, gt=0)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in sorted(set(HTTP_STATUS.values()) | {401, 429, 503})
+}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    code = error_code(exc)
+    message = str(exc) if code != "internal" else f"Internal error: {type(exc).__name__}"
+    headers = {}
+    if isinstance(exc, RateLimitError):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif code in ("busy", "unavailable"):
+        headers["Retry-After"] = "1"
+    elif isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": message, "code": code}, status_code=HTTP_STATUS[code], headers=headers)
+
+
+class HttpDoor:
+    """What the HTTP API keeps between requests: its token, its rate windows, its observers."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        observers: Observers,
+        token: str | None,
+        client_rps: int,
+        agent_rps: int,
+        health: Callable[[], list[str]],
+    ) -> None:
+        self.controller = controller
+        self.observers = observers
+        self.token = token.encode() if token else None
+        self.per_client = SlidingWindowLimiter(client_rps)
+        self.per_agent = SlidingWindowLimiter(agent_rps)
+        self.runtimes_available = health
+
+    def check_token(self, request: Request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
+            self.observers.auth_failure("http", _client(request), request.url.path)
+            raise AuthenticationError("Authentication failed: a valid 'Authorization: Bearer <token>' is required")
+
+    def check_rate(self, request: Request) -> None:
+        client = _client(request)
+        if not self.per_client.allow(client):
+            raise RateLimitError(f"Rate limit exceeded for client {client}", self.per_client.wait_s(client))
+
+    def check_agent(self, agent_id: str | None) -> None:
+        if agent_id is not None and not self.per_agent.allow(agent_id):
+            raise RateLimitError(f"Rate limit exceeded for agent_id {agent_id!r}", self.per_agent.wait_s(agent_id))
+
+    async def call(self, name: str, params: dict[str, Any], on_output: Any = None) -> Any:
+        method = METHODS[name]
+        request = read_request(method, params)
+        answer = await method.call(self.controller, request, HTTP_CALLER, on_output)
+        if method.admin_action:
+            self.observers.admin(HTTP_CALLER, method.name, _target(request))
+        return answer
+
+
+def _target(request: Any) -> str:
+    """What an administrative act was done to: a sandbox or an execution, by id."""
+    return str(getattr(request, "sandbox_id", None) or getattr(request, "execution_id", ""))
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+OPEN_PATHS = ("/health", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css")
+
+
+def create_app(door: HttpDoor) -> FastAPI:
+    app = FastAPI(
+        title="stockade",
+        version=__version__,
+        description="Run code and tools nobody has vetted behind real isolation boundaries.",
+    )
+    controller = door.controller
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.monotonic()
+        try:
+            if request.url.path not in OPEN_PATHS:
+                door.check_token(request)
+                door.check_rate(request)
+            response = await call_next(request)
+        except StockadeError as exc:
+            response = error_response(exc)
+        route = request.scope.get("route")
+        name = getattr(route, "name", None) or "unknown"
+        door.observers.request("http", name, response.status_code, time.monotonic() - started)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    @app.exception_handler(StockadeError)
+    async def stockade_error(request: Request, exc: StockadeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            return JSONResponse(
+                {"error": "Invalid JSON in the request body", "code": "invalid_request"}, status_code=400
+            )
+        parts = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            parts.append(f"{'.'.join(loc) or 'body'}: {str(err.get('msg', '')).removeprefix('Value error, ')}")
+        return error_response(InvalidRequestError("invalid request: " + "; ".join(parts)[:2000]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_found"}.get(exc.status_code, "invalid_request")
+        return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
+
+    # ---- seed 003 ------------------------------------------------------------------------
+
+    @app.post(
+        "/api/v1/sandbox/execute",
+        name="execute",
+        response_model=seed.SeedExecuteResponse,
+        responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    )
+    async def execute(request: Request, body: seed.SeedExecuteRequest, stream: bool = Query(default=False)) -> Any:
+        """Run code or a command in a fresh isolate (seed 003); ``?stream=true`` sends its
+        output as server-sent events (``output``, then ``result`` or ``error``)."""
+        door.check_agent(body.agent_id)
+        job = _checked(body.to_request)
+        if stream:
+            return event_stream(
+                lambda out: controller.execute(job, HTTP_CALLER, out),
+                lambda result: seed.response(result).model_dump_json(),
+                cancel_on_disconnect=True,
+            )
+        result = await until_disconnect(request, controller.execute(job, HTTP_CALLER))
+        return seed.response(result)
+
+    @app.get("/api/v1/sandbox/status", name="status", response_model=seed.SeedStatus, responses=_ERRORS)
+    async def status() -> seed.SeedStatus:
+        now = controller.status(HTTP_CALLER)
+        return seed.SeedStatus(
+            active_sandboxes=[
+                seed.SeedActiveSandbox(
+                    execution_id=s.execution_id,
+                    sandbox_id=s.sandbox_id,
+                    kind=s.kind,
+                    agent_id=s.agent_id,
+                    runtime=s.runtime,
+                    uptime_seconds=s.uptime_seconds,
+                )
+                for s in now.active_sandboxes
+            ],
+            total_count=len(now.active_sandboxes),
+        )
+
+    @app.get("/health", name="health", response_model=seed.Health)
+    async def health() -> seed.Health:
+        available = door.runtimes_available()
+        return seed.Health(
+            status="healthy" if available else "degraded",
+            service="stockade",
+            version=__version__,
+            policy_digest=default_policy().digest,
+            runtimes_available=available,
+            active_sandboxes=len(controller.running) + len(controller.held),
+        )
+
+    @app.get("/metrics", name="metrics", responses={**_ERRORS, 200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        body, content_type = door.observers.exposition()
+        return Response(body, media_type=content_type)
+
+    # ---- held sandboxes --------------------------------------------------------------------
+
+    @app.post(
+        "/api/v1/sandboxes", name="sandbox.create", status_code=201, response_model=SandboxCreated, responses=_ERRORS
+    )
+    async def create(body: HttpSandboxCreate) -> Any:
+        door.check_agent(body.agent_id)
+        return await door.call("sandbox.create", body.model_dump(exclude_none=True))
+
+    @app.post(
+        "/api/v1/sandboxes/{sandbox_id}/exec",
+        name="sandbox.exec",
+        response_model=ExecResult,
+        responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    )
+    async def sandbox_exec(sandbox_id: str, body: HttpExec, stream: bool = Query(default=False)) -> Any:
+        return await _held_run(door, "sandbox.exec", sandbox_id, body, stream)
+
+    @app.post(
+        "/api/v1/sandboxes/{sandbox_id}/run_code",
+        name="sandbox.run_code",
+        response_model=ExecResult,
+        responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    )
+    async def sandbox_run_code(sandbox_id: str, body: HttpRunCode, stream: bool = Query(default=False)) -> Any:
+        return await _held_run(door, "sandbox.run_code", sandbox_id, body, stream)
+
+    @app.put(
+        "/api/v1/sandboxes/{sandbox_id}/files", name="sandbox.write_file", response_model=FileWritten, responses=_ERRORS
+    )
+    async def write_file(
+        sandbox_id: str,
+        path: str = Query(min_length=1),
+        mode: int = Query(default=0o644, ge=0, le=0o7777),
+        data: bytes = Body(default=b"", media_type="application/octet-stream"),
+    ) -> Any:
+        params = {"sandbox_id": sandbox_id, "path": path, "mode": mode, "data": base64.b64encode(data).decode()}
+        return await door.call("sandbox.write_file", params)
+
+    @app.get(
+        "/api/v1/sandboxes/{sandbox_id}/files",
+        name="sandbox.read_file",
+        response_class=Response,
+        responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    )
+    async def read_file(
+        sandbox_id: str, path: str = Query(min_length=1), max_bytes: int | None = Query(default=None, ge=0)
+    ) -> Response:
+        params: dict[str, Any] = {"sandbox_id": sandbox_id, "path": path, "max_bytes": max_bytes}
+        answer = await door.call("sandbox.read_file", {k: v for k, v in params.items() if v is not None})
+        return Response(base64.b64decode(answer.data), media_type="application/octet-stream")
+
+    @app.get(
+        "/api/v1/sandboxes/{sandbox_id}/files/list",
+        name="sandbox.list_dir",
+        response_model=DirListing,
+        responses=_ERRORS,
+    )
+    async def list_dir(sandbox_id: str, path: str = Query(min_length=1)) -> Any:
+        return await door.call("sandbox.list_dir", {"sandbox_id": sandbox_id, "path": path})
+
+    @app.delete("/api/v1/sandboxes/{sandbox_id}", name="sandbox.close", response_model=Closed, responses=_ERRORS)
+    async def close(sandbox_id: str) -> Any:
+        return await door.call("sandbox.close", {"sandbox_id": sandbox_id})
+
+    @app.delete(
+        "/api/v1/sandbox/execute/{execution_id}", name="execute.cancel", response_model=Cancelled, responses=_ERRORS
+    )
+    async def cancel(execution_id: str) -> Any:
+        """End a running execute (its client gets it answered ``killed``)."""
+        return await door.call("execute.cancel", {"execution_id": execution_id})
+
+    # ---- SandboxFusion ---------------------------------------------------------------------
+
+    @app.post("/run_code", name="sandboxfusion.run_code", response_model=sandboxfusion.RunCodeResponse,
+              responses=_ERRORS)  # fmt: skip
+    async def run_code(request: Request, body: sandboxfusion.RunCodeRequest) -> Any:
+        """SandboxFusion's ``/run_code``, field for field: a framework pointed at this URL runs unchanged."""
+        try:
+            fields = sandboxfusion.policy_fields(body)
+        except sandboxfusion.RequestNotSupported as exc:
+            raise InvalidRequestError(str(exc)) from None
+        policy = Policy.build(**fields)
+        return await until_disconnect(request, _fusion(controller, body, policy))
+
+    @app.get("/v1/ping", name="sandboxfusion.ping", response_model=str)
+    async def ping() -> str:
+        return "pong"
+
+    # ---- dashboard -------------------------------------------------------------------------
+
+    @app.get("/api/v1/dashboard", name="dashboard", responses=_ERRORS)
+    async def dashboard() -> dict[str, Any]:
+        now = controller.status(HTTP_CALLER)
+        return {
+            "service": "stockade",
+            "version": __version__,
+            "policy_digest": default_policy().digest,
+            "active_sandboxes": [
+                {
+                    "id": s.sandbox_id or s.execution_id,
+                    "kind": s.kind,
+                    "agent_id": s.agent_id,
+                    "runtime": s.runtime,
+                    "uptime_seconds": s.uptime_seconds,
+                }
+                for s in now.active_sandboxes
+            ],
+            **door.observers.history.snapshot(),
+        }
+
+    static = resources.files("stockade.server") / "static"
+    page_headers = {"Content-Security-Policy": "default-src 'self'", "Cache-Control": "no-cache"}
+
+    @app.get("/", name="dashboard.page", response_class=Response, include_in_schema=False)
+    async def page() -> Response:
+        return Response((static / "dashboard.html").read_bytes(), media_type="text/html", headers=page_headers)
+
+    @app.get("/static/{name}", name="dashboard.static", response_class=Response, include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        types = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+        if name not in types:
+            return JSONResponse({"error": f"no static file {name!r}", "code": "not_found"}, status_code=404)
+        return Response((static / name).read_bytes(), media_type=types[name], headers=page_headers)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
+    return app
+
+
+def _checked(build: Callable[[], T]) -> T:
+    """A request translated into stockade's model; pydantic's complaint, by field name."""
+    from pydantic import ValidationError
+
+    try:
+        return build()
+    except ValidationError as exc:
+        raise request_error(exc, "request") from None
+
+
+async def _held_run(door: HttpDoor, name: str, sandbox_id: str, body: BaseModel, stream: bool) -> Any:
+    params = {"sandbox_id": sandbox_id, **body.model_dump(exclude_none=True)}
+    if not stream:
+        return await door.call(name, params)
+    method = METHODS[name]
+    request = read_request(method, params)
+    # A held sandbox's call is let finish when its client goes away: the sandbox stays in step.
+    return event_stream(
+        lambda out: method.call(door.controller, request, HTTP_CALLER, out),
+        lambda result: result.model_dump_json(),
+        cancel_on_disconnect=False,
+    )
+
+
+class _HeldForFusion:
+    """A held sandbox as SandboxFusion's adapter wants it (``sandboxfusion.HeldSandbox``)."""
+
+    def __init__(self, controller: Controller, sandbox_id: str) -> None:
+        self.controller, self.sandbox_id = controller, sandbox_id
+
+    async def _call(self, name: str, **params: Any) -> Any:
+        method = METHODS[name]
+        request = read_request(method, {"sandbox_id": self.sandbox_id, **params})
+        return await method.call(self.controller, request, HTTP_CALLER, None)
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        await self._call("sandbox.write_file", path=path, data=base64.b64encode(data).decode())
+
+    async def run_code(self, code: str, language: str, *, stdin: str | bytes, timeout: float) -> ExecResult:
+        raw = stdin.encode() if isinstance(stdin, str) else stdin
+        stdin_field = {"stdin_b64": base64.b64encode(raw).decode()} if raw else {}
+        result: ExecResult = await self._call(
+            "sandbox.run_code", code=code, language=language, timeout=timeout, **stdin_field
+        )
+        return result
+
+    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        params: dict[str, Any] = {"path": path}
+        if max_bytes is not None:
+            params["max_bytes"] = max_bytes
+        answer = await self._call("sandbox.read_file", **params)
+        return base64.b64decode(answer.data)
+
+
+async def _fusion(controller: Controller, body: sandboxfusion.RunCodeRequest, policy: Policy) -> Any:
+    created = await controller.create(
+        read_request(METHODS["sandbox.create"], {"policy": policy.model_dump(mode="json")}), HTTP_CALLER
+    )
+    try:
+        return await sandboxfusion.run(body, _HeldForFusion(controller, created.sandbox_id))
+    finally:
+        await asyncio.shield(_close_quietly(controller, created.sandbox_id))
+
+
+async def _close_quietly(controller: Controller, sandbox_id: str) -> None:
+    try:
+        await controller.close_sandbox(read_request(METHODS["sandbox.close"], {"sandbox_id": sandbox_id}), HTTP_CALLER)
+    except StockadeError:
+        pass

@@ -1,0 +1,94 @@
+"""The HTTP API served by uvicorn inside the daemon's own event loop.
+
+One loop holds both doors and the controller: an HTTP request reaches a
+sandbox with no thread hop and no second process. uvicorn's own signal
+handling is turned off; the daemon's loop owns SIGTERM and stops this
+server first, letting its requests finish within the daemon's grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from ..daemon.config import DaemonConfig
+from ..daemon.controller import Controller
+from ..daemon.observers import Observers
+from ..errors import ConfigError
+from .app import HttpDoor, create_app
+
+log = logging.getLogger("stockade.daemon")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The daemon's loop has its own handlers for SIGTERM and SIGINT; it stops this server.
+        yield
+
+
+class HttpService:
+    def __init__(self, server: _Server, task: asyncio.Task[None], address: tuple[str, int]) -> None:
+        self.server, self.task, self.address = server, task, address
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
+        return f"http://{host}:{self.address[1]}"
+
+    async def close(self, grace_s: float) -> None:
+        """Stop accepting; requests in progress have ``grace_s`` to answer."""
+        self.server.config.timeout_graceful_shutdown = max(1, int(grace_s))
+        self.server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), grace_s + 5)
+        except TimeoutError:
+            self.server.force_exit = True
+            await self.task
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot serve the HTTP API on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def start(config: DaemonConfig, controller: Controller, observers: Observers) -> HttpService:
+    """Bind ``config.http_listen`` (port 0: any free one) and serve the API on this loop."""
+    assert config.http_listen is not None
+    host, port = config.http_listen
+    sock = _bind(host, port)
+    door = HttpDoor(
+        controller,
+        observers,
+        config.api_token,
+        client_rps=config.max_requests,
+        agent_rps=config.agent_max_requests,
+        health=lambda: sorted(controller.working_runtimes),
+    )
+    server = _Server(
+        uvicorn.Config(create_app(door), log_level="warning", access_log=False, lifespan="off", server_header=False)
+    )
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped it
+            raise ConfigError("the HTTP API stopped as it started")
+        await asyncio.sleep(0.01)
+    service = HttpService(server, task, sock.getsockname()[:2])
+    auth = "bearer token" if config.api_token else "no token: loopback only"
+    log.info("HTTP API on %s (%s)", service.url, auth)
+    return service

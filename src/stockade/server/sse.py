@@ -1,0 +1,100 @@
+"""Server-sent events for a run's output, and the end of a run whose client went away.
+
+A streamed run answers ``text/event-stream``: an ``output`` event per chunk
+(``{"stream": "stdout"|"stderr", "text": ...}``, UTF-8 decoded per stream, so
+a character split across chunks is not broken), then one ``result`` event
+(the run's result) or one ``error`` event (``{"error", "code"}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..errors import DaemonUnavailableError, error_code
+from ..runtimes.base import OutputCallback
+
+T = TypeVar("T")
+
+
+def sse(event: str, data: str) -> bytes:
+    """One event; ``data`` is JSON, so it holds no newline of its own."""
+    return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+def event_stream(
+    run: Callable[[OutputCallback], Awaitable[Any]],
+    render: Callable[[Any], str],
+    cancel_on_disconnect: bool,
+) -> StreamingResponse:
+    """Start ``run`` now with an output callback; stream what it writes, then ``render(result)``.
+
+    With ``cancel_on_disconnect`` a client that goes away ends the run (its task is
+    cancelled, which kills a one-shot isolate); otherwise the run is let finish.
+    """
+    events: asyncio.Queue[bytes | None] = asyncio.Queue()
+    decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
+
+    def on_output(stream: str, data: bytes) -> None:
+        decoder = decoders.get(stream)
+        if decoder is not None:
+            events.put_nowait(sse("output", json.dumps({"stream": stream, "text": decoder.decode(data)})))
+
+    async def work() -> None:
+        try:
+            result = await run(on_output)
+            events.put_nowait(sse("result", render(result)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is an event the client reads
+            code = error_code(exc)
+            message = str(exc) if code != "internal" else f"Internal error: {type(exc).__name__}"
+            events.put_nowait(sse("error", json.dumps({"error": message, "code": code})))
+        finally:
+            events.put_nowait(None)
+
+    task = asyncio.get_running_loop().create_task(work())
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+        finally:
+            if cancel_on_disconnect and not task.done():
+                task.cancel()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result; ended (cancelled) if the client disconnects first.
+
+    Once the request's body is read, the server's next message on it is the
+    disconnect, so waiting for it costs nothing while the client stays.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # the client went away (or this handler was cancelled): the run ends
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise DaemonUnavailableError("the client disconnected: the run was ended")
+    return task.result()

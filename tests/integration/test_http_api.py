@@ -1,0 +1,396 @@
+"""The HTTP API against a live daemon on a free loopback port: every route and its error paths."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from stockade.policy import Policy
+from tests.daemon_harness import Daemon, start_daemon
+from tests.helpers import processes_with_arg
+
+TOKEN = "an-api-token-" + "9" * 24
+SEED_FIELDS = {
+    "execution_id", "success", "output", "error", "security_violations", "execution_time_seconds",
+    "cold_start_time_ms", "resource_usage", "termination_reason", "runtime_used", "policy_digest",
+    "stdout", "stderr", "exit_code",
+}  # fmt: skip
+
+
+@pytest.fixture
+def daemon(process_runtime: str) -> Iterator[Daemon]:
+    d = start_daemon(http="127.0.0.1:0", env={"STOCKADE_MAX_SANDBOXES": "4"})
+    yield d
+    assert d.stop() == 0, d.logs()
+
+
+@pytest.fixture
+def http(daemon: Daemon) -> Iterator[httpx.Client]:
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as client:
+        yield client
+
+
+def _execute(http: httpx.Client, **body: object) -> httpx.Response:
+    return http.post("/api/v1/sandbox/execute", json={"agent_id": "tester", **body})
+
+
+def _wait_until(check: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s")
+
+
+# ---- seed 003 ------------------------------------------------------------------------------
+
+
+def test_execute_answers_the_seeds_fields(http: httpx.Client) -> None:
+    answer = _execute(http, code="import sys; print('hi'); print('err', file=sys.stderr)", memory_limit_mb=256)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert SEED_FIELDS <= set(body)
+    assert (body["success"], body["output"], body["stdout"], body["stderr"]) == (True, "hi\n", "hi\n", "err\n")
+    assert body["exit_code"] == 0 and body["termination_reason"] == "completed" and body["runtime_used"] == "process"
+    assert body["policy_digest"] == Policy(memory_mb=256).digest
+    usage = body["resource_usage"]
+    assert set(usage) == {"cpu_usage_cores", "memory_usage_mb", "network_rx_bytes", "network_tx_bytes"}
+    assert usage["network_rx_bytes"] == usage["network_tx_bytes"] == 0
+
+
+def test_execute_runs_a_command_with_stdin_and_reports_its_exit(http: httpx.Client) -> None:
+    body = _execute(http, command=["sh", "-c", "cat; exit 3"], stdin="fed\n").json()
+    assert (body["success"], body["stdout"], body["exit_code"]) == (False, "fed\n", 3)
+
+
+def test_a_blocked_call_is_a_seed_violation(http: httpx.Client) -> None:
+    code = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    code += "print(libc.unshare(0x10000000), ctypes.get_errno())"  # CLONE_NEWUSER
+    body = _execute(http, code=code).json()
+    assert body["security_violations"], body
+    violation = body["security_violations"][0]
+    assert set(violation) == {
+        "violation_id", "timestamp", "violation_type", "severity", "description", "detection_layer", "blocked",
+        "indicators", "remediation",
+    }  # fmt: skip
+    assert violation["blocked"] is True and violation["indicators"].get("syscall") == "unshare"
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"memory_limit_mb": 4096}, "memory_limit_mb: Input should be less than or equal to 2048"),
+        ({"cpu_limit": 2.5}, "cpu_limit: Input should be less than or equal to 2"),
+        ({"timeout_seconds": 601}, "timeout_seconds: Input should be less than or equal to 600"),
+        ({"runtime": "kata"}, "runtime: Input should be"),
+        ({"runtime": "process", "surprise": 1}, "surprise: Extra inputs are not permitted"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_field(http: httpx.Client, body: dict, named: str) -> None:
+    answer = _execute(http, code="print(1)", **body)
+    assert answer.status_code == 422
+    assert named in answer.json()["error"] and answer.json()["code"] == "invalid_params"
+
+
+def test_bad_json_and_a_missing_agent_are_refused(http: httpx.Client) -> None:
+    bad = http.post("/api/v1/sandbox/execute", content=b"{not json", headers={"content-type": "application/json"})
+    assert (bad.status_code, bad.json()["code"]) == (400, "invalid_request")
+    missing = http.post("/api/v1/sandbox/execute", json={"code": "print(1)"})
+    assert missing.status_code == 422 and "agent_id: Field required" in missing.json()["error"]
+    both = _execute(http, code="print(1)", command=["true"])
+    assert both.status_code == 422 and "exactly one of 'code' or 'command'" in both.json()["error"]
+
+
+def test_full_network_is_refused_rather_than_run_with_less(http: httpx.Client) -> None:
+    answer = _execute(http, code="print(1)", network_policy="full")
+    assert (answer.status_code, answer.json()["code"]) == (422, "policy")
+    assert "no route out" in answer.json()["error"]
+    ok = _execute(http, code="import socket; socket.socket().bind(('127.0.0.1', 0)); print('lo')",
+                  network_policy="restricted")  # fmt: skip
+    assert ok.json()["stdout"] == "lo\n"
+
+
+def test_status_lists_a_running_execute_with_its_agent(daemon: Daemon, http: httpx.Client) -> None:
+    marker = "4244.625"
+    thread = threading.Thread(
+        target=_execute, args=(http,), kwargs={"command": ["sleep", marker], "timeout_seconds": 30}
+    )
+    thread.start()
+    try:
+        _wait_until(lambda: http.get("/api/v1/sandbox/status").json()["total_count"] == 1)
+        (entry,) = http.get("/api/v1/sandbox/status").json()["active_sandboxes"]
+        assert entry["agent_id"] == "tester" and entry["runtime"] == "process" and entry["kind"] == "execute"
+        assert entry["uptime_seconds"] >= 0 and entry["execution_id"]
+        cancelled = http.delete(f"/api/v1/sandbox/execute/{entry['execution_id']}")
+        assert cancelled.json() == {"execution_id": entry["execution_id"], "cancelled": True}
+    finally:
+        thread.join(30)
+    assert processes_with_arg(marker) == []
+    assert http.delete("/api/v1/sandbox/execute/no-such-run").status_code == 404
+
+
+def test_health_names_the_default_policy_and_what_works(http: httpx.Client) -> None:
+    health = http.get("/health").json()
+    assert health["status"] == "healthy" and health["service"] == "stockade"
+    assert health["policy_digest"] == Policy().digest and "process" in health["runtimes_available"]
+    assert health["active_sandboxes"] == 0
+
+
+# ---- held sandboxes --------------------------------------------------------------------------
+
+
+def test_a_held_sandbox_is_a_resource(http: httpx.Client) -> None:
+    created = http.post("/api/v1/sandboxes", json={"policy": {"memory_mb": 256}, "agent_id": "holder"})
+    assert created.status_code == 201, created.text
+    sid = created.json()["sandbox_id"]
+    assert created.json()["policy_digest"] == Policy(memory_mb=256).digest
+    data = bytes(range(256)) * 3
+    put = http.put(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/blob"}, content=data)
+    assert put.json() == {"path": "/work/blob", "size": len(data)}
+    assert http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/blob"}).content == data
+    listing = http.get(f"/api/v1/sandboxes/{sid}/files/list", params={"path": "/work"}).json()
+    assert [e["name"] for e in listing["entries"]] == ["blob"]
+    ran = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["wc", "-c", "/work/blob"]}).json()
+    assert ran["stdout"].split()[0] == str(len(data))
+    code = http.post(f"/api/v1/sandboxes/{sid}/run_code", json={"code": "print(open('/work/blob','rb').read(3))"})
+    assert code.json()["stdout"] == "b'\\x00\\x01\\x02'\n"
+    status = http.get("/api/v1/sandbox/status").json()["active_sandboxes"]
+    assert [(s["sandbox_id"], s["agent_id"]) for s in status] == [(sid, "holder")]
+    assert http.delete(f"/api/v1/sandboxes/{sid}").json() == {"sandbox_id": sid, "closed": True}
+    gone = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["true"]})
+    assert (gone.status_code, gone.json()["code"]) == (404, "not_found")
+    missing = http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/blob"})
+    assert missing.status_code == 404
+
+
+def test_a_held_sandbox_closes_after_its_idle_timeout(http: httpx.Client) -> None:
+    sid = http.post("/api/v1/sandboxes", json={"idle_timeout": 1}).json()["sandbox_id"]
+    _wait_until(lambda: http.get("/api/v1/sandbox/status").json()["total_count"] == 0)
+    late = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["true"]})
+    assert late.status_code == 404 and "without a call (idle_timeout)" in late.json()["error"]
+
+
+# ---- streaming -----------------------------------------------------------------------------
+
+
+def _events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            assert event is not None, "data before its event line"
+            yield event, json.loads(line.removeprefix("data: "))
+            event = None
+        else:
+            assert line == "", f"not SSE framing: {line!r}"
+
+
+def test_stream_sends_output_as_it_comes_then_the_result(http: httpx.Client) -> None:
+    code = (
+        "import sys, time\nfor i in range(3):\n    print(i, flush=True); time.sleep(0.1)\nprint('é', file=sys.stderr)"
+    )
+    with http.stream("POST", "/api/v1/sandbox/execute?stream=true", json={"agent_id": "s", "code": code}) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        events = list(_events(answer.iter_lines()))
+    outputs = [e for e in events if e[0] == "output"]
+    assert "".join(d["text"] for _, d in outputs if d["stream"] == "stdout") == "0\n1\n2\n"
+    assert "".join(d["text"] for _, d in outputs if d["stream"] == "stderr") == "é\n"
+    kind, result = events[-1]
+    assert kind == "result" and result["stdout"] == "0\n1\n2\n" and SEED_FIELDS <= set(result)
+    assert [k for k, _ in events].count("result") == 1
+
+
+def test_a_held_sandbox_streams_too_and_errors_are_events(http: httpx.Client) -> None:
+    sid = http.post("/api/v1/sandboxes", json={}).json()["sandbox_id"]
+    with http.stream("POST", f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["echo", "x"]}) as answer:
+        events = list(_events(answer.iter_lines()))
+    assert events[0] == ("output", {"stream": "stdout", "text": "x\n"}) and events[-1][0] == "result"
+    http.delete(f"/api/v1/sandboxes/{sid}")
+    with http.stream("POST", f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["true"]}) as answer:
+        events = list(_events(answer.iter_lines()))
+    assert events == [("error", {"error": f"no sandbox {sid!r}", "code": "not_found"})]
+
+
+def test_a_client_that_disconnects_mid_stream_ends_the_run(daemon: Daemon, http: httpx.Client) -> None:
+    marker = "4244.875"
+    code = f"import subprocess\nprint('started', flush=True)\nsubprocess.run(['sleep', '{marker}'])"
+    with http.stream("POST", "/api/v1/sandbox/execute?stream=true", json={"agent_id": "gone", "code": code}) as answer:
+        first = next(_events(answer.iter_lines()))
+        assert first == ("output", {"stream": "stdout", "text": "started\n"})
+        _wait_until(lambda: processes_with_arg(marker))
+    # The connection closed with the run still going: its isolate is ended, its slot free.
+    _wait_until(lambda: not processes_with_arg(marker))
+    _wait_until(lambda: http.get("/api/v1/sandbox/status").json()["total_count"] == 0)
+
+
+def test_a_client_that_disconnects_before_its_answer_ends_the_run(daemon: Daemon) -> None:
+    marker = "4245.125"
+    assert daemon.http_url is not None
+    address = urlsplit(daemon.http_url)
+    body = json.dumps({"agent_id": "gone", "command": ["sleep", marker]}).encode()
+    head = (
+        f"POST /api/v1/sandbox/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((address.hostname, address.port), timeout=10) as s:
+        s.sendall(head + body)
+        _wait_until(lambda: processes_with_arg(marker))
+    _wait_until(lambda: not processes_with_arg(marker))
+
+
+# ---- auth, limits, capacity ------------------------------------------------------------------
+
+
+def test_a_token_guards_everything_but_health_and_the_page(process_runtime: str) -> None:
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_API_TOKEN": TOKEN})  # stopped below
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0000000000"}, {"Authorization": TOKEN}):
+            refused = http.post("/api/v1/sandbox/execute", json={"agent_id": "a", "code": "1"}, headers=headers)
+            assert (refused.status_code, refused.json()["code"]) == (401, "auth")
+            assert refused.headers["www-authenticate"] == "Bearer"
+        for path in ("/metrics", "/api/v1/sandbox/status", "/api/v1/dashboard", "/openapi.json"):
+            assert http.get(path).status_code == 401, path
+        assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
+        ok = http.post("/api/v1/sandbox/execute", json={"agent_id": "a", "code": "print(1)"},
+                       headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        assert ok.json()["stdout"] == "1\n"
+    daemon.stop()
+    with open(daemon.audit_log, "rb") as f:
+        log = f.read()
+    assert TOKEN.encode() not in log and b"wrong-token" not in log
+    failures = [json.loads(line) for line in log.splitlines() if b'"auth_failure"' in line]
+    assert len(failures) == 7 and failures[0]["door"] == "http" and failures[0]["peer"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_without_a_token_the_api_refuses_to_serve_beyond_loopback(host: str, tmp_path: object) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+    env["STOCKADE_SOCKET"] = os.path.join(str(tmp_path), "d.sock")
+    done = subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "serve", "--http", f"{host}:0" if ":" not in host else f"[{host}]:0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 125
+    assert f"refusing to serve the HTTP API on {host} without a token" in done.stderr
+
+
+def test_rate_limits_answer_429_with_retry_after(process_runtime: str) -> None:
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_AGENT_MAX_REQUESTS": "2", "STOCKADE_MAX_REQUESTS": "8"})
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        answers = [_execute(http, code="pass", agent_id="greedy").status_code for _ in range(3)]
+        assert answers[:2] == [200, 200] and answers[2] == 429
+        limited = _execute(http, code="pass", agent_id="greedy")
+        assert "agent_id 'greedy'" in limited.json()["error"] and int(limited.headers["retry-after"]) >= 1
+        assert _execute(http, code="pass", agent_id="modest").status_code == 200  # another agent is not held back
+        # Per client: past 8 requests in a second, whatever they are.
+        codes = [http.get("/api/v1/sandbox/status").status_code for _ in range(12)]
+        assert 429 in codes
+        time.sleep(1.1)  # the one-second window passes: served again
+        assert http.get("/api/v1/sandbox/status").status_code == 200
+    assert daemon.stop() == 0, daemon.logs()
+
+
+def test_a_full_daemon_answers_503_at_once(process_runtime: str) -> None:
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_TIMEOUT": "120"})
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=30) as http:  # a queued request would wait 120 s
+        sid = http.post("/api/v1/sandboxes", json={}).json()["sandbox_id"]
+        busy = _execute(http, code="print(1)")
+        assert (busy.status_code, busy.json()["code"]) == (503, "busy") and busy.headers["retry-after"] == "1"
+        assert http.post("/api/v1/sandboxes", json={}).status_code == 503
+        http.delete(f"/api/v1/sandboxes/{sid}")
+        assert _execute(http, code="print(1)").status_code == 200
+    assert daemon.stop() == 0, daemon.logs()
+
+
+# ---- metrics, audit, SandboxFusion, OpenAPI ------------------------------------------------------
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            found[labels] = float(value)
+    return found
+
+
+def test_metrics_count_a_known_sequence(http: httpx.Client) -> None:
+    for code in ("print(1)", "print(2)", "raise SystemExit(3)"):
+        _execute(http, code=code)
+    _execute(http, code="print(1)", memory_limit_mb=1)  # refused: never ran, never counted
+    text = http.get("/metrics").text
+    runs = _samples(text, "stockade_executions_total")
+    assert runs == {'{result="success",runtime="process"}': 2.0, '{result="completed",runtime="process"}': 1.0}
+    requests = _samples(text, "stockade_requests_total")
+    assert requests['{code="200",door="http",method="execute"}'] == 3.0
+    assert requests['{code="422",door="http",method="execute"}'] == 1.0
+    assert _samples(text, "stockade_cold_start_duration_seconds_count") == {'{runtime="process"}': 3.0}
+
+
+def test_the_audit_log_chains_every_execution_and_verify_finds_an_edit(daemon: Daemon, http: httpx.Client) -> None:
+    secret_code = "print('code-is-never-logged-7731')"
+    ids = [_execute(http, code=secret_code).json()["execution_id"] for _ in range(3)]
+    daemon.stop()
+    with open(daemon.audit_log, "rb") as f:
+        lines = f.read().splitlines()
+    records = [json.loads(line) for line in lines]
+    executions = [r for r in records if r["event"] == "execution"]
+    assert [r["execution_id"] for r in executions] == ids
+    assert all(r["agent_id"] == "tester" and r["policy_digest"] == Policy().digest for r in executions)
+    assert records[0]["action"] == "daemon.start" and records[-1]["action"] == "daemon.stop"
+    assert not any(b"code-is-never-logged" in line for line in lines)
+    verify = [sys.executable, "-m", "stockade.cli", "audit", "verify", daemon.audit_log]
+    assert subprocess.run(verify, capture_output=True, timeout=60).returncode == 0
+    tampered = [*lines]
+    tampered[2] = (
+        tampered[2].replace(b'"success": true', b'"success": false').replace(b'"success":true', b'"success":false')
+    )
+    assert tampered[2] != lines[2]
+    with open(daemon.audit_log, "wb") as f:
+        f.write(b"\n".join(tampered) + b"\n")
+    broken = subprocess.run(verify, capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1 and f"{daemon.audit_log}:4" in broken.stdout + broken.stderr
+
+
+def test_sandboxfusion_run_code_answers_its_schema(http: httpx.Client) -> None:
+    files = {"data.txt": base64.b64encode(b"from a file").decode()}
+    body = {"code": "print(open('data.txt').read()); open('out.bin','wb').write(b'\\x00ok')", "language": "python",
+            "files": files, "fetch_files": ["out.bin", "missing.bin"], "run_timeout": 10}  # fmt: skip
+    answer = http.post("/run_code", json=body).json()
+    assert answer["status"] == "Success" and answer["run_result"]["stdout"] == "from a file\n"
+    assert answer["files"] == {"out.bin": base64.b64encode(b"\x00ok").decode()}
+    assert answer["compile_result"] is None and answer["run_result"]["status"] == "Finished"
+    timeout = http.post("/run_code", json={"code": "import time; time.sleep(5)", "language": "python",
+                                          "run_timeout": 1}).json()  # fmt: skip
+    assert (timeout["status"], timeout["run_result"]["status"]) == ("Failed", "TimeLimitExceeded")
+    refused = http.post("/run_code", json={"code": "int main(){}", "language": "cpp"})
+    assert refused.status_code == 422 and "'cpp' is not supported" in refused.json()["error"]
+    assert http.get("/v1/ping").json() == "pong"
+    assert http.get("/api/v1/sandbox/status").json()["total_count"] == 0  # its sandbox is closed
+
+
+def test_the_openapi_document_describes_every_route(http: httpx.Client) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {
+        "/api/v1/sandbox/execute", "/api/v1/sandbox/status", "/health", "/metrics", "/api/v1/sandboxes",
+        "/api/v1/sandboxes/{sandbox_id}/exec", "/api/v1/sandboxes/{sandbox_id}/run_code",
+        "/api/v1/sandboxes/{sandbox_id}/files", "/api/v1/sandboxes/{sandbox_id}/files/list",
+        "/api/v1/sandboxes/{sandbox_id}", "/run_code",
+    } <= set(paths)  # fmt: skip

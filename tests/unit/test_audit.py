@@ -1,0 +1,341 @@
+"""The audit log: a hash chain that verify breaks at the right file:line, rotation and restarts that
+keep it, redaction, and a writer that never makes ``record`` wait. Real files; no mocks."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from stockade.audit import GENESIS, AuditLog, verify, verify_main
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines()
+
+
+def records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(raw) for raw in lines_of(path)]
+
+
+def write_log(path: Path, n: int, **kw: int) -> None:
+    log = AuditLog(str(path), **kw)
+    for i in range(n):
+        log.record("execute", uid=1000 + i, policy_digest=f"d{i}", outcome="ok")
+    log.close()
+
+
+def rewrite(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+class Stall:
+    """Holds the writer before its next line, as a disk that does not answer would."""
+
+    def __init__(self) -> None:
+        self.parked = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> None:
+        self.parked.set()
+        assert self.release.wait(30)
+
+
+def test_each_line_chains_to_the_one_before(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 5)
+    raw = lines_of(path)
+    got = records(path)
+    assert [r["seq"] for r in got] == list(range(5))
+    assert got[0]["prev"] == GENESIS
+    for before, record in zip(raw, got[1:], strict=False):
+        assert record["prev"] == hashlib.sha256(before).hexdigest()
+    first = got[0]
+    assert first["event"] == "execute" and first["uid"] == 1000 and first["outcome"] == "ok"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", str(first["ts"]))
+    assert raw[0] == json.dumps(first, sort_keys=True, separators=(",", ":")).encode()  # canonical form
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    report = verify([str(path)])
+    assert report.ok and report.lines == 5 and report.first_break is None
+    assert (report.first_seq, report.last_seq, report.last_hash) == (0, 4, hashlib.sha256(raw[-1]).hexdigest())
+
+
+def test_an_edited_line_breaks_at_the_line_after_it(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 6)
+    raw = lines_of(path)
+    raw[2] = raw[2].replace(b'"outcome":"ok"', b'"outcome":"no"')  # line 3, still valid JSON
+    rewrite(path, raw)
+    report = verify([str(path)])
+    assert not report.ok and report.lines == 3
+    assert report.first_break == f"{path}:4: prev does not match the line before"
+
+
+def test_a_deleted_line_breaks_where_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 6)
+    raw = lines_of(path)
+    del raw[3]  # line 4
+    rewrite(path, raw)
+    report = verify([str(path)])
+    assert report.first_break == f"{path}:4: prev does not match the line before; seq 4 follows 2"
+
+
+def test_reordered_lines_break_at_the_first_moved(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 6)
+    raw = lines_of(path)
+    raw[2], raw[3] = raw[3], raw[2]
+    rewrite(path, raw)
+    report = verify([str(path)])
+    assert not report.ok and report.first_break is not None
+    assert report.first_break.startswith(f"{path}:3: prev does not match the line before")
+
+
+def test_a_line_that_is_not_json_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 4)
+    raw = lines_of(path)
+    raw[1] = raw[1][:-1]  # its closing brace
+    rewrite(path, raw)
+    assert verify([str(path)]).first_break == f"{path}:2: not JSON"
+    rewrite(path, raw[:1])  # and a last line without its newline
+    with path.open("ab") as f:
+        f.write(b'{"seq":1')
+    assert verify([str(path)]).first_break == f"{path}:2: no newline at the end (a write cut short)"
+
+
+def test_a_fresh_chain_must_start_from_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 3)
+    raw = lines_of(path)
+    rewrite(path, raw[1:])  # the first line gone: seq 1 opens, its prev is not checkable
+    assert verify([str(path)]).ok and verify([str(path)]).first_seq == 1
+    forged = json.loads(raw[0])
+    forged["prev"] = "f" * 64
+    rewrite(path, [json.dumps(forged, sort_keys=True, separators=(",", ":")).encode(), *raw[1:]])
+    assert verify([str(path)]).first_break == f"{path}:1: the first line (seq 0) must have prev = 64 zeros"
+
+
+def rotated(tmp_path: Path, n: int, backups: int = 10) -> list[str]:
+    """Writes n records into files of ~1 KB; returns the files present, oldest first."""
+    path = tmp_path / "audit.log"
+    write_log(path, n, max_bytes=1024, backups=backups)
+    found = sorted((p for p in tmp_path.iterdir() if p.name.startswith("audit.log.")), key=lambda p: -int(p.suffix[1:]))
+    return [str(p) for p in found] + [str(path)]
+
+
+def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
+    files = rotated(tmp_path, 60, backups=20)
+    assert len(files) >= 6
+    assert all(os.path.getsize(f) <= 1024 for f in files)
+    assert all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
+    seqs = [r["seq"] for f in files for r in records(Path(f))]
+    assert seqs == list(range(60))
+    for older, newer in itertools.pairwise(files):
+        assert records(Path(newer))[0]["prev"] == hashlib.sha256(lines_of(Path(older))[-1]).hexdigest()
+    report = verify(files)
+    assert report.ok and report.lines == 60 and report.last_seq == 59
+
+
+def test_rotation_drops_beyond_backups_and_the_rest_still_verifies(tmp_path: Path) -> None:
+    files = rotated(tmp_path, 80, backups=2)
+    assert [os.path.basename(f) for f in files] == ["audit.log.2", "audit.log.1", "audit.log"]
+    report = verify(files)
+    assert report.ok and report.first_seq is not None and report.first_seq > 0 and report.last_seq == 79
+    out = io.StringIO()
+    assert verify_main(files, out) == 0
+    assert f"seq {report.first_seq} starts it, older lines rotated out" in out.getvalue()
+
+
+def test_a_missing_middle_file_breaks_at_the_next_files_first_line(tmp_path: Path) -> None:
+    files = rotated(tmp_path, 60, backups=20)
+    gone = files.pop(2)
+    os.unlink(gone)
+    report = verify(files)
+    assert report.first_break is not None
+    assert report.first_break.startswith(f"{files[2]}:1: prev does not match the last line of {files[1]}; seq ")
+
+
+def test_a_restarted_writer_continues_seq_and_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 3)
+    write_log(path, 2)
+    assert [r["seq"] for r in records(path)] == list(range(5))
+    assert verify([str(path)]).ok
+    # Rotated away by someone else (logrotate's create): an empty file, the chain in path.1.
+    os.rename(path, f"{path}.1")
+    path.touch()
+    write_log(path, 2)
+    assert records(path)[0]["seq"] == 5
+    assert verify([f"{path}.1", str(path)]).ok
+
+
+def test_a_torn_last_line_is_ended_and_named_not_hidden(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 3)
+    with path.open("ab") as f:
+        f.write(b'{"event":"exec')  # a crash mid-write
+    write_log(path, 2)
+    assert lines_of(path)[3] == b'{"event":"exec'
+    assert [r["seq"] for r in (json.loads(raw) for raw in lines_of(path)[4:])] == [4, 5]  # the torn line counts as one
+    assert verify([str(path)]).first_break == f"{path}:4: not JSON"
+
+
+def test_secrets_are_redacted_at_any_depth(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    secret = "s3cr3t-" + "x" * 20
+    log = AuditLog(str(path))
+    log.record(
+        "admin",
+        who=1000,
+        auth_token=secret,
+        request={"headers": {"Authorization": secret, "X-Api-Key": secret}, "items": [{"password": secret}]},
+        deep=[[{"HMAC": secret, "private_key": secret, "Cookie": secret, "db_credentials": {"a": secret}}]],
+        big="y" * 5000,
+        odd=b"bytes",
+        number=float("nan"),
+        kinds={1, 2},
+    )
+    log.close()
+    assert secret.encode() not in path.read_bytes()
+    (r,) = records(path)
+    assert r["auth_token"] == "[redacted]"
+    assert r["request"] == {"headers": {"Authorization": "[redacted]", "X-Api-Key": "[redacted]"}, "items": [
+        {"password": "[redacted]"}
+    ]}  # fmt: skip
+    assert r["deep"] == [[{k: "[redacted]" for k in ("HMAC", "private_key", "Cookie", "db_credentials")}]]
+    big = str(r["big"])
+    assert big.startswith("y" * 2048) and big.endswith("...[cut 2952 chars]") and len(big) < 2100
+    assert (r["odd"], r["number"], sorted(r["kinds"])) == ("b'bytes'", "nan", [1, 2])
+    assert r["who"] == 1000 and verify([str(path)]).ok
+
+
+def test_records_from_many_threads_all_land_on_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path), max_bytes=64 * 1024)
+    start = threading.Barrier(8)
+
+    def worker(t: int) -> None:
+        start.wait()
+        for i in range(500):
+            log.record("execute", thread=t, i=i)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    log.close()
+    files = [str(p) for p in sorted(tmp_path.glob("audit.log.*"), key=lambda p: -int(p.suffix[1:]))] + [str(path)]
+    report = verify(files)
+    assert report.ok and report.lines == 4000 and log.dropped == 0
+    got = [(r["thread"], r["i"]) for f in files for r in records(Path(f))]
+    assert sorted(got) == [(t, i) for t in range(8) for i in range(500)]
+
+
+def test_record_does_not_wait_for_a_stuck_writer(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path))
+    stall = Stall()
+    log._before_write = stall
+    log.record("first")
+    assert stall.parked.wait(10)
+    for i in range(2000):  # had any of these waited for the writer, this test would hang
+        log.record("execute", i=i)
+    assert not path.exists()  # nothing written: the writer is still stuck on the first
+    stall.release.set()
+    log.close()
+    assert log.dropped == 0 and len(lines_of(path)) == 2001 and verify([str(path)]).ok
+
+
+def test_a_full_queue_counts_drops_and_puts_the_loss_on_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path), queue_size=5)
+    stall = Stall()
+    log._before_write = stall
+    log.record("first")
+    assert stall.parked.wait(10)  # the writer holds "first"; the queue is empty
+    for i in range(8):
+        log.record("execute", i=i)
+    assert log.dropped == 3
+    stall.release.set()
+    log.close()
+    got = records(path)
+    assert [r["event"] for r in got] == ["first"] + ["execute"] * 5 + ["audit_dropped"]
+    assert [r["i"] for r in got[1:6]] == [0, 1, 2, 3, 4]
+    assert (got[-1]["count"], got[-1]["reason"]) == (3, "queue full")
+    assert verify([str(path)]).ok and log.dropped == 3
+
+
+def test_write_failures_are_logged_not_raised_and_counted_on_the_chain(tmp_path: Path) -> None:
+    where = tmp_path / "not-yet"
+    path = where / "audit.log"
+    log = AuditLog(str(path))
+    calls: list[None] = []
+
+    def before() -> None:  # the directory appears before the second record's write
+        calls.append(None)
+        if len(calls) == 2:
+            where.mkdir()
+
+    log._before_write = before
+    log.record("lost")  # no directory: this one cannot be written
+    log.record("kept")
+    log.close()
+    got = records(path)
+    assert [r["event"] for r in got] == ["kept", "audit_dropped"]
+    assert (got[1]["count"], got[1]["reason"]) == (1, "write failed")
+    assert log.dropped == 0 and verify([str(path)]).ok
+
+
+def test_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    (tmp_path / "audit.log").symlink_to(target)
+    log = AuditLog(str(tmp_path / "audit.log"))
+    log.record("execute", uid=0)
+    log.close()
+    assert target.read_bytes() == b""
+
+
+def test_close_is_idempotent_and_later_records_are_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path))
+    log.record("a")
+    log.close()
+    log.close()
+    log.record("b")
+    assert [r["event"] for r in records(path)] == ["a"]
+    with pytest.raises(ValueError):
+        AuditLog(str(path), backups=0)
+
+
+def test_verify_main_says_what_it_found_and_exits_accordingly(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 3)
+    out = io.StringIO()
+    assert verify_main([str(path)], out) == 0
+    last = hashlib.sha256(lines_of(path)[-1]).hexdigest()
+    assert out.getvalue().startswith("audit chain ok: 3 lines, seq 0..2;") and last in out.getvalue()
+
+    raw = lines_of(path)
+    rewrite(path, [raw[0], raw[2]])
+    out = io.StringIO()
+    assert verify_main([str(path)], out) == 1
+    broken = f"{path}:2: prev does not match the line before; seq 2 follows 0"
+    assert out.getvalue() == f"audit chain BROKEN at {broken} (1 lines chain before it)\n"
+
+    out = io.StringIO()
+    assert verify_main([str(tmp_path / "audit.log.1"), str(path)], out) == 2
+    assert out.getvalue().startswith(f"audit verify: cannot read {tmp_path / 'audit.log.1'}: ")
+    out = io.StringIO()
+    assert verify_main([], out) == 2 and out.getvalue().startswith("usage: stockade audit verify FILE...")
