@@ -91,9 +91,10 @@ def _clean_abs(path: str, what: str) -> str:
 
 
 class Policy(BaseModel):
-    """What an isolate may do and use. ``extra="forbid"``: unknown fields are errors."""
+    """What an isolate may do and use. ``extra="forbid"``: unknown fields are errors; ``strict``:
+    values are taken as JSON gives them (no ``"256"`` read as 256, no ``true`` as 1)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     runtime: str | None = Field(default=None, description=f"a runtime by name ({', '.join(RUNTIME_NAMES)})")
     isolation: IsolationLevel | None = Field(default=None, description="the isolation level to use")

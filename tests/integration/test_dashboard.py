@@ -268,6 +268,7 @@ def test_real_runs_show_up_with_their_violation_and_chart(driver: Any, stockade:
 
     # One point per run that had a cold start to show (a warm isolate's can be ~0 ms, never below).
     points = sum(1 for answer in (ok, failed, blocked) if answer["cold_start_time_ms"] > 0)
+    assert points > 0, (ok, failed, blocked)
     state = wait_for(
         driver, state_when(lambda s: ["process", points] in s["polylines"]), "the process line of the chart"
     )
@@ -302,8 +303,9 @@ def _screenshot(driver: Any, live: Live) -> None:
     for body in runs:
         last = live.execute(**body)["execution_id"]
     held = live.call("POST", "/api/v1/sandboxes", {"agent_id": "notebook"}, expect=201)["sandbox_id"]
-    live.call("POST", f"/api/v1/sandboxes/{held}/exec", {"command": ["python3", "-c", "print(2 + 2)"]})
-    wait_for(driver, shows_row(last), "the last run's row")
+    call = live.call("POST", f"/api/v1/sandboxes/{held}/exec", {"command": ["python3", "-c", "print(2 + 2)"]})
+    for execution_id in (last, call["execution_id"]):
+        wait_for(driver, shows_row(execution_id), "the last runs' rows")
     wait_for(driver, lambda d: sandbox_row(d, held), "the held sandbox's row")
     browser_harness.screenshot(driver, str(SCREENSHOT))
 

@@ -46,13 +46,13 @@ def _execute(http: httpx.Client, **body: object) -> httpx.Response:
     return http.post("/api/v1/sandbox/execute", json={"agent_id": "tester", **body})
 
 
-def _wait_until(check: object, timeout: float = 20) -> None:
+def _wait_until(check: object, timeout: float = 20, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():  # type: ignore[operator]
             return
         time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
+    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 # ---- seed 003 ------------------------------------------------------------------------------
@@ -90,19 +90,22 @@ def test_a_blocked_call_is_a_seed_violation(http: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "named"),
+    ("body", "named", "code"),
     [
-        ({"memory_limit_mb": 4096}, "memory_limit_mb: Input should be less than or equal to 2048"),
-        ({"cpu_limit": 2.5}, "cpu_limit: Input should be less than or equal to 2"),
-        ({"timeout_seconds": 601}, "timeout_seconds: Input should be less than or equal to 600"),
-        ({"runtime": "kata"}, "runtime: Input should be"),
-        ({"runtime": "process", "surprise": 1}, "surprise: Extra inputs are not permitted"),
+        ({"memory_limit_mb": 4096}, "memory_limit_mb: Input should be less than or equal to 2048", "policy"),
+        ({"cpu_limit": 2.5}, "cpu_limit: Input should be less than or equal to 2", "policy"),
+        ({"timeout_seconds": 601}, "timeout_seconds: Input should be less than or equal to 600", "policy"),
+        ({"memory_limit_mb": "256"}, "memory_limit_mb: Input should be a valid integer", "policy"),
+        ({"runtime": "kata"}, "runtime: Input should be", "policy"),
+        ({"runtime": "process", "surprise": 1}, "surprise: Extra inputs are not permitted", "invalid_params"),
     ],
 )
-def test_out_of_range_values_are_refused_naming_the_field(http: httpx.Client, body: dict, named: str) -> None:
+def test_out_of_range_values_are_refused_naming_the_field(
+    http: httpx.Client, body: dict, named: str, code: str
+) -> None:
     answer = _execute(http, code="print(1)", **body)
     assert answer.status_code == 422
-    assert named in answer.json()["error"] and answer.json()["code"] == "invalid_params"
+    assert named in answer.json()["error"] and answer.json()["code"] == code
 
 
 def test_bad_json_and_a_missing_agent_are_refused(http: httpx.Client) -> None:
@@ -229,12 +232,15 @@ def test_a_client_that_disconnects_mid_stream_ends_the_run(daemon: Daemon, http:
     marker = "4244.875"
     code = f"import subprocess\nprint('started', flush=True)\nsubprocess.run(['sleep', '{marker}'])"
     with http.stream("POST", "/api/v1/sandbox/execute?stream=true", json={"agent_id": "gone", "code": code}) as answer:
-        first = next(_events(answer.iter_lines()))
-        assert first == ("output", {"stream": "stdout", "text": "started\n"})
-        _wait_until(lambda: processes_with_arg(marker))
+        events = _events(answer.iter_lines())
+        assert next(events) == ("output", {"stream": "stdout", "text": "started\n"})
+        try:
+            _wait_until(lambda: processes_with_arg(marker), what="the run's process started")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; then: {list(events)}\n{daemon.logs()}") from None
     # The connection closed with the run still going: its isolate is ended, its slot free.
-    _wait_until(lambda: not processes_with_arg(marker))
-    _wait_until(lambda: http.get("/api/v1/sandbox/status").json()["total_count"] == 0)
+    _wait_until(lambda: not processes_with_arg(marker), what=f"the run's process ended\n{daemon.logs()}")
+    _wait_until(lambda: http.get("/api/v1/sandbox/status").json()["total_count"] == 0, what="its slot free")
 
 
 def test_a_client_that_disconnects_before_its_answer_ends_the_run(daemon: Daemon) -> None:

@@ -5,11 +5,14 @@ from the live ``/openapi.json``, and every operation in it called with a few
 generated requests, valid and invalid: no answer may be a 5xx, and every answer
 must be one the document declares (status code, content type, body schema).
 
-Bounded to run in seconds: few examples per operation, no coverage phase (it
-generates every boundary of every field, hundreds of requests for ``execute``
-alone), and no run boots a VM (see ``_tame``). Rate limits are raised and
-capacity is ample, so neither decides the answers (429 and 503 are declared
-answers all the same).
+Phases: the schema's examples, coverage (each field's boundaries, wrong content
+types and methods: a fixed set, about 180 requests for ``execute``) and fuzzing
+with ``EXAMPLES`` cases per operation; about 20 s in all on 2 cores, since no
+run boots a VM (see ``_tame``). Rate limits are raised and capacity is ample, so
+neither decides the answers (429 and 503 are declared answers all the same).
+
+Not covered here: the SSE events of ``?stream=true`` (only their content type is
+checked), and the API behind a bearer token (``STOCKADE_API_TOKEN``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ CONFIG = schemathesis.Config.from_dict(
     {
         # The same requests on every run; STOCKADE_SCHEMATHESIS_SEED=N explores others.
         "seed": int(os.environ.get("STOCKADE_SCHEMATHESIS_SEED", "20240611")),
-        "phases": {"coverage": {"enabled": bool(os.environ.get("COVX"))}, "stateful": {"enabled": False}},
+        "phases": {"stateful": {"enabled": False}},
         "generation": {"max-examples": EXAMPLES},
     }
 )
@@ -89,7 +92,7 @@ def live_api(process_runtime: str) -> Iterator[LiveApi]:
     yield api
     api.close()
     assert daemon.stop() == 0, daemon.logs()
-    # Not vacuous: every operation was called, and most answered 2xx at least once.
+    # Not vacuous: every operation was called, and those that run code answered 2xx.
     called = {label: sum(codes.values()) for label, codes in api.answers.items()}
     ok = sorted(label for label, codes in api.answers.items() if any(200 <= c < 300 for c in codes))
     print("\nanswers by operation:", {label: dict(codes) for label, codes in sorted(api.answers.items())})
@@ -97,7 +100,9 @@ def live_api(process_runtime: str) -> Iterator[LiveApi]:
     for label in (
         "POST /api/v1/sandbox/execute",
         "POST /api/v1/sandboxes",
+        "POST /api/v1/sandboxes/{sandbox_id}/exec",
         "POST /api/v1/sandboxes/{sandbox_id}/run_code",
+        "PUT /api/v1/sandboxes/{sandbox_id}/files",
         "GET /api/v1/sandbox/status",
         "GET /health",
         "POST /run_code",
@@ -135,7 +140,9 @@ def _tame(case: schemathesis.Case, api: LiveApi) -> None:
     body = case.body
     if case.operation.path == "/api/v1/sandbox/execute" and isinstance(body, dict):
         runtime = body.get("runtime")
-        if (isinstance(runtime, str) and runtime in SLOW_RUNTIMES) or (runtime is None and body.get("trust_level") is not None):
+        if (isinstance(runtime, str) and runtime in SLOW_RUNTIMES) or (
+            runtime is None and body.get("trust_level") is not None
+        ):
             body["runtime"] = "process"
         if body.get("code") is None and body.get("command") is None and _half(body.get("agent_id")):
             body["code"] = "print(1)"
@@ -163,8 +170,6 @@ def test_every_answer_is_one_the_openapi_document_declares(case: schemathesis.Ca
     response = case.call(timeout=60)
     live_api.answers[f"{case.operation.method.upper()} {case.operation.path}"][response.status_code] += 1
     _clean_up_after(case, response, live_api)
-    import os
-    if os.environ.get("DBG") and case.operation.path == os.environ["DBG"]: print("\nDBG", case.meta.generation.mode if case.meta else None, case.body, case.query, response.status_code, response.text[:300])
     case.validate_response(response, checks=CHECKS)
 
 

@@ -111,7 +111,7 @@ class Sent:
         assert answer["termination_reason"] == reason, answer
         if exit_code is not None:
             assert answer["exit_code"] == exit_code, answer
-        assert answer.get("runtime_used", "process") == "process", answer
+        assert answer["runtime_used"] == "process", answer
         self.results["success" if success else reason] += 1
         for violation in answer["security_violations"]:
             self.severities[violation["severity"]] += 1
@@ -169,7 +169,11 @@ def drive_round(daemon: Daemon, sent: Sent) -> None:
     # A held sandbox: created, called three times (the last fails), closed.
     sandbox = http(daemon, "POST", "/api/v1/sandboxes", {"agent_id": "prom-held"}, expect=201)["sandbox_id"]
     sent.requests["http", "sandbox.create", "201"] += 1
-    for command, success, code in ((["true"], True, 0), (["echo", "held"], True, 0), (["sh", "-c", "exit 4"], False, 4)):
+    for command, success, code in (
+        (["true"], True, 0),
+        (["echo", "held"], True, 0),
+        (["sh", "-c", "exit 4"], False, 4),
+    ):
         answer = http(daemon, "POST", f"/api/v1/sandboxes/{sandbox}/exec", {"command": command})
         sent.requests["http", "sandbox.exec", "200"] += 1
         sent.run(answer, success, "completed", code)
@@ -229,14 +233,16 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(daemon: Daemon) -> No
         executions = prom.query("stockade_executions_total")
         assert {r["metric"]["runtime"] for r in executions} == {"process"}
         assert by(executions, "result") == dict(sent.results)
-        assert sent.results["success"] == ROUNDS * 12  # the plan: ok 2, escapes, loopback, burst 3, held 2, unix 2
+        assert sent.results["success"] == ROUNDS * 11  # the plan: unix 2, ok 2, escapes, loopback, burst 3, held 2
         assert by(prom.query("sum by (severity) (stockade_violations_total)"), "severity") == dict(sent.severities)
         assert by(prom.query("sum by (type) (stockade_violations_total)"), "type") == {
             "blocked_syscall": sent.severities.total()
         }
         assert by(prom.query("stockade_escape_attempts_total"), "pattern") == dict(sent.patterns)
         requests = prom.query("stockade_requests_total")
-        counted = {(r["metric"]["door"], r["metric"]["method"], r["metric"]["code"]): float(r["value"][1]) for r in requests}
+        counted = {
+            (r["metric"]["door"], r["metric"]["method"], r["metric"]["code"]): float(r["value"][1]) for r in requests
+        }
         for key, count in sent.requests.items():
             assert counted.get(key) == count, (key, counted)
         assert counted[("http", "metrics", "200")] >= 2  # Prometheus's own scrapes come in at the HTTP door
@@ -244,7 +250,9 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(daemon: Daemon) -> No
         assert misses >= sent.cold_only, misses
 
         # The gauges: one warm isolate once the pool has refilled; a held sandbox open, then closed.
-        prom.wait_for("sum by (runtime) (stockade_pool_warm)", lambda r: by(r, "runtime") == {"process": 1.0})
+        prom.wait_for(
+            "sum by (runtime) (stockade_pool_warm)", lambda r: by(r, "runtime") == {"process": 1.0}, DATA_TIMEOUT_S
+        )
         sandbox = http(daemon, "POST", "/api/v1/sandboxes", {"agent_id": "prom-gauge"}, expect=201)["sandbox_id"]
         prom.wait_for("sum(stockade_active_sandboxes)", lambda r: total(r) == 1, DATA_TIMEOUT_S)
         http(daemon, "DELETE", f"/api/v1/sandboxes/{sandbox}")

@@ -104,3 +104,10 @@ def test_policy_is_frozen() -> None:
     p = Policy()
     with pytest.raises(Exception):
         p.memory_mb = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("field", "value"), [("timeout_seconds", True), ("memory_mb", "256"), ("cpu_limit", "1")])
+def test_values_are_taken_as_json_gives_them(field: str, value: object) -> None:
+    # A string is not read as a number, nor true as 1: a request says what it means.
+    with pytest.raises(PolicyError, match=field):
+        Policy.build(**{field: value})

@@ -256,6 +256,7 @@ class Connection(asyncio.Protocol):
         admitted = self.server.admit(line, self.peer)
         if isinstance(admitted, dict):
             self.send(admitted)
+            self._logged("refused", admitted, started)
             return
         method, request, msg_id = admitted
         controller = self.server.controller
@@ -349,12 +350,8 @@ class Connection(asyncio.Protocol):
     def _logged(self, method: str, outcome: Any, started: float) -> None:
         # Never the params (they may hold code and data), never the hmac.
         code = outcome.get("error_code") if isinstance(outcome, dict) else None
-        elapsed = time.monotonic() - started
-        self.server.observers.request("unix", method, code or "ok", elapsed)
-        if method == "ping":
-            return
         run = f" execution={outcome.execution_id}" if isinstance(outcome, ExecResult) else ""
-        self.server.answer_log.add(self.peer.uid, method, code or "ok", run, elapsed * 1000)
+        self.server.answer_log.add(self.peer.uid, method, code or "ok", run, (time.monotonic() - started) * 1000)
 
     # ---- ending -----------------------------------------------------------------------
 
@@ -377,16 +374,17 @@ class Connection(asyncio.Protocol):
 
 
 class AnswerLog:
-    """The log line of each answer, written a moment after the answer, not right away.
+    """The log line and the request metrics of each answer, a moment after the answer.
 
-    Writing it costs about 0.1 ms here, and a client just answered is often
+    Writing them costs about 0.1 ms here, and a client just answered is often
     woken onto the daemon's own CPU (the kernel expects a process that has
     just written to a socket to sleep next): every step the daemon takes
-    before it sleeps is one the client waits for. So lines are kept, and
+    before it sleeps is one the client waits for. So entries are kept, and
     written by one timer ``delay_s`` after the first of them.
     """
 
-    def __init__(self, delay_s: float = 0.002) -> None:
+    def __init__(self, observe: Callable[[str, str, str, float], None], delay_s: float = 0.002) -> None:
+        self.observe = observe  # (door, method, code, seconds): the request metrics
         self.delay_s = delay_s
         self._pending: list[tuple[int, str, str, str, float]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -401,8 +399,10 @@ class AnswerLog:
             self._timer.cancel()
             self._timer = None
         pending, self._pending = self._pending, []
-        for entry in pending:
-            log.info("uid=%d %s %s%s %.1fms", *entry)
+        for uid, method, outcome, run, elapsed_ms in pending:
+            self.observe("unix", method, outcome, elapsed_ms / 1000)
+            if method != "ping":
+                log.info("uid=%d %s %s%s %.1fms", uid, method, outcome, run, elapsed_ms)
 
 
 def _hung_up(transport: asyncio.Transport | None) -> bool:

@@ -74,7 +74,11 @@ class ExecutionListener(Protocol):
     Called on the event loop, in the turn the result is ready: it must not block.
     """
 
-    def execution(self, caller: Caller, agent_id: str | None, result: ExecResult, held: bool = False) -> None: ...
+    def execution(
+        self, caller: Caller, agent_id: str | None, result: ExecResult, held: bool = False, cold_start: bool = True
+    ) -> None:
+        """``held``: a held sandbox's run; ``cold_start``: the result's cold start is this
+        isolate's first (a held sandbox's later runs repeat it)."""
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Held:
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)  # when its last call ended
     calls: int = 0  # calls running or waiting for its lock: it is not idle while any is
+    runs: int = 0  # runs answered: the first carries the isolate's cold start
     idle_timer: asyncio.TimerHandle | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -129,6 +134,7 @@ class Controller:
         self._teardowns: dict[AgentSandbox, tuple[asyncio.TimerHandle, Callable[[AgentSandbox], None]]] = {}
         self._expired: OrderedDict[str, tuple[str, str]] = OrderedDict()  # sandbox id -> (owner, why)
         self._closing: set[asyncio.Task[None]] = set()
+        self._cold_starts: set[asyncio.Task[None]] = set()  # execute_now's runs building an isolate
         self._runtimes_lock = asyncio.Lock()
         self._runtimes_seen: tuple[float, list[dict[str, Any]]] | None = None  # when, what ``runtimes`` found
 
@@ -199,29 +205,48 @@ class Controller:
     def execute_now(
         self, request: ExecuteRequest, caller: Caller, done: Callable[[ExecResult | Exception], None]
     ) -> Callable[[], None] | None:
-        """``execute``, without a task, when a slot and a warm isolate are free right now.
+        """``execute``, without waiting in line, when a slot is free right now.
 
-        Returns None when they are not (the caller awaits ``execute`` instead).
-        Otherwise the run has started, ``done`` gets its result (or what stopped
-        it) in the loop turn the agent answers, so the answer can go out with no
-        task woken on the way, and the function returned abandons the run (for a
-        caller that goes away first; ``done`` is then not called).
+        Returns None when none is (the caller awaits ``execute``, which queues).
+        Otherwise the run has started and the function returned abandons it (for
+        a caller that goes away first; ``done`` is then not called). With a warm
+        isolate, ``done`` gets the result in the loop turn the agent answers, so
+        the answer goes out with no task woken on the way; without one, a task
+        builds an isolate and runs it, holding the slot taken here (the pool is
+        asked once: a second ask would count a second miss).
         """
         request.check_sizes()
         runtime = self.manager.select(request.policy)
-        take, dispose = getattr(runtime, "take_warm", None), getattr(runtime, "dispose", None)
-        if take is None or dispose is None or not self.slots.take_now(caller.owner):
+        if not self.slots.take_now(caller.owner):
             return None  # the awaited path says why, or waits for a slot
         try:
-            sandbox: AgentSandbox | None = take(request.policy)
+            take = getattr(runtime, "take_warm", None)
+            sandbox: AgentSandbox | None = take(request.policy) if take is not None else None
         except BaseException:  # a limit the host refused at hand-over: the slot goes back
             self.slots.release(caller.owner)
             raise
-        if sandbox is None:
-            self.slots.release(caller.owner)
-            return None
         running = self._started(runtime.name, caller, request.agent_id, sandbox)
-        return self._launch(request, running, sandbox, dispose, done)
+        if sandbox is not None:
+            return self._launch(request, running, sandbox, self._disposer(runtime), done)
+
+        async def cold() -> None:
+            try:
+                result = await self._run_in_slot(request, running, runtime, None)
+            except asyncio.CancelledError:
+                return  # abandoned: nobody to tell
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, as an awaited run would raise it
+                done(exc)
+                return
+            done(result)
+
+        task = asyncio.get_running_loop().create_task(cold())
+        self._cold_starts.add(task)  # a task nobody awaits must be referenced until it ends
+        task.add_done_callback(self._cold_starts.discard)
+
+        def abandon() -> None:
+            task.cancel()
+
+        return abandon
 
     async def execute(
         self, request: ExecuteRequest, caller: Caller, on_output: OutputCallback | None = None
@@ -229,22 +254,32 @@ class Controller:
         """One ``execute``: a slot (waiting in the queue if need be), a warm isolate or a
         cold one, the run, the isolate's end."""
         request.check_sizes()
-        policy = request.policy
-        runtime = self.manager.select(policy)
+        runtime = self.manager.select(request.policy)
         await self._take_slot(caller)
-        running = self._started(runtime.name, caller, request.agent_id)
         try:
             # A warm isolate is handed over on the event loop itself; only building
             # one on demand blocks, so only that goes to a thread.
             take = getattr(runtime, "take_warm", None)
-            sandbox: AgentSandbox | None = take(policy) if take is not None else None
-            if sandbox is None:
-                sandbox = await self._start_for(runtime, policy)
+            sandbox: AgentSandbox | None = take(request.policy) if take is not None else None
         except BaseException:
-            self._ended(running.execution_id)
+            self.slots.release(caller.owner)
             raise
-        running.sandbox = sandbox
-        dispose = getattr(runtime, "dispose", None) or self._close_in_pool
+        running = self._started(runtime.name, caller, request.agent_id, sandbox)
+        return await self._run_in_slot(request, running, runtime, on_output)
+
+    async def _run_in_slot(
+        self, request: ExecuteRequest, running: Running, runtime: Any, on_output: OutputCallback | None
+    ) -> ExecResult:
+        """The run counted in as ``running`` (its slot taken), on its warm isolate or on one
+        built now, to its result; whatever happens, its slot and isolate are given back."""
+        sandbox = running.sandbox
+        if sandbox is None:
+            try:
+                sandbox = running.sandbox = await self._start_for(runtime, request.policy)
+            except BaseException:
+                self._ended(running.execution_id)
+                raise
+        dispose = self._disposer(runtime)
         if running.cancelled is not None:  # while its isolate was being started
             self._dispose_after_answer(sandbox, dispose)
             self._ended(running.execution_id)
@@ -259,6 +294,11 @@ class Controller:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def _disposer(self, runtime: Any) -> Callable[[AgentSandbox], None]:
+        """How a one-shot isolate of ``runtime`` goes: its pool's reaper, or a close off the loop."""
+        dispose: Callable[[AgentSandbox], None] | None = getattr(runtime, "dispose", None)
+        return dispose or self._close_in_pool
 
     def _launch(
         self,
@@ -314,10 +354,13 @@ class Controller:
         with contextlib.suppress(RuntimeError):  # the pool is shut down: manager.close ends it
             self._pool.submit(sandbox.close)
 
-    def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: bool = False) -> None:
+    def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None) -> None:
+        first = True
+        if held is not None:
+            first, held.runs = held.runs == 0, held.runs + 1
         for listener in self.listeners:
             try:
-                listener.execution(caller, agent_id, result, held)
+                listener.execution(caller, agent_id, result, held is not None, first)
             except Exception:
                 log.exception("an execution listener failed")
 
@@ -468,7 +511,7 @@ class Controller:
 
         def deliver(outcome: ExecResult | Exception) -> None:
             if isinstance(outcome, ExecResult):
-                self._observe(caller, held.agent_id, outcome, held=True)
+                self._observe(caller, held.agent_id, outcome, held)
             done(outcome)
 
         finish = _settle_once(deliver, functools.partial(self._held_call_ended, held))
@@ -515,7 +558,7 @@ class Controller:
 
         async def run(held: Held) -> ExecResult:
             result = await held.sandbox.arun_request(method, params, stdin, request.env, request.timeout, on_output)
-            self._observe(caller, held.agent_id, result, held=True)
+            self._observe(caller, held.agent_id, result, held)
             return result
 
         return await self._held_call(request, caller, run)

@@ -59,10 +59,10 @@ class RPCServer:
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[Connection] = set()
         self.open_connections: Counter[int] = Counter()  # per peer uid, the ones admitted
-        self.answer_log = AnswerLog()
+        self.observers = observers or Observers()
+        self.answer_log = AnswerLog(self.observers.request)
         self._ids = itertools.count(1)
         self.stopping = False
-        self.observers = observers or Observers()
 
     # ---- socket ---------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import base64
 import hmac
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..daemon.controller import Controller
@@ -41,6 +42,7 @@ from ..errors import (
     HTTP_STATUS,
     AuthenticationError,
     InvalidRequestError,
+    PolicyError,
     RateLimitError,
     StockadeError,
     error_code,
@@ -64,7 +66,7 @@ class ErrorBody(BaseModel):
 class HttpSandboxCreate(BaseModel):
     """``POST /api/v1/sandboxes``: a held sandbox (closed by DELETE or after its idle timeout)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     policy: dict[str, Any] | None = Field(default=None, description="Policy fields; the defaults when left out")
     idle_timeout: float | None = Field(default=None, gt=0, description="seconds without a call before it is closed")
@@ -72,7 +74,7 @@ class HttpSandboxCreate(BaseModel):
 
 
 class HttpExec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     command: list[str] = Field(min_length=1)
     cwd: str | None = None
@@ -82,7 +84,7 @@ class HttpExec(BaseModel):
 
 
 class HttpRunCode(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     code: str
     language: str = "python"
@@ -155,6 +157,49 @@ class HttpDoor:
         return answer
 
 
+class Guard:
+    """Token, client rate limit and request metrics, around every route: plain ASGI.
+
+    Not ``BaseHTTPMiddleware``: that one runs the route in a task of its own and
+    relays its messages, which hides a client's disconnect from a streamed
+    response and from ``until_disconnect``; a run must end with its client.
+    """
+
+    def __init__(self, app: ASGIApp, door: HttpDoor) -> None:
+        self.app, self.door = app, door
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+        headers_done = False
+
+        async def send_noting(message: Message) -> None:
+            nonlocal status, headers_done
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-content-type-options", b"nosniff")]
+                headers_done = True
+            await send(message)
+
+        request = Request(scope)
+        try:
+            if request.url.path not in OPEN_PATHS:
+                self.door.check_token(request)
+                self.door.check_rate(request)
+        except StockadeError as exc:
+            await error_response(exc)(scope, receive, send_noting)
+        else:
+            await self.app(scope, receive, send_noting)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "name", None) or ("auth" if status == 401 else "unknown")
+            self.door.observers.request("http", name, status if headers_done else 499, time.monotonic() - started)
+
+
 def _target(request: Any) -> str:
     """What an administrative act was done to: a sandbox or an execution, by id."""
     return str(getattr(request, "sandbox_id", None) or getattr(request, "execution_id", ""))
@@ -164,32 +209,21 @@ def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
+# Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
+POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
 OPEN_PATHS = ("/health", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css")
 
 
 def create_app(door: HttpDoor) -> FastAPI:
     app = FastAPI(
+        redirect_slashes=False,  # /api/v1/sandboxes/ is not found, never redirected to another method's route
         title="stockade",
         version=__version__,
         description="Run code and tools nobody has vetted behind real isolation boundaries.",
     )
     controller = door.controller
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.monotonic()
-        try:
-            if request.url.path not in OPEN_PATHS:
-                door.check_token(request)
-                door.check_rate(request)
-            response = await call_next(request)
-        except StockadeError as exc:
-            response = error_response(exc)
-        route = request.scope.get("route")
-        name = getattr(route, "name", None) or "unknown"
-        door.observers.request("http", name, response.status_code, time.monotonic() - started)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
+    app.add_middleware(Guard, door=door)
 
     @app.exception_handler(StockadeError)
     async def stockade_error(request: Request, exc: StockadeError) -> JSONResponse:
@@ -201,11 +235,15 @@ def create_app(door: HttpDoor) -> FastAPI:
             return JSONResponse(
                 {"error": "Invalid JSON in the request body", "code": "invalid_request"}, status_code=400
             )
-        parts = []
+        parts, fields = [], set()
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            fields.add(loc[0] if loc else "")
             parts.append(f"{'.'.join(loc) or 'body'}: {str(err.get('msg', '')).removeprefix('Value error, ')}")
-        return error_response(InvalidRequestError("invalid request: " + "; ".join(parts)[:2000]))
+        text = "; ".join(parts)[:2000]
+        if fields <= POLICY_FIELDS:  # only the policy is wrong: answered as the other doors answer it
+            return error_response(PolicyError(f"invalid policy: {text}"))
+        return error_response(InvalidRequestError(f"invalid request: {text}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -225,18 +263,19 @@ def create_app(door: HttpDoor) -> FastAPI:
         output as server-sent events (``output``, then ``result`` or ``error``)."""
         door.check_agent(body.agent_id)
         job = _checked(body.to_request)
+        execute = METHODS["execute"]
         if stream:
             return event_stream(
-                lambda out: controller.execute(job, HTTP_CALLER, out),
+                lambda out: execute.call(controller, job, HTTP_CALLER, out),
                 lambda result: seed.response(result).model_dump_json(),
                 cancel_on_disconnect=True,
             )
-        result = await until_disconnect(request, controller.execute(job, HTTP_CALLER))
+        result = await until_disconnect(request, execute.call(controller, job, HTTP_CALLER, None))
         return seed.response(result)
 
     @app.get("/api/v1/sandbox/status", name="status", response_model=seed.SeedStatus, responses=_ERRORS)
     async def status() -> seed.SeedStatus:
-        now = controller.status(HTTP_CALLER)
+        now = await door.call("status", {})
         return seed.SeedStatus(
             active_sandboxes=[
                 seed.SeedActiveSandbox(
@@ -362,7 +401,7 @@ def create_app(door: HttpDoor) -> FastAPI:
 
     @app.get("/api/v1/dashboard", name="dashboard", responses=_ERRORS)
     async def dashboard() -> dict[str, Any]:
-        now = controller.status(HTTP_CALLER)
+        now = await door.call("status", {})
         return {
             "service": "stockade",
             "version": __version__,
@@ -377,7 +416,7 @@ def create_app(door: HttpDoor) -> FastAPI:
                 }
                 for s in now.active_sandboxes
             ],
-            **door.observers.history.snapshot(),
+            **door.observers.snapshot(),
         }
 
     static = resources.files("stockade.server") / "static"
@@ -431,18 +470,25 @@ class _HeldForFusion:
     def __init__(self, controller: Controller, sandbox_id: str) -> None:
         self.controller, self.sandbox_id = controller, sandbox_id
 
-    async def _call(self, name: str, **params: Any) -> Any:
+    async def call(self, name: str, **params: Any) -> Any:
         method = METHODS[name]
-        request = read_request(method, {"sandbox_id": self.sandbox_id, **params})
-        return await method.call(self.controller, request, HTTP_CALLER, None)
+        if name != "sandbox.create":
+            params["sandbox_id"] = self.sandbox_id
+        return await method.call(self.controller, read_request(method, params), HTTP_CALLER, None)
+
+    async def close(self) -> None:
+        try:
+            await self.call("sandbox.close")
+        except StockadeError:
+            pass
 
     async def write_file(self, path: str, data: bytes) -> None:
-        await self._call("sandbox.write_file", path=path, data=base64.b64encode(data).decode())
+        await self.call("sandbox.write_file", path=path, data=base64.b64encode(data).decode())
 
     async def run_code(self, code: str, language: str, *, stdin: str | bytes, timeout: float) -> ExecResult:
         raw = stdin.encode() if isinstance(stdin, str) else stdin
         stdin_field = {"stdin_b64": base64.b64encode(raw).decode()} if raw else {}
-        result: ExecResult = await self._call(
+        result: ExecResult = await self.call(
             "sandbox.run_code", code=code, language=language, timeout=timeout, **stdin_field
         )
         return result
@@ -451,22 +497,16 @@ class _HeldForFusion:
         params: dict[str, Any] = {"path": path}
         if max_bytes is not None:
             params["max_bytes"] = max_bytes
-        answer = await self._call("sandbox.read_file", **params)
+        answer = await self.call("sandbox.read_file", **params)
         return base64.b64decode(answer.data)
 
 
 async def _fusion(controller: Controller, body: sandboxfusion.RunCodeRequest, policy: Policy) -> Any:
-    created = await controller.create(
-        read_request(METHODS["sandbox.create"], {"policy": policy.model_dump(mode="json")}), HTTP_CALLER
-    )
+    """A SandboxFusion call: a held sandbox of its own for the files, the run and the fetch."""
+    held = _HeldForFusion(controller, "")
+    created = await held.call("sandbox.create", policy=policy.model_dump(mode="json"))
+    held.sandbox_id = created.sandbox_id
     try:
-        return await sandboxfusion.run(body, _HeldForFusion(controller, created.sandbox_id))
+        return await sandboxfusion.run(body, held)
     finally:
-        await asyncio.shield(_close_quietly(controller, created.sandbox_id))
-
-
-async def _close_quietly(controller: Controller, sandbox_id: str) -> None:
-    try:
-        await controller.close_sandbox(read_request(METHODS["sandbox.close"], {"sandbox_id": sandbox_id}), HTTP_CALLER)
-    except StockadeError:
-        pass
+        await asyncio.shield(held.close())

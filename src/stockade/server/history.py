@@ -11,7 +11,6 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
-from ..protocol.models import Caller
 from ..result import ExecResult
 
 MAX_EXECUTIONS = 100
@@ -25,7 +24,9 @@ class History:
         self.violations: deque[dict[str, Any]] = deque(maxlen=MAX_VIOLATIONS)
         self.cold_starts: dict[str, deque[tuple[str, float]]] = {}
 
-    def execution(self, caller: Caller, agent_id: str | None, result: ExecResult) -> None:
+    def execution(self, agent_id: str | None, result: ExecResult, cold_start: bool = True) -> None:
+        """Keep a finished run; ``cold_start``: its cold start is its isolate's own (a held
+        sandbox's later runs repeat their first's, which is on the chart already)."""
         now = datetime.now(UTC).isoformat()
         self.executions.appendleft(
             {
@@ -53,7 +54,7 @@ class History:
                     "timestamp": v.timestamp,
                 }
             )
-        if result.cold_start_time_ms > 0:
+        if cold_start and result.cold_start_time_ms > 0:
             points = self.cold_starts.setdefault(result.runtime_used, deque(maxlen=MAX_POINTS))
             points.append((now, round(result.cold_start_time_ms, 3)))
 

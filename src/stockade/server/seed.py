@@ -49,7 +49,7 @@ class SeedExecuteRequest(BaseModel):
     """``POST /api/v1/sandbox/execute``: the seed's fields, and stockade's ``language``,
     ``command``, ``trust_level`` and ``stdin``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     agent_id: Annotated[str, Field(min_length=1, max_length=128, description="who the run is for")]
     code: str | None = Field(default=None, description="the code to run (or give command)")
@@ -97,6 +97,13 @@ class SeedExecuteRequest(BaseModel):
             stdin=self.stdin,
             agent_id=self.agent_id,
         )
+
+
+# The request's fields that make its policy: an error in them is a policy error.
+POLICY_FIELDS = frozenset(
+    {"runtime", "trust_level", "timeout_seconds", "memory_limit_mb", "cpu_limit", "network_policy",
+     "filesystem_access", "environment"}
+)  # fmt: skip
 
 
 class SeedViolation(BaseModel):
