@@ -400,3 +400,23 @@ def test_the_openapi_document_describes_every_route(http: httpx.Client) -> None:
         "/api/v1/sandboxes/{sandbox_id}/files", "/api/v1/sandboxes/{sandbox_id}/files/list",
         "/api/v1/sandboxes/{sandbox_id}", "/run_code",
     } <= set(paths)  # fmt: skip
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_held(process_runtime: str) -> None:
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_MAX_REQUEST_BYTES": "65536"})
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        big = {"agent_id": "a", "code": "#" * 70_000}
+        said = http.post("/api/v1/sandbox/execute", json=big)  # with its Content-Length
+        assert (said.status_code, said.json()["code"]) == (413, "too_large")
+
+        def chunks() -> Iterator[bytes]:  # no length given: counted as it comes
+            yield b'{"agent_id": "a", "code": "'
+            for _ in range(20):
+                yield b"#" * 4096
+            yield b'"}'
+
+        streamed = http.post("/api/v1/sandbox/execute", content=chunks(), headers={"content-type": "application/json"})
+        assert (streamed.status_code, streamed.json()["code"]) == (413, "too_large")
+        assert _execute(http, code="print('small')").json()["stdout"] == "small\n"
+    assert daemon.stop() == 0, daemon.logs()

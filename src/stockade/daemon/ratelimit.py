@@ -13,9 +13,12 @@ class SlidingWindowLimiter:
         self.limit = limit
         self.window_s = window_s
         self._events: dict[object, deque[float]] = {}
+        self._sweep_at = 0.0
 
     def allow(self, key: object, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
+        if now >= self._sweep_at:
+            self._sweep(now)
         events = self._events.get(key)
         if events is None:  # not setdefault: that would build a deque on every call
             events = self._events[key] = deque()
@@ -25,6 +28,17 @@ class SlidingWindowLimiter:
             return False
         events.append(now)
         return True
+
+    def _sweep(self, now: float) -> None:
+        """Forget keys with no event in the window: a client naming a new key per request
+        (an HTTP ``agent_id``) must not grow the daemon's memory. Once a window."""
+        stale = [key for key, events in self._events.items() if not events or now - events[-1] >= self.window_s]
+        for key in stale:
+            del self._events[key]
+        self._sweep_at = now + self.window_s
+
+    def __len__(self) -> int:
+        return len(self._events)
 
     def wait_s(self, key: object, now: float | None = None) -> float:
         """Seconds until ``key`` may make its next event (0 when it may now)."""

@@ -16,14 +16,34 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import InvalidRequestError, PolicyError
 from ..limits import check_call_size
 from ..policy import Policy, default_policy
 
 Language = Literal["python", "bash"]
-Argv = Annotated[list[str], Field(min_length=1, description="the command and its arguments")]
+
+
+def _no_nul(value: str) -> str:
+    # The kernel ends a C string at a NUL: a path or an argument holding one cannot mean what it says.
+    if "\0" in value:
+        raise ValueError("must not contain a NUL byte")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+Path = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+Argv = Annotated[list[Text], Field(min_length=1, description="the command and its arguments")]
 Seconds = Annotated[float, Field(gt=0, description="seconds")]
 AgentId = Annotated[str, Field(min_length=1, max_length=128, description="who the run is for (audit, metrics)")]
 
@@ -123,7 +143,7 @@ class _HeldRun(SandboxRef, _WithStdin):
 
 class SandboxExec(_HeldRun):
     command: Argv
-    cwd: str | None = None
+    cwd: Path | None = None
 
 
 class SandboxRunCode(_HeldRun):
@@ -132,7 +152,7 @@ class SandboxRunCode(_HeldRun):
 
 
 class WriteFile(SandboxRef):
-    path: str = Field(min_length=1)
+    path: Path
     data: str = Field(description="the file's bytes, base64")
     mode: int = Field(default=0o644, ge=0, le=0o7777)
     _raw: bytes = PrivateAttr(default=b"")
@@ -148,12 +168,12 @@ class WriteFile(SandboxRef):
 
 
 class ReadFile(SandboxRef):
-    path: str = Field(min_length=1)
+    path: Path
     max_bytes: int | None = Field(default=None, ge=0)
 
 
 class ListDir(SandboxRef):
-    path: str = Field(min_length=1)
+    path: Path
 
 
 # ---- answers -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..agent import wire
-from ..errors import AgentProtocolError, SandboxClosedError, SandboxError, agent_error
+from ..errors import AgentProtocolError, CallTooLargeError, SandboxClosedError, SandboxError, agent_error
 from ..limits import check_call_size
 from ..policy import Policy
 from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
@@ -615,7 +615,7 @@ class AgentSandbox(abc.ABC):
             return self._next_id, wire.encode_message(wire.request(method, params, self._next_id))
         except wire.FrameError:
             # Nothing was sent: the isolate is untouched and the caller may retry smaller.
-            raise SandboxError(
+            raise CallTooLargeError(
                 f"the {method} request is too large for the agent protocol's {wire.MAX_FRAME}-byte frame: "
                 f"keep stdin, code and file data under {wire.MAX_DATA_BYTES} bytes per call"
             ) from None

@@ -41,6 +41,7 @@ from ..daemon.ratelimit import SlidingWindowLimiter
 from ..errors import (
     HTTP_STATUS,
     AuthenticationError,
+    CallTooLargeError,
     InvalidRequestError,
     PolicyError,
     RateLimitError,
@@ -51,7 +52,7 @@ from ..policy import Policy, default_policy
 from ..protocol.models import Caller, Cancelled, Closed, DirListing, FileWritten, SandboxCreated, request_error
 from ..result import ExecResult
 from . import sandboxfusion, seed
-from .sse import event_stream, until_disconnect
+from .sse import event_stream, run_while_connected, until_disconnect
 
 T = TypeVar("T")
 HTTP_CALLER = Caller("http", "http", waits=False)
@@ -122,8 +123,10 @@ class HttpDoor:
         client_rps: int,
         agent_rps: int,
         health: Callable[[], list[str]],
+        max_body_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.controller = controller
+        self.max_body_bytes = max_body_bytes
         self.observers = observers
         self.token = token.encode() if token else None
         self.per_client = SlidingWindowLimiter(client_rps)
@@ -155,6 +158,26 @@ class HttpDoor:
         if method.admin_action:
             self.observers.admin(HTTP_CALLER, method.name, _target(request))
         return answer
+
+
+def _describe_bearer(app: FastAPI, door: HttpDoor) -> None:
+    """Say in the OpenAPI document that every route but the open ones takes the bearer token."""
+    if door.token is None:
+        return
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema.get("paths", {}).items():
+                if path not in OPEN_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class Guard:
@@ -190,6 +213,7 @@ class Guard:
             if request.url.path not in OPEN_PATHS:
                 self.door.check_token(request)
                 self.door.check_rate(request)
+            receive = await self._bounded_body(scope, receive)
         except StockadeError as exc:
             await error_response(exc)(scope, receive, send_noting)
         else:
@@ -198,6 +222,36 @@ class Guard:
             route = scope.get("route")
             name = getattr(route, "name", None) or ("auth" if status == 401 else "unknown")
             self.door.observers.request("http", name, status if headers_done else 499, time.monotonic() - started)
+
+    async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:
+        """The request's body, read here up to the door's limit (``STOCKADE_MAX_REQUEST_BYTES``,
+        as the socket's line limit), then handed on: a client cannot make the daemon hold
+        more, whether it says its length or streams it chunked."""
+        limit = self.door.max_body_bytes
+        too_large = CallTooLargeError(f"Request too large: the body is over {limit} bytes")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise too_large
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay(message, receive)  # the client went away: the app sees it
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                raise too_large
+        return _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``first``, then whatever the server sends next (a disconnect)."""
+    pending: list[Message] = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 def _target(request: Any) -> str:
@@ -211,7 +265,9 @@ def _client(request: Request) -> str:
 
 # Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
 POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
-OPEN_PATHS = ("/health", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css")
+# Answered to anyone, uncounted by the rate limit: health checks (ours, SandboxFusion's) and
+# the dashboard's page, which asks for the token itself.
+OPEN_PATHS = ("/health", "/v1/ping", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css")
 
 
 def create_app(door: HttpDoor) -> FastAPI:
@@ -224,6 +280,7 @@ def create_app(door: HttpDoor) -> FastAPI:
     controller = door.controller
 
     app.add_middleware(Guard, door=door)
+    _describe_bearer(app, door)
 
     @app.exception_handler(StockadeError)
     async def stockade_error(request: Request, exc: StockadeError) -> JSONResponse:
@@ -270,8 +327,15 @@ def create_app(door: HttpDoor) -> FastAPI:
                 lambda result: seed.response(result).model_dump_json(),
                 cancel_on_disconnect=True,
             )
-        result = await until_disconnect(request, execute.call(controller, job, HTTP_CALLER, None))
-        return seed.response(result)
+        assert execute.start_now is not None
+        start_now = execute.start_now
+        result = await run_while_connected(
+            request,
+            lambda done: start_now(controller, job, HTTP_CALLER, done),
+            lambda: execute.call(controller, job, HTTP_CALLER, None),
+        )
+        # Written once by pydantic: FastAPI would validate the model again on the way out.
+        return Response(seed.response(result).model_dump_json(), media_type="application/json")
 
     @app.get("/api/v1/sandbox/status", name="status", response_model=seed.SeedStatus, responses=_ERRORS)
     async def status() -> seed.SeedStatus:
@@ -303,7 +367,9 @@ def create_app(door: HttpDoor) -> FastAPI:
             active_sandboxes=len(controller.running) + len(controller.held),
         )
 
-    @app.get("/metrics", name="metrics", responses={**_ERRORS, 200: {"content": {"text/plain": {}}}})
+    @app.get(
+        "/metrics", name="metrics", response_class=Response, responses={**_ERRORS, 200: {"content": {"text/plain": {}}}}
+    )
     async def metrics() -> Response:
         body, content_type = door.observers.exposition()
         return Response(body, media_type=content_type)

@@ -23,6 +23,7 @@ Where stockade's words differ from the seed's:
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -77,15 +78,15 @@ class SeedExecuteRequest(BaseModel):
                 "network_policy: 'full' is not offered: a stockade isolate has no route out of the host "
                 "(use 'none' or 'restricted', its own loopback)"
             )
-        return Policy.build(
-            runtime=RUNTIME_OF[self.runtime] if self.runtime else None,
-            trust=self.trust_level,
-            timeout_seconds=self.timeout_seconds,
-            memory_mb=self.memory_limit_mb,
-            cpu_limit=self.cpu_limit,
-            network_policy=NETWORK_OF[self.network_policy],
-            filesystem_access=self.filesystem_access,
-            environment=self.environment,
+        return _policy(
+            RUNTIME_OF[self.runtime] if self.runtime else None,
+            self.trust_level,
+            self.timeout_seconds,
+            self.memory_limit_mb,
+            self.cpu_limit,
+            NETWORK_OF[self.network_policy],
+            tuple(self.filesystem_access),
+            tuple(sorted(self.environment.items())),
         )
 
     def to_request(self) -> ExecuteRequest:
@@ -104,6 +105,31 @@ POLICY_FIELDS = frozenset(
     {"runtime", "trust_level", "timeout_seconds", "memory_limit_mb", "cpu_limit", "network_policy",
      "filesystem_access", "environment"}
 )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _policy(
+    runtime: str | None,
+    trust: str | None,
+    timeout_seconds: float,
+    memory_mb: int,
+    cpu_limit: float,
+    network_policy: str,
+    filesystem_access: tuple[str, ...],
+    environment: tuple[tuple[str, str], ...],
+) -> Policy:
+    """The Policy of a request's fields, built (and its digest taken) once per distinct set:
+    an agent sends the same limits call after call, and a Policy is immutable."""
+    return Policy.build(
+        runtime=runtime,
+        trust=trust,
+        timeout_seconds=timeout_seconds,
+        memory_mb=memory_mb,
+        cpu_limit=cpu_limit,
+        network_policy=network_policy,
+        filesystem_access=list(filesystem_access),
+        environment=dict(environment),
+    )
 
 
 class SeedViolation(BaseModel):

@@ -98,3 +98,45 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise DaemonUnavailableError("the client disconnected: the run was ended")
     return task.result()
+
+
+async def run_while_connected(
+    request: Request,
+    start_now: Callable[[Callable[[Any], None]], Callable[[], None] | None],
+    awaited: Callable[[], Awaitable[T]],
+) -> T:
+    """A run started by ``start_now`` (the controller's callback path: its outcome is handed
+    to ``done`` in the loop turn the agent answers, so this handler wakes once), ended if
+    the client disconnects first. When it cannot start now, ``awaited()`` answers instead
+    (for the HTTP door: "busy" at once)."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[Any] = loop.create_future()
+
+    def done(answer: Any) -> None:
+        if not outcome.done():
+            outcome.set_result(answer)
+
+    abandon = start_now(done)
+    if abandon is None:
+        return await until_disconnect(request, awaited())
+    ended = abandon
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        ended()  # the client went away first: its run ends now
+        if not outcome.done():
+            outcome.set_exception(DaemonUnavailableError("the client disconnected: the run was ended"))
+
+    watcher = loop.create_task(gone())
+    try:
+        answer = await outcome
+    except asyncio.CancelledError:
+        ended()
+        raise
+    finally:
+        watcher.cancel()
+    if isinstance(answer, Exception):
+        raise answer
+    result: T = answer
+    return result
