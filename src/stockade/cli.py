@@ -175,6 +175,8 @@ def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) ->
     if socket_path:
         status = _execute_via_daemon(args, socket_path, call, payload, stdin)
         if status is not None:
+            if getattr(args, "zygote", None) is not None:
+                args.zygote.close()  # started by main() in case the run stayed here; it did not
             return status
 
     zygote = getattr(args, "zygote", None)  # started by main() before the parser was built
@@ -502,12 +504,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd")
 
-    run = sub.add_parser("run", help="run a command in a fresh isolate")
+    # No abbreviated flags for the commands that run something: main() reads --runtime,
+    # --isolation, --trust and --socket off the raw arguments before this parser exists.
+    run = sub.add_parser("run", help="run a command in a fresh isolate", allow_abbrev=False)
     policy_flags(run, "run")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     run.set_defaults(func=cmd_run)
 
-    code = sub.add_parser("exec-code", help="run a piece of code in a fresh isolate")
+    code = sub.add_parser("exec-code", help="run a piece of code in a fresh isolate", allow_abbrev=False)
     code.add_argument("--language", choices=["python", "bash"], default="python")
     code.add_argument("-f", "--file", help="read the code from FILE")
     policy_flags(code, "exec-code")

@@ -48,7 +48,7 @@ _RESERVED_TARGETS = ("/", "/proc", "/dev", "/usr", "/etc", "/tmp", "/work", "/bi
 class Mount(BaseModel):
     """A host path made visible inside the isolate, read-only unless ``writable``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     source: str
     target: str = ""

@@ -222,10 +222,14 @@ def test_a_held_sandbox_streams_too_and_errors_are_events(http: httpx.Client) ->
     with http.stream("POST", f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["echo", "x"]}) as answer:
         events = list(_events(answer.iter_lines()))
     assert events[0] == ("output", {"stream": "stdout", "text": "x\n"}) and events[-1][0] == "result"
-    http.delete(f"/api/v1/sandboxes/{sid}")
-    with http.stream("POST", f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["true"]}) as answer:
+    # What fails once the stream has begun is an error event...
+    with http.stream("POST", f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["/no/such"]}) as answer:
         events = list(_events(answer.iter_lines()))
-    assert events == [("error", {"error": f"no sandbox {sid!r}", "code": "not_found"})]
+    assert [kind for kind, _ in events] == ["error"] and events[0][1]["code"] == "agent"
+    # ...what is refused before it begins is an HTTP status.
+    http.delete(f"/api/v1/sandboxes/{sid}")
+    gone = http.post(f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["true"]})
+    assert (gone.status_code, gone.json()["code"]) == (404, "not_found")
 
 
 def test_a_client_that_disconnects_mid_stream_ends_the_run(daemon: Daemon, http: httpx.Client) -> None:
@@ -249,7 +253,7 @@ def test_a_client_that_disconnects_before_its_answer_ends_the_run(daemon: Daemon
     address = urlsplit(daemon.http_url)
     body = json.dumps({"agent_id": "gone", "command": ["sleep", marker]}).encode()
     head = (
-        f"POST /api/v1/sandbox/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST /api/v1/sandbox/execute HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     with socket.create_connection((address.hostname, address.port), timeout=10) as s:
@@ -279,8 +283,13 @@ def test_a_token_guards_everything_but_health_and_the_page(process_runtime: str)
     with open(daemon.audit_log, "rb") as f:
         log = f.read()
     assert TOKEN.encode() not in log and b"wrong-token" not in log
-    failures = [json.loads(line) for line in log.splitlines() if b'"auth_failure"' in line]
-    assert len(failures) == 7 and failures[0]["door"] == "http" and failures[0]["peer"] == "127.0.0.1"
+    # Seven failures from one peer: one record, and the other six counted when the log closes
+    # (a flood of bad tokens must not rotate the log's real records away).
+    records = [json.loads(line) for line in log.splitlines()]
+    (failure,) = [r for r in records if r["event"] == "auth_failure"]
+    assert failure["door"] == "http" and failure["peer"] == "127.0.0.1" and failure["unrecorded_before"] == 0
+    (rest,) = [r for r in records if r["event"] == "auth_failures_unrecorded"]
+    assert rest["count"] == 6 and rest["peer"] == "127.0.0.1"
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
@@ -420,3 +429,49 @@ def test_a_body_over_the_limit_is_refused_before_it_is_held(process_runtime: str
         assert (streamed.status_code, streamed.json()["code"]) == (413, "too_large")
         assert _execute(http, code="print('small')").json()["stdout"] == "small\n"
     assert daemon.stop() == 0, daemon.logs()
+
+
+def test_without_a_token_only_this_hosts_own_names_are_served(http: httpx.Client) -> None:
+    # A web page that re-points its own domain at 127.0.0.1 (DNS rebinding) sends its own Host.
+    rebound = http.post(
+        "/api/v1/sandbox/execute", json={"agent_id": "a", "code": "print(1)"}, headers={"Host": "evil.example:8002"}
+    )
+    assert (rebound.status_code, rebound.json()["code"]) == (401, "auth") and "evil.example" in rebound.json()["error"]
+    for host in ("localhost:8002", "127.0.0.1"):
+        assert http.get("/api/v1/sandbox/status", headers={"Host": host}).status_code == 200
+
+
+def test_a_forwarded_for_header_is_not_believed(process_runtime: str) -> None:
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_MAX_REQUESTS": "3"})
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        codes = [
+            http.get("/api/v1/sandbox/status", headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(6)
+        ]
+        assert 429 in codes  # one client, whatever it says it forwards for
+    assert daemon.stop() == 0, daemon.logs()
+
+
+def test_sandboxfusion_clients_may_give_the_token_in_the_url(process_runtime: str) -> None:
+    # verl is configured with a URL and sends no header: /run_code takes ?token= as well.
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_API_TOKEN": TOKEN})
+    assert daemon.http_url is not None
+    body = {"code": "print(2)", "language": "python"}
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        assert http.post("/run_code", json=body).status_code == 401
+        assert http.post("/run_code", params={"token": "wrong-token-0000000000"}, json=body).status_code == 401
+        answer = http.post("/run_code", params={"token": TOKEN}, json=body).json()
+        assert answer["status"] == "Success" and answer["run_result"]["stdout"] == "2\n"
+        # Only there: elsewhere a token in the URL is no token.
+        assert http.get("/api/v1/sandbox/status", params={"token": TOKEN}).status_code == 401
+    assert daemon.stop() == 0, daemon.logs()
+
+
+def test_the_dashboard_shows_only_what_its_caller_owns(daemon: Daemon, http: httpx.Client) -> None:
+    from stockade.client import Client
+
+    with Client(daemon.socket_path) as unix:
+        theirs = unix.execute(code="print('unix')").execution_id
+    mine = _execute(http, code="print('http')").json()["execution_id"]
+    shown = [e["execution_id"] for e in http.get("/api/v1/dashboard").json()["recent_executions"]]
+    assert mine in shown and theirs not in shown

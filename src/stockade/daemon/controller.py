@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from ..errors import InvalidRequestError, NotFoundError, RunCancelledError, SandboxError
+from ..errors import DaemonBusyError, InvalidRequestError, NotFoundError, RunCancelledError, SandboxError
 from ..policy import Policy
 from ..protocol.models import (
     ActiveSandbox,
@@ -241,7 +241,14 @@ class Controller:
 
         task = asyncio.get_running_loop().create_task(cold())
         self._cold_starts.add(task)  # a task nobody awaits must be referenced until it ends
-        task.add_done_callback(self._cold_starts.discard)
+
+        def settled(task: asyncio.Task[None]) -> None:
+            self._cold_starts.discard(task)
+            # Cancelled before its first step, the task never ran the code that gives the slot back.
+            if self.running.get(running.execution_id) is running and running.sandbox is None:
+                self._ended(running.execution_id)
+
+        task.add_done_callback(settled)
 
         def abandon() -> None:
             task.cancel()
@@ -417,7 +424,9 @@ class Controller:
         runtime = self.manager.select(policy)
         await self._take_slot(caller)
         try:
-            sandbox = await self._blocking(runtime.start, policy)
+            # Not a bare thread call: a caller cancelled meanwhile (a client gone) would leave
+            # the isolate it started running, held by nobody.
+            sandbox = await self._start_for(runtime, policy)
         except BaseException:
             self.slots.release(caller.owner)
             raise
@@ -441,6 +450,16 @@ class Controller:
                 f"idle_timeout {asked:g} s is over this daemon's limit of {limit:g} s (STOCKADE_SANDBOX_IDLE_TIMEOUT)"
             )
         return asked
+
+    def require_slot(self, caller: Caller) -> None:
+        """Refuse now (``DaemonBusyError``) what could not get a slot at once: for a door that
+        must answer "busy" before it starts answering (a stream)."""
+        if not caller.waits and (not self.slots.free or self.slots.waiting):
+            raise DaemonBusyError(f"busy: all {self.slots.total} sandbox slots are in use; try again shortly")
+
+    def require_sandbox(self, request: SandboxRef, caller: Caller) -> None:
+        """Refuse now (``NotFoundError``) a call to a sandbox the caller does not hold."""
+        self._lookup(request, caller)
 
     def _lookup(self, request: SandboxRef, caller: Caller) -> Held:
         sandbox_id = request.sandbox_id

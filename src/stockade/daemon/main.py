@@ -52,6 +52,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("stopping: finishing running work for up to %.0f s", config.shutdown_grace_s)
     finally:
+        server.stopping = True  # both doors refuse new work from here; their running work has one grace
         if http is not None:
             await http.close(config.shutdown_grace_s)
         await server.close(config.shutdown_grace_s)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +45,11 @@ class Observers:
         self._missed: dict[str, int] = {}
         self._pending: list[tuple[Caller, str | None, ExecResult, bool, bool]] = []
         self._timer: asyncio.TimerHandle | None = None
+        # (door, peer) -> (when its last auth_failure record was written, failures since, unwritten)
+        self._auth_failures: dict[tuple[str, str], tuple[float, int]] = {}
 
     DELAY_S = 0.002
+    AUTH_WINDOW_S = 10.0
 
     # ---- the controller's listener -------------------------------------------------------
 
@@ -81,13 +85,14 @@ class Observers:
     def _record(self, caller: Caller, agent_id: str | None, result: ExecResult, held: bool, cold_start: bool) -> None:
         if self.metrics is not None:
             self.metrics.observe_execution(result, cold_start=cold_start)
-        self.history.execution(agent_id, result, cold_start)
+        self.history.execution(caller.owner, agent_id, result, cold_start)
         if self.audit is None:
             return
         self.audit.record(
             "execution",
             owner=caller.owner,
             door=caller.door,
+            peer=caller.peer,
             agent_id=agent_id,
             execution_id=result.execution_id,
             held=held,
@@ -126,8 +131,26 @@ class Observers:
             self.metrics.observe_request("http" if door == "http" else "unix", method, code, seconds)
 
     def auth_failure(self, door: str, peer: str, method: str) -> None:
-        if self.audit is not None:
-            self.audit.record("auth_failure", door=door, peer=peer, method=method[:128])
+        """One record per peer and door per AUTH_WINDOW_S, the ones in between counted in the
+        next: a flood of bad tokens must not rotate the log's real records away."""
+        if self.audit is None:
+            return
+        now = time.monotonic()
+        key = (door, peer)
+        window = self._auth_failures.get(key)
+        if window is not None and now - window[0] < self.AUTH_WINDOW_S:
+            self._auth_failures[key] = (window[0], window[1] + 1)
+            return
+        self.audit.record(
+            "auth_failure", door=door, peer=peer, method=method[:128], unrecorded_before=window[1] if window else 0
+        )
+        self._auth_failures[key] = (now, 0)
+        if len(self._auth_failures) > 4096:  # peers that went quiet: their last counts said, then forgotten
+            for (quiet_door, quiet_peer), (since, count) in list(self._auth_failures.items()):
+                if now - since >= self.AUTH_WINDOW_S:
+                    del self._auth_failures[quiet_door, quiet_peer]
+                    if count:
+                        self.audit.record("auth_failures_unrecorded", door=quiet_door, peer=quiet_peer, count=count)
 
     def admin(self, caller: Caller, action: str, target: str, **details: Any) -> None:
         if self.audit is not None:
@@ -143,12 +166,15 @@ class Observers:
             self.metrics.observe_pool(runtime, stats["warm"], max(0, missed))
         return self.metrics.exposition()
 
-    def snapshot(self) -> dict[str, Any]:
-        """The dashboard's history, up to this moment."""
+    def snapshot(self, caller: Caller) -> dict[str, Any]:
+        """The dashboard's history, up to this moment, of what ``caller`` may see (its own)."""
         self.flush()
-        return self.history.snapshot()
+        return self.history.snapshot(lambda owner: caller.admin or owner == caller.owner)
 
     def close(self) -> None:
         self.flush()
         if self.audit is not None:
+            for (door, peer), (_, count) in self._auth_failures.items():
+                if count:  # failures since that peer's last record: said before the log closes
+                    self.audit.record("auth_failures_unrecorded", door=door, peer=peer, count=count)
             self.audit.close()

@@ -253,12 +253,14 @@ class Caller:
     """Who a request is for, whatever door it came in by.
 
     ``owner`` keys what the caller holds (its sandboxes, its share of the
-    slots): ``uid 1000`` on the Unix socket, ``http <client>`` on the HTTP API.
+    slots): ``uid 1000`` on the Unix socket, ``http`` on the HTTP API (its one
+    principal: whoever holds its token).
     ``admin`` callers (root on the socket) see and end everyone's runs.
     ``connection`` is the Unix-socket connection whose end closes the
     sandboxes it made (None: the HTTP API's, closed by DELETE or idleness).
     ``waits``: whether a request may wait in the queue for a free slot; the HTTP
     API's are answered "busy" (503) at once instead, never left hanging.
+    ``peer``: where the request came from, for the audit log (an HTTP client's address).
     """
 
     owner: str
@@ -267,6 +269,7 @@ class Caller:
     uid: int | None = None
     connection: int | None = None
     waits: bool = True
+    peer: str | None = None
 
 
 def unix_caller(uid: int, connection: int | None = None) -> Caller:

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
-import math
-import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, TypeVar
@@ -31,37 +28,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..daemon.controller import Controller
 from ..daemon.methods import METHODS, read_request
-from ..daemon.observers import Observers
-from ..daemon.ratelimit import SlidingWindowLimiter
-from ..errors import (
-    HTTP_STATUS,
-    AuthenticationError,
-    CallTooLargeError,
-    InvalidRequestError,
-    PolicyError,
-    RateLimitError,
-    StockadeError,
-    error_code,
-)
+from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError
 from ..policy import Policy, default_policy
 from ..protocol.models import Caller, Cancelled, Closed, DirListing, FileWritten, SandboxCreated, request_error
 from ..result import ExecResult
 from . import sandboxfusion, seed
+from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response
 from .sse import event_stream, run_while_connected, until_disconnect
 
 T = TypeVar("T")
-HTTP_CALLER = Caller("http", "http", waits=False)
-MAX_FILE_BYTES = 7 * 1024 * 1024  # one call's data (limits.py)
-
-
-class ErrorBody(BaseModel):
-    error: str
-    code: str
+# Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
+POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
 
 
 class HttpSandboxCreate(BaseModel):
@@ -99,175 +80,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    code = error_code(exc)
-    message = str(exc) if code != "internal" else f"Internal error: {type(exc).__name__}"
-    headers = {}
-    if isinstance(exc, RateLimitError):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    elif code in ("busy", "unavailable"):
-        headers["Retry-After"] = "1"
-    elif isinstance(exc, AuthenticationError):
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse({"error": message, "code": code}, status_code=HTTP_STATUS[code], headers=headers)
-
-
-class HttpDoor:
-    """What the HTTP API keeps between requests: its token, its rate windows, its observers."""
-
-    def __init__(
-        self,
-        controller: Controller,
-        observers: Observers,
-        token: str | None,
-        client_rps: int,
-        agent_rps: int,
-        health: Callable[[], list[str]],
-        max_body_bytes: int = 16 * 1024 * 1024,
-    ) -> None:
-        self.controller = controller
-        self.max_body_bytes = max_body_bytes
-        self.observers = observers
-        self.token = token.encode() if token else None
-        self.per_client = SlidingWindowLimiter(client_rps)
-        self.per_agent = SlidingWindowLimiter(agent_rps)
-        self.runtimes_available = health
-
-    def check_token(self, request: Request) -> None:
-        if self.token is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
-            self.observers.auth_failure("http", _client(request), request.url.path)
-            raise AuthenticationError("Authentication failed: a valid 'Authorization: Bearer <token>' is required")
-
-    def check_rate(self, request: Request) -> None:
-        client = _client(request)
-        if not self.per_client.allow(client):
-            raise RateLimitError(f"Rate limit exceeded for client {client}", self.per_client.wait_s(client))
-
-    def check_agent(self, agent_id: str | None) -> None:
-        if agent_id is not None and not self.per_agent.allow(agent_id):
-            raise RateLimitError(f"Rate limit exceeded for agent_id {agent_id!r}", self.per_agent.wait_s(agent_id))
-
-    async def call(self, name: str, params: dict[str, Any], on_output: Any = None) -> Any:
-        method = METHODS[name]
-        request = read_request(method, params)
-        answer = await method.call(self.controller, request, HTTP_CALLER, on_output)
-        if method.admin_action:
-            self.observers.admin(HTTP_CALLER, method.name, _target(request))
-        return answer
-
-
-def _describe_bearer(app: FastAPI, door: HttpDoor) -> None:
-    """Say in the OpenAPI document that every route but the open ones takes the bearer token."""
-    if door.token is None:
-        return
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for path, operations in schema.get("paths", {}).items():
-                if path not in OPEN_PATHS:
-                    for operation in operations.values():
-                        operation["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-class Guard:
-    """Token, client rate limit and request metrics, around every route: plain ASGI.
-
-    Not ``BaseHTTPMiddleware``: that one runs the route in a task of its own and
-    relays its messages, which hides a client's disconnect from a streamed
-    response and from ``until_disconnect``; a run must end with its client.
-    """
-
-    def __init__(self, app: ASGIApp, door: HttpDoor) -> None:
-        self.app, self.door = app, door
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        status = 500
-        headers_done = False
-
-        async def send_noting(message: Message) -> None:
-            nonlocal status, headers_done
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-content-type-options", b"nosniff")]
-                headers_done = True
-            await send(message)
-
-        request = Request(scope)
-        try:
-            if request.url.path not in OPEN_PATHS:
-                self.door.check_token(request)
-                self.door.check_rate(request)
-            receive = await self._bounded_body(scope, receive)
-        except StockadeError as exc:
-            await error_response(exc)(scope, receive, send_noting)
-        else:
-            await self.app(scope, receive, send_noting)
-        finally:
-            route = scope.get("route")
-            name = getattr(route, "name", None) or ("auth" if status == 401 else "unknown")
-            self.door.observers.request("http", name, status if headers_done else 499, time.monotonic() - started)
-
-    async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:
-        """The request's body, read here up to the door's limit (``STOCKADE_MAX_REQUEST_BYTES``,
-        as the socket's line limit), then handed on: a client cannot make the daemon hold
-        more, whether it says its length or streams it chunked."""
-        limit = self.door.max_body_bytes
-        too_large = CallTooLargeError(f"Request too large: the body is over {limit} bytes")
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise too_large
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return _replay(message, receive)  # the client went away: the app sees it
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                raise too_large
-        return _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
-
-
-def _replay(first: Message, receive: Receive) -> Receive:
-    """A ``receive`` that gives ``first``, then whatever the server sends next (a disconnect)."""
-    pending: list[Message] = [first]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay
-
-
-def _target(request: Any) -> str:
-    """What an administrative act was done to: a sandbox or an execution, by id."""
-    return str(getattr(request, "sandbox_id", None) or getattr(request, "execution_id", ""))
-
-
-def _client(request: Request) -> str:
-    return request.client.host if request.client is not None else "unknown"
-
-
 # Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
 POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
-# Answered to anyone, uncounted by the rate limit: health checks (ours, SandboxFusion's) and
-# the dashboard's page, which asks for the token itself.
-OPEN_PATHS = ("/health", "/v1/ping", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css")
 
 
 def create_app(door: HttpDoor) -> FastAPI:
@@ -280,7 +94,7 @@ def create_app(door: HttpDoor) -> FastAPI:
     controller = door.controller
 
     app.add_middleware(Guard, door=door)
-    _describe_bearer(app, door)
+    describe_bearer(app, door)
 
     @app.exception_handler(StockadeError)
     async def stockade_error(request: Request, exc: StockadeError) -> JSONResponse:
@@ -304,7 +118,7 @@ def create_app(door: HttpDoor) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_found"}.get(exc.status_code, "invalid_request")
+        code = {404: "not_found", 405: "invalid_request"}.get(exc.status_code, "invalid_request")
         return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
 
     # ---- seed 003 ------------------------------------------------------------------------
@@ -320,10 +134,12 @@ def create_app(door: HttpDoor) -> FastAPI:
         output as server-sent events (``output``, then ``result`` or ``error``)."""
         door.check_agent(body.agent_id)
         job = _checked(body.to_request)
+        caller = door.caller(request)
         execute = METHODS["execute"]
         if stream:
+            controller.require_slot(caller)  # a full daemon is 503, not a stream that says so
             return event_stream(
-                lambda out: execute.call(controller, job, HTTP_CALLER, out),
+                lambda out: execute.call(controller, job, caller, out),
                 lambda result: seed.response(result).model_dump_json(),
                 cancel_on_disconnect=True,
             )
@@ -331,15 +147,15 @@ def create_app(door: HttpDoor) -> FastAPI:
         start_now = execute.start_now
         result = await run_while_connected(
             request,
-            lambda done: start_now(controller, job, HTTP_CALLER, done),
-            lambda: execute.call(controller, job, HTTP_CALLER, None),
+            lambda done: start_now(controller, job, caller, done),
+            lambda: execute.call(controller, job, caller, None),
         )
         # Written once by pydantic: FastAPI would validate the model again on the way out.
         return Response(seed.response(result).model_dump_json(), media_type="application/json")
 
     @app.get("/api/v1/sandbox/status", name="status", response_model=seed.SeedStatus, responses=_ERRORS)
-    async def status() -> seed.SeedStatus:
-        now = await door.call("status", {})
+    async def status(request: Request) -> seed.SeedStatus:
+        now = await door.call("status", {}, door.caller(request))
         return seed.SeedStatus(
             active_sandboxes=[
                 seed.SeedActiveSandbox(
@@ -379,9 +195,9 @@ def create_app(door: HttpDoor) -> FastAPI:
     @app.post(
         "/api/v1/sandboxes", name="sandbox.create", status_code=201, response_model=SandboxCreated, responses=_ERRORS
     )
-    async def create(body: HttpSandboxCreate) -> Any:
+    async def create(request: Request, body: HttpSandboxCreate) -> Any:
         door.check_agent(body.agent_id)
-        return await door.call("sandbox.create", body.model_dump(exclude_none=True))
+        return await door.call("sandbox.create", body.model_dump(exclude_none=True), door.caller(request))
 
     @app.post(
         "/api/v1/sandboxes/{sandbox_id}/exec",
@@ -389,8 +205,10 @@ def create_app(door: HttpDoor) -> FastAPI:
         response_model=ExecResult,
         responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
     )
-    async def sandbox_exec(sandbox_id: str, body: HttpExec, stream: bool = Query(default=False)) -> Any:
-        return await _held_run(door, "sandbox.exec", sandbox_id, body, stream)
+    async def sandbox_exec(
+        request: Request, sandbox_id: str, body: HttpExec, stream: bool = Query(default=False)
+    ) -> Any:
+        return await _held_run(door, door.caller(request), "sandbox.exec", sandbox_id, body, stream)
 
     @app.post(
         "/api/v1/sandboxes/{sandbox_id}/run_code",
@@ -398,20 +216,23 @@ def create_app(door: HttpDoor) -> FastAPI:
         response_model=ExecResult,
         responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
     )
-    async def sandbox_run_code(sandbox_id: str, body: HttpRunCode, stream: bool = Query(default=False)) -> Any:
-        return await _held_run(door, "sandbox.run_code", sandbox_id, body, stream)
+    async def sandbox_run_code(
+        request: Request, sandbox_id: str, body: HttpRunCode, stream: bool = Query(default=False)
+    ) -> Any:
+        return await _held_run(door, door.caller(request), "sandbox.run_code", sandbox_id, body, stream)
 
     @app.put(
         "/api/v1/sandboxes/{sandbox_id}/files", name="sandbox.write_file", response_model=FileWritten, responses=_ERRORS
     )
     async def write_file(
+        request: Request,
         sandbox_id: str,
         path: str = Query(min_length=1),
         mode: int = Query(default=0o644, ge=0, le=0o7777),
         data: bytes = Body(default=b"", media_type="application/octet-stream"),
     ) -> Any:
         params = {"sandbox_id": sandbox_id, "path": path, "mode": mode, "data": base64.b64encode(data).decode()}
-        return await door.call("sandbox.write_file", params)
+        return await door.call("sandbox.write_file", params, door.caller(request))
 
     @app.get(
         "/api/v1/sandboxes/{sandbox_id}/files",
@@ -420,10 +241,14 @@ def create_app(door: HttpDoor) -> FastAPI:
         responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
     )
     async def read_file(
-        sandbox_id: str, path: str = Query(min_length=1), max_bytes: int | None = Query(default=None, ge=0)
+        request: Request,
+        sandbox_id: str,
+        path: str = Query(min_length=1),
+        max_bytes: int | None = Query(default=None, ge=0),
     ) -> Response:
         params: dict[str, Any] = {"sandbox_id": sandbox_id, "path": path, "max_bytes": max_bytes}
-        answer = await door.call("sandbox.read_file", {k: v for k, v in params.items() if v is not None})
+        params = {k: v for k, v in params.items() if v is not None}
+        answer = await door.call("sandbox.read_file", params, door.caller(request))
         return Response(base64.b64decode(answer.data), media_type="application/octet-stream")
 
     @app.get(
@@ -432,19 +257,19 @@ def create_app(door: HttpDoor) -> FastAPI:
         response_model=DirListing,
         responses=_ERRORS,
     )
-    async def list_dir(sandbox_id: str, path: str = Query(min_length=1)) -> Any:
-        return await door.call("sandbox.list_dir", {"sandbox_id": sandbox_id, "path": path})
+    async def list_dir(request: Request, sandbox_id: str, path: str = Query(min_length=1)) -> Any:
+        return await door.call("sandbox.list_dir", {"sandbox_id": sandbox_id, "path": path}, door.caller(request))
 
     @app.delete("/api/v1/sandboxes/{sandbox_id}", name="sandbox.close", response_model=Closed, responses=_ERRORS)
-    async def close(sandbox_id: str) -> Any:
-        return await door.call("sandbox.close", {"sandbox_id": sandbox_id})
+    async def close(request: Request, sandbox_id: str) -> Any:
+        return await door.call("sandbox.close", {"sandbox_id": sandbox_id}, door.caller(request))
 
     @app.delete(
         "/api/v1/sandbox/execute/{execution_id}", name="execute.cancel", response_model=Cancelled, responses=_ERRORS
     )
-    async def cancel(execution_id: str) -> Any:
+    async def cancel(request: Request, execution_id: str) -> Any:
         """End a running execute (its client gets it answered ``killed``)."""
-        return await door.call("execute.cancel", {"execution_id": execution_id})
+        return await door.call("execute.cancel", {"execution_id": execution_id}, door.caller(request))
 
     # ---- SandboxFusion ---------------------------------------------------------------------
 
@@ -457,7 +282,7 @@ def create_app(door: HttpDoor) -> FastAPI:
         except sandboxfusion.RequestNotSupported as exc:
             raise InvalidRequestError(str(exc)) from None
         policy = Policy.build(**fields)
-        return await until_disconnect(request, _fusion(controller, body, policy))
+        return await until_disconnect(request, _fusion(controller, door.caller(request), body, policy))
 
     @app.get("/v1/ping", name="sandboxfusion.ping", response_model=str)
     async def ping() -> str:
@@ -466,8 +291,9 @@ def create_app(door: HttpDoor) -> FastAPI:
     # ---- dashboard -------------------------------------------------------------------------
 
     @app.get("/api/v1/dashboard", name="dashboard", responses=_ERRORS)
-    async def dashboard() -> dict[str, Any]:
-        now = await door.call("status", {})
+    async def dashboard(request: Request) -> dict[str, Any]:
+        caller = door.caller(request)
+        now = await door.call("status", {}, caller)
         return {
             "service": "stockade",
             "version": __version__,
@@ -482,7 +308,7 @@ def create_app(door: HttpDoor) -> FastAPI:
                 }
                 for s in now.active_sandboxes
             ],
-            **door.observers.snapshot(),
+            **door.observers.snapshot(caller),
         }
 
     static = resources.files("stockade.server") / "static"
@@ -516,15 +342,16 @@ def _checked(build: Callable[[], T]) -> T:
         raise request_error(exc, "request") from None
 
 
-async def _held_run(door: HttpDoor, name: str, sandbox_id: str, body: BaseModel, stream: bool) -> Any:
+async def _held_run(door: HttpDoor, caller: Caller, name: str, sandbox_id: str, body: BaseModel, stream: bool) -> Any:
     params = {"sandbox_id": sandbox_id, **body.model_dump(exclude_none=True)}
     if not stream:
-        return await door.call(name, params)
+        return await door.call(name, params, caller)
     method = METHODS[name]
     request = read_request(method, params)
+    door.controller.require_sandbox(request, caller)  # an unknown sandbox is 404, not a stream that says so
     # A held sandbox's call is let finish when its client goes away: the sandbox stays in step.
     return event_stream(
-        lambda out: method.call(door.controller, request, HTTP_CALLER, out),
+        lambda out: method.call(door.controller, request, caller, out),
         lambda result: result.model_dump_json(),
         cancel_on_disconnect=False,
     )
@@ -533,14 +360,14 @@ async def _held_run(door: HttpDoor, name: str, sandbox_id: str, body: BaseModel,
 class _HeldForFusion:
     """A held sandbox as SandboxFusion's adapter wants it (``sandboxfusion.HeldSandbox``)."""
 
-    def __init__(self, controller: Controller, sandbox_id: str) -> None:
-        self.controller, self.sandbox_id = controller, sandbox_id
+    def __init__(self, controller: Controller, caller: Caller) -> None:
+        self.controller, self.caller, self.sandbox_id = controller, caller, ""
 
     async def call(self, name: str, **params: Any) -> Any:
         method = METHODS[name]
         if name != "sandbox.create":
             params["sandbox_id"] = self.sandbox_id
-        return await method.call(self.controller, read_request(method, params), HTTP_CALLER, None)
+        return await method.call(self.controller, read_request(method, params), self.caller, None)
 
     async def close(self) -> None:
         try:
@@ -567,9 +394,9 @@ class _HeldForFusion:
         return base64.b64decode(answer.data)
 
 
-async def _fusion(controller: Controller, body: sandboxfusion.RunCodeRequest, policy: Policy) -> Any:
+async def _fusion(controller: Controller, caller: Caller, body: sandboxfusion.RunCodeRequest, policy: Policy) -> Any:
     """A SandboxFusion call: a held sandbox of its own for the files, the run and the fetch."""
-    held = _HeldForFusion(controller, "")
+    held = _HeldForFusion(controller, caller)
     created = await held.call("sandbox.create", policy=policy.model_dump(mode="json"))
     held.sandbox_id = created.sandbox_id
     try:

@@ -8,6 +8,7 @@ run's code, input or output is kept, only its outcome.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,14 +23,15 @@ class History:
     def __init__(self) -> None:
         self.executions: deque[dict[str, Any]] = deque(maxlen=MAX_EXECUTIONS)
         self.violations: deque[dict[str, Any]] = deque(maxlen=MAX_VIOLATIONS)
-        self.cold_starts: dict[str, deque[tuple[str, float]]] = {}
+        self.cold_starts: dict[str, deque[tuple[str, str, float]]] = {}  # runtime -> (owner, when, ms)
 
-    def execution(self, agent_id: str | None, result: ExecResult, cold_start: bool = True) -> None:
+    def execution(self, owner: str, agent_id: str | None, result: ExecResult, cold_start: bool = True) -> None:
         """Keep a finished run; ``cold_start``: its cold start is its isolate's own (a held
         sandbox's later runs repeat their first's, which is on the chart already)."""
         now = datetime.now(UTC).isoformat()
         self.executions.appendleft(
             {
+                "owner": owner,
                 "execution_id": result.execution_id,
                 "agent_id": agent_id,
                 "runtime_used": result.runtime_used,
@@ -45,6 +47,7 @@ class History:
         for v in result.security_violations[:MAX_VIOLATIONS]:
             self.violations.appendleft(
                 {
+                    "owner": owner,
                     "execution_id": result.execution_id,
                     "agent_id": agent_id,
                     "violation_type": v.violation_type,
@@ -56,11 +59,19 @@ class History:
             )
         if cold_start and result.cold_start_time_ms > 0:
             points = self.cold_starts.setdefault(result.runtime_used, deque(maxlen=MAX_POINTS))
-            points.append((now, round(result.cold_start_time_ms, 3)))
+            points.append((owner, now, round(result.cold_start_time_ms, 3)))
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, visible: Callable[[str], bool]) -> dict[str, Any]:
+        """What an owner may see (``visible(owner)``): another's runs are not shown, as in ``status``."""
+
+        def mine(entries: deque[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{k: v for k, v in e.items() if k != "owner"} for e in entries if visible(e["owner"])]
+
         return {
-            "recent_executions": list(self.executions),
-            "recent_violations": list(self.violations),
-            "cold_start_ms": {runtime: [list(p) for p in points] for runtime, points in self.cold_starts.items()},
+            "recent_executions": mine(self.executions),
+            "recent_violations": mine(self.violations),
+            "cold_start_ms": {
+                runtime: [[when, ms] for owner, when, ms in points if visible(owner)]
+                for runtime, points in self.cold_starts.items()
+            },
         }

@@ -20,9 +20,11 @@ from ..daemon.config import DaemonConfig
 from ..daemon.controller import Controller
 from ..daemon.observers import Observers
 from ..errors import ConfigError
-from .app import HttpDoor, create_app
+from .app import create_app
+from .door import HttpDoor
 
 log = logging.getLogger("stockade.daemon")
+MAX_HTTP_CONNECTIONS = 1024
 
 
 class _Server(uvicorn.Server):
@@ -83,7 +85,15 @@ async def start(config: DaemonConfig, controller: Controller, observers: Observe
         max_body_bytes=config.max_request_bytes,
     )
     server = _Server(
-        uvicorn.Config(create_app(door), log_level="warning", access_log=False, lifespan="off", server_header=False)
+        uvicorn.Config(
+            create_app(door),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            proxy_headers=False,  # a client's address is its socket's: no X-Forwarded-For is believed
+            limit_concurrency=MAX_HTTP_CONNECTIONS,  # past it, 503 at once: each one holds memory
+        )
     )
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -92,6 +102,12 @@ async def start(config: DaemonConfig, controller: Controller, observers: Observe
             raise ConfigError("the HTTP API stopped as it started")
         await asyncio.sleep(0.01)
     service = HttpService(server, task, sock.getsockname()[:2])
-    auth = "bearer token" if config.api_token else "no token: loopback only"
-    log.info("HTTP API on %s (%s)", service.url, auth)
+    if config.api_token:
+        log.info("HTTP API on %s (bearer token)", service.url)
+    else:
+        log.info("HTTP API on %s (no token: loopback only)", service.url)
+        log.warning(
+            "the HTTP API has no token: every local user can run code through it, whatever the Unix "
+            "socket's mode, allowed uids or HMAC token say (set STOCKADE_API_TOKEN to require one)"
+        )
     return service

@@ -51,7 +51,8 @@ from typing import Any, Literal, Protocol, get_args
 
 from pydantic import BaseModel, Field
 
-from ..errors import InvalidRequestError, SandboxError
+from ..errors import CallTooLargeError, InvalidRequestError, SandboxError
+from ..limits import MAX_CALL_BYTES
 from ..policy import MAX_MEMORY_MB, MAX_TIMEOUT_S
 from ..result import ExecResult
 
@@ -208,6 +209,10 @@ def policy_fields(request: RunCodeRequest) -> dict[str, Any]:
     return {"timeout_seconds": run_timeout(request), "memory_mb": memory_mb(request)}
 
 
+# The fetched files of one answer, at most (one call's data, as every door's limit).
+MAX_FETCH_BYTES = MAX_CALL_BYTES
+
+
 def resolve_path(name: str) -> str:
     """Where a ``files``/``fetch_files`` name lies in the isolate: relative names under ``/work``."""
     return posixpath.normpath(posixpath.join(WORKDIR, name))
@@ -308,11 +313,24 @@ async def _write_files(files: dict[str, str | None], sandbox: HeldSandbox) -> No
 
 
 async def _fetch_files(names: list[str], sandbox: HeldSandbox) -> dict[str, str]:
+    """The files asked for, base64, under the names as given: each path read once, and at most
+    MAX_FETCH_BYTES in all (an answer is held whole in the daemon's memory)."""
     fetched: dict[str, str] = {}
+    by_path: dict[str, str] = {}
+    total = 0
     for name in names:
+        path = resolve_path(name)
+        if path in by_path:
+            fetched[name] = by_path[path]  # "f", "./f" and "/work/f" are one file, read once
+            continue
         try:
-            data = await sandbox.read_file(resolve_path(name))
+            data = await sandbox.read_file(path, MAX_FETCH_BYTES - total + 1)
         except SandboxError:
             continue  # missing, not a regular file, or unreadable: left out, as SandboxFusion does
-        fetched[name] = base64.b64encode(data).decode("ascii")
+        total += len(data)
+        if total > MAX_FETCH_BYTES:
+            raise CallTooLargeError(
+                f"fetch_files: the files asked for hold more than {MAX_FETCH_BYTES} bytes, more than one answer carries"
+            )
+        fetched[name] = by_path[path] = base64.b64encode(data).decode("ascii")
     return fetched

@@ -29,27 +29,43 @@ def sse(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
 
+# Output queued for a client that reads slower than the run writes, at most: past it the
+# stream skips output (the result event still carries all of it) and says how much.
+MAX_QUEUED_BYTES = 4 * 1024 * 1024
+
+
 def event_stream(
     run: Callable[[OutputCallback], Awaitable[Any]],
     render: Callable[[Any], str],
     cancel_on_disconnect: bool,
 ) -> StreamingResponse:
-    """Start ``run`` now with an output callback; stream what it writes, then ``render(result)``.
+    """Stream what ``run`` writes, then ``render(result)``.
 
+    The run starts with the stream's first step: a client gone before it starts none.
     With ``cancel_on_disconnect`` a client that goes away ends the run (its task is
     cancelled, which kills a one-shot isolate); otherwise the run is let finish.
     """
     events: asyncio.Queue[bytes | None] = asyncio.Queue()
     decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
+    queued = skipped = 0
 
     def on_output(stream: str, data: bytes) -> None:
+        nonlocal queued, skipped
         decoder = decoders.get(stream)
-        if decoder is not None:
-            events.put_nowait(sse("output", json.dumps({"stream": stream, "text": decoder.decode(data)})))
+        if decoder is None:
+            return
+        event = sse("output", json.dumps({"stream": stream, "text": decoder.decode(data)}))
+        if queued + len(event) > MAX_QUEUED_BYTES:
+            skipped += len(data)
+            return
+        queued += len(event)
+        events.put_nowait(event)
 
     async def work() -> None:
         try:
             result = await run(on_output)
+            if skipped:
+                events.put_nowait(sse("skipped", json.dumps({"bytes": skipped})))
             events.put_nowait(sse("result", render(result)))
         except asyncio.CancelledError:
             raise
@@ -60,11 +76,13 @@ def event_stream(
         finally:
             events.put_nowait(None)
 
-    task = asyncio.get_running_loop().create_task(work())
-
     async def body() -> AsyncIterator[bytes]:
+        nonlocal queued
+        task = asyncio.get_running_loop().create_task(work())
         try:
             while (event := await events.get()) is not None:
+                if event.startswith(b"event: output"):
+                    queued -= len(event)
                 yield event
         finally:
             if cancel_on_disconnect and not task.done():

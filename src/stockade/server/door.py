@@ -1,0 +1,233 @@
+"""What stands in front of every HTTP route: host, rate, token and body checks, and the errors.
+
+``Guard`` is plain ASGI (not ``BaseHTTPMiddleware``, which runs the route in a
+task of its own and relays its messages: that hides a client's disconnect from
+a streamed response and from ``until_disconnect``, and a run must end with its
+client). In order, for every route but the open ones:
+
+1. ``Host``: without a token, only this host's own names are served, so a web
+   page that re-points its domain at 127.0.0.1 (DNS rebinding) reaches nothing.
+2. The client's rate (``STOCKADE_MAX_REQUESTS`` per second, per address),
+   before the token, so that a flood of bad tokens is bounded too.
+3. The bearer token, compared with ``hmac.compare_digest``. SandboxFusion's
+   routes also take it as ``?token=``: its clients are configured with a URL
+   and send no header.
+4. The body, read here up to ``STOCKADE_MAX_REQUEST_BYTES`` whatever length it
+   claims, so a client cannot make the daemon hold more.
+
+Client addresses are the socket's: no ``X-Forwarded-For`` is believed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..daemon.controller import Controller
+from ..daemon.methods import METHODS, read_request
+from ..daemon.observers import Observers
+from ..daemon.ratelimit import SlidingWindowLimiter
+from ..errors import (
+    HTTP_STATUS,
+    AuthenticationError,
+    CallTooLargeError,
+    RateLimitError,
+    StockadeError,
+    error_code,
+)
+from ..protocol.models import Caller
+
+# Answered to anyone, uncounted: health checks (ours, SandboxFusion's) and the dashboard's
+# page, which asks for the token itself.
+OPEN_PATHS = frozenset({"/health", "/v1/ping", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css"})
+# Routes whose clients cannot send a header (SandboxFusion's): the token may come as ``?token=``.
+QUERY_TOKEN_PATHS = frozenset({"/run_code"})
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class ErrorBody(BaseModel):
+    error: str
+    code: str
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    code = error_code(exc)
+    message = str(exc) if code != "internal" else f"Internal error: {type(exc).__name__}"
+    headers = {}
+    if isinstance(exc, RateLimitError):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif code in ("busy", "unavailable"):
+        headers["Retry-After"] = "1"
+    elif isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": message, "code": code}, status_code=HTTP_STATUS[code], headers=headers)
+
+
+class HttpDoor:
+    """What the HTTP API keeps between requests: its token, its rate windows, its observers."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        observers: Observers,
+        token: str | None,
+        client_rps: int,
+        agent_rps: int,
+        health: Callable[[], list[str]],
+        max_body_bytes: int = 16 * 1024 * 1024,
+        host_names: frozenset[str] = LOOPBACK_NAMES,
+    ) -> None:
+        self.controller = controller
+        self.observers = observers
+        self.token = token.encode() if token else None
+        self.per_client = SlidingWindowLimiter(client_rps)
+        self.per_agent = SlidingWindowLimiter(agent_rps)
+        self.runtimes_available = health
+        self.max_body_bytes = max_body_bytes
+        self.host_names = host_names | LOOPBACK_NAMES
+
+    @staticmethod
+    def caller(request: Request) -> Caller:
+        """Who asks: the HTTP API's one principal (whoever holds the token), from this address.
+
+        Its sandboxes and runs are all the HTTP API's; the address goes to the audit log.
+        """
+        return Caller("http", "http", waits=False, peer=client_address(request))
+
+    def check_host(self, request: Request) -> None:
+        if self.token is not None:
+            return  # the token decides; a proxy may name the service as it likes
+        host = request.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1 : host.find("]")]
+        if name not in self.host_names:
+            raise AuthenticationError(
+                f"Host {host[:64]!r} is not this server: without an API token only its loopback names are served"
+            )
+
+    def check_token(self, request: Request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" and request.url.path in QUERY_TOKEN_PATHS:
+            value, scheme = request.query_params.get("token", ""), "bearer"
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
+            self.observers.auth_failure("http", client_address(request), request.url.path)
+            raise AuthenticationError("Authentication failed: a valid 'Authorization: Bearer <token>' is required")
+
+    def check_rate(self, request: Request) -> None:
+        client = client_address(request)
+        if not self.per_client.allow(client):
+            raise RateLimitError(f"Rate limit exceeded for client {client}", self.per_client.wait_s(client))
+
+    def check_agent(self, agent_id: str | None) -> None:
+        if agent_id is not None and not self.per_agent.allow(agent_id):
+            raise RateLimitError(f"Rate limit exceeded for agent_id {agent_id!r}", self.per_agent.wait_s(agent_id))
+
+    async def call(self, name: str, params: dict[str, Any], caller: Caller, on_output: Any = None) -> Any:
+        """One method of the shared table (``daemon/methods.py``), as the Unix socket calls it."""
+        method = METHODS[name]
+        request = read_request(method, params)
+        answer = await method.call(self.controller, request, caller, on_output)
+        if method.admin_action:
+            target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", "")
+            self.observers.admin(caller, method.name, str(target))
+        return answer
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+class Guard:
+    """The checks above, and the request metrics, around every route."""
+
+    def __init__(self, app: ASGIApp, door: HttpDoor) -> None:
+        self.app, self.door = app, door
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+        headers_done = False
+
+        async def send_noting(message: Message) -> None:
+            nonlocal status, headers_done
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+                headers_done = True
+            await send(message)
+
+        request = Request(scope)
+        try:
+            if request.url.path not in OPEN_PATHS:
+                self.door.check_host(request)
+                self.door.check_rate(request)
+                self.door.check_token(request)
+            receive = await self._bounded_body(scope, receive)
+        except StockadeError as exc:
+            await error_response(exc)(scope, receive, send_noting)
+        else:
+            await self.app(scope, receive, send_noting)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "name", None) or ("auth" if status == 401 else "unknown")
+            self.door.observers.request("http", name, status if headers_done else 499, time.monotonic() - started)
+
+    async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:
+        limit = self.door.max_body_bytes
+        too_large = CallTooLargeError(f"Request too large: the body is over {limit} bytes")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise too_large
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay(message, receive)  # the client went away: the app sees it
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                raise too_large
+        return _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``first``, then whatever the server sends next (a disconnect)."""
+    pending: list[Message] = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def describe_bearer(app: FastAPI, door: HttpDoor) -> None:
+    """Say in the OpenAPI document that every route but the open ones takes the bearer token."""
+    if door.token is None:
+        return
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema.get("paths", {}).items():
+                if path not in OPEN_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
