@@ -15,8 +15,10 @@ of the way), then measures from this process:
   Each one-shot run takes a fresh isolate, so a burst soon outruns the warm
   pool and is paced by how fast isolates are built, on both sides.
 
-Targets (issue 4): ping p50 < 0.3 ms and > 5,000 req/s on one connection;
-daemon execute <= 1.2x the in-process SDK.
+Targets: ping p50 < 0.3 ms and > 5,000 req/s on one connection (issue 4); a
+real command through the daemon <= 1.2x the in-process SDK (issue 18, which
+retired issue 4's target for a no-op: the no-op rows are shown for what they
+are, the daemon's fixed cost per request, with no target).
 
 A process's speed on this host depends on where it lands and stays so for its
 lifetime (docs/performance.md), so ``--sessions N`` starts the daemon and the
@@ -287,8 +289,11 @@ def main() -> None:
         low, high = ratio_interval(*pairs[workload])
         each = ", ".join(f"{r:.2f}" for r in session_ratios[workload])
         sessions = f"; by session {each}" if len(session_ratios[workload]) > 1 else ""
-        print(f"{rows[i][0]} <= 1.2x in-process: {ratio:.2f}x (90% interval {low:.2f}-{high:.2f}{sessions}) "
-              f"{'OK' if ratio <= 1.2 else 'MISSED'}")  # fmt: skip
+        interval = f"(90% interval {low:.2f}-{high:.2f}{sessions})"
+        if "python3" in rows[i][0]:  # a real command: the target
+            print(f"{rows[i][0]} <= 1.2x in-process: {ratio:.2f}x {interval} {'OK' if ratio <= 1.2 else 'MISSED'}")
+        else:  # a no-op: the daemon's fixed cost, no target
+            print(f"{rows[i][0]}: {ratio:.2f}x in-process {interval}, +{rows[i][1] - rows[i + 1][1]:.2f} ms")
     ratio = rows[burst_row][1] / rows[burst_row + 1][1]
     verdict = "OK" if ratio <= 1.2 else "MISSED"
     print(f"execute throughput via daemon <= 1.2x in-process (time per run): {ratio:.2f}x "
