@@ -5,7 +5,7 @@
     stockade doctor [--json]
     stockade start --name NAME [--restart no|on-failure|always] [policy flags] -- CMD ARGS...
     stockade status [NAME] | ps | logs NAME | stop NAME
-    stockade serve [--socket PATH] [--http [HOST:PORT]] [--api-token-file F]
+    stockade serve [--socket PATH] [--http [HOST:PORT]] [--api-token-file F] [--no-socket]
     stockade daemon ping|selftest|status|runtimes [--socket PATH] [--token-file F]
     stockade image build [--force] [--no-snapshot]
     stockade token new [--file F]
@@ -295,8 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = DaemonConfig.from_env()
         if args.socket:
             config = DaemonConfig.from_env({**os.environ, "STOCKADE_SOCKET": args.socket})
-        if args.http is not None or args.api_token_file:
-            config = config.with_http(args.http, args.api_token_file)
+        if args.http is not None or args.api_token_file or args.no_socket:
+            config = config.with_http(args.http, args.api_token_file, unix_socket=not args.no_socket)
     except StockadeError as exc:
         return _fail(str(exc))
     try:
@@ -492,13 +492,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if any(r["available"] and r["name"] != "fake" for r in report["runtimes"]) else 1
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; with ``command``, only that subcommand's parser carries the
-    Policy's flags (building them loads pydantic, which the other subcommands do without)."""
+def build_parser(command: str = "*") -> argparse.ArgumentParser:
+    """The whole command line. Only ``command``'s parser carries the Policy's flags (``*``:
+    every parser's): building them loads pydantic, which the other subcommands do without."""
     parser = argparse.ArgumentParser(prog="stockade", description="Run untrusted code behind real isolation.")
 
     def policy_flags(sub: argparse.ArgumentParser, name: str, one_run: bool = True) -> None:
-        if command is None or command == name:
+        if command in ("*", name):
             _policy_flags(sub, one_run)
 
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -553,6 +553,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="serve the HTTP API too (default 127.0.0.1:8002; $STOCKADE_HTTP); without a token, loopback only",
     )
     serve.add_argument("--api-token-file", metavar="FILE", help="the HTTP API's bearer token (or $STOCKADE_API_TOKEN)")
+    serve.add_argument("--no-socket", action="store_true", help="serve the HTTP API instead of the Unix socket")
     serve.set_defaults(func=cmd_serve)
 
     daemon = sub.add_parser("daemon", help="ask a running daemon: ping, selftest, status, runtimes; cancel, close")
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     argv = sys.argv[1:] if argv is None else argv
     zygote = _early_zygote(argv)
-    parser = build_parser(next((w for w in argv if not w.startswith("-")), None))
+    parser = build_parser(next((w for w in argv if not w.startswith("-")), ""))
     try:
         args = parser.parse_args(argv)
     except SystemExit:

@@ -908,3 +908,16 @@ def test_a_violation_flood_leaves_the_daemons_memory_bounded(runtime: str) -> No
     grew = {key: (value - before) // 1024 for key, value in after.items()}
     assert grew["VmHWM"] < 50 and grew["VmRSS"] < 50, f"the daemon grew by {grew} MB during/after {made} violations"
     assert daemon.stop() == 0, daemon.logs()
+
+
+def test_the_client_takes_a_policy_object_as_well_as_a_dict(daemon: Daemon) -> None:
+    from stockade.policy import Policy
+
+    policy = Policy(memory_mb=128, environment={"WHO": "policy-object"})
+    with Client(daemon.socket_path) as c:
+        result = c.execute(["sh", "-c", "echo $WHO"], policy=policy)
+        assert result.stdout == "policy-object\n" and result.policy_digest == policy.digest
+        with c.sandbox(policy) as sb:
+            assert sb.exec(["sh", "-c", "echo $WHO"]).stdout == "policy-object\n"
+        with pytest.raises(PolicyError, match="memory_mb"):
+            c.execute(["true"], policy={"memory_mb": 1})  # refused before it is sent

@@ -475,3 +475,19 @@ def test_the_dashboard_shows_only_what_its_caller_owns(daemon: Daemon, http: htt
     mine = _execute(http, code="print('http')").json()["execution_id"]
     shown = [e["execution_id"] for e in http.get("/api/v1/dashboard").json()["recent_executions"]]
     assert mine in shown and theirs not in shown
+
+
+def test_the_http_api_may_serve_instead_of_the_socket(process_runtime: str, tmp_path: object) -> None:
+    from tests.daemon_harness import wait_for_http
+
+    daemon = start_daemon(http="127.0.0.1:0", args=("--no-socket",), wait=False)
+    url = wait_for_http(daemon)
+    assert not os.path.exists(daemon.socket_path)
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert _execute(http, code="print('no socket')").json()["stdout"] == "no socket\n"
+    assert daemon.stop() == 0, daemon.logs()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+    env["STOCKADE_SOCKET"] = os.path.join(str(tmp_path), "d.sock")
+    alone = [sys.executable, "-m", "stockade.cli", "serve", "--no-socket"]
+    done = subprocess.run(alone, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 125 and "--no-socket leaves the daemon no door: give --http too" in done.stderr

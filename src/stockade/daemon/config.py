@@ -68,6 +68,7 @@ class DaemonConfig:
     # A held sandbox nobody calls still holds a slot, an isolate and its memory:
     # one a client forgot (or a crashed client's kept one) is closed after this.
     sandbox_idle_timeout_s: float | None = 600.0
+    unix_socket: bool = True  # False: the HTTP API alone (``stockade serve --http --no-socket``)
     http_listen: tuple[str, int] | None = None
     api_token: str | None = None
     agent_max_requests: int = 20
@@ -82,8 +83,10 @@ class DaemonConfig:
             f"http={self.http_listen!r}, api_token={api})"
         )
 
-    def with_http(self, listen: str | None, api_token_file: str | None = None) -> DaemonConfig:
-        """This config with ``stockade serve``'s ``--http`` and ``--api-token-file`` applied."""
+    def with_http(
+        self, listen: str | None, api_token_file: str | None = None, unix_socket: bool = True
+    ) -> DaemonConfig:
+        """This config with ``stockade serve``'s ``--http``, ``--api-token-file`` and ``--no-socket``."""
         token = self.api_token
         if api_token_file:
             try:
@@ -93,7 +96,9 @@ class DaemonConfig:
                 raise ConfigError(f"--api-token-file {api_token_file}: {exc.strerror}") from None
         address = self.http_listen if listen is None else _listen(listen, "--http")
         _check_exposure(address, token)
-        return dataclasses.replace(self, http_listen=address, api_token=token)
+        if not unix_socket and address is None:
+            raise ConfigError("--no-socket leaves the daemon no door: give --http too")
+        return dataclasses.replace(self, http_listen=address, api_token=token, unix_socket=unix_socket)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> DaemonConfig:

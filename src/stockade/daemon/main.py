@@ -36,7 +36,8 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     http = None
     try:
-        await server.start()  # a live daemon's socket is never claimed: nothing of this start to undo
+        if config.unix_socket:
+            await server.start()  # a live daemon's socket is never claimed: nothing of this start to undo
     except BaseException:
         await controller.shutdown(0.0)
         observers.close()
@@ -46,7 +47,8 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
             from ..server import http as http_door
 
             http = await http_door.start(config, controller, observers)
-        observers.admin(_DAEMON, "daemon.start", config.socket_path, http=http.url if http else None)
+        where = config.socket_path if config.unix_socket else None
+        observers.admin(_DAEMON, "daemon.start", where or "", http=http.url if http else None)
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -57,7 +59,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
             await http.close(config.shutdown_grace_s)
         await server.close(config.shutdown_grace_s)
         await controller.shutdown(0.0)
-        observers.admin(_DAEMON, "daemon.stop", config.socket_path)
+        observers.admin(_DAEMON, "daemon.stop", config.socket_path if config.unix_socket else "")
         observers.close()
         log.info("stopped")
 

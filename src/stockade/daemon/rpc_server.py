@@ -83,10 +83,10 @@ class RPCServer:
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop accepting, let requests in progress answer for up to ``grace_s``, then drop connections."""
         self.stopping = True
-        if self._server is not None:
+        if self._server is not None:  # never another daemon's socket: only the one this one made
             self._server.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket_path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket_path)
         await self.controller.wait_idle(grace_s)
         await asyncio.sleep(0)  # let the answers of the work that just finished go out
         connections = list(self.connections)
