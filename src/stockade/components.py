@@ -201,8 +201,10 @@ class _Stop(Exception):
 
 def supervise(name: str, store: ComponentStore) -> int:
     from .policy import Policy
-    from .runtimes.base import UNBOUNDED
+    from .result import ExecResult
+    from .runtimes.base import UNBOUNDED, AgentSandbox
     from .runtimes.manager import RuntimeManager
+    from .sdk import one_shot
 
     spec = store.spec(name)
     state = store.state(name)
@@ -219,16 +221,15 @@ def supervise(name: str, store: ComponentStore) -> int:
     backoff = 1.0
     try:
         policy = Policy.build(**spec["policy"])
-        runtime = manager.select(policy)
+
+        def run(sandbox: AgentSandbox) -> ExecResult:
+            state.status, state.started_at = "running", time.time()
+            state.runtime, state.policy_digest, state.error = sandbox.runtime_name, policy.digest, None
+            store.save(state)
+            return sandbox.exec(spec["argv"], timeout=UNBOUNDED, on_output=log.write)
+
         while True:
-            sandbox = runtime.start(policy)
-            try:
-                state.status, state.started_at = "running", time.time()
-                state.runtime, state.policy_digest, state.error = sandbox.runtime_name, policy.digest, None
-                store.save(state)
-                result = sandbox.exec(spec["argv"], timeout=UNBOUNDED, on_output=log.write)
-            finally:
-                sandbox.close()
+            result = one_shot(policy, run, manager)  # the SDK's one-shot path, with no deadline
             state.exit_code = result.exit_code
             if time.time() - (state.started_at or 0) > STABLE_RUN_S:
                 backoff = 1.0  # it ran for a while: a new failure is not a crash loop
