@@ -491,3 +491,17 @@ def test_the_http_api_may_serve_instead_of_the_socket(process_runtime: str, tmp_
     alone = [sys.executable, "-m", "stockade.cli", "serve", "--no-socket"]
     done = subprocess.run(alone, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 125 and "--no-socket leaves the daemon no door: give --http too" in done.stderr
+
+
+def test_firecracker_is_the_microvm_runtime_and_the_answer_says_so(http: httpx.Client) -> None:
+    from tests.conftest import require
+
+    require("microvm")
+    body = _execute(http, code="import platform; print(platform.release())", runtime="firecracker", timeout_seconds=120)
+    answer = body.json()
+    assert body.status_code == 200 and answer["success"], answer
+    assert (
+        answer["runtime_used"] == "microvm"
+        and answer["policy_digest"] == Policy(runtime="microvm", timeout_seconds=120).digest
+    )
+    assert answer["stdout"].strip() != os.uname().release  # a kernel of its own
