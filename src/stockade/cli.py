@@ -59,7 +59,7 @@ def _policy_flags(parser: argparse.ArgumentParser, one_run: bool = True) -> None
             continue
         flag, metavar = CLI_FLAGS.get(name, ("--" + name.replace("_", "-"), None))
         kind, choices, repeated = _flag_type(field.annotation)
-        help_text = _flag_help(field)
+        help_text = _flag_help(field, repeated)
         if repeated:
             g.add_argument(flag, dest=name, action="append", default=[], metavar=metavar, help=help_text)
         else:
@@ -90,20 +90,24 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None, bool]:
     return (annotation if annotation in (int, float) else str), None, False
 
 
-def _flag_help(field: Any) -> str:
+def _flag_help(field: Any, repeated: bool = False) -> str:
     """A field's description, default and bounds, as its flag's help."""
     parts = [field.description or ""]
+    if repeated:
+        parts.append("repeatable")
     if field.default_factory is None and field.default not in (None, ()):
-        parts.append(f"default {field.default}")
+        parts.append(f"default {field.default:g}" if isinstance(field.default, float) else f"default {field.default}")
     for bound in field.metadata:
-        for attr, word in (("le", "at most"), ("ge", "at least"), ("gt", "over")):
-            if getattr(bound, attr, None) is not None:
-                parts.append(f"{word} {getattr(bound, attr)}")
+        for attr, word in (("gt", "more than"), ("ge", "at least"), ("le", "at most")):
+            value = getattr(bound, attr, None)
+            if value is not None:
+                parts.append(f"{word} {value:g}" if isinstance(value, float) else f"{word} {value}")
     return "; ".join(p for p in parts if p)
 
 
 def _build_policy(args: argparse.Namespace) -> Any:
-    from .policy import Policy
+    from .errors import PolicyError
+    from .policy import CLI_FLAGS, Policy
 
     fields: dict[str, Any] = {}
     if args.policy_file:
@@ -123,7 +127,13 @@ def _build_policy(args: argparse.Namespace) -> Any:
         fields["environment"] = env
     if args.filesystem_access:
         fields["filesystem_access"] = list(fields.get("filesystem_access") or []) + args.filesystem_access
-    return Policy.build(**fields)
+    try:
+        return Policy.build(**fields)
+    except PolicyError as exc:  # in the words the user typed: the flag, then its field
+        message = str(exc)
+        for name, (flag, _) in CLI_FLAGS.items():
+            message = message.replace(f" {name}", f" {flag} ({name})")
+        raise PolicyError(message) from None
 
 
 def _fail(message: str) -> int:
@@ -347,8 +357,12 @@ def cmd_token_new(args: argparse.Namespace) -> int:
     if not args.file:
         print(token)
         return 0
+    # A token file in use is not replaced by accident: its daemon and clients would no longer agree.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if args.force else os.O_EXCL)
     try:
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(args.file, flags, 0o600)
+    except FileExistsError:
+        return _fail(f"--file {args.file} exists: a daemon or its clients may use it (--force replaces it)")
     except OSError as exc:
         return _fail(f"--file {args.file}: {exc.strerror}")
     with os.fdopen(fd, "w") as f:
@@ -581,6 +595,7 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_cmd", required=True)
     new = token_sub.add_parser("new", help="make a 32-byte random hex token")
     new.add_argument("--file", help="write it to FILE with mode 0600 instead of printing it")
+    new.add_argument("--force", action="store_true", help="replace FILE if it exists")
     new.set_defaults(func=cmd_token_new)
 
     audit = sub.add_parser("audit", help="the daemon's tamper-evident audit log")

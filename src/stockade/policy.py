@@ -97,7 +97,9 @@ class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     runtime: str | None = Field(default=None, description=f"a runtime by name ({', '.join(RUNTIME_NAMES)})")
-    isolation: IsolationLevel | None = Field(default=None, description="the isolation level to use")
+    isolation: IsolationLevel | None = Field(
+        default=None, description="the isolation level to use (none: no isolation at all, for tests)"
+    )
     trust: TrustLevel | None = Field(
         default=None, description="how far the code is trusted: the strongest available level meeting its minimum"
     )
@@ -105,9 +107,9 @@ class Policy(BaseModel):
         default=30.0, gt=0, le=MAX_TIMEOUT_S, description="wall-clock limit of a run, seconds"
     )
     memory_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB, description="memory limit, MB")
-    cpu_limit: float = Field(default=1.0, le=MAX_CPU, description=f"cores; at least {MIN_CPU}")
+    cpu_limit: float = Field(default=1.0, le=MAX_CPU, description=f"CPU limit, cores (at least {MIN_CPU})")
     pids_limit: int = Field(
-        default=128, le=4096, description=f"tasks in the isolate, its agent included; at least {MIN_PIDS_LIMIT}"
+        default=128, le=4096, description=f"tasks in the isolate, its agent included (at least {MIN_PIDS_LIMIT})"
     )
     max_output_bytes: int = Field(
         default=1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES, description="stdout and stderr kept, bytes (the rest is cut)"
@@ -116,9 +118,7 @@ class Policy(BaseModel):
     max_open_files: int = Field(default=256, ge=16, le=65536, description="open file descriptors")
     disk_mb: int = Field(default=64, ge=1, le=4096, description="size of the writable scratch (/tmp, /work)")
     network_policy: NetworkPolicy = Field(default="none", description="none: no network at all; loopback: its own lo")
-    filesystem_access: tuple[Mount, ...] = Field(
-        default=(), description="host paths shared in, read-only unless rw: SRC[:DST][:rw]"
-    )
+    filesystem_access: tuple[Mount, ...] = Field(default=(), description="a host path shared in, read-only unless :rw")
     environment: dict[str, str] = Field(default_factory=dict, description="environment variables of the code")
     on_violation: Literal["deny", "kill"] = Field(
         default="deny", description="deny: the call fails with EPERM and is reported; kill: the run ends"
@@ -126,8 +126,16 @@ class Policy(BaseModel):
     max_violations: int | None = Field(
         default=None,
         ge=0,
-        description="a flood limit: the run ends (violation) once more calls than this were blocked; None: no limit",
+        description="a flood limit: the run ends (violation) once more calls than this were blocked (default: none)",
     )
+
+    def __init__(self, **fields: Any) -> None:
+        # ``Policy(memory_mb=99999)`` raises ``PolicyError`` naming the field, as every door does
+        # (a pydantic ValidationError is not a StockadeError, so callers would miss it).
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise policy_error(exc) from None
 
     @field_validator("environment")
     @classmethod
@@ -172,11 +180,8 @@ class Policy(BaseModel):
 
     @classmethod
     def build(cls, **fields: Any) -> Policy:
-        """Validate, translating pydantic's error into a PolicyError naming the field."""
-        try:
-            return cls(**fields)
-        except ValidationError as exc:
-            raise policy_error(exc) from None
+        """Validate: a ``PolicyError`` names each field that is wrong."""
+        return cls(**fields)
 
     def replace(self, **changes: Any) -> Policy:
         return Policy.build(**{**self.model_dump(), **changes})
@@ -213,7 +218,8 @@ def policy_error(exc: ValidationError) -> PolicyError:
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "policy"
-        parts.append(f"{field}: {err['msg']}")
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}")
     return PolicyError("invalid policy: " + "; ".join(parts))
 
 

@@ -260,6 +260,11 @@ def test_a_client_that_disconnects_before_its_answer_ends_the_run(daemon: Daemon
         s.sendall(head + body)
         _wait_until(lambda: processes_with_arg(marker))
     _wait_until(lambda: not processes_with_arg(marker))
+    # The code ran: the audit log says so, and that its caller's leaving ended it.
+    daemon.stop()
+    with open(daemon.audit_log) as f:
+        runs = [json.loads(line) for line in f if '"execution"' in line]
+    assert [(r["agent_id"], r["outcome"], r["success"]) for r in runs] == [("gone", "killed", False)]
 
 
 # ---- auth, limits, capacity ------------------------------------------------------------------
@@ -505,3 +510,25 @@ def test_firecracker_is_the_microvm_runtime_and_the_answer_says_so(http: httpx.C
         and answer["policy_digest"] == Policy(runtime="microvm", timeout_seconds=120).digest
     )
     assert answer["stdout"].strip() != os.uname().release  # a kernel of its own
+
+
+def test_a_files_mode_is_octal_as_chmod_takes_it(http: httpx.Client) -> None:
+    sid = http.post("/api/v1/sandboxes", json={}).json()["sandbox_id"]
+    put = http.put(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/run.sh", "mode": "755"}, content=b"x")
+    assert put.status_code == 200, put.text
+    ls = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["stat", "-c", "%a", "/work/run.sh"]}).json()
+    assert ls["stdout"] == "755\n"
+    bad = http.put(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/x", "mode": "493"}, content=b"x")
+    assert bad.status_code == 422 and "mode" in bad.json()["error"]
+
+
+def test_a_body_that_is_not_labelled_json_is_told_so(http: httpx.Client) -> None:
+    answer = http.post("/api/v1/sandbox/execute", content=b'{"agent_id": "a", "code": "1"}',
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert answer.status_code == 400 and "Content-Type: application/json" in answer.json()["error"]
+
+
+def test_a_held_calls_own_timeout_is_the_one_reported(http: httpx.Client) -> None:
+    sid = http.post("/api/v1/sandboxes", json={"policy": {"timeout_seconds": 30}}).json()["sandbox_id"]
+    ran = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["sleep", "10"], "timeout": 1}).json()
+    assert ran["termination_reason"] == "timeout" and ran["error"] == "timed out after 1 s"

@@ -76,7 +76,7 @@ def test_a_value_out_of_the_fields_range_is_refused_naming_it() -> None:
     argv = [sys.executable, "-m", "stockade.cli", "run", "--memory", "99999", "--", "true"]
     done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert done.returncode == 125
-    assert "memory_mb: Input should be less than or equal to 2048" in done.stderr
+    assert "--memory (memory_mb): Input should be less than or equal to 2048" in done.stderr
 
 
 def test_subcommands_without_a_policy_do_not_build_its_flags() -> None:
@@ -84,3 +84,21 @@ def test_subcommands_without_a_policy_do_not_build_its_flags() -> None:
     parser = build_parser("ps")
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--memory", "64", "--", "true"])
+
+
+def test_token_new_does_not_replace_a_token_file_unless_forced(tmp_path: object) -> None:
+    import os
+
+    from stockade.cli import main
+
+    path = os.path.join(str(tmp_path), "token")
+    assert main(["token", "new", "--file", path]) == 0
+    with open(path) as f:
+        first = f.read()
+    assert main(["token", "new", "--file", path]) == 125
+    with open(path) as f:
+        assert f.read() == first
+    assert main(["token", "new", "--file", path, "--force"]) == 0
+    with open(path) as f:
+        assert f.read() != first
+    assert os.stat(path).st_mode & 0o777 == 0o600

@@ -111,3 +111,11 @@ def test_values_are_taken_as_json_gives_them(field: str, value: object) -> None:
     # A string is not read as a number, nor true as 1: a request says what it means.
     with pytest.raises(PolicyError, match=field):
         Policy.build(**{field: value})
+
+
+def test_building_a_policy_directly_raises_policy_error_naming_the_field() -> None:
+    # Not pydantic's ValidationError: callers catch stockade's tree.
+    with pytest.raises(PolicyError, match=r"^invalid policy: memory_mb: Input should be less than or equal to 2048"):
+        Policy(memory_mb=99999)
+    with pytest.raises(PolicyError, match="surprise: unknown field"):
+        Policy(surprise=1)

@@ -204,12 +204,18 @@ def _token(env: dict[str, str]) -> str | None:
 
 
 def _listen(raw: str, name: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a host and a port."""
-    host, sep, port = raw.strip().rpartition(":")
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; a bare ``HOST``: port 8002) as a host and a port."""
+    raw = raw.strip()
+    if ":" not in raw or (raw.startswith("[") and raw.endswith("]")):
+        raw = f"{raw}:{DEFAULT_HTTP_PORT}"
+    host, sep, port = raw.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{name}={raw!r} is not HOST:PORT (e.g. 127.0.0.1:8002)")
     return host, int(port)
+
+
+DEFAULT_HTTP_PORT = 8002  # seed 003's
 
 
 def _check_exposure(address: tuple[str, int] | None, token: str | None) -> None:

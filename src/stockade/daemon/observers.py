@@ -2,8 +2,8 @@
 
 One ``Observers`` object per daemon, shared by both doors and the
 controller (as its ``ExecutionListener``). Each sink is optional: without
-the ``server`` extra there are no metrics, and without ``STOCKADE_AUDIT_LOG``
-turned off the audit log is always written. Nothing here blocks the event
+the ``server`` extra there are no metrics, and with ``STOCKADE_AUDIT_LOG=off``
+no audit log (it is written by default). Nothing here blocks the event
 loop: metrics are counters, the audit log queues to its writer thread, the
 history is a few bounded deques.
 

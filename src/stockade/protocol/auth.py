@@ -33,7 +33,9 @@ def compute_hmac(request: dict[str, Any], token: str) -> str:
 
 def sign(request: dict[str, Any], token: str, now: float | None = None) -> dict[str, Any]:
     """Return ``request`` with ``ts``, ``nonce`` and ``hmac`` added."""
-    signed = {**request, "ts": round(time.time() if now is None else now, 3), "nonce": secrets.token_hex(16)}
+    # Milliseconds, rounded down: a request is never stamped later than it was made.
+    ts = time.time_ns() // 1_000_000 / 1000 if now is None else round(now, 3)
+    signed = {**request, "ts": ts, "nonce": secrets.token_hex(16)}
     signed["hmac"] = compute_hmac(signed, token)
     return signed
 

@@ -271,6 +271,10 @@ class Caller:
     waits: bool = True
     peer: str | None = None
 
+    def may_touch(self, owner: str) -> bool:
+        """Whether this caller may see or end what ``owner`` holds: its own, or anything as an admin."""
+        return self.admin or self.owner == owner
+
 
 def unix_caller(uid: int, connection: int | None = None) -> Caller:
     return Caller(f"uid {uid}", "unix", admin=uid == 0, uid=uid, connection=connection)
@@ -284,6 +288,10 @@ def request_error(exc: ValidationError, what: str) -> InvalidRequestError | Poli
         loc = [str(p) for p in err["loc"]]
         policy_only = policy_only and bool(loc) and loc[0] == "policy"
         field = ".".join(loc) or what
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, PolicyError):  # the Policy's own words, already naming its fields
+            parts.append(str(cause).removeprefix("invalid policy: "))
+            continue
         message = err["msg"].removeprefix("Value error, ")
         parts.append(f"{field}: {message}" if err["type"] != "extra_forbidden" else f"{field}: unknown field")
     text = "; ".join(parts)[:2000]

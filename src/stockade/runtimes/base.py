@@ -487,7 +487,9 @@ class AgentSandbox(abc.ABC):
         after = self.usage()
         self._collect_violations()
         report = self.violation_log.take()
-        return self._result(verdict, error, elapsed, run.before, after, report, run.execution_id)
+        timeout = run.params.get("timeout")  # the run's own, when it had one shorter than the policy's
+        limit = float(timeout) if isinstance(timeout, (int, float)) else self.policy.timeout_seconds
+        return self._result(verdict, error, elapsed, run.before, after, report, run.execution_id, limit)
 
     def _result(
         self,
@@ -498,6 +500,7 @@ class AgentSandbox(abc.ABC):
         after: IsolateUsage,
         report: ViolationReport,
         execution_id: str,
+        timeout_s: float | None = None,
     ) -> ExecResult:
         said = verdict or _Verdict()  # no verdict: the agent said nothing
         exit_code, stdout, stderr = said.exit_code, said.stdout, said.stderr
@@ -530,7 +533,7 @@ class AgentSandbox(abc.ABC):
             # The isolate may have died of it: the limit, not the death, is the news.
             error = f"out of memory: the {self.policy.memory_mb} MB limit was reached"
         elif reason == "timeout":
-            error = error or f"timed out after {self.policy.timeout_seconds:g} s"
+            error = error or f"timed out after {timeout_s or self.policy.timeout_seconds:g} s"
         elif reason == "output_limit":
             error = error or f"output exceeded {cap} bytes and was cut"
         elif reason == "violation":

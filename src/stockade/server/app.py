@@ -38,7 +38,7 @@ from ..protocol.models import Caller, Cancelled, Closed, DirListing, FileWritten
 from ..result import ExecResult
 from . import sandboxfusion, seed
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response
-from .sse import event_stream, run_while_connected, until_disconnect
+from .sse import ClientDisconnected, event_stream, run_while_connected, until_disconnect
 
 T = TypeVar("T")
 # Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
@@ -87,6 +87,10 @@ POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
 def create_app(door: HttpDoor) -> FastAPI:
     app = FastAPI(
         redirect_slashes=False,  # /api/v1/sandboxes/ is not found, never redirected to another method's route
+        # No Swagger or ReDoc pages: they load their scripts from a CDN, which an offline host
+        # cannot reach and which the dashboard's Content-Security-Policy keeps out. /openapi.json is served.
+        docs_url=None,
+        redoc_url=None,
         title="stockade",
         version=__version__,
         description="Run code and tools nobody has vetted behind real isolation boundaries.",
@@ -100,8 +104,17 @@ def create_app(door: HttpDoor) -> FastAPI:
     async def stockade_error(request: Request, exc: StockadeError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it: the metrics do
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if request.method in ("POST", "PUT") and "json" not in content_type and "octet-stream" not in content_type:
+            if any(tuple(err.get("loc", ())) == ("body",) for err in exc.errors()):
+                message = f"send the body as JSON, with 'Content-Type: application/json' (not {content_type!r})"
+                return JSONResponse({"error": message, "code": "invalid_request"}, status_code=400)
         if any(err.get("type") == "json_invalid" for err in exc.errors()):
             return JSONResponse(
                 {"error": "Invalid JSON in the request body", "code": "invalid_request"}, status_code=400
@@ -228,10 +241,12 @@ def create_app(door: HttpDoor) -> FastAPI:
         request: Request,
         sandbox_id: str,
         path: str = Query(min_length=1),
-        mode: int = Query(default=0o644, ge=0, le=0o7777),
+        mode: str = Query(
+            default="644", pattern="^[0-7]{1,4}$", description="the file's mode in octal, as chmod takes it"
+        ),
         data: bytes = Body(default=b"", media_type="application/octet-stream"),
     ) -> Any:
-        params = {"sandbox_id": sandbox_id, "path": path, "mode": mode, "data": base64.b64encode(data).decode()}
+        params = {"sandbox_id": sandbox_id, "path": path, "mode": int(mode, 8), "data": base64.b64encode(data).decode()}
         return await door.call("sandbox.write_file", params, door.caller(request))
 
     @app.get(

@@ -24,6 +24,11 @@ from ..runtimes.base import OutputCallback
 T = TypeVar("T")
 
 
+class ClientDisconnected(DaemonUnavailableError):
+    """The client went away before its answer; its run was ended. Answered to nobody
+    (recorded as 499, nginx's word for it, in the request metrics)."""
+
+
 def sse(event: str, data: str) -> bytes:
     """One event; ``data`` is JSON, so it holds no newline of its own."""
     return f"event: {event}\ndata: {data}\n\n".encode()
@@ -114,7 +119,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     if task.cancelled():
-        raise DaemonUnavailableError("the client disconnected: the run was ended")
+        raise ClientDisconnected("the client disconnected: the run was ended")
     return task.result()
 
 
@@ -144,7 +149,7 @@ async def run_while_connected(
             pass
         ended()  # the client went away first: its run ends now
         if not outcome.done():
-            outcome.set_exception(DaemonUnavailableError("the client disconnected: the run was ended"))
+            outcome.set_exception(ClientDisconnected("the client disconnected: the run was ended"))
 
     watcher = loop.create_task(gone())
     try:

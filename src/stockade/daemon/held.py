@@ -1,0 +1,362 @@
+"""Held sandboxes: the part of the controller that keeps a sandbox for its client between calls.
+
+A held sandbox has an id, an owner, one call at a time (a lock: one request at
+a time reaches its agent), and an idle timeout. It is closed by its owner, by
+the end of the Unix-socket connection that made it (unless kept), by its idle
+timeout, or at the daemon's stop. ``HeldSandboxes`` is a part of ``Controller``
+(``controller.py``), which supplies the slots, the thread pool and the
+listeners it uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ..errors import InvalidRequestError, NotFoundError
+from ..policy import Policy
+from ..protocol.models import (
+    Caller,
+    Closed,
+    DirListing,
+    FileData,
+    FileWritten,
+    ListDir,
+    ReadFile,
+    SandboxCreate,
+    SandboxCreated,
+    SandboxExec,
+    SandboxRef,
+    SandboxRunCode,
+    WriteFile,
+)
+from ..result import ExecResult
+from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
+from ..runtimes.manager import RuntimeManager
+from .config import DaemonConfig
+from .slots import Slots
+
+T = TypeVar("T")
+log = logging.getLogger("stockade.daemon")
+
+# Ids of sandboxes closed for idleness, remembered (up to this many) so that a
+# late call learns why its sandbox is gone instead of "no sandbox".
+EXPIRED_REMEMBERED = 1024
+
+
+@dataclass
+class Held:
+    """A sandbox a client created and holds."""
+
+    sandbox_id: str
+    sandbox: AgentSandbox
+    caller: Caller
+    agent_id: str | None
+    connection: int | None  # closed with this connection, unless kept
+    idle_timeout_s: float | None  # closed after this long without a call; None: never
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)  # when its last call ended
+    calls: int = 0  # calls running or waiting for its lock: it is not idle while any is
+    runs: int = 0  # runs answered: the first carries the isolate's cold start
+    idle_timer: asyncio.TimerHandle | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def idle_seconds(self, now: float) -> float:
+        return 0.0 if self.calls else max(0.0, now - self.last_used)
+
+
+class HeldSandboxes:
+    """The held sandboxes of a ``Controller``, and its methods that act on them."""
+
+    # What the controller provides (controller.py).
+    config: DaemonConfig
+    manager: RuntimeManager
+    slots: Slots
+    working_runtimes: set[str]
+    held: dict[str, Held]
+    closing: dict[str, Held]  # held sandboxes being closed (a call of theirs may still run)
+    _expired: OrderedDict[str, tuple[str, str]]  # sandbox id -> (owner, why)
+    _closing: set[asyncio.Task[None]]  # idle sandboxes being closed
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        raise NotImplementedError
+
+    def _track(self, delta: int) -> None:
+        raise NotImplementedError
+
+    async def _take_slot(self, caller: Caller) -> None:
+        raise NotImplementedError
+
+    async def _start_for(self, runtime: Any, policy: Policy) -> AgentSandbox:
+        raise NotImplementedError
+
+    def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None) -> None:
+        raise NotImplementedError
+
+    async def create(self, request: SandboxCreate, caller: Caller) -> SandboxCreated:
+        policy = request.policy
+        idle_timeout = self._idle_timeout(request.idle_timeout)
+        runtime = self.manager.select(policy)
+        await self._take_slot(caller)
+        try:
+            # Not a bare thread call: a caller cancelled meanwhile (a client gone) would leave
+            # the isolate it started running, held by nobody.
+            sandbox = await self._start_for(runtime, policy)
+        except BaseException:
+            self.slots.release(caller.owner)
+            raise
+        self.working_runtimes.add(sandbox.runtime_name)
+        sandbox_id = "sb-" + secrets.token_hex(8)
+        connection = None if request.keep else caller.connection
+        held = Held(sandbox_id, sandbox, caller, request.agent_id, connection, idle_timeout)
+        self.held[sandbox_id] = held
+        self._watch_idle(held)
+        return SandboxCreated(
+            sandbox_id=sandbox_id, runtime=sandbox.runtime_name, policy_digest=policy.digest, idle_timeout=idle_timeout
+        )
+
+    def _idle_timeout(self, asked: float | None) -> float | None:
+        """A held sandbox's idle timeout: at most the daemon's own, which is also the default."""
+        limit = self.config.sandbox_idle_timeout_s
+        if asked is None:
+            return limit
+        if limit is not None and asked > limit:
+            raise InvalidRequestError(
+                f"idle_timeout {asked:g} s is over this daemon's limit of {limit:g} s (STOCKADE_SANDBOX_IDLE_TIMEOUT)"
+            )
+        return asked
+
+    def require_sandbox(self, request: SandboxRef, caller: Caller) -> None:
+        """Refuse now (``NotFoundError``) a call to a sandbox the caller does not hold."""
+        self._lookup(request, caller)
+
+    def _lookup(self, request: SandboxRef, caller: Caller) -> Held:
+        sandbox_id = request.sandbox_id
+        held = self.held.get(sandbox_id)
+        # Another owner's sandbox is reported exactly like a missing one.
+        if held is None or not caller.may_touch(held.caller.owner):
+            expired = self._expired.get(sandbox_id)
+            if expired is not None and caller.may_touch(expired[0]):
+                raise NotFoundError(expired[1])
+            raise NotFoundError(f"no sandbox {sandbox_id!r}")
+        return held
+
+    # ---- idle held sandboxes ---------------------------------------------------------
+
+    def _watch_idle(self, held: Held, delay: float | None = None) -> None:
+        """Check ``held`` for idleness ``delay`` seconds from now (its whole timeout by default).
+
+        One timer per sandbox, moved only when it fires: a call does not touch
+        it, it only stamps ``last_used``, and a timer that finds the sandbox
+        used since sets itself again for the time that is left.
+        """
+        if held.idle_timeout_s is None or held.idle_timer is not None:
+            return
+        wait = held.idle_timeout_s if delay is None else delay
+        held.idle_timer = asyncio.get_running_loop().call_later(wait, self._idle_check, held)
+
+    def _idle_check(self, held: Held) -> None:
+        held.idle_timer = None
+        if self.held.get(held.sandbox_id) is not held or held.calls or held.idle_timeout_s is None:
+            return  # closed meanwhile, or in use: the call's end sets the timer again
+        left = held.last_used + held.idle_timeout_s - time.monotonic()
+        if left > 0:
+            self._watch_idle(held, left)
+            return
+        why = f"sandbox {held.sandbox_id!r} was closed after {held.idle_timeout_s:g} s without a call (idle_timeout)"
+        self._expired[held.sandbox_id] = (held.caller.owner, why)
+        while len(self._expired) > EXPIRED_REMEMBERED:
+            self._expired.popitem(last=False)
+        log.info("closing sandbox %s of %s: idle for %g s", held.sandbox_id, held.caller.owner, held.idle_timeout_s)
+        task = asyncio.get_running_loop().create_task(self._close_quietly(held))
+        self._closing.add(task)  # a task nobody awaits must be referenced until it ends
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_quietly(self, held: Held) -> None:
+        try:
+            await self._close(held)
+        except Exception:
+            log.exception("closing idle sandbox %s failed", held.sandbox_id)
+
+    def sandbox_call_now(
+        self, request: SandboxExec | SandboxRunCode, caller: Caller, done: Callable[[ExecResult | Exception], None]
+    ) -> Callable[[], None] | None:
+        """A held sandbox's ``exec`` or ``run_code``, without a task, when no other call has it.
+
+        As ``execute_now``: None when the sandbox is busy (the caller awaits
+        ``sandbox_run`` instead, which waits its turn); otherwise the run has
+        started and ``done`` gets its result in the loop turn the agent answers.
+        An unknown sandbox raises ``NotFoundError`` here. The function returned
+        is for a caller that goes away: the call is let finish (a kept sandbox
+        stays in step with its agent), unanswered.
+        """
+        held = self._lookup(request, caller)
+        request.check_sizes()
+        if held.calls or not _take_now(held.lock):
+            return None
+        held.calls += 1
+        self._track(+1)
+
+        def deliver(outcome: ExecResult | Exception) -> None:
+            if isinstance(outcome, ExecResult):
+                self._observe(caller, held.agent_id, outcome, held)
+            done(outcome)
+
+        finish = settle_once(deliver, functools.partial(self._held_call_ended, held))
+        method, params = _held_params(request)
+        try:
+            held.sandbox.start_run(method, params, request.stdin_bytes(), request.env, request.timeout, None, finish)
+        except BaseException:
+            self._held_call_ended(held)
+            raise
+        return lambda: None
+
+    def _held_call_ended(self, held: Held) -> None:
+        held.lock.release()
+        held.calls -= 1
+        held.last_used = time.monotonic()
+        self._track(-1)
+        if self.held.get(held.sandbox_id) is held:
+            self._watch_idle(held)
+
+    async def _held_call(self, request: SandboxRef, caller: Caller, call: Callable[[Held], Awaitable[T]]) -> T:
+        """``call`` on the held sandbox ``request`` names, in its turn (one call at a time reaches its agent)."""
+        held = self._lookup(request, caller)
+        held.calls += 1  # from here, waiting for the lock included: not idle
+        try:
+            await held.lock.acquire()
+        except BaseException:
+            held.calls -= 1
+            raise
+        self._track(+1)
+        try:
+            if self.held.get(held.sandbox_id) is not held:  # closed while this call waited its turn
+                raise NotFoundError(f"sandbox {held.sandbox_id!r} was closed")
+            return await call(held)
+        finally:
+            self._held_call_ended(held)
+
+    async def sandbox_run(
+        self, request: SandboxExec | SandboxRunCode, caller: Caller, on_output: OutputCallback | None = None
+    ) -> ExecResult:
+        """A held sandbox's ``exec`` or ``run_code``, awaited."""
+        request.check_sizes()
+        method, params = _held_params(request)
+        stdin = request.stdin_bytes()
+
+        async def run(held: Held) -> ExecResult:
+            result = await held.sandbox.arun_request(method, params, stdin, request.env, request.timeout, on_output)
+            self._observe(caller, held.agent_id, result, held)
+            return result
+
+        return await self._held_call(request, caller, run)
+
+    async def write_file(self, request: WriteFile, caller: Caller) -> FileWritten:
+        data = request.data_bytes()
+
+        async def write(held: Held) -> None:
+            await self._blocking(held.sandbox.write_file, request.path, data, request.mode)
+
+        await self._held_call(request, caller, write)
+        return FileWritten(path=request.path, size=len(data))
+
+    async def read_file(self, request: ReadFile, caller: Caller) -> FileData:
+        async def read(held: Held) -> bytes:
+            return await self._blocking(held.sandbox.read_file, request.path, request.max_bytes)
+
+        raw = await self._held_call(request, caller, read)
+        return FileData(path=request.path, data=base64.b64encode(raw).decode())
+
+    async def list_dir(self, request: ListDir, caller: Caller) -> DirListing:
+        async def listing(held: Held) -> list[dict[str, Any]]:
+            return await self._blocking(held.sandbox.list_dir, request.path)
+
+        return DirListing(path=request.path, entries=await self._held_call(request, caller, listing))
+
+    async def close_sandbox(self, request: SandboxRef, caller: Caller) -> Closed:
+        held = self._lookup(request, caller)
+        why = f"the sandbox was closed by {caller.owner} (sandbox.close) during this call"
+        await self._close(held, interrupt=why)
+        return Closed(sandbox_id=held.sandbox_id)
+
+    async def _close(self, held: Held, interrupt: str | None = None) -> None:
+        """Close a held sandbox and free its slot.
+
+        A call in progress on it ends first: at once when ``interrupt`` says why
+        (its isolate is ended, and the call answered ``killed`` with that
+        reason), else when it is done. Its agent connection is never closed
+        under a call still reading it: that call would wait out its timeout.
+        Calls still waiting their turn then find it closed.
+        """
+        if self.held.pop(held.sandbox_id, None) is None:
+            return
+        if held.idle_timer is not None:
+            held.idle_timer.cancel()
+            held.idle_timer = None
+        self.closing[held.sandbox_id] = held  # listed by ``status`` until its slot is free
+        try:
+            if held.calls and interrupt is not None:
+                held.sandbox.cancel(interrupt)
+            async with held.lock:  # a call still reading its agent ends first
+                await self._blocking(held.sandbox.close)
+        finally:
+            del self.closing[held.sandbox_id]
+            self.slots.release(held.caller.owner)
+
+    async def close_connection(self, connection: int) -> None:
+        """Close the sandboxes a connection held (not kept ones), each once its call, if any, is done."""
+        for held in [h for h in self.held.values() if h.connection == connection]:
+            await self._close(held)
+
+
+def _held_params(request: SandboxExec | SandboxRunCode) -> tuple[str, dict[str, Any]]:
+    """The agent's request for a held sandbox's run."""
+    if isinstance(request, SandboxExec):
+        return "exec", exec_params(request.command, request.cwd)
+    return "run_code", code_params(request.code, request.language)
+
+
+def _take_now(lock: asyncio.Lock) -> bool:
+    """Take a free lock in this loop turn, or say it is taken.
+
+    ``acquire`` does not suspend when the lock is not locked, so its coroutine
+    is run to its end here instead of in a task of its own.
+    """
+    if lock.locked():
+        return False
+    acquire = lock.acquire()
+    try:
+        acquire.send(None)
+    except StopIteration:
+        return True
+    acquire.close()  # not reached: an unlocked lock is acquired without waiting
+    return False
+
+
+def settle_once(
+    done: Callable[[ExecResult | Exception], None], bookkeeping: Callable[[], None]
+) -> Callable[[ExecResult | Exception | None], None]:
+    """A run's ``finish``: its outcome to ``done`` first (None: abandoned, nobody to tell),
+    then ``bookkeeping``, which is not the caller's wait; once, however often it is called."""
+    settled = False
+
+    def finish(outcome: ExecResult | Exception | None) -> None:
+        nonlocal settled
+        if settled:
+            return
+        settled = True
+        try:
+            if outcome is not None:
+                done(outcome)
+        finally:
+            bookkeeping()
+
+    return finish
