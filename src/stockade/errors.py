@@ -14,7 +14,8 @@
     │   ├── DaemonBusyError                no free sandbox slot, and the queue is full
     │   ├── RunCancelledError              the run was cancelled before it started
     │   └── AgentError                     the guest agent answered with an error
-    │       └── AgentProtocolError         the guest broke the wire protocol
+    │       ├── AgentProtocolError         the guest broke the wire protocol
+    │       └── PathNotFoundError (+NotFoundError)  a file call's path does not exist in the sandbox
     ├── DaemonUnavailableError (ConnectionError)  unreachable, or shutting down: worth a retry
     ├── AuthenticationError (PermissionError)
     ├── RateLimitError
@@ -185,6 +186,10 @@ def error_from_code(code: Any, message: str) -> StockadeError:
     code, from a newer daemon: ``StockadeError`` itself)."""
     cls = ERROR_CODES.get(code, StockadeError) if isinstance(code, str) else StockadeError
     return cls(message)
+
+
+class PathNotFoundError(NotFoundError, AgentError):
+    """A file call's path does not exist in the sandbox (sent as ``not_found``, HTTP 404)."""
 
 
 _AGENT_ERRORS: dict[int, type[AgentError]] = {

@@ -165,6 +165,8 @@ def test_a_held_sandbox_is_a_resource(http: httpx.Client) -> None:
     put = http.put(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/blob"}, content=data)
     assert put.json() == {"path": "/work/blob", "size": len(data)}
     assert http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/blob"}).content == data
+    nope = http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/nope"})
+    assert (nope.status_code, nope.json()["code"]) == (404, "not_found") and "/work/nope" in nope.json()["error"]
     listing = http.get(f"/api/v1/sandboxes/{sid}/files/list", params={"path": "/work"}).json()
     assert [e["name"] for e in listing["entries"]] == ["blob"]
     ran = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["wc", "-c", "/work/blob"]}).json()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import errno
 import functools
 import select
 import socket
@@ -23,7 +24,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..agent import wire
-from ..errors import AgentProtocolError, CallTooLargeError, SandboxClosedError, SandboxError, agent_error
+from ..errors import (
+    AgentError,
+    AgentProtocolError,
+    CallTooLargeError,
+    PathNotFoundError,
+    SandboxClosedError,
+    SandboxError,
+    agent_error,
+)
 from ..limits import check_call_size
 from ..policy import Policy
 from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
@@ -219,7 +228,7 @@ class AgentSandbox(abc.ABC):
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
         check_call_size("write_file data", raw)
-        self._agent_call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}, 30.0)
+        self._file_call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode})
 
     def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         """The file's bytes: all of them, or the first ``max_bytes``.
@@ -240,8 +249,21 @@ class AgentSandbox(abc.ABC):
             if not more or not data or (max_bytes is not None and len(got) >= max_bytes) or len(got) >= size:
                 return bytes(got)
 
+    def _file_call(self, method: str, params: dict[str, Any]) -> Any:
+        """A file call to the agent; a path that does not exist there is ``PathNotFoundError``.
+
+        The agent reports an OS error's errno as data. It is untrusted: a false
+        ENOENT only changes which error the caller gets, never what happens.
+        """
+        try:
+            return self._agent_call(method, params, 30.0)
+        except AgentError as exc:
+            if type(exc) is AgentError and isinstance(exc.data, dict) and exc.data.get("errno") == errno.ENOENT:
+                raise PathNotFoundError(str(exc), exc.code, exc.data) from None
+            raise
+
     def _read_piece(self, path: str, offset: int, max_bytes: int) -> tuple[bytes, bool, int]:
-        reply = self._agent_call("read_file", {"path": path, "offset": offset, "max_bytes": max_bytes}, 30.0)
+        reply = self._file_call("read_file", {"path": path, "offset": offset, "max_bytes": max_bytes})
         data = reply.get("data") if isinstance(reply, dict) else None
         if not isinstance(data, str):
             raise self._broke_protocol("read_file reply has no data")
@@ -255,7 +277,7 @@ class AgentSandbox(abc.ABC):
         return piece, reply.get("truncated") is True, size if isinstance(size, int) and size >= 0 else 0
 
     def list_dir(self, path: str) -> list[dict[str, Any]]:
-        reply = self._agent_call("list_dir", {"path": path}, 30.0)
+        reply = self._file_call("list_dir", {"path": path})
         entries = reply.get("entries") if isinstance(reply, dict) else None
         if not isinstance(entries, list):
             raise self._broke_protocol("list_dir reply has no entries")
