@@ -535,3 +535,16 @@ def test_a_held_calls_own_timeout_is_the_one_reported(http: httpx.Client) -> Non
     sid = http.post("/api/v1/sandboxes", json={"policy": {"timeout_seconds": 30}}).json()["sandbox_id"]
     ran = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["sleep", "10"], "timeout": 1}).json()
     assert ran["termination_reason"] == "timeout" and ran["error"] == "timed out after 1 s"
+
+
+def test_sigterm_lets_an_http_run_finish_then_stops(daemon: Daemon, http: httpx.Client) -> None:
+    import signal
+
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(_execute(http, command=["sh", "-c", "sleep 1; echo done"])))
+    thread.start()
+    _wait_until(lambda: http.get("/api/v1/sandbox/status").json()["total_count"] == 1, what="the run started")
+    daemon.proc.send_signal(signal.SIGTERM)
+    thread.join(30)
+    assert answers and answers[0].status_code == 200 and answers[0].json()["stdout"] == "done\n"
+    assert daemon.proc.wait(30) == 0

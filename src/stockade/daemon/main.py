@@ -54,10 +54,15 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("stopping: finishing running work for up to %.0f s", config.shutdown_grace_s)
     finally:
-        server.stopping = True  # both doors refuse new work from here; their running work has one grace
+        # Both doors refuse new work from here, and the work under way has one grace
+        # period, whichever door it came by; then what is left is cut.
+        server.stopping = True
         if http is not None:
-            await http.close(config.shutdown_grace_s)
-        await server.close(config.shutdown_grace_s)
+            http.stop_accepting()
+        await controller.wait_idle(config.shutdown_grace_s)
+        if http is not None:
+            await http.close(1.0)
+        await server.close(0.0)
         await controller.shutdown(0.0)
         observers.admin(_DAEMON, "daemon.stop", config.socket_path if config.unix_socket else "")
         observers.close()

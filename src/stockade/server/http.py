@@ -43,6 +43,10 @@ class HttpService:
         host = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
         return f"http://{host}:{self.address[1]}"
 
+    def stop_accepting(self) -> None:
+        """Take no new connection; requests under way go on (``close`` ends them)."""
+        self.server.should_exit = True
+
     async def close(self, grace_s: float) -> None:
         """Stop accepting; requests in progress have ``grace_s`` to answer."""
         self.server.config.timeout_graceful_shutdown = max(1, int(grace_s))
