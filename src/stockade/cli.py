@@ -130,10 +130,13 @@ def _build_policy(args: argparse.Namespace) -> Any:
     try:
         return Policy.build(**fields)
     except PolicyError as exc:  # in the words the user typed: the flag, then its field
-        message = str(exc)
-        for name, (flag, _) in CLI_FLAGS.items():
-            message = message.replace(f" {name}", f" {flag} ({name})")
-        raise PolicyError(message) from None
+        parts = str(exc).removeprefix("invalid policy: ").split("; ")
+        for i, part in enumerate(parts):
+            field, sep, rest = part.partition(":")
+            name = field.split(".")[0].split("[")[0]
+            if sep and name in CLI_FLAGS:
+                parts[i] = f"{CLI_FLAGS[name][0]} ({field}):{rest}"
+        raise PolicyError("invalid policy: " + "; ".join(parts)) from None
 
 
 def _fail(message: str) -> int:

@@ -126,6 +126,10 @@ class InternalError(StockadeError):
     """A fault in stockade itself, not in the request or the sandbox."""
 
 
+class PathNotFoundError(NotFoundError, AgentError):
+    """A file call's path does not exist in the sandbox (``path_not_found``, HTTP 404)."""
+
+
 # code -> class, as errors travel between doors and clients. Codes are the
 # wire's words and never change meaning; the first code of a class is the one
 # it is sent as.
@@ -140,6 +144,7 @@ ERROR_CODES: dict[str, type[StockadeError]] = {
     "busy": DaemonBusyError,
     "unavailable": DaemonUnavailableError,
     "not_found": NotFoundError,
+    "path_not_found": PathNotFoundError,
     "cancelled": RunCancelledError,
     "runtime_unavailable": RuntimeUnavailableError,
     "agent": AgentError,
@@ -163,6 +168,7 @@ HTTP_STATUS: dict[str, int] = {
     "busy": 503,
     "unavailable": 503,
     "not_found": 404,
+    "path_not_found": 404,
     "cancelled": 409,
     "runtime_unavailable": 422,
     "agent": 400,
@@ -186,10 +192,6 @@ def error_from_code(code: Any, message: str) -> StockadeError:
     code, from a newer daemon: ``StockadeError`` itself)."""
     cls = ERROR_CODES.get(code, StockadeError) if isinstance(code, str) else StockadeError
     return cls(message)
-
-
-class PathNotFoundError(NotFoundError, AgentError):
-    """A file call's path does not exist in the sandbox (sent as ``not_found``, HTTP 404)."""
 
 
 _AGENT_ERRORS: dict[int, type[AgentError]] = {

@@ -563,9 +563,9 @@ def test_the_held_sandbox_lifecycle(door: Door) -> None:
 
     assert door.read(sid, f"{d}/blob.bin") == ("ok", blob)
     assert door.read(sid, f"{d}/greeting.txt") == ("ok", text)
-    # A path that is not there is not_found on every door; what else the agent refuses is its error.
-    assert door.read(sid, f"{d}/no-such-file") == ("error", "not_found")
-    assert door.list(sid, f"{d}/no-such-dir") == ("error", "not_found")
+    # A path that is not there is path_not_found on every door; what else the agent refuses is its error.
+    assert door.read(sid, f"{d}/no-such-file") == ("error", "path_not_found")
+    assert door.list(sid, f"{d}/no-such-dir") == ("error", "path_not_found")
     assert door.read(sid, d) == ("error", "agent")  # a directory
     assert door.exec(sid, ["/no/such/command"]) == ("error", "agent")
     assert door.exec(sid, ["echo", "still", "in", "step"]) == ran("still in step\n")

@@ -648,7 +648,9 @@ def test_sigterm_past_the_grace_ends_a_warm_execute_and_leaves_nothing(process_r
     assert d.stop(signal.SIGTERM) == 0, d.logs()
     assert time.monotonic() - started < 10
     t.join(10)
-    assert len(errors) == 1 and isinstance(errors[0], DaemonUnavailableError)
+    # Past the grace the run is ended and its client answered (killed: "the daemon stopped
+    # during this run"), not left to find its connection gone.
+    assert errors == []
     deadline = time.monotonic() + 5
     while (processes_with_arg(marker) or _cgroups_of(pid)) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -166,7 +166,7 @@ def test_a_held_sandbox_is_a_resource(http: httpx.Client) -> None:
     assert put.json() == {"path": "/work/blob", "size": len(data)}
     assert http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/blob"}).content == data
     nope = http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/nope"})
-    assert (nope.status_code, nope.json()["code"]) == (404, "not_found") and "/work/nope" in nope.json()["error"]
+    assert (nope.status_code, nope.json()["code"]) == (404, "path_not_found") and "/work/nope" in nope.json()["error"]
     listing = http.get(f"/api/v1/sandboxes/{sid}/files/list", params={"path": "/work"}).json()
     assert [e["name"] for e in listing["entries"]] == ["blob"]
     ran = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["wc", "-c", "/work/blob"]}).json()
@@ -548,3 +548,24 @@ def test_sigterm_lets_an_http_run_finish_then_stops(daemon: Daemon, http: httpx.
     thread.join(30)
     assert answers and answers[0].status_code == 200 and answers[0].json()["stdout"] == "done\n"
     assert daemon.proc.wait(30) == 0
+
+
+def test_sigterm_past_the_grace_ends_the_run_and_tells_its_caller(process_runtime: str) -> None:
+    import signal
+
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_SHUTDOWN_GRACE": "1"})
+    assert daemon.http_url is not None
+    marker = "4246.375"
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        answers: list[httpx.Response] = []
+        run = {"command": ["sleep", marker], "timeout_seconds": 120}
+        thread = threading.Thread(target=lambda: answers.append(_execute(http, **run)))
+        thread.start()
+        _wait_until(lambda: processes_with_arg(marker), what="the run started")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(30) == 0  # not the run's 120 s: past the grace it is ended
+        thread.join(30)
+    (answer,) = answers
+    assert answer.status_code == 200 and answer.json()["termination_reason"] == "killed"
+    assert answer.json()["error"] == "the daemon stopped during this run"
+    _wait_until(lambda: not processes_with_arg(marker), what="the run's process ended")

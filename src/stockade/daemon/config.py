@@ -205,12 +205,13 @@ def _token(env: dict[str, str]) -> str | None:
 
 def _listen(raw: str, name: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6; a bare ``HOST``: port 8002) as a host and a port."""
-    raw = raw.strip()
-    if ":" not in raw or (raw.startswith("[") and raw.endswith("]")):
-        raw = f"{raw}:{DEFAULT_HTTP_PORT}"
-    host, sep, port = raw.rpartition(":")
+    given = raw.strip()
+    bare_ipv6 = given.count(":") > 1 and not given.startswith("[")
+    if bare_ipv6 or ":" not in given or (given.startswith("[") and given.endswith("]")):
+        given = f"[{given.strip('[]')}]:{DEFAULT_HTTP_PORT}" if ":" in given else f"{given}:{DEFAULT_HTTP_PORT}"
+    host, sep, port = given.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or host.isdigit() or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{name}={raw!r} is not HOST:PORT (e.g. 127.0.0.1:8002)")
     return host, int(port)
 

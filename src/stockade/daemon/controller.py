@@ -373,6 +373,18 @@ class Controller(HeldSandboxes):
                 running.sandbox.cancel(running.cancelled)
         return Cancelled(execution_id=execution_id)
 
+    def cancel_all(self, reason: str) -> None:
+        """End every run under way, one-shot or in a held sandbox, its caller told ``reason``
+        (at the daemon's stop, once the grace period is over)."""
+        for running in list(self.running.values()):
+            if running.cancelled is None:
+                running.cancelled = reason
+                if running.sandbox is not None:
+                    running.sandbox.cancel(reason)
+        for held in list(self.held.values()):
+            if held.calls:
+                held.sandbox.cancel(reason)
+
     def _ended(self, execution_id: str) -> None:
         self.slots.release(self.running.pop(execution_id).caller.owner)
         self._track(-1)

@@ -59,7 +59,10 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         server.stopping = True
         if http is not None:
             http.stop_accepting()
-        await controller.wait_idle(config.shutdown_grace_s)
+        if not await controller.wait_idle(config.shutdown_grace_s):
+            # Past the grace: what still runs is ended, and its callers are told why.
+            controller.cancel_all("the daemon stopped during this run")
+            await controller.wait_idle(1.0)
         if http is not None:
             await http.close(1.0)
         await server.close(0.0)

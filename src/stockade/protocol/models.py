@@ -289,8 +289,8 @@ def request_error(exc: ValidationError, what: str) -> InvalidRequestError | Poli
         policy_only = policy_only and bool(loc) and loc[0] == "policy"
         field = ".".join(loc) or what
         cause = err.get("ctx", {}).get("error")
-        if isinstance(cause, PolicyError):  # the Policy's own words, already naming its fields
-            parts.append(str(cause).removeprefix("invalid policy: "))
+        if isinstance(cause, PolicyError):  # the Policy's own words, naming its fields under this one's
+            parts += [f"{field}.{part}" for part in str(cause).removeprefix("invalid policy: ").split("; ")]
             continue
         message = err["msg"].removeprefix("Value error, ")
         parts.append(f"{field}: {message}" if err["type"] != "extra_forbidden" else f"{field}: unknown field")

@@ -44,7 +44,11 @@ class HttpService:
         return f"http://{host}:{self.address[1]}"
 
     def stop_accepting(self) -> None:
-        """Take no new connection; requests under way go on (``close`` ends them)."""
+        """Take no new connection; requests under way go on (``close`` ends them).
+
+        uvicorn starts its own wait for them now, bounded by a timeout it reads now:
+        set first, or that wait would have none."""
+        self.server.config.timeout_graceful_shutdown = 1
         self.server.should_exit = True
 
     async def close(self, grace_s: float) -> None:
