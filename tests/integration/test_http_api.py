@@ -569,3 +569,28 @@ def test_sigterm_past_the_grace_ends_the_run_and_tells_its_caller(process_runtim
     assert answer.status_code == 200 and answer.json()["termination_reason"] == "killed"
     assert answer.json()["error"] == "the daemon stopped during this run"
     _wait_until(lambda: not processes_with_arg(marker), what="the run's process ended")
+
+
+def test_the_daemons_audit_log_rotates_and_keeps_its_chain(process_runtime: str) -> None:
+    # 4 KiB a file: a few dozen records fill several; verify reads them oldest first as one chain.
+    env = {"STOCKADE_AUDIT_MAX_BYTES": "4096", "STOCKADE_AGENT_MAX_REQUESTS": "1000"}
+    daemon = start_daemon(http="127.0.0.1:0", env=env)
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        for i in range(30):
+            assert _execute(http, code=f"print({i})").status_code == 200
+    assert daemon.stop() == 0, daemon.logs()
+    rotated = sorted(
+        (p for p in os.listdir(os.path.dirname(daemon.audit_log)) if p.startswith("audit.log.")),
+        key=lambda p: int(p.rsplit(".", 1)[1]),
+        reverse=True,
+    )
+    assert len(rotated) >= 2
+    files = [os.path.join(os.path.dirname(daemon.audit_log), p) for p in [*rotated, "audit.log"]]
+    verify = [sys.executable, "-m", "stockade.cli", "audit", "verify", *files]
+    done = subprocess.run(verify, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "audit chain ok" in done.stdout, done.stdout + done.stderr
+    # A middle file gone: the chain breaks where it was.
+    os.unlink(files[1])
+    broken = subprocess.run([*verify[:5], files[0], *files[2:]], capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1 and files[2] in broken.stdout
