@@ -5,7 +5,7 @@
     stockade doctor [--json]
     stockade start --name NAME [--restart no|on-failure|always] [policy flags] -- CMD ARGS...
     stockade status [NAME] | ps | logs NAME | stop NAME
-    stockade serve [--socket PATH] [--http [HOST:PORT]] [--api-token-file F] [--no-socket]
+    stockade serve [--socket PATH] [--token-file F] [--http [HOST:PORT]] [--api-token-file F] [--no-socket]
     stockade daemon ping|selftest|status|runtimes [--socket PATH] [--token-file F]
     stockade image build [--force] [--no-snapshot]
     stockade token new [--file F]
@@ -306,8 +306,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = DaemonConfig.from_env()
-        if args.socket:
-            config = DaemonConfig.from_env({**os.environ, "STOCKADE_SOCKET": args.socket})
+        if args.socket or args.token_file:
+            from .client import read_token_file
+
+            env = dict(os.environ)
+            if args.socket:
+                env["STOCKADE_SOCKET"] = args.socket
+            if args.token_file:
+                env["STOCKADE_AUTH_TOKEN"] = read_token_file(args.token_file)
+            config = DaemonConfig.from_env(env)
         if args.http is not None or args.api_token_file or args.no_socket:
             config = config.with_http(args.http, args.api_token_file, unix_socket=not args.no_socket)
     except StockadeError as exc:
@@ -562,6 +569,7 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the daemon (Unix-socket RPC, and the HTTP API with --http)")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $STOCKADE_SOCKET)")
+    serve.add_argument("--token-file", metavar="FILE", help="the socket's HMAC token (default: $STOCKADE_AUTH_TOKEN)")
     serve.add_argument(
         "--http",
         nargs="?",

@@ -28,6 +28,7 @@ from typing import Any, TypedDict, TypeVar, Unpack
 from pydantic import BaseModel, ValidationError
 
 from .errors import (
+    AuthenticationError,
     DaemonBusyError,
     DaemonUnavailableError,
     NotFoundError,
@@ -48,6 +49,7 @@ from .protocol.models import (
     SandboxRef,
     SandboxRunCode,
     WriteFile,
+    argv_list,
     parse,
 )
 from .result import ExecResult
@@ -99,12 +101,23 @@ class _Requests:
     """What ``Client`` and ``AsyncClient`` share: where the daemon is, the token, the
     bound on a wait, and what each RPC method sends: (method, params, timeout)."""
 
-    def __init__(self, socket_path: str | None = None, auth_token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        auth_token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        token_file: str | None = None,
+    ) -> None:
         if socket_path is None:
             from .daemon.config import socket_path_from_env
 
             socket_path = socket_path_from_env()
         self.socket_path = socket_path
+        if token_file is not None:
+            if auth_token is not None:
+                raise TypeError("give auth_token or token_file, not both")
+            auth_token = read_token_file(token_file)
         self._token = auth_token
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -130,7 +143,7 @@ class _Requests:
         policy: PolicyArg,
         stdin: str | bytes | None,
     ) -> tuple[str, dict[str, Any], float]:
-        fields: dict[str, Any] = {"command": None if command is None else list(command), "code": code}
+        fields: dict[str, Any] = {"command": None if command is None else argv_list(command), "code": code}
         request = _build(ExecuteRequest, "execute", language=language, policy=policy, **fields, **_stdin(stdin))
         request.check_sizes()  # refused before it is sent, as the daemon would refuse it
         return "execute", _params(request), request.policy.timeout_seconds + self.timeout
@@ -145,7 +158,7 @@ class _Requests:
     def _sandbox_exec(
         self, sandbox_id: str, command: list[str], options: ExecOptions
     ) -> tuple[str, dict[str, Any], float]:
-        return self._sandbox_run(SandboxExec, "sandbox.exec", sandbox_id, {"command": list(command)}, options)
+        return self._sandbox_run(SandboxExec, "sandbox.exec", sandbox_id, {"command": argv_list(command)}, options)
 
     def _sandbox_run_code(
         self, sandbox_id: str, code: str, language: str, options: RunOptions
@@ -224,8 +237,15 @@ def _stdin(stdin: str | bytes | None) -> dict[str, Any]:
 class Client(_Requests):
     """One connection to the daemon, opened lazily and reopened after a failure. Thread-safe."""
 
-    def __init__(self, socket_path: str | None = None, auth_token: str | None = None, timeout: float = 30.0) -> None:
-        super().__init__(socket_path, auth_token, timeout)
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        auth_token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        token_file: str | None = None,
+    ) -> None:
+        super().__init__(socket_path, auth_token, timeout, token_file=token_file)
         self._sock: socket.socket | None = None
         self._sock_timeout: float | None = None
         self._buffer = b""
@@ -440,8 +460,15 @@ class AsyncClient(_Requests):
     so that its late answer is never taken for the next call's.
     """
 
-    def __init__(self, socket_path: str | None = None, auth_token: str | None = None, timeout: float = 30.0) -> None:
-        super().__init__(socket_path, auth_token, timeout)
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        auth_token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        token_file: str | None = None,
+    ) -> None:
+        super().__init__(socket_path, auth_token, timeout, token_file=token_file)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -765,6 +792,18 @@ def _parse(line: bytes, answer_type: type[_Answer]) -> _Answer:
         return answer_type.model_validate_json(line, extra="ignore")
     except ValidationError:
         raise StockadeError("the daemon sent an invalid response") from None
+
+
+def read_token_file(path: str) -> str:
+    """A token from its file (``stockade token new --file``), its trailing newline dropped."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise AuthenticationError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise AuthenticationError(f"the token file {path} is empty")
+    return token
 
 
 def call_with_retry(fn: Callable[[], T], max_retries: int = 3, backoff: float = 1.0) -> T:

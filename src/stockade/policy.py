@@ -9,6 +9,7 @@ result so a caller can check which policy its code ran under.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import posixpath
@@ -218,7 +219,10 @@ def policy_error(exc: ValidationError) -> PolicyError:
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "policy"
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(field, Policy.model_fields, n=1)
+            message = f"unknown field (did you mean {near[0]}?)" if near else "unknown field"
         parts.append(f"{field}: {message}")
     return PolicyError("invalid policy: " + "; ".join(parts))
 

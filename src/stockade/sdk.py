@@ -13,6 +13,7 @@ from typing import Any
 
 from .limits import check_call_size
 from .policy import Policy, coerce_policy
+from .protocol.models import argv_list
 from .result import ExecResult
 from .runtimes.base import AgentSandbox, OutputCallback
 from .runtimes.manager import RuntimeManager, default_manager
@@ -49,7 +50,7 @@ def run(
 ) -> ExecResult:
     """Run ``argv`` in a fresh isolate and return what happened."""
     check_call_size("stdin", stdin)  # before an isolate is taken for a call that cannot be sent
-    command = list(argv)
+    command = argv_list(argv)
     return one_shot(
         coerce_policy(policy, **policy_fields), lambda sb: sb.exec(command, stdin=stdin, on_output=on_output), manager
     )
@@ -101,7 +102,7 @@ class Sandbox:
         return self._sandbox.scratch_dir
 
     def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
-        return self._sandbox.exec(list(argv), **kwargs)
+        return self._sandbox.exec(argv_list(argv), **kwargs)
 
     def run_code(self, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
         return self._sandbox.run_code(code, language, **kwargs)
@@ -157,7 +158,7 @@ class AsyncSandbox:
 
     async def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
         async with self._turn:
-            return await self._held()._sandbox.aexec(list(argv), **kwargs)  # on the event loop, no thread
+            return await self._held()._sandbox.aexec(argv_list(argv), **kwargs)  # on the event loop, no thread
 
     async def run_code(self, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
         async with self._turn:

@@ -367,3 +367,21 @@ def test_another_uid_cannot_cancel_a_run(process_runtime: str, needs_root: None)
         assert len(results) == 1 and getattr(results[0], "termination_reason", None) == "killed"
     finally:
         assert d.stop() == 0
+
+
+def test_token_files_on_both_sides_may_end_in_a_newline(process_runtime: str, tmp_path: object) -> None:
+    from stockade.client import Client
+    from stockade.errors import AuthenticationError
+
+    path = os.path.join(str(tmp_path), "token")
+    with open(path, "w") as f:
+        f.write(TOKEN + "\n")  # as `stockade token new --file` writes it
+    d = start_daemon(args=("--token-file", path))
+    with Client(d.socket_path, token_file=path) as c:
+        assert c.execute(["echo", "signed"]).stdout == "signed\n"
+    with Client(d.socket_path) as unsigned, pytest.raises(AuthenticationError):
+        unsigned.ping()
+    with pytest.raises(AuthenticationError, match="cannot read the token file"):
+        Client(d.socket_path, token_file=os.path.join(str(tmp_path), "missing"))
+    assert d.stop() == 0
+    assert TOKEN not in d.logs()

@@ -279,3 +279,13 @@ def test_stdin_and_code_over_7_mib_are_refused_before_they_are_sent(scripted: Ca
         ):
             call()
     assert len(sent) == 2  # nothing was sent for any of them
+
+
+def test_a_string_for_argv_is_refused_with_what_to_pass_instead() -> None:
+    import stockade
+    from stockade.client import Client
+
+    with pytest.raises(TypeError, match=r"pass \['ls', '-l'\]"):
+        Client("/nonexistent.sock").execute("ls -l")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a string"):
+        stockade.run("ls -l")  # type: ignore[arg-type]

@@ -119,3 +119,8 @@ def test_building_a_policy_directly_raises_policy_error_naming_the_field() -> No
         Policy(memory_mb=99999)
     with pytest.raises(PolicyError, match="surprise: unknown field"):
         Policy(surprise=1)
+
+
+def test_an_unknown_field_suggests_the_nearest_one() -> None:
+    with pytest.raises(PolicyError, match=r"memory: unknown field \(did you mean memory_mb\?\)"):
+        Policy.build(memory=128)
