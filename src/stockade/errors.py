@@ -187,6 +187,12 @@ def error_code(exc: BaseException) -> str:
     return "internal"
 
 
+def public_message(exc: BaseException) -> str:
+    """What a caller is told of ``exc``: its message, or for a fault in stockade itself
+    (``internal``) only its class, since the message may hold the daemon's internals."""
+    return str(exc) if error_code(exc) != "internal" else f"Internal error: {type(exc).__name__}"
+
+
 def error_from_code(code: Any, message: str) -> StockadeError:
     """The error a client raises for a wire error: the class of ``code`` (an unknown
     code, from a newer daemon: ``StockadeError`` itself)."""

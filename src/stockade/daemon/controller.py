@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from ..errors import DaemonBusyError, NotFoundError, RunCancelledError, SandboxError
+from ..errors import NotFoundError, RunCancelledError, SandboxError
 from ..policy import Policy
 from ..protocol.models import (
     ActiveSandbox,
@@ -407,8 +407,8 @@ class Controller(HeldSandboxes):
     def require_slot(self, caller: Caller) -> None:
         """Refuse now (``DaemonBusyError``) what could not get a slot at once: for a door that
         must answer "busy" before it starts answering (a stream)."""
-        if not caller.waits and (not self.slots.free or self.slots.waiting):
-            raise DaemonBusyError(f"busy: all {self.slots.total} sandbox slots are in use; try again shortly")
+        if not caller.waits:
+            self.slots.refuse_unless_free(caller.owner)
 
     def status(self, caller: Caller) -> Status:
         """What runs: the caller's own sandboxes and runs (an admin's: everyone's), and

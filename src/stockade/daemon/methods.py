@@ -32,6 +32,7 @@ from ..protocol.models import (
 from ..result import ExecResult
 from ..runtimes.base import OutputCallback
 from .controller import Controller
+from .observers import Observers
 
 Done = Callable[[ExecResult | Exception], None]
 Call = Callable[[Controller, Any, Caller, OutputCallback | None], Awaitable[Any]]
@@ -105,6 +106,23 @@ def _method_list() -> list[Method]:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in _method_list()}
+
+
+async def answer(
+    method: Method,
+    controller: Controller,
+    request: Any,
+    caller: Caller,
+    on_output: OutputCallback | None,
+    observers: Observers,
+) -> Any:
+    """Answer ``request`` as a door does: the controller's call, and an administrative act
+    (ending a run, closing a sandbox) told to the observers (the audit log) once it is done."""
+    result = await method.call(controller, request, caller, on_output)
+    if method.admin_action:
+        target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", "")
+        observers.admin(caller, method.name, str(target))
+    return result
 
 
 def read_request(method: Method, params: dict[str, Any] | None) -> Any:

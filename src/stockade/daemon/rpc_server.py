@@ -28,9 +28,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import ConfigError, StockadeError, error_code
+from ..errors import ConfigError, StockadeError, error_code, public_message
 from ..protocol import auth
 from ..protocol.models import Caller
+from . import methods
 from .config import DaemonConfig
 from .connection import AnswerLog, Connection, Peer, error_answer
 from .controller import Controller
@@ -143,11 +144,8 @@ class RPCServer:
     async def call(self, method: Method, request: Any, caller: Caller, msg_id: Any, emit: Emit) -> dict[str, Any]:
         """The answer of an awaited method: its result, or the error it raised."""
         on_output = emit if getattr(request, "stream", False) else None
-        answer = await self.answer(method.name, msg_id, method.call(self.controller, request, caller, on_output))
-        if method.admin_action and answer["error"] is None:
-            target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", "")
-            self.observers.admin(caller, method.name, str(target))
-        return answer
+        work = methods.answer(method, self.controller, request, caller, on_output, self.observers)
+        return await self.answer(method.name, msg_id, work)
 
     async def answer(self, method: str, msg_id: Any, work: Awaitable[Any]) -> dict[str, Any]:
         """``work``'s result as an answer, or the error answer for what it raised."""
@@ -162,8 +160,7 @@ class RPCServer:
         code = error_code(exc)
         if code == "internal":
             log.error("internal error in %s", method, exc_info=exc)
-            return error_answer(msg_id, f"Internal error: {type(exc).__name__}", "internal")
-        return error_answer(msg_id, str(exc), code)
+        return error_answer(msg_id, public_message(exc), code)
 
 
 def _claim_socket_path(path: str) -> None:

@@ -50,13 +50,18 @@ class Slots:
         self.held[owner] = self.held.get(owner, 0) + 1
         return True
 
-    def take_at_once(self, owner: str) -> None:
-        """Take a slot for ``owner`` now, or refuse (``DaemonBusyError``) without queueing."""
+    def refuse_unless_free(self, owner: str) -> None:
+        """Refuse (``DaemonBusyError``) unless ``take_now`` would give ``owner`` a slot now."""
         self._check_room(owner)
-        if not self.take_now(owner):
+        if not self.free or self._waiters:
             raise DaemonBusyError(
                 f"busy: all {self.total} sandbox slots are in use ({self.waiting} requests waiting); try again shortly"
             )
+
+    def take_at_once(self, owner: str) -> None:
+        """Take a slot for ``owner`` now, or refuse (``DaemonBusyError``) without queueing."""
+        self.refuse_unless_free(owner)
+        self.take_now(owner)
 
     async def take(self, owner: str) -> None:
         """Take a slot for ``owner``: now, after a wait in the bounded queue, or not at all

@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..daemon.controller import Controller
-from ..daemon.methods import METHODS, read_request
+from ..daemon.methods import METHODS, answer, read_request
 from ..daemon.observers import Observers
 from ..daemon.ratelimit import SlidingWindowLimiter
 from ..errors import (
@@ -42,6 +42,7 @@ from ..errors import (
     RateLimitError,
     StockadeError,
     error_code,
+    public_message,
 )
 from ..protocol.models import Caller
 
@@ -60,7 +61,7 @@ class ErrorBody(BaseModel):
 
 def error_response(exc: BaseException) -> JSONResponse:
     code = error_code(exc)
-    message = str(exc) if code != "internal" else f"Internal error: {type(exc).__name__}"
+    message = public_message(exc)
     headers = {}
     if isinstance(exc, RateLimitError):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
@@ -135,12 +136,7 @@ class HttpDoor:
     async def call(self, name: str, params: dict[str, Any], caller: Caller, on_output: Any = None) -> Any:
         """One method of the shared table (``daemon/methods.py``), as the Unix socket calls it."""
         method = METHODS[name]
-        request = read_request(method, params)
-        answer = await method.call(self.controller, request, caller, on_output)
-        if method.admin_action:
-            target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", "")
-            self.observers.admin(caller, method.name, str(target))
-        return answer
+        return await answer(method, self.controller, read_request(method, params), caller, on_output, self.observers)
 
 
 def client_address(request: Request) -> str:

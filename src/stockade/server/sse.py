@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..errors import DaemonUnavailableError, error_code
+from ..errors import DaemonUnavailableError, error_code, public_message
 from ..runtimes.base import OutputCallback
 
 T = TypeVar("T")
@@ -75,9 +75,7 @@ def event_stream(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is an event the client reads
-            code = error_code(exc)
-            message = str(exc) if code != "internal" else f"Internal error: {type(exc).__name__}"
-            events.put_nowait(sse("error", json.dumps({"error": message, "code": code})))
+            events.put_nowait(sse("error", json.dumps({"error": public_message(exc), "code": error_code(exc)})))
         finally:
             events.put_nowait(None)
 
@@ -97,6 +95,13 @@ def event_stream(
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
+async def _disconnect(request: Request) -> None:
+    """Return when the client disconnects. Once the request's body is read, the server's
+    next message on it is the disconnect, so waiting for it costs nothing while it stays."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """``work``'s result; ended (cancelled) if the client disconnects first.
 
@@ -104,12 +109,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     disconnect, so waiting for it costs nothing while the client stays.
     """
     task = asyncio.ensure_future(work)
-
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(gone())
+    watcher = asyncio.ensure_future(_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -145,8 +145,7 @@ async def run_while_connected(
     ended = abandon
 
     async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await _disconnect(request)
         ended()  # the client went away first: its run ends now
         if not outcome.done():
             outcome.set_exception(ClientDisconnected("the client disconnected: the run was ended"))
