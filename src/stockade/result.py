@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 TerminationReason = Literal["completed", "timeout", "memory_limit", "output_limit", "violation", "killed", "error"]
 Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
@@ -61,12 +61,19 @@ class ResourceUsage(BaseModel):
 
 
 class ExecResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Raw output travels as base64 in JSON (pydantic's default would be UTF-8, which it may not be).
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
     execution_id: str = Field(default_factory=new_id)
     success: bool
-    stdout: str = ""
-    stderr: str = ""
+    stdout: str = Field(default="", description="stdout as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)")
+    stderr: str = Field(default="", description="stderr as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)")
+    stdout_bytes: bytes | None = Field(
+        default=None,
+        description="stdout's bytes as written (base64 in JSON); sent only when they are not UTF-8, "
+        "null when stdout is exact. In Python it is always set.",
+    )
+    stderr_bytes: bytes | None = Field(default=None, description="stderr's bytes, as stdout_bytes")
     exit_code: int | None = None
     error: str | None = None
     termination_reason: TerminationReason
@@ -85,6 +92,20 @@ class ExecResult(BaseModel):
     unenforced_limits: list[str] = Field(
         default_factory=list, description="limits of the policy this host could not enforce, and why"
     )
+
+    @model_validator(mode="after")
+    def _raw_output(self) -> ExecResult:
+        # Output that was UTF-8 travels once, as text; its bytes are the text's.
+        if self.stdout_bytes is None:
+            self.stdout_bytes = self.stdout.encode()
+        if self.stderr_bytes is None:
+            self.stderr_bytes = self.stderr.encode()
+        return self
+
+    @field_serializer("stdout_bytes", "stderr_bytes")
+    def _only_when_not_text(self, raw: bytes | None, info: Any) -> bytes | None:
+        text = self.stdout if info.field_name == "stdout_bytes" else self.stderr
+        return None if raw is None or raw == text.encode() else raw
 
     def summary(self) -> str:
         """One line for humans: how it ended and what was blocked."""

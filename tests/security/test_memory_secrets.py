@@ -187,7 +187,7 @@ def test_the_host_install_path_is_not_visible_inside(runtime: str) -> None:
     seen = result.stdout + result.stderr
     assert install not in seen
     assert "site-packages/stockade" not in seen and "/src/stockade" not in seen
-    assert 'File "<string>", line 6' in result.stderr
+    assert 'File "<stdin>", line 6' in result.stderr
     assert "agent/server.py" not in result.stderr  # the agent's own frames are not the code's
 
 

@@ -33,7 +33,7 @@ import resource
 import struct
 import sys
 
-from . import jsoncodec, linux, server, wire
+from . import jsoncodec, linux, runner, server, wire
 
 # The fresh interpreter of every isolate imports this module: it takes the C
 # module behind socket (whose Python wrapper imports enum and selectors, a
@@ -50,7 +50,7 @@ INNER_GID = 1000
 # Where the agent's code lives inside an isolate (a copy: see prepare_root).
 AGENT_HOME = "/.stockade"
 # The fresh interpreter's program: neutral words only, /proc/1/cmdline shows them.
-_BOOT = f"import sys; sys.path.insert(0, {AGENT_HOME!r}); from agent import confine; confine.main()"
+_BOOT = runner.bootstrap(f"import sys; sys.path.insert(0, {AGENT_HOME!r}); from agent import confine", "confine.main()")
 
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _READ_EXEC = linux.LL_READ_FILE | linux.LL_READ_DIR | linux.LL_EXECUTE
@@ -148,8 +148,10 @@ def exec_agent(fd: int, announce: bool) -> None:
     os.execve(sys.executable, argv, {})  # noqa: S606 - our own interpreter, no shell
 
 
-def main() -> None:
-    """The fresh interpreter of an isolate: wait for the config, then confine and serve. Never returns."""
+def main() -> runner.Program:
+    """The fresh interpreter of an isolate: wait for the config, then confine and serve.
+
+    Returns only in a runner that became a Python program (``runner.bootstrap``)."""
     try:
         # A fresh exec is dumpable again; nothing of the sandbox's uid may attach to it.
         linux.prctl(linux.PR_SET_DUMPABLE, 0)
@@ -168,11 +170,11 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001
         _report_failure(conn, "config", exc)
         os._exit(1)
-    become_init(config, conn)
+    return become_init(config, conn)
 
 
-def become_init(config: dict[str, Any], conn: socket.socket) -> None:
-    """As pid 1 of the new pid namespace: confine, then serve as the agent. Never returns."""
+def become_init(config: dict[str, Any], conn: socket.socket) -> runner.Program:
+    """As pid 1 of the new pid namespace: confine, then serve as the agent (see ``main``)."""
     try:
         listener = _confine_as_init(config, conn)
         server.freeze_heap()  # what confinement loaded, too
@@ -184,13 +186,12 @@ def become_init(config: dict[str, Any], conn: socket.socket) -> None:
             agent.prepare_spare(warm=True)
         _send_fds(conn, b"R", listener)
         os.close(listener)
+    except runner.Become as become:  # in the runner forked above, once its job came
+        return become.program
     except BaseException as exc:  # noqa: BLE001
         _report_failure(conn, "confinement", exc)
         os._exit(1)
-    try:
-        agent.serve()
-    finally:
-        os._exit(0)
+    return server.serve_until_done(agent)
 
 
 def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:

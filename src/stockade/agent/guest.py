@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 
-from . import confine, linux, server, wire
+from . import confine, linux, runner, server, wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ _P9_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 
 
-def main() -> None:
-    """The whole life of the guest's agent; never returns."""
+def main() -> runner.Program:
+    """The whole life of the guest's agent; returns only in a runner that became a Python program."""
     answers = os.environ.pop("STOCKADE_GUEST_SECCOMP_ANSWERS", "")
     program_path = os.environ.pop("STOCKADE_GUEST_SECCOMP", "")
     # Read and loaded before the go line, from the initramfs (see the module's docstring).
@@ -92,10 +92,7 @@ def main() -> None:
     server.freeze_heap()
     agent = server.Agent(conn, dict(os.environ))
     agent.guest_seccomp = guarded
-    try:
-        agent.serve()
-    finally:
-        os._exit(0)  # pid 1: the kernel ends everything left in the namespace
+    return server.serve_until_done(agent)  # pid 1: when it exits, the kernel ends the namespace
 
 
 def _wait_for_go() -> tuple[int, str]:

@@ -15,19 +15,15 @@ the host's end of the connection closes.
 
 from __future__ import annotations
 
-import binascii
-import builtins
 import errno
-import io
 import os
 import resource
 import select
 import stat
-import sys
 import time
-import types
 
 from . import jsoncodec, wire
+from . import runner as runners
 
 # Imports cost real time inside gVisor (every file the interpreter opens goes
 # through its gofer): the agent avoids typing, base64 (which pulls in re) and
@@ -43,8 +39,6 @@ else:  # the C modules behind signal and socket: their Python wrappers import en
     import _signal as signal
     import _socket as socket
 
-# The directory the agent's package was imported from (its copy inside the isolate).
-AGENT_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READ_CHUNK = 65536
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 # After the main process exits, how long to keep reading output that a
@@ -53,13 +47,6 @@ DRAIN_GRACE_S = 0.05
 # After an answer, how long a held sandbox's agent leaves the host to read it
 # before it forks the next runner (see Agent._spare_when_idle).
 SPARE_DELAY_S = 0.005
-
-_RLIMITS = {
-    "max_file_size_bytes": resource.RLIMIT_FSIZE,
-    "max_open_files": resource.RLIMIT_NOFILE,
-    "max_processes": resource.RLIMIT_NPROC,
-    "cpu_seconds": resource.RLIMIT_CPU,
-}
 
 
 class _Run:
@@ -106,7 +93,7 @@ class Agent:
         # Runners whose status someone will ask for; every other child (orphans
         # re-parented to us as pid 1, discarded spares) is reaped and forgotten.
         self._watched: set[int] = set()
-        self._spare: _Runner | None = None  # a python runner forked ahead of the next run_code
+        self._spare: runners.Runner | None = None  # a python runner forked ahead of the next run_code
         self._answered = False
         self._last = False  # the host said no request follows: fork nothing ahead
         self._eager_spare = False  # the host comes straight back: fork the next runner at once
@@ -246,7 +233,7 @@ class Agent:
             data = f.read(limit + 1)
         return {
             "path": path,
-            "data": _b64encode(data[:limit]),
+            "data": wire.b64encode(data[:limit]),
             "truncated": len(data) > limit,  # more follows this piece
             "size": size,
         }
@@ -269,7 +256,7 @@ class Agent:
         if _spawnable(context["limits"]):
             return self._posix_spawn(argv, context)
         runner = self._dispatch({"kind": "exec", "argv": argv, **context})
-        failure = _read_all(runner.report_r)
+        failure = runners.read_all(runner.report_r)
         os.close(runner.report_r)
         if failure:
             self._watched.discard(runner.pid)
@@ -327,13 +314,20 @@ class Agent:
         return runner.pid, runner.out_r, runner.err_r, runner.in_w
 
     def _job_context(self, params: dict[str, Any]) -> dict[str, Any]:
+        env = self._env(params)
+        stream = params.get("stream") is True or params.get("collect") is False
+        if stream:
+            # Output that is watched as it comes should come as it is written: Python
+            # programs started by the command flush as they go, unless told otherwise.
+            env.setdefault("PYTHONUNBUFFERED", "1")
         return {
-            "env": self._env(params),
+            "env": env,
             "cwd": params.get("cwd") or self.base_env.get("HOME", "/"),
             "limits": params.get("limits", {}),
+            "stream": stream,
         }
 
-    def _dispatch(self, job: dict[str, Any]) -> _Runner:
+    def _dispatch(self, job: dict[str, Any]) -> runners.Runner:
         """Hand ``job`` to the runner forked ahead of time (or to a new one).
 
         Both ``exec`` and ``run_code`` go through a runner: a forked copy of the
@@ -346,12 +340,12 @@ class Agent:
         runner, self._spare = self._spare, None
         if runner is not None:
             self._watched.add(runner.pid)
-        if runner is None or not _send_job(runner.job_w, payload):
+        if runner is None or not runners.send_job(runner.job_w, payload):
             if runner is not None:
                 self._discard(runner)
-            runner = _fork_runner(warm=False)
+            runner = runners.fork(False, self._forget_host)
             self._watched.add(runner.pid)
-            if not _runner_ready(runner) or not _send_job(runner.job_w, payload):
+            if not runners.ready(runner) or not runners.send_job(runner.job_w, payload):
                 self._discard(runner)
                 raise wire.RPCError(wire.INTERNAL_ERROR, "the runner died before it got its job")
         return runner
@@ -364,16 +358,22 @@ class Agent:
         """
         if self._spare is None:
             try:
-                self._spare = _fork_runner(warm)
+                self._spare = runners.fork(warm, self._forget_host)
             except OSError:
                 self._spare = None  # e.g. pids limit reached: fork on demand instead
         if warm and not self._request_pending():
-            _warm_up()  # the fork made our own pages copy-on-write again
-        if self._spare is not None and not _runner_ready(self._spare):
+            runners.warm_up()  # the fork made our own pages copy-on-write again
+        if self._spare is not None and not runners.ready(self._spare):
             self._discard(self._spare)
             self._spare = None
 
-    def _discard(self, runner: _Runner) -> None:
+    def _forget_host(self) -> None:
+        """In a new runner: the connection's socket object gives up its descriptor (closed there anyway)."""
+        sock = getattr(self.conn, "sock", self.conn)
+        if isinstance(sock, socket.socket):
+            sock.detach()
+
+    def _discard(self, runner: runners.Runner) -> None:
         self._watched.discard(runner.pid)
         self.exited.pop(runner.pid, None)
         _kill_group(runner.pid)
@@ -434,8 +434,8 @@ class Agent:
         status = run.status if run.status is not None else 0
         return {
             "exit_code": os.waitstatus_to_exitcode(status),
-            "stdout": _b64encode(b"".join(run.buffers["stdout"])),
-            "stderr": _b64encode(b"".join(run.buffers["stderr"])),
+            "stdout": wire.b64encode(b"".join(run.buffers["stdout"])),
+            "stderr": wire.b64encode(b"".join(run.buffers["stderr"])),
             "timed_out": run.timed_out,
             "output_truncated": run.output_truncated,
             "duration": time.monotonic() - started,
@@ -491,7 +491,7 @@ class Agent:
             del run.fds[fd]
             return
         if not run.collect:
-            note = wire.notification("output", {"stream": name, "data": _b64encode(chunk)})
+            note = wire.notification("output", {"stream": name, "data": wire.b64encode(chunk)})
             wire.send_message(self.conn, note)
             return
         room = run.max_output - run.total
@@ -504,166 +504,8 @@ class Agent:
         if chunk:
             run.buffers[name].append(chunk)
             if run.stream:
-                note = wire.notification("output", {"stream": name, "data": _b64encode(chunk)})
+                note = wire.notification("output", {"stream": name, "data": wire.b64encode(chunk)})
                 wire.send_message(self.conn, note)
-
-
-class _Runner:
-    """A forked agent waiting for one job on ``job_w``, its stdio already on pipes.
-
-    ``report_r`` carries one byte ``w`` once the runner is ready, then reaches
-    EOF when the job starts; on a failed exec or chdir it carries
-    ``{"errno", "what"}`` first.
-    """
-
-    def __init__(self, pid: int, out_r: int, err_r: int, in_w: int, job_w: int, report_r: int) -> None:
-        self.pid, self.out_r, self.err_r, self.in_w = pid, out_r, err_r, in_w
-        self.job_w, self.report_r = job_w, report_r
-
-
-def _runner_ready(runner: _Runner) -> bool:
-    """Wait for the runner's one-byte "ready" (sent once its warm-up is done)."""
-    try:
-        return os.read(runner.report_r, 1) == b"w"
-    except OSError:
-        return False
-
-
-def _fork_runner(warm: bool = True) -> _Runner:
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    in_r, in_w = os.pipe2(os.O_CLOEXEC)
-    job_r, job_w = os.pipe2(os.O_CLOEXEC)
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        _runner_main(in_r, out_w, err_w, job_r, report_w, warm)
-    for fd in (out_w, err_w, in_r, job_r, report_w):
-        os.close(fd)
-    return _Runner(pid, out_r, err_r, in_w, job_w, report_r)
-
-
-def _runner_main(in_r: int, out_w: int, err_w: int, job_r: int, report_w: int, warm: bool) -> None:
-    """The runner's whole life; never returns."""
-    try:
-        os.dup2(in_r, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.dup2(job_r, 3)
-        os.dup2(report_w, 4, inheritable=False)  # closes by itself on a successful exec
-        os.closerange(5, 1 << 16)
-        os.setpgid(0, 0)
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _install_stdio()
-        if warm:
-            _warm_up()  # take the copy-on-write faults now, not while a caller waits
-        os.write(4, b"w")
-        raw = _read_all(3)
-        os.close(3)
-        if not raw:
-            os._exit(0)  # a discarded spare
-        job = jsoncodec.loads(raw)
-    except BaseException:  # noqa: BLE001
-        os._exit(126)
-    where = "limits"
-    try:
-        _apply_rlimits(job["limits"])
-        where = "cwd"
-        os.chdir(job["cwd"])
-        os.environ.clear()
-        os.environ.update(job["env"])
-        if job["kind"] == "exec":
-            where = "exec"
-            # As a fresh process would have them (Python ignores these two).
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-            os.execvpe(job["argv"][0], job["argv"], job["env"])  # noqa: S606 - no shell, by design
-    except OSError as exc:
-        report = {"errno": exc.errno or 0, "what": where, "where": job.get("cwd")}
-        os.write(4, jsoncodec.dumps(report).encode())
-        os._exit(127)
-    except BaseException:  # noqa: BLE001
-        os._exit(126)
-    os.close(4)
-    os._exit(_exec_python_source(job["code"]))
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _send_job(fd: int, job: bytes) -> bool:
-    try:
-        wire.write_all(fd, job)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _install_stdio() -> None:
-    """Fresh sys.stdin/stdout/stderr on fds 0-2, as a new ``python3 -c`` would have."""
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=False)
-    sys.stderr = io.TextIOWrapper(
-        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
-    )
-
-
-def _warm_up() -> None:
-    """Exercise the paths a request takes, so that a forked process copies its pages ahead of time.
-
-    After fork every page is shared copy-on-write; the first write to each
-    one (a reference count is enough) faults and copies it. On virtualised
-    hosts a fault costs microseconds, and a cold request path touches hundreds
-    of pages: doing it while idle moves milliseconds off the critical path.
-    """
-    sample = {"code": "pass", "env": {"K": "v"}, "cwd": "/", "limits": {"max_open_files": 1}}
-    payload = jsoncodec.dumps(wire.request("run_code", sample, 1)).encode()
-    jsoncodec.loads(payload)
-    _b64decode(_b64encode(payload))
-    exec(compile("pass", "<string>", "exec"), {"__name__": "__warm__"})  # noqa: S102
-    types.ModuleType("__warm__")
-    wire.encode_message(wire.response(1, {"exit_code": 0, "stdout": "", "duration": 0.0}))
-
-
-def _exec_python_source(code: str) -> int:
-    """Run ``code`` as ``python3 -c`` would, in this (forked) interpreter; return the exit status."""
-    if sys.stdout is sys.__stdout__:
-        _install_stdio()
-    main = types.ModuleType("__main__")
-    main.__dict__["__builtins__"] = builtins
-    sys.modules["__main__"] = main
-    sys.argv = ["-c"]
-    # As ``python3 -I -c`` has it: nothing of the agent's own on the path.
-    sys.path[:] = [entry for entry in sys.path if entry != AGENT_HOME]
-    status = 0
-    try:
-        exec(compile(code, "<string>", "exec"), main.__dict__)  # noqa: S102 - inside the isolate, by design
-    except SystemExit as exc:
-        if exc.code is None:
-            status = 0
-        elif isinstance(exc.code, int):
-            status = exc.code & 0xFF
-        else:
-            print(exc.code, file=sys.stderr)
-            status = 1
-    except BaseException as exc:  # noqa: BLE001 - report like the interpreter does
-        # The code's frames only, as the interpreter prints them: not this function's.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
-        status = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    return status
 
 
 # The agent needs a few descriptors of its own (connection, wake-up pipe, a
@@ -681,23 +523,12 @@ def _limit_self(limits: dict[str, Any]) -> None:
     """Lower this process's hard limits to the policy's (never raise them; raising is impossible)."""
     for key in ("max_file_size_bytes", "max_open_files", "max_processes"):
         value = limits.get(key)
-        which = _RLIMITS[key]
+        which = runners.RLIMITS[key]
         if isinstance(value, int) and value >= 0:
             soft, hard = resource.getrlimit(which)
             if hard == resource.RLIM_INFINITY or value < hard or soft != hard:
                 value = value if hard == resource.RLIM_INFINITY else min(value, hard)
                 resource.setrlimit(which, (value, value))
-
-
-def _apply_rlimits(limits: dict[str, Any]) -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    for key, which in _RLIMITS.items():
-        value = limits.get(key)
-        if isinstance(value, int) and value >= 0:
-            _, hard = resource.getrlimit(which)
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)
-            resource.setrlimit(which, (value, value))
 
 
 def _kill_group(pid: int) -> None:
@@ -802,7 +633,7 @@ def _b64_param(params: dict[str, Any], name: str) -> bytes:
     if not isinstance(value, str):
         raise wire.RPCError(wire.INVALID_PARAMS, f"{name} must be a base64 string")
     try:
-        return _b64decode(value)
+        return wire.b64decode(value)
     except ValueError:
         raise wire.RPCError(wire.INVALID_PARAMS, f"{name} is not valid base64") from None
 
@@ -824,12 +655,13 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def main() -> None:
+def main() -> runners.Program:
     """Serve on the socket in STOCKADE_AGENT_FD: a descriptor number, or ``stdio`` (fds 0 and 1).
 
-    Runtimes that start the agent as a program use this: the fake runtime
-    passes a descriptor; gVisor gets the host's socket as the container's
-    standard input and output. A microVM guest's agent starts in guest.py.
+    Runtimes that start the agent as a program (``runner.bootstrap``) use this:
+    the fake runtime passes a descriptor; gVisor gets the host's socket as the
+    container's standard input and output. A microVM guest's agent starts in
+    guest.py. Returns only in a runner that became a Python program.
     """
     where = os.environ.pop("STOCKADE_AGENT_FD", "3")
     if where == "stdio":
@@ -854,22 +686,15 @@ def main() -> None:
         conn = _PatientConn(conn)
     freeze_heap()
     agent = Agent(conn, dict(os.environ))
-    if warm:
-        agent.prepare_spare(warm=True)
-    agent.serve()
+    return serve_until_done(agent, warm)
 
 
-if __name__ == "__main__":
-    main()
-
-
-def _b64encode(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    """Strict base64 (like ``base64.b64decode(validate=True)``); ValueError when malformed."""
+def serve_until_done(agent: Agent, warm: bool = False) -> runners.Program:
+    """Serve until the host goes (then exit), or return the program a runner became."""
     try:
-        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError) as exc:
-        raise ValueError(str(exc)) from None
+        if warm:
+            agent.prepare_spare(warm=True)
+        agent.serve()
+    except runners.Become as become:
+        return become.program
+    os._exit(0)  # pid 1 of its namespace: the kernel ends everything left in it

@@ -11,6 +11,7 @@ This module is stdlib-only: it is imported by the agent inside isolates (run by
 
 from __future__ import annotations
 
+import binascii
 import os
 import struct
 
@@ -134,3 +135,16 @@ def error_response(msg_id: Any, error: RPCError) -> dict[str, Any]:
 
 def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "method": method, "params": params}
+
+
+def b64encode(data: bytes) -> str:
+    """Base64 without ``base64`` (which imports ``re``: slow to load under gVisor)."""
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def b64decode(text: str) -> bytes:
+    """Strict base64 (like ``base64.b64decode(validate=True)``); ValueError when malformed."""
+    try:
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError(str(exc)) from None

@@ -573,6 +573,8 @@ class AgentSandbox(abc.ABC):
             success=reason == "completed" and exit_code == 0,
             stdout=stdout.decode("utf-8", errors="replace"),
             stderr=stderr.decode("utf-8", errors="replace"),
+            stdout_bytes=stdout,
+            stderr_bytes=stderr,
             exit_code=exit_code,
             error=error,
             termination_reason=reason,

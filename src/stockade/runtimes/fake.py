@@ -17,12 +17,13 @@ import sys
 import tempfile
 import time
 
+from ..agent import runner
 from ..errors import SandboxStartError
 from ..policy import Policy
 from .base import BASE_ENV, AgentSandbox, Availability, Runtime
 from .process.zygote import AGENT_PARENT
 
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from agent import server; server.main()"
+_BOOT = runner.bootstrap("import sys; sys.path.insert(0, sys.argv[1]); from agent import server", "server.main()")
 
 
 def _python() -> str:

@@ -43,6 +43,7 @@ import threading
 import time
 from typing import Any
 
+from ..agent import runner
 from ..agent.server import AGENT_FDS
 from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
@@ -75,12 +76,13 @@ TRACED = (
 _counter = iter(range(1, 1 << 62))
 # -S skips site (slow under gVisor); the site directories Debian's python3 would
 # add are appended by hand so that code run in the sandbox finds the same packages.
-_BOOT = (
+_BOOT = runner.bootstrap(
     "import sys; v = '%d.%d' % sys.version_info[:2]; "
     f"sys.path.insert(0, {AGENT_MOUNT!r}); "
     "sys.path += ['/usr/local/lib/python%s/dist-packages' % v, '/usr/lib/python3/dist-packages', "
     "'/usr/lib/python%s/dist-packages' % v]; "
-    "from agent import server; server.main()"
+    "from agent import server",
+    "server.main()",
 )
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ...agent import runner
 from ...errors import SandboxStartError
 from ..process import seccomp
 from ..process.zygote import AGENT_PARENT
@@ -59,6 +60,10 @@ BUSYBOX_APPLETS = (
     "date",
 )  # fmt: skip
 
+# The guest agent's -c program (no double quote, $ or backquote: it sits in the init script's "...").
+GUEST_BOOT = runner.bootstrap(
+    "import sys; sys.path.insert(0, '/opt/stockade'); from agent import guest", "guest.main()"
+)
 INIT = r"""#!/bin/sh
 # stockade microVM init: modules, the agent's interpreter started from the
 # initramfs, the host's go line, /usr, then the agent on the virtio-serial port
@@ -105,8 +110,7 @@ export HOME=/work TMPDIR=/tmp LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin
 # process runtime's seccomp profile, compiled by the host. Its first process
 # waits outside the namespaces until the confined agent ends: then the VM goes.
 export STOCKADE_GUEST_SECCOMP=/opt/stockade/seccomp.bpf STOCKADE_GUEST_SECCOMP_ANSWERS=__ANSWERS__
-setup | /usr/bin/python3 -I -S -c "import sys; sys.path.insert(0, '/opt/stockade'); from agent import guest
-guest.main()"
+setup | /usr/bin/python3 -I -S -c "__AGENT_BOOT__"
 poweroff -f
 """
 
@@ -349,6 +353,7 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
     entries += interpreter
     entries += _bytecode_entries(entries)
     init = INIT.replace("__MODULES__", " ".join(MODULES)).replace("__ANSWERS__", seccomp.guest_answers())
+    init = init.replace("__AGENT_BOOT__", GUEST_BOOT)
     entries.append(("init", stat.S_IFREG | 0o755, init.encode()))
     with open(out, "wb") as archive:
         for ino, (path, mode, data) in enumerate(entries, start=1):

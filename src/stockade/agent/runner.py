@@ -1,0 +1,311 @@
+"""Runners: forked copies of the agent that each run one command or one Python program.
+
+Stdlib-only, like the rest of the agent. A runner is forked ahead of the
+request that uses it (its stdio already on pipes, its pages already copied),
+waits for its job on a pipe, then either execs a command or becomes the
+user's Python program.
+
+Becoming the program is done so that the program cannot tell it was not
+started as ``python3 - < program``:
+
+- the runner unwinds the agent's whole stack (``Become``, a BaseException no
+  agent code catches) back to the isolate's ``-c`` bootstrap (``bootstrap``),
+  which runs the program at its top level: ``traceback.print_stack()``,
+  ``inspect.stack()`` and warnings see the program's frames, not the agent's;
+- the program's file is ``<stdin>``, its ``__main__`` a fresh module, its
+  ``sys.argv`` ``["-"]``, and nothing of the agent is left in ``sys.modules``,
+  ``sys.path`` or ``sys.orig_argv``;
+- it ends as the interpreter ends a program (``Program.end``): the traceback of
+  an uncaught exception (the program's frames only), non-daemon threads joined,
+  ``atexit`` handlers run, the program's objects finalised (files it left
+  open are flushed and closed), standard streams flushed, then exit. The
+  interpreter's own teardown of every module is skipped (``os._exit``): it
+  would touch, and so copy, every page the runner shares with the agent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import gc
+import io
+import os
+import resource
+import sys
+import types
+
+from . import jsoncodec, wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable
+    from typing import Any
+else:  # the C module behind signal: its Python wrapper imports enum (slow under gVisor)
+    import _signal as signal
+
+# What a program is called in its tracebacks, as ``python3 -`` calls a program read from stdin.
+PROGRAM_FILE = "<stdin>"
+
+RLIMITS = {
+    "max_file_size_bytes": resource.RLIMIT_FSIZE,
+    "max_open_files": resource.RLIMIT_NOFILE,
+    "max_processes": resource.RLIMIT_NPROC,
+    "cpu_seconds": resource.RLIMIT_CPU,
+    "address_space_bytes": resource.RLIMIT_AS,
+}
+
+
+def bootstrap(setup: str, entry: str) -> str:
+    """The ``-c`` program of an isolate's agent.
+
+    ``setup`` puts the agent's package on the path and imports ``entry``'s
+    module; ``entry`` (e.g. ``server.main()``) serves until the isolate ends,
+    and returns only in a runner that became a Python program, which this
+    bootstrap then runs at the top of the stack.
+    """
+    return (
+        f"{setup}\n"
+        f"program = {entry}\n"
+        "try:\n"
+        "    exec(program.code, program.namespace)\n"
+        "except BaseException as exc:\n"
+        "    program.end(exc)\n"
+        "program.end(None)\n"
+    )
+
+
+class Runner:
+    """A forked agent waiting for one job on ``job_w``, its stdio already on pipes.
+
+    ``report_r`` carries one byte ``w`` once the runner is ready, then reaches
+    EOF when the job starts; on a failed exec or chdir it carries
+    ``{"errno", "what"}`` first.
+    """
+
+    def __init__(self, pid: int, out_r: int, err_r: int, in_w: int, job_w: int, report_r: int) -> None:
+        self.pid, self.out_r, self.err_r, self.in_w = pid, out_r, err_r, in_w
+        self.job_w, self.report_r = job_w, report_r
+
+
+class Become(BaseException):
+    """Raised in a runner whose job is a Python program; caught only by the agent's entry points."""
+
+    def __init__(self, program: Program) -> None:
+        super().__init__()
+        self.program = program
+
+
+class Program:
+    """The user's Python program, as the bootstrap runs it: ``exec(code, namespace)``, then ``end``."""
+
+    def __init__(self, code: types.CodeType, namespace: dict[str, Any]) -> None:
+        self.code = code
+        self.namespace = namespace
+        self.streams = (sys.stdout, sys.stderr)  # ours, flushed at the end even if the program replaced them
+
+    def end(self, exc: BaseException | None) -> None:
+        """End as the interpreter ends a program; never returns."""
+        status = 0
+        try:
+            if exc is not None:
+                status = _report(exc)
+            threading = sys.modules.get("threading")
+            if threading is not None:
+                # What the interpreter does first at exit: threading's own exit hooks (which
+                # stop concurrent.futures' workers), then a join of every non-daemon thread.
+                threading._shutdown()  # type: ignore[attr-defined]
+            import atexit
+
+            atexit._run_exitfuncs()  # the interpreter's own call; exceptions are printed, not raised
+            self._flush()
+            _clear_module(self.namespace)
+            gc.collect()  # what the program left in reference cycles: open files among them
+            self._flush()
+            if isinstance(exc, KeyboardInterrupt):
+                # As the interpreter does: die of SIGINT, so that the caller sees the interrupt.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+        except BaseException:  # noqa: BLE001, S110 - nothing may keep the runner from exiting
+            pass
+        finally:
+            os._exit(status)
+
+    def _flush(self) -> None:
+        for stream in (sys.stdout, sys.stderr, *self.streams):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:  # noqa: BLE001, S112 - a closed or broken stream: nothing more to write
+                continue
+
+
+def _report(exc: BaseException) -> int:
+    """The exit status for an exception that ended the program, reported as the interpreter does."""
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code & 0xFF
+        print(code, file=sys.stderr)
+        return 1
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None else None  # the bootstrap's frame: not the program's
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+    return 1
+
+
+def _clear_module(namespace: dict[str, Any]) -> None:
+    """Drop a module's globals as the interpreter's finalisation does: ``_private`` names first."""
+    sys.modules.pop("__main__", None)
+    names = [name for name in namespace if name != "__builtins__"]
+    for name in [n for n in names if n.startswith("_") and not n.startswith("__")] + names:
+        namespace[name] = None
+
+
+def ready(runner: Runner) -> bool:
+    """Wait for the runner's one-byte "ready" (sent once its warm-up is done)."""
+    try:
+        return os.read(runner.report_r, 1) == b"w"
+    except OSError:
+        return False
+
+
+def fork(warm: bool, forget: Callable[[], None]) -> Runner:
+    """Fork a runner. ``forget`` runs first in the child: the agent's objects that own descriptors
+    give them up, so that none of their finalisers can close a descriptor the program reuses."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    job_r, job_w = os.pipe2(os.O_CLOEXEC)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        _main(in_r, out_w, err_w, job_r, report_w, warm, forget)
+    for fd in (out_w, err_w, in_r, job_r, report_w):
+        os.close(fd)
+    return Runner(pid, out_r, err_r, in_w, job_w, report_r)
+
+
+def _main(in_r: int, out_w: int, err_w: int, job_r: int, report_w: int, warm: bool, forget: Callable[[], None]) -> None:
+    """The runner's life: exec a command (never returns) or raise ``Become`` with a program."""
+    try:
+        forget()
+        os.dup2(in_r, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.dup2(job_r, 3)
+        os.dup2(report_w, 4, inheritable=False)  # closes by itself on a successful exec
+        os.closerange(5, 1 << 16)
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        install_stdio()
+        if warm:
+            warm_up()  # take the copy-on-write faults now, not while a caller waits
+        os.write(4, b"w")
+        raw = read_all(3)
+        os.close(3)
+        if not raw:
+            os._exit(0)  # a discarded spare
+        job = jsoncodec.loads(raw)
+    except BaseException:  # noqa: BLE001
+        os._exit(126)
+    where = "limits"
+    try:
+        apply_rlimits(job["limits"])
+        where = "cwd"
+        os.chdir(job["cwd"])
+        os.environ.clear()
+        os.environ.update(job["env"])
+        if job["kind"] == "exec":
+            where = "exec"
+            # As a fresh process would have them (Python ignores these two).
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            os.execvpe(job["argv"][0], job["argv"], job["env"])  # noqa: S606 - no shell, by design
+    except OSError as exc:
+        report = {"errno": exc.errno or 0, "what": where, "where": job.get("cwd")}
+        os.write(4, jsoncodec.dumps(report).encode())
+        os._exit(127)
+    except BaseException:  # noqa: BLE001
+        os._exit(126)
+    os.close(4)
+    raise Become(_program(job["code"], bool(job.get("stream"))))
+
+
+def _program(source: str, stream: bool) -> Program:
+    """Make this process look like ``python3 -`` about to run ``source``; a syntax error ends it here."""
+    if stream:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # streamed output comes line by line
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
+    agent_home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in [n for n in sys.modules if n == "agent" or n.startswith("agent.")]:
+        del sys.modules[name]  # the agent's modules: ``import agent`` fails, as it would outside
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = ["", *extra, *(p for p in sys.path if p != agent_home)]
+    sys.argv = ["-"]
+    sys.orig_argv = [sys.executable, "-"]
+    try:
+        # dont_inherit: the agent's own ``from __future__`` imports are not the program's.
+        code = compile(source, PROGRAM_FILE, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte in the source
+        sys.excepthook(type(exc), exc.with_traceback(None), None)
+        Program(compile("", PROGRAM_FILE, "exec"), main.__dict__).end(SystemExit(1))
+    return Program(code, main.__dict__)
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def send_job(fd: int, job: bytes) -> bool:
+    try:
+        wire.write_all(fd, job)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def install_stdio() -> None:
+    """Fresh sys.stdin/stdout/stderr on fds 0-2, as a new ``python3`` would have them on pipes."""
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=False)
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
+
+
+def warm_up() -> None:
+    """Exercise the paths a request takes, so that a forked process copies its pages ahead of time.
+
+    After fork every page is shared copy-on-write; the first write to each
+    one (a reference count is enough) faults and copies it. On virtualised
+    hosts a fault costs microseconds, and a cold request path touches hundreds
+    of pages: doing it while idle moves milliseconds off the critical path.
+    """
+    sample = {"code": "pass", "env": {"K": "v"}, "cwd": "/", "limits": {"max_open_files": 1}}
+    payload = jsoncodec.dumps(wire.request("run_code", sample, 1)).encode()
+    jsoncodec.loads(payload)
+    wire.b64decode(wire.b64encode(payload))
+    exec(compile("pass", PROGRAM_FILE, "exec", dont_inherit=True), {"__name__": "__warm__"})  # noqa: S102
+    types.ModuleType("__warm__")
+    wire.encode_message(wire.response(1, {"exit_code": 0, "stdout": "", "duration": 0.0}))
+
+
+def apply_rlimits(limits: dict[str, Any]) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for key, which in RLIMITS.items():
+        value = limits.get(key)
+        if isinstance(value, int) and value >= 0:
+            _, hard = resource.getrlimit(which)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(which, (value, value))
