@@ -37,6 +37,12 @@ MAX_OUTPUT_BYTES = MAX_DATA_BYTES
 # command itself; in a microVM the agent also keeps a thread that answers the
 # guest's seccomp filter, and RLIMIT_NPROC counts threads.
 MIN_PIDS_LIMIT = 4
+MIB = 1024 * 1024
+MAX_FILE_SIZE_BYTES = 4096 * MIB
+# An address space smaller than this cannot load the agent's runner (a copy of
+# the Python interpreter) plus a program; larger than this is no limit at all.
+MIN_ADDRESS_SPACE_MB = 64
+MAX_ADDRESS_SPACE_MB = 1024 * 1024
 # The smallest CPU quota a cgroup takes is 1 ms per 100 ms period: less cannot be enforced.
 MIN_CPU = 0.01
 
@@ -115,7 +121,26 @@ class Policy(BaseModel):
     max_output_bytes: int = Field(
         default=1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES, description="stdout and stderr kept, bytes (the rest is cut)"
     )
-    max_file_size_mb: int = Field(default=64, ge=0, le=4096, description="largest file the code may write, MB")
+    max_file_size_bytes: int = Field(
+        default=64 * MIB,
+        ge=0,
+        le=MAX_FILE_SIZE_BYTES,
+        description="largest file the code may write, bytes (RLIMIT_FSIZE)",
+    )
+    cpu_time_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=int(MAX_TIMEOUT_S),
+        description="CPU time of each process, seconds (RLIMIT_CPU): past it the process gets SIGXCPU and the run "
+        "ends cpu_limit; separate from the wall clock (default: none)",
+    )
+    address_space_mb: int | None = Field(
+        default=None,
+        ge=MIN_ADDRESS_SPACE_MB,
+        le=MAX_ADDRESS_SPACE_MB,
+        description="virtual memory of each process, MB (RLIMIT_AS): an allocation past it fails, so Python raises "
+        "a catchable MemoryError instead of being killed at memory_mb (default: none)",
+    )
     max_open_files: int = Field(default=256, ge=16, le=65536, description="open file descriptors")
     disk_mb: int = Field(default=64, ge=1, le=4096, description="size of the writable scratch (/tmp, /work)")
     network_policy: NetworkPolicy = Field(default="none", description="none: no network at all; loopback: its own lo")
@@ -205,7 +230,9 @@ CLI_FLAGS: dict[str, tuple[str, str | None]] = {
     "cpu_limit": ("--cpu", "N"),
     "pids_limit": ("--pids", "N"),
     "max_output_bytes": ("--max-output", "BYTES"),
-    "max_file_size_mb": ("--max-file-size", "MB"),
+    "max_file_size_bytes": ("--max-file-size", "BYTES"),
+    "cpu_time_seconds": ("--cpu-time", "S"),
+    "address_space_mb": ("--address-space", "MB"),
     "max_open_files": ("--max-open-files", "N"),
     "disk_mb": ("--disk", "MB"),
     "network_policy": ("--network", None),

@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
-TerminationReason = Literal["completed", "timeout", "memory_limit", "output_limit", "violation", "killed", "error"]
+TerminationReason = Literal[
+    "completed", "timeout", "cpu_limit", "memory_limit", "output_limit", "violation", "killed", "error"
+]
 Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
 DetectionLayer = Literal["SECCOMP", "LANDLOCK", "CGROUP", "RLIMIT", "GVISOR", "HYPERVISOR", "SUPERVISOR"]
 

@@ -140,7 +140,7 @@ def test_file_size_limit(process_runtime: str, manager: RuntimeManager) -> None:
         manager,
         "import signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "try:\n    open('/tmp/big', 'wb').write(b'x' * (3 << 20))\nexcept OSError as e:\n    print(e.errno)",
-        max_file_size_mb=1,
+        max_file_size_bytes=1 << 20,
     )
     assert r.stdout.strip() == "27"  # EFBIG
 

@@ -301,6 +301,11 @@ def warm_up() -> None:
 
 
 def apply_rlimits(limits: dict[str, Any]) -> None:
+    """The run's rlimits, hard (never raised: a lower limit already there stays).
+
+    ``cpu_soft_seconds`` lowers RLIMIT_CPU's soft limit below its hard one, so
+    that the process gets SIGXCPU there, before SIGKILL at the hard limit.
+    """
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for key, which in RLIMITS.items():
         value = limits.get(key)
@@ -309,3 +314,7 @@ def apply_rlimits(limits: dict[str, Any]) -> None:
             if hard != resource.RLIM_INFINITY:
                 value = min(value, hard)
             resource.setrlimit(which, (value, value))
+    soft = limits.get("cpu_soft_seconds")
+    if isinstance(soft, int) and soft > 0:
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))

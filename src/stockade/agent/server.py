@@ -515,6 +515,10 @@ AGENT_FDS = 64
 
 
 def _spawnable(limits: dict[str, Any]) -> bool:
+    """Whether posix_spawn can run a command under ``limits``: the agent takes them on itself
+    (``_limit_self``), which it cannot do for CPU time or address space (they would end the agent)."""
+    if any(key in limits for key in ("cpu_soft_seconds", "address_space_bytes")):
+        return False
     files = limits.get("max_open_files")
     return not isinstance(files, int) or files >= AGENT_FDS
 

@@ -16,6 +16,7 @@ import base64
 import errno
 import functools
 import select
+import signal
 import socket
 import threading
 import time
@@ -430,11 +431,7 @@ class AgentSandbox(abc.ABC):
                     "stdin": base64.b64encode(raw_stdin).decode() if raw_stdin else "",
                     "stream": True,
                     "collect": False,
-                    "limits": {
-                        "max_file_size_bytes": policy.max_file_size_mb * 1024 * 1024,
-                        "max_open_files": policy.max_open_files,
-                        "max_processes": policy.pids_limit,
-                    },
+                    "limits": job_limits(policy),
                 }
             )
             wait = _FOREVER_S
@@ -450,12 +447,7 @@ class AgentSandbox(abc.ABC):
                     "max_output_bytes": policy.max_output_bytes,
                     "stdin": base64.b64encode(raw_stdin).decode() if raw_stdin else "",
                     "stream": on_output is not None,
-                    "limits": {
-                        "max_file_size_bytes": policy.max_file_size_mb * 1024 * 1024,
-                        "max_open_files": policy.max_open_files,
-                        "max_processes": policy.pids_limit,
-                        "cpu_seconds": int(timeout) + 1,
-                    },
+                    "limits": job_limits(policy, timeout),
                 }
             )
         before, self.baseline = self.baseline or self.usage(peak=False), None
@@ -543,6 +535,8 @@ class AgentSandbox(abc.ABC):
             reason = "memory_limit"
         elif timed_out or self._kill_reason == "timeout":
             reason = "timeout"
+        elif self._hit_cpu_limit(exit_code, before, after):
+            reason = "cpu_limit"
         elif truncated:
             reason = "output_limit"
         elif error is not None:
@@ -556,6 +550,8 @@ class AgentSandbox(abc.ABC):
             error = f"out of memory: the {self.policy.memory_mb} MB limit was reached"
         elif reason == "timeout":
             error = error or f"timed out after {timeout_s or self.policy.timeout_seconds:g} s"
+        elif reason == "cpu_limit":
+            error = f"CPU time limit reached: cpu_time_seconds={self.policy.cpu_time_seconds}"
         elif reason == "output_limit":
             error = error or f"output exceeded {cap} bytes and was cut"
         elif reason == "violation":
@@ -588,6 +584,18 @@ class AgentSandbox(abc.ABC):
             policy_digest=self.policy.digest,
             unenforced_limits=list(self.unenforced_limits),
         )
+
+    def _hit_cpu_limit(self, exit_code: int | None, before: IsolateUsage, after: IsolateUsage) -> bool:
+        """Ended by RLIMIT_CPU: SIGXCPU at the soft limit, or SIGKILL at the hard one (SIGXCPU ignored)."""
+        limit = self.policy.cpu_time_seconds
+        if limit is None or exit_code is None:
+            return False
+        if exit_code == -signal.SIGXCPU:
+            return True
+        used = None
+        if after.cpu_seconds is not None and before.cpu_seconds is not None:
+            used = after.cpu_seconds - before.cpu_seconds
+        return exit_code == -signal.SIGKILL and used is not None and used >= limit
 
     def _mark_dead(self, reason: TerminationReason | None) -> None:
         if reason and self._kill_reason is None:
@@ -935,6 +943,28 @@ class _LoopCall:
 
 # How a call to the agent can end that is the isolate's end, not an error to raise.
 _RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
+
+
+def job_limits(policy: Policy, timeout: float | None = None) -> dict[str, int]:
+    """The rlimits the agent sets on a run's processes (agent/runner.py ``apply_rlimits``).
+
+    ``cpu_seconds`` is the hard CPU limit (SIGKILL): one past the policy's
+    ``cpu_time_seconds`` (whose soft limit sends SIGXCPU first), or else a
+    backstop one past the run's wall-clock timeout.
+    """
+    limits = {
+        "max_file_size_bytes": policy.max_file_size_bytes,
+        "max_open_files": policy.max_open_files,
+        "max_processes": policy.pids_limit,
+    }
+    if policy.cpu_time_seconds is not None:
+        limits["cpu_soft_seconds"] = policy.cpu_time_seconds
+        limits["cpu_seconds"] = policy.cpu_time_seconds + 1
+    elif timeout is not None:
+        limits["cpu_seconds"] = int(timeout) + 1
+    if policy.address_space_mb is not None:
+        limits["address_space_bytes"] = policy.address_space_mb * 1024 * 1024
+    return limits
 
 
 def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:

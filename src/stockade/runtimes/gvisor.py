@@ -94,7 +94,7 @@ def gvisor_shape(policy: Policy) -> tuple[Any, ...]:
         policy.disk_mb,
         policy.max_open_files,
         policy.pids_limit,
-        policy.max_file_size_mb,
+        policy.max_file_size_bytes,
     )
 
 
@@ -388,7 +388,7 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
                 {"type": "RLIMIT_NOFILE", "hard": open_files, "soft": open_files},
                 {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
                 {"type": "RLIMIT_NPROC", "hard": policy.pids_limit, "soft": policy.pids_limit},
-                {"type": "RLIMIT_FSIZE", "hard": policy.max_file_size_mb << 20, "soft": policy.max_file_size_mb << 20},
+                {"type": "RLIMIT_FSIZE", "hard": policy.max_file_size_bytes, "soft": policy.max_file_size_bytes},
             ],
         },
         "root": {"path": "rootfs", "readonly": True},

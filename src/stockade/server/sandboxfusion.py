@@ -221,7 +221,7 @@ def resolve_path(name: str) -> str:
 def command_result(result: ExecResult) -> CommandRunResult:
     """SandboxFusion's account of one stockade run."""
     reason = result.termination_reason
-    if reason == "timeout":
+    if reason in ("timeout", "cpu_limit"):  # a judge's time limit is either clock
         return CommandRunResult(
             status="TimeLimitExceeded",
             execution_time=result.execution_time_seconds,
