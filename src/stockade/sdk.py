@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from .errors import PolicyError
 from .limits import check_call_size
 from .policy import Policy, coerce_policy
 from .protocol.models import argv_list
@@ -44,16 +45,21 @@ def run(
     policy: Policy | dict[str, Any] | None = None,
     *,
     stdin: bytes | str = b"",
+    timeout: float | None = None,
     on_output: OutputCallback | None = None,
     manager: RuntimeManager | None = None,
     **policy_fields: Any,
 ) -> ExecResult:
-    """Run ``argv`` in a fresh isolate and return what happened."""
+    """Run ``argv`` (a list: no shell) in a fresh isolate and return what happened.
+
+    ``policy`` and ``policy_fields`` (``memory_mb=256``, ...) make the isolate's
+    Policy; ``timeout`` is its ``timeout_seconds`` (seconds of wall clock).
+    ``stdin`` and ``on_output`` are ``Sandbox.exec``'s.
+    """
     check_call_size("stdin", stdin)  # before an isolate is taken for a call that cannot be sent
     command = argv_list(argv)
-    return one_shot(
-        coerce_policy(policy, **policy_fields), lambda sb: sb.exec(command, stdin=stdin, on_output=on_output), manager
-    )
+    pol = _one_shot_policy(policy, timeout, policy_fields)
+    return one_shot(pol, lambda sb: sb.exec(command, stdin=stdin, on_output=on_output), manager)
 
 
 def run_code(
@@ -62,15 +68,28 @@ def run_code(
     policy: Policy | dict[str, Any] | None = None,
     *,
     stdin: bytes | str = b"",
+    timeout: float | None = None,
     on_output: OutputCallback | None = None,
     manager: RuntimeManager | None = None,
     **policy_fields: Any,
 ) -> ExecResult:
-    """Run ``code`` (python or bash) in a fresh isolate and return what happened."""
+    """Run ``code`` (``python``, as ``python3 -`` would; or ``bash``) in a fresh isolate.
+
+    The keywords are ``run``'s.
+    """
     check_call_size("code", code)  # before an isolate is taken for a call that cannot be sent
     check_call_size("stdin", stdin)
-    pol = coerce_policy(policy, **policy_fields)
+    pol = _one_shot_policy(policy, timeout, policy_fields)
     return one_shot(pol, lambda sb: sb.run_code(code, language, stdin=stdin, on_output=on_output), manager)
+
+
+def _one_shot_policy(policy: Policy | dict[str, Any] | None, timeout: float | None, fields: dict[str, Any]) -> Policy:
+    """A one-shot's policy: ``timeout`` is one more name for its ``timeout_seconds``."""
+    if timeout is not None:
+        if fields.get("timeout_seconds", timeout) != timeout:
+            raise PolicyError("give timeout or timeout_seconds, not both (for a one-shot run they are the same limit)")
+        fields = {**fields, "timeout_seconds": timeout}
+    return coerce_policy(policy, **fields)
 
 
 class Sandbox:
@@ -101,11 +120,41 @@ class Sandbox:
         """A writable directory inside the sandbox (``/tmp`` in every isolating runtime)."""
         return self._sandbox.scratch_dir
 
-    def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
-        return self._sandbox.exec(argv_list(argv), **kwargs)
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` (a list: no shell) in this sandbox.
 
-    def run_code(self, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
-        return self._sandbox.run_code(code, language, **kwargs)
+        ``stdin``: the command's input. ``env``: added to the policy's environment.
+        ``cwd``: its working directory (default ``/work``). ``timeout``: seconds of
+        wall clock for this call, at most the policy's ``timeout_seconds`` (more is
+        refused with ``PolicyError``). ``on_output(stream, data)``: called with each
+        piece of output as it comes (``"stdout"``/``"stderr"``, bytes).
+        """
+        return self._sandbox.exec(argv_list(argv), stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output)
+
+    def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``code`` (``python``, as ``python3 -`` would: docs/run-code.md; or ``bash``) in this sandbox.
+
+        The keywords are ``exec``'s.
+        """
+        return self._sandbox.run_code(code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self._sandbox.write_file(path, data, mode)
@@ -156,13 +205,38 @@ class AsyncSandbox:
             raise RuntimeError("AsyncSandbox is not started: use 'async with' or 'await sb.start()'")
         return self._sync
 
-    async def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """``Sandbox.exec``, on the event loop (no thread)."""
+        command = argv_list(argv)
         async with self._turn:
-            return await self._held()._sandbox.aexec(argv_list(argv), **kwargs)  # on the event loop, no thread
+            return await self._held()._sandbox.aexec(
+                command, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output
+            )
 
-    async def run_code(self, code: str, language: str = "python", **kwargs: Any) -> ExecResult:
+    async def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """``Sandbox.run_code``, on the event loop (no thread)."""
         async with self._turn:
-            return await self._held()._sandbox.arun_code(code, language, **kwargs)
+            return await self._held()._sandbox.arun_code(
+                code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output
+            )
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         async with self._turn:
@@ -188,12 +262,14 @@ class AsyncSandbox:
 
 
 async def arun(argv: list[str], policy: Policy | dict[str, Any] | None = None, **kwargs: Any) -> ExecResult:
+    """``run`` in a thread: the same keywords."""
     return await asyncio.to_thread(run, argv, policy, **kwargs)
 
 
 async def arun_code(
     code: str, language: str = "python", policy: Policy | dict[str, Any] | None = None, **kwargs: Any
 ) -> ExecResult:
+    """``run_code`` in a thread: the same keywords."""
     return await asyncio.to_thread(run_code, code, language, policy, **kwargs)
 
 

@@ -30,6 +30,7 @@ from ..errors import (
     AgentProtocolError,
     CallTooLargeError,
     PathNotFoundError,
+    PolicyError,
     SandboxClosedError,
     SandboxError,
     agent_error,
@@ -436,7 +437,12 @@ class AgentSandbox(abc.ABC):
             )
             wait = _FOREVER_S
         else:
-            timeout = min(timeout or policy.timeout_seconds, policy.timeout_seconds)
+            if timeout is not None and timeout > policy.timeout_seconds:
+                raise PolicyError(
+                    f"timeout={timeout:g} is above the policy's timeout_seconds={policy.timeout_seconds:g}: "
+                    "a call may shorten its run, not lengthen it (raise timeout_seconds in the policy)"
+                )
+            timeout = timeout or policy.timeout_seconds
             wait = timeout + HOST_TIMEOUT_GRACE_S
             if self.one_shot:
                 params["last"] = True

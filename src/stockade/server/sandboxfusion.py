@@ -276,7 +276,7 @@ async def run(request: RunCodeRequest, sandbox: HeldSandbox) -> RunCodeResponse:
     language = check_language(request.language)
     timeout = run_timeout(request)
     try:
-        await _write_files(request.files, sandbox)
+        await _write_files(request.files, sandbox, min(_MKDIR_TIMEOUT_S, timeout))
     except InvalidRequestError:
         raise  # a file over one call's size: the request's fault (CallTooLargeError, HTTP 413)
     except (ValueError, SandboxError) as exc:  # bad base64 (binascii.Error), a path the isolate refuses
@@ -295,7 +295,7 @@ async def run(request: RunCodeRequest, sandbox: HeldSandbox) -> RunCodeResponse:
     return RunCodeResponse(status=status, message=message, compile_result=None, run_result=run_result, files=files)
 
 
-async def _write_files(files: dict[str, str | None], sandbox: HeldSandbox) -> None:
+async def _write_files(files: dict[str, str | None], sandbox: HeldSandbox, mkdir_timeout: float) -> None:
     wanted: list[tuple[str, bytes]] = []
     for name, content in files.items():
         if not isinstance(content, str) or _SKIP_MARK in name:
@@ -304,7 +304,7 @@ async def _write_files(files: dict[str, str | None], sandbox: HeldSandbox) -> No
     folders = sorted({posixpath.dirname(path) for path, _ in wanted} - set(_MADE_DIRS) - {"/"})
     if folders:
         made = await sandbox.run_code(
-            "mkdir -p -- " + " ".join(shlex.quote(f) for f in folders), "bash", stdin="", timeout=_MKDIR_TIMEOUT_S
+            "mkdir -p -- " + " ".join(shlex.quote(f) for f in folders), "bash", stdin="", timeout=mkdir_timeout
         )
         if made.termination_reason != "completed" or made.exit_code != 0:
             raise SandboxError(f"could not make {', '.join(folders)}: {(made.stderr or made.error or '').strip()}")
