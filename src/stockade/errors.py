@@ -11,12 +11,19 @@
     │   ├── SandboxClosedError             the sandbox was used after aclose()/close()
     │   ├── CallTooLargeError (+InvalidRequestError)  code, stdin or file data over one call's limit
     │   ├── NotFoundError (LookupError)    no such sandbox or running execution (or another owner's)
+    │   │   └── SandboxLostError           the sandbox belonged to a daemon instance that has stopped
     │   ├── DaemonBusyError                no free sandbox slot, and the queue is full
     │   ├── RunCancelledError              the run was cancelled before it started
     │   └── AgentError                     the guest agent answered with an error
     │       ├── AgentProtocolError         the guest broke the wire protocol
-    │       └── PathNotFoundError (+NotFoundError)  a file call's path does not exist in the sandbox
+    │       └── SandboxOSError (OSError)   a file call failed in the sandbox with an errno
+    │           ├── PathNotFoundError (+NotFoundError, FileNotFoundError)  ENOENT
+    │           ├── PathExistsError (FileExistsError)                      EEXIST
+    │           ├── PathIsADirectoryError (IsADirectoryError)              EISDIR
+    │           ├── PathNotADirectoryError (NotADirectoryError)            ENOTDIR
+    │           └── PathPermissionError (PermissionError)                  EACCES, EPERM
     ├── DaemonUnavailableError (ConnectionError)  unreachable, or shutting down: worth a retry
+    │   └── AnswerLostError                the connection broke after the request went out: it may have run
     ├── AuthenticationError (PermissionError)
     ├── RateLimitError
     └── InternalError                      a fault in stockade itself (logged where it happened)
@@ -33,7 +40,9 @@ do what was asked. Low-level errors are translated once, where they happen.
 
 from __future__ import annotations
 
-from typing import Any
+import errno as _errno
+import os
+from typing import Any, TypeGuard
 
 
 class StockadeError(Exception):
@@ -86,6 +95,12 @@ class DaemonUnavailableError(StockadeError, ConnectionError):
     """The stockade daemon cannot be reached."""
 
 
+class AnswerLostError(DaemonUnavailableError):
+    """The connection to the daemon broke after a request went out and before its answer:
+    the request may have run. A client sends such a request (an ``execute``...) again
+    only when told to (``Retry(resend_unsafe=True)``)."""
+
+
 class AuthenticationError(StockadeError, PermissionError):
     """The daemon refused the request's credentials."""
 
@@ -114,6 +129,11 @@ class NotFoundError(SandboxError, LookupError):
     """No such sandbox or running execution (another owner's is reported the same way)."""
 
 
+class SandboxLostError(NotFoundError):
+    """The sandbox belonged to another daemon instance, which has stopped: a daemon's
+    sandboxes end with it (``sandbox_lost``). The message names both instances."""
+
+
 class DaemonBusyError(SandboxError):
     """The daemon has no free sandbox slot and its queue is full."""
 
@@ -126,8 +146,82 @@ class InternalError(StockadeError):
     """A fault in stockade itself, not in the request or the sandbox."""
 
 
-class PathNotFoundError(NotFoundError, AgentError):
+class SandboxOSError(AgentError, OSError):
+    """A file call failed in the sandbox with an OS error: ``errno`` says which.
+
+    Also an ``OSError``, and the subclasses below are the stdlib's class for
+    their errno too (``FileNotFoundError``, ``IsADirectoryError``...), so code
+    written for local files catches them. ``str()`` is the message as sent
+    (not the stdlib's ``[Errno N]`` form); ``filename`` is the path, where the
+    raiser knows it. The errno comes from the untrusted agent: a false one
+    only changes which class the caller gets.
+    """
+
+    default_errno: int | None = None
+
+    def __init__(self, message: str, code: int = -32603, data: Any = None, errno: int | None = None) -> None:
+        super().__init__(message, code, data)
+        if errno is None and isinstance(data, dict) and _is_errno(data.get("errno")):
+            errno = data["errno"]
+        self.errno = errno if errno is not None else self.default_errno
+        self.strerror = os.strerror(self.errno) if self.errno is not None else None
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class PathNotFoundError(NotFoundError, SandboxOSError, FileNotFoundError):
     """A file call's path does not exist in the sandbox (``path_not_found``, HTTP 404)."""
+
+    default_errno = _errno.ENOENT
+
+
+class PathExistsError(SandboxOSError, FileExistsError):
+    """A file call's path exists where it must not (EEXIST)."""
+
+    default_errno = _errno.EEXIST
+
+
+class PathIsADirectoryError(SandboxOSError, IsADirectoryError):
+    """A file call's path is a directory where a file was needed (EISDIR)."""
+
+    default_errno = _errno.EISDIR
+
+
+class PathNotADirectoryError(SandboxOSError, NotADirectoryError):
+    """A file call's path (or a part of it) is not a directory where one was needed (ENOTDIR)."""
+
+    default_errno = _errno.ENOTDIR
+
+
+class PathPermissionError(SandboxOSError, PermissionError):
+    """The sandbox's own permissions refused a file call (EACCES, EPERM)."""
+
+    default_errno = _errno.EACCES
+
+
+# errno -> the class a file call's OS error is raised as (any other errno: SandboxOSError).
+_OS_ERRORS: dict[int, type[SandboxOSError]] = {
+    _errno.ENOENT: PathNotFoundError,
+    _errno.EEXIST: PathExistsError,
+    _errno.EISDIR: PathIsADirectoryError,
+    _errno.ENOTDIR: PathNotADirectoryError,
+    _errno.EACCES: PathPermissionError,
+    _errno.EPERM: PathPermissionError,
+}
+
+
+def _is_errno(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 4096
+
+
+def sandbox_os_error(exc: AgentError) -> AgentError:
+    """A file call's ``AgentError`` as the class of the errno the agent reported with it
+    (``{"errno": N}`` in its data); ``exc`` itself when it reported none."""
+    number = exc.data.get("errno") if isinstance(exc.data, dict) else None
+    if type(exc) is not AgentError or not _is_errno(number):
+        return exc
+    return _OS_ERRORS.get(number, SandboxOSError)(str(exc), exc.code, exc.data, errno=number)
 
 
 # code -> class, as errors travel between doors and clients. Codes are the
@@ -144,6 +238,7 @@ ERROR_CODES: dict[str, type[StockadeError]] = {
     "busy": DaemonBusyError,
     "unavailable": DaemonUnavailableError,
     "not_found": NotFoundError,
+    "sandbox_lost": SandboxLostError,
     "path_not_found": PathNotFoundError,
     "cancelled": RunCancelledError,
     "runtime_unavailable": RuntimeUnavailableError,
@@ -168,6 +263,7 @@ HTTP_STATUS: dict[str, int] = {
     "busy": 503,
     "unavailable": 503,
     "not_found": 404,
+    "sandbox_lost": 404,
     "path_not_found": 404,
     "cancelled": 409,
     "runtime_unavailable": 422,
@@ -193,11 +289,20 @@ def public_message(exc: BaseException) -> str:
     return str(exc) if error_code(exc) != "internal" else f"Internal error: {type(exc).__name__}"
 
 
-def error_from_code(code: Any, message: str) -> StockadeError:
+def error_from_code(code: Any, message: str, errno: Any = None) -> StockadeError:
     """The error a client raises for a wire error: the class of ``code`` (an unknown
-    code, from a newer daemon: ``StockadeError`` itself)."""
+    code, from a newer daemon: ``StockadeError`` itself). A file call's ``agent``
+    error that came with an ``errno`` is that errno's ``SandboxOSError``."""
     cls = ERROR_CODES.get(code, StockadeError) if isinstance(code, str) else StockadeError
+    if cls is AgentError and _is_errno(errno):
+        return _OS_ERRORS.get(errno, SandboxOSError)(message, errno=errno)
     return cls(message)
+
+
+def wire_errno(exc: BaseException) -> int | None:
+    """The errno an error answer carries beside its code: a ``SandboxOSError``'s (None: none)."""
+    number = exc.errno if isinstance(exc, SandboxOSError) else None
+    return number if _is_errno(number) else None
 
 
 _AGENT_ERRORS: dict[int, type[AgentError]] = {

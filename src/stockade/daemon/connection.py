@@ -419,7 +419,10 @@ def _hung_up(transport: asyncio.Transport | None) -> bool:
     return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
-def error_answer(msg_id: Any, message: str, code: str) -> dict[str, Any]:
+def error_answer(msg_id: Any, message: str, code: str, errno: int | None = None) -> dict[str, Any]:
+    """An error answer; a file call's OS error also carries its ``errno``, for the client's class."""
+    if errno is not None:
+        return {"result": None, "error": message, "error_code": code, "errno": errno, "id": msg_id}
     return {"result": None, "error": message, "error_code": code, "id": msg_id}
 
 

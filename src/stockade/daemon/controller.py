@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,10 @@ class Running:
 class Controller(HeldSandboxes):
     def __init__(self, config: DaemonConfig, manager: RuntimeManager | None = None) -> None:
         self.config = config
+        # This daemon's run, drawn at its start: ``status`` reports it, and the ids of the
+        # sandboxes it holds carry its first 8 digits, so that a later daemon can tell a
+        # sandbox lost with this one from one that never was (held.py).
+        self.instance_id = str(uuid.uuid4())
         self.listeners: list[ExecutionListener] = []
         # Runtimes seen to work here: a sandbox of theirs started, or the last ``runtimes``
         # check found them available. ``/health`` reports these without starting anything.
@@ -447,6 +452,7 @@ class Controller(HeldSandboxes):
             max_sandboxes=self.config.max_sandboxes,
             max_sandboxes_per_uid=self.config.max_sandboxes_per_uid,
             waiting=self.slots.waiting,
+            instance_id=self.instance_id,
         )
 
     async def runtimes(self) -> list[dict[str, Any]]:

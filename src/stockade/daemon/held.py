@@ -14,6 +14,7 @@ import asyncio
 import base64
 import functools
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -21,7 +22,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import InvalidRequestError, NotFoundError
+from ..errors import (
+    AgentError,
+    InvalidRequestError,
+    NotFoundError,
+    SandboxLostError,
+    SandboxOSError,
+    sandbox_os_error,
+)
 from ..policy import Policy
 from ..protocol.models import (
     Caller,
@@ -51,6 +59,9 @@ log = logging.getLogger("stockade.daemon")
 # late call learns why its sandbox is gone instead of "no sandbox".
 EXPIRED_REMEMBERED = 1024
 
+# A held sandbox's id: its daemon instance's first 8 digits, then 16 random ones.
+_SANDBOX_ID = re.compile(r"sb-([0-9a-f]{8})-[0-9a-f]{16}")
+
 
 @dataclass
 class Held:
@@ -78,6 +89,7 @@ class HeldSandboxes:
 
     # What the controller provides (controller.py).
     config: DaemonConfig
+    instance_id: str
     manager: RuntimeManager
     slots: Slots
     working_runtimes: set[str]
@@ -114,7 +126,7 @@ class HeldSandboxes:
             self.slots.release(caller.owner)
             raise
         self.working_runtimes.add(sandbox.runtime_name)
-        sandbox_id = "sb-" + secrets.token_hex(8)
+        sandbox_id = f"sb-{self.instance_id[:8]}-{secrets.token_hex(8)}"
         connection = None if request.keep else caller.connection
         held = Held(sandbox_id, sandbox, caller, request.agent_id, connection, idle_timeout)
         self.held[sandbox_id] = held
@@ -146,8 +158,19 @@ class HeldSandboxes:
             expired = self._expired.get(sandbox_id)
             if expired is not None and caller.may_touch(expired[0]):
                 raise NotFoundError(expired[1])
+            self._refuse_if_lost(sandbox_id)
             raise NotFoundError(f"no sandbox {sandbox_id!r}")
         return held
+
+    def _refuse_if_lost(self, sandbox_id: str) -> None:
+        """``SandboxLostError`` for the id of a sandbox another daemon instance made: it ended
+        with that daemon. Never a sandbox of this daemon, so nothing of another owner shows."""
+        made = _SANDBOX_ID.fullmatch(sandbox_id)
+        if made is not None and made[1] != self.instance_id[:8]:
+            raise SandboxLostError(
+                f"sandbox {sandbox_id!r} belonged to daemon instance {made[1]}, which is no longer running "
+                f"(this daemon is instance {self.instance_id}): it was lost when that daemon stopped"
+            )
 
     # ---- idle held sandboxes ---------------------------------------------------------
 
@@ -263,23 +286,37 @@ class HeldSandboxes:
         data = request.data_bytes()
 
         async def write(held: Held) -> None:
-            await self._blocking(held.sandbox.write_file, request.path, data, request.mode)
+            await self._file_call(held.sandbox.write_file, request.path, data, request.mode)
 
         await self._held_call(request, caller, write)
         return FileWritten(path=request.path, size=len(data))
 
     async def read_file(self, request: ReadFile, caller: Caller) -> FileData:
         async def read(held: Held) -> bytes:
-            return await self._blocking(held.sandbox.read_file, request.path, request.max_bytes)
+            return await self._file_call(held.sandbox.read_file, request.path, request.max_bytes)
 
         raw = await self._held_call(request, caller, read)
         return FileData(path=request.path, data=base64.b64encode(raw).decode())
 
     async def list_dir(self, request: ListDir, caller: Caller) -> DirListing:
         async def listing(held: Held) -> list[dict[str, Any]]:
-            return await self._blocking(held.sandbox.list_dir, request.path)
+            return await self._file_call(held.sandbox.list_dir, request.path)
 
         return DirListing(path=request.path, entries=await self._held_call(request, caller, listing))
+
+    async def _file_call(self, fn: Callable[..., T], path: str, *args: Any) -> T:
+        """A file call on a held sandbox: an OS error the agent reports with its errno is
+        raised as that errno's ``SandboxOSError`` (``IsADirectoryError``...), which the
+        answer carries beside its code, so that clients raise the same class."""
+        try:
+            return await self._blocking(fn, path, *args)
+        except AgentError as exc:
+            error = sandbox_os_error(exc)
+            if isinstance(error, SandboxOSError) and error.filename is None:
+                error.filename = path
+            if error is exc:
+                raise
+            raise error from None
 
     async def close_sandbox(self, request: SandboxRef, caller: Caller) -> Closed:
         held = self._lookup(request, caller)

@@ -48,7 +48,10 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
 
             http = await http_door.start(config, controller, observers)
         where = config.socket_path if config.unix_socket else None
-        observers.admin(_DAEMON, "daemon.start", where or "", http=http.url if http else None)
+        log.info("daemon instance %s", controller.instance_id)
+        observers.admin(
+            _DAEMON, "daemon.start", where or "", http=http.url if http else None, instance=controller.instance_id
+        )
         if ready is not None:
             ready.set()
         await stop.wait()

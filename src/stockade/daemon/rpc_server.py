@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import ConfigError, StockadeError, error_code, public_message
+from ..errors import ConfigError, StockadeError, error_code, public_message, wire_errno
 from ..protocol import auth
 from ..protocol.models import Caller
 from . import methods
@@ -160,7 +160,7 @@ class RPCServer:
         code = error_code(exc)
         if code == "internal":
             log.error("internal error in %s", method, exc_info=exc)
-        return error_answer(msg_id, public_message(exc), code)
+        return error_answer(msg_id, public_message(exc), code, wire_errno(exc))
 
 
 def _claim_socket_path(path: str) -> None:

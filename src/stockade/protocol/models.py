@@ -224,6 +224,7 @@ class Status(Answer):
     max_sandboxes: int
     max_sandboxes_per_uid: int | None
     waiting: int
+    instance_id: str  # drawn at the daemon's start: a restart changes it
 
 
 class SelfTest(Answer):

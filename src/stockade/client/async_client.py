@@ -1,0 +1,282 @@
+"""``AsyncClient``: ``Client`` for asyncio, and ``AsyncRemoteSandbox``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Unpack
+
+from ..errors import DaemonUnavailableError, NotFoundError, StockadeError
+from ..result import ExecResult
+from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
+from .requests import ExecOptions, PolicyArg, Requests, RunOptions, SandboxHandle
+from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unreachable
+
+
+class AsyncClient(Requests):
+    """``Client`` for asyncio: the same methods, awaited; the event loop is never blocked.
+
+        async with AsyncClient("/run/stockade/stockade.sock", auth_token=token) as client:
+            result = await client.execute(code="print(1)")
+
+    One connection, opened on first use and reopened after a failure; one the
+    daemon hung up since its last answer (a restart) is replaced at once, and
+    ``retry`` applies as for ``Client``. Calls on one client go out one at a
+    time, each answered before the next is sent (a lock keeps them in order on
+    the connection): for runs in parallel, use a client each. A call that
+    times out or is cancelled drops the connection, so that its late answer is
+    never taken for the next call's.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        auth_token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        token_file: str | None = None,
+        retry: Retry | None = Retry(),  # noqa: B008 - frozen: one shared default is safe
+    ) -> None:
+        super().__init__(socket_path, auth_token, timeout, token_file=token_file, retry=retry)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._answered = False  # the connection has carried an answer: one that fails now went stale
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        writer = self._writer
+        self._drop()
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def _drop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is None or self._writer is None:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path, limit=LINE_LIMIT)
+            except OSError as exc:
+                raise unreachable(self.socket_path, exc) from None
+            self._answered = False
+        return self._reader, self._writer
+
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> Any:
+        """As ``Client.call``: one request, its result or the mapped error."""
+        return (await self._call(method, params, timeout, on_output, Answer)).result
+
+    async def _run(
+        self, method: str, params: dict[str, Any], timeout: float, on_output: Callable[[str, bytes], None] | None = None
+    ) -> ExecResult:
+        return exec_result(method, await self._call(method, params, timeout, on_output, ExecAnswer))
+
+    async def _call(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        timeout: float | None,
+        on_output: Callable[[str, bytes], None] | None,
+        answer_type: type[Answer],
+    ) -> Answer:
+        attempts: Attempts | None = None  # made at the first failure: nothing to pay on the usual call
+        wait = timeout or self.timeout
+        while True:
+            # Each attempt is signed afresh: a nonce the daemon saw would be refused as a replay.
+            reply = Reply(next(self._ids), on_output)
+            line = request_line(method, params, reply.msg_id, self._token, streamed=on_output is not None)
+            try:
+                answer = await self._exchange(line, reply, wait, answer_type)
+            except ConnectionLost as lost:
+                attempts = attempts or Attempts(self.retry, method)
+                pause = attempts.after_lost(lost)
+            else:
+                if answer.error is None:
+                    return reply.outcome(answer)
+                attempts = attempts or Attempts(self.retry, method)
+                refused = attempts.after_refusal(answer.error_code, answer.error)
+                if refused is None:
+                    return reply.outcome(answer)
+                pause = refused
+            await asyncio.sleep(pause)
+
+    async def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer]) -> Answer:
+        """One attempt: ``line`` sent, its answer read (``ConnectionLost`` when either fails)."""
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(self._send_and_read(line, reply, answer_type), wait)
+            except TimeoutError:
+                self._drop()
+                raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
+            except ConnectionLost:
+                self._drop()
+                raise
+            except (OSError, EOFError) as exc:
+                self._drop()
+                raise lost_after_sending(self.socket_path, exc) from None
+            except BaseException:
+                self._drop()  # cancelled, or a bad line: a half-read answer must not reach the next call
+                raise
+
+    async def _send_and_read(self, line: bytes, reply: Reply, answer_type: type[Answer]) -> Answer:
+        reader = await self._send(line)
+        if isinstance(reader, Answer):
+            return reader  # the daemon's refusal, sent before it hung up
+        while not reply.take(answer := parse(await read_answer_line(reader), answer_type)):
+            pass
+        self._answered = True
+        return answer
+
+    async def _send(self, line: bytes) -> asyncio.StreamReader | Answer:
+        """Send ``line``: on the kept connection, or on a new one when the daemon hung that one
+        up since its last answer. The reader of the answer; or the daemon's refusal."""
+        while True:
+            stale = self._writer is not None and self._answered
+            reader, writer = await self._connect()
+            if not (writer.is_closing() or reader.at_eof() or reader.exception() is not None):
+                writer.write(line)
+                # A transport whose first send fails closes at once, before anything went out
+                # (asyncio's selector transports); once some has gone, a failure is the drain's.
+                if not writer.is_closing():
+                    try:
+                        await writer.drain()
+                    except ConnectionError:
+                        if (refusal := await _refusal(reader)) is None:
+                            raise
+                        self._drop()
+                        return refusal
+                    return reader
+            # Nothing went out: the daemon had hung this connection up, maybe saying why first.
+            refusal = await _refusal(reader)
+            self._drop()
+            if refusal is not None:
+                return refusal
+            if not stale:
+                raise hung_up_before_sending(self.socket_path)
+
+    # ---- methods (what each sends: Requests) --------------------------------------------
+
+    async def ping(self) -> str:
+        return str(await self.call(*self._ping()))
+
+    async def selftest(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(*self._selftest())
+        return result
+
+    async def execute(
+        self,
+        command: list[str] | None = None,
+        *,
+        code: str | None = None,
+        language: str = "python",
+        policy: PolicyArg = None,
+        stdin: str | bytes | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return await self._run(*self._execute(command, code, language, policy, stdin), on_output)
+
+    async def cancel_execution(self, execution_id: str) -> None:
+        await self.call(*self._cancel(execution_id))
+
+    @contextlib.asynccontextmanager
+    async def sandbox(
+        self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None
+    ) -> AsyncIterator[AsyncRemoteSandbox]:
+        """``Client.sandbox`` for asyncio: ``async with client.sandbox(policy) as sb: await sb.exec([...])``."""
+        handle = AsyncRemoteSandbox(self, await self.create_sandbox(policy, keep, idle_timeout))
+        try:
+            yield handle
+        finally:
+            await handle.close()
+
+    async def create_sandbox(
+        self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None
+    ) -> str:
+        return str((await self.call(*self._create(policy, keep, idle_timeout)))["sandbox_id"])
+
+    async def sandbox_exec(self, sandbox_id: str, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        return await self._run(*self._sandbox_exec(sandbox_id, command, options), options.get("on_output"))
+
+    async def sandbox_run_code(
+        self, sandbox_id: str, code: str, language: str = "python", **options: Unpack[RunOptions]
+    ) -> ExecResult:
+        return await self._run(*self._sandbox_run_code(sandbox_id, code, language, options), options.get("on_output"))
+
+    async def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        with naming(path):
+            await self.call(*self._write_file(sandbox_id, path, data, mode))
+
+    async def sandbox_read_file(self, sandbox_id: str, path: str) -> bytes:
+        with naming(path):
+            return base64.b64decode((await self.call(*self._read_file(sandbox_id, path)))["data"])
+
+    async def sandbox_list_dir(self, sandbox_id: str, path: str) -> list[dict[str, Any]]:
+        with naming(path):
+            entries: list[dict[str, Any]] = (await self.call(*self._list_dir(sandbox_id, path)))["entries"]
+        return entries
+
+    async def close_sandbox(self, sandbox_id: str) -> None:
+        await self.call(*self._close(sandbox_id))
+
+    async def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(*self._status())
+        return result
+
+    async def runtimes(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call(*self._runtimes())
+        return result
+
+
+async def _refusal(reader: asyncio.StreamReader) -> Answer | None:
+    """The error a daemon sent before it hung up a connection, if it did (``Client._refusal``)."""
+    try:
+        answer = parse(await read_answer_line(reader), Answer)
+    except (OSError, EOFError, StockadeError):
+        return None
+    return answer if answer.error is not None else None
+
+
+class AsyncRemoteSandbox(SandboxHandle):
+    """``RemoteSandbox`` for an ``AsyncClient``: the same methods, awaited."""
+
+    def __init__(self, client: AsyncClient, sandbox_id: str) -> None:
+        super().__init__(sandbox_id)
+        self.client = client
+
+    async def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        return await self.client.sandbox_exec(self.sandbox_id, command, **options)
+
+    async def run_code(self, code: str, language: str = "python", **options: Unpack[RunOptions]) -> ExecResult:
+        return await self.client.sandbox_run_code(self.sandbox_id, code, language, **options)
+
+    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        await self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
+
+    async def read_file(self, path: str) -> bytes:
+        return await self.client.sandbox_read_file(self.sandbox_id, path)
+
+    async def list_dir(self, path: str) -> list[dict[str, Any]]:
+        return await self.client.sandbox_list_dir(self.sandbox_id, path)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(NotFoundError):
+            await self.client.close_sandbox(self.sandbox_id)

@@ -1,0 +1,213 @@
+"""What ``Client`` and ``AsyncClient`` share: where the daemon is, the token, the bounds,
+the retry policy, and what each RPC method sends, as (method, params, timeout).
+
+A request is built as the daemon's own model (``protocol/models.py``), so a
+bad argument is refused here, before anything is sent, with the daemon's own
+words.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from collections.abc import Callable
+from typing import Any, TypedDict, TypeVar
+
+from ..errors import AuthenticationError
+from ..limits import check_call_size
+from ..policy import Policy
+from ..protocol.models import (
+    CancelRequest,
+    ExecuteRequest,
+    ListDir,
+    ReadFile,
+    Request,
+    SandboxCreate,
+    SandboxExec,
+    SandboxRef,
+    SandboxRunCode,
+    WriteFile,
+    argv_list,
+    parse,
+)
+from .retry import NO_RETRY, Retry
+
+PolicyArg = Policy | dict[str, Any] | None
+Sent = tuple[str, dict[str, Any] | None, float | None]  # (method, params, timeout)
+
+_R = TypeVar("_R", bound=Request)
+
+
+class RunOptions(TypedDict, total=False):
+    """What a held sandbox's ``run_code`` takes as keywords (and ``exec``, with ``cwd``)."""
+
+    stdin: str | bytes | None  # bytes go as ``stdin_b64``
+    env: dict[str, str] | None
+    timeout: float | None  # seconds, at most the sandbox's policy's
+    on_output: Callable[[str, bytes], None] | None  # streamed (stream, data) chunks
+
+
+class ExecOptions(RunOptions, total=False):
+    cwd: str | None
+
+
+_RUN_OPTIONS = frozenset(RunOptions.__annotations__)
+_EXEC_OPTIONS = frozenset(ExecOptions.__annotations__)
+
+
+class Requests:
+    """Where the daemon is, the token, the bound on a wait, the retry policy, and what
+    each RPC method sends: (method, params, timeout)."""
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        auth_token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        token_file: str | None = None,
+        retry: Retry | None = Retry(),  # noqa: B008 - frozen: one shared default is safe
+    ) -> None:
+        if socket_path is None:
+            from ..daemon.config import socket_path_from_env
+
+            socket_path = socket_path_from_env()
+        self.socket_path = socket_path
+        if token_file is not None:
+            if auth_token is not None:
+                raise TypeError("give auth_token or token_file, not both")
+            auth_token = read_token_file(token_file)
+        self._token = auth_token
+        self.timeout = timeout
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a Retry or None, not {type(retry).__name__}")
+        self.retry = NO_RETRY if retry is None else retry
+        self._ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.socket_path!r}, auth={'hmac' if self._token else 'off'})"
+
+    def _ping(self) -> Sent:
+        return "ping", None, None
+
+    def _selftest(self) -> Sent:
+        return "selftest", None, max(self.timeout, 60)  # a real sandbox, started cold if need be
+
+    def _execute(
+        self,
+        command: list[str] | None,
+        code: str | None,
+        language: str,
+        policy: PolicyArg,
+        stdin: str | bytes | None,
+    ) -> tuple[str, dict[str, Any], float]:
+        fields: dict[str, Any] = {"command": None if command is None else argv_list(command), "code": code}
+        request = _build(ExecuteRequest, "execute", language=language, policy=policy, **fields, **_stdin(stdin))
+        request.check_sizes()  # refused before it is sent, as the daemon would refuse it
+        return "execute", _params(request), request.policy.timeout_seconds + self.timeout
+
+    def _cancel(self, execution_id: str) -> Sent:
+        return "execute.cancel", _params(_build(CancelRequest, "execute.cancel", execution_id=execution_id)), None
+
+    def _create(self, policy: PolicyArg, keep: bool, idle_timeout: float | None) -> Sent:
+        request = _build(SandboxCreate, "sandbox.create", policy=policy, keep=keep, idle_timeout=idle_timeout)
+        return "sandbox.create", _params(request), max(self.timeout, 60)
+
+    def _sandbox_exec(
+        self, sandbox_id: str, command: list[str], options: ExecOptions
+    ) -> tuple[str, dict[str, Any], float]:
+        return self._sandbox_run(SandboxExec, "sandbox.exec", sandbox_id, {"command": argv_list(command)}, options)
+
+    def _sandbox_run_code(
+        self, sandbox_id: str, code: str, language: str, options: RunOptions
+    ) -> tuple[str, dict[str, Any], float]:
+        fields = {"code": code, "language": language}
+        return self._sandbox_run(SandboxRunCode, "sandbox.run_code", sandbox_id, fields, options)
+
+    def _sandbox_run(
+        self,
+        model: type[SandboxExec | SandboxRunCode],
+        method: str,
+        sandbox_id: str,
+        fields: dict[str, Any],
+        options: RunOptions,
+    ) -> tuple[str, dict[str, Any], float]:
+        known = _EXEC_OPTIONS if model is SandboxExec else _RUN_OPTIONS
+        if unknown := sorted(set(options) - known):
+            # Keywords travel as a dict: a misspelt one would otherwise be dropped without a word.
+            raise TypeError(f"{method} got unexpected keyword arguments: {', '.join(unknown)}")
+        given = {k: v for k, v in options.items() if k not in ("stdin", "on_output")}
+        request = _build(model, method, sandbox_id=sandbox_id, **fields, **given, **_stdin(options.get("stdin")))
+        request.check_sizes()  # refused before it is sent, as the daemon would refuse it
+        # The sandbox's policy bounds a run the client did not bound; the client does not know it.
+        timeout = request.timeout
+        return method, _params(request), (600 if timeout is None else timeout) + self.timeout
+
+    def _write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int) -> Sent:
+        raw = data.encode() if isinstance(data, str) else data
+        check_call_size("write_file data", raw)  # refused before it is sent, as the daemon would refuse it
+        encoded = base64.b64encode(raw).decode()
+        request = _build(WriteFile, "sandbox.write_file", sandbox_id=sandbox_id, path=path, data=encoded, mode=mode)
+        return "sandbox.write_file", _params(request), None
+
+    def _read_file(self, sandbox_id: str, path: str) -> Sent:
+        return (
+            "sandbox.read_file",
+            _params(_build(ReadFile, "sandbox.read_file", sandbox_id=sandbox_id, path=path)),
+            None,
+        )
+
+    def _list_dir(self, sandbox_id: str, path: str) -> Sent:
+        return "sandbox.list_dir", _params(_build(ListDir, "sandbox.list_dir", sandbox_id=sandbox_id, path=path)), None
+
+    def _close(self, sandbox_id: str) -> Sent:
+        return "sandbox.close", _params(_build(SandboxRef, "sandbox.close", sandbox_id=sandbox_id)), None
+
+    def _status(self) -> Sent:
+        return "status", None, None
+
+    def _runtimes(self) -> Sent:
+        return "runtimes", None, max(self.timeout, 60)  # detecting a runtime may start one
+
+
+class SandboxHandle:
+    """What both handles on a held sandbox keep: its id, and whether it was closed."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sandbox_id!r}{', closed' if self.closed else ''})"
+
+
+def _build(model: type[_R], method: str, **fields: Any) -> _R:
+    """A request model from a client call's arguments (None: the field's default)."""
+    policy = fields.get("policy")
+    if isinstance(policy, Policy):
+        fields["policy"] = policy.model_dump(mode="json")
+    request: _R = parse(model, {k: v for k, v in fields.items() if v is not None}, f"{method} request")
+    return request
+
+
+def _params(request: Request) -> dict[str, Any]:
+    """A request as the params to send: only what differs from the defaults (less to sign and read)."""
+    return request.model_dump(mode="json", exclude_defaults=True)
+
+
+def _stdin(stdin: str | bytes | None) -> dict[str, Any]:
+    if isinstance(stdin, bytes):
+        return {"stdin_b64": base64.b64encode(stdin).decode()} if stdin else {}
+    return {"stdin": stdin} if stdin else {}
+
+
+def read_token_file(path: str) -> str:
+    """A token from its file (``stockade token new --file``), its trailing newline dropped."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise AuthenticationError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise AuthenticationError(f"the token file {path} is empty")
+    return token

@@ -1,0 +1,340 @@
+"""``Client``: the daemon's RPC on one blocking Unix-socket connection, and ``RemoteSandbox``."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Unpack
+
+from ..errors import DaemonUnavailableError, NotFoundError, StockadeError
+from ..result import ExecResult
+from .answers import Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
+from .requests import ExecOptions, PolicyArg, Requests, RunOptions, SandboxHandle
+from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unreachable
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
+
+
+class _NothingSent(Exception):
+    """The daemon had hung up the connection: the send failed before a byte went out."""
+
+
+class Client(Requests):
+    """One connection to the daemon, opened lazily and reopened after a failure. Thread-safe.
+
+    A connection the daemon hung up since its last answer (a restart) is
+    replaced at once; a daemon that cannot be reached, or a connection that
+    breaks, is tried again as ``retry`` says (``Retry()``: three attempts, 1 s
+    then 2 s apart; ``None``: one), never re-sending a request that may have
+    run unless it allows that (``client/retry.py``).
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        auth_token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        token_file: str | None = None,
+        retry: Retry | None = Retry(),  # noqa: B008 - frozen: one shared default is safe
+    ) -> None:
+        super().__init__(socket_path, auth_token, timeout, token_file=token_file, retry=retry)
+        self._sock: socket.socket | None = None
+        self._sock_timeout: float | None = None
+        self._answered = False  # the connection has carried an answer: one that fails now went stale
+        self._buffer = b""
+        self._lock = threading.Lock()
+
+    # ---- transport ----------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise unreachable(self.socket_path, exc) from None
+            # Blocking from here on, with the wait bounded by the kernel
+            # (SO_RCVTIMEO, SO_SNDTIMEO): a Python timeout would poll() before
+            # every send and receive, two more system calls on each request.
+            sock.settimeout(None)
+            self._sock, self._buffer, self._sock_timeout, self._answered = sock, b"", None, False
+        return self._sock
+
+    def _bound(self, sock: socket.socket, timeout: float) -> None:
+        """Bound each send and receive on ``sock`` to ``timeout`` seconds (set only when it changes)."""
+        if timeout == self._sock_timeout:
+            return
+        seconds = int(timeout)
+        limit = _TIMEVAL.pack(seconds, max(1 if seconds == 0 else 0, int((timeout - seconds) * 1e6)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        self._sock_timeout = timeout
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> Any:
+        """Send one request and return its result, or raise the mapped error.
+
+        With ``on_output`` the request asks for streamed output: each chunk the
+        daemon sends ahead of the answer is handed to it as (stream, bytes).
+        """
+        return self._call(method, params, timeout, on_output, Answer).result
+
+    def _run(
+        self, method: str, params: dict[str, Any], timeout: float, on_output: Callable[[str, bytes], None] | None = None
+    ) -> ExecResult:
+        return exec_result(method, self._call(method, params, timeout, on_output, ExecAnswer))
+
+    def _call(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        timeout: float | None,
+        on_output: Callable[[str, bytes], None] | None,
+        answer_type: type[Answer],
+    ) -> Answer:
+        attempts: Attempts | None = None  # made at the first failure: nothing to pay on the usual call
+        wait = timeout or self.timeout
+        while True:
+            # Each attempt is signed afresh: a nonce the daemon saw would be refused as a replay.
+            reply = Reply(next(self._ids), on_output)
+            line = request_line(method, params, reply.msg_id, self._token, streamed=on_output is not None)
+            try:
+                answer = self._exchange(line, reply, wait, answer_type)
+            except ConnectionLost as lost:
+                attempts = attempts or Attempts(self.retry, method)
+                pause = attempts.after_lost(lost)
+            else:
+                if answer.error is None:
+                    return reply.outcome(answer)
+                attempts = attempts or Attempts(self.retry, method)
+                refused = attempts.after_refusal(answer.error_code, answer.error)
+                if refused is None:
+                    return reply.outcome(answer)
+                pause = refused
+            time.sleep(pause)
+
+    def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer]) -> Answer:
+        """One attempt: ``line`` sent, its answer read (``ConnectionLost`` when either fails)."""
+        with self._lock:
+            try:
+                sock = self._send(line, wait)
+                if isinstance(sock, Answer):
+                    return sock  # the daemon's refusal, sent before it hung up
+                while not reply.take(answer := parse(self._read_line(sock), answer_type)):
+                    pass
+                self._answered = True
+                return answer
+            except ConnectionLost:
+                self._drop()
+                raise
+            except BlockingIOError:  # the kernel's bound on the wait (EAGAIN)
+                self._drop()
+                raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
+            except (OSError, EOFError) as exc:
+                self._drop()
+                raise lost_after_sending(self.socket_path, exc) from None
+            except BaseException:
+                self._drop()  # a half-read answer (Ctrl-C, a bad line) must not reach the next call
+                raise
+
+    def _send(self, line: bytes, wait: float) -> socket.socket | Answer:
+        """Send ``line``: on the kept connection, or on a new one when the daemon hung that
+        one up since its last answer (it restarted, or stopped: a new connection says
+        which). The socket to read the answer from; or the refusal the daemon sent
+        before it hung up (a peer it does not serve, too many connections)."""
+        while True:
+            stale = self._sock is not None and self._answered
+            sock = self._connect()
+            self._bound(sock, wait)
+            try:
+                _send_all(sock, line)
+                return sock
+            except _NothingSent:
+                refusal = self._refusal(sock)
+                self._drop()
+                if refusal is not None:
+                    return refusal
+                if not stale:
+                    raise hung_up_before_sending(self.socket_path) from None
+
+    def _refusal(self, sock: socket.socket) -> Answer | None:
+        """The error the daemon sent before it hung up, if it did.
+
+        A daemon that will not serve a connection (a peer it does not allow,
+        too many connections from one uid) answers once and closes it before
+        reading. A request sent after that close fails with a broken pipe, but
+        the answer that says why is still there to read.
+        """
+        try:
+            answer = parse(self._read_line(sock), Answer)
+        except (OSError, EOFError, StockadeError):
+            return None
+        return answer if answer.error is not None else None
+
+    def _read_line(self, sock: socket.socket) -> bytes:
+        while b"\n" not in self._buffer:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError("the daemon closed the connection")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    # ---- methods (what each sends: Requests) --------------------------------------------
+
+    def ping(self) -> str:
+        return str(self.call(*self._ping()))
+
+    def selftest(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(*self._selftest())
+        return result
+
+    def execute(
+        self,
+        command: list[str] | None = None,
+        *,
+        code: str | None = None,
+        language: str = "python",
+        policy: PolicyArg = None,
+        stdin: str | bytes | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        """A one-shot run. Not sent again once it may have reached the daemon (``AnswerLostError``),
+        unless ``Retry(resend_unsafe=True)``."""
+        return self._run(*self._execute(command, code, language, policy, stdin), on_output)
+
+    def cancel_execution(self, execution_id: str) -> None:
+        """End a running ``execute`` (from any connection; ids from ``status`` or a result's
+        ``execution_id``): it is answered ``killed``. ``NotFoundError`` if it is not running."""
+        self.call(*self._cancel(execution_id))
+
+    def sandbox(self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None) -> RemoteSandbox:
+        """A held sandbox, as a handle that closes it on ``with`` exit (``create_sandbox``'s arguments)::
+
+        with client.sandbox({"memory_mb": 256}) as sb:
+            sb.write_file("/work/x.py", "print(6 * 7)")
+            sb.exec(["python3", "/work/x.py"]).stdout
+        """
+        return RemoteSandbox(self, self.create_sandbox(policy, keep, idle_timeout))
+
+    def create_sandbox(self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None) -> str:
+        """A held sandbox's id. ``keep``: it outlives this connection; ``idle_timeout``: seconds
+        without a call before the daemon closes it (default and most: the daemon's setting).
+        A sandbox ends with its daemon: after a restart, a call on it raises ``SandboxLostError``."""
+        return str(self.call(*self._create(policy, keep, idle_timeout))["sandbox_id"])
+
+    def sandbox_exec(self, sandbox_id: str, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        """``command`` in a held sandbox; ``stdin`` (text or bytes), ``env``, ``cwd``, ``timeout``, ``on_output``."""
+        return self._run(*self._sandbox_exec(sandbox_id, command, options), options.get("on_output"))
+
+    def sandbox_run_code(
+        self, sandbox_id: str, code: str, language: str = "python", **options: Unpack[RunOptions]
+    ) -> ExecResult:
+        return self._run(*self._sandbox_run_code(sandbox_id, code, language, options), options.get("on_output"))
+
+    def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        """Write a file in a held sandbox; an OS error there raises its stdlib class (``IsADirectoryError``...)."""
+        with naming(path):
+            self.call(*self._write_file(sandbox_id, path, data, mode))
+
+    def sandbox_read_file(self, sandbox_id: str, path: str) -> bytes:
+        """A file of a held sandbox; a missing one raises ``PathNotFoundError``, a ``FileNotFoundError``."""
+        with naming(path):
+            return base64.b64decode(self.call(*self._read_file(sandbox_id, path))["data"])
+
+    def sandbox_list_dir(self, sandbox_id: str, path: str) -> list[dict[str, Any]]:
+        """A directory's entries in a held sandbox, as the SDK's ``Sandbox.list_dir`` gives them."""
+        with naming(path):
+            entries: list[dict[str, Any]] = self.call(*self._list_dir(sandbox_id, path))["entries"]
+        return entries
+
+    def close_sandbox(self, sandbox_id: str) -> None:
+        self.call(*self._close(sandbox_id))
+
+    def status(self) -> dict[str, Any]:
+        """What runs, and the daemon's ``instance_id`` (a restart changes it)."""
+        result: dict[str, Any] = self.call(*self._status())
+        return result
+
+    def runtimes(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call(*self._runtimes())
+        return result
+
+
+def _send_all(sock: socket.socket, line: bytes) -> None:
+    """``sock.sendall(line)``, telling a connection hung up before a byte went out
+    (``_NothingSent``: the request never reached the daemon) from one that broke after."""
+    try:
+        sent = sock.send(line)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise _NothingSent from exc
+    if sent < len(line):  # a long request: a failure from here on is one after some of it went out
+        sock.sendall(memoryview(line)[sent:])
+
+
+class RemoteSandbox(SandboxHandle):
+    """A sandbox the daemon holds, by its id, with the SDK ``Sandbox``'s methods.
+
+    ``close`` is idempotent, and closing a sandbox the daemon already closed
+    (its idle timeout, its connection's end, a restart) is not an error.
+    """
+
+    def __init__(self, client: Client, sandbox_id: str) -> None:
+        super().__init__(sandbox_id)
+        self.client = client
+
+    def __enter__(self) -> RemoteSandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        return self.client.sandbox_exec(self.sandbox_id, command, **options)
+
+    def run_code(self, code: str, language: str = "python", **options: Unpack[RunOptions]) -> ExecResult:
+        return self.client.sandbox_run_code(self.sandbox_id, code, language, **options)
+
+    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
+
+    def read_file(self, path: str) -> bytes:
+        return self.client.sandbox_read_file(self.sandbox_id, path)
+
+    def list_dir(self, path: str) -> list[dict[str, Any]]:
+        return self.client.sandbox_list_dir(self.sandbox_id, path)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(NotFoundError):
+            self.client.close_sandbox(self.sandbox_id)
