@@ -23,9 +23,12 @@ _EXPORTS = {
     "warm_up": "sdk",
     "Sandbox": "sdk",
     "AsyncSandbox": "sdk",
+    "Interpreter": "sdk",
     "Policy": "policy",
     "Mount": "policy",
     "ExecResult": "result",
+    "CellOutput": "result",
+    "CellException": "result",
     "SecurityViolation": "result",
     "ResourceUsage": "result",
     "RuntimeManager": "runtimes.manager",
@@ -48,9 +51,12 @@ __all__ = [
     "AgentProtocolError",
     "AsyncSandbox",
     "AuthenticationError",
+    "CellException",
+    "CellOutput",
     "ConfigError",
     "DaemonUnavailableError",
     "ExecResult",
+    "Interpreter",
     "Mount",
     "Policy",
     "PolicyError",
@@ -88,9 +94,9 @@ if TYPE_CHECKING:
         StockadeError,
     )
     from .policy import Mount, Policy
-    from .result import ExecResult, ResourceUsage, SecurityViolation
+    from .result import CellException, CellOutput, ExecResult, ResourceUsage, SecurityViolation
     from .runtimes.manager import RuntimeManager
-    from .sdk import AsyncSandbox, Sandbox, arun, arun_code, run, run_code, warm_up
+    from .sdk import AsyncSandbox, Interpreter, Sandbox, arun, arun_code, run, run_code, warm_up
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -62,6 +63,59 @@ class ResourceUsage(BaseModel):
     memory_peak_mb: float | None = None
 
 
+MAX_CELL_RESULTS = 1000  # display items one cell may return (each is bounded by the agent's frame)
+
+
+class CellOutput(BaseModel):
+    """One result of a stateful interpreter's cell: a MIME bundle, as Jupyter's display protocol has it.
+
+    ``kind`` is ``execute_result`` (the value of the cell's last expression) or
+    ``display_data`` (``display(obj)``, a matplotlib figure). ``data`` maps MIME
+    types to content: text for ``text/*``, ``image/svg+xml``; base64 for
+    ``image/png`` and ``image/jpeg``; a JSON value for ``application/json``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["execute_result", "display_data"]
+    data: dict[str, Any] = Field(max_length=32)
+
+    @property
+    def text(self) -> str | None:
+        value = self.data.get("text/plain")
+        return value if isinstance(value, str) else None
+
+    @property
+    def png(self) -> bytes | None:
+        """The PNG's bytes (decoded), if this result has one."""
+        value = self.data.get("image/png")
+        return base64.b64decode(value) if isinstance(value, str) else None
+
+    @property
+    def html(self) -> str | None:
+        value = self.data.get("text/html")
+        return value if isinstance(value, str) else None
+
+    @property
+    def svg(self) -> str | None:
+        value = self.data.get("image/svg+xml")
+        return value if isinstance(value, str) else None
+
+    @property
+    def json_data(self) -> Any:
+        return self.data.get("application/json")
+
+
+class CellException(BaseModel):
+    """The exception that ended a cell: its class name, ``str()``, and a traceback of the cell's frames only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    value: str
+    traceback: str
+
+
 class ExecResult(BaseModel):
     # Raw output travels as base64 in JSON (pydantic's default would be UTF-8, which it may not be).
     model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
@@ -93,6 +147,16 @@ class ExecResult(BaseModel):
     policy_digest: str
     unenforced_limits: list[str] = Field(
         default_factory=list, description="limits of the policy this host could not enforce, and why"
+    )
+    # A stateful interpreter's cell (``run_code(..., session=...)``) only:
+    results: list[CellOutput] = Field(
+        default_factory=list,
+        max_length=MAX_CELL_RESULTS,
+        description="a cell's results: its last expression's value, display() calls, matplotlib figures",
+    )
+    exception: CellException | None = Field(default=None, description="the exception that ended a cell")
+    execution_count: int | None = Field(
+        default=None, description="the cell's number in its session: 1 for the first cell of a fresh interpreter"
     )
 
     @model_validator(mode="after")

@@ -149,12 +149,25 @@ class Sandbox:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        session: str | None = None,
     ) -> ExecResult:
         """Run ``code`` (``python``, as ``python3 -`` would: docs/run-code.md; or ``bash``) in this sandbox.
 
-        The keywords are ``exec``'s.
+        The keywords are ``exec``'s, and ``session``: run the code as a cell of that
+        session's stateful interpreter (``interpreter()``), which keeps its variables,
+        imports and working directory from cell to cell and returns rich results.
         """
-        return self._sandbox.run_code(code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output)
+        return self._sandbox.run_code(
+            code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session
+        )
+
+    def interpreter(self, name: str = "default") -> Interpreter:
+        """The stateful Python interpreter called ``name`` in this sandbox (started by its first cell)."""
+        return Interpreter(self, name)
+
+    def interrupt(self) -> bool:
+        """From another thread: interrupt the run in progress (SIGINT). False when nothing runs."""
+        return self._sandbox.interrupt()
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self._sandbox.write_file(path, data, mode)
@@ -177,6 +190,57 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Interpreter:
+    """A stateful Python interpreter in a sandbox, as a notebook kernel is (docs/interpreters.md).
+
+    >>> with Sandbox() as sb:
+    ...     py = sb.interpreter()
+    ...     py.run("import math\nr = 2")
+    ...     py.run("math.pi * r ** 2").results[0].text
+    '12.566370614359172'
+
+    Each ``run`` returns an ``ExecResult`` with the cell's ``results`` (its last
+    expression's value, ``display()`` calls, matplotlib figures as PNG),
+    ``exception`` (name, value, the cell's traceback) and ``execution_count``.
+    A ``timeout`` interrupts the cell (KeyboardInterrupt) and keeps the state.
+    """
+
+    def __init__(self, sandbox: Sandbox, name: str) -> None:
+        self.sandbox = sandbox
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Interpreter({self.name!r}, runtime={self.sandbox.runtime!r})"
+
+    def run(
+        self,
+        code: str,
+        *,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run one cell. ``env`` applies when the cell starts the interpreter."""
+        return self.sandbox.run_code(code, env=env, timeout=timeout, on_output=on_output, session=self.name)
+
+    def interrupt(self) -> bool:
+        """From another thread: interrupt the cell that runs; the interpreter keeps its state."""
+        return self.sandbox.interrupt()
+
+    def restart(self) -> None:
+        """End the interpreter (its atexit handlers run); the next cell starts a fresh one."""
+        self.sandbox._sandbox.close_interpreter(self.name)
+
+    close = restart
+
+    def __enter__(self) -> Interpreter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.sandbox.closed:
+            self.close()
 
 
 class AsyncSandbox:
@@ -231,12 +295,18 @@ class AsyncSandbox:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        session: str | None = None,
     ) -> ExecResult:
         """``Sandbox.run_code``, on the event loop (no thread)."""
         async with self._turn:
             return await self._held()._sandbox.arun_code(
-                code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output
+                code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session
             )
+
+    async def close_interpreter(self, session: str) -> bool:
+        """End ``session``'s interpreter (``Interpreter.restart``)."""
+        async with self._turn:
+            return await asyncio.to_thread(self._held()._sandbox.close_interpreter, session)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         async with self._turn:

@@ -26,6 +26,7 @@ started as ``python3 - < program``:
 from __future__ import annotations
 
 import builtins
+import errno
 import gc
 import io
 import os
@@ -85,6 +86,42 @@ class Runner:
     def __init__(self, pid: int, out_r: int, err_r: int, in_w: int, job_w: int, report_r: int) -> None:
         self.pid, self.out_r, self.err_r, self.in_w = pid, out_r, err_r, in_w
         self.job_w, self.report_r = job_w, report_r
+
+
+class Run:
+    """Book-keeping of one running command: its pid, pipes and collected output."""
+
+    def __init__(self, pid: int, out_fd: int, err_fd: int, max_output: int, stream: bool, collect: bool) -> None:
+        self.pid = pid
+        self.collect = collect  # False: stream only (long-lived components), no buffer, no output cap
+        self.fds = {out_fd: "stdout", err_fd: "stderr"}
+        self.buffers: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.total = 0
+        self.max_output = max_output
+        self.stream = stream
+        self.status: int | None = None
+        self.output_truncated = False
+        self.timed_out = False
+        self.stdin_fd: int | None = None  # the command's stdin, while input is left to give it
+        self.stdin_left = memoryview(b"")
+
+    def feed_stdin(self) -> None:
+        """Write what the pipe takes now; close it once all is written or nobody reads."""
+        if self.stdin_fd is None:
+            return
+        try:
+            while self.stdin_left:
+                self.stdin_left = self.stdin_left[os.write(self.stdin_fd, self.stdin_left) :]
+        except BlockingIOError:
+            return  # the pipe is full: select says when it has room again
+        except OSError:
+            pass  # EPIPE: the command closed its input; the rest is not wanted
+        self.close_stdin()
+
+    def close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
 
 
 class Become(BaseException):
@@ -238,6 +275,18 @@ def _program(source: str, stream: bool) -> Program:
     """Make this process look like ``python3 -`` about to run ``source``; a syntax error ends it here."""
     if stream:
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # streamed output comes line by line
+    main = become_main()
+    try:
+        # dont_inherit: the agent's own ``from __future__`` imports are not the program's.
+        code = compile(source, PROGRAM_FILE, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte in the source
+        sys.excepthook(type(exc), exc.with_traceback(None), None)
+        Program(compile("", PROGRAM_FILE, "exec"), main.__dict__).end(SystemExit(1))
+    return Program(code, main.__dict__)
+
+
+def become_main() -> types.ModuleType:
+    """A fresh ``__main__``, and nothing of the agent in reach: its modules, its path, its argv."""
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main
@@ -248,13 +297,7 @@ def _program(source: str, stream: bool) -> Program:
     sys.path[:] = ["", *extra, *(p for p in sys.path if p != agent_home)]
     sys.argv = ["-"]
     sys.orig_argv = [sys.executable, "-"]
-    try:
-        # dont_inherit: the agent's own ``from __future__`` imports are not the program's.
-        code = compile(source, PROGRAM_FILE, "exec", dont_inherit=True)
-    except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte in the source
-        sys.excepthook(type(exc), exc.with_traceback(None), None)
-        Program(compile("", PROGRAM_FILE, "exec"), main.__dict__).end(SystemExit(1))
-    return Program(code, main.__dict__)
+    return main
 
 
 def read_all(fd: int) -> bytes:
@@ -318,3 +361,14 @@ def apply_rlimits(limits: dict[str, Any]) -> None:
     if isinstance(soft, int) and soft > 0:
         _, hard = resource.getrlimit(resource.RLIMIT_CPU)
         resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def kill_group(pid: int) -> None:
+    for target in (-pid, pid):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise

@@ -24,6 +24,7 @@ import time
 
 from . import jsoncodec, wire
 from . import runner as runners
+from .sessions import Interpreters
 
 # Imports cost real time inside gVisor (every file the interpreter opens goes
 # through its gofer): the agent avoids typing, base64 (which pulls in re) and
@@ -49,43 +50,7 @@ DRAIN_GRACE_S = 0.05
 SPARE_DELAY_S = 0.005
 
 
-class _Run:
-    """Book-keeping of one running command: its pid, pipes and collected output."""
-
-    def __init__(self, pid: int, out_fd: int, err_fd: int, max_output: int, stream: bool, collect: bool) -> None:
-        self.pid = pid
-        self.collect = collect  # False: stream only (long-lived components), no buffer, no output cap
-        self.fds = {out_fd: "stdout", err_fd: "stderr"}
-        self.buffers: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        self.total = 0
-        self.max_output = max_output
-        self.stream = stream
-        self.status: int | None = None
-        self.output_truncated = False
-        self.timed_out = False
-        self.stdin_fd: int | None = None  # the command's stdin, while input is left to give it
-        self.stdin_left = memoryview(b"")
-
-    def feed_stdin(self) -> None:
-        """Write what the pipe takes now; close it once all is written or nobody reads."""
-        if self.stdin_fd is None:
-            return
-        try:
-            while self.stdin_left:
-                self.stdin_left = self.stdin_left[os.write(self.stdin_fd, self.stdin_left) :]
-        except BlockingIOError:
-            return  # the pipe is full: select says when it has room again
-        except OSError:
-            pass  # EPIPE: the command closed its input; the rest is not wanted
-        self.close_stdin()
-
-    def close_stdin(self) -> None:
-        if self.stdin_fd is not None:
-            os.close(self.stdin_fd)
-            self.stdin_fd = None
-
-
-class Agent:
+class Agent(Interpreters):
     def __init__(self, conn: socket.socket, base_env: dict[str, str] | None = None) -> None:
         self.conn = conn
         self.base_env = base_env or {}
@@ -97,6 +62,8 @@ class Agent:
         self._answered = False
         self._last = False  # the host said no request follows: fork nothing ahead
         self._eager_spare = False  # the host comes straight back: fork the next runner at once
+        self._pending: list[bytes] = []  # frames that came while a run was in progress
+        self._kernels = {}
         self.guest_seccomp = False  # a microVM guest's agent under its own filter (guest._GuestFilter)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -108,6 +75,9 @@ class Agent:
             "write_file": self.write_file,
             "read_file": self.read_file,
             "list_dir": self.list_dir,
+            "run_cell": self.run_cell,
+            "close_interpreter": self.close_interpreter,
+            "interrupt": lambda params: None,  # nothing runs: nothing to interrupt
         }
 
     # ---- the loop --------------------------------------------------------------
@@ -119,6 +89,10 @@ class Agent:
             # under gVisor). Afterwards, idle time goes into the next runner.
             if self._spare is None and self._answered and not self._last:
                 self._spare_when_idle()
+            if self._pending:  # read while a run was in progress
+                if not self._answer(self._pending.pop(0)):
+                    return
+                continue
             ready, _, _ = select.select([self.conn.fileno(), self._wake_r], [], [])
             if self._wake_r in ready:
                 self._drain_wakeups()
@@ -128,16 +102,23 @@ class Agent:
                     payload = wire.read_frame(self.conn)
                 except (EOFError, wire.FrameError, OSError):
                     return  # host gone or speaking garbage: end the isolate
-                reply = self.handle(payload)
-                if reply is not None:
-                    try:
-                        self.conn.sendall(_frame_for(reply))
-                    except OSError:
-                        return
-                    self._answered = True
+                if not self._answer(payload):
+                    return
+
+    def _answer(self, payload: bytes) -> bool:
+        """Handle one frame and send its reply; False when the host is gone."""
+        reply = self.handle(payload)
+        if reply is not None:
+            try:
+                self.conn.sendall(_frame_for(reply))
+            except OSError:
+                return False
+            self._answered = True
+        return True
 
     def handle(self, payload: bytes) -> dict[str, Any] | None:
         msg_id = None
+        message: Any = None
         try:
             message = wire.decode_payload(payload)
             if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
@@ -156,14 +137,16 @@ class Agent:
                 self._last = True  # a later request still works: its runner is forked on demand
             result = handler(params)
         except wire.RPCError as exc:
-            return wire.error_response(msg_id, exc)
+            error = exc
         except OSError as exc:
-            return wire.error_response(msg_id, wire.RPCError(wire.INTERNAL_ERROR, str(exc), {"errno": exc.errno}))
+            error = wire.RPCError(wire.INTERNAL_ERROR, str(exc), {"errno": exc.errno})
         except Exception as exc:  # noqa: BLE001 - any bug must become an error reply, not a dead agent
-            return wire.error_response(msg_id, wire.RPCError(wire.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
-        if "id" not in message:
-            return None  # a notification gets no reply
-        return wire.response(msg_id, result)
+            error = wire.RPCError(wire.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        else:
+            return wire.response(msg_id, result) if "id" in message else None
+        if isinstance(message, dict) and "method" in message and "id" not in message:
+            return None  # a notification gets no reply, not even an error
+        return wire.error_response(msg_id, error)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -376,7 +359,7 @@ class Agent:
     def _discard(self, runner: runners.Runner) -> None:
         self._watched.discard(runner.pid)
         self.exited.pop(runner.pid, None)
-        _kill_group(runner.pid)
+        runners.kill_group(runner.pid)
         for fd in (runner.out_r, runner.err_r, runner.in_w, runner.report_r, runner.job_w):
             try:
                 os.close(fd)
@@ -422,7 +405,7 @@ class Agent:
         started = time.monotonic()
         pid, out_r, err_r, in_w = spawn()
         collect = params.get("collect", True) is not False
-        run = _Run(pid, out_r, err_r, max_output, bool(params.get("stream")) or not collect, collect)
+        run = runners.Run(pid, out_r, err_r, max_output, bool(params.get("stream")) or not collect, collect)
         if in_w is not None:
             # Fed as the command reads it, from the loop below: a command that
             # never reads its input must not stall the agent, and none is lost.
@@ -441,7 +424,7 @@ class Agent:
             "duration": time.monotonic() - started,
         }
 
-    def _collect(self, run: _Run, deadline: float | None) -> None:
+    def _collect(self, run: runners.Run, deadline: float | None) -> None:
         drain_until: float | None = None
         watch_conn = True
         while run.fds or run.status is None:
@@ -456,7 +439,7 @@ class Agent:
                 break
             if deadline is not None and now >= deadline and run.status is None:
                 run.timed_out = True
-                _kill_group(run.pid)
+                runners.kill_group(run.pid)
                 deadline = None
             waits = [t for t in (deadline, drain_until) if t is not None]
             wait = max(0.0, min(waits) - now) if waits else None
@@ -466,10 +449,7 @@ class Agent:
             if writable:
                 run.feed_stdin()
             if self.conn.fileno() in ready:
-                if not _peek_alive(self.conn):
-                    _kill_group(run.pid)
-                    os._exit(0)  # the host is gone: the whole isolate ends with us
-                watch_conn = False  # a pipelined request waits its turn
+                watch_conn = self.frame_during_run(run.pid, group=True)
             if self._wake_r in ready:
                 self._drain_wakeups()
                 self._reap()
@@ -480,10 +460,33 @@ class Agent:
         run.fds.clear()
         run.close_stdin()
 
-    def _read_output(self, run: _Run, fd: int) -> None:
+    def frame_during_run(self, pid: int, group: bool) -> bool:
+        """The host sent a frame while ``pid`` runs: an interrupt is passed on to it at once (SIGINT,
+        to its process group when ``group``); anything else waits its turn, and the host is no longer
+        watched until then (False). A host that is gone ends the isolate."""
+        if not _peek_alive(self.conn):
+            runners.kill_group(pid)
+            os._exit(0)  # the host is gone: the whole isolate ends with us
+        try:
+            payload = wire.read_frame(self.conn)
+        except (EOFError, wire.FrameError, OSError):
+            runners.kill_group(pid)
+            os._exit(0)
+        if not _is_interrupt(payload):
+            self._pending.append(payload)  # a pipelined request
+            return False
+        try:
+            os.kill(-pid if group else pid, signal.SIGINT)
+        except OSError:
+            pass  # it has just ended
+        return True
+
+    def _read_output(self, run: runners.Run, fd: int) -> None:
         name = run.fds[fd]
         try:
             chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return  # an interpreter's pipes, drained once its cell is done
         except OSError:
             chunk = b""
         if not chunk:
@@ -499,7 +502,7 @@ class Agent:
             chunk = chunk[: max(room, 0)]
             if not run.output_truncated:
                 run.output_truncated = True
-                _kill_group(run.pid)
+                runners.kill_group(run.pid)
         run.total += len(chunk)
         if chunk:
             run.buffers[name].append(chunk)
@@ -535,15 +538,12 @@ def _limit_self(limits: dict[str, Any]) -> None:
                 resource.setrlimit(which, (value, value))
 
 
-def _kill_group(pid: int) -> None:
-    for target in (-pid, pid):
-        try:
-            os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                raise
+def _is_interrupt(payload: bytes) -> bool:
+    try:
+        message = wire.decode_payload(payload)
+    except wire.RPCError:
+        return False
+    return isinstance(message, dict) and message.get("method") == "interrupt" and "id" not in message
 
 
 class _PatientConn:
@@ -619,9 +619,11 @@ def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:
     once; a regular file ignores the flag.
     """
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
         os.close(fd)
-        raise wire.RPCError(wire.INVALID_PARAMS, f"{path} is not a regular file")
+        data = {"errno": errno.EISDIR} if stat.S_ISDIR(kind) else None
+        raise wire.RPCError(wire.INVALID_PARAMS, f"{path} is not a regular file", data)
     return fd
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 CONFIG_MAX = confine.CONFIG_MAX
 # The modules an isolate's fresh interpreter imports (copied into each isolate).
-AGENT_MODULES = ("__init__", "confine", "jsoncodec", "linux", "runner", "server", "wire")
+AGENT_MODULES = ("__init__", "confine", "jsoncodec", "kernel", "linux", "runner", "server", "sessions", "wire")
 
 
 def main(ctl_fd: int) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import base64
-import errno
 import functools
 import select
 import signal
@@ -25,19 +24,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..agent import wire
+from ..agent.sessions import INTERRUPT_GRACE_S
 from ..errors import (
     AgentError,
     AgentProtocolError,
     CallTooLargeError,
-    PathNotFoundError,
+    InvalidRequestError,
     PolicyError,
     SandboxClosedError,
     SandboxError,
     agent_error,
+    sandbox_os_error,
 )
 from ..limits import check_call_size
 from ..policy import Policy
 from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
+from .cells import Cell, cell_fields, read_cell
 from .violations import ViolationLog, ViolationReport
 
 if TYPE_CHECKING:
@@ -114,6 +116,8 @@ class AgentSandbox(abc.ABC):
         self.unenforced_limits: list[str] = []
         self._next_id = 0
         self._lock = threading.Lock()
+        self._interrupt_lock = threading.Lock()  # an interrupt's frame never splits a request's
+        self._request_sent = False
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
         self._kill_reason: TerminationReason | None = None
@@ -200,8 +204,27 @@ class AgentSandbox(abc.ABC):
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        session: str | None = None,
     ) -> ExecResult:
-        return self._run("run_code", code_params(code, language), stdin, env, timeout, on_output)
+        return self._run(*code_request(code, language, session, stdin), stdin, env, timeout, on_output)
+
+    def close_interpreter(self, session: str) -> bool:
+        """End ``session``'s interpreter as a program ends; its next cell starts a fresh one."""
+        reply = self._agent_call("close_interpreter", {"session": session}, 30.0)
+        return isinstance(reply, dict) and reply.get("closed") is True
+
+    def interrupt(self) -> bool:
+        """Interrupt the run in progress from another thread: SIGINT to it (a cell raises
+        KeyboardInterrupt and its interpreter keeps its state; a command gets Ctrl-C). False
+        when nothing was running."""
+        with self._interrupt_lock:
+            if not self._request_sent or self._dead or self._closed:
+                return False
+            try:
+                self.conn.sendall(wire.encode_message(wire.notification("interrupt", {})))
+            except OSError:
+                return False
+            return True
 
     async def aexec(
         self,
@@ -224,8 +247,10 @@ class AgentSandbox(abc.ABC):
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        session: str | None = None,
     ) -> ExecResult:
-        return await self.arun_request("run_code", code_params(code, language), stdin, env, timeout, on_output)
+        method, params = code_request(code, language, session, stdin)
+        return await self.arun_request(method, params, stdin, env, timeout, on_output)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -260,9 +285,10 @@ class AgentSandbox(abc.ABC):
         try:
             return self._agent_call(method, params, 30.0)
         except AgentError as exc:
-            if type(exc) is AgentError and isinstance(exc.data, dict) and exc.data.get("errno") == errno.ENOENT:
-                raise PathNotFoundError(str(exc), exc.code, exc.data) from None
-            raise
+            mapped = sandbox_os_error(exc)  # FileNotFoundError, IsADirectoryError, ... as the agent's errno says
+            if mapped is exc:
+                raise
+            raise mapped from None
 
     def _read_piece(self, path: str, offset: int, max_bytes: int) -> tuple[bytes, bool, int]:
         reply = self._file_call("read_file", {"path": path, "offset": offset, "max_bytes": max_bytes})
@@ -444,6 +470,8 @@ class AgentSandbox(abc.ABC):
                 )
             timeout = timeout or policy.timeout_seconds
             wait = timeout + HOST_TIMEOUT_GRACE_S
+            if "session" in params:
+                wait += INTERRUPT_GRACE_S  # a cell past its timeout is interrupted first, then killed
             if self.one_shot:
                 params["last"] = True
             params.update(
@@ -556,6 +584,8 @@ class AgentSandbox(abc.ABC):
             error = f"out of memory: the {self.policy.memory_mb} MB limit was reached"
         elif reason == "timeout":
             error = error or f"timed out after {timeout_s or self.policy.timeout_seconds:g} s"
+            if said.cell is not None:
+                error += " (the cell was interrupted; its interpreter keeps its state)"
         elif reason == "cpu_limit":
             error = f"CPU time limit reached: cpu_time_seconds={self.policy.cpu_time_seconds}"
         elif reason == "output_limit":
@@ -578,7 +608,6 @@ class AgentSandbox(abc.ABC):
             stdout_bytes=stdout,
             stderr_bytes=stderr,
             exit_code=exit_code,
-            error=error,
             termination_reason=reason,
             security_violations=report.records,
             violation_counts=report.counts,
@@ -589,6 +618,7 @@ class AgentSandbox(abc.ABC):
             runtime_used=self.runtime_name,
             policy_digest=self.policy.digest,
             unenforced_limits=list(self.unenforced_limits),
+            **cell_fields(said.cell, said.interpreter_lost, error),
         )
 
     def _hit_cpu_limit(self, exit_code: int | None, before: IsolateUsage, after: IsolateUsage) -> bool:
@@ -616,12 +646,18 @@ class AgentSandbox(abc.ABC):
     ) -> Any:
         with self._lock:
             msg_id, frame = self._request(method, params)
-            self.conn.sendall(frame)
-            deadline = time.monotonic() + timeout
-            while True:
-                done, result = self._reply(self._read_message(deadline), msg_id, on_output)
-                if done:
-                    return result
+            with self._interrupt_lock:
+                self.conn.sendall(frame)
+                self._request_sent = True  # from here an interrupt may follow it
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    done, result = self._reply(self._read_message(deadline), msg_id, on_output)
+                    if done:
+                        return result
+            finally:
+                with self._interrupt_lock:
+                    self._request_sent = False
 
     def _call_on_loop(
         self,
@@ -751,6 +787,8 @@ class _Verdict:
     stderr: bytes = b""
     timed_out: bool = False
     truncated: bool = False
+    cell: Cell | None = None  # a stateful interpreter's account of its cell (run_cell)
+    interpreter_lost: bool = False  # run_cell: the interpreter died in the cell; its state is gone
 
 
 def _verdict(reply: Any) -> _Verdict:
@@ -764,6 +802,8 @@ def _verdict(reply: Any) -> _Verdict:
         stderr=_b64(reply.get("stderr")),
         timed_out=reply.get("timed_out") is True,
         truncated=reply.get("output_truncated") is True,
+        cell=read_cell(reply.get("cell")),
+        interpreter_lost="cell" in reply and reply.get("cell") is None,
     )
 
 
@@ -976,6 +1016,17 @@ def job_limits(policy: Policy, timeout: float | None = None) -> dict[str, int]:
 def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
     """The agent's ``exec`` request for ``argv`` (before the run's common fields)."""
     return {"argv": list(argv), "cwd": cwd}
+
+
+def code_request(code: str, language: str, session: str | None, stdin: bytes | str = b"") -> tuple[str, dict[str, Any]]:
+    """The agent method and params for code: ``run_code``, or ``run_cell`` in a session's interpreter."""
+    if session is None:
+        return "run_code", code_params(code, language)
+    if language != "python":
+        raise InvalidRequestError(f"a session runs Python, not {language!r}: leave session out for {language}")
+    if stdin:
+        raise InvalidRequestError("a session's cells read no stdin: leave stdin out, or session")
+    return "run_cell", {"code": code, "session": session}
 
 
 def code_params(code: str, language: str = "python") -> dict[str, Any]:

@@ -1,0 +1,288 @@
+"""A stateful Python interpreter in the isolate: cells run one after another in one namespace.
+
+Stdlib-only, no Jupyter: a forked runner (``start``) that reads cells from a
+pipe and answers each with a frame holding its ``execution_count``, its
+``outputs`` (the last expression's value, what ``display()`` showed, and the
+matplotlib figures the cell left open, each a MIME bundle as IPython's
+display protocol has it: ``_repr_html_``, ``_repr_png_``, ...) and its
+``exception`` (name, value, and a traceback of the cell's own frames).
+stdout and stderr go to pipes the agent reads as for any run.
+
+SIGINT interrupts the cell that runs (KeyboardInterrupt) and nothing else:
+between cells it is blocked, and one that arrived late is discarded before
+the next cell, so the namespace survives an interrupt.
+
+The agent treats the reply as untrusted, as everything from inside: the cell
+can write to the reply pipe too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import jsoncodec, runner, wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable
+    from typing import Any
+else:
+    import _signal as signal
+
+# The most one cell's reply (its display data) may hold: it travels in one agent frame.
+REPLY_MAX = 6 << 20
+# A repr longer than this is cut (an accidental huge value must not fill the reply).
+TEXT_MAX = 64 << 10
+_REPRS = (
+    ("_repr_html_", "text/html"),
+    ("_repr_markdown_", "text/markdown"),
+    ("_repr_svg_", "image/svg+xml"),
+    ("_repr_png_", "image/png"),
+    ("_repr_jpeg_", "image/jpeg"),
+    ("_repr_latex_", "text/latex"),
+    ("_repr_json_", "application/json"),
+)
+_BINARY = ("image/png", "image/jpeg")
+# What matplotlib's Agg backend says when a cell calls plt.show(): the figure is shown anyway.
+_SHOW_WARNING = r"(FigureCanvasAgg is non-interactive|Matplotlib is currently using agg)"
+
+
+class Kernel:
+    """The agent's handle on one interpreter: its pid and pipes."""
+
+    def __init__(self, pid: int, out_r: int, err_r: int, cmd_w: int, reply_r: int) -> None:
+        self.pid, self.out_r, self.err_r, self.cmd_w, self.reply_r = pid, out_r, err_r, cmd_w, reply_r
+
+    def fds(self) -> tuple[int, ...]:
+        return (self.out_r, self.err_r, self.cmd_w, self.reply_r)
+
+
+def start(env: dict[str, str], cwd: str, limits: dict[str, Any], forget: Callable[[], None]) -> Kernel:
+    """Fork an interpreter (in the agent); OSError when the fork fails."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
+    reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            forget()
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)  # a cell has no input: input() raises EOFError
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.dup2(cmd_r, 3)
+            os.dup2(reply_w, 4)
+            os.closerange(5, 1 << 16)
+            os.setpgid(0, 0)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            runner.install_stdio()
+            runner.apply_rlimits(limits)
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(env)
+            os.environ.setdefault("MPLBACKEND", "Agg")
+            main = runner.become_main()
+        except BaseException:  # noqa: BLE001
+            os._exit(126)
+        _serve(main.__dict__)
+    for fd in (out_w, err_w, cmd_r, reply_w):
+        os.close(fd)
+    for fd in (out_r, err_r, reply_r):
+        os.set_blocking(fd, False)
+    return Kernel(pid, out_r, err_r, cmd_w, reply_r)
+
+
+def send_cell(kernel: Kernel, code: str) -> None:
+    wire.write_all(kernel.cmd_w, wire.encode_frame(jsoncodec.dumps({"code": code}).encode()))
+
+
+# ---- inside the interpreter -------------------------------------------------------------
+
+
+def _serve(namespace: dict[str, Any]) -> None:
+    """The interpreter's loop; never returns."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=_SHOW_WARNING)
+    outputs: list[dict[str, Any]] = []
+    namespace["display"] = lambda *objs: outputs.extend(_output("display_data", o) for o in objs)
+    count = 0
+    while True:
+        try:
+            header = _read_exact(3, wire.HEADER_SIZE)
+            cell = jsoncodec.loads(_read_exact(3, wire.frame_length(header)))
+        except (EOFError, OSError, ValueError):
+            _end(namespace)
+        count += 1
+        outputs.clear()
+        exception = _run_cell(str(cell.get("code", "")), f"<cell-{count}>", namespace, outputs)
+        outputs.extend(_figures())
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()  # before the reply: the agent has the cell's output when it reads it
+            except Exception:  # noqa: BLE001, S112
+                continue
+        reply = {"execution_count": count, "outputs": outputs, "exception": exception}
+        try:
+            wire.write_all(4, _bounded_frame(reply))
+        except OSError:
+            _end(namespace)
+
+
+def _run_cell(code: str, filename: str, namespace: dict[str, Any], outputs: list[dict[str, Any]]) -> Any:
+    """Run one cell; its exception as ``{name, value, traceback}``, or None."""
+    import ast
+    import linecache
+
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # source lines in tracebacks
+    try:
+        tree = ast.parse(code, filename)
+        value_code = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):  # the last expression's value is the result
+            last = tree.body.pop()
+            assert isinstance(last, ast.Expr)
+            value_code = compile(ast.Expression(last.value), filename, "eval", dont_inherit=True)
+        body = compile(tree, filename, "exec", dont_inherit=True)
+        _interruptible(True)
+        try:
+            exec(body, namespace)  # noqa: S102 - inside the isolate, by design
+            value = eval(value_code, namespace) if value_code else None  # noqa: S307
+        finally:
+            _interruptible(False)
+        if value is not None:
+            namespace["_"] = value
+            outputs.append(_output("execute_result", value))
+        return None
+    except BaseException as exc:  # noqa: BLE001 - every exception of the cell is its result, SystemExit too
+        return _exception(exc, filename)
+
+
+def _interruptible(on: bool) -> None:
+    if on:
+        # A SIGINT that came after the last cell ended was meant for that cell: drop it.
+        while signal.SIGINT in signal.sigpending():
+            signal.sigwait({signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    else:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _exception(exc: BaseException, filename: str) -> dict[str, str]:
+    import traceback
+
+    tb = exc.__traceback__
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell-"):
+        tb = tb.tb_next  # the interpreter's own frames: not the cell's
+    try:
+        value = str(exc)
+    except Exception:  # noqa: BLE001
+        value = f"<{type(exc).__name__}: str() failed>"
+    lines = traceback.format_exception(type(exc), exc, tb)
+    return {"name": type(exc).__name__, "value": value[:TEXT_MAX], "traceback": "".join(lines)[-TEXT_MAX:]}
+
+
+def _output(kind: str, obj: Any) -> dict[str, Any]:
+    """``obj`` as a MIME bundle (IPython's display protocol), ``text/plain`` always."""
+    data: dict[str, Any] = {}
+    if not isinstance(obj, type):  # a class's _repr_html_ is an unbound function
+        bundle = _call(getattr(obj, "_repr_mimebundle_", None), include=None, exclude=None)
+        if isinstance(bundle, tuple):
+            bundle = bundle[0]
+        if isinstance(bundle, dict):
+            for mime, value in bundle.items():
+                _add(data, str(mime), value)
+        for method, mime in _REPRS:
+            if mime not in data:
+                _add(data, mime, _call(getattr(obj, method, None)))
+    if "text/plain" not in data:
+        try:
+            text = repr(obj)
+        except Exception as exc:  # noqa: BLE001
+            text = f"<repr failed: {type(exc).__name__}: {exc}>"
+        data["text/plain"] = text if len(text) <= TEXT_MAX else text[:TEXT_MAX] + "…"
+    return {"kind": kind, "data": data}
+
+
+def _call(method: Any, **kwargs: Any) -> Any:
+    if not callable(method):
+        return None
+    try:
+        return method(**kwargs)
+    except Exception:  # noqa: BLE001 - a broken _repr_*_ costs its format, not the cell
+        return None
+
+
+def _add(data: dict[str, Any], mime: str, value: Any) -> None:
+    if isinstance(value, tuple) and len(value) == 2:
+        value = value[0]  # (data, metadata)
+    if value is None:
+        return
+    if mime in _BINARY:
+        if isinstance(value, (bytes, bytearray)):
+            data[mime] = wire.b64encode(bytes(value))
+        elif isinstance(value, str):
+            data[mime] = value  # already base64, as IPython allows
+    elif mime == "application/json":
+        try:
+            jsoncodec.dumps(value)
+        except (TypeError, ValueError):
+            return
+        data[mime] = value
+    elif isinstance(value, str):
+        data[mime] = value
+
+
+def _figures() -> list[dict[str, Any]]:
+    """The matplotlib figures the cell shown or left open, as PNG; then closed (as IPython's inline backend)."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return []
+    import io
+
+    shown = []
+    try:
+        for number in plt.get_fignums():
+            figure = plt.figure(number)
+            png = io.BytesIO()
+            figure.savefig(png, format="png", bbox_inches="tight")
+            data = {"image/png": wire.b64encode(png.getvalue()), "text/plain": repr(figure)}
+            shown.append({"kind": "display_data", "data": data})
+    except Exception as exc:  # noqa: BLE001 - a figure that cannot be drawn is said, not fatal
+        print(f"stockade: a figure could not be drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        plt.close("all")
+    return shown
+
+
+def _bounded_frame(reply: dict[str, Any]) -> bytes:
+    payload = jsoncodec.dumps(reply).encode()
+    outputs = reply["outputs"]
+    dropped = 0
+    while len(payload) > REPLY_MAX and outputs:
+        outputs.pop()
+        dropped += 1
+        note = f"[{dropped} result(s) left out: a cell's results are limited to {REPLY_MAX} bytes]"
+        kept = [*outputs, {"kind": "display_data", "data": {"text/plain": note}}]
+        payload = jsoncodec.dumps({**reply, "outputs": kept}).encode()
+    return wire.encode_frame(payload)
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _end(namespace: dict[str, Any]) -> None:
+    """The session closed: end as a program ends (threads, atexit, open files flushed); never returns."""
+    runner.Program(compile("", runner.PROGRAM_FILE, "exec", dont_inherit=True), namespace).end(None)

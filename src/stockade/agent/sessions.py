@@ -1,0 +1,238 @@
+"""The agent's side of stateful interpreters: ``run_cell`` and ``close_interpreter`` (kernel.py).
+
+A session is a name the host gives; its interpreter starts with the first
+cell and keeps its namespace until it is closed, restarted, or dies (a
+memory or output limit ends it, as it would end any run: its state is then
+lost, and the next cell starts a fresh one, ``new_session: true``).
+
+A cell's timeout interrupts it (SIGINT: a KeyboardInterrupt in the cell, the
+namespace kept); an interpreter that does not stop within INTERRUPT_GRACE_S
+is killed. The host can interrupt a cell early with an ``interrupt``
+notification (server.py ``frame_during_run``).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+from . import jsoncodec, kernel, runner, wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    import socket
+    from typing import Any
+else:
+    import _signal as signal
+
+# How long an interrupted cell has to stop before its interpreter is killed.
+INTERRUPT_GRACE_S = 2.0
+# How long a closed interpreter has to run its atexit handlers before it is killed.
+CLOSE_GRACE_S = 1.0
+MAX_SESSIONS = 16
+MAX_SESSION_NAME = 64
+
+
+class Interpreters:
+    """Agent methods for interpreters; mixed into ``server.Agent``, whose loop state they share."""
+
+    conn: socket.socket
+    exited: dict[int, int]
+    _watched: set[int]
+    _wake_r: int
+    _kernels: dict[str, kernel.Kernel]  # session name -> its interpreter
+
+    if TYPE_CHECKING:  # the Agent's, which this mixes into
+
+        def _job_context(self, params: dict[str, Any]) -> dict[str, Any]: ...
+        def _forget_host(self) -> None: ...
+        def frame_during_run(self, pid: int, group: bool) -> bool: ...
+        def _drain_wakeups(self) -> None: ...
+        def _reap(self) -> None: ...
+        def _read_output(self, run: runner.Run, fd: int) -> None: ...
+
+    def run_cell(self, params: dict[str, Any]) -> dict[str, Any]:
+        session = _session_param(params)
+        code = params.get("code")
+        if not isinstance(code, str):
+            raise wire.RPCError(wire.INVALID_PARAMS, "code must be a string")
+        timeout = params.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise wire.RPCError(wire.INVALID_PARAMS, "timeout must be a positive number")
+        max_output = params.get("max_output_bytes", 1 << 20)
+        if not isinstance(max_output, int) or max_output < 0:
+            raise wire.RPCError(wire.INVALID_PARAMS, "max_output_bytes must be a non-negative integer")
+        started = time.monotonic()
+        interpreter, new = self._interpreter(session, params)
+        stream = params.get("stream") is True
+        run = runner.Run(interpreter.pid, interpreter.out_r, interpreter.err_r, max_output, stream, True)
+        try:
+            kernel.send_cell(interpreter, code)
+        except OSError:
+            pass  # it died: its end is collected below, as any run's
+        reply, timed_out = self._collect_cell(run, interpreter, started + timeout if timeout else None)
+        cell: Any = None
+        if reply is not None:
+            try:
+                cell = jsoncodec.loads(reply)
+            except ValueError:
+                cell = None  # not the interpreter's answer (the cell wrote to the pipe): ends it
+        if run.status is None and not isinstance(cell, dict):
+            runner.kill_group(interpreter.pid)
+            run.status = self._wait_for(interpreter.pid)
+        if run.status is not None:
+            self._forget(session, still_open=set(run.fds))
+            exit_code = os.waitstatus_to_exitcode(run.status)
+        else:
+            exit_code = 1 if cell.get("exception") else 0
+        return {
+            "exit_code": exit_code,
+            "stdout": wire.b64encode(b"".join(run.buffers["stdout"])),
+            "stderr": wire.b64encode(b"".join(run.buffers["stderr"])),
+            "timed_out": timed_out,
+            "output_truncated": run.output_truncated,
+            "duration": time.monotonic() - started,
+            "cell": cell if run.status is None else None,
+            "new_session": new,
+        }
+
+    def close_interpreter(self, params: dict[str, Any]) -> dict[str, Any]:
+        """End a session's interpreter as a program ends (atexit runs); the next cell starts a fresh one."""
+        session = _session_param(params)
+        interpreter = self._kernels.pop(session, None)
+        if interpreter is None:
+            return {"closed": False}
+        os.close(interpreter.cmd_w)  # EOF: the interpreter ends itself
+        if self._wait_for(interpreter.pid, CLOSE_GRACE_S) is None:
+            runner.kill_group(interpreter.pid)
+            self._wait_for(interpreter.pid)
+        for fd in (interpreter.out_r, interpreter.err_r, interpreter.reply_r):
+            os.close(fd)
+        return {"closed": True}
+
+    # ---- the interpreter of a session ----------------------------------------------------
+
+    def _interpreter(self, session: str, params: dict[str, Any]) -> tuple[kernel.Kernel, bool]:
+        interpreter = self._kernels.get(session)
+        if interpreter is not None:
+            return interpreter, False
+        if len(self._kernels) >= MAX_SESSIONS:
+            raise wire.RPCError(wire.INVALID_PARAMS, f"at most {MAX_SESSIONS} interpreters per sandbox: close one")
+        context = self._job_context(params)
+        try:
+            interpreter = kernel.start(context["env"], context["cwd"], context["limits"], self._forget_host)
+        except OSError as exc:
+            why = os.strerror(exc.errno or 0)
+            raise wire.RPCError(wire.INTERNAL_ERROR, f"cannot start an interpreter: {why}") from None
+        self._watched.add(interpreter.pid)
+        self._kernels[session] = interpreter
+        return interpreter, True
+
+    def _collect_cell(
+        self, run: runner.Run, interpreter: kernel.Kernel, deadline: float | None
+    ) -> tuple[bytes | None, bool]:
+        """Read the cell's output and reply; (the reply, whether the cell was interrupted at its timeout)."""
+        reply = bytearray()
+        expected: int | None = None
+        timed_out = False
+        kill_at: float | None = None
+        watch_conn = True
+        while True:
+            if run.status is None and interpreter.pid in self.exited:
+                run.status = self.exited.pop(interpreter.pid)
+                self._watched.discard(interpreter.pid)
+            if run.status is not None or (expected is not None and len(reply) >= expected):
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                timed_out, deadline = True, None
+                kill_at = now + INTERRUPT_GRACE_S
+                _signal(interpreter.pid, signal.SIGINT)
+            if kill_at is not None and now >= kill_at:
+                runner.kill_group(interpreter.pid)  # it did not stop at the interrupt: its state goes
+                kill_at = None
+            waits = [t for t in (deadline, kill_at) if t is not None]
+            wait = max(0.0, min(waits) - now) if waits else None
+            watched = [self.conn.fileno()] if watch_conn else []
+            ready, _, _ = select.select([*watched, self._wake_r, interpreter.reply_r, *run.fds], [], [], wait)
+            if self.conn.fileno() in ready:
+                watch_conn = self.frame_during_run(interpreter.pid, group=False)
+            if self._wake_r in ready:
+                self._drain_wakeups()
+                self._reap()
+            if interpreter.reply_r in ready:
+                try:
+                    chunk = os.read(interpreter.reply_r, 1 << 20)
+                except BlockingIOError:
+                    chunk = None
+                if chunk == b"":
+                    run.status = self._wait_for(interpreter.pid)  # the pipe closed: it is ending
+                elif chunk:
+                    reply += chunk
+                    if expected is None and len(reply) >= wire.HEADER_SIZE:
+                        expected = _reply_size(bytes(reply[: wire.HEADER_SIZE]))
+                    if expected is None or expected > kernel.REPLY_MAX + wire.HEADER_SIZE:
+                        runner.kill_group(interpreter.pid)  # not an answer the interpreter sends
+            for fd in [f for f in ready if f in run.fds]:
+                self._read_output(run, fd)
+        for fd in list(run.fds):  # what the cell wrote before its reply
+            while fd in run.fds and _readable(fd):
+                self._read_output(run, fd)
+        if expected is None or len(reply) < expected:
+            return None, timed_out
+        return bytes(reply[wire.HEADER_SIZE : expected]), timed_out
+
+    def _wait_for(self, pid: int, within: float | None = None) -> int | None:
+        """The wait status of a child of ours (reaped here or already), waiting up to ``within`` (None: no limit)."""
+        until = None if within is None else time.monotonic() + within
+        while True:
+            if pid in self.exited:
+                self._watched.discard(pid)
+                return self.exited.pop(pid)
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return 0
+            if done:
+                self._watched.discard(pid)
+                return status
+            if until is not None and time.monotonic() >= until:
+                return None
+            time.sleep(0.005)
+
+    def _forget(self, session: str, still_open: set[int]) -> None:
+        """A dead interpreter's descriptors: those of its output that reached EOF were closed already."""
+        interpreter = self._kernels.pop(session, None)
+        if interpreter is not None:
+            for fd in (interpreter.cmd_w, interpreter.reply_r, *still_open):
+                os.close(fd)
+
+
+def _session_param(params: dict[str, Any]) -> str:
+    session = params.get("session")
+    if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_NAME or not session.isprintable():
+        raise wire.RPCError(
+            wire.INVALID_PARAMS, f"session must be a name of 1 to {MAX_SESSION_NAME} printable characters"
+        )
+    return session
+
+
+def _reply_size(header: bytes) -> int | None:
+    try:
+        return wire.HEADER_SIZE + wire.frame_length(header)
+    except wire.FrameError:
+        return None
+
+
+def _readable(fd: int) -> bool:
+    ready, _, _ = select.select([fd], [], [], 0)
+    return bool(ready)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass  # it has just ended

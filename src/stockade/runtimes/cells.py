@@ -1,0 +1,54 @@
+"""A stateful interpreter's account of a cell (agent/kernel.py), read on the host.
+
+The account is untrusted, as everything from inside: the cell's own code can
+write it. It is read into ``CellOutput``/``CellException`` models with their
+bounds; one that does not fit them is not said (no results), and the run's
+output and verdict stand on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..result import MAX_CELL_RESULTS, CellException, CellOutput
+
+
+@dataclass(frozen=True)
+class Cell:
+    execution_count: int | None
+    results: list[CellOutput] = field(default_factory=list)
+    exception: CellException | None = None
+
+
+def read_cell(said: Any) -> Cell | None:
+    if not isinstance(said, dict):
+        return None
+    count = said.get("execution_count")
+    outputs = said.get("outputs")
+    exception = said.get("exception")
+    try:
+        results = (
+            [CellOutput.model_validate(o) for o in outputs[:MAX_CELL_RESULTS]] if isinstance(outputs, list) else []
+        )
+        raised = CellException.model_validate(exception) if exception is not None else None
+    except ValidationError:
+        return Cell(execution_count=None)
+    return Cell(count if isinstance(count, int) and not isinstance(count, bool) else None, results, raised)
+
+
+def cell_fields(cell: Cell | None, interpreter_lost: bool, error: str | None) -> dict[str, Any]:
+    """The ExecResult fields of a cell (none for other runs), its ``error`` included."""
+    if cell is None:
+        if not interpreter_lost:
+            return {"error": error}
+        lost = "the session's interpreter ended: its state is lost, and the next cell starts a fresh one"
+        return {"error": f"{error}; {lost}" if error else lost}
+    return {
+        "error": error,
+        "results": cell.results,
+        "exception": cell.exception,
+        "execution_count": cell.execution_count,
+    }

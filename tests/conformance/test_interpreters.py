@@ -1,0 +1,180 @@
+"""Stateful interpreters (``sb.interpreter()``, ``run_code(session=...)``) on every runtime.
+
+A session's cells share one namespace as a notebook kernel's do; each returns
+its results (the last expression, display(), figures), a structured exception
+with the cell's own traceback, and its execution count. Timeouts and
+interrupts stop a cell and keep the state; an interpreter that ignores them is
+killed and the next cell starts fresh. What the cell writes to the
+interpreter's reply pipe is untrusted and cannot hurt the host.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from stockade import Policy, Sandbox
+from stockade.errors import InvalidRequestError
+from stockade.runtimes.manager import RuntimeManager
+from tests.conformance.test_run_code_like_python import RUNTIMES
+from tests.conftest import require
+
+# A 1x1 PNG, as a _repr_png_ would return it.
+PIXEL = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def sb(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    require(request.param)
+    manager = RuntimeManager(pool_size=0)
+    try:
+        with Sandbox(Policy(runtime=request.param, timeout_seconds=60), manager=manager) as sandbox:
+            yield sandbox
+    finally:
+        manager.close()
+
+
+def test_cells_share_variables_imports_and_the_working_directory(sb: Sandbox) -> None:
+    with sb.interpreter("state") as py:
+        first = py.run(
+            "import os\ncount = 41\nos.makedirs('/tmp/nb', exist_ok=True)\nos.chdir('/tmp/nb')\nprint('set')"
+        )
+        assert first.success and first.stdout == "set\n" and first.execution_count == 1 and first.results == []
+        second = py.run("count += 1\nprint(os.getcwd())\ncount")
+        assert second.stdout == "/tmp/nb\n" and second.execution_count == 2
+        assert [(r.kind, r.text) for r in second.results] == [("execute_result", "42")]
+        assert py.run("_ * 2").results[0].text == "84"  # the last value, as in IPython
+
+
+def test_display_and_rich_reprs_come_back_typed(sb: Sandbox) -> None:
+    code = (
+        "import base64\n"
+        f"PIXEL = base64.b64decode({base64.b64encode(PIXEL).decode()!r})\n"
+        "class Rich:\n"
+        "    def _repr_html_(self): return '<b>rich</b>'\n"
+        "    def _repr_png_(self): return PIXEL\n"
+        "    def _repr_json_(self): return {'a': [1, 2]}\n"
+        "    def _repr_svg_(self): return '<svg/>'\n"
+        "    def __repr__(self): return 'Rich()'\n"
+        "class Bundle:\n"
+        "    def _repr_mimebundle_(self, include=None, exclude=None):\n"
+        "        return {'text/markdown': '**md**', 'text/plain': 'bundle'}\n"
+        "display('shown first', Bundle())\n"
+        "Rich()\n"
+    )
+    r = sb.interpreter("rich").run(code)
+    assert r.success, r.stderr
+    shown, bundle, value = r.results
+    assert (shown.kind, shown.text) == ("display_data", "'shown first'")
+    assert bundle.data == {"text/markdown": "**md**", "text/plain": "bundle"}
+    assert value.kind == "execute_result" and value.text == "Rich()" and value.html == "<b>rich</b>"
+    assert value.png == PIXEL and value.svg == "<svg/>" and value.json_data == {"a": [1, 2]}
+
+
+def test_an_exception_is_structured_with_the_cells_frames_only_and_the_state_survives(sb: Sandbox) -> None:
+    py = sb.interpreter("errors")
+    py.run("kept = 'still here'\ndef divide(a, b):\n    return a / b\n")
+    r = py.run("x = 1\ndivide(x, 0)\n")
+    assert not r.success and r.termination_reason == "completed" and r.exit_code == 1
+    assert r.exception is not None
+    assert (r.exception.name, r.exception.value) == ("ZeroDivisionError", "division by zero")
+    tb = r.exception.traceback
+    assert tb.startswith("Traceback (most recent call last):\n")
+    assert '"<cell-2>", line 2' in tb and '"<cell-1>", line 3, in divide' in tb and "return a / b" in tb
+    assert "agent" not in tb and "kernel" not in tb
+    assert py.run("kept").results[0].text == "'still here'"
+    syntax = py.run("def broken(:\n")
+    assert syntax.exception is not None and syntax.exception.name == "SyntaxError"
+    assert '"<cell-4>", line 1' in syntax.exception.traceback
+    assert py.run("print(kept)").stdout == "still here\n"
+    ended = py.run("import sys\nsys.exit(3)")  # in a notebook this ends the cell, not the kernel
+    assert ended.exception is not None and ended.exception.name == "SystemExit"
+    assert py.run("kept").execution_count == 7
+
+
+def test_a_timeout_interrupts_the_cell_and_keeps_the_state(sb: Sandbox) -> None:
+    py = sb.interpreter("timeout")
+    py.run("progress = 0")
+    r = py.run("import time\nwhile True:\n    progress += 1\n    time.sleep(0.01)\n", timeout=1.5)
+    assert r.termination_reason == "timeout"
+    assert r.error == "timed out after 1.5 s (the cell was interrupted; its interpreter keeps its state)"
+    assert r.exception is not None and r.exception.name == "KeyboardInterrupt"
+    after = py.run("progress > 0")
+    assert after.results[0].text == "True" and after.execution_count == 3
+
+
+def test_an_interrupt_from_another_thread_stops_the_cell_and_keeps_the_state(sb: Sandbox) -> None:
+    py = sb.interpreter("interrupt")
+    py.run("marker = 'kept'\nspins = 0")
+    assert not py.interrupt()  # nothing runs: nothing to interrupt
+    started = threading.Event()
+
+    def seen(stream: str, data: bytes) -> None:
+        started.set()
+
+    timer = threading.Thread(target=lambda: started.wait(30) and py.interrupt())
+    timer.start()
+    r = py.run("print('spinning', flush=True)\nwhile True:\n    spins += 1\n", timeout=50, on_output=seen)
+    timer.join()
+    assert r.exception is not None and r.exception.name == "KeyboardInterrupt"
+    assert r.termination_reason == "completed" and r.stdout == "spinning\n"
+    after = py.run("marker")
+    assert after.results[0].text == "'kept'" and after.execution_count == 3
+
+
+def test_an_interpreter_that_ignores_interrupts_is_killed_and_the_next_cell_starts_fresh(sb: Sandbox) -> None:
+    py = sb.interpreter("stubborn")
+    py.run("lost = 1")
+    r = py.run("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n", timeout=1)
+    assert r.termination_reason == "timeout"
+    assert r.error is not None and "its state is lost" in r.error and r.exception is None
+    fresh = py.run("'lost' in dir()")
+    assert fresh.execution_count == 1 and fresh.results[0].text == "False"
+
+
+def test_restart_ends_the_interpreter_as_a_program_ends(sb: Sandbox) -> None:
+    py = sb.interpreter("restart")
+    py.run("import atexit\natexit.register(lambda: open('/tmp/atexit-ran', 'w').write('yes'))\nvalue = 1")
+    py.restart()
+    assert sb.read_file("/tmp/atexit-ran") == b"yes"
+    fresh = py.run("'value' in dir()")
+    assert fresh.execution_count == 1 and fresh.results[0].text == "False"
+
+
+def test_sessions_are_separate_namespaces_and_output_belongs_to_its_cell(sb: Sandbox) -> None:
+    a, b = sb.interpreter("a"), sb.interpreter("b")
+    a.run("name = 'a'")
+    b.run("name = 'b'")
+    assert a.run("name").results[0].text == "'a'" and b.run("name").results[0].text == "'b'"
+    chunks: list[bytes] = []
+    r = a.run("print('one')\nimport sys\nprint('two', file=sys.stderr)", on_output=lambda s, d: chunks.append(d))
+    assert (r.stdout, r.stderr) == ("one\n", "two\n") and b"".join(sorted(chunks)) == b"one\ntwo\n"
+    assert b.run("print('b only')").stdout == "b only\n"
+
+
+def test_a_cell_has_no_input(sb: Sandbox) -> None:
+    r = sb.interpreter("input").run("input()")
+    assert r.exception is not None and r.exception.name == "EOFError"
+
+
+def test_a_cell_that_forges_the_interpreters_reply_only_ends_its_own_interpreter(sb: Sandbox) -> None:
+    py = sb.interpreter("forger")
+    py.run("x = 1")
+    forged = py.run("import os\nos.write(4, b'\\xff\\xff\\xff\\xff garbage')\nimport time\ntime.sleep(5)", timeout=30)
+    assert forged.results == [] and forged.error is not None and "state is lost" in forged.error
+    also = py.run("import os, struct\nbody = b'not json'\nos.write(4, struct.pack('>I', len(body)) + body)")
+    assert also.results == [] and also.error is not None
+    assert py.run("1 + 1").results[0].text == "2"  # a fresh interpreter, and the sandbox is fine
+    assert sb.exec(["echo", "ok"]).stdout == "ok\n"
+
+
+def test_sessions_are_python_only_and_read_no_stdin(sb: Sandbox) -> None:
+    with pytest.raises(InvalidRequestError, match="session runs Python"):
+        sb.run_code("echo hi", "bash", session="s")
+    with pytest.raises(InvalidRequestError, match="no stdin"):
+        sb.run_code("input()", stdin="x", session="s")
