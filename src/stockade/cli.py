@@ -11,8 +11,10 @@
     stockade token new [--file F]
     stockade audit verify FILE...
 
-With ``--socket`` (or ``STOCKADE_SOCKET``), run/exec-code go through the daemon;
-without a reachable daemon and without ``--socket`` they run in-process.
+With ``--socket`` (or ``STOCKADE_SOCKET``), run/exec-code go through the daemon,
+and start-up costs no pydantic (cli_daemon.py). When nothing answers on
+``$STOCKADE_SOCKET`` they say so on stderr and run in-process; ``--socket PATH``
+and ``--require-daemon`` make the daemon required instead.
 
 Exit status of ``run``/``exec-code``: the command's own; 128+N when a signal
 ended it; 124 on timeout (as timeout(1)); 137 when the memory limit killed it;
@@ -22,16 +24,18 @@ stderr. Heavy modules load only once a command needs them.
 
 from __future__ import annotations
 
-import argparse
-import json
+import gc
 import os
 import sys
-import time
-from typing import TYPE_CHECKING, Any
 
 from .agent.wire import MAX_DATA_BYTES
 
+TYPE_CHECKING = False  # not typing's: a run through the daemon imports neither typing nor re
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+    from typing import Any
+
     from .result import ExecResult
 
 EXIT_TIMEOUT = 124
@@ -45,6 +49,8 @@ MAX_STDIN = MAX_DATA_BYTES  # what fits one agent frame, base64-encoded
 _ONE_RUN_FIELDS = ("timeout_seconds", "max_output_bytes")
 # Subcommands whose parser carries the Policy's flags (building them loads pydantic).
 _POLICY_COMMANDS = ("run", "exec-code", "start")
+# The subcommands that run one command: cli_daemon.parse reads their flags without pydantic.
+_ONE_RUN_COMMANDS = ("run", "exec-code")
 
 
 def _policy_flags(parser: argparse.ArgumentParser, one_run: bool = True) -> None:
@@ -54,6 +60,7 @@ def _policy_flags(parser: argparse.ArgumentParser, one_run: bool = True) -> None
     from .policy import CLI_FLAGS, Policy
 
     g = parser.add_argument_group("policy")
+    parser.set_defaults(policy_fields=tuple(Policy.model_fields))  # which destinations are the Policy's
     for name, field in Policy.model_fields.items():
         if name in _ONE_RUN_FIELDS and not one_run:
             continue
@@ -71,6 +78,12 @@ def _policy_flags(parser: argparse.ArgumentParser, one_run: bool = True) -> None
     d = parser.add_argument_group("daemon")
     d.add_argument("--socket", metavar="PATH", help="run through the daemon on PATH (default: $STOCKADE_SOCKET if set)")
     d.add_argument("--token-file", metavar="FILE", help="HMAC token for the daemon (default: $STOCKADE_AUTH_TOKEN)")
+    d.add_argument(
+        "--require-daemon",
+        action="store_true",
+        help="fail (exit 125) rather than run in-process when no daemon answers on $STOCKADE_SOCKET "
+        "(without it or --socket: the daemon's default socket); --socket PATH always requires its daemon",
+    )
 
 
 def _flag_type(annotation: Any) -> tuple[Any, list[str] | None, bool]:
@@ -105,28 +118,12 @@ def _flag_help(field: Any, repeated: bool = False) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _build_policy(args: argparse.Namespace) -> Any:
+def _build_policy(args: Any) -> Any:
+    from .cli_daemon import policy_fields
     from .errors import PolicyError
     from .policy import CLI_FLAGS, Policy
 
-    fields: dict[str, Any] = {}
-    if args.policy_file:
-        with open(args.policy_file) as f:
-            fields.update(json.load(f))
-    env = dict(fields.get("environment") or {})
-    for item in args.environment:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(_fail(f"--env {item!r}: expected K=V"))
-        env[key] = value
-    for name in Policy.model_fields:
-        value = getattr(args, name, None)  # start has no --timeout, no --max-output
-        if value is not None and name not in ("environment", "filesystem_access"):
-            fields[name] = value
-    if env:
-        fields["environment"] = env
-    if args.filesystem_access:
-        fields["filesystem_access"] = list(fields.get("filesystem_access") or []) + args.filesystem_access
+    fields = policy_fields(args)  # the same fields a run through the daemon sends
     try:
         return Policy.build(**fields)
     except PolicyError as exc:  # in the words the user typed: the flag, then its field
@@ -151,25 +148,26 @@ def _stream(name: str, data: bytes) -> None:
     out.flush()
 
 
-def _report(args: argparse.Namespace, result: ExecResult) -> int:
+def _report(args: Any, result: ExecResult) -> int:
     """Print what the run's output did not say (all of it with --json); its exit status."""
     if args.json:
         print(result.model_dump_json(indent=2))
     elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
         print(result.summary(), file=sys.stderr)
-    return _exit_status(result)
+    return _exit_status(result.termination_reason, result.exit_code)
 
 
-def _exit_status(result: ExecResult) -> int:
-    if result.termination_reason == "timeout":
+def _exit_status(termination_reason: str, exit_code: int | None) -> int:
+    """A run's exit status from how it ended (an ``ExecResult``'s two fields, or its JSON's)."""
+    if termination_reason == "timeout":
         return EXIT_TIMEOUT
-    if result.termination_reason == "memory_limit":
+    if termination_reason == "memory_limit":
         return EXIT_MEMORY
-    if result.exit_code is None:
+    if exit_code is None:
         return EXIT_STOCKADE_ERROR
-    if result.exit_code < 0:
-        return 128 - result.exit_code
-    return int(result.exit_code)
+    if exit_code < 0:
+        return 128 - exit_code
+    return int(exit_code)
 
 
 def _read_stdin() -> bytes:
@@ -181,18 +179,27 @@ def _read_stdin() -> bytes:
     return data
 
 
-def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) -> int:
-    from .errors import StockadeError
+def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> int:
+    """Run through the daemon when one is given (cli_daemon.py), else here. ``produce``
+    reads the payload and standard input, once it is known where the run goes."""
+    from .cli_daemon import daemon_socket, via_daemon
 
-    socket_path = args.socket or os.environ.get("STOCKADE_SOCKET")
-    if socket_path:
-        status = _execute_via_daemon(args, socket_path, call, payload, stdin)
-        if status is not None:
-            if getattr(args, "zygote", None) is not None:
-                args.zygote.close()  # started by main() in case the run stayed here; it did not
-            return status
-
+    status = via_daemon(args, call, produce)
     zygote = getattr(args, "zygote", None)  # started by main() before the parser was built
+    if status is not None:
+        if zygote is not None:
+            zygote.close()  # started by main() in case the run stayed here; it did not
+        return status
+    if zygote is None and daemon_socket(args)[0] is not None:
+        zygote = _early_zygote(args.argv, daemon_checked=True)  # no daemon answered: the run stays here
+    try:
+        payload, stdin = produce()
+    except BaseException:
+        if zygote is not None:
+            zygote.close()
+        raise
+
+    from .errors import StockadeError
     from .runtimes.manager import RuntimeManager
 
     try:
@@ -221,44 +228,15 @@ def _execute(args: argparse.Namespace, call: str, payload: Any, stdin: bytes) ->
     return _report(args, result)
 
 
-def _execute_via_daemon(
-    args: argparse.Namespace, socket_path: str, call: str, payload: Any, stdin: bytes
-) -> int | None:
-    """Run through the daemon; None means "no daemon there, run in-process" (only without --socket)."""
-    from .client import Client
-    from .errors import DaemonUnavailableError, StockadeError
-
-    try:
-        token = _daemon_token(args)
-        policy = _build_policy(args)
-    except (StockadeError, OSError, ValueError) as exc:
-        return _fail(str(exc))
-
-    on_output = None if args.json else _stream
-    with Client(socket_path, auth_token=token) as client:
-        try:
-            if call == "exec":
-                result = client.execute(payload, policy=policy, stdin=stdin, on_output=on_output)
-            else:
-                result = client.execute(
-                    code=payload[1], language=payload[0], policy=policy, stdin=stdin, on_output=on_output
-                )
-        except DaemonUnavailableError as exc:
-            if args.socket:
-                return _fail(str(exc))
-            print(f"stockade: {exc}; running in-process", file=sys.stderr)
-            return None
-        except StockadeError as exc:
-            return _fail(str(exc))
-    return _report(args, result)
-
-
 # `stockade daemon cancel|close ID`: the Client method each one calls.
 _DAEMON_ENDINGS = {"cancel": "cancel_execution", "close": "close_sandbox"}
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     """Ask a running daemon one question: for operators, and for health checks (exit 0: healthy)."""
+    import json
+    import time
+
     from .client import Client
     from .errors import StockadeError
 
@@ -266,7 +244,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         token = _daemon_token(args)
     except OSError as exc:
         return _fail(f"--token-file {args.token_file}: {exc.strerror}")
-    with Client(args.socket or None, auth_token=token) as client:
+    # One attempt: a health check must say "down" at once, not after the client's backoff.
+    with Client(args.socket or None, auth_token=token, retry=None) as client:
         try:
             if args.daemon_cmd in _DAEMON_ENDINGS:
                 if not args.target:
@@ -291,7 +270,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon_token(args: argparse.Namespace) -> str | None:
+def _daemon_token(args: Any) -> str | None:
     """The HMAC token: from ``--token-file``, else ``$STOCKADE_AUTH_TOKEN``, else none (OSError if unreadable)."""
     if not args.token_file:
         return os.environ.get("STOCKADE_AUTH_TOKEN")
@@ -415,6 +394,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
     from dataclasses import asdict
 
     from . import components
@@ -455,15 +435,17 @@ def _component_line(state: Any) -> str:
     return f"{state.name:<20} {state.status:<9} {state.runtime or '-':<8} {state.restarts:>8}  {uptime:>8}  {detail}"
 
 
-def _early_zygote(argv: list[str]) -> Any:
+def _early_zygote(argv: list[str], daemon_checked: bool = False) -> Any:
     """Start the process runtime's zygote before pydantic is imported (the CLI's largest
     cost), so the guest interpreter boots on the other core meanwhile: for ``run`` and
     ``exec-code`` on the process runtime, read off the raw arguments (the parser that
-    knows the Policy's flags needs pydantic itself)."""
+    knows the Policy's flags needs pydantic itself). Not when a daemon will serve the
+    run, unless ``daemon_checked``: none answered, and the run stays here."""
     words = argv[: argv.index("--")] if "--" in argv else argv
-    if not words or words[0] not in ("run", "exec-code") or any(w.startswith("--socket") for w in words):
+    if not words or words[0] not in _ONE_RUN_COMMANDS:
         return None
-    if os.environ.get("STOCKADE_SOCKET") or "--trust" in words or any(w.startswith("--trust=") for w in words):
+    daemon = os.environ.get("STOCKADE_SOCKET") or any(w.startswith(("--socket", "--require-daemon")) for w in words)
+    if (daemon and not daemon_checked) or "--trust" in words or any(w.startswith("--trust=") for w in words):
         return None
     for flag in ("--runtime", "--isolation"):
         for i, word in enumerate(words):
@@ -479,33 +461,34 @@ def _early_zygote(argv: list[str]) -> Any:
         return None  # the runtime will start (and report on) its own
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: Any) -> int:
     argv = list(args.command)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
         return _fail("run: no command given (stockade run [flags] -- CMD ARGS...)")
-    return _execute(args, "exec", argv, _read_stdin())
+    return _execute(args, "exec", lambda: (argv, _read_stdin()))
 
 
-def cmd_exec_code(args: argparse.Namespace) -> int:
+def cmd_exec_code(args: Any) -> int:
+    language = args.language
     if args.file:
         try:
             with open(args.file) as f:
                 code = f.read()
         except OSError as exc:
             return _fail(f"-f {args.file}: {exc.strerror}")
-        stdin = _read_stdin()
-    elif args.code == "-":
-        code, stdin = sys.stdin.read(), b""
-    elif args.code is not None:
-        code, stdin = args.code, _read_stdin()
-    else:
-        return _fail("exec-code: give CODE, -f FILE or - (read code from standard input)")
-    return _execute(args, "run_code", (args.language, code), stdin)
+        return _execute(args, "run_code", lambda: ((language, code), _read_stdin()))
+    if args.code == "-":
+        return _execute(args, "run_code", lambda: ((language, sys.stdin.read()), b""))
+    if args.code is not None:
+        return _execute(args, "run_code", lambda: ((language, args.code), _read_stdin()))
+    return _fail("exec-code: give CODE, -f FILE or - (read code from standard input)")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
     from .doctor import collect, render
 
     report = collect()
@@ -519,6 +502,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def build_parser(command: str = "*") -> argparse.ArgumentParser:
     """The whole command line. Only ``command``'s parser carries the Policy's flags (``*``:
     every parser's): building them loads pydantic, which the other subcommands do without."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="stockade", description="Run untrusted code behind real isolation.")
 
     def policy_flags(sub: argparse.ArgumentParser, name: str, one_run: bool = True) -> None:
@@ -626,16 +611,31 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # The CLI needs no pydantic plugins; looking for them costs ~20 ms of start-up.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
+    program = argv is None  # this process is the command: nothing else will run in it
     argv = sys.argv[1:] if argv is None else argv
+    one_run = bool(argv) and argv[0] in _ONE_RUN_COMMANDS
+    if program and one_run:
+        # A process that runs one command and exits: the cyclic GC would only walk
+        # pydantic's objects, ~10 ms while they are built and ~30 ms more at exit.
+        gc.disable()
     zygote = _early_zygote(argv)
-    parser = build_parser(next((w for w in argv if not w.startswith("-")), ""))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit:
-        if zygote is not None:
-            zygote.close()
-        raise
-    args.zygote = zygote
+    args: Any = None
+    if one_run:
+        from .cli_daemon import parse
+
+        args = parse(argv)  # None: argparse reads it (--help, an error), with its messages
+        if args is not None:
+            args.cmd, args.version = argv[0], False
+            args.func = cmd_run if argv[0] == "run" else cmd_exec_code
+    if args is None:
+        parser = build_parser(next((w for w in argv if not w.startswith("-")), ""))
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            if zygote is not None:
+                zygote.close()
+            raise
+    args.zygote, args.argv = zygote, argv
     if args.version:
         from . import __version__
 
@@ -651,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os._exit(141)
+    finally:
+        if program and one_run:
+            gc.freeze()  # the exit's collection would walk every object to free what the exit frees
 
 
 if __name__ == "__main__":

@@ -1,0 +1,365 @@
+"""``stockade run`` and ``exec-code`` without pydantic: their flags, and the run through a daemon.
+
+Why this module exists: the CLI's start-up cost. The full command line builds
+the Policy's flags from the pydantic model, ~100 ms of imports before anything
+runs, and the daemon's ``Client`` builds each request as a pydantic model.
+A run through a daemon needs neither: the daemon validates the request itself.
+So ``run`` and ``exec-code`` read their flags from ``FLAGS`` (the same flags,
+checked against the model by tests/integration/test_cli_daemon.py), and
+``via_daemon`` builds the ``execute`` request with the standard library, sends
+it with the Client's framing (one JSON line; signed by ``protocol.auth`` when
+there is a token), writes the output as it streams in and takes the exit status
+from the answer's JSON. pydantic is imported only where an ``ExecResult`` must
+be built: ``--json``, the summary line of a run that did not just complete, and
+the CLI's wording of a policy the daemon refused. Everything here is the
+standard library's: the JSON goes through ``agent.jsoncodec`` (``json``'s C
+accelerator, as the agent uses it) and the socket is ``_socket`` (``socket.py``
+builds its enums at import, ~1.5 ms).
+
+Where the run goes: ``--socket PATH`` names the daemon to use, and a run that
+cannot reach it fails (exit 125), as an explicit request should. ``$STOCKADE_SOCKET``
+is a preference: when nothing answers there, one line on stderr says so and the
+run stays in this process, unless ``--require-daemon`` forbids that.
+``--require-daemon`` alone uses the daemon's default socket (``stockade serve``'s).
+A run that reached its daemon never falls back: once the request is sent, the
+command may have run.
+"""
+
+from __future__ import annotations
+
+import _socket
+import binascii
+import os
+import sys
+
+from .agent import jsoncodec
+from .cli import MAX_STDIN, _daemon_token, _exit_status, _fail, _stream
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+# The Policy's flags as (field, flag, type, choices, repeated): what cli._policy_flags
+# reads off the model (tests/integration/test_cli_daemon.py checks that the two agree).
+# A flag missing here still works, more slowly: parse() leaves it to argparse, whose
+# namespace names the model's fields (``policy_fields``), so no value is dropped.
+FLAGS: tuple[tuple[str, str, type, tuple[str, ...] | None, bool], ...] = (
+    ("runtime", "--runtime", str, None, False),
+    ("isolation", "--isolation", str, ("none", "process", "gvisor", "microvm"), False),
+    ("trust", "--trust", str, ("trusted", "verified", "untrusted"), False),
+    ("timeout_seconds", "--timeout", float, None, False),
+    ("memory_mb", "--memory", int, None, False),
+    ("cpu_limit", "--cpu", float, None, False),
+    ("pids_limit", "--pids", int, None, False),
+    ("max_output_bytes", "--max-output", int, None, False),
+    ("max_file_size_bytes", "--max-file-size", int, None, False),
+    ("cpu_time_seconds", "--cpu-time", int, None, False),
+    ("address_space_mb", "--address-space", int, None, False),
+    ("max_open_files", "--max-open-files", int, None, False),
+    ("disk_mb", "--disk", int, None, False),
+    ("network_policy", "--network", str, ("none", "loopback"), False),
+    ("filesystem_access", "--mount", str, None, True),
+    ("environment", "--env", str, None, True),
+    ("on_violation", "--on-violation", str, ("deny", "kill"), False),
+    ("max_violations", "--max-violations", int, None, False),
+)
+POLICY_FIELDS = tuple(f[0] for f in FLAGS)
+DEFAULT_TIMEOUT_S = 30.0  # Policy.timeout_seconds's default: bounds the wait for an answer
+CLIENT_TIMEOUT_S = 30.0  # what the Client adds to the run's timeout (its own default timeout)
+_MSG_ID = 1
+
+# The other options of run and exec-code: flag -> (dest, type; None for a switch).
+_COMMON: dict[str, tuple[str, type | None]] = {
+    "--policy-file": ("policy_file", str),
+    "--json": ("json", None),
+    "--socket": ("socket", str),
+    "--token-file": ("token_file", str),
+    "--require-daemon": ("require_daemon", None),
+}
+_EXEC_CODE: dict[str, tuple[str, type | None]] = {"--language": ("language", str), "--file": ("file", str)}
+_CHOICES = {f[1]: f[3] for f in FLAGS if f[3]} | {"--language": ("python", "bash")}
+
+
+class Args:
+    """What the command line says, with the attributes argparse's namespace has."""
+
+    zygote: Any = None
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+def parse(argv: list[str]) -> Args | None:
+    """``run``/``exec-code`` arguments as the full parser reads them, without building it
+    (that needs pydantic); None for anything unusual (``--help``, an error, an abbreviation,
+    a value that starts with ``-``), which the full parser then reads, with its messages."""
+    command, words = argv[0], argv[1:]
+    options: dict[str, tuple[str, type | None]] = dict(_COMMON)
+    if command == "exec-code":
+        options.update(_EXEC_CODE)
+    flags = {f[1]: f for f in FLAGS}
+    values: dict[str, Any] = {name: None for name in POLICY_FIELDS}
+    values["policy_fields"] = POLICY_FIELDS
+    values.update({"environment": [], "filesystem_access": [], "json": False, "require_daemon": False})
+    values.update({"policy_file": None, "socket": None, "token_file": None})
+    if command == "run":
+        values["command"] = []
+    else:
+        values.update({"language": "python", "file": None, "code": None})
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if command == "run" and (word == "--" or not word.startswith("-")):
+            values["command"] = words[i:]  # argparse's REMAINDER: the rest, "--" included
+            break
+        if word == "-f":
+            word = "--file"
+        elif not word.startswith("--") or word == "--":
+            if (word.startswith("-") and word != "-") or values.get("code") is not None:
+                return None
+            values["code"] = word  # exec-code's one positional
+            i += 1
+            continue
+        name, eq, value = word.partition("=")
+        field = flags.get(name)
+        dest, kind = (field[0], field[2]) if field else options.get(name, ("", None))
+        if not dest:
+            return None
+        if kind is None:  # a switch
+            if eq:
+                return None
+            values[dest] = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(words) or words[i + 1].startswith("-"):
+                return None
+            value = words[i + 1]
+        i += 1 if eq else 2
+        try:
+            converted = kind(value)
+        except ValueError:
+            return None
+        if name in _CHOICES and converted not in _CHOICES[name]:
+            return None
+        if field is not None and field[4]:
+            values[dest].append(converted)
+        else:
+            values[dest] = converted
+    return Args(**values)
+
+
+def policy_fields(args: Any) -> dict[str, Any]:
+    """The Policy's fields as the flags and ``--policy-file`` give them, not validated
+    (``cli._build_policy`` validates them here; the daemon, when it runs the command).
+    ``args.policy_fields`` names the Policy's fields among the parser's destinations."""
+    fields: dict[str, Any] = {}
+    if args.policy_file:
+        import json
+
+        with open(args.policy_file) as f:
+            fields.update(json.load(f))
+    env = dict(fields.get("environment") or {})
+    for item in args.environment:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(_fail(f"--env {item!r}: expected K=V"))
+        env[key] = value
+    for name in args.policy_fields:
+        value = getattr(args, name, None)  # start has no --timeout, no --max-output
+        if value is not None and name not in ("environment", "filesystem_access"):
+            fields[name] = value
+    if env:
+        fields["environment"] = env
+    if args.filesystem_access:
+        fields["filesystem_access"] = list(fields.get("filesystem_access") or []) + args.filesystem_access
+    return fields
+
+
+def daemon_socket(args: Any) -> tuple[str | None, str | None]:
+    """Where to send the run, and the flag that makes the daemon required (None: it may
+    run in-process instead): ``--socket``, else ``$STOCKADE_SOCKET``, else with
+    ``--require-daemon`` the daemon's default socket, else nowhere."""
+    if args.socket:
+        return args.socket, "--socket"
+    required = "--require-daemon" if args.require_daemon else None
+    path = os.environ.get("STOCKADE_SOCKET")
+    if not path and required:
+        from .daemon.config import default_socket_path
+
+        path = default_socket_path()
+    return path or None, required
+
+
+def via_daemon(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> int | None:
+    """Run through the daemon: the exit status, or None to run in-process (no daemon
+    given, or none answers and none is required). ``produce`` gives the payload and
+    standard input, and is called only once a daemon answered the connection."""
+    path, required = daemon_socket(args)
+    if path is None:
+        return None
+    try:
+        token = _daemon_token(args)
+        fields = policy_fields(args)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CLIENT_TIMEOUT_S)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if required:
+                return _fail(
+                    f"cannot reach the stockade daemon at {path}: {reason} ({required}: not running in-process)"
+                )
+            print(f"stockade: no daemon answers on {path} ({reason}); running in-process", file=sys.stderr)
+            return None
+        payload, stdin = produce()
+        return _exchange(args, sock, _request(call, payload, stdin, fields, streamed=not args.json), token, fields)
+    finally:
+        sock.close()
+
+
+def _request(call: str, payload: Any, stdin: bytes, fields: dict[str, Any], streamed: bool) -> dict[str, Any]:
+    """The ``execute`` request the Client sends for the same run (its params validate to
+    the same ``ExecuteRequest``; defaults are left to the daemon)."""
+    params: dict[str, Any] = {"command": list(payload)} if call == "exec" else {"code": payload[1]}
+    if call != "exec":
+        params["language"] = payload[0]
+        if len(payload[1]) > MAX_STDIN // 4:  # maybe over a call's limit: refused before it is sent, as by the Client
+            from .errors import StockadeError
+            from .limits import check_call_size
+
+            try:
+                check_call_size("code", payload[1])
+            except StockadeError as exc:
+                raise SystemExit(_fail(str(exc))) from None
+    if fields:
+        params["policy"] = fields
+    if stdin:
+        params["stdin_b64"] = binascii.b2a_base64(stdin, newline=False).decode()
+    if streamed:
+        params["stream"] = True
+    return {"method": "execute", "params": params, "id": _MSG_ID}
+
+
+def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, fields: dict[str, Any]) -> int:
+    """Send the request, stream the output to this process's own, and report the answer."""
+    timeout = fields.get("timeout_seconds", DEFAULT_TIMEOUT_S)
+    wait = (timeout if isinstance(timeout, (int, float)) else DEFAULT_TIMEOUT_S) + CLIENT_TIMEOUT_S
+    if token:
+        from .protocol import auth
+
+        line = auth.signed_line(request, token) + b"\n"
+    else:
+        line = jsoncodec.dumps(request).encode() + b"\n"
+    reader = _Lines(sock)
+    try:
+        sock.settimeout(wait)
+        try:
+            sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # Refused and hung up on before the request went out: the reason may be waiting.
+            try:
+                refusal = _answer(reader.next())
+            except (OSError, EOFError, _InvalidAnswer):
+                refusal = None
+            if refusal is None or refusal.get("error") is None:
+                return _fail(f"lost the connection to the stockade daemon: {exc}")
+            return _fail(str(refusal["error"]))
+        stream_error: Exception | None = None
+        while True:
+            answer = _answer(reader.next())
+            output = answer.get("output")
+            if isinstance(output, dict) and "result" not in answer:
+                # A write that fails is not tried again, and its exception waits for the answer.
+                if answer.get("id") == _MSG_ID and stream_error is None:
+                    try:
+                        _stream(str(output.get("stream")), binascii.a2b_base64(str(output.get("data", ""))))
+                    except Exception as exc:  # noqa: BLE001 - raised once the answer is read
+                        stream_error = exc
+                continue
+            break
+    except TimeoutError:
+        return _fail(f"the stockade daemon did not answer within {wait:g} s")
+    except (OSError, EOFError) as exc:
+        return _fail(f"lost the connection to the stockade daemon: {exc}")
+    except _InvalidAnswer:
+        return _fail("the daemon sent an invalid response")
+    if stream_error is not None:
+        raise stream_error
+    return _report(args, answer)
+
+
+def _report(args: Any, answer: dict[str, Any]) -> int:
+    """The answer as the CLI reports a run: a clean completed run from its JSON alone,
+    anything else (``--json``, a summary to print) through its ``ExecResult``."""
+    if answer.get("id", _MSG_ID) != _MSG_ID and answer.get("error_code") is None:
+        return _fail(f"the daemon answered request {answer['id']!r}, not {_MSG_ID}")
+    if answer.get("error") is not None:
+        if answer.get("error_code") == "policy":
+            return _fail(_policy_error(args) or str(answer["error"]))
+        return _fail(str(answer["error"]))
+    result = answer.get("result")
+    if not isinstance(result, dict):
+        return _fail("the daemon's answer to execute has no result")
+    reason, exit_code = result.get("termination_reason"), result.get("exit_code")
+    clean = reason == "completed" and not result.get("security_violations") and not result.get("unenforced_limits")
+    if clean and not args.json and (exit_code is None or type(exit_code) is int):
+        return _exit_status("completed", exit_code)
+    from pydantic import ValidationError
+
+    from .cli import _report as report
+    from .result import ExecResult
+
+    try:
+        parsed = ExecResult.model_validate_json(jsoncodec.dumps(result), extra="ignore")
+    except ValidationError:
+        return _fail("the daemon sent an invalid response")
+    return report(args, parsed)
+
+
+def _policy_error(args: Any) -> str | None:
+    """The daemon refused the policy: say so as the in-process run would, naming the flags."""
+    from .cli import _build_policy
+    from .errors import StockadeError
+
+    try:
+        _build_policy(args)
+    except (StockadeError, OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+class _InvalidAnswer(Exception):
+    """A line from the daemon that is not a JSON object."""
+
+
+def _answer(line: bytes) -> dict[str, Any]:
+    try:
+        answer = jsoncodec.loads(line)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise _InvalidAnswer
+    return answer
+
+
+class _Lines:
+    """The answer's lines, as they come."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def next(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError("the daemon closed the connection")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
