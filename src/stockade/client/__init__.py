@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from ..errors import AnswerLostError, DaemonBusyError, NotFoundError, SandboxLostError
 from .async_client import AsyncClient, AsyncRemoteSandbox
-from .requests import ExecOptions, RunOptions, read_token_file
+from .requests import CodeOptions, ExecOptions, RunOptions, read_token_file
 from .retry import SAFE_TO_RESEND, Retry, call_with_retry
-from .sync_client import Client, RemoteSandbox
+from .sync_client import Client, RemoteInterpreter, RemoteSandbox
 
 __all__ = [
     "SAFE_TO_RESEND",
@@ -40,9 +40,11 @@ __all__ = [
     "AsyncClient",
     "AsyncRemoteSandbox",
     "Client",
+    "CodeOptions",
     "DaemonBusyError",
     "ExecOptions",
     "NotFoundError",
+    "RemoteInterpreter",
     "RemoteSandbox",
     "Retry",
     "RunOptions",

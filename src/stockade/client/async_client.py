@@ -11,7 +11,7 @@ from typing import Any, Unpack
 from ..errors import DaemonUnavailableError, NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
-from .requests import ExecOptions, PolicyArg, Requests, RunOptions, SandboxHandle
+from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unreachable
 
 
@@ -214,7 +214,7 @@ class AsyncClient(Requests):
         return await self._run(*self._sandbox_exec(sandbox_id, command, options), options.get("on_output"))
 
     async def sandbox_run_code(
-        self, sandbox_id: str, code: str, language: str = "python", **options: Unpack[RunOptions]
+        self, sandbox_id: str, code: str, language: str = "python", **options: Unpack[CodeOptions]
     ) -> ExecResult:
         return await self._run(*self._sandbox_run_code(sandbox_id, code, language, options), options.get("on_output"))
 
@@ -230,6 +230,16 @@ class AsyncClient(Requests):
         with naming(path):
             entries: list[dict[str, Any]] = (await self.call(*self._list_dir(sandbox_id, path)))["entries"]
         return entries
+
+    async def close_interpreter(self, sandbox_id: str, session: str) -> bool:
+        closed: bool = (await self.call(*self._close_interpreter(sandbox_id, session)))["closed"]
+        return closed
+
+    async def interrupt_sandbox(self, sandbox_id: str) -> bool:
+        """``Client.interrupt_sandbox``: on a connection of its own."""
+        async with AsyncClient(self.socket_path, self._token, self.timeout, retry=None) as other:
+            interrupted: bool = (await other.call(*other._interrupt(sandbox_id)))["interrupted"]
+        return interrupted
 
     async def close_sandbox(self, sandbox_id: str) -> None:
         await self.call(*self._close(sandbox_id))
@@ -262,8 +272,14 @@ class AsyncRemoteSandbox(SandboxHandle):
     async def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
         return await self.client.sandbox_exec(self.sandbox_id, command, **options)
 
-    async def run_code(self, code: str, language: str = "python", **options: Unpack[RunOptions]) -> ExecResult:
+    async def run_code(self, code: str, language: str = "python", **options: Unpack[CodeOptions]) -> ExecResult:
         return await self.client.sandbox_run_code(self.sandbox_id, code, language, **options)
+
+    async def interrupt(self) -> bool:
+        return await self.client.interrupt_sandbox(self.sandbox_id)
+
+    async def close_interpreter(self, session: str) -> bool:
+        return await self.client.close_interpreter(self.sandbox_id, session)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         await self.client.sandbox_write_file(self.sandbox_id, path, data, mode)

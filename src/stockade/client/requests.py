@@ -19,6 +19,7 @@ from ..policy import Policy
 from ..protocol.models import (
     CancelRequest,
     ExecuteRequest,
+    InterpreterRef,
     ListDir,
     ReadFile,
     Request,
@@ -51,7 +52,11 @@ class ExecOptions(RunOptions, total=False):
     cwd: str | None
 
 
-_RUN_OPTIONS = frozenset(RunOptions.__annotations__)
+class CodeOptions(RunOptions, total=False):
+    session: str | None  # run the code as a cell of this stateful interpreter
+
+
+_CODE_OPTIONS = frozenset(CodeOptions.__annotations__)
 _EXEC_OPTIONS = frozenset(ExecOptions.__annotations__)
 
 
@@ -119,7 +124,7 @@ class Requests:
         return self._sandbox_run(SandboxExec, "sandbox.exec", sandbox_id, {"command": argv_list(command)}, options)
 
     def _sandbox_run_code(
-        self, sandbox_id: str, code: str, language: str, options: RunOptions
+        self, sandbox_id: str, code: str, language: str, options: CodeOptions
     ) -> tuple[str, dict[str, Any], float]:
         fields = {"code": code, "language": language}
         return self._sandbox_run(SandboxRunCode, "sandbox.run_code", sandbox_id, fields, options)
@@ -130,12 +135,14 @@ class Requests:
         method: str,
         sandbox_id: str,
         fields: dict[str, Any],
-        options: RunOptions,
+        options: ExecOptions | CodeOptions,
     ) -> tuple[str, dict[str, Any], float]:
-        known = _EXEC_OPTIONS if model is SandboxExec else _RUN_OPTIONS
+        known = _EXEC_OPTIONS if model is SandboxExec else _CODE_OPTIONS
         if unknown := sorted(set(options) - known):
             # Keywords travel as a dict: a misspelt one would otherwise be dropped without a word.
-            raise TypeError(f"{method} got unexpected keyword arguments: {', '.join(unknown)}")
+            raise TypeError(
+                f"{method} got unexpected keyword arguments: {', '.join(unknown)} (it takes {', '.join(sorted(known))})"
+            )
         given = {k: v for k, v in options.items() if k not in ("stdin", "on_output")}
         request = _build(model, method, sandbox_id=sandbox_id, **fields, **given, **_stdin(options.get("stdin")))
         request.check_sizes()  # refused before it is sent, as the daemon would refuse it
@@ -159,6 +166,13 @@ class Requests:
 
     def _list_dir(self, sandbox_id: str, path: str) -> Sent:
         return "sandbox.list_dir", _params(_build(ListDir, "sandbox.list_dir", sandbox_id=sandbox_id, path=path)), None
+
+    def _close_interpreter(self, sandbox_id: str, session: str) -> Sent:
+        request = _build(InterpreterRef, "sandbox.close_interpreter", sandbox_id=sandbox_id, session=session)
+        return "sandbox.close_interpreter", _params(request), None
+
+    def _interrupt(self, sandbox_id: str) -> Sent:
+        return "sandbox.interrupt", _params(_build(SandboxRef, "sandbox.interrupt", sandbox_id=sandbox_id)), None
 
     def _close(self, sandbox_id: str) -> Sent:
         return "sandbox.close", _params(_build(SandboxRef, "sandbox.close", sandbox_id=sandbox_id)), None

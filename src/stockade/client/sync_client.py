@@ -14,7 +14,7 @@ from typing import Any, Unpack
 from ..errors import DaemonUnavailableError, NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
-from .requests import ExecOptions, PolicyArg, Requests, RunOptions, SandboxHandle
+from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unreachable
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
@@ -256,8 +256,9 @@ class Client(Requests):
         return self._run(*self._sandbox_exec(sandbox_id, command, options), options.get("on_output"))
 
     def sandbox_run_code(
-        self, sandbox_id: str, code: str, language: str = "python", **options: Unpack[RunOptions]
+        self, sandbox_id: str, code: str, language: str = "python", **options: Unpack[CodeOptions]
     ) -> ExecResult:
+        """Run code in a held sandbox; ``session=NAME``: as a cell of that stateful interpreter."""
         return self._run(*self._sandbox_run_code(sandbox_id, code, language, options), options.get("on_output"))
 
     def sandbox_write_file(self, sandbox_id: str, path: str, data: bytes | str, mode: int = 0o644) -> None:
@@ -275,6 +276,20 @@ class Client(Requests):
         with naming(path):
             entries: list[dict[str, Any]] = self.call(*self._list_dir(sandbox_id, path))["entries"]
         return entries
+
+    def close_interpreter(self, sandbox_id: str, session: str) -> bool:
+        """End a session's interpreter in a held sandbox; False when it had none running."""
+        closed: bool = self.call(*self._close_interpreter(sandbox_id, session))["closed"]
+        return closed
+
+    def interrupt_sandbox(self, sandbox_id: str) -> bool:
+        """Interrupt a held sandbox's run in progress (SIGINT); False when nothing runs.
+
+        Sent on a connection of its own: this client's may be waiting for that run.
+        """
+        with Client(self.socket_path, self._token, self.timeout, retry=None) as other:
+            interrupted: bool = other.call(*other._interrupt(sandbox_id))["interrupted"]
+        return interrupted
 
     def close_sandbox(self, sandbox_id: str) -> None:
         self.call(*self._close(sandbox_id))
@@ -320,8 +335,16 @@ class RemoteSandbox(SandboxHandle):
     def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
         return self.client.sandbox_exec(self.sandbox_id, command, **options)
 
-    def run_code(self, code: str, language: str = "python", **options: Unpack[RunOptions]) -> ExecResult:
+    def run_code(self, code: str, language: str = "python", **options: Unpack[CodeOptions]) -> ExecResult:
         return self.client.sandbox_run_code(self.sandbox_id, code, language, **options)
+
+    def interpreter(self, name: str = "default") -> RemoteInterpreter:
+        """The stateful Python interpreter ``name`` in this sandbox (the SDK's ``Sandbox.interpreter``)."""
+        return RemoteInterpreter(self, name)
+
+    def interrupt(self) -> bool:
+        """From another thread: interrupt this sandbox's run in progress."""
+        return self.client.interrupt_sandbox(self.sandbox_id)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
@@ -338,3 +361,39 @@ class RemoteSandbox(SandboxHandle):
         self.closed = True
         with contextlib.suppress(NotFoundError):
             self.client.close_sandbox(self.sandbox_id)
+
+
+class RemoteInterpreter:
+    """A stateful interpreter in a daemon's held sandbox: the SDK ``Interpreter``'s methods."""
+
+    def __init__(self, sandbox: RemoteSandbox, name: str) -> None:
+        self.sandbox = sandbox
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"RemoteInterpreter({self.name!r}, {self.sandbox.sandbox_id!r})"
+
+    def run(
+        self,
+        code: str,
+        *,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        return self.sandbox.run_code(code, env=env, timeout=timeout, on_output=on_output, session=self.name)
+
+    def interrupt(self) -> bool:
+        return self.sandbox.interrupt()
+
+    def restart(self) -> None:
+        self.sandbox.client.close_interpreter(self.sandbox.sandbox_id, self.name)
+
+    close = restart
+
+    def __enter__(self) -> RemoteInterpreter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.sandbox.closed:
+            self.close()

@@ -37,6 +37,9 @@ from ..protocol.models import (
     DirListing,
     FileData,
     FileWritten,
+    InterpreterClosed,
+    InterpreterRef,
+    Interrupted,
     ListDir,
     ReadFile,
     SandboxCreate,
@@ -47,7 +50,7 @@ from ..protocol.models import (
     WriteFile,
 )
 from ..result import ExecResult
-from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
+from ..runtimes.base import AgentSandbox, OutputCallback, code_request, exec_params
 from ..runtimes.manager import RuntimeManager
 from .config import DaemonConfig
 from .slots import Slots
@@ -223,6 +226,7 @@ class HeldSandboxes:
         """
         held = self._lookup(request, caller)
         request.check_sizes()
+        method, params = _held_params(request)  # a request the agent cannot take is refused here
         if held.calls or not _take_now(held.lock):
             return None
         held.calls += 1
@@ -234,7 +238,6 @@ class HeldSandboxes:
             done(outcome)
 
         finish = settle_once(deliver, functools.partial(self._held_call_ended, held))
-        method, params = _held_params(request)
         try:
             held.sandbox.start_run(method, params, request.stdin_bytes(), request.env, request.timeout, None, finish)
         except BaseException:
@@ -318,6 +321,18 @@ class HeldSandboxes:
                 raise
             raise error from None
 
+    async def close_interpreter(self, request: InterpreterRef, caller: Caller) -> InterpreterClosed:
+        async def close(held: Held) -> bool:
+            return await self._blocking(held.sandbox.close_interpreter, request.session)
+
+        closed = await self._held_call(request, caller, close)
+        return InterpreterClosed(sandbox_id=request.sandbox_id, session=request.session, closed=closed)
+
+    def interrupt(self, request: SandboxRef, caller: Caller) -> Interrupted:
+        """Interrupt the sandbox's run in progress, without waiting for it (it holds the sandbox's turn)."""
+        held = self._lookup(request, caller)
+        return Interrupted(sandbox_id=held.sandbox_id, interrupted=held.sandbox.interrupt())
+
     async def close_sandbox(self, request: SandboxRef, caller: Caller) -> Closed:
         held = self._lookup(request, caller)
         why = f"the sandbox was closed by {caller.owner} (sandbox.close) during this call"
@@ -355,10 +370,10 @@ class HeldSandboxes:
 
 
 def _held_params(request: SandboxExec | SandboxRunCode) -> tuple[str, dict[str, Any]]:
-    """The agent's request for a held sandbox's run."""
+    """The agent's request for a held sandbox's run (a session's cell: ``run_cell``)."""
     if isinstance(request, SandboxExec):
         return "exec", exec_params(request.command, request.cwd)
-    return "run_code", code_params(request.code, request.language)
+    return code_request(request.code, request.language, request.session, request.stdin_bytes())
 
 
 def _take_now(lock: asyncio.Lock) -> bool:

@@ -19,6 +19,7 @@ from ..protocol.models import (
     CancelRequest,
     Empty,
     ExecuteRequest,
+    InterpreterRef,
     ListDir,
     ReadFile,
     Request,
@@ -67,6 +68,10 @@ async def _cancel(c: Controller, r: CancelRequest, caller: Caller, out: OutputCa
     return c.cancel(r, caller)
 
 
+async def _interrupt(c: Controller, r: SandboxRef, caller: Caller, out: OutputCallback | None) -> Any:
+    return c.interrupt(r, caller)
+
+
 async def _runtimes(c: Controller, r: Empty, caller: Caller, out: OutputCallback | None) -> Any:
     return await c.runtimes()
 
@@ -97,6 +102,8 @@ def _method_list() -> list[Method]:
             lambda c, r, caller, out: c.sandbox_run(r, caller, out),
             start_now=lambda c, r, caller, done: c.sandbox_call_now(r, caller, done),
         ),
+        Method("sandbox.close_interpreter", InterpreterRef, lambda c, r, caller, out: c.close_interpreter(r, caller)),
+        Method("sandbox.interrupt", SandboxRef, _interrupt),
         Method("sandbox.write_file", WriteFile, lambda c, r, caller, out: c.write_file(r, caller)),
         Method("sandbox.read_file", ReadFile, lambda c, r, caller, out: c.read_file(r, caller)),
         Method("sandbox.list_dir", ListDir, lambda c, r, caller, out: c.list_dir(r, caller)),

@@ -135,9 +135,21 @@ class SandboxExec(_HeldRun):
     cwd: Path | None = None
 
 
+Session = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$", description="an interpreter's name")
+]
+
+
 class SandboxRunCode(_HeldRun):
     code: str
     language: Language = "python"
+    session: Session | None = Field(
+        default=None, description="run the code as a cell of this stateful interpreter (python; no stdin)"
+    )
+
+
+class InterpreterRef(SandboxRef):
+    session: Session
 
 
 class WriteFile(SandboxRef):
@@ -197,6 +209,17 @@ class DirListing(Answer):
 class Closed(Answer):
     sandbox_id: str
     closed: bool = True
+
+
+class InterpreterClosed(Answer):
+    sandbox_id: str
+    session: str
+    closed: bool = Field(description="false when the session had no interpreter running")
+
+
+class Interrupted(Answer):
+    sandbox_id: str
+    interrupted: bool = Field(description="false when nothing was running")
 
 
 class Cancelled(Answer):

@@ -118,6 +118,7 @@ class AgentSandbox(abc.ABC):
         self._lock = threading.Lock()
         self._interrupt_lock = threading.Lock()  # an interrupt's frame never splits a request's
         self._request_sent = False
+        self._loop_call: _LoopCall | None = None  # the run in progress on an event loop
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
         self._kill_reason: TerminationReason | None = None
@@ -218,7 +219,9 @@ class AgentSandbox(abc.ABC):
         KeyboardInterrupt and its interpreter keeps its state; a command gets Ctrl-C). False
         when nothing was running."""
         with self._interrupt_lock:
-            if not self._request_sent or self._dead or self._closed:
+            call = self._loop_call  # a run driven by an event loop: this is called in its thread
+            sent = self._request_sent or (call is not None and not call.unsent and not call.ended)
+            if not sent or self._dead or self._closed:
                 return False
             try:
                 self.conn.sendall(wire.encode_message(wire.notification("interrupt", {})))
@@ -680,7 +683,12 @@ class AgentSandbox(abc.ABC):
         def on_message(payload: bytes) -> tuple[bool, Any]:
             return self._reply(_decode(payload), msg_id, on_output)
 
-        return _LoopCall(loop, self.conn, frame, timeout, on_message, done, self._lock.release)
+        def release() -> None:
+            self._loop_call = None
+            self._lock.release()
+
+        self._loop_call = _LoopCall(loop, self.conn, frame, timeout, on_message, done, release)
+        return self._loop_call
 
     def _request(self, method: str, params: dict[str, Any]) -> tuple[int, bytes]:
         if self._closed:

@@ -34,7 +34,17 @@ from ..daemon.controller import Controller
 from ..daemon.methods import METHODS, read_request
 from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError
 from ..policy import Policy, default_policy
-from ..protocol.models import Caller, Cancelled, Closed, DirListing, FileWritten, SandboxCreated, request_error
+from ..protocol.models import (
+    Caller,
+    Cancelled,
+    Closed,
+    DirListing,
+    FileWritten,
+    InterpreterClosed,
+    Interrupted,
+    SandboxCreated,
+    request_error,
+)
 from ..result import ExecResult
 from . import sandboxfusion, seed
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response
@@ -73,6 +83,9 @@ class HttpRunCode(BaseModel):
     stdin: str | None = None
     env: dict[str, str] | None = None
     timeout: float | None = Field(default=None, gt=0)
+    session: str | None = Field(
+        default=None, description="run the code as a cell of this stateful interpreter (python; no stdin)"
+    )
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -274,6 +287,27 @@ def create_app(door: HttpDoor) -> FastAPI:
     )
     async def list_dir(request: Request, sandbox_id: str, path: str = Query(min_length=1)) -> Any:
         return await door.call("sandbox.list_dir", {"sandbox_id": sandbox_id, "path": path}, door.caller(request))
+
+    @app.post(
+        "/api/v1/sandboxes/{sandbox_id}/interrupt",
+        name="sandbox.interrupt",
+        response_model=Interrupted,
+        responses=_ERRORS,
+    )
+    async def interrupt(request: Request, sandbox_id: str) -> Any:
+        """Interrupt the sandbox's run in progress (SIGINT): a cell keeps its interpreter's state."""
+        return await door.call("sandbox.interrupt", {"sandbox_id": sandbox_id}, door.caller(request))
+
+    @app.delete(
+        "/api/v1/sandboxes/{sandbox_id}/interpreters/{session}",
+        name="sandbox.close_interpreter",
+        response_model=InterpreterClosed,
+        responses=_ERRORS,
+    )
+    async def close_interpreter(request: Request, sandbox_id: str, session: str) -> Any:
+        """End a session's interpreter (its atexit handlers run); its next cell starts a fresh one."""
+        params = {"sandbox_id": sandbox_id, "session": session}
+        return await door.call("sandbox.close_interpreter", params, door.caller(request))
 
     @app.delete("/api/v1/sandboxes/{sandbox_id}", name="sandbox.close", response_model=Closed, responses=_ERRORS)
     async def close(request: Request, sandbox_id: str) -> Any:
