@@ -63,6 +63,9 @@ FLAGS: tuple[tuple[str, str, type, tuple[str, ...] | None, bool], ...] = (
     ("environment", "--env", str, None, True),
     ("on_violation", "--on-violation", str, ("deny", "kill"), False),
     ("max_violations", "--max-violations", int, None, False),
+    ("environment_name", "--python-env", str, None, False),
+    ("packages", "--package", str, None, True),
+    ("environment_id", "--python-env-id", str, None, False),
 )
 POLICY_FIELDS = tuple(f[0] for f in FLAGS)
 DEFAULT_TIMEOUT_S = 30.0  # Policy.timeout_seconds's default: bounds the wait for an answer
@@ -101,7 +104,7 @@ def parse(argv: list[str]) -> Args | None:
     flags = {f[1]: f for f in FLAGS}
     values: dict[str, Any] = {name: None for name in POLICY_FIELDS}
     values["policy_fields"] = POLICY_FIELDS
-    values.update({"environment": [], "filesystem_access": [], "json": False, "require_daemon": False})
+    values.update({"environment": [], "filesystem_access": [], "packages": [], "json": False, "require_daemon": False})
     values.update({"policy_file": None, "socket": None, "token_file": None})
     if command == "run":
         values["command"] = []
@@ -168,7 +171,7 @@ def policy_fields(args: Any) -> dict[str, Any]:
         env[key] = value
     for name in args.policy_fields:
         value = getattr(args, name, None)  # start has no --timeout, no --max-output
-        if value is not None and name not in ("environment", "filesystem_access"):
+        if value is not None and value != [] and name not in ("environment", "filesystem_access"):
             fields[name] = value
     if env:
         fields["environment"] = env

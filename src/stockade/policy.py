@@ -154,6 +154,20 @@ class Policy(BaseModel):
         ge=0,
         description="a flood limit: the run ends (violation) once more calls than this were blocked (default: none)",
     )
+    environment_name: str | None = Field(
+        default=None,
+        description="a Python environment by name (stockade env build NAME), mounted read-only at /opt/stockade/env",
+    )
+    packages: tuple[str, ...] = Field(
+        default=(),
+        description="Python requirements (pip's syntax): the environment they make, built on first use from wheels "
+        "and cached by content",
+    )
+    environment_id: str | None = Field(
+        default=None,
+        description="the content id of the environment the code runs with: set from environment_name or packages "
+        "on the host; given alone, it pins one",
+    )
 
     def __init__(self, **fields: Any) -> None:
         # ``Policy(memory_mb=99999)`` raises ``PolicyError`` naming the field, as every door does
@@ -204,6 +218,41 @@ class Policy(BaseModel):
             raise ValueError("filesystem_access has two mounts on the same target")
         return self
 
+    @field_validator("packages", mode="before")
+    @classmethod
+    def _listify_packages(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("packages")
+    @classmethod
+    def _normalise_packages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from .environments import normalise
+
+        return normalise(value)
+
+    @field_validator("environment_name")
+    @classmethod
+    def _check_environment_name(cls, value: str | None) -> str | None:
+        from .environments import check_name, existing
+
+        if value is not None:
+            existing(check_name(value))
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_environment(self) -> Policy:
+        # On the host that reads the policy: environment_name or packages become the content id,
+        # which the digest then covers (docs/environments.md).
+        if self.environment_name is None and not self.packages and self.environment_id is None:
+            return self
+        from .environments import ENV_ROOT, resolve
+
+        object.__setattr__(self, "environment_id", resolve(self.environment_name, self.packages, self.environment_id))
+        for m in self.filesystem_access:
+            if m.target == ENV_ROOT or m.target.startswith(ENV_ROOT + "/") or ENV_ROOT.startswith(m.target + "/"):
+                raise ValueError(f"filesystem_access target {m.target} would cover the environment at {ENV_ROOT}")
+        return self
+
     @classmethod
     def build(cls, **fields: Any) -> Policy:
         """Validate: a ``PolicyError`` names each field that is wrong."""
@@ -239,6 +288,9 @@ CLI_FLAGS: dict[str, tuple[str, str | None]] = {
     "filesystem_access": ("--mount", "SRC[:DST][:rw]"),
     "environment": ("--env", "K=V"),
     "max_violations": ("--max-violations", "N"),
+    "environment_name": ("--python-env", "NAME"),
+    "packages": ("--package", "REQ"),
+    "environment_id": ("--python-env-id", "ID"),
 }
 
 

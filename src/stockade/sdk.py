@@ -8,8 +8,9 @@ its files and processes across calls until it is closed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
 from .limits import check_call_size
@@ -18,6 +19,11 @@ from .protocol.models import argv_list
 from .result import ExecResult
 from .runtimes.base import AgentSandbox, OutputCallback
 from .runtimes.manager import RuntimeManager, default_manager
+from .runtimes.publish import parse_publish
+from .runtimes.spawned import Process
+
+if TYPE_CHECKING:
+    from .transfer import TransferSummary
 
 
 def one_shot(
@@ -106,10 +112,29 @@ class Sandbox:
         policy: Policy | dict[str, Any] | None = None,
         *,
         manager: RuntimeManager | None = None,
+        publish: Sequence[int | str] = (),
         **policy_fields: Any,
     ) -> None:
         self.policy = coerce_policy(policy, **policy_fields)
         self._sandbox = (manager or default_manager()).select(self.policy).start(self.policy)
+        # port inside -> (host address, host port) of its published forward
+        self.published: dict[int, tuple[str, int]] = {}
+        try:
+            for spec in publish:
+                self.publish(spec)
+        except BaseException:
+            self._sandbox.close()
+            raise
+
+    def publish(self, spec: int | str) -> tuple[str, int]:
+        """Forward a host loopback port to a port on the sandbox's own loopback (docs/processes-and-ports.md).
+
+        ``8000`` (any free host port), ``"9000:8000"`` or ``"127.0.0.1:9000:8000"``;
+        needs ``network_policy="loopback"``. The host address and port.
+        """
+        address = self._sandbox.publish(spec)
+        self.published[parse_publish(spec)[2]] = address
+        return address
 
     @property
     def runtime(self) -> str:
@@ -161,6 +186,28 @@ class Sandbox:
             code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session
         )
 
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Process:
+        """Start ``argv`` in the background: a ``Process`` (``pid``, ``read()``, ``write()``,
+        ``wait()``, ``kill()``, ``follow(on_output)``); other calls go on meanwhile.
+
+        >>> with Sandbox(network_policy="loopback") as sb:
+        ...     server = sb.spawn(["python3", "-m", "http.server", "8000"])
+        ...     sb.exec(["python3", "-c", "import urllib.request as u; ..."])
+        ...     server.kill()
+        """
+        return self._sandbox.spawn(argv_list(argv), stdin=stdin, env=env, cwd=cwd)
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The background processes of this sandbox: ``{handle, pid, argv, running, exit_code}``."""
+        return self._sandbox.processes()
+
     def interpreter(self, name: str = "default") -> Interpreter:
         """The stateful Python interpreter called ``name`` in this sandbox (started by its first cell)."""
         return Interpreter(self, name)
@@ -177,6 +224,24 @@ class Sandbox:
 
     def list_dir(self, path: str) -> list[dict[str, Any]]:
         return self._sandbox.list_dir(path)
+
+    def upload(
+        self, local_path: str | os.PathLike[str], remote_dir: str, *, max_bytes: int | None = None
+    ) -> TransferSummary:
+        """Copy a host file or directory into ``remote_dir`` (made if missing) as a tar stream:
+        a directory's contents, or a file by its name. ``max_bytes`` caps the archive (256 MiB)."""
+        from .transfer import upload
+
+        return upload(self, local_path, remote_dir, max_bytes=max_bytes)
+
+    def download(
+        self, remote_path: str, local_dir: str | os.PathLike[str], *, max_bytes: int | None = None
+    ) -> TransferSummary:
+        """Copy ``remote_path`` (a directory's contents, or a file) into ``local_dir`` on the host:
+        regular files and directories only, checked before a byte is written (docs/sdk.md)."""
+        from .transfer import download
+
+        return download(self, remote_path, local_dir, max_bytes=max_bytes)
 
     @property
     def closed(self) -> bool:
@@ -319,6 +384,20 @@ class AsyncSandbox:
     async def list_dir(self, path: str) -> list[dict[str, Any]]:
         async with self._turn:
             return await asyncio.to_thread(self._held().list_dir, path)
+
+    async def upload(
+        self, local_path: str | os.PathLike[str], remote_dir: str, *, max_bytes: int | None = None
+    ) -> TransferSummary:
+        """``Sandbox.upload``, in a thread."""
+        async with self._turn:
+            return await asyncio.to_thread(self._held().upload, local_path, remote_dir, max_bytes=max_bytes)
+
+    async def download(
+        self, remote_path: str, local_dir: str | os.PathLike[str], *, max_bytes: int | None = None
+    ) -> TransferSummary:
+        """``Sandbox.download``, in a thread."""
+        async with self._turn:
+            return await asyncio.to_thread(self._held().download, remote_path, local_dir, max_bytes=max_bytes)
 
     async def aclose(self) -> None:
         if self._sync is not None:

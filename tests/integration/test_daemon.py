@@ -736,7 +736,11 @@ def test_cli_runs_through_the_daemon(daemon: Daemon) -> None:
         timeout=60,
     )
     assert (out.returncode, out.stdout) == (4, "hi\n")
-    assert "uid=0 execute ok" in daemon.logs() or f"uid={os.getuid()} execute ok" in daemon.logs()
+    # The daemon logs a call just after its answer: the CLI may have exited before the line is written.
+    deadline = time.monotonic() + 30
+    while f"uid={os.getuid()} execute ok" not in daemon.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"uid={os.getuid()} execute ok" in daemon.logs(), daemon.logs()
     missing = subprocess.run(
         [sys.executable, "-m", "stockade.cli", "run", "--socket", daemon.socket_path + ".nope", "--", "true"],
         capture_output=True,

@@ -99,8 +99,8 @@ def test_no_sys_no_cgroupfs_no_dangerous_devices(sb: Sandbox) -> None:
 
 
 def test_etc_is_synthesized(sb: Sandbox) -> None:
-    allowed = {"alternatives", "group", "hostname", "hosts", "ld.so.cache", "localtime", "nsswitch.conf", "passwd",
-               "resolv.conf"}  # fmt: skip
+    allowed = {"alternatives", "fonts", "group", "hostname", "hosts", "ld.so.cache", "localtime", "mime.types",
+               "nsswitch.conf", "passwd", "resolv.conf", "ssl"}  # fmt: skip
     listed = set(sb.exec(["ls", "/etc"]).stdout.split())
     assert listed <= allowed and {"passwd", "group", "hosts", "resolv.conf"} <= listed
     assert "sandbox:x:1000" in sb.read_file("/etc/passwd").decode()

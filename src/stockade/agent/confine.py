@@ -123,6 +123,7 @@ def prepare_root(agent_files: dict[str, bytes]) -> None:
 
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     make_dev(old)
+    write_etc_extras(old)
     for path, data in agent_files.items():
         full = f"{AGENT_HOME}/{path}"
         os.makedirs(os.path.dirname(full), mode=0o755, exist_ok=True)
@@ -268,6 +269,7 @@ def _finish_root(config: dict[str, Any]) -> None:
     make_etc(old, config)
     for mount in config.get("mounts") or []:
         _bind_extra(old, mount)
+    seed_cache()
     linux.umount2(old, linux.MNT_DETACH)
     os.rmdir(old)
     linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
@@ -341,6 +343,73 @@ def make_etc(old: str, config: dict[str, Any]) -> None:
         bind(f"{old}/etc/alternatives", "/etc/alternatives", writable=False)
 
 
+# What common libraries read from /etc to work offline and quietly: the host's CA bundle
+# (the first of the usual places it has, kept at that path: OpenSSL's default file there),
+# the MIME table, and a fontconfig configuration of our own (fonts from /usr, a cache in
+# $XDG_CACHE_HOME, or ~/.cache: both writable). The gvisor runtime and the microVM image
+# copy the same files.
+CA_BUNDLES = ("ssl/certs/ca-certificates.crt", "pki/tls/certs/ca-bundle.crt", "ssl/cert.pem")
+ETC_COPIES = ("mime.types",)
+FONTS_CONF = """<?xml version="1.0"?>
+<!DOCTYPE fontconfig SYSTEM "urn:fontconfig:fonts.dtd">
+<!-- stockade: the fonts under /usr, a cache in the writable scratch -->
+<fontconfig>
+  <dir>/usr/share/fonts</dir>
+  <dir>/usr/local/share/fonts</dir>
+  <cachedir prefix="xdg">fontconfig</cachedir>
+  <include ignore_missing="yes">/usr/share/fontconfig/conf.avail/45-latin.conf</include>
+  <include ignore_missing="yes">/usr/share/fontconfig/conf.avail/49-sansserif.conf</include>
+  <include ignore_missing="yes">/usr/share/fontconfig/conf.avail/60-latin.conf</include>
+</fontconfig>
+"""
+# Where a policy's Python environment is mounted, and where its pre-built caches go
+# (the host's environments.ENV_ROOT and CACHE_HOME).
+ENV_ROOT = "/opt/stockade/env"
+CACHE_HOME = "/tmp/.cache"
+
+
+def etc_copies(root: str) -> list[str]:
+    """The files of ``root``/etc an isolate's /etc copies (paths under etc/)."""
+    bundles = [p for p in CA_BUNDLES if os.path.isfile(f"{root}/etc/{p}")][:1]
+    return bundles + [p for p in ETC_COPIES if os.path.isfile(f"{root}/etc/{p}")]
+
+
+def write_etc_extras(root: str, etc: str = "/etc") -> None:
+    """Copy ``etc_copies(root)`` into ``etc`` and write fonts.conf there."""
+    for rel in etc_copies(root):
+        try:
+            data = _read_bytes(f"{root}/etc/{rel}")
+        except OSError:
+            continue  # not readable by the isolate's uid: the host keeps it to itself
+        os.makedirs(os.path.dirname(f"{etc}/{rel}"), mode=0o755, exist_ok=True)
+        _write_bytes(f"{etc}/{rel}", data)
+    os.makedirs(f"{etc}/fonts", mode=0o755, exist_ok=True)
+    _write(f"{etc}/fonts/fonts.conf", FONTS_CONF)
+
+
+def seed_cache(owner: tuple[int, int] | None = None) -> None:
+    """Copy the environment's pre-built caches (``cache/``: matplotlib's font list,
+    fontconfig's) into the scratch's $XDG_CACHE_HOME, owned by the code's uid
+    (``owner`` when the maker is a real root), as if its first run had made them."""
+    try:
+        _seed_cache(owner)
+    except OSError:
+        pass  # a scratch too small for it, say: the library builds its own
+
+
+def _seed_cache(owner: tuple[int, int] | None) -> None:
+    seed = ENV_ROOT + "/cache"
+    for top, _dirs, files in os.walk(seed):
+        dest = CACHE_HOME + top[len(seed) :]
+        os.makedirs(dest, mode=0o755, exist_ok=True)
+        made = [dest] + [f"{dest}/{name}" for name in files]
+        for name in files:
+            _write_bytes(f"{dest}/{name}", _read_bytes(f"{top}/{name}"))
+        if owner is not None:
+            for path in made:
+                os.chown(path, *owner)
+
+
 def _bind_extra(old: str, mount: dict[str, Any]) -> None:
     source, target = mount["source"], mount["target"]
     host = old + source
@@ -348,11 +417,35 @@ def _bind_extra(old: str, mount: dict[str, Any]) -> None:
         raise FileNotFoundError(f"filesystem_access source {source} does not exist or is not reachable")
     if os.path.isdir(host):
         os.makedirs(target, exist_ok=True)
+        if mount.get("hide_source") and _mount_hiding_source(host, target):
+            return
     else:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if not os.path.exists(target):
             os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
     bind(host, target, writable=bool(mount.get("writable")))
+
+
+def _mount_hiding_source(host: str, target: str) -> bool:
+    """``host`` read-only at ``target``, its host path out of /proc/self/mountinfo.
+
+    A bind shows the source's path within its filesystem there; an overlay of its own
+    has "/" for a root, and its layers are named as given, relative to the working
+    directory ("."). A read-only overlay needs two layers: the second is ``target``
+    itself, empty, then covered. False where overlays cannot be mounted in a user
+    namespace (Linux < 5.11): the caller binds instead.
+    """
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(host)
+        flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+        linux.mount("overlay", target, "overlay", flags, f"lowerdir=.:{target}")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.fchdir(here)
+        os.close(here)
 
 
 def bind(source: str, target: str, writable: bool) -> None:
@@ -433,6 +526,17 @@ def _apply_landlock(abi: int, config: dict[str, Any]) -> None:
 
 def _write(path: str, text: str) -> None:
     _write_bytes(path, text.encode())
+
+
+def _read_bytes(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _write_bytes(path: str, data: bytes) -> None:

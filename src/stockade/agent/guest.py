@@ -174,8 +174,10 @@ def _make_root(scratch_mb: int, shares: list[tuple[str, str, bool]]) -> None:
     # Made by the guest's root, not (as in a process isolate) by uid 1000 of a user namespace.
     confine.make_scratch(scratch_mb, owner=(confine.INNER_UID, confine.INNER_GID))
     confine.make_etc(old, {"hostname": HOSTNAME})
+    confine.write_etc_extras(old)  # the initramfs carries the host's copies (image.py)
     for tag, target, writable in shares:
         _mount_share(tag, target, writable)
+    confine.seed_cache(owner=(confine.INNER_UID, confine.INNER_GID))
     linux.umount2(old, linux.MNT_DETACH)
     os.rmdir(old)
     linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
@@ -205,7 +207,9 @@ def _mount_share(tag: str, target: str, writable: bool) -> None:
     """A shared path: QEMU's 9p export ``tag``, mounted at ``target`` in this namespace only."""
     os.makedirs(target, mode=0o755, exist_ok=True)
     flags = linux.MS_NOSUID | linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
-    linux.mount(tag, target, "9p", flags, _P9_OPTIONS)
+    # A Python environment never changes once built (the host's environments.py): cached like /usr.
+    options = _P9_OPTIONS + (",cache=loose" if target == confine.ENV_ROOT and not writable else "")
+    linux.mount(tag, target, "9p", flags, options)
 
 
 def _drop_privileges(uid: int, gid: int) -> None:

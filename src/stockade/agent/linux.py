@@ -83,6 +83,11 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
+def setns(fd: int, nstype: int) -> None:
+    """Join a namespace (``fd``: a namespace file or a pidfd); for CLONE_NEWNET, this thread only."""
+    _check(_libc.setns(fd, nstype), "setns")
+
+
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     ret = _libc.mount(
         source.encode() if source else None,

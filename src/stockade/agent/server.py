@@ -24,6 +24,7 @@ import time
 
 from . import jsoncodec, wire
 from . import runner as runners
+from .processes import Processes
 from .sessions import Interpreters
 
 # Imports cost real time inside gVisor (every file the interpreter opens goes
@@ -50,7 +51,7 @@ DRAIN_GRACE_S = 0.05
 SPARE_DELAY_S = 0.005
 
 
-class Agent(Interpreters):
+class Agent(Interpreters, Processes):
     def __init__(self, conn: socket.socket, base_env: dict[str, str] | None = None) -> None:
         self.conn = conn
         self.base_env = base_env or {}
@@ -64,6 +65,7 @@ class Agent(Interpreters):
         self._eager_spare = False  # the host comes straight back: fork the next runner at once
         self._pending: list[bytes] = []  # frames that came while a run was in progress
         self._kernels = {}
+        self._spawned = {}
         self.guest_seccomp = False  # a microVM guest's agent under its own filter (guest._GuestFilter)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -78,6 +80,12 @@ class Agent(Interpreters):
             "run_cell": self.run_cell,
             "close_interpreter": self.close_interpreter,
             "interrupt": lambda params: None,  # nothing runs: nothing to interrupt
+            "spawn": self.spawn,
+            "proc_read": self.proc_read,
+            "proc_write": self.proc_write,
+            "proc_wait": self.proc_wait,
+            "proc_kill": self.proc_kill,
+            "proc_list": self.proc_list,
         }
 
     # ---- the loop --------------------------------------------------------------
@@ -93,7 +101,9 @@ class Agent(Interpreters):
                 if not self._answer(self._pending.pop(0)):
                     return
                 continue
-            ready, _, _ = select.select([self.conn.fileno(), self._wake_r], [], [])
+            reading, writing = self.spawned_fds()
+            ready, writable, _ = select.select([self.conn.fileno(), self._wake_r, *reading], writing, [])
+            self.service_spawned(ready, writable)
             if self._wake_r in ready:
                 self._drain_wakeups()
                 self._reap()
@@ -445,8 +455,12 @@ class Agent(Interpreters):
             wait = max(0.0, min(waits) - now) if waits else None
             watched = [self.conn.fileno()] if watch_conn else []
             feeding = [run.stdin_fd] if run.stdin_fd is not None else []
-            ready, writable, _ = select.select([*watched, self._wake_r, *run.fds], feeding, [], wait)
-            if writable:
+            reading, writing = self.spawned_fds()
+            ready, writable, _ = select.select(
+                [*watched, self._wake_r, *run.fds, *reading], [*feeding, *writing], [], wait
+            )
+            self.service_spawned(ready, writable)
+            if run.stdin_fd is not None and run.stdin_fd in writable:
                 run.feed_stdin()
             if self.conn.fileno() in ready:
                 watch_conn = self.frame_during_run(run.pid, group=True)

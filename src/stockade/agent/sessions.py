@@ -52,6 +52,8 @@ class Interpreters:
         def _drain_wakeups(self) -> None: ...
         def _reap(self) -> None: ...
         def _read_output(self, run: runner.Run, fd: int) -> None: ...
+        def spawned_fds(self) -> tuple[list[int], list[int]]: ...
+        def service_spawned(self, readable: list[int], writable: list[int]) -> None: ...
 
     def run_cell(self, params: dict[str, Any]) -> dict[str, Any]:
         session = _session_param(params)
@@ -156,7 +158,11 @@ class Interpreters:
             waits = [t for t in (deadline, kill_at) if t is not None]
             wait = max(0.0, min(waits) - now) if waits else None
             watched = [self.conn.fileno()] if watch_conn else []
-            ready, _, _ = select.select([*watched, self._wake_r, interpreter.reply_r, *run.fds], [], [], wait)
+            reading, writing = self.spawned_fds()
+            ready, writable, _ = select.select(
+                [*watched, self._wake_r, interpreter.reply_r, *run.fds, *reading], writing, [], wait
+            )
+            self.service_spawned(ready, writable)
             if self.conn.fileno() in ready:
                 watch_conn = self.frame_during_run(interpreter.pid, group=False)
             if self._wake_r in ready:

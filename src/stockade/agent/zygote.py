@@ -41,7 +41,18 @@ if TYPE_CHECKING:
 
 CONFIG_MAX = confine.CONFIG_MAX
 # The modules an isolate's fresh interpreter imports (copied into each isolate).
-AGENT_MODULES = ("__init__", "confine", "jsoncodec", "kernel", "linux", "runner", "server", "sessions", "wire")
+AGENT_MODULES = (
+    "__init__",
+    "confine",
+    "jsoncodec",
+    "kernel",
+    "linux",
+    "processes",
+    "runner",
+    "server",
+    "sessions",
+    "wire",
+)
 
 
 def main(ctl_fd: int) -> None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import DaemonUnavailableError, NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unreachable
+
+if TYPE_CHECKING:
+    from ..transfer import TransferSummary
 
 
 class AsyncClient(Requests):
@@ -289,6 +293,22 @@ class AsyncRemoteSandbox(SandboxHandle):
 
     async def list_dir(self, path: str) -> list[dict[str, Any]]:
         return await self.client.sandbox_list_dir(self.sandbox_id, path)
+
+    async def upload(
+        self, local_path: str | os.PathLike[str], remote_dir: str, *, max_bytes: int | None = None
+    ) -> TransferSummary:
+        """``RemoteSandbox.upload``, awaited (the host's side in a thread)."""
+        from ..transfer import aupload
+
+        return await aupload(self, local_path, remote_dir, max_bytes=max_bytes)
+
+    async def download(
+        self, remote_path: str, local_dir: str | os.PathLike[str], *, max_bytes: int | None = None
+    ) -> TransferSummary:
+        """``RemoteSandbox.download``, awaited (the host's side in a thread)."""
+        from ..transfer import adownload
+
+        return await adownload(self, remote_path, local_dir, max_bytes=max_bytes)
 
     async def close(self) -> None:
         if self.closed:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import DaemonUnavailableError, NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unreachable
+
+if TYPE_CHECKING:
+    from ..transfer import TransferSummary
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 
@@ -354,6 +358,22 @@ class RemoteSandbox(SandboxHandle):
 
     def list_dir(self, path: str) -> list[dict[str, Any]]:
         return self.client.sandbox_list_dir(self.sandbox_id, path)
+
+    def upload(
+        self, local_path: str | os.PathLike[str], remote_dir: str, *, max_bytes: int | None = None
+    ) -> TransferSummary:
+        """The SDK's ``Sandbox.upload``, through the daemon's file and exec calls."""
+        from ..transfer import upload
+
+        return upload(self, local_path, remote_dir, max_bytes=max_bytes)
+
+    def download(
+        self, remote_path: str, local_dir: str | os.PathLike[str], *, max_bytes: int | None = None
+    ) -> TransferSummary:
+        """The SDK's ``Sandbox.download``, through the daemon's file and exec calls."""
+        from ..transfer import download
+
+        return download(self, remote_path, local_dir, max_bytes=max_bytes)
 
     def close(self) -> None:
         if self.closed:

@@ -39,6 +39,7 @@ from ..protocol.models import (
 from ..result import ExecResult, new_id
 from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
 from ..runtimes.manager import RuntimeManager
+from .background import BackgroundProcesses, process_infos
 from .config import DaemonConfig
 from .held import Held, HeldSandboxes, settle_once
 from .slots import Slots
@@ -80,7 +81,7 @@ class Running:
     cancelled: str | None = None  # why, once ``execute.cancel`` ended it
 
 
-class Controller(HeldSandboxes):
+class Controller(HeldSandboxes, BackgroundProcesses):
     def __init__(self, config: DaemonConfig, manager: RuntimeManager | None = None) -> None:
         self.config = config
         # This daemon's run, drawn at its start: ``status`` reports it, and the ids of the
@@ -432,6 +433,7 @@ class Controller(HeldSandboxes):
                 idle_seconds=round(h.idle_seconds(now), 3),
                 idle_timeout=h.idle_timeout_s,
                 closing=h.sandbox_id in self.closing,
+                processes=process_infos(h.processes),
             )
             for h in [*self.held.values(), *self.closing.values()]
         ] + [

@@ -52,6 +52,7 @@ from ..protocol.models import (
 from ..result import ExecResult
 from ..runtimes.base import AgentSandbox, OutputCallback, code_request, exec_params
 from ..runtimes.manager import RuntimeManager
+from ..runtimes.spawned import Process
 from .config import DaemonConfig
 from .slots import Slots
 
@@ -82,6 +83,7 @@ class Held:
     runs: int = 0  # runs answered: the first carries the isolate's cold start
     idle_timer: asyncio.TimerHandle | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    processes: dict[str, Process] = field(default_factory=dict)  # its background processes, by handle
 
     def idle_seconds(self, now: float) -> float:
         return 0.0 if self.calls else max(0.0, now - self.last_used)

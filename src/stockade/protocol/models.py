@@ -152,6 +152,55 @@ class InterpreterRef(SandboxRef):
     session: Session
 
 
+Handle = Annotated[str, Field(pattern=r"^p[0-9]{1,10}$", description="a background process's handle")]
+Signal = Literal["SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"]
+MAX_PROCESS_WAIT_S = 60.0  # one sandbox.process_wait holds the sandbox's turn at most this long
+
+
+class SandboxSpawn(SandboxRef):
+    """``sandbox.spawn``: a background process in a held sandbox; other calls go on meanwhile."""
+
+    command: Argv
+    cwd: Path | None = None
+    env: dict[str, str] | None = Field(default=None, description="environment over the policy's")
+    stdin_b64: str | None = Field(default=None, description="its first input, base64 (more: process_write)")
+    _stdin: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _decode(self) -> SandboxSpawn:
+        self._stdin = _b64decode(self.stdin_b64, "stdin_b64") if self.stdin_b64 else b""
+        return self
+
+    def stdin_bytes(self) -> bytes:
+        return self._stdin
+
+
+class ProcessRef(SandboxRef):
+    handle: Handle
+
+
+class ProcessWrite(ProcessRef):
+    data: str = Field(default="", description="bytes for its stdin, base64")
+    eof: bool = Field(default=False, description="then close its stdin")
+    _raw: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _decode(self) -> ProcessWrite:
+        self._raw = _b64decode(self.data, "data") if self.data else b""
+        return self
+
+    def data_bytes(self) -> bytes:
+        return self._raw
+
+
+class ProcessWait(ProcessRef):
+    timeout: float = Field(default=0.0, ge=0, le=MAX_PROCESS_WAIT_S, allow_inf_nan=False)
+
+
+class ProcessKill(ProcessRef):
+    signal: Signal = "SIGTERM"
+
+
 class WriteFile(SandboxRef):
     path: Path
     data: str = Field(description="the file's bytes, base64")
@@ -211,6 +260,27 @@ class Closed(Answer):
     closed: bool = True
 
 
+class ProcessInfo(Answer):
+    """A background process of a held sandbox (``sandbox.spawn``)."""
+
+    handle: str
+    pid: int
+    argv: list[str]
+    running: bool
+    exit_code: int | None = Field(default=None, description="once it ended; negative: the signal that ended it")
+
+
+class ProcessOutput(ProcessInfo):
+    stdout: str = Field(description="what it wrote to stdout since the last read, base64")
+    stderr: str = Field(description="what it wrote to stderr since the last read, base64")
+    dropped: dict[str, int] = Field(description="bytes per stream dropped before they were read (1 MiB kept)")
+
+
+class ProcessList(Answer):
+    sandbox_id: str
+    processes: list[ProcessInfo]
+
+
 class InterpreterClosed(Answer):
     sandbox_id: str
     session: str
@@ -239,6 +309,7 @@ class ActiveSandbox(Answer):
     idle_seconds: float | None = None
     idle_timeout: float | None = None
     closing: bool = False
+    processes: list[ProcessInfo] = Field(default_factory=list, description="a held sandbox's background processes")
 
 
 class Status(Answer):

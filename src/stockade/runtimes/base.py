@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..agent import wire
 from ..agent.sessions import INTERRUPT_GRACE_S
+from ..environments import run_env
 from ..errors import (
     AgentError,
     AgentProtocolError,
@@ -40,6 +41,8 @@ from ..limits import check_call_size
 from ..policy import Policy
 from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
 from .cells import Cell, cell_fields, read_cell
+from .publish import Forwarder, parse_publish
+from .spawned import Process
 from .violations import ViolationLog, ViolationReport
 
 if TYPE_CHECKING:
@@ -113,12 +116,16 @@ class AgentSandbox(abc.ABC):
         self.policy = policy
         self.conn = conn
         self.cold_start_ms = cold_start_ms
+        # PATH, PYTHONPATH and the cache directories of the policy's Python environment, which
+        # the runtime mounts at environments.ENV_ROOT (a pooled isolate's shape fixes it).
+        self.environment_env = run_env(path=BASE_ENV["PATH"]) if policy.environment_id else {}
         self.unenforced_limits: list[str] = []
         self._next_id = 0
         self._lock = threading.Lock()
         self._interrupt_lock = threading.Lock()  # an interrupt's frame never splits a request's
         self._request_sent = False
         self._loop_call: _LoopCall | None = None  # the run in progress on an event loop
+        self.forwarders: list[Forwarder] = []  # published ports, closed with the isolate
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
         self._kill_reason: TerminationReason | None = None
@@ -208,6 +215,55 @@ class AgentSandbox(abc.ABC):
         session: str | None = None,
     ) -> ExecResult:
         return self._run(*code_request(code, language, session, stdin), stdin, env, timeout, on_output)
+
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Process:
+        """Start ``argv`` in the background; its handle (``runtimes/spawned.py``). It runs until it
+        ends, is killed, or the sandbox closes; other calls go on meanwhile."""
+        raw = stdin.encode() if isinstance(stdin, str) else stdin
+        check_call_size("stdin", raw)
+        params = {
+            **exec_params(argv, cwd),
+            "env": {**self.environment_env, **self.policy.environment, **(env or {})},
+            "stdin": base64.b64encode(raw).decode() if raw else "",
+            "limits": job_limits(self.policy),
+        }
+        said = self.proc_call("spawn", params)
+        return Process(self, str(said.get("handle")), int(said.get("pid", 0)), list(argv))
+
+    def publish(self, spec: int | str) -> tuple[str, int]:
+        """Forward a host loopback port to ``spec``'s port on this isolate's own loopback
+        (``runtimes/publish.py``); the host address and port. Runtimes that can reach their
+        isolate's network namespace override ``_forwarder``."""
+        address, host_port, port = parse_publish(spec)
+        if self.policy.network_policy != "loopback":
+            raise PolicyError(
+                "publishing a port needs network_policy='loopback': the isolate has no loopback otherwise"
+            )
+        forwarder = self._forwarder(address, host_port, port)
+        self.forwarders.append(forwarder)
+        return forwarder.address
+
+    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder:
+        raise SandboxError(f"publishing ports is not available on the {self.runtime_name} runtime yet (process only)")
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The background processes the agent holds: ``{handle, pid, argv, running, exit_code}``."""
+        listed = self.proc_call("proc_list", {}).get("processes")
+        return listed if isinstance(listed, list) else []
+
+    def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """A background-process call to the agent; its answer as an object (a garbled one is refused)."""
+        said = self._agent_call(method, params, timeout)
+        if not isinstance(said, dict):
+            raise AgentProtocolError(f"the agent's answer to {method} is not an object")
+        return said
 
     def close_interpreter(self, session: str) -> bool:
         """End ``session``'s interpreter as a program ends; its next cell starts a fresh one."""
@@ -326,6 +382,8 @@ class AgentSandbox(abc.ABC):
         if self._closed:
             return
         self._closed = True
+        for forwarder in self.forwarders:
+            forwarder.close()
         try:
             self.kill()
         finally:
@@ -457,7 +515,7 @@ class AgentSandbox(abc.ABC):
             # A long-lived component: no deadline, output streamed and never cut.
             params.update(
                 {
-                    "env": {**policy.environment, **(env or {})},
+                    "env": {**self.environment_env, **policy.environment, **(env or {})},
                     "stdin": base64.b64encode(raw_stdin).decode() if raw_stdin else "",
                     "stream": True,
                     "collect": False,
@@ -479,7 +537,7 @@ class AgentSandbox(abc.ABC):
                 params["last"] = True
             params.update(
                 {
-                    "env": {**policy.environment, **(env or {})},
+                    "env": {**self.environment_env, **policy.environment, **(env or {})},
                     "timeout": timeout,
                     "max_output_bytes": policy.max_output_bytes,
                     "stdin": base64.b64encode(raw_stdin).decode() if raw_stdin else "",

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+from .. import environments
 from ..agent import runner
 from ..errors import SandboxStartError
 from ..policy import Policy
@@ -65,6 +66,10 @@ class FakeRuntime(Runtime):
 
     def start(self, policy: Policy) -> FakeSandbox:
         started = time.monotonic()
+        env_root = None
+        if policy.environment_id is not None:
+            environments.share(policy)  # built first if need be; not mounted: used where it lies
+            env_root = environments.env_path(policy.environment_id)
         host, guest = socket.socketpair()
         scratch = tempfile.mkdtemp(prefix="stockade-fake-")
         env = {**BASE_ENV, "HOME": scratch, "TMPDIR": scratch, "STOCKADE_AGENT_FD": str(guest.fileno())}
@@ -90,4 +95,7 @@ class FakeRuntime(Runtime):
             raise SandboxStartError(f"cannot start the agent: {exc}") from None
         finally:
             guest.close()
-        return FakeSandbox(policy, host, (time.monotonic() - started) * 1000, proc, scratch)
+        sandbox = FakeSandbox(policy, host, (time.monotonic() - started) * 1000, proc, scratch)
+        if env_root is not None:
+            sandbox.environment_env = environments.run_env(env_root, os.path.join(scratch, ".cache"), BASE_ENV["PATH"])
+        return sandbox

@@ -43,8 +43,10 @@ import threading
 import time
 from typing import Any
 
-from ..agent import runner
+from .. import environments
+from ..agent import confine, runner
 from ..agent.server import AGENT_FDS
+from ..environments import CACHE_HOME, ENV_ROOT
 from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
 from .base import BASE_ENV, Availability
@@ -84,6 +86,21 @@ _BOOT = runner.bootstrap(
     "from agent import server",
     "server.main()",
 )
+# With a Python environment: its pre-built caches are copied into the scratch first, as the
+# agent's own uid (agent/confine.py's seed_cache does it in the other runtimes).
+_SEED = (
+    "import os\n"
+    "try:\n"
+    f"    for top, _, files in os.walk({ENV_ROOT + '/cache'!r}):\n"
+    f"        dest = {CACHE_HOME!r} + top[{len(ENV_ROOT + '/cache')}:]\n"
+    "        os.makedirs(dest, exist_ok=True)\n"
+    "        for name in files:\n"
+    "            with open(top + '/' + name, 'rb') as src, open(dest + '/' + name, 'wb') as out:\n"
+    "                out.write(src.read())\n"
+    "except OSError:\n"
+    "    pass\n"
+)
+_BOOT_WITH_ENV = _SEED + _BOOT
 
 
 def gvisor_shape(policy: Policy) -> tuple[Any, ...]:
@@ -95,6 +112,7 @@ def gvisor_shape(policy: Policy) -> tuple[Any, ...]:
         policy.max_open_files,
         policy.pids_limit,
         policy.max_file_size_bytes,
+        policy.environment_id,
     )
 
 
@@ -253,6 +271,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
 
         started = time.monotonic()
         check_mount_sources(policy)
+        shared = environments.share(policy)  # its Python environment: one more read-only bind
         runsc = runsc_binary()
         if runsc is None:
             raise RuntimeUnavailableError("runtime gvisor is not available: runsc is not installed (apt install runsc)")
@@ -267,7 +286,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         sandbox: GvisorSandbox | None = None
         log_fd = err_fd = -1
         try:
-            _write_bundle(bundle, policy, warm)
+            _write_bundle(bundle, shared, warm)
             cgroup = manager.create() if manager.layout.version != "none" else None
             unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
             if cgroup is not None:
@@ -340,6 +359,9 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         if os.path.islink(host):
             os.symlink(os.readlink(host), os.path.join(rootfs, name))
     etc = os.path.join(rootfs, "etc")
+    with_env = any(m.target == ENV_ROOT for m in policy.filesystem_access)
+    if with_env:
+        os.makedirs(os.path.join(rootfs, ENV_ROOT.lstrip("/")), mode=0o755)
     files = {
         "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/work:/bin/sh\n",
         "group": "root:x:0:\nsandbox:x:1000:\n",
@@ -353,6 +375,7 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
             f.write(text)
     if os.path.isfile("/etc/ld.so.cache"):
         shutil.copyfile("/etc/ld.so.cache", os.path.join(etc, "ld.so.cache"))
+    confine.write_etc_extras("", etc)  # the host's CA bundle, mime.types; fonts.conf
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nosuid", "nodev"]},
@@ -377,7 +400,7 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         "process": {
             "terminal": False,
             "user": {"uid": 1000, "gid": 1000},
-            "args": [SYSTEM_PYTHON, "-I", "-S", "-c", _BOOT],
+            "args": [SYSTEM_PYTHON, "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else _BOOT],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/work",
             "noNewPrivileges": True,

@@ -48,6 +48,7 @@ from ..protocol.models import (
 from ..result import ExecResult
 from . import sandboxfusion, seed
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response
+from .processes import add_process_routes
 from .sse import ClientDisconnected, event_stream, run_while_connected, until_disconnect
 
 T = TypeVar("T")
@@ -287,6 +288,8 @@ def create_app(door: HttpDoor) -> FastAPI:
     )
     async def list_dir(request: Request, sandbox_id: str, path: str = Query(min_length=1)) -> Any:
         return await door.call("sandbox.list_dir", {"sandbox_id": sandbox_id, "path": path}, door.caller(request))
+
+    add_process_routes(app, door, _ERRORS)
 
     @app.post(
         "/api/v1/sandboxes/{sandbox_id}/interrupt",

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ...agent import runner
+from ...agent import confine, runner
 from ...errors import SandboxStartError
 from ..process import seccomp
 from ..process.zygote import AGENT_PARENT
@@ -53,7 +53,7 @@ MODULES = (
     "9p",
 )  # fmt: skip  (load order)
 log = logging.getLogger("stockade.microvm")
-IMAGE_LAYOUT = 7  # bump when the initramfs layout changes in a way the other inputs do not show
+IMAGE_LAYOUT = 8  # bump when the initramfs layout changes in a way the other inputs do not show
 LD_SO_CACHE = "/etc/ld.so.cache"
 BUSYBOX_APPLETS = (
     "sh", "mount", "umount", "mkdir", "insmod", "ln", "sleep", "ls", "cat", "hostname", "poweroff", "ifconfig", "chmod",
@@ -314,7 +314,7 @@ def _extract_vmlinux(vmlinuz: str, out: str) -> None:
 
 
 def _write_initramfs(work: str, version: str, out: str) -> list[str]:
-    """Write the initramfs to ``out``; return the host files it copies from /usr (see ``_host_stamp``)."""
+    """Write the initramfs to ``out``; return the host files it copies from /usr and /etc (see ``_host_stamp``)."""
     modules_root = os.path.join(work, "kernel", "lib", "modules", version)
     entries: list[tuple[str, int, bytes]] = []  # path, mode, data (symlink target for links)
 
@@ -349,6 +349,16 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             entries.append(("etc/ld.so.cache", stat.S_IFREG | 0o644, f.read()))
+    # And the host's CA bundle and MIME table, which that /etc copies (confine.write_etc_extras).
+    etc_files = [f"/etc/{rel}" for rel in confine.etc_copies("")]
+    for path in etc_files:
+        parent = ""
+        for part in os.path.dirname(path).strip("/").split("/")[1:]:
+            parent += "/" + part
+            if ("etc" + parent, stat.S_IFDIR | 0o755, b"") not in entries:
+                entries.append(("etc" + parent, stat.S_IFDIR | 0o755, b""))
+        with open(path, "rb") as f:
+            entries.append((path.lstrip("/"), stat.S_IFREG | 0o644, f.read()))
     interpreter = _interpreter_entries({path for path, mode, _ in entries if stat.S_ISDIR(mode)})
     entries += interpreter
     entries += _bytecode_entries(entries)
@@ -359,7 +369,7 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
         for ino, (path, mode, data) in enumerate(entries, start=1):
             _cpio_entry(archive, ino, path, mode, data)
         _cpio_entry(archive, 0, "TRAILER!!!", 0, b"")
-    return ["/" + name for name, mode, _data in interpreter if not stat.S_ISDIR(mode)]
+    return ["/" + name for name, mode, _data in interpreter if not stat.S_ISDIR(mode)] + etc_files
 
 
 def _host_stamp(path: str) -> str:

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ... import environments
 from ...errors import RuntimeUnavailableError, SandboxError, SandboxStartError
 from ...policy import Policy, default_policy
 from ...result import SecurityViolation
@@ -62,7 +63,7 @@ _counter = iter(range(1, 1 << 62))
 
 def microvm_shape(policy: Policy) -> tuple[Any, ...]:
     """Fixed at boot: RAM, shares, network, scratch size, and the guest's own rlimits."""
-    return (policy.memory_mb, policy.filesystem_access, policy.network_policy, policy.disk_mb)
+    return (policy.memory_mb, policy.filesystem_access, policy.network_policy, policy.disk_mb, policy.environment_id)
 
 
 def qemu_binary() -> str | None:
@@ -209,17 +210,19 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
 
         started = time.monotonic()
         check_mount_sources(policy)
+        # Its Python environment is one more read-only 9p share (QEMU's command, its jail, the guest).
+        shared = environments.share(policy)
         accel = accel or self.accel()
-        plan = self._plan(policy, accel)
+        plan = self._plan(shared, accel)
         restored_from = snapshot.find(plan.snapshot_key) if restore and snapshots_enabled() else None
         deadline = started + boot_timeout
         if restored_from is None:
-            proc, cgroup, conn, unenforced, output = self._launch(policy, plan, [])
+            proc, cgroup, conn, unenforced, output = self._launch(shared, plan, [])
         else:
             # QEMU reads the state from a descriptor opened here: it may not spawn a reader (jail.py).
             state = snapshot.open_state(restored_from)
             try:
-                launched = self._launch(policy, plan, snapshot.incoming_args(state), state)
+                launched = self._launch(shared, plan, snapshot.incoming_args(state), state)
             except SandboxStartError:
                 # It died before its agent's socket appeared: a snapshot it cannot resume, as below.
                 return self._boot_instead(policy, accel, boot_timeout, plan.snapshot_key)

@@ -22,11 +22,14 @@ import threading
 import time
 from typing import Any
 
+from ... import environments
 from ...agent import linux, wire
+from ...environments import ENV_ROOT
 from ...errors import PolicyError, SandboxStartError, StockadeError
 from ...policy import Policy, default_policy
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
 from ..pool import PooledRuntime, Reaper, WarmPool
+from ..publish import Forwarder
 from . import seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
@@ -37,7 +40,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 def isolate_shape(policy: Policy) -> tuple[Any, ...]:
     """What is fixed when an isolate is built (the rest is applied at hand-over)."""
-    return (policy.network_policy, policy.filesystem_access, policy.disk_mb)
+    return (policy.network_policy, policy.filesystem_access, policy.disk_mb, policy.environment_id)
 
 
 class ProcessSandbox(AgentSandbox):
@@ -65,6 +68,10 @@ class ProcessSandbox(AgentSandbox):
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
+
+    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder:
+        # The host joins the isolate's network namespace through its init's pidfd (publish.py).
+        return Forwarder(self.pidfd, address, host_port, port)
 
     def apply_policy(self, policy: Policy) -> None:
         """Set the limits of ``policy`` on this (pooled) isolate before it runs anything."""
@@ -185,6 +192,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         """Build an isolate; ``warm`` (for the pool) pre-warms it, at a cost no caller waits for."""
         started = time.monotonic()
         check_mount_sources(policy)
+        shared = environments.share(policy)  # its Python environment, mounted with its shared paths
         zygote = self._zygote_handle()
         assert self._bpf is not None
         manager = self._cgroups.get()
@@ -206,7 +214,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 cgroup.remove()
             raise
         host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        config = self._config(policy, cgroup, uid)
+        config = self._config(shared, cgroup, uid)
         config["warm"] = warm
         pidfd = listener = -1
         try:
@@ -289,7 +297,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             "hostname": "stockade",
             "network": policy.network_policy,
             "scratch_mb": policy.disk_mb,
-            "mounts": [m.model_dump() for m in policy.filesystem_access],
+            # The environment's host path stays out of the isolate's mountinfo (confine._bind_extra).
+            "mounts": [{**m.model_dump(), "hide_source": m.target == ENV_ROOT} for m in policy.filesystem_access],
             "seccomp_bpf": base64.b64encode(self._bpf or b"").decode(),
             "landlock_abi": self._landlock_abi,
             "base_env": BASE_ENV,

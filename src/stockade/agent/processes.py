@@ -1,0 +1,251 @@
+"""Background processes with handles: ``spawn``, then ``proc_read``/``proc_write``/``proc_wait``/``proc_kill``.
+
+A spawned process runs beside whatever the agent does next; the agent keeps
+reading its output (into a buffer of at most OUTPUT_BUFFER bytes per stream;
+what the host does not collect in time is counted and dropped, never allowed
+to block the process or grow the agent) and feeding its stdin from what the
+host wrote, in every loop it waits in (``fds``/``service``).
+
+Each process has its own process group (``proc_kill`` signals the group) and
+runs under the run's rlimits. At most MAX_SPAWNED live at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from . import wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+OUTPUT_BUFFER = 1 << 20  # per stream and process, until the host reads it
+STDIN_BUFFER = 4 << 20  # written by the host, not yet taken by the process
+MAX_SPAWNED = 64
+MAX_WAIT_S = 600.0
+_SIGNALS = {"SIGTERM": 15, "SIGKILL": 9, "SIGINT": 2, "SIGHUP": 1, "SIGUSR1": 10, "SIGUSR2": 12}
+
+
+class Spawned:
+    """One background process: its pipes, what it wrote that the host has not read, its end."""
+
+    def __init__(self, handle: str, pid: int, argv: list[str], out_r: int, err_r: int, in_w: int) -> None:
+        self.handle, self.pid, self.argv = handle, pid, argv
+        self.fds = {out_r: "stdout", err_r: "stderr"}
+        self.output: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self.dropped = {"stdout": 0, "stderr": 0}
+        self.stdin_fd: int | None = in_w
+        self.stdin_left = bytearray()
+        self.close_stdin_when_done = False
+        self.status: int | None = None
+        self.started = time.monotonic()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "handle": self.handle,
+            "pid": self.pid,
+            "argv": self.argv,
+            "running": self.status is None,
+            "exit_code": None if self.status is None else os.waitstatus_to_exitcode(self.status),
+        }
+
+
+class Processes:
+    """Agent methods for background processes; mixed into ``server.Agent``."""
+
+    exited: dict[int, int]
+    _watched: set[int]
+    _spawned: dict[str, Spawned]
+
+    if TYPE_CHECKING:  # the Agent's, which this mixes into
+
+        def _spawn_exec(self, argv: list[str], params: dict[str, Any]) -> tuple[int, int, int, int | None]: ...
+        def _reap(self) -> None: ...
+
+    # ---- methods ---------------------------------------------------------------------------
+
+    def spawn(self, params: dict[str, Any]) -> dict[str, Any]:
+        argv = params.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise wire.RPCError(wire.INVALID_PARAMS, "argv must be a non-empty list of strings")
+        self._forget_ended()
+        if len(self._spawned) >= MAX_SPAWNED:
+            raise wire.RPCError(
+                wire.INVALID_PARAMS, f"at most {MAX_SPAWNED} background processes: wait for or kill one"
+            )
+        pid, out_r, err_r, in_w = self._spawn_exec(argv, params)
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+        if in_w is not None:
+            os.set_blocking(in_w, False)
+        handle = f"p{pid}"
+        proc = Spawned(handle, pid, argv, out_r, err_r, in_w if in_w is not None else -1)
+        self._spawned[handle] = proc
+        stdin = params.get("stdin")
+        if isinstance(stdin, str) and stdin:
+            try:
+                proc.stdin_left += wire.b64decode(stdin)
+            except ValueError:
+                pass  # checked by the host; a bad one is no input
+            _feed(proc)
+        return {"handle": handle, "pid": pid}
+
+    def proc_read(self, params: dict[str, Any]) -> dict[str, Any]:
+        """What the process wrote since the last read (taken: each byte is read once), and whether it ended."""
+        proc = self._process(params)
+        self._drain(proc)
+        answer = {
+            **proc.summary(),
+            "stdout": wire.b64encode(bytes(proc.output["stdout"])),
+            "stderr": wire.b64encode(bytes(proc.output["stderr"])),
+            "dropped": dict(proc.dropped),
+        }
+        for stream in ("stdout", "stderr"):
+            proc.output[stream].clear()
+            proc.dropped[stream] = 0
+        return answer
+
+    def proc_write(self, params: dict[str, Any]) -> dict[str, Any]:
+        proc = self._process(params)
+        data = params.get("data", "")
+        try:
+            raw = wire.b64decode(data) if isinstance(data, str) else None
+        except ValueError:
+            raw = None
+        if raw is None:
+            raise wire.RPCError(wire.INVALID_PARAMS, "data must be base64")
+        if proc.stdin_fd is None or proc.stdin_fd < 0:
+            raise wire.RPCError(wire.INVALID_PARAMS, f"the standard input of {proc.handle} is closed")
+        if len(proc.stdin_left) + len(raw) > STDIN_BUFFER:
+            raise wire.RPCError(wire.INVALID_PARAMS, f"{proc.handle} has not read its input: {STDIN_BUFFER} bytes wait")
+        proc.stdin_left += raw
+        if params.get("eof") is True:
+            proc.close_stdin_when_done = True
+        _feed(proc)
+        return {"handle": proc.handle, "queued": len(proc.stdin_left)}
+
+    def proc_wait(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Wait (at most ``timeout`` s) for the process to end; its summary either way."""
+        proc = self._process(params)
+        timeout = params.get("timeout", 0)
+        if not isinstance(timeout, (int, float)) or not 0 <= timeout <= MAX_WAIT_S:
+            raise wire.RPCError(wire.INVALID_PARAMS, f"timeout must be 0 to {MAX_WAIT_S:g} seconds")
+        until = time.monotonic() + timeout
+        while True:
+            self._reap_spawned()
+            if proc.status is not None or time.monotonic() >= until:
+                return proc.summary()
+            self.wait_a_little(min(0.05, max(0.0, until - time.monotonic())))
+
+    def proc_kill(self, params: dict[str, Any]) -> dict[str, Any]:
+        proc = self._process(params)
+        name = params.get("signal", "SIGTERM")
+        if name not in _SIGNALS:
+            raise wire.RPCError(wire.INVALID_PARAMS, f"signal must be one of {', '.join(_SIGNALS)}")
+        if proc.status is None:
+            for target in (-proc.pid, proc.pid):
+                try:
+                    os.kill(target, _SIGNALS[name])
+                except OSError:
+                    pass
+        return proc.summary()
+
+    def proc_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        self._reap_spawned()
+        return {"processes": [p.summary() for p in self._spawned.values()]}
+
+    # ---- the loops' share ------------------------------------------------------------------
+
+    def spawned_fds(self) -> tuple[list[int], list[int]]:
+        """The descriptors to watch for spawned processes: (to read, to write)."""
+        reading = [fd for p in self._spawned.values() for fd in p.fds]
+        writing = [
+            p.stdin_fd for p in self._spawned.values() if p.stdin_left and p.stdin_fd is not None and p.stdin_fd >= 0
+        ]
+        return reading, writing
+
+    def service_spawned(self, readable: list[int], writable: list[int]) -> None:
+        for proc in self._spawned.values():
+            for fd in [f for f in proc.fds if f in readable]:
+                _read(proc, fd)
+            if proc.stdin_fd in writable:
+                _feed(proc)
+
+    def wait_a_little(self, seconds: float) -> None:
+        import select
+
+        reading, writing = self.spawned_fds()
+        ready, writable, _ = select.select(reading, writing, [], seconds)
+        self.service_spawned(ready, writable)
+
+    # ---- inside ----------------------------------------------------------------------------
+
+    def _process(self, params: dict[str, Any]) -> Spawned:
+        handle = params.get("handle")
+        proc = self._spawned.get(handle) if isinstance(handle, str) else None
+        if proc is None:
+            raise wire.RPCError(wire.INVALID_PARAMS, f"no background process {handle!r}")
+        self._reap_spawned()
+        return proc
+
+    def _reap_spawned(self) -> None:
+        self._reap()  # what SIGCHLD said while this call had the agent (its wake-up pipe waits unread)
+        for proc in self._spawned.values():
+            if proc.status is None and proc.pid in self.exited:
+                proc.status = self.exited.pop(proc.pid)
+                self._watched.discard(proc.pid)
+                self._drain(proc)
+
+    def _drain(self, proc: Spawned) -> None:
+        for fd in list(proc.fds):
+            while fd in proc.fds and _read(proc, fd):
+                pass
+
+    def _forget_ended(self) -> None:
+        """Ended processes whose output was all read go (their handles with them)."""
+        self._reap_spawned()
+        for handle, proc in list(self._spawned.items()):
+            if proc.status is not None and not proc.fds and not any(proc.output.values()):
+                if proc.stdin_fd is not None and proc.stdin_fd >= 0:
+                    os.close(proc.stdin_fd)
+                del self._spawned[handle]
+
+
+def _read(proc: Spawned, fd: int) -> bool:
+    """Read what the pipe holds now; False when it is empty or closed (then closed here)."""
+    try:
+        chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        return False
+    except OSError:
+        chunk = b""
+    if not chunk:
+        os.close(fd)
+        del proc.fds[fd]
+        return False
+    stream = proc.fds[fd]
+    buffer = proc.output[stream]
+    buffer += chunk
+    if len(buffer) > OUTPUT_BUFFER:
+        extra = len(buffer) - OUTPUT_BUFFER
+        del buffer[:extra]  # the oldest goes: a process nobody reads must not grow the agent
+        proc.dropped[stream] += extra
+    return True
+
+
+def _feed(proc: Spawned) -> None:
+    fd = proc.stdin_fd
+    if fd is None or fd < 0:
+        return
+    try:
+        while proc.stdin_left:
+            del proc.stdin_left[: os.write(fd, proc.stdin_left)]
+    except BlockingIOError:
+        return
+    except OSError:
+        proc.stdin_left.clear()  # it closed its input
+    if not proc.stdin_left and proc.close_stdin_when_done:
+        os.close(fd)
+        proc.stdin_fd = None

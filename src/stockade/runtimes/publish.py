@@ -1,0 +1,153 @@
+"""Published ports: a host loopback port forwarded to a port on an isolate's own loopback.
+
+The forwarder lives on the host side of the isolate's network namespace. For
+each connection it accepts, a short-lived thread joins the isolate's network
+namespace (``setns`` on the isolate's pidfd: the namespace of that thread
+only, which ends with it), connects to ``127.0.0.1:PORT`` there, and leaves;
+the two sockets are then relayed. Nothing else of the isolate is reachable:
+one port, on its loopback, from a host loopback address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+
+from ..agent import linux
+from ..errors import InvalidRequestError, SandboxError
+
+log = logging.getLogger("stockade.publish")
+_CHUNK = 65536
+
+
+def parse_publish(spec: int | str) -> tuple[str, int, int]:
+    """``8000``, ``"8000"``, ``"9000:8000"`` or ``"127.0.0.1:9000:8000"`` → (host address, host port, port).
+
+    The host side is a loopback address (by default 127.0.0.1, port 0: any free one).
+    """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        parts: list[str] = [str(spec)]
+    elif isinstance(spec, str):
+        parts = spec.rsplit(":", 2)
+    else:
+        raise InvalidRequestError(f"publish takes PORT, HOST_PORT:PORT or ADDRESS:HOST_PORT:PORT, not {spec!r}")
+    try:
+        numbers = [int(p) for p in parts[-2:]]
+    except ValueError:
+        raise InvalidRequestError(f"publish {spec!r}: ports are numbers") from None
+    port, host_port = numbers[-1], (numbers[0] if len(numbers) == 2 else 0)
+    address = parts[0] if len(parts) == 3 else "127.0.0.1"
+    if not 0 < port < 65536 or not 0 <= host_port < 65536:
+        raise InvalidRequestError(f"publish {spec!r}: a port is 1-65535")
+    try:
+        loopback = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise InvalidRequestError(f"publish {spec!r}: the host side must be a loopback address, not {address}")
+    return address, host_port, port
+
+
+class Forwarder:
+    """One published port: a listener on the host's loopback, relayed into the isolate."""
+
+    def __init__(self, pidfd: int, address: str, host_port: int, port: int) -> None:
+        self.pidfd, self.port = pidfd, port
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.listener = socket.create_server((address, host_port), family=family)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name=f"stockade-publish-{port}", daemon=True).start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sockets, self._open = list(self._open), set()
+        _shut(self.listener)
+        for sock in sockets:
+            _shut(sock)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            inner = connect_inside(self.pidfd, self.port)
+        except (OSError, SandboxError) as exc:  # nothing listens there (yet): this connection ends
+            log.info("published port %s: %s", self.port, exc)
+            _shut(client)
+            return
+        with self._lock:
+            if self._closed:
+                _shut(client)
+                _shut(inner)
+                return
+            self._open.update((client, inner))
+        back = threading.Thread(target=_relay, args=(inner, client), daemon=True)
+        back.start()
+        _relay(client, inner)
+        back.join()
+        with self._lock:
+            self._open.difference_update((client, inner))
+        client.close()
+        inner.close()
+
+
+def connect_inside(pidfd: int, port: int, timeout: float = 10.0) -> socket.socket:
+    """A TCP socket connected to 127.0.0.1:``port`` in the network namespace of ``pidfd``'s process."""
+    made: list[socket.socket] = []
+    failed: list[OSError] = []
+
+    def join_and_connect() -> None:
+        try:
+            linux.setns(pidfd, linux.CLONE_NEWNET)  # this thread only: it ends right after
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                raise
+            sock.settimeout(None)
+            made.append(sock)
+        except OSError as exc:
+            failed.append(exc)
+
+    worker = threading.Thread(target=join_and_connect, name="stockade-publish-connect", daemon=True)
+    worker.start()
+    worker.join()
+    if failed or not made:
+        why = failed[0] if failed else OSError("no socket")
+        raise SandboxError(f"cannot reach port {port} inside the isolate: {why}")
+    return made[0]
+
+
+def _relay(source: socket.socket, sink: socket.socket) -> None:
+    """Copy one direction until its end, which is passed on (half-close); a failure ends both."""
+    try:
+        while data := source.recv(_CHUNK):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

@@ -1,0 +1,95 @@
+"""``Process``: a background process in a held sandbox (the agent's ``spawn`` and ``proc_*`` calls).
+
+The agent keeps reading the process's output while other calls run, up to
+1 MiB per stream until it is read here; what was not read in time is
+counted (``dropped``), never allowed to block the process.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import AgentSandbox
+
+SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+_WAIT_SLICE_S = 10.0  # one proc_wait call: the sandbox's other calls wait for it
+
+
+class Process:
+    """A handle on a background process: ``read``, ``write``, ``wait``, ``kill``, ``follow``."""
+
+    def __init__(self, sandbox: AgentSandbox, handle: str, pid: int, argv: list[str]) -> None:
+        self._sandbox = sandbox
+        self.handle, self.pid, self.argv = handle, pid, argv
+        self.exit_code: int | None = None
+        self.dropped = {"stdout": 0, "stderr": 0}  # bytes the agent dropped before they were read
+
+    def __repr__(self) -> str:
+        state = "running" if self.exit_code is None else f"exit {self.exit_code}"
+        return f"Process({self.argv!r}, pid={self.pid}, {state})"
+
+    def read(self) -> tuple[bytes, bytes]:
+        """What the process wrote to stdout and stderr since the last read."""
+        said = self._sandbox.proc_call("proc_read", {"handle": self.handle})
+        self._note(said)
+        for stream in ("stdout", "stderr"):
+            self.dropped[stream] += int(said.get("dropped", {}).get(stream, 0))
+        return _bytes(said.get("stdout")), _bytes(said.get("stderr"))
+
+    def write(self, data: bytes | str, *, eof: bool = False) -> None:
+        """Give the process input (``eof``: then close its stdin)."""
+        raw = data.encode() if isinstance(data, str) else data
+        self._sandbox.proc_call(
+            "proc_write", {"handle": self.handle, "data": base64.b64encode(raw).decode(), "eof": eof}
+        )
+
+    def close_stdin(self) -> None:
+        self.write(b"", eof=True)
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        self._note(self._sandbox.proc_call("proc_wait", {"handle": self.handle, "timeout": 0}))
+        return self.exit_code
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the end (at most ``timeout`` s); the exit code, or None if it still runs."""
+        until = None if timeout is None else time.monotonic() + timeout
+        while self.exit_code is None:
+            left = _WAIT_SLICE_S if until is None else min(_WAIT_SLICE_S, until - time.monotonic())
+            if left <= 0:
+                break
+            self._note(self._sandbox.proc_call("proc_wait", {"handle": self.handle, "timeout": left}, left + 30))
+        return self.exit_code
+
+    def kill(self, signal: str = "SIGTERM") -> None:
+        """Signal the process's group (``SIGTERM``, ``SIGKILL``, ``SIGINT``, ...)."""
+        if signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {', '.join(SIGNALS)}, not {signal!r}")
+        self._note(self._sandbox.proc_call("proc_kill", {"handle": self.handle, "signal": signal}))
+
+    def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
+        """Pass the output to ``on_output(stream, data)`` as it comes, until the process ends; its exit code."""
+        while True:
+            ended = self.exit_code is not None
+            out, err = self.read()
+            for stream, data in (("stdout", out), ("stderr", err)):
+                if data:
+                    on_output(stream, data)
+            if ended:
+                assert self.exit_code is not None
+                return self.exit_code
+            if not out and not err:
+                self.wait(interval)
+
+    def _note(self, said: dict[str, Any]) -> None:
+        code = said.get("exit_code")
+        if said.get("running") is False and isinstance(code, int):
+            self.exit_code = code
+
+
+def _bytes(value: Any) -> bytes:
+    return base64.b64decode(value) if isinstance(value, str) and value else b""

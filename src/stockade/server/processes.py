@@ -1,0 +1,70 @@
+"""The HTTP routes of a held sandbox's background processes (``sandbox.spawn``, ``sandbox.process_*``)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from fastapi import Body, FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..protocol.models import ProcessInfo, ProcessList, ProcessOutput
+from .door import HttpDoor
+
+
+class HttpSpawn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    command: list[str] = Field(min_length=1)
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    stdin_b64: str | None = Field(default=None, description="its first input, base64")
+
+
+def add_process_routes(app: FastAPI, door: HttpDoor, errors: dict[int | str, Any]) -> None:
+    processes = "/api/v1/sandboxes/{sandbox_id}/processes"
+
+    @app.post(processes, name="sandbox.spawn", status_code=201, response_model=ProcessInfo, responses=errors)
+    async def spawn(request: Request, sandbox_id: str, body: HttpSpawn) -> Any:
+        """Start a background process; it runs beside the sandbox's later calls."""
+        params = {"sandbox_id": sandbox_id, **body.model_dump(exclude_none=True)}
+        return await door.call("sandbox.spawn", params, door.caller(request))
+
+    @app.get(processes, name="sandbox.processes", response_model=ProcessList, responses=errors)
+    async def process_list(request: Request, sandbox_id: str) -> Any:
+        return await door.call("sandbox.processes", {"sandbox_id": sandbox_id}, door.caller(request))
+
+    @app.get(processes + "/{handle}/output", name="sandbox.process_read", response_model=ProcessOutput,
+             responses=errors)  # fmt: skip
+    async def process_read(request: Request, sandbox_id: str, handle: str) -> Any:
+        """What the process wrote since the last read (each byte is read once), base64."""
+        params = {"sandbox_id": sandbox_id, "handle": handle}
+        return await door.call("sandbox.process_read", params, door.caller(request))
+
+    @app.post(processes + "/{handle}/stdin", name="sandbox.process_write", response_model=ProcessInfo,
+              responses=errors)  # fmt: skip
+    async def process_write(
+        request: Request,
+        sandbox_id: str,
+        handle: str,
+        eof: bool = Query(default=False, description="then close its stdin"),
+        data: bytes = Body(default=b"", media_type="application/octet-stream"),
+    ) -> Any:
+        params = {"sandbox_id": sandbox_id, "handle": handle, "data": base64.b64encode(data).decode(), "eof": eof}
+        return await door.call("sandbox.process_write", params, door.caller(request))
+
+    @app.post(processes + "/{handle}/wait", name="sandbox.process_wait", response_model=ProcessInfo,
+              responses=errors)  # fmt: skip
+    async def process_wait(
+        request: Request, sandbox_id: str, handle: str, timeout: float = Query(default=0.0, ge=0, le=60)
+    ) -> Any:
+        params = {"sandbox_id": sandbox_id, "handle": handle, "timeout": timeout}
+        return await door.call("sandbox.process_wait", params, door.caller(request))
+
+    @app.post(processes + "/{handle}/kill", name="sandbox.process_kill", response_model=ProcessInfo,
+              responses=errors)  # fmt: skip
+    async def process_kill(
+        request: Request, sandbox_id: str, handle: str, signal: str = Query(default="SIGTERM")
+    ) -> Any:
+        params = {"sandbox_id": sandbox_id, "handle": handle, "signal": signal}
+        return await door.call("sandbox.process_kill", params, door.caller(request))

@@ -1,0 +1,353 @@
+"""Python environments (docs/environments.md): built with the host's real pip from its
+configured index, content-addressed, read-only, mounted by every runtime at
+/opt/stockade/env; and the /etc every isolate gets (CA bundle, fonts.conf, mime.types).
+
+The store is a temporary directory for the session (STOCKADE_ENV_STORE), so every
+session starts from an empty cache, as CI does: the small environments take about a
+second each, pandas + matplotlib about ten, built once per session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import stockade
+from stockade import Policy, PolicyError, environments
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+
+SMALL = ["six", "tabulate"]  # pure Python, from the local index; tabulate has a console script
+
+
+@pytest.fixture(scope="session")
+def store() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="stockade-envs-")
+    os.chmod(path, 0o755)  # every sandbox uid reads it (as root, each isolate has a uid of its own)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STOCKADE_ENV_STORE", path)
+        yield path
+    environments._remove_tree(path)
+
+
+@pytest.fixture(scope="session")
+def small(store: str) -> str:
+    return environments.build(SMALL, name="small")
+
+
+@pytest.fixture(scope="session")
+def ds(store: str) -> str:
+    return environments.build(["pandas", "matplotlib"], name="ds")
+
+
+def _host_sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# What code inside sees of the environment and of /etc: one run_code and one exec, so that
+# the microVM needs one sandbox.
+INSIDE = textwrap.dedent("""
+    import errno, hashlib, json, os, ssl, subprocess, sys
+    import six, tabulate
+    def sha(p):
+        try:
+            return hashlib.sha256(open(p, 'rb').read()).hexdigest()
+        except OSError:
+            return None
+    try:
+        open('/opt/stockade/env/python/planted.py', 'w')
+        write = 0
+    except OSError as exc:
+        write = exc.errno
+    fc = subprocess.run(['fc-list'], capture_output=True, text=True) if os.path.exists('/usr/bin/fc-list') else None
+    print(json.dumps({
+        'six': six.__file__, 'tabulate': tabulate.__file__, 'sys_path': sys.path, 'environ': dict(os.environ),
+        'mountinfo': open('/proc/self/mountinfo').read(), 'write_errno': write,
+        'ca': sha('/etc/ssl/certs/ca-certificates.crt'), 'mime': sha('/etc/mime.types'),
+        'fonts_conf': open('/etc/fonts/fonts.conf').read() if os.path.exists('/etc/fonts/fonts.conf') else None,
+        'fc_stderr': fc.stderr if fc else '', 'fc_fonts': len(fc.stdout.splitlines()) if fc else -1,
+        'ssl_cas': ssl.create_default_context().cert_store_stats()['x509_ca'],
+    }))
+""")
+SHELL = (
+    "python3 -c 'import six, sys; print(six.__file__); print(sys.executable)'; "
+    "printf '1 2\\n3 4\\n' | tabulate; head -1 \"$(command -v tabulate)\"; "
+    "touch /opt/stockade/env/planted 2>/dev/null; echo touch=$?"
+)
+
+
+def check_inside(sb: Any, store: str, env_id: str) -> None:
+    r = sb.run_code(INSIDE)
+    assert r.success, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["six"] == "/opt/stockade/env/python/six.py"
+    assert "/opt/stockade/env/python" in seen["sys_path"]
+    assert seen["environ"]["PYTHONPATH"] == "/opt/stockade/env/python"
+    assert seen["environ"]["PATH"].startswith("/opt/stockade/env/bin:")
+    assert seen["environ"]["MPLCONFIGDIR"] == "/tmp/.cache/matplotlib"
+    assert seen["write_errno"] in (errno.EROFS, errno.EACCES), seen["write_errno"]
+    # Nothing of the host's store: not its path, not the id's directory name.
+    for what in ("sys_path", "environ", "mountinfo"):
+        text = json.dumps(seen[what])
+        assert store not in text and env_id not in text, (what, text)
+    assert any(" /opt/stockade/env " in line for line in seen["mountinfo"].splitlines()), seen["mountinfo"]
+    check_etc(seen)
+    r = sb.exec(["sh", "-c", SHELL])
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["/opt/stockade/env/python/six.py", "/usr/bin/python3"], r.stdout + r.stderr
+    assert "#!/usr/bin/python3" in lines and "touch=1" in lines, r.stdout + r.stderr
+    assert any(set(line) == {"-", " "} for line in lines), r.stdout  # tabulate's rule: the console script ran
+
+
+def check_etc(seen: dict[str, Any]) -> None:
+    """The host's CA bundle and mime.types, a fontconfig configuration that fc-list takes quietly."""
+    if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
+        assert seen["ca"] == _host_sha("/etc/ssl/certs/ca-certificates.crt")
+        assert seen["ssl_cas"] > 10  # Python's default context finds them
+    if os.path.exists("/etc/mime.types"):
+        assert seen["mime"] == _host_sha("/etc/mime.types")
+    assert seen["fonts_conf"] is not None and "<dir>/usr/share/fonts</dir>" in seen["fonts_conf"]
+    if os.path.exists("/usr/bin/fc-list"):
+        assert seen["fc_stderr"] == "" and seen["fc_fonts"] > 0, seen
+
+
+# ---- the store: content addresses, names, concurrency, failures ------------------------------------------
+
+
+def test_the_content_address_is_stable(small: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    reqs = environments.normalise(SMALL)
+    assert environments.content_id(reqs) == small
+    # Spelt differently, the same requirements: the same id, and nothing is built again.
+    assert environments.normalise(["Tabulate ", "# a comment", "", "SIX"]) == reqs
+    monkeypatch.setattr(environments, "_build", lambda *a: pytest.fail("built again"))
+    assert environments.build(["SIX", "tabulate"]) == small
+    assert environments.content_id(environments.normalise(["six"])) != small
+    assert environments.content_id(environments.normalise(["six>=1", "tabulate"])) != small
+    assert environments.content_id(reqs, allow_source=True) != small
+    # The pip configuration that chooses packages is part of it; the rest is not.
+    monkeypatch.setenv("PIP_DEFAULT_TIMEOUT", "7")
+    assert environments.content_id(reqs) == small
+    monkeypatch.setenv("PIP_INDEX_URL", "file:///nowhere/simple")
+    assert environments.content_id(reqs) != small
+
+
+@pytest.mark.parametrize(
+    "bad", ["-r other.txt", "--index-url=https://example.org", "./local/pkg", "six; $(reboot)", "six @", "six=>=1"]
+)
+def test_requirements_are_refused_when_they_are_not_plain(bad: str, store: str) -> None:
+    with pytest.raises(PolicyError, match="packages"):
+        Policy(packages=[bad])
+
+
+def test_a_missing_environment_is_a_policy_error_naming_it(store: str, small: str) -> None:
+    with pytest.raises(PolicyError, match=r"environment_name: 'nope' does not exist.*stockade env ls"):
+        Policy(environment_name="nope")
+    with pytest.raises(PolicyError, match="environment_name or packages, not both"):
+        Policy(environment_name="small", packages=["six"])
+    with pytest.raises(PolicyError, match=r"environment_id.*stockade env ls"):
+        Policy(environment_id="0" * 32)
+    with pytest.raises(PolicyError, match="would cover the environment"):
+        Policy(environment_name="small", filesystem_access=[f"{store}:/opt/stockade"])
+    with pytest.raises(PolicyError, match="not an environment name"):
+        Policy(environment_name="../etc")
+
+
+def test_the_digest_says_which_environment(small: str, store: str) -> None:
+    other = environments.build(["six"], name="moving")
+    before = Policy(environment_name="moving")
+    environments.build(SMALL, name="moving")  # the name now points at another build
+    after = Policy(environment_name="moving")
+    assert (before.environment_id, after.environment_id) == (other, small)
+    assert before.digest != after.digest
+    assert Policy(environment_id=small).environment_id == small  # an id alone pins it
+    environments.remove("moving")
+
+
+def test_concurrent_builds_of_one_environment_make_one(store: str) -> None:
+    code = "from stockade import environments as e; print(e.build(['termcolor']))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    ids = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(ids) == 1
+    (env_id,) = ids
+    assert [e.id for e in environments.listing()].count(env_id) == 1
+    assert os.listdir(os.path.join(store, "tmp")) == []  # no half-built copy left
+    # Read-only on the host too.
+    assert not os.stat(environments.env_path(env_id)).st_mode & 0o222
+
+
+def test_env_ls_and_rm(store: str) -> None:
+    parser = argparse.ArgumentParser(prog="stockade")
+    from stockade import cli_env
+
+    cli_env.add_parser(parser.add_subparsers(dest="cmd"))
+
+    def cli(*argv: str) -> int:
+        args = parser.parse_args(list(argv))
+        status: int = args.func(args)
+        return status
+
+    req = os.path.join(store, "req.txt")
+    with open(req, "w") as f:
+        f.write("# pinned for the test\ncycler\n")
+    assert cli("env", "build", "one", "-r", req) == 0
+    assert cli("env", "build", "two", "cycler") == 0  # the same environment, another name
+    entries = {e.id: e for e in environments.listing()}
+    env_id = environments.named("one")
+    assert env_id == environments.named("two") and sorted(entries[env_id].names) == ["one", "two"]
+    assert entries[env_id].installed[0].startswith("cycler==")
+    # A name shared with another goes alone; the environment is refused by id while named.
+    assert cli("env", "rm", "one") == 0
+    assert environments.named("one") is None and os.path.isdir(environments.env_path(env_id))
+    assert cli("env", "rm", env_id[:8]) == cli_env.EXIT_ERROR
+    assert os.path.isdir(environments.env_path(env_id))
+    # Its last name takes it with it.
+    assert cli("env", "rm", "two") == 0
+    assert not os.path.exists(environments.env_path(env_id))
+    assert cli("env", "rm", "two") == cli_env.EXIT_ERROR
+    assert cli("env", "ls", "--json") == 0
+
+
+def test_a_failed_build_says_what_pip_said(
+    store: str, manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No index at all, so that pip fails at once, with or without a network.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", store)
+    with pytest.raises(PolicyError, match=r"pip could not install them(.|\n)*stockade-no-such-package"):
+        with stockade.Sandbox(runtime="fake", packages=["stockade-no-such-package"], manager=manager):
+            pass
+    assert os.listdir(os.path.join(store, "tmp")) == []
+
+
+# ---- inside each runtime -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_the_environment_inside(runtime: str, store: str, small: str, manager: RuntimeManager) -> None:
+    require(runtime)
+    with stockade.Sandbox(runtime=runtime, environment_name="small", manager=manager) as sb:
+        check_inside(sb, store, small)
+        r = sb.run_code("print(1)")
+        assert r.policy_digest == sb.policy.digest and sb.policy.environment_id == small
+
+
+@pytest.mark.timeout(300)
+def test_the_environment_inside_a_microvm(store: str, small: str, manager: RuntimeManager) -> None:
+    require("microvm")
+    with stockade.Sandbox(runtime="microvm", environment_name="small", timeout_seconds=120, manager=manager) as sb:
+        check_inside(sb, store, small)
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_etc_without_an_environment(runtime: str, manager: RuntimeManager) -> None:
+    require(runtime)
+    code = INSIDE.replace("import six, tabulate", "six = tabulate = os")
+    r = stockade.run_code(code, runtime=runtime, manager=manager)
+    assert r.success, r.stderr
+    seen = json.loads(r.stdout)
+    check_etc(seen)
+    assert "PYTHONPATH" not in seen["environ"] and "MPLCONFIGDIR" not in seen["environ"]
+
+
+def test_packages_build_once_and_are_reused(
+    store: str, monkeypatch: pytest.MonkeyPatch, manager: RuntimeManager
+) -> None:
+    require("process")
+    builds = []
+    real = environments._build
+    monkeypatch.setattr(environments, "_build", lambda *a: (builds.append(a[0]), real(*a))[1])
+    code = "import termcolor, six; print(termcolor.__file__)"
+    with stockade.Sandbox(runtime="process", packages=["six", "termcolor"], manager=manager) as sb:
+        assert sb.run_code(code).stdout == "/opt/stockade/env/python/termcolor/__init__.py\n"
+        first = sb.policy.environment_id
+    r = stockade.run_code(code, runtime="process", packages=["termcolor", "six"], manager=manager)
+    assert r.stdout == "/opt/stockade/env/python/termcolor/__init__.py\n"
+    assert builds == [first]  # built on first use only
+    assert r.policy_digest == Policy(runtime="process", packages=["six", "termcolor"]).digest
+
+
+def test_the_pool_keeps_isolates_per_environment(small: str) -> None:
+    require("process")
+    manager = RuntimeManager(pool_size=1)
+    try:
+        runtime: Any = manager.get("process")
+        policy = Policy(runtime="process", environment_name="small")
+        for _ in range(2):  # two misses: the shape joins the pool
+            assert runtime.pool_statistics() is not None
+            stockade.run_code("pass", policy=policy, manager=manager)
+        runtime.wait_idle()  # the pool refills once the used isolate is gone
+        assert runtime.wait_ready(60)
+        ready = runtime._pool.ready(policy)
+        assert ready and all(sb.policy.environment_id == small for sb in ready)
+        assert all(sb.policy.environment_id is None for sb in runtime._pool.ready())  # the default shape's
+        served = runtime.pool_statistics()["served"]
+        r = stockade.run_code("import six; print(six.__file__)", policy=policy, manager=manager)
+        assert r.stdout == "/opt/stockade/env/python/six.py\n"
+        assert runtime.pool_statistics()["served"] == served + 1
+    finally:
+        manager.close()
+
+
+def test_through_the_daemon(store: str, small: str) -> None:
+    require("process")
+    from stockade.client import Client
+    from tests.daemon_harness import start_daemon
+
+    daemon = start_daemon(env={"STOCKADE_ENV_STORE": store})
+    with Client(daemon.socket_path, timeout=300) as client:
+        r = client.execute(
+            code="import six; print(six.__file__)", policy={"runtime": "process", "environment_name": "small"}
+        )
+        assert r.stdout == "/opt/stockade/env/python/six.py\n", r
+        # Built by the daemon on first use.
+        r = client.execute(code="import pyparsing; print(1)", policy={"runtime": "process", "packages": ["pyparsing"]})
+        assert r.stdout == "1\n", r
+    assert environments.content_id(("pyparsing",)) in {e.id for e in environments.listing()}
+    assert daemon.stop() == 0
+
+
+# ---- pandas and matplotlib -------------------------------------------------------------------------------
+
+PLOT = textwrap.dedent("""
+    import pandas as pd
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    df = pd.read_csv("/work/data.csv")
+    ax = df.plot(x="day", y="sales", kind="line", title="sales")
+    plt.savefig("/work/sales.png", dpi=72)
+    print(int(df.sales.sum()))
+""")
+
+
+@pytest.mark.timeout(600)
+def test_csv_to_pandas_to_matplotlib_png(ds: str, manager: RuntimeManager) -> None:
+    require("process")
+    policy = Policy(runtime="process", environment_name="ds", memory_mb=1024, timeout_seconds=120)
+    with stockade.Sandbox(policy, manager=manager) as sb:
+        sb.write_file("/work/data.csv", "day,sales\n1,10\n2,30\n3,20\n")
+        r = sb.run_code(PLOT)
+        assert (r.stdout, r.stderr, r.exit_code) == ("60\n", "", 0)  # no font-cache or config warnings
+        png = sb.read_file("/work/sales.png")
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+        # The font list is the environment's, copied in, not rebuilt by the run.
+        cache = os.path.join(environments.env_path(ds), "cache", "matplotlib")
+        (name,) = os.listdir(cache)
+        with open(os.path.join(cache, name), "rb") as f:
+            assert sb.read_file(f"/tmp/.cache/matplotlib/{name}") == f.read()

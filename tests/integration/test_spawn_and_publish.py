@@ -1,0 +1,116 @@
+"""Background processes with handles (``sb.spawn``) and published ports (``Sandbox(publish=[...])``)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from stockade import Policy, Sandbox
+from stockade.errors import InvalidRequestError, PolicyError, SandboxError
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+
+ECHO = "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\nprint('bye')\n"
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[RuntimeManager]:
+    mgr = RuntimeManager(pool_size=0)
+    yield mgr
+    mgr.close()
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
+def test_a_spawned_process_runs_beside_other_calls_and_takes_input(runtime: str, manager: RuntimeManager) -> None:
+    require(runtime)
+    with Sandbox(Policy(runtime=runtime, timeout_seconds=60), manager=manager) as sb:
+        echo = sb.spawn(["python3", "-c", ECHO])
+        assert echo.pid > 0 and echo.poll() is None
+        echo.write("one\n")
+        assert sb.exec(["echo", "meanwhile"]).stdout == "meanwhile\n"  # the agent is free
+        assert sb.run_code("print(2 + 2)").stdout == "4\n"
+        echo.write("two\n", eof=True)
+        assert echo.wait(30) == 0
+        out, err = echo.read()
+        assert (out, err) == (b"got one\ngot two\nbye\n", b"")
+        listed = {p["handle"]: p for p in sb.processes()}
+        assert listed[echo.handle]["running"] is False and listed[echo.handle]["exit_code"] == 0
+
+
+def test_kill_wait_follow_and_bounded_output(process_runtime: str, manager: RuntimeManager) -> None:
+    with Sandbox(Policy(runtime=process_runtime), manager=manager) as sb:
+        sleeper = sb.spawn(["sh", "-c", "sleep 300 & wait"])
+        assert sleeper.wait(0.2) is None
+        sleeper.kill("SIGKILL")  # the group: the background sleep too
+        assert sleeper.wait(30) == -9
+        assert "sleep" not in sb.exec(["ps", "-eo", "comm"]).stdout
+        chunks: list[tuple[str, bytes]] = []
+        ticker = sb.spawn(["sh", "-c", "for i in 1 2 3; do echo tick $i; done; echo done >&2; exit 3"])
+        assert ticker.follow(lambda stream, data: chunks.append((stream, data))) == 3
+        assert b"".join(d for s, d in chunks if s == "stdout") == b"tick 1\ntick 2\ntick 3\n"
+        assert b"".join(d for s, d in chunks if s == "stderr") == b"done\n"
+        flood = sb.spawn(["sh", "-c", "head -c 5000000 /dev/zero; echo end >&2"])
+        assert flood.wait(60) == 0  # never blocked by a host that does not read
+        out, err = flood.read()
+        assert len(out) == 1 << 20 and flood.dropped["stdout"] == 5000000 - (1 << 20) and err == b"end\n"
+        with pytest.raises(TypeError):
+            sb.spawn("sleep 1")  # type: ignore[arg-type]  # a list: no shell
+        with pytest.raises(ValueError, match="signal must be one of"):
+            ticker.kill("SIGSEGV")
+
+
+def _get(url: str, attempts: int = 100) -> bytes:
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return bytes(answer.read())
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)  # the server inside is still starting
+    raise AssertionError(f"nothing answered at {url}")
+
+
+def test_a_published_port_reaches_the_isolates_loopback_and_nothing_else(
+    process_runtime: str, manager: RuntimeManager
+) -> None:
+    policy = Policy(runtime=process_runtime, network_policy="loopback")
+    with Sandbox(policy, manager=manager, publish=[8000]) as sb:
+        host, port = sb.published[8000]
+        assert host == "127.0.0.1" and port > 0
+        sb.write_file("/tmp/hello.txt", "hello from inside\n")
+        server = sb.spawn(["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"], cwd="/tmp")
+        assert _get(f"http://{host}:{port}/hello.txt") == b"hello from inside\n"
+        # Two more, at once: each connection is relayed on its own.
+        assert _get(f"http://{host}:{port}/hello.txt") == _get(f"http://{host}:{port}/hello.txt")
+        fixed = sb.publish("127.0.0.1:0:9000")  # a second port, nothing listening there: refused, not hung
+        with socket.create_connection(fixed, timeout=10) as conn:
+            conn.settimeout(10)
+            assert conn.recv(1) == b""
+        server.kill()
+    with pytest.raises(OSError):
+        socket.create_connection((host, port), timeout=5).close()  # the forward ended with the sandbox
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        ("0.0.0.0:9000:8000", InvalidRequestError, "must be a loopback address"),
+        ("8000:99999", InvalidRequestError, "a port is 1-65535"),
+        ("web", InvalidRequestError, "ports are numbers"),
+    ],
+)
+def test_bad_publish_specs_are_refused(spec: str, error: type[Exception], match: str, process_runtime: str) -> None:
+    with pytest.raises(error, match=match):
+        Sandbox(Policy(runtime=process_runtime, network_policy="loopback"), publish=[spec])
+
+
+def test_publishing_needs_a_loopback_and_a_runtime_that_can(process_runtime: str) -> None:
+    with pytest.raises(PolicyError, match="network_policy='loopback'"):
+        Sandbox(Policy(runtime=process_runtime), publish=[8000])
+    require("gvisor")
+    with pytest.raises(SandboxError, match="not available on the gvisor runtime"):
+        Sandbox(Policy(runtime="gvisor", network_policy="loopback"), publish=[8000])

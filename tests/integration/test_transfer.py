@@ -1,0 +1,413 @@
+"""Directory upload and download (``stockade/transfer.py``) on real runtimes and through a daemon.
+
+A nested tree (binary files over one call's size, empty directories, an
+executable, odd names, a link inside the tree) goes in and comes back the
+same; the caps refuse before anything is sent or written and leave no pieces
+in the isolate; and archives from a hostile isolate (traversal, absolute
+names, links, devices, FIFOs, sparse and over-declared members, a flood of
+members) are refused with nothing written outside ``local_dir`` and no link
+made on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stockade import Policy, Sandbox
+from stockade.client import AsyncClient, Client
+from stockade.errors import PathNotFoundError
+from stockade.result import ExecResult
+from stockade.runtimes.manager import RuntimeManager
+from stockade.sdk import AsyncSandbox
+from stockade.transfer import (
+    _PACK,
+    DEFAULT_MAX_FILES,
+    TransferError,
+    TransferTooLargeError,
+    UnsafeArchiveError,
+    download,
+)
+from tests.conftest import require
+from tests.daemon_harness import Daemon, start_daemon
+
+BIG = 12 << 20  # over one write_file call (7 MiB) and one read piece (5 MiB)
+
+
+def make_tree(root: Path, big: int = BIG) -> Path:
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "empty" / "nested-empty").mkdir(parents=True)
+    (root / "a" / "blob.bin").write_bytes(os.urandom(big))
+    (root / "a" / "b" / "zeros").write_bytes(b"\0" * 1000)
+    (root / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
+    (root / "empty-file").write_bytes(b"")
+    (root / "name with spaces é.txt").write_text("unicode\n")
+    tool = root / "tool.sh"
+    tool.write_text("#!/bin/sh\necho tool\n")
+    tool.chmod(0o755)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Each entry below ``root``: a directory, or a file's digest and executable bit; links by target."""
+    seen: dict[str, Any] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            seen[rel] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            seen[rel] = "dir"
+        else:
+            seen[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), bool(st.st_mode & 0o100))
+    return seen
+
+
+def no_links(root: Path) -> None:
+    assert not [p for p in root.rglob("*") if p.is_symlink()]
+
+
+def leftovers(sb: Any) -> list[str]:
+    return [e["name"] for e in sb.list_dir("/tmp") if e["name"].startswith(".stockade-")]
+
+
+@pytest.fixture(scope="module")
+def mgr() -> Iterator[RuntimeManager]:
+    m = RuntimeManager(pool_size=0)
+    yield m
+    m.close()
+
+
+def round_trip(sb: Any, tmp_path: Path, big: int = BIG) -> None:
+    src = make_tree(tmp_path / "src", big)
+    files = [p for p in src.rglob("*") if p.is_file()]
+    expected = (len(files), sum(1 for p in src.rglob("*") if p.is_dir()), sum(p.stat().st_size for p in files))
+    sent = sb.upload(src, "/work/data")
+    assert (sent.files, sent.directories, sent.bytes) == expected == (6, 5, big + 1000 + 5 + 8 + 20)
+    listing = sb.exec(["sh", "-c", "cd /work/data && find . | sort && sha256sum a/blob.bin && test -x tool.sh"])
+    assert listing.success, listing.summary()
+    assert "./empty/nested-empty" in listing.stdout
+    assert hashlib.sha256((src / "a" / "blob.bin").read_bytes()).hexdigest() in listing.stdout
+    got = sb.download("/work/data", tmp_path / "back")
+    assert (got.files, got.directories, got.bytes) == expected
+    assert snapshot(tmp_path / "back") == snapshot(src)
+    one = sb.download("/work/data/a/b/c/deep.txt", tmp_path / "one")
+    assert (one.files, one.bytes) == (1, 5) and (tmp_path / "one" / "deep.txt").read_text() == "deep\n"
+    sb.upload(src / "tool.sh", "/work/single")
+    assert sb.exec(["/work/single/tool.sh"]).stdout == "tool\n"
+    assert leftovers(sb) == []
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
+def test_a_nested_tree_goes_in_and_comes_back_the_same(runtime: str, tmp_path: Path, mgr: RuntimeManager) -> None:
+    require(runtime)
+    with Sandbox(Policy(runtime=runtime, timeout_seconds=120, disk_mb=256), manager=mgr) as sb:
+        round_trip(sb, tmp_path, BIG if runtime != "microvm" else 1 << 20)
+
+
+def test_links_inside_the_uploaded_tree_go_as_links_others_are_refused(tmp_path: Path, mgr: RuntimeManager) -> None:
+    require("process")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("x")
+    (src / "inside").symlink_to("d/f")
+    with Sandbox(runtime="process", manager=mgr) as sb:
+        assert sb.upload(src, "/work/l").links == 1
+        assert sb.exec(["cat", "/work/l/inside"]).stdout == "x"
+        for target in ("/etc/passwd", "../../outside", "d/../../x"):
+            (src / "bad").unlink(missing_ok=True)
+            (src / "bad").symlink_to(target)
+            with pytest.raises(TransferError, match="outside the uploaded tree"):
+                sb.upload(src, "/work/refused")
+        (src / "bad").unlink()
+        os.mkfifo(src / "fifo")
+        with pytest.raises(TransferError, match="not a regular file"):
+            sb.upload(src, "/work/refused")
+        assert sb.exec(["test", "-e", "/work/refused"]).exit_code == 1
+        assert leftovers(sb) == []
+
+
+def test_caps_refuse_before_anything_is_sent_or_written(tmp_path: Path, mgr: RuntimeManager) -> None:
+    require("process")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(1 << 20))
+    with Sandbox(runtime="process", manager=mgr) as sb:
+        with pytest.raises(TransferTooLargeError, match=r"at least \d+ bytes as an archive, and max_bytes is 524288"):
+            sb.upload(src, "/work/capped", max_bytes=512 << 10)
+        assert sb.exec(["test", "-e", "/work/capped"]).exit_code == 1
+        sb.exec(["sh", "-c", "mkdir -p /work/big && head -c 2000000 /dev/urandom > /work/big/f"])
+        with pytest.raises(TransferTooLargeError, match=r"over 1048576 bytes as an archive \(max_bytes\)"):
+            sb.download("/work/big", tmp_path / "out", max_bytes=1 << 20)
+        assert not (tmp_path / "out").exists()
+        assert leftovers(sb) == []
+        assert sb.download("/work/big", tmp_path / "out", max_bytes=3 << 20).bytes == 2000000
+
+
+def test_errors_name_the_cause_and_leave_nothing_behind(tmp_path: Path, mgr: RuntimeManager) -> None:
+    require("process")
+    src = make_tree(tmp_path / "src", 10)
+    with Sandbox(runtime="process", manager=mgr) as sb:
+        with pytest.raises(TransferError, match=r"Read-only file system|Permission denied"):
+            sb.upload(src, "/usr/lib/stockade-upload")
+        with pytest.raises(FileNotFoundError) as missing:
+            sb.download("/work/missing", tmp_path / "out")
+        assert isinstance(missing.value, PathNotFoundError) and missing.value.filename == "/work/missing"
+        with pytest.raises(FileNotFoundError):
+            sb.upload(tmp_path / "no-such-dir", "/work/x")
+        with pytest.raises(ValueError, match="max_bytes"):
+            sb.upload(src, "/work/x", max_bytes=0)
+        assert leftovers(sb) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_a_download_refuses_from_the_isolates_own_files(tmp_path: Path, mgr: RuntimeManager) -> None:
+    """Real archives of the isolate's links and FIFOs: the host writes regular files and directories only."""
+    require("process")
+    with Sandbox(runtime="process", manager=mgr) as sb:
+        made = sb.exec(
+            [
+                "sh",
+                "-c",
+                "ln -s /etc/passwd /work/pw && mkdir /work/d && echo x > /work/d/f && "
+                "ln -s /etc /work/d/etc && mkdir /work/p && mkfifo /work/p/fifo",
+            ]
+        )
+        assert made.success, made.summary()
+        for remote, what in (
+            ("/work/pw", "symbolic link to '/etc/passwd'"),
+            ("/work/d", "symbolic link"),
+            ("/work/p", "FIFO"),
+        ):
+            out = tmp_path / remote.rsplit("/", 1)[1]
+            with pytest.raises(UnsafeArchiveError, match=what):
+                sb.download(remote, out)
+            assert not out.exists()
+        assert leftovers(sb) == []
+    no_links(tmp_path)
+
+
+# ---- a hostile isolate's archives -----------------------------------------------------------
+
+# Run inside the isolate in place of the packing step: the archive the case names, cut into
+# the pieces the host asked for, and the packing step's answer ("status size") for it.
+HOSTILE = r"""
+import io, os, sys, tarfile
+case, out, piece, outside = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+buf = io.BytesIO()
+tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT)
+
+def add(name, data=b"", **fields):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in fields.items():
+        setattr(info, k, v)
+    tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+
+add("fine.txt", b"fine")
+if case == "dotdot":
+    add("../escape.txt", b"out")
+elif case == "dotdot-deep":
+    add("a/../../escape.txt", b"out")
+elif case == "absolute":
+    add(outside + "/abs.txt", b"out")
+elif case == "symlink":
+    add("pw", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+elif case == "symlink-then-file":
+    add("ln", type=tarfile.SYMTYPE, linkname=outside)
+    add("ln/pwned.txt", b"out")
+elif case == "hardlink":
+    add("hl", type=tarfile.LNKTYPE, linkname="/etc/passwd")
+elif case == "device":
+    add("null", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+elif case == "fifo":
+    add("fifo", type=tarfile.FIFOTYPE)
+elif case == "sparse":
+    add("sparse", type=tarfile.GNUTYPE_SPARSE)
+elif case == "many":
+    for i in range(int(sys.argv[5])):
+        add(f"m{i}")
+elif case == "garbage":
+    buf = io.BytesIO(os.urandom(4096)); tar = None
+if case in ("bomb", "truncated"):
+    info = tarfile.TarInfo("bomb.bin")
+    info.size = (10 << 30) if case == "bomb" else 100000
+    tar.fileobj.write(info.tobuf(tarfile.GNU_FORMAT))
+    tar.fileobj.write(b"\0" * 4096)
+    data = buf.getvalue() + b"\0" * 1024
+else:
+    if tar is not None:
+        tar.close()
+    data = buf.getvalue()
+for i in range(0, len(data), piece):
+    with open(f"{out}.{i // piece:06d}", "wb") as f:
+        f.write(data[i:i + piece])
+print(0, len(data), piece)
+"""
+
+
+class Hostile:
+    """A sandbox whose packing step answers with a crafted archive, as a subverted isolate could."""
+
+    def __init__(self, sb: Sandbox, case: str, outside: Path, *extra: str) -> None:
+        self.sb, self.case, self.outside, self.extra = sb, case, outside, extra
+
+    def write_file(self, path: str, data: bytes, mode: int, /) -> None:
+        self.sb.write_file(path, data, mode)
+
+    def read_file(self, path: str, /) -> bytes:
+        return self.sb.read_file(path)
+
+    def exec(self, argv: list[str], /) -> ExecResult:
+        if argv[:3] == ["sh", "-c", _PACK]:
+            out, piece = argv[7], argv[9]
+            argv = ["python3", "/work/hostile.py", self.case, out, piece, str(self.outside), *self.extra]
+        return self.sb.exec(argv)
+
+
+@pytest.fixture(scope="module")
+def hostile_box(mgr: RuntimeManager) -> Iterator[Sandbox]:
+    require("process")
+    with Sandbox(runtime="process", manager=mgr, disk_mb=256, timeout_seconds=120) as sb:
+        sb.write_file("/work/hostile.py", HOSTILE)
+        sb.exec(["mkdir", "/work/src"])
+        yield sb
+
+
+CASES = {
+    "dotdot": (UnsafeArchiveError, "outside the download's directory"),
+    "dotdot-deep": (UnsafeArchiveError, "outside the download's directory"),
+    "absolute": (UnsafeArchiveError, "outside the download's directory"),
+    "symlink": (UnsafeArchiveError, "symbolic link to '/etc/passwd'"),
+    "symlink-then-file": (UnsafeArchiveError, "symbolic link"),
+    "hardlink": (UnsafeArchiveError, "hard link to '/etc/passwd'"),
+    "device": (UnsafeArchiveError, "device node"),
+    "fifo": (UnsafeArchiveError, "FIFO"),
+    "sparse": (UnsafeArchiveError, "sparse file"),
+    "bomb": (TransferError, r"declare over|malformed|unexpected end"),
+    "truncated": (UnsafeArchiveError, r"malformed|unexpected end|ends before"),
+    "garbage": (UnsafeArchiveError, "not a tar"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_hostile_archive_is_refused_and_nothing_lands_outside(
+    case: str, hostile_box: Sandbox, tmp_path: Path
+) -> None:
+    error, message = CASES[case]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    local = tmp_path / "nest" / "out"
+    with pytest.raises(error, match=message):
+        download(Hostile(hostile_box, case, outside), "/work/src", local)  # type: ignore[arg-type]
+    assert not local.exists()  # every member is checked before the first is written
+    assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
+    no_links(tmp_path)
+    assert leftovers(hostile_box) == []
+
+
+def test_a_flood_of_members_is_refused(hostile_box: Sandbox, tmp_path: Path) -> None:
+    sandbox = Hostile(hostile_box, "many", tmp_path, str(DEFAULT_MAX_FILES + 1))
+    with pytest.raises(TransferTooLargeError, match=f"over {DEFAULT_MAX_FILES} members"):
+        download(sandbox, "/work/src", tmp_path / "out")  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+    small = Hostile(hostile_box, "many", tmp_path, "10")
+    assert download(small, "/work/src", tmp_path / "ok", max_files=11).files == 11  # type: ignore[arg-type]
+    with pytest.raises(TransferTooLargeError, match="over 10 members"):
+        download(small, "/work/src", tmp_path / "refused", max_files=10)  # type: ignore[arg-type]
+    assert leftovers(hostile_box) == []
+
+
+def test_a_download_never_writes_through_a_link_already_in_local_dir(hostile_box: Sandbox, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    local = tmp_path / "out"
+    local.mkdir()
+    (local / "fine.txt").symlink_to(outside / "target")  # a file link: replaced, not followed
+    (local / "a").symlink_to(outside)  # a directory link: not entered
+    hostile_box.exec(["sh", "-c", "mkdir -p /work/w/a && echo fine > /work/w/fine.txt && echo in > /work/w/a/in"])
+    assert hostile_box.download("/work/w/fine.txt", local).files == 1
+    assert (local / "fine.txt").read_text() == "fine\n" and not (local / "fine.txt").is_symlink()
+    with pytest.raises(TransferError, match="links are not followed"):
+        hostile_box.download("/work/w", local)
+    assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in local.iterdir()) == ["a", "fine.txt"]  # no temporary file left
+
+
+# ---- through the daemon, and async ----------------------------------------------------------
+
+
+@pytest.fixture
+def daemon(process_runtime: str) -> Iterator[Daemon]:
+    d = start_daemon()
+    yield d
+    assert d.stop() == 0, d.logs()
+
+
+def test_a_round_trip_through_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
+    with Client(daemon.socket_path, timeout=120) as client, client.sandbox({"disk_mb": 256}) as sb:
+        round_trip(sb, tmp_path)
+        with pytest.raises(FileNotFoundError):
+            sb.download("/work/missing", tmp_path / "missing")
+        with pytest.raises(TransferTooLargeError):
+            sb.upload(tmp_path / "src", "/work/capped", max_bytes=1 << 20)
+        with pytest.raises(TransferTooLargeError):
+            sb.download("/work/data", tmp_path / "capped", max_bytes=1 << 20)
+        sb.exec(["ln", "-s", "/etc/passwd", "/work/pw"])
+        with pytest.raises(UnsafeArchiveError):
+            sb.download("/work/pw", tmp_path / "pw")
+        assert leftovers(sb) == []
+    no_links(tmp_path)
+
+
+def test_async_twins(daemon: Daemon, tmp_path: Path, mgr: RuntimeManager) -> None:
+    src = make_tree(tmp_path / "src", 1 << 20)
+
+    async def through(sb: Any, name: str, listing: Callable[[], Any]) -> None:
+        assert (await sb.upload(src, "/work/data")).files == 6
+        assert (await sb.download("/work/data", tmp_path / name)).files == 6
+        assert snapshot(tmp_path / name) == snapshot(src)
+        with pytest.raises(FileNotFoundError):
+            await sb.download("/work/missing", tmp_path / "missing")
+        assert [e["name"] for e in await listing() if e["name"].startswith(".stockade-")] == []
+
+    async def main() -> None:
+        async with AsyncClient(daemon.socket_path, timeout=120) as client, client.sandbox() as remote:
+            await through(remote, "remote", lambda: remote.list_dir("/tmp"))
+        async with AsyncSandbox(runtime="process", manager=mgr) as local:
+            await through(local, "local", lambda: local.list_dir("/tmp"))
+
+    asyncio.run(main())
+
+
+def test_transfer_summary_counts_a_single_file_upload(tmp_path: Path, mgr: RuntimeManager) -> None:
+    require("process")
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"m" * 100)
+    with Sandbox(runtime="process", manager=mgr) as sb:
+        summary = sb.upload(f, "/work/models")
+        assert (summary.files, summary.directories, summary.bytes) == (1, 0, 100)
+        assert sb.read_file("/work/models/model.bin") == b"m" * 100
+
+
+def test_pieces_fit_a_small_max_file_size(tmp_path: Path, mgr: RuntimeManager) -> None:
+    """A policy's max_file_size_bytes under one piece: the pieces shrink, each file still fits."""
+    require("process")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i}").write_bytes(os.urandom(300_000))
+    with Sandbox(runtime="process", manager=mgr, max_file_size_bytes=1 << 20) as sb:
+        assert sb.exec(["sh", "-c", "ulimit -f"]).stdout == "2048\n"  # the limit holds from here on
+        assert sb.upload(src, "/work/many").bytes == 3_600_000
+        assert sb.download("/work/many", tmp_path / "back").files == 12
+        assert snapshot(tmp_path / "back") == snapshot(src)
+        assert leftovers(sb) == []
