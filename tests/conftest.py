@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -235,3 +236,24 @@ def host_server() -> Iterator[int]:
     thread.join()
     srv.close()
     assert hits == [], "a sandbox reached the host's loopback server"
+
+
+@pytest.fixture(scope="session")
+def store() -> Iterator[str]:
+    """A Python environment store of the session's own (``STOCKADE_ENV_STORE``), removed at its end."""
+    from stockade import environments
+
+    path = tempfile.mkdtemp(prefix="stockade-envs-")
+    os.chmod(path, 0o755)  # every sandbox uid reads it (as root, each isolate has a uid of its own)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STOCKADE_ENV_STORE", path)
+        yield path
+    environments._remove_tree(path)
+
+
+@pytest.fixture(scope="session")
+def ds(store: str) -> str:
+    """An environment with pandas and matplotlib (from the host's package index), built once a session."""
+    from stockade import environments
+
+    return environments.build(["pandas", "matplotlib"], name="ds")

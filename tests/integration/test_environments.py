@@ -16,9 +16,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,23 +30,8 @@ SMALL = ["six", "tabulate"]  # pure Python, from the local index; tabulate has a
 
 
 @pytest.fixture(scope="session")
-def store() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="stockade-envs-")
-    os.chmod(path, 0o755)  # every sandbox uid reads it (as root, each isolate has a uid of its own)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STOCKADE_ENV_STORE", path)
-        yield path
-    environments._remove_tree(path)
-
-
-@pytest.fixture(scope="session")
 def small(store: str) -> str:
     return environments.build(SMALL, name="small")
-
-
-@pytest.fixture(scope="session")
-def ds(store: str) -> str:
-    return environments.build(["pandas", "matplotlib"], name="ds")
 
 
 def _host_sha(path: str) -> str:
