@@ -214,13 +214,18 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         shared = environments.share(policy)
         accel = accel or self.accel()
         plan = self._plan(shared, accel)
-        restored_from = snapshot.find(plan.snapshot_key) if restore and snapshots_enabled() else None
+        restored_from, state = None, -1
+        if restore and snapshots_enabled():
+            try:
+                restored_from = snapshot.find(plan.snapshot_key)
+                # QEMU reads the state from a descriptor opened here: it may not spawn a reader (jail.py).
+                state = snapshot.open_state(restored_from) if restored_from is not None else -1
+            except OSError:
+                restored_from = None  # set aside meanwhile by a failed restore elsewhere: boot
         deadline = started + boot_timeout
         if restored_from is None:
             proc, cgroup, conn, unenforced, output = self._launch(shared, plan, [])
         else:
-            # QEMU reads the state from a descriptor opened here: it may not spawn a reader (jail.py).
-            state = snapshot.open_state(restored_from)
             try:
                 launched = self._launch(shared, plan, snapshot.incoming_args(state), state)
             except SandboxStartError:
@@ -292,9 +297,14 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         qemu = self._qemu()
         image = guest_image.find_image() or guest_image.build()
         rundir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-{next(_counter)}-")
-        agent_socket = os.path.join(rundir, "agent.sock")
-        cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
-        return _Plan(rundir, agent_socket, cmd, snapshot.key(cmd, rundir, self._qemu_version(qemu)), image.directory)
+        try:
+            agent_socket = os.path.join(rundir, "agent.sock")
+            cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
+            key = snapshot.key(cmd, rundir, self._qemu_version(qemu))
+        except BaseException:
+            shutil.rmtree(rundir, ignore_errors=True)  # from here on, _launch owns it
+            raise
+        return _Plan(rundir, agent_socket, cmd, key, image.directory)
 
     def _launch(
         self, policy: Policy, plan: _Plan, extra_args: list[str], state_fd: int | None = None
