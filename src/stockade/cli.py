@@ -3,8 +3,9 @@
     stockade run [policy flags] [--json] -- CMD ARGS...
     stockade exec-code [--language python|bash] [policy flags] [--json] (CODE | -f FILE | -)
     stockade doctor [--json]
-    stockade start --name NAME [--restart no|on-failure|always] [policy flags] -- CMD ARGS...
-    stockade status [NAME] | ps | logs NAME | stop NAME
+    stockade start --name NAME [--restart no|on-failure|always] [--max-restarts N] [--stdin] [policy flags] -- CMD...
+    stockade status [NAME] | ps | logs [-f] NAME | stop NAME | rm [--force] NAME
+    stockade exec [-i] NAME -- CMD ARGS... | attach NAME
     stockade serve [--socket PATH] [--token-file F] [--http [HOST:PORT]] [--api-token-file F] [--no-socket]
     stockade daemon ping|selftest|status|runtimes [--socket PATH] [--token-file F]
     stockade image build [--force] [--no-snapshot]
@@ -373,7 +374,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         # A component runs until stopped: its policy's timeout does not apply to it.
         policy.pop("timeout_seconds", None)
         store = components.ComponentStore()
-        components.start(components.check_name(args.name), argv, policy, args.restart, store)
+        components.start(
+            components.check_name(args.name), argv, policy, args.restart, store, args.max_restarts, args.stdin
+        )
         state = store.state(args.name)
     except (StockadeError, OSError) as exc:
         return _fail(str(exc))
@@ -420,11 +423,68 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from . import components
     from .errors import StockadeError
 
+    def write(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+    store = components.ComponentStore()
     try:
-        sys.stdout.buffer.write(components.read_log(args.name, components.ComponentStore(), args.tail_bytes))
+        if args.follow:
+            components.follow_log(args.name, store, write, args.tail_bytes)
+        else:
+            sys.stdout.buffer.write(components.read_log(args.name, store, args.tail_bytes))
     except (StockadeError, OSError) as exc:
         return _fail(str(exc))
     return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from . import components
+    from .errors import StockadeError
+
+    try:
+        components.remove(args.name, components.ComponentStore(), force=args.force)
+    except (StockadeError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"removed {args.name}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from . import components, components_control
+    from .errors import StockadeError
+
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        return _fail("exec: no command given (stockade exec NAME -- CMD ARGS...)")
+    stdin = sys.stdin.buffer if args.interactive else None
+    try:
+        code, error = components_control.exec_command(components.ComponentStore(), args.name, argv, stdin, _stream)
+    except (StockadeError, OSError) as exc:
+        return _fail(str(exc))
+    if code is None:
+        return _fail(f"component {args.name}: {error or 'the command did not run'}")
+    return _exit_status("completed", code)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from . import components, components_control
+    from .errors import StockadeError
+
+    def write(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+    try:
+        why = components_control.attach(components.ComponentStore(), args.name, sys.stdin.buffer, write)
+    except (StockadeError, OSError) as exc:
+        return _fail(str(exc))
+    if why == "detached":
+        return 0
+    print(f"stockade: component {args.name}: {why}", file=sys.stderr)
+    return 1
 
 
 def _component_line(state: Any) -> str:
@@ -530,6 +590,15 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="keep a command running in its own isolate (a component)")
     start.add_argument("--name", required=True, help="the component's name")
     start.add_argument("--restart", choices=["no", "on-failure", "always"], default="no", help="restart policy")
+    start.add_argument(
+        "--max-restarts",
+        type=int,
+        metavar="N",
+        help="give up (status failed) after N restarts in a row; a run that lasts a minute resets the count",
+    )
+    start.add_argument(
+        "--stdin", action="store_true", help="keep the command's stdin open for `stockade attach` (a stdio server)"
+    )
     policy_flags(start, "start", one_run=False)  # a component runs until stopped, supervised here
     start.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     start.set_defaults(func=cmd_start)
@@ -550,7 +619,23 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="what a component wrote")
     logs.add_argument("name")
     logs.add_argument("--tail-bytes", type=int, help="only the last N bytes")
+    logs.add_argument("-f", "--follow", action="store_true", help="print what it writes, until it ends (or Ctrl-C)")
     logs.set_defaults(func=cmd_logs)
+
+    rm = sub.add_parser("rm", help="delete a component: its state and logs")
+    rm.add_argument("name")
+    rm.add_argument("--force", action="store_true", help="stop it first if it is running")
+    rm.set_defaults(func=cmd_rm)
+
+    exec_ = sub.add_parser("exec", help="run a command in a running component's isolate")
+    exec_.add_argument("-i", "--interactive", action="store_true", help="pass this process's stdin to the command")
+    exec_.add_argument("name")
+    exec_.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    exec_.set_defaults(func=cmd_exec)
+
+    attach = sub.add_parser("attach", help="talk to a component's stdin and stdout (one started with --stdin)")
+    attach.add_argument("name")
+    attach.set_defaults(func=cmd_attach)
 
     serve = sub.add_parser("serve", help="run the daemon (Unix-socket RPC, and the HTTP API with --http)")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $STOCKADE_SOCKET)")
@@ -586,6 +671,10 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
         "--no-snapshot", action="store_true", help="do not boot the guest to save a snapshot for fast starts"
     )
     build.set_defaults(func=cmd_image_build)
+
+    from .cli_env import add_parser as add_env_parser
+
+    add_env_parser(sub)
 
     token = sub.add_parser("token", help="manage daemon tokens")
     token_sub = token.add_subparsers(dest="token_cmd", required=True)

@@ -64,7 +64,7 @@ def _build(args: argparse.Namespace) -> int:
         with open(path, encoding="utf-8") as f:
             requirements += f.read().splitlines()
     environments.check_name(args.name)
-    reqs = environments.normalise(requirements)
+    reqs = environments.normalise(requirements, args.allow_source)
     if not reqs:
         print("stockade: env build needs PACKAGE... or -r FILE", file=sys.stderr)
         return 2

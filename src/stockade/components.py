@@ -1,20 +1,22 @@
-"""Long-lived components (seed 004's lifecycle): start, status, logs, stop.
+"""Long-lived components (seed 004's lifecycle): start, status, logs, stop, rm.
 
 ``stockade start --name web -- python3 -m http.server`` keeps a command running
 in its own isolate. Each component lives in ``<state dir>/components/<name>/``:
 
-- ``spec.json``   what to run: argv, Policy fields, restart policy;
-- ``state.json``  status (``starting``, ``running``, ``stopped``, ``failed``),
-                  the supervisor's pid and start time, restarts, last exit code;
-- ``log``         everything the command wrote (rotated to ``log.1`` past 10 MiB).
+- ``spec.json``    what to run: argv, Policy fields, restart policy and limit, ``stdin``;
+- ``state.json``   status (``starting``, ``running``, ``stopped``, ``failed``),
+                   the supervisor's pid and start time, restarts, last exit code, why;
+- ``log``          everything the command wrote (rotated to ``log.1`` past 10 MiB);
+- ``control.sock`` the supervisor's socket for ``exec`` and ``attach`` (components_control.py).
 
-A detached supervisor process (``python -m stockade.components NAME``) owns the
-isolate: it starts it, streams its output to the log, applies the restart
-policy, and on SIGTERM closes the isolate and records ``stopped``. If the
-supervisor itself is killed, the isolate dies with it (its agent exits when the
-supervisor's socket closes) and ``status`` reports ``failed``. The state
-directory survives the CLI, so any later ``stockade`` command sees the same
-components.
+A detached supervisor process (``python -m stockade.components NAME``,
+components_supervisor.py) owns the isolate: it starts it, runs the command
+there, streams its output to the log, serves ``exec`` and ``attach``, applies
+the restart policy, and on SIGTERM closes the isolate and records ``stopped``.
+If the supervisor itself is killed, the isolate dies with it (its agent exits
+when the supervisor's socket closes) and ``status`` reports ``failed``. The
+state directory survives the CLI, so any later ``stockade`` command sees the
+same components.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from .errors import PolicyError, StockadeError
 
@@ -86,7 +90,15 @@ class ComponentStore:
         except FileNotFoundError:
             return []
 
-    def create(self, name: str, argv: list[str], policy: dict[str, Any], restart: RestartPolicy) -> None:
+    def create(
+        self,
+        name: str,
+        argv: list[str],
+        policy: dict[str, Any],
+        restart: RestartPolicy,
+        max_restarts: int | None = None,
+        stdin: bool = False,
+    ) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         directory = self.path(name)
         if os.path.exists(directory):
@@ -98,7 +110,8 @@ class ComponentStore:
                     os.unlink(os.path.join(directory, leftover))
         else:
             os.mkdir(directory, 0o700)
-        _write_json(self.path(name, "spec.json"), {"argv": argv, "policy": policy, "restart": restart})
+        spec = {"argv": argv, "policy": policy, "restart": restart, "max_restarts": max_restarts, "stdin": stdin}
+        _write_json(self.path(name, "spec.json"), spec)
         self.save(ComponentState(name, "starting"))
 
     def spec(self, name: str) -> dict[str, Any]:
@@ -127,20 +140,27 @@ class ComponentStore:
         return state
 
     def remove(self, name: str) -> None:
-        directory = self.path(name)
-        for entry in os.listdir(directory):
-            os.unlink(os.path.join(directory, entry))
-        os.rmdir(directory)
+        shutil.rmtree(self.path(name))
 
 
-def start(name: str, argv: list[str], policy: dict[str, Any], restart: RestartPolicy, store: ComponentStore) -> None:
+def start(
+    name: str,
+    argv: list[str],
+    policy: dict[str, Any],
+    restart: RestartPolicy,
+    store: ComponentStore,
+    max_restarts: int | None = None,
+    stdin: bool = False,
+) -> None:
     """Record the component and launch its detached supervisor; returns once it has started (or failed)."""
     if not argv:
         raise PolicyError("start: no command given (stockade start --name NAME -- CMD ARGS...)")
+    if max_restarts is not None and max_restarts < 0:
+        raise PolicyError(f"--max-restarts {max_restarts}: give 0 or more")
     from .policy import Policy
 
     Policy.build(**policy)  # refuse a bad policy now, not in the background
-    store.create(name, argv, policy, restart)
+    store.create(name, argv, policy, restart, max_restarts, stdin)
     env = {**os.environ, "STOCKADE_STATE_DIR": os.path.dirname(store.root)}
     subprocess.Popen(
         [sys.executable, "-m", "stockade.components", name],
@@ -181,6 +201,17 @@ def stop(name: str, store: ComponentStore, timeout: float = 15.0) -> ComponentSt
     return state
 
 
+def remove(name: str, store: ComponentStore, force: bool = False) -> ComponentState:
+    """Delete the component: its state, spec and logs. A running one only with ``force`` (stopped first)."""
+    state = store.state(name)
+    if state.status in ("starting", "running"):
+        if not force:
+            raise StockadeError(f"component {name!r} is {state.status}: stop it first, or rm --force")
+        state = stop(name, store)
+    store.remove(name)
+    return state
+
+
 def read_log(name: str, store: ComponentStore, tail_bytes: int | None = None) -> bytes:
     if not os.path.isdir(store.path(name)):
         raise StockadeError(f"no component named {name!r}")
@@ -192,92 +223,60 @@ def read_log(name: str, store: ComponentStore, tail_bytes: int | None = None) ->
     return data[-tail_bytes:] if tail_bytes else data
 
 
-# ---- the supervisor ----------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    """SIGTERM reached the supervisor."""
-
-
-def supervise(name: str, store: ComponentStore) -> int:
-    from .policy import Policy
-    from .result import ExecResult
-    from .runtimes.base import UNBOUNDED, AgentSandbox
-    from .runtimes.manager import RuntimeManager
-    from .sdk import one_shot
-
-    spec = store.spec(name)
-    state = store.state(name)
-    state.supervisor_pid, state.supervisor_start = os.getpid(), _start_time(os.getpid())
-    store.save(state)
-
-    def on_term(*_: object) -> None:
-        raise _Stop
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    log = _Log(store.path(name, "log"))
-    manager = RuntimeManager(pool_size=0)
-    backoff = 1.0
+def follow_log(
+    name: str,
+    store: ComponentStore,
+    write: Callable[[bytes], None],
+    tail_bytes: int | None = None,
+    poll_s: float = 0.2,
+) -> None:
+    """``logs -f``: what the log holds (its last ``tail_bytes``), then what is appended to it, across
+    rotations, until the component is neither starting nor running (or is removed)."""
+    path = store.path(name, "log")
+    if not os.path.isdir(store.path(name)):
+        raise StockadeError(f"no component named {name!r}")
+    f = _open_log(path)
     try:
-        policy = Policy.build(**spec["policy"])
-
-        def run(sandbox: AgentSandbox) -> ExecResult:
-            state.status, state.started_at = "running", time.time()
-            state.runtime, state.policy_digest, state.error = sandbox.runtime_name, policy.digest, None
-            store.save(state)
-            return sandbox.exec(spec["argv"], timeout=UNBOUNDED, on_output=log.write)
-
+        # Rotated past the old log already: what it held is in log.1, and the rest is in the new one.
+        held = b""
+        with contextlib.suppress(FileNotFoundError), open(store.path(name, "log.1"), "rb") as old:
+            held = old.read()
+        held += f.read() if f is not None else b""
+        write(held[-tail_bytes:] if tail_bytes else held)
+        ending = False
         while True:
-            result = one_shot(policy, run, manager)  # the SDK's one-shot path, with no deadline
-            state.exit_code = result.exit_code
-            if time.time() - (state.started_at or 0) > STABLE_RUN_S:
-                backoff = 1.0  # it ran for a while: a new failure is not a crash loop
-            failed = result.termination_reason != "completed" or result.exit_code != 0
-            if failed:
-                state.error = result.error or f"exited with {result.exit_code}"
-            restart = spec["restart"] == "always" or (spec["restart"] == "on-failure" and failed)
-            if not restart:
-                state.status = "failed" if failed else "stopped"
-                store.save(state)
-                return 0
-            state.restarts += 1
-            state.status = "starting"
-            store.save(state)
-            log.note(f"restarting in {backoff:g} s (restart policy {spec['restart']})")
-            time.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
-    except _Stop:
-        state.status, state.error = "stopped", None
-        store.save(state)
-        return 0
-    except Exception as exc:  # noqa: BLE001 - recorded for `stockade status`, the supervisor has no terminal
-        state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
-        store.save(state)
-        return 1
+            chunk = f.read(65536) if f is not None else b""
+            if chunk:
+                write(chunk)
+                continue
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (f is None or now.st_ino != os.fstat(f.fileno()).st_ino):
+                if f is not None:
+                    f.close()  # read to its end: the writer had moved on to the new file
+                f = _open_log(path)
+                continue
+            if ending or not os.path.isdir(store.path(name)):
+                return
+            try:
+                ending = store.state(name).status not in ("starting", "running")
+            except StockadeError:
+                ending = True  # removed
+            if not ending:
+                time.sleep(poll_s)
+            # else: one more look for what it wrote last, then stop
     finally:
-        with contextlib.suppress(_Stop):
-            manager.close()
-        log.close()
+        if f is not None:
+            f.close()
 
 
-class _Log:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.f = open(path, "ab", buffering=0)
-
-    def write(self, stream: str, data: bytes) -> None:
-        self.f.write(data)
-        if self.f.tell() > LOG_ROTATE_BYTES:
-            self.f.close()
-            os.replace(self.path, self.path + ".1")
-            self.f = open(self.path, "ab", buffering=0)
-
-    def note(self, text: str) -> None:
-        self.write("stderr", f"[stockade] {text}\n".encode())
-
-    def close(self) -> None:
-        self.f.close()
+def _open_log(path: str) -> BinaryIO | None:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
 
 
 def _write_json(path: str, value: object) -> None:
@@ -300,4 +299,6 @@ def _same_process(pid: int | None, start_time: str | None) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(supervise(sys.argv[1], ComponentStore()))
+    from stockade.components_supervisor import main
+
+    sys.exit(main(sys.argv[1]))

@@ -66,6 +66,10 @@ _PIP_KEYS = ("index-url", "extra-index-url", "find-links", "no-index", "constrai
              "no-binary", "prefer-binary", "use-feature")  # fmt: skip
 _PLAIN = re.compile(r"[\w+-][\w.+-]*(/[\w+-][\w.+-]*)*")
 _failures: dict[str, tuple[float, str]] = {}
+# Whether a policy's ``packages`` may build its environment on first use: on in a
+# process of the caller's own (the SDK, the CLI); the daemon sets it from
+# STOCKADE_BUILD_PACKAGES (off by default: a build runs pip on the host for the caller).
+BUILD_ON_DEMAND = True
 
 
 def store_root() -> str:
@@ -91,9 +95,11 @@ def env_path(env_id: str) -> str:
 # ---- what an environment is: requirements, interpreter, pip's configuration ------------
 
 
-def normalise(requirements: Iterable[str]) -> tuple[str, ...]:
+def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[str, ...]:
     """PEP 508 requirements, one form each (project names canonical, spaces dropped), sorted, unique.
 
+    ``NAME @ URL`` only with ``allow_source``: pip builds a direct reference from
+    source whatever ``--only-binary`` says, running its build code on the host.
     pip options, paths and bare URLs are refused: indexes come from pip's own
     configuration, and a path would not say what the environment holds."""
     out = set()
@@ -114,6 +120,11 @@ def normalise(requirements: Iterable[str]) -> tuple[str, ...]:
         if extras:
             extras = "[" + ",".join(sorted({_canonical(e.strip()) for e in extras[1:-1].split(",") if e.strip()})) + "]"
         if rest.startswith("@"):
+            if not allow_source:
+                raise ValueError(
+                    f"{raw!r}: a direct reference (NAME @ URL) is built from source on the host; "
+                    "name a project from the package index, or build it with `stockade env build --allow-source`"
+                )
             url, _, marker = rest[1:].strip().partition(" ;")
             if not url or any(c.isspace() for c in url):
                 raise ValueError(f"{raw!r}: NAME @ URL needs one URL")
@@ -270,6 +281,12 @@ def share(policy: Policy) -> Policy:
     if not os.path.isdir(path):
         if not policy.packages:
             raise PolicyError(f"environment {policy.environment_id} is no longer in {store_root()} (stockade env ls)")
+        if not BUILD_ON_DEMAND:
+            raise PolicyError(
+                f"packages: {', '.join(policy.packages)} is not built here, and this daemon builds no environment "
+                "for a caller (STOCKADE_BUILD_PACKAGES=0): an administrator builds it with "
+                f"`stockade env build NAME {' '.join(policy.packages)}`"
+            )
         build(policy.packages, expected_id=policy.environment_id)
     if os.getuid() == 0:
         _check_open_to_others(path)
@@ -303,7 +320,7 @@ def build(requirements: Iterable[str], name: str | None = None, allow_source: bo
     ``verbose``: pip writes to this terminal (its progress bars); otherwise its output
     is kept and its last lines are the error. Concurrent builds of one id wait on its
     lock and find it built."""
-    reqs = normalise(requirements)
+    reqs = normalise(requirements, allow_source)
     if not reqs:
         raise PolicyError("packages: no requirement given")
     if name is not None:

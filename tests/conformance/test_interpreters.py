@@ -129,8 +129,8 @@ def test_an_interrupt_from_another_thread_stops_the_cell_and_keeps_the_state(sb:
 
 def test_an_interpreter_that_ignores_interrupts_is_killed_and_the_next_cell_starts_fresh(sb: Sandbox) -> None:
     py = sb.interpreter("stubborn")
-    py.run("lost = 1")
-    r = py.run("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n", timeout=1)
+    py.run("lost = 1\nimport signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)")  # ready before the clock runs
+    r = py.run("while True:\n    pass\n", timeout=1)
     assert r.termination_reason == "timeout"
     assert r.error is not None and "its state is lost" in r.error and r.exception is None
     fresh = py.run("'lost' in dir()")

@@ -33,8 +33,8 @@ from stockade.errors import DaemonUnavailableError, NotFoundError
 from stockade.result import ExecResult
 from tests.daemon_harness import Daemon, start_daemon
 
-# Long enough for a daemon to start again on a loaded host (it warms its runtime first): 40 s.
-UNTIL_IT_IS_BACK = Retry(attempts=80, backoff_s=0.25, max_backoff_s=0.5)
+# Long enough for a daemon to start again on a loaded host (it warms its runtime first): ~2 min.
+UNTIL_IT_IS_BACK = Retry(attempts=100, backoff_s=0.5, max_backoff_s=1.2)
 
 
 @pytest.fixture

@@ -1,19 +1,23 @@
-"""Long-lived components: start, status, ps, logs, stop, restart policies, a killed supervisor."""
+"""Long-lived components: start, status, ps, logs (-f), stop, rm, exec, attach, restart policies and
+their limit, a killed supervisor."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tests.helpers import processes_with_arg
 
 CLI = [sys.executable, "-m", "stockade.cli"]
@@ -21,6 +25,16 @@ CLI = [sys.executable, "-m", "stockade.cli"]
 
 @pytest.fixture
 def cli(process_runtime: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    yield from _cli(tmp_path)
+
+
+@pytest.fixture
+def any_cli(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """``cli`` for a test that names its runtime (and requires it) itself."""
+    yield from _cli(tmp_path)
+
+
+def _cli(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
     env = {**os.environ, "STOCKADE_STATE_DIR": str(tmp_path)}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -106,3 +120,245 @@ def test_bad_input(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None
     assert cli("start", "--name", "dup", "--", "sleep", "60").returncode == 0
     again = cli("start", "--name", "dup", "--", "sleep", "60")
     assert again.returncode == 125 and "already running" in again.stderr
+
+
+# ---- rm, logs -f, exec, attach, restart limits ----------------------------------------------------
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _client(tmp_path: Path, *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """A CLI process left running (``logs -f``, ``exec``, ``attach``); the test ends it."""
+    env = {**os.environ, "STOCKADE_STATE_DIR": str(tmp_path)}
+    return subprocess.Popen([*CLI, *args], env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _read_until(process: subprocess.Popen[bytes], wanted: bytes, timeout: float = 30) -> bytes:
+    """What ``process`` printed on stdout, read until ``wanted`` is in it."""
+    assert process.stdout is not None
+    got = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in got:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{wanted!r} not printed in time; got {got!r}"
+        ready, _, _ = select.select([process.stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            assert chunk, f"stdout ended before {wanted!r}; got {got!r}"
+            got += chunk
+    return got
+
+
+def test_rm(cli: Cli, tmp_path: Path) -> None:
+    marker = f"{random.randrange(10**6, 10**7)}.75"
+    assert cli("start", "--name", "gone", "--", "sleep", marker).returncode == 0
+    refused = cli("rm", "gone")
+    assert refused.returncode == 125 and "rm --force" in refused.stderr
+    assert _status(cli, "gone")["status"] == "running"
+    forced = cli("rm", "--force", "gone")
+    assert forced.returncode == 0, forced.stderr
+    assert not (tmp_path / "components" / "gone").exists()
+    _wait(lambda: not processes_with_arg(marker))
+    assert cli("status", "gone").returncode == 125
+    assert cli("rm", "gone").returncode == 125  # nothing left to remove
+    assert cli("start", "--name", "done", "--", "true").returncode in (0, 1)
+    _wait(lambda: _status(cli, "done")["status"] == "stopped")
+    assert cli("rm", "done").returncode == 0  # an ended one needs no --force
+    assert "done" not in cli("ps").stdout
+
+
+def test_logs_follow_prints_new_output_until_the_component_ends(cli: Cli, tmp_path: Path) -> None:
+    script = "i=0; while true; do i=$((i+1)); echo tick$i; sleep 0.2; done"
+    assert cli("start", "--name", "ticker", "--", "sh", "-c", script).returncode == 0
+    follow = _client(tmp_path, "logs", "-f", "ticker")
+    try:
+        _read_until(follow, b"tick3\n")  # printed as it was appended, not only what was there
+        assert follow.poll() is None
+        assert cli("stop", "ticker").returncode == 0
+        assert follow.wait(timeout=30) == 0  # the component ended: so does -f
+    finally:
+        _end(follow)
+
+
+def test_follow_log_across_rotation(tmp_path: Path) -> None:
+    """``follow_log`` reads a rotated log to its end, then the new one (no component needed)."""
+    from stockade import components
+
+    store = components.ComponentStore(str(tmp_path))
+    store.create("fake", ["true"], {}, "no")
+    state = store.state("fake")
+    me = os.getpid()
+    state.status, state.supervisor_pid, state.supervisor_start = "running", me, components._start_time(me)
+    store.save(state)
+    log = Path(store.path("fake", "log"))
+    log.write_bytes(b"one\n")
+    got: list[bytes] = []
+    follower = threading.Thread(target=components.follow_log, args=("fake", store, got.append), kwargs={"poll_s": 0.02})
+    follower.start()
+    try:
+        _wait(lambda: b"one\n" in b"".join(got))
+        with log.open("ab") as f:
+            f.write(b"two\n")  # written to the old file just before it is rotated
+        os.replace(log, store.path("fake", "log.1"))
+        log.write_bytes(b"three\n")
+        _wait(lambda: b"three\n" in b"".join(got))
+        with log.open("ab") as f:
+            f.write(b"four\n")
+        _wait(lambda: b"four\n" in b"".join(got))
+    finally:
+        state.status = "stopped"
+        store.save(state)
+        follower.join(timeout=30)
+    assert not follower.is_alive()
+    assert b"".join(got) == b"one\ntwo\nthree\nfour\n"
+
+
+def test_exec_runs_in_the_components_isolate(cli: Cli) -> None:
+    marker = f"{random.randrange(10**6, 10**7)}.5"
+    script = f"echo shared > /tmp/shared; exec sleep {marker}"
+    assert cli("start", "--name", "box", "--memory", "128", "--", "sh", "-c", script).returncode == 0
+    _wait(lambda: cli("exec", "box", "--", "cat", "/tmp/shared").stdout == "shared\n")  # its files
+    seen = cli("exec", "box", "--", "sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null; true")
+    assert seen.returncode == 0 and marker in seen.stdout  # its processes (the same pid namespace)
+    out = cli("exec", "box", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (out.returncode, out.stdout, out.stderr) == (7, "out\n", "err\n")
+    fed = cli("exec", "-i", "box", "--", "cat")  # stdin: the fixture gives none, so it is empty
+    assert (fed.returncode, fed.stdout) == (0, "")
+    missing = cli("exec", "box", "--", "no-such-program")
+    assert missing.returncode == 125 and "cannot execute 'no-such-program'" in missing.stderr
+    assert cli("exec", "nobody", "--", "true").returncode == 125
+    assert _status(cli, "box")["status"] == "running"  # none of that touched the component
+    assert processes_with_arg(marker)
+
+
+def test_exec_stdin_concurrency_interrupt_and_a_vanished_client(cli: Cli, tmp_path: Path) -> None:
+    assert cli("start", "--name", "box", "--", "sleep", "3600").returncode == 0
+    cat = _client(tmp_path, "exec", "-i", "box", "--", "sh", "-c", "cat; echo done", stdin=subprocess.PIPE)
+    try:
+        out, err = cat.communicate(b"hello from the host\n", timeout=60)
+        assert (cat.returncode, out) == (0, b"hello from the host\ndone\n"), err
+    finally:
+        _end(cat)
+    # One exec waits for another one to do something: they run side by side.
+    slow = _client(tmp_path, "exec", "box", "--", "sh", "-c", "while [ ! -e /tmp/go ]; do sleep 0.05; done; echo slow")
+    try:
+        _wait(lambda: cli("exec", "box", "--", "touch", "/tmp/go").returncode == 0)
+        out, _ = slow.communicate(timeout=60)
+        assert (slow.returncode, out) == (0, b"slow\n")
+    finally:
+        _end(slow)
+    # Ctrl-C reaches the command; a client that goes away takes its command with it.
+    for how in (signal.SIGINT, signal.SIGKILL):
+        marker = f"{random.randrange(10**6, 10**7)}.5"
+        client = _client(tmp_path, "exec", "box", "--", "sleep", marker)
+        try:
+            _wait(lambda m=marker: len(processes_with_arg(m)) >= 2)  # the client, and the command in the isolate
+            client.send_signal(how)
+            status = client.wait(timeout=30)
+            assert status == (130 if how == signal.SIGINT else -signal.SIGKILL)
+            _wait(lambda m=marker: not processes_with_arg(m))
+        finally:
+            _end(client)
+    assert _status(cli, "box")["status"] == "running"
+
+
+def test_attach_talks_to_a_stdio_server(cli: Cli, tmp_path: Path) -> None:
+    server = 'while read -r line; do echo "{\\"echo\\": \\"$line\\"}"; done'
+    assert cli("start", "--name", "stdio", "--stdin", "--", "sh", "-c", server).returncode == 0
+    for word in (b"first", b"second"):  # its stdin stays open from one client to the next
+        client = _client(tmp_path, "attach", "stdio", stdin=subprocess.PIPE)
+        try:
+            assert client.stdin is not None
+            client.stdin.write(word + b"\n")
+            client.stdin.flush()
+            assert _read_until(client, b"}\n") == b'{"echo": "' + word + b'"}\n'
+            if word == b"first":
+                other = cli("attach", "stdio")
+                assert other.returncode == 125 and "another client is attached" in other.stderr
+            client.stdin.close()  # detaches: the component runs on
+            assert client.wait(timeout=30) == 0
+        finally:
+            _end(client)
+    assert _status(cli, "stdio")["status"] == "running"
+    assert '{"echo": "first"}\n{"echo": "second"}\n' in cli("logs", "stdio").stdout
+    assert cli("start", "--name", "plain", "--", "sleep", "3600").returncode == 0
+    refused = cli("attach", "plain")
+    assert refused.returncode == 125 and "--stdin" in refused.stderr
+    # The component ends while a client is attached: the client is told, and exits 1.
+    client = _client(tmp_path, "attach", "stdio", stdin=subprocess.PIPE)
+    try:
+        assert client.stdin is not None
+        client.stdin.write(b"third\n")
+        client.stdin.flush()
+        _read_until(client, b'"third"}\n')
+        assert cli("stop", "stdio").returncode == 0
+        assert client.wait(timeout=30) == 1
+        assert client.stderr is not None and b"stopped" in client.stderr.read()
+    finally:
+        _end(client)
+
+
+def test_on_failure_backs_off_and_gives_up_at_the_limit(cli: Cli) -> None:
+    out = cli("start", "--name", "crash", "--restart", "on-failure", "--max-restarts", "2", "--",
+              "sh", "-c", "echo crashing; exit 3")  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr
+    _wait(lambda: _status(cli, "crash")["status"] == "failed", timeout=60)
+    state = _status(cli, "crash")
+    assert state["restarts"] == 2 and state["exit_code"] == 3
+    assert "exited with 3" in str(state["error"]) and "--max-restarts 2" in str(state["error"])
+    log = cli("logs", "crash").stdout
+    assert log.count("crashing") == 3
+    assert log.index("restarting in 1 s") < log.index("restarting in 2 s")  # the backoff doubles
+    assert "not restarting" in log
+
+
+def test_restart_policies_on_clean_exits(cli: Cli) -> None:
+    assert cli("start", "--name", "once", "--restart", "on-failure", "--", "true").returncode in (0, 1)
+    _wait(lambda: _status(cli, "once")["status"] == "stopped")
+    assert _status(cli, "once")["restarts"] == 0  # on-failure: a clean exit is not restarted
+    assert cli("start", "--name", "again", "--restart", "always", "--max-restarts", "1", "--", "true").returncode == 0
+    _wait(lambda: _status(cli, "again")["status"] == "failed", timeout=60)
+    state = _status(cli, "again")
+    assert state["restarts"] == 1 and "gave up after 1 restarts" in str(state["error"])
+    assert cli("start", "--name", "neg", "--max-restarts", "-1", "--", "true").returncode == 125
+
+
+def test_a_relay_killed_inside_the_isolate_ends_the_run(cli: Cli) -> None:
+    marker = f"{random.randrange(10**6, 10**7)}.5"
+    script = f"sleep 0.2; kill -9 $PPID; exec sleep {marker}"  # $PPID: the relay that runs it
+    assert cli("start", "--name", "rogue", "--", "sh", "-c", script).returncode == 0
+    _wait(lambda: _status(cli, "rogue")["status"] == "failed", timeout=60)
+    assert "relay process is gone" in str(_status(cli, "rogue")["error"])
+    _wait(lambda: not processes_with_arg(marker))
+
+
+@pytest.mark.parametrize("runtime", ["gvisor", "microvm"])
+def test_exec_and_attach_on_other_runtimes(runtime: str, any_cli: Cli, tmp_path: Path) -> None:
+    """The relay needs nothing of a runtime but the agent's calls: the same on gVisor and in a microVM."""
+    require(runtime)
+    server = 'echo shared > /tmp/shared; while read -r line; do echo "got $line"; done'
+    started = any_cli("start", "--name", "other", "--runtime", runtime, "--stdin", "--", "sh", "-c", server)
+    assert started.returncode == 0, started.stderr
+    assert _status(any_cli, "other")["runtime"] == runtime
+    _wait(lambda: any_cli("exec", "other", "--", "cat", "/tmp/shared").stdout == "shared\n", timeout=60)
+    assert any_cli("exec", "other", "--", "sh", "-c", "exit 4").returncode == 4
+    client = _client(tmp_path, "attach", "other", stdin=subprocess.PIPE)
+    try:
+        assert client.stdin is not None
+        client.stdin.write(b"ping\n")
+        client.stdin.flush()
+        assert _read_until(client, b"\n", timeout=60) == b"got ping\n"
+        client.stdin.close()
+        assert client.wait(timeout=60) == 0
+    finally:
+        _end(client)
+    assert any_cli("stop", "other").returncode == 0

@@ -298,11 +298,33 @@ def test_through_the_daemon(store: str, small: str) -> None:
             code="import six; print(six.__file__)", policy={"runtime": "process", "environment_name": "small"}
         )
         assert r.stdout == "/opt/stockade/env/python/six.py\n", r
-        # Built by the daemon on first use.
+        # By default a daemon builds nothing for a caller: pip would run on its host, as long as the caller likes.
+        with pytest.raises(PolicyError, match="STOCKADE_BUILD_PACKAGES=0"):
+            client.execute(code="1", policy={"runtime": "process", "packages": ["pyparsing"]})
+    assert daemon.stop() == 0
+    daemon = start_daemon(env={"STOCKADE_ENV_STORE": store, "STOCKADE_BUILD_PACKAGES": "1"})
+    with Client(daemon.socket_path, timeout=300) as client:
+        # Built by the daemon on first use, where its operator allows it.
         r = client.execute(code="import pyparsing; print(1)", policy={"runtime": "process", "packages": ["pyparsing"]})
         assert r.stdout == "1\n", r
     assert environments.content_id(("pyparsing",)) in {e.id for e in environments.listing()}
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    ["evil @ file:///tmp/evilpkg", "evil @ https://example.invalid/evil-1.0.tar.gz", "evil@git+https://x/y"],
+)
+def test_a_direct_reference_is_refused_unless_an_administrator_allows_source_builds(
+    store: str, requirement: str
+) -> None:
+    """pip builds a direct reference from source whatever --only-binary says: its build code would run
+    on the host, as the daemon's user. Only `stockade env build --allow-source` takes one."""
+    with pytest.raises(PolicyError, match="direct reference"):
+        Policy(packages=[requirement])
+    with pytest.raises(ValueError, match="direct reference"):
+        environments.build([requirement])
+    assert environments.normalise([requirement], allow_source=True)
 
 
 # ---- pandas and matplotlib -------------------------------------------------------------------------------

@@ -48,7 +48,10 @@ def test_kill_wait_follow_and_bounded_output(process_runtime: str, manager: Runt
         assert sleeper.wait(0.2) is None
         sleeper.kill("SIGKILL")  # the group: the background sleep too
         assert sleeper.wait(30) == -9
-        assert "sleep" not in sb.exec(["ps", "-eo", "comm"]).stdout
+        deadline = time.monotonic() + 30  # its background sleep went with the group (reaped by init soon)
+        while "sleep" in sb.exec(["ps", "-eo", "stat=,comm="]).stdout and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "sleep" not in sb.exec(["ps", "-eo", "stat=,comm="]).stdout
         chunks: list[tuple[str, bytes]] = []
         ticker = sb.spawn(["sh", "-c", "for i in 1 2 3; do echo tick $i; done; echo done >&2; exit 3"])
         assert ticker.follow(lambda stream, data: chunks.append((stream, data))) == 3

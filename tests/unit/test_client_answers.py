@@ -160,7 +160,7 @@ def test_an_answer_that_never_comes_is_a_timeout_that_names_its_bound(
 
     client = scripted(never_answer)
     try:
-        with pytest.raises(DaemonUnavailableError, match=r"did not answer within 0\.3 s"):
+        with pytest.raises(DaemonUnavailableError, match=r"did not answer ping within 0\.3 s"):
             client.call("ping", timeout=0.3)
     finally:
         release.set()

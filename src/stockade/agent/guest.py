@@ -313,10 +313,15 @@ class _GuestFilter:
         threading.Thread(target=self._answer_forever, name="stockade-guest-seccomp", daemon=True).start()
 
     def _close_in_child(self) -> None:
+        # Once per process: the hook runs again at every later fork of this child (a runner's
+        # program forking), when the number may name one of the program's own descriptors.
+        if self.listener < 0:
+            return
         try:
             os.close(self.listener)
         except OSError:
             pass
+        self.listener = -1
 
     def _answer_forever(self) -> None:
         while True:

@@ -54,6 +54,7 @@ class Kernel:
 
     def __init__(self, pid: int, out_r: int, err_r: int, cmd_w: int, reply_r: int) -> None:
         self.pid, self.out_r, self.err_r, self.cmd_w, self.reply_r = pid, out_r, err_r, cmd_w, reply_r
+        self.interrupted = False  # a SIGINT was sent during the last cell
 
     def fds(self) -> tuple[int, ...]:
         return (self.out_r, self.err_r, self.cmd_w, self.reply_r)
@@ -73,8 +74,8 @@ def start(env: dict[str, str], cwd: str, limits: dict[str, Any], forget: Callabl
             os.dup2(null, 0)  # a cell has no input: input() raises EOFError
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
-            os.dup2(cmd_r, 3)
-            os.dup2(reply_w, 4)
+            os.dup2(cmd_r, 3, inheritable=False)  # the cell's children must not read cells or forge replies
+            os.dup2(reply_w, 4, inheritable=False)
             os.closerange(5, 1 << 16)
             os.setpgid(0, 0)
             signal.set_wakeup_fd(-1)
@@ -98,7 +99,11 @@ def start(env: dict[str, str], cwd: str, limits: dict[str, Any], forget: Callabl
 
 
 def send_cell(kernel: Kernel, code: str) -> None:
-    wire.write_all(kernel.cmd_w, wire.encode_frame(jsoncodec.dumps({"code": code}).encode()))
+    # A SIGINT the agent sent the last cell may have come after that cell ended (it is then
+    # pending, blocked): the interpreter drops it before this cell, and only then.
+    cell = {"code": code, "drop_interrupt": kernel.interrupted}
+    kernel.interrupted = False
+    wire.write_all(kernel.cmd_w, wire.encode_frame(jsoncodec.dumps(cell).encode()))
 
 
 # ---- inside the interpreter -------------------------------------------------------------
@@ -106,8 +111,14 @@ def send_cell(kernel: Kernel, code: str) -> None:
 
 def _serve(namespace: dict[str, Any]) -> None:
     """The interpreter's loop; never returns."""
+    import ast
+    import linecache
+    import traceback
     import warnings
 
+    # Loaded now, not when a cell fails or is interrupted: an interrupted cell's account then
+    # comes at once (its grace before a kill is short), whatever the isolate's speed.
+    del ast, linecache, traceback
     warnings.filterwarnings("ignore", message=_SHOW_WARNING)
     outputs: list[dict[str, Any]] = []
     namespace["display"] = lambda *objs: outputs.extend(_output("display_data", o) for o in objs)
@@ -120,6 +131,9 @@ def _serve(namespace: dict[str, Any]) -> None:
             _end(namespace)
         count += 1
         outputs.clear()
+        if cell.get("drop_interrupt") is True:
+            while signal.SIGINT in signal.sigpending():
+                signal.sigwait({signal.SIGINT})
         exception = _run_cell(str(cell.get("code", "")), f"<cell-{count}>", namespace, outputs)
         outputs.extend(_figures())
         for stream in (sys.stdout, sys.stderr):
@@ -163,13 +177,8 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], outputs: list
 
 
 def _interruptible(on: bool) -> None:
-    if on:
-        # A SIGINT that came after the last cell ended was meant for that cell: drop it.
-        while signal.SIGINT in signal.sigpending():
-            signal.sigwait({signal.SIGINT})
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    else:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    """SIGINT reaches the cell while it runs; one sent meanwhile waits, and is delivered at once then."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK if on else signal.SIG_BLOCK, {signal.SIGINT})
 
 
 def _exception(exc: BaseException, filename: str) -> dict[str, str]:

@@ -41,8 +41,11 @@ class Spawned:
         self.close_stdin_when_done = False
         self.status: int | None = None
         self.started = time.monotonic()
+        self.end_told = False  # the host has been told that it ended (then it may be forgotten)
 
     def summary(self) -> dict[str, Any]:
+        """What the host is told of it (its end, once, marks it as seen)."""
+        self.end_told = self.end_told or self.status is not None
         return {
             "handle": self.handle,
             "pid": self.pid,
@@ -58,6 +61,7 @@ class Processes:
     exited: dict[int, int]
     _watched: set[int]
     _spawned: dict[str, Spawned]
+    _spawn_count: int
 
     if TYPE_CHECKING:  # the Agent's, which this mixes into
 
@@ -80,7 +84,8 @@ class Processes:
             os.set_blocking(fd, False)
         if in_w is not None:
             os.set_blocking(in_w, False)
-        handle = f"p{pid}"
+        self._spawn_count += 1
+        handle = f"p{self._spawn_count}"  # not the pid: pids are reused
         proc = Spawned(handle, pid, argv, out_r, err_r, in_w if in_w is not None else -1)
         self._spawned[handle] = proc
         stdin = params.get("stdin")
@@ -207,7 +212,7 @@ class Processes:
         """Ended processes whose output was all read go (their handles with them)."""
         self._reap_spawned()
         for handle, proc in list(self._spawned.items()):
-            if proc.status is not None and not proc.fds and not any(proc.output.values()):
+            if proc.status is not None and proc.end_told and not proc.fds and not any(proc.output.values()):
                 if proc.stdin_fd is not None and proc.stdin_fd >= 0:
                     os.close(proc.stdin_fd)
                 del self._spawned[handle]

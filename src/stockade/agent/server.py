@@ -66,6 +66,7 @@ class Agent(Interpreters, Processes):
         self._pending: list[bytes] = []  # frames that came while a run was in progress
         self._kernels = {}
         self._spawned = {}
+        self._spawn_count = 0
         self.guest_seccomp = False  # a microVM guest's agent under its own filter (guest._GuestFilter)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)

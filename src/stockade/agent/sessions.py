@@ -123,8 +123,11 @@ class Interpreters:
         if len(self._kernels) >= MAX_SESSIONS:
             raise wire.RPCError(wire.INVALID_PARAMS, f"at most {MAX_SESSIONS} interpreters per sandbox: close one")
         context = self._job_context(params)
+        # No CPU-time rlimit: it would count every cell of the session against the first
+        # cell's limit. A cell is bounded by its timeout (an interrupt), the cgroup's cpu_limit.
+        limits = {k: v for k, v in context["limits"].items() if k not in ("cpu_seconds", "cpu_soft_seconds")}
         try:
-            interpreter = kernel.start(context["env"], context["cwd"], context["limits"], self._forget_host)
+            interpreter = kernel.start(context["env"], context["cwd"], limits, self._forget_host)
         except OSError as exc:
             why = os.strerror(exc.errno or 0)
             raise wire.RPCError(wire.INTERNAL_ERROR, f"cannot start an interpreter: {why}") from None
@@ -151,6 +154,7 @@ class Interpreters:
             if deadline is not None and now >= deadline:
                 timed_out, deadline = True, None
                 kill_at = now + INTERRUPT_GRACE_S
+                interpreter.interrupted = True
                 _signal(interpreter.pid, signal.SIGINT)
             if kill_at is not None and now >= kill_at:
                 runner.kill_group(interpreter.pid)  # it did not stop at the interrupt: its state goes
@@ -165,6 +169,7 @@ class Interpreters:
             self.service_spawned(ready, writable)
             if self.conn.fileno() in ready:
                 watch_conn = self.frame_during_run(interpreter.pid, group=False)
+                interpreter.interrupted = interpreter.interrupted or watch_conn  # watched on: it was an interrupt
             if self._wake_r in ready:
                 self._drain_wakeups()
                 self._reap()

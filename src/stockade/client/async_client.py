@@ -9,11 +9,11 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ..errors import DaemonUnavailableError, NotFoundError, StockadeError
+from ..errors import NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
-from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unreachable
+from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
 if TYPE_CHECKING:
     from ..transfer import TransferSummary
@@ -106,7 +106,7 @@ class AsyncClient(Requests):
             reply = Reply(next(self._ids), on_output)
             line = request_line(method, params, reply.msg_id, self._token, streamed=on_output is not None)
             try:
-                answer = await self._exchange(line, reply, wait, answer_type)
+                answer = await self._exchange(line, reply, wait, answer_type, method)
             except ConnectionLost as lost:
                 attempts = attempts or Attempts(self.retry, method)
                 pause = attempts.after_lost(lost)
@@ -120,14 +120,14 @@ class AsyncClient(Requests):
                 pause = refused
             await asyncio.sleep(pause)
 
-    async def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer]) -> Answer:
+    async def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer], method: str) -> Answer:
         """One attempt: ``line`` sent, its answer read (``ConnectionLost`` when either fails)."""
         async with self._lock:
             try:
                 return await asyncio.wait_for(self._send_and_read(line, reply, answer_type), wait)
             except TimeoutError:
                 self._drop()
-                raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
+                raise unanswered(method, wait) from None
             except ConnectionLost:
                 self._drop()
                 raise

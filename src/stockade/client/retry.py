@@ -175,6 +175,15 @@ class Attempts:
 _OUTER_RETRY: contextvars.ContextVar[bool] = contextvars.ContextVar("stockade_call_with_retry", default=False)
 
 
+def unanswered(method: str, wait: float) -> DaemonUnavailableError:
+    """The error for a request sent and not answered in time: it may have run, so one that is
+    not safe to send twice is ``AnswerLostError``, which nothing sends again by itself."""
+    message = f"the stockade daemon did not answer {method} within {wait:g} s"
+    if method in SAFE_TO_RESEND:
+        return DaemonUnavailableError(message)
+    return AnswerLostError(f"{message}; it may have run, so it was not sent again")
+
+
 def call_with_retry(fn: Callable[[], T], max_retries: int = 3, backoff: float = 1.0) -> T:
     """Call ``fn``; on a connection failure retry with exponential backoff (seed 000).
 

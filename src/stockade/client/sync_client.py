@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ..errors import DaemonUnavailableError, NotFoundError, StockadeError
+from ..errors import NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
-from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unreachable
+from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
 if TYPE_CHECKING:
     from ..transfer import TransferSummary
@@ -131,7 +131,7 @@ class Client(Requests):
             reply = Reply(next(self._ids), on_output)
             line = request_line(method, params, reply.msg_id, self._token, streamed=on_output is not None)
             try:
-                answer = self._exchange(line, reply, wait, answer_type)
+                answer = self._exchange(line, reply, wait, answer_type, method)
             except ConnectionLost as lost:
                 attempts = attempts or Attempts(self.retry, method)
                 pause = attempts.after_lost(lost)
@@ -145,7 +145,7 @@ class Client(Requests):
                 pause = refused
             time.sleep(pause)
 
-    def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer]) -> Answer:
+    def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer], method: str) -> Answer:
         """One attempt: ``line`` sent, its answer read (``ConnectionLost`` when either fails)."""
         with self._lock:
             try:
@@ -161,7 +161,7 @@ class Client(Requests):
                 raise
             except BlockingIOError:  # the kernel's bound on the wait (EAGAIN)
                 self._drop()
-                raise DaemonUnavailableError(f"the stockade daemon did not answer within {wait:g} s") from None
+                raise unanswered(method, wait) from None
             except (OSError, EOFError) as exc:
                 self._drop()
                 raise lost_after_sending(self.socket_path, exc) from None

@@ -29,6 +29,8 @@ from ..runtimes.spawned import Process
 from .held import Held
 
 T = TypeVar("T")
+# Processes of one held sandbox the daemon remembers (the agent holds at most 64 live ones).
+MAX_REMEMBERED = 256
 
 
 class BackgroundProcesses:
@@ -45,6 +47,7 @@ class BackgroundProcesses:
                 held.sandbox.spawn, request.command, stdin=request.stdin_bytes(), env=request.env, cwd=request.cwd
             )
             held.processes[process.handle] = process
+            _prune(held.processes)
             return _info(process)
 
         return await self._held_call(request, caller, start)
@@ -96,6 +99,13 @@ class BackgroundProcesses:
             return ProcessList(sandbox_id=held.sandbox_id, processes=[_info(p) for p in held.processes.values()])
 
         return await self._held_call(request, caller, listing)
+
+
+def _prune(processes: dict[str, Process]) -> None:
+    """Keep the daemon's memory of a sandbox's processes bounded: the oldest ended ones go first."""
+    ended = [handle for handle, p in processes.items() if p.exit_code is not None]
+    for handle in ended[: max(0, len(processes) - MAX_REMEMBERED)]:
+        del processes[handle]
 
 
 def _process(held: Held, handle: str) -> Process:

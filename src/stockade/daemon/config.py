@@ -21,6 +21,7 @@
 | STOCKADE_AGENT_MAX_REQUESTS | 20 | HTTP requests per ``agent_id`` per second |
 | STOCKADE_AUDIT_LOG | <state dir>/audit.log | the audit log (``off``: none) |
 | STOCKADE_AUDIT_MAX_BYTES | 67108864 | the audit log's size before it rotates (10 files kept) |
+| STOCKADE_BUILD_PACKAGES | 0 | 1: a caller's ``packages`` builds its environment on first use (pip on this host) |
 
 A malformed value is refused at start with a message naming the variable.
 """
@@ -74,6 +75,7 @@ class DaemonConfig:
     agent_max_requests: int = 20
     audit_log: str | None = None
     audit_max_bytes: int = 64 * 1024 * 1024
+    build_packages: bool = False
 
     def __repr__(self) -> str:  # never print a token
         token = "set" if self.auth_token else "unset"
@@ -131,6 +133,7 @@ class DaemonConfig:
             agent_max_requests=_int(env, "STOCKADE_AGENT_MAX_REQUESTS", 20, minimum=1),
             audit_log=_audit_path(env),
             audit_max_bytes=_int(env, "STOCKADE_AUDIT_MAX_BYTES", 64 * 1024 * 1024, minimum=4096),
+            build_packages=_switch(env, "STOCKADE_BUILD_PACKAGES"),
         )
         _check_exposure(config.http_listen, config.api_token)
         return config
@@ -147,6 +150,13 @@ def _octal(env: dict[str, str], name: str, default: int) -> int:
     if not 0 <= value <= 0o777:
         raise ConfigError(f"{name}={raw!r} is outside 0000-0777")
     return value
+
+
+def _switch(env: dict[str, str], name: str) -> bool:
+    raw = env.get(name, "0").strip()
+    if raw not in ("0", "1"):
+        raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+    return raw == "1"
 
 
 def _int(env: dict[str, str], name: str, default: int, minimum: int) -> int:

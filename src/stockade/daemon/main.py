@@ -105,5 +105,8 @@ def _warm(controller: Controller) -> None:
 
 def serve(config: DaemonConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s stockade %(levelname)s %(message)s")
+    from .. import environments
+
+    environments.BUILD_ON_DEMAND = config.build_packages
     asyncio.run(run(config))
     return 0

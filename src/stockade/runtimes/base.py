@@ -125,6 +125,8 @@ class AgentSandbox(abc.ABC):
         self._interrupt_lock = threading.Lock()  # an interrupt's frame never splits a request's
         self._request_sent = False
         self._loop_call: _LoopCall | None = None  # the run in progress on an event loop
+        self._running = ""  # the method of the request in flight (or last sent)
+        self._interrupt_sent = False  # that request was interrupted already
         self.forwarders: list[Forwarder] = []  # published ports, closed with the isolate
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
@@ -277,12 +279,18 @@ class AgentSandbox(abc.ABC):
         with self._interrupt_lock:
             call = self._loop_call  # a run driven by an event loop: this is called in its thread
             sent = self._request_sent or (call is not None and not call.unsent and not call.ended)
-            if not sent or self._dead or self._closed:
+            if not sent or self._running not in _INTERRUPTIBLE or self._interrupt_sent or self._dead or self._closed:
+                return False  # nothing to interrupt, or this run was interrupted already
+            # One small frame per run, and only when the socket has room at once: an agent that
+            # stops reading can never make this wait (it may be the daemon's event loop).
+            _, room, _ = select.select([], [self.conn], [], 0)
+            if not room:
                 return False
             try:
-                self.conn.sendall(wire.encode_message(wire.notification("interrupt", {})))
+                wire.write_all(self.conn.fileno(), wire.encode_message(wire.notification("interrupt", {})))
             except OSError:
                 return False
+            self._interrupt_sent = True
             return True
 
     async def aexec(
@@ -710,6 +718,7 @@ class AgentSandbox(abc.ABC):
             with self._interrupt_lock:
                 self.conn.sendall(frame)
                 self._request_sent = True  # from here an interrupt may follow it
+                self._running, self._interrupt_sent = method, False
             try:
                 deadline = time.monotonic() + timeout
                 while True:
@@ -745,6 +754,8 @@ class AgentSandbox(abc.ABC):
             self._loop_call = None
             self._lock.release()
 
+        with self._interrupt_lock:
+            self._running, self._interrupt_sent = method, False
         self._loop_call = _LoopCall(loop, self.conn, frame, timeout, on_message, done, release)
         return self._loop_call
 
@@ -1054,6 +1065,7 @@ class _LoopCall:
 
 
 # How a call to the agent can end that is the isolate's end, not an error to raise.
+_INTERRUPTIBLE = ("exec", "run_code", "run_cell")  # requests that run something a SIGINT can stop
 _RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
 
 

@@ -58,11 +58,11 @@ class Process:
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the end (at most ``timeout`` s); the exit code, or None if it still runs."""
         until = None if timeout is None else time.monotonic() + timeout
-        while self.exit_code is None:
-            left = _WAIT_SLICE_S if until is None else min(_WAIT_SLICE_S, until - time.monotonic())
-            if left <= 0:
-                break
+        while self.exit_code is None:  # asked at least once, whatever the timeout
+            left = _WAIT_SLICE_S if until is None else max(0.0, min(_WAIT_SLICE_S, until - time.monotonic()))
             self._note(self._sandbox.proc_call("proc_wait", {"handle": self.handle, "timeout": left}, left + 30))
+            if until is not None and time.monotonic() >= until:
+                break
         return self.exit_code
 
     def kill(self, signal: str = "SIGTERM") -> None:

@@ -1,0 +1,455 @@
+"""A component's control socket: ``stockade exec`` and ``stockade attach`` reach its supervisor here.
+
+The supervisor listens on ``control.sock`` in the component's directory (the
+directory is 0700, the socket 0600, and a peer of another uid than the
+supervisor's, root aside, is refused). One JSON object a line each way; bytes
+are base64:
+
+- ``{"op": "exec", "argv": [...], "stdin": bool}``: run a command in the
+  component's isolate, next to its main command. The supervisor answers
+  ``{"stream": "stdout"|"stderr", "data": ...}`` as output comes, then
+  ``{"exit_code": N|null, "error": str|null}``. The client may send
+  ``{"stdin": ...}``, ``{"eof": true}`` and ``{"signal": N}``; a client that
+  goes away has its command killed (SIGKILL to its process group).
+- ``{"op": "attach"}`` (a component started with ``--stdin``): ``{"attached":
+  true}``, then the main command's stdout as ``{"stream": "stdout", ...}``;
+  the client's ``{"stdin": ...}`` goes to its stdin. ``{"detach": true}`` (or
+  the client going away) detaches it: the command's stdin stays open for the next
+  client. The supervisor's ``{"end": why}`` says the attachment is over.
+- Errors: ``{"error": why}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any
+
+from .errors import StockadeError
+
+if TYPE_CHECKING:
+    from .components import ComponentStore
+    from .components_supervisor import Job, Pump
+
+SOCKET = "control.sock"
+MAX_LINE = 1024 * 1024
+CHUNK = 64 * 1024
+DETACH_WAIT_S = 30.0  # for the supervisor's next look at the output, after a client detaches
+MAX_BACKLOG = 8 * 1024 * 1024  # output queued for a client: past it, its command waits (exec) or it is detached
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError("not base64")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError("not base64") from None
+
+
+@contextlib.contextmanager
+def _address(directory: str) -> Iterator[str]:
+    """The socket's path, or a short alias of it: a Unix socket's path must fit 108 bytes."""
+    path = os.path.join(directory, SOCKET)
+    if len(os.fsencode(path)) < 100:
+        yield path
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET}"
+    finally:
+        os.close(fd)
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+class _Lines:
+    """JSON objects, one a line, from a socket; None at its end (or a line past MAX_LINE)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def next(self) -> dict[str, Any] | None:
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[: end + 1]
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    return None
+                return message if isinstance(message, dict) else None
+            if len(self.buffer) > MAX_LINE:
+                return None
+            try:
+                chunk = self.sock.recv(CHUNK)
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+
+# ---- the supervisor's side --------------------------------------------------------------------
+
+
+class ControlServer:
+    """The supervisor's listening socket; a thread per client."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, SOCKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # no moment when the socket is open to others
+        try:
+            with _address(directory) as address:
+                self.sock.bind(address)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(16)
+        self._lock = threading.Lock()
+        self._pump: Pump | None = None
+        self._main: Job | None = None
+        self._attached: _Session | None = None
+        self._closed = False
+        threading.Thread(target=self._accept, name="control", daemon=True).start()
+
+    @property
+    def attached(self) -> bool:
+        return self._attached is not None
+
+    def serve(self, pump: Pump, main: Job) -> None:
+        """A run has started: clients may exec in it, and attach to ``main``."""
+        with self._lock:
+            self._pump, self._main = pump, main
+
+    def unserve(self, why: str) -> None:
+        """The run is over: an attached client is told ``why``; new requests are refused."""
+        with self._lock:
+            self._pump, self._main = None, None
+            attached, self._attached = self._attached, None
+        if attached is not None:
+            attached.finish({"end": why})
+
+    def current(self) -> tuple[Pump | None, Job | None]:
+        with self._lock:
+            return self._pump, self._main
+
+    def to_attached(self, data: bytes) -> None:
+        """The main command's stdout, for the attached client (the supervisor's main thread)."""
+        session = self._attached
+        if session is None:
+            return
+        if session.backlog() > MAX_BACKLOG:
+            self.detach(session, "detached: the client did not read the command's output")
+            return
+        session.send({"stream": "stdout", "data": b64(data)})
+
+    def attach(self, session: _Session) -> str | None:
+        """Attach ``session`` to the main command's stdin and stdout; why not, if it cannot be."""
+        with self._lock:
+            if self._main is None:
+                return "it is not running (it is restarting, or stopping)"
+            if not self._main.keep_stdin:
+                return "it was not started with --stdin"
+            if self._attached is not None:
+                return "another client is attached to it"
+            self._attached = session
+        return None
+
+    def detach(self, session: _Session, why: str) -> None:
+        with self._lock:
+            if self._attached is not session:
+                return
+            self._attached = None
+        session.finish({"end": why})
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            if not _trusted_peer(conn):
+                conn.close()
+                continue
+            session = _Session(conn, self)
+            threading.Thread(target=session.serve, name="control-client", daemon=True).start()
+
+
+def _trusted_peer(conn: socket.socket) -> bool:
+    """The supervisor's own uid, or root: the 0700 directory already says so; this says it twice."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid in (os.getuid(), 0)
+
+
+class _Session:
+    """One client. Its reader is the thread in ``serve``; a writer thread sends what is queued."""
+
+    def __init__(self, conn: socket.socket, server: ControlServer) -> None:
+        self.conn = conn
+        self.server = server
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._backlog = 0
+        self._done = False
+        self.finished = threading.Event()  # finish() was called
+        self._writer = threading.Thread(target=self._write, name="control-writer", daemon=True)
+        self._writer.start()
+
+    def send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message).encode() + b"\n"
+        with self._lock:
+            if self._done:
+                return
+            self._backlog += len(line)
+        self._queue.put(line)
+
+    def finish(self, message: dict[str, Any] | None = None) -> None:
+        """Send ``message`` last; the connection then ends."""
+        if message is not None:
+            self.send(message)
+        with self._lock:
+            already, self._done = self._done, True
+        if not already:
+            self._queue.put(None)
+        self.finished.set()
+
+    def backlog(self) -> int:
+        with self._lock:
+            return self._backlog
+
+    def _write(self) -> None:
+        while True:
+            line = self._queue.get()
+            if line is None:
+                break
+            try:
+                self.conn.sendall(line)
+            except OSError:
+                with self._lock:
+                    self._done = True
+                break
+            with self._lock:
+                self._backlog -= len(line)
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)  # wakes the reader
+
+    def serve(self) -> None:
+        try:
+            lines = _Lines(self.conn)
+            request = lines.next()
+            op = request.get("op") if request else None
+            if op == "exec" and request is not None:
+                self._exec(request, lines)
+            elif op == "attach":
+                self._attach(lines)
+            else:
+                self.finish({"error": f"unknown request {op!r}"})
+        finally:
+            self.finish()
+            self._writer.join()
+            self.conn.close()
+
+    def _exec(self, request: dict[str, Any], lines: _Lines) -> None:
+        from .components_supervisor import Job
+
+        argv = request.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
+            self.finish({"error": "exec: argv must be a non-empty list of strings", "exit_code": None})
+            return
+        pump, _ = self.server.current()
+        if pump is None:
+            self.finish({"error": "it is not running (it is restarting, or stopping)", "exit_code": None})
+            return
+        job = Job(
+            argv,
+            request.get("stdin") is True,
+            lambda stream, data: self.send({"stream": stream, "data": b64(data)}),
+            lambda code, error: self.finish({"exit_code": code, "error": error}),
+            lambda: self.backlog() > MAX_BACKLOG,
+        )
+        pump.submit(job)
+        while (message := lines.next()) is not None:
+            try:
+                if "stdin" in message:
+                    job.feed(unb64(message["stdin"]))
+                elif message.get("eof") is True:
+                    job.close_stdin()
+                elif isinstance(message.get("signal"), int):
+                    job.signal(message["signal"])
+            except ValueError:
+                break
+            pump.wake()
+        if not job.ended:  # its client is gone: so is its command
+            job.signal(signal.SIGKILL)
+            pump.wake()
+
+    def _attach(self, lines: _Lines) -> None:
+        why = self.server.attach(self)
+        if why is not None:
+            self.finish({"error": why})
+            return
+        pump, main = self.server.current()
+        self.send({"attached": True})
+        while (message := lines.next()) is not None:
+            if message.get("detach") is True:
+                break
+            if "stdin" in message and main is not None and pump is not None:
+                try:
+                    main.feed(unb64(message["stdin"]))
+                except ValueError:
+                    break
+                pump.wake()
+        # What the command wrote by the next look at its output still comes; then the end.
+        if pump is not None:
+            pump.after_tick(lambda: self.server.detach(self, "detached"))
+            self.finished.wait(DETACH_WAIT_S)
+        self.server.detach(self, "detached")
+
+
+# ---- the client's side (the CLI) -----------------------------------------------------------------
+
+
+def connect(store: ComponentStore, name: str) -> socket.socket:
+    state = store.state(name)
+    if state.status != "running":
+        raise StockadeError(f"component {name!r} is {state.status}, not running")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _address(store.path(name)) as address:
+            sock.connect(address)
+    except OSError as exc:
+        sock.close()
+        raise StockadeError(
+            f"component {name!r}: its supervisor does not answer on {store.path(name, SOCKET)}: {exc.strerror}"
+        ) from None
+    return sock
+
+
+class _Sender:
+    """Messages to the supervisor from two threads (the stdin relay, Ctrl-C)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        with self.lock, contextlib.suppress(OSError):
+            _send(self.sock, message)
+
+
+def _relay_stdin(stdin: IO[bytes], send: _Sender, at_end: dict[str, Any]) -> None:
+    fd = stdin.fileno()
+    while True:
+        try:
+            data = os.read(fd, CHUNK)
+        except OSError:
+            data = b""
+        if not data:
+            send(at_end)
+            return
+        send({"stdin": b64(data)})
+
+
+def exec_command(
+    store: ComponentStore,
+    name: str,
+    argv: list[str],
+    stdin: IO[bytes] | None,
+    write: Callable[[str, bytes], None],
+) -> tuple[int | None, str | None]:
+    """``stockade exec``: run ``argv`` in the component's isolate; its (exit code, error).
+
+    A first Ctrl-C is passed on to the command (SIGINT); a second one leaves, and the command is killed.
+    """
+    sock = connect(store, name)
+    with sock:
+        send = _Sender(sock)
+        send({"op": "exec", "argv": argv, "stdin": stdin is not None})
+        if stdin is not None:
+            threading.Thread(target=_relay_stdin, args=(stdin, send, {"eof": True}), daemon=True).start()
+        lines = _Lines(sock)
+        interrupted = False
+        while True:
+            try:
+                message = lines.next()
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                send({"signal": int(signal.SIGINT)})
+                continue
+            if message is None:
+                return None, "lost the connection to the component's supervisor"
+            if "stream" in message:
+                stream = message["stream"] if message["stream"] in ("stdout", "stderr") else "stderr"
+                write(stream, unb64(message.get("data")))
+            elif "exit_code" in message or "error" in message:
+                code = message.get("exit_code")
+                error = message.get("error")
+                return (code if isinstance(code, int) else None), (str(error) if error is not None else None)
+
+
+def attach(store: ComponentStore, name: str, stdin: IO[bytes], write: Callable[[bytes], None]) -> str:
+    """``stockade attach``: relay ``stdin`` to the component's stdin and its stdout to ``write``
+    until ``stdin`` ends (returns ``"detached"``) or the run does (returns why)."""
+    sock = connect(store, name)
+    with sock:
+        send = _Sender(sock)
+        send({"op": "attach"})
+        lines = _Lines(sock)
+        first = lines.next()
+        if first is None or "error" in first or first.get("attached") is not True:
+            why = first.get("error") if first else "lost the connection to the component's supervisor"
+            raise StockadeError(f"component {name!r}: cannot attach: {why}")
+        threading.Thread(target=_relay_stdin, args=(stdin, send, {"detach": True}), daemon=True).start()
+        while True:
+            message = lines.next()
+            if message is None:
+                return "lost the connection to the component's supervisor"
+            if message.get("stream") == "stdout":
+                write(unb64(message.get("data")))
+            elif "end" in message or "error" in message:
+                return str(message.get("end") or message.get("error"))
+
+
+def stdout_writer(stream: str, data: bytes) -> None:
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.buffer.write(data)
+    out.flush()
