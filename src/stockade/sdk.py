@@ -8,6 +8,7 @@ its files and processes across calls until it is closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -235,13 +236,19 @@ class Sandbox:
         return upload(self, local_path, remote_dir, max_bytes=max_bytes)
 
     def download(
-        self, remote_path: str, local_dir: str | os.PathLike[str], *, max_bytes: int | None = None
+        self,
+        remote_path: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        overwrite: bool = False,
+        executable: bool = False,
     ) -> TransferSummary:
         """Copy ``remote_path`` (a directory's contents, or a file) into ``local_dir`` on the host:
         regular files and directories only, checked before a byte is written (docs/sdk.md)."""
         from .transfer import download
 
-        return download(self, remote_path, local_dir, max_bytes=max_bytes)
+        return download(self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable)
 
     @property
     def closed(self) -> bool:
@@ -393,11 +400,20 @@ class AsyncSandbox:
             return await asyncio.to_thread(self._held().upload, local_path, remote_dir, max_bytes=max_bytes)
 
     async def download(
-        self, remote_path: str, local_dir: str | os.PathLike[str], *, max_bytes: int | None = None
+        self,
+        remote_path: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        overwrite: bool = False,
+        executable: bool = False,
     ) -> TransferSummary:
         """``Sandbox.download``, in a thread."""
         async with self._turn:
-            return await asyncio.to_thread(self._held().download, remote_path, local_dir, max_bytes=max_bytes)
+            download = functools.partial(
+                self._held().download, max_bytes=max_bytes, overwrite=overwrite, executable=executable
+            )
+            return await asyncio.to_thread(download, remote_path, local_dir)
 
     async def aclose(self) -> None:
         if self._sync is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import inspect
 import os
 import posixpath
 import secrets
@@ -75,7 +74,7 @@ class Transferable(Protocol):
 
     def write_file(self, path: str, data: bytes, mode: int, /) -> None: ...
 
-    def read_file(self, path: str, /) -> bytes: ...
+    def read_file(self, path: str, max_bytes: int | None = None, /) -> bytes: ...
 
     def exec(self, argv: list[str], /) -> ExecResult: ...
 
@@ -85,7 +84,7 @@ class AsyncTransferable(Protocol):
 
     def write_file(self, path: str, data: bytes, mode: int, /) -> Awaitable[None]: ...
 
-    def read_file(self, path: str, /) -> Awaitable[bytes]: ...
+    def read_file(self, path: str, max_bytes: int | None = None, /) -> Awaitable[bytes]: ...
 
     def exec(self, argv: list[str], /) -> Awaitable[ExecResult]: ...
 
@@ -242,11 +241,18 @@ def download(
     *,
     max_bytes: int | None = None,
     max_files: int | None = None,
+    overwrite: bool = False,
+    executable: bool = False,
 ) -> TransferSummary:
     """Copy ``remote_path`` from the sandbox into ``local_dir`` on the host (made if missing):
     a directory's contents, or a file by its name. Only regular files and directories are
     written (a link, device or FIFO in the archive is refused: ``UnsafeArchiveError``); the
-    archive is capped at ``max_bytes`` (default 256 MiB) and ``max_files`` members (100,000)."""
+    archive is capped at ``max_bytes`` (default 256 MiB) and ``max_files`` members (100,000).
+
+    What the sandbox sends is the untrusted code's: a file that already exists under
+    ``local_dir`` is refused unless ``overwrite`` (a planted ``.git/hooks/...`` or ``.envrc``
+    would run later on the host), and files are written without execute bits unless
+    ``executable``."""
     cap = _cap(max_bytes)
     members = _cap(max_files, DEFAULT_MAX_FILES, "max_files")
     src = _remote(remote_path, "remote_path")
@@ -260,7 +266,7 @@ def download(
         finally:
             _remove(sandbox, base)
         archive.seek(0)
-        return _unpack(archive, os.fspath(local_dir), cap, members, src)
+        return _unpack(archive, os.fspath(local_dir), cap, members, src, overwrite, executable)
 
 
 def _pack_remote(sandbox: Transferable, src: str, parent: str, name: str, base: str, cap: int) -> tuple[int, int]:
@@ -299,20 +305,16 @@ def _fetch(sandbox: Transferable, base: str, size: int, piece_size: int, archive
 
 
 def _read(sandbox: Transferable, path: str, limit: int) -> bytes:
-    """``read_file``, asking for at most ``limit`` bytes where the sandbox's call can."""
-    read: Any = sandbox.read_file
-    try:
-        bounded = "max_bytes" in inspect.signature(read).parameters
-    except (TypeError, ValueError):
-        bounded = False
-    data: bytes = read(path, max_bytes=limit) if bounded else read(path)
-    return data
+    """``read_file`` of at most ``limit`` bytes: the isolate may have grown the piece since."""
+    return sandbox.read_file(path, limit)
 
 
 _Plan = tuple[tuple[str, ...], tarfile.TarInfo | None]  # path components; the member, None for a directory
 
 
-def _unpack(archive: IO[bytes], local_dir: str, cap: int, max_files: int, src: str) -> TransferSummary:
+def _unpack(
+    archive: IO[bytes], local_dir: str, cap: int, max_files: int, src: str, overwrite: bool, executable: bool
+) -> TransferSummary:
     """Check every member of the untrusted ``archive``, then write them below ``local_dir``."""
     try:
         tar = tarfile.open(fileobj=archive, mode="r:")  # a plain tar: no decompression
@@ -320,6 +322,14 @@ def _unpack(archive: IO[bytes], local_dir: str, cap: int, max_files: int, src: s
         raise UnsafeArchiveError(f"the archive of {src} from the sandbox is not a tar: {exc}") from None
     with tar:
         plans = _check(tar, cap, max_files, src)
+        if not overwrite:
+            there = [p for p, m in plans if m is not None and os.path.lexists(os.path.join(local_dir, *p))]
+            if there:
+                first = os.path.join(local_dir, *there[0])
+                raise TransferError(
+                    f"download of {src}: {first} exists ({len(there)} file(s) would be replaced): "
+                    "pass overwrite=True to replace them; nothing was written"
+                )
         os.makedirs(local_dir, exist_ok=True)
         root = os.open(local_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         files = dirs = size = 0
@@ -335,7 +345,7 @@ def _unpack(archive: IO[bytes], local_dir: str, cap: int, max_files: int, src: s
                 if member is None:
                     dirs += 1 if parts else 0
                 else:
-                    _write(tar, held[1], parts, member)
+                    _write(tar, held[1], parts, member, executable)
                     files += 1
                     size += member.size
         finally:
@@ -370,6 +380,8 @@ def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str) -> list[_Pl
                 f"the archive of {src} holds {member.name!r}, {_kind(member)}: a download writes regular files "
                 "and directories only; nothing was written"
             )
+        if member.size < 0:  # base-256 sizes can be negative: one would offset the cap
+            raise UnsafeArchiveError(f"the archive's {member.name!r} declares a negative size; nothing was written")
         total += member.size
         if total > cap:
             raise TransferTooLargeError(
@@ -425,13 +437,15 @@ def _directory(root: int, parts: tuple[str, ...], wanted: tuple[str, ...]) -> in
     return fd
 
 
-def _write(tar: tarfile.TarFile, parent: int, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
+def _write(
+    tar: tarfile.TarFile, parent: int, parts: tuple[str, ...], member: tarfile.TarInfo, executable: bool
+) -> None:
     """Write one regular file: to a fresh name in its directory, then renamed over its own."""
     source = tar.extractfile(member)
     if source is None:
         raise UnsafeArchiveError(f"the archive's {member.name!r} has no data")
     temp = f".stockade-{secrets.token_hex(8)}"
-    mode = 0o755 if member.mode & 0o111 else 0o644
+    mode = 0o755 if executable and member.mode & 0o111 else 0o644
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -511,8 +525,8 @@ class _Blocking:
     def write_file(self, path: str, data: bytes, mode: int, /) -> None:
         self._wait(lambda: self._sandbox.write_file(path, data, mode))
 
-    def read_file(self, path: str, /) -> bytes:
-        return self._wait(lambda: self._sandbox.read_file(path))
+    def read_file(self, path: str, max_bytes: int | None = None, /) -> bytes:
+        return self._wait(lambda: self._sandbox.read_file(path, max_bytes))
 
     def exec(self, argv: list[str], /) -> ExecResult:
         return self._wait(lambda: self._sandbox.exec(argv))
@@ -542,6 +556,11 @@ async def adownload(
     *,
     max_bytes: int | None = None,
     max_files: int | None = None,
+    overwrite: bool = False,
+    executable: bool = False,
 ) -> TransferSummary:
     """``download`` for an async sandbox (``AsyncRemoteSandbox``): the host's work in a thread."""
-    return await _in_thread(sandbox, download, remote_path, local_dir, max_bytes=max_bytes, max_files=max_files)
+    return await _in_thread(
+        sandbox, download, remote_path, local_dir, max_bytes=max_bytes, max_files=max_files,
+        overwrite=overwrite, executable=executable,
+    )  # fmt: skip

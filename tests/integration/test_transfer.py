@@ -95,9 +95,15 @@ def round_trip(sb: Any, tmp_path: Path, big: int = BIG) -> None:
     assert listing.success, listing.summary()
     assert "./empty/nested-empty" in listing.stdout
     assert hashlib.sha256((src / "a" / "blob.bin").read_bytes()).hexdigest() in listing.stdout
-    got = sb.download("/work/data", tmp_path / "back")
+    got = sb.download("/work/data", tmp_path / "back", executable=True)
     assert (got.files, got.directories, got.bytes) == expected
     assert snapshot(tmp_path / "back") == snapshot(src)
+    # By default nothing comes back executable, and nothing already there is replaced.
+    sb.download("/work/data", tmp_path / "plain")
+    assert not os.access(tmp_path / "plain" / "tool.sh", os.X_OK)
+    with pytest.raises(TransferError, match=r"exists .* pass overwrite=True"):
+        sb.download("/work/data", tmp_path / "plain")
+    assert sb.download("/work/data", tmp_path / "plain", overwrite=True).files == expected[0]
     one = sb.download("/work/data/a/b/c/deep.txt", tmp_path / "one")
     assert (one.files, one.bytes) == (1, 5) and (tmp_path / "one" / "deep.txt").read_text() == "deep\n"
     sb.upload(src / "tool.sh", "/work/single")
@@ -236,9 +242,9 @@ elif case == "many":
         add(f"m{i}")
 elif case == "garbage":
     buf = io.BytesIO(os.urandom(4096)); tar = None
-if case in ("bomb", "truncated"):
+if case in ("bomb", "truncated", "negative"):
     info = tarfile.TarInfo("bomb.bin")
-    info.size = (10 << 30) if case == "bomb" else 100000
+    info.size = {"bomb": 10 << 30, "truncated": 100000, "negative": -(1 << 20)}[case]
     tar.fileobj.write(info.tobuf(tarfile.GNU_FORMAT))
     tar.fileobj.write(b"\0" * 4096)
     data = buf.getvalue() + b"\0" * 1024
@@ -262,8 +268,8 @@ class Hostile:
     def write_file(self, path: str, data: bytes, mode: int, /) -> None:
         self.sb.write_file(path, data, mode)
 
-    def read_file(self, path: str, /) -> bytes:
-        return self.sb.read_file(path)
+    def read_file(self, path: str, max_bytes: int | None = None, /) -> bytes:
+        return self.sb.read_file(path, max_bytes)
 
     def exec(self, argv: list[str], /) -> ExecResult:
         if argv[:3] == ["sh", "-c", _PACK]:
@@ -294,6 +300,7 @@ CASES = {
     "bomb": (TransferError, r"declare over|malformed|unexpected end"),
     "truncated": (UnsafeArchiveError, r"malformed|unexpected end|ends before"),
     "garbage": (UnsafeArchiveError, "not a tar"),
+    "negative": (UnsafeArchiveError, r"negative size|malformed"),  # base-256 sizes can be negative
 }
 
 
@@ -334,10 +341,12 @@ def test_a_download_never_writes_through_a_link_already_in_local_dir(hostile_box
     (local / "fine.txt").symlink_to(outside / "target")  # a file link: replaced, not followed
     (local / "a").symlink_to(outside)  # a directory link: not entered
     hostile_box.exec(["sh", "-c", "mkdir -p /work/w/a && echo fine > /work/w/fine.txt && echo in > /work/w/a/in"])
-    assert hostile_box.download("/work/w/fine.txt", local).files == 1
+    with pytest.raises(TransferError, match="exists"):
+        hostile_box.download("/work/w/fine.txt", local)  # a file already there is not replaced unless asked
+    assert hostile_box.download("/work/w/fine.txt", local, overwrite=True).files == 1
     assert (local / "fine.txt").read_text() == "fine\n" and not (local / "fine.txt").is_symlink()
     with pytest.raises(TransferError, match="links are not followed"):
-        hostile_box.download("/work/w", local)
+        hostile_box.download("/work/w", local, overwrite=True)
     assert list(outside.iterdir()) == []
     assert sorted(p.name for p in local.iterdir()) == ["a", "fine.txt"]  # no temporary file left
 
@@ -373,7 +382,7 @@ def test_async_twins(daemon: Daemon, tmp_path: Path, mgr: RuntimeManager) -> Non
 
     async def through(sb: Any, name: str, listing: Callable[[], Any]) -> None:
         assert (await sb.upload(src, "/work/data")).files == 6
-        assert (await sb.download("/work/data", tmp_path / name)).files == 6
+        assert (await sb.download("/work/data", tmp_path / name, executable=True)).files == 6
         assert snapshot(tmp_path / name) == snapshot(src)
         with pytest.raises(FileNotFoundError):
             await sb.download("/work/missing", tmp_path / "missing")

@@ -226,9 +226,9 @@ class AsyncClient(Requests):
         with naming(path):
             await self.call(*self._write_file(sandbox_id, path, data, mode))
 
-    async def sandbox_read_file(self, sandbox_id: str, path: str) -> bytes:
+    async def sandbox_read_file(self, sandbox_id: str, path: str, max_bytes: int | None = None) -> bytes:
         with naming(path):
-            return base64.b64decode((await self.call(*self._read_file(sandbox_id, path)))["data"])
+            return base64.b64decode((await self.call(*self._read_file(sandbox_id, path, max_bytes)))["data"])
 
     async def sandbox_list_dir(self, sandbox_id: str, path: str) -> list[dict[str, Any]]:
         with naming(path):
@@ -288,8 +288,8 @@ class AsyncRemoteSandbox(SandboxHandle):
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         await self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
 
-    async def read_file(self, path: str) -> bytes:
-        return await self.client.sandbox_read_file(self.sandbox_id, path)
+    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        return await self.client.sandbox_read_file(self.sandbox_id, path, max_bytes)
 
     async def list_dir(self, path: str) -> list[dict[str, Any]]:
         return await self.client.sandbox_list_dir(self.sandbox_id, path)
@@ -303,12 +303,20 @@ class AsyncRemoteSandbox(SandboxHandle):
         return await aupload(self, local_path, remote_dir, max_bytes=max_bytes)
 
     async def download(
-        self, remote_path: str, local_dir: str | os.PathLike[str], *, max_bytes: int | None = None
+        self,
+        remote_path: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        overwrite: bool = False,
+        executable: bool = False,
     ) -> TransferSummary:
         """``RemoteSandbox.download``, awaited (the host's side in a thread)."""
         from ..transfer import adownload
 
-        return await adownload(self, remote_path, local_dir, max_bytes=max_bytes)
+        return await adownload(
+            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable
+        )
 
     async def close(self) -> None:
         if self.closed:

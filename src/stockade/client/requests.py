@@ -157,12 +157,9 @@ class Requests:
         request = _build(WriteFile, "sandbox.write_file", sandbox_id=sandbox_id, path=path, data=encoded, mode=mode)
         return "sandbox.write_file", _params(request), None
 
-    def _read_file(self, sandbox_id: str, path: str) -> Sent:
-        return (
-            "sandbox.read_file",
-            _params(_build(ReadFile, "sandbox.read_file", sandbox_id=sandbox_id, path=path)),
-            None,
-        )
+    def _read_file(self, sandbox_id: str, path: str, max_bytes: int | None = None) -> Sent:
+        request = _build(ReadFile, "sandbox.read_file", sandbox_id=sandbox_id, path=path, max_bytes=max_bytes)
+        return "sandbox.read_file", _params(request), None
 
     def _list_dir(self, sandbox_id: str, path: str) -> Sent:
         return "sandbox.list_dir", _params(_build(ListDir, "sandbox.list_dir", sandbox_id=sandbox_id, path=path)), None

@@ -270,10 +270,11 @@ class Client(Requests):
         with naming(path):
             self.call(*self._write_file(sandbox_id, path, data, mode))
 
-    def sandbox_read_file(self, sandbox_id: str, path: str) -> bytes:
-        """A file of a held sandbox; a missing one raises ``PathNotFoundError``, a ``FileNotFoundError``."""
+    def sandbox_read_file(self, sandbox_id: str, path: str, max_bytes: int | None = None) -> bytes:
+        """A file of a held sandbox (its first ``max_bytes``); a missing one raises ``PathNotFoundError``,
+        a ``FileNotFoundError``."""
         with naming(path):
-            return base64.b64decode(self.call(*self._read_file(sandbox_id, path))["data"])
+            return base64.b64decode(self.call(*self._read_file(sandbox_id, path, max_bytes))["data"])
 
     def sandbox_list_dir(self, sandbox_id: str, path: str) -> list[dict[str, Any]]:
         """A directory's entries in a held sandbox, as the SDK's ``Sandbox.list_dir`` gives them."""
@@ -353,8 +354,8 @@ class RemoteSandbox(SandboxHandle):
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
 
-    def read_file(self, path: str) -> bytes:
-        return self.client.sandbox_read_file(self.sandbox_id, path)
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        return self.client.sandbox_read_file(self.sandbox_id, path, max_bytes)
 
     def list_dir(self, path: str) -> list[dict[str, Any]]:
         return self.client.sandbox_list_dir(self.sandbox_id, path)
@@ -368,12 +369,18 @@ class RemoteSandbox(SandboxHandle):
         return upload(self, local_path, remote_dir, max_bytes=max_bytes)
 
     def download(
-        self, remote_path: str, local_dir: str | os.PathLike[str], *, max_bytes: int | None = None
+        self,
+        remote_path: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        overwrite: bool = False,
+        executable: bool = False,
     ) -> TransferSummary:
         """The SDK's ``Sandbox.download``, through the daemon's file and exec calls."""
         from ..transfer import download
 
-        return download(self, remote_path, local_dir, max_bytes=max_bytes)
+        return download(self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable)
 
     def close(self) -> None:
         if self.closed:

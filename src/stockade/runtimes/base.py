@@ -244,6 +244,8 @@ class AgentSandbox(abc.ABC):
         (``runtimes/publish.py``); the host address and port. Runtimes that can reach their
         isolate's network namespace override ``_forwarder``."""
         address, host_port, port = parse_publish(spec)
+        if self._closed or self._dead:
+            raise SandboxClosedError("the sandbox is closed") if self._closed else SandboxError(self._death())
         if self.policy.network_policy != "loopback":
             raise PolicyError(
                 "publishing a port needs network_policy='loopback': the isolate has no loopback otherwise"
@@ -342,6 +344,9 @@ class AgentSandbox(abc.ABC):
             size = now_size if size is None else size
             if not more or not data or (max_bytes is not None and len(got) >= max_bytes) or len(got) >= size:
                 return bytes(got)
+            if max_bytes is None and len(got) >= MAX_WHOLE_READ:
+                # The size is the agent's word: an untrusted agent could say any. A whole read stops here.
+                raise SandboxError(f"{path} is larger than {MAX_WHOLE_READ} bytes: read it with max_bytes, in parts")
 
     def _file_call(self, method: str, params: dict[str, Any]) -> Any:
         """A file call to the agent; a path that does not exist there is ``PathNotFoundError``.
@@ -1065,6 +1070,7 @@ class _LoopCall:
 
 
 # How a call to the agent can end that is the isolate's end, not an error to raise.
+MAX_WHOLE_READ = 4 << 30  # read_file without max_bytes: the largest scratch an isolate can have (disk_mb)
 _INTERRUPTIBLE = ("exec", "run_code", "run_cell")  # requests that run something a SIGINT can stop
 _RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import threading
 
@@ -20,6 +21,7 @@ from ..errors import InvalidRequestError, SandboxError
 
 log = logging.getLogger("stockade.publish")
 _CHUNK = 65536
+MAX_CONNECTIONS = 64  # relayed at once per published port (each takes two host threads)
 
 
 def parse_publish(spec: int | str) -> tuple[str, int, int]:
@@ -54,9 +56,17 @@ class Forwarder:
     """One published port: a listener on the host's loopback, relayed into the isolate."""
 
     def __init__(self, pidfd: int, address: str, host_port: int, port: int) -> None:
-        self.pidfd, self.port = pidfd, port
+        # A descriptor of its own: the isolate's is closed when the isolate is released, and a
+        # connection still being set up must never setns() through a number reused since.
+        self.pidfd, self.port = os.dup(pidfd), port
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self.listener = socket.create_server((address, host_port), family=family)
+        try:
+            self.listener = socket.create_server((address, host_port), family=family)
+        except OSError:
+            os.close(self.pidfd)
+            raise
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._busy = 0
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -65,11 +75,21 @@ class Forwarder:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             sockets, self._open = list(self._open), set()
         _shut(self.listener)
         for sock in sockets:
             _shut(sock)
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        """The pidfd goes once the forward is closed and no connection is being set up."""
+        with self._lock:
+            if self._closed and self._busy == 0 and self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
 
     def _accept(self) -> None:
         while True:
@@ -77,15 +97,33 @@ class Forwarder:
                 client, _ = self.listener.accept()
             except OSError:
                 return  # closed
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                _shut(client)  # MAX_CONNECTIONS already relayed: a flood gets no threads
+                continue
+            threading.Thread(target=self._serve_one, args=(client,), daemon=True).start()
+
+    def _serve_one(self, client: socket.socket) -> None:
+        try:
+            self._serve(client)
+        finally:
+            self._slots.release()
 
     def _serve(self, client: socket.socket) -> None:
+        with self._lock:
+            if self._closed:
+                _shut(client)
+                return
+            self._busy += 1
         try:
             inner = connect_inside(self.pidfd, self.port)
         except (OSError, SandboxError) as exc:  # nothing listens there (yet): this connection ends
             log.info("published port %s: %s", self.port, exc)
             _shut(client)
             return
+        finally:
+            with self._lock:
+                self._busy -= 1
+            self._maybe_release()
         with self._lock:
             if self._closed:
                 _shut(client)
