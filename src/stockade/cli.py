@@ -375,8 +375,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         policy.pop("timeout_seconds", None)
         store = components.ComponentStore()
         components.start(
-            components.check_name(args.name), argv, policy, args.restart, store, args.max_restarts, args.stdin
-        )
+            components.check_name(args.name), argv, policy, args.restart, store, args.max_restarts, args.stdin,
+            args.publish,
+        )  # fmt: skip
         state = store.state(args.name)
     except (StockadeError, OSError) as exc:
         return _fail(str(exc))
@@ -492,6 +493,10 @@ def _component_line(state: Any) -> str:
 
     uptime = f"{time.time() - state.started_at:.0f}s" if state.status == "running" and state.started_at else "-"
     detail = state.error or (f"exit {state.exit_code}" if state.exit_code is not None else "")
+    if state.published and state.status == "running":
+        detail = " ".join(f"{where}->{port}" for port, where in sorted(state.published.items())) + (
+            f"  {detail}" if detail else ""
+        )
     return f"{state.name:<20} {state.status:<9} {state.runtime or '-':<8} {state.restarts:>8}  {uptime:>8}  {detail}"
 
 
@@ -598,6 +603,14 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     )
     start.add_argument(
         "--stdin", action="store_true", help="keep the command's stdin open for `stockade attach` (a stdio server)"
+    )
+    start.add_argument(
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[HOST_PORT:]PORT",
+        help="forward the host's loopback HOST_PORT (default: PORT; 0: any free) to PORT on the component's own "
+        "loopback (needs --network loopback; process runtime); repeatable",
     )
     policy_flags(start, "start", one_run=False)  # a component runs until stopped, supervised here
     start.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")

@@ -74,6 +74,7 @@ class ComponentState:
     error: str | None = None
     runtime: str | None = None
     policy_digest: str | None = None
+    published: dict[str, str] = field(default_factory=dict)  # port inside -> host address:port
     updated_at: float = field(default_factory=time.time)
 
 
@@ -98,6 +99,7 @@ class ComponentStore:
         restart: RestartPolicy,
         max_restarts: int | None = None,
         stdin: bool = False,
+        publish: list[str] | None = None,
     ) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         directory = self.path(name)
@@ -110,7 +112,10 @@ class ComponentStore:
                     os.unlink(os.path.join(directory, leftover))
         else:
             os.mkdir(directory, 0o700)
-        spec = {"argv": argv, "policy": policy, "restart": restart, "max_restarts": max_restarts, "stdin": stdin}
+        spec = {
+            "argv": argv, "policy": policy, "restart": restart, "max_restarts": max_restarts, "stdin": stdin,
+            "publish": publish or [],
+        }  # fmt: skip
         _write_json(self.path(name, "spec.json"), spec)
         self.save(ComponentState(name, "starting"))
 
@@ -151,16 +156,23 @@ def start(
     store: ComponentStore,
     max_restarts: int | None = None,
     stdin: bool = False,
+    publish: list[str] | None = None,
 ) -> None:
-    """Record the component and launch its detached supervisor; returns once it has started (or failed)."""
+    """Record the component and launch its detached supervisor; returns once it has started (or failed).
+
+    ``publish``: ``PORT`` (the same port on the host's loopback), ``HOST_PORT:PORT`` or
+    ``ADDRESS:HOST_PORT:PORT``, kept across restarts (docs/processes-and-ports.md)."""
     if not argv:
         raise PolicyError("start: no command given (stockade start --name NAME -- CMD ARGS...)")
     if max_restarts is not None and max_restarts < 0:
         raise PolicyError(f"--max-restarts {max_restarts}: give 0 or more")
     from .policy import Policy
 
-    Policy.build(**policy)  # refuse a bad policy now, not in the background
-    store.create(name, argv, policy, restart, max_restarts, stdin)
+    checked = Policy.build(**policy)  # refuse a bad policy now, not in the background
+    fixed = [component_publish(spec) for spec in publish or []]
+    if fixed and checked.network_policy != "loopback":
+        raise PolicyError("--publish needs --network loopback: the isolate has no loopback otherwise")
+    store.create(name, argv, policy, restart, max_restarts, stdin, fixed)
     env = {**os.environ, "STOCKADE_STATE_DIR": os.path.dirname(store.root)}
     subprocess.Popen(
         [sys.executable, "-m", "stockade.components", name],
@@ -302,3 +314,14 @@ if __name__ == "__main__":
     from stockade.components_supervisor import main
 
     sys.exit(main(sys.argv[1]))
+
+
+def component_publish(spec: str) -> str:
+    """A component's ``--publish`` with its host side fixed: ``PORT`` is the same port on the host
+    (a component's address should not change when it restarts), ``0:PORT`` any free one."""
+    from .runtimes.publish import parse_publish
+
+    address, host_port, port = parse_publish(spec)
+    if spec.strip().isdigit():
+        host_port = port
+    return f"{address}:{host_port}:{port}"

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from . import components_relay
 from .components import LOG_ROTATE_BYTES, MAX_BACKOFF_S, STABLE_RUN_S, ComponentStore, _start_time
 from .errors import AgentError, SandboxError, SandboxOSError, StockadeError
+from .runtimes.publish import parse_publish
 
 if TYPE_CHECKING:
     from .components_control import ControlServer
@@ -453,6 +454,15 @@ class Supervisor:
         assert self.control is not None
         began = time.monotonic()
         sandbox: AgentSandbox = manager.select(policy).start(policy)
+        try:
+            published = {}
+            for spec in self.spec.get("publish", []):
+                host, host_port = sandbox.publish(spec)
+                published[str(parse_publish(spec)[2])] = f"{host}:{host_port}"
+        except BaseException:
+            sandbox.close()
+            raise
+        self.state.published = published
         pump: Pump | None = None
         ending: list[tuple[int | None, str | None]] = []
         before = sandbox.usage(peak=False)

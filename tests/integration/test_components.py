@@ -7,6 +7,7 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -362,3 +363,35 @@ def test_exec_and_attach_on_other_runtimes(runtime: str, any_cli: Cli, tmp_path:
     finally:
         _end(client)
     assert any_cli("stop", "other").returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed on this host")
+def test_a_component_with_a_published_port_answers_curl(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    """The README's web service as a component, reached from the host through its published port."""
+    started = cli("start", "--name", "web", "--network", "loopback", "--publish", "0:8000", "--", "sh", "-c",
+                  "cd /tmp && echo 'hello from a component' > index.html && exec python3 -m http.server 8000 "
+                  "--bind 127.0.0.1")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    state = _status(cli, "web")
+    published = state["published"]
+    assert isinstance(published, dict) and set(published) == {"8000"}
+    host, _, port = str(published["8000"]).rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    url = f"http://127.0.0.1:{port}/index.html"
+
+    def answered() -> bool:
+        curl = subprocess.run(["curl", "-sS", "--max-time", "10", url], capture_output=True, text=True, timeout=30)
+        return curl.returncode == 0 and curl.stdout == "hello from a component\n"
+
+    _wait(answered, timeout=60)
+    assert f"127.0.0.1:{port}->8000" in cli("ps").stdout
+    assert cli("stop", "web").returncode == 0
+    curl = subprocess.run(["curl", "-sS", "--max-time", "5", url], capture_output=True, text=True, timeout=30)
+    assert curl.returncode != 0  # the forward ended with the component
+
+
+def test_publish_needs_a_loopback(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    refused = cli("start", "--name", "web", "--publish", "8000", "--", "sleep", "1")
+    assert refused.returncode == 125 and "--network loopback" in refused.stderr
+    bad = cli("start", "--name", "web", "--network", "loopback", "--publish", "0.0.0.0:80:8000", "--", "sleep", "1")
+    assert bad.returncode == 125 and "loopback address" in bad.stderr
