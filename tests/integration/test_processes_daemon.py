@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from stockade.client import Client
+from stockade.client import AsyncClient, Client
 from tests.daemon_harness import Daemon, start_daemon
 
 ECHO = "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
@@ -60,3 +61,35 @@ def test_spawn_write_read_wait_kill_and_status(http: tuple[Daemon, httpx.Client]
     assert client.post(f"{base}/{handle}/wait", params={"timeout": 601}).status_code == 422
     assert client.post(base, json={"command": []}).status_code == 422
     assert client.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
+
+
+def test_a_client_spawns_and_drives_a_background_process(http: tuple[Daemon, httpx.Client]) -> None:
+    daemon, _ = http
+    with Client(daemon.socket_path) as client, client.sandbox() as sb:
+        echo = sb.spawn(["python3", "-c", ECHO])
+        echo.write("one\n")
+        assert sb.exec(["echo", "meanwhile"]).stdout == "meanwhile\n"
+        echo.write("two\n", eof=True)
+        assert echo.wait(30) == 0
+        assert echo.read() == (b"got one\ngot two\n", b"")
+        sleeper = sb.spawn(["sleep", "300"])
+        assert sleeper.wait(0) is None  # asked, and still running
+        sleeper.kill("SIGKILL")
+        assert sleeper.wait(30) == -9
+        chunks: list[bytes] = []
+        assert sb.spawn(["sh", "-c", "echo a; echo b; exit 5"]).follow(lambda s, d: chunks.append(d)) == 5
+        assert b"".join(chunks) == b"a\nb\n"
+        assert {p["handle"] for p in sb.processes()} >= {echo.handle, sleeper.handle}
+
+
+def test_the_async_client_spawns_too(http: tuple[Daemon, httpx.Client]) -> None:
+    daemon, _ = http
+
+    async def scenario() -> None:
+        async with AsyncClient(daemon.socket_path) as client, client.sandbox() as sb:
+            proc = await sb.spawn(["sh", "-c", "read line; echo got $line"])
+            await proc.write("hi\n", eof=True)
+            assert await proc.wait(30) == 0
+            assert await proc.read() == (b"got hi\n", b"")
+
+    asyncio.run(scenario())

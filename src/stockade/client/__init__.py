@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from ..errors import AnswerLostError, DaemonBusyError, NotFoundError, SandboxLostError
 from .async_client import AsyncClient, AsyncRemoteSandbox
+from .processes import AsyncRemoteProcess, RemoteProcess
 from .requests import CodeOptions, ExecOptions, RunOptions, read_token_file
 from .retry import SAFE_TO_RESEND, Retry, call_with_retry
 from .sync_client import Client, RemoteInterpreter, RemoteSandbox
@@ -38,6 +39,7 @@ __all__ = [
     "SAFE_TO_RESEND",
     "AnswerLostError",
     "AsyncClient",
+    "AsyncRemoteProcess",
     "AsyncRemoteSandbox",
     "Client",
     "CodeOptions",
@@ -45,6 +47,7 @@ __all__ = [
     "ExecOptions",
     "NotFoundError",
     "RemoteInterpreter",
+    "RemoteProcess",
     "RemoteSandbox",
     "Retry",
     "RunOptions",

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from ..errors import NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
+from .processes import AsyncRemoteProcess, spawn_params
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
@@ -281,6 +282,22 @@ class AsyncRemoteSandbox(SandboxHandle):
 
     async def interrupt(self) -> bool:
         return await self.client.interrupt_sandbox(self.sandbox_id)
+
+    async def spawn(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> AsyncRemoteProcess:
+        info = await self.client.call("sandbox.spawn", spawn_params(self.sandbox_id, argv, stdin, env, cwd))
+        return AsyncRemoteProcess(self.client, self.sandbox_id, info)
+
+    async def processes(self) -> list[dict[str, Any]]:
+        said = await self.client.call("sandbox.processes", {"sandbox_id": self.sandbox_id})
+        listed: list[dict[str, Any]] = said["processes"]
+        return listed
 
     async def close_interpreter(self, session: str) -> bool:
         return await self.client.close_interpreter(self.sandbox_id, session)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from ..errors import NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
+from .processes import RemoteProcess, spawn_params
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
@@ -350,6 +351,25 @@ class RemoteSandbox(SandboxHandle):
     def interrupt(self) -> bool:
         """From another thread: interrupt this sandbox's run in progress."""
         return self.client.interrupt_sandbox(self.sandbox_id)
+
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> RemoteProcess:
+        """Start ``argv`` in the background (the SDK's ``Sandbox.spawn``): a ``RemoteProcess``."""
+        info = self.client.call("sandbox.spawn", spawn_params(self.sandbox_id, argv, stdin, env, cwd))
+        return RemoteProcess(self.client, self.sandbox_id, info)
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Its background processes: ``{handle, pid, argv, running, exit_code}``."""
+        listed: list[dict[str, Any]] = self.client.call("sandbox.processes", {"sandbox_id": self.sandbox_id})[
+            "processes"
+        ]
+        return listed
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self.client.sandbox_write_file(self.sandbox_id, path, data, mode)

@@ -1,0 +1,174 @@
+"""Background processes of a daemon's held sandbox: ``RemoteSandbox.spawn`` → ``RemoteProcess``.
+
+The SDK's ``Process`` (runtimes/spawned.py) through the daemon's ``sandbox.spawn`` and
+``sandbox.process_*`` calls, with the same methods (awaited in ``AsyncRemoteProcess``).
+Each call takes the sandbox's turn briefly; a wait is made of calls of at most
+WAIT_SLICE_S, so that other calls on the sandbox are not held up for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..limits import check_call_size
+from ..protocol.models import ProcessKill, ProcessRef, ProcessWait, ProcessWrite, SandboxSpawn, argv_list
+from .requests import _build, _params
+
+if TYPE_CHECKING:
+    from .async_client import AsyncClient
+    from .sync_client import Client
+
+WAIT_SLICE_S = 10.0
+
+
+def spawn_params(
+    sandbox_id: str, argv: list[str], stdin: bytes | str, env: dict[str, str] | None, cwd: str | None
+) -> dict[str, Any]:
+    raw = stdin.encode() if isinstance(stdin, str) else stdin
+    check_call_size("stdin", raw)
+    fields = {"sandbox_id": sandbox_id, "command": argv_list(argv), "env": env, "cwd": cwd}
+    if raw:
+        fields["stdin_b64"] = base64.b64encode(raw).decode()
+    return _params(_build(SandboxSpawn, "sandbox.spawn", **fields))
+
+
+class _ProcessState:
+    """What both twins keep: the handle, and what the daemon last said of the process."""
+
+    def __init__(self, sandbox_id: str, info: dict[str, Any]) -> None:
+        self.sandbox_id = sandbox_id
+        self.handle: str = info["handle"]
+        self.pid: int = info["pid"]
+        self.argv: list[str] = info["argv"]
+        self.exit_code: int | None = None
+        self.dropped = {"stdout": 0, "stderr": 0}
+
+    def __repr__(self) -> str:
+        state = "running" if self.exit_code is None else f"exit {self.exit_code}"
+        return f"{type(self).__name__}({self.argv!r}, pid={self.pid}, {state})"
+
+    def _ref(self, model: type[Any], method: str, **fields: Any) -> dict[str, Any]:
+        return _params(_build(model, method, sandbox_id=self.sandbox_id, handle=self.handle, **fields))
+
+    def _note(self, said: dict[str, Any]) -> dict[str, Any]:
+        if said.get("running") is False and isinstance(said.get("exit_code"), int):
+            self.exit_code = said["exit_code"]
+        return said
+
+    def _output(self, said: dict[str, Any]) -> tuple[bytes, bytes]:
+        self._note(said)
+        for stream, count in said.get("dropped", {}).items():
+            if stream in self.dropped:
+                self.dropped[stream] += int(count)
+        return base64.b64decode(said["stdout"]), base64.b64decode(said["stderr"])
+
+
+class RemoteProcess(_ProcessState):
+    """A background process in a daemon's held sandbox: the SDK ``Process``'s methods."""
+
+    def __init__(self, client: Client, sandbox_id: str, info: dict[str, Any]) -> None:
+        super().__init__(sandbox_id, info)
+        self.client = client
+
+    def read(self) -> tuple[bytes, bytes]:
+        """What it wrote to stdout and stderr since the last read."""
+        return self._output(self.client.call("sandbox.process_read", self._ref(ProcessRef, "sandbox.process_read")))
+
+    def write(self, data: bytes | str, *, eof: bool = False) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        check_call_size("stdin", raw)
+        params = self._ref(ProcessWrite, "sandbox.process_write", data=base64.b64encode(raw).decode(), eof=eof)
+        self._note(self.client.call("sandbox.process_write", params))
+
+    def close_stdin(self) -> None:
+        self.write(b"", eof=True)
+
+    def poll(self) -> int | None:
+        self._note(self.client.call("sandbox.process_wait", self._ref(ProcessWait, "sandbox.process_wait")))
+        return self.exit_code
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for its end (at most ``timeout`` s); the exit code, or None while it runs."""
+        until = None if timeout is None else time.monotonic() + timeout
+        while self.exit_code is None:  # asked at least once
+            left = WAIT_SLICE_S if until is None else max(0.0, min(WAIT_SLICE_S, until - time.monotonic()))
+            params = self._ref(ProcessWait, "sandbox.process_wait", timeout=left)
+            self._note(self.client.call("sandbox.process_wait", params, left + self.client.timeout))
+            if until is not None and time.monotonic() >= until:
+                break
+        return self.exit_code
+
+    def kill(self, signal: str = "SIGTERM") -> None:
+        params = self._ref(ProcessKill, "sandbox.process_kill", signal=signal)
+        self._note(self.client.call("sandbox.process_kill", params))
+
+    def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
+        """Pass its output to ``on_output(stream, data)`` as it comes, until it ends; its exit code."""
+        while True:
+            ended = self.exit_code is not None
+            out, err = self.read()
+            for stream, data in (("stdout", out), ("stderr", err)):
+                if data:
+                    on_output(stream, data)
+            if ended:
+                assert self.exit_code is not None
+                return self.exit_code
+            if not out and not err:
+                self.wait(interval)
+
+
+class AsyncRemoteProcess(_ProcessState):
+    """``RemoteProcess`` for an ``AsyncClient``: the same methods, awaited."""
+
+    def __init__(self, client: AsyncClient, sandbox_id: str, info: dict[str, Any]) -> None:
+        super().__init__(sandbox_id, info)
+        self.client = client
+
+    async def read(self) -> tuple[bytes, bytes]:
+        said = await self.client.call("sandbox.process_read", self._ref(ProcessRef, "sandbox.process_read"))
+        return self._output(said)
+
+    async def write(self, data: bytes | str, *, eof: bool = False) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        check_call_size("stdin", raw)
+        params = self._ref(ProcessWrite, "sandbox.process_write", data=base64.b64encode(raw).decode(), eof=eof)
+        self._note(await self.client.call("sandbox.process_write", params))
+
+    async def close_stdin(self) -> None:
+        await self.write(b"", eof=True)
+
+    async def poll(self) -> int | None:
+        self._note(await self.client.call("sandbox.process_wait", self._ref(ProcessWait, "sandbox.process_wait")))
+        return self.exit_code
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        until = None if timeout is None else time.monotonic() + timeout
+        while self.exit_code is None:
+            left = WAIT_SLICE_S if until is None else max(0.0, min(WAIT_SLICE_S, until - time.monotonic()))
+            params = self._ref(ProcessWait, "sandbox.process_wait", timeout=left)
+            self._note(await self.client.call("sandbox.process_wait", params, left + self.client.timeout))
+            if until is not None and time.monotonic() >= until:
+                break
+        return self.exit_code
+
+    async def kill(self, signal: str = "SIGTERM") -> None:
+        params = self._ref(ProcessKill, "sandbox.process_kill", signal=signal)
+        self._note(await self.client.call("sandbox.process_kill", params))
+
+    async def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
+        while True:
+            ended = self.exit_code is not None
+            out, err = await self.read()
+            for stream, data in (("stdout", out), ("stderr", err)):
+                if data:
+                    on_output(stream, data)
+            if ended:
+                assert self.exit_code is not None
+                return self.exit_code
+            if not out and not err:
+                await self.wait(interval)
+                await asyncio.sleep(0)
