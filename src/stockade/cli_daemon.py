@@ -153,16 +153,29 @@ def parse(argv: list[str]) -> Args | None:
     return Args(**values)
 
 
+def _policy_file(path: str) -> dict[str, Any]:
+    """``--policy-file``'s fields; an unreadable or malformed file ends the CLI, naming the flag."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f)
+    except OSError as exc:
+        raise SystemExit(_fail(f"--policy-file {path}: {exc.strerror or exc}")) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SystemExit(_fail(f"--policy-file {path}: not JSON: {exc}")) from None
+    if not isinstance(loaded, dict):
+        raise SystemExit(_fail(f"--policy-file {path}: expected a JSON object of Policy fields"))
+    return loaded
+
+
 def policy_fields(args: Any) -> dict[str, Any]:
     """The Policy's fields as the flags and ``--policy-file`` give them, not validated
     (``cli._build_policy`` validates them here; the daemon, when it runs the command).
     ``args.policy_fields`` names the Policy's fields among the parser's destinations."""
     fields: dict[str, Any] = {}
     if args.policy_file:
-        import json
-
-        with open(args.policy_file) as f:
-            fields.update(json.load(f))
+        fields.update(_policy_file(args.policy_file))
     env = dict(fields.get("environment") or {})
     for item in args.environment:
         key, sep, value = item.partition("=")

@@ -122,3 +122,27 @@ def test_doctor() -> None:
     assert report["host"]["cgroup_version"] in ("v1", "v2", "hybrid", "none")
     human = cli("doctor").stdout
     assert "process" in human and "landlock" in human
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (None, "No such file or directory"),
+        ("{bad", "not JSON"),
+        ("[1, 2]", "expected a JSON object of Policy fields"),
+    ],
+)
+def test_a_bad_policy_file_is_named_by_its_flag(tmp_path: Path, content: str | None, said: str) -> None:
+    path = tmp_path / "policy.json"
+    if content is not None:
+        path.write_text(content)
+    out = cli("run", "--policy-file", str(path), "--", "true")
+    assert out.returncode == 125 and out.stderr.startswith(f"stockade: --policy-file {path}: ")
+    assert said in out.stderr
+
+
+def test_a_policy_files_out_of_range_field_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text('{"memory_mb": 99999}')
+    out = cli("run", "--policy-file", str(path), "--", "true")
+    assert out.returncode == 125 and "memory_mb" in out.stderr and "2048" in out.stderr
