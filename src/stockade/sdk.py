@@ -18,10 +18,11 @@ from .limits import check_call_size
 from .policy import Policy, coerce_policy
 from .protocol.models import argv_list
 from .result import ExecResult
-from .runtimes.base import AgentSandbox, OutputCallback
+from .runtimes.base import AgentSandbox
 from .runtimes.manager import RuntimeManager, default_manager
 from .runtimes.publish import parse_publish
 from .runtimes.spawned import Process
+from .runtimes.verdict import OutputCallback
 
 if TYPE_CHECKING:
     from .transfer import TransferSummary

@@ -275,6 +275,10 @@ def test_a_call_on_a_connection_owned_sandbox_is_let_finish_when_its_client_goes
     with Client(daemon.socket_path) as watcher:
         with pytest.raises(NotFoundError):
             watcher.sandbox_exec(sid, ["true"])
+        # Its slot is free once its close is done (the processes went first).
+        deadline = time.monotonic() + 30
+        while watcher.status()["total_count"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert watcher.status()["total_count"] == 0
 
 

@@ -148,7 +148,8 @@ def test_a_run_on_the_loop_whose_agent_never_answers_ends_at_its_deadline() -> N
     import time
 
     from stockade import Policy
-    from stockade.runtimes.base import HOST_TIMEOUT_GRACE_S, code_params
+    from stockade.runtimes.agent_requests import code_params
+    from stockade.runtimes.base import HOST_TIMEOUT_GRACE_S
     from stockade.runtimes.fake import FakeRuntime
 
     runtime = FakeRuntime()

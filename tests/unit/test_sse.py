@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from stockade.runtimes.base import OutputCallback
+from stockade.runtimes.verdict import OutputCallback
 from stockade.server.sse import MAX_QUEUED_BYTES, event_stream
 
 

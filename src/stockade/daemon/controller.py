@@ -37,8 +37,10 @@ from ..protocol.models import (
     Status,
 )
 from ..result import ExecResult, new_id
-from ..runtimes.base import AgentSandbox, OutputCallback, code_params, exec_params
+from ..runtimes.agent_requests import code_params, exec_params
+from ..runtimes.base import AgentSandbox
 from ..runtimes.manager import RuntimeManager
+from ..runtimes.verdict import OutputCallback
 from .background import BackgroundProcesses, process_infos
 from .config import DaemonConfig
 from .held import Held, HeldSandboxes, settle_once

@@ -50,9 +50,11 @@ from ..protocol.models import (
     WriteFile,
 )
 from ..result import ExecResult
-from ..runtimes.base import AgentSandbox, OutputCallback, code_request, exec_params
+from ..runtimes.agent_requests import code_request, exec_params
+from ..runtimes.base import AgentSandbox
 from ..runtimes.manager import RuntimeManager
 from ..runtimes.spawned import Process
+from ..runtimes.verdict import OutputCallback
 from .config import DaemonConfig
 from .slots import Slots
 

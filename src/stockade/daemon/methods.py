@@ -36,7 +36,7 @@ from ..protocol.models import (
     parse,
 )
 from ..result import ExecResult
-from ..runtimes.base import OutputCallback
+from ..runtimes.verdict import OutputCallback
 from .controller import Controller
 from .observers import Observers
 

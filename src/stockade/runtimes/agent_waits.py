@@ -1,6 +1,6 @@
 """An event loop's waits on agents' sockets: one epoll set and one timer for all of them.
 
-A call to an agent driven by the loop (``base._LoopCall``) waits for its
+A call to an agent driven by the loop (``loop_call.LoopCall``) waits for its
 socket to become readable, and for a deadline. Through asyncio's own API that
 is a selector registration (a key, a handle, a system call) and a timer
 handle for every call, and as much again to undo them: 205 µs here right

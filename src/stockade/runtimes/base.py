@@ -30,7 +30,6 @@ from ..errors import (
     AgentError,
     AgentProtocolError,
     CallTooLargeError,
-    InvalidRequestError,
     PolicyError,
     SandboxClosedError,
     SandboxError,
@@ -40,17 +39,17 @@ from ..errors import (
 from ..limits import check_call_size
 from ..policy import Policy
 from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
-from .cells import Cell, cell_fields, read_cell
+from .agent_requests import code_request, exec_params, job_limits
+from .cells import cell_fields
+from .loop_call import LoopCall, decode_message, loop_tools, settle_outcome
 from .publish import Forwarder, parse_publish
 from .spawned import Process
+from .verdict import CallbackGuard, OutputCallback, PendingRun, Verdict, b64_field, read_verdict
 from .violations import ViolationLog, ViolationReport
 
 if TYPE_CHECKING:
     import asyncio
 
-    from .agent_waits import AgentWaits, Deadline
-
-OutputCallback = Callable[[str, bytes], None]
 
 # How long past the policy's timeout the host waits for the agent's own verdict
 # before it kills the isolate itself.
@@ -124,7 +123,7 @@ class AgentSandbox(abc.ABC):
         self._lock = threading.Lock()
         self._interrupt_lock = threading.Lock()  # an interrupt's frame never splits a request's
         self._request_sent = False
-        self._loop_call: _LoopCall | None = None  # the run in progress on an event loop
+        self._loop_call: LoopCall | None = None  # the run in progress on an event loop
         self._running = ""  # the method of the request in flight (or last sent)
         self._interrupt_sent = False  # that request was interrupted already
         self.forwarders: list[Forwarder] = []  # published ports, closed with the isolate
@@ -368,7 +367,7 @@ class AgentSandbox(abc.ABC):
         if not isinstance(data, str):
             raise self._broke_protocol("read_file reply has no data")
         try:
-            piece = _b64(data)
+            piece = b64_field(data)
         except AgentProtocolError as exc:
             raise self._broke_protocol(str(exc)) from None
         if len(piece) > max_bytes:
@@ -430,7 +429,7 @@ class AgentSandbox(abc.ABC):
         on_output: OutputCallback | None,
     ) -> ExecResult:
         run = self._begin_run(params, stdin, env, timeout, on_output)
-        guard = _CallbackGuard(on_output)
+        guard = CallbackGuard(on_output)
         try:
             reply: Any = self._call(method, run.params, run.wait, guard.callback)
         except _RUN_ENDINGS as exc:
@@ -451,7 +450,7 @@ class AgentSandbox(abc.ABC):
         import asyncio
 
         outcome: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()
-        settle = functools.partial(_settle_outcome, outcome)
+        settle = functools.partial(settle_outcome, outcome)
         call = self.start_run(method, params, stdin, env, timeout, on_output, settle)
         try:
             return await outcome
@@ -469,7 +468,7 @@ class AgentSandbox(abc.ABC):
         on_output: OutputCallback | None,
         done: Callable[[ExecResult | Exception], None],
         execution_id: str | None = None,
-    ) -> _LoopCall:
+    ) -> LoopCall:
         """``_run`` on the running event loop, in its callbacks: the request is sent now and
         ``done`` gets the result (or the exception that stopped the run) from the loop's
         reader callback, in the turn the agent's answer arrives: no task is woken for it.
@@ -480,7 +479,7 @@ class AgentSandbox(abc.ABC):
         ``execution_id`` is the result's, when the caller has named the run already.
         """
         run = self._begin_run(params, stdin, env, timeout, on_output, execution_id)
-        guard = _CallbackGuard(on_output)
+        guard = CallbackGuard(on_output)
 
         def answered(reply: Any) -> None:
             try:
@@ -490,10 +489,10 @@ class AgentSandbox(abc.ABC):
                 return
             done(result)
 
-        running_loop, _ = _loop_tools()
+        running_loop, _ = loop_tools()
         return self._call_on_loop(running_loop(), method, run.params, run.wait, guard.callback, answered)
 
-    def _settle_run(self, run: _PendingRun, guard: _CallbackGuard, reply: Any) -> ExecResult:
+    def _settle_run(self, run: PendingRun, guard: CallbackGuard, reply: Any) -> ExecResult:
         """The result of a run from the agent's reply, or from the exception that ended the call.
 
         A timeout, a lost or garbled connection ends the isolate and is a verdict
@@ -505,7 +504,7 @@ class AgentSandbox(abc.ABC):
         if isinstance(reply, Exception):
             raise reply
         try:
-            verdict = _verdict(reply)
+            verdict = read_verdict(reply)
         except AgentProtocolError as exc:
             return self._finish_run(run, None, self._ended(exc))
         return guard.check(self._finish_run(run, verdict, None))
@@ -518,7 +517,7 @@ class AgentSandbox(abc.ABC):
         timeout: float | None,
         on_output: OutputCallback | None,
         execution_id: str | None = None,
-    ) -> _PendingRun:
+    ) -> PendingRun:
         policy = self.policy
         execution_id = execution_id or new_id()
         raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
@@ -563,7 +562,7 @@ class AgentSandbox(abc.ABC):
         # What was reported since the last run (a process that run left running) opens this
         # run's report, marked: a call made between runs is not a call reported nowhere.
         self.violation_log.begin_run()
-        return _PendingRun(params, wait, before, time.monotonic(), execution_id)
+        return PendingRun(params, wait, before, time.monotonic(), execution_id)
 
     def _ended(self, exc: BaseException) -> str | None:
         """The isolate stopped answering: kill it, and say why (None for a timeout, which is a verdict)."""
@@ -604,7 +603,7 @@ class AgentSandbox(abc.ABC):
         self._mark_dead(None)
         return AgentProtocolError(f"{what}; the isolate was killed")
 
-    def _finish_run(self, run: _PendingRun, verdict: _Verdict | None, error: str | None) -> ExecResult:
+    def _finish_run(self, run: PendingRun, verdict: Verdict | None, error: str | None) -> ExecResult:
         elapsed = time.monotonic() - run.started
         after = self.usage()
         self._collect_violations()
@@ -615,7 +614,7 @@ class AgentSandbox(abc.ABC):
 
     def _result(
         self,
-        verdict: _Verdict | None,
+        verdict: Verdict | None,
         error: str | None,
         elapsed: float,
         before: IsolateUsage,
@@ -624,7 +623,7 @@ class AgentSandbox(abc.ABC):
         execution_id: str,
         timeout_s: float | None = None,
     ) -> ExecResult:
-        said = verdict or _Verdict()  # no verdict: the agent said nothing
+        said = verdict or Verdict()  # no verdict: the agent said nothing
         exit_code, stdout, stderr = said.exit_code, said.stdout, said.stderr
         timed_out, truncated = said.timed_out, said.truncated
         # The host, not the guest, has the last word on output size.
@@ -742,7 +741,7 @@ class AgentSandbox(abc.ABC):
         timeout: float,
         on_output: OutputCallback | None,
         done: Callable[[Any], None],
-    ) -> _LoopCall:
+    ) -> LoopCall:
         """Like ``_call``, in the loop's callbacks: ``done`` gets the reply's result or the exception."""
         if not self._lock.acquire(blocking=False):
             raise SandboxError("another call to this sandbox is in progress")
@@ -753,7 +752,7 @@ class AgentSandbox(abc.ABC):
             raise
 
         def on_message(payload: bytes) -> tuple[bool, Any]:
-            return self._reply(_decode(payload), msg_id, on_output)
+            return self._reply(decode_message(payload), msg_id, on_output)
 
         def release() -> None:
             self._loop_call = None
@@ -761,7 +760,7 @@ class AgentSandbox(abc.ABC):
 
         with self._interrupt_lock:
             self._running, self._interrupt_sent = method, False
-        self._loop_call = _LoopCall(loop, self.conn, frame, timeout, on_message, done, release)
+        self._loop_call = LoopCall(loop, self.conn, frame, timeout, on_message, done, release)
         return self._loop_call
 
     def _request(self, method: str, params: dict[str, Any]) -> tuple[int, bytes]:
@@ -817,7 +816,7 @@ class AgentSandbox(abc.ABC):
             raise TimeoutError("the agent stalled in the middle of a frame") from None
         finally:
             self.conn.settimeout(None)
-        return _decode(payload)
+        return decode_message(payload)
 
     def _notification(self, message: dict[str, Any], on_output: OutputCallback | None) -> None:
         params = message.get("params")
@@ -830,307 +829,10 @@ class AgentSandbox(abc.ABC):
             return
         stream = params.get("stream")
         if stream in ("stdout", "stderr"):
-            on_output(stream, _b64(params.get("data")))
-
-
-class _CallbackGuard:
-    """The caller's ``on_output``, kept from breaking the conversation with the agent.
-
-    An exception in the callback would leave the rest of the run's output and
-    its answer unread on the connection, and the next call would read them as
-    its own. So the first exception stops further calls to the callback, the
-    run is read to its end, and the exception is raised then.
-    """
-
-    def __init__(self, on_output: OutputCallback | None) -> None:
-        self._on_output = on_output
-        self.error: Exception | None = None
-        self.callback: OutputCallback | None = self._call if on_output is not None else None
-
-    def _call(self, stream: str, data: bytes) -> None:
-        if self.error is None and self._on_output is not None:
-            try:
-                self._on_output(stream, data)
-            except Exception as exc:  # noqa: BLE001 - raised again once the run has been read to its end
-                self.error = exc
-
-    def check(self, result: ExecResult) -> ExecResult:
-        if self.error is not None:
-            raise self.error
-        return result
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    """What the agent says a run did. Types the host does not expect read as "not said"."""
-
-    exit_code: int | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    timed_out: bool = False
-    truncated: bool = False
-    cell: Cell | None = None  # a stateful interpreter's account of its cell (run_cell)
-    interpreter_lost: bool = False  # run_cell: the interpreter died in the cell; its state is gone
-
-
-def _verdict(reply: Any) -> _Verdict:
-    """Read an exec/run_code reply; AgentProtocolError if it is not one."""
-    if not isinstance(reply, dict):
-        raise AgentProtocolError("the run's reply is not an object")
-    exit_code = reply.get("exit_code")
-    return _Verdict(
-        exit_code=exit_code if isinstance(exit_code, int) and not isinstance(exit_code, bool) else None,
-        stdout=_b64(reply.get("stdout")),
-        stderr=_b64(reply.get("stderr")),
-        timed_out=reply.get("timed_out") is True,
-        truncated=reply.get("output_truncated") is True,
-        cell=read_cell(reply.get("cell")),
-        interpreter_lost="cell" in reply and reply.get("cell") is None,
-    )
-
-
-@dataclass
-class _PendingRun:
-    params: dict[str, Any]
-    wait: float  # how long the host waits for the agent's verdict
-    before: IsolateUsage
-    started: float
-    execution_id: str  # the result's: drawn when the run begins, or given by its caller
-
-
-def _decode(payload: bytes) -> dict[str, Any]:
-    try:
-        message = wire.decode_payload(payload)
-    except wire.RPCError as exc:
-        raise AgentProtocolError(f"the agent sent invalid JSON: {exc.data}") from None
-    if not isinstance(message, dict):
-        raise AgentProtocolError("the agent sent a non-object message")
-    return message
-
-
-@functools.cache
-def _loop_tools() -> tuple[Callable[[], asyncio.AbstractEventLoop], Callable[[asyncio.AbstractEventLoop], AgentWaits]]:
-    """``asyncio.get_running_loop`` and ``agent_waits``, imported on first use (the blocking
-    paths never import asyncio) and not again: an import statement in a function is
-    looked up on every call, several µs each time on a host whose caches went cold."""
-    import asyncio
-
-    from .agent_waits import agent_waits
-
-    return asyncio.get_running_loop, agent_waits
-
-
-class _LoopCall:
-    """One request to the agent and the wait for its reply, driven by the event loop's callbacks.
-
-    The frame is written straight to the socket (the loop watches for room
-    only when the socket has none), then the reply is read by a reader
-    callback, frame by frame, exactly as many bytes as each frame holds; one
-    timer bounds the whole call. ``done`` gets the reply's result, or the
-    exception that ended the call, in the loop turn that ends it. Nothing
-    wakes a task on the way: on a host whose caches have gone cold while the
-    isolate ran, each step taken after the agent answers is paid for in the
-    caller's latency.
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        frame: bytes,
-        timeout: float,
-        on_message: Callable[[bytes], tuple[bool, Any]],
-        done: Callable[[Any], None],
-        release: Callable[[], None],
-    ) -> None:
-        self.loop = loop
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.on_message = on_message  # a frame's payload -> (the reply?, its result); raises to end the call
-        self.done = done
-        self.release = release
-        self.unsent = memoryview(frame)
-        self.received = bytearray()
-        self.length: int | None = None  # the payload length of the frame being read, once its header is in
-        self.writing = self.reading = self.ended = self.aborted = False
-        # Every send and receive passes MSG_DONTWAIT, so the socket stays in the
-        # blocking mode its other (threaded) callers expect, with no fcntl calls
-        # to switch it. A timeout set on it would make Python poll before each
-        # call, though: then it is made non-blocking for the call's length.
-        self.restore_blocking = sock.gettimeout() is not None
-        if self.restore_blocking:
-            sock.setblocking(False)
-        _, agent_waits = _loop_tools()
-        self.waits = agent_waits(loop)
-        self.on_readable = self._receive  # one bound method: unwatch() knows it by identity
-        self.timer: Deadline | None = None
-        # Sent now, in the caller's loop turn, before anything else is set up;
-        # an end met on the way (a dead agent) reaches ``done`` a turn later:
-        # never before the caller has the call.
-        self.starting = True
-        self._send()
-        self.starting = False
-        if not self.ended:
-            self.timer = self.waits.call_later(timeout, self._timed_out)
-
-    def abort(self) -> None:
-        """Stop watching the agent; ``done`` will not be called."""
-        self.aborted = True
-        self._finish()
-
-    def _send(self) -> None:
-        while self.unsent and not self.ended:
-            try:
-                sent = self.sock.send(self.unsent, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if not self.writing:
-                    self.writing = True
-                    self.loop.add_writer(self.fd, self._send)
-                return
-            except OSError as exc:
-                self._end(exc)
-                return
-            self.unsent = self.unsent[sent:]
-        if self.ended:
-            return
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.fd)
-        self.reading = True
-        self.waits.watch(self.fd, self.on_readable)  # level-triggered: an answer already there is seen too
-
-    def _timed_out(self) -> None:
-        self._end(TimeoutError("the agent did not answer in time"))
-
-    def _receive(self) -> None:
-        while not self.ended:
-            need = wire.HEADER_SIZE if self.length is None else self.length
-            try:
-                chunk = self.sock.recv(min(need - len(self.received), 1 << 20), socket.MSG_DONTWAIT) if need else b""
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._end(exc)
-                return
-            if need and not chunk:
-                if self.length is None and not self.received:
-                    self._end(EOFError("the agent closed the connection"))
-                else:
-                    self._end(AgentProtocolError("the agent closed the connection in the middle of a frame"))
-                return
-            self.received += chunk
-            if len(self.received) < need:
-                continue
-            if self.length is None:
-                try:
-                    self.length = wire.frame_length(bytes(self.received))
-                except wire.FrameError as exc:
-                    self._end(AgentProtocolError(str(exc)))
-                    return
-                self.received = bytearray()
-                continue
-            payload, self.received, self.length = bytes(self.received), bytearray(), None
-            try:
-                finished, result = self.on_message(payload)
-            except Exception as exc:  # noqa: BLE001 - the call's outcome, handed to ``done``
-                self._end(exc)
-                return
-            if finished:
-                self._end(result)
-                return
-
-    def _end(self, outcome: Any) -> None:
-        if not self.ended:
-            self._finish()
-            if self.starting:
-                self.loop.call_soon(self._deliver, outcome)
-            else:
-                self.done(outcome)
-
-    def _deliver(self, outcome: Any) -> None:
-        if not self.aborted:
-            self.done(outcome)
-
-    def _finish(self) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        if self.timer is not None:
-            self.waits.cancel(self.timer)
-        if self.writing:
-            self.loop.remove_writer(self.fd)
-        if self.reading:
-            self.waits.unwatch(self.fd, self.on_readable)
-        if self.restore_blocking:
-            try:
-                self.sock.setblocking(True)
-            except OSError:
-                pass  # closed under the call (the sandbox was closed): nothing to restore
-        self.release()
+            on_output(stream, b64_field(params.get("data")))
 
 
 # How a call to the agent can end that is the isolate's end, not an error to raise.
 MAX_WHOLE_READ = 4 << 30  # read_file without max_bytes: the largest scratch an isolate can have (disk_mb)
 _INTERRUPTIBLE = ("exec", "run_code", "run_cell")  # requests that run something a SIGINT can stop
 _RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
-
-
-def job_limits(policy: Policy, timeout: float | None = None) -> dict[str, int]:
-    """The rlimits the agent sets on a run's processes (agent/runner.py ``apply_rlimits``).
-
-    ``cpu_seconds`` is the hard CPU limit (SIGKILL): one past the policy's
-    ``cpu_time_seconds`` (whose soft limit sends SIGXCPU first), or else a
-    backstop one past the run's wall-clock timeout.
-    """
-    limits = {
-        "max_file_size_bytes": policy.max_file_size_bytes,
-        "max_open_files": policy.max_open_files,
-        "max_processes": policy.pids_limit,
-    }
-    if policy.cpu_time_seconds is not None:
-        limits["cpu_soft_seconds"] = policy.cpu_time_seconds
-        limits["cpu_seconds"] = policy.cpu_time_seconds + 1
-    elif timeout is not None:
-        limits["cpu_seconds"] = int(timeout) + 1
-    if policy.address_space_mb is not None:
-        limits["address_space_bytes"] = policy.address_space_mb * 1024 * 1024
-    return limits
-
-
-def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
-    """The agent's ``exec`` request for ``argv`` (before the run's common fields)."""
-    return {"argv": list(argv), "cwd": cwd}
-
-
-def code_request(code: str, language: str, session: str | None, stdin: bytes | str = b"") -> tuple[str, dict[str, Any]]:
-    """The agent method and params for code: ``run_code``, or ``run_cell`` in a session's interpreter."""
-    if session is None:
-        return "run_code", code_params(code, language)
-    if language != "python":
-        raise InvalidRequestError(f"a session runs Python, not {language!r}: leave session out for {language}")
-    if stdin:
-        raise InvalidRequestError("a session's cells read no stdin: leave stdin out, or session")
-    return "run_cell", {"code": code, "session": session}
-
-
-def code_params(code: str, language: str = "python") -> dict[str, Any]:
-    """The agent's ``run_code`` request for ``code`` (before the run's common fields)."""
-    return {"code": code, "language": language}
-
-
-def _settle_outcome(future: asyncio.Future[Any], outcome: Any) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-def _b64(value: Any) -> bytes:
-    if not isinstance(value, str):
-        return b""
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError:
-        raise AgentProtocolError("the agent sent invalid base64") from None

@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import DaemonUnavailableError, error_code, public_message
-from ..runtimes.base import OutputCallback
+from ..runtimes.verdict import OutputCallback
 
 T = TypeVar("T")
 

@@ -1,0 +1,196 @@
+"""``LoopCall``: one request to the agent driven by an event loop's callbacks (the daemon's path)."""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..agent import wire
+from ..errors import AgentProtocolError
+
+if TYPE_CHECKING:  # asyncio itself is imported by loop_tools, on first use: blocking callers never load it
+    import asyncio
+
+    from .agent_waits import AgentWaits, Deadline
+
+
+def decode_message(payload: bytes) -> dict[str, Any]:
+    try:
+        message = wire.decode_payload(payload)
+    except wire.RPCError as exc:
+        raise AgentProtocolError(f"the agent sent invalid JSON: {exc.data}") from None
+    if not isinstance(message, dict):
+        raise AgentProtocolError("the agent sent a non-object message")
+    return message
+
+
+@functools.cache
+def loop_tools() -> tuple[Callable[[], asyncio.AbstractEventLoop], Callable[[asyncio.AbstractEventLoop], AgentWaits]]:
+    """``asyncio.get_running_loop`` and ``agent_waits``, imported on first use (the blocking
+    paths never import asyncio) and not again: an import statement in a function is
+    looked up on every call, several µs each time on a host whose caches went cold."""
+    import asyncio
+
+    from .agent_waits import agent_waits
+
+    return asyncio.get_running_loop, agent_waits
+
+
+class LoopCall:
+    """One request to the agent and the wait for its reply, driven by the event loop's callbacks.
+
+    The frame is written straight to the socket (the loop watches for room
+    only when the socket has none), then the reply is read by a reader
+    callback, frame by frame, exactly as many bytes as each frame holds; one
+    timer bounds the whole call. ``done`` gets the reply's result, or the
+    exception that ended the call, in the loop turn that ends it. Nothing
+    wakes a task on the way: on a host whose caches have gone cold while the
+    isolate ran, each step taken after the agent answers is paid for in the
+    caller's latency.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        frame: bytes,
+        timeout: float,
+        on_message: Callable[[bytes], tuple[bool, Any]],
+        done: Callable[[Any], None],
+        release: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.on_message = on_message  # a frame's payload -> (the reply?, its result); raises to end the call
+        self.done = done
+        self.release = release
+        self.unsent = memoryview(frame)
+        self.received = bytearray()
+        self.length: int | None = None  # the payload length of the frame being read, once its header is in
+        self.writing = self.reading = self.ended = self.aborted = False
+        # Every send and receive passes MSG_DONTWAIT, so the socket stays in the
+        # blocking mode its other (threaded) callers expect, with no fcntl calls
+        # to switch it. A timeout set on it would make Python poll before each
+        # call, though: then it is made non-blocking for the call's length.
+        self.restore_blocking = sock.gettimeout() is not None
+        if self.restore_blocking:
+            sock.setblocking(False)
+        _, agent_waits = loop_tools()
+        self.waits = agent_waits(loop)
+        self.on_readable = self._receive  # one bound method: unwatch() knows it by identity
+        self.timer: Deadline | None = None
+        # Sent now, in the caller's loop turn, before anything else is set up;
+        # an end met on the way (a dead agent) reaches ``done`` a turn later:
+        # never before the caller has the call.
+        self.starting = True
+        self._send()
+        self.starting = False
+        if not self.ended:
+            self.timer = self.waits.call_later(timeout, self._timed_out)
+
+    def abort(self) -> None:
+        """Stop watching the agent; ``done`` will not be called."""
+        self.aborted = True
+        self._finish()
+
+    def _send(self) -> None:
+        while self.unsent and not self.ended:
+            try:
+                sent = self.sock.send(self.unsent, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if not self.writing:
+                    self.writing = True
+                    self.loop.add_writer(self.fd, self._send)
+                return
+            except OSError as exc:
+                self._end(exc)
+                return
+            self.unsent = self.unsent[sent:]
+        if self.ended:
+            return
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        self.reading = True
+        self.waits.watch(self.fd, self.on_readable)  # level-triggered: an answer already there is seen too
+
+    def _timed_out(self) -> None:
+        self._end(TimeoutError("the agent did not answer in time"))
+
+    def _receive(self) -> None:
+        while not self.ended:
+            need = wire.HEADER_SIZE if self.length is None else self.length
+            try:
+                chunk = self.sock.recv(min(need - len(self.received), 1 << 20), socket.MSG_DONTWAIT) if need else b""
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._end(exc)
+                return
+            if need and not chunk:
+                if self.length is None and not self.received:
+                    self._end(EOFError("the agent closed the connection"))
+                else:
+                    self._end(AgentProtocolError("the agent closed the connection in the middle of a frame"))
+                return
+            self.received += chunk
+            if len(self.received) < need:
+                continue
+            if self.length is None:
+                try:
+                    self.length = wire.frame_length(bytes(self.received))
+                except wire.FrameError as exc:
+                    self._end(AgentProtocolError(str(exc)))
+                    return
+                self.received = bytearray()
+                continue
+            payload, self.received, self.length = bytes(self.received), bytearray(), None
+            try:
+                finished, result = self.on_message(payload)
+            except Exception as exc:  # noqa: BLE001 - the call's outcome, handed to ``done``
+                self._end(exc)
+                return
+            if finished:
+                self._end(result)
+                return
+
+    def _end(self, outcome: Any) -> None:
+        if not self.ended:
+            self._finish()
+            if self.starting:
+                self.loop.call_soon(self._deliver, outcome)
+            else:
+                self.done(outcome)
+
+    def _deliver(self, outcome: Any) -> None:
+        if not self.aborted:
+            self.done(outcome)
+
+    def _finish(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.timer is not None:
+            self.waits.cancel(self.timer)
+        if self.writing:
+            self.loop.remove_writer(self.fd)
+        if self.reading:
+            self.waits.unwatch(self.fd, self.on_readable)
+        if self.restore_blocking:
+            try:
+                self.sock.setblocking(True)
+            except OSError:
+                pass  # closed under the call (the sandbox was closed): nothing to restore
+        self.release()
+
+
+def settle_outcome(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
