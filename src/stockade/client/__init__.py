@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from ..errors import AnswerLostError, DaemonBusyError, NotFoundError, SandboxLostError
 from .async_client import AsyncClient, AsyncRemoteSandbox
-from .processes import AsyncRemoteProcess, RemoteProcess
+from .processes import AsyncRemoteProcess
 from .requests import CodeOptions, ExecOptions, RunOptions, read_token_file
 from .retry import SAFE_TO_RESEND, Retry, call_with_retry
 from .sync_client import Client, RemoteInterpreter, RemoteSandbox
@@ -47,7 +47,6 @@ __all__ = [
     "ExecOptions",
     "NotFoundError",
     "RemoteInterpreter",
-    "RemoteProcess",
     "RemoteSandbox",
     "Retry",
     "RunOptions",

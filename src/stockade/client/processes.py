@@ -1,7 +1,8 @@
-"""Background processes of a daemon's held sandbox: ``RemoteSandbox.spawn`` → ``RemoteProcess``.
+"""Background processes of a daemon's held sandbox: ``RemoteSandbox.spawn`` → a ``Process``.
 
 The SDK's ``Process`` (runtimes/spawned.py) through the daemon's ``sandbox.spawn`` and
-``sandbox.process_*`` calls, with the same methods (awaited in ``AsyncRemoteProcess``).
+``sandbox.process_*`` calls (``DaemonProcessCalls``); ``AsyncRemoteProcess`` has the
+same methods, awaited.
 Each call takes the sandbox's turn briefly; a wait is made of calls of at most
 WAIT_SLICE_S, so that other calls on the sandbox are not held up for long.
 """
@@ -15,7 +16,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..limits import check_call_size
-from ..protocol.models import ProcessKill, ProcessRef, ProcessWait, ProcessWrite, SandboxSpawn, argv_list
+from ..protocol.models import (
+    MAX_PROCESS_WAIT_S,
+    ProcessKill,
+    ProcessRef,
+    ProcessWait,
+    ProcessWrite,
+    SandboxSpawn,
+    argv_list,
+)
 from .requests import _build, _params
 
 if TYPE_CHECKING:
@@ -67,58 +76,27 @@ class _ProcessState:
         return base64.b64decode(said["stdout"]), base64.b64decode(said["stderr"])
 
 
-class RemoteProcess(_ProcessState):
-    """A background process in a daemon's held sandbox: the SDK ``Process``'s methods."""
+class DaemonProcessCalls:
+    """The agent's ``proc_*`` calls, as the SDK's ``Process`` makes them, sent as the daemon's
+    ``sandbox.process_*``: the same fields and answers, for one held sandbox. So a process
+    in a daemon's sandbox is a ``Process`` (runtimes/spawned.py), with its methods."""
 
-    def __init__(self, client: Client, sandbox_id: str, info: dict[str, Any]) -> None:
-        super().__init__(sandbox_id, info)
-        self.client = client
+    _METHODS = {
+        "proc_read": "sandbox.process_read",
+        "proc_write": "sandbox.process_write",
+        "proc_wait": "sandbox.process_wait",
+        "proc_kill": "sandbox.process_kill",
+    }
 
-    def read(self) -> tuple[bytes, bytes]:
-        """What it wrote to stdout and stderr since the last read."""
-        return self._output(self.client.call("sandbox.process_read", self._ref(ProcessRef, "sandbox.process_read")))
+    def __init__(self, client: Client, sandbox_id: str) -> None:
+        self.client, self.sandbox_id = client, sandbox_id
 
-    def write(self, data: bytes | str, *, eof: bool = False) -> None:
-        raw = data.encode() if isinstance(data, str) else data
-        check_call_size("stdin", raw)
-        params = self._ref(ProcessWrite, "sandbox.process_write", data=base64.b64encode(raw).decode(), eof=eof)
-        self._note(self.client.call("sandbox.process_write", params))
-
-    def close_stdin(self) -> None:
-        self.write(b"", eof=True)
-
-    def poll(self) -> int | None:
-        self._note(self.client.call("sandbox.process_wait", self._ref(ProcessWait, "sandbox.process_wait")))
-        return self.exit_code
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for its end (at most ``timeout`` s); the exit code, or None while it runs."""
-        until = None if timeout is None else time.monotonic() + timeout
-        while self.exit_code is None:  # asked at least once
-            left = WAIT_SLICE_S if until is None else max(0.0, min(WAIT_SLICE_S, until - time.monotonic()))
-            params = self._ref(ProcessWait, "sandbox.process_wait", timeout=left)
-            self._note(self.client.call("sandbox.process_wait", params, left + self.client.timeout))
-            if until is not None and time.monotonic() >= until:
-                break
-        return self.exit_code
-
-    def kill(self, signal: str = "SIGTERM") -> None:
-        params = self._ref(ProcessKill, "sandbox.process_kill", signal=signal)
-        self._note(self.client.call("sandbox.process_kill", params))
-
-    def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
-        """Pass its output to ``on_output(stream, data)`` as it comes, until it ends; its exit code."""
-        while True:
-            ended = self.exit_code is not None
-            out, err = self.read()
-            for stream, data in (("stdout", out), ("stderr", err)):
-                if data:
-                    on_output(stream, data)
-            if ended:
-                assert self.exit_code is not None
-                return self.exit_code
-            if not out and not err:
-                self.wait(interval)
+    def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        name = self._METHODS[method]
+        if method == "proc_wait":
+            params = {**params, "timeout": min(float(params.get("timeout", 0.0)), MAX_PROCESS_WAIT_S)}
+        said: dict[str, Any] = self.client.call(name, {"sandbox_id": self.sandbox_id, **params}, timeout)
+        return said
 
 
 class AsyncRemoteProcess(_ProcessState):

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import NotFoundError, StockadeError
 from ..result import ExecResult
+from ..runtimes.spawned import Process
 from .answers import Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
-from .processes import RemoteProcess, spawn_params
+from .processes import DaemonProcessCalls, spawn_params
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
@@ -359,10 +360,10 @@ class RemoteSandbox(SandboxHandle):
         stdin: bytes | str = b"",
         env: dict[str, str] | None = None,
         cwd: str | None = None,
-    ) -> RemoteProcess:
-        """Start ``argv`` in the background (the SDK's ``Sandbox.spawn``): a ``RemoteProcess``."""
+    ) -> Process:
+        """Start ``argv`` in the background (the SDK's ``Sandbox.spawn``): a ``Process``."""
         info = self.client.call("sandbox.spawn", spawn_params(self.sandbox_id, argv, stdin, env, cwd))
-        return RemoteProcess(self.client, self.sandbox_id, info)
+        return Process(DaemonProcessCalls(self.client, self.sandbox_id), info["handle"], info["pid"], info["argv"])
 
     def processes(self) -> list[dict[str, Any]]:
         """Its background processes: ``{handle, pid, argv, running, exit_code}``."""

@@ -13,7 +13,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .base import AgentSandbox
+    from typing import Protocol
+
+    class ProcCalls(Protocol):
+        """What a ``Process`` talks to: an ``AgentSandbox``, or a daemon's (client/processes.py)."""
+
+        def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]: ...
+
 
 SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
 _WAIT_SLICE_S = 10.0  # one proc_wait call: the sandbox's other calls wait for it
@@ -22,7 +28,7 @@ _WAIT_SLICE_S = 10.0  # one proc_wait call: the sandbox's other calls wait for i
 class Process:
     """A handle on a background process: ``read``, ``write``, ``wait``, ``kill``, ``follow``."""
 
-    def __init__(self, sandbox: AgentSandbox, handle: str, pid: int, argv: list[str]) -> None:
+    def __init__(self, sandbox: ProcCalls, handle: str, pid: int, argv: list[str]) -> None:
         self._sandbox = sandbox
         self.handle, self.pid, self.argv = handle, pid, argv
         self.exit_code: int | None = None
