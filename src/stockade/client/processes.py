@@ -100,7 +100,7 @@ class DaemonProcessCalls:
 
 
 class AsyncRemoteProcess(_ProcessState):
-    """``RemoteProcess`` for an ``AsyncClient``: the same methods, awaited."""
+    """``Process`` (runtimes/spawned.py) for an ``AsyncClient``: the same methods, awaited."""
 
     def __init__(self, client: AsyncClient, sandbox_id: str, info: dict[str, Any]) -> None:
         super().__init__(sandbox_id, info)
