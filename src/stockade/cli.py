@@ -610,7 +610,7 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
         default=[],
         metavar="[HOST_PORT:]PORT",
         help="forward the host's loopback HOST_PORT (default: PORT; 0: any free) to PORT on the component's own "
-        "loopback (needs --network loopback; process runtime); repeatable",
+        "loopback (needs --network loopback); repeatable",
     )
     policy_flags(start, "start", one_run=False)  # a component runs until stopped, supervised here
     start.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")

@@ -8,6 +8,14 @@ host wrote, in every loop it waits in (``fds``/``service``).
 
 Each process has its own process group (``proc_kill`` signals the group) and
 runs under the run's rlimits. At most MAX_SPAWNED live at once.
+
+A *tunnel* (``tunnel_open``) is the same for a TCP connection the agent makes
+to a port on the isolate's own loopback: its "stdout" is what the port sends,
+its "stdin" what the host writes, and it "ends" when the port closes its side.
+The host relays a published port through it where it cannot join the
+isolate's network namespace itself (gVisor, a microVM: runtimes/publish.py).
+Nothing of a tunnel's stream is dropped: past OUTPUT_BUFFER unread bytes the
+agent stops reading the socket until the host catches up.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ from . import wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from typing import Any
+else:  # the C module: socket.py imports enum (slow under gVisor)
+    import _socket as socket
 
 OUTPUT_BUFFER = 1 << 20  # per stream and process, until the host reads it
 STDIN_BUFFER = 4 << 20  # written by the host, not yet taken by the process
@@ -42,6 +53,7 @@ class Spawned:
         self.status: int | None = None
         self.started = time.monotonic()
         self.end_told = False  # the host has been told that it ended (then it may be forgotten)
+        self.tunnel = False  # a TCP connection inside, not a process (tunnel_open)
 
     def summary(self) -> dict[str, Any]:
         """What the host is told of it (its end, once, marks it as seen)."""
@@ -144,12 +156,41 @@ class Processes:
                 return proc.summary()
             self.wait_a_little(min(0.05, max(0.0, until - time.monotonic())))
 
+    def tunnel_open(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Connect to ``port`` on this isolate's loopback; a handle for proc_read/proc_write/proc_kill."""
+        port = params.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise wire.RPCError(wire.INVALID_PARAMS, "port must be 1-65535")
+        self._forget_ended()
+        if len(self._spawned) >= MAX_SPAWNED:
+            raise wire.RPCError(wire.INVALID_PARAMS, f"at most {MAX_SPAWNED} background processes and tunnels")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5.0)
+            sock.connect(("127.0.0.1", port))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise wire.RPCError(
+                wire.INVALID_PARAMS, f"nothing answers on port {port} inside: {os.strerror(exc.errno or 0)}"
+            ) from None
+        read_fd = sock.detach()  # raw descriptors from here: closed by this module, never by a finaliser
+        self._spawn_count += 1
+        handle = f"p{self._spawn_count}"
+        proc = Spawned(handle, 0, ["tcp", f"127.0.0.1:{port}"], read_fd, -1, os.dup(read_fd))
+        del proc.fds[-1]
+        proc.tunnel = True
+        self._spawned[handle] = proc
+        return {"handle": handle, "pid": 0}
+
     def proc_kill(self, params: dict[str, Any]) -> dict[str, Any]:
         proc = self._process(params)
         name = params.get("signal", "SIGTERM")
         if name not in _SIGNALS:
             raise wire.RPCError(wire.INVALID_PARAMS, f"signal must be one of {', '.join(_SIGNALS)}")
-        if proc.status is None:
+        if proc.tunnel:
+            _close_tunnel(proc)  # a connection has no process to signal: it is closed
+        elif proc.status is None:
             for target in (-proc.pid, proc.pid):
                 try:
                     os.kill(target, _SIGNALS[name])
@@ -164,8 +205,14 @@ class Processes:
     # ---- the loops' share ------------------------------------------------------------------
 
     def spawned_fds(self) -> tuple[list[int], list[int]]:
-        """The descriptors to watch for spawned processes: (to read, to write)."""
-        reading = [fd for p in self._spawned.values() for fd in p.fds]
+        """The descriptors to watch for spawned processes: (to read, to write). A tunnel whose
+        reader is behind is not read until it catches up (its stream must stay whole)."""
+        reading = [
+            fd
+            for p in self._spawned.values()
+            if not (p.tunnel and len(p.output["stdout"]) >= OUTPUT_BUFFER)
+            for fd in p.fds
+        ]
         writing = [
             p.stdin_fd for p in self._spawned.values() if p.stdin_left and p.stdin_fd is not None and p.stdin_fd >= 0
         ]
@@ -198,15 +245,19 @@ class Processes:
     def _reap_spawned(self) -> None:
         self._reap()  # what SIGCHLD said while this call had the agent (its wake-up pipe waits unread)
         for proc in self._spawned.values():
-            if proc.status is None and proc.pid in self.exited:
+            if proc.tunnel:
+                if proc.status is None and not proc.fds:
+                    proc.status = 0  # the port closed its side
+            elif proc.status is None and proc.pid in self.exited:
                 proc.status = self.exited.pop(proc.pid)
                 self._watched.discard(proc.pid)
                 self._drain(proc)
 
     def _drain(self, proc: Spawned) -> None:
         for fd in list(proc.fds):
-            while fd in proc.fds and _read(proc, fd):
-                pass
+            while fd in proc.fds and not (proc.tunnel and len(proc.output["stdout"]) >= OUTPUT_BUFFER):
+                if not _read(proc, fd):
+                    break
 
     def _forget_ended(self) -> None:
         """Ended processes whose output was all read go (their handles with them)."""
@@ -233,7 +284,7 @@ def _read(proc: Spawned, fd: int) -> bool:
     stream = proc.fds[fd]
     buffer = proc.output[stream]
     buffer += chunk
-    if len(buffer) > OUTPUT_BUFFER:
+    if len(buffer) > OUTPUT_BUFFER and not proc.tunnel:
         extra = len(buffer) - OUTPUT_BUFFER
         del buffer[:extra]  # the oldest goes: a process nobody reads must not grow the agent
         proc.dropped[stream] += extra
@@ -252,5 +303,29 @@ def _feed(proc: Spawned) -> None:
     except OSError:
         proc.stdin_left.clear()  # it closed its input
     if not proc.stdin_left and proc.close_stdin_when_done:
+        if proc.tunnel:
+            _shutdown_write(fd)  # the other descriptor still reads: the port must see the end
         os.close(fd)
         proc.stdin_fd = None
+
+
+def _shutdown_write(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+def _close_tunnel(proc: Spawned) -> None:
+    for fd in list(proc.fds):
+        os.close(fd)
+    proc.fds.clear()
+    if proc.stdin_fd is not None and proc.stdin_fd >= 0:
+        os.close(proc.stdin_fd)
+    proc.stdin_fd = None
+    proc.stdin_left.clear()
+    if proc.status is None:
+        proc.status = 0

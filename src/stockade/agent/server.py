@@ -87,6 +87,7 @@ class Agent(Interpreters, Processes):
             "proc_wait": self.proc_wait,
             "proc_kill": self.proc_kill,
             "proc_list": self.proc_list,
+            "tunnel_open": self.tunnel_open,
         }
 
     # ---- the loop --------------------------------------------------------------

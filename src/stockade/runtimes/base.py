@@ -42,7 +42,7 @@ from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationRe
 from .agent_requests import code_request, exec_params, job_limits
 from .cells import cell_fields
 from .loop_call import LoopCall, decode_message, loop_tools, settle_outcome
-from .publish import Forwarder, parse_publish
+from .publish import AgentRelay, Forwarder, parse_publish
 from .spawned import Process
 from .verdict import CallbackGuard, OutputCallback, PendingRun, Verdict, b64_field, read_verdict
 from .violations import ViolationLog, ViolationReport
@@ -126,7 +126,7 @@ class AgentSandbox(abc.ABC):
         self._loop_call: LoopCall | None = None  # the run in progress on an event loop
         self._running = ""  # the method of the request in flight (or last sent)
         self._interrupt_sent = False  # that request was interrupted already
-        self.forwarders: list[Forwarder] = []  # published ports, closed with the isolate
+        self.forwarders: list[Forwarder | AgentRelay] = []  # published ports, closed with the isolate
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
         self._kill_reason: TerminationReason | None = None
@@ -253,8 +253,10 @@ class AgentSandbox(abc.ABC):
         self.forwarders.append(forwarder)
         return forwarder.address
 
-    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder:
-        raise SandboxError(f"publishing ports is not available on the {self.runtime_name} runtime yet (process only)")
+    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder | AgentRelay:
+        # The isolate's loopback is out of a host thread's reach (gVisor's netstack, a guest
+        # kernel): relayed through the agent. The process runtime joins it instead.
+        return AgentRelay(self, address, host_port, port)
 
     def processes(self) -> list[dict[str, Any]]:
         """The background processes the agent holds: ``{handle, pid, argv, running, exit_code}``."""

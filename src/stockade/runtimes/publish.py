@@ -1,23 +1,39 @@
 """Published ports: a host loopback port forwarded to a port on an isolate's own loopback.
 
-The forwarder lives on the host side of the isolate's network namespace. For
-each connection it accepts, a short-lived thread joins the isolate's network
-namespace (``setns`` on the isolate's pidfd: the namespace of that thread
-only, which ends with it), connects to ``127.0.0.1:PORT`` there, and leaves;
-the two sockets are then relayed. Nothing else of the isolate is reachable:
-one port, on its loopback, from a host loopback address.
+Two forwarders, one listener each on the host's loopback:
+
+- ``Forwarder`` (the process runtime) lives on the host side of the
+  isolate's network namespace. For each connection it accepts, a short-lived
+  thread joins the isolate's network namespace (``setns`` on the isolate's
+  pidfd: the namespace of that thread only, which ends with it), connects to
+  ``127.0.0.1:PORT`` there, and leaves; the two sockets are then relayed.
+- ``AgentRelay`` (gVisor, a microVM: their loopback is in gVisor's netstack
+  or the guest's kernel, which no host thread can join) has the agent connect
+  to the port (``tunnel_open``) and relays through the agent's calls,
+  polling (each call takes the sandbox's turn: a long ``exec`` on the same
+  sandbox holds the relay up until it ends).
+
+Nothing else of the isolate is reachable: one port, on its loopback, from a
+host loopback address.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import ipaddress
 import logging
 import os
 import socket
 import threading
+import time
+from typing import TYPE_CHECKING
 
 from ..agent import linux
-from ..errors import InvalidRequestError, SandboxError
+from ..errors import AgentError, InvalidRequestError, SandboxError
+
+if TYPE_CHECKING:
+    from .spawned import ProcCalls
 
 log = logging.getLogger("stockade.publish")
 _CHUNK = 65536
@@ -138,6 +154,90 @@ class Forwarder:
             self._open.difference_update((client, inner))
         client.close()
         inner.close()
+
+
+class AgentRelay:
+    """One published port relayed through the isolate's agent (module docstring)."""
+
+    POLL_MIN_S, POLL_MAX_S = 0.002, 0.05  # how often an idle connection asks the agent for more
+
+    def __init__(self, sandbox: ProcCalls, address: str, host_port: int, port: int) -> None:
+        self.sandbox, self.port = sandbox, port
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.listener = socket.create_server((address, host_port), family=family)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name=f"stockade-relay-{port}", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()  # each connection's relay sees it within one poll and ends
+        _shut(self.listener)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                _shut(client)
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        handle = None
+        try:
+            handle = self.sandbox.proc_call("tunnel_open", {"port": self.port})["handle"]
+            upstream = threading.Thread(target=self._upstream, args=(client, handle), daemon=True)
+            upstream.start()
+            self._downstream(client, handle)
+            upstream.join(30)
+        except Exception as exc:  # noqa: BLE001 - nothing listens, the sandbox closed: this connection ends
+            log.info("published port %s (relayed): %s", self.port, exc)
+        finally:
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    self.sandbox.proc_call("proc_kill", {"handle": handle})
+            _shut(client)
+            self._slots.release()
+
+    def _upstream(self, client: socket.socket, handle: str) -> None:
+        """What the host's client sends, written to the port inside (then its end)."""
+        try:
+            while not self._closed.is_set() and (data := client.recv(_CHUNK)):
+                self._write(handle, data, eof=False)
+            self._write(handle, b"", eof=True)
+        except Exception:  # noqa: BLE001, S110 - the other direction ends the connection
+            pass
+
+    def _write(self, handle: str, data: bytes, eof: bool) -> None:
+        params = {"handle": handle, "data": base64.b64encode(data).decode(), "eof": eof}
+        while not self._closed.is_set():
+            try:
+                self.sandbox.proc_call("proc_write", params)
+                return
+            except AgentError as exc:
+                if "has not read its input" not in str(exc):
+                    raise
+                time.sleep(self.POLL_MAX_S)  # the port inside is behind: wait for it
+
+    def _downstream(self, client: socket.socket, handle: str) -> None:
+        """What the port inside sends, to the host's client, until the port closes its side."""
+        idle = self.POLL_MIN_S
+        while not self._closed.is_set():
+            said = self.sandbox.proc_call("proc_read", {"handle": handle})
+            data = base64.b64decode(said.get("stdout") or "")
+            if data:
+                client.sendall(data)
+                idle = self.POLL_MIN_S
+            elif said.get("running") is False:
+                with contextlib.suppress(OSError):
+                    client.shutdown(socket.SHUT_WR)
+                return
+            else:
+                self._closed.wait(idle)
+                idle = min(idle * 2, self.POLL_MAX_S)
 
 
 def connect_inside(pidfd: int, port: int, timeout: float = 10.0) -> socket.socket:
