@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import struct
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -151,3 +153,56 @@ def test_a_published_port_relays_both_ways_whole_on_every_runtime(runtime: str, 
                 got += chunk
         assert bytes(got) == payload[::-1]
         server.kill("SIGKILL")
+
+
+IDLE_SERVER = """
+import socket, time
+server = socket.create_server(("127.0.0.1", 7100))
+print("listening", flush=True)
+held = []
+while True:
+    conn, _ = server.accept()
+    held.append(conn)  # accepted, never answered
+"""
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_clients_that_go_away_leave_nothing_behind_and_close_ends_the_rest(
+    runtime: str, manager: RuntimeManager
+) -> None:
+    """Clients that reset or drop their connections mid-way leave no tunnel in the agent and no
+    thread on the host; closing the sandbox ends the connections still open at once."""
+    require(runtime)
+    policy = Policy(runtime=runtime, network_policy="loopback", timeout_seconds=60)
+    sb = Sandbox(policy, manager=manager, publish=[7100])
+    try:
+        server = sb.spawn(["python3", "-c", IDLE_SERVER])
+        deadline = time.monotonic() + 60
+        while b"listening" not in server.read()[0]:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        address = sb.published[7100]
+        threads_before = threading.active_count()
+        for _ in range(12):
+            conn = socket.create_connection(address, timeout=30)
+            conn.sendall(b"half a request")
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # a reset
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            tunnels = [p for p in sb.processes() if p["argv"][0] == "tcp"]
+            if not tunnels and threading.active_count() <= threads_before:
+                break
+            time.sleep(0.2)
+        assert [p for p in sb.processes() if p["argv"][0] == "tcp"] == []
+        assert threading.active_count() <= threads_before
+        waiting = socket.create_connection(address, timeout=30)
+        time.sleep(0.5)  # it is relayed (or being set up) when the sandbox closes
+    finally:
+        sb.close()
+    waiting.settimeout(20)
+    with waiting:
+        try:
+            assert waiting.recv(1) == b""  # ended by the close, not left hanging
+        except ConnectionResetError:
+            pass

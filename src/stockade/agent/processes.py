@@ -35,6 +35,7 @@ else:  # the C module: socket.py imports enum (slow under gVisor)
 OUTPUT_BUFFER = 1 << 20  # per stream and process, until the host reads it
 STDIN_BUFFER = 4 << 20  # written by the host, not yet taken by the process
 MAX_SPAWNED = 64
+MAX_TUNNELS = 64  # connections to the isolate's ports, counted apart from its processes
 MAX_WAIT_S = 600.0
 _SIGNALS = {"SIGTERM": 15, "SIGKILL": 9, "SIGINT": 2, "SIGHUP": 1, "SIGUSR1": 10, "SIGUSR2": 12}
 
@@ -54,6 +55,7 @@ class Spawned:
         self.started = time.monotonic()
         self.end_told = False  # the host has been told that it ended (then it may be forgotten)
         self.tunnel = False  # a TCP connection inside, not a process (tunnel_open)
+        self.closed_by_host = False  # a tunnel the host closed (proc_kill): then it is forgotten
 
     def summary(self) -> dict[str, Any]:
         """What the host is told of it (its end, once, marks it as seen)."""
@@ -87,7 +89,7 @@ class Processes:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise wire.RPCError(wire.INVALID_PARAMS, "argv must be a non-empty list of strings")
         self._forget_ended()
-        if len(self._spawned) >= MAX_SPAWNED:
+        if sum(not p.tunnel for p in self._spawned.values()) >= MAX_SPAWNED:
             raise wire.RPCError(
                 wire.INVALID_PARAMS, f"at most {MAX_SPAWNED} background processes: wait for or kill one"
             )
@@ -162,22 +164,24 @@ class Processes:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise wire.RPCError(wire.INVALID_PARAMS, "port must be 1-65535")
         self._forget_ended()
-        if len(self._spawned) >= MAX_SPAWNED:
-            raise wire.RPCError(wire.INVALID_PARAMS, f"at most {MAX_SPAWNED} background processes and tunnels")
+        if sum(p.tunnel for p in self._spawned.values()) >= MAX_TUNNELS:
+            raise wire.RPCError(wire.INVALID_PARAMS, f"at most {MAX_TUNNELS} connections to published ports at once")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.settimeout(5.0)
+            # Short: the agent serves one call at a time, and a port on loopback answers at once
+            # or never (a server that does not accept): nobody else may wait long behind it.
+            sock.settimeout(0.5)
             sock.connect(("127.0.0.1", port))
             sock.setblocking(False)
+            read_fd = sock.detach()  # raw descriptors from here: closed by this module, never by a finaliser
+            write_fd = os.dup(read_fd)
         except OSError as exc:
             sock.close()
-            raise wire.RPCError(
-                wire.INVALID_PARAMS, f"nothing answers on port {port} inside: {os.strerror(exc.errno or 0)}"
-            ) from None
-        read_fd = sock.detach()  # raw descriptors from here: closed by this module, never by a finaliser
+            why = os.strerror(exc.errno) if exc.errno else "it does not accept"
+            raise wire.RPCError(wire.INVALID_PARAMS, f"nothing answers on port {port} inside: {why}") from None
         self._spawn_count += 1
         handle = f"p{self._spawn_count}"
-        proc = Spawned(handle, 0, ["tcp", f"127.0.0.1:{port}"], read_fd, -1, os.dup(read_fd))
+        proc = Spawned(handle, 0, ["tcp", f"127.0.0.1:{port}"], read_fd, -1, write_fd)
         del proc.fds[-1]
         proc.tunnel = True
         self._spawned[handle] = proc
@@ -200,7 +204,7 @@ class Processes:
 
     def proc_list(self, params: dict[str, Any]) -> dict[str, Any]:
         self._reap_spawned()
-        return {"processes": [p.summary() for p in self._spawned.values()]}
+        return {"processes": [p.summary() for p in self._spawned.values() if not p.closed_by_host]}
 
     # ---- the loops' share ------------------------------------------------------------------
 
@@ -263,6 +267,10 @@ class Processes:
         """Ended processes whose output was all read go (their handles with them)."""
         self._reap_spawned()
         for handle, proc in list(self._spawned.items()):
+            if proc.tunnel:
+                if proc.closed_by_host:
+                    del self._spawned[handle]  # a tunnel is the host's until it closes it
+                continue
             if proc.status is not None and proc.end_told and not proc.fds and not any(proc.output.values()):
                 if proc.stdin_fd is not None and proc.stdin_fd >= 0:
                     os.close(proc.stdin_fd)
@@ -320,6 +328,9 @@ def _shutdown_write(fd: int) -> None:
 
 
 def _close_tunnel(proc: Spawned) -> None:
+    proc.closed_by_host = True
+    for stream in ("stdout", "stderr"):
+        proc.output[stream].clear()  # nobody reads a closed tunnel
     for fd in list(proc.fds):
         os.close(fd)
     proc.fds.clear()

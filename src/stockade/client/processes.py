@@ -95,7 +95,9 @@ class DaemonProcessCalls:
         name = self._METHODS[method]
         if method == "proc_wait":
             params = {**params, "timeout": min(float(params.get("timeout", 0.0)), MAX_PROCESS_WAIT_S)}
-        said: dict[str, Any] = self.client.call(name, {"sandbox_id": self.sandbox_id, **params}, timeout)
+        # The Process's timeout assumes an agent's 30 s per call; the daemon's client has its own.
+        wait = timeout - 30.0 + self.client.timeout if method == "proc_wait" else self.client.timeout
+        said: dict[str, Any] = self.client.call(name, {"sandbox_id": self.sandbox_id, **params}, wait)
         return said
 
 

@@ -26,8 +26,8 @@ import logging
 import os
 import socket
 import threading
-import time
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from ..agent import linux
 from ..errors import AgentError, InvalidRequestError, SandboxError
@@ -162,17 +162,32 @@ class AgentRelay:
     POLL_MIN_S, POLL_MAX_S = 0.002, 0.05  # how often an idle connection asks the agent for more
 
     def __init__(self, sandbox: ProcCalls, address: str, host_port: int, port: int) -> None:
-        self.sandbox, self.port = sandbox, port
+        # Weakly: the relay's threads must not keep a forgotten sandbox (and its isolate) alive;
+        # its finaliser closes the sandbox, and with it this relay.
+        self._sandbox = weakref.ref(sandbox)
+        self.port = port
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.listener = socket.create_server((address, host_port), family=family)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
         threading.Thread(target=self._accept, name=f"stockade-relay-{port}", daemon=True).start()
 
     def close(self) -> None:
-        self._closed.set()  # each connection's relay sees it within one poll and ends
+        self._closed.set()
         _shut(self.listener)
+        with self._lock:
+            clients, self._open = list(self._open), set()
+        for client in clients:
+            _shut(client)  # their relays end at once, not after their client's next byte
+
+    def _call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        sandbox = self._sandbox()
+        if sandbox is None or self._closed.is_set():
+            raise SandboxError("the sandbox of this published port is closed")
+        return sandbox.proc_call(method, params)
 
     def _accept(self) -> None:
         while True:
@@ -183,50 +198,60 @@ class AgentRelay:
             if not self._slots.acquire(blocking=False):
                 _shut(client)
                 continue
+            with self._lock:
+                if self._closed.is_set():
+                    _shut(client)
+                    self._slots.release()
+                    return
+                self._open.add(client)
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         handle = None
+        gone = threading.Event()  # either side ended abnormally: the whole connection goes
         try:
-            handle = self.sandbox.proc_call("tunnel_open", {"port": self.port})["handle"]
-            upstream = threading.Thread(target=self._upstream, args=(client, handle), daemon=True)
+            handle = self._call("tunnel_open", {"port": self.port})["handle"]
+            upstream = threading.Thread(target=self._upstream, args=(client, handle, gone), daemon=True)
             upstream.start()
-            self._downstream(client, handle)
-            upstream.join(30)
+            self._downstream(client, handle, gone)
+            upstream.join(30)  # the client finishes its side (a half-closed HTTP exchange: at once)
         except Exception as exc:  # noqa: BLE001 - nothing listens, the sandbox closed: this connection ends
             log.info("published port %s (relayed): %s", self.port, exc)
         finally:
+            gone.set()
             if handle is not None:
                 with contextlib.suppress(Exception):
-                    self.sandbox.proc_call("proc_kill", {"handle": handle})
+                    self._call("proc_kill", {"handle": handle})
+            with self._lock:
+                self._open.discard(client)
             _shut(client)
             self._slots.release()
 
-    def _upstream(self, client: socket.socket, handle: str) -> None:
+    def _upstream(self, client: socket.socket, handle: str, gone: threading.Event) -> None:
         """What the host's client sends, written to the port inside (then its end)."""
         try:
-            while not self._closed.is_set() and (data := client.recv(_CHUNK)):
-                self._write(handle, data, eof=False)
-            self._write(handle, b"", eof=True)
-        except Exception:  # noqa: BLE001, S110 - the other direction ends the connection
-            pass
+            while not gone.is_set() and (data := client.recv(_CHUNK)):
+                self._write(handle, data, eof=False, gone=gone)
+            self._write(handle, b"", eof=True, gone=gone)
+        except Exception:  # noqa: BLE001 - a reset client, a closed sandbox: the connection goes
+            gone.set()
 
-    def _write(self, handle: str, data: bytes, eof: bool) -> None:
+    def _write(self, handle: str, data: bytes, eof: bool, gone: threading.Event) -> None:
         params = {"handle": handle, "data": base64.b64encode(data).decode(), "eof": eof}
-        while not self._closed.is_set():
+        while not gone.is_set():
             try:
-                self.sandbox.proc_call("proc_write", params)
+                self._call("proc_write", params)
                 return
             except AgentError as exc:
                 if "has not read its input" not in str(exc):
                     raise
-                time.sleep(self.POLL_MAX_S)  # the port inside is behind: wait for it
+                gone.wait(self.POLL_MAX_S)  # the port inside is behind: wait for it
 
-    def _downstream(self, client: socket.socket, handle: str) -> None:
+    def _downstream(self, client: socket.socket, handle: str, gone: threading.Event) -> None:
         """What the port inside sends, to the host's client, until the port closes its side."""
         idle = self.POLL_MIN_S
-        while not self._closed.is_set():
-            said = self.sandbox.proc_call("proc_read", {"handle": handle})
+        while not gone.is_set():
+            said = self._call("proc_read", {"handle": handle})
             data = base64.b64decode(said.get("stdout") or "")
             if data:
                 client.sendall(data)
@@ -236,7 +261,7 @@ class AgentRelay:
                     client.shutdown(socket.SHUT_WR)
                 return
             else:
-                self._closed.wait(idle)
+                gone.wait(idle)
                 idle = min(idle * 2, self.POLL_MAX_S)
 
 

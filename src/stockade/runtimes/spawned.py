@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..limits import check_call_size
+
 if TYPE_CHECKING:
     from typing import Protocol
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
 _WAIT_SLICE_S = 10.0  # one proc_wait call: the sandbox's other calls wait for it
+_SHARED_SLICE_S = 0.2  # the same while published ports are relayed through the agent
 
 
 class Process:
@@ -49,6 +52,7 @@ class Process:
     def write(self, data: bytes | str, *, eof: bool = False) -> None:
         """Give the process input (``eof``: then close its stdin)."""
         raw = data.encode() if isinstance(data, str) else data
+        check_call_size("stdin", raw)
         self._sandbox.proc_call(
             "proc_write", {"handle": self.handle, "data": base64.b64encode(raw).decode(), "eof": eof}
         )
@@ -64,11 +68,17 @@ class Process:
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the end (at most ``timeout`` s); the exit code, or None if it still runs."""
         until = None if timeout is None else time.monotonic() + timeout
+        # A published port relayed through the agent (gVisor, microVM) needs the sandbox's turn
+        # between slices: short ones then, and a pause that lets its threads take it.
+        relayed = bool(getattr(self._sandbox, "forwarders", None))
+        slice_s = _SHARED_SLICE_S if relayed else _WAIT_SLICE_S
         while self.exit_code is None:  # asked at least once, whatever the timeout
-            left = _WAIT_SLICE_S if until is None else max(0.0, min(_WAIT_SLICE_S, until - time.monotonic()))
+            left = slice_s if until is None else max(0.0, min(slice_s, until - time.monotonic()))
             self._note(self._sandbox.proc_call("proc_wait", {"handle": self.handle, "timeout": left}, left + 30))
             if until is not None and time.monotonic() >= until:
                 break
+            if relayed:
+                time.sleep(0.005)
         return self.exit_code
 
     def kill(self, signal: str = "SIGTERM") -> None:
