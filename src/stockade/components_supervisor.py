@@ -399,7 +399,7 @@ class Supervisor:
             policy = Policy.build(**self.spec["policy"])
             return self._loop(policy, manager)
         except _Stop:
-            state.status, state.error = "stopped", None
+            state.status, state.error, state.published = "stopped", None, {}
             self.store.save(state)
             return 0
         except LaunchError as exc:
@@ -432,6 +432,7 @@ class Supervisor:
             restart = restart_policy == "always" or (restart_policy == "on-failure" and outcome.failed)
             if not restart:
                 state.status = "failed" if outcome.failed else "stopped"
+                state.published = {}
                 self.store.save(state)
                 return 0
             if max_restarts is not None and streak >= max_restarts:
@@ -459,6 +460,9 @@ class Supervisor:
             for spec in self.spec.get("publish", []):
                 host, host_port = sandbox.publish(spec)
                 published[str(parse_publish(spec)[2])] = f"{host}:{host_port}"
+        except StockadeError as exc:  # e.g. the host port was taken meanwhile: a failed run, restarted as any
+            sandbox.close()
+            return _Outcome(None, f"cannot publish: {exc}", time.monotonic() - began)
         except BaseException:
             sandbox.close()
             raise
