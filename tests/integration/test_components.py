@@ -350,14 +350,25 @@ def test_exec_and_attach_on_other_runtimes(runtime: str, any_cli: Cli, tmp_path:
     started = any_cli("start", "--name", "other", "--runtime", runtime, "--stdin", "--", "sh", "-c", server)
     assert started.returncode == 0, started.stderr
     assert _status(any_cli, "other")["runtime"] == runtime
-    _wait(lambda: any_cli("exec", "other", "--", "cat", "/tmp/shared").stdout == "shared\n", timeout=60)
-    assert any_cli("exec", "other", "--", "sh", "-c", "exit 4").returncode == 4
+    _wait(lambda: any_cli("exec", "other", "--", "cat", "/tmp/shared").stdout == "shared\n", timeout=180)
+    four = any_cli("exec", "other", "--", "sh", "-c", "exit 4")
+    assert four.returncode == 4, (
+        f"{four.stderr}; {_status(any_cli, 'other')}; {any_cli('logs', 'other').stdout[-2000:]!r}"
+    )
     client = _client(tmp_path, "attach", "other", stdin=subprocess.PIPE)
     try:
         assert client.stdin is not None
         client.stdin.write(b"ping\n")
         client.stdin.flush()
-        assert _read_until(client, b"\n", timeout=60) == b"got ping\n"
+        try:
+            answer = _read_until(client, b"\n", timeout=60)
+        except AssertionError:
+            _end(client)
+            raise AssertionError(
+                f"attach said: {client.stderr.read() if client.stderr else b''!r}; "
+                f"the component: {_status(any_cli, 'other')}; its log: {any_cli('logs', 'other').stdout[-2000:]!r}"
+            ) from None
+        assert answer == b"got ping\n"
         client.stdin.close()
         assert client.wait(timeout=60) == 0
     finally:
