@@ -238,7 +238,10 @@ class Agent(Interpreters, Processes):
         entries: list[dict[str, Any]] = []
         with os.scandir(path) as it:
             for entry in it:
-                st = entry.stat(follow_symlinks=False)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since the directory was read (code runs beside this call)
                 kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
                 entries.append({"name": entry.name, "type": kind, "size": st.st_size})
         entries.sort(key=lambda e: str(e["name"]))
