@@ -68,44 +68,31 @@ def parse_publish(spec: int | str) -> tuple[str, int, int]:
     return address, host_port, port
 
 
-class Forwarder:
-    """One published port: a listener on the host's loopback, relayed into the isolate."""
+class _PublishedPort:
+    """What both forwarders share: a listener on the host's loopback whose connections (at most
+    MAX_CONNECTIONS relayed at once: a flood gets no threads) are each served by ``_serve`` in a
+    thread of its own; ``close`` ends the listener and every connection still open."""
 
-    def __init__(self, pidfd: int, address: str, host_port: int, port: int) -> None:
-        # A descriptor of its own: the isolate's is closed when the isolate is released, and a
-        # connection still being set up must never setns() through a number reused since.
-        self.pidfd, self.port = os.dup(pidfd), port
+    def __init__(self, address: str, host_port: int, port: int, name: str) -> None:
+        self.port = port
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        try:
-            self.listener = socket.create_server((address, host_port), family=family)
-        except OSError:
-            os.close(self.pidfd)
-            raise
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._busy = 0
+        self.listener = socket.create_server((address, host_port), family=family)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
-        self._open: set[socket.socket] = set()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, name=f"stockade-publish-{port}", daemon=True).start()
+        self._open: set[socket.socket] = set()
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name=f"{name}-{port}", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
-            if self._closed:
+            if self._closed.is_set():
                 return
-            self._closed = True
+            self._closed.set()
             sockets, self._open = list(self._open), set()
         _shut(self.listener)
         for sock in sockets:
-            _shut(sock)
-        self._maybe_release()
-
-    def _maybe_release(self) -> None:
-        """The pidfd goes once the forward is closed and no connection is being set up."""
-        with self._lock:
-            if self._closed and self._busy == 0 and self.pidfd >= 0:
-                os.close(self.pidfd)
-                self.pidfd = -1
+            _shut(sock)  # their relays end at once, not after their client's next byte
 
     def _accept(self) -> None:
         while True:
@@ -114,7 +101,7 @@ class Forwarder:
             except OSError:
                 return  # closed
             if not self._slots.acquire(blocking=False):
-                _shut(client)  # MAX_CONNECTIONS already relayed: a flood gets no threads
+                _shut(client)
                 continue
             threading.Thread(target=self._serve_one, args=(client,), daemon=True).start()
 
@@ -124,9 +111,50 @@ class Forwarder:
         finally:
             self._slots.release()
 
+    def _keep(self, *sockets: socket.socket) -> bool:
+        """Track ``sockets`` for ``close``; False (nothing tracked) once the port is closed."""
+        with self._lock:
+            if self._closed.is_set():
+                return False
+            self._open.update(sockets)
+            return True
+
+    def _forget(self, *sockets: socket.socket) -> None:
+        with self._lock:
+            self._open.difference_update(sockets)
+
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class Forwarder(_PublishedPort):
+    """One published port of a process isolate: each connection relayed into its network namespace."""
+
+    def __init__(self, pidfd: int, address: str, host_port: int, port: int) -> None:
+        # A descriptor of its own: the isolate's is closed when the isolate is released, and a
+        # connection still being set up must never setns() through a number reused since.
+        self.pidfd = os.dup(pidfd)
+        self._busy = 0  # connections being set up (joining the namespace through the pidfd)
+        try:
+            super().__init__(address, host_port, port, "stockade-publish")
+        except OSError:
+            os.close(self.pidfd)
+            raise
+
+    def close(self) -> None:
+        super().close()
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        """The pidfd goes once the forward is closed and no connection is being set up."""
+        with self._lock:
+            if self._closed.is_set() and self._busy == 0 and self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
+
     def _serve(self, client: socket.socket) -> None:
         with self._lock:
-            if self._closed:
+            if self._closed.is_set():
                 _shut(client)
                 return
             self._busy += 1
@@ -140,23 +168,20 @@ class Forwarder:
             with self._lock:
                 self._busy -= 1
             self._maybe_release()
-        with self._lock:
-            if self._closed:
-                _shut(client)
-                _shut(inner)
-                return
-            self._open.update((client, inner))
+        if not self._keep(client, inner):
+            _shut(client)
+            _shut(inner)
+            return
         back = threading.Thread(target=_relay, args=(inner, client), daemon=True)
         back.start()
         _relay(client, inner)
         back.join()
-        with self._lock:
-            self._open.difference_update((client, inner))
+        self._forget(client, inner)
         client.close()
         inner.close()
 
 
-class AgentRelay:
+class AgentRelay(_PublishedPort):
     """One published port relayed through the isolate's agent (module docstring)."""
 
     POLL_MIN_S, POLL_MAX_S = 0.002, 0.05  # how often an idle connection asks the agent for more
@@ -165,23 +190,7 @@ class AgentRelay:
         # Weakly: the relay's threads must not keep a forgotten sandbox (and its isolate) alive;
         # its finaliser closes the sandbox, and with it this relay.
         self._sandbox = weakref.ref(sandbox)
-        self.port = port
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self.listener = socket.create_server((address, host_port), family=family)
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        threading.Thread(target=self._accept, name=f"stockade-relay-{port}", daemon=True).start()
-
-    def close(self) -> None:
-        self._closed.set()
-        _shut(self.listener)
-        with self._lock:
-            clients, self._open = list(self._open), set()
-        for client in clients:
-            _shut(client)  # their relays end at once, not after their client's next byte
+        super().__init__(address, host_port, port, "stockade-relay")
 
     def _call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         sandbox = self._sandbox()
@@ -189,24 +198,10 @@ class AgentRelay:
             raise SandboxError("the sandbox of this published port is closed")
         return sandbox.proc_call(method, params)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self._slots.acquire(blocking=False):
-                _shut(client)
-                continue
-            with self._lock:
-                if self._closed.is_set():
-                    _shut(client)
-                    self._slots.release()
-                    return
-                self._open.add(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
     def _serve(self, client: socket.socket) -> None:
+        if not self._keep(client):
+            _shut(client)
+            return
         handle = None
         gone = threading.Event()  # either side ended abnormally: the whole connection goes
         try:
@@ -222,10 +217,8 @@ class AgentRelay:
             if handle is not None:
                 with contextlib.suppress(Exception):
                     self._call("proc_kill", {"handle": handle})
-            with self._lock:
-                self._open.discard(client)
+            self._forget(client)
             _shut(client)
-            self._slots.release()
 
     def _upstream(self, client: socket.socket, handle: str, gone: threading.Event) -> None:
         """What the host's client sends, written to the port inside (then its end)."""
