@@ -70,18 +70,10 @@ def start(env: dict[str, str], cwd: str, limits: dict[str, Any], forget: Callabl
     if pid == 0:
         try:
             forget()
-            null = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(null, 0)  # a cell has no input: input() raises EOFError
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            os.dup2(cmd_r, 3, inheritable=False)  # the cell's children must not read cells or forge replies
-            os.dup2(reply_w, 4, inheritable=False)
-            os.closerange(5, 1 << 16)
-            os.setpgid(0, 0)
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # No input (input() raises EOFError); 3 and 4 not inherited: what a cell starts must
+            # not read the next cells or forge replies.
+            runner.settle_child(os.open("/dev/null", os.O_RDONLY), out_w, err_w, cmd_r, reply_w)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            runner.install_stdio()
             runner.apply_rlimits(limits)
             os.chdir(cwd)
             os.environ.clear()

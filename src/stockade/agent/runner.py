@@ -228,16 +228,7 @@ def _main(in_r: int, out_w: int, err_w: int, job_r: int, report_w: int, warm: bo
     """The runner's life: exec a command (never returns) or raise ``Become`` with a program."""
     try:
         forget()
-        os.dup2(in_r, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.dup2(job_r, 3)
-        os.dup2(report_w, 4, inheritable=False)  # closes by itself on a successful exec
-        os.closerange(5, 1 << 16)
-        os.setpgid(0, 0)
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        install_stdio()
+        settle_child(in_r, out_w, err_w, job_r, report_w)  # 4 closes by itself on a successful exec
         if warm:
             warm_up()  # take the copy-on-write faults now, not while a caller waits
         os.write(4, b"w")
@@ -298,6 +289,23 @@ def become_main() -> types.ModuleType:
     sys.argv = ["-"]
     sys.orig_argv = [sys.executable, "-"]
     return main
+
+
+def settle_child(stdin: int, stdout: int, stderr: int, fd3: int, fd4: int) -> None:
+    """In a child the agent just forked (a runner, an interpreter): stdio on the given
+    descriptors and Python's ``sys.std*`` over them, 3 and 4 its own (not inherited by what it
+    starts), every other descriptor closed (the host connection among them), a process group
+    of its own, and the agent's signal handling undone."""
+    os.dup2(stdin, 0)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    os.dup2(fd3, 3, inheritable=False)
+    os.dup2(fd4, 4, inheritable=False)
+    os.closerange(5, 1 << 16)
+    os.setpgid(0, 0)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    install_stdio()
 
 
 def read_all(fd: int) -> bytes:
