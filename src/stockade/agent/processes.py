@@ -43,9 +43,9 @@ _SIGNALS = {"SIGTERM": 15, "SIGKILL": 9, "SIGINT": 2, "SIGHUP": 1, "SIGUSR1": 10
 class Spawned:
     """One background process: its pipes, what it wrote that the host has not read, its end."""
 
-    def __init__(self, handle: str, pid: int, argv: list[str], out_r: int, err_r: int, in_w: int) -> None:
+    def __init__(self, handle: str, pid: int, argv: list[str], out_r: int, err_r: int | None, in_w: int) -> None:
         self.handle, self.pid, self.argv = handle, pid, argv
-        self.fds = {out_r: "stdout", err_r: "stderr"}
+        self.fds = {out_r: "stdout"} if err_r is None else {out_r: "stdout", err_r: "stderr"}
         self.output: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self.dropped = {"stdout": 0, "stderr": 0}
         self.stdin_fd: int | None = in_w
@@ -181,8 +181,7 @@ class Processes:
             raise wire.RPCError(wire.INVALID_PARAMS, f"nothing answers on port {port} inside: {why}") from None
         self._spawn_count += 1
         handle = f"p{self._spawn_count}"
-        proc = Spawned(handle, 0, ["tcp", f"127.0.0.1:{port}"], read_fd, -1, write_fd)
-        del proc.fds[-1]
+        proc = Spawned(handle, 0, ["tcp", f"127.0.0.1:{port}"], read_fd, None, write_fd)  # one stream
         proc.tunnel = True
         self._spawned[handle] = proc
         return {"handle": handle, "pid": 0}

@@ -45,37 +45,6 @@ def spawn_params(
     return _params(_build(SandboxSpawn, "sandbox.spawn", **fields))
 
 
-class _ProcessState:
-    """What both twins keep: the handle, and what the daemon last said of the process."""
-
-    def __init__(self, sandbox_id: str, info: dict[str, Any]) -> None:
-        self.sandbox_id = sandbox_id
-        self.handle: str = info["handle"]
-        self.pid: int = info["pid"]
-        self.argv: list[str] = info["argv"]
-        self.exit_code: int | None = None
-        self.dropped = {"stdout": 0, "stderr": 0}
-
-    def __repr__(self) -> str:
-        state = "running" if self.exit_code is None else f"exit {self.exit_code}"
-        return f"{type(self).__name__}({self.argv!r}, pid={self.pid}, {state})"
-
-    def _ref(self, model: type[Any], method: str, **fields: Any) -> dict[str, Any]:
-        return _params(_build(model, method, sandbox_id=self.sandbox_id, handle=self.handle, **fields))
-
-    def _note(self, said: dict[str, Any]) -> dict[str, Any]:
-        if said.get("running") is False and isinstance(said.get("exit_code"), int):
-            self.exit_code = said["exit_code"]
-        return said
-
-    def _output(self, said: dict[str, Any]) -> tuple[bytes, bytes]:
-        self._note(said)
-        for stream, count in said.get("dropped", {}).items():
-            if stream in self.dropped:
-                self.dropped[stream] += int(count)
-        return base64.b64decode(said["stdout"]), base64.b64decode(said["stderr"])
-
-
 class DaemonProcessCalls:
     """The agent's ``proc_*`` calls, as the SDK's ``Process`` makes them, sent as the daemon's
     ``sandbox.process_*``: the same fields and answers, for one held sandbox. So a process
@@ -101,12 +70,36 @@ class DaemonProcessCalls:
         return said
 
 
-class AsyncRemoteProcess(_ProcessState):
+class AsyncRemoteProcess:
     """``Process`` (runtimes/spawned.py) for an ``AsyncClient``: the same methods, awaited."""
 
     def __init__(self, client: AsyncClient, sandbox_id: str, info: dict[str, Any]) -> None:
-        super().__init__(sandbox_id, info)
         self.client = client
+        self.sandbox_id = sandbox_id
+        self.handle: str = info["handle"]
+        self.pid: int = info["pid"]
+        self.argv: list[str] = info["argv"]
+        self.exit_code: int | None = None
+        self.dropped = {"stdout": 0, "stderr": 0}
+
+    def __repr__(self) -> str:
+        state = "running" if self.exit_code is None else f"exit {self.exit_code}"
+        return f"{type(self).__name__}({self.argv!r}, pid={self.pid}, {state})"
+
+    def _ref(self, model: type[Any], method: str, **fields: Any) -> dict[str, Any]:
+        return _params(_build(model, method, sandbox_id=self.sandbox_id, handle=self.handle, **fields))
+
+    def _note(self, said: dict[str, Any]) -> dict[str, Any]:
+        if said.get("running") is False and isinstance(said.get("exit_code"), int):
+            self.exit_code = said["exit_code"]
+        return said
+
+    def _output(self, said: dict[str, Any]) -> tuple[bytes, bytes]:
+        self._note(said)
+        for stream, count in said.get("dropped", {}).items():
+            if stream in self.dropped:
+                self.dropped[stream] += int(count)
+        return base64.b64decode(said["stdout"]), base64.b64decode(said["stderr"])
 
     async def read(self) -> tuple[bytes, bytes]:
         said = await self.client.call("sandbox.process_read", self._ref(ProcessRef, "sandbox.process_read"))
