@@ -686,8 +686,10 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_image_build)
 
     from .cli_env import add_parser as add_env_parser
+    from .cli_secrets import add_parsers as add_secrets_parsers
 
     add_env_parser(sub)
+    add_secrets_parsers(sub)
 
     token = sub.add_parser("token", help="manage daemon tokens")
     token_sub = token.add_subparsers(dest="token_cmd", required=True)

@@ -58,7 +58,10 @@ FLAGS: tuple[tuple[str, str, type, tuple[str, ...] | None, bool], ...] = (
     ("address_space_mb", "--address-space", int, None, False),
     ("max_open_files", "--max-open-files", int, None, False),
     ("disk_mb", "--disk", int, None, False),
-    ("network_policy", "--network", str, ("none", "loopback"), False),
+    ("network_policy", "--network", str, ("none", "loopback", "allowlist"), False),
+    ("allowed_hosts", "--allow-host", str, None, True),
+    ("allowed_cidrs", "--allow-cidr", str, None, True),
+    ("secrets", "--secret", str, None, True),
     ("filesystem_access", "--mount", str, None, True),
     ("environment", "--env", str, None, True),
     ("on_violation", "--on-violation", str, ("deny", "kill"), False),
@@ -105,6 +108,7 @@ def parse(argv: list[str]) -> Args | None:
     values: dict[str, Any] = {name: None for name in POLICY_FIELDS}
     values["policy_fields"] = POLICY_FIELDS
     values.update({"environment": [], "filesystem_access": [], "packages": [], "json": False, "require_daemon": False})
+    values.update({"allowed_hosts": [], "allowed_cidrs": [], "secrets": []})
     values.update({"policy_file": None, "socket": None, "token_file": None})
     if command == "run":
         values["command"] = []

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import posixpath
+import re
 from functools import cache, cached_property
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from .isolation import RUNTIME_NAMES
 
 IsolationLevel = Literal["none", "process", "gvisor", "microvm"]
 TrustLevel = Literal["trusted", "verified", "untrusted"]
-NetworkPolicy = Literal["none", "loopback"]
+NetworkPolicy = Literal["none", "loopback", "allowlist"]
 
 MAX_MEMORY_MB = 2048
 MAX_CPU = 2.0
@@ -97,6 +98,50 @@ def _clean_abs(path: str, what: str) -> str:
     return clean
 
 
+class SecretGrant(BaseModel):
+    """A secret the code may use, bound to hosts and a header: inside, its environment
+    variable ``name`` holds a handle; the egress proxy replaces a bound header that
+    carries the handle with ``format`` filled with the value, for ``hosts`` only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: str
+    hosts: tuple[str, ...]
+    header: str = "Authorization"
+    format: str = "Bearer {value}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_short_form(cls, value: Any) -> Any:
+        # "NAME@HOST[,HOST...]", the CLI's --secret form
+        if isinstance(value, str):
+            name, at, hosts = value.partition("@")
+            if not at or not name or not hosts:
+                raise ValueError(f"secret {value!r} is not NAME@HOST[,HOST...]")
+            return {"name": name, "hosts": tuple(h for h in hosts.split(",") if h)}
+        if isinstance(value, dict) and isinstance(value.get("hosts"), list):
+            return {**value, "hosts": tuple(value["hosts"])}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> SecretGrant:
+        if not _ENV_NAME.fullmatch(self.name):
+            raise ValueError(f"secret name {self.name!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        if not self.hosts:
+            raise ValueError(f"secret {self.name} is bound to no host")
+        if not _HEADER_NAME.fullmatch(self.header):
+            raise ValueError(f"secret {self.name}: header {self.header!r} is not an HTTP header name")
+        if self.format.count("{value}") != 1 or "{" in self.format.replace("{value}", "") or any(
+            c in self.format for c in "\r\n\0"
+        ):
+            raise ValueError(f"secret {self.name}: format must hold {{value}} once, and no other braces or line breaks")
+        return self
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+
+
 class Policy(BaseModel):
     """What an isolate may do and use. ``extra="forbid"``: unknown fields are errors; ``strict``:
     values are taken as JSON gives them (no ``"256"`` read as 256, no ``true`` as 1)."""
@@ -143,7 +188,26 @@ class Policy(BaseModel):
     )
     max_open_files: int = Field(default=256, ge=16, le=65536, description="open file descriptors")
     disk_mb: int = Field(default=64, ge=1, le=4096, description="size of the writable scratch (/tmp, /work)")
-    network_policy: NetworkPolicy = Field(default="none", description="none: no network at all; loopback: its own lo")
+    network_policy: NetworkPolicy = Field(
+        default="none",
+        description="none: no network at all; loopback: its own lo; allowlist: its own lo, and the egress proxy to "
+        "allowed_hosts as its only way out",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="with network_policy allowlist: the hosts it may reach through the proxy (NAME, *.DOMAIN, an "
+        "address; :PORT optional)",
+    )
+    allowed_cidrs: tuple[str, ...] = Field(
+        default=(),
+        description="with network_policy allowlist: private networks an allowed name may resolve to, or that may be "
+        "reached by address (CIDR)",
+    )
+    secrets: tuple[SecretGrant, ...] = Field(
+        default=(),
+        description="secrets the code uses but never holds: NAME@HOST[,HOST] (it sees a handle; the proxy puts the "
+        "value in the bound header for those hosts)",
+    )
     filesystem_access: tuple[Mount, ...] = Field(default=(), description="a host path shared in, read-only unless :rw")
     environment: dict[str, str] = Field(default_factory=dict, description="environment variables of the code")
     on_violation: Literal["deny", "kill"] = Field(
@@ -218,6 +282,36 @@ class Policy(BaseModel):
             raise ValueError("filesystem_access has two mounts on the same target")
         return self
 
+    @field_validator("allowed_hosts", "allowed_cidrs", "secrets", mode="before")
+    @classmethod
+    def _listify_network(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _check_egress(self) -> Policy:
+        from .egress.allowlist import Allowlist, host_covered
+
+        if self.network_policy != "allowlist":
+            for name in ("allowed_hosts", "allowed_cidrs", "secrets"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} needs network_policy 'allowlist' (it is {self.network_policy!r})")
+            return self
+        allowed = Allowlist(self.allowed_hosts, self.allowed_cidrs)  # a ValueError names the bad entry
+        names = [grant.name for grant in self.secrets]
+        if len(names) != len(set(names)):
+            raise ValueError("secrets: a name is granted twice")
+        for grant in self.secrets:
+            if grant.name in self.environment:
+                raise ValueError(f"secrets: {grant.name} is also set in environment")
+            for host in grant.hosts:
+                try:
+                    covered = host_covered(host, allowed)
+                except ValueError as exc:
+                    raise ValueError(f"secret {grant.name}: {exc}") from None
+                if not covered:
+                    raise ValueError(f"secret {grant.name} is bound to {host}, which allowed_hosts does not allow")
+        return self
+
     @field_validator("packages", mode="before")
     @classmethod
     def _listify_packages(cls, value: Any) -> Any:
@@ -285,6 +379,9 @@ CLI_FLAGS: dict[str, tuple[str, str | None]] = {
     "max_open_files": ("--max-open-files", "N"),
     "disk_mb": ("--disk", "MB"),
     "network_policy": ("--network", None),
+    "allowed_hosts": ("--allow-host", "HOST[:PORT]"),
+    "allowed_cidrs": ("--allow-cidr", "CIDR"),
+    "secrets": ("--secret", "NAME@HOST[,HOST]"),
     "filesystem_access": ("--mount", "SRC[:DST][:rw]"),
     "environment": ("--env", "K=V"),
     "max_violations": ("--max-violations", "N"),

@@ -13,7 +13,9 @@ TerminationReason = Literal[
     "completed", "timeout", "cpu_limit", "memory_limit", "output_limit", "violation", "killed", "error"
 ]
 Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
-DetectionLayer = Literal["SECCOMP", "LANDLOCK", "CGROUP", "RLIMIT", "GVISOR", "HYPERVISOR", "SUPERVISOR"]
+DetectionLayer = Literal[
+    "SECCOMP", "LANDLOCK", "CGROUP", "RLIMIT", "GVISOR", "HYPERVISOR", "SUPERVISOR", "NETWORK"
+]
 
 # A run's report keeps its first this many violations whole, on every runtime;
 # ``violation_counts`` counts every one, under at most MAX_VIOLATION_NAMES names.
@@ -116,6 +118,25 @@ class CellException(BaseModel):
     traceback: str
 
 
+class EgressRequest(BaseModel):
+    """One request an isolate made through the egress proxy (network_policy "allowlist")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timestamp: str = Field(default_factory=_now)
+    host: str
+    port: int
+    method: str = Field(description="the HTTP method; CONNECT for a tunnel the proxy did not open")
+    path: str | None = Field(default=None, description="the request's path, without its query (null: a tunnel)")
+    scheme: Literal["http", "https", "tunnel", "dns", "tcp"] = "http"
+    allowed: bool
+    reason: str = Field(default="", description="why it was refused")
+    status: int | None = Field(default=None, description="the upstream's HTTP status")
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    secrets_used: list[str] = Field(default_factory=list, description="the names of the secrets put in (never values)")
+
+
 class ExecResult(BaseModel):
     # Raw output travels as base64 in JSON (pydantic's default would be UTF-8, which it may not be).
     model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
@@ -147,6 +168,13 @@ class ExecResult(BaseModel):
     policy_digest: str
     unenforced_limits: list[str] = Field(
         default_factory=list, description="limits of the policy this host could not enforce, and why"
+    )
+    egress_requests: list[EgressRequest] = Field(
+        default_factory=list, description="what the run asked of the egress proxy (network_policy allowlist)"
+    )
+    egress_requests_dropped: int = Field(default=0, description="egress requests made but not kept as records")
+    secrets_redacted: int = Field(
+        default=0, description="how many times a secret's value was taken out of this run's output, files and replies"
     )
     # A stateful interpreter's cell (``run_code(..., session=...)``) only:
     results: list[CellOutput] = Field(

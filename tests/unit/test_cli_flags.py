@@ -64,7 +64,7 @@ def test_every_policy_field_has_its_flag_with_the_fields_choices_and_bounds(caps
         assert flag in help_text, name
     # Bounds and choices come from the model: a new maximum shows without a CLI edit.
     assert "--memory MB memory limit, MB; default 512; at least 16; at most 2048" in help_text
-    assert "{none,loopback}" in help_text and "{deny,kill}" in help_text
+    assert "{none,loopback,allowlist}" in help_text and "{deny,kill}" in help_text
     args = build_parser().parse_args(["run", "--memory", "64", "--env", "A=1", "--mount", "/srv", "--", "true"])
     assert (args.memory_mb, args.environment, args.filesystem_access) == (64, ["A=1"], ["/srv"])
 

@@ -199,7 +199,7 @@ def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:
     """Everything after the exec; returns the seccomp listener fd."""
     _finish_root(config)
     linux.sethostname(config.get("hostname", "stockade"))
-    if config.get("network") == "loopback":
+    if config.get("network") in ("loopback", "allowlist"):  # allowlist: the host's proxy listens on lo
         bring_up_loopback()
     os.chdir("/work")
     _set_hard_rlimits(config.get("hard_limits") or {})

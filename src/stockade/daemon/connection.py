@@ -22,16 +22,15 @@ import json
 import logging
 import select
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from pydantic import BaseModel
 
 from ..protocol.models import Caller, unix_caller
+from ..protocol.peer import Peer, peer_of
 from ..result import ExecResult
 
 if TYPE_CHECKING:
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stockade.daemon")
 
-_PEERCRED = struct.Struct("3i")
 # Read ahead of the request being answered, at most this many lines and
 # (roughly: one read may overshoot) this many bytes; then reading pauses. The
 # byte bound keeps a client that pipelines large requests from parking up to
@@ -51,13 +49,6 @@ _TOO_LARGE = None  # in the queue: an oversized line's place, answered in its tu
 # Starts a run answered by callback: given where its outcome goes, returns what abandons
 # it (for a client that goes away), or None when it cannot start now.
 StartNow: TypeAlias = Callable[[Callable[["ExecResult | Exception"], None]], Callable[[], None] | None]
-
-
-@dataclass(frozen=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
 
 
 class Connection(asyncio.Protocol):
@@ -90,12 +81,11 @@ class Connection(asyncio.Protocol):
         self.server.connections.add(self)
         sock: socket.socket = transport.get_extra_info("socket")
         try:
-            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            self.peer = peer_of(sock)
         except OSError as exc:  # a peer that cannot be named is not served
             log.warning("refused a peer whose credentials cannot be read: %s", exc)
             self.transport.abort()
             return
-        self.peer = Peer(*_PEERCRED.unpack(credentials))
         self.caller = unix_caller(self.peer.uid, self.number)
         # A refused peer is answered once and dropped: closing here means the
         # transport never starts reading.

@@ -103,6 +103,7 @@ class Observers:
             exit_code=result.exit_code,
             seconds=round(result.execution_time_seconds, 6),
             violations=sum(result.violation_counts.values()) or len(result.security_violations),
+            **_egress_fields(result),
         )
         for v in result.security_violations:
             self.audit.record(
@@ -178,3 +179,28 @@ class Observers:
                 if count:  # failures since that peer's last record: said before the log closes
                     self.audit.record("auth_failures_unrecorded", door=door, peer=peer, count=count)
             self.audit.close()
+
+
+def _egress_fields(result: ExecResult) -> dict[str, Any]:
+    """A run's egress, for its execution record: each request (allowed or refused) and the names
+    of the secrets put into it, never a value. (``substituted``, ``redactions``: the audit log
+    blanks any field named like a secret.)"""
+    if not result.egress_requests and not result.egress_requests_dropped and not result.secrets_redacted:
+        return {}
+    requests = [
+        {
+            "host": r.host,
+            "port": r.port,
+            "method": r.method,
+            "path": r.path,
+            "scheme": r.scheme,
+            "allowed": r.allowed,
+            "reason": r.reason or None,
+            "status": r.status,
+            "bytes_sent": r.bytes_sent,
+            "bytes_received": r.bytes_received,
+            "substituted": r.secrets_used,
+        }
+        for r in result.egress_requests
+    ]
+    return {"egress": requests, "egress_dropped": result.egress_requests_dropped, "redactions": result.secrets_redacted}

@@ -31,9 +31,10 @@ from typing import Any
 from ..errors import ConfigError, StockadeError, error_code, public_message, wire_errno
 from ..protocol import auth
 from ..protocol.models import Caller
+from ..protocol.peer import Peer
 from . import methods
 from .config import DaemonConfig
-from .connection import AnswerLog, Connection, Peer, error_answer
+from .connection import AnswerLog, Connection, error_answer
 from .controller import Controller
 from .methods import METHODS, Method, read_request
 from .observers import Observers

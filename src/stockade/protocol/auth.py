@@ -19,24 +19,36 @@ import math
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_WINDOW_S = 30.0
 
 
-def compute_hmac(request: dict[str, Any], token: str) -> str:
-    """HMAC-SHA256 under ``token`` of the request without its ``hmac`` member, as hex."""
+Encode = Callable[[dict[str, Any]], bytes]
+
+
+def json_canonical(message: dict[str, Any]) -> bytes:
+    """The seed's signed form: ``json.dumps(message, sort_keys=True)``."""
+    return json.dumps(message, sort_keys=True).encode()
+
+
+def compute_hmac(request: dict[str, Any], token: str | bytes, encode: Encode = json_canonical) -> str:
+    """HMAC-SHA256 under ``token`` of the request without its ``hmac`` member (as ``encode``
+    writes it: the daemon's JSON, the broker's canonical CBOR), as hex."""
     unsigned = {k: v for k, v in request.items() if k != "hmac"}
-    message = json.dumps(unsigned, sort_keys=True).encode()
-    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+    key = token.encode() if isinstance(token, str) else token
+    return hmac.new(key, encode(unsigned), hashlib.sha256).hexdigest()
 
 
-def sign(request: dict[str, Any], token: str, now: float | None = None) -> dict[str, Any]:
+def sign(
+    request: dict[str, Any], token: str | bytes, now: float | None = None, encode: Encode = json_canonical
+) -> dict[str, Any]:
     """Return ``request`` with ``ts``, ``nonce`` and ``hmac`` added."""
     # Milliseconds, rounded down: a request is never stamped later than it was made.
     ts = time.time_ns() // 1_000_000 / 1000 if now is None else round(now, 3)
     signed = {**request, "ts": ts, "nonce": secrets.token_hex(16)}
-    signed["hmac"] = compute_hmac(signed, token)
+    signed["hmac"] = compute_hmac(signed, token, encode)
     return signed
 
 
@@ -80,14 +92,20 @@ class NonceCache:
         self._sweep_at = now + self.SWEEP_EVERY_S
 
 
-def verify(request: dict[str, Any], token: str, nonces: NonceCache, now: float | None = None) -> bool:
+def verify(
+    request: dict[str, Any],
+    token: str | bytes,
+    nonces: NonceCache,
+    now: float | None = None,
+    encode: Encode = json_canonical,
+) -> bool:
     """Constant-time HMAC check, then freshness, then replay; never raises."""
     given = request.get("hmac")
     if not isinstance(given, str):
         return False
     try:
-        expected = compute_hmac(request, token)
-    except (TypeError, ValueError):  # a value json cannot write (NaN is written; this is for safety)
+        expected = compute_hmac(request, token, encode)
+    except (TypeError, ValueError):  # a value the encoder cannot write (json writes NaN; this is for safety)
         return False
     if not hmac.compare_digest(given.encode(), expected.encode()):
         return False

@@ -50,6 +50,8 @@ from .violations import ViolationLog, ViolationReport
 if TYPE_CHECKING:
     import asyncio
 
+    from .egress import Egress
+
 
 # How long past the policy's timeout the host waits for the agent's own verdict
 # before it kills the isolate itself.
@@ -82,6 +84,7 @@ class IsolateUsage:
 class Runtime(abc.ABC):
     name: str
     isolation: str
+    egress_proxy = False  # whether it offers network_policy "allowlist" (the host's proxy on the isolate's lo)
 
     @abc.abstractmethod
     def detect(self) -> Availability:
@@ -127,6 +130,8 @@ class AgentSandbox(abc.ABC):
         self._running = ""  # the method of the request in flight (or last sent)
         self._interrupt_sent = False  # that request was interrupted already
         self.forwarders: list[Forwarder | AgentRelay] = []  # published ports, closed with the isolate
+        # Under network_policy "allowlist": the egress proxy's gate, its secrets and their redaction.
+        self.egress: Egress | None = None
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
         self._kill_reason: TerminationReason | None = None
@@ -150,6 +155,15 @@ class AgentSandbox(abc.ABC):
     def _collect_violations(self) -> None:
         """Take in every violation the isolate has made so far: a runtime whose reports
         are not handed over as they happen (gVisor's log) reads what is pending."""
+        return None
+
+    def _egress_listener(self, port: int) -> socket.socket:
+        """A socket listening on ``port`` of the isolate's own loopback, served by the host
+        (the egress proxy); a runtime that cannot make one refuses network_policy allowlist."""
+        raise PolicyError(f"network_policy 'allowlist' is not offered by the {self.runtime_name} runtime")
+
+    def isolate_pid(self) -> int | None:
+        """The host pid of the isolate's first process, when the host can see it."""
         return None
 
     def last_words(self) -> str:
@@ -344,7 +358,7 @@ class AgentSandbox(abc.ABC):
             got += data
             size = now_size if size is None else size
             if not more or not data or (max_bytes is not None and len(got) >= max_bytes) or len(got) >= size:
-                return bytes(got)
+                return self.egress.redactor.bytes(bytes(got)) if self.egress is not None else bytes(got)
             if max_bytes is None and len(got) >= MAX_WHOLE_READ:
                 # The size is the agent's word: an untrusted agent could say any. A whole read stops here.
                 raise SandboxError(f"{path} is larger than {MAX_WHOLE_READ} bytes: read it with max_bytes, in parts")
@@ -398,6 +412,8 @@ class AgentSandbox(abc.ABC):
         self._closed = True
         for forwarder in self.forwarders:
             forwarder.close()
+        if self.egress is not None:
+            self.egress.close()
         try:
             self.kill()
         finally:
@@ -675,6 +691,15 @@ class AgentSandbox(abc.ABC):
         cpu = None
         if after.cpu_seconds is not None and before.cpu_seconds is not None:
             cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
+        cell = cell_fields(said.cell, said.interpreter_lost, error)
+        egress: dict[str, Any] = {}
+        if self.egress is not None:
+            # A secret's value never leaves in a result: output, a cell's results, the error.
+            stdout, stderr = self.egress.redactor.bytes(stdout), self.egress.redactor.bytes(stderr)
+            cell = self.egress.redact_fields(cell)
+            records, dropped = self.egress.gate.take_records()
+            egress = {"egress_requests": records, "egress_requests_dropped": dropped,
+                      "secrets_redacted": self.egress.redactor.take_count()}  # fmt: skip
         return ExecResult(
             execution_id=execution_id,
             success=reason == "completed" and exit_code == 0,
@@ -693,7 +718,8 @@ class AgentSandbox(abc.ABC):
             runtime_used=self.runtime_name,
             policy_digest=self.policy.digest,
             unenforced_limits=list(self.unenforced_limits),
-            **cell_fields(said.cell, said.interpreter_lost, error),
+            **cell,
+            **egress,
         )
 
     def _hit_cpu_limit(self, exit_code: int | None, before: IsolateUsage, after: IsolateUsage) -> bool:
@@ -831,7 +857,8 @@ class AgentSandbox(abc.ABC):
             return
         stream = params.get("stream")
         if stream in ("stdout", "stderr"):
-            on_output(stream, b64_field(params.get("data")))
+            data = b64_field(params.get("data"))
+            on_output(stream, self.egress.redactor.bytes(data) if self.egress is not None else data)
 
 
 # How a call to the agent can end that is the isolate's end, not an error to raise.

@@ -99,12 +99,15 @@ class RuntimeManager:
                     f"runtime {runtime.name} ({runtime.isolation}) is weaker than trust {policy.trust!r} "
                     f"accepts (at least {minimum})"
                 )
-            return runtime
+            return _check_egress(runtime, policy)
         if minimum is None:
-            return self.get(DEFAULT_RUNTIME)
+            return _check_egress(self.get(DEFAULT_RUNTIME), policy)
         reasons = []
         for level in reversed(LEVELS):  # strongest first
             if rank(level) < rank(minimum) or level == "none":
+                continue
+            if policy.network_policy == "allowlist" and not self.get(LEVEL_TO_RUNTIME[level]).egress_proxy:
+                reasons.append(f"{level}: does not offer network_policy 'allowlist'")
                 continue
             avail = self.cached_availability(LEVEL_TO_RUNTIME[level])
             if avail.available:
@@ -131,6 +134,15 @@ class RuntimeManager:
             runtimes, self._runtimes = list(self._runtimes.values()), {}
         for runtime in runtimes:
             runtime.close()
+
+
+def _check_egress(runtime: Runtime, policy: Policy) -> Runtime:
+    if policy.network_policy == "allowlist" and not runtime.egress_proxy:
+        raise RuntimeUnavailableError(
+            f"runtime {runtime.name} does not offer network_policy 'allowlist' (its egress proxy): the process "
+            "runtime does"
+        )
+    return runtime
 
 
 _default: RuntimeManager | None = None

@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..agent import linux
@@ -260,30 +261,65 @@ class AgentRelay(_PublishedPort):
 
 def connect_inside(pidfd: int, port: int, timeout: float = 10.0) -> socket.socket:
     """A TCP socket connected to 127.0.0.1:``port`` in the network namespace of ``pidfd``'s process."""
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
+    try:
+        return in_namespace(pidfd, connect)
+    except OSError as exc:
+        raise SandboxError(f"cannot reach port {port} inside the isolate: {exc}") from None
+
+
+def listen_inside(pidfd: int, port: int) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1:``port`` in the network namespace of ``pidfd``'s process.
+
+    The socket stays in that namespace for its life; the host serves it (the egress proxy)."""
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        return in_namespace(pidfd, listen)
+    except OSError as exc:
+        raise SandboxError(f"cannot listen on port {port} inside the isolate: {exc}") from None
+
+
+def in_namespace(pidfd: int, make: Callable[[], socket.socket]) -> socket.socket:
+    """``make()`` run by a thread that joined the network namespace of ``pidfd``'s process: a
+    socket made there belongs to that namespace. The thread ends right after; the caller's
+    own namespace is never touched."""
     made: list[socket.socket] = []
     failed: list[OSError] = []
 
-    def join_and_connect() -> None:
+    def join_and_make() -> None:
         try:
             linux.setns(pidfd, linux.CLONE_NEWNET)  # this thread only: it ends right after
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(("127.0.0.1", port))
-            except OSError:
-                sock.close()
-                raise
-            sock.settimeout(None)
-            made.append(sock)
+            made.append(make())
         except OSError as exc:
             failed.append(exc)
 
-    worker = threading.Thread(target=join_and_connect, name="stockade-publish-connect", daemon=True)
+    worker = threading.Thread(target=join_and_make, name="stockade-netns", daemon=True)
     worker.start()
     worker.join()
     if failed or not made:
-        why = failed[0] if failed else OSError("no socket")
-        raise SandboxError(f"cannot reach port {port} inside the isolate: {why}")
+        raise failed[0] if failed else OSError("no socket")
     return made[0]
 
 

@@ -28,8 +28,9 @@ from ...environments import ENV_ROOT
 from ...errors import PolicyError, SandboxStartError, StockadeError
 from ...policy import Policy, default_policy
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
+from ..egress import attach_egress
 from ..pool import PooledRuntime, Reaper, WarmPool
-from ..publish import Forwarder
+from ..publish import Forwarder, listen_inside
 from . import seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
@@ -73,6 +74,12 @@ class ProcessSandbox(AgentSandbox):
         # The host joins the isolate's network namespace through its init's pidfd (publish.py).
         return Forwarder(self.pidfd, address, host_port, port)
 
+    def _egress_listener(self, port: int) -> socket.socket:
+        return listen_inside(self.pidfd, port)
+
+    def isolate_pid(self) -> int | None:
+        return _pid_of(self.pidfd) if self.pidfd >= 0 else None
+
     def apply_policy(self, policy: Policy) -> None:
         """Set the limits of ``policy`` on this (pooled) isolate before it runs anything."""
         self.policy = policy
@@ -80,6 +87,7 @@ class ProcessSandbox(AgentSandbox):
             self.unenforced_limits = self.cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit)
         else:
             self.unenforced_limits = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
+        attach_egress(self, policy)
 
     def kill(self) -> None:
         # init of the pid namespace: when it dies the kernel kills everything
@@ -107,6 +115,7 @@ class ProcessSandbox(AgentSandbox):
 class ProcessRuntime(PooledRuntime[ProcessSandbox]):
     name = "process"
     isolation = "process"
+    egress_proxy = True  # its isolates' loopback is a host network namespace the proxy can listen in
 
     def __init__(self, pool_size: int = 0) -> None:
         self._zygote: Zygote | None = None
@@ -240,6 +249,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 os.close(listener)
             _dispose(cgroup, uid)
             raise
+        if not warm:  # a pooled isolate gets its caller's egress at hand-over (apply_policy)
+            try:
+                attach_egress(sandbox, policy)
+            except BaseException:
+                sandbox.close()
+                raise
         return sandbox
 
     def _prepare_next(self, zygote: Zygote, manager: CgroupManager) -> None:
@@ -387,6 +402,19 @@ def _setup_error(host: socket.socket) -> str:
         return f"isolate setup failed: {message.get('error')}"
     except Exception:  # noqa: BLE001
         return "isolate setup failed (no detail)"
+
+
+def _pid_of(pidfd: int) -> int | None:
+    """The pid a pidfd refers to (its fdinfo), None once that process is gone."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _kill_pidfd(pidfd: int) -> None:

@@ -1,0 +1,156 @@
+"""Where a sandbox's secret values come from: the broker, or (no broker) a secrets file.
+
+- ``STOCKADE_BROKER_SOCKET`` set: the broker (``stockade secretd``) at that
+  socket, with the session key of ``STOCKADE_SESSION_KEY`` (base64) or the
+  file ``STOCKADE_SESSION_KEY_FILE`` (default ``/run/stockade/.session``).
+  The daemon registers each sandbox with secrets (the pid of its isolate and
+  its grants), fetches the values, and releases it when it closes.
+- Else ``STOCKADE_SECRETS_FILE``: a ``0600`` file of this process's own uid,
+  read directly (stockade as a library, one trusted host process).
+- Else a policy with secrets is refused, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Any
+
+from ..errors import ConfigError, PolicyError
+from ..policy import SecretGrant
+from ..protocol import auth
+from . import wire
+from .store import SecretStore
+
+DEFAULT_KEY_FILE = "/run/stockade/.session"
+CALL_TIMEOUT_S = 10.0
+
+
+class BrokerClient:
+    """Signed calls to the broker over one Unix socket connection (reopened when it breaks)."""
+
+    def __init__(self, path: str, key: bytes) -> None:
+        self.path = path
+        self.key = key
+        self.nonces = auth.NonceCache()
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._ids = 0
+
+    def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self._ids += 1
+            request = {"method": method, "params": params, "id": self._ids}
+            for attempt in (1, 2):  # a connection the broker closed (its restart) is opened again, once
+                try:
+                    answer = self._exchange(request)
+                    break
+                except (ConnectionError, EOFError) as exc:
+                    self._drop()
+                    if attempt == 2:
+                        raise ConfigError(f"the secrets broker at {self.path} did not answer: {exc}") from None
+                except OSError as exc:
+                    self._drop()
+                    raise ConfigError(f"cannot reach the secrets broker at {self.path}: {exc.strerror}") from None
+        if answer.get("id") != request["id"] or not wire.verify(answer, self.key, self.nonces):
+            raise ConfigError("the secrets broker's answer failed authentication (is the session key right?)")
+        if answer.get("error") is not None:
+            raise PolicyError(f"the secrets broker refused {method}: {answer['error']}")
+        result = answer.get("result")
+        return result if isinstance(result, dict) else {}
+
+    def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(CALL_TIMEOUT_S)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                raise
+            self._sock = sock
+        self._sock.sendall(wire.frame(request, self.key))
+        header = _recv_exact(self._sock, 4)
+        return wire.decode(_recv_exact(self._sock, wire.length_of(header)))
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("the broker closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+class SecretSource:
+    """The values of a sandbox's grants, and their release when it closes."""
+
+    def __init__(self, broker: BrokerClient | None, store_path: str | None) -> None:
+        self.broker = broker
+        self.store_path = store_path
+
+    def open(self, sandbox: str, pid: int | None, grants: tuple[SecretGrant, ...]) -> dict[str, str]:
+        if self.broker is not None:
+            if pid is None:
+                raise PolicyError("secrets through the broker need an isolate the broker can check (a process pid)")
+            wanted = [{"name": g.name, "hosts": list(g.hosts)} for g in grants]
+            self.broker.call("register", {"sandbox": sandbox, "pid": pid, "grants": wanted})
+            try:
+                return {g.name: str(self.broker.call("fetch", {"sandbox": sandbox, "name": g.name})["value"])
+                        for g in grants}  # fmt: skip
+            except BaseException:
+                self.close(sandbox)
+                raise
+        if self.store_path is not None:
+            store = SecretStore.load(self.store_path)
+            return {g.name: store.check_grant(g.name, g.hosts).value for g in grants}
+        raise PolicyError(
+            "this policy grants secrets, and no secrets broker or file is configured: run `stockade secretd` and "
+            "set STOCKADE_BROKER_SOCKET, or set STOCKADE_SECRETS_FILE (docs/secrets.md)"
+        )
+
+    def close(self, sandbox: str) -> None:
+        if self.broker is not None:
+            try:
+                self.broker.call("release", {"sandbox": sandbox})
+            except (ConfigError, PolicyError):
+                pass  # the broker drops a dead isolate's registration by itself
+
+
+_source: SecretSource | None = None
+_source_key: tuple[str, ...] = ()
+_lock = threading.Lock()
+
+
+def secret_source() -> SecretSource:
+    """The source the environment names (made again when the variables change)."""
+    global _source, _source_key
+    names = ("STOCKADE_BROKER_SOCKET", "STOCKADE_SESSION_KEY", "STOCKADE_SESSION_KEY_FILE", "STOCKADE_SECRETS_FILE")
+    key = tuple(os.environ.get(n, "") for n in names)
+    with _lock:
+        if _source is None or key != _source_key:
+            if _source is not None and _source.broker is not None:
+                _source.broker.close()
+            socket_path, raw_key, key_file, store = key
+            broker = None
+            if socket_path:
+                session = (
+                    wire.parse_key(raw_key, "STOCKADE_SESSION_KEY")
+                    if raw_key
+                    else wire.read_key(key_file or DEFAULT_KEY_FILE)
+                )
+                broker = BrokerClient(socket_path, session)
+            _source, _source_key = SecretSource(broker, store or None), key
+        return _source

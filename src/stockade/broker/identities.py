@@ -1,0 +1,113 @@
+"""The three identities of a privilege-separated install, and the layout of /run/stockade.
+
+| user | runs | holds |
+| --- | --- | --- |
+| ``stockade-secrets`` | the broker (``stockade secretd``) | the secrets, the session key |
+| ``stockade`` (in the broker's group) | the daemon | the session key (read through the group) |
+| ``stockade-sandbox`` | nothing of stockade's: the account untrusted code is tested as | nothing |
+
+Isolates themselves run as one host uid each, from ``STOCKADE_SANDBOX_UIDS``
+(a range no account uses, so per-uid kernel quotas are never shared): none of
+them is in the broker's or the daemon's group.
+
+``/run/stockade/`` (0755): ``secretd/`` is the broker's own (0700); ``.session``
+is the session key (0640, the broker's, readable by its group); ``secretd.sock``
+is the broker's socket (0660 to its group; the broker also checks the peer's
+uid). Nothing else there is readable by a sandbox uid.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import subprocess
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+RUN_DIR = "/run/stockade"
+SESSION_KEY = f"{RUN_DIR}/.session"
+BROKER_SOCKET = f"{RUN_DIR}/secretd.sock"
+BROKER_DIR = f"{RUN_DIR}/secretd"
+
+
+@dataclass(frozen=True)
+class Names:
+    secrets: str = "stockade-secrets"
+    daemon: str = "stockade"
+    sandbox: str = "stockade-sandbox"
+
+
+def setup_users(names: Names) -> list[str]:
+    """Create the three users and groups (system accounts, no login), idempotently; put the
+    daemon's user in the broker's group. Returns what was done."""
+    if os.geteuid() != 0:
+        raise ConfigError("setup-users creates system accounts: run it as root")
+    done = []
+    for name in (names.secrets, names.daemon, names.sandbox):
+        if not _group_exists(name):
+            _run(["groupadd", "--system", name])
+            done.append(f"group {name} created")
+        if not _user_exists(name):
+            _run(["useradd", "--system", "--gid", name, "--no-create-home", "--home-dir", "/nonexistent",
+                  "--shell", "/usr/sbin/nologin", name])  # fmt: skip
+            done.append(f"user {name} created")
+    if names.daemon not in grp.getgrnam(names.secrets).gr_mem:
+        _run(["usermod", "--append", "--groups", names.secrets, names.daemon])
+        done.append(f"user {names.daemon} added to group {names.secrets}")
+    return done
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise ConfigError(f"{argv[0]} is not installed (Debian: the passwd package)") from None
+    except subprocess.CalledProcessError as exc:
+        raise ConfigError(f"{' '.join(argv)} failed: {exc.stderr.strip() or exc.returncode}") from None
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def ids_of(name: str) -> tuple[int, int]:
+    """``name``'s uid and primary gid; ConfigError naming ``setup-users`` when it does not exist."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"no user {name!r} on this host: `stockade setup-users` creates it") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def prepare_run_dir(broker: str) -> None:
+    """``/run/stockade`` and the broker's private directory in it (as root, before dropping)."""
+    uid, gid = ids_of(broker)
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    os.chmod(RUN_DIR, 0o755)  # noqa: S103 - traversed by the daemon to reach the broker's socket and key
+    os.makedirs(BROKER_DIR, mode=0o700, exist_ok=True)
+    os.chown(BROKER_DIR, uid, gid)
+    os.chmod(BROKER_DIR, 0o700)
+
+
+def drop_to(name: str) -> None:
+    """Become ``name`` for good: its uid, its gid, its supplementary groups; no capabilities left."""
+    entry = pwd.getpwnam(name)
+    os.setgroups(os.getgrouplist(name, entry.pw_gid))
+    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    if os.geteuid() == 0 or os.getuid() == 0:
+        raise ConfigError(f"could not drop root to {name}")

@@ -1,0 +1,107 @@
+"""The secrets themselves: a file only their keeper may read.
+
+The file is JSON, one member per secret: ``{"OPENAI_API_KEY": "sk-..."}``, or
+with the hosts it may ever be bound to ``{"OPENAI_API_KEY": {"value": "sk-...",
+"hosts": ["api.openai.com"]}}``: a policy that binds it to any other host is
+refused by whoever holds the store (the broker), whatever the daemon asks.
+
+The file must be a regular file of the reading uid with no access for group
+or others (``0600``): a secrets file anyone else can read is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..egress.allowlist import parse_rule
+from ..errors import ConfigError, PolicyError
+
+MAX_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    value: str
+    hosts: tuple[str, ...] | None  # None: any host a policy names
+
+
+class SecretStore:
+    def __init__(self, secrets: dict[str, StoredSecret]) -> None:
+        self._secrets = secrets
+
+    @classmethod
+    def load(cls, path: str) -> SecretStore:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise ConfigError(f"secrets file {path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"secrets file {path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise ConfigError(f"secrets file {path} has mode {st.st_mode & 0o777:04o}: it must be 0600 or 0400")
+            if st.st_uid != os.geteuid():
+                raise ConfigError(
+                    f"secrets file {path} belongs to uid {st.st_uid}, not to this process's {os.geteuid()}"
+                )
+            raw = f.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError(f"secrets file {path} is larger than {MAX_FILE_BYTES} bytes")
+        try:
+            document = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"secrets file {path} is not JSON: {exc}") from None
+        return cls(parse_secrets(document, f"secrets file {path}"))
+
+    def names(self) -> list[str]:
+        return sorted(self._secrets)
+
+    def get(self, name: str) -> StoredSecret | None:
+        return self._secrets.get(name)
+
+    def check_grant(self, name: str, hosts: Iterable[str]) -> StoredSecret:
+        """The secret ``name``, if it exists and may be bound to every one of ``hosts``."""
+        stored = self._secrets.get(name)
+        if stored is None:
+            raise PolicyError(f"secret {name} is not known to the secrets broker")
+        if stored.hosts is not None:
+            permitted = [parse_rule(h) for h in stored.hosts]
+            for host in hosts:
+                rule = parse_rule(host)
+                if not any(_within(rule.host, p.host) and (p.port is None or p.port == rule.port) for p in permitted):
+                    raise PolicyError(f"secret {name} may not be bound to {host}: its keeper allows only "
+                                      f"{', '.join(stored.hosts)}")  # fmt: skip
+        return stored
+
+
+def _within(host: str, permitted: str) -> bool:
+    if permitted.startswith("*."):
+        bare = host.removeprefix("*.")
+        return bare.endswith(permitted[1:]) and len(bare) > len(permitted) - 1
+    return host == permitted
+
+
+def parse_secrets(document: object, where: str) -> dict[str, StoredSecret]:
+    if not isinstance(document, dict):
+        raise ConfigError(f"{where}: expected an object of NAME: value")
+    found: dict[str, StoredSecret] = {}
+    for name, given in document.items():
+        entry = {"value": given} if isinstance(given, str) else given
+        if not isinstance(entry, dict) or not isinstance(entry.get("value"), str) or not entry["value"]:
+            raise ConfigError(f'{where}: {name} must be a non-empty string, or {{"value": ..., "hosts": [...]}}')
+        hosts = entry.get("hosts")
+        if hosts is not None:
+            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise ConfigError(f"{where}: {name}.hosts must be a list of host names")
+            try:
+                for host in hosts:
+                    parse_rule(host)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {name}: {exc}") from None
+        found[name] = StoredSecret(entry["value"], tuple(hosts) if hosts is not None else None)
+    return found

@@ -1,0 +1,151 @@
+"""Which destinations an isolate under ``network_policy: "allowlist"`` may reach.
+
+A rule is a name (``api.openai.com``), a wildcard (``*.example.com``: any name
+below example.com, not example.com itself) or an address (``10.0.0.5``,
+``[::1]``), each with an optional ``:PORT`` (without one: any port). Names
+are compared lowercased, without a trailing dot.
+
+A name is only half the check: the proxy resolves it itself and connects to
+an address it resolved to (so no second lookup can be steered elsewhere), and
+refuses every address that is not globally routable (private, loopback,
+link-local, ...) unless ``allowed_cidrs`` holds it. An address rule names its
+address, which may then be reached whatever it is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+
+
+@dataclass(frozen=True)
+class HostRule:
+    host: str  # a lowercased name, "*.suffix", or an address's canonical text
+    port: int | None
+
+    @property
+    def address(self) -> IPAddress | None:
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
+        return host == self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_rule(text: str) -> HostRule:
+    """``NAME``, ``*.DOMAIN`` or an address, with an optional ``:PORT``; ValueError names what is wrong."""
+    raw = text.strip()
+    port: int | None = None
+    host = raw
+    if raw.startswith("["):  # [v6] or [v6]:port
+        end = raw.find("]")
+        if end < 0:
+            raise ValueError(f"allowed host {text!r}: unclosed [")
+        host, rest = raw[1:end], raw[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"allowed host {text!r}: expected :PORT after ]")
+            port = _port(rest[1:], text)
+    elif raw.count(":") == 1:
+        host, _, number = raw.partition(":")
+        port = _port(number, text)
+    try:
+        return HostRule(str(ipaddress.ip_address(host)), port)
+    except ValueError:
+        pass
+    name = normalise_name(host)
+    bare = name[2:] if name.startswith("*.") else name
+    if not _NAME.fullmatch(bare) or "*" in bare or len(name) > 253:
+        raise ValueError(f"allowed host {text!r} is not a host name, *.domain or address (with an optional :PORT)")
+    if name.startswith("*.") and "." not in bare:
+        raise ValueError(f"allowed host {text!r}: a wildcard covers names below a domain (*.example.com), not a TLD")
+    return HostRule(name, port)
+
+
+def parse_network(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"allowed CIDR {text!r} is not an address or network (e.g. 10.0.0.0/8)") from None
+
+
+def normalise_name(host: str) -> str:
+    return host.strip().lower().rstrip(".")
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"allowed host {whole!r}: port must be 1-65535")
+    return int(text)
+
+
+class Allowlist:
+    """A policy's ``allowed_hosts`` and ``allowed_cidrs``, checked."""
+
+    def __init__(self, hosts: Iterable[str], cidrs: Iterable[str] = ()) -> None:
+        self.rules = tuple(parse_rule(h) for h in hosts)
+        self.networks = tuple(parse_network(c) for c in cidrs)
+
+    def rule_for(self, host: str, port: int) -> HostRule | None:
+        """The rule that lets ``host`` (a name or an address's text) be reached on ``port``, or None."""
+        wanted = _canonical(host)
+        address = _address(wanted)
+        for rule in self.rules:
+            if rule.matches(wanted, port):
+                return rule
+        if address is not None and self.network_allows(address):
+            return HostRule(wanted, port)
+        return None
+
+    def network_allows(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.networks)
+
+    def usable(self, rule: HostRule, addresses: Iterable[IPAddress]) -> list[IPAddress]:
+        """Of the addresses a name resolved to, those it may be reached at: globally routable,
+        or in ``allowed_cidrs``, or the very address a rule names."""
+        named = rule.address
+        return [a for a in addresses if a == named or a.is_global or self.network_allows(a)]
+
+
+def _canonical(host: str) -> str:
+    address = _address(host.strip("[]"))
+    return str(address) if address is not None else normalise_name(host)
+
+
+def _address(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def host_covered(host: str, allowed: Allowlist) -> bool:
+    """Whether a secret's bound ``host`` (a rule's text) is reachable under ``allowed`` at all."""
+    bound = parse_rule(host)
+    for rule in allowed.rules:
+        if rule.port is not None and bound.port != rule.port:
+            continue
+        if rule.host == bound.host:
+            return True
+        if rule.host.startswith("*.") and not bound.host.startswith("*.") and rule.matches(bound.host, rule.port or 0):
+            return True
+    address = bound.address
+    return address is not None and allowed.network_allows(address)

@@ -1,0 +1,137 @@
+"""One sandbox's side of the egress proxy: what it may reach, its secrets, and what it did.
+
+A ``Gate`` holds an isolate's allow-list, the handles that stand for its
+secrets (``stockade-secret-<random>``: the only thing the isolate ever sees
+of them), their values (in this host process only), the CA of the hosts they
+are bound to, and the record of each request it made through the proxy,
+taken by the run it belongs to (``take_records``).
+"""
+
+from __future__ import annotations
+
+import secrets as random_tokens
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ..policy import Policy, SecretGrant
+from ..result import EgressRequest, SecurityViolation
+from .allowlist import Allowlist, HostRule, parse_rule
+from .ca import SandboxCA, new_label, trust_bundle
+from .redact import Redactor, StreamRedactor
+
+PROXY_PORT = 3128  # where the proxy listens on the isolate's own loopback (squid's port: what tools expect)
+MAX_RECORDS = 256  # per run; more are counted, not kept (a flood of requests must not grow a report)
+HANDLE_PREFIX = "stockade-secret-"
+# Inside the isolate: the CA bundle the proxy's certificates verify against (written at hand-over).
+CA_BUNDLE_PATH = "/tmp/stockade-ca-certificates.crt"
+
+Headers = list[tuple[bytes, bytes]]
+Violation = Callable[[str, bool, Callable[[], SecurityViolation]], None]
+
+
+@dataclass(frozen=True)
+class Binding:
+    grant: SecretGrant
+    rules: tuple[HostRule, ...]
+    handle: str
+    value: str
+
+    def binds(self, host: str, port: int) -> bool:
+        return any(rule.matches(host, port) for rule in self.rules)
+
+
+class Gate:
+    def __init__(self, policy: Policy, values: Mapping[str, str], on_violation: Violation | None = None) -> None:
+        self.allowlist = Allowlist(policy.allowed_hosts, policy.allowed_cidrs)
+        self.on_violation = on_violation
+        self.bindings = tuple(
+            Binding(
+                g, tuple(parse_rule(h) for h in g.hosts), HANDLE_PREFIX + random_tokens.token_hex(16), values[g.name]
+            )
+            for g in policy.secrets
+        )
+        self.redactor = Redactor({b.grant.name: b.value for b in self.bindings})
+        self.ca: SandboxCA | None = None
+        if self.bindings:
+            hosts = [rule.host for b in self.bindings for rule in b.rules]
+            self.ca = SandboxCA(new_label(), hosts)
+        self._lock = threading.Lock()
+        self._records: list[EgressRequest] = []
+        self._dropped = 0
+
+    # ---- what the isolate is given ------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """The variables every run in the isolate gets: the proxy, the handles, the CA bundle."""
+        proxy = f"http://127.0.0.1:{PROXY_PORT}"
+        env = {name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+        env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
+        for binding in self.bindings:
+            env[binding.grant.name] = binding.handle
+        if self.ca is not None:
+            for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT", "NODE_EXTRA_CA_CERTS"):
+                env[name] = CA_BUNDLE_PATH
+        return env
+
+    def ca_bundle(self) -> bytes | None:
+        """The file at ``CA_BUNDLE_PATH``: the host's roots and this sandbox's CA (None: no CA)."""
+        return trust_bundle(self.ca.pem) if self.ca is not None else None
+
+    # ---- what the proxy asks ------------------------------------------------------------
+
+    def bound(self, host: str, port: int) -> bool:
+        """Whether a secret is bound to ``host:port``: its TLS is terminated to substitute."""
+        return any(b.binds(host, port) for b in self.bindings)
+
+    def substitute(
+        self, host: str, port: int, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+        """``headers`` with each bound header that carries its secret's handle rewritten to the
+        grant's format filled with the value; and the names of the secrets used. A handle
+        anywhere else (another header, another host, the body) is sent as it is."""
+        used: list[str] = []
+        out = list(headers)
+        for binding in self.bindings:
+            if not binding.binds(host, port):
+                continue
+            wanted = binding.grant.header.lower().encode()
+            handle = binding.handle.encode()
+            for i, (name, value) in enumerate(out):
+                if name.lower() == wanted and handle in value:
+                    out[i] = (name, binding.grant.format.replace("{value}", binding.value).encode())
+                    if binding.grant.name not in used:
+                        used.append(binding.grant.name)
+        return out, used
+
+    def reply_redactor(self) -> StreamRedactor | None:
+        """For a reply body passing through the proxy: each value back to its handle."""
+        if not self.bindings:
+            return None
+        return StreamRedactor({b.value.encode(): b.handle.encode() for b in self.bindings})
+
+    # ---- what it did --------------------------------------------------------------------
+
+    def record(self, request: EgressRequest) -> None:
+        with self._lock:
+            if len(self._records) < MAX_RECORDS:
+                self._records.append(request)
+            else:
+                self._dropped += 1
+        if not request.allowed and self.on_violation is not None:
+            where = f"{request.host}:{request.port}"
+
+            def build() -> SecurityViolation:
+                return SecurityViolation(
+                    violation_type="network_egress",
+                    detection_layer="NETWORK",
+                    description=f"{request.method} {where} refused: {request.reason}",
+                )
+
+            self.on_violation("network_egress", True, build)
+
+    def take_records(self) -> tuple[list[EgressRequest], int]:
+        with self._lock:
+            records, self._records = self._records, []
+            dropped, self._dropped = self._dropped, 0
+        return records, dropped

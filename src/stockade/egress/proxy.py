@@ -1,0 +1,462 @@
+"""The egress proxy: an isolate's only way out under ``network_policy: "allowlist"``.
+
+The isolate's network namespace has its loopback and nothing else; the proxy
+listens on that loopback (the runtime creates the listening socket inside the
+namespace, then the host serves it), so a program that ignores
+``HTTP(S)_PROXY`` has nowhere to go. For each connection:
+
+- ``CONNECT host:port`` (HTTPS): the host must be allowed; the proxy resolves
+  it, keeps only addresses it may reach (allowlist.py) and connects to one of
+  them. A host a secret is bound to has its TLS terminated with the sandbox's
+  CA (ca.py) and its requests relayed over verified TLS upstream, with the
+  secret put into the bound header (gate.py); any other is a plain tunnel.
+- ``GET http://host/...`` (plain HTTP, absolute form): checked the same way,
+  relayed request by request, bound headers substituted.
+- Anything else (another method without a host, a malformed request, a
+  refused host) is answered with an error and recorded; a refused host also
+  counts as a violation (``detection_layer: "NETWORK"``).
+
+One asyncio loop in a thread of its own serves every gate of this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import h11
+
+from ..result import EgressRequest
+from .allowlist import HostRule, normalise_name
+from .gate import Gate
+
+log = logging.getLogger("stockade.egress")
+_CHUNK = 65536
+MAX_HEAD_BYTES = 64 * 1024
+MAX_CONNECTIONS = 64  # open at once per gate: more are refused
+CONNECT_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 300.0  # a connection with nothing to say for this long is closed
+# Extra roots the proxy trusts upstream (a private index, a test's own CA): a PEM file on the host.
+UPSTREAM_CA_ENV = "STOCKADE_EGRESS_CA_FILE"
+
+
+# Names pinned to addresses ahead of DNS (hosts(5) format): an internal name, a test's servers.
+HOSTS_FILE_ENV = "STOCKADE_EGRESS_HOSTS_FILE"
+
+
+def pinned_addresses(host: str) -> list[Any]:
+    """The addresses ``$STOCKADE_EGRESS_HOSTS_FILE`` gives ``host`` (none: ask DNS)."""
+    path = os.environ.get(HOSTS_FILE_ENV)
+    if not path:
+        return []
+    try:
+        with open(path) as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and host in (normalise_name(n) for n in fields[1:]):
+            with contextlib.suppress(ValueError):
+                found.append(ipaddress.ip_address(fields[0]))
+    return found
+
+
+class Refused(Exception):
+    """A request the gate does not let through; ``status`` is the HTTP answer."""
+
+    def __init__(self, reason: str, status: int = 403) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class EgressProxy:
+    """The event loop every gate of this process is served on (``proxy()``)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="stockade-egress", daemon=True)
+        self._thread.start()
+        self._upstream: dict[str, ssl.SSLContext] = {}
+
+    def serve(self, gate: Gate, listener: socket.socket) -> Callable[[], None]:
+        """Serve ``listener`` (listening, in the isolate's namespace) for ``gate``; returns what stops it."""
+        listener.setblocking(False)
+        tasks: set[asyncio.Task[Any]] = set()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if len(tasks) >= MAX_CONNECTIONS or task is None:
+                writer.transport.abort()
+                return
+            tasks.add(task)
+            try:
+                await _Exchange(self, gate, reader, writer).run()
+            except Exception:
+                log.debug("egress connection failed", exc_info=True)
+            finally:
+                tasks.discard(task)
+                writer.transport.abort()
+
+        async def start() -> asyncio.AbstractServer:
+            return await asyncio.start_server(handle, sock=listener, limit=MAX_HEAD_BYTES)
+
+        server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
+
+        def stop() -> None:
+            async def close() -> None:
+                server.close()
+                for task in list(tasks):
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            if self.loop.is_running():
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
+
+        return stop
+
+    def upstream_context(self) -> ssl.SSLContext:
+        """Verified TLS to the real host: the system's roots, plus ``$STOCKADE_EGRESS_CA_FILE``."""
+        extra = os.environ.get(UPSTREAM_CA_ENV, "")
+        context = self._upstream.get(extra)
+        if context is None:
+            context = ssl.create_default_context()
+            if extra:
+                context.load_verify_locations(extra)
+            context.set_alpn_protocols(["http/1.1"])
+            self._upstream[extra] = context
+        return context
+
+
+_proxy: EgressProxy | None = None
+_proxy_lock = threading.Lock()
+
+
+def proxy() -> EgressProxy:
+    global _proxy
+    with _proxy_lock:
+        if _proxy is None:
+            _proxy = EgressProxy()
+        return _proxy
+
+
+class _Exchange:
+    """One connection from the isolate, from its first request to its end."""
+
+    def __init__(self, proxy: EgressProxy, gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.proxy = proxy
+        self.gate = gate
+        self.reader = reader
+        self.writer = writer
+
+    async def run(self) -> None:
+        client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        while True:
+            try:
+                request = await _next_event(client, self.reader)
+            except h11.RemoteProtocolError as exc:
+                await self._answer(client, 400, f"bad request: {exc}")
+                return
+            if not isinstance(request, h11.Request):
+                return  # the client closed
+            method = request.method.decode("ascii", "replace")
+            if method == "CONNECT":
+                await self._connect(client, request)
+                return
+            if not await self._plain(client, request):
+                return
+            if client.our_state is h11.MUST_CLOSE or client.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                client.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    # ---- CONNECT ----------------------------------------------------------------------
+
+    async def _connect(self, client: h11.Connection, request: h11.Request) -> None:
+        host, port = _split_authority(request.target.decode("ascii", "replace"), 443)
+        record = EgressRequest(host=host or "?", port=port, method="CONNECT", scheme="tunnel", allowed=False)
+        try:
+            if not host:
+                raise Refused("CONNECT needs host:port", 400)
+            upstream = await self._open(host, port)
+        except Refused as exc:
+            record.reason = str(exc)
+            self.gate.record(record)
+            await self._answer(client, exc.status, str(exc))
+            return
+        up_reader, up_writer = upstream
+        self.writer.write(client.send(h11.Response(status_code=200, headers=[], reason=b"Connection established")))
+        leftover = client.trailing_data[0]
+        if self.gate.bound(host, port):
+            await self._terminate(host, port, leftover, up_reader, up_writer)
+            return
+        record.allowed = True
+        if leftover:
+            up_writer.write(leftover)
+        sent, received = await _relay_both(self.reader, self.writer, up_reader, up_writer)
+        record.bytes_sent, record.bytes_received = sent + len(leftover), received
+        self.gate.record(record)
+
+    async def _terminate(
+        self, host: str, port: int, leftover: bytes, up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter
+    ) -> None:
+        """TLS with the isolate (the sandbox's CA) and with the host (verified), HTTP between."""
+        assert self.gate.ca is not None
+        if leftover:  # a client speaks TLS only once told the tunnel is open: this one did not wait
+            up_writer.transport.abort()
+            return
+        try:
+            await self.writer.start_tls(self.gate.ca.server_context(host))
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            log.info("egress: TLS with the isolate for %s failed: %s", host, exc)
+            up_writer.transport.abort()
+            return
+        try:
+            await up_writer.start_tls(self.proxy.upstream_context(), server_hostname=host)
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            reason = f"upstream TLS failed: {exc}"
+            self.gate.record(EgressRequest(host=host, port=port, method="CONNECT", scheme="https", allowed=False,
+                                           reason=reason))  # fmt: skip
+            client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+            with contextlib.suppress(Exception):
+                if isinstance(await _next_event(client, self.reader), h11.Request):
+                    await self._answer(client, 502, reason)
+            return
+        client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        try:
+            while True:
+                request = await _next_event(client, self.reader)
+                if not isinstance(request, h11.Request):
+                    return
+                if not await self._exchange(client, request, upstream, up_reader, up_writer, host, port, "https"):
+                    return
+                if h11.MUST_CLOSE in (client.our_state, client.their_state, upstream.our_state, upstream.their_state):
+                    return
+                client.start_next_cycle()
+                upstream.start_next_cycle()
+        finally:
+            up_writer.transport.abort()
+
+    # ---- plain HTTP -------------------------------------------------------------------
+
+    async def _plain(self, client: h11.Connection, request: h11.Request) -> bool:
+        """One absolute-form request (``GET http://host/path``) relayed; False: the connection ends."""
+        target = request.target.decode("ascii", "replace")
+        method = request.method.decode("ascii", "replace")
+        parts = urlsplit(target)
+        if parts.scheme != "http" or not parts.hostname:
+            reason = "only http:// URLs and CONNECT go through this proxy"
+            self.gate.record(EgressRequest(host=parts.hostname or "?", port=parts.port or 80, method=method,
+                                           path=parts.path or target[:200], allowed=False, reason=reason))  # fmt: skip
+            await self._answer(client, 400, reason)
+            return False
+        host, port = normalise_name(parts.hostname), parts.port or 80
+        try:
+            up_reader, up_writer = await self._open(host, port)
+        except Refused as exc:
+            self.gate.record(EgressRequest(host=host, port=port, method=method, path=parts.path or "/",
+                                           allowed=False, reason=str(exc)))  # fmt: skip
+            await self._answer(client, exc.status, str(exc))
+            return client.their_state is not h11.MUST_CLOSE
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        origin = h11.Request(method=request.method, target=path.encode(), headers=_without_proxy_headers(request))
+        upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        try:
+            return await self._exchange(client, origin, upstream, up_reader, up_writer, host, port, "http")
+        finally:
+            up_writer.transport.abort()
+
+    # ---- one request and its reply ---------------------------------------------------
+
+    async def _exchange(
+        self,
+        client: h11.Connection,
+        request: h11.Request,
+        upstream: h11.Connection,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        host: str,
+        port: int,
+        scheme: Literal["http", "https"],
+    ) -> bool:
+        headers, used = self.gate.substitute(host, port, [(n, v) for n, v in request.headers])
+        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        record = EgressRequest(host=host, port=port, method=request.method.decode("ascii", "replace"), path=path,
+                               scheme=scheme, allowed=True, secrets_used=used)  # fmt: skip
+        try:
+            up_writer.write(upstream.send(h11.Request(method=request.method, target=request.target, headers=headers)))
+            while True:  # the body
+                event = await _next_event(client, self.reader)
+                if isinstance(event, h11.Data):
+                    record.bytes_sent += len(event.data)
+                    up_writer.write(upstream.send(event))
+                    await up_writer.drain()
+                elif isinstance(event, h11.EndOfMessage):
+                    up_writer.write(upstream.send(event))
+                    break
+                else:
+                    return False
+            response = await _next_event(upstream, up_reader)
+            while isinstance(response, h11.InformationalResponse):
+                response = await _next_event(upstream, up_reader)
+            if not isinstance(response, h11.Response):
+                raise ConnectionError("the host closed without a reply")
+            record.status = response.status_code
+            redactor = self.gate.reply_redactor()
+            reply_headers = list(response.headers)
+            if redactor is not None:  # a reply that may change length is re-framed (chunked)
+                reply_headers = [(n, v) for n, v in reply_headers if n.lower() != b"content-length"]
+                if request.method == b"HEAD" or response.status_code in (204, 304):
+                    reply_headers = list(response.headers)
+                    redactor = None
+            self.writer.write(client.send(h11.Response(status_code=response.status_code, headers=reply_headers,
+                                                        reason=response.reason)))  # fmt: skip
+            while True:
+                event = await _next_event(upstream, up_reader)
+                if isinstance(event, h11.Data):
+                    record.bytes_received += len(event.data)
+                    data = redactor.feed(event.data) if redactor is not None else event.data
+                    if data:
+                        self.writer.write(client.send(h11.Data(data=data)))
+                        await self.writer.drain()
+                elif isinstance(event, h11.EndOfMessage):
+                    if redactor is not None and (rest := redactor.flush()):
+                        self.writer.write(client.send(h11.Data(data=rest)))
+                    self.writer.write(client.send(h11.EndOfMessage()))
+                    await self.writer.drain()
+                    break
+                else:
+                    raise ConnectionError("the host closed in the middle of its reply")
+            if redactor is not None:
+                self.gate.redactor.add(redactor.count)
+            return True
+        except (h11.ProtocolError, ConnectionError, OSError) as exc:
+            record.reason = f"failed: {exc}"
+            if client.our_state in (h11.SEND_RESPONSE, h11.IDLE) and client.their_state is not h11.ERROR:
+                with contextlib.suppress(Exception):
+                    await self._answer(client, 502, f"upstream failed: {exc}")
+            return False
+        finally:
+            self.gate.record(record)
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    async def _open(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to an address ``host`` may be reached at; ``Refused`` says why not."""
+        host = host.strip("[]")
+        rule = self.gate.allowlist.rule_for(host, port)
+        if rule is None:
+            raise Refused(f"{host}:{port} is not in allowed_hosts")
+        addresses = await self._resolve(host, port, rule)
+        last: OSError | None = None
+        for address in addresses:
+            try:
+                return await asyncio.wait_for(
+                    asyncio.open_connection(str(address), port, limit=MAX_HEAD_BYTES), CONNECT_TIMEOUT_S
+                )
+            except (OSError, TimeoutError) as exc:
+                last = exc if isinstance(exc, OSError) else OSError(f"timed out after {CONNECT_TIMEOUT_S:g} s")
+        raise Refused(f"cannot connect to {host}:{port}: {last}", 502)
+
+    async def _resolve(self, host: str, port: int, rule: HostRule) -> list[Any]:
+        try:
+            return [ipaddress.ip_address(host)]  # an address: allowed by its rule or a CIDR
+        except ValueError:
+            pass
+        found = pinned_addresses(host)
+        if not found:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise Refused(f"cannot resolve {host}: {exc}", 502) from None
+            found = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
+        usable = self.gate.allowlist.usable(rule, found)
+        if not usable:
+            shown = ", ".join(str(a) for a in found)
+            raise Refused(f"{host} resolves only to addresses it may not reach ({shown}); allowed_cidrs can name them")
+        return usable
+
+    async def _answer(self, client: h11.Connection, status: int, message: str) -> None:
+        body = (message + "\n").encode()
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]  # fmt: skip
+        try:
+            self.writer.write(client.send(h11.Response(status_code=status, headers=headers)))
+            self.writer.write(client.send(h11.Data(data=body)))
+            self.writer.write(client.send(h11.EndOfMessage()))
+            await self.writer.drain()
+        except (h11.ProtocolError, ConnectionError, OSError):
+            pass
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await asyncio.wait_for(reader.read(_CHUNK), IDLE_TIMEOUT_S)
+            conn.receive_data(data)
+            continue
+        if event is h11.PAUSED:
+            return None
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        return event
+
+
+def _split_authority(target: str, default_port: int) -> tuple[str, int]:
+    host, port = target, default_port
+    if target.startswith("["):
+        end = target.find("]")
+        host, rest = target[1:end], target[end + 1 :]
+        if rest.startswith(":") and rest[1:].isdigit():
+            port = int(rest[1:])
+    elif target.count(":") == 1:
+        host, _, number = target.partition(":")
+        if not number.isdigit():
+            return "", 0
+        port = int(number)
+    if not 0 < port < 65536:
+        return "", 0
+    return normalise_name(host), port
+
+
+def _without_proxy_headers(request: h11.Request) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in request.headers if n.lower() not in (b"proxy-connection", b"proxy-authorization")]
+
+
+async def _relay_both(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+) -> tuple[int, int]:  # fmt: skip
+    """Copy both ways until both ends have finished; bytes (to the host, from it)."""
+
+    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> int:
+        total = 0
+        try:
+            while data := await asyncio.wait_for(source.read(_CHUNK), IDLE_TIMEOUT_S):
+                total += len(data)
+                sink.write(data)
+                await sink.drain()
+            if sink.can_write_eof():
+                sink.write_eof()
+        except (ConnectionError, OSError, TimeoutError):
+            sink.transport.abort()
+        return total
+
+    sent, received = await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+    up_writer.transport.abort()
+    return sent, received

@@ -1,0 +1,101 @@
+"""Taking secret values back out of what leaves an isolate: output, files, results, replies.
+
+A secret's value reaches the host's side of the proxy only; but an upstream
+may echo it, and what the isolate then holds it may print or write. Whatever
+the host hands back (stdout, stderr, a file read, a cell's result, an HTTP
+reply passing through the proxy) goes through a ``Redactor`` first, which
+replaces each value and counts the replacements.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+
+
+class Redactor:
+    """Replaces each value of ``values`` (name -> value) by ``[REDACTED:NAME]``, and counts."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        # Longest first: a value that contains another is replaced whole.
+        self._pairs = sorted(
+            ((v.encode(), f"[REDACTED:{k}]".encode()) for k, v in values.items() if v),
+            key=lambda p: -len(p[0]),
+        )
+        self._lock = threading.Lock()
+        self.count = 0  # replacements since the last ``take_count``
+
+    def __bool__(self) -> bool:
+        return bool(self._pairs)
+
+    def bytes(self, data: bytes) -> bytes:
+        if not self._pairs or not data:
+            return data
+        found = 0
+        for value, marker in self._pairs:
+            if value in data:
+                found += data.count(value)
+                data = data.replace(value, marker)
+        if found:
+            with self._lock:
+                self.count += found
+        return data
+
+    def text(self, data: str) -> str:
+        if not self._pairs or not data:
+            return data
+        return self.bytes(data.encode("utf-8", "surrogatepass")).decode("utf-8", "surrogatepass")
+
+    def json_text(self, data: str) -> str:
+        """``data``, a JSON document, with each value replaced where it appears as JSON writes it."""
+        if not self._pairs or not data:
+            return data
+        found = 0
+        for value, marker in self._pairs:
+            written = json.dumps(value.decode())[1:-1]
+            if written in data:
+                found += data.count(written)
+                data = data.replace(written, marker.decode())
+        if found:
+            with self._lock:
+                self.count += found
+        return data
+
+    def add(self, count: int) -> None:
+        """Count replacements made elsewhere (the proxy's ``StreamRedactor``) with this run's."""
+        if count:
+            with self._lock:
+                self.count += count
+
+    def take_count(self) -> int:
+        with self._lock:
+            count, self.count = self.count, 0
+        return count
+
+
+class StreamRedactor:
+    """``Redactor`` over a byte stream cut anywhere: a value split between two chunks is still
+    found. Holds back at most the longest value's length less one byte until ``flush``."""
+
+    def __init__(self, values: Mapping[bytes, bytes]) -> None:
+        self._pairs = sorted(((v, r) for v, r in values.items() if v), key=lambda p: -len(p[0]))
+        self._keep = max((len(v) for v, _ in self._pairs), default=1) - 1
+        self._held = b""
+        self.count = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._pairs:
+            return data
+        data = self._held + data
+        for value, replacement in self._pairs:
+            if value in data:
+                self.count += data.count(value)
+                data = data.replace(value, replacement)
+        cut = max(0, len(data) - self._keep)
+        out, self._held = data[:cut], data[cut:]
+        return out
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held

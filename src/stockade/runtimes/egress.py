@@ -1,0 +1,94 @@
+"""An isolate's egress under ``network_policy: "allowlist"``: its gate, opened and closed with it.
+
+Opened when a caller's policy is applied to an isolate (a fresh one, or one
+from the warm pool at hand-over: the allow-list and the secrets are the
+proxy's, not the isolate's, so they never force a cold start). The runtime
+makes the listening socket inside the isolate's network namespace
+(``AgentSandbox._egress_listener``); the host's proxy serves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..broker.client import SecretSource, secret_source
+from ..egress.gate import CA_BUNDLE_PATH, PROXY_PORT, Gate
+from ..egress.proxy import proxy
+from ..egress.redact import Redactor
+from ..policy import Policy
+
+if TYPE_CHECKING:
+    from .base import AgentSandbox
+
+log = logging.getLogger("stockade.egress")
+
+
+class Egress:
+    def __init__(self, gate: Gate, listener: socket.socket, stop: Callable[[], None],
+                 source: SecretSource | None, sandbox_id: str) -> None:  # fmt: skip
+        self.gate = gate
+        self.redactor: Redactor = gate.redactor
+        self._listener = listener
+        self._stop: Callable[[], None] | None = stop
+        self._source = source
+        self.sandbox_id = sandbox_id
+
+    def redact_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A cell's result fields (error, results, exception) with every secret value taken out."""
+        if not self.redactor:
+            return fields
+        out = dict(fields)
+        if isinstance(out.get("error"), str):
+            out["error"] = self.redactor.text(out["error"])
+        for name in ("results", "exception"):
+            value = out.get(name)
+            if isinstance(value, list):
+                out[name] = [type(v).model_validate_json(self.redactor.json_text(v.model_dump_json())) for v in value]
+            elif value is not None:
+                out[name] = type(value).model_validate_json(self.redactor.json_text(value.model_dump_json()))
+        return out
+
+    def close(self) -> None:
+        stop, self._stop = self._stop, None
+        if stop is None:
+            return
+        stop()
+        self._listener.close()
+        if self._source is not None:
+            self._source.close(self.sandbox_id)
+
+
+def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
+    """Give ``sandbox`` (about to serve ``policy``) its proxy, its handles and its CA bundle."""
+    if policy.network_policy != "allowlist":
+        return
+    sandbox_id = uuid.uuid4().hex
+    source = secret_source() if policy.secrets else None
+    values = source.open(sandbox_id, sandbox.isolate_pid(), policy.secrets) if source is not None else {}
+    listener: socket.socket | None = None
+    try:
+        gate = Gate(policy, values, sandbox._count_violation)
+        listener = sandbox._egress_listener(PROXY_PORT)
+        egress = Egress(gate, listener, proxy().serve(gate, listener), source, sandbox_id)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        if source is not None:
+            source.close(sandbox_id)
+        raise
+    sandbox.egress = egress
+    sandbox.environment_env = {**sandbox.environment_env, **gate.env()}
+    bundle = gate.ca_bundle()
+    if bundle is not None:
+        try:
+            sandbox.write_file(CA_BUNDLE_PATH, bundle, 0o444)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                egress.close()
+            sandbox.egress = None
+            raise

@@ -1,0 +1,306 @@
+"""network_policy "allowlist": the egress proxy is an isolate's only way out, and its secrets stay outside.
+
+Every test crosses the boundary for real: a process isolate, the host's proxy
+in its network namespace, HTTP and HTTPS servers on the host's loopback
+(tests/egress_harness.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from stockade import Policy, Sandbox
+from stockade.errors import RuntimeUnavailableError
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+from tests.egress_harness import SECRET_VALUE, Upstreams, serve_upstreams
+
+
+@pytest.fixture(scope="module")
+def up() -> Iterator[Upstreams]:
+    yield from serve_upstreams()
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[RuntimeManager]:
+    require("process")
+    mgr = RuntimeManager(pool_size=0)
+    yield mgr
+    mgr.close()
+
+
+def allow(up: Upstreams, *hosts: str, secrets: tuple[str, ...] = (), **fields: object) -> Policy:
+    """A policy that lets the isolate reach ``hosts`` (names of the harness, on both servers' ports)."""
+    allowed = [f"{h}:{p}" for h in hosts for p in (up.http.port, up.https.port)]
+    grants = [{"name": s, "hosts": [f"api.stockade.test:{up.https.port}", f"api.stockade.test:{up.http.port}"]}
+              for s in secrets]  # fmt: skip
+    return Policy(network_policy="allowlist", allowed_hosts=allowed, allowed_cidrs=["127.0.0.0/8"], secrets=grants,
+                  timeout_seconds=60, **fields)  # type: ignore[arg-type]  # fmt: skip
+
+
+FETCH = """
+import json, os, ssl, sys, urllib.request
+def fetch(url, headers=None, verify=True):
+    context = None if verify else ssl._create_unverified_context()
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=20, context=context) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+def via_proxy(url):  # urllib honours NO_PROXY (the isolate's own loopback): straight to the proxy instead
+    import http.client
+    connection = http.client.HTTPConnection("127.0.0.1", 3128, timeout=20)
+    connection.request("GET", url)
+    reply = connection.getresponse()
+    return reply.status, reply.read().decode()
+"""
+
+
+def run(sb: Sandbox, code: str) -> tuple[dict[str, object], object]:
+    result = sb.run_code(FETCH + code)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1]), result
+
+
+def test_a_direct_connection_fails_where_the_same_request_through_the_proxy_succeeds(
+    up: Upstreams, manager: RuntimeManager
+) -> None:
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        out, result = run(
+            sb,
+            f"""
+import socket
+def direct(address):
+    s = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    s.settimeout(5)
+    try:
+        s.connect(address)
+        return "connected"
+    except OSError as exc:
+        return exc.strerror
+    finally:
+        s.close()
+no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({{}}))
+try:
+    no_proxy.open("http://api.stockade.test:{up.http.port}/direct", timeout=5)
+    ignored = "reached"
+except Exception as exc:
+    ignored = type(exc).__name__
+print(json.dumps({{
+    "host_loopback": direct(("127.0.0.1", {up.http.port})),
+    "outside": direct(("192.0.2.1", 80)),
+    "outside_v6": direct(("2001:db8::1", 80)),
+    "ignoring_the_proxy": ignored,
+    "through_the_proxy": fetch("http://api.stockade.test:{up.http.port}/via-proxy"),
+}}))
+""",
+        )
+    assert out["host_loopback"] == "Connection refused"  # its own loopback: nothing of the host's there
+    assert out["outside"] == out["outside_v6"] == "Network is unreachable"
+    assert out["ignoring_the_proxy"] == "URLError"  # no name service, no route: nowhere to go
+    status, body = out["through_the_proxy"]  # type: ignore[misc]
+    assert status == 200 and json.loads(body)["path"] == "/via-proxy"
+    assert len([r for r in result.egress_requests if r.allowed]) == 1  # type: ignore[attr-defined]
+
+
+def test_a_host_outside_the_list_is_refused_and_reported(up: Upstreams, manager: RuntimeManager) -> None:
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        out, result = run(
+            sb,
+            f"""
+print(json.dumps({{
+    "plain": fetch("http://other.stockade.test:{up.http.port}/"),
+    "tls": fetch("https://other.stockade.test:{up.https.port}/"),
+    "far": fetch("https://example.com/"),
+    "literal": via_proxy("http://127.0.0.1:{up.http.port}/"),
+}}))
+""",
+        )
+    assert out["plain"][0] == 403 and "not in allowed_hosts" in out["plain"][1]  # type: ignore[index]
+    for key in ("tls", "far"):
+        assert "403" in out[key][1]  # type: ignore[index]  # urllib: "Tunnel connection failed: 403"
+    assert out["literal"][0] == 200  # type: ignore[index]  # an address in allowed_cidrs may be reached by address
+    refused = [r for r in result.egress_requests if not r.allowed]  # type: ignore[attr-defined]
+    assert {(r.host, r.method) for r in refused} >= {
+        ("other.stockade.test", "GET"),
+        ("other.stockade.test", "CONNECT"),
+        ("example.com", "CONNECT"),
+    }
+    layers = {v.detection_layer for v in result.security_violations}  # type: ignore[attr-defined]
+    assert layers == {"NETWORK"}
+    assert result.violation_counts["network_egress"] == len(refused)  # type: ignore[attr-defined]
+    assert all("refused" in v.description for v in result.security_violations)  # type: ignore[attr-defined]
+
+
+def test_an_allowed_name_that_resolves_to_a_private_address_is_refused_unless_its_network_is_named(
+    up: Upstreams, manager: RuntimeManager
+) -> None:
+    hosts = [f"api.stockade.test:{up.http.port}"]
+    before = len(up.http.seen)
+    policy = Policy(network_policy="allowlist", allowed_hosts=hosts, timeout_seconds=60)
+    with Sandbox(policy, manager=manager) as sb:
+        out, result = run(
+            sb,
+            f"""
+print(json.dumps({{"named": fetch("http://api.stockade.test:{up.http.port}/"),
+                   "address": via_proxy("http://127.0.0.1:{up.http.port}/")}}))
+""",
+        )
+    assert out["named"][0] == 403 and "may not reach (127.0.0.1)" in out["named"][1]  # type: ignore[index]
+    assert out["address"][0] == 403  # type: ignore[index]
+    assert len(up.http.seen) == before  # nothing reached the server
+    assert len(result.security_violations) == 2  # type: ignore[attr-defined]
+
+
+def test_the_secret_reaches_only_its_host_only_in_its_header_and_its_echo_comes_back_redacted(
+    up: Upstreams, manager: RuntimeManager
+) -> None:
+    before = len(up.https.seen)
+    with Sandbox(allow(up, "api.stockade.test", "other.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
+        out, result = run(
+            sb,
+            f"""
+handle = os.environ["API_KEY"]
+headers = {{"Authorization": "Bearer " + handle, "X-Api-Key": handle}}
+print(handle)
+print(json.dumps({{
+    "handle": handle,
+    "bound": fetch("https://api.stockade.test:{up.https.port}/bound", headers),
+    "plain": fetch("http://api.stockade.test:{up.http.port}/plain", headers),
+    "other": fetch("https://other.stockade.test:{up.https.port}/other", headers, verify=False),
+}}))
+""",
+        )
+    handle = str(out["handle"])
+    assert handle.startswith("stockade-secret-") and SECRET_VALUE not in handle
+    bound, other = up.https.seen[before:]
+    # The bound host got the value in the bound header, and nowhere else.
+    assert bound["authorization"] == f"Bearer {SECRET_VALUE}"
+    assert bound["x-api-key"] == handle
+    # Another host (allowed, TLS tunnelled end to end) got the handle as it was sent.
+    assert other["authorization"] == f"Bearer {handle}" and SECRET_VALUE not in json.dumps(other)
+    assert up.http.seen[-1]["authorization"] == f"Bearer {SECRET_VALUE}"  # plain HTTP to the bound host too
+    # Both echoes came back into the isolate with the value turned back into the handle.
+    for key in ("bound", "plain"):
+        status, body = out[key]  # type: ignore[misc]
+        assert status == 200 and SECRET_VALUE not in body
+        assert json.loads(body)["headers"]["authorization"] == f"Bearer {handle}"
+    assert result.secrets_redacted == 2  # type: ignore[attr-defined]
+    assert result.stdout.splitlines()[0] == handle  # a program that prints its handle prints only the handle
+    used = {(r.host, r.path): r.secrets_used for r in result.egress_requests}  # type: ignore[attr-defined]
+    assert used[("api.stockade.test", "/bound")] == ["API_KEY"]
+    assert used[("api.stockade.test", "/plain")] == ["API_KEY"]
+    assert SECRET_VALUE not in result.model_dump_json()  # type: ignore[attr-defined]
+
+
+def test_no_secret_value_inside_the_isolate_and_what_leaves_it_is_redacted(
+    up: Upstreams, manager: RuntimeManager
+) -> None:
+    with Sandbox(allow(up, "api.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
+        found = sb.run_code(f"""
+import os
+value = {SECRET_VALUE!r}.encode()
+hits = [k for k, v in os.environ.items() if value in v.encode()]
+for path in ("/proc/self/environ", "/proc/1/environ", "/proc/1/cmdline"):
+    try:
+        if value in open(path, "rb").read():
+            hits.append(path)
+    except OSError:
+        pass
+for top in ("/tmp", "/work", "/etc", "/dev/shm"):
+    for root, dirs, files in os.walk(top):
+        for name in files:
+            try:
+                if value in open(os.path.join(root, name), "rb").read():
+                    hits.append(os.path.join(root, name))
+            except OSError:
+                pass
+print(hits)
+""")
+        assert found.stdout == "[]\n", found.stderr
+        # Were the value to get in (here, the host writes it), nothing carries it back out.
+        sb.write_file("/tmp/leak.txt", f"key={SECRET_VALUE}\n")
+        leaked = sb.run_code(
+            "import sys; data = open('/tmp/leak.txt').read(); print(data); print(data, file=sys.stderr)"
+        )
+        assert SECRET_VALUE not in leaked.stdout + leaked.stderr
+        assert leaked.stdout == "key=[REDACTED:API_KEY]\n\n"
+        assert leaked.secrets_redacted == 2
+        assert sb.read_file("/tmp/leak.txt") == b"key=[REDACTED:API_KEY]\n"
+        cell = sb.run_code("open('/tmp/leak.txt').read()", session="s")
+        assert SECRET_VALUE not in cell.model_dump_json() and "[REDACTED:API_KEY]" in cell.model_dump_json()
+
+
+def test_a_secret_the_policy_does_not_bind_is_not_given(up: Upstreams, manager: RuntimeManager) -> None:
+    with Sandbox(allow(up, "api.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
+        result = sb.run_code("import os; print(os.environ.get('OTHER_KEY'))")
+    assert result.stdout == "None\n"
+
+
+def test_an_unknown_secret_is_refused_before_anything_runs(up: Upstreams, manager: RuntimeManager) -> None:
+    from stockade.errors import PolicyError
+
+    policy = Policy(network_policy="allowlist", allowed_hosts=["api.stockade.test"],
+                    secrets=["NOT_THERE@api.stockade.test"])  # fmt: skip
+    with pytest.raises(PolicyError, match="NOT_THERE"):
+        Sandbox(policy, manager=manager).run_code("print(1)")
+
+
+def test_pip_installs_through_the_proxy_and_not_without_it(up: Upstreams, manager: RuntimeManager) -> None:
+    from tests.egress_harness import serve_index
+
+    with serve_index() as index:
+        url = f"http://api.stockade.test:{index.port}/simple"
+        command = ["python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+                   "--index-url", url, "--trusted-host", "api.stockade.test", "--target", "/tmp/site", "stockade-probe"]  # fmt: skip
+        policy = Policy(network_policy="allowlist", allowed_hosts=[f"api.stockade.test:{index.port}"],
+                        allowed_cidrs=["127.0.0.0/8"], timeout_seconds=120, disk_mb=64)  # fmt: skip
+        with Sandbox(policy, manager=manager) as sb:
+            installed = sb.exec(command)
+            assert installed.exit_code == 0, installed.stdout + installed.stderr
+            probe = sb.exec(["python3", "-c", "import sys; sys.path.insert(0, '/tmp/site'); import stockade_probe;"
+                                              "print(stockade_probe.ANSWER)"])  # fmt: skip
+            assert probe.stdout == "42\n"
+        closed = Policy(network_policy="loopback", timeout_seconds=120)
+        with Sandbox(closed, manager=manager) as sb:
+            refused = sb.exec([*command[:-1], "--retries", "0", "--timeout", "5", "stockade-probe"])
+        assert refused.exit_code != 0
+
+
+def test_runtimes_without_a_proxy_refuse_the_allowlist(manager: RuntimeManager) -> None:
+    policy = Policy(runtime="gvisor", network_policy="allowlist", allowed_hosts=["example.com"])
+    with pytest.raises(RuntimeUnavailableError, match="allowlist"):
+        manager.select(policy)
+
+
+def test_an_isolate_with_secrets_is_served_from_the_warm_pool(up: Upstreams) -> None:
+    require("process")
+    mgr = RuntimeManager(pool_size=1)
+    try:
+        runtime = mgr.get("process")
+        from stockade.sdk import run_code
+
+        for n in range(3):  # two misses make the shape join the pool; then it is served warm
+            policy = allow(up, "api.stockade.test", secrets=("API_KEY",) if n % 2 else ())
+            shown = run_code("import os; print(os.environ['HTTP_PROXY'])", policy=policy, manager=mgr)
+            assert shown.stdout == "http://127.0.0.1:3128\n", shown.stderr
+            runtime.wait_ready(30)  # type: ignore[attr-defined]
+        result = run_code(
+            f"import urllib.request, os\nr = urllib.request.Request('https://api.stockade.test:{up.https.port}/warm',"
+            " headers={'Authorization': 'Bearer ' + os.environ['API_KEY']})\n"
+            "print(urllib.request.urlopen(r, timeout=20).status)",
+            policy=allow(up, "api.stockade.test", secrets=("API_KEY",)),
+            manager=mgr,
+        )
+        assert result.stdout == "200\n", result.stderr
+        assert up.https.seen[-1]["authorization"] == f"Bearer {SECRET_VALUE}"
+        stats = runtime.pool_statistics()  # type: ignore[attr-defined]
+        assert stats["served"] >= 2 and stats["shapes"] == 2, stats
+    finally:
+        mgr.close()

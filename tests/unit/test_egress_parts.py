@@ -1,0 +1,137 @@
+"""The egress proxy's parts on their own: the allow-list, substitution, redaction, the sandbox CA."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import tempfile
+import threading
+
+import pytest
+
+from stockade.egress.allowlist import Allowlist, parse_rule
+from stockade.egress.ca import SandboxCA
+from stockade.egress.gate import Gate
+from stockade.egress.redact import Redactor, StreamRedactor
+from stockade.errors import PolicyError
+from stockade.policy import Policy
+
+
+@pytest.mark.parametrize(
+    ("rule", "host", "port", "matches"),
+    [
+        ("api.openai.com", "api.openai.com", 443, True),
+        ("API.OpenAI.com.", "api.openai.com", 443, True),
+        ("api.openai.com", "evil.openai.com", 443, False),
+        ("api.openai.com:443", "api.openai.com", 80, False),
+        ("*.example.com", "a.b.example.com", 443, True),
+        ("*.example.com", "example.com", 443, False),  # the wildcard is below the domain, not the domain
+        ("*.example.com", "evilexample.com", 443, False),
+        ("[::1]:8443", "::1", 8443, True),
+        ("10.0.0.5", "10.0.0.5", 22, True),
+    ],
+)
+def test_rules_match_names_wildcards_addresses_and_ports(rule: str, host: str, port: int, matches: bool) -> None:
+    assert (Allowlist([rule]).rule_for(host, port) is not None) == matches
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "*.com", "foo*.example.com", "x.com:0", "x.com:99999", "[::1", "-a.com"])
+def test_malformed_rules_are_refused_by_name(bad: str) -> None:
+    with pytest.raises(ValueError, match="allowed host"):
+        parse_rule(bad)
+
+
+def test_only_global_addresses_unless_a_network_or_the_rule_names_them() -> None:
+    allowed = Allowlist(["api.example.com", "10.1.2.3"], ["192.168.0.0/16"])
+    rule = allowed.rule_for("api.example.com", 443)
+    assert rule is not None
+    found = [ipaddress.ip_address(a) for a in ("8.8.8.8", "127.0.0.1", "169.254.169.254", "10.0.0.1", "192.168.1.1")]
+    assert [str(a) for a in allowed.usable(rule, found)] == ["8.8.8.8", "192.168.1.1"]
+    literal = allowed.rule_for("10.1.2.3", 80)
+    assert literal is not None and allowed.usable(literal, [ipaddress.ip_address("10.1.2.3")])
+    assert allowed.rule_for("192.168.7.7", 80) is not None  # by address, inside a named network
+    assert allowed.rule_for("169.254.169.254", 80) is None  # the cloud metadata service: never by default
+
+
+def test_policy_checks_egress_fields() -> None:
+    with pytest.raises(PolicyError, match="allowed_hosts needs network_policy 'allowlist'"):
+        Policy(allowed_hosts=["example.com"])
+    with pytest.raises(PolicyError, match=r"bound to evil\.com, which allowed_hosts does not allow"):
+        Policy(network_policy="allowlist", allowed_hosts=["api.example.com"], secrets=["K@evil.com"])
+    with pytest.raises(PolicyError, match="format must hold"):
+        Policy(network_policy="allowlist", allowed_hosts=["a.com"],
+               secrets=[{"name": "K", "hosts": ["a.com"], "format": "Bearer"}])  # fmt: skip
+    with pytest.raises(PolicyError, match="format must hold"):
+        Policy(network_policy="allowlist", allowed_hosts=["a.com"],
+               secrets=[{"name": "K", "hosts": ["a.com"], "format": "{value}\r\nX-Evil: 1"}])  # fmt: skip
+    with pytest.raises(PolicyError, match="is also set in environment"):
+        Policy(network_policy="allowlist", allowed_hosts=["a.com"], secrets=["K@a.com"], environment={"K": "v"})
+    policy = Policy(network_policy="allowlist", allowed_hosts=["*.example.com"], secrets=["K@api.example.com"])
+    assert policy.secrets[0].header == "Authorization" and policy.secrets[0].format == "Bearer {value}"
+
+
+def test_substitution_only_in_the_bound_header_for_the_bound_host() -> None:
+    policy = Policy(
+        network_policy="allowlist",
+        allowed_hosts=["api.example.com", "other.example.com"],
+        secrets=[{"name": "K", "hosts": ["api.example.com"], "header": "X-Api-Key", "format": "{value}"}],
+    )
+    gate = Gate(policy, {"K": "the-value"})
+    handle = gate.env()["K"]
+    headers = [(b"x-api-key", handle.encode()), (b"authorization", f"Bearer {handle}".encode())]
+    sent, used = gate.substitute("api.example.com", 443, headers)
+    assert sent == [(b"x-api-key", b"the-value"), (b"authorization", f"Bearer {handle}".encode())] and used == ["K"]
+    elsewhere, used = gate.substitute("other.example.com", 443, headers)
+    assert elsewhere == headers and used == []
+    # A header without the handle is left alone: the grant fills the header only where the code put its handle.
+    assert gate.substitute("api.example.com", 443, [(b"x-api-key", b"mine")]) == ([(b"x-api-key", b"mine")], [])
+    assert "the-value" not in json.dumps(gate.env())
+
+
+def test_redaction_counts_and_finds_values_split_across_chunks() -> None:
+    redactor = Redactor({"A": "secret-aaaa", "B": "secret-aaaa-longer"})
+    assert redactor.bytes(b"x secret-aaaa-longer y secret-aaaa") == b"x [REDACTED:B] y [REDACTED:A]"
+    assert redactor.take_count() == 2 and redactor.take_count() == 0
+    assert redactor.json_text(json.dumps({"v": 'say "secret-aaaa"'})) == json.dumps({"v": 'say "[REDACTED:A]"'})
+    stream = StreamRedactor({b"0123456789": b"<handle>"})
+    data = b"abc0123456789def0123456789"
+    for cut in range(len(data)):
+        stream = StreamRedactor({b"0123456789": b"<handle>"})
+        out = stream.feed(data[:cut]) + stream.feed(data[cut:]) + stream.flush()
+        assert out == b"abc<handle>def<handle>" and stream.count == 2
+
+
+def test_the_sandbox_ca_vouches_for_its_hosts_only() -> None:
+    ca = SandboxCA("test", ["api.example.com"])
+    with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as f:
+        f.write(ca.pem)
+    try:
+        for name, ok in (("api.example.com", True), ("evil.example.org", False)):
+            # Even a leaf the CA's own key signed for another name fails: the CA is name-constrained.
+            client = ssl.create_default_context(cafile=f.name)
+            server_side, client_side = socket.socketpair()
+            result: list[object] = []
+            context = ca.server_context(name)
+
+            def serve(sock: socket.socket = server_side, context: ssl.SSLContext = context) -> None:
+                try:
+                    with context.wrap_socket(sock, server_side=True):
+                        pass
+                except (ssl.SSLError, OSError):
+                    pass
+
+            thread = threading.Thread(target=serve)
+            thread.start()
+            try:
+                with client.wrap_socket(client_side, server_hostname=name):
+                    result.append("verified")
+            except ssl.SSLCertVerificationError as exc:
+                result.append(exc.verify_message)
+            thread.join(10)
+            server_side.close()
+            assert (result == ["verified"]) == ok, (name, result)
+    finally:
+        os.unlink(f.name)
