@@ -257,8 +257,8 @@ def test_pip_installs_through_the_proxy_and_not_without_it(up: Upstreams, manage
 
     with serve_index() as index:
         url = f"http://api.stockade.test:{index.port}/simple"
-        command = ["python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
-                   "--index-url", url, "--trusted-host", "api.stockade.test", "--target", "/tmp/site", "stockade-probe"]  # fmt: skip
+        command = ["python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check", "--index-url",
+                   url, "--trusted-host", "api.stockade.test", "--target", "/tmp/site", "stockade-probe"]  # fmt: skip
         policy = Policy(network_policy="allowlist", allowed_hosts=[f"api.stockade.test:{index.port}"],
                         allowed_cidrs=["127.0.0.0/8"], timeout_seconds=120, disk_mb=64)  # fmt: skip
         with Sandbox(policy, manager=manager) as sb:

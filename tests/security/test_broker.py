@@ -1,0 +1,256 @@
+"""The secrets broker's boundaries, attacked: the sandbox uid, forged and replayed messages, a daemon taken over.
+
+As root (CI): the tests create the three users (``stockade setup-users``),
+start ``stockade secretd`` as root (it drops to ``stockade-secrets``), and act
+as the daemon (uid 0 is allowed for the test) or as ``stockade-sandbox``.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from stockade import Policy, Sandbox
+from stockade.broker import wire
+from stockade.broker.client import BrokerClient
+from stockade.errors import PolicyError
+from stockade.protocol import auth
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates users and switches uid: needs root")
+STOCKADE = os.path.join(os.path.dirname(sys.executable), "stockade")
+VALUE = "sk-broker-test-4e1f9a7c"
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    socket: str
+    key_file: str
+    key: bytes
+    dir: str
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Running]:
+    subprocess.run([STOCKADE, "setup-users"], check=True, capture_output=True, timeout=120)
+    where = tempfile.mkdtemp(prefix="stockade-broker-test-")
+    os.chmod(where, 0o755)
+    secrets_file = os.path.join(where, "secrets.json")
+    with open(secrets_file, "w") as f:
+        json.dump({"API_KEY": {"value": VALUE, "hosts": ["*.stockade.test"]}, "UNGRANTED": "sk-never-given"}, f)
+    os.chmod(secrets_file, 0o600)
+    os.chown(secrets_file, pwd.getpwnam("stockade-secrets").pw_uid, -1)
+    sock, key_file = os.path.join(where, "secretd.sock"), os.path.join(where, "session")
+    daemon_uid = pwd.getpwnam("stockade").pw_uid
+    argv = [STOCKADE, "secretd", "--secrets-file", secrets_file, "--socket", sock, "--key-file", key_file,
+            "--allow-uid", "0", "--allow-uid", str(daemon_uid)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_SESSION")}
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock) or not os.path.exists(key_file):
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "secretd did not start"
+            time.sleep(0.05)
+        time.sleep(0.2)  # bound before it dropped root: wait for it to listen as itself
+        yield Running(process, sock, key_file, wire.read_key(key_file), where)
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(where)
+
+
+def as_user(user: str, code: str) -> dict[str, object]:
+    """``code`` run by python as ``user`` (its groups only); what it printed last, as JSON."""
+    entry = pwd.getpwnam(user)
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    done = subprocess.run(
+        [sys.executable, "-c", code], user=entry.pw_uid, group=entry.pw_gid, extra_groups=groups,
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+PROBE = """
+import json, os, socket, sys
+def attempt(action):
+    try:
+        action()
+        return "ok"
+    except OSError as exc:
+        return exc.strerror
+def connect(path):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    finally:
+        s.close()
+print(json.dumps({
+    "key": attempt(lambda: open(%(key)r).read()),
+    "socket": attempt(lambda: connect(%(sock)r)),
+    "broker_environ": attempt(lambda: open("/proc/%(broker)d/environ").read()),
+    "broker_fds": attempt(lambda: os.listdir("/proc/%(broker)d/fd")),
+    "broker_mem": attempt(lambda: open("/proc/%(broker)d/mem", "rb").read(1)),
+    "daemon_environ": attempt(lambda: open("/proc/%(daemon)d/environ").read()),
+}))
+"""
+
+
+def test_the_layout_and_identities(broker: Running) -> None:
+    secrets_uid = pwd.getpwnam("stockade-secrets").pw_uid
+    secrets_gid = grp.getgrnam("stockade-secrets").gr_gid
+    assert "stockade" in grp.getgrnam("stockade-secrets").gr_mem  # the daemon reads the key through the group
+    with open(f"/proc/{broker.process.pid}/status") as f:
+        uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+    assert set(uids) == {str(secrets_uid)}  # root is gone: real, effective, saved and filesystem uids
+    key = os.stat(broker.key_file)
+    assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o640, secrets_uid, secrets_gid)
+    sock = os.stat(broker.socket)
+    assert (stat.S_IMODE(sock.st_mode), sock.st_uid, sock.st_gid) == (0o660, secrets_uid, secrets_gid)
+    # setup-users again changes nothing.
+    again = subprocess.run([STOCKADE, "setup-users"], check=True, capture_output=True, text=True, timeout=60)
+    assert again.stdout.strip() == "all three users and groups exist already"
+
+
+def test_the_sandbox_uid_reaches_neither_the_key_nor_the_broker_nor_either_process(broker: Running) -> None:
+    probe = PROBE % {"key": broker.key_file, "sock": broker.socket, "broker": broker.process.pid,
+                     "daemon": os.getpid()}  # fmt: skip
+    seen = as_user("stockade-sandbox", probe)
+    assert seen == {
+        "key": "Permission denied",
+        "socket": "Permission denied",
+        "broker_environ": "Permission denied",
+        "broker_fds": "Permission denied",
+        "broker_mem": "Permission denied",
+        "daemon_environ": "Permission denied",
+    }
+    # The daemon's user reads the key and reaches the socket (and nothing of the broker's process).
+    daemon = as_user("stockade", probe)
+    assert daemon["key"] == daemon["socket"] == "ok"
+    assert daemon["broker_environ"] == daemon["broker_mem"] == "Permission denied"
+
+
+def _raw_call(path: str, body: bytes) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(len(body).to_bytes(4, "big") + body)
+        header = s.recv(4, socket.MSG_WAITALL)
+        return wire.decode(s.recv(wire.length_of(header), socket.MSG_WAITALL))
+
+
+def test_forged_replayed_and_expired_messages_are_refused(broker: Running) -> None:
+    ping = {"method": "ping", "params": {}, "id": 1}
+    good = wire.canonical(auth.sign(ping, broker.key, encode=wire.canonical))
+    assert _raw_call(broker.socket, good).get("result") is not None
+    assert _raw_call(broker.socket, good)["error"] == "authentication failed"  # the same frame again: a replay
+    forged = wire.canonical(auth.sign(ping, b"x" * 32, encode=wire.canonical))
+    assert _raw_call(broker.socket, forged)["error"] == "authentication failed"
+    expired = wire.canonical(auth.sign(ping, broker.key, now=time.time() - 120, encode=wire.canonical))
+    assert _raw_call(broker.socket, expired)["error"] == "authentication failed"
+    unsigned = wire.canonical({**ping, "ts": time.time(), "nonce": "0123456789abcdef"})
+    assert _raw_call(broker.socket, unsigned)["error"] == "authentication failed"
+    tampered = auth.sign({"method": "fetch", "params": {"sandbox": "a", "name": "API_KEY"}, "id": 2}, broker.key,
+                         encode=wire.canonical)  # fmt: skip
+    tampered["params"]["name"] = "UNGRANTED"
+    assert _raw_call(broker.socket, wire.canonical(tampered))["error"] == "authentication failed"
+    assert _raw_call(broker.socket, b"\xff\x00garbage")["error"].startswith("not CBOR")  # type: ignore[union-attr]
+    # Its answers are signed too: a client with the wrong key refuses them.
+    with pytest.raises(Exception, match="authentication"):
+        BrokerClient(broker.socket, b"y" * 32).call("ping", {})
+
+
+def test_a_daemon_taken_over_gets_only_what_live_isolates_are_granted(broker: Running) -> None:
+    require("process")
+    client = BrokerClient(broker.socket, broker.key)
+    grant = [{"name": "API_KEY", "hosts": ["api.stockade.test"]}]
+    with pytest.raises(PolicyError, match="no such sandbox"):
+        client.call("fetch", {"sandbox": "made-up", "name": "API_KEY"})
+    with pytest.raises(PolicyError, match="does not run as a sandbox uid"):
+        client.call("register", {"sandbox": "mine", "pid": os.getpid(), "grants": grant})  # itself: not an isolate
+    mgr = RuntimeManager(pool_size=0)
+    try:
+        with Sandbox(Policy(timeout_seconds=30), manager=mgr) as sb:
+            pid = sb._sandbox.isolate_pid()  # type: ignore[union-attr]
+            assert pid is not None
+            with pytest.raises(PolicyError, match=r"may not be bound to evil\.com"):
+                client.call("register", {"sandbox": "s1", "pid": pid,
+                                         "grants": [{"name": "API_KEY", "hosts": ["evil.com"]}]})  # fmt: skip
+            client.call("register", {"sandbox": "s1", "pid": pid, "grants": grant})
+            assert client.call("fetch", {"sandbox": "s1", "name": "API_KEY"}) == {"value": VALUE}
+            with pytest.raises(PolicyError, match="does not grant"):
+                client.call("fetch", {"sandbox": "s1", "name": "UNGRANTED"})
+        # The isolate has ended: its registration is worth nothing, pid reuse or not.
+        with pytest.raises(PolicyError, match=r"ended|no such sandbox"):
+            client.call("fetch", {"sandbox": "s1", "name": "API_KEY"})
+    finally:
+        mgr.close()
+        client.close()
+
+
+FD_AUDIT = """
+import os
+for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError as exc:  # the agent (pid 1) is not this code's to look into
+        print(f"{pid}:{exc.errno}")
+        continue
+    for fd in fds:
+        try:
+            print(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile (the listing's own descriptor)
+"""
+
+
+def test_secrets_through_the_broker_reach_the_bound_host(broker: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    require("process")
+    from tests.egress_harness import serve_upstreams
+
+    upstreams = serve_upstreams()
+    up = next(upstreams)
+    try:
+        monkeypatch.delenv("STOCKADE_SECRETS_FILE")
+        monkeypatch.setenv("STOCKADE_BROKER_SOCKET", broker.socket)
+        monkeypatch.setenv("STOCKADE_SESSION_KEY_FILE", broker.key_file)
+        host = f"api.stockade.test:{up.https.port}"
+        policy = Policy(network_policy="allowlist", allowed_hosts=[host], allowed_cidrs=["127.0.0.0/8"],
+                        secrets=[{"name": "API_KEY", "hosts": [host]}], timeout_seconds=60)  # fmt: skip
+        mgr = RuntimeManager(pool_size=0)
+        try:
+            with Sandbox(policy, manager=mgr) as sb:
+                result = sb.run_code(
+                    "import os, urllib.request\n"
+                    f"r = urllib.request.Request('https://{host}/', headers={{'Authorization': 'Bearer ' + "
+                    "os.environ['API_KEY']})\nprint(urllib.request.urlopen(r, timeout=20).status)"
+                )
+                assert result.stdout == "200\n", result.stderr
+                fds = sb.run_code(FD_AUDIT)
+            assert up.https.seen[-1]["authorization"] == f"Bearer {VALUE}"
+            # The isolate's descriptors are its own: nothing of the broker, its key or the host's files.
+            assert fds.exit_code == 0, fds.stderr
+            links = fds.stdout.split()
+            assert any(x.startswith(("pipe:", "socket:")) for x in links), links
+            host_files = [x for x in links if broker.dir in x or x.startswith(("/home", "/root", "/run", "/tmp/"))]
+            assert host_files == [], links
+        finally:
+            mgr.close()
+    finally:
+        upstreams.close()
