@@ -131,8 +131,10 @@ class SecretGrant(BaseModel):
             raise ValueError(f"secret {self.name} is bound to no host")
         if not _HEADER_NAME.fullmatch(self.header):
             raise ValueError(f"secret {self.name}: header {self.header!r} is not an HTTP header name")
-        if self.format.count("{value}") != 1 or "{" in self.format.replace("{value}", "") or any(
-            c in self.format for c in "\r\n\0"
+        if (
+            self.format.count("{value}") != 1
+            or "{" in self.format.replace("{value}", "")
+            or any(c in self.format for c in "\r\n\0")
         ):
             raise ValueError(f"secret {self.name}: format must hold {{value}} once, and no other braces or line breaks")
         return self

@@ -13,9 +13,7 @@ TerminationReason = Literal[
     "completed", "timeout", "cpu_limit", "memory_limit", "output_limit", "violation", "killed", "error"
 ]
 Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
-DetectionLayer = Literal[
-    "SECCOMP", "LANDLOCK", "CGROUP", "RLIMIT", "GVISOR", "HYPERVISOR", "SUPERVISOR", "NETWORK"
-]
+DetectionLayer = Literal["SECCOMP", "LANDLOCK", "CGROUP", "RLIMIT", "GVISOR", "HYPERVISOR", "SUPERVISOR", "NETWORK"]
 
 # A run's report keeps its first this many violations whole, on every runtime;
 # ``violation_counts`` counts every one, under at most MAX_VIOLATION_NAMES names.
