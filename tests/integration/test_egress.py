@@ -304,3 +304,49 @@ def test_an_isolate_with_secrets_is_served_from_the_warm_pool(up: Upstreams) -> 
         assert stats["served"] >= 2 and stats["shapes"] == 2, stats
     finally:
         mgr.close()
+
+
+def test_through_the_daemon_the_result_and_the_audit_log_name_each_request_and_never_the_value(
+    up: Upstreams,
+) -> None:
+    require("process")
+    import os
+
+    from stockade.client import Client
+    from tests.daemon_harness import start_daemon
+
+    env = {k: os.environ[k] for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE", "STOCKADE_SECRETS_FILE")}
+    daemon = start_daemon(env=env)
+    try:
+        policy = allow(up, "api.stockade.test", secrets=("API_KEY",))
+        code = (
+            "import os, urllib.request\n"
+            f"r = urllib.request.Request('https://api.stockade.test:{up.https.port}/daemon',"
+            " headers={'Authorization': 'Bearer ' + os.environ['API_KEY']})\n"
+            "print(urllib.request.urlopen(r, timeout=20).read().decode())\n"
+            "try:\n    urllib.request.urlopen('http://elsewhere.example/', timeout=20)\n"
+            "except Exception as exc:\n    print(exc)\n"
+        )
+        with Client(daemon.socket_path) as client:
+            result = client.execute(code=code, policy=policy.model_dump(mode="json"))
+        assert result.exit_code == 0, result.stderr
+        assert up.https.seen[-1]["authorization"] == f"Bearer {SECRET_VALUE}"
+        assert SECRET_VALUE not in result.model_dump_json() and result.secrets_redacted == 1
+        assert [(r.host, r.allowed, r.secrets_used) for r in result.egress_requests] == [
+            ("api.stockade.test", True, ["API_KEY"]),
+            ("elsewhere.example", False, []),
+        ]
+        daemon.stop()
+        with open(daemon.audit_log) as f:
+            records = [json.loads(line) for line in f]
+        execution = next(r for r in records if r.get("execution_id") == result.execution_id and "egress" in r)
+        assert [(e["host"], e["allowed"], e["substituted"]) for e in execution["egress"]] == [
+            ("api.stockade.test", True, ["API_KEY"]),
+            ("elsewhere.example", False, []),
+        ]
+        assert execution["redactions"] == 1
+        with open(daemon.audit_log) as f:
+            assert SECRET_VALUE not in f.read()
+        assert SECRET_VALUE not in daemon.logs()
+    finally:
+        daemon.cleanup()
