@@ -350,3 +350,24 @@ def test_through_the_daemon_the_result_and_the_audit_log_name_each_request_and_n
         assert SECRET_VALUE not in daemon.logs()
     finally:
         daemon.cleanup()
+
+
+def test_names_resolve_through_the_host_for_allowed_hosts_only(up: Upstreams, manager: RuntimeManager) -> None:
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        out, result = run(
+            sb,
+            """
+import socket
+def lookup(name):
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)})
+    except socket.gaierror as exc:
+        return exc.strerror
+print(json.dumps({"allowed": lookup("api.stockade.test"), "refused": lookup("evil.example.com")}))
+""",
+        )
+    assert out["allowed"] == ["127.0.0.1"]  # what the proxy would connect to (allowed_cidrs names it)
+    assert isinstance(out["refused"], str)  # no address for a name outside the list
+    refused = [r for r in result.egress_requests if r.scheme == "dns"]  # type: ignore[attr-defined]
+    assert {(r.host, r.allowed) for r in refused} == {("evil.example.com", False)}
+    assert result.violation_counts["network_egress"] >= 1  # type: ignore[attr-defined]

@@ -324,6 +324,9 @@ def make_etc(old: str, config: dict[str, Any]) -> None:
         "resolv.conf": "# stockade: no name servers inside the sandbox\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
     }
+    if config.get("network") == "allowlist":  # the host answers allowed names on the isolate's loopback
+        files["resolv.conf"] = "# stockade: allowed names only, answered by the host\nnameserver 127.0.0.1\n"
+        files["nsswitch.conf"] = "passwd: files\ngroup: files\nhosts: files dns\n"
     for name, text in files.items():
         _write("/etc/" + name, text)
     # Not secrets: the loader's cache speeds up every exec; alternatives are symlinks

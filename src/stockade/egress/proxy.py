@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -37,6 +38,7 @@ import h11
 
 from ..result import EgressRequest
 from .allowlist import HostRule, normalise_name
+from .dns import NameService
 from .gate import Gate
 
 log = logging.getLogger("stockade.egress")
@@ -89,8 +91,9 @@ class EgressProxy:
         self._thread.start()
         self._upstream: dict[str, ssl.SSLContext] = {}
 
-    def serve(self, gate: Gate, listener: socket.socket) -> Callable[[], None]:
-        """Serve ``listener`` (listening, in the isolate's namespace) for ``gate``; returns what stops it."""
+    def serve(self, gate: Gate, listener: socket.socket, names: socket.socket | None = None) -> Callable[[], None]:
+        """Serve ``listener`` (a TCP socket listening in the isolate's namespace) and ``names`` (its
+        UDP socket for name service, dns.py) for ``gate``; returns what stops both."""
         listener.setblocking(False)
         tasks: set[asyncio.Task[Any]] = set()
 
@@ -100,6 +103,9 @@ class EgressProxy:
                 writer.transport.abort()
                 return
             tasks.add(task)
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # asyncio leaves Nagle on for a socket it accepts from a listener it was given
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 await _Exchange(self, gate, reader, writer).run()
             except Exception:
@@ -108,14 +114,22 @@ class EgressProxy:
                 tasks.discard(task)
                 writer.transport.abort()
 
-        async def start() -> asyncio.AbstractServer:
-            return await asyncio.start_server(handle, sock=listener, limit=MAX_HEAD_BYTES)
+        async def start() -> tuple[asyncio.AbstractServer, asyncio.DatagramTransport | None]:
+            server = await asyncio.start_server(handle, sock=listener, limit=MAX_HEAD_BYTES)
+            if names is None:
+                return server, None
+            names.setblocking(False)
+            service = NameService(gate, functools.partial(_lookup, gate))
+            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: service, sock=names)
+            return server, transport
 
-        server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
+        server, name_service = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
 
         def stop() -> None:
             async def close() -> None:
                 server.close()
+                if name_service is not None:
+                    name_service.close()
                 for task in list(tasks):
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -137,6 +151,19 @@ class EgressProxy:
             context.set_alpn_protocols(["http/1.1"])
             self._upstream[extra] = context
         return context
+
+
+def tcp_listener(port: int) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1:``port``: made in the isolate's namespace by the runtime."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 _proxy: EgressProxy | None = None
@@ -361,7 +388,7 @@ class _Exchange:
         rule = self.gate.allowlist.rule_for(host, port)
         if rule is None:
             raise Refused(f"{host}:{port} is not in allowed_hosts")
-        addresses = await self._resolve(host, port, rule)
+        addresses = await resolve(self.gate, host, port, rule)
         last: OSError | None = None
         for address in addresses:
             try:
@@ -371,24 +398,6 @@ class _Exchange:
             except (OSError, TimeoutError) as exc:
                 last = exc if isinstance(exc, OSError) else OSError(f"timed out after {CONNECT_TIMEOUT_S:g} s")
         raise Refused(f"cannot connect to {host}:{port}: {last}", 502)
-
-    async def _resolve(self, host: str, port: int, rule: HostRule) -> list[Any]:
-        try:
-            return [ipaddress.ip_address(host)]  # an address: allowed by its rule or a CIDR
-        except ValueError:
-            pass
-        found = pinned_addresses(host)
-        if not found:
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                raise Refused(f"cannot resolve {host}: {exc}", 502) from None
-            found = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
-        usable = self.gate.allowlist.usable(rule, found)
-        if not usable:
-            shown = ", ".join(str(a) for a in found)
-            raise Refused(f"{host} resolves only to addresses it may not reach ({shown}); allowed_cidrs can name them")
-        return usable
 
     async def _answer(self, client: h11.Connection, status: int, message: str) -> None:
         body = (message + "\n").encode()
@@ -403,6 +412,26 @@ class _Exchange:
             pass
 
 
+async def resolve(gate: Gate, host: str, port: int, rule: HostRule) -> list[Any]:
+    """The addresses ``host`` may be reached at under ``rule``: ``Refused`` when there are none."""
+    try:
+        return [ipaddress.ip_address(host)]  # an address: allowed by its rule or a CIDR
+    except ValueError:
+        pass
+    found = pinned_addresses(host)
+    if not found:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise Refused(f"cannot resolve {host}: {exc}", 502) from None
+        found = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
+    usable = gate.allowlist.usable(rule, found)
+    if not usable:
+        shown = ", ".join(str(a) for a in found)
+        raise Refused(f"{host} resolves only to addresses it may not reach ({shown}); allowed_cidrs can name them")
+    return usable
+
+
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
     while True:
         event = conn.next_event()
@@ -415,6 +444,19 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any
         if isinstance(event, h11.ConnectionClosed):
             return None
         return event
+
+
+async def _lookup(gate: Gate, name: str) -> list[Any]:
+    """For the name service: the addresses the proxy would connect ``name`` to (none: none usable)."""
+    rule = gate.allowlist.rule_for(name, 0) or next(
+        (r for r in gate.allowlist.rules if r.matches(name, r.port or 0)), None
+    )
+    if rule is None:
+        return []
+    try:
+        return await resolve(gate, name, rule.port or 443, rule)
+    except Refused:
+        return []
 
 
 def _split_authority(target: str, default_port: int) -> tuple[str, int]:

@@ -157,9 +157,9 @@ class AgentSandbox(abc.ABC):
         are not handed over as they happen (gVisor's log) reads what is pending."""
         return None
 
-    def _egress_listener(self, port: int) -> socket.socket:
-        """A socket listening on ``port`` of the isolate's own loopback, served by the host
-        (the egress proxy); a runtime that cannot make one refuses network_policy allowlist."""
+    def _socket_inside(self, make: Callable[[], socket.socket]) -> socket.socket:
+        """``make()`` run in the isolate's network namespace: a socket of the isolate's network that
+        the host serves (the egress proxy's); a runtime that cannot refuses network_policy allowlist."""
         raise PolicyError(f"network_policy 'allowlist' is not offered by the {self.runtime_name} runtime")
 
     def isolate_pid(self) -> int | None:

@@ -10,6 +10,7 @@ makes the listening socket inside the isolate's network namespace
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import uuid
@@ -17,8 +18,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..broker.client import SecretSource, secret_source
+from ..egress.dns import udp_socket
 from ..egress.gate import CA_BUNDLE_PATH, PROXY_PORT, Gate
-from ..egress.proxy import proxy
+from ..egress.proxy import proxy, tcp_listener
 from ..egress.redact import Redactor
 from ..policy import Policy
 
@@ -29,11 +31,11 @@ log = logging.getLogger("stockade.egress")
 
 
 class Egress:
-    def __init__(self, gate: Gate, listener: socket.socket, stop: Callable[[], None],
+    def __init__(self, gate: Gate, sockets: list[socket.socket], stop: Callable[[], None],
                  source: SecretSource | None, sandbox_id: str) -> None:  # fmt: skip
         self.gate = gate
         self.redactor: Redactor = gate.redactor
-        self._listener = listener
+        self._sockets = sockets
         self._stop: Callable[[], None] | None = stop
         self._source = source
         self.sandbox_id = sandbox_id
@@ -58,7 +60,8 @@ class Egress:
         if stop is None:
             return
         stop()
-        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
         if self._source is not None:
             self._source.close(self.sandbox_id)
 
@@ -70,14 +73,16 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
     sandbox_id = uuid.uuid4().hex
     source = secret_source() if policy.secrets else None
     values = source.open(sandbox_id, sandbox.isolate_pid(), policy.secrets) if source is not None else {}
-    listener: socket.socket | None = None
+    sockets: list[socket.socket] = []
     try:
         gate = Gate(policy, values, sandbox._count_violation)
-        listener = sandbox._egress_listener(PROXY_PORT)
-        egress = Egress(gate, listener, proxy().serve(gate, listener), source, sandbox_id)
+        # The proxy's and the name service's sockets, made in the isolate's network namespace.
+        sockets.append(sandbox._socket_inside(functools.partial(tcp_listener, PROXY_PORT)))
+        sockets.append(sandbox._socket_inside(udp_socket))
+        egress = Egress(gate, sockets, proxy().serve(gate, *sockets), source, sandbox_id)
     except BaseException:
-        if listener is not None:
-            listener.close()
+        for sock in sockets:
+            sock.close()
         if source is not None:
             source.close(sandbox_id)
         raise

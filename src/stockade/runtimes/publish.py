@@ -279,28 +279,6 @@ def connect_inside(pidfd: int, port: int, timeout: float = 10.0) -> socket.socke
         raise SandboxError(f"cannot reach port {port} inside the isolate: {exc}") from None
 
 
-def listen_inside(pidfd: int, port: int) -> socket.socket:
-    """A TCP socket listening on 127.0.0.1:``port`` in the network namespace of ``pidfd``'s process.
-
-    The socket stays in that namespace for its life; the host serves it (the egress proxy)."""
-
-    def listen() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-            sock.listen(64)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    try:
-        return in_namespace(pidfd, listen)
-    except OSError as exc:
-        raise SandboxError(f"cannot listen on port {port} inside the isolate: {exc}") from None
-
-
 def in_namespace(pidfd: int, make: Callable[[], socket.socket]) -> socket.socket:
     """``make()`` run by a thread that joined the network namespace of ``pidfd``'s process: a
     socket made there belongs to that namespace. The thread ends right after; the caller's

@@ -20,6 +20,7 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ... import environments
@@ -30,7 +31,7 @@ from ...policy import Policy, default_policy
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, Reaper, WarmPool
-from ..publish import Forwarder, listen_inside
+from ..publish import Forwarder, in_namespace
 from . import seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
@@ -74,8 +75,8 @@ class ProcessSandbox(AgentSandbox):
         # The host joins the isolate's network namespace through its init's pidfd (publish.py).
         return Forwarder(self.pidfd, address, host_port, port)
 
-    def _egress_listener(self, port: int) -> socket.socket:
-        return listen_inside(self.pidfd, port)
+    def _socket_inside(self, make: Callable[[], socket.socket]) -> socket.socket:
+        return in_namespace(self.pidfd, make)
 
     def isolate_pid(self) -> int | None:
         return _pid_of(self.pidfd) if self.pidfd >= 0 else None
