@@ -7,7 +7,7 @@
 #
 # STOCKADE_APT_ETC (default /etc/apt) is where apt's sources are read and written.
 set -euo pipefail
-PKGS=(python3 python3-venv python3-pip bubblewrap util-linux iproute2 procps socat runsc qemu-system-x86 prometheus chromium chromium-driver)
+PKGS=(python3 python3-venv python3-pip bubblewrap util-linux iproute2 procps socat runsc qemu-system-x86 prometheus chromium chromium-driver supervisor passwd)
 APT_ETC="${STOCKADE_APT_ETC:-/etc/apt}"
 BACKPORTS_FILE="stockade-bookworm-backports.sources"
 

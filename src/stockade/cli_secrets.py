@@ -32,7 +32,10 @@ def add_parsers(subparsers: Any) -> None:
     secretd.add_argument("--socket", metavar="PATH", help="its socket (default: /run/stockade/secretd.sock)")
     secretd.add_argument("--key-file", metavar="FILE", help="the session key (default: /run/stockade/.session)")
     secretd.add_argument(
-        "--allow-uid", type=int, action="append", metavar="UID", help="the daemon's uid (default: user stockade's)"
+        "--allow-uid",
+        action="append",
+        metavar="USER",
+        help="the daemon's user, by name or uid; repeatable (default: stockade)",
     )
     secretd.add_argument("--user", default="stockade-secrets", metavar="NAME", help="started as root: become NAME")
     secretd.add_argument("--daemon-group", metavar="NAME", help="the group that may reach it (default: the --user's)")
@@ -91,12 +94,12 @@ def _broker_config(args: argparse.Namespace) -> Any:
     as_root = os.geteuid() == 0
     group = args.daemon_group or (args.user if as_root else None)
     gid = grp.getgrnam(group).gr_gid if group else None
-    allowed = args.allow_uid
-    if not allowed:
+    allowed = []
+    for user in args.allow_uid or ["stockade"]:
         try:
-            allowed = [pwd.getpwnam("stockade").pw_uid]
+            allowed.append(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
         except KeyError:
-            raise ConfigError("no --allow-uid, and no user stockade: which uid is the daemon's?") from None
+            raise ConfigError(f"--allow-uid {user}: no such user (`stockade setup-users` creates stockade)") from None
     raw_key = os.environ.pop("STOCKADE_SESSION_KEY", "")
     key = wire.parse_key(raw_key, "STOCKADE_SESSION_KEY") if raw_key else None
     if key is None and os.path.exists(key_file):
@@ -107,16 +110,16 @@ def _broker_config(args: argparse.Namespace) -> Any:
     if as_root:
         # As root: the layout, the key and the socket (in root's /run/stockade), each given to
         # the broker's user; then root goes, before a secret is read or a request answered.
-        identities.prepare_run_dir(args.user)
+        identities.prepare_run_dir(args.user, os.path.dirname(os.path.abspath(socket_path)))
         broker_uid, _ = identities.ids_of(args.user)
-        if os.stat(path).st_uid != broker_uid:
-            raise ConfigError(f"secrets file {path} must belong to {args.user}, who keeps it")
+        # Read by root for the broker, and only if the broker owns it: its directory may be root's alone.
+        store = SecretStore.load(path, owner=broker_uid)
         wire.write_key(key_file, key, gid, owner=broker_uid)
         listener = listen(socket_path, gid, owner=broker_uid)
         identities.drop_to(args.user)
     else:
+        store = SecretStore.load(path)
         wire.write_key(key_file, key, gid)
-    store = SecretStore.load(path)
     return BrokerConfig(
         socket_path=socket_path,
         key=key,

@@ -29,7 +29,6 @@ from ..errors import ConfigError
 RUN_DIR = "/run/stockade"
 SESSION_KEY = f"{RUN_DIR}/.session"
 BROKER_SOCKET = f"{RUN_DIR}/secretd.sock"
-BROKER_DIR = f"{RUN_DIR}/secretd"
 
 
 @dataclass(frozen=True)
@@ -93,14 +92,15 @@ def ids_of(name: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def prepare_run_dir(broker: str) -> None:
-    """``/run/stockade`` and the broker's private directory in it (as root, before dropping)."""
+def prepare_run_dir(broker: str, run_dir: str = RUN_DIR) -> None:
+    """``run_dir`` and the broker's private directory in it (as root, before dropping)."""
     uid, gid = ids_of(broker)
-    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
-    os.chmod(RUN_DIR, 0o755)  # noqa: S103 - traversed by the daemon to reach the broker's socket and key
-    os.makedirs(BROKER_DIR, mode=0o700, exist_ok=True)
-    os.chown(BROKER_DIR, uid, gid)
-    os.chmod(BROKER_DIR, 0o700)
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    os.chmod(run_dir, 0o755)  # noqa: S103 - traversed by the daemon to reach the broker's socket and key
+    private = os.path.join(run_dir, "secretd")
+    os.makedirs(private, mode=0o700, exist_ok=True)
+    os.chown(private, uid, gid)
+    os.chmod(private, 0o700)
 
 
 def drop_to(name: str) -> None:

@@ -86,7 +86,7 @@ class Broker:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # bound by root in root's directory: root removes it
                 os.unlink(self.config.socket_path)
         for registered in self.sandboxes.values():
             os.close(registered.pidfd)

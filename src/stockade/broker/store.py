@@ -34,7 +34,9 @@ class SecretStore:
         self._secrets = secrets
 
     @classmethod
-    def load(cls, path: str) -> SecretStore:
+    def load(cls, path: str, owner: int | None = None) -> SecretStore:
+        """The secrets of ``path``, a file of ``owner`` (default: this process's uid), 0600 or 0400."""
+        owner = os.geteuid() if owner is None else owner
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
@@ -45,10 +47,8 @@ class SecretStore:
                 raise ConfigError(f"secrets file {path} is not a regular file")
             if st.st_mode & 0o077:
                 raise ConfigError(f"secrets file {path} has mode {st.st_mode & 0o777:04o}: it must be 0600 or 0400")
-            if st.st_uid != os.geteuid():
-                raise ConfigError(
-                    f"secrets file {path} belongs to uid {st.st_uid}, not to this process's {os.geteuid()}"
-                )
+            if st.st_uid != owner:
+                raise ConfigError(f"secrets file {path} belongs to uid {st.st_uid}, not to its keeper ({owner})")
             raw = f.read(MAX_FILE_BYTES + 1)
         if len(raw) > MAX_FILE_BYTES:
             raise ConfigError(f"secrets file {path} is larger than {MAX_FILE_BYTES} bytes")

@@ -1,0 +1,125 @@
+"""deploy/docker/supervisord.conf, run by Debian's supervisord on this host (no container engine can
+pull a base image here): the broker starts first and drops to its user, the daemon after it, and a
+run through the daemon gets its secret from the broker."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stockade import Policy
+from tests.conftest import require
+from tests.egress_harness import SECRET_VALUE, Upstreams, serve_upstreams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONF = os.path.join(ROOT, "deploy", "docker", "supervisord.conf")
+SUPERVISORD = shutil.which("supervisord")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="supervisord starts the broker as root, which drops to its user"),
+    pytest.mark.skipif(SUPERVISORD is None, reason="Debian's supervisor package is not installed"),
+]
+
+
+@pytest.fixture
+def up() -> Iterator[Upstreams]:
+    yield from serve_upstreams()
+
+
+def _wait(what: str, check: object, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _pid_of(ctl: list[str], name: str) -> int:
+    out = subprocess.run([*ctl, "pid", name], capture_output=True, text=True, timeout=30).stdout.strip()
+    return int(out) if out.isdigit() else 0
+
+
+def _logs(where: str) -> str:
+    found = []
+    for name in sorted(os.listdir(where)):
+        with open(os.path.join(where, name), errors="replace") as f:
+            found.append(f"--- {name}\n{f.read()[-3000:]}")
+    return "\n".join(found)
+
+
+def _uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Uid:")).split()[1])
+
+
+def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up: Upstreams) -> None:
+    require("process")
+    subprocess.run([sys.executable, "-m", "stockade.cli", "setup-users"], check=True, capture_output=True, timeout=120)
+    where = tempfile.mkdtemp(prefix="stockade-deploy-")
+    run, logs = os.path.join(where, "run"), os.path.join(where, "log")
+    os.makedirs(run, mode=0o755)
+    os.makedirs(logs, mode=0o700)
+    secrets = os.path.join(where, "secrets.json")
+    with open(secrets, "w") as f:
+        json.dump({"API_KEY": SECRET_VALUE}, f)
+    os.chmod(secrets, 0o600)
+    os.chown(secrets, pwd.getpwnam("stockade-secrets").pw_uid, -1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+    env.update({
+        "STOCKADE_HOME": os.path.dirname(os.path.dirname(sys.executable)).removesuffix("/.venv") or ROOT,
+        "STOCKADE_RUN": run, "STOCKADE_LOG_DIR": logs, "STOCKADE_SECRETS_FILE": secrets,
+        "STOCKADE_SOCKET": os.path.join(run, "stockade.sock"), "STOCKADE_SOCKET_PERMS": "0600",
+        "STOCKADE_AUDIT_LOG": os.path.join(logs, "audit.log"), "STOCKADE_POOL_SIZE": "1",
+        "STOCKADE_EGRESS_HOSTS_FILE": os.environ["STOCKADE_EGRESS_HOSTS_FILE"],
+        "STOCKADE_EGRESS_CA_FILE": os.environ["STOCKADE_EGRESS_CA_FILE"],
+    })  # fmt: skip
+    supervisord = subprocess.Popen([SUPERVISORD, "-n", "-c", CONF], env=env, start_new_session=True)
+    ctl = ["supervisorctl", "-c", CONF]
+    try:
+        _wait("the daemon's socket", lambda: os.path.exists(env["STOCKADE_SOCKET"]))
+        ctl_env = {**os.environ, **{k: env[k] for k in ("STOCKADE_HOME", "STOCKADE_RUN", "STOCKADE_LOG_DIR")}}
+        ctl = ["env", *(f"{k}={v}" for k, v in ctl_env.items() if k.startswith("STOCKADE_")), *ctl]
+        broker_pid, daemon_pid = _pid_of(ctl, "secretd"), _pid_of(ctl, "daemon")
+        assert broker_pid and daemon_pid, _logs(logs)
+        # Three processes, three identities: supervisord as root, the broker as its own user.
+        assert _uid_of(supervisord.pid) == 0
+        assert _uid_of(broker_pid) == pwd.getpwnam("stockade-secrets").pw_uid
+        with open(os.path.join(logs, "supervisord.log")) as f:
+            log = f.read()
+        assert log.index("spawned: 'secretd'") < log.index("spawned: 'daemon'")  # the broker first
+        key = os.stat(os.path.join(run, ".session"))
+        assert oct(key.st_mode & 0o777) == "0o640" and key.st_gid == grp.getgrnam("stockade-secrets").gr_gid
+
+        from stockade.client import Client
+
+        host = f"api.stockade.test:{up.https.port}"
+        policy = Policy(network_policy="allowlist", allowed_hosts=[host], allowed_cidrs=["127.0.0.0/8"],
+                        secrets=[{"name": "API_KEY", "hosts": [host]}], timeout_seconds=60)  # fmt: skip
+        code = (
+            "import os, urllib.request\n"
+            f"r = urllib.request.Request('https://{host}/deployed', headers={{'Authorization': 'Bearer ' + "
+            "os.environ['API_KEY']})\nprint(urllib.request.urlopen(r, timeout=20).status)"
+        )
+        with Client(env["STOCKADE_SOCKET"]) as client:
+            result = client.execute(code=code, policy=policy.model_dump(mode="json"))
+        assert result.stdout == "200\n", result.stderr
+        assert up.https.seen[-1]["authorization"] == f"Bearer {SECRET_VALUE}"
+        with open(f"/proc/{daemon_pid}/environ", "rb") as f:
+            environ = f.read()
+        assert SECRET_VALUE.encode() not in environ and b"STOCKADE_SESSION_KEY=" not in environ
+    finally:
+        subprocess.run([*ctl, "shutdown"], capture_output=True, timeout=60)
+        try:
+            supervisord.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(supervisord.pid, 9)
+            supervisord.wait(10)
+        shutil.rmtree(where, ignore_errors=True)
