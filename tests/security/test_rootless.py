@@ -21,7 +21,8 @@ import pytest
 import stockade
 
 NOBODY = 65534
-PACKAGES = ["stockade", "pydantic", "pydantic_core", "typing_extensions", "annotated_types", "typing_inspection"]
+PACKAGES = ["stockade", "pydantic", "pydantic_core", "typing_extensions", "annotated_types", "typing_inspection",
+            "h11", "dns"]  # fmt: skip
 
 CHILD = r"""
 import json, os, stockade
@@ -31,8 +32,15 @@ r = stockade.run(["sh", "-c", "id -u; grep -E 'CapEff|NoNewPrivs|Seccomp:' /proc
                  runtime="process", manager=m)
 v = stockade.run_code("import ctypes; ctypes.CDLL(None).unshare(0x10000000)", runtime="process", manager=m)
 from stockade.runtimes.process.cgroups import detect_layout
+# The egress proxy, rootless: its sockets come from the isolate's own setup, no setns needed.
+e = stockade.run_code(
+    "import socket, urllib.request\n"
+    "try:\n    urllib.request.urlopen('http://not-allowed.example/', timeout=10)\n"
+    "except Exception as exc:\n    print(exc)\n"
+    "try:\n    socket.getaddrinfo('not-allowed.example', 80)\nexcept OSError as exc:\n    print('no name')\n",
+    runtime="process", manager=m, network_policy="allowlist", allowed_hosts=["example.com"])
 print(json.dumps({"uid": os.getuid(), "result": r.model_dump(), "limits": sorted(detect_layout().limits),
-                  "violations": [x.syscall for x in v.security_violations]}))
+                  "violations": [x.syscall for x in v.security_violations], "egress": e.model_dump(mode="json")}))
 m.close()
 """
 
@@ -84,6 +92,12 @@ def test_rootless_run_is_confined_and_honest(process_runtime: str, portable_site
     assert "CapEff:\t0000000000000000" in lines and "NoNewPrivs:\t1" in lines and "Seccomp:\t2" in lines
     assert "No such file or directory" in lines[-1]
     assert report["violations"] == ["unshare"]
+    egress = stockade.ExecResult.model_validate(report["egress"])
+    assert egress.stdout == "HTTP Error 403: Forbidden\nno name\n", egress.stderr
+    assert {(r.host, r.scheme, r.allowed) for r in egress.egress_requests} == {
+        ("not-allowed.example", "http", False),
+        ("not-allowed.example", "dns", False),
+    }
     # Where no cgroup is delegated to this user, the run must say so, not drop limits silently.
     memory_unenforced = any("memory_mb" in item for item in result.unenforced_limits)
     assert memory_unenforced == ("memory" not in report["limits"]), (report["limits"], result.unenforced_limits)

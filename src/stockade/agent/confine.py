@@ -19,8 +19,9 @@ without a spare pays for the interpreter's start.
 
 Messages to the host on the agent socket before the agent speaks JSON-RPC:
   b"P" + u32 pid   the isolate's init, as the host's pid namespace sees it
-  b"R" + fd        ready (agent up, first runner forked and warm); the fd
-                   (SCM_RIGHTS) is the seccomp listener
+  b"R" + fds       ready (agent up, first runner forked and warm); the fds
+                   (SCM_RIGHTS) are the seccomp listener, then (network_policy
+                   allowlist) the egress proxy's TCP listener and UDP socket
   b"E" + frame     setup failed; the frame holds {"error": message}
 """
 
@@ -177,7 +178,7 @@ def main() -> runner.Program:
 def become_init(config: dict[str, Any], conn: socket.socket) -> runner.Program:
     """As pid 1 of the new pid namespace: confine, then serve as the agent (see ``main``)."""
     try:
-        listener = _confine_as_init(config, conn)
+        handed = _confine_as_init(config, conn)
         server.freeze_heap()  # what confinement loaded, too
         agent = server.Agent(conn, config.get("base_env") or {})
         if config.get("warm", True):
@@ -185,8 +186,9 @@ def become_init(config: dict[str, Any], conn: socket.socket) -> runner.Program:
             # isolate is idle, not busy, when its first request arrives. An isolate
             # built on demand answers first (commands need no runner: posix_spawn).
             agent.prepare_spare(warm=True)
-        _send_fds(conn, b"R", listener)
-        os.close(listener)
+        _send_fds(conn, b"R", *handed)
+        for fd in handed:
+            os.close(fd)
     except runner.Become as become:  # in the runner forked above, once its job came
         return become.program
     except BaseException as exc:  # noqa: BLE001
@@ -195,12 +197,16 @@ def become_init(config: dict[str, Any], conn: socket.socket) -> runner.Program:
     return server.serve_until_done(agent)
 
 
-def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:
-    """Everything after the exec; returns the seccomp listener fd."""
+def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> list[int]:
+    """Everything after the exec; returns the descriptors for the host: the seccomp listener,
+    and under network_policy allowlist the egress proxy's sockets (``egress_sockets``)."""
     _finish_root(config)
     linux.sethostname(config.get("hostname", "stockade"))
-    if config.get("network") in ("loopback", "allowlist"):  # allowlist: the host's proxy listens on lo
+    handed: list[int] = []
+    if config.get("network") in ("loopback", "allowlist"):
         bring_up_loopback()
+    if config.get("network") == "allowlist":
+        handed = egress_sockets(int(config.get("proxy_port") or 3128))
     os.chdir("/work")
     _set_hard_rlimits(config.get("hard_limits") or {})
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
@@ -216,7 +222,25 @@ def _confine_as_init(config: dict[str, Any], conn: socket.socket) -> int:
         os.dup2(null, fd)
     os.close(null)
     os.set_inheritable(conn.fileno(), False)
-    return listener
+    return [listener, *handed]
+
+
+def egress_sockets(proxy_port: int) -> list[int]:
+    """The egress proxy's TCP listener (127.0.0.1:``proxy_port``) and its name service's UDP
+    socket (127.0.0.1:53), made here, in the isolate's network namespace, while init may still
+    bind a low port; handed to the host, which serves them, and closed here once sent."""
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(("127.0.0.1", proxy_port))
+        tcp.listen(64)
+        udp.bind(("127.0.0.1", 53))
+    except BaseException:
+        tcp.close()
+        udp.close()
+        raise
+    return [tcp.detach(), udp.detach()]
 
 
 # ---- the steps, in order --------------------------------------------------------
@@ -565,9 +589,9 @@ def _report_failure(conn: socket.socket, stage: str, exc: BaseException) -> None
 CONFIG_MAX = 1 << 20
 
 
-def _send_fds(sock: socket.socket, data: bytes, fd: int) -> None:
-    """``socket.send_fds(sock, [data], [fd])``."""
-    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+def _send_fds(sock: socket.socket, data: bytes, *fds: int) -> None:
+    """``socket.send_fds(sock, [data], fds)``."""
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
 
 def _recv_fds(sock: socket.socket, bufsize: int) -> tuple[bytes, list[int]]:

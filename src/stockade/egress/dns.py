@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -85,14 +84,3 @@ class NameService(asyncio.DatagramProtocol):
     def _named_any_port(self, name: str) -> bool:
         """A rule with a port still lets its name be looked up."""
         return any(rule.port is not None and rule.matches(name, rule.port) for rule in self.gate.allowlist.rules)
-
-
-def udp_socket(port: int = DNS_PORT) -> socket.socket:
-    """A UDP socket on 127.0.0.1:``port``: made in the isolate's namespace by the runtime."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        sock.close()
-        raise
-    return sock

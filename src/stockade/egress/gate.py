@@ -13,14 +13,17 @@ import secrets as random_tokens
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..policy import Policy, SecretGrant
 from ..result import EgressRequest, SecurityViolation
+from . import PROXY_PORT
 from .allowlist import Allowlist, HostRule, parse_rule
-from .ca import SandboxCA, new_label, trust_bundle
 from .redact import Redactor, StreamRedactor
 
-PROXY_PORT = 3128  # where the proxy listens on the isolate's own loopback (squid's port: what tools expect)
+if TYPE_CHECKING:
+    from .ca import SandboxCA
+
 MAX_RECORDS = 256  # per run; more are counted, not kept (a flood of requests must not grow a report)
 HANDLE_PREFIX = "stockade-secret-"
 # Inside the isolate: the CA bundle the proxy's certificates verify against (written at hand-over).
@@ -54,6 +57,8 @@ class Gate:
         self.redactor = Redactor({b.grant.name: b.value for b in self.bindings})
         self.ca: SandboxCA | None = None
         if self.bindings:
+            from .ca import SandboxCA, new_label  # cryptography: loaded only for an isolate with secrets
+
             hosts = [rule.host for b in self.bindings for rule in b.rules]
             self.ca = SandboxCA(new_label(), hosts)
         self._lock = threading.Lock()
@@ -76,7 +81,11 @@ class Gate:
 
     def ca_bundle(self) -> bytes | None:
         """The file at ``CA_BUNDLE_PATH``: the host's roots and this sandbox's CA (None: no CA)."""
-        return trust_bundle(self.ca.pem) if self.ca is not None else None
+        if self.ca is None:
+            return None
+        from .ca import trust_bundle
+
+        return trust_bundle(self.ca.pem)
 
     # ---- what the proxy asks ------------------------------------------------------------
 

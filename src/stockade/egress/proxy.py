@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import http
 import ipaddress
 import logging
 import os
@@ -151,19 +152,6 @@ class EgressProxy:
             context.set_alpn_protocols(["http/1.1"])
             self._upstream[extra] = context
         return context
-
-
-def tcp_listener(port: int) -> socket.socket:
-    """A TCP socket listening on 127.0.0.1:``port``: made in the isolate's namespace by the runtime."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(64)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 _proxy: EgressProxy | None = None
@@ -404,7 +392,8 @@ class _Exchange:
         headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]  # fmt: skip
         try:
-            self.writer.write(client.send(h11.Response(status_code=status, headers=headers)))
+            reason = http.HTTPStatus(status).phrase.encode()
+            self.writer.write(client.send(h11.Response(status_code=status, headers=headers, reason=reason)))
             self.writer.write(client.send(h11.Data(data=body)))
             self.writer.write(client.send(h11.EndOfMessage()))
             await self.writer.drain()

@@ -157,9 +157,9 @@ class AgentSandbox(abc.ABC):
         are not handed over as they happen (gVisor's log) reads what is pending."""
         return None
 
-    def _socket_inside(self, make: Callable[[], socket.socket]) -> socket.socket:
-        """``make()`` run in the isolate's network namespace: a socket of the isolate's network that
-        the host serves (the egress proxy's); a runtime that cannot refuses network_policy allowlist."""
+    def _take_egress_sockets(self) -> list[socket.socket]:
+        """The egress proxy's TCP listener and name service UDP socket, both on the isolate's own
+        loopback, for the host to serve; a runtime without them refuses network_policy allowlist."""
         raise PolicyError(f"network_policy 'allowlist' is not offered by the {self.runtime_name} runtime")
 
     def isolate_pid(self) -> int | None:

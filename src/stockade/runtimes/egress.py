@@ -10,21 +10,18 @@ makes the listening socket inside the isolate's network namespace
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import socket
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..broker.client import SecretSource, secret_source
-from ..egress.dns import udp_socket
-from ..egress.gate import CA_BUNDLE_PATH, PROXY_PORT, Gate
-from ..egress.proxy import proxy, tcp_listener
-from ..egress.redact import Redactor
 from ..policy import Policy
 
 if TYPE_CHECKING:
+    from ..broker.client import SecretSource
+    from ..egress.gate import Gate
+    from ..egress.redact import Redactor
     from .base import AgentSandbox
 
 log = logging.getLogger("stockade.egress")
@@ -70,15 +67,22 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
     """Give ``sandbox`` (about to serve ``policy``) its proxy, its handles and its CA bundle."""
     if policy.network_policy != "allowlist":
         return
+    # Here, not at the top: a runtime that never serves an allowlist never loads h11 or dnspython (nor,
+    # without secrets, cbor2 and cryptography).
+    from ..egress.gate import CA_BUNDLE_PATH, Gate
+    from ..egress.proxy import proxy
+
     sandbox_id = uuid.uuid4().hex
-    source = secret_source() if policy.secrets else None
+    source = None
+    if policy.secrets:
+        from ..broker.client import secret_source
+
+        source = secret_source()
     values = source.open(sandbox_id, sandbox.isolate_pid(), policy.secrets) if source is not None else {}
     sockets: list[socket.socket] = []
     try:
         gate = Gate(policy, values, sandbox._count_violation)
-        # The proxy's and the name service's sockets, made in the isolate's network namespace.
-        sockets.append(sandbox._socket_inside(functools.partial(tcp_listener, PROXY_PORT)))
-        sockets.append(sandbox._socket_inside(udp_socket))
+        sockets = sandbox._take_egress_sockets()
         egress = Egress(gate, sockets, proxy().serve(gate, *sockets), source, sandbox_id)
     except BaseException:
         for sock in sockets:

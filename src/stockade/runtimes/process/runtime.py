@@ -20,18 +20,18 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ... import environments
 from ...agent import linux, wire
+from ...egress import PROXY_PORT
 from ...environments import ENV_ROOT
 from ...errors import PolicyError, SandboxStartError, StockadeError
 from ...policy import Policy, default_policy
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, Reaper, WarmPool
-from ..publish import Forwarder, in_namespace
+from ..publish import Forwarder
 from . import seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
@@ -63,6 +63,7 @@ class ProcessSandbox(AgentSandbox):
         self.uid = uid  # the host uid this isolate runs as (None: rootless, the caller's own)
         self.pidfd = pidfd
         self.listener = listener
+        self.egress_sockets: list[socket.socket] = []  # until the egress proxy takes them
         self._released = False
         # The supervisor records a violation before it lets the blocked call return,
         # so every violation of a run is in the log by the time its reply is.
@@ -75,8 +76,12 @@ class ProcessSandbox(AgentSandbox):
         # The host joins the isolate's network namespace through its init's pidfd (publish.py).
         return Forwarder(self.pidfd, address, host_port, port)
 
-    def _socket_inside(self, make: Callable[[], socket.socket]) -> socket.socket:
-        return in_namespace(self.pidfd, make)
+    def _take_egress_sockets(self) -> list[socket.socket]:
+        # Made by the isolate's init at setup, in its network namespace (confine.egress_sockets).
+        taken, self.egress_sockets = self.egress_sockets, []
+        if len(taken) != 2:
+            raise PolicyError("this isolate was not built for network_policy 'allowlist'")
+        return taken
 
     def isolate_pid(self) -> int | None:
         return _pid_of(self.pidfd) if self.pidfd >= 0 else None
@@ -107,6 +112,8 @@ class ProcessSandbox(AgentSandbox):
         if self.cgroup is not None:
             self.cgroup.kill()
         seccomp.supervisor().forget(self.listener)
+        for sock in self.egress_sockets:
+            sock.close()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -235,8 +242,9 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 unenforced = cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit)
             zygote.spawn(config, guest.fileno())
             guest.close()
-            pidfd, listener = _handshake(host)
+            pidfd, listener, egress = _handshake(host)
             sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener, uid)
+            sandbox.egress_sockets = egress
             sandbox.unenforced_limits = unenforced
             # Off the critical path: the caller is about to run something in this isolate.
             self._reaper.defer(lambda: self._prepare_next(zygote, manager))
@@ -312,6 +320,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             "outer_gid": outer_gid,
             "hostname": "stockade",
             "network": policy.network_policy,
+            "proxy_port": PROXY_PORT,
             "scratch_mb": policy.disk_mb,
             # The environment's host path stays out of the isolate's mountinfo (confine._bind_extra).
             "mounts": [{**m.model_dump(), "hide_source": m.target == ENV_ROOT} for m in policy.filesystem_access],
@@ -368,7 +377,8 @@ def check_mount_sources(policy: Policy) -> None:
             )
 
 
-def _handshake(host: socket.socket) -> tuple[int, int]:
+def _handshake(host: socket.socket) -> tuple[int, int, list[socket.socket]]:
+    """The isolate's pidfd, its seccomp listener, and (network_policy allowlist) its egress sockets."""
     host.settimeout(HANDSHAKE_TIMEOUT_S)
     try:
         first = wire.recv_exact(host, 1)
@@ -379,16 +389,18 @@ def _handshake(host: socket.socket) -> tuple[int, int]:
         (pid,) = struct.unpack("<I", wire.recv_exact(host, 4))
         pidfd = os.pidfd_open(pid)
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(host, 1, 1)
-            if msg == b"E":
-                raise SandboxStartError(_setup_error(host))
-            if msg != b"R" or len(fds) != 1:
+            msg, fds, _flags, _addr = socket.recv_fds(host, 1, 3)
+            if msg == b"E" or msg != b"R" or len(fds) not in (1, 3):
+                for fd in fds:
+                    os.close(fd)
+                if msg == b"E":
+                    raise SandboxStartError(_setup_error(host))
                 raise SandboxStartError("the isolate died during setup")
         except BaseException:
             _kill_pidfd(pidfd)
             os.close(pidfd)
             raise
-        return pidfd, fds[0]
+        return pidfd, fds[0], [socket.socket(fileno=fd) for fd in fds[1:]]
     except TimeoutError:
         raise SandboxStartError(f"the isolate did not finish setup within {HANDSHAKE_TIMEOUT_S:g} s") from None
     except (EOFError, ProcessLookupError):
