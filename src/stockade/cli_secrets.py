@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 EXIT_ERROR = 125  # cli.EXIT_STOCKADE_ERROR
+DEFAULT_STATE_DIR = "/var/lib/stockade/secretd"
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -37,9 +38,66 @@ def add_parsers(subparsers: Any) -> None:
         metavar="USER",
         help="the daemon's user, by name or uid; repeatable (default: stockade)",
     )
+    secretd.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where secrets an admin registers through the daemon are kept, encrypted (default as root: "
+        "/var/lib/stockade/secretd; otherwise none)",
+    )
     secretd.add_argument("--user", default="stockade-secrets", metavar="NAME", help="started as root: become NAME")
     secretd.add_argument("--daemon-group", metavar="NAME", help="the group that may reach it (default: the --user's)")
     secretd.set_defaults(func=cmd_secretd)
+
+
+    secrets = subparsers.add_parser(
+        "secrets", help="an admin's secrets, kept encrypted by the broker: put, ls, rm (through the daemon, as root)"
+    )
+    secrets_sub = secrets.add_subparsers(dest="secrets_cmd", required=True)
+    put = secrets_sub.add_parser("put", help="register (or replace) a secret; its value is read from stdin")
+    put.add_argument("name", metavar="NAME")
+    put.add_argument(
+        "--host", action="append", metavar="HOST", help="a host it may be bound to (repeatable; default: any)"
+    )
+    ls = secrets_sub.add_parser("ls", help="the broker's secrets: names, hosts, where they come from (no values)")
+    ls.add_argument("--json", action="store_true")
+    rm = secrets_sub.add_parser("rm", help="remove a registered secret")
+    rm.add_argument("name", metavar="NAME")
+    for sub in (put, ls, rm):
+        sub.add_argument("--socket", metavar="PATH", help="the daemon's socket (default: $STOCKADE_SOCKET)")
+        sub.set_defaults(func=cmd_secrets)
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import Client
+    from .errors import StockadeError
+
+    token = os.environ.get("STOCKADE_AUTH_TOKEN") or None
+    try:
+        with Client(args.socket or None, auth_token=token, retry=None) as client:
+            if args.secrets_cmd == "put":
+                value = sys.stdin.read().rstrip("\n") if not sys.stdin.isatty() else ""
+                if not value:
+                    print("stockade: give the value on standard input (not as an argument)", file=sys.stderr)
+                    return EXIT_ERROR
+                client.call("secrets.put", {"name": args.name, "value": value, "hosts": args.host})
+                print(f"{args.name}: registered")
+            elif args.secrets_cmd == "rm":
+                gone = client.call("secrets.delete", {"name": args.name}).get("deleted")
+                print(f"{args.name}: {'removed' if gone else 'not registered'}")
+                return 0 if gone else 1
+            else:
+                listed = client.call("secrets.list", {})["secrets"]
+                if args.json:
+                    print(json.dumps(listed, indent=2))
+                for entry in [] if args.json else listed:
+                    hosts = ", ".join(entry["hosts"]) if entry["hosts"] is not None else "any host"
+                    print(f"{entry['name']:<32} {entry['source']:<10} {hosts}")
+    except StockadeError as exc:
+        print(f"stockade: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
 
 
 def cmd_setup_users(args: argparse.Namespace) -> int:
@@ -82,6 +140,7 @@ def _broker_config(args: argparse.Namespace) -> Any:
     from .broker import identities, wire
     from .broker.server import BrokerConfig, listen
     from .broker.store import SecretStore
+    from .broker.vault import Vault
     from .errors import ConfigError
     from .runtimes.process.uids import UidRange
 
@@ -116,10 +175,16 @@ def _broker_config(args: argparse.Namespace) -> Any:
         store = SecretStore.load(path, owner=broker_uid)
         wire.write_key(key_file, key, gid, owner=broker_uid)
         listener = listen(socket_path, gid, owner=broker_uid)
+        state_dir = args.state_dir or DEFAULT_STATE_DIR
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chown(state_dir, broker_uid, -1)
         identities.drop_to(args.user)
     else:
         store = SecretStore.load(path)
         wire.write_key(key_file, key, gid)
+        state_dir = args.state_dir
+    if state_dir:
+        store.vault = Vault(state_dir)  # as the broker: its key is the broker's own
     return BrokerConfig(
         socket_path=socket_path,
         key=key,

@@ -58,7 +58,8 @@ def broker() -> Iterator[Running]:
     sock, key_file = os.path.join(where, "secretd.sock"), os.path.join(where, "session")
     daemon_uid = pwd.getpwnam("stockade").pw_uid
     argv = [STOCKADE, "secretd", "--secrets-file", secrets_file, "--socket", sock, "--key-file", key_file,
-            "--allow-uid", "0", "--allow-uid", str(daemon_uid)]  # fmt: skip
+            "--allow-uid", "0", "--allow-uid", str(daemon_uid),
+            "--state-dir", os.path.join(where, "state")]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_SESSION")}
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
@@ -253,4 +254,63 @@ def test_secrets_through_the_broker_reach_the_bound_host(broker: Running, monkey
         finally:
             mgr.close()
     finally:
+        upstreams.close()
+
+
+def test_an_admin_registers_secrets_through_the_daemon_and_they_rest_encrypted(broker: Running) -> None:
+    require("process")
+    import asyncio
+
+    from stockade.client import Client
+    from stockade.daemon import secrets as daemon_secrets
+    from stockade.errors import AuthenticationError
+    from stockade.protocol.models import Caller, SecretRef
+    from tests.daemon_harness import start_daemon
+    from tests.egress_harness import serve_upstreams
+
+    # Only an admin (root on the socket) may: another uid is refused before the broker is asked.
+    with pytest.raises(AuthenticationError, match="for an admin"):
+        asyncio.run(daemon_secrets.delete(SecretRef(name="X"), Caller("uid 1000", "unix", uid=1000)))
+    upstreams = serve_upstreams()
+    up = next(upstreams)
+    env = {"STOCKADE_BROKER_SOCKET": broker.socket, "STOCKADE_SESSION_KEY_FILE": broker.key_file,
+           **{k: os.environ[k] for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE")}}  # fmt: skip
+    daemon = start_daemon(env=env)
+    registered = "sk-registered-5d2c8b1e"
+    try:
+        cli = [sys.executable, "-m", "stockade.cli", "secrets"]
+        cli_env = {**os.environ, "STOCKADE_SOCKET": daemon.socket_path}
+        put = subprocess.run([*cli, "put", "REGISTERED", "--host", "*.stockade.test"], input=registered + "\n",
+                             capture_output=True, text=True, env=cli_env, timeout=60)  # fmt: skip
+        assert put.returncode == 0, put.stderr
+        listed = subprocess.run([*cli, "ls", "--json"], capture_output=True, text=True, env=cli_env, timeout=60)
+        entries = {e["name"]: e for e in json.loads(listed.stdout)}
+        assert entries["REGISTERED"] == {"name": "REGISTERED", "hosts": ["*.stockade.test"], "source": "registered"}
+        assert entries["API_KEY"]["source"] == "file" and registered not in listed.stdout
+        # At rest: encrypted, in the broker's own directory.
+        state = os.path.join(broker.dir, "state")
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        assert os.stat(state).st_uid == pwd.getpwnam("stockade-secrets").pw_uid
+        with open(os.path.join(state, "vault"), "rb") as f:
+            assert registered.encode() not in f.read()
+        # Used as any other: the bound host gets it.
+        host = f"api.stockade.test:{up.https.port}"
+        policy = Policy(network_policy="allowlist", allowed_hosts=[host], allowed_cidrs=["127.0.0.0/8"],
+                        secrets=[{"name": "REGISTERED", "hosts": [host], "header": "X-Key", "format": "{value}"}],
+                        timeout_seconds=60)  # fmt: skip
+        code = (f"import os, urllib.request\nr = urllib.request.Request('https://{host}/', headers={{'X-Key': "
+                "os.environ['REGISTERED']})\nprint(urllib.request.urlopen(r, timeout=20).status)")  # fmt: skip
+        with Client(daemon.socket_path) as client:
+            result = client.execute(code=code, policy=policy.model_dump(mode="json"))
+        assert result.stdout == "200\n", result.stderr
+        assert up.https.seen[-1]["x-key"] == registered
+        removed = subprocess.run([*cli, "rm", "REGISTERED"], capture_output=True, text=True, env=cli_env, timeout=60)
+        assert removed.returncode == 0 and "removed" in removed.stdout
+        daemon.stop()
+        with open(daemon.audit_log) as f:
+            audit = f.read()
+        assert registered not in audit and '"action":"secrets.put"' in audit and '"target":"REGISTERED"' in audit
+        assert registered not in daemon.logs()
+    finally:
+        daemon.cleanup()
         upstreams.close()

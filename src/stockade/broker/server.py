@@ -38,6 +38,7 @@ from ..protocol import auth
 from ..protocol.peer import Peer, peer_of
 from . import wire
 from .store import SecretStore
+from .vault import Vault
 
 log = logging.getLogger("stockade.secretd")
 MAX_SANDBOXES = 4096
@@ -131,7 +132,8 @@ class Broker:
             log.warning("secretd: authentication failed (uid %d)", peer.uid)
             return {"id": msg_id, "error": "authentication failed"}
         method, params = request.get("method"), request.get("params")
-        handler = {"ping": self._ping, "register": self._register, "fetch": self._fetch, "release": self._release}
+        handler = {"ping": self._ping, "register": self._register, "fetch": self._fetch, "release": self._release,
+                   "put": self._put, "delete": self._delete, "list": self._list}  # fmt: skip
         if not isinstance(method, str) or method not in handler or not isinstance(params, dict):
             return {"id": msg_id, "error": f"unknown method {str(method)[:32]!r}"}
         try:
@@ -197,6 +199,41 @@ class Broker:
     def _release(self, params: dict[str, Any]) -> dict[str, Any]:
         sandbox = params.get("sandbox")
         return {"released": isinstance(sandbox, str) and self._forget(sandbox)}
+
+    # ---- an admin's secrets, through the daemon (vault.py) ---------------------------------
+
+    def _vault(self) -> Vault:
+        vault = self.config.store.vault
+        if vault is None:
+            raise ValueError("this broker keeps no registered secrets (start it with --state-dir)")
+        return vault
+
+    def _put(self, params: dict[str, Any]) -> dict[str, Any]:
+        name, value, hosts = params.get("name"), params.get("value"), params.get("hosts")
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ValueError("put: name and value are strings")
+        if hosts is not None and (not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts)):
+            raise ValueError("put: hosts is a list of host names")
+        if self.config.store.from_file(name):
+            raise ValueError(f"put: {name} comes from the broker's file, which an admin edits there")
+        self._vault().put(name, value, hosts)
+        log.info("secretd: %s registered", name)
+        return {"name": name}
+
+    def _delete(self, params: dict[str, Any]) -> dict[str, Any]:
+        name = params.get("name")
+        if not isinstance(name, str):
+            raise ValueError("delete: name is a string")
+        return {"deleted": self._vault().delete(name)}
+
+    def _list(self, params: dict[str, Any]) -> dict[str, Any]:
+        store = self.config.store
+        found = []
+        for name in store.names():
+            hosts = store.hosts_of(name)
+            source = "file" if store.from_file(name) else "registered"
+            found.append({"name": name, "hosts": list(hosts) if hosts is not None else None, "source": source})
+        return {"secrets": found}
 
     def _forget(self, sandbox: str) -> bool:
         registered = self.sandboxes.pop(sandbox, None)

@@ -16,9 +16,13 @@ import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..egress.allowlist import parse_rule
 from ..errors import ConfigError, PolicyError
+
+if TYPE_CHECKING:
+    from .vault import Vault
 
 MAX_FILE_BYTES = 1 << 20
 
@@ -30,8 +34,18 @@ class StoredSecret:
 
 
 class SecretStore:
+    """The broker's secrets: those of its file, and (``vault``) those an admin registered."""
+
     def __init__(self, secrets: dict[str, StoredSecret]) -> None:
         self._secrets = secrets
+        self.vault: Vault | None = None
+
+    @property
+    def _all(self) -> dict[str, StoredSecret]:
+        return {**(self.vault.secrets if self.vault is not None else {}), **self._secrets}
+
+    def from_file(self, name: str) -> bool:
+        return name in self._secrets
 
     @classmethod
     def load(cls, path: str, owner: int | None = None) -> SecretStore:
@@ -59,14 +73,15 @@ class SecretStore:
         return cls(parse_secrets(document, f"secrets file {path}"))
 
     def names(self) -> list[str]:
-        return sorted(self._secrets)
+        return sorted(self._all)
 
-    def get(self, name: str) -> StoredSecret | None:
-        return self._secrets.get(name)
+    def hosts_of(self, name: str) -> tuple[str, ...] | None:
+        stored = self._all.get(name)
+        return stored.hosts if stored is not None else None
 
     def check_grant(self, name: str, hosts: Iterable[str]) -> StoredSecret:
         """The secret ``name``, if it exists and may be bound to every one of ``hosts``."""
-        stored = self._secrets.get(name)
+        stored = self._all.get(name)
         if stored is None:
             raise PolicyError(f"secret {name} is not known to the secrets broker")
         if stored.hosts is not None:

@@ -32,11 +32,14 @@ from ..protocol.models import (
     SandboxRef,
     SandboxRunCode,
     SandboxSpawn,
+    SecretPut,
+    SecretRef,
     WriteFile,
     parse,
 )
 from ..result import ExecResult
 from ..runtimes.verdict import OutputCallback
+from . import secrets
 from .controller import Controller
 from .observers import Observers
 
@@ -120,6 +123,9 @@ def _method_list() -> list[Method]:
         Method("sandbox.list_dir", ListDir, lambda c, r, caller, out: c.list_dir(r, caller)),
         Method("sandbox.close", SandboxRef, lambda c, r, caller, out: c.close_sandbox(r, caller), admin_action=True),
         Method("runtimes", Empty, _runtimes),
+        Method("secrets.put", SecretPut, lambda c, r, caller, out: secrets.put(r, caller), admin_action=True),
+        Method("secrets.delete", SecretRef, lambda c, r, caller, out: secrets.delete(r, caller), admin_action=True),
+        Method("secrets.list", Empty, lambda c, r, caller, out: secrets.listing(r, caller)),
     ]
 
 
@@ -138,7 +144,8 @@ async def answer(
     (ending a run, closing a sandbox) told to the observers (the audit log) once it is done."""
     result = await method.call(controller, request, caller, on_output)
     if method.admin_action:
-        target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", "")
+        target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", None)
+        target = target or getattr(request, "name", "")  # a secret's name (secrets.*), never its value
         observers.admin(caller, method.name, str(target))
     return result
 

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -123,6 +124,18 @@ class SandboxCreate(_WithPolicy):
 
 class SandboxRef(Request):
     sandbox_id: str
+
+
+class SecretPut(Request):
+    """An admin's secret for the broker to keep (``secrets.put``): never logged, never answered back."""
+
+    name: str
+    value: SecretStr
+    hosts: list[str] | None = Field(default=None, description="the only hosts a policy may bind it to (none: any)")
+
+
+class SecretRef(Request):
+    name: str
 
 
 class _HeldRun(SandboxRef, _WithStdin):
