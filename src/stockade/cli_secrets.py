@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 EXIT_ERROR = 125  # cli.EXIT_STOCKADE_ERROR
-DEFAULT_STATE_DIR = "/var/lib/stockade/secretd"
+DEFAULT_STATE_DIR = "/var/lib/stockade-secrets"  # its own: the daemon's /var/lib/stockade is 0700 root
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -42,12 +42,11 @@ def add_parsers(subparsers: Any) -> None:
         "--state-dir",
         metavar="DIR",
         help="where secrets an admin registers through the daemon are kept, encrypted (default as root: "
-        "/var/lib/stockade/secretd; otherwise none)",
+        "/var/lib/stockade-secrets; otherwise none)",
     )
     secretd.add_argument("--user", default="stockade-secrets", metavar="NAME", help="started as root: become NAME")
     secretd.add_argument("--daemon-group", metavar="NAME", help="the group that may reach it (default: the --user's)")
     secretd.set_defaults(func=cmd_secretd)
-
 
     secrets = subparsers.add_parser(
         "secrets", help="an admin's secrets, kept encrypted by the broker: put, ls, rm (through the daemon, as root)"
@@ -176,15 +175,21 @@ def _broker_config(args: argparse.Namespace) -> Any:
         wire.write_key(key_file, key, gid, owner=broker_uid)
         listener = listen(socket_path, gid, owner=broker_uid)
         state_dir = args.state_dir or DEFAULT_STATE_DIR
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        os.chown(state_dir, broker_uid, -1)
+        try:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            os.chown(state_dir, broker_uid, -1)
+        except OSError as exc:
+            raise ConfigError(f"--state-dir {state_dir}: {exc.strerror}") from None
         identities.drop_to(args.user)
     else:
         store = SecretStore.load(path)
         wire.write_key(key_file, key, gid)
         state_dir = args.state_dir
     if state_dir:
-        store.vault = Vault(state_dir)  # as the broker: its key is the broker's own
+        try:
+            store.vault = Vault(state_dir)  # as the broker: its key is the broker's own
+        except OSError as exc:
+            raise ConfigError(f"--state-dir {state_dir}: {exc.strerror} (the broker's user must own it)") from None
     return BrokerConfig(
         socket_path=socket_path,
         key=key,

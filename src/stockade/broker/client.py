@@ -53,10 +53,12 @@ class BrokerClient:
                 except OSError as exc:
                     self._drop()
                     raise ConfigError(f"cannot reach the secrets broker at {self.path}: {exc.strerror}") from None
-        if answer.get("id") != request["id"] or not wire.verify(answer, self.key, self.nonces):
+        if not wire.verify(answer, self.key, self.nonces):
             raise ConfigError("the secrets broker's answer failed authentication (is the session key right?)")
         if answer.get("error") is not None:
             raise PolicyError(f"the secrets broker refused {method}: {answer['error']}")
+        if answer.get("id") != request["id"]:
+            raise ConfigError(f"the secrets broker answered request {answer.get('id')!r}, not {request['id']}")
         result = answer.get("result")
         return result if isinstance(result, dict) else {}
 

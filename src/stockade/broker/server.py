@@ -1,8 +1,10 @@
 """``stockade secretd``: the secrets broker, the only process that holds secret values at rest.
 
 It runs as its own uid (``stockade-secrets``) and answers on a Unix socket
-that only the daemon's uid may use (SO_PEERCRED, checked before a byte is
-read). Every message is signed (wire.py). What it gives out is bounded by
+that only the daemon's uid may use. The server is the daemon's own
+(rpc/server.py: SO_PEERCRED checked before a byte is read, per-uid caps and
+rate limits, HMAC with a replay window), with the broker's codec (signed
+CBOR frames, wire.py) and method table. What it gives out is bounded by
 what it can check itself, not by what the daemon says:
 
 - ``register`` names a sandbox by the pid of its isolate. The broker opens a
@@ -28,14 +30,15 @@ import os
 import select
 import signal
 import socket
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..daemon.ratelimit import SlidingWindowLimiter
-from ..errors import PolicyError
-from ..protocol import auth
-from ..protocol.peer import Peer, peer_of
+from pydantic import Field
+
+from ..errors import InvalidRequestError, NotFoundError, PolicyError
+from ..protocol.models import Caller, Empty, Request
+from ..rpc.methods import Method
+from ..rpc.server import RPCServer, ServerSettings
 from . import wire
 from .store import SecretStore
 from .vault import Vault
@@ -70,163 +73,126 @@ class BrokerConfig:
     replay_window_s: float = 30.0
 
 
+# ---- the requests ---------------------------------------------------------------------
+
+
+class Grant(Request):
+    name: str
+    hosts: list[str]
+
+
+class Register(Request):
+    sandbox: str = Field(min_length=1, max_length=64)
+    pid: int = Field(gt=0)
+    grants: list[Grant] = Field(min_length=1, max_length=256)
+
+
+class Fetch(Request):
+    sandbox: str
+    name: str
+
+
+class SandboxName(Request):
+    sandbox: str
+
+
+class Put(Request):
+    name: str
+    value: str
+    hosts: list[str] | None = None
+
+
+class Name(Request):
+    name: str
+
+
 class Broker:
+    """The registrations and the secrets; its methods are the table ``METHODS`` serves."""
+
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
-        self.nonces = auth.NonceCache(config.replay_window_s)
-        self.limiter = SlidingWindowLimiter(MAX_REQUESTS_PER_S)
-        self.open: Counter[int] = Counter()
         self.sandboxes: dict[str, _Registered] = {}
-        self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
-        sock = self.config.listener or listen(self.config.socket_path, self.config.socket_gid)
-        self._server = await asyncio.start_unix_server(self._connection, sock=sock)
-        log.info("secretd: %d secrets, listening on %s", len(self.config.store.names()), self.config.socket_path)
+    # What the RPC server asks of its handler (rpc/methods.Handler): nothing to release, nothing to wait for.
+    async def close_connection(self, connection: int) -> None:
+        return None
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(OSError):  # bound by root in root's directory: root removes it
-                os.unlink(self.config.socket_path)
+    async def wait_idle(self, timeout: float) -> bool:
+        return True
+
+    def close(self) -> None:
         for registered in self.sandboxes.values():
             os.close(registered.pidfd)
         self.sandboxes.clear()
 
-    # ---- one connection ---------------------------------------------------------------
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock: socket.socket = writer.get_extra_info("socket")
-        try:
-            peer = peer_of(sock)
-        except OSError:
-            writer.transport.abort()
-            return
-        if peer.uid not in self.config.allowed_uids or self.open[peer.uid] >= MAX_CONNECTIONS_PER_UID:
-            log.warning("secretd: refused peer pid=%d uid=%d", peer.pid, peer.uid)
-            writer.transport.abort()  # nothing read, nothing said
-            return
-        self.open[peer.uid] += 1
-        try:
-            while True:
-                try:
-                    header = await reader.readexactly(4)
-                    body = await reader.readexactly(wire.length_of(header))
-                except (asyncio.IncompleteReadError, ValueError, ConnectionError):
-                    return
-                writer.write(wire.frame(self._answer(body, peer), self.config.key))
-                await writer.drain()
-        finally:
-            self.open[peer.uid] -= 1
-            writer.transport.abort()
-
-    def _answer(self, body: bytes, peer: Peer) -> dict[str, Any]:
-        try:
-            request = wire.decode(body)
-        except ValueError as exc:
-            return {"id": None, "error": str(exc)}
-        msg_id = request.get("id")
-        if not self.limiter.allow(peer.uid):
-            return {"id": msg_id, "error": "rate limit exceeded"}
-        if not wire.verify(request, self.config.key, self.nonces):
-            log.warning("secretd: authentication failed (uid %d)", peer.uid)
-            return {"id": msg_id, "error": "authentication failed"}
-        method, params = request.get("method"), request.get("params")
-        handler = {"ping": self._ping, "register": self._register, "fetch": self._fetch, "release": self._release,
-                   "put": self._put, "delete": self._delete, "list": self._list}  # fmt: skip
-        if not isinstance(method, str) or method not in handler or not isinstance(params, dict):
-            return {"id": msg_id, "error": f"unknown method {str(method)[:32]!r}"}
-        try:
-            return {"id": msg_id, "result": handler[method](params)}
-        except (PolicyError, ValueError, OSError) as exc:
-            log.info("secretd: %s refused: %s", method, exc)
-            return {"id": msg_id, "error": str(exc)}
-
     # ---- the methods --------------------------------------------------------------------
 
-    def _ping(self, params: dict[str, Any]) -> dict[str, Any]:
+    def ping(self, request: Empty, caller: Caller) -> dict[str, Any]:
         return {"secrets": len(self.config.store.names()), "sandboxes": len(self.sandboxes)}
 
-    def _register(self, params: dict[str, Any]) -> dict[str, Any]:
-        sandbox, pid, grants = params.get("sandbox"), params.get("pid"), params.get("grants")
-        if not isinstance(sandbox, str) or not 0 < len(sandbox) <= 64:
-            raise ValueError("register: sandbox must be an id")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-            raise ValueError("register: pid must be a process id")
-        if not isinstance(grants, list) or not grants:
-            raise ValueError("register: grants must be a non-empty list")
-        if sandbox in self.sandboxes:
-            raise ValueError(f"register: sandbox {sandbox} is registered already")
+    def register(self, request: Register, caller: Caller) -> dict[str, Any]:
+        if request.sandbox in self.sandboxes:
+            raise InvalidRequestError(f"register: sandbox {request.sandbox} is registered already")
         self._sweep()
         if len(self.sandboxes) >= MAX_SANDBOXES:
-            raise ValueError(f"register: {MAX_SANDBOXES} sandboxes are registered")
+            raise PolicyError(f"register: {MAX_SANDBOXES} sandboxes are registered")
         checked: dict[str, tuple[str, ...]] = {}
-        for grant in grants:
-            name, hosts = (grant.get("name"), grant.get("hosts")) if isinstance(grant, dict) else (None, None)
-            if not isinstance(name, str) or not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-                raise ValueError("register: a grant is {name, hosts}")
-            self.config.store.check_grant(name, hosts)
-            checked[name] = tuple(hosts)
-        pidfd = os.pidfd_open(pid)
+        for grant in request.grants:
+            self.config.store.check_grant(grant.name, grant.hosts)
+            checked[grant.name] = tuple(grant.hosts)
         try:
-            uid = _real_uid(pid)
+            pidfd = os.pidfd_open(request.pid)
+        except OSError as exc:
+            raise PolicyError(f"register: process {request.pid}: {exc.strerror}") from None
+        try:
+            uid = _real_uid(request.pid)
             first, last = self.config.sandbox_uids
-            registered = _Registered(pid, pidfd, checked)
+            registered = _Registered(request.pid, pidfd, checked)
             # Read after the pidfd was opened: if the process is still alive now, the uid read was its own.
             if not registered.alive():
-                raise ValueError(f"register: process {pid} is gone")
+                raise PolicyError(f"register: process {request.pid} is gone")
             if uid is None or not first <= uid <= last:
-                raise ValueError(f"register: process {pid} does not run as a sandbox uid ({first}-{last})")
+                raise PolicyError(f"register: process {request.pid} does not run as a sandbox uid ({first}-{last})")
         except BaseException:
             os.close(pidfd)
             raise
-        self.sandboxes[sandbox] = registered
+        self.sandboxes[request.sandbox] = registered
         return {"granted": sorted(checked)}
 
-    def _fetch(self, params: dict[str, Any]) -> dict[str, Any]:
-        sandbox, name = params.get("sandbox"), params.get("name")
-        registered = self.sandboxes.get(sandbox) if isinstance(sandbox, str) else None
+    def fetch(self, request: Fetch, caller: Caller) -> dict[str, Any]:
+        registered = self.sandboxes.get(request.sandbox)
         if registered is None:
-            raise ValueError("fetch: no such sandbox is registered")
+            raise NotFoundError("fetch: no such sandbox is registered")
         if not registered.alive():
-            self._forget(str(sandbox))
-            raise ValueError("fetch: that sandbox's isolate has ended")
-        if not isinstance(name, str) or name not in registered.grants:
-            raise ValueError("fetch: that sandbox's policy does not grant this secret")
-        stored = self.config.store.check_grant(name, registered.grants[name])
+            self._forget(request.sandbox)
+            raise NotFoundError("fetch: that sandbox's isolate has ended")
+        if request.name not in registered.grants:
+            raise PolicyError("fetch: that sandbox's policy does not grant this secret")
+        stored = self.config.store.check_grant(request.name, registered.grants[request.name])
         return {"value": stored.value}
 
-    def _release(self, params: dict[str, Any]) -> dict[str, Any]:
-        sandbox = params.get("sandbox")
-        return {"released": isinstance(sandbox, str) and self._forget(sandbox)}
+    def release(self, request: SandboxName, caller: Caller) -> dict[str, Any]:
+        return {"released": self._forget(request.sandbox)}
 
     # ---- an admin's secrets, through the daemon (vault.py) ---------------------------------
 
     def _vault(self) -> Vault:
         vault = self.config.store.vault
         if vault is None:
-            raise ValueError("this broker keeps no registered secrets (start it with --state-dir)")
+            raise PolicyError("this broker keeps no registered secrets (start it with --state-dir)")
         return vault
 
-    def _put(self, params: dict[str, Any]) -> dict[str, Any]:
-        name, value, hosts = params.get("name"), params.get("value"), params.get("hosts")
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise ValueError("put: name and value are strings")
-        if hosts is not None and (not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts)):
-            raise ValueError("put: hosts is a list of host names")
-        if self.config.store.from_file(name):
-            raise ValueError(f"put: {name} comes from the broker's file, which an admin edits there")
-        self._vault().put(name, value, hosts)
-        log.info("secretd: %s registered", name)
-        return {"name": name}
+    def put(self, request: Put, caller: Caller) -> dict[str, Any]:
+        if self.config.store.from_file(request.name):
+            raise PolicyError(f"put: {request.name} comes from the broker's file, which an admin edits there")
+        self._vault().put(request.name, request.value, request.hosts)
+        log.info("secretd: %s registered", request.name)
+        return {"name": request.name}
 
-    def _delete(self, params: dict[str, Any]) -> dict[str, Any]:
-        name = params.get("name")
-        if not isinstance(name, str):
-            raise ValueError("delete: name is a string")
-        return {"deleted": self._vault().delete(name)}
+    def delete(self, request: Name, caller: Caller) -> dict[str, Any]:
+        return {"deleted": self._vault().delete(request.name)}
 
-    def _list(self, params: dict[str, Any]) -> dict[str, Any]:
+    def listing(self, request: Empty, caller: Caller) -> dict[str, Any]:
         store = self.config.store
         found = []
         for name in store.names():
@@ -245,6 +211,38 @@ class Broker:
     def _sweep(self) -> None:
         for sandbox in [s for s, r in self.sandboxes.items() if not r.alive()]:
             self._forget(sandbox)
+
+
+def _method(name: str, request: type[Request], answer: Any) -> Method:
+    async def call(broker: Broker, r: Any, caller: Caller, out: Any) -> Any:
+        return answer(broker, r, caller)
+
+    return Method(name, request, call, immediate=answer)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        _method("ping", Empty, Broker.ping),
+        _method("register", Register, Broker.register),
+        _method("fetch", Fetch, Broker.fetch),
+        _method("release", SandboxName, Broker.release),
+        _method("put", Put, Broker.put),
+        _method("delete", Name, Broker.delete),
+        _method("list", Empty, Broker.listing),
+    )
+}
+
+
+def _real_uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def listen(path: str, gid: int | None, owner: int | None = None) -> socket.socket:
@@ -268,20 +266,23 @@ def listen(path: str, gid: int | None, owner: int | None = None) -> socket.socke
     return sock
 
 
-def _real_uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> None:
     broker = Broker(config)
-    await broker.start()
+    settings = ServerSettings(
+        socket_path=config.socket_path,
+        socket_perms=0o660 if config.socket_gid is not None else 0o600,
+        socket_gid=config.socket_gid,
+        auth_key=config.key,
+        allowed_uids=config.allowed_uids,
+        max_requests=MAX_REQUESTS_PER_S,
+        max_connections=MAX_CONNECTIONS_PER_UID,
+        max_request_bytes=wire.MAX_FRAME,
+        replay_window_s=config.replay_window_s,
+    )
+    listener = config.listener or listen(config.socket_path, config.socket_gid)
+    server = RPCServer(settings, METHODS, wire.CborFrames(config.key), broker, listener=listener)
+    await server.start()
+    log.info("secretd: %d secrets", len(config.store.names()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -291,4 +292,5 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
     try:
         await stop.wait()
     finally:
-        await broker.close()
+        await server.close()
+        broker.close()

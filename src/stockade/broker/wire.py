@@ -93,3 +93,65 @@ def write_key(path: str, key: bytes, gid: int | None = None, owner: int | None =
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+class _Frames:
+    """Length-prefixed frames; one over the limit is skipped whole (its length is known)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+        self._skip = 0  # bytes of an oversized frame still to drop
+
+    def single(self, data: bytes) -> bytes | None:
+        if self._buffer or self._skip or len(data) < 4:
+            return None
+        length = int.from_bytes(data[:4], "big")
+        return data[4:] if length == len(data) - 4 and length <= self.limit else None
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        buffer = self._buffer
+        buffer += data
+        frames: list[bytes | None] = []
+        while len(buffer) >= 4:
+            length = int.from_bytes(buffer[:4], "big")
+            if length > self.limit:
+                frames.append(None)  # codec.TOO_LARGE
+                dropped = min(length, len(buffer) - 4)
+                self._skip = length - dropped
+                del buffer[: 4 + dropped]
+                continue
+            if len(buffer) < 4 + length:
+                break
+            frames.append(bytes(buffer[4 : 4 + length]))
+            del buffer[: 4 + length]
+        return frames
+
+    def end(self) -> list[bytes | None]:
+        self._buffer.clear()  # a frame cut short by the end is no request
+        return []
+
+
+class CborFrames:
+    """The broker's codec (rpc/codec.py): length-prefixed canonical CBOR, every answer signed too."""
+
+    name = "CBOR"
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def framer(self, limit: int) -> _Frames:
+        return _Frames(limit)
+
+    def decode(self, frame: bytes) -> Any:
+        return decode(frame)
+
+    def encode(self, answer: dict[str, Any]) -> bytes:
+        return frame(answer, self.key)
+
+    def canonical(self, message: dict[str, Any]) -> bytes:
+        return canonical(message)

@@ -34,8 +34,12 @@ import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..rpc.server import ServerSettings
 
 
 def default_socket_path() -> str:
@@ -83,6 +87,22 @@ class DaemonConfig:
         return (
             f"DaemonConfig(socket={self.socket_path!r}, perms={self.socket_perms:o}, auth_token={token}, "
             f"http={self.http_listen!r}, api_token={api})"
+        )
+
+    def server_settings(self) -> ServerSettings:
+        """What the Unix-socket server (rpc/server.py) takes of this config."""
+        from ..rpc.server import ServerSettings
+
+        return ServerSettings(
+            socket_path=self.socket_path,
+            socket_perms=self.socket_perms,
+            auth_key=self.auth_token,
+            allowed_uids=self.allowed_uids,
+            allowed_gids=self.allowed_gids,
+            max_requests=self.max_requests,
+            max_connections=self.max_connections,
+            max_request_bytes=self.max_request_bytes,
+            replay_window_s=self.replay_window_s,
         )
 
     def with_http(

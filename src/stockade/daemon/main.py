@@ -10,10 +10,12 @@ import sys
 
 from ..policy import default_policy
 from ..protocol.models import Caller
+from ..rpc.codec import JsonLines
+from ..rpc.server import RPCServer
 from .config import DaemonConfig
 from .controller import Controller
+from .methods import METHODS
 from .observers import Observers
-from .rpc_server import RPCServer
 
 log = logging.getLogger("stockade.daemon")
 
@@ -29,7 +31,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         controller.working_runtimes.add(controller.manager.select(default_policy()).name)
     except Exception as exc:  # noqa: BLE001 - the daemon still serves other runtimes and says why
         log.warning("default runtime unavailable: %s", exc)
-    server = RPCServer(config, controller, observers)
+    server = RPCServer(config.server_settings(), METHODS, JsonLines(), controller, observers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

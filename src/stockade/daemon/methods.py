@@ -10,8 +10,6 @@ entry here and one controller method.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..protocol.models import (
@@ -26,7 +24,6 @@ from ..protocol.models import (
     ProcessWait,
     ProcessWrite,
     ReadFile,
-    Request,
     SandboxCreate,
     SandboxExec,
     SandboxRef,
@@ -35,33 +32,11 @@ from ..protocol.models import (
     SecretPut,
     SecretRef,
     WriteFile,
-    parse,
 )
-from ..result import ExecResult
+from ..rpc.methods import Method, read_request
 from ..runtimes.verdict import OutputCallback
 from . import secrets
 from .controller import Controller
-from .observers import Observers
-
-Done = Callable[[ExecResult | Exception], None]
-Call = Callable[[Controller, Any, Caller, OutputCallback | None], Awaitable[Any]]
-Immediate = Callable[[Controller, Any, Caller], Any]
-StartNow = Callable[[Controller, Any, Caller, Done], Callable[[], None] | None]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    request: type[Request]
-    call: Call
-    # Answered in the callback that read the request: nothing to wait for.
-    immediate: Immediate | None = None
-    # Starts the run now when it can, answered from the agent's callback (no task woken).
-    start_now: StartNow | None = None
-    # A caller that goes away ends the run: a one-shot result can go nowhere.
-    ends_with_caller: bool = False
-    # Logged to the audit log as an administrative act.
-    admin_action: bool = False
 
 
 async def _ping(c: Controller, r: Empty, caller: Caller, out: OutputCallback | None) -> str:
@@ -130,29 +105,6 @@ def _method_list() -> list[Method]:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in _method_list()}
-
-
-async def answer(
-    method: Method,
-    controller: Controller,
-    request: Any,
-    caller: Caller,
-    on_output: OutputCallback | None,
-    observers: Observers,
-) -> Any:
-    """Answer ``request`` as a door does: the controller's call, and an administrative act
-    (ending a run, closing a sandbox) told to the observers (the audit log) once it is done."""
-    result = await method.call(controller, request, caller, on_output)
-    if method.admin_action:
-        target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", None)
-        target = target or getattr(request, "name", "")  # a secret's name (secrets.*), never its value
-        observers.admin(caller, method.name, str(target))
-    return result
-
-
-def read_request(method: Method, params: dict[str, Any] | None) -> Any:
-    """``params`` as the method's request model (``InvalidRequestError``/``PolicyError`` naming the field)."""
-    return parse(method.request, params, f"{method.name} request")
 
 
 async def dispatch(

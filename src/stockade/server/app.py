@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..daemon.controller import Controller
-from ..daemon.methods import METHODS, read_request
+from ..daemon.methods import METHODS
 from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError
 from ..policy import Policy, default_policy
 from ..protocol.models import (
@@ -46,6 +46,7 @@ from ..protocol.models import (
     request_error,
 )
 from ..result import ExecResult
+from ..rpc.methods import read_request
 from . import sandboxfusion, seed
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response
 from .processes import add_process_routes

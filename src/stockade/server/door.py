@@ -32,9 +32,8 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..daemon.controller import Controller
-from ..daemon.methods import METHODS, answer, read_request
+from ..daemon.methods import METHODS
 from ..daemon.observers import Observers
-from ..daemon.ratelimit import SlidingWindowLimiter
 from ..errors import (
     HTTP_STATUS,
     AuthenticationError,
@@ -45,6 +44,8 @@ from ..errors import (
     public_message,
 )
 from ..protocol.models import Caller
+from ..rpc.methods import answer, read_request
+from ..rpc.ratelimit import SlidingWindowLimiter
 
 # Answered to anyone, uncounted: health checks (ours, SandboxFusion's) and the dashboard's
 # page, which asks for the token itself.

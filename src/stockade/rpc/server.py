@@ -1,16 +1,20 @@
-"""The Unix-socket RPC server (seed 000): newline-delimited JSON, HMAC, rate limits, peer credentials.
+"""The Unix-socket RPC server (seed 000): peer credentials, rate limits, HMAC, a method table.
+
+Two instances: the daemon (newline-delimited JSON, its method table in
+daemon/methods.py, which the HTTP API serves too) and the secrets broker
+(signed CBOR frames, broker/server.py). The codec (codec.py) is all that
+differs in what crosses the socket.
 
 Request:  ``{"method": ..., "params": {...}, "id": ...}`` (+ ``ts``, ``nonce``, ``hmac`` when signed)
 Response: ``{"result": ..., "error": null | "message", "id": ...}``; an error also carries
 ``error_code``, one of ``errors.ERROR_CODES`` (the table every door and client shares).
 
 Order: peer credentials at accept (refused peers are answered once and
-dropped before a byte is read), then per request: size, JSON, rate limit
+dropped before a byte is read), then per request: size, decoding, rate limit
 (per connection and per peer uid), authentication, the request model
-(``protocol.models``), dispatch through the method table (``methods.py``,
-which the HTTP API serves too). Requests on one
+(``protocol.models``), dispatch through the method table. Requests on one
 connection run in order; connections run in parallel (connection.py reads,
-orders and answers them). Nothing a client sends ends the daemon: every
+orders and answers them). Nothing a client sends ends the server: every
 failure becomes an error response.
 """
 
@@ -19,26 +23,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import socket
 import stat
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, StockadeError, error_code, public_message, wire_errno
 from ..protocol import auth
 from ..protocol.models import Caller
 from ..protocol.peer import Peer
 from . import methods
-from .config import DaemonConfig
+from .codec import Codec
 from .connection import AnswerLog, Connection, error_answer
-from .controller import Controller
-from .methods import METHODS, Method, read_request
-from .observers import Observers
+from .methods import Method, read_request
 from .ratelimit import SlidingWindowLimiter
+
+if TYPE_CHECKING:
+    from ..daemon.observers import Observers
 
 log = logging.getLogger("stockade.daemon")
 
@@ -48,17 +53,47 @@ Emit = Callable[[str, bytes], None]
 Admitted = tuple[Method, Any, Any]  # the method, its request (a model), the id
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """Who may connect, how much, and how requests are authenticated."""
+
+    socket_path: str
+    socket_perms: int = 0o600
+    socket_gid: int | None = None  # the socket's group (with 0660: who may connect at all)
+    auth_key: str | bytes | None = None  # every request signed with it (HMAC), or None: no signatures
+    allowed_uids: frozenset[int] | None = None
+    allowed_gids: frozenset[int] | None = None
+    max_requests: int = 100
+    max_connections: int = 64
+    max_request_bytes: int = 16 * 1024 * 1024
+    replay_window_s: float = 30.0
+
+
 class RPCServer:
-    def __init__(self, config: DaemonConfig, controller: Controller, observers: Observers | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerSettings,
+        methods: dict[str, Method],
+        codec: Codec,
+        handler: Any,
+        observers: Observers | None = None,
+        listener: socket.socket | None = None,
+    ) -> None:
+        from ..daemon.observers import Observers
+
         self.config = config
-        self.controller = controller
+        self.methods = methods
+        self.codec = codec
+        self.handler = handler  # what the methods are called on (methods.Handler)
+        self._listener = listener  # bound already (the broker binds as root, then drops)
         self.nonces = auth.NonceCache(config.replay_window_s)
-        # STOCKADE_MAX_REQUESTS holds per connection and per peer uid alike. Every
+        # max_requests holds per connection and per peer uid alike. Every
         # request a connection makes is also its uid's, under the same limit, so a
         # uid's window always holds at least what any one of its connections' would:
         # checking the uid's checks both, for one window's cost per request.
         self.per_uid = SlidingWindowLimiter(config.max_requests)
         self._server: asyncio.AbstractServer | None = None
+        self._made_socket = False
         self.connections: set[Connection] = set()
         self.open_connections: Counter[int] = Counter()  # per peer uid, the ones admitted
         self.observers = observers or Observers()
@@ -69,27 +104,34 @@ class RPCServer:
     # ---- socket ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         path = self.config.socket_path
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-        _claim_socket_path(path)
-        old_umask = os.umask(0o777 & ~self.config.socket_perms)  # never wider than asked, not even briefly
-        try:
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_unix_server(lambda: Connection(self, next(self._ids)), path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, self.config.socket_perms)
+        if self._listener is not None:
+            self._server = await loop.create_unix_server(lambda: Connection(self, next(self._ids)), sock=self._listener)
+        else:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+            _claim_socket_path(path)
+            old_umask = os.umask(0o777 & ~self.config.socket_perms)  # never wider than asked, not even briefly
+            try:
+                self._server = await loop.create_unix_server(lambda: Connection(self, next(self._ids)), path)
+            finally:
+                os.umask(old_umask)
+            self._made_socket = True
+            if self.config.socket_gid is not None:
+                os.chown(path, -1, self.config.socket_gid)
+            os.chmod(path, self.config.socket_perms)
         log.info("listening on %s (mode %04o, auth %s)", path, self.config.socket_perms,
-                 "hmac" if self.config.auth_token else "off")  # fmt: skip
+                 "hmac" if self.config.auth_key else "off")  # fmt: skip
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop accepting, let requests in progress answer for up to ``grace_s``, then drop connections."""
         self.stopping = True
         if self._server is not None:  # never another daemon's socket: only the one this one made
             self._server.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.socket_path)
-        await self.controller.wait_idle(grace_s)
+            if self._made_socket:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.config.socket_path)
+        await self.handler.wait_idle(grace_s)
         await asyncio.sleep(0)  # let the answers of the work that just finished go out
         connections = list(self.connections)
         for connection in connections:
@@ -110,12 +152,13 @@ class RPCServer:
 
         In this order: JSON, shape, rate limits, shutdown, authentication, method, request.
         """
+        codec = self.codec
         try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, ValueError):
-            return error_answer(None, "Invalid JSON", "invalid_request")
+            request = codec.decode(line)
+        except ValueError:  # UnicodeDecodeError is one
+            return error_answer(None, f"Invalid {codec.name}", "invalid_request")
         if not isinstance(request, dict):
-            return error_answer(None, "Invalid request: expected a JSON object", "invalid_request")
+            return error_answer(None, f"Invalid request: expected a {codec.name} object", "invalid_request")
         msg_id = request.get("id")
         if not isinstance(msg_id, (int, str, type(None))) or isinstance(msg_id, bool):
             return error_answer(None, "Invalid request: id must be a number, a string or null", "invalid_request")
@@ -123,7 +166,8 @@ class RPCServer:
             return error_answer(msg_id, RATE_LIMITED, "rate_limit")
         if self.stopping:
             return error_answer(msg_id, "Shutting down: no new requests", "unavailable")
-        if self.config.auth_token is not None and not auth.verify(request, self.config.auth_token, self.nonces):
+        key = self.config.auth_key
+        if key is not None and not auth.verify(request, key, self.nonces, encode=codec.canonical):
             log.warning("authentication failed: uid=%d method=%r", peer.uid, str(request.get("method"))[:64])
             self.observers.auth_failure("unix", f"uid {peer.uid} pid {peer.pid}", str(request.get("method"))[:64])
             return error_answer(msg_id, AUTH_FAILED, "auth")
@@ -134,7 +178,7 @@ class RPCServer:
             return error_answer(
                 msg_id, "Invalid request: method must be a string and params an object", "invalid_request"
             )
-        method = METHODS.get(name)
+        method = self.methods.get(name)
         if method is None:
             return error_answer(msg_id, f"Method not found: {name[:64]}", "method_not_found")
         try:
@@ -145,7 +189,7 @@ class RPCServer:
     async def call(self, method: Method, request: Any, caller: Caller, msg_id: Any, emit: Emit) -> dict[str, Any]:
         """The answer of an awaited method: its result, or the error it raised."""
         on_output = emit if getattr(request, "stream", False) else None
-        work = methods.answer(method, self.controller, request, caller, on_output, self.observers)
+        work = methods.answer(method, self.handler, request, caller, on_output, self.observers)
         return await self.answer(method.name, msg_id, work)
 
     async def answer(self, method: str, msg_id: Any, work: Awaitable[Any]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import json
 import logging
 import select
 import socket
@@ -27,15 +26,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
-from pydantic import BaseModel
-
 from ..protocol.models import Caller, unix_caller
 from ..protocol.peer import Peer, peer_of
 from ..result import ExecResult
+from .codec import TOO_LARGE
 
 if TYPE_CHECKING:
     from .methods import Method
-    from .rpc_server import RPCServer
+    from .server import RPCServer
 
 log = logging.getLogger("stockade.daemon")
 
@@ -45,7 +43,6 @@ log = logging.getLogger("stockade.daemon")
 # 64 of them (a GiB at the default line limit) in the daemon's memory.
 MAX_QUEUED_LINES = 64
 MAX_QUEUED_BYTES = 1 << 20
-_TOO_LARGE = None  # in the queue: an oversized line's place, answered in its turn
 # Starts a run answered by callback: given where its outcome goes, returns what abandons
 # it (for a client that goes away), or None when it cannot start now.
 StartNow: TypeAlias = Callable[[Callable[["ExecResult | Exception"], None]], Callable[[], None] | None]
@@ -60,8 +57,7 @@ class Connection(asyncio.Protocol):
         self.peer = Peer(0, -1, -1)
         self.caller: Caller = unix_caller(-1, number)
         self.refused = True  # until connection_made has checked the peer
-        self._buffer = bytearray()
-        self._skipping = False  # inside an oversized line: dropped up to its newline
+        self._framer = server.codec.framer(self.limit)
         self._lines: deque[bytes | None] = deque()
         self._queued_bytes = 0
         self._busy = False  # a request is being answered (in a task or by the agent's callback)
@@ -109,32 +105,17 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.refused or self._lost:
             return
-        if not (self._buffer or self._lines or self._busy or self._skipping or self._write_paused):
-            end = data.find(b"\n")
-            if end == len(data) - 1 and end <= self.limit:
+        if not (self._lines or self._busy or self._write_paused):
+            frame = self._framer.single(data)
+            if frame is not None:
                 # The usual case, one whole request with nothing before it, is
                 # answered without the queue: on this host each step a request
                 # takes after an idle spell costs µs (docs/performance.md).
-                if line := data[:end].strip():
-                    self._answer_guarded(line)
+                if frame:
+                    self._answer_guarded(frame)
                 return
-        if self._skipping:
-            end = data.find(b"\n")
-            if end < 0:
-                return
-            data = data[end + 1 :]
-            self._skipping = False
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while (end := buffer.find(b"\n", start)) >= 0:
-            self._queue(bytes(buffer[start:end]))
-            start = end + 1
-        del buffer[:start]
-        if len(buffer) > self.limit:
-            buffer.clear()
-            self._lines.append(_TOO_LARGE)
-            self._skipping = True
+        for frame in self._framer.feed(data):
+            self._queue(frame)
         self._pump()
 
     def eof_received(self) -> bool:
@@ -142,9 +123,8 @@ class Connection(asyncio.Protocol):
             # Closed, not just shut for writing (as socat does after its request):
             # no answer can reach it, so nothing more is run for it.
             return False  # the transport closes; connection_lost ends what still runs
-        if not self._skipping and self._buffer:
-            self._queue(bytes(self._buffer))  # a last request without its newline still counts
-        self._buffer.clear()
+        for frame in self._framer.end():
+            self._queue(frame)
         self._eof = True
         self._pump()
         return True  # keep the writing half open: the queued requests are still answered
@@ -177,7 +157,7 @@ class Connection(asyncio.Protocol):
         try:
             if self._task is not None:
                 await asyncio.gather(self._task, return_exceptions=True)
-            await self.server.controller.close_connection(self.number)
+            await self.server.handler.close_connection(self.number)
         except Exception:
             log.exception("connection %d: releasing its sandboxes failed", self.number)
         finally:
@@ -191,14 +171,9 @@ class Connection(asyncio.Protocol):
 
     # ---- answering, in order ----------------------------------------------------------
 
-    def _queue(self, line: bytes) -> None:
-        if len(line) > self.limit:
-            self._lines.append(_TOO_LARGE)
-            return
-        line = line.strip()
-        if line:
-            self._lines.append(line)
-            self._queued_bytes += len(line)
+    def _queue(self, frame: bytes | None) -> None:
+        self._lines.append(frame)
+        self._queued_bytes += len(frame) if frame is not None else 0
 
     def _pump(self) -> None:
         """Answer queued lines until one has to wait (or none is left)."""
@@ -240,7 +215,7 @@ class Connection(asyncio.Protocol):
 
     def _answer(self, line: bytes | None) -> None:
         started = time.monotonic()
-        if line is _TOO_LARGE:
+        if line is TOO_LARGE:
             self.send(error_answer(None, f"Request too large: over {self.limit} bytes", "invalid_request"))
             return
         admitted = self.server.admit(line, self.peer)
@@ -249,10 +224,10 @@ class Connection(asyncio.Protocol):
             self._logged("refused", admitted, started)
             return
         method, request, msg_id = admitted
-        controller = self.server.controller
+        handler = self.server.handler
         if method.immediate is not None:
             try:
-                result = method.immediate(controller, request, self.caller)
+                result = method.immediate(handler, request, self.caller)
             except Exception as exc:  # noqa: BLE001 - an answer, as on the awaited path
                 self._failed(exc, method.name, msg_id, started)
                 return
@@ -261,7 +236,7 @@ class Connection(asyncio.Protocol):
             return
         start_now = method.start_now
         if start_now is not None and not getattr(request, "stream", False):
-            if self._run_now(method.name, functools.partial(start_now, controller, request, self.caller), msg_id,
+            if self._run_now(method.name, functools.partial(start_now, handler, request, self.caller), msg_id,
                              started):  # fmt: skip
                 return
         self._busy = True
@@ -326,14 +301,14 @@ class Connection(asyncio.Protocol):
 
     def send(self, response: dict[str, Any]) -> None:
         if self.transport is not None and not self._lost:
-            self.transport.write(encode_answer(response))
+            self.transport.write(self.server.codec.encode(response))
 
     def _emitter(self, msg_id: Any) -> Callable[[str, bytes], None]:
         def emit(stream: str, data: bytes) -> None:
             # Output of a run with "stream": true, ahead of its answer, on the same connection.
             if self.transport is not None and not self._lost:
                 chunk = {"id": msg_id, "output": {"stream": stream, "data": base64.b64encode(data).decode()}}
-                self.transport.write(json.dumps(chunk).encode() + b"\n")
+                self.transport.write(self.server.codec.encode(chunk))
 
         return emit
 
@@ -414,20 +389,3 @@ def error_answer(msg_id: Any, message: str, code: str, errno: int | None = None)
     if errno is not None:
         return {"result": None, "error": message, "error_code": code, "errno": errno, "id": msg_id}
     return {"result": None, "error": message, "error_code": code, "id": msg_id}
-
-
-def encode_answer(response: dict[str, Any]) -> bytes:
-    result = response["result"]
-    if isinstance(result, BaseModel):
-        # A model goes out through pydantic's own serializer, in the same key order as every other answer.
-        msg_id = json.dumps(response["id"])
-        return f'{{"result": {result.model_dump_json()}, "error": null, "id": {msg_id}}}\n'.encode()
-    # json.dumps' default separators: the seed's health check shows its answer byte for byte.
-    return json.dumps(response, default=_model_json).encode() + b"\n"
-
-
-def _model_json(value: Any) -> Any:
-    """A model inside an answer (a list of them): its JSON form."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
