@@ -86,6 +86,12 @@ def direct(address):
         return exc.strerror
     finally:
         s.close()
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    udp.sendto(b"query", ("198.51.100.7", 53))
+    datagram = "sent"
+except OSError as exc:
+    datagram = exc.strerror
 no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({{}}))
 try:
     no_proxy.open("http://api.stockade.test:{up.http.port}/direct", timeout=5)
@@ -97,12 +103,17 @@ print(json.dumps({{
     "outside": direct(("192.0.2.1", 80)),
     "outside_v6": direct(("2001:db8::1", 80)),
     "ignoring_the_proxy": ignored,
+    "datagram": datagram,
     "through_the_proxy": fetch("http://api.stockade.test:{up.http.port}/via-proxy"),
 }}))
 """,
         )
     assert out["host_loopback"] == "Connection refused"  # its own loopback: nothing of the host's there
-    assert out["outside"] == out["outside_v6"] == "Network is unreachable"
+    assert out["outside"] == out["outside_v6"] == out["datagram"] == "Network is unreachable"
+    # Each direct attempt is reported, with where it tried to go; its own loopback is not an attempt.
+    direct = sorted(v.description.split(" refused")[0] for v in result.security_violations)  # type: ignore[attr-defined]
+    assert direct == ["connect to 192.0.2.1:80", "connect to [2001:db8::1]:80", "sendto to 198.51.100.7:53"]
+    assert {v.detection_layer for v in result.security_violations} == {"NETWORK"}  # type: ignore[attr-defined]
     assert out["ignoring_the_proxy"] == "URLError"  # no name service, no route: nowhere to go
     status, body = out["through_the_proxy"]  # type: ignore[misc]
     assert status == 200 and json.loads(body)["path"] == "/via-proxy"

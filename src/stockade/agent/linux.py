@@ -205,6 +205,32 @@ def seccomp_notif_deny(listener: int, notif_id: int, err: int) -> None:
         pass
 
 
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+
+
+def seccomp_notif_continue(listener: int, notif_id: int) -> None:
+    """Let the blocked call ``notif_id`` run as if it had not been stopped. Quiet if its caller is gone."""
+    import fcntl
+
+    response = _NOTIF_RESP.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, bytearray(response), True)
+    except OSError:
+        pass
+
+
+def seccomp_notif_id_valid(listener: int, notif_id: int) -> bool:
+    """Whether the call ``notif_id`` still waits: what was read of its memory was its caller's."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, bytearray(struct.pack("<Q", notif_id)), True)
+    except OSError:
+        return False
+    return True
+
+
 # ---- Landlock ----------------------------------------------------------------
 
 LANDLOCK_CREATE_RULESET_VERSION = 1

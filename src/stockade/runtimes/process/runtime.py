@@ -32,7 +32,7 @@ from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, Reaper, WarmPool
 from ..publish import Forwarder
-from . import seccomp
+from . import netcalls, seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
 from .zygote import SYSTEM_PYTHON, Zygote
@@ -67,7 +67,7 @@ class ProcessSandbox(AgentSandbox):
         self._released = False
         # The supervisor records a violation before it lets the blocked call return,
         # so every violation of a run is in the log by the time its reply is.
-        seccomp.supervisor().watch(listener, self._count_violation)
+        seccomp.supervisor().watch(listener, self._count_violation, network=policy.network_policy == "allowlist")
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
@@ -314,6 +314,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
 
     def _config(self, policy: Policy, cgroup: IsolateCgroup | None, uid: UidLease | None) -> dict[str, Any]:
         outer_uid, outer_gid = _outer_ids(uid)
+        allowlist = policy.network_policy == "allowlist"
         return {
             "cgroup_procs": cgroup.procs_files if cgroup else [],
             "outer_uid": outer_uid,
@@ -324,7 +325,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             "scratch_mb": policy.disk_mb,
             # The environment's host path stays out of the isolate's mountinfo (confine._bind_extra).
             "mounts": [{**m.model_dump(), "hide_source": m.target == ENV_ROOT} for m in policy.filesystem_access],
-            "seccomp_bpf": base64.b64encode(self._bpf or b"").decode(),
+            # An allowlist isolate's filter stops its network calls too, to report direct attempts.
+            "seccomp_bpf": base64.b64encode(netcalls.program() if allowlist else self._bpf or b"").decode(),
             "landlock_abi": self._landlock_abi,
             "base_env": BASE_ENV,
             "hard_limits": {"max_open_files": 65536, "max_processes": 4096},

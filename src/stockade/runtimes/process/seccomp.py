@@ -305,6 +305,9 @@ def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
     return None
 
 
+# What an allowlist isolate's filter stops besides the profile's calls (netcalls.py).
+_NETWORK_CALLS = frozenset(SYSCALLS_X86_64[name] for name in ("connect", "sendto"))
+
 # (the call's name, whether it was refused, what makes its record): the record is
 # built only while the run's report has room, so a flood costs a count, not a model.
 ViolationSink = Callable[[str, bool, Callable[[], SecurityViolation]], None]
@@ -316,13 +319,17 @@ class Supervisor:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._sinks: dict[int, ViolationSink] = {}
+        self._network: set[int] = set()  # listeners whose isolates' network calls are read (netcalls.py)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def watch(self, listener_fd: int, sink: ViolationSink) -> None:
-        """Take ownership of ``listener_fd``; ``sink`` gets each violation, from this thread."""
+    def watch(self, listener_fd: int, sink: ViolationSink, network: bool = False) -> None:
+        """Take ownership of ``listener_fd``; ``sink`` gets each violation, from this thread.
+        ``network``: the isolate's filter stops its network calls too (netcalls.py)."""
         with self._lock:
             self._sinks[listener_fd] = sink
+            if network:
+                self._network.add(listener_fd)
             self._epoll.register(listener_fd, select.EPOLLIN)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="stockade-seccomp", daemon=True)
@@ -331,6 +338,7 @@ class Supervisor:
     def forget(self, listener_fd: int) -> None:
         """The owner is done with the isolate: stop watching and close the fd."""
         with self._lock:
+            self._network.discard(listener_fd)
             if self._sinks.pop(listener_fd, None) is None:
                 return
             try:
@@ -371,14 +379,34 @@ class Supervisor:
         if notif is None:
             return  # ENOENT: the caller died meanwhile; EBADF: forgotten
         notif_id, pid, nr, args = notif
-        rule = _rule_for(nr, args)
         with self._lock:
             sink = self._sinks.get(fd)
+            network = fd in self._network
+        if network and nr in _NETWORK_CALLS:
+            self._network_call(fd, notif_id, pid, nr, args, sink)
+            return
+        rule = _rule_for(nr, args)
         # Record before answering: the blocked call cannot return, so nothing the
         # sandboxed code does afterwards (finishing, replying) can overtake the report.
         if sink is not None:
             sink(call_name(nr)[0], True, lambda: violation_for(nr, args, pid))
         linux.seccomp_notif_deny(fd, notif_id, rule.errno if rule else errno.EPERM)
+
+    @staticmethod
+    def _network_call(
+        fd: int, notif_id: int, pid: int, nr: int, args: tuple[int, ...], sink: ViolationSink | None
+    ) -> None:
+        from . import netcalls  # it builds on this module's compiler
+
+        where = netcalls.destination(pid, nr, args)
+        if not linux.seccomp_notif_id_valid(fd, notif_id):
+            return  # the caller is gone: what was read may not have been its memory
+        if where is None:
+            linux.seccomp_notif_continue(fd, notif_id)
+            return
+        if sink is not None:
+            sink("network_egress", True, lambda: netcalls.violation(nr, where, pid))
+        linux.seccomp_notif_deny(fd, notif_id, netcalls.ANSWER)
 
 
 def violation_for(nr: int, args: tuple[int, ...], pid: int | None, where: str = "") -> SecurityViolation:
