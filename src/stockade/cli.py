@@ -274,6 +274,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def _daemon_token(args: Any) -> str | None:
     """The HMAC token: from ``--token-file``, else ``$STOCKADE_AUTH_TOKEN``, else none (OSError if unreadable)."""
     if not args.token_file:
+        # Read here, not through settings.py: the lean path through a daemon starts without pydantic.
         return os.environ.get("STOCKADE_AUTH_TOKEN")
     with open(args.token_file) as f:
         return f.read().strip()

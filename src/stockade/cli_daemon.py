@@ -206,7 +206,7 @@ def daemon_socket(args: Any) -> tuple[str | None, str | None]:
     required = "--require-daemon" if args.require_daemon else None
     path = os.environ.get("STOCKADE_SOCKET")
     if not path and required:
-        from .daemon.config import default_socket_path
+        from .paths import default_socket_path
 
         path = default_socket_path()
     return path or None, required

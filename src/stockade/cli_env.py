@@ -84,9 +84,9 @@ def _build(args: argparse.Namespace) -> int:
 
 def _python() -> str:
     from . import environments
-    from .runtimes.process.zygote import SYSTEM_PYTHON
+    from .runtimes.process.zygote import system_python
 
-    return f"{SYSTEM_PYTHON} {environments.python_identity()['version']}"
+    return f"{system_python()} {environments.python_identity()['version']}"
 
 
 def _list(args: argparse.Namespace) -> int:

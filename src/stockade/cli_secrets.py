@@ -71,8 +71,9 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
     from .client import Client
     from .errors import StockadeError
+    from .settings import current
 
-    token = os.environ.get("STOCKADE_AUTH_TOKEN") or None
+    token = current().secret("auth_token")
     try:
         with Client(args.socket or None, auth_token=token, retry=None) as client:
             if args.secrets_cmd == "put":
@@ -142,12 +143,14 @@ def _broker_config(args: argparse.Namespace) -> Any:
     from .broker.vault import Vault
     from .errors import ConfigError
     from .runtimes.process.uids import UidRange
+    from .settings import current
 
-    path = args.secrets_file or os.environ.get("STOCKADE_SECRETS_FILE")
+    settings = current()
+    path = args.secrets_file or settings.secrets_file
     if not path:
         raise ConfigError("no secrets file: give --secrets-file or STOCKADE_SECRETS_FILE")
-    key_file = args.key_file or os.environ.get("STOCKADE_SESSION_KEY_FILE") or identities.SESSION_KEY
-    socket_path = args.socket or os.environ.get("STOCKADE_BROKER_SOCKET") or identities.BROKER_SOCKET
+    key_file = args.key_file or settings.session_key_file
+    socket_path = args.socket or settings.broker_socket or identities.BROKER_SOCKET
     uids = UidRange.from_env()
     as_root = os.geteuid() == 0
     group = args.daemon_group or (args.user if as_root else None)
@@ -158,7 +161,8 @@ def _broker_config(args: argparse.Namespace) -> Any:
             allowed.append(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
         except KeyError:
             raise ConfigError(f"--allow-uid {user}: no such user (`stockade setup-users` creates stockade)") from None
-    raw_key = os.environ.pop("STOCKADE_SESSION_KEY", "")
+    raw_key = settings.secret("session_key")
+    os.environ.pop("STOCKADE_SESSION_KEY", None)  # read: out of this process's environment
     key = wire.parse_key(raw_key, "STOCKADE_SESSION_KEY") if raw_key else None
     if key is None and os.path.exists(key_file):
         key = wire.read_key(key_file)

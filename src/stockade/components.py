@@ -47,13 +47,9 @@ MAX_BACKOFF_S = 30.0
 
 
 def state_dir() -> str:
-    configured = os.environ.get("STOCKADE_STATE_DIR")
-    if configured:
-        return configured
-    if os.getuid() == 0:
-        return "/var/lib/stockade"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "stockade")
+    from .settings import current
+
+    return current().state_dir
 
 
 def check_name(name: str) -> str:

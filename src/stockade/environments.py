@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import PolicyError
-from .runtimes.process.zygote import SYSTEM_PYTHON
+from .runtimes.process.zygote import system_python
+from .settings import current
 
 if TYPE_CHECKING:
     from .policy import Policy
@@ -73,9 +74,9 @@ BUILD_ON_DEMAND = True
 
 
 def store_root() -> str:
-    configured = os.environ.get("STOCKADE_ENV_STORE")
+    configured = current().env_store
     if configured:
-        return os.path.abspath(configured)
+        return configured
     if os.getuid() == 0:
         return SYSTEM_STORE  # not under /root (0700): each sandbox's own uid reads it
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -161,10 +162,10 @@ def _python_identity(python: str, stamp: tuple[int, int]) -> dict[str, str]:
 def python_identity() -> dict[str, str]:
     """The isolates' interpreter: version, ABI, platform, libc (what a wheel must fit)."""
     try:
-        st = os.stat(SYSTEM_PYTHON)
+        st = os.stat(system_python())
     except OSError as exc:
-        raise PolicyError(f"packages: the isolates' interpreter {SYSTEM_PYTHON} is missing: {exc}") from None
-    return _python_identity(SYSTEM_PYTHON, (st.st_mtime_ns, st.st_size))
+        raise PolicyError(f"packages: the isolates' interpreter {system_python()} is missing: {exc}") from None
+    return _python_identity(system_python(), (st.st_mtime_ns, st.st_size))
 
 
 def pip_settings() -> list[tuple[str, str]]:
@@ -343,11 +344,8 @@ def build(requirements: Iterable[str], name: str | None = None, allow_source: bo
 
 
 def _timeout() -> float:
-    raw = os.environ.get("STOCKADE_ENV_BUILD_TIMEOUT", "")
-    try:
-        return float(raw) if raw else BUILD_TIMEOUT_S
-    except ValueError:
-        return BUILD_TIMEOUT_S
+    configured = current().env_build_timeout
+    return configured if configured is not None else BUILD_TIMEOUT_S
 
 
 @contextlib.contextmanager
@@ -384,7 +382,7 @@ def _build(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool
             os.rename(os.path.join(target, "bin"), os.path.join(work, "bin"))
         os.makedirs(os.path.join(work, "bin"), exist_ok=True)
         # Bytecode by the isolates' interpreter, naming the path inside (never this store's).
-        subprocess.run([SYSTEM_PYTHON, "-I", "-m", "compileall", "-qq", "-j0", "-d", f"{ENV_ROOT}/python", target],
+        subprocess.run([system_python(), "-I", "-m", "compileall", "-qq", "-j0", "-d", f"{ENV_ROOT}/python", target],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=_timeout(), check=False)  # fmt: skip
         _set_modes(work, writable=True)
@@ -407,7 +405,10 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
            "-r", os.path.join(work, "requirements.txt")]  # fmt: skip
     if not allow_source:
         cmd.append("--only-binary=:all:")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    # pip keeps the host's own settings (its index, proxy, certificates); never stockade's (a daemon's tokens,
+    # a session key) nor the interpreter's overrides. A build's setup code could read its environment.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP") and not k.startswith("STOCKADE_")}  # fmt: skip
     env.update({"PIP_ROOT_USER_ACTION": "ignore", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
                 "PIP_NO_WARN_SCRIPT_LOCATION": "1", "PYTHONNOUSERSITE": "1"})  # fmt: skip
     log_path = os.path.join(work, "pip.log")
@@ -440,13 +441,14 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
 @functools.lru_cache(maxsize=1)
 def _pip_command() -> tuple[str, ...]:
     """pip run by the isolates' interpreter (console scripts then start with its path)."""
-    probe = subprocess.run([SYSTEM_PYTHON, "-I", "-c", "import pip"], capture_output=True, timeout=60, check=False)
+    python = system_python()
+    probe = subprocess.run([python, "-I", "-c", "import pip"], capture_output=True, timeout=60, check=False)
     if probe.returncode == 0:
-        return (SYSTEM_PYTHON, "-m", "pip")
+        return (python, "-m", "pip")
     own = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, timeout=60, check=False)
     if own.returncode == 0:
-        return (sys.executable, "-m", "pip", "--python", SYSTEM_PYTHON)  # this pip, run by that interpreter
-    raise PolicyError(f"packages: no pip for {SYSTEM_PYTHON} (apt install python3-pip)")
+        return (sys.executable, "-m", "pip", "--python", python)  # this pip, run by that interpreter
+    raise PolicyError(f"packages: no pip for {python} (apt install python3-pip)")
 
 
 _PRIME = """\

@@ -12,11 +12,8 @@ overrides the mapping, e.g. ``trusted=process,verified=process,untrusted=gvisor`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
-
-from .errors import PolicyError
 
 TrustLevel = Literal["trusted", "verified", "untrusted"]
 LEVELS = ("none", "process", "gvisor", "microvm")
@@ -73,14 +70,7 @@ def rank(level: str) -> int:
 
 
 def trust_map(env: dict[str, str] | None = None) -> dict[str, str]:
-    raw = (os.environ if env is None else env).get("STOCKADE_TRUST_MAP", "")
-    mapping = dict(DEFAULT_TRUST_MAP)
-    for item in filter(None, (x.strip() for x in raw.split(","))):
-        trust, sep, level = item.partition("=")
-        if not sep or trust not in DEFAULT_TRUST_MAP or level not in LEVELS:
-            raise PolicyError(
-                f"STOCKADE_TRUST_MAP entry {item!r} is not TRUST=LEVEL "
-                f"(trust: {', '.join(DEFAULT_TRUST_MAP)}; level: {', '.join(LEVELS)})"
-            )
-        mapping[trust] = level
-    return mapping
+    """Each trust level's minimum isolation: the defaults, with ``STOCKADE_TRUST_MAP`` over them."""
+    from .settings import Settings, current
+
+    return {**DEFAULT_TRUST_MAP, **(Settings.load(env) if env is not None else current()).trust_map}

@@ -331,7 +331,7 @@ def test_require_daemon_refuses_to_run_in_process(dead_socket: str) -> None:
 
 
 def test_require_daemon_alone_uses_the_default_socket() -> None:
-    from stockade.daemon.config import default_socket_path
+    from stockade.paths import default_socket_path
 
     default = default_socket_path()
     if os.path.exists(default):

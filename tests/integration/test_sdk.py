@@ -119,12 +119,12 @@ def test_the_pool_keeps_at_most_its_number_of_shapes(process_runtime: str, monke
 
 
 def test_a_malformed_pool_shapes_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stockade.runtimes.pool import pool_shapes_from_env
+    from stockade.runtimes.pool import pool_shapes_setting
 
     for bad in ("many", "0"):
         monkeypatch.setenv("STOCKADE_POOL_SHAPES", bad)
         with pytest.raises(stockade.ConfigError, match="STOCKADE_POOL_SHAPES"):
-            pool_shapes_from_env()
+            pool_shapes_setting()
 
 
 def test_policy_object_and_fields_mix(pooled: RuntimeManager) -> None:

@@ -12,10 +12,9 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, PolicyError
 from ..policy import SecretGrant
@@ -23,7 +22,9 @@ from ..protocol import auth
 from . import wire
 from .store import SecretStore
 
-DEFAULT_KEY_FILE = "/run/stockade/.session"
+if TYPE_CHECKING:
+    from ..settings import Settings
+
 CALL_TIMEOUT_S = 10.0
 
 
@@ -132,27 +133,30 @@ class SecretSource:
 
 
 _source: SecretSource | None = None
-_source_key: tuple[str, ...] = ()
+_source_key: tuple[str | None, ...] = ()
 _lock = threading.Lock()
 
 
-def secret_source() -> SecretSource:
-    """The source the environment names (made again when the variables change)."""
+def secret_source(settings: Settings | None = None) -> SecretSource:
+    """The source ``settings`` name (default: this process's; made again when they change)."""
     global _source, _source_key
-    names = ("STOCKADE_BROKER_SOCKET", "STOCKADE_SESSION_KEY", "STOCKADE_SESSION_KEY_FILE", "STOCKADE_SECRETS_FILE")
-    key = tuple(os.environ.get(n, "") for n in names)
+    if settings is None:
+        from ..settings import current
+
+        settings = current()
+    raw_key = settings.secret("session_key")
+    key = (settings.broker_socket, raw_key, settings.session_key_file, settings.secrets_file)
     with _lock:
         if _source is None or key != _source_key:
             if _source is not None and _source.broker is not None:
                 _source.broker.close()
-            socket_path, raw_key, key_file, store = key
             broker = None
-            if socket_path:
+            if settings.broker_socket:
                 session = (
                     wire.parse_key(raw_key, "STOCKADE_SESSION_KEY")
                     if raw_key
-                    else wire.read_key(key_file or DEFAULT_KEY_FILE)
+                    else wire.read_key(settings.session_key_file)
                 )
-                broker = BrokerClient(socket_path, session)
-            _source, _source_key = SecretSource(broker, store or None), key
+                broker = BrokerClient(settings.broker_socket, session)
+            _source, _source_key = SecretSource(broker, settings.secrets_file), key
         return _source

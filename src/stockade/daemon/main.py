@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from .. import settings
 from ..policy import default_policy
 from ..protocol.models import Caller
 from ..rpc.codec import JsonLines
@@ -21,6 +22,8 @@ log = logging.getLogger("stockade.daemon")
 
 
 async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
+    if config.settings is not None:
+        settings.install(config.settings)  # read once, at the start: the whole process uses these
     controller = Controller(config)
     observers = _observers(config, controller)
     controller.listeners.append(observers)
@@ -74,6 +77,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         await controller.shutdown(0.0)
         observers.admin(_DAEMON, "daemon.stop", config.socket_path if config.unix_socket else "")
         observers.close()
+        settings.install(None)
         log.info("stopped")
 
 

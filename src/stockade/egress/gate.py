@@ -45,8 +45,17 @@ class Binding:
 
 
 class Gate:
-    def __init__(self, policy: Policy, values: Mapping[str, str], on_violation: Violation | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        values: Mapping[str, str],
+        on_violation: Violation | None = None,
+        upstream_ca: str | None = None,
+        hosts_file: str | None = None,
+    ) -> None:
         self.allowlist = Allowlist(policy.allowed_hosts, policy.allowed_cidrs)
+        self.upstream_ca = upstream_ca  # STOCKADE_EGRESS_CA_FILE: roots trusted upstream beside the host's
+        self.hosts_file = hosts_file  # STOCKADE_EGRESS_HOSTS_FILE: names pinned ahead of DNS
         self.on_violation = on_violation
         self.bindings = tuple(
             Binding(

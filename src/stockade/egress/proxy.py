@@ -27,7 +27,6 @@ import functools
 import http
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -48,17 +47,11 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_CONNECTIONS = 64  # open at once per gate: more are refused
 CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 300.0  # a connection with nothing to say for this long is closed
-# Extra roots the proxy trusts upstream (a private index, a test's own CA): a PEM file on the host.
-UPSTREAM_CA_ENV = "STOCKADE_EGRESS_CA_FILE"
 
 
-# Names pinned to addresses ahead of DNS (hosts(5) format): an internal name, a test's servers.
-HOSTS_FILE_ENV = "STOCKADE_EGRESS_HOSTS_FILE"
-
-
-def pinned_addresses(host: str) -> list[Any]:
-    """The addresses ``$STOCKADE_EGRESS_HOSTS_FILE`` gives ``host`` (none: ask DNS)."""
-    path = os.environ.get(HOSTS_FILE_ENV)
+def pinned_addresses(host: str, path: str | None) -> list[Any]:
+    """The addresses the hosts(5) file ``path`` (``STOCKADE_EGRESS_HOSTS_FILE``) gives ``host``: names
+    pinned ahead of DNS (an internal name, a test's servers). None: ask DNS."""
     if not path:
         return []
     try:
@@ -141,9 +134,10 @@ class EgressProxy:
 
         return stop
 
-    def upstream_context(self) -> ssl.SSLContext:
-        """Verified TLS to the real host: the system's roots, plus ``$STOCKADE_EGRESS_CA_FILE``."""
-        extra = os.environ.get(UPSTREAM_CA_ENV, "")
+    def upstream_context(self, extra: str | None) -> ssl.SSLContext:
+        """Verified TLS to the real host: the system's roots, plus ``extra`` (``STOCKADE_EGRESS_CA_FILE``:
+        a private index's, a test's own CA)."""
+        extra = extra or ""
         context = self._upstream.get(extra)
         if context is None:
             context = ssl.create_default_context()
@@ -240,7 +234,7 @@ class _Exchange:
             up_writer.transport.abort()
             return
         try:
-            await up_writer.start_tls(self.proxy.upstream_context(), server_hostname=host)
+            await up_writer.start_tls(self.proxy.upstream_context(self.gate.upstream_ca), server_hostname=host)
         except (ssl.SSLError, ConnectionError, OSError) as exc:
             reason = f"upstream TLS failed: {exc}"
             self.gate.record(EgressRequest(host=host, port=port, method="CONNECT", scheme="https", allowed=False,
@@ -407,7 +401,7 @@ async def resolve(gate: Gate, host: str, port: int, rule: HostRule) -> list[Any]
         return [ipaddress.ip_address(host)]  # an address: allowed by its rule or a CIDR
     except ValueError:
         pass
-    found = pinned_addresses(host)
+    found = pinned_addresses(host, gate.hosts_file)
     if not found:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -71,17 +71,19 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
     # without secrets, cbor2 and cryptography).
     from ..egress.gate import CA_BUNDLE_PATH, Gate
     from ..egress.proxy import proxy
+    from ..settings import current
 
+    settings = current()
     sandbox_id = uuid.uuid4().hex
     source = None
     if policy.secrets:
         from ..broker.client import secret_source
 
-        source = secret_source()
+        source = secret_source(settings)
     values = source.open(sandbox_id, sandbox.isolate_pid(), policy.secrets) if source is not None else {}
     sockets: list[socket.socket] = []
     try:
-        gate = Gate(policy, values, sandbox._count_violation)
+        gate = Gate(policy, values, sandbox._count_violation, settings.egress_ca_file, settings.egress_hosts_file)
         sockets = sandbox._take_egress_sockets()
         egress = Egress(gate, sockets, proxy().serve(gate, *sockets), source, sandbox_id)
     except BaseException:

@@ -49,13 +49,14 @@ from ..agent.server import AGENT_FDS
 from ..environments import CACHE_HOME, ENV_ROOT
 from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
+from ..settings import current
 from .base import BASE_ENV, Availability
 from .drain import Tail, drain, weak
 from .gvisor_log import SentryLog
 from .hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from .pool import PooledRuntime, Reaper, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
-from .process.zygote import AGENT_PARENT, SYSTEM_PYTHON
+from .process.zygote import AGENT_PARENT, system_python
 
 AGENT_MOUNT = "/opt/stockade"
 BUNDLE_PREFIX = "stockade-gvisor-"  # + "<host pid>-": the sweep removes a dead host's bundles
@@ -234,8 +235,8 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         runsc = runsc_binary()
         if runsc is None:
             return Availability(self.name, False, self.isolation, "runsc is not installed (apt install runsc)")
-        if not os.access(SYSTEM_PYTHON, os.X_OK):
-            return Availability(self.name, False, self.isolation, f"{SYSTEM_PYTHON} (the guest interpreter) is missing")
+        if not os.access(python := system_python(), os.X_OK):
+            return Availability(self.name, False, self.isolation, f"{python} (the guest interpreter) is missing")
         try:
             platform = self.platform()
         except SandboxStartError as exc:
@@ -400,7 +401,7 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         "process": {
             "terminal": False,
             "user": {"uid": 1000, "gid": 1000},
-            "args": [SYSTEM_PYTHON, "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else _BOOT],
+            "args": [system_python(), "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else _BOOT],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/work",
             "noNewPrivileges": True,
@@ -457,7 +458,7 @@ def _platform_cache() -> str:
 
 
 def _choose_platform(root: str) -> str:
-    forced = os.environ.get("STOCKADE_GVISOR_PLATFORM")
+    forced = current().gvisor_platform
     if forced:
         return forced
     runsc = runsc_binary()

@@ -9,7 +9,6 @@ runtime) is only ever used when asked for by name or level.
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 from typing import Any
 
@@ -25,7 +24,9 @@ DEFAULT_RUNTIME = "process"
 class RuntimeManager:
     def __init__(self, pool_size: int | None = None) -> None:
         if pool_size is None:
-            pool_size = int(os.environ.get("STOCKADE_POOL_SIZE", "2"))
+            from ..settings import current
+
+            pool_size = current().pool_size
         self.pool_size = pool_size
         self._runtimes: dict[str, Runtime] = {}
         self._availability: dict[str, Availability] = {}

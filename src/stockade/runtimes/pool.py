@@ -7,16 +7,14 @@ the next one never competes for the CPU with the run the last one served.
 from __future__ import annotations
 
 import abc
-import os
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from ..errors import ConfigError
 from ..policy import Policy, default_policy
 from .base import AgentSandbox, Runtime
 
@@ -78,18 +76,12 @@ MISSES_REMEMBERED = 64
 BUILD_FAILURES_TO_DROP = 3
 
 
-def pool_shapes_from_env(default: int = POOL_SHAPES_DEFAULT, env: Mapping[str, str] | None = None) -> int:
+def pool_shapes_setting(default: int = POOL_SHAPES_DEFAULT) -> int:
     """``STOCKADE_POOL_SHAPES``: how many policy shapes the pool keeps isolates of (>= 1)."""
-    raw = (os.environ if env is None else env).get("STOCKADE_POOL_SHAPES", "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"STOCKADE_POOL_SHAPES={raw!r} is not an integer") from None
-    if value < 1:
-        raise ConfigError(f"STOCKADE_POOL_SHAPES={raw!r} must be at least 1")
-    return value
+    from ..settings import current
+
+    configured = current().pool_shapes
+    return configured if configured is not None else default
 
 
 @dataclass
@@ -125,7 +117,7 @@ class WarmPool(Generic[S]):
         self._shape = shape
         self._adopt = adopt
         self.size = size
-        self.max_shapes = max_shapes if max_shapes is not None else pool_shapes_from_env()
+        self.max_shapes = max_shapes if max_shapes is not None else pool_shapes_setting()
         default = default_policy()
         self.default_shape = shape(default)
         self._shapes: OrderedDict[tuple[Any, ...], _Shape[S]] = OrderedDict({self.default_shape: _Shape(default)})

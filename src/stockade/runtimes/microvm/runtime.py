@@ -41,9 +41,10 @@ from ... import environments
 from ...errors import RuntimeUnavailableError, SandboxError, SandboxStartError
 from ...policy import Policy, default_policy
 from ...result import SecurityViolation
+from ...settings import current
 from ..base import Availability, IsolateUsage
 from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
-from ..pool import PooledRuntime, Reaper, WarmPool, pool_shapes_from_env
+from ..pool import PooledRuntime, Reaper, WarmPool, pool_shapes_setting
 from ..process import seccomp
 from ..process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from . import image as guest_image
@@ -149,7 +150,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                 microvm_shape,
                 MicrovmSandbox.apply_policy,
                 pool_size,
-                max_shapes=pool_shapes_from_env(default=MICROVM_POOL_SHAPES),
+                max_shapes=pool_shapes_setting(default=MICROVM_POOL_SHAPES),
             )
         self._reaper = Reaper()
 
@@ -368,7 +369,7 @@ class _Plan:
 
 def snapshots_enabled() -> bool:
     """``STOCKADE_MICROVM_SNAPSHOTS=0`` makes every start a boot (for measuring one, say)."""
-    return os.environ.get("STOCKADE_MICROVM_SNAPSHOTS", "1") != "0"
+    return current().microvm_snapshots
 
 
 def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
@@ -490,7 +491,7 @@ def _cache_file() -> str:
 
 
 def _choose_accel(runtime: MicrovmRuntime) -> str:
-    forced = os.environ.get("STOCKADE_MICROVM_ACCEL")
+    forced = current().microvm_accel
     if forced:
         return forced
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):

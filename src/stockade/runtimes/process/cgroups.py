@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ...errors import ConfigError, SandboxStartError
+from ...errors import SandboxStartError
 from ..base import IsolateUsage
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -78,18 +78,11 @@ def _writable_dir(path: str) -> bool:
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
-def cgroup_parent_setting(raw: str | None = None) -> str | None:
-    """``STOCKADE_CGROUP_PARENT`` (or ``raw``), checked: an absolute path inside the hierarchy, or None."""
-    value = (os.environ.get("STOCKADE_CGROUP_PARENT", "") if raw is None else raw).strip()
-    if not value:
-        return None
-    parts = value.split("/")
-    if not value.startswith("/") or any(p in (".", "..") for p in parts) or "\0" in value:
-        raise ConfigError(
-            f"STOCKADE_CGROUP_PARENT={value!r}: must be an absolute path inside the cgroup hierarchy, "
-            "without '.' or '..' (for example /stockade)"
-        )
-    return "/" + "/".join(p for p in parts if p)
+def cgroup_parent_setting() -> str | None:
+    """``STOCKADE_CGROUP_PARENT``, checked (settings.py): an absolute path inside the hierarchy, or None."""
+    from ...settings import current
+
+    return current().cgroup_parent
 
 
 def detect_layout() -> CgroupLayout:

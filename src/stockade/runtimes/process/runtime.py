@@ -35,7 +35,7 @@ from ..publish import Forwarder
 from . import netcalls, seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
-from .zygote import SYSTEM_PYTHON, Zygote
+from .zygote import Zygote, system_python
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -154,8 +154,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 self.isolation,
                 f"the seccomp profile is x86_64-only; this host is {platform.machine()}",
             )
-        if not os.access(SYSTEM_PYTHON, os.X_OK):
-            return Availability(self.name, False, self.isolation, f"{SYSTEM_PYTHON} (the guest interpreter) is missing")
+        if not os.access(python := system_python(), os.X_OK):
+            return Availability(self.name, False, self.isolation, f"{python} (the guest interpreter) is missing")
         layout = self._cgroups.get().layout
         details["cgroup"] = layout.version
         details["cgroup_limits"] = sorted(layout.limits)

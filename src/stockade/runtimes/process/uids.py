@@ -51,17 +51,10 @@ class UidRange:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> UidRange:
-        raw = (os.environ if env is None else env).get("STOCKADE_SANDBOX_UIDS", "").strip() or DEFAULT_RANGE
-        first_s, sep, last_s = raw.partition("-")
-        try:
-            first, last = int(first_s), int(last_s)
-        except ValueError:
-            first = last = -1
-        if not sep or not 1000 <= first <= last < 2**32 - 1:
-            raise ConfigError(
-                f"STOCKADE_SANDBOX_UIDS={raw!r}: expected 'first-last', "
-                "two uids with 1000 <= first <= last < 4294967295"
-            )
+        """``STOCKADE_SANDBOX_UIDS`` (settings.py), of ``env`` when given."""
+        from ...settings import Settings, current
+
+        first, last = (Settings.load(env) if env is not None else current()).sandbox_uids
         return cls(first, last)
 
     def check_unused(self, etc: str = "/etc") -> None:

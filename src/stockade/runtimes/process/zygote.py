@@ -11,7 +11,14 @@ from typing import Any
 
 from ...errors import SandboxStartError
 
-SYSTEM_PYTHON = os.environ.get("STOCKADE_GUEST_PYTHON", "/usr/bin/python3")
+
+def system_python() -> str:
+    """The isolates' interpreter, the host's own (``STOCKADE_GUEST_PYTHON``, /usr/bin/python3)."""
+    from ...settings import current
+
+    return current().guest_python
+
+
 # The directory holding the stdlib-only ``agent`` package; the zygote imports it as top-level ``agent``.
 AGENT_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOT = f"import sys; sys.path.insert(0, {AGENT_PARENT!r}); from agent import zygote; zygote.main(int(sys.argv[1]))"
@@ -20,7 +27,8 @@ _BOOT = f"import sys; sys.path.insert(0, {AGENT_PARENT!r}); from agent import zy
 class Zygote:
     """One pre-started ``/usr/bin/python3 -I`` that forks isolates on request."""
 
-    def __init__(self, python: str = SYSTEM_PYTHON, wait: bool = True) -> None:
+    def __init__(self, python: str | None = None, wait: bool = True) -> None:
+        python = python or system_python()
         self.python = python
         self._lock = threading.Lock()
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

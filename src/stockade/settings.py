@@ -1,0 +1,326 @@
+"""Every ``STOCKADE_*`` setting, read into one typed object (pydantic-settings).
+
+The daemon reads its settings once at start (``DaemonConfig.from_env``),
+installs them (``install``), and passes them down; everything else asks
+``current()``: the installed settings, or, in a program using stockade as a
+library, those of its environment, parsed once for each distinct set of
+``STOCKADE_*`` variables (a program, or a test, that changes them gets them
+parsed again). No other module reads a ``STOCKADE_*`` variable, except the
+lean command line (cli_daemon.py: ``STOCKADE_SOCKET``, ``STOCKADE_AUTH_TOKEN``),
+which must start without pydantic.
+
+A malformed value is refused with a ``ConfigError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+from .paths import default_socket_path, default_state_dir
+
+DEFAULT_HTTP_PORT = 8002  # seed 003's
+DEFAULT_SANDBOX_UIDS = (1879048192, 1879113727)  # systemd's unused 0x70000000 range: docs/runtime-process.md
+TRUST_LEVELS = ("trusted", "verified", "untrusted")
+ISOLATION_LEVELS = ("none", "process", "gvisor", "microvm")
+
+
+class Settings(BaseSettings):
+    """The ``STOCKADE_*`` variables; each field is its variable's name without the prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="STOCKADE_", extra="ignore", frozen=True, enable_decoding=False)
+
+    # The daemon (docs/daemon.md, docs/deployment.md)
+    socket: str = Field(default_factory=default_socket_path)
+    socket_perms: int = 0o600
+    auth_token: SecretStr | None = None
+    max_requests: int = 100
+    allowed_uids: frozenset[int] | None = None
+    allowed_gids: frozenset[int] | None = None
+    max_connections: int = 64
+    max_sandboxes: int = 8
+    max_sandboxes_per_uid: int | None = None
+    queue_limit: int = 16
+    queue_timeout: float = 30.0
+    replay_window: float = 30.0
+    max_request_bytes: int = 16 * 1024 * 1024
+    shutdown_grace: float = 10.0
+    sandbox_idle_timeout: float | None = 600.0
+    http: tuple[str, int] | None = None
+    api_token: SecretStr | None = None
+    agent_max_requests: int = 20
+    audit_log: str | None = ""  # "": beside the state, "off" -> None
+    audit_max_bytes: int = 64 * 1024 * 1024
+    build_packages: bool = False
+    state_dir: str = Field(default_factory=default_state_dir)
+    # The runtimes
+    pool_size: int = 2
+    pool_shapes: int | None = None  # None: each runtime's own default
+    cgroup_parent: str | None = None
+    sandbox_uids: tuple[int, int] = DEFAULT_SANDBOX_UIDS
+    trust_map: dict[str, str] = Field(default_factory=dict)  # over isolation.DEFAULT_TRUST_MAP
+    guest_python: str = "/usr/bin/python3"
+    gvisor_platform: str | None = None
+    microvm_accel: str | None = None
+    microvm_snapshots: bool = True
+    # Python environments (docs/environments.md)
+    env_store: str | None = None
+    env_build_timeout: float | None = None
+    # Egress and secrets (docs/egress.md)
+    egress_ca_file: str | None = None
+    egress_hosts_file: str | None = None
+    secrets_file: str | None = None
+    broker_socket: str | None = None
+    session_key: SecretStr | None = None
+    session_key_file: str = "/run/stockade/.session"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        """Each variable as written (a string) into its field's value, refused by name when malformed."""
+        if not isinstance(data, dict):
+            return data
+        parsed: dict[str, Any] = {}
+        for key, raw in data.items():
+            if not isinstance(raw, str):
+                parsed[key] = raw  # given as a value (Settings(pool_size=0)), not from the environment
+                continue
+            if raw.strip() == "":
+                continue  # set but empty: the default, as unset
+            parse = _PARSERS.get(key)
+            parsed[key] = parse(raw.strip(), "STOCKADE_" + key.upper()) if parse is not None else raw
+        return parsed
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if self.audit_log == "":
+            object.__setattr__(self, "audit_log", os.path.join(self.state_dir, "audit.log"))
+        return self
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings of ``env`` (default: this process's environment)."""
+        try:
+            if env is None:
+                return cls()
+            given = {k.removeprefix("STOCKADE_").lower(): v for k, v in env.items() if k.startswith("STOCKADE_")}
+            return cls.model_validate(given)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
+
+    def secret(self, name: str) -> str | None:
+        """A secret setting's value (``auth_token``, ``api_token``, ``session_key``): kept out of reprs."""
+        value = getattr(self, name)
+        return value.get_secret_value() if value is not None else None
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    parts = []
+    for err in exc.errors():
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigError):
+            parts.append(str(cause))
+        else:
+            name = "STOCKADE_" + ".".join(str(p) for p in err["loc"]).upper()
+            parts.append(f"{name}: {err['msg']}")
+    return ConfigError("; ".join(parts))
+
+
+# ---- parsing one variable ----------------------------------------------------------------
+
+
+def _octal(raw: str, name: str) -> int:
+    try:
+        value = int(raw, 8)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an octal file mode (e.g. 0600)") from None
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"{name}={raw!r} is outside 0000-0777")
+    return value
+
+
+def _switch(raw: str, name: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+    return raw == "1"
+
+
+def _int(minimum: int) -> Callable[[str, str], int]:
+    def parse(raw: str, name: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        if value < minimum:
+            raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def _seconds(raw: str, name: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:  # nan compares false with everything: refused by name
+        raise ConfigError(f"{name}={raw!r} must be a positive, finite number")
+    return value
+
+
+def _seconds_or_never(raw: str, name: str) -> float | None:
+    """A positive number of seconds, or None for 0 (never)."""
+    with contextlib.suppress(ValueError):  # not a number: _seconds says so, by name
+        if float(raw) == 0:
+            return None
+    return _seconds(raw, name)
+
+
+def _ids(raw: str, name: str) -> frozenset[int]:
+    try:
+        return frozenset(int(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a comma-separated list of numeric ids") from None
+
+
+def _token(raw: str, name: str) -> str:
+    if len(raw) < 16:
+        raise ConfigError(f"{name} is too short (use at least 16 characters; `stockade token new`)")
+    return raw
+
+
+def listen_address(raw: str, name: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; a bare ``HOST``: port 8002) as a host and a port."""
+    given = raw.strip()
+    bare_ipv6 = given.count(":") > 1 and not given.startswith("[")
+    if bare_ipv6 or ":" not in given or (given.startswith("[") and given.endswith("]")):
+        given = f"[{given.strip('[]')}]:{DEFAULT_HTTP_PORT}" if ":" in given else f"{given}:{DEFAULT_HTTP_PORT}"
+    host, sep, port = given.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or host.isdigit() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}={raw!r} is not HOST:PORT (e.g. 127.0.0.1:8002)")
+    return host, int(port)
+
+
+def _audit(raw: str, name: str) -> str | None:
+    return None if raw.lower() == "off" else raw
+
+
+def _cgroup_parent(raw: str, name: str) -> str:
+    parts = raw.split("/")
+    if not raw.startswith("/") or any(p in (".", "..") for p in parts) or "\0" in raw:
+        raise ConfigError(
+            f"{name}={raw!r}: must be an absolute path inside the cgroup hierarchy, "
+            "without '.' or '..' (for example /stockade)"
+        )
+    return "/" + "/".join(p for p in parts if p)
+
+
+def _uid_range(raw: str, name: str) -> tuple[int, int]:
+    first_s, sep, last_s = raw.partition("-")
+    try:
+        first, last = int(first_s), int(last_s)
+    except ValueError:
+        first = last = -1
+    if not sep or not 1000 <= first <= last < 2**32 - 1:
+        raise ConfigError(f"{name}={raw!r}: expected 'first-last', two uids with 1000 <= first <= last < 4294967295")
+    return first, last
+
+
+def _trust_map(raw: str, name: str) -> dict[str, str]:
+    mapping = {}
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        trust, sep, level = item.partition("=")
+        if not sep or trust not in TRUST_LEVELS or level not in ISOLATION_LEVELS:
+            raise ConfigError(
+                f"{name} entry {item!r} is not TRUST=LEVEL "
+                f"(trust: {', '.join(TRUST_LEVELS)}; level: {', '.join(ISOLATION_LEVELS)})"
+            )
+        mapping[trust] = level
+    return mapping
+
+
+def _path(raw: str, name: str) -> str:
+    return os.path.abspath(raw)
+
+
+def _timeout(raw: str, name: str) -> float | None:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "socket_perms": _octal,
+    "auth_token": _token,
+    "api_token": _token,
+    "max_requests": _int(1),
+    "allowed_uids": _ids,
+    "allowed_gids": _ids,
+    "max_connections": _int(1),
+    "max_sandboxes": _int(1),
+    "max_sandboxes_per_uid": _int(1),
+    "queue_limit": _int(0),
+    "queue_timeout": _seconds,
+    "replay_window": _seconds,
+    "max_request_bytes": _int(1024),
+    "shutdown_grace": _seconds,
+    "sandbox_idle_timeout": _seconds_or_never,
+    "http": listen_address,
+    "agent_max_requests": _int(1),
+    "audit_log": _audit,
+    "audit_max_bytes": _int(4096),
+    "build_packages": _switch,
+    "pool_size": _int(0),
+    "pool_shapes": _int(1),
+    "cgroup_parent": _cgroup_parent,
+    "sandbox_uids": _uid_range,
+    "trust_map": _trust_map,
+    "microvm_snapshots": _switch,
+    "env_store": _path,
+    "env_build_timeout": _timeout,
+}
+
+
+def loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---- the process's settings --------------------------------------------------------------
+
+_installed: Settings | None = None
+_parsed: tuple[tuple[tuple[str, str], ...], Settings] | None = None
+_lock = threading.Lock()
+
+
+def install(settings: Settings | None) -> None:
+    """Make ``settings`` this process's, whatever its environment says from now on (the daemon's,
+    read once at its start); None goes back to the environment's."""
+    global _installed
+    with _lock:
+        _installed = settings
+
+
+def current() -> Settings:
+    """The installed settings, or those of this process's environment as it is now."""
+    global _parsed
+    if _installed is not None:
+        return _installed
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("STOCKADE_")))
+    with _lock:
+        if _parsed is None or _parsed[0] != key:
+            _parsed = (key, Settings.load(dict(key)))
+        return _parsed[1]

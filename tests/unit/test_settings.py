@@ -1,0 +1,77 @@
+"""Every STOCKADE_* setting in one typed object: parsed once per environment, refused by name."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from stockade import settings
+from stockade.errors import ConfigError
+from stockade.settings import Settings
+
+
+def test_values_are_typed_and_secrets_kept_out_of_reprs() -> None:
+    s = Settings.load({"STOCKADE_POOL_SIZE": "3", "STOCKADE_ALLOWED_UIDS": "1000, 1001", "STOCKADE_HTTP": "[::1]:9",
+                       "STOCKADE_AUTH_TOKEN": "t" * 32, "STOCKADE_SANDBOX_UIDS": "100000-100009",
+                       "STOCKADE_TRUST_MAP": "untrusted=gvisor", "STOCKADE_MICROVM_SNAPSHOTS": "0"})  # fmt: skip
+    assert (s.pool_size, s.allowed_uids, s.http) == (3, frozenset({1000, 1001}), ("::1", 9))
+    assert (s.sandbox_uids, s.trust_map, s.microvm_snapshots) == ((100000, 100009), {"untrusted": "gvisor"}, False)
+    assert s.secret("auth_token") == "t" * 32 and "t" * 32 not in repr(s)
+    assert Settings.load({"STOCKADE_AUDIT_LOG": "off"}).audit_log is None
+    assert Settings.load({"STOCKADE_STATE_DIR": "/srv/st"}).audit_log == "/srv/st/audit.log"
+    assert Settings.load({"STOCKADE_POOL_SIZE": ""}).pool_size == 2  # set but empty: the default
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("STOCKADE_SOCKET_PERMS", "rw"),
+        ("STOCKADE_POOL_SHAPES", "0"),
+        ("STOCKADE_SANDBOX_UIDS", "5-1"),
+        ("STOCKADE_CGROUP_PARENT", "../x"),
+        ("STOCKADE_TRUST_MAP", "untrusted=chroot"),
+        ("STOCKADE_HTTP", "nowhere:port"),
+        ("STOCKADE_BUILD_PACKAGES", "yes"),
+        ("STOCKADE_API_TOKEN", "short"),
+    ],
+)
+def test_a_malformed_value_is_refused_naming_its_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.load({name: value})
+
+
+def test_the_process_settings_follow_its_environment_unless_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STOCKADE_POOL_SIZE", "5")
+    first = settings.current()
+    assert first.pool_size == 5 and settings.current() is first  # parsed once while nothing changes
+    monkeypatch.setenv("STOCKADE_POOL_SIZE", "6")
+    assert settings.current().pool_size == 6
+    installed = Settings.load({"STOCKADE_POOL_SIZE": "1"})
+    settings.install(installed)
+    try:
+        monkeypatch.setenv("STOCKADE_POOL_SIZE", "7")
+        assert settings.current() is installed  # the daemon's, read at its start, whatever changes after
+    finally:
+        settings.install(None)
+    assert settings.current().pool_size == 7
+
+
+def test_no_module_but_settings_reads_a_stockade_variable() -> None:
+    import stockade
+
+    root = os.path.dirname(stockade.__file__)
+    allowed = {"settings.py", "cli_daemon.py", "cli.py"}  # the lean command line: no pydantic on its path
+    found = []
+    for folder, _, files in os.walk(root):
+        if os.path.relpath(folder, root).startswith("agent"):
+            continue  # inside isolates: the agent's own protocol variables, not settings
+        for name in files:
+            if not name.endswith(".py") or name in allowed:
+                continue
+            with open(os.path.join(folder, name)) as f:
+                for number, line in enumerate(f, 1):
+                    if ("environ.get(\"STOCKADE_" in line or "getenv(\"STOCKADE_" in line
+                            or "environ[\"STOCKADE_" in line):  # fmt: skip
+                        found.append(f"{name}:{number}")
+    assert found == []
