@@ -14,6 +14,7 @@ import base64
 import contextlib
 import datetime
 import functools
+import gzip
 import hashlib
 import http.server
 import json
@@ -54,9 +55,16 @@ def _handler(upstream: Upstream) -> type[http.server.BaseHTTPRequestHandler]:
             headers = {k.lower(): v for k, v in self.headers.items()}
             upstream.seen.append(headers)
             body = json.dumps({"path": self.path, "headers": headers}).encode()
+            # As servers do: gzip when the client accepts it; /gzip-anyway compresses whatever it asked.
+            gzipped = "gzip" in headers.get("accept-encoding", "") or self.path.startswith("/gzip-anyway")
+            if gzipped:
+                body = gzip.compress(body)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Echo-Authorization", headers.get("authorization", ""))  # as an error page might
+            if gzipped:
+                self.send_header("Content-Encoding", "gzip")
             self.end_headers()
             self.wfile.write(body)
 

@@ -134,9 +134,12 @@ class SecretGrant(BaseModel):
         if (
             self.format.count("{value}") != 1
             or "{" in self.format.replace("{value}", "")
-            or any(c in self.format for c in "\r\n\0")
+            or any(not (" " <= c <= "~") for c in self.format)
         ):
-            raise ValueError(f"secret {self.name}: format must hold {{value}} once, and no other braces or line breaks")
+            raise ValueError(
+                f"secret {self.name}: format must hold {{value}} once, no other braces, and only visible ASCII "
+                "and spaces (no line break)"
+            )
         return self
 
 

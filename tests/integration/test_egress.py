@@ -196,17 +196,17 @@ print(json.dumps({{
     assert bound["x-api-key"] == handle
     # Another host (allowed, TLS tunnelled end to end) got the handle as it was sent.
     assert other["authorization"] == f"Bearer {handle}" and SECRET_VALUE not in json.dumps(other)
-    assert up.http.seen[-1]["authorization"] == f"Bearer {SECRET_VALUE}"  # plain HTTP to the bound host too
-    # Both echoes came back into the isolate with the value turned back into the handle.
-    for key in ("bound", "plain"):
-        status, body = out[key]  # type: ignore[misc]
-        assert status == 200 and SECRET_VALUE not in body
-        assert json.loads(body)["headers"]["authorization"] == f"Bearer {handle}"
-    assert result.secrets_redacted == 2  # type: ignore[attr-defined]
+    # Plain HTTP, even to the bound host, never carries the value: only TLS the proxy verified does.
+    assert up.http.seen[-1]["authorization"] == f"Bearer {handle}"
+    # The echo came back into the isolate with the value turned back into the handle: body and headers.
+    status, body = out["bound"]  # type: ignore[misc]
+    assert status == 200 and SECRET_VALUE not in body
+    assert json.loads(body)["headers"]["authorization"] == f"Bearer {handle}"
+    assert result.secrets_redacted == 2  # type: ignore[attr-defined]  # the body's echo and X-Echo-Authorization
     assert result.stdout.splitlines()[0] == handle  # a program that prints its handle prints only the handle
     used = {(r.host, r.path): r.secrets_used for r in result.egress_requests}  # type: ignore[attr-defined]
     assert used[("api.stockade.test", "/bound")] == ["API_KEY"]
-    assert used[("api.stockade.test", "/plain")] == ["API_KEY"]
+    assert used[("api.stockade.test", "/plain")] == []
     assert SECRET_VALUE not in result.model_dump_json()  # type: ignore[attr-defined]
 
 
@@ -342,7 +342,7 @@ def test_through_the_daemon_the_result_and_the_audit_log_name_each_request_and_n
             result = client.execute(code=code, policy=policy.model_dump(mode="json"))
         assert result.exit_code == 0, result.stderr
         assert up.https.seen[-1]["authorization"] == f"Bearer {SECRET_VALUE}"
-        assert SECRET_VALUE not in result.model_dump_json() and result.secrets_redacted == 1
+        assert SECRET_VALUE not in result.model_dump_json() and result.secrets_redacted == 2  # body, X-Echo header
         assert [(r.host, r.allowed, r.secrets_used) for r in result.egress_requests] == [
             ("api.stockade.test", True, ["API_KEY"]),
             ("elsewhere.example", False, []),
@@ -355,7 +355,7 @@ def test_through_the_daemon_the_result_and_the_audit_log_name_each_request_and_n
             ("api.stockade.test", True, ["API_KEY"]),
             ("elsewhere.example", False, []),
         ]
-        assert execution["redactions"] == 1
+        assert execution["redactions"] == 2
         with open(daemon.audit_log) as f:
             assert SECRET_VALUE not in f.read()
         assert SECRET_VALUE not in daemon.logs()
@@ -382,3 +382,52 @@ print(json.dumps({"allowed": lookup("api.stockade.test"), "refused": lookup("evi
     refused = [r for r in result.egress_requests if r.scheme == "dns"]  # type: ignore[attr-defined]
     assert {(r.host, r.allowed) for r in refused} == {("evil.example.com", False)}
     assert result.violation_counts["network_egress"] >= 1  # type: ignore[attr-defined]
+
+
+REPLY_TRICKS = """
+import gzip, http.client, json, os, ssl
+handle = os.environ["API_KEY"]
+def tunnel(path, headers, target=None):
+    conn = http.client.HTTPSConnection("127.0.0.1", 3128, timeout=20, context=ssl.create_default_context())
+    conn.set_tunnel("api.stockade.test", {port})
+    conn.request("GET", target or path, headers={{"Authorization": "Bearer " + handle, **headers}})
+    reply = conn.getresponse()
+    body = reply.read()
+    if reply.getheader("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    return {{"status": reply.status, "head": dict(reply.getheaders()), "body": body.decode(errors="replace")}}
+print(json.dumps({{
+    "asked_gzip": tunnel("/asked", {{"Accept-Encoding": "gzip"}}),
+    "gzip_anyway": tunnel("/gzip-anyway", {{}}),
+    "fronted": tunnel("/fronted", {{"Host": "other.stockade.test"}}),
+    "absolute": tunnel("/", {{}}, target="https://other.stockade.test/abs"),
+}}))
+"""
+
+
+def test_no_reply_trick_gets_the_value_into_the_isolate(up: Upstreams, manager: RuntimeManager) -> None:
+    """Compressed bodies, echoed headers, a Host aimed at another origin, an absolute URL in the tunnel."""
+    before = len(up.https.seen)
+    with Sandbox(allow(up, "api.stockade.test", "other.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
+        result = sb.run_code(REPLY_TRICKS.format(port=up.https.port))
+    assert result.exit_code == 0, result.stderr
+    # The output is as the isolate saw it: nothing needed redacting on its way out.
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert SECRET_VALUE not in result.stdout and "[REDACTED" not in result.stdout
+    asked = out["asked_gzip"]
+    assert asked["status"] == 200 and "gzip" not in json.dumps(asked["head"]).lower()  # asked for identity
+    assert asked["head"]["x-echo-authorization"].startswith("Bearer stockade-secret-")  # h11 writes names lowercased
+    assert out["gzip_anyway"]["status"] == 502 and "compressed" in out["gzip_anyway"]["body"]
+    assert out["absolute"]["status"] == 400
+    seen = up.https.seen[before:]
+    assert [s["host"] for s in seen] == [f"api.stockade.test:{up.https.port}"] * 3  # never the fronted origin
+    assert all(s["accept-encoding"] == "identity" for s in seen)
+
+
+def test_a_background_processs_output_is_redacted(up: Upstreams, manager: RuntimeManager) -> None:
+    with Sandbox(allow(up, "api.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
+        sb.write_file("/tmp/leak.txt", SECRET_VALUE)
+        process = sb.spawn(["cat", "/tmp/leak.txt"])
+        assert process.wait(30) == 0
+        stdout, _ = process.read()
+    assert stdout == b"[REDACTED:API_KEY]"

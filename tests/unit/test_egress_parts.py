@@ -135,3 +135,40 @@ def test_the_sandbox_ca_vouches_for_its_hosts_only() -> None:
             assert (result == ["verified"]) == ok, (name, result)
     finally:
         os.unlink(f.name)
+
+
+@pytest.mark.parametrize(
+    "address", ["64:ff9b::a9fe:a9fe", "::7f00:1", "::ffff:10.0.0.1", "2002:a9fe:a9fe::1", "fec0::1", "ff02::1"]
+)
+def test_an_ipv6_address_carrying_an_inside_address_is_not_public(address: str) -> None:
+    allowed = Allowlist(["*.example.com"])
+    rule = allowed.rule_for("api.example.com", 443)
+    assert rule is not None
+    assert allowed.usable(rule, [ipaddress.ip_address(address)]) == []
+    assert allowed.usable(rule, [ipaddress.ip_address("2001:4860:4860::8888")])  # a public one is
+
+
+@pytest.mark.parametrize("value", ["sk-abc\r", "sk abc ", " sk", "sk\tx", "sk\x7fx", "ключ"])
+def test_a_secret_value_that_cannot_stand_in_a_header_is_refused_when_stored(value: str, tmp_path: object) -> None:
+    from stockade.broker.store import parse_secrets
+    from stockade.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="visible ASCII"):
+        parse_secrets({"K": value}, "secrets file")
+    assert parse_secrets({"K": "sk-live abc"}, "secrets file")["K"].value == "sk-live abc"  # inner spaces: fine
+
+
+def test_the_vault_keeps_values_encrypted_and_refuses_bad_ones(tmp_path: object) -> None:
+    from stockade.broker.vault import Vault
+
+    where = os.path.join(str(tmp_path), "vault")
+    vault = Vault(where)
+    vault.put("TOKEN", "sk-vault-123456", ["api.example.com"])
+    with open(os.path.join(where, "vault"), "rb") as f:
+        assert b"sk-vault-123456" not in f.read()
+    assert Vault(where).secrets["TOKEN"].value == "sk-vault-123456"  # read back with its key
+    with pytest.raises(PolicyError, match="visible ASCII"):
+        vault.put("TOKEN", "sk\r\n", None)
+    with pytest.raises(PolicyError, match="environment variable name"):
+        vault.put("1BAD", "x", None)
+    assert vault.delete("TOKEN") and not Vault(where).secrets

@@ -101,6 +101,25 @@ def _within(host: str, permitted: str) -> bool:
     return host == permitted
 
 
+MAX_VALUE_BYTES = 64 * 1024
+
+
+def check_value(name: str, value: str, where: str) -> None:
+    """A value that can stand in an HTTP header as it is: visible ASCII and inner spaces, nothing at
+    its ends (a line break or a control character would be refused by the proxy, with the value in
+    the refusal), at most 64 KiB."""
+    if (
+        not value
+        or len(value.encode()) > MAX_VALUE_BYTES
+        or value != value.strip(" \t")
+        or any(not (" " <= c <= "~") for c in value)
+    ):
+        raise ConfigError(
+            f"{where}: {name}: a value is 1 to {MAX_VALUE_BYTES} bytes of visible ASCII and inner spaces, "
+            "with no space, tab, line break or control character at its ends or inside"
+        )
+
+
 def parse_secrets(document: object, where: str) -> dict[str, StoredSecret]:
     if not isinstance(document, dict):
         raise ConfigError(f"{where}: expected an object of NAME: value")
@@ -109,6 +128,7 @@ def parse_secrets(document: object, where: str) -> dict[str, StoredSecret]:
         entry = {"value": given} if isinstance(given, str) else given
         if not isinstance(entry, dict) or not isinstance(entry.get("value"), str) or not entry["value"]:
             raise ConfigError(f'{where}: {name} must be a non-empty string, or {{"value": ..., "hosts": [...]}}')
+        check_value(name, entry["value"], where)
         hosts = entry.get("hosts")
         if hosts is not None:
             if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):

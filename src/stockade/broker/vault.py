@@ -18,9 +18,8 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from ..egress.allowlist import parse_rule
 from ..errors import ConfigError, PolicyError
-from .store import StoredSecret, parse_secrets
+from .store import StoredSecret, check_value, parse_secrets
 
-MAX_VALUE_BYTES = 64 * 1024
 MAX_SECRETS = 1024
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
@@ -64,8 +63,10 @@ class Vault:
     def put(self, name: str, value: str, hosts: list[str] | None) -> None:
         if not _NAME.fullmatch(name):
             raise PolicyError(f"secret name {name!r} is not an environment variable name")
-        if not value or len(value.encode()) > MAX_VALUE_BYTES or any(c in value for c in "\r\n\0"):
-            raise PolicyError(f"secret {name}: a value is 1 to {MAX_VALUE_BYTES} bytes with no line break")
+        try:
+            check_value(name, value, "secret")
+        except ConfigError as exc:
+            raise PolicyError(str(exc)) from None
         for host in hosts or []:
             try:
                 parse_rule(host)

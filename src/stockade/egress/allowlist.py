@@ -122,7 +122,26 @@ class Allowlist:
         """Of the addresses a name resolved to, those it may be reached at: globally routable,
         or in ``allowed_cidrs``, or the very address a rule names."""
         named = rule.address
-        return [a for a in addresses if a == named or a.is_global or self.network_allows(a)]
+        return [a for a in addresses if a == named or self.network_allows(a) or public(a)]
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def public(address: IPAddress) -> bool:
+    """A globally routable unicast address, with any IPv4 address an IPv6 one carries public too
+    (mapped, IPv4-compatible, NAT64, 6to4, Teredo): ``64:ff9b::a9fe:a9fe`` is the metadata service."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return False
+        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+        if address in _NAT64 or address in _COMPATIBLE:
+            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        return all(public(inner) for inner in embedded if inner is not None)
+    return True
 
 
 def _canonical(host: str) -> str:

@@ -19,12 +19,14 @@ import ssl
 import tempfile
 import threading
 import uuid
+from collections import OrderedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+MAX_LEAVES = 64
 VALIDITY = datetime.timedelta(days=2)  # far longer than a sandbox lives; short enough to be worthless after
 
 
@@ -61,7 +63,7 @@ class SandboxCA:
             .sign(self._key, hashes.SHA256())
         )
         self.pem = self.certificate.public_bytes(serialization.Encoding.PEM)
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()  # the most recent MAX_LEAVES
         self._lock = threading.Lock()
 
     def server_context(self, host: str) -> ssl.SSLContext:
@@ -70,6 +72,9 @@ class SandboxCA:
             context = self._contexts.get(host)
             if context is None:
                 context = self._contexts[host] = self._make_context(host)
+                if len(self._contexts) > MAX_LEAVES:  # a wildcard binding names without end
+                    self._contexts.popitem(last=False)
+            self._contexts.move_to_end(host)
             return context
 
     def _make_context(self, host: str) -> ssl.SSLContext:

@@ -9,6 +9,7 @@ taken by the run it belongs to (``take_records``).
 
 from __future__ import annotations
 
+import asyncio
 import secrets as random_tokens
 import threading
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from .redact import Redactor, StreamRedactor
 if TYPE_CHECKING:
     from .ca import SandboxCA
 
+MAX_LOOKUPS = 4
 MAX_RECORDS = 256  # per run; more are counted, not kept (a flood of requests must not grow a report)
 HANDLE_PREFIX = "stockade-secret-"
 # Inside the isolate: the CA bundle the proxy's certificates verify against (written at hand-over).
@@ -55,6 +57,8 @@ class Gate:
     ) -> None:
         self.allowlist = Allowlist(policy.allowed_hosts, policy.allowed_cidrs)
         self.upstream_ca = upstream_ca  # STOCKADE_EGRESS_CA_FILE: roots trusted upstream beside the host's
+        # Lookups in flight for this sandbox: the resolver's threads are every sandbox's.
+        self.resolving = asyncio.Semaphore(MAX_LOOKUPS)
         self.hosts_file = hosts_file  # STOCKADE_EGRESS_HOSTS_FILE: names pinned ahead of DNS
         self.on_violation = on_violation
         self.bindings = tuple(
@@ -107,7 +111,8 @@ class Gate:
     ) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         """``headers`` with each bound header that carries its secret's handle rewritten to the
         grant's format filled with the value; and the names of the secrets used. A handle
-        anywhere else (another header, another host, the body) is sent as it is."""
+        anywhere else (another header, another host, the body) is sent as it is. The proxy asks
+        only for requests whose TLS it terminated and whose host it verified: never plain HTTP."""
         used: list[str] = []
         out = list(headers)
         for binding in self.bindings:
@@ -122,6 +127,15 @@ class Gate:
                         used.append(binding.grant.name)
         return out, used
 
+    def redact_reply(self, data: bytes) -> bytes:
+        """A reply's head (a header value, the reason): each value back to its handle, counted."""
+        for binding in self.bindings:
+            value = binding.value.encode()
+            if value in data:
+                self.redactor.add(data.count(value))
+                data = data.replace(value, binding.handle.encode())
+        return data
+
     def reply_redactor(self) -> StreamRedactor | None:
         """For a reply body passing through the proxy: each value back to its handle."""
         if not self.bindings:
@@ -131,6 +145,8 @@ class Gate:
     # ---- what it did --------------------------------------------------------------------
 
     def record(self, request: EgressRequest) -> None:
+        if request.reason and self.redactor:
+            request.reason = self.redactor.text(request.reason)  # whatever a reason quoted, never a value
         with self._lock:
             if len(self._records) < MAX_RECORDS:
                 self._records.append(request)

@@ -68,6 +68,10 @@ def pinned_addresses(host: str, path: str | None) -> list[Any]:
     return found
 
 
+class _Unreadable(Exception):
+    """A reply the proxy cannot check for secret values: not passed on."""
+
+
 class Refused(Exception):
     """A request the gate does not let through; ``status`` is the HTTP answer."""
 
@@ -302,10 +306,20 @@ class _Exchange:
         port: int,
         scheme: Literal["http", "https"],
     ) -> bool:
-        headers, used = self.gate.substitute(host, port, [(n, v) for n, v in request.headers])
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
-        record = EgressRequest(host=host, port=port, method=request.method.decode("ascii", "replace"), path=path,
-                               scheme=scheme, allowed=True, secrets_used=used)  # fmt: skip
+        method = request.method.decode("ascii", "replace")
+        record = EgressRequest(host=host, port=port, method=method, path=path, scheme=scheme, allowed=True)
+        headers = [(n, v) for n, v in request.headers]
+        terminated = scheme == "https"  # TLS terminated here for a bound host, and verified upstream
+        if terminated:
+            if not request.target.startswith((b"/", b"*")):
+                # An absolute URL inside the tunnel would name another origin than the one the value is for.
+                record.allowed, record.reason = False, "inside a tunnel to a bound host, only origin-form targets"
+                self.gate.record(record)
+                await self._answer(client, 400, record.reason)
+                return False
+            headers = _for_bound_host(headers, host, port)
+            headers, record.secrets_used = self.gate.substitute(host, port, headers)
         try:
             up_writer.write(upstream.send(h11.Request(method=request.method, target=request.target, headers=headers)))
             while True:  # the body
@@ -326,14 +340,21 @@ class _Exchange:
                 raise ConnectionError("the host closed without a reply")
             record.status = response.status_code
             redactor = self.gate.reply_redactor()
-            reply_headers = list(response.headers)
-            if redactor is not None:  # a reply that may change length is re-framed (chunked)
+            # Every value turned back into its handle, in the head as in the body.
+            reply_headers = [(n, self.gate.redact_reply(v)) for n, v in response.headers]
+            reason = self.gate.redact_reply(response.reason)
+            if redactor is not None:
+                encoding = dict((n.lower(), v) for n, v in response.headers).get(b"content-encoding", b"identity")
+                if terminated and encoding.strip().lower() != b"identity":
+                    # Asked for identity; a compressed reply could carry a value the proxy cannot see.
+                    raise _Unreadable("the host answered with a compressed body, which the proxy cannot check")
+                # A reply that may change length is re-framed (chunked).
                 reply_headers = [(n, v) for n, v in reply_headers if n.lower() != b"content-length"]
                 if request.method == b"HEAD" or response.status_code in (204, 304):
-                    reply_headers = list(response.headers)
+                    reply_headers = [(n, self.gate.redact_reply(v)) for n, v in response.headers]
                     redactor = None
             self.writer.write(client.send(h11.Response(status_code=response.status_code, headers=reply_headers,
-                                                        reason=response.reason)))  # fmt: skip
+                                                        reason=reason)))  # fmt: skip
             while True:
                 event = await _next_event(upstream, up_reader)
                 if isinstance(event, h11.Data):
@@ -353,11 +374,13 @@ class _Exchange:
             if redactor is not None:
                 self.gate.redactor.add(redactor.count)
             return True
-        except (h11.ProtocolError, ConnectionError, OSError) as exc:
-            record.reason = f"failed: {exc}"
+        except (h11.ProtocolError, ConnectionError, OSError, _Unreadable) as exc:
+            # Never the exception's text: h11 quotes the header it refused, which may be the filled one.
+            why = str(exc) if isinstance(exc, _Unreadable) else type(exc).__name__
+            record.reason = f"failed: {why}"
             if client.our_state in (h11.SEND_RESPONSE, h11.IDLE) and client.their_state is not h11.ERROR:
                 with contextlib.suppress(Exception):
-                    await self._answer(client, 502, f"upstream failed: {exc}")
+                    await self._answer(client, 502, f"upstream failed: {why}")
             return False
         finally:
             self.gate.record(record)
@@ -404,7 +427,8 @@ async def resolve(gate: Gate, host: str, port: int, rule: HostRule) -> list[Any]
     found = pinned_addresses(host, gate.hosts_file)
     if not found:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            async with gate.resolving:  # a few at a time per sandbox: the resolver's threads are everyone's
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise Refused(f"cannot resolve {host}: {exc}", 502) from None
         found = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
@@ -457,6 +481,20 @@ def _split_authority(target: str, default_port: int) -> tuple[str, int]:
     if not 0 < port < 65536:
         return "", 0
     return normalise_name(host), port
+
+
+# Request headers a bound host never gets from the isolate: its own Host (set from the tunnel's
+# target: no fronting to another origin on a shared front), encodings and ranges (a compressed
+# or partial reply could carry a value past the redactor).
+_DROPPED_FOR_BOUND = (b"host", b"accept-encoding", b"te", b"range", b"if-range")
+
+
+def _for_bound_host(headers: list[tuple[bytes, bytes]], host: str, port: int) -> list[tuple[bytes, bytes]]:
+    authority = host if port == 443 else f"{host}:{port}"
+    if ":" in host:
+        authority = f"[{host}]" if port == 443 else f"[{host}]:{port}"
+    kept = [(n, v) for n, v in headers if n.lower() not in _DROPPED_FOR_BOUND]
+    return [(b"host", authority.encode()), *kept, (b"accept-encoding", b"identity")]
 
 
 def _without_proxy_headers(request: h11.Request) -> list[tuple[bytes, bytes]]:

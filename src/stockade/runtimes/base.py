@@ -282,6 +282,11 @@ class AgentSandbox(abc.ABC):
         said = self._agent_call(method, params, timeout)
         if not isinstance(said, dict):
             raise AgentProtocolError(f"the agent's answer to {method} is not an object")
+        if method == "proc_read" and self.egress is not None and self.egress.redactor:
+            for stream in ("stdout", "stderr"):  # a background process's output leaves redacted too
+                if isinstance(said.get(stream), str):
+                    data = self.egress.redactor.bytes(b64_field(said[stream]))
+                    said[stream] = base64.b64encode(data).decode()
         return said
 
     def close_interpreter(self, session: str) -> bool:
