@@ -20,7 +20,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Self
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         return self
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def load(cls, env: Mapping[str, str] | None = None) -> Self:
         """The settings of ``env`` (default: this process's environment)."""
         try:
             if env is None:

@@ -9,10 +9,10 @@ from stockade.errors import ConfigError
 
 
 def test_the_idle_timeout_defaults_to_ten_minutes_and_zero_means_never() -> None:
-    assert DaemonConfig.from_env({}).sandbox_idle_timeout_s == 600.0
-    assert DaemonConfig.from_env({"STOCKADE_SANDBOX_IDLE_TIMEOUT": ""}).sandbox_idle_timeout_s == 600.0
-    assert DaemonConfig.from_env({"STOCKADE_SANDBOX_IDLE_TIMEOUT": "2.5"}).sandbox_idle_timeout_s == 2.5
-    assert DaemonConfig.from_env({"STOCKADE_SANDBOX_IDLE_TIMEOUT": "0"}).sandbox_idle_timeout_s is None
+    assert DaemonConfig.from_env({}).sandbox_idle_timeout == 600.0
+    assert DaemonConfig.from_env({"STOCKADE_SANDBOX_IDLE_TIMEOUT": ""}).sandbox_idle_timeout == 600.0
+    assert DaemonConfig.from_env({"STOCKADE_SANDBOX_IDLE_TIMEOUT": "2.5"}).sandbox_idle_timeout == 2.5
+    assert DaemonConfig.from_env({"STOCKADE_SANDBOX_IDLE_TIMEOUT": "0"}).sandbox_idle_timeout is None
 
 
 @pytest.mark.parametrize("name", ["STOCKADE_SANDBOX_IDLE_TIMEOUT", "STOCKADE_QUEUE_TIMEOUT", "STOCKADE_SHUTDOWN_GRACE"])

@@ -23,21 +23,21 @@
 | STOCKADE_AUDIT_MAX_BYTES | 67108864 | the audit log's size before it rotates (10 files kept) |
 | STOCKADE_BUILD_PACKAGES | 0 | 1: a caller's ``packages`` builds its environment on first use (pip on this host) |
 
-The variables are read once, with every other ``STOCKADE_*`` setting, into
-``settings.Settings``; ``DaemonConfig`` is the daemon's view of them, which the
-daemon installs for the whole process (``settings.install``) at its start. A
-malformed value is refused at start with a message naming the variable.
+The variables are read once, with every other ``STOCKADE_*`` setting:
+``DaemonConfig`` is ``settings.Settings`` with what only the command line
+says (``--no-socket``), and the daemon installs it for the whole process
+(``settings.install``) at its start. A malformed value is refused at start
+with a message naming the variable.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pydantic import SecretStr
+
 from ..errors import ConfigError
-from ..paths import default_socket_path
 from ..settings import Settings, listen_address, loopback
 
 if TYPE_CHECKING:
@@ -51,65 +51,32 @@ def socket_path_from_env() -> str:
     return current().socket
 
 
-@dataclass(frozen=True)
-class DaemonConfig:
-    socket_path: str = field(default_factory=default_socket_path)
-    socket_perms: int = 0o600
-    auth_token: str | None = None
-    max_requests: int = 100
-    allowed_uids: frozenset[int] | None = None
-    allowed_gids: frozenset[int] | None = None
-    max_connections: int = 64
-    max_sandboxes: int = 8
-    max_sandboxes_per_uid: int | None = None
-    queue_limit: int = 16
-    queue_timeout_s: float = 30.0
-    replay_window_s: float = 30.0
-    max_request_bytes: int = 16 * 1024 * 1024
-    shutdown_grace_s: float = 10.0
-    pool_size: int = 2
-    # A held sandbox nobody calls still holds a slot, an isolate and its memory:
-    # one a client forgot (or a crashed client's kept one) is closed after this.
-    sandbox_idle_timeout_s: float | None = 600.0
-    unix_socket: bool = True  # False: the HTTP API alone (``stockade serve --http --no-socket``)
-    http_listen: tuple[str, int] | None = None
-    api_token: str | None = None
-    agent_max_requests: int = 20
-    audit_log: str | None = None
-    audit_max_bytes: int = 64 * 1024 * 1024
-    build_packages: bool = False
-    # Everything else the environment set (the runtimes', the egress proxy's, ...), read with the rest.
-    settings: Settings | None = field(default=None, compare=False)
+class DaemonConfig(Settings):
+    """The daemon's settings: every ``STOCKADE_*`` variable, and ``stockade serve``'s flags."""
 
-    def __repr__(self) -> str:  # never print a token
-        token = "set" if self.auth_token else "unset"
-        api = "set" if self.api_token else "unset"
-        return (
-            f"DaemonConfig(socket={self.socket_path!r}, perms={self.socket_perms:o}, auth_token={token}, "
-            f"http={self.http_listen!r}, api_token={api})"
-        )
+    unix_socket: bool = True  # False: the HTTP API alone (``stockade serve --http --no-socket``)
 
     def server_settings(self) -> ServerSettings:
         """What the Unix-socket server (rpc/server.py) takes of this config."""
         from ..rpc.server import ServerSettings
 
         return ServerSettings(
-            socket_path=self.socket_path,
+            socket_path=self.socket,
             socket_perms=self.socket_perms,
-            auth_key=self.auth_token,
+            auth_key=self.secret("auth_token"),
             allowed_uids=self.allowed_uids,
             allowed_gids=self.allowed_gids,
             max_requests=self.max_requests,
             max_connections=self.max_connections,
             max_request_bytes=self.max_request_bytes,
-            replay_window_s=self.replay_window_s,
+            replay_window_s=self.replay_window,
         )
 
     def with_http(
         self, listen: str | None, api_token_file: str | None = None, unix_socket: bool = True
     ) -> DaemonConfig:
         """This config with ``stockade serve``'s ``--http``, ``--api-token-file`` and ``--no-socket``."""
-        token = self.api_token
+        token = self.secret("api_token")
         if api_token_file:
             try:
                 with open(api_token_file) as f:
@@ -120,44 +87,18 @@ class DaemonConfig:
                 raise ConfigError(
                     f"--api-token-file {api_token_file} is too short (use at least 16 characters; `stockade token new`)"
                 )
-        address = self.http_listen if listen is None else listen_address(listen, "--http")
+        address = self.http if listen is None else listen_address(listen, "--http")
         _check_exposure(address, token)
         if not unix_socket and address is None:
             raise ConfigError("--no-socket leaves the daemon no door: give --http too")
-        return dataclasses.replace(self, http_listen=address, api_token=token, unix_socket=unix_socket)
+        secret = SecretStr(token) if token is not None else None
+        return self.model_copy(update={"http": address, "api_token": secret, "unix_socket": unix_socket})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DaemonConfig:
-        return cls.from_settings(Settings.load(env))
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DaemonConfig:
-        config = cls(
-            socket_path=settings.socket,
-            socket_perms=settings.socket_perms,
-            auth_token=settings.secret("auth_token"),
-            max_requests=settings.max_requests,
-            allowed_uids=settings.allowed_uids,
-            allowed_gids=settings.allowed_gids,
-            max_connections=settings.max_connections,
-            max_sandboxes=settings.max_sandboxes,
-            max_sandboxes_per_uid=settings.max_sandboxes_per_uid,
-            queue_limit=settings.queue_limit,
-            queue_timeout_s=settings.queue_timeout,
-            replay_window_s=settings.replay_window,
-            max_request_bytes=settings.max_request_bytes,
-            shutdown_grace_s=settings.shutdown_grace,
-            pool_size=settings.pool_size,
-            sandbox_idle_timeout_s=settings.sandbox_idle_timeout,
-            http_listen=settings.http,
-            api_token=settings.secret("api_token"),
-            agent_max_requests=settings.agent_max_requests,
-            audit_log=settings.audit_log,
-            audit_max_bytes=settings.audit_max_bytes,
-            build_packages=settings.build_packages,
-            settings=settings,
-        )
-        _check_exposure(config.http_listen, config.api_token)
+        config = cls.load(env)
+        assert isinstance(config, DaemonConfig)
+        _check_exposure(config.http, config.secret("api_token"))
         return config
 
 

@@ -96,9 +96,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self.working_runtimes: set[str] = set()
         self.manager = manager or RuntimeManager(pool_size=config.pool_size)
         self._pool = ThreadPoolExecutor(max_workers=config.max_sandboxes + 4, thread_name_prefix="stockade-run")
-        self.slots = Slots(
-            config.max_sandboxes, config.max_sandboxes_per_uid, config.queue_limit, config.queue_timeout_s
-        )
+        self.slots = Slots(config.max_sandboxes, config.max_sandboxes_per_uid, config.queue_limit, config.queue_timeout)
         self.held: dict[str, Held] = {}
         self.closing: dict[str, Held] = {}  # held sandboxes being closed (a call of theirs may still run)
         self.running: dict[str, Running] = {}

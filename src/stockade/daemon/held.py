@@ -144,7 +144,7 @@ class HeldSandboxes:
 
     def _idle_timeout(self, asked: float | None) -> float | None:
         """A held sandbox's idle timeout: at most the daemon's own, which is also the default."""
-        limit = self.config.sandbox_idle_timeout_s
+        limit = self.config.sandbox_idle_timeout
         if asked is None:
             return limit
         if limit is not None and asked > limit:

@@ -22,8 +22,7 @@ log = logging.getLogger("stockade.daemon")
 
 
 async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
-    if config.settings is not None:
-        settings.install(config.settings)  # read once, at the start: the whole process uses these
+    settings.install(config)  # read once, at the start: the whole process uses these
     controller = Controller(config)
     observers = _observers(config, controller)
     controller.listeners.append(observers)
@@ -48,11 +47,11 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         observers.close()
         raise
     try:
-        if config.http_listen is not None:
+        if config.http is not None:
             from ..server import http as http_door
 
             http = await http_door.start(config, controller, observers)
-        where = config.socket_path if config.unix_socket else None
+        where = config.socket if config.unix_socket else None
         log.info("daemon instance %s", controller.instance_id)
         observers.admin(
             _DAEMON, "daemon.start", where or "", http=http.url if http else None, instance=controller.instance_id
@@ -60,14 +59,14 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         if ready is not None:
             ready.set()
         await stop.wait()
-        log.info("stopping: finishing running work for up to %.0f s", config.shutdown_grace_s)
+        log.info("stopping: finishing running work for up to %.0f s", config.shutdown_grace)
     finally:
         # Both doors refuse new work from here, and the work under way has one grace
         # period, whichever door it came by; then what is left is cut.
         server.stopping = True
         if http is not None:
             http.stop_accepting()
-        if not await controller.wait_idle(config.shutdown_grace_s):
+        if not await controller.wait_idle(config.shutdown_grace):
             # Past the grace: what still runs is ended, and its callers are told why.
             controller.cancel_all("the daemon stopped during this run")
             await controller.wait_idle(1.0)
@@ -75,7 +74,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
             await http.close(1.0)
         await server.close(0.0)
         await controller.shutdown(0.0)
-        observers.admin(_DAEMON, "daemon.stop", config.socket_path if config.unix_socket else "")
+        observers.admin(_DAEMON, "daemon.stop", config.socket if config.unix_socket else "")
         observers.close()
         settings.install(None)
         log.info("stopped")

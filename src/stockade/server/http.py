@@ -79,14 +79,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def start(config: DaemonConfig, controller: Controller, observers: Observers) -> HttpService:
-    """Bind ``config.http_listen`` (port 0: any free one) and serve the API on this loop."""
-    assert config.http_listen is not None
-    host, port = config.http_listen
+    """Bind ``config.http`` (port 0: any free one) and serve the API on this loop."""
+    assert config.http is not None
+    host, port = config.http
     sock = _bind(host, port)
     door = HttpDoor(
         controller,
         observers,
-        config.api_token,
+        config.secret("api_token"),
         client_rps=config.max_requests,
         agent_rps=config.agent_max_requests,
         health=lambda: sorted(controller.working_runtimes),
