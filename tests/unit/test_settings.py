@@ -75,3 +75,13 @@ def test_no_module_but_settings_reads_a_stockade_variable() -> None:
                             or "environ[\"STOCKADE_" in line):  # fmt: skip
                         found.append(f"{name}:{number}")
     assert found == []
+
+
+def test_every_setting_is_documented() -> None:
+    import stockade
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(stockade.__file__))), "docs", "settings.md")
+    with open(docs) as f:
+        text = f.read()
+    missing = [f"STOCKADE_{name.upper()}" for name in Settings.model_fields if f"STOCKADE_{name.upper()}`" not in text]
+    assert missing == []
