@@ -169,7 +169,10 @@ def start(
     if fixed and checked.network_policy != "loopback":
         raise PolicyError("--publish needs --network loopback: the isolate has no loopback otherwise")
     store.create(name, argv, policy, restart, max_restarts, stdin, fixed)
-    env = {**os.environ, "STOCKADE_STATE_DIR": os.path.dirname(store.root)}
+    from .settings import worker_environment
+
+    # Its own environment, less the daemon's tokens and a session key: it needs none of them.
+    env = worker_environment({"STOCKADE_STATE_DIR": os.path.dirname(store.root)})
     subprocess.Popen(
         [sys.executable, "-m", "stockade.components", name],
         stdin=subprocess.DEVNULL,

@@ -299,6 +299,17 @@ def loopback(host: str) -> bool:
         return False
 
 
+# The settings that are secrets: a worker stockade starts (a component's supervisor) never gets them.
+SECRET_VARIABLES = ("STOCKADE_AUTH_TOKEN", "STOCKADE_API_TOKEN", "STOCKADE_SESSION_KEY")
+
+
+def worker_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a worker it starts, without a token or a session key."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+    env.update(extra or {})
+    return env
+
+
 # ---- the process's settings --------------------------------------------------------------
 
 _installed: Settings | None = None

@@ -406,3 +406,25 @@ def test_publish_needs_a_loopback(cli: Callable[..., subprocess.CompletedProcess
     assert refused.returncode == 125 and "--network loopback" in refused.stderr
     bad = cli("start", "--name", "web", "--network", "loopback", "--publish", "0.0.0.0:80:8000", "--", "sleep", "1")
     assert bad.returncode == 125 and "loopback address" in bad.stderr
+
+
+def test_a_components_supervisor_gets_no_token_or_session_key(process_runtime: str, tmp_path: Path) -> None:
+    """The worker stockade leaves running for a component starts with the CLI's environment, less its secrets."""
+    token, key = "t" * 16 + "0123456789abcdef", "a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleS1rZXk="
+    env = {**os.environ, "STOCKADE_STATE_DIR": str(tmp_path), "STOCKADE_AUTH_TOKEN": token,
+           "STOCKADE_SESSION_KEY": key, "STOCKADE_API_TOKEN": token}  # fmt: skip
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    assert run("start", "--name", "quiet", "--", "sleep", "30").returncode == 0
+    try:
+        status = run("status", "quiet", "--json")
+        pid = int(json.loads(status.stdout)[0]["supervisor_pid"])
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+        assert f"STOCKADE_STATE_DIR={tmp_path}".encode() in environ
+        assert not [v for v in environ if v.startswith((b"STOCKADE_AUTH_TOKEN=", b"STOCKADE_API_TOKEN=",
+                                                         b"STOCKADE_SESSION_KEY="))]  # fmt: skip
+    finally:
+        run("stop", "quiet")
