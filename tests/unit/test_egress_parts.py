@@ -172,3 +172,22 @@ def test_the_vault_keeps_values_encrypted_and_refuses_bad_ones(tmp_path: object)
     with pytest.raises(PolicyError, match="environment variable name"):
         vault.put("1BAD", "x", None)
     assert vault.delete("TOKEN") and not Vault(where).secrets
+
+
+def test_cbor_frames_come_whole_however_they_are_cut_and_an_oversized_one_is_skipped() -> None:
+    from stockade.broker import wire
+    from stockade.rpc.codec import TOO_LARGE
+
+    codec = wire.CborFrames(b"k" * 32)
+    first, second = wire.frame({"id": 1}, codec.key), wire.frame({"id": 2}, codec.key)
+    stream = first + second
+    for cut in range(len(stream)):
+        framer = codec.framer(1024)
+        frames = framer.feed(stream[:cut]) + framer.feed(stream[cut:])
+        assert [codec.decode(f)["id"] for f in frames if f is not None] == [1, 2]
+    framer = codec.framer(16)
+    huge = (1000).to_bytes(4, "big") + b"x" * 1000
+    assert framer.feed(huge[:500]) == [TOO_LARGE] and framer.feed(huge[500:] + first[:0]) == []
+    framer = codec.framer(1024)
+    assert framer.single(first) == first[4:] and framer.single(first + second) is None
+    assert framer.feed(first[:7]) == [] and framer.end() == []  # a frame cut short by the end is no request

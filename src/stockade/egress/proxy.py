@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import functools
 import http
-import ipaddress
 import logging
 import socket
 import ssl
@@ -37,9 +36,10 @@ from urllib.parse import urlsplit
 import h11
 
 from ..result import EgressRequest
-from .allowlist import HostRule, normalise_name
+from .allowlist import normalise_name
 from .dns import NameService
 from .gate import Gate
+from .resolver import Refused, lookup, resolve
 
 log = logging.getLogger("stockade.egress")
 _CHUNK = 65536
@@ -49,35 +49,8 @@ CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 300.0  # a connection with nothing to say for this long is closed
 
 
-def pinned_addresses(host: str, path: str | None) -> list[Any]:
-    """The addresses the hosts(5) file ``path`` (``STOCKADE_EGRESS_HOSTS_FILE``) gives ``host``: names
-    pinned ahead of DNS (an internal name, a test's servers). None: ask DNS."""
-    if not path:
-        return []
-    try:
-        with open(path) as f:
-            lines = f.read(1 << 20).splitlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        fields = line.split("#", 1)[0].split()
-        if len(fields) >= 2 and host in (normalise_name(n) for n in fields[1:]):
-            with contextlib.suppress(ValueError):
-                found.append(ipaddress.ip_address(fields[0]))
-    return found
-
-
 class _Unreadable(Exception):
     """A reply the proxy cannot check for secret values: not passed on."""
-
-
-class Refused(Exception):
-    """A request the gate does not let through; ``status`` is the HTTP answer."""
-
-    def __init__(self, reason: str, status: int = 403) -> None:
-        super().__init__(reason)
-        self.status = status
 
 
 class EgressProxy:
@@ -117,7 +90,7 @@ class EgressProxy:
             if names is None:
                 return server, None
             names.setblocking(False)
-            service = NameService(gate, functools.partial(_lookup, gate))
+            service = NameService(gate, functools.partial(lookup, gate))
             transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: service, sock=names)
             return server, transport
 
@@ -418,27 +391,6 @@ class _Exchange:
             pass
 
 
-async def resolve(gate: Gate, host: str, port: int, rule: HostRule) -> list[Any]:
-    """The addresses ``host`` may be reached at under ``rule``: ``Refused`` when there are none."""
-    try:
-        return [ipaddress.ip_address(host)]  # an address: allowed by its rule or a CIDR
-    except ValueError:
-        pass
-    found = pinned_addresses(host, gate.hosts_file)
-    if not found:
-        try:
-            async with gate.resolving:  # a few at a time per sandbox: the resolver's threads are everyone's
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise Refused(f"cannot resolve {host}: {exc}", 502) from None
-        found = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
-    usable = gate.allowlist.usable(rule, found)
-    if not usable:
-        shown = ", ".join(str(a) for a in found)
-        raise Refused(f"{host} resolves only to addresses it may not reach ({shown}); allowed_cidrs can name them")
-    return usable
-
-
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
     while True:
         event = conn.next_event()
@@ -451,19 +403,6 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any
         if isinstance(event, h11.ConnectionClosed):
             return None
         return event
-
-
-async def _lookup(gate: Gate, name: str) -> list[Any]:
-    """For the name service: the addresses the proxy would connect ``name`` to (none: none usable)."""
-    rule = gate.allowlist.rule_for(name, 0) or next(
-        (r for r in gate.allowlist.rules if r.matches(name, r.port or 0)), None
-    )
-    if rule is None:
-        return []
-    try:
-        return await resolve(gate, name, rule.port or 443, rule)
-    except Refused:
-        return []
 
 
 def _split_authority(target: str, default_port: int) -> tuple[str, int]:
