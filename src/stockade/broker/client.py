@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 from typing import TYPE_CHECKING, Any
@@ -37,12 +38,11 @@ class BrokerClient:
         self.nonces = auth.NonceCache()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self._ids = 0
 
     def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            self._ids += 1
-            request = {"method": method, "params": params, "id": self._ids}
+            # A random id, which the signed answer must carry: an answer to another request never fits.
+            request = {"method": method, "params": params, "id": secrets.token_hex(16)}
             for attempt in (1, 2):  # a connection the broker closed (its restart) is opened again, once
                 try:
                     answer = self._exchange(request)
