@@ -35,7 +35,7 @@ def test_spares_that_keep_dying_are_no_longer_forked(process_runtime: str) -> No
     path = os.path.join(where, "cgroup.procs")
     os.mkfifo(path)
     fifo = os.open(path, os.O_RDWR)  # never EOF, writers never block
-    zygote = Zygote()
+    zygote = Zygote(sandbox_uids=None)  # its checks would refuse these requests before forking anything
     try:
         config = {"cgroup_procs": [path], "outer_uid": -5, "outer_gid": -5}
         for _ in range(DEAD_SPARES_TO_STOP):
@@ -90,3 +90,33 @@ def test_groups_a_remove_had_to_leave_are_retried(tmp_path: Path) -> None:
         assert not parent.exists() and busy.exists()
     finally:
         cgroups._LEFTOVERS.clear()
+
+
+def test_a_root_zygote_refuses_an_isolate_as_root_or_a_pid_written_outside_a_cgroup(process_runtime: str) -> None:
+    """What a daemon taken over (once it runs as its own user) might ask of the root zygote."""
+    if os.getuid() != 0:
+        pytest.skip("needs root: a rootless zygote has no more power than its caller")
+    where = tempfile.mkdtemp(prefix="stockade-zygote-test-")
+    target = os.path.join(where, "cgroup.procs")
+    with open(target, "w") as f:
+        f.write("untouched")
+    zygote = Zygote()
+    try:
+        for config in (
+            {"cgroup_procs": [], "outer_uid": 0, "outer_gid": 0},  # root outside
+            {"cgroup_procs": [], "outer_uid": None, "outer_gid": None},  # no uid change at all
+            {"cgroup_procs": [], "outer_uid": 65534, "outer_gid": 65534},  # another account
+            {"cgroup_procs": [target], "outer_uid": 1879048192, "outer_gid": 1879048192},  # a file not a cgroup's
+        ):
+            host, guest = socket.socketpair()
+            zygote.spawn(config, guest.fileno())
+            guest.close()
+            host.settimeout(10)
+            assert host.recv(1) == b"E", config  # refused, and said why
+            host.close()
+        with open(target) as f:
+            assert f.read() == "untouched"
+    finally:
+        zygote.close()
+        os.unlink(target)
+        os.rmdir(where)

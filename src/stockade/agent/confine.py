@@ -62,6 +62,7 @@ def start_isolate(raw: bytes, conn: socket.socket, agent_files: dict[str, bytes]
     """Build an isolate from its config ``raw`` without a spare. Never returns: ends with exec or ``os._exit``."""
     try:
         config = decode_config(raw)
+        check_request(config)
         join_cgroups(config["cgroup_procs"])
         enter_namespaces(config.get("outer_uid"), config.get("outer_gid"))
         sync_r, sync_w = os.pipe()
@@ -244,6 +245,28 @@ def egress_sockets(proxy_port: int) -> list[int]:
 
 
 # ---- the steps, in order --------------------------------------------------------
+
+
+# The host uids an isolate may run as, when the zygote runs as root: set from its command line by
+# its parent (a root daemon, before the daemon drops to its own user). Every request is held to
+# them (``check_request``): a daemon taken over must not get an isolate run as root or as the
+# broker, nor have root write a pid into any file but a cgroup's.
+SANDBOX_UIDS: tuple[int, int] | None = None
+_CGROUP_ROOT = "/sys/fs/cgroup/"
+
+
+def check_request(request: dict[str, Any]) -> None:
+    """Refuse (ValueError) what the zygote's root must not do for its caller."""
+    if os.getuid() != 0 or SANDBOX_UIDS is None:
+        return  # rootless: the zygote has no more power than its caller
+    first, last = SANDBOX_UIDS
+    uid, gid = request.get("outer_uid"), request.get("outer_gid")
+    if not isinstance(uid, int) or not first <= uid <= last or gid not in (None, uid):
+        raise ValueError(f"outer uid {uid!r} (gid {gid!r}) is not one of the sandbox uids {first}-{last}")
+    for path in request.get("cgroup_procs") or []:
+        real = os.path.realpath(path)
+        if not real.startswith(_CGROUP_ROOT) or os.path.basename(real) not in ("cgroup.procs", "tasks"):
+            raise ValueError(f"{path!r} is not a cgroup's process list")
 
 
 def join_cgroups(procs_files: list[str]) -> None:

@@ -55,7 +55,12 @@ AGENT_MODULES = (
 )
 
 
-def main(ctl_fd: int) -> None:
+def main(ctl_fd: int, sandbox_uids: str | None = None) -> None:
+    """Serve isolate requests on ``ctl_fd``; ``sandbox_uids`` (``first-last``, from a root parent):
+    the only uids its isolates may run as (``confine.check_request``)."""
+    if sandbox_uids:
+        first, _, last = sandbox_uids.partition("-")
+        confine.SANDBOX_UIDS = (int(first), int(last))
     ctl = socket.socket(fileno=ctl_fd)
     host = os.getppid()
     # SIGTERM, not SIGKILL: the zygote cleans up after a dead host. It is also
@@ -293,7 +298,12 @@ def _prepare_request(raw: bytes) -> dict[str, Any] | None:
     uid, gid = request.get("outer_uid"), request.get("outer_gid")
     if not all(isinstance(p, str) for p in procs) or not all(x is None or isinstance(x, int) for x in (uid, gid)):
         return None
-    return {"cgroup_procs": procs, "outer_uid": uid, "outer_gid": gid}
+    checked = {"cgroup_procs": procs, "outer_uid": uid, "outer_gid": gid}
+    try:
+        confine.check_request(checked)
+    except ValueError:
+        return None  # no spare: the request itself, when it comes, is refused and reported
+    return checked
 
 
 def _fork_spare(
@@ -397,4 +407,4 @@ def _reap() -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

@@ -21,14 +21,29 @@ def system_python() -> str:
 
 # The directory holding the stdlib-only ``agent`` package; the zygote imports it as top-level ``agent``.
 AGENT_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_BOOT = f"import sys; sys.path.insert(0, {AGENT_PARENT!r}); from agent import zygote; zygote.main(int(sys.argv[1]))"
+_BOOT = (
+    f"import sys; sys.path.insert(0, {AGENT_PARENT!r}); from agent import zygote; "
+    "zygote.main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)"
+)
 
 
 class Zygote:
     """One pre-started ``/usr/bin/python3 -I`` that forks isolates on request."""
 
-    def __init__(self, python: str | None = None, wait: bool = True) -> None:
+    def __init__(
+        self, python: str | None = None, wait: bool = True, sandbox_uids: tuple[int, int] | bool | None = True
+    ) -> None:
         python = python or system_python()
+        # As root: the uids it may make isolates run as (True: the settings'), fixed now, so that a caller
+        # that later drops to a user of its own cannot have it run anything as root or as another account.
+        # None: no such check (a test that feeds it requests only a broken host would send).
+        uids: list[str] = []
+        if sandbox_uids is True and os.getuid() == 0:
+            from ...settings import current
+
+            sandbox_uids = current().sandbox_uids
+        if isinstance(sandbox_uids, tuple):
+            uids = [f"{sandbox_uids[0]}-{sandbox_uids[1]}"]
         self.python = python
         self._lock = threading.Lock()
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -38,7 +53,7 @@ class Zygote:
             # Its environment is empty: nothing of the caller's (secrets included)
             # is ever in the memory that isolates are built from.
             self.proc = subprocess.Popen(
-                [python, "-I", "-c", _BOOT, str(child.fileno())],
+                [python, "-I", "-c", _BOOT, str(child.fileno()), *uids],
                 env={},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
