@@ -125,7 +125,9 @@ class Upstreams:
 def serve_upstreams() -> Iterator[Upstreams]:
     """Both servers, the hosts file, the CA and a 0600 secrets file; the environment set to use them."""
     where = tempfile.mkdtemp(prefix="stockade-egress-test-")
+    os.chmod(where, 0o755)  # the CA and the hosts file are public: a daemon that gave root up reads them
     ca, leaf, key = _certificates(where)
+    os.chmod(ca, 0o644)
     servers = []
     plain = Upstream(0, "http")
     secure = Upstream(0, "https")
@@ -142,6 +144,7 @@ def serve_upstreams() -> Iterator[Upstreams]:
     hosts = os.path.join(where, "hosts")
     with open(hosts, "w") as f:
         f.write("127.0.0.1 " + " ".join(NAMES) + "\n")
+    os.chmod(hosts, 0o644)
     secrets_file = os.path.join(where, "secrets.json")
     fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -287,7 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = DaemonConfig.from_env()
-        if args.socket or args.token_file:
+        if args.socket or args.token_file or args.user:
             from .client import read_token_file
 
             env = dict(os.environ)
@@ -295,6 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 env["STOCKADE_SOCKET"] = args.socket
             if args.token_file:
                 env["STOCKADE_AUTH_TOKEN"] = read_token_file(args.token_file)
+            if args.user:
+                env["STOCKADE_DAEMON_USER"] = args.user
             config = DaemonConfig.from_env(env)
         if args.http is not None or args.api_token_file or args.no_socket:
             config = config.with_http(args.http, args.api_token_file, unix_socket=not args.no_socket)
@@ -663,6 +665,11 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     )
     serve.add_argument("--api-token-file", metavar="FILE", help="the HTTP API's bearer token (or $STOCKADE_API_TOKEN)")
     serve.add_argument("--no-socket", action="store_true", help="serve the HTTP API instead of the Unix socket")
+    serve.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: become NAME (stockade) once the sockets are bound ($STOCKADE_DAEMON_USER)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     daemon = sub.add_parser("daemon", help="ask a running daemon: ping, selftest, status, runtimes; cancel, close")

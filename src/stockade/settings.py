@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     audit_max_bytes: int = 64 * 1024 * 1024
     build_packages: bool = False
     state_dir: str = Field(default_factory=default_state_dir)
+    daemon_user: str | None = None  # started as root: become this user once the sockets are bound
     # The runtimes
     pool_size: int = 2
     pool_shapes: int | None = None  # None: each runtime's own default

@@ -92,9 +92,10 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
         ctl = ["env", *(f"{k}={v}" for k, v in ctl_env.items() if k.startswith("STOCKADE_")), *ctl]
         broker_pid, daemon_pid = _pid_of(ctl, "secretd"), _pid_of(ctl, "daemon")
         assert broker_pid and daemon_pid, _logs(logs)
-        # Three processes, three identities: supervisord as root, the broker as its own user.
+        # Three processes, three identities: supervisord as root, the broker and the daemon as their own users.
         assert _uid_of(supervisord.pid) == 0
         assert _uid_of(broker_pid) == pwd.getpwnam("stockade-secrets").pw_uid
+        _wait("the daemon to give root up", lambda: _uid_of(daemon_pid) == pwd.getpwnam("stockade").pw_uid)
         with open(os.path.join(logs, "supervisord.log")) as f:
             log = f.read()
         assert log.index("spawned: 'secretd'") < log.index("spawned: 'daemon'")  # the broker first

@@ -136,6 +136,27 @@ def drop_all_capabilities() -> None:
     _check(_libc.capset(header, data), "capset")
 
 
+CAP_KILL = 5
+PR_SET_KEEPCAPS = 8
+
+
+def become_user_keeping(uid: int, gid: int, groups: list[int], keep: tuple[int, ...]) -> None:
+    """As root: become ``uid``/``gid`` (with ``groups``) for good, keeping only the capabilities
+    ``keep`` (in this thread, and in the threads it starts afterwards); nothing inheritable or ambient."""
+    prctl(PR_SET_KEEPCAPS, 1)
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    prctl(PR_SET_KEEPCAPS, 0)
+    mask = 0
+    for cap in keep:
+        mask |= 1 << cap
+    header = struct.pack("Ii", _CAP_V3, 0)
+    data = struct.pack("6I", mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0, mask >> 32, mask >> 32, 0)
+    _check(_libc.capset(header, data), "capset")
+    _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
+
+
 def keep_capabilities_across_exec() -> None:
     """Make every permitted capability inheritable and ambient, so that it survives execve.
 

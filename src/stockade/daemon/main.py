@@ -17,6 +17,7 @@ from .config import DaemonConfig
 from .controller import Controller
 from .methods import METHODS
 from .observers import Observers
+from .privileges import drop_root
 
 log = logging.getLogger("stockade.daemon")
 
@@ -26,6 +27,18 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     controller = Controller(config)
     observers = _observers(config, controller)
     controller.listeners.append(observers)
+    server = RPCServer(config.server_settings(), METHODS, JsonLines(), controller, observers)
+    if config.daemon_user is not None:
+        # Bound as root (in root's /run/stockade), then root goes, before any request is read.
+        try:
+            if config.unix_socket:
+                await server.start()
+            drop_root(config, controller)
+        except BaseException:
+            await server.close(0.0)
+            await controller.shutdown(0.0)
+            observers.close()
+            raise
     # Start the default runtime now: its zygote, its pool, and the sweep of
     # whatever a previous daemon killed with SIGKILL left behind.
     try:
@@ -33,14 +46,13 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         controller.working_runtimes.add(controller.manager.select(default_policy()).name)
     except Exception as exc:  # noqa: BLE001 - the daemon still serves other runtimes and says why
         log.warning("default runtime unavailable: %s", exc)
-    server = RPCServer(config.server_settings(), METHODS, JsonLines(), controller, observers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     http = None
     try:
-        if config.unix_socket:
+        if config.unix_socket and config.daemon_user is None:
             await server.start()  # a live daemon's socket is never claimed: nothing of this start to undo
     except BaseException:
         await controller.shutdown(0.0)

@@ -9,16 +9,19 @@ runtime) is only ever used when asked for by name or level.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 from typing import Any
 
 from ..errors import RuntimeUnavailableError
 from ..isolation import LEVELS, RUNTIME_NAMES, rank, trust_map
 from ..policy import Policy
+from ..settings import current
 from .base import Availability, Runtime
 
 LEVEL_TO_RUNTIME = {"none": "fake", "process": "process", "gvisor": "gvisor", "microvm": "microvm"}
 DEFAULT_RUNTIME = "process"
+ROOT_RUNTIMES = ("gvisor", "microvm")  # runsc and the microVM's jail start as root
 
 
 class RuntimeManager:
@@ -80,7 +83,14 @@ class RuntimeManager:
             zygote.close()
 
     def availability(self, name: str) -> Availability:
-        return self.get(name).detect()
+        runtime = self.get(name)
+        if name in ROOT_RUNTIMES and os.geteuid() != 0 and current().daemon_user:
+            reason = "needs root, which this daemon gave up (STOCKADE_DAEMON_USER): only the process runtime runs here"
+            return Availability(name, False, runtime.isolation, reason)
+        try:
+            return runtime.detect()
+        except OSError as exc:  # detect() says why rather than raise; a host that refuses it a file still answers
+            return Availability(name, False, runtime.isolation, f"{exc.strerror or exc}: {exc.filename or ''}".strip())
 
     def doctor(self) -> list[Availability]:
         return [self.availability(name) for name in RUNTIME_NAMES]
@@ -90,6 +100,8 @@ class RuntimeManager:
         minimum = trust_map()[policy.trust] if policy.trust else None
         if policy.runtime or policy.isolation:
             runtime = self.get(policy.runtime or LEVEL_TO_RUNTIME[policy.isolation or DEFAULT_RUNTIME])
+            if runtime.name in ROOT_RUNTIMES and os.geteuid() != 0 and current().daemon_user:
+                raise RuntimeUnavailableError(self.availability(runtime.name).reason)
             with self._lock:
                 known = self._availability.get(runtime.name)
             if known is not None and not known.available:

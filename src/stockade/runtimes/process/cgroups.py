@@ -18,6 +18,7 @@ refuses is a ``SandboxStartError`` naming it (``apply_limits``).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import os
@@ -433,6 +434,29 @@ class CgroupManager:
         if _LEFTOVERS:
             retry_leftovers()
         return IsolateCgroup(self.layout, f"stockade-{os.getpid()}-{next(_counter)}")
+
+    def hand_to(self, uid: int, gid: int) -> None:
+        """Before this process drops root to ``uid``: a group of its own under each parent, made and
+        given to it (a delegated subtree, as systemd's ``Delegate=``), where it makes, limits, empties
+        and removes isolates' groups from then on. The parents themselves are left as they are."""
+        name = f"stockade-daemon-{uid}"
+        made: dict[str, str] = {}  # a parent's real path (cpu and cpuacct may share one) -> the group made there
+        parents = dict(self.layout.v1_parents)
+        if self.layout.v2_parent:
+            parents["v2"] = self.layout.v2_parent
+        for key, parent in parents.items():
+            real = os.path.realpath(parent)
+            if real not in made:
+                group = os.path.join(parent, name)
+                os.makedirs(group, exist_ok=True)
+                if key == "v2" and self.layout.v2_limits:
+                    _enable(os.path.join(group, "cgroup.subtree_control"), {"memory", "pids", "cpu"})
+                os.chown(group, uid, gid)
+                made[real] = group
+            parents[key] = made[real]
+        v2 = parents.pop("v2", None)
+        self.layout = dataclasses.replace(self.layout, v1_parents=parents, v2_parent=v2)
+        self.sweep()  # what a dead daemon of this user left in its groups
 
     def sweep(self) -> int:
         """Remove groups left by stockade processes that no longer exist; return how many."""

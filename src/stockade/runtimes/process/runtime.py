@@ -31,7 +31,7 @@ from ...policy import Policy, default_policy
 from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, Reaper, WarmPool
-from ..publish import Forwarder
+from ..publish import AgentRelay, Forwarder
 from . import netcalls, seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
@@ -72,8 +72,12 @@ class ProcessSandbox(AgentSandbox):
     def usage(self, peak: bool = True) -> IsolateUsage:
         return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
 
-    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder:
-        # The host joins the isolate's network namespace through its init's pidfd (publish.py).
+    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder | AgentRelay:
+        # As root, the host joins the isolate's network namespace through its init's pidfd
+        # (publish.py). Without root (rootless, or a daemon that gave root up) it cannot join
+        # one: relayed through the agent, as for gVisor.
+        if os.geteuid() != 0:
+            return AgentRelay(self, address, host_port, port)
         return Forwarder(self.pidfd, address, host_port, port)
 
     def _take_egress_sockets(self) -> list[socket.socket]:
@@ -134,6 +138,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         self._next_cgroup: IsolateCgroup | None = None  # where the zygote's spare child waits
         self._next_uid: UidLease | None = None  # and the uid it runs as
         self._uids: UidAllocator | None = None  # as root: one host uid per live isolate
+        self._dropped = False  # the daemon gave up root (hand_to): never a zygote of its own user
         self._pool: WarmPool[ProcessSandbox] | None = None
         if pool_size > 0:
             self._pool = WarmPool(
@@ -172,9 +177,24 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 return
         zygote.close()
 
+    def hand_to(self, uid: int, gid: int) -> None:
+        """Before the daemon drops root to ``uid``: the zygote started (it stays root, and holds every
+        request to the sandbox uids), the groups' parents and the uid leases made the daemon's."""
+        self._zygote_handle()
+        self._cgroups.get().hand_to(uid, gid)
+        if self._uids is None:
+            self._uids = UidAllocator(UidRange.from_env())
+        self._uids.hand_to(uid, gid)
+        self._dropped = True
+
     def _zygote_handle(self) -> Zygote:
         with self._lock:
             if self._zygote is None or not self._zygote.alive:
+                if self._dropped:
+                    # Another zygote would be this user's, and so would its isolates: never that.
+                    raise SandboxStartError(
+                        "the zygote is gone, and without root no other can start: restart the daemon"
+                    )
                 if self._zygote is not None:
                     self._zygote.close()
                 self._zygote = Zygote()
@@ -298,8 +318,9 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             return
 
     def _lease_uid(self, cgroup: IsolateCgroup | None) -> UidLease | None:
-        """As root, a host uid of the isolate's own (rootless: None, the caller's uid)."""
-        if os.getuid() != 0:
+        """As root (or once root handed this to the daemon's user), a host uid of the isolate's own;
+        rootless: None, the caller's uid."""
+        if os.getuid() != 0 and not self._dropped:
             return None
         if self._uids is None:
             self._uids = UidAllocator(UidRange.from_env())

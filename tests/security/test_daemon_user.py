@@ -1,0 +1,58 @@
+"""A daemon started as root that gives root up (``STOCKADE_DAEMON_USER``): what it still does, what it no longer can.
+
+As root (CI): the users come from ``stockade setup-users``; the daemon binds
+its socket and starts its zygote as root, then runs as ``stockade`` with
+CAP_KILL alone, and still builds, limits and ends isolates.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+import time
+
+import pytest
+
+from stockade.client import Client
+from tests.conftest import require
+from tests.daemon_harness import start_daemon
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts a daemon as root that then gives root up")
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_the_daemon_gives_root_up_and_still_builds_limits_and_ends_isolates() -> None:
+    require("process")
+    subprocess.run([sys.executable, "-m", "stockade.cli", "setup-users"], check=True, capture_output=True, timeout=120)
+    daemon = start_daemon(env={"STOCKADE_DAEMON_USER": "stockade"})
+    try:
+        deadline = time.monotonic() + 60  # its socket is bound as root, a moment before root goes
+        while "gave up root" not in daemon.logs():
+            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.logs()
+            time.sleep(0.05)
+        status = _status(daemon.proc.pid)
+        uid = pwd.getpwnam("stockade").pw_uid
+        assert status["Uid"].split() == [str(uid)] * 4  # real, effective, saved, filesystem
+        assert int(status["CapEff"], 16) == 1 << 5 and int(status["CapPrm"], 16) == 1 << 5  # CAP_KILL alone
+        assert "stockade-secrets" in subprocess.run(["id", "-Gn", "stockade"], capture_output=True, text=True).stdout
+        with Client(daemon.socket_path) as client:
+            ran = client.execute(code="import os; print(os.getuid())")
+            assert ran.exit_code == 0 and ran.stdout == "1000\n"  # inside; a sandbox uid outside
+            greedy = client.execute(code="x = bytearray(300 * 1024 * 1024)", policy={"memory_mb": 64})
+            assert greedy.termination_reason == "memory_limit", greedy
+            slow = client.execute(command=["sleep", "30"], policy={"timeout_seconds": 2})
+            assert slow.termination_reason == "timeout"  # ended: CAP_KILL reaches the isolate's uid
+            blocked = client.execute(code="import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)")
+            assert blocked.violation_counts == {"socket": 1}
+            runtimes = {r["name"]: r for r in client.call("runtimes")}
+            for name in ("gvisor", "microvm"):
+                assert not runtimes[name]["available"] and "STOCKADE_DAEMON_USER" in runtimes[name]["reason"]
+        assert "gave up root: the daemon runs as stockade" in daemon.logs()
+    finally:
+        daemon.cleanup()
