@@ -127,3 +127,6 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
             os.killpg(supervisord.pid, 9)
             supervisord.wait(10)
         shutil.rmtree(where, ignore_errors=True)
+        from stockade.runtimes.process.cgroups import CgroupManager
+
+        CgroupManager().sweep()  # the groups delegated to the daemon, now that it is gone

@@ -56,3 +56,6 @@ def test_the_daemon_gives_root_up_and_still_builds_limits_and_ends_isolates() ->
         assert "gave up root: the daemon runs as stockade" in daemon.logs()
     finally:
         daemon.cleanup()
+        from stockade.runtimes.process.cgroups import CgroupManager
+
+        CgroupManager().sweep()  # the groups delegated to the daemon, now that it is gone

@@ -439,7 +439,9 @@ class CgroupManager:
         """Before this process drops root to ``uid``: a group of its own under each parent, made and
         given to it (a delegated subtree, as systemd's ``Delegate=``), where it makes, limits, empties
         and removes isolates' groups from then on. The parents themselves are left as they are."""
-        name = f"stockade-daemon-{uid}"
+        # Named as an isolate's group of this process would be (its number 0): once this process is
+        # gone, the next stockade process's sweep removes it with what it holds.
+        name = f"stockade-{os.getpid()}-0"
         made: dict[str, str] = {}  # a parent's real path (cpu and cpuacct may share one) -> the group made there
         parents = dict(self.layout.v1_parents)
         if self.layout.v2_parent:
@@ -473,12 +475,26 @@ class CgroupManager:
                 match = _NAME.match(name)
                 if not match or pid_alive(int(match.group(1))):
                     continue
-                stale = IsolateCgroup.__new__(IsolateCgroup)
-                stale.layout, stale.name, stale._applied, stale._fds = self.layout, name, None, {}
-                stale.dirs = {"x": os.path.join(parent, name)}
-                stale.kill()
-                removed += stale.remove(wait_s=1.0)
+                removed += _remove_stale(self.layout, parent, name)
         return removed
+
+
+def _remove_stale(layout: CgroupLayout, parent: str, name: str) -> int:
+    """Kill and remove a dead process's group, and first its own groups (a daemon that gave root up
+    kept its isolates' groups inside one of its own); how many went."""
+    where = os.path.join(parent, name)
+    removed = 0
+    try:
+        inner = [n for n in os.listdir(where) if _NAME.match(n) and os.path.isdir(os.path.join(where, n))]
+    except OSError:
+        inner = []
+    for child in inner:
+        removed += _remove_stale(layout, where, child)
+    stale = IsolateCgroup.__new__(IsolateCgroup)
+    stale.layout, stale.name, stale._applied, stale._fds = layout, name, None, {}
+    stale.dirs = {"x": where}
+    stale.kill()
+    return removed + stale.remove(wait_s=1.0)
 
 
 def pid_alive(pid: int) -> bool:
