@@ -78,8 +78,9 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
         "STOCKADE_HOME": os.path.dirname(os.path.dirname(sys.executable)).removesuffix("/.venv") or ROOT,
         "STOCKADE_RUN": run, "STOCKADE_LOG_DIR": logs, "STOCKADE_SECRETS_FILE": secrets,
         "STOCKADE_BROKER_STATE": os.path.join(where, "broker-state"),
+        "STOCKADE_DAEMON_STATE": os.path.join(where, "daemon-state"),
         "STOCKADE_SOCKET": os.path.join(run, "stockade.sock"), "STOCKADE_SOCKET_PERMS": "0600",
-        "STOCKADE_AUDIT_LOG": os.path.join(logs, "audit.log"), "STOCKADE_POOL_SIZE": "1",
+        "STOCKADE_POOL_SIZE": "1",
         "STOCKADE_EGRESS_HOSTS_FILE": os.environ["STOCKADE_EGRESS_HOSTS_FILE"],
         "STOCKADE_EGRESS_CA_FILE": os.environ["STOCKADE_EGRESS_CA_FILE"],
     })  # fmt: skip
@@ -87,8 +88,14 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
     ctl = ["supervisorctl", "-c", CONF]
     try:
         _wait("the daemon's socket", lambda: os.path.exists(env["STOCKADE_SOCKET"]))
-        ctl_env = {**os.environ, **{k: env[k] for k in ("STOCKADE_HOME", "STOCKADE_RUN", "STOCKADE_LOG_DIR",
-                                                          "STOCKADE_BROKER_STATE")}}  # fmt: skip
+        conf_vars = (
+            "STOCKADE_HOME",
+            "STOCKADE_RUN",
+            "STOCKADE_LOG_DIR",
+            "STOCKADE_BROKER_STATE",
+            "STOCKADE_DAEMON_STATE",
+        )
+        ctl_env = {**os.environ, **{k: env[k] for k in conf_vars}}
         ctl = ["env", *(f"{k}={v}" for k, v in ctl_env.items() if k.startswith("STOCKADE_")), *ctl]
         broker_pid, daemon_pid = _pid_of(ctl, "secretd"), _pid_of(ctl, "daemon")
         assert broker_pid and daemon_pid, _logs(logs)

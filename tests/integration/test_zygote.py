@@ -120,3 +120,39 @@ def test_a_root_zygote_refuses_an_isolate_as_root_or_a_pid_written_outside_a_cgr
         zygote.close()
         os.unlink(target)
         os.rmdir(where)
+
+
+def test_a_zygote_serving_given_groups_writes_through_no_link_and_nowhere_else(process_runtime: str) -> None:
+    """A daemon that gave root up owns its groups: a link it puts there, or a path it makes up, reaches nothing."""
+    if os.getuid() != 0:
+        pytest.skip("needs root: a rootless zygote has no more power than its caller")
+    parent = tempfile.mkdtemp(prefix="stockade-zygote-groups-")
+    victim = os.path.join(tempfile.mkdtemp(prefix="stockade-zygote-victim-"), "precious")
+    with open(victim, "w") as f:
+        f.write("untouched")
+    os.mkdir(os.path.join(parent, "linked"))
+    os.symlink(victim, os.path.join(parent, "linked", "cgroup.procs"))
+    zygote = Zygote(cgroup_parents=[parent])
+    uid = 1879048192
+    try:
+        for procs in (
+            os.path.join(parent, "linked", "cgroup.procs"),  # a link where the list should be
+            f"/proc/self/root{parent}/x/cgroup.procs",  # a path through /proc that leads there
+            os.path.join(parent, "..", os.path.basename(parent), "x", "cgroup.procs"),
+            os.path.join(os.path.dirname(victim), "cgroup.procs"),  # outside the groups served
+        ):
+            host, guest = socket.socketpair()
+            zygote.spawn({"cgroup_procs": [procs], "outer_uid": uid, "outer_gid": uid}, guest.fileno())
+            guest.close()
+            host.settimeout(10)
+            assert host.recv(1) == b"E", procs
+            host.close()
+        with open(victim) as f:
+            assert f.read() == "untouched"
+    finally:
+        zygote.close()
+        os.unlink(os.path.join(parent, "linked", "cgroup.procs"))
+        os.rmdir(os.path.join(parent, "linked"))
+        os.rmdir(parent)
+        os.unlink(victim)
+        os.rmdir(os.path.dirname(victim))

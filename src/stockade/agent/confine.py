@@ -247,12 +247,25 @@ def egress_sockets(proxy_port: int) -> list[int]:
 # ---- the steps, in order --------------------------------------------------------
 
 
-# The host uids an isolate may run as, when the zygote runs as root: set from its command line by
-# its parent (a root daemon, before the daemon drops to its own user). Every request is held to
-# them (``check_request``): a daemon taken over must not get an isolate run as root or as the
-# broker, nor have root write a pid into any file but a cgroup's.
+# What a root zygote holds every request to, set from its command line by its parent (a root
+# daemon, before the daemon gives root up; ``check_request``): the host uids an isolate may run
+# as, and the cgroups (the daemon's delegated ones, opened here at the start, in this mount
+# namespace) under which it may write a pid. A daemon taken over must not get an isolate run as
+# root or as an account, nor have root write anywhere but into its own groups' process lists.
 SANDBOX_UIDS: tuple[int, int] | None = None
+CGROUP_PARENTS: dict[str, int] = {}  # a parent's path -> a descriptor of it
 _CGROUP_ROOT = "/sys/fs/cgroup/"
+_PROCS = ("cgroup.procs", "tasks")
+
+
+def hold_to(uids: str | None, cgroup_parents: list[str]) -> None:
+    """At the zygote's start: the uid range (``first-last``) and the cgroup parents it serves."""
+    global SANDBOX_UIDS
+    if uids:
+        first, _, last = uids.partition("-")
+        SANDBOX_UIDS = (int(first), int(last))
+    for parent in cgroup_parents:
+        CGROUP_PARENTS[parent] = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def check_request(request: dict[str, Any]) -> None:
@@ -264,15 +277,39 @@ def check_request(request: dict[str, Any]) -> None:
     if not isinstance(uid, int) or not first <= uid <= last or gid not in (None, uid):
         raise ValueError(f"outer uid {uid!r} (gid {gid!r}) is not one of the sandbox uids {first}-{last}")
     for path in request.get("cgroup_procs") or []:
+        if CGROUP_PARENTS:
+            _beneath(path)
+            continue
         real = os.path.realpath(path)
-        if not real.startswith(_CGROUP_ROOT) or os.path.basename(real) not in ("cgroup.procs", "tasks"):
+        if not real.startswith(_CGROUP_ROOT) or os.path.basename(real) not in _PROCS:
             raise ValueError(f"{path!r} is not a cgroup's process list")
 
 
+def _beneath(path: str) -> tuple[int, str]:
+    """``path`` as (a served parent's descriptor, ``NAME/cgroup.procs`` below it), or ValueError."""
+    group, leaf = os.path.split(path)
+    parent, name = os.path.split(group)
+    if not isinstance(path, str) or parent not in CGROUP_PARENTS or leaf not in _PROCS:
+        raise ValueError(f"{path!r} is not the process list of a group under the daemon's own")
+    if not name or name in (".", "..") or any(c in name for c in "/\0"):
+        raise ValueError(f"{path!r} does not name one group")
+    return CGROUP_PARENTS[parent], f"{name}/{leaf}"
+
+
 def join_cgroups(procs_files: list[str]) -> None:
-    pid = str(os.getpid())
+    pid = str(os.getpid()).encode()
     for path in procs_files:
-        _write(path, pid)
+        if not CGROUP_PARENTS:
+            _write_bytes(path, pid)
+            continue
+        # Under the parents opened at the start, on their mount, through no link: whatever the
+        # caller made of its groups (or of its own mount namespace), root writes only there.
+        dirfd, below = _beneath(path)
+        fd = linux.open_beneath(dirfd, below, os.O_WRONLY)
+        try:
+            os.write(fd, pid)
+        finally:
+            os.close(fd)
 
 
 def _drop_to_sandbox_user(uid: int | None, gid: int | None) -> None:

@@ -136,6 +136,19 @@ def drop_all_capabilities() -> None:
     _check(_libc.capset(header, data), "capset")
 
 
+_NR_OPENAT2 = 437
+RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x01, 0x02, 0x04, 0x08
+
+
+def open_beneath(dirfd: int, path: str, flags: int) -> int:
+    """``path`` opened below the directory ``dirfd`` and on its mount, through no symlink and no
+    /proc magic link (openat2 with RESOLVE_BENEATH, NO_SYMLINKS, NO_MAGICLINKS, NO_XDEV)."""
+    resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+    how = ctypes.create_string_buffer(struct.pack("QQQ", flags | os.O_CLOEXEC, 0, resolve), 24)
+    fd = _libc.syscall(_NR_OPENAT2, dirfd, path.encode(), how, ctypes.c_size_t(24))
+    return _check(fd, f"openat2 {path}")
+
+
 CAP_KILL = 5
 PR_SET_KEEPCAPS = 8
 

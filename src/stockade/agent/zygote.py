@@ -55,12 +55,11 @@ AGENT_MODULES = (
 )
 
 
-def main(ctl_fd: int, sandbox_uids: str | None = None) -> None:
-    """Serve isolate requests on ``ctl_fd``; ``sandbox_uids`` (``first-last``, from a root parent):
-    the only uids its isolates may run as (``confine.check_request``)."""
-    if sandbox_uids:
-        first, _, last = sandbox_uids.partition("-")
-        confine.SANDBOX_UIDS = (int(first), int(last))
+def main(ctl_fd: int, sandbox_uids: str | None = None, cgroup_parents: str | None = None) -> None:
+    """Serve isolate requests on ``ctl_fd``. From a root parent: ``sandbox_uids`` (``first-last``), the
+    only uids its isolates may run as, and ``cgroup_parents`` (one path a line), the only groups it
+    writes pids under (``confine.check_request``)."""
+    confine.hold_to(sandbox_uids, cgroup_parents.split("\n") if cgroup_parents else [])
     ctl = socket.socket(fileno=ctl_fd)
     host = os.getppid()
     # SIGTERM, not SIGKILL: the zygote cleans up after a dead host. It is also
@@ -193,7 +192,9 @@ class _Built:
 
     def note_config(self, raw: bytes) -> None:
         try:
-            procs = confine.decode_config(raw).get("cgroup_procs") or []
+            config = confine.decode_config(raw)
+            confine.check_request(config)  # what it refuses is never built, so never cleaned up
+            procs = config.get("cgroup_procs") or []
         except ValueError:
             return
         if isinstance(procs, list):
@@ -407,4 +408,4 @@ def _reap() -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
+    main(int(sys.argv[1]), *sys.argv[2:4])

@@ -17,13 +17,14 @@ from .config import DaemonConfig
 from .controller import Controller
 from .methods import METHODS
 from .observers import Observers
-from .privileges import drop_root
+from .privileges import drop_root, prepare_audit_dir
 
 log = logging.getLogger("stockade.daemon")
 
 
 async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     settings.install(config)  # read once, at the start: the whole process uses these
+    prepare_audit_dir(config)
     controller = Controller(config)
     observers = _observers(config, controller)
     controller.listeners.append(observers)

@@ -4,8 +4,9 @@ Before the drop, as root: the process runtime's zygote is started (it stays
 root, and holds every request to the sandbox uids: agent/confine.py
 ``check_request``), the cgroup parents and the uid leases are made the user's
 (a delegated subtree), the daemon's socket is bound and the audit log opened.
-Then the daemon becomes that user, with every capability gone but CAP_KILL
-(its isolates run as other uids, and it must be able to end them). From then
+Then the daemon becomes that user with no capability: it ends its isolates by
+emptying their groups (cgroup.kill), or, on cgroup v1 alone, keeps CAP_KILL to
+signal them (they run as other uids). From then
 on it can read the broker's session key (through the broker's group) but
 neither the broker's secrets nor its memory.
 
@@ -18,8 +19,10 @@ isolate's memory needs CAP_SYS_PTRACE, which would reach the broker's too).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
 
 from ..agent import linux
 from ..broker import identities
@@ -30,6 +33,35 @@ from .controller import Controller
 log = logging.getLogger("stockade.daemon")
 
 
+def prepare_audit_dir(config: DaemonConfig) -> None:
+    """Before the audit log is opened (as root): its directory, made the user's if missing."""
+    if config.daemon_user is not None and config.audit_log is not None:
+        uid, gid = identities.ids_of(config.daemon_user)
+        _audit_log_for(config.audit_log, uid, gid)
+
+
+def _audit_log_for(path: str, uid: int, gid: int) -> None:
+    """The audit log rotates (renames, creates) in its directory: that directory must be the user's.
+    Root makes it when it is missing, and gives the user nothing that was there before: a directory
+    someone else owns is refused, and no entry in it is touched but the log itself, as a file."""
+    where = os.path.dirname(os.path.abspath(path))
+    try:
+        os.mkdir(where, 0o700)
+        os.chown(where, uid, gid, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    st = os.lstat(where)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        raise ConfigError(
+            f"STOCKADE_AUDIT_LOG={path}: a daemon that gives root up writes its audit log in a directory of its "
+            f"own: {where} belongs to uid {st.st_uid}. Point the log at a directory the daemon's user owns"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        log_st = os.lstat(path)
+        if stat.S_ISREG(log_st.st_mode) and log_st.st_nlink == 1:
+            os.chown(path, uid, gid, follow_symlinks=False)  # opened by root a moment ago
+
+
 def drop_root(config: DaemonConfig, controller: Controller) -> None:
     user = config.daemon_user
     assert user is not None
@@ -37,14 +69,15 @@ def drop_root(config: DaemonConfig, controller: Controller) -> None:
         raise ConfigError(f"STOCKADE_DAEMON_USER={user}: the daemon gives root up, so it must start as root")
     uid, gid = identities.ids_of(user)
     groups = os.getgrouplist(user, gid)  # the broker's group among them: the session key
-    controller.manager.get("process").hand_to(uid, gid)  # type: ignore[attr-defined]
+    process = controller.manager.get("process")
+    process.hand_to(uid, gid)  # type: ignore[attr-defined]
+    # cgroup.kill empties an isolate's group: then no signal to another uid is needed, and nothing is
+    # kept. Without it (cgroup v1 alone), CAP_KILL: which could signal any process on the host.
+    keep = () if process.can_end_groups() else (linux.CAP_KILL,)  # type: ignore[attr-defined]
     if config.audit_log is not None:
-        where = os.path.dirname(os.path.abspath(config.audit_log))
-        os.chown(where, uid, gid)  # rotation renames in it
-        for name in os.listdir(where):
-            if name.startswith(os.path.basename(config.audit_log)):
-                os.chown(os.path.join(where, name), uid, gid)
+        _audit_log_for(config.audit_log, uid, gid)
     if config.unix_socket and os.path.exists(config.socket):
         os.chown(config.socket, uid, -1)  # its group and mode stay what STOCKADE_SOCKET_PERMS made them
-    linux.become_user_keeping(uid, gid, groups, keep=(linux.CAP_KILL,))
-    log.info("gave up root: the daemon runs as %s (uid %d), with CAP_KILL alone", user, uid)
+    linux.become_user_keeping(uid, gid, groups, keep=keep)
+    kept = "CAP_KILL alone" if keep else "no capability"
+    log.info("gave up root: the daemon runs as %s (uid %d), with %s", user, uid, kept)

@@ -460,6 +460,13 @@ class CgroupManager:
         self.layout = dataclasses.replace(self.layout, v1_parents=parents, v2_parent=v2)
         self.sweep()  # what a dead daemon of this user left in its groups
 
+    def parents(self) -> list[str]:
+        """Every directory this manager makes isolates' groups in."""
+        found = list(dict.fromkeys(self.layout.v1_parents.values()))
+        if self.layout.v2_parent and self.layout.v2_parent not in found:
+            found.append(self.layout.v2_parent)
+        return found
+
     def sweep(self) -> int:
         """Remove groups left by stockade processes that no longer exist; return how many."""
         parents = list(self.layout.v1_parents.values())

@@ -106,6 +106,11 @@ class ProcessSandbox(AgentSandbox):
         if self.pidfd >= 0:
             try:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except PermissionError:
+                # A daemon that gave root up (and CAP_KILL, where cgroup.kill ends a group) may not
+                # signal an isolate's uid: its group is its own to empty.
+                if self.cgroup is not None:
+                    self.cgroup.kill()
             except OSError:
                 pass
 
@@ -178,14 +183,24 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         zygote.close()
 
     def hand_to(self, uid: int, gid: int) -> None:
-        """Before the daemon drops root to ``uid``: the zygote started (it stays root, and holds every
-        request to the sandbox uids), the groups' parents and the uid leases made the daemon's."""
+        """Before the daemon drops root to ``uid``: cgroups of its own (delegated), uid leases of its
+        own, and the zygote started now, as root, holding every request to the sandbox uids and to
+        those groups (agent/confine.py ``check_request``)."""
+        manager = self._cgroups.get()
+        manager.hand_to(uid, gid)
+        with self._lock:
+            if self._zygote is not None:
+                self._zygote.close()  # one started before knew no groups to hold requests to
+            self._zygote = Zygote(cgroup_parents=manager.parents())
         self._zygote_handle()
-        self._cgroups.get().hand_to(uid, gid)
         if self._uids is None:
             self._uids = UidAllocator(UidRange.from_env())
         self._uids.hand_to(uid, gid)
         self._dropped = True
+
+    def can_end_groups(self) -> bool:
+        """Whether its isolates' groups can be emptied with cgroup.kill (no signal to another uid needed)."""
+        return self._cgroups.get().layout.v2_parent is not None
 
     def _zygote_handle(self) -> Zygote:
         with self._lock:

@@ -149,34 +149,26 @@ class UidAllocator:
         )
 
     def hand_to(self, uid: int, gid: int) -> None:
-        """Before this process drops root to ``uid`` (group ``gid``): the leases' directory shared
-        with that group (root's still, 2770: every lease made there is the group's too), so that the
-        daemon and any root process on this host keep taking uids from one set of leases."""
-        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
-        os.chown(self.lock_dir, 0, gid)
-        os.chmod(self.lock_dir, 0o2770)  # noqa: S103 - root and the daemon's group; no one else
-        for name in os.listdir(self.lock_dir):
-            path = os.path.join(self.lock_dir, name)
-            os.chown(path, 0, gid)
-            os.chmod(path, 0o660)
+        """Before this process drops root to ``uid``: leases in a directory of that user's own
+        (``/run/stockade/uids-<uid>``), made by root if missing and only then given to it; root
+        never touches what is in it, nor shares its own. A host whose daemon gives root up leaves
+        STOCKADE_SANDBOX_UIDS to it (root processes there take another range)."""
+        self.lock_dir = f"{self.lock_dir}-{uid}"
+        try:
+            os.mkdir(self.lock_dir, 0o700)
+            os.chown(self.lock_dir, uid, gid, follow_symlinks=False)
+        except FileExistsError:
+            pass  # a previous daemon's: _check_lock_dir holds it to this user, 0700, a real directory
 
     def _check_lock_dir(self) -> None:
-        """The leases' directory is this process's owner's alone (0700), or root's shared with a
-        daemon that gave root up (2770, its group): anyone else who could write there could
-        take or fake a lease."""
+        """The leases' directory is this process's owner's alone: anyone who could
+        write there could take or fake a lease."""
         os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
         st = os.lstat(self.lock_dir)
-        mine = st.st_uid == os.geteuid() and not st.st_mode & 0o077
-        shared = (
-            st.st_uid == 0
-            and stat.S_IMODE(st.st_mode) == 0o2770
-            and (os.geteuid() == 0 or st.st_gid in os.getgroups() or st.st_gid == os.getegid())
-        )
-        if not stat.S_ISDIR(st.st_mode) or not (mine or shared):
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             raise ConfigError(
-                f"{self.lock_dir} (the uid leases) must be a directory owned by uid {os.geteuid()} with mode "
-                f"0700, or root's with mode 2770 and this daemon's group; it is {stat.filemode(st.st_mode)} "
-                f"owned by uid {st.st_uid}"
+                f"{self.lock_dir} (the uid leases) must be a directory owned by uid {os.geteuid()} "
+                f"with mode 0700; it is {stat.filemode(st.st_mode)} owned by uid {st.st_uid}"
             )
 
     def _sweep(self) -> None:
@@ -191,10 +183,8 @@ class UidAllocator:
 
     def _try(self, uid: int) -> UidLease | None:
         path = os.path.join(self.lock_dir, str(uid))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            if os.stat(self.lock_dir).st_mode & stat.S_ISGID and os.fstat(fd).st_uid == os.geteuid():
-                os.fchmod(fd, 0o660)  # a shared directory's lease: its group (the daemon's) takes it too
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Released (and unlinked) between our open and our lock: that file is
             # no longer the uid's, and another taker may hold the new one.

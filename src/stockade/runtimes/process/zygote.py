@@ -23,7 +23,7 @@ def system_python() -> str:
 AGENT_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOT = (
     f"import sys; sys.path.insert(0, {AGENT_PARENT!r}); from agent import zygote; "
-    "zygote.main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)"
+    "zygote.main(int(sys.argv[1]), *sys.argv[2:4])"
 )
 
 
@@ -31,7 +31,11 @@ class Zygote:
     """One pre-started ``/usr/bin/python3 -I`` that forks isolates on request."""
 
     def __init__(
-        self, python: str | None = None, wait: bool = True, sandbox_uids: tuple[int, int] | bool | None = True
+        self,
+        python: str | None = None,
+        wait: bool = True,
+        sandbox_uids: tuple[int, int] | bool | None = True,
+        cgroup_parents: list[str] | None = None,
     ) -> None:
         python = python or system_python()
         # As root: the uids it may make isolates run as (True: the settings'), fixed now, so that a caller
@@ -44,6 +48,8 @@ class Zygote:
             sandbox_uids = current().sandbox_uids
         if isinstance(sandbox_uids, tuple):
             uids = [f"{sandbox_uids[0]}-{sandbox_uids[1]}"]
+            if cgroup_parents:  # a daemon about to give root up: its delegated groups, the only ones
+                uids.append("\n".join(cgroup_parents))
         self.python = python
         self._lock = threading.Lock()
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -124,5 +130,8 @@ class Zygote:
             self.ctl.close()
         finally:
             if self.proc.poll() is None:
-                self.proc.kill()
+                try:
+                    self.proc.kill()
+                except PermissionError:
+                    pass  # a daemon that gave root up: its zygote (root) ends as its socket closes
             self.proc.wait()
