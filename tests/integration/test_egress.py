@@ -431,3 +431,63 @@ def test_a_background_processs_output_is_redacted(up: Upstreams, manager: Runtim
         assert process.wait(30) == 0
         stdout, _ = process.read()
     assert stdout == b"[REDACTED:API_KEY]"
+
+
+def test_a_handle_is_worth_nothing_in_another_sandbox(up: Upstreams, manager: RuntimeManager) -> None:
+    policy = allow(up, "api.stockade.test", secrets=("API_KEY",))
+    with Sandbox(policy, manager=manager) as first, Sandbox(policy, manager=manager) as second:
+        theirs = first.run_code("import os; print(os.environ['API_KEY'])").stdout.strip()
+        mine = second.run_code("import os; print(os.environ['API_KEY'])").stdout.strip()
+        assert theirs != mine and theirs.startswith("stockade-secret-")
+        sent = second.run_code(
+            "import urllib.request\n"
+            f"r = urllib.request.Request('https://api.stockade.test:{up.https.port}/stolen', "
+            f"headers={{'Authorization': 'Bearer {theirs}'}})\n"
+            "print(urllib.request.urlopen(r, timeout=20).status)"
+        )
+    assert sent.stdout == "200\n", sent.stderr
+    assert up.https.seen[-1]["authorization"] == f"Bearer {theirs}"  # sent as it was: not the value
+    assert sent.egress_requests[-1].secrets_used == []
+
+
+def test_the_proxy_bounds_what_one_isolate_can_hold_open_and_refuses_garbage(
+    up: Upstreams, manager: RuntimeManager
+) -> None:
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        result = sb.run_code("""
+import json, socket, time
+held = []
+for _ in range(100):  # more than a sandbox may hold open at once
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=5)
+    held.append(s)
+import select
+time.sleep(0.5)
+readable, _, _ = select.select(held, [], [], 2.0)  # closed by the proxy: readable, and at their end
+refused = 0
+for s in readable:
+    try:
+        refused += s.recv(1) == b""
+    except OSError:
+        refused += 1
+for s in held:
+    s.close()
+junk = socket.create_connection(("127.0.0.1", 3128), timeout=5)
+junk.sendall(b"\\x16\\x03\\x01 not http at all\\r\\n\\r\\n")
+answer = junk.recv(200)
+huge = socket.create_connection(("127.0.0.1", 3128), timeout=5)
+try:
+    huge.sendall(b"GET http://api.stockade.test/ HTTP/1.1\\r\\nX: " + b"a" * 200000 + b"\\r\\n\\r\\n")
+except OSError:
+    pass
+print(json.dumps({"refused": refused, "junk": answer[:12].decode(errors="replace"),
+                  "huge": huge.recv(200)[:12].decode(errors="replace")}))
+""")
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        assert out["refused"] >= 100 - 64  # past the cap, connections are closed at once
+        assert out["junk"].startswith("HTTP/1.1 400") and out["huge"].startswith("HTTP/1.1 400")
+        # The proxy still serves this sandbox afterwards.
+        again = sb.run_code(
+            f"import urllib.request; print(urllib.request.urlopen('http://api.stockade.test:{up.http.port}/', "
+            "timeout=20).status)"
+        )
+        assert again.stdout == "200\n", again.stderr
