@@ -206,7 +206,8 @@ class Agent(Interpreters, Processes):
         mode = params.get("mode", 0o644)
         if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
             raise wire.RPCError(wire.INVALID_PARAMS, "mode must be an integer permission")
-        fd = _open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        append = params.get("append", False) is True  # at the end of what is there, instead of over it
+        fd = _open_regular(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), mode)
         try:
             wire.write_all(fd, data)
         finally:

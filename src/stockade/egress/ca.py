@@ -13,6 +13,7 @@ Keys are ECDSA P-256: a CA and a leaf cost about a millisecond each to make.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 import ssl
@@ -122,17 +123,26 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def trust_bundle(extra_pem: bytes) -> bytes:
-    """The host's CA bundle with ``extra_pem`` added: what an isolate behind the proxy trusts."""
+@functools.cache
+def host_roots() -> bytes:
+    """The host's CA bundle (read once), ending in a newline: what tunnels to other hosts verify against."""
     bundle = b""
     for path in (ssl.get_default_verify_paths().cafile, "/etc/ssl/certs/ca-certificates.crt"):
         if path and os.path.isfile(path):
             with open(path, "rb") as f:
                 bundle = f.read()
             break
-    if bundle and not bundle.endswith(b"\n"):
-        bundle += b"\n"
-    return bundle + b"# stockade: this sandbox's egress proxy\n" + extra_pem
+    return bundle + b"\n" if bundle and not bundle.endswith(b"\n") else bundle
+
+
+def ca_entry(pem: bytes) -> bytes:
+    """A sandbox CA's entry in the bundle, after the host's roots."""
+    return b"# stockade: this sandbox's egress proxy\n" + pem
+
+
+def trust_bundle(extra_pem: bytes) -> bytes:
+    """The host's CA bundle with ``extra_pem`` added: what an isolate behind the proxy trusts."""
+    return host_roots() + ca_entry(extra_pem)
 
 
 def new_label() -> str:

@@ -92,14 +92,6 @@ class Gate:
                 env[name] = CA_BUNDLE_PATH
         return env
 
-    def ca_bundle(self) -> bytes | None:
-        """The file at ``CA_BUNDLE_PATH``: the host's roots and this sandbox's CA (None: no CA)."""
-        if self.ca is None:
-            return None
-        from .ca import trust_bundle
-
-        return trust_bundle(self.ca.pem)
-
     # ---- what the proxy asks ------------------------------------------------------------
 
     def bound(self, host: str, port: int) -> bool:

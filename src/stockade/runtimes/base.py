@@ -132,6 +132,7 @@ class AgentSandbox(abc.ABC):
         self.forwarders: list[Forwarder | AgentRelay] = []  # published ports, closed with the isolate
         # Under network_policy "allowlist": the egress proxy's gate, its secrets and their redaction.
         self.egress: Egress | None = None
+        self.roots_written = False  # the host's CA roots are in egress.CA_BUNDLE_PATH already (pool)
         self._closed = False
         self._dead = False  # the isolate ended (killed, OOM, agent gone)
         self._kill_reason: TerminationReason | None = None
@@ -341,10 +342,13 @@ class AgentSandbox(abc.ABC):
         method, params = code_request(code, language, session, stdin)
         return await self.arun_request(method, params, stdin, env, timeout, on_output)
 
-    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+    def write_file(self, path: str, data: bytes | str, mode: int = 0o644, append: bool = False) -> None:
         raw = data.encode() if isinstance(data, str) else data
         check_call_size("write_file data", raw)
-        self._file_call("write_file", {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode})
+        params: dict[str, Any] = {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}
+        if append:
+            params["append"] = True
+        self._file_call("write_file", params)
 
     def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         """The file's bytes: all of them, or the first ``max_bytes``.

@@ -69,6 +69,7 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
         return
     # Here, not at the top: a runtime that never serves an allowlist never loads h11 or dnspython (nor,
     # without secrets, cbor2 and cryptography).
+    from ..egress.ca import ca_entry, trust_bundle
     from ..egress.gate import CA_BUNDLE_PATH, Gate
     from ..egress.proxy import proxy
     from ..settings import current
@@ -94,10 +95,12 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
         raise
     sandbox.egress = egress
     sandbox.environment_env = {**sandbox.environment_env, **gate.env()}
-    bundle = gate.ca_bundle()
-    if bundle is not None:
+    if gate.ca is not None:
         try:
-            sandbox.write_file(CA_BUNDLE_PATH, bundle, 0o444)
+            if sandbox.roots_written:  # a pooled isolate: only this sandbox's CA goes after the roots
+                sandbox.write_file(CA_BUNDLE_PATH, ca_entry(gate.ca.pem), append=True)
+            else:
+                sandbox.write_file(CA_BUNDLE_PATH, trust_bundle(gate.ca.pem), 0o444)
         except BaseException:
             with contextlib.suppress(Exception):
                 egress.close()

@@ -293,6 +293,18 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 os.close(listener)
             _dispose(cgroup, uid)
             raise
+        if warm and policy.network_policy == "allowlist":
+            # The host's roots, written ahead (off the caller's path): at hand-over, a sandbox with
+            # secrets adds only its CA to them (runtimes/egress.py).
+            from ...egress.ca import host_roots
+            from ...egress.gate import CA_BUNDLE_PATH
+
+            try:
+                sandbox.write_file(CA_BUNDLE_PATH, host_roots(), 0o644)  # appended to at hand-over
+                sandbox.roots_written = True
+            except BaseException:
+                sandbox.close()
+                raise
         if not warm:  # a pooled isolate gets its caller's egress at hand-over (apply_policy)
             try:
                 attach_egress(sandbox, policy)
