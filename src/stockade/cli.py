@@ -521,10 +521,14 @@ def _early_zygote(argv: list[str], daemon_checked: bool = False) -> Any:
             if (word == flag or word.startswith(flag + "=")) and value != "process":
                 return None
     from .errors import StockadeError
+    from .paths import DEFAULT_GUEST_PYTHON
     from .runtimes.process.zygote import Zygote
 
+    # Its interpreter read here, not through settings.py: that would import pydantic first, the very
+    # cost this boot overlaps. No uid range to hold it to: its caller is this process, which keeps root.
+    python = os.environ.get("STOCKADE_GUEST_PYTHON") or DEFAULT_GUEST_PYTHON
     try:
-        return Zygote(wait=False)
+        return Zygote(python, wait=False, sandbox_uids=None)
     except StockadeError:
         return None  # the runtime will start (and report on) its own
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+DEFAULT_GUEST_PYTHON = "/usr/bin/python3"  # STOCKADE_GUEST_PYTHON's default: the isolates' interpreter
+
 
 def default_socket_path() -> str:
     if os.getuid() == 0:

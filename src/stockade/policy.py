@@ -275,9 +275,10 @@ class Policy(BaseModel):
             )
         return value
 
-    @field_validator("filesystem_access", mode="before")
+    @field_validator("filesystem_access", "packages", "allowed_hosts", "allowed_cidrs", "secrets", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
+        # Strict mode takes tuples only: a JSON list (every door's) becomes one.
         return tuple(value) if isinstance(value, list) else value
 
     @model_validator(mode="after")
@@ -286,11 +287,6 @@ class Policy(BaseModel):
         if len(targets) != len(set(targets)):
             raise ValueError("filesystem_access has two mounts on the same target")
         return self
-
-    @field_validator("allowed_hosts", "allowed_cidrs", "secrets", mode="before")
-    @classmethod
-    def _listify_network(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _check_egress(self) -> Policy:
@@ -316,11 +312,6 @@ class Policy(BaseModel):
                 if not covered:
                     raise ValueError(f"secret {grant.name} is bound to {host}, which allowed_hosts does not allow")
         return self
-
-    @field_validator("packages", mode="before")
-    @classmethod
-    def _listify_packages(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("packages")
     @classmethod

@@ -26,7 +26,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
-from .paths import default_socket_path, default_state_dir
+from .paths import DEFAULT_GUEST_PYTHON, default_socket_path, default_state_dir
 
 DEFAULT_HTTP_PORT = 8002  # seed 003's
 DEFAULT_SANDBOX_UIDS = (1879048192, 1879113727)  # systemd's unused 0x70000000 range: docs/runtime-process.md
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     cgroup_parent: str | None = None
     sandbox_uids: tuple[int, int] = DEFAULT_SANDBOX_UIDS
     trust_map: dict[str, str] = Field(default_factory=dict)  # over isolation.DEFAULT_TRUST_MAP
-    guest_python: str = "/usr/bin/python3"
+    guest_python: str = DEFAULT_GUEST_PYTHON
     gvisor_platform: str | None = None
     microvm_accel: str | None = None
     microvm_snapshots: bool = True

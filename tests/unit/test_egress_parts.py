@@ -92,7 +92,7 @@ def test_substitution_only_in_the_bound_header_for_the_bound_host() -> None:
 
 
 def test_redaction_counts_and_finds_values_split_across_chunks() -> None:
-    redactor = Redactor({"A": "secret-aaaa", "B": "secret-aaaa-longer"})
+    redactor = Redactor.markers({"A": "secret-aaaa", "B": "secret-aaaa-longer"})
     assert redactor.bytes(b"x secret-aaaa-longer y secret-aaaa") == b"x [REDACTED:B] y [REDACTED:A]"
     assert redactor.take_count() == 2 and redactor.take_count() == 0
     assert redactor.json_text(json.dumps({"v": 'say "secret-aaaa"'})) == json.dumps({"v": 'say "[REDACTED:A]"'})

@@ -22,12 +22,12 @@ import grp
 import os
 import pwd
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 
 RUN_DIR = "/run/stockade"
-SESSION_KEY = f"{RUN_DIR}/.session"
 BROKER_SOCKET = f"{RUN_DIR}/secretd.sock"
 
 
@@ -45,10 +45,10 @@ def setup_users(names: Names) -> list[str]:
         raise ConfigError("setup-users creates system accounts: run it as root")
     done = []
     for name in (names.secrets, names.daemon, names.sandbox):
-        if not _group_exists(name):
+        if not _exists(grp.getgrnam, name):
             _run(["groupadd", "--system", name])
             done.append(f"group {name} created")
-        if not _user_exists(name):
+        if not _exists(pwd.getpwnam, name):
             _run(["useradd", "--system", "--gid", name, "--no-create-home", "--home-dir", "/nonexistent",
                   "--shell", "/usr/sbin/nologin", name])  # fmt: skip
             done.append(f"user {name} created")
@@ -67,17 +67,10 @@ def _run(argv: list[str]) -> None:
         raise ConfigError(f"{' '.join(argv)} failed: {exc.stderr.strip() or exc.returncode}") from None
 
 
-def _user_exists(name: str) -> bool:
+def _exists(lookup: Callable[[str], object], name: str) -> bool:
+    """Whether ``lookup`` (``pwd.getpwnam``, ``grp.getgrnam``) knows ``name``."""
     try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
+        lookup(name)
     except KeyError:
         return False
     return True

@@ -67,7 +67,10 @@ class Gate:
             )
             for g in policy.secrets
         )
-        self.redactor = Redactor({b.grant.name: b.value for b in self.bindings})
+        self.redactor = Redactor.markers({b.grant.name: b.value for b in self.bindings})
+        # In a reply, each value goes back to its handle (head and body), counted with the run's others.
+        self._to_handles = {b.value.encode(): b.handle.encode() for b in self.bindings}
+        self._reply_head = Redactor(self._to_handles, tally=self.redactor)
         self.ca: SandboxCA | None = None
         if self.bindings:
             from .ca import SandboxCA, new_label  # cryptography: loaded only for an isolate with secrets
@@ -121,18 +124,13 @@ class Gate:
 
     def redact_reply(self, data: bytes) -> bytes:
         """A reply's head (a header value, the reason): each value back to its handle, counted."""
-        for binding in self.bindings:
-            value = binding.value.encode()
-            if value in data:
-                self.redactor.add(data.count(value))
-                data = data.replace(value, binding.handle.encode())
-        return data
+        return self._reply_head.bytes(data)
 
     def reply_redactor(self) -> StreamRedactor | None:
         """For a reply body passing through the proxy: each value back to its handle."""
         if not self.bindings:
             return None
-        return StreamRedactor({b.value.encode(): b.handle.encode() for b in self.bindings})
+        return StreamRedactor(self._to_handles)
 
     # ---- what it did --------------------------------------------------------------------
 

@@ -15,16 +15,20 @@ from collections.abc import Mapping
 
 
 class Redactor:
-    """Replaces each value of ``values`` (name -> value) by ``[REDACTED:NAME]``, and counts."""
+    """Replaces each value of ``replacements`` (value -> what stands for it) and counts the
+    replacements, its own or (``tally``) another redactor's: one count for a run."""
 
-    def __init__(self, values: Mapping[str, str]) -> None:
+    def __init__(self, replacements: Mapping[bytes, bytes], tally: Redactor | None = None) -> None:
         # Longest first: a value that contains another is replaced whole.
-        self._pairs = sorted(
-            ((v.encode(), f"[REDACTED:{k}]".encode()) for k, v in values.items() if v),
-            key=lambda p: -len(p[0]),
-        )
+        self._pairs = sorted(((v, r) for v, r in replacements.items() if v), key=lambda p: -len(p[0]))
+        self._tally = tally if tally is not None else self
         self._lock = threading.Lock()
         self.count = 0  # replacements since the last ``take_count``
+
+    @classmethod
+    def markers(cls, values: Mapping[str, str]) -> Redactor:
+        """Each value of ``values`` (name -> value) by ``[REDACTED:NAME]``: what leaves an isolate."""
+        return cls({v.encode(): f"[REDACTED:{k}]".encode() for k, v in values.items()})
 
     def __bool__(self) -> bool:
         return bool(self._pairs)
@@ -37,9 +41,7 @@ class Redactor:
             if value in data:
                 found += data.count(value)
                 data = data.replace(value, marker)
-        if found:
-            with self._lock:
-                self.count += found
+        self._tally.add(found)
         return data
 
     def text(self, data: str) -> str:
@@ -57,13 +59,11 @@ class Redactor:
             if written in data:
                 found += data.count(written)
                 data = data.replace(written, marker.decode())
-        if found:
-            with self._lock:
-                self.count += found
+        self._tally.add(found)
         return data
 
     def add(self, count: int) -> None:
-        """Count replacements made elsewhere (the proxy's ``StreamRedactor``) with this run's."""
+        """Count replacements made elsewhere (another redactor, the proxy's ``StreamRedactor``) with this run's."""
         if count:
             with self._lock:
                 self.count += count

@@ -163,6 +163,10 @@ class AgentSandbox(abc.ABC):
         loopback, for the host to serve; a runtime without them refuses network_policy allowlist."""
         raise PolicyError(f"network_policy 'allowlist' is not offered by the {self.runtime_name} runtime")
 
+    def _redacted(self, data: bytes) -> bytes:
+        """``data`` leaving the isolate, with any secret value of its egress taken out (egress.md)."""
+        return self.egress.redactor.bytes(data) if self.egress is not None else data
+
     def isolate_pid(self) -> int | None:
         """The host pid of the isolate's first process, when the host can see it."""
         return None
@@ -286,8 +290,7 @@ class AgentSandbox(abc.ABC):
         if method == "proc_read" and self.egress is not None and self.egress.redactor:
             for stream in ("stdout", "stderr"):  # a background process's output leaves redacted too
                 if isinstance(said.get(stream), str):
-                    data = self.egress.redactor.bytes(b64_field(said[stream]))
-                    said[stream] = base64.b64encode(data).decode()
+                    said[stream] = base64.b64encode(self._redacted(b64_field(said[stream]))).decode()
         return said
 
     def close_interpreter(self, session: str) -> bool:
@@ -367,7 +370,7 @@ class AgentSandbox(abc.ABC):
             got += data
             size = now_size if size is None else size
             if not more or not data or (max_bytes is not None and len(got) >= max_bytes) or len(got) >= size:
-                return self.egress.redactor.bytes(bytes(got)) if self.egress is not None else bytes(got)
+                return self._redacted(bytes(got))
             if max_bytes is None and len(got) >= MAX_WHOLE_READ:
                 # The size is the agent's word: an untrusted agent could say any. A whole read stops here.
                 raise SandboxError(f"{path} is larger than {MAX_WHOLE_READ} bytes: read it with max_bytes, in parts")
@@ -704,7 +707,7 @@ class AgentSandbox(abc.ABC):
         egress: dict[str, Any] = {}
         if self.egress is not None:
             # A secret's value never leaves in a result: output, a cell's results, the error.
-            stdout, stderr = self.egress.redactor.bytes(stdout), self.egress.redactor.bytes(stderr)
+            stdout, stderr = self._redacted(stdout), self._redacted(stderr)
             cell = self.egress.redact_fields(cell)
             records, dropped = self.egress.gate.take_records()
             egress = {"egress_requests": records, "egress_requests_dropped": dropped,
@@ -867,7 +870,7 @@ class AgentSandbox(abc.ABC):
         stream = params.get("stream")
         if stream in ("stdout", "stderr"):
             data = b64_field(params.get("data"))
-            on_output(stream, self.egress.redactor.bytes(data) if self.egress is not None else data)
+            on_output(stream, self._redacted(data))
 
 
 # How a call to the agent can end that is the isolate's end, not an error to raise.

@@ -2,13 +2,14 @@
 
 Two forwarders, one listener each on the host's loopback:
 
-- ``Forwarder`` (the process runtime) lives on the host side of the
+- ``Forwarder`` (the process runtime, as root) lives on the host side of the
   isolate's network namespace. For each connection it accepts, a short-lived
   thread joins the isolate's network namespace (``setns`` on the isolate's
   pidfd: the namespace of that thread only, which ends with it), connects to
   ``127.0.0.1:PORT`` there, and leaves; the two sockets are then relayed.
 - ``AgentRelay`` (gVisor, a microVM: their loopback is in gVisor's netstack
-  or the guest's kernel, which no host thread can join) has the agent connect
+  or the guest's kernel, which no host thread can join; and a process isolate
+  whose host has no root to join its namespace with) has the agent connect
   to the port (``tunnel_open``) and relays through the agent's calls,
   polling (each call takes the sandbox's turn: a long ``exec`` on the same
   sandbox holds the relay up until it ends).
@@ -27,7 +28,6 @@ import os
 import socket
 import threading
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..agent import linux
@@ -261,43 +261,30 @@ class AgentRelay(_PublishedPort):
 
 def connect_inside(pidfd: int, port: int, timeout: float = 10.0) -> socket.socket:
     """A TCP socket connected to 127.0.0.1:``port`` in the network namespace of ``pidfd``'s process."""
-
-    def connect() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(("127.0.0.1", port))
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(None)
-        return sock
-
-    try:
-        return in_namespace(pidfd, connect)
-    except OSError as exc:
-        raise SandboxError(f"cannot reach port {port} inside the isolate: {exc}") from None
-
-
-def in_namespace(pidfd: int, make: Callable[[], socket.socket]) -> socket.socket:
-    """``make()`` run by a thread that joined the network namespace of ``pidfd``'s process: a
-    socket made there belongs to that namespace. The thread ends right after; the caller's
-    own namespace is never touched."""
     made: list[socket.socket] = []
     failed: list[OSError] = []
 
-    def join_and_make() -> None:
+    def join_and_connect() -> None:
         try:
             linux.setns(pidfd, linux.CLONE_NEWNET)  # this thread only: it ends right after
-            made.append(make())
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                raise
+            sock.settimeout(None)
+            made.append(sock)
         except OSError as exc:
             failed.append(exc)
 
-    worker = threading.Thread(target=join_and_make, name="stockade-netns", daemon=True)
+    worker = threading.Thread(target=join_and_connect, name="stockade-publish-connect", daemon=True)
     worker.start()
     worker.join()
     if failed or not made:
-        raise failed[0] if failed else OSError("no socket")
+        why = failed[0] if failed else OSError("no socket")
+        raise SandboxError(f"cannot reach port {port} inside the isolate: {why}")
     return made[0]
 
 

@@ -30,6 +30,7 @@ from .seccomp import Rule, compile_profile, load_profile
 from .syscalls_x86_64 import SYSCALLS_X86_64
 
 CONNECT, SENDTO = SYSCALLS_X86_64["connect"], SYSCALLS_X86_64["sendto"]
+CALLS = frozenset((CONNECT, SENDTO))
 ANSWER = errno.ENETUNREACH
 _WHY = "under network_policy allowlist the destination is read: loopback goes on, anything else is refused"
 RULES = (

@@ -305,9 +305,6 @@ def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
     return None
 
 
-# What an allowlist isolate's filter stops besides the profile's calls (netcalls.py).
-_NETWORK_CALLS = frozenset(SYSCALLS_X86_64[name] for name in ("connect", "sendto"))
-
 # (the call's name, whether it was refused, what makes its record): the record is
 # built only while the run's report has room, so a flood costs a count, not a model.
 ViolationSink = Callable[[str, bool, Callable[[], SecurityViolation]], None]
@@ -382,8 +379,7 @@ class Supervisor:
         with self._lock:
             sink = self._sinks.get(fd)
             network = fd in self._network
-        if network and nr in _NETWORK_CALLS:
-            self._network_call(fd, notif_id, pid, nr, args, sink)
+        if network and self._network_call(fd, notif_id, pid, nr, args, sink):
             return
         rule = _rule_for(nr, args)
         # Record before answering: the blocked call cannot return, so nothing the
@@ -395,18 +391,23 @@ class Supervisor:
     @staticmethod
     def _network_call(
         fd: int, notif_id: int, pid: int, nr: int, args: tuple[int, ...], sink: ViolationSink | None
-    ) -> None:
+    ) -> bool:
+        """Answer one of the calls an allowlist isolate's filter stops besides the profile's
+        (netcalls.py); False for any other call."""
         from . import netcalls  # it builds on this module's compiler
 
+        if nr not in netcalls.CALLS:
+            return False
         where = netcalls.destination(pid, nr, args)
         if not linux.seccomp_notif_id_valid(fd, notif_id):
-            return  # the caller is gone: what was read may not have been its memory
+            return True  # the caller is gone: what was read may not have been its memory
         if where is None:
             linux.seccomp_notif_continue(fd, notif_id)
-            return
+            return True
         if sink is not None:
             sink("network_egress", True, lambda: netcalls.violation(nr, where, pid))
         linux.seccomp_notif_deny(fd, notif_id, netcalls.ANSWER)
+        return True
 
 
 def violation_for(nr: int, args: tuple[int, ...], pid: int | None, where: str = "") -> SecurityViolation:
