@@ -45,7 +45,9 @@ def add_parsers(subparsers: Any) -> None:
         "/var/lib/stockade-secrets; otherwise none)",
     )
     secretd.add_argument("--user", default="stockade-secrets", metavar="NAME", help="started as root: become NAME")
-    secretd.add_argument("--daemon-group", metavar="NAME", help="the group that may reach it (default: the --user's)")
+    secretd.add_argument(
+        "--daemon-group", metavar="NAME", help="the group that may read its session key (default: the --user's)"
+    )
     secretd.set_defaults(func=cmd_secretd)
 
     secrets = subparsers.add_parser(
@@ -161,6 +163,10 @@ def _broker_config(args: argparse.Namespace) -> Any:
             allowed.append(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
         except KeyError:
             raise ConfigError(f"--allow-uid {user}: no such user (`stockade setup-users` creates stockade)") from None
+    # The socket is its daemon's (0660 to the daemon's own primary group), the key the broker group's: a
+    # daemon that read the key as root and kept no group of the broker's reaches the broker, and
+    # nothing it starts afterwards can read the key (daemon/privileges.py).
+    socket_gid = _primary_gid(allowed[0], gid) if len(allowed) == 1 and gid is not None else gid
     raw_key = settings.secret("session_key")
     os.environ.pop("STOCKADE_SESSION_KEY", None)  # read: out of this process's environment
     key = wire.parse_key(raw_key, "STOCKADE_SESSION_KEY") if raw_key else None
@@ -177,7 +183,7 @@ def _broker_config(args: argparse.Namespace) -> Any:
         # Read by root for the broker, and only if the broker owns it: its directory may be root's alone.
         store = SecretStore.load(path, owner=broker_uid)
         wire.write_key(key_file, key, gid, owner=broker_uid)
-        listener = listen(socket_path, gid, owner=broker_uid)
+        listener = listen(socket_path, socket_gid, owner=broker_uid)
         state_dir = args.state_dir or DEFAULT_STATE_DIR
         try:
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -200,6 +206,15 @@ def _broker_config(args: argparse.Namespace) -> Any:
         store=store,
         allowed_uids=frozenset(allowed),
         sandbox_uids=(uids.first, uids.last),
-        socket_gid=gid,
+        socket_gid=socket_gid,
         listener=listener,
     )
+
+
+def _primary_gid(uid: int, otherwise: int) -> int:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return otherwise

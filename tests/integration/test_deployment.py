@@ -4,6 +4,7 @@ run through the daemon gets its secret from the broker."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -40,6 +41,29 @@ def _wait(what: str, check: object, timeout: float = 60) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _pid_of(ctl: list[str], name: str) -> int:
@@ -126,6 +150,19 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
         with open(f"/proc/{daemon_pid}/environ", "rb") as f:
             environ = f.read()
         assert SECRET_VALUE.encode() not in environ and b"STOCKADE_SESSION_KEY=" not in environ
+        # The daemon read the key as root and kept no group of the broker's: what it starts cannot read it.
+        broker_gid = grp.getgrnam("stockade-secrets").gr_gid
+        assert str(broker_gid) not in _status(daemon_pid)["Groups"].split()
+        with Client(env["STOCKADE_SOCKET"]) as client, client.sandbox(policy.model_dump(mode="json")) as sb:
+            forks = [p for p in _children(daemon_pid) if b"stockade.egress.worker" in _cmdline(p)]
+            assert len(forks) == 1, forks  # the fork server; the worker is its child
+            workers = _children(forks[0])
+            assert len(workers) == 1, workers
+            worker = _status(workers[0])
+            assert worker["Uid"].split()[0] == str(pwd.getpwnam("stockade").pw_uid)
+            assert str(broker_gid) not in worker["Groups"].split() and worker["NoNewPrivs"] == "1"
+            assert int(worker["CapEff"], 16) == 0 and int(worker["CapBnd"], 16) == 0
+            assert sb.run_code(code).stdout == "200\n"
     finally:
         subprocess.run([*ctl, "shutdown"], capture_output=True, timeout=60)
         try:

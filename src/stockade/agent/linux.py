@@ -117,11 +117,11 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return _check(_libc.prctl(option, *args), f"prctl({option})")
 
 
-def drop_bounding_set() -> None:
-    """Empty the bounding set (needs CAP_SETPCAP: a no-op without it)."""
+def drop_bounding_set(keep: tuple[int, ...] = ()) -> None:
+    """Empty the bounding set but for ``keep`` (needs CAP_SETPCAP: a no-op without it)."""
     cap = 0
     while True:
-        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) < 0:
+        if cap not in keep and _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) < 0:
             break  # EINVAL past the last capability the kernel knows
         cap += 1
 

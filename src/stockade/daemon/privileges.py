@@ -6,9 +6,14 @@ root, and holds every request to the sandbox uids: agent/confine.py
 (a delegated subtree), the daemon's socket is bound and the audit log opened.
 Then the daemon becomes that user with no capability: it ends its isolates by
 emptying their groups (cgroup.kill), or, on cgroup v1 alone, keeps CAP_KILL to
-signal them (they run as other uids). From then
-on it can read the broker's session key (through the broker's group) but
-neither the broker's secrets nor its memory.
+signal them (they run as other uids). The broker's session key (its group's
+to read) is read as root just before, when a broker is configured
+(``STOCKADE_BROKER_SOCKET``; the daemon waits for the broker to write it), and
+the daemon keeps no supplementary group: nothing it starts afterwards (an
+allow-listed isolate's egress worker runs as the daemon's uid once it has
+given root up) can read the key or speak to the broker. From then on the
+daemon holds the key in memory only, and reads neither the broker's secrets
+nor its memory.
 
 What needs root later is gone with it: the gVisor and microVM runtimes (runsc
 and the microVM's jail start as root) report themselves unavailable, Python
@@ -19,18 +24,24 @@ isolate's memory needs CAP_SYS_PTRACE, which would reach the broker's too).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
 import stat
+import time
 
+from pydantic import SecretStr
+
+from .. import settings
 from ..agent import linux
-from ..broker import identities
+from ..broker import identities, wire
 from ..errors import ConfigError
 from .config import DaemonConfig
 from .controller import Controller
 
 log = logging.getLogger("stockade.daemon")
+BROKER_KEY_WAIT_S = 30.0  # for a broker started a moment before the daemon (supervisord's priorities)
 
 
 def prepare_audit_dir(config: DaemonConfig) -> None:
@@ -68,7 +79,7 @@ def drop_root(config: DaemonConfig, controller: Controller) -> None:
     if os.geteuid() != 0:
         raise ConfigError(f"STOCKADE_DAEMON_USER={user}: the daemon gives root up, so it must start as root")
     uid, gid = identities.ids_of(user)
-    groups = os.getgrouplist(user, gid)  # the broker's group among them: the session key
+    _read_broker_key(config)
     process = controller.manager.get("process")
     process.hand_to(uid, gid)  # type: ignore[attr-defined]
     # cgroup.kill empties an isolate's group: then no signal to another uid is needed, and nothing is
@@ -78,6 +89,24 @@ def drop_root(config: DaemonConfig, controller: Controller) -> None:
         _audit_log_for(config.audit_log, uid, gid)
     if config.unix_socket and os.path.exists(config.socket):
         os.chown(config.socket, uid, -1)  # its group and mode stay what STOCKADE_SOCKET_PERMS made them
-    linux.become_user_keeping(uid, gid, groups, keep=keep)
+    linux.drop_bounding_set(keep)  # nothing more to gain through an exec, for it or what it starts
+    linux.become_user_keeping(uid, gid, [gid], keep=keep)  # no group of the broker's: its key is read
     kept = "CAP_KILL alone" if keep else "no capability"
     log.info("gave up root: the daemon runs as %s (uid %d), with %s", user, uid, kept)
+
+
+def _read_broker_key(config: DaemonConfig) -> None:
+    """Put the broker's session key (its file, read as root) into this process's settings."""
+    if not config.broker_socket or config.secret("session_key"):
+        return
+    path = config.session_key_file
+    deadline = time.monotonic() + BROKER_KEY_WAIT_S
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"the broker's session key {path} did not appear in {BROKER_KEY_WAIT_S:g} s: start "
+                "`stockade secretd` before the daemon (STOCKADE_BROKER_SOCKET names it)"
+            )
+        time.sleep(0.1)
+    key = base64.b64encode(wire.read_key(path)).decode()
+    settings.install(config.model_copy(update={"session_key": SecretStr(key)}))

@@ -32,7 +32,6 @@ HANDLE_PREFIX = "stockade-secret-"
 CA_BUNDLE_PATH = "/tmp/stockade-ca-certificates.crt"
 
 Headers = list[tuple[bytes, bytes]]
-Violation = Callable[[str, bool, Callable[[], SecurityViolation]], None]
 
 
 @dataclass(frozen=True)
@@ -51,16 +50,17 @@ class Gate:
         self,
         policy: Policy,
         values: Mapping[str, str],
-        on_violation: Violation | None = None,
+        on_refused: Callable[[EgressRequest], None] | None = None,
         upstream_ca: str | None = None,
-        hosts_file: str | None = None,
+        pinned_hosts: str | None = None,
     ) -> None:
         self.allowlist = Allowlist(policy.allowed_hosts, policy.allowed_cidrs)
-        self.upstream_ca = upstream_ca  # STOCKADE_EGRESS_CA_FILE: roots trusted upstream beside the host's
+        self.upstream_ca = upstream_ca  # STOCKADE_EGRESS_CA_FILE's PEM: roots trusted upstream beside the host's
         # Lookups in flight for this sandbox: the resolver's threads are every sandbox's.
         self.resolving = asyncio.Semaphore(MAX_LOOKUPS)
-        self.hosts_file = hosts_file  # STOCKADE_EGRESS_HOSTS_FILE: names pinned ahead of DNS
-        self.on_violation = on_violation
+        # STOCKADE_EGRESS_HOSTS_FILE's lines: names pinned ahead of DNS.
+        self.pinned_hosts = tuple((pinned_hosts or "").splitlines())
+        self.on_refused = on_refused
         self.bindings = tuple(
             Binding(
                 g, tuple(parse_rule(h) for h in g.hosts), HANDLE_PREFIX + random_tokens.token_hex(16), values[g.name]
@@ -142,20 +142,20 @@ class Gate:
                 self._records.append(request)
             else:
                 self._dropped += 1
-        if not request.allowed and self.on_violation is not None:
-            where = f"{request.host}:{request.port}"
-
-            def build() -> SecurityViolation:
-                return SecurityViolation(
-                    violation_type="network_egress",
-                    detection_layer="NETWORK",
-                    description=f"{request.method} {where} refused: {request.reason}",
-                )
-
-            self.on_violation("network_egress", True, build)
+        if not request.allowed and self.on_refused is not None:
+            self.on_refused(request)
 
     def take_records(self) -> tuple[list[EgressRequest], int]:
         with self._lock:
             records, self._records = self._records, []
             dropped, self._dropped = self._dropped, 0
         return records, dropped
+
+
+def refused_violation(request: EgressRequest) -> SecurityViolation:
+    """The violation a refused request counts as, in its sandbox's report."""
+    return SecurityViolation(
+        violation_type="network_egress",
+        detection_layer="NETWORK",
+        description=f"{request.method} {request.host}:{request.port} refused: {request.reason}",
+    )

@@ -16,7 +16,7 @@ namespace, then the host serves it), so a program that ignores
   refused host) is answered with an error and recorded; a refused host also
   counts as a violation (``detection_layer: "NETWORK"``).
 
-One asyncio loop in a thread of its own serves every gate of this process.
+It runs in the sandbox's egress worker (worker.py): one asyncio loop in a thread of its own.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ class EgressProxy:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="stockade-egress", daemon=True)
         self._thread.start()
-        self._upstream: dict[str, ssl.SSLContext] = {}
 
     def serve(self, gate: Gate, listener: socket.socket, names: socket.socket | None = None) -> Callable[[], None]:
         """Serve ``listener`` (a TCP socket listening in the isolate's namespace) and ``names`` (its
@@ -111,18 +110,26 @@ class EgressProxy:
 
         return stop
 
-    def upstream_context(self, extra: str | None) -> ssl.SSLContext:
-        """Verified TLS to the real host: the system's roots, plus ``extra`` (``STOCKADE_EGRESS_CA_FILE``:
-        a private index's, a test's own CA)."""
-        extra = extra or ""
-        context = self._upstream.get(extra)
-        if context is None:
-            context = ssl.create_default_context()
-            if extra:
-                context.load_verify_locations(extra)
-            context.set_alpn_protocols(["http/1.1"])
-            self._upstream[extra] = context
-        return context
+
+_upstream: ssl.SSLContext | None = None
+_upstream_extra = ""  # the extra roots it holds
+_upstream_lock = threading.Lock()
+
+
+def upstream_context(extra: str | None) -> ssl.SSLContext:
+    """Verified TLS to the real host: the system's roots, plus ``extra`` (PEM: ``STOCKADE_EGRESS_CA_FILE``'s,
+    a private index's, a test's own CA). A worker serves one sandbox: the context its fork server made
+    (the host's roots, loaded once) takes the extra roots in place."""
+    global _upstream, _upstream_extra
+    extra = extra or ""
+    with _upstream_lock:
+        if _upstream is None or (_upstream_extra and _upstream_extra != extra):
+            _upstream, _upstream_extra = ssl.create_default_context(), ""
+            _upstream.set_alpn_protocols(["http/1.1"])
+        if extra and not _upstream_extra:
+            _upstream.load_verify_locations(cadata=extra)
+            _upstream_extra = extra
+        return _upstream
 
 
 _proxy: EgressProxy | None = None
@@ -211,7 +218,7 @@ class _Exchange:
             up_writer.transport.abort()
             return
         try:
-            await up_writer.start_tls(self.proxy.upstream_context(self.gate.upstream_ca), server_hostname=host)
+            await up_writer.start_tls(upstream_context(self.gate.upstream_ca), server_hostname=host)
         except (ssl.SSLError, ConnectionError, OSError) as exc:
             reason = f"upstream TLS failed: {exc}"
             self.gate.record(EgressRequest(host=host, port=port, method="CONNECT", scheme="https", allowed=False,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 from .allowlist import HostRule, normalise_name
@@ -26,16 +27,9 @@ class Refused(Exception):
         self.status = status
 
 
-def pinned_addresses(host: str, path: str | None) -> list[Any]:
-    """The addresses the hosts(5) file ``path`` (``STOCKADE_EGRESS_HOSTS_FILE``) gives ``host``: names
+def pinned_addresses(host: str, lines: Iterable[str]) -> list[Any]:
+    """The addresses the hosts(5) ``lines`` (``STOCKADE_EGRESS_HOSTS_FILE``) give ``host``: names
     pinned ahead of DNS (an internal name, a test's servers). None: ask DNS."""
-    if not path:
-        return []
-    try:
-        with open(path) as f:
-            lines = f.read(1 << 20).splitlines()
-    except OSError:
-        return []
     found = []
     for line in lines:
         fields = line.split("#", 1)[0].split()
@@ -51,7 +45,7 @@ async def resolve(gate: Gate, host: str, port: int, rule: HostRule) -> list[Any]
         return [ipaddress.ip_address(host)]  # an address: allowed by its rule or a CIDR
     except ValueError:
         pass
-    found = pinned_addresses(host, gate.hosts_file)
+    found = pinned_addresses(host, gate.pinned_hosts)
     if not found:
         try:
             async with gate.resolving:  # a few at a time per sandbox: the resolver's threads are everyone's

@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..limits import check_call_size
 from ..policy import Policy
-from ..result import ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
+from ..result import EgressRequest, ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
 from .agent_requests import code_request, exec_params, job_limits
 from .cells import cell_fields
 from .loop_call import LoopCall, decode_message, loop_tools, settle_outcome
@@ -50,6 +50,7 @@ from .violations import ViolationLog, ViolationReport
 if TYPE_CHECKING:
     import asyncio
 
+    from ..egress.workers import EgressWorker
     from .egress import Egress
 
 
@@ -158,9 +159,10 @@ class AgentSandbox(abc.ABC):
         are not handed over as they happen (gVisor's log) reads what is pending."""
         return None
 
-    def _take_egress_sockets(self) -> list[socket.socket]:
+    def _take_egress(self) -> tuple[list[socket.socket], EgressWorker]:
         """The egress proxy's TCP listener and name service UDP socket, both on the isolate's own
-        loopback, for the host to serve; a runtime without them refuses network_policy allowlist."""
+        loopback, and the worker started to serve them; a runtime without them refuses network_policy
+        allowlist."""
         raise PolicyError(f"network_policy 'allowlist' is not offered by the {self.runtime_name} runtime")
 
     def _redacted(self, data: bytes) -> bytes:
@@ -636,11 +638,13 @@ class AgentSandbox(abc.ABC):
     def _finish_run(self, run: PendingRun, verdict: Verdict | None, error: str | None) -> ExecResult:
         elapsed = time.monotonic() - run.started
         after = self.usage()
+        # The worker's account first: every refusal it reported before it is counted by then.
+        egress = self.egress.take() if self.egress is not None else None
         self._collect_violations()
         report = self.violation_log.take()
         timeout = run.params.get("timeout")  # the run's own, when it had one shorter than the policy's
         limit = float(timeout) if isinstance(timeout, (int, float)) else self.policy.timeout_seconds
-        return self._result(verdict, error, elapsed, run.before, after, report, run.execution_id, limit)
+        return self._result(verdict, error, elapsed, run.before, after, report, run.execution_id, limit, egress)
 
     def _result(
         self,
@@ -652,6 +656,7 @@ class AgentSandbox(abc.ABC):
         report: ViolationReport,
         execution_id: str,
         timeout_s: float | None = None,
+        egress_taken: tuple[list[EgressRequest], int] | None = None,
     ) -> ExecResult:
         said = verdict or Verdict()  # no verdict: the agent said nothing
         exit_code, stdout, stderr = said.exit_code, said.stdout, said.stderr
@@ -709,7 +714,7 @@ class AgentSandbox(abc.ABC):
             # A secret's value never leaves in a result: output, a cell's results, the error.
             stdout, stderr = self._redacted(stdout), self._redacted(stderr)
             cell = self.egress.redact_fields(cell)
-            records, dropped = self.egress.gate.take_records()
+            records, dropped = egress_taken or ([], 0)
             egress = {"egress_requests": records, "egress_requests_dropped": dropped,
                       "secrets_redacted": self.egress.redactor.take_count()}  # fmt: skip
         return ExecResult(

@@ -1,41 +1,71 @@
-"""An isolate's egress under ``network_policy: "allowlist"``: its gate, opened and closed with it.
+"""An isolate's egress under ``network_policy: "allowlist"``: its worker, given it at hand-over.
 
-Opened when a caller's policy is applied to an isolate (a fresh one, or one
-from the warm pool at hand-over: the allow-list and the secrets are the
+The isolate's proxy and name service run in an egress worker of its own
+(egress/worker.py), started when the isolate is built; it is handed the
+caller's allow-list and secrets when the caller's policy is applied (a fresh
+isolate, or one from the warm pool: the allow-list and the secrets are the
 proxy's, not the isolate's, so they never force a cold start). The runtime
-makes the listening socket inside the isolate's network namespace
-(``AgentSandbox._egress_listener``); the host's proxy serves it.
+makes the listening sockets inside the isolate's network namespace
+(``AgentSandbox._take_egress``); the worker serves them. This process keeps
+what it needs to redact the values from what leaves the isolate through it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..egress.redact import Redactor
+from ..errors import ConfigError
 from ..policy import Policy
+from ..result import EgressRequest, SecurityViolation
 
 if TYPE_CHECKING:
     from ..broker.client import SecretSource
-    from ..egress.gate import Gate
-    from ..egress.redact import Redactor
+    from ..egress.workers import EgressWorker
     from .base import AgentSandbox
 
 log = logging.getLogger("stockade.egress")
+MAX_SETTING_FILE = 1 << 20  # a CA bundle, a hosts file
 
 
 class Egress:
-    def __init__(self, gate: Gate, sockets: list[socket.socket], stop: Callable[[], None],
+    def __init__(self, sandbox: AgentSandbox, worker: EgressWorker, values: dict[str, str],
                  source: SecretSource | None, sandbox_id: str) -> None:  # fmt: skip
-        self.gate = gate
-        self.redactor: Redactor = gate.redactor
-        self._sockets = sockets
-        self._stop: Callable[[], None] | None = stop
+        self._sandbox = sandbox
+        self.worker = worker
+        self.redactor = Redactor.markers(values)
         self._source = source
         self.sandbox_id = sandbox_id
+        self._closed = False
+        self._lost_reported = False
+
+    def refused(self, request: EgressRequest) -> None:
+        """The worker refused a request (before the isolate heard so): a violation of the run."""
+        from ..egress.gate import refused_violation
+
+        self._sandbox._count_violation("network_egress", True, lambda: refused_violation(request))
+
+    def take(self) -> tuple[list[EgressRequest], int]:
+        """The run's egress requests; the secret values its proxy redacted are counted in ``redactor``.
+        A worker that ended is reported once, as what it is: the isolate's way out is gone."""
+        from ..egress.workers import EgressWorkerLost
+
+        try:
+            records, dropped, redacted = self.worker.take()
+        except EgressWorkerLost as exc:
+            if not self._lost_reported:
+                self._lost_reported = True
+                why = str(exc)
+                self._sandbox._count_violation("egress_worker_lost", False, lambda: SecurityViolation(
+                    violation_type="egress_worker_lost", detection_layer="NETWORK",
+                    description=f"the egress worker serving this sandbox is gone ({why}): its requests since "
+                    "the last run are unrecorded, and the isolate has no way out any more"))  # fmt: skip
+            return [], 0
+        self.redactor.add(redacted)
+        return records, dropped
 
     def redact_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
         """A cell's result fields (error, results, exception) with every secret value taken out."""
@@ -53,56 +83,72 @@ class Egress:
         return out
 
     def close(self) -> None:
-        stop, self._stop = self._stop, None
-        if stop is None:
+        if self._closed:
             return
-        stop()
-        for sock in self._sockets:
-            sock.close()
-        if self._source is not None:
-            self._source.close(self.sandbox_id)
+        self._closed = True
+        try:
+            self.worker.close()
+        finally:
+            if self._source is not None:
+                self._source.close(self.sandbox_id)
 
 
 def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
-    """Give ``sandbox`` (about to serve ``policy``) its proxy, its handles and its CA bundle."""
+    """Give ``sandbox`` (about to serve ``policy``) its allow-list, its handles and its CA bundle."""
     if policy.network_policy != "allowlist":
         return
-    # Here, not at the top: a runtime that never serves an allowlist never loads h11 or dnspython (nor,
-    # without secrets, cbor2 and cryptography).
+    # Here, not at the top: a runtime that never serves an allowlist never loads the CA's code.
     from ..egress.ca import ca_entry, trust_bundle
-    from ..egress.gate import CA_BUNDLE_PATH, Gate
-    from ..egress.proxy import proxy
+    from ..egress.gate import CA_BUNDLE_PATH
     from ..settings import current
 
     settings = current()
     sandbox_id = uuid.uuid4().hex
+    sockets, worker = sandbox._take_egress()
     source = None
-    if policy.secrets:
-        from ..broker.client import secret_source
-
-        source = secret_source(settings)
-    values = source.open(sandbox_id, sandbox.isolate_pid(), policy.secrets) if source is not None else {}
-    sockets: list[socket.socket] = []
     try:
-        gate = Gate(policy, values, sandbox._count_violation, settings.egress_ca_file, settings.egress_hosts_file)
-        sockets = sandbox._take_egress_sockets()
-        egress = Egress(gate, sockets, proxy().serve(gate, *sockets), source, sandbox_id)
+        if policy.secrets:
+            from ..broker.client import secret_source
+
+            source = secret_source(settings)
+        values = source.open(sandbox_id, sandbox.isolate_pid(), policy.secrets) if source is not None else {}
+        egress = Egress(sandbox, worker, values, source, sandbox_id)
+        worker.on_refused = egress.refused
+        upstream_ca = _setting_file("STOCKADE_EGRESS_CA_FILE", settings.egress_ca_file)
+        pinned_hosts = _setting_file("STOCKADE_EGRESS_HOSTS_FILE", settings.egress_hosts_file)
+        env, ca = worker.serve(policy, values, sockets, upstream_ca, pinned_hosts)
     except BaseException:
-        for sock in sockets:
-            sock.close()
+        worker.close()
         if source is not None:
             source.close(sandbox_id)
         raise
+    finally:
+        for sock in sockets:  # the worker has its own copies now
+            sock.close()
     sandbox.egress = egress
-    sandbox.environment_env = {**sandbox.environment_env, **gate.env()}
-    if gate.ca is not None:
+    sandbox.environment_env = {**sandbox.environment_env, **env}
+    if ca is not None:
         try:
             if sandbox.roots_written:  # a pooled isolate: only this sandbox's CA goes after the roots
-                sandbox.write_file(CA_BUNDLE_PATH, ca_entry(gate.ca.pem), append=True)
+                sandbox.write_file(CA_BUNDLE_PATH, ca_entry(ca), append=True)
             else:
-                sandbox.write_file(CA_BUNDLE_PATH, trust_bundle(gate.ca.pem), 0o444)
+                sandbox.write_file(CA_BUNDLE_PATH, trust_bundle(ca), 0o444)
         except BaseException:
             with contextlib.suppress(Exception):
                 egress.close()
             sandbox.egress = None
             raise
+
+
+def _setting_file(name: str, path: str | None) -> str | None:
+    """The text of the file a setting names, read here: its worker may not read it (workers.py)."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_SETTING_FILE + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}={path}: cannot read it: {exc}") from None
+    if len(text) > MAX_SETTING_FILE:
+        raise ConfigError(f"{name}={path}: larger than {MAX_SETTING_FILE} bytes")
+    return text

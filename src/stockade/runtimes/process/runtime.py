@@ -20,7 +20,7 @@ import stat
 import struct
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ... import environments
 from ...agent import linux, wire
@@ -36,6 +36,9 @@ from . import netcalls, seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
 from .zygote import Zygote, system_python
+
+if TYPE_CHECKING:
+    from ...egress.workers import EgressWorker
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -63,7 +66,8 @@ class ProcessSandbox(AgentSandbox):
         self.uid = uid  # the host uid this isolate runs as (None: rootless, the caller's own)
         self.pidfd = pidfd
         self.listener = listener
-        self.egress_sockets: list[socket.socket] = []  # until the egress proxy takes them
+        self.egress_sockets: list[socket.socket] = []  # until the egress worker takes them
+        self.egress_worker: EgressWorker | None = None  # started with the isolate under an allowlist
         self._released = False
         # The supervisor records a violation before it lets the blocked call return,
         # so every violation of a run is in the log by the time its reply is.
@@ -80,12 +84,18 @@ class ProcessSandbox(AgentSandbox):
             return AgentRelay(self, address, host_port, port)
         return Forwarder(self.pidfd, address, host_port, port)
 
-    def _take_egress_sockets(self) -> list[socket.socket]:
-        # Made by the isolate's init at setup, in its network namespace (confine.egress_sockets).
+    def _take_egress(self) -> tuple[list[socket.socket], EgressWorker]:
+        # The sockets were made by the isolate's init at setup, in its network namespace
+        # (confine.egress_sockets); the worker was started with the isolate.
         taken, self.egress_sockets = self.egress_sockets, []
-        if len(taken) != 2:
+        worker, self.egress_worker = self.egress_worker, None
+        if len(taken) != 2 or worker is None:
+            for sock in taken:
+                sock.close()
+            if worker is not None:
+                worker.close()
             raise PolicyError("this isolate was not built for network_policy 'allowlist'")
-        return taken
+        return taken, worker
 
     def isolate_pid(self) -> int | None:
         return _pid_of(self.pidfd) if self.pidfd >= 0 else None
@@ -123,6 +133,9 @@ class ProcessSandbox(AgentSandbox):
         seccomp.supervisor().forget(self.listener)
         for sock in self.egress_sockets:
             sock.close()
+        if self.egress_worker is not None:  # never handed over
+            self.egress_worker.close()
+            self.egress_worker = None
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -269,7 +282,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         config = self._config(shared, cgroup, uid)
         config["warm"] = warm
         pidfd = listener = -1
+        worker: EgressWorker | None = None
         try:
+            if policy.network_policy == "allowlist":  # started first: its imports overlap the isolate's start
+                from ...egress.workers import EgressWorker
+
+                worker = EgressWorker(uid.uid if uid is not None else None)
             unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
             if cgroup is not None:
                 # A pooled isolate is built with the default policy's limits; hand-over
@@ -279,7 +297,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             guest.close()
             pidfd, listener, egress = _handshake(host)
             sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener, uid)
-            sandbox.egress_sockets = egress
+            sandbox.egress_sockets, sandbox.egress_worker, worker = egress, worker, None
             sandbox.unenforced_limits = unenforced
             # Off the critical path: the caller is about to run something in this isolate.
             self._reaper.defer(lambda: self._prepare_next(zygote, manager))
@@ -291,6 +309,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 os.close(pidfd)
             if listener >= 0:
                 os.close(listener)
+            if worker is not None:
+                worker.close()
             _dispose(cgroup, uid)
             raise
         if warm and policy.network_policy == "allowlist":

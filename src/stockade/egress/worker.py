@@ -1,0 +1,227 @@
+"""Egress workers: the processes that serve allow-listed sandboxes' proxies, one each.
+
+The host side of an isolate's network parses the most hostile input stockade
+takes (HTTP heads, TLS, DNS queries) and holds what an attacker wants most (the
+sandbox's secret values, its CA key). So it runs apart from the process that
+holds the sandbox (the daemon, an SDK caller: its *keeper*, workers.py), as seed
+002's workers do.
+
+``python -I -m stockade.egress.worker`` is a fork server: started once per
+keeper with an empty environment, stdin a SOCK_SEQPACKET socket to its keeper
+and nothing else, it imports what a worker needs once, then forks one worker
+per request (an import costs a few hundred milliseconds of CPU, a fork about
+one). A request is ``{"uid": int|None}`` with one descriptor, the worker's end
+of its keeper's socket; the answer ``{"pid": n}`` carries the worker's pidfd
+(opened before the fork server could reap it: never another process's). The
+fork server is single-threaded, reaps its workers, and ends with its keeper.
+
+A worker, from its first instruction: its keeper's socket as stdin and stdout,
+/dev/null as stderr, no other descriptor; then, forked from root, the
+isolate's own host uid for good (no group, no capability, an empty bounding
+set), and for everyone no_new_privs and not dumpable — before it reads a
+message. Taken over by its isolate, it holds that sandbox's secrets and CA and
+reaches the network, which its proxy gave the isolate already; not the
+keeper's memory or token, the broker's key, or another sandbox.
+
+Keeper -> worker, msgpack maps, each answered in order:
+  ``{"op": "serve", "policy": {...}, "values": {name: value}, "upstream_ca": PEM|None,
+  "pinned_hosts": hosts(5) text|None}`` with the isolate's listener and name service socket
+  -> ``{"ok": true, "env": {...}, "ca": PEM|None}``
+  ``{"op": "take"}`` -> ``{"ok": true, "records": [...], "dropped": n, "redacted": n}``
+Worker -> keeper, unasked: ``{"event": "refused", "request": {...}}`` (before the isolate hears of
+the refusal). End of stdin: the worker exits.
+"""
+
+from __future__ import annotations
+
+import encodings.idna  # noqa: F401  (a name lookup imports it; a worker may not read the install)
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+import msgpack
+
+from ..agent import linux
+from ..policy import Policy
+from ..result import EgressRequest
+from .gate import Gate
+from .proxy import proxy, upstream_context
+
+MAX_MESSAGE = 4 << 20  # a policy and its secrets' values; nothing bigger comes from a keeper
+
+
+class Worker:
+    def __init__(self, keeper_in: socket.socket, keeper_out: socket.socket) -> None:
+        self.keeper_in = keeper_in
+        self.keeper_out = keeper_out
+        self._send_lock = threading.Lock()  # replies (main thread) and events (the proxy's)
+        self.gate: Gate | None = None
+        self.stop: Any = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = msgpack.packb(message)
+        with self._send_lock:
+            self.keeper_out.sendall(data)
+
+    def run(self) -> None:
+        unpacker = msgpack.Unpacker(max_buffer_size=MAX_MESSAGE)
+        fds: list[int] = []
+        while True:
+            data, received, _flags, _address = socket.recv_fds(self.keeper_in, 65536, 4)
+            fds.extend(received)
+            if not data:
+                return  # the keeper closed its end: the sandbox is gone
+            unpacker.feed(data)
+            for message in unpacker:
+                try:
+                    reply = self.answer(message, fds)
+                except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:  # named; the worker goes on
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                self.send(reply)
+
+    def answer(self, message: Any, fds: list[int]) -> dict[str, Any]:
+        op = message.get("op") if isinstance(message, dict) else None
+        if op == "serve":
+            taken = fds[:]
+            fds.clear()
+            return self.serve(message, taken)
+        if op == "take":
+            if self.gate is None:
+                raise RuntimeError("take before serve")
+            records, dropped = self.gate.take_records()
+            return {"ok": True, "records": [r.model_dump(mode="json") for r in records], "dropped": dropped,
+                    "redacted": self.gate.redactor.take_count()}  # fmt: skip
+        raise ValueError(f"unknown op {op!r}")
+
+    def serve(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+        if self.gate is not None or len(sockets) != 2:
+            for sock in sockets:
+                sock.close()
+            raise ValueError("serve takes a listener and a name service socket, once")
+        gate = Gate(Policy.model_validate(message["policy"]), message.get("values") or {}, self.refused,
+                    message.get("upstream_ca"), message.get("pinned_hosts"))  # fmt: skip
+        self.stop = proxy().serve(gate, *sockets)
+        self.gate = gate
+        return {"ok": True, "env": gate.env(), "ca": gate.ca.pem if gate.ca is not None else None}
+
+    def refused(self, request: EgressRequest) -> None:
+        self.send({"event": "refused", "request": request.model_dump(mode="json")})
+
+
+def give_up_root(uid: int | None) -> None:
+    """Become ``uid`` (its gid the same number) for good, with no groups or capabilities; then,
+    whoever it runs as, gain nothing through exec (no_new_privs) and be unreadable through /proc
+    by the keeper's own uid (not dumpable). Called while single-threaded: the bounding set, the
+    capability sets and no_new_privs are per thread."""
+    if uid is not None and os.geteuid() == 0:
+        linux.drop_bounding_set()
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # from root, without keep-caps: every capability goes with it
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
+
+
+def _worker(fd: int, uid: int | None) -> None:
+    """In a freshly forked child: become a worker on ``fd`` (never returns)."""
+    code = 0
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.dup2(fd, 0)
+        os.dup2(fd, 1)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the fork server's control socket and wake pipe too
+        give_up_root(uid)
+        # Ahead of its sandbox (a worker is forked when its isolate is built): the proxy's loop running,
+        # and the pages a hand-over touches copied from the fork server's now, not on the caller's path.
+        proxy()
+        warm_up()
+        worker = Worker(socket.socket(fileno=0), socket.socket(fileno=1))
+        try:
+            worker.run()
+        except (ConnectionError, OSError, ValueError, msgpack.UnpackException):
+            pass  # a keeper that went away, or that sent what no keeper sends: either way, the end
+        if worker.stop is not None:
+            worker.stop()
+    except BaseException:  # noqa: BLE001 - a forked child must never return into the fork server
+        code = 1
+    os._exit(code)
+
+
+def serve_forks(ctl: socket.socket) -> None:
+    """The fork server's loop: a worker for each request on ``ctl``, until the keeper closes it."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
+        if wake_r in ready:
+            while True:
+                try:
+                    if not os.read(wake_r, 512):
+                        break
+                except BlockingIOError:
+                    break
+            _reap()
+        if ctl.fileno() not in ready:
+            continue
+        raw, fds, _flags, _address = socket.recv_fds(ctl, 4096, 1)
+        if not raw:
+            return
+        try:
+            request = msgpack.unpackb(raw)
+            uid = request.get("uid") if isinstance(request, dict) else None
+            if len(fds) != 1 or (uid is not None and not isinstance(uid, int)):
+                ctl.send(msgpack.packb({"error": "a request is {uid} and one descriptor"}))
+                continue
+            pid = os.fork()
+            if pid == 0:
+                ctl.close()
+                _worker(fds[0], uid)
+            pidfd = os.pidfd_open(pid)  # before any reaping here: this pid is that child's
+            try:
+                socket.send_fds(ctl, [msgpack.packb({"pid": pid})], [pidfd])
+            finally:
+                os.close(pidfd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def warm_up() -> None:
+    """What every worker would otherwise pay for itself, paid once here and inherited through fork:
+    the host's roots loaded for upstream TLS, a policy validated, a sandbox CA made (the lazy
+    imports and first-use set-ups of pydantic and cryptography)."""
+    upstream_context(None)
+    policy = Policy(network_policy="allowlist", allowed_hosts=["warm.invalid"],
+                    secrets=[{"name": "WARM", "hosts": ["warm.invalid"]}])  # type: ignore[list-item]  # fmt: skip
+    Gate(Policy.model_validate(policy.model_dump(mode="json")), {"WARM": "-"})
+
+
+def main() -> int:
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # it gains nothing through exec either
+    warm_up()
+    try:
+        serve_forks(socket.socket(fileno=0))
+    except (ConnectionError, OSError, msgpack.UnpackException):
+        pass  # its keeper went away, or spoke nonsense: its workers end on their own sockets
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

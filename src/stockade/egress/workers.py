@@ -1,0 +1,227 @@
+"""The keeper's side of egress workers (worker.py): one per allow-listed isolate, from a fork server.
+
+The fork server is started by the first allow-listed isolate this process
+builds (its imports overlap that isolate's start) and forks a worker for each
+later one in about a millisecond. A worker is asked for when an isolate for
+``network_policy: "allowlist"`` is built (by the pool, ahead of any caller),
+and serves that isolate alone until it is closed. What it sends back is
+checked as what it is, an account from a process the isolate may have taken
+over: bounded in size, validated, a refusal counted, nothing trusted for more
+than the isolate's own record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgpack
+from pydantic import ValidationError
+
+from ..errors import SandboxStartError
+from ..policy import Policy
+from ..result import EgressRequest
+from .gate import MAX_RECORDS
+
+log = logging.getLogger("stockade.egress")
+MAX_REPLY = 1 << 20  # 256 records of a few hundred bytes, and a CA certificate
+SERVE_TIMEOUT_S = 60.0  # the fork server started a moment ago may still be importing, on a loaded host
+TAKE_TIMEOUT_S = 10.0
+# Nothing of the keeper's environment: workers read no setting from it.
+WORKER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+class ForkServer:
+    """``python -I -m stockade.egress.worker``: forks this process's workers (``fork_server()``)."""
+
+    def __init__(self) -> None:
+        keeper, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # -I: no PYTHON* variable, no user site, no current directory on the path.
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "stockade.egress.worker"], stdin=child.fileno(),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, env=WORKER_ENV,
+            )  # fmt: skip
+        except OSError as exc:
+            keeper.close()
+            raise SandboxStartError(f"cannot start the egress workers' fork server: {exc}") from None
+        finally:
+            child.close()
+        self._ctl = keeper
+        self._lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def fork(self, uid: int | None) -> tuple[socket.socket, int, int]:
+        """A new worker serving as ``uid``: the keeper's end of its socket, its pid and its pidfd."""
+        keeper, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._lock:
+                socket.send_fds(self._ctl, [msgpack.packb({"uid": uid})], [child.fileno()])
+                if not select.select([self._ctl], [], [], SERVE_TIMEOUT_S)[0]:
+                    raise OSError("the fork server did not answer")
+                raw, fds, _flags, _address = socket.recv_fds(self._ctl, 4096, 1)
+            answer = msgpack.unpackb(raw) if raw else {}
+            if len(fds) != 1 or not isinstance(answer.get("pid"), int):
+                for fd in fds:
+                    os.close(fd)
+                raise OSError(str(answer.get("error") or "the fork server ended"))
+        except BaseException:
+            keeper.close()
+            raise
+        finally:
+            child.close()
+        return keeper, answer["pid"], fds[0]
+
+
+_fork_server: ForkServer | None = None
+_fork_server_lock = threading.Lock()
+
+
+def fork_server() -> ForkServer:
+    """This process's fork server, started (again, if it ended) on demand."""
+    global _fork_server
+    with _fork_server_lock:
+        if _fork_server is None or not _fork_server.alive():
+            _fork_server = ForkServer()
+        return _fork_server
+
+
+class EgressWorkerLost(Exception):
+    """The worker ended or broke its protocol; its sandbox has no way out any more."""
+
+
+class EgressWorker:
+    def __init__(self, uid: int | None) -> None:
+        """A worker that serves as ``uid`` (the isolate's own; None, or a keeper not root: as the keeper)."""
+        self.on_refused: Callable[[EgressRequest], None] | None = None
+        self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._lock = threading.Lock()  # one request at a time
+        self._lost: str | None = None
+        self._pidfd_lock = threading.Lock()  # closed by close() while the reader may be killing it
+        try:
+            self._sock, self._pid, self._pidfd = self._start(uid if os.geteuid() == 0 else None)
+        except OSError as exc:
+            raise SandboxStartError(f"cannot start the egress worker: {exc}") from None
+        self._reader = threading.Thread(target=self._read, name="stockade-egress-worker", daemon=True)
+        self._reader.start()
+
+    def _start(self, uid: int | None) -> tuple[socket.socket, int, int]:
+        return fork_server().fork(uid)
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def serve(
+        self, policy: Policy, values: Mapping[str, str], sockets: list[socket.socket],
+        upstream_ca: str | None, pinned_hosts: str | None,
+    ) -> tuple[dict[str, str], bytes | None]:  # fmt: skip
+        """Hand the worker its sandbox (``upstream_ca``: PEM; ``pinned_hosts``: hosts(5) text): returns
+        the variables its runs get and its CA (PEM)."""
+        message = {"op": "serve", "policy": policy.model_dump(mode="json"), "values": dict(values),
+                   "upstream_ca": upstream_ca, "pinned_hosts": pinned_hosts}  # fmt: skip
+        try:
+            reply = self._ask(message, [s.fileno() for s in sockets], SERVE_TIMEOUT_S)
+        except EgressWorkerLost as exc:
+            raise SandboxStartError(f"the egress worker did not start serving: {exc}") from None
+        env, ca = reply.get("env"), reply.get("ca")
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise SandboxStartError("the egress worker answered serve with no environment")
+        if ca is not None and not isinstance(ca, bytes):
+            raise SandboxStartError("the egress worker answered serve with a CA that is not PEM")
+        return env, ca
+
+    def take(self) -> tuple[list[EgressRequest], int, int]:
+        """The requests made since the last take, how many more were not kept, and how many secret
+        values its proxy redacted from replies. Every refusal before them has been counted."""
+        reply = self._ask({"op": "take"}, [], TAKE_TIMEOUT_S)
+        raw, dropped, redacted = reply.get("records"), reply.get("dropped"), reply.get("redacted")
+        if not isinstance(raw, list) or not isinstance(dropped, int) or not isinstance(redacted, int):
+            raise self._broke("take")
+        try:
+            records = [EgressRequest.model_validate(r) for r in raw[:MAX_RECORDS]]
+        except ValidationError:
+            raise self._broke("take") from None
+        return records, max(0, dropped) + max(0, len(raw) - MAX_RECORDS), max(0, redacted)
+
+    def close(self) -> None:
+        """End the worker now (its proxy's connections with it) and reap it."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        # SIGKILLed, it runs no more code of its own whether or not it has exited yet, and its fork server
+        # reaps it: nothing to wait for before its isolate's uid goes back.
+        self._kill()
+        with self._pidfd_lock:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self._sock.close()  # its reader sees the end and returns
+
+    # ---- the socket ---------------------------------------------------------------------
+
+    def _ask(self, message: dict[str, Any], fds: list[int], timeout: float) -> dict[str, Any]:
+        with self._lock:
+            if self._lost is not None:
+                raise EgressWorkerLost(self._lost)
+            try:
+                data = msgpack.packb(message)
+                sent = socket.send_fds(self._sock, [data], fds) if fds else 0  # the descriptors ride the first bytes
+                self._sock.sendall(data[sent:])
+                reply = self._replies.get(timeout=timeout)
+            except queue.Empty:
+                raise self._broke(f"no answer to {message['op']} in {timeout:g} s") from None
+            except OSError as exc:
+                raise self._broke(f"cannot reach it: {exc}") from None
+            if reply is None:
+                raise EgressWorkerLost(self._lost or "it ended")
+            if not reply.get("ok"):
+                error = reply.get("error")
+                raise EgressWorkerLost(error[:500] if isinstance(error, str) else "it refused")
+            return reply
+
+    def _broke(self, what: str) -> EgressWorkerLost:
+        """The worker is no use any more: ended, so that the isolate has no way out at all."""
+        self._lost = self._lost or what
+        self._kill()
+        return EgressWorkerLost(self._lost)
+
+    def _kill(self) -> None:
+        with self._pidfd_lock, contextlib.suppress(ProcessLookupError):
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def _read(self) -> None:
+        unpacker = msgpack.Unpacker(max_buffer_size=MAX_REPLY)
+        try:
+            while data := self._sock.recv(65536):
+                unpacker.feed(data)
+                for message in unpacker:
+                    if not isinstance(message, dict):
+                        raise ValueError("a message that is not a map")
+                    if message.get("event") == "refused":
+                        self._refused(message.get("request"))
+                    else:
+                        self._replies.put(message)
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            self._broke(f"it broke its protocol: {exc}" if not isinstance(exc, OSError) else str(exc))
+        self._lost = self._lost or "it ended"
+        self._replies.put(None)
+
+    def _refused(self, request: Any) -> None:
+        try:
+            record = EgressRequest.model_validate(request)
+        except ValidationError:
+            raise ValueError("a refusal that is not a request record") from None
+        if self.on_refused is not None:
+            self.on_refused(record)
