@@ -95,7 +95,8 @@ class Daemon:
         self.socket_path = os.path.join(self.dir, "d.sock")
         self.log_path = os.path.join(self.dir, "daemon.log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
-        full_env.update(STOCKADE_SOCKET=self.socket_path, STOCKADE_AUDIT_LOG=os.path.join(self.dir, "audit.log"), **env)
+        full_env.update(STOCKADE_SOCKET=self.socket_path, STOCKADE_AUDIT_LOG=os.path.join(self.dir, "audit.log"),
+                        STOCKADE_DAEMON_USER="root", **env)  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "stockade.cli", "serve", "--http", "127.0.0.1:0"],

@@ -64,6 +64,7 @@ def start_daemon(token: str) -> tuple[subprocess.Popen[bytes], str]:
         "STOCKADE_AUTH_TOKEN": token,
         "STOCKADE_MAX_REQUESTS": "1000000",
         "STOCKADE_POOL_SIZE": "2",
+        "STOCKADE_DAEMON_USER": "root",  # as measured before it gave root up by itself
     }
     proc = subprocess.Popen([sys.executable, "-m", "stockade.cli", "serve"], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30

@@ -43,6 +43,7 @@ def start_daemon(workdir: str) -> tuple[subprocess.Popen[bytes], str, str]:
     env = {
         **os.environ,
         "STOCKADE_SOCKET": path,
+        "STOCKADE_DAEMON_USER": "root",  # every runtime
         "STOCKADE_AUTH_TOKEN": TOKEN,
         "STOCKADE_MAX_REQUESTS": "100000",
         "STOCKADE_MAX_SANDBOXES": "8",

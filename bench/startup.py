@@ -100,7 +100,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 def daemon(directory: str) -> Iterator[str]:
     """A `stockade serve` on a socket in ``directory`` (its audit log beside it); its socket."""
     path = os.path.join(directory, "d.sock")
-    env = cli_env(STOCKADE_SOCKET=path, STOCKADE_AUDIT_LOG=os.path.join(directory, "audit.log"))
+    audit = os.path.join(directory, "audit.log")
+    env = cli_env(STOCKADE_SOCKET=path, STOCKADE_AUDIT_LOG=audit, STOCKADE_DAEMON_USER="root")
     with open(os.path.join(directory, "daemon.log"), "wb") as log:
         proc = subprocess.Popen([STOCKADE_CLI, "serve"], env=env, stdout=log, stderr=log, start_new_session=True)
     try:

@@ -72,6 +72,7 @@ def start_daemon(
         {
             "STOCKADE_SOCKET": socket_path,
             "STOCKADE_POOL_SIZE": "1",
+            "STOCKADE_DAEMON_USER": "root",  # every runtime; once setup-users has run, it would become stockade
             "STOCKADE_AUDIT_LOG": os.path.join(os.path.dirname(socket_path), "audit.log"),
             **(env or {}),
         }

@@ -300,6 +300,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = DaemonConfig.from_env(env)
         if args.http is not None or args.api_token_file or args.no_socket:
             config = config.with_http(args.http, args.api_token_file, unix_socket=not args.no_socket)
+        from .daemon.privileges import daemon_user_for
+
+        config = config.model_copy(update={"daemon_user": daemon_user_for(config.daemon_user)})
     except StockadeError as exc:
         return _fail(str(exc))
     try:
@@ -672,7 +675,8 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     serve.add_argument(
         "--user",
         metavar="NAME",
-        help="started as root: become NAME (stockade) once the sockets are bound ($STOCKADE_DAEMON_USER)",
+        help="started as root: become NAME once the sockets are bound (default: stockade when that account "
+        "exists; root keeps root; $STOCKADE_DAEMON_USER)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     audit_max_bytes: int = 64 * 1024 * 1024
     build_packages: bool = False
     state_dir: str = Field(default_factory=default_state_dir)
-    daemon_user: str | None = None  # started as root: become this user once the sockets are bound
+    daemon_user: str | None = None  # `stockade serve` as root becomes it (unset: stockade if it exists; root: stays)
     # The runtimes
     pool_size: int = 2
     pool_shapes: int | None = None  # None: each runtime's own default

@@ -70,3 +70,28 @@ def test_the_daemon_gives_root_up_and_still_builds_limits_and_ends_isolates() ->
         from stockade.runtimes.process.cgroups import CgroupManager
 
         CgroupManager().sweep()  # the groups delegated to the daemon, now that it is gone
+
+
+def test_serve_as_root_becomes_stockade_by_itself_once_the_accounts_exist_and_root_is_kept_on_request() -> None:
+    require("process")
+    subprocess.run([sys.executable, "-m", "stockade.cli", "setup-users"], check=True, capture_output=True, timeout=120)
+    uid = pwd.getpwnam("stockade").pw_uid
+    audit = tempfile.mkdtemp(prefix="stockade-audit-")
+    os.chmod(audit, 0o755)
+    for asked, expected in (("", uid), ("root", 0)):
+        log = os.path.join(audit, asked or "auto", "audit.log")  # a directory of its own, made for it
+        daemon = start_daemon(env={"STOCKADE_DAEMON_USER": asked, "STOCKADE_AUDIT_LOG": log})
+        try:
+            with Client(daemon.socket_path) as client:
+                assert client.execute(code="print(1)").stdout == "1\n"
+                runtimes = {r["name"]: r for r in client.call("runtimes")}
+            assert _status(daemon.proc.pid)["Uid"].split() == [str(expected)] * 4, daemon.logs()
+            # Given up, root's runtimes say how to keep it; kept, they are not refused for it.
+            said = "STOCKADE_DAEMON_USER=root" in runtimes["gvisor"]["reason"]
+            assert said == (expected != 0), runtimes["gvisor"]
+        finally:
+            daemon.cleanup()
+            from stockade.runtimes.process.cgroups import CgroupManager
+
+            CgroupManager().sweep()
+    shutil.rmtree(audit, ignore_errors=True)

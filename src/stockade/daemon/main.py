@@ -17,12 +17,14 @@ from .config import DaemonConfig
 from .controller import Controller
 from .methods import METHODS
 from .observers import Observers
-from .privileges import drop_root, prepare_audit_dir
+from .privileges import KEEP_ROOT, drop_root, prepare_audit_dir
 
 log = logging.getLogger("stockade.daemon")
 
 
 async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
+    if config.daemon_user == KEEP_ROOT:
+        config = config.model_copy(update={"daemon_user": None})
     settings.install(config)  # read once, at the start: the whole process uses these
     prepare_audit_dir(config)
     controller = Controller(config)

@@ -1,5 +1,10 @@
 """``STOCKADE_DAEMON_USER``: the daemon started as root gives root up once it needs it no more.
 
+``stockade serve`` started as root becomes ``stockade`` by itself when that
+account exists (``stockade setup-users`` made it: the host is set up for
+privilege separation); ``STOCKADE_DAEMON_USER`` names another account, or
+``root`` to keep root (gVisor and the microVM need it).
+
 Before the drop, as root: the process runtime's zygote is started (it stays
 root, and holds every request to the sandbox uids: agent/confine.py
 ``check_request``), the cgroup parents and the uid leases are made the user's
@@ -73,6 +78,26 @@ def _audit_log_for(path: str, uid: int, gid: int) -> None:
             os.chown(path, uid, gid, follow_symlinks=False)  # opened by root a moment ago
 
 
+AUTO_USER = "stockade"
+KEEP_ROOT = "root"
+
+
+def daemon_user_for(asked: str | None) -> str | None:
+    """Who ``stockade serve`` becomes: ``asked`` (``STOCKADE_DAEMON_USER``); unset, started as root,
+    ``stockade`` when that account exists; ``root``: nobody, root is kept."""
+    if asked == KEEP_ROOT:
+        return None
+    if asked:
+        return asked
+    if os.geteuid() != 0:
+        return None
+    try:
+        identities.ids_of(AUTO_USER)
+    except ConfigError:
+        return None  # no account made for it: the host is not set up for privilege separation
+    return AUTO_USER
+
+
 def drop_root(config: DaemonConfig, controller: Controller) -> None:
     user = config.daemon_user
     assert user is not None
@@ -92,7 +117,8 @@ def drop_root(config: DaemonConfig, controller: Controller) -> None:
     linux.drop_bounding_set(keep)  # nothing more to gain through an exec, for it or what it starts
     linux.become_user_keeping(uid, gid, [gid], keep=keep)  # no group of the broker's: its key is read
     kept = "CAP_KILL alone" if keep else "no capability"
-    log.info("gave up root: the daemon runs as %s (uid %d), with %s", user, uid, kept)
+    log.info("gave up root: the daemon runs as %s (uid %d), with %s (STOCKADE_DAEMON_USER=root keeps root)", user,
+             uid, kept)  # fmt: skip
 
 
 def _read_broker_key(config: DaemonConfig) -> None:

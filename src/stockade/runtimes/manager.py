@@ -85,7 +85,8 @@ class RuntimeManager:
     def availability(self, name: str) -> Availability:
         runtime = self.get(name)
         if name in ROOT_RUNTIMES and os.geteuid() != 0 and current().daemon_user:
-            reason = "needs root, which this daemon gave up (STOCKADE_DAEMON_USER): only the process runtime runs here"
+            reason = ("needs root, which this daemon gave up (STOCKADE_DAEMON_USER; STOCKADE_DAEMON_USER=root keeps "
+                      "it): only the process runtime runs here")  # fmt: skip
             return Availability(name, False, runtime.isolation, reason)
         try:
             return runtime.detect()
