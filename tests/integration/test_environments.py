@@ -23,6 +23,7 @@ import pytest
 
 import stockade
 from stockade import Policy, PolicyError, environments
+from stockade.errors import AgentError
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -92,6 +93,14 @@ def check_inside(sb: Any, store: str, env_id: str) -> None:
     assert lines[:2] == ["/opt/stockade/env/python/six.py", "/usr/bin/python3"], r.stdout + r.stderr
     assert "#!/usr/bin/python3" in lines and "touch=1" in lines, r.stdout + r.stderr
     assert any(set(line) == {"-", " "} for line in lines), r.stdout  # tabulate's rule: the console script ran
+    # Named bare, as a shell would: found on the environment's PATH, by exec and by spawn alike.
+    direct = sb.exec(["tabulate"], stdin="a b\n")
+    assert direct.exit_code == 0 and any(set(line) == {"-", " "} for line in direct.stdout.splitlines()), direct
+    spawned = sb.spawn(["tabulate"], stdin="a b\n")
+    spawned.close_stdin()
+    assert spawned.wait(30) == 0 and b"-" in spawned.read()[0]
+    with pytest.raises(AgentError, match="cannot execute 'no-such-tool': No such file or directory"):
+        sb.exec(["no-such-tool"])  # and a name on no PATH entry fails as exec would
 
 
 def check_etc(seen: dict[str, Any]) -> None:

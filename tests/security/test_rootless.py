@@ -22,7 +22,7 @@ import stockade
 
 NOBODY = 65534
 PACKAGES = ["stockade", "pydantic", "pydantic_core", "typing_extensions", "annotated_types", "typing_inspection",
-            "h11", "dns", "pydantic_settings", "dotenv"]  # fmt: skip
+            "h11", "dns", "pydantic_settings", "dotenv", "msgpack"]  # fmt: skip
 
 CHILD = r"""
 import json, os, stockade

@@ -282,8 +282,8 @@ class Agent(Interpreters, Processes):
         try:
             os.chdir(context["cwd"])
             step = "exec"
-            pid = os.posix_spawnp(
-                argv[0],
+            pid = os.posix_spawn(
+                _on_path(argv[0], context["env"]),
                 argv,
                 context["env"],
                 file_actions=[
@@ -609,6 +609,18 @@ def _peek_alive(conn: socket.socket) -> bool:
         return True
     except OSError:
         return False
+
+
+def _on_path(program: str, env: dict[str, str]) -> str:
+    """``program`` found as exec would find it with ``env``'s PATH (posix_spawnp would search the
+    agent's own, which lacks an environment's ``bin``); OSError ENOENT when it is nowhere."""
+    if "/" in program:
+        return program
+    for directory in env.get("PATH", os.defpath).split(":"):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 def _spawn_failure(program: str, cwd: str, step: str, err: int) -> wire.RPCError:

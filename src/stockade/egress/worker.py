@@ -6,8 +6,8 @@ sandbox's secret values, its CA key). So it runs apart from the process that
 holds the sandbox (the daemon, an SDK caller: its *keeper*, workers.py), as seed
 002's workers do.
 
-``python -I -m stockade.egress.worker`` is a fork server: started once per
-keeper with an empty environment, stdin a SOCK_SEQPACKET socket to its keeper
+``python -P -s -m stockade.egress.worker`` is a fork server: started once per
+keeper with nothing of its environment but its module path, stdin a SOCK_SEQPACKET socket to its keeper
 and nothing else, it imports what a worker needs once, then forks one worker
 per request (an import costs a few hundred milliseconds of CPU, a fork about
 one). A request is ``{"uid": int|None}`` with one descriptor, the worker's end

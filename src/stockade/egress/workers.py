@@ -42,15 +42,17 @@ WORKER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 class ForkServer:
-    """``python -I -m stockade.egress.worker``: forks this process's workers (``fork_server()``)."""
+    """``python -P -s -m stockade.egress.worker``: forks this process's workers (``fork_server()``)."""
 
     def __init__(self) -> None:
         keeper, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # -I: no PYTHON* variable, no user site, no current directory on the path.
+            # The keeper's own module path, whatever made it (a venv, PYTHONPATH); -s: no user site of the
+            # user it runs as, -P: not the current directory.
+            env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "stockade.egress.worker"], stdin=child.fileno(),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, env=WORKER_ENV,
+                [sys.executable, "-P", "-s", "-m", "stockade.egress.worker"], stdin=child.fileno(),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, env=env,
             )  # fmt: skip
         except OSError as exc:
             keeper.close()
