@@ -702,9 +702,11 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_image_build)
 
     from .cli_env import add_parser as add_env_parser
+    from .cli_mcp import add_parser as add_mcp_parser
     from .cli_secrets import add_parsers as add_secrets_parsers
 
     add_env_parser(sub)
+    add_mcp_parser(sub)
     add_secrets_parsers(sub)
 
     token = sub.add_parser("token", help="manage daemon tokens")

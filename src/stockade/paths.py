@@ -14,6 +14,12 @@ def default_socket_path() -> str:
     return os.path.join(runtime_dir, "stockade.sock")
 
 
+def default_config_dir() -> str:
+    """Where ``isolation_config.json`` is looked up (``STOCKADE_CONFIG_DIR`` overrides it)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "stockade")
+
+
 def default_state_dir() -> str:
     if os.getuid() == 0:
         return "/var/lib/stockade"

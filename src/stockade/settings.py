@@ -26,7 +26,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
-from .paths import DEFAULT_GUEST_PYTHON, default_socket_path, default_state_dir
+from .paths import DEFAULT_GUEST_PYTHON, default_config_dir, default_socket_path, default_state_dir
 
 DEFAULT_HTTP_PORT = 8002  # seed 003's
 DEFAULT_SANDBOX_UIDS = (1879048192, 1879113727)  # systemd's unused 0x70000000 range: docs/runtime-process.md
@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     broker_socket: str | None = None
     session_key: SecretStr | None = None
     session_key_file: str = "/run/stockade/.session"
+    # MCP tools (docs/mcp.md)
+    config_dir: str = Field(default_factory=default_config_dir)
 
     @model_validator(mode="before")
     @classmethod

@@ -159,6 +159,13 @@ class AgentSandbox(abc.ABC):
         are not handed over as they happen (gVisor's log) reads what is pending."""
         return None
 
+    def take_report(self) -> tuple[ViolationReport, list[EgressRequest]]:
+        """What the isolate did since the last run's report, for work that is not a run (a spawned
+        MCP server's tool call): the violations it was refused, and its egress requests."""
+        egress = self.egress.take()[0] if self.egress is not None else []
+        self._collect_violations()
+        return self.violation_log.take(), egress
+
     def _take_egress(self) -> tuple[list[socket.socket], EgressWorker]:
         """The egress proxy's TCP listener and name service UDP socket, both on the isolate's own
         loopback, and the worker started to serve them; a runtime without them refuses network_policy

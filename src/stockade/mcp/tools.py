@@ -1,0 +1,285 @@
+"""``ToolHost``: calls the tools of configured MCP servers, each in the isolate its config gives it.
+
+- **ephemeral** (seed 001's phase 2): a fresh isolate under the tool's policy for each call;
+  the server is started in it, an MCP session initialised over its stdio, the tool called,
+  and everything torn down.
+- **persistent** (phase 3): one isolate per server, under the server's policy, its session
+  kept open and shared by every call (concurrent calls are concurrent requests of one
+  session); a server that died or broke its session is started again at the next call.
+
+Either way the result is the server's ``CallToolResult`` with stockade's verdict in its
+``_meta`` (``stockade``: the runtime, the violations its isolate made, what ended it). A
+call that outlives the tool's ``timeout_secs`` has its isolate killed and is answered with
+an error saying so. ``direct`` servers (only where the config says so) run as a plain child
+process, through the SDK's own stdio client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from mcp import ClientSession, MCPError, types
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.types import CONNECTION_CLOSED
+
+from ..errors import ConfigError, StockadeError
+from ..runtimes.manager import RuntimeManager
+from ..sdk import Sandbox
+from .config import IsolationConfig, ServerConfig
+from .transport import ServerOutput, process_transport
+
+log = logging.getLogger("stockade.mcp")
+DEFAULT_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 600.0  # an isolate whose environment is built on first use (pip) takes its time once
+
+
+class ToolError(StockadeError):
+    """A tool call that did not get an answer from its server: why, and what the isolate did."""
+
+    code = "tool_error"
+
+    def __init__(self, message: str, verdict: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.verdict = verdict or {}
+
+
+@dataclass
+class _Live:
+    """A persistent server: its isolate and its session, kept by a task of their own (``_keep``)."""
+
+    sandbox: Sandbox | None = None
+    session: ClientSession | None = None
+    output: ServerOutput = field(default_factory=ServerOutput)
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: str | None = None
+
+    def alive(self) -> bool:
+        return not self.done.is_set() and self.output.exit_code is None and self.output.broken is None
+
+
+class ToolHost:
+    def __init__(self, config: IsolationConfig, manager: RuntimeManager | None = None) -> None:
+        self.config = config
+        self.manager = manager
+        self._live: dict[str, _Live] = {}
+        self._starting: dict[str, anyio.Lock] = {}
+        self._tasks: TaskGroup | None = None  # where persistent servers' keepers run (async with ToolHost)
+
+    async def __aenter__(self) -> ToolHost:
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+        tasks, self._tasks = self._tasks, None
+        if tasks is not None:
+            await tasks.__aexit__(None, None, None)
+
+    async def aclose(self) -> None:
+        for server_id in list(self._live):
+            await self._stop(server_id)
+
+    # ---- calls --------------------------------------------------------------------------
+
+    async def call(self, server_id: str, tool: str, arguments: dict[str, Any] | None = None) -> types.CallToolResult:
+        """Call ``tool`` of ``server_id`` with ``arguments``: its result, with stockade's verdict in ``_meta``."""
+        server = self.config.server(server_id)
+        if not self.config.exposes(server_id, tool):
+            raise ConfigError(
+                f"tool {tool!r} of MCP server {server_id!r} is not offered: its config lists "
+                f"{', '.join(sorted(server.tools)) or 'no tools'} (expose: listed)"
+            )
+        timeout = self.config.options(server_id, tool).timeout_secs or DEFAULT_TIMEOUT_S
+        with _unwrapped():
+            if server.lifecycle == "persistent":
+                return await self._call_persistent(server_id, server, tool, arguments or {}, timeout)
+            return await self._call_ephemeral(server_id, server, tool, arguments or {}, timeout)
+
+    async def list_tools(self, server_id: str) -> list[types.Tool]:
+        """The tools ``server_id`` offers that its config exposes (asked of the server itself)."""
+        server = self.config.server(server_id)
+        with _unwrapped():
+            if server.lifecycle == "persistent":
+                live = await self._persistent(server_id, server)
+                assert live.session is not None
+                listed = await live.session.list_tools()
+            else:
+                async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
+                    listed = await session.list_tools()
+        return [t for t in listed.tools if self.config.exposes(server_id, t.name)]
+
+    async def _call_ephemeral(
+        self, server_id: str, server: ServerConfig, tool: str, arguments: dict[str, Any], timeout: float
+    ) -> types.CallToolResult:
+        async with self._ephemeral_session(server_id, server, tool) as (session, sandbox, output):
+            with anyio.move_on_after(timeout) as deadline:
+                try:
+                    result = await session.call_tool(tool, arguments)
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
+                    if output.exit_code is None and output.broken is None:
+                        raise
+                    raise ToolError(f"{server_id} ended during the call: {output.describe()} ({exc})") from None
+            if deadline.cancelled_caught:
+                verdict = await _end(sandbox, "timeout")
+                raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
+            if sandbox is None:
+                return _with_verdict(result, {"runtime": "direct", "isolate": "none"})
+            return _with_verdict(result, _verdict(sandbox, "ephemeral"))
+
+    @asynccontextmanager
+    async def _ephemeral_session(
+        self, server_id: str, server: ServerConfig, tool: str | None
+    ) -> AsyncIterator[tuple[ClientSession, Sandbox | None, ServerOutput]]:
+        policy = self.config.policy_for(server_id, tool)
+        output = ServerOutput()
+        if policy is None:  # direct: the config says so itself
+            params = StdioServerParameters(command=server.command, args=list(server.args), env=server.env or None)
+            async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                yield session, None, output
+            return
+        sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(policy, manager=self.manager))
+        try:
+            process = await anyio.to_thread.run_sync(lambda: sandbox.spawn([server.command, *server.args]))
+            async with process_transport(process, output) as (read, write), ClientSession(read, write) as session:
+                await _initialise(session, server_id, output)
+                yield session, sandbox, output
+        finally:
+            await anyio.to_thread.run_sync(sandbox.close)
+
+    async def _call_persistent(
+        self, server_id: str, server: ServerConfig, tool: str, arguments: dict[str, Any], timeout: float
+    ) -> types.CallToolResult:
+        live = await self._persistent(server_id, server)
+        assert live.session is not None and live.sandbox is not None
+        with anyio.move_on_after(timeout) as deadline:
+            try:
+                result = await live.session.call_tool(tool, arguments)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
+                if live.alive() and not _closed(exc):
+                    raise
+                await self._stop(server_id)  # started again at the next call
+                raise ToolError(f"{server_id} ended during the call: {live.output.describe()} ({exc})") from None
+        if deadline.cancelled_caught:
+            verdict = await _end(live.sandbox, "timeout")
+            await self._stop(server_id)  # started again at the next call
+            raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
+        return _with_verdict(result, _verdict(live.sandbox, "persistent"))
+
+    async def _persistent(self, server_id: str, server: ServerConfig) -> _Live:
+        if self._tasks is None:
+            raise ConfigError(f"MCP server {server_id!r} is persistent: call it through `async with ToolHost(...)`")
+        lock = self._starting.setdefault(server_id, anyio.Lock())
+        async with lock:
+            live = self._live.get(server_id)
+            if live is not None and live.alive():
+                return live
+            if live is not None:
+                log.info("MCP server %s ended (%s): starting it again", server_id, live.output.describe())
+                await self._stop(server_id)
+            policy = self.config.policy_for(server_id, None)
+            if policy is None:
+                raise ConfigError(f"MCP server {server_id!r}: a persistent server runs in an isolate, not direct")
+            live = _Live()
+            self._tasks.start_soon(self._keep, live, server_id, server, policy)
+            await live.ready.wait()
+            if live.session is None:
+                raise ToolError(live.error or f"MCP server {server_id} did not start: {live.output.describe()}")
+            self._live[server_id] = live
+            return live
+
+    async def _keep(self, live: _Live, server_id: str, server: ServerConfig, policy: Any) -> None:
+        """A persistent server's life, in a task of its own: whatever ends it ends here, not in a caller."""
+        try:
+            live.sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(policy, manager=self.manager))
+            process = await anyio.to_thread.run_sync(lambda: live.sandbox.spawn([server.command, *server.args]))  # type: ignore[union-attr]
+            async with process_transport(process, live.output) as (read, write), ClientSession(read, write) as session:
+                await _initialise(session, server_id, live.output)
+                live.session = session
+                live.ready.set()
+                await live.stop.wait()
+        except Exception as exc:  # noqa: BLE001 - contained: the server's callers hear of it, the host goes on
+            live.error = str(exc) if isinstance(exc, StockadeError) else f"{type(exc).__name__}: {exc}"
+            log.info("MCP server %s ended: %s (%s)", server_id, live.error, live.output.describe())
+        finally:
+            live.ready.set()
+            if live.sandbox is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(live.sandbox.close)
+            live.done.set()
+
+    async def _stop(self, server_id: str) -> None:
+        live = self._live.pop(server_id, None)
+        if live is not None:
+            live.stop.set()
+            if live.sandbox is not None:  # a session stuck in a dead server's read ends with its isolate
+                await anyio.to_thread.run_sync(live.sandbox.close)
+            await live.done.wait()
+
+
+@contextlib.contextmanager
+def _unwrapped() -> Iterator[None]:
+    """An error raised inside the transport's and the session's task groups reaches the caller as
+    itself, not as a group of one."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if inner is group:
+            raise
+        raise inner from None
+
+
+def _closed(exc: BaseException) -> bool:
+    """Whether ``exc`` says the session's connection is gone (not an error the server answered)."""
+    return not isinstance(exc, MCPError) or exc.error.code == CONNECTION_CLOSED
+
+
+async def _initialise(session: ClientSession, server_id: str, output: ServerOutput) -> None:
+    with anyio.move_on_after(START_TIMEOUT_S) as deadline:
+        try:
+            await session.initialize()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
+            raise ToolError(f"MCP server {server_id} did not start: {output.describe()} ({exc})") from None
+    if deadline.cancelled_caught:
+        raise ToolError(f"MCP server {server_id} did not answer initialize in {START_TIMEOUT_S:g} s")
+
+
+def _verdict(sandbox: Sandbox, isolate: str) -> dict[str, Any]:
+    """What the isolate did since its last report (taken on the host: nothing need run inside)."""
+    report, egress = sandbox._sandbox.take_report()  # on this host, in memory (or one local round trip)
+    return {
+        "runtime": sandbox._sandbox.runtime_name,
+        "isolate": isolate,
+        "security_violations": [v.model_dump(mode="json") for v in report.records],
+        "violation_counts": report.counts,
+        "violations_dropped": report.dropped,
+        "unenforced_limits": list(sandbox._sandbox.unenforced_limits),
+        "egress_requests": [r.model_dump(mode="json") for r in egress],
+    }
+
+
+async def _end(sandbox: Sandbox | None, reason: str) -> dict[str, Any]:
+    if sandbox is None:
+        return {"runtime": "direct", "termination_reason": reason}
+    runtime = sandbox._sandbox.runtime_name
+    await anyio.to_thread.run_sync(sandbox.close)
+    return {"runtime": runtime, "termination_reason": reason}
+
+
+def _with_verdict(result: types.CallToolResult, verdict: dict[str, Any]) -> types.CallToolResult:
+    meta = dict(result.meta or {})
+    meta["stockade"] = verdict
+    return result.model_copy(update={"meta": meta})

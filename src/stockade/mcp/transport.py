@@ -1,0 +1,132 @@
+"""The MCP stdio transport to a server running in an isolate: JSON-RPC lines over a spawned process.
+
+The official SDK's ``stdio_client`` starts its server with ``anyio.open_process``; here the
+server is a process spawned in a sandbox (``Process``: runtimes/spawned.py), which works the
+same on every runtime. Lines its stdout writes become ``SessionMessage``s (a line that is not
+JSON-RPC becomes an exception the session reports, as the SDK does); messages written by the
+session become lines on its stdin. A line longer than ``MAX_LINE`` ends the transport: a
+server that floods is cut off, not buffered.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from mcp import types
+from mcp.shared.message import SessionMessage
+
+from ..runtimes.spawned import Process
+
+MAX_LINE = 16 << 20  # one JSON-RPC message
+MAX_STDERR = 64 << 10  # kept of what the server says on stderr, for an error message
+# How long the reader waits for output while there is none. The agent serves one call at a time, so a
+# process's output is asked for, not pushed: often while a conversation is under way (a reply is due
+# soon after a request), seldom while it is quiet (an idle server costs the agent next to nothing).
+POLL_BUSY_S = 0.0005
+POLL_IDLE_S = 0.05
+BUSY_FOR_S = 2.0  # after a message either way
+
+
+@dataclass
+class ServerOutput:
+    """What the transport saw of its server besides messages: stderr (the last MAX_STDERR bytes)."""
+
+    stderr: bytearray = field(default_factory=bytearray)
+    exit_code: int | None = None
+    broken: str | None = None  # why the transport stopped reading, when the server did not just end
+
+    def note_stderr(self, data: bytes) -> None:
+        self.stderr += data
+        del self.stderr[: max(0, len(self.stderr) - MAX_STDERR)]
+
+    def describe(self) -> str:
+        said = self.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
+        parts = [self.broken] if self.broken else []
+        if self.exit_code is not None:
+            parts.append(f"it exited with {self.exit_code}")
+        if said:
+            parts.append("its stderr ends: " + " | ".join(said))
+        return "; ".join(parts) or "no word from it"
+
+
+@asynccontextmanager
+async def process_transport(
+    process: Process, output: ServerOutput
+) -> AsyncIterator[tuple[ObjectReceiveStream[SessionMessage | Exception], ObjectSendStream[SessionMessage]]]:
+    """``(read_stream, write_stream)`` for ``mcp.ClientSession``, over ``process``'s stdin and stdout."""
+    read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](16)
+    write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](16)
+    stop = threading.Event()
+    last_message = [time.monotonic()]
+
+    def read_loop() -> None:
+        buffer = bytearray()
+        while not stop.is_set():
+            ended = process.exit_code is not None
+            out, err = process.read()
+            if out:
+                last_message[0] = time.monotonic()
+            if err:
+                output.note_stderr(err)
+            buffer += out
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                if line.strip():
+                    anyio.from_thread.run(read_writer.send, _parse(line))
+            if len(buffer) > MAX_LINE:
+                output.broken = f"it wrote more than {MAX_LINE} bytes without a line's end"
+                return
+            if process.dropped["stdout"]:  # its messages are cut: nothing after can be trusted to frame
+                dropped = process.dropped["stdout"]
+                output.broken = f"it wrote more than its stdout buffer holds ({dropped} bytes dropped)"
+                return
+            if ended:
+                output.exit_code = process.exit_code
+                return
+            if not out and not err:
+                busy = time.monotonic() - last_message[0] < BUSY_FOR_S
+                process.wait(POLL_BUSY_S if busy else POLL_IDLE_S)
+
+    async def reader() -> None:
+        async with read_writer:
+            try:
+                await anyio.to_thread.run_sync(read_loop, abandon_on_cancel=True)
+            except Exception as exc:  # noqa: BLE001 - the sandbox went away under it: the session learns so
+                output.broken = output.broken or f"its sandbox stopped answering: {exc}"
+
+    async def writer() -> None:
+        async with write_reader:
+            async for message in write_reader:
+                line = message.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n"
+                last_message[0] = time.monotonic()
+                try:
+                    await anyio.to_thread.run_sync(process.write, line.encode())
+                except Exception as exc:  # noqa: BLE001 - as above: closing the read side ends the session
+                    output.broken = output.broken or f"cannot write to it: {exc}"
+                    await read_writer.aclose()
+                    return
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(reader)
+        tasks.start_soon(writer)
+        try:
+            yield read_stream, write_stream
+        finally:
+            stop.set()
+            write_stream.close()
+            read_stream.close()
+            tasks.cancel_scope.cancel()
+
+
+def _parse(line: bytes) -> SessionMessage | Exception:
+    try:
+        return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
+    except ValueError as exc:
+        return exc

@@ -1,0 +1,200 @@
+"""MCP tools in isolates (docs/mcp.md): the isolation config, `stockade mcp call-tool`, `ToolHost`.
+
+A real server nobody here wrote (`mcp-server-time`, from PyPI, in an environment built from
+the host's pip configuration) and a hostile one of the suite's own (tests/mcp_servers/hostile.py,
+shared into the isolate with the config's `mounts`), each ephemeral and persistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from stockade.errors import ConfigError
+from stockade.mcp.config import IsolationConfig, load_config
+from stockade.mcp.tools import ToolError, ToolHost
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+
+STOCKADE = os.path.join(os.path.dirname(sys.executable), "stockade")
+HOSTILE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "mcp_servers")
+TIME = {"command": "mcp-server-time", "packages": ["mcp-server-time==2026.10.19"], "timeout_secs": 120}
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[RuntimeManager]:
+    require("process")
+    mgr = RuntimeManager(pool_size=0)
+    yield mgr
+    mgr.close()
+
+
+def config(**servers: dict[str, Any]) -> IsolationConfig:
+    return IsolationConfig.parse({"mcp_servers": servers})
+
+
+def hostile(**fields: Any) -> dict[str, Any]:
+    return {"command": "python3", "args": ["/mcp/hostile.py"], "expose": "all", "timeout_secs": 60,
+            "mounts": [{"host_path": HOSTILE_DIR, "guest_path": "/mcp"}], **fields}  # fmt: skip
+
+
+def call(host: ToolHost, server: str, tool: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def go() -> Any:
+        return await host.call(server, tool, arguments)
+
+    return anyio.run(go)
+
+
+def text_of(result: Any) -> Any:
+    return json.loads(result.content[0].text)
+
+
+def test_call_tool_runs_a_real_server_in_a_fresh_isolate(manager: RuntimeManager, tmp_path: Any) -> None:
+    path = tmp_path / "isolation_config.json"
+    path.write_text(json.dumps({"mcp_servers": {"time": {**TIME, "tools": {"get_current_time": {}}}}}))
+    done = subprocess.run(
+        [STOCKADE, "mcp", "call-tool", "--config", str(path), "--json", "time", "get_current_time",
+         '{"timezone": "Europe/Paris"}'],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert json.loads(result["content"][0]["text"])["timezone"] == "Europe/Paris"
+    verdict = result["_meta"]["stockade"]
+    assert verdict["runtime"] == "process" and verdict["isolate"] == "ephemeral"
+    assert verdict["security_violations"] == []
+    # Text by default; a tool the config does not list is not offered.
+    plain = subprocess.run([STOCKADE, "mcp", "call-tool", "--config", str(path), "time", "get_current_time",
+                            '{"timezone": "UTC"}'], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert plain.returncode == 0 and json.loads(plain.stdout)["timezone"] == "UTC", plain.stderr
+    hidden = subprocess.run([STOCKADE, "mcp", "call-tool", "--config", str(path), "time", "convert_time", "{}"],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert hidden.returncode == 125 and "'convert_time' of MCP server 'time' is not offered" in hidden.stderr
+
+
+def test_a_persistent_server_keeps_its_isolate_and_is_started_again_when_it_dies(manager: RuntimeManager) -> None:
+    host = ToolHost(config(time={**TIME, "lifecycle": "persistent", "expose": "all"}), manager)
+
+    async def go() -> None:
+        async with host:
+            first = await host.call("time", "get_current_time", {"timezone": "UTC"})
+            live = host._live["time"]
+            noon = {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}
+            second = await host.call("time", "convert_time", noon)
+            assert host._live["time"] is live  # one isolate, one session
+            assert text_of(second)["target"]["datetime"].endswith("21:00:00+09:00")
+            for result in (first, second):
+                assert result.meta["stockade"]["isolate"] == "persistent"
+            names = {t.name for t in await host.list_tools("time")}
+            assert {"get_current_time", "convert_time"} <= names
+            # The server dies: the next call starts it again, in a new isolate.
+            await anyio.to_thread.run_sync(lambda: live.sandbox.exec(["sh", "-c", "kill -9 -1"]))
+            with anyio.fail_after(30):
+                while live.alive():  # its keeper sees the end within a poll or two
+                    await anyio.sleep(0.01)
+            again = await host.call("time", "get_current_time", {"timezone": "UTC"})
+            assert host._live["time"] is not live and text_of(again)["timezone"] == "UTC"
+
+    anyio.run(go)
+    assert not host._live
+
+
+@pytest.mark.parametrize("lifecycle", ["ephemeral", "persistent"])
+def test_a_hostile_server_is_contained_and_what_it_tried_is_in_the_verdict(
+    manager: RuntimeManager, lifecycle: str
+) -> None:
+    host = ToolHost(config(bad=hostile(lifecycle=lifecycle)), manager)
+
+    async def go() -> None:
+        async with host:
+            snooped = await host.call("bad", "snoop")
+            seen = text_of(snooped)
+            assert all(v in ("No such file or directory", "Permission denied") for k, v in seen.items()
+                       if k.startswith("/")), seen  # fmt: skip
+            assert not [k for k in seen["environ"] if k.startswith("STOCKADE") or k in ("SSH_AUTH_SOCK", "USER")]
+            assert seen["network"] != "connected" and seen["raw"] != "opened"
+            verdict = snooped.meta["stockade"]
+            assert verdict["violation_counts"].get("socket") == 1, verdict  # the raw socket, refused by seccomp
+            # Garbage on stdout is reported and skipped; the answer after it still arrives.
+            assert text_of(await host.call("bad", "garbage")) == "after the garbage"
+            forked = text_of(await host.call("bad", "fork"))
+            assert 0 < forked["children"] < 1000  # the isolate's pids limit, not the host's
+            assert text_of(await host.call("bad", "echo", {"still": "here"})) == {"still": "here"}
+
+    anyio.run(go)
+
+
+def test_a_tool_that_never_answers_is_ended_at_its_timeout(manager: RuntimeManager) -> None:
+    host = ToolHost(config(bad=hostile(tools={"sleep": {"timeout_secs": 2}})), manager)
+    with pytest.raises(ToolError, match=r"bad.sleep timed out after 2 s; its isolate was killed"):
+        call(host, "bad", "sleep")
+
+
+def test_a_flooding_server_is_cut_off(manager: RuntimeManager) -> None:
+    host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
+
+    async def go() -> None:
+        async with host:
+            with pytest.raises(ToolError, match="bad ended during the call: it wrote more than"):
+                await host.call("bad", "flood")
+            assert text_of(await host.call("bad", "echo", {"a": 1})) == {"a": 1}  # started again
+
+    anyio.run(go)
+
+
+# ---- the config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"mcp_servers": {"s": {"command": "x", "tools": {"t": {"memroy_mb": 5}}}}},
+         r"mcp_servers\.s\.tools\.t\.memroy_mb: Extra inputs are not permitted"),
+        ({"mcp_servers": {"s": {"command": "x", "tools": {"t": {"memory_mb": -5}}}}},
+         r"mcp_servers\.s\.tools\.t\.memory_mb: Input should be greater than or equal to 16"),
+        ({"mcp_servers": {"s": {"command": "x", "tools": {"t": {"execution_mode": "unikernel"}}}}},
+         r"mcp_servers\.s\.tools\.t\.execution_mode: execution_mode 'unikernel' is not offered here: stockade has "
+         r"no unikernel runtime"),
+        ({"mcp_servers": {"s": {"command": "x", "lifecycle": "persistent", "tools": {"t": {"memory_mb": 64}}}}},
+         r"mcp_servers\.s: tools\.t\.memory_mb: the tools of a persistent server share its isolate"),
+        ({"mcp_servers": {"s": {"command": "x", "network_enabled": True}}},
+         r"mcp_servers\.s\.network_enabled: name the hosts it may reach"),
+        ({"mcp_servers": {"s": {"command": "x", "mounts": [{"host_path": "/proc", "guest_path": "/p"}]}}},
+         r"mcp_servers\.s\.mounts\.0: source /proc may not be shared into a sandbox"),
+        ({"mcp_servers": {"s": {"command": "x", "secrets": ["NOPE"]}}}, r"mcp_servers\.s\.secrets"),
+        ({"default_execution_mode": "vm"}, r"default_execution_mode: Input should be"),
+    ],
+)  # fmt: skip
+def test_a_bad_config_is_refused_naming_the_path(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        IsolationConfig.parse(data, "isolation_config.json")
+
+
+def test_direct_is_honoured_only_when_the_config_says_so() -> None:
+    said = IsolationConfig.parse({"default_execution_mode": "direct", "mcp_servers": {"s": {"command": "x"}}})
+    assert said.policy_for("s", "t") is None
+    server = {"command": "x", "memory_mb": 96, "vcpus": 0.5, "env_vars": {"A": "1"}, "env": {"A": "0", "B": "2"}}
+    unsaid = IsolationConfig.parse({"mcp_servers": {"s": server}})
+    policy = unsaid.policy_for("s", "t")
+    assert policy is not None and policy.runtime == "process" and policy.network_policy == "none"
+    assert policy.memory_mb == 96 and policy.cpu_limit == 0.5 and policy.environment == {"A": "1", "B": "2"}
+    strongest = IsolationConfig.parse({"mcp_servers": {"s": {"command": "x", "execution_mode": "isolated"}}})
+    assert strongest.policy_for("s", None).trust == "trusted"  # type: ignore[union-attr]
+
+
+def test_the_config_is_found_where_settings_say(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STOCKADE_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=f"no MCP isolation config at {tmp_path}/isolation_config.json"):
+        load_config()
+    (tmp_path / "isolation_config.json").write_text('{"mcp_servers": {"s": {"command": "x"}}}')
+    assert load_config().server("s").command == "x"
+    (tmp_path / "isolation_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not JSON"):
+        load_config()
