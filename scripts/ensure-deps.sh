@@ -7,7 +7,7 @@
 #
 # STOCKADE_APT_ETC (default /etc/apt) is where apt's sources are read and written.
 set -euo pipefail
-PKGS=(python3 python3-venv python3-pip bubblewrap util-linux iproute2 procps socat runsc qemu-system-x86 prometheus chromium chromium-driver supervisor passwd)
+PKGS=(python3 python3-venv python3-pip bubblewrap util-linux iproute2 procps socat runsc qemu-system-x86 prometheus chromium chromium-driver supervisor passwd nodejs)
 APT_ETC="${STOCKADE_APT_ETC:-/etc/apt}"
 BACKPORTS_FILE="stockade-bookworm-backports.sources"
 
@@ -148,6 +148,8 @@ for p in "${PKGS[@]}"; do
   [ "$p" = runsc ] && [ $backports -eq 1 ] && continue
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm: Debian's package, unless the nodejs installed already brings its own (NodeSource's does).
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 [ ${#missing[@]} -eq 0 ] && [ $backports -eq 0 ] && exit 0
 
 if [ $backports -eq 1 ]; then

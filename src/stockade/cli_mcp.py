@@ -31,6 +31,21 @@ def add_parser(subparsers: Any) -> None:
     )
     call.add_argument("--json", action="store_true", help="print the MCP result as JSON (with _meta.stockade)")
     call.set_defaults(func=cmd_mcp)
+    gateway = mcp_sub.add_parser(
+        "gateway",
+        help="an MCP server (stdio) offering every configured server's tools, each call routed into its isolate",
+        description="Launch this in place of the real MCP servers: it offers their exposed tools (named server.tool "
+        "where names collide), resources and prompts, and runs each call as isolation_config.json says.",
+    )
+    gateway.add_argument(
+        "--config", metavar="FILE", help="the isolation config (default: $STOCKADE_CONFIG_DIR/isolation_config.json)"
+    )
+    gateway.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="one record per tool call (default: mcp-gateway.audit.log in $STOCKADE_STATE_DIR; 'off': none)",
+    )
+    gateway.set_defaults(func=cmd_gateway)
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
@@ -72,3 +87,58 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 def _fail(message: str) -> int:
     print(f"stockade: {message}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from .errors import StockadeError
+
+    try:
+        import anyio
+
+        from .mcp.config import load_config
+        from .mcp.gateway import serve_stdio
+    except ImportError as exc:
+        return _fail(f"stockade mcp needs the MCP SDK: pip install 'stockade[mcp]' ({exc})")
+    audit = None
+    try:
+        config = load_config(args.config)
+        audit = _gateway_audit(args.audit_log)
+        anyio.run(serve_stdio, config, audit)
+    except StockadeError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if audit is not None:
+            audit.close()
+    return 0
+
+
+def _gateway_audit(asked: str | None) -> Any:
+    """The gateway's audit log: ``asked``, else its own file in the state directory. One writer per
+    file keeps its hash chain whole: a second gateway at once writes a file named for its pid."""
+    import fcntl
+    import os
+
+    from .audit import AuditLog
+    from .settings import current
+
+    if asked == "off":
+        return None
+    path = asked
+    if path is None:
+        directory = current().state_dir
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        path = os.path.join(directory, "mcp-gateway.audit.log")
+    lock = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until this process ends
+    except BlockingIOError:
+        os.close(lock)
+        if asked is not None:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--audit-log {asked}: another gateway writes it") from None
+        root, ext = os.path.splitext(path)
+        path = f"{root}-{os.getpid()}{ext}"
+    return AuditLog(path)

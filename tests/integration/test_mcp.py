@@ -26,6 +26,7 @@ from tests.conftest import require
 STOCKADE = os.path.join(os.path.dirname(sys.executable), "stockade")
 HOSTILE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "mcp_servers")
 TIME = {"command": "mcp-server-time", "packages": ["mcp-server-time==2026.10.19"], "timeout_secs": 120}
+FETCH_PACKAGE = "mcp-server-fetch==2026.10.24"
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,32 @@ def test_a_flooding_server_is_cut_off(manager: RuntimeManager) -> None:
             assert text_of(await host.call("bad", "echo", {"a": 1})) == {"a": 1}  # started again
 
     anyio.run(go)
+
+
+def test_a_fetch_server_reaches_its_allowed_host_through_the_proxy_and_nothing_else(manager: RuntimeManager) -> None:
+    from tests.egress_harness import serve_upstreams
+
+    upstreams = serve_upstreams()
+    up = next(upstreams)
+    try:
+        allowed = f"api.stockade.test:{up.http.port}"
+        # The test's server is on the host's loopback: the fetch server's own SSRF guard must let it by,
+        # and the proxy's allow-list name it.
+        args = ["--ignore-robots-txt", "--allow-private-ips"]
+        fetch = {"command": "mcp-server-fetch", "args": args, "packages": [FETCH_PACKAGE], "allowed_hosts": [allowed],
+                 "allowed_cidrs": ["127.0.0.0/8"], "expose": "all", "timeout_secs": 120}  # fmt: skip
+        host = ToolHost(config(fetch=fetch), manager)
+        got = call(host, "fetch", "fetch", {"url": f"http://{allowed}/through-the-proxy", "raw": True})
+        assert not got.is_error and "/through-the-proxy" in got.content[0].text, got.content[0].text
+        (request,) = got.meta["stockade"]["egress_requests"]
+        assert request["host"] == "api.stockade.test" and request["allowed"] and request["status"] == 200
+        refused = call(host, "fetch", "fetch", {"url": f"http://other.stockade.test:{up.http.port}/", "raw": True})
+        assert refused.is_error and "403" in refused.content[0].text
+        verdict = refused.meta["stockade"]
+        assert verdict["violation_counts"].get("network_egress", 0) >= 1
+        assert all(not r["allowed"] for r in verdict["egress_requests"])
+    finally:
+        upstreams.close()
 
 
 # ---- the config ---------------------------------------------------------------------------

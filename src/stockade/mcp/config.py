@@ -3,7 +3,7 @@
 The format is seed 001's (``default_execution_mode``, ``mcp_servers.<id>.tools.<name>`` with
 ``execution_mode``, ``memory_mb``, ``vcpus``, ``timeout_secs``, ``network_enabled``, ``mounts``,
 ``env_vars``), with what a server needs to start (``command``, ``args``, ``env``; stdio) and
-stockade's own keys: ``lifecycle``, ``expose``, ``allowed_hosts``, ``secrets``, ``packages``,
+stockade's own keys: ``lifecycle``, ``expose``, ``allowed_hosts``, ``allowed_cidrs``, ``secrets``, ``packages``,
 ``environment_name``. The tool options may also stand on a server, as its tools' defaults.
 
 Every tool resolves to a ``Policy`` (or to ``direct``: no isolation, only where the file says
@@ -80,6 +80,7 @@ class ServerConfig(ToolOptions):
     lifecycle: Literal["ephemeral", "persistent"] = "ephemeral"
     expose: Literal["listed", "all"] = "listed"
     allowed_hosts: tuple[str, ...] = ()
+    allowed_cidrs: tuple[str, ...] = ()
     secrets: tuple[Any, ...] = ()  # SecretGrant or NAME@HOST: checked by Policy
     packages: tuple[str, ...] = ()
     environment_name: str | None = None
@@ -174,6 +175,7 @@ class IsolationConfig(BaseModel):
             "timeout_seconds": max(options.timeout_secs or 30.0, 1.0),
             "network_policy": "allowlist" if server.allowed_hosts else "none",
             "allowed_hosts": server.allowed_hosts,
+            "allowed_cidrs": server.allowed_cidrs,
             "secrets": server.secrets,
             "filesystem_access": [
                 {"source": m.host_path, "target": m.guest_path, "writable": not m.readonly}

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -35,6 +35,7 @@ from ..sdk import Sandbox
 from .config import IsolationConfig, ServerConfig
 from .transport import ServerOutput, process_transport
 
+T = TypeVar("T")
 log = logging.getLogger("stockade.mcp")
 DEFAULT_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 600.0  # an isolate whose environment is built on first use (pip) takes its time once
@@ -107,16 +108,20 @@ class ToolHost:
 
     async def list_tools(self, server_id: str) -> list[types.Tool]:
         """The tools ``server_id`` offers that its config exposes (asked of the server itself)."""
+        listed = await self.request(server_id, lambda session: session.list_tools())
+        return [t for t in listed.tools if self.config.exposes(server_id, t.name)]
+
+    async def request(self, server_id: str, ask: Callable[[ClientSession], Awaitable[T]]) -> T:
+        """Any request of ``server_id`` (its capabilities, resources, prompts) by ``ask``: in its kept
+        session, or in a fresh isolate of its own under the server's policy."""
         server = self.config.server(server_id)
         with _unwrapped():
             if server.lifecycle == "persistent":
                 live = await self._persistent(server_id, server)
                 assert live.session is not None
-                listed = await live.session.list_tools()
-            else:
-                async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
-                    listed = await session.list_tools()
-        return [t for t in listed.tools if self.config.exposes(server_id, t.name)]
+                return await ask(live.session)
+            async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
+                return await ask(session)
 
     async def _call_ephemeral(
         self, server_id: str, server: ServerConfig, tool: str, arguments: dict[str, Any], timeout: float

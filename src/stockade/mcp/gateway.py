@@ -1,0 +1,167 @@
+"""``stockade mcp gateway``: one MCP server that an MCP client launches in place of the real ones.
+
+It offers the exposed tools of every configured server (a tool's own name, or ``server.tool``
+where two servers offer the same one), their resources and their prompts, and routes each
+request into the isolate its config gives it (``ToolHost``). A server that misbehaves (a crash,
+a hang, garbage, a flood) costs only its own tools: each of its calls is answered with an MCP
+error result saying what happened, and the others go on. Every tool call is one audit record
+(server, tool, argument size, outcome, verdict, egress) — never the arguments or the result.
+
+What each server offers is asked once, when the gateway starts (each server in an isolate
+under its own policy); a server that cannot be asked is left out, and said so on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcp import ClientSession, MCPError, types
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+
+from ..audit import AuditLog
+from ..errors import StockadeError
+from .config import IsolationConfig
+from .tools import ToolError, ToolHost
+
+log = logging.getLogger("stockade.mcp")
+SEPARATOR = "."
+
+
+@dataclass
+class Offer:
+    """What one server offers, as the gateway names it."""
+
+    tools: dict[str, tuple[str, types.Tool]] = field(default_factory=dict)  # exposed name -> (its own, it)
+    resources: dict[str, types.Resource] = field(default_factory=dict)  # uri -> it
+    prompts: dict[str, tuple[str, types.Prompt]] = field(default_factory=dict)
+
+
+class Gateway:
+    def __init__(self, config: IsolationConfig, host: ToolHost, audit: AuditLog | None = None) -> None:
+        self.config = config
+        self.host = host
+        self.audit = audit
+        self.offers: dict[str, Offer] = {}
+        self.unavailable: dict[str, str] = {}  # server -> why it offers nothing
+
+    async def survey(self) -> None:
+        """Ask every server what it offers; name each tool and prompt once across them all."""
+        found: dict[str, tuple[list[types.Tool], list[types.Resource], list[types.Prompt]]] = {}
+        for server_id in self.config.mcp_servers:
+            try:
+                found[server_id] = await self.host.request(server_id, _describe)
+            except (StockadeError, MCPError, OSError) as exc:
+                self.unavailable[server_id] = str(exc)
+                log.warning("MCP server %s offers nothing here: %s", server_id, exc)
+        tool_names = Counter(t.name for tools, _, _ in found.values() for t in tools)
+        prompt_names = Counter(p.name for _, _, prompts in found.values() for p in prompts)
+        for server_id, (tools, resources, prompts) in found.items():
+            offer = self.offers[server_id] = Offer()
+            for tool in tools:
+                if self.config.exposes(server_id, tool.name):
+                    name = _named(server_id, tool.name, tool_names)
+                    offer.tools[name] = (tool.name, tool.model_copy(update={"name": name}))
+            offer.resources = {str(r.uri): r for r in resources}
+            for prompt in prompts:
+                name = _named(server_id, prompt.name, prompt_names)
+                offer.prompts[name] = (prompt.name, prompt.model_copy(update={"name": name}))
+
+    # ---- the MCP server's handlers --------------------------------------------------------
+
+    async def list_tools(self, _ctx: Any, _params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=[t for o in self.offers.values() for _, t in o.tools.values()])
+
+    async def call_tool(self, _ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        found = next(((s, o.tools[params.name][0]) for s, o in self.offers.items() if params.name in o.tools), None)
+        if found is None:
+            return _error(f"no tool {params.name!r} here")
+        server_id, tool = found
+        arguments = params.arguments or {}
+        size = len(json.dumps(arguments))
+        try:
+            result = await self.host.call(server_id, tool, arguments)
+        except ToolError as exc:
+            self._record(server_id, tool, size, "error", exc.verdict, str(exc))
+            return _error(str(exc), exc.verdict)
+        except (StockadeError, MCPError) as exc:
+            self._record(server_id, tool, size, "error", {}, str(exc))
+            return _error(f"{server_id}.{tool}: {exc}")
+        verdict = (result.meta or {}).get("stockade", {})
+        self._record(server_id, tool, size, "tool_error" if result.is_error else "ok", verdict)
+        return result
+
+    async def list_resources(self, _ctx: Any, _params: Any) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=[r for o in self.offers.values() for r in o.resources.values()])
+
+    async def read_resource(self, _ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
+        uri = str(params.uri)
+        server_id = next((s for s, o in self.offers.items() if uri in o.resources), None)
+        if server_id is None:
+            raise MCPError(code=types.INVALID_PARAMS, message=f"no resource {uri!r} here")
+        return await self.host.request(server_id, lambda session: session.read_resource(uri))
+
+    async def list_prompts(self, _ctx: Any, _params: Any) -> types.ListPromptsResult:
+        return types.ListPromptsResult(prompts=[p for o in self.offers.values() for _, p in o.prompts.values()])
+
+    async def get_prompt(self, _ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult:
+        found = next(((s, o.prompts[params.name][0]) for s, o in self.offers.items() if params.name in o.prompts), None)
+        if found is None:
+            raise MCPError(code=types.INVALID_PARAMS, message=f"no prompt {params.name!r} here")
+        server_id, name = found
+        return await self.host.request(server_id, lambda session: session.get_prompt(name, params.arguments))
+
+    def server(self) -> Server[Any]:
+        return Server(
+            "stockade-gateway",
+            instructions="Tools of MCP servers, each run in a stockade isolate.",
+            on_list_tools=self.list_tools,
+            on_call_tool=self.call_tool,
+            on_list_resources=self.list_resources,
+            on_read_resource=self.read_resource,
+            on_list_prompts=self.list_prompts,
+            on_get_prompt=self.get_prompt,
+        )
+
+    def _record(
+        self, server_id: str, tool: str, size: int, outcome: str, verdict: dict[str, Any], error: str | None = None
+    ) -> None:
+        if self.audit is None:
+            return
+        egress = verdict.get("egress_requests") or []
+        self.audit.record(
+            "mcp.call", server=server_id, tool=tool, argument_bytes=size, outcome=outcome, error=error,
+            runtime=verdict.get("runtime"), violations=verdict.get("violation_counts") or {},
+            egress=[{k: r.get(k) for k in ("host", "port", "method", "allowed", "secrets_used")} for r in egress],
+        )  # fmt: skip
+
+
+async def serve_stdio(config: IsolationConfig, audit: AuditLog | None = None) -> None:
+    """The gateway on this process's stdin and stdout, until the client closes them."""
+    async with ToolHost(config) as host:
+        gateway = Gateway(config, host, audit)
+        await gateway.survey()
+        server = gateway.server()
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+
+
+async def _describe(session: ClientSession) -> tuple[list[types.Tool], list[types.Resource], list[types.Prompt]]:
+    capabilities = (await session.initialize()).capabilities
+    tools = (await session.list_tools()).tools if capabilities.tools else []
+    resources = (await session.list_resources()).resources if capabilities.resources else []
+    prompts = (await session.list_prompts()).prompts if capabilities.prompts else []
+    return tools, resources, prompts
+
+
+def _named(server_id: str, name: str, counts: Counter[str]) -> str:
+    return name if counts[name] == 1 else f"{server_id}{SEPARATOR}{name}"
+
+
+def _error(message: str, verdict: dict[str, Any] | None = None) -> types.CallToolResult:
+    result = types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
+    return result.model_copy(update={"meta": {"stockade": verdict}}) if verdict else result

@@ -1,0 +1,77 @@
+"""`stockade mcp gateway`, driven as an MCP client drives a server: the official SDK's client.
+
+Three servers behind one gateway: `mcp-server-time` from PyPI (ephemeral, one tool listed), and
+the suite's hostile server twice (persistent and ephemeral, every tool exposed, so their names
+collide), plus one that cannot start. Each misbehaviour costs only its own tool's call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import anyio
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from stockade.audit import verify
+from tests.conftest import require
+from tests.integration.test_mcp import HOSTILE_DIR, TIME
+
+STOCKADE = os.path.join(os.path.dirname(sys.executable), "stockade")
+
+
+def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any) -> None:
+    require("process")
+    hostile = {"command": "python3", "args": ["/mcp/hostile.py"], "expose": "all", "timeout_secs": 60,
+               "mounts": [{"host_path": HOSTILE_DIR, "guest_path": "/mcp"}]}  # fmt: skip
+    config = {
+        "mcp_servers": {
+            "time": {**TIME, "tools": {"get_current_time": {}}},
+            "bad": {**hostile, "lifecycle": "persistent"},
+            "worse": {**hostile, "tools": {"sleep": {"timeout_secs": 2}}},
+            "broken": {"command": "no-such-server"},
+        }
+    }
+    path = tmp_path / "isolation_config.json"
+    path.write_text(json.dumps(config))
+    audit = tmp_path / "audit.log"
+    params = StdioServerParameters(
+        command=STOCKADE, args=["mcp", "gateway", "--config", str(path), "--audit-log", str(audit)],
+        env={**os.environ, "STOCKADE_POOL_SIZE": "0"},
+    )  # fmt: skip
+
+    async def drive() -> None:
+        with anyio.fail_after(600):
+            async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                names = {t.name for t in (await session.list_tools()).tools}
+                assert "get_current_time" in names and "convert_time" not in names  # listed only
+                assert {"bad.echo", "worse.echo", "bad.snoop", "worse.sleep"} <= names  # collisions named
+                assert not [n for n in names if n.startswith("broken")]
+                now = await session.call_tool("get_current_time", {"timezone": "Asia/Tokyo"})
+                assert not now.is_error and json.loads(now.content[0].text)["timezone"] == "Asia/Tokyo"
+                assert now.meta["stockade"]["runtime"] == "process"
+                flooded = await session.call_tool("bad.flood", {})
+                assert flooded.is_error and "bad ended during the call" in flooded.content[0].text
+                echoed = await session.call_tool("bad.echo", {"after": "the flood"})
+                assert json.loads(echoed.content[0].text) == {"after": "the flood"}
+                slept = await session.call_tool("worse.sleep", {})
+                assert slept.is_error and "timed out after 2 s" in slept.content[0].text
+                snooped = await session.call_tool("worse.snoop", {"secret-looking": "x" * 10})
+                assert snooped.meta["stockade"]["violation_counts"].get("socket") == 1
+                missing = await session.call_tool("nope", {})
+                assert missing.is_error and "no tool 'nope'" in missing.content[0].text
+
+    anyio.run(drive)
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    calls = [r for r in records if r["event"] == "mcp.call"]
+    assert [(r["server"], r["tool"], r["outcome"]) for r in calls] == [
+        ("time", "get_current_time", "ok"), ("bad", "flood", "error"), ("bad", "echo", "ok"),
+        ("worse", "sleep", "error"), ("worse", "snoop", "ok"),
+    ]  # fmt: skip
+    snoop = calls[-1]
+    assert snoop["argument_bytes"] > 10 and "x" * 10 not in json.dumps(snoop) and snoop["violations"] == {"socket": 1}
+    assert verify([str(audit)]).ok
