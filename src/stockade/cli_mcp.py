@@ -46,6 +46,17 @@ def add_parser(subparsers: Any) -> None:
         help="one record per tool call (default: mcp-gateway.audit.log in $STOCKADE_STATE_DIR; 'off': none)",
     )
     gateway.set_defaults(func=cmd_gateway)
+    serve = mcp_sub.add_parser(
+        "serve",
+        help="an MCP server (stdio) offering stockade itself: run_code, exec, write_file, read_file, list_dir",
+        description="One sandbox for the MCP session, under the policy these flags give (as `stockade run`'s), "
+        "made at the first call and closed when the session ends.",
+        allow_abbrev=False,
+    )
+    from .cli import _policy_flags
+
+    _policy_flags(serve, one_run=False)
+    serve.set_defaults(func=cmd_serve)
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
@@ -142,3 +153,23 @@ def _gateway_audit(asked: str | None) -> Any:
         root, ext = os.path.splitext(path)
         path = f"{root}-{os.getpid()}{ext}"
     return AuditLog(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .cli import _build_policy
+    from .errors import StockadeError
+
+    try:
+        import anyio
+
+        from .mcp.serve import serve_stdio
+    except ImportError as exc:
+        return _fail(f"stockade mcp needs the MCP SDK: pip install 'stockade[mcp]' ({exc})")
+    try:
+        policy = _build_policy(args)
+        anyio.run(serve_stdio, policy)
+    except StockadeError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -361,7 +361,7 @@ class Caller:
     """
 
     owner: str
-    door: Literal["unix", "http", "local"]
+    door: Literal["unix", "http", "local", "mcp"]
     admin: bool = False
     uid: int | None = None
     connection: int | None = None

@@ -1,0 +1,190 @@
+"""``stockade mcp serve``: stockade itself as an MCP server, for agents that speak MCP.
+
+Tools ``run_code``, ``exec``, ``write_file``, ``read_file``, ``list_dir`` act on one sandbox
+held for the MCP session (made at its first call, under the policy the command's flags give,
+closed when the session ends), through the same transport-free controller as the daemon's
+other doors (daemon/controller.py): the same request models, limits and error codes. A run's
+result is its text (stdout, then stderr, then how it ended) and, as structured content, the
+``ExecResult`` without its raw bytes; a run that did not succeed is an MCP error result.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+from mcp import types
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+from pydantic import ValidationError
+
+from ..daemon.config import DaemonConfig
+from ..daemon.controller import Controller
+from ..errors import StockadeError
+from ..policy import Policy
+from ..protocol.models import (
+    Caller,
+    ListDir,
+    ReadFile,
+    SandboxCreate,
+    SandboxExec,
+    SandboxRef,
+    SandboxRunCode,
+    WriteFile,
+)
+from ..result import ExecResult
+
+log = logging.getLogger("stockade.mcp")
+MAX_READ_BYTES = 1 << 20  # what read_file returns at most unless asked for less
+
+_PATH = {"type": "string", "description": "a path inside the sandbox (relative: under /work)"}
+# fmt: off
+TOOLS = [
+    types.Tool(
+        name="run_code",
+        description="Run code in the sandbox (python, or bash). Files and processes persist between calls; with "
+        "session, Python runs as a cell of a stateful interpreter (variables and imports kept).",
+        input_schema={"type": "object", "required": ["code"], "additionalProperties": False, "properties": {
+            "code": {"type": "string"}, "language": {"type": "string", "enum": ["python", "bash"]},
+            "session": {"type": "string", "description": "a stateful interpreter's name"},
+            "timeout": {"type": "number", "description": "seconds (the policy's limit still holds)"}}},
+    ),
+    types.Tool(
+        name="exec",
+        description="Run a command (argv, no shell) in the sandbox.",
+        input_schema={"type": "object", "required": ["command"], "additionalProperties": False, "properties": {
+            "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "cwd": _PATH, "timeout": {"type": "number"}}},
+    ),
+    types.Tool(
+        name="write_file",
+        description="Write a file in the sandbox: content as text, or content_base64 for bytes.",
+        input_schema={"type": "object", "required": ["path"], "additionalProperties": False, "properties": {
+            "path": _PATH, "content": {"type": "string"}, "content_base64": {"type": "string"},
+            "mode": {"type": "integer", "description": "permission bits, e.g. 420 (0o644)"}}},
+    ),
+    types.Tool(
+        name="read_file",
+        description="Read a file of the sandbox: its text (UTF-8), or base64 when it is not text.",
+        input_schema={"type": "object", "required": ["path"], "additionalProperties": False, "properties": {
+            "path": _PATH, "max_bytes": {"type": "integer", "minimum": 0}}},
+    ),
+    types.Tool(
+        name="list_dir",
+        description="List a directory of the sandbox: name, type, size and mode of each entry.",
+        input_schema={"type": "object", "required": ["path"], "additionalProperties": False,
+                      "properties": {"path": _PATH}},
+    ),
+]
+# fmt: on
+
+
+class StockadeTools:
+    """The MCP session's sandbox and the five tools on it."""
+
+    def __init__(self, controller: Controller, policy: Policy) -> None:
+        self.controller = controller
+        self.policy = policy
+        self.caller = Caller("mcp", "mcp")
+        self.sandbox_id: str | None = None
+
+    async def list_tools(self, _ctx: Any, _params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=TOOLS)
+
+    async def call_tool(self, _ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        args = dict(params.arguments or {})
+        try:
+            return await self._call(params.name, args)
+        except (StockadeError, ValidationError, ValueError) as exc:
+            return _text(f"{params.name}: {exc}", error=True)
+
+    async def _call(self, name: str, args: dict[str, Any]) -> types.CallToolResult:
+        if name not in {t.name for t in TOOLS}:
+            return _text(f"no tool {name!r}: {', '.join(t.name for t in TOOLS)}", error=True)
+        sandbox_id = await self._sandbox()
+        if name == "run_code":
+            code = SandboxRunCode(sandbox_id=sandbox_id, **args)
+            return _run(await self.controller.sandbox_run(code, self.caller))
+        if name == "exec":
+            return _run(await self.controller.sandbox_run(SandboxExec(sandbox_id=sandbox_id, **args), self.caller))
+        if name == "write_file":
+            raw = (base64.b64decode(args.pop("content_base64"), validate=True) if "content_base64" in args
+                   else str(args.pop("content", "")).encode())  # fmt: skip
+            write = WriteFile(sandbox_id=sandbox_id, data=base64.b64encode(raw).decode(), **args)
+            written = await self.controller.write_file(write, self.caller)
+            return _text(f"wrote {written.size} bytes to {written.path}")
+        if name == "read_file":
+            args.setdefault("max_bytes", MAX_READ_BYTES)
+            data = base64.b64decode((await self.controller.read_file(ReadFile(sandbox_id=sandbox_id, **args),
+                                                                     self.caller)).data)  # fmt: skip
+            try:
+                return _text(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                return _text(base64.b64encode(data).decode(), structured={"base64": True, "size": len(data)})
+        listing = await self.controller.list_dir(ListDir(sandbox_id=sandbox_id, **args), self.caller)
+        return _text(json.dumps(listing.entries), structured={"entries": listing.entries})
+
+    async def _sandbox(self) -> str:
+        if self.sandbox_id is None:
+            created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
+            self.sandbox_id = created.sandbox_id
+            log.info("MCP session's sandbox %s (%s)", created.sandbox_id, created.runtime)
+        return self.sandbox_id
+
+    async def close(self) -> None:
+        if self.sandbox_id is not None:
+            await self.controller.close_sandbox(SandboxRef(sandbox_id=self.sandbox_id), self.caller)
+            self.sandbox_id = None
+
+    def server(self) -> Server[Any]:
+        return Server(
+            "stockade",
+            instructions="A sandbox for running code: run_code, exec, write_file, read_file, list_dir. "
+            "It keeps its files and processes for this session.",
+            on_list_tools=self.list_tools,
+            on_call_tool=self.call_tool,
+        )
+
+
+async def serve_stdio(policy: Policy, config: DaemonConfig | None = None) -> None:
+    """stockade's tools on this process's stdin and stdout, until the client closes them."""
+    controller = Controller(config or DaemonConfig.from_env())
+    tools = StockadeTools(controller, policy)
+    try:
+        server = tools.server()
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+    finally:
+        await tools.close()
+        await controller.shutdown(0.0)
+
+
+def _run(result: ExecResult) -> types.CallToolResult:
+    """A run as MCP content: its output, a cell's values (text; PNG figures as images) and exception,
+    then how it ended; the ExecResult (without raw bytes) as structured content."""
+    said = [result.stdout] if result.stdout else []
+    images: list[types.ImageContent] = []
+    for output in result.results:
+        if "image/png" in output.data:
+            images.append(types.ImageContent(type="image", data=output.data["image/png"], mime_type="image/png"))
+        elif output.text is not None:
+            said.append(output.text)
+    if result.exception is not None:
+        said.append(result.exception.traceback or f"{result.exception.name}: {result.exception.value}")
+    if result.stderr:
+        said.append(f"[stderr]\n{result.stderr}")
+    said.append(f"[{result.termination_reason}, exit code {result.exit_code}]")
+    summary = result.model_dump(mode="json", exclude={"stdout_bytes", "stderr_bytes"})
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text="\n".join(said)), *images],
+        structured_content=summary,
+        is_error=not result.success,
+    )
+
+
+def _text(text: str, structured: dict[str, Any] | None = None, error: bool = False) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=text)], structured_content=structured, is_error=error
+    )
