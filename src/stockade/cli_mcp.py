@@ -11,6 +11,34 @@ EXIT_ERROR = 125  # cli.EXIT_STOCKADE_ERROR: stockade could not do what was aske
 EXIT_TOOL_ERROR = 1  # the tool answered, with isError
 
 
+def _http_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--http",
+        nargs="?",
+        const="127.0.0.1:8003",
+        metavar="HOST:PORT",
+        help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio (loopback only; default 127.0.0.1:8003)",
+    )
+    parser.add_argument("--token-file", metavar="FILE", help="with --http: the bearer token every request must carry")
+
+
+def _http_door(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """``--http``'s address and its token (ConfigError when one comes without the other)."""
+    from .errors import ConfigError
+
+    if args.http is None:
+        if args.token_file:
+            raise ConfigError("--token-file is for --http")
+        return None, None
+    if not args.token_file:
+        raise ConfigError("--http needs --token-file FILE (`stockade token new --file FILE` makes one)")
+    from .client import read_token_file
+    from .mcp.http import parse_address
+
+    parse_address(args.http)
+    return args.http, read_token_file(args.token_file)
+
+
 def add_parser(subparsers: Any) -> None:
     """Add ``mcp`` and its subcommands to the CLI's ``subparsers``."""
     mcp = subparsers.add_parser("mcp", help="MCP servers' tools, each in its own isolate (isolation_config.json)")
@@ -45,6 +73,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="FILE",
         help="one record per tool call (default: mcp-gateway.audit.log in $STOCKADE_STATE_DIR; 'off': none)",
     )
+    _http_flags(gateway)
     gateway.set_defaults(func=cmd_gateway)
     serve = mcp_sub.add_parser(
         "serve",
@@ -56,6 +85,7 @@ def add_parser(subparsers: Any) -> None:
     from .cli import _policy_flags
 
     _policy_flags(serve, one_run=False)
+    _http_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -107,14 +137,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         import anyio
 
         from .mcp.config import load_config
-        from .mcp.gateway import serve_stdio
+        from .mcp.gateway import serve
     except ImportError as exc:
         return _fail(f"stockade mcp needs the MCP SDK: pip install 'stockade[mcp]' ({exc})")
     audit = None
     try:
+        http, token = _http_door(args)
         config = load_config(args.config)
         audit = _gateway_audit(args.audit_log)
-        anyio.run(serve_stdio, config, audit)
+        anyio.run(serve, config, audit, http, token)
     except StockadeError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -162,12 +193,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import anyio
 
-        from .mcp.serve import serve_stdio
+        from .mcp.serve import serve
     except ImportError as exc:
         return _fail(f"stockade mcp needs the MCP SDK: pip install 'stockade[mcp]' ({exc})")
     try:
+        http, token = _http_door(args)
         policy = _build_policy(args)
-        anyio.run(serve_stdio, policy)
+        anyio.run(serve, policy, http, token)
     except StockadeError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from mcp.server.stdio import stdio_server
 from ..audit import AuditLog
 from ..errors import StockadeError
 from .config import IsolationConfig
+from .http import serve_http
 from .tools import ToolError, ToolHost
 
 log = logging.getLogger("stockade.mcp")
@@ -140,12 +141,19 @@ class Gateway:
         )  # fmt: skip
 
 
-async def serve_stdio(config: IsolationConfig, audit: AuditLog | None = None) -> None:
-    """The gateway on this process's stdin and stdout, until the client closes them."""
+async def serve(
+    config: IsolationConfig, audit: AuditLog | None = None, http: str | None = None, token: str | None = None
+) -> None:
+    """The gateway on this process's stdin and stdout (until the client closes them), or on
+    streamable HTTP at ``http`` (until the process is stopped)."""
     async with ToolHost(config) as host:
         gateway = Gateway(config, host, audit)
         await gateway.survey()
         server = gateway.server()
+        if http is not None:
+            assert token is not None
+            await serve_http(server, http, token)
+            return
         async with stdio_server() as (read, write):
             await server.run(read, write, server.create_initialization_options())
 

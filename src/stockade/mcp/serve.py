@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from ..daemon.config import DaemonConfig
 from ..daemon.controller import Controller
-from ..errors import StockadeError
+from ..errors import SandboxLostError, StockadeError
 from ..policy import Policy
 from ..protocol.models import (
     Caller,
@@ -35,6 +35,7 @@ from ..protocol.models import (
     WriteFile,
 )
 from ..result import ExecResult
+from .http import serve_http
 
 log = logging.getLogger("stockade.mcp")
 MAX_READ_BYTES = 1 << 20  # what read_file returns at most unless asked for less
@@ -88,22 +89,24 @@ class StockadeTools:
         self.controller = controller
         self.policy = policy
         self.caller = Caller("mcp", "mcp")
-        self.sandbox_id: str | None = None
+        # Each MCP session's sandbox, by its Mcp-Session-Id (stdio has one session, keyed "").
+        self._sandboxes: dict[str, str] = {}
+        self._made: list[str] = []
 
     async def list_tools(self, _ctx: Any, _params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=TOOLS)
 
-    async def call_tool(self, _ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+    async def call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         args = dict(params.arguments or {})
         try:
-            return await self._call(params.name, args)
+            return await self._call(_session_id(ctx), params.name, args)
         except (StockadeError, ValidationError, ValueError) as exc:
             return _text(f"{params.name}: {exc}", error=True)
 
-    async def _call(self, name: str, args: dict[str, Any]) -> types.CallToolResult:
+    async def _call(self, session: str, name: str, args: dict[str, Any]) -> types.CallToolResult:
         if name not in {t.name for t in TOOLS}:
             return _text(f"no tool {name!r}: {', '.join(t.name for t in TOOLS)}", error=True)
-        sandbox_id = await self._sandbox()
+        sandbox_id = await self._sandbox(session)
         if name == "run_code":
             code = SandboxRunCode(sandbox_id=sandbox_id, **args)
             return _run(await self.controller.sandbox_run(code, self.caller))
@@ -126,17 +129,29 @@ class StockadeTools:
         listing = await self.controller.list_dir(ListDir(sandbox_id=sandbox_id, **args), self.caller)
         return _text(json.dumps(listing.entries), structured={"entries": listing.entries})
 
-    async def _sandbox(self) -> str:
-        if self.sandbox_id is None:
+    async def _sandbox(self, session: str) -> str:
+        sandbox_id = self._sandboxes.get(session)
+        if sandbox_id is not None and sandbox_id not in self.controller.held:
+            del self._sandboxes[session]
+            limit = self.controller.config.sandbox_idle_timeout
+            raise SandboxLostError(
+                f"this session's sandbox was closed after {limit:g} s without a call (STOCKADE_SANDBOX_IDLE_TIMEOUT), "
+                "with its files: the next call makes a new one"
+            )
+        if sandbox_id is None:
+            for gone in [k for k, v in self._sandboxes.items() if v not in self.controller.held]:
+                del self._sandboxes[gone]  # sessions whose sandboxes ended idle, asked for no more
             created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
-            self.sandbox_id = created.sandbox_id
-            log.info("MCP session's sandbox %s (%s)", created.sandbox_id, created.runtime)
-        return self.sandbox_id
+            sandbox_id = self._sandboxes[session] = created.sandbox_id
+            self._made.append(sandbox_id)
+            log.info("an MCP session's sandbox: %s (%s)", sandbox_id, created.runtime)
+        return sandbox_id
 
     async def close(self) -> None:
-        if self.sandbox_id is not None:
-            await self.controller.close_sandbox(SandboxRef(sandbox_id=self.sandbox_id), self.caller)
-            self.sandbox_id = None
+        for sandbox_id in self._made:
+            if sandbox_id in self.controller.held:
+                await self.controller.close_sandbox(SandboxRef(sandbox_id=sandbox_id), self.caller)
+        self._made.clear()
 
     def server(self) -> Server[Any]:
         return Server(
@@ -148,17 +163,31 @@ class StockadeTools:
         )
 
 
-async def serve_stdio(policy: Policy, config: DaemonConfig | None = None) -> None:
-    """stockade's tools on this process's stdin and stdout, until the client closes them."""
-    controller = Controller(config or DaemonConfig.from_env())
+async def serve(policy: Policy, http: str | None = None, token: str | None = None) -> None:
+    """stockade's tools on this process's stdin and stdout (until the client closes them), or on
+    streamable HTTP at ``http`` (until the process is stopped)."""
+    config = DaemonConfig.from_env()
+    if http is None:  # one session, one client: its sandbox lives as long as it does
+        config = config.model_copy(update={"sandbox_idle_timeout": None})
+    controller = Controller(config)
     tools = StockadeTools(controller, policy)
     try:
         server = tools.server()
-        async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
+        if http is not None:
+            assert token is not None
+            await serve_http(server, http, token)
+        else:
+            async with stdio_server() as (read, write):
+                await server.run(read, write, server.create_initialization_options())
     finally:
         await tools.close()
         await controller.shutdown(0.0)
+
+
+def _session_id(ctx: Any) -> str:
+    """The MCP session a request belongs to: its ``Mcp-Session-Id`` over HTTP, "" on stdio."""
+    headers = getattr(getattr(ctx, "request", None), "headers", None)
+    return str(headers.get("mcp-session-id", "")) if headers is not None else ""
 
 
 def _run(result: ExecResult) -> types.CallToolResult:

@@ -1,0 +1,120 @@
+"""The MCP doors (gateway, serve) on streamable HTTP: loopback only, a bearer token on every request.
+
+The SDK's session manager does the protocol (sessions, SSE, DNS-rebinding checks on ``Host``
+and ``Origin``); in front of it, each request must carry ``Authorization: Bearer <token>``
+(compared in constant time) or is answered 401. The address must be a loopback one: an MCP
+door reached from elsewhere belongs behind a proxy with TLS, which stockade does not do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import uvicorn
+from mcp.server.lowlevel import Server
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ..errors import ConfigError
+
+log = logging.getLogger("stockade.mcp")
+PATH = "/mcp"
+SESSION_IDLE_S = 1800.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT``) on a loopback address; ConfigError naming what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--http {address}: not HOST:PORT")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"--http {address}: the MCP doors listen on loopback only (127.0.0.1, ::1, localhost)")
+    return host, int(port)
+
+
+class _Asgi:
+    """An ASGI callable that Starlette's Route takes as an app, not as a request handler."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class _BearerOnly:
+    """An ASGI app that lets through only requests with the token."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse({"error": "a bearer token is required"}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def serve_http(server: Server[Any], address: str, token: str) -> None:
+    """``server`` at ``http://HOST:PORT/mcp`` until this task is cancelled; the URL goes to stderr."""
+    host, port = parse_address(address)
+    if len(token) < 16:
+        raise ConfigError("the MCP door's token is shorter than 16 characters: `stockade token new --file F` makes one")
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{name}:*" for name in ("127.0.0.1", "localhost", "[::1]")],
+        allowed_origins=[f"http://{name}:*" for name in ("127.0.0.1", "localhost", "[::1]")],
+    )
+    manager = StreamableHTTPSessionManager(app=server, security_settings=security, session_idle_timeout=SESSION_IDLE_S)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async with manager.run():
+            yield
+
+    # A Route, not a Mount: /mcp itself is the endpoint (a Mount would redirect it to /mcp/).
+    app = Starlette(routes=[Route(PATH, endpoint=_Asgi(manager.handle_request))], lifespan=lifespan)
+    config = uvicorn.Config(_BearerOnly(app, token), host=host, port=port, log_level="warning", lifespan="on")
+    web = uvicorn.Server(config)
+
+    async def announce() -> None:
+        while not web.started:
+            await anyio.sleep(0.02)
+        bound = web.servers[0].sockets[0].getsockname()
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        print(f"stockade: MCP on http://{shown}:{bound[1]}{PATH}", file=sys.stderr, flush=True)
+
+    async def stop_on_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                web.should_exit = True  # then the sessions end, and the caller closes what they held
+                return
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(announce)
+        tasks.start_soon(stop_on_signal)
+        await web.serve()
+        tasks.cancel_scope.cancel()
