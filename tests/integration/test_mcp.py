@@ -123,6 +123,7 @@ def test_a_hostile_server_is_contained_and_what_it_tried_is_in_the_verdict(
             assert seen["network"] != "connected" and seen["raw"] != "opened"
             verdict = snooped.meta["stockade"]
             assert verdict["violation_counts"].get("socket") == 1, verdict  # the raw socket, refused by seccomp
+            assert verdict["violation_counts"].get("ptrace") == 1 and seen["ptrace"] == -1, verdict
             # Garbage on stdout is reported and skipped; the answer after it still arrives.
             assert text_of(await host.call("bad", "garbage")) == "after the garbage"
             forked = text_of(await host.call("bad", "fork"))
@@ -130,6 +131,34 @@ def test_a_hostile_server_is_contained_and_what_it_tried_is_in_the_verdict(
             assert text_of(await host.call("bad", "echo", {"still": "here"})) == {"still": "here"}
 
     anyio.run(go)
+
+
+@pytest.mark.parametrize("runtime", ["gvisor", "microvm"])
+def test_a_hostile_server_is_contained_under_the_stronger_runtimes_too(runtime: str) -> None:
+    require(runtime)
+    manager = RuntimeManager(pool_size=0)
+    host = ToolHost(config(bad=hostile(execution_mode=runtime, timeout_secs=180)), manager)
+
+    async def go() -> None:
+        async with host:
+            snooped = await host.call("bad", "snoop")
+            seen = text_of(snooped)
+            assert all(v == "No such file or directory" for k, v in seen.items() if k.startswith("/")), seen
+            assert not [k for k in seen["environ"] if k.startswith("STOCKADE") or k in ("SSH_AUTH_SOCK", "USER")]
+            assert seen["network"] != "connected" and seen["raw"] != "opened" and seen["ptrace"] == -1
+            verdict = snooped.meta["stockade"]
+            assert verdict["runtime"] == runtime and verdict["violation_counts"].get("ptrace") == 1, verdict
+            assert text_of(await host.call("bad", "garbage")) == "after the garbage"
+            try:  # a fork bomb: stopped by the isolate's limits, or the end of the isolate; the host goes on
+                assert text_of(await host.call("bad", "fork"))["children"] < 1000
+            except ToolError as exc:
+                assert "ended during the call" in str(exc)
+            assert text_of(await host.call("bad", "echo", {"after": "it all"})) == {"after": "it all"}
+
+    try:
+        anyio.run(go)
+    finally:
+        manager.close()
 
 
 def test_a_tool_that_never_answers_is_ended_at_its_timeout(manager: RuntimeManager) -> None:
