@@ -6,7 +6,9 @@ stdio client starts it as a plain child process. Through stockade: `ToolHost`, t
 runtime, from a warm pool.
 
 - ephemeral: start the server, initialise, call `get_current_time`, end it (a call each);
-- persistent: one server, one session; the time of each further call.
+- persistent: one server, one session; the time of each further call;
+- through the gateway (`stockade mcp gateway`, launched once, on stdio): each call, with the
+  server ephemeral and persistent.
 
 Targets (issue: MCP tools): persistent adds < 2 ms p50 per call; ephemeral <= 1.3x direct.
 A benchmark: it prints, it asserts nothing.
@@ -17,9 +19,11 @@ A benchmark: it prints, it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
@@ -86,6 +90,21 @@ async def main(calls: int) -> None:
                 await timed(results["direct persistent"], lambda: session.call_tool("get_current_time", ARGS))
                 await timed(results["stockade persistent"], lambda: host.call("time", "get_current_time", ARGS))
     manager.close()
+    for lifecycle in ("ephemeral", "persistent"):
+        name = f"gateway {lifecycle}"
+        results[name] = []
+        with tempfile.TemporaryDirectory() as where:
+            path = os.path.join(where, "isolation_config.json")
+            with open(path, "w") as f:
+                json.dump({"mcp_servers": {"time": {**config, "lifecycle": lifecycle}}}, f)
+            stockade = os.path.join(os.path.dirname(sys.executable), "stockade")
+            args = ["mcp", "gateway", "--config", path, "--audit-log", "off"]
+            gateway = StdioServerParameters(command=stockade, args=args, env=dict(os.environ))
+            async with stdio_client(gateway) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                await session.call_tool("get_current_time", ARGS)
+                for _ in range(calls if lifecycle == "ephemeral" else calls * 5):
+                    await timed(results[name], lambda: session.call_tool("get_current_time", ARGS))
     print(f"MCP get_current_time (mcp-server-time), p50 ms over {calls} ephemeral / {calls * 5} persistent calls")
     for name, times in results.items():
         print(f"{name:<22}{p50(times):10.2f}{min(times):10.2f} (min)")
