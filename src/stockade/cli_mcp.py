@@ -9,6 +9,7 @@ from typing import Any
 
 EXIT_ERROR = 125  # cli.EXIT_STOCKADE_ERROR: stockade could not do what was asked
 EXIT_TOOL_ERROR = 1  # the tool answered, with isError
+DAEMON_CALL_TIMEOUT_S = 900.0  # a first call may build its server's environment
 
 
 def _http_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +59,13 @@ def add_parser(subparsers: Any) -> None:
         "--config", metavar="FILE", help="the isolation config (default: $STOCKADE_CONFIG_DIR/isolation_config.json)"
     )
     call.add_argument("--json", action="store_true", help="print the MCP result as JSON (with _meta.stockade)")
+    call.add_argument(
+        "--socket", metavar="PATH", help="call through this daemon, which keeps persistent servers ($STOCKADE_SOCKET)"
+    )
+    call.add_argument("--token-file", metavar="FILE", help="the daemon's HMAC token (default: $STOCKADE_AUTH_TOKEN)")
+    call.add_argument(
+        "--require-daemon", action="store_true", help="fail rather than call in-process when no daemon answers"
+    )
     call.set_defaults(func=cmd_mcp)
     gateway = mcp_sub.add_parser(
         "gateway",
@@ -111,7 +119,9 @@ def cmd_mcp(args: argparse.Namespace) -> int:
             return await host.call(args.server, args.tool, arguments)
 
     try:
-        result = anyio.run(call)
+        result = _through_daemon(args, arguments)
+        if result is None:
+            result = anyio.run(call)
     except StockadeError as exc:
         return _fail(str(exc))
     if args.json:
@@ -123,6 +133,33 @@ def cmd_mcp(args: argparse.Namespace) -> int:
             else:
                 print(f"[{item.type} content: {getattr(item, 'mime_type', None) or 'no type'}]")
     return EXIT_TOOL_ERROR if result.is_error else 0
+
+
+def _through_daemon(args: argparse.Namespace, arguments: dict[str, Any]) -> Any:
+    """The call made by a daemon (``--socket``, ``$STOCKADE_SOCKET``): None to make it in-process
+    (no daemon given, or none answers and none is required)."""
+    from mcp import types
+
+    from .cli_daemon import daemon_socket
+    from .client import Client
+    from .errors import DaemonUnavailableError
+    from .mcp.config import load_config
+
+    path, required = daemon_socket(args)
+    if path is None:
+        return None
+    config = load_config(args.config)  # checked here first: its errors name the caller's own file
+    params = {"config": config.model_dump(mode="json"), "server": args.server, "tool": args.tool,
+              "arguments": arguments}  # fmt: skip
+    try:
+        with Client(path, token_file=args.token_file, timeout=DAEMON_CALL_TIMEOUT_S) as client:
+            answer = client.call("mcp.call_tool", params, timeout=DAEMON_CALL_TIMEOUT_S)
+    except DaemonUnavailableError as exc:
+        if required:
+            raise
+        print(f"stockade: no daemon answers on {path} ({exc}); calling in-process", file=sys.stderr)
+        return None
+    return types.CallToolResult.model_validate(answer["result"])
 
 
 def _fail(message: str) -> int:

@@ -254,3 +254,28 @@ def test_the_config_is_found_where_settings_say(tmp_path: Any, monkeypatch: pyte
     (tmp_path / "isolation_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not JSON"):
         load_config()
+
+
+def test_through_the_daemon_a_persistent_server_outlives_each_call_tool(tmp_path: Any) -> None:
+    require("process")
+    from tests.daemon_harness import start_daemon
+
+    path = tmp_path / "isolation_config.json"
+    path.write_text(json.dumps({"mcp_servers": {"bad": hostile(lifecycle="persistent")}}))
+    daemon = start_daemon(env={"STOCKADE_POOL_SIZE": "0"})
+    try:
+
+        def call_tool(tool: str) -> subprocess.CompletedProcess[str]:
+            argv = [STOCKADE, "mcp", "call-tool", "--config", str(path), "--socket", daemon.socket_path,
+                    "--require-daemon", "--json", "bad", tool, "{}"]  # fmt: skip
+            return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+        counts = [json.loads(json.loads(call_tool("count").stdout)["content"][0]["text"]) for _ in range(3)]
+        assert counts == [1, 2, 3]  # one server, kept by the daemon across three processes
+        died = call_tool("die")
+        assert died.returncode == 125 and "bad ended during the call" in died.stderr and "exited with 3" in died.stderr
+        again = json.loads(call_tool("count").stdout)
+        assert json.loads(again["content"][0]["text"]) == 1 and again["_meta"]["stockade"]["isolate"] == "persistent"
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        daemon.cleanup()

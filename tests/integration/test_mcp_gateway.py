@@ -73,5 +73,6 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
         ("worse", "sleep", "error"), ("worse", "snoop", "ok"),
     ]  # fmt: skip
     snoop = calls[-1]
-    assert snoop["argument_bytes"] > 10 and "x" * 10 not in json.dumps(snoop) and snoop["violations"] == {"socket": 1}
+    assert snoop["argument_bytes"] > 10 and "x" * 10 not in json.dumps(snoop), snoop
+    assert snoop["violations"] == {"socket": 1, "ptrace": 1}
     assert verify([str(audit)]).ok

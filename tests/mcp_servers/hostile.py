@@ -7,6 +7,8 @@
 - ``fork``: forks without end (it answers with how many it got).
 - ``flood``: one line far longer than any message may be.
 - ``echo``: answers with its arguments (a well-behaved tool beside the others).
+- ``count``: how many calls this server has answered (a persistent server's keep their count).
+- ``die``: the server exits in the middle of the call.
 """
 
 import ctypes
@@ -16,7 +18,8 @@ import socket
 import sys
 import time
 
-TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "echo"]
+TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "echo", "count", "die"]
+calls = 0
 
 
 def send(message):
@@ -66,6 +69,12 @@ def fork():
 
 
 def call(name, arguments):
+    global calls
+    calls += 1
+    if name == "count":
+        return text(calls)
+    if name == "die":
+        os._exit(3)
     if name == "snoop":
         return text(snoop())
     if name == "sleep":

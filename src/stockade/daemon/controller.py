@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -484,6 +485,8 @@ class Controller(HeldSandboxes, BackgroundProcesses):
     async def shutdown(self, grace_s: float) -> None:
         """Let running work finish for ``grace_s``, then kill and release everything."""
         await self.wait_idle(grace_s)
+        if (mcp := sys.modules.get("stockade.daemon.mcp")) is not None:
+            await mcp.close_all(self)  # the MCP servers it keeps, with their isolates
         if self._closing:  # idle sandboxes being closed: done before the runtimes close
             await asyncio.gather(*self._closing, return_exceptions=True)
         self._teardown_now()

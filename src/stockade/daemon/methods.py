@@ -35,7 +35,7 @@ from ..protocol.models import (
 )
 from ..rpc.methods import Method, read_request
 from ..runtimes.verdict import OutputCallback
-from . import secrets
+from . import mcp, secrets
 from .controller import Controller
 
 
@@ -101,6 +101,7 @@ def _method_list() -> list[Method]:
         Method("secrets.put", SecretPut, lambda c, r, caller, out: secrets.put(r, caller), admin_action=True),
         Method("secrets.delete", SecretRef, lambda c, r, caller, out: secrets.delete(r, caller), admin_action=True),
         Method("secrets.list", Empty, lambda c, r, caller, out: secrets.listing(r, caller)),
+        Method("mcp.call_tool", mcp.McpCall, lambda c, r, caller, out: mcp.call_tool(c, r, caller)),
     ]
 
 

@@ -1,0 +1,103 @@
+"""``mcp.call_tool``: MCP tool calls made by the daemon, so that persistent servers outlive their callers.
+
+``stockade mcp call-tool`` is one process a call: a persistent server kept by it would end with it.
+Through a daemon, the server is kept there instead, in one isolate reused by every later call
+with the same config from the same owner, and started again if it dies (docs/mcp.md). The config
+travels in the request (the caller's file, read by the caller) and is checked here as it would be
+there; the daemon keeps one ``ToolHost`` per (owner, config), each in a task of its own, until it
+stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from ..errors import ConfigError
+from ..protocol.models import Answer, Caller, Request
+from .controller import Controller
+
+MAX_HOSTS = 64  # configs kept at once per daemon; the least recently used one goes first
+
+
+class McpCall(Request):
+    config: dict[str, Any] = Field(description="the isolation config (isolation_config.json's contents)")
+    server: str
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class McpResult(Answer):
+    result: dict[str, Any]  # the MCP CallToolResult, as JSON (with _meta.stockade)
+
+
+@dataclass
+class _Kept:
+    host: Any  # ToolHost, entered by ``task``
+    task: asyncio.Task[None]
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+_kept: weakref.WeakKeyDictionary[Controller, dict[tuple[str, str], _Kept]] = weakref.WeakKeyDictionary()
+
+
+async def call_tool(controller: Controller, request: McpCall, caller: Caller) -> McpResult:
+    try:
+        from ..mcp.config import IsolationConfig
+        from ..mcp.tools import ToolError
+    except ImportError as exc:
+        raise ConfigError(f"this daemon has no MCP SDK: pip install 'stockade[mcp]' where it runs ({exc})") from None
+    config = IsolationConfig.parse(request.config, "the request's config")
+    host = await _host(controller, config, caller)
+    try:
+        result = await host.call(request.server, request.tool, request.arguments)
+    except ToolError as exc:
+        raise ConfigError(str(exc)) from None
+    return McpResult(result=result.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+async def _host(controller: Controller, config: Any, caller: Caller) -> Any:
+    from ..mcp.tools import ToolHost
+
+    hosts = _kept.setdefault(controller, {})
+    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    key = (caller.owner, digest)
+    kept = hosts.pop(key, None)
+    if kept is None or kept.task.done():
+        host = ToolHost(config, controller.manager)
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+
+        async def keep() -> None:
+            try:
+                async with host:
+                    ready.set_result(None)
+                    await stop.wait()
+            except BaseException as exc:
+                if not ready.done():
+                    ready.set_exception(exc)
+                raise
+
+        kept = _Kept(host, asyncio.create_task(keep(), name="stockade-mcp-host"), stop)
+        await ready
+    hosts[key] = kept  # the most recently used last
+    while len(hosts) > MAX_HOSTS:
+        await _end(hosts.pop(next(iter(hosts))))
+    return kept.host
+
+
+async def _end(kept: _Kept) -> None:
+    kept.stop.set()
+    await asyncio.gather(kept.task, return_exceptions=True)
+
+
+async def close_all(controller: Controller) -> None:
+    """At the daemon's stop: every kept server, with its isolate."""
+    for kept in _kept.pop(controller, {}).values():
+        await _end(kept)
