@@ -55,6 +55,8 @@ def _handler(upstream: Upstream) -> type[http.server.BaseHTTPRequestHandler]:
             headers = {k.lower(): v for k, v in self.headers.items()}
             upstream.seen.append(headers)
             body = json.dumps({"path": self.path, "headers": headers}).encode()
+            if "/leak" in self.path:  # an upstream that hands the secret's value back, unasked
+                body = f"the key is {SECRET_VALUE}\n".encode()
             # As servers do: gzip when the client accepts it; /gzip-anyway compresses whatever it asked.
             gzipped = "gzip" in headers.get("accept-encoding", "") or self.path.startswith("/gzip-anyway")
             if gzipped:

@@ -424,6 +424,34 @@ def test_no_reply_trick_gets_the_value_into_the_isolate(up: Upstreams, manager: 
     assert all(s["accept-encoding"] == "identity" for s in seen)
 
 
+def test_a_bound_host_on_plain_http_gives_back_only_the_handle(up: Upstreams, manager: RuntimeManager) -> None:
+    """No value is put into plain HTTP, but a bound host may send one back: compressed, the proxy
+    could not see it, so it asks for identity and refuses a compressed reply; in clear, it is turned
+    back into the handle before the isolate reads it."""
+    code = f"""
+import gzip, json, urllib.request
+def get(path):
+    request = urllib.request.Request("http://api.stockade.test:{up.http.port}" + path,
+                                     headers={{"Accept-Encoding": "gzip"}})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            body = reply.read()
+            if reply.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            return reply.status, body.decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+print(json.dumps({{"asked": get("/leak"), "anyway": get("/gzip-anyway/leak")}}))
+"""
+    with Sandbox(allow(up, "api.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
+        handle = sb.run_code("import os; print(os.environ['API_KEY'])").stdout.strip()
+        result = sb.run_code(code)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["asked"] == [200, f"the key is {handle}\n"]  # identity asked for, the value turned back
+    assert out["anyway"][0] == 502 and "compressed" in out["anyway"][1]
+    assert SECRET_VALUE not in result.stdout and "[REDACTED" not in result.stdout
+
+
 def test_a_background_processs_output_is_redacted(up: Upstreams, manager: RuntimeManager) -> None:
     with Sandbox(allow(up, "api.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
         sb.write_file("/tmp/leak.txt", SECRET_VALUE)

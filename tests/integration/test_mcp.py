@@ -180,7 +180,7 @@ def test_a_flooding_server_is_cut_off(manager: RuntimeManager) -> None:
 
 
 def test_a_fetch_server_reaches_its_allowed_host_through_the_proxy_and_nothing_else(manager: RuntimeManager) -> None:
-    from tests.egress_harness import serve_upstreams
+    from tests.egress_harness import SECRET_VALUE, serve_upstreams
 
     upstreams = serve_upstreams()
     up = next(upstreams)
@@ -196,6 +196,11 @@ def test_a_fetch_server_reaches_its_allowed_host_through_the_proxy_and_nothing_e
         assert not got.is_error and "/through-the-proxy" in got.content[0].text, got.content[0].text
         (request,) = got.meta["stockade"]["egress_requests"]
         assert request["host"] == "api.stockade.test" and request["allowed"] and request["status"] == 200
+        # A host the server's secret is bound to that sends the value back: the server reads the handle.
+        bound = ToolHost(config(fetch={**fetch, "secrets": [f"API_KEY@{allowed}"]}), manager)
+        leaked = call(bound, "fetch", "fetch", {"url": f"http://{allowed}/leak", "raw": True})
+        assert not leaked.is_error and "the key is stockade-secret-" in leaked.content[0].text, leaked.content[0].text
+        assert SECRET_VALUE not in leaked.model_dump_json()
         refused = call(host, "fetch", "fetch", {"url": f"http://other.stockade.test:{up.http.port}/", "raw": True})
         assert refused.is_error and "403" in refused.content[0].text
         verdict = refused.meta["stockade"]

@@ -291,14 +291,18 @@ class _Exchange:
         record = EgressRequest(host=host, port=port, method=method, path=path, scheme=scheme, allowed=True)
         headers = [(n, v) for n, v in request.headers]
         terminated = scheme == "https"  # TLS terminated here for a bound host, and verified upstream
-        if terminated:
-            if not request.target.startswith((b"/", b"*")):
-                # An absolute URL inside the tunnel would name another origin than the one the value is for.
-                record.allowed, record.reason = False, "inside a tunnel to a bound host, only origin-form targets"
-                self.gate.record(record)
-                await self._answer(client, 400, record.reason)
-                return False
+        # A host a secret is bound to, over TLS or plain HTTP (no value is put in there, but one may come
+        # back): its replies must be readable, to turn every value back into its handle.
+        guarded = terminated or self.gate.bound(host, port)
+        if terminated and not request.target.startswith((b"/", b"*")):
+            # An absolute URL inside the tunnel would name another origin than the one the value is for.
+            record.allowed, record.reason = False, "inside a tunnel to a bound host, only origin-form targets"
+            self.gate.record(record)
+            await self._answer(client, 400, record.reason)
+            return False
+        if guarded:
             headers = _for_bound_host(headers, host, port)
+        if terminated:
             headers, record.secrets_used = self.gate.substitute(host, port, headers)
         try:
             up_writer.write(upstream.send(h11.Request(method=request.method, target=request.target, headers=headers)))
@@ -325,7 +329,7 @@ class _Exchange:
             reason = self.gate.redact_reply(response.reason)
             if redactor is not None:
                 encoding = dict((n.lower(), v) for n, v in response.headers).get(b"content-encoding", b"identity")
-                if terminated and encoding.strip().lower() != b"identity":
+                if guarded and encoding.strip().lower() != b"identity":
                     # Asked for identity; a compressed reply could carry a value the proxy cannot see.
                     raise _Unreadable("the host answered with a compressed body, which the proxy cannot check")
                 # A reply that may change length is re-framed (chunked).
