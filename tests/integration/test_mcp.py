@@ -111,7 +111,7 @@ def test_a_persistent_server_keeps_its_isolate_and_is_started_again_when_it_dies
 def test_a_hostile_server_is_contained_and_what_it_tried_is_in_the_verdict(
     manager: RuntimeManager, lifecycle: str
 ) -> None:
-    host = ToolHost(config(bad=hostile(lifecycle=lifecycle)), manager)
+    host = ToolHost(config(bad=hostile(lifecycle=lifecycle, memory_mb=256)), manager)
 
     async def go() -> None:
         async with host:
@@ -126,6 +126,9 @@ def test_a_hostile_server_is_contained_and_what_it_tried_is_in_the_verdict(
             assert verdict["violation_counts"].get("ptrace") == 1 and seen["ptrace"] == -1, verdict
             # Garbage on stdout is reported and skipped; the answer after it still arrives.
             assert text_of(await host.call("bad", "garbage")) == "after the garbage"
+            hog = await host.call("bad", "hog")
+            assert text_of(hog)["child"] == -9 and hog.meta["stockade"]["limits_hit"] == ["memory_mb"], hog.meta
+            assert (await host.call("bad", "echo")).meta["stockade"]["limits_hit"] == []  # per call, not ever after
             forked = text_of(await host.call("bad", "fork"))
             assert 0 < forked["children"] < 1000  # the isolate's pids limit, not the host's
             assert text_of(await host.call("bad", "echo", {"still": "here"})) == {"still": "here"}

@@ -9,6 +9,7 @@
 - ``echo``: answers with its arguments (a well-behaved tool beside the others).
 - ``count``: how many calls this server has answered (a persistent server's keep their count).
 - ``die``: the server exits in the middle of the call.
+- ``hog``: a child of it asks for more memory than the isolate has (the child is killed).
 """
 
 import ctypes
@@ -18,7 +19,7 @@ import socket
 import sys
 import time
 
-TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "echo", "count", "die"]
+TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "echo", "count", "die", "hog"]
 calls = 0
 
 
@@ -75,6 +76,11 @@ def call(name, arguments):
         return text(calls)
     if name == "die":
         os._exit(3)
+    if name == "hog":
+        import subprocess
+
+        child = subprocess.run([sys.executable, "-c", "x = bytearray(600 << 20)"], capture_output=True)
+        return text({"child": child.returncode})
     if name == "snoop":
         return text(snoop())
     if name == "sleep":

@@ -62,6 +62,7 @@ class _Live:
     stop: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
     error: str | None = None
+    seen: dict[str, int] = field(default_factory=dict)  # its counters at the last verdict
 
     def alive(self) -> bool:
         return not self.done.is_set() and self.output.exit_code is None and self.output.broken is None
@@ -179,7 +180,7 @@ class ToolHost:
             verdict = await _end(live.sandbox, "timeout")
             await self._stop(server_id)  # started again at the next call
             raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
-        return _with_verdict(result, _verdict(live.sandbox, "persistent"))
+        return _with_verdict(result, _verdict(live.sandbox, "persistent", live.seen))
 
     async def _persistent(self, server_id: str, server: ServerConfig) -> _Live:
         if self._tasks is None:
@@ -262,15 +263,23 @@ async def _initialise(session: ClientSession, server_id: str, output: ServerOutp
         raise ToolError(f"MCP server {server_id} did not answer initialize in {START_TIMEOUT_S:g} s")
 
 
-def _verdict(sandbox: Sandbox, isolate: str) -> dict[str, Any]:
-    """What the isolate did since its last report (taken on the host: nothing need run inside)."""
+def _verdict(sandbox: Sandbox, isolate: str, seen: dict[str, int] | None = None) -> dict[str, Any]:
+    """What the isolate did since its last report (taken on the host: nothing need run inside), and
+    the limits it hit (``seen``: a kept isolate's counters at its last report)."""
     report, egress = sandbox._sandbox.take_report()  # on this host, in memory (or one local round trip)
+    usage = sandbox._sandbox.usage()
+    oom_before = (seen or {}).get("oom_kills", 0)
+    if seen is not None:
+        seen["oom_kills"] = usage.oom_kills
     return {
         "runtime": sandbox._sandbox.runtime_name,
         "isolate": isolate,
         "security_violations": [v.model_dump(mode="json") for v in report.records],
         "violation_counts": report.counts,
         "violations_dropped": report.dropped,
+        "limits_hit": ["memory_mb"] if usage.oom_kills > oom_before else [],  # a process of it killed for memory
+        "memory_peak_mb": usage.memory_peak_mb,
+        "cpu_seconds": usage.cpu_seconds,
         "unenforced_limits": list(sandbox._sandbox.unenforced_limits),
         "egress_requests": [r.model_dump(mode="json") for r in egress],
     }
