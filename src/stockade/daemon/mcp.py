@@ -54,6 +54,14 @@ async def call_tool(controller: Controller, request: McpCall, caller: Caller) ->
     except ImportError as exc:
         raise ConfigError(f"this daemon has no MCP SDK: pip install 'stockade[mcp]' where it runs ({exc})") from None
     config = IsolationConfig.parse(request.config, "the request's config")
+    config.server(request.server)
+    if config.policy_for(request.server, request.tool) is None:
+        # The config comes from the caller: "direct" here would run its command on the daemon's host,
+        # as the daemon's user, outside any isolate.
+        raise ConfigError(
+            f"mcp_servers.{request.server}: execution_mode 'direct' runs no isolate, and a daemon runs none of "
+            "its callers' commands outside one: call it in-process (without --socket) or give it a runtime"
+        )
     host = await _host(controller, config, caller)
     try:
         result = await host.call(request.server, request.tool, request.arguments)

@@ -107,6 +107,9 @@ def drop_root(config: DaemonConfig, controller: Controller) -> None:
     _read_broker_key(config)
     process = controller.manager.get("process")
     process.hand_to(uid, gid)  # type: ignore[attr-defined]
+    from ..egress.workers import fork_server
+
+    fork_server()  # root's: the egress workers it forks run as their isolates' uids, not as the daemon's
     # cgroup.kill empties an isolate's group: then no signal to another uid is needed, and nothing is
     # kept. Without it (cgroup v1 alone), CAP_KILL: which could signal any process on the host.
     keep = () if process.can_end_groups() else (linux.CAP_KILL,)  # type: ignore[attr-defined]
@@ -136,3 +139,4 @@ def _read_broker_key(config: DaemonConfig) -> None:
         time.sleep(0.1)
     key = base64.b64encode(wire.read_key(path)).decode()
     settings.install(config.model_copy(update={"session_key": SecretStr(key)}))
+

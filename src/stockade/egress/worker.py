@@ -34,6 +34,7 @@ the refusal). End of stdin: the worker exits.
 
 from __future__ import annotations
 
+import contextlib
 import encodings.idna  # noqa: F401  (a name lookup imports it; a worker may not read the install)
 import os
 import select
@@ -153,11 +154,13 @@ def _worker(fd: int, uid: int | None) -> None:
     os._exit(code)
 
 
-def serve_forks(ctl: socket.socket) -> None:
-    """The fork server's loop: a worker for each request on ``ctl``, until the keeper closes it."""
+def serve_forks(ctl: socket.socket, uids: tuple[int, int] | None) -> None:
+    """The fork server's loop: a worker for each request on ``ctl``, until the keeper closes it.
+    As root (``uids``: the sandbox range), a worker runs only as a uid of that range."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    workers: set[int] = set()
     while True:
         ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
         if wake_r in ready:
@@ -167,7 +170,7 @@ def serve_forks(ctl: socket.socket) -> None:
                         break
                 except BlockingIOError:
                     break
-            _reap()
+            _reap(workers)
         if ctl.fileno() not in ready:
             continue
         raw, fds, _flags, _address = socket.recv_fds(ctl, 4096, 1)
@@ -175,14 +178,22 @@ def serve_forks(ctl: socket.socket) -> None:
             return
         try:
             request = msgpack.unpackb(raw)
+            if isinstance(request, dict) and "kill" in request:
+                # A keeper without root may not signal a worker that runs as its isolate's uid: it asks.
+                if request["kill"] in workers:
+                    os.kill(request["kill"], signal.SIGKILL)  # not reaped yet: still that worker
+                ctl.send(msgpack.packb({"killed": request["kill"] in workers}))
+                continue
             uid = request.get("uid") if isinstance(request, dict) else None
-            if len(fds) != 1 or (uid is not None and not isinstance(uid, int)):
-                ctl.send(msgpack.packb({"error": "a request is {uid} and one descriptor"}))
+            refused = _refusal(uid, uids, len(fds))
+            if refused:
+                ctl.send(msgpack.packb({"error": refused}))
                 continue
             pid = os.fork()
             if pid == 0:
                 ctl.close()
-                _worker(fds[0], uid)
+                _worker(fds[0], uid if uids is not None else None)
+            workers.add(pid)
             pidfd = os.pidfd_open(pid)  # before any reaping here: this pid is that child's
             try:
                 socket.send_fds(ctl, [msgpack.packb({"pid": pid})], [pidfd])
@@ -193,14 +204,43 @@ def serve_forks(ctl: socket.socket) -> None:
                 os.close(fd)
 
 
-def _reap() -> None:
+def _refusal(uid: Any, uids: tuple[int, int] | None, fds: int) -> str | None:
+    if fds != 1 or (uid is not None and (not isinstance(uid, int) or isinstance(uid, bool))):
+        return "a request is {uid} and one descriptor"
+    if uids is not None and (uid is None or not uids[0] <= uid <= uids[1]):
+        return f"a worker runs as a sandbox uid ({uids[0]}-{uids[1]}), not as {uid!r}"
+    return None
+
+
+def _reap(workers: set[int]) -> None:
+    """Reap ended workers, and kill whatever a worker left behind. The fork server is a child
+    subreaper: a process a worker started (only a worker taken over would) comes here when the
+    worker ends, and must not outlive it to meet the next isolate given the same uid."""
     while True:
         try:
             pid, _status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
+            break
+        workers.discard(pid)
+    for orphan in _children() - workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+
+
+def _children() -> set[int]:
+    found: set[int] = set()
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == me:
+                        found.add(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
 
 
 def warm_up() -> None:
@@ -215,9 +255,15 @@ def warm_up() -> None:
 
 def main() -> int:
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # it gains nothing through exec either
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)  # its workers (the same uid, without root) cannot ptrace it
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # what a worker leaves behind comes back here (_reap)
+    uids = None
+    if len(sys.argv) == 3 and sys.argv[1] == "--uids":
+        first, _, last = sys.argv[2].partition("-")
+        uids = (int(first), int(last))
     warm_up()
     try:
-        serve_forks(socket.socket(fileno=0))
+        serve_forks(socket.socket(fileno=0), uids if os.geteuid() == 0 else None)
     except (ConnectionError, OSError, msgpack.UnpackException):
         pass  # its keeper went away, or spoke nonsense: its workers end on their own sockets
     return 0

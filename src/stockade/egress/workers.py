@@ -50,8 +50,14 @@ class ForkServer:
             # The keeper's own module path, whatever made it (a venv, PYTHONPATH); -s: no user site of the
             # user it runs as, -P: not the current directory.
             env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            argv = [sys.executable, "-P", "-s", "-m", "stockade.egress.worker"]
+            if os.geteuid() == 0:  # it forks workers only as a uid of the sandbox range
+                from ..settings import current
+
+                first, last = current().sandbox_uids
+                argv += ["--uids", f"{first}-{last}"]
             self._proc = subprocess.Popen(
-                [sys.executable, "-P", "-s", "-m", "stockade.egress.worker"], stdin=child.fileno(),
+                argv, stdin=child.fileno(),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, env=env,
             )  # fmt: skip
         except OSError as exc:
@@ -65,6 +71,20 @@ class ForkServer:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
+    def kill(self, pid: int) -> None:
+        """SIGKILL worker ``pid`` (for a keeper that may not signal its uid)."""
+        with self._lock:
+            self._ctl.send(msgpack.packb({"kill": pid}))
+            if select.select([self._ctl], [], [], SERVE_TIMEOUT_S)[0]:
+                self._ctl.recv(4096)
+
+    def end(self) -> None:
+        with self._lock:
+            self._ctl.close()
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+        self._proc.wait()
+
     def fork(self, uid: int | None) -> tuple[socket.socket, int, int]:
         """A new worker serving as ``uid``: the keeper's end of its socket, its pid and its pidfd."""
         keeper, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -72,6 +92,7 @@ class ForkServer:
             with self._lock:
                 socket.send_fds(self._ctl, [msgpack.packb({"uid": uid})], [child.fileno()])
                 if not select.select([self._ctl], [], [], SERVE_TIMEOUT_S)[0]:
+                    threading.Thread(target=forget_fork_server, daemon=True).start()  # not under its lock
                     raise OSError("the fork server did not answer")
                 raw, fds, _flags, _address = socket.recv_fds(self._ctl, 4096, 1)
             answer = msgpack.unpackb(raw) if raw else {}
@@ -91,13 +112,29 @@ _fork_server: ForkServer | None = None
 _fork_server_lock = threading.Lock()
 
 
+_started_as_root = False  # then one started later, without root, could not put workers on the isolates' uids
+
+
 def fork_server() -> ForkServer:
-    """This process's fork server, started (again, if it ended) on demand."""
-    global _fork_server
+    """This process's fork server, started (again, if it ended) on demand. A daemon that gives root up
+    starts it before (daemon/privileges.py): one it lost after that is not replaced by a lesser one."""
+    global _fork_server, _started_as_root
     with _fork_server_lock:
         if _fork_server is None or not _fork_server.alive():
+            if _started_as_root and os.geteuid() != 0:
+                raise SandboxStartError("the egress workers' fork server (root's) ended: restart the daemon")
             _fork_server = ForkServer()
+            _started_as_root = _started_as_root or os.geteuid() == 0
         return _fork_server
+
+
+def forget_fork_server() -> None:
+    """After a fork server stopped answering: ended, so that its late answers pair with nothing."""
+    global _fork_server
+    with _fork_server_lock:
+        server, _fork_server = _fork_server, None
+    if server is not None:
+        server.end()
 
 
 class EgressWorkerLost(Exception):
@@ -106,14 +143,15 @@ class EgressWorkerLost(Exception):
 
 class EgressWorker:
     def __init__(self, uid: int | None) -> None:
-        """A worker that serves as ``uid`` (the isolate's own; None, or a keeper not root: as the keeper)."""
+        """A worker that serves as ``uid`` (the isolate's own) where its fork server is root; else as
+        the fork server's user."""
         self.on_refused: Callable[[EgressRequest], None] | None = None
         self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._lock = threading.Lock()  # one request at a time
         self._lost: str | None = None
         self._pidfd_lock = threading.Lock()  # closed by close() while the reader may be killing it
         try:
-            self._sock, self._pid, self._pidfd = self._start(uid if os.geteuid() == 0 else None)
+            self._sock, self._pid, self._pidfd = self._start(uid)  # as root, its fork server drops it to uid
         except OSError as exc:
             raise SandboxStartError(f"cannot start the egress worker: {exc}") from None
         self._reader = threading.Thread(target=self._read, name="stockade-egress-worker", daemon=True)
@@ -199,9 +237,16 @@ class EgressWorker:
         return EgressWorkerLost(self._lost)
 
     def _kill(self) -> None:
-        with self._pidfd_lock, contextlib.suppress(ProcessLookupError):
-            if self._pidfd >= 0:
+        with self._pidfd_lock:
+            if self._pidfd < 0:
+                return
+            try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # it runs as its isolate's uid, and this keeper gave root up
+                with contextlib.suppress(OSError, SandboxStartError):
+                    fork_server().kill(self._pid)
 
     def _read(self) -> None:
         unpacker = msgpack.Unpacker(max_buffer_size=MAX_REPLY)
