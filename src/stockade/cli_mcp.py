@@ -142,7 +142,7 @@ def _through_daemon(args: argparse.Namespace, arguments: dict[str, Any]) -> Any:
 
     from .cli_daemon import daemon_socket
     from .client import Client
-    from .errors import DaemonUnavailableError
+    from .errors import AnswerLostError, DaemonUnavailableError
     from .mcp.config import load_config
 
     path, required = daemon_socket(args)
@@ -154,6 +154,8 @@ def _through_daemon(args: argparse.Namespace, arguments: dict[str, Any]) -> Any:
     try:
         with Client(path, token_file=args.token_file, timeout=DAEMON_CALL_TIMEOUT_S) as client:
             answer = client.call("mcp.call_tool", params, timeout=DAEMON_CALL_TIMEOUT_S)
+    except AnswerLostError:
+        raise  # the request went out: the tool may have run, and must not run twice
     except DaemonUnavailableError as exc:
         if required:
             raise

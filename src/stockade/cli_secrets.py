@@ -166,7 +166,7 @@ def _broker_config(args: argparse.Namespace) -> Any:
     # The socket is its daemon's (0660 to the daemon's own primary group), the key the broker group's: a
     # daemon that read the key as root and kept no group of the broker's reaches the broker, and
     # nothing it starts afterwards can read the key (daemon/privileges.py).
-    socket_gid = _primary_gid(allowed[0], gid) if len(allowed) == 1 and gid is not None else gid
+    socket_gid = _primary_gid(allowed[0], gid) if gid is not None else gid  # the first --allow-uid's own group
     raw_key = settings.secret("session_key")
     os.environ.pop("STOCKADE_SESSION_KEY", None)  # read: out of this process's environment
     key = wire.parse_key(raw_key, "STOCKADE_SESSION_KEY") if raw_key else None

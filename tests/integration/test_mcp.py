@@ -234,6 +234,7 @@ def test_a_fetch_server_reaches_its_allowed_host_through_the_proxy_and_nothing_e
          r"mcp_servers\.s\.mounts\.0: source /proc may not be shared into a sandbox"),
         ({"mcp_servers": {"s": {"command": "x", "secrets": ["NOPE"]}}}, r"mcp_servers\.s\.secrets"),
         ({"default_execution_mode": "vm"}, r"default_execution_mode: Input should be"),
+        ({"mcp_servers": {"git.hub": {"command": "x"}}}, r"mcp_servers: .*'git\.hub' is not a server id"),
     ],
 )  # fmt: skip
 def test_a_bad_config_is_refused_naming_the_path(data: dict[str, Any], expected: str) -> None:
@@ -284,6 +285,16 @@ def test_through_the_daemon_a_persistent_server_outlives_each_call_tool(tmp_path
         assert died.returncode == 125 and "bad ended during the call" in died.stderr and "exited with 3" in died.stderr
         again = json.loads(call_tool("count").stdout)
         assert json.loads(again["content"][0]["text"]) == 1 and again["_meta"]["stockade"]["isolate"] == "persistent"
+        # A caller's config cannot have the daemon run its command outside an isolate.
+        marker = tmp_path / "ran-on-the-host"
+        direct = {
+            "default_execution_mode": "direct",
+            "mcp_servers": {"bad": {"command": "touch", "args": [str(marker)]}},
+        }
+        path.write_text(json.dumps(direct))
+        refused = call_tool("anything")
+        assert refused.returncode == 125 and "execution_mode 'direct' runs no isolate" in refused.stderr
+        assert not marker.exists()
     finally:
         assert daemon.stop() == 0, daemon.logs()
         daemon.cleanup()

@@ -195,12 +195,21 @@ def _pair() -> list[socket.socket]:
     return [listener, socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
 
 
-def test_a_worker_that_floods_its_keeper_is_ended_not_believed() -> None:
-    worker = _Hostile("def answer(m):\n    return {'ok': True, 'env': {'X': 'y' * (8 << 20)}}\n" + HOSTILE)
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "{'ok': True, 'env': {'X': 'y' * (8 << 20)}}",  # bigger than any honest answer
+        "{'ok': True, 'env': {}, 'x': [{}] * 50000}",  # small in bytes, huge in objects
+        "keeper_out.sendall(msgpack.packb({'ok': True})) or {'ok': True, 'env': {}}",  # two answers to one ask
+    ],
+)
+def test_a_worker_that_floods_its_keeper_is_ended_not_believed(answer: str) -> None:
+    worker = _Hostile(f"def answer(m):\n    return {answer}\n" + HOSTILE)
     sockets = _pair()
     try:
         with pytest.raises(SandboxStartError, match="egress worker"):
             worker.serve(Policy(network_policy="allowlist", allowed_hosts=["a.test"]), {}, sockets, None, None)
+            worker.take()  # the second answer of the third case, unasked, is found by now
         assert _gone(worker.pid, 10)
     finally:
         worker.close()
@@ -214,7 +223,7 @@ def test_a_workers_account_is_bounded_and_its_forgeries_refused() -> None:
         "def answer(m):\n"
         "    if m['op'] == 'serve':\n"
         "        return {'ok': True, 'env': {'HTTP_PROXY': 'http://127.0.0.1:3128'}, 'ca': None}\n"
-        f"    return {{'ok': True, 'records': [{record!r}] * 5000, 'dropped': -7, 'redacted': -1}}\n" + HOSTILE
+        f"    return {{'ok': True, 'records': [{record!r}] * 300, 'dropped': -7, 'redacted': -1}}\n" + HOSTILE
     )
     sockets = _pair()
     refused: list[object] = []
@@ -223,7 +232,7 @@ def test_a_workers_account_is_bounded_and_its_forgeries_refused() -> None:
         env, ca = worker.serve(Policy(network_policy="allowlist", allowed_hosts=["a.test"]), {}, sockets, None, None)
         assert env == {"HTTP_PROXY": "http://127.0.0.1:3128"} and ca is None
         records, dropped, redacted = worker.take()
-        assert len(records) == 256 and dropped == 5000 - 256 and redacted == 0
+        assert len(records) == 256 and dropped == 300 - 256 and redacted == 0
     finally:
         worker.close()
         for sock in sockets:

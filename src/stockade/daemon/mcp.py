@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..protocol.models import Answer, Caller, Request
 from .controller import Controller
 
-MAX_HOSTS = 64  # configs kept at once per daemon; the least recently used one goes first
+MAX_HOSTS_PER_OWNER = 16  # configs kept at once for one owner; its least recently used idle one goes first
 
 
 class McpCall(Request):
@@ -42,9 +42,16 @@ class _Kept:
     host: Any  # ToolHost, entered by ``task``
     task: asyncio.Task[None]
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    calls: int = 0  # in flight: never ended under them
 
 
-_kept: weakref.WeakKeyDictionary[Controller, dict[tuple[str, str], _Kept]] = weakref.WeakKeyDictionary()
+@dataclass
+class _Hosts:
+    kept: dict[tuple[str, str], _Kept] = field(default_factory=dict)  # the most recently used last
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+
+_hosts: weakref.WeakKeyDictionary[Controller, _Hosts] = weakref.WeakKeyDictionary()
 
 
 async def call_tool(controller: Controller, request: McpCall, caller: Caller) -> McpResult:
@@ -62,42 +69,49 @@ async def call_tool(controller: Controller, request: McpCall, caller: Caller) ->
             f"mcp_servers.{request.server}: execution_mode 'direct' runs no isolate, and a daemon runs none of "
             "its callers' commands outside one: call it in-process (without --socket) or give it a runtime"
         )
-    host = await _host(controller, config, caller)
+    kept = await _host(controller, config, caller)
+    kept.calls += 1
     try:
-        result = await host.call(request.server, request.tool, request.arguments)
+        result = await kept.host.call(request.server, request.tool, request.arguments)
     except ToolError as exc:
         raise ConfigError(str(exc)) from None
+    finally:
+        kept.calls -= 1
     return McpResult(result=result.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
-async def _host(controller: Controller, config: Any, caller: Caller) -> Any:
+async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
     from ..mcp.tools import ToolHost
 
-    hosts = _kept.setdefault(controller, {})
+    hosts = _hosts.setdefault(controller, _Hosts())
     digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     key = (caller.owner, digest)
-    kept = hosts.pop(key, None)
-    if kept is None or kept.task.done():
-        host = ToolHost(config, controller.manager)
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
+    async with hosts.locks.setdefault(key, asyncio.Lock()):  # one host per key, however many ask at once
+        kept = hosts.kept.pop(key, None)
+        if kept is None or kept.task.done():
+            host = ToolHost(config, controller.manager)
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            stop = asyncio.Event()
 
-        async def keep() -> None:
-            try:
-                async with host:
-                    ready.set_result(None)
-                    await stop.wait()
-            except BaseException as exc:
-                if not ready.done():
-                    ready.set_exception(exc)
-                raise
+            async def keep() -> None:
+                try:
+                    async with host:
+                        ready.set_result(None)
+                        await stop.wait()
+                except BaseException as exc:
+                    if not ready.done():
+                        ready.set_exception(exc)
+                    raise
 
-        kept = _Kept(host, asyncio.create_task(keep(), name="stockade-mcp-host"), stop)
-        await ready
-    hosts[key] = kept  # the most recently used last
-    while len(hosts) > MAX_HOSTS:
-        await _end(hosts.pop(next(iter(hosts))))
-    return kept.host
+            kept = _Kept(host, asyncio.create_task(keep(), name="stockade-mcp-host"), stop)
+            await ready
+        hosts.kept[key] = kept
+    mine = [k for k in hosts.kept if k[0] == caller.owner]
+    for old in mine[: max(0, len(mine) - MAX_HOSTS_PER_OWNER)]:
+        if hosts.kept[old].calls == 0:  # idle: a call under way is never cut
+            await _end(hosts.kept.pop(old))
+            hosts.locks.pop(old, None)
+    return kept
 
 
 async def _end(kept: _Kept) -> None:
@@ -107,5 +121,6 @@ async def _end(kept: _Kept) -> None:
 
 async def close_all(controller: Controller) -> None:
     """At the daemon's stop: every kept server, with its isolate."""
-    for kept in _kept.pop(controller, {}).values():
+    hosts = _hosts.pop(controller, None)
+    for kept in hosts.kept.values() if hosts is not None else ():
         await _end(kept)

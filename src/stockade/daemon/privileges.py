@@ -139,4 +139,3 @@ def _read_broker_key(config: DaemonConfig) -> None:
         time.sleep(0.1)
     key = base64.b64encode(wire.read_key(path)).decode()
     settings.install(config.model_copy(update={"session_key": SecretStr(key)}))
-

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 MAX_LOOKUPS = 4
 MAX_RECORDS = 256  # per run; more are counted, not kept (a flood of requests must not grow a report)
+MAX_HOST_CHARS, MAX_PATH_CHARS, MAX_REASON_CHARS = 255, 1024, 512  # of one record's fields
 HANDLE_PREFIX = "stockade-secret-"
 # Inside the isolate: the CA bundle the proxy's certificates verify against (written at hand-over).
 CA_BUNDLE_PATH = "/tmp/stockade-ca-certificates.crt"
@@ -137,6 +138,10 @@ class Gate:
     def record(self, request: EgressRequest) -> None:
         if request.reason and self.redactor:
             request.reason = self.redactor.text(request.reason)  # whatever a reason quoted, never a value
+        # Bounded, whatever the isolate asked for: 256 records fit the worker's answer to its keeper.
+        request.host, request.reason = request.host[:MAX_HOST_CHARS], request.reason[:MAX_REASON_CHARS]
+        if request.path is not None:
+            request.path = request.path[:MAX_PATH_CHARS]
         with self._lock:
             if len(self._records) < MAX_RECORDS:
                 self._records.append(request)

@@ -150,6 +150,7 @@ class EgressWorker:
         self._lock = threading.Lock()  # one request at a time
         self._lost: str | None = None
         self._pidfd_lock = threading.Lock()  # closed by close() while the reader may be killing it
+        self._waiting = threading.Event()  # a request is out: one answer may come
         try:
             self._sock, self._pid, self._pidfd = self._start(uid)  # as root, its fork server drops it to uid
         except OSError as exc:
@@ -216,6 +217,7 @@ class EgressWorker:
                 raise EgressWorkerLost(self._lost)
             try:
                 data = msgpack.packb(message)
+                self._waiting.set()
                 sent = socket.send_fds(self._sock, [data], fds) if fds else 0  # the descriptors ride the first bytes
                 self._sock.sendall(data[sent:])
                 reply = self._replies.get(timeout=timeout)
@@ -223,6 +225,8 @@ class EgressWorker:
                 raise self._broke(f"no answer to {message['op']} in {timeout:g} s") from None
             except OSError as exc:
                 raise self._broke(f"cannot reach it: {exc}") from None
+            finally:
+                self._waiting.clear()
             if reply is None:
                 raise EgressWorkerLost(self._lost or "it ended")
             if not reply.get("ok"):
@@ -249,7 +253,9 @@ class EgressWorker:
                     fork_server().kill(self._pid)
 
     def _read(self) -> None:
-        unpacker = msgpack.Unpacker(max_buffer_size=MAX_REPLY)
+        # No message bigger than the largest honest one, and none of many tiny objects (1 MiB of empty
+        # maps unpacks to tens of MiB).
+        unpacker = msgpack.Unpacker(max_buffer_size=MAX_REPLY, max_array_len=1024, max_map_len=1024)
         try:
             while data := self._sock.recv(65536):
                 unpacker.feed(data)
@@ -258,8 +264,10 @@ class EgressWorker:
                         raise ValueError("a message that is not a map")
                     if message.get("event") == "refused":
                         self._refused(message.get("request"))
-                    else:
+                    elif self._waiting.is_set() and self._replies.empty():
                         self._replies.put(message)
+                    else:
+                        raise ValueError("an answer nobody asked for")
         except (OSError, ValueError, msgpack.UnpackException) as exc:
             self._broke(f"it broke its protocol: {exc}" if not isinstance(exc, OSError) else str(exc))
         self._lost = self._lost or "it ended"

@@ -110,8 +110,8 @@ class IsolationConfig(BaseModel):
     @classmethod
     def _names(cls, servers: dict[str, ServerConfig]) -> dict[str, ServerConfig]:
         for name in servers:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"{name!r} is not a server id (no '/', no leading '.')")
+            if not name or "/" in name or "." in name:
+                raise ValueError(f"{name!r} is not a server id (no '/' or '.': the gateway names tools server.tool)")
         return servers
 
     @classmethod

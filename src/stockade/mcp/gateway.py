@@ -59,17 +59,17 @@ class Gateway:
             except (StockadeError, MCPError, OSError) as exc:
                 self.unavailable[server_id] = str(exc)
                 log.warning("MCP server %s offers nothing here: %s", server_id, exc)
-        tool_names = Counter(t.name for tools, _, _ in found.values() for t in tools)
-        prompt_names = Counter(p.name for _, _, prompts in found.values() for p in prompts)
+        tool_names = _final_names({s: [t.name for t in tools] for s, (tools, _, _) in found.items()})
+        prompt_names = _final_names({s: [p.name for p in prompts] for s, (_, _, prompts) in found.items()})
         for server_id, (tools, resources, prompts) in found.items():
             offer = self.offers[server_id] = Offer()
             for tool in tools:
                 if self.config.exposes(server_id, tool.name):
-                    name = _named(server_id, tool.name, tool_names)
+                    name = tool_names[server_id, tool.name]
                     offer.tools[name] = (tool.name, tool.model_copy(update={"name": name}))
             offer.resources = {str(r.uri): r for r in resources}
             for prompt in prompts:
-                name = _named(server_id, prompt.name, prompt_names)
+                name = prompt_names[server_id, prompt.name]
                 offer.prompts[name] = (prompt.name, prompt.model_copy(update={"name": name}))
 
     # ---- the MCP server's handlers --------------------------------------------------------
@@ -89,9 +89,10 @@ class Gateway:
         except ToolError as exc:
             self._record(server_id, tool, size, "error", exc.verdict, str(exc))
             return _error(str(exc), exc.verdict)
-        except (StockadeError, MCPError) as exc:
-            self._record(server_id, tool, size, "error", {}, str(exc))
-            return _error(f"{server_id}.{tool}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - every call is answered, and recorded, whatever broke
+            said = str(exc) or type(exc).__name__
+            self._record(server_id, tool, size, "error", {}, said)
+            return _error(f"{server_id}.{tool}: {said}")
         verdict = (result.meta or {}).get("stockade", {})
         self._record(server_id, tool, size, "tool_error" if result.is_error else "ok", verdict)
         return result
@@ -166,8 +167,15 @@ async def _describe(session: ClientSession) -> tuple[list[types.Tool], list[type
     return tools, resources, prompts
 
 
-def _named(server_id: str, name: str, counts: Counter[str]) -> str:
-    return name if counts[name] == 1 else f"{server_id}{SEPARATOR}{name}"
+def _final_names(offered: dict[str, list[str]]) -> dict[tuple[str, str], str]:
+    """Each (server, name) its name here: its own where no other server's takes it, else
+    ``server.name`` (unique: a server id holds no ``.``), so that no server shadows another's tool,
+    whatever it calls its own (a tool named ``github.create_issue`` by another server included)."""
+    final = {(s, n): n for s, names in offered.items() for n in names}
+    while clashes := {name for name, count in Counter(final.values()).items() if count > 1}:
+        # ``server.name`` differs for every (server, name): each pass only names more of them so.
+        final = {key: f"{key[0]}{SEPARATOR}{key[1]}" if name in clashes else name for key, name in final.items()}
+    return final
 
 
 def _error(message: str, verdict: dict[str, Any] | None = None) -> types.CallToolResult:

@@ -85,6 +85,7 @@ class ToolHost:
         await self.aclose()
         tasks, self._tasks = self._tasks, None
         if tasks is not None:
+            tasks.cancel_scope.cancel()  # a server still starting for a caller that left ends here too
             await tasks.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
@@ -140,7 +141,7 @@ class ToolHost:
                 raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
             if sandbox is None:
                 return _with_verdict(result, {"runtime": "direct", "isolate": "none"})
-            return _with_verdict(result, _verdict(sandbox, "ephemeral"))
+            return _with_verdict(result, await _verdict(sandbox, "ephemeral"))
 
     @asynccontextmanager
     async def _ephemeral_session(
@@ -174,13 +175,13 @@ class ToolHost:
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                 if live.alive() and not _closed(exc):
                     raise
-                await self._stop(server_id)  # started again at the next call
+                await self._stop(server_id, live)  # started again at the next call
                 raise ToolError(f"{server_id} ended during the call: {live.output.describe()} ({exc})") from None
         if deadline.cancelled_caught:
             verdict = await _end(live.sandbox, "timeout")
-            await self._stop(server_id)  # started again at the next call
+            await self._stop(server_id, live)  # started again at the next call
             raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
-        return _with_verdict(result, _verdict(live.sandbox, "persistent", live.seen))
+        return _with_verdict(result, await _verdict(live.sandbox, "persistent", live.seen))
 
     async def _persistent(self, server_id: str, server: ServerConfig) -> _Live:
         if self._tasks is None:
@@ -192,13 +193,17 @@ class ToolHost:
                 return live
             if live is not None:
                 log.info("MCP server %s ended (%s): starting it again", server_id, live.output.describe())
-                await self._stop(server_id)
+                await self._stop(server_id, live)
             policy = self.config.policy_for(server_id, None)
             if policy is None:
                 raise ConfigError(f"MCP server {server_id!r}: a persistent server runs in an isolate, not direct")
             live = _Live()
             self._tasks.start_soon(self._keep, live, server_id, server, policy)
-            await live.ready.wait()
+            try:
+                await live.ready.wait()
+            except BaseException:  # the caller went away while it started: nobody else will stop it
+                live.stop.set()
+                raise
             if live.session is None:
                 raise ToolError(live.error or f"MCP server {server_id} did not start: {live.output.describe()}")
             self._live[server_id] = live
@@ -224,13 +229,16 @@ class ToolHost:
                     await anyio.to_thread.run_sync(live.sandbox.close)
             live.done.set()
 
-    async def _stop(self, server_id: str) -> None:
-        live = self._live.pop(server_id, None)
-        if live is not None:
-            live.stop.set()
-            if live.sandbox is not None:  # a session stuck in a dead server's read ends with its isolate
-                await anyio.to_thread.run_sync(live.sandbox.close)
-            await live.done.wait()
+    async def _stop(self, server_id: str, live: _Live | None = None) -> None:
+        """Stop ``server_id``'s kept server (``live``: only if it is still that one)."""
+        current = self._live.get(server_id)
+        if current is None or (live is not None and current is not live):
+            return
+        del self._live[server_id]
+        current.stop.set()
+        if current.sandbox is not None:  # a session stuck in a dead server's read ends with its isolate
+            await anyio.to_thread.run_sync(current.sandbox.close)
+        await current.done.wait()
 
 
 @contextlib.contextmanager
@@ -263,11 +271,12 @@ async def _initialise(session: ClientSession, server_id: str, output: ServerOutp
         raise ToolError(f"MCP server {server_id} did not answer initialize in {START_TIMEOUT_S:g} s")
 
 
-def _verdict(sandbox: Sandbox, isolate: str, seen: dict[str, int] | None = None) -> dict[str, Any]:
+async def _verdict(sandbox: Sandbox, isolate: str, seen: dict[str, int] | None = None) -> dict[str, Any]:
     """What the isolate did since its last report (taken on the host: nothing need run inside), and
     the limits it hit (``seen``: a kept isolate's counters at its last report)."""
-    report, egress = sandbox._sandbox.take_report()  # on this host, in memory (or one local round trip)
-    usage = sandbox._sandbox.usage()
+    # On this host: memory, cgroup files, a round trip to the egress worker; off the event loop all the same.
+    report, egress = await anyio.to_thread.run_sync(sandbox._sandbox.take_report)
+    usage = await anyio.to_thread.run_sync(sandbox._sandbox.usage)
     oom_before = (seen or {}).get("oom_kills", 0)
     if seen is not None:
         seen["oom_kills"] = usage.oom_kills
