@@ -14,11 +14,11 @@ emptying their groups (cgroup.kill), or, on cgroup v1 alone, keeps CAP_KILL to
 signal them (they run as other uids). The broker's session key (its group's
 to read) is read as root just before, when a broker is configured
 (``STOCKADE_BROKER_SOCKET``; the daemon waits for the broker to write it), and
-the daemon keeps no supplementary group: nothing it starts afterwards (an
-allow-listed isolate's egress worker runs as the daemon's uid once it has
-given root up) can read the key or speak to the broker. From then on the
-daemon holds the key in memory only, and reads neither the broker's secrets
-nor its memory.
+the daemon keeps no supplementary group: nothing it starts afterwards can
+read the key file. Its egress workers' fork server is started before the
+drop, so that it stays root's and puts each worker on its isolate's uid, not
+on the daemon's (egress/worker.py). From then on the daemon holds the key in
+memory only, and reads neither the broker's secrets nor its memory.
 
 What needs root later is gone with it: the gVisor and microVM runtimes (runsc
 and the microVM's jail start as root) report themselves unavailable, Python
