@@ -251,3 +251,41 @@ def test_a_workers_account_is_bounded_and_its_forgeries_refused() -> None:
         forger.close()
         for sock in sockets:
             sock.close()
+
+
+def test_what_a_worker_leaves_behind_is_killed_with_it() -> None:
+    """The fork server's reaping, as a taken-over worker would meet it: the worker starts a process
+    that double-forks away and dies; the fork server (a child subreaper) gets the orphan and kills it."""
+    program = textwrap.dedent("""
+        import os, signal, sys, time
+        from stockade.agent import linux
+        from stockade.egress.worker import _reap
+        linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+        r, w = os.pipe()
+        worker = os.fork()
+        if worker == 0:  # the worker, taken over
+            if os.fork() == 0:
+                if os.fork() == 0:  # the orphan-to-be, detached
+                    os.setsid()
+                    os.write(w, str(os.getpid()).encode().ljust(16))
+                    time.sleep(120)
+                os._exit(0)
+            time.sleep(0.5)
+            os._exit(0)  # killed by its keeper, or ending: either way its descendants are orphans
+        orphan = int(os.read(r, 16))
+        os.waitpid(worker, 0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            _reap({worker})  # what the fork server does at each SIGCHLD
+            try:
+                with open(f"/proc/{orphan}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        os.waitpid(orphan, 0)
+                        print("killed"); sys.exit(0)
+            except FileNotFoundError:
+                print("killed"); sys.exit(0)
+            time.sleep(0.05)
+        print("survived"); os.kill(orphan, signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "killed", done.stdout + done.stderr
