@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -295,6 +296,37 @@ def test_through_the_daemon_a_persistent_server_outlives_each_call_tool(tmp_path
         refused = call_tool("anything")
         assert refused.returncode == 125 and "execution_mode 'direct' runs no isolate" in refused.stderr
         assert not marker.exists()
+        # Each call the daemon made is one audit record: no arguments, no result.
+        audit = os.path.join(os.path.dirname(daemon.socket_path), "audit.log")
+        deadline = time.monotonic() + 10
+        while True:
+            with open(audit) as f:
+                records = [json.loads(line) for line in f if '"mcp.call"' in line]
+            if len(records) >= 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        expected = [("count", "ok")] * 3 + [("die", "error"), ("count", "ok")]
+        assert [(r["tool"], r["outcome"]) for r in records] == expected
+        assert records[0]["server"] == "bad" and records[0]["runtime"] == "process" and records[0]["door"] == "unix"
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        daemon.cleanup()
+
+
+def test_the_daemons_mcp_isolates_take_its_slots(tmp_path: Any) -> None:
+    require("process")
+    from stockade.client import Client
+    from stockade.errors import DaemonBusyError
+    from tests.daemon_harness import start_daemon
+
+    path = tmp_path / "isolation_config.json"
+    path.write_text(json.dumps({"mcp_servers": {"bad": hostile(lifecycle="persistent")}}))
+    daemon = start_daemon(env={"STOCKADE_POOL_SIZE": "0", "STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_TIMEOUT": "1"})
+    try:
+        argv = [STOCKADE, "mcp", "call-tool", "--config", str(path), "--socket", daemon.socket_path, "bad", "count"]
+        assert subprocess.run(argv, capture_output=True, text=True, timeout=300).returncode == 0
+        with Client(daemon.socket_path) as client, pytest.raises(DaemonBusyError, match="no sandbox slot"):
+            client.execute(code="print(1)")  # the kept server holds the daemon's only slot
     finally:
         assert daemon.stop() == 0, daemon.logs()
         daemon.cleanup()

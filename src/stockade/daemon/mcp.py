@@ -11,9 +11,11 @@ stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from pydantic import Field
 from ..errors import ConfigError
 from ..protocol.models import Answer, Caller, Request
 from .controller import Controller
+from .observers import Observers
 
 MAX_HOSTS_PER_OWNER = 16  # configs kept at once for one owner; its least recently used idle one goes first
 
@@ -57,7 +60,7 @@ _hosts: weakref.WeakKeyDictionary[Controller, _Hosts] = weakref.WeakKeyDictionar
 async def call_tool(controller: Controller, request: McpCall, caller: Caller) -> McpResult:
     try:
         from ..mcp.config import IsolationConfig
-        from ..mcp.tools import ToolError
+        from ..mcp.tools import ToolError, call_record
     except ImportError as exc:
         raise ConfigError(f"this daemon has no MCP SDK: pip install 'stockade[mcp]' where it runs ({exc})") from None
     config = IsolationConfig.parse(request.config, "the request's config")
@@ -71,13 +74,37 @@ async def call_tool(controller: Controller, request: McpCall, caller: Caller) ->
         )
     kept = await _host(controller, config, caller)
     kept.calls += 1
+    size = len(json.dumps(request.arguments))
     try:
         result = await kept.host.call(request.server, request.tool, request.arguments)
     except ToolError as exc:
+        _audit(controller, caller, call_record(request.server, request.tool, size, "error", exc.verdict, str(exc)))
         raise ConfigError(str(exc)) from None
+    except Exception as exc:
+        _audit(controller, caller, call_record(request.server, request.tool, size, "error", {}, str(exc)))
+        raise
     finally:
         kept.calls -= 1
+    verdict = (result.meta or {}).get("stockade", {})
+    outcome = "tool_error" if result.is_error else "ok"
+    _audit(controller, caller, call_record(request.server, request.tool, size, outcome, verdict))
     return McpResult(result=result.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+@contextlib.asynccontextmanager
+async def _slot(controller: Controller, caller: Caller) -> AsyncIterator[None]:
+    """One of the daemon's slots for an MCP isolate's life, as for a held sandbox's (max_sandboxes)."""
+    await controller._take_slot(caller)
+    try:
+        yield
+    finally:
+        controller.slots.release(caller.owner)
+
+
+def _audit(controller: Controller, caller: Caller, record: dict[str, Any]) -> None:
+    for listener in controller.listeners:
+        if isinstance(listener, Observers):  # the audit log's keeper
+            listener.mcp_call(caller, record)
 
 
 async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
@@ -89,7 +116,7 @@ async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
     async with hosts.locks.setdefault(key, asyncio.Lock()):  # one host per key, however many ask at once
         kept = hosts.kept.pop(key, None)
         if kept is None or kept.task.done():
-            host = ToolHost(config, controller.manager)
+            host = ToolHost(config, controller.manager, admit=lambda: _slot(controller, caller))
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             stop = asyncio.Event()
 

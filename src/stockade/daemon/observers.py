@@ -153,6 +153,11 @@ class Observers:
                     if count:
                         self.audit.record("auth_failures_unrecorded", door=quiet_door, peer=quiet_peer, count=count)
 
+    def mcp_call(self, caller: Caller, record: dict[str, Any]) -> None:
+        """One MCP tool call the daemon made for ``caller`` (mcp.call_tool): ``mcp/tools.call_record``."""
+        if self.audit is not None:
+            self.audit.record("mcp.call", owner=caller.owner, door=caller.door, **record)
+
     def admin(self, caller: Caller, action: str, target: str, **details: Any) -> None:
         if self.audit is not None:
             self.audit.record("admin", owner=caller.owner, door=caller.door, action=action, target=target, **details)

@@ -27,7 +27,7 @@ from ..audit import AuditLog
 from ..errors import StockadeError
 from .config import IsolationConfig
 from .http import serve_http
-from .tools import ToolError, ToolHost
+from .tools import ToolError, ToolHost, call_record
 
 log = logging.getLogger("stockade.mcp")
 SEPARATOR = "."
@@ -132,14 +132,8 @@ class Gateway:
     def _record(
         self, server_id: str, tool: str, size: int, outcome: str, verdict: dict[str, Any], error: str | None = None
     ) -> None:
-        if self.audit is None:
-            return
-        egress = verdict.get("egress_requests") or []
-        self.audit.record(
-            "mcp.call", server=server_id, tool=tool, argument_bytes=size, outcome=outcome, error=error,
-            runtime=verdict.get("runtime"), violations=verdict.get("violation_counts") or {},
-            egress=[{k: r.get(k) for k in ("host", "port", "method", "allowed", "secrets_used")} for r in egress],
-        )  # fmt: skip
+        if self.audit is not None:
+            self.audit.record("mcp.call", **call_record(server_id, tool, size, outcome, verdict, error))
 
 
 async def serve(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -69,9 +69,16 @@ class _Live:
 
 
 class ToolHost:
-    def __init__(self, config: IsolationConfig, manager: RuntimeManager | None = None) -> None:
+    def __init__(
+        self,
+        config: IsolationConfig,
+        manager: RuntimeManager | None = None,
+        admit: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
         self.config = config
         self.manager = manager
+        # Held around each isolate's life: a daemon's slots (an ephemeral call's, a kept server's).
+        self._admit = admit or contextlib.nullcontext
         self._live: dict[str, _Live] = {}
         self._starting: dict[str, anyio.Lock] = {}
         self._tasks: TaskGroup | None = None  # where persistent servers' keepers run (async with ToolHost)
@@ -155,14 +162,15 @@ class ToolHost:
                 await session.initialize()
                 yield session, None, output
             return
-        sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(policy, manager=self.manager))
-        try:
-            process = await anyio.to_thread.run_sync(lambda: sandbox.spawn([server.command, *server.args]))
-            async with process_transport(process, output) as (read, write), ClientSession(read, write) as session:
-                await _initialise(session, server_id, output)
-                yield session, sandbox, output
-        finally:
-            await anyio.to_thread.run_sync(sandbox.close)
+        async with self._admit():
+            sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(policy, manager=self.manager))
+            try:
+                process = await anyio.to_thread.run_sync(lambda: sandbox.spawn([server.command, *server.args]))
+                async with process_transport(process, output) as (read, write), ClientSession(read, write) as session:
+                    await _initialise(session, server_id, output)
+                    yield session, sandbox, output
+            finally:
+                await anyio.to_thread.run_sync(sandbox.close)
 
     async def _call_persistent(
         self, server_id: str, server: ServerConfig, tool: str, arguments: dict[str, Any], timeout: float
@@ -212,6 +220,17 @@ class ToolHost:
     async def _keep(self, live: _Live, server_id: str, server: ServerConfig, policy: Any) -> None:
         """A persistent server's life, in a task of its own: whatever ends it ends here, not in a caller."""
         try:
+            async with self._admit():
+                await self._serve_kept(live, server_id, server, policy)
+        except Exception as exc:  # noqa: BLE001 - contained: the server's callers hear of it, the host goes on
+            live.error = str(exc) if isinstance(exc, StockadeError) else f"{type(exc).__name__}: {exc}"
+            log.info("MCP server %s ended: %s (%s)", server_id, live.error, live.output.describe())
+        finally:
+            live.ready.set()
+            live.done.set()
+
+    async def _serve_kept(self, live: _Live, server_id: str, server: ServerConfig, policy: Any) -> None:
+        try:
             live.sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(policy, manager=self.manager))
             process = await anyio.to_thread.run_sync(lambda: live.sandbox.spawn([server.command, *server.args]))  # type: ignore[union-attr]
             async with process_transport(process, live.output) as (read, write), ClientSession(read, write) as session:
@@ -219,15 +238,10 @@ class ToolHost:
                 live.session = session
                 live.ready.set()
                 await live.stop.wait()
-        except Exception as exc:  # noqa: BLE001 - contained: the server's callers hear of it, the host goes on
-            live.error = str(exc) if isinstance(exc, StockadeError) else f"{type(exc).__name__}: {exc}"
-            log.info("MCP server %s ended: %s (%s)", server_id, live.error, live.output.describe())
         finally:
-            live.ready.set()
-            if live.sandbox is not None:
+            if live.sandbox is not None:  # closed before its slot goes back
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(live.sandbox.close)
-            live.done.set()
 
     async def _stop(self, server_id: str, live: _Live | None = None) -> None:
         """Stop ``server_id``'s kept server (``live``: only if it is still that one)."""
@@ -300,6 +314,18 @@ async def _end(sandbox: Sandbox | None, reason: str) -> dict[str, Any]:
     runtime = sandbox._sandbox.runtime_name
     await anyio.to_thread.run_sync(sandbox.close)
     return {"runtime": runtime, "termination_reason": reason}
+
+
+def call_record(
+    server_id: str, tool: str, argument_bytes: int, outcome: str, verdict: dict[str, Any], error: str | None = None
+) -> dict[str, Any]:
+    """A tool call's audit record (``mcp.call``): never its arguments, its result or a secret's value."""
+    egress = verdict.get("egress_requests") or []
+    return {
+        "server": server_id, "tool": tool, "argument_bytes": argument_bytes, "outcome": outcome, "error": error,
+        "runtime": verdict.get("runtime"), "violations": verdict.get("violation_counts") or {},
+        "egress": [{k: r.get(k) for k in ("host", "port", "method", "allowed", "secrets_used")} for r in egress],
+    }  # fmt: skip
 
 
 def _with_verdict(result: types.CallToolResult, verdict: dict[str, Any]) -> types.CallToolResult:
