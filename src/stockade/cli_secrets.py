@@ -163,10 +163,12 @@ def _broker_config(args: argparse.Namespace) -> Any:
             allowed.append(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
         except KeyError:
             raise ConfigError(f"--allow-uid {user}: no such user (`stockade setup-users` creates stockade)") from None
-    # The socket is its daemon's (0660 to the daemon's own primary group), the key the broker group's: a
-    # daemon that read the key as root and kept no group of the broker's reaches the broker, and
-    # nothing it starts afterwards can read the key (daemon/privileges.py).
-    socket_gid = _primary_gid(allowed[0], gid) if gid is not None else gid  # the first --allow-uid's own group
+    # The socket is its daemon's (0660 to the first non-root --allow-uid's own primary group; root
+    # reaches any socket), the key the broker group's: a daemon that read the key as root and kept no
+    # group of the broker's reaches the broker, and nothing it starts afterwards can read the key
+    # (daemon/privileges.py).
+    daemons = [uid for uid in allowed if uid != 0]
+    socket_gid = _primary_gid(daemons[0], gid) if gid is not None and daemons else gid
     raw_key = settings.secret("session_key")
     os.environ.pop("STOCKADE_SESSION_KEY", None)  # read: out of this process's environment
     key = wire.parse_key(raw_key, "STOCKADE_SESSION_KEY") if raw_key else None

@@ -123,7 +123,8 @@ def test_the_layout_and_identities(broker: Running) -> None:
     key = os.stat(broker.key_file)
     assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o640, secrets_uid, secrets_gid)
     sock = os.stat(broker.socket)
-    assert (stat.S_IMODE(sock.st_mode), sock.st_uid, sock.st_gid) == (0o660, secrets_uid, secrets_gid)
+    daemon_gid = pwd.getpwnam("stockade").pw_gid  # the daemon's own group: it keeps no other once it drops root
+    assert (stat.S_IMODE(sock.st_mode), sock.st_uid, sock.st_gid) == (0o660, secrets_uid, daemon_gid)
     # setup-users again changes nothing.
     again = subprocess.run([STOCKADE, "setup-users"], check=True, capture_output=True, text=True, timeout=60)
     assert again.stdout.strip() == "all three users and groups exist already"
