@@ -106,13 +106,12 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         return _fail(f"JSON_ARGS is not JSON: {exc}")
     if not isinstance(arguments, dict):
         return _fail("JSON_ARGS must be a JSON object")
-    try:
-        import anyio
+    if missing := _sdk_missing():
+        return _fail(missing)
+    import anyio
 
-        from .mcp.config import load_config
-        from .mcp.tools import ToolHost
-    except ImportError as exc:
-        return _fail(f"stockade mcp needs the MCP SDK: pip install 'stockade[mcp]' ({exc})")
+    from .mcp.config import load_config
+    from .mcp.tools import ToolHost
 
     async def call() -> Any:
         async with ToolHost(load_config(args.config)) as host:
@@ -164,6 +163,15 @@ def _through_daemon(args: argparse.Namespace, arguments: dict[str, Any]) -> Any:
     return types.CallToolResult.model_validate(answer["result"])
 
 
+def _sdk_missing() -> str | None:
+    """Why ``stockade mcp`` cannot run here (no MCP SDK), or None."""
+    try:
+        import mcp  # noqa: F401
+    except ImportError as exc:
+        return f"stockade mcp needs the MCP SDK: pip install 'stockade[mcp]' ({exc})"
+    return None
+
+
 def _fail(message: str) -> int:
     print(f"stockade: {message}", file=sys.stderr)
     return EXIT_ERROR
@@ -172,13 +180,13 @@ def _fail(message: str) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from .errors import StockadeError
 
-    try:
-        import anyio
+    if missing := _sdk_missing():
+        return _fail(missing)
+    import anyio
 
-        from .mcp.config import load_config
-        from .mcp.gateway import serve
-    except ImportError as exc:
-        return _fail(f"stockade mcp needs the MCP SDK: pip install 'stockade[mcp]' ({exc})")
+    from .mcp.config import load_config
+    from .mcp.gateway import serve
+
     audit = None
     try:
         http, token = _http_door(args)
@@ -229,12 +237,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .cli import _build_policy
     from .errors import StockadeError
 
-    try:
-        import anyio
+    if missing := _sdk_missing():
+        return _fail(missing)
+    import anyio
 
-        from .mcp.serve import serve
-    except ImportError as exc:
-        return _fail(f"stockade mcp needs the MCP SDK: pip install 'stockade[mcp]' ({exc})")
+    from .mcp.serve import serve
+
     try:
         http, token = _http_door(args)
         policy = _build_policy(args)

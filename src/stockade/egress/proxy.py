@@ -77,7 +77,7 @@ class EgressProxy:
             if sock is not None:  # asyncio leaves Nagle on for a socket it accepts from a listener it was given
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                await _Exchange(self, gate, reader, writer).run()
+                await _Exchange(gate, reader, writer).run()
             except Exception:
                 log.debug("egress connection failed", exc_info=True)
             finally:
@@ -147,8 +147,7 @@ def proxy() -> EgressProxy:
 class _Exchange:
     """One connection from the isolate, from its first request to its end."""
 
-    def __init__(self, proxy: EgressProxy, gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.proxy = proxy
+    def __init__(self, gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.gate = gate
         self.reader = reader
         self.writer = writer

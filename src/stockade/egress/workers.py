@@ -13,7 +13,6 @@ than the isolate's own record.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import queue
 import select
@@ -33,7 +32,6 @@ from ..policy import Policy
 from ..result import EgressRequest
 from .gate import MAX_RECORDS
 
-log = logging.getLogger("stockade.egress")
 MAX_REPLY = 1 << 20  # 256 records of a few hundred bytes, and a CA certificate
 SERVE_TIMEOUT_S = 60.0  # the fork server started a moment ago may still be importing, on a loaded host
 TAKE_TIMEOUT_S = 10.0

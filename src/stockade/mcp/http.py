@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import ipaddress
-import logging
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -29,7 +28,6 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import ConfigError
 
-log = logging.getLogger("stockade.mcp")
 PATH = "/mcp"
 SESSION_IDLE_S = 1800.0
 

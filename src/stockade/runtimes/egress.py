@@ -13,7 +13,6 @@ what it needs to redact the values from what leaves the isolate through it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
     from ..egress.workers import EgressWorker
     from .base import AgentSandbox
 
-log = logging.getLogger("stockade.egress")
 MAX_SETTING_FILE = 1 << 20  # a CA bundle, a hosts file
 
 
