@@ -41,6 +41,22 @@ def test_v2_limits_usage_and_kill(tmp_path: Path) -> None:
     group.close_files()
 
 
+def test_setup_runs_on_at_least_a_core_and_the_callers_cpu_limit_follows(tmp_path: Path) -> None:
+    # A caller's cpu_limit of 0.01 written before setup made a gVisor start take ~45 s and a
+    # process start miss its 10 s handshake on a loaded machine: setup is the runtime's own work.
+    layout = cgroups.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
+    group = cgroups.IsolateCgroup(layout, "stockade-1-2")
+    d = tmp_path / "stockade-1-2"
+    group.apply_limits(256, 64, 0.01, setup=True)
+    assert _read(d / "cpu.max") == f"{int(cgroups.SETUP_CPU * 100_000)} 100000"
+    assert _read(d / "memory.max") == str(256 << 20)  # memory and pids are the caller's from the start
+    group.apply_limits(256, 64, 0.01)
+    assert _read(d / "cpu.max") == "1000 100000"
+    group.apply_limits(256, 64, 1.5, setup=True)  # more than the floor: the caller's
+    assert _read(d / "cpu.max") == "150000 100000"
+    group.close_files()
+
+
 def test_the_baseline_read_opens_the_peak_counter_for_the_run(tmp_path: Path) -> None:
     """The pool's baseline read (``peak=False``) opens every counter the run's read
     needs: the run reads through the open file and opens none (here: the file's

@@ -20,9 +20,10 @@ class _Group:
 
     def __init__(self) -> None:
         self.written: tuple[int, int, float] | None = None
+        self.setup: bool | None = None
 
-    def apply_limits(self, memory_mb: int, pids: int, cpu: float) -> list[str]:
-        self.written = (memory_mb, pids, cpu)
+    def apply_limits(self, memory_mb: int, pids: int, cpu: float, *, setup: bool = False) -> list[str]:
+        self.written, self.setup = (memory_mb, pids, cpu), setup
         return []
 
 

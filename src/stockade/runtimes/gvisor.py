@@ -291,7 +291,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             cgroup = manager.create() if manager.layout.version != "none" else None
             unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
             if cgroup is not None:
-                unenforced = _apply_limits(cgroup, policy)
+                _apply_limits(cgroup, policy, setup=True)
             os.makedirs(self._root, mode=0o700, exist_ok=True)
             # Only the Sentry logs (--debug-command=boot), into a FIFO the host drains, opened
             # here first so that runsc's open of it does not wait for a reader.
@@ -324,6 +324,8 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
                 words = sandbox.last_words() or "runsc said nothing"
                 raise SandboxStartError(f"gVisor sandbox did not start: {words} ({exc})") from None
             sandbox.attach_sentry()
+            if cgroup is not None:  # booted: the caller's own CPU limit from now on
+                unenforced = _apply_limits(cgroup, policy)
             sandbox.unenforced_limits = unenforced
             sandbox.cold_start_ms = (time.monotonic() - started) * 1000
             return sandbox
@@ -340,12 +342,12 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             raise
 
 
-def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
+def _apply_limits(cgroup: IsolateCgroup, policy: Policy, setup: bool = False) -> list[str]:
     # The group holds gVisor itself (the Sentry's and gofer's host threads) and,
     # under the ptrace platform, several host tasks per sandboxed process: its
     # count is a generous backstop; RLIMIT_NPROC inside gVisor is the exact limit.
     memory = max(policy.memory_mb, GVISOR_MIN_MB)
-    missing = cgroup.apply_limits(memory, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit)
+    missing = cgroup.apply_limits(memory, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit, setup=setup)
     if policy.memory_mb < GVISOR_MIN_MB:
         missing.append(f"memory_mb below {GVISOR_MIN_MB}: the sandbox gets {GVISOR_MIN_MB} MB (gVisor itself counts)")
     return missing

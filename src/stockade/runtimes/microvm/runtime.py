@@ -249,6 +249,8 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             if restored_from is not None:
                 return self._boot_instead(policy, accel, boot_timeout, plan.snapshot_key)
             raise SandboxStartError(why) from None
+        if cgroup is not None:  # booted: the caller's own CPU limit from now on
+            unenforced = _apply_limits(cgroup, policy)
         sandbox.unenforced_limits = unenforced + sandbox.guest_gaps()
         sandbox.restored = restored_from is not None
         sandbox.cold_start_ms = (time.monotonic() - started) * 1000
@@ -324,7 +326,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             cgroup = manager.create() if manager.layout.version != "none" else None
             unenforced = ["memory_mb (host side), cpu_limit: no usable cgroup for QEMU on this host"]
             if cgroup is not None:
-                unenforced = _apply_limits(cgroup, policy)
+                unenforced = _apply_limits(cgroup, policy, setup=True)
             output = QemuOutput(plan.rundir)
             err = output.stderr_w
             cgroup_files = cgroup.procs_files if cgroup else ()
@@ -372,10 +374,10 @@ def snapshots_enabled() -> bool:
     return current().microvm_snapshots
 
 
-def _apply_limits(cgroup: IsolateCgroup, policy: Policy) -> list[str]:
+def _apply_limits(cgroup: IsolateCgroup, policy: Policy, setup: bool = False) -> list[str]:
     memory = max(policy.memory_mb, MIN_GUEST_MB) + QEMU_OVERHEAD_MB
     # pids: QEMU's own threads; the policy's count is RLIMIT_NPROC inside the guest.
-    missing = cgroup.apply_limits(memory, 256, policy.cpu_limit)
+    missing = cgroup.apply_limits(memory, 256, policy.cpu_limit, setup=setup)
     if policy.memory_mb < MIN_GUEST_MB:
         missing.append(f"memory_mb below {MIN_GUEST_MB}: the guest gets {MIN_GUEST_MB} MB (its kernel needs it)")
     return missing

@@ -33,6 +33,9 @@ from ...errors import SandboxStartError
 from ..base import IsolateUsage
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+# The CPU an isolate's setup (the runtime's own code: namespaces, runsc's boot, QEMU's) gets
+# at least: under a caller's cpu_limit of 0.01 a start would take minutes.
+SETUP_CPU = 1.0
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 _NAME = re.compile(r"^stockade-(\d+)-\d+$")
@@ -216,12 +219,18 @@ class IsolateCgroup:
     def procs_files(self) -> list[str]:
         return [os.path.join(d, "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
 
-    def apply_limits(self, memory_mb: int, pids: int, cpu: float) -> list[str]:
+    def apply_limits(self, memory_mb: int, pids: int, cpu: float, *, setup: bool = False) -> list[str]:
         """Write the limits; return the ones that could not be applied, with why.
+
+        ``setup``: the runtime is about to build the isolate in this group, so the CPU
+        limit is at least ``SETUP_CPU``; the runtime writes the caller's own limits once
+        setup is done, before anything of the caller's runs.
 
         A limit the kernel refuses raises ``SandboxStartError`` naming it: the
         caller destroys the isolate (its limits are then only partly written).
         """
+        if setup:
+            cpu = max(cpu, SETUP_CPU)
         if self._applied is not None and self._applied[0] == (memory_mb, pids, cpu):
             return list(self._applied[1])  # a pooled isolate built with these very limits
         self._applied = None  # until every limit is written

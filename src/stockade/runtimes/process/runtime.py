@@ -292,10 +292,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             if cgroup is not None:
                 # A pooled isolate is built with the default policy's limits; hand-over
                 # rewrites them only when the caller's policy differs.
-                unenforced = cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit)
+                cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit, setup=True)
             zygote.spawn(config, guest.fileno())
             guest.close()
             pidfd, listener, egress = _handshake(host)
+            if cgroup is not None:  # set up: the caller's own CPU limit from now on
+                unenforced = cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit)
             sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener, uid)
             sandbox.egress_sockets, sandbox.egress_worker, worker = egress, worker, None
             sandbox.unenforced_limits = unenforced
