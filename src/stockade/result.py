@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 TerminationReason = Literal[
-    "completed", "timeout", "cpu_limit", "memory_limit", "output_limit", "violation", "killed", "error"
+    "completed", "timeout", "cpu_limit", "memory_limit", "output_limit", "violation", "killed", "error", "lost"
 ]
 Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
 DetectionLayer = Literal["SECCOMP", "LANDLOCK", "CGROUP", "RLIMIT", "GVISOR", "HYPERVISOR", "SUPERVISOR", "NETWORK"]

@@ -337,6 +337,11 @@ class AsyncSandbox:
             self._sync = await asyncio.to_thread(Sandbox, self.policy, manager=self._manager)
         return self
 
+    @property
+    def runtime(self) -> str:
+        """The runtime this sandbox was started on (``process``, ``gvisor``, ``microvm``)."""
+        return self._held().runtime
+
     def _held(self) -> Sandbox:
         if self._sync is None:
             raise RuntimeError("AsyncSandbox is not started: use 'async with' or 'await sb.start()'")

@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
 from .paths import DEFAULT_GUEST_PYTHON, default_config_dir, default_socket_path, default_state_dir
+from .placement.config import LocalPlacementConfig, RayPlacementConfig, parse_placement
 
 DEFAULT_HTTP_PORT = 8002  # seed 003's
 DEFAULT_SANDBOX_UIDS = (1879048192, 1879113727)  # systemd's unused 0x70000000 range: docs/runtime-process.md
@@ -85,6 +86,8 @@ class Settings(BaseSettings):
     session_key_file: str = "/run/stockade/.session"
     # MCP tools (docs/mcp.md)
     config_dir: str = Field(default_factory=default_config_dir)
+    # Where isolates run (docs/scale-out.md): "local", or JSON such as {"type": "ray", "address": "head:6379"}
+    placement: LocalPlacementConfig | RayPlacementConfig = Field(default_factory=LocalPlacementConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -256,6 +259,13 @@ def _path(raw: str, name: str) -> str:
     return os.path.abspath(raw)
 
 
+def _placement(raw: str, name: str) -> LocalPlacementConfig | RayPlacementConfig:
+    try:
+        return parse_placement(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {str(exc).removeprefix('placement: ')}") from None
+
+
 def _timeout(raw: str, name: str) -> float | None:
     try:
         return float(raw)
@@ -292,6 +302,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "microvm_snapshots": _switch,
     "env_store": _path,
     "env_build_timeout": _timeout,
+    "placement": _placement,
 }
 
 

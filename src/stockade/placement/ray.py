@@ -1,0 +1,383 @@
+"""The ``ray`` placement: isolates on the nodes of a Ray cluster.
+
+Each node that advertises ``stockade_<runtime>`` (``stockade ray resources``)
+gets one ``StockadeNode`` actor of this placement, pinned to it, which keeps
+that node's warm pools full. An ``acquire`` reserves the isolate's CPU, memory
+and one unit of the isolation resource as a Ray placement group (so Ray, not
+stockade, decides which node has room, and the room stays booked for the
+isolate's life), then takes an isolate from that node's actor: from its warm
+pool when the policy matches, so a claim is a hand-over, not a start.
+
+Ray's resources are bookkeeping; every limit is still enforced by the node's
+own kernel, as on one host. A node that goes away ends the runs on it with
+``termination_reason="lost"`` naming the node; its held isolates are gone
+(``SandboxLostError``), and the next acquire lands elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CallTooLargeError, DaemonBusyError, RuntimeUnavailableError, SandboxLostError
+from ..result import ExecResult
+from .base import runtime_choices
+from .ray_node import OUTPUT, RESULT, StockadeNode
+
+if TYPE_CHECKING:
+    from ..policy import Policy
+    from ..runtimes.verdict import OutputCallback
+    from .base import Isolate
+    from .config import RayPlacementConfig
+
+RESOURCE_PREFIX = "stockade_"
+MiB = 1024 * 1024
+_NODES_TTL_S = 1.0  # how long a read of the cluster's nodes is reused by acquires
+_ACQUIRE_TRIES = 3  # a node lost between reservation and hand-over: the next try lands elsewhere
+
+
+def _probe(address: str) -> None:
+    """A TCP connection to the cluster's GCS, or the OSError that says why there is none."""
+    if address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+        pass
+
+
+def resource_name(runtime: str) -> str:
+    return f"{RESOURCE_PREFIX}{runtime}"
+
+
+def _lost(exc: BaseException) -> bool:
+    import ray.exceptions
+
+    return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.NodeDiedError | ray.exceptions.ObjectLostError)
+
+
+class RayIsolate:
+    def __init__(self, placement: RayPlacement, node: _Node, info: dict[str, Any], policy: Policy, group: Any) -> None:
+        self._placement = placement
+        self._node = node
+        self._group = group
+        self.id: str = info["id"]
+        self.runtime: str = info["runtime"]
+        self.node: str = node.node_id
+        self.policy = policy
+        self.lost: str | None = None
+        self.closed = False
+
+    def _check(self) -> None:
+        if self.lost is not None:
+            raise SandboxLostError(self.lost)
+        if self.closed:
+            raise SandboxLostError(f"isolate {self.id} was released")
+
+    def _mark_lost(self, exc: BaseException) -> str:
+        self.lost = (
+            f"the Ray node {self._node.node_id} ({self._node.address}) that held isolate {self.id} was lost "
+            f"({type(exc).__name__})"
+        )
+        self._node.suspect = True
+        return self.lost
+
+    async def _run(self, kind: str, call: dict[str, Any], on_output: OutputCallback | None) -> ExecResult:
+        self._check()
+        started = time.monotonic()
+        stream = self._node.actor.run.options(num_returns="streaming").remote(self.id, kind, call)
+        try:
+            async for ref in stream:
+                item = await ref
+                if item[0] == OUTPUT and on_output is not None:
+                    on_output(item[1], item[2])
+                elif item[0] == RESULT:
+                    return ExecResult.model_validate_json(item[1])
+        except Exception as exc:
+            if not _lost(exc):
+                raise
+            return ExecResult(
+                success=False,
+                termination_reason="lost",
+                error=self._mark_lost(exc),
+                execution_time_seconds=time.monotonic() - started,
+                runtime_used=self.runtime,
+                policy_digest=self.policy.digest,
+            )
+        raise SandboxLostError(self._mark_lost(RuntimeError("the node's stream ended without a result")))
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        from ..protocol.models import argv_list
+
+        call = {"argv": argv_list(argv), "stdin": stdin, "env": env, "cwd": cwd, "timeout": timeout}
+        return await self._run("exec", call, on_output)
+
+    async def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        call = {"code": code, "language": language, "stdin": stdin, "env": env, "timeout": timeout}
+        return await self._run("run_code", call, on_output)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        self._check()
+        try:
+            return await getattr(self._node.actor, method).remote(self.id, *args)
+        except Exception as exc:
+            if _lost(exc):
+                raise SandboxLostError(self._mark_lost(exc)) from None
+            raise
+
+    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        limit = self._placement.config.max_file_bytes
+        if len(raw) > limit:
+            raise CallTooLargeError(f"write_file: {len(raw)} bytes, more than the placement's max_file_bytes {limit}")
+        await self._call("write_file", path, raw, mode)  # large bytes travel through the object store
+
+    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        limit = self._placement.config.max_file_bytes
+        if max_bytes is not None and max_bytes <= limit:
+            return bytes(await self._call("read_file", path, max_bytes))
+        data = bytes(await self._call("read_file", path, limit + 1))  # one byte more says "larger"
+        if len(data) > limit:
+            raise CallTooLargeError(
+                f"read_file: {path} is larger than the placement's max_file_bytes {limit}: read it with max_bytes"
+            )
+        return data
+
+    async def aclose(self) -> None:
+        await self._placement.release(self)
+
+
+class _Node:
+    def __init__(self, node_id: str, address: str, actor: Any) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.actor = actor
+        self.suspect = False
+
+
+class RayPlacement:
+    """Connects to the cluster at ``config.address`` (``ray.init``) on first use."""
+
+    name = "ray"
+
+    def __init__(self, config: RayPlacementConfig) -> None:
+        self.config = config
+        self.instance = uuid.uuid4().hex[:8]
+        self._nodes: dict[str, _Node] = {}
+        self._cluster: list[dict[str, Any]] = []
+        self._cluster_at = 0.0
+        self._lock = asyncio.Lock()
+        self._connected = False
+        self._owns_connection = False
+        self.unreachable: str | None = None
+        self._held: set[RayIsolate] = set()
+
+    # -- the cluster ---------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        import ray
+
+        if self._connected:
+            return
+        if ray.is_initialized():  # inside a Ray job (an RL trainer's driver, say): its connection
+            self._connected = True
+            return
+        try:
+            _probe(self.config.address)  # ray.init would retry a dead address for minutes
+            ray.init(
+                address=self.config.address,
+                namespace=self.config.namespace,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster, in its words
+            self.unreachable = f"the Ray cluster at {self.config.address} is unreachable: {exc}"
+            raise RuntimeUnavailableError(self.unreachable) from None
+        self._owns_connection = True
+        self.unreachable = None
+        self._connected = True
+
+    async def connect(self) -> dict[str, Any]:
+        """Reach the cluster and start every stockade node's actor now (a daemon does this at start)."""
+        await asyncio.to_thread(self._connect)
+        await self._refresh(force=True)
+        await asyncio.gather(*(self._node_ready(n) for n in list(self._nodes.values())), return_exceptions=True)
+        return self.describe()
+
+    async def _node_ready(self, node: _Node) -> None:
+        await node.actor.describe.remote()
+
+    async def _refresh(self, force: bool = False) -> list[dict[str, Any]]:
+        """The cluster's alive nodes (read at most every _NODES_TTL_S), and an actor on each stockade node."""
+        import ray
+
+        async with self._lock:
+            if not force and time.monotonic() - self._cluster_at < _NODES_TTL_S:
+                return self._cluster
+            nodes = await asyncio.to_thread(ray.nodes)
+            self._cluster = [n for n in nodes if n.get("Alive")]
+            self._cluster_at = time.monotonic()
+            alive = {n["NodeID"] for n in self._cluster}
+            for gone in set(self._nodes) - alive:
+                del self._nodes[gone]  # its actor died with it
+            for info in self._cluster:
+                runtimes = sorted(
+                    k[len(RESOURCE_PREFIX) :] for k in info.get("Resources", {}) if k.startswith(RESOURCE_PREFIX)
+                )
+                if runtimes and info["NodeID"] not in self._nodes:
+                    self._nodes[info["NodeID"]] = _Node(
+                        info["NodeID"], info["NodeManagerAddress"], self._spawn(info, runtimes)
+                    )
+            return self._cluster
+
+    def _spawn(self, info: dict[str, Any], runtimes: list[str]) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actor_class = ray.remote(StockadeNode)
+        return actor_class.options(
+            name=f"stockade-node-{info['NodeID'][:16]}-{self.instance}",
+            num_cpus=0,
+            max_restarts=0,
+            max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(info["NodeID"], soft=False),
+        ).remote(runtimes, self.config.pool_size)
+
+    # -- isolates ------------------------------------------------------------------------------
+
+    def _bundle(self, policy: Policy, runtime: str) -> dict[str, float]:
+        return {"CPU": policy.cpu_limit, "memory": float(policy.memory_mb * MiB), resource_name(runtime): 1.0}
+
+    def _choose(self, policy: Policy, cluster: list[dict[str, Any]]) -> tuple[str, dict[str, float]]:
+        """The runtime to ask for: the first of the policy's choices some node could ever hold, or why none."""
+        choices, wanted = runtime_choices(policy)
+        reasons = []
+        for runtime in choices:
+            bundle = self._bundle(policy, runtime)
+            offering = [n for n in cluster if resource_name(runtime) in n.get("Resources", {})]
+            if not offering:
+                reasons.append(f"no node advertises {resource_name(runtime)}")
+                continue
+            if any(all(n["Resources"].get(k, 0.0) >= v for k, v in bundle.items()) for n in offering):
+                return runtime, bundle
+            biggest = max(offering, key=lambda n: n["Resources"].get("CPU", 0.0))
+            reasons.append(
+                f"no node offering {resource_name(runtime)} has cpu_limit={policy.cpu_limit:g} and "
+                f"memory_mb={policy.memory_mb} in all (the largest: {biggest['Resources'].get('CPU', 0):g} CPU, "
+                f"{int(biggest['Resources'].get('memory', 0)) // MiB} MiB)"
+            )
+        raise RuntimeUnavailableError(f"the Ray cluster cannot hold {wanted}: {'; '.join(reasons)}")
+
+    async def acquire(self, policy: Policy) -> Isolate:
+        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+        await asyncio.to_thread(self._connect)
+        last: BaseException | None = None
+        for _ in range(_ACQUIRE_TRIES):
+            cluster = await self._refresh(force=last is not None)
+            runtime, bundle = self._choose(policy, cluster)
+            group = placement_group([bundle], strategy="STRICT_PACK")
+            try:
+                try:
+                    await asyncio.wait_for(group.ready(), self.config.claim_timeout)
+                except TimeoutError:
+                    raise DaemonBusyError(
+                        f"no node of the Ray cluster had room for {runtime} (cpu_limit={policy.cpu_limit:g}, "
+                        f"memory_mb={policy.memory_mb}) within {self.config.claim_timeout:g} s"
+                    ) from None
+                table = await asyncio.to_thread(placement_group_table, group)
+                node_id = table["bundles_to_node_id"][0]
+                node = self._nodes.get(node_id)
+                if node is None:
+                    await self._refresh(force=True)
+                    node = self._nodes[node_id]
+                # The node runs the runtime reserved for it, not its own pick for a trust (it may have
+                # a stronger one this placement did not ask Ray for).
+                placed = policy if policy.runtime == runtime else policy.replace(runtime=runtime)
+                info = await node.actor.acquire.remote(placed.model_dump_json())
+            except Exception as exc:
+                remove_placement_group(group)
+                if not _lost(exc):
+                    raise
+                last = exc  # the node went between the reservation and the hand-over
+                continue
+            except BaseException:
+                remove_placement_group(group)
+                raise
+            isolate = RayIsolate(self, node, info, placed, group)
+            self._held.add(isolate)
+            return isolate
+        raise RuntimeUnavailableError(f"every node the Ray cluster offered was lost during the hand-over: {last}")
+
+    async def release(self, isolate: Isolate) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        assert isinstance(isolate, RayIsolate)
+        if isolate.closed:
+            return
+        isolate.closed = True
+        self._held.discard(isolate)
+        try:
+            if isolate.lost is None:
+                with contextlib.suppress(Exception):  # a node lost now: its isolates went with it
+                    await isolate._node.actor.release.remote(isolate.id)
+        finally:
+            with contextlib.suppress(Exception):
+                remove_placement_group(isolate._group)
+
+    def describe(self) -> dict[str, Any]:
+        nodes = [
+            {"node_id": n.node_id, "address": n.address, "resources": dict(info.get("Resources", {}))}
+            for info in self._cluster
+            for n in [self._nodes.get(info["NodeID"])]
+            if n is not None
+        ]
+        return {
+            "type": "ray", "address": self.config.address, "namespace": self.config.namespace,
+            "reachable": self._connected and self.unreachable is None, "error": self.unreachable,
+            "nodes": nodes, "held": len(self._held),
+        }  # fmt: skip
+
+    async def aclose(self) -> None:
+        """Every held isolate released and every node actor shut down (its pools, its zygotes), then killed."""
+        import ray
+
+        for isolate in list(self._held):
+            await self.release(isolate)
+        nodes, self._nodes = list(self._nodes.values()), {}
+        if nodes:
+            await asyncio.gather(*(self._stop(n) for n in nodes), return_exceptions=True)
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                ray.kill(node.actor)
+        self._connected = False
+        if self._owns_connection:
+            self._owns_connection = False
+            await asyncio.to_thread(ray.shutdown)  # the connection it made: the next placement makes its own
+
+    async def _stop(self, node: _Node) -> None:
+        await asyncio.wait_for(node.actor.shutdown.remote(), 30)

@@ -1,0 +1,110 @@
+"""The actor of one Ray node: it holds the node's runtimes, warm pools and isolates.
+
+Started by the ``ray`` placement on every node that advertises a ``stockade_*``
+resource, pinned there (node affinity, no CPU of its own: the isolates' CPU and
+memory are reserved by the placement's placement groups). Everything an isolate
+does runs on this node, under this node's kernel and cgroups, exactly as on a
+single host; Ray only carries the calls, the output and the files.
+
+It is an async actor: calls on different isolates run concurrently on its event
+loop, and a run's output goes back as a Ray streaming generator, piece by piece.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..errors import NotFoundError
+from ..policy import Policy
+from ..runtimes.manager import RuntimeManager
+from ..sdk import AsyncSandbox
+
+OUTPUT, RESULT = "out", "result"
+
+
+class StockadeNode:
+    """One per node and placement; ``runtimes``: the ones the node advertises (warmed now)."""
+
+    def __init__(self, runtimes: list[str], pool_size: int) -> None:
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.manager = RuntimeManager(pool_size=pool_size)
+        self.isolates: dict[str, AsyncSandbox] = {}
+        self.runtimes = runtimes
+        for name in runtimes:  # kept full by this actor from now on (pool.py's refill thread)
+            warm = getattr(self.manager.get(name), "warm_up", None)
+            if warm is not None:
+                warm()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "runtimes": self.runtimes,
+        }
+
+    async def acquire(self, policy_json: str) -> dict[str, Any]:
+        started = time.monotonic()
+        policy = Policy.model_validate_json(policy_json)
+        sandbox = await AsyncSandbox(policy, manager=self.manager).start()
+        isolate_id = os.urandom(8).hex()
+        self.isolates[isolate_id] = sandbox
+        return {"id": isolate_id, "runtime": sandbox.runtime, "acquire_ms": (time.monotonic() - started) * 1000}
+
+    def _get(self, isolate_id: str) -> AsyncSandbox:
+        sandbox = self.isolates.get(isolate_id)
+        if sandbox is None:
+            raise NotFoundError(f"no isolate {isolate_id} on node {self.node_id}")
+        return sandbox
+
+    async def run(self, isolate_id: str, kind: str, call: dict[str, Any]) -> AsyncIterator[tuple[Any, ...]]:
+        """``exec`` or ``run_code`` (``kind``) with ``call``'s keywords: its output as it comes, then its result."""
+        sandbox = self._get(isolate_id)
+        queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+        def on_output(stream: str, data: bytes) -> None:  # on this loop: the agent's reader calls it here
+            queue.put_nowait((OUTPUT, stream, data))
+
+        if kind == "exec":
+            task = asyncio.ensure_future(sandbox.exec(on_output=on_output, **call))
+        elif kind == "run_code":
+            task = asyncio.ensure_future(sandbox.run_code(on_output=on_output, **call))
+        else:
+            raise ValueError(f"unknown call {kind!r}")
+        task.add_done_callback(lambda _: queue.put_nowait((RESULT,)))
+        try:
+            while True:
+                item = await queue.get()
+                if item[0] == RESULT:
+                    break
+                yield item
+            yield (RESULT, task.result().model_dump_json())
+        finally:
+            if not task.done():  # the caller went away: the run ends with it
+                task.cancel()
+
+    async def write_file(self, isolate_id: str, path: str, data: bytes, mode: int) -> None:
+        await self._get(isolate_id).write_file(path, data, mode)
+
+    async def read_file(self, isolate_id: str, path: str, max_bytes: int) -> bytes:
+        return await self._get(isolate_id).read_file(path, max_bytes)
+
+    async def release(self, isolate_id: str) -> bool:
+        sandbox = self.isolates.pop(isolate_id, None)
+        if sandbox is None:
+            return False
+        await sandbox.aclose()
+        return True
+
+    async def shutdown(self) -> None:
+        """Every isolate closed and the runtimes' pools and zygotes ended, before the actor goes."""
+        held, self.isolates = list(self.isolates.values()), {}
+        await asyncio.gather(*(sandbox.aclose() for sandbox in held), return_exceptions=True)
+        await asyncio.to_thread(self.manager.close)
