@@ -702,12 +702,14 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_image_build)
 
     from .cli_env import add_parser as add_env_parser
+    from .cli_k8s import add_parser as add_k8s_parser
     from .cli_mcp import add_parser as add_mcp_parser
     from .cli_ray import add_parser as add_ray_parser
     from .cli_secrets import add_parsers as add_secrets_parsers
 
     add_env_parser(sub)
     add_mcp_parser(sub)
+    add_k8s_parser(sub)
     add_ray_parser(sub)
     add_secrets_parsers(sub)
 

@@ -79,7 +79,7 @@ TRACED = (
 _counter = iter(range(1, 1 << 62))
 # -S skips site (slow under gVisor); the site directories Debian's python3 would
 # add are appended by hand so that code run in the sandbox finds the same packages.
-_BOOT = runner.bootstrap(
+CONTAINER_BOOT = runner.bootstrap(
     "import sys; v = '%d.%d' % sys.version_info[:2]; "
     f"sys.path.insert(0, {AGENT_MOUNT!r}); "
     "sys.path += ['/usr/local/lib/python%s/dist-packages' % v, '/usr/lib/python3/dist-packages', "
@@ -101,7 +101,7 @@ _SEED = (
     "except OSError:\n"
     "    pass\n"
 )
-_BOOT_WITH_ENV = _SEED + _BOOT
+_BOOT_WITH_ENV = _SEED + CONTAINER_BOOT
 
 
 def gvisor_shape(policy: Policy) -> tuple[Any, ...]:
@@ -403,7 +403,7 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         "process": {
             "terminal": False,
             "user": {"uid": 1000, "gid": 1000},
-            "args": [system_python(), "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else _BOOT],
+            "args": [system_python(), "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else CONTAINER_BOOT],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/work",
             "noNewPrivileges": True,

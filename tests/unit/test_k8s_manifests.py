@@ -1,0 +1,135 @@
+"""``stockade k8s manifests``: every object valid against the Kubernetes schemas (kubernetes-validate)
+and against agent-sandbox's own CRD schemas (vendored, tests/data/agent-sandbox), and each sandbox
+pod as closed as the isolation it stands for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from stockade.k8s.manifests import LEVELS, manifests, sandbox_template
+from stockade.policy import Policy
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="the dev extra installs kubernetes-validate")
+jsonschema = pytest.importorskip("jsonschema", reason="kubernetes-validate brings jsonschema")
+yaml = pytest.importorskip("yaml", reason="the k8s extra installs PyYAML")
+
+K8S_VERSION = "1.33"
+CRDS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "agent-sandbox")
+IMAGE = "registry.example/stockade-agent:0.1.0"
+
+
+def _crd_schema(kind: str) -> dict[str, Any]:
+    for name in os.listdir(CRDS):
+        if not name.endswith(".yaml"):
+            continue
+        with open(os.path.join(CRDS, name)) as f:
+            crd = yaml.safe_load(f)
+        if crd["spec"]["names"]["kind"] == kind:
+            version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
+            schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+            return schema
+    raise LookupError(kind)
+
+
+def _strict(schema: Any) -> Any:
+    """The CRD's schema with unknown fields refused, as the API server prunes and kubectl warns."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out:
+            if not out.get("x-kubernetes-preserve-unknown-fields"):
+                out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def _validate(doc: dict[str, Any]) -> None:
+    if doc["apiVersion"].startswith("extensions.agents.x-k8s.io/"):
+        jsonschema.validate(doc, _strict(_crd_schema(doc["kind"])))
+        if doc["kind"] == "SandboxTemplate":  # its pod, against the Kubernetes PodTemplateSpec schema too
+            pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                   "template": doc["spec"]["podTemplate"]}  # fmt: skip
+            kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        return
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_every_manifest_is_valid() -> None:
+    docs = manifests(IMAGE)
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["Namespace"] + ["RuntimeClass"] * 3 + ["SandboxTemplate", "SandboxWarmPool"] * 3
+    for doc in docs:
+        _validate(doc)
+    handlers = {d["metadata"]["name"]: d["handler"] for d in docs if d["kind"] == "RuntimeClass"}
+    assert handlers == {"gvisor": "runsc", "kata-qemu": "kata-qemu", "kata-fc": "kata-fc"}
+
+
+def test_the_validation_catches_a_wrong_field() -> None:
+    # The checks above can fail: a misspelt field of the template, and one of its pod.
+    template = sandbox_template("gvisor", Policy(), IMAGE)
+    template["spec"]["networkPolicyManagment"] = "Managed"
+    with pytest.raises(jsonschema.ValidationError, match="networkPolicyManagment"):
+        _validate(template)
+    template = sandbox_template("gvisor", Policy(), IMAGE)
+    template["spec"]["podTemplate"]["spec"]["containers"][0]["securityContex"] = {}
+    with pytest.raises(jsonschema.ValidationError, match="securityContex"):
+        _validate(template)  # the CRD's own schema of the pod
+    pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+           "template": template["spec"]["podTemplate"]}  # fmt: skip
+    with pytest.raises(kubernetes_validate.ValidationError, match="securityContex"):
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)  # and Kubernetes' own
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_each_sandbox_pod_is_closed_and_sized_by_the_policy(level: str) -> None:
+    policy = Policy(cpu_limit=0.5, memory_mb=256, disk_mb=128)
+    template = sandbox_template(level, policy, IMAGE, microvm_class="kata-fc")
+    pod = template["spec"]["podTemplate"]["spec"]
+    assert pod.get("runtimeClassName") == {"process": None, "gvisor": "gvisor", "microvm": "kata-fc"}[level]
+    assert pod["automountServiceAccountToken"] is False  # no credentials to the API server inside
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC", "shareProcessNamespace"))
+    (agent,) = pod["containers"]
+    security = agent["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["allowPrivilegeEscalation"] is False and security["privileged"] is False
+    assert security["runAsNonRoot"] is True and security["readOnlyRootFilesystem"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    limits = {"cpu": "500m", "memory": "256Mi", "ephemeral-storage": "128Mi"}
+    assert agent["resources"] == {"requests": limits, "limits": limits}  # Guaranteed
+    assert {v["name"]: v["emptyDir"]["sizeLimit"] for v in pod["volumes"]} == {"work": "128Mi", "tmp": "128Mi"}
+    assert agent["stdin"] is True and agent.get("ports") is None  # reached by attach, listening on nothing
+    assert {e["name"]: e["value"] for e in agent["env"]}["STOCKADE_AGENT_FD"] == "stdio"
+    # Managed with no rule: every ingress and every egress denied.
+    assert template["spec"]["networkPolicy"] == {"ingress": [], "egress": []}
+    assert template["spec"]["networkPolicyManagement"] == "Managed"
+    assert template["spec"]["envVarsInjectionPolicy"] == "Disallowed"
+
+
+def test_what_a_pod_cannot_enforce_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot filter by host name"):
+        sandbox_template("process", Policy(network_policy="allowlist", allowed_hosts=["pypi.org"]), IMAGE)
+    with pytest.raises(ValueError, match="isolation level 'kata'"):
+        sandbox_template("kata", Policy(), IMAGE)
+
+
+def test_the_cli_writes_yaml_that_reads_back_as_the_same_objects() -> None:
+    cmd = [sys.executable, "-m", "stockade.cli", "k8s", "manifests", "--image", IMAGE, "--level", "microvm",
+           "--warm", "5", "--memory-mb", "1024", "--namespace", "sandboxes"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+    docs = list(yaml.safe_load_all(out))
+    assert docs == manifests(IMAGE, namespace="sandboxes", levels=("microvm",), warm=5, policy=Policy(memory_mb=1024))
+    pool = docs[-1]
+    assert pool["spec"] == {"replicas": 5, "sandboxTemplateRef": {"name": "stockade-microvm"},
+                            "updateStrategy": {"type": "OnReplenish"}}  # fmt: skip
+    bad = subprocess.run(
+        [*cmd[:5], "--image", IMAGE, "--memory-mb", "99999"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "memory_mb" in bad.stderr
+    missing = subprocess.run(cmd[:5], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--image" in missing.stderr
