@@ -30,6 +30,16 @@ def add_parser(subparsers: Any) -> None:
     out.add_argument(
         "--microvm-class", choices=MICROVM_CLASSES, default="kata-qemu", help="the RuntimeClass of microvm"
     )
+    out.add_argument(
+        "--controller-image",
+        metavar="IMAGE",
+        help="the stockade image (deploy/docker/Dockerfile, target runtime): adds the controller's Deployment, "
+        "Service and ServiceMonitor",
+    )
+    out.add_argument("--ray-address", metavar="HOST:PORT", help="the controller places isolates on this Ray cluster")
+    out.add_argument(
+        "--controller-namespace", metavar="NS", help="the controller's namespace (default: NAMESPACE-system)"
+    )
     out.add_argument("--cpu", type=float, help="each sandbox's CPU, cores (the Policy's cpu_limit)")
     out.add_argument("--memory-mb", type=int, help="each sandbox's memory (the Policy's memory_mb)")
     out.add_argument("--disk-mb", type=int, help="each sandbox's /work and /tmp, each (the Policy's disk_mb)")
@@ -46,7 +56,8 @@ def cmd_k8s_manifests(args: argparse.Namespace) -> int:
         policy = Policy.build(**{k: v for k, v in fields.items() if v is not None})
         docs = manifests(
             namespace=args.namespace, image=args.image, levels=tuple(args.levels or LEVELS), warm=args.warm,
-            policy=policy, microvm_class=args.microvm_class,
+            policy=policy, microvm_class=args.microvm_class, controller_image=args.controller_image,
+            ray_address=args.ray_address, controller_namespace=args.controller_namespace,
         )  # fmt: skip
     except (PolicyError, ValueError) as exc:
         print(f"stockade k8s manifests: {exc}", file=sys.stderr)

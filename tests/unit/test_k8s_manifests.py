@@ -4,6 +4,7 @@ pod as closed as the isolation it stands for."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from stockade.k8s.controller import ISOLATION_HOST_LABEL, TOKEN_SECRET
 from stockade.k8s.manifests import LEVELS, manifests, sandbox_template
 from stockade.policy import Policy
 
@@ -19,20 +21,24 @@ jsonschema = pytest.importorskip("jsonschema", reason="kubernetes-validate bring
 yaml = pytest.importorskip("yaml", reason="the k8s extra installs PyYAML")
 
 K8S_VERSION = "1.33"
-CRDS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "agent-sandbox")
+DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
+CRD_DIRS = [os.path.join(DATA, "agent-sandbox"), os.path.join(DATA, "prometheus-operator")]
 IMAGE = "registry.example/stockade-agent:0.1.0"
+CONTROLLER_IMAGE = "registry.example/stockade:0.1.0"
+CRD_GROUPS = ("extensions.agents.x-k8s.io/", "monitoring.coreos.com/")
 
 
-def _crd_schema(kind: str) -> dict[str, Any]:
-    for name in os.listdir(CRDS):
-        if not name.endswith(".yaml"):
-            continue
-        with open(os.path.join(CRDS, name)) as f:
-            crd = yaml.safe_load(f)
-        if crd["spec"]["names"]["kind"] == kind:
-            version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
-            schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
-            return schema
+def _crd_schema(kind: str, version: str) -> dict[str, Any]:
+    for folder in CRD_DIRS:
+        for name in os.listdir(folder):
+            if not name.endswith(".yaml"):
+                continue
+            with open(os.path.join(folder, name)) as f:
+                crd = yaml.safe_load(f)
+            if crd["spec"]["names"]["kind"] == kind:
+                served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
+                schema: dict[str, Any] = served["schema"]["openAPIV3Schema"]
+                return schema
     raise LookupError(kind)
 
 
@@ -50,8 +56,8 @@ def _strict(schema: Any) -> Any:
 
 
 def _validate(doc: dict[str, Any]) -> None:
-    if doc["apiVersion"].startswith("extensions.agents.x-k8s.io/"):
-        jsonschema.validate(doc, _strict(_crd_schema(doc["kind"])))
+    if doc["apiVersion"].startswith(CRD_GROUPS):
+        jsonschema.validate(doc, _strict(_crd_schema(doc["kind"], doc["apiVersion"].rsplit("/", 1)[1])))
         if doc["kind"] == "SandboxTemplate":  # its pod, against the Kubernetes PodTemplateSpec schema too
             pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
                    "template": doc["spec"]["podTemplate"]}  # fmt: skip
@@ -133,3 +139,57 @@ def test_the_cli_writes_yaml_that_reads_back_as_the_same_objects() -> None:
     assert bad.returncode == 2 and "memory_mb" in bad.stderr
     missing = subprocess.run(cmd[:5], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "--image" in missing.stderr
+
+
+@pytest.mark.parametrize("ray_address", [None, "ray-head.ray:6379"])
+def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(ray_address: str | None) -> None:
+    docs = manifests(IMAGE, levels=("gvisor",), controller_image=CONTROLLER_IMAGE, ray_address=ray_address)
+    controller = docs[-5:]
+    assert [d["kind"] for d in controller] == ["Namespace", "ServiceAccount", "Deployment", "Service", "ServiceMonitor"]
+    assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in controller} == {"stockade-system"}
+    for doc in controller:
+        _validate(doc)
+    namespace, _, deployment, service, monitor = controller
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["STOCKADE_API_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": TOKEN_SECRET, "key": "token"}}
+    assert container["command"][1:] == ["serve", "--http", "0.0.0.0:8002", "--no-socket"]
+    assert pod["automountServiceAccountToken"] is False
+    # Its metrics are scraped with its own token, from the port the Service names.
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8002, "targetPort": "http", "protocol": "TCP"}]
+    assert service["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert endpoint["authorization"]["credentials"] == {"name": TOKEN_SECRET, "key": "token"}
+    assert monitor["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    enforce = namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+    if ray_address:  # it only talks to the Ray cluster: restricted
+        assert json.loads(env["STOCKADE_PLACEMENT"]["value"]) == {"type": "ray", "address": ray_address}
+        assert enforce == "restricted"
+        security = container["securityContext"]
+        assert security["capabilities"] == {"drop": ["ALL"]} and security["runAsNonRoot"] is True
+        assert security["readOnlyRootFilesystem"] is True and security["privileged"] is False
+    else:  # its isolates run in its pod: a privileged one, only on the nodes given to it
+        assert env["STOCKADE_PLACEMENT"]["value"] == "local" and enforce == "privileged"
+        assert container["securityContext"]["privileged"] is True
+        assert pod["nodeSelector"] == {ISOLATION_HOST_LABEL: "true"}
+    # The sandboxes' namespace stays restricted either way.
+    assert docs[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_the_servicemonitor_validation_catches_a_wrong_field() -> None:
+    monitor = manifests(IMAGE, controller_image=CONTROLLER_IMAGE)[-1]
+    monitor["spec"]["endpoints"][0]["bearerTokenSecrett"] = {"key": "token"}
+    with pytest.raises(jsonschema.ValidationError, match="bearerTokenSecrett"):
+        _validate(monitor)
+
+
+def test_a_controller_option_without_its_image_or_in_the_sandboxes_namespace_is_refused() -> None:
+    with pytest.raises(ValueError, match="give the controller's image too"):
+        manifests(IMAGE, ray_address="head:6379")
+    with pytest.raises(ValueError, match="must not be 'stockade'"):
+        manifests(IMAGE, controller_image=CONTROLLER_IMAGE, controller_namespace="stockade")
+    cmd = [sys.executable, "-m", "stockade.cli", "k8s", "manifests", "--image", IMAGE, "--ray-address", "h:1"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "give the controller's image too" in refused.stderr

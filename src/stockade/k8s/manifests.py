@@ -165,11 +165,16 @@ def manifests(
     warm: int = 2,
     policy: Policy | None = None,
     microvm_class: str = "kata-qemu",
+    controller_image: str | None = None,
+    ray_address: str | None = None,
+    controller_namespace: str | None = None,
 ) -> list[dict[str, Any]]:
     """Everything, in the order to apply it: the namespace, the RuntimeClasses, then per level
-    a template and its pool."""
+    a template and its pool; with ``controller_image``, the controller (k8s/controller.py) last."""
     if warm < 0:
         raise ValueError(f"warm pool size {warm}: at least 0")
+    if ray_address is not None and controller_image is None:
+        raise ValueError("a Ray address is the controller's placement: give the controller's image too")
     policy = policy or Policy()
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {
@@ -185,6 +190,13 @@ def manifests(
         pool = warm_pool(level, warm)
         pool["metadata"]["namespace"] = namespace
         docs += [template, pool]
+    if controller_image is not None:
+        from .controller import controller
+
+        system = controller_namespace or f"{namespace}-system"
+        if system == namespace:
+            raise ValueError(f"the controller's namespace must not be {namespace!r}, the sandboxes' own")
+        docs += controller(system, controller_image, ray_address)
     return docs
 
 

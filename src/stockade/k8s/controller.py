@@ -1,0 +1,162 @@
+"""The stockade controller in a cluster: its Deployment, Service and ServiceMonitor.
+
+The controller is ``stockade serve`` with its HTTP API (``--http 0.0.0.0:8002
+--no-socket``), its bearer token from a Secret the operator makes, and its
+``/metrics`` scraped by Prometheus with that token (a prometheus-operator
+ServiceMonitor; a bare Prometheus reads the Service's ``prometheus.io/*``
+annotations and needs the token in its scrape config). Where it places
+isolates decides what its pod may do:
+
+- ``ray`` (``--ray-address``): isolates on a Ray cluster's nodes; the
+  controller only talks to the cluster, so its pod meets the ``restricted``
+  Pod Security Standard (non-root, no capability, read-only root);
+- ``local``: isolates in the controller's own pod, which then needs what any
+  nesting sandbox needs (namespaces, cgroups, seccomp notifications, runsc):
+  a privileged pod, on nodes the operator labels ``stockade.dev/isolation-host``,
+  in a namespace of its own that admits it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+NAME = "stockade-controller"
+PORT = 8002
+# The Secret holding the API's bearer token, which the operator makes (docs/kubernetes.md): names, not values.
+TOKEN_SECRET = "stockade-api-token"  # noqa: S105
+TOKEN_KEY = "token"  # noqa: S105
+STATE_DIR = "/var/lib/stockade"
+ISOLATION_HOST_LABEL = "stockade.dev/isolation-host"
+_LABELS = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": "stockade"}
+
+
+def _env(ray_address: str | None) -> list[dict[str, Any]]:
+    placement = json.dumps({"type": "ray", "address": ray_address}) if ray_address else "local"
+    env: list[dict[str, Any]] = [
+        {"name": "STOCKADE_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}},
+        {"name": "STOCKADE_PLACEMENT", "value": placement},
+        {"name": "STOCKADE_AUDIT_LOG", "value": f"{STATE_DIR}/audit.log"},
+        {"name": "HOME", "value": STATE_DIR},
+    ]
+    if not ray_address:
+        env.append({"name": "STOCKADE_DAEMON_USER", "value": "root"})  # the pod is the isolation host
+    return env
+
+
+def _container(image: str, ray_address: str | None) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    container: dict[str, Any] = {
+        "name": "controller",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["/opt/stockade/.venv/bin/stockade", "serve", "--http", f"0.0.0.0:{PORT}", "--no-socket"],
+        "env": _env(ray_address),
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        # Ready once it answers; /health says "degraded" (still 200) while its Ray cluster is unreachable.
+        "readinessProbe": {**probe, "initialDelaySeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/v1/ping", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+        "volumeMounts": [{"name": "state", "mountPath": STATE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if ray_address:
+        container["securityContext"] = {
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+    else:
+        container["securityContext"] = {"privileged": True, "runAsUser": 0}
+        container["resources"]["requests"] = {"cpu": "2", "memory": "4Gi"}  # its isolates run in it
+        container["resources"]["limits"] = {"memory": "16Gi"}
+    return container
+
+
+def deployment(namespace: str, image: str, ray_address: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "serviceAccountName": NAME,
+        "automountServiceAccountToken": False,  # it calls no Kubernetes API
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,  # STOCKADE_SHUTDOWN_GRACE (10 s) for running work, then teardown
+        "containers": [_container(image, ray_address)],
+        "volumes": [{"name": "state", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+    }
+    if ray_address:
+        spec["securityContext"] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    else:
+        spec["nodeSelector"] = {ISOLATION_HOST_LABEL: "true"}
+        spec["tolerations"] = [{"key": ISOLATION_HOST_LABEL, "operator": "Exists", "effect": "NoSchedule"}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": NAME, "namespace": namespace, "labels": dict(_LABELS)},
+        "spec": {
+            "replicas": 1,  # held sandboxes live in one controller: more replicas need sticky routing
+            "selector": {"matchLabels": dict(_LABELS)},
+            "strategy": {"type": "Recreate"},
+            "template": {"metadata": {"labels": dict(_LABELS)}, "spec": spec},
+        },
+    }
+
+
+def service(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": NAME,
+            "namespace": namespace,
+            "labels": dict(_LABELS),
+            # For a Prometheus that discovers by annotation (its scrape config must add the bearer token).
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(PORT),
+                "prometheus.io/path": "/metrics",
+            },
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": dict(_LABELS),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def service_monitor(namespace: str) -> dict[str, Any]:
+    """prometheus-operator's scrape of ``/metrics``, with the controller's own bearer token."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": NAME, "namespace": namespace, "labels": dict(_LABELS)},
+        "spec": {
+            "selector": {"matchLabels": dict(_LABELS)},
+            "namespaceSelector": {"matchNames": [namespace]},
+            "endpoints": [
+                {
+                    "port": "http",
+                    "path": "/metrics",
+                    "interval": "30s",
+                    "authorization": {"type": "Bearer", "credentials": {"name": TOKEN_SECRET, "key": TOKEN_KEY}},
+                }
+            ],
+        },
+    }
+
+
+def controller(namespace: str, image: str, ray_address: str | None = None) -> list[dict[str, Any]]:
+    """The controller's namespace, service account, Deployment, Service and ServiceMonitor."""
+    level = "restricted" if ray_address else "privileged"
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {
+            "app.kubernetes.io/part-of": "stockade", "pod-security.kubernetes.io/enforce": level}}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": NAME, "namespace": namespace,
+            "labels": dict(_LABELS)}, "automountServiceAccountToken": False},
+        deployment(namespace, image, ray_address),
+        service(namespace),
+        service_monitor(namespace),
+    ]  # fmt: skip
