@@ -7,6 +7,7 @@
     stockade status [NAME] | ps | logs [-f] NAME | stop NAME | rm [--force] NAME
     stockade exec [-i] NAME -- CMD ARGS... | attach NAME
     stockade serve [--socket PATH] [--token-file F] [--http [HOST:PORT]] [--api-token-file F] [--no-socket]
+                   [--placement local|ray] [--ray-address HOST:PORT]
     stockade daemon ping|selftest|status|runtimes [--socket PATH] [--token-file F]
     stockade image build [--force] [--no-snapshot]
     stockade token new [--file F]
@@ -280,6 +281,22 @@ def _daemon_token(args: Any) -> str | None:
         return f.read().strip()
 
 
+def _placement_flags(placement: str | None, ray_address: str | None) -> str:
+    """``STOCKADE_PLACEMENT`` from ``--placement`` and ``--ray-address`` (which implies ``ray``)."""
+    import json
+
+    from .errors import ConfigError
+
+    kind = placement or "ray"
+    if kind == "local":
+        if ray_address:
+            raise ConfigError("--ray-address is for --placement ray, not local")
+        return "local"
+    if not ray_address:
+        raise ConfigError("--placement ray needs --ray-address HOST:PORT (the cluster's GCS, or 'auto')")
+    return json.dumps({"type": "ray", "address": ray_address})
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon.config import DaemonConfig
     from .daemon.main import serve
@@ -287,10 +304,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = DaemonConfig.from_env()
-        if args.socket or args.token_file or args.user:
+        if args.socket or args.token_file or args.user or args.placement or args.ray_address:
             from .client import read_token_file
 
             env = dict(os.environ)
+            if args.placement or args.ray_address:
+                env["STOCKADE_PLACEMENT"] = _placement_flags(args.placement, args.ray_address)
             if args.socket:
                 env["STOCKADE_SOCKET"] = args.socket
             if args.token_file:
@@ -678,6 +697,12 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
         help="started as root: become NAME once the sockets are bound (default: stockade when that account "
         "exists; root keeps root; $STOCKADE_DAEMON_USER)",
     )
+    serve.add_argument(
+        "--placement",
+        choices=["local", "ray"],
+        help="where isolates run: this host (local, the default) or a Ray cluster's nodes ($STOCKADE_PLACEMENT)",
+    )
+    serve.add_argument("--ray-address", metavar="HOST:PORT", help="the Ray cluster's GCS address (or 'auto')")
     serve.set_defaults(func=cmd_serve)
 
     daemon = sub.add_parser("daemon", help="ask a running daemon: ping, selftest, status, runtimes; cancel, close")

@@ -35,17 +35,12 @@ def one_shot(
     torn down afterwards off the caller's path: the one-shot path of ``run``, ``run_code``
     and the CLI (the daemon's is ``Controller._launch``, on its event loop)."""
     runtime = (manager or default_manager()).select(policy)
-    acquire = getattr(runtime, "acquire", None)
-    sandbox: AgentSandbox = acquire(policy) if acquire is not None else runtime.start(policy)
+    sandbox = runtime.acquire(policy)
     sandbox.one_shot = True
     try:
         return run(sandbox)
     finally:
-        dispose = getattr(runtime, "dispose", None)
-        if dispose is not None:
-            dispose(sandbox)
-        else:
-            sandbox.close()
+        runtime.dispose(sandbox)
 
 
 def run(

@@ -210,3 +210,121 @@ def _node_pids(cluster: LocalRayCluster, index: int) -> list[int]:
     from stockade.testing.ray_cluster import marked_pids
 
     return marked_pids(cluster.nodes[index].name)
+
+
+# ---- the daemon in cluster mode (stockade serve --placement ray) ------------------------------
+
+
+def _serve_on(address: str) -> Any:
+    from tests.daemon_harness import start_daemon, wait_for_http, wait_for_socket
+
+    daemon = start_daemon(
+        {"STOCKADE_MAX_SANDBOXES": "4"},
+        http="127.0.0.1:0",
+        wait=False,
+        args=("--placement", "ray", "--ray-address", address),
+    )
+    wait_for_socket(daemon, timeout=180)  # it reaches the cluster and starts its node actors first
+    wait_for_http(daemon, timeout=30)
+    return daemon
+
+
+def test_the_daemon_serves_both_doors_through_the_ray_placement(cluster: LocalRayCluster) -> None:
+    import httpx
+
+    from stockade.client import Client
+    from stockade.errors import InvalidRequestError
+
+    small = SMALL.model_dump(exclude_defaults=True)
+    daemon = _serve_on(cluster.address)
+    try:
+        assert "placement ray: 3 node(s)" in daemon.logs()
+        with Client(daemon.socket_path) as client:
+            chunks: list[bytes] = []
+            result = client.execute(
+                code="import sys\nfor i in range(3): print(i, flush=True)",
+                policy=small,
+                on_output=lambda stream, data: chunks.append(data),
+            )
+            assert (result.termination_reason, result.runtime_used) == ("completed", "process"), result.error
+            assert result.stdout == "0\n1\n2\n"
+            assert b"".join(chunks) == b"0\n1\n2\n"
+            gvisor = client.execute(["cat", "/proc/version"], policy={**small, "runtime": "gvisor"})
+            assert gvisor.termination_reason == "completed" and gvisor.runtime_used == "gvisor", gvisor.error
+            assert "gVisor" in gvisor.stdout or "#1 SMP" in gvisor.stdout  # runsc's own kernel banner
+            with pytest.raises(RuntimeUnavailableError, match="no node advertises stockade_microvm"):
+                client.execute(["true"], policy={**small, "runtime": "microvm"})
+            # A held sandbox: files in and out through the object store, runs on the same isolate.
+            with client.sandbox(small) as sandbox:
+                sandbox.write_file("/work/in.txt", b"placed\n")
+                copied = sandbox.exec(["sh", "-c", "tr a-z A-Z < /work/in.txt > /work/out.txt"])
+                assert copied.termination_reason == "completed", copied.error
+                assert sandbox.read_file("/work/out.txt") == b"PLACED\n"
+                assert sandbox.run_code("print(open('/work/in.txt').read().strip())").stdout == "placed\n"
+                with pytest.raises(InvalidRequestError, match="not offered by the daemon's ray placement"):
+                    sandbox.run_code("x = 1", session="notebook")
+                assert [s["runtime"] for s in client.status()["active_sandboxes"]] == ["process"]
+            assert client.status()["active_sandboxes"] == []
+            runtimes = {r["name"]: r for r in client.runtimes()}
+            assert runtimes["process"]["available"] and runtimes["gvisor"]["available"] and "microvm" not in runtimes
+        with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+            health = http.get("/health").json()
+            assert health["status"] == "healthy" and {"process", "gvisor"} <= set(health["runtimes_available"])
+            assert (health["placement"]["type"], health["placement"]["reachable"]) == ("ray", True)
+            assert len(health["placement"]["nodes"]) == 3
+            seed = {"agent_id": "t", "code": "print(6 * 7)", "cpu_limit": 0.25, "memory_limit_mb": 256}
+            answer = http.post("/api/v1/sandbox/execute", json=seed)
+            assert answer.status_code == 200 and answer.json()["stdout"] == "42\n", answer.text
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        daemon.cleanup()
+    # The daemon's node actors went with it: no stockade worker is left on any node.
+    assert _stockade_actors(cluster) == [], "the daemon left its node actors behind"
+
+
+def _stockade_actors(cluster: LocalRayCluster) -> list[str]:
+    """The named stockade actors alive on the cluster (from its GCS, in a driver of its own)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False);"
+        "names = ray.util.list_named_actors(all_namespaces=True);"
+        "print(json.dumps([a['name'] for a in names if a['name'].startswith('stockade-')]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, cluster.address], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_a_daemon_whose_cluster_is_unreachable_says_so_at_start_and_in_health() -> None:
+    import httpx
+
+    from stockade.client import Client
+
+    daemon = _serve_on("127.0.0.1:9")  # nothing listens on discard
+    try:
+        assert "the Ray cluster at 127.0.0.1:9 is unreachable" in daemon.logs()
+        with httpx.Client(base_url=daemon.http_url, timeout=30) as http:
+            health = http.get("/health").json()
+        assert health["status"] == "degraded" and health["runtimes_available"] == []
+        assert health["placement"]["reachable"] is False
+        assert "127.0.0.1:9 is unreachable" in health["placement"]["error"]
+        with Client(daemon.socket_path) as client, pytest.raises(RuntimeUnavailableError, match=r"127\.0\.0\.1:9"):
+            client.execute(["true"])
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        daemon.cleanup()
+
+
+def test_the_conformance_suite_passes_on_the_cluster_nodes(cluster: LocalRayCluster) -> None:
+    from stockade.testing.conformance import run_suite
+
+    async def body(placement: RayPlacement) -> None:
+        failures: list[str] = []
+        for runtime in ("process", "gvisor"):
+            failures += await run_suite(placement, SMALL.replace(runtime=runtime, timeout_seconds=60))
+        assert failures == [], "\n".join(failures)
+
+    _run(_with_placement(cluster, body))

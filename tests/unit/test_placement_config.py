@@ -52,3 +52,27 @@ def test_the_runtimes_a_policy_may_be_placed_on() -> None:
     # A trust: every level it accepts, strongest first (the cluster's nodes say which exist).
     assert runtime_choices(Policy(trust="verified"))[0] == ["microvm", "gvisor"]
     assert runtime_choices(Policy(trust="trusted"))[0] == ["microvm", "gvisor", "process"]
+
+
+def test_serve_flags_give_the_placement_setting_or_name_what_is_missing() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from stockade.cli import _placement_flags
+
+    assert json.loads(_placement_flags("ray", "head:6379")) == {"type": "ray", "address": "head:6379"}
+    assert json.loads(_placement_flags(None, "auto")) == {"type": "ray", "address": "auto"}  # the address implies ray
+    assert _placement_flags("local", None) == "local"
+    with pytest.raises(ConfigError, match="--placement ray needs --ray-address"):
+        _placement_flags("ray", None)
+    with pytest.raises(ConfigError, match="--ray-address is for --placement ray"):
+        _placement_flags("local", "head:6379")
+    # The daemon refuses the bad flags before it starts anything.
+    refused = subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "serve", "--placement", "ray", "--no-socket"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "--placement ray needs --ray-address" in refused.stderr

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from ..errors import NotFoundError, RunCancelledError, SandboxError
+from ..placement import Placement, open_placement
+from ..placement.config import LocalPlacementConfig
 from ..policy import Policy
 from ..protocol.models import (
     ActiveSandbox,
@@ -39,12 +41,13 @@ from ..protocol.models import (
 )
 from ..result import ExecResult, new_id
 from ..runtimes.agent_requests import code_params, exec_params
-from ..runtimes.base import AgentSandbox
+from ..runtimes.base import AgentSandbox, Runtime
 from ..runtimes.manager import RuntimeManager
 from ..runtimes.verdict import OutputCallback
 from .background import BackgroundProcesses, process_infos
 from .config import DaemonConfig
 from .held import Held, HeldSandboxes, settle_once
+from .placed import PlacedRuntime, connect
 from .slots import Slots
 
 T = TypeVar("T")
@@ -96,6 +99,12 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         # check found them available. ``/health`` reports these without starting anything.
         self.working_runtimes: set[str] = set()
         self.manager = manager or RuntimeManager(pool_size=config.pool_size)
+        # Where isolates run: this host's runtimes (``manager``), or another placement's
+        # isolates (``stockade serve --placement ray``), driven through ``placed.py``.
+        self.placement: Placement | None = (
+            None if isinstance(config.placement, LocalPlacementConfig) else open_placement(config.placement)
+        )
+        self._placed: PlacedRuntime | None = None
         self._pool = ThreadPoolExecutor(max_workers=config.max_sandboxes + 4, thread_name_prefix="stockade-run")
         self.slots = Slots(config.max_sandboxes, config.max_sandboxes_per_uid, config.queue_limit, config.queue_timeout)
         self.held: dict[str, Held] = {}
@@ -114,6 +123,26 @@ class Controller(HeldSandboxes, BackgroundProcesses):
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    def select(self, policy: Policy) -> Runtime | PlacedRuntime:
+        """The runtime that starts ``policy``'s isolate: this host's, or the placement's."""
+        if self.placement is None:
+            return self.manager.select(policy)
+        if self._placed is None:
+            self._placed = PlacedRuntime(self.placement, asyncio.get_running_loop())
+        return self._placed
+
+    async def connect_placement(self) -> dict[str, Any] | None:
+        """At the start: reach the placement (a Ray cluster, its node actors) and say what it offers."""
+        if self.placement is None:
+            return None
+        described = await connect(self.placement)
+        self.working_runtimes = set(placement_runtimes(described))
+        return described
+
+    def placement_health(self) -> dict[str, Any] | None:
+        """The placement's state for ``/health`` (None: this host's runtimes)."""
+        return None if self.placement is None else self.placement.describe()
 
     def _track(self, delta: int) -> None:
         self._inflight += delta
@@ -189,18 +218,17 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         asked once: a second ask would count a second miss).
         """
         request.check_sizes()
-        runtime = self.manager.select(request.policy)
+        runtime = self.select(request.policy)
         if not self.slots.take_now(caller.owner):
             return None  # the awaited path says why, or waits for a slot
         try:
-            take = getattr(runtime, "take_warm", None)
-            sandbox: AgentSandbox | None = take(request.policy) if take is not None else None
+            sandbox: AgentSandbox | None = runtime.take_warm(request.policy)
         except BaseException:  # a limit the host refused at hand-over: the slot goes back
             self.slots.release(caller.owner)
             raise
         running = self._started(runtime.name, caller, request.agent_id, sandbox)
         if sandbox is not None:
-            return self._launch(request, running, sandbox, self._disposer(runtime), done)
+            return self._launch(request, running, sandbox, runtime.dispose, done)
 
         async def cold() -> None:
             try:
@@ -234,13 +262,12 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         """One ``execute``: a slot (waiting in the queue if need be), a warm isolate or a
         cold one, the run, the isolate's end."""
         request.check_sizes()
-        runtime = self.manager.select(request.policy)
+        runtime = self.select(request.policy)
         await self._take_slot(caller)
         try:
             # A warm isolate is handed over on the event loop itself; only building
             # one on demand blocks, so only that goes to a thread.
-            take = getattr(runtime, "take_warm", None)
-            sandbox: AgentSandbox | None = take(request.policy) if take is not None else None
+            sandbox: AgentSandbox | None = runtime.take_warm(request.policy)
         except BaseException:
             self.slots.release(caller.owner)
             raise
@@ -259,7 +286,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             except BaseException:
                 self._ended(running.execution_id)
                 raise
-        dispose = self._disposer(runtime)
+        dispose = runtime.dispose
         if running.cancelled is not None:  # while its isolate was being started
             self._dispose_after_answer(sandbox, dispose)
             self._ended(running.execution_id)
@@ -274,11 +301,6 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         if isinstance(answer, Exception):
             raise answer
         return answer
-
-    def _disposer(self, runtime: Any) -> Callable[[AgentSandbox], None]:
-        """How a one-shot isolate of ``runtime`` goes: its pool's reaper, or a close off the loop."""
-        dispose: Callable[[AgentSandbox], None] | None = getattr(runtime, "dispose", None)
-        return dispose or self._close_in_pool
 
     def _launch(
         self,
@@ -336,11 +358,6 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             await self.slots.take(caller.owner)
         else:
             self.slots.take_at_once(caller.owner)
-
-    def _close_in_pool(self, sandbox: AgentSandbox) -> None:
-        """Close an isolate whose runtime keeps no pool, off the event loop."""
-        with contextlib.suppress(RuntimeError):  # the pool is shut down: manager.close ends it
-            self._pool.submit(sandbox.close)
 
     def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None) -> None:
         first = True
@@ -441,7 +458,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             ActiveSandbox(
                 execution_id=r.execution_id,
                 kind="execute",
-                runtime=r.runtime,
+                runtime=r.sandbox.runtime_name if r.sandbox is not None else r.runtime,
                 owner=r.caller.owner,
                 owner_uid=r.caller.uid,
                 agent_id=r.agent_id,
@@ -466,6 +483,8 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         have the daemon boot VMs as fast as it can ask. Callers that come during
         a check wait for that one.
         """
+        if self.placement is not None:
+            return await self._placement_runtimes()
         async with self._runtimes_lock:
             if self._runtimes_seen is None or time.monotonic() - self._runtimes_seen[0] > RUNTIMES_FRESH_S:
                 found = [asdict(a) for a in await self._blocking(self.manager.doctor)]
@@ -473,6 +492,20 @@ class Controller(HeldSandboxes, BackgroundProcesses):
                 self._runtimes_seen = (time.monotonic(), found)
                 self.working_runtimes = {a["name"] for a in found if a["available"] and a["name"] != "fake"}
             return self._runtimes_seen[1]
+
+    async def _placement_runtimes(self) -> list[dict[str, Any]]:
+        """``runtimes`` under a placement: each runtime its nodes advertise, and on how many."""
+        assert self.placement is not None
+        described = await connect(self.placement)
+        offered = placement_runtimes(described)
+        self.working_runtimes = set(offered)
+        where = f"the {self.placement.name} placement"
+        if not described.get("reachable", True):
+            return [{"name": self.placement.name, "available": False, "isolation": "", "reason": described["error"]}]
+        return [
+            {"name": name, "available": True, "isolation": name, "reason": f"{count} node(s) of {where}", "details": {}}
+            for name, count in sorted(offered.items())
+        ]
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is running a sandbox; False if ``timeout`` passed first."""
@@ -497,8 +530,26 @@ class Controller(HeldSandboxes, BackgroundProcesses):
                 await self._close(held, interrupt="the daemon stopped during this call")
             except SandboxError:
                 pass
+        if self.placement is not None:
+            try:
+                await self.placement.aclose()
+            except Exception:
+                log.exception("closing the %s placement failed", self.placement.name)
         await self._blocking(self.manager.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def placement_runtimes(described: dict[str, Any]) -> dict[str, int]:
+    """The runtimes a placement's nodes advertise (``stockade_<runtime>``), each with how many nodes do."""
+    from ..placement.ray import RESOURCE_PREFIX
+
+    offered: dict[str, int] = {}
+    for node in described.get("nodes", []):
+        for resource in node.get("resources", {}):
+            if resource.startswith(RESOURCE_PREFIX):
+                name = resource[len(RESOURCE_PREFIX) :]
+                offered[name] = offered.get(name, 0) + 1
+    return offered
 
 
 def _abandoned(running: Running, sandbox: AgentSandbox, request: ExecuteRequest) -> ExecResult:

@@ -108,6 +108,9 @@ class HeldSandboxes:
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise NotImplementedError
 
+    def select(self, policy: Policy) -> Any:
+        raise NotImplementedError
+
     def _track(self, delta: int) -> None:
         raise NotImplementedError
 
@@ -123,7 +126,7 @@ class HeldSandboxes:
     async def create(self, request: SandboxCreate, caller: Caller) -> SandboxCreated:
         policy = request.policy
         idle_timeout = self._idle_timeout(request.idle_timeout)
-        runtime = self.manager.select(policy)
+        runtime = self.select(policy)
         await self._take_slot(caller)
         try:
             # Not a bare thread call: a caller cancelled meanwhile (a client gone) would leave

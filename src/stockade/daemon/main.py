@@ -42,13 +42,22 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
             await controller.shutdown(0.0)
             observers.close()
             raise
-    # Start the default runtime now: its zygote, its pool, and the sweep of
-    # whatever a previous daemon killed with SIGKILL left behind.
-    try:
-        await asyncio.get_running_loop().run_in_executor(None, _warm, controller)
-        controller.working_runtimes.add(controller.manager.select(default_policy()).name)
-    except Exception as exc:  # noqa: BLE001 - the daemon still serves other runtimes and says why
-        log.warning("default runtime unavailable: %s", exc)
+    if controller.placement is not None:
+        # Isolates run elsewhere: reach that place now, and say at the start if it cannot be reached.
+        described = await controller.connect_placement()
+        assert described is not None
+        if described.get("reachable", True):
+            log.info("placement %s: %d node(s)", controller.placement.name, len(described.get("nodes", [])))
+        else:
+            log.warning("placement %s: %s", controller.placement.name, described.get("error"))
+    else:
+        # Start the default runtime now: its zygote, its pool, and the sweep of
+        # whatever a previous daemon killed with SIGKILL left behind.
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _warm, controller)
+            controller.working_runtimes.add(controller.manager.select(default_policy()).name)
+        except Exception as exc:  # noqa: BLE001 - the daemon still serves other runtimes and says why
+            log.warning("default runtime unavailable: %s", exc)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -105,14 +105,14 @@ def drop_root(config: DaemonConfig, controller: Controller) -> None:
         raise ConfigError(f"STOCKADE_DAEMON_USER={user}: the daemon gives root up, so it must start as root")
     uid, gid = identities.ids_of(user)
     _read_broker_key(config)
-    process = controller.manager.get("process")
-    process.hand_to(uid, gid)  # type: ignore[attr-defined]
+    process = controller.manager.process()
+    process.hand_to(uid, gid)
     from ..egress.workers import fork_server
 
     fork_server()  # root's: the egress workers it forks run as their isolates' uids, not as the daemon's
     # cgroup.kill empties an isolate's group: then no signal to another uid is needed, and nothing is
     # kept. Without it (cgroup v1 alone), CAP_KILL: which could signal any process on the host.
-    keep = () if process.can_end_groups() else (linux.CAP_KILL,)  # type: ignore[attr-defined]
+    keep = () if process.can_end_groups() else (linux.CAP_KILL,)
     if config.audit_log is not None:
         _audit_log_for(config.audit_log, uid, gid)
     if config.unix_socket and os.path.exists(config.socket):

@@ -57,6 +57,11 @@ class Isolate(Protocol):
 class Placement(Protocol):
     name: str
 
+    async def connect(self) -> dict[str, Any]:
+        """Reach where isolates run and get ready to place them; ``describe()`` after. Raises
+        ``RuntimeUnavailableError`` saying why when that place cannot be reached."""
+        ...
+
     async def acquire(self, policy: Policy) -> Isolate:
         """An isolate for ``policy``: from a warm pool when one matches, else started now."""
         ...

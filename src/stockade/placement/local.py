@@ -68,6 +68,9 @@ class LocalPlacement:
         self._own_manager = manager is None
         self.manager = manager or RuntimeManager(pool_size=config.pool_size)
 
+    async def connect(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.describe)
+
     async def acquire(self, policy: Policy) -> Isolate:
         sandbox = await AsyncSandbox(policy, manager=self.manager).start()
         return LocalIsolate(sandbox, sandbox.runtime)

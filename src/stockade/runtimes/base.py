@@ -43,6 +43,7 @@ from .agent_requests import code_request, exec_params, job_limits
 from .cells import cell_fields
 from .loop_call import LoopCall, decode_message, loop_tools, settle_outcome
 from .publish import AgentRelay, Forwarder, parse_publish
+from .reaper import Reaper
 from .spawned import Process
 from .verdict import CallbackGuard, OutputCallback, PendingRun, Verdict, b64_field, read_verdict
 from .violations import ViolationLog, ViolationReport
@@ -97,6 +98,28 @@ class Runtime(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - most runtimes hold nothing runtime-wide
         """Release runtime-wide resources (pools, helper processes)."""
+
+    # -- one-shot isolates: taken, then disposed of (a pooled runtime overrides these) --------
+
+    _reaper: Reaper | None = None
+
+    def take_warm(self, policy: Policy) -> AgentSandbox | None:
+        """A pre-built isolate for ``policy``, handed over without blocking, or None (no pool, no fit)."""
+        return None
+
+    def acquire(self, policy: Policy) -> AgentSandbox:
+        """A fresh isolate for a one-shot run: a warm one when there is one, else started now."""
+        return self.take_warm(policy) or self.start(policy)
+
+    def dispose(self, sandbox: AgentSandbox) -> None:
+        """Tear a one-shot isolate down without blocking the caller (on the runtime's reaper thread)."""
+        if self._reaper is None:
+            self._reaper = Reaper()
+        self._reaper.put(sandbox)
+
+    def pool_statistics(self) -> dict[str, int] | None:
+        """The warm pool's counters (runtimes/pool.py ``statistics``); None without a pool."""
+        return None
 
     def _probe(self, details: dict[str, Any]) -> Availability:
         """``detect``'s last word: available only if a sandbox under the default policy

@@ -54,9 +54,10 @@ from .base import BASE_ENV, Availability
 from .drain import Tail, drain, weak
 from .gvisor_log import SentryLog
 from .hosted import HostedSandbox, abandon_start, spawn_in_cgroup
-from .pool import PooledRuntime, Reaper, WarmPool
+from .pool import PooledRuntime, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from .process.zygote import AGENT_PARENT, system_python
+from .reaper import Reaper
 
 AGENT_MOUNT = "/opt/stockade"
 BUNDLE_PREFIX = "stockade-gvisor-"  # + "<host pid>-": the sweep removes a dead host's bundles

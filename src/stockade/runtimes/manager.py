@@ -11,13 +11,16 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RuntimeUnavailableError
 from ..isolation import LEVELS, RUNTIME_NAMES, rank, trust_map
 from ..policy import Policy
 from ..settings import current
 from .base import Availability, Runtime
+
+if TYPE_CHECKING:
+    from .process.runtime import ProcessRuntime
 
 LEVEL_TO_RUNTIME = {"none": "fake", "process": "process", "gvisor": "gvisor", "microvm": "microvm"}
 DEFAULT_RUNTIME = "process"
@@ -67,20 +70,22 @@ class RuntimeManager:
             started = dict(self._runtimes)
         found = {}
         for name, runtime in started.items():
-            statistics = getattr(runtime, "pool_statistics", None)
-            stats = statistics() if statistics is not None else None
+            stats = runtime.pool_statistics()
             if stats is not None:
                 found[name] = stats
         return found
 
+    def process(self) -> ProcessRuntime:
+        """The process runtime, as itself (what only it does: a zygote handed over, root given up)."""
+        from .process.runtime import ProcessRuntime
+
+        runtime = self.get("process")
+        assert isinstance(runtime, ProcessRuntime)
+        return runtime
+
     def adopt_zygote(self, zygote: Any) -> None:
         """Hand a pre-started process-runtime zygote to the process runtime."""
-        runtime = self.get("process")
-        adopt = getattr(runtime, "adopt_zygote", None)
-        if adopt is not None:
-            adopt(zygote)
-        else:
-            zygote.close()
+        self.process().adopt_zygote(zygote)
 
     def availability(self, name: str) -> Availability:
         runtime = self.get(name)

@@ -7,7 +7,6 @@ the next one never competes for the CPU with the run the last one served.
 from __future__ import annotations
 
 import abc
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -17,57 +16,9 @@ from typing import Any, Generic, TypeVar
 
 from ..policy import Policy, default_policy
 from .base import AgentSandbox, Runtime
+from .reaper import Reaper
 
 S = TypeVar("S", bound=AgentSandbox)
-
-
-class Reaper:
-    """Tears one-shot isolates down in the background, so results return at once.
-
-    ``defer`` runs other housekeeping on the same thread, in order.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[AgentSandbox | None, Callable[[], None] | None]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def put(self, sandbox: AgentSandbox, after: Callable[[], None] | None = None) -> None:
-        # Killed here, in the reaper's thread (``close`` kills first), not in the
-        # caller's: a kill before returning cost a one-shot's caller 0.2-0.4 ms
-        # here (its isolate's exit competing for the cores), 7-14% of a warm
-        # run. Nothing runs on for long: a one-shot's agent forks nothing after
-        # its answer, and the reaper kills within milliseconds (the GIL's switch
-        # interval, 5 ms, at worst).
-        self._enqueue(sandbox, after)
-
-    def defer(self, work: Callable[[], None]) -> None:
-        self._enqueue(None, work)
-
-    def _enqueue(self, sandbox: AgentSandbox | None, after: Callable[[], None] | None) -> None:
-        self._queue.put((sandbox, after))
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="stockade-reaper", daemon=True)
-                self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            sandbox, after = self._queue.get()
-            try:
-                if sandbox is not None:
-                    sandbox.close()
-                if after is not None:
-                    after()
-            except Exception:  # noqa: BLE001, S110 - teardown is best effort per isolate; next one goes on
-                pass
-            finally:
-                self._queue.task_done()
-
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.002)
 
 
 POOL_SHAPES_DEFAULT = 4
@@ -325,10 +276,6 @@ class PooledRuntime(Runtime, Generic[S]):
     def pool_statistics(self) -> dict[str, int] | None:
         """The warm pool's ``statistics()``; None for a runtime started without one."""
         return self._pool.statistics() if self._pool is not None else None
-
-    def acquire(self, policy: Policy) -> S:
-        """A fresh isolate for a one-shot run: from the warm pool when its shape fits."""
-        return self.take_warm(policy) or self.start(policy)
 
     def dispose(self, sandbox: AgentSandbox) -> None:
         """Close a one-shot isolate off the caller's critical path, then refill the pool."""

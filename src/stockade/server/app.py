@@ -202,13 +202,16 @@ def create_app(door: HttpDoor) -> FastAPI:
     @app.get("/health", name="health", response_model=seed.Health)
     async def health() -> seed.Health:
         available = door.runtimes_available()
+        placement = controller.placement_health()
+        reachable = placement is None or placement.get("reachable", True)
         return seed.Health(
-            status="healthy" if available else "degraded",
+            status="healthy" if available and reachable else "degraded",
             service="stockade",
             version=__version__,
             policy_digest=default_policy().digest,
             runtimes_available=available,
             active_sandboxes=len(controller.running) + len(controller.held),
+            placement=placement,
         )
 
     @app.get(

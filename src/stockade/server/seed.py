@@ -238,3 +238,8 @@ class Health(BaseModel):
     policy_digest: str = Field(description="the digest of the default policy")
     runtimes_available: list[str]
     active_sandboxes: int
+    placement: dict[str, Any] | None = Field(
+        default=None,
+        description="where isolates run when not on this host (stockade serve --placement ray): the cluster, "
+        "whether it is reachable and why not, its nodes",
+    )

@@ -44,9 +44,10 @@ from ...result import SecurityViolation
 from ...settings import current
 from ..base import Availability, IsolateUsage
 from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
-from ..pool import PooledRuntime, Reaper, WarmPool, pool_shapes_setting
+from ..pool import PooledRuntime, WarmPool, pool_shapes_setting
 from ..process import seccomp
 from ..process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
+from ..reaper import Reaper
 from . import image as guest_image
 from . import jail, snapshot
 from .console import CONSOLE, QemuOutput
