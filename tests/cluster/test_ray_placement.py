@@ -261,8 +261,11 @@ def test_the_daemon_serves_both_doors_through_the_ray_placement(cluster: LocalRa
                 assert copied.termination_reason == "completed", copied.error
                 assert sandbox.read_file("/work/out.txt") == b"PLACED\n"
                 assert sandbox.run_code("print(open('/work/in.txt').read().strip())").stdout == "placed\n"
+                assert {e["name"] for e in sandbox.list_dir("/work")} == {"in.txt", "out.txt"}
+                sandbox.run_code("x = 41", session="notebook")  # a stateful interpreter on the node
+                assert sandbox.run_code("x + 1", session="notebook").results[0].text == "42"
                 with pytest.raises(InvalidRequestError, match="not offered by the daemon's ray placement"):
-                    sandbox.run_code("x = 1", session="notebook")
+                    sandbox.spawn(["sleep", "1"])
                 assert [s["runtime"] for s in client.status()["active_sandboxes"]] == ["process"]
             assert client.status()["active_sandboxes"] == []
             runtimes = {r["name"]: r for r in client.runtimes()}

@@ -56,6 +56,12 @@ def test_a_check_that_fails_is_reported_by_name() -> None:
         async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
             return b""
 
+        async def list_dir(self, path: str) -> list[dict[str, object]]:
+            return []
+
+        async def close_interpreter(self, session: str) -> bool:
+            return False
+
         async def aclose(self) -> None:
             return None
 

@@ -6,8 +6,8 @@ pool, ``cancel``, ``kill``, ``close``). ``PlacedRuntime`` and ``PlacedSandbox``
 give a ``Placement``'s async ``Isolate`` that surface, so one-shot runs and held
 sandboxes, by the Unix socket or by HTTP, take the same paths, slots, audit and
 metrics in cluster mode as on one host. What an isolate of a placement does not
-offer (a stateful session, a directory listing, a background process) is
-refused with an error that names the placement.
+offer (an interrupt short of ending it, a background process, a published
+port) is refused with an error that names the placement.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class PlacedSandbox:
     def _refuse(self, what: str) -> InvalidRequestError:
         return InvalidRequestError(
             f"{what} is not offered by the daemon's {self._placement.name} placement (node {self.node}): "
-            "a placed sandbox takes exec, run_code without a session, and file reads and writes"
+            "a placed sandbox takes exec, run_code (sessions included), file reads and writes and listings"
         )
 
     # -- runs, on the event loop ---------------------------------------------------------------
@@ -140,7 +140,11 @@ class PlacedSandbox:
                 params["code"], params.get("language", "python"), stdin=stdin, env=env, timeout=timeout,
                 on_output=on_output,
             )  # fmt: skip
-        raise self._refuse("a stateful session (run_code with session)" if method == "run_cell" else method)
+        if method == "run_cell":  # a cell of a stateful interpreter, kept by the agent on the node
+            return await self.isolate.run_code(
+                params["code"], env=env, timeout=timeout, on_output=on_output, session=params["session"]
+            )
+        raise self._refuse(method)
 
     def _killed(self, started: float) -> ExecResult:
         return ExecResult(
@@ -186,10 +190,10 @@ class PlacedSandbox:
         return self._wait(self.isolate.read_file(path, max_bytes))
 
     def list_dir(self, path: str) -> list[dict[str, Any]]:
-        raise self._refuse("listing a directory")
+        return self._wait(self.isolate.list_dir(path))
 
     def close_interpreter(self, session: str) -> bool:
-        raise self._refuse("a stateful session")
+        return self._wait(self.isolate.close_interpreter(session))
 
     def spawn(self, *args: Any, **kwargs: Any) -> Any:
         raise self._refuse("a background process")

@@ -45,14 +45,23 @@ class LocalIsolate:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        session: str | None = None,
     ) -> ExecResult:
-        return await self._sandbox.run_code(code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output)
+        return await self._sandbox.run_code(
+            code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session
+        )
+
+    async def close_interpreter(self, session: str) -> bool:
+        return await self._sandbox.close_interpreter(session)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         await self._sandbox.write_file(path, data, mode)
 
     async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         return await self._sandbox.read_file(path, max_bytes)
+
+    async def list_dir(self, path: str) -> list[dict[str, Any]]:
+        return await self._sandbox.list_dir(path)
 
     async def aclose(self) -> None:
         await self._sandbox.aclose()

@@ -136,9 +136,13 @@ class RayIsolate:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        session: str | None = None,
     ) -> ExecResult:
-        call = {"code": code, "language": language, "stdin": stdin, "env": env, "timeout": timeout}
+        call = {"code": code, "language": language, "stdin": stdin, "env": env, "timeout": timeout, "session": session}
         return await self._run("run_code", call, on_output)
+
+    async def close_interpreter(self, session: str) -> bool:
+        return bool(await self._call("close_interpreter", session))
 
     async def _call(self, method: str, *args: Any) -> Any:
         self._check()
@@ -166,6 +170,9 @@ class RayIsolate:
                 f"read_file: {path} is larger than the placement's max_file_bytes {limit}: read it with max_bytes"
             )
         return data
+
+    async def list_dir(self, path: str) -> list[dict[str, Any]]:
+        return list(await self._call("list_dir", path))
 
     async def aclose(self) -> None:
         await self._placement.release(self)

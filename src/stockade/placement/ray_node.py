@@ -96,6 +96,12 @@ class StockadeNode:
     async def read_file(self, isolate_id: str, path: str, max_bytes: int) -> bytes:
         return await self._get(isolate_id).read_file(path, max_bytes)
 
+    async def list_dir(self, isolate_id: str, path: str) -> list[dict[str, Any]]:
+        return await self._get(isolate_id).list_dir(path)
+
+    async def close_interpreter(self, isolate_id: str, session: str) -> bool:
+        return await self._get(isolate_id).close_interpreter(session)
+
     async def release(self, isolate_id: str) -> bool:
         sandbox = self.isolates.pop(isolate_id, None)
         if sandbox is None:

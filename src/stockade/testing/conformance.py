@@ -1,7 +1,8 @@
 """The conformance suite: what a caller can rely on from any ``Isolate``, whoever placed it.
 
 Every check takes one live isolate (``placement.acquire(policy)``) and uses only
-the ``Isolate`` protocol (``exec``, ``run_code``, ``write_file``, ``read_file``),
+the ``Isolate`` protocol (``exec``, ``run_code`` with or without a session,
+``close_interpreter``, ``write_file``, ``read_file``, ``list_dir``),
 so the same suite runs against each runtime of this host through the ``local``
 placement (microVM included: the checks share one isolate, so one boot) and
 against a Ray cluster's nodes through the ``ray`` placement::
@@ -164,6 +165,19 @@ async def run_code_runs_bash_and_names_an_unknown_language(isolate: Isolate) -> 
     await _raises(isolate.run_code("x", language="cobol"), AgentError, "cobol")
 
 
+@check()
+async def a_session_keeps_its_state_until_it_is_closed(isolate: Isolate) -> None:
+    first = await isolate.run_code("import os\nx = 41", session="conformance")
+    assert first.success and first.execution_count == 1, first.summary()
+    r = await isolate.run_code("x + 1", session="conformance")
+    assert [(c.kind, c.text) for c in r.results] == [("execute_result", "42")], r.results
+    r = await isolate.run_code("raise KeyError('k')", session="conformance")
+    assert not r.success and r.exception is not None and r.exception.name == "KeyError"
+    assert await isolate.close_interpreter("conformance")
+    r = await isolate.run_code("'x' in globals()", session="conformance")
+    assert (r.execution_count, r.results[0].text) == (1, "False"), r.results
+
+
 # ---- files -------------------------------------------------------------------------------------
 
 
@@ -175,6 +189,7 @@ async def files_persist_across_calls(isolate: Isolate) -> None:
         assert (await isolate.exec(["wc", "-l", f"{tmp}/data.txt"])).stdout.split()[0] == "2"
         await isolate.run_code(f"open('{tmp}/out.bin', 'wb').write(bytes(range(256)))")
         assert await isolate.read_file(f"{tmp}/out.bin") == bytes(range(256))
+        assert {"data.txt", "out.bin"} == {e["name"] for e in await isolate.list_dir(tmp)}
     finally:
         await isolate.exec(["rm", "-rf", tmp])
 
