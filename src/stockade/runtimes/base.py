@@ -15,7 +15,6 @@ import abc
 import base64
 import functools
 import select
-import signal
 import socket
 import threading
 import time
@@ -41,6 +40,7 @@ from ..policy import Policy
 from ..result import EgressRequest, ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
 from .agent_requests import code_request, exec_params, job_limits
 from .cells import cell_fields
+from .judgement import judge
 from .loop_call import LoopCall, decode_message, loop_tools, settle_outcome
 from .publish import AgentRelay, Forwarder, parse_publish
 from .reaper import Reaper
@@ -689,52 +689,12 @@ class AgentSandbox(abc.ABC):
         egress_taken: tuple[list[EgressRequest], int] | None = None,
     ) -> ExecResult:
         said = verdict or Verdict()  # no verdict: the agent said nothing
-        exit_code, stdout, stderr = said.exit_code, said.stdout, said.stderr
-        timed_out, truncated = said.timed_out, said.truncated
-        # The host, not the guest, has the last word on output size.
-        cap = self.policy.max_output_bytes
-        if len(stdout) + len(stderr) > cap:
-            truncated = True
-            stdout = stdout[:cap]
-            stderr = stderr[: max(0, cap - len(stdout))]
-        oom = after.oom_kills > before.oom_kills
-        reason: TerminationReason
-        if self._kill_reason == "violation":
-            reason = "violation"
-        elif self._cancelled is not None:
-            reason = "killed"
-        elif oom:
-            reason = "memory_limit"
-        elif timed_out or self._kill_reason == "timeout":
-            reason = "timeout"
-        elif self._hit_cpu_limit(exit_code, before, after):
-            reason = "cpu_limit"
-        elif truncated:
-            reason = "output_limit"
-        elif error is not None:
-            reason = "error"
-        elif exit_code is not None and exit_code < 0:
-            reason = "killed"
-        else:
-            reason = "completed"
-        if reason == "memory_limit":
-            # The isolate may have died of it: the limit, not the death, is the news.
-            error = f"out of memory: the {self.policy.memory_mb} MB limit was reached"
-        elif reason == "timeout":
-            error = error or f"timed out after {timeout_s or self.policy.timeout_seconds:g} s"
-            if said.cell is not None:
-                error += " (the cell was interrupted; its interpreter keeps its state)"
-        elif reason == "cpu_limit":
-            error = f"CPU time limit reached: cpu_time_seconds={self.policy.cpu_time_seconds}"
-        elif reason == "output_limit":
-            error = error or f"output exceeded {cap} bytes and was cut"
-        elif reason == "violation":
-            named = f" ({', '.join(report.counts)})" if report.counts else ""
-            limit = self.policy.max_violations
-            if self.policy.on_violation == "kill" or limit is None:
-                error = error or f"killed after a policy violation{named}"
-            else:
-                error = error or f"killed after {report.blocked} refused calls, more than max_violations={limit}{named}"
+        judged = judge(
+            self.policy, said, error, before, after, report,
+            killed_for=self._kill_reason, cancelled=self._cancelled, timeout_s=timeout_s,
+        )  # fmt: skip
+        reason, error, exit_code = judged.reason, judged.error, said.exit_code
+        stdout, stderr = judged.stdout, judged.stderr
         cpu = None
         if after.cpu_seconds is not None and before.cpu_seconds is not None:
             cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
@@ -768,18 +728,6 @@ class AgentSandbox(abc.ABC):
             **cell,
             **egress,
         )
-
-    def _hit_cpu_limit(self, exit_code: int | None, before: IsolateUsage, after: IsolateUsage) -> bool:
-        """Ended by RLIMIT_CPU: SIGXCPU at the soft limit, or SIGKILL at the hard one (SIGXCPU ignored)."""
-        limit = self.policy.cpu_time_seconds
-        if limit is None or exit_code is None:
-            return False
-        if exit_code == -signal.SIGXCPU:
-            return True
-        used = None
-        if after.cpu_seconds is not None and before.cpu_seconds is not None:
-            used = after.cpu_seconds - before.cpu_seconds
-        return exit_code == -signal.SIGKILL and used is not None and used >= limit
 
     def _mark_dead(self, reason: TerminationReason | None) -> None:
         if reason and self._kill_reason is None:

@@ -1,0 +1,55 @@
+"""How the host judges a run's end (runtimes/judgement.py): what it knows outranks what the agent says."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from stockade.policy import Policy
+from stockade.runtimes.base import IsolateUsage
+from stockade.runtimes.judgement import judge
+from stockade.runtimes.verdict import Verdict
+from stockade.runtimes.violations import ViolationReport
+
+
+def _judge(policy: Policy | None = None, said: Verdict | None = None, **kw: Any) -> tuple[str, str | None]:
+    before, after = kw.pop("before", IsolateUsage()), kw.pop("after", IsolateUsage())
+    options = {"killed_for": None, "cancelled": None, "timeout_s": None, **kw}
+    error = options.pop("error", None)
+    judged = judge(policy or Policy(), said or Verdict(exit_code=0), error, before, after, ViolationReport(), **options)
+    return judged.reason, judged.error
+
+
+def test_a_clean_exit_completes_and_a_signal_is_a_kill() -> None:
+    assert _judge() == ("completed", None)
+    assert _judge(said=Verdict(exit_code=-9)) == ("killed", None)
+
+
+def test_what_the_host_knows_outranks_what_the_agent_says() -> None:
+    # The agent says it exited 0; the host killed it for a violation, or its caller cancelled it.
+    assert _judge(killed_for="violation")[0] == "violation"
+    assert _judge(cancelled="by an operator") == ("killed", None)
+    # An OOM kill counted by the cgroup beats the agent's "timed out".
+    reason, error = _judge(said=Verdict(timed_out=True), before=IsolateUsage(oom_kills=1),
+                           after=IsolateUsage(oom_kills=2))  # fmt: skip
+    assert reason == "memory_limit" and error == "out of memory: the 512 MB limit was reached"
+
+
+def test_the_run_s_own_timeout_is_named() -> None:
+    assert _judge(said=Verdict(timed_out=True), timeout_s=0.5) == ("timeout", "timed out after 0.5 s")
+
+
+def test_cpu_limit_by_sigxcpu_or_by_sigkill_past_the_limit() -> None:
+    policy = Policy(cpu_time_seconds=2)
+    assert _judge(policy, Verdict(exit_code=-signal.SIGXCPU))[0] == "cpu_limit"
+    used = {"before": IsolateUsage(cpu_seconds=1.0), "after": IsolateUsage(cpu_seconds=3.5)}
+    assert _judge(policy, Verdict(exit_code=-signal.SIGKILL), **used)[0] == "cpu_limit"
+    assert _judge(None, Verdict(exit_code=-signal.SIGKILL), **used)[0] == "killed"  # no CPU limit set
+
+
+def test_the_host_cuts_output_past_the_cap_whatever_the_agent_sent() -> None:
+    said = Verdict(exit_code=0, stdout=b"o" * 800, stderr=b"e" * 800)
+    judged = judge(Policy(max_output_bytes=1000), said, None, IsolateUsage(), IsolateUsage(), ViolationReport(),
+                   killed_for=None, cancelled=None, timeout_s=None)  # fmt: skip
+    assert (judged.reason, len(judged.stdout), len(judged.stderr)) == ("output_limit", 800, 200)
+    assert judged.error == "output exceeded 1000 bytes and was cut"
