@@ -1,8 +1,9 @@
 """The guest agent: a JSON-RPC 2.0 server that runs inside every isolate.
 
 Stdlib-only. Every runtime starts this same agent and speaks the framed protocol
-of ``wire.py`` to it. Methods: ``ping``, ``exec``, ``run_code``, ``write_file``,
-``read_file``, ``list_dir``.
+of ``wire.py`` to it. Methods: ``ping``, ``exec`` and ``run_code`` (here), the
+file calls (``files.py``), a session's cells (``sessions.py``) and background
+processes (``processes.py``).
 
 The agent is confined exactly like the code it runs, so it holds no secret and
 no privilege worth stealing; the host treats everything it says as untrusted
@@ -19,10 +20,9 @@ import errno
 import os
 import resource
 import select
-import stat
 import time
 
-from . import jsoncodec, wire
+from . import files, jsoncodec, wire
 from . import runner as runners
 from .processes import Processes
 from .sessions import Interpreters
@@ -75,9 +75,9 @@ class Agent(Interpreters, Processes):
             "ping": self.ping,
             "exec": self.exec,
             "run_code": self.run_code,
-            "write_file": self.write_file,
-            "read_file": self.read_file,
-            "list_dir": self.list_dir,
+            "write_file": files.write_file,
+            "read_file": files.read_file,
+            "list_dir": files.list_dir,
             "run_cell": self.run_cell,
             "close_interpreter": self.close_interpreter,
             "interrupt": lambda params: None,  # nothing runs: nothing to interrupt
@@ -199,54 +199,6 @@ class Agent(Interpreters, Processes):
         if language == "bash":
             return self._run(params, lambda: self._spawn_exec(["/bin/bash", "-c", code], params))
         raise wire.RPCError(wire.INVALID_PARAMS, f"unsupported language: {language!r} (python, bash)")
-
-    def write_file(self, params: dict[str, Any]) -> dict[str, Any]:
-        path = _str_param(params, "path")
-        data = _b64_param(params, "data")
-        mode = params.get("mode", 0o644)
-        if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-            raise wire.RPCError(wire.INVALID_PARAMS, "mode must be an integer permission")
-        append = params.get("append", False) is True  # at the end of what is there, instead of over it
-        fd = _open_regular(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), mode)
-        try:
-            wire.write_all(fd, data)
-        finally:
-            os.close(fd)
-        return {"path": path, "size": len(data)}
-
-    def read_file(self, params: dict[str, Any]) -> dict[str, Any]:
-        path = _str_param(params, "path")
-        limit = params.get("max_bytes", wire.MAX_FILE_PIECE)
-        if not isinstance(limit, int) or limit < 0:
-            raise wire.RPCError(wire.INVALID_PARAMS, "max_bytes must be a non-negative integer")
-        offset = params.get("offset", 0)
-        if not isinstance(offset, int) or offset < 0:
-            raise wire.RPCError(wire.INVALID_PARAMS, "offset must be a non-negative integer")
-        limit = min(limit, wire.MAX_FILE_PIECE)  # keep the reply under the frame cap
-        with os.fdopen(_open_regular(path, os.O_RDONLY), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(offset)
-            data = f.read(limit + 1)
-        return {
-            "path": path,
-            "data": wire.b64encode(data[:limit]),
-            "truncated": len(data) > limit,  # more follows this piece
-            "size": size,
-        }
-
-    def list_dir(self, params: dict[str, Any]) -> dict[str, Any]:
-        path = _str_param(params, "path")
-        entries: list[dict[str, Any]] = []
-        with os.scandir(path) as it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # removed since the directory was read (code runs beside this call)
-                kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
-                entries.append({"name": entry.name, "type": kind, "size": st.st_size})
-        entries.sort(key=lambda e: str(e["name"]))
-        return {"path": path, "entries": entries}
 
     # ---- running a command -----------------------------------------------------
 
@@ -417,7 +369,7 @@ class Agent(Interpreters, Processes):
         max_output = params.get("max_output_bytes", DEFAULT_MAX_OUTPUT)
         if not isinstance(max_output, int) or max_output < 0:
             raise wire.RPCError(wire.INVALID_PARAMS, "max_output_bytes must be a non-negative integer")
-        stdin = _b64_param(params, "stdin") if params.get("stdin") else b""
+        stdin = files.b64_param(params, "stdin") if params.get("stdin") else b""
         started = time.monotonic()
         pid, out_r, err_r, in_w = spawn()
         collect = params.get("collect", True) is not False
@@ -640,40 +592,6 @@ def _frame_for(reply: dict[str, Any]) -> bytes:
     except wire.FrameError as exc:
         error = wire.RPCError(wire.INTERNAL_ERROR, f"the reply is too large: {exc}")
         return wire.encode_message(wire.error_response(reply.get("id"), error))
-
-
-def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:
-    """Open ``path`` for a file call, refusing anything but a regular file.
-
-    The code in the isolate may have put a FIFO or a device where the host
-    expects a file: a plain open would then block this (single-threaded) agent
-    until the host gives up on it. O_NONBLOCK makes such an open return at
-    once; a regular file ignores the flag.
-    """
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
-    kind = os.fstat(fd).st_mode
-    if not stat.S_ISREG(kind):
-        os.close(fd)
-        data = {"errno": errno.EISDIR} if stat.S_ISDIR(kind) else None
-        raise wire.RPCError(wire.INVALID_PARAMS, f"{path} is not a regular file", data)
-    return fd
-
-
-def _str_param(params: dict[str, Any], name: str) -> str:
-    value = params.get(name)
-    if not isinstance(value, str) or not value:
-        raise wire.RPCError(wire.INVALID_PARAMS, f"{name} must be a non-empty string")
-    return value
-
-
-def _b64_param(params: dict[str, Any], name: str) -> bytes:
-    value = params.get(name, "")
-    if not isinstance(value, str):
-        raise wire.RPCError(wire.INVALID_PARAMS, f"{name} must be a base64 string")
-    try:
-        return wire.b64decode(value)
-    except ValueError:
-        raise wire.RPCError(wire.INVALID_PARAMS, f"{name} is not valid base64") from None
 
 
 _KEEP: list[int] = []

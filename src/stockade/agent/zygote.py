@@ -44,6 +44,7 @@ CONFIG_MAX = confine.CONFIG_MAX
 AGENT_MODULES = (
     "__init__",
     "confine",
+    "files",
     "jsoncodec",
     "kernel",
     "linux",
