@@ -331,3 +331,38 @@ def test_the_conformance_suite_passes_on_the_cluster_nodes(cluster: LocalRayClus
         assert failures == [], "\n".join(failures)
 
     _run(_with_placement(cluster, body))
+
+
+def test_a_cluster_lost_under_a_running_daemon_is_said_in_health() -> None:
+    import time
+
+    import httpx
+
+    from stockade.client import Client
+
+    require("process")
+    with LocalRayCluster([(1, {"stockade_process": 16})]) as lone:
+        daemon = _serve_on(lone.address)
+        try:
+            with httpx.Client(base_url=daemon.http_url, timeout=30) as http:
+                assert http.get("/health").json()["status"] == "healthy"
+                with Client(daemon.socket_path) as client:
+                    assert (
+                        client.execute(["echo", "up"], policy=SMALL.model_dump(exclude_defaults=True)).stdout == "up\n"
+                    )
+                lone.kill_node(0)  # the head, and with it the whole cluster
+                deadline = time.monotonic() + 30
+                health = http.get("/health").json()
+                while health["status"] != "degraded" and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    health = http.get("/health").json()
+            assert health["status"] == "degraded" and health["placement"]["reachable"] is False
+            assert f"the Ray cluster at {lone.address} is unreachable" in health["placement"]["error"]
+            # A request is refused at once, with the reason, rather than waiting on the lost GCS.
+            with Client(daemon.socket_path) as client, pytest.raises(RuntimeUnavailableError, match="unreachable"):
+                client.execute(["true"])
+            assert "lost the Ray cluster" in daemon.logs()
+        finally:
+            assert daemon.stop() == 0, daemon.logs()
+            daemon.cleanup()
+    assert lone.leftovers() == []

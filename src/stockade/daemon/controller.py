@@ -140,9 +140,14 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self.working_runtimes = set(placement_runtimes(described))
         return described
 
-    def placement_health(self) -> dict[str, Any] | None:
-        """The placement's state for ``/health`` (None: this host's runtimes)."""
-        return None if self.placement is None else self.placement.describe()
+    async def placement_health(self) -> dict[str, Any] | None:
+        """The placement's state for ``/health``, freshly checked (None: this host's runtimes)."""
+        if self.placement is None:
+            return None
+        described = await self.placement.check()
+        if described.get("reachable", True):
+            self.working_runtimes |= set(placement_runtimes(described))
+        return described
 
     def _track(self, delta: int) -> None:
         self._inflight += delta

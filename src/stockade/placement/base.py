@@ -81,6 +81,10 @@ class Placement(Protocol):
         """What the placement is and where it can put isolates, for ``/health`` and ``doctor``."""
         ...
 
+    async def check(self) -> dict[str, Any]:
+        """``describe()`` after a cheap fresh look at whether isolates can be placed (``/health``)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -80,6 +80,9 @@ class LocalPlacement:
     async def connect(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.describe)
 
+    async def check(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.describe)
+
     async def acquire(self, policy: Policy) -> Isolate:
         sandbox = await AsyncSandbox(policy, manager=self.manager).start()
         return LocalIsolate(sandbox, sandbox.runtime)

@@ -20,9 +20,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import CallTooLargeError, DaemonBusyError, RuntimeUnavailableError, SandboxLostError
 from ..result import ExecResult
@@ -35,9 +37,12 @@ if TYPE_CHECKING:
     from .base import Isolate
     from .config import RayPlacementConfig
 
+T = TypeVar("T")
+log = logging.getLogger("stockade.placement")
 RESOURCE_PREFIX = "stockade_"
 MiB = 1024 * 1024
 _NODES_TTL_S = 1.0  # how long a read of the cluster's nodes is reused by acquires
+_CHECK_TTL_S = 2.0  # how long a check of the cluster's reachability (for /health) is reused
 _ACQUIRE_TRIES = 3  # a node lost between reservation and hand-over: the next try lands elsewhere
 
 
@@ -54,6 +59,41 @@ def _probe(address: str) -> None:
 
 def resource_name(runtime: str) -> str:
     return f"{RESOURCE_PREFIX}{runtime}"
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn`` in a daemon thread of its own. A call to the GCS may never return once the cluster
+    is gone: neither the event loop's executor (which ``asyncio.run`` waits for at its end) nor
+    the interpreter's exit may wait for it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args, **kwargs), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="stockade-ray-call", daemon=True).start()
+    return await future
+
+
+async def _removed(group: Any) -> None:
+    """A placement group given back, off the event loop: it is a call to the GCS, which may be gone."""
+    from ray.util.placement_group import remove_placement_group
+
+    with contextlib.suppress(Exception):
+        await asyncio.shield(_off_loop(remove_placement_group, group))
 
 
 def _lost(exc: BaseException) -> bool:
@@ -202,6 +242,8 @@ class RayPlacement:
         self._owns_connection = False
         self.unreachable: str | None = None
         self._held: set[RayIsolate] = set()
+        self._checked_at = 0.0
+        self._reconnect: asyncio.Task[dict[str, Any]] | None = None
 
     # -- the cluster ---------------------------------------------------------------------------
 
@@ -230,10 +272,37 @@ class RayPlacement:
 
     async def connect(self) -> dict[str, Any]:
         """Reach the cluster and start every stockade node's actor now (a daemon does this at start)."""
-        await asyncio.to_thread(self._connect)
+        await _off_loop(self._connect)
         await self._refresh(force=True)
         await asyncio.gather(*(self._node_ready(n) for n in list(self._nodes.values())), return_exceptions=True)
         return self.describe()
+
+    async def check(self) -> dict[str, Any]:
+        """``describe()`` after a fresh look at the GCS (a TCP connection, at most every
+        _CHECK_TTL_S): a cluster gone since the start is said, and one that came back after an
+        unreachable start is connected to in the background."""
+        if time.monotonic() - self._checked_at >= _CHECK_TTL_S:
+            self._checked_at = time.monotonic()
+            try:
+                await asyncio.wait_for(_off_loop(_probe, self.config.address), 5)
+            except (OSError, TimeoutError, ValueError) as exc:
+                if self.unreachable is None and self._connected:
+                    # Ray itself ends a driver that cannot reach its GCS for 60 s
+                    # (gcs_rpc_server_reconnect_timeout_s): a supervisor starts the daemon again.
+                    log.error("lost the Ray cluster at %s: %s", self.config.address, exc)
+                self.unreachable = f"the Ray cluster at {self.config.address} is unreachable: {exc or 'timed out'}"
+            else:
+                if self._connected:
+                    self.unreachable = None
+                elif self._reconnect is None or self._reconnect.done():
+                    self._reconnect = asyncio.get_running_loop().create_task(self._quiet_connect())
+        return self.describe()
+
+    async def _quiet_connect(self) -> dict[str, Any]:
+        try:
+            return await self.connect()
+        except Exception:  # noqa: BLE001 - said by describe(): its error
+            return self.describe()
 
     async def _node_ready(self, node: _Node) -> None:
         await node.actor.describe.remote()
@@ -245,7 +314,7 @@ class RayPlacement:
         async with self._lock:
             if not force and time.monotonic() - self._cluster_at < _NODES_TTL_S:
                 return self._cluster
-            nodes = await asyncio.to_thread(ray.nodes)
+            nodes = await _off_loop(ray.nodes)
             self._cluster = [n for n in nodes if n.get("Alive")]
             self._cluster_at = time.monotonic()
             alive = {n["NodeID"] for n in self._cluster}
@@ -300,14 +369,17 @@ class RayPlacement:
         raise RuntimeUnavailableError(f"the Ray cluster cannot hold {wanted}: {'; '.join(reasons)}")
 
     async def acquire(self, policy: Policy) -> Isolate:
-        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+        from ray.util.placement_group import placement_group, placement_group_table
 
-        await asyncio.to_thread(self._connect)
+        await _off_loop(self._connect)
+        await self.check()  # a cluster gone since the connection: said now, not after Ray's own wait
+        if self.unreachable is not None:
+            raise RuntimeUnavailableError(self.unreachable)
         last: BaseException | None = None
         for _ in range(_ACQUIRE_TRIES):
             cluster = await self._refresh(force=last is not None)
             runtime, bundle = self._choose(policy, cluster)
-            group = placement_group([bundle], strategy="STRICT_PACK")
+            group = await _off_loop(placement_group, [bundle], strategy="STRICT_PACK")  # a GCS call
             try:
                 try:
                     await asyncio.wait_for(group.ready(), self.config.claim_timeout)
@@ -316,7 +388,7 @@ class RayPlacement:
                         f"no node of the Ray cluster had room for {runtime} (cpu_limit={policy.cpu_limit:g}, "
                         f"memory_mb={policy.memory_mb}) within {self.config.claim_timeout:g} s"
                     ) from None
-                table = await asyncio.to_thread(placement_group_table, group)
+                table = await _off_loop(placement_group_table, group)
                 node_id = table["bundles_to_node_id"][0]
                 node = self._nodes.get(node_id)
                 if node is None:
@@ -327,13 +399,13 @@ class RayPlacement:
                 placed = policy if policy.runtime == runtime else policy.replace(runtime=runtime)
                 info = await node.actor.acquire.remote(placed.model_dump_json())
             except Exception as exc:
-                remove_placement_group(group)
+                await _removed(group)
                 if not _lost(exc):
                     raise
                 last = exc  # the node went between the reservation and the hand-over
                 continue
             except BaseException:
-                remove_placement_group(group)
+                await _removed(group)
                 raise
             isolate = RayIsolate(self, node, info, placed, group)
             self._held.add(isolate)
@@ -341,8 +413,6 @@ class RayPlacement:
         raise RuntimeUnavailableError(f"every node the Ray cluster offered was lost during the hand-over: {last}")
 
     async def release(self, isolate: Isolate) -> None:
-        from ray.util.placement_group import remove_placement_group
-
         assert isinstance(isolate, RayIsolate)
         if isolate.closed:
             return
@@ -353,8 +423,7 @@ class RayPlacement:
                 with contextlib.suppress(Exception):  # a node lost now: its isolates went with it
                     await isolate._node.actor.release.remote(isolate.id)
         finally:
-            with contextlib.suppress(Exception):
-                remove_placement_group(isolate._group)
+            await _removed(isolate._group)
 
     def describe(self) -> dict[str, Any]:
         nodes = [
@@ -373,18 +442,26 @@ class RayPlacement:
         """Every held isolate released and every node actor shut down (its pools, its zygotes), then killed."""
         import ray
 
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+        nodes, self._nodes = list(self._nodes.values()), {}
+        gone = self.unreachable is not None and self._connected
+        if gone:
+            # The cluster went away: its actors went with it or cannot be asked, and ray.shutdown
+            # would wait for its GCS until Ray ends the process (60 s): nothing to wait for.
+            self._held.clear()
+            nodes = []
         for isolate in list(self._held):
             await self.release(isolate)
-        nodes, self._nodes = list(self._nodes.values()), {}
         if nodes:
             await asyncio.gather(*(self._stop(n) for n in nodes), return_exceptions=True)
         for node in nodes:
             with contextlib.suppress(Exception):
                 ray.kill(node.actor)
         self._connected = False
-        if self._owns_connection:
+        if self._owns_connection and not gone:
             self._owns_connection = False
-            await asyncio.to_thread(ray.shutdown)  # the connection it made: the next placement makes its own
+            await _off_loop(ray.shutdown)  # the connection it made: the next placement makes its own
 
     async def _stop(self, node: _Node) -> None:
         await asyncio.wait_for(node.actor.shutdown.remote(), 30)

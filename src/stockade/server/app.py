@@ -202,7 +202,7 @@ def create_app(door: HttpDoor) -> FastAPI:
     @app.get("/health", name="health", response_model=seed.Health)
     async def health() -> seed.Health:
         available = door.runtimes_available()
-        placement = controller.placement_health()
+        placement = await controller.placement_health()
         reachable = placement is None or placement.get("reachable", True)
         return seed.Health(
             status="healthy" if available and reachable else "degraded",
