@@ -154,7 +154,7 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
     (container,) = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["STOCKADE_API_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": TOKEN_SECRET, "key": "token"}}
-    assert container["command"][1:] == ["serve", "--http", "0.0.0.0:8002", "--no-socket"]
+    serve = "/opt/stockade/.venv/bin/stockade serve --http 0.0.0.0:8002 --no-socket"
     assert pod["automountServiceAccountToken"] is False
     # Its metrics are scraped with its own token, from the port the Service names.
     assert service["spec"]["ports"] == [{"name": "http", "port": 8002, "targetPort": "http", "protocol": "TCP"}]
@@ -166,12 +166,19 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
     enforce = namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
     if ray_address:  # it only talks to the Ray cluster: restricted
         assert json.loads(env["STOCKADE_PLACEMENT"]["value"]) == {"type": "ray", "address": ray_address}
+        # A driver runs on a node: the pod joins the cluster (offering nothing), then serves.
+        assert container["command"][:2] == ["/bin/sh", "-c"] and env["RAY_ADDRESS"]["value"] == ray_address
+        assert container["command"][2] == (
+            '/opt/stockade/.venv/bin/ray start --address="$RAY_ADDRESS" --num-cpus=0 --disable-usage-stats'
+            f" && exec {serve}"
+        )
         assert enforce == "restricted"
         security = container["securityContext"]
         assert security["capabilities"] == {"drop": ["ALL"]} and security["runAsNonRoot"] is True
         assert security["readOnlyRootFilesystem"] is True and security["privileged"] is False
     else:  # its isolates run in its pod: a privileged one, only on the nodes given to it
         assert env["STOCKADE_PLACEMENT"]["value"] == "local" and enforce == "privileged"
+        assert container["command"] == serve.split()
         assert container["securityContext"]["privileged"] is True
         assert pod["nodeSelector"] == {ISOLATION_HOST_LABEL: "true"}
     # The sandboxes' namespace stays restricted either way.

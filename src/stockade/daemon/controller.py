@@ -141,13 +141,16 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         return described
 
     async def placement_health(self) -> dict[str, Any] | None:
-        """The placement's state for ``/health``, freshly checked (None: this host's runtimes)."""
+        """Whether the placement can place, freshly checked, for ``/health`` (None: this host's runtimes)."""
         if self.placement is None:
             return None
         described = await self.placement.check()
         if described.get("reachable", True):
             self.working_runtimes |= set(placement_runtimes(described))
-        return described
+        # /health answers anyone: whether the cluster is there, not where it is or what it holds
+        # (``runtimes``, behind the socket's checks and the API's token, says why it is not).
+        return {"type": described["type"], "reachable": described.get("reachable", True),
+                "nodes": len(described.get("nodes", []))}  # fmt: skip
 
     def _track(self, delta: int) -> None:
         self._inflight += delta

@@ -13,6 +13,7 @@ port) is refused with an error that names the placement.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import InvalidRequestError
 from ..result import ExecResult
+from ..runtimes.loop_call import settle_outcome
 
 if TYPE_CHECKING:
     from ..placement.base import Isolate, Placement
@@ -90,7 +92,8 @@ class PlacedSandbox:
             if call.aborted:
                 return
             if task.cancelled():
-                done(self._killed(started))
+                killed = self._killed(started)
+                done(killed if execution_id is None else killed.model_copy(update={"execution_id": execution_id}))
                 return
             error = task.exception()
             if error is not None:
@@ -111,16 +114,15 @@ class PlacedSandbox:
         timeout: float | None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        outcome: asyncio.Future[ExecResult | Exception] = self._loop.create_future()
-        call = self.start_run(method, params, stdin, env, timeout, on_output, outcome.set_result)
+        outcome: asyncio.Future[ExecResult] = self._loop.create_future()
+        call = self.start_run(
+            method, params, stdin, env, timeout, on_output, functools.partial(settle_outcome, outcome)
+        )
         try:
-            answer = await outcome
-        finally:
-            if not outcome.done():
-                call.abort()
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+            return await outcome
+        except asyncio.CancelledError:  # its caller went away: stop waiting for the run
+            call.abort()
+            raise
 
     async def _run(
         self,

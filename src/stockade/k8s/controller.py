@@ -7,9 +7,11 @@ ServiceMonitor; a bare Prometheus reads the Service's ``prometheus.io/*``
 annotations and needs the token in its scrape config). Where it places
 isolates decides what its pod may do:
 
-- ``ray`` (``--ray-address``): isolates on a Ray cluster's nodes; the
-  controller only talks to the cluster, so its pod meets the ``restricted``
-  Pod Security Standard (non-root, no capability, read-only root);
+- ``ray`` (``--ray-address``): isolates on a Ray cluster's nodes; the pod
+  joins the cluster as a node that offers nothing (a Ray driver must run on a
+  node) and places isolates elsewhere, so it meets the ``restricted`` Pod
+  Security Standard (non-root, no capability, read-only root). Its image needs
+  the ``ray`` extra (``--build-arg EXTRAS=server,ray``);
 - ``local``: isolates in the controller's own pod, which then needs what any
   nesting sandbox needs (namespaces, cgroups, seccomp notifications, runsc):
   a privileged pod, on nodes the operator labels ``stockade.dev/isolation-host``,
@@ -27,6 +29,7 @@ PORT = 8002
 TOKEN_SECRET = "stockade-api-token"  # noqa: S105
 TOKEN_KEY = "token"  # noqa: S105
 STATE_DIR = "/var/lib/stockade"
+VENV = "/opt/stockade/.venv"  # deploy/docker/Dockerfile's
 ISOLATION_HOST_LABEL = "stockade.dev/isolation-host"
 _LABELS = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": "stockade"}
 
@@ -39,9 +42,21 @@ def _env(ray_address: str | None) -> list[dict[str, Any]]:
         {"name": "STOCKADE_AUDIT_LOG", "value": f"{STATE_DIR}/audit.log"},
         {"name": "HOME", "value": STATE_DIR},
     ]
-    if not ray_address:
+    if ray_address:
+        env.append({"name": "RAY_ADDRESS", "value": ray_address})
+    else:
         env.append({"name": "STOCKADE_DAEMON_USER", "value": "root"})  # the pod is the isolation host
     return env
+
+
+def _command(ray_address: str | None) -> list[str]:
+    serve = [f"{VENV}/bin/stockade", "serve", "--http", f"0.0.0.0:{PORT}", "--no-socket"]
+    if not ray_address:
+        return serve
+    # A Ray driver runs on a node of its cluster: the pod joins it first as a node that offers
+    # nothing (no CPU, no stockade_* resource: no isolate is ever placed on it).
+    join = f'{VENV}/bin/ray start --address="$RAY_ADDRESS" --num-cpus=0 --disable-usage-stats'
+    return ["/bin/sh", "-c", f"{join} && exec {' '.join(serve)}"]
 
 
 def _container(image: str, ray_address: str | None) -> dict[str, Any]:
@@ -50,7 +65,7 @@ def _container(image: str, ray_address: str | None) -> dict[str, Any]:
         "name": "controller",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["/opt/stockade/.venv/bin/stockade", "serve", "--http", f"0.0.0.0:{PORT}", "--no-socket"],
+        "command": _command(ray_address),
         "env": _env(ray_address),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         # Ready once it answers; /health says "degraded" (still 200) while its Ray cluster is unreachable.

@@ -46,14 +46,14 @@ _CHECK_TTL_S = 2.0  # how long a check of the cluster's reachability (for /healt
 _ACQUIRE_TRIES = 3  # a node lost between reservation and hand-over: the next try lands elsewhere
 
 
-def _probe(address: str) -> None:
+def _probe(address: str, timeout: float = 5.0) -> None:
     """A TCP connection to the cluster's GCS, or the OSError that says why there is none."""
     if address == "auto":
         return
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"address {address!r} is not host:port")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
         pass
 
 
@@ -94,6 +94,16 @@ async def _removed(group: Any) -> None:
 
     with contextlib.suppress(Exception):
         await asyncio.shield(_off_loop(remove_placement_group, group))
+
+
+def _cause(exc: Exception) -> Exception:
+    """The node's own exception (a stockade error, an OSError) rather than Ray's wrapper of it,
+    whose text is the remote traceback with the node's pids, addresses and paths."""
+    import ray.exceptions
+
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception):
+        return exc.cause
+    return exc
 
 
 def _lost(exc: BaseException) -> bool:
@@ -139,9 +149,9 @@ class RayIsolate:
                     on_output(item[1], item[2])
                 elif item[0] == RESULT:
                     return ExecResult.model_validate_json(item[1])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a lost node is a result; anything else, the node's own error
             if not _lost(exc):
-                raise
+                raise _cause(exc) from None
             return ExecResult(
                 success=False,
                 termination_reason="lost",
@@ -188,10 +198,10 @@ class RayIsolate:
         self._check()
         try:
             return await getattr(self._node.actor, method).remote(self.id, *args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised: as lost, or as the node's own error
             if _lost(exc):
                 raise SandboxLostError(self._mark_lost(exc)) from None
-            raise
+            raise _cause(exc) from None
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else bytes(data)
@@ -244,10 +254,15 @@ class RayPlacement:
         self._held: set[RayIsolate] = set()
         self._checked_at = 0.0
         self._reconnect: asyncio.Task[dict[str, Any]] | None = None
+        self._connecting = threading.Lock()
 
     # -- the cluster ---------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        with self._connecting:  # a claim and /health's reconnection may both try
+            self._connect_once()
+
+    def _connect_once(self) -> None:
         import ray
 
         if self._connected:
@@ -284,7 +299,7 @@ class RayPlacement:
         if time.monotonic() - self._checked_at >= _CHECK_TTL_S:
             self._checked_at = time.monotonic()
             try:
-                await asyncio.wait_for(_off_loop(_probe, self.config.address), 5)
+                await asyncio.wait_for(_off_loop(_probe, self.config.address, 1.0), 1.5)
             except (OSError, TimeoutError, ValueError) as exc:
                 if self.unreachable is None and self._connected:
                     # Ray itself ends a driver that cannot reach its GCS for 60 s
@@ -305,7 +320,8 @@ class RayPlacement:
             return self.describe()
 
     async def _node_ready(self, node: _Node) -> None:
-        await node.actor.describe.remote()
+        # A node actor that never comes up must not hold up the daemon's start: its claims fail instead.
+        await asyncio.wait_for(node.actor.describe.remote(), self.config.claim_timeout * 4)
 
     async def _refresh(self, force: bool = False) -> list[dict[str, Any]]:
         """The cluster's alive nodes (read at most every _NODES_TTL_S), and an actor on each stockade node."""

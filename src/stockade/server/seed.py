@@ -240,6 +240,6 @@ class Health(BaseModel):
     active_sandboxes: int
     placement: dict[str, Any] | None = Field(
         default=None,
-        description="where isolates run when not on this host (stockade serve --placement ray): the cluster, "
-        "whether it is reachable and why not, its nodes",
+        description="where isolates run when not on this host (stockade serve --placement ray): its type, "
+        "whether it is reachable, and how many nodes it has (why not: the authenticated runtimes call)",
     )
