@@ -37,7 +37,7 @@ from .runtimes.publish import parse_publish
 if TYPE_CHECKING:
     from .components_control import ControlServer
     from .policy import Policy
-    from .runtimes.base import AgentSandbox
+    from .runtimes.sandbox import AgentSandbox
 
 RELAY_DIR = ".stockade-component"  # in the isolate's scratch directory
 MAX_INPUT_FILES = 8  # stdin files the relay has not taken yet

@@ -18,9 +18,9 @@ from .limits import check_call_size
 from .policy import Policy, coerce_policy
 from .protocol.models import argv_list
 from .result import ExecResult
-from .runtimes.base import AgentSandbox
 from .runtimes.manager import RuntimeManager, default_manager
 from .runtimes.publish import parse_publish
+from .runtimes.sandbox import AgentSandbox
 from .runtimes.spawned import Process
 from .runtimes.verdict import OutputCallback
 
@@ -379,19 +379,19 @@ class AsyncSandbox:
     async def close_interpreter(self, session: str) -> bool:
         """End ``session``'s interpreter (``Interpreter.restart``)."""
         async with self._turn:
-            return await asyncio.to_thread(self._held()._sandbox.close_interpreter, session)
+            return await self._held()._sandbox.aclose_interpreter(session)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         async with self._turn:
-            await asyncio.to_thread(self._held().write_file, path, data, mode)
+            await self._held()._sandbox.awrite_file(path, data, mode)
 
     async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         async with self._turn:
-            return await asyncio.to_thread(self._held().read_file, path, max_bytes)
+            return await self._held()._sandbox.aread_file(path, max_bytes)
 
     async def list_dir(self, path: str) -> list[dict[str, Any]]:
         async with self._turn:
-            return await asyncio.to_thread(self._held().list_dir, path)
+            return await self._held()._sandbox.alist_dir(path)
 
     async def upload(
         self, local_path: str | os.PathLike[str], remote_dir: str, *, max_bytes: int | None = None

@@ -172,18 +172,18 @@ def test_a_slow_host_on_either_side_of_a_frame_is_waited_for(sb: Sandbox) -> Non
     # took that for the end of the connection).
     agent = sb._sandbox
     frame = wire.encode_message(wire.request("ping", {"pad": "x" * 300_000}, 9001))
-    agent.conn.sendall(frame[:1000])
+    agent.channel.conn.sendall(frame[:1000])
     time.sleep(0.3)
-    agent.conn.sendall(frame[1000:])
-    agent.conn.settimeout(20)
-    assert json.loads(wire.read_frame(agent.conn))["result"]["pong"] is True
+    agent.channel.conn.sendall(frame[1000:])
+    agent.channel.conn.settimeout(20)
+    assert json.loads(wire.read_frame(agent.channel.conn))["result"]["pong"] is True
 
     tmp = sb.scratch_dir
     assert sb.exec(["sh", "-c", f"head -c 4000000 /dev/zero > {tmp}/late"]).success
-    agent.conn.sendall(wire.encode_message(wire.request("read_file", {"path": f"{tmp}/late"}, 9002)))
+    agent.channel.conn.sendall(wire.encode_message(wire.request("read_file", {"path": f"{tmp}/late"}, 9002)))
     time.sleep(0.5)  # the reply (5.3 MB of base64) fills the socket long before this
-    reply = json.loads(wire.read_frame(agent.conn))
-    agent.conn.settimeout(None)
+    reply = json.loads(wire.read_frame(agent.channel.conn))
+    agent.channel.conn.settimeout(None)
     assert reply["id"] == 9002 and len(base64.b64decode(reply["result"]["data"])) == 4_000_000
     assert sb.exec(["echo", "still in step"]).stdout == "still in step\n"
 

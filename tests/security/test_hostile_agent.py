@@ -25,7 +25,7 @@ import pytest
 from stockade import ExecResult, Policy
 from stockade.agent import wire
 from stockade.errors import AgentError, AgentProtocolError, SandboxError
-from stockade.runtimes.base import AgentSandbox
+from stockade.runtimes.sandbox import AgentSandbox
 
 Reply = Callable[[int], bytes]  # request id -> the raw bytes the hostile agent sends back
 CLOSE = b"<close>"  # at the end of a reply: the hostile agent then closes its end

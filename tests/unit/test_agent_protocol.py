@@ -28,10 +28,10 @@ def agent() -> Iterator[FakeSandbox]:
 
 
 def _ask(sb: FakeSandbox, raw: bytes) -> dict[str, object]:
-    sb.conn.sendall(raw)
-    ready, _, _ = select.select([sb.conn], [], [], 10)
+    sb.channel.conn.sendall(raw)
+    ready, _, _ = select.select([sb.channel.conn], [], [], 10)
     assert ready, "the agent did not answer"
-    reply = json.loads(wire.read_frame(sb.conn))
+    reply = json.loads(wire.read_frame(sb.channel.conn))
     assert isinstance(reply, dict)
     return reply
 
@@ -75,21 +75,21 @@ def test_errors_have_the_right_code(agent: FakeSandbox, payload: bytes, code: in
 
 
 def test_notification_gets_no_reply(agent: FakeSandbox) -> None:
-    agent.conn.sendall(wire.encode_message(wire.notification("ping", {})))
+    agent.channel.conn.sendall(wire.encode_message(wire.notification("ping", {})))
     reply = _ask(agent, wire.encode_message(wire.request("ping", {}, 9)))
     assert reply["id"] == 9
 
 
 def test_oversized_length_closes_cleanly(agent: FakeSandbox) -> None:
-    agent.conn.sendall(struct.pack("<I", wire.MAX_FRAME + 1))
-    ready, _, _ = select.select([agent.conn], [], [], 10)
-    assert ready and agent.conn.recv(1) == b""  # closed, no hang
+    agent.channel.conn.sendall(struct.pack("<I", wire.MAX_FRAME + 1))
+    ready, _, _ = select.select([agent.channel.conn], [], [], 10)
+    assert ready and agent.channel.conn.recv(1) == b""  # closed, no hang
     assert agent.proc.wait(timeout=10) == 0
 
 
 def test_truncated_frame_then_close_ends_the_agent(agent: FakeSandbox) -> None:
-    agent.conn.sendall(struct.pack("<I", 50) + b'{"jsonrpc"')
-    agent.conn.shutdown(1)  # SHUT_WR
+    agent.channel.conn.sendall(struct.pack("<I", 50) + b'{"jsonrpc"')
+    agent.channel.conn.shutdown(1)  # SHUT_WR
     assert agent.proc.wait(timeout=10) == 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from stockade import Policy
-from stockade.agent import server
+from stockade.agent import commands, server
 from stockade.runtimes.fake import FakeRuntime
 
 
@@ -34,13 +34,13 @@ class _Probe(server.Agent):
 def test_a_quiet_host_gets_its_spare_after_the_delay() -> None:
     probe = _Probe([False, False])
     probe._spare_when_idle()
-    assert probe.calls == [f"wait {server.SPARE_DELAY_S:g}", "spare", "wait 0"] and not probe._eager_spare
+    assert probe.calls == [f"wait {commands.SPARE_DELAY_S:g}", "spare", "wait 0"] and not probe._eager_spare
 
 
 def test_a_host_back_within_the_delay_is_served_first_and_then_gets_its_spare_at_once() -> None:
     probe = _Probe([True])
     probe._spare_when_idle()
-    assert probe.calls == [f"wait {server.SPARE_DELAY_S:g}"] and probe._eager_spare  # no fork before its request
+    assert probe.calls == [f"wait {commands.SPARE_DELAY_S:g}"] and probe._eager_spare  # no fork before its request
     probe = _Probe([False, True], eager=True)  # the next time round: no delay
     probe._spare_when_idle()
     assert probe.calls == ["wait 0", "spare", "wait 0"] and probe._eager_spare

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from stockade.agent.server import AGENT_FDS
+from stockade.agent.commands import AGENT_FDS
 from stockade.policy import Policy
 from stockade.runtimes import gvisor
 

@@ -10,7 +10,8 @@ import pytest
 
 from stockade import Policy, PolicyError, SandboxError, SecurityViolation
 from stockade.result import MAX_VIOLATION_NAMES, MAX_VIOLATION_RECORDS, OTHER_VIOLATIONS, violation_key
-from stockade.runtimes.base import AgentSandbox, IsolateUsage
+from stockade.runtimes.base import IsolateUsage
+from stockade.runtimes.sandbox import AgentSandbox
 from stockade.runtimes.violations import ViolationLog
 
 

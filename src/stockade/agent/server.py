@@ -1,9 +1,10 @@
 """The guest agent: a JSON-RPC 2.0 server that runs inside every isolate.
 
 Stdlib-only. Every runtime starts this same agent and speaks the framed protocol
-of ``wire.py`` to it. Methods: ``ping``, ``exec`` and ``run_code`` (here), the
-file calls (``files.py``), a session's cells (``sessions.py``) and background
-processes (``processes.py``).
+of ``wire.py`` to it. Methods: ``ping``, ``exec`` and ``run_code`` (here: their
+runs collected; how their processes start is ``commands.py``), the file calls
+(``files.py``), a session's cells (``sessions.py``) and background processes
+(``processes.py``).
 
 The agent is confined exactly like the code it runs, so it holds no secret and
 no privilege worth stealing; the host treats everything it says as untrusted
@@ -16,14 +17,13 @@ the host's end of the connection closes.
 
 from __future__ import annotations
 
-import errno
 import os
-import resource
 import select
 import time
 
-from . import files, jsoncodec, wire
+from . import files, wire
 from . import runner as runners
+from .commands import Commands
 from .processes import Processes
 from .sessions import Interpreters
 
@@ -46,12 +46,9 @@ DEFAULT_MAX_OUTPUT = 1024 * 1024
 # After the main process exits, how long to keep reading output that a
 # background grandchild may still be writing into the same pipes.
 DRAIN_GRACE_S = 0.05
-# After an answer, how long a held sandbox's agent leaves the host to read it
-# before it forks the next runner (see Agent._spare_when_idle).
-SPARE_DELAY_S = 0.005
 
 
-class Agent(Interpreters, Processes):
+class Agent(Commands, Interpreters, Processes):
     def __init__(self, conn: socket.socket, base_env: dict[str, str] | None = None) -> None:
         self.conn = conn
         self.base_env = base_env or {}
@@ -200,168 +197,6 @@ class Agent(Interpreters, Processes):
             return self._run(params, lambda: self._spawn_exec(["/bin/bash", "-c", code], params))
         raise wire.RPCError(wire.INVALID_PARAMS, f"unsupported language: {language!r} (python, bash)")
 
-    # ---- running a command -----------------------------------------------------
-
-    def _spawn_exec(self, argv: list[str], params: dict[str, Any]) -> tuple[int, int, int, int | None]:
-        context = self._job_context(params)
-        if _spawnable(context["limits"]):
-            return self._posix_spawn(argv, context)
-        runner = self._dispatch({"kind": "exec", "argv": argv, **context})
-        failure = runners.read_all(runner.report_r)
-        os.close(runner.report_r)
-        if failure:
-            self._watched.discard(runner.pid)
-            self.exited.pop(runner.pid, None)
-            for fd in (runner.out_r, runner.err_r, runner.in_w):
-                os.close(fd)
-            report = jsoncodec.loads(failure)
-            raise _spawn_failure(argv[0], context["cwd"], str(report.get("what")), int(report["errno"]))
-        return runner.pid, runner.out_r, runner.err_r, runner.in_w
-
-    def _posix_spawn(self, argv: list[str], context: dict[str, Any]) -> tuple[int, int, int, int | None]:
-        """exec through posix_spawn: a vfork, no copy of this interpreter, no runner.
-
-        posix_spawn cannot set the child's rlimits, so the agent takes the
-        policy's limits itself, as hard limits: every exec of a sandbox runs
-        under the same policy, and the agent is as untrusted as its children.
-        """
-        _limit_self(context["limits"])
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        home = os.getcwd()
-        step = "cwd"
-        try:
-            os.chdir(context["cwd"])
-            step = "exec"
-            pid = os.posix_spawn(
-                _on_path(argv[0], context["env"]),
-                argv,
-                context["env"],
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, in_r, 0),
-                    (os.POSIX_SPAWN_DUP2, out_w, 1),
-                    (os.POSIX_SPAWN_DUP2, err_w, 2),
-                ],
-                setpgroup=0,
-                setsigmask=(),
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD),
-            )
-        except OSError as exc:
-            for fd in (out_r, err_r, in_w):
-                os.close(fd)
-            raise _spawn_failure(argv[0], context["cwd"], step, exc.errno or 0) from None
-        finally:
-            for fd in (out_w, err_w, in_r):
-                os.close(fd)
-            os.chdir(home)
-        self._watched.add(pid)
-        return pid, out_r, err_r, in_w
-
-    def _spawn_python(self, code: str, params: dict[str, Any]) -> tuple[int, int, int, int | None]:
-        """Run ``code`` in a forked copy of this already-started interpreter (no exec, no start-up)."""
-        runner = self._dispatch({"kind": "python", "code": code, **self._job_context(params)})
-        os.close(runner.report_r)
-        return runner.pid, runner.out_r, runner.err_r, runner.in_w
-
-    def _job_context(self, params: dict[str, Any]) -> dict[str, Any]:
-        env = self._env(params)
-        stream = params.get("stream") is True or params.get("collect") is False
-        if stream:
-            # Output that is watched as it comes should come as it is written: Python
-            # programs started by the command flush as they go, unless told otherwise.
-            env.setdefault("PYTHONUNBUFFERED", "1")
-        return {
-            "env": env,
-            "cwd": params.get("cwd") or self.base_env.get("HOME", "/"),
-            "limits": params.get("limits", {}),
-            "stream": stream,
-        }
-
-    def _dispatch(self, job: dict[str, Any]) -> runners.Runner:
-        """Hand ``job`` to the runner forked ahead of time (or to a new one).
-
-        Both ``exec`` and ``run_code`` go through a runner: a forked copy of the
-        agent with its stdio already on pipes and its pages already copied, so
-        a request costs a pipe write instead of a fork. The runner drops every
-        descriptor but 0-2 before running anything, so the code cannot reach
-        the host connection.
-        """
-        payload = jsoncodec.dumps(job).encode()
-        runner, self._spare = self._spare, None
-        if runner is not None:
-            self._watched.add(runner.pid)
-        if runner is None or not runners.send_job(runner.job_w, payload):
-            if runner is not None:
-                self._discard(runner)
-            runner = runners.fork(False, self._forget_host)
-            self._watched.add(runner.pid)
-            if not runners.ready(runner) or not runners.send_job(runner.job_w, payload):
-                self._discard(runner)
-                raise wire.RPCError(wire.INTERNAL_ERROR, "the runner died before it got its job")
-        return runner
-
-    def prepare_spare(self, warm: bool = True) -> None:
-        """Fork the next runner now, while nobody waits for it.
-
-        ``warm=False`` skips the warm-ups: right for an isolate built on demand,
-        whose first request is already on its way.
-        """
-        if self._spare is None:
-            try:
-                self._spare = runners.fork(warm, self._forget_host)
-            except OSError:
-                self._spare = None  # e.g. pids limit reached: fork on demand instead
-        if warm and not self._request_pending():
-            runners.warm_up()  # the fork made our own pages copy-on-write again
-        if self._spare is not None and not runners.ready(self._spare):
-            self._discard(self._spare)
-            self._spare = None
-
-    def _forget_host(self) -> None:
-        """In a new runner: the connection's socket object gives up its descriptor (closed there anyway)."""
-        sock = getattr(self.conn, "sock", self.conn)
-        if isinstance(sock, socket.socket):
-            sock.detach()
-
-    def _discard(self, runner: runners.Runner) -> None:
-        self._watched.discard(runner.pid)
-        self.exited.pop(runner.pid, None)
-        runners.kill_group(runner.pid)
-        for fd in (runner.out_r, runner.err_r, runner.in_w, runner.report_r, runner.job_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def _spare_when_idle(self) -> None:
-        """Fork the next runner, unless a request comes first.
-
-        Right after an answer the host is reading it (and its client waking to
-        read the host's): a fork then, and the runner's warm-up, take the CPUs
-        they need, which on a small host made a held sandbox's answer arrive
-        0.5-0.9 ms later. So the spare waits SPARE_DELAY_S for the host to be
-        done, unless the host has been coming straight back with its next
-        request, when a runner ready at once is worth more than a quiet moment.
-        """
-        if self._request_pending(0 if self._eager_spare else SPARE_DELAY_S):
-            self._eager_spare = True  # it came back at once: served with a runner forked on demand
-            return
-        self.prepare_spare()
-        self._eager_spare = self._request_pending()  # it came back while the runner was forked
-
-    def _request_pending(self, wait_s: float = 0) -> bool:
-        ready, _, _ = select.select([self.conn.fileno()], [], [], wait_s)
-        return bool(ready)
-
-    def _env(self, params: dict[str, Any]) -> dict[str, str]:
-        env = dict(self.base_env)
-        extra = params.get("env") or {}
-        if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
-            raise wire.RPCError(wire.INVALID_PARAMS, "env must map strings to strings")
-        env.update(extra)
-        return env
-
     def _run(self, params: dict[str, Any], spawn: Callable[[], tuple[int, int, int, int | None]]) -> dict[str, Any]:
         timeout = params.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
@@ -483,33 +318,6 @@ class Agent(Interpreters, Processes):
                 wire.send_message(self.conn, note)
 
 
-# The agent needs a few descriptors of its own (connection, wake-up pipe, a
-# runner, three pipes per command): below this, commands go through a runner,
-# which can give the command alone the policy's lower limit.
-AGENT_FDS = 64
-
-
-def _spawnable(limits: dict[str, Any]) -> bool:
-    """Whether posix_spawn can run a command under ``limits``: the agent takes them on itself
-    (``_limit_self``), which it cannot do for CPU time or address space (they would end the agent)."""
-    if any(key in limits for key in ("cpu_soft_seconds", "address_space_bytes")):
-        return False
-    files = limits.get("max_open_files")
-    return not isinstance(files, int) or files >= AGENT_FDS
-
-
-def _limit_self(limits: dict[str, Any]) -> None:
-    """Lower this process's hard limits to the policy's (never raise them; raising is impossible)."""
-    for key in ("max_file_size_bytes", "max_open_files", "max_processes"):
-        value = limits.get(key)
-        which = runners.RLIMITS[key]
-        if isinstance(value, int) and value >= 0:
-            soft, hard = resource.getrlimit(which)
-            if hard == resource.RLIM_INFINITY or value < hard or soft != hard:
-                value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-                resource.setrlimit(which, (value, value))
-
-
 def _is_interrupt(payload: bytes) -> bool:
     try:
         message = wire.decode_payload(payload)
@@ -561,28 +369,6 @@ def _peek_alive(conn: socket.socket) -> bool:
         return True
     except OSError:
         return False
-
-
-def _on_path(program: str, env: dict[str, str]) -> str:
-    """``program`` found as exec would find it with ``env``'s PATH (posix_spawnp would search the
-    agent's own, which lacks an environment's ``bin``); OSError ENOENT when it is nowhere."""
-    if "/" in program:
-        return program
-    for directory in env.get("PATH", os.defpath).split(":"):
-        candidate = os.path.join(directory or ".", program)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-
-
-def _spawn_failure(program: str, cwd: str, step: str, err: int) -> wire.RPCError:
-    """The error for a command that could not start: its working directory, or the program itself."""
-    data = {"errno": err, "what": step}
-    if step == "exec":
-        return wire.RPCError(wire.INVALID_PARAMS, f"cannot execute {program!r}: {os.strerror(err)}", data)
-    if step == "limits":
-        return wire.RPCError(wire.INTERNAL_ERROR, f"cannot apply the policy's limits: {os.strerror(err)}", data)
-    return wire.RPCError(wire.INVALID_PARAMS, f"cannot use {cwd!r} as the working directory: {os.strerror(err)}", data)
 
 
 def _frame_for(reply: dict[str, Any]) -> bytes:

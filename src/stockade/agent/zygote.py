@@ -43,6 +43,7 @@ CONFIG_MAX = confine.CONFIG_MAX
 # The modules an isolate's fresh interpreter imports (copied into each isolate).
 AGENT_MODULES = (
     "__init__",
+    "commands",
     "confine",
     "files",
     "jsoncodec",

@@ -41,8 +41,9 @@ from ..protocol.models import (
 )
 from ..result import ExecResult, new_id
 from ..runtimes.agent_requests import code_params, exec_params
-from ..runtimes.base import AgentSandbox, Runtime
+from ..runtimes.base import Runtime
 from ..runtimes.manager import RuntimeManager
+from ..runtimes.sandbox import AgentSandbox
 from ..runtimes.verdict import OutputCallback
 from .background import BackgroundProcesses, process_infos
 from .config import DaemonConfig

@@ -51,8 +51,8 @@ from ..protocol.models import (
 )
 from ..result import ExecResult
 from ..runtimes.agent_requests import code_request, exec_params
-from ..runtimes.base import AgentSandbox
 from ..runtimes.manager import RuntimeManager
+from ..runtimes.sandbox import AgentSandbox
 from ..runtimes.spawned import Process
 from ..runtimes.verdict import OutputCallback
 from .config import DaemonConfig
@@ -296,30 +296,30 @@ class HeldSandboxes:
         data = request.data_bytes()
 
         async def write(held: Held) -> None:
-            await self._file_call(held.sandbox.write_file, request.path, data, request.mode)
+            await self._file_call(request.path, held.sandbox.awrite_file(request.path, data, request.mode))
 
         await self._held_call(request, caller, write)
         return FileWritten(path=request.path, size=len(data))
 
     async def read_file(self, request: ReadFile, caller: Caller) -> FileData:
         async def read(held: Held) -> bytes:
-            return await self._file_call(held.sandbox.read_file, request.path, request.max_bytes)
+            return await self._file_call(request.path, held.sandbox.aread_file(request.path, request.max_bytes))
 
         raw = await self._held_call(request, caller, read)
         return FileData(path=request.path, data=base64.b64encode(raw).decode())
 
     async def list_dir(self, request: ListDir, caller: Caller) -> DirListing:
         async def listing(held: Held) -> list[dict[str, Any]]:
-            return await self._file_call(held.sandbox.list_dir, request.path)
+            return await self._file_call(request.path, held.sandbox.alist_dir(request.path))
 
         return DirListing(path=request.path, entries=await self._held_call(request, caller, listing))
 
-    async def _file_call(self, fn: Callable[..., T], path: str, *args: Any) -> T:
+    async def _file_call(self, path: str, call: Awaitable[T]) -> T:
         """A file call on a held sandbox: an OS error the agent reports with its errno is
         raised as that errno's ``SandboxOSError`` (``IsADirectoryError``...), which the
         answer carries beside its code, so that clients raise the same class."""
         try:
-            return await self._blocking(fn, path, *args)
+            return await call
         except AgentError as exc:
             error = sandbox_os_error(exc)
             if isinstance(error, SandboxOSError) and error.filename is None:
@@ -330,7 +330,7 @@ class HeldSandboxes:
 
     async def close_interpreter(self, request: InterpreterRef, caller: Caller) -> InterpreterClosed:
         async def close(held: Held) -> bool:
-            return await self._blocking(held.sandbox.close_interpreter, request.session)
+            return await held.sandbox.aclose_interpreter(request.session)
 
         closed = await self._held_call(request, caller, close)
         return InterpreterClosed(sandbox_id=request.sandbox_id, session=request.session, closed=closed)

@@ -1,8 +1,8 @@
 """The daemon's isolates on a placement other than this host (``stockade serve --placement ray``).
 
 The controller drives isolates through the surface of a local ``AgentSandbox``
-(``start_run`` with callbacks on the loop, blocking file calls in its thread
-pool, ``cancel``, ``kill``, ``close``). ``PlacedRuntime`` and ``PlacedSandbox``
+(``start_run`` with callbacks on the loop, awaited file calls, ``cancel``,
+``kill``, and ``close`` from its thread pool). ``PlacedRuntime`` and ``PlacedSandbox``
 give a ``Placement``'s async ``Isolate`` that surface, so one-shot runs and held
 sandboxes, by the Unix socket or by HTTP, take the same paths, slots, audit and
 metrics in cluster mode as on one host. What an isolate of a placement does not
@@ -16,8 +16,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError
 from ..result import ExecResult
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from ..policy import Policy
     from ..runtimes.verdict import OutputCallback
 
-T = TypeVar("T")
 log = logging.getLogger("stockade.daemon")
 
 
@@ -180,22 +179,19 @@ class PlacedSandbox:
         except Exception:
             log.exception("releasing isolate on node %s failed", self.node)
 
-    # -- blocking calls, from the controller's thread pool --------------------------------------
+    # -- file and session calls, awaited on the loop ------------------------------------------
 
-    def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+    async def awrite_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        await self.isolate.write_file(path, data, mode)
 
-    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        self._wait(self.isolate.write_file(path, data, mode))
+    async def aread_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        return await self.isolate.read_file(path, max_bytes)
 
-    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
-        return self._wait(self.isolate.read_file(path, max_bytes))
+    async def alist_dir(self, path: str) -> list[dict[str, Any]]:
+        return await self.isolate.list_dir(path)
 
-    def list_dir(self, path: str) -> list[dict[str, Any]]:
-        return self._wait(self.isolate.list_dir(path))
-
-    def close_interpreter(self, session: str) -> bool:
-        return self._wait(self.isolate.close_interpreter(session))
+    async def aclose_interpreter(self, session: str) -> bool:
+        return await self.isolate.close_interpreter(session)
 
     def spawn(self, *args: Any, **kwargs: Any) -> Any:
         raise self._refuse("a background process")
@@ -208,7 +204,7 @@ class PlacedSandbox:
             assert self._release is not None
             await asyncio.shield(self._release)
 
-        self._wait(closed())
+        asyncio.run_coroutine_threadsafe(closed(), self._loop).result()  # from the controller's thread pool
 
 
 class PlacedRuntime:

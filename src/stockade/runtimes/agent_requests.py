@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
-from ..errors import InvalidRequestError
+from ..agent.sessions import INTERRUPT_GRACE_S
+from ..errors import InvalidRequestError, PolicyError
 from ..policy import Policy
+from .base import HOST_TIMEOUT_GRACE_S, UNBOUNDED
+
+_FOREVER_S = 10.0 * 365 * 24 * 3600  # a component's run: no deadline
 
 
 def job_limits(policy: Policy, timeout: float | None = None) -> dict[str, int]:
@@ -28,6 +33,44 @@ def job_limits(policy: Policy, timeout: float | None = None) -> dict[str, int]:
     if policy.address_space_mb is not None:
         limits["address_space_bytes"] = policy.address_space_mb * 1024 * 1024
     return limits
+
+
+def run_params(
+    params: dict[str, Any],
+    policy: Policy,
+    stdin: bytes,
+    env: dict[str, str],
+    timeout: float | None,
+    stream: bool,
+    one_shot: bool,
+) -> float:
+    """Complete a run request's ``params`` (``exec_params`` or ``code_request``'s) with what
+    every run carries; how long the host waits for its answer. ``timeout`` may shorten the
+    policy's, never lengthen it; ``UNBOUNDED`` is a long-lived component's run: no deadline,
+    output streamed and never cut."""
+    common = {"env": env, "stdin": base64.b64encode(stdin).decode() if stdin else ""}
+    if timeout == UNBOUNDED:
+        params.update(common, stream=True, collect=False, limits=job_limits(policy))
+        return _FOREVER_S
+    if timeout is not None and timeout > policy.timeout_seconds:
+        raise PolicyError(
+            f"timeout={timeout:g} is above the policy's timeout_seconds={policy.timeout_seconds:g}: "
+            "a call may shorten its run, not lengthen it (raise timeout_seconds in the policy)"
+        )
+    timeout = timeout or policy.timeout_seconds
+    wait = timeout + HOST_TIMEOUT_GRACE_S
+    if "session" in params:
+        wait += INTERRUPT_GRACE_S  # a cell past its timeout is interrupted first, then killed
+    if one_shot:
+        params["last"] = True  # the agent forks no runner ahead for a next run
+    params.update(
+        common,
+        timeout=timeout,
+        max_output_bytes=policy.max_output_bytes,
+        stream=stream,
+        limits=job_limits(policy, timeout),
+    )
+    return wait
 
 
 def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:

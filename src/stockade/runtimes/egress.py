@@ -24,7 +24,7 @@ from ..result import EgressRequest, SecurityViolation
 if TYPE_CHECKING:
     from ..broker.client import SecretSource
     from ..egress.workers import EgressWorker
-    from .base import AgentSandbox
+    from .sandbox import AgentSandbox
 
 MAX_SETTING_FILE = 1 << 20  # a CA bundle, a hosts file
 

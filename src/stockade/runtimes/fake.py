@@ -21,8 +21,9 @@ from .. import environments
 from ..agent import runner
 from ..errors import SandboxStartError
 from ..policy import Policy
-from .base import BASE_ENV, AgentSandbox, Availability, Runtime
+from .base import BASE_ENV, Availability, Runtime
 from .process.zygote import AGENT_PARENT
+from .sandbox import AgentSandbox
 
 _BOOT = runner.bootstrap("import sys; sys.path.insert(0, sys.argv[1]); from agent import server", "server.main()")
 

@@ -45,7 +45,7 @@ from typing import Any
 
 from .. import environments
 from ..agent import confine, runner
-from ..agent.server import AGENT_FDS
+from ..agent.commands import AGENT_FDS
 from ..environments import CACHE_HOME, ENV_ROOT
 from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy

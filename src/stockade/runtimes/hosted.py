@@ -19,8 +19,9 @@ import subprocess
 from typing import IO
 
 from ..policy import Policy
-from .base import AgentSandbox, IsolateUsage
+from .base import IsolateUsage
 from .process.cgroups import IsolateCgroup
+from .sandbox import AgentSandbox
 
 PROGRAM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -72,7 +73,7 @@ class HostedSandbox(AgentSandbox):
 
     def kill(self) -> None:
         with contextlib.suppress(OSError):
-            self.conn.shutdown(socket.SHUT_RDWR)
+            self.channel.conn.shutdown(socket.SHUT_RDWR)
         if self.pidfd >= 0:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)

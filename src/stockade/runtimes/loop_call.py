@@ -1,19 +1,15 @@
-"""``LoopCall``: one request to the agent driven by an event loop's callbacks (the daemon's path)."""
+"""``LoopCall``: one request to the agent driven by an event loop's callbacks (``channel.py``)."""
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..agent import wire
 from ..errors import AgentProtocolError
-
-if TYPE_CHECKING:  # asyncio itself is imported by loop_tools, on first use: blocking callers never load it
-    import asyncio
-
-    from .agent_waits import AgentWaits, Deadline
+from .agent_waits import Deadline, agent_waits
 
 
 def decode_message(payload: bytes) -> dict[str, Any]:
@@ -24,18 +20,6 @@ def decode_message(payload: bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise AgentProtocolError("the agent sent a non-object message")
     return message
-
-
-@functools.cache
-def loop_tools() -> tuple[Callable[[], asyncio.AbstractEventLoop], Callable[[asyncio.AbstractEventLoop], AgentWaits]]:
-    """``asyncio.get_running_loop`` and ``agent_waits``, imported on first use (the blocking
-    paths never import asyncio) and not again: an import statement in a function is
-    looked up on every call, several µs each time on a host whose caches went cold."""
-    import asyncio
-
-    from .agent_waits import agent_waits
-
-    return asyncio.get_running_loop, agent_waits
 
 
 class LoopCall:
@@ -78,7 +62,6 @@ class LoopCall:
         self.restore_blocking = sock.gettimeout() is not None
         if self.restore_blocking:
             sock.setblocking(False)
-        _, agent_waits = loop_tools()
         self.waits = agent_waits(loop)
         self.on_readable = self._receive  # one bound method: unwatch() knows it by identity
         self.timer: Deadline | None = None

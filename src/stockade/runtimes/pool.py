@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from ..policy import Policy, default_policy
-from .base import AgentSandbox, Runtime
+from .base import Runtime
 from .reaper import Reaper
+from .sandbox import AgentSandbox
 
 S = TypeVar("S", bound=AgentSandbox)
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import AgentSandbox
+    from .sandbox import AgentSandbox
 
 
 class Reaper:

@@ -28,11 +28,12 @@ from ...egress import PROXY_PORT
 from ...environments import ENV_ROOT
 from ...errors import PolicyError, SandboxStartError, StockadeError
 from ...policy import Policy, default_policy
-from ..base import BASE_ENV, AgentSandbox, Availability, IsolateUsage
+from ..base import BASE_ENV, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, WarmPool
 from ..publish import AgentRelay, Forwarder
 from ..reaper import Reaper
+from ..sandbox import AgentSandbox
 from . import netcalls, seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange

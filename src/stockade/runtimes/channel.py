@@ -1,0 +1,186 @@
+"""``AgentChannel``: the host's one connection to an isolate's agent, async.
+
+Every request to the agent (a run, a file call, a background-process call, a
+ping) goes through ``AgentChannel.start``: its frame is written by a
+``LoopCall`` on the running event loop and its reply read in that loop's
+callbacks. Async callers await ``call``; the daemon's hot path takes the
+callback form (``start``); blocking callers (the sync ``Sandbox``, the CLI,
+components, a runtime's start-up handshake) run the same coroutine to its end
+on their thread's own loop (``blocking.py``). There is no second, blocking
+implementation of the protocol to keep in step with this one.
+
+One request is in flight at a time. An async caller that finds the channel
+busy is refused at once (the daemon queues its callers itself and must never
+block its loop); a blocking caller waits its turn, as threads sharing one
+sandbox expect. A caller that gives up a call in flight: ``give_up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import select
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..agent import wire
+from ..errors import AgentProtocolError, CallTooLargeError, SandboxError, agent_error
+from .loop_call import LoopCall, decode_message, settle_outcome
+from .verdict import OutputCallback, b64_field
+
+# Set by ``blocking.run_blocking`` for the coroutine it runs: a busy channel is waited for,
+# in that thread (its loop serves nobody else), instead of refused; and a call given up
+# before its answer is abandoned, since that loop stops when its caller does.
+BLOCKING_CALLER: contextvars.ContextVar[bool] = contextvars.ContextVar("stockade_blocking_caller", default=False)
+
+# Requests that run something a SIGINT can stop.
+INTERRUPTIBLE = ("exec", "run_code", "run_cell")
+
+
+class AgentChannel:
+    """Framed JSON-RPC requests to one agent, one at a time, and the notifications between them."""
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        on_notice: Callable[[str, dict[str, Any]], None],
+        redact: Callable[[bytes], bytes],
+        on_abandon: Callable[[str], None],
+    ) -> None:
+        self.conn = conn
+        self._on_notice = on_notice  # a notification other than output
+        self._redact = redact  # output leaving the isolate (secrets taken out)
+        # A call abandoned before its answer (``give_up``): the agent is now out of step, its
+        # late answer would meet the next request. The sandbox ends the isolate.
+        self._on_abandon = on_abandon
+        self._next_id = 0
+        self._turn = threading.Lock()  # held from a request's start until its call ends
+        self._interrupt_lock = threading.Lock()  # an interrupt's frame never splits a request's
+        self._current: LoopCall | None = None  # the call in flight
+        self._running = ""  # the method of the request in flight (or last sent)
+        self._interrupt_sent = False  # that request was interrupted already
+
+    async def call(
+        self, method: str, params: dict[str, Any], timeout: float, on_output: OutputCallback | None = None
+    ) -> Any:
+        """The reply's result; raises the agent's error, ``TimeoutError`` after ``timeout``
+        seconds, ``EOFError``/``OSError`` for a lost connection, ``AgentProtocolError`` for
+        a garbled one."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Any] = loop.create_future()
+        call = self.start(loop, method, params, timeout, on_output, functools.partial(settle_outcome, outcome))
+        try:
+            return await outcome
+        finally:
+            if not call.ended:  # cancelled while the agent works
+                give_up(call)
+
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        method: str,
+        params: dict[str, Any],
+        timeout: float,
+        on_output: OutputCallback | None,
+        done: Callable[[Any], None],
+    ) -> LoopCall:
+        """Send the request now; ``done`` gets the reply's result or the exception that ended
+        the call, in the loop turn that ends it, never before this returns (unless the
+        returned call is aborted first)."""
+        if not self._turn.acquire(blocking=BLOCKING_CALLER.get()):
+            raise SandboxError("another call to this sandbox is in progress")
+        try:
+            self._next_id += 1
+            msg_id = self._next_id
+            frame = _encode(method, params, msg_id)
+        except BaseException:
+            self._turn.release()
+            raise
+
+        def on_message(payload: bytes) -> tuple[bool, Any]:
+            return self._reply(decode_message(payload), msg_id, on_output)
+
+        def release() -> None:
+            call, self._current = self._current, None
+            self._turn.release()
+            if call is not None and call.aborted:
+                self._on_abandon(method)
+
+        with self._interrupt_lock:
+            self._running, self._interrupt_sent = method, False
+        self._current = LoopCall(loop, self.conn, frame, timeout, on_message, done, release)
+        return self._current
+
+    def interrupt(self) -> bool:
+        """SIGINT to the run in flight, from any thread: one small frame, sent only when the
+        socket has room at once (an agent that stops reading never makes this wait: the
+        caller may be the daemon's loop). False when nothing interruptible is running or
+        this run was interrupted already."""
+        with self._interrupt_lock:
+            call = self._current
+            if call is None or call.unsent or call.ended:
+                return False
+            if self._running not in INTERRUPTIBLE or self._interrupt_sent:
+                return False
+            _, room, _ = select.select([], [self.conn], [], 0)
+            if not room:
+                return False
+            try:
+                wire.write_all(self.conn.fileno(), wire.encode_message(wire.notification("interrupt", {})))
+            except OSError:
+                return False
+            self._interrupt_sent = True
+            return True
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _reply(self, message: dict[str, Any], msg_id: int, on_output: OutputCallback | None) -> tuple[bool, Any]:
+        """(True, result) for the reply to ``msg_id``; (False, None) after a notification; raises its error."""
+        if "id" not in message:
+            self._notification(message, on_output)
+            return False, None
+        if message.get("id") != msg_id:
+            raise AgentProtocolError(f"reply for id {message.get('id')!r}, expected {msg_id}")
+        if "error" in message:
+            err = message["error"] if isinstance(message["error"], dict) else {}
+            raise agent_error(err.get("code"), err.get("message", "agent error"), err.get("data"))
+        return True, message.get("result")
+
+    def _notification(self, message: dict[str, Any], on_output: OutputCallback | None) -> None:
+        params = message.get("params")
+        if not isinstance(params, dict):
+            return
+        if message.get("method") != "output":
+            self._on_notice(str(message.get("method")), params)
+            return
+        if on_output is None:
+            return
+        stream = params.get("stream")
+        if stream in ("stdout", "stderr"):
+            on_output(stream, self._redact(b64_field(params.get("data"))))
+
+
+def give_up(call: LoopCall) -> None:
+    """A caller cancelled while its call was in flight. On a loop that goes on (the daemon's,
+    an async SDK user's) the call is left to finish: the agent's answer is read when it
+    comes and dropped, and the isolate takes the next call after it, as a client that
+    drops its connection expects of a sandbox it kept. A blocking caller's loop stops
+    with it (Ctrl-C): nothing would read that answer, so the call is abandoned and the
+    isolate ended."""
+    if BLOCKING_CALLER.get():
+        call.abort()
+
+
+def _encode(method: str, params: dict[str, Any], msg_id: int) -> bytes:
+    try:
+        return wire.encode_message(wire.request(method, params, msg_id))
+    except wire.FrameError:
+        # Nothing was sent: the isolate is untouched and the caller may retry smaller.
+        raise CallTooLargeError(
+            f"the {method} request is too large for the agent protocol's {wire.MAX_FRAME}-byte frame: "
+            f"keep stdin, code and file data under {wire.MAX_DATA_BYTES} bytes per call"
+        ) from None

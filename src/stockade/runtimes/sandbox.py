@@ -1,0 +1,492 @@
+"""``AgentSandbox``: a live isolate and the host half of the guest agent protocol.
+
+Exec, code, files and background processes are implemented once, here, by
+talking framed JSON-RPC to the same guest agent in every isolate over one
+async channel (``channel.py``). The async methods are the implementation; the
+blocking ones run them to their end (``blocking.py``). A runtime subclass
+supplies only the hooks: what to kill, what the isolate used, what it tried.
+
+Sandboxes are resources: ``close()`` is idempotent and releases everything even
+when the graceful path fails; they are context managers.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..environments import run_env
+from ..errors import (
+    AgentProtocolError,
+    PolicyError,
+    SandboxClosedError,
+    SandboxError,
+)
+from ..limits import check_call_size
+from ..policy import Policy
+from ..result import EgressRequest, ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
+from .agent_requests import code_request, exec_params, run_params
+from .base import BASE_ENV, IsolateUsage
+from .blocking import run_blocking
+from .cells import cell_fields
+from .channel import AgentChannel, give_up
+from .judgement import judge
+from .loop_call import LoopCall, settle_outcome
+from .publish import AgentRelay, Forwarder
+from .sandbox_files import AgentFiles
+from .sandbox_processes import AgentProcesses
+from .verdict import CallbackGuard, OutputCallback, PendingRun, Verdict, read_verdict
+from .violations import ViolationLog, ViolationReport
+
+if TYPE_CHECKING:
+    from ..egress.workers import EgressWorker
+    from .egress import Egress
+
+# How a call to the agent can end that is the isolate's end, not an error to raise.
+_RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
+
+
+class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
+    """A live isolate with a guest agent at the other end of ``self.channel``."""
+
+    runtime_name: str
+    scratch_dir = "/tmp"  # a writable directory inside the isolate
+
+    def __init__(self, policy: Policy, conn: socket.socket, cold_start_ms: float) -> None:
+        self.policy = policy
+        self.channel = AgentChannel(conn, self._agent_notice, self._redacted, self._abandoned)
+        self.cold_start_ms = cold_start_ms
+        # PATH, PYTHONPATH and the cache directories of the policy's Python environment, which
+        # the runtime mounts at environments.ENV_ROOT (a pooled isolate's shape fixes it).
+        self.environment_env = run_env(path=BASE_ENV["PATH"]) if policy.environment_id else {}
+        self.unenforced_limits: list[str] = []
+        self.forwarders: list[Forwarder | AgentRelay] = []  # published ports, closed with the isolate
+        # Under network_policy "allowlist": the egress proxy's gate, its secrets and their redaction.
+        self.egress: Egress | None = None
+        self.roots_written = False  # the host's CA roots are in egress.CA_BUNDLE_PATH already (pool)
+        self._closed = False
+        self._dead = False  # the isolate ended (killed, OOM, agent gone)
+        self._kill_reason: TerminationReason | None = None
+        self._cancelled: str | None = None  # why its caller ended it (``cancel``)
+        # Counters taken when a pooled isolate became ready: nothing runs in it
+        # between then and its first request, so they stand in for a fresh read.
+        self.baseline: IsolateUsage | None = None
+        # Set by one-shot callers (run, run_code, execute): the isolate serves one
+        # command and is then torn down, so its agent is told not to fork a runner
+        # ahead for a next one; that fork would compete for the CPU with the caller.
+        self.one_shot = False
+        # The current run's violations, bounded (violations.py); the runtime feeds it.
+        self.violation_log = ViolationLog()
+
+    # ---- runtime hooks -----------------------------------------------------------
+
+    def usage(self, peak: bool = True) -> IsolateUsage:
+        """Counters of the isolate as a whole (cumulative); ``peak=False`` skips the peak memory."""
+        return IsolateUsage()
+
+    def _collect_violations(self) -> None:
+        """Take in every violation the isolate has made so far: a runtime whose reports
+        are not handed over as they happen (gVisor's log) reads what is pending."""
+        return None
+
+    def take_report(self) -> tuple[ViolationReport, list[EgressRequest]]:
+        """What the isolate did since the last run's report, for work that is not a run (a spawned
+        MCP server's tool call): the violations it was refused, and its egress requests."""
+        egress = self.egress.take()[0] if self.egress is not None else []
+        self._collect_violations()
+        return self.violation_log.take(), egress
+
+    def _take_egress(self) -> tuple[list[socket.socket], EgressWorker]:
+        """The egress proxy's TCP listener and name service UDP socket, both on the isolate's own
+        loopback, and the worker started to serve them; a runtime without them refuses network_policy
+        allowlist."""
+        raise PolicyError(f"network_policy 'allowlist' is not offered by the {self.runtime_name} runtime")
+
+    def _redacted(self, data: bytes) -> bytes:
+        """``data`` leaving the isolate, with any secret value of its egress taken out (egress.md)."""
+        return self.egress.redactor.bytes(data) if self.egress is not None else data
+
+    def isolate_pid(self) -> int | None:
+        """The host pid of the isolate's first process, when the host can see it."""
+        return None
+
+    def last_words(self) -> str:
+        """What the runtime itself logged (runsc, the VM console), for when the agent vanished."""
+        return ""
+
+    def _count_violation(self, name: str, blocked: bool, build: Callable[[], SecurityViolation]) -> None:
+        """A runtime saw a violation named ``name``: count it in the run's report (``build``
+        makes its record while the report has room), and end the isolate if the policy says
+        so. Called from the runtime's own thread (a supervisor, a log reader)."""
+        refused = self.violation_log.tally(name, blocked, build)
+        if blocked and self._kill_reason is None and self._violations_end_run(refused):
+            self._mark_dead("violation")
+
+    def _violations_end_run(self, refused: int) -> bool:
+        """``on_violation="kill"`` ends a run at its first refused call; ``max_violations``
+        ends it once it has made more than that many (a flood)."""
+        limit = self.policy.max_violations
+        return refused > 0 and (self.policy.on_violation == "kill" or (limit is not None and refused > limit))
+
+    def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
+        """A notification from the agent other than output. Ignored by default: where the
+        host watches the isolate itself (the process runtime, gVisor), the agent, which
+        runs next to the code, has nothing to tell it that it would believe."""
+        return None
+
+    def cancel(self, why: str) -> None:
+        """End the isolate for its caller: a run in progress ends as ``killed``, ``why`` its error."""
+        if self._kill_reason is None:
+            self._cancelled = why
+        self._mark_dead("killed")
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Kill everything in the isolate now. Idempotent."""
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Free every host resource of the isolate (after kill). Idempotent."""
+
+    # ---- runs ---------------------------------------------------------------------------
+
+    async def aexec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        return await self.arun_request("exec", exec_params(argv, cwd), stdin, env, timeout, on_output)
+
+    async def arun_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+        session: str | None = None,
+    ) -> ExecResult:
+        method, params = code_request(code, language, session, stdin)
+        return await self.arun_request(method, params, stdin, env, timeout, on_output)
+
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        return run_blocking(self.aexec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output))
+
+    def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+        session: str | None = None,
+    ) -> ExecResult:
+        return run_blocking(
+            self.arun_code(code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session)
+        )
+
+    def interrupt(self) -> bool:
+        """Interrupt the run in progress from another thread: SIGINT to it (a cell raises
+        KeyboardInterrupt and its interpreter keeps its state; a command gets Ctrl-C). False
+        when nothing was running."""
+        if self._dead or self._closed:
+            return False
+        return self.channel.interrupt()
+
+    async def aclose_interpreter(self, session: str) -> bool:
+        """End ``session``'s interpreter as a program ends; its next cell starts a fresh one."""
+        reply = await self._agent_call("close_interpreter", {"session": session}, 30.0)
+        return isinstance(reply, dict) and reply.get("closed") is True
+
+    def close_interpreter(self, session: str) -> bool:
+        return run_blocking(self.aclose_interpreter(session))
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def aping(self, timeout: float = 10.0) -> dict[str, Any]:
+        reply = await self._agent_call("ping", {}, timeout)
+        return reply if isinstance(reply, dict) else {}
+
+    def ping(self, timeout: float = 10.0) -> dict[str, Any]:
+        return run_blocking(self.aping(timeout))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for forwarder in self.forwarders:
+            forwarder.close()
+        if self.egress is not None:
+            self.egress.close()
+        try:
+            self.kill()
+        finally:
+            try:
+                self.channel.close()
+            finally:
+                self._release()
+
+    def __enter__(self) -> AgentSandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten sandbox must not outlive its handle
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001, S110 - nothing to report to at interpreter teardown
+                pass
+
+    # ---- running --------------------------------------------------------------------------
+
+    async def arun_request(
+        self,
+        method: str,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """An agent run request (``exec_params`` or ``code_params``), awaited."""
+        outcome: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()
+        call = self.start_run(method, params, stdin, env, timeout, on_output, lambda end: settle_outcome(outcome, end))
+        try:
+            return await outcome
+        finally:
+            if not call.ended:  # cancelled while the agent runs
+                give_up(call)
+
+    def start_run(
+        self,
+        method: str,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        on_output: OutputCallback | None,
+        done: Callable[[ExecResult | Exception], None],
+        execution_id: str | None = None,
+    ) -> LoopCall:
+        """A run on the running event loop, in its callbacks: the request is sent now and
+        ``done`` gets the result (or the exception that stopped the run) from the loop's
+        reader callback, in the turn the agent's answer arrives: no task is woken for it
+        (the daemon's one-shot path; ``arun_request`` wraps it in a future).
+
+        A request that cannot start (a closed or dead sandbox, another call in
+        progress) raises here; once started, ``done`` is called exactly once,
+        never before this returns, unless ``abort`` is called first.
+        ``execution_id`` is the result's, when the caller has named the run already.
+        """
+        run = self._begin_run(params, stdin, env, timeout, on_output, execution_id)
+        guard = CallbackGuard(on_output)
+
+        def answered(reply: Any) -> None:
+            try:
+                result = self._settle_run(run, guard, reply)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, as an awaited run would raise it
+                done(exc)
+                return
+            done(result)
+
+        return self.channel.start(asyncio.get_running_loop(), method, run.params, run.wait, guard.callback, answered)
+
+    def _settle_run(self, run: PendingRun, guard: CallbackGuard, reply: Any) -> ExecResult:
+        """The result of a run from the agent's reply, or from the exception that ended the call.
+
+        A timeout, a lost or garbled connection ends the isolate and is a verdict
+        (a result that says so); any other exception (the agent's own error, the
+        caller's output callback) is raised.
+        """
+        if isinstance(reply, _RUN_ENDINGS):
+            return self._finish_run(run, None, self._ended(reply))
+        if isinstance(reply, Exception):
+            raise reply
+        try:
+            verdict = read_verdict(reply)
+        except AgentProtocolError as exc:
+            return self._finish_run(run, None, self._ended(exc))
+        return guard.check(self._finish_run(run, verdict, None))
+
+    def _begin_run(
+        self,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        on_output: OutputCallback | None,
+        execution_id: str | None = None,
+    ) -> PendingRun:
+        self._check_usable()
+        execution_id = execution_id or new_id()
+        raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
+        check_call_size("stdin", raw_stdin)  # before anything is sent or counted (limits.py)
+        check_call_size("code", params.get("code"))
+        env = {**self.environment_env, **self.policy.environment, **(env or {})}
+        wait = run_params(params, self.policy, raw_stdin, env, timeout, on_output is not None, self.one_shot)
+        before, self.baseline = self.baseline or self.usage(peak=False), None
+        self._collect_violations()
+        # What was reported since the last run (a process that run left running) opens this
+        # run's report, marked: a call made between runs is not a call reported nowhere.
+        self.violation_log.begin_run()
+        return PendingRun(params, wait, before, time.monotonic(), execution_id)
+
+    async def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any:
+        """A request other than a run: an agent that garbles its answer or stops answering
+        ends the isolate, and the caller gets a ``SandboxError``."""
+        self._check_usable()
+        try:
+            return await self.channel.call(method, params, timeout)
+        except AgentProtocolError as exc:
+            said = self._kill_vanished()
+            if not said:
+                raise
+            raise AgentProtocolError(f"{exc}{said}") from None
+        except (TimeoutError, EOFError, OSError) as exc:
+            said = self._kill_vanished()
+            raise SandboxError(f"the isolate stopped answering ({method}): {exc}; it was killed{said}") from None
+
+    def _abandoned(self, method: str) -> None:
+        if not self._dead and not self._closed:
+            self.cancel(f"its caller stopped waiting for {method} before the agent answered, which ended the isolate")
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise SandboxClosedError("the sandbox is closed")
+        if self._dead:
+            raise SandboxError(f"{self._death()}; start a new sandbox")
+
+    def _ended(self, exc: BaseException) -> str | None:
+        """The isolate stopped answering: kill it, and say why (None for a timeout, which is a verdict)."""
+        if isinstance(exc, TimeoutError):
+            self._mark_dead("timeout")
+            return None
+        if self._kill_reason == "violation":
+            return None  # the host killed it for a violation: expected, and the result says which
+        if self._cancelled is not None:
+            return self._cancelled  # its caller ended it: that is the whole story
+        said = self._kill_vanished()
+        if isinstance(exc, AgentProtocolError):
+            return f"the isolate's agent broke the protocol ({exc}); the isolate was killed{said}"
+        return f"the isolate ended unexpectedly: {exc}{said}"
+
+    def _kill_vanished(self) -> str:
+        """Kill an isolate whose agent is gone or garbled; return `` (<runtime> said: ...)`` or ""."""
+        words = self.last_words()  # read before the kill: the runtime's log is its account
+        self._mark_dead(None)
+        return f" ({self.runtime_name} said: {words})" if words else ""
+
+    def _broke_protocol(self, what: str) -> AgentProtocolError:
+        """The agent answered with something no honest agent sends: the isolate is killed."""
+        self._mark_dead(None)
+        return AgentProtocolError(f"{what}; the isolate was killed")
+
+    def _finish_run(self, run: PendingRun, verdict: Verdict | None, error: str | None) -> ExecResult:
+        elapsed = time.monotonic() - run.started
+        after = self.usage()
+        # The worker's account first: every refusal it reported before it is counted by then.
+        egress = self.egress.take() if self.egress is not None else None
+        self._collect_violations()
+        report = self.violation_log.take()
+        timeout = run.params.get("timeout")  # the run's own, when it had one shorter than the policy's
+        limit = float(timeout) if isinstance(timeout, (int, float)) else self.policy.timeout_seconds
+        return self._result(verdict, error, elapsed, run.before, after, report, run.execution_id, limit, egress)
+
+    def _result(
+        self,
+        verdict: Verdict | None,
+        error: str | None,
+        elapsed: float,
+        before: IsolateUsage,
+        after: IsolateUsage,
+        report: ViolationReport,
+        execution_id: str,
+        timeout_s: float | None = None,
+        egress_taken: tuple[list[EgressRequest], int] | None = None,
+    ) -> ExecResult:
+        said = verdict or Verdict()  # no verdict: the agent said nothing
+        judged = judge(
+            self.policy, said, error, before, after, report,
+            killed_for=self._kill_reason, cancelled=self._cancelled, timeout_s=timeout_s,
+        )  # fmt: skip
+        reason, error, exit_code = judged.reason, judged.error, said.exit_code
+        stdout, stderr = judged.stdout, judged.stderr
+        cpu = None
+        if after.cpu_seconds is not None and before.cpu_seconds is not None:
+            cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
+        cell = cell_fields(said.cell, said.interpreter_lost, error)
+        egress: dict[str, Any] = {}
+        if self.egress is not None:
+            # A secret's value never leaves in a result: output, a cell's results, the error.
+            stdout, stderr = self._redacted(stdout), self._redacted(stderr)
+            cell = self.egress.redact_fields(cell)
+            records, dropped = egress_taken or ([], 0)
+            egress = {"egress_requests": records, "egress_requests_dropped": dropped,
+                      "secrets_redacted": self.egress.redactor.take_count()}  # fmt: skip
+        return ExecResult(
+            execution_id=execution_id,
+            success=reason == "completed" and exit_code == 0,
+            stdout=stdout.decode("utf-8", errors="replace"),
+            stderr=stderr.decode("utf-8", errors="replace"),
+            stdout_bytes=stdout,
+            stderr_bytes=stderr,
+            exit_code=exit_code,
+            termination_reason=reason,
+            security_violations=report.records,
+            violation_counts=report.counts,
+            violations_dropped=report.dropped,
+            execution_time_seconds=round(elapsed, 6),
+            cold_start_time_ms=round(self.cold_start_ms, 3),
+            resource_usage=ResourceUsage(cpu_seconds=cpu, memory_peak_mb=after.memory_peak_mb),
+            runtime_used=self.runtime_name,
+            policy_digest=self.policy.digest,
+            unenforced_limits=list(self.unenforced_limits),
+            **cell,
+            **egress,
+        )
+
+    def _mark_dead(self, reason: TerminationReason | None) -> None:
+        if reason and self._kill_reason is None:
+            self._kill_reason = reason
+        self._dead = True
+        self.kill()
+
+    def _death(self) -> str:
+        """Why the isolate ended, for a call that finds it dead: a run's result said so already,
+        unless it was killed for a call made between runs (reported nowhere else)."""
+        if self._cancelled is not None:
+            return f"the isolate was ended: {self._cancelled}"
+        if self._kill_reason != "violation":
+            return "the isolate has ended (killed, out of memory or timed out)"
+        self._collect_violations()
+        names = self.violation_log.names()
+        named = f" ({', '.join(names)})" if names else ""
+        return f"the isolate was killed after a policy violation{named}"

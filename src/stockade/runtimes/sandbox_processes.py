@@ -1,0 +1,91 @@
+"""The background processes and published ports of ``AgentSandbox``, over the agent channel."""
+
+from __future__ import annotations
+
+import base64
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AgentProtocolError, PolicyError
+from ..limits import check_call_size
+from ..policy import Policy
+from .agent_requests import exec_params, job_limits
+from .blocking import run_blocking
+from .publish import AgentRelay, Forwarder, parse_publish
+from .spawned import Process
+from .verdict import b64_field
+
+if TYPE_CHECKING:
+    from .egress import Egress
+
+
+class AgentProcesses:
+    """Processes that outlive a call (``spawn``) and host ports that reach the isolate's loopback."""
+
+    if TYPE_CHECKING:  # given by AgentSandbox
+        policy: Policy
+        environment_env: dict[str, str]
+        egress: Egress | None
+        forwarders: list[Forwarder | AgentRelay]
+
+        async def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any: ...
+        def _redacted(self, data: bytes) -> bytes: ...
+        def _check_usable(self) -> None: ...
+
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Process:
+        """Start ``argv`` in the background; its handle (``runtimes/spawned.py``). It runs until it
+        ends, is killed, or the sandbox closes; other calls go on meanwhile."""
+        raw = stdin.encode() if isinstance(stdin, str) else stdin
+        check_call_size("stdin", raw)
+        params = {
+            **exec_params(argv, cwd),
+            "env": {**self.environment_env, **self.policy.environment, **(env or {})},
+            "stdin": base64.b64encode(raw).decode() if raw else "",
+            "limits": job_limits(self.policy),
+        }
+        said = self.proc_call("spawn", params)
+        return Process(self, str(said.get("handle")), int(said.get("pid", 0)), list(argv))
+
+    def publish(self, spec: int | str) -> tuple[str, int]:
+        """Forward a host loopback port to ``spec``'s port on this isolate's own loopback
+        (``runtimes/publish.py``); the host address and port. Runtimes that can reach their
+        isolate's network namespace override ``_forwarder``."""
+        address, host_port, port = parse_publish(spec)
+        self._check_usable()
+        if self.policy.network_policy != "loopback":
+            raise PolicyError(
+                "publishing a port needs network_policy='loopback': the isolate has no loopback otherwise"
+            )
+        forwarder = self._forwarder(address, host_port, port)
+        self.forwarders.append(forwarder)
+        return forwarder.address
+
+    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder | AgentRelay:
+        # The isolate's loopback is out of a host thread's reach (gVisor's netstack, a guest
+        # kernel): relayed through the agent. The process runtime joins it instead.
+        return AgentRelay(self, address, host_port, port)
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The background processes the agent holds: ``{handle, pid, argv, running, exit_code}``."""
+        listed = self.proc_call("proc_list", {}).get("processes")
+        return listed if isinstance(listed, list) else []
+
+    async def aproc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """A background-process call to the agent; its answer as an object (a garbled one is refused)."""
+        said = await self._agent_call(method, params, timeout)
+        if not isinstance(said, dict):
+            raise AgentProtocolError(f"the agent's answer to {method} is not an object")
+        if method == "proc_read" and self.egress is not None and self.egress.redactor:
+            for stream in ("stdout", "stderr"):  # a background process's output leaves redacted too
+                if isinstance(said.get(stream), str):
+                    said[stream] = base64.b64encode(self._redacted(b64_field(said[stream]))).decode()
+        return said
+
+    def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        return run_blocking(self.aproc_call(method, params, timeout))

@@ -1,0 +1,142 @@
+"""The one async agent channel (runtimes/channel.py) and its blocking callers (runtimes/blocking.py).
+
+Run against the fake runtime: the real guest agent over a real socket, so
+every turn, cancellation and interrupt below crosses the same protocol the
+isolating runtimes speak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stockade.errors import SandboxError
+from stockade.policy import Policy
+from stockade.runtimes.fake import FakeRuntime, FakeSandbox
+
+
+@pytest.fixture
+def sb() -> Iterator[FakeSandbox]:
+    sandbox = FakeRuntime().start(Policy(timeout_seconds=20))
+    yield sandbox
+    sandbox.close()
+
+
+def test_a_blocking_call_from_inside_a_running_event_loop_is_answered(sb: FakeSandbox) -> None:
+    # A notebook cell, or async code calling the sync SDK: this thread's loop is busy,
+    # so the call runs on a helper thread and this one waits for it.
+    async def main() -> tuple[str, bytes]:
+        result = sb.exec(["sh", "-c", "echo from-a-loop"])
+        sb.write_file(f"{sb.scratch_dir}/f", b"x" * 10)
+        return result.stdout, sb.read_file(f"{sb.scratch_dir}/f")
+
+    assert asyncio.run(main()) == ("from-a-loop\n", b"x" * 10)
+
+
+def test_threads_sharing_a_sandbox_wait_their_turn(sb: FakeSandbox) -> None:
+    path = f"{sb.scratch_dir}/turns"
+    outputs: list[str] = []
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            r = sb.exec(["sh", "-c", f"echo start{i} >> {path}; sleep 0.1; echo end{i} >> {path}; echo {i}"])
+            outputs.append(r.stdout.strip())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and sorted(outputs) == ["0", "1", "2", "3"]
+    lines = sb.read_file(path).decode().split()
+    # One request at a time: every run ended before the next one started.
+    assert all(lines[k][:5] == "start" and lines[k + 1] == "end" + lines[k][5:] for k in range(0, 8, 2)), lines
+
+
+def test_an_async_caller_finding_the_channel_busy_is_refused_not_queued(sb: FakeSandbox) -> None:
+    async def main() -> str:
+        first = asyncio.ensure_future(sb.aexec(["sh", "-c", "sleep 0.5; echo first"]))
+        await asyncio.sleep(0.1)
+        with pytest.raises(SandboxError, match="another call to this sandbox is in progress"):
+            await sb.aexec(["echo", "second"])
+        return (await first).stdout
+
+    assert asyncio.run(main()) == "first\n"
+    assert sb.exec(["echo", "after"]).stdout == "after\n"
+
+
+def test_an_async_caller_that_gives_up_leaves_the_run_to_finish_and_the_sandbox_to_go_on(sb: FakeSandbox) -> None:
+    # A daemon client whose connection dropped, asyncio.wait_for: the agent's answer is read
+    # when it comes and dropped; the isolate (its files, its interpreters) is kept.
+    sb.write_file(f"{sb.scratch_dir}/kept", b"state")
+
+    async def main() -> str:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(sb.aexec(["sh", "-c", f"sleep 0.6; echo done > {sb.scratch_dir}/ran"]), 0.2)
+        with pytest.raises(SandboxError, match="another call to this sandbox is in progress"):
+            await sb.aexec(["true"])  # the given-up run still holds the channel
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not sb.channel._turn.locked():
+                break
+        return (await sb.aexec(["cat", f"{sb.scratch_dir}/ran", f"{sb.scratch_dir}/kept"])).stdout
+
+    assert asyncio.run(main()) == "done\nstate"
+
+
+def test_ctrl_c_during_a_blocking_call_lets_go_of_the_channel() -> None:
+    sandbox = FakeRuntime().start(Policy(timeout_seconds=20))
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            sandbox.exec(["sleep", "10"])
+        assert time.monotonic() - started < 5
+        # Nothing would read the agent's late answer: the isolate was ended, and says why.
+        with pytest.raises(SandboxError, match="stopped waiting for exec before the agent answered"):
+            sandbox.exec(["echo", "next"])
+        # The turn was given back: nothing holds the channel.
+        assert sandbox.channel._current is None and not sandbox.channel._turn.locked()
+    finally:
+        sandbox.close()
+
+
+def test_an_interrupt_from_another_thread_reaches_a_blocking_run(sb: FakeSandbox) -> None:
+    threading.Timer(0.3, sb.interrupt).start()
+    result = sb.run_code("import time\ntry:\n    time.sleep(10)\nexcept KeyboardInterrupt:\n    print('stopped')")
+    assert result.stdout == "stopped\n"
+    assert sb.interrupt() is False  # nothing runs now
+    assert sb.exec(["echo", "still"]).stdout == "still\n"
+
+
+def test_each_thread_keeps_one_loop_and_a_finished_thread_closes_its_own(sb: FakeSandbox) -> None:
+    from stockade.runtimes import blocking
+
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def twice() -> None:
+        sb.exec(["true"])
+        own = blocking._loops.own
+        assert own is not None
+        sb.exec(["true"])
+        assert blocking._loops.own is own
+        loops.append(own.loop)
+
+    thread = threading.Thread(target=twice)
+    thread.start()
+    thread.join(30)
+    del thread
+    import gc
+
+    gc.collect()
+    assert len(loops) == 1 and loops[0].is_closed()
