@@ -93,6 +93,21 @@ def test_an_async_caller_that_gives_up_leaves_the_run_to_finish_and_the_sandbox_
     assert asyncio.run(main()) == "done\nstate"
 
 
+def test_a_call_given_up_on_a_loop_that_then_closed_does_not_hold_the_sandbox_forever(sb: FakeSandbox) -> None:
+    # asyncio.run() returned with the given-up call in flight: nothing will read its answer.
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(sb.aexec(["sleep", "30"]), 0.2)
+
+    asyncio.run(main())
+    started = time.monotonic()
+    result = sb.exec(["echo", "next"])  # neither hangs nor meets the late answer as its own
+    assert time.monotonic() - started < 10
+    assert result.termination_reason == "killed" and "stopped waiting for exec" in (result.error or "")
+    with pytest.raises(SandboxError, match="stopped waiting for exec before the agent answered"):
+        sb.exec(["echo", "after"])
+
+
 def test_ctrl_c_during_a_blocking_call_lets_go_of_the_channel() -> None:
     sandbox = FakeRuntime().start(Policy(timeout_seconds=20))
     try:

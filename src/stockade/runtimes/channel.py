@@ -36,6 +36,9 @@ from .verdict import OutputCallback, b64_field
 # before its answer is abandoned, since that loop stops when its caller does.
 BLOCKING_CALLER: contextvars.ContextVar[bool] = contextvars.ContextVar("stockade_blocking_caller", default=False)
 
+# How often a blocking caller waiting for the turn looks for a call whose loop is gone.
+_ORPHAN_CHECK_S = 1.0
+
 # Requests that run something a SIGINT can stop.
 INTERRUPTIBLE = ("exec", "run_code", "run_cell")
 
@@ -90,7 +93,7 @@ class AgentChannel:
         """Send the request now; ``done`` gets the reply's result or the exception that ended
         the call, in the loop turn that ends it, never before this returns (unless the
         returned call is aborted first)."""
-        if not self._turn.acquire(blocking=BLOCKING_CALLER.get()):
+        if not self._take_turn():
             raise SandboxError("another call to this sandbox is in progress")
         try:
             self._next_id += 1
@@ -113,6 +116,25 @@ class AgentChannel:
             self._running, self._interrupt_sent = method, False
         self._current = LoopCall(loop, self.conn, frame, timeout, on_message, done, release)
         return self._current
+
+    def _take_turn(self) -> bool:
+        """The channel's turn: at once for an async caller, waited for by a blocking one.
+
+        A call left in flight by an async caller that gave it up (``give_up``) holds the
+        turn until the agent answers, read by that caller's loop. If that loop has been
+        closed since (``asyncio.run`` returned), nothing will read the answer: the call
+        is dropped, which ends the isolate (``on_abandon``), and the turn is free.
+        """
+        blocking = BLOCKING_CALLER.get()
+        while True:
+            if self._turn.acquire(timeout=_ORPHAN_CHECK_S) if blocking else self._turn.acquire(blocking=False):
+                return True
+            current = self._current
+            if current is not None and current.loop.is_closed():
+                current.drop()
+                continue
+            if not blocking:
+                return False
 
     def interrupt(self) -> bool:
         """SIGINT to the run in flight, from any thread: one small frame, sent only when the

@@ -79,6 +79,13 @@ class LoopCall:
         self.aborted = True
         self._finish()
 
+    def drop(self) -> None:
+        """Its loop was closed with the call in flight: let go of the call as an abort would,
+        from whichever thread finds it (the closed loop runs nothing any more)."""
+        if not self.ended:
+            self.ended = self.aborted = True
+            self.release()
+
     def _send(self) -> None:
         while self.unsent and not self.ended:
             try:
