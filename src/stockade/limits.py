@@ -3,7 +3,7 @@
 That is the data one agent frame carries, base64-encoded (docs/sdk.md). The
 frame itself would take a little more, up to its 10 MiB, so the limit is a
 check of its own, and every door makes it before anything is sent: the SDK's
-sandboxes (``runtimes/base.py``), the daemon, and the daemon's client. A call
+sandboxes (``runtimes/sandbox.py``), the daemon, and the daemon's client. A call
 over it is refused the same way wherever it comes in, naming the field.
 Light on purpose: the daemon's client imports it.
 """

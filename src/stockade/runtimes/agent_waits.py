@@ -140,3 +140,22 @@ def agent_waits(loop: asyncio.AbstractEventLoop) -> AgentWaits:
         waits = _BY_LOOP[loop] = AgentWaits(loop)
     _last = (weakref.ref(loop), waits)
     return waits
+
+
+def forget(loop: asyncio.AbstractEventLoop) -> None:
+    """Drop ``loop``'s waits before it is closed (a thread's own loop, ``blocking.py``): its
+    epoll set is closed, and nothing of it keeps the loop alive (its timer handle would)."""
+    global _last
+    waits = _BY_LOOP.pop(loop, None)
+    if _last is not None and _last[1] is waits:
+        _last = None
+    if waits is None:
+        return
+    if waits._timer is not None:
+        waits._timer.cancel()
+        waits._timer = None
+    waits._readers.clear()
+    waits._deadlines.clear()
+    if not loop.is_closed():
+        loop.remove_reader(waits._epoll.fileno())
+    waits._epoll.close()

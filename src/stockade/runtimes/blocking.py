@@ -18,6 +18,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar, cast
 
+from . import agent_waits
 from .channel import BLOCKING_CALLER
 
 T = TypeVar("T")
@@ -31,6 +32,7 @@ class _OwnLoop:
 
     def __del__(self) -> None:
         if not self.loop.is_closed() and not self.loop.is_running():
+            agent_waits.forget(self.loop)
             self.loop.close()
 
 
@@ -73,16 +75,31 @@ def _run_here(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def _run_on_helper(coroutine: Coroutine[Any, Any, T]) -> T:
     outcome: list[Any] = []
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = []
+
+    async def tracked() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        running.append((asyncio.get_running_loop(), task))  # type: ignore[arg-type]
+        return await coroutine
 
     def run() -> None:
         try:
-            outcome.append((True, _run_here(coroutine)))
+            outcome.append((True, _run_here(tracked())))
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
             outcome.append((False, exc))
 
     helper = threading.Thread(target=run, name="stockade-blocking-call", daemon=True)
     helper.start()
-    helper.join()
+    try:
+        helper.join()
+    except BaseException:
+        # Ctrl-C in the caller's thread: the call is given up as in a caller of its own loop
+        # (cancelled, the isolate ended), not left running behind the caller's back.
+        for loop, task in running:
+            loop.call_soon_threadsafe(task.cancel)
+        helper.join()
+        raise
     ok, value = outcome[0]
     if ok:
         return cast(T, value)

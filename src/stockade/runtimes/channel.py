@@ -67,14 +67,19 @@ class AgentChannel:
         self._interrupt_sent = False  # that request was interrupted already
 
     async def call(
-        self, method: str, params: dict[str, Any], timeout: float, on_output: OutputCallback | None = None
+        self,
+        method: str,
+        params: dict[str, Any],
+        timeout: float,
+        on_output: OutputCallback | None = None,
+        check: Callable[[], None] | None = None,
     ) -> Any:
         """The reply's result; raises the agent's error, ``TimeoutError`` after ``timeout``
         seconds, ``EOFError``/``OSError`` for a lost connection, ``AgentProtocolError`` for
         a garbled one."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Any] = loop.create_future()
-        call = self.start(loop, method, params, timeout, on_output, functools.partial(settle_outcome, outcome))
+        call = self.start(loop, method, params, timeout, on_output, functools.partial(settle_outcome, outcome), check)
         try:
             return await outcome
         finally:
@@ -89,13 +94,17 @@ class AgentChannel:
         timeout: float,
         on_output: OutputCallback | None,
         done: Callable[[Any], None],
+        check: Callable[[], None] | None = None,
     ) -> LoopCall:
         """Send the request now; ``done`` gets the reply's result or the exception that ended
         the call, in the loop turn that ends it, never before this returns (unless the
-        returned call is aborted first)."""
+        returned call is aborted first). ``check`` runs once the turn is taken, before
+        anything is sent: a caller that waited finds the sandbox as the last call left it."""
         if not self._take_turn():
             raise SandboxError("another call to this sandbox is in progress")
         try:
+            if check is not None:
+                check()
             self._next_id += 1
             msg_id = self._next_id
             frame = _encode(method, params, msg_id)
@@ -108,9 +117,11 @@ class AgentChannel:
 
         def release() -> None:
             call, self._current = self._current, None
-            self._turn.release()
-            if call is not None and call.aborted:
-                self._on_abandon(method)
+            try:
+                if call is not None and call.aborted:
+                    self._on_abandon(method)  # before the turn is free: the next caller finds it ended
+            finally:
+                self._turn.release()
 
         with self._interrupt_lock:
             self._running, self._interrupt_sent = method, False
@@ -129,10 +140,11 @@ class AgentChannel:
         while True:
             if self._turn.acquire(timeout=_ORPHAN_CHECK_S) if blocking else self._turn.acquire(blocking=False):
                 return True
-            current = self._current
-            if current is not None and current.loop.is_closed():
-                current.drop()
-                continue
+            with self._interrupt_lock:  # one waiter drops it, and only the call that holds the turn
+                current = self._current
+                if current is not None and not current.ended and current.loop.is_closed():
+                    current.drop()
+                    continue
             if not blocking:
                 return False
 

@@ -56,8 +56,8 @@ class LoopCall:
         self.length: int | None = None  # the payload length of the frame being read, once its header is in
         self.writing = self.reading = self.ended = self.aborted = False
         # Every send and receive passes MSG_DONTWAIT, so the socket stays in the
-        # blocking mode its other (threaded) callers expect, with no fcntl calls
-        # to switch it. A timeout set on it would make Python poll before each
+        # blocking mode the channel's interrupt (from another thread) expects, with
+        # no fcntl calls to switch it. A timeout set on it would make Python poll before each
         # call, though: then it is made non-blocking for the call's length.
         self.restore_blocking = sock.gettimeout() is not None
         if self.restore_blocking:
@@ -163,18 +163,20 @@ class LoopCall:
         if self.ended:
             return
         self.ended = True
-        if self.timer is not None:
-            self.waits.cancel(self.timer)
-        if self.writing:
-            self.loop.remove_writer(self.fd)
-        if self.reading:
-            self.waits.unwatch(self.fd, self.on_readable)
-        if self.restore_blocking:
-            try:
-                self.sock.setblocking(True)
-            except OSError:
-                pass  # closed under the call (the sandbox was closed): nothing to restore
-        self.release()
+        try:
+            if self.timer is not None:
+                self.waits.cancel(self.timer)
+            if self.writing:
+                self.loop.remove_writer(self.fd)
+            if self.reading:
+                self.waits.unwatch(self.fd, self.on_readable)
+            if self.restore_blocking:
+                try:
+                    self.sock.setblocking(True)
+                except OSError:
+                    pass  # closed under the call (the sandbox was closed): nothing to restore
+        finally:
+            self.release()  # even when Ctrl-C lands in here: the channel's turn is never kept
 
 
 def settle_outcome(future: asyncio.Future[Any], outcome: Any) -> None:

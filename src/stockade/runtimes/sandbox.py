@@ -317,7 +317,8 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
                 return
             done(result)
 
-        return self.channel.start(asyncio.get_running_loop(), method, run.params, run.wait, guard.callback, answered)
+        loop = asyncio.get_running_loop()
+        return self.channel.start(loop, method, run.params, run.wait, guard.callback, answered, self._check_usable)
 
     def _settle_run(self, run: PendingRun, guard: CallbackGuard, reply: Any) -> ExecResult:
         """The result of a run from the agent's reply, or from the exception that ended the call.
@@ -364,7 +365,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         ends the isolate, and the caller gets a ``SandboxError``."""
         self._check_usable()
         try:
-            return await self.channel.call(method, params, timeout)
+            return await self.channel.call(method, params, timeout, check=self._check_usable)
         except AgentProtocolError as exc:
             said = self._kill_vanished()
             if not said:
