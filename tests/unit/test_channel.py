@@ -187,3 +187,14 @@ def test_short_lived_threads_leave_no_loop_or_epoll_set_behind(sb: FakeSandbox) 
     del thread
     gc.collect()
     assert _epoll_fds() <= before_fds and len(agent_waits._BY_LOOP) <= before_waits
+
+
+def test_a_run_that_waited_for_its_turn_is_measured_from_its_turn(sb: FakeSandbox) -> None:
+    # Its counters, its violation report and its time start when it is sent, not while
+    # another thread's run still held the sandbox.
+    first = threading.Thread(target=sb.exec, args=(["sleep", "2"],))
+    first.start()
+    time.sleep(0.3)
+    second = sb.exec(["true"])
+    first.join(30)
+    assert second.success and second.execution_time_seconds < 1.5

@@ -117,6 +117,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self._teardowns: dict[AgentSandbox, tuple[asyncio.TimerHandle, Callable[[AgentSandbox], None]]] = {}
         self._expired: OrderedDict[str, tuple[str, str]] = OrderedDict()  # sandbox id -> (owner, why)
         self._closing: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()
         self._cold_starts: set[asyncio.Task[None]] = set()  # execute_now's runs building an isolate
         self._runtimes_lock = asyncio.Lock()
         self._runtimes_seen: tuple[float, list[dict[str, Any]]] | None = None  # when, what ``runtimes`` found

@@ -104,6 +104,7 @@ class HeldSandboxes:
     closing: dict[str, Held]  # held sandboxes being closed (a call of theirs may still run)
     _expired: OrderedDict[str, tuple[str, str]]  # sandbox id -> (owner, why)
     _closing: set[asyncio.Task[None]]  # idle sandboxes being closed
+    _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise NotImplementedError
@@ -270,10 +271,27 @@ class HeldSandboxes:
             held.calls -= 1
             raise
         self._track(+1)
+        ended_later = False
         try:
             if self.held.get(held.sandbox_id) is not held:  # closed while this call waited its turn
                 raise NotFoundError(f"sandbox {held.sandbox_id!r} was closed")
             return await call(held)
+        except asyncio.CancelledError:
+            # Its caller went away: the call is left to finish in the isolate (its answer read
+            # and dropped). The sandbox's turn passes on once it has, so that the next call in
+            # line is served then, not refused because the agent is still busy.
+            ended_later = True
+            task = asyncio.get_running_loop().create_task(self._end_when_settled(held))
+            self._settling.add(task)  # referenced until it ends (the shutdown's kill ends it)
+            task.add_done_callback(self._settling.discard)
+            raise
+        finally:
+            if not ended_later:
+                self._held_call_ended(held)
+
+    async def _end_when_settled(self, held: Held) -> None:
+        try:
+            await held.sandbox.settled()
         finally:
             self._held_call_ended(held)
 

@@ -165,6 +165,11 @@ class PlacedSandbox:
             self._task.cancel()
         self.kill()
 
+    async def settled(self) -> None:
+        """Return once no run is in flight (a run given up is cancelled on its node)."""
+        if self._task is not None and not self._task.done():
+            await asyncio.wait([self._task])
+
     def interrupt(self) -> bool:
         return False  # an isolate of a placement has no interrupt short of its end (cancel)
 

@@ -18,6 +18,7 @@ sandbox expect. A caller that gives up a call in flight: ``give_up``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import select
@@ -65,6 +66,7 @@ class AgentChannel:
         self._current: LoopCall | None = None  # the call in flight
         self._running = ""  # the method of the request in flight (or last sent)
         self._interrupt_sent = False  # that request was interrupted already
+        self._settle_waiters: list[asyncio.Future[None]] = []  # ``settled`` callers, told at the release
 
     async def call(
         self,
@@ -78,13 +80,7 @@ class AgentChannel:
         seconds, ``EOFError``/``OSError`` for a lost connection, ``AgentProtocolError`` for
         a garbled one."""
         loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[Any] = loop.create_future()
-        call = self.start(loop, method, params, timeout, on_output, functools.partial(settle_outcome, outcome), check)
-        try:
-            return await outcome
-        finally:
-            if not call.ended:  # cancelled while the agent works
-                give_up(call)
+        return await awaited(lambda done: self.start(loop, method, params, timeout, on_output, done, check))
 
     def start(
         self,
@@ -122,11 +118,25 @@ class AgentChannel:
                     self._on_abandon(method)  # before the turn is free: the next caller finds it ended
             finally:
                 self._turn.release()
+                waiters, self._settle_waiters = self._settle_waiters, []
+                for waiter in waiters:
+                    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                        waiter.get_loop().call_soon_threadsafe(_wake, waiter)
 
         with self._interrupt_lock:
             self._running, self._interrupt_sent = method, False
         self._current = LoopCall(loop, self.conn, frame, timeout, on_message, done, release)
         return self._current
+
+    async def settled(self) -> None:
+        """Return once no call is in flight (one given up included: it ends when the agent
+        answers, or at its timeout, or with the isolate)."""
+        while (current := self._current) is not None and not current.ended:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._settle_waiters.append(waiter)
+            if self._current is not current or current.ended:  # released meanwhile (another thread)
+                continue
+            await waiter
 
     def _take_turn(self) -> bool:
         """The channel's turn: at once for an async caller, waited for by a blocking one.
@@ -196,6 +206,23 @@ class AgentChannel:
         stream = params.get("stream")
         if stream in ("stdout", "stderr"):
             on_output(stream, self._redact(b64_field(params.get("data"))))
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def awaited(start: Callable[[Callable[[Any], None]], LoopCall]) -> Any:
+    """The outcome of a call in callback form (``start(done)``), awaited: its result, or the
+    exception that ended it raised; a caller cancelled meanwhile gives the call up."""
+    outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    call = start(functools.partial(settle_outcome, outcome))
+    try:
+        return await outcome
+    finally:
+        if not call.ended:  # cancelled while the agent works
+            give_up(call)
 
 
 def give_up(call: LoopCall) -> None:

@@ -33,9 +33,9 @@ from .agent_requests import code_request, exec_params, run_params
 from .base import BASE_ENV, IsolateUsage
 from .blocking import run_blocking
 from .cells import cell_fields
-from .channel import AgentChannel, give_up
+from .channel import AgentChannel, awaited
 from .judgement import judge
-from .loop_call import LoopCall, settle_outcome
+from .loop_call import LoopCall
 from .publish import AgentRelay, Forwarder
 from .sandbox_files import AgentFiles
 from .sandbox_processes import AgentProcesses
@@ -207,6 +207,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
             self.arun_code(code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session)
         )
 
+    async def settled(self) -> None:
+        """Return once no call to the agent is in flight (a call given up is left to finish)."""
+        await self.channel.settled()
+
     def interrupt(self) -> bool:
         """Interrupt the run in progress from another thread: SIGINT to it (a cell raises
         KeyboardInterrupt and its interpreter keeps its state; a command gets Ctrl-C). False
@@ -277,13 +281,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
         """An agent run request (``exec_params`` or ``code_params``), awaited."""
-        outcome: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()
-        call = self.start_run(method, params, stdin, env, timeout, on_output, lambda end: settle_outcome(outcome, end))
-        try:
-            return await outcome
-        finally:
-            if not call.ended:  # cancelled while the agent runs
-                give_up(call)
+        result: ExecResult = await awaited(
+            lambda done: self.start_run(method, params, stdin, env, timeout, on_output, done)
+        )
+        return result
 
     def start_run(
         self,
@@ -318,7 +319,9 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
             done(result)
 
         loop = asyncio.get_running_loop()
-        return self.channel.start(loop, method, run.params, run.wait, guard.callback, answered, self._check_usable)
+        return self.channel.start(
+            loop, method, run.params, run.wait, guard.callback, answered, lambda: self._open_run(run)
+        )
 
     def _settle_run(self, run: PendingRun, guard: CallbackGuard, reply: Any) -> ExecResult:
         """The result of a run from the agent's reply, or from the exception that ended the call.
@@ -353,12 +356,18 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         check_call_size("code", params.get("code"))
         env = {**self.environment_env, **self.policy.environment, **(env or {})}
         wait = run_params(params, self.policy, raw_stdin, env, timeout, on_output is not None, self.one_shot)
-        before, self.baseline = self.baseline or self.usage(peak=False), None
+        return PendingRun(params, wait, IsolateUsage(), 0.0, execution_id)  # opened by _open_run
+
+    def _open_run(self, run: PendingRun) -> None:
+        """The run's turn has come (a blocking caller may have waited for it): its counters and
+        its violation report start here, not before, so that they are its own."""
+        self._check_usable()
+        run.before, self.baseline = self.baseline or self.usage(peak=False), None
         self._collect_violations()
         # What was reported since the last run (a process that run left running) opens this
         # run's report, marked: a call made between runs is not a call reported nowhere.
         self.violation_log.begin_run()
-        return PendingRun(params, wait, before, time.monotonic(), execution_id)
+        run.started = time.monotonic()
 
     async def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any:
         """A request other than a run: an agent that garbles its answer or stops answering
