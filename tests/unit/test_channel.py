@@ -198,3 +198,26 @@ def test_a_run_that_waited_for_its_turn_is_measured_from_its_turn(sb: FakeSandbo
     second = sb.exec(["true"])
     first.join(30)
     assert second.success and second.execution_time_seconds < 1.5
+
+
+def test_closing_a_sandbox_wakes_a_call_in_flight_on_another_threads_loop() -> None:
+    # A component's run has no deadline; its thread's loop waits on the agent's socket in an
+    # epoll set, which forgets a closed descriptor without waking anyone. The close must wake it.
+    from stockade.runtimes.base import UNBOUNDED
+
+    sandbox = FakeRuntime().start(Policy(timeout_seconds=20))
+    sandbox.kill = lambda: None  # type: ignore[method-assign]  # only the channel's close may end the call
+    ended: list[object] = []
+
+    def run() -> None:
+        try:
+            ended.append(sandbox.exec(["sleep", "30"], timeout=UNBOUNDED))
+        except BaseException as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.5)
+    sandbox.close()
+    thread.join(15)
+    assert not thread.is_alive() and ended, "the call in flight was not woken by the close"

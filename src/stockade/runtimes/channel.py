@@ -67,6 +67,8 @@ class AgentChannel:
         self._running = ""  # the method of the request in flight (or last sent)
         self._interrupt_sent = False  # that request was interrupted already
         self._settle_waiters: list[asyncio.Future[None]] = []  # ``settled`` callers, told at the release
+        self._close_requested = False
+        self._drop_lock = threading.Lock()
 
     async def call(
         self,
@@ -118,6 +120,9 @@ class AgentChannel:
                     self._on_abandon(method)  # before the turn is free: the next caller finds it ended
             finally:
                 self._turn.release()
+                with self._interrupt_lock:
+                    if self._close_requested:  # ``close`` came while this call was in flight
+                        self.conn.close()
                 waiters, self._settle_waiters = self._settle_waiters, []
                 for waiter in waiters:
                     with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
@@ -150,7 +155,7 @@ class AgentChannel:
         while True:
             if self._turn.acquire(timeout=_ORPHAN_CHECK_S) if blocking else self._turn.acquire(blocking=False):
                 return True
-            with self._interrupt_lock:  # one waiter drops it, and only the call that holds the turn
+            with self._drop_lock:  # one waiter drops it, and only the call that holds the turn
                 current = self._current
                 if current is not None and not current.ended and current.loop.is_closed():
                     current.drop()
@@ -180,7 +185,22 @@ class AgentChannel:
             return True
 
     def close(self) -> None:
-        self.conn.close()
+        """End the connection. A call in flight, on whichever thread's loop, is woken by the
+        shutdown and ends (EOF); the descriptor itself is closed once that call has let go of
+        it: an epoll set forgets a closed descriptor without a word, and its waiter, with no
+        deadline (a component's run), would wait forever."""
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+        with self._interrupt_lock:
+            self._close_requested = True
+            current = self._current
+        if current is None or current.ended:
+            self.conn.close()
+            return
+        if current.loop.is_closed():  # nothing will run that call's end: end it here
+            with self._drop_lock:
+                current.drop()
+        # Otherwise the release of that call closes the descriptor, once its loop has seen the end.
 
     def _reply(self, message: dict[str, Any], msg_id: int, on_output: OutputCallback | None) -> tuple[bool, Any]:
         """(True, result) for the reply to ``msg_id``; (False, None) after a notification; raises its error."""
