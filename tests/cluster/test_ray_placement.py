@@ -94,6 +94,36 @@ def test_a_policy_no_node_can_hold_is_refused_with_the_reason(cluster: LocalRayC
     _run(_with_placement(cluster, body))
 
 
+def test_a_claim_whose_caller_goes_away_leaves_nothing_held(cluster: LocalRayCluster) -> None:
+    # Cancelled between its calls to the cluster (the reservation, the node's hand-over), a
+    # claim runs to its end and gives back what it got: no reservation, no isolate on a node.
+    async def body(placement: RayPlacement) -> None:
+        import time
+
+        from ray.util.placement_group import placement_group_table
+
+        for delay in (0.0, 0.01, 0.03, 0.06, 0.1, 0.2, 0.4, 0.8):
+            claim = asyncio.ensure_future(placement.acquire(SMALL))
+            await asyncio.sleep(delay)
+            claim.cancel()
+            got = await asyncio.gather(claim, return_exceptions=True)
+            if isinstance(got[0], RayIsolate):  # answered before the cancel landed: released as usual
+                await placement.release(got[0])
+        deadline = time.monotonic() + 60
+        while True:
+            live = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+            held = [(await n.actor.describe.remote())["isolates"] for n in placement._nodes.values()]
+            if not live and not any(held):
+                break
+            assert time.monotonic() < deadline, f"left behind: {len(live)} reservations, isolates {held}"
+            await asyncio.sleep(0.2)
+        assert placement.describe()["held"] == 0
+        result = await one_shot(placement, SMALL, argv=["echo", "after"])  # and claims go on
+        assert result.stdout == "after\n"
+
+    _run(_with_placement(cluster, body))
+
+
 def test_output_streams_back_while_the_run_goes_on(cluster: LocalRayCluster) -> None:
     code = "import sys, time\nprint('first', flush=True)\ntime.sleep(15)\nprint('second')\n"
 

@@ -252,6 +252,7 @@ class RayPlacement:
         self._owns_connection = False
         self.unreachable: str | None = None
         self._held: set[RayIsolate] = set()
+        self._claims: set[asyncio.Future[Any]] = set()  # claims under way, and give-backs of unclaimed ones
         self._checked_at = 0.0
         self._reconnect: asyncio.Task[dict[str, Any]] | None = None
         self._connecting = threading.Lock()
@@ -385,6 +386,27 @@ class RayPlacement:
         raise RuntimeUnavailableError(f"the Ray cluster cannot hold {wanted}: {'; '.join(reasons)}")
 
     async def acquire(self, policy: Policy) -> Isolate:
+        # A claim is several calls to the cluster (a reservation, then a hand-over on the node).
+        # A caller cancelled between two of them would leave a reservation, or an isolate on
+        # its node, that nobody holds: the claim runs to its end as a task of its own, and
+        # what it got is given back when its caller has gone.
+        claim = asyncio.ensure_future(self._claim(policy))
+        self._claims.add(claim)
+        claim.add_done_callback(self._claims.discard)
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            claim.add_done_callback(self._unclaimed)
+            raise
+
+    def _unclaimed(self, claim: asyncio.Future[Isolate]) -> None:
+        if claim.cancelled() or claim.exception() is not None:
+            return  # it got nothing (what it had reserved, it removed)
+        release = asyncio.ensure_future(self.release(claim.result()))
+        self._claims.add(release)
+        release.add_done_callback(self._claims.discard)
+
+    async def _claim(self, policy: Policy) -> Isolate:
         from ray.util.placement_group import placement_group, placement_group_table
 
         await _off_loop(self._connect)
@@ -460,6 +482,8 @@ class RayPlacement:
 
         if self._reconnect is not None:
             self._reconnect.cancel()
+        while self._claims:  # a claim's caller gone: what it gets is given back before the nodes stop
+            await asyncio.gather(*list(self._claims), return_exceptions=True)
         nodes, self._nodes = list(self._nodes.values()), {}
         gone = self.unreachable is not None and self._connected
         if gone:

@@ -48,6 +48,7 @@ class StockadeNode:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "runtimes": self.runtimes,
+            "isolates": len(self.isolates),  # handed out and not yet released
         }
 
     async def acquire(self, policy_json: str) -> dict[str, Any]:
