@@ -61,7 +61,7 @@ def test_executions_land_on_the_node_with_the_resource_asked_for(cluster: LocalR
             isolate = await placement.acquire(SMALL.replace(runtime="gvisor"))
             try:
                 assert isolate.node in gvisor_node
-                result = await isolate.exec(["python3", "-c", "print(6 * 7)"])
+                result = await isolate.aexec(["python3", "-c", "print(6 * 7)"])
                 assert (result.termination_reason, result.stdout, result.runtime_used) == (
                     "completed",
                     "42\n",
@@ -71,7 +71,7 @@ def test_executions_land_on_the_node_with_the_resource_asked_for(cluster: LocalR
                 await placement.release(isolate)
             isolate = await placement.acquire(SMALL)
             try:
-                assert isolate.node not in gvisor_node and isolate.runtime == "process"
+                assert isolate.node not in gvisor_node and isolate.runtime_name == "process"
             finally:
                 await placement.release(isolate)
         # A trust takes the strongest level a node offers that the trust accepts.
@@ -137,7 +137,7 @@ def test_output_streams_back_while_the_run_goes_on(cluster: LocalRayCluster) -> 
 
         isolate = await placement.acquire(SMALL)
         try:
-            run = asyncio.ensure_future(isolate.run_code(code, on_output=on_output))
+            run = asyncio.ensure_future(isolate.arun_code(code, on_output=on_output))
             await asyncio.wait_for(first.wait(), 60)
             assert not run.done(), "the first line came only with the result"
             assert b"".join(d for _, d in pieces) == b"first\n"
@@ -156,22 +156,22 @@ def test_files_move_through_the_object_store_with_limits(cluster: LocalRayCluste
     async def body(placement: RayPlacement) -> None:
         isolate = await placement.acquire(SMALL)
         try:
-            await isolate.write_file("/work/data.bin", big)
-            assert await isolate.read_file("/work/data.bin") == big
-            result = await isolate.exec(["sha256sum", "/work/data.bin"])
+            await isolate.awrite_file("/work/data.bin", big)
+            assert await isolate.aread_file("/work/data.bin") == big
+            result = await isolate.aexec(["sha256sum", "/work/data.bin"])
             import hashlib
 
             assert result.stdout.split()[0] == hashlib.sha256(big).hexdigest()
             with pytest.raises(CallTooLargeError, match="max_file_bytes 2097152"):
-                await isolate.write_file("/work/too.bin", b"x" * (2 * 1024 * 1024 + 1))
-            await isolate.exec(["sh", "-c", "head -c 3000000 /dev/zero > /work/large.bin"])
-            assert len(await isolate.read_file("/work/large.bin", max_bytes=100)) <= 100
+                await isolate.awrite_file("/work/too.bin", b"x" * (2 * 1024 * 1024 + 1))
+            await isolate.aexec(["sh", "-c", "head -c 3000000 /dev/zero > /work/large.bin"])
+            assert len(await isolate.aread_file("/work/large.bin", max_bytes=100)) <= 100
             with pytest.raises(CallTooLargeError, match="larger than the placement's max_file_bytes 2097152"):
-                await isolate.read_file("/work/large.bin")
+                await isolate.aread_file("/work/large.bin")
         finally:
             await placement.release(isolate)
         with pytest.raises(SandboxLostError, match="released"):
-            await isolate.exec(["true"])
+            await isolate.aexec(["true"])
 
     _run(_with_placement(cluster, body, max_file_bytes=2 * 1024 * 1024))
 
@@ -207,7 +207,7 @@ def test_a_lost_node_ends_its_runs_as_lost_and_the_next_runs_land_elsewhere() ->
             victim = held[0].node
             index = cluster.index_of(victim)
             assert index != 0
-            runs = [asyncio.ensure_future(i.exec(["sleep", "4"])) for i in held]
+            runs = [asyncio.ensure_future(i.aexec(["sleep", "4"])) for i in held]
             await asyncio.sleep(1)
             cluster.kill_node(index)
             assert _node_pids(cluster, index) == []
@@ -220,14 +220,14 @@ def test_a_lost_node_ends_its_runs_as_lost_and_the_next_runs_land_elsewhere() ->
                     assert result.termination_reason == "completed", result.error
             lost = next(i for i in held if i.node == victim)
             with pytest.raises(SandboxLostError, match=victim):
-                await lost.read_file("/work/x")
+                await lost.aread_file("/work/x")
             for isolate in held:
                 await placement.release(isolate)
             for _ in range(3):
                 isolate = await placement.acquire(SMALL)
                 try:
                     assert isolate.node != victim
-                    result = await isolate.exec(["true"])
+                    result = await isolate.aexec(["true"])
                     assert result.termination_reason == "completed"
                 finally:
                     await placement.release(isolate)
@@ -297,7 +297,7 @@ def test_the_daemon_serves_both_doors_through_the_ray_placement(cluster: LocalRa
                 assert {e["name"] for e in sandbox.list_dir("/work")} == {"in.txt", "out.txt"}
                 sandbox.run_code("x = 41", session="notebook")  # a stateful interpreter on the node
                 assert sandbox.run_code("x + 1", session="notebook").results[0].text == "42"
-                with pytest.raises(InvalidRequestError, match="not offered by the daemon's ray placement"):
+                with pytest.raises(InvalidRequestError, match="not offered by an isolate of the ray placement"):
                     sandbox.spawn(["sleep", "1"])
                 assert [s["runtime"] for s in client.status()["active_sandboxes"]] == ["process"]
             assert client.status()["active_sandboxes"] == []

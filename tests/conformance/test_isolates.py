@@ -40,26 +40,26 @@ def test_a_check_that_fails_is_reported_by_name() -> None:
     from stockade.result import ExecResult
 
     class Wrong:
-        runtime = "process"
+        runtime_name = "process"
         node = "test"
 
-        async def exec(self, argv: list[str], **_: object) -> ExecResult:
+        async def aexec(self, argv: list[str], **_: object) -> ExecResult:
             return ExecResult(success=True, stdout="nope\n", exit_code=0, termination_reason="completed",
                               runtime_used="process", policy_digest="")  # fmt: skip
 
-        async def run_code(self, code: str, language: str = "python", **_: object) -> ExecResult:
-            return await self.exec([])
+        async def arun_code(self, code: str, language: str = "python", **_: object) -> ExecResult:
+            return await self.aexec([])
 
-        async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        async def awrite_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
             return None
 
-        async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        async def aread_file(self, path: str, max_bytes: int | None = None) -> bytes:
             return b""
 
-        async def list_dir(self, path: str) -> list[dict[str, object]]:
+        async def alist_dir(self, path: str) -> list[dict[str, object]]:
             return []
 
-        async def close_interpreter(self, session: str) -> bool:
+        async def aclose_interpreter(self, session: str) -> bool:
             return False
 
         async def aclose(self) -> None:

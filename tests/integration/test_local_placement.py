@@ -12,15 +12,15 @@ def test_acquire_run_release_on_this_host(process_runtime: str) -> None:
     async def body() -> None:
         placement = open_placement("local")
         try:
-            described = placement.describe()
-            assert described["type"] == "local"
-            assert any(r["name"] == "process" and r["available"] for r in described["runtimes"])
+            described = await placement.connect()  # the default runtime started, its pool filling
+            assert (described["type"], described["runtimes"]) == ("local", ["process"])
+            assert any(r["name"] == "process" and r["available"] for r in await placement.runtimes())
             isolate = await placement.acquire(Policy())
-            assert (isolate.node, isolate.runtime) == ("local", "process")
-            await isolate.write_file("/work/x.py", "print(6 * 7)")
-            result = await isolate.exec(["python3", "/work/x.py"])
+            assert (isolate.node, isolate.runtime_name) == ("local", "process")
+            await isolate.awrite_file("/work/x.py", "print(6 * 7)")
+            result = await isolate.aexec(["python3", "/work/x.py"])
             assert (result.termination_reason, result.stdout) == ("completed", "42\n")
-            assert await isolate.read_file("/work/x.py") == b"print(6 * 7)"
+            assert await isolate.aread_file("/work/x.py") == b"print(6 * 7)"
             await placement.release(isolate)
             await placement.release(isolate)  # idempotent
             pieces: list[bytes] = []

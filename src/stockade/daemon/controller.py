@@ -2,8 +2,10 @@
 
 Its methods take a request model (``protocol/models.py``) and a ``Caller`` and
 return an answer model; both doors serve them through one method table
-(``methods.py``). Runtime calls block (they wait on an isolate), so they run
-in a thread pool; the controller itself lives on the event loop. A fixed
+(``methods.py``). Where isolates come from is all a ``Placement`` says
+(``placement/``): this host's runtimes and warm pools, or a Ray cluster's
+nodes; the controller drives the ``Isolate``s it hands out on the event loop,
+in callback form, whichever it is. A fixed
 number of sandbox slots (held sandboxes and running one-shot executions)
 bounds what the daemon asks of the host; a bounded queue waits for a slot,
 and beyond it callers get "busy". This module holds the one-shot runs and
@@ -13,7 +15,6 @@ what is shared; the held sandboxes are ``held.py``'s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import sys
@@ -22,13 +23,13 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from ..errors import NotFoundError, RunCancelledError, SandboxError
-from ..placement import Placement, open_placement
+from ..placement import Isolate, Placement, open_placement
 from ..placement.config import LocalPlacementConfig
-from ..policy import Policy
+from ..placement.local import LocalPlacement
 from ..protocol.models import (
     ActiveSandbox,
     Caller,
@@ -41,21 +42,15 @@ from ..protocol.models import (
 )
 from ..result import ExecResult, new_id
 from ..runtimes.agent_requests import code_params, exec_params
-from ..runtimes.base import Runtime
 from ..runtimes.manager import RuntimeManager
-from ..runtimes.sandbox import AgentSandbox
 from ..runtimes.verdict import OutputCallback
 from .background import BackgroundProcesses, process_infos
 from .config import DaemonConfig
 from .held import Held, HeldSandboxes, settle_once
-from .placed import PlacedRuntime, connect
 from .slots import Slots
 
 T = TypeVar("T")
 log = logging.getLogger("stockade.daemon")
-
-# How long the answer to ``runtimes`` is reused before the runtimes are checked again.
-RUNTIMES_FRESH_S = 60.0
 
 # A one-shot isolate is killed as soon as its answer is written (nothing of it
 # runs on), but its teardown (cgroups, then the pool's next isolate) waits this
@@ -84,12 +79,14 @@ class Running:
     caller: Caller
     agent_id: str | None
     started: float = field(default_factory=time.monotonic)
-    sandbox: AgentSandbox | None = None  # None while its isolate is still being started
+    sandbox: Isolate | None = None  # None while its isolate is still being started
     cancelled: str | None = None  # why, once ``execute.cancel`` ended it
 
 
 class Controller(HeldSandboxes, BackgroundProcesses):
-    def __init__(self, config: DaemonConfig, manager: RuntimeManager | None = None) -> None:
+    def __init__(
+        self, config: DaemonConfig, manager: RuntimeManager | None = None, placement: Placement | None = None
+    ) -> None:
         self.config = config
         # This daemon's run, drawn at its start: ``status`` reports it, and the ids of the
         # sandboxes it holds carry its first 8 digits, so that a later daemon can tell a
@@ -99,13 +96,14 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         # Runtimes seen to work here: a sandbox of theirs started, or the last ``runtimes``
         # check found them available. ``/health`` reports these without starting anything.
         self.working_runtimes: set[str] = set()
+        # This host's runtimes: the local placement's, and the MCP servers' (which run on the
+        # daemon's own host whatever the placement) and the privileges' (daemon/privileges.py).
         self.manager = manager or RuntimeManager(pool_size=config.pool_size)
-        # Where isolates run: this host's runtimes (``manager``), or another placement's
-        # isolates (``stockade serve --placement ray``), driven through ``placed.py``.
-        self.placement: Placement | None = (
-            None if isinstance(config.placement, LocalPlacementConfig) else open_placement(config.placement)
-        )
-        self._placed: PlacedRuntime | None = None
+        # Where isolates run: this host (the default), or a cluster (``stockade serve --placement ray``).
+        if placement is None and isinstance(config.placement, LocalPlacementConfig):
+            placement = LocalPlacement(config.placement, self.manager, threads=config.max_sandboxes + 4)
+        self.placement: Placement = placement or open_placement(config.placement)
+        # Background processes' calls block on their isolate's agent: they wait here, off the loop.
         self._pool = ThreadPoolExecutor(max_workers=config.max_sandboxes + 4, thread_name_prefix="stockade-run")
         self.slots = Slots(config.max_sandboxes, config.max_sandboxes_per_uid, config.queue_limit, config.queue_timeout)
         self.held: dict[str, Held] = {}
@@ -114,41 +112,36 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._teardowns: dict[AgentSandbox, tuple[asyncio.TimerHandle, Callable[[AgentSandbox], None]]] = {}
+        self._teardowns: dict[Isolate, asyncio.TimerHandle] = {}
         self._expired: OrderedDict[str, tuple[str, str]] = OrderedDict()  # sandbox id -> (owner, why)
         self._closing: set[asyncio.Task[None]] = set()
         self._settling: set[asyncio.Task[None]] = set()
         self._cold_starts: set[asyncio.Task[None]] = set()  # execute_now's runs building an isolate
-        self._runtimes_lock = asyncio.Lock()
-        self._runtimes_seen: tuple[float, list[dict[str, Any]]] | None = None  # when, what ``runtimes`` found
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    def select(self, policy: Policy) -> Runtime | PlacedRuntime:
-        """The runtime that starts ``policy``'s isolate: this host's, or the placement's."""
-        if self.placement is None:
-            return self.manager.select(policy)
-        if self._placed is None:
-            self._placed = PlacedRuntime(self.placement, asyncio.get_running_loop())
-        return self._placed
-
-    async def connect_placement(self) -> dict[str, Any] | None:
-        """At the start: reach the placement (a Ray cluster, its node actors) and say what it offers."""
-        if self.placement is None:
-            return None
-        described = await connect(self.placement)
-        self.working_runtimes = set(placement_runtimes(described))
+    async def connect_placement(self) -> dict[str, Any]:
+        """At the start: reach the placement (this host's default runtime and its pool, or a Ray
+        cluster and its node actors) and say what it offers. One that cannot be reached is
+        said in the log (and, for a cluster, in ``/health``), not raised: the daemon serves
+        what it can, and tries again on the next request."""
+        try:
+            described = await self.placement.connect()
+        except Exception as exc:  # noqa: BLE001 - told here, and by describe()
+            log.warning("placement %s: %s", self.placement.name, exc)
+            return self.placement.describe()
+        self.working_runtimes |= set(described.get("runtimes", ()))
         return described
 
     async def placement_health(self) -> dict[str, Any] | None:
-        """Whether the placement can place, freshly checked, for ``/health`` (None: this host's runtimes)."""
-        if self.placement is None:
+        """Whether a remote placement can place, freshly checked, for ``/health`` (None: this host's)."""
+        if not self.placement.remote:
             return None
         described = await self.placement.check()
         if described.get("reachable", True):
-            self.working_runtimes |= set(placement_runtimes(described))
+            self.working_runtimes |= set(described.get("runtimes", ()))
         # /health answers anyone: whether the cluster is there, not where it is or what it holds
         # (``runtimes``, behind the socket's checks and the API's token, says why it is not).
         return {"type": described["type"], "reachable": described.get("reachable", True),
@@ -161,7 +154,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         else:
             self._idle.set()
 
-    def _dispose_after_answer(self, sandbox: AgentSandbox, dispose: Callable[[AgentSandbox], None]) -> None:
+    def _dispose_after_answer(self, sandbox: Isolate) -> None:
         """Kill ``sandbox`` right after its answer is written; tear it down a little later.
 
         Both are callbacks on the loop, so both run after the answer being
@@ -173,16 +166,16 @@ class Controller(HeldSandboxes, BackgroundProcesses):
 
         def teardown() -> None:
             self._teardowns.pop(sandbox, None)
-            dispose(sandbox)
+            self.placement.dispose(sandbox)
 
-        self._teardowns[sandbox] = (loop.call_later(TEARDOWN_DELAY_S, teardown), dispose)
+        self._teardowns[sandbox] = loop.call_later(TEARDOWN_DELAY_S, teardown)
 
     def _teardown_now(self) -> None:
-        """Hand every isolate still waiting for its teardown to its runtime now (at shutdown)."""
+        """Hand every isolate still waiting for its teardown to the placement now (at shutdown)."""
         while self._teardowns:
-            sandbox, (timer, dispose) = self._teardowns.popitem()
+            sandbox, timer = self._teardowns.popitem()
             timer.cancel()
-            dispose(sandbox)
+            self.placement.dispose(sandbox)
 
     # ---- methods ----------------------------------------------------------------------
 
@@ -228,21 +221,21 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         asked once: a second ask would count a second miss).
         """
         request.check_sizes()
-        runtime = self.select(request.policy)
+        runtime = self.placement.runtime_for(request.policy)
         if not self.slots.take_now(caller.owner):
             return None  # the awaited path says why, or waits for a slot
         try:
-            sandbox: AgentSandbox | None = runtime.take_warm(request.policy)
+            sandbox = self.placement.take_warm(request.policy)
         except BaseException:  # a limit the host refused at hand-over: the slot goes back
             self.slots.release(caller.owner)
             raise
-        running = self._started(runtime.name, caller, request.agent_id, sandbox)
+        running = self._started(runtime, caller, request.agent_id, sandbox)
         if sandbox is not None:
-            return self._launch(request, running, sandbox, runtime.dispose, done)
+            return self._launch(request, running, sandbox, done)
 
         async def cold() -> None:
             try:
-                result = await self._run_in_slot(request, running, runtime, None)
+                result = await self._run_in_slot(request, running, None)
             except asyncio.CancelledError:
                 return  # abandoned: nobody to tell
             except Exception as exc:  # noqa: BLE001 - handed to the caller, as an awaited run would raise it
@@ -272,37 +265,36 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         """One ``execute``: a slot (waiting in the queue if need be), a warm isolate or a
         cold one, the run, the isolate's end."""
         request.check_sizes()
-        runtime = self.select(request.policy)
+        runtime = self.placement.runtime_for(request.policy)
         await self._take_slot(caller)
         try:
             # A warm isolate is handed over on the event loop itself; only building
-            # one on demand blocks, so only that goes to a thread.
-            sandbox: AgentSandbox | None = runtime.take_warm(request.policy)
+            # one on demand waits (in a thread, or on another node).
+            sandbox = self.placement.take_warm(request.policy)
         except BaseException:
             self.slots.release(caller.owner)
             raise
-        running = self._started(runtime.name, caller, request.agent_id, sandbox)
-        return await self._run_in_slot(request, running, runtime, on_output)
+        running = self._started(runtime, caller, request.agent_id, sandbox)
+        return await self._run_in_slot(request, running, on_output)
 
     async def _run_in_slot(
-        self, request: ExecuteRequest, running: Running, runtime: Any, on_output: OutputCallback | None
+        self, request: ExecuteRequest, running: Running, on_output: OutputCallback | None
     ) -> ExecResult:
         """The run counted in as ``running`` (its slot taken), on its warm isolate or on one
-        built now, to its result; whatever happens, its slot and isolate are given back."""
+        acquired now, to its result; whatever happens, its slot and isolate are given back."""
         sandbox = running.sandbox
         if sandbox is None:
             try:
-                sandbox = running.sandbox = await self._start_for(runtime, request.policy)
+                sandbox = running.sandbox = await self.placement.acquire(request.policy)
             except BaseException:
                 self._ended(running.execution_id)
                 raise
-        dispose = runtime.dispose
         if running.cancelled is not None:  # while its isolate was being started
-            self._dispose_after_answer(sandbox, dispose)
+            self._dispose_after_answer(sandbox)
             self._ended(running.execution_id)
             raise RunCancelledError(f"{running.cancelled} before it started")
         outcome: asyncio.Future[ExecResult | Exception] = asyncio.get_running_loop().create_future()
-        abandon = self._launch(request, running, sandbox, dispose, outcome.set_result, on_output)
+        abandon = self._launch(request, running, sandbox, outcome.set_result, on_output)
         try:
             answer = await outcome
         except BaseException:  # the caller went away: the run ends with it
@@ -316,8 +308,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self,
         request: ExecuteRequest,
         running: Running,
-        sandbox: AgentSandbox,
-        dispose: Callable[[AgentSandbox], None],
+        sandbox: Isolate,
         done: Callable[[ExecResult | Exception], None],
         on_output: OutputCallback | None = None,
     ) -> Callable[[], None]:
@@ -330,7 +321,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         execution_id = running.execution_id
 
         def bookkeeping() -> None:
-            self._dispose_after_answer(sandbox, dispose)
+            self._dispose_after_answer(sandbox)
             self._ended(execution_id)
 
         answered = False
@@ -379,9 +370,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             except Exception:
                 log.exception("an execution listener failed")
 
-    def _started(
-        self, runtime: str, caller: Caller, agent_id: str | None, sandbox: AgentSandbox | None = None
-    ) -> Running:
+    def _started(self, runtime: str, caller: Caller, agent_id: str | None, sandbox: Isolate | None = None) -> Running:
         """Count a running execute in, under an id drawn now: ``status`` shows it while the
         run is going and the ExecResult carries it, so a caller can match the two."""
         self._track(+1)
@@ -422,21 +411,6 @@ class Controller(HeldSandboxes, BackgroundProcesses):
     def _ended(self, execution_id: str) -> None:
         self.slots.release(self.running.pop(execution_id).caller.owner)
         self._track(-1)
-
-    async def _start_for(self, runtime: Any, policy: Policy) -> AgentSandbox:
-        """Start an isolate in a thread; one whose caller is cancelled meanwhile
-        (its client went away) is closed once it has started, not left behind."""
-        start = asyncio.get_running_loop().run_in_executor(self._pool, runtime.start, policy)
-        try:
-            return await asyncio.shield(start)
-        except asyncio.CancelledError:
-            start.add_done_callback(self._close_unwanted)
-            raise
-
-    def _close_unwanted(self, start: asyncio.Future[AgentSandbox]) -> None:
-        if not start.cancelled() and start.exception() is None:
-            with contextlib.suppress(RuntimeError):  # the pool is shut down: manager.close ends it
-                self._pool.submit(start.result().close)
 
     def require_slot(self, caller: Caller) -> None:
         """Refuse now (``DaemonBusyError``) what could not get a slot at once: for a door that
@@ -486,36 +460,12 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         )
 
     async def runtimes(self) -> list[dict[str, Any]]:
-        """Every runtime and whether it works here, from a check at most RUNTIMES_FRESH_S old.
-
-        A check starts a real sandbox of each runtime (a VM boot for microVM),
-        outside the slots: checked on every request, any local client could
-        have the daemon boot VMs as fast as it can ask. Callers that come during
-        a check wait for that one.
-        """
-        if self.placement is not None:
-            return await self._placement_runtimes()
-        async with self._runtimes_lock:
-            if self._runtimes_seen is None or time.monotonic() - self._runtimes_seen[0] > RUNTIMES_FRESH_S:
-                found = [asdict(a) for a in await self._blocking(self.manager.doctor)]
-                log.info("checked the runtimes: %s", ", ".join(f"{a['name']}={a['available']}" for a in found))
-                self._runtimes_seen = (time.monotonic(), found)
-                self.working_runtimes = {a["name"] for a in found if a["available"] and a["name"] != "fake"}
-            return self._runtimes_seen[1]
-
-    async def _placement_runtimes(self) -> list[dict[str, Any]]:
-        """``runtimes`` under a placement: each runtime its nodes advertise, and on how many."""
-        assert self.placement is not None
-        described = await connect(self.placement)
-        offered = placement_runtimes(described)
-        self.working_runtimes = set(offered)
-        where = f"the {self.placement.name} placement"
-        if not described.get("reachable", True):
-            return [{"name": self.placement.name, "available": False, "isolation": "", "reason": described["error"]}]
-        return [
-            {"name": name, "available": True, "isolation": name, "reason": f"{count} node(s) of {where}", "details": {}}
-            for name, count in sorted(offered.items())
-        ]
+        """Every runtime the placement has and whether it works: this host's from a check at most
+        a minute old (a check starts a real sandbox of each runtime, a VM boot for microVM,
+        outside the slots), a cluster's as its nodes advertise them."""
+        found = await self.placement.runtimes()
+        self.working_runtimes = {a["name"] for a in found if a["available"] and a["name"] != "fake"}
+        return found
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is running a sandbox; False if ``timeout`` passed first."""
@@ -540,29 +490,15 @@ class Controller(HeldSandboxes, BackgroundProcesses):
                 await self._close(held, interrupt="the daemon stopped during this call")
             except SandboxError:
                 pass
-        if self.placement is not None:
-            try:
-                await self.placement.aclose()
-            except Exception:
-                log.exception("closing the %s placement failed", self.placement.name)
+        try:
+            await self.placement.aclose()
+        except Exception:
+            log.exception("closing the %s placement failed", self.placement.name)
         await self._blocking(self.manager.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def placement_runtimes(described: dict[str, Any]) -> dict[str, int]:
-    """The runtimes a placement's nodes advertise (``stockade_<runtime>``), each with how many nodes do."""
-    from ..placement.ray import RESOURCE_PREFIX
-
-    offered: dict[str, int] = {}
-    for node in described.get("nodes", []):
-        for resource in node.get("resources", {}):
-            if resource.startswith(RESOURCE_PREFIX):
-                name = resource[len(RESOURCE_PREFIX) :]
-                offered[name] = offered.get(name, 0) + 1
-    return offered
-
-
-def _abandoned(running: Running, sandbox: AgentSandbox, request: ExecuteRequest) -> ExecResult:
+def _abandoned(running: Running, sandbox: Isolate, request: ExecuteRequest) -> ExecResult:
     """What is known of a run whose caller went away before its answer: it was ended."""
     return ExecResult(
         execution_id=running.execution_id,

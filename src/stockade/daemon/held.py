@@ -30,7 +30,7 @@ from ..errors import (
     SandboxOSError,
     sandbox_os_error,
 )
-from ..policy import Policy
+from ..placement import Isolate, Placement
 from ..protocol.models import (
     Caller,
     Closed,
@@ -51,8 +51,6 @@ from ..protocol.models import (
 )
 from ..result import ExecResult
 from ..runtimes.agent_requests import code_request, exec_params
-from ..runtimes.manager import RuntimeManager
-from ..runtimes.sandbox import AgentSandbox
 from ..runtimes.spawned import Process
 from ..runtimes.verdict import OutputCallback
 from .config import DaemonConfig
@@ -74,7 +72,7 @@ class Held:
     """A sandbox a client created and holds."""
 
     sandbox_id: str
-    sandbox: AgentSandbox
+    sandbox: Isolate
     caller: Caller
     agent_id: str | None
     connection: int | None  # closed with this connection, unless kept
@@ -97,7 +95,7 @@ class HeldSandboxes:
     # What the controller provides (controller.py).
     config: DaemonConfig
     instance_id: str
-    manager: RuntimeManager
+    placement: Placement
     slots: Slots
     working_runtimes: set[str]
     held: dict[str, Held]
@@ -106,19 +104,10 @@ class HeldSandboxes:
     _closing: set[asyncio.Task[None]]  # idle sandboxes being closed
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
 
-    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        raise NotImplementedError
-
-    def select(self, policy: Policy) -> Any:
-        raise NotImplementedError
-
     def _track(self, delta: int) -> None:
         raise NotImplementedError
 
     async def _take_slot(self, caller: Caller) -> None:
-        raise NotImplementedError
-
-    async def _start_for(self, runtime: Any, policy: Policy) -> AgentSandbox:
         raise NotImplementedError
 
     def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None) -> None:
@@ -127,12 +116,12 @@ class HeldSandboxes:
     async def create(self, request: SandboxCreate, caller: Caller) -> SandboxCreated:
         policy = request.policy
         idle_timeout = self._idle_timeout(request.idle_timeout)
-        runtime = self.select(policy)
+        self.placement.runtime_for(policy)  # a policy it cannot serve is refused before a slot is taken
         await self._take_slot(caller)
         try:
-            # Not a bare thread call: a caller cancelled meanwhile (a client gone) would leave
-            # the isolate it started running, held by nobody.
-            sandbox = await self._start_for(runtime, policy)
+            # A caller cancelled meanwhile (a client gone) leaves nothing: the placement releases
+            # what it was starting.
+            sandbox = await self.placement.acquire(policy)
         except BaseException:
             self.slots.release(caller.owner)
             raise
@@ -383,7 +372,7 @@ class HeldSandboxes:
             if held.calls and interrupt is not None:
                 held.sandbox.cancel(interrupt)
             async with held.lock:  # a call still reading its agent ends first
-                await self._blocking(held.sandbox.close)
+                await self.placement.release(held.sandbox)
         finally:
             del self.closing[held.sandbox_id]
             self.slots.release(held.caller.owner)

@@ -9,7 +9,6 @@ import signal
 import sys
 
 from .. import settings
-from ..policy import default_policy
 from ..protocol.models import Caller
 from ..rpc.codec import JsonLines
 from ..rpc.server import RPCServer
@@ -42,22 +41,15 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
             await controller.shutdown(0.0)
             observers.close()
             raise
-    if controller.placement is not None:
-        # Isolates run elsewhere: reach that place now, and say at the start if it cannot be reached.
-        described = await controller.connect_placement()
-        assert described is not None
+    # Reach where isolates run now: on this host, the default runtime's zygote, its pool, and the
+    # sweep of whatever a previous daemon killed with SIGKILL left behind; on a cluster, its
+    # nodes' actors. One that cannot be reached is said at the start (and the daemon still serves).
+    described = await controller.connect_placement()
+    if controller.placement.remote:
         if described.get("reachable", True):
             log.info("placement %s: %d node(s)", controller.placement.name, len(described.get("nodes", [])))
         else:
             log.warning("placement %s: %s", controller.placement.name, described.get("error"))
-    else:
-        # Start the default runtime now: its zygote, its pool, and the sweep of
-        # whatever a previous daemon killed with SIGKILL left behind.
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, _warm, controller)
-            controller.working_runtimes.add(controller.manager.select(default_policy()).name)
-        except Exception as exc:  # noqa: BLE001 - the daemon still serves other runtimes and says why
-            log.warning("default runtime unavailable: %s", exc)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,13 +115,7 @@ def _observers(config: DaemonConfig, controller: Controller) -> Observers:
         os.makedirs(os.path.dirname(config.audit_log) or ".", mode=0o700, exist_ok=True)
         audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes)
         log.info("audit log: %s", config.audit_log)
-    return Observers(metrics, audit, pools=controller.manager.pool_statistics)
-
-
-def _warm(controller: Controller) -> None:
-    from ..sdk import warm_up
-
-    warm_up(manager=controller.manager)
+    return Observers(metrics, audit, pools=controller.placement.pool_statistics)
 
 
 def serve(config: DaemonConfig) -> int:

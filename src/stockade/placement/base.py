@@ -1,12 +1,15 @@
 """The two protocols of the seam: a ``Placement`` hands out ``Isolate``s.
 
-An isolate is what ``AsyncSandbox`` is on this host: async calls, one at a time,
-and ``aclose`` that always releases everything. ``node`` says where it runs
-(``local``, or a Ray node's id), so a result can always be traced to a machine.
+An isolate takes async calls, one at a time, runs in callback form for the
+daemon's event loop, and ``aclose`` always releases everything. ``node`` says
+where it runs (``local``, or a Ray node's id), so a result can always be traced
+to a machine. The daemon's controller sees only these two (docs/scale-out.md).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..isolation import LEVELS, rank, trust_map
@@ -14,18 +17,32 @@ from ..isolation import LEVELS, rank, trust_map
 if TYPE_CHECKING:
     from ..policy import Policy
     from ..result import ExecResult
+    from ..runtimes.spawned import Process
     from ..runtimes.verdict import OutputCallback
+
+log = logging.getLogger("stockade.placement")
 
 # The runtime of each isolation level (runtimes/manager.py has the same map for this host).
 LEVEL_RUNTIME = {"none": "fake", "process": "process", "gvisor": "gvisor", "microvm": "microvm"}
 DEFAULT_RUNTIME = "process"
 
 
-class Isolate(Protocol):
-    runtime: str
-    node: str
+class RunHandle(Protocol):
+    def abort(self) -> None:
+        """Stop waiting for the run: its ``done`` is not called (the run is given up)."""
 
-    async def exec(
+
+class Isolate(Protocol):
+    """One live isolate, wherever it runs: what the daemon's controller, the conformance suite
+    and a placement's user drive. ``AgentSandbox`` is the one on this host; ``RayIsolate`` one
+    on a Ray node. Calls run one at a time (a second one while a run is going is refused)."""
+
+    runtime_name: str
+    node: str  # "local", or the node's id
+    policy: Policy
+    one_shot: bool  # a one-shot run's isolate: ended with its run (set before the run starts)
+
+    async def aexec(
         self,
         argv: list[str],
         *,
@@ -36,7 +53,7 @@ class Isolate(Protocol):
         on_output: OutputCallback | None = None,
     ) -> ExecResult: ...
 
-    async def run_code(
+    async def arun_code(
         self,
         code: str,
         language: str = "python",
@@ -50,42 +67,130 @@ class Isolate(Protocol):
         """``session``: a cell of that stateful interpreter (variables kept between calls)."""
         ...
 
-    async def close_interpreter(self, session: str) -> bool: ...
+    def start_run(
+        self,
+        method: str,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        on_output: OutputCallback | None,
+        done: Callable[[ExecResult | Exception], None],
+        execution_id: str | None = None,
+    ) -> RunHandle:
+        """A run (``exec_params``/``code_params``) on the running loop, in callback form: ``done``
+        gets its result or the exception that stopped it, once, after this returns, unless the
+        handle's ``abort`` comes first. A run that cannot start raises here."""
+        ...
 
-    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None: ...
+    async def arun_request(
+        self,
+        method: str,
+        params: dict[str, Any],
+        stdin: bytes | str,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """``start_run``, awaited."""
+        ...
 
-    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes: ...
+    async def aclose_interpreter(self, session: str) -> bool: ...
 
-    async def list_dir(self, path: str) -> list[dict[str, Any]]: ...
+    async def awrite_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None: ...
 
-    async def aclose(self) -> None: ...
+    async def aread_file(self, path: str, max_bytes: int | None = None) -> bytes: ...
+
+    async def alist_dir(self, path: str) -> list[dict[str, Any]]: ...
+
+    def spawn(
+        self, argv: list[str], *, stdin: bytes | str = b"", env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> Process:
+        """A background process (blocking: from a thread). Refused where the isolate has none."""
+        ...
+
+    def interrupt(self) -> bool:
+        """Interrupt the run in progress, keeping the isolate; False when there is none to interrupt."""
+        ...
+
+    def cancel(self, why: str) -> None:
+        """End the isolate for its caller: a run in progress is answered ``killed``, ``why`` its error."""
+        ...
+
+    def kill(self) -> None:
+        """End everything in the isolate now (on the event loop; idempotent)."""
+        ...
+
+    async def settled(self) -> None:
+        """Return once no call is in flight (a call given up by its caller included)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything the isolate holds (idempotent)."""
+        ...
 
 
 class Placement(Protocol):
     name: str
+    remote: bool  # its isolates run on other machines: reached at the daemon's start, probed by /health
 
     async def connect(self) -> dict[str, Any]:
-        """Reach where isolates run and get ready to place them; ``describe()`` after. Raises
-        ``RuntimeUnavailableError`` saying why when that place cannot be reached."""
+        """Reach where isolates run and get ready to place them (warm pools started); ``describe()``
+        after. Raises saying why when that place cannot be reached."""
+        ...
+
+    def runtime_for(self, policy: Policy) -> str:
+        """The runtime that will run ``policy``'s isolate; raises ``RuntimeUnavailableError`` now
+        for a policy this placement can tell it cannot serve."""
+        ...
+
+    def take_warm(self, policy: Policy) -> Isolate | None:
+        """A warm isolate for ``policy`` handed over in this loop turn, without blocking, or None."""
         ...
 
     async def acquire(self, policy: Policy) -> Isolate:
-        """An isolate for ``policy``: from a warm pool when one matches, else started now."""
+        """An isolate for ``policy``: from a warm pool when one matches, else started now. A caller
+        cancelled meanwhile leaves nothing behind (what was started is released)."""
         ...
 
     async def release(self, isolate: Isolate) -> None:
         """Give ``isolate`` back: it is destroyed, never reused (idempotent)."""
         ...
 
+    def dispose(self, isolate: Isolate) -> None:
+        """Release a one-shot isolate (killed already) in the background, from the event loop."""
+        ...
+
     def describe(self) -> dict[str, Any]:
-        """What the placement is and where it can put isolates, for ``/health`` and ``doctor``."""
+        """What the placement is and where it can put isolates, without asking anyone (``doctor``)."""
         ...
 
     async def check(self) -> dict[str, Any]:
         """``describe()`` after a cheap fresh look at whether isolates can be placed (``/health``)."""
         ...
 
+    async def runtimes(self) -> list[dict[str, Any]]:
+        """Each runtime it can place and whether it works (``Availability`` fields), for ``runtimes``."""
+        ...
+
+    def pool_statistics(self) -> dict[str, dict[str, int]]:
+        """The warm pools this process keeps, by runtime (the metrics' ``pool_*``)."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+async def reach(placement: Placement) -> dict[str, Any]:
+    """``connect``, with a place that cannot be reached reported, not raised: what was found.
+
+    The daemon still starts, says so in its log and in ``/health``, and tries
+    again on the next request.
+    """
+    try:
+        return await placement.connect()
+    except Exception as exc:  # noqa: BLE001 - told, and told again by describe()
+        log.warning("placement %s: %s", placement.name, exc)
+    return placement.describe()
 
 
 async def one_shot(
@@ -104,8 +209,8 @@ async def one_shot(
     isolate = await placement.acquire(policy)
     try:
         if argv is not None:
-            return await isolate.exec(argv, stdin=stdin, on_output=on_output)
-        return await isolate.run_code(code or "", language, stdin=stdin, on_output=on_output)
+            return await isolate.aexec(argv, stdin=stdin, on_output=on_output)
+        return await isolate.arun_code(code or "", language, stdin=stdin, on_output=on_output)
     finally:
         await placement.release(isolate)
 

@@ -1,98 +1,117 @@
-"""The ``local`` placement: isolates on this host, from its RuntimeManager and warm pools."""
+"""The ``local`` placement: isolates on this host, from its RuntimeManager and warm pools.
+
+Its isolates are the runtimes' own ``AgentSandbox``es: a warm one is handed
+over in the loop turn that asks (``take_warm``), a cold one is started in a
+thread of the placement's own (a microVM's boot blocks for seconds), and a
+one-shot isolate is torn down on its runtime's reaper thread (``dispose``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
-
-from ..sdk import AsyncSandbox
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from ..policy import Policy
-    from ..result import ExecResult
     from ..runtimes.manager import RuntimeManager
-    from ..runtimes.verdict import OutputCallback
+    from ..runtimes.sandbox import AgentSandbox
     from .base import Isolate
     from .config import LocalPlacementConfig
 
+log = logging.getLogger("stockade.placement")
 
-class LocalIsolate:
-    node = "local"
-
-    def __init__(self, sandbox: AsyncSandbox, runtime: str) -> None:
-        self._sandbox = sandbox
-        self.runtime = runtime
-
-    async def exec(
-        self,
-        argv: list[str],
-        *,
-        stdin: bytes | str = b"",
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: OutputCallback | None = None,
-    ) -> ExecResult:
-        return await self._sandbox.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output)
-
-    async def run_code(
-        self,
-        code: str,
-        language: str = "python",
-        *,
-        stdin: bytes | str = b"",
-        env: dict[str, str] | None = None,
-        timeout: float | None = None,
-        on_output: OutputCallback | None = None,
-        session: str | None = None,
-    ) -> ExecResult:
-        return await self._sandbox.run_code(
-            code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session
-        )
-
-    async def close_interpreter(self, session: str) -> bool:
-        return await self._sandbox.close_interpreter(session)
-
-    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        await self._sandbox.write_file(path, data, mode)
-
-    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
-        return await self._sandbox.read_file(path, max_bytes)
-
-    async def list_dir(self, path: str) -> list[dict[str, Any]]:
-        return await self._sandbox.list_dir(path)
-
-    async def aclose(self) -> None:
-        await self._sandbox.aclose()
+# How long the answer to ``runtimes`` is reused before the runtimes are checked again: a check
+# starts a real isolate of each runtime (a VM boot for microVM).
+RUNTIMES_FRESH_S = 60.0
+DEFAULT_THREADS = 16
 
 
 class LocalPlacement:
     name = "local"
+    remote = False
 
-    def __init__(self, config: LocalPlacementConfig, manager: RuntimeManager | None = None) -> None:
+    def __init__(
+        self, config: LocalPlacementConfig, manager: RuntimeManager | None = None, threads: int = DEFAULT_THREADS
+    ) -> None:
         from ..runtimes.manager import RuntimeManager
 
         self.config = config
         self._own_manager = manager is None
         self.manager = manager or RuntimeManager(pool_size=config.pool_size)
+        # Starts and closes block (a VM boots for seconds): at most ``threads`` at once, off the loop.
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stockade-local")
+        self._runtimes_lock = asyncio.Lock()
+        self._runtimes_seen: tuple[float, list[dict[str, Any]]] | None = None  # when, what ``runtimes`` found
+
+    async def _off_loop(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
     async def connect(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.describe)
+        """Start the default runtime now (its zygote, its pool, the sweep of what a previous
+        daemon killed with SIGKILL left behind); raises when it cannot start here."""
+        from ..policy import default_policy
+        from ..sdk import warm_up
+
+        await self._off_loop(lambda: warm_up(manager=self.manager))
+        self.manager.select(default_policy())  # unavailable here: said now
+        return self.describe()
 
     async def check(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.describe)
-
-    async def acquire(self, policy: Policy) -> Isolate:
-        sandbox = await AsyncSandbox(policy, manager=self.manager).start()
-        return LocalIsolate(sandbox, sandbox.runtime)
-
-    async def release(self, isolate: Isolate) -> None:
-        await isolate.aclose()
+        return self.describe()
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "local", "runtimes": [asdict(a) for a in self.manager.doctor()]}
+        return {"type": "local", "reachable": True, "runtimes": self.manager.started()}
+
+    async def runtimes(self) -> list[dict[str, Any]]:
+        """Every runtime and whether it works here, from a check at most RUNTIMES_FRESH_S old
+        (callers that come during a check wait for that one)."""
+        async with self._runtimes_lock:
+            if self._runtimes_seen is None or time.monotonic() - self._runtimes_seen[0] > RUNTIMES_FRESH_S:
+                found = [asdict(a) for a in await self._off_loop(self.manager.doctor)]
+                log.info("checked the runtimes: %s", ", ".join(f"{a['name']}={a['available']}" for a in found))
+                self._runtimes_seen = (time.monotonic(), found)
+            return self._runtimes_seen[1]
+
+    def pool_statistics(self) -> dict[str, dict[str, int]]:
+        return self.manager.pool_statistics()
+
+    def runtime_for(self, policy: Policy) -> str:
+        return self.manager.select(policy).name
+
+    def take_warm(self, policy: Policy) -> Isolate | None:
+        return self.manager.select(policy).take_warm(policy)
+
+    async def acquire(self, policy: Policy) -> Isolate:
+        runtime = self.manager.select(policy)
+        sandbox: Isolate | None = runtime.take_warm(policy)
+        if sandbox is not None:
+            return sandbox
+        start = asyncio.get_running_loop().run_in_executor(self._threads, runtime.start, policy)
+        try:
+            return await asyncio.shield(start)
+        except asyncio.CancelledError:
+            # Its caller went away (a client gone) while it started: closed once it has, not left behind.
+            start.add_done_callback(self._close_unwanted)
+            raise
+
+    def _close_unwanted(self, start: asyncio.Future[AgentSandbox]) -> None:
+        if not start.cancelled() and start.exception() is None:
+            with contextlib.suppress(RuntimeError):  # the threads are shut down: manager.close ends it
+                self._threads.submit(start.result().close)
+
+    async def release(self, isolate: Isolate) -> None:
+        await self._off_loop(cast("AgentSandbox", isolate).close)
+
+    def dispose(self, isolate: Isolate) -> None:
+        sandbox = cast("AgentSandbox", isolate)
+        self.manager.get(sandbox.runtime_name).dispose(sandbox)
 
     async def aclose(self) -> None:
         if self._own_manager:
-            await asyncio.to_thread(self.manager.close)
+            await self._off_loop(self.manager.close)
+        self._threads.shutdown(wait=False, cancel_futures=True)

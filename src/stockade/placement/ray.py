@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import CallTooLargeError, DaemonBusyError, RuntimeUnavailableError, SandboxLostError
 from ..result import ExecResult
-from .base import runtime_choices
+from .base import reach, runtime_choices
 from .ray_node import OUTPUT, RESULT, StockadeNode
+from .remote import RemoteRuns
 
 if TYPE_CHECKING:
     from ..policy import Policy
@@ -112,13 +113,17 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.NodeDiedError | ray.exceptions.ObjectLostError)
 
 
-class RayIsolate:
+class RayIsolate(RemoteRuns):
+    """An isolate on a Ray node, held by that node's ``StockadeNode`` actor."""
+
+    placement_name = "ray"
+
     def __init__(self, placement: RayPlacement, node: _Node, info: dict[str, Any], policy: Policy, group: Any) -> None:
         self._placement = placement
         self._node = node
         self._group = group
         self.id: str = info["id"]
-        self.runtime: str = info["runtime"]
+        self.runtime_name: str = info["runtime"]
         self.node: str = node.node_id
         self.policy = policy
         self.lost: str | None = None
@@ -157,12 +162,12 @@ class RayIsolate:
                 termination_reason="lost",
                 error=self._mark_lost(exc),
                 execution_time_seconds=time.monotonic() - started,
-                runtime_used=self.runtime,
+                runtime_used=self.runtime_name,
                 policy_digest=self.policy.digest,
             )
         raise SandboxLostError(self._mark_lost(RuntimeError("the node's stream ended without a result")))
 
-    async def exec(
+    async def aexec(
         self,
         argv: list[str],
         *,
@@ -177,7 +182,7 @@ class RayIsolate:
         call = {"argv": argv_list(argv), "stdin": stdin, "env": env, "cwd": cwd, "timeout": timeout}
         return await self._run("exec", call, on_output)
 
-    async def run_code(
+    async def arun_code(
         self,
         code: str,
         language: str = "python",
@@ -191,7 +196,7 @@ class RayIsolate:
         call = {"code": code, "language": language, "stdin": stdin, "env": env, "timeout": timeout, "session": session}
         return await self._run("run_code", call, on_output)
 
-    async def close_interpreter(self, session: str) -> bool:
+    async def aclose_interpreter(self, session: str) -> bool:
         return bool(await self._call("close_interpreter", session))
 
     async def _call(self, method: str, *args: Any) -> Any:
@@ -203,14 +208,14 @@ class RayIsolate:
                 raise SandboxLostError(self._mark_lost(exc)) from None
             raise _cause(exc) from None
 
-    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+    async def awrite_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         raw = data.encode() if isinstance(data, str) else bytes(data)
         limit = self._placement.config.max_file_bytes
         if len(raw) > limit:
             raise CallTooLargeError(f"write_file: {len(raw)} bytes, more than the placement's max_file_bytes {limit}")
         await self._call("write_file", path, raw, mode)  # large bytes travel through the object store
 
-    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+    async def aread_file(self, path: str, max_bytes: int | None = None) -> bytes:
         limit = self._placement.config.max_file_bytes
         if max_bytes is not None and max_bytes <= limit:
             return bytes(await self._call("read_file", path, max_bytes))
@@ -221,11 +226,14 @@ class RayIsolate:
             )
         return data
 
-    async def list_dir(self, path: str) -> list[dict[str, Any]]:
+    async def alist_dir(self, path: str) -> list[dict[str, Any]]:
         return list(await self._call("list_dir", path))
 
-    async def aclose(self) -> None:
-        await self._placement.release(self)
+    async def _release(self) -> None:
+        try:
+            await self._placement.release(self)
+        except Exception:
+            log.exception("releasing isolate %s on node %s failed", self.id, self.node)
 
 
 class _Node:
@@ -240,6 +248,7 @@ class RayPlacement:
     """Connects to the cluster at ``config.address`` (``ray.init``) on first use."""
 
     name = "ray"
+    remote = True
 
     def __init__(self, config: RayPlacementConfig) -> None:
         self.config = config
@@ -385,6 +394,30 @@ class RayPlacement:
             )
         raise RuntimeUnavailableError(f"the Ray cluster cannot hold {wanted}: {'; '.join(reasons)}")
 
+    def runtime_for(self, policy: Policy) -> str:
+        return runtime_choices(policy)[0][0]  # the nodes say at the claim whether they have it
+
+    def take_warm(self, policy: Policy) -> Isolate | None:
+        return None  # the warm pools are the nodes': a claim is always awaited
+
+    def dispose(self, isolate: Isolate) -> None:
+        isolate.kill()  # released on its node in the background
+
+    def pool_statistics(self) -> dict[str, dict[str, int]]:
+        return {}  # the nodes' pools are theirs (their actors keep them full)
+
+    async def runtimes(self) -> list[dict[str, Any]]:
+        """Each runtime the nodes advertise, and on how many of them (all unavailable, with the
+        reason, when the cluster cannot be reached)."""
+        described = await reach(self)
+        if not described.get("reachable", True):
+            return [{"name": self.name, "available": False, "isolation": "", "reason": described["error"]}]
+        return [
+            {"name": name, "available": True, "isolation": name, "reason": f"{count} node(s) of the ray placement",
+             "details": {}}
+            for name, count in sorted(advertised(described).items())
+        ]  # fmt: skip
+
     async def acquire(self, policy: Policy) -> Isolate:
         # A claim is several calls to the cluster (a reservation, then a hand-over on the node).
         # A caller cancelled between two of them would leave a reservation, or an isolate on
@@ -470,11 +503,13 @@ class RayPlacement:
             for n in [self._nodes.get(info["NodeID"])]
             if n is not None
         ]
-        return {
+        described = {
             "type": "ray", "address": self.config.address, "namespace": self.config.namespace,
             "reachable": self._connected and self.unreachable is None, "error": self.unreachable,
             "nodes": nodes, "held": len(self._held),
         }  # fmt: skip
+        described["runtimes"] = sorted(advertised(described))
+        return described
 
     async def aclose(self) -> None:
         """Every held isolate released and every node actor shut down (its pools, its zygotes), then killed."""
@@ -505,3 +540,14 @@ class RayPlacement:
 
     async def _stop(self, node: _Node) -> None:
         await asyncio.wait_for(node.actor.shutdown.remote(), 30)
+
+
+def advertised(described: dict[str, Any]) -> dict[str, int]:
+    """The runtimes a cluster's nodes advertise (``stockade_<runtime>``), each with how many nodes do."""
+    offered: dict[str, int] = {}
+    for node in described.get("nodes", []):
+        for resource in node.get("resources", {}):
+            if resource.startswith(RESOURCE_PREFIX):
+                name = resource[len(RESOURCE_PREFIX) :]
+                offered[name] = offered.get(name, 0) + 1
+    return offered

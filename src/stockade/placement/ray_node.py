@@ -21,8 +21,9 @@ from typing import Any
 
 from ..errors import NotFoundError
 from ..policy import Policy
-from ..runtimes.manager import RuntimeManager
-from ..sdk import AsyncSandbox
+from .base import Isolate
+from .config import LocalPlacementConfig
+from .local import LocalPlacement
 
 OUTPUT, RESULT = "out", "result"
 
@@ -34,11 +35,12 @@ class StockadeNode:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.manager = RuntimeManager(pool_size=pool_size)
-        self.isolates: dict[str, AsyncSandbox] = {}
+        # The node's own isolates are a local placement's: its warm pools, its hand-overs.
+        self.local = LocalPlacement(LocalPlacementConfig(pool_size=pool_size))
+        self.isolates: dict[str, Isolate] = {}
         self.runtimes = runtimes
         for name in runtimes:  # kept full by this actor from now on (pool.py's refill thread)
-            warm = getattr(self.manager.get(name), "warm_up", None)
+            warm = getattr(self.local.manager.get(name), "warm_up", None)
             if warm is not None:
                 warm()
 
@@ -54,12 +56,12 @@ class StockadeNode:
     async def acquire(self, policy_json: str) -> dict[str, Any]:
         started = time.monotonic()
         policy = Policy.model_validate_json(policy_json)
-        sandbox = await AsyncSandbox(policy, manager=self.manager).start()
+        sandbox = await self.local.acquire(policy)
         isolate_id = os.urandom(8).hex()
         self.isolates[isolate_id] = sandbox
-        return {"id": isolate_id, "runtime": sandbox.runtime, "acquire_ms": (time.monotonic() - started) * 1000}
+        return {"id": isolate_id, "runtime": sandbox.runtime_name, "acquire_ms": (time.monotonic() - started) * 1000}
 
-    def _get(self, isolate_id: str) -> AsyncSandbox:
+    def _get(self, isolate_id: str) -> Isolate:
         sandbox = self.isolates.get(isolate_id)
         if sandbox is None:
             raise NotFoundError(f"no isolate {isolate_id} on node {self.node_id}")
@@ -74,9 +76,9 @@ class StockadeNode:
             queue.put_nowait((OUTPUT, stream, data))
 
         if kind == "exec":
-            task = asyncio.ensure_future(sandbox.exec(on_output=on_output, **call))
+            task = asyncio.ensure_future(sandbox.aexec(on_output=on_output, **call))
         elif kind == "run_code":
-            task = asyncio.ensure_future(sandbox.run_code(on_output=on_output, **call))
+            task = asyncio.ensure_future(sandbox.arun_code(on_output=on_output, **call))
         else:
             raise ValueError(f"unknown call {kind!r}")
         task.add_done_callback(lambda _: queue.put_nowait((RESULT,)))
@@ -92,26 +94,26 @@ class StockadeNode:
                 task.cancel()
 
     async def write_file(self, isolate_id: str, path: str, data: bytes, mode: int) -> None:
-        await self._get(isolate_id).write_file(path, data, mode)
+        await self._get(isolate_id).awrite_file(path, data, mode)
 
     async def read_file(self, isolate_id: str, path: str, max_bytes: int) -> bytes:
-        return await self._get(isolate_id).read_file(path, max_bytes)
+        return await self._get(isolate_id).aread_file(path, max_bytes)
 
     async def list_dir(self, isolate_id: str, path: str) -> list[dict[str, Any]]:
-        return await self._get(isolate_id).list_dir(path)
+        return await self._get(isolate_id).alist_dir(path)
 
     async def close_interpreter(self, isolate_id: str, session: str) -> bool:
-        return await self._get(isolate_id).close_interpreter(session)
+        return await self._get(isolate_id).aclose_interpreter(session)
 
     async def release(self, isolate_id: str) -> bool:
         sandbox = self.isolates.pop(isolate_id, None)
         if sandbox is None:
             return False
-        await sandbox.aclose()
+        await self.local.release(sandbox)
         return True
 
     async def shutdown(self) -> None:
         """Every isolate closed and the runtimes' pools and zygotes ended, before the actor goes."""
         held, self.isolates = list(self.isolates.values()), {}
-        await asyncio.gather(*(sandbox.aclose() for sandbox in held), return_exceptions=True)
-        await asyncio.to_thread(self.manager.close)
+        await asyncio.gather(*(self.local.release(sandbox) for sandbox in held), return_exceptions=True)
+        await self.local.aclose()

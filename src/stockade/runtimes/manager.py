@@ -64,6 +64,11 @@ class RuntimeManager:
             self._runtimes[name] = runtime
             return runtime
 
+    def started(self) -> list[str]:
+        """The runtimes this manager has started (asked for), by name."""
+        with self._lock:
+            return sorted(self._runtimes)
+
     def pool_statistics(self) -> dict[str, dict[str, int]]:
         """Each started runtime's warm pool, by runtime name (those with a pool)."""
         with self._lock:

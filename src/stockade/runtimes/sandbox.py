@@ -54,6 +54,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
     """A live isolate with a guest agent at the other end of ``self.channel``."""
 
     runtime_name: str
+    node = "local"  # where it runs (placement/base.py's Isolate): this host
     scratch_dir = "/tmp"  # a writable directory inside the isolate
 
     def __init__(self, policy: Policy, conn: socket.socket, cold_start_ms: float) -> None:
@@ -255,6 +256,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
                 self.channel.close()
             finally:
                 self._release()
+
+    async def aclose(self) -> None:
+        """``close`` in a thread (it waits for the isolate's processes and cgroups to go)."""
+        await asyncio.to_thread(self.close)
 
     def __enter__(self) -> AgentSandbox:
         return self

@@ -1,8 +1,8 @@
 """The conformance suite: what a caller can rely on from any ``Isolate``, whoever placed it.
 
 Every check takes one live isolate (``placement.acquire(policy)``) and uses only
-the ``Isolate`` protocol (``exec``, ``run_code`` with or without a session,
-``close_interpreter``, ``write_file``, ``read_file``, ``list_dir``),
+the ``Isolate`` protocol (``aexec``, ``arun_code`` with or without a session,
+``aclose_interpreter``, ``awrite_file``, ``aread_file``, ``alist_dir``),
 so the same suite runs against each runtime of this host through the ``local``
 placement (microVM included: the checks share one isolate, so one boot) and
 against a Ray cluster's nodes through the ``ray`` placement::
@@ -55,7 +55,7 @@ def check(isolating: bool = False) -> Callable[[CheckFn], CheckFn]:
 
 
 async def _workdir(isolate: Isolate) -> str:
-    made = await isolate.exec(["mktemp", "-d"])
+    made = await isolate.aexec(["mktemp", "-d"])
     assert made.termination_reason == "completed" and made.exit_code == 0, made.summary()
     return made.stdout.strip()
 
@@ -74,68 +74,68 @@ async def _raises(call: Awaitable[object], kind: type[BaseException], pattern: s
 
 @check()
 async def exec_reports_output_exit_code_and_runtime(isolate: Isolate) -> None:
-    r = await isolate.exec(["echo", "hello", "world"])
+    r = await isolate.aexec(["echo", "hello", "world"])
     assert (r.success, r.stdout, r.exit_code, r.termination_reason) == (True, "hello world\n", 0, "completed"), r
-    assert r.runtime_used == isolate.runtime
-    r = await isolate.exec(["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert r.runtime_used == isolate.runtime_name
+    r = await isolate.aexec(["sh", "-c", "echo out; echo err >&2; exit 7"])
     assert (r.success, r.exit_code, r.termination_reason) == (False, 7, "completed")
     assert (r.stdout, r.stderr) == ("out\n", "err\n")
 
 
 @check()
 async def a_command_killed_by_a_signal_says_so(isolate: Isolate) -> None:
-    r = await isolate.exec(["sh", "-c", "kill -9 $$"])
+    r = await isolate.aexec(["sh", "-c", "kill -9 $$"])
     assert (r.exit_code, r.termination_reason) == (-9, "killed"), r.summary()
 
 
 @check()
 async def stdin_env_and_cwd_reach_the_command(isolate: Isolate) -> None:
-    r = await isolate.exec(["sh", "-c", "cat; echo $GREETING; pwd"], stdin=b"piped\n", env={"GREETING": "hi"}, cwd="/")
+    r = await isolate.aexec(["sh", "-c", "cat; echo $GREETING; pwd"], stdin=b"piped\n", env={"GREETING": "hi"}, cwd="/")
     assert r.stdout.splitlines() == ["piped", "hi", "/"], r.summary()
 
 
 @check()
 async def large_stdin_arrives_whole(isolate: Isolate) -> None:
     data = bytes(range(256)) * 4096  # 1 MiB: sixteen pipe buffers
-    r = await isolate.exec(["sha256sum"], stdin=data)
+    r = await isolate.aexec(["sha256sum"], stdin=data)
     assert r.success and r.stdout.split()[0] == hashlib.sha256(data).hexdigest(), r.summary()
-    r = await isolate.exec(["true"], stdin=data)  # never read: no stall
+    r = await isolate.aexec(["true"], stdin=data)  # never read: no stall
     assert r.success, r.summary()
 
 
 @check()
 async def errors_name_a_missing_command_and_a_missing_directory(isolate: Isolate) -> None:
-    await _raises(isolate.exec(["/nonexistent/binary"]), AgentError, "cannot execute '/nonexistent/binary'")
+    await _raises(isolate.aexec(["/nonexistent/binary"]), AgentError, "cannot execute '/nonexistent/binary'")
     await _raises(
-        isolate.exec(["pwd"], cwd="/nonexistent"), AgentError, "cannot use '/nonexistent' as the working directory"
+        isolate.aexec(["pwd"], cwd="/nonexistent"), AgentError, "cannot use '/nonexistent' as the working directory"
     )
 
 
 @check()
 async def a_timeout_ends_the_run_and_the_isolate_goes_on(isolate: Isolate) -> None:
-    r = await isolate.run_code("import time; time.sleep(30)", timeout=0.5)
+    r = await isolate.arun_code("import time; time.sleep(30)", timeout=0.5)
     assert (r.termination_reason, r.success) == ("timeout", False), r.summary()
     assert r.execution_time_seconds < 10
-    assert (await isolate.exec(["true"])).success
+    assert (await isolate.aexec(["true"])).success
 
 
 @check()
 async def output_streams_in_order_and_binary_output_comes_back_intact(isolate: Isolate) -> None:
     chunks: list[tuple[str, bytes]] = []
-    r = await isolate.exec(["sh", "-c", "echo a; echo b >&2"], on_output=lambda s, d: chunks.append((s, d)))
+    r = await isolate.aexec(["sh", "-c", "echo a; echo b >&2"], on_output=lambda s, d: chunks.append((s, d)))
     assert b"".join(d for s, d in chunks if s == "stdout") == b"a\n"
     assert b"".join(d for s, d in chunks if s == "stderr") == b"b\n"
     assert r.stdout == "a\n"
-    r = await isolate.run_code("import sys; sys.stdout.buffer.write(bytes(range(256)))")
+    r = await isolate.arun_code("import sys; sys.stdout.buffer.write(bytes(range(256)))")
     assert r.success and r.stdout_bytes == bytes(range(256)), r.summary()
 
 
 @check()
 async def commands_inherit_only_their_stdio(isolate: Isolate) -> None:
     listing = "import os; print(sorted(os.listdir('/proc/self/fd')))"
-    fds = (await isolate.exec(["python3", "-I", "-S", "-c", listing])).stdout.strip()
+    fds = (await isolate.aexec(["python3", "-I", "-S", "-c", listing])).stdout.strip()
     assert fds == "['0', '1', '2', '3']", fds  # 3: the directory being listed
-    fds = (await isolate.run_code(listing)).stdout.strip()
+    fds = (await isolate.arun_code(listing)).stdout.strip()
     assert fds == "['0', '1', '2', '3']", fds
 
 
@@ -144,37 +144,37 @@ async def commands_inherit_only_their_stdio(isolate: Isolate) -> None:
 
 @check()
 async def run_code_is_a_fresh_python_main(isolate: Isolate) -> None:
-    r = await isolate.run_code("import sys\nprint(sum(range(10)))\nprint('e', file=sys.stderr)")
+    r = await isolate.arun_code("import sys\nprint(sum(range(10)))\nprint('e', file=sys.stderr)")
     assert (r.success, r.stdout, r.stderr) == (True, "45\n", "e\n"), r.summary()
-    r = await isolate.run_code("print(__name__, sorted(k for k in globals() if not k.startswith('__')))")
+    r = await isolate.arun_code("print(__name__, sorted(k for k in globals() if not k.startswith('__')))")
     assert r.stdout == "__main__ []\n"
 
 
 @check()
 async def run_code_exits_as_python_does(isolate: Isolate) -> None:
-    r = await isolate.run_code("raise ValueError('boom')")
+    r = await isolate.arun_code("raise ValueError('boom')")
     assert r.exit_code == 1 and "ValueError: boom" in r.stderr and "Traceback" in r.stderr
-    assert (await isolate.run_code("import sys; sys.exit(3)")).exit_code == 3
-    assert (await isolate.run_code("raise SystemExit('bye')")).exit_code == 1
+    assert (await isolate.arun_code("import sys; sys.exit(3)")).exit_code == 3
+    assert (await isolate.arun_code("raise SystemExit('bye')")).exit_code == 1
 
 
 @check()
 async def run_code_runs_bash_and_names_an_unknown_language(isolate: Isolate) -> None:
-    r = await isolate.run_code("for i in 1 2 3; do echo $i; done", language="bash")
+    r = await isolate.arun_code("for i in 1 2 3; do echo $i; done", language="bash")
     assert r.stdout == "1\n2\n3\n", r.summary()
-    await _raises(isolate.run_code("x", language="cobol"), AgentError, "cobol")
+    await _raises(isolate.arun_code("x", language="cobol"), AgentError, "cobol")
 
 
 @check()
 async def a_session_keeps_its_state_until_it_is_closed(isolate: Isolate) -> None:
-    first = await isolate.run_code("import os\nx = 41", session="conformance")
+    first = await isolate.arun_code("import os\nx = 41", session="conformance")
     assert first.success and first.execution_count == 1, first.summary()
-    r = await isolate.run_code("x + 1", session="conformance")
+    r = await isolate.arun_code("x + 1", session="conformance")
     assert [(c.kind, c.text) for c in r.results] == [("execute_result", "42")], r.results
-    r = await isolate.run_code("raise KeyError('k')", session="conformance")
+    r = await isolate.arun_code("raise KeyError('k')", session="conformance")
     assert not r.success and r.exception is not None and r.exception.name == "KeyError"
-    assert await isolate.close_interpreter("conformance")
-    r = await isolate.run_code("'x' in globals()", session="conformance")
+    assert await isolate.aclose_interpreter("conformance")
+    r = await isolate.arun_code("'x' in globals()", session="conformance")
     assert (r.execution_count, r.results[0].text) == (1, "False"), r.results
 
 
@@ -185,32 +185,32 @@ async def a_session_keeps_its_state_until_it_is_closed(isolate: Isolate) -> None
 async def files_persist_across_calls(isolate: Isolate) -> None:
     tmp = await _workdir(isolate)
     try:
-        await isolate.write_file(f"{tmp}/data.txt", "line1\nline2\n")
-        assert (await isolate.exec(["wc", "-l", f"{tmp}/data.txt"])).stdout.split()[0] == "2"
-        await isolate.run_code(f"open('{tmp}/out.bin', 'wb').write(bytes(range(256)))")
-        assert await isolate.read_file(f"{tmp}/out.bin") == bytes(range(256))
-        assert {"data.txt", "out.bin"} == {e["name"] for e in await isolate.list_dir(tmp)}
+        await isolate.awrite_file(f"{tmp}/data.txt", "line1\nline2\n")
+        assert (await isolate.aexec(["wc", "-l", f"{tmp}/data.txt"])).stdout.split()[0] == "2"
+        await isolate.arun_code(f"open('{tmp}/out.bin', 'wb').write(bytes(range(256)))")
+        assert await isolate.aread_file(f"{tmp}/out.bin") == bytes(range(256))
+        assert {"data.txt", "out.bin"} == {e["name"] for e in await isolate.alist_dir(tmp)}
     finally:
-        await isolate.exec(["rm", "-rf", tmp])
+        await isolate.aexec(["rm", "-rf", tmp])
 
 
 @check()
 async def a_file_larger_than_a_frame_is_read_whole(isolate: Isolate) -> None:
     tmp = await _workdir(isolate)
     try:
-        made = await isolate.exec(["sh", "-c", f"head -c 12000000 /dev/urandom > {tmp}/big && sha256sum {tmp}/big"])
+        made = await isolate.aexec(["sh", "-c", f"head -c 12000000 /dev/urandom > {tmp}/big && sha256sum {tmp}/big"])
         assert made.success, made.summary()
-        data = await isolate.read_file(f"{tmp}/big")
+        data = await isolate.aread_file(f"{tmp}/big")
         assert len(data) == 12_000_000 and hashlib.sha256(data).hexdigest() == made.stdout.split()[0]
-        assert await isolate.read_file(f"{tmp}/big", max_bytes=6_000_000) == data[:6_000_000]
-        assert await isolate.read_file(f"{tmp}/big", max_bytes=0) == b""
+        assert await isolate.aread_file(f"{tmp}/big", max_bytes=6_000_000) == data[:6_000_000]
+        assert await isolate.aread_file(f"{tmp}/big", max_bytes=0) == b""
     finally:
-        await isolate.exec(["rm", "-rf", tmp])
+        await isolate.aexec(["rm", "-rf", tmp])
 
 
 @check()
 async def reading_a_missing_file_is_an_error(isolate: Isolate) -> None:
-    await _raises(isolate.read_file("/nonexistent/file"), SandboxError, "nonexistent")
+    await _raises(isolate.aread_file("/nonexistent/file"), SandboxError, "nonexistent")
 
 
 # ---- the boundary ------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ async def code_runs_unprivileged_with_no_route_out(isolate: Isolate) -> None:
         "except OSError:\n"
         "    print('no route')\n"
     )
-    r = await isolate.run_code(probe)
+    r = await isolate.arun_code(probe)
     assert r.stdout.split() == ["0000000000000000", "no", "route"], f"{r.summary()} {r.stdout!r} {r.stderr!r}"
 
 
@@ -242,11 +242,11 @@ def checks_for(runtime: str) -> list[Check]:
 async def run_checks(isolate: Isolate) -> list[str]:
     """Every check that applies, in order, on ``isolate``: one line per failure (empty: it conforms)."""
     failures = []
-    for item in checks_for(isolate.runtime):
+    for item in checks_for(isolate.runtime_name):
         try:
             await item.run(isolate)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, the next check goes on
-            failures.append(f"{item.name} ({isolate.runtime} on {isolate.node}): {type(exc).__name__}: {exc}")
+            failures.append(f"{item.name} ({isolate.runtime_name} on {isolate.node}): {type(exc).__name__}: {exc}")
     return failures
 
 
