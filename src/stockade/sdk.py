@@ -8,13 +8,13 @@ its files and processes across calls until it is closed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
 from .limits import check_call_size
+from .placement.local import shared_local
 from .policy import Policy, coerce_policy
 from .protocol.models import argv_list
 from .result import ExecResult
@@ -25,6 +25,7 @@ from .runtimes.spawned import Process
 from .runtimes.verdict import OutputCallback
 
 if TYPE_CHECKING:
+    from .placement.base import Isolate, Placement
     from .transfer import TransferSummary
 
 
@@ -312,35 +313,54 @@ class Interpreter:
 
 
 class AsyncSandbox:
-    """The async twin of ``Sandbox``: ``async with AsyncSandbox(policy) as sb: await sb.run_code(...)``."""
+    """A sandbox you hold, awaited: ``async with AsyncSandbox(policy) as sb: await sb.run_code(...)``.
+
+    It holds one ``Isolate`` of a placement (placement/base.py): this host's by
+    default (``manager``: the runtimes' own), or any other, a Ray cluster's for one
+    (``placement=open_placement({"type": "ray", ...})``). Its calls are awaited on
+    your event loop, with no thread; its start and close wait for the placement.
+    """
 
     def __init__(
         self,
         policy: Policy | dict[str, Any] | None = None,
         *,
         manager: RuntimeManager | None = None,
+        placement: Placement | None = None,
         **policy_fields: Any,
     ) -> None:
+        if manager is not None and placement is not None:
+            raise ValueError("AsyncSandbox: give manager (this host's runtimes) or placement, not both")
         self.policy = coerce_policy(policy, **policy_fields)
-        self._manager = manager
-        self._sync: Sandbox | None = None
+        self._placement = placement or shared_local(manager or default_manager())
+        self._isolate: Isolate | None = None
         # One request at a time reaches the agent: calls gathered on one sandbox queue here.
         self._turn = asyncio.Lock()
 
     async def start(self) -> AsyncSandbox:
-        if self._sync is None:
-            self._sync = await asyncio.to_thread(Sandbox, self.policy, manager=self._manager)
+        if self._isolate is None:
+            self._isolate = await self._placement.acquire(self.policy)
         return self
 
     @property
     def runtime(self) -> str:
         """The runtime this sandbox was started on (``process``, ``gvisor``, ``microvm``)."""
-        return self._held().runtime
+        return self._held().runtime_name
 
-    def _held(self) -> Sandbox:
-        if self._sync is None:
+    @property
+    def node(self) -> str:
+        """Where it runs: ``local``, or the placement's node (a Ray node's id)."""
+        return self._held().node
+
+    @property
+    def scratch_dir(self) -> str:
+        """A writable directory inside the sandbox (``/tmp`` in every isolating runtime)."""
+        return self._held().scratch_dir
+
+    def _held(self) -> Isolate:
+        if self._isolate is None:
             raise RuntimeError("AsyncSandbox is not started: use 'async with' or 'await sb.start()'")
-        return self._sync
+        return self._isolate
 
     async def exec(
         self,
@@ -352,10 +372,10 @@ class AsyncSandbox:
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        """``Sandbox.exec``, on the event loop (no thread)."""
+        """``Sandbox.exec``, awaited."""
         command = argv_list(argv)
         async with self._turn:
-            return await self._held()._sandbox.aexec(
+            return await self._held().aexec(
                 command, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output
             )
 
@@ -370,35 +390,41 @@ class AsyncSandbox:
         on_output: OutputCallback | None = None,
         session: str | None = None,
     ) -> ExecResult:
-        """``Sandbox.run_code``, on the event loop (no thread)."""
+        """``Sandbox.run_code``, awaited."""
         async with self._turn:
-            return await self._held()._sandbox.arun_code(
+            return await self._held().arun_code(
                 code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session
             )
+
+    async def interrupt(self) -> bool:
+        """Interrupt the run in progress, beside it (SIGINT; a cell keeps its interpreter's
+        state). False when nothing runs, or where the placement has no interrupt."""
+        return await self._held().ainterrupt()
 
     async def close_interpreter(self, session: str) -> bool:
         """End ``session``'s interpreter (``Interpreter.restart``)."""
         async with self._turn:
-            return await self._held()._sandbox.aclose_interpreter(session)
+            return await self._held().aclose_interpreter(session)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         async with self._turn:
-            await self._held()._sandbox.awrite_file(path, data, mode)
+            await self._held().awrite_file(path, data, mode)
 
     async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         async with self._turn:
-            return await self._held()._sandbox.aread_file(path, max_bytes)
+            return await self._held().aread_file(path, max_bytes)
 
     async def list_dir(self, path: str) -> list[dict[str, Any]]:
         async with self._turn:
-            return await self._held()._sandbox.alist_dir(path)
+            return await self._held().alist_dir(path)
 
     async def upload(
         self, local_path: str | os.PathLike[str], remote_dir: str, *, max_bytes: int | None = None
     ) -> TransferSummary:
-        """``Sandbox.upload``, in a thread."""
-        async with self._turn:
-            return await asyncio.to_thread(self._held().upload, local_path, remote_dir, max_bytes=max_bytes)
+        """``Sandbox.upload``: the host's tar work in a thread, each piece a call of this sandbox's."""
+        from .transfer import aupload
+
+        return await aupload(self, local_path, remote_dir, max_bytes=max_bytes)
 
     async def download(
         self,
@@ -409,16 +435,18 @@ class AsyncSandbox:
         overwrite: bool = False,
         executable: bool = False,
     ) -> TransferSummary:
-        """``Sandbox.download``, in a thread."""
-        async with self._turn:
-            download = functools.partial(
-                self._held().download, max_bytes=max_bytes, overwrite=overwrite, executable=executable
-            )
-            return await asyncio.to_thread(download, remote_path, local_dir)
+        """``Sandbox.download``: the host's tar work and checks in a thread."""
+        from .transfer import adownload
+
+        return await adownload(
+            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable
+        )
 
     async def aclose(self) -> None:
-        if self._sync is not None:
-            await asyncio.to_thread(self._sync.close)
+        """Release the isolate (idempotent)."""
+        isolate, self._isolate = self._isolate, None
+        if isolate is not None:
+            await self._placement.release(isolate)
 
     async def __aenter__(self) -> AsyncSandbox:
         return await self.start()
@@ -441,7 +469,4 @@ async def arun_code(
 
 def warm_up(manager: RuntimeManager | None = None) -> None:
     """Start the default runtime's zygote and fill its warm pool now."""
-    runtime = (manager or default_manager()).select(Policy())
-    warm = getattr(runtime, "warm_up", None)
-    if warm is not None:
-        warm()
+    (manager or default_manager()).select(Policy()).warm_up()

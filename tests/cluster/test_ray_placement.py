@@ -176,6 +176,35 @@ def test_files_move_through_the_object_store_with_limits(cluster: LocalRayCluste
     _run(_with_placement(cluster, body, max_file_bytes=2 * 1024 * 1024))
 
 
+def test_an_async_sandbox_holds_an_isolate_of_the_cluster(cluster: LocalRayCluster, tmp_path: Any) -> None:
+    from stockade.sdk import AsyncSandbox
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.csv").write_text("a,b\n1,2\n3,4\n")
+
+    async def body(placement: RayPlacement) -> None:
+        async with AsyncSandbox(SMALL, placement=placement) as sb:
+            assert sb.runtime == "process" and cluster.index_of(sb.node) in (0, 1)  # a process node
+            summary = await sb.upload(tmp_path / "data", "/work/data")  # tar pieces through the object store
+            assert summary.files == 1
+            counted = await sb.exec(["wc", "-l", "/work/data/rows.csv"])
+            assert counted.stdout.split()[0] == "3", counted.error
+            await sb.run_code("import csv\nrows = list(csv.reader(open('/work/data/rows.csv')))", session="nb")
+            assert (await sb.run_code("len(rows)", session="nb")).results[0].text == "3"
+            assert await sb.interrupt() is False  # nothing runs
+            cell = asyncio.ensure_future(sb.run_code("import time\nwhile True: time.sleep(0.1)", session="nb"))
+            await asyncio.sleep(1.5)
+            assert await sb.interrupt()  # SIGINT to the cell on its node; the interpreter keeps its state
+            stopped = await asyncio.wait_for(cell, 30)
+            assert stopped.exception is not None and stopped.exception.name == "KeyboardInterrupt", stopped
+            assert (await sb.run_code("len(rows)", session="nb")).results[0].text == "3"
+            held = placement.describe()["held"]
+            assert held == 1
+        assert placement.describe()["held"] == 0  # released on its node
+
+    _run(_with_placement(cluster, body))
+
+
 def test_an_unreachable_cluster_is_said_at_once() -> None:
     async def body() -> None:
         placement = open_placement({"type": "ray", "address": "127.0.0.1:9"})  # nothing listens on discard
@@ -299,6 +328,7 @@ def test_the_daemon_serves_both_doors_through_the_ray_placement(cluster: LocalRa
                 assert sandbox.run_code("x + 1", session="notebook").results[0].text == "42"
                 with pytest.raises(InvalidRequestError, match="not offered by an isolate of the ray placement"):
                     sandbox.spawn(["sleep", "1"])
+                assert sandbox.interrupt() is False  # nothing runs: said by the node
                 assert [s["runtime"] for s in client.status()["active_sandboxes"]] == ["process"]
             assert client.status()["active_sandboxes"] == []
             runtimes = {r["name"]: r for r in client.runtimes()}

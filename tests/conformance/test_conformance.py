@@ -67,7 +67,7 @@ def test_closed_sandbox_refuses_and_close_is_idempotent(runtime: str, manager: R
 def test_async_sandbox(runtime: str, manager: RuntimeManager) -> None:
     async def main() -> tuple[str, bytes]:
         async with stockade.AsyncSandbox(Policy(runtime=runtime), manager=manager) as sandbox:
-            path = f"{sandbox._held().scratch_dir}/a"
+            path = f"{sandbox.scratch_dir}/a"
             await sandbox.write_file(path, b"async")
             r = await sandbox.exec(["cat", path])
             return r.stdout, await sandbox.read_file(path)
@@ -158,7 +158,7 @@ def test_an_output_callback_that_raises_leaves_the_sandbox_usable(runtime: str, 
 def test_calls_gathered_on_one_async_sandbox_take_turns(runtime: str, manager: RuntimeManager) -> None:
     async def main() -> list[str]:
         async with stockade.AsyncSandbox(Policy(runtime=runtime), manager=manager) as sandbox:
-            path = f"{sandbox._held().scratch_dir}/turns"
+            path = f"{sandbox.scratch_dir}/turns"
             runs = [sandbox.exec(["sh", "-c", f"sleep 0.05; echo {i} >> {path}; echo {i}"]) for i in range(4)]
             results = await asyncio.gather(*runs, sandbox.write_file(f"{path}.b", "b"), sandbox.read_file(path))
             return [r.stdout for r in results[:4]]  # type: ignore[union-attr]

@@ -21,10 +21,16 @@ from tests.conftest import require
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm", "fake"])
-def test_every_runtime_conforms(runtime: str, manager: RuntimeManager) -> None:
+def test_every_runtime_conforms(runtime: str) -> None:
     require(runtime)
+    # A manager of its own, without pools: the isolate released, a pool would build the next one
+    # (a microVM left running for the rest of the session).
+    manager = RuntimeManager(pool_size=0)
     placement = LocalPlacement(LocalPlacementConfig(), manager=manager)
-    failures = asyncio.run(run_suite(placement, Policy(runtime=runtime, timeout_seconds=60)))
+    try:
+        failures = asyncio.run(run_suite(placement, Policy(runtime=runtime, timeout_seconds=60)))
+    finally:
+        manager.close()
     assert failures == [], "\n".join(failures)
 
 

@@ -110,7 +110,9 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
         "STOCKADE_BROKER_STATE": os.path.join(where, "broker-state"),
         "STOCKADE_DAEMON_STATE": os.path.join(where, "daemon-state"),
         "STOCKADE_SOCKET": os.path.join(run, "stockade.sock"), "STOCKADE_SOCKET_PERMS": "0600",
-        "STOCKADE_POOL_SIZE": "1",
+        # Only the default policy's isolates kept warm: a held sandbox's egress worker is then
+        # the fork server's only child (a pool of allowlist isolates would have workers of its own).
+        "STOCKADE_POOL_SIZE": "1", "STOCKADE_POOL_SHAPES": "1",
         "STOCKADE_EGRESS_HOSTS_FILE": os.environ["STOCKADE_EGRESS_HOSTS_FILE"],
         "STOCKADE_EGRESS_CA_FILE": os.environ["STOCKADE_EGRESS_CA_FILE"],
     })  # fmt: skip

@@ -79,6 +79,29 @@ def test_a_child_prepared_after_close_leaves_no_cgroup(process_runtime: str) -> 
     assert _own_groups(manager.layout) == before
 
 
+def test_starts_that_overlap_keep_the_spare_already_made(process_runtime: str) -> None:
+    # Two starts at once (a pool's build and a caller's) each ask for the next spare. The
+    # second ask must keep the first's: replacing it kills the zygote's child in it, which a
+    # daemon that gave root up cannot do, so its reaper (every one-shot's teardown) waited
+    # seconds on the cgroup's removal.
+    runtime = ProcessRuntime(pool_size=0)
+    try:
+        runtime.start(Policy()).close()
+        runtime.wait_idle()
+        zygote, manager = runtime._zygote, runtime._cgroups.get()
+        assert zygote is not None
+        spare = (runtime._next_cgroup, runtime._next_uid)
+        assert spare != (None, None), "no spare was prepared after the start"
+        before = _own_groups(manager.layout)
+        runtime._prepare_next(zygote, manager)  # the overlapping start's ask
+        assert (runtime._next_cgroup, runtime._next_uid) == spare
+        assert _own_groups(manager.layout) == before  # no group made and thrown away
+        with runtime.start(Policy()) as sandbox:  # and the spare kept serves the next start
+            assert sandbox.exec(["true"]).exit_code == 0
+    finally:
+        runtime.close()
+
+
 def test_groups_a_remove_had_to_leave_are_retried(tmp_path: Path) -> None:
     parent, child, busy = tmp_path / "g", tmp_path / "g" / "child", tmp_path / "busy"
     child.mkdir(parents=True)

@@ -4,6 +4,7 @@ pod as closed as the isolation it stands for."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -115,6 +116,50 @@ def test_each_sandbox_pod_is_closed_and_sized_by_the_policy(level: str) -> None:
     assert template["spec"]["networkPolicy"] == {"ingress": [], "egress": []}
     assert template["spec"]["networkPolicyManagement"] == "Managed"
     assert template["spec"]["envVarsInjectionPolicy"] == "Disallowed"
+
+
+def test_the_agent_serves_a_pods_standard_input_and_output_which_are_pipes() -> None:
+    """A pod's container reached by attach has pipes for stdio, not a socket: the agent must serve them."""
+    from stockade.agent import wire
+    from stockade.runtimes.fake import _BOOT
+    from stockade.runtimes.process.zygote import AGENT_PARENT
+
+    (agent,) = sandbox_template("process", Policy(), IMAGE)["spec"]["podTemplate"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in agent["env"]}
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    proc = subprocess.Popen(  # the pod's agent, booted from this checkout instead of the image
+        [python, "-I", "-c", _BOOT, AGENT_PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    out_fd = proc.stdout.fileno()
+    reader: Any = type("Pipe", (), {"recv": lambda _, n, flags=0: os.read(out_fd, n)})()
+    try:
+
+        def ask(method: str, params: dict[str, Any], rid: int) -> Any:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(wire.encode_message(wire.request(method, params, rid)))
+            proc.stdin.flush()
+            while True:  # output notifications come first
+                reply = json.loads(wire.read_frame(reader))
+                if reply.get("id") == rid:
+                    return reply
+
+        assert ask("ping", {}, 1)["result"]["pong"] is True
+        ran = ask("exec", {"argv": ["sh", "-c", "echo through-the-pipes; echo oops >&2; exit 3"]}, 2)["result"]
+        out, err = (base64.b64decode(ran[k]) for k in ("stdout", "stderr"))
+        assert (out, err, ran["exit_code"]) == (b"through-the-pipes\n", b"oops\n", 3)
+        # What it runs holds neither end of the channel: it cannot write frames to the host.
+        channel = {f"pipe:[{os.fstat(f.fileno()).st_ino}]" for f in (proc.stdin, proc.stdout)}
+        ran = ask("exec", {"argv": ["sh", "-c", "for f in /proc/self/fd/*; do readlink $f; done"]}, 3)["result"]
+        held = set(base64.b64decode(ran["stdout"]).decode().split())
+        assert held and not held & channel, (held, channel)
+        proc.stdin.close()  # attach ended: the agent leaves
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_what_a_pod_cannot_enforce_is_refused() -> None:

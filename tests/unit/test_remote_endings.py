@@ -47,6 +47,7 @@ class Far(RemoteRuns):
         self._sandbox = sandbox
         self.node = "far-node"
         self.runtime_name = sandbox.runtime_name
+        self.scratch_dir = sandbox.scratch_dir
         self.policy = sandbox.policy
         self.released = False
 
@@ -182,7 +183,7 @@ def test_what_a_remote_isolate_does_not_offer_is_refused_by_name() -> None:
                 InvalidRequestError, match="a background process is not offered by an isolate of the far"
             ):
                 await controller.spawn(SandboxSpawn(command=["sleep", "1"], **ref), caller)
-            assert controller.interrupt(SandboxRef(**ref), caller).interrupted is False
+            assert (await controller.interrupt(SandboxRef(**ref), caller)).interrupted is False
             result = await controller.execute(ExecuteRequest(command=["echo", "one-shot"], **FAKE), caller)
             assert (result.stdout, result.runtime_used) == ("one-shot\n", "fake")
             await controller.close_sandbox(SandboxRef(**ref), caller)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import select
 import sys
 import threading
 import time
@@ -87,7 +86,7 @@ def main() -> runner.Program:
     except BaseException as exc:  # noqa: BLE001 - any failure ends the VM, with the reason on its console
         print(f"stockade: guest confinement failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
-    conn: Any = _DeviceConn(PORT_FD)  # the slice of a socket the agent uses
+    conn: Any = server.FdConn(PORT_FD)  # the slice of a socket the agent uses
     guarded = program is not None and _guard_guest(conn, program, answers)
     server.freeze_heap()
     agent = server.Agent(conn, dict(os.environ))
@@ -253,34 +252,6 @@ def _write(path: str, text: str) -> None:
 
 
 # ---- the channel to the host, and the guest's own seccomp filter ----------------
-
-
-class _DeviceConn:
-    """The slice of a socket's interface the agent uses, over a character device.
-
-    Frames may come from two threads (the agent's, and the guest filter's
-    violation reports), so each is written whole under a lock.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._writing = threading.Lock()
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def recv(self, n: int, flags: int = 0) -> bytes:
-        return os.read(self.fd, n)
-
-    def sendall(self, data: bytes) -> None:
-        with self._writing:
-            wire.write_all(self.fd, data)
-
-    def alive(self) -> bool:
-        # A virtio-serial port whose host side went away polls as hung up.
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        return not any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
 
 
 class _GuestFilter:

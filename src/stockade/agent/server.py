@@ -17,8 +17,10 @@ the host's end of the connection closes.
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
+import stat
 import time
 
 from . import files, wire
@@ -326,6 +328,37 @@ def _is_interrupt(payload: bytes) -> bool:
     return isinstance(message, dict) and message.get("method") == "interrupt" and "id" not in message
 
 
+class FdConn:
+    """The slice of a socket's interface the agent uses, over descriptors that are not a socket:
+    a microVM's virtio-serial port (one character device), or a container's standard input
+    and output (two pipes, as a Kubernetes pod's are).
+
+    Frames may come from two threads (in a guest, the agent's and the guest filter's
+    violation reports), so each is written whole under a lock.
+    """
+
+    def __init__(self, read_fd: int, write_fd: int | None = None) -> None:
+        self.fd = read_fd
+        self.write_fd = read_fd if write_fd is None else write_fd
+        self._writing = _thread.allocate_lock()  # not threading: the agent keeps its imports few
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, n: int, flags: int = 0) -> bytes:
+        return os.read(self.fd, n)
+
+    def sendall(self, data: bytes) -> None:
+        with self._writing:
+            wire.write_all(self.write_fd, data)
+
+    def alive(self) -> bool:
+        # A virtio-serial port whose host side went away, or a pipe whose writer closed, polls as hung up.
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return not any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+
+
 class _PatientConn:
     """A socket whose blocking calls may still fail with EAGAIN: wait for it and retry.
 
@@ -406,11 +439,14 @@ def main() -> runners.Program:
     guest.py. Returns only in a runner that became a Python program.
     """
     where = os.environ.pop("STOCKADE_AGENT_FD", "3")
+    piped = where == "stdio" and not stat.S_ISSOCK(os.fstat(0).st_mode)
     if where == "stdio":
+        # Non-inheritable copies, whatever their numbers: a runner the agent forks closes them.
         fd = os.dup(0)
         # gVisor imports stdin and stdout as two files over the one host socket and
         # shuts the socket down when the stdout file goes: keep a reference to it
         # for the agent's whole life (non-inheritable, so nothing else holds one).
+        # A container's stdio are two pipes instead (a Kubernetes pod's, reached by attach).
         _KEEP.append(os.dup(1))
         null = os.open("/dev/null", os.O_RDWR)
         # Children must not inherit the host connection. And nothing of the host may stay
@@ -422,10 +458,14 @@ def main() -> runners.Program:
     else:
         fd = int(where)
     warm = os.environ.pop("STOCKADE_AGENT_WARM", "") == "1"
-    conn: Any = socket.socket(fileno=fd)
-    os.set_inheritable(fd, False)
-    if where == "stdio":
-        conn = _PatientConn(conn)
+    conn: Any
+    if piped:
+        conn = FdConn(fd, _KEEP[-1])
+    else:
+        conn = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        if where == "stdio":
+            conn = _PatientConn(conn)
     freeze_heap()
     agent = Agent(conn, dict(os.environ))
     return serve_until_done(agent, warm)

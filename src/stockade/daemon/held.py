@@ -342,10 +342,10 @@ class HeldSandboxes:
         closed = await self._held_call(request, caller, close)
         return InterpreterClosed(sandbox_id=request.sandbox_id, session=request.session, closed=closed)
 
-    def interrupt(self, request: SandboxRef, caller: Caller) -> Interrupted:
+    async def interrupt(self, request: SandboxRef, caller: Caller) -> Interrupted:
         """Interrupt the sandbox's run in progress, without waiting for it (it holds the sandbox's turn)."""
         held = self._lookup(request, caller)
-        return Interrupted(sandbox_id=held.sandbox_id, interrupted=held.sandbox.interrupt())
+        return Interrupted(sandbox_id=held.sandbox_id, interrupted=await held.sandbox.ainterrupt())
 
     async def close_sandbox(self, request: SandboxRef, caller: Caller) -> Closed:
         held = self._lookup(request, caller)

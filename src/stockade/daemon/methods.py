@@ -52,7 +52,7 @@ async def _cancel(c: Controller, r: CancelRequest, caller: Caller, out: OutputCa
 
 
 async def _interrupt(c: Controller, r: SandboxRef, caller: Caller, out: OutputCallback | None) -> Any:
-    return c.interrupt(r, caller)
+    return await c.interrupt(r, caller)
 
 
 async def _runtimes(c: Controller, r: Empty, caller: Caller, out: OutputCallback | None) -> Any:

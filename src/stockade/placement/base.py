@@ -39,6 +39,7 @@ class Isolate(Protocol):
 
     runtime_name: str
     node: str  # "local", or the node's id
+    scratch_dir: str  # a writable directory inside it
     policy: Policy
     one_shot: bool  # a one-shot run's isolate: ended with its run (set before the run starts)
 
@@ -109,8 +110,9 @@ class Isolate(Protocol):
         """A background process (blocking: from a thread). Refused where the isolate has none."""
         ...
 
-    def interrupt(self) -> bool:
-        """Interrupt the run in progress, keeping the isolate; False when there is none to interrupt."""
+    async def ainterrupt(self) -> bool:
+        """Interrupt the run in progress (SIGINT: a cell raises KeyboardInterrupt and its
+        interpreter keeps its state), keeping the isolate; False when there is none to interrupt."""
         ...
 
     def cancel(self, why: str) -> None:

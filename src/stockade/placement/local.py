@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
+
+from .config import LocalPlacementConfig
 
 if TYPE_CHECKING:
     from ..policy import Policy
     from ..runtimes.manager import RuntimeManager
     from ..runtimes.sandbox import AgentSandbox
     from .base import Isolate
-    from .config import LocalPlacementConfig
 
 log = logging.getLogger("stockade.placement")
 
@@ -29,6 +32,20 @@ log = logging.getLogger("stockade.placement")
 # starts a real isolate of each runtime (a VM boot for microVM).
 RUNTIMES_FRESH_S = 60.0
 DEFAULT_THREADS = 16
+
+
+_shared: weakref.WeakKeyDictionary[RuntimeManager, LocalPlacement] = weakref.WeakKeyDictionary()
+_shared_lock = threading.Lock()
+
+
+def shared_local(manager: RuntimeManager) -> LocalPlacement:
+    """The local placement over ``manager`` that the SDK's sandboxes share (it leaves the
+    manager to its owner: closing it is the manager's ``close``)."""
+    with _shared_lock:
+        placement = _shared.get(manager)
+        if placement is None:
+            placement = _shared[manager] = LocalPlacement(LocalPlacementConfig(), manager)
+        return placement
 
 
 class LocalPlacement:
@@ -105,7 +122,13 @@ class LocalPlacement:
                 self._threads.submit(start.result().close)
 
     async def release(self, isolate: Isolate) -> None:
-        await self._off_loop(cast("AgentSandbox", isolate).close)
+        sandbox = cast("AgentSandbox", isolate)
+        if sandbox.closed:
+            return
+        await self._off_loop(sandbox.close)
+        # The warm pool builds the isolate taken for this one once it is gone (pool.py): not
+        # before, where the build would compete for the CPU with the calls it served.
+        self.manager.get(sandbox.runtime_name).refill()
 
     def dispose(self, isolate: Isolate) -> None:
         sandbox = cast("AgentSandbox", isolate)

@@ -26,15 +26,13 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import CallTooLargeError, DaemonBusyError, RuntimeUnavailableError, SandboxLostError
-from ..result import ExecResult
+from ..errors import DaemonBusyError, RuntimeUnavailableError
 from .base import reach, runtime_choices
-from .ray_node import OUTPUT, RESULT, StockadeNode
-from .remote import RemoteRuns
+from .ray_isolate import NodeHandle, RayIsolate, lost_node
+from .ray_node import StockadeNode
 
 if TYPE_CHECKING:
     from ..policy import Policy
-    from ..runtimes.verdict import OutputCallback
     from .base import Isolate
     from .config import RayPlacementConfig
 
@@ -97,153 +95,6 @@ async def _removed(group: Any) -> None:
         await asyncio.shield(_off_loop(remove_placement_group, group))
 
 
-def _cause(exc: Exception) -> Exception:
-    """The node's own exception (a stockade error, an OSError) rather than Ray's wrapper of it,
-    whose text is the remote traceback with the node's pids, addresses and paths."""
-    import ray.exceptions
-
-    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception):
-        return exc.cause
-    return exc
-
-
-def _lost(exc: BaseException) -> bool:
-    import ray.exceptions
-
-    return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.NodeDiedError | ray.exceptions.ObjectLostError)
-
-
-class RayIsolate(RemoteRuns):
-    """An isolate on a Ray node, held by that node's ``StockadeNode`` actor."""
-
-    placement_name = "ray"
-
-    def __init__(self, placement: RayPlacement, node: _Node, info: dict[str, Any], policy: Policy, group: Any) -> None:
-        self._placement = placement
-        self._node = node
-        self._group = group
-        self.id: str = info["id"]
-        self.runtime_name: str = info["runtime"]
-        self.node: str = node.node_id
-        self.policy = policy
-        self.lost: str | None = None
-        self.closed = False
-
-    def _check(self) -> None:
-        if self.lost is not None:
-            raise SandboxLostError(self.lost)
-        if self.closed:
-            raise SandboxLostError(f"isolate {self.id} was released")
-
-    def _mark_lost(self, exc: BaseException) -> str:
-        self.lost = (
-            f"the Ray node {self._node.node_id} ({self._node.address}) that held isolate {self.id} was lost "
-            f"({type(exc).__name__})"
-        )
-        self._node.suspect = True
-        return self.lost
-
-    async def _run(self, kind: str, call: dict[str, Any], on_output: OutputCallback | None) -> ExecResult:
-        self._check()
-        started = time.monotonic()
-        stream = self._node.actor.run.options(num_returns="streaming").remote(self.id, kind, call)
-        try:
-            async for ref in stream:
-                item = await ref
-                if item[0] == OUTPUT and on_output is not None:
-                    on_output(item[1], item[2])
-                elif item[0] == RESULT:
-                    return ExecResult.model_validate_json(item[1])
-        except Exception as exc:  # noqa: BLE001 - a lost node is a result; anything else, the node's own error
-            if not _lost(exc):
-                raise _cause(exc) from None
-            return ExecResult(
-                success=False,
-                termination_reason="lost",
-                error=self._mark_lost(exc),
-                execution_time_seconds=time.monotonic() - started,
-                runtime_used=self.runtime_name,
-                policy_digest=self.policy.digest,
-            )
-        raise SandboxLostError(self._mark_lost(RuntimeError("the node's stream ended without a result")))
-
-    async def aexec(
-        self,
-        argv: list[str],
-        *,
-        stdin: bytes | str = b"",
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: OutputCallback | None = None,
-    ) -> ExecResult:
-        from ..protocol.models import argv_list
-
-        call = {"argv": argv_list(argv), "stdin": stdin, "env": env, "cwd": cwd, "timeout": timeout}
-        return await self._run("exec", call, on_output)
-
-    async def arun_code(
-        self,
-        code: str,
-        language: str = "python",
-        *,
-        stdin: bytes | str = b"",
-        env: dict[str, str] | None = None,
-        timeout: float | None = None,
-        on_output: OutputCallback | None = None,
-        session: str | None = None,
-    ) -> ExecResult:
-        call = {"code": code, "language": language, "stdin": stdin, "env": env, "timeout": timeout, "session": session}
-        return await self._run("run_code", call, on_output)
-
-    async def aclose_interpreter(self, session: str) -> bool:
-        return bool(await self._call("close_interpreter", session))
-
-    async def _call(self, method: str, *args: Any) -> Any:
-        self._check()
-        try:
-            return await getattr(self._node.actor, method).remote(self.id, *args)
-        except Exception as exc:  # noqa: BLE001 - re-raised: as lost, or as the node's own error
-            if _lost(exc):
-                raise SandboxLostError(self._mark_lost(exc)) from None
-            raise _cause(exc) from None
-
-    async def awrite_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        raw = data.encode() if isinstance(data, str) else bytes(data)
-        limit = self._placement.config.max_file_bytes
-        if len(raw) > limit:
-            raise CallTooLargeError(f"write_file: {len(raw)} bytes, more than the placement's max_file_bytes {limit}")
-        await self._call("write_file", path, raw, mode)  # large bytes travel through the object store
-
-    async def aread_file(self, path: str, max_bytes: int | None = None) -> bytes:
-        limit = self._placement.config.max_file_bytes
-        if max_bytes is not None and max_bytes <= limit:
-            return bytes(await self._call("read_file", path, max_bytes))
-        data = bytes(await self._call("read_file", path, limit + 1))  # one byte more says "larger"
-        if len(data) > limit:
-            raise CallTooLargeError(
-                f"read_file: {path} is larger than the placement's max_file_bytes {limit}: read it with max_bytes"
-            )
-        return data
-
-    async def alist_dir(self, path: str) -> list[dict[str, Any]]:
-        return list(await self._call("list_dir", path))
-
-    async def _release(self) -> None:
-        try:
-            await self._placement.release(self)
-        except Exception:
-            log.exception("releasing isolate %s on node %s failed", self.id, self.node)
-
-
-class _Node:
-    def __init__(self, node_id: str, address: str, actor: Any) -> None:
-        self.node_id = node_id
-        self.address = address
-        self.actor = actor
-        self.suspect = False
-
-
 class RayPlacement:
     """Connects to the cluster at ``config.address`` (``ray.init``) on first use."""
 
@@ -253,7 +104,7 @@ class RayPlacement:
     def __init__(self, config: RayPlacementConfig) -> None:
         self.config = config
         self.instance = uuid.uuid4().hex[:8]
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[str, NodeHandle] = {}
         self._cluster: list[dict[str, Any]] = []
         self._cluster_at = 0.0
         self._lock = asyncio.Lock()
@@ -329,7 +180,7 @@ class RayPlacement:
         except Exception:  # noqa: BLE001 - said by describe(): its error
             return self.describe()
 
-    async def _node_ready(self, node: _Node) -> None:
+    async def _node_ready(self, node: NodeHandle) -> None:
         # A node actor that never comes up must not hold up the daemon's start: its claims fail instead.
         await asyncio.wait_for(node.actor.describe.remote(), self.config.claim_timeout * 4)
 
@@ -351,7 +202,7 @@ class RayPlacement:
                     k[len(RESOURCE_PREFIX) :] for k in info.get("Resources", {}) if k.startswith(RESOURCE_PREFIX)
                 )
                 if runtimes and info["NodeID"] not in self._nodes:
-                    self._nodes[info["NodeID"]] = _Node(
+                    self._nodes[info["NodeID"]] = NodeHandle(
                         info["NodeID"], info["NodeManagerAddress"], self._spawn(info, runtimes)
                     )
             return self._cluster
@@ -471,7 +322,7 @@ class RayPlacement:
                 info = await node.actor.acquire.remote(placed.model_dump_json())
             except Exception as exc:
                 await _removed(group)
-                if not _lost(exc):
+                if not lost_node(exc):
                     raise
                 last = exc  # the node went between the reservation and the hand-over
                 continue
@@ -538,7 +389,7 @@ class RayPlacement:
             self._owns_connection = False
             await _off_loop(ray.shutdown)  # the connection it made: the next placement makes its own
 
-    async def _stop(self, node: _Node) -> None:
+    async def _stop(self, node: NodeHandle) -> None:
         await asyncio.wait_for(node.actor.shutdown.remote(), 30)
 
 

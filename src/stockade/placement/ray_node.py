@@ -40,9 +40,7 @@ class StockadeNode:
         self.isolates: dict[str, Isolate] = {}
         self.runtimes = runtimes
         for name in runtimes:  # kept full by this actor from now on (pool.py's refill thread)
-            warm = getattr(self.local.manager.get(name), "warm_up", None)
-            if warm is not None:
-                warm()
+            self.local.manager.get(name).warm_up()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -59,7 +57,12 @@ class StockadeNode:
         sandbox = await self.local.acquire(policy)
         isolate_id = os.urandom(8).hex()
         self.isolates[isolate_id] = sandbox
-        return {"id": isolate_id, "runtime": sandbox.runtime_name, "acquire_ms": (time.monotonic() - started) * 1000}
+        return {
+            "id": isolate_id,
+            "runtime": sandbox.runtime_name,
+            "scratch_dir": sandbox.scratch_dir,
+            "acquire_ms": (time.monotonic() - started) * 1000,
+        }
 
     def _get(self, isolate_id: str) -> Isolate:
         sandbox = self.isolates.get(isolate_id)
@@ -101,6 +104,9 @@ class StockadeNode:
 
     async def list_dir(self, isolate_id: str, path: str) -> list[dict[str, Any]]:
         return await self._get(isolate_id).alist_dir(path)
+
+    async def interrupt(self, isolate_id: str) -> bool:
+        return await self._get(isolate_id).ainterrupt()  # one frame to the agent, never a wait
 
     async def close_interpreter(self, isolate_id: str, session: str) -> bool:
         return await self._get(isolate_id).aclose_interpreter(session)

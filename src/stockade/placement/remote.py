@@ -4,9 +4,9 @@ An isolate of a remote placement answers ``aexec``/``arun_code`` as awaitable
 calls (a Ray actor's stream, for one). The daemon's controller drives every
 isolate in callback form (``start_run`` on the event loop), ends one with
 ``cancel``/``kill`` and waits with ``settled``; this mixin gives those over a
-task that awaits the call. What such an isolate does not offer (an interrupt
-short of its end, a background process, a published port) is refused with an
-error that names its placement and node.
+task that awaits the call. What such an isolate does not offer (a background
+process, a published port) is refused with an error that names its placement
+and node.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import InvalidRequestError
 from ..result import ExecResult
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..policy import Policy
     from ..runtimes.spawned import Process
     from ..runtimes.verdict import OutputCallback
+    from .base import Isolate
 
 
 class RemoteCall:
@@ -39,7 +40,7 @@ class RemoteCall:
 
 
 class RemoteRuns:
-    """Mixed into a remote isolate that has ``aexec``, ``arun_code`` and ``_release()``."""
+    """Mixed into a remote isolate that has the ``Isolate``'s async calls and ``_release()``."""
 
     # What the isolate provides.
     placement_name: str
@@ -48,29 +49,6 @@ class RemoteRuns:
     policy: Policy
 
     if TYPE_CHECKING:
-
-        async def aexec(
-            self,
-            argv: list[str],
-            *,
-            stdin: bytes | str = b"",
-            env: dict[str, str] | None = None,
-            cwd: str | None = None,
-            timeout: float | None = None,
-            on_output: OutputCallback | None = None,
-        ) -> ExecResult: ...
-
-        async def arun_code(
-            self,
-            code: str,
-            language: str = "python",
-            *,
-            stdin: bytes | str = b"",
-            env: dict[str, str] | None = None,
-            timeout: float | None = None,
-            on_output: OutputCallback | None = None,
-            session: str | None = None,
-        ) -> ExecResult: ...
 
         async def _release(self) -> None: ...
 
@@ -147,17 +125,18 @@ class RemoteRuns:
         timeout: float | None,
         on_output: OutputCallback | None,
     ) -> ExecResult:
+        isolate = cast("Isolate", self)  # the class this is mixed into has the Isolate's calls
         if method == "exec":
-            return await self.aexec(
+            return await isolate.aexec(
                 params["argv"], stdin=stdin, env=env, cwd=params.get("cwd"), timeout=timeout, on_output=on_output
             )
         if method == "run_code":
-            return await self.arun_code(
+            return await isolate.arun_code(
                 params["code"], params.get("language", "python"), stdin=stdin, env=env, timeout=timeout,
                 on_output=on_output,
             )  # fmt: skip
         if method == "run_cell":  # a cell of a stateful interpreter, kept by the agent on the node
-            return await self.arun_code(
+            return await isolate.arun_code(
                 params["code"], env=env, timeout=timeout, on_output=on_output, session=params["session"]
             )
         raise self._refuse(method)
@@ -183,8 +162,8 @@ class RemoteRuns:
         if self._task is not None and not self._task.done():
             await asyncio.wait([self._task])
 
-    def interrupt(self) -> bool:
-        return False  # no interrupt short of its end (cancel)
+    async def ainterrupt(self) -> bool:
+        return False  # unless the isolate says otherwise: no interrupt short of its end (cancel)
 
     def kill(self) -> None:
         """Release the isolate on its node, in the background (idempotent; on the event loop)."""

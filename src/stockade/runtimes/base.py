@@ -74,6 +74,12 @@ class Runtime(abc.ABC):
         """A fresh isolate for a one-shot run: a warm one when there is one, else started now."""
         return self.take_warm(policy) or self.start(policy)
 
+    def warm_up(self) -> None:  # noqa: B027 - a runtime without a pool has nothing to warm
+        """Start what its isolates are made from and fill its warm pool now (none: nothing)."""
+
+    def refill(self) -> None:  # noqa: B027 - a runtime without a pool has nothing to refill
+        """An isolate taken warm has been torn down: top the warm pool up (none: nothing)."""
+
     def dispose(self, sandbox: AgentSandbox) -> None:
         """Tear a one-shot isolate down without blocking the caller (on the runtime's reaper thread)."""
         if self._reaper is None:

@@ -278,9 +278,13 @@ class PooledRuntime(Runtime, Generic[S]):
         """The warm pool's ``statistics()``; None for a runtime started without one."""
         return self._pool.statistics() if self._pool is not None else None
 
+    def refill(self) -> None:
+        if self._pool is not None:
+            self._pool.kick()
+
     def dispose(self, sandbox: AgentSandbox) -> None:
         """Close a one-shot isolate off the caller's critical path, then refill the pool."""
-        self._reaper.put(sandbox, after=self._pool.kick if self._pool is not None else None)
+        self._reaper.put(sandbox, after=self.refill)
 
     def warm_up(self) -> None:
         """Fill the pool now, instead of on first use."""

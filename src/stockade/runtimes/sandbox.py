@@ -220,6 +220,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
             return False
         return self.channel.interrupt()
 
+    async def ainterrupt(self) -> bool:
+        """``interrupt``, for an awaiting caller (it never waits)."""
+        return self.interrupt()
+
     async def aclose_interpreter(self, session: str) -> bool:
         """End ``session``'s interpreter as a program ends; its next cell starts a fresh one."""
         reply = await self._agent_call("close_interpreter", {"session": session}, 30.0)

@@ -339,6 +339,13 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
 
     def _prepare_next(self, zygote: Zygote, manager: CgroupManager) -> None:
         """Make the next isolate's cgroup and uid now and have the zygote fork a child ahead into them."""
+        with self._lock:
+            if self._zygote is zygote and (self._next_cgroup is not None or self._next_uid is not None):
+                # Starts that overlapped: the spare another one made is still there, and serves
+                # the next start as well. Replacing it would mean killing the zygote's child in
+                # it, which runs as its isolate's uid: a daemon that gave root up cannot, and its
+                # reaper (the one-shots' teardowns) would wait out the cgroup's removal.
+                return
         nxt: IsolateCgroup | None = None
         uid: UidLease | None = None
         try:

@@ -1,0 +1,193 @@
+"""``RayIsolate``: one isolate on a Ray node, held for its caller by that node's ``StockadeNode`` actor.
+
+Its runs stream back as a Ray streaming generator (output, then the result);
+its files go through the object store, bounded by the placement's
+``max_file_bytes``. A node that goes away ends its runs with
+``termination_reason="lost"`` naming the node, and its later calls raise
+``SandboxLostError``. The controller's callback form comes from ``remote.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CallTooLargeError, SandboxLostError
+from ..result import ExecResult
+from .ray_node import OUTPUT, RESULT
+from .remote import RemoteRuns
+
+if TYPE_CHECKING:
+    from ..policy import Policy
+    from ..runtimes.verdict import OutputCallback
+    from .ray import RayPlacement
+
+log = logging.getLogger("stockade.placement")
+
+
+def _cause(exc: Exception) -> Exception:
+    """The node's own exception (a stockade error, an OSError) rather than Ray's wrapper of it,
+    whose text is the remote traceback with the node's pids, addresses and paths."""
+    import ray.exceptions
+
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception):
+        return exc.cause
+    return exc
+
+
+def lost_node(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ray saying the node (or the actor on it) is gone."""
+    import ray.exceptions
+
+    return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.NodeDiedError | ray.exceptions.ObjectLostError)
+
+
+class RayIsolate(RemoteRuns):
+    """An isolate on a Ray node, held by that node's ``StockadeNode`` actor."""
+
+    placement_name = "ray"
+
+    def __init__(
+        self, placement: RayPlacement, node: NodeHandle, info: dict[str, Any], policy: Policy, group: Any
+    ) -> None:
+        self._placement = placement
+        self._node = node
+        self._group = group
+        self.id: str = info["id"]
+        self.runtime_name: str = info["runtime"]
+        self.scratch_dir: str = info["scratch_dir"]
+        self.node: str = node.node_id
+        self.policy = policy
+        self.lost: str | None = None
+        self.closed = False
+        self._runs = 0  # runs in flight (one, but a given-up one may still be ending)
+
+    def _check(self) -> None:
+        if self.lost is not None:
+            raise SandboxLostError(self.lost)
+        if self.closed:
+            raise SandboxLostError(f"isolate {self.id} was released")
+
+    def _mark_lost(self, exc: BaseException) -> str:
+        self.lost = (
+            f"the Ray node {self._node.node_id} ({self._node.address}) that held isolate {self.id} was lost "
+            f"({type(exc).__name__})"
+        )
+        self._node.suspect = True
+        return self.lost
+
+    async def _run(self, kind: str, call: dict[str, Any], on_output: OutputCallback | None) -> ExecResult:
+        self._check()
+        started = time.monotonic()
+        stream = self._node.actor.run.options(num_returns="streaming").remote(self.id, kind, call)
+        self._runs += 1
+        try:
+            async for ref in stream:
+                item = await ref
+                if item[0] == OUTPUT and on_output is not None:
+                    on_output(item[1], item[2])
+                elif item[0] == RESULT:
+                    return ExecResult.model_validate_json(item[1])
+        except Exception as exc:  # noqa: BLE001 - a lost node is a result; anything else, the node's own error
+            if not lost_node(exc):
+                raise _cause(exc) from None
+            return ExecResult(
+                success=False,
+                termination_reason="lost",
+                error=self._mark_lost(exc),
+                execution_time_seconds=time.monotonic() - started,
+                runtime_used=self.runtime_name,
+                policy_digest=self.policy.digest,
+            )
+        finally:
+            self._runs -= 1
+        raise SandboxLostError(self._mark_lost(RuntimeError("the node's stream ended without a result")))
+
+    async def aexec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        from ..protocol.models import argv_list
+
+        call = {"argv": argv_list(argv), "stdin": stdin, "env": env, "cwd": cwd, "timeout": timeout}
+        return await self._run("exec", call, on_output)
+
+    async def arun_code(
+        self,
+        code: str,
+        language: str = "python",
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+        session: str | None = None,
+    ) -> ExecResult:
+        call = {"code": code, "language": language, "stdin": stdin, "env": env, "timeout": timeout, "session": session}
+        return await self._run("run_code", call, on_output)
+
+    async def aclose_interpreter(self, session: str) -> bool:
+        return bool(await self._call("close_interpreter", session))
+
+    async def ainterrupt(self) -> bool:
+        """SIGINT to the run in flight on its node (the node actor takes calls beside the run's
+        stream); False when none is, or the node is gone."""
+        if not self._runs or self.lost is not None or self.closed:
+            return False
+        try:
+            return bool(await self._call("interrupt"))
+        except SandboxLostError:
+            return False
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        self._check()
+        try:
+            return await getattr(self._node.actor, method).remote(self.id, *args)
+        except Exception as exc:  # noqa: BLE001 - re-raised: as lost, or as the node's own error
+            if lost_node(exc):
+                raise SandboxLostError(self._mark_lost(exc)) from None
+            raise _cause(exc) from None
+
+    async def awrite_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        limit = self._placement.config.max_file_bytes
+        if len(raw) > limit:
+            raise CallTooLargeError(f"write_file: {len(raw)} bytes, more than the placement's max_file_bytes {limit}")
+        await self._call("write_file", path, raw, mode)  # large bytes travel through the object store
+
+    async def aread_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        limit = self._placement.config.max_file_bytes
+        if max_bytes is not None and max_bytes <= limit:
+            return bytes(await self._call("read_file", path, max_bytes))
+        data = bytes(await self._call("read_file", path, limit + 1))  # one byte more says "larger"
+        if len(data) > limit:
+            raise CallTooLargeError(
+                f"read_file: {path} is larger than the placement's max_file_bytes {limit}: read it with max_bytes"
+            )
+        return data
+
+    async def alist_dir(self, path: str) -> list[dict[str, Any]]:
+        return list(await self._call("list_dir", path))
+
+    async def _release(self) -> None:
+        try:
+            await self._placement.release(self)
+        except Exception:
+            log.exception("releasing isolate %s on node %s failed", self.id, self.node)
+
+
+class NodeHandle:
+    """A node of the cluster as the placement knows it: its id, address and ``StockadeNode`` actor."""
+
+    def __init__(self, node_id: str, address: str, actor: Any) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.actor = actor
+        self.suspect = False
