@@ -241,14 +241,14 @@ def host_server() -> Iterator[int]:
 @pytest.fixture(scope="session")
 def store() -> Iterator[str]:
     """A Python environment store of the session's own (``STOCKADE_ENV_STORE``), removed at its end."""
-    from stockade import environments
+    from stockade import environment_build
 
     path = tempfile.mkdtemp(prefix="stockade-envs-")
     os.chmod(path, 0o755)  # every sandbox uid reads it (as root, each isolate has a uid of its own)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STOCKADE_ENV_STORE", path)
         yield path
-    environments._remove_tree(path)
+    environment_build.remove_tree(path)
 
 
 @pytest.fixture(scope="session")

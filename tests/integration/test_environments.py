@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import stockade
-from stockade import Policy, PolicyError, environments
+from stockade import Policy, PolicyError, environment_build, environments
 from stockade.errors import AgentError
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
@@ -123,7 +123,7 @@ def test_the_content_address_is_stable(small: str, monkeypatch: pytest.MonkeyPat
     assert environments.content_id(reqs) == small
     # Spelt differently, the same requirements: the same id, and nothing is built again.
     assert environments.normalise(["Tabulate ", "# a comment", "", "SIX"]) == reqs
-    monkeypatch.setattr(environments, "_build", lambda *a: pytest.fail("built again"))
+    monkeypatch.setattr(environment_build, "make", lambda *a: pytest.fail("built again"))
     assert environments.build(["SIX", "tabulate"]) == small
     assert environments.content_id(environments.normalise(["six"])) != small
     assert environments.content_id(environments.normalise(["six>=1", "tabulate"])) != small
@@ -262,8 +262,8 @@ def test_packages_build_once_and_are_reused(
 ) -> None:
     require("process")
     builds = []
-    real = environments._build
-    monkeypatch.setattr(environments, "_build", lambda *a: (builds.append(a[0]), real(*a))[1])
+    real = environment_build.make
+    monkeypatch.setattr(environment_build, "make", lambda *a: (builds.append(a[0]), real(*a))[1])
     code = "import termcolor, six; print(termcolor.__file__)"
     with stockade.Sandbox(runtime="process", packages=["six", "termcolor"], manager=manager) as sb:
         assert sb.run_code(code).stdout == "/opt/stockade/env/python/termcolor/__init__.py\n"

@@ -59,7 +59,7 @@ def test_serve_flags_give_the_placement_setting_or_name_what_is_missing() -> Non
     import subprocess
     import sys
 
-    from stockade.cli import _placement_flags
+    from stockade.cli_service import _placement_flags
 
     assert json.loads(_placement_flags("ray", "head:6379")) == {"type": "ray", "address": "head:6379"}
     assert json.loads(_placement_flags(None, "auto")) == {"type": "ray", "address": "auto"}  # the address implies ray

@@ -1,0 +1,208 @@
+"""How one Python environment's tree is made (docs/environments.md): ``pip install --target``
+with the host's pip and configuration, bytecode by the isolates' interpreter, matplotlib's
+caches primed in a sandbox, then made read-only and renamed into the store whole.
+
+``environments.py`` decides what an environment is, names it, locks it and lists it; this
+module only builds one, under that lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from .environments import (
+    ENV_ROOT,
+    MANIFEST,
+    build_timeout,
+    canonical,
+    python_identity,
+    run_env,
+    store_dir,
+)
+from .errors import PolicyError
+from .runtimes.process.zygote import system_python
+
+log = logging.getLogger("stockade.environments")
+_PLAIN = re.compile(r"[\w+-][\w.+-]*(/[\w+-][\w.+-]*)*")  # a relative path a sandbox may name in the caches
+
+
+def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) -> None:
+    sweep_tmp()
+    work = tempfile.mkdtemp(prefix=f"{env_id}.{os.getpid()}.", dir=store_dir("tmp"))
+    os.chmod(work, 0o755)  # noqa: S103 - every sandbox uid reads it (the cache step mounts it)
+    if not verbose:
+        log.warning("building a Python environment for %s (once; cached as %s)", ", ".join(reqs), env_id)
+    try:
+        with open(os.path.join(work, "requirements.txt"), "w") as f:
+            f.write("\n".join(reqs) + "\n")
+        _pip(work, allow_source, verbose)
+        os.unlink(os.path.join(work, "requirements.txt"))
+        target = os.path.join(work, "python")
+        if os.path.isdir(os.path.join(target, "bin")):
+            os.rename(os.path.join(target, "bin"), os.path.join(work, "bin"))
+        os.makedirs(os.path.join(work, "bin"), exist_ok=True)
+        # Bytecode by the isolates' interpreter, naming the path inside (never this store's).
+        subprocess.run([system_python(), "-I", "-m", "compileall", "-qq", "-j0", "-d", f"{ENV_ROOT}/python", target],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=build_timeout(), check=False)  # fmt: skip
+        set_modes(work, writable=True)
+        if os.path.isdir(os.path.join(target, "matplotlib")):
+            _prime_caches(work)
+        manifest = {"id": env_id, "requirements": list(reqs), "python": python_identity()["version"],
+                    "sources": allow_source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "installed": _installed(target), "size_bytes": _size(work)}  # fmt: skip
+        with open(os.path.join(work, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        set_modes(work, writable=False)
+        os.rename(work, os.path.join(store_dir("envs"), env_id))  # whole, or not there at all
+    except BaseException:
+        remove_tree(work)
+        raise
+
+
+def _pip(work: str, allow_source: bool, verbose: bool) -> None:
+    cmd = [*_pip_command(), "install", "--target", os.path.join(work, "python"), "--no-compile",
+           "-r", os.path.join(work, "requirements.txt")]  # fmt: skip
+    if not allow_source:
+        cmd.append("--only-binary=:all:")
+    # pip keeps the host's own settings (its index, proxy, certificates); never stockade's (a daemon's tokens,
+    # a session key) nor the interpreter's overrides. A build's setup code could read its environment.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP") and not k.startswith("STOCKADE_")}  # fmt: skip
+    env.update({"PIP_ROOT_USER_ACTION": "ignore", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
+                "PIP_NO_WARN_SCRIPT_LOCATION": "1", "PYTHONNOUSERSITE": "1"})  # fmt: skip
+    log_path = os.path.join(work, "pip.log")
+    with open(log_path, "wb") as out:
+        sink = None if verbose else out
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
+                                start_new_session=True)  # fmt: skip
+        status: int | None = None
+        try:
+            status = proc.wait(timeout=build_timeout())
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if proc.returncode is None:  # timed out, or interrupted: pip and its builds go
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if status is None:
+            raise PolicyError(f"packages: pip did not finish within {build_timeout():g} s (STOCKADE_ENV_BUILD_TIMEOUT; "
+                              "stockade env build makes an environment ahead of time)")  # fmt: skip
+    with open(log_path, "rb") as f:
+        tail = f.read()[-2000:].decode(errors="replace").strip().splitlines()[-12:]
+    os.unlink(log_path)
+    if status != 0:
+        said = ("\n" + "\n".join(tail)) if tail else ""
+        hint = "" if allow_source else " (wheels only: stockade env build --allow-source takes sdists)"
+        raise PolicyError(f"packages: pip could not install them (exit {status}){hint}{said}")
+
+
+@functools.lru_cache(maxsize=1)
+def _pip_command() -> tuple[str, ...]:
+    """pip run by the isolates' interpreter (console scripts then start with its path)."""
+    python = system_python()
+    probe = subprocess.run([python, "-I", "-c", "import pip"], capture_output=True, timeout=60, check=False)
+    if probe.returncode == 0:
+        return (python, "-m", "pip")
+    own = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, timeout=60, check=False)
+    if own.returncode == 0:
+        return (sys.executable, "-m", "pip", "--python", python)  # this pip, run by that interpreter
+    raise PolicyError(f"packages: no pip for {python} (apt install python3-pip)")
+
+
+_PRIME = """\
+import base64, json, os
+import matplotlib.font_manager  # its font list, and fontconfig's cache (fc-list)
+out = {}
+for top, _, files in os.walk(os.environ['XDG_CACHE_HOME']):
+    for n in files:
+        p = os.path.join(top, n)
+        out[os.path.relpath(p, os.environ['XDG_CACHE_HOME'])] = base64.b64encode(open(p, 'rb').read()).decode()
+print(json.dumps(out))
+"""
+
+
+def _prime_caches(work: str) -> None:
+    """What matplotlib builds on its first import (its font list, fontconfig's cache), built
+    once in a sandbox with this environment mounted as it will be: copied into each
+    isolate's $XDG_CACHE_HOME, so no run pays for it or warns about it. Best effort."""
+    from .policy import Mount, Policy
+    from .runtimes.manager import RuntimeManager
+    from .sdk import run_code
+
+    policy = Policy(filesystem_access=(Mount(source=work, target=ENV_ROOT),), environment=run_env(),
+                    timeout_seconds=120.0, memory_mb=1024, max_output_bytes=7 * 1024 * 1024)  # fmt: skip
+    manager = RuntimeManager(pool_size=0)
+    try:
+        result = run_code(_PRIME, policy=policy, manager=manager)
+        answer = json.loads(result.stdout) if result.success else {}
+        # It came from a sandbox: plain relative paths only (no part starts with "."), base64 or nothing.
+        files = {rel: base64.b64decode(data, validate=True) for rel, data in answer.items() if _PLAIN.fullmatch(rel)}
+    except Exception as exc:  # noqa: BLE001 - a cache is an optimisation: without it matplotlib builds its own
+        log.info("no pre-built caches for this environment: %s", exc)
+        return
+    finally:
+        manager.close()
+    for rel, data in files.items():
+        dest = os.path.join(work, "cache", rel)
+        os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+        with open(dest, "wb") as f:
+            f.write(data)
+
+
+def _installed(target: str) -> list[str]:
+    out = []
+    for entry in sorted(os.listdir(target)):
+        if entry.endswith(".dist-info"):
+            project, _, version = entry.removesuffix(".dist-info").partition("-")
+            out.append(f"{canonical(project)}=={version}")
+    return out
+
+
+def _size(path: str) -> int:
+    return sum(os.lstat(os.path.join(top, n)).st_size for top, _, files in os.walk(path) for n in files)
+
+
+def set_modes(path: str, writable: bool) -> None:
+    """Readable by every uid; read-only when done (executables keep their x bits)."""
+    w = 0o200 if writable else 0
+    for top, _dirs, files in os.walk(path):
+        os.chmod(top, 0o555 | w)  # noqa: S103 - read by every sandbox uid
+        for n in files:
+            p = os.path.join(top, n)
+            if not os.path.islink(p):
+                os.chmod(p, (0o555 if os.stat(p).st_mode & 0o111 else 0o444) | w)
+
+
+def remove_tree(path: str) -> None:
+    for top, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(top, 0o755)  # noqa: S103 - about to be removed
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_tmp() -> None:
+    """Builds and removals whose process died (``<id>.<pid>.<random>``)."""
+    where = store_dir("tmp")
+    for entry in os.listdir(where):
+        pid = entry.split(".")[1] if entry.count(".") >= 2 else ""
+        try:
+            if pid.isdigit():
+                os.kill(int(pid), 0)
+        except ProcessLookupError:
+            remove_tree(os.path.join(where, entry))
+        except PermissionError:
+            pass  # alive, another user's
