@@ -11,7 +11,8 @@ RuntimeManager, in the same run, as the reference.
 Load is open-loop: executions arrive at a fixed offered rate for ``--seconds``
 each, whether or not the earlier ones have finished (as RL rollouts fire them),
 and each one's time-to-result is measured from its arrival. For each rate:
-the achieved rate and p50/p90/p99. Targets (the agent-sandbox presubmit's bar,
+the achieved rate, p50/p90/p99, and the machine's CPU (every process and
+the kernel) per execution. Targets (the agent-sandbox presubmit's bar,
 issue: scale-out): p50/p90 <= 300 ms and p99 <= 500 ms at the highest rate
 sustained, and at least 50 executions/s. A benchmark: it prints, it asserts nothing.
 
@@ -34,6 +35,13 @@ from stockade.testing.ray_cluster import LocalRayCluster  # noqa: E402
 
 POLICY = Policy(cpu_limit=0.1, memory_mb=128)  # 0.1 CPU booked per isolate: up to 160 at once on a 16-CPU node
 ARGV = ["true"]
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (every process, the kernel), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
 def percentile(times: list[float], q: float) -> float:
@@ -76,12 +84,17 @@ async def measure(placement: Placement, rates: list[float], seconds: float, labe
     rows = []
     await one_shot(placement, POLICY, argv=ARGV)  # the pools learn the shape
     for rate in rates:
+        busy = machine_cpu_seconds()
         achieved, times, failures = await offered(placement, rate, seconds)
+        busy = machine_cpu_seconds() - busy
         if not times:
-            rows.append(f"| {label} | {rate:g} | 0 | - | - | - | {failures} |")
+            rows.append(f"| {label} | {rate:g} | 0 | - | - | - | - | {failures} |")
             continue
         p50, p90, p99 = (percentile(times, q) for q in (0.5, 0.9, 0.99))
-        rows.append(f"| {label} | {rate:g} | {achieved:.1f} | {p50:.0f} | {p90:.0f} | {p99:.0f} | {failures} |")
+        cpu = 1000 * busy / len(times)
+        rows.append(
+            f"| {label} | {rate:g} | {achieved:.1f} | {p50:.0f} | {p90:.0f} | {p99:.0f} | {cpu:.1f} | {failures} |"
+        )
         print(rows[-1], flush=True)
         await asyncio.sleep(2)  # the pools refill between rates
     return rows
@@ -91,8 +104,8 @@ async def main(rates: list[float], seconds: float, pool: int) -> None:
     nodes = [(2, {}), (16, {"stockade_process": 256}), (16, {"stockade_process": 256})]
     print("starting a 3-node Ray cluster (a head, two workers with stockade_process) ...", flush=True)
     with LocalRayCluster(nodes) as cluster:
-        print("| placement | offered /s | achieved /s | p50 ms | p90 ms | p99 ms | failed |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+        print("| placement | offered /s | achieved /s | p50 ms | p90 ms | p99 ms | machine CPU ms/run | failed |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
         local = open_placement({"type": "local", "pool_size": pool})
         try:
             await measure(local, rates, seconds, "local")

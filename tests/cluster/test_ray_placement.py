@@ -110,8 +110,9 @@ def test_a_claim_whose_caller_goes_away_leaves_nothing_held(cluster: LocalRayClu
             if isinstance(got[0], RayIsolate):  # answered before the cancel landed: released as usual
                 await placement.release(got[0])
         deadline = time.monotonic() + 60
-        while True:
-            live = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+        while True:  # what is still booked is only what released isolates left for the next claims
+            kept = {g.id.hex() for g in placement._kept.groups()}
+            live = [i for i, g in placement_group_table().items() if g["state"] != "REMOVED" and i not in kept]
             held = [(await n.actor.describe.remote())["isolates"] for n in placement._nodes.values()]
             if not live and not any(held):
                 break
@@ -122,6 +123,53 @@ def test_a_claim_whose_caller_goes_away_leaves_nothing_held(cluster: LocalRayClu
         assert result.stdout == "after\n"
 
     _run(_with_placement(cluster, body))
+
+
+def _live_groups() -> list[str]:
+    from ray.util.placement_group import placement_group_table
+
+    return [i for i, g in placement_group_table().items() if g["state"] != "REMOVED"]
+
+
+def test_a_released_isolates_room_is_kept_for_the_next_claim_of_its_shape(cluster: LocalRayCluster) -> None:
+    # Booking room is calls to the GCS: one-shots in a row reuse the first one's placement group.
+    async def body(placement: RayPlacement) -> None:
+        from ray.util.placement_group import placement_group_table
+
+        before = set(placement_group_table())
+        for _ in range(5):
+            assert (await one_shot(placement, SMALL, argv=["true"])).termination_reason == "completed"
+        made = set(placement_group_table()) - before
+        assert len(made) == 1, f"{len(made)} placement groups for five one-shots in a row"
+        assert placement.describe()["kept_reservations"] == 1
+        # Another shape books its own; the kept one is not handed to it.
+        bigger = SMALL.replace(memory_mb=384)
+        isolate = await placement.acquire(bigger)
+        try:
+            assert isolate.reservation.group.id.hex() not in made
+            assert placement.describe()["kept_reservations"] == 1
+        finally:
+            await placement.release(isolate)
+        assert placement.describe()["kept_reservations"] == 2
+        assert len(_live_groups()) == 2
+
+    async def none_kept(placement: RayPlacement) -> None:
+        for _ in range(2):
+            assert (await one_shot(placement, SMALL, argv=["true"])).termination_reason == "completed"
+            assert _live_groups() == [] and placement.describe()["kept_reservations"] == 0
+
+    import logging
+
+    import ray
+
+    # The test's own connection, which the placements use and leave open: the table is read after aclose.
+    ray.init(address=cluster.address, namespace="stockade", logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        _run(_with_placement(cluster, body))
+        assert _live_groups() == []  # aclose gave back what was kept
+        _run(_with_placement(cluster, none_kept, kept_reservations=0))
+    finally:
+        ray.shutdown()
 
 
 def test_output_streams_back_while_the_run_goes_on(cluster: LocalRayCluster) -> None:
@@ -146,6 +194,33 @@ def test_output_streams_back_while_the_run_goes_on(cluster: LocalRayCluster) -> 
             await placement.release(isolate)
         assert (result.termination_reason, result.stdout) == ("completed", "first\nsecond\n")
         assert b"".join(d for s, d in pieces if s == "stdout") == b"first\nsecond\n"
+
+    _run(_with_placement(cluster, body))
+
+
+def test_a_run_nobody_streams_is_one_call_and_given_up_as_a_streamed_one_is(cluster: LocalRayCluster) -> None:
+    # Without on_output the result comes in one reply; a caller that goes away leaves the run
+    # to end on its node, exactly as when it streamed: the isolate takes no other call meanwhile.
+    async def body(placement: RayPlacement) -> None:
+        from stockade.errors import SandboxError
+
+        for on_output in (None, lambda stream, data: None):
+            isolate = await placement.acquire(SMALL)
+            try:
+                quiet = await isolate.aexec(["sh", "-c", "echo out; echo err >&2; exit 3"], on_output=on_output)
+                assert (quiet.termination_reason, quiet.exit_code, quiet.stdout, quiet.stderr) == (
+                    "completed", 3, "out\n", "err\n",
+                )  # fmt: skip
+                run = asyncio.ensure_future(isolate.aexec(["sleep", "3"], on_output=on_output))
+                await asyncio.sleep(1)
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+                with pytest.raises(SandboxError, match="another call to this sandbox is in progress"):
+                    await isolate.aexec(["true"])
+                await asyncio.sleep(3)
+                assert (await isolate.aexec(["echo", "after"])).stdout == "after\n"
+            finally:
+                await placement.release(isolate)
 
     _run(_with_placement(cluster, body))
 

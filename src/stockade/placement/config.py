@@ -30,6 +30,12 @@ class RayPlacementConfig(BaseModel):
     address: str = Field(min_length=1, description="the cluster's GCS, host:port, or 'auto'")
     namespace: str = Field(default="stockade", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     pool_size: int = Field(default=2, ge=0, le=64, description="warm isolates per runtime on each node")
+    kept_reservations: int = Field(
+        default=16,
+        ge=0,
+        le=1024,
+        description="placement groups released isolates leave booked for the next claim of their shape (0: none)",
+    )
     claim_timeout: float = Field(default=30.0, gt=0, le=600, description="seconds an acquire waits for room")
     max_file_bytes: int = Field(default=MAX_FILE_BYTES, ge=1, le=1 << 30, description="a file call's bytes at most")
 

@@ -30,6 +30,7 @@ from ..errors import DaemonBusyError, RuntimeUnavailableError
 from .base import reach, runtime_choices
 from .ray_isolate import NodeHandle, RayIsolate, lost_node
 from .ray_node import StockadeNode
+from .ray_reservations import KeptReservations, Reservation, shape_of
 
 if TYPE_CHECKING:
     from ..policy import Policy
@@ -43,6 +44,7 @@ MiB = 1024 * 1024
 _NODES_TTL_S = 1.0  # how long a read of the cluster's nodes is reused by acquires
 _CHECK_TTL_S = 2.0  # how long a check of the cluster's reachability (for /health) is reused
 _ACQUIRE_TRIES = 3  # a node lost between reservation and hand-over: the next try lands elsewhere
+_KEPT_IDLE_S = 30.0  # how long a released isolate's room stays booked for a claim of its shape
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
@@ -116,6 +118,7 @@ class RayPlacement:
         self._checked_at = 0.0
         self._reconnect: asyncio.Task[dict[str, Any]] | None = None
         self._connecting = threading.Lock()
+        self._kept = KeptReservations(config.kept_reservations, _KEPT_IDLE_S)
 
     # -- the cluster ---------------------------------------------------------------------------
 
@@ -291,8 +294,6 @@ class RayPlacement:
         release.add_done_callback(self._claims.discard)
 
     async def _claim(self, policy: Policy) -> Isolate:
-        from ray.util.placement_group import placement_group, placement_group_table
-
         await _off_loop(self._connect)
         await self.check()  # a cluster gone since the connection: said now, not after Ray's own wait
         if self.unreachable is not None:
@@ -301,38 +302,62 @@ class RayPlacement:
         for _ in range(_ACQUIRE_TRIES):
             cluster = await self._refresh(force=last is not None)
             runtime, bundle = self._choose(policy, cluster)
-            group = await _off_loop(placement_group, [bundle], strategy="STRICT_PACK")  # a GCS call
+            reservation, expired = self._kept.take(shape_of(bundle), self._usable)
+            self._give_back(expired)
+            if reservation is None:
+                reservation = await self._reserve(policy, runtime, bundle)
             try:
-                try:
-                    await asyncio.wait_for(group.ready(), self.config.claim_timeout)
-                except TimeoutError:
-                    raise DaemonBusyError(
-                        f"no node of the Ray cluster had room for {runtime} (cpu_limit={policy.cpu_limit:g}, "
-                        f"memory_mb={policy.memory_mb}) within {self.config.claim_timeout:g} s"
-                    ) from None
-                table = await _off_loop(placement_group_table, group)
-                node_id = table["bundles_to_node_id"][0]
-                node = self._nodes.get(node_id)
+                node = self._nodes.get(reservation.node_id)
                 if node is None:
                     await self._refresh(force=True)
-                    node = self._nodes[node_id]
+                    node = self._nodes[reservation.node_id]
                 # The node runs the runtime reserved for it, not its own pick for a trust (it may have
                 # a stronger one this placement did not ask Ray for).
                 placed = policy if policy.runtime == runtime else policy.replace(runtime=runtime)
                 info = await node.actor.acquire.remote(placed.model_dump_json())
             except Exception as exc:
-                await _removed(group)
+                await _removed(reservation.group)
                 if not lost_node(exc):
                     raise
                 last = exc  # the node went between the reservation and the hand-over
                 continue
             except BaseException:
-                await _removed(group)
+                await _removed(reservation.group)
                 raise
-            isolate = RayIsolate(self, node, info, placed, group)
+            isolate = RayIsolate(self, node, info, placed, reservation)
             self._held.add(isolate)
             return isolate
         raise RuntimeUnavailableError(f"every node the Ray cluster offered was lost during the hand-over: {last}")
+
+    async def _reserve(self, policy: Policy, runtime: str, bundle: dict[str, float]) -> Reservation:
+        """Room for one isolate, booked now: a placement group Ray places, and the node it chose."""
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        group = await _off_loop(placement_group, [bundle], strategy="STRICT_PACK")  # a GCS call
+        try:
+            try:
+                await asyncio.wait_for(group.ready(), self.config.claim_timeout)
+            except TimeoutError:
+                raise DaemonBusyError(
+                    f"no node of the Ray cluster had room for {runtime} (cpu_limit={policy.cpu_limit:g}, "
+                    f"memory_mb={policy.memory_mb}) within {self.config.claim_timeout:g} s"
+                ) from None
+            table = await _off_loop(placement_group_table, group)
+        except BaseException:
+            await _removed(group)
+            raise
+        return Reservation(group, table["bundles_to_node_id"][0], shape_of(bundle))
+
+    def _usable(self, node_id: str) -> bool:
+        node = self._nodes.get(node_id)
+        return node is not None and not node.suspect
+
+    def _give_back(self, reservations: list[Reservation]) -> None:
+        """Placement groups removed in the background (aclose waits for them)."""
+        for reservation in reservations:
+            removal = asyncio.ensure_future(_removed(reservation.group))
+            self._claims.add(removal)
+            removal.add_done_callback(self._claims.discard)
 
     async def release(self, isolate: Isolate) -> None:
         assert isinstance(isolate, RayIsolate)
@@ -340,12 +365,15 @@ class RayPlacement:
             return
         isolate.closed = True
         self._held.discard(isolate)
+        released = False
         try:
             if isolate.lost is None:
                 with contextlib.suppress(Exception):  # a node lost now: its isolates went with it
-                    await isolate._node.actor.release.remote(isolate.id)
+                    released = await isolate._node.actor.release.remote(isolate.id)
         finally:
-            await _removed(isolate._group)
+            # Its room stays booked for the next claim of its shape, unless its node is in doubt.
+            if not (released and self._usable(isolate.node) and self._kept.keep(isolate.reservation)):
+                await _removed(isolate.reservation.group)
 
     def describe(self) -> dict[str, Any]:
         nodes = [
@@ -357,7 +385,7 @@ class RayPlacement:
         described = {
             "type": "ray", "address": self.config.address, "namespace": self.config.namespace,
             "reachable": self._connected and self.unreachable is None, "error": self.unreachable,
-            "nodes": nodes, "held": len(self._held),
+            "nodes": nodes, "held": len(self._held), "kept_reservations": len(self._kept),
         }  # fmt: skip
         described["runtimes"] = sorted(advertised(described))
         return described
@@ -379,6 +407,9 @@ class RayPlacement:
             nodes = []
         for isolate in list(self._held):
             await self.release(isolate)
+        kept = self._kept.drain()
+        if not gone:
+            await asyncio.gather(*(_removed(r.group) for r in kept))
         if nodes:
             await asyncio.gather(*(self._stop(n) for n in nodes), return_exceptions=True)
         for node in nodes:

@@ -9,6 +9,7 @@ its files go through the object store, bounded by the placement's
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from ..policy import Policy
     from ..runtimes.verdict import OutputCallback
     from .ray import RayPlacement
+    from .ray_reservations import Reservation
 
 log = logging.getLogger("stockade.placement")
 
@@ -49,11 +51,16 @@ class RayIsolate(RemoteRuns):
     placement_name = "ray"
 
     def __init__(
-        self, placement: RayPlacement, node: NodeHandle, info: dict[str, Any], policy: Policy, group: Any
+        self,
+        placement: RayPlacement,
+        node: NodeHandle,
+        info: dict[str, Any],
+        policy: Policy,
+        reservation: Reservation,
     ) -> None:
         self._placement = placement
         self._node = node
-        self._group = group
+        self.reservation = reservation  # its room on the node, booked in Ray
         self.id: str = info["id"]
         self.runtime_name: str = info["runtime"]
         self.scratch_dir: str = info["scratch_dir"]
@@ -80,6 +87,8 @@ class RayIsolate(RemoteRuns):
     async def _run(self, kind: str, call: dict[str, Any], on_output: OutputCallback | None) -> ExecResult:
         self._check()
         started = time.monotonic()
+        if on_output is None:
+            return await self._quiet_run(kind, call, started)
         stream = self._node.actor.run.options(num_returns="streaming").remote(self.id, kind, call)
         self._runs += 1
         try:
@@ -92,17 +101,39 @@ class RayIsolate(RemoteRuns):
         except Exception as exc:  # noqa: BLE001 - a lost node is a result; anything else, the node's own error
             if not lost_node(exc):
                 raise _cause(exc) from None
-            return ExecResult(
-                success=False,
-                termination_reason="lost",
-                error=self._mark_lost(exc),
-                execution_time_seconds=time.monotonic() - started,
-                runtime_used=self.runtime_name,
-                policy_digest=self.policy.digest,
-            )
+            return self._lost_result(exc, started)
         finally:
             self._runs -= 1
         raise SandboxLostError(self._mark_lost(RuntimeError("the node's stream ended without a result")))
+
+    def _lost_result(self, exc: BaseException, started: float) -> ExecResult:
+        return ExecResult(
+            success=False,
+            termination_reason="lost",
+            error=self._mark_lost(exc),
+            execution_time_seconds=time.monotonic() - started,
+            runtime_used=self.runtime_name,
+            policy_digest=self.policy.digest,
+        )
+
+    async def _quiet_run(self, kind: str, call: dict[str, Any], started: float) -> ExecResult:
+        """A run whose output nobody takes as it comes: one call, one reply. A caller that goes
+        away cancels it on the node, as the end of a stream does."""
+        import ray
+
+        ref = self._node.actor.result_of.remote(self.id, kind, call)
+        self._runs += 1
+        try:
+            return ExecResult.model_validate_json(await ref)
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a lost node is a result; anything else, the node's own error
+            if not lost_node(exc):
+                raise _cause(exc) from None
+            return self._lost_result(exc, started)
+        finally:
+            self._runs -= 1
 
     async def aexec(
         self,

@@ -96,6 +96,18 @@ class StockadeNode:
             if not task.done():  # the caller went away: the run ends with it
                 task.cancel()
 
+    async def result_of(self, isolate_id: str, kind: str, call: dict[str, Any]) -> str:
+        """``exec`` or ``run_code`` whose caller takes no output as it comes: its result alone, in one
+        reply (a streaming generator costs the node a report to the caller per item)."""
+        sandbox = self._get(isolate_id)
+        if kind == "exec":
+            result = await sandbox.aexec(**call)
+        elif kind == "run_code":
+            result = await sandbox.arun_code(**call)
+        else:
+            raise ValueError(f"unknown call {kind!r}")
+        return result.model_dump_json()
+
     async def write_file(self, isolate_id: str, path: str, data: bytes, mode: int) -> None:
         await self._get(isolate_id).awrite_file(path, data, mode)
 

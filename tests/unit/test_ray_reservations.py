@@ -1,0 +1,68 @@
+"""The reservations a released Ray isolate leaves booked: bounded, expiring, never on a node in doubt."""
+
+from __future__ import annotations
+
+import pytest
+
+from stockade.placement import ray_reservations
+from stockade.placement.ray_reservations import KeptReservations, Reservation, shape_of
+
+SMALL = shape_of({"CPU": 0.25, "memory": 256.0, "stockade_process": 1.0})
+LARGE = shape_of({"CPU": 1.0, "memory": 1024.0, "stockade_process": 1.0})
+
+
+def _everywhere(node_id: str) -> bool:
+    return True
+
+
+def test_a_kept_reservation_goes_to_a_claim_of_its_shape_only() -> None:
+    kept = KeptReservations(limit=4, idle_s=30)
+    assert kept.keep(Reservation("g1", "n1", SMALL))
+    assert kept.take(LARGE, _everywhere) == (None, [])
+    taken, dropped = kept.take(SMALL, _everywhere)
+    assert taken is not None and taken.group == "g1" and dropped == []
+    assert len(kept) == 0 and kept.take(SMALL, _everywhere) == (None, [])
+
+
+def test_the_shape_is_the_bundle_whatever_its_order() -> None:
+    assert shape_of({"memory": 256.0, "CPU": 0.25, "stockade_process": 1.0}) == SMALL
+
+
+def test_no_more_than_the_limit_is_kept() -> None:
+    kept = KeptReservations(limit=2, idle_s=30)
+    assert kept.keep(Reservation("g1", "n1", SMALL)) and kept.keep(Reservation("g2", "n1", LARGE))
+    assert not kept.keep(Reservation("g3", "n1", SMALL))  # the caller gives it back
+    assert len(kept) == 2 and sorted(kept.groups()) == ["g1", "g2"]
+    assert KeptReservations(limit=0, idle_s=30).keep(Reservation("g", "n", SMALL)) is False
+
+
+def test_one_on_a_node_in_doubt_is_given_back_not_handed_out() -> None:
+    kept = KeptReservations(limit=4, idle_s=30)
+    kept.keep(Reservation("g1", "alive", SMALL))
+    kept.keep(Reservation("g2", "lost", SMALL))  # the newest: tried first
+    taken, dropped = kept.take(SMALL, lambda node: node == "alive")
+    assert taken is not None and taken.group == "g1"
+    assert [r.group for r in dropped] == ["g2"]
+    assert len(kept) == 0
+
+
+def test_one_unused_too_long_is_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(ray_reservations.time, "monotonic", lambda: now[0])
+    kept = KeptReservations(limit=4, idle_s=30)
+    kept.keep(Reservation("old", "n1", LARGE))
+    now[0] += 20
+    kept.keep(Reservation("young", "n1", SMALL))
+    now[0] += 15  # "old" has waited 35 s, "young" 15 s
+    taken, dropped = kept.take(SMALL, _everywhere)
+    assert taken is not None and taken.group == "young"
+    assert [r.group for r in dropped] == ["old"]
+    assert len(kept) == 0
+
+
+def test_drain_takes_out_everything() -> None:
+    kept = KeptReservations(limit=4, idle_s=30)
+    kept.keep(Reservation("g1", "n1", SMALL))
+    kept.keep(Reservation("g2", "n2", LARGE))
+    assert sorted(r.group for r in kept.drain()) == ["g1", "g2"]
+    assert len(kept) == 0 and kept.groups() == []
