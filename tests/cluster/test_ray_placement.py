@@ -325,6 +325,8 @@ def test_a_lost_node_ends_its_runs_as_lost_and_the_next_runs_land_elsewhere() ->
             lost = next(i for i in held if i.node == victim)
             with pytest.raises(SandboxLostError, match=victim):
                 await lost.aread_file("/work/x")
+            with pytest.raises(SandboxLostError, match=victim):
+                await asyncio.to_thread(lost.spawn, ["true"])
             for isolate in held:
                 await placement.release(isolate)
             for _ in range(3):
@@ -367,7 +369,6 @@ def test_the_daemon_serves_both_doors_through_the_ray_placement(cluster: LocalRa
     import httpx
 
     from stockade.client import Client
-    from stockade.errors import InvalidRequestError
 
     small = SMALL.model_dump(exclude_defaults=True)
     daemon = _serve_on(cluster.address)
@@ -401,8 +402,22 @@ def test_the_daemon_serves_both_doors_through_the_ray_placement(cluster: LocalRa
                 assert {e["name"] for e in sandbox.list_dir("/work")} == {"in.txt", "out.txt"}
                 sandbox.run_code("x = 41", session="notebook")  # a stateful interpreter on the node
                 assert sandbox.run_code("x + 1", session="notebook").results[0].text == "42"
-                with pytest.raises(InvalidRequestError, match="not offered by an isolate of the ray placement"):
-                    sandbox.spawn(["sleep", "1"])
+                # A background process on the node: input in, output out, a signal, its end.
+                echo = sandbox.spawn(["sh", "-c", "read line; echo got $line; echo err >&2; exec sleep 60"])
+                echo.write(b"hi\n", eof=True)
+                out, err = b"", b""
+                for _ in range(100):
+                    more_out, more_err = echo.read()
+                    out, err = out + more_out, err + more_err
+                    if out and err:
+                        break
+                    echo.wait(0.1)
+                assert (out, err) == (b"got hi\n", b"err\n")
+                assert echo.poll() is None
+                echo.kill("SIGKILL")
+                assert echo.wait(30) == -9
+                listed = {p["handle"]: p for p in client.status()["active_sandboxes"][0]["processes"]}
+                assert listed[echo.handle]["running"] is False
                 assert sandbox.interrupt() is False  # nothing runs: said by the node
                 assert [s["runtime"] for s in client.status()["active_sandboxes"]] == ["process"]
             assert client.status()["active_sandboxes"] == []

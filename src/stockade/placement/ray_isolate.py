@@ -14,8 +14,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CallTooLargeError, SandboxLostError
+from ..errors import CallTooLargeError, SandboxError, SandboxLostError
+from ..limits import check_call_size
 from ..result import ExecResult
+from ..runtimes.spawned import Process
 from .ray_node import OUTPUT, RESULT
 from .remote import RemoteRuns
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from .ray_reservations import Reservation
 
 log = logging.getLogger("stockade.placement")
+_CALL_WAIT_S = 60.0  # what a blocking call to a node waits beyond the agent's own timeout
 
 
 def _cause(exc: Exception) -> Exception:
@@ -181,6 +184,39 @@ class RayIsolate(RemoteRuns):
         self._check()
         try:
             return await getattr(self._node.actor, method).remote(self.id, *args)
+        except Exception as exc:  # noqa: BLE001 - re-raised: as lost, or as the node's own error
+            if lost_node(exc):
+                raise SandboxLostError(self._mark_lost(exc)) from None
+            raise _cause(exc) from None
+
+    def spawn(
+        self, argv: list[str], *, stdin: bytes | str = b"", env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> Process:
+        """A background process on the isolate's node (blocking: from a thread, as on one host).
+        Its calls (``Process.read``, ``wait``, ...) are this isolate's ``proc_call``."""
+        from ..protocol.models import argv_list
+
+        raw = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+        check_call_size("stdin", raw)
+        said = self._wait_for("spawn", argv_list(argv), raw, env, cwd, wait=_CALL_WAIT_S)
+        return Process(self, str(said["handle"]), int(said["pid"]), list(argv))
+
+    def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """A background process's call, answered by the node's agent (blocking: from a thread)."""
+        return dict(self._wait_for("proc_call", method, params, timeout, wait=timeout + _CALL_WAIT_S))
+
+    def _wait_for(self, method: str, *args: Any, wait: float) -> Any:
+        """A node actor's call, waited for on this thread (never the event loop's: Ray's own wait)."""
+        import ray
+        import ray.exceptions
+
+        self._check()
+        try:
+            return ray.get(getattr(self._node.actor, method).remote(self.id, *args), timeout=wait)
+        except ray.exceptions.GetTimeoutError:
+            raise SandboxError(
+                f"{method}: node {self._node.node_id} did not answer within {wait:g} s for isolate {self.id}"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - re-raised: as lost, or as the node's own error
             if lost_node(exc):
                 raise SandboxLostError(self._mark_lost(exc)) from None

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import NotFoundError
 from ..policy import Policy
+from ..runtimes.sandbox import AgentSandbox
 from .base import Isolate
 from .config import LocalPlacementConfig
 from .local import LocalPlacement
@@ -107,6 +108,24 @@ class StockadeNode:
         else:
             raise ValueError(f"unknown call {kind!r}")
         return result.model_dump_json()
+
+    async def spawn(
+        self, isolate_id: str, argv: list[str], stdin: bytes, env: dict[str, str] | None, cwd: str | None
+    ) -> dict[str, Any]:
+        """A background process in the isolate: its handle and pid (its calls go through ``proc_call``)."""
+        process = await self._agent_sandbox(isolate_id).aspawn(argv, stdin=stdin, env=env, cwd=cwd)
+        return {"handle": process.handle, "pid": process.pid}
+
+    async def proc_call(self, isolate_id: str, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """A background process's call (read, write, wait, kill; a relayed port's): what the agent
+        said, its output redacted on this node as on one host."""
+        return await self._agent_sandbox(isolate_id).aproc_call(method, params, timeout)
+
+    def _agent_sandbox(self, isolate_id: str) -> AgentSandbox:
+        sandbox = self._get(isolate_id)
+        if not isinstance(sandbox, AgentSandbox):  # the local placement's isolates are its runtimes' own
+            raise TypeError(f"isolate {isolate_id} has no agent to start processes with")
+        return sandbox
 
     async def write_file(self, isolate_id: str, path: str, data: bytes, mode: int) -> None:
         await self._get(isolate_id).awrite_file(path, data, mode)

@@ -5,8 +5,8 @@ calls (a Ray actor's stream, for one). The daemon's controller drives every
 isolate in callback form (``start_run`` on the event loop), ends one with
 ``cancel``/``kill`` and waits with ``settled``; this mixin gives those over a
 task that awaits the call. What such an isolate does not offer (a background
-process, a published port) is refused with an error that names its placement
-and node.
+process unless the isolate starts them, as a Ray node's does; a published port)
+is refused with an error that names its placement and node.
 """
 
 from __future__ import annotations

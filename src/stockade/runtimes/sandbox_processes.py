@@ -41,6 +41,17 @@ class AgentProcesses:
     ) -> Process:
         """Start ``argv`` in the background; its handle (``runtimes/spawned.py``). It runs until it
         ends, is killed, or the sandbox closes; other calls go on meanwhile."""
+        return run_blocking(self.aspawn(argv, stdin=stdin, env=env, cwd=cwd))
+
+    async def aspawn(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | str = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Process:
+        """``spawn``, awaited (a Ray node's actor starts one for its caller so)."""
         raw = stdin.encode() if isinstance(stdin, str) else stdin
         check_call_size("stdin", raw)
         params = {
@@ -49,7 +60,7 @@ class AgentProcesses:
             "stdin": base64.b64encode(raw).decode() if raw else "",
             "limits": job_limits(self.policy),
         }
-        said = self.proc_call("spawn", params)
+        said = await self.aproc_call("spawn", params)
         return Process(self, str(said.get("handle")), int(said.get("pid", 0)), list(argv))
 
     def publish(self, spec: int | str) -> tuple[str, int]:
