@@ -119,6 +119,7 @@ class RayPlacement:
         self._reconnect: asyncio.Task[dict[str, Any]] | None = None
         self._connecting = threading.Lock()
         self._kept = KeptReservations(config.kept_reservations, _KEPT_IDLE_S)
+        self._gcs_address = config.address  # "auto" until a connection says which GCS it found
 
     # -- the cluster ---------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class RayPlacement:
             return
         if ray.is_initialized():  # inside a Ray job (an RL trainer's driver, say): its connection
             self._connected = True
+            self._learn_gcs_address()
             return
         try:
             _probe(self.config.address)  # ray.init would retry a dead address for minutes
@@ -148,6 +150,15 @@ class RayPlacement:
         self._owns_connection = True
         self.unreachable = None
         self._connected = True
+        if self.config.address == "auto":
+            self._learn_gcs_address()
+
+    def _learn_gcs_address(self) -> None:
+        """The GCS that ``auto`` (or a Ray job's own connection) found, for later probes."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            self._gcs_address = str(ray.get_runtime_context().gcs_address)
 
     async def connect(self) -> dict[str, Any]:
         """Reach the cluster and start every stockade node's actor now (a daemon does this at start)."""
@@ -163,13 +174,13 @@ class RayPlacement:
         if time.monotonic() - self._checked_at >= _CHECK_TTL_S:
             self._checked_at = time.monotonic()
             try:
-                await asyncio.wait_for(_off_loop(_probe, self.config.address, 1.0), 1.5)
+                await asyncio.wait_for(_off_loop(_probe, self._gcs_address, 1.0), 1.5)
             except (OSError, TimeoutError, ValueError) as exc:
                 if self.unreachable is None and self._connected:
                     # Ray itself ends a driver that cannot reach its GCS for 60 s
                     # (gcs_rpc_server_reconnect_timeout_s): a supervisor starts the daemon again.
-                    log.error("lost the Ray cluster at %s: %s", self.config.address, exc)
-                self.unreachable = f"the Ray cluster at {self.config.address} is unreachable: {exc or 'timed out'}"
+                    log.error("lost the Ray cluster at %s: %s", self._gcs_address, exc)
+                self.unreachable = f"the Ray cluster at {self._gcs_address} is unreachable: {exc or 'timed out'}"
             else:
                 if self._connected:
                     self.unreachable = None
