@@ -39,7 +39,7 @@ from .errors import StockadeError
 
 if TYPE_CHECKING:
     from .components import ComponentStore
-    from .components_supervisor import Job, Pump
+    from .components_pump import Job, Pump
 
 SOCKET = "control.sock"
 MAX_LINE = 1024 * 1024
@@ -287,7 +287,7 @@ class _Session:
             self.conn.close()
 
     def _exec(self, request: dict[str, Any], lines: _Lines) -> None:
-        from .components_supervisor import Job
+        from .components_pump import Job
 
         argv = request.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):

@@ -43,7 +43,7 @@ from .settings import current
 if TYPE_CHECKING:
     from .policy import Policy
 
-ENV_ROOT = "/opt/stockade/env"  # where every runtime mounts the environment (agent/confine.py says it too)
+ENV_ROOT = "/opt/stockade/env"  # where every runtime mounts the environment (agent/rootfs.py says it too)
 CACHE_HOME = "/tmp/.cache"  # XDG_CACHE_HOME inside; the environment's cache/ is copied there
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"  # runtimes/base.py's BASE_ENV["PATH"]
 SYSTEM_STORE = "/var/cache/stockade/envs"

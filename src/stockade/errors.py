@@ -14,6 +14,9 @@
     │   │   └── SandboxLostError           the sandbox belonged to a daemon instance that has stopped
     │   ├── DaemonBusyError                no free sandbox slot, and the queue is full
     │   ├── RunCancelledError              the run was cancelled before it started
+    │   ├── TransferError                  a directory upload or download failed (transfer.py)
+    │   │   ├── TransferTooLargeError      over max_bytes or max_files; nothing sent or written
+    │   │   └── UnsafeArchiveError         the archive from the sandbox holds what the host will not write
     │   └── AgentError                     the guest agent answered with an error
     │       ├── AgentProtocolError         the guest broke the wire protocol
     │       └── SandboxOSError (OSError)   a file call failed in the sandbox with an errno
@@ -140,6 +143,18 @@ class DaemonBusyError(SandboxError):
 
 class RunCancelledError(SandboxError):
     """The run was cancelled before its isolate started."""
+
+
+class TransferError(SandboxError):
+    """An upload or download could not be done; the message says why (tar's own words where it spoke)."""
+
+
+class TransferTooLargeError(TransferError):
+    """The archive is over ``max_bytes`` (or a download over ``max_files``); nothing was sent or written."""
+
+
+class UnsafeArchiveError(TransferError):
+    """The archive from the sandbox holds what the host will not write (a link, a device, a name outside)."""
 
 
 class InternalError(StockadeError):

@@ -8,12 +8,9 @@ and unpacks them on the host. Only ``write_file``, ``read_file`` and ``exec``
 are used, so the same code serves the SDK's ``Sandbox``, the daemon's
 ``RemoteSandbox`` and every runtime (docs/sdk.md, "Directories").
 
-What comes out of an isolate is hostile (docs/threat-model.md): the archive is
-read as a plain tar (no decompression), every member is checked before
-anything is written, and only regular files and directories are written, each
-through a directory descriptor opened without following links, below
-``local_dir``. Links, devices, FIFOs, sparse members, absolute names and
-``..`` are refused, and so are archives over the byte or member caps.
+What comes out of an isolate is hostile: ``transfer_unpack.py`` checks the
+whole archive before it writes a byte, and writes only regular files and
+directories, never through a link.
 """
 
 from __future__ import annotations
@@ -33,30 +30,22 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol, TypeVar
 
 from .agent.wire import MAX_FILE_PIECE
-from .errors import PathNotFoundError, SandboxError, StockadeError
+from .errors import (
+    PathNotFoundError,
+    StockadeError,
+    TransferError,
+    TransferTooLargeError,
+)
 from .limits import MAX_CALL_BYTES
 from .result import ExecResult
+from .transfer_unpack import unpack
 
 DEFAULT_MAX_BYTES = 256 << 20  # the archive, either way
 DEFAULT_MAX_FILES = 100_000  # members of a downloaded archive
-MAX_DEPTH = 128  # path components of a downloaded member
 _NOT_FOUND = 66  # the download script's exit status for a missing path (EX_NOINPUT)
-_COPY = 1 << 20
 _MIN_PIECE = 64 << 10  # an upload's pieces shrink to this for a small max_file_size_bytes, no further
 
 T = TypeVar("T")
-
-
-class TransferError(SandboxError):
-    """An upload or download could not be done; the message says why (tar's own words where it spoke)."""
-
-
-class TransferTooLargeError(TransferError):
-    """The archive is over ``max_bytes`` (or a download over ``max_files``); nothing was sent or written."""
-
-
-class UnsafeArchiveError(TransferError):
-    """The archive from the sandbox holds what the host will not write (a link, a device, a name outside)."""
 
 
 @dataclass(frozen=True)
@@ -266,7 +255,8 @@ def download(
         finally:
             _remove(sandbox, base)
         archive.seek(0)
-        return _unpack(archive, os.fspath(local_dir), cap, members, src, overwrite, executable)
+        files, directories, size = unpack(archive, os.fspath(local_dir), cap, members, src, overwrite, executable)
+        return TransferSummary(files=files, directories=directories, bytes=size)
 
 
 def _pack_remote(sandbox: Transferable, src: str, parent: str, name: str, base: str, cap: int) -> tuple[int, int]:
@@ -307,166 +297,6 @@ def _fetch(sandbox: Transferable, base: str, size: int, piece_size: int, archive
 def _read(sandbox: Transferable, path: str, limit: int) -> bytes:
     """``read_file`` of at most ``limit`` bytes: the isolate may have grown the piece since."""
     return sandbox.read_file(path, limit)
-
-
-_Plan = tuple[tuple[str, ...], tarfile.TarInfo | None]  # path components; the member, None for a directory
-
-
-def _unpack(
-    archive: IO[bytes], local_dir: str, cap: int, max_files: int, src: str, overwrite: bool, executable: bool
-) -> TransferSummary:
-    """Check every member of the untrusted ``archive``, then write them below ``local_dir``."""
-    try:
-        tar = tarfile.open(fileobj=archive, mode="r:")  # a plain tar: no decompression
-    except tarfile.TarError as exc:
-        raise UnsafeArchiveError(f"the archive of {src} from the sandbox is not a tar: {exc}") from None
-    with tar:
-        plans = _check(tar, cap, max_files, src)
-        if not overwrite:
-            there = [p for p, m in plans if m is not None and os.path.lexists(os.path.join(local_dir, *p))]
-            if there:
-                first = os.path.join(local_dir, *there[0])
-                raise TransferError(
-                    f"download of {src}: {first} exists ({len(there)} file(s) would be replaced): "
-                    "pass overwrite=True to replace them; nothing was written"
-                )
-        os.makedirs(local_dir, exist_ok=True)
-        root = os.open(local_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        files = dirs = size = 0
-        held: tuple[tuple[str, ...], int] | None = None  # the last parent directory, kept open
-        try:
-            for parts, member in plans:
-                where = parts if member is None else parts[:-1]
-                if held is None or held[0] != where:
-                    fd = _directory(root, where, parts)
-                    if held is not None:
-                        os.close(held[1])
-                    held = (where, fd)
-                if member is None:
-                    dirs += 1 if parts else 0
-                else:
-                    _write(tar, held[1], parts, member, executable)
-                    files += 1
-                    size += member.size
-        finally:
-            if held is not None:
-                os.close(held[1])
-            os.close(root)
-    return TransferSummary(files=files, directories=dirs, bytes=size)
-
-
-def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str) -> list[_Plan]:
-    """Every member, checked before a byte is written: regular files and directories only,
-    names inside, sizes and counts under the caps."""
-    plans: list[_Plan] = []
-    total = 0
-    while True:
-        try:
-            member = tar.next()
-        except tarfile.TarError as exc:
-            raise UnsafeArchiveError(f"the archive of {src} from the sandbox is malformed: {exc}") from None
-        if member is None:
-            return plans
-        if len(plans) >= max_files:
-            raise TransferTooLargeError(
-                f"download of {src} has over {max_files} members (max_files); nothing was written"
-            )
-        parts = _parts(member.name)
-        if member.isdir():
-            plans.append((parts, None))
-            continue
-        if not member.isreg() or member.issparse() or not parts:
-            raise UnsafeArchiveError(
-                f"the archive of {src} holds {member.name!r}, {_kind(member)}: a download writes regular files "
-                "and directories only; nothing was written"
-            )
-        if member.size < 0:  # base-256 sizes can be negative: one would offset the cap
-            raise UnsafeArchiveError(f"the archive's {member.name!r} declares a negative size; nothing was written")
-        total += member.size
-        if total > cap:
-            raise TransferTooLargeError(
-                f"download of {src} is too large: its files declare over {cap} bytes (max_bytes); nothing was written"
-            )
-        plans.append((parts, member))
-
-
-def _parts(name: str) -> tuple[str, ...]:
-    """A member's name as path components below ``local_dir``; absolute names and ``..`` refused."""
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    if name.startswith("/") or "\x00" in name or ".." in parts:
-        raise UnsafeArchiveError(f"the archive names {name!r}, outside the download's directory; nothing was written")
-    if len(parts) > MAX_DEPTH or any(len(os.fsencode(p)) > 255 for p in parts):
-        raise UnsafeArchiveError(f"the archive names {name[:200]!r}..., too deep or too long; nothing was written")
-    return parts
-
-
-_KINDS = {
-    tarfile.SYMTYPE: "a symbolic link to",
-    tarfile.LNKTYPE: "a hard link to",
-    tarfile.CHRTYPE: "a device node",
-    tarfile.BLKTYPE: "a device node",
-    tarfile.FIFOTYPE: "a FIFO",
-    tarfile.GNUTYPE_SPARSE: "a sparse file",
-}
-
-
-def _kind(member: tarfile.TarInfo) -> str:
-    kind = "a sparse file" if member.issparse() else _KINDS.get(member.type, f"an entry of type {member.type!r}")
-    return f"{kind} {member.linkname!r}" if kind.endswith(" to") else kind
-
-
-def _directory(root: int, parts: tuple[str, ...], wanted: tuple[str, ...]) -> int:
-    """An open descriptor of ``parts`` below ``root``, each made if missing and none a link."""
-    fd = os.dup(root)
-    try:
-        for part in parts:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=fd)
-            try:
-                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as exc:
-                raise TransferError(
-                    f"cannot write {'/'.join(wanted)}: {'/'.join(parts)} is not a directory here "
-                    f"(links are not followed): {exc.strerror}"
-                ) from None
-            os.close(fd)
-            fd = inner
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write(
-    tar: tarfile.TarFile, parent: int, parts: tuple[str, ...], member: tarfile.TarInfo, executable: bool
-) -> None:
-    """Write one regular file: to a fresh name in its directory, then renamed over its own."""
-    source = tar.extractfile(member)
-    if source is None:
-        raise UnsafeArchiveError(f"the archive's {member.name!r} has no data")
-    temp = f".stockade-{secrets.token_hex(8)}"
-    mode = 0o755 if executable and member.mode & 0o111 else 0o644
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            left = member.size
-            while left:
-                chunk = source.read(min(_COPY, left))
-                if not chunk:
-                    raise UnsafeArchiveError(f"the archive's {member.name!r} ends before its declared size")
-                out.write(chunk)
-                left -= len(chunk)
-            out.flush()
-            with contextlib.suppress(OSError, OverflowError, ValueError):
-                os.utime(out.fileno(), (member.mtime, member.mtime))
-        try:
-            os.replace(temp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-        except OSError as exc:
-            raise TransferError(f"cannot write {'/'.join(parts)}: {exc.strerror}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=parent)
-        raise
 
 
 # ---- shared ---------------------------------------------------------------------------

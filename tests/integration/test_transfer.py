@@ -23,18 +23,11 @@ import pytest
 
 from stockade import Policy, Sandbox
 from stockade.client import AsyncClient, Client
-from stockade.errors import PathNotFoundError
+from stockade.errors import PathNotFoundError, TransferError, TransferTooLargeError, UnsafeArchiveError
 from stockade.result import ExecResult
 from stockade.runtimes.manager import RuntimeManager
 from stockade.sdk import AsyncSandbox
-from stockade.transfer import (
-    _PACK,
-    DEFAULT_MAX_FILES,
-    TransferError,
-    TransferTooLargeError,
-    UnsafeArchiveError,
-    download,
-)
+from stockade.transfer import _PACK, DEFAULT_MAX_FILES, download
 from tests.conftest import require
 from tests.daemon_harness import Daemon, start_daemon
 

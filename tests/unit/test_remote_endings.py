@@ -31,7 +31,6 @@ from stockade.protocol.models import (
     unix_caller,
 )
 from stockade.result import ExecResult
-from stockade.runtimes.manager import RuntimeManager
 from stockade.runtimes.sandbox import AgentSandbox
 
 FAKE = {"policy": {"runtime": "fake", "timeout_seconds": 60}}
@@ -80,7 +79,8 @@ class Remote(LocalPlacement):
     remote = True
 
     def __init__(self) -> None:
-        super().__init__(LocalPlacementConfig(), manager=RuntimeManager(pool_size=0))
+        # Its own manager, closed with it by the controller's shutdown: no isolate outlives the test.
+        super().__init__(LocalPlacementConfig(pool_size=0))
         self.acquired = 0
         self.released = 0
 

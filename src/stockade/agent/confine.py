@@ -35,6 +35,19 @@ import struct
 import sys
 
 from . import jsoncodec, linux, runner, server, wire
+from .rootfs import (
+    INNER_GID,
+    INNER_UID,
+    bind,
+    bind_extra,
+    make_dev,
+    make_etc,
+    make_scratch,
+    seed_cache,
+    write_bytes,
+    write_etc_extras,
+    write_text,
+)
 
 # The fresh interpreter of every isolate imports this module: it takes the C
 # module behind socket (whose Python wrapper imports enum and selectors, a
@@ -46,14 +59,11 @@ if TYPE_CHECKING:
 else:
     import _socket as socket
 
-INNER_UID = 1000
-INNER_GID = 1000
 # Where the agent's code lives inside an isolate (a copy: see prepare_root).
 AGENT_HOME = "/.stockade"
 # The fresh interpreter's program: neutral words only, /proc/1/cmdline shows them.
 _BOOT = runner.bootstrap(f"import sys; sys.path.insert(0, {AGENT_HOME!r}); from agent import confine", "confine.main()")
 
-_DEVICES = ("null", "zero", "full", "random", "urandom")
 _READ_EXEC = linux.LL_READ_FILE | linux.LL_READ_DIR | linux.LL_EXECUTE
 _OLD_ROOT = "/.oldroot"
 
@@ -129,7 +139,7 @@ def prepare_root(agent_files: dict[str, bytes]) -> None:
     for path, data in agent_files.items():
         full = f"{AGENT_HOME}/{path}"
         os.makedirs(os.path.dirname(full), mode=0o755, exist_ok=True)
-        _write_bytes(full, data)
+        write_bytes(full, data)
 
 
 def exec_agent(fd: int, announce: bool) -> None:
@@ -300,7 +310,7 @@ def join_cgroups(procs_files: list[str]) -> None:
     pid = str(os.getpid()).encode()
     for path in procs_files:
         if not CGROUP_PARENTS:
-            _write_bytes(path, pid)
+            write_bytes(path, pid)
             continue
         # Under the parents opened at the start, on their mount, through no link: whatever the
         # caller made of its groups (or of its own mount namespace), root writes only there.
@@ -338,9 +348,9 @@ def _unshare_namespaces() -> None:
         | linux.CLONE_NEWUTS
         | linux.CLONE_NEWCGROUP
     )
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{INNER_UID} {outer_uid} 1")
-    _write("/proc/self/gid_map", f"{INNER_GID} {outer_gid} 1")
+    write_text("/proc/self/setgroups", "deny")
+    write_text("/proc/self/uid_map", f"{INNER_UID} {outer_uid} 1")
+    write_text("/proc/self/gid_map", f"{INNER_GID} {outer_gid} 1")
     # The maps are written: not dumpable again, so that no other process of the
     # sandbox uid on the host can attach to this one before it is confined.
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
@@ -352,212 +362,11 @@ def _finish_root(config: dict[str, Any]) -> None:
     make_scratch(int(config.get("scratch_mb") or 64))
     make_etc(old, config)
     for mount in config.get("mounts") or []:
-        _bind_extra(old, mount)
+        bind_extra(old, mount)
     seed_cache()
     linux.umount2(old, linux.MNT_DETACH)
     os.rmdir(old)
     linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
-
-
-def make_dev(old: str) -> None:
-    linux.mount("tmpfs", "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755")
-    for name in _DEVICES:
-        path = "/dev/" + name
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
-        linux.mount(f"{old}/dev/{name}", path, None, linux.MS_BIND)
-    os.symlink("/proc/self/fd", "/dev/fd")
-    for i, name in enumerate(("stdin", "stdout", "stderr")):
-        os.symlink(f"/proc/self/fd/{i}", "/dev/" + name)
-    os.mkdir("/dev/shm", 0o1777)
-
-
-def make_scratch(size_mb: int, owner: tuple[int, int] | None = None) -> None:
-    """One size-capped tmpfs shared by /tmp, /work and /dev/shm: disk_mb caps them together.
-
-    ``/work`` belongs to whoever makes it (the code's own uid in a user
-    namespace), or to ``owner`` (uid, gid) when the maker is a real root.
-    """
-    os.mkdir("/.scratch")
-    flags = linux.MS_NOSUID | linux.MS_NODEV
-    linux.mount("tmpfs", "/.scratch", "tmpfs", flags, f"size={size_mb}m,mode=0755")
-    for name, mode in (("tmp", 0o1777), ("work", 0o755), ("shm", 0o1777)):
-        os.mkdir("/.scratch/" + name)
-        os.chmod("/.scratch/" + name, mode)
-    if owner is not None:
-        os.chown("/.scratch/work", *owner)
-    linux.mount("/.scratch/tmp", "/tmp", None, linux.MS_BIND)
-    linux.mount("/.scratch/work", "/work", None, linux.MS_BIND)
-    linux.mount("/.scratch/shm", "/dev/shm", None, linux.MS_BIND)
-    linux.umount2("/.scratch", linux.MNT_DETACH)
-    os.rmdir("/.scratch")
-    # /dev itself is read-only from now on; its binds (shm, devices) keep their own mode.
-    _remount("/dev", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
-
-
-def make_etc(old: str, config: dict[str, Any]) -> None:
-    hostname = config.get("hostname", "stockade")
-    files = {
-        "passwd": (
-            "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-            f"sandbox:x:{INNER_UID}:{INNER_GID}:sandbox:/work:/bin/sh\n"
-            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-        ),
-        "group": f"root:x:0:\nsandbox:x:{INNER_GID}:\nnogroup:x:65534:\n",
-        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
-        "hostname": hostname + "\n",
-        "resolv.conf": "# stockade: no name servers inside the sandbox\n",
-        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
-    }
-    if config.get("network") == "allowlist":  # the host answers allowed names on the isolate's loopback
-        files["resolv.conf"] = "# stockade: allowed names only, answered by the host\nnameserver 127.0.0.1\n"
-        files["nsswitch.conf"] = "passwd: files\ngroup: files\nhosts: files dns\n"
-    for name, text in files.items():
-        _write("/etc/" + name, text)
-    # Not secrets: the loader's cache speeds up every exec; alternatives are symlinks
-    # that /usr/bin/awk and friends go through on Debian.
-    for name in ("ld.so.cache", "localtime"):
-        try:
-            fd = os.open(f"{old}/etc/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            data = os.read(fd, 1 << 20)
-        finally:
-            os.close(fd)
-        _write_bytes("/etc/" + name, data)
-    if os.path.isdir(f"{old}/etc/alternatives"):
-        os.mkdir("/etc/alternatives")
-        bind(f"{old}/etc/alternatives", "/etc/alternatives", writable=False)
-
-
-# What common libraries read from /etc to work offline and quietly: the host's CA bundle
-# (the first of the usual places it has, kept at that path: OpenSSL's default file there),
-# the MIME table, and a fontconfig configuration of our own (fonts from /usr, a cache in
-# $XDG_CACHE_HOME, or ~/.cache: both writable). The gvisor runtime and the microVM image
-# copy the same files.
-CA_BUNDLES = ("ssl/certs/ca-certificates.crt", "pki/tls/certs/ca-bundle.crt", "ssl/cert.pem")
-ETC_COPIES = ("mime.types",)
-FONTS_CONF = """<?xml version="1.0"?>
-<!DOCTYPE fontconfig SYSTEM "urn:fontconfig:fonts.dtd">
-<!-- stockade: the fonts under /usr, a cache in the writable scratch -->
-<fontconfig>
-  <dir>/usr/share/fonts</dir>
-  <dir>/usr/local/share/fonts</dir>
-  <cachedir prefix="xdg">fontconfig</cachedir>
-  <include ignore_missing="yes">/usr/share/fontconfig/conf.avail/45-latin.conf</include>
-  <include ignore_missing="yes">/usr/share/fontconfig/conf.avail/49-sansserif.conf</include>
-  <include ignore_missing="yes">/usr/share/fontconfig/conf.avail/60-latin.conf</include>
-</fontconfig>
-"""
-# Where a policy's Python environment is mounted, and where its pre-built caches go
-# (the host's environments.ENV_ROOT and CACHE_HOME).
-ENV_ROOT = "/opt/stockade/env"
-CACHE_HOME = "/tmp/.cache"
-
-
-def etc_copies(root: str) -> list[str]:
-    """The files of ``root``/etc an isolate's /etc copies (paths under etc/)."""
-    bundles = [p for p in CA_BUNDLES if os.path.isfile(f"{root}/etc/{p}")][:1]
-    return bundles + [p for p in ETC_COPIES if os.path.isfile(f"{root}/etc/{p}")]
-
-
-def write_etc_extras(root: str, etc: str = "/etc") -> None:
-    """Copy ``etc_copies(root)`` into ``etc`` and write fonts.conf there."""
-    for rel in etc_copies(root):
-        try:
-            data = _read_bytes(f"{root}/etc/{rel}")
-        except OSError:
-            continue  # not readable by the isolate's uid: the host keeps it to itself
-        os.makedirs(os.path.dirname(f"{etc}/{rel}"), mode=0o755, exist_ok=True)
-        _write_bytes(f"{etc}/{rel}", data)
-    os.makedirs(f"{etc}/fonts", mode=0o755, exist_ok=True)
-    _write(f"{etc}/fonts/fonts.conf", FONTS_CONF)
-
-
-def seed_cache(owner: tuple[int, int] | None = None) -> None:
-    """Copy the environment's pre-built caches (``cache/``: matplotlib's font list,
-    fontconfig's) into the scratch's $XDG_CACHE_HOME, owned by the code's uid
-    (``owner`` when the maker is a real root), as if its first run had made them."""
-    try:
-        _seed_cache(owner)
-    except OSError:
-        pass  # a scratch too small for it, say: the library builds its own
-
-
-def _seed_cache(owner: tuple[int, int] | None) -> None:
-    seed = ENV_ROOT + "/cache"
-    for top, _dirs, files in os.walk(seed):
-        dest = CACHE_HOME + top[len(seed) :]
-        os.makedirs(dest, mode=0o755, exist_ok=True)
-        made = [dest] + [f"{dest}/{name}" for name in files]
-        for name in files:
-            _write_bytes(f"{dest}/{name}", _read_bytes(f"{top}/{name}"))
-        if owner is not None:
-            for path in made:
-                os.chown(path, *owner)
-
-
-def _bind_extra(old: str, mount: dict[str, Any]) -> None:
-    source, target = mount["source"], mount["target"]
-    host = old + source
-    if not os.path.exists(host):
-        raise FileNotFoundError(f"filesystem_access source {source} does not exist or is not reachable")
-    if os.path.isdir(host):
-        os.makedirs(target, exist_ok=True)
-        if mount.get("hide_source") and _mount_hiding_source(host, target):
-            return
-    else:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if not os.path.exists(target):
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
-    bind(host, target, writable=bool(mount.get("writable")))
-
-
-def _mount_hiding_source(host: str, target: str) -> bool:
-    """``host`` read-only at ``target``, its host path out of /proc/self/mountinfo.
-
-    A bind shows the source's path within its filesystem there; an overlay of its own
-    has "/" for a root, and its layers are named as given, relative to the working
-    directory ("."). A read-only overlay needs two layers: the second is ``target``
-    itself, empty, then covered. False where overlays cannot be mounted in a user
-    namespace (Linux < 5.11): the caller binds instead.
-    """
-    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.chdir(host)
-        flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
-        linux.mount("overlay", target, "overlay", flags, f"lowerdir=.:{target}")
-        return True
-    except OSError:
-        return False
-    finally:
-        os.fchdir(here)
-        os.close(here)
-
-
-def bind(source: str, target: str, writable: bool) -> None:
-    linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
-    flags = linux.MS_NOSUID | linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
-    _remount(target, flags)
-
-
-def _remount(target: str, flags: int) -> None:
-    # In a user namespace the flags a mount was created with are locked: keep them.
-    st = os.statvfs(target)
-    locked = 0
-    for st_flag, ms_flag in (
-        (os.ST_NOSUID, linux.MS_NOSUID),
-        (os.ST_NODEV, linux.MS_NODEV),
-        (os.ST_NOEXEC, linux.MS_NOEXEC),
-        (os.ST_NOATIME, linux.MS_NOATIME),
-        (os.ST_NODIRATIME, linux.MS_NODIRATIME),
-        (os.ST_RELATIME, linux.MS_RELATIME),
-    ):
-        if st.f_flag & st_flag:
-            locked |= ms_flag
-    if st.f_flag & os.ST_RDONLY:
-        locked |= linux.MS_RDONLY
-    linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | flags | locked)
 
 
 def bring_up_loopback() -> None:
@@ -609,30 +418,6 @@ def _apply_landlock(abi: int, config: dict[str, Any]) -> None:
 
 
 # ---- helpers -------------------------------------------------------------------
-
-
-def _write(path: str, text: str) -> None:
-    _write_bytes(path, text.encode())
-
-
-def _read_bytes(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    # os-level I/O: a text-mode open() costs ~50 us in a freshly forked child.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        wire.write_all(fd, data)
-    finally:
-        os.close(fd)
 
 
 def _report_failure(conn: socket.socket, stage: str, exc: BaseException) -> None:

@@ -14,7 +14,7 @@ mount, ipc, uts, net and cgroup namespaces -> off the initramfs, onto a new root
 ``pivot_root``; the old root detached) -> hostname -> uid 1000, no
 capabilities, no_new_privs -> the guest's seccomp filter -> serve.
 
-The new root holds what a process isolate's holds (confine.py makes the
+The new root holds what a process isolate's holds (rootfs.py makes the
 parts): ``/usr`` (the host's, over 9p) read-only, the ``/bin`` and ``/lib*``
 links of a merged-/usr host, a fresh ``/proc`` of the new pid namespace, the
 minimal ``/dev``, one scratch tmpfs of the go line's size for ``/tmp``,
@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 
-from . import confine, linux, runner, server, wire
+from . import confine, linux, rootfs, runner, server, wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def main() -> runner.Program:
         if network == "loopback":
             confine.bring_up_loopback()
         os.chdir("/work")
-        _drop_privileges(confine.INNER_UID, confine.INNER_GID)
+        _drop_privileges(rootfs.INNER_UID, rootfs.INNER_GID)
         _quiet_stdio()
     except BaseException as exc:  # noqa: BLE001 - any failure ends the VM, with the reason on its console
         print(f"stockade: guest confinement failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -158,25 +158,25 @@ def _wait_outside(child: int) -> NoReturn:
 
 
 def _make_root(scratch_mb: int, shares: list[tuple[str, str, bool]]) -> None:
-    """The code's root, as a process isolate's is made (confine.py's parts), over the initramfs."""
+    """The code's root, as a process isolate's is made (rootfs.py), over the initramfs."""
     _leave_the_initramfs()
     old = _OLD_ROOT
     for name in ("usr", "proc", "dev", "tmp", "work", "etc"):
         os.mkdir("/" + name, 0o755)
-    confine.bind(old + "/usr", "/usr", writable=False)
+    rootfs.bind(old + "/usr", "/usr", writable=False)
     # The guest's /usr is the host's, which is merged (image.py copies only from /usr).
     for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
         if os.path.isdir(f"{old}/usr/{name}"):
             os.symlink(f"usr/{name}", "/" + name)
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    confine.make_dev(old)
+    rootfs.make_dev(old)
     # Made by the guest's root, not (as in a process isolate) by uid 1000 of a user namespace.
-    confine.make_scratch(scratch_mb, owner=(confine.INNER_UID, confine.INNER_GID))
-    confine.make_etc(old, {"hostname": HOSTNAME})
-    confine.write_etc_extras(old)  # the initramfs carries the host's copies (image.py)
+    rootfs.make_scratch(scratch_mb, owner=(rootfs.INNER_UID, rootfs.INNER_GID))
+    rootfs.make_etc(old, {"hostname": HOSTNAME})
+    rootfs.write_etc_extras(old)  # the initramfs carries the host's copies (image.py)
     for tag, target, writable in shares:
         _mount_share(tag, target, writable)
-    confine.seed_cache(owner=(confine.INNER_UID, confine.INNER_GID))
+    rootfs.seed_cache(owner=(rootfs.INNER_UID, rootfs.INNER_GID))
     linux.umount2(old, linux.MNT_DETACH)
     os.rmdir(old)
     linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
@@ -207,7 +207,7 @@ def _mount_share(tag: str, target: str, writable: bool) -> None:
     os.makedirs(target, mode=0o755, exist_ok=True)
     flags = linux.MS_NOSUID | linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
     # A Python environment never changes once built (the host's environments.py): cached like /usr.
-    options = _P9_OPTIONS + (",cache=loose" if target == confine.ENV_ROOT and not writable else "")
+    options = _P9_OPTIONS + (",cache=loose" if target == rootfs.ENV_ROOT and not writable else "")
     linux.mount(tag, target, "9p", flags, options)
 
 

@@ -50,6 +50,7 @@ AGENT_MODULES = (
     "kernel",
     "linux",
     "processes",
+    "rootfs",
     "runner",
     "server",
     "sessions",

@@ -44,8 +44,9 @@ import time
 from typing import Any
 
 from .. import environments
-from ..agent import confine, runner
+from ..agent import runner
 from ..agent.commands import AGENT_FDS
+from ..agent.rootfs import write_etc_extras
 from ..environments import CACHE_HOME, ENV_ROOT
 from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
@@ -89,7 +90,7 @@ CONTAINER_BOOT = runner.bootstrap(
     "server.main()",
 )
 # With a Python environment: its pre-built caches are copied into the scratch first, as the
-# agent's own uid (agent/confine.py's seed_cache does it in the other runtimes).
+# agent's own uid (agent/rootfs.py's seed_cache does it in the other runtimes).
 _SEED = (
     "import os\n"
     "try:\n"
@@ -379,7 +380,7 @@ def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
             f.write(text)
     if os.path.isfile("/etc/ld.so.cache"):
         shutil.copyfile("/etc/ld.so.cache", os.path.join(etc, "ld.so.cache"))
-    confine.write_etc_extras("", etc)  # the host's CA bundle, mime.types; fonts.conf
+    write_etc_extras("", etc)  # the host's CA bundle, mime.types; fonts.conf
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nosuid", "nodev"]},

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ...agent import confine, runner
+from ...agent import rootfs, runner
 from ...errors import SandboxStartError
 from ..process import seccomp
 from ..process.zygote import AGENT_PARENT
@@ -343,14 +343,14 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
             with open(os.path.join(agent_dir, name), "rb") as f:
                 entries.append((f"opt/stockade/agent/{name}", stat.S_IFREG | 0o644, f.read()))
     entries.append(("opt/stockade/seccomp.bpf", stat.S_IFREG | 0o644, seccomp.default_program()))
-    # The code's /etc is synthesized by the agent (confine.make_etc), as in a process
+    # The code's /etc is synthesized by the agent (rootfs.make_etc), as in a process
     # isolate. The guest's /usr is the host's, so the host's loader cache, which
     # that /etc takes from here, describes it: the loader need not search directories.
     if os.path.isfile(LD_SO_CACHE):
         with open(LD_SO_CACHE, "rb") as f:
             entries.append(("etc/ld.so.cache", stat.S_IFREG | 0o644, f.read()))
-    # And the host's CA bundle and MIME table, which that /etc copies (confine.write_etc_extras).
-    etc_files = [f"/etc/{rel}" for rel in confine.etc_copies("")]
+    # And the host's CA bundle and MIME table, which that /etc copies (rootfs.write_etc_extras).
+    etc_files = [f"/etc/{rel}" for rel in rootfs.etc_copies("")]
     for path in etc_files:
         parent = ""
         for part in os.path.dirname(path).strip("/").split("/")[1:]:
