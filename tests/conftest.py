@@ -19,7 +19,8 @@ import pytest
 
 from stockade.runtimes.base import Availability
 from stockade.runtimes.manager import RuntimeManager
-from stockade.runtimes.process.cgroups import _own_cgroups, detect_layout, pid_alive
+from stockade.runtimes.process.cgroup_layout import _own_cgroups, detect_layout
+from stockade.runtimes.process.cgroups import pid_alive
 
 GUARD_MEMORY = 6 * 1024**3
 GUARD_PIDS = 4096

@@ -10,7 +10,7 @@ from typing import Any
 from .agent import linux
 from .isolation import LEVEL_INFO, NOT_OFFERED, trust_map
 from .runtimes.manager import RuntimeManager
-from .runtimes.process.cgroups import detect_layout
+from .runtimes.process.cgroup_layout import detect_layout
 
 
 def _user_namespaces() -> str:

@@ -25,7 +25,7 @@ from stockade.errors import SandboxStartError
 from stockade.policy import MIN_CPU, Policy
 from stockade.protocol.models import ExecuteRequest, unix_caller
 from stockade.runtimes.manager import RuntimeManager
-from stockade.runtimes.process import cgroups
+from stockade.runtimes.process import cgroup_layout, cgroups
 from stockade.runtimes.process.runtime import ProcessRuntime, ProcessSandbox
 from tests.conftest import require
 from tests.helpers import cgroup_limit_cases
@@ -50,7 +50,7 @@ def on_demand(process_runtime: str) -> Iterator[ProcessRuntime]:
 
 
 def _require_cgroup_limits() -> None:
-    layout = cgroups.detect_layout()
+    layout = cgroup_layout.detect_layout()
     if layout.limits != {"memory", "pids", "cpu"}:
         pytest.skip(f"this host gives stockade no cgroup limits ({layout.version}): {layout.problems}")
 

@@ -14,7 +14,7 @@ import pytest
 from stockade import Policy
 from stockade.agent.zygote import DEAD_SPARES_TO_STOP
 from stockade.runtimes.process import cgroups
-from stockade.runtimes.process.cgroups import CgroupLayout
+from stockade.runtimes.process.cgroup_layout import CgroupLayout
 from stockade.runtimes.process.runtime import ProcessRuntime
 from stockade.runtimes.process.zygote import Zygote
 

@@ -45,7 +45,7 @@ def test_the_daemon_gives_root_up_and_still_builds_limits_and_ends_isolates() ->
         status = _status(daemon.proc.pid)
         uid = pwd.getpwnam("stockade").pw_uid
         assert status["Uid"].split() == [str(uid)] * 4  # real, effective, saved, filesystem
-        from stockade.runtimes.process.cgroups import detect_layout
+        from stockade.runtimes.process.cgroup_layout import detect_layout
 
         kept = 0 if detect_layout().v2_parent is not None else 1 << 5  # none, or CAP_KILL without cgroup.kill
         assert int(status["CapEff"], 16) == kept and int(status["CapPrm"], 16) == kept

@@ -31,7 +31,7 @@ m = RuntimeManager(pool_size=0)
 r = stockade.run(["sh", "-c", "id -u; grep -E 'CapEff|NoNewPrivs|Seccomp:' /proc/self/status; ls /root 2>&1"],
                  runtime="process", manager=m)
 v = stockade.run_code("import ctypes; ctypes.CDLL(None).unshare(0x10000000)", runtime="process", manager=m)
-from stockade.runtimes.process.cgroups import detect_layout
+from stockade.runtimes.process.cgroup_layout import detect_layout
 # The egress proxy, rootless: its sockets come from the isolate's own setup, no setns needed.
 e = stockade.run_code(
     "import socket, urllib.request\n"

@@ -20,7 +20,7 @@ import pytest
 
 from stockade.errors import SandboxStartError, StockadeError
 from stockade.policy import MAX_MEMORY_MB, Policy
-from stockade.runtimes.process import cgroups
+from stockade.runtimes.process import cgroup_layout, cgroups
 from tests.helpers import cgroup_limit_cases
 
 UNLIMITED_V1 = "9223372036854771712"
@@ -73,14 +73,14 @@ def _populate(group: str, files: dict[str, str]) -> None:
 
 
 def _v1_group(tmp_path: Path, swap_accounting: bool = True, hybrid: bool = False) -> cgroups.IsolateCgroup:
-    parents = {c: str(tmp_path / c) for c in cgroups.V1_CONTROLLERS}
+    parents = {c: str(tmp_path / c) for c in cgroup_layout.V1_CONTROLLERS}
     for parent in parents.values():
         os.mkdir(parent)
     v2 = None
     if hybrid:
         v2 = str(tmp_path / "unified")
         os.mkdir(v2)
-    layout = cgroups.CgroupLayout("hybrid" if hybrid else "v1", v1_parents=parents, v2_parent=v2)
+    layout = cgroup_layout.CgroupLayout("hybrid" if hybrid else "v1", v1_parents=parents, v2_parent=v2)
     group = cgroups.IsolateCgroup(layout, "stockade-1-1")
     memory = {"memory.limit_in_bytes": UNLIMITED_V1}
     if swap_accounting:
@@ -92,7 +92,7 @@ def _v1_group(tmp_path: Path, swap_accounting: bool = True, hybrid: bool = False
 
 
 def _v2_group(tmp_path: Path, swap_controller: bool = True) -> cgroups.IsolateCgroup:
-    layout = cgroups.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
+    layout = cgroup_layout.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
     group = cgroups.IsolateCgroup(layout, "stockade-1-1")
     files = {"memory.max": "max", "pids.max": "max", "cpu.max": "max 100000"}
     if swap_controller:
@@ -213,7 +213,7 @@ def test_a_refused_limit_is_a_start_error_naming_it(
 def test_a_group_that_cannot_be_made_leaves_none_of_its_siblings(tmp_path: Path) -> None:
     parents = {"memory": str(tmp_path / "memory"), "pids": str(tmp_path / "pids")}
     os.mkdir(parents["memory"])  # the pids parent is missing: its group cannot be made
-    layout = cgroups.CgroupLayout("v1", v1_parents=parents)
+    layout = cgroup_layout.CgroupLayout("v1", v1_parents=parents)
     with pytest.raises(FileNotFoundError):
         cgroups.IsolateCgroup(layout, "stockade-1-1")
     assert os.listdir(parents["memory"]) == []

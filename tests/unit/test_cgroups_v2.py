@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stockade.errors import ConfigError
-from stockade.runtimes.process import cgroups
+from stockade.runtimes.process import cgroup_layout, cgroups
 
 
 def _read(path: Path) -> str:
@@ -22,7 +22,7 @@ def _read(path: Path) -> str:
 
 
 def test_v2_limits_usage_and_kill(tmp_path: Path) -> None:
-    layout = cgroups.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
+    layout = cgroup_layout.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
     group = cgroups.IsolateCgroup(layout, "stockade-1-1")
     d = tmp_path / "stockade-1-1"
     assert group.procs_files == [str(d / "cgroup.procs")]
@@ -44,7 +44,7 @@ def test_v2_limits_usage_and_kill(tmp_path: Path) -> None:
 def test_setup_runs_on_at_least_a_core_and_the_callers_cpu_limit_follows(tmp_path: Path) -> None:
     # A caller's cpu_limit of 0.01 written before setup made a gVisor start take ~45 s and a
     # process start miss its 10 s handshake on a loaded machine: setup is the runtime's own work.
-    layout = cgroups.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
+    layout = cgroup_layout.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
     group = cgroups.IsolateCgroup(layout, "stockade-1-2")
     d = tmp_path / "stockade-1-2"
     group.apply_limits(256, 64, 0.01, setup=True)
@@ -61,7 +61,7 @@ def test_the_baseline_read_opens_the_peak_counter_for_the_run(tmp_path: Path) ->
     """The pool's baseline read (``peak=False``) opens every counter the run's read
     needs: the run reads through the open file and opens none (here: the file's
     name is gone by then, and its counter is still read)."""
-    layout = cgroups.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
+    layout = cgroup_layout.CgroupLayout("v2", v2_parent=str(tmp_path), v2_limits=True)
     group = cgroups.IsolateCgroup(layout, "stockade-1-2")
     d = tmp_path / "stockade-1-2"
     group.apply_limits(256, 64, 0.5)
@@ -80,20 +80,22 @@ def test_v2_parent_prefers_own_group_when_it_can_delegate(tmp_path: Path) -> Non
     own.mkdir()
     (own / "cgroup.subtree_control").write_text("")
     problems: list[str] = []
-    parent, limits = cgroups._v2_parent(str(tmp_path), "/service", None, problems)
+    parent, limits = cgroup_layout._v2_parent(str(tmp_path), "/service", None, problems)
     assert (parent, limits, problems) == (str(own), True, [])
     assert set(_read(own / "cgroup.subtree_control").split()) == {"+cpu", "+memory", "+pids"}
 
 
 def test_hybrid_v2_is_for_kill_only(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("")  # v1 holds every controller
-    parent, limits = cgroups._v2_parent(str(tmp_path), "/", None, [])
+    parent, limits = cgroup_layout._v2_parent(str(tmp_path), "/", None, [])
     assert parent == str(tmp_path) and limits is False
 
 
 def test_hybrid_groups_skip_the_v2_tree(tmp_path: Path) -> None:
     (tmp_path / "memory").mkdir()
-    layout = cgroups.CgroupLayout("hybrid", v1_parents={"memory": str(tmp_path / "memory")}, v2_parent=str(tmp_path))
+    layout = cgroup_layout.CgroupLayout(
+        "hybrid", v1_parents={"memory": str(tmp_path / "memory")}, v2_parent=str(tmp_path)
+    )
     group = cgroups.IsolateCgroup(layout, "stockade-1-2")
     assert list(group.dirs) == ["memory"]  # one group to join fewer: the pidfd kill covers the rest
 
@@ -104,7 +106,7 @@ def test_chosen_parent_gets_controllers_passed_down_the_whole_chain(tmp_path: Pa
         (tmp_path / group).mkdir(exist_ok=True)
         (tmp_path / group / "cgroup.subtree_control").write_text("")
     problems: list[str] = []
-    parent, limits = cgroups._v2_parent(str(tmp_path), "/elsewhere", "/guard/isolates", problems)
+    parent, limits = cgroup_layout._v2_parent(str(tmp_path), "/elsewhere", "/guard/isolates", problems)
     assert (parent, limits, problems) == (str(tmp_path / "guard" / "isolates"), True, [])
     for group in ("", "guard", "guard/isolates"):
         assert set(_read(tmp_path / group / "cgroup.subtree_control").split()) == {"+cpu", "+memory", "+pids"}
@@ -115,7 +117,7 @@ def test_chosen_parent_that_cannot_delegate_is_reported(tmp_path: Path) -> None:
     (tmp_path / "cgroup.subtree_control").write_text("")
     problems: list[str] = []
     # No cgroup.subtree_control in the made group: this is not a cgroupfs, as when delegation is missing.
-    parent, limits = cgroups._v2_parent(str(tmp_path), "/", "/made", problems)
+    parent, limits = cgroup_layout._v2_parent(str(tmp_path), "/", "/made", problems)
     assert (parent, limits) == (None, False)
     assert problems and str(tmp_path / "made") in problems[0]
 
@@ -124,11 +126,11 @@ def test_chosen_parent_that_cannot_delegate_is_reported(tmp_path: Path) -> None:
 def test_malformed_cgroup_parent_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("STOCKADE_CGROUP_PARENT", value)
     with pytest.raises(ConfigError, match="STOCKADE_CGROUP_PARENT"):
-        cgroups.detect_layout()
+        cgroup_layout.detect_layout()
 
 
 def test_cgroup_parent_is_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STOCKADE_CGROUP_PARENT", "//stockade//jobs/")
-    assert cgroups.cgroup_parent_setting() == "/stockade/jobs"
+    assert cgroup_layout.cgroup_parent_setting() == "/stockade/jobs"
     monkeypatch.setenv("STOCKADE_CGROUP_PARENT", "")
-    assert cgroups.cgroup_parent_setting() is None
+    assert cgroup_layout.cgroup_parent_setting() is None
