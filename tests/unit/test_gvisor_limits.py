@@ -12,7 +12,7 @@ import os
 
 from stockade.agent.commands import AGENT_FDS
 from stockade.policy import Policy
-from stockade.runtimes import gvisor
+from stockade.runtimes import gvisor, gvisor_bundle
 
 
 class _Group:
@@ -38,7 +38,7 @@ def test_memory_below_what_gvisor_itself_needs_is_raised_and_reported() -> None:
 
 
 def _rlimits(bundle: str, policy: Policy) -> dict[str, int]:
-    gvisor._write_bundle(bundle, policy, warm=False)
+    gvisor_bundle.write_bundle(bundle, policy, warm=False)
     with open(os.path.join(bundle, "config.json")) as f:
         config = json.load(f)
     return {r["type"]: r["hard"] for r in config["process"]["rlimits"]}

@@ -59,7 +59,7 @@ def _quantity_cpu(cores: float) -> str:
 
 
 def _container(policy: Policy, image: str) -> dict[str, Any]:
-    from ..runtimes.gvisor import CONTAINER_BOOT
+    from ..runtimes.gvisor_bundle import CONTAINER_BOOT
 
     limits = {
         "cpu": _quantity_cpu(policy.cpu_limit),

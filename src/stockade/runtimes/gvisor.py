@@ -1,7 +1,7 @@
 """The ``gvisor`` runtime: the guest agent under gVisor's ``runsc``.
 
 Each sandbox is one OCI container run by ``runsc run`` from a bundle stockade
-writes: a read-only root holding only mount points, symlinks and a synthesized
+writes (gvisor_bundle.py): a read-only root holding only mount points, symlinks and a synthesized
 ``/etc``; ``/usr`` and the agent's code bound read-only; size-capped tmpfs for
 ``/tmp`` and ``/work``; the policy's shared paths. The host's end of a
 socketpair is the container's standard input and output, so the same framed
@@ -44,23 +44,19 @@ import time
 from typing import Any
 
 from .. import environments
-from ..agent import runner
-from ..agent.commands import AGENT_FDS
-from ..agent.rootfs import write_etc_extras
-from ..environments import CACHE_HOME, ENV_ROOT
 from ..errors import RuntimeUnavailableError, SandboxStartError
 from ..policy import Policy, default_policy
 from ..settings import current
-from .base import BASE_ENV, Availability
+from .base import Availability
 from .drain import Tail, drain, weak
+from .gvisor_bundle import write_bundle
 from .gvisor_log import SentryLog
 from .hosted import HostedSandbox, abandon_start, spawn_in_cgroup
 from .pool import PooledRuntime, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
-from .process.zygote import AGENT_PARENT, system_python
+from .process.zygote import system_python
 from .reaper import Reaper
 
-AGENT_MOUNT = "/opt/stockade"
 BUNDLE_PREFIX = "stockade-gvisor-"  # + "<host pid>-": the sweep removes a dead host's bundles
 GVISOR_TASKS = 256  # host tasks gVisor itself needs (Sentry, gofer, platform stubs)
 # The Sentry and the gofer are charged to the sandbox's cgroup with the code: with
@@ -79,31 +75,6 @@ TRACED = (
     "swapoff,syslog,quotactl,io_uring_setup"
 )
 _counter = iter(range(1, 1 << 62))
-# -S skips site (slow under gVisor); the site directories Debian's python3 would
-# add are appended by hand so that code run in the sandbox finds the same packages.
-CONTAINER_BOOT = runner.bootstrap(
-    "import sys; v = '%d.%d' % sys.version_info[:2]; "
-    f"sys.path.insert(0, {AGENT_MOUNT!r}); "
-    "sys.path += ['/usr/local/lib/python%s/dist-packages' % v, '/usr/lib/python3/dist-packages', "
-    "'/usr/lib/python%s/dist-packages' % v]; "
-    "from agent import server",
-    "server.main()",
-)
-# With a Python environment: its pre-built caches are copied into the scratch first, as the
-# agent's own uid (agent/rootfs.py's seed_cache does it in the other runtimes).
-_SEED = (
-    "import os\n"
-    "try:\n"
-    f"    for top, _, files in os.walk({ENV_ROOT + '/cache'!r}):\n"
-    f"        dest = {CACHE_HOME!r} + top[{len(ENV_ROOT + '/cache')}:]\n"
-    "        os.makedirs(dest, exist_ok=True)\n"
-    "        for name in files:\n"
-    "            with open(top + '/' + name, 'rb') as src, open(dest + '/' + name, 'wb') as out:\n"
-    "                out.write(src.read())\n"
-    "except OSError:\n"
-    "    pass\n"
-)
-_BOOT_WITH_ENV = _SEED + CONTAINER_BOOT
 
 
 def gvisor_shape(policy: Policy) -> tuple[Any, ...]:
@@ -289,7 +260,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         sandbox: GvisorSandbox | None = None
         log_fd = err_fd = -1
         try:
-            _write_bundle(bundle, shared, warm)
+            write_bundle(bundle, shared, warm)
             cgroup = manager.create() if manager.layout.version != "none" else None
             unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
             if cgroup is not None:
@@ -353,79 +324,6 @@ def _apply_limits(cgroup: IsolateCgroup, policy: Policy, setup: bool = False) ->
     if policy.memory_mb < GVISOR_MIN_MB:
         missing.append(f"memory_mb below {GVISOR_MIN_MB}: the sandbox gets {GVISOR_MIN_MB} MB (gVisor itself counts)")
     return missing
-
-
-def _write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
-    rootfs = os.path.join(bundle, "rootfs")
-    for name in ("usr", "proc", "dev", "tmp", "work", "etc", "opt/stockade/agent"):
-        os.makedirs(os.path.join(rootfs, name), mode=0o755)
-    for name in ("bin", "sbin", "lib", "lib64"):
-        host = "/" + name
-        if os.path.islink(host):
-            os.symlink(os.readlink(host), os.path.join(rootfs, name))
-    etc = os.path.join(rootfs, "etc")
-    with_env = any(m.target == ENV_ROOT for m in policy.filesystem_access)
-    if with_env:
-        os.makedirs(os.path.join(rootfs, ENV_ROOT.lstrip("/")), mode=0o755)
-    files = {
-        "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/work:/bin/sh\n",
-        "group": "root:x:0:\nsandbox:x:1000:\n",
-        "hosts": "127.0.0.1\tlocalhost stockade\n::1\tlocalhost\n",
-        "hostname": "stockade\n",
-        "resolv.conf": "# stockade: no name servers inside the sandbox\n",
-        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
-    }
-    for name, text in files.items():
-        with open(os.path.join(etc, name), "w") as f:
-            f.write(text)
-    if os.path.isfile("/etc/ld.so.cache"):
-        shutil.copyfile("/etc/ld.so.cache", os.path.join(etc, "ld.so.cache"))
-    write_etc_extras("", etc)  # the host's CA bundle, mime.types; fonts.conf
-    mounts: list[dict[str, Any]] = [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nosuid", "nodev"]},
-        {"destination": AGENT_MOUNT + "/agent", "type": "bind", "source": os.path.join(AGENT_PARENT, "agent"),
-         "options": ["rbind", "ro", "nosuid", "nodev"]},
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=1777"]},
-        {"destination": "/work", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=0777"]},
-    ]  # fmt: skip
-    if os.path.isdir("/etc/alternatives"):
-        os.makedirs(os.path.join(etc, "alternatives"))
-        mounts.append({"destination": "/etc/alternatives", "type": "bind", "source": "/etc/alternatives",
-                       "options": ["rbind", "ro"]})  # fmt: skip
-    for m in policy.filesystem_access:
-        mounts.append({"destination": m.target, "type": "bind", "source": m.source,
-                       "options": ["rbind", "rw" if m.writable else "ro", "nosuid", "nodev"]})  # fmt: skip
-    env = {**BASE_ENV, "STOCKADE_AGENT_FD": "stdio", "STOCKADE_AGENT_WARM": "1" if warm else "0"}
-    open_files = max(policy.max_open_files, AGENT_FDS)
-    config = {
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": False,
-            "user": {"uid": 1000, "gid": 1000},
-            "args": [system_python(), "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else CONTAINER_BOOT],
-            "env": [f"{k}={v}" for k, v in env.items()],
-            "cwd": "/work",
-            "noNewPrivileges": True,
-            "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
-            "rlimits": [
-                # The agent's own need; a command gets the policy's limit from the agent (a runner
-                # when it is lower).
-                {"type": "RLIMIT_NOFILE", "hard": open_files, "soft": open_files},
-                {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
-                {"type": "RLIMIT_NPROC", "hard": policy.pids_limit, "soft": policy.pids_limit},
-                {"type": "RLIMIT_FSIZE", "hard": policy.max_file_size_bytes, "soft": policy.max_file_size_bytes},
-            ],
-        },
-        "root": {"path": "rootfs", "readonly": True},
-        "hostname": "stockade",
-        "mounts": mounts,
-        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
-    }
-    with open(os.path.join(bundle, "config.json"), "w") as f:
-        json.dump(config, f)
 
 
 def _runsc_version(runsc: str) -> str:
@@ -523,7 +421,7 @@ def _probe_platform(runsc: str, root: str, platform: str) -> float | None:
     bundle = tempfile.mkdtemp(prefix="stockade-gvisor-probe-")
     container_id = f"stockade-probe-{os.getpid()}-{platform}"
     try:
-        _write_bundle(bundle, default_policy(), warm=False)
+        write_bundle(bundle, default_policy(), warm=False)
         with open(os.path.join(bundle, "config.json")) as f:
             config = json.load(f)
         config["process"]["args"] = _PROBE_ARGV

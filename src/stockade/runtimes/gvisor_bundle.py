@@ -1,0 +1,125 @@
+"""The OCI bundle of one gVisor container: its root, its mounts, its process.
+
+The root is read-only and holds only mount points, the merged-/usr links and
+a synthesized ``/etc`` (no host files but the loader cache, the CA bundle and
+MIME table); ``/usr`` and the agent's code are bound read-only; ``/tmp`` and
+``/work`` are size-capped tmpfs; the policy's shared paths are bound as it
+says. The process is the agent, as uid 1000, with no capabilities,
+``noNewPrivileges`` and the policy's rlimits, reached on its stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from ..agent import runner
+from ..agent.commands import AGENT_FDS
+from ..agent.rootfs import write_etc_extras
+from ..environments import CACHE_HOME, ENV_ROOT
+from ..policy import Policy
+from .base import BASE_ENV
+from .process.zygote import AGENT_PARENT, system_python
+
+AGENT_MOUNT = "/opt/stockade"
+# -S skips site (slow under gVisor); the site directories Debian's python3 would
+# add are appended by hand so that code run in the sandbox finds the same packages.
+CONTAINER_BOOT = runner.bootstrap(
+    "import sys; v = '%d.%d' % sys.version_info[:2]; "
+    f"sys.path.insert(0, {AGENT_MOUNT!r}); "
+    "sys.path += ['/usr/local/lib/python%s/dist-packages' % v, '/usr/lib/python3/dist-packages', "
+    "'/usr/lib/python%s/dist-packages' % v]; "
+    "from agent import server",
+    "server.main()",
+)
+# With a Python environment: its pre-built caches are copied into the scratch first, as the
+# agent's own uid (agent/rootfs.py's seed_cache does it in the other runtimes).
+_SEED = (
+    "import os\n"
+    "try:\n"
+    f"    for top, _, files in os.walk({ENV_ROOT + '/cache'!r}):\n"
+    f"        dest = {CACHE_HOME!r} + top[{len(ENV_ROOT + '/cache')}:]\n"
+    "        os.makedirs(dest, exist_ok=True)\n"
+    "        for name in files:\n"
+    "            with open(top + '/' + name, 'rb') as src, open(dest + '/' + name, 'wb') as out:\n"
+    "                out.write(src.read())\n"
+    "except OSError:\n"
+    "    pass\n"
+)
+_BOOT_WITH_ENV = _SEED + CONTAINER_BOOT
+
+
+def write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
+    """The bundle of one container for ``policy`` (``warm``: its agent forks a runner ahead)."""
+    rootfs = os.path.join(bundle, "rootfs")
+    for name in ("usr", "proc", "dev", "tmp", "work", "etc", "opt/stockade/agent"):
+        os.makedirs(os.path.join(rootfs, name), mode=0o755)
+    for name in ("bin", "sbin", "lib", "lib64"):
+        host = "/" + name
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), os.path.join(rootfs, name))
+    etc = os.path.join(rootfs, "etc")
+    with_env = any(m.target == ENV_ROOT for m in policy.filesystem_access)
+    if with_env:
+        os.makedirs(os.path.join(rootfs, ENV_ROOT.lstrip("/")), mode=0o755)
+    files = {
+        "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/work:/bin/sh\n",
+        "group": "root:x:0:\nsandbox:x:1000:\n",
+        "hosts": "127.0.0.1\tlocalhost stockade\n::1\tlocalhost\n",
+        "hostname": "stockade\n",
+        "resolv.conf": "# stockade: no name servers inside the sandbox\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+    }
+    for name, text in files.items():
+        with open(os.path.join(etc, name), "w") as f:
+            f.write(text)
+    if os.path.isfile("/etc/ld.so.cache"):
+        shutil.copyfile("/etc/ld.so.cache", os.path.join(etc, "ld.so.cache"))
+    write_etc_extras("", etc)  # the host's CA bundle, mime.types; fonts.conf
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nosuid", "nodev"]},
+        {"destination": AGENT_MOUNT + "/agent", "type": "bind", "source": os.path.join(AGENT_PARENT, "agent"),
+         "options": ["rbind", "ro", "nosuid", "nodev"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=1777"]},
+        {"destination": "/work", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=0777"]},
+    ]  # fmt: skip
+    if os.path.isdir("/etc/alternatives"):
+        os.makedirs(os.path.join(etc, "alternatives"))
+        mounts.append({"destination": "/etc/alternatives", "type": "bind", "source": "/etc/alternatives",
+                       "options": ["rbind", "ro"]})  # fmt: skip
+    for m in policy.filesystem_access:
+        mounts.append({"destination": m.target, "type": "bind", "source": m.source,
+                       "options": ["rbind", "rw" if m.writable else "ro", "nosuid", "nodev"]})  # fmt: skip
+    env = {**BASE_ENV, "STOCKADE_AGENT_FD": "stdio", "STOCKADE_AGENT_WARM": "1" if warm else "0"}
+    open_files = max(policy.max_open_files, AGENT_FDS)
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 1000, "gid": 1000},
+            "args": [system_python(), "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else CONTAINER_BOOT],
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": "/work",
+            "noNewPrivileges": True,
+            "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "rlimits": [
+                # The agent's own need; a command gets the policy's limit from the agent (a runner
+                # when it is lower).
+                {"type": "RLIMIT_NOFILE", "hard": open_files, "soft": open_files},
+                {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+                {"type": "RLIMIT_NPROC", "hard": policy.pids_limit, "soft": policy.pids_limit},
+                {"type": "RLIMIT_FSIZE", "hard": policy.max_file_size_bytes, "soft": policy.max_file_size_bytes},
+            ],
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "stockade",
+        "mounts": mounts,
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
+    }
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
