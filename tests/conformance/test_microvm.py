@@ -416,13 +416,14 @@ def _unusable_snapshot(runtime: Any, policy: Policy) -> str:
     """Put a snapshot no QEMU can resume where ``policy``'s VM looks for one; its key."""
     from stockade.runtimes.microvm import snapshot
     from stockade.runtimes.microvm.image import find_image
-    from stockade.runtimes.microvm.runtime import _qemu_command, qemu_binary
+    from stockade.runtimes.microvm.qemu import qemu_command
+    from stockade.runtimes.microvm.runtime import qemu_binary
 
     image, qemu = find_image(), qemu_binary()
     assert image is not None and qemu is not None
     rundir = tempfile.mkdtemp()
     try:
-        cmd = _qemu_command(qemu, image, policy, runtime.accel(), rundir, os.path.join(rundir, "agent.sock"))
+        cmd = qemu_command(qemu, image, policy, runtime.accel(), rundir, os.path.join(rundir, "agent.sock"))
         key = snapshot.key(cmd, rundir, snapshot.qemu_version(qemu))
     finally:
         os.rmdir(rundir)

@@ -117,7 +117,7 @@ def _wait_for_go() -> tuple[int, str]:
 
 
 def _shares(cmdline: str) -> list[tuple[str, str, bool]]:
-    """The policy's shared paths, from ``stockade.mounts=TAG:TARGET:ro|rw,...`` (runtime._qemu_command)."""
+    """The policy's shared paths, from ``stockade.mounts=TAG:TARGET:ro|rw,...`` (runtimes/microvm/qemu.py)."""
     out = []
     for arg in cmdline.split():
         if arg.startswith("stockade.mounts="):

@@ -50,14 +50,13 @@ from ..process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from ..reaper import Reaper
 from . import image as guest_image
 from . import jail, snapshot
-from .console import CONSOLE, QemuOutput
+from .console import QemuOutput
+from .qemu import MIN_GUEST_MB, qemu_command
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 120.0
 KVM_PROBE_TIMEOUT_S = 25.0
 QEMU_OVERHEAD_MB = 256
-TCG_CACHE_MB = 128  # the emulator's own memory (TCG translation cache, device state)
-MIN_GUEST_MB = 128
 MICROVM_POOL_SHAPES = 2  # the default shape and one more, unless STOCKADE_POOL_SHAPES says otherwise
 RUN_PREFIX = "stockade-microvm-"
 _counter = iter(range(1, 1 << 62))
@@ -303,7 +302,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         rundir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-{next(_counter)}-")
         try:
             agent_socket = os.path.join(rundir, "agent.sock")
-            cmd = _qemu_command(qemu, image, policy, accel, rundir, agent_socket)
+            cmd = qemu_command(qemu, image, policy, accel, rundir, agent_socket)
             key = snapshot.key(cmd, rundir, self._qemu_version(qemu))
         except BaseException:
             shutil.rmtree(rundir, ignore_errors=True)  # from here on, _launch owns it
@@ -406,56 +405,6 @@ def _guest_record(nr: int, args: tuple[int, ...], pid: int | None) -> SecurityVi
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel: str, rundir: str,
-                  agent_socket: str) -> list[str]:  # fmt: skip
-    khz = _tsc_khz()
-    mounts = []
-    args = [
-        qemu, "-M", "microvm,x-option-roms=off,pit=off,pic=off,rtc=off", "-accel", _accel_option(accel),
-        "-cpu", "host" if accel == "kvm" else "max", "-m", str(max(policy.memory_mb, MIN_GUEST_MB)), "-smp", "1",
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        *(["-sandbox", jail.SECCOMP] if jail.seccomp_supported(qemu) else []),
-        "-kernel", image.kernel, "-initrd", image.initramfs,
-        "-serial", f"file:{os.path.join(rundir, CONSOLE)}",  # a FIFO the host drains (console.py)
-        "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
-        "-device", "virtserialport,chardev=agent,name=stockade.agent",
-        "-fsdev", "local,id=usr,path=/usr,security_model=none,readonly=on",
-        "-device", "virtio-9p-device,fsdev=usr,mount_tag=usr",
-    ]  # fmt: skip
-    for i, m in enumerate(policy.filesystem_access):
-        tag = f"m{i}"
-        readonly = "" if m.writable else ",readonly=on"
-        args += ["-fsdev", f"local,id={tag},path={m.source},security_model=none{readonly}",
-                 "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]  # fmt: skip
-        mounts.append(f"{tag}:{m.target}:{'rw' if m.writable else 'ro'}")
-    # The scratch size and the network come with the go line (snapshot.go_line), so
-    # that one snapshot serves them all; shared paths are devices, fixed at boot.
-    cmdline = ["console=ttyS0", "quiet", "panic=-1"]
-    if khz:
-        cmdline.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 5 hang under TCG here
-    if mounts:
-        cmdline.append("stockade.mounts=" + ",".join(mounts))
-    return [*args, "-append", " ".join(cmdline)]
-
-
-def _accel_option(accel: str) -> str:
-    # TCG's translation cache defaults to 1 GiB of (lazily touched) memory: bound it so
-    # that QEMU stays inside the cgroup's guest RAM + QEMU_OVERHEAD_MB.
-    return f"tcg,tb-size={TCG_CACHE_MB}" if accel == "tcg" else accel
-
-
-def _tsc_khz() -> int | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu MHz"):
-                    return int(float(line.split(":")[1]) * 1000)
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def _connect(path: str, proc: subprocess.Popen[bytes], deadline: float, output: QemuOutput) -> socket.socket:

@@ -1,0 +1,67 @@
+"""The QEMU command line of one microVM: the machine, its accelerator, the guest's kernel
+and initramfs, the console FIFO, the agent's virtio-serial port, and a 9p share for
+``/usr`` and each of the policy's shared paths (named to the guest on its kernel
+command line, ``stockade.mounts=``, which agent/guest.py reads).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ...policy import Policy
+from . import image as guest_image
+from . import jail
+from .console import CONSOLE
+
+MIN_GUEST_MB = 128
+TCG_CACHE_MB = 128  # the emulator's own memory (TCG translation cache, device state)
+
+
+def qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel: str, rundir: str,
+                  agent_socket: str) -> list[str]:  # fmt: skip
+    khz = _tsc_khz()
+    mounts = []
+    args = [
+        qemu, "-M", "microvm,x-option-roms=off,pit=off,pic=off,rtc=off", "-accel", _accel_option(accel),
+        "-cpu", "host" if accel == "kvm" else "max", "-m", str(max(policy.memory_mb, MIN_GUEST_MB)), "-smp", "1",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        *(["-sandbox", jail.SECCOMP] if jail.seccomp_supported(qemu) else []),
+        "-kernel", image.kernel, "-initrd", image.initramfs,
+        "-serial", f"file:{os.path.join(rundir, CONSOLE)}",  # a FIFO the host drains (console.py)
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=stockade.agent",
+        "-fsdev", "local,id=usr,path=/usr,security_model=none,readonly=on",
+        "-device", "virtio-9p-device,fsdev=usr,mount_tag=usr",
+    ]  # fmt: skip
+    for i, m in enumerate(policy.filesystem_access):
+        tag = f"m{i}"
+        readonly = "" if m.writable else ",readonly=on"
+        args += ["-fsdev", f"local,id={tag},path={m.source},security_model=none{readonly}",
+                 "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]  # fmt: skip
+        mounts.append(f"{tag}:{m.target}:{'rw' if m.writable else 'ro'}")
+    # The scratch size and the network come with the go line (snapshot.go_line), so
+    # that one snapshot serves them all; shared paths are devices, fixed at boot.
+    cmdline = ["console=ttyS0", "quiet", "panic=-1"]
+    if khz:
+        cmdline.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 5 hang under TCG here
+    if mounts:
+        cmdline.append("stockade.mounts=" + ",".join(mounts))
+    return [*args, "-append", " ".join(cmdline)]
+
+
+def _accel_option(accel: str) -> str:
+    # TCG's translation cache defaults to 1 GiB of (lazily touched) memory: bound it so
+    # that QEMU stays inside the cgroup's guest RAM + QEMU_OVERHEAD_MB.
+    return f"tcg,tb-size={TCG_CACHE_MB}" if accel == "tcg" else accel
+
+
+def _tsc_khz() -> int | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        return None
+    return None
