@@ -131,7 +131,9 @@ def _live_groups() -> list[str]:
     return [i for i, g in placement_group_table().items() if g["state"] != "REMOVED"]
 
 
-def test_a_released_isolates_room_is_kept_for_the_next_claim_of_its_shape(cluster: LocalRayCluster) -> None:
+def test_a_released_isolates_room_is_kept_for_the_next_claim_of_its_shape(
+    cluster: LocalRayCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Booking room is calls to the GCS: one-shots in a row reuse the first one's placement group.
     async def body(placement: RayPlacement) -> None:
         from ray.util.placement_group import placement_group_table
@@ -158,6 +160,13 @@ def test_a_released_isolates_room_is_kept_for_the_next_claim_of_its_shape(cluste
             assert (await one_shot(placement, SMALL, argv=["true"])).termination_reason == "completed"
             assert _live_groups() == [] and placement.describe()["kept_reservations"] == 0
 
+    async def expired(placement: RayPlacement) -> None:
+        # Kept unused past its time, with no claim coming to notice: given back all the same.
+        assert (await one_shot(placement, SMALL, argv=["true"])).termination_reason == "completed"
+        assert placement.describe()["kept_reservations"] == 1 and len(_live_groups()) == 1
+        await asyncio.sleep(3)
+        assert placement.describe()["kept_reservations"] == 0 and _live_groups() == []
+
     import logging
 
     import ray
@@ -168,6 +177,10 @@ def test_a_released_isolates_room_is_kept_for_the_next_claim_of_its_shape(cluste
         _run(_with_placement(cluster, body))
         assert _live_groups() == []  # aclose gave back what was kept
         _run(_with_placement(cluster, none_kept, kept_reservations=0))
+        from stockade.placement import ray as ray_placement
+
+        monkeypatch.setattr(ray_placement, "_KEPT_IDLE_S", 1.0)
+        _run(_with_placement(cluster, expired))
     finally:
         ray.shutdown()
 

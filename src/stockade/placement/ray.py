@@ -119,6 +119,8 @@ class RayPlacement:
         self._reconnect: asyncio.Task[dict[str, Any]] | None = None
         self._connecting = threading.Lock()
         self._kept = KeptReservations(config.kept_reservations, _KEPT_IDLE_S)
+        self._expiry: asyncio.TimerHandle | None = None  # gives back what was kept too long unused
+        self._closing = False
         self._gcs_address = config.address  # "auto" until a connection says which GCS it found
 
     # -- the cluster ---------------------------------------------------------------------------
@@ -382,9 +384,24 @@ class RayPlacement:
                 with contextlib.suppress(Exception):  # a node lost now: its isolates went with it
                     released = await isolate._node.actor.release.remote(isolate.id)
         finally:
-            # Its room stays booked for the next claim of its shape, unless its node is in doubt.
-            if not (released and self._usable(isolate.node) and self._kept.keep(isolate.reservation)):
+            # Its room stays booked for the next claim of its shape, unless its node is in doubt
+            # or the placement is closing (what aclose has drained is not refilled behind it).
+            keep = released and not self._closing and self._usable(isolate.node)
+            if keep and self._kept.keep(isolate.reservation):
+                self._expire_later()
+            else:
                 await _removed(isolate.reservation.group)
+
+    def _expire_later(self) -> None:
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(_KEPT_IDLE_S, self._expire)
+
+    def _expire(self) -> None:
+        """Give back what was kept longer than _KEPT_IDLE_S unused, and look again while any is kept."""
+        self._expiry = None
+        self._give_back(self._kept.expired())
+        if len(self._kept) and not self._closing:
+            self._expire_later()
 
     def describe(self) -> dict[str, Any]:
         nodes = [
@@ -405,6 +422,10 @@ class RayPlacement:
         """Every held isolate released and every node actor shut down (its pools, its zygotes), then killed."""
         import ray
 
+        self._closing = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._reconnect is not None:
             self._reconnect.cancel()
         while self._claims:  # a claim's caller gone: what it gets is given back before the nodes stop

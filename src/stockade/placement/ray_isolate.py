@@ -10,6 +10,7 @@ its files go through the object store, bounded by the placement's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -129,7 +130,8 @@ class RayIsolate(RemoteRuns):
         try:
             return ExecResult.model_validate_json(await ref)
         except asyncio.CancelledError:
-            ray.cancel(ref)
+            with contextlib.suppress(Exception):  # a node gone meanwhile: nothing left to cancel
+                ray.cancel(ref)
             raise
         except Exception as exc:  # noqa: BLE001 - a lost node is a result; anything else, the node's own error
             if not lost_node(exc):
