@@ -211,6 +211,27 @@ def test_output_streams_back_while_the_run_goes_on(cluster: LocalRayCluster) -> 
     _run(_with_placement(cluster, body))
 
 
+def test_kept_room_goes_back_to_a_claim_that_needs_it(cluster: LocalRayCluster) -> None:
+    # Both process nodes filled with small isolates, then all released: their kept groups book
+    # every CPU there. A claim of another shape that needs a whole node gets the room at once.
+    async def body(placement: RayPlacement) -> None:
+        import time
+
+        held = [await placement.acquire(SMALL) for _ in range(8)]  # 0.25 CPU each, two nodes of 1 CPU
+        for isolate in held:
+            await placement.release(isolate)
+        assert placement.describe()["kept_reservations"] == 8
+        started = time.monotonic()
+        whole = await placement.acquire(Policy(cpu_limit=1.0, memory_mb=256))
+        try:
+            assert whole.runtime_name == "process"
+            assert time.monotonic() - started < 8, "the claim waited for room that kept groups held"
+        finally:
+            await placement.release(whole)
+
+    _run(_with_placement(cluster, body, claim_timeout=10))
+
+
 def test_a_run_nobody_streams_is_one_call_and_given_up_as_a_streamed_one_is(cluster: LocalRayCluster) -> None:
     # Without on_output the result comes in one reply; a caller that goes away leaves the run
     # to end on its node, exactly as when it streamed: the isolate takes no other call meanwhile.

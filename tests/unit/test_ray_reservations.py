@@ -60,6 +60,17 @@ def test_one_unused_too_long_is_given_back(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(kept) == 0
 
 
+def test_the_next_expiry_is_the_oldest_kept_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [500.0]
+    monkeypatch.setattr(ray_reservations.time, "monotonic", lambda: now[0])
+    kept = KeptReservations(limit=4, idle_s=30)
+    assert kept.next_expiry() is None
+    kept.keep(Reservation("a", "n1", SMALL))
+    now[0] += 10
+    kept.keep(Reservation("b", "n1", LARGE))
+    assert kept.next_expiry() == 530.0
+
+
 def test_drain_takes_out_everything() -> None:
     kept = KeptReservations(limit=4, idle_s=30)
     kept.keep(Reservation("g1", "n1", SMALL))

@@ -45,6 +45,9 @@ _NODES_TTL_S = 1.0  # how long a read of the cluster's nodes is reused by acquir
 _CHECK_TTL_S = 2.0  # how long a check of the cluster's reachability (for /health) is reused
 _ACQUIRE_TRIES = 3  # a node lost between reservation and hand-over: the next try lands elsewhere
 _KEPT_IDLE_S = 30.0  # how long a released isolate's room stays booked for a claim of its shape
+# A new reservation not placed within this may be waiting for room the kept ones hold: they go back.
+_RESERVE_GRACE_S = 0.5
+_REMOVE_WAIT_S = 10.0  # a give-back waits no longer for a GCS that has gone away
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
@@ -94,7 +97,11 @@ async def _removed(group: Any) -> None:
     from ray.util.placement_group import remove_placement_group
 
     with contextlib.suppress(Exception):
-        await asyncio.shield(_off_loop(remove_placement_group, group))
+        await asyncio.wait_for(asyncio.shield(_off_loop(remove_placement_group, group)), _REMOVE_WAIT_S)
+
+
+async def _resolved(ref: Any) -> Any:
+    return await ref
 
 
 class RayPlacement:
@@ -121,6 +128,7 @@ class RayPlacement:
         self._kept = KeptReservations(config.kept_reservations, _KEPT_IDLE_S)
         self._expiry: asyncio.TimerHandle | None = None  # gives back what was kept too long unused
         self._closing = False
+        self._reserving = 0  # claims waiting for a new reservation to be placed: nothing is kept meanwhile
         self._gcs_address = config.address  # "auto" until a connection says which GCS it found
 
     # -- the cluster ---------------------------------------------------------------------------
@@ -332,6 +340,8 @@ class RayPlacement:
                 await _removed(reservation.group)
                 if not lost_node(exc):
                     raise
+                if (doubtful := self._nodes.get(reservation.node_id)) is not None:
+                    doubtful.suspect = True  # what is kept there is given back, not tried next
                 last = exc  # the node went between the reservation and the hand-over
                 continue
             except BaseException:
@@ -347,18 +357,30 @@ class RayPlacement:
         from ray.util.placement_group import placement_group, placement_group_table
 
         group = await _off_loop(placement_group, [bundle], strategy="STRICT_PACK")  # a GCS call
+        self._reserving += 1
+        ready = asyncio.ensure_future(_resolved(group.ready()))
         try:
             try:
-                await asyncio.wait_for(group.ready(), self.config.claim_timeout)
+                await asyncio.wait_for(asyncio.shield(ready), _RESERVE_GRACE_S)
             except TimeoutError:
-                raise DaemonBusyError(
-                    f"no node of the Ray cluster had room for {runtime} (cpu_limit={policy.cpu_limit:g}, "
-                    f"memory_mb={policy.memory_mb}) within {self.config.claim_timeout:g} s"
-                ) from None
+                # Not placed at once: the room may be what released isolates left kept (of this
+                # shape or another), idle while this claim waits. It goes back to Ray.
+                self._give_back(self._kept.drain())
+                try:
+                    await asyncio.wait_for(ready, max(0.0, self.config.claim_timeout - _RESERVE_GRACE_S))
+                except TimeoutError:
+                    raise DaemonBusyError(
+                        f"no node of the Ray cluster had room for {runtime} (cpu_limit={policy.cpu_limit:g}, "
+                        f"memory_mb={policy.memory_mb}) within {self.config.claim_timeout:g} s"
+                    ) from None
             table = await _off_loop(placement_group_table, group)
         except BaseException:
             await _removed(group)
             raise
+        finally:
+            self._reserving -= 1
+            if not ready.done():
+                ready.cancel()
         return Reservation(group, table["bundles_to_node_id"][0], shape_of(bundle))
 
     def _usable(self, node_id: str) -> bool:
@@ -386,21 +408,22 @@ class RayPlacement:
         finally:
             # Its room stays booked for the next claim of its shape, unless its node is in doubt
             # or the placement is closing (what aclose has drained is not refilled behind it).
-            keep = released and not self._closing and self._usable(isolate.node)
+            keep = released and not self._closing and not self._reserving and self._usable(isolate.node)
             if keep and self._kept.keep(isolate.reservation):
                 self._expire_later()
             else:
                 await _removed(isolate.reservation.group)
 
     def _expire_later(self) -> None:
-        if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().call_later(_KEPT_IDLE_S, self._expire)
+        due = self._kept.next_expiry()
+        if self._expiry is None and due is not None:
+            self._expiry = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._expire)
 
     def _expire(self) -> None:
-        """Give back what was kept longer than _KEPT_IDLE_S unused, and look again while any is kept."""
+        """Give back what was kept longer than _KEPT_IDLE_S unused; then wait for the next to expire."""
         self._expiry = None
         self._give_back(self._kept.expired())
-        if len(self._kept) and not self._closing:
+        if not self._closing:
             self._expire_later()
 
     def describe(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class RayIsolate(RemoteRuns):
     """An isolate on a Ray node, held by that node's ``StockadeNode`` actor."""
 
     placement_name = "ray"
+    offers = "exec, run_code (sessions included), file reads, writes and listings, and background processes"
 
     def __init__(
         self,
@@ -213,9 +214,12 @@ class RayIsolate(RemoteRuns):
         import ray.exceptions
 
         self._check()
+        ref = getattr(self._node.actor, method).remote(self.id, *args)
         try:
-            return ray.get(getattr(self._node.actor, method).remote(self.id, *args), timeout=wait)
+            return ray.get(ref, timeout=wait)
         except ray.exceptions.GetTimeoutError:
+            with contextlib.suppress(Exception):  # a spawn answered late would start what nobody knows of
+                ray.cancel(ref)
             raise SandboxError(
                 f"{method}: node {self._node.node_id} did not answer within {wait:g} s for isolate {self.id}"
             ) from None

@@ -84,6 +84,11 @@ class KeptReservations:
                 del self._kept[shape]
         return gone
 
+    def next_expiry(self) -> float | None:
+        """When the oldest kept reservation expires (``time.monotonic``), or None if none is kept."""
+        oldest = [kept[0].kept_at for kept in self._kept.values() if kept]
+        return min(oldest) + self.idle_s if oldest else None
+
     def drain(self) -> list[Reservation]:
         """Every kept reservation, taken out (the placement is closing)."""
         drained = [r for kept in self._kept.values() for r in kept]

@@ -57,10 +57,12 @@ class RemoteRuns:
     _task: asyncio.Task[ExecResult] | None = None
     _ending: asyncio.Task[None] | None = None
 
+    offers = "exec, run_code (sessions included), file reads, writes and listings"  # what _refuse names
+
     def _refuse(self, what: str) -> InvalidRequestError:
         return InvalidRequestError(
             f"{what} is not offered by an isolate of the {self.placement_name} placement (node {self.node}): "
-            "it takes exec, run_code (sessions included), file reads and writes and listings"
+            f"it takes {self.offers}"
         )
 
     def start_run(
