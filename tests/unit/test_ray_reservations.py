@@ -46,9 +46,15 @@ def test_one_on_a_node_in_doubt_is_given_back_not_handed_out() -> None:
     assert len(kept) == 0
 
 
-def test_one_unused_too_long_is_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1000.0]
-    monkeypatch.setattr(ray_reservations.time, "monotonic", lambda: now[0])
+@pytest.fixture
+def now(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The reservations' clock, set by the test: ``now[0]``."""
+    clock = [1000.0]
+    monkeypatch.setattr(ray_reservations.time, "monotonic", lambda: clock[0])
+    return clock
+
+
+def test_one_unused_too_long_is_given_back(now: list[float]) -> None:
     kept = KeptReservations(limit=4, idle_s=30)
     kept.keep(Reservation("old", "n1", LARGE))
     now[0] += 20
@@ -60,15 +66,13 @@ def test_one_unused_too_long_is_given_back(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(kept) == 0
 
 
-def test_the_next_expiry_is_the_oldest_kept_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [500.0]
-    monkeypatch.setattr(ray_reservations.time, "monotonic", lambda: now[0])
+def test_the_next_expiry_is_the_oldest_kept_ones(now: list[float]) -> None:
     kept = KeptReservations(limit=4, idle_s=30)
     assert kept.next_expiry() is None
     kept.keep(Reservation("a", "n1", SMALL))
     now[0] += 10
     kept.keep(Reservation("b", "n1", LARGE))
-    assert kept.next_expiry() == 530.0
+    assert kept.next_expiry() == 1030.0
 
 
 def test_drain_takes_out_everything() -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTooLargeError, SandboxError, SandboxLostError
@@ -90,26 +91,51 @@ class RayIsolate(RemoteRuns):
         return self.lost
 
     async def _run(self, kind: str, call: dict[str, Any], on_output: OutputCallback | None) -> ExecResult:
+        """A run on the node: streamed when its caller takes the output as it comes, else one call
+        and one reply (a stream costs the node a report to the caller per item)."""
         self._check()
         started = time.monotonic()
+        pending: Coroutine[Any, Any, ExecResult | None]
         if on_output is None:
-            return await self._quiet_run(kind, call, started)
-        stream = self._node.actor.run.options(num_returns="streaming").remote(self.id, kind, call)
+            pending = self._replied(self._node.actor.result_of.remote(self.id, kind, call))
+        else:
+            stream = self._node.actor.run.options(num_returns="streaming").remote(self.id, kind, call)
+            pending = self._streamed(stream, on_output)
         self._runs += 1
         try:
-            async for ref in stream:
-                item = await ref
-                if item[0] == OUTPUT and on_output is not None:
-                    on_output(item[1], item[2])
-                elif item[0] == RESULT:
-                    return ExecResult.model_validate_json(item[1])
+            result = await pending
         except Exception as exc:  # noqa: BLE001 - a lost node is a result; anything else, the node's own error
             if not lost_node(exc):
                 raise _cause(exc) from None
             return self._lost_result(exc, started)
         finally:
             self._runs -= 1
-        raise SandboxLostError(self._mark_lost(RuntimeError("the node's stream ended without a result")))
+        if result is None:
+            raise SandboxLostError(self._mark_lost(RuntimeError("the node's stream ended without a result")))
+        return result
+
+    @staticmethod
+    async def _streamed(stream: Any, on_output: OutputCallback) -> ExecResult | None:
+        """The output passed on as it comes, then the result (None: the stream ended without one)."""
+        async for ref in stream:
+            item = await ref
+            if item[0] == OUTPUT:
+                on_output(item[1], item[2])
+            elif item[0] == RESULT:
+                return ExecResult.model_validate_json(item[1])
+        return None
+
+    @staticmethod
+    async def _replied(ref: Any) -> ExecResult:
+        """The one reply. A caller that goes away cancels the run on the node, as the end of a stream does."""
+        import ray
+
+        try:
+            return ExecResult.model_validate_json(await ref)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # a node gone meanwhile: nothing left to cancel
+                ray.cancel(ref)
+            raise
 
     def _lost_result(self, exc: BaseException, started: float) -> ExecResult:
         return ExecResult(
@@ -120,26 +146,6 @@ class RayIsolate(RemoteRuns):
             runtime_used=self.runtime_name,
             policy_digest=self.policy.digest,
         )
-
-    async def _quiet_run(self, kind: str, call: dict[str, Any], started: float) -> ExecResult:
-        """A run whose output nobody takes as it comes: one call, one reply. A caller that goes
-        away cancels it on the node, as the end of a stream does."""
-        import ray
-
-        ref = self._node.actor.result_of.remote(self.id, kind, call)
-        self._runs += 1
-        try:
-            return ExecResult.model_validate_json(await ref)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):  # a node gone meanwhile: nothing left to cancel
-                ray.cancel(ref)
-            raise
-        except Exception as exc:  # noqa: BLE001 - a lost node is a result; anything else, the node's own error
-            if not lost_node(exc):
-                raise _cause(exc) from None
-            return self._lost_result(exc, started)
-        finally:
-            self._runs -= 1
 
     async def aexec(
         self,
