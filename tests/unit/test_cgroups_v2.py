@@ -1,10 +1,12 @@
 """The cgroup v2 code path, on a directory tree shaped like cgroupfs.
 
-This host is hybrid (v1 controllers), so the v2 controllers cannot run here;
-these tests pin down the v2 file names and formats stockade writes and parses
-(memory.max, memory.swap.max, pids.max, cpu.max, memory.events, cpu.stat,
-memory.peak, cgroup.kill, cgroup.subtree_control). The real v1/hybrid path is
-exercised by every security test.
+This host is hybrid (v1 controllers), so the v2 controllers cannot run in
+its own process; these tests pin down the v2 file names and formats stockade
+writes and parses (memory.max, memory.swap.max, pids.max, cpu.max,
+memory.events, cpu.stat, memory.peak, cgroup.kill, cgroup.subtree_control).
+The real v1/hybrid path is exercised by every security test, and the real v2
+path by tests/integration/test_pure_cgroup_v2.py, in a guest kernel booted
+with cgroup v2 alone.
 """
 
 from __future__ import annotations

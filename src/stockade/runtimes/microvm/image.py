@@ -367,8 +367,8 @@ def _write_initramfs(work: str, version: str, out: str) -> list[str]:
     entries.append(("init", stat.S_IFREG | 0o755, init.encode()))
     with open(out, "wb") as archive:
         for ino, (path, mode, data) in enumerate(entries, start=1):
-            _cpio_entry(archive, ino, path, mode, data)
-        _cpio_entry(archive, 0, "TRAILER!!!", 0, b"")
+            cpio_entry(archive, ino, path, mode, data)
+        cpio_entry(archive, 0, "TRAILER!!!", 0, b"")
     return ["/" + name for name, mode, _data in interpreter if not stat.S_ISDIR(mode)] + etc_files
 
 
@@ -481,7 +481,7 @@ def _add_host_file(path: str, entries: dict[str, tuple[int, bytes]], depth: int 
         entries[name] = (stat.S_IFREG | (os.stat(real).st_mode & 0o755), f.read())
 
 
-def _cpio_entry(f: BinaryIO, ino: int, name: str, mode: int, data: bytes) -> None:
+def cpio_entry(f: BinaryIO, ino: int, name: str, mode: int, data: bytes) -> None:
     """One entry of a newc ("070701") cpio archive, as the kernel's initramfs unpacker reads it."""
     raw_name = name.encode() + b"\0"
     fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw_name), 0]

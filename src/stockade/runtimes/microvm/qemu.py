@@ -19,7 +19,7 @@ TCG_CACHE_MB = 128  # the emulator's own memory (TCG translation cache, device s
 
 def qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel: str, rundir: str,
                   agent_socket: str) -> list[str]:  # fmt: skip
-    khz = _tsc_khz()
+    khz = tsc_khz()
     mounts = []
     args = [
         qemu, "-M", "microvm,x-option-roms=off,pit=off,pic=off,rtc=off", "-accel", _accel_option(accel),
@@ -56,7 +56,7 @@ def _accel_option(accel: str) -> str:
     return f"tcg,tb-size={TCG_CACHE_MB}" if accel == "tcg" else accel
 
 
-def _tsc_khz() -> int | None:
+def tsc_khz() -> int | None:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
