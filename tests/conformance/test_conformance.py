@@ -191,11 +191,12 @@ def test_a_slow_host_on_either_side_of_a_frame_is_waited_for(sb: Sandbox) -> Non
 def test_list_dir_skips_entries_removed_while_it_reads(sb: Sandbox) -> None:
     """Code beside the call may remove files while the agent lists their directory: a vanished
     entry is left out, not an error for the whole listing (the components' relay does just that)."""
-    assert sb.exec(["mkdir", "-p", "/tmp/churn"]).success
-    churn = sb.spawn(["sh", "-c", "cd /tmp/churn; while :; do touch a b c d e f; rm -f a b c d e f; done"])
+    where = f"{sb.scratch_dir}/churn"
+    assert sb.exec(["mkdir", "-p", where]).success
+    churn = sb.spawn(["sh", "-c", f"cd {where}; while :; do touch a b c d e f; rm -f a b c d e f; done"])
     try:
         for _ in range(200):
-            names = {e["name"] for e in sb.list_dir("/tmp/churn")}
+            names = {e["name"] for e in sb.list_dir(where)}
             assert names <= {"a", "b", "c", "d", "e", "f"}
     finally:
         churn.kill("SIGKILL")

@@ -40,13 +40,14 @@ def sb(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
 
 
 def test_cells_share_variables_imports_and_the_working_directory(sb: Sandbox) -> None:
+    notebook = f"{sb.scratch_dir}/nb"
     with sb.interpreter("state") as py:
         first = py.run(
-            "import os\ncount = 41\nos.makedirs('/tmp/nb', exist_ok=True)\nos.chdir('/tmp/nb')\nprint('set')"
+            f"import os\ncount = 41\nos.makedirs({notebook!r}, exist_ok=True)\nos.chdir({notebook!r})\nprint('set')"
         )
         assert first.success and first.stdout == "set\n" and first.execution_count == 1 and first.results == []
         second = py.run("count += 1\nprint(os.getcwd())\ncount")
-        assert second.stdout == "/tmp/nb\n" and second.execution_count == 2
+        assert second.stdout == f"{notebook}\n" and second.execution_count == 2
         assert [(r.kind, r.text) for r in second.results] == [("execute_result", "42")]
         assert py.run("_ * 2").results[0].text == "84"  # the last value, as in IPython
 
@@ -139,9 +140,10 @@ def test_an_interpreter_that_ignores_interrupts_is_killed_and_the_next_cell_star
 
 def test_restart_ends_the_interpreter_as_a_program_ends(sb: Sandbox) -> None:
     py = sb.interpreter("restart")
-    py.run("import atexit\natexit.register(lambda: open('/tmp/atexit-ran', 'w').write('yes'))\nvalue = 1")
+    mark = f"{sb.scratch_dir}/atexit-ran"
+    py.run(f"import atexit\natexit.register(lambda: open({mark!r}, 'w').write('yes'))\nvalue = 1")
     py.restart()
-    assert sb.read_file("/tmp/atexit-ran") == b"yes"
+    assert sb.read_file(mark) == b"yes"
     fresh = py.run("'value' in dir()")
     assert fresh.execution_count == 1 and fresh.results[0].text == "False"
 

@@ -37,7 +37,6 @@ from stockade.runtimes.microvm.runtime import qemu_binary
 from tests.conftest import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 GUEST_MB = 1024
 GUEST_DEADLINE_S = 600  # ~2.5 min on an idle 2-core host under TCG
 # The tests whose outcome depends on the host's cgroups (runtime: process; the guest runs no gVisor or VM).
@@ -63,13 +62,13 @@ mount -t devtmpfs dev /dev
 for m in __MODULES__; do insmod /modules/$m.ko || { echo "v2 guest: insmod $m failed"; poweroff -f; }; done
 R=/newroot
 mkdir -p $R && mount -t tmpfs -o mode=0755 root $R
-mkdir -p $R/bin $R/usr $R/etc $R__REPO__ $R/out $R/tmp $R/proc $R/sys $R/dev
+mkdir -p $R/bin $R/usr $R/etc $R/out $R/tmp $R/proc $R/sys $R/dev
 busybox cp /bin/busybox /stage-two $R/bin/
 for a in sh mount mkdir cat poweroff hostname date; do ln -s busybox $R/bin/$a; done
 ln -s usr/lib $R/lib
 ln -s usr/lib64 $R/lib64
 o=trans=virtio,version=9p2000.L,msize=262144
-for share in "usr /usr ro" "etc /etc ro" "repo __REPO__ ro" "out /out rw"; do
+for share in "usr /usr ro" "etc /etc ro" "out /out rw"; do
   set -- $share
   mount -t 9p -o $o,$3 $1 $R$2 || { echo "v2 guest: no share $1"; poweroff -f; }
 done
@@ -82,6 +81,10 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs -o mode=1777 tmp /tmp
+# The checkout at its host path (its .venv names it), after /tmp: it may be under /tmp.
+mkdir -p __REPO__
+o=trans=virtio,version=9p2000.L,msize=262144,ro
+mount -t 9p -o $o repo __REPO__ || { echo "v2 guest: no share repo"; poweroff -f; }
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo "+memory +pids +cpu" > /sys/fs/cgroup/cgroup.subtree_control
 hostname v2-guest
@@ -104,13 +107,15 @@ def _require_guest() -> None:
         pytest.skip(f"no .venv at {REPO}: the guest runs the checkout's own environment")
     if not (home + "/").startswith("/usr/"):
         pytest.skip(f"the .venv's interpreter is in {home}: the guest sees only the host's /usr")
+    if REPO.startswith(("/usr/", "/etc/")):
+        pytest.skip(f"the checkout is under {REPO.split('/')[1]}, which the guest shares read-only from the host")
 
 
 def _initrd(image: guest_image.GuestImage, into: str) -> str:
     """The guest image's initramfs, with this test's two init stages appended: the kernel
     unpacks concatenated archives in order, so the later ``/init`` is the one that runs."""
     now = str(int(time.time()))  # the guest has no clock of its own
-    one = STAGE_ONE.replace("__MODULES__", " ".join(guest_image.MODULES)).replace("__REPO__", REPO)
+    one = STAGE_ONE.replace("__MODULES__", " ".join(guest_image.MODULES))
     two = STAGE_TWO.replace("__REPO__", REPO).replace("__NOW__", now)
     two = two.replace("__TESTS__", shlex.join(INNER_TESTS))
     path = os.path.join(into, "initrd")
@@ -176,6 +181,7 @@ def test_limits_and_cgroup_attacks_hold_on_a_pure_v2_host(guest_dir: str) -> Non
     assert os.path.exists(os.path.join(out, "rc")), f"the guest did not finish in {GUEST_DEADLINE_S} s\n{report()}"
     with open(os.path.join(out, "controllers")) as f:
         assert set(f.read().split()) == {"cpu", "memory", "pids"}, report()
+    assert os.path.exists(os.path.join(out, "junit.xml")), f"the guest's pytest wrote no report\n{report()}"
     suite = ET.parse(os.path.join(out, "junit.xml")).getroot().find("testsuite")
     assert suite is not None, report()
     counts = {key: int(suite.get(key, "0")) for key in ("tests", "failures", "errors", "skipped")}

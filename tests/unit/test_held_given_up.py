@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
+import tempfile
 
 from stockade.daemon.config import DaemonConfig
 from stockade.daemon.controller import Controller
@@ -15,13 +17,16 @@ FAKE = {"policy": {"runtime": "fake", "timeout_seconds": 60}}
 
 
 def test_the_call_after_a_given_up_one_waits_for_it_and_the_sandbox_keeps_its_state() -> None:
+    cleanup: list[str] = []
+
     async def scenario() -> None:
         controller = Controller(DaemonConfig(max_sandboxes=2, pool_size=0), manager=RuntimeManager(pool_size=0))
         try:
             caller = unix_caller(0)
             created = await controller.create(SandboxCreate(**FAKE), caller)
             ref = {"sandbox_id": created.sandbox_id}
-            scratch = "/tmp"
+            scratch = tempfile.mkdtemp()  # the fake runtime writes the host's files
+            cleanup.append(scratch)
             path = f"{scratch}/given-up-{created.sandbox_id}"
             command = ["sh", "-c", f"sleep 0.8; echo ran > {path}"]
             gone = asyncio.create_task(controller.sandbox_run(SandboxExec(command=command, **ref), caller))
@@ -38,4 +43,8 @@ def test_the_call_after_a_given_up_one_waits_for_it_and_the_sandbox_keeps_its_st
         finally:
             await controller.shutdown(0.0)
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)

@@ -7,7 +7,11 @@ and advertising the resources it is given (``stockade ray resources`` says what
 a real node would). A node's processes (raylet, workers, the actors stockade
 runs there, their zygotes) all carry an environment marker naming the node,
 which is how ``kill_node`` finds every one of them, even those a dead parent
-left to init, and how ``leftovers`` proves nothing is left.
+left to init, and how ``leftovers`` proves nothing is left. Ray's dashboard
+and runtime-env agents overwrite that environment when they rename themselves
+(setproctitle), and a raylet restarts an agent that dies: those are found by
+the files they hold open in the cluster's temp dir (each inherits its raylet's
+log files), whoever their parent is by then.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MARKER = "STOCKADE_RAY_TEST_NODE"
@@ -85,6 +90,31 @@ def marked_pids(value: str) -> list[int]:
         if any(item == want or (value.endswith("-") and item.startswith(want)) for item in env):
             found.append(int(entry))
     return found
+
+
+def _open_files(pid: str) -> list[str]:
+    """What ``pid``'s descriptors name (a removed file keeps its path, then " (deleted)")."""
+    names: list[str] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return names
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            names.append(os.readlink(f"/proc/{pid}/fd/{fd}").removesuffix(" (deleted)"))
+    return names
+
+
+def holders(match: Callable[[str], bool]) -> list[int]:
+    """The processes but this one holding open a file whose path ``match`` takes."""
+    me = str(os.getpid())
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and e != me and any(map(match, _open_files(e)))]
+
+
+def _node_log(path: str) -> bool:
+    """A log of a node's own processes (raylet.*, gcs_server.*), which everything they start
+    inherits; a Ray driver (this process, a daemon under test) holds none of them."""
+    return os.path.basename(path).startswith(("raylet.", "gcs_server."))
 
 
 class LocalRayCluster:
@@ -214,8 +244,12 @@ class LocalRayCluster:
         """The node is lost: every process of it gets SIGKILL at once, as a machine that goes away."""
         node = self.nodes[index]
         deadline = time.monotonic() + 30
+        logs: set[str] = set()  # the node's raylet's log files, which every process it starts inherits
         while True:
-            pids = marked_pids(node.name)
+            marked = marked_pids(node.name)
+            for pid in marked:
+                logs.update(f for f in _open_files(str(pid)) if os.path.basename(f).startswith("raylet."))
+            pids = sorted(set(marked) | set(holders(logs.__contains__)))
             if not pids:
                 break
             for pid in pids:
@@ -234,13 +268,25 @@ class LocalRayCluster:
         port = next(n["NodeManagerPort"] for n in ray.nodes() if n["NodeID"] == node_id)  # type: ignore[no-untyped-call]
         return next(i for i, node in enumerate(self.nodes) if node.ports["node-manager-port"] == port)
 
+    def _node_log_here(self, path: str) -> bool:
+        return path.startswith(self.temp_dir + "/") and _node_log(path)
+
     def leftovers(self) -> list[int]:
-        return marked_pids(f"{self.id}-")
+        return sorted(set(marked_pids(f"{self.id}-")) | set(holders(self._node_log_here)))
 
     def stop(self) -> None:
-        """Every node killed (workers first), and the cluster's files removed."""
+        """Every node killed (workers first), then anything a node started that still holds
+        its logs, and the cluster's files removed."""
         for index in reversed(range(len(self.nodes))):
             self.kill_node(index)
+        deadline = time.monotonic() + 30
+        while pids := holders(self._node_log_here):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray cluster left processes that do not die: {pids}")
+            time.sleep(0.05)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRayCluster:

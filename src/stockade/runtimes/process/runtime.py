@@ -6,7 +6,7 @@ no_new_privs, rlimits, cgroup limits, Landlock and a seccomp filter whose
 blocked calls are answered and reported by the host (``seccomp.Supervisor``).
 The sequence itself is in ``stockade/agent/confine.py``; this module is the
 host half: it prepares the cgroup and the config, asks the zygote for an
-isolate, checks the handshake, and owns the isolate until ``close``.
+isolate, checks its handshake (``handshake.py``), and owns it until ``close``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import platform
 import signal
 import socket
 import stat
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from ... import environments
-from ...agent import linux, wire
+from ...agent import linux
 from ...egress import PROXY_PORT
 from ...environments import ENV_ROOT
 from ...errors import PolicyError, SandboxStartError, StockadeError
@@ -36,13 +35,12 @@ from ..reaper import Reaper
 from ..sandbox import AgentSandbox
 from . import netcalls, seccomp
 from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
+from .handshake import kill_pidfd, pid_of, receive_isolate
 from .uids import UidAllocator, UidLease, UidRange
 from .zygote import Zygote, system_python
 
 if TYPE_CHECKING:
     from ...egress.workers import EgressWorker
-
-HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def isolate_shape(policy: Policy) -> tuple[Any, ...]:
@@ -100,7 +98,7 @@ class ProcessSandbox(AgentSandbox):
         return taken, worker
 
     def isolate_pid(self) -> int | None:
-        return _pid_of(self.pidfd) if self.pidfd >= 0 else None
+        return pid_of(self.pidfd) if self.pidfd >= 0 else None
 
     def apply_policy(self, policy: Policy) -> None:
         """Set the limits of ``policy`` on this (pooled) isolate before it runs anything."""
@@ -297,7 +295,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit, setup=True)
             zygote.spawn(config, guest.fileno())
             guest.close()
-            pidfd, listener, egress = _handshake(host)
+            pidfd, listener, egress = receive_isolate(host)
             if cgroup is not None:  # set up: the caller's own CPU limit from now on
                 unenforced = cgroup.apply_limits(policy.memory_mb, policy.pids_limit, policy.cpu_limit)
             sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener, uid)
@@ -309,7 +307,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             guest.close()
             host.close()
             if pidfd >= 0:
-                _kill_pidfd(pidfd)
+                kill_pidfd(pidfd)
                 os.close(pidfd)
             if listener >= 0:
                 os.close(listener)
@@ -456,63 +454,3 @@ def check_mount_sources(policy: Policy) -> None:
                 f"{where} is not accessible to the sandbox's uid "
                 f"(needs to be {'readable and writable' if need & stat.S_IWOTH else 'readable'} by others)"
             )
-
-
-def _handshake(host: socket.socket) -> tuple[int, int, list[socket.socket]]:
-    """The isolate's pidfd, its seccomp listener, and (network_policy allowlist) its egress sockets."""
-    host.settimeout(HANDSHAKE_TIMEOUT_S)
-    try:
-        first = wire.recv_exact(host, 1)
-        if first == b"E":
-            raise SandboxStartError(_setup_error(host))
-        if first != b"P":
-            raise SandboxStartError("the isolate sent an unexpected handshake")
-        (pid,) = struct.unpack("<I", wire.recv_exact(host, 4))
-        pidfd = os.pidfd_open(pid)
-        try:
-            msg, fds, _flags, _addr = socket.recv_fds(host, 1, 3)
-            if msg == b"E" or msg != b"R" or len(fds) not in (1, 3):
-                for fd in fds:
-                    os.close(fd)
-                if msg == b"E":
-                    raise SandboxStartError(_setup_error(host))
-                raise SandboxStartError("the isolate died during setup")
-        except BaseException:
-            _kill_pidfd(pidfd)
-            os.close(pidfd)
-            raise
-        return pidfd, fds[0], [socket.socket(fileno=fd) for fd in fds[1:]]
-    except TimeoutError:
-        raise SandboxStartError(f"the isolate did not finish setup within {HANDSHAKE_TIMEOUT_S:g} s") from None
-    except (EOFError, ProcessLookupError):
-        raise SandboxStartError("the isolate died during setup") from None
-    finally:
-        host.settimeout(None)
-
-
-def _setup_error(host: socket.socket) -> str:
-    try:
-        message = wire.decode_payload(wire.read_frame(host))
-        return f"isolate setup failed: {message.get('error')}"
-    except Exception:  # noqa: BLE001
-        return "isolate setup failed (no detail)"
-
-
-def _pid_of(pidfd: int) -> int | None:
-    """The pid a pidfd refers to (its fdinfo), None once that process is gone."""
-    try:
-        with open(f"/proc/self/fdinfo/{pidfd}") as f:
-            for line in f:
-                if line.startswith("Pid:"):
-                    pid = int(line.split()[1])
-                    return pid if pid > 0 else None
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _kill_pidfd(pidfd: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except OSError:
-        pass
