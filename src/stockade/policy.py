@@ -92,6 +92,10 @@ class Mount(BaseModel):
 def _clean_abs(path: str, what: str) -> str:
     if not path.startswith("/") or "\0" in path:
         raise ValueError(f"{what} {path!r} must be an absolute path")
+    try:
+        path.encode("utf-8", "surrogateescape")  # what names a file: text, or the bytes os.fsdecode kept
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {path!r} names no file: it holds a lone surrogate") from None
     clean = posixpath.normpath(path)
     if clean.startswith("//"):
         clean = clean[1:]

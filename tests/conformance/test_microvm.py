@@ -338,7 +338,9 @@ def test_a_violation_ends_the_vm_when_the_policy_says_kill(vm_manager: RuntimeMa
 
 
 def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
-    share = tempfile.mkdtemp(prefix="stockade-vmshare-")
+    # A source with a comma (QEMU's option separator) and a target with a space, a comma and a
+    # colon (the kernel command line's and stockade.mounts='s separators): each arrives whole.
+    share = tempfile.mkdtemp(prefix="stockade-vmshare,readonly=off-")
     out = tempfile.mkdtemp(prefix="stockade-vmshare-rw-")
     try:
         os.chmod(share, 0o755)
@@ -347,10 +349,10 @@ def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
             f.write("from the host")
         os.chmod(os.path.join(share, "in.txt"), 0o644)
         code = (
-            "import socket\nprint(open('/data/in.txt').read())\n"
+            "import socket\nprint(open('/data, x:y/in.txt').read())\n"
             "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
             "socket.create_connection(s.getsockname(), timeout=5); print('loopback ok')\n"
-            "try:\n    open('/data/x', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)\n"
+            "try:\n    open('/data, x:y/x', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)\n"
             "open('/work/out/result.txt', 'w').write('from the guest')\n"
             "try:\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).bind((socket.VMADDR_CID_ANY, 5252))\n"
             "except OSError as e:\n    print('vsock', e.errno)"
@@ -358,7 +360,7 @@ def test_shared_path_and_loopback(vm_manager: RuntimeManager) -> None:
         started = time.monotonic()
         # The writable share's target lies inside the scratch space: mounted over it, in the code's namespace.
         r = stockade.run_code(code, runtime="microvm", manager=vm_manager, network_policy="loopback",
-                              filesystem_access=[f"{share}:/data", f"{out}:/work/out:rw"],
+                              filesystem_access=[{"source": share, "target": "/data, x:y"}, f"{out}:/work/out:rw"],
                               timeout_seconds=60)  # fmt: skip
         assert r.stdout.splitlines() == ["from the host", "loopback ok", "read-only 30", "vsock 1"], r.summary()
         assert [v.syscall for v in r.security_violations] == ["socket"]  # AF_VSOCK, whatever the network policy

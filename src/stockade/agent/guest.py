@@ -117,13 +117,13 @@ def _wait_for_go() -> tuple[int, str]:
 
 
 def _shares(cmdline: str) -> list[tuple[str, str, bool]]:
-    """The policy's shared paths, from ``stockade.mounts=TAG:TARGET:ro|rw,...`` (runtimes/microvm/qemu.py)."""
+    """The policy's shared paths, from ``stockade.mounts=TAG:HEX(TARGET):ro|rw,...`` (runtimes/microvm/qemu.py)."""
     out = []
     for arg in cmdline.split():
         if arg.startswith("stockade.mounts="):
             for item in arg[len("stockade.mounts=") :].split(","):
                 tag, target, mode = item.split(":")
-                out.append((tag, target, mode == "rw"))
+                out.append((tag, bytes.fromhex(target).decode("utf-8", "surrogateescape"), mode == "rw"))
     return out
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 
+from ...errors import PolicyError
 from ...policy import Policy
 from . import image as guest_image
 from . import jail
 from .console import CONSOLE
 
 MIN_GUEST_MB = 128
+KERNEL_CMDLINE_MAX = 2048  # x86's COMMAND_LINE_SIZE, its terminating NUL included
 TCG_CACHE_MB = 128  # the emulator's own memory (TCG translation cache, device state)
 
 
@@ -37,9 +39,12 @@ def qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel
     for i, m in enumerate(policy.filesystem_access):
         tag = f"m{i}"
         readonly = "" if m.writable else ",readonly=on"
-        args += ["-fsdev", f"local,id={tag},path={m.source},security_model=none{readonly}",
+        args += ["-fsdev", f"local,id={tag},path={_option_value(m.source)},security_model=none{readonly}",
                  "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]  # fmt: skip
-        mounts.append(f"{tag}:{m.target}:{'rw' if m.writable else 'ro'}")
+        # In hex: a target's spaces, commas and colons would otherwise be read as the command
+        # line's own separators (a space even as more kernel parameters).
+        target = m.target.encode("utf-8", "surrogateescape").hex()
+        mounts.append(f"{tag}:{target}:{'rw' if m.writable else 'ro'}")
     # The scratch size and the network come with the go line (snapshot.go_line), so
     # that one snapshot serves them all; shared paths are devices, fixed at boot.
     cmdline = ["console=ttyS0", "quiet", "panic=-1"]
@@ -47,7 +52,18 @@ def qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel
         cmdline.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 5 hang under TCG here
     if mounts:
         cmdline.append("stockade.mounts=" + ",".join(mounts))
-    return [*args, "-append", " ".join(cmdline)]
+    appended = " ".join(cmdline)
+    if len(appended) >= KERNEL_CMDLINE_MAX:  # the kernel would cut it short, shares and all
+        raise PolicyError(
+            f"filesystem_access: {len(mounts)} shared paths do not fit a microVM's kernel command line "
+            f"({len(appended)} of {KERNEL_CMDLINE_MAX - 1} bytes); share fewer paths or shorter targets"
+        )
+    return [*args, "-append", appended]
+
+
+def _option_value(text: str) -> str:
+    """``text`` as one value of a QEMU option list, where a comma is written twice."""
+    return text.replace(",", ",,")
 
 
 def _accel_option(accel: str) -> str:
