@@ -17,6 +17,7 @@ log files), whoever their parent is by then.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 
 MARKER = "STOCKADE_RAY_TEST_NODE"
 _WORKER_PORTS = 200  # per node: the ports its Ray workers listen on
+JOIN_WAIT_S = 35  # how long a joining node waits for the GCS before it gives up (Ray's 30 s, and a margin)
 
 
 @dataclass
@@ -203,17 +205,27 @@ class LocalRayCluster:
 
     def _join(self, index: int, deadline: float) -> None:
         """Start worker node ``index``; one that gives up joining (Ray's own 30 s wait for the
-        GCS, which a loaded machine can miss) is killed and started again."""
+        GCS, which a loaded machine can miss) is killed and started again, until ``deadline``."""
         node = self.nodes[index]
-        for attempt in range(3):
+        attempt = 0
+        while True:
+            attempt += 1
             self._launch(node, head=False)
             try:
                 self._wait_for_log(node, "Ray runtime started", deadline)
                 return
-            except RuntimeError:
+            except RuntimeError as exc:
                 self.kill_node(index)
-                if attempt == 2 or time.monotonic() > deadline:
-                    raise
+                if time.monotonic() > deadline - JOIN_WAIT_S:  # no room for another wait
+                    gcs = self._session_log("gcs_server.err") + self._session_log("gcs_server.out")
+                    raise RuntimeError(f"{exc}\n(attempt {attempt}; the head's GCS log ends: {gcs})") from None
+
+    def _session_log(self, name: str) -> str:
+        """The end of one of the head's log files (the session's logs directory)."""
+        for path in glob.glob(os.path.join(self.temp_dir, "session_*", "logs", name)):
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        return ""
 
     def _wait_for_log(self, node: RayNode, line: str, deadline: float) -> None:
         while line not in self.tail(node):
