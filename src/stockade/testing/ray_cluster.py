@@ -119,6 +119,18 @@ def _node_log(path: str) -> bool:
     return os.path.basename(path).startswith(("raylet.", "gcs_server."))
 
 
+def _kill_until_gone(processes: Callable[[], list[int]], what: str) -> None:
+    """SIGKILL whatever ``processes`` names until it names none (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while pids := processes():
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} left processes that do not die: {pids}")
+        time.sleep(0.05)
+
+
 class LocalRayCluster:
     """``nodes``: the head first. ``start()`` waits until every node has joined."""
 
@@ -255,21 +267,15 @@ class LocalRayCluster:
     def kill_node(self, index: int) -> None:
         """The node is lost: every process of it gets SIGKILL at once, as a machine that goes away."""
         node = self.nodes[index]
-        deadline = time.monotonic() + 30
         logs: set[str] = set()  # the node's raylet's log files, which every process it starts inherits
-        while True:
+
+        def processes() -> list[int]:
             marked = marked_pids(node.name)
             for pid in marked:
                 logs.update(f for f in _open_files(str(pid)) if os.path.basename(f).startswith("raylet."))
-            pids = sorted(set(marked) | set(holders(logs.__contains__)))
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ray node {node.name} left processes that do not die: {pids}")
-            time.sleep(0.05)
+            return sorted(set(marked) | set(holders(logs.__contains__)))
+
+        _kill_until_gone(processes, f"ray node {node.name}")
         if node.proc is not None:
             node.proc.wait()
 
@@ -291,14 +297,7 @@ class LocalRayCluster:
         its logs, and the cluster's files removed."""
         for index in reversed(range(len(self.nodes))):
             self.kill_node(index)
-        deadline = time.monotonic() + 30
-        while pids := holders(self._node_log_here):
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray cluster left processes that do not die: {pids}")
-            time.sleep(0.05)
+        _kill_until_gone(lambda: holders(self._node_log_here), "the Ray cluster")
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRayCluster:
