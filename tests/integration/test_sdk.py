@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
@@ -10,6 +15,7 @@ import pytest
 import stockade
 from stockade import Policy
 from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
 
 
 @pytest.fixture
@@ -162,3 +168,28 @@ def test_close_tears_the_pool_down(process_runtime: str) -> None:
     while any(sb.cgroup and sb.cgroup.pids() for sb in pool) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(sb.closed for sb in pool)
+
+
+FORGETFUL = """
+import sys
+from stockade import Policy, Sandbox
+from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
+manager = RuntimeManager(pool_size=1)  # never closed
+sandbox = Sandbox(Policy(runtime=sys.argv[1]), manager=manager)  # never closed either
+assert sandbox.exec(["true"]).success
+print("ran")
+"""
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_a_process_that_forgets_its_sandbox_and_pool_leaves_nothing_when_it_exits(runtime: str) -> None:
+    # Its isolates (the sandbox, and the pool's, which a filler thread builds) end with it.
+    require(runtime)
+    child = subprocess.Popen([sys.executable, "-c", FORGETFUL, runtime], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0 and out == b"ran\n", err.decode(errors="replace")
+    mine = f"stockade-{child.pid}-*"
+    groups = [g for depth in ("*", "*/*", "*/*/*", "*/*/*/*") for g in glob.glob(f"/sys/fs/cgroup/{depth}/{mine}")]
+    assert groups == []
+    assert glob.glob(os.path.join(tempfile.gettempdir(), f"stockade-gvisor-{child.pid}-*")) == []

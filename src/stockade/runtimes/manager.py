@@ -9,8 +9,10 @@ runtime) is only ever used when asked for by name or level.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RuntimeUnavailableError
@@ -18,6 +20,7 @@ from ..isolation import LEVELS, RUNTIME_NAMES, rank, trust_map
 from ..policy import Policy
 from ..settings import current
 from .base import Availability, Runtime
+from .sandbox import open_isolates
 
 if TYPE_CHECKING:
     from .process.runtime import ProcessRuntime
@@ -37,6 +40,7 @@ class RuntimeManager:
         self._runtimes: dict[str, Runtime] = {}
         self._availability: dict[str, Availability] = {}
         self._lock = threading.Lock()
+        _open_managers.add(self)
 
     def get(self, name: str) -> Runtime:
         with self._lock:
@@ -171,6 +175,21 @@ def _check_egress(runtime: Runtime, policy: Policy) -> Runtime:
 
 _default: RuntimeManager | None = None
 _default_lock = threading.Lock()
+# Every manager not yet closed (the default one included): closed when the interpreter exits.
+_open_managers: weakref.WeakSet[RuntimeManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """What the process still holds when it exits ends with it: every sandbox still open, then
+    every manager's runtimes (warm pools, spares, zygotes), so no isolate, group or bundle
+    outlives it, and no pool's filler (a daemon thread) is left halfway through a build."""
+    for sandbox in list(open_isolates):
+        with contextlib.suppress(Exception):
+            sandbox.close()
+    for manager in list(_open_managers):
+        with contextlib.suppress(Exception):
+            manager.close()
 
 
 def default_manager() -> RuntimeManager:
@@ -178,5 +197,4 @@ def default_manager() -> RuntimeManager:
     with _default_lock:
         if _default is None:
             _default = RuntimeManager()
-            atexit.register(_default.close)
         return _default

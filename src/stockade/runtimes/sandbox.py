@@ -16,6 +16,7 @@ import abc
 import asyncio
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,10 @@ if TYPE_CHECKING:
 
 # How a call to the agent can end that is the isolate's end, not an error to raise.
 _RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
+# Every isolate not yet closed: the ones still open when the interpreter exits are closed
+# then (manager.py; a forgotten sandbox must not outlive its process, and ``__del__`` may
+# never run).
+open_isolates: weakref.WeakSet[AgentSandbox] = weakref.WeakSet()
 
 
 class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
@@ -82,6 +87,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         self.one_shot = False
         # The current run's violations, bounded (violations.py); the runtime feeds it.
         self.violation_log = ViolationLog()
+        open_isolates.add(self)
 
     # ---- runtime hooks -----------------------------------------------------------
 
