@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade.runtimes.microvm import image as guest_image
-from stockade.runtimes.microvm.qemu import TCG_CACHE_MB, tsc_khz
+from stockade.runtimes.microvm.qemu import TCG_CACHE_MB, share_args, tsc_khz
 from stockade.runtimes.microvm.runtime import qemu_binary
 from tests.conftest import require
 
@@ -116,7 +116,7 @@ def _initrd(image: guest_image.GuestImage, into: str) -> str:
     unpacks concatenated archives in order, so the later ``/init`` is the one that runs."""
     now = str(int(time.time()))  # the guest has no clock of its own
     one = STAGE_ONE.replace("__MODULES__", " ".join(guest_image.MODULES))
-    two = STAGE_TWO.replace("__REPO__", REPO).replace("__NOW__", now)
+    two = STAGE_TWO.replace("__REPO__", shlex.quote(REPO)).replace("__NOW__", now)
     two = two.replace("__TESTS__", shlex.join(INNER_TESTS))
     path = os.path.join(into, "initrd")
     with open(path, "wb") as out:
@@ -126,11 +126,6 @@ def _initrd(image: guest_image.GuestImage, into: str) -> str:
             guest_image.cpio_entry(out, ino, name, stat.S_IFREG | 0o755, data.encode())
         guest_image.cpio_entry(out, 0, "TRAILER!!!", 0, b"")
     return path
-
-
-def _share(tag: str, path: str, writable: bool = False) -> list[str]:
-    options = f"local,id={tag},path={path},security_model=none" + ("" if writable else ",readonly=on")
-    return ["-fsdev", options, "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]
 
 
 @pytest.fixture
@@ -155,7 +150,8 @@ def test_limits_and_cgroup_attacks_hold_on_a_pure_v2_host(guest_dir: str) -> Non
         "-accel", f"tcg,tb-size={TCG_CACHE_MB}", "-cpu", "max", "-m", str(GUEST_MB), "-smp", "2",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", image.kernel, "-initrd", _initrd(image, guest_dir), "-serial", f"file:{console}",
-        *_share("usr", "/usr"), *_share("etc", "/etc"), *_share("repo", REPO), *_share("out", out, writable=True),
+        *share_args("usr", "/usr"), *share_args("etc", "/etc"), *share_args("repo", REPO),
+        *share_args("out", out, writable=True),
         "-append", cmdline,
     ]  # fmt: skip
     vm = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)

@@ -174,7 +174,6 @@ FORGETFUL = """
 import sys
 from stockade import Policy, Sandbox
 from stockade.runtimes.manager import RuntimeManager
-from tests.conftest import require
 manager = RuntimeManager(pool_size=1)  # never closed
 sandbox = Sandbox(Policy(runtime=sys.argv[1]), manager=manager)  # never closed either
 assert sandbox.exec(["true"]).success

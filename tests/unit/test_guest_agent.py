@@ -13,19 +13,17 @@ from stockade.runtimes.microvm.image import GuestImage
 from stockade.runtimes.microvm.qemu import qemu_command
 
 
-def test_the_agent_reads_the_shared_paths_the_runtime_puts_on_the_kernel_command_line() -> None:
-    # The host names each share's 9p tag, target and mode there; the agent mounts them in the code's namespace.
-    policy = Policy(filesystem_access=["/usr/share:/data", "/var/tmp:/work/out:rw"])
-    image = GuestImage("/nonexistent", "/nonexistent/vmlinux", "/nonexistent/initramfs.cpio", "6.1.0-test")
-    cmd = qemu_command("/nonexistent/qemu", image, policy, "tcg", "/nonexistent/run", "/nonexistent/run/agent.sock")
-    cmdline = cmd[cmd.index("-append") + 1]
-    assert guest._shares(cmdline) == [("m0", "/data", False), ("m1", "/work/out", True)]
-    assert guest._shares("console=ttyS0 quiet panic=-1") == []
-
-
 def _command(policy: Policy) -> list[str]:
     image = GuestImage("/nonexistent", "/nonexistent/vmlinux", "/nonexistent/initramfs.cpio", "6.1.0-test")
     return qemu_command("/nonexistent/qemu", image, policy, "tcg", "/nonexistent/run", "/nonexistent/run/agent.sock")
+
+
+def test_the_agent_reads_the_shared_paths_the_runtime_puts_on_the_kernel_command_line() -> None:
+    # The host names each share's 9p tag, target and mode there; the agent mounts them in the code's namespace.
+    cmd = _command(Policy(filesystem_access=["/usr/share:/data", "/var/tmp:/work/out:rw"]))
+    cmdline = cmd[cmd.index("-append") + 1]
+    assert guest._shares(cmdline) == [("m0", "/data", False), ("m1", "/work/out", True)]
+    assert guest._shares("console=ttyS0 quiet panic=-1") == []
 
 
 def test_separators_in_a_shared_path_stay_inside_it() -> None:

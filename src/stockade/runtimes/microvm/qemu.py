@@ -33,14 +33,11 @@ def qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=stockade.agent",
-        "-fsdev", "local,id=usr,path=/usr,security_model=none,readonly=on",
-        "-device", "virtio-9p-device,fsdev=usr,mount_tag=usr",
+        *share_args("usr", "/usr"),
     ]  # fmt: skip
     for i, m in enumerate(policy.filesystem_access):
         tag = f"m{i}"
-        readonly = "" if m.writable else ",readonly=on"
-        args += ["-fsdev", f"local,id={tag},path={_option_value(m.source)},security_model=none{readonly}",
-                 "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]  # fmt: skip
+        args += share_args(tag, m.source, m.writable)
         # In hex: a target's spaces, commas and colons would otherwise be read as the command
         # line's own separators (a space even as more kernel parameters).
         target = m.target.encode("utf-8", "surrogateescape").hex()
@@ -61,9 +58,12 @@ def qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel
     return [*args, "-append", appended]
 
 
-def _option_value(text: str) -> str:
-    """``text`` as one value of a QEMU option list, where a comma is written twice."""
-    return text.replace(",", ",,")
+def share_args(tag: str, path: str, writable: bool = False) -> list[str]:
+    """QEMU's arguments for a 9p share of the host's ``path``, mounted in the guest by ``tag``.
+    A comma in the path is written twice: QEMU's escape inside an option list."""
+    readonly = "" if writable else ",readonly=on"
+    options = f"local,id={tag},path={path.replace(',', ',,')},security_model=none{readonly}"
+    return ["-fsdev", options, "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]
 
 
 def _accel_option(accel: str) -> str:

@@ -25,7 +25,7 @@ def receive_isolate(host: socket.socket) -> tuple[int, int, list[socket.socket]]
     try:
         first = wire.recv_exact(host, 1)
         if first == b"E":
-            raise SandboxStartError(setup_error(host))
+            raise SandboxStartError(_setup_error(host))
         if first != b"P":
             raise SandboxStartError("the isolate sent an unexpected handshake")
         (pid,) = struct.unpack("<I", wire.recv_exact(host, 4))
@@ -36,7 +36,7 @@ def receive_isolate(host: socket.socket) -> tuple[int, int, list[socket.socket]]
                 for fd in fds:
                     os.close(fd)
                 if msg == b"E":
-                    raise SandboxStartError(setup_error(host))
+                    raise SandboxStartError(_setup_error(host))
                 raise SandboxStartError("the isolate died during setup")
         except BaseException:
             kill_pidfd(pidfd)
@@ -51,7 +51,7 @@ def receive_isolate(host: socket.socket) -> tuple[int, int, list[socket.socket]]
         host.settimeout(None)
 
 
-def setup_error(host: socket.socket) -> str:
+def _setup_error(host: socket.socket) -> str:
     try:
         message = wire.decode_payload(wire.read_frame(host))
         return f"isolate setup failed: {message.get('error')}"
