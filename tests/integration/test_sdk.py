@@ -192,3 +192,24 @@ def test_a_process_that_forgets_its_sandbox_and_pool_leaves_nothing_when_it_exit
     groups = [g for depth in ("*", "*/*", "*/*/*", "*/*/*/*") for g in glob.glob(f"/sys/fs/cgroup/{depth}/{mine}")]
     assert groups == []
     assert glob.glob(os.path.join(tempfile.gettempdir(), f"stockade-gvisor-{child.pid}-*")) == []
+
+
+FORKING = """
+import os, sys
+from stockade import Policy, Sandbox
+from stockade.runtimes.manager import RuntimeManager
+manager = RuntimeManager(pool_size=0)
+sandbox = Sandbox(Policy(runtime="process"), manager=manager)
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a forked child that ends normally: its exit hooks run
+os.waitpid(child, 0)
+print(sandbox.exec(["echo", "alive"]).stdout, end="")
+sandbox.close()
+manager.close()
+"""
+
+
+def test_a_forked_child_that_exits_leaves_its_parents_sandbox_alone(process_runtime: str) -> None:
+    parent = subprocess.run([sys.executable, "-c", FORKING], capture_output=True, timeout=120, check=False)
+    assert parent.returncode == 0 and parent.stdout == b"alive\n", parent.stderr.decode(errors="replace")

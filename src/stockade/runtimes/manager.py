@@ -192,6 +192,15 @@ def _close_at_exit() -> None:
             manager.close()
 
 
+def _forget_in_child() -> None:
+    # A forked child owns none of its parent's sandboxes or managers: its exit must not end them.
+    open_isolates.clear()
+    _open_managers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def default_manager() -> RuntimeManager:
     global _default
     with _default_lock:
