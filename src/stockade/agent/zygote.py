@@ -23,14 +23,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import importlib.util
+import marshal
 import os
-import py_compile
 import select
 import signal
 import socket
 import struct
 import sys
-import tempfile
 import time
 
 from . import confine, linux
@@ -136,30 +136,57 @@ def main(ctl_fd: int, sandbox_uids: str | None = None, cgroup_parents: str | Non
 
 
 def _agent_files() -> dict[str, bytes]:
-    """The agent's modules as an isolate gets them: source, and bytecode compiled once here.
-
-    Inside, they live under ``confine.AGENT_HOME``; the bytecode names that
-    path (tracebacks and ``__file__`` never show the host's install path) and
-    is unchecked-hash, so the read-only copy is used as it is.
-    """
+    """The agent's modules as an isolate gets them: source, and bytecode whose code names
+    their path inside (``confine.AGENT_HOME``), so that tracebacks and ``__file__`` never
+    show the host's install path. The bytecode is kept beside the host's own
+    (``_isolate_bytecode``): compiling the modules at every boot took longer than the
+    rest of the zygote's start."""
     here = os.path.dirname(os.path.abspath(__file__))
     tag = sys.implementation.cache_tag
     files: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="stockade-agent-") as scratch:
-        for name in AGENT_MODULES:
-            with open(os.path.join(here, name + ".py"), "rb") as f:
-                files[f"agent/{name}.py"] = f.read()
-            compiled = os.path.join(scratch, name + ".pyc")
-            py_compile.compile(
-                os.path.join(here, name + ".py"),
-                cfile=compiled,
-                dfile=f"{confine.AGENT_HOME}/agent/{name}.py",
-                doraise=True,
-                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
-            )
-            with open(compiled, "rb") as f:
-                files[f"agent/__pycache__/{name}.{tag}.pyc"] = f.read()
+    for name in AGENT_MODULES:
+        with open(os.path.join(here, name + ".py"), "rb") as f:
+            source = f.read()
+        files[f"agent/{name}.py"] = source
+        cached = os.path.join(here, "__pycache__", f"{name}.isolate.{tag}.pyc")
+        inner = f"{confine.AGENT_HOME}/agent/{name}.py"
+        files[f"agent/__pycache__/{name}.{tag}.pyc"] = _isolate_bytecode(source, inner, cached)
     return files
+
+
+# A hash-based pyc that is not checked against its source (PEP 552): the isolate's copy is
+# read-only and always matches, so its interpreter takes it as it is.
+_UNCHECKED_HASH_PYC = (1).to_bytes(4, "little")
+
+
+def _isolate_bytecode(source: bytes, inner_path: str, cached: str) -> bytes:
+    """``source`` compiled as the file ``inner_path``, as a pyc's bytes; ``cached`` keeps them.
+
+    The cache sits in the agent's own ``__pycache__``, which the interpreter running this
+    already trusts with the same modules' bytecode: whoever can write there can change
+    what the zygote itself runs. A cached copy is used only when its header holds this
+    source's hash and its code names ``inner_path``; otherwise it is compiled again and
+    written back when the directory lets us (atomically: a rename), else only used.
+    """
+    header = importlib.util.MAGIC_NUMBER + _UNCHECKED_HASH_PYC + importlib.util.source_hash(source)
+    try:
+        with open(cached, "rb") as f:
+            data = f.read()
+        # marshal trusts its input: so does the import of this very module's bytecode, from the same place.
+        if data.startswith(header) and marshal.loads(data[len(header) :]).co_filename == inner_path:  # noqa: S302
+            return data
+    except (OSError, ValueError, EOFError, TypeError, AttributeError):
+        pass  # absent, unreadable or not bytecode: made again below
+    data = header + marshal.dumps(compile(source, inner_path, "exec", dont_inherit=True))
+    partial = f"{cached}.{os.getpid()}"
+    try:
+        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), "wb") as f:
+            f.write(data)
+        os.replace(partial, cached)
+    except OSError:  # a read-only install: compiled at each start, as before there was a cache
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+    return data
 
 
 def _host_gone(host: int, wait_s: float) -> bool:
