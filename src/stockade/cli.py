@@ -14,7 +14,7 @@
     stockade audit verify FILE...
 
 With ``--socket`` (or ``STOCKADE_SOCKET``), run/exec-code go through the daemon,
-and start-up costs no pydantic (cli_daemon.py). When nothing answers on
+and start-up imports neither a runtime nor pydantic (cli_daemon.py). When nothing answers on
 ``$STOCKADE_SOCKET`` they say so on stderr and run in-process; ``--socket PATH``
 and ``--require-daemon`` make the daemon required instead.
 
@@ -49,9 +49,9 @@ MAX_STDIN = MAX_DATA_BYTES  # what fits one agent frame, base64-encoded
 # Fields only a run that ends acts on: a component (``start``) runs until stopped,
 # supervised on this host, its output streamed to its log uncut.
 _ONE_RUN_FIELDS = ("timeout_seconds", "max_output_bytes")
-# Subcommands whose parser carries the Policy's flags (building them loads pydantic).
+# Subcommands whose parser carries the Policy's flags (argparse, built from the Policy's fields).
 _POLICY_COMMANDS = ("run", "exec-code", "start")
-# The subcommands that run one command: cli_daemon.parse reads their flags without pydantic.
+# The subcommands that run one command: cli_daemon.parse reads their flags without argparse.
 _ONE_RUN_COMMANDS = ("run", "exec-code")
 
 
@@ -59,15 +59,19 @@ def _policy_flags(parser: argparse.ArgumentParser, one_run: bool = True) -> None
     """The Policy's flags, one per field, read from the model: name, type, choices,
     default, bounds and help (``policy.CLI_FLAGS`` names the ones not called after
     their field). ``one_run`` adds what only a run that ends takes."""
+    import dataclasses
+
     from .policy import CLI_FLAGS, Policy
 
     g = parser.add_argument_group("policy")
-    parser.set_defaults(policy_fields=tuple(Policy.model_fields))  # which destinations are the Policy's
-    for name, field in Policy.model_fields.items():
+    fields = dataclasses.fields(Policy)
+    parser.set_defaults(policy_fields=tuple(f.name for f in fields))  # which destinations are the Policy's
+    for field in fields:
+        name = field.name
         if name in _ONE_RUN_FIELDS and not one_run:
             continue
         flag, metavar = CLI_FLAGS.get(name, ("--" + name.replace("_", "-"), None))
-        kind, choices, repeated = _flag_type(field.annotation)
+        kind, choices, repeated = _flag_type(field.type)
         help_text = _flag_help(field, repeated)
         if repeated:
             g.add_argument(flag, dest=name, action="append", default=[], metavar=metavar, help=help_text)
@@ -106,17 +110,18 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None, bool]:
 
 
 def _flag_help(field: Any, repeated: bool = False) -> str:
-    """A field's description, default and bounds, as its flag's help."""
-    parts = [field.description or ""]
+    """A field's description, default and bounds (a Policy field's metadata), as its flag's help."""
+    import dataclasses
+
+    parts = [field.metadata.get("description", "")]
     if repeated:
         parts.append("repeatable")
-    if field.default_factory is None and field.default not in (None, ()):
+    if field.default not in (None, (), dataclasses.MISSING):
         parts.append(f"default {field.default:g}" if isinstance(field.default, float) else f"default {field.default}")
-    for bound in field.metadata:
-        for attr, word in (("gt", "more than"), ("ge", "at least"), ("le", "at most")):
-            value = getattr(bound, attr, None)
-            if value is not None:
-                parts.append(f"{word} {value:g}" if isinstance(value, float) else f"{word} {value}")
+    for attr, word in (("gt", "more than"), ("ge", "at least"), ("le", "at most")):
+        value = field.metadata.get(attr)
+        if value is not None:
+            parts.append(f"{word} {value:g}" if isinstance(value, float) else f"{word} {value}")
     return "; ".join(p for p in parts if p)
 
 
@@ -153,7 +158,7 @@ def _stream(name: str, data: bytes) -> None:
 def _report(args: Any, result: ExecResult) -> int:
     """Print what the run's output did not say (all of it with --json); its exit status."""
     if args.json:
-        print(result.model_dump_json(indent=2))
+        print(result.to_json(indent=2))
     elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
         print(result.summary(), file=sys.stderr)
     return _exit_status(result.termination_reason, result.exit_code)
@@ -234,17 +239,17 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
 def _daemon_token(args: Any) -> str | None:
     """The HMAC token: from ``--token-file``, else ``$STOCKADE_AUTH_TOKEN``, else none (OSError if unreadable)."""
     if not args.token_file:
-        # Read here, not through settings.py: the lean path through a daemon starts without pydantic.
+        # Read here, not through settings.py: the lean path through a daemon imports no more than it uses.
         return os.environ.get("STOCKADE_AUTH_TOKEN")
     with open(args.token_file) as f:
         return f.read().strip()
 
 
 def _early_zygote(argv: list[str], daemon_checked: bool = False) -> Any:
-    """Start the process runtime's zygote before pydantic is imported (the CLI's largest
-    cost), so the guest interpreter boots on the other core meanwhile: for ``run`` and
-    ``exec-code`` on the process runtime, read off the raw arguments (the parser that
-    knows the Policy's flags needs pydantic itself). Not when a daemon will serve the
+    """Start the process runtime's zygote before the runtime's modules are imported (the
+    CLI's largest cost), so the guest interpreter boots on the other core meanwhile: for
+    ``run`` and ``exec-code`` on the process runtime, read off the raw arguments (the
+    parser that knows the Policy's flags imports the Policy itself). Not when a daemon will serve the
     run, unless ``daemon_checked``: none answered, and the run stays here."""
     words = argv[: argv.index("--")] if "--" in argv else argv
     if not words or words[0] not in _ONE_RUN_COMMANDS:
@@ -261,8 +266,8 @@ def _early_zygote(argv: list[str], daemon_checked: bool = False) -> Any:
     from .paths import DEFAULT_GUEST_PYTHON
     from .runtimes.process.zygote import Zygote
 
-    # Its interpreter read here, not through settings.py: that would import pydantic first, the very
-    # cost this boot overlaps. No uid range to hold it to: its caller is this process, which keeps root.
+    # Its interpreter read here, not through settings.py: that would import the settings first, part of
+    # the cost this boot overlaps. No uid range to hold it to: its caller is this process, which keeps root.
     python = os.environ.get("STOCKADE_GUEST_PYTHON") or DEFAULT_GUEST_PYTHON
     try:
         return Zygote(python, wait=False, sandbox_uids=None)
@@ -310,7 +315,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def build_parser(command: str = "*") -> argparse.ArgumentParser:
     """The whole command line. Only ``command``'s parser carries the Policy's flags (``*``:
-    every parser's): building them loads pydantic, which the other subcommands do without."""
+    every parser's): building them imports the Policy, which the other subcommands do without."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="stockade", description="Run untrusted code behind real isolation.")
@@ -361,14 +366,14 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The CLI needs no pydantic plugins; looking for them costs ~20 ms of start-up.
+    # The CLI needs no pydantic plugins; looking for them costs ~20 ms where a command loads pydantic.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     program = argv is None  # this process is the command: nothing else will run in it
     argv = sys.argv[1:] if argv is None else argv
     one_run = bool(argv) and argv[0] in _ONE_RUN_COMMANDS
     if program and one_run:
         # A process that runs one command and exits: the cyclic GC would only walk
-        # pydantic's objects, ~10 ms while they are built and ~30 ms more at exit.
+        # the objects its imports build, while they are built and again at exit.
         gc.disable()
     zygote = _early_zygote(argv)
     args: Any = None

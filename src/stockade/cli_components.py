@@ -80,7 +80,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     try:
-        policy = cli._build_policy(args).model_dump(mode="json", exclude_defaults=True)
+        policy = cli._build_policy(args).non_defaults()
         # A component runs until stopped: its policy's timeout does not apply to it.
         policy.pop("timeout_seconds", None)
         store = components.ComponentStore()

@@ -1,9 +1,10 @@
-"""``stockade run`` and ``exec-code`` without pydantic: their flags, and the run through a daemon.
+"""``stockade run`` and ``exec-code`` at the least cost: their flags, and the run through a daemon.
 
 Why this module exists: the CLI's start-up cost. The full command line builds
-the Policy's flags from the pydantic model, ~100 ms of imports before anything
-runs, and the daemon's ``Client`` builds each request as a pydantic model.
-A run through a daemon needs neither: the daemon validates the request itself.
+the Policy's flags with argparse from the Policy's fields, and the daemon's
+``Client`` builds each request as a pydantic model, ~100 ms of imports before
+anything runs. A run through a daemon needs neither: the daemon validates the
+request itself.
 So ``run`` and ``exec-code`` read their flags from ``FLAGS`` (the same flags,
 checked against the model by tests/integration/test_cli_daemon.py), and
 ``via_daemon`` builds the ``execute`` request with the standard library, sends
@@ -98,7 +99,7 @@ class Args:
 
 def parse(argv: list[str]) -> Args | None:
     """``run``/``exec-code`` arguments as the full parser reads them, without building it
-    (that needs pydantic); None for anything unusual (``--help``, an error, an abbreviation,
+    (argparse and the Policy); None for anything unusual (``--help``, an error, an abbreviation,
     a value that starts with ``-``), which the full parser then reads, with its messages."""
     command, words = argv[0], argv[1:]
     options: dict[str, tuple[str, type | None]] = dict(_COMMON)
@@ -333,10 +334,10 @@ def _report(args: Any, answer: dict[str, Any]) -> int:
     from pydantic import ValidationError
 
     from .cli import _report as report
-    from .result import ExecResult
+    from .result import ExecResult, validate
 
     try:
-        parsed = ExecResult.model_validate_json(jsoncodec.dumps(result), extra="ignore")
+        parsed = validate(ExecResult, jsoncodec.dumps(result), json_text=True, extra="ignore")
     except ValidationError:
         return _fail("the daemon sent an invalid response")
     return report(args, parsed)

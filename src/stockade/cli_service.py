@@ -157,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = config.with_http(args.http, args.api_token_file, unix_socket=not args.no_socket)
         from .daemon.privileges import daemon_user_for
 
-        config = config.model_copy(update={"daemon_user": daemon_user_for(config.daemon_user)})
+        config = config.replace(daemon_user=daemon_user_for(config.daemon_user))
     except StockadeError as exc:
         return _fail(str(exc))
     try:

@@ -288,7 +288,7 @@ def share(policy: Policy) -> Policy:
     if os.getuid() == 0:
         _check_open_to_others(path)
     mount = Mount(source=path, target=ENV_ROOT)
-    return policy.model_copy(update={"filesystem_access": (*policy.filesystem_access, mount)})
+    return policy.with_mount(mount)
 
 
 def _check_open_to_others(path: str) -> None:

@@ -53,7 +53,10 @@ class StockadeError(Exception):
 
 
 class PolicyError(StockadeError, ValueError):
-    """A policy value is invalid; the message names the field."""
+    """A policy value is invalid; the message names the field. A Policy's own check also
+    says where each problem is: ``problems``, (path under the policy, message) pairs."""
+
+    problems: tuple[tuple[tuple[str | int, ...], str], ...] = ()
 
 
 class ConfigError(PolicyError):

@@ -1,4 +1,4 @@
-"""What one call to a sandbox may carry: 7 MiB of file data, of stdin, of code.
+"""What one call to a sandbox may carry: 7 MiB of file data, of stdin, of code; a command as a list.
 
 That is the data one agent frame carries, base64-encoded (docs/sdk.md). The
 frame itself would take a little more, up to its 10 MiB, so the limit is a
@@ -9,6 +9,8 @@ Light on purpose: the daemon's client imports it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from .agent.wire import MAX_DATA_BYTES
 from .errors import CallTooLargeError
@@ -27,3 +29,10 @@ def check_call_size(field: str, data: bytes | str | None) -> None:
         raise CallTooLargeError(
             f"{field} is too large: {size} bytes, and a call takes at most {MAX_CALL_BYTES} (7 MiB); nothing was sent"
         )
+
+
+def argv_list(argv: Any) -> list[str]:
+    """``argv`` as a list, refusing a string: ``run("ls -l")`` would run a program named "l"."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError(f"argv must be a list of strings, not a string: pass {argv.split()!r} (or ['sh', '-c', ...])")
+    return list(argv)

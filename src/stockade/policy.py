@@ -5,19 +5,29 @@ needs, empty environment); maxima follow seed 003 (memory 2048 MB, cpu 2.0
 cores, timeout 600 s). A value out of range raises ``PolicyError`` naming the
 field. ``digest`` is the SHA-256 of the canonical JSON, reported with every
 result so a caller can check which policy its code ran under.
+
+The three classes are frozen standard-library dataclasses that check
+themselves (``_check``, driven by each field's type and bounds), so that a
+program, or the command line, that runs one command needs no pydantic. A
+pydantic model that holds one (the daemon's requests, the HTTP API, the MCP
+configuration) validates it through these same checks, and takes its JSON
+schema (types, bounds, descriptions) from the fields (``_pydantic_schema``).
+Annotations are real types here, not strings: the checks read them.
 """
 
-from __future__ import annotations
-
+import copy
+import dataclasses
 import difflib
 import hashlib
 import json
+import operator
 import posixpath
 import re
+import types
+import typing
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .agent.wire import MAX_DATA_BYTES
 from .errors import PolicyError
@@ -53,254 +63,414 @@ _FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot")
 _RESERVED_TARGETS = ("/", "/proc", "/dev", "/usr", "/etc", "/tmp", "/work", "/bin", "/sbin", "/lib", "/lib64")
 
 
-class Mount(BaseModel):
-    """A host path made visible inside the isolate, read-only unless ``writable``."""
+class _Bad(ValueError):
+    """A value a field refuses, with where it is (``loc``) under the field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _describe(description: str, **bounds: float) -> dict[str, Any]:
+    # pydantic reads the same keys from a dataclass field's metadata for the JSON schema.
+    return {"description": description, **bounds}
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _check(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
+    """``value`` as a field of type ``kind`` takes it (strictly: as JSON gives it, a list for a
+    tuple), within ``bounds``; else ``_Bad`` in pydantic's words, which every door has used."""
+    args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        return _check(value, next(a for a in args if a is not type(None)), bounds)
+    if origin is Literal:
+        if value not in args or not isinstance(value, str):
+            words = [repr(a) for a in args]
+            raise _Bad("Input should be " + (f"{', '.join(words[:-1])} or " if len(words) > 1 else "") + words[-1])
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Bad("Input should be a valid tuple")
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(_check(item, args[0], {}))
+            except _Bad as exc:
+                raise _Bad(str(exc), (i, *exc.loc)) from None
+            except ValueError as exc:  # a Mount's or a SecretGrant's own check
+                where, message = (getattr(exc, "problems", None) or [((), str(exc))])[0]
+                raise _Bad(message, (i, *where)) from None
+        return tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad("Input should be a valid dictionary")
+        for key, item in value.items():
+            if not isinstance(key, str) or not isinstance(item, str):
+                raise _Bad("Input should be a valid string", (str(key),))
+        return dict(value)
+    if isinstance(kind, type) and hasattr(kind, "coerce"):  # Mount, SecretGrant
+        return kind.coerce(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _Bad("Input should be a valid boolean")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise _Bad("Input should be a valid string")
+        return value
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _Bad("Input should be a valid integer")
+    elif kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _Bad("Input should be a valid number")
+        value = float(value)
+    for name, word, holds in (
+        ("gt", "greater than", operator.gt),
+        ("ge", "greater than or equal to", operator.ge),
+        ("le", "less than or equal to", operator.le),
+    ):
+        if name in bounds and not holds(value, bounds[name]):  # NaN holds no bound: refused
+            raise _Bad(f"Input should be {word} {_number_text(bounds[name])}")
+    return value
+
+
+def _build(cls: type, given: dict[str, Any], problems: list[tuple[tuple[str | int, ...], str]]) -> dict[str, Any]:
+    """Each field of dataclass ``cls`` from ``given`` (or its default), checked; what is wrong is
+    added to ``problems`` as (where, message), an unknown field with the nearest known name."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for name in given:
+        if name not in known:
+            near = difflib.get_close_matches(str(name), known, n=1)
+            problems.append(((str(name),), f"unknown field (did you mean {near[0]}?)" if near else "unknown field"))
+    for name, spec in known.items():
+        if name not in given:
+            if spec.default is not dataclasses.MISSING:
+                values[name] = spec.default
+            elif spec.default_factory is not dataclasses.MISSING:
+                values[name] = spec.default_factory()
+            else:
+                problems.append(((name,), "Field required"))
+            continue
+        try:
+            values[name] = _check(given[name], spec.type, spec.metadata)
+        except _Bad as exc:
+            problems.append(((name, *exc.loc), str(exc)))
+    return values
+
+
+def _set_fields(obj: Any, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
+def _problems_error(problems: list[tuple[tuple[str | int, ...], str]]) -> PolicyError:
+    said = "; ".join(f"{'.'.join(map(str, loc)) or 'policy'}: {message}" for loc, message in problems)
+    error = PolicyError("invalid policy: " + said)
+    error.problems = tuple(problems)
+    return error
+
+
+class _Checked:
+    """What Mount, SecretGrant and Policy share: built from a dict, a short form or an
+    instance (``coerce``), and validated by pydantic models through ``coerce`` too."""
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str) and hasattr(cls, "parse"):
+            return cls.parse(value)
+        if isinstance(value, dict):
+            return cls(**value)
+        raise _Bad(f"Input should be a dictionary or an instance of {cls.__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON has them (a tuple as a list, a nested value as its dict)."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        # pydantic's own schema of the dataclass gives the JSON schema and the serialisation;
+        # what it takes in goes through ``coerce`` first, the same checks as everywhere.
+        from pydantic_core import core_schema
+
+        def coerce(value: Any) -> Any:
+            try:
+                return cls.coerce(value)
+            except _Bad as exc:
+                raise ValueError(str(exc)) from None
+
+        return core_schema.no_info_before_validator_function(coerce, handler(source))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, _Checked):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+@dataclass(frozen=True, init=False)
+class Mount(_Checked):
+    """A host path made visible inside the isolate, read-only unless ``writable``."""
 
     source: str
     target: str = ""
     writable: bool = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _parse_short_form(cls, value: Any) -> Any:
-        # "SRC[:DST][:rw|ro]", the CLI's --mount form
-        if isinstance(value, str):
-            parts = value.split(":")
-            writable = False
-            if parts[-1] in ("rw", "ro") and len(parts) > 1:
-                writable = parts.pop() == "rw"
-            if len(parts) > 2 or not parts[0]:
-                raise ValueError(f"mount {value!r} is not SRC[:DST][:rw]")
-            return {"source": parts[0], "target": parts[1] if len(parts) > 1 else parts[0], "writable": writable}
-        return value
-
-    @model_validator(mode="after")
-    def _check_paths(self) -> Mount:
-        source = _clean_abs(self.source, "source")
-        target = _clean_abs(self.target or self.source, "target")
+    def __init__(self, **fields: Any) -> None:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        values = _build(Mount, fields, problems)
+        if problems:
+            raise _problems_error(problems)
+        source = _clean_abs(values["source"], "source")
+        target = _clean_abs(values["target"] or source, "target")
         if any(source == p or source.startswith(p + "/") for p in _FORBIDDEN_SOURCES) or source == "/":
-            raise ValueError(f"source {source} may not be shared into a sandbox")
+            raise PolicyError(f"source {source} may not be shared into a sandbox")
         if any(target == p or target.startswith(p + "/") for p in ("/proc", "/dev")) or target in _RESERVED_TARGETS:
-            raise ValueError(f"target {target} is reserved by the runtime")
-        object.__setattr__(self, "source", source)
-        object.__setattr__(self, "target", target)
-        return self
+            raise PolicyError(f"target {target} is reserved by the runtime")
+        _set_fields(self, {**values, "source": source, "target": target})
+
+    @classmethod
+    def parse(cls, value: str) -> "Mount":
+        """ "SRC[:DST][:rw|ro]", the command line's --mount form."""
+        parts = value.split(":")
+        writable = False
+        if parts[-1] in ("rw", "ro") and len(parts) > 1:
+            writable = parts.pop() == "rw"
+        if len(parts) > 2 or not parts[0]:
+            raise PolicyError(f"mount {value!r} is not SRC[:DST][:rw]")
+        return cls(source=parts[0], target=parts[1] if len(parts) > 1 else parts[0], writable=writable)
 
 
 def _clean_abs(path: str, what: str) -> str:
     if not path.startswith("/") or "\0" in path:
-        raise ValueError(f"{what} {path!r} must be an absolute path")
+        raise PolicyError(f"{what} {path!r} must be an absolute path")
     try:
         path.encode("utf-8", "surrogateescape")  # what names a file: text, or the bytes os.fsdecode kept
     except UnicodeEncodeError:
-        raise ValueError(f"{what} {path!r} names no file: it holds a lone surrogate") from None
+        raise PolicyError(f"{what} {path!r} names no file: it holds a lone surrogate") from None
     clean = posixpath.normpath(path)
     if clean.startswith("//"):
         clean = clean[1:]
     return clean
 
 
-class SecretGrant(BaseModel):
+@dataclass(frozen=True, init=False)
+class SecretGrant(_Checked):
     """A secret the code may use, bound to hosts and a header: inside, its environment
     variable ``name`` holds a handle; the egress proxy replaces a bound header that
     carries the handle with ``format`` filled with the value, for ``hosts`` only."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str
     hosts: tuple[str, ...]
     header: str = "Authorization"
     format: str = "Bearer {value}"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _parse_short_form(cls, value: Any) -> Any:
-        # "NAME@HOST[,HOST...]", the CLI's --secret form
-        if isinstance(value, str):
-            name, at, hosts = value.partition("@")
-            if not at or not name or not hosts:
-                raise ValueError(f"secret {value!r} is not NAME@HOST[,HOST...]")
-            return {"name": name, "hosts": tuple(h for h in hosts.split(",") if h)}
-        if isinstance(value, dict) and isinstance(value.get("hosts"), list):
-            return {**value, "hosts": tuple(value["hosts"])}
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> SecretGrant:
-        if not _ENV_NAME.fullmatch(self.name):
-            raise ValueError(f"secret name {self.name!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
-        if not self.hosts:
-            raise ValueError(f"secret {self.name} is bound to no host")
-        if not _HEADER_NAME.fullmatch(self.header):
-            raise ValueError(f"secret {self.name}: header {self.header!r} is not an HTTP header name")
-        if (
-            self.format.count("{value}") != 1
-            or "{" in self.format.replace("{value}", "")
-            or any(not (" " <= c <= "~") for c in self.format)
-        ):
-            raise ValueError(
-                f"secret {self.name}: format must hold {{value}} once, no other braces, and only visible ASCII "
+    def __init__(self, **fields: Any) -> None:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        values = _build(SecretGrant, fields, problems)
+        if problems:
+            raise _problems_error(problems)
+        name, hosts, header, form = values["name"], values["hosts"], values["header"], values["format"]
+        if not _ENV_NAME.fullmatch(name):
+            raise PolicyError(f"secret name {name!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        if not hosts:
+            raise PolicyError(f"secret {name} is bound to no host")
+        if not _HEADER_NAME.fullmatch(header):
+            raise PolicyError(f"secret {name}: header {header!r} is not an HTTP header name")
+        if form.count("{value}") != 1 or "{" in form.replace("{value}", "") or any(not (" " <= c <= "~") for c in form):
+            raise PolicyError(
+                f"secret {name}: format must hold {{value}} once, no other braces, and only visible ASCII "
                 "and spaces (no line break)"
             )
-        return self
+        _set_fields(self, values)
+
+    @classmethod
+    def parse(cls, value: str) -> "SecretGrant":
+        """ "NAME@HOST[,HOST...]", the command line's --secret form."""
+        name, at, hosts = value.partition("@")
+        if not at or not name or not hosts:
+            raise PolicyError(f"secret {value!r} is not NAME@HOST[,HOST...]")
+        return cls(name=name, hosts=tuple(h for h in hosts.split(",") if h))
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 
-class Policy(BaseModel):
-    """What an isolate may do and use. ``extra="forbid"``: unknown fields are errors; ``strict``:
+@dataclass(frozen=True, init=False)
+class Policy(_Checked):
+    """What an isolate may do and use. Unknown fields are errors (naming the nearest one), and
     values are taken as JSON gives them (no ``"256"`` read as 256, no ``true`` as 1)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    runtime: str | None = Field(default=None, description=f"a runtime by name ({', '.join(RUNTIME_NAMES)})")
-    isolation: IsolationLevel | None = Field(
-        default=None, description="the isolation level to use (none: no isolation at all, for tests)"
+    runtime: str | None = field(default=None, metadata=_describe(f"a runtime by name ({', '.join(RUNTIME_NAMES)})"))
+    isolation: IsolationLevel | None = field(
+        default=None, metadata=_describe("the isolation level to use (none: no isolation at all, for tests)")
     )
-    trust: TrustLevel | None = Field(
-        default=None, description="how far the code is trusted: the strongest available level meeting its minimum"
+    trust: TrustLevel | None = field(
+        default=None,
+        metadata=_describe("how far the code is trusted: the strongest available level meeting its minimum"),
     )
-    timeout_seconds: float = Field(
-        default=30.0, gt=0, le=MAX_TIMEOUT_S, description="wall-clock limit of a run, seconds"
+    timeout_seconds: float = field(
+        default=30.0, metadata=_describe("wall-clock limit of a run, seconds", gt=0, le=MAX_TIMEOUT_S)
     )
-    memory_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB, description="memory limit, MB")
-    cpu_limit: float = Field(default=1.0, le=MAX_CPU, description=f"CPU limit, cores (at least {MIN_CPU})")
-    pids_limit: int = Field(
-        default=128, le=4096, description=f"tasks in the isolate, its agent included (at least {MIN_PIDS_LIMIT})"
+    memory_mb: int = field(default=512, metadata=_describe("memory limit, MB", ge=16, le=MAX_MEMORY_MB))
+    cpu_limit: float = field(default=1.0, metadata=_describe(f"CPU limit, cores (at least {MIN_CPU})", le=MAX_CPU))
+    pids_limit: int = field(
+        default=128,
+        metadata=_describe(f"tasks in the isolate, its agent included (at least {MIN_PIDS_LIMIT})", le=4096),
     )
-    max_output_bytes: int = Field(
-        default=1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES, description="stdout and stderr kept, bytes (the rest is cut)"
+    max_output_bytes: int = field(
+        default=1024 * 1024,
+        metadata=_describe("stdout and stderr kept, bytes (the rest is cut)", ge=0, le=MAX_OUTPUT_BYTES),
     )
-    max_file_size_bytes: int = Field(
+    max_file_size_bytes: int = field(
         default=64 * MIB,
-        ge=0,
-        le=MAX_FILE_SIZE_BYTES,
-        description="largest file the code may write, bytes (RLIMIT_FSIZE)",
+        metadata=_describe("largest file the code may write, bytes (RLIMIT_FSIZE)", ge=0, le=MAX_FILE_SIZE_BYTES),
     )
-    cpu_time_seconds: int | None = Field(
+    cpu_time_seconds: int | None = field(
         default=None,
-        ge=1,
-        le=int(MAX_TIMEOUT_S),
-        description="CPU time of each process, seconds (RLIMIT_CPU): past it the process gets SIGXCPU and the run "
-        "ends cpu_limit; separate from the wall clock (default: none)",
+        metadata=_describe(
+            "CPU time of each process, seconds (RLIMIT_CPU): past it the process gets SIGXCPU and the run "
+            "ends cpu_limit; separate from the wall clock (default: none)",
+            ge=1,
+            le=int(MAX_TIMEOUT_S),
+        ),
     )
-    address_space_mb: int | None = Field(
+    address_space_mb: int | None = field(
         default=None,
-        ge=MIN_ADDRESS_SPACE_MB,
-        le=MAX_ADDRESS_SPACE_MB,
-        description="virtual memory of each process, MB (RLIMIT_AS): an allocation past it fails, so Python raises "
-        "a catchable MemoryError instead of being killed at memory_mb (default: none)",
+        metadata=_describe(
+            "virtual memory of each process, MB (RLIMIT_AS): an allocation past it fails, so Python raises "
+            "a catchable MemoryError instead of being killed at memory_mb (default: none)",
+            ge=MIN_ADDRESS_SPACE_MB,
+            le=MAX_ADDRESS_SPACE_MB,
+        ),
     )
-    max_open_files: int = Field(default=256, ge=16, le=65536, description="open file descriptors")
-    disk_mb: int = Field(default=64, ge=1, le=4096, description="size of the writable scratch (/tmp, /work)")
-    network_policy: NetworkPolicy = Field(
+    max_open_files: int = field(default=256, metadata=_describe("open file descriptors", ge=16, le=65536))
+    disk_mb: int = field(default=64, metadata=_describe("size of the writable scratch (/tmp, /work)", ge=1, le=4096))
+    network_policy: NetworkPolicy = field(
         default="none",
-        description="none: no network at all; loopback: its own lo; allowlist: its own lo, and the egress proxy to "
-        "allowed_hosts as its only way out",
+        metadata=_describe(
+            "none: no network at all; loopback: its own lo; allowlist: its own lo, and the egress proxy to "
+            "allowed_hosts as its only way out"
+        ),
     )
-    allowed_hosts: tuple[str, ...] = Field(
+    allowed_hosts: tuple[str, ...] = field(
         default=(),
-        description="with network_policy allowlist: the hosts it may reach through the proxy (NAME, *.DOMAIN, an "
-        "address; :PORT optional)",
+        metadata=_describe(
+            "with network_policy allowlist: the hosts it may reach through the proxy (NAME, *.DOMAIN, an "
+            "address; :PORT optional)"
+        ),
     )
-    allowed_cidrs: tuple[str, ...] = Field(
+    allowed_cidrs: tuple[str, ...] = field(
         default=(),
-        description="with network_policy allowlist: private networks an allowed name may resolve to, or that may be "
-        "reached by address (CIDR)",
+        metadata=_describe(
+            "with network_policy allowlist: private networks an allowed name may resolve to, or that may be "
+            "reached by address (CIDR)"
+        ),
     )
-    secrets: tuple[SecretGrant, ...] = Field(
+    secrets: tuple[SecretGrant, ...] = field(
         default=(),
-        description="secrets the code uses but never holds: NAME@HOST[,HOST] (it sees a handle; the proxy puts the "
-        "value in the bound header for those hosts)",
+        metadata=_describe(
+            "secrets the code uses but never holds: NAME@HOST[,HOST] (it sees a handle; the proxy puts the "
+            "value in the bound header for those hosts)"
+        ),
     )
-    filesystem_access: tuple[Mount, ...] = Field(default=(), description="a host path shared in, read-only unless :rw")
-    environment: dict[str, str] = Field(default_factory=dict, description="environment variables of the code")
-    on_violation: Literal["deny", "kill"] = Field(
-        default="deny", description="deny: the call fails with EPERM and is reported; kill: the run ends"
+    filesystem_access: tuple[Mount, ...] = field(
+        default=(), metadata=_describe("a host path shared in, read-only unless :rw")
     )
-    max_violations: int | None = Field(
+    environment: dict[str, str] = field(default_factory=dict, metadata=_describe("environment variables of the code"))
+    on_violation: Literal["deny", "kill"] = field(
+        default="deny", metadata=_describe("deny: the call fails with EPERM and is reported; kill: the run ends")
+    )
+    max_violations: int | None = field(
         default=None,
-        ge=0,
-        description="a flood limit: the run ends (violation) once more calls than this were blocked (default: none)",
+        metadata=_describe(
+            "a flood limit: the run ends (violation) once more calls than this were blocked (default: none)", ge=0
+        ),
     )
-    environment_name: str | None = Field(
+    environment_name: str | None = field(
         default=None,
-        description="a Python environment by name (stockade env build NAME), mounted read-only at /opt/stockade/env",
+        metadata=_describe(
+            "a Python environment by name (stockade env build NAME), mounted read-only at /opt/stockade/env"
+        ),
     )
-    packages: tuple[str, ...] = Field(
+    packages: tuple[str, ...] = field(
         default=(),
-        description="Python requirements (pip's syntax): the environment they make, built on first use from wheels "
-        "and cached by content",
+        metadata=_describe(
+            "Python requirements (pip's syntax): the environment they make, built on first use from wheels "
+            "and cached by content"
+        ),
     )
-    environment_id: str | None = Field(
+    environment_id: str | None = field(
         default=None,
-        description="the content id of the environment the code runs with: set from environment_name or packages "
-        "on the host; given alone, it pins one",
+        metadata=_describe(
+            "the content id of the environment the code runs with: set from environment_name or packages "
+            "on the host; given alone, it pins one"
+        ),
     )
 
     def __init__(self, **fields: Any) -> None:
-        # ``Policy(memory_mb=99999)`` raises ``PolicyError`` naming the field, as every door does
-        # (a pydantic ValidationError is not a StockadeError, so callers would miss it).
+        """Checked: a ``PolicyError`` names each field that is wrong."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        values = _build(Policy, fields, problems)
+        for name, check in (
+            ("environment", _check_environment),
+            ("pids_limit", _check_pids_limit),
+            ("cpu_limit", _check_cpu_limit),
+            ("packages", _normalise_packages),
+            ("environment_name", _check_environment_name),
+        ):
+            if name in values and not any(loc[0] == name for loc, _ in problems):
+                try:
+                    values[name] = check(values[name])
+                except ValueError as exc:
+                    problems.append(((name,), str(exc)))
+        if problems:
+            raise _problems_error(problems)
+        _set_fields(self, values)
         try:
-            super().__init__(**fields)
-        except ValidationError as exc:
-            raise policy_error(exc) from None
+            self._check_together()
+        except ValueError as exc:
+            raise _problems_error([((), str(exc).removeprefix("invalid policy: "))]) from None
 
-    @field_validator("environment")
-    @classmethod
-    def _check_environment(cls, env: dict[str, str]) -> dict[str, str]:
-        for key, value in env.items():
-            if not key or "=" in key or "\0" in key or "\0" in value:
-                raise ValueError(f"environment variable {key!r} has an invalid name or value")
-        return env
-
-    @field_validator("pids_limit")
-    @classmethod
-    def _check_pids_limit(cls, value: int) -> int:
-        if value < MIN_PIDS_LIMIT:
-            raise ValueError(
-                f"must be at least {MIN_PIDS_LIMIT}: an isolate's agent, the runner it forks ahead and the "
-                "command itself all count (in a microVM, the agent's seccomp thread too), so fewer can never "
-                "run a command"
-            )
-        return value
-
-    @field_validator("cpu_limit")
-    @classmethod
-    def _check_cpu_limit(cls, value: float) -> float:
-        if not value >= MIN_CPU:  # NaN too
-            raise ValueError(
-                f"must be at least {MIN_CPU} cores: the smallest CPU quota a cgroup takes is 1 ms in every "
-                "100 ms, so less could not be enforced"
-            )
-        return value
-
-    @field_validator("filesystem_access", "packages", "allowed_hosts", "allowed_cidrs", "secrets", mode="before")
-    @classmethod
-    def _listify(cls, value: Any) -> Any:
-        # Strict mode takes tuples only: a JSON list (every door's) becomes one.
-        return tuple(value) if isinstance(value, list) else value
-
-    @model_validator(mode="after")
-    def _check_targets_unique(self) -> Policy:
+    def _check_together(self) -> None:
+        """What no field says alone: mount targets, the egress fields, the environment."""
         targets = [m.target for m in self.filesystem_access]
         if len(targets) != len(set(targets)):
             raise ValueError("filesystem_access has two mounts on the same target")
-        return self
+        self._check_egress()
+        if self.environment_name is None and not self.packages and self.environment_id is None:
+            return
+        # On the host that reads the policy: environment_name or packages become the content id,
+        # which the digest then covers (docs/environments.md).
+        from .environments import ENV_ROOT, resolve
 
-    @model_validator(mode="after")
-    def _check_egress(self) -> Policy:
-        from .egress.allowlist import Allowlist, host_covered
+        object.__setattr__(self, "environment_id", resolve(self.environment_name, self.packages, self.environment_id))
+        for m in self.filesystem_access:
+            if m.target == ENV_ROOT or m.target.startswith(ENV_ROOT + "/") or ENV_ROOT.startswith(m.target + "/"):
+                raise ValueError(f"filesystem_access target {m.target} would cover the environment at {ENV_ROOT}")
 
+    def _check_egress(self) -> None:
         if self.network_policy != "allowlist":
             for name in ("allowed_hosts", "allowed_cidrs", "secrets"):
                 if getattr(self, name):
                     raise ValueError(f"{name} needs network_policy 'allowlist' (it is {self.network_policy!r})")
-            return self
+            return
+        from .egress.allowlist import Allowlist, host_covered
+
         allowed = Allowlist(self.allowed_hosts, self.allowed_cidrs)  # a ValueError names the bad entry
         names = [grant.name for grant in self.secrets]
         if len(names) != len(set(names)):
@@ -315,53 +485,81 @@ class Policy(BaseModel):
                     raise ValueError(f"secret {grant.name}: {exc}") from None
                 if not covered:
                     raise ValueError(f"secret {grant.name} is bound to {host}, which allowed_hosts does not allow")
-        return self
-
-    @field_validator("packages")
-    @classmethod
-    def _normalise_packages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from .environments import normalise
-
-        return normalise(value)
-
-    @field_validator("environment_name")
-    @classmethod
-    def _check_environment_name(cls, value: str | None) -> str | None:
-        from .environments import check_name, existing
-
-        if value is not None:
-            existing(check_name(value))
-        return value
-
-    @model_validator(mode="after")
-    def _resolve_environment(self) -> Policy:
-        # On the host that reads the policy: environment_name or packages become the content id,
-        # which the digest then covers (docs/environments.md).
-        if self.environment_name is None and not self.packages and self.environment_id is None:
-            return self
-        from .environments import ENV_ROOT, resolve
-
-        object.__setattr__(self, "environment_id", resolve(self.environment_name, self.packages, self.environment_id))
-        for m in self.filesystem_access:
-            if m.target == ENV_ROOT or m.target.startswith(ENV_ROOT + "/") or ENV_ROOT.startswith(m.target + "/"):
-                raise ValueError(f"filesystem_access target {m.target} would cover the environment at {ENV_ROOT}")
-        return self
 
     @classmethod
-    def build(cls, **fields: Any) -> Policy:
+    def build(cls, **fields: Any) -> "Policy":
         """Validate: a ``PolicyError`` names each field that is wrong."""
         return cls(**fields)
 
-    def replace(self, **changes: Any) -> Policy:
-        return Policy.build(**{**self.model_dump(), **changes})
+    def fields(self) -> dict[str, Any]:
+        """The fields as given to ``Policy(**...)``: a policy's ``fields()`` builds the same policy."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def non_defaults(self) -> dict[str, Any]:
+        """The fields that differ from the defaults, as JSON has them."""
+        defaults = default_policy().to_dict()
+        return {name: value for name, value in self.to_dict().items() if value != defaults[name]}
+
+    def replace(self, **changes: Any) -> "Policy":
+        """A policy with ``changes`` over these fields, checked as any other."""
+        return Policy(**{**self.fields(), **changes})
+
+    def with_mount(self, mount: Mount) -> "Policy":
+        """This policy with one more shared path that the runtime adds itself (a Python environment at
+        its own root, which a policy may not name): not checked again, and the digest stays this one's,
+        the policy the caller asked for."""
+        grown = copy.copy(self)
+        object.__setattr__(grown, "filesystem_access", (*self.filesystem_access, mount))
+        grown.__dict__["digest"] = self.digest
+        return grown
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @cached_property
     def digest(self) -> str:
-        # The model is frozen, so the digest of an instance never changes.
+        # The policy is frozen, so the digest of an instance never changes.
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def _check_environment(env: dict[str, str]) -> dict[str, str]:
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ValueError(f"environment variable {key!r} has an invalid name or value")
+    return env
+
+
+def _check_pids_limit(value: int) -> int:
+    if value < MIN_PIDS_LIMIT:
+        raise ValueError(
+            f"must be at least {MIN_PIDS_LIMIT}: an isolate's agent, the runner it forks ahead and the "
+            "command itself all count (in a microVM, the agent's seccomp thread too), so fewer can never "
+            "run a command"
+        )
+    return value
+
+
+def _check_cpu_limit(value: float) -> float:
+    if not value >= MIN_CPU:  # NaN too
+        raise ValueError(
+            f"must be at least {MIN_CPU} cores: the smallest CPU quota a cgroup takes is 1 ms in every "
+            "100 ms, so less could not be enforced"
+        )
+    return value
+
+
+def _normalise_packages(value: tuple[str, ...]) -> tuple[str, ...]:
+    from .environments import normalise
+
+    return normalise(value)
+
+
+def _check_environment_name(value: str | None) -> str | None:
+    from .environments import check_name, existing
+
+    if value is not None:
+        existing(check_name(value))
+    return value
 
 
 # The command line's flag for each Policy field, where it is not the field's own name
@@ -391,18 +589,6 @@ CLI_FLAGS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def policy_error(exc: ValidationError) -> PolicyError:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "policy"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            near = difflib.get_close_matches(field, Policy.model_fields, n=1)
-            message = f"unknown field (did you mean {near[0]}?)" if near else "unknown field"
-        parts.append(f"{field}: {message}")
-    return PolicyError("invalid policy: " + "; ".join(parts))
-
-
 def coerce_policy(policy: Policy | dict[str, Any] | None, **overrides: Any) -> Policy:
     """Accept a Policy, a dict of fields, or None (defaults), plus keyword overrides."""
     if not policy and (not overrides or all(v is None for v in overrides.values())):
@@ -413,7 +599,7 @@ def coerce_policy(policy: Policy | dict[str, Any] | None, **overrides: Any) -> P
     elif isinstance(policy, Policy):
         if not overrides:
             return policy
-        base = policy.model_dump()
+        base = policy.fields()
     elif isinstance(policy, dict):
         base = dict(policy)
     else:

@@ -1,13 +1,22 @@
-"""``ExecResult``: the one result every entry point returns (seed 003's response shape)."""
+"""``ExecResult``: the one result every entry point returns (seed 003's response shape).
+
+Standard-library dataclasses, so that a program that runs one command needs no
+pydantic: stockade's own code builds them. What comes from elsewhere (a
+daemon's answer, a Ray node's, the egress worker's records) is validated with
+pydantic at that door (``validate``), which reads these dataclasses' fields
+(types, descriptions); ``to_dict``/``to_json`` are their JSON form, the same
+one pydantic writes for them (``_Serialised``).
+"""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from typing import Any, Literal, TypeVar
 
 TerminationReason = Literal[
     "completed", "timeout", "cpu_limit", "memory_limit", "output_limit", "violation", "killed", "error", "lost"
@@ -32,13 +41,75 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-class SecurityViolation(BaseModel):
+_T = TypeVar("_T")
+
+
+def _describe(description: str) -> dict[str, Any]:
+    return {"description": description}  # pydantic reads it from the field for the JSON schema
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON has it: a dataclass as its dict, bytes as base64."""
+    if isinstance(value, _Serialised):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return value
+
+
+class _Serialised:
+    """A result dataclass's JSON form, and pydantic's way in and out of it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        # Read as pydantic reads a dataclass (its fields' types, ``__pydantic_config__``); written as ``to_dict``.
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(
+            lambda value: value,
+            handler(source),
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda value: value.to_dict()),
+        )
+
+
+_adapters: dict[type, Any] = {}
+
+
+def _adapter(cls: type) -> Any:
+    if cls not in _adapters:
+        from pydantic import TypeAdapter
+
+        _adapters[cls] = TypeAdapter(cls)
+    return _adapters[cls]
+
+
+def validate(cls: type[_T], data: Any, *, json_text: bool = False, extra: str | None = None) -> _T:
+    """``data`` (a dict, or JSON text) as ``cls``, checked by pydantic: for what another process sent.
+    A pydantic ``ValidationError`` says what is wrong."""
+    adapter = _adapter(cls)
+    if json_text:
+        return adapter.validate_json(data, extra=extra)  # type: ignore[no-any-return]
+    return adapter.validate_python(data, extra=extra)  # type: ignore[no-any-return]
+
+
+@dataclass(kw_only=True)
+class SecurityViolation(_Serialised):
     """Something the code tried that the policy blocked, as seen by the supervisor (host side)."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = {"extra": "forbid"}
 
-    violation_id: str = Field(default_factory=new_id)
-    timestamp: str = Field(default_factory=_now)
+    violation_id: str = field(default_factory=new_id)
+    timestamp: str = field(default_factory=_now)
     violation_type: str
     syscall: str | None = None
     severity: Severity = "HIGH"
@@ -56,17 +127,21 @@ def violation_key(violation: SecurityViolation) -> str:
     return violation.syscall or violation.violation_type
 
 
-class ResourceUsage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(kw_only=True)
+class ResourceUsage(_Serialised):
+    __pydantic_config__ = {"extra": "forbid"}
 
     cpu_seconds: float | None = None
     memory_peak_mb: float | None = None
 
 
 MAX_CELL_RESULTS = 1000  # display items one cell may return (each is bounded by the agent's frame)
+MAX_CELL_MIME_TYPES = 32
+CELL_KINDS = ("execute_result", "display_data")
 
 
-class CellOutput(BaseModel):
+@dataclass(kw_only=True)
+class CellOutput(_Serialised):
     """One result of a stateful interpreter's cell: a MIME bundle, as Jupyter's display protocol has it.
 
     ``kind`` is ``execute_result`` (the value of the cell's last expression) or
@@ -75,10 +150,10 @@ class CellOutput(BaseModel):
     ``image/png`` and ``image/jpeg``; a JSON value for ``application/json``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = {"extra": "forbid"}
 
     kind: Literal["execute_result", "display_data"]
-    data: dict[str, Any] = Field(max_length=32)
+    data: dict[str, Any] = field(metadata={"max_length": MAX_CELL_MIME_TYPES})
 
     @property
     def text(self) -> str | None:
@@ -106,98 +181,116 @@ class CellOutput(BaseModel):
         return self.data.get("application/json")
 
 
-class CellException(BaseModel):
+@dataclass(kw_only=True)
+class CellException(_Serialised):
     """The exception that ended a cell: its class name, ``str()``, and a traceback of the cell's frames only."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = {"extra": "forbid"}
 
     name: str
     value: str
     traceback: str
 
 
-class EgressRequest(BaseModel):
+@dataclass(kw_only=True)
+class EgressRequest(_Serialised):
     """One request an isolate made through the egress proxy (network_policy "allowlist")."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = {"extra": "forbid"}
 
-    timestamp: str = Field(default_factory=_now)
+    timestamp: str = field(default_factory=_now)
     host: str
     port: int
-    method: str = Field(description="the HTTP method; CONNECT for a tunnel the proxy did not open")
-    path: str | None = Field(default=None, description="the request's path, without its query (null: a tunnel)")
+    method: str = field(metadata=_describe("the HTTP method; CONNECT for a tunnel the proxy did not open"))
+    path: str | None = field(default=None, metadata=_describe("the request's path, without its query (null: a tunnel)"))
     scheme: Literal["http", "https", "tunnel", "dns", "tcp"] = "http"
     allowed: bool
-    reason: str = Field(default="", description="why it was refused")
-    status: int | None = Field(default=None, description="the upstream's HTTP status")
+    reason: str = field(default="", metadata=_describe("why it was refused"))
+    status: int | None = field(default=None, metadata=_describe("the upstream's HTTP status"))
     bytes_sent: int = 0
     bytes_received: int = 0
-    secrets_used: list[str] = Field(default_factory=list, description="the names of the secrets put in (never values)")
-
-
-class ExecResult(BaseModel):
-    # Raw output travels as base64 in JSON (pydantic's default would be UTF-8, which it may not be).
-    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
-
-    execution_id: str = Field(default_factory=new_id)
-    success: bool
-    stdout: str = Field(default="", description="stdout as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)")
-    stderr: str = Field(default="", description="stderr as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)")
-    stdout_bytes: bytes | None = Field(
-        default=None,
-        description="stdout's bytes as written (base64 in JSON); sent only when they are not UTF-8, "
-        "null when stdout is exact. In Python it is always set.",
+    secrets_used: list[str] = field(
+        default_factory=list, metadata=_describe("the names of the secrets put in (never values)")
     )
-    stderr_bytes: bytes | None = Field(default=None, description="stderr's bytes, as stdout_bytes")
+
+
+@dataclass(kw_only=True)
+class ExecResult(_Serialised):
+    # Raw output travels as base64 in JSON (pydantic's default would be UTF-8, which it may not be).
+    __pydantic_config__ = {"extra": "forbid", "ser_json_bytes": "base64", "val_json_bytes": "base64"}
+
+    execution_id: str = field(default_factory=new_id)
+    success: bool
+    stdout: str = field(
+        default="", metadata=_describe("stdout as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)")
+    )
+    stderr: str = field(
+        default="", metadata=_describe("stderr as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)")
+    )
+    stdout_bytes: bytes | None = field(
+        default=None,
+        metadata=_describe(
+            "stdout's bytes as written (base64 in JSON); sent only when they are not UTF-8, "
+            "null when stdout is exact. In Python it is always set."
+        ),
+    )
+    stderr_bytes: bytes | None = field(default=None, metadata=_describe("stderr's bytes, as stdout_bytes"))
     exit_code: int | None = None
     error: str | None = None
     termination_reason: TerminationReason
-    security_violations: list[SecurityViolation] = Field(
-        default_factory=list, description=f"the run's first violations, at most {MAX_VIOLATION_RECORDS}"
+    security_violations: list[SecurityViolation] = field(
+        default_factory=list, metadata=_describe(f"the run's first violations, at most {MAX_VIOLATION_RECORDS}")
     )
-    violation_counts: dict[str, int] = Field(
-        default_factory=dict, description="every violation of the run, by syscall (or type), those past the records too"
+    violation_counts: dict[str, int] = field(
+        default_factory=dict,
+        metadata=_describe("every violation of the run, by syscall (or type), those past the records too"),
     )
-    violations_dropped: int = Field(default=0, description="violations counted but not kept as records")
+    violations_dropped: int = field(default=0, metadata=_describe("violations counted but not kept as records"))
     execution_time_seconds: float = 0.0
     cold_start_time_ms: float = 0.0
-    resource_usage: ResourceUsage = Field(default_factory=ResourceUsage)
+    resource_usage: ResourceUsage = field(default_factory=ResourceUsage)
     runtime_used: str
     policy_digest: str
-    unenforced_limits: list[str] = Field(
-        default_factory=list, description="limits of the policy this host could not enforce, and why"
+    unenforced_limits: list[str] = field(
+        default_factory=list, metadata=_describe("limits of the policy this host could not enforce, and why")
     )
-    egress_requests: list[EgressRequest] = Field(
-        default_factory=list, description="what the run asked of the egress proxy (network_policy allowlist)"
+    egress_requests: list[EgressRequest] = field(
+        default_factory=list,
+        metadata=_describe("what the run asked of the egress proxy (network_policy allowlist)"),
     )
-    egress_requests_dropped: int = Field(default=0, description="egress requests made but not kept as records")
-    secrets_redacted: int = Field(
-        default=0, description="how many times a secret's value was taken out of this run's output, files and replies"
+    egress_requests_dropped: int = field(default=0, metadata=_describe("egress requests made but not kept as records"))
+    secrets_redacted: int = field(
+        default=0,
+        metadata=_describe("how many times a secret's value was taken out of this run's output, files and replies"),
     )
     # A stateful interpreter's cell (``run_code(..., session=...)``) only:
-    results: list[CellOutput] = Field(
+    results: list[CellOutput] = field(
         default_factory=list,
-        max_length=MAX_CELL_RESULTS,
-        description="a cell's results: its last expression's value, display() calls, matplotlib figures",
+        metadata={
+            **_describe("a cell's results: its last expression's value, display() calls, matplotlib figures"),
+            "max_length": MAX_CELL_RESULTS,
+        },
     )
-    exception: CellException | None = Field(default=None, description="the exception that ended a cell")
-    execution_count: int | None = Field(
-        default=None, description="the cell's number in its session: 1 for the first cell of a fresh interpreter"
+    exception: CellException | None = field(default=None, metadata=_describe("the exception that ended a cell"))
+    execution_count: int | None = field(
+        default=None,
+        metadata=_describe("the cell's number in its session: 1 for the first cell of a fresh interpreter"),
     )
 
-    @model_validator(mode="after")
-    def _raw_output(self) -> ExecResult:
+    def __post_init__(self) -> None:
         # Output that was UTF-8 travels once, as text; its bytes are the text's.
         if self.stdout_bytes is None:
             self.stdout_bytes = self.stdout.encode()
         if self.stderr_bytes is None:
             self.stderr_bytes = self.stderr.encode()
-        return self
 
-    @field_serializer("stdout_bytes", "stderr_bytes")
-    def _only_when_not_text(self, raw: bytes | None, info: Any) -> bytes | None:
-        text = self.stdout if info.field_name == "stdout_bytes" else self.stderr
-        return None if raw is None or raw == text.encode() else raw
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON has it: raw output only where it is not its text's UTF-8 (then base64)."""
+        out = super().to_dict()
+        for name, text in (("stdout_bytes", self.stdout), ("stderr_bytes", self.stderr)):
+            if getattr(self, name) == text.encode():
+                out[name] = None
+        return out
 
     def summary(self) -> str:
         """One line for humans: how it ended and what was blocked."""

@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
-from .limits import check_call_size
+from .limits import argv_list, check_call_size
 from .placement.local import shared_local
 from .policy import Policy, coerce_policy
-from .protocol.models import argv_list
 from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
 from .runtimes.publish import parse_publish

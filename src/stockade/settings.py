@@ -1,4 +1,4 @@
-"""Every ``STOCKADE_*`` setting, read into one typed object (pydantic-settings).
+"""Every ``STOCKADE_*`` setting, read into one typed object.
 
 The daemon reads its settings once at start (``DaemonConfig.from_env``),
 installs them (``install``), and passes them down; everything else asks
@@ -6,28 +6,32 @@ installs them (``install``), and passes them down; everything else asks
 library, those of its environment, parsed once for each distinct set of
 ``STOCKADE_*`` variables (a program, or a test, that changes them gets them
 parsed again). No other module reads a ``STOCKADE_*`` variable, except the
-lean command line (cli_daemon.py: ``STOCKADE_SOCKET``, ``STOCKADE_AUTH_TOKEN``),
-which must start without pydantic.
+lean command line (cli_daemon.py: ``STOCKADE_SOCKET``, ``STOCKADE_AUTH_TOKEN``).
 
-A malformed value is refused with a ``ConfigError`` naming the variable.
+Every variable is text, parsed by its own function below, which refuses a
+malformed value with a ``ConfigError`` naming the variable; an unknown
+``STOCKADE_*`` variable is ignored. ``Settings`` is a frozen standard-library
+dataclass, so that a program that runs one command reads its settings without
+importing pydantic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import math
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Self
-
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Self
 
 from .errors import ConfigError
 from .paths import DEFAULT_GUEST_PYTHON, default_config_dir, default_socket_path, default_state_dir
-from .placement.config import LocalPlacementConfig, RayPlacementConfig, parse_placement
+
+if TYPE_CHECKING:
+    from .placement.config import PlacementConfig
 
 DEFAULT_HTTP_PORT = 8002  # seed 003's
 DEFAULT_SANDBOX_UIDS = (1879048192, 1879113727)  # systemd's unused 0x70000000 range: docs/runtime-process.md
@@ -35,15 +39,38 @@ TRUST_LEVELS = ("trusted", "verified", "untrusted")
 ISOLATION_LEVELS = ("none", "process", "gvisor", "microvm")
 
 
-class Settings(BaseSettings):
+class Secret:
+    """A secret setting's value: kept out of reprs and logs (``value`` holds it)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+def _local_placement() -> PlacementConfig:
+    from .placement.config import LocalPlacementConfig
+
+    return LocalPlacementConfig()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
     """The ``STOCKADE_*`` variables; each field is its variable's name without the prefix."""
 
-    model_config = SettingsConfigDict(env_prefix="STOCKADE_", extra="ignore", frozen=True, enable_decoding=False)
-
     # The daemon (docs/daemon.md, docs/deployment.md)
-    socket: str = Field(default_factory=default_socket_path)
+    socket: str = field(default_factory=default_socket_path)
     socket_perms: int = 0o600
-    auth_token: SecretStr | None = None
+    auth_token: Secret | None = None
     max_requests: int = 100
     allowed_uids: frozenset[int] | None = None
     allowed_gids: frozenset[int] | None = None
@@ -57,19 +84,19 @@ class Settings(BaseSettings):
     shutdown_grace: float = 10.0
     sandbox_idle_timeout: float | None = 600.0
     http: tuple[str, int] | None = None
-    api_token: SecretStr | None = None
+    api_token: Secret | None = None
     agent_max_requests: int = 20
     audit_log: str | None = ""  # "": beside the state, "off" -> None
     audit_max_bytes: int = 64 * 1024 * 1024
     build_packages: bool = False
-    state_dir: str = Field(default_factory=default_state_dir)
+    state_dir: str = field(default_factory=default_state_dir)
     daemon_user: str | None = None  # `stockade serve` as root becomes it (unset: stockade if it exists; root: stays)
     # The runtimes
     pool_size: int = 2
     pool_shapes: int | None = None  # None: each runtime's own default
     cgroup_parent: str | None = None
     sandbox_uids: tuple[int, int] = DEFAULT_SANDBOX_UIDS
-    trust_map: dict[str, str] = Field(default_factory=dict)  # over isolation.DEFAULT_TRUST_MAP
+    trust_map: dict[str, str] = field(default_factory=dict)  # over isolation.DEFAULT_TRUST_MAP
     guest_python: str = DEFAULT_GUEST_PYTHON
     gvisor_platform: str | None = None
     microvm_accel: str | None = None
@@ -82,63 +109,45 @@ class Settings(BaseSettings):
     egress_hosts_file: str | None = None
     secrets_file: str | None = None
     broker_socket: str | None = None
-    session_key: SecretStr | None = None
+    session_key: Secret | None = None
     session_key_file: str = "/run/stockade/.session"
     # MCP tools (docs/mcp.md)
-    config_dir: str = Field(default_factory=default_config_dir)
+    config_dir: str = field(default_factory=default_config_dir)
     # Where isolates run (docs/scale-out.md): "local", or JSON such as {"type": "ray", "address": "head:6379"}
-    placement: LocalPlacementConfig | RayPlacementConfig = Field(default_factory=LocalPlacementConfig)
+    placement: PlacementConfig = field(default_factory=_local_placement)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _parse(cls, data: Any) -> Any:
-        """Each variable as written (a string) into its field's value, refused by name when malformed."""
-        if not isinstance(data, dict):
-            return data
-        parsed: dict[str, Any] = {}
-        for key, raw in data.items():
-            if not isinstance(raw, str):
-                parsed[key] = raw  # given as a value (Settings(pool_size=0)), not from the environment
-                continue
-            if raw.strip() == "":
-                continue  # set but empty: the default, as unset
-            parse = _PARSERS.get(key)
-            parsed[key] = parse(raw.strip(), "STOCKADE_" + key.upper()) if parse is not None else raw
-        return parsed
-
-    @model_validator(mode="after")
-    def _defaults(self) -> Settings:
+    def __post_init__(self) -> None:
         if self.audit_log == "":
             object.__setattr__(self, "audit_log", os.path.join(self.state_dir, "audit.log"))
-        return self
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> Self:
-        """The settings of ``env`` (default: this process's environment)."""
-        try:
-            if env is None:
-                return cls()
-            given = {k.removeprefix("STOCKADE_").lower(): v for k, v in env.items() if k.startswith("STOCKADE_")}
-            return cls.model_validate(given)
-        except ValidationError as exc:
-            raise _config_error(exc) from None
+        """The settings of ``env`` (default: this process's environment), each variable parsed
+        into its field's value; a malformed one is refused naming it (``ConfigError``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given: dict[str, Any] = {}
+        problems: list[str] = []
+        for key, raw in (os.environ if env is None else env).items():
+            name = key.removeprefix("STOCKADE_").lower()
+            if not key.startswith("STOCKADE_") or name not in names or raw.strip() == "":
+                continue  # another program's, not a setting, or set but empty: the default, as unset
+            parse = _PARSERS.get(name)
+            try:
+                given[name] = parse(raw.strip(), key) if parse is not None else raw
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**given)
+
+    def replace(self, **changes: Any) -> Self:
+        """These settings with ``changes`` (values, not text)."""
+        return dataclasses.replace(self, **changes)
 
     def secret(self, name: str) -> str | None:
         """A secret setting's value (``auth_token``, ``api_token``, ``session_key``): kept out of reprs."""
         value = getattr(self, name)
-        return value.get_secret_value() if value is not None else None
-
-
-def _config_error(exc: ValidationError) -> ConfigError:
-    parts = []
-    for err in exc.errors():
-        cause = err.get("ctx", {}).get("error")
-        if isinstance(cause, ConfigError):
-            parts.append(str(cause))
-        else:
-            name = "STOCKADE_" + ".".join(str(p) for p in err["loc"]).upper()
-            parts.append(f"{name}: {err['msg']}")
-    return ConfigError("; ".join(parts))
+        return value.value if value is not None else None
 
 
 # ---- parsing one variable ----------------------------------------------------------------
@@ -198,10 +207,10 @@ def _ids(raw: str, name: str) -> frozenset[int]:
         raise ConfigError(f"{name}={raw!r} is not a comma-separated list of numeric ids") from None
 
 
-def _token(raw: str, name: str) -> str:
+def _token(raw: str, name: str) -> Secret:
     if len(raw) < 16:
         raise ConfigError(f"{name} is too short (use at least 16 characters; `stockade token new`)")
-    return raw
+    return Secret(raw)
 
 
 def listen_address(raw: str, name: str) -> tuple[str, int]:
@@ -259,7 +268,9 @@ def _path(raw: str, name: str) -> str:
     return os.path.abspath(raw)
 
 
-def _placement(raw: str, name: str) -> LocalPlacementConfig | RayPlacementConfig:
+def _placement(raw: str, name: str) -> PlacementConfig:
+    from .placement.config import parse_placement
+
     try:
         return parse_placement(raw)
     except ConfigError as exc:
@@ -275,6 +286,7 @@ def _timeout(raw: str, name: str) -> float | None:
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "socket_perms": _octal,
+    "session_key": lambda raw, name: Secret(raw),
     "auth_token": _token,
     "api_token": _token,
     "max_requests": _int(1),

@@ -404,7 +404,7 @@ def test_the_daemon_serves_both_doors_through_the_ray_placement(cluster: LocalRa
 
     from stockade.client import Client
 
-    small = SMALL.model_dump(exclude_defaults=True)
+    small = SMALL.non_defaults()
     daemon = _serve_on(cluster.address)
     try:
         assert "placement ray: 3 node(s)" in daemon.logs()
@@ -537,9 +537,7 @@ def test_a_cluster_lost_under_a_running_daemon_is_said_in_health() -> None:
             with httpx.Client(base_url=daemon.http_url, timeout=30) as http:
                 assert http.get("/health").json()["status"] == "healthy"
                 with Client(daemon.socket_path) as client:
-                    assert (
-                        client.execute(["echo", "up"], policy=SMALL.model_dump(exclude_defaults=True)).stdout == "up\n"
-                    )
+                    assert client.execute(["echo", "up"], policy=SMALL.non_defaults()).stdout == "up\n"
                 lone.kill_node(0)  # the head, and with it the whole cluster
                 deadline = time.monotonic() + 30
                 health = http.get("/health").json()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -84,7 +85,7 @@ def _least(field: str) -> int:
     """The smallest value ``Policy`` accepts for ``field``."""
     if field == "pids_limit":
         return MIN_PIDS_LIMIT
-    (least,) = [m.ge for m in Policy.model_fields[field].metadata if hasattr(m, "ge")]
+    (least,) = [f.metadata["ge"] for f in dataclasses.fields(Policy) if f.name == field]
     return int(least)
 
 

@@ -41,6 +41,7 @@ from stockade.errors import HTTP_STATUS, error_code
 from stockade.limits import MAX_CALL_BYTES
 from stockade.policy import Policy
 from stockade.protocol.models import unix_caller
+from stockade.result import ExecResult
 from tests import daemon_harness
 from tests.conftest import require
 from tests.daemon_harness import Daemon, start_daemon
@@ -198,7 +199,7 @@ class InProcessDoor(Door):
             )
         except Exception as exc:
             return "error", error_code(exc)
-        return "ok", answer.model_dump(mode="json")
+        return "ok", answer.to_dict() if isinstance(answer, ExecResult) else answer.model_dump(mode="json")
 
     def shut(self) -> None:
         try:

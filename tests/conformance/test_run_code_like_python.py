@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade import ExecResult, Policy, Sandbox
+from stockade.result import validate
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -175,18 +176,18 @@ def test_output_that_is_not_utf8_comes_back_byte_for_byte(sb: Sandbox) -> None:
     assert r.success
     assert r.stdout_bytes == every_byte and r.stderr_bytes == b"\xff\xfe err"
     assert r.stdout == every_byte.decode("utf-8", errors="replace")  # the text, as before
-    wire = json.loads(r.model_dump_json())
+    wire = json.loads(r.to_json())
     assert isinstance(wire["stdout_bytes"], str)  # base64 on the wire
-    again = ExecResult.model_validate_json(r.model_dump_json())
+    again = validate(ExecResult, r.to_json(), json_text=True)
     assert again.stdout_bytes == every_byte and again.stderr_bytes == b"\xff\xfe err"
 
 
 def test_utf8_output_travels_once_as_text(sb: Sandbox) -> None:
     r = sb.run_code("print('héllo ✓')")
     assert r.stdout_bytes == "héllo ✓\n".encode()
-    wire = json.loads(r.model_dump_json())
+    wire = json.loads(r.to_json())
     assert wire["stdout"] == "héllo ✓\n" and wire["stdout_bytes"] is None
-    assert ExecResult.model_validate(wire).stdout_bytes == "héllo ✓\n".encode()
+    assert validate(ExecResult, wire).stdout_bytes == "héllo ✓\n".encode()
 
 
 def test_a_program_that_forks_keeps_all_its_descriptors(sb: Sandbox) -> None:

@@ -9,6 +9,7 @@ exit status and messages), and to its point, that it imports no pydantic.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -73,13 +74,14 @@ def test_the_lean_flags_are_the_models() -> None:
     from stockade.policy import CLI_FLAGS, Policy
 
     derived = []
-    for name, field in Policy.model_fields.items():
+    for field in dataclasses.fields(Policy):
+        name = field.name
         flag = CLI_FLAGS.get(name, ("--" + name.replace("_", "-"), None))[0]
-        kind, choices, repeated = _flag_type(field.annotation)
+        kind, choices, repeated = _flag_type(field.type)
         derived.append((name, flag, kind, tuple(choices) if choices else None, repeated))
     rows = "\n".join(f"    ({n!r}, {f!r}, {k.__name__}, {c!r}, {r})," for n, f, k, c, r in derived)
     assert list(cli_daemon.FLAGS) == derived, f"cli_daemon.FLAGS must read, as the model's flags do:\n{rows}"
-    assert Policy.model_fields["timeout_seconds"].default == cli_daemon.DEFAULT_TIMEOUT_S
+    assert Policy().timeout_seconds == cli_daemon.DEFAULT_TIMEOUT_S
 
 
 @pytest.mark.parametrize("command", ["run", "exec-code"])
@@ -233,7 +235,7 @@ def test_the_lean_request_is_the_clients(argv: list[str], streamed: bool, tmp_pa
     theirs = _sent_by_the_client(**execute)
     assert (ours["method"], ours["params"].get("stream")) == (theirs["method"], theirs["params"].get("stream"))
     mine, clients = parse(ExecuteRequest, ours["params"], "lean"), parse(ExecuteRequest, theirs["params"], "client")
-    assert mine.model_dump() == clients.model_dump()
+    assert mine == clients
     assert mine.stdin_bytes() == clients.stdin_bytes() == stdin
     assert mine.policy.digest == clients.policy.digest
 
@@ -425,6 +427,21 @@ def test_the_daemon_path_imports_no_pydantic_when_signing(process_runtime: str, 
         assert "stockade.protocol.auth" in loaded and not _heavy(loaded)
     finally:
         assert d.stop() == 0, d.logs()
+
+
+@pytest.mark.parametrize(
+    "args", [["run", "--json", "--memory", "64", "--", "echo", "hi"], ["exec-code", "print('hi')"]]
+)
+def test_a_run_in_the_cli_s_own_process_imports_no_pydantic(
+    process_runtime: str, args: list[str], tmp_path: Path
+) -> None:
+    # The Policy, the settings, the runtime and the result are the standard library's
+    # dataclasses and code: pydantic (~100 ms of imports) is for the daemon's doors.
+    r, loaded = _modules_loaded(args, {}, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["stdout"] if "--json" in args else r.stdout) in ("hi\n", "1\n")
+    assert {"stockade.policy", "stockade.result", "stockade.settings", "stockade.runtimes.process.runtime"} <= loaded
+    assert not {m for m in loaded if m.split(".")[0] in ("pydantic", "pydantic_core", "pydantic_settings")}
 
 
 def test_json_and_summaries_load_the_result_model_only_then(daemon: Daemon, tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
             "os.environ['API_KEY']})\nprint(urllib.request.urlopen(r, timeout=20).status)"
         )
         with Client(env["STOCKADE_SOCKET"]) as client:
-            result = client.execute(code=code, policy=policy.model_dump(mode="json"))
+            result = client.execute(code=code, policy=policy.to_dict())
         assert result.stdout == "200\n", result.stderr
         assert up.https.seen[-1]["authorization"] == f"Bearer {SECRET_VALUE}"
         with open(f"/proc/{daemon_pid}/environ", "rb") as f:
@@ -161,7 +161,7 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
         # The daemon read the key as root and kept no group of the broker's: what it starts cannot read it.
         broker_gid = grp.getgrnam("stockade-secrets").gr_gid
         assert str(broker_gid) not in _status(daemon_pid)["Groups"].split()
-        with Client(env["STOCKADE_SOCKET"]) as client, client.sandbox(policy.model_dump(mode="json")) as sb:
+        with Client(env["STOCKADE_SOCKET"]) as client, client.sandbox(policy.to_dict()) as sb:
             forks = [p for p in _children(daemon_pid) if b"stockade.egress.worker" in _cmdline(p)]
             assert len(forks) == 1, forks  # the fork server; the worker is its child
             workers = _children(forks[0])

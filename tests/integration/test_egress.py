@@ -207,7 +207,7 @@ print(json.dumps({{
     used = {(r.host, r.path): r.secrets_used for r in result.egress_requests}  # type: ignore[attr-defined]
     assert used[("api.stockade.test", "/bound")] == ["API_KEY"]
     assert used[("api.stockade.test", "/plain")] == []
-    assert SECRET_VALUE not in result.model_dump_json()  # type: ignore[attr-defined]
+    assert SECRET_VALUE not in result.to_json()
 
 
 def test_no_secret_value_inside_the_isolate_and_what_leaves_it_is_redacted(
@@ -245,7 +245,7 @@ print(hits)
         assert leaked.secrets_redacted == 2
         assert sb.read_file("/tmp/leak.txt") == b"key=[REDACTED:API_KEY]\n"
         cell = sb.run_code("open('/tmp/leak.txt').read()", session="s")
-        assert SECRET_VALUE not in cell.model_dump_json() and "[REDACTED:API_KEY]" in cell.model_dump_json()
+        assert SECRET_VALUE not in cell.to_json() and "[REDACTED:API_KEY]" in cell.to_json()
 
 
 def test_a_secret_the_policy_does_not_bind_is_not_given(up: Upstreams, manager: RuntimeManager) -> None:
@@ -339,10 +339,10 @@ def test_through_the_daemon_the_result_and_the_audit_log_name_each_request_and_n
             "except Exception as exc:\n    print(exc)\n"
         )
         with Client(daemon.socket_path) as client:
-            result = client.execute(code=code, policy=policy.model_dump(mode="json"))
+            result = client.execute(code=code, policy=policy.to_dict())
         assert result.exit_code == 0, result.stderr
         assert up.https.seen[-1]["authorization"] == f"Bearer {SECRET_VALUE}"
-        assert SECRET_VALUE not in result.model_dump_json() and result.secrets_redacted == 2  # body, X-Echo header
+        assert SECRET_VALUE not in result.to_json() and result.secrets_redacted == 2  # body, X-Echo header
         assert [(r.host, r.allowed, r.secrets_used) for r in result.egress_requests] == [
             ("api.stockade.test", True, ["API_KEY"]),
             ("elsewhere.example", False, []),

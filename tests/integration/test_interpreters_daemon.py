@@ -12,7 +12,7 @@ import pytest
 
 from stockade.client import AsyncClient, Client
 from stockade.errors import InvalidRequestError
-from stockade.result import ExecResult
+from stockade.result import ExecResult, validate
 from tests.daemon_harness import Daemon, start_daemon
 
 HTML = "class Table:\n    def _repr_html_(self): return '<table></table>'\n"
@@ -96,7 +96,7 @@ def test_http_cells_interrupts_and_restarts(daemon: Daemon) -> None:
             },
         )
         assert first.status_code == 200, first.text
-        result = ExecResult.model_validate(first.json())
+        result = validate(ExecResult, first.json())
         assert result.results[0].data["image/png"] == pixel and result.execution_count == 1
         assert http.post(cell, json={"session": "web", "code": "P.__name__"}).json()["results"][0]["data"] == {
             "text/plain": "'P'"

@@ -133,7 +133,7 @@ def drive_round(daemon: Daemon, sent: Sent) -> None:
         for word in ("first", "second"):
             result = client.execute(["echo", word])
             assert result.stdout == f"{word}\n"
-            sent.run(result.model_dump(mode="json"), True, "completed", 0)
+            sent.run(result.to_dict(), True, "completed", 0)
             sent.requests["unix", "execute", "ok"] += 1
         client.status()
         sent.requests["unix", "status", "ok"] += 1

@@ -302,7 +302,7 @@ def test_an_admin_registers_secrets_through_the_daemon_and_they_rest_encrypted(b
         code = (f"import os, urllib.request\nr = urllib.request.Request('https://{host}/', headers={{'X-Key': "
                 "os.environ['REGISTERED']})\nprint(urllib.request.urlopen(r, timeout=20).status)")  # fmt: skip
         with Client(daemon.socket_path) as client:
-            result = client.execute(code=code, policy=policy.model_dump(mode="json"))
+            result = client.execute(code=code, policy=policy.to_dict())
         assert result.stdout == "200\n", result.stderr
         assert up.https.seen[-1]["x-key"] == registered
         removed = subprocess.run([*cli, "rm", "REGISTERED"], capture_output=True, text=True, env=cli_env, timeout=60)

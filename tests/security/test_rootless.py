@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import stockade
+from stockade.result import validate
 
 NOBODY = 65534
 PACKAGES = ["stockade", "pydantic", "pydantic_core", "typing_extensions", "annotated_types", "typing_inspection",
@@ -39,8 +40,8 @@ e = stockade.run_code(
     "except Exception as exc:\n    print(exc)\n"
     "try:\n    socket.getaddrinfo('not-allowed.example', 80)\nexcept OSError as exc:\n    print('no name')\n",
     runtime="process", manager=m, network_policy="allowlist", allowed_hosts=["example.com"])
-print(json.dumps({"uid": os.getuid(), "result": r.model_dump(), "limits": sorted(detect_layout().limits),
-                  "violations": [x.syscall for x in v.security_violations], "egress": e.model_dump(mode="json")}))
+print(json.dumps({"uid": os.getuid(), "result": r.to_dict(), "limits": sorted(detect_layout().limits),
+                  "violations": [x.syscall for x in v.security_violations], "egress": e.to_dict()}))
 m.close()
 """
 
@@ -86,13 +87,13 @@ def test_rootless_run_is_confined_and_honest(process_runtime: str, portable_site
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["uid"] == NOBODY
-    result = stockade.ExecResult.model_validate(report["result"])
+    result = validate(stockade.ExecResult, report["result"])
     lines = result.stdout.splitlines()
     assert lines[0] == "1000"
     assert "CapEff:\t0000000000000000" in lines and "NoNewPrivs:\t1" in lines and "Seccomp:\t2" in lines
     assert "No such file or directory" in lines[-1]
     assert report["violations"] == ["unshare"]
-    egress = stockade.ExecResult.model_validate(report["egress"])
+    egress = validate(stockade.ExecResult, report["egress"])
     assert egress.stdout == "HTTP Error 403: Forbidden\nno name\n", egress.stderr
     assert {(r.host, r.scheme, r.allowed) for r in egress.egress_requests} == {
         ("not-allowed.example", "http", False),

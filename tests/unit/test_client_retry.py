@@ -111,7 +111,7 @@ def pong(request: dict[str, Any]) -> dict[str, Any]:
 def ran(request: dict[str, Any]) -> dict[str, Any]:
     result = ExecResult(success=True, exit_code=0, stdout="ran\n", termination_reason="completed",
                         runtime_used="process", policy_digest="0" * 16)  # fmt: skip
-    return {"result": json.loads(result.model_dump_json()), "error": None}
+    return {"result": result.to_dict(), "error": None}
 
 
 def refused(code: str, times: int, then: Script) -> Script:

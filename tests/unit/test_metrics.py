@@ -45,11 +45,11 @@ def result(**fields: object) -> ExecResult:
         "runtime_used": "process",
         "policy_digest": "d",
     }
-    return ExecResult.model_validate(base | fields)
+    return ExecResult(**(base | fields))
 
 
 def refused(syscall: str, severity: str = "HIGH", kind: str = "blocked_syscall") -> SecurityViolation:
-    return SecurityViolation.model_validate({"violation_type": kind, "syscall": syscall, "severity": severity})
+    return SecurityViolation(violation_type=kind, syscall=syscall, severity=severity)
 
 
 def test_executions_by_runtime_and_result() -> None:

@@ -69,9 +69,9 @@ def test_digest_is_canonical_and_sensitive() -> None:
 
 
 def test_mount_short_form() -> None:
-    m = Mount.model_validate("/opt/data:/data:rw")
+    m = Mount.parse("/opt/data:/data:rw")
     assert (m.source, m.target, m.writable) == ("/opt/data", "/data", True)
-    m = Mount.model_validate("/opt/data")
+    m = Mount.parse("/opt/data")
     assert (m.source, m.target, m.writable) == ("/opt/data", "/opt/data", False)
 
 
@@ -124,3 +124,74 @@ def test_building_a_policy_directly_raises_policy_error_naming_the_field() -> No
 def test_an_unknown_field_suggests_the_nearest_one() -> None:
     with pytest.raises(PolicyError, match=r"memory: unknown field \(did you mean memory_mb\?\)"):
         Policy.build(memory=128)
+
+
+# ---- a dataclass that checks itself, and the doors that read it ---------------------------
+
+
+def test_json_values_become_the_fields_types() -> None:
+    p = Policy.build(timeout_seconds=5, allowed_hosts=["a.example"], network_policy="allowlist",
+                     filesystem_access=[{"source": "/srv", "target": "/data"}], secrets=["T@a.example"])  # fmt: skip
+    assert p.timeout_seconds == 5.0 and isinstance(p.timeout_seconds, float)
+    assert p.allowed_hosts == ("a.example",) and p.filesystem_access == (Mount(source="/srv", target="/data"),)
+    assert p.secrets[0].hosts == ("a.example",)
+    assert Policy(**p.fields()) == p and Policy(**p.to_dict()) == p
+    assert p.non_defaults() == {
+        "timeout_seconds": 5.0, "network_policy": "allowlist", "allowed_hosts": ["a.example"],
+        "filesystem_access": [{"source": "/srv", "target": "/data", "writable": False}],
+        "secrets": [{"name": "T", "hosts": ["a.example"], "header": "Authorization", "format": "Bearer {value}"}],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"memory_mb": True}, "memory_mb: Input should be a valid integer"),
+        ({"memory_mb": 256.0}, "memory_mb: Input should be a valid integer"),
+        ({"timeout_seconds": float("nan")}, "timeout_seconds: Input should be greater than 0"),
+        ({"allowed_hosts": "a.example"}, "allowed_hosts: Input should be a valid tuple"),
+        ({"environment": {"A": 1}}, "environment.A: Input should be a valid string"),
+        ({"filesystem_access": ["/srv", {"source": "/srv", "mode": "rw"}]}, "filesystem_access.1.mode: unknown field"),
+        ({"filesystem_access": ["/srv", "/proc:/p"]}, "filesystem_access.1: source /proc may not be shared"),
+        ({"memory_mb": 1, "disk_mb": 0}, "memory_mb: Input should be greater than or equal to 16; disk_mb: Input"),
+    ],
+)
+def test_every_problem_is_named_where_it_is(fields: dict[str, object], said: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        Policy.build(**fields)
+    assert str(caught.value).startswith("invalid policy: " + said)
+
+
+def test_a_change_is_checked_and_the_runtime_s_own_mount_keeps_the_digest() -> None:
+    p = Policy.build(memory_mb=256)
+    with pytest.raises(PolicyError, match="memory_mb"):
+        p.replace(memory_mb=1)
+    assert p.replace(disk_mb=8).disk_mb == 8 and p.disk_mb == 64
+    grown = p.with_mount(Mount(source="/srv", target="/opt/stockade/env"))
+    assert grown.filesystem_access[-1].target == "/opt/stockade/env" and p.filesystem_access == ()
+    assert grown.digest == p.digest  # the policy the caller asked for, not the runtime's addition
+
+
+def test_a_request_model_reads_a_policy_through_the_same_checks() -> None:
+    from stockade.protocol.models import ExecuteRequest, parse
+
+    request = parse(ExecuteRequest, {"code": "pass", "policy": {"memory_mb": 256, "filesystem_access": ["/srv"]}}, "x")
+    assert request.policy == Policy.build(memory_mb=256, filesystem_access=["/srv"])
+    assert request.model_dump(mode="json")["policy"] == request.policy.to_dict()
+    for bad in ({"memory_mb": "256"}, {"memroy_mb": 1}, {"filesystem_access": [{"source": "/srv", "x": 1}]}):
+        with pytest.raises(PolicyError) as at_the_door:
+            parse(ExecuteRequest, {"code": "pass", "policy": bad}, "x")
+        with pytest.raises(PolicyError) as in_process:
+            Policy.build(**bad)
+        assert str(at_the_door.value) == str(in_process.value)
+
+
+def test_the_json_schema_is_read_from_the_fields() -> None:
+    from pydantic import TypeAdapter
+
+    schema = TypeAdapter(Policy).json_schema()
+    memory = schema["properties"]["memory_mb"]
+    assert (memory["minimum"], memory["maximum"], memory["type"], memory["default"]) == (16, 2048, "integer", 512)
+    assert memory["description"] == "memory limit, MB"
+    assert schema["properties"]["network_policy"]["enum"] == ["none", "loopback", "allowlist"]
+    assert schema["$defs"]["Mount"]["required"] == ["source"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from pydantic import ValidationError
 
 from stockade import ExecResult, SecurityViolation
+from stockade.result import validate
 
 SEED_003_FIELDS = {
     "execution_id",
@@ -32,14 +35,14 @@ def _result(**kw: object) -> ExecResult:
         "policy_digest": "0" * 64,
     }
     base.update(kw)
-    return ExecResult.model_validate(base)
+    return validate(ExecResult, base)
 
 
 def test_fields_match_the_spec() -> None:
-    assert SEED_003_FIELDS <= set(ExecResult.model_fields)
-    assert {"violation_type", "syscall", "severity", "detection_layer", "blocked", "description", "timestamp"} <= set(
-        SecurityViolation.model_fields
-    )
+    assert SEED_003_FIELDS <= {f.name for f in dataclasses.fields(ExecResult)}
+    assert {"violation_type", "syscall", "severity", "detection_layer", "blocked", "description", "timestamp"} <= {
+        f.name for f in dataclasses.fields(SecurityViolation)
+    }
 
 
 def test_unknown_termination_reason_refused() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -83,5 +86,30 @@ def test_every_setting_is_documented() -> None:
     docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(stockade.__file__))), "docs", "settings.md")
     with open(docs) as f:
         text = f.read()
-    missing = [f"STOCKADE_{name.upper()}" for name in Settings.model_fields if f"STOCKADE_{name.upper()}`" not in text]
+    missing = [
+        f"STOCKADE_{name.upper()}"
+        for name in (f.name for f in dataclasses.fields(Settings))
+        if f"STOCKADE_{name.upper()}`" not in text
+    ]
     assert missing == []
+
+
+def test_reading_the_settings_needs_no_pydantic_and_keeps_secrets_out_of_reprs() -> None:
+    code = (
+        "import sys; from stockade import settings; "
+        "s = settings.Settings.load({'STOCKADE_AUTH_TOKEN': 'k' * 20, 'STOCKADE_NOT_A_SETTING': 'x', 'OTHER': '1'}); "
+        "print(repr(s).count('k' * 20), s.secret('auth_token') == 'k' * 20, s.placement.type, "
+        "any(m.startswith('pydantic') for m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["0", "True", "local", "False"]
+
+
+def test_the_daemon_s_config_is_the_settings_with_its_flags() -> None:
+    from stockade.daemon.config import DaemonConfig
+
+    config = DaemonConfig.from_env({"STOCKADE_MAX_SANDBOXES": "3"})
+    assert isinstance(config, DaemonConfig) and config.max_sandboxes == 3 and config.unix_socket
+    served = config.with_http("127.0.0.1:0", unix_socket=False)
+    assert (served.http, served.unix_socket, served.max_sandboxes) == (("127.0.0.1", 0), False, 3)
+    assert config.http is None  # a copy: the settings read at start stay as they were

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..limits import check_call_size
+from ..limits import argv_list, check_call_size
 from ..protocol.models import (
     MAX_PROCESS_WAIT_S,
     ProcessKill,
@@ -23,7 +23,6 @@ from ..protocol.models import (
     ProcessWait,
     ProcessWrite,
     SandboxSpawn,
-    argv_list,
 )
 from .requests import _build, _params
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypedDict, TypeVar
 
 from ..errors import AuthenticationError
-from ..limits import check_call_size
+from ..limits import argv_list, check_call_size
 from ..policy import Policy
 from ..protocol.models import (
     CancelRequest,
@@ -28,7 +28,6 @@ from ..protocol.models import (
     SandboxRef,
     SandboxRunCode,
     WriteFile,
-    argv_list,
     parse,
 )
 from .retry import NO_RETRY, Retry
@@ -196,7 +195,7 @@ def _build(model: type[_R], method: str, **fields: Any) -> _R:
     """A request model from a client call's arguments (None: the field's default)."""
     policy = fields.get("policy")
     if isinstance(policy, Policy):
-        fields["policy"] = policy.model_dump(mode="json")
+        fields["policy"] = policy.to_dict()
     request: _R = parse(model, {k: v for k, v in fields.items() if v is not None}, f"{method} request")
     return request
 

@@ -33,12 +33,11 @@ with a message naming the variable.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydantic import SecretStr
-
 from ..errors import ConfigError
-from ..settings import Settings, listen_address, loopback
+from ..settings import Secret, Settings, listen_address, loopback
 
 if TYPE_CHECKING:
     from ..rpc.server import ServerSettings
@@ -51,6 +50,7 @@ def socket_path_from_env() -> str:
     return current().socket
 
 
+@dataclass(frozen=True, kw_only=True)
 class DaemonConfig(Settings):
     """The daemon's settings: every ``STOCKADE_*`` variable, and ``stockade serve``'s flags."""
 
@@ -91,8 +91,8 @@ class DaemonConfig(Settings):
         _check_exposure(address, token)
         if not unix_socket and address is None:
             raise ConfigError("--no-socket leaves the daemon no door: give --http too")
-        secret = SecretStr(token) if token is not None else None
-        return self.model_copy(update={"http": address, "api_token": secret, "unix_socket": unix_socket})
+        secret = Secret(token) if token is not None else None
+        return self.replace(http=address, api_token=secret, unix_socket=unix_socket)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DaemonConfig:

@@ -23,7 +23,7 @@ log = logging.getLogger("stockade.daemon")
 
 async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     if config.daemon_user == KEEP_ROOT:
-        config = config.model_copy(update={"daemon_user": None})
+        config = config.replace(daemon_user=None)
     settings.install(config)  # read once, at the start: the whole process uses these
     prepare_audit_dir(config)
     controller = Controller(config)

@@ -36,8 +36,6 @@ import os
 import stat
 import time
 
-from pydantic import SecretStr
-
 from .. import settings
 from ..agent import linux
 from ..broker import identities, wire
@@ -138,4 +136,4 @@ def _read_broker_key(config: DaemonConfig) -> None:
             )
         time.sleep(0.1)
     key = base64.b64encode(wire.read_key(path)).decode()
-    settings.install(config.model_copy(update={"session_key": SecretStr(key)}))
+    settings.install(config.replace(session_key=settings.Secret(key)))

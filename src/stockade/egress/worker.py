@@ -94,7 +94,7 @@ class Worker:
             if self.gate is None:
                 raise RuntimeError("take before serve")
             records, dropped = self.gate.take_records()
-            return {"ok": True, "records": [r.model_dump(mode="json") for r in records], "dropped": dropped,
+            return {"ok": True, "records": [r.to_dict() for r in records], "dropped": dropped,
                     "redacted": self.gate.redactor.take_count()}  # fmt: skip
         raise ValueError(f"unknown op {op!r}")
 
@@ -104,14 +104,14 @@ class Worker:
             for sock in sockets:
                 sock.close()
             raise ValueError("serve takes a listener and a name service socket, once")
-        gate = Gate(Policy.model_validate(message["policy"]), message.get("values") or {}, self.refused,
+        gate = Gate(Policy(**message["policy"]), message.get("values") or {}, self.refused,
                     message.get("upstream_ca"), message.get("pinned_hosts"))  # fmt: skip
         self.stop = proxy().serve(gate, *sockets)
         self.gate = gate
         return {"ok": True, "env": gate.env(), "ca": gate.ca.pem if gate.ca is not None else None}
 
     def refused(self, request: EgressRequest) -> None:
-        self.send({"event": "refused", "request": request.model_dump(mode="json")})
+        self.send({"event": "refused", "request": request.to_dict()})
 
 
 def give_up_root(uid: int | None) -> None:
@@ -250,7 +250,7 @@ def warm_up() -> None:
     upstream_context(None)
     policy = Policy(network_policy="allowlist", allowed_hosts=["warm.invalid"],
                     secrets=[{"name": "WARM", "hosts": ["warm.invalid"]}])  # type: ignore[list-item]  # fmt: skip
-    Gate(Policy.model_validate(policy.model_dump(mode="json")), {"WARM": "-"})
+    Gate(Policy(**policy.to_dict()), {"WARM": "-"})
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from ..errors import SandboxStartError
 from ..policy import Policy
-from ..result import EgressRequest
+from ..result import EgressRequest, validate
 from .gate import MAX_RECORDS
 
 MAX_REPLY = 1 << 20  # 256 records of a few hundred bytes, and a CA certificate
@@ -169,7 +169,7 @@ class EgressWorker:
     ) -> tuple[dict[str, str], bytes | None]:  # fmt: skip
         """Hand the worker its sandbox (``upstream_ca``: PEM; ``pinned_hosts``: hosts(5) text): returns
         the variables its runs get and its CA (PEM)."""
-        message = {"op": "serve", "policy": policy.model_dump(mode="json"), "values": dict(values),
+        message = {"op": "serve", "policy": policy.to_dict(), "values": dict(values),
                    "upstream_ca": upstream_ca, "pinned_hosts": pinned_hosts}  # fmt: skip
         try:
             reply = self._ask(message, [s.fileno() for s in sockets], SERVE_TIMEOUT_S)
@@ -190,7 +190,7 @@ class EgressWorker:
         if not isinstance(raw, list) or not isinstance(dropped, int) or not isinstance(redacted, int):
             raise self._broke("take")
         try:
-            records = [EgressRequest.model_validate(r) for r in raw[:MAX_RECORDS]]
+            records = [validate(EgressRequest, r) for r in raw[:MAX_RECORDS]]
         except ValidationError:
             raise self._broke("take") from None
         return records, max(0, dropped) + max(0, len(raw) - MAX_RECORDS), max(0, redacted)
@@ -273,7 +273,7 @@ class EgressWorker:
 
     def _refused(self, request: Any) -> None:
         try:
-            record = EgressRequest.model_validate(request)
+            record = validate(EgressRequest, request)
         except ValidationError:
             raise ValueError("a refusal that is not a request record") from None
         if self.on_refused is not None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PolicyError
 from ..policy import Policy
 
 CONFIG_NAME = "isolation_config.json"
@@ -190,9 +190,10 @@ class IsolationConfig(BaseModel):
         else:
             fields["runtime"] = mode
         try:
-            return Policy.model_validate(fields)
-        except ValidationError as exc:
-            said = _first_error(exc).removeprefix("invalid policy: ")
+            return Policy(**fields)
+        except PolicyError as exc:
+            where_in, message = (exc.problems or (((), str(exc)),))[0]
+            said = f"{'.'.join(map(str, where_in))}: {message}" if where_in else message
             for policy_name, config_name in _POLICY_TO_CONFIG.items():  # in the file's words
                 if said.startswith(policy_name):
                     said = config_name + said[len(policy_name) :]

@@ -168,7 +168,7 @@ async def serve(policy: Policy, http: str | None = None, token: str | None = Non
     streamable HTTP at ``http`` (until the process is stopped)."""
     config = DaemonConfig.from_env()
     if http is None:  # one session, one client: its sandbox lives as long as it does
-        config = config.model_copy(update={"sandbox_idle_timeout": None})
+        config = config.replace(sandbox_idle_timeout=None)
     controller = Controller(config)
     tools = StockadeTools(controller, policy)
     try:
@@ -205,7 +205,7 @@ def _run(result: ExecResult) -> types.CallToolResult:
     if result.stderr:
         said.append(f"[stderr]\n{result.stderr}")
     said.append(f"[{result.termination_reason}, exit code {result.exit_code}]")
-    summary = result.model_dump(mode="json", exclude={"stdout_bytes", "stderr_bytes"})
+    summary = {k: v for k, v in result.to_dict().items() if k not in ("stdout_bytes", "stderr_bytes")}
     return types.CallToolResult(
         content=[types.TextContent(type="text", text="\n".join(said)), *images],
         structured_content=summary,

@@ -297,14 +297,14 @@ async def _verdict(sandbox: Sandbox, isolate: str, seen: dict[str, int] | None =
     return {
         "runtime": sandbox._sandbox.runtime_name,
         "isolate": isolate,
-        "security_violations": [v.model_dump(mode="json") for v in report.records],
+        "security_violations": [v.to_dict() for v in report.records],
         "violation_counts": report.counts,
         "violations_dropped": report.dropped,
         "limits_hit": ["memory_mb"] if usage.oom_kills > oom_before else [],  # a process of it killed for memory
         "memory_peak_mb": usage.memory_peak_mb,
         "cpu_seconds": usage.cpu_seconds,
         "unenforced_limits": list(sandbox._sandbox.unenforced_limits),
-        "egress_requests": [r.model_dump(mode="json") for r in egress],
+        "egress_requests": [r.to_dict() for r in egress],
     }
 
 

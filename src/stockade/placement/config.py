@@ -1,51 +1,71 @@
-"""One config model per placement backend, chosen by its ``type`` (``STOCKADE_PLACEMENT``)."""
+"""One config per placement backend, chosen by its ``type`` (``STOCKADE_PLACEMENT``).
+
+Standard-library dataclasses: the settings of every stockade process hold one,
+and most never place anywhere but here, so building the default needs no
+pydantic. ``parse_placement`` checks a config given as text or a dict with
+pydantic, which reads the bounds from the fields.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from ..errors import ConfigError
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
-class LocalPlacementConfig(BaseModel):
+def _bounded(description: str, **bounds: Any) -> dict[str, Any]:
+    return {"description": description, **bounds}  # pydantic reads these keys of a field's metadata
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalPlacementConfig:
     """Isolates on this host, from its own runtimes and warm pools (the default)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    __pydantic_config__ = {"extra": "forbid"}
 
     type: Literal["local"] = "local"
-    pool_size: int | None = Field(default=None, ge=0, le=64, description="warm isolates per runtime (None: settings)")
+    pool_size: int | None = field(
+        default=None, metadata=_bounded("warm isolates per runtime (None: settings)", ge=0, le=64)
+    )
 
 
-class RayPlacementConfig(BaseModel):
+@dataclass(frozen=True, kw_only=True)
+class RayPlacementConfig:
     """Isolates on the nodes of a Ray cluster, each node's kernel enforcing every limit."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    __pydantic_config__ = {"extra": "forbid"}
 
     type: Literal["ray"]
-    address: str = Field(min_length=1, description="the cluster's GCS, host:port, or 'auto'")
-    namespace: str = Field(default="stockade", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    pool_size: int = Field(default=2, ge=0, le=64, description="warm isolates per runtime on each node")
-    kept_reservations: int = Field(
-        default=16,
-        ge=0,
-        le=1024,
-        description="placement groups released isolates leave booked for the next claim of their shape (0: none)",
+    address: str = field(metadata=_bounded("the cluster's GCS, host:port, or 'auto'", min_length=1))
+    namespace: str = field(
+        default="stockade", metadata=_bounded("its Ray namespace", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     )
-    claim_timeout: float = Field(default=30.0, gt=0, le=600, description="seconds an acquire waits for room")
-    max_file_bytes: int = Field(default=MAX_FILE_BYTES, ge=1, le=1 << 30, description="a file call's bytes at most")
+    pool_size: int = field(default=2, metadata=_bounded("warm isolates per runtime on each node", ge=0, le=64))
+    kept_reservations: int = field(
+        default=16,
+        metadata=_bounded(
+            "placement groups released isolates leave booked for the next claim of their shape (0: none)",
+            ge=0,
+            le=1024,
+        ),
+    )
+    claim_timeout: float = field(default=30.0, metadata=_bounded("seconds an acquire waits for room", gt=0, le=600))
+    max_file_bytes: int = field(
+        default=MAX_FILE_BYTES, metadata=_bounded("a file call's bytes at most", ge=1, le=1 << 30)
+    )
 
 
-PlacementConfig = Annotated[LocalPlacementConfig | RayPlacementConfig, Field(discriminator="type")]
-_ADAPTER: TypeAdapter[LocalPlacementConfig | RayPlacementConfig] = TypeAdapter(PlacementConfig)
+PlacementConfig = LocalPlacementConfig | RayPlacementConfig
+_adapter: Any = None
 
 
-def parse_placement(value: str | dict[str, Any] | None) -> LocalPlacementConfig | RayPlacementConfig:
+def parse_placement(value: str | dict[str, Any] | None) -> PlacementConfig:
     """A placement config from JSON, a bare backend name (``local``) or a dict; errors name the field."""
+    global _adapter
     if value is None or value == "":
         return LocalPlacementConfig()
     if isinstance(value, str):
@@ -57,8 +77,19 @@ def parse_placement(value: str | dict[str, Any] | None) -> LocalPlacementConfig 
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"placement: not JSON ({exc})") from None
+    from typing import Annotated
+
+    from pydantic import Field, TypeAdapter, ValidationError
+
+    if _adapter is None:
+        _adapter = TypeAdapter(Annotated[LocalPlacementConfig | RayPlacementConfig, Field(discriminator="type")])
     try:
-        return _ADAPTER.validate_python(value)
+        config: PlacementConfig = _adapter.validate_python(value)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'type'}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'type'}: "
+            + ("unknown field" if err["type"] == "unexpected_keyword_argument" else err["msg"])
+            for err in exc.errors()
+        )
         raise ConfigError(f"placement: {problems}") from None
+    return config

@@ -335,7 +335,7 @@ class RayPlacement:
                 # The node runs the runtime reserved for it, not its own pick for a trust (it may have
                 # a stronger one this placement did not ask Ray for).
                 placed = policy if policy.runtime == runtime else policy.replace(runtime=runtime)
-                info = await node.actor.acquire.remote(placed.model_dump_json())
+                info = await node.actor.acquire.remote(placed.canonical_json())
             except Exception as exc:
                 await _removed(reservation.group)
                 if not lost_node(exc):

@@ -17,8 +17,8 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTooLargeError, SandboxError, SandboxLostError
-from ..limits import check_call_size
-from ..result import ExecResult
+from ..limits import argv_list, check_call_size
+from ..result import ExecResult, validate
 from ..runtimes.spawned import Process
 from .ray_node import OUTPUT, RESULT
 from .remote import RemoteRuns
@@ -122,7 +122,7 @@ class RayIsolate(RemoteRuns):
             if item[0] == OUTPUT:
                 on_output(item[1], item[2])
             elif item[0] == RESULT:
-                return ExecResult.model_validate_json(item[1])
+                return validate(ExecResult, item[1], json_text=True)
         return None
 
     @staticmethod
@@ -131,7 +131,7 @@ class RayIsolate(RemoteRuns):
         import ray
 
         try:
-            return ExecResult.model_validate_json(await ref)
+            return validate(ExecResult, await ref, json_text=True)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # a node gone meanwhile: nothing left to cancel
                 ray.cancel(ref)
@@ -157,8 +157,6 @@ class RayIsolate(RemoteRuns):
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        from ..protocol.models import argv_list
-
         call = {"argv": argv_list(argv), "stdin": stdin, "env": env, "cwd": cwd, "timeout": timeout}
         return await self._run("exec", call, on_output)
 
@@ -203,8 +201,6 @@ class RayIsolate(RemoteRuns):
     ) -> Process:
         """A background process on the isolate's node (blocking: from a thread, as on one host).
         Its calls (``Process.read``, ``wait``, ...) are this isolate's ``proc_call``."""
-        from ..protocol.models import argv_list
-
         raw = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
         check_call_size("stdin", raw)
         said = self._wait_for("spawn", argv_list(argv), raw, env, cwd, wait=_CALL_WAIT_S)

@@ -13,6 +13,7 @@ loop, and a run's output goes back as a Ray streaming generator, piece by piece.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -54,7 +55,7 @@ class StockadeNode:
 
     async def acquire(self, policy_json: str) -> dict[str, Any]:
         started = time.monotonic()
-        policy = Policy.model_validate_json(policy_json)
+        policy = Policy(**json.loads(policy_json))
         sandbox = await self.local.acquire(policy)
         isolate_id = os.urandom(8).hex()
         self.isolates[isolate_id] = sandbox
@@ -92,7 +93,7 @@ class StockadeNode:
                 if item[0] == RESULT:
                     break
                 yield item
-            yield (RESULT, task.result().model_dump_json())
+            yield (RESULT, task.result().to_json())
         finally:
             if not task.done():  # the caller went away: the run ends with it
                 task.cancel()
@@ -107,7 +108,7 @@ class StockadeNode:
             result = await sandbox.arun_code(**call)
         else:
             raise ValueError(f"unknown call {kind!r}")
-        return result.model_dump_json()
+        return result.to_json()
 
     async def spawn(
         self, isolate_id: str, argv: list[str], stdin: bytes, env: dict[str, str] | None, cwd: str | None

@@ -12,6 +12,7 @@ is refused with an error that names its placement and node.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -93,7 +94,7 @@ class RemoteRuns:
                 done(error if isinstance(error, Exception) else RuntimeError(str(error)))
                 return
             result = self._killed(started) if task.cancelled() else task.result()
-            done(result if execution_id is None else result.model_copy(update={"execution_id": execution_id}))
+            done(result if execution_id is None else dataclasses.replace(result, execution_id=execution_id))
 
         task.add_done_callback(settled)
         return call

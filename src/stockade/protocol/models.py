@@ -377,13 +377,6 @@ def unix_caller(uid: int, connection: int | None = None) -> Caller:
     return Caller(f"uid {uid}", "unix", admin=uid == 0, uid=uid, connection=connection)
 
 
-def argv_list(argv: Any) -> list[str]:
-    """``argv`` as a list, refusing a string: ``run("ls -l")`` would run a program named "l"."""
-    if isinstance(argv, (str, bytes)):
-        raise TypeError(f"argv must be a list of strings, not a string: pass {argv.split()!r} (or ['sh', '-c', ...])")
-    return list(argv)
-
-
 def request_error(exc: ValidationError, what: str) -> InvalidRequestError | PolicyError:
     """pydantic's report on a request as the error that names each field it refuses."""
     parts: list[str] = []

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from ..protocol import auth
+from ..result import _Serialised
 
 TOO_LARGE = None  # a frame's place in the queue when it was over the limit: answered in its turn
 
@@ -115,7 +116,9 @@ class JsonLines:
 
 
 def _model_json(value: Any) -> Any:
-    """A model inside an answer (a list of them): its JSON form."""
+    """A model or a result inside an answer (a list of them): its JSON form."""
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
+    if isinstance(value, _Serialised):  # ExecResult and the dataclasses it holds
+        return value.to_dict()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")

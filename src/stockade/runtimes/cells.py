@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
-from ..result import MAX_CELL_RESULTS, CellException, CellOutput
+from ..result import CELL_KINDS, MAX_CELL_MIME_TYPES, MAX_CELL_RESULTS, CellException, CellOutput
 
 
 @dataclass(frozen=True)
@@ -30,13 +28,31 @@ def read_cell(said: Any) -> Cell | None:
     outputs = said.get("outputs")
     exception = said.get("exception")
     try:
-        results = (
-            [CellOutput.model_validate(o) for o in outputs[:MAX_CELL_RESULTS]] if isinstance(outputs, list) else []
-        )
-        raised = CellException.model_validate(exception) if exception is not None else None
-    except ValidationError:
+        results = [_output(o) for o in outputs[:MAX_CELL_RESULTS]] if isinstance(outputs, list) else []
+        raised = _exception(exception) if exception is not None else None
+    except ValueError:
         return Cell(execution_count=None)
     return Cell(count if isinstance(count, int) and not isinstance(count, bool) else None, results, raised)
+
+
+def _output(said: Any) -> CellOutput:
+    """One display result as the agent reported it, checked (it comes from inside the isolate)."""
+    if not isinstance(said, dict) or set(said) != {"kind", "data"}:
+        raise ValueError("a cell output is {kind, data}")
+    kind, data = said["kind"], said["data"]
+    if kind not in CELL_KINDS or not isinstance(data, dict) or len(data) > MAX_CELL_MIME_TYPES:
+        raise ValueError("a cell output's kind or data is not one")
+    if not all(isinstance(mime, str) for mime in data):
+        raise ValueError("a cell output's MIME types are text")
+    return CellOutput(kind=kind, data=data)
+
+
+def _exception(said: Any) -> CellException:
+    if not isinstance(said, dict) or set(said) != {"name", "value", "traceback"}:
+        raise ValueError("a cell exception is {name, value, traceback}")
+    if not all(isinstance(v, str) for v in said.values()):
+        raise ValueError("a cell exception's fields are text")
+    return CellException(**said)
 
 
 def cell_fields(cell: Cell | None, interpreter_lost: bool, error: str | None) -> dict[str, Any]:

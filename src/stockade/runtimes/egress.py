@@ -13,6 +13,7 @@ what it needs to redact the values from what leaves the isolate through it.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -75,10 +76,14 @@ class Egress:
         for name in ("results", "exception"):
             value = out.get(name)
             if isinstance(value, list):
-                out[name] = [type(v).model_validate_json(self.redactor.json_text(v.model_dump_json())) for v in value]
+                out[name] = [self._redacted(v) for v in value]
             elif value is not None:
-                out[name] = type(value).model_validate_json(self.redactor.json_text(value.model_dump_json()))
+                out[name] = self._redacted(value)
         return out
+
+    def _redacted(self, value: Any) -> Any:
+        # A CellOutput or CellException through its JSON, where the redactor finds every value.
+        return type(value)(**json.loads(self.redactor.json_text(value.to_json())))
 
     def close(self) -> None:
         if self._closed:

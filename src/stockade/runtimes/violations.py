@@ -15,6 +15,7 @@ record marked ``between_runs``, rather than being reported nowhere.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class ViolationLog:
         marked ``between_runs``."""
         with self._lock:
             report = self._report
-            report.records = [r.model_copy(update={"between_runs": True}) for r in report.records]
+            report.records = [dataclasses.replace(r, between_runs=True) for r in report.records]
 
     def names(self) -> list[str]:
         """The names counted so far (the report stays)."""

@@ -408,7 +408,7 @@ async def _held_run(door: HttpDoor, caller: Caller, name: str, sandbox_id: str, 
     # A held sandbox's call is let finish when its client goes away: the sandbox stays in step.
     return event_stream(
         lambda out: method.call(door.controller, request, caller, out),
-        lambda result: result.model_dump_json(),
+        lambda result: result.to_json() if isinstance(result, ExecResult) else result.model_dump_json(),
         cancel_on_disconnect=False,
     )
 
@@ -453,7 +453,7 @@ class _HeldForFusion:
 async def _fusion(controller: Controller, caller: Caller, body: sandboxfusion.RunCodeRequest, policy: Policy) -> Any:
     """A SandboxFusion call: a held sandbox of its own for the files, the run and the fetch."""
     held = _HeldForFusion(controller, caller)
-    created = await held.call("sandbox.create", policy=policy.model_dump(mode="json"))
+    created = await held.call("sandbox.create", policy=policy.to_dict())
     held.sandbox_id = created.sandbox_id
     try:
         return await sandboxfusion.run(body, held)

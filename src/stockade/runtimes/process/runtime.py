@@ -401,7 +401,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             "proxy_port": PROXY_PORT,
             "scratch_mb": policy.disk_mb,
             # The environment's host path stays out of the isolate's mountinfo (rootfs.bind_extra).
-            "mounts": [{**m.model_dump(), "hide_source": m.target == ENV_ROOT} for m in policy.filesystem_access],
+            "mounts": [{**m.to_dict(), "hide_source": m.target == ENV_ROOT} for m in policy.filesystem_access],
             # An allowlist isolate's filter stops its network calls too, to report direct attempts.
             "seccomp_bpf": base64.b64encode(netcalls.program() if allowlist else self._bpf or b"").decode(),
             "landlock_abi": self._landlock_abi,
