@@ -7,29 +7,26 @@ field. ``digest`` is the SHA-256 of the canonical JSON, reported with every
 result so a caller can check which policy its code ran under.
 
 The three classes are frozen standard-library dataclasses that check
-themselves (``_check``, driven by each field's type and bounds), so that a
-program, or the command line, that runs one command needs no pydantic. A
-pydantic model that holds one (the daemon's requests, the HTTP API, the MCP
-configuration) validates it through these same checks, and takes its JSON
-schema (types, bounds, descriptions) from the fields (``_pydantic_schema``).
-Annotations are real types here, not strings: the checks read them.
+themselves (checked.py: each field's type and bounds), so that a program, or
+the command line, that runs one command needs no pydantic. A pydantic model
+that holds one (the daemon's requests, the HTTP API, the MCP configuration)
+validates it through these same checks, and takes its JSON schema (types,
+bounds, descriptions) from the fields. Annotations are real types here, not
+strings: the checks read them.
 """
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import json
-import operator
 import posixpath
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any, Literal
 
 from .agent.wire import MAX_DATA_BYTES
+from .checked import Checked, Problems, build_fields, describe, problems_error, set_fields
 from .errors import PolicyError
 from .isolation import RUNTIME_NAMES
 
@@ -63,166 +60,8 @@ _FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot")
 _RESERVED_TARGETS = ("/", "/proc", "/dev", "/usr", "/etc", "/tmp", "/work", "/bin", "/sbin", "/lib", "/lib64")
 
 
-class _Bad(ValueError):
-    """A value a field refuses, with where it is (``loc``) under the field."""
-
-    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
-        super().__init__(message)
-        self.loc = loc
-
-
-def _describe(description: str, **bounds: float) -> dict[str, Any]:
-    # pydantic reads the same keys from a dataclass field's metadata for the JSON schema.
-    return {"description": description, **bounds}
-
-
-def _number_text(value: float) -> str:
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-
-
-def _check(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
-    """``value`` as a field of type ``kind`` takes it (strictly: as JSON gives it, a list for a
-    tuple), within ``bounds``; else ``_Bad`` in pydantic's words, which every door has used."""
-    args = typing.get_args(kind)
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        if value is None:
-            return None
-        return _check(value, next(a for a in args if a is not type(None)), bounds)
-    if origin is Literal:
-        if value not in args or not isinstance(value, str):
-            words = [repr(a) for a in args]
-            raise _Bad("Input should be " + (f"{', '.join(words[:-1])} or " if len(words) > 1 else "") + words[-1])
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _Bad("Input should be a valid tuple")
-        items = []
-        for i, item in enumerate(value):
-            try:
-                items.append(_check(item, args[0], {}))
-            except _Bad as exc:
-                raise _Bad(str(exc), (i, *exc.loc)) from None
-            except ValueError as exc:  # a Mount's or a SecretGrant's own check
-                where, message = (getattr(exc, "problems", None) or [((), str(exc))])[0]
-                raise _Bad(message, (i, *where)) from None
-        return tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _Bad("Input should be a valid dictionary")
-        for key, item in value.items():
-            if not isinstance(key, str) or not isinstance(item, str):
-                raise _Bad("Input should be a valid string", (str(key),))
-        return dict(value)
-    if isinstance(kind, type) and hasattr(kind, "coerce"):  # Mount, SecretGrant
-        return kind.coerce(value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise _Bad("Input should be a valid boolean")
-        return value
-    if kind is str:
-        if not isinstance(value, str):
-            raise _Bad("Input should be a valid string")
-        return value
-    if kind is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _Bad("Input should be a valid integer")
-    elif kind is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise _Bad("Input should be a valid number")
-        value = float(value)
-    for name, word, holds in (
-        ("gt", "greater than", operator.gt),
-        ("ge", "greater than or equal to", operator.ge),
-        ("le", "less than or equal to", operator.le),
-    ):
-        if name in bounds and not holds(value, bounds[name]):  # NaN holds no bound: refused
-            raise _Bad(f"Input should be {word} {_number_text(bounds[name])}")
-    return value
-
-
-def _build(cls: type, given: dict[str, Any], problems: list[tuple[tuple[str | int, ...], str]]) -> dict[str, Any]:
-    """Each field of dataclass ``cls`` from ``given`` (or its default), checked; what is wrong is
-    added to ``problems`` as (where, message), an unknown field with the nearest known name."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for name in given:
-        if name not in known:
-            near = difflib.get_close_matches(str(name), known, n=1)
-            problems.append(((str(name),), f"unknown field (did you mean {near[0]}?)" if near else "unknown field"))
-    for name, spec in known.items():
-        if name not in given:
-            if spec.default is not dataclasses.MISSING:
-                values[name] = spec.default
-            elif spec.default_factory is not dataclasses.MISSING:
-                values[name] = spec.default_factory()
-            else:
-                problems.append(((name,), "Field required"))
-            continue
-        try:
-            values[name] = _check(given[name], spec.type, spec.metadata)
-        except _Bad as exc:
-            problems.append(((name, *exc.loc), str(exc)))
-    return values
-
-
-def _set_fields(obj: Any, values: dict[str, Any]) -> None:
-    for name, value in values.items():
-        object.__setattr__(obj, name, value)
-
-
-def _problems_error(problems: list[tuple[tuple[str | int, ...], str]]) -> PolicyError:
-    said = "; ".join(f"{'.'.join(map(str, loc)) or 'policy'}: {message}" for loc, message in problems)
-    error = PolicyError("invalid policy: " + said)
-    error.problems = tuple(problems)
-    return error
-
-
-class _Checked:
-    """What Mount, SecretGrant and Policy share: built from a dict, a short form or an
-    instance (``coerce``), and validated by pydantic models through ``coerce`` too."""
-
-    @classmethod
-    def coerce(cls, value: Any) -> Any:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str) and hasattr(cls, "parse"):
-            return cls.parse(value)
-        if isinstance(value, dict):
-            return cls(**value)
-        raise _Bad(f"Input should be a dictionary or an instance of {cls.__name__}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON has them (a tuple as a list, a nested value as its dict)."""
-        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
-        # pydantic's own schema of the dataclass gives the JSON schema and the serialisation;
-        # what it takes in goes through ``coerce`` first, the same checks as everywhere.
-        from pydantic_core import core_schema
-
-        def coerce(value: Any) -> Any:
-            try:
-                return cls.coerce(value)
-            except _Bad as exc:
-                raise ValueError(str(exc)) from None
-
-        return core_schema.no_info_before_validator_function(coerce, handler(source))
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, _Checked):
-        return value.to_dict()
-    if isinstance(value, tuple):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return dict(value)
-    return value
-
-
 @dataclass(frozen=True, init=False)
-class Mount(_Checked):
+class Mount(Checked):
     """A host path made visible inside the isolate, read-only unless ``writable``."""
 
     source: str
@@ -230,17 +69,17 @@ class Mount(_Checked):
     writable: bool = False
 
     def __init__(self, **fields: Any) -> None:
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        values = _build(Mount, fields, problems)
+        problems: Problems = []
+        values = build_fields(Mount, fields, problems)
         if problems:
-            raise _problems_error(problems)
+            raise problems_error(problems)
         source = _clean_abs(values["source"], "source")
         target = _clean_abs(values["target"] or source, "target")
         if any(source == p or source.startswith(p + "/") for p in _FORBIDDEN_SOURCES) or source == "/":
             raise PolicyError(f"source {source} may not be shared into a sandbox")
         if any(target == p or target.startswith(p + "/") for p in ("/proc", "/dev")) or target in _RESERVED_TARGETS:
             raise PolicyError(f"target {target} is reserved by the runtime")
-        _set_fields(self, {**values, "source": source, "target": target})
+        set_fields(self, {**values, "source": source, "target": target})
 
     @classmethod
     def parse(cls, value: str) -> "Mount":
@@ -268,7 +107,7 @@ def _clean_abs(path: str, what: str) -> str:
 
 
 @dataclass(frozen=True, init=False)
-class SecretGrant(_Checked):
+class SecretGrant(Checked):
     """A secret the code may use, bound to hosts and a header: inside, its environment
     variable ``name`` holds a handle; the egress proxy replaces a bound header that
     carries the handle with ``format`` filled with the value, for ``hosts`` only."""
@@ -279,10 +118,10 @@ class SecretGrant(_Checked):
     format: str = "Bearer {value}"
 
     def __init__(self, **fields: Any) -> None:
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        values = _build(SecretGrant, fields, problems)
+        problems: Problems = []
+        values = build_fields(SecretGrant, fields, problems)
         if problems:
-            raise _problems_error(problems)
+            raise problems_error(problems)
         name, hosts, header, form = values["name"], values["hosts"], values["header"], values["format"]
         if not _ENV_NAME.fullmatch(name):
             raise PolicyError(f"secret name {name!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
@@ -295,7 +134,7 @@ class SecretGrant(_Checked):
                 f"secret {name}: format must hold {{value}} once, no other braces, and only visible ASCII "
                 "and spaces (no line break)"
             )
-        _set_fields(self, values)
+        set_fields(self, values)
 
     @classmethod
     def parse(cls, value: str) -> "SecretGrant":
@@ -311,38 +150,38 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 
 @dataclass(frozen=True, init=False)
-class Policy(_Checked):
+class Policy(Checked):
     """What an isolate may do and use. Unknown fields are errors (naming the nearest one), and
     values are taken as JSON gives them (no ``"256"`` read as 256, no ``true`` as 1)."""
 
-    runtime: str | None = field(default=None, metadata=_describe(f"a runtime by name ({', '.join(RUNTIME_NAMES)})"))
+    runtime: str | None = field(default=None, metadata=describe(f"a runtime by name ({', '.join(RUNTIME_NAMES)})"))
     isolation: IsolationLevel | None = field(
-        default=None, metadata=_describe("the isolation level to use (none: no isolation at all, for tests)")
+        default=None, metadata=describe("the isolation level to use (none: no isolation at all, for tests)")
     )
     trust: TrustLevel | None = field(
         default=None,
-        metadata=_describe("how far the code is trusted: the strongest available level meeting its minimum"),
+        metadata=describe("how far the code is trusted: the strongest available level meeting its minimum"),
     )
     timeout_seconds: float = field(
-        default=30.0, metadata=_describe("wall-clock limit of a run, seconds", gt=0, le=MAX_TIMEOUT_S)
+        default=30.0, metadata=describe("wall-clock limit of a run, seconds", gt=0, le=MAX_TIMEOUT_S)
     )
-    memory_mb: int = field(default=512, metadata=_describe("memory limit, MB", ge=16, le=MAX_MEMORY_MB))
-    cpu_limit: float = field(default=1.0, metadata=_describe(f"CPU limit, cores (at least {MIN_CPU})", le=MAX_CPU))
+    memory_mb: int = field(default=512, metadata=describe("memory limit, MB", ge=16, le=MAX_MEMORY_MB))
+    cpu_limit: float = field(default=1.0, metadata=describe(f"CPU limit, cores (at least {MIN_CPU})", le=MAX_CPU))
     pids_limit: int = field(
         default=128,
-        metadata=_describe(f"tasks in the isolate, its agent included (at least {MIN_PIDS_LIMIT})", le=4096),
+        metadata=describe(f"tasks in the isolate, its agent included (at least {MIN_PIDS_LIMIT})", le=4096),
     )
     max_output_bytes: int = field(
         default=1024 * 1024,
-        metadata=_describe("stdout and stderr kept, bytes (the rest is cut)", ge=0, le=MAX_OUTPUT_BYTES),
+        metadata=describe("stdout and stderr kept, bytes (the rest is cut)", ge=0, le=MAX_OUTPUT_BYTES),
     )
     max_file_size_bytes: int = field(
         default=64 * MIB,
-        metadata=_describe("largest file the code may write, bytes (RLIMIT_FSIZE)", ge=0, le=MAX_FILE_SIZE_BYTES),
+        metadata=describe("largest file the code may write, bytes (RLIMIT_FSIZE)", ge=0, le=MAX_FILE_SIZE_BYTES),
     )
     cpu_time_seconds: int | None = field(
         default=None,
-        metadata=_describe(
+        metadata=describe(
             "CPU time of each process, seconds (RLIMIT_CPU): past it the process gets SIGXCPU and the run "
             "ends cpu_limit; separate from the wall clock (default: none)",
             ge=1,
@@ -351,72 +190,72 @@ class Policy(_Checked):
     )
     address_space_mb: int | None = field(
         default=None,
-        metadata=_describe(
+        metadata=describe(
             "virtual memory of each process, MB (RLIMIT_AS): an allocation past it fails, so Python raises "
             "a catchable MemoryError instead of being killed at memory_mb (default: none)",
             ge=MIN_ADDRESS_SPACE_MB,
             le=MAX_ADDRESS_SPACE_MB,
         ),
     )
-    max_open_files: int = field(default=256, metadata=_describe("open file descriptors", ge=16, le=65536))
-    disk_mb: int = field(default=64, metadata=_describe("size of the writable scratch (/tmp, /work)", ge=1, le=4096))
+    max_open_files: int = field(default=256, metadata=describe("open file descriptors", ge=16, le=65536))
+    disk_mb: int = field(default=64, metadata=describe("size of the writable scratch (/tmp, /work)", ge=1, le=4096))
     network_policy: NetworkPolicy = field(
         default="none",
-        metadata=_describe(
+        metadata=describe(
             "none: no network at all; loopback: its own lo; allowlist: its own lo, and the egress proxy to "
             "allowed_hosts as its only way out"
         ),
     )
     allowed_hosts: tuple[str, ...] = field(
         default=(),
-        metadata=_describe(
+        metadata=describe(
             "with network_policy allowlist: the hosts it may reach through the proxy (NAME, *.DOMAIN, an "
             "address; :PORT optional)"
         ),
     )
     allowed_cidrs: tuple[str, ...] = field(
         default=(),
-        metadata=_describe(
+        metadata=describe(
             "with network_policy allowlist: private networks an allowed name may resolve to, or that may be "
             "reached by address (CIDR)"
         ),
     )
     secrets: tuple[SecretGrant, ...] = field(
         default=(),
-        metadata=_describe(
+        metadata=describe(
             "secrets the code uses but never holds: NAME@HOST[,HOST] (it sees a handle; the proxy puts the "
             "value in the bound header for those hosts)"
         ),
     )
     filesystem_access: tuple[Mount, ...] = field(
-        default=(), metadata=_describe("a host path shared in, read-only unless :rw")
+        default=(), metadata=describe("a host path shared in, read-only unless :rw")
     )
-    environment: dict[str, str] = field(default_factory=dict, metadata=_describe("environment variables of the code"))
+    environment: dict[str, str] = field(default_factory=dict, metadata=describe("environment variables of the code"))
     on_violation: Literal["deny", "kill"] = field(
-        default="deny", metadata=_describe("deny: the call fails with EPERM and is reported; kill: the run ends")
+        default="deny", metadata=describe("deny: the call fails with EPERM and is reported; kill: the run ends")
     )
     max_violations: int | None = field(
         default=None,
-        metadata=_describe(
+        metadata=describe(
             "a flood limit: the run ends (violation) once more calls than this were blocked (default: none)", ge=0
         ),
     )
     environment_name: str | None = field(
         default=None,
-        metadata=_describe(
+        metadata=describe(
             "a Python environment by name (stockade env build NAME), mounted read-only at /opt/stockade/env"
         ),
     )
     packages: tuple[str, ...] = field(
         default=(),
-        metadata=_describe(
+        metadata=describe(
             "Python requirements (pip's syntax): the environment they make, built on first use from wheels "
             "and cached by content"
         ),
     )
     environment_id: str | None = field(
         default=None,
-        metadata=_describe(
+        metadata=describe(
             "the content id of the environment the code runs with: set from environment_name or packages "
             "on the host; given alone, it pins one"
         ),
@@ -424,8 +263,8 @@ class Policy(_Checked):
 
     def __init__(self, **fields: Any) -> None:
         """Checked: a ``PolicyError`` names each field that is wrong."""
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        values = _build(Policy, fields, problems)
+        problems: Problems = []
+        values = build_fields(Policy, fields, problems)
         for name, check in (
             ("environment", _check_environment),
             ("pids_limit", _check_pids_limit),
@@ -439,12 +278,12 @@ class Policy(_Checked):
                 except ValueError as exc:
                     problems.append(((name,), str(exc)))
         if problems:
-            raise _problems_error(problems)
-        _set_fields(self, values)
+            raise problems_error(problems)
+        set_fields(self, values)
         try:
             self._check_together()
         except ValueError as exc:
-            raise _problems_error([((), str(exc).removeprefix("invalid policy: "))]) from None
+            raise problems_error([((), str(exc).removeprefix("invalid policy: "))]) from None
 
     def _check_together(self) -> None:
         """What no field says alone: mount targets, the egress fields, the environment."""

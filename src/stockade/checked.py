@@ -1,0 +1,183 @@
+"""A frozen dataclass that checks its own fields: ``Policy`` and what it holds (policy.py).
+
+``build_fields`` reads each field's type (a real annotation: this module's
+users do not postpone theirs) and bounds (its metadata: ``gt``, ``ge``,
+``le``, which pydantic reads too for the JSON schema) and takes a value the
+way JSON gives it, strictly: no ``"256"`` for 256, no ``true`` for 1, a list
+for a tuple. What is wrong is said in pydantic's words, which every door has
+used, with where it is (``filesystem_access.1.source``); an unknown field
+names the nearest known one. ``Checked`` is the base of such a class: built
+from a dict, a short form or an instance (``coerce``), written as JSON
+(``to_dict``), and read by pydantic models through ``coerce`` too.
+"""
+
+import dataclasses
+import difflib
+import operator
+import types
+import typing
+from typing import Any, Literal
+
+from .errors import PolicyError
+
+Problems = list[tuple[tuple[str | int, ...], str]]
+
+
+class FieldError(ValueError):
+    """A value a field refuses, with where it is (``loc``) under the field."""
+
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def describe(description: str, **bounds: float) -> dict[str, Any]:
+    # pydantic reads the same keys from a dataclass field's metadata for the JSON schema.
+    return {"description": description, **bounds}
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
+    """``value`` as a field of type ``kind`` takes it (strictly: as JSON gives it, a list for a
+    tuple), within ``bounds``; else ``FieldError`` in pydantic's words, which every door has used."""
+    args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        return check_value(value, next(a for a in args if a is not type(None)), bounds)
+    if origin is Literal:
+        if value not in args or not isinstance(value, str):
+            words = [repr(a) for a in args]
+            raise FieldError(
+                "Input should be " + (f"{', '.join(words[:-1])} or " if len(words) > 1 else "") + words[-1]
+            )
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise FieldError("Input should be a valid tuple")
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(check_value(item, args[0], {}))
+            except FieldError as exc:
+                raise FieldError(str(exc), (i, *exc.loc)) from None
+            except ValueError as exc:  # a Mount's or a SecretGrant's own check
+                where, message = (getattr(exc, "problems", None) or [((), str(exc))])[0]
+                raise FieldError(message, (i, *where)) from None
+        return tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FieldError("Input should be a valid dictionary")
+        for key, item in value.items():
+            if not isinstance(key, str) or not isinstance(item, str):
+                raise FieldError("Input should be a valid string", (str(key),))
+        return dict(value)
+    if isinstance(kind, type) and hasattr(kind, "coerce"):  # Mount, SecretGrant
+        return kind.coerce(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise FieldError("Input should be a valid boolean")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise FieldError("Input should be a valid string")
+        return value
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise FieldError("Input should be a valid integer")
+    elif kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise FieldError("Input should be a valid number")
+        value = float(value)
+    for name, word, holds in (
+        ("gt", "greater than", operator.gt),
+        ("ge", "greater than or equal to", operator.ge),
+        ("le", "less than or equal to", operator.le),
+    ):
+        if name in bounds and not holds(value, bounds[name]):  # NaN holds no bound: refused
+            raise FieldError(f"Input should be {word} {_number_text(bounds[name])}")
+    return value
+
+
+def build_fields(cls: type, given: dict[str, Any], problems: Problems) -> dict[str, Any]:
+    """Each field of dataclass ``cls`` from ``given`` (or its default), checked; what is wrong is
+    added to ``problems`` as (where, message), an unknown field with the nearest known name."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for name in given:
+        if name not in known:
+            near = difflib.get_close_matches(str(name), known, n=1)
+            problems.append(((str(name),), f"unknown field (did you mean {near[0]}?)" if near else "unknown field"))
+    for name, spec in known.items():
+        if name not in given:
+            if spec.default is not dataclasses.MISSING:
+                values[name] = spec.default
+            elif spec.default_factory is not dataclasses.MISSING:
+                values[name] = spec.default_factory()
+            else:
+                problems.append(((name,), "Field required"))
+            continue
+        try:
+            values[name] = check_value(given[name], spec.type, spec.metadata)
+        except FieldError as exc:
+            problems.append(((name, *exc.loc), str(exc)))
+    return values
+
+
+def set_fields(obj: Any, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
+def problems_error(problems: Problems) -> PolicyError:
+    said = "; ".join(f"{'.'.join(map(str, loc)) or 'policy'}: {message}" for loc, message in problems)
+    error = PolicyError("invalid policy: " + said)
+    error.problems = tuple(problems)
+    return error
+
+
+class Checked:
+    """What Mount, SecretGrant and Policy share: built from a dict, a short form or an
+    instance (``coerce``), and validated by pydantic models through ``coerce`` too."""
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str) and hasattr(cls, "parse"):
+            return cls.parse(value)
+        if isinstance(value, dict):
+            return cls(**value)
+        raise FieldError(f"Input should be a dictionary or an instance of {cls.__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON has them (a tuple as a list, a nested value as its dict)."""
+        return {f.name: json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        # pydantic's own schema of the dataclass gives the JSON schema and the serialisation;
+        # what it takes in goes through ``coerce`` first, the same checks as everywhere.
+        from pydantic_core import core_schema
+
+        def coerce(value: Any) -> Any:
+            try:
+                return cls.coerce(value)
+            except FieldError as exc:
+                raise ValueError(str(exc)) from None
+
+        return core_schema.no_info_before_validator_function(coerce, handler(source))
+
+
+def json_value(value: Any) -> Any:
+    if isinstance(value, Checked):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return dict(value)
+    return value
