@@ -131,3 +131,39 @@ def test_agent_forks_the_next_runner_ahead_unless_told_no_request_follows() -> N
     finally:
         held.close()
         one_shot.close()
+
+
+def test_closing_a_fake_sandbox_ends_what_its_runs_left_behind(tmp_path: object) -> None:
+    # The fake runtime has no pid namespace to end: a process that left its run's group or session,
+    # or whose parent exited, used to outlive the sandbox. The agent is now their subreaper.
+    sandbox = FakeRuntime().start(Policy())
+    try:
+        script = (
+            "import os, subprocess, sys\n"
+            "pids = [subprocess.Popen(['sleep', '30'], start_new_session=True).pid,\n"
+            "        subprocess.Popen(['sleep', '30']).pid]\n"
+            "if os.fork() == 0:\n"  # a grandchild whose parent exits at once: an orphan
+            "    child = subprocess.Popen(['sleep', '30'])\n"
+            "    os.write(1, f'{child.pid}\\n'.encode())\n"
+            "    os._exit(0)\n"
+            "os.wait()\n"
+            "print(*pids, sep='\\n')\n"
+        )
+        result = sandbox.exec(["python3", "-c", script])
+        assert result.termination_reason == "completed", result.stderr
+        left = [int(p) for p in result.stdout.split()]
+        assert len(left) == 3 and all(os.path.exists(f"/proc/{p}") for p in left)
+    finally:
+        sandbox.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in left):
+        time.sleep(0.05)
+    assert not [p for p in left if _alive(p)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

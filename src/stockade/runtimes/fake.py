@@ -8,6 +8,7 @@ every result lists each limit as not enforced. Never a default.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,7 +26,17 @@ from .base import BASE_ENV, Availability, Runtime
 from .process.zygote import AGENT_PARENT
 from .sandbox import AgentSandbox
 
-_BOOT = runner.bootstrap("import sys; sys.path.insert(0, sys.argv[1]); from agent import server", "server.main()")
+# The agent is the subreaper of what its runs start, as an isolate's agent is its pid namespace's
+# init: a process that leaves its group or session, or outlives its parent, stays below it, and
+# ``kill`` finds it there.
+_BOOT = runner.bootstrap(
+    "import sys; sys.path.insert(0, sys.argv[1]); from agent import linux, server; "
+    "linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)",
+    "server.main()",
+)
+# Rounds of finding and killing the agent's descendants: each round's killed cannot fork again,
+# so only what forked while the round was listing is left for the next.
+KILL_ROUNDS = 50
 
 
 def _python() -> str:
@@ -47,15 +58,53 @@ class FakeSandbox(AgentSandbox):
         ]
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
+        """The agent and everything below it, whatever group or session it made for itself."""
+        if self.proc.poll() is not None:
+            return
+        for _ in range(KILL_ROUNDS):
+            below = _descendants(self.proc.pid)
+            if not below:
+                break
+            for pid in below:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def _release(self) -> None:
         self.proc.wait()
         shutil.rmtree(self.scratch_dir, ignore_errors=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live (not yet exited) processes below ``pid``, read from /proc's children lists."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            for child in children:
+                todo.append(child)
+                if not _exited(child):
+                    found.append(child)
+    return found
+
+
+def _exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")  # the state follows the name
+    except OSError:
+        return True
 
 
 class FakeRuntime(Runtime):
