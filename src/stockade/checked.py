@@ -92,7 +92,10 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
     elif kind is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise FieldError("Input should be a valid number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past any float (JSON allows one): no number a bound holds
+            raise FieldError("Input should be a valid number") from None
     for name, word, holds in (
         ("gt", "greater than", operator.gt),
         ("ge", "greater than or equal to", operator.ge),
@@ -152,7 +155,7 @@ class Checked:
             return cls.parse(value)
         if isinstance(value, dict):
             return cls(**value)
-        raise FieldError(f"Input should be a dictionary or an instance of {cls.__name__}")
+        raise FieldError(f"Input should be a valid dictionary or instance of {cls.__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON has them (a tuple as a list, a nested value as its dict)."""

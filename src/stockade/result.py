@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,8 +49,22 @@ def _describe(description: str) -> dict[str, Any]:
     return {"description": description}  # pydantic reads it from the field for the JSON schema
 
 
+def _standard_base64(schema: dict[str, Any]) -> None:
+    # What the JSON schema says of a bytes field: base64 in the standard alphabet, as ``_plain``
+    # writes it (pydantic's own would say base64url, which it writes; it reads either).
+    for part in schema.get("anyOf", [schema]):
+        if part.get("type") == "string":
+            part["format"] = "base64"
+
+
+_BASE64 = {"json_schema_extra": _standard_base64}
+
+
 def _plain(value: Any) -> Any:
-    """``value`` as JSON has it: a dataclass as its dict, bytes as base64."""
+    """``value`` as JSON has it: a dataclass as its dict, bytes as base64 (the standard alphabet, as
+    every other byte field of the daemon's protocol), a float that is no number as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, _Serialised):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
@@ -68,7 +83,15 @@ class _Serialised:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+        """Compact unless ``indent``; text as UTF-8 rather than escapes (7 MiB of output that is not
+        UTF-8 reads as U+FFFD, six bytes escaped), escaped only where it would not encode."""
+        separators = (",", ":") if indent is None else None
+        text = json.dumps(self.to_dict(), indent=indent, separators=separators, ensure_ascii=False, allow_nan=False)
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # a lone surrogate (a file name's undecodable byte): as \udcXX
+            return json.dumps(self.to_dict(), indent=indent, separators=separators, allow_nan=False)
+        return text
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
@@ -229,12 +252,17 @@ class ExecResult(_Serialised):
     )
     stdout_bytes: bytes | None = field(
         default=None,
-        metadata=_describe(
-            "stdout's bytes as written (base64 in JSON); sent only when they are not UTF-8, "
-            "null when stdout is exact. In Python it is always set."
-        ),
+        metadata={
+            **_describe(
+                "stdout's bytes as written (base64 in JSON); sent only when they are not UTF-8, "
+                "null when stdout is exact. In Python it is always set."
+            ),
+            **_BASE64,
+        },
     )
-    stderr_bytes: bytes | None = field(default=None, metadata=_describe("stderr's bytes, as stdout_bytes"))
+    stderr_bytes: bytes | None = field(
+        default=None, metadata={**_describe("stderr's bytes, as stdout_bytes"), **_BASE64}
+    )
     exit_code: int | None = None
     error: str | None = None
     termination_reason: TerminationReason

@@ -124,7 +124,7 @@ class Settings:
     def load(cls, env: Mapping[str, str] | None = None) -> Self:
         """The settings of ``env`` (default: this process's environment), each variable parsed
         into its field's value; a malformed one is refused naming it (``ConfigError``)."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(Settings)}  # a subclass's own fields are no variable
         given: dict[str, Any] = {}
         problems: list[str] = []
         for key, raw in (os.environ if env is None else env).items():

@@ -234,6 +234,8 @@ def test_a_fetch_server_reaches_its_allowed_host_through_the_proxy_and_nothing_e
         ({"mcp_servers": {"s": {"command": "x", "mounts": [{"host_path": "/proc", "guest_path": "/p"}]}}},
          r"mcp_servers\.s\.mounts\.0: source /proc may not be shared into a sandbox"),
         ({"mcp_servers": {"s": {"command": "x", "secrets": ["NOPE"]}}}, r"mcp_servers\.s\.secrets"),
+        ({"mcp_servers": {"s": {"command": "x", "allowed_hosts": ["bad host"]}}},
+         r"mcp_servers\.s: allowed host 'bad host' is not a host name"),
         ({"default_execution_mode": "vm"}, r"default_execution_mode: Input should be"),
         ({"mcp_servers": {"git.hub": {"command": "x"}}}, r"mcp_servers: .*'git\.hub' is not a server id"),
     ],

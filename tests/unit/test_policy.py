@@ -149,6 +149,7 @@ def test_json_values_become_the_fields_types() -> None:
         ({"memory_mb": True}, "memory_mb: Input should be a valid integer"),
         ({"memory_mb": 256.0}, "memory_mb: Input should be a valid integer"),
         ({"timeout_seconds": float("nan")}, "timeout_seconds: Input should be greater than 0"),
+        ({"timeout_seconds": 10**400}, "timeout_seconds: Input should be a valid number"),
         ({"allowed_hosts": "a.example"}, "allowed_hosts: Input should be a valid tuple"),
         ({"environment": {"A": 1}}, "environment.A: Input should be a valid string"),
         ({"filesystem_access": ["/srv", {"source": "/srv", "mode": "rw"}]}, "filesystem_access.1.mode: unknown field"),

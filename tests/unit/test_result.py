@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 
 import pytest
 from pydantic import ValidationError
@@ -82,3 +84,16 @@ def test_new_id_is_a_random_version_4_uuid() -> None:
     fixed = (0xF << 76) | (0x3 << 62)
     assert ored | fixed == (1 << 128) - 1
     assert anded & ~fixed == 0
+
+
+def test_the_json_form_is_compact_utf8_and_always_json() -> None:
+    raw = b"\xff\xfe" * 1000
+    text = _result(stdout=raw.decode(errors="replace"), stdout_bytes=raw).to_json()
+    assert "\\ufffd" not in text and "\ufffd" in text  # six bytes escaped, three as UTF-8
+    assert ", " not in text[:200] and '":' in text  # no spaces between items
+    said = json.loads(text)
+    assert json.loads(_result(execution_time_seconds=float("nan")).to_json())["execution_time_seconds"] is None
+    assert base64.b64decode(said["stdout_bytes"], validate=True) == raw  # the standard alphabet
+    assert validate(ExecResult, text, json_text=True).stdout_bytes == raw
+    lone = _result(error="no such file: b\udcffd").to_json()  # a name os.fsdecode kept: escaped, not lost
+    assert json.loads(lone)["error"] == "no such file: b\udcffd" and lone.encode().isascii()

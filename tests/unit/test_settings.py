@@ -108,7 +108,7 @@ def test_reading_the_settings_needs_no_pydantic_and_keeps_secrets_out_of_reprs()
 def test_the_daemon_s_config_is_the_settings_with_its_flags() -> None:
     from stockade.daemon.config import DaemonConfig
 
-    config = DaemonConfig.from_env({"STOCKADE_MAX_SANDBOXES": "3"})
+    config = DaemonConfig.from_env({"STOCKADE_MAX_SANDBOXES": "3", "STOCKADE_UNIX_SOCKET": "0"})
     assert isinstance(config, DaemonConfig) and config.max_sandboxes == 3 and config.unix_socket
     served = config.with_http("127.0.0.1:0", unix_socket=False)
     assert (served.http, served.unix_socket, served.max_sandboxes) == (("127.0.0.1", 0), False, 3)

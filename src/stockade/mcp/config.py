@@ -193,7 +193,9 @@ class IsolationConfig(BaseModel):
             return Policy(**fields)
         except PolicyError as exc:
             where_in, message = (exc.problems or (((), str(exc)),))[0]
-            said = f"{'.'.join(map(str, where_in))}: {message}" if where_in else message
+            if not where_in:  # a check of several fields together: said of the tool's whole policy
+                raise ConfigError(f"{self.source or CONFIG_NAME}: {where}: {message}") from None
+            said = f"{'.'.join(map(str, where_in))}: {message}"
             for policy_name, config_name in _POLICY_TO_CONFIG.items():  # in the file's words
                 if said.startswith(policy_name):
                     said = config_name + said[len(policy_name) :]

@@ -104,10 +104,12 @@ class JsonLines:
 
     def encode(self, answer: dict[str, Any]) -> bytes:
         result = answer.get("result")
-        if isinstance(result, BaseModel) and answer.get("error") is None:
-            # A model goes out through pydantic's own serializer, in the same key order as every other answer.
+        if isinstance(result, BaseModel | _Serialised) and answer.get("error") is None:
+            # A model or a result goes out through its own serializer (compact, text as UTF-8), in the
+            # same key order as every other answer.
             msg_id = json.dumps(answer["id"])
-            return f'{{"result": {result.model_dump_json()}, "error": null, "id": {msg_id}}}\n'.encode()
+            text = result.model_dump_json() if isinstance(result, BaseModel) else result.to_json()
+            return f'{{"result": {text}, "error": null, "id": {msg_id}}}\n'.encode()
         # json.dumps' default separators: the seed's health check shows its answer byte for byte.
         return json.dumps(answer, default=_model_json).encode() + b"\n"
 
