@@ -8,11 +8,14 @@ for a tuple. What is wrong is said in pydantic's words, which every door has
 used, with where it is (``filesystem_access.1.source``); an unknown field
 names the nearest known one. ``Checked`` is the base of such a class: built
 from a dict, a short form or an instance (``coerce``), written as JSON
-(``to_dict``), and read by pydantic models through ``coerce`` too.
+(``to_dict``, ``json_value``: results use it too), and read by pydantic models through
+``coerce`` too.
 """
 
+import base64
 import dataclasses
 import difflib
+import math
 import operator
 import types
 import typing
@@ -31,9 +34,12 @@ class FieldError(ValueError):
         self.loc = loc
 
 
-def describe(description: str, **bounds: float) -> dict[str, Any]:
-    # pydantic reads the same keys from a dataclass field's metadata for the JSON schema.
-    return {"description": description, **bounds}
+def describe(description: str, **keys: Any) -> dict[str, Any]:
+    """A dataclass field's metadata: its description and bounds (``gt``, ``ge``, ``le``), which
+    pydantic reads as it reads its own ``Field``'s keywords (``max_length``, ``pattern``,
+    ``json_schema_extra``...); ``check``, a function a checked value then goes through (its
+    ValueError is the field's problem), pydantic leaves alone."""
+    return {"description": description, **keys}
 
 
 def _number_text(value: float) -> str:
@@ -128,6 +134,21 @@ def build_fields(cls: type, given: dict[str, Any], problems: Problems) -> dict[s
             values[name] = check_value(given[name], spec.type, spec.metadata)
         except FieldError as exc:
             problems.append(((name, *exc.loc), str(exc)))
+            continue
+        if "check" in spec.metadata:
+            try:
+                values[name] = spec.metadata["check"](values[name])
+            except ValueError as exc:
+                problems.append(((name,), str(exc)))
+    return values
+
+
+def checked_fields(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """``build_fields``, raising the ``PolicyError`` that names every problem."""
+    problems: Problems = []
+    values = build_fields(cls, given, problems)
+    if problems:
+        raise problems_error(problems)
     return values
 
 
@@ -177,10 +198,17 @@ class Checked:
 
 
 def json_value(value: Any) -> Any:
-    if isinstance(value, Checked):
-        return value.to_dict()
-    if isinstance(value, tuple):
+    """``value`` as JSON has it: a policy's or a result's dataclass as its ``to_dict``, a tuple as a
+    list, bytes as base64 (the standard alphabet, as every other byte field of the daemon's
+    protocol), a float that is no number as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value.to_dict()  # type: ignore[attr-defined]  # Checked, and result.py's dataclasses
+    if isinstance(value, (list, tuple)):
         return [json_value(v) for v in value]
     if isinstance(value, dict):
-        return dict(value)
+        return {k: json_value(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
     return value

@@ -26,7 +26,7 @@ from functools import cache, cached_property
 from typing import Any, Literal
 
 from .agent.wire import MAX_DATA_BYTES
-from .checked import Checked, Problems, build_fields, describe, problems_error, set_fields
+from .checked import Checked, checked_fields, describe, problems_error, set_fields
 from .errors import PolicyError
 from .isolation import RUNTIME_NAMES
 
@@ -69,10 +69,7 @@ class Mount(Checked):
     writable: bool = False
 
     def __init__(self, **fields: Any) -> None:
-        problems: Problems = []
-        values = build_fields(Mount, fields, problems)
-        if problems:
-            raise problems_error(problems)
+        values = checked_fields(Mount, fields)
         source = _clean_abs(values["source"], "source")
         target = _clean_abs(values["target"] or source, "target")
         if any(source == p or source.startswith(p + "/") for p in _FORBIDDEN_SOURCES) or source == "/":
@@ -118,10 +115,7 @@ class SecretGrant(Checked):
     format: str = "Bearer {value}"
 
     def __init__(self, **fields: Any) -> None:
-        problems: Problems = []
-        values = build_fields(SecretGrant, fields, problems)
-        if problems:
-            raise problems_error(problems)
+        values = checked_fields(SecretGrant, fields)
         name, hosts, header, form = values["name"], values["hosts"], values["header"], values["format"]
         if not _ENV_NAME.fullmatch(name):
             raise PolicyError(f"secret name {name!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
@@ -149,6 +143,46 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 
+def _check_environment(env: dict[str, str]) -> dict[str, str]:
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ValueError(f"environment variable {key!r} has an invalid name or value")
+    return env
+
+
+def _check_pids_limit(value: int) -> int:
+    if value < MIN_PIDS_LIMIT:
+        raise ValueError(
+            f"must be at least {MIN_PIDS_LIMIT}: an isolate's agent, the runner it forks ahead and the "
+            "command itself all count (in a microVM, the agent's seccomp thread too), so fewer can never "
+            "run a command"
+        )
+    return value
+
+
+def _check_cpu_limit(value: float) -> float:
+    if not value >= MIN_CPU:  # NaN too
+        raise ValueError(
+            f"must be at least {MIN_CPU} cores: the smallest CPU quota a cgroup takes is 1 ms in every "
+            "100 ms, so less could not be enforced"
+        )
+    return value
+
+
+def _normalise_packages(value: tuple[str, ...]) -> tuple[str, ...]:
+    from .environments import normalise
+
+    return normalise(value)
+
+
+def _check_environment_name(value: str | None) -> str | None:
+    from .environments import check_name, existing
+
+    if value is not None:
+        existing(check_name(value))
+    return value
+
+
 @dataclass(frozen=True, init=False)
 class Policy(Checked):
     """What an isolate may do and use. Unknown fields are errors (naming the nearest one), and
@@ -166,10 +200,14 @@ class Policy(Checked):
         default=30.0, metadata=describe("wall-clock limit of a run, seconds", gt=0, le=MAX_TIMEOUT_S)
     )
     memory_mb: int = field(default=512, metadata=describe("memory limit, MB", ge=16, le=MAX_MEMORY_MB))
-    cpu_limit: float = field(default=1.0, metadata=describe(f"CPU limit, cores (at least {MIN_CPU})", le=MAX_CPU))
+    cpu_limit: float = field(
+        default=1.0, metadata=describe(f"CPU limit, cores (at least {MIN_CPU})", le=MAX_CPU, check=_check_cpu_limit)
+    )
     pids_limit: int = field(
         default=128,
-        metadata=describe(f"tasks in the isolate, its agent included (at least {MIN_PIDS_LIMIT})", le=4096),
+        metadata=describe(
+            f"tasks in the isolate, its agent included (at least {MIN_PIDS_LIMIT})", le=4096, check=_check_pids_limit
+        ),
     )
     max_output_bytes: int = field(
         default=1024 * 1024,
@@ -230,7 +268,9 @@ class Policy(Checked):
     filesystem_access: tuple[Mount, ...] = field(
         default=(), metadata=describe("a host path shared in, read-only unless :rw")
     )
-    environment: dict[str, str] = field(default_factory=dict, metadata=describe("environment variables of the code"))
+    environment: dict[str, str] = field(
+        default_factory=dict, metadata=describe("environment variables of the code", check=_check_environment)
+    )
     on_violation: Literal["deny", "kill"] = field(
         default="deny", metadata=describe("deny: the call fails with EPERM and is reported; kill: the run ends")
     )
@@ -243,14 +283,16 @@ class Policy(Checked):
     environment_name: str | None = field(
         default=None,
         metadata=describe(
-            "a Python environment by name (stockade env build NAME), mounted read-only at /opt/stockade/env"
+            "a Python environment by name (stockade env build NAME), mounted read-only at /opt/stockade/env",
+            check=_check_environment_name,
         ),
     )
     packages: tuple[str, ...] = field(
         default=(),
         metadata=describe(
             "Python requirements (pip's syntax): the environment they make, built on first use from wheels "
-            "and cached by content"
+            "and cached by content",
+            check=_normalise_packages,
         ),
     )
     environment_id: str | None = field(
@@ -263,23 +305,7 @@ class Policy(Checked):
 
     def __init__(self, **fields: Any) -> None:
         """Checked: a ``PolicyError`` names each field that is wrong."""
-        problems: Problems = []
-        values = build_fields(Policy, fields, problems)
-        for name, check in (
-            ("environment", _check_environment),
-            ("pids_limit", _check_pids_limit),
-            ("cpu_limit", _check_cpu_limit),
-            ("packages", _normalise_packages),
-            ("environment_name", _check_environment_name),
-        ):
-            if name in values and not any(loc[0] == name for loc, _ in problems):
-                try:
-                    values[name] = check(values[name])
-                except ValueError as exc:
-                    problems.append(((name,), str(exc)))
-        if problems:
-            raise problems_error(problems)
-        set_fields(self, values)
+        set_fields(self, checked_fields(Policy, fields))
         try:
             self._check_together()
         except ValueError as exc:
@@ -359,46 +385,6 @@ class Policy(Checked):
     def digest(self) -> str:
         # The policy is frozen, so the digest of an instance never changes.
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
-
-
-def _check_environment(env: dict[str, str]) -> dict[str, str]:
-    for key, value in env.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise ValueError(f"environment variable {key!r} has an invalid name or value")
-    return env
-
-
-def _check_pids_limit(value: int) -> int:
-    if value < MIN_PIDS_LIMIT:
-        raise ValueError(
-            f"must be at least {MIN_PIDS_LIMIT}: an isolate's agent, the runner it forks ahead and the "
-            "command itself all count (in a microVM, the agent's seccomp thread too), so fewer can never "
-            "run a command"
-        )
-    return value
-
-
-def _check_cpu_limit(value: float) -> float:
-    if not value >= MIN_CPU:  # NaN too
-        raise ValueError(
-            f"must be at least {MIN_CPU} cores: the smallest CPU quota a cgroup takes is 1 ms in every "
-            "100 ms, so less could not be enforced"
-        )
-    return value
-
-
-def _normalise_packages(value: tuple[str, ...]) -> tuple[str, ...]:
-    from .environments import normalise
-
-    return normalise(value)
-
-
-def _check_environment_name(value: str | None) -> str | None:
-    from .environments import check_name, existing
-
-    if value is not None:
-        existing(check_name(value))
-    return value
 
 
 # The command line's flag for each Policy field, where it is not the field's own name

@@ -5,7 +5,7 @@ pydantic: stockade's own code builds them. What comes from elsewhere (a
 daemon's answer, a Ray node's, the egress worker's records) is validated with
 pydantic at that door (``validate``), which reads these dataclasses' fields
 (types, descriptions); ``to_dict``/``to_json`` are their JSON form, the same
-one pydantic writes for them (``_Serialised``).
+one pydantic writes for them (``Serialised``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
+
+from .checked import describe, json_value
 
 TerminationReason = Literal[
     "completed", "timeout", "cpu_limit", "memory_limit", "output_limit", "violation", "killed", "error", "lost"
@@ -45,42 +46,19 @@ def new_id() -> str:
 _T = TypeVar("_T")
 
 
-def _describe(description: str) -> dict[str, Any]:
-    return {"description": description}  # pydantic reads it from the field for the JSON schema
-
-
 def _standard_base64(schema: dict[str, Any]) -> None:
-    # What the JSON schema says of a bytes field: base64 in the standard alphabet, as ``_plain``
+    # What the JSON schema says of a bytes field: base64 in the standard alphabet, as ``json_value``
     # writes it (pydantic's own would say base64url, which it writes; it reads either).
     for part in schema.get("anyOf", [schema]):
         if part.get("type") == "string":
             part["format"] = "base64"
 
 
-_BASE64 = {"json_schema_extra": _standard_base64}
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON has it: a dataclass as its dict, bytes as base64 (the standard alphabet, as
-    every other byte field of the daemon's protocol), a float that is no number as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, _Serialised):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    return value
-
-
-class _Serialised:
+class Serialised:
     """A result dataclass's JSON form, and pydantic's way in and out of it."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def to_json(self, indent: int | None = None) -> str:
         """Compact unless ``indent``; text as UTF-8 rather than escapes (7 MiB of output that is not
@@ -126,7 +104,7 @@ def validate(cls: type[_T], data: Any, *, json_text: bool = False, extra: str | 
 
 
 @dataclass(kw_only=True)
-class SecurityViolation(_Serialised):
+class SecurityViolation(Serialised):
     """Something the code tried that the policy blocked, as seen by the supervisor (host side)."""
 
     __pydantic_config__ = {"extra": "forbid"}
@@ -151,7 +129,7 @@ def violation_key(violation: SecurityViolation) -> str:
 
 
 @dataclass(kw_only=True)
-class ResourceUsage(_Serialised):
+class ResourceUsage(Serialised):
     __pydantic_config__ = {"extra": "forbid"}
 
     cpu_seconds: float | None = None
@@ -164,7 +142,7 @@ CELL_KINDS = ("execute_result", "display_data")
 
 
 @dataclass(kw_only=True)
-class CellOutput(_Serialised):
+class CellOutput(Serialised):
     """One result of a stateful interpreter's cell: a MIME bundle, as Jupyter's display protocol has it.
 
     ``kind`` is ``execute_result`` (the value of the cell's last expression) or
@@ -205,7 +183,7 @@ class CellOutput(_Serialised):
 
 
 @dataclass(kw_only=True)
-class CellException(_Serialised):
+class CellException(Serialised):
     """The exception that ended a cell: its class name, ``str()``, and a traceback of the cell's frames only."""
 
     __pydantic_config__ = {"extra": "forbid"}
@@ -216,7 +194,7 @@ class CellException(_Serialised):
 
 
 @dataclass(kw_only=True)
-class EgressRequest(_Serialised):
+class EgressRequest(Serialised):
     """One request an isolate made through the egress proxy (network_policy "allowlist")."""
 
     __pydantic_config__ = {"extra": "forbid"}
@@ -224,85 +202,79 @@ class EgressRequest(_Serialised):
     timestamp: str = field(default_factory=_now)
     host: str
     port: int
-    method: str = field(metadata=_describe("the HTTP method; CONNECT for a tunnel the proxy did not open"))
-    path: str | None = field(default=None, metadata=_describe("the request's path, without its query (null: a tunnel)"))
+    method: str = field(metadata=describe("the HTTP method; CONNECT for a tunnel the proxy did not open"))
+    path: str | None = field(default=None, metadata=describe("the request's path, without its query (null: a tunnel)"))
     scheme: Literal["http", "https", "tunnel", "dns", "tcp"] = "http"
     allowed: bool
-    reason: str = field(default="", metadata=_describe("why it was refused"))
-    status: int | None = field(default=None, metadata=_describe("the upstream's HTTP status"))
+    reason: str = field(default="", metadata=describe("why it was refused"))
+    status: int | None = field(default=None, metadata=describe("the upstream's HTTP status"))
     bytes_sent: int = 0
     bytes_received: int = 0
     secrets_used: list[str] = field(
-        default_factory=list, metadata=_describe("the names of the secrets put in (never values)")
+        default_factory=list, metadata=describe("the names of the secrets put in (never values)")
     )
 
 
 @dataclass(kw_only=True)
-class ExecResult(_Serialised):
+class ExecResult(Serialised):
     # Raw output travels as base64 in JSON (pydantic's default would be UTF-8, which it may not be).
     __pydantic_config__ = {"extra": "forbid", "ser_json_bytes": "base64", "val_json_bytes": "base64"}
 
     execution_id: str = field(default_factory=new_id)
     success: bool
-    stdout: str = field(
-        default="", metadata=_describe("stdout as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)")
-    )
-    stderr: str = field(
-        default="", metadata=_describe("stderr as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)")
-    )
+    stdout: str = field(default="", metadata=describe("stdout as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)"))
+    stderr: str = field(default="", metadata=describe("stderr as UTF-8 text (bytes that are not UTF-8 read as U+FFFD)"))
     stdout_bytes: bytes | None = field(
         default=None,
-        metadata={
-            **_describe(
-                "stdout's bytes as written (base64 in JSON); sent only when they are not UTF-8, "
-                "null when stdout is exact. In Python it is always set."
-            ),
-            **_BASE64,
-        },
+        metadata=describe(
+            "stdout's bytes as written (base64 in JSON); sent only when they are not UTF-8, "
+            "null when stdout is exact. In Python it is always set.",
+            json_schema_extra=_standard_base64,
+        ),
     )
     stderr_bytes: bytes | None = field(
-        default=None, metadata={**_describe("stderr's bytes, as stdout_bytes"), **_BASE64}
+        default=None, metadata=describe("stderr's bytes, as stdout_bytes", json_schema_extra=_standard_base64)
     )
     exit_code: int | None = None
     error: str | None = None
     termination_reason: TerminationReason
     security_violations: list[SecurityViolation] = field(
-        default_factory=list, metadata=_describe(f"the run's first violations, at most {MAX_VIOLATION_RECORDS}")
+        default_factory=list, metadata=describe(f"the run's first violations, at most {MAX_VIOLATION_RECORDS}")
     )
     violation_counts: dict[str, int] = field(
         default_factory=dict,
-        metadata=_describe("every violation of the run, by syscall (or type), those past the records too"),
+        metadata=describe("every violation of the run, by syscall (or type), those past the records too"),
     )
-    violations_dropped: int = field(default=0, metadata=_describe("violations counted but not kept as records"))
+    violations_dropped: int = field(default=0, metadata=describe("violations counted but not kept as records"))
     execution_time_seconds: float = 0.0
     cold_start_time_ms: float = 0.0
     resource_usage: ResourceUsage = field(default_factory=ResourceUsage)
     runtime_used: str
     policy_digest: str
     unenforced_limits: list[str] = field(
-        default_factory=list, metadata=_describe("limits of the policy this host could not enforce, and why")
+        default_factory=list, metadata=describe("limits of the policy this host could not enforce, and why")
     )
     egress_requests: list[EgressRequest] = field(
         default_factory=list,
-        metadata=_describe("what the run asked of the egress proxy (network_policy allowlist)"),
+        metadata=describe("what the run asked of the egress proxy (network_policy allowlist)"),
     )
-    egress_requests_dropped: int = field(default=0, metadata=_describe("egress requests made but not kept as records"))
+    egress_requests_dropped: int = field(default=0, metadata=describe("egress requests made but not kept as records"))
     secrets_redacted: int = field(
         default=0,
-        metadata=_describe("how many times a secret's value was taken out of this run's output, files and replies"),
+        metadata=describe("how many times a secret's value was taken out of this run's output, files and replies"),
     )
     # A stateful interpreter's cell (``run_code(..., session=...)``) only:
     results: list[CellOutput] = field(
         default_factory=list,
-        metadata={
-            **_describe("a cell's results: its last expression's value, display() calls, matplotlib figures"),
-            "max_length": MAX_CELL_RESULTS,
-        },
+        metadata=describe(
+            "a cell's results: its last expression's value, display() calls, matplotlib figures",
+            max_length=MAX_CELL_RESULTS,
+        ),
     )
-    exception: CellException | None = field(default=None, metadata=_describe("the exception that ended a cell"))
+    exception: CellException | None = field(default=None, metadata=describe("the exception that ended a cell"))
     execution_count: int | None = field(
         default=None,
-        metadata=_describe("the cell's number in its session: 1 for the first cell of a fresh interpreter"),
+        metadata=describe("the cell's number in its session: 1 for the first cell of a fresh interpreter"),
     )
 
     def __post_init__(self) -> None:

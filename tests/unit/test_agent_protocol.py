@@ -17,7 +17,7 @@ import pytest
 
 from stockade import Policy
 from stockade.agent import wire
-from stockade.runtimes.fake import FakeRuntime, FakeSandbox
+from stockade.runtimes.fake import FakeRuntime, FakeSandbox, _exited
 
 
 @pytest.fixture
@@ -156,14 +156,6 @@ def test_closing_a_fake_sandbox_ends_what_its_runs_left_behind(tmp_path: object)
     finally:
         sandbox.close()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in left):
+    while time.monotonic() < deadline and not all(_exited(p) for p in left):
         time.sleep(0.05)
-    assert not [p for p in left if _alive(p)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    assert [p for p in left if not _exited(p)] == []

@@ -12,13 +12,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..checked import describe
 from ..errors import ConfigError
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
-
-
-def _bounded(description: str, **bounds: Any) -> dict[str, Any]:
-    return {"description": description, **bounds}  # pydantic reads these keys of a field's metadata
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +26,7 @@ class LocalPlacementConfig:
 
     type: Literal["local"] = "local"
     pool_size: int | None = field(
-        default=None, metadata=_bounded("warm isolates per runtime (None: settings)", ge=0, le=64)
+        default=None, metadata=describe("warm isolates per runtime (None: settings)", ge=0, le=64)
     )
 
 
@@ -40,22 +37,22 @@ class RayPlacementConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     type: Literal["ray"]
-    address: str = field(metadata=_bounded("the cluster's GCS, host:port, or 'auto'", min_length=1))
+    address: str = field(metadata=describe("the cluster's GCS, host:port, or 'auto'", min_length=1))
     namespace: str = field(
-        default="stockade", metadata=_bounded("its Ray namespace", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+        default="stockade", metadata=describe("its Ray namespace", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     )
-    pool_size: int = field(default=2, metadata=_bounded("warm isolates per runtime on each node", ge=0, le=64))
+    pool_size: int = field(default=2, metadata=describe("warm isolates per runtime on each node", ge=0, le=64))
     kept_reservations: int = field(
         default=16,
-        metadata=_bounded(
+        metadata=describe(
             "placement groups released isolates leave booked for the next claim of their shape (0: none)",
             ge=0,
             le=1024,
         ),
     )
-    claim_timeout: float = field(default=30.0, metadata=_bounded("seconds an acquire waits for room", gt=0, le=600))
+    claim_timeout: float = field(default=30.0, metadata=describe("seconds an acquire waits for room", gt=0, le=600))
     max_file_bytes: int = field(
-        default=MAX_FILE_BYTES, metadata=_bounded("a file call's bytes at most", ge=1, le=1 << 30)
+        default=MAX_FILE_BYTES, metadata=describe("a file call's bytes at most", ge=1, le=1 << 30)
     )
 
 

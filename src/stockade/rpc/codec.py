@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from ..protocol import auth
-from ..result import _Serialised
+from ..result import Serialised
 
 TOO_LARGE = None  # a frame's place in the queue when it was over the limit: answered in its turn
 
@@ -104,7 +104,7 @@ class JsonLines:
 
     def encode(self, answer: dict[str, Any]) -> bytes:
         result = answer.get("result")
-        if isinstance(result, BaseModel | _Serialised) and answer.get("error") is None:
+        if isinstance(result, BaseModel | Serialised) and answer.get("error") is None:
             # A model or a result goes out through its own serializer (compact, text as UTF-8), in the
             # same key order as every other answer.
             msg_id = json.dumps(answer["id"])
@@ -121,6 +121,6 @@ def _model_json(value: Any) -> Any:
     """A model or a result inside an answer (a list of them): its JSON form."""
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
-    if isinstance(value, _Serialised):  # ExecResult and the dataclasses it holds
+    if isinstance(value, Serialised):  # ExecResult and the dataclasses it holds
         return value.to_dict()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
