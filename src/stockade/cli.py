@@ -192,18 +192,18 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
     from .cli_daemon import daemon_socket, via_daemon
 
     status = via_daemon(args, call, produce)
-    zygote = getattr(args, "zygote", None)  # started by main() before the parser was built
+    factory = getattr(args, "factory", None)  # started by main() before the parser was built
     if status is not None:
-        if zygote is not None:
-            zygote.close()  # started by main() in case the run stayed here; it did not
+        if factory is not None:
+            factory.close()  # started by main() in case the run stayed here; it did not
         return status
-    if zygote is None and daemon_socket(args)[0] is not None:
-        zygote = _early_zygote(args.argv, daemon_checked=True)  # no daemon answered: the run stays here
+    if factory is None and daemon_socket(args)[0] is not None:
+        factory = _early_factory(args.argv, daemon_checked=True)  # no daemon answered: the run stays here
     try:
         payload, stdin = produce()
     except BaseException:
-        if zygote is not None:
-            zygote.close()
+        if factory is not None:
+            factory.close()
         raise
 
     from .errors import StockadeError
@@ -212,13 +212,13 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
     try:
         policy = _build_policy(args)
     except (StockadeError, OSError, ValueError) as exc:
-        if zygote is not None:
-            zygote.close()
+        if factory is not None:
+            factory.close()
         return _fail(str(exc))
     # A CLI process runs one command: a warm pool would only cost time here.
     manager = RuntimeManager(pool_size=0)
-    if zygote is not None:
-        manager.adopt_zygote(zygote)
+    if factory is not None:
+        manager.adopt(factory)
 
     from . import sdk
 
@@ -245,12 +245,13 @@ def _daemon_token(args: Any) -> str | None:
         return f.read().strip()
 
 
-def _early_zygote(argv: list[str], daemon_checked: bool = False) -> Any:
-    """Start the process runtime's zygote before the runtime's modules are imported (the
-    CLI's largest cost), so the guest interpreter boots on the other core meanwhile: for
-    ``run`` and ``exec-code`` on the process runtime, read off the raw arguments (the
-    parser that knows the Policy's flags imports the Policy itself). Not when a daemon will serve the
-    run, unless ``daemon_checked``: none answered, and the run stays here."""
+def _early_factory(argv: list[str], daemon_checked: bool = False) -> Any:
+    """Start the process runtime's isolate factory before the runtime's modules are imported (the
+    CLI's largest cost): the zygote boots, and forks the isolate's spare into its cgroup, on the
+    other core meanwhile (``IsolateFactory.early``). For ``run`` and ``exec-code`` on the process
+    runtime, read off the raw arguments (the parser that knows the Policy's flags imports the
+    Policy itself). Not when a daemon will serve the run, unless ``daemon_checked``: none
+    answered, and the run stays here."""
     words = argv[: argv.index("--")] if "--" in argv else argv
     if not words or words[0] not in _ONE_RUN_COMMANDS:
         return None
@@ -270,9 +271,16 @@ def _early_zygote(argv: list[str], daemon_checked: bool = False) -> Any:
     # the cost this boot overlaps. No uid range to hold it to: its caller is this process, which keeps root.
     python = os.environ.get("STOCKADE_GUEST_PYTHON") or DEFAULT_GUEST_PYTHON
     try:
-        return Zygote(python, wait=False, sandbox_uids=None)
+        zygote = Zygote(python, wait=False, sandbox_uids=None)
     except StockadeError:
         return None  # the runtime will start (and report on) its own
+    try:
+        from .runtimes.process.factory import IsolateFactory  # imported while the zygote boots
+
+        return IsolateFactory.early(zygote)
+    except (StockadeError, OSError):
+        zygote.close()
+        return None
 
 
 def cmd_run(args: Any) -> int:
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         # A process that runs one command and exits: the cyclic GC would only walk
         # the objects its imports build, while they are built and again at exit.
         gc.disable()
-    zygote = _early_zygote(argv)
+    factory = _early_factory(argv)
     args: Any = None
     if one_run:
         from .cli_daemon import parse
@@ -389,10 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = parser.parse_args(argv)
         except SystemExit:
-            if zygote is not None:
-                zygote.close()
+            if factory is not None:
+                factory.close()
             raise
-    args.zygote, args.argv = zygote, argv
+    args.factory, args.argv = factory, argv
     if args.version:
         from . import __version__
 

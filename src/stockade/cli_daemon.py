@@ -91,7 +91,7 @@ _CHOICES = {f[1]: f[3] for f in FLAGS if f[3]} | {"--language": ("python", "bash
 class Args:
     """What the command line says, with the attributes argparse's namespace has."""
 
-    zygote: Any = None
+    factory: Any = None
 
     def __init__(self, **values: Any) -> None:
         self.__dict__.update(values)

@@ -15,22 +15,22 @@ as root, since every sandbox uid must read it; else ``$XDG_CACHE_HOME/stockade/e
     names/<name>     the id a name points at (several names may share one)
     locks/<id>.lock  flock'd while <id> is built or removed
     tmp/             builds under way (renamed into envs/ when whole) and removals
+
+Every run imports this module (``share``); few build or name an environment, so the store's own
+tools (configparser, hashlib, tempfile) are imported where they are used.
 """
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import os
 import re
 import stat
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -174,6 +174,9 @@ def pip_settings() -> list[tuple[str, str]]:
     files += [os.path.join(home, ".pip", "pip.conf"), os.path.join(user, "pip", "pip.conf")]
     if os.environ.get("PIP_CONFIG_FILE", os.devnull) != os.devnull:
         files.append(os.environ["PIP_CONFIG_FILE"])
+    import configparser
+    import hashlib
+
     settings: list[tuple[str, str]] = []
     for path in files:
         parser = configparser.RawConfigParser(strict=False)
@@ -200,6 +203,8 @@ def pip_settings() -> list[tuple[str, str]]:
 
 def content_id(requirements: tuple[str, ...], allow_source: bool = False) -> str:
     """The id of the environment ``requirements`` (normalised) make here."""
+    import hashlib
+
     identity = {k: v for k, v in python_identity().items() if k != "prefix"}
     what = {"requirements": list(requirements), "python": identity, "pip": pip_settings(), "sources": allow_source}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
@@ -234,6 +239,8 @@ def names() -> dict[str, str]:
 
 
 def _point(name: str, env_id: str) -> None:
+    import tempfile
+
     where = store_dir("names")
     fd, tmp = tempfile.mkstemp(dir=where, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:

@@ -45,7 +45,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import Any, TypeGuard
+
+TYPE_CHECKING = False  # not typing's: the CLI imports this module before it starts the zygote (cli.py)
+if TYPE_CHECKING:
+    from typing import Any, TypeGuard
 
 
 class StockadeError(Exception):

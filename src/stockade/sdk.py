@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
 from .limits import argv_list, check_call_size
-from .placement.local import shared_local
 from .policy import Policy, coerce_policy
 from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
@@ -331,7 +330,11 @@ class AsyncSandbox:
         if manager is not None and placement is not None:
             raise ValueError("AsyncSandbox: give manager (this host's runtimes) or placement, not both")
         self.policy = coerce_policy(policy, **policy_fields)
-        self._placement = placement or shared_local(manager or default_manager())
+        if placement is None:
+            from .placement.local import shared_local  # here: the one-shot run()/run_code() need no placement
+
+            placement = shared_local(manager or default_manager())
+        self._placement = placement
         self._isolate: Isolate | None = None
         # One request at a time reaches the agent: calls gathered on one sandbox queue here.
         self._turn = asyncio.Lock()

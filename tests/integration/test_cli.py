@@ -146,3 +146,37 @@ def test_a_policy_files_out_of_range_field_is_refused_naming_it(tmp_path: Path) 
     path.write_text('{"memory_mb": 99999}')
     out = cli("run", "--policy-file", str(path), "--", "true")
     assert out.returncode == 125 and "memory_mb" in out.stderr and "2048" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "--", "true"),  # the run the early start was for
+        ("run", "--memory", "99999", "--", "true"),  # refused once the Policy is read
+        ("run", "--memory", "lots", "--", "true"),  # refused by the parser
+        ("run", "--timeout", "0.3", "--", "sleep", "30"),  # killed by its deadline
+        ("exec-code", "raise SystemExit(3)"),
+    ],
+)
+def test_the_isolate_begun_before_the_flags_are_read_leaves_nothing(args: tuple[str, ...]) -> None:
+    """The CLI starts the zygote and its spare isolate (cgroups, a uid) before it reads its flags
+    (cli.py ``_early_factory``): whatever the command then does, none of it may outlive the CLI."""
+    from stockade.runtimes.process.cgroup_layout import detect_layout
+    from stockade.runtimes.process.uids import LOCK_DIR
+
+    proc = subprocess.Popen([*STOCKADE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err
+    mine = f"stockade-{proc.pid}-"
+    layout = detect_layout()  # the CLI ran in this process's groups, so it made its own under the same parents
+    parents = [*layout.v1_parents.values(), *([layout.v2_parent] if layout.v2_parent else [])]
+    assert [n for p in parents if os.path.isdir(p) for n in os.listdir(p) if n.startswith(mine)] == []
+    leases = []
+    for name in os.listdir(LOCK_DIR) if os.path.isdir(LOCK_DIR) else []:
+        try:
+            with open(os.path.join(LOCK_DIR, name)) as f:
+                if mine in f.read():
+                    leases.append(name)
+        except OSError:
+            continue  # released while listed
+    assert leases == [], "a sandbox uid is still leased to the CLI's isolate"

@@ -205,7 +205,7 @@ def _record_groups(monkeypatch: pytest.MonkeyPatch, runtime: ProcessRuntime) -> 
     """Every group the runtime makes from now on (the runtime's own manager only: another
     runtime of this session may be making groups meanwhile)."""
     made: list[cgroups.IsolateCgroup] = []
-    manager = runtime._cgroups.get()
+    manager = runtime.factory.cgroups.get()
     real_create = cgroups.CgroupManager.create
 
     def create(self: cgroups.CgroupManager) -> cgroups.IsolateCgroup:

@@ -15,6 +15,7 @@ from stockade import Policy
 from stockade.agent.zygote import DEAD_SPARES_TO_STOP
 from stockade.runtimes.process import cgroups
 from stockade.runtimes.process.cgroup_layout import CgroupLayout
+from stockade.runtimes.process.factory import IsolateFactory
 from stockade.runtimes.process.runtime import ProcessRuntime
 from stockade.runtimes.process.zygote import Zygote
 
@@ -64,18 +65,37 @@ def _own_groups(layout: CgroupLayout) -> set[str]:
     return {os.path.join(p, n) for p in parents if os.path.isdir(p) for n in os.listdir(p) if n.startswith(mine)}
 
 
+def test_an_early_factory_serves_its_one_isolate_from_its_spare_and_makes_no_other(process_runtime: str) -> None:
+    # The CLI's: the zygote started before the runtime's modules are imported, the spare asked for at once.
+    factory = IsolateFactory.early(Zygote(wait=False, sandbox_uids=None))
+    spare = factory.spare()
+    dirs = set(spare[0].dirs.values()) if spare[0] is not None else set()
+    runtime = ProcessRuntime(pool_size=0)
+    runtime.adopt(factory)
+    try:
+        with runtime.start(Policy()) as sandbox:
+            assert (sandbox.cgroup, sandbox.uid) == spare  # the group and uid its spare child waited in
+            assert sandbox.exec(["true"]).exit_code == 0
+        runtime.wait_idle()
+        assert factory.spare() == (None, None), "a spare was made for a next isolate that never comes"
+    finally:
+        runtime.close()
+    assert not [d for d in dirs if os.path.isdir(d)], "the isolate's groups outlived it"
+
+
 def test_a_child_prepared_after_close_leaves_no_cgroup(process_runtime: str) -> None:
     # The next isolate's cgroup is made on the reaper thread after each start. If
     # the runtime closes meanwhile, that group must not land in the emptied slot.
+    factory = IsolateFactory()
     runtime = ProcessRuntime(pool_size=0)
+    runtime.adopt(factory)
     runtime.start(Policy()).close()
     runtime.wait_idle()
-    zygote, manager = runtime._zygote, runtime._cgroups.get()
-    assert zygote is not None
+    zygote, manager = factory.zygote(), factory.cgroups.get()
     runtime.close()
     before = _own_groups(manager.layout)
-    runtime._prepare_next(zygote, manager)  # as if it had been running while close() ran
-    assert runtime._next_cgroup is None
+    factory.prepare_next(zygote)  # as if it had been running while close() ran
+    assert factory.spare() == (None, None)
     assert _own_groups(manager.layout) == before
 
 
@@ -84,17 +104,18 @@ def test_starts_that_overlap_keep_the_spare_already_made(process_runtime: str) -
     # second ask must keep the first's: replacing it kills the zygote's child in it, which a
     # daemon that gave root up cannot do, so its reaper (every one-shot's teardown) waited
     # seconds on the cgroup's removal.
+    factory = IsolateFactory()
     runtime = ProcessRuntime(pool_size=0)
+    runtime.adopt(factory)
     try:
         runtime.start(Policy()).close()
         runtime.wait_idle()
-        zygote, manager = runtime._zygote, runtime._cgroups.get()
-        assert zygote is not None
-        spare = (runtime._next_cgroup, runtime._next_uid)
+        zygote, manager = factory.zygote(), factory.cgroups.get()
+        spare = factory.spare()
         assert spare != (None, None), "no spare was prepared after the start"
         before = _own_groups(manager.layout)
-        runtime._prepare_next(zygote, manager)  # the overlapping start's ask
-        assert (runtime._next_cgroup, runtime._next_uid) == spare
+        factory.prepare_next(zygote)  # the overlapping start's ask
+        assert factory.spare() == spare
         assert _own_groups(manager.layout) == before  # no group made and thrown away
         with runtime.start(Policy()) as sandbox:  # and the spare kept serves the next start
             assert sandbox.exec(["true"]).exit_code == 0

@@ -27,7 +27,7 @@ import time
 runtime = manager.get("process")
 deadline = time.monotonic() + 10
 while time.monotonic() < deadline:
-    nxt = runtime._next_cgroup
+    nxt = runtime.factory.spare()[0]
     if nxt is not None and sum(len(open(p).read().split()) for p in nxt.procs_files[:1]) >= 2:
         break
     time.sleep(0.02)
@@ -35,7 +35,7 @@ spare = nxt.procs_files if nxt is not None else []
 print(json.dumps({"procs": inner.cgroup.procs_files if inner.cgroup else [], "spare": spare,
                   "dirs": list(dict.fromkeys(inner.cgroup.dirs.values())) if inner.cgroup else [],
                   "spare_dirs": list(dict.fromkeys(nxt.dirs.values())) if nxt is not None else [],
-                  "zygote": runtime._zygote_handle().proc.pid}), flush=True)
+                  "zygote": runtime.factory.zygote().proc.pid}), flush=True)
 sb.exec(["sleep", "3600"])  # the host is killed while this runs
 """
 

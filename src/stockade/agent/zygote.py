@@ -1,6 +1,6 @@
 """The process runtime's zygote: an interpreter that has paid start-up once.
 
-The host starts it as ``/usr/bin/python3 -I`` with an empty environment and a
+The host starts it as ``/usr/bin/python3 -I -S`` with an empty environment and a
 SOCK_SEQPACKET control socket whose fd number is its argument. Each message is
 an isolate config (JSON) with one descriptor attached: the isolate's end of its
 agent socket. The zygote forks; the child builds the isolate

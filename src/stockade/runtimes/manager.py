@@ -13,7 +13,7 @@ import contextlib
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import RuntimeUnavailableError
 from ..isolation import LEVELS, RUNTIME_NAMES, rank, trust_map
@@ -23,6 +23,7 @@ from .base import Availability, Runtime
 from .sandbox import open_isolates
 
 if TYPE_CHECKING:
+    from .process.factory import IsolateFactory
     from .process.runtime import ProcessRuntime
 
 LEVEL_TO_RUNTIME = {"none": "fake", "process": "process", "gvisor": "gvisor", "microvm": "microvm"}
@@ -92,9 +93,9 @@ class RuntimeManager:
         assert isinstance(runtime, ProcessRuntime)
         return runtime
 
-    def adopt_zygote(self, zygote: Any) -> None:
-        """Hand a pre-started process-runtime zygote to the process runtime."""
-        self.process().adopt_zygote(zygote)
+    def adopt(self, factory: IsolateFactory) -> None:
+        """Have the process runtime build from a factory started early (``IsolateFactory.early``)."""
+        self.process().adopt(factory)
 
     def availability(self, name: str) -> Availability:
         runtime = self.get(name)

@@ -25,7 +25,7 @@ from ... import environments
 from ...agent import linux
 from ...egress import PROXY_PORT
 from ...environments import ENV_ROOT
-from ...errors import PolicyError, SandboxStartError, StockadeError
+from ...errors import PolicyError
 from ...policy import Policy, default_policy
 from ..base import BASE_ENV, Availability, IsolateUsage
 from ..egress import attach_egress
@@ -34,10 +34,11 @@ from ..publish import AgentRelay, Forwarder
 from ..reaper import Reaper
 from ..sandbox import AgentSandbox
 from . import netcalls, seccomp
-from .cgroups import CgroupManager, IsolateCgroup, SweptCgroupManager, retry_leftovers
+from .cgroups import IsolateCgroup
+from .factory import IsolateFactory, dispose, outer_ids, release_uid
 from .handshake import kill_pidfd, pid_of, receive_isolate
-from .uids import UidAllocator, UidLease, UidRange
-from .zygote import Zygote, system_python
+from .uids import UidLease
+from .zygote import system_python
 
 if TYPE_CHECKING:
     from ...egress.workers import EgressWorker
@@ -139,7 +140,7 @@ class ProcessSandbox(AgentSandbox):
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        _release_uid(self.uid, self.cgroup.remove() if self.cgroup is not None else True)
+        release_uid(self.uid, self.cgroup.remove() if self.cgroup is not None else True)
 
 
 class ProcessRuntime(PooledRuntime[ProcessSandbox]):
@@ -148,15 +149,10 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
     egress_proxy = True  # its isolates' loopback is a host network namespace the proxy can listen in
 
     def __init__(self, pool_size: int = 0) -> None:
-        self._zygote: Zygote | None = None
         self._lock = threading.Lock()
-        self._cgroups = SweptCgroupManager()
+        self._factory = IsolateFactory()
         self._bpf: bytes | None = None
         self._landlock_abi = 0
-        self._next_cgroup: IsolateCgroup | None = None  # where the zygote's spare child waits
-        self._next_uid: UidLease | None = None  # and the uid it runs as
-        self._uids: UidAllocator | None = None  # as root: one host uid per live isolate
-        self._dropped = False  # the daemon gave up root (hand_to): never a zygote of its own user
         self._pool: WarmPool[ProcessSandbox] | None = None
         if pool_size > 0:
             self._pool = WarmPool(
@@ -179,7 +175,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             )
         if not os.access(python := system_python(), os.X_OK):
             return Availability(self.name, False, self.isolation, f"{python} (the guest interpreter) is missing")
-        layout = self._cgroups.get().layout
+        layout = self._factory.cgroups.get().layout
         details["cgroup"] = layout.version
         details["cgroup_limits"] = sorted(layout.limits)
         details["cgroup_problems"] = layout.problems
@@ -187,49 +183,32 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         details["uid"] = os.getuid()
         return self._probe(details)
 
-    def adopt_zygote(self, zygote: Zygote) -> None:
-        """Use a zygote the caller started early (the CLI overlaps its boot with imports)."""
+    @property
+    def factory(self) -> IsolateFactory:
+        return self._factory
+
+    def adopt(self, factory: IsolateFactory) -> None:
+        """Build from a factory the caller started early (the CLI overlaps its boot with imports)."""
         with self._lock:
-            if self._zygote is None:
-                self._zygote = zygote
-                return
-        zygote.close()
+            mine, self._factory = self._factory, factory
+        mine.close()
 
     def hand_to(self, uid: int, gid: int) -> None:
-        """Before the daemon drops root to ``uid``: cgroups of its own (delegated), uid leases of its
-        own, and the zygote started now, as root, holding every request to the sandbox uids and to
-        those groups (agent/confine.py ``check_request``)."""
-        manager = self._cgroups.get()
-        manager.hand_to(uid, gid)
-        with self._lock:
-            if self._zygote is not None:
-                self._zygote.close()  # one started before knew no groups to hold requests to
-            self._zygote = Zygote(cgroup_parents=manager.parents())
-        self._zygote_handle()
-        if self._uids is None:
-            self._uids = UidAllocator(UidRange.from_env())
-        self._uids.hand_to(uid, gid)
-        self._dropped = True
+        """Before the daemon drops root to ``uid`` (``IsolateFactory.hand_to``)."""
+        self._factory.hand_to(uid, gid)
+        self._filters()
 
     def can_end_groups(self) -> bool:
         """Whether its isolates' groups can be emptied with cgroup.kill (no signal to another uid needed)."""
-        return self._cgroups.get().layout.v2_parent is not None
+        return self._factory.cgroups.get().layout.v2_parent is not None
 
-    def _zygote_handle(self) -> Zygote:
+    def _filters(self) -> bytes:
+        """The seccomp program and the Landlock ABI, read once."""
         with self._lock:
-            if self._zygote is None or not self._zygote.alive:
-                if self._dropped:
-                    # Another zygote would be this user's, and so would its isolates: never that.
-                    raise SandboxStartError(
-                        "the zygote is gone, and without root no other can start: restart the daemon"
-                    )
-                if self._zygote is not None:
-                    self._zygote.close()
-                self._zygote = Zygote()
             if self._bpf is None:
                 self._bpf = seccomp.default_program()
                 self._landlock_abi = linux.landlock_abi()
-            return self._zygote
+            return self._bpf
 
     # ---- isolates -----------------------------------------------------------------------
 
@@ -239,51 +218,34 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
 
     def warm_up(self) -> None:
         """Start the zygote and fill the pool now, instead of on first use."""
-        self._zygote_handle()
+        self._factory.zygote()
+        self._filters()
         super().warm_up()
 
     def close(self) -> None:
         self.stop_pool()
-        with self._lock:
-            if self._zygote is not None:
-                self._zygote.close()  # its spare child dies with it (PDEATHSIG)
-                self._zygote = None
-            nxt, self._next_cgroup = self._next_cgroup, None
-            nxt_uid, self._next_uid = self._next_uid, None
-        _dispose(nxt, nxt_uid)
-        retry_leftovers()
+        self._factory.close()
 
     def _build(self, policy: Policy, warm: bool = False) -> ProcessSandbox:
         """Build an isolate; ``warm`` (for the pool) pre-warms it, at a cost no caller waits for."""
         started = time.monotonic()
         check_mount_sources(policy)
         shared = environments.share(policy)  # its Python environment, mounted with its shared paths
-        zygote = self._zygote_handle()
-        assert self._bpf is not None
-        manager = self._cgroups.get()
-        with self._lock:
-            # The zygote's spare child is in this cgroup, as this uid.
-            cgroup, self._next_cgroup = self._next_cgroup, None
-            uid, self._next_uid = self._next_uid, None
-        try:
-            if cgroup is None and manager.layout.version != "none":
-                cgroup = manager.create()
-            if uid is None:
-                uid = self._lease_uid(cgroup)
-        except OSError as exc:
-            if cgroup is not None:
-                cgroup.remove()
-            raise SandboxStartError(f"cannot create the isolate's cgroup: {exc}") from None
-        except BaseException:
-            if cgroup is not None:
-                cgroup.remove()
-            raise
+        factory = self._factory
+        zygote = factory.zygote()
+        bpf = self._filters()
         host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        config = self._config(shared, cgroup, uid)
-        config["warm"] = warm
+        try:
+            cgroup, uid = factory.take()  # where the zygote's spare child waits, when it made one
+        except BaseException:
+            host.close()
+            guest.close()
+            raise
         pidfd = listener = -1
         worker: EgressWorker | None = None
         try:
+            config = self._config(shared, cgroup, uid, bpf)
+            config["warm"] = warm
             if policy.network_policy == "allowlist":  # started first: its imports overlap the isolate's start
                 from ...egress.workers import EgressWorker
 
@@ -301,8 +263,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             sandbox = ProcessSandbox(policy, host, (time.monotonic() - started) * 1000, cgroup, pidfd, listener, uid)
             sandbox.egress_sockets, sandbox.egress_worker, worker = egress, worker, None
             sandbox.unenforced_limits = unenforced
-            # Off the critical path: the caller is about to run something in this isolate.
-            self._reaper.defer(lambda: self._prepare_next(zygote, manager))
+            if factory.spares:  # off the critical path: the caller is about to run something in this isolate
+                self._reaper.defer(lambda: factory.prepare_next(zygote, _default_limits()))
         except BaseException:
             guest.close()
             host.close()
@@ -313,7 +275,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 os.close(listener)
             if worker is not None:
                 worker.close()
-            _dispose(cgroup, uid)
+            dispose(cgroup, uid)
             raise
         if warm and policy.network_policy == "allowlist":
             # The host's roots, written ahead (off the caller's path): at hand-over, a sandbox with
@@ -335,62 +297,8 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 raise
         return sandbox
 
-    def _prepare_next(self, zygote: Zygote, manager: CgroupManager) -> None:
-        """Make the next isolate's cgroup and uid now and have the zygote fork a child ahead into them."""
-        with self._lock:
-            if self._zygote is zygote and (self._next_cgroup is not None or self._next_uid is not None):
-                # Starts that overlapped: the spare another one made is still there, and serves
-                # the next start as well. Replacing it would mean killing the zygote's child in
-                # it, which runs as its isolate's uid: a daemon that gave root up cannot, and its
-                # reaper (the one-shots' teardowns) would wait out the cgroup's removal.
-                return
-        nxt: IsolateCgroup | None = None
-        uid: UidLease | None = None
-        try:
-            if manager.layout.version != "none":
-                nxt = manager.create()
-                limits = default_policy()
-                nxt.apply_limits(limits.memory_mb, limits.pids_limit, limits.cpu_limit)  # the usual case, written now
-            uid = self._lease_uid(nxt)
-        except (OSError, StockadeError):
-            if nxt is not None:
-                nxt.remove()
-            return  # the next start makes its own (and reports what fails)
-        with self._lock:
-            current = self._zygote is zygote
-            if current:
-                stale, self._next_cgroup = self._next_cgroup, nxt
-                stale_uid, self._next_uid = self._next_uid, uid
-            else:
-                # Closed (or replaced) meanwhile: close() has already emptied the
-                # slot, and a group put there now would never be removed.
-                stale, stale_uid = nxt, uid
-        _dispose(stale, stale_uid)
-        if not current:
-            return
-        try:
-            zygote.prepare(nxt.procs_files if nxt is not None else [], *_outer_ids(uid))
-        except SandboxStartError:
-            return
-
-    def _lease_uid(self, cgroup: IsolateCgroup | None) -> UidLease | None:
-        """As root (or once root handed this to the daemon's user), a host uid of the isolate's own;
-        rootless: None, the caller's uid."""
-        if os.getuid() != 0 and not self._dropped:
-            return None
-        if self._uids is None:
-            self._uids = UidAllocator(UidRange.from_env())
-        lease = self._uids.lease()
-        try:
-            lease.record(cgroup.procs_files if cgroup is not None else [])
-        except OSError as exc:
-            lease.release()
-            where = self._uids.lock_dir
-            raise SandboxStartError(f"cannot record the lease of uid {lease.uid} in {where}: {exc}") from None
-        return lease
-
-    def _config(self, policy: Policy, cgroup: IsolateCgroup | None, uid: UidLease | None) -> dict[str, Any]:
-        outer_uid, outer_gid = _outer_ids(uid)
+    def _config(self, policy: Policy, cgroup: IsolateCgroup | None, uid: UidLease | None, bpf: bytes) -> dict[str, Any]:
+        outer_uid, outer_gid = outer_ids(uid)
         allowlist = policy.network_policy == "allowlist"
         return {
             "cgroup_procs": cgroup.procs_files if cgroup else [],
@@ -403,33 +311,17 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             # The environment's host path stays out of the isolate's mountinfo (rootfs.bind_extra).
             "mounts": [{**m.to_dict(), "hide_source": m.target == ENV_ROOT} for m in policy.filesystem_access],
             # An allowlist isolate's filter stops its network calls too, to report direct attempts.
-            "seccomp_bpf": base64.b64encode(netcalls.program() if allowlist else self._bpf or b"").decode(),
+            "seccomp_bpf": base64.b64encode(netcalls.program() if allowlist else bpf).decode(),
             "landlock_abi": self._landlock_abi,
             "base_env": BASE_ENV,
             "hard_limits": {"max_open_files": 65536, "max_processes": 4096},
         }
 
 
-def _dispose(cgroup: IsolateCgroup | None, uid: UidLease | None) -> None:
-    """End what an isolate (or the spare made for one) had: its processes, its cgroup, its uid."""
-    removed = True
-    if cgroup is not None:
-        cgroup.kill()
-        removed = cgroup.remove()
-    _release_uid(uid, removed)
-
-
-def _release_uid(uid: UidLease | None, cgroup_gone: bool) -> None:
-    # A group that outlived its wait still names the isolate's last processes in
-    # the lease: the uid is not handed out again until they are gone.
-    if uid is not None:
-        uid.release(keep_record=not cgroup_gone)
-
-
-def _outer_ids(uid: UidLease | None) -> tuple[int | None, int | None]:
-    """The uid/gid an isolate runs as outside its user namespace: as root, its leased
-    uid (the gid is the same number); rootless, None (the caller's own ids)."""
-    return (uid.uid, uid.uid) if uid is not None else (None, None)
+def _default_limits() -> tuple[int, int, float]:
+    """The limits most isolates run with, written when a spare's group is made."""
+    limits = default_policy()
+    return limits.memory_mb, limits.pids_limit, limits.cpu_limit
 
 
 def check_mount_sources(policy: Policy) -> None:

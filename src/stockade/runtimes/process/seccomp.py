@@ -32,7 +32,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from typing import Any
 
 from ...agent import linux
@@ -78,7 +77,8 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
 
 @cache
 def _load() -> tuple[tuple[Rule, ...], Rule, Rule]:
-    return _parse(json.loads(resources.files(__package__).joinpath("seccomp_profile.json").read_text()))
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "seccomp_profile.json")) as f:
+        return _parse(json.load(f))
 
 
 def _parse(raw: dict[str, Any]) -> tuple[tuple[Rule, ...], Rule, Rule]:

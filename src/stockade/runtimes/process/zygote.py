@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import threading
-from typing import Any
 
 from ...errors import SandboxStartError
+
+TYPE_CHECKING = False  # not typing's (nor json at the top): the CLI starts a zygote before its other imports
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def system_python() -> str:
@@ -28,7 +30,7 @@ _BOOT = (
 
 
 class Zygote:
-    """One pre-started ``/usr/bin/python3 -I`` that forks isolates on request."""
+    """One pre-started ``/usr/bin/python3 -I -S`` that forks isolates on request."""
 
     def __init__(
         self,
@@ -57,9 +59,10 @@ class Zygote:
             # The zygote must be the system interpreter: after pivot_root only /usr is
             # visible, and code run in the isolate imports the stdlib from there.
             # Its environment is empty: nothing of the caller's (secrets included)
-            # is ever in the memory that isolates are built from.
+            # is ever in the memory that isolates are built from. No site (-S): it runs the
+            # stdlib-only agent, and its isolates exec interpreters of their own.
             self.proc = subprocess.Popen(
-                [python, "-I", "-c", _BOOT, str(child.fileno()), *uids],
+                [python, "-I", "-S", "-c", _BOOT, str(child.fileno()), *uids],
                 env={},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -92,7 +95,7 @@ class Zygote:
         self._ready = True
 
     def spawn(self, config: dict[str, Any], agent_fd: int) -> None:
-        payload = json.dumps(config).encode()
+        payload = _encode(config)
         with self._lock:
             self.wait_ready()
             try:
@@ -111,11 +114,12 @@ class Zygote:
         rlimits, capabilities, Landlock, seccomp, agent) is still built when
         asked for. A config whose cgroups or uid differ is built the usual way.
         """
-        payload = json.dumps(
+        payload = _encode(
             {"op": "prepare", "cgroup_procs": cgroup_procs, "outer_uid": outer_uid, "outer_gid": outer_gid}
-        ).encode()
+        )
+        # Not waiting for "ready": the zygote reads this once it has booted, and a zygote that
+        # never does is reported by the spawn that follows.
         with self._lock:
-            self.wait_ready()
             try:
                 self.ctl.sendall(payload)
             except OSError as exc:
@@ -135,3 +139,9 @@ class Zygote:
                 except PermissionError:
                     pass  # a daemon that gave root up: its zygote (root) ends as its socket closes
             self.proc.wait()
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    import json  # here, once the zygote is booting (see TYPE_CHECKING above)
+
+    return json.dumps(message).encode()
