@@ -27,11 +27,19 @@ Problems = list[tuple[tuple[str | int, ...], str]]
 
 
 class FieldError(ValueError):
-    """A value a field refuses, with where it is (``loc``) under the field."""
+    """A value a field refuses, with where it is (``loc``) under the field; ``problems``: every
+    (where, message) in it, where it holds several (the items of a list, the keys of a dict)."""
 
-    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+    def __init__(self, message: str, loc: tuple[str | int, ...] = (), problems: Problems | None = None) -> None:
         super().__init__(message)
         self.loc = loc
+        self.problems: Problems = problems or [(loc, message)]
+
+    @classmethod
+    def of(cls, problems: Problems) -> "FieldError":
+        """One error for several problems (at least one), read as the first."""
+        loc, message = problems[0]
+        return cls(message, loc, problems)
 
 
 def describe(description: str, **keys: Any) -> dict[str, Any]:
@@ -66,21 +74,28 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
         if not isinstance(value, (list, tuple)):
             raise FieldError("Input should be a valid tuple")
         items = []
+        problems: Problems = []  # every item's, not only the first wrong one's
         for i, item in enumerate(value):
             try:
                 items.append(check_value(item, args[0], {}))
             except FieldError as exc:
-                raise FieldError(str(exc), (i, *exc.loc)) from None
+                problems.extend(((i, *where), message) for where, message in exc.problems)
             except ValueError as exc:  # a Mount's or a SecretGrant's own check
-                where, message = (getattr(exc, "problems", None) or [((), str(exc))])[0]
-                raise FieldError(message, (i, *where)) from None
+                said = getattr(exc, "problems", None) or [((), str(exc))]
+                problems.extend(((i, *where), message) for where, message in said)
+        if problems:
+            raise FieldError.of(problems)
         return tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise FieldError("Input should be a valid dictionary")
-        for key, item in value.items():
-            if not isinstance(key, str) or not isinstance(item, str):
-                raise FieldError("Input should be a valid string", (str(key),))
+        wrong = [
+            ((str(key),), "Input should be a valid string")
+            for key, item in value.items()
+            if not isinstance(key, str) or not isinstance(item, str)
+        ]
+        if wrong:
+            raise FieldError.of(wrong)
         return dict(value)
     if isinstance(kind, type) and hasattr(kind, "coerce"):  # Mount, SecretGrant
         return kind.coerce(value)
@@ -133,7 +148,7 @@ def build_fields(cls: type, given: dict[str, Any], problems: Problems) -> dict[s
         try:
             values[name] = check_value(given[name], spec.type, spec.metadata)
         except FieldError as exc:
-            problems.append(((name, *exc.loc), str(exc)))
+            problems.extend(((name, *where), message) for where, message in exc.problems)
             continue
         if "check" in spec.metadata:
             try:

@@ -155,6 +155,15 @@ def test_json_values_become_the_fields_types() -> None:
         ({"filesystem_access": ["/srv", {"source": "/srv", "mode": "rw"}]}, "filesystem_access.1.mode: unknown field"),
         ({"filesystem_access": ["/srv", "/proc:/p"]}, "filesystem_access.1: source /proc may not be shared"),
         ({"memory_mb": 1, "disk_mb": 0}, "memory_mb: Input should be greater than or equal to 16; disk_mb: Input"),
+        (  # every wrong item of a list, and each problem of one, not only the first
+            {"filesystem_access": ["/proc:/p", "/srv", {"source": "/srv", "x": 1, "y": 2}, "srv"]},
+            "filesystem_access.0: source /proc may not be shared into a sandbox; filesystem_access.2.x: unknown "
+            "field; filesystem_access.2.y: unknown field; filesystem_access.3: source 'srv' must be an absolute path",
+        ),
+        (
+            {"environment": {"A": 1, "B": "b", "C": None}},
+            "environment.A: Input should be a valid string; environment.C",
+        ),
     ],
 )
 def test_every_problem_is_named_where_it_is(fields: dict[str, object], said: str) -> None:
