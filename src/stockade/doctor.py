@@ -11,6 +11,7 @@ from .agent import linux
 from .isolation import LEVEL_INFO, NOT_OFFERED, trust_map
 from .runtimes.manager import RuntimeManager
 from .runtimes.process.cgroup_layout import detect_layout
+from .settings import unknown_variables
 
 
 def _user_namespaces() -> str:
@@ -54,6 +55,7 @@ def collect() -> dict[str, Any]:
             "cgroup_limits": sorted(layout.limits),
             "cgroup_problems": layout.problems,
             "landlock_abi": linux.landlock_abi(),
+            "settings_problems": unknown_variables(),
         },
         "runtimes": runtimes,
     }
@@ -67,6 +69,7 @@ def render(report: dict[str, Any]) -> str:
         f"cgroups   {host['cgroup_version']}; limits enforceable: {', '.join(host['cgroup_limits']) or 'none'}",
     ]
     lines += [f"          ! {p}" for p in host["cgroup_problems"]]
+    lines += [f"settings  ! {p}" for p in host["settings_problems"]]
     abi = host["landlock_abi"]
     lines.append(f"landlock  {'ABI ' + str(abi) if abi else 'not available (an extra layer only)'}")
     lines.append("")

@@ -325,6 +325,36 @@ def loopback(host: str) -> bool:
         return False
 
 
+# STOCKADE_* variables that are no setting but stockade's own plumbing: a worker's or guest's
+# (runtimes set them for the agent) and the test suite's.
+INTERNAL_VARIABLES = frozenset(
+    {
+        "STOCKADE_AGENT_FD",
+        "STOCKADE_AGENT_WARM",
+        "STOCKADE_GUEST_SECCOMP",
+        "STOCKADE_GUEST_SECCOMP_ANSWERS",
+        "STOCKADE_RAY_TEST_NODE",
+    }
+)
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """Each ``STOCKADE_*`` variable of ``env`` (default: this process's) that no setting reads,
+    which ``load`` ignores, said with the nearest setting's name: a typo is otherwise silent."""
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(Settings)]
+    said = []
+    for key in sorted(os.environ if env is None else env):
+        name = key.removeprefix("STOCKADE_").lower()  # as load reads it
+        if not key.startswith("STOCKADE_") or name in names or key in INTERNAL_VARIABLES:
+            continue
+        # Matched without the prefix every name shares, which would make any two look alike.
+        near = difflib.get_close_matches(name, names, n=1)
+        said.append(f"{key} is no setting (ignored)" + (f": did you mean STOCKADE_{near[0].upper()}?" if near else ""))
+    return said
+
+
 # The settings that are secrets: a worker stockade starts (a component's supervisor) never gets them.
 SECRET_VARIABLES = ("STOCKADE_AUTH_TOKEN", "STOCKADE_API_TOKEN", "STOCKADE_SESSION_KEY")
 

@@ -124,6 +124,13 @@ def test_doctor() -> None:
     assert "process" in human and "landlock" in human
 
 
+def test_doctor_names_a_misspelt_setting() -> None:
+    env = {**os.environ, "STOCKADE_POOLSIZE": "3"}
+    r = subprocess.run([*STOCKADE, "doctor", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    said = json.loads(r.stdout)["host"]["settings_problems"]
+    assert "STOCKADE_POOLSIZE is no setting (ignored): did you mean STOCKADE_POOL_SIZE?" in said
+
+
 @pytest.mark.parametrize(
     ("content", "said"),
     [

@@ -80,6 +80,33 @@ def test_no_module_but_settings_reads_a_stockade_variable() -> None:
     assert found == []
 
 
+def test_a_variable_no_setting_reads_is_said_with_the_nearest_setting() -> None:
+    env = {"STOCKADE_POOLSIZE": "3", "STOCKADE_XYZ": "1", "STOCKADE_POOL_SIZE": "2", "STOCKADE_pool_size": "2"}
+    env |= {"STOCKADE_AGENT_FD": "3", "PATH": "/bin"}
+    assert settings.unknown_variables(env) == [
+        "STOCKADE_POOLSIZE is no setting (ignored): did you mean STOCKADE_POOL_SIZE?",
+        "STOCKADE_XYZ is no setting (ignored)",
+    ]
+
+
+def test_every_stockade_variable_named_in_the_source_is_a_setting_or_internal() -> None:
+    """What the runtimes set for their agents is not said to be a typo (``INTERNAL_VARIABLES``)."""
+    import re
+
+    import stockade
+
+    root = os.path.dirname(stockade.__file__)
+    named: set[str] = set()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name)) as f:
+                    named.update(re.findall(r"[\"'](STOCKADE_[A-Z0-9_]+)[\"']", f.read()))
+    settings_names = {f"STOCKADE_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    assert named - settings_names - settings.INTERNAL_VARIABLES == set()
+    assert settings.unknown_variables(dict.fromkeys(named, "1")) == []
+
+
 def test_every_setting_is_documented() -> None:
     import stockade
 

@@ -69,6 +69,8 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
             http = await http_door.start(config, controller, observers)
         where = config.socket if config.unix_socket else None
         log.info("daemon instance %s", controller.instance_id)
+        for problem in settings.unknown_variables():
+            log.warning("%s", problem)
         observers.admin(
             _DAEMON, "daemon.start", where or "", http=http.url if http else None, instance=controller.instance_id
         )
