@@ -89,7 +89,7 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise FieldError("Input should be a valid dictionary")
-        wrong = [
+        wrong: Problems = [
             ((str(key),), "Input should be a valid string")
             for key, item in value.items()
             if not isinstance(key, str) or not isinstance(item, str)

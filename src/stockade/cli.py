@@ -192,19 +192,12 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
     from .cli_daemon import daemon_socket, via_daemon
 
     status = via_daemon(args, call, produce)
-    factory = getattr(args, "factory", None)  # started by main() before the parser was built
     if status is not None:
-        if factory is not None:
-            factory.close()  # started by main() in case the run stayed here; it did not
         return status
-    if factory is None and daemon_socket(args)[0] is not None:
-        factory = _early_factory(args.argv, daemon_checked=True)  # no daemon answered: the run stays here
-    try:
-        payload, stdin = produce()
-    except BaseException:
-        if factory is not None:
-            factory.close()
-        raise
+    if args.factory is None and daemon_socket(args)[0] is not None:
+        # No daemon answered: the run stays here (main() closes this one too, whatever happens).
+        args.factory = _early_factory(args.argv, daemon_checked=True)
+    payload, stdin = produce()
 
     from .errors import StockadeError
     from .runtimes.manager import RuntimeManager
@@ -212,13 +205,11 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
     try:
         policy = _build_policy(args)
     except (StockadeError, OSError, ValueError) as exc:
-        if factory is not None:
-            factory.close()
         return _fail(str(exc))
     # A CLI process runs one command: a warm pool would only cost time here.
     manager = RuntimeManager(pool_size=0)
-    if factory is not None:
-        manager.adopt(factory)
+    if args.factory is not None:
+        manager.adopt(args.factory)
 
     from . import sdk
 
@@ -272,15 +263,11 @@ def _early_factory(argv: list[str], daemon_checked: bool = False) -> Any:
     python = os.environ.get("STOCKADE_GUEST_PYTHON") or DEFAULT_GUEST_PYTHON
     try:
         zygote = Zygote(python, wait=False, sandbox_uids=None)
-    except StockadeError:
-        return None  # the runtime will start (and report on) its own
-    try:
         from .runtimes.process.factory import IsolateFactory  # imported while the zygote boots
 
-        return IsolateFactory.early(zygote)
+        return IsolateFactory.early(zygote)  # closes the zygote if it fails
     except (StockadeError, OSError):
-        zygote.close()
-        return None
+        return None  # the runtime will start (and report on) its own
 
 
 def cmd_run(args: Any) -> int:
@@ -383,42 +370,49 @@ def main(argv: list[str] | None = None) -> int:
         # A process that runs one command and exits: the cyclic GC would only walk
         # the objects its imports build, while they are built and again at exit.
         gc.disable()
+    # The isolate is begun before anything else is imported; whatever then happens (a parse error,
+    # no command, a refused policy, ^C), the finally below ends what is left of it.
     factory = _early_factory(argv)
     args: Any = None
-    if one_run:
-        from .cli_daemon import parse
-
-        args = parse(argv)  # None: argparse reads it (--help, an error), with its messages
-        if args is not None:
-            args.cmd, args.version = argv[0], False
-            args.func = cmd_run if argv[0] == "run" else cmd_exec_code
-    if args is None:
-        parser = build_parser(next((w for w in argv if not w.startswith("-")), ""))
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit:
-            if factory is not None:
-                factory.close()
-            raise
-    args.factory, args.argv = factory, argv
-    if args.version:
-        from . import __version__
-
-        print(f"stockade {__version__}")
-        return 0
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     try:
-        status: int = args.func(args)
-        return status
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        os._exit(141)
+        if one_run:
+            from .cli_daemon import parse
+
+            args = parse(argv)  # None: argparse reads it (--help, an error), with its messages
+            if args is not None:
+                args.cmd, args.version = argv[0], False
+                args.func = cmd_run if argv[0] == "run" else cmd_exec_code
+        if args is None:
+            parser = build_parser(next((w for w in argv if not w.startswith("-")), ""))
+            args = parser.parse_args(argv)
+        args.factory, args.argv = factory, argv
+        if args.version:
+            from . import __version__
+
+            print(f"stockade {__version__}")
+            return 0
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        try:
+            status: int = args.func(args)
+            return status
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:
+            _close_factories(factory, args)
+            os._exit(141)
     finally:
+        _close_factories(factory, args)
         if program and one_run:
             gc.freeze()  # the exit's collection would walk every object to free what the exit frees
+
+
+def _close_factories(factory: Any, args: Any) -> None:
+    """End the isolate begun early (main's, or _execute's once no daemon answered); a runtime that
+    adopted it has closed it already, and a second close does nothing."""
+    for each in {id(f): f for f in (factory, getattr(args, "factory", None)) if f is not None}.values():
+        each.close()
 
 
 if __name__ == "__main__":

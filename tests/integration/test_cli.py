@@ -161,6 +161,8 @@ def test_a_policy_files_out_of_range_field_is_refused_naming_it(tmp_path: Path) 
         ("run", "--", "true"),  # the run the early start was for
         ("run", "--memory", "99999", "--", "true"),  # refused once the Policy is read
         ("run", "--memory", "lots", "--", "true"),  # refused by the parser
+        ("run", "--"),  # no command
+        ("exec-code", "-f", "/no/such/file.py"),  # no code
         ("run", "--timeout", "0.3", "--", "sleep", "30"),  # killed by its deadline
         ("exec-code", "raise SystemExit(3)"),
     ],

@@ -1,6 +1,6 @@
 """Thin ctypes wrappers over the Linux calls that Python 3.11 does not expose.
 
-Stdlib-only: it runs in the process runtime's zygote (``/usr/bin/python3 -I``)
+Stdlib-only: it runs in the process runtime's zygote (``/usr/bin/python3 -I -S``)
 between fork and the start of the agent. Every wrapper raises ``OSError`` with
 the call's name, so a failed confinement step says which step failed.
 """

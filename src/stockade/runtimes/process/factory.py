@@ -42,11 +42,16 @@ class IsolateFactory:
         was imported, its spare asked for already."""
         factory = cls(zygote, spares=False)
         try:
-            factory.prepare_next(factory._zygote)
+            factory.prepare_next(zygote)
         except BaseException:
             factory.close()
             raise
         return factory
+
+    @property
+    def started(self) -> bool:
+        """Whether it has a zygote, or gave root up: a runtime's factory then stays its own."""
+        return self._zygote is not None or self._dropped
 
     def zygote(self) -> Zygote:
         """The zygote, started (again) when there is none or it died."""
@@ -103,7 +108,7 @@ class IsolateFactory:
         with self._lock:
             return self._next_cgroup, self._next_uid
 
-    def prepare_next(self, zygote: Zygote | None, limits: tuple[int, int, float] | None = None) -> None:
+    def prepare_next(self, zygote: Zygote, limits: tuple[int, int, float] | None = None) -> None:
         """Make the next isolate's cgroup and uid now and have ``zygote`` fork a child ahead into
         them; ``limits`` (memory_mb, pids_limit, cpu_limit), the usual ones, are written now too.
         Nothing is made when ``zygote`` is no longer this factory's (closed meanwhile)."""
@@ -123,25 +128,20 @@ class IsolateFactory:
                 if limits is not None:
                     nxt.apply_limits(*limits)
             uid = self._lease_uid(nxt)
+            # Asked for before the slot is filled: a start that took the slot first would have
+            # its isolate built in this group, and then a spare forked into it as well.
+            zygote.prepare(nxt.procs_files if nxt is not None else [], *outer_ids(uid))
         except (OSError, StockadeError):
-            dispose(nxt, None)
+            dispose(nxt, uid)
             return  # the next start makes its own (and reports what fails)
         with self._lock:
-            current = self._zygote is zygote
-            if current:
-                stale, self._next_cgroup = self._next_cgroup, nxt
-                stale_uid, self._next_uid = self._next_uid, uid
-            else:
-                # Closed (or replaced) meanwhile: close() has already emptied the
-                # slot, and a group put there now would never be removed.
-                stale, stale_uid = nxt, uid
-        dispose(stale, stale_uid)
-        if not current or zygote is None:
-            return
-        try:
-            zygote.prepare(nxt.procs_files if nxt is not None else [], *outer_ids(uid))
-        except SandboxStartError:
-            return
+            filled = self._zygote is zygote and self._next_cgroup is None and self._next_uid is None
+            if filled:
+                self._next_cgroup, self._next_uid = nxt, uid
+        if not filled:
+            # Closed (or replaced) meanwhile: close() has already emptied the slot, and a group
+            # put there now would never be removed (the spare forked into it dies with it).
+            dispose(nxt, uid)
 
     def _lease_uid(self, cgroup: IsolateCgroup | None) -> UidLease | None:
         """As root (or once root handed this to the daemon's user), a host uid of the isolate's own;

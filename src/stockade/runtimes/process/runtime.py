@@ -188,10 +188,14 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         return self._factory
 
     def adopt(self, factory: IsolateFactory) -> None:
-        """Build from a factory the caller started early (the CLI overlaps its boot with imports)."""
+        """Build from a factory the caller started early (the CLI overlaps its boot with imports),
+        unless this runtime's own has started (a zygote of its own, root given up to the daemon's
+        user): that one stays, and ``factory`` is closed."""
         with self._lock:
-            mine, self._factory = self._factory, factory
-        mine.close()
+            mine = self._factory
+            if not mine.started:
+                self._factory = factory
+        (factory if mine.started else mine).close()
 
     def hand_to(self, uid: int, gid: int) -> None:
         """Before the daemon drops root to ``uid`` (``IsolateFactory.hand_to``)."""

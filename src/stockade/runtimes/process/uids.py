@@ -138,9 +138,10 @@ class UidAllocator:
             self._sweep()
             self._checked = True
         size = self.range.last - self.range.first + 1
-        # Where the search starts is no secret (the flock decides who holds a uid): random, not secrets,
-        # whose hashlib costs a one-shot CLI run more than the rest of a lease.
-        start = random.randrange(size)  # noqa: S311 - a starting point, not a secret
+        # Where the search starts is no secret (the flock decides who holds a uid), only spread:
+        # the system's randomness, through random's, not secrets' (whose hashlib costs a one-shot
+        # CLI run more than the rest of a lease).
+        start = random.SystemRandom().randrange(size)
         for step in range(size):
             uid = self.range.first + (start + step) % size
             lease = self._try(uid)
