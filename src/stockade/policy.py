@@ -17,6 +17,7 @@ strings: the checks read them.
 
 import copy
 import dataclasses
+import hashlib
 import json
 import posixpath
 import re
@@ -382,8 +383,6 @@ class Policy(Checked):
 
     @cached_property
     def digest(self) -> str:
-        import hashlib  # here: only a daemon's records take digests, and hashlib costs a one-shot CLI run ~1 ms
-
         # The policy is frozen, so the digest of an instance never changes.
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 

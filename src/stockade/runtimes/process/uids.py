@@ -139,8 +139,8 @@ class UidAllocator:
             self._checked = True
         size = self.range.last - self.range.first + 1
         # Where the search starts is no secret (the flock decides who holds a uid), only spread:
-        # the system's randomness, through random's, not secrets' (whose hashlib costs a one-shot
-        # CLI run more than the rest of a lease).
+        # the system's randomness, through random's, not secrets' (whose import, OpenSSL's start
+        # included, would hold up the CLI's early ask for its isolate's spare: factory.py).
         start = random.SystemRandom().randrange(size)
         for step in range(size):
             uid = self.range.first + (start + step) % size
