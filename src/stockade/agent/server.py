@@ -50,6 +50,28 @@ DEFAULT_MAX_OUTPUT = 1024 * 1024
 DRAIN_GRACE_S = 0.05
 
 
+# Python's own: ignored in the agent, so that its writes see EPIPE and EFBIG; what it starts gets
+# them back at their defaults (commands.py, runner.py).
+_KEPT_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _signals_as_fresh() -> None:
+    """Every signal that whoever started the agent left ignored, back at its default: an ignored
+    signal stays ignored across fork and exec, and a host started in the background (``cmd &``,
+    ``nohup``) ignores SIGINT and SIGQUIT, so the code's interrupts, a cell's timeout and a
+    ``kill -INT`` of its own would reach nothing. SIGINT gets Python's handler (KeyboardInterrupt),
+    as an interpreter that found it at its default installs."""
+    for number in signal.valid_signals():
+        if number in (signal.SIGKILL, signal.SIGSTOP, *_KEPT_IGNORED):
+            continue
+        try:
+            if signal.getsignal(number) == signal.SIG_IGN:
+                handler = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+                signal.signal(number, handler)
+        except (OSError, ValueError):
+            continue  # a number the kernel or libc keeps to itself
+
+
 class Agent(Commands, Interpreters, Processes):
     def __init__(self, conn: socket.socket, base_env: dict[str, str] | None = None) -> None:
         self.conn = conn
@@ -68,6 +90,7 @@ class Agent(Commands, Interpreters, Processes):
         self._spawn_count = 0
         self.guest_seccomp = False  # a microVM guest's agent under its own filter (guest._GuestFilter)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _signals_as_fresh()
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {
