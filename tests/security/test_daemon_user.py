@@ -64,6 +64,19 @@ def test_the_daemon_gives_root_up_and_still_builds_limits_and_ends_isolates() ->
                 assert not runtimes[name]["available"] and "STOCKADE_DAEMON_USER" in runtimes[name]["reason"]
         assert "gave up root: the daemon runs as stockade" in daemon.logs()
         assert os.stat(os.path.dirname(log)).st_uid == uid and os.path.getsize(log) > 0
+        # Stopped, it ends cleanly, its socket in root's directory and all: and the groups it was
+        # handed as root (which it cannot remove) go with its root zygote.
+        assert daemon.stop() == 0, daemon.logs()
+        assert "Traceback" not in daemon.logs(), daemon.logs()
+        layout = detect_layout()
+        parents = [*layout.v1_parents.values(), *([layout.v2_parent] if layout.v2_parent else [])]
+        mine = f"stockade-{daemon.proc.pid}-"
+        deadline = time.monotonic() + 10  # the zygote removes them as it ends, a moment after the daemon
+        while (left := [os.path.join(p, n) for p in parents for n in os.listdir(p) if n.startswith(mine)]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert left == [], "the daemon's groups outlived it"
     finally:
         daemon.cleanup()
         shutil.rmtree(audit, ignore_errors=True)

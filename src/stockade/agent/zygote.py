@@ -105,6 +105,13 @@ def main(ctl_fd: int, sandbox_uids: str | None = None, cgroup_parents: str | Non
                 if _host_gone(host, wait_s=5.0):
                     built.clean_up()  # the host died; a host that closes us cleans up itself
                 return
+            if not fds and raw == CLOSE:
+                # The host closes us on purpose, its isolates closed: the groups it was handed as
+                # root (a daemon that gave root up cannot remove them) go with us.
+                if spare is not None:
+                    spare.discard()
+                _remove_parents()
+                return
             if not fds:
                 # {"op": "prepare", "cgroup_procs": [...]}: fork the next child ahead of time,
                 # unless spares keep dying before use (e.g. no user namespaces for this uid).
@@ -133,6 +140,17 @@ def main(ctl_fd: int, sandbox_uids: str | None = None, cgroup_parents: str | Non
             if spare is not None:
                 spare.discard()
                 spare = None
+
+
+CLOSE = b'{"op": "close"}'  # what a host that closes the zygote on purpose sends last
+
+
+def _remove_parents() -> None:
+    """rmdir the groups the zygote was held to (``confine.hold_to``): a daemon's delegated groups,
+    empty once its isolates are gone (one that is not stays for the next start's sweep)."""
+    for path in confine.CGROUP_PARENTS:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def _agent_files() -> dict[str, bytes]:

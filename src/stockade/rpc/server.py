@@ -21,7 +21,6 @@ failure becomes an error response.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -129,8 +128,14 @@ class RPCServer:
         if self._server is not None:  # never another daemon's socket: only the one this one made
             self._server.close()
             if self._made_socket:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(self.config.socket_path)
+                except FileNotFoundError:
+                    pass
+                except PermissionError:
+                    # A daemon that gave root up, its socket in root's directory (/run/stockade): the
+                    # next start claims the dead socket (_claim_socket_path), systemd removes the directory.
+                    log.info("left %s: its directory is root's", self.config.socket_path)
         await self.handler.wait_idle(grace_s)
         await asyncio.sleep(0)  # let the answers of the work that just finished go out
         connections = list(self.connections)

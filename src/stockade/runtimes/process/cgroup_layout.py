@@ -29,6 +29,14 @@ class CgroupLayout:
     v2_parent: str | None = None  # parent for v2 groups (limits in v2 mode, kill in hybrid)
     v2_limits: bool = False
     problems: list[str] = field(default_factory=list)
+    # On a hybrid host: an isolate gets a controller-less v2 group as well, only for its cgroup.kill
+    # (a daemon that gave root up cannot signal its isolates' uids: CgroupManager.hand_to).
+    v2_kill: bool = False
+
+    @property
+    def isolates_in_v2(self) -> bool:
+        """Whether an isolate's groups include a v2 one (and so ``cgroup.kill`` ends it)."""
+        return self.v2_parent is not None and (self.v2_limits or not self.v1_parents or self.v2_kill)
 
     @property
     def limits(self) -> set[str]:

@@ -57,10 +57,10 @@ class IsolateCgroup:
                     if real not in made:
                         made[real] = _mkdir(os.path.join(parent, name))
                     self.dirs[ctrl] = made[real]
-            # On a hybrid host the controller-less v2 group would only add cgroup.kill,
-            # and every extra group to join costs the spawn an RCU grace period;
-            # killing the namespace's init (pidfd) already ends every process.
-            if layout.v2_parent and (layout.v2_limits or not layout.v1_parents):
+            # On a hybrid host the controller-less v2 group would only add cgroup.kill, and every
+            # extra group to join costs the spawn an RCU grace period; killing the namespace's init
+            # (pidfd) already ends every process, where the host may signal it (layout.v2_kill).
+            if layout.isolates_in_v2 and layout.v2_parent is not None:
                 self.dirs["v2"] = _mkdir(os.path.join(layout.v2_parent, name))
         except OSError:
             self.remove(wait_s=0)  # the groups made before the one that failed
@@ -317,7 +317,8 @@ class CgroupManager:
                 made[real] = group
             parents[key] = made[real]
         v2 = parents.pop("v2", None)
-        self.layout = dataclasses.replace(self.layout, v1_parents=parents, v2_parent=v2)
+        # Without root its isolates' uids are not its to signal: their groups' cgroup.kill ends them.
+        self.layout = dataclasses.replace(self.layout, v1_parents=parents, v2_parent=v2, v2_kill=v2 is not None)
         self.sweep()  # what a dead daemon of this user left in its groups
 
     def parents(self) -> list[str]:

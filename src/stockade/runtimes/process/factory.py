@@ -160,15 +160,16 @@ class IsolateFactory:
         return lease
 
     def close(self) -> None:
-        """Stop the zygote (its spare child dies with it) and remove the spare's group and uid."""
+        """Remove the spare's group (its processes killed) and uid, then stop the zygote, which
+        removes the groups it was handed, emptied by then."""
         with self._lock:
             zygote, self._zygote = self._zygote, None
             nxt, self._next_cgroup = self._next_cgroup, None
             nxt_uid, self._next_uid = self._next_uid, None
-        if zygote is not None:
-            zygote.close()
         dispose(nxt, nxt_uid)
         retry_leftovers()
+        if zygote is not None:
+            zygote.close()
 
 
 def dispose(cgroup: IsolateCgroup | None, uid: UidLease | None) -> None:

@@ -204,7 +204,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
 
     def can_end_groups(self) -> bool:
         """Whether its isolates' groups can be emptied with cgroup.kill (no signal to another uid needed)."""
-        return self._factory.cgroups.get().layout.v2_parent is not None
+        return self._factory.cgroups.get().layout.isolates_in_v2
 
     def _filters(self) -> bytes:
         """The seccomp program and the Landlock ABI, read once."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ def system_python() -> str:
     return current().guest_python
 
 
+ZYGOTE_CLOSE = b'{"op": "close"}'  # agent/zygote.py's CLOSE
 # The directory holding the stdlib-only ``agent`` package; the zygote imports it as top-level ``agent``.
 AGENT_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOT = (
@@ -130,6 +132,10 @@ class Zygote:
         return self.proc.poll() is None
 
     def close(self) -> None:
+        # Said first: EOF alone reads as the host's death, which the zygote waits a while to be
+        # sure of (and a daemon that gave root up cannot kill it instead).
+        with contextlib.suppress(OSError):
+            self.ctl.send(ZYGOTE_CLOSE)
         try:
             self.ctl.close()
         finally:
