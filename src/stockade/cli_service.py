@@ -155,9 +155,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = DaemonConfig.from_env(env)
         if args.http is not None or args.api_token_file or args.no_socket:
             config = config.with_http(args.http, args.api_token_file, unix_socket=not args.no_socket)
-        from .daemon.privileges import daemon_user_for
+        from .daemon.privileges import daemon_user_for, own_audit_log
 
         config = config.replace(daemon_user=daemon_user_for(config.daemon_user))
+        config = own_audit_log(config, given=bool(os.environ.get("STOCKADE_AUDIT_LOG", "").strip()))
     except StockadeError as exc:
         return _fail(str(exc))
     try:

@@ -108,3 +108,28 @@ def test_serve_as_root_becomes_stockade_by_itself_once_the_accounts_exist_and_ro
 
             CgroupManager().sweep()
     shutil.rmtree(audit, ignore_errors=True)
+
+
+def test_a_daemon_that_gives_root_up_keeps_its_audit_log_in_a_directory_root_makes_for_it() -> None:
+    """No STOCKADE_AUDIT_LOG: the state directory is root's (root's own state is there), so the log
+    goes to ``<state dir>/audit-stockade/``, made for the daemon's user, not refused at the start."""
+    require("process")
+    subprocess.run([sys.executable, "-m", "stockade.cli", "setup-users"], check=True, capture_output=True, timeout=120)
+    state = tempfile.mkdtemp(prefix="stockade-state-")
+    os.chmod(state, 0o755)  # root's, as /var/lib/stockade is
+    daemon = start_daemon(
+        env={"STOCKADE_DAEMON_USER": "stockade", "STOCKADE_AUDIT_LOG": "", "STOCKADE_STATE_DIR": state}
+    )
+    try:
+        with Client(daemon.socket_path) as client:
+            assert client.execute(code="print(1)").stdout == "1\n"
+        log = os.path.join(state, "audit-stockade", "audit.log")
+        assert os.stat(os.path.dirname(log)).st_uid == pwd.getpwnam("stockade").pw_uid
+        assert os.stat(state).st_uid == 0 and os.path.getsize(log) > 0, daemon.logs()
+        assert daemon.stop() == 0, daemon.logs()
+    finally:
+        daemon.cleanup()
+        shutil.rmtree(state, ignore_errors=True)
+        from stockade.runtimes.process.cgroups import CgroupManager
+
+        CgroupManager().sweep()

@@ -19,7 +19,7 @@
 | STOCKADE_HTTP | unset | HOST:PORT of the HTTP API (``stockade serve --http``; seed 003's port is 8002) |
 | STOCKADE_API_TOKEN | unset | the HTTP API's bearer token; without one it serves loopback only |
 | STOCKADE_AGENT_MAX_REQUESTS | 20 | HTTP requests per ``agent_id`` per second |
-| STOCKADE_AUDIT_LOG | <state dir>/audit.log | the audit log (``off``: none) |
+| STOCKADE_AUDIT_LOG | <state dir>/audit.log (audit-USER/audit.log, root given up) | the audit log (``off``: none) |
 | STOCKADE_AUDIT_MAX_BYTES | 67108864 | the audit log's size before it rotates (10 files kept) |
 | STOCKADE_BUILD_PACKAGES | 0 | 1: a caller's ``packages`` builds its environment on first use (pip on this host) |
 

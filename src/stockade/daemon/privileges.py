@@ -54,11 +54,21 @@ def prepare_audit_dir(config: DaemonConfig) -> None:
         _audit_log_for(config.audit_log, uid, gid)
 
 
+def own_audit_log(config: DaemonConfig, given: bool) -> DaemonConfig:
+    """Unless the audit log was ``given`` (STOCKADE_AUDIT_LOG), a daemon that gives root up keeps
+    it in a directory of its own, ``<state dir>/audit-USER/``, which root makes for it: the state
+    directory itself (``/var/lib/stockade``) is root's, with root's own state in it."""
+    if given or config.daemon_user is None or config.audit_log is None:
+        return config
+    return config.replace(audit_log=os.path.join(config.state_dir, f"audit-{config.daemon_user}", "audit.log"))
+
+
 def _audit_log_for(path: str, uid: int, gid: int) -> None:
     """The audit log rotates (renames, creates) in its directory: that directory must be the user's.
     Root makes it when it is missing, and gives the user nothing that was there before: a directory
     someone else owns is refused, and no entry in it is touched but the log itself, as a file."""
     where = os.path.dirname(os.path.abspath(path))
+    os.makedirs(os.path.dirname(where), mode=0o755, exist_ok=True)  # root's: the state directory
     try:
         os.mkdir(where, 0o700)
         os.chown(where, uid, gid, follow_symlinks=False)
@@ -67,8 +77,9 @@ def _audit_log_for(path: str, uid: int, gid: int) -> None:
     st = os.lstat(where)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
         raise ConfigError(
-            f"STOCKADE_AUDIT_LOG={path}: a daemon that gives root up writes its audit log in a directory of its "
-            f"own: {where} belongs to uid {st.st_uid}. Point the log at a directory the daemon's user owns"
+            f"the audit log {path}: a daemon that gives root up writes its audit log in a directory of its "
+            f"own: {where} belongs to uid {st.st_uid}. Set STOCKADE_AUDIT_LOG to a file in a directory the "
+            "daemon's user owns (or missing, which root then makes for it)"
         )
     with contextlib.suppress(FileNotFoundError):
         log_st = os.lstat(path)
