@@ -127,6 +127,22 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
     return value
 
 
+def nearest(name: str, known: typing.Iterable[str]) -> str | None:
+    """The known name ``name`` most likely meant: one it begins (``cpu_time`` for
+    ``cpu_time_seconds``), else the closest spelling of a whole name or of its first part
+    (``timout`` for ``timeout_seconds``), else None."""
+    names = list(known)
+    begun = [k for k in names if k.startswith(name)]
+    if name and begun:
+        return min(begun, key=len)
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return close[0]
+    stems = {k.split("_")[0]: k for k in reversed(names)}  # the first name of a stem wins
+    close = difflib.get_close_matches(name, list(stems), n=1, cutoff=0.75)
+    return stems[close[0]] if close else None
+
+
 def build_fields(cls: type, given: dict[str, Any], problems: Problems) -> dict[str, Any]:
     """Each field of dataclass ``cls`` from ``given`` (or its default), checked; what is wrong is
     added to ``problems`` as (where, message), an unknown field with the nearest known name."""
@@ -134,8 +150,8 @@ def build_fields(cls: type, given: dict[str, Any], problems: Problems) -> dict[s
     values: dict[str, Any] = {}
     for name in given:
         if name not in known:
-            near = difflib.get_close_matches(str(name), known, n=1)
-            problems.append(((str(name),), f"unknown field (did you mean {near[0]}?)" if near else "unknown field"))
+            near = nearest(str(name), known)
+            problems.append(((str(name),), f"unknown field (did you mean {near}?)" if near else "unknown field"))
     for name, spec in known.items():
         if name not in given:
             if spec.default is not dataclasses.MISSING:

@@ -158,7 +158,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .daemon.privileges import daemon_user_for, own_audit_log
 
         config = config.replace(daemon_user=daemon_user_for(config.daemon_user))
-        config = own_audit_log(config, given=bool(os.environ.get("STOCKADE_AUDIT_LOG", "").strip()))
+        from .settings import is_set
+
+        config = own_audit_log(config, given=is_set("audit_log"))
     except StockadeError as exc:
         return _fail(str(exc))
     try:

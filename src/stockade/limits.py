@@ -10,18 +10,26 @@ Light on purpose: the daemon's client imports it.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 from .agent.wire import MAX_DATA_BYTES
-from .errors import CallTooLargeError
+from .errors import CallTooLargeError, InvalidRequestError
 
 MAX_CALL_BYTES = MAX_DATA_BYTES
 _CHARS_UNDER = MAX_CALL_BYTES // 4  # no text this long is over the limit: UTF-8 takes at most 4 bytes a character
 
 
+LANGUAGES = ("python", "bash")  # what run_code runs (agent/server.py)
+
+
 def check_call_size(field: str, data: bytes | str | None) -> None:
-    """Refuse ``field`` (``write_file data``, ``stdin``, ``code``) when it holds more than
-    ``MAX_CALL_BYTES`` bytes (a text: its UTF-8), before anything is sent."""
+    """Refuse ``field`` (``write_file data``, ``stdin``, ``code``) when it is not bytes or text
+    (``TypeError``), or holds more than ``MAX_CALL_BYTES`` bytes (a text: its UTF-8), before
+    anything is sent."""
+    if data is not None and not isinstance(data, (bytes, bytearray, str)):
+        raise TypeError(f"{field} must be bytes or str, not {type(data).__name__}")
     if data is None or len(data) <= _CHARS_UNDER:
         return
     size = len(data.encode(errors="surrogatepass")) if isinstance(data, str) else len(data)
@@ -32,7 +40,54 @@ def check_call_size(field: str, data: bytes | str | None) -> None:
 
 
 def argv_list(argv: Any) -> list[str]:
-    """``argv`` as a list, refusing a string: ``run("ls -l")`` would run a program named "l"."""
+    """``argv`` as a list of strings (a path object as its string, as ``subprocess`` takes one),
+    refusing a string: ``run("ls -l")`` would run a program named "l"."""
     if isinstance(argv, (str, bytes)):
         raise TypeError(f"argv must be a list of strings, not a string: pass {argv.split()!r} (or ['sh', '-c', ...])")
-    return list(argv)
+    if argv is None or not hasattr(argv, "__iter__"):
+        raise TypeError(f"argv must be a list of strings, not {type(argv).__name__}")
+    command = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in argv]
+    for i, word in enumerate(command):
+        if not isinstance(word, str):
+            raise TypeError(f"argv[{i}] must be a string, not {type(word).__name__}: {word!r}")
+    if not command:
+        raise InvalidRequestError("argv is empty: give the command to run")
+    return command
+
+
+def check_code(code: Any, language: Any) -> None:
+    """Refuse code that is not text, or a language run_code does not run, before anything is taken."""
+    if not isinstance(code, str):
+        hint = ": decode it first" if isinstance(code, (bytes, bytearray)) else ""
+        raise TypeError(f"code must be a str, not {type(code).__name__}{hint}")
+    if language not in LANGUAGES:
+        raise InvalidRequestError(f"language {language!r} is not one run_code runs: {', '.join(LANGUAGES)}")
+
+
+def check_timeout(timeout: Any) -> None:
+    """A call's ``timeout``: None (the policy's) or seconds above 0, a number (not a string)."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}: {timeout!r}")
+    if math.isnan(timeout) or timeout <= 0:
+        raise InvalidRequestError(f"timeout={timeout!r}: give seconds above 0 (or leave it out for the policy's)")
+
+
+SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")  # agent/processes.py's
+
+
+def signal_name(sig: Any) -> str:
+    """A background process's signal by name: given as ``"SIGKILL"``, ``signal.SIGKILL`` or 9."""
+    import signal
+
+    name = sig
+    if isinstance(sig, int) and not isinstance(sig, bool):  # a signal.Signals is an int too
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = sig
+    if name not in SIGNALS:
+        said = f"signal must be one of {', '.join(SIGNALS)} (a name, a signal.Signals, a number)"
+        raise ValueError(f"{said}, not {sig!r}")
+    return str(name)

@@ -26,7 +26,7 @@ from functools import cache, cached_property
 from typing import Any, Literal
 
 from .agent.wire import MAX_DATA_BYTES
-from .checked import Checked, checked_fields, describe, problems_error, set_fields
+from .checked import Checked, checked_fields, describe, nearest, problems_error, set_fields
 from .errors import PolicyError
 from .isolation import RUNTIME_NAMES
 
@@ -431,6 +431,31 @@ def coerce_policy(policy: Policy | dict[str, Any] | None, **overrides: Any) -> P
         raise PolicyError(f"policy must be a Policy or a dict, not {type(policy).__name__}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Policy.build(**base)
+
+
+def policy_of(
+    call: str,
+    policy: Policy | dict[str, Any] | None,
+    fields: dict[str, Any],
+    timeout: float | None = None,
+    own: tuple[str, ...] = (),
+) -> Policy:
+    """The Policy a call with ``**policy_fields`` runs under (``run``, ``Sandbox``, ``Client.execute``...):
+    ``policy`` with ``fields``, and ``timeout``, one more name for ``timeout_seconds``. A keyword that
+    is neither a field nor one of the call's ``own`` is a ``TypeError`` naming ``call``, as Python
+    says it, with the name it most likely meant."""
+    known = [f.name for f in dataclasses.fields(Policy)]
+    for name in fields:
+        if name not in known:
+            near = nearest(name, [*own, "timeout", *known])
+            raise TypeError(
+                f"{call}() got an unexpected keyword argument {name!r}" + (f" (did you mean {near!r}?)" if near else "")
+            )
+    if timeout is not None:
+        if fields.get("timeout_seconds", timeout) != timeout:
+            raise PolicyError("give timeout or timeout_seconds, not both (they are the same limit here)")
+        fields = {**fields, "timeout_seconds": timeout}
+    return coerce_policy(policy, **fields)
 
 
 @cache

@@ -12,9 +12,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import PolicyError
-from .limits import argv_list, check_call_size
-from .policy import Policy, coerce_policy
+from .limits import argv_list, check_call_size, check_code, check_timeout
+from .policy import Policy, policy_of
 from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
 from .runtimes.publish import parse_publish
@@ -60,7 +59,8 @@ def run(
     """
     check_call_size("stdin", stdin)  # before an isolate is taken for a call that cannot be sent
     command = argv_list(argv)
-    pol = _one_shot_policy(policy, timeout, policy_fields)
+    check_timeout(timeout)
+    pol = policy_of("run", policy, policy_fields, timeout, _RUN_KEYWORDS)
     return one_shot(pol, lambda sb: sb.exec(command, stdin=stdin, on_output=on_output), manager)
 
 
@@ -79,19 +79,16 @@ def run_code(
 
     The keywords are ``run``'s.
     """
-    check_call_size("code", code)  # before an isolate is taken for a call that cannot be sent
+    check_code(code, language)  # before an isolate is taken for a call that cannot be sent
+    check_call_size("code", code)
     check_call_size("stdin", stdin)
-    pol = _one_shot_policy(policy, timeout, policy_fields)
+    check_timeout(timeout)
+    pol = policy_of("run_code", policy, policy_fields, timeout, _RUN_KEYWORDS)
     return one_shot(pol, lambda sb: sb.run_code(code, language, stdin=stdin, on_output=on_output), manager)
 
 
-def _one_shot_policy(policy: Policy | dict[str, Any] | None, timeout: float | None, fields: dict[str, Any]) -> Policy:
-    """A one-shot's policy: ``timeout`` is one more name for its ``timeout_seconds``."""
-    if timeout is not None:
-        if fields.get("timeout_seconds", timeout) != timeout:
-            raise PolicyError("give timeout or timeout_seconds, not both (for a one-shot run they are the same limit)")
-        fields = {**fields, "timeout_seconds": timeout}
-    return coerce_policy(policy, **fields)
+_RUN_KEYWORDS = ("stdin", "on_output", "manager", "language")
+_SANDBOX_KEYWORDS = ("manager", "publish", "placement")
 
 
 class Sandbox:
@@ -109,9 +106,11 @@ class Sandbox:
         *,
         manager: RuntimeManager | None = None,
         publish: Sequence[int | str] = (),
+        timeout: float | None = None,
         **policy_fields: Any,
     ) -> None:
-        self.policy = coerce_policy(policy, **policy_fields)
+        check_timeout(timeout)
+        self.policy = policy_of("Sandbox", policy, policy_fields, timeout, _SANDBOX_KEYWORDS)
         self._sandbox = (manager or default_manager()).select(self.policy).start(self.policy)
         # port inside -> (host address, host port) of its published forward
         self.published: dict[int, tuple[str, int]] = {}
@@ -325,11 +324,13 @@ class AsyncSandbox:
         *,
         manager: RuntimeManager | None = None,
         placement: Placement | None = None,
+        timeout: float | None = None,
         **policy_fields: Any,
     ) -> None:
         if manager is not None and placement is not None:
             raise ValueError("AsyncSandbox: give manager (this host's runtimes) or placement, not both")
-        self.policy = coerce_policy(policy, **policy_fields)
+        check_timeout(timeout)
+        self.policy = policy_of("AsyncSandbox", policy, policy_fields, timeout, _SANDBOX_KEYWORDS)
         if placement is None:
             from .placement.local import shared_local  # here: the one-shot run()/run_code() need no placement
 

@@ -325,6 +325,11 @@ def loopback(host: str) -> bool:
         return False
 
 
+def is_set(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether the variable of setting ``name`` is given (set and not empty), not defaulted."""
+    return bool((os.environ if env is None else env).get(f"STOCKADE_{name.upper()}", "").strip())
+
+
 # STOCKADE_* variables that are no setting but stockade's own plumbing: a worker's or guest's
 # (runtimes set them for the agent) and the test suite's.
 INTERNAL_VARIABLES = frozenset(
@@ -341,7 +346,7 @@ INTERNAL_VARIABLES = frozenset(
 def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
     """Each ``STOCKADE_*`` variable of ``env`` (default: this process's) that no setting reads,
     which ``load`` ignores, said with the nearest setting's name: a typo is otherwise silent."""
-    import difflib
+    from .checked import nearest
 
     names = [f.name for f in dataclasses.fields(Settings)]
     said = []
@@ -350,8 +355,8 @@ def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
         if not key.startswith("STOCKADE_") or name in names or key in INTERNAL_VARIABLES:
             continue
         # Matched without the prefix every name shares, which would make any two look alike.
-        near = difflib.get_close_matches(name, names, n=1)
-        said.append(f"{key} is no setting (ignored)" + (f": did you mean STOCKADE_{near[0].upper()}?" if near else ""))
+        near = nearest(name, names)
+        said.append(f"{key} is no setting (ignored)" + (f": did you mean STOCKADE_{near.upper()}?" if near else ""))
     return said
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -157,6 +158,18 @@ def test_sessions_are_separate_namespaces_and_output_belongs_to_its_cell(sb: San
     r = a.run("print('one')\nimport sys\nprint('two', file=sys.stderr)", on_output=lambda s, d: chunks.append(d))
     assert (r.stdout, r.stderr) == ("one\n", "two\n") and b"".join(sorted(chunks)) == b"one\ntwo\n"
     assert b.run("print('b only')").stdout == "b only\n"
+
+
+def test_a_cells_output_comes_line_by_line_as_it_prints(sb: Sandbox) -> None:
+    # Without flush=True: a notebook shows each line as it is printed, not all at the cell's end.
+    lines: list[tuple[float, bytes]] = []
+    py = sb.interpreter("streamed")
+    began = time.monotonic()
+    code = "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.5)\n"
+    r = py.run(code, on_output=lambda s, d: lines.append((time.monotonic() - began, d)))
+    assert r.stdout == "0\n1\n2\n" and b"".join(d for _, d in lines) == b"0\n1\n2\n"
+    first_line_at, cell_took = lines[0][0], time.monotonic() - began
+    assert first_line_at < cell_took - 0.5, lines  # the first line came before the last sleep, not at the end
 
 
 def test_a_cell_has_no_input(sb: Sandbox) -> None:

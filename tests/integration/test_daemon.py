@@ -62,6 +62,19 @@ def test_execute_command_and_code(daemon: Daemon) -> None:
             c.execute(["true"], policy={"memory_mb": 10**6})
 
 
+def test_the_client_takes_timeout_and_policy_fields_as_the_sdk_does(daemon: Daemon) -> None:
+    with Client(daemon.socket_path) as c:
+        slow = c.execute(["sleep", "30"], timeout=1)  # the one-shot's timeout_seconds, as stockade.run's
+        assert slow.termination_reason == "timeout" and slow.error == "timed out after 1 s"
+        assert c.execute(code="print(1)", memory_mb=64, network_policy="none").stdout == "1\n"
+        with pytest.raises(TypeError, match=r"Client.execute\(\) got .* 'memroy' \(did you mean 'memory_mb'\?\)"):
+            c.execute(code="1", memroy=64)
+        with c.sandbox(timeout=7, memory_mb=128) as sb:
+            with pytest.raises(PolicyError, match="timeout_seconds=7"):
+                sb.exec(["true"], timeout=8)
+            assert sb.exec(["true"], timeout=7).success
+
+
 def test_sandbox_lifecycle_and_ownership(daemon: Daemon) -> None:
     with Client(daemon.socket_path) as c:
         sid = c.create_sandbox({"memory_mb": 128})

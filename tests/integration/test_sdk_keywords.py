@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from pathlib import Path
 
 import pytest
 
 import stockade
 from stockade import AsyncSandbox, Policy, Sandbox
-from stockade.errors import PolicyError
+from stockade.errors import InvalidRequestError, PolicyError
 from stockade.runtimes.manager import RuntimeManager
 
 
@@ -59,3 +60,81 @@ def test_the_async_sandbox_refuses_a_timeout_above_the_policys_too(process_runti
         asyncio.run(main())
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [
+        (
+            lambda: stockade.run(["true"], timout=1),
+            r"run\(\) got an unexpected keyword argument 'timout' \(did you mean 'timeout'\?\)",
+        ),
+        (lambda: stockade.run(["true"], cpu_time=1), r"'cpu_time' \(did you mean 'cpu_time_seconds'\?\)"),
+        (lambda: stockade.run_code("pass", stdn="x"), r"run_code\(\) got .* 'stdn' \(did you mean 'stdin'\?\)"),
+        (
+            lambda: Sandbox(memroy=64),
+            r"Sandbox\(\) got an unexpected keyword argument 'memroy' \(did you mean 'memory_mb'\?\)",
+        ),
+        (lambda: AsyncSandbox(pids=8), r"AsyncSandbox\(\) got .* 'pids' \(did you mean 'pids_limit'\?\)"),
+    ],
+)
+def test_a_keyword_that_is_neither_the_calls_nor_a_policy_field_names_the_nearest(call: object, said: str) -> None:
+    with pytest.raises(TypeError, match=said):
+        call()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "said"),
+    [
+        (
+            lambda m: stockade.run_code(b"print(1)", manager=m),
+            TypeError,
+            "code must be a str, not bytes: decode it first",
+        ),
+        (
+            lambda m: stockade.run_code("1", language="ruby", manager=m),
+            InvalidRequestError,
+            "language 'ruby' is not one",
+        ),
+        (lambda m: stockade.run(None, manager=m), TypeError, "argv must be a list of strings, not NoneType"),
+        (lambda m: stockade.run(["echo", 5], manager=m), TypeError, r"argv\[1\] must be a string, not int"),
+        (lambda m: stockade.run([], manager=m), InvalidRequestError, "argv is empty"),
+        (lambda m: stockade.run(["cat"], stdin=5, manager=m), TypeError, "stdin must be bytes or str, not int"),
+        (
+            lambda m: stockade.run(["true"], timeout="5", manager=m),
+            TypeError,
+            "timeout must be a number of seconds, not str",
+        ),
+        (
+            lambda m: stockade.run(["true"], timeout=0, manager=m),
+            InvalidRequestError,
+            "timeout=0: give seconds above 0",
+        ),
+    ],
+)
+def test_a_mistyped_argument_is_refused_by_name_before_an_isolate_is_taken(
+    call: object, error: type[Exception], said: str
+) -> None:
+    manager = RuntimeManager(pool_size=0)
+    try:
+        with pytest.raises(error, match=said) as caught:
+            call(manager)  # type: ignore[operator]
+        assert manager.started() == [] and caught.value.__context__ is None  # no runtime touched, nothing chained
+    finally:
+        manager.close()
+
+
+def test_a_per_call_timeout_is_seconds_above_zero_and_the_sandbox_takes_the_policys(process_runtime: str) -> None:
+    with Sandbox(runtime=process_runtime, timeout=5) as sb:
+        assert sb.policy.timeout_seconds == 5
+        for bad, error in (
+            (0, InvalidRequestError),
+            (-1, InvalidRequestError),
+            ("5", TypeError),
+            (float("nan"), InvalidRequestError),
+        ):
+            with pytest.raises(error, match="timeout"):
+                sb.exec(["true"], timeout=bad)
+        assert sb.exec([Path("/bin/echo"), "path"]).stdout == "path\n"  # a path object, as subprocess takes
+    with pytest.raises(PolicyError, match="timeout or timeout_seconds, not both"):
+        Sandbox(runtime=process_runtime, timeout=5, timeout_seconds=6)

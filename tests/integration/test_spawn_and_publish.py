@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import threading
@@ -67,6 +68,23 @@ def test_kill_wait_follow_and_bounded_output(process_runtime: str, manager: Runt
             sb.spawn("sleep 1")  # type: ignore[arg-type]  # a list: no shell
         with pytest.raises(ValueError, match="signal must be one of"):
             ticker.kill("SIGSEGV")
+        for way in (signal.SIGKILL, 9):  # a signal.Signals and a number, as os.kill takes them
+            other = sb.spawn(["sleep", "300"])
+            other.kill(way)
+            assert other.wait(30) == -9
+
+
+def test_a_spawned_python_program_s_output_comes_as_it_prints(process_runtime: str, manager: RuntimeManager) -> None:
+    # As for a streamed exec: no PYTHONUNBUFFERED, and a server's banner never showed before it ended.
+    with Sandbox(Policy(runtime=process_runtime), manager=manager) as sb:
+        server = sb.spawn(["python3", "-c", "print('ready'); import time; time.sleep(60)"])
+        said = b""
+        deadline = time.monotonic() + 30
+        while b"ready" not in said and time.monotonic() < deadline and server.poll() is None:
+            said += server.read()[0]
+            time.sleep(0.05)
+        assert said == b"ready\n" and server.poll() is None  # while it still runs
+        server.kill()
 
 
 def _get(url: str, attempts: int = 100) -> bytes:

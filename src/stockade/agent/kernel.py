@@ -112,6 +112,9 @@ def _serve(namespace: dict[str, Any]) -> None:
     # comes at once (its grace before a kill is short), whatever the isolate's speed.
     del ast, linecache, traceback
     warnings.filterwarnings("ignore", message=_SHOW_WARNING)
+    # A cell's output comes as it is printed, line by line, as a notebook's does (run_code's too
+    # when streamed): a cell that prints and sleeps is watched, not heard from at its end.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     outputs: list[dict[str, Any]] = []
     namespace["display"] = lambda *objs: outputs.extend(_output("display_data", o) for o in objs)
     count = 0

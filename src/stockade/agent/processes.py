@@ -93,7 +93,8 @@ class Processes:
             raise wire.RPCError(
                 wire.INVALID_PARAMS, f"at most {MAX_SPAWNED} background processes: wait for or kill one"
             )
-        pid, out_r, err_r, in_w = self._spawn_exec(argv, params)
+        # Its output is read as it comes (proc_read, follow): Python programs flush as they go.
+        pid, out_r, err_r, in_w = self._spawn_exec(argv, {**params, "stream": True})
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
         if in_w is not None:

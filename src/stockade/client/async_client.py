@@ -192,28 +192,44 @@ class AsyncClient(Requests):
         language: str = "python",
         policy: PolicyArg = None,
         stdin: str | bytes | None = None,
+        timeout: float | None = None,
         on_output: Callable[[str, bytes], None] | None = None,
+        **policy_fields: Any,
     ) -> ExecResult:
-        return await self._run(*self._execute(command, code, language, policy, stdin), on_output)
+        sent = self._execute(command, code, language, policy, stdin, timeout, policy_fields)
+        return await self._run(*sent, on_output)
 
     async def cancel_execution(self, execution_id: str) -> None:
         await self.call(*self._cancel(execution_id))
 
     @contextlib.asynccontextmanager
     async def sandbox(
-        self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None
+        self,
+        policy: PolicyArg = None,
+        keep: bool = False,
+        idle_timeout: float | None = None,
+        *,
+        timeout: float | None = None,
+        **policy_fields: Any,
     ) -> AsyncIterator[AsyncRemoteSandbox]:
         """``Client.sandbox`` for asyncio: ``async with client.sandbox(policy) as sb: await sb.exec([...])``."""
-        handle = AsyncRemoteSandbox(self, await self.create_sandbox(policy, keep, idle_timeout))
+        made = await self.create_sandbox(policy, keep, idle_timeout, timeout=timeout, **policy_fields)
+        handle = AsyncRemoteSandbox(self, made)
         try:
             yield handle
         finally:
             await handle.close()
 
     async def create_sandbox(
-        self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None
+        self,
+        policy: PolicyArg = None,
+        keep: bool = False,
+        idle_timeout: float | None = None,
+        *,
+        timeout: float | None = None,
+        **policy_fields: Any,
     ) -> str:
-        return str((await self.call(*self._create(policy, keep, idle_timeout)))["sandbox_id"])
+        return str((await self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields)))["sandbox_id"])
 
     async def sandbox_exec(self, sandbox_id: str, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
         return await self._run(*self._sandbox_exec(sandbox_id, command, options), options.get("on_output"))

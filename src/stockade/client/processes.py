@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..limits import argv_list, check_call_size
+from ..limits import argv_list, check_call_size, signal_name
 from ..protocol.models import (
     MAX_PROCESS_WAIT_S,
     ProcessKill,
@@ -127,8 +127,8 @@ class AsyncRemoteProcess:
                 break
         return self.exit_code
 
-    async def kill(self, signal: str = "SIGTERM") -> None:
-        params = self._ref(ProcessKill, "sandbox.process_kill", signal=signal)
+    async def kill(self, signal: str | int = "SIGTERM") -> None:
+        params = self._ref(ProcessKill, "sandbox.process_kill", signal=signal_name(signal))
         self._note(await self.client.call("sandbox.process_kill", params))
 
     async def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:

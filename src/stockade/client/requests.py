@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any, TypedDict, TypeVar
 
 from ..errors import AuthenticationError
-from ..limits import argv_list, check_call_size
-from ..policy import Policy
+from ..limits import argv_list, check_call_size, check_timeout
+from ..policy import Policy, policy_of
 from ..protocol.models import (
     CancelRequest,
     ExecuteRequest,
@@ -33,6 +33,21 @@ from ..protocol.models import (
 from .retry import NO_RETRY, Retry
 
 PolicyArg = Policy | dict[str, Any] | None
+_EXECUTE_KEYWORDS = ("command", "code", "language", "policy", "stdin", "on_output")
+_SANDBOX_KEYWORDS = ("policy", "keep", "idle_timeout")
+
+
+def _policy_with(
+    call: str, policy: PolicyArg, timeout: float | None, fields: dict[str, Any] | None, own: tuple[str, ...]
+) -> PolicyArg:
+    """``policy`` with a call's ``timeout`` (its ``timeout_seconds``) and policy fields, as the SDK's
+    ``run`` and ``Sandbox`` take them; as given when there are none (the daemon checks it)."""
+    if timeout is None and not fields:
+        return policy
+    check_timeout(timeout)
+    return policy_of(call, policy, fields or {}, timeout, own)
+
+
 Sent = tuple[str, dict[str, Any] | None, float | None]  # (method, params, timeout)
 
 _R = TypeVar("_R", bound=Request)
@@ -104,7 +119,10 @@ class Requests:
         language: str,
         policy: PolicyArg,
         stdin: str | bytes | None,
+        timeout: float | None = None,
+        policy_fields: dict[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any], float]:
+        policy = _policy_with("Client.execute", policy, timeout, policy_fields, _EXECUTE_KEYWORDS)
         fields: dict[str, Any] = {"command": None if command is None else argv_list(command), "code": code}
         request = _build(ExecuteRequest, "execute", language=language, policy=policy, **fields, **_stdin(stdin))
         request.check_sizes()  # refused before it is sent, as the daemon would refuse it
@@ -113,7 +131,15 @@ class Requests:
     def _cancel(self, execution_id: str) -> Sent:
         return "execute.cancel", _params(_build(CancelRequest, "execute.cancel", execution_id=execution_id)), None
 
-    def _create(self, policy: PolicyArg, keep: bool, idle_timeout: float | None) -> Sent:
+    def _create(
+        self,
+        policy: PolicyArg,
+        keep: bool,
+        idle_timeout: float | None,
+        timeout: float | None = None,
+        policy_fields: dict[str, Any] | None = None,
+    ) -> Sent:
+        policy = _policy_with("Client.sandbox", policy, timeout, policy_fields, _SANDBOX_KEYWORDS)
         request = _build(SandboxCreate, "sandbox.create", policy=policy, keep=keep, idle_timeout=idle_timeout)
         return "sandbox.create", _params(request), max(self.timeout, 60)
 

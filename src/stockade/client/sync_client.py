@@ -231,31 +231,49 @@ class Client(Requests):
         language: str = "python",
         policy: PolicyArg = None,
         stdin: str | bytes | None = None,
+        timeout: float | None = None,
         on_output: Callable[[str, bytes], None] | None = None,
+        **policy_fields: Any,
     ) -> ExecResult:
         """A one-shot run. Not sent again once it may have reached the daemon (``AnswerLostError``),
         unless ``Retry(resend_unsafe=True)``."""
-        return self._run(*self._execute(command, code, language, policy, stdin), on_output)
+        return self._run(*self._execute(command, code, language, policy, stdin, timeout, policy_fields), on_output)
 
     def cancel_execution(self, execution_id: str) -> None:
         """End a running ``execute`` (from any connection; ids from ``status`` or a result's
         ``execution_id``): it is answered ``killed``. ``NotFoundError`` if it is not running."""
         self.call(*self._cancel(execution_id))
 
-    def sandbox(self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None) -> RemoteSandbox:
+    def sandbox(
+        self,
+        policy: PolicyArg = None,
+        keep: bool = False,
+        idle_timeout: float | None = None,
+        *,
+        timeout: float | None = None,
+        **policy_fields: Any,
+    ) -> RemoteSandbox:
         """A held sandbox, as a handle that closes it on ``with`` exit (``create_sandbox``'s arguments)::
 
         with client.sandbox({"memory_mb": 256}) as sb:
             sb.write_file("/work/x.py", "print(6 * 7)")
             sb.exec(["python3", "/work/x.py"]).stdout
         """
-        return RemoteSandbox(self, self.create_sandbox(policy, keep, idle_timeout))
+        return RemoteSandbox(self, self.create_sandbox(policy, keep, idle_timeout, timeout=timeout, **policy_fields))
 
-    def create_sandbox(self, policy: PolicyArg = None, keep: bool = False, idle_timeout: float | None = None) -> str:
+    def create_sandbox(
+        self,
+        policy: PolicyArg = None,
+        keep: bool = False,
+        idle_timeout: float | None = None,
+        *,
+        timeout: float | None = None,
+        **policy_fields: Any,
+    ) -> str:
         """A held sandbox's id. ``keep``: it outlives this connection; ``idle_timeout``: seconds
         without a call before the daemon closes it (default and most: the daemon's setting).
         A sandbox ends with its daemon: after a restart, a call on it raises ``SandboxLostError``."""
-        return str(self.call(*self._create(policy, keep, idle_timeout))["sandbox_id"])
+        return str(self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))["sandbox_id"])
 
     def sandbox_exec(self, sandbox_id: str, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
         """``command`` in a held sandbox; ``stdin`` (text or bytes), ``env``, ``cwd``, ``timeout``, ``on_output``."""

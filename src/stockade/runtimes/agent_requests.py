@@ -7,6 +7,7 @@ from typing import Any
 
 from ..agent.sessions import INTERRUPT_GRACE_S
 from ..errors import InvalidRequestError, PolicyError
+from ..limits import check_code, check_timeout
 from ..policy import Policy
 from .base import HOST_TIMEOUT_GRACE_S, UNBOUNDED
 
@@ -48,6 +49,7 @@ def run_params(
     every run carries; how long the host waits for its answer. ``timeout`` may shorten the
     policy's, never lengthen it; ``UNBOUNDED`` is a long-lived component's run: no deadline,
     output streamed and never cut."""
+    check_timeout(timeout)
     common = {"env": env, "stdin": base64.b64encode(stdin).decode() if stdin else ""}
     if timeout == UNBOUNDED:
         params.update(common, stream=True, collect=False, limits=job_limits(policy))
@@ -80,6 +82,7 @@ def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
 
 def code_request(code: str, language: str, session: str | None, stdin: bytes | str = b"") -> tuple[str, dict[str, Any]]:
     """The agent method and params for code: ``run_code``, or ``run_cell`` in a session's interpreter."""
+    check_code(code, language)
     if session is None:
         return "run_code", code_params(code, language)
     if language != "python":

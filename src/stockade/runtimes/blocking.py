@@ -48,8 +48,11 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _run_here(coroutine)
-    return _run_on_helper(coroutine)
+        in_a_loop = False
+    else:
+        in_a_loop = True
+    # Run outside the except block: an error of the call would be chained to "no running event loop".
+    return _run_on_helper(coroutine) if in_a_loop else _run_here(coroutine)
 
 
 def _run_here(coroutine: Coroutine[Any, Any, T]) -> T:

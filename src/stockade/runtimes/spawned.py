@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..limits import check_call_size
+from ..limits import check_call_size, signal_name
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
         def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]: ...
 
 
-SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
 _WAIT_SLICE_S = 10.0  # one proc_wait call: the sandbox's other calls wait for it
 _SHARED_SLICE_S = 0.2  # the same while published ports are relayed through the agent
 
@@ -81,11 +80,11 @@ class Process:
                 time.sleep(0.005)
         return self.exit_code
 
-    def kill(self, signal: str = "SIGTERM") -> None:
-        """Signal the process's group (``SIGTERM``, ``SIGKILL``, ``SIGINT``, ...)."""
-        if signal not in SIGNALS:
-            raise ValueError(f"signal must be one of {', '.join(SIGNALS)}, not {signal!r}")
-        self._note(self._sandbox.proc_call("proc_kill", {"handle": self.handle, "signal": signal}))
+    def kill(self, signal: str | int = "SIGTERM") -> None:
+        """Signal the process's group (``"SIGTERM"``, ``signal.SIGKILL``, ``2``: SIGTERM, SIGKILL,
+        SIGINT, SIGHUP, SIGUSR1, SIGUSR2)."""
+        name = signal_name(signal)
+        self._note(self._sandbox.proc_call("proc_kill", {"handle": self.handle, "signal": name}))
 
     def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
         """Pass the output to ``on_output(stream, data)`` as it comes, until the process ends; its exit code."""
