@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import AgentError, SandboxError
+from ..errors import AgentError, InvalidRequestError, SandboxError
 
 if TYPE_CHECKING:
     from ..placement.base import Isolate, Placement
@@ -162,7 +162,8 @@ async def run_code_exits_as_python_does(isolate: Isolate) -> None:
 async def run_code_runs_bash_and_names_an_unknown_language(isolate: Isolate) -> None:
     r = await isolate.arun_code("for i in 1 2 3; do echo $i; done", language="bash")
     assert r.stdout == "1\n2\n3\n", r.summary()
-    await _raises(isolate.arun_code("x", language="cobol"), AgentError, "cobol")
+    # Refused by the host before anything reaches the agent (limits.check_code).
+    await _raises(isolate.arun_code("x", language="cobol"), InvalidRequestError, "language 'cobol' is not one")
 
 
 @check()
