@@ -135,7 +135,7 @@ def nearest(name: str, known: typing.Iterable[str]) -> str | None:
     begun = [k for k in names if k.startswith(name)]
     if name and begun:
         return min(begun, key=len)
-    close = difflib.get_close_matches(name, names, n=1)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.7)
     if close:
         return close[0]
     stems = {k.split("_")[0]: k for k in reversed(names)}  # the first name of a stem wins

@@ -11,6 +11,7 @@ Light on purpose: the daemon's client imports it.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any
 
@@ -24,15 +25,20 @@ _CHARS_UNDER = MAX_CALL_BYTES // 4  # no text this long is over the limit: UTF-8
 LANGUAGES = ("python", "bash")  # what run_code runs (agent/server.py)
 
 
-def check_call_size(field: str, data: bytes | str | None) -> None:
+def check_call_size(field: str, data: bytes | bytearray | memoryview | str | None) -> None:
     """Refuse ``field`` (``write_file data``, ``stdin``, ``code``) when it is not bytes or text
     (``TypeError``), or holds more than ``MAX_CALL_BYTES`` bytes (a text: its UTF-8), before
     anything is sent."""
-    if data is not None and not isinstance(data, (bytes, bytearray, str)):
-        raise TypeError(f"{field} must be bytes or str, not {type(data).__name__}")
-    if data is None or len(data) <= _CHARS_UNDER:
+    if data is None:
         return
-    size = len(data.encode(errors="surrogatepass")) if isinstance(data, str) else len(data)
+    if isinstance(data, memoryview):
+        size = data.nbytes
+    elif not isinstance(data, (bytes, bytearray, str)):
+        raise TypeError(f"{field} must be bytes or str, not {type(data).__name__}")
+    elif len(data) <= _CHARS_UNDER:
+        return
+    else:
+        size = len(data.encode(errors="surrogatepass")) if isinstance(data, str) else len(data)
     if size > MAX_CALL_BYTES:
         raise CallTooLargeError(
             f"{field} is too large: {size} bytes, and a call takes at most {MAX_CALL_BYTES} (7 MiB); nothing was sent"
@@ -68,7 +74,7 @@ def check_timeout(timeout: Any) -> None:
     """A call's ``timeout``: None (the policy's) or seconds above 0, a number (not a string)."""
     if timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}: {timeout!r}")
     if math.isnan(timeout) or timeout <= 0:
         raise InvalidRequestError(f"timeout={timeout!r}: give seconds above 0 (or leave it out for the policy's)")

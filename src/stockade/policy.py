@@ -447,7 +447,7 @@ def policy_of(
     known = [f.name for f in dataclasses.fields(Policy)]
     for name in fields:
         if name not in known:
-            near = nearest(name, [*own, "timeout", *known])
+            near = nearest(name, [k for k in (*own, "timeout", *known) if k != name])
             raise TypeError(
                 f"{call}() got an unexpected keyword argument {name!r}" + (f" (did you mean {near!r}?)" if near else "")
             )

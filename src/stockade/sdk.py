@@ -83,12 +83,15 @@ def run_code(
     check_call_size("code", code)
     check_call_size("stdin", stdin)
     check_timeout(timeout)
-    pol = policy_of("run_code", policy, policy_fields, timeout, _RUN_KEYWORDS)
+    pol = policy_of("run_code", policy, policy_fields, timeout, _RUN_CODE_KEYWORDS)
     return one_shot(pol, lambda sb: sb.run_code(code, language, stdin=stdin, on_output=on_output), manager)
 
 
-_RUN_KEYWORDS = ("stdin", "on_output", "manager", "language")
-_SANDBOX_KEYWORDS = ("manager", "publish", "placement")
+# A call's own keywords, which a misspelt one may have meant as much as a Policy field.
+_RUN_KEYWORDS = ("stdin", "on_output", "manager")
+_RUN_CODE_KEYWORDS = ("language", *_RUN_KEYWORDS)
+_SANDBOX_KEYWORDS = ("manager", "publish")
+_ASYNC_SANDBOX_KEYWORDS = ("manager", "placement")
 
 
 class Sandbox:
@@ -330,7 +333,7 @@ class AsyncSandbox:
         if manager is not None and placement is not None:
             raise ValueError("AsyncSandbox: give manager (this host's runtimes) or placement, not both")
         check_timeout(timeout)
-        self.policy = policy_of("AsyncSandbox", policy, policy_fields, timeout, _SANDBOX_KEYWORDS)
+        self.policy = policy_of("AsyncSandbox", policy, policy_fields, timeout, _ASYNC_SANDBOX_KEYWORDS)
         if placement is None:
             from .placement.local import shared_local  # here: the one-shot run()/run_code() need no placement
 

@@ -39,7 +39,6 @@ def _env(ray_address: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "STOCKADE_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}},
         {"name": "STOCKADE_PLACEMENT", "value": placement},
-        {"name": "STOCKADE_AUDIT_LOG", "value": f"{STATE_DIR}/audit.log"},
         {"name": "HOME", "value": STATE_DIR},
     ]
     if ray_address:

@@ -23,6 +23,7 @@ def system_python() -> str:
 
 
 ZYGOTE_CLOSE = b'{"op": "close"}'  # agent/zygote.py's CLOSE
+ZYGOTE_CLOSE_WAIT_S = 10.0  # past it (a hung zygote a daemon without root cannot kill), close returns
 # The directory holding the stdlib-only ``agent`` package; the zygote imports it as top-level ``agent``.
 AGENT_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOT = (
@@ -135,7 +136,7 @@ class Zygote:
         # Said first: EOF alone reads as the host's death, which the zygote waits a while to be
         # sure of (and a daemon that gave root up cannot kill it instead).
         with contextlib.suppress(OSError):
-            self.ctl.send(ZYGOTE_CLOSE)
+            self.ctl.send(ZYGOTE_CLOSE, socket.MSG_DONTWAIT)  # a wedged zygote's full buffer: EOF says it
         try:
             self.ctl.close()
         finally:
@@ -144,7 +145,10 @@ class Zygote:
                     self.proc.kill()
                 except PermissionError:
                     pass  # a daemon that gave root up: its zygote (root) ends as its socket closes
-            self.proc.wait()
+            try:
+                self.proc.wait(ZYGOTE_CLOSE_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass  # only a root zygote this process may not kill: it ends with its host (PDEATHSIG)
 
 
 def _encode(message: dict[str, Any]) -> bytes:
