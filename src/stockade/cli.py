@@ -411,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
 def _close_factories(factory: Any, args: Any) -> None:
     """End the isolate begun early (main's, or _execute's once no daemon answered); a runtime that
     adopted it has closed it already, and a second close does nothing."""
-    for each in {id(f): f for f in (factory, getattr(args, "factory", None)) if f is not None}.values():
-        each.close()
+    for each in (factory, getattr(args, "factory", None)):
+        if each is not None:
+            each.close()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .agent.wire import MAX_DATA_BYTES
 from .checked import Checked, checked_fields, describe, nearest, problems_error, set_fields
 from .errors import PolicyError
 from .isolation import RUNTIME_NAMES
+from .limits import check_timeout
 
 IsolationLevel = Literal["none", "process", "gvisor", "microvm"]
 TrustLevel = Literal["trusted", "verified", "untrusted"]
@@ -443,7 +444,9 @@ def policy_of(
     """The Policy a call with ``**policy_fields`` runs under (``run``, ``Sandbox``, ``Client.execute``...):
     ``policy`` with ``fields``, and ``timeout``, one more name for ``timeout_seconds``. A keyword that
     is neither a field nor one of the call's ``own`` is a ``TypeError`` naming ``call``, as Python
-    says it, with the name it most likely meant."""
+    says it, with the name it most likely meant; a ``timeout`` that is no number of seconds above 0
+    is refused too (``limits.check_timeout``)."""
+    check_timeout(timeout)
     known = [f.name for f in dataclasses.fields(Policy)]
     for name in fields:
         if name not in known:

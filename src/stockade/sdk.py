@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .limits import argv_list, check_call_size, check_code, check_timeout
+from .limits import argv_list, check_call_size, check_code
 from .policy import Policy, policy_of
 from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
@@ -59,7 +59,6 @@ def run(
     """
     check_call_size("stdin", stdin)  # before an isolate is taken for a call that cannot be sent
     command = argv_list(argv)
-    check_timeout(timeout)
     pol = policy_of("run", policy, policy_fields, timeout, _RUN_KEYWORDS)
     return one_shot(pol, lambda sb: sb.exec(command, stdin=stdin, on_output=on_output), manager)
 
@@ -82,7 +81,6 @@ def run_code(
     check_code(code, language)  # before an isolate is taken for a call that cannot be sent
     check_call_size("code", code)
     check_call_size("stdin", stdin)
-    check_timeout(timeout)
     pol = policy_of("run_code", policy, policy_fields, timeout, _RUN_CODE_KEYWORDS)
     return one_shot(pol, lambda sb: sb.run_code(code, language, stdin=stdin, on_output=on_output), manager)
 
@@ -112,7 +110,6 @@ class Sandbox:
         timeout: float | None = None,
         **policy_fields: Any,
     ) -> None:
-        check_timeout(timeout)
         self.policy = policy_of("Sandbox", policy, policy_fields, timeout, _SANDBOX_KEYWORDS)
         self._sandbox = (manager or default_manager()).select(self.policy).start(self.policy)
         # port inside -> (host address, host port) of its published forward
@@ -332,7 +329,6 @@ class AsyncSandbox:
     ) -> None:
         if manager is not None and placement is not None:
             raise ValueError("AsyncSandbox: give manager (this host's runtimes) or placement, not both")
-        check_timeout(timeout)
         self.policy = policy_of("AsyncSandbox", policy, policy_fields, timeout, _ASYNC_SANDBOX_KEYWORDS)
         if placement is None:
             from .placement.local import shared_local  # here: the one-shot run()/run_code() need no placement

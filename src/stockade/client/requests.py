@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypedDict, TypeVar
 
 from ..errors import AuthenticationError
-from ..limits import argv_list, check_call_size, check_timeout
+from ..limits import argv_list, check_call_size
 from ..policy import Policy, policy_of
 from ..protocol.models import (
     CancelRequest,
@@ -44,7 +44,6 @@ def _policy_with(
     ``run`` and ``Sandbox`` take them; as given when there are none (the daemon checks it)."""
     if timeout is None and not fields:
         return policy
-    check_timeout(timeout)
     return policy_of(call, policy, fields or {}, timeout, own)
 
 

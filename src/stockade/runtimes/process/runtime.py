@@ -192,10 +192,11 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         unless this runtime's own has started (a zygote of its own, root given up to the daemon's
         user): that one stays, and ``factory`` is closed."""
         with self._lock:
-            mine = self._factory
-            if not mine.started:
-                self._factory = factory
-        (factory if mine.started else mine).close()
+            if self._factory.started:
+                unused = factory
+            else:
+                unused, self._factory = self._factory, factory
+        unused.close()
 
     def hand_to(self, uid: int, gid: int) -> None:
         """Before the daemon drops root to ``uid`` (``IsolateFactory.hand_to``)."""
