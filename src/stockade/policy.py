@@ -17,7 +17,6 @@ strings: the checks read them.
 
 import copy
 import dataclasses
-import hashlib
 import json
 import posixpath
 import re
@@ -384,7 +383,10 @@ class Policy(Checked):
 
     @cached_property
     def digest(self) -> str:
-        # The policy is frozen, so the digest of an instance never changes.
+        # The policy is frozen, so the digest of an instance never changes. hashlib is imported
+        # here: loading OpenSSL costs a one-shot CLI run ~2 ms that is not spent when no digest is asked for.
+        import hashlib
+
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 

@@ -121,6 +121,23 @@ def test_every_setting_is_documented() -> None:
     assert missing == []
 
 
+def test_the_cli_begins_its_isolate_before_the_runtime_and_the_policy_are_imported() -> None:
+    # What a CLI run imports before the zygote's spare can start (cli.py _early_factory): the
+    # factory and the settings, not the Policy, asyncio or logging, which load meanwhile.
+    code = (
+        "import sys; from stockade.runtimes.process.factory import IsolateFactory; "
+        "from stockade.settings import current; current(); "
+        "print(sorted(m for m in ('stockade.policy', 'stockade.runtimes.base', 'asyncio', 'logging', 'hashlib') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split("\n")[0] == "[]"
+    # The placement seam still offers its base classes, loaded on first use.
+    code = "from stockade.placement import Placement, one_shot; import sys; print('logging' in sys.modules)"
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "True"
+
+
 def test_reading_the_settings_needs_no_pydantic_and_keeps_secrets_out_of_reprs() -> None:
     code = (
         "import sys; from stockade import settings; "

@@ -8,8 +8,22 @@ and the isolation are the same either way: only where the isolate lands changes.
 
 from __future__ import annotations
 
-from .base import Isolate, Placement, one_shot
 from .config import LocalPlacementConfig, PlacementConfig, RayPlacementConfig, parse_placement
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .base import Isolate, Placement, one_shot
+
+
+def __getattr__(name: str) -> object:
+    # base.py (and the logging it brings) loads on first use: every process's settings hold a
+    # placement config (config.py), and the CLI reads its settings before its isolate is begun.
+    if name in ("Isolate", "Placement", "one_shot"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Isolate",

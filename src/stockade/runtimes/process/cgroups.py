@@ -30,8 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import SandboxStartError
-from ..base import IsolateUsage
 from .cgroup_layout import CgroupLayout, detect_layout, enable_controllers
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..base import IsolateUsage
 
 # The CPU an isolate's setup (the runtime's own code: namespaces, runsc's boot, QEMU's) gets
 # at least: under a caller's cpu_limit of 0.01 a start would take minutes.
@@ -131,6 +134,10 @@ class IsolateCgroup:
         ``peak=False`` is the baseline read when an isolate is built: it still
         opens the peak counter, so that a run's own read opens no file.
         """
+        # Imported here: the CLI makes its isolate's groups before the runtime (and the Policy
+        # that runtimes/base.py brings) is imported, so that the zygote's spare starts sooner.
+        from ..base import IsolateUsage
+
         usage = IsolateUsage()
         if self.layout.v2_limits:
             usage.oom_kills = self._keyed("v2", "memory.events", "oom_kill") or 0
