@@ -124,9 +124,26 @@ def test_an_interrupt_from_another_thread_stops_the_cell_and_keeps_the_state(sb:
     r = py.run("print('spinning', flush=True)\nwhile True:\n    spins += 1\n", timeout=50, on_output=seen)
     timer.join()
     assert r.exception is not None and r.exception.name == "KeyboardInterrupt"
-    assert r.termination_reason == "completed" and r.stdout == "spinning\n"
+    assert (r.termination_reason, r.stdout, r.success) == ("killed", "spinning\n", False)
+    assert r.error == "interrupted (the cell raised KeyboardInterrupt; its interpreter keeps its state)"
     after = py.run("marker")
     assert after.results[0].text == "'kept'" and after.execution_count == 3
+    # A cell that catches the interrupt ends as it chooses: completed.
+    timer = threading.Timer(1.0, py.interrupt)
+    timer.start()
+    caught = py.run("import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    print('caught')")
+    timer.join()
+    assert (caught.termination_reason, caught.error, caught.stdout) == ("completed", None, "caught\n")
+
+
+def test_an_interrupted_command_or_program_reads_killed_and_says_why(sb: Sandbox) -> None:
+    for run in (lambda: sb.exec(["sleep", "30"]), lambda: sb.run_code("import time\ntime.sleep(30)")):
+        timer = threading.Timer(1.0, sb.interrupt)
+        timer.start()
+        r = run()
+        timer.join()
+        assert (r.termination_reason, r.exit_code, r.error) == ("killed", -2, "interrupted (SIGINT)"), r
+    assert sb.exec(["true"]).termination_reason == "completed"  # the next run is judged on its own
 
 
 def test_an_interpreter_that_ignores_interrupts_is_killed_and_the_next_cell_starts_fresh(sb: Sandbox) -> None:

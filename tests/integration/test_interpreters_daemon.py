@@ -65,6 +65,10 @@ def test_a_cell_is_interrupted_from_another_thread_and_keeps_its_state(daemon: D
         helper.join()
         assert interrupted == [True]
         assert r.exception is not None and r.exception.name == "KeyboardInterrupt"
+        assert (r.termination_reason, r.error) == (
+            "killed",
+            "interrupted (the cell raised KeyboardInterrupt; its interpreter keeps its state)",
+        )
         assert py.run("kept").results[0].text == "'yes'"
 
 

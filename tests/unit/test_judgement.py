@@ -25,6 +25,24 @@ def test_a_clean_exit_completes_and_a_signal_is_a_kill() -> None:
     assert _judge(said=Verdict(exit_code=-9)) == ("killed", None)
 
 
+def test_an_interrupt_is_named_only_where_the_run_ended_of_it() -> None:
+    from stockade.result import CellException
+    from stockade.runtimes.cells import Cell
+
+    assert _judge(said=Verdict(exit_code=-signal.SIGINT), interrupted=True) == ("killed", "interrupted (SIGINT)")
+    assert _judge(said=Verdict(exit_code=0), interrupted=True) == ("completed", None)  # it caught the SIGINT
+    assert _judge(said=Verdict(exit_code=-signal.SIGINT)) == ("killed", None)  # its own kill -INT: not ours
+    stopped = Cell(3, exception=CellException(name="KeyboardInterrupt", value="", traceback=""))
+    assert _judge(said=Verdict(exit_code=1, cell=stopped), interrupted=True) == (
+        "killed",
+        "interrupted (the cell raised KeyboardInterrupt; its interpreter keeps its state)",
+    )
+    failed = Cell(3, exception=CellException(name="ValueError", value="x", traceback=""))
+    assert _judge(said=Verdict(exit_code=1, cell=failed), interrupted=True) == ("completed", None)
+    # A timeout outranks the interrupt that came with it.
+    assert _judge(said=Verdict(exit_code=-signal.SIGINT, timed_out=True), interrupted=True)[0] == "timeout"
+
+
 def test_what_the_host_knows_outranks_what_the_agent_says() -> None:
     # The agent says it exited 0; the host killed it for a violation, or its caller cancelled it.
     assert _judge(killed_for="violation")[0] == "violation"

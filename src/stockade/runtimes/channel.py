@@ -184,6 +184,12 @@ class AgentChannel:
             self._interrupt_sent = True
             return True
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether the request in flight (or the last one sent) was interrupted (``interrupt``)."""
+        with self._interrupt_lock:
+            return self._interrupt_sent
+
     def close(self) -> None:
         """End the connection. A call in flight, on whichever thread's loop, is woken by the
         shutdown and ends (EOF); the descriptor itself is closed once that call has let go of

@@ -39,10 +39,12 @@ def judge(
     killed_for: TerminationReason | None,
     cancelled: str | None,
     timeout_s: float | None,
+    interrupted: bool = False,
 ) -> Judgement:
     """``said``: the agent's verdict (empty when it said nothing); ``error``: what ended the call,
     if anything did; ``killed_for``: why the host killed the isolate; ``cancelled``: why its
-    caller ended it; ``timeout_s``: the run's own timeout, when shorter than the policy's."""
+    caller ended it; ``timeout_s``: the run's own timeout, when shorter than the policy's;
+    ``interrupted``: the caller interrupted the run (SIGINT, ``Sandbox.interrupt``)."""
     exit_code, stdout, stderr = said.exit_code, said.stdout, said.stderr
     timed_out, truncated = said.timed_out, said.truncated
     cap = policy.max_output_bytes
@@ -65,6 +67,13 @@ def judge(
         reason = "output_limit"
     elif error is not None:
         reason = "error"
+    elif interrupted and ended_by_interrupt(said):
+        reason = "killed"
+        error = (
+            "interrupted (the cell raised KeyboardInterrupt; its interpreter keeps its state)"
+            if said.cell is not None
+            else "interrupted (SIGINT)"
+        )
     elif exit_code is not None and exit_code < 0:
         reason = "killed"
     else:
@@ -88,6 +97,14 @@ def judge(
         else:
             error = error or f"killed after {report.blocked} refused calls, more than max_violations={limit}{named}"
     return Judgement(reason, error, stdout, stderr)
+
+
+def ended_by_interrupt(said: Verdict) -> bool:
+    """Whether an interrupted run ended of it: a command dead of SIGINT, a cell that raised
+    KeyboardInterrupt. Code that caught the interrupt and went on ended as it chose to."""
+    if said.cell is not None:
+        return said.cell.exception is not None and said.cell.exception.name == "KeyboardInterrupt"
+    return said.exit_code == -signal.SIGINT
 
 
 def hit_cpu_limit(policy: Policy, exit_code: int | None, before: IsolateUsage, after: IsolateUsage) -> bool:

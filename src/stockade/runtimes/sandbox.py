@@ -443,7 +443,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         report = self.violation_log.take()
         timeout = run.params.get("timeout")  # the run's own, when it had one shorter than the policy's
         limit = float(timeout) if isinstance(timeout, (int, float)) else self.policy.timeout_seconds
-        return self._result(verdict, error, elapsed, run.before, after, report, run.execution_id, limit, egress)
+        interrupted = self.channel.interrupted  # still this run's: the next run has not begun
+        return self._result(
+            verdict, error, elapsed, run.before, after, report, run.execution_id, limit, egress, interrupted
+        )
 
     def _result(
         self,
@@ -456,11 +459,12 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         execution_id: str,
         timeout_s: float | None = None,
         egress_taken: tuple[list[EgressRequest], int] | None = None,
+        interrupted: bool = False,
     ) -> ExecResult:
         said = verdict or Verdict()  # no verdict: the agent said nothing
         judged = judge(
             self.policy, said, error, before, after, report,
-            killed_for=self._kill_reason, cancelled=self._cancelled, timeout_s=timeout_s,
+            killed_for=self._kill_reason, cancelled=self._cancelled, timeout_s=timeout_s, interrupted=interrupted,
         )  # fmt: skip
         reason, error, exit_code = judged.reason, judged.error, said.exit_code
         stdout, stderr = judged.stdout, judged.stderr
