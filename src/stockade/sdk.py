@@ -89,7 +89,7 @@ def run_code(
 _RUN_KEYWORDS = ("stdin", "on_output", "manager")
 _RUN_CODE_KEYWORDS = ("language", *_RUN_KEYWORDS)
 _SANDBOX_KEYWORDS = ("manager", "publish")
-_ASYNC_SANDBOX_KEYWORDS = ("manager", "placement")
+_ASYNC_SANDBOX_KEYWORDS = ("manager", "placement", "publish")
 
 
 class Sandbox:
@@ -324,6 +324,7 @@ class AsyncSandbox:
         *,
         manager: RuntimeManager | None = None,
         placement: Placement | None = None,
+        publish: Sequence[int | str] = (),
         timeout: float | None = None,
         **policy_fields: Any,
     ) -> None:
@@ -338,11 +339,26 @@ class AsyncSandbox:
         self._isolate: Isolate | None = None
         # One request at a time reaches the agent: calls gathered on one sandbox queue here.
         self._turn = asyncio.Lock()
+        self._publish = list(publish)
+        self.published: dict[int, tuple[str, int]] = {}  # as Sandbox.published
 
     async def start(self) -> AsyncSandbox:
         if self._isolate is None:
             self._isolate = await self._placement.acquire(self.policy)
+            try:
+                for spec in self._publish:
+                    await self.publish(spec)
+            except BaseException:
+                await self.aclose()
+                raise
         return self
+
+    async def publish(self, spec: int | str) -> tuple[str, int]:
+        """``Sandbox.publish``: a host loopback port forwarded to the isolate's (refused where the
+        placement put it on another host)."""
+        address = await asyncio.to_thread(self._held().publish, spec)
+        self.published[parse_publish(spec)[2]] = address
+        return address
 
     @property
     def runtime(self) -> str:

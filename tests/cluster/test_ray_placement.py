@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from stockade.errors import CallTooLargeError, RuntimeUnavailableError, SandboxLostError
+from stockade.errors import CallTooLargeError, InvalidRequestError, RuntimeUnavailableError, SandboxLostError
 from stockade.placement import one_shot, open_placement
 from stockade.placement.ray import RayIsolate, RayPlacement
 from stockade.policy import Policy
@@ -453,6 +453,10 @@ def test_the_daemon_serves_both_doors_through_the_ray_placement(cluster: LocalRa
                 listed = {p["handle"]: p for p in client.status()["active_sandboxes"][0]["processes"]}
                 assert listed[echo.handle]["running"] is False
                 assert sandbox.interrupt() is False  # nothing runs: said by the node
+                with pytest.raises(
+                    InvalidRequestError, match="a published port is not offered by an isolate of the ray"
+                ):
+                    sandbox.publish(8000)  # the node's loopback is not the client's host's
                 assert [s["runtime"] for s in client.status()["active_sandboxes"]] == ["process"]
             assert client.status()["active_sandboxes"] == []
             runtimes = {r["name"]: r for r in client.runtimes()}

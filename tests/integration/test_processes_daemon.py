@@ -1,16 +1,21 @@
-"""Background processes of a held sandbox through the daemon's HTTP API (and ``status``)."""
+"""Background processes and published ports of a held sandbox through the daemon (its socket,
+its HTTP API, and ``status``)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import socket
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from stockade.client import AsyncClient, Client
+from stockade.errors import InvalidRequestError, PolicyError
 from tests.daemon_harness import Daemon, start_daemon
+from tests.integration.test_spawn_and_publish import ECHO_SERVER, _get
 
 ECHO = "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
 
@@ -93,3 +98,87 @@ def test_the_async_client_spawns_too(http: tuple[Daemon, httpx.Client]) -> None:
             assert await proc.read() == (b"got hi\n", b"")
 
     asyncio.run(scenario())
+
+
+def test_a_held_sandbox_publishes_ports_through_the_daemon(http: tuple[Daemon, httpx.Client]) -> None:
+    daemon, _ = http
+    with Client(daemon.socket_path) as client:
+        with client.sandbox(network_policy="loopback", publish=[8000]) as sb:
+            host, port = sb.published[8000]
+            assert host == "127.0.0.1" and port > 0
+            sb.write_file("/tmp/hello.txt", "hello through the daemon\n")
+            server = sb.spawn(["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"], cwd="/tmp")
+            assert _get(f"http://{host}:{port}/hello.txt") == b"hello through the daemon\n"
+            again = sb.publish("127.0.0.1:0:8000")  # a second host port for the same one inside
+            assert _get(f"http://{again[0]}:{again[1]}/hello.txt") == b"hello through the daemon\n"
+            listed = [s for s in client.status()["active_sandboxes"] if s.get("sandbox_id") == sb.sandbox_id]
+            assert [(p["port"], p["host_port"]) for p in listed[0]["published"]] == [(8000, port), (8000, again[1])]
+            # Refused, with what was wrong: a non-loopback host side, a host port already taken.
+            with pytest.raises(InvalidRequestError, match="must be a loopback address"):
+                sb.publish("0.0.0.0:9000:8000")
+            with pytest.raises(InvalidRequestError, match=f"publish '{port}:8000'"):
+                sb.publish(f"{port}:8000")
+            server.kill()
+        for ended in (port, again[1]):  # the forwards ended with the sandbox
+            with pytest.raises(OSError):
+                socket.create_connection((host, ended), timeout=5).close()
+        with pytest.raises(PolicyError, match="network_policy='loopback'"), client.sandbox(publish=[8000]):
+            pass  # a sandbox without a loopback: refused, and the sandbox made for it is closed
+        assert not [s for s in client.status()["active_sandboxes"] if s["kind"] == "held"]
+
+
+def test_the_http_api_publishes_a_port_but_no_service_port(http: tuple[Daemon, httpx.Client]) -> None:
+    _, api = http
+    made = api.post("/api/v1/sandboxes", json={"policy": {"network_policy": "loopback"}})
+    assert made.status_code in (200, 201), made.text
+    sandbox = made.json()["sandbox_id"]
+    echo = api.post(f"/api/v1/sandboxes/{sandbox}/processes", json={"command": ["python3", "-c", ECHO_SERVER]})
+    assert echo.status_code == 201, echo.text
+    added = api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": 7000})
+    assert added.status_code == 201, added.text
+    published = added.json()
+    assert (published["sandbox_id"], published["port"], published["address"]) == (sandbox, 7000, "127.0.0.1")
+    for _ in range(100):
+        try:
+            if _round_trip((published["address"], published["host_port"]), b"stockade") == b"edakcots":
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)  # the echo server inside is still starting
+    else:
+        raise AssertionError("the published port never answered")
+    # The HTTP API's caller is not root: it does not get the daemon's root to take a service port.
+    low = api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": "80:7000"})
+    assert low.status_code == 422 and "below 1024, which only root may bind" in low.json()["error"], low.text
+    assert api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": True}).status_code == 422
+    assert api.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
+    with pytest.raises(OSError):
+        socket.create_connection((published["address"], published["host_port"]), timeout=5).close()
+
+
+def test_the_async_client_publishes_too(http: tuple[Daemon, httpx.Client]) -> None:
+    daemon, _ = http
+
+    async def scenario() -> None:
+        async with AsyncClient(daemon.socket_path) as client:
+            async with client.sandbox(network_policy="loopback", publish=[7000]) as sb:
+                echo = await sb.spawn(["python3", "-c", ECHO_SERVER])
+                got = b""
+                while b"listening" not in got:
+                    got += (await echo.read())[0]
+                    await asyncio.sleep(0.05)
+                reversed_back = await asyncio.to_thread(_round_trip, sb.published[7000], b"stockade")
+                assert reversed_back == b"edakcots"
+                await echo.kill("SIGKILL")
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def _round_trip(address: tuple[str, int], payload: bytes) -> bytes:
+    with socket.create_connection(address, timeout=30) as conn:
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := conn.recv(65536):
+            got += chunk
+    return got

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import struct
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade import Policy, Sandbox
+from stockade import AsyncSandbox, Policy, Sandbox
 from stockade.errors import InvalidRequestError, PolicyError
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
@@ -116,6 +117,48 @@ def test_a_published_port_reaches_the_isolates_loopback_and_nothing_else(
         server.kill()
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=5).close()  # the forward ended with the sandbox
+
+
+# A server in a stateful interpreter's thread: it outlives the cell that started it.
+THREAD_ECHO = """
+import socket, threading
+server = socket.create_server(("127.0.0.1", 7200))
+def serve():
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            got = b""
+            while chunk := conn.recv(65536):
+                got += chunk
+            conn.sendall(got[::-1])
+threading.Thread(target=serve, daemon=True).start()
+"""
+
+
+def test_an_async_sandbox_publishes_at_its_start_and_later(process_runtime: str, manager: RuntimeManager) -> None:
+    def round_trip(address: tuple[str, int]) -> bytes:
+        with socket.create_connection(address, timeout=30) as conn:
+            conn.sendall(b"stockade")
+            conn.shutdown(socket.SHUT_WR)
+            return conn.recv(64)
+
+    async def scenario() -> None:
+        policy = Policy(runtime=process_runtime, network_policy="loopback")
+        async with AsyncSandbox(policy, manager=manager, publish=[7200]) as sb:
+            first = sb.published[7200]
+            cell = await sb.run_code(THREAD_ECHO, session="server")
+            assert cell.success, cell.error or cell.stderr
+            second = await sb.publish("127.0.0.1:0:7200")
+            assert second != first and sb.published[7200] == second
+            for address in (first, second):
+                assert await asyncio.to_thread(round_trip, address) == b"edakcots"
+        with pytest.raises(OSError):
+            socket.create_connection(first, timeout=5).close()  # ended with the sandbox
+        with pytest.raises(PolicyError, match="network_policy='loopback'"):
+            async with AsyncSandbox(Policy(runtime=process_runtime), manager=manager, publish=[7200]):
+                pass
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
 
 
 @pytest.mark.parametrize(

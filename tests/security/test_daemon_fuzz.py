@@ -22,12 +22,13 @@ from tests.daemon_harness import start_daemon
 
 METHODS = [
     "ping", "execute", "sandbox.create", "sandbox.exec", "sandbox.run_code", "sandbox.write_file",
-    "sandbox.read_file", "sandbox.list_dir", "sandbox.close", "execute.cancel", "status", "runtimes", "selftest",
+    "sandbox.read_file", "sandbox.list_dir", "sandbox.close", "sandbox.publish", "execute.cancel", "status",
+    "runtimes", "selftest",
     "sandbox.", "", "execute ",
 ]  # fmt: skip
 PARAMS = [
     "command", "code", "language", "policy", "stdin", "stdin_b64", "sandbox_id", "path", "data", "mode",
-    "max_bytes", "env", "cwd", "timeout", "keep", "stream", "idle_timeout", "execution_id",
+    "max_bytes", "env", "cwd", "timeout", "keep", "stream", "idle_timeout", "execution_id", "port",
 ]  # fmt: skip
 POLICY_FIELDS = [
     "runtime", "isolation", "trust", "memory_mb", "cpu_limit", "pids_limit", "timeout_seconds", "network_policy",

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import NotFoundError, StockadeError
@@ -209,6 +209,7 @@ class AsyncClient(Requests):
         keep: bool = False,
         idle_timeout: float | None = None,
         *,
+        publish: Sequence[int | str] = (),
         timeout: float | None = None,
         **policy_fields: Any,
     ) -> AsyncIterator[AsyncRemoteSandbox]:
@@ -216,6 +217,8 @@ class AsyncClient(Requests):
         made = await self.create_sandbox(policy, keep, idle_timeout, timeout=timeout, **policy_fields)
         handle = AsyncRemoteSandbox(self, made)
         try:
+            for spec in publish:
+                await handle.publish(spec)
             yield handle
         finally:
             await handle.close()
@@ -255,6 +258,11 @@ class AsyncClient(Requests):
     async def close_interpreter(self, sandbox_id: str, session: str) -> bool:
         closed: bool = (await self.call(*self._close_interpreter(sandbox_id, session)))["closed"]
         return closed
+
+    async def sandbox_publish(self, sandbox_id: str, spec: int | str) -> tuple[str, int]:
+        """``Client.sandbox_publish``, awaited."""
+        answer = await self.call(*self._publish(sandbox_id, spec))
+        return str(answer["address"]), int(answer["host_port"])
 
     async def interrupt_sandbox(self, sandbox_id: str) -> bool:
         """``Client.interrupt_sandbox``: on a connection of its own."""
@@ -298,6 +306,10 @@ class AsyncRemoteSandbox(SandboxHandle):
 
     async def interrupt(self) -> bool:
         return await self.client.interrupt_sandbox(self.sandbox_id)
+
+    async def publish(self, spec: int | str) -> tuple[str, int]:
+        """``RemoteSandbox.publish``, awaited."""
+        return self._note_published(await self.client.call(*self.client._publish(self.sandbox_id, spec)))
 
     async def spawn(
         self,

@@ -25,6 +25,7 @@ from ..protocol.models import (
     Request,
     SandboxCreate,
     SandboxExec,
+    SandboxPublish,
     SandboxRef,
     SandboxRunCode,
     WriteFile,
@@ -34,7 +35,7 @@ from .retry import NO_RETRY, Retry
 
 PolicyArg = Policy | dict[str, Any] | None
 _EXECUTE_KEYWORDS = ("command", "code", "language", "policy", "stdin", "on_output")
-_SANDBOX_KEYWORDS = ("policy", "keep", "idle_timeout")
+_SANDBOX_KEYWORDS = ("policy", "keep", "idle_timeout", "publish")
 
 
 def _policy_with(
@@ -192,6 +193,10 @@ class Requests:
         request = _build(InterpreterRef, "sandbox.close_interpreter", sandbox_id=sandbox_id, session=session)
         return "sandbox.close_interpreter", _params(request), None
 
+    def _publish(self, sandbox_id: str, spec: int | str) -> Sent:
+        request = _build(SandboxPublish, "sandbox.publish", sandbox_id=sandbox_id, port=spec)
+        return "sandbox.publish", _params(request), None
+
     def _interrupt(self, sandbox_id: str) -> Sent:
         return "sandbox.interrupt", _params(_build(SandboxRef, "sandbox.interrupt", sandbox_id=sandbox_id)), None
 
@@ -206,11 +211,18 @@ class Requests:
 
 
 class SandboxHandle:
-    """What both handles on a held sandbox keep: its id, and whether it was closed."""
+    """What both handles on a held sandbox keep: its id, whether it was closed, and the ports
+    published through it (port inside -> (host address, host port), as ``Sandbox.published``)."""
 
     def __init__(self, sandbox_id: str) -> None:
         self.sandbox_id = sandbox_id
         self.closed = False
+        self.published: dict[int, tuple[str, int]] = {}
+
+    def _note_published(self, answer: dict[str, Any]) -> tuple[str, int]:
+        address = (str(answer["address"]), int(answer["host_port"]))
+        self.published[int(answer["port"])] = address
+        return address
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.sandbox_id!r}{', closed' if self.closed else ''})"

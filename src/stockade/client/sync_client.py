@@ -9,7 +9,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import NotFoundError, StockadeError
@@ -250,16 +250,25 @@ class Client(Requests):
         keep: bool = False,
         idle_timeout: float | None = None,
         *,
+        publish: Sequence[int | str] = (),
         timeout: float | None = None,
         **policy_fields: Any,
     ) -> RemoteSandbox:
-        """A held sandbox, as a handle that closes it on ``with`` exit (``create_sandbox``'s arguments)::
+        """A held sandbox, as a handle that closes it on ``with`` exit (``create_sandbox``'s arguments;
+        ``publish``: ports to publish at once, as ``RemoteSandbox.publish`` does)::
 
         with client.sandbox({"memory_mb": 256}) as sb:
             sb.write_file("/work/x.py", "print(6 * 7)")
             sb.exec(["python3", "/work/x.py"]).stdout
         """
-        return RemoteSandbox(self, self.create_sandbox(policy, keep, idle_timeout, timeout=timeout, **policy_fields))
+        handle = RemoteSandbox(self, self.create_sandbox(policy, keep, idle_timeout, timeout=timeout, **policy_fields))
+        try:
+            for spec in publish:
+                handle.publish(spec)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
 
     def create_sandbox(
         self,
@@ -306,6 +315,12 @@ class Client(Requests):
         """End a session's interpreter in a held sandbox; False when it had none running."""
         closed: bool = self.call(*self._close_interpreter(sandbox_id, session))["closed"]
         return closed
+
+    def sandbox_publish(self, sandbox_id: str, spec: int | str) -> tuple[str, int]:
+        """Forward a loopback port of the daemon's host to a port on a held sandbox's loopback, until
+        the sandbox closes (``Sandbox.publish``'s ``spec``): the host address and port."""
+        answer = self.call(*self._publish(sandbox_id, spec))
+        return str(answer["address"]), int(answer["host_port"])
 
     def interrupt_sandbox(self, sandbox_id: str) -> bool:
         """Interrupt a held sandbox's run in progress (SIGINT); False when nothing runs.
@@ -370,6 +385,11 @@ class RemoteSandbox(SandboxHandle):
     def interrupt(self) -> bool:
         """From another thread: interrupt this sandbox's run in progress."""
         return self.client.interrupt_sandbox(self.sandbox_id)
+
+    def publish(self, spec: int | str) -> tuple[str, int]:
+        """``Sandbox.publish`` through the daemon: a loopback port of the daemon's host (this host's:
+        the socket is local) forwarded to ``spec``'s port inside; the host address and port."""
+        return self._note_published(self.client.call(*self.client._publish(self.sandbox_id, spec)))
 
     def spawn(
         self,

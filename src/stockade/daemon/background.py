@@ -1,9 +1,12 @@
-"""The daemon's side of background processes in held sandboxes (``sandbox.spawn``, ``sandbox.process_*``).
+"""The daemon's side of background processes and published ports in held sandboxes
+(``sandbox.spawn``, ``sandbox.process_*``, ``sandbox.publish``).
 
 Each call takes the sandbox's turn as any call does, briefly: the process
 runs in the isolate beside later calls, and its agent keeps its output
 (runtimes/spawned.py). The daemon remembers each process's last known
-state, so that ``status`` lists them without asking the agent.
+state, and each published port, so that ``status`` lists them without
+asking the agent. A published port listens on the daemon's host loopback
+(runtimes/publish.py) until its sandbox closes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import base64
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import NotFoundError
+from ..errors import InvalidRequestError, NotFoundError
 from ..protocol.models import (
     Caller,
     ProcessInfo,
@@ -22,6 +25,9 @@ from ..protocol.models import (
     ProcessRef,
     ProcessWait,
     ProcessWrite,
+    Published,
+    PublishedPort,
+    SandboxPublish,
     SandboxRef,
     SandboxSpawn,
 )
@@ -31,6 +37,12 @@ from .held import Held
 T = TypeVar("T")
 # Processes of one held sandbox the daemon remembers (the agent holds at most 64 live ones).
 MAX_REMEMBERED = 256
+# Ports one held sandbox may publish: each is a listener of the daemon's, and up to 64
+# connections relayed at once, two daemon threads each.
+MAX_PUBLISHED = 16
+# Below it, binding needs root: a caller that is not root does not get the daemon's root to take
+# one of the host's service ports (and answer in that service's place on its loopback).
+FIRST_UNPRIVILEGED_PORT = 1024
 
 
 class BackgroundProcesses:
@@ -51,6 +63,28 @@ class BackgroundProcesses:
             return _info(process)
 
         return await self._held_call(request, caller, start)
+
+    async def publish(self, request: SandboxPublish, caller: Caller) -> Published:
+        from ..runtimes.publish import parse_publish  # the daemon's loop imports no relay it does not run
+
+        _, host_port, port = parse_publish(request.port)
+        if 0 < host_port < FIRST_UNPRIVILEGED_PORT and not caller.admin:
+            raise InvalidRequestError(
+                f"publish {request.port!r}: host port {host_port} is below {FIRST_UNPRIVILEGED_PORT}, "
+                "which only root may bind: ask for another, or 0 (any free one)"
+            )
+
+        async def forward(held: Held) -> Published:
+            if len(held.published) >= MAX_PUBLISHED:
+                raise InvalidRequestError(f"a held sandbox publishes at most {MAX_PUBLISHED} ports")
+            try:
+                address, bound = await self._blocking(held.sandbox.publish, request.port)
+            except OSError as exc:  # the host port is taken, or not this host's
+                raise InvalidRequestError(f"publish {request.port!r}: {exc.strerror or exc}") from None
+            held.published.append(PublishedPort(port=port, address=address, host_port=bound))
+            return Published(sandbox_id=held.sandbox_id, port=port, address=address, host_port=bound)
+
+        return await self._held_call(request, caller, forward)
 
     async def process_read(self, request: ProcessRef, caller: Caller) -> ProcessOutput:
         async def read(held: Held) -> ProcessOutput:

@@ -436,6 +436,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
                 idle_timeout=h.idle_timeout_s,
                 closing=h.sandbox_id in self.closing,
                 processes=process_infos(h.processes),
+                published=list(h.published),
             )
             for h in [*self.held.values(), *self.closing.values()]
         ] + [

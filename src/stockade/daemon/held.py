@@ -41,6 +41,7 @@ from ..protocol.models import (
     InterpreterRef,
     Interrupted,
     ListDir,
+    PublishedPort,
     ReadFile,
     SandboxCreate,
     SandboxCreated,
@@ -84,6 +85,7 @@ class Held:
     idle_timer: asyncio.TimerHandle | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     processes: dict[str, Process] = field(default_factory=dict)  # its background processes, by handle
+    published: list[PublishedPort] = field(default_factory=list)  # its published ports, closed with it
 
     def idle_seconds(self, now: float) -> float:
         return 0.0 if self.calls else max(0.0, now - self.last_used)

@@ -110,6 +110,12 @@ class Isolate(Protocol):
         """A background process (blocking: from a thread). Refused where the isolate has none."""
         ...
 
+    def publish(self, spec: int | str) -> tuple[str, int]:
+        """Forward a host loopback port to a port on the isolate's loopback (``Sandbox.publish``):
+        the host address and port (blocking: from a thread). Refused where the isolate is not on
+        this host."""
+        ...
+
     async def ainterrupt(self) -> bool:
         """Interrupt the run in progress (SIGINT: a cell raises KeyboardInterrupt and its
         interpreter keeps its state), keeping the isolate; False when there is none to interrupt."""

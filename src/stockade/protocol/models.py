@@ -192,6 +192,16 @@ class ProcessRef(SandboxRef):
     handle: Handle
 
 
+class SandboxPublish(SandboxRef):
+    """``sandbox.publish``: a loopback port of the daemon's host forwarded to a port on the held
+    sandbox's own loopback, until the sandbox closes (docs/processes-and-ports.md)."""
+
+    port: int | str = Field(
+        description="PORT, HOST_PORT:PORT or ADDRESS:HOST_PORT:PORT; the host side a loopback address, "
+        "HOST_PORT 0 or left out: any free one"
+    )
+
+
 class ProcessWrite(ProcessRef):
     data: str = Field(default="", description="bytes for its stdin, base64")
     eof: bool = Field(default=False, description="then close its stdin")
@@ -273,6 +283,18 @@ class Closed(Answer):
     closed: bool = True
 
 
+class PublishedPort(Answer):
+    """A published port of a held sandbox: ``host_port`` on the daemon host's ``address`` reaches ``port`` inside."""
+
+    port: int = Field(description="the port on the sandbox's own loopback")
+    address: str = Field(description="the loopback address the daemon's host listens on")
+    host_port: int
+
+
+class Published(PublishedPort):
+    sandbox_id: str
+
+
 class ProcessInfo(Answer):
     """A background process of a held sandbox (``sandbox.spawn``)."""
 
@@ -323,6 +345,7 @@ class ActiveSandbox(Answer):
     idle_timeout: float | None = None
     closing: bool = False
     processes: list[ProcessInfo] = Field(default_factory=list, description="a held sandbox's background processes")
+    published: list[PublishedPort] = Field(default_factory=list, description="a held sandbox's published ports")
 
 
 class Status(Answer):

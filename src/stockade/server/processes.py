@@ -1,4 +1,5 @@
-"""The HTTP routes of a held sandbox's background processes (``sandbox.spawn``, ``sandbox.process_*``)."""
+"""The HTTP routes of a held sandbox's background processes and published ports
+(``sandbox.spawn``, ``sandbox.process_*``, ``sandbox.publish``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from fastapi import Body, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..protocol.models import ProcessInfo, ProcessList, ProcessOutput
+from ..protocol.models import ProcessInfo, ProcessList, ProcessOutput, Published
 from .door import HttpDoor
 
 
@@ -21,8 +22,21 @@ class HttpSpawn(BaseModel):
     stdin_b64: str | None = Field(default=None, description="its first input, base64")
 
 
+class HttpPublish(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    port: int | str = Field(description="PORT, HOST_PORT:PORT or ADDRESS:HOST_PORT:PORT (a loopback address)")
+
+
 def add_process_routes(app: FastAPI, door: HttpDoor, errors: dict[int | str, Any]) -> None:
     processes = "/api/v1/sandboxes/{sandbox_id}/processes"
+
+    @app.post("/api/v1/sandboxes/{sandbox_id}/ports", name="sandbox.publish", status_code=201,
+              response_model=Published, responses=errors)  # fmt: skip
+    async def publish(request: Request, sandbox_id: str, body: HttpPublish) -> Any:
+        """Forward a loopback port of the daemon's host to a port on the sandbox's own loopback,
+        until the sandbox closes (``Sandbox.publish``)."""
+        return await door.call("sandbox.publish", {"sandbox_id": sandbox_id, "port": body.port}, door.caller(request))
 
     @app.post(processes, name="sandbox.spawn", status_code=201, response_model=ProcessInfo, responses=errors)
     async def spawn(request: Request, sandbox_id: str, body: HttpSpawn) -> Any:
