@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -128,7 +129,7 @@ def test_a_held_sandbox_publishes_ports_through_the_daemon(http: tuple[Daemon, h
 
 
 def test_the_http_api_publishes_a_port_but_no_service_port(http: tuple[Daemon, httpx.Client]) -> None:
-    _, api = http
+    daemon, api = http
     made = api.post("/api/v1/sandboxes", json={"policy": {"network_policy": "loopback"}})
     assert made.status_code in (200, 201), made.text
     sandbox = made.json()["sandbox_id"]
@@ -154,6 +155,11 @@ def test_the_http_api_publishes_a_port_but_no_service_port(http: tuple[Daemon, h
     assert api.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
     with pytest.raises(OSError):
         socket.create_connection((published["address"], published["host_port"]), timeout=5).close()
+    with open(daemon.audit_log) as f:  # a port opened on the host is an act the audit log keeps
+        acts = [json.loads(line) for line in f if '"admin"' in line]
+    assert [(a["action"], a["target"], a["door"]) for a in acts if a["action"] == "sandbox.publish"] == [
+        ("sandbox.publish", sandbox, "http")
+    ]
 
 
 def test_the_async_client_publishes_too(http: tuple[Daemon, httpx.Client]) -> None:

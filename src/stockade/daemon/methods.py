@@ -94,7 +94,7 @@ def _method_list() -> list[Method]:
         Method("sandbox.process_wait", ProcessWait, lambda c, r, caller, out: c.process_wait(r, caller)),
         Method("sandbox.process_kill", ProcessKill, lambda c, r, caller, out: c.process_kill(r, caller)),
         Method("sandbox.processes", SandboxRef, lambda c, r, caller, out: c.process_list(r, caller)),
-        Method("sandbox.publish", SandboxPublish, lambda c, r, caller, out: c.publish(r, caller)),
+        Method("sandbox.publish", SandboxPublish, lambda c, r, caller, out: c.publish(r, caller), admin_action=True),
         Method("sandbox.write_file", WriteFile, lambda c, r, caller, out: c.write_file(r, caller)),
         Method("sandbox.read_file", ReadFile, lambda c, r, caller, out: c.read_file(r, caller)),
         Method("sandbox.list_dir", ListDir, lambda c, r, caller, out: c.list_dir(r, caller)),
