@@ -24,6 +24,7 @@ from .runtimes.verdict import OutputCallback
 if TYPE_CHECKING:
     from .placement.base import Isolate, Placement
     from .transfer import TransferSummary
+    from .transfer_unpack import Links
 
 
 def one_shot(
@@ -237,12 +238,15 @@ class Sandbox:
         max_bytes: int | None = None,
         overwrite: bool = False,
         executable: bool = False,
+        links: Links = "refuse",
     ) -> TransferSummary:
         """Copy ``remote_path`` (a directory's contents, or a file) into ``local_dir`` on the host:
         regular files and directories only, checked before a byte is written (docs/sdk.md)."""
         from .transfer import download
 
-        return download(self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable)
+        return download(
+            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable, links=links
+        )
 
     @property
     def closed(self) -> bool:
@@ -452,12 +456,13 @@ class AsyncSandbox:
         max_bytes: int | None = None,
         overwrite: bool = False,
         executable: bool = False,
+        links: Links = "refuse",
     ) -> TransferSummary:
         """``Sandbox.download``: the host's tar work and checks in a thread."""
         from .transfer import adownload
 
         return await adownload(
-            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable
+            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable, links=links
         )
 
     async def aclose(self) -> None:

@@ -38,7 +38,7 @@ from .errors import (
 )
 from .limits import MAX_CALL_BYTES
 from .result import ExecResult
-from .transfer_unpack import unpack
+from .transfer_unpack import LINKS, Links, unpack
 
 DEFAULT_MAX_BYTES = 256 << 20  # the archive, either way
 DEFAULT_MAX_FILES = 100_000  # members of a downloaded archive
@@ -50,12 +50,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TransferSummary:
-    """What a transfer carried: regular files, directories, links (uploads only) and the files' bytes."""
+    """What a transfer carried: regular files, directories, links (uploads only) and the files' bytes;
+    ``skipped``: the symbolic links a download left out (``links="skip"``)."""
 
     files: int
     directories: int
     bytes: int
     links: int = 0
+    skipped: int = 0
 
 
 class Transferable(Protocol):
@@ -232,11 +234,14 @@ def download(
     max_files: int | None = None,
     overwrite: bool = False,
     executable: bool = False,
+    links: Links = "refuse",
 ) -> TransferSummary:
     """Copy ``remote_path`` from the sandbox into ``local_dir`` on the host (made if missing):
     a directory's contents, or a file by its name. Only regular files and directories are
-    written (a link, device or FIFO in the archive is refused: ``UnsafeArchiveError``); the
-    archive is capped at ``max_bytes`` (default 256 MiB) and ``max_files`` members (100,000).
+    written: a hard link as a copy of its file; a symbolic link, device or FIFO in the archive
+    is refused (``UnsafeArchiveError``), symbolic links left out instead with ``links="skip"``
+    (counted in ``skipped``). The archive is capped at ``max_bytes`` (default 256 MiB) and
+    ``max_files`` members (100,000).
 
     What the sandbox sends is the untrusted code's: a file that already exists under
     ``local_dir`` is refused unless ``overwrite`` (a planted ``.git/hooks/...`` or ``.envrc``
@@ -245,6 +250,8 @@ def download(
     cap = _cap(max_bytes)
     members = _cap(max_files, DEFAULT_MAX_FILES, "max_files")
     src = _remote(remote_path, "remote_path")
+    if links not in LINKS:
+        raise ValueError(f"links must be one of {', '.join(map(repr, LINKS))}, not {links!r}")
     normal = posixpath.normpath(src)
     parent, name = posixpath.split(normal)
     base = f"/tmp/.stockade-download-{secrets.token_hex(8)}"
@@ -255,8 +262,10 @@ def download(
         finally:
             _remove(sandbox, base)
         archive.seek(0)
-        files, directories, size = unpack(archive, os.fspath(local_dir), cap, members, src, overwrite, executable)
-        return TransferSummary(files=files, directories=directories, bytes=size)
+        files, directories, size, skipped = unpack(
+            archive, os.fspath(local_dir), cap, members, src, overwrite, executable, links
+        )
+        return TransferSummary(files=files, directories=directories, bytes=size, skipped=skipped)
 
 
 def _pack_remote(sandbox: Transferable, src: str, parent: str, name: str, base: str, cap: int) -> tuple[int, int]:
@@ -388,9 +397,10 @@ async def adownload(
     max_files: int | None = None,
     overwrite: bool = False,
     executable: bool = False,
+    links: Links = "refuse",
 ) -> TransferSummary:
     """``download`` for an async sandbox (``AsyncRemoteSandbox``): the host's work in a thread."""
     return await _in_thread(
         sandbox, download, remote_path, local_dir, max_bytes=max_bytes, max_files=max_files,
-        overwrite=overwrite, executable=executable,
+        overwrite=overwrite, executable=executable, links=links,
     )  # fmt: skip

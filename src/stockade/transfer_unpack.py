@@ -4,9 +4,12 @@ What comes out of an isolate is hostile (docs/threat-model.md): the archive is
 read as a plain tar (no decompression), every member is checked before
 anything is written, and only regular files and directories are written, each
 through a directory descriptor opened without following links, below the
-target directory, to a fresh name renamed over its own. Links, devices, FIFOs,
-sparse members, absolute names and ``..`` are refused, and so are archives
-over the byte or member caps. ``transfer.download`` is its one caller.
+target directory, to a fresh name renamed over its own. No link is ever made:
+a hard link to a file earlier in the archive is written as a copy of that
+file's bytes (counted against the cap again), and a symbolic link is refused,
+or left out when the caller asks (``links="skip"``). Devices, FIFOs, sparse
+members, absolute names and ``..`` are refused, and so are archives over the
+byte or member caps. ``transfer.download`` is its one caller.
 """
 
 from __future__ import annotations
@@ -15,27 +18,37 @@ import contextlib
 import os
 import secrets
 import tarfile
-from typing import IO
+from typing import IO, Literal
 
 from .errors import TransferError, TransferTooLargeError, UnsafeArchiveError
 
 MAX_DEPTH = 128  # path components of a member
 _COPY = 1 << 20
 
-_Plan = tuple[tuple[str, ...], tarfile.TarInfo | None]  # path components; the member, None for a directory
+# Path components; the regular file whose bytes go there (a hard link's: its target's), None for a directory.
+_Plan = tuple[tuple[str, ...], tarfile.TarInfo | None]
+Links = Literal["refuse", "skip"]  # what a download does with a symbolic link
+LINKS: tuple[Links, ...] = ("refuse", "skip")
 
 
 def unpack(
-    archive: IO[bytes], local_dir: str, cap: int, max_files: int, src: str, overwrite: bool, executable: bool
-) -> tuple[int, int, int]:
+    archive: IO[bytes],
+    local_dir: str,
+    cap: int,
+    max_files: int,
+    src: str,
+    overwrite: bool,
+    executable: bool,
+    links: Links = "refuse",
+) -> tuple[int, int, int, int]:
     """Check every member of the untrusted ``archive``, then write them below ``local_dir``:
-    the files, directories and bytes written."""
+    the files, directories and bytes written, and the symbolic links left out."""
     try:
         tar = tarfile.open(fileobj=archive, mode="r:")  # a plain tar: no decompression
     except tarfile.TarError as exc:
         raise UnsafeArchiveError(f"the archive of {src} from the sandbox is not a tar: {exc}") from None
     with tar:
-        plans = _check(tar, cap, max_files, src)
+        plans, skipped = _check(tar, cap, max_files, src, links == "skip")
         if not overwrite:
             there = [p for p, m in plans if m is not None and os.path.lexists(os.path.join(local_dir, *p))]
             if there:
@@ -66,22 +79,24 @@ def unpack(
             if held is not None:
                 os.close(held[1])
             os.close(root)
-    return files, dirs, size
+    return files, dirs, size, skipped
 
 
-def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str) -> list[_Plan]:
-    """Every member, checked before a byte is written: regular files and directories only,
-    names inside, sizes and counts under the caps."""
+def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str, skip_symlinks: bool) -> tuple[list[_Plan], int]:
+    """Every member, checked before a byte is written: regular files and directories only
+    (a hard link as a copy of its file), names inside, sizes and counts under the caps; and
+    the number of symbolic links left out."""
     plans: list[_Plan] = []
-    total = 0
+    files: dict[tuple[str, ...], tarfile.TarInfo] = {}  # the regular files so far, by name
+    total = skipped = 0
     while True:
         try:
             member = tar.next()
         except tarfile.TarError as exc:
             raise UnsafeArchiveError(f"the archive of {src} from the sandbox is malformed: {exc}") from None
         if member is None:
-            return plans
-        if len(plans) >= max_files:
+            return plans, skipped
+        if len(plans) + skipped >= max_files:
             raise TransferTooLargeError(
                 f"download of {src} has over {max_files} members (max_files); nothing was written"
             )
@@ -89,10 +104,26 @@ def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str) -> list[_Pl
         if member.isdir():
             plans.append((parts, None))
             continue
-        if not member.isreg() or member.issparse() or not parts:
+        if member.issym() and skip_symlinks:
+            skipped += 1
+            continue
+        if member.islnk() and parts:
+            # Another name of a file packed before it: written as a copy of that file's bytes.
+            try:
+                target = files.get(_parts(member.linkname))
+            except UnsafeArchiveError:
+                target = None  # a name out of the tree: no file of this archive
+            if target is None:
+                raise UnsafeArchiveError(
+                    f"the archive of {src} holds {member.name!r}, a hard link to {member.linkname!r}, "
+                    "which is no file before it in the archive; nothing was written"
+                )
+            member = target
+        elif not member.isreg() or member.issparse() or not parts:
+            hint = " (links='skip' leaves symbolic links out)" if member.issym() else ""
             raise UnsafeArchiveError(
                 f"the archive of {src} holds {member.name!r}, {_kind(member)}: a download writes regular files "
-                "and directories only; nothing was written"
+                f"and directories only{hint}; nothing was written"
             )
         if member.size < 0:  # base-256 sizes can be negative: one would offset the cap
             raise UnsafeArchiveError(f"the archive's {member.name!r} declares a negative size; nothing was written")
@@ -102,6 +133,7 @@ def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str) -> list[_Pl
                 f"download of {src} is too large: its files declare over {cap} bytes (max_bytes); nothing was written"
             )
         plans.append((parts, member))
+        files[parts] = member
 
 
 def _parts(name: str) -> tuple[str, ...]:

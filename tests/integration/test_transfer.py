@@ -189,6 +189,15 @@ def test_what_a_download_refuses_from_the_isolates_own_files(tmp_path: Path, mgr
             with pytest.raises(UnsafeArchiveError, match=what):
                 sb.download(remote, out)
             assert not out.exists()
+        # Asked to, a download leaves symbolic links out; a hard link comes as a copy of its file.
+        linked = sb.exec(["sh", "-c", "ln /work/d/f /work/d/again && ln -s f /work/d/latest"])
+        assert linked.success, linked.summary()
+        kept = sb.download("/work/d", tmp_path / "kept", links="skip")
+        assert (kept.files, kept.skipped) == (2, 2)  # f and again; etc and latest left out
+        assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["again", "f"]
+        assert (tmp_path / "kept" / "again").read_text() == "x\n"
+        with pytest.raises(UnsafeArchiveError, match="FIFO"):
+            sb.download("/work/p", tmp_path / "fifo", links="skip")  # only links are left out
         assert leftovers(sb) == []
     no_links(tmp_path)
 
@@ -224,6 +233,18 @@ elif case == "symlink-then-file":
     add("ln/pwned.txt", b"out")
 elif case == "hardlink":
     add("hl", type=tarfile.LNKTYPE, linkname="/etc/passwd")
+elif case == "hardlink-later":
+    add("hl", type=tarfile.LNKTYPE, linkname="later.txt")
+    add("later.txt", b"later")
+elif case == "hardlink-copies":
+    add("dir/again.txt", type=tarfile.LNKTYPE, linkname="fine.txt")
+    add("pw", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+    add("ln", type=tarfile.SYMTYPE, linkname=outside)
+    add("ln/pwned.txt", b"inside")
+elif case == "hardlink-flood":
+    add("big.bin", b"x" * 4096)
+    for i in range(int(sys.argv[5])):
+        add(f"hl{i}", type=tarfile.LNKTYPE, linkname="big.bin")
 elif case == "device":
     add("null", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
 elif case == "fifo":
@@ -286,7 +307,8 @@ CASES = {
     "absolute": (UnsafeArchiveError, "outside the download's directory"),
     "symlink": (UnsafeArchiveError, "symbolic link to '/etc/passwd'"),
     "symlink-then-file": (UnsafeArchiveError, "symbolic link"),
-    "hardlink": (UnsafeArchiveError, "hard link to '/etc/passwd'"),
+    "hardlink": (UnsafeArchiveError, "hard link to '/etc/passwd', which is no file before it"),
+    "hardlink-later": (UnsafeArchiveError, "hard link to 'later.txt', which is no file before it"),
     "device": (UnsafeArchiveError, "device node"),
     "fifo": (UnsafeArchiveError, "FIFO"),
     "sparse": (UnsafeArchiveError, "sparse file"),
@@ -311,6 +333,32 @@ def test_a_hostile_archive_is_refused_and_nothing_lands_outside(
     assert list(outside.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
     no_links(tmp_path)
+    assert leftovers(hostile_box) == []
+
+
+def test_hard_links_come_as_copies_and_symbolic_ones_are_left_out_when_asked(
+    hostile_box: Sandbox, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    crafted = Hostile(hostile_box, "hardlink-copies", outside)
+    with pytest.raises(UnsafeArchiveError, match=r"symbolic link to '/etc/passwd': .*links='skip' leaves"):
+        download(crafted, "/work/src", tmp_path / "refused")  # type: ignore[arg-type]
+    assert not (tmp_path / "refused").exists()
+    summary = download(crafted, "/work/src", tmp_path / "out", links="skip")  # type: ignore[arg-type]
+    assert (summary.files, summary.bytes, summary.skipped) == (3, 4 + 4 + 6, 2)
+    out = tmp_path / "out"
+    assert (out / "dir" / "again.txt").read_bytes() == b"fine" and (out / "fine.txt").read_bytes() == b"fine"
+    assert (out / "ln").is_dir() and (out / "ln" / "pwned.txt").read_bytes() == b"inside"  # a real directory
+    assert list(outside.iterdir()) == [] and not (out / "pw").exists()
+    no_links(tmp_path)
+    # Each copy counts against the cap: a flood of links to one file is refused before a write.
+    flood = Hostile(hostile_box, "hardlink-flood", outside, "300")
+    with pytest.raises(TransferTooLargeError, match="declare over"):
+        download(flood, "/work/src", tmp_path / "flood", max_bytes=1 << 20)  # type: ignore[arg-type]
+    assert not (tmp_path / "flood").exists()
+    with pytest.raises(ValueError, match="links must be one of 'refuse', 'skip'"):
+        download(crafted, "/work/src", tmp_path / "x", links="follow")  # type: ignore[arg-type]
     assert leftovers(hostile_box) == []
 
 

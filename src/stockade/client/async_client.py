@@ -18,6 +18,7 @@ from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost
 
 if TYPE_CHECKING:
     from ..transfer import TransferSummary
+    from ..transfer_unpack import Links
 
 
 class AsyncClient(Requests):
@@ -355,12 +356,13 @@ class AsyncRemoteSandbox(SandboxHandle):
         max_bytes: int | None = None,
         overwrite: bool = False,
         executable: bool = False,
+        links: Links = "refuse",
     ) -> TransferSummary:
         """``RemoteSandbox.download``, awaited (the host's side in a thread)."""
         from ..transfer import adownload
 
         return await adownload(
-            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable
+            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable, links=links
         )
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost
 
 if TYPE_CHECKING:
     from ..transfer import TransferSummary
+    from ..transfer_unpack import Links
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 
@@ -435,11 +436,14 @@ class RemoteSandbox(SandboxHandle):
         max_bytes: int | None = None,
         overwrite: bool = False,
         executable: bool = False,
+        links: Links = "refuse",
     ) -> TransferSummary:
         """The SDK's ``Sandbox.download``, through the daemon's file and exec calls."""
         from ..transfer import download
 
-        return download(self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable)
+        return download(
+            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable, links=links
+        )
 
     def close(self) -> None:
         if self.closed:
