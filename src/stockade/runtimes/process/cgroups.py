@@ -258,18 +258,24 @@ _LEFTOVERS: set[str] = set()
 _LEFTOVERS_LOCK = threading.Lock()
 
 
-def retry_leftovers() -> int:
-    """rmdir the groups an earlier remove() had to leave; return how many are still there."""
-    with _LEFTOVERS_LOCK:
-        for path in sorted(_LEFTOVERS, key=len, reverse=True):  # a child before its parent
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                continue
-            _LEFTOVERS.discard(path)
-        return len(_LEFTOVERS)
+def retry_leftovers(wait_s: float = 0.0) -> int:
+    """rmdir the groups an earlier remove() had to leave, trying again for up to ``wait_s`` while
+    their last processes finish dying; return how many are still there."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with _LEFTOVERS_LOCK:
+            for path in sorted(_LEFTOVERS, key=len, reverse=True):  # a child before its parent
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue
+                _LEFTOVERS.discard(path)
+            left = len(_LEFTOVERS)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.02)
 
 
 class SweptCgroupManager:

@@ -17,6 +17,8 @@ from .cgroups import IsolateCgroup, SweptCgroupManager, retry_leftovers
 from .uids import UidAllocator, UidLease, UidRange
 from .zygote import Zygote
 
+LEFTOVERS_WAIT_S = 10.0
+
 
 class IsolateFactory:
     """The zygote, the groups and uids of the isolates it forks, and its spare child.
@@ -167,7 +169,10 @@ class IsolateFactory:
             nxt, self._next_cgroup = self._next_cgroup, None
             nxt_uid, self._next_uid = self._next_uid, None
         dispose(nxt, nxt_uid)
-        retry_leftovers()
+        # The factory closes when its process is done with isolates (the CLI's exit, the daemon's
+        # stop): a group whose processes were still dying when its isolate closed (a busy host)
+        # is waited for here, rather than left for the next start's sweep.
+        retry_leftovers(wait_s=LEFTOVERS_WAIT_S)
         if zygote is not None:
             zygote.close()
 
