@@ -172,7 +172,9 @@ class IsolateFactory:
         # The factory closes when its process is done with isolates (the CLI's exit, the daemon's
         # stop): a group whose processes were still dying when its isolate closed (a busy host)
         # is waited for here, rather than left for the next start's sweep.
-        retry_leftovers(wait_s=LEFTOVERS_WAIT_S)
+        if not retry_leftovers(wait_s=LEFTOVERS_WAIT_S) and _kept_leases and self._uids is not None:
+            _kept_leases.clear()
+            self._uids.sweep()  # the leases kept for those groups (release_uid) go with them
         if zygote is not None:
             zygote.close()
 
@@ -191,6 +193,11 @@ def release_uid(uid: UidLease | None, cgroup_gone: bool) -> None:
     # the lease: the uid is not handed out again until they are gone.
     if uid is not None:
         uid.release(keep_record=not cgroup_gone)
+        if not cgroup_gone:
+            _kept_leases.add(uid.uid)
+
+
+_kept_leases: set[int] = set()  # uids whose lease files release_uid kept: swept once their groups are gone
 
 
 def outer_ids(uid: UidLease | None) -> tuple[int | None, int | None]:

@@ -135,7 +135,7 @@ class UidAllocator:
         if not self._checked:
             self.range.check_unused()
             self._check_lock_dir()
-            self._sweep()
+            self.sweep()
             self._checked = True
         size = self.range.last - self.range.first + 1
         # Where the search starts is no secret (the flock decides who holds a uid), only spread:
@@ -174,7 +174,7 @@ class UidAllocator:
                 f"with mode 0700; it is {stat.filemode(st.st_mode)} owned by uid {st.st_uid}"
             )
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         """Remove the files of leases whose holders died (a SIGKILLed host) and whose
         isolates are gone: otherwise each would stay until its uid came up again."""
         for name in os.listdir(self.lock_dir):
