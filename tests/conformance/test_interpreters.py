@@ -154,6 +154,18 @@ def test_an_interpreter_that_ignores_interrupts_is_killed_and_the_next_cell_star
     assert r.error is not None and "its state is lost" in r.error and r.exception is None
     fresh = py.run("'lost' in dir()")
     assert fresh.execution_count == 1 and fresh.results[0].text == "False"
+    # An interrupt from another thread is heeded as fast, or the interpreter goes the same way.
+    py.run("lost = 1\nimport signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)")
+    timer = threading.Timer(1.0, py.interrupt)
+    timer.start()
+    began = time.monotonic()
+    r = py.run("while True:\n    pass\n", timeout=50)
+    timer.join()
+    assert time.monotonic() - began < 40, "the interrupt was ignored until the cell's timeout"
+    assert (r.termination_reason, r.exception) == ("killed", None)
+    assert r.error is not None and r.error.startswith("interrupted, and its interpreter did not stop within 2 s")
+    assert "its state is lost" in r.error
+    assert py.run("'lost' in dir()").results[0].text == "False"
 
 
 def test_restart_ends_the_interpreter_as_a_program_ends(sb: Sandbox) -> None:

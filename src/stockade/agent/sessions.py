@@ -169,7 +169,10 @@ class Interpreters:
             self.service_spawned(ready, writable)
             if self.conn.fileno() in ready:
                 watch_conn = self.frame_during_run(interpreter.pid, group=False)
-                interpreter.interrupted = interpreter.interrupted or watch_conn  # watched on: it was an interrupt
+                if watch_conn:  # watched on: it was an interrupt, which the cell has as long to heed as a timeout's
+                    interpreter.interrupted = True
+                    if kill_at is None:
+                        kill_at = time.monotonic() + INTERRUPT_GRACE_S
             if self._wake_r in ready:
                 self._drain_wakeups()
                 self._reap()

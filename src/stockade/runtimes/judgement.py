@@ -69,11 +69,13 @@ def judge(
         reason = "error"
     elif interrupted and ended_by_interrupt(said):
         reason = "killed"
-        error = (
-            "interrupted (the cell raised KeyboardInterrupt; its interpreter keeps its state)"
-            if said.cell is not None
-            else "interrupted (SIGINT)"
-        )
+        if said.cell is not None:
+            error = "interrupted (the cell raised KeyboardInterrupt; its interpreter keeps its state)"
+        elif said.interpreter_lost:
+            error = "interrupted, and its interpreter did not stop within 2 s: it was killed"
+        else:
+            error = "interrupted (SIGINT)"
+
     elif exit_code is not None and exit_code < 0:
         reason = "killed"
     else:
@@ -101,7 +103,10 @@ def judge(
 
 def ended_by_interrupt(said: Verdict) -> bool:
     """Whether an interrupted run ended of it: a command dead of SIGINT, a cell that raised
-    KeyboardInterrupt. Code that caught the interrupt and went on ended as it chose to."""
+    KeyboardInterrupt, an interpreter killed for not heeding it. Code that caught the interrupt
+    and went on ended as it chose to."""
+    if said.interpreter_lost:
+        return True
     if said.cell is not None:
         return said.cell.exception is not None and said.cell.exception.name == "KeyboardInterrupt"
     return said.exit_code == -signal.SIGINT
