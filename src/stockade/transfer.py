@@ -35,6 +35,7 @@ from .errors import (
     StockadeError,
     TransferError,
     TransferTooLargeError,
+    UnsafeArchiveError,
 )
 from .limits import MAX_CALL_BYTES
 from .result import ExecResult
@@ -43,6 +44,7 @@ from .transfer_unpack import LINKS, Links, unpack
 DEFAULT_MAX_BYTES = 256 << 20  # the archive, either way
 DEFAULT_MAX_FILES = 100_000  # members of a downloaded archive
 _NOT_FOUND = 66  # the download script's exit status for a missing path (EX_NOINPUT)
+_A_LINK = 65  # and for a path that is a symbolic link (its target on stdout)
 _MIN_PIECE = 64 << 10  # an upload's pieces shrink to this for a small max_file_size_bytes, no further
 
 T = TypeVar("T")
@@ -85,8 +87,9 @@ _UNPACK = 'mkdir -p -- "$2" && cat -- "$1".[0-9]* | tar -x --no-same-owner -f - 
 # Pieces no larger than the policy's max_file_size_bytes (RLIMIT_FSIZE, in 512-byte blocks).
 # It answers "TAR_STATUS SIZE PIECE_SIZE".
 _PACK = """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6
-if [ -d "$src" ]; then set -- -C "$src" .
-elif [ -e "$src" ] || [ -L "$src" ]; then set -- -C "$parent" "./$name"
+if [ -L "$src" ]; then readlink -- "$src"; exit 65
+elif [ -d "$src" ]; then set -- -C "$src" .
+elif [ -e "$src" ]; then set -- -C "$parent" "./$name"
 else echo "$src: No such file or directory" >&2; exit 66
 fi
 blocks=$(ulimit -f)
@@ -276,6 +279,12 @@ def _pack_remote(sandbox: Transferable, src: str, parent: str, name: str, base: 
         error = PathNotFoundError(f"{src}: no such file or directory in the sandbox")
         error.filename = src
         raise error
+    if result.exit_code == _A_LINK:
+        target = result.stdout.rstrip("\n")[:4096]
+        raise UnsafeArchiveError(
+            f"{src} is a symbolic link (to {target!r}) in the sandbox: a download does not follow it; "
+            "download its target instead"
+        )
     fields = result.stdout.split()
     if not result.success or len(fields) != 3 or not all(f.isdigit() for f in fields):
         raise TransferError(f"packing {src} in the sandbox failed: {_why(result)}")

@@ -181,7 +181,10 @@ def test_what_a_download_refuses_from_the_isolates_own_files(tmp_path: Path, mgr
         )
         assert made.success, made.summary()
         for remote, what in (
-            ("/work/pw", "symbolic link to '/etc/passwd'"),
+            (
+                "/work/pw",
+                r"/work/pw is a symbolic link \(to '/etc/passwd'\) in the sandbox: a download does not follow",
+            ),
             ("/work/d", "symbolic link"),
             ("/work/p", "FIFO"),
         ):
@@ -192,6 +195,11 @@ def test_what_a_download_refuses_from_the_isolates_own_files(tmp_path: Path, mgr
         # Asked to, a download leaves symbolic links out; a hard link comes as a copy of its file.
         linked = sb.exec(["sh", "-c", "ln /work/d/f /work/d/again && ln -s f /work/d/latest"])
         assert linked.success, linked.summary()
+        assert sb.exec(["ln", "-s", "/work/d", "/work/dl"]).success
+        for links in ("refuse", "skip"):  # a remote path that is a link is never followed, to a directory either
+            with pytest.raises(UnsafeArchiveError, match=r"/work/dl is a symbolic link \(to '/work/d'\)"):
+                sb.download("/work/dl", tmp_path / "dl", links=links)  # type: ignore[arg-type]
+            assert not (tmp_path / "dl").exists()
         kept = sb.download("/work/d", tmp_path / "kept", links="skip")
         assert (kept.files, kept.skipped) == (2, 2)  # f and again; etc and latest left out
         assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["again", "f"]
