@@ -45,6 +45,11 @@ DEFAULT_MAX_BYTES = 256 << 20  # the archive, either way
 DEFAULT_MAX_FILES = 100_000  # members of a downloaded archive
 _NOT_FOUND = 66  # the download script's exit status for a missing path (EX_NOINPUT)
 _A_LINK = 65  # and for a path that is a symbolic link (its target on stdout)
+_OVER_MAX = 67  # and for an archive over max_bytes ("SIZE")
+_NO_ROOM = 68  # and for one the sandbox has no room to stage ("SIZE FREE USED")
+# What a download leaves the sandbox's own processes (the agent, tar, the code's) of its memory
+# limit, beside the files and the staged archive: below it, staging would risk its OOM kill.
+STAGING_RESERVE = 64 << 20
 _MIN_PIECE = 64 << 10  # an upload's pieces shrink to this for a small max_file_size_bytes, no further
 
 T = TypeVar("T")
@@ -85,12 +90,23 @@ class AsyncTransferable(Protocol):
 # The parts are files in /tmp named by a random base: BASE.000000, BASE.000001, ...
 _UNPACK = 'mkdir -p -- "$2" && cat -- "$1".[0-9]* | tar -x --no-same-owner -f - -C "$2"\ns=$?\nrm -f -- "$1".*\nexit $s'
 # Pieces no larger than the policy's max_file_size_bytes (RLIMIT_FSIZE, in 512-byte blocks).
+# The archive is staged in /tmp, which is the sandbox's memory (a tmpfs): it is measured first
+# (stored nowhere), and refused when it is over max_bytes (67: "SIZE"), or would not fit the free
+# scratch space or, given the sandbox's memory limit, its memory (68: "SIZE FREE USED"): staging
+# it anyway would end the sandbox, and everything in it, for memory.
 # It answers "TAR_STATUS SIZE PIECE_SIZE".
-_PACK = """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6
+_PACK = """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6 memory=$7 reserve=$8
 if [ -L "$src" ]; then readlink -- "$src"; exit 65
 elif [ -d "$src" ]; then set -- -C "$src" .
 elif [ -e "$src" ]; then set -- -C "$parent" "./$name"
 else echo "$src: No such file or directory" >&2; exit 66
+fi
+size=$(tar -cf - --exclude="${out##*/}.*" "$@" 2>/dev/null | head -c "$((max + 1))" | wc -c)
+[ "$size" -gt "$max" ] && { echo "$size"; exit 67; }
+room=$(df -P -k /tmp | awk 'NR == 2 {print $4 * 1024, $3 * 1024}')
+free=${room% *} used=${room#* }
+if [ "$size" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + size + reserve))" -gt "$memory" ]; }; then
+  echo "$size $free $used"; exit 68
 fi
 blocks=$(ulimit -f)
 case $blocks in *[!0-9]*|'') ;; *) [ "$((blocks * 512))" -lt "$piece" ] && piece=$((blocks * 512)) ;; esac
@@ -260,7 +276,7 @@ def download(
     base = f"/tmp/.stockade-download-{secrets.token_hex(8)}"
     with tempfile.TemporaryFile() as archive:
         try:
-            size, piece = _pack_remote(sandbox, src, parent or ".", name, base, cap)
+            size, piece = _pack_remote(sandbox, src, parent or ".", name, base, cap, _memory_limit(sandbox))
             _fetch(sandbox, base, size, piece, archive)
         finally:
             _remove(sandbox, base)
@@ -271,10 +287,21 @@ def download(
         return TransferSummary(files=files, directories=directories, bytes=size, skipped=skipped)
 
 
-def _pack_remote(sandbox: Transferable, src: str, parent: str, name: str, base: str, cap: int) -> tuple[int, int]:
+def _memory_limit(sandbox: Any) -> int:
+    """The sandbox's memory limit in bytes, when its handle knows it (a policy, the daemon's
+    answer); 0: unknown, and only the free scratch space is checked."""
+    mb = getattr(sandbox, "memory_mb", None)
+    if mb is None:
+        mb = getattr(getattr(sandbox, "policy", None), "memory_mb", None)
+    return mb << 20 if isinstance(mb, int) and not isinstance(mb, bool) else 0
+
+
+def _pack_remote(
+    sandbox: Transferable, src: str, parent: str, name: str, base: str, cap: int, memory: int
+) -> tuple[int, int]:
     """Have the isolate's tar pack ``src`` into pieces; the archive's size and the pieces'."""
-    argv = ["sh", "-c", _PACK, "sh", src, parent, name, base, str(cap), str(MAX_FILE_PIECE)]
-    result = sandbox.exec(argv)
+    limits = [str(cap), str(MAX_FILE_PIECE), str(memory), str(STAGING_RESERVE)]
+    result = sandbox.exec(["sh", "-c", _PACK, "sh", src, parent, name, base, *limits])
     if result.exit_code == _NOT_FOUND:
         error = PathNotFoundError(f"{src}: no such file or directory in the sandbox")
         error.filename = src
@@ -286,6 +313,19 @@ def _pack_remote(sandbox: Transferable, src: str, parent: str, name: str, base: 
             "download its target instead"
         )
     fields = result.stdout.split()
+    if result.exit_code == _OVER_MAX:
+        raise TransferTooLargeError(
+            f"download of {src} is too large: over {cap} bytes as an archive (max_bytes); nothing was packed"
+        )
+    if result.exit_code == _NO_ROOM and len(fields) == 3 and all(f.isdigit() for f in fields):
+        size, free, used = (int(f) for f in fields)
+        memory_mb = f", memory_mb={memory >> 20}" if memory else ""
+        raise TransferError(
+            f"download of {src}: its archive ({size} bytes) is staged in the sandbox's scratch space "
+            f"(/tmp: {free} bytes free, {used} used; disk_mb{memory_mb}), which is its memory, and it does "
+            "not fit: staging it would end the sandbox. Download a part of it, or give the sandbox more "
+            "memory_mb and disk_mb; nothing was packed"
+        )
     if not result.success or len(fields) != 3 or not all(f.isdigit() for f in fields):
         raise TransferError(f"packing {src} in the sandbox failed: {_why(result)}")
     status, size, piece = (int(f) for f in fields)
@@ -357,6 +397,7 @@ class _Blocking:
         self._sandbox = sandbox
         self._loop = loop
         self._cancelled = threading.Event()
+        self.memory_mb = _memory_limit(sandbox) >> 20 or None
 
     def cancel(self) -> None:
         self._cancelled.set()

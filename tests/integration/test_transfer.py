@@ -400,6 +400,33 @@ def test_a_download_never_writes_through_a_link_already_in_local_dir(hostile_box
     assert sorted(p.name for p in local.iterdir()) == ["a", "fine.txt"]  # no temporary file left
 
 
+# The scratch disk is the sandbox's memory (a tmpfs): a download that would stage an archive the
+# sandbox has no room for is refused before it is packed, and the sandbox lives on.
+BIG_FILE = "head -c 80000000 /dev/zero > /work/big.bin && echo kept > /work/note.txt"
+
+
+def test_a_download_the_sandbox_has_no_room_to_stage_is_refused_and_the_sandbox_lives(
+    tmp_path: Path, mgr: RuntimeManager
+) -> None:
+    require("process")
+    with Sandbox(runtime="process", manager=mgr, memory_mb=160, disk_mb=256, max_file_size_bytes=1 << 27) as sb:
+        made = sb.exec(["sh", "-c", BIG_FILE])
+        assert made.success, made.summary()
+        with pytest.raises(
+            TransferError, match=r"staged in the sandbox's scratch space .*memory_mb=160.* does\s+not fit"
+        ):
+            sb.download("/work/big.bin", tmp_path / "out")
+        with pytest.raises(TransferTooLargeError, match="nothing was packed"):
+            sb.download("/work/big.bin", tmp_path / "out", max_bytes=1 << 20)  # measured, not staged
+        assert sb.read_file("/work/note.txt") == b"kept\n"  # the sandbox and its files live on
+        assert leftovers(sb) == [] and not (tmp_path / "out").exists()
+        assert sb.download("/work/note.txt", tmp_path / "out").files == 1  # what fits still comes
+    with Sandbox(runtime="process", manager=mgr, memory_mb=512, disk_mb=64) as small:
+        assert small.exec(["sh", "-c", "head -c 40000000 /dev/zero > /work/big.bin"]).success
+        with pytest.raises(TransferError, match=r"does\s+not fit"):  # the scratch space, not the memory, is short
+            small.download("/work/big.bin", tmp_path / "small")
+
+
 # ---- through the daemon, and async ----------------------------------------------------------
 
 
@@ -424,6 +451,16 @@ def test_a_round_trip_through_the_daemon(daemon: Daemon, tmp_path: Path) -> None
             sb.download("/work/pw", tmp_path / "pw")
         assert leftovers(sb) == []
     no_links(tmp_path)
+    # The daemon says the sandbox's memory limit, which a download through it checks as well.
+    with (
+        Client(daemon.socket_path, timeout=120) as client,
+        client.sandbox({"memory_mb": 160, "disk_mb": 256, "max_file_size_bytes": 1 << 27}) as sb,
+    ):
+        assert sb.memory_mb == 160
+        assert sb.exec(["sh", "-c", BIG_FILE]).success
+        with pytest.raises(TransferError, match=r"memory_mb=160.* does\s+not fit"):
+            sb.download("/work/big.bin", tmp_path / "big")
+        assert sb.read_file("/work/note.txt") == b"kept\n"
 
 
 def test_async_twins(daemon: Daemon, tmp_path: Path, mgr: RuntimeManager) -> None:

@@ -215,8 +215,8 @@ class AsyncClient(Requests):
         **policy_fields: Any,
     ) -> AsyncIterator[AsyncRemoteSandbox]:
         """``Client.sandbox`` for asyncio: ``async with client.sandbox(policy) as sb: await sb.exec([...])``."""
-        made = await self.create_sandbox(policy, keep, idle_timeout, timeout=timeout, **policy_fields)
-        handle = AsyncRemoteSandbox(self, made)
+        made = await self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))
+        handle = AsyncRemoteSandbox(self, str(made["sandbox_id"]), made.get("memory_mb"))
         try:
             for spec in publish:
                 await handle.publish(spec)
@@ -295,8 +295,8 @@ async def _refusal(reader: asyncio.StreamReader) -> Answer | None:
 class AsyncRemoteSandbox(SandboxHandle):
     """``RemoteSandbox`` for an ``AsyncClient``: the same methods, awaited."""
 
-    def __init__(self, client: AsyncClient, sandbox_id: str) -> None:
-        super().__init__(sandbox_id)
+    def __init__(self, client: AsyncClient, sandbox_id: str, memory_mb: int | None = None) -> None:
+        super().__init__(sandbox_id, memory_mb)
         self.client = client
 
     async def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:

@@ -211,11 +211,13 @@ class Requests:
 
 
 class SandboxHandle:
-    """What both handles on a held sandbox keep: its id, whether it was closed, and the ports
+    """What both handles on a held sandbox keep: its id, whether it was closed, its memory limit
+    (which its scratch disk counts in: a download checks it) when the daemon said, and the ports
     published through it (port inside -> (host address, host port), as ``Sandbox.published``)."""
 
-    def __init__(self, sandbox_id: str) -> None:
+    def __init__(self, sandbox_id: str, memory_mb: int | None = None) -> None:
         self.sandbox_id = sandbox_id
+        self.memory_mb = memory_mb
         self.closed = False
         self.published: dict[int, tuple[str, int]] = {}
 

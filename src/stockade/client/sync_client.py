@@ -262,7 +262,8 @@ class Client(Requests):
             sb.write_file("/work/x.py", "print(6 * 7)")
             sb.exec(["python3", "/work/x.py"]).stdout
         """
-        handle = RemoteSandbox(self, self.create_sandbox(policy, keep, idle_timeout, timeout=timeout, **policy_fields))
+        made = self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))
+        handle = RemoteSandbox(self, str(made["sandbox_id"]), made.get("memory_mb"))
         try:
             for spec in publish:
                 handle.publish(spec)
@@ -363,8 +364,8 @@ class RemoteSandbox(SandboxHandle):
     (its idle timeout, its connection's end, a restart) is not an error.
     """
 
-    def __init__(self, client: Client, sandbox_id: str) -> None:
-        super().__init__(sandbox_id)
+    def __init__(self, client: Client, sandbox_id: str, memory_mb: int | None = None) -> None:
+        super().__init__(sandbox_id, memory_mb)
         self.client = client
 
     def __enter__(self) -> RemoteSandbox:

@@ -134,7 +134,11 @@ class HeldSandboxes:
         self.held[sandbox_id] = held
         self._watch_idle(held)
         return SandboxCreated(
-            sandbox_id=sandbox_id, runtime=sandbox.runtime_name, policy_digest=policy.digest, idle_timeout=idle_timeout
+            sandbox_id=sandbox_id,
+            runtime=sandbox.runtime_name,
+            policy_digest=policy.digest,
+            idle_timeout=idle_timeout,
+            memory_mb=policy.memory_mb,
         )
 
     def _idle_timeout(self, asked: float | None) -> float | None:

@@ -261,6 +261,7 @@ class SandboxCreated(Answer):
     runtime: str
     policy_digest: str
     idle_timeout: float | None
+    memory_mb: int | None = Field(default=None, description="its memory limit, which its scratch disk counts in")
 
 
 class FileWritten(Answer):
