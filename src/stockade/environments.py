@@ -68,7 +68,20 @@ _failures: dict[str, tuple[float, str]] = {}
 BUILD_ON_DEMAND = True
 
 
+_pinned_store: str | None = None  # pin_store_root's
+
+
+def pin_store_root() -> str:
+    """Keep this process on the store it has now: a daemon that gives root up still reads the
+    system store (where ``stockade env build`` as root puts environments), not its new user's."""
+    global _pinned_store
+    _pinned_store = store_root()
+    return _pinned_store
+
+
 def store_root() -> str:
+    if _pinned_store is not None:
+        return _pinned_store
     configured = current().env_store
     if configured:
         return configured

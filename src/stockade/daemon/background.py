@@ -79,6 +79,11 @@ class BackgroundProcesses:
                 raise InvalidRequestError(f"a held sandbox publishes at most {MAX_PUBLISHED} ports")
             try:
                 address, bound = await self._blocking(held.sandbox.publish, request.port)
+            except PermissionError:
+                raise InvalidRequestError(
+                    f"publish {request.port!r}: the daemon runs without root (STOCKADE_DAEMON_USER) and binds "
+                    f"no host port below {FIRST_UNPRIVILEGED_PORT}"
+                ) from None
             except OSError as exc:  # the host port is taken, or not this host's
                 raise InvalidRequestError(f"publish {request.port!r}: {exc.strerror or exc}") from None
             held.published.append(PublishedPort(port=port, address=address, host_port=bound))

@@ -114,6 +114,9 @@ def drop_root(config: DaemonConfig, controller: Controller) -> None:
         raise ConfigError(f"STOCKADE_DAEMON_USER={user}: the daemon gives root up, so it must start as root")
     uid, gid = identities.ids_of(user)
     _read_broker_key(config)
+    from ..environments import pin_store_root
+
+    pin_store_root()  # root's store (/var/cache/stockade/envs), which the daemon's user reads
     process = controller.manager.process()
     process.hand_to(uid, gid)
     from ..egress.workers import fork_server
