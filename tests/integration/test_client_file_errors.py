@@ -69,3 +69,30 @@ def test_async_file_calls_raise_the_same(daemon: Daemon) -> None:
                 await sb.list_dir("/proc/version")
 
     asyncio.run(scenario())
+
+
+def test_a_read_through_the_daemon_is_bounded_and_says_what_to_do_instead(daemon: Daemon) -> None:
+    """One read_file answer is one line the daemon holds: at most 32 MiB, the same for both
+    clients; a larger file is refused with its way out (download, or max_bytes)."""
+    from stockade.daemon.held import READ_FILE_MAX
+    from stockade.errors import CallTooLargeError
+
+    policy = {"disk_mb": 128, "max_file_size_bytes": 1 << 27, "memory_mb": 512}
+    with Client(daemon.socket_path, timeout=120) as client, client.sandbox(policy) as sb:
+        made = sb.exec(["sh", "-c", f"head -c {READ_FILE_MAX} /dev/urandom > /work/edge && "
+                        f"head -c {READ_FILE_MAX + 1} /dev/zero > /work/over"])  # fmt: skip
+        assert made.success, made.summary()
+        edge = sb.read_file("/work/edge")
+        assert len(edge) == READ_FILE_MAX and edge == sb.read_file("/work/edge")  # the same bytes, twice
+        with pytest.raises(CallTooLargeError, match="larger than the 32 MiB one read_file answers through the daemon"):
+            sb.read_file("/work/over")
+        assert sb.read_file("/work/over", max_bytes=10) == b"\0" * 10
+        assert sb.exec(["true"]).success  # the connection and the sandbox go on
+
+        async def through_async() -> None:
+            async with AsyncClient(daemon.socket_path, timeout=120) as other:
+                assert len(await other.sandbox_read_file(sb.sandbox_id, "/work/edge")) == READ_FILE_MAX
+                with pytest.raises(CallTooLargeError):
+                    await other.sandbox_read_file(sb.sandbox_id, "/work/over")
+
+        asyncio.run(through_async())

@@ -21,7 +21,7 @@ from ..errors import SandboxOSError, StockadeError, error_from_code
 from ..protocol import auth
 from ..result import ExecResult
 
-# An answer is one line: a file's data (up to 5 MiB, base64) or a run's output
+# An answer is one line: a file's data (up to 32 MiB, base64: daemon/held.py READ_FILE_MAX) or a run's output
 # (JSON escapes can take six bytes a character) stay well under this.
 LINE_LIMIT = 64 << 20
 

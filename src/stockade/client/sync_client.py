@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from ..errors import NotFoundError, StockadeError
 from ..result import ExecResult
 from ..runtimes.spawned import Process
-from .answers import Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
+from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
 from .processes import DaemonProcessCalls, spawn_params
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
@@ -207,13 +207,27 @@ class Client(Requests):
         return answer if answer.error is not None else None
 
     def _read_line(self, sock: socket.socket) -> bytes:
-        while b"\n" not in self._buffer:
-            chunk = sock.recv(1 << 16)
+        # Each chunk searched once, and kept in a list: a long answer (a file's data) costs
+        # its length, not its length times the number of chunks it came in.
+        end = self._buffer.find(b"\n")
+        if end >= 0:
+            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            return line
+        chunks, size = [self._buffer], len(self._buffer)
+        while True:
+            chunk = sock.recv(1 << 20)
             if not chunk:
                 raise EOFError("the daemon closed the connection")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
+            end = chunk.find(b"\n")
+            if end >= 0:
+                chunks.append(chunk[:end])
+                self._buffer = chunk[end + 1 :]
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > LINE_LIMIT:
+                self._drop()  # the rest of that line is still coming: the connection is of no more use
+                raise StockadeError(f"the daemon sent an answer longer than {LINE_LIMIT} bytes")
 
     # ---- methods (what each sends: Requests) --------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from ..errors import (
     AgentError,
+    CallTooLargeError,
     InvalidRequestError,
     NotFoundError,
     SandboxLostError,
@@ -63,6 +64,9 @@ log = logging.getLogger("stockade.daemon")
 # Ids of sandboxes closed for idleness, remembered (up to this many) so that a
 # late call learns why its sandbox is gone instead of "no sandbox".
 EXPIRED_REMEMBERED = 1024
+
+# The most one read_file answers (the client's answer line, base64, stays under its 64 MiB).
+READ_FILE_MAX = 32 << 20
 
 # A held sandbox's id: its daemon instance's first 8 digits, then 16 random ones.
 _SANDBOX_ID = re.compile(r"sb-([0-9a-f]{8})-[0-9a-f]{16}")
@@ -315,8 +319,18 @@ class HeldSandboxes:
         return FileWritten(path=request.path, size=len(data))
 
     async def read_file(self, request: ReadFile, caller: Caller) -> FileData:
+        # Bounded: the whole answer is one line the daemon holds in memory, base64 and all.
+        # A larger file comes by download (a tar stream in pieces of one call each).
+        limit = READ_FILE_MAX if request.max_bytes is None else min(request.max_bytes, READ_FILE_MAX)
+
         async def read(held: Held) -> bytes:
-            return await self._file_call(request.path, held.sandbox.aread_file(request.path, request.max_bytes))
+            data = await self._file_call(request.path, held.sandbox.aread_file(request.path, limit + 1))
+            if len(data) > limit and (request.max_bytes is None or request.max_bytes > READ_FILE_MAX):
+                raise CallTooLargeError(
+                    f"{request.path} is larger than the {READ_FILE_MAX >> 20} MiB one read_file answers through "
+                    "the daemon: download it (a tar stream in pieces), or read its first bytes with max_bytes"
+                )
+            return data[:limit]
 
         raw = await self._held_call(request, caller, read)
         return FileData(path=request.path, data=base64.b64encode(raw).decode())
