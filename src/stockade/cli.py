@@ -4,7 +4,7 @@
     stockade exec-code [--language python|bash] [policy flags] [--json] (CODE | -f FILE | -)
     stockade doctor [--json]
     stockade start --name NAME [--restart no|on-failure|always] [--max-restarts N] [--stdin] [policy flags] -- CMD...
-    stockade status [NAME] | ps | logs [-f] NAME | stop NAME | rm [--force] NAME
+    stockade status [NAME] | ps | logs [-f] NAME | stop NAME... | rm [--force] NAME...
     stockade exec [-i] NAME -- CMD ARGS... | attach NAME
     stockade serve [--socket PATH] [--token-file F] [--http [HOST:PORT]] [--api-token-file F] [--no-socket]
                    [--placement local|ray] [--ray-address HOST:PORT]

@@ -37,8 +37,8 @@ def add_parsers(sub: Any, policy_flags: Callable[[argparse.ArgumentParser], None
     start.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     start.set_defaults(func=cmd_start)
 
-    stop = sub.add_parser("stop", help="stop a component and release its isolate")
-    stop.add_argument("name")
+    stop = sub.add_parser("stop", help="stop components and release their isolates")
+    stop.add_argument("names", nargs="+", metavar="name")
     stop.set_defaults(func=cmd_stop)
 
     for verb in ("status", "ps"):
@@ -56,8 +56,8 @@ def add_parsers(sub: Any, policy_flags: Callable[[argparse.ArgumentParser], None
     logs.add_argument("-f", "--follow", action="store_true", help="print what it writes, until it ends (or Ctrl-C)")
     logs.set_defaults(func=cmd_logs)
 
-    rm = sub.add_parser("rm", help="delete a component: its state and logs")
-    rm.add_argument("name")
+    rm = sub.add_parser("rm", help="delete components: their state and logs")
+    rm.add_argument("names", nargs="+", metavar="name")
     rm.add_argument("--force", action="store_true", help="stop it first if it is running")
     rm.set_defaults(func=cmd_rm)
 
@@ -99,12 +99,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from . import components
     from .errors import StockadeError
 
-    try:
-        state = components.stop(args.name, components.ComponentStore())
-    except (StockadeError, OSError) as exc:
-        return cli._fail(str(exc))
-    print(_component_line(state))
-    return 0
+    status = 0
+    for name in args.names:  # each one, as docker stop does: one that fails does not keep the rest running
+        try:
+            state = components.stop(name, components.ComponentStore())
+        except (StockadeError, OSError) as exc:
+            status = cli._fail(str(exc))
+            continue
+        print(_component_line(state))
+    return status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -153,12 +156,15 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from . import components
     from .errors import StockadeError
 
-    try:
-        components.remove(args.name, components.ComponentStore(), force=args.force)
-    except (StockadeError, OSError) as exc:
-        return cli._fail(str(exc))
-    print(f"removed {args.name}")
-    return 0
+    status = 0
+    for name in args.names:
+        try:
+            components.remove(name, components.ComponentStore(), force=args.force)
+        except (StockadeError, OSError) as exc:
+            status = cli._fail(str(exc))
+            continue
+        print(f"removed {name}")
+    return status
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

@@ -142,9 +142,14 @@ class Supervisor:
         sandbox: AgentSandbox = manager.select(policy).start(policy)
         try:
             published = {}
-            for spec in self.spec.get("publish", []):
+            specs = self.spec.get("publish", [])
+            for i, spec in enumerate(specs):
                 host, host_port = sandbox.publish(spec)
-                published[str(parse_publish(spec)[2])] = f"{host}:{host_port}"
+                port = parse_publish(spec)[2]
+                published[str(port)] = f"{host}:{host_port}"
+                # A free port asked for (0:PORT) is the component's from now on: its restarts
+                # keep the address its clients know (or fail to start while another holds it).
+                specs[i] = f"{host}:{host_port}:{port}"
         except StockadeError as exc:  # e.g. the host port was taken meanwhile: a failed run, restarted as any
             sandbox.close()
             return _Outcome(None, f"cannot publish: {exc}", time.monotonic() - began)

@@ -175,6 +175,15 @@ def test_rm(cli: Cli, tmp_path: Path) -> None:
     _wait(lambda: _status(cli, "done")["status"] == "stopped")
     assert cli("rm", "done").returncode == 0  # an ended one needs no --force
     assert "done" not in cli("ps").stdout
+    # Several at once, as docker's: each is stopped or removed, one that fails named, the rest done.
+    for name in ("a1", "a2"):
+        assert cli("start", "--name", name, "--", "sleep", marker).returncode == 0
+    stopped = cli("stop", "a1", "nope", "a2")
+    assert stopped.returncode == 125 and "nope" in stopped.stderr, stopped.stderr
+    assert {_status(cli, n)["status"] for n in ("a1", "a2")} == {"stopped"}
+    removed = cli("rm", "a1", "a2")
+    assert removed.returncode == 0 and removed.stdout.split() == ["removed", "a1", "removed", "a2"]
+    _wait(lambda: not processes_with_arg(marker))
 
 
 def test_logs_follow_prints_new_output_until_the_component_ends(cli: Cli, tmp_path: Path) -> None:
@@ -399,6 +408,18 @@ def test_a_component_with_a_published_port_answers_curl(cli: Callable[..., subpr
     assert cli("stop", "web").returncode == 0
     curl = subprocess.run(["curl", "-sS", "--max-time", "5", url], capture_output=True, text=True, timeout=30)
     assert curl.returncode != 0  # the forward ended with the component
+
+
+def test_a_free_port_asked_for_is_kept_across_restarts(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    started = cli("start", "--name", "flap", "--network", "loopback", "--publish", "0:8000", "--restart", "always",
+                  "--", "sh", "-c", "sleep 0.5")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    _wait(lambda: bool(_status(cli, "flap")["published"]), timeout=60)
+    first = _status(cli, "flap")["published"]
+    _wait(lambda: int(str(_status(cli, "flap")["restarts"])) >= 2, timeout=60)
+    _wait(lambda: bool(_status(cli, "flap")["published"]), timeout=60)  # published again, by the new run
+    assert _status(cli, "flap")["published"] == first  # the address its clients know
+    assert cli("stop", "flap").returncode == 0
 
 
 def test_publish_needs_a_loopback(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:

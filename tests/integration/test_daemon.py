@@ -96,6 +96,10 @@ def test_a_sandbox_handle_takes_every_call_and_closes_on_exit(daemon: Daemon) ->
             assert sb.read_file("/work/f.txt") == b"kept"
             (entry,) = [e for e in sb.list_dir("/work") if e["name"] == "f.txt"]
             assert entry["size"] == 4 and entry["type"] == "file", entry
+            made = sb.exec(["sh", "-c", "mkdir /work/d && ln -s f.txt /work/l && mkfifo /work/p"])
+            assert made.success, made.summary()
+            kinds = {e["name"]: e["type"] for e in sb.list_dir("/work")}
+            assert kinds == {"f.txt": "file", "d": "dir", "l": "symlink", "p": "other"}  # a FIFO is no file
             assert sb.exec(["wc", "-c"], stdin=b"\x00\xffx").stdout.strip() == "3"  # bytes in, unchanged
             r = sb.exec(["sh", "-c", "echo $X; pwd"], env={"X": "y"}, cwd="/work")
             assert r.stdout == "y\n/work\n", r.summary()

@@ -63,10 +63,20 @@ def list_dir(params: dict[str, Any]) -> dict[str, Any]:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed since the directory was read (code runs beside this call)
-            kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
-            entries.append({"name": entry.name, "type": kind, "size": st.st_size})
+            entries.append({"name": entry.name, "type": _kind(st.st_mode), "size": st.st_size})
     entries.sort(key=lambda e: str(e["name"]))
     return {"path": path, "entries": entries}
+
+
+def _kind(mode: int) -> str:
+    """What ``list_dir`` calls an entry: a FIFO or a socket is no "file" that read_file would read."""
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "other"  # a FIFO, a socket, a device
 
 
 def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
