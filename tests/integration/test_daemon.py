@@ -368,7 +368,10 @@ def test_an_idle_held_sandbox_is_closed_and_a_late_call_says_why(process_runtime
             while c.status()["total_count"] and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert c.status()["total_count"] == 0, "the idle sandbox was not closed"
-            with pytest.raises(NotFoundError, match=r"closed after 1 s without a call \(idle_timeout\)"):
+            with pytest.raises(
+                NotFoundError,
+                match=r"closed after 1 s without a call or a connection to a published port \(idle_timeout\)",
+            ):
                 c.sandbox_exec(sid, ["true"])
             assert processes_with_arg(marker) == [], "the closed sandbox's process ran on"
             assert c.execute(["true"]).success  # its slot is free again

@@ -186,7 +186,10 @@ def test_a_held_sandbox_closes_after_its_idle_timeout(http: httpx.Client) -> Non
     sid = http.post("/api/v1/sandboxes", json={"idle_timeout": 1}).json()["sandbox_id"]
     _wait_until(lambda: http.get("/api/v1/sandbox/status").json()["total_count"] == 0)
     late = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["true"]})
-    assert late.status_code == 404 and "without a call (idle_timeout)" in late.json()["error"]
+    assert (
+        late.status_code == 404
+        and "without a call or a connection to a published port (idle_timeout)" in late.json()["error"]
+    )
 
 
 # ---- streaming -----------------------------------------------------------------------------

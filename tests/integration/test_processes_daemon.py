@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from stockade.client import AsyncClient, Client
-from stockade.errors import InvalidRequestError, PolicyError
+from stockade.errors import InvalidRequestError, NotFoundError, PolicyError
 from tests.daemon_harness import Daemon, start_daemon
 from tests.integration.test_spawn_and_publish import ECHO_SERVER, _get
 
@@ -188,3 +188,25 @@ def _round_trip(address: tuple[str, int], payload: bytes) -> bytes:
         while chunk := conn.recv(65536):
             got += chunk
     return got
+
+
+def test_traffic_through_a_published_port_keeps_a_held_sandbox_from_idling_out(
+    http: tuple[Daemon, httpx.Client],
+) -> None:
+    daemon, _ = http
+    with Client(daemon.socket_path) as client:
+        sb = client.sandbox(network_policy="loopback", publish=[8000], idle_timeout=4)
+        sb.write_file("/tmp/hello.txt", "hi\n")
+        sb.spawn(["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"], cwd="/tmp")
+        host, port = sb.published[8000]
+        assert _get(f"http://{host}:{port}/hello.txt") == b"hi\n"
+        served_until = time.monotonic() + 10  # over two idle timeouts with no call, only traffic
+        while time.monotonic() < served_until:
+            assert _get(f"http://{host}:{port}/hello.txt", attempts=1) == b"hi\n"
+            time.sleep(0.3)
+        deadline = time.monotonic() + 30  # no more traffic: it idles out
+        while any(s.get("sandbox_id") == sb.sandbox_id for s in client.status()["active_sandboxes"]):
+            assert time.monotonic() < deadline, "the sandbox did not idle out once its traffic stopped"
+            time.sleep(0.2)
+        with pytest.raises(NotFoundError, match="without a call or a connection to a published port"):
+            sb.exec(["true"])

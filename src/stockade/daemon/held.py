@@ -92,7 +92,14 @@ class Held:
     published: list[PublishedPort] = field(default_factory=list)  # its published ports, closed with it
 
     def idle_seconds(self, now: float) -> float:
-        return 0.0 if self.calls else max(0.0, now - self.last_used)
+        return 0.0 if self.calls else max(0.0, now - self.last_active())
+
+    def last_active(self) -> float:
+        """Its last call's end, or its published ports' last connection, whichever is later: a
+        sandbox serving traffic through a published port is in use, though no call comes."""
+        activity = getattr(self.sandbox, "port_activity", None)  # an isolate of this host's runtimes
+        seen = activity() if callable(activity) else None
+        return self.last_used if seen is None else max(self.last_used, seen)
 
 
 class HeldSandboxes:
@@ -200,11 +207,14 @@ class HeldSandboxes:
         held.idle_timer = None
         if self.held.get(held.sandbox_id) is not held or held.calls or held.idle_timeout_s is None:
             return  # closed meanwhile, or in use: the call's end sets the timer again
-        left = held.last_used + held.idle_timeout_s - time.monotonic()
+        left = held.last_active() + held.idle_timeout_s - time.monotonic()
         if left > 0:
             self._watch_idle(held, left)
             return
-        why = f"sandbox {held.sandbox_id!r} was closed after {held.idle_timeout_s:g} s without a call (idle_timeout)"
+        why = (
+            f"sandbox {held.sandbox_id!r} was closed after {held.idle_timeout_s:g} s without a call "
+            "or a connection to a published port (idle_timeout)"
+        )
         self._expired[held.sandbox_id] = (held.caller.owner, why)
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)

@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +84,13 @@ class _PublishedPort:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closed = threading.Event()
+        self.last_active = time.monotonic()  # a connection's start or end (a daemon's idle timeout reads it)
         threading.Thread(target=self._accept, name=f"{name}-{port}", daemon=True).start()
+
+    def active_since(self) -> float:
+        """When it was last in use: now while a connection is open, else its last connection's end."""
+        with self._lock:
+            return time.monotonic() if self._open else self.last_active
 
     def close(self) -> None:
         with self._lock:
@@ -101,6 +108,7 @@ class _PublishedPort:
                 client, _ = self.listener.accept()
             except OSError:
                 return  # closed
+            self.last_active = time.monotonic()
             if not self._slots.acquire(blocking=False):
                 _shut(client)
                 continue
@@ -123,6 +131,7 @@ class _PublishedPort:
     def _forget(self, *sockets: socket.socket) -> None:
         with self._lock:
             self._open.difference_update(sockets)
+            self.last_active = time.monotonic()
 
     def _serve(self, client: socket.socket) -> None:
         raise NotImplementedError

@@ -77,6 +77,10 @@ class AgentProcesses:
         self.forwarders.append(forwarder)
         return forwarder.address
 
+    def port_activity(self) -> float | None:
+        """When its published ports were last in use (now while a connection is open); None: it has none."""
+        return max((f.active_since() for f in self.forwarders), default=None)
+
     def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder | AgentRelay:
         # The isolate's loopback is out of a host thread's reach (gVisor's netstack, a guest
         # kernel): relayed through the agent. The process runtime joins it instead.
