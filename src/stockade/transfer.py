@@ -115,6 +115,17 @@ case $blocks in *[!0-9]*|'') ;; *) [ "$((blocks * 512))" -lt "$piece" ] && piece
 echo "$(cat -- "$out.rc") $(cat -- "$out".[0-9]* 2>/dev/null | wc -c) $piece"
 """
 _REMOVE = 'rm -f -- "$1".*'
+# Before an upload: room for its archive in /tmp, and for what it unpacks to when the destination
+# is in the same scratch tmpfs; with the memory limit known, within it (68: "FREE NEED USED").
+_ROOM = """dest=$1 size=$2 memory=$3 reserve=$4
+d=$dest; while [ ! -e "$d" ]; do d=$(dirname -- "$d"); done
+room=$(df -P -k /tmp | awk 'NR == 2 {print $4 * 1024, $3 * 1024}')
+free=${room% *} used=${room#* }
+need=$size; [ "$(stat -c %d /tmp)" = "$(stat -c %d -- "$d")" ] && need=$((size * 2))  # /work: the same tmpfs
+if [ "$need" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + need + reserve))" -gt "$memory" ]; }; then
+  echo "$free $need $used"; exit 68
+fi
+"""
 
 
 # ---- upload ---------------------------------------------------------------------------
@@ -130,7 +141,9 @@ def upload(
     dest = _remote(remote_dir, "remote_dir")
     with tempfile.TemporaryFile() as spool:
         summary = _pack(os.fspath(local_path), spool, cap)
+        size = spool.tell()
         spool.seek(0)
+        _check_room(sandbox, local_path, dest, size)
         base = f"/tmp/.stockade-upload-{secrets.token_hex(8)}"
         unpacked = False
         try:
@@ -141,8 +154,30 @@ def upload(
             if not unpacked:
                 _remove(sandbox, base)
     if not unpacked:
-        raise TransferError(f"unpacking the upload into {dest} in the sandbox failed: {_why(result)}")
+        why = _why(result)
+        if "No space left" in why or "Wrote only" in why:
+            why += " (the sandbox's scratch space is full: disk_mb)"
+        raise TransferError(f"unpacking the upload into {dest} in the sandbox failed: {why}")
     return summary
+
+
+def _check_room(sandbox: Transferable, local_path: str | os.PathLike[str], dest: str, size: int) -> None:
+    """Refuse an upload the sandbox has no room for, before a byte is sent: it is staged in /tmp
+    and unpacked beside it, and the scratch is the sandbox's memory (filling it past its memory
+    limit would end the sandbox)."""
+    memory = _memory_limit(sandbox)
+    check = sandbox.exec(["sh", "-c", _ROOM, "sh", dest, str(size), str(memory), str(STAGING_RESERVE)])
+    fields = check.stdout.split()
+    if check.exit_code == 68 and len(fields) == 3 and all(f.isdigit() for f in fields):
+        free, need, used = (int(f) for f in fields)
+        memory_mb = f", memory_mb={memory >> 20}" if memory else ""
+        raise TransferError(
+            f"upload of {os.fspath(local_path)} into {dest}: it needs {need} bytes of the sandbox's scratch "
+            f"space (its archive in /tmp, and what it unpacks to there), which has {free} bytes free, {used} "
+            f"used (disk_mb{memory_mb}; the scratch is its memory): it does not fit; nothing was sent"
+        )
+    if not check.success:
+        raise TransferError(f"checking the sandbox's room for the upload failed: {_why(check)}")
 
 
 def _send(sandbox: Transferable, spool: IO[bytes], base: str) -> None:

@@ -427,6 +427,26 @@ def test_a_download_the_sandbox_has_no_room_to_stage_is_refused_and_the_sandbox_
             small.download("/work/big.bin", tmp_path / "small")
 
 
+def test_an_upload_the_sandbox_has_no_room_for_is_refused_before_it_is_sent(
+    tmp_path: Path, mgr: RuntimeManager
+) -> None:
+    require("process")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(40 << 20))
+    with Sandbox(runtime="process", manager=mgr, disk_mb=64, max_file_size_bytes=1 << 27) as sb:
+        # 40 MiB staged in /tmp, and 40 more unpacked into /work: the same 64 MB tmpfs.
+        with pytest.raises(TransferError, match=r"needs \d+ bytes of the sandbox's scratch space .* nothing was sent"):
+            sb.upload(big, "/work/up")
+        assert sb.exec(["test", "-e", "/work/up"]).exit_code == 1 and leftovers(sb) == []
+    with Sandbox(runtime="process", manager=mgr, memory_mb=128, disk_mb=128, max_file_size_bytes=1 << 27) as sb:
+        with pytest.raises(TransferError, match="memory_mb=128"):  # room on the disk, not in the memory
+            sb.upload(big, "/work/up")
+        assert sb.exec(["true"]).success
+    with Sandbox(runtime="process", manager=mgr, disk_mb=128, max_file_size_bytes=1 << 27) as sb:
+        assert sb.upload(big, "/work/up").bytes == 40 << 20  # what fits goes
+        assert leftovers(sb) == []
+
+
 # ---- through the daemon, and async ----------------------------------------------------------
 
 
