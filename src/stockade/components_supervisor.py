@@ -150,7 +150,7 @@ class Supervisor:
                 # A free port asked for (0:PORT) is the component's from now on: its restarts
                 # keep the address its clients know (or fail to start while another holds it).
                 specs[i] = f"{host}:{host_port}:{port}"
-        except StockadeError as exc:  # e.g. the host port was taken meanwhile: a failed run, restarted as any
+        except (StockadeError, OSError) as exc:  # the host port taken meanwhile: a failed run, restarted as any
             sandbox.close()
             return _Outcome(None, f"cannot publish: {exc}", time.monotonic() - began)
         except BaseException:

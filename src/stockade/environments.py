@@ -304,7 +304,14 @@ def share(policy: Policy) -> Policy:
                 "for a caller (STOCKADE_BUILD_PACKAGES=0): an administrator builds it with "
                 f"`stockade env build NAME {' '.join(policy.packages)}`"
             )
-        build(policy.packages, expected_id=policy.environment_id)
+        try:
+            build(policy.packages, expected_id=policy.environment_id)
+        except PermissionError as exc:  # e.g. a daemon that gave root up: it reads root's store, builds nothing in it
+            raise PolicyError(
+                f"packages: {', '.join(policy.packages)} is not built here, and this process may not build "
+                f"into {store_root()} ({exc.strerror}): an administrator builds it with "
+                f"`stockade env build NAME {' '.join(policy.packages)}`"
+            ) from None
     if os.getuid() == 0:
         _check_open_to_others(path)
     mount = Mount(source=path, target=ENV_ROOT)

@@ -360,7 +360,7 @@ class AsyncSandbox:
     async def publish(self, spec: int | str) -> tuple[str, int]:
         """``Sandbox.publish``: a host loopback port forwarded to the isolate's (refused where the
         placement put it on another host)."""
-        address = await asyncio.to_thread(self._held().publish, spec)
+        address = await asyncio.to_thread(self._held().publish, spec, relayed=False)
         self.published[parse_publish(spec)[2]] = address
         return address
 

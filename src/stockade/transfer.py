@@ -89,13 +89,20 @@ class AsyncTransferable(Protocol):
 
 # The parts are files in /tmp named by a random base: BASE.000000, BASE.000001, ...
 _UNPACK = 'mkdir -p -- "$2" && cat -- "$1".[0-9]* | tar -x --no-same-owner -f - -C "$2"\ns=$?\nrm -f -- "$1".*\nexit $s'
+# "FREE_KIB USED_KIB FILESYSTEM" of the filesystem holding $1, from df's POSIX output, with the shell
+# alone: no awk (the isolates' /etc has no alternatives link for it, and mawk prints big numbers
+# as floats), and the sums in the shell's 64-bit arithmetic.
+_DF_OF = """df_of() { set -- $(df -P -k -- "$1" | tail -n 1); echo "$4 $3 $1"; }
+"""
 # Pieces no larger than the policy's max_file_size_bytes (RLIMIT_FSIZE, in 512-byte blocks).
 # The archive is staged in /tmp, which is the sandbox's memory (a tmpfs): it is measured first
 # (stored nowhere), and refused when it is over max_bytes (67: "SIZE"), or would not fit the free
 # scratch space or, given the sandbox's memory limit, its memory (68: "SIZE FREE USED"): staging
 # it anyway would end the sandbox, and everything in it, for memory.
 # It answers "TAR_STATUS SIZE PIECE_SIZE".
-_PACK = """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6 memory=$7 reserve=$8
+_PACK = (
+    _DF_OF
+    + """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6 memory=$7 reserve=$8
 if [ -L "$src" ]; then readlink -- "$src"; exit 65
 elif [ -d "$src" ]; then set -- -C "$src" .
 elif [ -e "$src" ]; then set -- -C "$parent" "./$name"
@@ -103,8 +110,13 @@ else echo "$src: No such file or directory" >&2; exit 66
 fi
 size=$(tar -cf - --exclude="${out##*/}.*" "$@" 2>/dev/null | head -c "$((max + 1))" | wc -c)
 [ "$size" -gt "$max" ] && { echo "$size"; exit 67; }
-room=$(df -P -k /tmp | awk 'NR == 2 {print $4 * 1024, $3 * 1024}')
-free=${room% *} used=${room#* }
+room=$(df_of /tmp)
+free=$((${room%% *} * 1024)) rest=${room#* }
+used=$((${rest%% *} * 1024))
+if [ -d /work ] && [ "$(stat -c %d /tmp)" != "$(stat -c %d /work)" ]; then  # gVisor's /work: memory too
+  there=$(df_of /work) rest=${there#* }
+  used=$((used + ${rest%% *} * 1024))
+fi
 if [ "$size" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + size + reserve))" -gt "$memory" ]; }; then
   echo "$size $free $used"; exit 68
 fi
@@ -114,18 +126,30 @@ case $blocks in *[!0-9]*|'') ;; *) [ "$((blocks * 512))" -lt "$piece" ] && piece
   | split -a 6 -d -b "$piece" - "$out." || { echo "cutting the archive into pieces failed" >&2; exit 70; }
 echo "$(cat -- "$out.rc") $(cat -- "$out".[0-9]* 2>/dev/null | wc -c) $piece"
 """
+)
 _REMOVE = 'rm -f -- "$1".*'
 # Before an upload: room for its archive in /tmp, and for what it unpacks to when the destination
 # is in the same scratch tmpfs; with the memory limit known, within it (68: "FREE NEED USED").
-_ROOM = """dest=$1 size=$2 memory=$3 reserve=$4
+_ROOM = (
+    _DF_OF
+    + """dest=$1 size=$2 memory=$3 reserve=$4
 d=$dest; while [ ! -e "$d" ]; do d=$(dirname -- "$d"); done
-room=$(df -P -k /tmp | awk 'NR == 2 {print $4 * 1024, $3 * 1024}')
-free=${room% *} used=${room#* }
-need=$size; [ "$(stat -c %d /tmp)" = "$(stat -c %d -- "$d")" ] && need=$((size * 2))  # /work: the same tmpfs
-if [ "$need" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + need + reserve))" -gt "$memory" ]; }; then
+room=$(df_of /tmp)
+free=$((${room%% *} * 1024)) rest=${room#* }
+used=$((${rest%% *} * 1024)) need=$((size * 2)) held=$((size * 2))
+if [ "$(stat -c %d /tmp)" != "$(stat -c %d -- "$d")" ]; then  # another filesystem (gVisor's /work, a mount)
+  need=$size held=$size
+  there=$(df_of "$d")
+  there_free=$((${there%% *} * 1024)) rest=${there#* }
+  there_used=$((${rest%% *} * 1024))
+  [ "$size" -gt "$there_free" ] && { echo "$there_free $size $there_used"; exit 68; }
+  case ${rest#* } in tmpfs|none|shm) used=$((used + there_used)) held=$((size * 2)) ;; esac  # memory too
+fi
+if [ "$need" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + held + reserve))" -gt "$memory" ]; }; then
   echo "$free $need $used"; exit 68
 fi
 """
+)
 
 
 # ---- upload ---------------------------------------------------------------------------
@@ -306,12 +330,12 @@ def download(
     src = _remote(remote_path, "remote_path")
     if links not in LINKS:
         raise ValueError(f"links must be one of {', '.join(map(repr, LINKS))}, not {links!r}")
-    normal = posixpath.normpath(src)
+    normal = posixpath.normpath(src)  # "/work/dl/" is the link "/work/dl" too
     parent, name = posixpath.split(normal)
     base = f"/tmp/.stockade-download-{secrets.token_hex(8)}"
     with tempfile.TemporaryFile() as archive:
         try:
-            size, piece = _pack_remote(sandbox, src, parent or ".", name, base, cap, _memory_limit(sandbox))
+            size, piece = _pack_remote(sandbox, normal, parent or ".", name, base, cap, _memory_limit(sandbox))
             _fetch(sandbox, base, size, piece, archive)
         finally:
             _remove(sandbox, base)

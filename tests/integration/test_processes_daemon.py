@@ -13,8 +13,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from stockade import AsyncSandbox
 from stockade.client import AsyncClient, Client
 from stockade.errors import InvalidRequestError, NotFoundError, PolicyError
+from tests.conftest import require
 from tests.daemon_harness import Daemon, start_daemon
 from tests.integration.test_spawn_and_publish import ECHO_SERVER, _get
 
@@ -210,3 +212,23 @@ def test_traffic_through_a_published_port_keeps_a_held_sandbox_from_idling_out(
             time.sleep(0.2)
         with pytest.raises(NotFoundError, match="without a call or a connection to a published port"):
             sb.exec(["true"])
+
+
+def test_a_port_relayed_through_the_agent_is_refused_where_calls_come_from_an_event_loop(
+    http: tuple[Daemon, httpx.Client],
+) -> None:
+    """gVisor's loopback is reached through its agent, by threads that take the sandbox's turn,
+    which the daemon's and AsyncSandbox's calls (on an event loop) do not wait for: refused, named."""
+    require("gvisor")
+    daemon, _ = http
+    with Client(daemon.socket_path) as client, client.sandbox(runtime="gvisor", network_policy="loopback") as sb:
+        with pytest.raises(InvalidRequestError, match="relayed through its agent"):
+            sb.publish(8000)
+        assert sb.exec(["true"]).success
+
+    async def in_process() -> None:
+        async with AsyncSandbox(runtime="gvisor", network_policy="loopback") as asb:
+            with pytest.raises(InvalidRequestError, match="relayed through its agent"):
+                await asb.publish(8000)
+
+    asyncio.run(in_process())

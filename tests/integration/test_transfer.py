@@ -28,7 +28,7 @@ from stockade.result import ExecResult
 from stockade.runtimes.manager import RuntimeManager
 from stockade.sdk import AsyncSandbox
 from stockade.transfer import _PACK, DEFAULT_MAX_FILES, download
-from tests.conftest import require
+from tests.conftest import availability, require
 from tests.daemon_harness import Daemon, start_daemon
 
 BIG = 12 << 20  # over one write_file call (7 MiB) and one read piece (5 MiB)
@@ -196,9 +196,10 @@ def test_what_a_download_refuses_from_the_isolates_own_files(tmp_path: Path, mgr
         linked = sb.exec(["sh", "-c", "ln /work/d/f /work/d/again && ln -s f /work/d/latest"])
         assert linked.success, linked.summary()
         assert sb.exec(["ln", "-s", "/work/d", "/work/dl"]).success
-        for links in ("refuse", "skip"):  # a remote path that is a link is never followed, to a directory either
+        for links, remote in (("refuse", "/work/dl"), ("skip", "/work/dl"), ("refuse", "/work/dl/")):
+            # A remote path that is a link is never followed, to a directory either, slash or not.
             with pytest.raises(UnsafeArchiveError, match=r"/work/dl is a symbolic link \(to '/work/d'\)"):
-                sb.download("/work/dl", tmp_path / "dl", links=links)  # type: ignore[arg-type]
+                sb.download(remote, tmp_path / "dl", links=links)  # type: ignore[arg-type]
             assert not (tmp_path / "dl").exists()
         kept = sb.download("/work/d", tmp_path / "kept", links="skip")
         assert (kept.files, kept.skipped) == (2, 2)  # f and again; etc and latest left out
@@ -438,13 +439,18 @@ def test_an_upload_the_sandbox_has_no_room_for_is_refused_before_it_is_sent(
         with pytest.raises(TransferError, match=r"needs \d+ bytes of the sandbox's scratch space .* nothing was sent"):
             sb.upload(big, "/work/up")
         assert sb.exec(["test", "-e", "/work/up"]).exit_code == 1 and leftovers(sb) == []
-    with Sandbox(runtime="process", manager=mgr, memory_mb=128, disk_mb=128, max_file_size_bytes=1 << 27) as sb:
-        with pytest.raises(TransferError, match="memory_mb=128"):  # room on the disk, not in the memory
+    # Over 2 GiB free (mawk would print that as a float): the memory, not the disk, is short.
+    with Sandbox(runtime="process", manager=mgr, memory_mb=128, disk_mb=4096, max_file_size_bytes=1 << 27) as sb:
+        with pytest.raises(TransferError, match="memory_mb=128"):
             sb.upload(big, "/work/up")
         assert sb.exec(["true"]).success
     with Sandbox(runtime="process", manager=mgr, disk_mb=128, max_file_size_bytes=1 << 27) as sb:
         assert sb.upload(big, "/work/up").bytes == 40 << 20  # what fits goes
         assert leftovers(sb) == []
+    if availability("gvisor").available:  # gVisor's /tmp and /work are two tmpfs of disk_mb each
+        with Sandbox(runtime="gvisor", manager=mgr, disk_mb=32, max_file_size_bytes=1 << 27) as sb:
+            with pytest.raises(TransferError, match="does not fit; nothing was sent"):
+                sb.upload(big, "/work/up")
 
 
 # ---- through the daemon, and async ----------------------------------------------------------

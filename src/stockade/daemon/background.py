@@ -78,7 +78,7 @@ class BackgroundProcesses:
             if len(held.published) >= MAX_PUBLISHED:
                 raise InvalidRequestError(f"a held sandbox publishes at most {MAX_PUBLISHED} ports")
             try:
-                address, bound = await self._blocking(held.sandbox.publish, request.port)
+                address, bound = await self._blocking(held.sandbox.publish, request.port, relayed=False)
             except PermissionError:
                 raise InvalidRequestError(
                     f"publish {request.port!r}: the daemon runs without root (STOCKADE_DAEMON_USER) and binds "

@@ -110,7 +110,7 @@ class Isolate(Protocol):
         """A background process (blocking: from a thread). Refused where the isolate has none."""
         ...
 
-    def publish(self, spec: int | str) -> tuple[str, int]:
+    def publish(self, spec: int | str, *, relayed: bool = True) -> tuple[str, int]:
         """Forward a host loopback port to a port on the isolate's loopback (``Sandbox.publish``):
         the host address and port (blocking: from a thread). Refused where the isolate is not on
         this host."""

@@ -183,5 +183,5 @@ class RemoteRuns:
     ) -> Process:
         raise self._refuse("a background process")
 
-    def publish(self, spec: int | str) -> tuple[str, int]:
+    def publish(self, spec: int | str, *, relayed: bool = True) -> tuple[str, int]:
         raise self._refuse("a published port")

@@ -66,6 +66,7 @@ class AgentChannel:
         self._current: LoopCall | None = None  # the call in flight
         self._running = ""  # the method of the request in flight (or last sent)
         self._interrupt_sent = False  # that request was interrupted already
+        self.last_interrupted = False  # the last call that ended was (read when its run is judged)
         self._settle_waiters: list[asyncio.Future[None]] = []  # ``settled`` callers, told at the release
         self._close_requested = False
         self._drop_lock = threading.Lock()
@@ -115,6 +116,10 @@ class AgentChannel:
 
         def release() -> None:
             call, self._current = self._current, None
+            with self._interrupt_lock:
+                # Read before the turn is free: the next call's start clears the flag, and it may
+                # start (another thread) before this call's ``done`` has judged its run.
+                self.last_interrupted = self._interrupt_sent
             try:
                 if call is not None and call.aborted:
                     self._on_abandon(method)  # before the turn is free: the next caller finds it ended
@@ -183,12 +188,6 @@ class AgentChannel:
                 return False
             self._interrupt_sent = True
             return True
-
-    @property
-    def interrupted(self) -> bool:
-        """Whether the request in flight (or the last one sent) was interrupted (``interrupt``)."""
-        with self._interrupt_lock:
-            return self._interrupt_sent
 
     def close(self) -> None:
         """End the connection. A call in flight, on whichever thread's loop, is woken by the

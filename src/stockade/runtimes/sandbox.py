@@ -443,7 +443,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         report = self.violation_log.take()
         timeout = run.params.get("timeout")  # the run's own, when it had one shorter than the policy's
         limit = float(timeout) if isinstance(timeout, (int, float)) else self.policy.timeout_seconds
-        interrupted = self.channel.interrupted  # still this run's: the next run has not begun
+        interrupted = self.channel.last_interrupted  # this run's: set as its call let go of the turn
         return self._result(
             verdict, error, elapsed, run.before, after, report, run.execution_id, limit, egress, interrupted
         )

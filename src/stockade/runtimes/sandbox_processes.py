@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgentProtocolError, PolicyError
+from ..errors import AgentProtocolError, InvalidRequestError, PolicyError
 from ..limits import check_call_size
 from ..policy import Policy
 from .agent_requests import exec_params, job_limits
@@ -26,6 +26,7 @@ class AgentProcesses:
         environment_env: dict[str, str]
         egress: Egress | None
         forwarders: list[Forwarder | AgentRelay]
+        runtime_name: str
 
         async def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any: ...
         def _redacted(self, data: bytes) -> bytes: ...
@@ -63,7 +64,7 @@ class AgentProcesses:
         said = await self.aproc_call("spawn", params)
         return Process(self, str(said.get("handle")), int(said.get("pid", 0)), list(argv))
 
-    def publish(self, spec: int | str) -> tuple[str, int]:
+    def publish(self, spec: int | str, *, relayed: bool = True) -> tuple[str, int]:
         """Forward a host loopback port to ``spec``'s port on this isolate's own loopback
         (``runtimes/publish.py``); the host address and port. Runtimes that can reach their
         isolate's network namespace override ``_forwarder``."""
@@ -73,9 +74,21 @@ class AgentProcesses:
             raise PolicyError(
                 "publishing a port needs network_policy='loopback': the isolate has no loopback otherwise"
             )
+        if not relayed and self._relays_ports():
+            # A relay's calls take the sandbox's turn from threads of their own, which a caller on
+            # an event loop (the daemon's, AsyncSandbox's) would find taken and be refused.
+            raise InvalidRequestError(
+                f"a published port of a {self.runtime_name} sandbox is relayed through its agent, on the "
+                "sandbox's turn, which a caller on an event loop (the daemon, AsyncSandbox) does not share: "
+                "publish from a Sandbox, or use the process runtime, as root"
+            )
         forwarder = self._forwarder(address, host_port, port)
         self.forwarders.append(forwarder)
         return forwarder.address
+
+    def _relays_ports(self) -> bool:
+        """Whether a published port is relayed through the agent (``AgentRelay``)."""
+        return True
 
     def port_activity(self) -> float | None:
         """When its published ports were last in use (now while a connection is open); None: it has none."""

@@ -81,9 +81,12 @@ class ProcessSandbox(AgentSandbox):
         # As root, the host joins the isolate's network namespace through its init's pidfd
         # (publish.py). Without root (rootless, or a daemon that gave root up) it cannot join
         # one: relayed through the agent, as for gVisor.
-        if os.geteuid() != 0:
+        if self._relays_ports():
             return AgentRelay(self, address, host_port, port)
         return Forwarder(self.pidfd, address, host_port, port)
+
+    def _relays_ports(self) -> bool:
+        return os.geteuid() != 0
 
     def _take_egress(self) -> tuple[list[socket.socket], EgressWorker]:
         # The sockets were made by the isolate's init at setup, in its network namespace
