@@ -39,17 +39,21 @@ from .errors import (
 )
 from .limits import MAX_CALL_BYTES
 from .result import ExecResult
+from .transfer_scripts import (
+    A_LINK,
+    NO_ROOM,
+    NOT_FOUND,
+    OVER_MAX,
+    PACK,
+    REMOVE,
+    ROOM,
+    STAGING_RESERVE,
+    UNPACK,
+)
 from .transfer_unpack import LINKS, Links, unpack
 
 DEFAULT_MAX_BYTES = 256 << 20  # the archive, either way
 DEFAULT_MAX_FILES = 100_000  # members of a downloaded archive
-_NOT_FOUND = 66  # the download script's exit status for a missing path (EX_NOINPUT)
-_A_LINK = 65  # and for a path that is a symbolic link (its target on stdout)
-_OVER_MAX = 67  # and for an archive over max_bytes ("SIZE")
-_NO_ROOM = 68  # and for one the sandbox has no room to stage ("SIZE FREE USED")
-# What a download leaves the sandbox's own processes (the agent, tar, the code's) of its memory
-# limit, beside the files and the staged archive: below it, staging would risk its OOM kill.
-STAGING_RESERVE = 64 << 20
 _MIN_PIECE = 64 << 10  # an upload's pieces shrink to this for a small max_file_size_bytes, no further
 
 T = TypeVar("T")
@@ -87,71 +91,6 @@ class AsyncTransferable(Protocol):
     def exec(self, argv: list[str], /) -> Awaitable[ExecResult]: ...
 
 
-# The parts are files in /tmp named by a random base: BASE.000000, BASE.000001, ...
-_UNPACK = 'mkdir -p -- "$2" && cat -- "$1".[0-9]* | tar -x --no-same-owner -f - -C "$2"\ns=$?\nrm -f -- "$1".*\nexit $s'
-# "FREE_KIB USED_KIB FILESYSTEM" of the filesystem holding $1, from df's POSIX output, with the shell
-# alone: no awk (the isolates' /etc has no alternatives link for it, and mawk prints big numbers
-# as floats), and the sums in the shell's 64-bit arithmetic.
-_DF_OF = """df_of() { set -- $(df -P -k -- "$1" | tail -n 1); echo "$4 $3 $1"; }
-"""
-# Pieces no larger than the policy's max_file_size_bytes (RLIMIT_FSIZE, in 512-byte blocks).
-# The archive is staged in /tmp, which is the sandbox's memory (a tmpfs): it is measured first
-# (stored nowhere), and refused when it is over max_bytes (67: "SIZE"), or would not fit the free
-# scratch space or, given the sandbox's memory limit, its memory (68: "SIZE FREE USED"): staging
-# it anyway would end the sandbox, and everything in it, for memory.
-# It answers "TAR_STATUS SIZE PIECE_SIZE".
-_PACK = (
-    _DF_OF
-    + """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6 memory=$7 reserve=$8
-if [ -L "$src" ]; then readlink -- "$src"; exit 65
-elif [ -d "$src" ]; then set -- -C "$src" .
-elif [ -e "$src" ]; then set -- -C "$parent" "./$name"
-else echo "$src: No such file or directory" >&2; exit 66
-fi
-size=$(tar -cf - --exclude="${out##*/}.*" "$@" 2>/dev/null | head -c "$((max + 1))" | wc -c)
-[ "$size" -gt "$max" ] && { echo "$size"; exit 67; }
-room=$(df_of /tmp)
-free=$((${room%% *} * 1024)) rest=${room#* }
-used=$((${rest%% *} * 1024))
-if [ -d /work ] && [ "$(stat -c %d /tmp)" != "$(stat -c %d /work)" ]; then  # gVisor's /work: memory too
-  there=$(df_of /work) rest=${there#* }
-  used=$((used + ${rest%% *} * 1024))
-fi
-if [ "$size" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + size + reserve))" -gt "$memory" ]; }; then
-  echo "$size $free $used"; exit 68
-fi
-blocks=$(ulimit -f)
-case $blocks in *[!0-9]*|'') ;; *) [ "$((blocks * 512))" -lt "$piece" ] && piece=$((blocks * 512)) ;; esac
-{ tar -cf - --exclude="${out##*/}.*" "$@"; echo $? >"$out.rc"; } | head -c "$((max + 1))" \
-  | split -a 6 -d -b "$piece" - "$out." || { echo "cutting the archive into pieces failed" >&2; exit 70; }
-echo "$(cat -- "$out.rc") $(cat -- "$out".[0-9]* 2>/dev/null | wc -c) $piece"
-"""
-)
-_REMOVE = 'rm -f -- "$1".*'
-# Before an upload: room for its archive in /tmp, and for what it unpacks to when the destination
-# is in the same scratch tmpfs; with the memory limit known, within it (68: "FREE NEED USED").
-_ROOM = (
-    _DF_OF
-    + """dest=$1 size=$2 memory=$3 reserve=$4
-d=$dest; while [ ! -e "$d" ]; do d=$(dirname -- "$d"); done
-room=$(df_of /tmp)
-free=$((${room%% *} * 1024)) rest=${room#* }
-used=$((${rest%% *} * 1024)) need=$((size * 2)) held=$((size * 2))
-if [ "$(stat -c %d /tmp)" != "$(stat -c %d -- "$d")" ]; then  # another filesystem (gVisor's /work, a mount)
-  need=$size held=$size
-  there=$(df_of "$d")
-  there_free=$((${there%% *} * 1024)) rest=${there#* }
-  there_used=$((${rest%% *} * 1024))
-  [ "$size" -gt "$there_free" ] && { echo "$there_free $size $there_used"; exit 68; }
-  case ${rest#* } in tmpfs|none|shm) used=$((used + there_used)) held=$((size * 2)) ;; esac  # memory too
-fi
-if [ "$need" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + held + reserve))" -gt "$memory" ]; }; then
-  echo "$free $need $used"; exit 68
-fi
-"""
-)
-
-
 # ---- upload ---------------------------------------------------------------------------
 
 
@@ -172,7 +111,7 @@ def upload(
         unpacked = False
         try:
             _send(sandbox, spool, base)
-            result = sandbox.exec(["sh", "-c", _UNPACK, "sh", base, dest])
+            result = sandbox.exec(["sh", "-c", UNPACK, "sh", base, dest])
             unpacked = result.success  # the script removed the parts
         finally:
             if not unpacked:
@@ -190,9 +129,9 @@ def _check_room(sandbox: Transferable, local_path: str | os.PathLike[str], dest:
     and unpacked beside it, and the scratch is the sandbox's memory (filling it past its memory
     limit would end the sandbox)."""
     memory = _memory_limit(sandbox)
-    check = sandbox.exec(["sh", "-c", _ROOM, "sh", dest, str(size), str(memory), str(STAGING_RESERVE)])
+    check = sandbox.exec(["sh", "-c", ROOM, "sh", dest, str(size), str(memory), str(STAGING_RESERVE)])
     fields = check.stdout.split()
-    if check.exit_code == 68 and len(fields) == 3 and all(f.isdigit() for f in fields):
+    if check.exit_code == NO_ROOM and len(fields) == 3 and all(f.isdigit() for f in fields):
         free, need, used = (int(f) for f in fields)
         memory_mb = f", memory_mb={memory >> 20}" if memory else ""
         raise TransferError(
@@ -360,23 +299,23 @@ def _pack_remote(
 ) -> tuple[int, int]:
     """Have the isolate's tar pack ``src`` into pieces; the archive's size and the pieces'."""
     limits = [str(cap), str(MAX_FILE_PIECE), str(memory), str(STAGING_RESERVE)]
-    result = sandbox.exec(["sh", "-c", _PACK, "sh", src, parent, name, base, *limits])
-    if result.exit_code == _NOT_FOUND:
+    result = sandbox.exec(["sh", "-c", PACK, "sh", src, parent, name, base, *limits])
+    if result.exit_code == NOT_FOUND:
         error = PathNotFoundError(f"{src}: no such file or directory in the sandbox")
         error.filename = src
         raise error
-    if result.exit_code == _A_LINK:
+    if result.exit_code == A_LINK:
         target = result.stdout.rstrip("\n")[:4096]
         raise UnsafeArchiveError(
             f"{src} is a symbolic link (to {target!r}) in the sandbox: a download does not follow it; "
             "download its target instead"
         )
     fields = result.stdout.split()
-    if result.exit_code == _OVER_MAX:
+    if result.exit_code == OVER_MAX:
         raise TransferTooLargeError(
             f"download of {src} is too large: over {cap} bytes as an archive (max_bytes); nothing was packed"
         )
-    if result.exit_code == _NO_ROOM and len(fields) == 3 and all(f.isdigit() for f in fields):
+    if result.exit_code == NO_ROOM and len(fields) == 3 and all(f.isdigit() for f in fields):
         size, free, used = (int(f) for f in fields)
         memory_mb = f", memory_mb={memory >> 20}" if memory else ""
         raise TransferError(
@@ -436,7 +375,7 @@ def _remote(path: str, name: str) -> str:
 def _remove(sandbox: Transferable, base: str) -> None:
     """Remove the pieces (best effort: a sandbox that is gone keeps nothing anyway)."""
     with contextlib.suppress(StockadeError, OSError):
-        sandbox.exec(["sh", "-c", _REMOVE, "sh", base])
+        sandbox.exec(["sh", "-c", REMOVE, "sh", base])
 
 
 def _why(result: ExecResult) -> str:

@@ -27,7 +27,8 @@ from stockade.errors import PathNotFoundError, TransferError, TransferTooLargeEr
 from stockade.result import ExecResult
 from stockade.runtimes.manager import RuntimeManager
 from stockade.sdk import AsyncSandbox
-from stockade.transfer import _PACK, DEFAULT_MAX_FILES, download
+from stockade.transfer import DEFAULT_MAX_FILES, download
+from stockade.transfer_scripts import PACK
 from tests.conftest import availability, require
 from tests.daemon_harness import Daemon, start_daemon
 
@@ -295,7 +296,7 @@ class Hostile:
         return self.sb.read_file(path, max_bytes)
 
     def exec(self, argv: list[str], /) -> ExecResult:
-        if argv[:3] == ["sh", "-c", _PACK]:
+        if argv[:3] == ["sh", "-c", PACK]:
             out, piece = argv[7], argv[9]
             argv = ["python3", "/work/hostile.py", self.case, out, piece, str(self.outside), *self.extra]
         return self.sb.exec(argv)
