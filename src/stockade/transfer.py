@@ -130,14 +130,13 @@ def _check_room(sandbox: Transferable, local_path: str | os.PathLike[str], dest:
     limit would end the sandbox)."""
     memory = _memory_limit(sandbox)
     check = sandbox.exec(["sh", "-c", ROOM, "sh", dest, str(size), str(memory), str(STAGING_RESERVE)])
-    fields = check.stdout.split()
-    if check.exit_code == NO_ROOM and len(fields) == 3 and all(f.isdigit() for f in fields):
-        free, need, used = (int(f) for f in fields)
-        memory_mb = f", memory_mb={memory >> 20}" if memory else ""
+    said = _three_numbers(check)
+    if check.exit_code == NO_ROOM and said is not None:
+        free, need, used = said
         raise TransferError(
             f"upload of {os.fspath(local_path)} into {dest}: it needs {need} bytes of the sandbox's scratch "
             f"space (its archive in /tmp, and what it unpacks to there), which has {free} bytes free, {used} "
-            f"used (disk_mb{memory_mb}; the scratch is its memory): it does not fit; nothing was sent"
+            f"used ({_limits_named(memory)}; the scratch is its memory): it does not fit; nothing was sent"
         )
     if not check.success:
         raise TransferError(f"checking the sandbox's room for the upload failed: {_why(check)}")
@@ -310,23 +309,22 @@ def _pack_remote(
             f"{src} is a symbolic link (to {target!r}) in the sandbox: a download does not follow it; "
             "download its target instead"
         )
-    fields = result.stdout.split()
     if result.exit_code == OVER_MAX:
         raise TransferTooLargeError(
             f"download of {src} is too large: over {cap} bytes as an archive (max_bytes); nothing was packed"
         )
-    if result.exit_code == NO_ROOM and len(fields) == 3 and all(f.isdigit() for f in fields):
-        size, free, used = (int(f) for f in fields)
-        memory_mb = f", memory_mb={memory >> 20}" if memory else ""
+    said = _three_numbers(result)
+    if result.exit_code == NO_ROOM and said is not None:
+        size, free, used = said
         raise TransferError(
             f"download of {src}: its archive ({size} bytes) is staged in the sandbox's scratch space "
-            f"(/tmp: {free} bytes free, {used} used; disk_mb{memory_mb}), which is its memory, and it does "
-            "not fit: staging it would end the sandbox. Download a part of it, or give the sandbox more "
+            f"(/tmp: {free} bytes free, {used} used; {_limits_named(memory)}), which is its memory, and it "
+            "does not fit: staging it would end the sandbox. Download a part of it, or give the sandbox more "
             "memory_mb and disk_mb; nothing was packed"
         )
-    if not result.success or len(fields) != 3 or not all(f.isdigit() for f in fields):
+    if not result.success or said is None:
         raise TransferError(f"packing {src} in the sandbox failed: {_why(result)}")
-    status, size, piece = (int(f) for f in fields)
+    status, size, piece = said
     if not 512 <= piece <= MAX_FILE_PIECE:
         raise TransferError(f"packing {src} in the sandbox failed: it cut pieces of {piece} bytes")
     if size > cap:
@@ -376,6 +374,19 @@ def _remove(sandbox: Transferable, base: str) -> None:
     """Remove the pieces (best effort: a sandbox that is gone keeps nothing anyway)."""
     with contextlib.suppress(StockadeError, OSError):
         sandbox.exec(["sh", "-c", REMOVE, "sh", base])
+
+
+def _three_numbers(result: ExecResult) -> tuple[int, int, int] | None:
+    """The three numbers a transfer script answers with, or None when its answer is not that."""
+    fields = result.stdout.split()
+    if len(fields) != 3 or not all(f.isdigit() for f in fields):
+        return None
+    return int(fields[0]), int(fields[1]), int(fields[2])
+
+
+def _limits_named(memory: int) -> str:
+    """The policy fields a room check was held to: ``disk_mb``, and ``memory_mb`` when known."""
+    return f"disk_mb, memory_mb={memory >> 20}" if memory else "disk_mb"
 
 
 def _why(result: ExecResult) -> str:

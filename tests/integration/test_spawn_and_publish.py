@@ -6,6 +6,7 @@ import asyncio
 import signal
 import socket
 import struct
+import textwrap
 import threading
 import time
 import urllib.error
@@ -119,20 +120,27 @@ def test_a_published_port_reaches_the_isolates_loopback_and_nothing_else(
         socket.create_connection((host, port), timeout=5).close()  # the forward ended with the sandbox
 
 
-# A server in a stateful interpreter's thread: it outlives the cell that started it.
-THREAD_ECHO = """
-import socket, threading
-server = socket.create_server(("127.0.0.1", 7200))
-def serve():
-    while True:
-        conn, _ = server.accept()
-        with conn:
-            got = b""
-            while chunk := conn.recv(65536):
-                got += chunk
-            conn.sendall(got[::-1])
-threading.Thread(target=serve, daemon=True).start()
+# Each connection read to its end and answered with its bytes reversed (``server`` listens).
+_REVERSE = """
+while True:
+    conn, _ = server.accept()
+    with conn:
+        got = b""
+        while chunk := conn.recv(65536):
+            got += chunk
+        conn.sendall(got[::-1])
 """
+ECHO_SERVER = (
+    'import socket\nserver = socket.create_server(("127.0.0.1", 7000))\nprint("listening", flush=True)' + _REVERSE
+)
+
+
+# A server in a stateful interpreter's thread: it outlives the cell that started it.
+THREAD_ECHO = (
+    'import socket, threading\nserver = socket.create_server(("127.0.0.1", 7200))\ndef serve():'
+    + textwrap.indent(_REVERSE, "    ")
+    + "threading.Thread(target=serve, daemon=True).start()\n"
+)
 
 
 def test_an_async_sandbox_publishes_at_its_start_and_later(process_runtime: str, manager: RuntimeManager) -> None:
@@ -177,20 +185,6 @@ def test_bad_publish_specs_are_refused(spec: str, error: type[Exception], match:
 def test_publishing_needs_a_loopback(process_runtime: str) -> None:
     with pytest.raises(PolicyError, match="network_policy='loopback'"):
         Sandbox(Policy(runtime=process_runtime), publish=[8000])
-
-
-ECHO_SERVER = """
-import socket
-server = socket.create_server(("127.0.0.1", 7000))
-print("listening", flush=True)
-while True:
-    conn, _ = server.accept()
-    with conn:
-        got = b""
-        while chunk := conn.recv(65536):
-            got += chunk
-        conn.sendall(got[::-1])
-"""
 
 
 @pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])

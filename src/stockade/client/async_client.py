@@ -13,7 +13,7 @@ from ..errors import NotFoundError, StockadeError
 from ..result import ExecResult
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
 from .processes import AsyncRemoteProcess, spawn_params
-from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
+from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle, published_address
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
 if TYPE_CHECKING:
@@ -262,8 +262,7 @@ class AsyncClient(Requests):
 
     async def sandbox_publish(self, sandbox_id: str, spec: int | str) -> tuple[str, int]:
         """``Client.sandbox_publish``, awaited."""
-        answer = await self.call(*self._publish(sandbox_id, spec))
-        return str(answer["address"]), int(answer["host_port"])
+        return published_address(await self.call(*self._publish(sandbox_id, spec)))
 
     async def interrupt_sandbox(self, sandbox_id: str) -> bool:
         """``Client.interrupt_sandbox``: on a connection of its own."""

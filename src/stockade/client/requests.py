@@ -222,9 +222,14 @@ class SandboxHandle:
         self.published: dict[int, tuple[str, int]] = {}
 
     def _note_published(self, answer: dict[str, Any]) -> tuple[str, int]:
-        address = (str(answer["address"]), int(answer["host_port"]))
+        address = published_address(answer)
         self.published[int(answer["port"])] = address
         return address
+
+
+def published_address(answer: dict[str, Any]) -> tuple[str, int]:
+    """The host address and port of a ``sandbox.publish`` answer."""
+    return str(answer["address"]), int(answer["host_port"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.sandbox_id!r}{', closed' if self.closed else ''})"

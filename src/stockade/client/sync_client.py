@@ -17,7 +17,7 @@ from ..result import ExecResult
 from ..runtimes.spawned import Process
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
 from .processes import DaemonProcessCalls, spawn_params
-from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle
+from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle, published_address
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
 if TYPE_CHECKING:
@@ -335,8 +335,7 @@ class Client(Requests):
     def sandbox_publish(self, sandbox_id: str, spec: int | str) -> tuple[str, int]:
         """Forward a loopback port of the daemon's host to a port on a held sandbox's loopback, until
         the sandbox closes (``Sandbox.publish``'s ``spec``): the host address and port."""
-        answer = self.call(*self._publish(sandbox_id, spec))
-        return str(answer["address"]), int(answer["host_port"])
+        return published_address(self.call(*self._publish(sandbox_id, spec)))
 
     def interrupt_sandbox(self, sandbox_id: str) -> bool:
         """Interrupt a held sandbox's run in progress (SIGINT); False when nothing runs.

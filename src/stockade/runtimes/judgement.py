@@ -12,6 +12,8 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..agent.sessions import INTERRUPT_GRACE_S
+
 if TYPE_CHECKING:
     from ..policy import Policy
     from ..result import TerminationReason
@@ -72,10 +74,9 @@ def judge(
         if said.cell is not None:
             error = "interrupted (the cell raised KeyboardInterrupt; its interpreter keeps its state)"
         elif said.interpreter_lost:
-            error = "interrupted, and its interpreter did not stop within 2 s: it was killed"
+            error = f"interrupted, and its interpreter did not stop within {INTERRUPT_GRACE_S:g} s: it was killed"
         else:
             error = "interrupted (SIGINT)"
-
     elif exit_code is not None and exit_code < 0:
         reason = "killed"
     else:
