@@ -366,6 +366,21 @@ def main(argv: list[str] | None = None) -> int:
     program = argv is None  # this process is the command: nothing else will run in it
     argv = sys.argv[1:] if argv is None else argv
     one_run = bool(argv) and argv[0] in _ONE_RUN_COMMANDS
+    status = _main(argv, program, one_run)
+    if program and one_run:
+        # Its isolate, zygote and runtime are closed by now (_main's finally), and nothing else
+        # ran here: the interpreter's own finalisation (module teardown, the atexit pass over
+        # managers already closed) has nothing left to do but cost the exit a few ms.
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            os._exit(141)
+        os._exit(status)
+    return status
+
+
+def _main(argv: list[str], program: bool, one_run: bool) -> int:
     if program and one_run:
         # A process that runs one command and exits: the cyclic GC would only walk
         # the objects its imports build, while they are built and again at exit.
@@ -404,8 +419,6 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(141)
     finally:
         _close_factories(factory, args)
-        if program and one_run:
-            gc.freeze()  # the exit's collection would walk every object to free what the exit frees
 
 
 def _close_factories(factory: Any, args: Any) -> None:

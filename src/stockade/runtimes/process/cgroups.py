@@ -206,11 +206,16 @@ class IsolateCgroup:
         v2 = self.dirs.get("v2")
         if v2 and _write_optional(os.path.join(v2, "cgroup.kill"), "1"):
             return
-        for _ in range(50):  # v1 without cgroup.kill: kill until empty (fork races end fast)
-            pids = self.pids()
-            if not pids:
+        # v1 has no cgroup.kill: signal each pid listed, once, until no pid appears that was not
+        # (a process forked before its signal came). A killed process stays listed while it
+        # dies, for milliseconds; signalling it again only took a core the dying need.
+        signalled: set[int] = set()
+        for _ in range(50):
+            fresh = [pid for pid in self.pids() if pid not in signalled]
+            if not fresh:
                 return
-            for pid in pids:
+            for pid in fresh:
+                signalled.add(pid)
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
@@ -231,6 +236,7 @@ class IsolateCgroup:
         self.close_files()
         deadline = time.monotonic() + wait_s
         pending = {path: path for path in self.dirs.values()}
+        pause = 0.001  # an isolate's last exit takes a few ms: look again soon, then less often
         while pending:
             for key, path in list(pending.items()):
                 try:
@@ -244,7 +250,8 @@ class IsolateCgroup:
             if not pending or time.monotonic() > deadline:
                 break
             self.kill()
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
         if pending:
             with _LEFTOVERS_LOCK:
                 _LEFTOVERS.update(pending.values())  # retried by the next create(), and by retry_leftovers()
