@@ -359,8 +359,10 @@ class AsyncSandbox:
 
     async def publish(self, spec: int | str) -> tuple[str, int]:
         """``Sandbox.publish``: a host loopback port forwarded to the isolate's (refused where the
-        placement put it on another host)."""
-        address = await asyncio.to_thread(self._held().publish, spec, relayed=False)
+        placement put it on another host). One relayed through the agent (gVisor, a microVM)
+        takes its turns in this sandbox's queue, on this loop."""
+        turn = (asyncio.get_running_loop(), self._turn)
+        address = await asyncio.to_thread(self._held().publish, spec, turn=turn)
         self.published[parse_publish(spec)[2]] = address
         return address
 

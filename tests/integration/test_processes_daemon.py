@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,7 +19,7 @@ from stockade.client import AsyncClient, Client
 from stockade.errors import InvalidRequestError, NotFoundError, PolicyError
 from tests.conftest import require
 from tests.daemon_harness import Daemon, start_daemon
-from tests.integration.test_spawn_and_publish import ECHO_SERVER, _get
+from tests.integration.test_spawn_and_publish import ECHO_SERVER, THREAD_ECHO, _get
 
 ECHO = "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
 
@@ -214,21 +215,58 @@ def test_traffic_through_a_published_port_keeps_a_held_sandbox_from_idling_out(
             sb.exec(["true"])
 
 
-def test_a_port_relayed_through_the_agent_is_refused_where_calls_come_from_an_event_loop(
+def test_a_port_relayed_through_the_agent_takes_turns_with_the_daemons_and_async_sandboxs_calls(
     http: tuple[Daemon, httpx.Client],
 ) -> None:
-    """gVisor's loopback is reached through its agent, by threads that take the sandbox's turn,
-    which the daemon's and AsyncSandbox's calls (on an event loop) do not wait for: refused, named."""
+    """gVisor's loopback is reached through its agent, by calls that need the sandbox's turn: on the
+    daemon and on an AsyncSandbox they queue with the owner's own calls, which are never refused
+    for them, and a long process wait gives the turn up to the port's connections."""
     require("gvisor")
     daemon, _ = http
-    with Client(daemon.socket_path) as client, client.sandbox(runtime="gvisor", network_policy="loopback") as sb:
-        with pytest.raises(InvalidRequestError, match="relayed through its agent"):
-            sb.publish(8000)
-        assert sb.exec(["true"]).success
+    with Client(daemon.socket_path) as client:
+        sb = client.sandbox(runtime="gvisor", network_policy="loopback", publish=[8000])
+        sb.write_file("/tmp/hello.txt", "hi from gvisor\n")
+        sb.spawn(["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"], cwd="/tmp")
+        host, port = sb.published[8000]
+        assert _get(f"http://{host}:{port}/hello.txt") == b"hi from gvisor\n"
+        fetched: list[bytes] = []
+        failed: list[BaseException] = []
+
+        def fetch_many() -> None:
+            try:
+                fetched.extend(_get(f"http://{host}:{port}/hello.txt") for _ in range(10))
+            except BaseException as exc:  # reported by the assertion below
+                failed.append(exc)
+
+        fetcher = threading.Thread(target=fetch_many)
+        fetcher.start()
+        # Calls of the daemon's own, while the relay's take turns: each is served, none refused.
+        said = [sb.exec(["echo", str(i)]).stdout for i in range(10)]
+        fetcher.join(120)
+        assert not failed and said == [f"{i}\n" for i in range(10)] and fetched == [b"hi from gvisor\n"] * 10
+        # A wait on a process that outlives the fetch: the connection is served meanwhile.
+        sleeper = sb.spawn(["sleep", "60"])
+        waiter = threading.Thread(target=sleeper.wait, args=(90,))
+        waiter.start()
+        time.sleep(0.5)
+        assert _get(f"http://{host}:{port}/hello.txt") == b"hi from gvisor\n"
+        assert waiter.is_alive()
+        sleeper.kill("SIGKILL")
+        waiter.join(60)
+        assert not waiter.is_alive() and sleeper.exit_code == -9
+        sb.close()
 
     async def in_process() -> None:
-        async with AsyncSandbox(runtime="gvisor", network_policy="loopback") as asb:
-            with pytest.raises(InvalidRequestError, match="relayed through its agent"):
-                await asb.publish(8000)
+        async with AsyncSandbox(runtime="gvisor", network_policy="loopback", publish=[7200]) as asb:
+            cell = await asb.run_code(THREAD_ECHO, session="server")
+            assert cell.success, cell.error or cell.stderr
+            address = asb.published[7200]
+            payloads = [f"payload {i}".encode() for i in range(5)]
+            answers = await asyncio.gather(
+                *(asyncio.to_thread(_round_trip, address, p) for p in payloads),
+                *(asb.exec(["echo", str(i)]) for i in range(5)),
+            )
+            assert answers[:5] == [p[::-1] for p in payloads]
+            assert [r.stdout for r in answers[5:]] == [f"{i}\n" for i in range(5)]  # type: ignore[union-attr]
 
-    asyncio.run(in_process())
+    asyncio.run(asyncio.wait_for(in_process(), 180))

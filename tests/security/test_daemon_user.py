@@ -21,6 +21,8 @@ import pytest
 from stockade.client import Client
 from tests.conftest import require
 from tests.daemon_harness import start_daemon
+from tests.integration.test_processes_daemon import _round_trip
+from tests.integration.test_spawn_and_publish import ECHO_SERVER
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts a daemon as root that then gives root up")
 
@@ -62,6 +64,16 @@ def test_the_daemon_gives_root_up_and_still_builds_limits_and_ends_isolates() ->
             runtimes = {r["name"]: r for r in client.call("runtimes")}
             for name in ("gvisor", "microvm"):
                 assert not runtimes[name]["available"] and "STOCKADE_DAEMON_USER" in runtimes[name]["reason"]
+            # Without root it cannot join an isolate's network namespace: a published port is
+            # relayed through the agent, its calls in the held sandbox's turn beside the client's.
+            with client.sandbox(network_policy="loopback", publish=[7000]) as sb:
+                echo = sb.spawn(["python3", "-c", ECHO_SERVER])
+                said, until = b"", time.monotonic() + 60
+                while b"listening" not in said and time.monotonic() < until:
+                    said += echo.read()[0]
+                    time.sleep(0.05)
+                assert _round_trip(sb.published[7000], b"stockade") == b"edakcots"
+                assert sb.exec(["echo", "meanwhile"]).stdout == "meanwhile\n"
         assert "gave up root: the daemon runs as stockade" in daemon.logs()
         assert os.stat(os.path.dirname(log)).st_uid == uid and os.path.getsize(log) > 0
         # Stopped, it ends cleanly, its socket in root's directory and all: and the groups it was

@@ -11,7 +11,9 @@ asking the agent. A published port listens on the daemon's host loopback
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,6 +42,8 @@ MAX_REMEMBERED = 256
 # Ports one held sandbox may publish: each is a listener of the daemon's, and up to 64
 # connections relayed at once, two daemon threads each.
 MAX_PUBLISHED = 16
+# One turn of a process wait in a held sandbox with published ports (process_wait).
+WAIT_SLICE_S = 0.2
 # Below it, binding needs root: a caller that is not root does not get the daemon's root to take
 # one of the host's service ports (and answer in that service's place on its loopback).
 FIRST_UNPRIVILEGED_PORT = 1024
@@ -78,7 +82,10 @@ class BackgroundProcesses:
             if len(held.published) >= MAX_PUBLISHED:
                 raise InvalidRequestError(f"a held sandbox publishes at most {MAX_PUBLISHED} ports")
             try:
-                address, bound = await self._blocking(held.sandbox.publish, request.port, relayed=False)
+                # A port relayed through the agent (gVisor, a microVM) takes its turns in the
+                # held sandbox's queue, beside its caller's calls.
+                turn = (asyncio.get_running_loop(), held.lock)
+                address, bound = await self._blocking(held.sandbox.publish, request.port, turn=turn)
             except PermissionError:
                 raise InvalidRequestError(
                     f"publish {request.port!r}: the daemon runs without root (STOCKADE_DAEMON_USER) and binds "
@@ -115,12 +122,20 @@ class BackgroundProcesses:
         return await self._held_call(request, caller, write)
 
     async def process_wait(self, request: ProcessWait, caller: Caller) -> ProcessInfo:
+        until = time.monotonic() + request.timeout
+
         async def wait(held: Held) -> ProcessInfo:
             process = _process(held, request.handle)
-            await self._blocking(process.wait, request.timeout)
+            left = max(0.0, until - time.monotonic())
+            # A published port's relay takes its turns in this sandbox's queue: a long wait
+            # gives the turn up between slices, so that its connections are served meanwhile.
+            await self._blocking(process.wait, min(left, WAIT_SLICE_S) if held.published else left)
             return _info(process)
 
-        return await self._held_call(request, caller, wait)
+        while True:  # asked at least once, whatever the timeout
+            info = await self._held_call(request, caller, wait)
+            if not info.running or time.monotonic() >= until:
+                return info
 
     async def process_kill(self, request: ProcessKill, caller: Caller) -> ProcessInfo:
         async def kill(held: Held) -> ProcessInfo:

@@ -17,6 +17,7 @@ from ..isolation import LEVELS, rank, trust_map
 if TYPE_CHECKING:
     from ..policy import Policy
     from ..result import ExecResult
+    from ..runtimes.publish import AsyncTurn
     from ..runtimes.spawned import Process
     from ..runtimes.verdict import OutputCallback
 
@@ -110,10 +111,11 @@ class Isolate(Protocol):
         """A background process (blocking: from a thread). Refused where the isolate has none."""
         ...
 
-    def publish(self, spec: int | str, *, relayed: bool = True) -> tuple[str, int]:
+    def publish(self, spec: int | str, *, turn: AsyncTurn | None = None) -> tuple[str, int]:
         """Forward a host loopback port to a port on the isolate's loopback (``Sandbox.publish``):
         the host address and port (blocking: from a thread). Refused where the isolate is not on
-        this host."""
+        this host. ``turn``: the queue of an owner whose calls are made on an event loop, which a
+        port relayed through the agent takes its turns in (``runtimes/publish.py``)."""
         ...
 
     async def ainterrupt(self) -> bool:

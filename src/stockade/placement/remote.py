@@ -22,6 +22,7 @@ from ..result import ExecResult
 
 if TYPE_CHECKING:
     from ..policy import Policy
+    from ..runtimes.publish import AsyncTurn
     from ..runtimes.spawned import Process
     from ..runtimes.verdict import OutputCallback
     from .base import Isolate
@@ -183,5 +184,5 @@ class RemoteRuns:
     ) -> Process:
         raise self._refuse("a background process")
 
-    def publish(self, spec: int | str, *, relayed: bool = True) -> tuple[str, int]:
+    def publish(self, spec: int | str, *, turn: AsyncTurn | None = None) -> tuple[str, int]:
         raise self._refuse("a published port")

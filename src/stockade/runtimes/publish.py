@@ -11,8 +11,12 @@ Two forwarders, one listener each on the host's loopback:
   or the guest's kernel, which no host thread can join; and a process isolate
   whose host has no root to join its namespace with) has the agent connect
   to the port (``tunnel_open``) and relays through the agent's calls,
-  polling (each call takes the sandbox's turn: a long ``exec`` on the same
-  sandbox holds the relay up until it ends).
+  polling. Each call takes the sandbox's turn: a long ``exec`` on the same
+  sandbox holds the relay up until it ends. For a sync ``Sandbox`` that is
+  the channel's turn, waited for in the relay's thread; for an owner whose
+  calls queue on an event loop (the daemon's held sandbox, an
+  ``AsyncSandbox``) the relay's calls join that queue (``AsyncTurn``), in
+  order with the owner's own.
 
 Nothing else of the isolate is reachable: one port, on its loopback, from a
 host loopback address.
@@ -20,7 +24,9 @@ host loopback address.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
@@ -35,11 +41,22 @@ from ..agent import linux
 from ..errors import AgentError, InvalidRequestError, SandboxError
 
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from .spawned import ProcCalls
+
+    class RelayedSandbox(ProcCalls, Protocol):
+        async def aproc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]: ...
+
 
 log = logging.getLogger("stockade.publish")
 _CHUNK = 65536
 MAX_CONNECTIONS = 64  # relayed at once per published port (each takes two host threads)
+# The turn of an owner whose calls are made on an event loop: that loop, and the lock its calls
+# queue on (the daemon's ``Held.lock``, ``AsyncSandbox``'s). The channel refuses a caller on a
+# loop that finds it busy (channel.py), so a relay's thread must not take it beside them.
+AsyncTurn = tuple[asyncio.AbstractEventLoop, asyncio.Lock]
+_TURN_CHECK_S = 1.0  # how often a relay call queued on an owner's loop looks whether the port closed
 
 
 def parse_publish(spec: int | str) -> tuple[str, int, int]:
@@ -196,17 +213,36 @@ class AgentRelay(_PublishedPort):
 
     POLL_MIN_S, POLL_MAX_S = 0.002, 0.05  # how often an idle connection asks the agent for more
 
-    def __init__(self, sandbox: ProcCalls, address: str, host_port: int, port: int) -> None:
+    def __init__(
+        self, sandbox: RelayedSandbox, address: str, host_port: int, port: int, turn: AsyncTurn | None = None
+    ) -> None:
         # Weakly: the relay's threads must not keep a forgotten sandbox (and its isolate) alive;
         # its finaliser closes the sandbox, and with it this relay.
         self._sandbox = weakref.ref(sandbox)
+        self._turn = turn
         super().__init__(address, host_port, port, "stockade-relay")
 
     def _call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         sandbox = self._sandbox()
         if sandbox is None or self._closed.is_set():
             raise SandboxError("the sandbox of this published port is closed")
-        return sandbox.proc_call(method, params)
+        if self._turn is None:
+            return sandbox.proc_call(method, params)
+        loop, lock = self._turn
+        try:
+            future = asyncio.run_coroutine_threadsafe(_in_turn(lock, sandbox, method, params), loop)
+        except RuntimeError:  # the owner's loop has closed
+            raise SandboxError("the sandbox of this published port is closed") from None
+        del sandbox  # the call holds it while it runs; this thread, waiting, must not
+        while True:
+            try:
+                return future.result(_TURN_CHECK_S)
+            except concurrent.futures.TimeoutError:
+                # Still queued behind the owner's calls (a long exec), or running: given up only
+                # once the port has closed, or the loop that would run it has.
+                if self._closed.is_set() or loop.is_closed():
+                    future.cancel()
+                    raise SandboxError("the sandbox of this published port is closed") from None
 
     def _serve(self, client: socket.socket) -> None:
         if not self._keep(client):
@@ -266,6 +302,11 @@ class AgentRelay(_PublishedPort):
             else:
                 gone.wait(idle)
                 idle = min(idle * 2, self.POLL_MAX_S)
+
+
+async def _in_turn(lock: asyncio.Lock, sandbox: RelayedSandbox, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    async with lock:
+        return await sandbox.aproc_call(method, params)
 
 
 def connect_inside(pidfd: int, port: int, timeout: float = 10.0) -> socket.socket:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgentProtocolError, InvalidRequestError, PolicyError
+from ..errors import AgentProtocolError, PolicyError
 from ..limits import check_call_size
 from ..policy import Policy
 from .agent_requests import exec_params, job_limits
 from .blocking import run_blocking
-from .publish import AgentRelay, Forwarder, parse_publish
+from .publish import AgentRelay, AsyncTurn, Forwarder, parse_publish
 from .spawned import Process
 from .verdict import b64_field
 
@@ -64,40 +64,29 @@ class AgentProcesses:
         said = await self.aproc_call("spawn", params)
         return Process(self, str(said.get("handle")), int(said.get("pid", 0)), list(argv))
 
-    def publish(self, spec: int | str, *, relayed: bool = True) -> tuple[str, int]:
+    def publish(self, spec: int | str, *, turn: AsyncTurn | None = None) -> tuple[str, int]:
         """Forward a host loopback port to ``spec``'s port on this isolate's own loopback
-        (``runtimes/publish.py``); the host address and port. Runtimes that can reach their
-        isolate's network namespace override ``_forwarder``."""
+        (``runtimes/publish.py``); the host address and port. ``turn``: the owner's calls queue
+        on an event loop (the daemon, ``AsyncSandbox``), and a relay's calls join them there.
+        Runtimes that can reach their isolate's network namespace override ``_forwarder``."""
         address, host_port, port = parse_publish(spec)
         self._check_usable()
         if self.policy.network_policy != "loopback":
             raise PolicyError(
                 "publishing a port needs network_policy='loopback': the isolate has no loopback otherwise"
             )
-        if not relayed and self._relays_ports():
-            # A relay's calls take the sandbox's turn from threads of their own, which a caller on
-            # an event loop (the daemon's, AsyncSandbox's) would find taken and be refused.
-            raise InvalidRequestError(
-                f"a published port of a {self.runtime_name} sandbox is relayed through its agent, on the "
-                "sandbox's turn, which a caller on an event loop (the daemon, AsyncSandbox) does not share: "
-                "publish from a Sandbox, or use the process runtime, as root"
-            )
-        forwarder = self._forwarder(address, host_port, port)
+        forwarder = self._forwarder(address, host_port, port, turn)
         self.forwarders.append(forwarder)
         return forwarder.address
-
-    def _relays_ports(self) -> bool:
-        """Whether a published port is relayed through the agent (``AgentRelay``)."""
-        return True
 
     def port_activity(self) -> float | None:
         """When its published ports were last in use (now while a connection is open); None: it has none."""
         return max((f.active_since() for f in self.forwarders), default=None)
 
-    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder | AgentRelay:
+    def _forwarder(self, address: str, host_port: int, port: int, turn: AsyncTurn | None) -> Forwarder | AgentRelay:
         # The isolate's loopback is out of a host thread's reach (gVisor's netstack, a guest
         # kernel): relayed through the agent. The process runtime joins it instead.
-        return AgentRelay(self, address, host_port, port)
+        return AgentRelay(self, address, host_port, port, turn)
 
     def processes(self) -> list[dict[str, Any]]:
         """The background processes the agent holds: ``{handle, pid, argv, running, exit_code}``."""

@@ -30,7 +30,7 @@ from ...policy import Policy, default_policy
 from ..base import BASE_ENV, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, WarmPool
-from ..publish import AgentRelay, Forwarder
+from ..publish import AgentRelay, AsyncTurn, Forwarder
 from ..reaper import Reaper
 from ..sandbox import AgentSandbox
 from . import netcalls, seccomp
@@ -77,16 +77,13 @@ class ProcessSandbox(AgentSandbox):
     def usage(self, peak: bool = True) -> IsolateUsage:
         return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
 
-    def _forwarder(self, address: str, host_port: int, port: int) -> Forwarder | AgentRelay:
+    def _forwarder(self, address: str, host_port: int, port: int, turn: AsyncTurn | None) -> Forwarder | AgentRelay:
         # As root, the host joins the isolate's network namespace through its init's pidfd
         # (publish.py). Without root (rootless, or a daemon that gave root up) it cannot join
         # one: relayed through the agent, as for gVisor.
-        if self._relays_ports():
-            return AgentRelay(self, address, host_port, port)
+        if os.geteuid() != 0:
+            return AgentRelay(self, address, host_port, port, turn)
         return Forwarder(self.pidfd, address, host_port, port)
-
-    def _relays_ports(self) -> bool:
-        return os.geteuid() != 0
 
     def _take_egress(self) -> tuple[list[socket.socket], EgressWorker]:
         # The sockets were made by the isolate's init at setup, in its network namespace
