@@ -76,6 +76,7 @@ class Agent(Commands, Interpreters, Processes):
     def __init__(self, conn: socket.socket, base_env: dict[str, str] | None = None) -> None:
         self.conn = conn
         self.base_env = base_env or {}
+        runners.set_environ(self.base_env)  # a runner starts from it: a run sets only what it adds
         self.exited: dict[int, int] = {}  # pid -> wait status, for children we reaped early
         # Runners whose status someone will ask for; every other child (orphans
         # re-parented to us as pid 1, discarded spares) is reaped and forgotten.
