@@ -16,7 +16,7 @@ UNPACK = 'mkdir -p -- "$2" && cat -- "$1".[0-9]* | tar -x --no-same-owner -f - -
 # "FREE_KIB USED_KIB FILESYSTEM" of the filesystem holding $1, from df's POSIX output, with the shell
 # alone: no awk (the isolates' /etc has no alternatives link for it, and mawk prints big numbers
 # as floats), and the sums in the shell's 64-bit arithmetic.
-DF_OF = """df_of() { set -- $(df -P -k -- "$1" | tail -n 1); echo "$4 $3 $1"; }
+DF_OF = """df_of() { set -- $(df -P -k -- "$1" | tail -n 1); echo "$4 $3"; }
 """
 # Pieces no larger than the policy's max_file_size_bytes (RLIMIT_FSIZE, in 512-byte blocks).
 # The archive is staged in /tmp, which is the sandbox's memory (a tmpfs): it is measured first
@@ -67,7 +67,8 @@ if [ "$(stat -c %d /tmp)" != "$(stat -c %d -- "$d")" ]; then  # another filesyst
   there_free=$((${there%% *} * 1024)) rest=${there#* }
   there_used=$((${rest%% *} * 1024))
   [ "$size" -gt "$there_free" ] && { echo "$there_free $size $there_used"; exit 68; }
-  case ${rest#* } in tmpfs|none|shm) used=$((used + there_used)) held=$((size * 2)) ;; esac  # memory too
+  # Memory too when it is a tmpfs (by its type: gVisor names every filesystem's device "none").
+  case $(stat -f -c %T -- "$d") in tmpfs|ramfs) used=$((used + there_used)) held=$((size * 2)) ;; esac
 fi
 if [ "$need" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + held + reserve))" -gt "$memory" ]; }; then
   echo "$free $need $used"; exit 68

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -452,6 +454,26 @@ def test_an_upload_the_sandbox_has_no_room_for_is_refused_before_it_is_sent(
         with Sandbox(runtime="gvisor", manager=mgr, disk_mb=32, max_file_size_bytes=1 << 27) as sb:
             with pytest.raises(TransferError, match="does not fit; nothing was sent"):
                 sb.upload(big, "/work/up")
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_an_upload_into_a_writable_mount_counts_the_mount_not_the_memory(
+    runtime: str, tmp_path: Path, mgr: RuntimeManager
+) -> None:
+    """A host directory mounted rw is the host's disk: its used space is not the sandbox's memory
+    (gVisor names every filesystem's device "none", a tmpfs's and a host mount's alike)."""
+    require(runtime)
+    shared = Path(tempfile.mkdtemp(prefix="stockade-mount-"))  # pytest's own is not searchable by others
+    try:
+        shared.chmod(0o777)  # the sandbox's uid writes there
+        src = make_tree(tmp_path / "src", 1 << 20)
+        policy = Policy(runtime=runtime, memory_mb=128, filesystem_access=[f"{shared}:/mnt/out:rw"])
+        with Sandbox(policy, manager=mgr) as sb:
+            sent = sb.upload(src, "/mnt/out/data")
+            assert sent.files == 6 and leftovers(sb) == []
+        assert snapshot(shared / "data") == snapshot(src)
+    finally:
+        shutil.rmtree(shared)
 
 
 # ---- through the daemon, and async ----------------------------------------------------------
