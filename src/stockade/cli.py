@@ -279,17 +279,45 @@ def cmd_run(args: Any) -> int:
     return _execute(args, "exec", lambda: (argv, _read_stdin()))
 
 
+def _decode_source(data: bytes, language: str, where: str) -> str:
+    """Code read as bytes, decoded as ``python3 FILE`` would (PEP 263: a BOM or a coding
+    cookie, else UTF-8); a shell script as UTF-8. ValueError naming ``where`` otherwise."""
+    import io
+
+    encoding = "utf-8"
+    try:
+        if language == "python":
+            import tokenize
+
+            encoding = tokenize.detect_encoding(io.BytesIO(data).readline)[0]
+        return data.decode(encoding)
+    except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
+        raise ValueError(f"{where}: cannot read it as {encoding} text ({exc})") from None
+
+
+def _stdin_code(language: str) -> tuple[str, str]:
+    data = sys.stdin.buffer.read(MAX_STDIN + 1) if sys.stdin is not None else b""
+    if len(data) > MAX_STDIN:
+        raise SystemExit(_fail(f"the code on standard input is larger than {MAX_STDIN} bytes"))
+    try:
+        return language, _decode_source(data, language, "the code on standard input")
+    except ValueError as exc:
+        raise SystemExit(_fail(str(exc))) from None
+
+
 def cmd_exec_code(args: Any) -> int:
     language = args.language
     if args.file:
         try:
-            with open(args.file) as f:
-                code = f.read()
+            with open(args.file, "rb") as f:
+                code = _decode_source(f.read(), language, f"-f {args.file}")
         except OSError as exc:
             return _fail(f"-f {args.file}: {exc.strerror}")
+        except ValueError as exc:
+            return _fail(str(exc))
         return _execute(args, "run_code", lambda: ((language, code), _read_stdin()))
     if args.code == "-":
-        return _execute(args, "run_code", lambda: ((language, sys.stdin.read()), b""))
+        return _execute(args, "run_code", lambda: (_stdin_code(language), b""))
     if args.code is not None:
         return _execute(args, "run_code", lambda: ((language, args.code), _read_stdin()))
     return _fail("exec-code: give CODE, -f FILE or - (read code from standard input)")

@@ -108,6 +108,20 @@ def test_exec_code_forms(tmp_path: Path) -> None:
     assert json.loads(r.stdout)["exit_code"] == 4 and r.returncode == 4
 
 
+def test_exec_code_reads_a_source_file_as_python_does(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.py"  # a coding cookie, as python3 FILE honours it
+    latin.write_bytes(b'# -*- coding: latin-1 -*-\nprint("caf\xe9")\n')
+    assert cli("exec-code", "-f", str(latin)).stdout == "caf\u00e9\n"
+    garbled = tmp_path / "garbled.py"
+    garbled.write_bytes(b"\xff\xfe print(1)\n")
+    for args, where in (((("-f", str(garbled))), f"-f {garbled}"), (("-",), "the code on standard input")):
+        r = subprocess.run(
+            [*STOCKADE, "exec-code", *args], input=garbled.read_bytes(), capture_output=True, timeout=120
+        )
+        assert r.returncode == 125 and r.stderr.decode().startswith(f"stockade: {where}: cannot read it as utf-8")
+        assert b"Traceback" not in r.stderr
+
+
 def test_doctor() -> None:
     r = cli("doctor", "--json")
     report = json.loads(r.stdout)
