@@ -215,6 +215,27 @@ def test_traffic_through_a_published_port_keeps_a_held_sandbox_from_idling_out(
             sb.exec(["true"])
 
 
+def test_connections_that_reach_nothing_inside_do_not_keep_a_held_sandbox(
+    http: tuple[Daemon, httpx.Client],
+) -> None:
+    """Anyone on the host may connect to a published port: only a connection that reaches the
+    port inside is use. One refused there (nothing listens) does not hold the sandbox past its
+    idle timeout."""
+    daemon, _ = http
+    with Client(daemon.socket_path) as client:
+        sb = client.sandbox(network_policy="loopback", publish=[8000], idle_timeout=3)
+        address = sb.published[8000]
+        deadline = time.monotonic() + 30
+        while any(s.get("sandbox_id") == sb.sandbox_id for s in client.status()["active_sandboxes"]):
+            assert time.monotonic() < deadline, "connections refused inside kept the sandbox alive"
+            with socket.create_connection(address, timeout=10) as conn:
+                conn.settimeout(10)
+                assert conn.recv(1) == b""  # relayed to nothing: closed at once
+            time.sleep(0.3)
+        with pytest.raises(NotFoundError, match="without a call or a connection to a published port"):
+            sb.exec(["true"])
+
+
 def test_a_port_relayed_through_the_agent_takes_turns_with_the_daemons_and_async_sandboxs_calls(
     http: tuple[Daemon, httpx.Client],
 ) -> None:

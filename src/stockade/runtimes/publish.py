@@ -100,21 +100,24 @@ class _PublishedPort:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        # Of those, the connections that reached the port inside. Only they are use (a daemon's idle
+        # timeout reads it): connections that reach nothing, which anyone on the host may make, are not.
+        self._reached: set[socket.socket] = set()
         self._closed = threading.Event()
-        self.last_active = time.monotonic()  # a connection's start or end (a daemon's idle timeout reads it)
+        self.last_active = time.monotonic()  # the last reaching connection's end
         threading.Thread(target=self._accept, name=f"{name}-{port}", daemon=True).start()
 
     def active_since(self) -> float:
         """When it was last in use: now while a connection is open, else its last connection's end."""
         with self._lock:
-            return time.monotonic() if self._open else self.last_active
+            return time.monotonic() if self._reached else self.last_active
 
     def close(self) -> None:
         with self._lock:
             if self._closed.is_set():
                 return
             self._closed.set()
-            sockets, self._open = list(self._open), set()
+            sockets, self._open, self._reached = list(self._open), set(), set()
         _shut(self.listener)
         for sock in sockets:
             _shut(sock)  # their relays end at once, not after their client's next byte
@@ -125,7 +128,6 @@ class _PublishedPort:
                 client, _ = self.listener.accept()
             except OSError:
                 return  # closed
-            self.last_active = time.monotonic()
             if not self._slots.acquire(blocking=False):
                 _shut(client)
                 continue
@@ -137,18 +139,28 @@ class _PublishedPort:
         finally:
             self._slots.release()
 
-    def _keep(self, *sockets: socket.socket) -> bool:
-        """Track ``sockets`` for ``close``; False (nothing tracked) once the port is closed."""
+    def _keep(self, *sockets: socket.socket, reached: bool = True) -> bool:
+        """Track ``sockets`` for ``close`` (``reached``: their connection reached the port inside);
+        False (nothing tracked) once the port is closed."""
         with self._lock:
             if self._closed.is_set():
                 return False
             self._open.update(sockets)
+            if reached:
+                self._reached.update(sockets)
             return True
+
+    def _mark_reached(self, sock: socket.socket) -> None:
+        with self._lock:
+            if sock in self._open:
+                self._reached.add(sock)
 
     def _forget(self, *sockets: socket.socket) -> None:
         with self._lock:
+            if self._reached.intersection(sockets):
+                self._reached.difference_update(sockets)
+                self.last_active = time.monotonic()
             self._open.difference_update(sockets)
-            self.last_active = time.monotonic()
 
     def _serve(self, client: socket.socket) -> None:
         raise NotImplementedError
@@ -211,7 +223,11 @@ class Forwarder(_PublishedPort):
 class AgentRelay(_PublishedPort):
     """One published port relayed through the isolate's agent (module docstring)."""
 
-    POLL_MIN_S, POLL_MAX_S = 0.002, 0.05  # how often an idle connection asks the agent for more
+    # How often a quiet connection asks the agent for more: soon after what the client sent (an
+    # answer is likely), then less and less often. Each ask takes the sandbox's turn, and an idle
+    # connection anyone on the host may hold open must not cost the sandbox or the host much.
+    POLL_MIN_S, POLL_MAX_S = 0.002, 0.5
+    BEHIND_WAIT_S = 0.05  # a port inside that has not read what was written yet: ask again then
 
     def __init__(
         self, sandbox: RelayedSandbox, address: str, host_port: int, port: int, turn: AsyncTurn | None = None
@@ -245,16 +261,18 @@ class AgentRelay(_PublishedPort):
                     raise SandboxError("the sandbox of this published port is closed") from None
 
     def _serve(self, client: socket.socket) -> None:
-        if not self._keep(client):
+        if not self._keep(client, reached=False):
             _shut(client)
             return
         handle = None
         gone = threading.Event()  # either side ended abnormally: the whole connection goes
+        sent = threading.Event()  # the client sent something (or its side ended): poll soon
         try:
             handle = self._call("tunnel_open", {"port": self.port})["handle"]
-            upstream = threading.Thread(target=self._upstream, args=(client, handle, gone), daemon=True)
+            self._mark_reached(client)
+            upstream = threading.Thread(target=self._upstream, args=(client, handle, gone, sent), daemon=True)
             upstream.start()
-            self._downstream(client, handle, gone)
+            self._downstream(client, handle, gone, sent)
             upstream.join(30)  # the client finishes its side (a half-closed HTTP exchange: at once)
         except Exception as exc:  # noqa: BLE001 - nothing listens, the sandbox closed: this connection ends
             log.info("published port %s (relayed): %s", self.port, exc)
@@ -266,14 +284,16 @@ class AgentRelay(_PublishedPort):
             self._forget(client)
             _shut(client)
 
-    def _upstream(self, client: socket.socket, handle: str, gone: threading.Event) -> None:
+    def _upstream(self, client: socket.socket, handle: str, gone: threading.Event, sent: threading.Event) -> None:
         """What the host's client sends, written to the port inside (then its end)."""
         try:
             while not gone.is_set() and (data := client.recv(_CHUNK)):
                 self._write(handle, data, eof=False, gone=gone)
+                sent.set()
             self._write(handle, b"", eof=True, gone=gone)
         except Exception:  # noqa: BLE001 - a reset client, a closed sandbox: the connection goes
             gone.set()
+        sent.set()
 
     def _write(self, handle: str, data: bytes, eof: bool, gone: threading.Event) -> None:
         params = {"handle": handle, "data": base64.b64encode(data).decode(), "eof": eof}
@@ -284,12 +304,13 @@ class AgentRelay(_PublishedPort):
             except AgentError as exc:
                 if "has not read its input" not in str(exc):
                     raise
-                gone.wait(self.POLL_MAX_S)  # the port inside is behind: wait for it
+                gone.wait(self.BEHIND_WAIT_S)  # the port inside is behind: wait for it
 
-    def _downstream(self, client: socket.socket, handle: str, gone: threading.Event) -> None:
+    def _downstream(self, client: socket.socket, handle: str, gone: threading.Event, sent: threading.Event) -> None:
         """What the port inside sends, to the host's client, until the port closes its side."""
         idle = self.POLL_MIN_S
         while not gone.is_set():
+            sent.clear()
             said = self._call("proc_read", {"handle": handle})
             data = base64.b64decode(said.get("stdout") or "")
             if data:
@@ -299,8 +320,9 @@ class AgentRelay(_PublishedPort):
                 with contextlib.suppress(OSError):
                     client.shutdown(socket.SHUT_WR)
                 return
+            elif sent.wait(idle):
+                idle = self.POLL_MIN_S
             else:
-                gone.wait(idle)
                 idle = min(idle * 2, self.POLL_MAX_S)
 
 
