@@ -201,7 +201,11 @@ def test_a_published_port_relays_both_ways_whole_on_every_runtime(runtime: str, 
             time.sleep(0.1)
         payload = bytes(range(256)) * (6 << 12)  # 6 MiB: past the agent's 1 MiB per direction
         with socket.create_connection(sb.published[7000], timeout=60) as conn:
-            conn.sendall(payload)
+            conn.sendall(payload[:1])
+            time.sleep(0.5)  # its tunnel is open inside by now (the relay opens it on accept)
+            # A connection relayed through the agent is no process of the caller's.
+            assert [p["argv"] for p in sb.processes()] == [["python3", "-c", ECHO_SERVER]]
+            conn.sendall(payload[1:])
             conn.shutdown(socket.SHUT_WR)  # the server answers once it has it all
             got = bytearray()
             while chunk := conn.recv(1 << 16):

@@ -204,7 +204,8 @@ class Processes:
 
     def proc_list(self, params: dict[str, Any]) -> dict[str, Any]:
         self._reap_spawned()
-        return {"processes": [p.summary() for p in self._spawned.values() if not p.closed_by_host]}
+        # Tunnels are a published port's plumbing, not the caller's processes (nor counted as them).
+        return {"processes": [p.summary() for p in self._spawned.values() if not p.tunnel]}
 
     # ---- the loops' share ------------------------------------------------------------------
 
