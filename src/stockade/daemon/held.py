@@ -55,6 +55,7 @@ from ..result import ExecResult
 from ..runtimes.agent_requests import code_request, exec_params
 from ..runtimes.spawned import Process
 from ..runtimes.verdict import OutputCallback
+from .answers import AnswerBudget, answer_size
 from .config import DaemonConfig
 from .slots import Slots
 
@@ -112,6 +113,7 @@ class HeldSandboxes:
     slots: Slots
     working_runtimes: set[str]
     held: dict[str, Held]
+    answers: AnswerBudget
     closing: dict[str, Held]  # held sandboxes being closed (a call of theirs may still run)
     _expired: OrderedDict[str, tuple[str, str]]  # sandbox id -> (owner, why)
     _closing: set[asyncio.Task[None]]  # idle sandboxes being closed
@@ -343,6 +345,7 @@ class HeldSandboxes:
             return data[:limit]
 
         raw = await self._held_call(request, caller, read)
+        self.answers.check(answer_size(len(raw)))  # an answer may wait in memory until its client reads it
         return FileData(path=request.path, data=base64.b64encode(raw).decode())
 
     async def list_dir(self, request: ListDir, caller: Caller) -> DirListing:

@@ -30,6 +30,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     observers = _observers(config, controller)
     controller.listeners.append(observers)
     server = RPCServer(config.server_settings(), METHODS, JsonLines(), controller, observers)
+    controller.answers.unsent.append(server.unsent_bytes)
     if config.daemon_user is not None:
         # Bound as root (in root's /run/stockade), then root goes, before any request is read.
         try:

@@ -100,6 +100,10 @@ class RPCServer:
         self._ids = itertools.count(1)
         self.stopping = False
 
+    def unsent_bytes(self) -> int:
+        """What the connections' clients have not read yet (their write buffers)."""
+        return sum(c.transport.get_write_buffer_size() for c in self.connections if c.transport is not None)
+
     # ---- socket ---------------------------------------------------------------------
 
     async def start(self) -> None:
