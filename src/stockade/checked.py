@@ -127,11 +127,25 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
     return value
 
 
+# What other sandboxes (docker, E2B, Modal) call a field that is spelt differently here.
+_OTHER_NAMES = {
+    "mounts": "filesystem_access",
+    "mount": "filesystem_access",
+    "volumes": "filesystem_access",
+    "binds": "filesystem_access",
+    "cpus": "cpu_limit",
+    "env": "environment",
+    "env_vars": "environment",
+}
+
+
 def nearest(name: str, known: typing.Iterable[str]) -> str | None:
     """The known name ``name`` most likely meant: one it begins (``cpu_time`` for
     ``cpu_time_seconds``), else the closest spelling of a whole name or of its first part
     (``timout`` for ``timeout_seconds``), else None."""
     names = list(known)
+    if _OTHER_NAMES.get(name) in names:
+        return _OTHER_NAMES[name]
     begun = [k for k in names if k.startswith(name)]
     if name and begun:
         return min(begun, key=len)

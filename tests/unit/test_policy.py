@@ -124,6 +124,10 @@ def test_building_a_policy_directly_raises_policy_error_naming_the_field() -> No
 def test_an_unknown_field_suggests_the_nearest_one() -> None:
     with pytest.raises(PolicyError, match=r"memory: unknown field \(did you mean memory_mb\?\)"):
         Policy.build(memory=128)
+    # Names other sandboxes give the same thing (docker's mounts and volumes, cpus).
+    for other, ours in (("mounts", "filesystem_access"), ("volumes", "filesystem_access"), ("cpus", "cpu_limit")):
+        with pytest.raises(PolicyError, match=rf"{other}: unknown field \(did you mean {ours}\?\)"):
+            Policy.build(**{other: 1})
 
 
 # ---- a dataclass that checks itself, and the doors that read it ---------------------------
