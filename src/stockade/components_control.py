@@ -32,6 +32,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
@@ -45,6 +46,10 @@ SOCKET = "control.sock"
 MAX_LINE = 1024 * 1024
 CHUNK = 64 * 1024
 DETACH_WAIT_S = 30.0  # for the supervisor's next look at the output, after a client detaches
+# After an attached client's input ends, what the command answers still reaches it: it stays until
+# the command has been quiet this long since that input (or its last output), at most DETACH_GRACE_S.
+DETACH_QUIET_S = 0.5
+DETACH_GRACE_S = 5.0
 MAX_BACKLOG = 8 * 1024 * 1024  # output queued for a client: past it, its command waits (exec) or it is detached
 
 
@@ -229,10 +234,13 @@ class _Session:
         self._backlog = 0
         self._done = False
         self.finished = threading.Event()  # finish() was called
+        self.last_output = 0.0  # when output was last queued for it (monotonic)
         self._writer = threading.Thread(target=self._write, name="control-writer", daemon=True)
         self._writer.start()
 
     def send(self, message: dict[str, Any]) -> None:
+        if "stream" in message:
+            self.last_output = time.monotonic()
         line = json.dumps(message).encode() + b"\n"
         with self._lock:
             if self._done:
@@ -336,6 +344,13 @@ class _Session:
                 except ValueError:
                     break
                 pump.wake()
+        if message is not None and pump is not None:
+            # Its input ended (``echo REQUEST | stockade attach``): the answer to it still comes.
+            ended = time.monotonic()
+            while not self.finished.is_set() and time.monotonic() < ended + DETACH_GRACE_S:
+                if time.monotonic() - max(ended, self.last_output) >= DETACH_QUIET_S:
+                    break
+                self.finished.wait(0.05)
         # What the command wrote by the next look at its output still comes; then the end.
         if pump is not None:
             pump.after_tick(lambda: self.server.detach(self, "detached"))

@@ -38,8 +38,8 @@ def any_cli(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProces
 def _cli(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
     env = {**os.environ, "STOCKADE_STATE_DIR": str(tmp_path)}
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env=env, input=stdin, capture_output=True, text=True, timeout=120)
 
     yield run
     status = run("status", "--json")
@@ -300,6 +300,9 @@ def test_attach_talks_to_a_stdio_server(cli: Cli, tmp_path: Path) -> None:
             _end(client)
     assert _status(cli, "stdio")["status"] == "running"
     assert '{"echo": "first"}\n{"echo": "second"}\n' in cli("logs", "stdio").stdout
+    # Its whole input piped, ended at once (echo REQUEST | stockade attach): the answer still comes.
+    piped = cli("attach", "stdio", stdin="piped\n")
+    assert piped.returncode == 0 and piped.stdout == '{"echo": "piped"}\n', piped
     assert cli("start", "--name", "plain", "--", "sleep", "3600").returncode == 0
     refused = cli("attach", "plain")
     assert refused.returncode == 125 and "--stdin" in refused.stderr
@@ -435,8 +438,8 @@ def test_a_components_supervisor_gets_no_token_or_session_key(process_runtime: s
     env = {**os.environ, "STOCKADE_STATE_DIR": str(tmp_path), "STOCKADE_AUTH_TOKEN": token,
            "STOCKADE_SESSION_KEY": key, "STOCKADE_API_TOKEN": token}  # fmt: skip
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env=env, input=stdin, capture_output=True, text=True, timeout=120)
 
     assert run("start", "--name", "quiet", "--", "sleep", "30").returncode == 0
     try:
