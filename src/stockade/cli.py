@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
         except BrokenPipeError:
             os._exit(141)
+        except OSError:  # a full disk, an I/O error: the output is lost, which the status must say
+            os._exit(status or EXIT_STOCKADE_ERROR)
         os._exit(status)
     return status
 

@@ -215,15 +215,17 @@ def test_traffic_through_a_published_port_keeps_a_held_sandbox_from_idling_out(
             sb.exec(["true"])
 
 
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])  # joined as root; relayed by the agent
 def test_connections_that_reach_nothing_inside_do_not_keep_a_held_sandbox(
-    http: tuple[Daemon, httpx.Client],
+    runtime: str, http: tuple[Daemon, httpx.Client]
 ) -> None:
     """Anyone on the host may connect to a published port: only a connection that reaches the
     port inside is use. One refused there (nothing listens) does not hold the sandbox past its
     idle timeout."""
+    require(runtime)
     daemon, _ = http
     with Client(daemon.socket_path) as client:
-        sb = client.sandbox(network_policy="loopback", publish=[8000], idle_timeout=3)
+        sb = client.sandbox(runtime=runtime, network_policy="loopback", publish=[8000], idle_timeout=3)
         address = sb.published[8000]
         deadline = time.monotonic() + 30
         while any(s.get("sandbox_id") == sb.sandbox_id for s in client.status()["active_sandboxes"]):

@@ -202,7 +202,12 @@ def test_a_published_port_relays_both_ways_whole_on_every_runtime(runtime: str, 
         payload = bytes(range(256)) * (6 << 12)  # 6 MiB: past the agent's 1 MiB per direction
         with socket.create_connection(sb.published[7000], timeout=60) as conn:
             conn.sendall(payload[:1])
-            time.sleep(0.5)  # its tunnel is open inside by now (the relay opens it on accept)
+            count = (  # connections established to port 7000 inside
+                "print(sum(l.split()[1].endswith(':1B58') and l.split()[3] == '01' for l in open('/proc/net/tcp')))"
+            )
+            while sb.exec(["python3", "-c", count]).stdout.strip() == "0":  # until the tunnel reached the server
+                assert time.monotonic() < deadline, "the connection never reached the server inside"
+                time.sleep(0.05)
             # A connection relayed through the agent is no process of the caller's.
             assert [p["argv"] for p in sb.processes()] == [["python3", "-c", ECHO_SERVER]]
             conn.sendall(payload[1:])

@@ -4,9 +4,11 @@ A held sandbox's ``read_file`` answers up to 32 MiB in one answer (base64 in a J
 socket, the bytes on HTTP). A client that asks and never reads leaves that answer in the daemon's
 memory, in its connection's write buffer, for as long as the connection stays open: one answer a
 connection, but the socket admits 64 connections per uid and the HTTP door more. So the room for
-such answers is one budget for the whole daemon (``ANSWER_BUDGET``): a read whose answer, with
-what already waits unread (the socket connections' write buffers, HTTP bodies being sent), would
-pass it is refused "busy", its data dropped.
+such answers is one budget for the whole daemon (``ANSWER_BUDGET``), of which one owner may take a
+share (``OWNER_SHARE``): a read whose answer, with what already waits unread (the socket
+connections' write buffers, HTTP bodies being sent), would pass either is refused "busy", its data
+dropped. Only ``read_file`` is checked: other answers are smaller (a run's output, at most 7 MiB a
+stream), and counted in what waits.
 """
 
 from __future__ import annotations
@@ -17,40 +19,55 @@ from collections.abc import Callable, Iterator
 from ..errors import DaemonBusyError
 
 ANSWER_BUDGET = 256 << 20  # eight of the largest answers at once
+# What one owner (a uid on the socket, the HTTP API's principal) may hold of it: so that one who
+# leaves answers unread fills its own share, not everyone's room.
+OWNER_SHARE = 96 << 20
 
 
 class AnswerBudget:
     """Bytes of answers the daemon holds for its clients, checked as each file answer is made."""
 
-    def __init__(self, limit: int = ANSWER_BUDGET) -> None:
-        self.limit = limit
-        self.reserved = 0  # HTTP bodies being sent
-        # Each door's unsent bytes (the socket connections' write buffers).
-        self.unsent: list[Callable[[], int]] = []
+    def __init__(self, limit: int = ANSWER_BUDGET, share: int = OWNER_SHARE) -> None:
+        self.limit, self.share = limit, share
+        self.sending: dict[str, int] = {}  # HTTP bodies being sent, by owner
+        # Each door's unsent bytes (the socket connections' write buffers), of one owner or (None) all.
+        self.unsent: list[Callable[[str | None], int]] = []
 
-    def held(self) -> int:
-        return self.reserved + sum(unsent() for unsent in self.unsent)
+    def held(self, owner: str | None = None) -> int:
+        sending = sum(self.sending.values()) if owner is None else self.sending.get(owner, 0)
+        return sending + sum(unsent(owner) for unsent in self.unsent)
 
-    def check(self, size: int) -> None:
-        """Room for one more answer of ``size`` bytes, or ``DaemonBusyError``. Called once the answer
-        is made and before the loop runs anything else: on the socket it then goes straight into its
-        connection's write buffer, which ``unsent`` counts until the client has read it."""
+    def check(self, size: int, owner: str) -> None:
+        """Room for one more answer of ``size`` bytes for ``owner``, or ``DaemonBusyError``. Called
+        once the answer is made and before the loop runs anything else: on the socket it then goes
+        straight into its connection's write buffer, which ``unsent`` counts until it is read."""
+        mine = self.held(owner)
+        if mine + size > self.share:
+            raise DaemonBusyError(
+                f"busy: the daemon holds {mine >> 20} MiB of answers for {owner} that have not been read "
+                f"yet (at most {self.share >> 20} MiB for one caller): read those, or read less at once "
+                "(max_bytes, or download)"
+            )
         held = self.held()
         if held + size > self.limit:
             raise DaemonBusyError(
-                f"busy: the daemon holds {held >> 20} MiB of file answers that their clients have not "
-                f"read yet (at most {self.limit >> 20} MiB): try again shortly, or read less at once "
-                "(max_bytes, or download)"
+                f"busy: the daemon holds {held >> 20} MiB of answers that their clients have not read yet "
+                f"(at most {self.limit >> 20} MiB): try again shortly, or read less at once (max_bytes, or download)"
             )
 
     @contextlib.contextmanager
-    def hold(self, size: int) -> Iterator[None]:
-        """``size`` bytes counted while the block runs, unchecked: an answer made already, being sent."""
-        self.reserved += size
+    def hold(self, size: int, owner: str) -> Iterator[None]:
+        """``size`` bytes of ``owner``'s counted while the block runs, unchecked: an answer made
+        already, being sent."""
+        self.sending[owner] = self.sending.get(owner, 0) + size
         try:
             yield
         finally:
-            self.reserved -= size
+            left = self.sending[owner] - size
+            if left:
+                self.sending[owner] = left
+            else:
+                del self.sending[owner]
 
 
 def answer_size(data_bytes: int) -> int:

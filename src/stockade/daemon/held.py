@@ -345,7 +345,9 @@ class HeldSandboxes:
             return data[:limit]
 
         raw = await self._held_call(request, caller, read)
-        self.answers.check(answer_size(len(raw)))  # an answer may wait in memory until its client reads it
+        self.answers.check(
+            answer_size(len(raw)), caller.owner
+        )  # an answer may wait in memory until its client reads it
         return FileData(path=request.path, data=base64.b64encode(raw).decode())
 
     async def list_dir(self, request: ListDir, caller: Caller) -> DirListing:

@@ -100,9 +100,13 @@ class RPCServer:
         self._ids = itertools.count(1)
         self.stopping = False
 
-    def unsent_bytes(self) -> int:
-        """What the connections' clients have not read yet (their write buffers)."""
-        return sum(c.transport.get_write_buffer_size() for c in self.connections if c.transport is not None)
+    def unsent_bytes(self, owner: str | None = None) -> int:
+        """What the connections' clients (``owner``'s, or everyone's) have not read yet (their write buffers)."""
+        return sum(
+            c.transport.get_write_buffer_size()
+            for c in self.connections
+            if c.transport is not None and (owner is None or c.caller.owner == owner)
+        )
 
     # ---- socket ---------------------------------------------------------------------
 

@@ -250,15 +250,14 @@ class AgentRelay(_PublishedPort):
         except RuntimeError:  # the owner's loop has closed
             raise SandboxError("the sandbox of this published port is closed") from None
         del sandbox  # the call holds it while it runs; this thread, waiting, must not
-        while True:
-            try:
-                return future.result(_TURN_CHECK_S)
-            except concurrent.futures.TimeoutError:
-                # Still queued behind the owner's calls (a long exec), or running: given up only
-                # once the port has closed, or the loop that would run it has.
-                if self._closed.is_set() or loop.is_closed():
-                    future.cancel()
-                    raise SandboxError("the sandbox of this published port is closed") from None
+        # Still queued behind the owner's calls (a long exec), or running: given up only once the
+        # port has closed, or the loop that would run it has. (Waited for apart from its result,
+        # which may itself be a TimeoutError.)
+        while not concurrent.futures.wait([future], _TURN_CHECK_S).done:
+            if self._closed.is_set() or loop.is_closed():
+                future.cancel()
+                raise SandboxError("the sandbox of this published port is closed")
+        return future.result()
 
     def _serve(self, client: socket.socket) -> None:
         if not self._keep(client, reached=False):

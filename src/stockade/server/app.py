@@ -282,13 +282,14 @@ def create_app(door: HttpDoor) -> FastAPI:
     ) -> Response:
         params: dict[str, Any] = {"sandbox_id": sandbox_id, "path": path, "max_bytes": max_bytes}
         params = {k: v for k, v in params.items() if v is not None}
-        answer = await door.call("sandbox.read_file", params, door.caller(request))
+        caller = door.caller(request)
+        answer = await door.call("sandbox.read_file", params, caller)
         data = base64.b64decode(answer.data)
 
         async def pieces() -> AsyncIterator[bytes]:
             # Sent in pieces, each once the client has taken the last: while it is sent, the body
             # counts in the daemon's budget for unread answers (daemon/answers.py).
-            with door.controller.answers.hold(len(data)):
+            with door.controller.answers.hold(len(data), caller.owner):
                 for start in range(0, len(data), BODY_PIECE):
                     yield data[start : start + BODY_PIECE]
 
