@@ -394,11 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     program = argv is None  # this process is the command: nothing else will run in it
     argv = sys.argv[1:] if argv is None else argv
     one_run = bool(argv) and argv[0] in _ONE_RUN_COMMANDS
-    status = _main(argv, program, one_run)
-    if program and one_run:
-        # Its isolate, zygote and runtime are closed by now (_main's finally), and nothing else
-        # ran here: the interpreter's own finalisation (module teardown, the atexit pass over
-        # managers already closed) has nothing left to do but cost the exit a few ms.
+    return _main(argv, program, one_run)
+
+
+def entry() -> None:
+    """The ``stockade`` program: ``main``, then the exit. After a run (``run``, ``exec-code``) its
+    isolate, zygote and runtime are closed (``_main``'s finally) and nothing else ran here: the
+    interpreter's own finalisation (module teardown, the atexit pass over managers already closed)
+    would only cost the exit a few ms."""
+    status = main()
+    if sys.argv[1:2] and sys.argv[1] in _ONE_RUN_COMMANDS:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -407,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:  # a full disk, an I/O error: the output is lost, which the status must say
             os._exit(status or EXIT_STOCKADE_ERROR)
         os._exit(status)
-    return status
+    sys.exit(status)
 
 
 def _main(argv: list[str], program: bool, one_run: bool) -> int:
@@ -460,4 +465,4 @@ def _close_factories(factory: Any, args: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
