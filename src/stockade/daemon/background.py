@@ -33,7 +33,7 @@ from ..protocol.models import (
     SandboxRef,
     SandboxSpawn,
 )
-from ..runtimes.spawned import Process
+from ..runtimes.spawned import SHARED_SLICE_S, Process
 from .held import Held
 
 T = TypeVar("T")
@@ -42,8 +42,6 @@ MAX_REMEMBERED = 256
 # Ports one held sandbox may publish: each is a listener of the daemon's, and up to 64
 # connections relayed at once, two daemon threads each.
 MAX_PUBLISHED = 16
-# One turn of a process wait in a held sandbox with published ports (process_wait).
-WAIT_SLICE_S = 0.2
 # Below it, binding needs root: a caller that is not root does not get the daemon's root to take
 # one of the host's service ports (and answer in that service's place on its loopback).
 FIRST_UNPRIVILEGED_PORT = 1024
@@ -129,7 +127,7 @@ class BackgroundProcesses:
             left = max(0.0, until - time.monotonic())
             # A published port's relay takes its turns in this sandbox's queue: a long wait
             # gives the turn up between slices, so that its connections are served meanwhile.
-            await self._blocking(process.wait, min(left, WAIT_SLICE_S) if held.published else left)
+            await self._blocking(process.wait, min(left, SHARED_SLICE_S) if held.published else left)
             return _info(process)
 
         while True:  # asked at least once, whatever the timeout

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 _WAIT_SLICE_S = 10.0  # one proc_wait call: the sandbox's other calls wait for it
-_SHARED_SLICE_S = 0.2  # the same while published ports are relayed through the agent
+SHARED_SLICE_S = 0.2  # the same while published ports are relayed through the agent (the daemon's too)
 
 
 class Process:
@@ -70,7 +70,7 @@ class Process:
         # A published port relayed through the agent (gVisor, microVM) needs the sandbox's turn
         # between slices: short ones then, and a pause that lets its threads take it.
         relayed = bool(getattr(self._sandbox, "forwarders", None))
-        slice_s = _SHARED_SLICE_S if relayed else _WAIT_SLICE_S
+        slice_s = SHARED_SLICE_S if relayed else _WAIT_SLICE_S
         while self.exit_code is None:  # asked at least once, whatever the timeout
             left = slice_s if until is None else max(0.0, min(slice_s, until - time.monotonic()))
             self._note(self._sandbox.proc_call("proc_wait", {"handle": self.handle, "timeout": left}, left + 30))
