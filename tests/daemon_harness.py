@@ -52,6 +52,11 @@ class Daemon:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # It would not stop: SIGABRT has its faulthandler (PYTHONFAULTHANDLER) write every
+            # thread's stack into its log, which the failing test shows.
+            self.proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
             self.proc.kill()
             return self.proc.wait()
 
@@ -71,6 +76,7 @@ def start_daemon(
     full_env.update(
         {
             "STOCKADE_SOCKET": socket_path,
+            "PYTHONFAULTHANDLER": "1",  # see Daemon.stop
             "STOCKADE_POOL_SIZE": "1",
             "STOCKADE_DAEMON_USER": "root",  # every runtime; once setup-users has run, it would become stockade
             "STOCKADE_AUDIT_LOG": os.path.join(os.path.dirname(socket_path), "audit.log"),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 from .. import settings
 from ..protocol.models import Caller
@@ -126,5 +129,31 @@ def serve(config: DaemonConfig) -> int:
     from .. import environments
 
     environments.BUILD_ON_DEMAND = config.build_packages
-    asyncio.run(run(config))
+    with asyncio.Runner() as runner:
+        runner.run(run(config))
+        _exit_within(EXIT_GRACE_S)  # what is left: the runner's close, then the interpreter's thread joins
     return 0
+
+
+# How long a daemon that has stopped (every isolate closed, "stopped" logged) may take to exit.
+EXIT_GRACE_S = 10.0
+
+
+def _exit_within(grace_s: float) -> None:
+    """Exit ``grace_s`` from now if the process has not by then.
+
+    Everything the daemon started is closed when this is called; what could still hold its
+    exit is a thread left blocked (one given up on by a call that was cancelled) that the
+    interpreter would join for ever, leaving a stopped daemon that a service manager has to
+    kill. Such a thread is a defect: it is named, with every thread's stack, in the log.
+    """
+
+    def watch() -> None:
+        time.sleep(grace_s)
+        left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        log.warning("the daemon stopped %.0f s ago and has not exited (threads left: %s); stacks:", grace_s, left)
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="stockade-exit-watch", daemon=True).start()
