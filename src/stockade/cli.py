@@ -434,7 +434,9 @@ def _main(argv: list[str], program: bool, one_run: bool) -> int:
                 args.func = cmd_run if argv[0] == "run" else cmd_exec_code
         if args is None:
             parser = build_parser(next((w for w in argv if not w.startswith("-")), ""))
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                _refuse_unknown(parser, args, extra)
         args.factory, args.argv = factory, argv
         if args.version:
             from . import __version__
@@ -454,6 +456,27 @@ def _main(argv: list[str], program: bool, one_run: bool) -> int:
             os._exit(141)
     finally:
         _close_factories(factory, args)
+
+
+# Flags a user may expect of a command that has none, with why.
+_NOT_HERE = {("start", "--timeout"): "a component runs until `stockade stop`; --timeout is for run and exec-code"}
+
+
+def _refuse_unknown(parser: Any, args: Any, extra: list[str]) -> None:
+    """Refuse arguments no parser took, in the usage of the command they were given to (argparse
+    itself names the top-level program, whose usage does not show that command's flags)."""
+    import argparse
+
+    chosen, path = parser, []
+    while True:
+        subs = [a for a in chosen._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            break
+        chosen = subs[0].choices[name]
+        path.append(name)
+    why = [_NOT_HERE[(path[0], flag)] for flag in extra if path and (path[0], flag) in _NOT_HERE]
+    chosen.error(f"unrecognized arguments: {' '.join(extra)}" + "".join(f" ({w})" for w in why))
 
 
 def _close_factories(factory: Any, args: Any) -> None:

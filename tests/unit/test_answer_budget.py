@@ -25,3 +25,19 @@ def test_one_owner_fills_its_share_and_everyone_the_whole() -> None:
             budget.check(11, "http")
     assert budget.sending == {} and budget.held() == 75  # what was sent is no longer counted
     budget.check(25, "uid 1002")
+
+
+def test_a_caller_whose_unread_answers_fill_its_share_gets_no_new_work() -> None:
+    mib = 1 << 20
+    unsent = {"uid 1000": 0}
+    budget = AnswerBudget(limit=100 * mib, share=40 * mib)
+    budget.unsent.append(lambda owner: sum(unsent.values()) if owner is None else unsent.get(owner, 0))
+    unsent["uid 1000"] = 40 * mib - 1
+    budget.refuse_new("uid 1000")  # under its share: a run's answer may still be made
+    unsent["uid 1000"] = 40 * mib
+    with pytest.raises(DaemonBusyError, match="holds 40 MiB of answers for uid 1000 that have not been read yet"):
+        budget.refuse_new("uid 1000")
+    budget.refuse_new("uid 1001")  # its own room is untouched
+    with budget.hold(60 * mib, "http"), pytest.raises(DaemonBusyError, match=r"holds 100 MiB .* \(at most 100 MiB\)"):
+        budget.refuse_new("uid 1001")  # the whole is full
+    budget.refuse_new("uid 1001")

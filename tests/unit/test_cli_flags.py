@@ -104,3 +104,32 @@ def test_token_new_does_not_replace_a_token_file_unless_forced(tmp_path: object)
     with open(path) as f:
         assert f.read() != first
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_an_unknown_flag_is_refused_in_its_commands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    from stockade.cli import main
+
+    for argv, usage in ((["ps", "--all"], "usage: stockade ps"), (["env", "ls", "--all"], "usage: stockade env ls")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(usage), err
+        assert f"stockade {' '.join(argv[:-1])}: error: unrecognized arguments: --all" in err
+    # One a user may expect says why it is not there.
+    with pytest.raises(SystemExit):
+        main(["start", "--name", "web", "--timeout", "5", "--", "sleep", "9"])
+    err = capsys.readouterr().err
+    assert "stockade start: error: unrecognized arguments: --timeout (a component runs until `stockade stop`" in err
+
+
+def test_an_unknown_flag_of_a_run_is_refused_in_runs_usage() -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "stockade.cli", "run", "--bogus", "--", "true"]
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert (
+        done.stderr.startswith("usage: stockade run")
+        and "stockade run: error: unrecognized arguments: --bogus" in done.stderr
+    )

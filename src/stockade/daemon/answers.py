@@ -7,8 +7,11 @@ connection, but the socket admits 64 connections per uid and the HTTP door more.
 such answers is one budget for the whole daemon (``ANSWER_BUDGET``), of which one owner may take a
 share (``OWNER_SHARE``): a read whose answer, with what already waits unread (the socket
 connections' write buffers, HTTP bodies being sent), would pass either is refused "busy", its data
-dropped. Only ``read_file`` is checked: other answers are smaller (a run's output, at most 7 MiB a
-stream), and counted in what waits.
+dropped. Other answers are smaller (a run's output: at most ~19 MiB, its streams as text and as
+bytes) and made without a check, since the run they report has happened; but a caller whose unread
+answers fill its share already (or everyone's the budget) has every new request on the socket
+refused "busy" until it reads them (``refuse_new``): a run's answer cannot be its way round the
+budget, one connection's buffer at a time.
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ class AnswerBudget:
             raise DaemonBusyError(
                 f"busy: the daemon holds {held >> 20} MiB of answers that their clients have not read yet "
                 f"(at most {self.limit >> 20} MiB): try again shortly, or read less at once (max_bytes, or download)"
+            )
+
+    def refuse_new(self, owner: str) -> None:
+        """``DaemonBusyError`` when ``owner``'s unread answers fill its share or everyone's the budget:
+        no new work for it, whose answer would wait unread with the others."""
+        mine, held = self.held(owner), self.held()
+        if mine >= self.share or held >= self.limit:
+            whose = f"{mine >> 20} MiB of answers for {owner}" if mine >= self.share else f"{held >> 20} MiB of answers"
+            raise DaemonBusyError(
+                f"busy: the daemon holds {whose} that have not been read yet (at most "
+                f"{(self.share if mine >= self.share else self.limit) >> 20} MiB): read those answers first"
             )
 
     @contextlib.contextmanager

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from ..errors import NotFoundError, RunCancelledError, SandboxError
+from ..errors import DaemonBusyError, NotFoundError, RunCancelledError, SandboxError
 from ..placement import Isolate, Placement, open_placement
 from ..placement.config import LocalPlacementConfig
 from ..placement.local import LocalPlacement
@@ -359,6 +359,11 @@ class Controller(HeldSandboxes, BackgroundProcesses):
     async def _take_slot(self, caller: Caller) -> None:
         if caller.waits:
             await self.slots.take(caller.owner)
+            try:  # it waited: what its caller left unread may fill its share by now
+                self.answers.refuse_new(caller.owner)
+            except DaemonBusyError:
+                self.slots.release(caller.owner)
+                raise
         else:
             self.slots.take_at_once(caller.owner)
 

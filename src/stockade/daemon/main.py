@@ -32,8 +32,8 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     controller = Controller(config)
     observers = _observers(config, controller)
     controller.listeners.append(observers)
-    server = RPCServer(config.server_settings(), METHODS, JsonLines(), controller, observers)
-    controller.answers.unsent.append(server.unsent_bytes)
+    rpc_settings = config.server_settings()
+    server = RPCServer(rpc_settings, METHODS, JsonLines(), controller, observers, answers=controller.answers)
     if config.daemon_user is not None:
         # Bound as root (in root's /run/stockade), then root goes, before any request is read.
         try:

@@ -218,7 +218,7 @@ class Connection(asyncio.Protocol):
         if line is TOO_LARGE:
             self.send(error_answer(None, f"Request too large: over {self.limit} bytes", "invalid_request"))
             return
-        admitted = self.server.admit(line, self.peer)
+        admitted = self.server.admit(line, self.peer, self.caller.owner)
         if isinstance(admitted, dict):
             self.send(admitted)
             self._logged("refused", admitted, started)

@@ -42,6 +42,7 @@ from .methods import Method, read_request
 from .ratelimit import SlidingWindowLimiter
 
 if TYPE_CHECKING:
+    from ..daemon.answers import AnswerBudget
     from ..daemon.observers import Observers
 
 log = logging.getLogger("stockade.daemon")
@@ -77,6 +78,7 @@ class RPCServer:
         handler: Any,
         observers: Observers | None = None,
         listener: socket.socket | None = None,
+        answers: AnswerBudget | None = None,
     ) -> None:
         from ..daemon.observers import Observers
 
@@ -84,6 +86,11 @@ class RPCServer:
         self.methods = methods
         self.codec = codec
         self.handler = handler  # what the methods are called on (methods.Handler)
+        # The daemon's budget for answers its clients have not read: these connections' write
+        # buffers count in it, and a caller over its share gets no new work (daemon/answers.py).
+        self.answers = answers
+        if answers is not None:
+            answers.unsent.append(self.unsent_bytes)
         self._listener = listener  # bound already (the broker binds as root, then drops)
         self.nonces = auth.NonceCache(config.replay_window_s)
         # max_requests holds per connection and per peer uid alike. Every
@@ -160,10 +167,11 @@ class RPCServer:
 
     # ---- one request ----------------------------------------------------------------
 
-    def admit(self, line: bytes, peer: Peer) -> Admitted | dict[str, Any]:
+    def admit(self, line: bytes, peer: Peer, owner: str) -> Admitted | dict[str, Any]:
         """A request line's method, request and id, or the error answer that refuses it.
 
-        In this order: JSON, shape, rate limits, shutdown, authentication, method, request.
+        In this order: JSON, shape, rate limits, shutdown, authentication, method, unread
+        answers (``owner``'s), request.
         """
         codec = self.codec
         try:
@@ -195,6 +203,8 @@ class RPCServer:
         if method is None:
             return error_answer(msg_id, f"Method not found: {name[:64]}", "method_not_found")
         try:
+            if self.answers is not None:
+                self.answers.refuse_new(owner)
             return method, read_request(method, params), msg_id
         except StockadeError as exc:
             return self.failure(exc, name, msg_id)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from importlib import resources
 from typing import Any, TypeVar
 
 from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,7 +55,6 @@ from .sse import ClientDisconnected, event_stream, run_while_connected, until_di
 T = TypeVar("T")
 # Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
 POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
-BODY_PIECE = 1 << 20  # a read_file body goes out in pieces of this size (held in the answer budget meanwhile)
 
 
 class HttpSandboxCreate(BaseModel):
@@ -284,18 +283,8 @@ def create_app(door: HttpDoor) -> FastAPI:
         params = {k: v for k, v in params.items() if v is not None}
         caller = door.caller(request)
         answer = await door.call("sandbox.read_file", params, caller)
-        data = base64.b64decode(answer.data)
-
-        async def pieces() -> AsyncIterator[bytes]:
-            # Sent in pieces, each once the client has taken the last: while it is sent, the body
-            # counts in the daemon's budget for unread answers (daemon/answers.py).
-            with door.controller.answers.hold(len(data), caller.owner):
-                for start in range(0, len(data), BODY_PIECE):
-                    yield data[start : start + BODY_PIECE]
-
-        return StreamingResponse(
-            pieces(), media_type="application/octet-stream", headers={"Content-Length": str(len(data))}
-        )
+        # Sent in pieces, counted in the daemon's budget for unread answers meanwhile (door.Guard).
+        return Response(base64.b64decode(answer.data), media_type="application/octet-stream")
 
     @app.get(
         "/api/v1/sandboxes/{sandbox_id}/files/list",

@@ -14,6 +14,10 @@ client). In order, for every route but the open ones:
    and send no header.
 4. The body, read here up to ``STOCKADE_MAX_REQUEST_BYTES`` whatever length it
    claims, so a client cannot make the daemon hold more.
+5. The answers its clients have not read: a large body goes out in pieces, each
+   once the client has taken most of the last, and counts in the daemon's budget
+   for them until its last piece is out; no new work is taken while they fill the
+   HTTP API's share ("busy", 503).
 
 Client addresses are the socket's: no ``X-Forwarded-For`` is believed.
 """
@@ -73,6 +77,11 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse({"error": message, "code": code}, status_code=HTTP_STATUS[code], headers=headers)
 
 
+BODY_PIECE = 1 << 20  # a larger body goes out in pieces of this size, counted meanwhile
+# The HTTP API's one principal, who owns what it holds (see ``HttpDoor.caller``).
+HTTP_OWNER = "http"
+
+
 class HttpDoor:
     """What the HTTP API keeps between requests: its token, its rate windows, its observers."""
 
@@ -102,7 +111,7 @@ class HttpDoor:
 
         Its sandboxes and runs are all the HTTP API's; the address goes to the audit log.
         """
-        return Caller("http", "http", waits=False, peer=client_address(request))
+        return Caller(HTTP_OWNER, "http", waits=False, peer=client_address(request))
 
     def check_host(self, request: Request) -> None:
         if self.token is not None:
@@ -164,6 +173,16 @@ class Guard:
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
                 headers_done = True
+            elif message["type"] == "http.response.body" and len(body := message.get("body", b"")) > BODY_PIECE:
+                # A send returns once its bytes are written to the connection, where they wait
+                # for the client; the next waits for it to have read most of them (uvicorn's
+                # flow control). So a large body waits in pieces, here, counted, not all at once.
+                more = message.get("more_body", False)
+                with self.door.controller.answers.hold(len(body), HTTP_OWNER):
+                    for start in range(0, len(body), BODY_PIECE):
+                        end = start + BODY_PIECE
+                        await send({**message, "body": body[start:end], "more_body": more or end < len(body)})
+                return
             await send(message)
 
         request = Request(scope)
@@ -172,6 +191,7 @@ class Guard:
                 self.door.check_host(request)
                 self.door.check_rate(request)
                 self.door.check_token(request)
+                self.door.controller.answers.refuse_new(HTTP_OWNER)
             receive = await self._bounded_body(scope, receive)
         except StockadeError as exc:
             await error_response(exc)(scope, receive, send_noting)
