@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from stockade.errors import CallTooLargeError
 from stockade.result import ExecResult
 from stockade.runtimes.manager import RuntimeManager
 from stockade.sdk import AsyncSandbox
@@ -219,6 +220,19 @@ def test_a_missing_fetch_file_is_left_out(manager: RuntimeManager, process_runti
     answer = serve(manager, body)
     assert answer["status"] == "Success"
     assert answer["files"] == {"here.txt": b64(b"x")}
+
+
+def test_a_file_named_many_ways_counts_under_each_name(manager: RuntimeManager, process_runtime: str) -> None:
+    # Each name is sent with the file's bytes: eight names of a 1 MiB file are 8 MiB of answer,
+    # more than one carries, however many times the file itself was read.
+    names = ["f", *("./" * n + "f" for n in range(1, 8))]
+    body = {"code": "open('f', 'wb').write(b'x' * (1 << 20))", "language": "python", "fetch_files": names}
+    with pytest.raises(CallTooLargeError, match="fetch_files: the files asked for hold more than"):
+        serve(manager, body)
+    answer = serve(manager, {**body, "fetch_files": [*names[:6], "f", "f"]})  # a repeated name is one
+    assert sorted(answer["files"]) == sorted(names[:6]) and answer["files"]["./f"] == b64(b"x" * (1 << 20))
+    with pytest.raises(ValueError, match="at most 1024 items"):
+        RunCodeRequest.model_validate({**body, "fetch_files": ["f"] * 1025})
 
 
 def test_files_are_fetched_after_a_failed_run_too(manager: RuntimeManager, process_runtime: str) -> None:

@@ -104,6 +104,9 @@ _SKIP_MARK = "IGNORE_THIS_FILE"  # SandboxFusion's restore_files skips such name
 _MKDIR_TIMEOUT_S = 10.0
 
 
+MAX_FETCH_NAMES = 1024  # names in one fetch_files
+
+
 class RequestNotSupported(ValueError):
     """A valid SandboxFusion request that stockade cannot serve (the HTTP layer refuses it)."""
 
@@ -132,7 +135,9 @@ class RunCodeRequest(BaseModel):
     files: dict[str, str | None] = Field(
         default={}, description="file path -> base64-encoded content, written before the run"
     )
-    fetch_files: list[str] = Field(default=[], description="file paths to return (base64) after the run")
+    fetch_files: list[str] = Field(
+        default=[], max_length=MAX_FETCH_NAMES, description="file paths to return (base64) after the run"
+    )
 
 
 class CommandRunResult(BaseModel):
@@ -209,7 +214,8 @@ def policy_fields(request: RunCodeRequest) -> dict[str, Any]:
     return {"timeout_seconds": run_timeout(request), "memory_mb": memory_mb(request)}
 
 
-# The fetched files of one answer, at most (one call's data, as every door's limit).
+# The fetched files of one answer, at most (one call's data, as every door's limit): every name
+# counts, a file asked for under several names as often as it is named, since each is sent.
 MAX_FETCH_BYTES = MAX_CALL_BYTES
 
 
@@ -314,23 +320,26 @@ async def _write_files(files: dict[str, str | None], sandbox: HeldSandbox, mkdir
 
 async def _fetch_files(names: list[str], sandbox: HeldSandbox) -> dict[str, str]:
     """The files asked for, base64, under the names as given: each path read once, and at most
-    MAX_FETCH_BYTES in all (an answer is held whole in the daemon's memory)."""
+    MAX_FETCH_BYTES in all, counted per name (an answer is held whole in the daemon's memory)."""
     fetched: dict[str, str] = {}
-    by_path: dict[str, str] = {}
+    by_path: dict[str, tuple[int, str]] = {}
     total = 0
+    too_large = CallTooLargeError(
+        f"fetch_files: the files asked for hold more than {MAX_FETCH_BYTES} bytes, more than one answer carries"
+    )
     for name in names:
+        if name in fetched:
+            continue  # a name given twice is answered once
         path = resolve_path(name)
-        if path in by_path:
-            fetched[name] = by_path[path]  # "f", "./f" and "/work/f" are one file, read once
-            continue
-        try:
-            data = await sandbox.read_file(path, MAX_FETCH_BYTES - total + 1)
-        except SandboxError:
-            continue  # missing, not a regular file, or unreadable: left out, as SandboxFusion does
-        total += len(data)
+        if path not in by_path:  # "f", "./f" and "/work/f" are one file, read once
+            try:
+                data = await sandbox.read_file(path, MAX_FETCH_BYTES - total + 1)
+            except SandboxError:
+                continue  # missing, not a regular file, or unreadable: left out, as SandboxFusion does
+            by_path[path] = (len(data), base64.b64encode(data).decode("ascii"))
+        size, encoded = by_path[path]
+        total += size  # under each name it is sent again
         if total > MAX_FETCH_BYTES:
-            raise CallTooLargeError(
-                f"fetch_files: the files asked for hold more than {MAX_FETCH_BYTES} bytes, more than one answer carries"
-            )
-        fetched[name] = by_path[path] = base64.b64encode(data).decode("ascii")
+            raise too_large
+        fetched[name] = encoded
     return fetched
