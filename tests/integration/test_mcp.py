@@ -171,6 +171,21 @@ def test_a_tool_that_never_answers_is_ended_at_its_timeout(manager: RuntimeManag
         call(host, "bad", "sleep")
 
 
+@pytest.mark.parametrize("lifecycle", ["ephemeral", "persistent"])
+def test_a_server_that_never_answers_initialize_is_ended_in_time(manager: RuntimeManager, lifecycle: str) -> None:
+    stalled = hostile(lifecycle=lifecycle, timeout_secs=2, args=["/mcp/hostile.py", "--stall", "initialize"])
+    host = ToolHost(config(bad=stalled), manager)
+
+    async def go() -> None:
+        async with host:
+            started = time.monotonic()
+            with pytest.raises(ToolError, match=r"bad did not answer initialize in 2 s \(its timeout_secs\)"):
+                await host.call("bad", "echo")
+            assert time.monotonic() - started < 60  # not the 600 s it once had
+
+    anyio.run(go)
+
+
 def test_a_flooding_server_is_cut_off(manager: RuntimeManager) -> None:
     host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
 
@@ -310,6 +325,39 @@ def test_through_the_daemon_a_persistent_server_outlives_each_call_tool(tmp_path
         expected = [("count", "ok")] * 3 + [("die", "error"), ("count", "ok")]
         assert [(r["tool"], r["outcome"]) for r in records] == expected
         assert records[0]["server"] == "bad" and records[0]["runtime"] == "process" and records[0]["door"] == "unix"
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        daemon.cleanup()
+
+
+def test_a_daemons_mcp_call_ends_with_its_caller(tmp_path: Any) -> None:
+    require("process")
+    import socket
+    import uuid
+
+    from stockade.client import Client
+    from tests.daemon_harness import start_daemon
+    from tests.helpers import processes_with_arg
+
+    tag = f"--tag={uuid.uuid4()}"  # its server's processes, found by their command line
+    server = hostile(args=["/mcp/hostile.py", tag], tools={"sleep": {"timeout_secs": 600}})
+    env = {"STOCKADE_POOL_SIZE": "0", "STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_TIMEOUT": "60"}
+    daemon = start_daemon(env=env)
+    try:
+        call = {"method": "mcp.call_tool", "params": {"config": {"mcp_servers": {"bad": server}}, "server": "bad",
+                "tool": "sleep"}, "id": 1}  # fmt: skip
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(daemon.socket_path)
+            conn.sendall(json.dumps(call).encode() + b"\n")
+            deadline = time.monotonic() + 60
+            while not processes_with_arg(tag):  # the call is under way, in its isolate
+                assert time.monotonic() < deadline, daemon.logs()
+                time.sleep(0.05)
+        # Its caller gone, the call is ended with its isolate: the daemon's one slot comes back.
+        started = time.monotonic()
+        with Client(daemon.socket_path, timeout=120) as client:
+            assert client.execute(code="print(1)").stdout == "1\n"
+        assert time.monotonic() - started < 60 and not processes_with_arg(tag)  # not the tool's 600 s
     finally:
         assert daemon.stop() == 0, daemon.logs()
         daemon.cleanup()

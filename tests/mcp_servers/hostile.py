@@ -10,6 +10,8 @@
 - ``count``: how many calls this server has answered (a persistent server's keep their count).
 - ``die``: the server exits in the middle of the call.
 - ``hog``: a child of it asks for more memory than the isolate has (the child is killed).
+
+``--stall METHOD`` (``initialize``, ``tools/list``): it never answers that request.
 """
 
 import ctypes
@@ -19,6 +21,7 @@ import socket
 import sys
 import time
 
+STALL = sys.argv[sys.argv.index("--stall") + 1] if "--stall" in sys.argv else None
 TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "echo", "count", "die", "hog"]
 calls = 0
 
@@ -100,8 +103,8 @@ def call(name, arguments):
 for line in sys.stdin:
     request = json.loads(line)
     method, rid = request.get("method"), request.get("id")
-    if rid is None:
-        continue  # a notification
+    if rid is None or method == STALL:
+        continue  # a notification, or what it never answers
     if method == "initialize":
         result = {
             "protocolVersion": request["params"]["protocolVersion"],

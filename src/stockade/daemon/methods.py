@@ -103,7 +103,11 @@ def _method_list() -> list[Method]:
         Method("secrets.put", SecretPut, lambda c, r, caller, out: secrets.put(r, caller), admin_action=True),
         Method("secrets.delete", SecretRef, lambda c, r, caller, out: secrets.delete(r, caller), admin_action=True),
         Method("secrets.list", Empty, lambda c, r, caller, out: secrets.listing(r, caller)),
-        Method("mcp.call_tool", mcp.McpCall, lambda c, r, caller, out: mcp.call_tool(c, r, caller)),
+        # A call whose caller went away is ended (an ephemeral server's isolate with it): it would
+        # hold a slot for no one until its timeout.
+        Method(
+            "mcp.call_tool", mcp.McpCall, lambda c, r, caller, out: mcp.call_tool(c, r, caller), ends_with_caller=True
+        ),
     ]
 
 

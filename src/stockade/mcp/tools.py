@@ -38,7 +38,6 @@ from .transport import ServerOutput, process_transport
 T = TypeVar("T")
 log = logging.getLogger("stockade.mcp")
 DEFAULT_TIMEOUT_S = 30.0
-START_TIMEOUT_S = 600.0  # an isolate whose environment is built on first use (pip) takes its time once
 
 
 class ToolError(StockadeError):
@@ -109,11 +108,15 @@ class ToolHost:
                 f"tool {tool!r} of MCP server {server_id!r} is not offered: its config lists "
                 f"{', '.join(sorted(server.tools)) or 'no tools'} (expose: listed)"
             )
-        timeout = self.config.options(server_id, tool).timeout_secs or DEFAULT_TIMEOUT_S
+        timeout = self._timeout(server_id, tool)
         with _unwrapped():
             if server.lifecycle == "persistent":
                 return await self._call_persistent(server_id, server, tool, arguments or {}, timeout)
             return await self._call_ephemeral(server_id, server, tool, arguments or {}, timeout)
+
+    def _timeout(self, server_id: str, tool: str | None) -> float:
+        """How long ``tool`` (None: its server, started) may take: its ``timeout_secs``."""
+        return self.config.options(server_id, tool).timeout_secs or DEFAULT_TIMEOUT_S
 
     async def list_tools(self, server_id: str) -> list[types.Tool]:
         """The tools ``server_id`` offers that its config exposes (asked of the server itself)."""
@@ -167,7 +170,7 @@ class ToolHost:
             try:
                 process = await anyio.to_thread.run_sync(lambda: sandbox.spawn([server.command, *server.args]))
                 async with process_transport(process, output) as (read, write), ClientSession(read, write) as session:
-                    await _initialise(session, server_id, output)
+                    await _initialise(session, server_id, output, self._timeout(server_id, tool))
                     yield session, sandbox, output
             finally:
                 await anyio.to_thread.run_sync(sandbox.close)
@@ -221,7 +224,8 @@ class ToolHost:
         """A persistent server's life, in a task of its own: whatever ends it ends here, not in a caller."""
         try:
             async with self._admit():
-                await self._serve_kept(live, server_id, server, policy)
+                with _unwrapped():  # a ToolError from inside the transport's task group, as itself
+                    await self._serve_kept(live, server_id, server, policy)
         except Exception as exc:  # noqa: BLE001 - contained: the server's callers hear of it, the host goes on
             live.error = str(exc) if isinstance(exc, StockadeError) else f"{type(exc).__name__}: {exc}"
             log.info("MCP server %s ended: %s (%s)", server_id, live.error, live.output.describe())
@@ -234,7 +238,7 @@ class ToolHost:
             live.sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(policy, manager=self.manager))
             process = await anyio.to_thread.run_sync(lambda: live.sandbox.spawn([server.command, *server.args]))  # type: ignore[union-attr]
             async with process_transport(process, live.output) as (read, write), ClientSession(read, write) as session:
-                await _initialise(session, server_id, live.output)
+                await _initialise(session, server_id, live.output, self._timeout(server_id, None))
                 live.session = session
                 live.ready.set()
                 await live.stop.wait()
@@ -275,14 +279,17 @@ def _closed(exc: BaseException) -> bool:
     return not isinstance(exc, MCPError) or exc.error.code == CONNECTION_CLOSED
 
 
-async def _initialise(session: ClientSession, server_id: str, output: ServerOutput) -> None:
-    with anyio.move_on_after(START_TIMEOUT_S) as deadline:
+async def _initialise(session: ClientSession, server_id: str, output: ServerOutput, timeout: float) -> None:
+    """The session's ``initialize``, within the server's timeout: a server that never answers it
+    holds its isolate (and a daemon's slot) no longer than one that never answers a call. Its
+    environment, built on first use, is built before (``Sandbox``), under no such bound."""
+    with anyio.move_on_after(timeout) as deadline:
         try:
             await session.initialize()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
             raise ToolError(f"MCP server {server_id} did not start: {output.describe()} ({exc})") from None
     if deadline.cancelled_caught:
-        raise ToolError(f"MCP server {server_id} did not answer initialize in {START_TIMEOUT_S:g} s")
+        raise ToolError(f"MCP server {server_id} did not answer initialize in {timeout:g} s (its timeout_secs)")
 
 
 async def _verdict(sandbox: Sandbox, isolate: str, seen: dict[str, int] | None = None) -> dict[str, Any]:
