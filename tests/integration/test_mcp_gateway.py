@@ -33,6 +33,12 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
             "bad": {**hostile, "lifecycle": "persistent"},
             "worse": {**hostile, "tools": {"sleep": {"timeout_secs": 2}}},
             "broken": {"command": "no-such-server"},
+            # It never says what it offers: the gateway serves the others all the same.
+            "stalled": {**hostile, "args": ["/mcp/hostile.py", "--stall", "tools/list"], "timeout_secs": 3},
+            # Two offer one URI (by neither here: a read could not say whose), one its own.
+            "docs": {**hostile, "args": ["/mcp/hostile.py", "--resource", "file:///shared/doc"], "tools": {}},
+            "evil": {**hostile, "args": ["/mcp/hostile.py", "--resource", "file:///shared/doc"], "tools": {}},
+            "notes": {**hostile, "args": ["/mcp/hostile.py", "--resource", "file:///notes"], "tools": {}},
         }
     }
     path = tmp_path / "isolation_config.json"
@@ -50,7 +56,11 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
                 names = {t.name for t in (await session.list_tools()).tools}
                 assert "get_current_time" in names and "convert_time" not in names  # listed only
                 assert {"bad.echo", "worse.echo", "bad.snoop", "worse.sleep"} <= names  # collisions named
-                assert not [n for n in names if n.startswith("broken")]
+                assert not [n for n in names if n.startswith(("broken", "stalled"))]
+                uris = [str(r.uri) for r in (await session.list_resources()).resources]
+                assert uris == ["file:///notes"]
+                notes = await session.read_resource("file:///notes")
+                assert notes.contents[0].text == "file:///notes from --resource file:///notes"
                 now = await session.call_tool("get_current_time", {"timezone": "Asia/Tokyo"})
                 assert not now.is_error and json.loads(now.content[0].text)["timezone"] == "Asia/Tokyo"
                 assert now.meta["stockade"]["runtime"] == "process"

@@ -12,6 +12,7 @@
 - ``hog``: a child of it asks for more memory than the isolate has (the child is killed).
 
 ``--stall METHOD`` (``initialize``, ``tools/list``): it never answers that request.
+``--resource URI``: it offers one resource, whose text names the URI and this server's args.
 """
 
 import ctypes
@@ -22,6 +23,7 @@ import sys
 import time
 
 STALL = sys.argv[sys.argv.index("--stall") + 1] if "--stall" in sys.argv else None
+RESOURCE = sys.argv[sys.argv.index("--resource") + 1] if "--resource" in sys.argv else None
 TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "echo", "count", "die", "hog"]
 calls = 0
 
@@ -108,11 +110,16 @@ for line in sys.stdin:
     if method == "initialize":
         result = {
             "protocolVersion": request["params"]["protocolVersion"],
-            "capabilities": {"tools": {}},
+            "capabilities": {"tools": {}, **({"resources": {}} if RESOURCE else {})},
             "serverInfo": {"name": "hostile", "version": "1"},
         }
     elif method == "tools/list":
         result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in TOOLS]}
+    elif method == "resources/list":
+        result = {"resources": [{"uri": RESOURCE, "name": "doc"}]}
+    elif method == "resources/read":
+        said = f"{RESOURCE} from {' '.join(sys.argv[1:])}"
+        result = {"contents": [{"uri": RESOURCE, "mimeType": "text/plain", "text": said}]}
     elif method == "tools/call":
         result = call(request["params"]["name"], request["params"].get("arguments") or {})
     else:

@@ -7,8 +7,10 @@ a hang, garbage, a flood) costs only its own tools: each of its calls is answere
 error result saying what happened, and the others go on. Every tool call is one audit record
 (server, tool, argument size, outcome, verdict, egress) — never the arguments or the result.
 
-What each server offers is asked once, when the gateway starts (each server in an isolate
-under its own policy); a server that cannot be asked is left out, and said so on stderr.
+What each server offers is asked once, when the gateway starts (every server at once, each in
+an isolate under its own policy and within its ``timeout_secs``); a server that cannot be asked
+is left out, and said so on stderr. A resource URI that two servers offer is offered by neither:
+a read of it could not say whose answer it is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from mcp import ClientSession, MCPError, types
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
@@ -52,13 +55,24 @@ class Gateway:
 
     async def survey(self) -> None:
         """Ask every server what it offers; name each tool and prompt once across them all."""
-        found: dict[str, tuple[list[types.Tool], list[types.Resource], list[types.Prompt]]] = {}
-        for server_id in self.config.mcp_servers:
+        answers: dict[str, tuple[list[types.Tool], list[types.Resource], list[types.Prompt]]] = {}
+
+        async def ask(server_id: str) -> None:
             try:
-                found[server_id] = await self.host.request(server_id, _describe)
+                answers[server_id] = await self.host.request(server_id, _describe)
             except (StockadeError, MCPError, OSError) as exc:
                 self.unavailable[server_id] = str(exc)
                 log.warning("MCP server %s offers nothing here: %s", server_id, exc)
+
+        async with anyio.create_task_group() as tasks:  # one that hangs costs its own timeout, not the others'
+            for server_id in self.config.mcp_servers:
+                tasks.start_soon(ask, server_id)
+        found = {s: answers[s] for s in self.config.mcp_servers if s in answers}  # in the config's order
+        offered_by = Counter(
+            str(r.uri) for _, resources, _ in found.values() for r in {str(r.uri): r for r in resources}.values()
+        )
+        for uri in sorted(u for u, count in offered_by.items() if count > 1):
+            log.warning("MCP resource %s is offered by more than one server: by none here", uri)
         tool_names = _final_names({s: [t.name for t in tools] for s, (tools, _, _) in found.items()})
         prompt_names = _final_names({s: [p.name for p in prompts] for s, (_, _, prompts) in found.items()})
         for server_id, (tools, resources, prompts) in found.items():
@@ -67,7 +81,7 @@ class Gateway:
                 if self.config.exposes(server_id, tool.name):
                     name = tool_names[server_id, tool.name]
                     offer.tools[name] = (tool.name, tool.model_copy(update={"name": name}))
-            offer.resources = {str(r.uri): r for r in resources}
+            offer.resources = {str(r.uri): r for r in resources if offered_by[str(r.uri)] == 1}
             for prompt in prompts:
                 name = prompt_names[server_id, prompt.name]
                 offer.prompts[name] = (prompt.name, prompt.model_copy(update={"name": name}))
@@ -154,7 +168,7 @@ async def serve(
 
 
 async def _describe(session: ClientSession) -> tuple[list[types.Tool], list[types.Resource], list[types.Prompt]]:
-    capabilities = (await session.initialize()).capabilities
+    capabilities = session.server_capabilities or (await session.initialize()).capabilities
     tools = (await session.list_tools()).tools if capabilities.tools else []
     resources = (await session.list_resources()).resources if capabilities.resources else []
     prompts = (await session.list_prompts()).prompts if capabilities.prompts else []

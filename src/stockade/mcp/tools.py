@@ -125,15 +125,17 @@ class ToolHost:
 
     async def request(self, server_id: str, ask: Callable[[ClientSession], Awaitable[T]]) -> T:
         """Any request of ``server_id`` (its capabilities, resources, prompts) by ``ask``: in its kept
-        session, or in a fresh isolate of its own under the server's policy."""
+        session, or in a fresh isolate of its own under the server's policy; answered within the
+        server's ``timeout_secs`` (else ``ToolError``)."""
         server = self.config.server(server_id)
+        timeout = self._timeout(server_id, None)
         with _unwrapped():
             if server.lifecycle == "persistent":
                 live = await self._persistent(server_id, server)
                 assert live.session is not None
-                return await ask(live.session)
+                return await _within(timeout, server_id, ask(live.session))
             async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
-                return await ask(session)
+                return await _within(timeout, server_id, ask(session))
 
     async def _call_ephemeral(
         self, server_id: str, server: ServerConfig, tool: str, arguments: dict[str, Any], timeout: float
@@ -277,6 +279,12 @@ def _unwrapped() -> Iterator[None]:
 def _closed(exc: BaseException) -> bool:
     """Whether ``exc`` says the session's connection is gone (not an error the server answered)."""
     return not isinstance(exc, MCPError) or exc.error.code == CONNECTION_CLOSED
+
+
+async def _within(timeout: float, server_id: str, answer: Awaitable[T]) -> T:
+    with anyio.move_on_after(timeout):
+        return await answer
+    raise ToolError(f"MCP server {server_id} did not answer in {timeout:g} s (its timeout_secs)")
 
 
 async def _initialise(session: ClientSession, server_id: str, output: ServerOutput, timeout: float) -> None:
