@@ -186,6 +186,18 @@ def test_a_server_that_never_answers_initialize_is_ended_in_time(manager: Runtim
     anyio.run(go)
 
 
+def test_a_message_of_millions_of_values_cuts_its_server_off(manager: RuntimeManager) -> None:
+    host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
+
+    async def go() -> None:
+        async with host:
+            with pytest.raises(ToolError, match="bad ended during the call: it wrote a message of more than 1000000"):
+                await host.call("bad", "bloat")
+            assert text_of(await host.call("bad", "echo", {"a": 1})) == {"a": 1}  # started again
+
+    anyio.run(go)
+
+
 def test_a_flooding_server_is_cut_off(manager: RuntimeManager) -> None:
     host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
 

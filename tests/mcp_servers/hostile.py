@@ -6,6 +6,7 @@
 - ``garbage``: writes lines that are not JSON-RPC, then answers.
 - ``fork``: forks without end (it answers with how many it got).
 - ``flood``: one line far longer than any message may be.
+- ``bloat``: one line of a few MiB that holds millions of JSON values, then its answer.
 - ``echo``: answers with its arguments (a well-behaved tool beside the others).
 - ``count``: how many calls this server has answered (a persistent server's keep their count).
 - ``die``: the server exits in the middle of the call.
@@ -24,7 +25,7 @@ import time
 
 STALL = sys.argv[sys.argv.index("--stall") + 1] if "--stall" in sys.argv else None
 RESOURCE = sys.argv[sys.argv.index("--resource") + 1] if "--resource" in sys.argv else None
-TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "echo", "count", "die", "hog"]
+TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "bloat", "echo", "count", "die", "hog"]
 calls = 0
 
 
@@ -95,6 +96,14 @@ def call(name, arguments):
         return text("after the garbage")
     if name == "fork":
         return text(fork())
+    if name == "bloat":
+        zeros = ",".join(["0"] * 2_000_000)
+        line = '{"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": [' + zeros + "]}}\n"
+        for start in range(0, len(line), 128 << 10):  # paced: the agent's output buffer keeps all of it
+            sys.stdout.write(line[start : start + (128 << 10)])
+            sys.stdout.flush()
+            time.sleep(0.05)
+        return text("after the bloat")
     if name == "flood":
         sys.stdout.write("x" * (40 << 20))
         sys.stdout.flush()

@@ -5,11 +5,14 @@ server is a process spawned in a sandbox (``Process``: runtimes/spawned.py), whi
 same on every runtime. Lines its stdout writes become ``SessionMessage``s (a line that is not
 JSON-RPC becomes an exception the session reports, as the SDK does); messages written by the
 session become lines on its stdin. A line longer than ``MAX_LINE`` ends the transport: a
-server that floods is cut off, not buffered.
+server that floods is cut off, not buffered. So does a line of more than ``MAX_VALUES`` JSON
+values: parsed, each is a Python object of its own (a 16 MiB line of ``0,0,0,...`` took a GiB),
+where a large message a server means (a text, an image) is mostly one string.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +27,8 @@ from mcp.shared.message import SessionMessage
 from ..runtimes.spawned import Process
 
 MAX_LINE = 16 << 20  # one JSON-RPC message
+MAX_VALUES = 1_000_000  # JSON values in one message (~50-100 bytes each once parsed)
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes and all
 MAX_STDERR = 64 << 10  # kept of what the server says on stderr, for an error message
 # How long the reader waits for output while there is none. The agent serves one call at a time, so a
 # process's output is asked for, not pushed: often while a conversation is under way (a reply is due
@@ -60,7 +65,8 @@ async def process_transport(
     process: Process, output: ServerOutput
 ) -> AsyncIterator[tuple[ObjectReceiveStream[SessionMessage | Exception], ObjectSendStream[SessionMessage]]]:
     """``(read_stream, write_stream)`` for ``mcp.ClientSession``, over ``process``'s stdin and stdout."""
-    read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](16)
+    # Few parsed messages wait for the session: each may be large.
+    read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](4)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](16)
     stop = threading.Event()
     last_message = [time.monotonic()]
@@ -78,6 +84,9 @@ async def process_transport(
             while (end := buffer.find(b"\n")) >= 0:
                 line = bytes(buffer[:end])
                 del buffer[: end + 1]
+                if _values(line) > MAX_VALUES:
+                    output.broken = f"it wrote a message of more than {MAX_VALUES} JSON values"
+                    return
                 if line.strip():
                     anyio.from_thread.run(read_writer.send, _parse(line))
             if len(buffer) > MAX_LINE:
@@ -123,6 +132,16 @@ async def process_transport(
             write_stream.close()
             read_stream.close()
             tasks.cancel_scope.cancel()
+
+
+def _values(line: bytes) -> int:
+    """At most how many JSON values ``line`` holds: its separators and openings, those inside its
+    strings too unless that quick count passes ``MAX_VALUES`` (then they are taken out first)."""
+    quick = line.count(b",") + line.count(b"[") + line.count(b"{")
+    if quick <= MAX_VALUES:
+        return quick
+    bare = _STRING.sub(b'""', line)
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{")
 
 
 def _parse(line: bytes) -> SessionMessage | Exception:
