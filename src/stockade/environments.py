@@ -68,15 +68,18 @@ _failures: dict[str, tuple[float, str]] = {}
 BUILD_ON_DEMAND = True
 
 
-_pinned_store: str | None = None  # pin_store_root's
+_pinned_store: str | None = None  # pin_root_view's
+_pinned_pip: list[tuple[str, str]] | None = None  # the same
 
 
-def pin_store_root() -> str:
-    """Keep this process on the store it has now: a daemon that gives root up still reads the
-    system store (where ``stockade env build`` as root puts environments), not its new user's."""
-    global _pinned_store
+def pin_root_view() -> None:
+    """Keep this process on the store and the pip settings it sees now: a daemon that gives root
+    up still reads the system store (where ``stockade env build`` as root puts environments), not
+    its new user's, and names environments by root's pip configuration (under /root, 0700, which
+    it could no longer read), so that ``packages=`` finds the ones root built."""
+    global _pinned_store, _pinned_pip
     _pinned_store = store_root()
-    return _pinned_store
+    _pinned_pip = pip_settings()
 
 
 def store_root() -> str:
@@ -180,6 +183,8 @@ def python_identity() -> dict[str, str]:
 def pip_settings() -> list[tuple[str, str]]:
     """The pip options that choose packages, as pip would read them here (its configuration
     files, global, site, user, PIP_CONFIG_FILE; then PIP_*), with each constraints file's content."""
+    if _pinned_pip is not None:
+        return list(_pinned_pip)
     home = os.path.expanduser("~")
     files = [os.path.join(d, "pip", "pip.conf") for d in (os.environ.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(":")]
     files += ["/etc/pip.conf", os.path.join(python_identity().get("prefix", "/usr"), "pip.conf")]

@@ -15,6 +15,7 @@ def unconfigured(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) ->
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setattr(environments, "_pinned_store", None)
+    monkeypatch.setattr(environments, "_pinned_pip", None)
     assert settings.current().env_store is None  # read from the environment as it is now
 
 
@@ -31,7 +32,26 @@ def test_a_process_that_gives_root_up_keeps_the_store_it_pinned(
     # The daemon pins it as root (privileges.drop_root), then runs as its own user: environments
     # built with `stockade env build` as root are still found.
     monkeypatch.setattr(os, "getuid", lambda: 0)
-    assert environments.pin_store_root() == environments.SYSTEM_STORE
+    environments.pin_root_view()
     monkeypatch.setattr(os, "getuid", lambda: 998)
     assert environments.store_root() == environments.SYSTEM_STORE
     assert environments.env_path("abc") == os.path.join(environments.SYSTEM_STORE, "envs", "abc")
+
+
+def test_a_process_that_gives_root_up_names_environments_as_root_did(
+    unconfigured: None, monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+) -> None:
+    # Root's pip.conf (under /root, 0700) names its index: the environment's id covers it. The
+    # daemon's user cannot read it, yet must find the environments root built under that id.
+    for name in ("PIP_CONFIG_FILE", "PIP_INDEX_URL", "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS"):
+        monkeypatch.delenv(name, raising=False)
+    os.makedirs(os.path.join(tmp_path, ".config", "pip"))
+    with open(os.path.join(tmp_path, ".config", "pip", "pip.conf"), "w") as f:
+        f.write("[global]\nindex-url = https://mirror.example/simple\n")
+    as_root = environments.content_id(("pandas",))
+    assert ("index-url", "https://mirror.example/simple") in environments.pip_settings()
+    environments.pin_root_view()
+    monkeypatch.setenv("HOME", os.path.join(str(tmp_path), "elsewhere"))  # its own home, no pip.conf
+    assert environments.content_id(("pandas",)) == as_root
+    monkeypatch.setattr(environments, "_pinned_pip", None)
+    assert environments.content_id(("pandas",)) != as_root  # unpinned, it would not find them

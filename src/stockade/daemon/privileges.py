@@ -114,9 +114,9 @@ def drop_root(config: DaemonConfig, controller: Controller) -> None:
         raise ConfigError(f"STOCKADE_DAEMON_USER={user}: the daemon gives root up, so it must start as root")
     uid, gid = identities.ids_of(user)
     _read_broker_key(config)
-    from ..environments import pin_store_root
+    from ..environments import pin_root_view
 
-    pin_store_root()  # root's store (/var/cache/stockade/envs), which the daemon's user reads
+    pin_root_view()  # root's store (/var/cache/stockade/envs), which the daemon's user reads, and pip settings
     process = controller.manager.process()
     process.hand_to(uid, gid)
     from ..egress.workers import fork_server
