@@ -208,9 +208,10 @@ class Sandbox:
         """The stateful Python interpreter called ``name`` in this sandbox (started by its first cell)."""
         return Interpreter(self, name)
 
-    def interrupt(self) -> bool:
-        """From another thread: interrupt the run in progress (SIGINT). False when nothing runs."""
-        return self._sandbox.interrupt()
+    def interrupt(self, *, session: str | None = None) -> bool:
+        """From another thread: interrupt the run in progress (SIGINT). False when nothing runs
+        (``session``: when no cell of that interpreter runs; anything else is left alone)."""
+        return self._sandbox.interrupt(session)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self._sandbox.write_file(path, data, mode)
@@ -296,8 +297,9 @@ class Interpreter:
         return self.sandbox.run_code(code, env=env, timeout=timeout, on_output=on_output, session=self.name)
 
     def interrupt(self) -> bool:
-        """From another thread: interrupt the cell that runs; the interpreter keeps its state."""
-        return self.sandbox.interrupt()
+        """From another thread: interrupt this interpreter's cell that runs (its state stays);
+        False when none runs (a cell of another interpreter, or a command, is left alone)."""
+        return self.sandbox.interrupt(session=self.name)
 
     def restart(self) -> None:
         """End the interpreter (its atexit handlers run); the next cell starts a fresh one."""
@@ -420,10 +422,11 @@ class AsyncSandbox:
                 code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session
             )
 
-    async def interrupt(self) -> bool:
+    async def interrupt(self, *, session: str | None = None) -> bool:
         """Interrupt the run in progress, beside it (SIGINT; a cell keeps its interpreter's
-        state). False when nothing runs, or where the placement has no interrupt."""
-        return await self._held().ainterrupt()
+        state). False when nothing runs (``session``: when no cell of that interpreter runs), or
+        where the placement has no interrupt."""
+        return await self._held().ainterrupt(session)
 
     async def close_interpreter(self, session: str) -> bool:
         """End ``session``'s interpreter (``Interpreter.restart``)."""

@@ -136,6 +136,34 @@ def test_an_interrupt_from_another_thread_stops_the_cell_and_keeps_the_state(sb:
     assert (caught.termination_reason, caught.error, caught.stdout) == ("completed", None, "caught\n")
 
 
+def test_an_interpreters_interrupt_touches_only_its_own_cells(sb: Sandbox) -> None:
+    mine, other = sb.interpreter("mine"), sb.interpreter("other")
+    other.run("x = 1")
+    started = threading.Event()
+    answers: list[bool] = []
+
+    def interrupt_both() -> None:
+        if started.wait(30):
+            answers.append(other.interrupt())  # not its cell: left alone
+            answers.append(mine.interrupt())
+
+    helper = threading.Thread(target=interrupt_both)
+    helper.start()
+    r = mine.run(
+        "print('spinning', flush=True)\nwhile True:\n    pass\n", timeout=50, on_output=lambda s, d: started.set()
+    )
+    helper.join()
+    assert answers == [False, True]
+    assert r.exception is not None and r.exception.name == "KeyboardInterrupt"
+    # A command is no interpreter's cell.
+    timer = threading.Timer(1.0, lambda: answers.append(mine.interrupt()))
+    timer.start()
+    slept = sb.exec(["sleep", "2"])
+    timer.join()
+    assert answers[-1] is False and slept.success
+    assert other.run("x").results[0].text == "1"
+
+
 def test_an_interrupted_command_or_program_reads_killed_and_says_why(sb: Sandbox) -> None:
     for run in (lambda: sb.exec(["sleep", "30"]), lambda: sb.run_code("import time\ntime.sleep(30)")):
         timer = threading.Timer(1.0, sb.interrupt)

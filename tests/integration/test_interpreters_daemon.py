@@ -55,6 +55,7 @@ def test_a_cell_is_interrupted_from_another_thread_and_keeps_its_state(daemon: D
 
         def interrupt_once_started() -> None:
             if started.wait(30):
+                interrupted.append(sb.interpreter("other").interrupt())  # not its cell: left alone
                 interrupted.append(py.interrupt())
 
         helper = threading.Thread(target=interrupt_once_started)
@@ -63,7 +64,7 @@ def test_a_cell_is_interrupted_from_another_thread_and_keeps_its_state(daemon: D
             "print('looping', flush=True)\nwhile True:\n    pass\n", timeout=25, on_output=lambda s, d: started.set()
         )
         helper.join()
-        assert interrupted == [True]
+        assert interrupted == [False, True]
         assert r.exception is not None and r.exception.name == "KeyboardInterrupt"
         assert (r.termination_reason, r.error) == (
             "killed",
@@ -105,10 +106,11 @@ def test_http_cells_interrupts_and_restarts(daemon: Daemon) -> None:
         assert http.post(cell, json={"session": "web", "code": "P.__name__"}).json()["results"][0]["data"] == {
             "text/plain": "'P'"
         }
-        assert http.post(f"/api/v1/sandboxes/{sandbox}/interrupt").json() == {
-            "sandbox_id": sandbox,
-            "interrupted": False,
-        }
+        for asked in ("", "?session=web"):
+            assert http.post(f"/api/v1/sandboxes/{sandbox}/interrupt{asked}").json() == {
+                "sandbox_id": sandbox,
+                "interrupted": False,
+            }
         closed = http.delete(f"/api/v1/sandboxes/{sandbox}/interpreters/web")
         assert closed.json() == {"sandbox_id": sandbox, "session": "web", "closed": True}
         again = http.post(cell, json={"session": "web", "code": "'P' in dir()"}).json()

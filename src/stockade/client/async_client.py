@@ -264,10 +264,10 @@ class AsyncClient(Requests):
         """``Client.sandbox_publish``, awaited."""
         return published_address(await self.call(*self._publish(sandbox_id, spec)))
 
-    async def interrupt_sandbox(self, sandbox_id: str) -> bool:
+    async def interrupt_sandbox(self, sandbox_id: str, session: str | None = None) -> bool:
         """``Client.interrupt_sandbox``: on a connection of its own."""
         async with AsyncClient(self.socket_path, self._token, self.timeout, retry=None) as other:
-            interrupted: bool = (await other.call(*other._interrupt(sandbox_id)))["interrupted"]
+            interrupted: bool = (await other.call(*other._interrupt(sandbox_id, session)))["interrupted"]
         return interrupted
 
     async def close_sandbox(self, sandbox_id: str) -> None:
@@ -304,8 +304,9 @@ class AsyncRemoteSandbox(SandboxHandle):
     async def run_code(self, code: str, language: str = "python", **options: Unpack[CodeOptions]) -> ExecResult:
         return await self.client.sandbox_run_code(self.sandbox_id, code, language, **options)
 
-    async def interrupt(self) -> bool:
-        return await self.client.interrupt_sandbox(self.sandbox_id)
+    async def interrupt(self, *, session: str | None = None) -> bool:
+        """Interrupt this sandbox's run in progress (``session``: only a cell of that interpreter)."""
+        return await self.client.interrupt_sandbox(self.sandbox_id, session)
 
     async def publish(self, spec: int | str) -> tuple[str, int]:
         """``RemoteSandbox.publish``, awaited."""

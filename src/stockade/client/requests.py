@@ -20,6 +20,7 @@ from ..protocol.models import (
     CancelRequest,
     ExecuteRequest,
     InterpreterRef,
+    InterruptRequest,
     ListDir,
     ReadFile,
     Request,
@@ -197,8 +198,9 @@ class Requests:
         request = _build(SandboxPublish, "sandbox.publish", sandbox_id=sandbox_id, port=spec)
         return "sandbox.publish", _params(request), None
 
-    def _interrupt(self, sandbox_id: str) -> Sent:
-        return "sandbox.interrupt", _params(_build(SandboxRef, "sandbox.interrupt", sandbox_id=sandbox_id)), None
+    def _interrupt(self, sandbox_id: str, session: str | None = None) -> Sent:
+        fields = {"sandbox_id": sandbox_id, **({"session": session} if session is not None else {})}
+        return "sandbox.interrupt", _params(_build(InterruptRequest, "sandbox.interrupt", **fields)), None
 
     def _close(self, sandbox_id: str) -> Sent:
         return "sandbox.close", _params(_build(SandboxRef, "sandbox.close", sandbox_id=sandbox_id)), None

@@ -337,13 +337,14 @@ class Client(Requests):
         the sandbox closes (``Sandbox.publish``'s ``spec``): the host address and port."""
         return published_address(self.call(*self._publish(sandbox_id, spec)))
 
-    def interrupt_sandbox(self, sandbox_id: str) -> bool:
-        """Interrupt a held sandbox's run in progress (SIGINT); False when nothing runs.
+    def interrupt_sandbox(self, sandbox_id: str, session: str | None = None) -> bool:
+        """Interrupt a held sandbox's run in progress (SIGINT); False when nothing runs
+        (``session``: when no cell of that interpreter runs).
 
         Sent on a connection of its own: this client's may be waiting for that run.
         """
         with Client(self.socket_path, self._token, self.timeout, retry=None) as other:
-            interrupted: bool = other.call(*other._interrupt(sandbox_id))["interrupted"]
+            interrupted: bool = other.call(*other._interrupt(sandbox_id, session))["interrupted"]
         return interrupted
 
     def close_sandbox(self, sandbox_id: str) -> None:
@@ -397,9 +398,10 @@ class RemoteSandbox(SandboxHandle):
         """The stateful Python interpreter ``name`` in this sandbox (the SDK's ``Sandbox.interpreter``)."""
         return RemoteInterpreter(self, name)
 
-    def interrupt(self) -> bool:
-        """From another thread: interrupt this sandbox's run in progress."""
-        return self.client.interrupt_sandbox(self.sandbox_id)
+    def interrupt(self, *, session: str | None = None) -> bool:
+        """From another thread: interrupt this sandbox's run in progress (``session``: only a cell
+        of that interpreter)."""
+        return self.client.interrupt_sandbox(self.sandbox_id, session)
 
     def publish(self, spec: int | str) -> tuple[str, int]:
         """``Sandbox.publish`` through the daemon: a loopback port of the daemon's host (this host's:
@@ -488,7 +490,8 @@ class RemoteInterpreter:
         return self.sandbox.run_code(code, env=env, timeout=timeout, on_output=on_output, session=self.name)
 
     def interrupt(self) -> bool:
-        return self.sandbox.interrupt()
+        """From another thread: interrupt this interpreter's cell that runs; False when none does."""
+        return self.sandbox.interrupt(session=self.name)
 
     def restart(self) -> None:
         self.sandbox.client.close_interpreter(self.sandbox.sandbox_id, self.name)

@@ -41,6 +41,7 @@ from ..protocol.models import (
     InterpreterClosed,
     InterpreterRef,
     Interrupted,
+    InterruptRequest,
     ListDir,
     PublishedPort,
     ReadFile,
@@ -377,10 +378,11 @@ class HeldSandboxes:
         closed = await self._held_call(request, caller, close)
         return InterpreterClosed(sandbox_id=request.sandbox_id, session=request.session, closed=closed)
 
-    async def interrupt(self, request: SandboxRef, caller: Caller) -> Interrupted:
-        """Interrupt the sandbox's run in progress, without waiting for it (it holds the sandbox's turn)."""
+    async def interrupt(self, request: InterruptRequest, caller: Caller) -> Interrupted:
+        """Interrupt the sandbox's run in progress (``request.session``: only that interpreter's
+        cell), without waiting for it (it holds the sandbox's turn)."""
         held = self._lookup(request, caller)
-        return Interrupted(sandbox_id=held.sandbox_id, interrupted=await held.sandbox.ainterrupt())
+        return Interrupted(sandbox_id=held.sandbox_id, interrupted=await held.sandbox.ainterrupt(request.session))
 
     async def close_sandbox(self, request: SandboxRef, caller: Caller) -> Closed:
         held = self._lookup(request, caller)

@@ -18,6 +18,7 @@ from ..protocol.models import (
     Empty,
     ExecuteRequest,
     InterpreterRef,
+    InterruptRequest,
     ListDir,
     ProcessKill,
     ProcessRef,
@@ -52,7 +53,7 @@ async def _cancel(c: Controller, r: CancelRequest, caller: Caller, out: OutputCa
     return c.cancel(r, caller)
 
 
-async def _interrupt(c: Controller, r: SandboxRef, caller: Caller, out: OutputCallback | None) -> Any:
+async def _interrupt(c: Controller, r: InterruptRequest, caller: Caller, out: OutputCallback | None) -> Any:
     return await c.interrupt(r, caller)
 
 
@@ -87,7 +88,7 @@ def _method_list() -> list[Method]:
             start_now=lambda c, r, caller, done: c.sandbox_call_now(r, caller, done),
         ),
         Method("sandbox.close_interpreter", InterpreterRef, lambda c, r, caller, out: c.close_interpreter(r, caller)),
-        Method("sandbox.interrupt", SandboxRef, _interrupt),
+        Method("sandbox.interrupt", InterruptRequest, _interrupt),
         Method("sandbox.spawn", SandboxSpawn, lambda c, r, caller, out: c.spawn(r, caller)),
         Method("sandbox.process_read", ProcessRef, lambda c, r, caller, out: c.process_read(r, caller)),
         Method("sandbox.process_write", ProcessWrite, lambda c, r, caller, out: c.process_write(r, caller)),

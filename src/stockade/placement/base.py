@@ -118,9 +118,10 @@ class Isolate(Protocol):
         port relayed through the agent takes its turns in (``runtimes/publish.py``)."""
         ...
 
-    async def ainterrupt(self) -> bool:
+    async def ainterrupt(self, session: str | None = None) -> bool:
         """Interrupt the run in progress (SIGINT: a cell raises KeyboardInterrupt and its
-        interpreter keeps its state), keeping the isolate; False when there is none to interrupt."""
+        interpreter keeps its state), keeping the isolate; False when there is none to interrupt
+        (``session``: when it is not a cell of that interpreter)."""
         ...
 
     def cancel(self, why: str) -> None:

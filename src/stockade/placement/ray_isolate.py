@@ -177,13 +177,13 @@ class RayIsolate(RemoteRuns):
     async def aclose_interpreter(self, session: str) -> bool:
         return bool(await self._call("close_interpreter", session))
 
-    async def ainterrupt(self) -> bool:
+    async def ainterrupt(self, session: str | None = None) -> bool:
         """SIGINT to the run in flight on its node (the node actor takes calls beside the run's
         stream); False when none is, or the node is gone."""
         if not self._runs or self.lost is not None or self.closed:
             return False
         try:
-            return bool(await self._call("interrupt"))
+            return bool(await self._call("interrupt", session))
         except SandboxLostError:
             return False
 

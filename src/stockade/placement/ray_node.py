@@ -137,8 +137,8 @@ class StockadeNode:
     async def list_dir(self, isolate_id: str, path: str) -> list[dict[str, Any]]:
         return await self._get(isolate_id).alist_dir(path)
 
-    async def interrupt(self, isolate_id: str) -> bool:
-        return await self._get(isolate_id).ainterrupt()  # one frame to the agent, never a wait
+    async def interrupt(self, isolate_id: str, session: str | None = None) -> bool:
+        return await self._get(isolate_id).ainterrupt(session)  # one frame to the agent, never a wait
 
     async def close_interpreter(self, isolate_id: str, session: str) -> bool:
         return await self._get(isolate_id).aclose_interpreter(session)

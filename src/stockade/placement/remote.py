@@ -166,7 +166,7 @@ class RemoteRuns:
         if self._task is not None and not self._task.done():
             await asyncio.wait([self._task])
 
-    async def ainterrupt(self) -> bool:
+    async def ainterrupt(self, session: str | None = None) -> bool:
         return False  # unless the isolate says otherwise: no interrupt short of its end (cancel)
 
     def kill(self) -> None:

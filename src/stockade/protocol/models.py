@@ -165,6 +165,12 @@ class InterpreterRef(SandboxRef):
     session: Session
 
 
+class InterruptRequest(SandboxRef):
+    session: Session | None = Field(
+        default=None, description="only a cell of this interpreter: a run of anything else is left alone"
+    )
+
+
 Handle = Annotated[str, Field(pattern=r"^p[0-9]{1,10}$", description="a background process's handle")]
 Signal = Literal["SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"]
 MAX_PROCESS_WAIT_S = 60.0  # one sandbox.process_wait holds the sandbox's turn at most this long

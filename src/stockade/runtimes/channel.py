@@ -65,6 +65,7 @@ class AgentChannel:
         self._interrupt_lock = threading.Lock()  # an interrupt's frame never splits a request's
         self._current: LoopCall | None = None  # the call in flight
         self._running = ""  # the method of the request in flight (or last sent)
+        self._running_session: str | None = None  # its interpreter session, for a cell
         self._interrupt_sent = False  # that request was interrupted already
         self.last_interrupted = False  # the last call that ended was (read when its run is judged)
         self._settle_waiters: list[asyncio.Future[None]] = []  # ``settled`` callers, told at the release
@@ -135,6 +136,7 @@ class AgentChannel:
 
         with self._interrupt_lock:
             self._running, self._interrupt_sent = method, False
+            self._running_session = params.get("session") if method == "run_cell" else None
         self._current = LoopCall(loop, self.conn, frame, timeout, on_message, done, release)
         return self._current
 
@@ -168,16 +170,18 @@ class AgentChannel:
             if not blocking:
                 return False
 
-    def interrupt(self) -> bool:
+    def interrupt(self, session: str | None = None) -> bool:
         """SIGINT to the run in flight, from any thread: one small frame, sent only when the
         socket has room at once (an agent that stops reading never makes this wait: the
-        caller may be the daemon's loop). False when nothing interruptible is running or
-        this run was interrupted already."""
+        caller may be the daemon's loop). False when nothing interruptible is running, or
+        (``session``) the run is not that interpreter's cell, or it was interrupted already."""
         with self._interrupt_lock:
             call = self._current
             if call is None or call.unsent or call.ended:
                 return False
             if self._running not in INTERRUPTIBLE or self._interrupt_sent:
+                return False
+            if session is not None and self._running_session != session:
                 return False
             _, room, _ = select.select([], [self.conn], [], 0)
             if not room:

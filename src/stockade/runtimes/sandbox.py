@@ -218,17 +218,17 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         """Return once no call to the agent is in flight (a call given up is left to finish)."""
         await self.channel.settled()
 
-    def interrupt(self) -> bool:
+    def interrupt(self, session: str | None = None) -> bool:
         """Interrupt the run in progress from another thread: SIGINT to it (a cell raises
         KeyboardInterrupt and its interpreter keeps its state; a command gets Ctrl-C). False
-        when nothing was running."""
+        when nothing was running (``session``: when no cell of that interpreter was)."""
         if self._dead or self._closed:
             return False
-        return self.channel.interrupt()
+        return self.channel.interrupt(session)
 
-    async def ainterrupt(self) -> bool:
+    async def ainterrupt(self, session: str | None = None) -> bool:
         """``interrupt``, for an awaiting caller (it never waits)."""
-        return self.interrupt()
+        return self.interrupt(session)
 
     async def aclose_interpreter(self, session: str) -> bool:
         """End ``session``'s interpreter as a program ends; its next cell starts a fresh one."""

@@ -303,9 +303,11 @@ def create_app(door: HttpDoor) -> FastAPI:
         response_model=Interrupted,
         responses=_ERRORS,
     )
-    async def interrupt(request: Request, sandbox_id: str) -> Any:
-        """Interrupt the sandbox's run in progress (SIGINT): a cell keeps its interpreter's state."""
-        return await door.call("sandbox.interrupt", {"sandbox_id": sandbox_id}, door.caller(request))
+    async def interrupt(request: Request, sandbox_id: str, session: str | None = Query(default=None)) -> Any:
+        """Interrupt the sandbox's run in progress (SIGINT): a cell keeps its interpreter's state.
+        ``?session=NAME``: only a cell of that interpreter."""
+        params = {"sandbox_id": sandbox_id, **({"session": session} if session is not None else {})}
+        return await door.call("sandbox.interrupt", params, door.caller(request))
 
     @app.delete(
         "/api/v1/sandboxes/{sandbox_id}/interpreters/{session}",
