@@ -102,12 +102,27 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
             raise PolicyError(f"packages: pip did not finish within {build_timeout():g} s (STOCKADE_ENV_BUILD_TIMEOUT; "
                               "stockade env build makes an environment ahead of time)")  # fmt: skip
     with open(log_path, "rb") as f:
-        tail = f.read()[-2000:].decode(errors="replace").strip().splitlines()[-12:]
+        log = f.read()
     os.unlink(log_path)
+    tail = log[-2000:].decode(errors="replace").strip().splitlines()[-12:]
     if status != 0:
         said = ("\n" + "\n".join(tail)) if tail else ""
-        hint = "" if allow_source else " (wheels only: stockade env build --allow-source takes sdists)"
-        raise PolicyError(f"packages: pip could not install them (exit {status}){hint}{said}")
+        raise PolicyError(f"packages: pip could not install them (exit {status}){_why(log, allow_source)}{said}")
+
+
+# What pip says (anywhere in its output) when it could not reach a package index at all.
+_UNREACHABLE = (b"NewConnectionError", b"Connection refused", b"Temporary failure in name resolution",
+                b"Network is unreachable", b"ProxyError", b"ConnectTimeoutError", b"Could not fetch URL")  # fmt: skip
+
+
+def _why(log: bytes, allow_source: bool) -> str:
+    """The likeliest cause of a failed pip run, for the error's first line."""
+    if any(marker in log for marker in _UNREACHABLE):
+        return (" (it could not reach the package index: this host's pip settings say where it is, "
+                "pip.conf, PIP_INDEX_URL or PIP_FIND_LINKS for a local mirror)")  # fmt: skip
+    if not allow_source and b"No matching distribution" in log:
+        return " (wheels only: stockade env build --allow-source takes sdists)"
+    return ""
 
 
 @functools.lru_cache(maxsize=1)

@@ -359,8 +359,11 @@ def build(requirements: Iterable[str], name: str | None = None, allow_source: bo
         with _locked(env_id):
             if not os.path.isdir(env_path(env_id)):
                 failed = _failures.get(env_id)
-                if failed and time.monotonic() - failed[0] < FAILURE_MEMORY_S and not verbose:
-                    raise PolicyError(failed[1])
+                if failed and (ago := time.monotonic() - failed[0]) < FAILURE_MEMORY_S and not verbose:
+                    raise PolicyError(
+                        f"{failed[1]}\n(that was pip {ago:.0f} s ago: the same build is not tried again for "
+                        f"{FAILURE_MEMORY_S:g} s; `stockade env build` tries it now)"
+                    )
                 try:
                     from . import environment_build  # it imports this module
 

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -221,10 +222,27 @@ def test_a_failed_build_says_what_pip_said(
     # No index at all, so that pip fails at once, with or without a network.
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", store)
-    with pytest.raises(PolicyError, match=r"pip could not install them(.|\n)*stockade-no-such-package"):
+    with pytest.raises(PolicyError, match=r"pip could not install them(.|\n)*stockade-no-such-package") as failed:
         with stockade.Sandbox(runtime="fake", packages=["stockade-no-such-package"], manager=manager):
             pass
+    assert "(wheels only: stockade env build --allow-source takes sdists)" in str(failed.value)
     assert os.listdir(os.path.join(store, "tmp")) == []
+    # Asked again at once, it is refused with what pip said then, saying so.
+    with pytest.raises(PolicyError, match=r"that was pip \d+ s ago: the same build is not tried again for 60 s"):
+        stockade.Sandbox(runtime="fake", packages=["stockade-no-such-package"], manager=manager)
+
+
+def test_an_index_out_of_reach_is_named_as_the_cause(
+    store: str, manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as closed:  # a port nothing listens on: pip's connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # this host's own indexes and links are not asked
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{port}/simple")
+    monkeypatch.setenv("PIP_RETRIES", "1")  # pip says why it retries, not that it gave up on an index
+    with pytest.raises(PolicyError, match=r"\(it could not reach the package index: this host's pip settings"):
+        stockade.Sandbox(runtime="fake", packages=["stockade-unreachable-package"], manager=manager)
 
 
 # ---- inside each runtime -------------------------------------------------------------------------------
