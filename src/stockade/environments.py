@@ -305,16 +305,16 @@ def share(policy: Policy) -> Policy:
             raise PolicyError(f"environment {policy.environment_id} is no longer in {store_root()} (stockade env ls)")
         if not BUILD_ON_DEMAND:
             raise PolicyError(
-                f"packages: {', '.join(policy.packages)} is not built here, and this daemon builds no environment "
-                "for a caller (STOCKADE_BUILD_PACKAGES=0): an administrator builds it with "
+                f"packages: the environment of {', '.join(policy.packages)} is not built here, and this daemon "
+                "builds none for a caller (STOCKADE_BUILD_PACKAGES=0): an administrator builds it with "
                 f"`stockade env build NAME {' '.join(policy.packages)}`"
             )
         try:
             build(policy.packages, expected_id=policy.environment_id)
         except PermissionError as exc:  # e.g. a daemon that gave root up: it reads root's store, builds nothing in it
             raise PolicyError(
-                f"packages: {', '.join(policy.packages)} is not built here, and this process may not build "
-                f"into {store_root()} ({exc.strerror}): an administrator builds it with "
+                f"packages: the environment of {', '.join(policy.packages)} is not built here, and this process "
+                f"may not build into {store_root()} ({exc.strerror}): an administrator builds it with "
                 f"`stockade env build NAME {' '.join(policy.packages)}`"
             ) from None
     if os.getuid() == 0:
