@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade import AsyncSandbox, Policy, Sandbox
-from stockade.errors import InvalidRequestError, PolicyError
+from stockade.errors import InvalidRequestError, PolicyError, SandboxClosedError
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -270,3 +270,23 @@ def test_clients_that_go_away_leave_nothing_behind_and_close_ends_the_rest(
             assert waiting.recv(1) == b""  # ended by the close, not left hanging
         except ConnectionResetError:
             pass
+
+
+def test_a_sandbox_closed_from_another_thread_says_so_to_its_calls(manager: RuntimeManager) -> None:
+    require("process")
+    policy = Policy(runtime="process", timeout_seconds=60)
+    with Sandbox(policy, manager=manager) as sb:
+        timer = threading.Timer(1.0, sb.close)
+        timer.start()
+        r = sb.exec(["sleep", "30"])  # in flight when it closes
+        timer.join()
+        assert (r.termination_reason, r.error) == ("killed", "the sandbox was closed during this call")
+    with Sandbox(policy, manager=manager) as sb:
+        sleeper = sb.spawn(["sleep", "60"])
+        timer = threading.Timer(1.0, sb.close)
+        timer.start()
+        with pytest.raises(SandboxClosedError, match=r"the sandbox was closed during this call \(proc_wait\)"):
+            sleeper.wait()
+        timer.join()
+        with pytest.raises(SandboxClosedError, match="the sandbox is closed"):
+            sb.exec(["true"])  # and after

@@ -24,6 +24,7 @@ from stockade.policy import Policy
 from stockade.protocol.models import (
     CancelRequest,
     ExecuteRequest,
+    InterruptRequest,
     SandboxCreate,
     SandboxExec,
     SandboxRef,
@@ -183,7 +184,7 @@ def test_what_a_remote_isolate_does_not_offer_is_refused_by_name() -> None:
                 InvalidRequestError, match="a background process is not offered by an isolate of the far"
             ):
                 await controller.spawn(SandboxSpawn(command=["sleep", "1"], **ref), caller)
-            assert (await controller.interrupt(SandboxRef(**ref), caller)).interrupted is False
+            assert (await controller.interrupt(InterruptRequest(**ref), caller)).interrupted is False
             result = await controller.execute(ExecuteRequest(command=["echo", "one-shot"], **FAKE), caller)
             assert (result.stdout, result.runtime_used) == ("one-shot\n", "fake")
             await controller.close_sandbox(SandboxRef(**ref), caller)

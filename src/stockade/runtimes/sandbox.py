@@ -254,6 +254,8 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
     def close(self) -> None:
         if self._closed:
             return
+        if self._kill_reason is None:  # a call in flight (another thread's) reads why it ended
+            self._cancelled, self._kill_reason = "the sandbox was closed during this call", "killed"
         self._closed = True
         for forwarder in self.forwarders:
             forwarder.close()
@@ -396,6 +398,8 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
                 raise
             raise AgentProtocolError(f"{exc}{said}") from None
         except (TimeoutError, EOFError, OSError) as exc:
+            if self._closed:  # closed under it (another thread)
+                raise SandboxClosedError(f"the sandbox was closed during this call ({method})") from None
             said = self._kill_vanished()
             raise SandboxError(f"the isolate stopped answering ({method}): {exc}; it was killed{said}") from None
 
