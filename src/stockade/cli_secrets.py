@@ -57,7 +57,12 @@ def add_parsers(subparsers: Any) -> None:
     put = secrets_sub.add_parser("put", help="register (or replace) a secret; its value is read from stdin")
     put.add_argument("name", metavar="NAME")
     put.add_argument(
-        "--host", action="append", metavar="HOST", help="a host it may be bound to (repeatable; default: any)"
+        "--host",
+        action="append",
+        metavar="HOST",
+        required=True,
+        help="a host it may be sent to (repeatable; at least one: a secret any caller could bind to any host "
+        "could be sent to that caller's own server)",
     )
     ls = secrets_sub.add_parser("ls", help="the broker's secrets: names, hosts, where they come from (no values)")
     ls.add_argument("--json", action="store_true")

@@ -133,3 +133,18 @@ def test_an_unknown_flag_of_a_run_is_refused_in_runs_usage() -> None:
         done.stderr.startswith("usage: stockade run")
         and "stockade run: error: unrecognized arguments: --bogus" in done.stderr
     )
+
+
+def test_a_registered_secret_names_the_hosts_it_may_be_sent_to(capsys: pytest.CaptureFixture[str]) -> None:
+    from pydantic import ValidationError
+
+    from stockade.protocol.models import SecretPut
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["secrets", "put", "API_KEY"])
+    assert "the following arguments are required: --host" in capsys.readouterr().err
+    # The daemon refuses one without them, from any client.
+    for hosts in ({}, {"hosts": None}, {"hosts": []}):
+        with pytest.raises(ValidationError, match="hosts"):
+            SecretPut.model_validate({"name": "API_KEY", "value": "sk-1", **hosts})
+    assert SecretPut.model_validate({"name": "API_KEY", "value": "sk-1", "hosts": ["api.example"]}).hosts

@@ -131,7 +131,8 @@ class SecretPut(Request):
 
     name: str
     value: SecretStr
-    hosts: list[str] | None = Field(default=None, description="the only hosts a policy may bind it to (none: any)")
+    # Required: one bound to any host would go wherever any caller's policy names (its own server).
+    hosts: list[str] = Field(min_length=1, description="the only hosts a policy may bind it to")
 
 
 class SecretRef(Request):
