@@ -143,7 +143,7 @@ class StockadeTools:
                 del self._sandboxes[gone]  # sessions whose sandboxes ended idle, asked for no more
             created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
             sandbox_id = self._sandboxes[session] = created.sandbox_id
-            self._made.append(sandbox_id)
+            self._made = [*(m for m in self._made if m in self.controller.held), sandbox_id]  # gone ones forgotten
             log.info("an MCP session's sandbox: %s (%s)", sandbox_id, created.runtime)
         return sandbox_id
 
