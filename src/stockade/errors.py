@@ -245,6 +245,15 @@ def sandbox_os_error(exc: AgentError) -> AgentError:
     return _OS_ERRORS.get(number, SandboxOSError)(str(exc), exc.code, exc.data, errno=number)
 
 
+def start_error(exc: BaseException) -> BaseException:
+    """A run's or spawn's ``AgentError`` for a program or working directory that is not there (or
+    not allowed) as the OS error class subprocess would raise (``PathNotFoundError``, a
+    ``FileNotFoundError``); any other exception as it is."""
+    if isinstance(exc, AgentError) and isinstance(exc.data, dict) and exc.data.get("what") in ("exec", "cwd"):
+        return sandbox_os_error(exc)
+    return exc
+
+
 # code -> class, as errors travel between doors and clients. Codes are the
 # wire's words and never change meaning; the first code of a class is the one
 # it is sent as.

@@ -24,7 +24,6 @@ import pytest
 
 import stockade
 from stockade import Policy, PolicyError, environment_build, environments
-from stockade.errors import AgentError
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -100,7 +99,7 @@ def check_inside(sb: Any, store: str, env_id: str) -> None:
     spawned = sb.spawn(["tabulate"], stdin="a b\n")
     spawned.close_stdin()
     assert spawned.wait(30) == 0 and b"-" in spawned.read()[0]
-    with pytest.raises(AgentError, match="cannot execute 'no-such-tool': No such file or directory"):
+    with pytest.raises(FileNotFoundError, match="cannot execute 'no-such-tool': No such file or directory"):
         sb.exec(["no-such-tool"])  # and a name on no PATH entry fails as exec would
 
 

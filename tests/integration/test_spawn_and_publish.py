@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import socket
 import struct
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade import AsyncSandbox, Policy, Sandbox
-from stockade.errors import InvalidRequestError, PolicyError, SandboxClosedError
+from stockade.errors import InvalidRequestError, PolicyError, SandboxClosedError, StockadeError
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -290,3 +291,16 @@ def test_a_sandbox_closed_from_another_thread_says_so_to_its_calls(manager: Runt
         timer.join()
         with pytest.raises(SandboxClosedError, match="the sandbox is closed"):
             sb.exec(["true"])  # and after
+
+
+def test_a_program_or_directory_that_is_not_there_raises_as_subprocess_does(manager: RuntimeManager) -> None:
+    require("process")
+    with Sandbox(Policy(runtime="process", timeout_seconds=60), manager=manager) as sb:
+        for start in (sb.exec, sb.spawn):
+            with pytest.raises(FileNotFoundError, match="cannot execute 'no-such-program'") as missing:
+                start(["no-such-program"])
+            assert missing.value.errno == errno.ENOENT and isinstance(missing.value, StockadeError)
+            with pytest.raises(FileNotFoundError, match="cannot use '/nope' as the working directory"):
+                start(["true"], cwd="/nope")
+            with pytest.raises(PermissionError, match="cannot execute '/etc/passwd'"):
+                start(["/etc/passwd"])

@@ -26,6 +26,7 @@ from ..errors import (
     PolicyError,
     SandboxClosedError,
     SandboxError,
+    start_error,
 )
 from ..limits import check_call_size
 from ..policy import Policy
@@ -350,7 +351,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         if isinstance(reply, _RUN_ENDINGS):
             return self._finish_run(run, None, self._ended(reply))
         if isinstance(reply, Exception):
-            raise reply
+            raise start_error(reply)  # no such program: FileNotFoundError, as subprocess.run raises
         try:
             verdict = read_verdict(reply)
         except AgentProtocolError as exc:

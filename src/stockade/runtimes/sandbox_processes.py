@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgentProtocolError, PolicyError
+from ..errors import AgentError, AgentProtocolError, PolicyError, start_error
 from ..limits import check_call_size
 from ..policy import Policy
 from .agent_requests import exec_params, job_limits
@@ -61,7 +61,10 @@ class AgentProcesses:
             "stdin": base64.b64encode(raw).decode() if raw else "",
             "limits": job_limits(self.policy),
         }
-        said = await self.aproc_call("spawn", params)
+        try:
+            said = await self.aproc_call("spawn", params)
+        except AgentError as exc:
+            raise start_error(exc) from None  # no such program: FileNotFoundError, as Popen raises
         return Process(self, str(said.get("handle")), int(said.get("pid", 0)), list(argv))
 
     def publish(self, spec: int | str, *, turn: AsyncTurn | None = None) -> tuple[str, int]:
