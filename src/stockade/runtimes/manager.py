@@ -117,7 +117,7 @@ class RuntimeManager:
         if policy.runtime or policy.isolation:
             runtime = self.get(policy.runtime or LEVEL_TO_RUNTIME[policy.isolation or DEFAULT_RUNTIME])
             if runtime.name in ROOT_RUNTIMES and os.geteuid() != 0 and current().daemon_user:
-                raise RuntimeUnavailableError(self.availability(runtime.name).reason)
+                raise RuntimeUnavailableError(f"runtime {runtime.name} {self.availability(runtime.name).reason}")
             with self._lock:
                 known = self._availability.get(runtime.name)
             if known is not None and not known.available:
