@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -83,7 +85,17 @@ def counted_run(share: str, marker: str) -> dict[str, Any]:
 def test_a_restart_between_two_calls_is_not_noticed_but_its_sandboxes_are_lost(first: Daemon, sig: int) -> None:
     with Client(first.socket_path, retry=None) as client:  # no retries: the restart is over by the next call
         old = client.status()["instance_id"]
-        kept = client.create_sandbox(keep=True)
+        kept = client.create_sandbox(keep=True, memory_mb=256)
+        # Another process of the same user takes it up by its id, as E2B's Sandbox.connect does.
+        code = ("import sys\nfrom stockade.client import Client\nwith Client(sys.argv[1]) as c:\n"
+                "    sb = c.connect_sandbox(sys.argv[2])\n    sb.write_file('/work/x', 'from the other')\n"
+                "    print(sb.memory_mb)")  # fmt: skip
+        other = subprocess.run([sys.executable, "-c", code, first.socket_path, kept], capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+        assert other.returncode == 0 and other.stdout == "256\n", other.stderr
+        assert client.connect_sandbox(kept).read_file("/work/x") == b"from the other"
+        with pytest.raises(NotFoundError, match="no sandbox 'sb-nope'"):
+            client.connect_sandbox("sb-nope")
         second = restart(first, sig)
         try:
             assert client.ping() == "pong"
@@ -98,6 +110,8 @@ def test_a_restart_between_two_calls_is_not_noticed_but_its_sandboxes_are_lost(f
             )
             with pytest.raises(SandboxLostError):
                 client.sandbox_read_file(kept, "/work/x")
+            with pytest.raises(SandboxLostError):
+                client.connect_sandbox(kept)
             RemoteSandbox(client, kept).close()  # a handle on the lost one closes quietly
             assert client.execute(["echo", "after"]).stdout == "after\n"
         finally:

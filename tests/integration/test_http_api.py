@@ -161,6 +161,7 @@ def test_a_held_sandbox_is_a_resource(http: httpx.Client) -> None:
     assert created.status_code == 201, created.text
     sid = created.json()["sandbox_id"]
     assert created.json()["policy_digest"] == Policy(memory_mb=256).digest
+    assert http.get(f"/api/v1/sandboxes/{sid}").json() == created.json()  # described as it was made
     data = bytes(range(256)) * 3
     put = http.put(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/blob"}, content=data)
     assert put.json() == {"path": "/work/blob", "size": len(data)}
@@ -178,6 +179,7 @@ def test_a_held_sandbox_is_a_resource(http: httpx.Client) -> None:
     assert http.delete(f"/api/v1/sandboxes/{sid}").json() == {"sandbox_id": sid, "closed": True}
     gone = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["true"]})
     assert (gone.status_code, gone.json()["code"]) == (404, "not_found")
+    assert http.get(f"/api/v1/sandboxes/{sid}").status_code == 404
     missing = http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/blob"})
     assert missing.status_code == 404
 

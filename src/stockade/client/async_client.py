@@ -224,6 +224,11 @@ class AsyncClient(Requests):
         finally:
             await handle.close()
 
+    async def connect_sandbox(self, sandbox_id: str) -> AsyncRemoteSandbox:
+        """``Client.connect_sandbox``, awaited."""
+        made = await self.call("sandbox.get", {"sandbox_id": sandbox_id})
+        return AsyncRemoteSandbox(self, str(made["sandbox_id"]), made.get("memory_mb"))
+
     async def create_sandbox(
         self,
         policy: PolicyArg = None,

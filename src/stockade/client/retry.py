@@ -46,6 +46,7 @@ SAFE_TO_RESEND = frozenset(
         "status",
         "runtimes",
         "selftest",
+        "sandbox.get",
         "sandbox.read_file",
         "sandbox.list_dir",
         "sandbox.close",

@@ -286,6 +286,14 @@ class Client(Requests):
             raise
         return handle
 
+    def connect_sandbox(self, sandbox_id: str) -> RemoteSandbox:
+        """A handle on a held sandbox made earlier (``create_sandbox(keep=True)``), by this process
+        or another of the same caller (E2B's ``Sandbox.connect``, Modal's ``Sandbox.from_id``).
+        ``NotFoundError`` when the caller holds no such sandbox, ``SandboxLostError`` when it
+        was a daemon's that has stopped since. ``with`` closes it; without, it stays."""
+        made = self.call("sandbox.get", {"sandbox_id": sandbox_id})
+        return RemoteSandbox(self, str(made["sandbox_id"]), made.get("memory_mb"))
+
     def create_sandbox(
         self,
         policy: PolicyArg = None,

@@ -48,6 +48,7 @@ from ..protocol.models import (
     SandboxCreate,
     SandboxCreated,
     SandboxExec,
+    SandboxInfo,
     SandboxRef,
     SandboxRunCode,
     WriteFile,
@@ -152,6 +153,20 @@ class HeldSandboxes:
             runtime=sandbox.runtime_name,
             policy_digest=policy.digest,
             idle_timeout=idle_timeout,
+            memory_mb=policy.memory_mb,
+        )
+
+    async def describe(self, request: SandboxRef, caller: Caller) -> SandboxInfo:
+        """A held sandbox of the caller's, as its create answered (``NotFoundError``, or
+        ``SandboxLostError`` for one of a daemon instance that stopped, otherwise). Never waits
+        for the sandbox's turn: a run under way on it does not hold this."""
+        held = self._lookup(request, caller)
+        policy = held.sandbox.policy
+        return SandboxInfo(
+            sandbox_id=held.sandbox_id,
+            runtime=held.sandbox.runtime_name,
+            policy_digest=policy.digest,
+            idle_timeout=held.idle_timeout_s,
             memory_mb=policy.memory_mb,
         )
 

@@ -99,6 +99,7 @@ def _method_list() -> list[Method]:
         Method("sandbox.write_file", WriteFile, lambda c, r, caller, out: c.write_file(r, caller)),
         Method("sandbox.read_file", ReadFile, lambda c, r, caller, out: c.read_file(r, caller)),
         Method("sandbox.list_dir", ListDir, lambda c, r, caller, out: c.list_dir(r, caller)),
+        Method("sandbox.get", SandboxRef, lambda c, r, caller, out: c.describe(r, caller)),
         Method("sandbox.close", SandboxRef, lambda c, r, caller, out: c.close_sandbox(r, caller), admin_action=True),
         Method("runtimes", Empty, _runtimes),
         Method("secrets.put", SecretPut, lambda c, r, caller, out: secrets.put(r, caller), admin_action=True),

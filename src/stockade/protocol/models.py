@@ -271,6 +271,10 @@ class SandboxCreated(Answer):
     memory_mb: int | None = Field(default=None, description="its memory limit, which its scratch disk counts in")
 
 
+class SandboxInfo(SandboxCreated):
+    """A held sandbox, as ``sandbox.get`` describes it (what ``sandbox.create`` answered)."""
+
+
 class FileWritten(Answer):
     path: str
     size: int

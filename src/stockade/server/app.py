@@ -43,6 +43,7 @@ from ..protocol.models import (
     InterpreterClosed,
     Interrupted,
     SandboxCreated,
+    SandboxInfo,
     request_error,
 )
 from ..result import ExecResult
@@ -319,6 +320,11 @@ def create_app(door: HttpDoor) -> FastAPI:
         """End a session's interpreter (its atexit handlers run); its next cell starts a fresh one."""
         params = {"sandbox_id": sandbox_id, "session": session}
         return await door.call("sandbox.close_interpreter", params, door.caller(request))
+
+    @app.get("/api/v1/sandboxes/{sandbox_id}", name="sandbox.get", response_model=SandboxInfo, responses=_ERRORS)
+    async def describe(request: Request, sandbox_id: str) -> Any:
+        """A held sandbox, as its create answered: 404 when there is none (of this API's)."""
+        return await door.call("sandbox.get", {"sandbox_id": sandbox_id}, door.caller(request))
 
     @app.delete("/api/v1/sandboxes/{sandbox_id}", name="sandbox.close", response_model=Closed, responses=_ERRORS)
     async def close(request: Request, sandbox_id: str) -> Any:
