@@ -8,6 +8,7 @@ its files and processes across calls until it is closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
 from .runtimes.publish import parse_publish
 from .runtimes.sandbox import AgentSandbox
-from .runtimes.spawned import Process
+from .runtimes.spawned import AsyncProcess, Process
 from .runtimes.verdict import OutputCallback
 
 if TYPE_CHECKING:
@@ -367,6 +368,21 @@ class AsyncSandbox:
         address = await asyncio.to_thread(self._held().publish, spec, turn=turn)
         self.published[parse_publish(spec)[2]] = address
         return address
+
+    async def spawn(
+        self, argv: list[str], *, stdin: bytes | str = b"", env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> AsyncProcess:
+        """``Sandbox.spawn``, awaited: a process beside this sandbox's other calls, whose methods
+        are awaited too (docs/processes-and-ports.md)."""
+        held = self._held()
+        async with self._turn:
+            process = await asyncio.to_thread(functools.partial(held.spawn, argv, stdin=stdin, env=env, cwd=cwd))
+        return AsyncProcess(process, self._turn)
+
+    async def processes(self) -> list[dict[str, Any]]:
+        """``Sandbox.processes``, awaited."""
+        async with self._turn:
+            return await asyncio.to_thread(self._held().processes)
 
     @property
     def runtime(self) -> str:

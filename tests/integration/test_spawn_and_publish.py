@@ -170,6 +170,37 @@ def test_an_async_sandbox_publishes_at_its_start_and_later(process_runtime: str,
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
 
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_an_async_sandbox_spawns_and_serves_a_published_port(runtime: str, manager: RuntimeManager) -> None:
+    require(runtime)
+
+    async def scenario() -> None:
+        policy = Policy(runtime=runtime, network_policy="loopback", timeout_seconds=60)
+        async with AsyncSandbox(policy, manager=manager, publish=[8000]) as sb:
+            server = await sb.spawn(["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"], cwd="/tmp")
+            assert server.pid > 0 and await server.poll() is None
+            said = b""
+            while b"Serving HTTP" not in said:  # its ready line
+                said += (await server.read())[0]
+            host, port = sb.published[8000]
+            page = await asyncio.to_thread(urllib.request.urlopen, f"http://{host}:{port}/")
+            assert page.status == 200
+            echo = await sb.spawn(["python3", "-c", ECHO])
+            await echo.write("one\n")
+            assert (await sb.exec(["echo", "meanwhile"])).stdout == "meanwhile\n"  # other calls go on
+            await echo.close_stdin()
+            assert await echo.wait(30) == 0 and (await echo.read())[0] == b"got one\nbye\n"
+            listed = {p["handle"]: p for p in await sb.processes()}
+            assert listed[server.handle]["running"] and listed[echo.handle]["exit_code"] == 0
+            await server.kill()
+            assert await server.wait(10) == -15
+            seen: list[bytes] = []
+            late = await sb.spawn(["sh", "-c", "echo late; exit 3"])
+            assert await late.follow(lambda stream, data: seen.append(data)) == 3 and b"".join(seen) == b"late\n"
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
 @pytest.mark.parametrize(
     ("spec", "error", "match"),
     [

@@ -111,6 +111,11 @@ class Isolate(Protocol):
         """A background process (blocking: from a thread). Refused where the isolate has none."""
         ...
 
+    def processes(self) -> list[dict[str, Any]]:
+        """Its background processes, ``{handle, pid, argv, running, exit_code}`` (blocking: from a
+        thread). Refused where the isolate has none."""
+        ...
+
     def publish(self, spec: int | str, *, turn: AsyncTurn | None = None) -> tuple[str, int]:
         """Forward a host loopback port to a port on the isolate's loopback (``Sandbox.publish``):
         the host address and port (blocking: from a thread). Refused where the isolate is not on

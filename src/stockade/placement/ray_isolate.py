@@ -206,6 +206,11 @@ class RayIsolate(RemoteRuns):
         said = self._wait_for("spawn", argv_list(argv), raw, env, cwd, wait=_CALL_WAIT_S)
         return Process(self, str(said["handle"]), int(said["pid"]), list(argv))
 
+    def processes(self) -> list[dict[str, Any]]:
+        """Its background processes, as the node's agent lists them (blocking: from a thread)."""
+        listed = self.proc_call("proc_list", {}).get("processes")
+        return listed if isinstance(listed, list) else []
+
     def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """A background process's call, answered by the node's agent (blocking: from a thread)."""
         return dict(self._wait_for("proc_call", method, params, timeout, wait=timeout + _CALL_WAIT_S))

@@ -184,5 +184,8 @@ class RemoteRuns:
     ) -> Process:
         raise self._refuse("a background process")
 
+    def processes(self) -> list[dict[str, Any]]:
+        raise self._refuse("a background process")
+
     def publish(self, spec: int | str, *, turn: AsyncTurn | None = None) -> tuple[str, int]:
         raise self._refuse("a published port")

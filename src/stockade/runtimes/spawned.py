@@ -1,4 +1,5 @@
-"""``Process``: a background process in a held sandbox (the agent's ``spawn`` and ``proc_*`` calls).
+"""``Process``: a background process in a held sandbox (the agent's ``spawn`` and ``proc_*`` calls);
+``AsyncProcess``: the same, awaited, for an ``AsyncSandbox``.
 
 The agent keeps reading the process's output while other calls run, up to
 1 MiB per stream until it is read here; what was not read in time is
@@ -7,10 +8,12 @@ counted (``dropped``), never allowed to block the process.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..limits import check_call_size, signal_name
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
         def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]: ...
 
 
+T = TypeVar("T")
 _WAIT_SLICE_S = 10.0  # one proc_wait call: the sandbox's other calls wait for it
 SHARED_SLICE_S = 0.2  # the same while published ports are relayed through the agent (the daemon's too)
 
@@ -108,3 +112,72 @@ class Process:
 
 def _bytes(value: Any) -> bytes:
     return base64.b64decode(value) if isinstance(value, str) and value else b""
+
+
+class AsyncProcess:
+    """``Process`` for an ``AsyncSandbox``: the same methods, awaited. Each call takes the
+    sandbox's turn (its queue of calls, ``turn``) and is made in a thread; a wait is made of
+    short slices, so that the sandbox's other calls go on between them."""
+
+    def __init__(self, process: Process, turn: asyncio.Lock) -> None:
+        self._process, self._turn = process, turn
+        self.handle, self.pid, self.argv = process.handle, process.pid, process.argv
+
+    def __repr__(self) -> str:
+        return f"Async{self._process!r}"
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.exit_code
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return self._process.dropped
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._turn:
+            job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # Its caller gave up: the call still holds the agent's channel until it ends, and
+                # the turn with it (the next call would otherwise be refused as "in progress").
+                await asyncio.wait([job])
+                raise
+
+    async def read(self) -> tuple[bytes, bytes]:
+        return await self._call(self._process.read)
+
+    async def write(self, data: bytes | str, *, eof: bool = False) -> None:
+        await self._call(functools.partial(self._process.write, data, eof=eof))
+
+    async def close_stdin(self) -> None:
+        await self.write(b"", eof=True)
+
+    async def poll(self) -> int | None:
+        return await self._call(self._process.poll)
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        until = None if timeout is None else time.monotonic() + timeout
+        while self.exit_code is None:
+            left = SHARED_SLICE_S if until is None else max(0.0, min(SHARED_SLICE_S, until - time.monotonic()))
+            await self._call(self._process.wait, left)
+            if until is not None and time.monotonic() >= until:
+                break
+        return self.exit_code
+
+    async def kill(self, signal: str | int = "SIGTERM") -> None:
+        await self._call(self._process.kill, signal)
+
+    async def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
+        while True:
+            ended = self.exit_code is not None
+            out, err = await self.read()
+            for stream, data in (("stdout", out), ("stderr", err)):
+                if data:
+                    on_output(stream, data)
+            if ended:
+                assert self.exit_code is not None
+                return self.exit_code
+            if not out and not err:
+                await self.wait(interval)
