@@ -72,6 +72,9 @@ def add_parsers(sub: Any, policy_flags: Callable[[argparse.ArgumentParser], None
     attach.set_defaults(func=cmd_attach)
 
 
+HEADER = f"{'NAME':<20} {'STATUS':<9} {'RUNTIME':<8} {'RESTARTS':>8}  {'UPTIME':>8}  DETAIL"  # ps, start, stop
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from . import components
     from .errors import StockadeError
@@ -91,6 +94,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         state = store.state(args.name)
     except (StockadeError, OSError) as exc:
         return cli._fail(str(exc))
+    print(HEADER)
     print(_component_line(state))
     return 1 if state.status == "failed" else 0
 
@@ -100,12 +104,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from .errors import StockadeError
 
     status = 0
+    headed = False
     for name in args.names:  # each one, as docker stop does: one that fails does not keep the rest running
         try:
             state = components.stop(name, components.ComponentStore())
         except (StockadeError, OSError) as exc:
             status = cli._fail(str(exc))
             continue
+        if not headed:
+            print(HEADER)
+            headed = True
         print(_component_line(state))
     return status
 
@@ -127,7 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif not states:
         print("no components")
     else:
-        print(f"{'NAME':<20} {'STATUS':<9} {'RUNTIME':<8} {'RESTARTS':>8}  {'UPTIME':>8}  DETAIL")
+        print(HEADER)
         for state in states:
             print(_component_line(state))
     return 0
@@ -208,7 +216,8 @@ def _component_line(state: Any) -> str:
     import time
 
     uptime = f"{time.time() - state.started_at:.0f}s" if state.status == "running" and state.started_at else "-"
-    detail = state.error or (f"exit {state.exit_code}" if state.exit_code is not None else "")
+    exited = "last exit" if state.status in ("running", "starting") else "exit"  # a run before this one's
+    detail = state.error or (f"{exited} {state.exit_code}" if state.exit_code is not None else "")
     if state.published and state.status == "running":
         detail = " ".join(f"{where}->{port}" for port, where in sorted(state.published.items())) + (
             f"  {detail}" if detail else ""

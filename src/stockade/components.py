@@ -207,7 +207,7 @@ def stop(name: str, store: ComponentStore, timeout: float = 15.0) -> ComponentSt
                 os.kill(pid, signal.SIGKILL)  # its isolate dies with it
     state = store.state(name)
     if state.status in ("starting", "running") or state.error == SUPERVISOR_GONE:
-        state.status, state.error = "stopped", None  # we ended it: a stop, not a failure
+        state.status, state.error, state.exit_code = "stopped", None, None  # we ended it: a stop, not a failure
         store.save(state)
     return state
 

@@ -84,7 +84,8 @@ class Supervisor:
             policy = Policy.build(**self.spec["policy"])
             return self._loop(policy, manager)
         except _Stop:
-            state.status, state.error, state.published = "stopped", None, {}
+            # Ended by a stop: no exit of its own to tell (an earlier run's would read as this one's).
+            state.status, state.error, state.published, state.exit_code = "stopped", None, {}, None
             self.store.save(state)
             return 0
         except LaunchError as exc:
