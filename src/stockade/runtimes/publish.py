@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -201,7 +202,7 @@ class Forwarder(_PublishedPort):
             inner = connect_inside(self.pidfd, self.port)
         except (OSError, SandboxError) as exc:  # nothing listens there (yet): this connection ends
             log.info("published port %s: %s", self.port, exc)
-            _shut(client)
+            _refuse(client)
             return
         finally:
             with self._lock:
@@ -281,7 +282,10 @@ class AgentRelay(_PublishedPort):
                 with contextlib.suppress(Exception):
                     self._call("proc_kill", {"handle": handle})
             self._forget(client)
-            _shut(client)
+            if handle is None:
+                _refuse(client)
+            else:
+                _shut(client)
 
     def _upstream(self, client: socket.socket, handle: str, gone: threading.Event, sent: threading.Event) -> None:
         """What the host's client sends, written to the port inside (then its end)."""
@@ -371,6 +375,14 @@ def _relay(source: socket.socket, sink: socket.socket) -> None:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _refuse(client: socket.socket) -> None:
+    """End a connection that reached nothing inside with a reset: its client reads "connection
+    reset" (as near "refused" as a connection already accepted can come), not an empty answer."""
+    with contextlib.suppress(OSError):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
 
 
 def _shut(sock: socket.socket) -> None:
