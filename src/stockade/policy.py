@@ -72,7 +72,7 @@ class Mount(Checked):
         values = checked_fields(Mount, fields)
         source = _clean_abs(values["source"], "source")
         target = _clean_abs(values["target"] or source, "target")
-        if any(source == p or source.startswith(p + "/") for p in _FORBIDDEN_SOURCES) or source == "/":
+        if forbidden_source(source):
             raise PolicyError(f"source {source} may not be shared into a sandbox")
         if any(target == p or target.startswith(p + "/") for p in ("/proc", "/dev")) or target in _RESERVED_TARGETS:
             raise PolicyError(f"target {target} is reserved by the runtime")
@@ -88,6 +88,12 @@ class Mount(Checked):
         if len(parts) > 2 or not parts[0]:
             raise PolicyError(f"mount {value!r} is not SRC[:DST][:rw]")
         return cls(source=parts[0], target=parts[1] if len(parts) > 1 else parts[0], writable=writable)
+
+
+def forbidden_source(path: str) -> bool:
+    """Whether ``path`` (absolute, normalised) is one no mount may share: ``/`` or under a host path
+    that hands over the host (``_FORBIDDEN_SOURCES``)."""
+    return path == "/" or any(path == p or path.startswith(p + "/") for p in _FORBIDDEN_SOURCES)
 
 
 def _clean_abs(path: str, what: str) -> str:

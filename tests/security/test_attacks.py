@@ -176,6 +176,21 @@ def test_unreachable_mount_source_is_a_clear_error(process_runtime: str, manager
             os.rmdir(private)
 
 
+def test_a_mount_source_that_links_to_a_forbidden_path_is_refused(
+    process_runtime: str, manager: RuntimeManager, tmp_path: Any
+) -> None:
+    # Named by a path of the caller's own, a link into /proc (the host's mount table), /sys,
+    # /dev or /run passes the name's check: where it leads is checked too.
+    for target in ("/proc/self/mounts", "/sys/kernel", "/dev/null", "/run"):
+        link = os.path.join(str(tmp_path), "innocent")
+        os.symlink(target, link)
+        try:
+            with pytest.raises(stockade.PolicyError, match=f"innocent leads to {os.path.realpath(link)}, which may"):
+                run(manager, "pass", filesystem_access=[f"{link}:/data"])
+        finally:
+            os.unlink(link)
+
+
 # ---- network ------------------------------------------------------------------------
 
 

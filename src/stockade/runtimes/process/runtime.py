@@ -26,7 +26,7 @@ from ...agent import linux
 from ...egress import PROXY_PORT
 from ...environments import ENV_ROOT
 from ...errors import PolicyError
-from ...policy import Policy, default_policy
+from ...policy import Policy, default_policy, forbidden_source
 from ..base import BASE_ENV, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, WarmPool
@@ -336,6 +336,12 @@ def check_mount_sources(policy: Policy) -> None:
         where = f"filesystem_access[{i}]: {mount.source}"
         if not os.path.exists(mount.source):
             raise PolicyError(f"{where} does not exist on this host")
+        # The policy checked its name; a link (/var/lock -> /run/lock, one of a caller's own) is
+        # checked where it leads too. (What the sandbox's uid may open is the boundary: this says
+        # so early, and plainly.)
+        real = os.path.realpath(mount.source)
+        if forbidden_source(real):
+            raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
         if os.getuid() != 0:
             continue
         path = ""
