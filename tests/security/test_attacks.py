@@ -177,7 +177,7 @@ def test_unreachable_mount_source_is_a_clear_error(process_runtime: str, manager
 
 
 def test_a_mount_source_that_links_to_a_forbidden_path_is_refused(
-    process_runtime: str, manager: RuntimeManager, tmp_path: Any
+    process_runtime: str, manager: RuntimeManager, tmp_path: os.PathLike[str]
 ) -> None:
     # Named by a path of the caller's own, a link into /proc (the host's mount table), /sys,
     # /dev or /run passes the name's check: where it leads is checked too.
