@@ -19,7 +19,7 @@ from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
 from .runtimes.publish import parse_publish
 from .runtimes.sandbox import AgentSandbox
-from .runtimes.spawned import AsyncProcess, Process
+from .runtimes.spawned import AsyncProcess, Process, in_turn
 from .runtimes.verdict import OutputCallback
 
 if TYPE_CHECKING:
@@ -375,14 +375,12 @@ class AsyncSandbox:
         """``Sandbox.spawn``, awaited: a process beside this sandbox's other calls, whose methods
         are awaited too (docs/processes-and-ports.md)."""
         held = self._held()
-        async with self._turn:
-            process = await asyncio.to_thread(functools.partial(held.spawn, argv, stdin=stdin, env=env, cwd=cwd))
+        process = await in_turn(self._turn, functools.partial(held.spawn, argv, stdin=stdin, env=env, cwd=cwd))
         return AsyncProcess(process, self._turn)
 
     async def processes(self) -> list[dict[str, Any]]:
         """``Sandbox.processes``, awaited."""
-        async with self._turn:
-            return await asyncio.to_thread(self._held().processes)
+        return await in_turn(self._turn, self._held().processes)
 
     @property
     def runtime(self) -> str:

@@ -393,8 +393,9 @@ def test_a_command_killed_by_a_signal(door: Door) -> None:
     assert door.execute(command=["sh", "-c", "kill -9 $$"]) == ran(exit_code=-9, reason="killed")
 
 
-def test_a_command_that_cannot_start_is_an_agent_error(door: Door) -> None:
-    assert door.execute(command=["/no/such/command"]) == ("error", "agent")
+def test_a_command_that_cannot_start_is_a_missing_path(door: Door) -> None:
+    # As subprocess.run raises FileNotFoundError, every door says path_not_found.
+    assert door.execute(command=["/no/such/command"]) == ("error", "path_not_found")
 
 
 def test_stdin_is_passed_through(door: Door) -> None:

@@ -233,7 +233,7 @@ def test_a_held_sandbox_streams_too_and_errors_are_events(http: httpx.Client) ->
     # What fails once the stream has begun is an error event...
     with http.stream("POST", f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["/no/such"]}) as answer:
         events = list(_events(answer.iter_lines()))
-    assert [kind for kind, _ in events] == ["error"] and events[0][1]["code"] == "agent"
+    assert [kind for kind, _ in events] == ["error"] and events[0][1]["code"] == "path_not_found"
     # ...what is refused before it begins is an HTTP status.
     http.delete(f"/api/v1/sandboxes/{sid}")
     gone = http.post(f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["true"]})

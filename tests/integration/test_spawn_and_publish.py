@@ -308,10 +308,10 @@ def test_a_sandbox_closed_from_another_thread_says_so_to_its_calls(manager: Runt
     require("process")
     policy = Policy(runtime="process", timeout_seconds=60)
     with Sandbox(policy, manager=manager) as sb:
-        timer = threading.Timer(1.0, sb.close)
-        timer.start()
-        r = sb.exec(["sleep", "30"])  # in flight when it closes
-        timer.join()
+        closer = threading.Thread(target=sb.close)
+        # Closed once its output shows the run is under way.
+        r = sb.exec(["sh", "-c", "echo go; exec sleep 30"], on_output=lambda s, d: closer.ident or closer.start())
+        closer.join()
         assert (r.termination_reason, r.error) == ("killed", "the sandbox was closed during this call")
     with Sandbox(policy, manager=manager) as sb:
         sleeper = sb.spawn(["sleep", "60"])

@@ -97,10 +97,10 @@ def call(name, arguments):
     if name == "fork":
         return text(fork())
     if name == "bloat":
-        zeros = ",".join(["0"] * 2_000_000)
+        zeros = ",".join(["0"] * 1_100_000)
         line = '{"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": [' + zeros + "]}}\n"
-        for start in range(0, len(line), 128 << 10):  # paced: the agent's output buffer keeps all of it
-            sys.stdout.write(line[start : start + (128 << 10)])
+        for start in range(0, len(line), 64 << 10):  # paced: the agent's 1 MiB output buffer keeps it all
+            sys.stdout.write(line[start : start + (64 << 10)])
             sys.stdout.flush()
             time.sleep(0.05)
         return text("after the bloat")

@@ -30,14 +30,19 @@ def test_one_owner_fills_its_share_and_everyone_the_whole() -> None:
 def test_a_caller_whose_unread_answers_fill_its_share_gets_no_new_work() -> None:
     mib = 1 << 20
     unsent = {"uid 1000": 0}
-    budget = AnswerBudget(limit=100 * mib, share=40 * mib)
+    budget = AnswerBudget(limit=100 * mib, share=50 * mib)
     budget.unsent.append(lambda owner: sum(unsent.values()) if owner is None else unsent.get(owner, 0))
-    unsent["uid 1000"] = 40 * mib - 1
+    unsent["uid 1000"] = 50 * mib - 1
     budget.refuse_new("uid 1000")  # under its share: a run's answer may still be made
-    unsent["uid 1000"] = 40 * mib
-    with pytest.raises(DaemonBusyError, match="holds 40 MiB of answers for uid 1000 that have not been read yet"):
+    unsent["uid 1000"] = 50 * mib
+    with pytest.raises(DaemonBusyError, match="holds 50 MiB of answers for uid 1000 that have not been read yet"):
         budget.refuse_new("uid 1000")
     budget.refuse_new("uid 1001")  # its own room is untouched
-    with budget.hold(60 * mib, "http"), pytest.raises(DaemonBusyError, match=r"holds 100 MiB .* \(at most 100 MiB\)"):
-        budget.refuse_new("uid 1001")  # the whole is full
-    budget.refuse_new("uid 1001")
+    unsent["uid 1000"] = 45 * mib
+    with budget.hold(60 * mib, "http"):  # the whole is full: those with answers in it get no more
+        with pytest.raises(DaemonBusyError, match=r"holds 105 MiB .* \(at most 100 MiB\)"):
+            budget.refuse_new("uid 1000")
+        with pytest.raises(DaemonBusyError, match="for http"):
+            budget.refuse_new("http")
+        budget.refuse_new("uid 1001")  # one with none of its own is not held to the others' account
+    budget.refuse_new("uid 1000")

@@ -7,11 +7,13 @@ connection, but the socket admits 64 connections per uid and the HTTP door more.
 such answers is one budget for the whole daemon (``ANSWER_BUDGET``), of which one owner may take a
 share (``OWNER_SHARE``): a read whose answer, with what already waits unread (the socket
 connections' write buffers, HTTP bodies being sent), would pass either is refused "busy", its data
-dropped. Other answers are smaller (a run's output: at most ~19 MiB, its streams as text and as
-bytes) and made without a check, since the run they report has happened; but a caller whose unread
-answers fill its share already (or everyone's the budget) has every new request on the socket
-refused "busy" until it reads them (``refuse_new``): a run's answer cannot be its way round the
-budget, one connection's buffer at a time.
+dropped. Other answers (a run's: tens of MiB at most, its 7 MiB of output as escaped text and as
+bytes) are made without a check, since the run they report has happened; but a caller whose unread
+answers fill its share already (or everyone's the budget, some of them its own) has its new
+requests refused "busy" until it reads them (``refuse_new``), and so has a held sandbox's run that
+waited for its turn meanwhile: a run's answer cannot be its way round the budget, one connection's
+buffer at a time. Control calls (cancel, interrupt, close, status: ``Method.small_answer``) are
+never refused so.
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ class AnswerBudget:
             )
 
     def refuse_new(self, owner: str) -> None:
-        """``DaemonBusyError`` when ``owner``'s unread answers fill its share or everyone's the budget:
-        no new work for it, whose answer would wait unread with the others."""
+        """``DaemonBusyError`` when ``owner``'s unread answers fill its share, or everyone's fill the
+        budget and some are its own: no new work for it, whose answer would wait unread with the
+        others. (A caller with nothing unread is not held to account for the others.)"""
         mine, held = self.held(owner), self.held()
-        if mine >= self.share or held >= self.limit:
+        if mine >= self.share or (held >= self.limit and mine > 0):
             whose = f"{mine >> 20} MiB of answers for {owner}" if mine >= self.share else f"{held >> 20} MiB of answers"
             raise DaemonBusyError(
                 f"busy: the daemon holds {whose} that have not been read yet (at most "

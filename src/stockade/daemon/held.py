@@ -288,8 +288,16 @@ class HeldSandboxes:
         if self.held.get(held.sandbox_id) is held:
             self._watch_idle(held)
 
-    async def _held_call(self, request: SandboxRef, caller: Caller, call: Callable[[Held], Awaitable[T]]) -> T:
-        """``call`` on the held sandbox ``request`` names, in its turn (one call at a time reaches its agent)."""
+    async def _held_call(
+        self,
+        request: SandboxRef,
+        caller: Caller,
+        call: Callable[[Held], Awaitable[T]],
+        large_answer: bool = False,
+    ) -> T:
+        """``call`` on the held sandbox ``request`` names, in its turn (one call at a time reaches its
+        agent). ``large_answer``: refused if its caller's unread answers filled their share while it
+        waited (daemon/answers.py)."""
         held = self._lookup(request, caller)
         held.calls += 1  # from here, waiting for the lock included: not idle
         try:
@@ -302,6 +310,8 @@ class HeldSandboxes:
         try:
             if self.held.get(held.sandbox_id) is not held:  # closed while this call waited its turn
                 raise NotFoundError(f"sandbox {held.sandbox_id!r} was closed")
+            if large_answer:
+                self.answers.refuse_new(caller.owner)
             return await call(held)
         except asyncio.CancelledError:
             # Its caller went away: the call is left to finish in the isolate (its answer read
@@ -335,7 +345,7 @@ class HeldSandboxes:
             self._observe(caller, held.agent_id, result, held)
             return result
 
-        return await self._held_call(request, caller, run)
+        return await self._held_call(request, caller, run, large_answer=True)
 
     async def write_file(self, request: WriteFile, caller: Caller) -> FileWritten:
         data = request.data_bytes()

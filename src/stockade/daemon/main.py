@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import os
@@ -130,7 +131,11 @@ def serve(config: DaemonConfig) -> int:
 
     environments.BUILD_ON_DEMAND = config.build_packages
     with asyncio.Runner() as runner:
-        runner.run(run(config))
+        try:
+            runner.run(run(config))
+        except BaseException:
+            _exit_within(EXIT_GRACE_S, status=1)
+            raise
         _exit_within(EXIT_GRACE_S)  # what is left: the runner's close, then the interpreter's thread joins
     return 0
 
@@ -139,21 +144,23 @@ def serve(config: DaemonConfig) -> int:
 EXIT_GRACE_S = 10.0
 
 
-def _exit_within(grace_s: float) -> None:
-    """Exit ``grace_s`` from now if the process has not by then.
+def _exit_within(grace_s: float, status: int = 0) -> None:
+    """Exit with ``status`` ``grace_s`` from now if the process has not by then.
 
     Everything the daemon started is closed when this is called; what could still hold its
     exit is a thread left blocked (one given up on by a call that was cancelled) that the
     interpreter would join for ever, leaving a stopped daemon that a service manager has to
-    kill. Such a thread is a defect: it is named, with every thread's stack, in the log.
+    kill. Such a thread is a defect: it is named, with every thread's stack, on stderr (the
+    log), written straight to the descriptor: a thread blocked in a log handler holds its lock.
     """
 
     def watch() -> None:
         time.sleep(grace_s)
         left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
-        log.warning("the daemon stopped %.0f s ago and has not exited (threads left: %s); stacks:", grace_s, left)
-        faulthandler.dump_traceback(sys.stderr, all_threads=True)
-        logging.shutdown()
-        os._exit(0)
+        said = f"stockade WARNING the daemon stopped {grace_s:.0f} s ago and has not exited (threads left: {left})"
+        with contextlib.suppress(OSError):
+            os.write(2, f"{said}; their stacks:\n".encode())
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        os._exit(status)
 
     threading.Thread(target=watch, name="stockade-exit-watch", daemon=True).start()

@@ -108,29 +108,12 @@ def _audit(controller: Controller, caller: Caller, record: dict[str, Any]) -> No
 
 
 async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
+    from ..mcp.tools import ToolHost
+
     hosts = _hosts.setdefault(controller, _Hosts())
     digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     key = (caller.owner, digest)
-    lock = hosts.locks.setdefault(key, asyncio.Lock())
-    try:
-        kept = await _start_or_reuse(controller, config, caller, hosts, key, lock)
-    finally:
-        if key not in hosts.kept and not lock.locked():  # its server never started: nothing to keep a lock for
-            hosts.locks.pop(key, None)
-    mine = [k for k in hosts.kept if k[0] == caller.owner]
-    for old in mine[: max(0, len(mine) - MAX_HOSTS_PER_OWNER)]:
-        if hosts.kept[old].calls == 0:  # idle: a call under way is never cut
-            await _end(hosts.kept.pop(old))
-            hosts.locks.pop(old, None)
-    return kept
-
-
-async def _start_or_reuse(
-    controller: Controller, config: Any, caller: Caller, hosts: _Hosts, key: tuple[str, str], lock: asyncio.Lock
-) -> _Kept:
-    from ..mcp.tools import ToolHost
-
-    async with lock:  # one host per key, however many ask at once
+    async with hosts.locks.setdefault(key, asyncio.Lock()):  # one host per key, however many ask at once
         kept = hosts.kept.pop(key, None)
         if kept is None or kept.task.done():
             host = ToolHost(config, controller.manager, admit=lambda: _slot(controller, caller))
@@ -148,8 +131,19 @@ async def _start_or_reuse(
                     raise
 
             kept = _Kept(host, asyncio.create_task(keep(), name="stockade-mcp-host"), stop)
-            await ready
+            try:
+                await ready
+            except BaseException:  # it did not start, or its caller went away meanwhile: nothing kept
+                await _end(kept)
+                raise
         hosts.kept[key] = kept
+    mine = [k for k in hosts.kept if k[0] == caller.owner]
+    for old in mine[: max(0, len(mine) - MAX_HOSTS_PER_OWNER)]:
+        idle = hosts.kept.get(old)
+        if idle is not None and idle.calls == 0:  # idle: a call under way is never cut
+            del hosts.kept[old]
+            hosts.locks.pop(old, None)
+            await _end(idle)
     return kept
 
 

@@ -63,8 +63,8 @@ async def _runtimes(c: Controller, r: Empty, caller: Caller, out: OutputCallback
 
 def _method_list() -> list[Method]:
     return [
-        Method("ping", Empty, _ping, immediate=lambda c, r, caller: "pong"),
-        Method("status", Empty, _status, immediate=lambda c, r, caller: c.status(caller)),
+        Method("ping", Empty, _ping, immediate=lambda c, r, caller: "pong", small_answer=True),
+        Method("status", Empty, _status, immediate=lambda c, r, caller: c.status(caller), small_answer=True),
         Method("selftest", Empty, lambda c, r, caller, out: c.selftest(r, caller)),
         Method(
             "execute",
@@ -73,7 +73,7 @@ def _method_list() -> list[Method]:
             start_now=lambda c, r, caller, done: c.execute_now(r, caller, done),
             ends_with_caller=True,
         ),
-        Method("execute.cancel", CancelRequest, _cancel, admin_action=True),
+        Method("execute.cancel", CancelRequest, _cancel, admin_action=True, small_answer=True),
         Method("sandbox.create", SandboxCreate, lambda c, r, caller, out: c.create(r, caller)),
         Method(
             "sandbox.exec",
@@ -87,24 +87,49 @@ def _method_list() -> list[Method]:
             lambda c, r, caller, out: c.sandbox_run(r, caller, out),
             start_now=lambda c, r, caller, done: c.sandbox_call_now(r, caller, done),
         ),
-        Method("sandbox.close_interpreter", InterpreterRef, lambda c, r, caller, out: c.close_interpreter(r, caller)),
-        Method("sandbox.interrupt", InterruptRequest, _interrupt),
+        Method(
+            "sandbox.close_interpreter",
+            InterpreterRef,
+            lambda c, r, caller, out: c.close_interpreter(r, caller),
+            small_answer=True,
+        ),
+        Method("sandbox.interrupt", InterruptRequest, _interrupt, small_answer=True),
         Method("sandbox.spawn", SandboxSpawn, lambda c, r, caller, out: c.spawn(r, caller)),
         Method("sandbox.process_read", ProcessRef, lambda c, r, caller, out: c.process_read(r, caller)),
         Method("sandbox.process_write", ProcessWrite, lambda c, r, caller, out: c.process_write(r, caller)),
         Method("sandbox.process_wait", ProcessWait, lambda c, r, caller, out: c.process_wait(r, caller)),
-        Method("sandbox.process_kill", ProcessKill, lambda c, r, caller, out: c.process_kill(r, caller)),
+        Method(
+            "sandbox.process_kill", ProcessKill, lambda c, r, caller, out: c.process_kill(r, caller), small_answer=True
+        ),
         Method("sandbox.processes", SandboxRef, lambda c, r, caller, out: c.process_list(r, caller)),
         Method("sandbox.publish", SandboxPublish, lambda c, r, caller, out: c.publish(r, caller), admin_action=True),
         Method("sandbox.write_file", WriteFile, lambda c, r, caller, out: c.write_file(r, caller)),
         Method("sandbox.read_file", ReadFile, lambda c, r, caller, out: c.read_file(r, caller)),
         Method("sandbox.list_dir", ListDir, lambda c, r, caller, out: c.list_dir(r, caller)),
-        Method("sandbox.get", SandboxRef, lambda c, r, caller, out: c.describe(r, caller)),
-        Method("sandbox.close", SandboxRef, lambda c, r, caller, out: c.close_sandbox(r, caller), admin_action=True),
-        Method("runtimes", Empty, _runtimes),
-        Method("secrets.put", SecretPut, lambda c, r, caller, out: secrets.put(r, caller), admin_action=True),
-        Method("secrets.delete", SecretRef, lambda c, r, caller, out: secrets.delete(r, caller), admin_action=True),
-        Method("secrets.list", Empty, lambda c, r, caller, out: secrets.listing(r, caller)),
+        Method("sandbox.get", SandboxRef, lambda c, r, caller, out: c.describe(r, caller), small_answer=True),
+        Method(
+            "sandbox.close",
+            SandboxRef,
+            lambda c, r, caller, out: c.close_sandbox(r, caller),
+            admin_action=True,
+            small_answer=True,
+        ),
+        Method("runtimes", Empty, _runtimes, small_answer=True),
+        Method(
+            "secrets.put",
+            SecretPut,
+            lambda c, r, caller, out: secrets.put(r, caller),
+            admin_action=True,
+            small_answer=True,
+        ),
+        Method(
+            "secrets.delete",
+            SecretRef,
+            lambda c, r, caller, out: secrets.delete(r, caller),
+            admin_action=True,
+            small_answer=True,
+        ),
+        Method("secrets.list", Empty, lambda c, r, caller, out: secrets.listing(r, caller), small_answer=True),
         # A call whose caller went away is ended (an ephemeral server's isolate with it): it would
         # hold a slot for no one until its timeout.
         Method(

@@ -164,7 +164,7 @@ class ToolHost:
         if policy is None:  # direct: the config says so itself
             params = StdioServerParameters(command=server.command, args=list(server.args), env=server.env or None)
             async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
-                await session.initialize()
+                await _initialise(session, server_id, output, self._timeout(server_id, None))
                 yield session, None, output
             return
         async with self._admit():
@@ -172,7 +172,7 @@ class ToolHost:
             try:
                 process = await anyio.to_thread.run_sync(lambda: sandbox.spawn([server.command, *server.args]))
                 async with process_transport(process, output) as (read, write), ClientSession(read, write) as session:
-                    await _initialise(session, server_id, output, self._timeout(server_id, tool))
+                    await _initialise(session, server_id, output, self._timeout(server_id, None))
                     yield session, sandbox, output
             finally:
                 await anyio.to_thread.run_sync(sandbox.close)

@@ -36,6 +36,10 @@ class Method:
     ends_with_caller: bool = False
     # Logged to the audit log as an administrative act.
     admin_action: bool = False
+    # Its answer is small and bounded (a control or status call): taken even while its caller's
+    # unread answers fill their share (daemon/answers.py), so that the caller can still cancel,
+    # interrupt, close and look.
+    small_answer: bool = False
 
 
 class Handler(Protocol):

@@ -203,7 +203,7 @@ class RPCServer:
         if method is None:
             return error_answer(msg_id, f"Method not found: {name[:64]}", "method_not_found")
         try:
-            if self.answers is not None:
+            if self.answers is not None and not method.small_answer:
                 self.answers.refuse_new(owner)
             return method, read_request(method, params), msg_id
         except StockadeError as exc:

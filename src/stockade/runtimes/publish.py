@@ -130,7 +130,7 @@ class _PublishedPort:
             except OSError:
                 return  # closed
             if not self._slots.acquire(blocking=False):
-                _shut(client)
+                _refuse(client)  # as many as it serves at once are open
                 continue
             threading.Thread(target=self._serve_one, args=(client,), daemon=True).start()
 
@@ -194,8 +194,8 @@ class Forwarder(_PublishedPort):
 
     def _serve(self, client: socket.socket) -> None:
         with self._lock:
-            if self._closed.is_set():
-                _shut(client)
+            if self._closed.is_set():  # the forward is closing: the connection reaches nothing
+                _refuse(client)
                 return
             self._busy += 1
         try:
@@ -209,7 +209,7 @@ class Forwarder(_PublishedPort):
                 self._busy -= 1
             self._maybe_release()
         if not self._keep(client, inner):
-            _shut(client)
+            _refuse(client)
             _shut(inner)
             return
         back = threading.Thread(target=_relay, args=(inner, client), daemon=True)
@@ -262,7 +262,7 @@ class AgentRelay(_PublishedPort):
 
     def _serve(self, client: socket.socket) -> None:
         if not self._keep(client, reached=False):
-            _shut(client)
+            _refuse(client)
             return
         handle = None
         gone = threading.Event()  # either side ended abnormally: the whole connection goes

@@ -114,6 +114,19 @@ def _bytes(value: Any) -> bytes:
     return base64.b64decode(value) if isinstance(value, str) and value else b""
 
 
+async def in_turn(turn: asyncio.Lock, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a thread, in ``turn`` (an ``AsyncSandbox``'s queue of calls). A caller that
+    gives up waits for the thread all the same: its call holds the agent's channel until it ends,
+    and the next call in the queue would otherwise be refused as "in progress"."""
+    async with turn:
+        job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await asyncio.wait([job])
+            raise
+
+
 class AsyncProcess:
     """``Process`` for an ``AsyncSandbox``: the same methods, awaited. Each call takes the
     sandbox's turn (its queue of calls, ``turn``) and is made in a thread; a wait is made of
@@ -135,15 +148,7 @@ class AsyncProcess:
         return self._process.dropped
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self._turn:
-            job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-            try:
-                return await asyncio.shield(job)
-            except asyncio.CancelledError:
-                # Its caller gave up: the call still holds the agent's channel until it ends, and
-                # the turn with it (the next call would otherwise be refused as "in progress").
-                await asyncio.wait([job])
-                raise
+        return await in_turn(self._turn, fn, *args)
 
     async def read(self) -> tuple[bytes, bytes]:
         return await self._call(self._process.read)

@@ -14,10 +14,11 @@ client). In order, for every route but the open ones:
    and send no header.
 4. The body, read here up to ``STOCKADE_MAX_REQUEST_BYTES`` whatever length it
    claims, so a client cannot make the daemon hold more.
-5. The answers its clients have not read: a large body goes out in pieces, each
-   once the client has taken most of the last, and counts in the daemon's budget
-   for them until its last piece is out; no new work is taken while they fill the
-   HTTP API's share ("busy", 503).
+5. The answers its clients have not read: a body over 64 KiB goes out in pieces,
+   each once the client has taken most of the last, and counts in the daemon's
+   budget for them until the client has taken all but 64 KiB; no new work is
+   taken while they fill the HTTP API's share ("busy", 503), but control and
+   status calls are (a cancel, a close, an interrupt, the status, the metrics).
 
 Client addresses are the socket's: no ``X-Forwarded-For`` is believed.
 """
@@ -77,7 +78,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse({"error": message, "code": code}, status_code=HTTP_STATUS[code], headers=headers)
 
 
-BODY_PIECE = 1 << 20  # a larger body goes out in pieces of this size, counted meanwhile
+BODY_PIECE = 1 << 20  # a counted body goes out in pieces of this size
+COUNTED_BODY = 64 << 10  # bodies larger than this are counted (a smaller one waits in uvicorn's buffer)
 # The HTTP API's one principal, who owns what it holds (see ``HttpDoor.caller``).
 HTTP_OWNER = "http"
 
@@ -149,6 +151,15 @@ class HttpDoor:
         return await answer(method, self.controller, read_request(method, params), caller, on_output, self.observers)
 
 
+def _small_answer(request: Request) -> bool:
+    """A control or status call (cancel, close, interrupt, status, a sandbox's description, the
+    metrics): taken even while the HTTP API's unread answers fill its share, as on the socket."""
+    path = request.url.path
+    if request.method == "DELETE" or path in ("/api/v1/sandbox/status", "/metrics") or path.endswith("/interrupt"):
+        return True
+    return request.method == "GET" and path.startswith("/api/v1/sandboxes/") and path.count("/") == 4
+
+
 def client_address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
@@ -173,15 +184,16 @@ class Guard:
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
                 headers_done = True
-            elif message["type"] == "http.response.body" and len(body := message.get("body", b"")) > BODY_PIECE:
+            elif message["type"] == "http.response.body" and len(body := message.get("body", b"")) > COUNTED_BODY:
                 # A send returns once its bytes are written to the connection, where they wait
-                # for the client; the next waits for it to have read most of them (uvicorn's
-                # flow control). So a large body waits in pieces, here, counted, not all at once.
+                # for the client; the next waits for it to have read all but 64 KiB of them
+                # (uvicorn's flow control). So a body waits in pieces, here, counted, and the
+                # count ends with an empty last piece, once the client has taken the others.
                 more = message.get("more_body", False)
                 with self.door.controller.answers.hold(len(body), HTTP_OWNER):
                     for start in range(0, len(body), BODY_PIECE):
-                        end = start + BODY_PIECE
-                        await send({**message, "body": body[start:end], "more_body": more or end < len(body)})
+                        await send({**message, "body": body[start : start + BODY_PIECE], "more_body": True})
+                    await send({**message, "body": b"", "more_body": more})
                 return
             await send(message)
 
@@ -191,7 +203,8 @@ class Guard:
                 self.door.check_host(request)
                 self.door.check_rate(request)
                 self.door.check_token(request)
-                self.door.controller.answers.refuse_new(HTTP_OWNER)
+                if not _small_answer(request):
+                    self.door.controller.answers.refuse_new(HTTP_OWNER)
             receive = await self._bounded_body(scope, receive)
         except StockadeError as exc:
             await error_response(exc)(scope, receive, send_noting)
