@@ -569,7 +569,7 @@ def test_the_held_sandbox_lifecycle(door: Door) -> None:
     assert door.read(sid, f"{d}/no-such-file") == ("error", "path_not_found")
     assert door.list(sid, f"{d}/no-such-dir") == ("error", "path_not_found")
     assert door.read(sid, d) == ("error", "agent")  # a directory
-    assert door.exec(sid, ["/no/such/command"]) == ("error", "agent")
+    assert door.exec(sid, ["/no/such/command"]) == ("error", "path_not_found")
     assert door.exec(sid, ["echo", "still", "in", "step"]) == ran("still in step\n")
 
     assert door.close(sid) == ("ok", {"sandbox_id": sid, "closed": True})
