@@ -9,10 +9,8 @@ WAIT_SLICE_S, so that other calls on the sandbox are not held up for long.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..limits import argv_list, check_call_size, signal_name
@@ -24,6 +22,7 @@ from ..protocol.models import (
     ProcessWrite,
     SandboxSpawn,
 )
+from ..runtimes.spawned import AwaitedFollow
 from .requests import _build, _params
 
 if TYPE_CHECKING:
@@ -69,7 +68,7 @@ class DaemonProcessCalls:
         return said
 
 
-class AsyncRemoteProcess:
+class AsyncRemoteProcess(AwaitedFollow):
     """``Process`` (runtimes/spawned.py) for an ``AsyncClient``: the same methods, awaited."""
 
     def __init__(self, client: AsyncClient, sandbox_id: str, info: dict[str, Any]) -> None:
@@ -130,17 +129,3 @@ class AsyncRemoteProcess:
     async def kill(self, signal: str | int = "SIGTERM") -> None:
         params = self._ref(ProcessKill, "sandbox.process_kill", signal=signal_name(signal))
         self._note(await self.client.call("sandbox.process_kill", params))
-
-    async def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
-        while True:
-            ended = self.exit_code is not None
-            out, err = await self.read()
-            for stream, data in (("stdout", out), ("stderr", err)):
-                if data:
-                    on_output(stream, data)
-            if ended:
-                assert self.exit_code is not None
-                return self.exit_code
-            if not out and not err:
-                await self.wait(interval)
-                await asyncio.sleep(0)

@@ -127,7 +127,33 @@ async def in_turn(turn: asyncio.Lock, fn: Callable[..., T], *args: Any) -> T:
             raise
 
 
-class AsyncProcess:
+class AwaitedFollow:
+    """``Process.follow``, awaited, over a class's awaited ``read`` and ``wait``."""
+
+    exit_code: int | None
+
+    async def read(self) -> tuple[bytes, bytes]:
+        raise NotImplementedError
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        raise NotImplementedError
+
+    async def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
+        """Pass the output to ``on_output(stream, data)`` as it comes, until the process ends; its exit code."""
+        while True:
+            ended = self.exit_code is not None
+            out, err = await self.read()
+            for stream, data in (("stdout", out), ("stderr", err)):
+                if data:
+                    on_output(stream, data)
+            if ended:
+                assert self.exit_code is not None
+                return self.exit_code
+            if not out and not err:
+                await self.wait(interval)
+
+
+class AsyncProcess(AwaitedFollow):
     """``Process`` for an ``AsyncSandbox``: the same methods, awaited. Each call takes the
     sandbox's turn (its queue of calls, ``turn``) and is made in a thread; a wait is made of
     short slices, so that the sandbox's other calls go on between them."""
@@ -135,20 +161,17 @@ class AsyncProcess:
     def __init__(self, process: Process, turn: asyncio.Lock) -> None:
         self._process, self._turn = process, turn
         self.handle, self.pid, self.argv = process.handle, process.pid, process.argv
+        self.exit_code: int | None = process.exit_code
+        self.dropped = process.dropped  # the one count, kept by the process's reads
 
     def __repr__(self) -> str:
         return f"Async{self._process!r}"
 
-    @property
-    def exit_code(self) -> int | None:
-        return self._process.exit_code
-
-    @property
-    def dropped(self) -> dict[str, int]:
-        return self._process.dropped
-
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await in_turn(self._turn, fn, *args)
+        try:
+            return await in_turn(self._turn, fn, *args)
+        finally:
+            self.exit_code = self._process.exit_code
 
     async def read(self) -> tuple[bytes, bytes]:
         return await self._call(self._process.read)
@@ -173,16 +196,3 @@ class AsyncProcess:
 
     async def kill(self, signal: str | int = "SIGTERM") -> None:
         await self._call(self._process.kill, signal)
-
-    async def follow(self, on_output: Callable[[str, bytes], None], interval: float = 0.05) -> int:
-        while True:
-            ended = self.exit_code is not None
-            out, err = await self.read()
-            for stream, data in (("stdout", out), ("stderr", err)):
-                if data:
-                    on_output(stream, data)
-            if ended:
-                assert self.exit_code is not None
-                return self.exit_code
-            if not out and not err:
-                await self.wait(interval)
