@@ -100,6 +100,9 @@ def test_the_async_client_spawns_too(http: tuple[Daemon, httpx.Client]) -> None:
             await proc.write("hi\n", eof=True)
             assert await proc.wait(30) == 0
             assert await proc.read() == (b"got hi\n", b"")
+            chunks: list[bytes] = []
+            late = await sb.spawn(["sh", "-c", "echo a; sleep 0.2; echo b >&2; exit 5"])
+            assert await late.follow(lambda stream, data: chunks.append(data)) == 5 and b"".join(chunks) == b"a\nb\n"
 
     asyncio.run(scenario())
 
