@@ -1,4 +1,4 @@
-"""What the daemon holds of file answers its clients have not read yet: bounded, daemon-wide.
+"""What the daemon holds of answers its clients have not read yet: bounded, daemon-wide.
 
 A held sandbox's ``read_file`` answers up to 32 MiB in one answer (base64 in a JSON line on the
 socket, the bytes on HTTP). A client that asks and never reads leaves that answer in the daemon's
@@ -30,7 +30,8 @@ OWNER_SHARE = 96 << 20
 
 
 class AnswerBudget:
-    """Bytes of answers the daemon holds for its clients, checked as each file answer is made."""
+    """Bytes of answers the daemon holds for its clients: a file answer checked as it is made
+    (``check``), new work refused while a caller's fill its share (``refuse_new``)."""
 
     def __init__(self, limit: int = ANSWER_BUDGET, share: int = OWNER_SHARE) -> None:
         self.limit, self.share = limit, share

@@ -108,7 +108,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self._pool = ThreadPoolExecutor(max_workers=config.max_sandboxes + 4, thread_name_prefix="stockade-run")
         self.slots = Slots(config.max_sandboxes, config.max_sandboxes_per_uid, config.queue_limit, config.queue_timeout)
         self.held: dict[str, Held] = {}
-        self.answers = AnswerBudget()  # file answers held for clients that have not read them yet
+        self.answers = AnswerBudget()  # answers held for clients that have not read them yet
         self.closing: dict[str, Held] = {}  # held sandboxes being closed (a call of theirs may still run)
         self.running: dict[str, Running] = {}
         self._inflight = 0

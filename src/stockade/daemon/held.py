@@ -371,9 +371,8 @@ class HeldSandboxes:
             return data[:limit]
 
         raw = await self._held_call(request, caller, read)
-        self.answers.check(
-            answer_size(len(raw)), caller.owner
-        )  # an answer may wait in memory until its client reads it
+        # Its answer may wait in memory until its client reads it.
+        self.answers.check(answer_size(len(raw)), caller.owner)
         return FileData(path=request.path, data=base64.b64encode(raw).decode())
 
     async def list_dir(self, request: ListDir, caller: Caller) -> DirListing:

@@ -67,9 +67,7 @@ class Gateway:
             for server_id in self.config.mcp_servers:
                 tasks.start_soon(ask, server_id)
         found = {s: answers[s] for s in self.config.mcp_servers if s in answers}  # in the config's order
-        offered_by = Counter(
-            str(r.uri) for _, resources, _ in found.values() for r in {str(r.uri): r for r in resources}.values()
-        )
+        offered_by = Counter(uri for _, resources, _ in found.values() for uri in {str(r.uri) for r in resources})
         for uri in sorted(u for u, count in offered_by.items() if count > 1):
             log.warning("MCP resource %s is offered by more than one server: by none here", uri)
         tool_names = _final_names({s: [t.name for t in tools] for s, (tools, _, _) in found.items()})

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CallTooLargeError, SandboxError, SandboxLostError
 from ..limits import argv_list, check_call_size
 from ..result import ExecResult, validate
-from ..runtimes.spawned import Process
+from ..runtimes.spawned import Process, listed_processes
 from .ray_node import OUTPUT, RESULT
 from .remote import RemoteRuns
 
@@ -208,8 +208,7 @@ class RayIsolate(RemoteRuns):
 
     def processes(self) -> list[dict[str, Any]]:
         """Its background processes, as the node's agent lists them (blocking: from a thread)."""
-        listed = self.proc_call("proc_list", {}).get("processes")
-        return listed if isinstance(listed, list) else []
+        return listed_processes(self)
 
     def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """A background process's call, answered by the node's agent (blocking: from a thread)."""

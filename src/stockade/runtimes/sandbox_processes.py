@@ -11,7 +11,7 @@ from ..policy import Policy
 from .agent_requests import exec_params, job_limits
 from .blocking import run_blocking
 from .publish import AgentRelay, AsyncTurn, Forwarder, parse_publish
-from .spawned import Process
+from .spawned import Process, listed_processes
 from .verdict import b64_field
 
 if TYPE_CHECKING:
@@ -93,8 +93,7 @@ class AgentProcesses:
 
     def processes(self) -> list[dict[str, Any]]:
         """The background processes the agent holds: ``{handle, pid, argv, running, exit_code}``."""
-        listed = self.proc_call("proc_list", {}).get("processes")
-        return listed if isinstance(listed, list) else []
+        return listed_processes(self)
 
     async def aproc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """A background-process call to the agent; its answer as an object (a garbled one is refused)."""

@@ -110,6 +110,12 @@ class Process:
             self.exit_code = code
 
 
+def listed_processes(sandbox: ProcCalls) -> list[dict[str, Any]]:
+    """The background processes ``sandbox``'s agent holds: ``{handle, pid, argv, running, exit_code}``."""
+    listed = sandbox.proc_call("proc_list", {}).get("processes")
+    return listed if isinstance(listed, list) else []
+
+
 def _bytes(value: Any) -> bytes:
     return base64.b64decode(value) if isinstance(value, str) and value else b""
 
