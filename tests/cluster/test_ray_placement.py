@@ -303,10 +303,15 @@ def test_an_async_sandbox_holds_an_isolate_of_the_cluster(cluster: LocalRayClust
             assert await sb.interrupt() is False  # nothing runs
             cell = asyncio.ensure_future(sb.run_code("import time\nwhile True: time.sleep(0.1)", session="nb"))
             await asyncio.sleep(1.5)
-            assert await sb.interrupt()  # SIGINT to the cell on its node; the interpreter keeps its state
+            assert await sb.interrupt(session="other") is False  # not that interpreter's cell: left alone
+            assert await sb.interrupt(session="nb")  # SIGINT to the cell on its node; the interpreter keeps its state
             stopped = await asyncio.wait_for(cell, 30)
             assert stopped.exception is not None and stopped.exception.name == "KeyboardInterrupt", stopped
             assert (await sb.run_code("len(rows)", session="nb")).results[0].text == "3"
+            # A background process on its node, and the node's agent's list of them.
+            exits = await sb.spawn(["sh", "-c", "exit 4"])
+            assert await exits.wait(30) == 4
+            assert [(p["handle"], p["exit_code"]) for p in await sb.processes()] == [(exits.handle, 4)]
             held = placement.describe()["held"]
             assert held == 1
         assert placement.describe()["held"] == 0  # released on its node
