@@ -134,7 +134,8 @@ def test_run_answers_nobody_reads_stop_their_callers_new_work(process_runtime: s
 
 
 def test_http_answers_nobody_reads_stop_new_http_work(process_runtime: str) -> None:
-    d = start_daemon(http="127.0.0.1:0")
+    # Its clients' connections are not dropped for their stall while the test lasts (below).
+    d = start_daemon(http="127.0.0.1:0", env={"STOCKADE_HTTP_STALL_TIMEOUT": "600"})
     assert d.http_url is not None
     host, port = d.http_url.split("//", 1)[1].rsplit(":", 1)
     hogs: list[socket.socket] = []
@@ -171,4 +172,44 @@ def test_http_answers_nobody_reads_stop_new_http_work(process_runtime: str) -> N
     finally:
         for conn in hogs:
             conn.close()
+        assert d.stop() == 0, d.logs()
+
+
+def test_an_http_client_that_stops_reading_is_dropped_with_its_answer(process_runtime: str) -> None:
+    # Without it, one client that asks and never reads (hung, or gone without a word) holds its
+    # answer, and the HTTP API's share of unread answers, for as long as its connection is open.
+    d = start_daemon(http="127.0.0.1:0", env={"STOCKADE_HTTP_STALL_TIMEOUT": "2"})
+    assert d.http_url is not None
+    host, port = d.http_url.split("//", 1)[1].rsplit(":", 1)
+    try:
+        with httpx.Client(base_url=d.http_url, timeout=60) as http:
+            policy = {"max_output_bytes": MAX_OUTPUT_BYTES}
+            sid = http.post("/api/v1/sandboxes", json={"policy": policy}).json()["sandbox_id"]
+            body = json.dumps({"command": BIG_RUN["command"]}).encode()
+            conn = socket.create_connection((host, int(port)))
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            head = f"POST /api/v1/sandboxes/{sid}/exec HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            conn.sendall(head.encode() + body)
+            with conn:
+                conn.settimeout(120)
+                assert conn.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200"  # made; none of it taken
+                time.sleep(8)  # past the stall timeout, and the kernel's next probe of the closed window
+                got, ended = 0, None
+                conn.settimeout(30)
+                try:
+                    while piece := conn.recv(1 << 20):
+                        got += len(piece)
+                        if got >= 1 << 20:
+                            break  # it is still sending
+                    else:
+                        ended = "closed"
+                except ConnectionResetError:
+                    ended = "reset"
+                except TimeoutError:
+                    ended = "still open"
+                # The daemon dropped the connection: what was in flight, not the ~25 MiB answer.
+                assert ended in ("closed", "reset") and got < 1 << 20, (ended, got)
+            assert http.post("/api/v1/sandbox/execute", json={"agent_id": "a", "command": ["true"]}).status_code == 200
+    finally:
         assert d.stop() == 0, d.logs()

@@ -62,13 +62,20 @@ class HttpService:
             await self.task
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, stall_timeout_s: float) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, named: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
     # and without it an answer written in two parts waits out the client's delayed ACK (40 ms).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # A client that stops reading an answer (its window closed, or gone without a word)
+        # would hold it, and the HTTP API's share of unread answers (daemon/answers.py), for
+        # as long as its connection stays open: the kernel drops a connection that has taken
+        # none of what was sent to it for this long (zero-window probes included). Accepted
+        # connections inherit it; an idle one is not affected.
+        stall_ms = min(int(stall_timeout_s * 1000), 2**31 - 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, stall_ms))
         sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
@@ -82,7 +89,7 @@ async def start(config: DaemonConfig, controller: Controller, observers: Observe
     """Bind ``config.http`` (port 0: any free one) and serve the API on this loop."""
     assert config.http is not None
     host, port = config.http
-    sock = _bind(host, port)
+    sock = _bind(host, port, config.http_stall_timeout)
     door = HttpDoor(
         controller,
         observers,
