@@ -21,6 +21,7 @@ from stockade.client import Client, DaemonBusyError, NotFoundError, call_with_re
 from stockade.errors import DaemonUnavailableError, InvalidRequestError, PolicyError, SandboxError, StockadeError
 from stockade.limits import MAX_CALL_BYTES
 from stockade.result import ExecResult
+from stockade.rpc.connection import LINES_UNDER_WAY_PER_UID
 from tests.daemon_harness import Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
 from tests.helpers import processes_with_arg
 
@@ -529,6 +530,73 @@ def test_large_pipelined_requests_are_not_parked_in_memory(process_runtime: str)
         assert stalled, f"the daemon read {sent >> 20} MiB of requests queued behind a running one"
         assert sent < 24 << 20
     finally:
+        assert d.stop() == 0
+
+
+def _send_until_stalled(s: socket.socket, data: bytes) -> int:
+    """How much of ``data`` goes in before the daemon stops taking it for half a second (all: len)."""
+    s.setblocking(False)
+    sent, stalled_since = 0, 0.0
+    while sent < len(data):
+        try:
+            sent += s.send(data[sent:])
+            stalled_since = 0.0
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > 0.5:
+                break
+            time.sleep(0.01)
+    s.settimeout(60)
+    return sent
+
+
+def test_requests_partway_are_read_on_a_few_connections_of_a_uid_at_once(process_runtime: str) -> None:
+    # A request is held until its end: without a bound one uid's 64 connections could have the
+    # daemon hold 64 of the line limit. Four are read at once; another waits until one of them is
+    # done or gone, and a request that comes whole is answered meanwhile.
+    d = start_daemon({"STOCKADE_MAX_REQUEST_BYTES": str(4 << 20), "STOCKADE_MAX_REQUESTS": "1000000"})
+    start, end = b'{"method": "ping", "params": {}, "id": 1' + b" " * (3 << 20), b"}\n"
+    conns: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(60)
+        s.connect(d.socket_path)
+        conns.append(s)
+        return s
+
+    def pong(s: socket.socket) -> None:
+        answer = json.loads(s.makefile("rb").readline())
+        assert answer["result"] == "pong", answer
+
+    try:
+        reading = [connect() for _ in range(LINES_UNDER_WAY_PER_UID)]
+        for s in reading:  # more than a socket's buffer: the daemon has read (and holds) most of it
+            s.sendall(start)
+        first, second = connect(), connect()
+        sent = {first: _send_until_stalled(first, start), second: _send_until_stalled(second, start)}
+        assert max(sent.values()) < 1 << 20, sent  # one read each, then they wait their turn
+        whole = connect()
+        whole.sendall(b'{"method": "ping", "params": {}, "id": 1}\n')
+        pong(whole)
+        reading[0].sendall(end)  # one done: its place goes to the one that waited longest
+        pong(reading[0])
+        sent[second] += _send_until_stalled(second, start[sent[second] :])
+        assert sent[second] < 1 << 20, sent
+        first.sendall(start[sent[first] :] + end)
+        pong(first)
+        second.sendall(start[sent[second] :] + end)
+        pong(second)
+        connect().sendall(start)  # four under way again, with reading[1:]
+        third = connect()
+        sent[third] = _send_until_stalled(third, start)
+        assert sent[third] < 1 << 20, sent
+        reading[1].close()  # gone partway: its place is free
+        third.sendall(start[sent[third] :] + end)
+        pong(third)
+    finally:
+        for s in conns:
+            s.close()
         assert d.stop() == 0
 
 

@@ -135,6 +135,10 @@ class _Frames:
         self._buffer.clear()  # a frame cut short by the end is no request
         return []
 
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
 
 class CborFrames:
     """The broker's codec (rpc/codec.py): length-prefixed canonical CBOR, every answer signed too."""

@@ -29,6 +29,10 @@ class Framer(Protocol):
     def end(self) -> list[bytes | None]:
         """At end of file: what is left that still counts as a frame."""
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a frame not complete yet."""
+
 
 class Codec(Protocol):
     name: str
@@ -67,9 +71,10 @@ class _Lines:
             self._skipping = False
         frames: list[bytes | None] = []
         buffer = self._buffer
+        seen = len(buffer)  # holds no newline: only the new bytes are searched, not a long line again
         buffer += data
         start = 0
-        while (end := buffer.find(b"\n", start)) >= 0:
+        while (end := buffer.find(b"\n", seen if start == 0 else start)) >= 0:
             frames.append(self._frame(bytes(buffer[start:end])))
             start = end + 1
         del buffer[:start]
@@ -86,6 +91,10 @@ class _Lines:
         last = self._frame(bytes(self._buffer))  # a last request without its newline still counts
         self._buffer.clear()
         return [last] if last != b"" else []
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
 
     def _frame(self, line: bytes) -> bytes | None:
         return TOO_LARGE if len(line) > self.limit else line.strip()

@@ -43,6 +43,11 @@ log = logging.getLogger("stockade.daemon")
 # 64 of them (a GiB at the default line limit) in the daemon's memory.
 MAX_QUEUED_LINES = 64
 MAX_QUEUED_BYTES = 1 << 20
+# A request that does not come in one read is held until its end (up to STOCKADE_MAX_REQUEST_BYTES,
+# 16 MiB): one uid's 64 connections could have the daemon hold a GiB of requests they never end.
+# So at most this many of a uid's connections are partway through one at once; the others wait,
+# reading paused with what one read brought, until one of those is done (``LinesUnderWay``).
+LINES_UNDER_WAY_PER_UID = 4
 # Starts a run answered by callback: given where its outcome goes, returns what abandons
 # it (for a client that goes away), or None when it cannot start now.
 StartNow: TypeAlias = Callable[[Callable[["ExecResult | Exception"], None]], Callable[[], None] | None]
@@ -68,6 +73,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._eof = False
         self._lost = False
+        self.line_under_way: str | None = None  # "reading" or "waiting" (LinesUnderWay), or None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # ---- the transport's callbacks ----------------------------------------------------
@@ -116,6 +122,7 @@ class Connection(asyncio.Protocol):
                 return
         for frame in self._framer.feed(data):
             self._queue(frame)
+        self._track_line()
         self._pump()
 
     def eof_received(self) -> bool:
@@ -125,6 +132,7 @@ class Connection(asyncio.Protocol):
             return False  # the transport closes; connection_lost ends what still runs
         for frame in self._framer.end():
             self._queue(frame)
+        self._track_line()
         self._eof = True
         self._pump()
         return True  # keep the writing half open: the queued requests are still answered
@@ -141,6 +149,8 @@ class Connection(asyncio.Protocol):
         self._lost = True
         self._lines.clear()
         self._queued_bytes = 0
+        if self.line_under_way is not None:
+            self.server.lines_under_way.leave(self)
         # The client went away: a one-shot run's answer can go nowhere, so its
         # isolate and its slot go now. A held sandbox's call is let finish, so
         # that a kept sandbox is left in step with its agent.
@@ -192,12 +202,25 @@ class Connection(asyncio.Protocol):
         if self._eof and not self._lines and not self._busy and self.transport is not None:
             self.transport.close()
 
+    def _track_line(self) -> None:
+        """Take a place among the uid's requests under way when one is begun, give it up when done."""
+        partway = self._framer.buffered > 0
+        if partway and self.line_under_way is None:
+            self.server.lines_under_way.join(self)
+        elif not partway and self.line_under_way is not None:
+            self.server.lines_under_way.leave(self)
+
     def _flow(self) -> None:
         """Read while there is room for more requests and the client reads its answers."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._write_paused or len(self._lines) >= MAX_QUEUED_LINES or self._queued_bytes >= MAX_QUEUED_BYTES:
+        if (
+            self._write_paused
+            or len(self._lines) >= MAX_QUEUED_LINES
+            or self._queued_bytes >= MAX_QUEUED_BYTES
+            or self.line_under_way == "waiting"
+        ):
             transport.pause_reading()
         else:
             transport.resume_reading()
@@ -368,6 +391,43 @@ class AnswerLog:
             self.observe("unix", method, outcome, elapsed_ms / 1000)
             if method != "ping":
                 log.info("uid=%d %s %s%s %.1fms", uid, method, outcome, run, elapsed_ms)
+
+
+class LinesUnderWay:
+    """Which of each uid's connections may be partway through a request (``LINES_UNDER_WAY_PER_UID``)."""
+
+    def __init__(self, per_uid: int = LINES_UNDER_WAY_PER_UID) -> None:
+        self.per_uid = per_uid
+        self.reading: dict[int, int] = {}
+        self.waiting: dict[int, deque[Connection]] = {}
+
+    def join(self, conn: Connection) -> None:
+        uid = conn.peer.uid
+        if self.reading.get(uid, 0) < self.per_uid:
+            self.reading[uid] = self.reading.get(uid, 0) + 1
+            conn.line_under_way = "reading"
+        else:
+            self.waiting.setdefault(uid, deque()).append(conn)
+            conn.line_under_way = "waiting"
+            conn._flow()
+
+    def leave(self, conn: Connection) -> None:
+        uid, was = conn.peer.uid, conn.line_under_way
+        conn.line_under_way = None
+        queue = self.waiting.get(uid)
+        if was == "waiting" and queue is not None:
+            queue.remove(conn)
+        elif was == "reading":
+            if queue:  # its place goes to the connection that waited longest
+                nxt = queue.popleft()
+                nxt.line_under_way = "reading"
+                nxt._flow()
+            elif self.reading[uid] > 1:
+                self.reading[uid] -= 1
+            else:
+                del self.reading[uid]
+        if queue is not None and not queue:
+            del self.waiting[uid]
 
 
 def _hung_up(transport: asyncio.Transport | None) -> bool:

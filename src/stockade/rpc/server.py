@@ -37,7 +37,7 @@ from ..protocol.models import Caller
 from ..protocol.peer import Peer
 from . import methods
 from .codec import Codec
-from .connection import AnswerLog, Connection, error_answer
+from .connection import AnswerLog, Connection, LinesUnderWay, error_answer
 from .methods import Method, read_request
 from .ratelimit import SlidingWindowLimiter
 
@@ -102,6 +102,7 @@ class RPCServer:
         self._made_socket = False
         self.connections: set[Connection] = set()
         self.open_connections: Counter[int] = Counter()  # per peer uid, the ones admitted
+        self.lines_under_way = LinesUnderWay()
         self.observers = observers or Observers()
         self.answer_log = AnswerLog(self.observers.request)
         self._ids = itertools.count(1)
