@@ -26,7 +26,7 @@ import pytest
 from stockade import Policy, Sandbox
 from stockade.broker import wire
 from stockade.broker.client import BrokerClient
-from stockade.errors import PolicyError
+from stockade.errors import PolicyError, StockadeError
 from stockade.protocol import auth
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
@@ -186,6 +186,9 @@ def test_a_daemon_taken_over_gets_only_what_live_isolates_are_granted(broker: Ru
         client.call("fetch", {"sandbox": "made-up", "name": "API_KEY"})
     with pytest.raises(PolicyError, match="does not run as a sandbox uid"):
         client.call("register", {"sandbox": "mine", "pid": os.getpid(), "grants": grant})  # itself: not an isolate
+    for hosts in ({}, {"hosts": None}, {"hosts": []}):  # a secret of its own bound to any host, its server's
+        with pytest.raises(StockadeError, match="hosts"):
+            client.call("put", {"name": "MINE", "value": "x", **hosts})
     mgr = RuntimeManager(pool_size=0)
     try:
         with Sandbox(Policy(timeout_seconds=30), manager=mgr) as sb:

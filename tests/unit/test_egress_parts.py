@@ -168,9 +168,11 @@ def test_the_vault_keeps_values_encrypted_and_refuses_bad_ones(tmp_path: object)
         assert b"sk-vault-123456" not in f.read()
     assert Vault(where).secrets["TOKEN"].value == "sk-vault-123456"  # read back with its key
     with pytest.raises(PolicyError, match="visible ASCII"):
-        vault.put("TOKEN", "sk\r\n", None)
+        vault.put("TOKEN", "sk\r\n", ["api.example.com"])
     with pytest.raises(PolicyError, match="environment variable name"):
-        vault.put("1BAD", "x", None)
+        vault.put("1BAD", "x", ["api.example.com"])
+    with pytest.raises(PolicyError, match="name the hosts"):
+        vault.put("TOKEN", "sk-vault-123456", [])
     assert vault.delete("TOKEN") and not Vault(where).secrets
 
 

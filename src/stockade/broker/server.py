@@ -99,7 +99,7 @@ class SandboxName(Request):
 class Put(Request):
     name: str
     value: str
-    hosts: list[str] | None = None
+    hosts: list[str] = Field(min_length=1)  # never any host: see Vault.put
 
 
 class Name(Request):

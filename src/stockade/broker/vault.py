@@ -60,21 +60,23 @@ class Vault:
             raise ConfigError(f"{path} does not decrypt with its key: it was not written by this broker") from None
         return parse_secrets(document, path)
 
-    def put(self, name: str, value: str, hosts: list[str] | None) -> None:
+    def put(self, name: str, value: str, hosts: list[str]) -> None:
         if not _NAME.fullmatch(name):
             raise PolicyError(f"secret name {name!r} is not an environment variable name")
+        if not hosts:  # one bound to any host would go wherever any caller's policy names
+            raise PolicyError(f"secret {name}: name the hosts it may be bound to")
         try:
             check_value(name, value, "secret")
         except ConfigError as exc:
             raise PolicyError(str(exc)) from None
-        for host in hosts or []:
+        for host in hosts:
             try:
                 parse_rule(host)
             except ValueError as exc:
                 raise PolicyError(f"secret {name}: {exc}") from None
         if name not in self.secrets and len(self.secrets) >= MAX_SECRETS:
             raise PolicyError(f"the vault holds {MAX_SECRETS} secrets already")
-        self.secrets[name] = StoredSecret(value, tuple(hosts) if hosts is not None else None)
+        self.secrets[name] = StoredSecret(value, tuple(hosts))
         self._save()
 
     def delete(self, name: str) -> bool:
