@@ -19,7 +19,7 @@ from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
 from .runtimes.publish import parse_publish
 from .runtimes.sandbox import AgentSandbox
-from .runtimes.spawned import AsyncProcess, Process, in_turn
+from .runtimes.spawned import AsyncProcess, Process, in_turn, spawned_or_killed
 from .runtimes.verdict import OutputCallback
 
 if TYPE_CHECKING:
@@ -374,9 +374,10 @@ class AsyncSandbox:
     ) -> AsyncProcess:
         """``Sandbox.spawn``, awaited: a process beside this sandbox's other calls, whose methods
         are awaited too (docs/processes-and-ports.md)."""
-        held = self._held()
-        process = await in_turn(self._turn, functools.partial(held.spawn, argv, stdin=stdin, env=env, cwd=cwd))
-        return AsyncProcess(process, self._turn)
+        held, turn = self._held(), self._turn
+        spawning = in_turn(turn, functools.partial(held.spawn, argv, stdin=stdin, env=env, cwd=cwd))
+        process = await spawned_or_killed(spawning, lambda p: in_turn(turn, p.kill, "SIGKILL"))
+        return AsyncProcess(process, turn)
 
     async def processes(self) -> list[dict[str, Any]]:
         """``Sandbox.processes``, awaited."""

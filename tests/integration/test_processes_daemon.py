@@ -19,7 +19,7 @@ from stockade.client import AsyncClient, Client
 from stockade.errors import InvalidRequestError, NotFoundError, PolicyError
 from tests.conftest import require
 from tests.daemon_harness import Daemon, start_daemon
-from tests.integration.test_spawn_and_publish import ECHO_SERVER, THREAD_ECHO, _get
+from tests.integration.test_spawn_and_publish import ECHO_SERVER, THREAD_ECHO, _a_spawn_given_up_left_running, _get
 
 ECHO = "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
 
@@ -103,6 +103,7 @@ def test_the_async_client_spawns_too(http: tuple[Daemon, httpx.Client]) -> None:
             chunks: list[bytes] = []
             late = await sb.spawn(["sh", "-c", "echo a; sleep 0.2; echo b >&2; exit 5"])
             assert await late.follow(lambda stream, data: chunks.append(data)) == 5 and b"".join(chunks) == b"a\nb\n"
+            assert not await _a_spawn_given_up_left_running(sb)
 
     asyncio.run(scenario())
 

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -197,8 +198,24 @@ def test_an_async_sandbox_spawns_and_serves_a_published_port(runtime: str, manag
             seen: list[bytes] = []
             late = await sb.spawn(["sh", "-c", "echo late; exit 3"])
             assert await late.follow(lambda stream, data: seen.append(data)) == 3 and b"".join(seen) == b"late\n"
+            assert not await _a_spawn_given_up_left_running(sb)
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+async def _a_spawn_given_up_left_running(sb: Any) -> list[dict[str, Any]]:
+    """Cancel a spawn as it starts: what it started, nobody holds a handle to, so it is ended."""
+    task = asyncio.ensure_future(sb.spawn(["sleep", "61"]))
+    await asyncio.sleep(0)  # on its way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 10
+    while (running := [p for p in await sb.processes() if p["argv"] == ["sleep", "61"] and p["running"]]) and (
+        time.monotonic() < deadline
+    ):
+        await asyncio.sleep(0.05)  # killed: until its agent has seen it end
+    return running
 
 
 @pytest.mark.parametrize(

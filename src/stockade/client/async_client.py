@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import NotFoundError, StockadeError
 from ..result import ExecResult
+from ..runtimes.spawned import spawned_or_killed
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
 from .processes import AsyncRemoteProcess, spawn_params
 from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle, published_address
@@ -325,7 +326,10 @@ class AsyncRemoteSandbox(SandboxHandle):
         env: dict[str, str] | None = None,
         cwd: str | None = None,
     ) -> AsyncRemoteProcess:
-        info = await self.client.call("sandbox.spawn", spawn_params(self.sandbox_id, argv, stdin, env, cwd))
+        spawning = self.client.call("sandbox.spawn", spawn_params(self.sandbox_id, argv, stdin, env, cwd))
+        info = await spawned_or_killed(
+            spawning, lambda info: AsyncRemoteProcess(self.client, self.sandbox_id, info).kill("SIGKILL")
+        )
         return AsyncRemoteProcess(self.client, self.sandbox_id, info)
 
     async def processes(self) -> list[dict[str, Any]]:

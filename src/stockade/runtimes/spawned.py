@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..limits import check_call_size, signal_name
@@ -131,6 +132,18 @@ async def in_turn(turn: asyncio.Lock, fn: Callable[..., T], *args: Any) -> T:
         except asyncio.CancelledError:
             await asyncio.wait([job])
             raise
+
+
+async def spawned_or_killed(spawning: Awaitable[T], kill: Callable[[T], Awaitable[None]]) -> T:
+    """What ``spawning`` starts. A caller that gives up meanwhile would leave a process running that
+    nobody holds a handle to: the start goes on, shielded, and what it started is killed."""
+    job = asyncio.ensure_future(spawning)
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # it failed to start, or is gone already: nothing to end
+            await kill(await job)
+        raise
 
 
 class AwaitedFollow:
