@@ -19,13 +19,15 @@ and start-up imports neither a runtime nor pydantic (cli_daemon.py). When nothin
 and ``--require-daemon`` make the daemon required instead.
 
 Exit status of ``run``/``exec-code``: the command's own; 128+N when a signal
-ended it; 124 on timeout (as timeout(1)); 137 when the memory limit killed it;
-125 when stockade itself failed (bad policy, no runtime), with the reason on
-stderr. Heavy modules load only once a command needs them.
+ended it; 124 on timeout (as timeout(1)); 137 when the memory limit killed it, or
+it was killed with its isolate (cancelled, closed); 141 when its output was cut at
+the policy's cap (as a pipe's reader that stops reading); 125 when stockade itself
+failed (bad policy, no runtime), with the reason on stderr. Heavy modules load only once a command needs them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import sys
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 EXIT_TIMEOUT = 124
 EXIT_STOCKADE_ERROR = 125
 EXIT_MEMORY = 137
+EXIT_KILLED = 137  # 128 + SIGKILL
+EXIT_OUTPUT_CUT = 141  # 128 + SIGPIPE
 MAX_STDIN = MAX_DATA_BYTES  # what fits one agent frame, base64-encoded
 
 
@@ -133,13 +137,18 @@ def _build_policy(args: Any) -> Any:
     fields = policy_fields(args)  # the same fields a run through the daemon sends
     try:
         return Policy.build(**fields)
-    except PolicyError as exc:  # in the words the user typed: the flag, then its field
+    except PolicyError as exc:  # in the words the user typed: the flag (or the file), then its field
         parts = str(exc).removeprefix("invalid policy: ").split("; ")
         for i, part in enumerate(parts):
             field, sep, rest = part.partition(":")
             name = field.split(".")[0].split("[")[0]
-            if sep and name in CLI_FLAGS:
-                parts[i] = f"{CLI_FLAGS[name][0]} ({field}):{rest}"
+            if not sep:
+                continue
+            if getattr(args, name, None) not in (None, []):  # a flag gave it
+                if name in CLI_FLAGS:
+                    parts[i] = f"{CLI_FLAGS[name][0]} ({field}):{rest}"
+            elif args.policy_file and name in {f.name for f in dataclasses.fields(Policy)}:
+                parts[i] = f"--policy-file {args.policy_file} ({field}):{rest}"
         raise PolicyError("invalid policy: " + "; ".join(parts)) from None
 
 
@@ -170,8 +179,14 @@ def _exit_status(termination_reason: str, exit_code: int | None) -> int:
         return EXIT_TIMEOUT
     if termination_reason == "memory_limit":
         return EXIT_MEMORY
+    if termination_reason == "output_limit":
+        # Whether the command was killed for it or ended first: its output was cut, as a pipe's
+        # reader that stops reading cuts it (SIGPIPE), not its exit status, is the news.
+        return EXIT_OUTPUT_CUT
     if exit_code is None:
-        return EXIT_STOCKADE_ERROR
+        # Killed with its isolate (cancelled, closed, a violation): as SIGKILL says. Only a run
+        # that stockade could not start or lost says 125.
+        return EXIT_KILLED if termination_reason in ("killed", "violation", "cpu_limit") else EXIT_STOCKADE_ERROR
     if exit_code < 0:
         return 128 - exit_code
     return int(exit_code)

@@ -63,6 +63,13 @@ def test_timeout_and_memory_exit_statuses() -> None:
     assert r.returncode == 137 and "memory_limit" in r.stderr
 
 
+def test_a_run_whose_output_was_cut_exits_141_however_it_ended() -> None:
+    # Ended before the agent saw the cap passed, or killed for passing it: the same status.
+    for argv in (["seq", "1", "100"], ["sh", "-c", "seq 1 100000; exec sleep 30"]):
+        r = cli("run", "--max-output", "10", "--", *argv)
+        assert r.returncode == 141 and "output_limit" in r.stderr, (argv, r)
+
+
 def test_env_mount_and_network_flags(tmp_path: Path) -> None:
     r = cli(
         "run",
@@ -166,7 +173,10 @@ def test_a_policy_files_out_of_range_field_is_refused_naming_it(tmp_path: Path) 
     path = tmp_path / "policy.json"
     path.write_text('{"memory_mb": 99999}')
     out = cli("run", "--policy-file", str(path), "--", "true")
-    assert out.returncode == 125 and "memory_mb" in out.stderr and "2048" in out.stderr
+    assert out.returncode == 125 and "2048" in out.stderr
+    assert f"--policy-file {path} (memory_mb)" in out.stderr  # the file said it: not --memory
+    out = cli("run", "--policy-file", str(path), "--memory", "99999", "--", "true")
+    assert out.returncode == 125 and "--memory (memory_mb)" in out.stderr  # the flag said it
 
 
 @pytest.mark.parametrize(

@@ -148,3 +148,24 @@ def test_a_registered_secret_names_the_hosts_it_may_be_sent_to(capsys: pytest.Ca
         with pytest.raises(ValidationError, match="hosts"):
             SecretPut.model_validate({"name": "API_KEY", "value": "sk-1", **hosts})
     assert SecretPut.model_validate({"name": "API_KEY", "value": "sk-1", "hosts": ["api.example"]}).hosts
+
+
+@pytest.mark.parametrize(
+    ("reason", "exit_code", "status"),
+    [
+        ("completed", 3, 3),
+        ("killed", -15, 143),  # a signal: 128 + N
+        ("killed", None, 137),  # cancelled or closed with its isolate: as SIGKILL says, not "could not run it"
+        ("violation", None, 137),
+        ("timeout", None, 124),
+        ("memory_limit", -9, 137),
+        ("output_limit", 0, 141),  # cut, whether it ended first or was killed for it
+        ("output_limit", -9, 141),
+        ("error", None, 125),
+        ("lost", None, 125),
+    ],
+)
+def test_a_runs_exit_status_says_how_it_ended(reason: str, exit_code: int | None, status: int) -> None:
+    from stockade.cli import _exit_status
+
+    assert _exit_status(reason, exit_code) == status
