@@ -168,7 +168,12 @@ def _report(args: Any, result: ExecResult) -> int:
     """Print what the run's output did not say (all of it with --json); its exit status."""
     if args.json:
         print(result.to_json(indent=2))
-    elif result.termination_reason != "completed" or result.security_violations or result.unenforced_limits:
+    elif (
+        result.termination_reason != "completed"
+        or result.security_violations
+        or result.unenforced_limits
+        or result.limits_reached
+    ):
         print(result.summary(), file=sys.stderr)
     return _exit_status(result.termination_reason, result.exit_code)
 

@@ -328,7 +328,9 @@ def _report(args: Any, answer: dict[str, Any]) -> int:
     if not isinstance(result, dict):
         return _fail("the daemon's answer to execute has no result")
     reason, exit_code = result.get("termination_reason"), result.get("exit_code")
-    clean = reason == "completed" and not result.get("security_violations") and not result.get("unenforced_limits")
+    clean = reason == "completed" and not any(
+        result.get(name) for name in ("security_violations", "unenforced_limits", "limits_reached")
+    )
     if clean and not args.json and (exit_code is None or type(exit_code) is int):
         return _exit_status("completed", exit_code)
     from pydantic import ValidationError

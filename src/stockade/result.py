@@ -136,6 +136,12 @@ class ResourceUsage(Serialised):
     memory_peak_mb: float | None = None
 
 
+# The limits a run may reach and go on, which its exit status would hide: named in its summary.
+HIDDEN_LIMITS = {
+    "pids_limit": "pids_limit (a fork was refused)",
+    "disk_mb": "disk_mb (the scratch space was full)",
+    "max_file_size_bytes": "max_file_size_bytes (a write past it: SIGXFSZ)",
+}
 MAX_CELL_RESULTS = 1000  # display items one cell may return (each is bounded by the agent's frame)
 MAX_CELL_MIME_TYPES = 32
 CELL_KINDS = ("execute_result", "display_data")
@@ -254,6 +260,14 @@ class ExecResult(Serialised):
     unenforced_limits: list[str] = field(
         default_factory=list, metadata=describe("limits of the policy this host could not enforce, and why")
     )
+    limits_reached: list[str] = field(
+        default_factory=list,
+        metadata=describe(
+            "the policy's limits the run ran into, by field name: the one that ended it, and those a "
+            "command's exit status would hide (pids_limit: a fork refused; disk_mb: the scratch space "
+            "full as it ended; max_file_size_bytes: killed by SIGXFSZ; max_output_bytes: output cut)"
+        ),
+    )
     egress_requests: list[EgressRequest] = field(
         default_factory=list,
         metadata=describe("what the run asked of the egress proxy (network_policy allowlist)"),
@@ -303,6 +317,9 @@ class ExecResult(Serialised):
             parts.append(f"{total} blocked: {', '.join(names)}")
         if self.error:
             parts.append(self.error)
+        hidden = [name for name in self.limits_reached if name in HIDDEN_LIMITS]
+        if hidden:
+            parts.append("reached " + ", ".join(HIDDEN_LIMITS[name] for name in hidden))
         if self.unenforced_limits:
             parts.append("not enforced: " + "; ".join(self.unenforced_limits))
         return f"stockade [{self.runtime_used}]: " + ", ".join(parts)

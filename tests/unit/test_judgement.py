@@ -71,3 +71,25 @@ def test_the_host_cuts_output_past_the_cap_whatever_the_agent_sent() -> None:
                    killed_for=None, cancelled=None, timeout_s=None)  # fmt: skip
     assert (judged.reason, len(judged.stdout), len(judged.stderr)) == ("output_limit", 800, 200)
     assert judged.error == "output exceeded 1000 bytes and was cut"
+
+
+def _reached(policy: Policy | None = None, said: Verdict | None = None, **kw: Any) -> list[str]:
+    before, after = kw.pop("before", IsolateUsage()), kw.pop("after", IsolateUsage())
+    judged = judge(policy or Policy(), said or Verdict(exit_code=0), None, before, after, ViolationReport(),
+                   killed_for=None, cancelled=None, timeout_s=None)  # fmt: skip
+    return judged.reached
+
+
+def test_the_limits_a_run_ran_into_are_named_whether_or_not_they_ended_it() -> None:
+    assert _reached() == []
+    # Ran into and went on: what the command's own exit status would hide.
+    assert _reached(before=IsolateUsage(pids_refused=3), after=IsolateUsage(pids_refused=5)) == ["pids_limit"]
+    assert _reached(before=IsolateUsage(pids_refused=3), after=IsolateUsage(pids_refused=3)) == []  # an earlier run's
+    assert _reached(said=Verdict(exit_code=0, scratch_full=True)) == ["disk_mb"]
+    assert _reached(said=Verdict(exit_code=-signal.SIGXFSZ)) == ["max_file_size_bytes"]
+    # The one that ended it, beside its termination_reason.
+    assert _reached(said=Verdict(timed_out=True)) == ["timeout_seconds"]
+    assert _reached(Policy(cpu_time_seconds=2), Verdict(exit_code=-signal.SIGXCPU)) == ["cpu_time_seconds"]
+    assert _reached(before=IsolateUsage(oom_kills=0), after=IsolateUsage(oom_kills=1)) == ["memory_mb"]
+    cut = Verdict(exit_code=-signal.SIGKILL, truncated=True, scratch_full=True)
+    assert _reached(said=cut) == ["max_output_bytes", "disk_mb"]

@@ -78,6 +78,22 @@ def bootstrap(setup: str, entry: str) -> str:
     )
 
 
+# The isolate's scratch space, which the policy's disk_mb sizes (a tmpfs in each runtime).
+SCRATCH = ("/work", "/tmp")
+
+
+def scratch_full() -> bool:
+    """Whether a scratch directory has no room left as a run ends: it reached disk_mb (the host
+    says so in the result, where a command's own "No space left on device" may go unread)."""
+    for path in SCRATCH:
+        try:
+            if os.statvfs(path).f_bavail == 0:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class Runner:
     """A forked agent waiting for one job on ``job_w``, its stdio already on pipes.
 

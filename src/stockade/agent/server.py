@@ -250,6 +250,7 @@ class Agent(Commands, Interpreters, Processes):
             "stderr": wire.b64encode(b"".join(run.buffers["stderr"])),
             "timed_out": run.timed_out,
             "output_truncated": run.output_truncated,
+            "scratch_full": runners.scratch_full(),
             "duration": time.monotonic() - started,
         }
 

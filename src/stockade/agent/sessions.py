@@ -95,6 +95,7 @@ class Interpreters:
             "stderr": wire.b64encode(b"".join(run.buffers["stderr"])),
             "timed_out": timed_out,
             "output_truncated": run.output_truncated,
+            "scratch_full": runner.scratch_full(),
             "duration": time.monotonic() - started,
             "cell": cell if run.status is None else None,
             "new_session": new,

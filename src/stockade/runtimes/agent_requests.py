@@ -14,17 +14,20 @@ from .base import HOST_TIMEOUT_GRACE_S, UNBOUNDED
 _FOREVER_S = 10.0 * 365 * 24 * 3600  # a component's run: no deadline
 
 
-def job_limits(policy: Policy, timeout: float | None = None) -> dict[str, int]:
+def job_limits(policy: Policy, timeout: float | None = None, *, forks_counted: bool = False) -> dict[str, int]:
     """The rlimits the agent sets on a run's processes (agent/runner.py ``apply_rlimits``).
 
     ``cpu_seconds`` is the hard CPU limit (SIGKILL): one past the policy's
     ``cpu_time_seconds`` (whose soft limit sends SIGXCPU first), or else a
-    backstop one past the run's wall-clock timeout.
+    backstop one past the run's wall-clock timeout. ``forks_counted``: the
+    isolate's cgroup enforces pids_limit and counts the forks it refuses (the
+    result's ``limits_reached``); RLIMIT_NPROC, which counts the same tasks but
+    refuses first and uncounted, then stands one above it, as a backstop.
     """
     limits = {
         "max_file_size_bytes": policy.max_file_size_bytes,
         "max_open_files": policy.max_open_files,
-        "max_processes": policy.pids_limit,
+        "max_processes": policy.pids_limit + 1 if forks_counted else policy.pids_limit,
     }
     if policy.cpu_time_seconds is not None:
         limits["cpu_soft_seconds"] = policy.cpu_time_seconds
@@ -44,6 +47,7 @@ def run_params(
     timeout: float | None,
     stream: bool,
     one_shot: bool,
+    forks_counted: bool = False,
 ) -> float:
     """Complete a run request's ``params`` (``exec_params`` or ``code_request``'s) with what
     every run carries; how long the host waits for its answer. ``timeout`` may shorten the
@@ -52,7 +56,7 @@ def run_params(
     check_timeout(timeout)
     common = {"env": env, "stdin": base64.b64encode(stdin).decode() if stdin else ""}
     if timeout == UNBOUNDED:
-        params.update(common, stream=True, collect=False, limits=job_limits(policy))
+        params.update(common, stream=True, collect=False, limits=job_limits(policy, forks_counted=forks_counted))
         return _FOREVER_S
     if timeout is not None and timeout > policy.timeout_seconds:
         raise PolicyError(
@@ -70,7 +74,7 @@ def run_params(
         timeout=timeout,
         max_output_bytes=policy.max_output_bytes,
         stream=stream,
-        limits=job_limits(policy, timeout),
+        limits=job_limits(policy, timeout, forks_counted=forks_counted),
     )
     return wait
 

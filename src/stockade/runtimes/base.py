@@ -42,6 +42,7 @@ class IsolateUsage:
     """What the host measured of an isolate (cgroup counters), sampled around a run."""
 
     oom_kills: int = 0
+    pids_refused: int = 0  # forks the cgroup's pids limit refused (pids.events "max")
     cpu_seconds: float | None = None
     memory_peak_mb: float | None = None
 

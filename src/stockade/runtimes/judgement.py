@@ -28,6 +28,7 @@ class Judgement:
     error: str | None
     stdout: bytes  # cut to the policy's output cap
     stderr: bytes
+    reached: list[str]  # the policy limits the run ran into (``limits_reached``)
 
 
 def judge(
@@ -99,7 +100,33 @@ def judge(
             error = error or f"killed after a policy violation{named}"
         else:
             error = error or f"killed after {report.blocked} refused calls, more than max_violations={limit}{named}"
-    return Judgement(reason, error, stdout, stderr)
+    return Judgement(reason, error, stdout, stderr, limits_reached(said, before, after, reason, truncated))
+
+
+def limits_reached(
+    said: Verdict, before: IsolateUsage, after: IsolateUsage, reason: TerminationReason, truncated: bool
+) -> list[str]:
+    """The policy's limits the run ran into, by field name: the one that ended it (its
+    ``termination_reason``), and those that did not end it and that a command's exit status
+    would hide: a fork refused at pids_limit (the cgroup's count), the scratch space full at
+    disk_mb (the agent's look as the run ended), a command killed by SIGXFSZ at
+    max_file_size_bytes."""
+    reached = []
+    if reason == "timeout":
+        reached.append("timeout_seconds")
+    if reason == "cpu_limit":
+        reached.append("cpu_time_seconds")
+    if reason == "memory_limit":
+        reached.append("memory_mb")
+    if truncated:
+        reached.append("max_output_bytes")
+    if after.pids_refused > before.pids_refused:
+        reached.append("pids_limit")
+    if said.scratch_full:
+        reached.append("disk_mb")
+    if said.exit_code == -signal.SIGXFSZ:
+        reached.append("max_file_size_bytes")
+    return reached
 
 
 def ended_by_interrupt(said: Verdict) -> bool:

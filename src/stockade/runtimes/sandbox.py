@@ -86,6 +86,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         # command and is then torn down, so its agent is told not to fork a runner
         # ahead for a next one; that fork would compete for the CPU with the caller.
         self.one_shot = False
+        self.forks_counted = False  # its pids_limit is a cgroup's, which counts refused forks (job_limits)
         # The current run's violations, bounded (violations.py); the runtime feeds it.
         self.violation_log = ViolationLog()
         open_isolates.add(self)
@@ -373,7 +374,9 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         check_call_size("stdin", raw_stdin)  # before anything is sent or counted (limits.py)
         check_call_size("code", params.get("code"))
         env = {**self.environment_env, **self.policy.environment, **(env or {})}
-        wait = run_params(params, self.policy, raw_stdin, env, timeout, on_output is not None, self.one_shot)
+        wait = run_params(
+            params, self.policy, raw_stdin, env, timeout, on_output is not None, self.one_shot, self.forks_counted
+        )
         return PendingRun(params, wait, IsolateUsage(), 0.0, execution_id)  # opened by _open_run
 
     def _open_run(self, run: PendingRun) -> None:
@@ -503,6 +506,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
             runtime_used=self.runtime_name,
             policy_digest=self.policy.digest,
             unenforced_limits=list(self.unenforced_limits),
+            limits_reached=judged.reached,
             **cell,
             **egress,
         )

@@ -27,6 +27,7 @@ class AgentProcesses:
         egress: Egress | None
         forwarders: list[Forwarder | AgentRelay]
         runtime_name: str
+        forks_counted: bool
 
         async def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any: ...
         def _redacted(self, data: bytes) -> bytes: ...
@@ -59,7 +60,7 @@ class AgentProcesses:
             **exec_params(argv, cwd),
             "env": {**self.environment_env, **self.policy.environment, **(env or {})},
             "stdin": base64.b64encode(raw).decode() if raw else "",
-            "limits": job_limits(self.policy),
+            "limits": job_limits(self.policy, forks_counted=self.forks_counted),
         }
         try:
             said = await self.aproc_call("spawn", params)

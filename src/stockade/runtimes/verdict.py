@@ -60,6 +60,7 @@ class Verdict:
     truncated: bool = False
     cell: Cell | None = None  # a stateful interpreter's account of its cell (run_cell)
     interpreter_lost: bool = False  # run_cell: the interpreter died in the cell; its state is gone
+    scratch_full: bool = False  # a scratch directory had no room left as the run ended (disk_mb)
 
 
 def read_verdict(reply: Any) -> Verdict:
@@ -75,6 +76,7 @@ def read_verdict(reply: Any) -> Verdict:
         truncated=reply.get("output_truncated") is True,
         cell=read_cell(reply.get("cell")),
         interpreter_lost="cell" in reply and reply.get("cell") is None,
+        scratch_full=reply.get("scratch_full") is True,
     )
 
 

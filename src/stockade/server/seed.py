@@ -168,6 +168,7 @@ class SeedExecuteResponse(BaseModel):
     exit_code: int | None
     violation_counts: dict[str, int]
     unenforced_limits: list[str]
+    limits_reached: list[str]
 
 
 def violation(v: SecurityViolation) -> SeedViolation:
@@ -213,6 +214,7 @@ def response(result: ExecResult) -> SeedExecuteResponse:
         exit_code=result.exit_code,
         violation_counts=result.violation_counts,
         unenforced_limits=result.unenforced_limits,
+        limits_reached=result.limits_reached,
     )
 
 

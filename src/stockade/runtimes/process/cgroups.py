@@ -1,7 +1,8 @@
 """Per-isolate cgroups on v1, v2 and the hybrid of both.
 
 - v2 (most current hosts): one group with memory.max, pids.max, cpu.max; usage
-  from memory.peak/cpu.stat; oom kills from memory.events; ``cgroup.kill``.
+  from memory.peak/cpu.stat; oom kills from memory.events, forks refused from
+  pids.events; ``cgroup.kill``.
 - v1 (this kind of host): one group per controller (memory, pids, cpu,
   cpuacct) under the host process's own group of that controller, which keeps
   any limit the host itself is under.
@@ -68,6 +69,11 @@ class IsolateCgroup:
         except OSError:
             self.remove(wait_s=0)  # the groups made before the one that failed
             raise
+
+    @property
+    def counts_refused_forks(self) -> bool:
+        """Whether its pids limit is a cgroup's, whose pids.events counts the forks it refuses."""
+        return self.layout.v2_limits or "pids" in self.dirs
 
     @property
     def procs_files(self) -> list[str]:
@@ -141,10 +147,13 @@ class IsolateCgroup:
         usage = IsolateUsage()
         if self.layout.v2_limits:
             usage.oom_kills = self._keyed("v2", "memory.events", "oom_kill") or 0
+            usage.pids_refused = self._keyed("v2", "pids.events", "max") or 0
             usec = self._keyed("v2", "cpu.stat", "usage_usec")
             usage.cpu_seconds = usec / 1e6 if usec is not None else None
             usage.memory_peak_mb = self._peak_mb("v2", "memory.peak", peak)
             return usage
+        if "pids" in self.dirs:
+            usage.pids_refused = self._keyed("pids", "pids.events", "max") or 0
         if "memory" in self.dirs:
             usage.oom_kills = self._keyed("memory", "memory.oom_control", "oom_kill") or 0
             usage.memory_peak_mb = self._peak_mb("memory", "memory.max_usage_in_bytes", peak)

@@ -64,6 +64,7 @@ class ProcessSandbox(AgentSandbox):
     ) -> None:
         super().__init__(policy, conn, cold_start_ms)
         self.cgroup = cgroup
+        self.forks_counted = cgroup is not None and cgroup.counts_refused_forks
         self.uid = uid  # the host uid this isolate runs as (None: rootless, the caller's own)
         self.pidfd = pidfd
         self.listener = listener
