@@ -82,6 +82,8 @@ def show(title: str, result: stockade.ExecResult) -> None:
     )
     if blocked:
         print(f", blocked by the host: {', '.join(blocked)}", end="")
+    if result.limits_reached:
+        print(f", limits reached: {', '.join(result.limits_reached)}", end="")
     print()
 
 
