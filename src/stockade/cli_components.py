@@ -23,6 +23,11 @@ def add_parsers(sub: Any, policy_flags: Callable[[argparse.ArgumentParser], None
         help="give up (status failed) after N restarts in a row; a run that lasts a minute resets the count",
     )
     start.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a component of this name that has ended (its spec and last exit; its logs stay)",
+    )
+    start.add_argument(
         "--stdin", action="store_true", help="keep the command's stdin open for `stockade attach` (a stdio server)"
     )
     start.add_argument(
@@ -89,7 +94,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         store = components.ComponentStore()
         components.start(
             components.check_name(args.name), argv, policy, args.restart, store, args.max_restarts, args.stdin,
-            args.publish,
+            args.publish, args.replace,
         )  # fmt: skip
         state = store.state(args.name)
     except (StockadeError, OSError) as exc:

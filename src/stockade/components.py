@@ -96,13 +96,24 @@ class ComponentStore:
         max_restarts: int | None = None,
         stdin: bool = False,
         publish: list[str] | None = None,
+        replace: bool = False,
     ) -> None:
+        """Record a new component ``name``. One of that name that has ended is kept, its spec and
+        its last exit, unless ``replace``: a name is not taken over by accident (as Docker's)."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         directory = self.path(name)
         if os.path.exists(directory):
-            current = self.state(name)
-            if current.status in ("starting", "running"):
+            try:
+                current: ComponentState | None = self.state(name)
+            except StockadeError:
+                current = None  # a directory left without its state: nothing of it to keep
+            if current is not None and current.status in ("starting", "running"):
                 raise StockadeError(f"component {name!r} is already {current.status}; stop it first")
+            if current is not None and not replace:
+                raise StockadeError(
+                    f"component {name!r} exists ({current.status}): remove it first (stockade rm {name}), "
+                    "or start it with --replace"
+                )
             for leftover in ("state.json", "spec.json"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, leftover))
@@ -153,8 +164,10 @@ def start(
     max_restarts: int | None = None,
     stdin: bool = False,
     publish: list[str] | None = None,
+    replace: bool = False,
 ) -> None:
     """Record the component and launch its detached supervisor; returns once it has started (or failed).
+    ``replace``: one of that name that has ended is replaced (``ComponentStore.create``).
 
     ``publish``: ``PORT`` (the same port on the host's loopback), ``HOST_PORT:PORT`` or
     ``ADDRESS:HOST_PORT:PORT``, kept across restarts (docs/processes-and-ports.md)."""
@@ -168,7 +181,7 @@ def start(
     fixed = [component_publish(spec) for spec in publish or []]
     if fixed and checked.network_policy != "loopback":
         raise PolicyError("--publish needs --network loopback: the isolate has no loopback otherwise")
-    store.create(name, argv, policy, restart, max_restarts, stdin, fixed)
+    store.create(name, argv, policy, restart, max_restarts, stdin, fixed, replace)
     from .settings import worker_environment
 
     # Its own environment, less the daemon's tokens and a session key: it needs none of them.

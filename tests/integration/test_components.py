@@ -94,6 +94,13 @@ def test_restart_on_failure(cli: Callable[..., subprocess.CompletedProcess[str]]
     assert cli("stop", "flaky").returncode == 0
     # Stopped: no exit of its own to tell, whatever an earlier run of it exited with.
     assert (_status(cli, "flaky")["status"], _status(cli, "flaky")["exit_code"]) == ("stopped", None)
+    # Its name is not taken over by accident: what it was and did is kept until it is removed or replaced.
+    again = cli("start", "--name", "flaky", "--", "true")
+    assert again.returncode == 125 and "exists (stopped)" in again.stderr and "--replace" in again.stderr, again
+    assert int(str(_status(cli, "flaky")["restarts"])) >= 2
+    assert cli("start", "--name", "flaky", "--replace", "--", "sleep", "30").returncode == 0
+    assert (_status(cli, "flaky")["status"], _status(cli, "flaky")["restarts"]) == ("running", 0)
+    assert cli("stop", "flaky").returncode == 0
 
 
 def test_restart_always_restarts_clean_exits(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
