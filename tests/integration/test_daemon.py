@@ -470,6 +470,9 @@ def test_a_client_that_hangs_up_mid_run_ends_its_run(daemon: Daemon) -> None:
         assert watcher.status()["active_sandboxes"] == []
         assert watcher.execute(["echo", "next"]).stdout == "next\n"
         time.sleep(1.0)  # the pool refills
+    # Each has its log line, as an answered request has: it had no answer to be logged with.
+    hung_up = [line for line in daemon.logs().splitlines() if " execute hung_up " in line]
+    assert len(hung_up) == 2, daemon.logs()
 
 
 def test_a_client_that_does_not_read_its_answers_is_paused(process_runtime: str) -> None:

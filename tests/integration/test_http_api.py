@@ -273,6 +273,9 @@ def test_a_client_that_disconnects_before_its_answer_ends_the_run(daemon: Daemon
     with open(daemon.audit_log) as f:
         runs = [json.loads(line) for line in f if '"execution"' in line]
     assert [(r["agent_id"], r["outcome"], r["success"]) for r in runs] == [("gone", "killed", False)]
+    # And the daemon's log, as for the socket's requests: who, what, how it ended (never the body).
+    lines = [line for line in daemon.logs().splitlines() if " http 127.0.0.1 POST execute " in line]
+    assert len(lines) == 1 and " hung_up " in lines[0] and marker not in lines[0], daemon.logs()
 
 
 # ---- auth, limits, capacity ------------------------------------------------------------------
@@ -367,8 +370,9 @@ def test_metrics_count_a_known_sequence(http: httpx.Client) -> None:
     runs = _samples(text, "stockade_executions_total")
     assert runs == {'{result="success",runtime="process"}': 2.0, '{result="completed",runtime="process"}': 1.0}
     requests = _samples(text, "stockade_requests_total")
-    assert requests['{code="200",door="http",method="execute"}'] == 3.0
-    assert requests['{code="422",door="http",method="execute"}'] == 1.0
+    # Named as on the socket: "ok", or the error's code (the HTTP status says 200 and 422).
+    assert requests['{code="ok",door="http",method="execute"}'] == 3.0
+    assert requests['{code="policy",door="http",method="execute"}'] == 1.0
     assert _samples(text, "stockade_cold_start_duration_seconds_count") == {'{runtime="process"}': 3.0}
 
 

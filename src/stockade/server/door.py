@@ -26,6 +26,8 @@ Client addresses are the socket's: no ``X-Forwarded-For`` is believed.
 from __future__ import annotations
 
 import hmac
+import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -52,12 +54,15 @@ from ..protocol.models import Caller
 from ..rpc.methods import answer, read_request
 from ..rpc.ratelimit import SlidingWindowLimiter
 
+log = logging.getLogger("stockade.daemon")
 # Answered to anyone, uncounted: health checks (ours, SandboxFusion's) and the dashboard's
 # page, which asks for the token itself.
 OPEN_PATHS = frozenset({"/health", "/v1/ping", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css"})
 # Routes whose clients cannot send a header (SandboxFusion's): the token may come as ``?token=``.
 QUERY_TOKEN_PATHS = frozenset({"/run_code"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# Polled, not asked: no log line each (a scrape every 15 s, a health check, the dashboard's files).
+QUIET_PATHS = OPEN_PATHS | {"/metrics", "/api/v1/sandbox/status"}
 
 
 class ErrorBody(BaseModel):
@@ -177,13 +182,16 @@ class Guard:
         started = time.monotonic()
         status = 500
         headers_done = False
+        code: str | None = None  # an error's, as its body names it: the metrics' label, as on the socket
 
         async def send_noting(message: Message) -> None:
-            nonlocal status, headers_done
+            nonlocal status, headers_done, code
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
                 headers_done = True
+            elif message["type"] == "http.response.body" and status >= 400 and code is None:
+                code = _error_code(message.get("body", b""))
             elif message["type"] == "http.response.body" and len(body := message.get("body", b"")) > COUNTED_BODY:
                 # A send returns once its bytes are written to the connection, where they wait
                 # for the client; the next waits for it to have read all but 64 KiB of them
@@ -213,7 +221,16 @@ class Guard:
         finally:
             route = scope.get("route")
             name = getattr(route, "name", None) or ("auth" if status == 401 else "unknown")
-            self.door.observers.request("http", name, status if headers_done else 499, time.monotonic() - started)
+            if not headers_done or status == 499:
+                code = "hung_up"  # the client went before its answer
+            elif status < 400:
+                code = "ok"
+            code = code or str(status)
+            elapsed = time.monotonic() - started
+            self.door.observers.request("http", name, code, elapsed)
+            if request.url.path not in QUIET_PATHS:  # as the socket's lines; never a body, a query or a token
+                log.info("http %s %s %s %s (%d) %.1fms", client_address(request), request.method, name, code,
+                         status if headers_done else 499, elapsed * 1000)  # fmt: skip
 
     async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:
         limit = self.door.max_body_bytes
@@ -231,6 +248,18 @@ class Guard:
             if len(body) > limit:
                 raise too_large
         return _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``code`` of an error body (``{"error": ..., "code": ...}``), as the socket's answers name it."""
+    if len(body) > 64 << 10:
+        return None
+    try:
+        said = json.loads(body)
+    except ValueError:
+        return None
+    code = said.get("code") if isinstance(said, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _replay(first: Message, receive: Receive) -> Receive:
