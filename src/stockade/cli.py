@@ -152,9 +152,26 @@ def _build_policy(args: Any) -> Any:
         raise PolicyError("invalid policy: " + "; ".join(parts)) from None
 
 
-def _fail(message: str) -> int:
+# `--json`: a failure is a JSON object on stdout as well, where a result would have been, so that a
+# caller parsing stdout reads one document either way.
+_json_failures = False
+
+
+def _fail(message: str, code: str = "error") -> int:
+    """Say why stockade could not do it (stderr; with ``--json`` stdout too, with ``code``); exit 125."""
     print(f"stockade: {message}", file=sys.stderr)
+    if _json_failures:
+        import json
+
+        print(json.dumps({"error": message, "code": code}))
     return EXIT_STOCKADE_ERROR
+
+
+def _fail_for(exc: BaseException) -> int:
+    """``_fail`` for an exception: with its error code where it is stockade's (``policy``, ``path_not_found``, ...)."""
+    from .errors import StockadeError, error_code
+
+    return _fail(str(exc), error_code(exc) if isinstance(exc, StockadeError) else "error")
 
 
 def _stream(name: str, data: bytes) -> None:
@@ -225,7 +242,7 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
     try:
         policy = _build_policy(args)
     except (StockadeError, OSError, ValueError) as exc:
-        return _fail(str(exc))
+        return _fail_for(exc)
     # A CLI process runs one command: a warm pool would only cost time here.
     manager = RuntimeManager(pool_size=0)
     if args.factory is not None:
@@ -240,7 +257,7 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
         else:
             result = sdk.run_code(payload[1], payload[0], policy, stdin=stdin, on_output=on_output, manager=manager)
     except StockadeError as exc:
-        return _fail(str(exc))
+        return _fail_for(exc)
     finally:
         manager.close()
     return _report(args, result)
@@ -458,6 +475,8 @@ def _main(argv: list[str], program: bool, one_run: bool) -> int:
             if extra:
                 _refuse_unknown(parser, args, extra)
         args.factory, args.argv = factory, argv
+        global _json_failures
+        _json_failures = bool(getattr(args, "json", False))
         if args.version:
             from . import __version__
 

@@ -322,8 +322,8 @@ def _report(args: Any, answer: dict[str, Any]) -> int:
         return _fail(f"the daemon answered request {answer['id']!r}, not {_MSG_ID}")
     if answer.get("error") is not None:
         if answer.get("error_code") == "policy":
-            return _fail(_policy_error(args) or str(answer["error"]))
-        return _fail(str(answer["error"]))
+            return _fail(_policy_error(args) or str(answer["error"]), "policy")
+        return _fail(str(answer["error"]), str(answer.get("error_code") or "error"))
     result = answer.get("result")
     if not isinstance(result, dict):
         return _fail("the daemon's answer to execute has no result")

@@ -449,3 +449,16 @@ def test_json_and_summaries_load_the_result_model_only_then(daemon: Daemon, tmp_
     r, loaded = _modules_loaded(["run", "--json", "--", "echo", "hi"], env, tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout)["stdout"] == "hi\n"
     assert "stockade.result" in loaded and "stockade.runtimes" not in loaded and "stockade.client" not in loaded
+
+
+@pytest.mark.parametrize("through_daemon", [False, True])
+def test_with_json_a_failure_is_a_json_object_on_stdout_too(daemon: Daemon, through_daemon: bool) -> None:
+    env = {"STOCKADE_SOCKET": daemon.socket_path} if through_daemon else None
+    for argv, code, said in (
+        (["--", "no-such-program-here"], "path_not_found", "cannot execute 'no-such-program-here'"),
+        (["--memory", "99999", "--", "true"], "policy", "--memory (memory_mb)"),
+    ):
+        r = cli("run", "--json", *argv, env=env)
+        failure = json.loads(r.stdout)
+        assert r.returncode == 125 and failure["code"] == code and said in failure["error"], r
+        assert r.stderr == f"stockade: {failure['error']}\n"  # and said on stderr, as without --json
