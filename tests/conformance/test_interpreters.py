@@ -96,7 +96,13 @@ def test_an_exception_is_structured_with_the_cells_frames_only_and_the_state_sur
     assert py.run("print(kept)").stdout == "still here\n"
     ended = py.run("import sys\nsys.exit(3)")  # in a notebook this ends the cell, not the kernel
     assert ended.exception is not None and ended.exception.name == "SystemExit"
+    assert (ended.exit_code, ended.success) == (3, False)  # its code, as a script's would be
     assert py.run("kept").execution_count == 7
+    assert [(r.exit_code, r.success) for r in map(py.run, ("sys.exit(0)", "sys.exit()", "sys.exit('bye')"))] == [
+        (0, True),
+        (0, True),
+        (1, False),
+    ]
 
 
 def test_a_timeout_interrupts_the_cell_and_keeps_the_state(sb: Sandbox) -> None:

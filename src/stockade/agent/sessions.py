@@ -88,7 +88,7 @@ class Interpreters:
             self._forget(session, still_open=set(run.fds))
             exit_code = os.waitstatus_to_exitcode(run.status)
         else:
-            exit_code = 1 if cell.get("exception") else 0
+            exit_code = _cell_exit_code(cell.get("exception"))
         return {
             "exit_code": exit_code,
             "stdout": wire.b64encode(b"".join(run.buffers["stdout"])),
@@ -251,3 +251,21 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except OSError:
         pass  # it has just ended
+
+
+def _cell_exit_code(exception: object) -> int:
+    """A cell's exit code, as its code's would be as a script's: 0, 1 for an exception, and a
+    ``SystemExit``'s own (``sys.exit(3)``: 3; ``sys.exit()``: 0; ``sys.exit("text")``: 1)."""
+    if not isinstance(exception, dict):
+        return 0
+    if exception.get("name") != "SystemExit":
+        return 1
+    value = str(exception.get("value", ""))
+    if value in ("", "None", "False"):
+        return 0
+    if value == "True":
+        return 1
+    try:
+        return int(value) & 0xFF  # as a process's exit status keeps it
+    except ValueError:
+        return 1  # a message: printed, and 1
