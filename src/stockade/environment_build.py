@@ -20,7 +20,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from typing import IO, TextIO
 
 from .environments import (
     ENV_ROOT,
@@ -85,15 +87,23 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
                 "PIP_NO_WARN_SCRIPT_LOCATION": "1", "PYTHONNOUSERSITE": "1"})  # fmt: skip
     log_path = os.path.join(work, "pip.log")
     with open(log_path, "wb") as out:
-        sink = None if verbose else out
+        # Verbose: pip's output to the terminal as it comes, and to the log, which says why it failed.
+        sink = subprocess.PIPE if verbose else out
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
                                 start_new_session=True)  # fmt: skip
+        pairs = ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+        shown = [threading.Thread(target=_tee, args=(pipe, mine, out), daemon=True)
+                 for pipe, mine in pairs if pipe is not None]  # fmt: skip
+        for thread in shown:
+            thread.start()
         status: int | None = None
         try:
             status = proc.wait(timeout=build_timeout())
         except subprocess.TimeoutExpired:
             pass
         finally:
+            for thread in shown:
+                thread.join(timeout=10)
             if proc.returncode is None:  # timed out, or interrupted: pip and its builds go
                 with contextlib.suppress(OSError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -106,8 +116,18 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
     os.unlink(log_path)
     tail = log[-2000:].decode(errors="replace").strip().splitlines()[-12:]
     if status != 0:
-        said = ("\n" + "\n".join(tail)) if tail else ""
+        said = ("\n" + "\n".join(tail)) if tail and not verbose else ""  # verbose: shown as it came
         raise PolicyError(f"packages: pip could not install them (exit {status}){_why(log, allow_source)}{said}")
+
+
+def _tee(source: IO[bytes], shown: TextIO, log: IO[bytes]) -> None:
+    """One of pip's streams to this process's own (``shown``) and to ``log``, until pip ends."""
+    while chunk := os.read(source.fileno(), 65536):
+        log.write(chunk)
+        with contextlib.suppress(OSError, ValueError):
+            shown.buffer.write(chunk)
+            shown.flush()
+    source.close()
 
 
 # What pip says (anywhere in its output) when it could not reach a package index at all.

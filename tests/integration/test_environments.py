@@ -242,6 +242,16 @@ def test_an_index_out_of_reach_is_named_as_the_cause(
     monkeypatch.setenv("PIP_RETRIES", "1")  # pip says why it retries, not that it gave up on an index
     with pytest.raises(PolicyError, match=r"\(it could not reach the package index: this host's pip settings"):
         stockade.Sandbox(runtime="fake", packages=["stockade-unreachable-package"], manager=manager)
+    # `stockade env build` shows pip's output as it comes, and still names the cause once pip has failed.
+    built = subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "env", "build", "far", "stockade-unreachable-too"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 125, built
+    assert "stockade: packages: pip could not install them (exit 1) (it could not reach the package index" in (
+        built.stderr
+    )
+    assert "Connection refused" in built.stderr + built.stdout  # pip's own words, shown as they came
 
 
 # ---- inside each runtime -------------------------------------------------------------------------------
