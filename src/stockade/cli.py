@@ -18,11 +18,7 @@ and start-up imports neither a runtime nor pydantic (cli_daemon.py). When nothin
 ``$STOCKADE_SOCKET`` they say so on stderr and run in-process; ``--socket PATH``
 and ``--require-daemon`` make the daemon required instead.
 
-Exit status of ``run``/``exec-code``: the command's own; 128+N when a signal
-ended it; 124 on timeout (as timeout(1)); 137 when the memory limit killed it, or
-it was killed with its isolate (cancelled, closed); 141 when its output was cut at
-the policy's cap (as a pipe's reader that stops reading); 125 when stockade itself
-failed (bad policy, no runtime), with the reason on stderr. Heavy modules load only once a command needs them.
+Exit statuses and failures: cli_outcome.py. Heavy modules load only once a command needs them.
 """
 
 from __future__ import annotations
@@ -32,7 +28,9 @@ import gc
 import os
 import sys
 
+from . import cli_outcome
 from .agent.wire import MAX_DATA_BYTES
+from .cli_outcome import EXIT_STOCKADE_ERROR, fail, fail_for, report, stream
 
 TYPE_CHECKING = False  # not typing's: a run through the daemon imports neither typing nor re
 if TYPE_CHECKING:
@@ -40,13 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from .result import ExecResult
 
-EXIT_TIMEOUT = 124
-EXIT_STOCKADE_ERROR = 125
-EXIT_MEMORY = 137
-EXIT_KILLED = 137  # 128 + SIGKILL
-EXIT_OUTPUT_CUT = 141  # 128 + SIGPIPE
 MAX_STDIN = MAX_DATA_BYTES  # what fits one agent frame, base64-encoded
 
 
@@ -152,74 +144,12 @@ def _build_policy(args: Any) -> Any:
         raise PolicyError("invalid policy: " + "; ".join(parts)) from None
 
 
-# `--json`: a failure is a JSON object on stdout as well, where a result would have been, so that a
-# caller parsing stdout reads one document either way.
-_json_failures = False
-
-
-def _fail(message: str, code: str = "error") -> int:
-    """Say why stockade could not do it (stderr; with ``--json`` stdout too, with ``code``); exit 125."""
-    print(f"stockade: {message}", file=sys.stderr)
-    if _json_failures:
-        import json
-
-        print(json.dumps({"error": message, "code": code}))
-    return EXIT_STOCKADE_ERROR
-
-
-def _fail_for(exc: BaseException) -> int:
-    """``_fail`` for an exception: with its error code where it is stockade's (``policy``, ``path_not_found``, ...)."""
-    from .errors import StockadeError, error_code
-
-    return _fail(str(exc), error_code(exc) if isinstance(exc, StockadeError) else "error")
-
-
-def _stream(name: str, data: bytes) -> None:
-    """A run's output as it comes, to this process's own stdout or stderr."""
-    out = sys.stdout if name == "stdout" else sys.stderr
-    out.buffer.write(data)
-    out.flush()
-
-
-def _report(args: Any, result: ExecResult) -> int:
-    """Print what the run's output did not say (all of it with --json); its exit status."""
-    if args.json:
-        print(result.to_json(indent=2))
-    elif (
-        result.termination_reason != "completed"
-        or result.security_violations
-        or result.unenforced_limits
-        or result.limits_reached
-    ):
-        print(result.summary(), file=sys.stderr)
-    return _exit_status(result.termination_reason, result.exit_code)
-
-
-def _exit_status(termination_reason: str, exit_code: int | None) -> int:
-    """A run's exit status from how it ended (an ``ExecResult``'s two fields, or its JSON's)."""
-    if termination_reason == "timeout":
-        return EXIT_TIMEOUT
-    if termination_reason == "memory_limit":
-        return EXIT_MEMORY
-    if termination_reason == "output_limit":
-        # Whether the command was killed for it or ended first: its output was cut, as a pipe's
-        # reader that stops reading cuts it (SIGPIPE), not its exit status, is the news.
-        return EXIT_OUTPUT_CUT
-    if exit_code is None:
-        # Killed with its isolate (cancelled, closed, a violation): as SIGKILL says. Only a run
-        # that stockade could not start or lost says 125.
-        return EXIT_KILLED if termination_reason in ("killed", "violation", "cpu_limit") else EXIT_STOCKADE_ERROR
-    if exit_code < 0:
-        return 128 - exit_code
-    return int(exit_code)
-
-
 def _read_stdin() -> bytes:
     if sys.stdin is None or sys.stdin.isatty():
         return b""
     data = sys.stdin.buffer.read(MAX_STDIN + 1)
     if len(data) > MAX_STDIN:
-        raise SystemExit(_fail(f"standard input is larger than {MAX_STDIN} bytes"))
+        raise SystemExit(fail(f"standard input is larger than {MAX_STDIN} bytes"))
     return data
 
 
@@ -242,7 +172,7 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
     try:
         policy = _build_policy(args)
     except (StockadeError, OSError, ValueError) as exc:
-        return _fail_for(exc)
+        return fail_for(exc)
     # A CLI process runs one command: a warm pool would only cost time here.
     manager = RuntimeManager(pool_size=0)
     if args.factory is not None:
@@ -250,17 +180,17 @@ def _execute(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -> 
 
     from . import sdk
 
-    on_output = None if args.json else _stream
+    on_output = None if args.json else stream
     try:
         if call == "exec":
             result = sdk.run(payload, policy, stdin=stdin, on_output=on_output, manager=manager)
         else:
             result = sdk.run_code(payload[1], payload[0], policy, stdin=stdin, on_output=on_output, manager=manager)
     except StockadeError as exc:
-        return _fail_for(exc)
+        return fail_for(exc)
     finally:
         manager.close()
-    return _report(args, result)
+    return report(args, result)
 
 
 # `stockade daemon cancel|close ID`: the Client method each one calls.
@@ -312,7 +242,7 @@ def cmd_run(args: Any) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        return _fail("run: no command given (stockade run [flags] -- CMD ARGS...)")
+        return fail("run: no command given (stockade run [flags] -- CMD ARGS...)")
     return _execute(args, "exec", lambda: (argv, _read_stdin()))
 
 
@@ -335,11 +265,11 @@ def _decode_source(data: bytes, language: str, where: str) -> str:
 def _stdin_code(language: str) -> tuple[str, str]:
     data = sys.stdin.buffer.read(MAX_STDIN + 1) if sys.stdin is not None else b""
     if len(data) > MAX_STDIN:
-        raise SystemExit(_fail(f"the code on standard input is larger than {MAX_STDIN} bytes"))
+        raise SystemExit(fail(f"the code on standard input is larger than {MAX_STDIN} bytes"))
     try:
         return language, _decode_source(data, language, "the code on standard input")
     except ValueError as exc:
-        raise SystemExit(_fail(str(exc))) from None
+        raise SystemExit(fail(str(exc))) from None
 
 
 def cmd_exec_code(args: Any) -> int:
@@ -349,15 +279,15 @@ def cmd_exec_code(args: Any) -> int:
             with open(args.file, "rb") as f:
                 code = _decode_source(f.read(), language, f"-f {args.file}")
         except OSError as exc:
-            return _fail(f"-f {args.file}: {exc.strerror}")
+            return fail(f"-f {args.file}: {exc.strerror}")
         except ValueError as exc:
-            return _fail(str(exc))
+            return fail(str(exc))
         return _execute(args, "run_code", lambda: ((language, code), _read_stdin()))
     if args.code == "-":
         return _execute(args, "run_code", lambda: (_stdin_code(language), b""))
     if args.code is not None:
         return _execute(args, "run_code", lambda: ((language, args.code), _read_stdin()))
-    return _fail("exec-code: give CODE, -f FILE or - (read code from standard input)")
+    return fail("exec-code: give CODE, -f FILE or - (read code from standard input)")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -475,8 +405,7 @@ def _main(argv: list[str], program: bool, one_run: bool) -> int:
             if extra:
                 _refuse_unknown(parser, args, extra)
         args.factory, args.argv = factory, argv
-        global _json_failures
-        _json_failures = bool(getattr(args, "json", False))
+        cli_outcome.json_failures = bool(getattr(args, "json", False))
         if args.version:
             from . import __version__
 

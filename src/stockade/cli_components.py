@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import cli
+from . import cli, cli_outcome
 
 
 def add_parsers(sub: Any, policy_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -98,7 +98,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         )  # fmt: skip
         state = store.state(args.name)
     except (StockadeError, OSError) as exc:
-        return cli._fail(str(exc))
+        return cli_outcome.fail(str(exc))
     print(HEADER)
     print(_component_line(state))
     return 1 if state.status == "failed" else 0
@@ -114,7 +114,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         try:
             state = components.stop(name, components.ComponentStore())
         except (StockadeError, OSError) as exc:
-            status = cli._fail(str(exc))
+            status = cli_outcome.fail(str(exc))
             continue
         if not headed:
             print(HEADER)
@@ -134,7 +134,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         states = [store.state(n) for n in ([args.name] if args.name else store.names())]
     except (StockadeError, OSError) as exc:
-        return cli._fail(str(exc))
+        return cli_outcome.fail(str(exc))
     if args.json:
         print(json.dumps([asdict(s) for s in states], indent=2))
     elif not states:
@@ -161,7 +161,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         else:
             sys.stdout.buffer.write(components.read_log(args.name, store, args.tail_bytes))
     except (StockadeError, OSError) as exc:
-        return cli._fail(str(exc))
+        return cli_outcome.fail(str(exc))
     return 0
 
 
@@ -174,7 +174,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         try:
             components.remove(name, components.ComponentStore(), force=args.force)
         except (StockadeError, OSError) as exc:
-            status = cli._fail(str(exc))
+            status = cli_outcome.fail(str(exc))
             continue
         print(f"removed {name}")
     return status
@@ -188,15 +188,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        return cli._fail("exec: no command given (stockade exec NAME -- CMD ARGS...)")
+        return cli_outcome.fail("exec: no command given (stockade exec NAME -- CMD ARGS...)")
     stdin = sys.stdin.buffer if args.interactive else None
     try:
-        code, error = components_control.exec_command(components.ComponentStore(), args.name, argv, stdin, cli._stream)
+        code, error = components_control.exec_command(
+            components.ComponentStore(), args.name, argv, stdin, cli_outcome.stream
+        )
     except (StockadeError, OSError) as exc:
-        return cli._fail(str(exc))
+        return cli_outcome.fail(str(exc))
     if code is None:
-        return cli._fail(f"component {args.name}: {error or 'the command did not run'}")
-    return cli._exit_status("completed", code)
+        return cli_outcome.fail(f"component {args.name}: {error or 'the command did not run'}")
+    return cli_outcome.exit_status("completed", code)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -210,7 +212,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     try:
         why = components_control.attach(components.ComponentStore(), args.name, sys.stdin.buffer, write)
     except (StockadeError, OSError) as exc:
-        return cli._fail(str(exc))
+        return cli_outcome.fail(str(exc))
     if why == "detached":
         return 0
     print(f"stockade: component {args.name}: {why}", file=sys.stderr)

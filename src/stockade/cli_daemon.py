@@ -34,7 +34,8 @@ import os
 import sys
 
 from .agent import jsoncodec
-from .cli import MAX_STDIN, _daemon_token, _exit_status, _fail, _stream
+from .cli import MAX_STDIN, _daemon_token
+from .cli_outcome import exit_status, fail, stream
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -166,11 +167,11 @@ def _policy_file(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             loaded = json.load(f)
     except OSError as exc:
-        raise SystemExit(_fail(f"--policy-file {path}: {exc.strerror or exc}")) from None
+        raise SystemExit(fail(f"--policy-file {path}: {exc.strerror or exc}")) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SystemExit(_fail(f"--policy-file {path}: not JSON: {exc}")) from None
+        raise SystemExit(fail(f"--policy-file {path}: not JSON: {exc}")) from None
     if not isinstance(loaded, dict):
-        raise SystemExit(_fail(f"--policy-file {path}: expected a JSON object of Policy fields"))
+        raise SystemExit(fail(f"--policy-file {path}: expected a JSON object of Policy fields"))
     return loaded
 
 
@@ -185,7 +186,7 @@ def policy_fields(args: Any) -> dict[str, Any]:
     for item in args.environment:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(_fail(f"--env {item!r}: expected K=V"))
+            raise SystemExit(fail(f"--env {item!r}: expected K=V"))
         env[key] = value
     for name in args.policy_fields:
         value = getattr(args, name, None)  # start has no --timeout, no --max-output
@@ -224,7 +225,7 @@ def via_daemon(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -
         token = _daemon_token(args)
         fields = policy_fields(args)
     except (OSError, ValueError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(CLIENT_TIMEOUT_S)
@@ -233,7 +234,7 @@ def via_daemon(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -
         except OSError as exc:
             reason = exc.strerror or str(exc)
             if required:
-                return _fail(
+                return fail(
                     f"cannot reach the stockade daemon at {path}: {reason} ({required}: not running in-process)"
                 )
             print(f"stockade: no daemon answers on {path} ({reason}); running in-process", file=sys.stderr)
@@ -257,7 +258,7 @@ def _request(call: str, payload: Any, stdin: bytes, fields: dict[str, Any], stre
             try:
                 check_call_size("code", payload[1])
             except StockadeError as exc:
-                raise SystemExit(_fail(str(exc))) from None
+                raise SystemExit(fail(str(exc))) from None
     if fields:
         params["policy"] = fields
     if stdin:
@@ -289,8 +290,8 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
             except (OSError, EOFError, _InvalidAnswer):
                 refusal = None
             if refusal is None or refusal.get("error") is None:
-                return _fail(f"lost the connection to the stockade daemon: {exc}")
-            return _fail(str(refusal["error"]))
+                return fail(f"lost the connection to the stockade daemon: {exc}")
+            return fail(str(refusal["error"]))
         stream_error: Exception | None = None
         while True:
             answer = _answer(reader.next())
@@ -299,17 +300,17 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
                 # A write that fails is not tried again, and its exception waits for the answer.
                 if answer.get("id") == _MSG_ID and stream_error is None:
                     try:
-                        _stream(str(output.get("stream")), binascii.a2b_base64(str(output.get("data", ""))))
+                        stream(str(output.get("stream")), binascii.a2b_base64(str(output.get("data", ""))))
                     except Exception as exc:  # noqa: BLE001 - raised once the answer is read
                         stream_error = exc
                 continue
             break
     except TimeoutError:
-        return _fail(f"the stockade daemon did not answer within {wait:g} s")
+        return fail(f"the stockade daemon did not answer within {wait:g} s")
     except (OSError, EOFError) as exc:
-        return _fail(f"lost the connection to the stockade daemon: {exc}")
+        return fail(f"lost the connection to the stockade daemon: {exc}")
     except _InvalidAnswer:
-        return _fail("the daemon sent an invalid response")
+        return fail("the daemon sent an invalid response")
     if stream_error is not None:
         raise stream_error
     return _report(args, answer)
@@ -319,29 +320,29 @@ def _report(args: Any, answer: dict[str, Any]) -> int:
     """The answer as the CLI reports a run: a clean completed run from its JSON alone,
     anything else (``--json``, a summary to print) through its ``ExecResult``."""
     if answer.get("id", _MSG_ID) != _MSG_ID and answer.get("error_code") is None:
-        return _fail(f"the daemon answered request {answer['id']!r}, not {_MSG_ID}")
+        return fail(f"the daemon answered request {answer['id']!r}, not {_MSG_ID}")
     if answer.get("error") is not None:
         if answer.get("error_code") == "policy":
-            return _fail(_policy_error(args) or str(answer["error"]), "policy")
-        return _fail(str(answer["error"]), str(answer.get("error_code") or "error"))
+            return fail(_policy_error(args) or str(answer["error"]), "policy")
+        return fail(str(answer["error"]), str(answer.get("error_code") or "error"))
     result = answer.get("result")
     if not isinstance(result, dict):
-        return _fail("the daemon's answer to execute has no result")
+        return fail("the daemon's answer to execute has no result")
     reason, exit_code = result.get("termination_reason"), result.get("exit_code")
     clean = reason == "completed" and not any(
         result.get(name) for name in ("security_violations", "unenforced_limits", "limits_reached")
     )
     if clean and not args.json and (exit_code is None or type(exit_code) is int):
-        return _exit_status("completed", exit_code)
+        return exit_status("completed", exit_code)
     from pydantic import ValidationError
 
-    from .cli import _report as report
+    from .cli_outcome import report
     from .result import ExecResult, validate
 
     try:
         parsed = validate(ExecResult, jsoncodec.dumps(result), json_text=True, extra="ignore")
     except ValidationError:
-        return _fail("the daemon sent an invalid response")
+        return fail("the daemon sent an invalid response")
     return report(args, parsed)
 
 

@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Any
 
-from .cli import _daemon_token, _fail
+from .cli import _daemon_token
+from .cli_outcome import fail
 
 
 def add_parsers(sub: Any) -> None:
@@ -90,18 +91,18 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     try:
         token = _daemon_token(args)
     except OSError as exc:
-        return _fail(f"--token-file {args.token_file}: {exc.strerror}")
+        return fail(f"--token-file {args.token_file}: {exc.strerror}")
     # One attempt: a health check must say "down" at once, not after the client's backoff.
     with Client(args.socket or None, auth_token=token, retry=None) as client:
         try:
             if args.daemon_cmd in _DAEMON_ENDINGS:
                 if not args.target:
-                    return _fail(f"stockade daemon {args.daemon_cmd} needs the id that `stockade daemon status` lists")
+                    return fail(f"stockade daemon {args.daemon_cmd} needs the id that `stockade daemon status` lists")
                 getattr(client, _DAEMON_ENDINGS[args.daemon_cmd])(args.target)
                 print(f"{args.daemon_cmd}: {args.target}: done")
                 return 0
             if args.target:
-                return _fail(f"stockade daemon {args.daemon_cmd} takes no id")
+                return fail(f"stockade daemon {args.daemon_cmd} takes no id")
             if args.daemon_cmd == "ping":
                 started = time.monotonic()
                 answer = client.ping()
@@ -109,7 +110,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                 return 0
             report: Any = getattr(client, args.daemon_cmd)()
         except StockadeError as exc:
-            return _fail(str(exc))
+            return fail(str(exc))
     print(json.dumps(report, indent=2))
     if args.daemon_cmd == "selftest" and not report.get("ok"):
         print(f"stockade: self-test failed: {report.get('message')}", file=sys.stderr)
@@ -162,11 +163,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         config = own_audit_log(config, given=is_set("audit_log"))
     except StockadeError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     try:
         return serve(config)
     except StockadeError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -176,7 +177,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     try:
         built = image.build(image.bar, force=args.force)
     except StockadeError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"guest image: {built.directory} (kernel {built.kernel_version})")
     if args.no_snapshot:
         return 0
@@ -216,9 +217,9 @@ def cmd_token_new(args: argparse.Namespace) -> int:
     try:
         fd = os.open(args.file, flags, 0o600)
     except FileExistsError:
-        return _fail(f"--file {args.file} exists: a daemon or its clients may use it (--force replaces it)")
+        return fail(f"--file {args.file} exists: a daemon or its clients may use it (--force replaces it)")
     except OSError as exc:
-        return _fail(f"--file {args.file}: {exc.strerror}")
+        return fail(f"--file {args.file}: {exc.strerror}")
     with os.fdopen(fd, "w") as f:
         os.fchmod(f.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
         f.write(token + "\n")

@@ -166,6 +166,6 @@ def test_a_registered_secret_names_the_hosts_it_may_be_sent_to(capsys: pytest.Ca
     ],
 )
 def test_a_runs_exit_status_says_how_it_ended(reason: str, exit_code: int | None, status: int) -> None:
-    from stockade.cli import _exit_status
+    from stockade.cli_outcome import exit_status
 
-    assert _exit_status(reason, exit_code) == status
+    assert exit_status(reason, exit_code) == status
