@@ -53,7 +53,7 @@ def state_dir() -> str:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise PolicyError(f"component name {name!r}: use 1-63 of a-z, 0-9, '.', '_', '-' (starting with a-z or 0-9)")
     return name
 
@@ -83,7 +83,7 @@ class ComponentStore:
 
     def names(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.root) if _NAME.match(n))
+            return sorted(n for n in os.listdir(self.root) if _NAME.fullmatch(n))
         except FileNotFoundError:
             return []
 

@@ -149,7 +149,7 @@ def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[
                 raise ValueError(f"{raw!r}: {spec!r} is not a version specifier")
             text = name + (extras or "") + spec
         marker = " ".join(marker.split())
-        if marker and not _MARKER.match(marker):
+        if marker and not _MARKER.fullmatch(marker):
             raise ValueError(f"{raw!r}: {marker!r} is not an environment marker")
         out.add(text + (f" ; {marker}" if marker else ""))
     return tuple(sorted(out))
@@ -232,7 +232,7 @@ def content_id(requirements: tuple[str, ...], allow_source: bool = False) -> str
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"{name!r} is not an environment name (letters, digits, '.', '_', '-'; at most 64)")
     return name
 
@@ -244,7 +244,7 @@ def named(name: str) -> str | None:
             env_id = f.read().strip()
     except OSError:
         return None
-    return env_id if _ID.match(env_id) else None
+    return env_id if _ID.fullmatch(env_id) else None
 
 
 def names() -> dict[str, str]:
@@ -253,7 +253,7 @@ def names() -> dict[str, str]:
         entries = sorted(os.listdir(os.path.join(store_root(), "names")))
     except OSError:
         return {}
-    return {n: i for n in entries if _NAME.match(n) and (i := named(n))}
+    return {n: i for n in entries if _NAME.fullmatch(n) and (i := named(n))}
 
 
 def _point(name: str, env_id: str) -> None:
@@ -287,7 +287,7 @@ def resolve(name: str | None, packages: tuple[str, ...], pinned: str | None) -> 
         return existing(name)
     if packages:
         return content_id(packages)
-    if pinned is not None and not (_ID.match(pinned) and os.path.isdir(env_path(pinned))):
+    if pinned is not None and not (_ID.fullmatch(pinned) and os.path.isdir(env_path(pinned))):
         raise ValueError(f"environment_id {pinned!r} is not in {store_root()} (stockade env ls lists them)")
     return pinned
 
@@ -417,7 +417,7 @@ class Environment:
 def listing() -> list[Environment]:
     """Every environment in the store, with the names that point at it."""
     try:
-        ids = sorted(e for e in os.listdir(os.path.join(store_root(), "envs")) if _ID.match(e))
+        ids = sorted(e for e in os.listdir(os.path.join(store_root(), "envs")) if _ID.fullmatch(e))
     except OSError:
         return []
     by_id: dict[str, list[str]] = {}
@@ -440,7 +440,7 @@ def remove(what: str) -> str:
     what was done. A name goes alone while another name still points at its environment;
     the environment goes with its last name. An environment a name points at is not
     removed by id: remove its names."""
-    env_id = named(what) if _NAME.match(what) else None
+    env_id = named(what) if _NAME.fullmatch(what) else None
     if env_id is not None:
         os.unlink(os.path.join(store_root(), "names", what))
         others = sorted(n for n, i in names().items() if i == env_id)

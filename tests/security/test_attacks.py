@@ -191,6 +191,40 @@ def test_a_mount_source_that_links_to_a_forbidden_path_is_refused(
             os.unlink(link)
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="only a root host opens shared paths with another uid than its caller's")
+@pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
+def test_a_mount_source_that_links_below_a_private_directory_is_refused(runtime: str, manager: RuntimeManager) -> None:
+    # gVisor's gofer and QEMU open a share as root: a link of the caller's own to a directory
+    # under a 0700 one must not be their way past it (the link's own path is searchable).
+    from tests.conftest import require
+
+    require(runtime)
+    top = tempfile.mkdtemp(prefix="stockade-links-")
+    try:
+        os.chmod(top, 0o755)
+        private = os.path.join(top, "private")
+        os.makedirs(os.path.join(private, "pub"))
+        os.chmod(private, 0o700)
+        os.chmod(os.path.join(private, "pub"), 0o755)
+        link = os.path.join(top, "link")
+        os.symlink(os.path.join(private, "pub"), link)
+        with pytest.raises(stockade.PolicyError, match=f"{private} is not searchable by others"):
+            stockade.run(["true"], runtime=runtime, manager=manager, filesystem_access=[f"{link}:/data"])
+        # A link to a directory open to others is shared where it leads (inside, its absolute
+        # target would otherwise be read against the isolate's own root).
+        opened = os.path.join(top, "open")
+        os.mkdir(opened, 0o755)
+        with open(os.path.join(opened, "f"), "w") as f:
+            f.write("shared\n")
+        os.chmod(os.path.join(opened, "f"), 0o644)
+        os.symlink(opened, os.path.join(top, "open-link"))
+        shared = f"{os.path.join(top, 'open-link')}:/data"
+        r = stockade.run(["cat", "/data/f"], runtime=runtime, manager=manager, filesystem_access=[shared])
+        assert r.stdout == "shared\n", r.summary() + r.stderr
+    finally:
+        shutil.rmtree(top)
+
+
 # ---- network ------------------------------------------------------------------------
 
 

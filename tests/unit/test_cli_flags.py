@@ -169,3 +169,13 @@ def test_a_runs_exit_status_says_how_it_ended(reason: str, exit_code: int | None
     from stockade.cli_outcome import exit_status
 
     assert exit_status(reason, exit_code) == status
+
+
+def test_a_name_with_a_trailing_newline_is_refused() -> None:
+    # `$` matches before a last newline: names are matched whole.
+    from stockade import components, environments
+    from stockade.errors import StockadeError
+
+    for check in (components.check_name, environments.check_name):
+        with pytest.raises((StockadeError, ValueError)):
+            check("web\n")

@@ -93,7 +93,7 @@ def write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         mounts.append({"destination": "/etc/alternatives", "type": "bind", "source": "/etc/alternatives",
                        "options": ["rbind", "ro"]})  # fmt: skip
     for m in policy.filesystem_access:
-        mounts.append({"destination": m.target, "type": "bind", "source": m.source,
+        mounts.append({"destination": m.target, "type": "bind", "source": os.path.realpath(m.source),
                        "options": ["rbind", "rw" if m.writable else "ro", "nosuid", "nodev"]})  # fmt: skip
     env = {**BASE_ENV, "STOCKADE_AGENT_FD": "stdio", "STOCKADE_AGENT_WARM": "1" if warm else "0"}
     open_files = max(policy.max_open_files, AGENT_FDS)

@@ -37,7 +37,7 @@ def qemu_command(qemu: str, image: guest_image.GuestImage, policy: Policy, accel
     ]  # fmt: skip
     for i, m in enumerate(policy.filesystem_access):
         tag = f"m{i}"
-        args += share_args(tag, m.source, m.writable)
+        args += share_args(tag, os.path.realpath(m.source), m.writable)  # where check_mount_sources looked
         # In hex: a target's spaces, commas and colons would otherwise be read as the command
         # line's own separators (a space even as more kernel parameters).
         target = m.target.encode("utf-8", "surrogateescape").hex()

@@ -315,7 +315,12 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
             "proxy_port": PROXY_PORT,
             "scratch_mb": policy.disk_mb,
             # The environment's host path stays out of the isolate's mountinfo (rootfs.bind_extra).
-            "mounts": [{**m.to_dict(), "hide_source": m.target == ENV_ROOT} for m in policy.filesystem_access],
+            # A source that is a link is shared where it leads (check_mount_sources looked there): inside,
+            # its absolute target would be read against the isolate's own root.
+            "mounts": [
+                {**m.to_dict(), "source": os.path.realpath(m.source), "hide_source": m.target == ENV_ROOT}
+                for m in policy.filesystem_access
+            ],
             # An allowlist isolate's filter stops its network calls too, to report direct attempts.
             "seccomp_bpf": base64.b64encode(netcalls.program() if allowlist else bpf).decode(),
             "landlock_abi": self._landlock_abi,
@@ -345,12 +350,17 @@ def check_mount_sources(policy: Policy) -> None:
             raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
         if os.getuid() != 0:
             continue
-        path = ""
-        for part in mount.source.strip("/").split("/"):
-            path += "/" + part
-            st = os.stat(path)
-            if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
-                raise PolicyError(f"{where} is not accessible to the sandbox's uid: {path} is not searchable by others")
+        # Every directory on the way, as named and where a link leads: gVisor's gofer and QEMU
+        # open the source as root, so a link to below a 0700 directory must not be their way in.
+        for named in dict.fromkeys((mount.source, real)):
+            path = ""
+            for part in named.strip("/").split("/"):
+                path += "/" + part
+                st = os.stat(path)
+                if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
+                    raise PolicyError(
+                        f"{where} is not accessible to the sandbox's uid: {path} is not searchable by others"
+                    )
         st = os.stat(mount.source)
         need = stat.S_IROTH | (stat.S_IWOTH if mount.writable and stat.S_ISDIR(st.st_mode) else 0)
         if st.st_mode & need != need:
