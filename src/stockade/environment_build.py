@@ -102,12 +102,12 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
         except subprocess.TimeoutExpired:
             pass
         finally:
-            for thread in shown:
-                thread.join(timeout=10)
-            if proc.returncode is None:  # timed out, or interrupted: pip and its builds go
+            if proc.returncode is None:  # timed out, or interrupted: pip and its builds go, first
                 with contextlib.suppress(OSError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            for thread in shown:  # pip has ended: they read to its pipes' end
+                thread.join(timeout=10)
         if status is None:
             raise PolicyError(f"packages: pip did not finish within {build_timeout():g} s (STOCKADE_ENV_BUILD_TIMEOUT; "
                               "stockade env build makes an environment ahead of time)")  # fmt: skip
@@ -120,13 +120,16 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
         raise PolicyError(f"packages: pip could not install them (exit {status}){_why(log, allow_source)}{said}")
 
 
-def _tee(source: IO[bytes], shown: TextIO, log: IO[bytes]) -> None:
-    """One of pip's streams to this process's own (``shown``) and to ``log``, until pip ends."""
+def _tee(source: IO[bytes], shown: TextIO | None, log: IO[bytes]) -> None:
+    """One of pip's streams to this process's own (``shown``, when it has bytes to write to) and
+    to ``log``, until pip ends: always read, so that pip never blocks on a full pipe."""
+    out = getattr(shown, "buffer", None)
     while chunk := os.read(source.fileno(), 65536):
-        log.write(chunk)
-        with contextlib.suppress(OSError, ValueError):
-            shown.buffer.write(chunk)
-            shown.flush()
+        with contextlib.suppress(OSError, ValueError):  # the log closed (the build given up), a closed stdout
+            log.write(chunk)
+            if out is not None:
+                out.write(chunk)
+                out.flush()
     source.close()
 
 

@@ -98,10 +98,12 @@ def test_an_exception_is_structured_with_the_cells_frames_only_and_the_state_sur
     assert ended.exception is not None and ended.exception.name == "SystemExit"
     assert (ended.exit_code, ended.success) == (3, False)  # its code, as a script's would be
     assert py.run("kept").execution_count == 7
-    assert [(r.exit_code, r.success) for r in map(py.run, ("sys.exit(0)", "sys.exit()", "sys.exit('bye')"))] == [
+    ends = ("sys.exit(0)", "sys.exit()", "sys.exit('bye')", "sys.exit('3')")
+    assert [(r.exit_code, r.success) for r in map(py.run, ends)] == [
         (0, True),
         (0, True),
         (1, False),
+        (1, False),  # a message, whatever it reads
     ]
 
 

@@ -187,7 +187,15 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
     except Exception:  # noqa: BLE001
         value = f"<{type(exc).__name__}: str() failed>"
     lines = traceback.format_exception(type(exc), exc, tb)
-    return {"name": type(exc).__name__, "value": value[:TEXT_MAX], "traceback": "".join(lines)[-TEXT_MAX:]}
+    said: dict[str, Any] = {
+        "name": type(exc).__name__,
+        "value": value[:TEXT_MAX],
+        "traceback": "".join(lines)[-TEXT_MAX:],
+    }
+    if isinstance(exc, SystemExit):  # the cell's exit code, as a script's would be (the agent takes it out)
+        code = exc.code
+        said["exit_code"] = 0 if code is None else (code & 0xFF if isinstance(code, int) else 1)
+    return said
 
 
 def _output(kind: str, obj: Any) -> dict[str, Any]:

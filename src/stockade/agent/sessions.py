@@ -254,18 +254,9 @@ def _signal(pid: int, signum: int) -> None:
 
 
 def _cell_exit_code(exception: object) -> int:
-    """A cell's exit code, as its code's would be as a script's: 0, 1 for an exception, and a
-    ``SystemExit``'s own (``sys.exit(3)``: 3; ``sys.exit()``: 0; ``sys.exit("text")``: 1)."""
+    """A cell's exit code: 0, 1 for an exception, a ``SystemExit``'s own as a script's would be
+    (the kernel's ``exit_code``, taken out of what the host is sent)."""
     if not isinstance(exception, dict):
         return 0
-    if exception.get("name") != "SystemExit":
-        return 1
-    value = str(exception.get("value", ""))
-    if value in ("", "None", "False"):
-        return 0
-    if value == "True":
-        return 1
-    try:
-        return int(value) & 0xFF  # as a process's exit status keeps it
-    except ValueError:
-        return 1  # a message: printed, and 1
+    code = exception.pop("exit_code", 1)
+    return code if isinstance(code, int) and not isinstance(code, bool) else 1

@@ -74,7 +74,8 @@ class Connection(asyncio.Protocol):
         self._eof = False
         self._lost = False
         self.line_under_way: str | None = None  # "reading" or "waiting" (LinesUnderWay), or None
-        self._answering: tuple[str, float] | None = None  # the method being answered, since when
+        # The method being answered and since when, while it ends with its caller (a hang-up's log line).
+        self._answering: tuple[str, float] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # ---- the transport's callbacks ----------------------------------------------------
@@ -155,8 +156,7 @@ class Connection(asyncio.Protocol):
         # The client went away: a one-shot run's answer can go nowhere, so its
         # isolate and its slot go now. A held sandbox's call is let finish, so
         # that a kept sandbox is left in step with its agent.
-        ends = self._abandon is not None or (self._task is not None and self._task_ends_with_caller)
-        if ends and self._answering is not None:  # its log line: it has no answer to be logged with
+        if self._answering is not None:  # ended with its caller: it has no answer to be logged with
             method, started = self._answering
             self.server.answer_log.add(self.peer.uid, method, "hung_up", "", (time.monotonic() - started) * 1000)
         if self._abandon is not None:
@@ -262,7 +262,8 @@ class Connection(asyncio.Protocol):
             self.send({"result": result, "error": None, "id": msg_id})
             self._logged(method.name, None, started)
             return
-        self._answering = (method.name, started)
+        # A held sandbox's call is let finish when its caller goes, and logged then, once.
+        self._answering = (method.name, started) if method.ends_with_caller else None
         start_now = method.start_now
         if start_now is not None and not getattr(request, "stream", False):
             if self._run_now(method.name, functools.partial(start_now, handler, request, self.caller), msg_id,

@@ -141,9 +141,18 @@ async def spawned_or_killed(spawning: Awaitable[T], kill: Callable[[T], Awaitabl
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):  # it failed to start, or is gone already: nothing to end
-            await kill(await job)
+        ending = asyncio.ensure_future(_kill_when_started(job, kill))
+        while not ending.done():  # a second cancel must not leave it half-done either
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([ending])
         raise
+
+
+async def _kill_when_started(job: asyncio.Future[T], kill: Callable[[T], Awaitable[None]]) -> None:
+    await asyncio.wait([job])
+    if not job.cancelled() and job.exception() is None:
+        with contextlib.suppress(Exception):  # gone already: nothing to end
+            await kill(job.result())
 
 
 class AwaitedFollow:

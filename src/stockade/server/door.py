@@ -62,7 +62,7 @@ OPEN_PATHS = frozenset({"/health", "/v1/ping", "/", "/favicon.ico", "/static/das
 QUERY_TOKEN_PATHS = frozenset({"/run_code"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 # Polled, not asked: no log line each (a scrape every 15 s, a health check, the dashboard's files).
-QUIET_PATHS = OPEN_PATHS | {"/metrics", "/api/v1/sandbox/status"}
+QUIET_PATHS = OPEN_PATHS | {"/metrics", "/api/v1/sandbox/status", "/api/v1/dashboard"}
 
 
 class ErrorBody(BaseModel):
@@ -217,7 +217,12 @@ class Guard:
         except StockadeError as exc:
             await error_response(exc)(scope, receive, send_noting)
         else:
-            await self.app(scope, receive, send_noting)
+            try:
+                await self.app(scope, receive, send_noting)
+            except Exception:
+                if not headers_done:  # the server answers 500 once this is raised on: not a hang-up
+                    code, status, headers_done = "internal", 500, True
+                raise
         finally:
             route = scope.get("route")
             name = getattr(route, "name", None) or ("auth" if status == 401 else "unknown")
@@ -259,7 +264,7 @@ def _error_code(body: bytes) -> str | None:
     except ValueError:
         return None
     code = said.get("code") if isinstance(said, dict) else None
-    return code if isinstance(code, str) else None
+    return code if code in HTTP_STATUS else None  # one of the codes: a label of bounded values
 
 
 def _replay(first: Message, receive: Receive) -> Receive:
