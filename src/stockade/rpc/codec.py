@@ -71,12 +71,13 @@ class _Lines:
             self._skipping = False
         frames: list[bytes | None] = []
         buffer = self._buffer
-        seen = len(buffer)  # holds no newline: only the new bytes are searched, not a long line again
+        searched = len(buffer)  # what it held has no newline: only the new bytes are searched
         buffer += data
-        start = 0
-        while (end := buffer.find(b"\n", seen if start == 0 else start)) >= 0:
+        start, end = 0, buffer.find(b"\n", searched)
+        while end >= 0:
             frames.append(self._frame(bytes(buffer[start:end])))
             start = end + 1
+            end = buffer.find(b"\n", start)
         del buffer[:start]
         if len(buffer) > self.limit:
             buffer.clear()

@@ -153,12 +153,12 @@ class Connection(asyncio.Protocol):
         self._queued_bytes = 0
         if self.line_under_way is not None:
             self.server.lines_under_way.leave(self)
-        # The client went away: a one-shot run's answer can go nowhere, so its
-        # isolate and its slot go now. A held sandbox's call is let finish, so
-        # that a kept sandbox is left in step with its agent.
         if self._answering is not None:  # ended with its caller: it has no answer to be logged with
             method, started = self._answering
             self.server.answer_log.add(self.peer.uid, method, "hung_up", "", (time.monotonic() - started) * 1000)
+        # The client went away: a one-shot run's answer can go nowhere, so its
+        # isolate and its slot go now. A held sandbox's call is let finish, so
+        # that a kept sandbox is left in step with its agent.
         if self._abandon is not None:
             abandon, self._abandon = self._abandon, None
             abandon()

@@ -186,12 +186,12 @@ class Guard:
 
         async def send_noting(message: Message) -> None:
             nonlocal status, headers_done, code
+            if message["type"] == "http.response.body" and status >= 400 and code is None:
+                code = _error_code(message.get("body", b""))  # and sent as any body is, below
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
                 headers_done = True
-            elif message["type"] == "http.response.body" and status >= 400 and code is None:
-                code = _error_code(message.get("body", b""))
             elif message["type"] == "http.response.body" and len(body := message.get("body", b"")) > COUNTED_BODY:
                 # A send returns once its bytes are written to the connection, where they wait
                 # for the client; the next waits for it to have read all but 64 KiB of them
