@@ -473,9 +473,15 @@ def test_a_client_that_hangs_up_mid_run_ends_its_run(daemon: Daemon) -> None:
         assert watcher.status()["active_sandboxes"] == []
         assert watcher.execute(["echo", "next"]).stdout == "next\n"
         time.sleep(1.0)  # the pool refills
+
     # Each has its log line, as an answered request has: it had no answer to be logged with.
-    hung_up = [line for line in daemon.logs().splitlines() if " execute hung_up " in line]
-    assert len(hung_up) == 2, daemon.logs()
+    def hung_up() -> list[str]:
+        return [line for line in daemon.logs().splitlines() if " execute hung_up " in line]
+
+    deadline = time.monotonic() + 10  # a log line is written after the request's end, not before
+    while len(hung_up()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(hung_up()) == 2, daemon.logs()
 
 
 def test_a_client_that_does_not_read_its_answers_is_paused(process_runtime: str) -> None:
