@@ -180,8 +180,17 @@ def test_qemu_itself_runs_confined(vm: MicrovmSandbox) -> None:
     assert status["NoNewPrivs"].strip() == "1"
     if jail.seccomp_supported(qemu_binary() or ""):
         assert status["Seccomp"].strip() == "2"
-    if os.geteuid() == 0:  # no shared path: uid 0 without a single capability
-        assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    if os.geteuid() == 0:  # a uid of its own (the one leased for the VM), without a single capability
+        from stockade.runtimes.process.uids import UidRange
+
+        uids = UidRange.from_env()
+        assert [uid.uid for uid in vm.uids] == [int(status["Uid"].split()[0])]
+        assert all(uids.first <= int(uid) <= uids.last for uid in status["Uid"].split() + status["Gid"].split())
+        assert status["Groups"].strip() == ""
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0 and int(status["CapAmb"], 16) == 0
+        if jail.guest_uid_map():  # the guest's uid 1000 in its namespace, and nothing else mapped
+            mapped = open(f"/proc/{pid}/uid_map").read().split()
+            assert mapped == ["1000", status["Uid"].split()[0], "1"]
     if jail.namespaces():
         for kind in ("net", "ipc"):
             assert os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}")
@@ -478,14 +487,18 @@ def test_a_restoring_qemu_that_dies_before_its_socket_appears_boots_instead(
 
 
 def test_a_qemu_that_will_not_start_is_reported_with_what_it_said(
-    vm_manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+    vm_manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     # A QEMU that refuses to run (an option it lacks, a library its jail keeps from
     # it) must be named with its own words, not as a bare "exited".
     from stockade.runtimes.microvm import runtime as microvm_runtime
 
+    # Where QEMU's own uid (as root, one leased for the VM) may run it: pytest's directory is root's alone.
+    place = tempfile.mkdtemp(prefix="stockade-fake-qemu-")
+    os.chmod(place, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(place, ignore_errors=True))
     fake = write_executable(
-        os.path.join(str(tmp_path), "bin", "qemu-system-x86_64"),
+        os.path.join(place, "bin", "qemu-system-x86_64"),
         '#!/bin/sh\n[ "$1" = --version ] && { echo "QEMU emulator version 7.2.99"; exit 0; }\n'
         'echo "qemu-system-x86_64: this is a stand-in that cannot boot anything" >&2\nexit 3\n',
     )

@@ -225,6 +225,49 @@ def test_a_mount_source_that_links_below_a_private_directory_is_refused(runtime:
         shutil.rmtree(top)
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="rootless, an isolate runs as its caller's own uid (threat-model.md)")
+@pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
+def test_a_shared_directory_is_reached_as_the_isolates_own_host_uid(runtime: str, manager: RuntimeManager) -> None:
+    # Inside, the code is uid 1000. On the host it must be a uid of its own: not the host's uid 1000
+    # (a real account's, whose private files a share may hold), not root, and not a uid that owns
+    # what it leaves behind once the isolate is gone (a setuid program in a writable share).
+    from stockade.runtimes.process.uids import LOCK_DIR, UidRange
+    from tests.conftest import require
+
+    require(runtime)
+    share = tempfile.mkdtemp(prefix="stockade-owners-")
+    try:
+        os.chmod(share, 0o777)
+        for name, owner in (("of-1000", 1000), ("of-root", 0)):
+            path = os.path.join(share, name)
+            with open(path, "w") as f:
+                f.write(f"private to {owner}\n")
+            os.chown(path, owner, owner)
+            os.chmod(path, 0o600)
+        script = (
+            "cat /data/of-1000 /data/of-root; id -u; echo mine > /data/written; "
+            "cp /bin/true /data/setuid && chmod 4755 /data/setuid; ls -ln /data/of-1000"
+        )
+        r = stockade.run(
+            ["sh", "-c", script], runtime=runtime, manager=manager, filesystem_access=[f"{share}:/data:rw"]
+        )
+        assert "private to" not in r.stdout, r.stdout
+        assert r.stderr.count("Permission denied") >= 2, r.stderr
+        assert r.stdout.splitlines()[0] == "1000"  # what the code is told it is, as in every runtime
+        assert " 1000 " not in r.stdout, "a host uid 1000's file showed as the code's own"
+        uids = UidRange.from_env()
+        owners = {name: os.stat(os.path.join(share, name)).st_uid for name in ("written", "setuid")}
+        assert all(uids.first <= uid <= uids.last for uid in owners.values()), owners
+        assert owners["written"] == owners["setuid"]
+        lease = os.path.join(LOCK_DIR, str(owners["written"]))
+        deadline = time.monotonic() + 30  # a one-shot's teardown ends after its answer
+        while os.path.exists(lease) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(lease), "its uid was not given back"
+    finally:
+        shutil.rmtree(share)
+
+
 # ---- network ------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade import Policy
-from stockade.policy import Mount
+from stockade.errors import SandboxStartError
 from stockade.runtimes.microvm import jail
 from tests.helpers import write_executable
 
@@ -35,8 +35,21 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=_GUARD_S, check=False, **kwargs)  # type: ignore[call-overload]
 
 
-def _jailed(policy: Policy | None = None) -> list[str]:
-    return jail.prefix(policy or Policy())
+@pytest.fixture
+def qemu_uid() -> Iterator[int | None]:
+    """As root, the host uid leased for one QEMU (as the runtime leases one); rootless, None."""
+    from stockade.runtimes.hosted import lease_uids, release_uids
+
+    leases = lease_uids(1, None)
+    yield leases[0].uid if leases else None
+    release_uids(leases, True)
+
+
+def _for_qemu(path: str, uid: int | None) -> str:
+    """``path`` made QEMU's own, as the runtime makes its run directory."""
+    if uid is not None:
+        os.chown(path, uid, uid)
+    return path
 
 
 @pytest.fixture
@@ -58,7 +71,7 @@ class _Qemu:
     """A guest-less QEMU driven over QMP on its stdio: jailed as the microvm runtime
     jails it (same prefix, Landlock rules for a run directory, seccomp), or not."""
 
-    def __init__(self, confined: bool, rundir: str) -> None:
+    def __init__(self, confined: bool, rundir: str, uid: int | None = None) -> None:
         argv = [_qemu(), "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"]
 
         def start() -> subprocess.Popen[bytes]:
@@ -70,7 +83,7 @@ class _Qemu:
             rules = jail.file_rules(Policy(), argv[0], rundir, rundir, ())
             if jail.seccomp_supported(argv[0]):
                 argv += ["-sandbox", jail.SECCOMP]
-            argv[:0] = _jailed()
+            argv[:0] = jail.prefix(uid, "tcg")
             self.proc = jail.spawn_confined(rules, start)
         else:
             self.proc = start()
@@ -103,13 +116,13 @@ class _Qemu:
                 self.proc.wait()
 
 
-def test_a_jailed_qemu_that_is_told_to_spawn_a_program_is_killed(scratch: str) -> None:
+def test_a_jailed_qemu_that_is_told_to_spawn_a_program_is_killed(scratch: str, qemu_uid: int | None) -> None:
     if not jail.seccomp_supported(_qemu()):
         pytest.skip("this QEMU was built without seccomp: -sandbox is refused")
     marker = os.path.join(scratch, "spawned")
 
     def attack(confined: bool) -> int:
-        qemu = _Qemu(confined, scratch)
+        qemu = _Qemu(confined, scratch, qemu_uid)
         # QMP's migrate to exec: is a documented way to make QEMU run a program:
         # a stand-in for the shell code a guest that took QEMU over would run.
         qemu.ask({"execute": "migrate", "arguments": {"uri": f"exec:touch {marker}"}})
@@ -125,14 +138,14 @@ def test_a_jailed_qemu_that_is_told_to_spawn_a_program_is_killed(scratch: str) -
     assert not os.path.exists(marker)
 
 
-def test_a_jailed_qemu_cannot_open_host_files_outside_its_allow_list(scratch: str) -> None:
+def test_a_jailed_qemu_cannot_open_host_files_outside_its_allow_list(scratch: str, qemu_uid: int | None) -> None:
     if not jail.LANDLOCK_ABI:
         pytest.skip("this kernel has no Landlock")
     secret = os.path.join(scratch, "secret")
     with open(secret, "w") as f:
         f.write("the host's")
-    os.chmod(secret, 0o600)  # readable by its owner: this test's uid, and so QEMU's
-    rundir = tempfile.mkdtemp(prefix="stockade-jail-run-")
+    os.chmod(secret, 0o644)  # readable by every uid, QEMU's too: only Landlock keeps it out
+    rundir = _for_qemu(tempfile.mkdtemp(prefix="stockade-jail-run-"), qemu_uid)
     try:
         # blockdev-add opens a file for the VM's disk: what a QEMU taken over could do to any path.
         disk = {"driver": "file", "node-name": "d", "filename": secret, "read-only": True}
@@ -140,13 +153,14 @@ def test_a_jailed_qemu_cannot_open_host_files_outside_its_allow_list(scratch: st
         free = _Qemu(False, rundir)
         assert "return" in free.ask(open_it), "the attack itself does not work: the test would prove nothing"
         free.end()
-        jailed = _Qemu(True, rundir)
+        jailed = _Qemu(True, rundir, qemu_uid)
         answer = jailed.ask(open_it)
         assert "error" in answer and "Permission denied" in str(answer["error"]), answer
         # ... while its own run directory stays open to it, as the runtime needs.
         inside = os.path.join(rundir, "disk")
         with open(inside, "w") as f:
             f.write("x")
+        _for_qemu(inside, qemu_uid)
         own = {"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "e", "filename": inside}}
         assert "return" in jailed.ask(own)
         assert jailed.end() == 0
@@ -173,6 +187,8 @@ except OSError as e:
     out["setuid"] = e.errno
 status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
 out["caps"] = int(status["CapEff"], 16)
+out["uid"] = int(status["Uid"].split()[0])
+out["uid_map"] = open("/proc/self/uid_map").read().split()
 out["no_new_privs"] = status["NoNewPrivs"].strip()
 print(json.dumps(out))
 """
@@ -193,7 +209,9 @@ def listener() -> Iterator[int]:
     server.close()
 
 
-def test_the_jail_keeps_the_host_network_uid_changes_and_others_files_out_of_reach(scratch: str, listener: int) -> None:
+def test_the_jail_keeps_the_host_network_uid_changes_and_others_files_out_of_reach(
+    scratch: str, listener: int, qemu_uid: int | None
+) -> None:
     if not jail.namespaces():
         pytest.skip("this host lets no process have a network namespace of its own (unshare fails)")
     foreign = os.path.join(scratch, "not-qemus")
@@ -208,25 +226,23 @@ def test_the_jail_keeps_the_host_network_uid_changes_and_others_files_out_of_rea
     if os.geteuid() == 0:
         assert free["setuid"] == "changed" and free["write"] == "written"
 
-    jailed = _probe(_jailed(), listener, foreign)
+    jailed = _probe(jail.prefix(qemu_uid, "tcg"), listener, foreign)
     assert jailed["connect"] != "connected"  # its own network namespace: the host's loopback is not there
     assert jailed["setuid"] != "changed"
     assert jailed["no_new_privs"] == "1"
-    if os.geteuid() == 0:
-        assert jailed["caps"] == 0
+    assert jailed["caps"] == 0
+    if qemu_uid is not None:
+        # The leased uid, seen inside as the guest's 1000 (9p's files are the guest's own), and no other.
+        assert jailed["uid_map"] == ["1000", str(qemu_uid), "1"] if jail.guest_uid_map() else jailed["uid"] == qemu_uid
         assert jailed["write"] != "written"
         with open(foreign) as f:
             assert f.read() == "owned"  # only the unjailed probe's write
 
 
-def test_shared_paths_keep_only_the_file_capabilities_they_need() -> None:
-    def caps(*mounts: Mount) -> set[str]:
-        return set(jail.capabilities_for(Policy(filesystem_access=mounts)))
-
-    assert caps() == set()
-    assert caps(Mount(source="/usr/share", target="/mnt/ro")) == {"dac_read_search"}
-    writable = caps(Mount(source="/tmp", target="/mnt/rw", writable=True))
-    assert "dac_override" in writable and "sys_admin" not in writable and "setuid" not in writable
+@pytest.mark.skipif(os.getuid() != 0, reason="rootless, QEMU runs as its caller: no uid to lease")
+def test_as_root_qemu_is_never_started_without_a_uid_of_its_own() -> None:
+    with pytest.raises(SandboxStartError, match="leased uid"):
+        jail.prefix(None, "tcg")
 
 
 def test_qemu_installed_outside_usr_may_read_its_own_prefix_only() -> None:

@@ -121,7 +121,7 @@ def qemu(confined, *messages):
     argv = [sys.argv[1], "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"]
     start = lambda: subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     if confined:
-        argv[:0] = jail.prefix(Policy())
+        argv[:0] = jail.prefix(None, "tcg")
         argv += ["-sandbox", jail.SECCOMP]
         proc = jail.spawn_confined(jail.file_rules(Policy(), sys.argv[1], rundir, rundir, ()), start)
     else:

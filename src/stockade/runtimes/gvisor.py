@@ -49,11 +49,12 @@ from ..policy import Policy, default_policy
 from ..settings import current
 from .base import Availability
 from .drain import Tail, drain, weak
-from .gvisor_bundle import write_bundle
+from .gvisor_bundle import HostIds, write_bundle
 from .gvisor_log import SentryLog
-from .hosted import HostedSandbox, abandon_start, spawn_in_cgroup
+from .hosted import HostedSandbox, abandon_start, lease_uids, spawn_in_cgroup
 from .pool import PooledRuntime, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
+from .process.uids import UidLease
 from .process.zygote import system_python
 from .reaper import Reaper
 
@@ -259,9 +260,11 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         proc: subprocess.Popen[bytes] | None = None
         sandbox: GvisorSandbox | None = None
         log_fd = err_fd = -1
+        uids: list[UidLease] = []
         try:
-            write_bundle(bundle, shared, warm)
             cgroup = manager.create() if manager.layout.version != "none" else None
+            uids = lease_uids(2, cgroup)
+            write_bundle(bundle, shared, warm, HostIds(uids[0].uid, uids[1].uid) if uids else None)
             unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
             if cgroup is not None:
                 _apply_limits(cgroup, policy, setup=True)
@@ -290,6 +293,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
                 os.close(err_w)
             guest.close()
             sandbox = GvisorSandbox(policy, host, proc, container_id, bundle, self._root, cgroup, log_fd, err_fd)
+            sandbox.uids = uids
             log_fd = err_fd = -1  # the sandbox's now
             try:
                 sandbox.ping(timeout=START_TIMEOUT_S)
@@ -305,7 +309,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         except BaseException:
             guest.close()
             host.close()
-            abandon_start(proc, cgroup, bundle)
+            abandon_start(proc, cgroup, bundle, uids)
             _runsc_delete(self._root, container_id)
             if sandbox is not None:
                 sandbox._forget_logs()

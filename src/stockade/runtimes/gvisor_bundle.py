@@ -6,6 +6,17 @@ MIME table); ``/usr`` and the agent's code are bound read-only; ``/tmp`` and
 ``/work`` are size-capped tmpfs; the policy's shared paths are bound as it
 says. The process is the agent, as uid 1000, with no capabilities,
 ``noNewPrivileges`` and the policy's rlimits, reached on its stdin/stdout.
+
+As root, the container has a user namespace of its own that maps two host
+uids leased for it (hosted.py) and nothing else: its uid 1000, as which the
+code reads and writes shared paths on the host, and its root, as which runsc
+runs the Sentry and the gofer. Without it, runsc maps uids one to one: the
+code's uid 1000 was the host's uid 1000 (a real account's, often the first
+user's), whose private files in a shared directory it could read, and the
+owner of whatever it wrote there (a setuid program included). Mapped, the
+host's files are others' to it (shown as ``nobody``), as in a process
+isolate, and the gofer, no longer host root, cannot make mount points in
+the bundle's root: they are made here.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..agent import runner
 from ..agent.commands import AGENT_FDS
@@ -49,10 +60,20 @@ _SEED = (
     "    pass\n"
 )
 _BOOT_WITH_ENV = _SEED + CONTAINER_BOOT
+SANDBOX_UID = 1000  # the code's uid (and gid) inside
+_SCRATCH = ("/tmp", "/work")  # tmpfs of the Sentry's own: a mount point there is made inside
 
 
-def write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
-    """The bundle of one container for ``policy`` (``warm``: its agent forks a runner ahead)."""
+class HostIds(NamedTuple):
+    """The host uids a container maps (each also its gid): its code's, and runsc's own."""
+
+    code: int
+    runsc: int
+
+
+def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = None) -> None:
+    """The bundle of one container for ``policy`` (``warm``: its agent forks a runner ahead;
+    ``ids``: the host uids it maps, as root; None: runsc's own one-to-one map)."""
     rootfs = os.path.join(bundle, "rootfs")
     for name in ("usr", "proc", "dev", "tmp", "work", "etc", "opt/stockade/agent"):
         os.makedirs(os.path.join(rootfs, name), mode=0o755)
@@ -93,15 +114,16 @@ def write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         mounts.append({"destination": "/etc/alternatives", "type": "bind", "source": "/etc/alternatives",
                        "options": ["rbind", "ro"]})  # fmt: skip
     for m in policy.filesystem_access:
+        _mount_point(rootfs, m.target, os.path.isdir(m.source))
         mounts.append({"destination": m.target, "type": "bind", "source": os.path.realpath(m.source),
                        "options": ["rbind", "rw" if m.writable else "ro", "nosuid", "nodev"]})  # fmt: skip
     env = {**BASE_ENV, "STOCKADE_AGENT_FD": "stdio", "STOCKADE_AGENT_WARM": "1" if warm else "0"}
     open_files = max(policy.max_open_files, AGENT_FDS)
-    config = {
+    config: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": 1000, "gid": 1000},
+            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID},
             "args": [system_python(), "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else CONTAINER_BOOT],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/work",
@@ -121,5 +143,23 @@ def write_bundle(bundle: str, policy: Policy, warm: bool) -> None:
         "mounts": mounts,
         "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
     }
+    if ids is not None:
+        maps = [
+            {"containerID": 0, "hostID": ids.runsc, "size": 1},
+            {"containerID": SANDBOX_UID, "hostID": ids.code, "size": 1},
+        ]
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"].update(uidMappings=maps, gidMappings=maps)
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f)
+
+
+def _mount_point(rootfs: str, target: str, directory: bool) -> None:
+    """``target``'s mount point in the bundle's root (read-only, root's: runsc's gofer runs as
+    the container's root, mapped to an unprivileged uid, and may not make it there)."""
+    if any(target.startswith(scratch + "/") for scratch in _SCRATCH):
+        return
+    path = os.path.join(rootfs, target.lstrip("/"))
+    os.makedirs(path if directory else os.path.dirname(path), mode=0o755, exist_ok=True)
+    if not directory and not os.path.exists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))

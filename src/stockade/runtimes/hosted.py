@@ -5,7 +5,15 @@ pid into the isolate's cgroups and then execs the program, so the program and
 everything it starts are born inside the limits (no window in which a child
 escapes them). ``HostedSandbox`` ends such an isolate: close the agent's
 socket (the agent, and with it the container or guest, exits), kill the
-program through a pidfd, then release the cgroup and the working directory.
+program through a pidfd, then release the cgroup, the host uids and the
+working directory.
+
+As root, each such isolate runs on host uids of its own, leased as a process
+isolate's uid is (process/uids.py): the uid its code is known by on the host
+(the owner of what it writes in a shared path, the only one whose files it
+reads there beyond what others may) and, for gVisor, the uid runsc's Sentry
+and gofer run as. Never root's, never a host account's, never another
+isolate's.
 """
 
 from __future__ import annotations
@@ -16,11 +24,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
+from collections.abc import Sequence
 from typing import IO
 
 from ..policy import Policy
 from .base import IsolateUsage
 from .process.cgroups import IsolateCgroup
+from .process.factory import release_uid
+from .process.uids import UidAllocator, UidLease, UidRange
 from .sandbox import AgentSandbox
 
 PROGRAM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -66,6 +78,7 @@ class HostedSandbox(AgentSandbox):
         self.workdir = workdir
         self.cgroup = cgroup
         self.pidfd = -1  # the process whose death ends the isolate
+        self.uids: list[UidLease] = []  # the host uids it runs as (lease_uids), given back with its cgroup
         self._released = False
 
     def usage(self, peak: bool = True) -> IsolateUsage:
@@ -92,23 +105,61 @@ class HostedSandbox(AgentSandbox):
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+        gone = True
         if self.cgroup is not None:
             self.cgroup.kill()
-            self.cgroup.remove()
+            gone = self.cgroup.remove()
+        release_uids(self.uids, gone)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _release_program(self) -> None:
         """What the program leaves beyond its process (runsc's state); nothing by default."""
 
 
-def abandon_start(proc: subprocess.Popen[bytes] | None, cgroup: IsolateCgroup | None, workdir: str) -> None:
+def abandon_start(
+    proc: subprocess.Popen[bytes] | None,
+    cgroup: IsolateCgroup | None,
+    workdir: str,
+    uids: Sequence[UidLease] = (),
+) -> None:
     """Undo a start that failed before a sandbox owned its parts."""
     if proc is not None and proc.poll() is None:
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
     if proc is not None:
         proc.wait()
+    gone = True
     if cgroup is not None:
         cgroup.kill()
-        cgroup.remove()
+        gone = cgroup.remove()
+    release_uids(uids, gone)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+_allocator: UidAllocator | None = None
+_allocator_lock = threading.Lock()
+
+
+def lease_uids(count: int, cgroup: IsolateCgroup | None) -> list[UidLease]:
+    """As root, ``count`` host uids of the isolate's own, each naming its cgroup (so that
+    none is handed out again while the group holds a process); rootless, none: the
+    program runs as the caller, and so does the code (docs/threat-model.md)."""
+    global _allocator
+    if os.geteuid() != 0:
+        return []
+    leases: list[UidLease] = []
+    with _allocator_lock:  # its first lease checks the range and sweeps dead holders' files
+        if _allocator is None:
+            _allocator = UidAllocator(UidRange.from_env())
+        try:
+            for _ in range(count):
+                leases.append(_allocator.lease(cgroup.procs_files if cgroup is not None else []))
+        except BaseException:
+            release_uids(leases, True)
+            raise
+    return leases
+
+
+def release_uids(uids: Sequence[UidLease], cgroup_gone: bool) -> None:
+    for uid in uids:
+        release_uid(uid, cgroup_gone)

@@ -29,9 +29,11 @@ _OOM = re.compile(rb"Out of memory: Killed process|oom-kill:")
 class QemuOutput:
     """The read ends of one QEMU's console FIFO and stderr pipe, owned until ``close``."""
 
-    def __init__(self, rundir: str) -> None:
+    def __init__(self, rundir: str, owner: int | None = None) -> None:
         path = os.path.join(rundir, CONSOLE)
         os.mkfifo(path, 0o600)
+        if owner is not None:  # the host uid QEMU runs as (jail.py)
+            os.chown(path, owner, owner)
         # Opened before QEMU starts, and without waiting for a writer, so that QEMU's
         # open of it does not wait for a reader.
         self.console_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -19,20 +19,23 @@ its VMM, QEMU is started with as little as it needs:
   image, a few files of ``/etc``, ``/proc`` and ``/sys``; read and write
   its run directory, the few device nodes it uses and the policy's shared
   paths (as shared); no TCP; no signal to a process outside its domain.
-- **no new privileges**, and as root **no capabilities** beyond the file
-  access its shared paths need: a read-only share keeps
-  ``CAP_DAC_READ_SEARCH``, a writable one the file-owner capabilities 9p
-  uses to create and chown files there. Without shares, QEMU as root is
-  uid 0 without a single capability: no modules, mounts, ptrace, raw I/O or
-  devices.
+- **an unprivileged uid of its own**: as root, QEMU runs as a host uid
+  leased for its isolate (hosted.py), with no capability and no new
+  privileges, in a user namespace where that uid is the guest's uid 1000.
+  What the guest reads and writes in a shared path, 9p's files, is reached
+  as that uid: the host's own permissions hold (a file private to the host's
+  uid 1000, or root's, is out of reach, and shows as ``nobody``'s); what
+  the guest writes is that uid's, and the guest sees it as its own. Taken
+  over, QEMU is a uid no account and no other isolate has.
 
 Unprivileged, the namespaces come from a user namespace that maps only the
-caller's own uid (where the host allows one); QEMU then has no capability
-anywhere on the host.
+caller's own uid (where the host allows one); QEMU then runs as its caller
+with no capability anywhere on the host (docs/threat-model.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -42,14 +45,14 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from ...agent import linux
+from ...errors import SandboxStartError
 from ...policy import Policy
 
 T = TypeVar("T")
 
 # QEMU's -sandbox: seccomp on, and each optional group of syscalls denied.
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-_READ_SHARE_CAPS = ("dac_read_search",)
-_WRITE_SHARE_CAPS = ("dac_override", "dac_read_search", "fowner", "chown", "fsetid")
+GUEST_UID = 1000  # the uid of the guest's code (agent/guest.py), and of QEMU in its namespace
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,24 +71,48 @@ def seccomp_supported(qemu: str) -> bool:
     return probe.returncode == 0 and b'"return"' in probe.stdout
 
 
-def capabilities_for(policy: Policy) -> tuple[str, ...]:
-    """The capabilities QEMU keeps as root: only what reaching the shared paths takes."""
-    if any(m.writable for m in policy.filesystem_access):
-        return _WRITE_SHARE_CAPS
-    if policy.filesystem_access:
-        return _READ_SHARE_CAPS
-    return ()
-
-
-def prefix(policy: Policy) -> list[str]:
-    """The command that execs QEMU confined (namespaces, no new privileges, capabilities)."""
-    if shutil.which("setpriv") is None:  # util-linux, essential on Debian; said by describe()
+def prefix(uid: int | None, accel: str) -> list[str]:
+    """The command that execs QEMU confined: its own network and IPC namespaces, no new
+    privileges, and as root ``uid`` (the isolate's leased host uid) with no capability,
+    mapped to the guest's uid 1000. ``uid`` None: unprivileged, QEMU runs as its caller."""
+    if uid is None and os.geteuid() == 0:
+        raise SandboxStartError("as root, QEMU runs on a leased uid of its own, and none was given")
+    if shutil.which("setpriv") is None:  # util-linux, essential on Debian
+        if uid is not None:
+            raise SandboxStartError("setpriv (util-linux) is not installed: QEMU would run as root")
         return namespaces()
-    setpriv = ["setpriv", "--no-new-privs"]
-    if os.geteuid() == 0:
-        keep = "".join(f",+{cap}" for cap in capabilities_for(policy))
-        setpriv += ["--bounding-set", f"-all{keep}", "--inh-caps", "-all", "--ambient-caps", "-all"]
-    return [*namespaces(), *setpriv, "--"]
+    if uid is None:
+        return [*namespaces(), "setpriv", "--no-new-privs", "--"]
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", *_device_groups(accel), "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
+    return [*namespaces(), *drop, *guest_uid_map()]
+
+
+def _device_groups(accel: str) -> list[str]:
+    """/dev/kvm's group, when it is the way to it (udev's ``0660 root:kvm``); a /dev/kvm that is
+    root's alone cannot be QEMU's, and the accelerator's probe (a boot) settles on TCG."""
+    if accel == "kvm":
+        with contextlib.suppress(OSError):
+            st = os.stat("/dev/kvm")
+            if st.st_mode & 0o006 != 0o006 and st.st_mode & 0o060 == 0o060:
+                return [f"--groups={st.st_gid}"]
+    return ["--clear-groups"]
+
+
+@functools.lru_cache(maxsize=1)
+def guest_uid_map() -> list[str]:
+    """``unshare`` for a user namespace in which QEMU's host uid is the guest's uid 1000 (so
+    that the guest owns what it writes through 9p); [] where this host lets no unprivileged
+    user make one: QEMU keeps its host uid, and the guest sees its files as another's."""
+    command = ["unshare", "--user", f"--map-user={GUEST_UID}", f"--map-group={GUEST_UID}", "--"]
+    if shutil.which("unshare") is None:
+        return []
+    probe = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *command, "true"]
+    try:
+        works = subprocess.run(probe, capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        works = False
+    return command if works else []
 
 
 def namespaces() -> list[str]:
@@ -107,7 +134,7 @@ def _namespaces(euid: int) -> list[str]:
     return [*command, "--"] if works else []
 
 
-def describe(qemu: str, policy: Policy) -> str:
+def describe(qemu: str) -> str:
     """One line for ``doctor`` and the runtime's details: what confines QEMU here."""
     parts = ["seccomp" if seccomp_supported(qemu) else "no seccomp (this QEMU was built without it)"]
     parts.append(f"Landlock ABI {LANDLOCK_ABI}" if LANDLOCK_ABI else "no Landlock (this kernel has none)")
@@ -115,10 +142,10 @@ def describe(qemu: str, policy: Policy) -> str:
     if shutil.which("setpriv") is None:
         parts.append("the caller's privileges (no setpriv)")
     elif os.geteuid() == 0:
-        caps = capabilities_for(policy)
-        parts.append("no new privileges, " + (f"capabilities: {', '.join(caps)}" if caps else "no capabilities"))
+        mapped = "as the guest's uid 1000" if guest_uid_map() else "unmapped: no user namespace for it here"
+        parts.append(f"a leased uid of its own ({mapped}), no capabilities, no new privileges")
     else:
-        parts.append("no new privileges")
+        parts.append("the caller's uid, no new privileges")
     return ", ".join(parts)
 
 
@@ -144,11 +171,10 @@ def file_rules(
     own = prefix if prefix not in ("/", "") else program  # never the whole tree for a binary at /
     rules = [(path, _READ | linux.LL_EXECUTE) for path in (*_PROGRAMS, own)]
     rules += [(path, _READ) for path in (*_CONFIG, *_KERNEL_VIEWS, image_dir, *library_dirs(program))]
-    if os.geteuid() != 0:
-        # Unprivileged, unshare maps the uid of its user namespace through /proc/self
-        # (whose pid is not known here). As root it would not: there /proc stays
-        # read-only, since uid 0 owns sysctls that its owner bits alone let it write.
-        rules.append(("/proc", _READ | linux.LL_WRITE_FILE))
+    # unshare maps the uid of its user namespace through /proc/self (whose pid is not known
+    # here), as the leased uid or the caller: QEMU never runs as uid 0, whose owner bits alone
+    # would let it write sysctls.
+    rules.append(("/proc", _READ | linux.LL_WRITE_FILE))
     rules += [(path, _READ | linux.LL_WRITE_FILE | linux.LL_IOCTL_DEV) for path in _DEVICES]
     rules.append((rundir, everything))  # its sockets and the guest's console log
     # The shell that starts QEMU writes its own pid into the isolate's cgroups first.

@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ... import environments
 from ...errors import RuntimeUnavailableError, SandboxError, SandboxStartError
@@ -43,10 +43,11 @@ from ...policy import Policy, default_policy
 from ...result import SecurityViolation
 from ...settings import current
 from ..base import Availability, IsolateUsage
-from ..hosted import HostedSandbox, abandon_start, spawn_in_cgroup
+from ..hosted import HostedSandbox, abandon_start, lease_uids, spawn_in_cgroup
 from ..pool import PooledRuntime, WarmPool, pool_shapes_setting
 from ..process import seccomp
 from ..process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
+from ..process.uids import UidLease
 from ..reaper import Reaper
 from . import image as guest_image
 from . import jail, snapshot
@@ -162,7 +163,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             # As start() does: a missing guest image is built (once), not a reason to say no.
             details["image"] = (guest_image.find_image() or guest_image.build()).directory
             details["accel"] = self.accel()
-            details["qemu_confinement"] = jail.describe(self._qemu(), default_policy())
+            details["qemu_confinement"] = jail.describe(self._qemu())
             sandbox = self.start(Policy())
             try:
                 sandbox.ping()
@@ -225,7 +226,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                 restored_from = None  # set aside meanwhile by a failed restore elsewhere: boot
         deadline = started + boot_timeout
         if restored_from is None:
-            proc, cgroup, conn, unenforced, output = self._launch(shared, plan, [])
+            launched = self._launch(shared, plan, [])
         else:
             try:
                 launched = self._launch(shared, plan, snapshot.incoming_args(state), state)
@@ -234,8 +235,9 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                 return self._boot_instead(policy, accel, boot_timeout, plan.snapshot_key)
             finally:
                 os.close(state)
-            proc, cgroup, conn, unenforced, output = launched
-        sandbox = MicrovmSandbox(policy, conn, proc, plan.rundir, cgroup, accel, output)  # it owns every part
+        conn, unenforced, cgroup, output = launched.conn, launched.unenforced, launched.cgroup, launched.output
+        sandbox = MicrovmSandbox(policy, conn, launched.proc, plan.rundir, cgroup, accel, output)
+        sandbox.uids = launched.uids  # it owns every part
         try:
             if restored_from is None:
                 snapshot.wait_for_snapshot_point(conn, deadline)  # a restored guest is already past it
@@ -283,7 +285,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         qmp = os.path.join(plan.rundir, "qmp.sock")
         deadline = time.monotonic() + boot_timeout
         launched = self._launch(policy, plan, ["-qmp", f"unix:{qmp},server=on,wait=off"])
-        proc, cgroup, conn, _unenforced, output = launched
+        conn, output = launched.conn, launched.output
         try:
             snapshot.wait_for_snapshot_point(conn, deadline)
             snapshot.save(qmp, snapshot.path_for(plan.snapshot_key), deadline + snapshot.QMP_TIMEOUT_S)
@@ -291,7 +293,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             raise SandboxStartError(f"no snapshot ({accel}): {exc}; {_tail(output)}") from None
         finally:
             conn.close()
-            abandon_start(proc, cgroup, plan.rundir)
+            abandon_start(launched.proc, launched.cgroup, plan.rundir, launched.uids)
             output.close()
         return snapshot.path_for(plan.snapshot_key)
 
@@ -307,19 +309,15 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         except BaseException:
             shutil.rmtree(rundir, ignore_errors=True)  # from here on, _launch owns it
             raise
-        return _Plan(rundir, agent_socket, cmd, key, image.directory)
+        return _Plan(rundir, agent_socket, cmd, key, image.directory, accel, (image.kernel, image.initramfs))
 
-    def _launch(
-        self, policy: Policy, plan: _Plan, extra_args: list[str], state_fd: int | None = None
-    ) -> tuple[subprocess.Popen[bytes], IsolateCgroup | None, socket.socket, list[str], QemuOutput]:
-        """QEMU in the isolate's cgroup and its jail (jail.py), connected to; on failure
-        nothing is left behind. ``state_fd``, a snapshot to resume, is handed to QEMU.
-
-        Returns the process, its cgroup, the agent connection, the limits not enforced,
-        and what QEMU writes (the guest console, its stderr), drained by the host.
-        """
+    def _launch(self, policy: Policy, plan: _Plan, extra_args: list[str], state_fd: int | None = None) -> _Launched:
+        """QEMU in the isolate's cgroup and its jail (jail.py), as root on a host uid leased for
+        it, connected to; on failure nothing is left behind. ``state_fd``, a snapshot to resume,
+        is handed to QEMU."""
         manager = self._cgroups.get()
         cgroup: IsolateCgroup | None = None
+        uids: list[UidLease] = []
         proc: subprocess.Popen[bytes] | None = None
         output: QemuOutput | None = None
         try:
@@ -327,23 +325,38 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             unenforced = ["memory_mb (host side), cpu_limit: no usable cgroup for QEMU on this host"]
             if cgroup is not None:
                 unenforced = _apply_limits(cgroup, policy, setup=True)
-            output = QemuOutput(plan.rundir)
+            uids = lease_uids(1, cgroup)
+            uid = uids[0].uid if uids else None
+            if uid is not None:  # its sockets are made there, and its console FIFO opened
+                os.chown(plan.rundir, uid, uid)
+            output = QemuOutput(plan.rundir, owner=uid)
             err = output.stderr_w
             cgroup_files = cgroup.procs_files if cgroup else ()
             rules = jail.file_rules(policy, plan.cmd[0], plan.rundir, plan.image_dir, cgroup_files)
-            proc = jail.spawn_confined(rules, lambda: spawn_in_cgroup(
-                [*jail.prefix(policy), *plan.cmd, *extra_args], cgroup,
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
-                pass_fds=() if state_fd is None else (state_fd,),
-            ))  # fmt: skip
+            # The image is the caller's cache (root's home is root's alone): QEMU, on a uid of its
+            # own, opens the kernel and initramfs through descriptors opened here, which it
+            # reopens as /dev/fd/N (the files themselves are readable by all).
+            boot_fds: list[int] = []
+            try:
+                for path in plan.boot_files:
+                    boot_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                opened = dict(zip(plan.boot_files, (f"/dev/fd/{fd}" for fd in boot_fds), strict=True))
+                cmd = [*jail.prefix(uid, plan.accel), *(opened.get(arg, arg) for arg in plan.cmd), *extra_args]
+                proc = jail.spawn_confined(rules, lambda: spawn_in_cgroup(
+                    cmd, cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
+                    pass_fds=(*boot_fds, *(() if state_fd is None else (state_fd,))),
+                ))  # fmt: skip
+            finally:
+                for fd in boot_fds:
+                    os.close(fd)
             output.spawned()
             conn = _connect(plan.agent_socket, proc, time.monotonic() + 10, output)
         except BaseException:
-            abandon_start(proc, cgroup, plan.rundir)
+            abandon_start(proc, cgroup, plan.rundir, uids)
             if output is not None:
                 output.close()
             raise
-        return proc, cgroup, conn, unenforced, output
+        return _Launched(proc, cgroup, conn, unenforced, output, uids)
 
     def _qemu(self) -> str:
         qemu = qemu_binary()
@@ -367,6 +380,19 @@ class _Plan:
     cmd: list[str]
     snapshot_key: str
     image_dir: str  # the guest's kernel and initramfs, which QEMU reads
+    accel: str
+    boot_files: tuple[str, ...]  # the kernel and initramfs, under image_dir
+
+
+class _Launched(NamedTuple):
+    """A QEMU started for a VM, and what was made for it."""
+
+    proc: subprocess.Popen[bytes]
+    cgroup: IsolateCgroup | None
+    conn: socket.socket  # to the guest's agent
+    unenforced: list[str]  # the limits not enforced
+    output: QemuOutput  # what QEMU writes (the guest console, its stderr), drained by the host
+    uids: list[UidLease]  # the host uid QEMU runs as (none: rootless)
 
 
 def snapshots_enabled() -> bool:

@@ -152,14 +152,7 @@ class IsolateFactory:
             return None
         if self._uids is None:
             self._uids = UidAllocator(UidRange.from_env())
-        lease = self._uids.lease()
-        try:
-            lease.record(cgroup.procs_files if cgroup is not None else [])
-        except OSError as exc:
-            lease.release()
-            where = self._uids.lock_dir
-            raise SandboxStartError(f"cannot record the lease of uid {lease.uid} in {where}: {exc}") from None
-        return lease
+        return self._uids.lease(cgroup.procs_files if cgroup is not None else [])
 
     def close(self) -> None:
         """Remove the spare's group (its processes killed) and uid, then stop the zygote, which

@@ -130,8 +130,21 @@ class UidAllocator:
         self.lock_dir = lock_dir
         self._checked = False
 
-    def lease(self) -> UidLease:
-        """A uid no live isolate uses, from a random place in the range (few collisions)."""
+    def lease(self, cgroup_procs: list[str] | None = None) -> UidLease:
+        """A uid no live isolate uses, from a random place in the range (few collisions);
+        ``cgroup_procs``, the isolate's cgroups, are recorded in it (``UidLease.record``)."""
+        lease = self._take()
+        if cgroup_procs is not None:
+            try:
+                lease.record(cgroup_procs)
+            except OSError as exc:
+                lease.release()
+                raise SandboxStartError(
+                    f"cannot record the lease of uid {lease.uid} in {self.lock_dir}: {exc}"
+                ) from None
+        return lease
+
+    def _take(self) -> UidLease:
         if not self._checked:
             self.range.check_unused()
             self._check_lock_dir()
