@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from . import cli_outcome
+
 EXIT_ERROR = 125  # cli.EXIT_STOCKADE_ERROR: stockade could not do what was asked
 
 
@@ -52,8 +54,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             return _list(args)
         return _remove(args)
     except (StockadeError, ValueError, OSError) as exc:
-        print(f"stockade: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return cli_outcome.fail_for(exc)  # with --json, on stdout too
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from . import cli_outcome
+
 EXIT_ERROR = 125  # cli.EXIT_STOCKADE_ERROR: stockade could not do what was asked
 EXIT_TOOL_ERROR = 1  # the tool answered, with isError
 DAEMON_CALL_TIMEOUT_S = 900.0  # a first call may build its server's environment
@@ -122,7 +124,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         if result is None:
             result = anyio.run(call)
     except StockadeError as exc:
-        return _fail(str(exc))
+        return cli_outcome.fail_for(exc)  # with --json, on stdout too
     if args.json:
         print(json.dumps(result.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2))
     else:
@@ -173,8 +175,7 @@ def _sdk_missing() -> str | None:
 
 
 def _fail(message: str) -> int:
-    print(f"stockade: {message}", file=sys.stderr)
-    return EXIT_ERROR
+    return cli_outcome.fail(message)  # with --json, on stdout too
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

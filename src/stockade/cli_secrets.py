@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any
 
+from . import cli_outcome
+
 EXIT_ERROR = 125  # cli.EXIT_STOCKADE_ERROR
 DEFAULT_STATE_DIR = "/var/lib/stockade-secrets"  # its own: the daemon's /var/lib/stockade is 0700 root
 
@@ -102,8 +104,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
                     hosts = ", ".join(entry["hosts"]) if entry["hosts"] is not None else "any host"
                     print(f"{entry['name']:<32} {entry['source']:<10} {hosts}")
     except StockadeError as exc:
-        print(f"stockade: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return cli_outcome.fail_for(exc)  # with --json, on stdout too
     return 0
 
 

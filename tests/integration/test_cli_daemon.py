@@ -462,3 +462,17 @@ def test_with_json_a_failure_is_a_json_object_on_stdout_too(daemon: Daemon, thro
         failure = json.loads(r.stdout)
         assert r.returncode == 125 and failure["code"] == code and said in failure["error"], r
         assert r.stderr == f"stockade: {failure['error']}\n"  # and said on stderr, as without --json
+
+
+def test_with_json_the_other_commands_failures_are_json_on_stdout_too(tmp_path: Path) -> None:
+    gone = str(tmp_path / "no-daemon.sock")
+    config = tmp_path / "isolation_config.json"
+    config.write_text("{}")
+    for argv in (
+        ["secrets", "ls", "--json", "--socket", gone],
+        ["mcp", "call-tool", "--json", "--config", str(config), "nowhere", "tool", "{}"],
+    ):
+        r = cli(*argv)
+        failure = json.loads(r.stdout)
+        assert r.returncode == 125 and failure["error"] and failure["code"], (argv, r)
+        assert r.stderr.endswith(f"stockade: {failure['error']}\n"), (argv, r)
