@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from ..agent import runner
 from ..agent.commands import AGENT_FDS
-from ..agent.rootfs import write_etc_extras
+from ..agent.rootfs import INNER_UID, write_etc_extras
 from ..environments import CACHE_HOME, ENV_ROOT
 from ..policy import Policy
 from .base import BASE_ENV
@@ -60,7 +60,6 @@ _SEED = (
     "    pass\n"
 )
 _BOOT_WITH_ENV = _SEED + CONTAINER_BOOT
-SANDBOX_UID = 1000  # the code's uid (and gid) inside
 _SCRATCH = ("/tmp", "/work")  # tmpfs of the Sentry's own: a mount point there is made inside
 
 
@@ -123,7 +122,7 @@ def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = 
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID},
+            "user": {"uid": INNER_UID, "gid": INNER_UID},
             "args": [system_python(), "-I", "-S", "-c", _BOOT_WITH_ENV if with_env else CONTAINER_BOOT],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/work",
@@ -146,7 +145,7 @@ def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = 
     if ids is not None:
         maps = [
             {"containerID": 0, "hostID": ids.runsc, "size": 1},
-            {"containerID": SANDBOX_UID, "hostID": ids.code, "size": 1},
+            {"containerID": INNER_UID, "hostID": ids.code, "size": 1},
         ]
         config["linux"]["namespaces"].append({"type": "user"})
         config["linux"].update(uidMappings=maps, gidMappings=maps)

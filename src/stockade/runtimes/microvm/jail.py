@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from ...agent import linux
+from ...agent.rootfs import INNER_UID  # the code's uid in the guest, and QEMU's in its namespace
 from ...errors import SandboxStartError
 from ...policy import Policy
 
@@ -52,7 +53,6 @@ T = TypeVar("T")
 
 # QEMU's -sandbox: seccomp on, and each optional group of syscalls denied.
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-GUEST_UID = 1000  # the uid of the guest's code (agent/guest.py), and of QEMU in its namespace
 
 
 @functools.lru_cache(maxsize=4)
@@ -104,7 +104,7 @@ def guest_uid_map() -> list[str]:
     """``unshare`` for a user namespace in which QEMU's host uid is the guest's uid 1000 (so
     that the guest owns what it writes through 9p); [] where this host lets no unprivileged
     user make one: QEMU keeps its host uid, and the guest sees its files as another's."""
-    command = ["unshare", "--user", f"--map-user={GUEST_UID}", f"--map-group={GUEST_UID}", "--"]
+    command = ["unshare", "--user", f"--map-user={INNER_UID}", f"--map-group={INNER_UID}", "--"]
     if shutil.which("unshare") is None:
         return []
     probe = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *command, "true"]

@@ -350,8 +350,9 @@ def check_mount_sources(policy: Policy) -> None:
             raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
         if os.getuid() != 0:
             continue
-        # Every directory on the way, as named and where a link leads: gVisor's gofer and QEMU
-        # open the source as root, so a link to below a 0700 directory must not be their way in.
+        # Every directory on the way, as named and where a link leads: runsc and QEMU resolve the
+        # source as root before their leased uids reach it, so a link to below a 0700 directory
+        # must not be their way in.
         for named in dict.fromkeys((mount.source, real)):
             path = ""
             for part in named.strip("/").split("/"):
