@@ -186,7 +186,9 @@ def test_qemu_itself_runs_confined(vm: MicrovmSandbox) -> None:
         uids = UidRange.from_env()
         assert [uid.uid for uid in vm.uids] == [int(status["Uid"].split()[0])]
         assert all(uids.first <= int(uid) <= uids.last for uid in status["Uid"].split() + status["Gid"].split())
-        assert status["Groups"].strip() == ""
+        # No group, but /dev/kvm's own where KVM is its accelerator (udev's root:kvm 0660), never root's.
+        kvm = jail.kvm_group(jail._kvm_stat()) if vm.accel == "kvm" else None
+        assert status["Groups"].split() == ([] if kvm is None else [str(kvm)])
         assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0 and int(status["CapAmb"], 16) == 0
         if jail.guest_uid_map():  # the guest's uid 1000 in its namespace, and nothing else mapped
             mapped = open(f"/proc/{pid}/uid_map").read().split()
@@ -513,3 +515,36 @@ def test_a_qemu_that_will_not_start_is_reported_with_what_it_said(
     message = str(caught.value)
     assert "QEMU exited with status 3 before its agent socket appeared" in message, message
     assert "this is a stand-in that cannot boot anything" in message, message
+
+
+def test_a_start_that_fails_after_qemu_runs_leaves_no_qemu_cgroup_uid_or_rundir(
+    vm_manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no descriptor left for the sandbox's pidfd (EMFILE), QEMU is already running,
+    # in its cgroup, on its leased uid: none of it may outlive the failed start.
+    import errno
+
+    from stockade.runtimes.microvm import runtime as microvm_runtime
+
+    runtime = vm_manager.get("microvm")
+    launched: list[Any] = []
+    launch = runtime._launch  # type: ignore[attr-defined]
+
+    def recorded(*args: Any) -> Any:
+        launched.append((args[1].rundir, result := launch(*args)))
+        return result
+
+    def no_descriptor_left(pid: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(runtime, "_launch", recorded)
+    monkeypatch.setattr(microvm_runtime.os, "pidfd_open", no_descriptor_left)
+    with pytest.raises(OSError, match="Too many open files"):
+        runtime.start(Policy(memory_mb=192))
+    monkeypatch.undo()
+    ((rundir, one),) = launched
+    assert one.proc.poll() is not None and not os.path.exists(rundir)
+    assert one.cgroup is None or not any(os.path.exists(os.path.dirname(p)) for p in one.cgroup.procs_files)
+    from stockade.runtimes.process.uids import LOCK_DIR
+
+    assert not any(os.path.exists(os.path.join(LOCK_DIR, str(u.uid))) for u in one.uids)

@@ -51,8 +51,8 @@ LOG = (
 def read(log: bytes, size: int) -> ViolationReport:
     parser, report = SentryLog(), ViolationLog()
     for i in range(0, len(log), size):
-        for name, blocked, build in parser.feed(log[i : i + size]):
-            report.tally(name, blocked, build)
+        for seen in parser.feed(log[i : i + size]):
+            report.tally(seen.name, seen.blocked, seen.build)
     return report.take()
 
 
@@ -65,6 +65,9 @@ def test_each_call_once_under_its_real_name_however_the_log_is_cut(size: int) ->
     assert by_name["ptrace"].description == "ptrace: refused by gVisor (no such process)"
     assert not by_name["unshare"].blocked and by_name["unshare"].violation_type == "sensitive_syscall"
     assert by_name["personality"].violation_type == "unsupported_syscall"
+    # Only what gVisor refused as the policy says ends a run under on_violation=kill.
+    seen = {v.name: v.by_policy for v in SentryLog().feed(LOG)}
+    assert seen == {"mount": True, "ptrace": True, "unshare": True, "personality": False}
 
 
 LONG = b"/" + b"a" * 4094  # PATH_MAX: gVisor prints each path argument whole

@@ -116,3 +116,32 @@ def test_a_lease_whose_cgroup_lingers_keeps_its_uid_out_of_reach(tmp_path: Path)
         allocator.lease()
     procs.write_text("")
     assert allocator.lease().uid == 1879048192
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="rootless, nothing runs as a leased uid")
+def test_without_a_cgroup_a_uid_is_given_back_only_once_nothing_runs_as_it() -> None:
+    # A host with no usable cgroup: a gVisor Sentry or gofer that outlived runsc would
+    # still run as its leased uid; the isolate's end kills it before the uid goes back.
+    import subprocess
+
+    from stockade.runtimes.hosted import _end_isolate, _processes_of, lease_uids
+
+    (lease,) = lease_uids(1, None)
+    uid = lease.uid
+    left = subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", "sleep", "60"],
+        start_new_session=True,
+    )
+    try:
+        for _ in range(200):  # setpriv has changed uid once sleep runs
+            if _processes_of({uid}):
+                break
+            subprocess.run(["sleep", "0.01"], check=True)
+        assert _processes_of({uid}) == [left.pid]
+        _end_isolate(None, [lease])
+        assert left.wait(timeout=10) == -9
+        assert not os.path.exists(lease._path)
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()

@@ -51,11 +51,11 @@ from .base import Availability
 from .drain import Tail, drain, weak
 from .gvisor_bundle import HostIds, write_bundle
 from .gvisor_log import SentryLog
-from .hosted import HostedSandbox, abandon_start, lease_uids, spawn_in_cgroup
+from .hosted import HostedSandbox, abandon_start, closed_to_others, lease_uids, spawn_in_cgroup
 from .pool import PooledRuntime, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from .process.uids import UidLease
-from .process.zygote import system_python
+from .process.zygote import AGENT_PARENT, system_python
 from .reaper import Reaper
 
 BUNDLE_PREFIX = "stockade-gvisor-"  # + "<host pid>-": the sweep removes a dead host's bundles
@@ -153,8 +153,8 @@ class GvisorSandbox(HostedSandbox):
             drain().flush(self.log_fd)
 
     def _read_log(self, chunk: bytes) -> None:
-        for name, blocked, build in self._sentry_log.feed(chunk):
-            self._count_violation(name, blocked, build)
+        for seen in self._sentry_log.feed(chunk):
+            self._count_violation(seen.name, seen.blocked, seen.build, seen.by_policy)
 
     def _forget_logs(self) -> None:
         for fd in (self.log_fd, self.err_fd):
@@ -211,6 +211,12 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             return Availability(self.name, False, self.isolation, "runsc is not installed (apt install runsc)")
         if not os.access(python := system_python(), os.X_OK):
             return Availability(self.name, False, self.isolation, f"{python} (the guest interpreter) is missing")
+        agent = os.path.join(AGENT_PARENT, "agent")
+        if os.geteuid() == 0 and (closed := closed_to_others(agent)) is not None:
+            return Availability(self.name, False, self.isolation, (
+                f"{closed} is not readable by other users, and runsc's gofer reads the guest agent "
+                f"({agent}) as an unprivileged uid: install stockade where all may read it (/opt/stockade)"
+            ))  # fmt: skip
         try:
             platform = self.platform()
         except SandboxStartError as exc:
@@ -277,7 +283,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             cmd = [
                 runsc, f"--root={self._root}", f"--platform={platform}", "--network=none", "--ignore-cgroups",
                 f"--debug-log={log_path}", "--debug-command=boot", "--debug-log-format=json",
-                "--strace", f"--strace-syscalls={TRACED}",
+                "--strace", f"--strace-syscalls={TRACED}", "--oci-seccomp",
                 "run", "--bundle", bundle, "--pid-file", f"{bundle}/pid", container_id,
             ]  # fmt: skip
             # A shell puts itself in the isolate's cgroup, then becomes runsc: every

@@ -21,6 +21,7 @@ the bundle's root: they are made here.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from ..agent.rootfs import INNER_UID, write_etc_extras
 from ..environments import CACHE_HOME, ENV_ROOT
 from ..policy import Policy
 from .base import BASE_ENV
+from .hosted import readable_by_all
 from .process.zygote import AGENT_PARENT, system_python
 
 AGENT_MOUNT = "/opt/stockade"
@@ -68,6 +70,33 @@ class HostIds(NamedTuple):
 
     code: int
     runsc: int
+
+
+def _set_id_filter() -> dict[str, Any]:
+    """An OCI seccomp filter (``runsc --oci-seccomp``) refusing, with EPERM, a set-user-ID or
+    set-group-ID bit on a file: as in the process runtime's profile (seccomp_profile.json),
+    in a shared directory such a file would make any host user who may run it the isolate's
+    leased uid, which a later isolate may hold. The Sentry keeps no log of it."""
+
+    def bit(index: int, value: int) -> dict[str, Any]:
+        return {"index": index, "value": value, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
+
+    rules: list[dict[str, Any]] = []
+    for name, mode in SET_ID_MODE_ARG.items():
+        rules += [{"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM, "args": [bit(mode, b)]}
+                  for b in SET_ID_BITS]  # fmt: skip
+    for name, (flags, mode) in SET_ID_CREATE_ARGS.items():
+        rules += [{"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
+                   "args": [bit(flags, f), bit(mode, b)]} for f in CREATE_FLAGS for b in SET_ID_BITS]  # fmt: skip
+    rules.append({"names": ["openat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})  # its mode: in memory
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": rules}
+
+
+SET_ID_BITS = (0o4000, 0o2000)  # S_ISUID, S_ISGID
+CREATE_FLAGS = (0o100, 0o20000000)  # O_CREAT, O_TMPFILE's own bit
+SET_ID_MODE_ARG = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "creat": 1, "mknod": 1, "mknodat": 2}
+SET_ID_CREATE_ARGS = {"open": (1, 2), "openat": (2, 3)}  # the flags, the mode
+SET_ID_FILTER = _set_id_filter()
 
 
 def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = None) -> None:
@@ -116,6 +145,7 @@ def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = 
         _mount_point(rootfs, m.target, os.path.isdir(m.source))
         mounts.append({"destination": m.target, "type": "bind", "source": os.path.realpath(m.source),
                        "options": ["rbind", "rw" if m.writable else "ro", "nosuid", "nodev"]})  # fmt: skip
+    readable_by_all(rootfs)  # the gofer reads it on a leased uid
     env = {**BASE_ENV, "STOCKADE_AGENT_FD": "stdio", "STOCKADE_AGENT_WARM": "1" if warm else "0"}
     open_files = max(policy.max_open_files, AGENT_FDS)
     config: dict[str, Any] = {
@@ -142,6 +172,7 @@ def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = 
         "mounts": mounts,
         "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
     }
+    config["linux"]["seccomp"] = SET_ID_FILTER
     if ids is not None:
         maps = [
             {"containerID": 0, "hostID": ids.runsc, "size": 1},
@@ -159,6 +190,9 @@ def _mount_point(rootfs: str, target: str, directory: bool) -> None:
     if any(target.startswith(scratch + "/") for scratch in _SCRATCH):
         return
     path = os.path.join(rootfs, target.lstrip("/"))
+    parts = target.strip("/").split("/")
+    if any(os.path.islink(os.path.join(rootfs, *parts[:i])) for i in range(1, len(parts) + 1)):
+        return  # under a copied link (bin -> usr/bin): never follow it out of the bundle
     os.makedirs(path if directory else os.path.dirname(path), mode=0o755, exist_ok=True)
     if not directory and not os.path.exists(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))

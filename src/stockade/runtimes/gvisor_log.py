@@ -13,6 +13,7 @@ import functools
 import json
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..result import SecurityViolation
 from .drain import CUT, Lines
@@ -43,6 +44,15 @@ _STRACE_EXIT = re.compile(r"\) = -?\d+ \(0x[0-9a-f]+\)(?: errno=(\d+) \(([^)]*)\
 _UNSUPPORTED = re.compile(r"[\w.-]+:\d+\] Unsupported syscall (\w+)\(")
 
 
+class Seen(NamedTuple):
+    name: str  # the call's
+    blocked: bool  # whether it failed
+    build: Callable[[], SecurityViolation]  # what makes its record
+    # Refused as the policy says (a traced call gVisor refused), not a call gVisor's kernel
+    # lacks (copy_file_range from cp, say): only the former ends a run under on_violation=kill.
+    by_policy: bool
+
+
 class SentryLog:
     """The parser of one sandbox's Sentry log, fed as it is read."""
 
@@ -50,10 +60,9 @@ class SentryLog:
         self._lines = Lines(MAX_LOG_LINE, LOG_LINE_ENDS)
         self._held = b""  # the end of the log read so far, if it may be the start of a _BOUNDARY
 
-    def feed(self, chunk: bytes) -> list[tuple[str, bool, Callable[[], SecurityViolation]]]:
-        """The violations in the next piece of the log: (the call's name, whether it was
-        refused, what makes its record)."""
-        found: list[tuple[str, bool, Callable[[], SecurityViolation]]] = []
+    def feed(self, chunk: bytes) -> list[Seen]:
+        """The violations in the next piece of the log."""
+        found: list[Seen] = []
         for line in self._lines.feed(self._one_record_a_line(chunk)):
             if b" X " not in line and b"Unsupported syscall" not in line:
                 continue  # most lines (an strace exit has " X " after the task name, whatever that is)
@@ -64,11 +73,11 @@ class SentryLog:
             if (m := _STRACE.match(start)) is not None:
                 if m.group(3) == "X":
                     pid, name = int(m.group(1)), m.group(4)
-                    found.append((name, *_exit(name, end, pid)))
+                    found.append(Seen(name, *_exit(name, end, pid), by_policy=True))
             elif (u := _UNSUPPORTED.match(start)) is not None:
                 name = u.group(1)
                 if name not in BENIGN_UNSUPPORTED:
-                    found.append((name, True, functools.partial(_unsupported, name)))
+                    found.append(Seen(name, True, functools.partial(_unsupported, name), by_policy=False))
         return found
 
     def _one_record_a_line(self, chunk: bytes) -> bytes:

@@ -23,8 +23,10 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from typing import IO
 
@@ -105,11 +107,7 @@ class HostedSandbox(AgentSandbox):
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        gone = True
-        if self.cgroup is not None:
-            self.cgroup.kill()
-            gone = self.cgroup.remove()
-        release_uids(self.uids, gone)
+        _end_isolate(self.cgroup, self.uids)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _release_program(self) -> None:
@@ -128,16 +126,97 @@ def abandon_start(
             os.killpg(proc.pid, signal.SIGKILL)
     if proc is not None:
         proc.wait()
-    gone = True
+    _end_isolate(cgroup, uids)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _end_isolate(cgroup: IsolateCgroup | None, uids: Sequence[UidLease]) -> None:
+    """Kill what is left of the isolate and give its uids back once nothing runs as them."""
     if cgroup is not None:
         cgroup.kill()
         gone = cgroup.remove()
+    else:
+        # No cgroup to empty (a host without one): a Sentry or gofer that outlived runsc
+        # still runs as a leased uid, which must not go to another isolate before it ends.
+        gone = kill_uid_processes({lease.uid for lease in uids})
     release_uids(uids, gone)
-    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kill_uid_processes(uids: set[int], wait_s: float = 5.0) -> bool:
+    """SIGKILL every host process with a uid in ``uids`` (leased, so only the isolate's
+    own); whether none is left within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while uids:
+        found = _processes_of(uids)
+        if not found:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        for pid in found:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # gone meanwhile
+            try:
+                if pid in _processes_of(uids, (pid,)):  # still the same process: the pidfd pins it
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        time.sleep(0.02)
+    return True
+
+
+def _processes_of(uids: set[int], pids: Sequence[int] | None = None) -> list[int]:
+    found = []
+    for pid in pids if pids is not None else [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:")))
+        except OSError:
+            continue  # gone meanwhile
+        if fields.get("State", "Z").split()[:1] == ["Z"]:
+            continue  # dead, waiting for its parent: it runs nothing
+        if uids.intersection(int(i) for i in fields.get("Uid", "").split()):
+            found.append(pid)
+    return found
 
 
 _allocator: UidAllocator | None = None
 _allocator_lock = threading.Lock()
+
+
+def readable_by_all(root: str) -> None:
+    """Make the tree at ``root`` readable (directories traversable) by every uid, whatever
+    the umask it was written under: runsc's gofer and QEMU run on leased uids and read
+    the files a root daemon writes for them (a systemd unit's ``UMask=0077`` would
+    otherwise leave them root's alone). Links are left as they are; no file gains an
+    execute bit it did not have, nor a write or set-id bit."""
+    for top, _dirs, files in os.walk(root):  # links to directories are not followed
+        os.chmod(top, 0o755)  # noqa: S103 - the point: others' uids read it
+        for name in files:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(path, 0o755 if st.st_mode & 0o111 else 0o644)
+
+
+def closed_to_others(directory: str) -> str | None:
+    """The first path that keeps another uid from reading ``directory``'s files (a parent
+    it may not traverse, the directory, a file in it), or None: a leased uid reads it."""
+    parts = os.path.abspath(directory).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        path = os.sep.join(parts[:i])
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return path
+    if not os.stat(directory).st_mode & stat.S_IROTH:
+        return directory
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and not os.stat(path).st_mode & stat.S_IROTH:
+            return path
+    return None
 
 
 def lease_uids(count: int, cgroup: IsolateCgroup | None) -> list[UidLease]:

@@ -127,19 +127,25 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         """What the runtime itself logged (runsc, the VM console), for when the agent vanished."""
         return ""
 
-    def _count_violation(self, name: str, blocked: bool, build: Callable[[], SecurityViolation]) -> None:
+    def _count_violation(
+        self, name: str, blocked: bool, build: Callable[[], SecurityViolation], by_policy: bool = True
+    ) -> None:
         """A runtime saw a violation named ``name``: count it in the run's report (``build``
         makes its record while the report has room), and end the isolate if the policy says
-        so. Called from the runtime's own thread (a supervisor, a log reader)."""
+        so (``by_policy``: refused by the policy, not a call the runtime's kernel lacks).
+        Called from the runtime's own thread (a supervisor, a log reader)."""
         refused = self.violation_log.tally(name, blocked, build)
-        if blocked and self._kill_reason is None and self._violations_end_run(refused):
+        if blocked and self._kill_reason is None and self._violations_end_run(refused, by_policy):
             self._mark_dead("violation")
 
-    def _violations_end_run(self, refused: int) -> bool:
-        """``on_violation="kill"`` ends a run at its first refused call; ``max_violations``
-        ends it once it has made more than that many (a flood)."""
+    def _violations_end_run(self, refused: int, by_policy: bool) -> bool:
+        """``on_violation="kill"`` ends a run at its first call the policy refused;
+        ``max_violations`` ends it once it has made more than that many refused calls of
+        any kind (a flood)."""
         limit = self.policy.max_violations
-        return refused > 0 and (self.policy.on_violation == "kill" or (limit is not None and refused > limit))
+        if limit is not None and refused > limit:
+            return True
+        return by_policy and refused > 0 and self.policy.on_violation == "kill"
 
     def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
         """A notification from the agent other than output. Ignored by default: where the

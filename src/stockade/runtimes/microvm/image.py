@@ -36,6 +36,7 @@ from typing import BinaryIO
 
 from ...agent import rootfs, runner
 from ...errors import SandboxStartError
+from ..hosted import readable_by_all
 from ..process import seccomp
 from ..process.zygote import AGENT_PARENT
 
@@ -192,6 +193,7 @@ def build(progress: Progress = _quiet, force: bool = False) -> GuestImage:
         with open(os.path.join(staging, "manifest.json"), "w") as f:
             host_files = {path: _host_stamp(path) for path in copied}
             json.dump({"kernel_package": package, "kernel_version": version, "key": key, "host_files": host_files}, f)
+        readable_by_all(staging)  # QEMU, on a leased uid, reopens the kernel and initramfs
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
         for old in os.listdir(cache_root()):  # images of older inputs are never used again
@@ -217,6 +219,11 @@ def _load(directory: str) -> GuestImage | None:
     kernel, initramfs = os.path.join(directory, "vmlinux"), os.path.join(directory, "initramfs.cpio")
     if not (os.path.isfile(kernel) and os.path.isfile(initramfs)):
         return None
+    if any(not os.stat(path).st_mode & stat.S_IROTH for path in (kernel, initramfs)):
+        try:
+            readable_by_all(directory)  # written under a umask like systemd's UMask=0077
+        except OSError:
+            return None  # not ours to change: build it again
     host_files = manifest.get("host_files")
     if not isinstance(host_files, dict) or any(_host_stamp(p) != stamp for p, stamp in host_files.items()):
         return None  # built from host files that have changed since (or by a stockade that kept no list)

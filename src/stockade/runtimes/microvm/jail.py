@@ -35,7 +35,6 @@ with no capability anywhere on the host (docs/threat-model.md).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
@@ -89,14 +88,41 @@ def prefix(uid: int | None, accel: str) -> list[str]:
 
 
 def _device_groups(accel: str) -> list[str]:
-    """/dev/kvm's group, when it is the way to it (udev's ``0660 root:kvm``); a /dev/kvm that is
-    root's alone cannot be QEMU's, and the accelerator's probe (a boot) settles on TCG."""
-    if accel == "kvm":
-        with contextlib.suppress(OSError):
-            st = os.stat("/dev/kvm")
-            if st.st_mode & 0o006 != 0o006 and st.st_mode & 0o060 == 0o060:
-                return [f"--groups={st.st_gid}"]
-    return ["--clear-groups"]
+    """/dev/kvm's group, when it is the way to it (udev's ``0660 root:kvm``); never gid 0 (a
+    /dev/kvm that is root's alone cannot be QEMU's, and the accelerator's probe settles on TCG)."""
+    group = kvm_group(_kvm_stat()) if accel == "kvm" else None
+    return ["--clear-groups"] if group is None else [f"--groups={group}"]
+
+
+def _kvm_stat() -> os.stat_result | None:
+    try:
+        return os.stat("/dev/kvm")
+    except OSError:
+        return None
+
+
+def kvm_group(st: os.stat_result | None) -> int | None:
+    """The group a leased uid needs to open a /dev/kvm of this mode and owner; None where
+    others may open it anyway, or no group but root's would do."""
+    if st is not None and st.st_mode & 0o006 != 0o006 and st.st_mode & 0o060 == 0o060 and st.st_gid != 0:
+        return st.st_gid
+    return None
+
+
+def kvm_reachable(st: os.stat_result | None, euid: int) -> tuple[bool, str]:
+    """Whether QEMU, on the uid it will run as, may open a /dev/kvm of this stat, and what
+    that depends on (the accelerator's cached probe is only good while that stays the same)."""
+    if st is None:
+        return False, "no /dev/kvm"
+    if euid != 0:  # QEMU runs as the caller
+        return os.access("/dev/kvm", os.R_OK | os.W_OK), f"uid {euid}"
+    # As root, QEMU runs on a leased uid, with no group but /dev/kvm's own (not gid 0).
+    shape = f"leased uid, /dev/kvm {st.st_mode & 0o777:o} gid {st.st_gid}"
+    return st.st_mode & 0o006 == 0o006 or kvm_group(st) is not None, shape
+
+
+def kvm_access() -> tuple[bool, str]:
+    return kvm_reachable(_kvm_stat(), os.geteuid())
 
 
 @functools.lru_cache(maxsize=1)

@@ -236,7 +236,13 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
             finally:
                 os.close(state)
         conn, unenforced, cgroup, output = launched.conn, launched.unenforced, launched.cgroup, launched.output
-        sandbox = MicrovmSandbox(policy, conn, launched.proc, plan.rundir, cgroup, accel, output)
+        try:
+            sandbox = MicrovmSandbox(policy, conn, launched.proc, plan.rundir, cgroup, accel, output)
+        except BaseException:  # no descriptor left for its pidfd, say: nothing may outlive the start
+            conn.close()
+            abandon_start(launched.proc, cgroup, plan.rundir, launched.uids)
+            output.close()
+            raise
         sandbox.uids = launched.uids  # it owns every part
         try:
             if restored_from is None:
@@ -472,11 +478,12 @@ def _choose_accel(runtime: MicrovmRuntime) -> str:
     forced = current().microvm_accel
     if forced:
         return forced
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    reachable, shape = jail.kvm_access()
+    if not reachable:
         return "tcg"
     if os.path.isdir("/sys/module/kvm_pvm"):
         return "tcg"  # PVM: /dev/kvm opens, but a stock guest kernel hangs at boot (HOST_NOTES)
-    key = os.uname().release
+    key = f"{os.uname().release}; {shape}"
     with contextlib.suppress(OSError, ValueError):
         with open(_cache_file()) as f:
             cached = json.load(f)
