@@ -98,6 +98,11 @@ def store_dir(*parts: str) -> str:
     """A folder of the store (made if need be)."""
     path = os.path.join(store_root(), *parts)
     os.makedirs(path, mode=0o755, exist_ok=True)
+    if os.geteuid() == 0:  # leased uids (runsc's gofer, QEMU) reach environments by path, whatever the umask
+        for depth in range(len(parts) + 1):
+            folder = os.path.join(store_root(), *parts[:depth])
+            if os.stat(folder).st_mode & 0o755 != 0o755:
+                os.chmod(folder, 0o755)  # noqa: S103 - read by every sandbox uid
     return path
 
 

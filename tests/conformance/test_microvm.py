@@ -534,11 +534,12 @@ def test_a_start_that_fails_after_qemu_runs_leaves_no_qemu_cgroup_uid_or_rundir(
         launched.append((args[1].rundir, result := launch(*args)))
         return result
 
-    def no_descriptor_left(pid: int) -> int:
-        raise OSError(errno.EMFILE, "Too many open files")
+    class NoDescriptorLeft(microvm_runtime.MicrovmSandbox):
+        def __init__(self, *args: Any) -> None:  # as when its pidfd_open finds no descriptor free
+            raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(runtime, "_launch", recorded)
-    monkeypatch.setattr(microvm_runtime.os, "pidfd_open", no_descriptor_left)
+    monkeypatch.setattr(microvm_runtime, "MicrovmSandbox", NoDescriptorLeft)
     with pytest.raises(OSError, match="Too many open files"):
         runtime.start(Policy(memory_mb=192))
     monkeypatch.undo()

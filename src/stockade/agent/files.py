@@ -24,6 +24,10 @@ def write_file(params: dict[str, Any]) -> dict[str, Any]:
     mode = params.get("mode", 0o644)
     if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
         raise wire.RPCError(wire.INVALID_PARAMS, "mode must be an integer permission")
+    if mode & 0o6000:  # refused here, not by the seccomp filter: the caller's mistake is no violation of the code's
+        raise wire.RPCError(
+            wire.INVALID_PARAMS, f"mode {mode:#o}: no file in a sandbox may be set-user-ID or set-group-ID"
+        )
     append = params.get("append", False) is True  # at the end of what is there, instead of over it
     fd = open_regular(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), mode)
     try:

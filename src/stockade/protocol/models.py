@@ -237,6 +237,13 @@ class WriteFile(SandboxRef):
     mode: int = Field(default=0o644, ge=0, le=0o7777)
     _raw: bytes = PrivateAttr(default=b"")
 
+    @field_validator("mode")
+    @classmethod
+    def _no_set_id(cls, mode: int) -> int:
+        if mode & 0o6000:
+            raise ValueError(f"mode {mode:#o}: no file in a sandbox may be set-user-ID or set-group-ID")
+        return mode
+
     @model_validator(mode="after")
     def _decode(self) -> WriteFile:
         self._raw = _b64decode(self.data, "data")

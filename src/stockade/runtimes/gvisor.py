@@ -315,8 +315,10 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         except BaseException:
             guest.close()
             host.close()
-            abandon_start(proc, cgroup, bundle, uids)
+            # runsc's sandbox and gofer go first (as _release does): without a cgroup, the
+            # uids are given back once nothing runs as them, and runsc made those processes.
             _runsc_delete(self._root, container_id)
+            abandon_start(proc, cgroup, bundle, uids)
             if sandbox is not None:
                 sandbox._forget_logs()
             for fd in (log_fd, err_fd):

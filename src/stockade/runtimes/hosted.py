@@ -34,7 +34,7 @@ from ..policy import Policy
 from .base import IsolateUsage
 from .process.cgroups import IsolateCgroup
 from .process.factory import release_uid
-from .process.uids import UidAllocator, UidLease, UidRange
+from .process.uids import UidAllocator, UidLease, UidRange, processes_of
 from .sandbox import AgentSandbox
 
 PROGRAM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -147,7 +147,7 @@ def kill_uid_processes(uids: set[int], wait_s: float = 5.0) -> bool:
     own); whether none is left within ``wait_s``."""
     deadline = time.monotonic() + wait_s
     while uids:
-        found = _processes_of(uids)
+        found = processes_of(uids)
         if not found:
             return True
         if time.monotonic() > deadline:
@@ -158,7 +158,7 @@ def kill_uid_processes(uids: set[int], wait_s: float = 5.0) -> bool:
             except OSError:
                 continue  # gone meanwhile
             try:
-                if pid in _processes_of(uids, (pid,)):  # still the same process: the pidfd pins it
+                if pid in processes_of(uids, (pid,)):  # still the same process: the pidfd pins it
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except OSError:
                 pass
@@ -166,21 +166,6 @@ def kill_uid_processes(uids: set[int], wait_s: float = 5.0) -> bool:
                 os.close(pidfd)
         time.sleep(0.02)
     return True
-
-
-def _processes_of(uids: set[int], pids: Sequence[int] | None = None) -> list[int]:
-    found = []
-    for pid in pids if pids is not None else [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:")))
-        except OSError:
-            continue  # gone meanwhile
-        if fields.get("State", "Z").split()[:1] == ["Z"]:
-            continue  # dead, waiting for its parent: it runs nothing
-        if uids.intersection(int(i) for i in fields.get("Uid", "").split()):
-            found.append(pid)
-    return found
 
 
 _allocator: UidAllocator | None = None
@@ -191,8 +176,8 @@ def readable_by_all(root: str) -> None:
     """Make the tree at ``root`` readable (directories traversable) by every uid, whatever
     the umask it was written under: runsc's gofer and QEMU run on leased uids and read
     the files a root daemon writes for them (a systemd unit's ``UMask=0077`` would
-    otherwise leave them root's alone). Links are left as they are; no file gains an
-    execute bit it did not have, nor a write or set-id bit."""
+    otherwise leave them root's alone). Links are left as they are; a file becomes 0644,
+    or 0755 if it had an execute bit: writable by root alone, never set-ID."""
     for top, _dirs, files in os.walk(root):  # links to directories are not followed
         os.chmod(top, 0o755)  # noqa: S103 - the point: others' uids read it
         for name in files:

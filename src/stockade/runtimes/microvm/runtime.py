@@ -105,7 +105,10 @@ class MicrovmSandbox(HostedSandbox):
         """What the guest itself could not enforce."""
         if self.guest_seccomp:
             return []
-        return ["seccomp inside the guest: its kernel refused the filter, so no syscall violations are seen"]
+        return [
+            "seccomp inside the guest: its kernel refused the filter, so no syscall is refused or seen"
+            " (set-ID bits on files in shared paths included)"
+        ]
 
     def _agent_notice(self, method: str, params: dict[str, Any]) -> None:
         """The guest's filter refused a call (agent/guest.py ``_GuestFilter``).

@@ -32,6 +32,7 @@ import os
 import pwd
 import random
 import stat
+from collections.abc import Sequence
 
 from ...errors import ConfigError, SandboxStartError
 
@@ -209,18 +210,22 @@ class UidAllocator:
         except (BlockingIOError, FileNotFoundError):
             os.close(fd)
             return None
-        if _still_running(os.pread(fd, _LEASE_MAX, 0)):
+        if _still_running(os.pread(fd, _LEASE_MAX, 0), uid):
             os.close(fd)
             return None
         return UidLease(uid, fd, path)
 
 
-def _still_running(recorded: bytes) -> bool:
-    """Whether the cgroups a lease file names still hold a process (its holder died first)."""
+def _still_running(recorded: bytes, uid: int) -> bool:
+    """Whether the cgroups a lease file names still hold a process (its holder died first,
+    or kept it for them); a lease of no cgroup (a host without one) that was kept: whether
+    a process still runs as ``uid``."""
     try:
         procs_files = json.loads(recorded) if recorded else []
     except ValueError:
         return False
+    if procs_files == [] and recorded.strip() == b"[]":
+        return bool(processes_of({uid}))
     for path in procs_files if isinstance(procs_files, list) else []:
         try:
             with open(str(path), "rb") as f:
@@ -229,3 +234,21 @@ def _still_running(recorded: bytes) -> bool:
         except OSError:
             continue  # the group is gone
     return False
+
+
+def processes_of(uids: set[int], pids: Sequence[int] | None = None) -> list[int]:
+    """The live host processes (of ``pids``, else all) with a uid in ``uids``, any of
+    their real, effective, saved or filesystem uids; a zombie counts only while another
+    of its threads still runs."""
+    found = []
+    for pid in pids if pids is not None else [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:", "Threads:")))
+        except OSError:
+            continue  # gone meanwhile
+        if fields.get("State", "Z").split()[:1] == ["Z"] and fields.get("Threads", "1").strip() in ("", "0", "1"):
+            continue  # dead, waiting for its parent: it runs nothing
+        if uids.intersection(int(i) for i in fields.get("Uid", "").split()):
+            found.append(pid)
+    return found
