@@ -232,7 +232,7 @@ def test_a_shared_directory_is_reached_as_the_isolates_own_host_uid(runtime: str
     # Inside, the code is uid 1000. On the host it must be a uid of its own: not the host's uid 1000
     # (a real account's, whose private files a share may hold), not root, and not a uid that owns
     # what it leaves behind once the isolate is gone (a setuid program in a writable share).
-    from stockade.runtimes.process.uids import LOCK_DIR, UidRange
+    from stockade.runtimes.process.uids import LOCK_DIR, UidRange, processes_of
     from tests.conftest import require
 
     require(runtime)
@@ -264,7 +264,7 @@ def test_a_shared_directory_is_reached_as_the_isolates_own_host_uid(runtime: str
                 code = os.stat(os.path.join(share, "written")).st_uid
                 # Its leases, and no other isolate's (a spare, another test's pool refilling meanwhile).
                 leased = {int(name) for name in os.listdir(LOCK_DIR) if record(int(name)) == record(code)}
-                running_as = {uid: _host_processes_of(uid) for uid in leased}
+                running_as = {uid: processes_of({uid}) for uid in leased}
         finally:
             own.close()
         assert "private to" not in r.stdout, r.stdout
@@ -393,19 +393,6 @@ def test_a_daemon_under_umask_0077_still_starts_isolates_on_leased_uids(
         own.close()
         os.umask(old)
     assert r.exit_code == 0 and r.stdout.strip() == "stockade", r.summary() + r.stderr
-
-
-def _host_processes_of(uid: int) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                real = next(line for line in f if line.startswith("Uid:")).split()[1]
-        except (OSError, StopIteration):
-            continue  # gone meanwhile
-        if int(real) == uid:
-            found.append(int(pid))
-    return found
 
 
 # ---- network ------------------------------------------------------------------------

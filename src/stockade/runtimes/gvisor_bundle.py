@@ -22,6 +22,7 @@ the bundle's root: they are made here.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from ..environments import CACHE_HOME, ENV_ROOT
 from ..policy import Policy
 from .base import BASE_ENV
 from .hosted import readable_by_all
+from .process import seccomp
 from .process.zygote import AGENT_PARENT, system_python
 
 AGENT_MOUNT = "/opt/stockade"
@@ -72,30 +74,31 @@ class HostIds(NamedTuple):
     runsc: int
 
 
-def _set_id_filter() -> dict[str, Any]:
-    """An OCI seccomp filter (``runsc --oci-seccomp``) refusing, with EPERM, a set-user-ID or
-    set-group-ID bit on a file: as in the process runtime's profile (seccomp_profile.json),
-    in a shared directory such a file would make any host user who may run it the isolate's
-    leased uid, which a later isolate may hold. The Sentry keeps no log of it."""
+SET_ID = 0o6000  # S_ISUID | S_ISGID: the mode bits the profile's set-ID rules test
 
-    def bit(index: int, value: int) -> dict[str, Any]:
-        return {"index": index, "value": value, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
+
+def _set_id_filter() -> dict[str, Any]:
+    """An OCI seccomp filter (``runsc --oci-seccomp``) made of the process runtime's set-ID
+    rules (seccomp_profile.json, the one list of them): in a shared directory a set-user-ID
+    or set-group-ID file would make any host user who may run it the isolate's leased uid,
+    which a later isolate may hold. Refused with EPERM; the Sentry keeps no log of it."""
+
+    def bits(cond: dict[str, Any]) -> list[dict[str, Any]]:
+        # OCI has no "any of these bits": one MASKED_EQ a bit, the rules for a call OR'd.
+        value = cond["value"]
+        return [{"index": cond["arg"], "value": b, "valueTwo": b, "op": "SCMP_CMP_MASKED_EQ"}
+                for b in (1 << n for n in range(32)) if value & b]  # fmt: skip
 
     rules: list[dict[str, Any]] = []
-    for name, mode in SET_ID_MODE_ARG.items():
-        rules += [{"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM, "args": [bit(mode, b)]}
-                  for b in SET_ID_BITS]  # fmt: skip
-    for name, (flags, mode) in SET_ID_CREATE_ARGS.items():
-        rules += [{"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
-                   "args": [bit(flags, f), bit(mode, b)]} for f in CREATE_FLAGS for b in SET_ID_BITS]  # fmt: skip
+    for rule in seccomp.load_profile():
+        conds = [rule.when] if isinstance(rule.when, dict) else list(rule.when or [])
+        if any(c["op"] == "masked_any" and c["value"] == SET_ID for c in conds):
+            rules += [{"names": [rule.syscall], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
+                       "args": list(args)} for args in itertools.product(*(bits(c) for c in conds))]  # fmt: skip
     rules.append({"names": ["openat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})  # its mode: in memory
     return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": rules}
 
 
-SET_ID_BITS = (0o4000, 0o2000)  # S_ISUID, S_ISGID
-CREATE_FLAGS = (0o100, 0o20000000)  # O_CREAT, O_TMPFILE's own bit
-SET_ID_MODE_ARG = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "creat": 1, "mknod": 1, "mknodat": 2}
-SET_ID_CREATE_ARGS = {"open": (1, 2), "openat": (2, 3)}  # the flags, the mode
 SET_ID_FILTER = _set_id_filter()
 
 
