@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 import stockade
 from stockade import Policy
 from stockade.runtimes.manager import RuntimeManager
+from stockade.runtimes.microvm import jail
 from stockade.runtimes.microvm.runtime import MicrovmSandbox
 from tests.conftest import require
 from tests.helpers import write_executable
@@ -171,15 +173,15 @@ def test_no_network_device(vm: MicrovmSandbox) -> None:
 
 def test_qemu_itself_runs_confined(vm: MicrovmSandbox) -> None:
     """The second wall (runtimes/microvm/jail.py): what a guest that took QEMU over would hold."""
-    from stockade.runtimes.microvm import jail
     from stockade.runtimes.microvm.runtime import qemu_binary
 
     pid = vm.proc.pid
     status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
     assert open(f"/proc/{pid}/cmdline").read().split("\0")[0].endswith("qemu-system-x86_64")
     assert status["NoNewPrivs"].strip() == "1"
-    if jail.seccomp_supported(qemu_binary() or ""):
-        assert status["Seccomp"].strip() == "2"
+    # Its own -sandbox filter where it has one, and stockade's (host_program.py) on top.
+    assert status["Seccomp"].strip() == "2"
+    assert int(status["Seccomp_filters"]) == 1 + _own_filters(qemu_binary() or "")
     if os.geteuid() == 0:  # a uid of its own (the one leased for the VM), without a single capability
         from stockade.runtimes.process.uids import UidRange
 
@@ -196,6 +198,21 @@ def test_qemu_itself_runs_confined(vm: MicrovmSandbox) -> None:
     if jail.namespaces():
         for kind in ("net", "ipc"):
             assert os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}")
+
+
+def _own_filters(qemu: str) -> int:
+    """How many seccomp filters a QEMU started plainly gives itself (its -sandbox's)."""
+    if not jail.seccomp_supported(qemu):
+        return 0
+    argv = [qemu, "-M", "none", "-nodefaults", "-display", "none", "-sandbox", jail.SECCOMP, "-qmp", "stdio"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline()  # the greeting: -sandbox is in place
+        status = open(f"/proc/{proc.pid}/status").read()
+        return int(status.split("Seccomp_filters:")[1].split()[0])
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_the_seccomp_profile_holds_inside_the_guest_and_is_reported(vm: MicrovmSandbox) -> None:

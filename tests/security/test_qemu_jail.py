@@ -24,6 +24,7 @@ import pytest
 
 from stockade import Policy
 from stockade.errors import SandboxStartError
+from stockade.runtimes.host_program import spawn_in_cgroup
 from stockade.runtimes.microvm import jail
 from tests.helpers import write_executable
 
@@ -74,19 +75,15 @@ class _Qemu:
     def __init__(self, confined: bool, rundir: str, uid: int | None = None) -> None:
         argv = [_qemu(), "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"]
 
-        def start() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
-            )
-
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL}
         if confined:
             rules = jail.file_rules(Policy(), argv[0], rundir, rundir, ())
             if jail.seccomp_supported(argv[0]):
                 argv += ["-sandbox", jail.SECCOMP]
             argv[:0] = jail.prefix(uid, "tcg")
-            self.proc = jail.spawn_confined(rules, start)
+            self.proc = spawn_in_cgroup(argv, None, **pipes, label="stockade-microvm", landlock=rules)
         else:
-            self.proc = start()
+            self.proc = subprocess.Popen(argv, **pipes, start_new_session=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         self.stdout.readline()  # the greeting

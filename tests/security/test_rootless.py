@@ -107,6 +107,7 @@ def test_rootless_run_is_confined_and_honest(process_runtime: str, portable_site
 QEMU_CHILD = r"""
 import json, os, subprocess, sys, tempfile, time
 from stockade import Policy
+from stockade.runtimes.host_program import spawn_in_cgroup
 from stockade.runtimes.microvm import jail
 
 work = tempfile.mkdtemp()
@@ -119,13 +120,14 @@ rundir = tempfile.mkdtemp()
 
 def qemu(confined, *messages):
     argv = [sys.argv[1], "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"]
-    start = lambda: subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL}
     if confined:
         argv[:0] = jail.prefix(None, "tcg")
         argv += ["-sandbox", jail.SECCOMP]
-        proc = jail.spawn_confined(jail.file_rules(Policy(), sys.argv[1], rundir, rundir, ()), start)
+        rules = jail.file_rules(Policy(), sys.argv[1], rundir, rundir, ())
+        proc = spawn_in_cgroup(argv, None, **pipes, label="stockade-microvm", landlock=rules)
     else:
-        proc = start()
+        proc = subprocess.Popen(argv, **pipes)
     answers = []
     try:
         proc.stdout.readline()

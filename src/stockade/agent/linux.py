@@ -189,15 +189,17 @@ def keep_capabilities_across_exec() -> None:
 
 def seccomp_install_listener(program: bytes) -> int:
     """Load a classic-BPF seccomp filter and return its user-notification fd."""
+    return seccomp_install(program, SECCOMP_FILTER_FLAG_NEW_LISTENER)
+
+
+def seccomp_install(program: bytes, flags: int = 0) -> int:
+    """Load a classic-BPF seccomp filter on the calling thread (and what it starts from then on)."""
     count = len(program) // 8
     buf = ctypes.create_string_buffer(program, len(program))
     # struct sock_fprog {unsigned short len; struct sock_filter *filter;}
     fprog = struct.pack("HxxxxxxQ", count, ctypes.addressof(buf))
     fbuf = ctypes.create_string_buffer(fprog, len(fprog))
-    return _check(
-        _libc.syscall(_NR_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, fbuf),
-        "seccomp",
-    )
+    return _check(_libc.syscall(_NR_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, fbuf), "seccomp")
 
 
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)

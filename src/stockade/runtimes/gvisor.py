@@ -51,7 +51,8 @@ from .base import Availability
 from .drain import Tail, drain, weak
 from .gvisor_bundle import HostIds, write_bundle
 from .gvisor_log import SentryLog
-from .hosted import HostedSandbox, abandon_start, closed_to_others, lease_uids, spawn_in_cgroup
+from .host_program import spawn_in_cgroup
+from .hosted import HostedSandbox, abandon_start, closed_to_others, lease_uids
 from .pool import PooledRuntime, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from .process.uids import UidLease

@@ -74,9 +74,6 @@ class HostIds(NamedTuple):
     runsc: int
 
 
-SET_ID = 0o6000  # S_ISUID | S_ISGID: the mode bits the profile's set-ID rules test
-
-
 def _set_id_filter() -> dict[str, Any]:
     """An OCI seccomp filter (``runsc --oci-seccomp``) made of the process runtime's set-ID
     rules (seccomp_profile.json, the one list of them): in a shared directory a set-user-ID
@@ -90,11 +87,10 @@ def _set_id_filter() -> dict[str, Any]:
                 for b in (1 << n for n in range(32)) if value & b]  # fmt: skip
 
     rules: list[dict[str, Any]] = []
-    for rule in seccomp.load_profile():
+    for rule in seccomp.set_id_rules():
         conds = [rule.when] if isinstance(rule.when, dict) else list(rule.when or [])
-        if any(c["op"] == "masked_any" and c["value"] == SET_ID for c in conds):
-            rules += [{"names": [rule.syscall], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
-                       "args": list(args)} for args in itertools.product(*(bits(c) for c in conds))]  # fmt: skip
+        rules += [{"names": [rule.syscall], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
+                   "args": list(args)} for args in itertools.product(*(bits(c) for c in conds))]  # fmt: skip
     rules.append({"names": ["openat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})  # its mode: in memory
     return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": rules}
 

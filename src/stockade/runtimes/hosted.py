@@ -1,9 +1,7 @@
 """What the gvisor and microvm runtimes share: an isolate held by one host program.
 
-runsc and QEMU are started through ``spawn_in_cgroup``: a shell writes its own
-pid into the isolate's cgroups and then execs the program, so the program and
-everything it starts are born inside the limits (no window in which a child
-escapes them). ``HostedSandbox`` ends such an isolate: close the agent's
+runsc and QEMU are started by host_program.py (inside the isolate's cgroups,
+under a seccomp filter of stockade's own). ``HostedSandbox`` ends such an isolate: close the agent's
 socket (the agent, and with it the container or guest, exits), kill the
 program through a pidfd, then release the cgroup, the host uids and the
 working directory.
@@ -28,7 +26,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from typing import IO
 
 from ..policy import Policy
 from .base import IsolateUsage
@@ -36,30 +33,6 @@ from .process.cgroups import IsolateCgroup
 from .process.factory import release_uid
 from .process.uids import UidAllocator, UidLease, UidRange, processes_of
 from .sandbox import AgentSandbox
-
-PROGRAM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-
-
-def spawn_in_cgroup(
-    cmd: list[str],
-    cgroup: IsolateCgroup | None,
-    *,
-    stdin: int | IO[bytes],
-    stdout: int | IO[bytes],
-    stderr: int | IO[bytes],
-    label: str,
-    pass_fds: tuple[int, ...] = (),
-) -> subprocess.Popen[bytes]:
-    joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
-    return subprocess.Popen(
-        ["/bin/sh", "-c", f'{joins} exec "$@"', label, *cmd],
-        env=PROGRAM_ENV,  # nothing of the caller's environment (a daemon's token, say) in runsc's or QEMU's memory
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        pass_fds=pass_fds,
-        start_new_session=True,
-    )
 
 
 class HostedSandbox(AgentSandbox):

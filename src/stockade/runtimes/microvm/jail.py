@@ -10,7 +10,8 @@ its VMM, QEMU is started with as little as it needs:
   programs, no uid or gid changes, no obsolete syscalls, no scheduler or
   resource controls. A restore therefore reads its snapshot from a file
   descriptor stockade opened, not from a ``cat`` QEMU would spawn, and a
-  snapshot is written the same way (snapshot.py).
+  snapshot is written the same way (snapshot.py). Beneath it, stockade's own
+  filter (host_program.py): no set-ID mode on any file 9p writes.
 - **a network namespace of its own** (and an IPC one): the VM has no network
   device, so QEMU needs no network; taken over, it reaches no host address,
   no abstract Unix socket and no other process's System V IPC.
@@ -39,16 +40,13 @@ import functools
 import os
 import shutil
 import subprocess
-import threading
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Iterable
 
 from ...agent import linux
 from ...agent.rootfs import INNER_UID  # the code's uid in the guest, and QEMU's in its namespace
 from ...errors import SandboxStartError
 from ...policy import Policy
-
-T = TypeVar("T")
+from ..host_program import LANDLOCK_ABI
 
 # QEMU's -sandbox: seccomp on, and each optional group of syscalls denied.
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -175,7 +173,6 @@ def describe(qemu: str) -> str:
     return ", ".join(parts)
 
 
-LANDLOCK_ABI = linux.landlock_abi()
 # What QEMU may open, beyond the descriptors it is handed (its log, a snapshot).
 _READ = linux.LL_READ_FILE | linux.LL_READ_DIR
 _PROGRAMS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")  # its own program and libraries; 9p's /usr
@@ -236,34 +233,3 @@ def _library_dirs(program: str, mtime_ns: int, size: int) -> tuple[str, ...]:
             dirs.add(os.path.dirname(os.path.realpath(path)))
     usual = tuple(p + "/" for p in _PROGRAMS)
     return tuple(sorted(d for d in dirs if not (d + "/").startswith(usual)))
-
-
-def spawn_confined(rules: list[tuple[str, int]], spawn: Callable[[], T]) -> T:
-    """``spawn()`` (which forks and execs) from a thread confined by Landlock to ``rules``.
-
-    Landlock confines the thread that asks and the processes it starts from
-    then on, so a thread made for one spawn takes it on and ends: the caller's
-    other threads keep their access, and no code runs between fork and exec
-    (``preexec_fn`` is unsafe in a process with threads). Where the kernel has
-    no Landlock this is ``spawn()``.
-    """
-    if LANDLOCK_ABI == 0:
-        return spawn()
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def confined() -> None:
-        try:
-            if os.geteuid() != 0:  # restrict_self needs no_new_privs without CAP_SYS_ADMIN
-                linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-            linux.landlock_restrict(LANDLOCK_ABI, rules, deny_tcp=True, scope=True)
-            outcome.append(spawn())
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
-            failure.append(exc)
-
-    thread = threading.Thread(target=confined, name="stockade-qemu-jail")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]

@@ -43,7 +43,8 @@ from ...policy import Policy, default_policy
 from ...result import SecurityViolation
 from ...settings import current
 from ..base import Availability, IsolateUsage
-from ..hosted import HostedSandbox, abandon_start, lease_uids, spawn_in_cgroup
+from ..host_program import spawn_in_cgroup
+from ..hosted import HostedSandbox, abandon_start, lease_uids
 from ..pool import PooledRuntime, WarmPool, pool_shapes_setting
 from ..process import seccomp
 from ..process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
@@ -351,10 +352,10 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                     boot_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
                 opened = dict(zip(plan.boot_files, (f"/dev/fd/{fd}" for fd in boot_fds), strict=True))
                 cmd = [*jail.prefix(uid, plan.accel), *(opened.get(arg, arg) for arg in plan.cmd), *extra_args]
-                proc = jail.spawn_confined(rules, lambda: spawn_in_cgroup(
+                proc = spawn_in_cgroup(
                     cmd, cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
-                    pass_fds=(*boot_fds, *(() if state_fd is None else (state_fd,))),
-                ))  # fmt: skip
+                    pass_fds=(*boot_fds, *(() if state_fd is None else (state_fd,))), landlock=rules,
+                )  # fmt: skip
             finally:
                 for fd in boot_fds:
                     os.close(fd)

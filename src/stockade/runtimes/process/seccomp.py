@@ -256,9 +256,14 @@ def default_program() -> bytes:
     return compile_profile()
 
 
-def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
+def compile_profile(
+    rules: tuple[Rule, ...] | None = None, *, unknown: int | None = None, other: int | None = None
+) -> bytes:
+    """BPF for ``rules`` (the profile's); ``unknown`` and ``other``: what a number the table does
+    not name and a call through another ABI return (the profile's entries' actions)."""
     rules = load_profile() if rules is None else rules
-    unknown, other = _action(unknown_rule()), _action(other_abis_rule())
+    unknown = _action(unknown_rule()) if unknown is None else unknown
+    other = _action(other_abis_rule()) if other is None else other
     program = [
         _insn(_LD_ABS, 4),  # arch
         _insn(_JEQ, AUDIT_ARCH_X86_64, 1, 0),
@@ -269,7 +274,7 @@ def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
         _insn(_JGE, X32_SYSCALL_BIT, 0, 1),
         _insn(_RET, other),  # x32
     ]
-    for lo, hi in unknown_ranges():
+    for lo, hi in unknown_ranges() if unknown != RET_ALLOW else ():
         if hi == X32_SYSCALL_BIT - 1:  # every number from lo up (the x32 bit was refused above)
             program += [_insn(_JGE, lo, 0, 1), _insn(_RET, unknown)]
         else:
@@ -290,6 +295,37 @@ def compile_profile(rules: tuple[Rule, ...] | None = None) -> bytes:
         program += body  # every path through a body ends in ret, so A still holds nr after a skip
     program.append(_insn(_RET, RET_ALLOW))
     return b"".join(program)
+
+
+SET_ID = 0o6000  # S_ISUID | S_ISGID
+
+
+def set_id_rules() -> tuple[Rule, ...]:
+    """The profile's rules that refuse a set-user-ID or set-group-ID mode (chmod, open with
+    O_CREAT, mknod, ...): in a shared directory such a file would make any host user who may
+    run it the isolate's leased uid, which a later isolate may hold."""
+    return tuple(
+        r for r in load_profile() if any(c["op"] == "masked_any" and c["value"] == SET_ID for c in _conditions(r))
+    )
+
+
+# Calls whose mode a filter cannot read (openat2's sits in memory; io_uring's IORING_OP_OPENAT
+# runs past seccomp): ENOSYS, as from a kernel without them, so the program falls back.
+_UNREADABLE_MODES = tuple(
+    Rule(name, "errno", "HIGH", "a mode a filter cannot read", errno=errno.ENOSYS, report=False)
+    for name in ("openat2", "io_uring_setup")
+)
+
+
+@cache
+def host_program() -> bytes:
+    """BPF for the host programs that hold an isolate (runsc, with its Sentry and gofer; QEMU):
+    the profile's set-ID rules, refused with EPERM, the calls whose mode it cannot read, and
+    every call through another ABI (ENOSYS); anything else is allowed, the program's own filter
+    deciding. The outer wall: it holds should the Sentry or the guest's kernel fall, as the
+    profile inside them no longer would."""
+    rules = tuple(Rule(r.syscall, "errno", r.severity, r.comment, r.when, report=False) for r in set_id_rules())
+    return compile_profile(rules + _UNREADABLE_MODES, unknown=RET_ALLOW, other=RET_ERRNO | errno.ENOSYS)
 
 
 def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
