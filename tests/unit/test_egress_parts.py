@@ -176,6 +176,26 @@ def test_the_vault_keeps_values_encrypted_and_refuses_bad_ones(tmp_path: object)
     assert vault.delete("TOKEN") and not Vault(where).secrets
 
 
+def test_a_vault_secret_registered_before_hosts_were_required_is_bound_to_none(tmp_path: object) -> None:
+    # Such an entry (no "hosts") would have gone to any host a caller's policy named.
+    from stockade.broker.store import SecretStore
+    from stockade.broker.vault import Vault
+
+    where = os.path.join(str(tmp_path), "vault")
+    vault = Vault(where)
+    vault.put("OLD", "sk-old-123456", ["api.example.com"])
+    with open(os.path.join(where, "vault"), "wb") as f:  # as an older broker wrote it
+        f.write(vault._fernet.encrypt(json.dumps({"OLD": {"value": "sk-old-123456"}}).encode()))
+    store = SecretStore({})
+    store.vault = Vault(where)
+    assert store.hosts_of("OLD") == ()
+    with pytest.raises(PolicyError, match=r"may be bound to no host.*secrets put OLD --host"):
+        store.check_grant("OLD", ["attacker.example"])
+    Vault(where).put("OLD", "sk-old-123456", ["api.example.com"])  # registered again, with its hosts
+    store.vault = Vault(where)
+    assert store.check_grant("OLD", ["api.example.com"]).value == "sk-old-123456"
+
+
 def test_cbor_frames_come_whole_however_they_are_cut_and_an_oversized_one_is_skipped() -> None:
     from stockade.broker import wire
     from stockade.rpc.codec import TOO_LARGE

@@ -84,6 +84,11 @@ class SecretStore:
         stored = self._all.get(name)
         if stored is None:
             raise PolicyError(f"secret {name} is not known to the secrets broker")
+        if stored.hosts == ():
+            raise PolicyError(
+                f"secret {name} may be bound to no host: its keeper names none (one registered before hosts "
+                f"were required: put it again, `stockade secrets put {name} --host ...`)"
+            )
         if stored.hosts is not None:
             permitted = [parse_rule(h) for h in stored.hosts]
             for host in hosts:

@@ -10,6 +10,7 @@ a name there cannot be registered over.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -58,7 +59,10 @@ class Vault:
             document = json.loads(self._fernet.decrypt(token))
         except (InvalidToken, ValueError):
             raise ConfigError(f"{path} does not decrypt with its key: it was not written by this broker") from None
-        return parse_secrets(document, path)
+        # An entry of no hosts was registered before put required them: it is bound to none (any
+        # host a caller's policy named would have had it) until it is registered again with its hosts.
+        loaded = parse_secrets(document, path)
+        return {n: s if s.hosts is not None else dataclasses.replace(s, hosts=()) for n, s in loaded.items()}
 
     def put(self, name: str, value: str, hosts: list[str]) -> None:
         if not _NAME.fullmatch(name):
@@ -86,10 +90,7 @@ class Vault:
         return True
 
     def _save(self) -> None:
-        document = {
-            n: {"value": s.value, **({"hosts": list(s.hosts)} if s.hosts is not None else {})}
-            for n, s in self.secrets.items()
-        }
+        document = {n: {"value": s.value, "hosts": list(s.hosts or ())} for n, s in self.secrets.items()}
         token = self._fernet.encrypt(json.dumps(document).encode())
         path = os.path.join(self.directory, "vault")
         tmp = f"{path}.{os.getpid()}.tmp"
