@@ -160,7 +160,8 @@ def _namespaces(euid: int) -> list[str]:
 
 def describe(qemu: str) -> str:
     """One line for ``doctor`` and the runtime's details: what confines QEMU here."""
-    parts = ["seccomp" if seccomp_supported(qemu) else "no seccomp (this QEMU was built without it)"]
+    own = "seccomp" if seccomp_supported(qemu) else "no seccomp of its own (this QEMU was built without it)"
+    parts = [own, "stockade's set-ID filter"]
     parts.append(f"Landlock ABI {LANDLOCK_ABI}" if LANDLOCK_ABI else "no Landlock (this kernel has none)")
     parts.append("own network and IPC namespaces" if namespaces() else "the host's network namespace (no unshare)")
     if shutil.which("setpriv") is None:
