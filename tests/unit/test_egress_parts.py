@@ -178,7 +178,7 @@ def test_the_vault_keeps_values_encrypted_and_refuses_bad_ones(tmp_path: object)
 
 def test_a_vault_secret_registered_before_hosts_were_required_is_bound_to_none(tmp_path: object) -> None:
     # Such an entry (no "hosts") would have gone to any host a caller's policy named.
-    from stockade.broker.store import SecretStore
+    from stockade.broker.store import SecretStore, parse_secrets
     from stockade.broker.vault import Vault
 
     where = os.path.join(str(tmp_path), "vault")
@@ -194,6 +194,9 @@ def test_a_vault_secret_registered_before_hosts_were_required_is_bound_to_none(t
     Vault(where).put("OLD", "sk-old-123456", ["api.example.com"])  # registered again, with its hosts
     store.vault = Vault(where)
     assert store.check_grant("OLD", ["api.example.com"]).value == "sk-old-123456"
+    # A secrets file's entry of no hosts is refused too, naming where it stands (put cannot mend it).
+    with pytest.raises(PolicyError, match="its entry in the broker's secrets file names none"):
+        SecretStore(parse_secrets({"F": {"value": "sk-file-1", "hosts": []}}, "secrets file")).check_grant("F", ["a.b"])
 
 
 def test_cbor_frames_come_whole_however_they_are_cut_and_an_oversized_one_is_skipped() -> None:

@@ -85,10 +85,12 @@ class SecretStore:
         if stored is None:
             raise PolicyError(f"secret {name} is not known to the secrets broker")
         if stored.hosts == ():
-            raise PolicyError(
-                f"secret {name} may be bound to no host: its keeper names none (one registered before hosts "
-                f"were required: put it again, `stockade secrets put {name} --host ...`)"
+            where = (
+                "its entry in the broker's secrets file names none"
+                if self.from_file(name)
+                else f"registered before hosts were required, put it again: `stockade secrets put {name} --host ...`"
             )
+            raise PolicyError(f"secret {name} may be bound to no host: {where}")
         if stored.hosts is not None:
             permitted = [parse_rule(h) for h in stored.hosts]
             for host in hosts:

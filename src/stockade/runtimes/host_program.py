@@ -7,11 +7,13 @@
 - **With nothing of the caller's environment** (a daemon's token, say) in their
   memory.
 - **Under a seccomp filter of stockade's own** (``seccomp.host_program``): no
-  set-user-ID or set-group-ID mode on any file, no call whose mode a filter
-  cannot read (``openat2``, ``io_uring``), no call through another ABI. The
-  code inside is already refused those by the profile inside its boundary (the
-  process runtime's filter in the guest, gVisor's OCI filter); this is the wall
-  outside it. runsc's gofer and Sentry and QEMU's 9p server write the files of
+  file made with a set-user-ID or set-group-ID mode (EPERM), no mode changed to
+  one (the chmod is skipped), no call whose mode a filter cannot read
+  (``openat2``, ``io_uring``), no call through another ABI, no number the
+  syscall table does not name. The code inside is refused the set-ID calls and
+  ``openat2`` by the filter inside its boundary already (the process runtime's
+  profile in a microVM's guest, gVisor's OCI filter); this is the wall outside
+  it. runsc's gofer and Sentry and QEMU's 9p server write the files of
   shared paths on the host as the isolate's leased uid: should the Sentry or the
   guest's kernel fall, a set-ID file planted there would lend that uid to any
   host user who runs it.
@@ -25,7 +27,6 @@ threads keep their freedom, and no code runs between fork and exec
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 from typing import IO
@@ -57,8 +58,9 @@ def spawn_in_cgroup(
 
     def walled() -> None:
         try:
-            if os.geteuid() != 0:  # a filter, or restrict_self, needs no_new_privs without CAP_SYS_ADMIN
-                linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+            # A filter, or restrict_self, needs no_new_privs without CAP_SYS_ADMIN (root in a
+            # container may lack it); nothing runsc or QEMU start needs to gain privileges.
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
             linux.seccomp_install(seccomp.host_program())
             if landlock is not None and LANDLOCK_ABI:
                 linux.landlock_restrict(LANDLOCK_ABI, landlock, deny_tcp=True, scope=True)

@@ -317,15 +317,34 @@ _UNREADABLE_MODES = tuple(
 )
 
 
+# Of the set-ID calls, those that change a mode are skipped with success (errno 0) on the host:
+# a guest's 9p asks QEMU to chmod a directory it makes in a set-group-ID directory with the bit
+# the kernel added (EPERM would fail the mkdir), and what stays is the mode the host gave it.
+_SKIPPED_ON_HOST = ("chmod", "fchmod", "fchmodat", "fchmodat2")
+
+
 @cache
 def host_program() -> bytes:
     """BPF for the host programs that hold an isolate (runsc, with its Sentry and gofer; QEMU):
-    the profile's set-ID rules, refused with EPERM, the calls whose mode it cannot read, and
-    every call through another ABI (ENOSYS); anything else is allowed, the program's own filter
-    deciding. The outer wall: it holds should the Sentry or the guest's kernel fall, as the
-    profile inside them no longer would."""
-    rules = tuple(Rule(r.syscall, "errno", r.severity, r.comment, r.when, report=False) for r in set_id_rules())
-    return compile_profile(rules + _UNREADABLE_MODES, unknown=RET_ALLOW, other=RET_ERRNO | errno.ENOSYS)
+    the profile's set-ID rules (a file made with such a mode: EPERM; a mode changed to one:
+    skipped), the calls whose mode it cannot read, every call through another ABI and every
+    number the table does not name (ENOSYS, as from a kernel without them); anything else is
+    allowed, the program's own filter deciding. The outer wall: it holds should the Sentry or
+    the guest's kernel fall, as the filters inside them then no longer would."""
+    rules = tuple(
+        Rule(
+            r.syscall,
+            "errno",
+            r.severity,
+            r.comment,
+            r.when,
+            errno=0 if r.syscall in _SKIPPED_ON_HOST else errno.EPERM,
+            report=False,
+        )
+        for r in set_id_rules()
+    )
+    enosys = RET_ERRNO | errno.ENOSYS
+    return compile_profile(rules + _UNREADABLE_MODES, unknown=enosys, other=enosys)
 
 
 def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
