@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stockade.result import ExecResult
 
 
 def processes_with_arg(marker: str) -> list[int]:
@@ -51,3 +59,25 @@ def cgroup_limit_cases() -> list[tuple[str, int | float]]:
         "cpu_limit": (MIN_CPU, default.cpu_limit, MAX_CPU),
     }
     return [(name, value) for name, values in limits.items() for value in values]
+
+
+@contextlib.contextmanager
+def shared_directory(mode: int, prefix: str = "stockade-share-") -> Iterator[str]:
+    """A host directory of ``mode`` for a test to share with an isolate, removed after."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        os.chmod(path, mode)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_sharing(argv: list[str], runtime: str, share: str, access: str = "rw") -> ExecResult:
+    """``argv`` run once on ``runtime`` in an isolate of its own (no pool), ``share`` at /data."""
+    from stockade import RuntimeManager, run
+
+    own = RuntimeManager(pool_size=0)
+    try:
+        return run(argv, runtime=runtime, manager=own, filesystem_access=[f"{share}:/data:{access}"])
+    finally:
+        own.close()

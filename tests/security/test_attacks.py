@@ -9,6 +9,7 @@ every run here is bounded in time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -29,7 +30,7 @@ from stockade.agent.wire import MAX_DATA_BYTES
 from stockade.limits import MAX_CALL_BYTES
 from stockade.policy import MAX_OUTPUT_BYTES
 from stockade.runtimes.manager import RuntimeManager
-from tests.helpers import processes_with_arg
+from tests.helpers import processes_with_arg, run_sharing, shared_directory
 
 
 @pytest.fixture
@@ -329,13 +330,8 @@ def test_no_set_id_file_can_be_planted_in_a_shared_directory(runtime: str) -> No
     from tests.conftest import require
 
     require(runtime)
-    share = tempfile.mkdtemp(prefix="stockade-set-id-")
-    own = RuntimeManager(pool_size=0)
-    try:
-        os.chmod(share, 0o777)
-        r = stockade.run(
-            ["python3", "-c", PLANT_SET_ID], runtime=runtime, manager=own, filesystem_access=[f"{share}:/data:rw"]
-        )
+    with shared_directory(0o777) as share:
+        r = run_sharing(["python3", "-c", PLANT_SET_ID], runtime, share)
         said = dict(line.split(" ", 1) for line in r.stdout.splitlines() if not line.startswith("plain"))
         wanted = {name: "refused 1" for name in said if name != "openat2"} | {"openat2": "refused 38"}
         if runtime == "gvisor" and said.get("openat2") == "refused 1":
@@ -347,9 +343,6 @@ def test_no_set_id_file_can_be_planted_in_a_shared_directory(runtime: str) -> No
             assert not mode & (stat.S_ISUID | stat.S_ISGID), (name, oct(mode))
         if runtime != "gvisor":  # gVisor refuses them in its kernel without a record of it
             assert {"chmod", "fchmod", "fchmodat", "openat", "mknodat"} <= set(r.violation_counts), r.violation_counts
-    finally:
-        own.close()
-        shutil.rmtree(share)
 
 
 CONNECT_SHARED_SOCKETS = (
@@ -375,30 +368,17 @@ def test_a_shared_unix_socket_is_reached_only_when_others_may_write_it(runtime: 
     require(runtime)
     if runtime == "process" and os.geteuid() != 0:
         pytest.skip("rootless, a process isolate runs as the caller, whose own sockets it may reach")
-    share = tempfile.mkdtemp(prefix="stockade-sockets-")
-    own = RuntimeManager(pool_size=0)
-    listeners = []
-    try:
-        os.chmod(share, 0o755)
+    with shared_directory(0o755) as share, contextlib.ExitStack() as listeners:
         for name, mode in (("private", 0o755), ("open", 0o777)):
-            listener = socket.socket(socket.AF_UNIX)
+            listener = listeners.enter_context(socket.socket(socket.AF_UNIX))
             listener.bind(os.path.join(share, name))
             listener.listen(1)
             os.chmod(os.path.join(share, name), mode)
-            listeners.append(listener)
-        r = stockade.run(
-            ["python3", "-c", CONNECT_SHARED_SOCKETS], runtime=runtime, manager=own,
-            filesystem_access=[f"{share}:/data:ro"],
-        )  # fmt: skip
+        r = run_sharing(["python3", "-c", CONNECT_SHARED_SOCKETS], runtime, share, access="ro")
         said = dict(line.split(" ", 1) for line in r.stdout.splitlines())
         assert said["private"] == str(errno.EACCES), r.summary()
         if runtime != "process":
             assert said["open"] == str(errno.ECONNREFUSED), r.summary()
-    finally:
-        for listener in listeners:
-            listener.close()
-        own.close()
-        shutil.rmtree(share)
 
 
 def test_a_set_id_mode_asked_of_write_file_is_refused_as_the_callers_mistake(sb: Sandbox) -> None:

@@ -21,10 +21,9 @@ import textwrap
 
 import pytest
 
-import stockade
-from stockade import RuntimeManager
 from stockade.runtimes import gvisor_bundle, host_program
 from stockade.runtimes.process import seccomp
+from tests.helpers import run_sharing, shared_directory
 
 _GUARD_S = 30
 ALLOW_ALL = seccomp._insn(0x06, seccomp.RET_ALLOW)  # ret ALLOW: a filter that refuses nothing
@@ -136,28 +135,17 @@ def test_a_gvisor_container_whose_inner_filter_is_gone_still_plants_no_set_id_fi
     from tests.conftest import require
 
     require("gvisor")
-    monkeypatch.setattr(
-        gvisor_bundle,
-        "SET_ID_FILTER",
-        {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": []},
-    )
+    no_filter = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": []}
+    monkeypatch.setattr(gvisor_bundle, "SET_ID_FILTER", no_filter)
     if not outer_wall:
         monkeypatch.setattr(seccomp, "host_program", lambda: ALLOW_ALL)
-    share = tempfile.mkdtemp(prefix="stockade-outer-wall-")
-    own = RuntimeManager(pool_size=0)
-    try:
-        os.chmod(share, 0o777)
-        r = stockade.run(
-            ["python3", "-c", PLANT], runtime="gvisor", manager=own, filesystem_access=[f"{share}:/data:rw"]
-        )
+    with shared_directory(0o777) as share:
+        r = run_sharing(["python3", "-c", PLANT], "gvisor", share)
         assert r.exit_code == 0 and os.path.exists(os.path.join(share, "f")), r.summary()
         if outer_wall:
             assert _set_id_files(share) == [], oct(os.stat(os.path.join(share, "f")).st_mode)
         else:
             assert _set_id_files(share) == ["f"], "the attack itself does not work: the test would prove nothing"
-    finally:
-        own.close()
-        shutil.rmtree(share)
 
 
 @pytest.mark.parametrize("runtime", ["process", "microvm"])
@@ -167,18 +155,9 @@ def test_a_set_group_id_shared_directory_still_takes_new_directories(runtime: st
     from tests.conftest import require
 
     require(runtime)
-    share = tempfile.mkdtemp(prefix="stockade-setgid-share-")
-    own = RuntimeManager(pool_size=0)
-    try:
-        os.chmod(share, 0o2777)
-        r = stockade.run(
-            ["sh", "-c", "mkdir /data/sub && touch /data/sub/f && echo made"],
-            runtime=runtime, manager=own, filesystem_access=[f"{share}:/data:rw"],
-        )  # fmt: skip
+    with shared_directory(0o2777) as share:
+        r = run_sharing(["sh", "-c", "mkdir /data/sub && touch /data/sub/f && echo made"], runtime, share)
         assert r.exit_code == 0 and r.stdout == "made\n", r.summary()
         sub = os.path.join(share, "sub")
         assert os.stat(sub).st_mode & stat.S_ISGID  # inherited, as any directory made there on the host
         assert not os.stat(os.path.join(sub, "f")).st_mode & (stat.S_ISUID | stat.S_ISGID)
-    finally:
-        own.close()
-        shutil.rmtree(share)
