@@ -1,10 +1,10 @@
 """What the gvisor and microvm runtimes share: an isolate held by one host program.
 
 runsc and QEMU are started by host_program.py (inside the isolate's cgroups,
-under a seccomp filter of stockade's own). ``HostedSandbox`` ends such an isolate: close the agent's
-socket (the agent, and with it the container or guest, exits), kill the
-program through a pidfd, then release the cgroup, the host uids and the
-working directory.
+under a seccomp filter of stockade's own). ``HostedSandbox`` ends such an
+isolate: close the agent's socket (the agent, and with it the container or
+guest, exits), kill the program through a pidfd, then release the cgroup, the
+host uids and the working directory.
 
 As root, each such isolate runs on host uids of its own, leased as a process
 isolate's uid is (process/uids.py): the uid its code is known by on the host
