@@ -88,9 +88,8 @@ def _set_id_filter() -> dict[str, Any]:
 
     rules: list[dict[str, Any]] = []
     for rule in seccomp.set_id_rules():
-        conds = [rule.when] if isinstance(rule.when, dict) else list(rule.when or [])
-        rules += [{"names": [rule.syscall], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
-                   "args": list(args)} for args in itertools.product(*(bits(c) for c in conds))]  # fmt: skip
+        rules += [{"names": [rule.syscall], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM, "args": list(args)}
+                  for args in itertools.product(*(bits(c) for c in seccomp.conditions(rule)))]  # fmt: skip
     rules.append({"names": ["openat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})  # its mode: in memory
     return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": rules}
 

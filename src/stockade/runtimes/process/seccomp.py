@@ -30,7 +30,7 @@ import select
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -203,7 +203,8 @@ def _action(rule: Rule) -> int:
     raise ValueError(f"unknown seccomp action {rule.action!r}")
 
 
-def _conditions(rule: Rule) -> list[dict[str, Any]]:
+def conditions(rule: Rule) -> list[dict[str, Any]]:
+    """A rule's conditions on its arguments, all of which must hold ([]: none)."""
     when = rule.when
     if when is None:
         return []
@@ -231,7 +232,7 @@ def _test(cond: dict[str, Any], fail: int) -> list[bytes]:
 
 def _condition(rule: Rule) -> list[bytes]:
     """Instructions ending in ``ret action`` when every condition holds; otherwise they fall through."""
-    tests = _conditions(rule)
+    tests = conditions(rule)
     body: list[bytes] = [_insn(_RET, _action(rule))]
     for cond in reversed(tests):
         # a failed test skips the rest of the body, which is already built behind it
@@ -274,7 +275,7 @@ def compile_profile(
         _insn(_JGE, X32_SYSCALL_BIT, 0, 1),
         _insn(_RET, other),  # x32
     ]
-    for lo, hi in unknown_ranges() if unknown != RET_ALLOW else ():
+    for lo, hi in unknown_ranges():
         if hi == X32_SYSCALL_BIT - 1:  # every number from lo up (the x32 bit was refused above)
             program += [_insn(_JGE, lo, 0, 1), _insn(_RET, unknown)]
         else:
@@ -305,7 +306,7 @@ def set_id_rules() -> tuple[Rule, ...]:
     O_CREAT, mknod, ...): in a shared directory such a file would make any host user who may
     run it the isolate's leased uid, which a later isolate may hold."""
     return tuple(
-        r for r in load_profile() if any(c["op"] == "masked_any" and c["value"] == SET_ID for c in _conditions(r))
+        r for r in load_profile() if any(c["op"] == "masked_any" and c["value"] == SET_ID for c in conditions(r))
     )
 
 
@@ -332,15 +333,7 @@ def host_program() -> bytes:
     allowed, the program's own filter deciding. The outer wall: it holds should the Sentry or
     the guest's kernel fall, as the filters inside them then no longer would."""
     rules = tuple(
-        Rule(
-            r.syscall,
-            "errno",
-            r.severity,
-            r.comment,
-            r.when,
-            errno=0 if r.syscall in _SKIPPED_ON_HOST else errno.EPERM,
-            report=False,
-        )
+        replace(r, action="errno", errno=0 if r.syscall in _SKIPPED_ON_HOST else errno.EPERM, report=False)
         for r in set_id_rules()
     )
     enosys = RET_ERRNO | errno.ENOSYS
@@ -355,7 +348,7 @@ def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
         return unknown_rule()
     name = SYSCALL_NAMES.get(nr)
     for rule in load_profile():
-        if rule.syscall == name and all(_holds(c, args) for c in _conditions(rule)):
+        if rule.syscall == name and all(_holds(c, args) for c in conditions(rule)):
             return rule
     return None
 
