@@ -8,9 +8,12 @@ and unpacks them on the host. Only ``write_file``, ``read_file`` and ``exec``
 are used, so the same code serves the SDK's ``Sandbox``, the daemon's
 ``RemoteSandbox`` and every runtime (docs/sdk.md, "Directories").
 
-What comes out of an isolate is hostile: ``transfer_unpack.py`` checks the
-whole archive before it writes a byte, and writes only regular files and
-directories, never through a link.
+The host path may lie where a sandbox writes: it is opened by
+``transfer_paths.py`` (a link followed only when root or the caller owns it)
+and walked through directory descriptors (``transfer_pack.py``). What comes
+out of an isolate is hostile: ``transfer_unpack.py`` checks the whole archive
+before it writes a byte, and writes only regular files and directories, never
+through a link.
 """
 
 from __future__ import annotations
@@ -21,11 +24,9 @@ import errno
 import os
 import posixpath
 import secrets
-import stat
-import tarfile
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, TypeVar
 
@@ -39,6 +40,7 @@ from .errors import (
 )
 from .limits import MAX_CALL_BYTES
 from .result import ExecResult
+from .transfer_pack import pack
 from .transfer_scripts import (
     A_LINK,
     NO_ROOM,
@@ -103,7 +105,10 @@ def upload(
     cap = _cap(max_bytes)
     dest = _remote(remote_dir, "remote_dir")
     with tempfile.TemporaryFile() as spool:
-        summary = _pack(os.fspath(local_path), spool, cap)
+        packed = pack(os.fspath(local_path), spool, cap)
+        summary = TransferSummary(
+            files=packed.files, directories=packed.directories, bytes=packed.bytes, links=packed.links
+        )
         size = spool.tell()
         spool.seek(0)
         _check_room(sandbox, local_path, dest, size)
@@ -157,85 +162,6 @@ def _send(sandbox: Transferable, spool: IO[bytes], base: str) -> None:
             size = min(size, len(piece)) // 2
             continue
         index += 1
-
-
-def _pack(local: str, spool: IO[bytes], cap: int) -> TransferSummary:
-    """Write the tar of ``local`` to ``spool``: a directory's contents, or one file."""
-    root = os.path.realpath(local)  # the path given is followed; nothing below it is
-    top = os.stat(root)
-    if stat.S_ISDIR(top.st_mode):
-        entries = list(_walk(root))
-    elif stat.S_ISREG(top.st_mode):
-        entries = [(root, os.path.basename(os.path.normpath(local)), top)]
-    else:
-        raise TransferError(f"{local} is neither a regular file nor a directory")
-    estimate = 1024 + sum(512 + -(-st.st_size // 512) * 512 if stat.S_ISREG(st.st_mode) else 512 for *_, st in entries)
-    if estimate > cap:
-        raise TransferTooLargeError(
-            f"upload of {local} is too large: at least {estimate} bytes as an archive, "
-            f"and max_bytes is {cap}; nothing was sent"
-        )
-    files = dirs = links = size = 0
-    with tarfile.open(fileobj=spool, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for path, arcname, st in entries:
-            info = tarfile.TarInfo(arcname)
-            info.mtime = max(0, int(st.st_mtime))
-            info.mode = stat.S_IMODE(st.st_mode) & 0o777
-            if stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-                dirs += 1
-            elif stat.S_ISLNK(st.st_mode):
-                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
-                tar.addfile(info)
-                links += 1
-            else:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                with os.fdopen(fd, "rb") as f:
-                    now = os.fstat(f.fileno())
-                    if not stat.S_ISREG(now.st_mode):
-                        raise TransferError(f"{path} changed into something other than a regular file")
-                    info.size = now.st_size
-                    tar.addfile(info, f)
-                files += 1
-                size += info.size
-            if spool.tell() > cap:
-                break
-    if spool.tell() > cap:
-        raise TransferTooLargeError(
-            f"upload of {local} is too large: {spool.tell()} bytes or more as an archive, "
-            f"and max_bytes is {cap}; nothing was sent"
-        )
-    return TransferSummary(files=files, directories=dirs, bytes=size, links=links)
-
-
-def _walk(root: str) -> Iterator[tuple[str, str, os.stat_result]]:
-    """Every entry below ``root``, parents first, as (host path, name in the archive, lstat).
-
-    Links are not followed: one whose target, read as a path from where it
-    lies, stays inside the tree goes as a link; any other is refused, as are
-    FIFOs, sockets and devices.
-    """
-    stack = [("", root)]
-    while stack:
-        prefix, directory = stack.pop()
-        with os.scandir(directory) as listing:
-            found = sorted(listing, key=lambda e: e.name)
-        for entry in found:
-            arcname = prefix + entry.name
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(entry.path)
-                inside = posixpath.normpath(posixpath.join(posixpath.dirname(arcname), target))
-                if target.startswith("/") or inside == ".." or inside.startswith("../"):
-                    raise TransferError(
-                        f"{entry.path} is a link to {target}, outside the uploaded tree: links are not followed"
-                    )
-            elif stat.S_ISDIR(st.st_mode):
-                stack.append((arcname + "/", entry.path))
-            elif not stat.S_ISREG(st.st_mode):
-                raise TransferError(f"{entry.path} is not a regular file, directory or link: it cannot be uploaded")
-            yield entry.path, arcname, st
 
 
 # ---- download -------------------------------------------------------------------------

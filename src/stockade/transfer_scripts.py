@@ -23,7 +23,8 @@ DF_OF = """df_of() { set -- $(df -P -k -- "$1" | tail -n 1); echo "$4 $3"; }
 # (stored nowhere), and refused when it is over max_bytes (67: "SIZE"), or would not fit the free
 # scratch space or, given the sandbox's memory limit, its memory (68: "SIZE FREE USED"): staging
 # it anyway would end the sandbox, and everything in it, for memory.
-# It answers "TAR_STATUS SIZE PIECE_SIZE".
+# GNU's format, named: long names as GNU headers, never PAX records (transfer_unpack.py budgets
+# those tightly). It answers "TAR_STATUS SIZE PIECE_SIZE".
 PACK = (
     DF_OF
     + """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6 memory=$7 reserve=$8
@@ -32,7 +33,7 @@ elif [ -d "$src" ]; then set -- -C "$src" .
 elif [ -e "$src" ]; then set -- -C "$parent" "./$name"
 else echo "$src: No such file or directory" >&2; exit 66
 fi
-size=$(tar -cf - --exclude="${out##*/}.*" "$@" 2>/dev/null | head -c "$((max + 1))" | wc -c)
+size=$(tar --format=gnu -cf - --exclude="${out##*/}.*" "$@" 2>/dev/null | head -c "$((max + 1))" | wc -c)
 [ "$size" -gt "$max" ] && { echo "$size"; exit 67; }
 room=$(df_of /tmp)
 free=$((${room%% *} * 1024)) rest=${room#* }
@@ -46,7 +47,7 @@ if [ "$size" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + size + reser
 fi
 blocks=$(ulimit -f)
 case $blocks in *[!0-9]*|'') ;; *) [ "$((blocks * 512))" -lt "$piece" ] && piece=$((blocks * 512)) ;; esac
-{ tar -cf - --exclude="${out##*/}.*" "$@"; echo $? >"$out.rc"; } | head -c "$((max + 1))" \
+{ tar --format=gnu -cf - --exclude="${out##*/}.*" "$@"; echo $? >"$out.rc"; } | head -c "$((max + 1))" \
   | split -a 6 -d -b "$piece" - "$out." || { echo "cutting the archive into pieces failed" >&2; exit 70; }
 echo "$(cat -- "$out.rc") $(cat -- "$out".[0-9]* 2>/dev/null | wc -c) $piece"
 """

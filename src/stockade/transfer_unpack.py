@@ -21,8 +21,17 @@ import tarfile
 from typing import IO, Literal
 
 from .errors import TransferError, TransferTooLargeError, UnsafeArchiveError
+from .transfer_paths import open_local, reopen_directory
 
 MAX_DEPTH = 128  # path components of a member
+# A metadata member (a GNU long name or link, a PAX header): one holds a name of MAX_DEPTH
+# components of 255 bytes with room to spare. tarfile keeps each member's PAX records as a dict
+# many times their size, and the packing step asks for GNU's format (long names, no PAX), so PAX
+# records have a budget of their own; long names count against the archive's cap like its files.
+MAX_METADATA = 64 << 10
+MAX_PAX_TOTAL = 1 << 20
+_PAX = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_LONG_NAMES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _COPY = 1 << 20
 
 # Path components; the regular file whose bytes go there (a hard link's: its target's), None for a directory.
@@ -43,6 +52,7 @@ def unpack(
 ) -> tuple[int, int, int, int]:
     """Check every member of the untrusted ``archive``, then write them below ``local_dir``:
     the files, directories and bytes written, and the symbolic links left out."""
+    _check_headers(archive, src)
     try:
         tar = tarfile.open(fileobj=archive, mode="r:")  # a plain tar: no decompression
     except tarfile.TarError as exc:
@@ -50,15 +60,18 @@ def unpack(
     with tar:
         plans, skipped = _check(tar, cap, max_files, src, links == "skip")
         if not overwrite:
-            there = [p for p, m in plans if m is not None and os.path.lexists(os.path.join(local_dir, *p))]
+            there = _existing(local_dir, [p for p, m in plans if m is not None])
             if there:
                 first = os.path.join(local_dir, *there[0])
                 raise TransferError(
                     f"download of {src}: {first} exists ({len(there)} file(s) would be replaced): "
                     "pass overwrite=True to replace them; nothing was written"
                 )
-        os.makedirs(local_dir, exist_ok=True)
-        root = os.open(local_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        handle = open_local(local_dir, create=True)
+        try:
+            root = reopen_directory(handle)
+        finally:
+            os.close(handle)
         files = dirs = size = 0
         held: tuple[tuple[str, ...], int] | None = None  # the last parent directory, kept open
         try:
@@ -134,6 +147,66 @@ def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str, skip_symlin
             )
         plans.append((parts, member))
         files[parts] = member
+
+
+def _existing(local_dir: str, paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The files of ``paths`` already below ``local_dir`` (an entry of any kind, a link included)."""
+    try:
+        handle = open_local(local_dir)
+    except FileNotFoundError:
+        return []
+    there = []
+    try:
+        for parts in paths:
+            try:
+                parent = os.open("/".join(parts[:-1]) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=handle)
+            except OSError:
+                continue  # not there, or not a directory: writing it refuses or makes it
+            try:
+                os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+                there.append(parts)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(parent)
+    finally:
+        os.close(handle)
+    return there
+
+
+def _check_headers(archive: IO[bytes], src: str) -> None:
+    """Refuse metadata members (GNU long names, PAX records) over their budgets before ``tarfile``
+    reads any: it holds each whole, PAX records as a dict many times their size (a hostile archive
+    of 40 MiB of them took a GiB)."""
+    archive.seek(0)
+    pax = 0
+    while len(block := archive.read(512)) == 512 and block.strip(b"\0"):
+        size = _declared_size(block[124:136])
+        kind = block[156:157]
+        if size is None or kind == tarfile.GNUTYPE_SPARSE:
+            break  # tarfile says what is wrong, or _check refuses the sparse member, before going on
+        if kind in _PAX:
+            pax += size
+        if (kind in _PAX or kind in _LONG_NAMES) and (size > MAX_METADATA or pax > MAX_PAX_TOTAL):
+            raise UnsafeArchiveError(
+                f"the archive of {src} from the sandbox holds a metadata member (PAX records or a long "
+                f"name) of {size} bytes, {pax} bytes of PAX records so far: over {MAX_METADATA} in one or "
+                f"{MAX_PAX_TOTAL} of PAX records in all; nothing was written"
+            )
+        archive.seek(-(-size // 512) * 512, os.SEEK_CUR)
+    archive.seek(0)
+
+
+def _declared_size(field: bytes) -> int | None:
+    """A header's size field (octal, or GNU base-256); None when it is neither or negative."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return None if field[:1] == b"\xff" else value
+    try:
+        value = int(field.replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
 
 
 def _parts(name: str) -> tuple[str, ...]:

@@ -1,0 +1,177 @@
+"""Transfers that a sandbox tries to turn against the host (transfer_paths.py, transfer_pack.py,
+transfer_unpack.py).
+
+An upload reads and a download writes below a host path the caller names, as the caller (root
+here). When that path lies in a directory a sandbox writes (a shared mount), the sandbox can plant
+a link on the way, or swap a directory of the uploaded tree for a link while the host walks it:
+the host must then neither write the sandbox's files into a directory of its choosing nor read a
+private tree into a sandbox. And an archive out of a sandbox must not make the host hold many
+times its size in memory (tarfile's PAX records).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stockade import Sandbox
+from stockade.errors import TransferError, UnsafeArchiveError
+from stockade.runtimes.manager import RuntimeManager
+from stockade.transfer_unpack import MAX_METADATA, MAX_PAX_TOTAL, unpack
+from tests.conftest import require
+from tests.helpers import shared_directory
+
+SECRET = "HOST-SECRET-CANARY"
+
+
+@pytest.fixture(scope="module")
+def mgr() -> Iterator[RuntimeManager]:
+    manager = RuntimeManager(pool_size=0)
+    yield manager
+    manager.close()
+
+
+def private_tree(root: Path) -> Path:
+    """A root-only directory holding a root-only file: what no sandbox may read."""
+    root.mkdir(mode=0o700)
+    (root / "canary.txt").write_text(SECRET + "\n")
+    os.chmod(root / "canary.txt", 0o600)
+    return root
+
+
+def test_a_link_planted_in_a_share_steers_neither_a_download_nor_an_upload(tmp_path: Path, mgr: RuntimeManager) -> None:
+    require("process")
+    victim = private_tree(tmp_path / "root-only")  # stands in for /etc/cron.d, /root/.ssh
+    with (
+        shared_directory(0o777) as share,
+        Sandbox(runtime="process", manager=mgr, filesystem_access=[f"{share}:/share:rw"]) as sb,
+    ):
+        planted = sb.exec(
+            ["sh", "-c", f"mkdir -p /work/out /share/real && echo evil > /work/out/evil "
+             f"&& ln -s {victim} /share/results && ln -s {victim} /share/real/inner"]
+        )  # fmt: skip
+        assert planted.success, planted.summary()
+        assert os.lstat(os.path.join(share, "results")).st_uid not in (0, os.geteuid())  # the sandbox's uid
+        with pytest.raises(TransferError, match=r"'results' on the way is a symbolic link owned by uid \d+"):
+            sb.download("/work/out", os.path.join(share, "results"))
+        with pytest.raises(TransferError, match="'inner' on the way is a symbolic link"):
+            sb.download("/work/out", os.path.join(share, "real", "inner", "deeper"))
+        with pytest.raises(TransferError, match="'results' on the way is a symbolic link"):
+            sb.upload(os.path.join(share, "results"), "/work/in")
+        assert sorted(p.name for p in victim.iterdir()) == ["canary.txt"]
+        assert sb.exec(["test", "-e", "/work/in"]).exit_code == 1
+        # The share's real directories take both ways.
+        assert sb.download("/work/out", os.path.join(share, "real", "here")).files == 1
+        assert Path(share, "real", "here", "evil").read_text() == "evil\n"
+        assert sb.upload(os.path.join(share, "real", "here"), "/work/back").files == 1
+
+
+def test_links_root_or_the_caller_owns_are_followed_others_are_not(tmp_path: Path, mgr: RuntimeManager) -> None:
+    require("process")
+    real = tmp_path / "real"
+    (real / "tree").mkdir(parents=True)
+    (real / "tree" / "f").write_text("f")
+    via = tmp_path / "via"
+    via.symlink_to("real")  # the host's own link, as /var/run -> /run is
+    with Sandbox(runtime="process", manager=mgr) as sb:
+        sb.exec(["sh", "-c", "mkdir /work/out && echo x > /work/out/x"])
+        assert sb.download("/work/out", via / "down").files == 1
+        assert (real / "down" / "x").read_text() == "x\n"
+        assert sb.upload(via / "tree", "/work/in").files == 1
+        os.lchown(via, 54321, 54321)  # the same link, now another user's
+        with pytest.raises(TransferError, match="owned by uid 54321"):
+            sb.download("/work/out", via / "again")
+        with pytest.raises(TransferError, match="owned by uid 54321"):
+            sb.upload(via / "tree", "/work/again")
+    assert not (real / "again").exists()
+
+
+# In sandbox A: swap /share/d (a directory with a decoy) and /share/l (a link to a private
+# directory) as fast as it can, for as long as the test runs.
+FLIP = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs("/share/d")
+with open("/share/d/canary.txt", "w") as f:
+    f.write("decoy\n")
+os.symlink(sys.argv[1], "/share/l")
+print("ready", flush=True)
+while True:
+    libc.syscall(316, -100, b"/share/d", -100, b"/share/l", 2)  # renameat2(RENAME_EXCHANGE)
+"""
+
+
+def test_an_upload_of_a_tree_being_swapped_never_reads_outside_it(tmp_path: Path, mgr: RuntimeManager) -> None:
+    require("process")
+    private = private_tree(tmp_path / "private")
+    with (
+        shared_directory(0o777) as share,
+        Sandbox(runtime="process", manager=mgr, filesystem_access=[f"{share}:/share:rw"], timeout_seconds=120) as a,
+        Sandbox(runtime="process", manager=mgr, disk_mb=64) as b,
+    ):
+        flipper = a.spawn(["python3", "-c", FLIP, str(private)])
+        try:
+            deadline = time.monotonic() + 30
+            while b"ready" not in flipper.read()[0]:
+                assert flipper.poll() is None and time.monotonic() < deadline, flipper.read()
+                time.sleep(0.05)
+            kinds = set()
+            deadline = time.monotonic() + 30
+            while len(kinds) < 2 and time.monotonic() < deadline:  # the swap is live: the host sees both
+                kinds.add("link" if stat.S_ISLNK(os.lstat(os.path.join(share, "d")).st_mode) else "dir")
+                time.sleep(0.0005)
+            assert kinds == {"link", "dir"}
+            refused = 0
+            for i in range(100):
+                try:
+                    b.upload(share, f"/work/in{i}")
+                except TransferError as exc:
+                    assert "changed while it was packed" in str(exc) or "outside the uploaded tree" in str(exc)
+                    refused += 1
+            got = b.exec(["sh", "-c", "cat /work/in*/*/canary.txt 2>/dev/null; true"])
+            assert SECRET not in got.stdout
+            assert "decoy" in got.stdout or refused == 100
+        finally:
+            flipper.kill("SIGKILL")
+            flipper.wait(10)
+
+
+def pax_archive(records: int, headers: int = 1) -> io.BytesIO:
+    """A tar whose members carry ``records`` PAX records each, as a subverted isolate could pack."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for n in range(headers):
+            info = tarfile.TarInfo(f"f{n}")
+            info.size = 1
+            info.pax_headers = {f"k{i}": "" for i in range(records)}
+            tar.addfile(info, io.BytesIO(b"x"))
+    buf.seek(0)
+    return buf
+
+
+def test_an_archive_of_pax_records_is_refused_before_tarfile_reads_them(tmp_path: Path) -> None:
+    one_big = pax_archive(records=MAX_METADATA // 8 + 1)
+    assert len(one_big.getvalue()) < 1 << 20  # small on the wire, a dict of 8,000 entries in memory
+    with pytest.raises(UnsafeArchiveError, match=r"metadata member .* of \d+ bytes"):
+        unpack(one_big, str(tmp_path / "a"), 256 << 20, 1000, "/work/x", False, False)
+    many = pax_archive(records=MAX_METADATA // 10, headers=MAX_PAX_TOTAL // MAX_METADATA * 2)
+    with pytest.raises(UnsafeArchiveError, match="of PAX records in all"):
+        unpack(many, str(tmp_path / "b"), 256 << 20, 1000, "/work/x", False, False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # A few records, as a real tar writes them, and GNU long names go through.
+    assert unpack(pax_archive(records=3, headers=3), str(tmp_path / "c"), 1 << 20, 10, "/w", False, False)[0] == 3
+    long = io.BytesIO()
+    with tarfile.open(fileobj=long, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("d" * 200 + "/" + "n" * 250)
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    long.seek(0)
+    assert unpack(long, str(tmp_path / "d"), 1 << 20, 10, "/w", False, False)[0] == 1
+    assert (tmp_path / "d" / ("d" * 200) / ("n" * 250)).read_bytes() == b"ok"
