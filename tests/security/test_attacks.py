@@ -229,6 +229,34 @@ def test_a_mount_source_that_links_below_a_private_directory_is_refused(runtime:
         shutil.rmtree(top)
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="only a root host opens shared paths with another uid than its caller's")
+@pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
+def test_a_share_a_sandbox_could_swap_for_a_link_is_refused(runtime: str, manager: RuntimeManager) -> None:
+    # runsc and QEMU open a share's source as root after stockade checked it: a sandbox writing a
+    # directory on the way (another share) could swap the next step for a link to a private tree.
+    from tests.conftest import require
+    from tests.helpers import shared_directory
+
+    require(runtime)
+    with shared_directory(0o777) as outer:
+        inner = os.path.join(outer, "inner")
+        os.mkdir(inner, 0o755)
+        with pytest.raises(stockade.PolicyError, match=f"lies below {outer}, which others may write \\(mode 0777"):
+            stockade.run(["true"], runtime=runtime, manager=manager, filesystem_access=[f"{inner}:/data"])
+        made = stockade.run(["mkdir", "-m", "755", "/data/made"], runtime="process", manager=manager,
+                            filesystem_access=[f"{outer}:/data:rw"])  # fmt: skip
+        assert made.success, made.summary()
+        os.chmod(outer, 0o1777)  # sticky, as /tmp: no other user's entry can be renamed there
+        with pytest.raises(stockade.PolicyError, match=r"made is an entry of uid \d+, a sandbox's"):
+            stockade.run(["true"], runtime=runtime, manager=manager, filesystem_access=[f"{outer}/made:/data"])
+        os.symlink(inner, os.path.join(outer, "link"))
+        os.lchown(os.path.join(outer, "link"), os.stat(os.path.join(outer, "made")).st_uid, -1)
+        with pytest.raises(stockade.PolicyError, match=r"link is a link of uid \d+, a sandbox's"):
+            stockade.run(["true"], runtime=runtime, manager=manager, filesystem_access=[f"{outer}/link:/data"])
+        r = stockade.run(["ls", "/data"], runtime=runtime, manager=manager, filesystem_access=[f"{inner}:/data"])
+        assert r.success, r.summary() + r.stderr  # below a sticky directory, a root-owned one is shared
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="rootless, an isolate runs as its caller's own uid (threat-model.md)")
 @pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
 def test_a_shared_directory_is_reached_as_the_isolates_own_host_uid(runtime: str) -> None:

@@ -132,3 +132,23 @@ def test_random_requests_get_well_formed_answers(process_runtime: str, seed: int
     assert "Traceback" not in d.logs(), d.logs()[-3000:]
     # The fuzzer got deep: real runs, real sandboxes, and refusals from the Policy itself.
     assert outcomes.count("ok") >= 5 and "policy" in outcomes and held, sorted(set(outcomes))
+
+
+def test_a_request_nested_a_million_deep_is_refused_and_the_connection_lives(process_runtime: str) -> None:
+    d = start_daemon({"STOCKADE_MAX_REQUEST_BYTES": str(4 << 20)})
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)
+            s.connect(d.socket_path)
+            replies = s.makefile("rb")
+            deep = b"[" * 1_000_000
+            inside = b'{"method": "ping", "params": {"x": ' + b"[" * 200_000 + b"]" * 200_000 + b'}, "id": 1}'
+            for line in (deep, inside):
+                s.sendall(line + b"\n")
+                reply = json.loads(replies.readline())
+                assert reply["error_code"] == "invalid_request" and "nested too deeply" in reply["error"], reply
+            s.sendall(b'{"method": "ping", "params": {}, "id": "after"}\n')
+            assert json.loads(replies.readline()) == {"result": "pong", "error": None, "id": "after"}
+    finally:
+        assert d.stop() == 0
+    assert "Traceback" not in d.logs(), d.logs()[-3000:]

@@ -179,6 +179,8 @@ class RPCServer:
             request = codec.decode(line)
         except ValueError:  # UnicodeDecodeError is one
             return error_answer(None, f"Invalid {codec.name}", "invalid_request")
+        except RecursionError:  # json's parser recurses: [[[[... a million deep
+            return error_answer(None, f"Invalid {codec.name}: nested too deeply", "invalid_request")
         if not isinstance(request, dict):
             return error_answer(None, f"Invalid request: expected a {codec.name} object", "invalid_request")
         msg_id = request.get("id")

@@ -27,6 +27,7 @@ from ...egress import PROXY_PORT
 from ...environments import ENV_ROOT
 from ...errors import PolicyError
 from ...policy import Policy, default_policy, forbidden_source
+from ...settings import current
 from ..base import BASE_ENV, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, WarmPool
@@ -329,6 +330,25 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         }
 
 
+def _check_unswappable(where: str, path: str, st: os.stat_result, last: bool) -> None:
+    """A step on the way to a shared path that no sandbox can swap for a link of its own between
+    this check and runsc's or QEMU's open of the source as root: not a link or directory of a
+    sandbox uid's (one made in another share), and, above the source, no directory others may
+    write without the sticky bit (another sandbox's read-write share is one)."""
+    first, last_uid = current().sandbox_uids
+    if first <= st.st_uid <= last_uid:
+        kind = "a link" if stat.S_ISLNK(st.st_mode) else "an entry"
+        raise PolicyError(
+            f"{where}: {path} is {kind} of uid {st.st_uid}, a sandbox's: it may not be on the way to a shared path"
+        )
+    if not last and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise PolicyError(
+            f"{where} lies below {path}, which others may write (mode {stat.S_IMODE(st.st_mode):04o}, no sticky "
+            "bit): a sandbox that writes it (another share) could swap the way for a link; share a path whose "
+            "parents only their owners may change"
+        )
+
+
 def _default_limits() -> tuple[int, int, float]:
     """The limits most isolates run with, written when a spare's group is made."""
     limits = default_policy()
@@ -355,8 +375,10 @@ def check_mount_sources(policy: Policy) -> None:
         # must not be their way in.
         for named in dict.fromkeys((mount.source, real)):
             path = ""
-            for part in named.strip("/").split("/"):
+            parts = named.strip("/").split("/")
+            for depth, part in enumerate(parts):
                 path += "/" + part
+                _check_unswappable(where, path, os.lstat(path), last=depth == len(parts) - 1)
                 st = os.stat(path)
                 if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
                     raise PolicyError(
