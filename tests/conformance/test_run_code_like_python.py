@@ -182,6 +182,19 @@ def test_output_that_is_not_utf8_comes_back_byte_for_byte(sb: Sandbox) -> None:
     assert again.stdout_bytes == every_byte and again.stderr_bytes == b"\xff\xfe err"
 
 
+def test_a_name_of_undecodable_bytes_prints_as_python3_prints_it(sb: Sandbox) -> None:
+    program = (
+        "import os, sys\nopen(b'/work/caf\\xe9.txt', 'w').close()\n"
+        "print(*[n for n in os.listdir('/work') if n.startswith('caf')])\n"
+        "print(sys.stdin.errors, sys.stdout.errors, sys.stderr.errors)"
+    )
+    code = sb.run_code(program)
+    python3 = sb.exec(["python3", "-c", program])
+    assert code.success and python3.success, code.stderr + python3.stderr
+    said = b"caf\xe9.txt\nsurrogateescape surrogateescape backslashreplace\n"
+    assert code.stdout_bytes == python3.stdout_bytes == said
+
+
 def test_utf8_output_travels_once_as_text(sb: Sandbox) -> None:
     r = sb.run_code("print('héllo ✓')")
     assert r.stdout_bytes == "héllo ✓\n".encode()

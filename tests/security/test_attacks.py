@@ -51,6 +51,25 @@ def blocked(result: ExecResult) -> set[str]:
 LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 
 
+@pytest.mark.parametrize("runtime", ["process", "microvm"])
+def test_numa_policy_calls_are_refused_without_a_violation(runtime: str, manager: RuntimeManager) -> None:
+    # numpy and OpenBLAS try mbind/set_mempolicy on import: under on_violation="kill" they must run.
+    from tests.conftest import require
+
+    require(runtime)
+    code = LIBC + (
+        "for nr in (237, 238):  # mbind, set_mempolicy\n"
+        "    print(libc.syscall(nr, 0, 0, 0, 0, 0, 0), ctypes.get_errno())\n"
+        "print(libc.syscall(256, 0, 0, 0, 0))  # migrate_pages: other processes' pages, still reported"
+    )
+    r = stockade.run_code(code, runtime=runtime, manager=manager, timeout_seconds=120)
+    assert r.stdout.splitlines()[:2] == ["-1 1", "-1 1"], r.summary() + r.stderr
+    assert blocked(r) == {"migrate_pages"}
+    quiet = stockade.run_code(LIBC + "print(libc.syscall(237, 0, 0, 0, 0, 0, 0))", runtime=runtime,
+                              manager=manager, on_violation="kill", timeout_seconds=120)  # fmt: skip
+    assert quiet.termination_reason == "completed" and quiet.stdout == "-1\n" and not quiet.security_violations
+
+
 # ---- privileges ---------------------------------------------------------------------
 
 

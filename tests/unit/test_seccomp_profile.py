@@ -77,6 +77,13 @@ def test_clone3_falls_back_to_clone(program: bytes) -> None:
     assert run_bpf(program, NR["clone3"]) == seccomp.RET_ERRNO | 38  # ENOSYS
 
 
+def test_numa_memory_policy_is_refused_quietly(program: bytes) -> None:
+    # numpy and OpenBLAS try it on import: EPERM, which they take, and no violation to report.
+    for name in ("mbind", "set_mempolicy"):
+        assert run_bpf(program, NR[name]) == seccomp.RET_ERRNO | 1
+    assert run_bpf(program, NR["migrate_pages"]) == seccomp.RET_USER_NOTIF  # other processes' pages: reported
+
+
 SOCK_FLAGS = 0x800 | 0x80000  # SOCK_NONBLOCK | SOCK_CLOEXEC, or'ed into the type
 
 

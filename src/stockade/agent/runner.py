@@ -366,8 +366,12 @@ def send_job(fd: int, job: bytes) -> bool:
 
 def install_stdio() -> None:
     """Fresh sys.stdin/stdout/stderr on fds 0-2, as a new ``python3`` would have them on pipes."""
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=False)
+    # surrogateescape, as python3 in a UTF-8 locale: a name of undecodable bytes (os.listdir of
+    # b"caf\xe9") prints as those bytes instead of raising UnicodeEncodeError.
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8", errors="surrogateescape")
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="surrogateescape", write_through=False
+    )
     sys.stderr = io.TextIOWrapper(
         io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
     )
