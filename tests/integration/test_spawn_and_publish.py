@@ -78,6 +78,30 @@ def test_kill_wait_follow_and_bounded_output(process_runtime: str, manager: Runt
             assert other.wait(30) == -9
 
 
+def test_an_ended_process_keeps_its_handle_as_popen_keeps_its_returncode(
+    process_runtime: str, manager: RuntimeManager
+) -> None:
+    from stockade.agent.processes import MAX_ENDED, MAX_SPAWNED
+
+    with Sandbox(Policy(runtime=process_runtime), manager=manager) as sb:
+        first = sb.spawn(["sh", "-c", "echo bye; exit 4"])
+        assert first.wait(30) == 4 and first.read() == (b"bye\n", b"")
+        later = sb.spawn(["sleep", "300"])  # a spawn after it used to forget it
+        assert first.poll() == 4 and first.read() == (b"", b"")
+        first.kill("SIGKILL")  # nothing to signal: no error, and the status stands
+        assert first.wait(1) == 4
+        listed = {p["handle"]: p for p in sb.processes()}
+        assert listed[first.handle]["exit_code"] == 4 and listed[later.handle]["running"]
+        # Ended ones count against no limit: more than MAX_SPAWNED come and go beside a running one.
+        ended = []
+        for _ in range(MAX_SPAWNED + 2):
+            p = sb.spawn(["true"])
+            assert p.wait(30) == 0
+            ended.append(p)
+        assert ended[-1].poll() == 0 and len(sb.processes()) <= MAX_ENDED + 2
+        later.kill("SIGKILL")
+
+
 def test_a_spawned_python_program_s_output_comes_as_it_prints(process_runtime: str, manager: RuntimeManager) -> None:
     # As for a streamed exec: no PYTHONUNBUFFERED, and a server's banner never showed before it ended.
     with Sandbox(Policy(runtime=process_runtime), manager=manager) as sb:

@@ -35,6 +35,7 @@ else:  # the C module: socket.py imports enum (slow under gVisor)
 OUTPUT_BUFFER = 1 << 20  # per stream and process, until the host reads it
 STDIN_BUFFER = 4 << 20  # written by the host, not yet taken by the process
 MAX_SPAWNED = 64
+MAX_ENDED = 64  # ended processes whose exit status is kept for their handles
 MAX_TUNNELS = 64  # connections to the isolate's ports, counted apart from its processes
 MAX_WAIT_S = 600.0
 _SIGNALS = {"SIGTERM": 15, "SIGKILL": 9, "SIGINT": 2, "SIGHUP": 1, "SIGUSR1": 10, "SIGUSR2": 12}
@@ -89,7 +90,7 @@ class Processes:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise wire.RPCError(wire.INVALID_PARAMS, "argv must be a non-empty list of strings")
         self._forget_ended()
-        if sum(not p.tunnel for p in self._spawned.values()) >= MAX_SPAWNED:
+        if sum(not p.tunnel and not _settled(p) for p in self._spawned.values()) >= MAX_SPAWNED:
             raise wire.RPCError(
                 wire.INVALID_PARAMS, f"at most {MAX_SPAWNED} background processes: wait for or kill one"
             )
@@ -265,17 +266,28 @@ class Processes:
                     break
 
     def _forget_ended(self) -> None:
-        """Ended processes whose output was all read go (their handles with them)."""
+        """Settle ended processes whose output was all read: their stdin closed, their exit status
+        kept (poll, read, kill and the list still answer, as Popen's returncode does) for the
+        newest MAX_ENDED; older ones go, handles with them."""
         self._reap_spawned()
+        settled = []
         for handle, proc in list(self._spawned.items()):
             if proc.tunnel:
                 if proc.closed_by_host:
                     del self._spawned[handle]  # a tunnel is the host's until it closes it
                 continue
-            if proc.status is not None and proc.end_told and not proc.fds and not any(proc.output.values()):
+            if _settled(proc):
                 if proc.stdin_fd is not None and proc.stdin_fd >= 0:
                     os.close(proc.stdin_fd)
-                del self._spawned[handle]
+                proc.stdin_fd = None
+                settled.append(handle)
+        for handle in settled[: max(0, len(settled) - MAX_ENDED)]:  # oldest first: spawn order
+            del self._spawned[handle]
+
+
+def _settled(proc: Spawned) -> bool:
+    """Ended, the host told so, its pipes closed and all its output read: it holds nothing more."""
+    return proc.status is not None and proc.end_told and not proc.fds and not any(proc.output.values())
 
 
 def _read(proc: Spawned, fd: int) -> bool:
