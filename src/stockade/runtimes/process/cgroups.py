@@ -137,8 +137,11 @@ class IsolateCgroup:
     def usage(self, peak: bool = True) -> IsolateUsage:
         """OOM kills and CPU time so far; the peak memory too unless ``peak=False``.
 
-        ``peak=False`` is the baseline read when an isolate is built: it still
-        opens the peak counter, so that a run's own read opens no file.
+        ``peak=False`` is the baseline read as a run opens (or as its isolate is
+        built): it resets the peak counter to the usage now, so that the run's
+        own read is the run's peak, not the held sandbox's lifetime one (v1's
+        ``memory.max_usage_in_bytes``; v2's ``memory.peak`` from Linux 6.12, per
+        descriptor, so the same one is read; before that the lifetime peak stays).
         """
         # Imported here: the CLI makes its isolate's groups before the runtime (and the Policy
         # that runtimes/base.py brings) is imported, so that the zygote's spare starts sooner.
@@ -164,21 +167,28 @@ class IsolateCgroup:
 
     def _peak_mb(self, key: str, name: str, read: bool) -> float | None:
         if not read:
-            self._open(key, name)  # ready for the run's read
+            fd = self._open(key, name, writable=True)
+            try:
+                if fd is not None:
+                    os.pwrite(fd, b"0\n", 0)
+            except OSError:
+                pass  # a kernel whose memory.peak cannot be reset: the lifetime peak stays
             return None
         top = self._read_int(key, name)
         return round(top / 2**20, 3) if top is not None else None
 
-    def _open(self, key: str, name: str) -> int | None:
+    def _open(self, key: str, name: str, writable: bool = False) -> int | None:
         # Counters are read several times per run: each file is opened once and
         # pread from the start, which re-generates its contents.
         path = os.path.join(self.dirs[key], name)
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return None
+            for flags in (os.O_RDWR, os.O_RDONLY) if writable else (os.O_RDONLY,):
+                try:
+                    fd = self._fds[path] = os.open(path, flags | os.O_CLOEXEC)
+                    break
+                except OSError:
+                    continue
         return fd
 
     def _read(self, key: str, name: str) -> bytes | None:
