@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from stockade.errors import DaemonUnavailableError, InvalidRequestError, PolicyE
 from stockade.limits import MAX_CALL_BYTES
 from stockade.result import ExecResult
 from stockade.rpc.connection import LINES_UNDER_WAY_PER_UID
+from stockade.runtimes.gvisor import BUNDLE_PREFIX
+from stockade.runtimes.microvm.runtime import RUN_PREFIX
 from tests.daemon_harness import Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
 from tests.helpers import processes_with_arg
 
@@ -807,11 +810,19 @@ def test_sigkill_during_execution_then_restart_and_retry(process_runtime: str) -
         time.sleep(0.05)
     assert processes_with_arg(marker) == [], "the sandbox outlived its daemon"
 
+    # What a dead daemon's gVisor and microVM sandboxes leave in /tmp goes as the next one starts.
+    left = [os.path.join(tempfile.gettempdir(), f"{prefix}{old_pid}-7") for prefix in (BUNDLE_PREFIX, RUN_PREFIX)]
+    for path in left:
+        os.makedirs(os.path.join(path, "rootfs"))
     restarted = start_daemon(socket_path=d.socket_path)  # replaces the stale socket
     try:
         result = call_with_retry(lambda: client.execute(["echo", "back"]), max_retries=3, backoff=0.2)
         assert result.stdout == "back\n"
         assert _cgroups_of(old_pid) == [], "the restarted daemon did not sweep the dead one's cgroups"
+        deadline = time.monotonic() + 30  # the sweep runs as the daemon reaches its runtimes: maybe after the call
+        while any(os.path.exists(p) for p in left) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p for p in left if os.path.exists(p)] == [], "nor the dead one's gVisor and microVM directories"
     finally:
         assert restarted.stop() == 0
 

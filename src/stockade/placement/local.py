@@ -70,10 +70,12 @@ class LocalPlacement:
 
     async def connect(self) -> dict[str, Any]:
         """Start the default runtime now (its zygote, its pool, the sweep of what a previous
-        daemon killed with SIGKILL left behind); raises when it cannot start here."""
+        daemon killed with SIGKILL left behind: its groups, and gVisor's and microVMs' directories
+        whatever the default runtime); raises when it cannot start here."""
         from ..policy import default_policy
         from ..sdk import warm_up
 
+        await self._off_loop(_sweep_dead_hosts_dirs)
         await self._off_loop(lambda: warm_up(manager=self.manager))
         self.manager.select(default_policy())  # unavailable here: said now
         return self.describe()
@@ -138,3 +140,14 @@ class LocalPlacement:
         if self._own_manager:
             await self._off_loop(self.manager.close)
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _sweep_dead_hosts_dirs() -> None:
+    """The gVisor bundles and microVM run directories of a daemon killed with SIGKILL: removed as
+    this one starts, not at its first gVisor or microVM start, which may never come."""
+    from ..runtimes.gvisor import BUNDLE_PREFIX
+    from ..runtimes.hosted import sweep_dead_hosts_dirs
+    from ..runtimes.microvm.runtime import RUN_PREFIX
+
+    for prefix in (BUNDLE_PREFIX, RUN_PREFIX):
+        sweep_dead_hosts_dirs(prefix)

@@ -52,7 +52,7 @@ from .drain import Tail, drain, weak
 from .gvisor_bundle import HostIds, write_bundle
 from .gvisor_log import SentryLog
 from .host_program import spawn_in_cgroup
-from .hosted import HostedSandbox, abandon_start, closed_to_others, lease_uids
+from .hosted import HostedSandbox, abandon_start, closed_to_others, lease_uids, sweep_dead_hosts_dirs
 from .pool import PooledRuntime, WarmPool
 from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
 from .process.uids import UidLease
@@ -238,7 +238,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
     def _sweep_own(self) -> None:
         """runsc's state and bundles left by a host that died (its cgroups go with the others)."""
         _sweep_state(self._root)
-        _sweep_bundles()
+        sweep_dead_hosts_dirs(BUNDLE_PREFIX)
 
     # ---- sandboxes ----------------------------------------------------------------------
 
@@ -485,13 +485,3 @@ def _sweep_state(root: str) -> None:
         _runsc_delete(root, base)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(root, name))  # what runsc delete could not remove
-
-
-def _sweep_bundles() -> None:
-    base = tempfile.gettempdir()
-    for name in os.listdir(base):
-        if not name.startswith(BUNDLE_PREFIX):
-            continue
-        pid = name[len(BUNDLE_PREFIX) :].split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from ..policy import Policy
 from .base import IsolateUsage
-from .process.cgroups import IsolateCgroup
+from .process.cgroups import IsolateCgroup, pid_alive
 from .process.factory import release_uid
 from .process.uids import UidAllocator, UidLease, UidRange, processes_of
 from .sandbox import AgentSandbox
@@ -200,3 +200,16 @@ def lease_uids(count: int, cgroup: IsolateCgroup | None) -> list[UidLease]:
 def release_uids(uids: Sequence[UidLease], cgroup_gone: bool) -> None:
     for uid in uids:
         release_uid(uid, cgroup_gone)
+
+
+def sweep_dead_hosts_dirs(prefix: str) -> None:
+    """Remove the temporary directories named ``<prefix><pid>-...`` (a gVisor bundle, a microVM's
+    run directory) whose stockade process is gone: a host killed with SIGKILL leaves them."""
+    import tempfile
+
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if name.startswith(prefix):
+            pid = name[len(prefix) :].split("-")[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)

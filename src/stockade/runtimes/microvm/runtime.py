@@ -44,10 +44,10 @@ from ...result import SecurityViolation
 from ...settings import current
 from ..base import Availability, IsolateUsage
 from ..host_program import spawn_in_cgroup
-from ..hosted import HostedSandbox, abandon_start, lease_uids
+from ..hosted import HostedSandbox, abandon_start, lease_uids, sweep_dead_hosts_dirs
 from ..pool import PooledRuntime, WarmPool, pool_shapes_setting
 from ..process import seccomp
-from ..process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
+from ..process.cgroups import IsolateCgroup, SweptCgroupManager
 from ..process.uids import UidLease
 from ..reaper import Reaper
 from . import image as guest_image
@@ -146,7 +146,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         self._accel: str | None = None
         self._checked: MicrovmSandbox | None = None  # the VM that detect() booted, not yet used
         self._version: str | None = None  # of the QEMU build, for snapshot keys
-        self._cgroups = SweptCgroupManager(_sweep_rundirs)
+        self._cgroups = SweptCgroupManager(lambda: sweep_dead_hosts_dirs(RUN_PREFIX))
         self._pool: WarmPool[MicrovmSandbox] | None = None
         if pool_size > 0:
             # A pooled VM holds its guest RAM: fewer shapes than the lighter runtimes keep.
@@ -507,15 +507,6 @@ def _choose_accel(runtime: MicrovmRuntime) -> str:
         with open(_cache_file(), "w") as f:
             json.dump({"key": key, "accel": chosen}, f)
     return chosen
-
-
-def _sweep_rundirs() -> None:
-    base = tempfile.gettempdir()
-    for name in os.listdir(base):
-        if name.startswith(RUN_PREFIX):
-            pid = name[len(RUN_PREFIX) :].split("-")[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 
 def _answers(sandbox: MicrovmSandbox) -> bool:
