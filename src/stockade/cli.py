@@ -121,7 +121,7 @@ def _flag_help(field: Any, repeated: bool = False) -> str:
 
 
 def _build_policy(args: Any) -> Any:
-    from .cli_daemon import POLICY_FIELDS, policy_fields
+    from .cli_daemon import policy_fields
     from .errors import PolicyError
     from .policy import CLI_FLAGS, Policy
 
@@ -138,7 +138,7 @@ def _build_policy(args: Any) -> Any:
             if getattr(args, name, None) not in (None, []):  # a flag gave it
                 if name in CLI_FLAGS:
                     parts[i] = f"{CLI_FLAGS[name][0]} ({field}):{rest}"
-            elif args.policy_file and name in POLICY_FIELDS:
+            elif args.policy_file:  # not a flag's, so the file's: a field it names, known or not
                 parts[i] = f"--policy-file {args.policy_file} ({field}):{rest}"
         raise PolicyError("invalid policy: " + "; ".join(parts)) from None
 

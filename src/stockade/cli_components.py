@@ -101,7 +101,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         return cli_outcome.fail(str(exc))
     print(HEADER)
     print(_component_line(state))
-    return 1 if state.status == "failed" else 0
+    if state.status == "failed":  # said on stderr too, where a script looks for why
+        print(f"stockade start: {args.name} failed: {state.error or 'see stockade logs ' + args.name}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -257,3 +257,7 @@ def test_sessions_are_python_only_and_read_no_stdin(sb: Sandbox) -> None:
         sb.run_code("echo hi", "bash", session="s")
     with pytest.raises(InvalidRequestError, match="no stdin"):
         sb.run_code("input()", stdin="x", session="s")
+    for name in ("", "x" * 65, "bad\nname"):  # refused before anything is sent, by the sandbox's own error
+        with pytest.raises(InvalidRequestError, match="session must be a name of 1 to 64 printable characters"):
+            sb.run_code("1", session=name)
+    assert sb.run_code("print(2)").stdout == "2\n"

@@ -177,6 +177,10 @@ def test_a_policy_files_out_of_range_field_is_refused_naming_it(tmp_path: Path) 
     assert f"--policy-file {path} (memory_mb)" in out.stderr  # the file said it: not --memory
     out = cli("run", "--policy-file", str(path), "--memory", "99999", "--", "true")
     assert out.returncode == 125 and "--memory (memory_mb)" in out.stderr  # the flag said it
+    path.write_text('{"timeot_seconds": 5, "memory_mb": "lots"}')  # every problem the file holds names it
+    out = cli("run", "--policy-file", str(path), "--", "true")
+    assert out.returncode == 125 and f"--policy-file {path} (timeot_seconds): unknown field" in out.stderr, out.stderr
+    assert f"--policy-file {path} (memory_mb)" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import random
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -439,6 +440,13 @@ def test_publish_needs_a_loopback(cli: Callable[..., subprocess.CompletedProcess
     assert refused.returncode == 125 and "--network loopback" in refused.stderr
     bad = cli("start", "--name", "web", "--network", "loopback", "--publish", "0.0.0.0:80:8000", "--", "sleep", "1")
     assert bad.returncode == 125 and "loopback address" in bad.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        busy = cli("start", "--name", "busy", "--network", "loopback", "--publish", f"{port}:8000", "--", "sleep", "9")
+    assert busy.returncode == 1 and "failed" in busy.stdout
+    assert f"stockade start: busy failed: cannot publish: publish 127.0.0.1:{port} -> 8000" in busy.stderr
+    assert "Address already in use (another program holds it" in busy.stderr, busy.stderr
+    assert cli("rm", "--force", "busy").returncode == 0
 
 
 def test_a_components_supervisor_gets_no_token_or_session_key(process_runtime: str, tmp_path: Path) -> None:

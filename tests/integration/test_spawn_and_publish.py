@@ -255,6 +255,22 @@ def test_bad_publish_specs_are_refused(spec: str, error: type[Exception], match:
         Sandbox(Policy(runtime=process_runtime, network_policy="loopback"), publish=[spec])
 
 
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_a_host_port_already_taken_is_refused_by_name_and_the_sandbox_lives(
+    runtime: str, manager: RuntimeManager
+) -> None:
+    require(runtime)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with Sandbox(Policy(runtime=runtime, network_policy="loopback"), manager=manager) as sb:
+            said = rf"publish 127.0.0.1:{port} -> 8000: .*Address already in use .*another program"
+            with pytest.raises(InvalidRequestError, match=said):
+                sb.publish(f"{port}:8000")
+            assert sb.exec(["true"]).success
+            _, free = sb.publish("0:8000")  # another port goes
+            assert free != port
+
+
 def test_publishing_needs_a_loopback(process_runtime: str) -> None:
     with pytest.raises(PolicyError, match="network_policy='loopback'"):
         Sandbox(Policy(runtime=process_runtime), publish=[8000])

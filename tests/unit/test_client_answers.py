@@ -214,8 +214,14 @@ def test_a_held_sandbox_call_sends_its_keywords_and_refuses_a_misspelt_one(
         "sandbox_id": "sb-1", "command": ["cat"], "cwd": "/work", "stdin_b64": "AP8=", "env": {"A": "b"}, "timeout": 3,
     }  # fmt: skip
     assert sent[1]["params"] == {"sandbox_id": "sb-1", "code": "print(1)", "stdin": "text"}
-    with pytest.raises(TypeError, match="unexpected keyword arguments: stdn"):
+    with pytest.raises(
+        TypeError, match=r"^exec\(\) got an unexpected keyword argument 'stdn' \(did you mean 'stdin'\?\)"
+    ):
         client.sandbox_exec("sb-1", ["true"], stdn="x")  # type: ignore[call-arg]
+    with pytest.raises(
+        TypeError, match=r"exec\(\) got an unexpected keyword argument 'timout' \(did you mean 'timeout'"
+    ):
+        handle.exec(["true"], timout=1)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="cwd"):
         client.sandbox_run_code("sb-1", "pass", cwd="/work")  # type: ignore[call-arg]
     assert len(sent) == 2  # nothing was sent for either

@@ -166,8 +166,15 @@ class Requests:
         known = _EXEC_OPTIONS if model is SandboxExec else _CODE_OPTIONS
         if unknown := sorted(set(options) - known):
             # Keywords travel as a dict: a misspelt one would otherwise be dropped without a word.
+            # Worded as Python words a call's unknown keyword, by the method's public name.
+            from ..checked import nearest
+
+            near = nearest(unknown[0], known)
+            hint = f" (did you mean {near!r}?)" if near else ""
+            many = f" (and {', '.join(map(repr, unknown[1:]))})" if unknown[1:] else ""
             raise TypeError(
-                f"{method} got unexpected keyword arguments: {', '.join(unknown)} (it takes {', '.join(sorted(known))})"
+                f"{method.removeprefix('sandbox.')}() got an unexpected keyword argument {unknown[0]!r}{hint}{many}; "
+                f"it takes {', '.join(sorted(known))}"
             )
         given = {k: v for k, v in options.items() if k not in ("stdin", "on_output")}
         request = _build(model, method, sandbox_id=sandbox_id, **fields, **given, **_stdin(options.get("stdin")))

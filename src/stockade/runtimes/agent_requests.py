@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from ..agent.sessions import INTERRUPT_GRACE_S
+from ..agent.sessions import INTERRUPT_GRACE_S, MAX_SESSION_NAME
 from ..errors import InvalidRequestError, PolicyError
 from ..limits import check_code, check_timeout
 from ..policy import Policy
@@ -89,6 +89,10 @@ def code_request(code: str, language: str, session: str | None, stdin: bytes | s
     check_code(code, language)
     if session is None:
         return "run_code", code_params(code, language)
+    if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_NAME or not session.isprintable():
+        raise InvalidRequestError(
+            f"session must be a name of 1 to {MAX_SESSION_NAME} printable characters, not {str(session)[:80]!r}"
+        )
     if language != "python":
         raise InvalidRequestError(f"a session runs Python, not {language!r}: leave session out for {language}")
     if stdin:

@@ -28,6 +28,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -96,7 +97,15 @@ class _PublishedPort:
     def __init__(self, address: str, host_port: int, port: int, name: str) -> None:
         self.port = port
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self.listener = socket.create_server((address, host_port), family=family)
+        try:
+            self.listener = socket.create_server((address, host_port), family=family)
+        except OSError as exc:
+            where = f"[{address}]:{host_port}" if family == socket.AF_INET6 else f"{address}:{host_port}"
+            busy = " (another program holds it: pick another host port, or 0 for any free one)"
+            raise InvalidRequestError(
+                f"publish {where} -> {port}: cannot listen on {where} on the host: {os.strerror(exc.errno or 0)}"
+                + (busy if exc.errno == errno.EADDRINUSE else "")
+            ) from None
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._lock = threading.Lock()
@@ -177,7 +186,7 @@ class Forwarder(_PublishedPort):
         self._busy = 0  # connections being set up (joining the namespace through the pidfd)
         try:
             super().__init__(address, host_port, port, "stockade-publish")
-        except OSError:
+        except BaseException:
             os.close(self.pidfd)
             raise
 
