@@ -99,11 +99,11 @@ def test_an_exception_is_structured_with_the_cells_frames_only_and_the_state_sur
     assert (ended.exit_code, ended.success) == (3, False)  # its code, as a script's would be
     assert py.run("kept").execution_count == 7
     ends = ("sys.exit(0)", "sys.exit()", "sys.exit('bye')", "sys.exit('3')")
-    assert [(r.exit_code, r.success) for r in map(py.run, ends)] == [
-        (0, True),
-        (0, True),
-        (1, False),
-        (1, False),  # a message, whatever it reads
+    assert [(r.exit_code, r.success, r.stderr) for r in map(py.run, ends)] == [
+        (0, True, ""),
+        (0, True, ""),
+        (1, False, "bye\n"),  # said on stderr, as a script's sys.exit("bye") says it
+        (1, False, "3\n"),  # a message, whatever it reads
     ]
 
 

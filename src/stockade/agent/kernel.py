@@ -195,6 +195,8 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
     if isinstance(exc, SystemExit):  # the cell's exit code, as a script's would be (the agent takes it out)
         code = exc.code
         said["exit_code"] = 0 if code is None else (code & 0xFF if isinstance(code, int) else 1)
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)  # sys.exit("why") says why, as a script's does
     return said
 
 
