@@ -16,7 +16,6 @@ import os
 import stat
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,13 +30,6 @@ from tests.helpers import shared_directory
 SECRET = "HOST-SECRET-CANARY"
 
 
-@pytest.fixture(scope="module")
-def mgr() -> Iterator[RuntimeManager]:
-    manager = RuntimeManager(pool_size=0)
-    yield manager
-    manager.close()
-
-
 def private_tree(root: Path) -> Path:
     """A root-only directory holding a root-only file: what no sandbox may read."""
     root.mkdir(mode=0o700)
@@ -46,12 +38,14 @@ def private_tree(root: Path) -> Path:
     return root
 
 
-def test_a_link_planted_in_a_share_steers_neither_a_download_nor_an_upload(tmp_path: Path, mgr: RuntimeManager) -> None:
+def test_a_link_planted_in_a_share_steers_neither_a_download_nor_an_upload(
+    tmp_path: Path, manager: RuntimeManager
+) -> None:
     require("process")
     victim = private_tree(tmp_path / "root-only")  # stands in for /etc/cron.d, /root/.ssh
     with (
         shared_directory(0o777) as share,
-        Sandbox(runtime="process", manager=mgr, filesystem_access=[f"{share}:/share:rw"]) as sb,
+        Sandbox(runtime="process", manager=manager, filesystem_access=[f"{share}:/share:rw"]) as sb,
     ):
         planted = sb.exec(
             ["sh", "-c", f"mkdir -p /work/out /share/real && echo evil > /work/out/evil "
@@ -73,14 +67,14 @@ def test_a_link_planted_in_a_share_steers_neither_a_download_nor_an_upload(tmp_p
         assert sb.upload(os.path.join(share, "real", "here"), "/work/back").files == 1
 
 
-def test_links_root_or_the_caller_owns_are_followed_others_are_not(tmp_path: Path, mgr: RuntimeManager) -> None:
+def test_links_root_or_the_caller_owns_are_followed_others_are_not(tmp_path: Path, manager: RuntimeManager) -> None:
     require("process")
     real = tmp_path / "real"
     (real / "tree").mkdir(parents=True)
     (real / "tree" / "f").write_text("f")
     via = tmp_path / "via"
     via.symlink_to("real")  # the host's own link, as /var/run -> /run is
-    with Sandbox(runtime="process", manager=mgr) as sb:
+    with Sandbox(runtime="process", manager=manager) as sb:
         sb.exec(["sh", "-c", "mkdir /work/out && echo x > /work/out/x"])
         assert sb.download("/work/out", via / "down").files == 1
         assert (real / "down" / "x").read_text() == "x\n"
@@ -108,13 +102,13 @@ while True:
 """
 
 
-def test_an_upload_of_a_tree_being_swapped_never_reads_outside_it(tmp_path: Path, mgr: RuntimeManager) -> None:
+def test_an_upload_of_a_tree_being_swapped_never_reads_outside_it(tmp_path: Path, manager: RuntimeManager) -> None:
     require("process")
     private = private_tree(tmp_path / "private")
     with (
         shared_directory(0o777) as share,
-        Sandbox(runtime="process", manager=mgr, filesystem_access=[f"{share}:/share:rw"], timeout_seconds=120) as a,
-        Sandbox(runtime="process", manager=mgr, disk_mb=64) as b,
+        Sandbox(runtime="process", manager=manager, filesystem_access=[f"{share}:/share:rw"], timeout_seconds=120) as a,
+        Sandbox(runtime="process", manager=manager, disk_mb=64) as b,
     ):
         flipper = a.spawn(["python3", "-c", FLIP, str(private)])
         try:
