@@ -461,8 +461,10 @@ def remove(what: str) -> str:
     env_id = matches[0]
     holders = sorted(n for n, i in names().items() if i == env_id)
     if holders:
-        raise PolicyError(f"environment {env_id[:12]} is named {', '.join(holders)}: remove the name "
-                          f"(stockade env rm {holders[0]}), not the environment under it")  # fmt: skip
+        rm = " and ".join(f"stockade env rm {name}" for name in holders)
+        names_ = "the names" if len(holders) > 1 else "the name"
+        raise PolicyError(f"environment {env_id[:12]} is named {', '.join(holders)}: remove {names_} "
+                          f"({rm}; it goes with its last name), not the environment under them")  # fmt: skip
     _delete(env_id)
     return f"removed environment {env_id[:12]}"
 

@@ -203,6 +203,11 @@ def test_env_ls_and_rm(store: str) -> None:
     env_id = environments.named("one")
     assert env_id == environments.named("two") and sorted(entries[env_id].names) == ["one", "two"]
     assert entries[env_id].installed[0].startswith("cycler==")
+    # Refused by id while named, naming every name to remove.
+    with pytest.raises(
+        PolicyError, match=r"is named one, two: remove the names \(stockade env rm one and stockade env rm two;"
+    ):
+        environments.remove(env_id[:8])
     # A name shared with another goes alone; the environment is refused by id while named.
     assert cli("env", "rm", "one") == 0
     assert environments.named("one") is None and os.path.isdir(environments.env_path(env_id))

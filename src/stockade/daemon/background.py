@@ -89,8 +89,6 @@ class BackgroundProcesses:
                     f"publish {request.port!r}: the daemon runs without root (STOCKADE_DAEMON_USER) and binds "
                     f"no host port below {FIRST_UNPRIVILEGED_PORT}"
                 ) from None
-            except OSError as exc:  # the host port is taken, or not this host's
-                raise InvalidRequestError(f"publish {request.port!r}: {exc.strerror or exc}") from None
             held.published.append(PublishedPort(port=port, address=address, host_port=bound))
             return Published(sandbox_id=held.sandbox_id, port=port, address=address, host_port=bound)
 

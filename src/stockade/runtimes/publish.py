@@ -99,6 +99,8 @@ class _PublishedPort:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
             self.listener = socket.create_server((address, host_port), family=family)
+        except PermissionError:
+            raise  # a port below the unprivileged range: its caller knows why it has no root
         except OSError as exc:
             where = f"[{address}]:{host_port}" if family == socket.AF_INET6 else f"{address}:{host_port}"
             busy = " (another program holds it: pick another host port, or 0 for any free one)"
