@@ -8,8 +8,8 @@ swapped for a link mid-walk (``renameat2(RENAME_EXCHANGE)``) is refused, not
 followed into a tree the host may read and the sandbox may not. The path the
 caller gave is opened by ``transfer_paths.open_local``. A link inside the tree
 goes as a link when its target stays inside; any other is refused, as are
-FIFOs, sockets and devices. The archive is held to its cap before each file's
-bytes are read.
+FIFOs, sockets and devices. The archive is held to its cap before each entry
+is written.
 """
 
 from __future__ import annotations
@@ -83,14 +83,14 @@ def _pack_directory(
             inside = posixpath.normpath(posixpath.join(posixpath.dirname(arcname), target))
             if target.startswith("/") or inside == ".." or inside.startswith("../"):
                 raise TransferError(f"{path} is a link to {target}, outside the uploaded tree: links are not followed")
-            tar.addfile(_info(arcname, st, tarfile.SYMTYPE, target))
+            tar.addfile(_held_to_cap(_info(arcname, st, tarfile.SYMTYPE, target), 0, spool, cap, packed))
             packed.links += 1
         elif stat.S_ISDIR(st.st_mode):
             if depth >= MAX_DEPTH:
                 raise TransferError(f"{path} is over {MAX_DEPTH} directories deep: it cannot be uploaded")
             inner = _open_as_listed(name, fd, _DIRECTORY, st, path)
             try:
-                tar.addfile(_info(arcname, st, tarfile.DIRTYPE))
+                tar.addfile(_held_to_cap(_info(arcname, st, tarfile.DIRTYPE), 0, spool, cap, packed))
                 packed.directories += 1
                 _pack_directory(tar, spool, cap, inner, arcname + "/", path, depth + 1, packed)
             finally:
@@ -123,18 +123,24 @@ def _add_file(
         now = os.fstat(f.fileno())
         if not stat.S_ISREG(now.st_mode):
             raise TransferError(f"{packed.local}/{arcname} changed into something other than a regular file")
-        # Held to the cap before its bytes are read: one huge file is refused, not spooled.
-        at_least = spool.tell() + 512 + -(-now.st_size // 512) * 512 + 1024
-        if at_least > cap:
-            raise TransferTooLargeError(
-                f"upload of {packed.local} is too large: at least {at_least} bytes as an archive, "
-                f"and max_bytes is {cap}; nothing was sent"
-            )
         info = _info(arcname, now, tarfile.REGTYPE)
         info.size = now.st_size
-        tar.addfile(info, f)
+        tar.addfile(_held_to_cap(info, now.st_size, spool, cap, packed), f)
     packed.files += 1
     packed.bytes += info.size
+
+
+def _held_to_cap(info: tarfile.TarInfo, size: int, spool: IO[bytes], cap: int, packed: Packed) -> tarfile.TarInfo:
+    """``info``, once the archive with it (its headers, long names included, and ``size`` bytes of
+    data) and the end blocks stays within ``cap``: refused before anything is written, so that a
+    tree of many links or a huge file never fills the spool past it."""
+    at_least = spool.tell() + len(info.tobuf(tarfile.GNU_FORMAT)) + -(-size // 512) * 512 + 1024
+    if at_least > cap:
+        raise TransferTooLargeError(
+            f"upload of {packed.local} is too large: at least {at_least} bytes as an archive, "
+            f"and max_bytes is {cap}; nothing was sent"
+        )
+    return info
 
 
 def _info(arcname: str, st: os.stat_result, kind: bytes, linkname: str = "") -> tarfile.TarInfo:

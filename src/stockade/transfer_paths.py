@@ -6,11 +6,11 @@ writes (a shared ``filesystem_access`` mount): a link the sandbox planted on
 the way would have the host, as root, read a private tree into the sandbox or
 write the sandbox's files into ``/etc/cron.d``. So the path is resolved one
 component at a time, each held open (``O_PATH | O_NOFOLLOW``), and a symbolic
-link is followed only when root or this process's own user owns it (the rule
-of the kernel's ``fs.protected_symlinks``, applied everywhere): a sandbox's
-files are owned by its leased uid, never by either, while the host's own links
-(``/var/run -> /run``, a home directory's) still work. Below the opened
-directory, nothing is ever followed (transfer_pack.py, transfer_unpack.py).
+link is followed only when root owns it: a sandbox's files are its leased
+uid's (rootless, the caller's own, which is why the caller's links are not
+trusted either), while the system's links (``/var/run -> /run``, ``/lib``)
+still work. Below the opened directory, nothing is ever followed
+(transfer_pack.py, transfer_unpack.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def open_local(path: str, *, create: bool = False) -> int:
-    """An ``O_PATH`` descriptor of host ``path``: links followed only when root or this user owns
-    them; with ``create``, missing directories made (like ``os.makedirs``). ``FileNotFoundError``
-    when it is missing, ``TransferError`` for a link a sandbox could have planted."""
+    """An ``O_PATH`` descriptor of host ``path``: links followed only when root owns them; with
+    ``create``, missing directories made (like ``os.makedirs``). ``FileNotFoundError`` when it is
+    missing, ``TransferError`` for a link a sandbox could have planted."""
     if not path or "\x00" in path:
         raise ValueError("a host path must be non-empty and without NUL")
     todo = path.split("/")
@@ -65,7 +65,7 @@ def open_local(path: str, *, create: bool = False) -> int:
                 continue
             os.close(fd)
             fd = inner
-            if todo and any(part not in ("", ".") for part in todo) and not stat.S_ISDIR(st.st_mode):
+            if todo and not stat.S_ISDIR(st.st_mode):  # "file/" too, as the kernel says
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
     except BaseException:
         os.close(fd)
@@ -74,11 +74,10 @@ def open_local(path: str, *, create: bool = False) -> int:
 
 
 def _trusted_target(link: int, st: os.stat_result, path: str, name: str) -> str:
-    if st.st_uid not in (0, os.geteuid()):
+    if st.st_uid != 0:
         raise TransferError(
-            f"{path}: {name!r} on the way is a symbolic link owned by uid {st.st_uid}, neither root nor "
-            "this process's user (a sandbox writing a shared directory could have made it): it is not "
-            "followed; name the real directory instead"
+            f"{path}: {name!r} on the way is a symbolic link owned by uid {st.st_uid}, not root (a sandbox "
+            "writing a shared directory could have made it): it is not followed; name the real directory instead"
         )
     return os.readlink("", dir_fd=link)
 

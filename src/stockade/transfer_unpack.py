@@ -15,6 +15,7 @@ byte or member caps. ``transfer.download`` is its one caller.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import tarfile
@@ -24,12 +25,9 @@ from .errors import TransferError, TransferTooLargeError, UnsafeArchiveError
 from .transfer_paths import open_local, reopen_directory
 
 MAX_DEPTH = 128  # path components of a member
-# A metadata member (a GNU long name or link, a PAX header): one holds a name of MAX_DEPTH
-# components of 255 bytes with room to spare. tarfile keeps each member's PAX records as a dict
-# many times their size, and the packing step asks for GNU's format (long names, no PAX), so PAX
-# records have a budget of their own; long names count against the archive's cap like its files.
+# A GNU long name or link: one holds a name of MAX_DEPTH components of 255 bytes with room to
+# spare. (PAX records are refused whole: the packing step asks for GNU's format.)
 MAX_METADATA = 64 << 10
-MAX_PAX_TOTAL = 1 << 20
 _PAX = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 _LONG_NAMES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _COPY = 1 << 20
@@ -149,8 +147,49 @@ def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str, skip_symlin
         files[parts] = member
 
 
+def _check_headers(archive: IO[bytes], src: str) -> None:
+    """Walk the headers as ``tarfile`` will, before it reads any: a PAX member is refused (the
+    packing step writes GNU's format, which has none, and ``tarfile`` holds PAX records as a dict
+    many times their size: a hostile 40 MiB archive of them took a GiB), and so is a GNU long
+    name or link over ``MAX_METADATA``. A header ``tarfile`` would refuse ends the walk: it
+    refuses it too, before it reads further."""
+    archive.seek(0)
+    while len(block := archive.read(512)) == 512 and block.count(0) != 512:
+        size = _declared_size(block[124:136])
+        kind = block[156:157]
+        if size is None or kind == tarfile.GNUTYPE_SPARSE:
+            break  # tarfile refuses the header, or _check the sparse member, before going on
+        if kind in _PAX:
+            raise UnsafeArchiveError(
+                f"the archive of {src} from the sandbox holds PAX records, which the packing step never "
+                "writes; nothing was written"
+            )
+        if kind in _LONG_NAMES and size > MAX_METADATA:
+            raise UnsafeArchiveError(
+                f"the archive of {src} from the sandbox holds a long name of {size} bytes, over "
+                f"{MAX_METADATA}; nothing was written"
+            )
+        # The data tarfile steps over: a long name's, a regular member's and an unknown type's only.
+        if kind in _LONG_NAMES or kind in tarfile.REGULAR_TYPES or kind not in tarfile.SUPPORTED_TYPES:
+            archive.seek(-(-size // 512) * 512, os.SEEK_CUR)
+    archive.seek(0)
+
+
+def _declared_size(field: bytes) -> int | None:
+    """A header's size field as ``tarfile`` reads it (octal up to the first NUL, or GNU base-256);
+    None when it is neither, or negative."""
+    if field[:1] in (b"\x80", b"\xff"):
+        return None if field[:1] == b"\xff" else int.from_bytes(field[1:], "big")
+    try:
+        value = int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
 def _existing(local_dir: str, paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
-    """The files of ``paths`` already below ``local_dir`` (an entry of any kind, a link included)."""
+    """The files of ``paths`` already below ``local_dir`` (an entry of any kind, a link included),
+    its directories walked one at a time without following a link, as the writes will walk them."""
     try:
         handle = open_local(local_dir)
     except FileNotFoundError:
@@ -158,55 +197,22 @@ def _existing(local_dir: str, paths: list[tuple[str, ...]]) -> list[tuple[str, .
     there = []
     try:
         for parts in paths:
+            fd = os.dup(handle)
             try:
-                parent = os.open("/".join(parts[:-1]) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=handle)
-            except OSError:
-                continue  # not there, or not a directory: writing it refuses or makes it
-            try:
-                os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+                for part in parts[:-1]:
+                    inner = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    os.close(fd)
+                    fd = inner
+                os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
                 there.append(parts)
-            except FileNotFoundError:
-                pass
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise TransferError(f"cannot check {os.path.join(local_dir, *parts)}: {exc.strerror}") from None
             finally:
-                os.close(parent)
+                os.close(fd)
     finally:
         os.close(handle)
     return there
-
-
-def _check_headers(archive: IO[bytes], src: str) -> None:
-    """Refuse metadata members (GNU long names, PAX records) over their budgets before ``tarfile``
-    reads any: it holds each whole, PAX records as a dict many times their size (a hostile archive
-    of 40 MiB of them took a GiB)."""
-    archive.seek(0)
-    pax = 0
-    while len(block := archive.read(512)) == 512 and block.strip(b"\0"):
-        size = _declared_size(block[124:136])
-        kind = block[156:157]
-        if size is None or kind == tarfile.GNUTYPE_SPARSE:
-            break  # tarfile says what is wrong, or _check refuses the sparse member, before going on
-        if kind in _PAX:
-            pax += size
-        if (kind in _PAX or kind in _LONG_NAMES) and (size > MAX_METADATA or pax > MAX_PAX_TOTAL):
-            raise UnsafeArchiveError(
-                f"the archive of {src} from the sandbox holds a metadata member (PAX records or a long "
-                f"name) of {size} bytes, {pax} bytes of PAX records so far: over {MAX_METADATA} in one or "
-                f"{MAX_PAX_TOTAL} of PAX records in all; nothing was written"
-            )
-        archive.seek(-(-size // 512) * 512, os.SEEK_CUR)
-    archive.seek(0)
-
-
-def _declared_size(field: bytes) -> int | None:
-    """A header's size field (octal, or GNU base-256); None when it is neither or negative."""
-    if field[:1] in (b"\x80", b"\xff"):
-        value = int.from_bytes(field[1:], "big")
-        return None if field[:1] == b"\xff" else value
-    try:
-        value = int(field.replace(b"\0", b" ").strip() or b"0", 8)
-    except ValueError:
-        return None
-    return value if value >= 0 else None
 
 
 def _parts(name: str) -> tuple[str, ...]:

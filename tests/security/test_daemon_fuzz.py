@@ -134,8 +134,14 @@ def test_random_requests_get_well_formed_answers(process_runtime: str, seed: int
     assert outcomes.count("ok") >= 5 and "policy" in outcomes and held, sorted(set(outcomes))
 
 
-def test_a_request_nested_a_million_deep_is_refused_and_the_connection_lives(process_runtime: str) -> None:
-    d = start_daemon({"STOCKADE_MAX_REQUEST_BYTES": str(4 << 20)})
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_request_nested_a_million_deep_is_refused_and_the_connection_lives(
+    process_runtime: str, signed: bool
+) -> None:
+    env = {"STOCKADE_MAX_REQUEST_BYTES": str(4 << 20)}
+    if signed:  # the HMAC's encoding recurses deeper than the decoding did: depths just under its limit too
+        env["STOCKADE_AUTH_TOKEN"] = "t" * 32
+    d = start_daemon(env)
     try:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(60)
@@ -147,8 +153,15 @@ def test_a_request_nested_a_million_deep_is_refused_and_the_connection_lives(pro
                 s.sendall(line + b"\n")
                 reply = json.loads(replies.readline())
                 assert reply["error_code"] == "invalid_request" and "nested too deeply" in reply["error"], reply
+            for depth in range(900, 1000, 10):  # decoded, then too deep to encode for the HMAC
+                nested = b"[" * depth + b"]" * depth
+                s.sendall(b'{"method": "ping", "params": {"x": ' + nested + b'}, "id": 2, "hmac": "00"}\n')
+                reply = json.loads(replies.readline())  # answered (refused), never a dropped connection
+                refusals = ("invalid_params", "invalid_request", "auth")
+                assert reply["result"] is None and reply["error_code"] in refusals, reply
             s.sendall(b'{"method": "ping", "params": {}, "id": "after"}\n')
-            assert json.loads(replies.readline()) == {"result": "pong", "error": None, "id": "after"}
+            after = json.loads(replies.readline())  # the same connection still answers (unsigned: refused)
+            assert after["id"] == "after" and (after["result"] == "pong" or after["error_code"] == "auth"), after
     finally:
         assert d.stop() == 0
     assert "Traceback" not in d.logs(), d.logs()[-3000:]

@@ -15,15 +15,17 @@ import io
 import os
 import stat
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from stockade import Sandbox
-from stockade.errors import TransferError, UnsafeArchiveError
+from stockade.errors import TransferError, TransferTooLargeError, UnsafeArchiveError
 from stockade.runtimes.manager import RuntimeManager
-from stockade.transfer_unpack import MAX_METADATA, MAX_PAX_TOTAL, unpack
+from stockade.transfer_pack import pack
+from stockade.transfer_unpack import MAX_METADATA, unpack
 from tests.conftest import require
 from tests.helpers import shared_directory
 
@@ -67,7 +69,7 @@ def test_a_link_planted_in_a_share_steers_neither_a_download_nor_an_upload(
         assert sb.upload(os.path.join(share, "real", "here"), "/work/back").files == 1
 
 
-def test_links_root_or_the_caller_owns_are_followed_others_are_not(tmp_path: Path, manager: RuntimeManager) -> None:
+def test_links_root_owns_are_followed_others_are_not(tmp_path: Path, manager: RuntimeManager) -> None:
     require("process")
     real = tmp_path / "real"
     (real / "tree").mkdir(parents=True)
@@ -137,7 +139,7 @@ def test_an_upload_of_a_tree_being_swapped_never_reads_outside_it(tmp_path: Path
             flipper.wait(10)
 
 
-def pax_archive(records: int, headers: int = 1) -> io.BytesIO:
+def pax_archive(records: int, headers: int = 1) -> bytes:
     """A tar whose members carry ``records`` PAX records each, as a subverted isolate could pack."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -146,26 +148,88 @@ def pax_archive(records: int, headers: int = 1) -> io.BytesIO:
             info.size = 1
             info.pax_headers = {f"k{i}": "" for i in range(records)}
             tar.addfile(info, io.BytesIO(b"x"))
-    buf.seek(0)
-    return buf
+    return buf.getvalue()
 
 
-def test_an_archive_of_pax_records_is_refused_before_tarfile_reads_them(tmp_path: Path) -> None:
-    one_big = pax_archive(records=MAX_METADATA // 8 + 1)
-    assert len(one_big.getvalue()) < 1 << 20  # small on the wire, a dict of 8,000 entries in memory
-    with pytest.raises(UnsafeArchiveError, match=r"metadata member .* of \d+ bytes"):
-        unpack(one_big, str(tmp_path / "a"), 256 << 20, 1000, "/work/x", False, False)
-    many = pax_archive(records=MAX_METADATA // 10, headers=MAX_PAX_TOTAL // MAX_METADATA * 2)
-    with pytest.raises(UnsafeArchiveError, match="of PAX records in all"):
-        unpack(many, str(tmp_path / "b"), 256 << 20, 1000, "/work/x", False, False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    # A few records, as a real tar writes them, and GNU long names go through.
-    assert unpack(pax_archive(records=3, headers=3), str(tmp_path / "c"), 1 << 20, 10, "/w", False, False)[0] == 3
+def header(name: str, kind: bytes, size: int, size_field: bytes | None = None) -> bytes:
+    """One GNU header, its size field as given (else octal), with a right checksum."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    raw = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    if size_field is not None:
+        raw[124:136] = size_field
+        raw[148:156] = b" " * 8
+        raw[148:156] = b"%06o\0 " % sum(raw[:512])
+    return bytes(raw)
+
+
+def refused(data: bytes, where: Path) -> str:
+    with pytest.raises(UnsafeArchiveError) as caught:
+        unpack(io.BytesIO(data), str(where), 256 << 20, 1000, "/work/x", False, False)
+    assert not where.exists()
+    return str(caught.value)
+
+
+def test_pax_records_and_huge_long_names_are_refused_before_tarfile_reads_them(tmp_path: Path) -> None:
+    bomb = pax_archive(records=200_000)  # 2 MB on the wire, a dict of 200,000 entries in tarfile
+    assert "holds PAX records" in refused(bomb, tmp_path / "a")
+    assert "holds PAX records" in refused(pax_archive(records=3), tmp_path / "b")  # GNU's format has none
+    # Hidden from a walk that steps over data where tarfile does not: behind a directory that declares
+    # the PAX member as its data, or after a size field a NUL cuts short for tarfile.
+    behind_dir = header("d", tarfile.DIRTYPE, len(bomb)) + bomb
+    assert "holds PAX records" in refused(behind_dir, tmp_path / "c")
+    cut = header("e", tarfile.REGTYPE, 0, size_field=b"0\0zzzzzzzzzz") + bomb
+    assert "holds PAX records" in refused(cut, tmp_path / "d")
     long = io.BytesIO()
     with tarfile.open(fileobj=long, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("n" * (MAX_METADATA + 1))
+        tar.addfile(info, io.BytesIO(b""))
+    assert f"long name of {MAX_METADATA + 2} bytes" in refused(long.getvalue(), tmp_path / "e")
+    # GNU long names of real depth go through.
+    fine = io.BytesIO()
+    with tarfile.open(fileobj=fine, mode="w", format=tarfile.GNU_FORMAT) as tar:
         info = tarfile.TarInfo("d" * 200 + "/" + "n" * 250)
         info.size = 2
         tar.addfile(info, io.BytesIO(b"ok"))
-    long.seek(0)
-    assert unpack(long, str(tmp_path / "d"), 1 << 20, 10, "/w", False, False)[0] == 1
-    assert (tmp_path / "d" / ("d" * 200) / ("n" * 250)).read_bytes() == b"ok"
+    fine.seek(0)
+    assert unpack(fine, str(tmp_path / "f"), 1 << 20, 10, "/w", False, False)[0] == 1
+    assert (tmp_path / "f" / ("d" * 200) / ("n" * 250)).read_bytes() == b"ok"
+
+
+def test_an_upload_of_many_links_is_held_to_its_cap_before_the_spool_grows(tmp_path: Path) -> None:
+    # A sandbox that writes a share can fill it with links or empty directories, which have no data
+    # to weigh: each entry is held to max_bytes before it is written, not the archive after.
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(3000):
+        (tree / f"l{i}").symlink_to("t" * 200)  # a GNU long link each: headers only
+    with tempfile.TemporaryFile() as spool:
+        with pytest.raises(TransferTooLargeError, match=r"at least \d+ bytes as an archive, and max_bytes is 65536"):
+            pack(str(tree), spool, 64 << 10)
+        assert spool.seek(0, os.SEEK_END) <= 64 << 10
+
+
+def test_an_existing_file_deep_below_local_dir_is_not_replaced_unasked(tmp_path: Path) -> None:
+    parts = ["d" * 250] * 20  # past PATH_MAX as one path: walked one directory at a time
+    deep = tmp_path / "out"
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        os.mkdir("out", dir_fd=fd)
+        for part in ["out", *parts]:
+            if part != "out":
+                os.mkdir(part, dir_fd=fd)
+            inner = os.open(part, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("mine")
+    finally:
+        os.close(fd)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("/".join([*parts, "f"]))
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"EVIL!"))
+    archive.seek(0)
+    with pytest.raises(TransferError, match=r"exists \(1 file\(s\) would be replaced\)"):
+        unpack(archive, str(deep), 1 << 20, 10, "/w", False, False)

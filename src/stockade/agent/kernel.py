@@ -196,7 +196,10 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
         code = exc.code
         said["exit_code"] = 0 if code is None else (code & 0xFF if isinstance(code, int) else 1)
         if code is not None and not isinstance(code, int):
-            print(code, file=sys.stderr)  # sys.exit("why") says why, as a script's does
+            try:
+                print(code, file=sys.stderr)  # sys.exit("why") says why, as a script's does
+            except Exception:  # noqa: BLE001, S110 - a closed stderr, a __str__ that raises: the cell's result stands
+                pass
     return said
 
 

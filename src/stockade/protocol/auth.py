@@ -105,7 +105,7 @@ def verify(
         return False
     try:
         expected = compute_hmac(request, token, encode)
-    except (TypeError, ValueError):  # a value the encoder cannot write (json writes NaN; this is for safety)
+    except (TypeError, ValueError, RecursionError):  # a value the encoder cannot write, or nested past its depth
         return False
     if not hmac.compare_digest(given.encode(), expected.encode()):
         return False
