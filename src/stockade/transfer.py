@@ -9,7 +9,7 @@ are used, so the same code serves the SDK's ``Sandbox``, the daemon's
 ``RemoteSandbox`` and every runtime (docs/sdk.md, "Directories").
 
 The host path may lie where a sandbox writes: it is opened by
-``transfer_paths.py`` (a link followed only when root or the caller owns it)
+``transfer_paths.py`` (a link followed only when root owns it)
 and walked through directory descriptors (``transfer_pack.py``). What comes
 out of an isolate is hostile: ``transfer_unpack.py`` checks the whole archive
 before it writes a byte, and writes only regular files and directories, never

@@ -54,7 +54,7 @@ def pack(local: str, spool: IO[bytes], cap: int) -> Packed:
                 finally:
                     os.close(directory)
             elif stat.S_ISREG(top.st_mode):
-                _add_file(tar, spool, cap, reopen_file(handle), top, os.path.basename(os.path.normpath(local)), packed)
+                _add_file(tar, spool, cap, reopen_file(handle), os.path.basename(os.path.normpath(local)), packed)
             else:
                 raise TransferError(f"{local} is neither a regular file nor a directory")
     finally:
@@ -83,20 +83,20 @@ def _pack_directory(
             inside = posixpath.normpath(posixpath.join(posixpath.dirname(arcname), target))
             if target.startswith("/") or inside == ".." or inside.startswith("../"):
                 raise TransferError(f"{path} is a link to {target}, outside the uploaded tree: links are not followed")
-            tar.addfile(_held_to_cap(_info(arcname, st, tarfile.SYMTYPE, target), 0, spool, cap, packed))
+            tar.addfile(_held_to_cap(_info(arcname, st, tarfile.SYMTYPE, target), spool, cap, packed))
             packed.links += 1
         elif stat.S_ISDIR(st.st_mode):
             if depth >= MAX_DEPTH:
                 raise TransferError(f"{path} is over {MAX_DEPTH} directories deep: it cannot be uploaded")
             inner = _open_as_listed(name, fd, _DIRECTORY, st, path)
             try:
-                tar.addfile(_held_to_cap(_info(arcname, st, tarfile.DIRTYPE), 0, spool, cap, packed))
+                tar.addfile(_held_to_cap(_info(arcname, st, tarfile.DIRTYPE), spool, cap, packed))
                 packed.directories += 1
                 _pack_directory(tar, spool, cap, inner, arcname + "/", path, depth + 1, packed)
             finally:
                 os.close(inner)
         elif stat.S_ISREG(st.st_mode):
-            _add_file(tar, spool, cap, _open_as_listed(name, fd, _FILE, st, path), st, arcname, packed)
+            _add_file(tar, spool, cap, _open_as_listed(name, fd, _FILE, st, path), arcname, packed)
         else:
             raise TransferError(f"{path} is not a regular file, directory or link: it cannot be uploaded")
 
@@ -116,25 +116,22 @@ def _open_as_listed(name: str, parent: int, flags: int, listed: os.stat_result, 
     return fd
 
 
-def _add_file(
-    tar: tarfile.TarFile, spool: IO[bytes], cap: int, fd: int, st: os.stat_result, arcname: str, packed: Packed
-) -> None:
+def _add_file(tar: tarfile.TarFile, spool: IO[bytes], cap: int, fd: int, arcname: str, packed: Packed) -> None:
+    """The regular file open on ``fd`` (checked so by whoever opened it), at its size now."""
     with os.fdopen(fd, "rb") as f:
         now = os.fstat(f.fileno())
-        if not stat.S_ISREG(now.st_mode):
-            raise TransferError(f"{packed.local}/{arcname} changed into something other than a regular file")
         info = _info(arcname, now, tarfile.REGTYPE)
         info.size = now.st_size
-        tar.addfile(_held_to_cap(info, now.st_size, spool, cap, packed), f)
+        tar.addfile(_held_to_cap(info, spool, cap, packed), f)
     packed.files += 1
     packed.bytes += info.size
 
 
-def _held_to_cap(info: tarfile.TarInfo, size: int, spool: IO[bytes], cap: int, packed: Packed) -> tarfile.TarInfo:
-    """``info``, once the archive with it (its headers, long names included, and ``size`` bytes of
-    data) and the end blocks stays within ``cap``: refused before anything is written, so that a
-    tree of many links or a huge file never fills the spool past it."""
-    at_least = spool.tell() + len(info.tobuf(tarfile.GNU_FORMAT)) + -(-size // 512) * 512 + 1024
+def _held_to_cap(info: tarfile.TarInfo, spool: IO[bytes], cap: int, packed: Packed) -> tarfile.TarInfo:
+    """``info``, once the archive with it (its headers, long names included, and its data) and the
+    end blocks stays within ``cap``: refused before anything is written, so that a tree of many
+    links or a huge file never fills the spool past it."""
+    at_least = spool.tell() + len(info.tobuf(tarfile.GNU_FORMAT)) + -(-info.size // 512) * 512 + 1024
     if at_least > cap:
         raise TransferTooLargeError(
             f"upload of {packed.local} is too large: at least {at_least} bytes as an archive, "

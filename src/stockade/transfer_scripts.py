@@ -23,8 +23,8 @@ DF_OF = """df_of() { set -- $(df -P -k -- "$1" | tail -n 1); echo "$4 $3"; }
 # (stored nowhere), and refused when it is over max_bytes (67: "SIZE"), or would not fit the free
 # scratch space or, given the sandbox's memory limit, its memory (68: "SIZE FREE USED"): staging
 # it anyway would end the sandbox, and everything in it, for memory.
-# GNU's format, named: long names as GNU headers, never PAX records (transfer_unpack.py budgets
-# those tightly). It answers "TAR_STATUS SIZE PIECE_SIZE".
+# GNU's format, named: long names as GNU headers, never PAX records (transfer_unpack.py refuses
+# them). It answers "TAR_STATUS SIZE PIECE_SIZE".
 PACK = (
     DF_OF
     + """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6 memory=$7 reserve=$8

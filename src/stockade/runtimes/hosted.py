@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -205,8 +206,6 @@ def release_uids(uids: Sequence[UidLease], cgroup_gone: bool) -> None:
 def sweep_dead_hosts_dirs(prefix: str) -> None:
     """Remove the temporary directories named ``<prefix><pid>-...`` (a gVisor bundle, a microVM's
     run directory) whose stockade process is gone: a host killed with SIGKILL leaves them."""
-    import tempfile
-
     base = tempfile.gettempdir()
     for name in os.listdir(base):
         if name.startswith(prefix):
