@@ -36,6 +36,8 @@ _EXPORTS = {
     "CellException": "result",
     "SecurityViolation": "result",
     "ResourceUsage": "result",
+    "FileEvent": "watch",
+    "FileWatch": "watch",
     "RuntimeManager": "runtimes.manager",
     "StockadeError": "errors",
     "PolicyError": "errors",
@@ -61,6 +63,8 @@ __all__ = [
     "ConfigError",
     "DaemonUnavailableError",
     "ExecResult",
+    "FileEvent",
+    "FileWatch",
     "Interpreter",
     "Mount",
     "Policy",
@@ -102,6 +106,7 @@ if TYPE_CHECKING:
     from .result import CellException, CellOutput, ExecResult, ResourceUsage, SecurityViolation
     from .runtimes.manager import RuntimeManager
     from .sdk import AsyncSandbox, Interpreter, Sandbox, arun, arun_code, run, run_code, warm_up
+    from .watch import FileEvent, FileWatch
 
 
 def __getattr__(name: str) -> Any:

@@ -245,6 +245,16 @@ def sandbox_os_error(exc: AgentError) -> AgentError:
     return _OS_ERRORS.get(number, SandboxOSError)(str(exc), exc.code, exc.data, errno=number)
 
 
+def os_error_named(name: str, message: str, filename: str) -> SandboxOSError:
+    """The OS error a sandbox's program reported by errno name (``"ENOENT"``), as its class
+    (``PathNotFoundError``...); an unknown name, as EIO."""
+    number = getattr(_errno, name, None) if name.startswith("E") and name.isupper() else None
+    number = number if _is_errno(number) else _errno.EIO
+    error = _OS_ERRORS.get(number, SandboxOSError)(message, errno=number)
+    error.filename = filename
+    return error
+
+
 def start_error(exc: BaseException) -> BaseException:
     """A run's or spawn's ``AgentError`` for a program or working directory that is not there (or
     not allowed) as the OS error class subprocess would raise (``PathNotFoundError``, a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .limits import argv_list, check_call_size, check_code
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .placement.base import Isolate, Placement
     from .transfer import TransferSummary
     from .transfer_unpack import Links
+    from .watch import AsyncFileWatch, FileWatch
 
 
 def one_shot(
@@ -205,6 +206,18 @@ class Sandbox:
         """The background processes of this sandbox: ``{handle, pid, argv, running, exit_code}``."""
         return self._sandbox.processes()
 
+    def watch(self, path: str, *, recursive: bool = False, events: Iterable[str] | None = None) -> FileWatch:
+        """Watch ``path`` (a directory, ``recursive``: and those under it; or a file) for changes:
+        a ``FileWatch`` whose ``events()`` are ``FileEvent(kind, path, is_dir)`` (docs/sdk.md).
+
+        >>> with sb.watch("/work/out") as w:
+        ...     sb.exec(["sh", "-c", "echo done > /work/out/result"])
+        ...     w.events(timeout=1)   # [FileEvent('created', '/work/out/result', False), ...]
+        """
+        from .watch import FileWatch
+
+        return FileWatch.start(lambda argv, source: self.spawn(argv, stdin=source), path, recursive, events)
+
     def interpreter(self, name: str = "default") -> Interpreter:
         """The stateful Python interpreter called ``name`` in this sandbox (started by its first cell)."""
         return Interpreter(self, name)
@@ -382,6 +395,12 @@ class AsyncSandbox:
     async def processes(self) -> list[dict[str, Any]]:
         """``Sandbox.processes``, awaited."""
         return await in_turn(self._turn, self._held().processes)
+
+    async def watch(self, path: str, *, recursive: bool = False, events: Iterable[str] | None = None) -> AsyncFileWatch:
+        """``Sandbox.watch``, awaited: an ``AsyncFileWatch`` (``async for event in w``)."""
+        from .watch import AsyncFileWatch
+
+        return await AsyncFileWatch.start(lambda argv, source: self.spawn(argv, stdin=source), path, recursive, events)
 
     @property
     def runtime(self) -> str:

@@ -24,6 +24,8 @@ def test_public_surface_is_stable() -> None:
         "ConfigError",
         "DaemonUnavailableError",
         "ExecResult",
+        "FileEvent",
+        "FileWatch",
         "Interpreter",
         "Mount",
         "Policy",

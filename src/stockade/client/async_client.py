@@ -6,7 +6,7 @@ import asyncio
 import base64
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import NotFoundError, StockadeError
@@ -20,6 +20,7 @@ from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost
 if TYPE_CHECKING:
     from ..transfer import TransferSummary
     from ..transfer_unpack import Links
+    from ..watch import AsyncFileWatch
 
 
 class AsyncClient(Requests):
@@ -336,6 +337,12 @@ class AsyncRemoteSandbox(SandboxHandle):
         said = await self.client.call("sandbox.processes", {"sandbox_id": self.sandbox_id})
         listed: list[dict[str, Any]] = said["processes"]
         return listed
+
+    async def watch(self, path: str, *, recursive: bool = False, events: Iterable[str] | None = None) -> AsyncFileWatch:
+        """``RemoteSandbox.watch``, awaited: an ``AsyncFileWatch``."""
+        from ..watch import AsyncFileWatch
+
+        return await AsyncFileWatch.start(lambda argv, source: self.spawn(argv, stdin=source), path, recursive, events)
 
     async def close_interpreter(self, session: str) -> bool:
         return await self.client.close_interpreter(self.sandbox_id, session)

@@ -9,7 +9,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import NotFoundError, StockadeError
@@ -23,6 +23,7 @@ from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost
 if TYPE_CHECKING:
     from ..transfer import TransferSummary
     from ..transfer_unpack import Links
+    from ..watch import FileWatch
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 
@@ -434,6 +435,12 @@ class RemoteSandbox(SandboxHandle):
             "processes"
         ]
         return listed
+
+    def watch(self, path: str, *, recursive: bool = False, events: Iterable[str] | None = None) -> FileWatch:
+        """``Sandbox.watch`` through the daemon: file events under ``path``, a ``FileWatch``."""
+        from ..watch import FileWatch
+
+        return FileWatch.start(lambda argv, source: self.spawn(argv, stdin=source), path, recursive, events)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self.client.sandbox_write_file(self.sandbox_id, path, data, mode)
