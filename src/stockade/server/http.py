@@ -21,10 +21,10 @@ from ..daemon.controller import Controller
 from ..daemon.observers import Observers
 from ..errors import ConfigError
 from .app import create_app
+from .connections import MAX_CONNECTIONS, guarded_protocol
 from .door import HttpDoor
 
 log = logging.getLogger("stockade.daemon")
-MAX_HTTP_CONNECTIONS = 1024
 
 
 class _Server(uvicorn.Server):
@@ -107,7 +107,10 @@ async def start(config: DaemonConfig, controller: Controller, observers: Observe
             lifespan="off",
             server_header=False,
             proxy_headers=False,  # a client's address is its socket's: no X-Forwarded-For is believed
-            limit_concurrency=MAX_HTTP_CONNECTIONS,  # past it, 503 at once: each one holds memory
+            http=guarded_protocol(config.http_header_timeout),  # connections capped, heads timed
+            # Requests under way past it are answered 503 at once: each one holds memory. (Connections
+            # past MAX_CONNECTIONS are closed before they ask; this counts requests.)
+            limit_concurrency=MAX_CONNECTIONS + 1,
         )
     )
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))

@@ -1,0 +1,117 @@
+"""What the HTTP API's connections may hold before they have asked anything.
+
+uvicorn takes every connection the kernel hands it and waits for its request
+head for ever; its concurrency limit answers requests 503, but only once they
+have come. So idle connections, which pass no token check, could hold every
+request slot (each one's 503) and then every descriptor of the daemon, its
+Unix socket and its isolates included. Here a connection is closed at once
+when the server already holds ``MAX_CONNECTIONS``, or ``MAX_PER_PEER`` from
+the client's network (an IPv4 /24, an IPv6 /64), and a request head must be
+complete within the header timeout of the connection's start (or of the end
+of its last answer, for a kept-alive one). A request under way is not timed
+here: its answer is its own (the stall timeout covers a client that stops
+reading it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("stockade.daemon")
+MAX_CONNECTIONS = 1024
+MAX_PER_PEER = 128
+REFUSAL_LOG_EVERY_S = 60.0  # a flood of refused connections is said once a minute, not per connection
+
+
+def peer_network(host: str | None) -> str:
+    """The network a client is counted in: its /24 (IPv4, mapped IPv4 too) or its /64 (IPv6)."""
+    if not host:
+        return ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 64
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+class _Refusals:
+    """How many connections were closed unheard since the last time that was logged."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.logged_at = -REFUSAL_LOG_EVERY_S
+
+    def note(self, now: float, why: str) -> None:
+        self.count += 1
+        if now - self.logged_at >= REFUSAL_LOG_EVERY_S:
+            log.warning("HTTP API: closed %d connection(s) unheard (%s)", self.count, why)
+            self.count, self.logged_at = 0, now
+
+
+_refusals = _Refusals()
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the connection caps and the header timeout above."""
+
+    header_timeout_s = 10.0  # set per server by ``guarded_protocol``
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._network = ""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._network = peer_network(self.client[0] if self.client else None)
+        why = None
+        if len(self.connections) > MAX_CONNECTIONS:
+            why = f"{MAX_CONNECTIONS} connections open"
+        elif sum(1 for c in self.connections if getattr(c, "_network", None) == self._network) > MAX_PER_PEER:
+            why = f"{MAX_PER_PEER} connections open from {self._network}"
+        if why is not None:
+            _refusals.note(self.loop.time(), why)
+            transport.abort()  # its descriptor goes now; connection_lost forgets it
+            return
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # a request that came already starts now: not to be timed
+        super().on_response_complete()
+        if not pipelined and not self.transport.is_closing():
+            self._arm()  # kept alive: the next head is timed from here
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_late)
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_late(self) -> None:
+        self._head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout_s: float) -> type[GuardedHttpProtocol]:
+    """The protocol class for one server, with its header timeout."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"header_timeout_s": header_timeout_s})
