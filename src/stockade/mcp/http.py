@@ -27,9 +27,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..errors import ConfigError
+from ..server.connections import MAX_CONNECTIONS, guarded_protocol
 
 PATH = "/mcp"
 SESSION_IDLE_S = 1800.0
+HEADER_TIMEOUT_S = 10.0  # for a whole request head (server/connections.py)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -95,7 +97,16 @@ async def serve_http(server: Server[Any], address: str, token: str) -> None:
 
     # A Route, not a Mount: /mcp itself is the endpoint (a Mount would redirect it to /mcp/).
     app = Starlette(routes=[Route(PATH, endpoint=_Asgi(manager.handle_request))], lifespan=lifespan)
-    config = uvicorn.Config(_BearerOnly(app, token), host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        _BearerOnly(app, token),
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        # As the daemon's HTTP API: connections capped, and each must send its request head in time.
+        http=guarded_protocol(HEADER_TIMEOUT_S),
+        limit_concurrency=MAX_CONNECTIONS + 1,
+    )
     web = uvicorn.Server(config)
 
     async def announce() -> None:
