@@ -13,7 +13,10 @@ from collections.abc import Iterator
 import pytest
 
 from stockade import Policy, Sandbox
+from stockade.egress.gate import ADMIT_BURST, ADMIT_PER_S
+from stockade.egress.worker import REFUSAL_WINDOW_S
 from stockade.errors import RuntimeUnavailableError
+from stockade.result import EgressRequest
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 from tests.egress_harness import SECRET_VALUE, Upstreams, serve_upstreams
@@ -519,3 +522,72 @@ print(json.dumps({"refused": refused, "junk": answer[:12].decode(errors="replace
             "timeout=20).status)"
         )
         assert again.stdout == "200\n", again.stderr
+
+
+EGRESS_FLOOD = """
+import json, socket, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setblocking(False)
+query = bytes.fromhex("abcd01000001000000000000") + b"\\x04evil\\x04test\\x00\\x00\\x01\\x00\\x01"
+sent = answered = junk = 0
+for _ in range(20):  # not HTTP: refused and counted too
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=5)
+    s.sendall(b"\\x16\\x03\\x01 not http\\r\\n\\r\\n")
+    junk += s.recv(12).startswith(b"HTTP/1.1 400")
+    s.close()
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    for _ in range(50):
+        try:
+            sock.sendto(query, ("127.0.0.1", 53))
+            sent += 1
+        except BlockingIOError:
+            break
+    try:
+        while True:
+            sock.recv(512)
+            answered += 1
+    except BlockingIOError:
+        pass
+sock.settimeout(2)  # the last answers, on a slow host
+try:
+    while True:
+        sock.recv(512)
+        answered += 1
+except OSError:
+    pass
+print(json.dumps({"sent": sent, "answered": answered, "junk": junk}))
+"""
+
+
+def test_a_flood_of_refused_requests_costs_the_host_a_message_a_window_and_is_counted(
+    up: Upstreams, manager: RuntimeManager
+) -> None:
+    """Before, each refused query or request cost the worker a record and a message to its keeper,
+    and the keeper a violation each: ~1.3 cores of the host's for a sandbox allowed 0.25. Now the
+    first refusal is said at once, the rest of a burst once a window, and past the isolate's rate a
+    query is dropped unread (counted as a request not recorded)."""
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        egress = sb._sandbox.egress
+        assert egress is not None
+        said: list[int] = []
+        worker_refused = egress.worker.on_refused
+        assert worker_refused is not None
+
+        def counting(request: EgressRequest, times: int) -> None:
+            said.append(times)
+            worker_refused(request, times)
+
+        egress.worker.on_refused = counting
+        out, result = run(sb, EGRESS_FLOOD)
+        assert out["junk"] == 20
+        answered = int(out["answered"])  # type: ignore[call-overload]
+        assert result.violation_counts["network_egress"] == answered + 20 == sum(said)
+        assert answered > 500, out  # a flood: each answer a refusal
+        # A message a window (20 ms apart for the junk at most, 2 s of flood), not one per refusal.
+        assert len(said) <= 20 + 2 * 2.0 / REFUSAL_WINDOW_S + 5, len(said)
+        assert said[0] == 1  # the first, at once
+        if int(out["sent"]) > 2 * ADMIT_BURST + 2 * ADMIT_PER_S:  # type: ignore[call-overload]
+            assert result.egress_requests_dropped > 0 and answered < int(out["sent"])  # type: ignore[call-overload]
+        junk = [r for r in result.egress_requests if r.method == "?"]  # type: ignore[attr-defined]
+        assert junk and "not an HTTP request" in junk[0].reason

@@ -227,7 +227,7 @@ def test_a_workers_account_is_bounded_and_its_forgeries_refused() -> None:
     )
     sockets = _pair()
     refused: list[object] = []
-    worker.on_refused = refused.append
+    worker.on_refused = lambda request, times: refused.append(request)
     try:
         env, ca = worker.serve(Policy(network_policy="allowlist", allowed_hosts=["a.test"]), {}, sockets, None, None)
         assert env == {"HTTP_PROXY": "http://127.0.0.1:3128"} and ca is None

@@ -10,6 +10,8 @@ inside the outer memory/pids guard of tests/conftest.py.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +21,7 @@ from stockade import ExecResult, Policy
 from stockade.result import MAX_VIOLATION_RECORDS, SecurityViolation
 from stockade.runtimes.manager import RuntimeManager
 from stockade.runtimes.process import seccomp
+from stockade.runtimes.process.supervisor import NOTIFY_BURST, NOTIFY_PER_S
 from tests.conftest import require
 
 RUNTIMES = ["process", "gvisor", "microvm"]
@@ -122,3 +125,39 @@ def test_past_the_cap_a_flood_costs_the_supervisor_a_count_not_a_record(
     assert r.violation_counts == {"ptrace": 5000}, r.summary()
     assert len(r.security_violations) == MAX_VIOLATION_RECORDS
     assert len(built) == MAX_VIOLATION_RECORDS
+
+
+def test_a_flood_is_held_to_its_budget_and_other_isolates_are_answered_meanwhile(
+    process_runtime: str, own_manager: RuntimeManager
+) -> None:
+    """Every isolate's blocked calls are answered by one thread of the host's, whose time no
+    isolate's cgroup pays for. Before, a flood took as much of it as it could make calls (tens of
+    thousands a second, several times its own CPU); now past its burst the flooding isolate's
+    calls wait for its budget, and another isolate's blocked call is answered meanwhile."""
+    seconds = 4.0
+    results: list[ExecResult] = []
+    flooding = threading.Thread(
+        target=lambda: results.append(
+            stockade.run_code(flood(seconds), runtime=process_runtime, manager=own_manager, timeout_seconds=60)
+        )
+    )
+    flooding.start()
+    try:
+        time.sleep(seconds / 2)
+        started = time.monotonic()
+        other = stockade.run_code(
+            "import ctypes\nprint(ctypes.CDLL(None).ptrace(16, 999999, 0, 0))",
+            runtime=process_runtime,
+            manager=own_manager,
+            timeout_seconds=60,
+        )
+        waited = time.monotonic() - started
+    finally:
+        flooding.join(120)
+    assert other.stdout == "-1\n" and other.violation_counts == {"ptrace": 1}, other.summary()
+    assert waited < 10, waited  # answered beside the flood, not after it
+    (r,) = results
+    made = int(r.stdout)
+    assert_bounded_and_exact(r, made)
+    # Its burst, then its rate, for the flood's time (and a second's slack for a slow host).
+    assert made <= NOTIFY_BURST + NOTIFY_PER_S * (seconds + 1), made

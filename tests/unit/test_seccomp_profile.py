@@ -124,7 +124,7 @@ def test_the_rule_lookup_agrees_with_the_program(program: bytes) -> None:
     """The supervisor names the rule that refused a call by a Python mirror of the BPF: they must agree."""
 
     def expected(nr: int, args: tuple[int, ...]) -> int:
-        rule = seccomp._rule_for(nr, args)
+        rule = seccomp.rule_for(nr, args)
         return seccomp._action(rule) if rule else seccomp.RET_ALLOW
 
     for nr in range(1100):
@@ -226,12 +226,12 @@ def test_other_abis_are_answered_with_the_unknown_numbers_errno() -> None:
 
 
 def test_rule_lookup_matches_the_program() -> None:
-    rule = seccomp._rule_for(NR["socket"], (17, 2, 0, 0, 0, 0))
+    rule = seccomp.rule_for(NR["socket"], (17, 2, 0, 0, 0, 0))
     assert rule is not None and "AF_PACKET" in rule.comment
-    assert seccomp._rule_for(NR["socket"], (2, 1, 0, 0, 0, 0)) is None
-    vsock = seccomp._rule_for(NR["socket"], (40, 1, 0, 0, 0, 0))
+    assert seccomp.rule_for(NR["socket"], (2, 1, 0, 0, 0, 0)) is None
+    vsock = seccomp.rule_for(NR["socket"], (40, 1, 0, 0, 0, 0))
     assert vsock is not None and "AF_VSOCK" in vsock.comment
-    packet = seccomp._rule_for(NR["socket"], (2, 10 | SOCK_FLAGS, 768, 0, 0, 0))
+    packet = seccomp.rule_for(NR["socket"], (2, 10 | SOCK_FLAGS, 768, 0, 0, 0))
     assert packet is not None and "SOCK_PACKET" in packet.comment
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from stockade.result import SecurityViolation
-from stockade.runtimes.process.seccomp import Supervisor
+from stockade.runtimes.process.supervisor import Supervisor
 
 
 def _ignore(name: str, blocked: bool, build: Callable[[], SecurityViolation]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,6 +49,8 @@ class NameService(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) > MAX_QUERY_BYTES or len(self.pending) >= 64:
             return  # too big, or a flood: dropped, as a busy server would
+        if not self.gate.admit(time.monotonic()):
+            return  # past the isolate's rate: dropped unread, counted
         task = asyncio.get_running_loop().create_task(self._answer(data, addr))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
 MAX_LOOKUPS = 4
 MAX_RECORDS = 256  # per run; more are counted, not kept (a flood of requests must not grow a report)
+MAX_REFUSALS_SAID = 1_000_000  # in one message of a worker's: a burst of refusals, counted
+# New connections and name queries an isolate may make, per second, sustained (and in a burst): past
+# them each is dropped unread (counted with the records not kept), so that a flood costs the host a
+# counter, not a parse, a record and a message each. Far above what a package manager or crawler makes.
+ADMIT_PER_S, ADMIT_BURST = 500.0, 1000.0
 MAX_HOST_CHARS, MAX_PATH_CHARS, MAX_REASON_CHARS = 255, 1024, 512  # of one record's fields
 HANDLE_PREFIX = "stockade-secret-"
 # Inside the isolate: the CA bundle the proxy's certificates verify against (written at hand-over).
@@ -62,6 +67,7 @@ class Gate:
         # STOCKADE_EGRESS_HOSTS_FILE's lines: names pinned ahead of DNS.
         self.pinned_hosts = tuple((pinned_hosts or "").splitlines())
         self.on_refused = on_refused
+        self._tokens, self._refilled = ADMIT_BURST, 0.0  # the token bucket of admit()
         self.bindings = tuple(
             Binding(
                 g, tuple(parse_rule(h) for h in g.hosts), HANDLE_PREFIX + random_tokens.token_hex(16), values[g.name]
@@ -149,6 +155,18 @@ class Gate:
                 self._dropped += 1
         if not request.allowed and self.on_refused is not None:
             self.on_refused(request)
+
+    def admit(self, now: float) -> bool:
+        """Whether a new connection or name query (at ``now``, monotonic seconds) is served; one
+        past the rate is dropped unread, and counted as a request not recorded."""
+        with self._lock:
+            self._tokens = min(ADMIT_BURST, self._tokens + (now - self._refilled) * ADMIT_PER_S)
+            self._refilled = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            self._dropped += 1
+            return False
 
     def take_records(self) -> tuple[list[EgressRequest], int]:
         with self._lock:

@@ -29,6 +29,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -69,8 +70,8 @@ class EgressProxy:
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
-            if len(tasks) >= MAX_CONNECTIONS or task is None:
-                writer.transport.abort()
+            if len(tasks) >= MAX_CONNECTIONS or task is None or not gate.admit(time.monotonic()):
+                writer.transport.abort()  # past the cap or the isolate's rate: closed unread
                 return
             tasks.add(task)
             sock = writer.get_extra_info("socket")
@@ -158,6 +159,9 @@ class _Exchange:
             try:
                 request = await _next_event(client, self.reader)
             except h11.RemoteProtocolError as exc:
+                # Not HTTP: answered 400, and recorded and counted as any refusal is.
+                self.gate.record(EgressRequest(host="?", port=0, method="?", allowed=False,
+                                               reason=f"not an HTTP request: {exc}"))  # fmt: skip
                 await self._answer(client, 400, f"bad request: {exc}")
                 return
             if not isinstance(request, h11.Request):

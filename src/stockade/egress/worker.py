@@ -28,12 +28,14 @@ Keeper -> worker, msgpack maps, each answered in order:
   "pinned_hosts": hosts(5) text|None}`` with the isolate's listener and name service socket
   -> ``{"ok": true, "env": {...}, "ca": PEM|None}``
   ``{"op": "take"}`` -> ``{"ok": true, "records": [...], "dropped": n, "redacted": n}``
-Worker -> keeper, unasked: ``{"event": "refused", "request": {...}}`` (before the isolate hears of
-the refusal). End of stdin: the worker exits.
+Worker -> keeper, unasked: ``{"event": "refused", "request": {...}, "count": n}`` (before the
+isolate hears of the first refusal of a burst; the rest of it, n with one as their example, a
+window later). End of stdin: the worker exits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import encodings.idna  # noqa: F401  (a name lookup imports it; a worker may not read the install)
 import os
@@ -49,10 +51,11 @@ import msgpack
 from ..agent import linux
 from ..policy import Policy
 from ..result import EgressRequest
-from .gate import Gate
+from .gate import MAX_REFUSALS_SAID, Gate
 from .proxy import proxy, upstream_context
 
 MAX_MESSAGE = 4 << 20  # a policy and its secrets' values; nothing bigger comes from a keeper
+REFUSAL_WINDOW_S = 0.05  # refusals after the first of a burst are said together, once a window
 
 
 class Worker:
@@ -60,6 +63,9 @@ class Worker:
         self.keeper_in = keeper_in
         self.keeper_out = keeper_out
         self._send_lock = threading.Lock()  # replies (main thread) and events (the proxy's)
+        self._refusal_lock = threading.Lock()
+        self._burst: list[EgressRequest] | None = None  # an open window: its first refusal, once one came
+        self._burst_count = 0
         self.gate: Gate | None = None
         self.stop: Any = None
 
@@ -93,6 +99,7 @@ class Worker:
         if op == "take":
             if self.gate is None:
                 raise RuntimeError("take before serve")
+            self._say_burst()  # before the answer: the keeper counts them into the run it takes
             records, dropped = self.gate.take_records()
             return {"ok": True, "records": [r.to_dict() for r in records], "dropped": dropped,
                     "redacted": self.gate.redactor.take_count()}  # fmt: skip
@@ -111,7 +118,39 @@ class Worker:
         return {"ok": True, "env": gate.env(), "ca": gate.ca.pem if gate.ca is not None else None}
 
     def refused(self, request: EgressRequest) -> None:
-        self.send({"event": "refused", "request": request.to_dict()})
+        """Said to the keeper at once (its policy may end the isolate at the first), then a burst
+        in one message a window: a flood of refusals costs the keeper a message per window, not
+        one per request. Called in the proxy's event loop."""
+        with self._refusal_lock:
+            if self._burst is not None:
+                if not self._burst:
+                    self._burst.append(request)  # the burst's example
+                self._burst_count += 1
+                return
+            self._burst, self._burst_count = [], 0  # a window opens: what comes in it is counted
+        self.send({"event": "refused", "request": request.to_dict(), "count": 1})
+        asyncio.get_running_loop().call_later(REFUSAL_WINDOW_S, self._said_burst)
+
+    def _said_burst(self) -> None:
+        if self._say_burst(closing=True):
+            asyncio.get_running_loop().call_later(REFUSAL_WINDOW_S, self._said_burst)
+
+    def _say_burst(self, closing: bool = False) -> bool:
+        """Say the refusals counted in the open window (a run's ``take`` asks first, so that its
+        counts are whole); whether there were any. ``closing``: a quiet window closes."""
+        with self._refusal_lock:
+            burst, count = self._burst, self._burst_count
+            if not burst:
+                if closing:
+                    self._burst = None  # the next refusal is said at once
+                return False
+            self._burst, self._burst_count = [], 0
+            # Sent under the lock: a take's flush and the window's must not cross.
+            while count > 0:
+                said = min(count, MAX_REFUSALS_SAID)
+                self.send({"event": "refused", "request": burst[0].to_dict(), "count": said})
+                count -= said
+        return True
 
 
 def give_up_root(uid: int | None) -> None:

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from ..errors import SandboxStartError
 from ..policy import Policy
 from ..result import EgressRequest, validate
-from .gate import MAX_RECORDS
+from .gate import MAX_RECORDS, MAX_REFUSALS_SAID
 
 MAX_REPLY = 1 << 20  # 256 records of a few hundred bytes, and a CA certificate
 SERVE_TIMEOUT_S = 60.0  # the fork server started a moment ago may still be importing, on a loaded host
@@ -143,7 +143,7 @@ class EgressWorker:
     def __init__(self, uid: int | None) -> None:
         """A worker that serves as ``uid`` (the isolate's own) where its fork server is root; else as
         the fork server's user."""
-        self.on_refused: Callable[[EgressRequest], None] | None = None
+        self.on_refused: Callable[[EgressRequest, int], None] | None = None
         self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._lock = threading.Lock()  # one request at a time
         self._lost: str | None = None
@@ -261,7 +261,7 @@ class EgressWorker:
                     if not isinstance(message, dict):
                         raise ValueError("a message that is not a map")
                     if message.get("event") == "refused":
-                        self._refused(message.get("request"))
+                        self._refused(message.get("request"), message.get("count", 1))
                     elif self._waiting.is_set() and self._replies.empty():
                         self._replies.put(message)
                     else:
@@ -271,10 +271,12 @@ class EgressWorker:
         self._lost = self._lost or "it ended"
         self._replies.put(None)
 
-    def _refused(self, request: Any) -> None:
+    def _refused(self, request: Any, count: Any) -> None:
         try:
             record = validate(EgressRequest, request)
         except ValidationError:
             raise ValueError("a refusal that is not a request record") from None
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_REFUSALS_SAID:
+            raise ValueError(f"a refusal count that is not 1 to {MAX_REFUSALS_SAID}")
         if self.on_refused is not None:
-            self.on_refused(record)
+            self.on_refused(record, count)

@@ -41,11 +41,12 @@ class Egress:
         self._closed = False
         self._lost_reported = False
 
-    def refused(self, request: EgressRequest) -> None:
-        """The worker refused a request (before the isolate heard so): a violation of the run."""
+    def refused(self, request: EgressRequest, times: int = 1) -> None:
+        """The worker refused a request (before the isolate heard so), ``times`` such requests
+        (a burst, said once): violations of the run."""
         from ..egress.gate import refused_violation
 
-        self._sandbox._count_violation("network_egress", True, lambda: refused_violation(request))
+        self._sandbox._count_violation("network_egress", True, lambda: refused_violation(request), times=times)
 
     def take(self) -> tuple[list[EgressRequest], int]:
         """The run's egress requests; the secret values its proxy redacted are counted in ``redactor``.

@@ -128,13 +128,13 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         return ""
 
     def _count_violation(
-        self, name: str, blocked: bool, build: Callable[[], SecurityViolation], by_policy: bool = True
+        self, name: str, blocked: bool, build: Callable[[], SecurityViolation], by_policy: bool = True, times: int = 1
     ) -> None:
-        """A runtime saw a violation named ``name``: count it in the run's report (``build``
-        makes its record while the report has room), and end the isolate if the policy says
-        so (``by_policy``: refused by the policy, not a call the runtime's kernel lacks).
-        Called from the runtime's own thread (a supervisor, a log reader)."""
-        refused = self.violation_log.tally(name, blocked, build)
+        """A runtime saw a violation named ``name`` (``times`` of them): count it in the run's
+        report (``build`` makes its record while the report has room), and end the isolate if
+        the policy says so (``by_policy``: refused by the policy, not a call the runtime's kernel
+        lacks). Called from the runtime's own thread (a supervisor, a log reader)."""
+        refused = self.violation_log.tally(name, blocked, build, times)
         if blocked and self._kill_reason is None and self._violations_end_run(refused, by_policy):
             self._mark_dead("violation")
 

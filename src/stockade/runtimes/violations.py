@@ -44,16 +44,16 @@ class ViolationLog:
         self._lock = threading.Lock()
         self._report = ViolationReport()
 
-    def tally(self, name: str, blocked: bool, build: Callable[[], SecurityViolation]) -> int:
-        """Count a violation under ``name``; keep ``build()`` as its record while the run has
-        room (past that it is never called). Returns how many refused calls the run has had."""
+    def tally(self, name: str, blocked: bool, build: Callable[[], SecurityViolation], times: int = 1) -> int:
+        """Count ``times`` violations under ``name``; keep ``build()`` as their record while the
+        run has room (past that it is never called). Returns how many refused calls the run has had."""
         with self._lock:
             report = self._report
             if name not in report.counts and len(report.counts) >= MAX_VIOLATION_NAMES:
                 name = OTHER_VIOLATIONS
-            report.counts[name] = report.counts.get(name, 0) + 1
+            report.counts[name] = report.counts.get(name, 0) + times
             if blocked:
-                report.blocked += 1
+                report.blocked += times
             if len(report.records) < MAX_VIOLATION_RECORDS:
                 report.records.append(build())
             return report.blocked

@@ -3,7 +3,7 @@
 An isolate is a process tree in fresh user, pid, mount, net, ipc, uts and
 cgroup namespaces, pivot_rooted into a minimal root, with no capabilities,
 no_new_privs, rlimits, cgroup limits, Landlock and a seccomp filter whose
-blocked calls are answered and reported by the host (``seccomp.Supervisor``).
+blocked calls are answered and reported by the host (``supervisor.Supervisor``).
 The sequence itself is in ``stockade/agent/confine.py``; this module is the
 host half: it prepares the cgroup and the config, asks the zygote for an
 isolate, checks its handshake (``handshake.py``), and owns it until ``close``.
@@ -34,7 +34,7 @@ from ..pool import PooledRuntime, WarmPool
 from ..publish import AgentRelay, AsyncTurn, Forwarder
 from ..reaper import Reaper
 from ..sandbox import AgentSandbox
-from . import netcalls, seccomp
+from . import netcalls, seccomp, supervisor
 from .cgroups import IsolateCgroup
 from .factory import IsolateFactory, dispose, outer_ids, release_uid
 from .handshake import kill_pidfd, pid_of, receive_isolate
@@ -74,7 +74,7 @@ class ProcessSandbox(AgentSandbox):
         self._released = False
         # The supervisor records a violation before it lets the blocked call return,
         # so every violation of a run is in the log by the time its reply is.
-        seccomp.supervisor().watch(listener, self._count_violation, network=policy.network_policy == "allowlist")
+        supervisor.supervisor().watch(listener, self._count_violation, network=policy.network_policy == "allowlist")
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
@@ -133,7 +133,7 @@ class ProcessSandbox(AgentSandbox):
         self._released = True
         if self.cgroup is not None:
             self.cgroup.kill()
-        seccomp.supervisor().forget(self.listener)
+        supervisor.supervisor().forget(self.listener)
         for sock in self.egress_sockets:
             sock.close()
         if self.egress_worker is not None:  # never handed over

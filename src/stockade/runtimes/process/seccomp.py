@@ -26,10 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
 import struct
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
@@ -340,7 +337,7 @@ def host_program() -> bytes:
     return compile_profile(rules + _UNREADABLE_MODES, unknown=enosys, other=enosys)
 
 
-def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
+def rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
     """The rule that refuses the call ``nr`` (as ``linux.seccomp_notif_recv`` gives it), or None."""
     if is_other_abi(nr):
         return other_abis_rule()
@@ -353,118 +350,13 @@ def _rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
     return None
 
 
-# (the call's name, whether it was refused, what makes its record): the record is
-# built only while the run's report has room, so a flood costs a count, not a model.
-ViolationSink = Callable[[str, bool, Callable[[], SecurityViolation]], None]
-
-
-class Supervisor:
-    """One thread answering the seccomp notifications of every live isolate."""
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._sinks: dict[int, ViolationSink] = {}
-        self._network: set[int] = set()  # listeners whose isolates' network calls are read (netcalls.py)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, listener_fd: int, sink: ViolationSink, network: bool = False) -> None:
-        """Take ownership of ``listener_fd``; ``sink`` gets each violation, from this thread.
-        ``network``: the isolate's filter stops its network calls too (netcalls.py)."""
-        with self._lock:
-            self._sinks[listener_fd] = sink
-            if network:
-                self._network.add(listener_fd)
-            self._epoll.register(listener_fd, select.EPOLLIN)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="stockade-seccomp", daemon=True)
-                self._thread.start()
-
-    def forget(self, listener_fd: int) -> None:
-        """The owner is done with the isolate: stop watching and close the fd."""
-        with self._lock:
-            self._network.discard(listener_fd)
-            if self._sinks.pop(listener_fd, None) is None:
-                return
-            try:
-                self._epoll.unregister(listener_fd)
-            except OSError:
-                pass  # already retired
-            os.close(listener_fd)
-
-    def _retire(self, listener_fd: int) -> None:
-        """Every task under the filter has exited: stop polling, but leave the fd open.
-
-        Only the owner's ``forget`` closes it. Closing it here would free the fd
-        number while the owner still holds it: the next isolate's listener could
-        get that number, and the owner's later ``forget`` would then unregister
-        and close the new isolate's listener, whose violations would go unseen.
-        """
-        with self._lock:
-            if listener_fd in self._sinks:
-                try:
-                    self._epoll.unregister(listener_fd)
-                except OSError:
-                    pass
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                events = self._epoll.poll()
-            except InterruptedError:
-                continue
-            for fd, mask in events:
-                if mask & select.EPOLLIN:
-                    self._answer(fd)
-                elif mask & (select.EPOLLHUP | select.EPOLLERR):
-                    self._retire(fd)
-
-    def _answer(self, fd: int) -> None:
-        notif = linux.seccomp_notif_recv(fd)
-        if notif is None:
-            return  # ENOENT: the caller died meanwhile; EBADF: forgotten
-        notif_id, pid, nr, args = notif
-        with self._lock:
-            sink = self._sinks.get(fd)
-            network = fd in self._network
-        if network and self._network_call(fd, notif_id, pid, nr, args, sink):
-            return
-        rule = _rule_for(nr, args)
-        # Record before answering: the blocked call cannot return, so nothing the
-        # sandboxed code does afterwards (finishing, replying) can overtake the report.
-        if sink is not None:
-            sink(call_name(nr)[0], True, lambda: violation_for(nr, args, pid))
-        linux.seccomp_notif_deny(fd, notif_id, rule.errno if rule else errno.EPERM)
-
-    @staticmethod
-    def _network_call(
-        fd: int, notif_id: int, pid: int, nr: int, args: tuple[int, ...], sink: ViolationSink | None
-    ) -> bool:
-        """Answer one of the calls an allowlist isolate's filter stops besides the profile's
-        (netcalls.py); False for any other call."""
-        from . import netcalls  # it builds on this module's compiler
-
-        if nr not in netcalls.CALLS:
-            return False
-        where = netcalls.destination(pid, nr, args)
-        if not linux.seccomp_notif_id_valid(fd, notif_id):
-            return True  # the caller is gone: what was read may not have been its memory
-        if where is None:
-            linux.seccomp_notif_continue(fd, notif_id)
-            return True
-        if sink is not None:
-            sink("network_egress", True, lambda: netcalls.violation(nr, where, pid))
-        linux.seccomp_notif_deny(fd, notif_id, netcalls.ANSWER)
-        return True
-
-
 def violation_for(nr: int, args: tuple[int, ...], pid: int | None, where: str = "") -> SecurityViolation:
     """The report of a call the profile blocked: which rule, how severe, and why (its comment).
 
     ``nr`` is the call as ``linux.seccomp_notif_recv`` gives it; ``where`` says whose
     filter saw it, when it was not the host's (a microVM guest's).
     """
-    rule = _rule_for(nr, args)
+    rule = rule_for(nr, args)
     name, abi = call_name(nr)
     detail = rule.comment if rule else "blocked by the seccomp profile"
     return SecurityViolation(
@@ -476,15 +368,3 @@ def violation_for(nr: int, args: tuple[int, ...], pid: int | None, where: str = 
         blocked=True,
         pid=pid,
     )
-
-
-_supervisor: Supervisor | None = None
-_supervisor_lock = threading.Lock()
-
-
-def supervisor() -> Supervisor:
-    global _supervisor
-    with _supervisor_lock:
-        if _supervisor is None:
-            _supervisor = Supervisor()
-        return _supervisor
