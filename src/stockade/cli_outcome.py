@@ -31,7 +31,9 @@ json_failures = False
 
 def fail(message: str, code: str = "error") -> int:
     """Say why stockade could not do it (stderr; with ``--json`` stdout too, with ``code``); exit 125."""
-    print(f"stockade: {message}", file=sys.stderr)
+    from .errors import printable  # a message may quote the sandbox (a path, a server's stderr)
+
+    print(f"stockade: {printable(message)}", file=sys.stderr)
     if json_failures:
         import json
 
@@ -63,7 +65,9 @@ def report(args: Any, result: ExecResult) -> int:
         or result.unenforced_limits
         or result.limits_reached
     ):
-        print(result.summary(), file=sys.stderr)
+        from .errors import printable
+
+        print(printable(result.summary()), file=sys.stderr)
     return exit_status(result.termination_reason, result.exit_code)
 
 

@@ -323,6 +323,17 @@ def error_code(exc: BaseException) -> str:
     return "internal"
 
 
+# C0 controls but tab, DEL and C1 controls: what a terminal acts on (ESC sequences, erased lines).
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0)]}
+
+
+def printable(text: str) -> str:
+    """``text`` from an isolate (a server's stderr, a name it chose) safe to quote in a message a
+    terminal or a log shows: control characters written as ``\\xNN``, so that none can erase,
+    hide or forge what surrounds it."""
+    return text.translate(_CONTROLS)
+
+
 def public_message(exc: BaseException) -> str:
     """What a caller is told of ``exc``: its message, or for a fault in stockade itself
     (``internal``) only its class, since the message may hold the daemon's internals."""

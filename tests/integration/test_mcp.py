@@ -198,6 +198,29 @@ def test_a_message_of_millions_of_values_cuts_its_server_off(manager: RuntimeMan
     anyio.run(go)
 
 
+def test_a_server_that_chatters_without_end_is_cut_off_and_its_stderr_cannot_steer_a_terminal(
+    manager: RuntimeManager,
+) -> None:
+    """Each message a server writes is read and parsed by the host process, outside the isolate's
+    limits: before, a kept server sending notifications without end took a third of a core of the
+    daemon's for as long as it lived. And its stderr, quoted in the error, carried raw escapes."""
+    host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
+
+    async def go() -> None:
+        async with host:
+            started = time.monotonic()
+            with pytest.raises(ToolError, match="bad ended during the call: it wrote more than 500 messages a second"):
+                await host.call("bad", "chatter")
+            assert time.monotonic() - started < 30  # its burst and a few seconds, not its minute
+            with pytest.raises(ToolError, match="it exited with 4") as ended:
+                await host.call("bad", "escape")
+            said = str(ended.value)
+            assert "\x1b" not in said and "\\x1b[2K |  stockade INFO forged line\\x1b[8m hidden" in said, said
+            assert text_of(await host.call("bad", "echo", {"a": 1})) == {"a": 1}  # started again
+
+    anyio.run(go)
+
+
 def test_a_flooding_server_is_cut_off(manager: RuntimeManager) -> None:
     host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
 

@@ -11,6 +11,8 @@
 - ``count``: how many calls this server has answered (a persistent server's keep their count).
 - ``die``: the server exits in the middle of the call.
 - ``hog``: a child of it asks for more memory than the isolate has (the child is killed).
+- ``chatter``: small notifications, 2,000 a second, for a minute (its answer comes after).
+- ``escape``: terminal escape sequences on stderr, then the server exits mid-call.
 
 ``--stall METHOD`` (``initialize``, ``tools/list``): it never answers that request.
 ``--resource URI``: it offers one resource, whose text names the URI and this server's args.
@@ -25,7 +27,7 @@ import time
 
 STALL = sys.argv[sys.argv.index("--stall") + 1] if "--stall" in sys.argv else None
 RESOURCE = sys.argv[sys.argv.index("--resource") + 1] if "--resource" in sys.argv else None
-TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "bloat", "echo", "count", "die", "hog"]
+TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "bloat", "echo", "count", "die", "hog", "chatter", "escape"]
 calls = 0
 
 
@@ -104,6 +106,17 @@ def call(name, arguments):
             sys.stdout.flush()
             time.sleep(0.05)
         return text("after the bloat")
+    if name == "chatter":
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "hi"}})
+            time.sleep(0.0005)
+        return text("after the chatter")
+    if name == "escape":
+        sys.stderr.write("\x1b[2K\r stockade INFO forged line\x1b[8m hidden\x1b[0m\n")
+        sys.stderr.flush()
+        time.sleep(0.5)  # read by the host before the end
+        os._exit(4)
     if name == "flood":
         sys.stdout.write("x" * (40 << 20))
         sys.stdout.flush()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stockade.rpc.ratelimit import SlidingWindowLimiter
+from stockade.ratelimit import SlidingWindowLimiter
 
 
 def test_the_limit_is_exact_per_key_and_says_how_long_to_wait() -> None:

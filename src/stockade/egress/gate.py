@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..policy import Policy, SecretGrant
+from ..ratelimit import TokenBucket
 from ..result import EgressRequest, SecurityViolation
 from . import PROXY_PORT
 from .allowlist import Allowlist, HostRule, parse_rule
@@ -67,7 +68,7 @@ class Gate:
         # STOCKADE_EGRESS_HOSTS_FILE's lines: names pinned ahead of DNS.
         self.pinned_hosts = tuple((pinned_hosts or "").splitlines())
         self.on_refused = on_refused
-        self._tokens, self._refilled = ADMIT_BURST, 0.0  # the token bucket of admit()
+        self._admitted = TokenBucket(ADMIT_PER_S, ADMIT_BURST)
         self.bindings = tuple(
             Binding(
                 g, tuple(parse_rule(h) for h in g.hosts), HANDLE_PREFIX + random_tokens.token_hex(16), values[g.name]
@@ -160,10 +161,7 @@ class Gate:
         """Whether a new connection or name query (at ``now``, monotonic seconds) is served; one
         past the rate is dropped unread, and counted as a request not recorded."""
         with self._lock:
-            self._tokens = min(ADMIT_BURST, self._tokens + (now - self._refilled) * ADMIT_PER_S)
-            self._refilled = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
+            if self._admitted.take(1.0, now):
                 return True
             self._dropped += 1
             return False

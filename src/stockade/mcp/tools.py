@@ -147,7 +147,7 @@ class ToolHost:
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                     if output.exit_code is None and output.broken is None:
                         raise
-                    raise ToolError(f"{server_id} ended during the call: {output.describe()} ({exc})") from None
+                    raise ToolError(f"{server_id} ended during the call: {output.describe(exc)}") from None
             if deadline.cancelled_caught:
                 verdict = await _end(sandbox, "timeout")
                 raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
@@ -189,7 +189,7 @@ class ToolHost:
                 if live.alive() and not _closed(exc):
                     raise
                 await self._stop(server_id, live)  # started again at the next call
-                raise ToolError(f"{server_id} ended during the call: {live.output.describe()} ({exc})") from None
+                raise ToolError(f"{server_id} ended during the call: {live.output.describe(exc)}") from None
         if deadline.cancelled_caught:
             verdict = await _end(live.sandbox, "timeout")
             await self._stop(server_id, live)  # started again at the next call
@@ -295,7 +295,7 @@ async def _initialise(session: ClientSession, server_id: str, output: ServerOutp
         try:
             await session.initialize()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
-            raise ToolError(f"MCP server {server_id} did not start: {output.describe()} ({exc})") from None
+            raise ToolError(f"MCP server {server_id} did not start: {output.describe(exc)}") from None
     if deadline.cancelled_caught:
         raise ToolError(f"MCP server {server_id} did not answer initialize in {timeout:g} s (its timeout_secs)")
 

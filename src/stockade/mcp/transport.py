@@ -24,12 +24,19 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp import types
 from mcp.shared.message import SessionMessage
 
+from ..errors import printable
+from ..ratelimit import TokenBucket
 from ..runtimes.spawned import Process
 
 MAX_LINE = 16 << 20  # one JSON-RPC message
 MAX_VALUES = 1_000_000  # JSON values in one message (~50-100 bytes each once parsed)
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes and all
 MAX_STDERR = 64 << 10  # kept of what the server says on stderr, for an error message
+# What a server may make this host process read and parse, its isolate's limits not covering it: a
+# few large results at once, then a steady rate far above any conversation's. A server past it
+# (notifications without end, asked for or not) is cut off as one that floods its stdout is.
+MAX_BYTES_PER_S, MAX_BYTES_BURST = 4 << 20, 64 << 20
+MAX_MESSAGES_PER_S, MAX_MESSAGES_BURST = 500.0, 5000.0
 # How long the reader waits for output while there is none. The agent serves one call at a time, so a
 # process's output is asked for, not pushed: often while a conversation is under way (a reply is due
 # soon after a request), seldom while it is quiet (an idle server costs the agent next to nothing).
@@ -50,14 +57,18 @@ class ServerOutput:
         self.stderr += data
         del self.stderr[: max(0, len(self.stderr) - MAX_STDERR)]
 
-    def describe(self) -> str:
-        said = self.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
+    def describe(self, cause: BaseException | None = None) -> str:
+        """What is known of why the server went: the transport's reason, its exit, its last
+        stderr lines and ``cause`` (the session's error), none of them able to steer a terminal."""
+        lines = self.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
+        said = [printable(line) for line in lines]  # the server's words: no terminal control in them
         parts = [self.broken] if self.broken else []
         if self.exit_code is not None:
             parts.append(f"it exited with {self.exit_code}")
         if said:
             parts.append("its stderr ends: " + " | ".join(said))
-        return "; ".join(parts) or "no word from it"
+        described = "; ".join(parts) or "no word from it"
+        return f"{described} ({printable(str(cause))})" if cause is not None else described
 
 
 @asynccontextmanager
@@ -73,6 +84,8 @@ async def process_transport(
 
     def read_loop() -> None:
         buffer = bytearray()
+        read = TokenBucket(MAX_BYTES_PER_S, MAX_BYTES_BURST)
+        messages = TokenBucket(MAX_MESSAGES_PER_S, MAX_MESSAGES_BURST)
         while not stop.is_set():
             ended = process.exit_code is not None
             out, err = process.read()
@@ -80,12 +93,18 @@ async def process_transport(
                 last_message[0] = time.monotonic()
             if err:
                 output.note_stderr(err)
+            if not read.take(len(out) + len(err)):
+                output.broken = f"it wrote more than {MAX_BYTES_PER_S >> 20} MiB a second for too long"
+                return
             buffer += out
             while (end := buffer.find(b"\n")) >= 0:
                 line = bytes(buffer[:end])
                 del buffer[: end + 1]
                 if _values(line) > MAX_VALUES:
                     output.broken = f"it wrote a message of more than {MAX_VALUES} JSON values"
+                    return
+                if not messages.take():
+                    output.broken = f"it wrote more than {MAX_MESSAGES_PER_S:g} messages a second for too long"
                     return
                 if line.strip():
                     anyio.from_thread.run(read_writer.send, _parse(line))

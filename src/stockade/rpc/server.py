@@ -35,11 +35,11 @@ from ..errors import ConfigError, StockadeError, error_code, public_message, wir
 from ..protocol import auth
 from ..protocol.models import Caller
 from ..protocol.peer import Peer
+from ..ratelimit import SlidingWindowLimiter
 from . import methods
 from .codec import Codec
 from .connection import AnswerLog, Connection, LinesUnderWay, error_answer
 from .methods import Method, read_request
-from .ratelimit import SlidingWindowLimiter
 
 if TYPE_CHECKING:
     from ..daemon.answers import AnswerBudget

@@ -51,8 +51,8 @@ from ..errors import (
     public_message,
 )
 from ..protocol.models import Caller
+from ..ratelimit import SlidingWindowLimiter
 from ..rpc.methods import answer, read_request
-from ..rpc.ratelimit import SlidingWindowLimiter
 
 log = logging.getLogger("stockade.daemon")
 # Answered to anyone, uncounted: health checks (ours, SandboxFusion's) and the dashboard's

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from ...agent import linux
+from ...ratelimit import TokenBucket
 from ...result import SecurityViolation
 from . import seccomp
 
@@ -35,24 +36,6 @@ NOTIFY_PER_S, NOTIFY_BURST = 2000.0, 10000.0
 NOTIFY_RESUME = NOTIFY_BURST / 10  # the budget a paused listener is read again with
 
 
-class _Budget:
-    __slots__ = ("at", "tokens")
-
-    def __init__(self, now: float) -> None:
-        self.tokens, self.at = NOTIFY_BURST, now
-
-    def take(self, now: float) -> bool:
-        """One notification's worth; False when the budget is spent."""
-        self.tokens = min(NOTIFY_BURST, self.tokens + (now - self.at) * NOTIFY_PER_S)
-        self.at = now
-        self.tokens -= 1.0
-        return self.tokens > 0.0
-
-    def refilled_at(self) -> float:
-        """When the budget will be NOTIFY_RESUME again."""
-        return self.at + (NOTIFY_RESUME - self.tokens) / NOTIFY_PER_S
-
-
 class Supervisor:
     """One thread answering the seccomp notifications of every live isolate."""
 
@@ -60,7 +43,7 @@ class Supervisor:
         self._epoll = select.epoll()
         self._sinks: dict[int, ViolationSink] = {}
         self._network: set[int] = set()  # listeners whose isolates' network calls are read (netcalls.py)
-        self._budgets: dict[int, _Budget] = {}
+        self._budgets: dict[int, TokenBucket] = {}
         self._paused: dict[int, float] = {}  # listener -> when it is read again (its budget spent)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -72,7 +55,7 @@ class Supervisor:
             self._sinks[listener_fd] = sink
             if network:
                 self._network.add(listener_fd)
-            self._budgets[listener_fd] = _Budget(time.monotonic())
+            self._budgets[listener_fd] = TokenBucket(NOTIFY_PER_S, NOTIFY_BURST)
             self._paused.pop(listener_fd, None)
             self._epoll.register(listener_fd, select.EPOLLIN)
             if self._thread is None:
@@ -140,9 +123,9 @@ class Supervisor:
         now = time.monotonic()
         with self._lock:
             budget = self._budgets.get(fd)
-            if budget is None or budget.take(now) or fd in self._paused:
+            if budget is None or budget.take(1.0, now) or fd in self._paused:
                 return
-            self._paused[fd] = budget.refilled_at()
+            self._paused[fd] = budget.ready_at(NOTIFY_RESUME)
             with contextlib.suppress(OSError):
                 self._epoll.modify(fd, 0)  # hang-ups are still said (epoll always reports them)
 

@@ -1,4 +1,5 @@
-"""Sliding one-second window rate limiting, per client key (seed 000)."""
+"""Rate limits: a sliding window per client key (seed 000's requests per second), and a token
+bucket for what one isolate may make the host do (answers, parses, messages) outside its cgroup."""
 
 from __future__ import annotations
 
@@ -47,3 +48,27 @@ class SlidingWindowLimiter:
         if not events or len(events) < self.limit:
             return 0.0
         return max(0.0, self.window_s - (now - events[0]))
+
+
+class TokenBucket:
+    """``rate`` a second sustained, ``burst`` at once. Not locked: one owner thread, or its lock."""
+
+    __slots__ = ("at", "burst", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = burst, time.monotonic() if now is None else now
+
+    def take(self, amount: float = 1.0, now: float | None = None) -> bool:
+        """Take ``amount`` if the bucket holds it; False (nothing taken) when it does not."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
+    def ready_at(self, amount: float) -> float:
+        """When the bucket will hold ``amount`` (monotonic seconds; now or earlier if it does)."""
+        return self.at + max(0.0, amount - self.tokens) / self.rate
