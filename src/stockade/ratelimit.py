@@ -3,6 +3,7 @@ bucket for what one isolate may make the host do (answers, parses, messages) out
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import deque
 
@@ -72,3 +73,17 @@ class TokenBucket:
     def ready_at(self, amount: float) -> float:
         """When the bucket will hold ``amount`` (monotonic seconds; now or earlier if it does)."""
         return self.at + max(0.0, amount - self.tokens) / self.rate
+
+
+def peer_network(host: str | None) -> str:
+    """The network a client is counted in: its /24 (IPv4, mapped IPv4 too) or its /64 (IPv6)."""
+    if not host:
+        return ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 64
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from stockade.client import Client
-from stockade.server.connections import MAX_PER_PEER, peer_network
+from stockade.ratelimit import peer_network
+from stockade.server.connections import MAX_PER_PEER
 from tests.daemon_harness import Daemon, start_daemon
 
 HEADER_TIMEOUT_S = 2

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.models import Caller
+from ..ratelimit import TokenBucket, peer_network
 from ..result import ExecResult
 from ..server.history import History
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 log = logging.getLogger("stockade.daemon")
+AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST = 1.0, 60.0  # auth_failure records, from all peers together
 
 
 class Observers:
@@ -45,8 +47,12 @@ class Observers:
         self._missed: dict[str, int] = {}
         self._pending: list[tuple[Caller, str | None, ExecResult, bool, bool]] = []
         self._timer: asyncio.TimerHandle | None = None
-        # (door, peer) -> (when its last auth_failure record was written, failures since, unwritten)
+        # (door, peer's network) -> (when its last auth_failure record was written, failures since, unwritten)
         self._auth_failures: dict[tuple[str, str], tuple[float, int]] = {}
+        # Records of failures from every peer together: many addresses (an IPv6 /64 holds plenty) must
+        # not rotate the log away either. Past it, failures are counted in the next record written.
+        self._auth_records = TokenBucket(AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST)
+        self._auth_unrecorded = 0
 
     DELAY_S = 0.002
     AUTH_WINDOW_S = 10.0
@@ -132,26 +138,32 @@ class Observers:
             self.metrics.observe_request("http" if door == "http" else "unix", method, code, seconds)
 
     def auth_failure(self, door: str, peer: str, method: str) -> None:
-        """One record per peer and door per AUTH_WINDOW_S, the ones in between counted in the
-        next: a flood of bad tokens must not rotate the log's real records away."""
+        """One record per door and peer's network (an IPv4 /24, an IPv6 /64) per AUTH_WINDOW_S,
+        the ones in between counted in the next; and at most AUTH_RECORDS_PER_S of them from all
+        peers together, the others counted in the next written (``unrecorded_elsewhere``): a
+        flood of bad tokens, from one address or many, must not rotate the log's real records away."""
         if self.audit is None:
             return
         now = time.monotonic()
-        key = (door, peer)
+        key = (door, peer_network(peer))
         window = self._auth_failures.get(key)
         if window is not None and now - window[0] < self.AUTH_WINDOW_S:
             self._auth_failures[key] = (window[0], window[1] + 1)
             return
+        if not self._auth_records.take(1.0, now):
+            self._auth_unrecorded += 1
+            return
+        elsewhere, self._auth_unrecorded = self._auth_unrecorded, 0
         self.audit.record(
-            "auth_failure", door=door, peer=peer, method=method[:128], unrecorded_before=window[1] if window else 0
-        )
+            "auth_failure", door=door, peer=peer, method=method[:128], unrecorded_before=window[1] if window else 0,
+            unrecorded_elsewhere=elsewhere,
+        )  # fmt: skip
         self._auth_failures[key] = (now, 0)
-        if len(self._auth_failures) > 4096:  # peers that went quiet: their last counts said, then forgotten
-            for (quiet_door, quiet_peer), (since, count) in list(self._auth_failures.items()):
+        if len(self._auth_failures) > 4096:  # peers that went quiet: forgotten, their counts said in the next
+            for quiet, (since, count) in list(self._auth_failures.items()):
                 if now - since >= self.AUTH_WINDOW_S:
-                    del self._auth_failures[quiet_door, quiet_peer]
-                    if count:
-                        self.audit.record("auth_failures_unrecorded", door=quiet_door, peer=quiet_peer, count=count)
+                    del self._auth_failures[quiet]
+                    self._auth_unrecorded += count
 
     def mcp_call(self, caller: Caller, record: dict[str, Any]) -> None:
         """One MCP tool call the daemon made for ``caller`` (mcp.call_tool): ``mcp/tools.call_record``."""
@@ -183,6 +195,8 @@ class Observers:
             for (door, peer), (_, count) in self._auth_failures.items():
                 if count:  # failures since that peer's last record: said before the log closes
                     self.audit.record("auth_failures_unrecorded", door=door, peer=peer, count=count)
+            if self._auth_unrecorded:
+                self.audit.record("auth_failures_unrecorded", door="any", peer="any", count=self._auth_unrecorded)
             self.audit.close()
 
 

@@ -16,30 +16,17 @@ reading it).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..ratelimit import peer_network
+
 log = logging.getLogger("stockade.daemon")
 MAX_CONNECTIONS = 1024
 MAX_PER_PEER = 128
 REFUSAL_LOG_EVERY_S = 60.0  # a flood of refused connections is said once a minute, not per connection
-
-
-def peer_network(host: str | None) -> str:
-    """The network a client is counted in: its /24 (IPv4, mapped IPv4 too) or its /64 (IPv6)."""
-    if not host:
-        return ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    prefix = 24 if address.version == 4 else 64
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 class _Refusals:
