@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ def add_parsers(subparsers: Any) -> None:
 
     secretd = subparsers.add_parser(
         "secretd",
-        help="run the secrets broker: holds secrets, answers only the daemon's uid (docs/secrets.md)",
+        help="run the secrets broker: holds secrets, answers only the daemon's uid (docs/security.md: The broker)",
     )
     secretd.add_argument(
         "--secrets-file", metavar="FILE", help="JSON secrets, mode 0600 (default: $STOCKADE_SECRETS_FILE)"
@@ -162,7 +163,16 @@ def _broker_config(args: argparse.Namespace) -> Any:
     uids = UidRange.from_env()
     as_root = os.geteuid() == 0
     group = args.daemon_group or (args.user if as_root else None)
-    gid = grp.getgrnam(group).gr_gid if group else None
+    if as_root:
+        try:
+            pwd.getpwnam(args.user)
+        except KeyError:
+            raise ConfigError(f"--user {args.user}: no such user (`stockade setup-users` creates it)") from None
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        flag = "--daemon-group" if args.daemon_group else "--user (its group)"
+        raise ConfigError(f"{flag} {group}: no such group (`stockade setup-users` creates it)") from None
     allowed = []
     for user in args.allow_uid or ["stockade"]:
         try:
@@ -192,13 +202,19 @@ def _broker_config(args: argparse.Namespace) -> Any:
         store = SecretStore.load(path, owner=broker_uid)
         wire.write_key(key_file, key, gid, owner=broker_uid)
         listener = listen(socket_path, socket_gid, owner=broker_uid)
-        state_dir = args.state_dir or DEFAULT_STATE_DIR
         try:
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
-            os.chown(state_dir, broker_uid, -1)
-        except OSError as exc:
-            raise ConfigError(f"--state-dir {state_dir}: {exc.strerror}") from None
-        identities.drop_to(args.user)
+            state_dir = args.state_dir or DEFAULT_STATE_DIR
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                os.chown(state_dir, broker_uid, -1)
+            except OSError as exc:
+                raise ConfigError(f"--state-dir {state_dir}: {exc.strerror}") from None
+            identities.drop_to(args.user)
+        except BaseException:
+            listener.close()  # a broker that did not start leaves no socket that seems to be one
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path)
+            raise
     else:
         store = SecretStore.load(path)
         wire.write_key(key_file, key, gid)

@@ -318,3 +318,37 @@ def test_an_admin_registers_secrets_through_the_daemon_and_they_rest_encrypted(b
     finally:
         daemon.cleanup()
         upstreams.close()
+
+
+def test_a_broker_that_cannot_start_says_why_changes_no_directory_and_leaves_no_socket(broker: Running) -> None:
+    """Found by a new user: without its users, secretd showed a traceback (KeyError from getgrnam);
+    started with a --socket in a private directory, it made that directory 0755; and a start that
+    failed after binding left a socket behind that looked like a broker's."""
+    where = tempfile.mkdtemp(prefix="stockade-broker-fail-")  # 0700: the user's private directory
+    try:
+        secrets_file = os.path.join(broker.dir, "secrets.json")
+        roots_file = os.path.join(where, "roots.json")  # a broker staying root reads a file root owns
+        with open(roots_file, "w") as f:
+            json.dump({"API_KEY": "sk-x"}, f)
+        os.chmod(roots_file, 0o600)
+
+        def secretd(*extra: str, secrets: str = secrets_file) -> subprocess.CompletedProcess[str]:
+            argv = [STOCKADE, "secretd", "--secrets-file", secrets, "--key-file", os.path.join(where, "key"),
+                    "--allow-uid", "0", *extra]  # fmt: skip
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+        sock = os.path.join(where, "secretd.sock")
+        for extra, said in [
+            (("--user", "no-such-user-here", "--socket", sock), "--user no-such-user-here: no such user"),
+            (("--daemon-group", "no-such-group-here", "--socket", sock), "--daemon-group no-such-group-here: no such"),
+            (("--socket", sock), f"its directory {where} is not searchable by others (mode 0700)"),
+            (("--user", "root", "--daemon-group", "root", "--socket", os.path.join(broker.dir, "x.sock")),
+             "could not drop root to root"),
+        ]:  # fmt: skip
+            done = secretd(*extra, secrets=roots_file if "root" in extra else secrets_file)
+            assert done.returncode == 125 and said in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
+        assert os.stat(where).st_mode & 0o777 == 0o700  # left as it was
+        assert not os.path.exists(sock) and not os.path.exists(os.path.join(broker.dir, "x.sock"))
+    finally:
+        shutil.rmtree(where)

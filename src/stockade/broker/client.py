@@ -121,7 +121,7 @@ class SecretSource:
             return {g.name: store.check_grant(g.name, g.hosts).value for g in grants}
         raise PolicyError(
             "this policy grants secrets, and no secrets broker or file is configured: run `stockade secretd` and "
-            "set STOCKADE_BROKER_SOCKET, or set STOCKADE_SECRETS_FILE (docs/secrets.md)"
+            "set STOCKADE_BROKER_SOCKET, or set STOCKADE_SECRETS_FILE (docs/security.md: The broker; docs/egress.md)"
         )
 
     def close(self, sandbox: str) -> None:

@@ -86,10 +86,19 @@ def ids_of(name: str) -> tuple[int, int]:
 
 
 def prepare_run_dir(broker: str, run_dir: str = RUN_DIR) -> None:
-    """``run_dir`` and the broker's private directory in it (as root, before dropping)."""
+    """``run_dir`` and the broker's private directory in it (as root, before dropping). Stockade's
+    own /run/stockade is made 0755; a directory given for the socket (``--socket``) is left as it
+    is, and refused when the daemon could not reach the socket through it."""
     uid, gid = ids_of(broker)
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    os.chmod(run_dir, 0o755)  # noqa: S103 - traversed by the daemon to reach the broker's socket and key
+    if os.path.abspath(run_dir) == RUN_DIR:
+        os.chmod(run_dir, 0o755)  # noqa: S103 - traversed by the daemon to reach the broker's socket and key
+    elif not os.stat(run_dir).st_mode & 0o001:
+        raise ConfigError(
+            f"--socket: its directory {run_dir} is not searchable by others (mode "
+            f"{os.stat(run_dir).st_mode & 0o777:04o}), so the daemon's user could not reach the socket: "
+            "make it 0755 or put the socket elsewhere (nothing was changed)"
+        )
     private = os.path.join(run_dir, "secretd")
     os.makedirs(private, mode=0o700, exist_ok=True)
     os.chown(private, uid, gid)
