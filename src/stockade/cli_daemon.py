@@ -291,7 +291,7 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
                 refusal = None
             if refusal is None or refusal.get("error") is None:
                 return fail(f"lost the connection to the stockade daemon: {exc}")
-            return fail(str(refusal["error"]))
+            return _report(args, refusal, signed=bool(token))
         stream_error: Exception | None = None
         while True:
             answer = _answer(reader.next())
@@ -313,10 +313,10 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
         return fail("the daemon sent an invalid response")
     if stream_error is not None:
         raise stream_error
-    return _report(args, answer)
+    return _report(args, answer, signed=bool(token))
 
 
-def _report(args: Any, answer: dict[str, Any]) -> int:
+def _report(args: Any, answer: dict[str, Any], signed: bool) -> int:
     """The answer as the CLI reports a run: a clean completed run from its JSON alone,
     anything else (``--json``, a summary to print) through its ``ExecResult``."""
     if answer.get("id", _MSG_ID) != _MSG_ID and answer.get("error_code") is None:
@@ -324,6 +324,10 @@ def _report(args: Any, answer: dict[str, Any]) -> int:
     if answer.get("error") is not None:
         if answer.get("error_code") == "policy":
             return fail(_policy_error(args) or str(answer["error"]), "policy")
+        if answer.get("error_code") == "auth":
+            from .errors import refused_signature
+
+            return fail(refused_signature(str(answer["error"]), signed), "auth")
         return fail(str(answer["error"]), str(answer.get("error_code") or "error"))
     result = answer.get("result")
     if not isinstance(result, dict):

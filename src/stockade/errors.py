@@ -334,6 +334,17 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+def refused_signature(message: str, signed: bool) -> str:
+    """A daemon's "Authentication failed" (which says no more, to anyone) with what the client,
+    which knows whether it signed, can tell its user."""
+    if signed:
+        return f"{message}: the daemon refused this token (it has another)"
+    return (
+        f"{message}: the daemon requires signed requests: give its token "
+        "(--token-file FILE, STOCKADE_AUTH_TOKEN, or Client(token_file=...))"
+    )
+
+
 def public_message(exc: BaseException) -> str:
     """What a caller is told of ``exc``: its message, or for a fault in stockade itself
     (``internal``) only its class, since the message may hold the daemon's internals."""

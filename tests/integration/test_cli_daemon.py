@@ -298,7 +298,11 @@ def test_with_a_token_the_request_is_signed(process_runtime: str, tmp_path: Path
         assert (r.returncode, r.stdout) == (0, "1\n")
         # A daemon that answers and refuses is no reason to run in-process.
         r = cli("run", "--", "echo", "unsigned", env={"STOCKADE_SOCKET": d.socket_path})
-        assert (r.returncode, r.stdout, r.stderr) == (125, "", "stockade: Authentication failed\n")
+        assert (r.returncode, r.stdout) == (125, "")
+        assert r.stderr == (
+            "stockade: Authentication failed: the daemon requires signed requests: give its token "
+            "(--token-file FILE, STOCKADE_AUTH_TOKEN, or Client(token_file=...))\n"
+        )
     finally:
         assert d.stop() == 0, d.logs()
 

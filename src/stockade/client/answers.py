@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..errors import SandboxOSError, StockadeError, error_from_code
+from ..errors import AuthenticationError, SandboxOSError, StockadeError, error_from_code, refused_signature
 from ..protocol import auth
 from ..result import ExecResult
 
@@ -60,9 +60,10 @@ class Reply:
     of the answer (``{"id", "output": {"stream", "data"}}``) goes to ``on_output``,
     then the answer ends it."""
 
-    def __init__(self, msg_id: int, on_output: Callable[[str, bytes], None] | None) -> None:
+    def __init__(self, msg_id: int, on_output: Callable[[str, bytes], None] | None, signed: bool = False) -> None:
         self.msg_id = msg_id
         self.on_output = on_output
+        self.signed = signed  # the request carried an HMAC signature (a refusal's hint says which way)
         self.callback_error: Exception | None = None
 
     def take(self, answer: Answer) -> bool:
@@ -87,6 +88,8 @@ class Reply:
         if self.callback_error is not None:
             raise self.callback_error
         if (failure := error_of(answer)) is not None:
+            if isinstance(failure, AuthenticationError):
+                raise AuthenticationError(refused_signature(str(failure), self.signed)) from None
             raise failure
         return answer
 

@@ -132,7 +132,7 @@ class Client(Requests):
         wait = timeout or self.timeout
         while True:
             # Each attempt is signed afresh: a nonce the daemon saw would be refused as a replay.
-            reply = Reply(next(self._ids), on_output)
+            reply = Reply(next(self._ids), on_output, signed=self._token is not None)
             line = request_line(method, params, reply.msg_id, self._token, streamed=on_output is not None)
             try:
                 answer = self._exchange(line, reply, wait, answer_type, method)
