@@ -339,3 +339,20 @@ def test_verify_main_says_what_it_found_and_exits_accordingly(tmp_path: Path) ->
     assert out.getvalue().startswith(f"audit verify: cannot read {tmp_path / 'audit.log.1'}: ")
     out = io.StringIO()
     assert verify_main([], out) == 2 and out.getvalue().startswith("usage: stockade audit verify FILE...")
+
+
+def test_an_mcp_calls_record_keeps_the_names_of_the_secrets_it_used(tmp_path: Path) -> None:
+    """Found by a new user: each egress entry of an mcp.call record read "[redacted]" in the log
+    (a field named ``secrets_used`` looks like a secret to the redaction), names and empty lists alike."""
+    from stockade.mcp.tools import call_record
+
+    verdict = {"egress_requests": [
+        {"host": "api.test", "port": 443, "method": "GET", "allowed": True, "secrets_used": ["APIKEY"]},
+        {"host": "other.test", "port": 443, "method": "CONNECT", "allowed": False, "secrets_used": []},
+    ]}  # fmt: skip
+    log = AuditLog(str(tmp_path / "audit.log"))
+    log.record("mcp.call", owner="uid:0", door="unix", **call_record("srv", "fetch", 12, "ok", verdict))
+    log.close()
+    (record,) = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [e["substituted"] for e in record["egress"]] == [["APIKEY"], []]
+    assert "[redacted]" not in json.dumps(record["egress"])

@@ -339,7 +339,10 @@ def call_record(
     return {
         "server": server_id, "tool": tool, "argument_bytes": argument_bytes, "outcome": outcome, "error": error,
         "runtime": verdict.get("runtime"), "violations": verdict.get("violation_counts") or {},
-        "egress": [{k: r.get(k) for k in ("host", "port", "method", "allowed", "secrets_used")} for r in egress],
+        # The names as the daemon's execution records carry them (``substituted``): the audit log
+        # redacts any field named like a secret ("secrets_used" included), names and all.
+        "egress": [{**{k: r.get(k) for k in ("host", "port", "method", "allowed")},
+                    "substituted": r.get("secrets_used") or []} for r in egress],
     }  # fmt: skip
 
 
