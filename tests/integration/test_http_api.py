@@ -234,7 +234,13 @@ def test_a_held_sandbox_streams_too_and_errors_are_events(http: httpx.Client) ->
     with http.stream("POST", f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["/no/such"]}) as answer:
         events = list(_events(answer.iter_lines()))
     assert [kind for kind, _ in events] == ["error"] and events[0][1]["code"] == "path_not_found"
-    # ...what is refused before it begins is an HTTP status.
+    # ...what is refused before it begins is an HTTP status: a timeout above the policy's (found by
+    # a new user: it was a 200 stream whose one event said so)...
+    for route, body in (("run_code", {"code": "print(1)"}), ("exec", {"command": ["true"]})):
+        longer = http.post(f"/api/v1/sandboxes/{sid}/{route}?stream=true", json={**body, "timeout": 10_000})
+        assert (longer.status_code, longer.json()["code"]) == (422, "policy"), longer.text
+        assert "timeout=10000 is above the policy's timeout_seconds" in longer.json()["error"]
+    # ...and a sandbox that is not there.
     http.delete(f"/api/v1/sandboxes/{sid}")
     gone = http.post(f"/api/v1/sandboxes/{sid}/exec?stream=true", json={"command": ["true"]})
     assert (gone.status_code, gone.json()["code"]) == (404, "not_found")

@@ -54,7 +54,7 @@ from ..protocol.models import (
     WriteFile,
 )
 from ..result import ExecResult
-from ..runtimes.agent_requests import code_request, exec_params
+from ..runtimes.agent_requests import check_call_timeout, code_request, exec_params
 from ..runtimes.spawned import Process
 from ..runtimes.verdict import OutputCallback
 from .answers import AnswerBudget, answer_size
@@ -182,8 +182,13 @@ class HeldSandboxes:
         return asked
 
     def require_sandbox(self, request: SandboxRef, caller: Caller) -> None:
-        """Refuse now (``NotFoundError``) a call to a sandbox the caller does not hold."""
-        self._lookup(request, caller)
+        """Refuse now a call to a sandbox the caller does not hold (``NotFoundError``), and a run
+        whose own timeout is above its sandbox's policy's (``PolicyError``): a streamed answer
+        has begun by the time the run itself would say so."""
+        held = self._lookup(request, caller)
+        timeout = getattr(request, "timeout", None)
+        if isinstance(timeout, (int, float)):
+            check_call_timeout(timeout, held.sandbox.policy)
 
     def _lookup(self, request: SandboxRef, caller: Caller) -> Held:
         sandbox_id = request.sandbox_id

@@ -39,6 +39,15 @@ def job_limits(policy: Policy, timeout: float | None = None, *, forks_counted: b
     return limits
 
 
+def check_call_timeout(timeout: float | None, policy: Policy) -> None:
+    """A call's own ``timeout`` may shorten its policy's, never lengthen it (``PolicyError``)."""
+    if timeout is not None and timeout != UNBOUNDED and timeout > policy.timeout_seconds:
+        raise PolicyError(
+            f"timeout={timeout:g} is above the policy's timeout_seconds={policy.timeout_seconds:g}: "
+            "a call may shorten its run, not lengthen it (raise timeout_seconds in the policy)"
+        )
+
+
 def run_params(
     params: dict[str, Any],
     policy: Policy,
@@ -58,11 +67,7 @@ def run_params(
     if timeout == UNBOUNDED:
         params.update(common, stream=True, collect=False, limits=job_limits(policy, forks_counted=forks_counted))
         return _FOREVER_S
-    if timeout is not None and timeout > policy.timeout_seconds:
-        raise PolicyError(
-            f"timeout={timeout:g} is above the policy's timeout_seconds={policy.timeout_seconds:g}: "
-            "a call may shorten its run, not lengthen it (raise timeout_seconds in the policy)"
-        )
+    check_call_timeout(timeout, policy)
     timeout = timeout or policy.timeout_seconds
     wait = timeout + HOST_TIMEOUT_GRACE_S
     if "session" in params:
