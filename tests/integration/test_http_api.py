@@ -151,6 +151,12 @@ def test_health_names_the_default_policy_and_what_works(http: httpx.Client) -> N
     assert health["status"] == "healthy" and health["service"] == "stockade"
     assert health["policy_digest"] == Policy().digest and "process" in health["runtimes_available"]
     assert health["active_sandboxes"] == 0
+    # A runtimes check (a real sandbox of each) says what works; /health lists it from then on.
+    checked = http.get("/api/v1/runtimes", timeout=300)
+    assert checked.status_code == 200, checked.text
+    working = sorted(r["name"] for r in checked.json() if r["available"] and r["name"] != "fake")  # tests only
+    assert {r["name"] for r in checked.json()} >= {"process", "gvisor", "microvm"} and "process" in working
+    assert http.get("/health").json()["runtimes_available"] == working
 
 
 # ---- held sandboxes --------------------------------------------------------------------------

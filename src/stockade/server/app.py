@@ -200,6 +200,13 @@ def create_app(door: HttpDoor) -> FastAPI:
             total_count=len(now.active_sandboxes),
         )
 
+    @app.get("/api/v1/runtimes", name="runtimes", responses=_ERRORS)
+    async def runtimes(request: Request) -> Any:
+        """Every runtime and whether it works here, from a check at most a minute old (a check
+        starts a real sandbox of each: a VM boot for microVM); as ``stockade daemon runtimes``.
+        What it finds working, ``/health``'s ``runtimes_available`` lists from then on."""
+        return await door.call("runtimes", {}, door.caller(request))
+
     @app.get("/health", name="health", response_model=seed.Health)
     async def health() -> seed.Health:
         available = door.runtimes_available()
