@@ -71,6 +71,11 @@ def test_policy_checks_egress_fields() -> None:
         Policy(network_policy="allowlist", allowed_hosts=["a.com"], secrets=["K@a.com"], environment={"K": "v"})
     policy = Policy(network_policy="allowlist", allowed_hosts=["*.example.com"], secrets=["K@api.example.com"])
     assert policy.secrets[0].header == "Authorization" and policy.secrets[0].format == "Bearer {value}"
+    # A host bound without a port is reachable on the port its allowed rule names (found by a new
+    # user: the port had to be repeated in the binding); one bound to another port is not.
+    Policy(network_policy="allowlist", allowed_hosts=["api.local.test:18443"], secrets=["K@api.local.test"])
+    with pytest.raises(PolicyError, match=r"bound to api\.local\.test:9999, which allowed_hosts does not allow"):
+        Policy(network_policy="allowlist", allowed_hosts=["api.local.test:18443"], secrets=["K@api.local.test:9999"])
 
 
 def test_substitution_only_in_the_bound_header_for_the_bound_host() -> None:

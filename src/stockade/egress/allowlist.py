@@ -157,10 +157,11 @@ def _address(text: str) -> IPAddress | None:
 
 
 def host_covered(host: str, allowed: Allowlist) -> bool:
-    """Whether a secret's bound ``host`` (a rule's text) is reachable under ``allowed`` at all."""
+    """Whether a secret's bound ``host`` (a rule's text) is reachable under ``allowed`` at all: on
+    some port (a host bound without one is reachable on the port its allowed rule names)."""
     bound = parse_rule(host)
     for rule in allowed.rules:
-        if rule.port is not None and bound.port != rule.port:
+        if rule.port is not None and bound.port is not None and bound.port != rule.port:
             continue
         if rule.host == bound.host:
             return True
