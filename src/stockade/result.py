@@ -136,6 +136,7 @@ class ResourceUsage(Serialised):
     memory_peak_mb: float | None = None
 
 
+SUMMARY_FIRST_CHARS = 200  # of the first blocked call's description, in a summary
 # The limits a run may reach and go on, which its exit status would hide: named in its summary.
 HIDDEN_LIMITS = {
     "pids_limit": "pids_limit (a fork was refused)",
@@ -314,7 +315,10 @@ class ExecResult(Serialised):
         if self.security_violations or self.violation_counts:
             names = sorted(self.violation_counts or {violation_key(v) for v in self.security_violations})
             total = sum(self.violation_counts.values()) or len(self.security_violations)
-            parts.append(f"{total} blocked: {', '.join(names)}")
+            first = self.security_violations[0].description if self.security_violations else ""
+            # The first one's own words: a name alone ("network_egress") does not say what to change.
+            shown = f" (first: {first[:SUMMARY_FIRST_CHARS]})" if first else ""
+            parts.append(f"{total} blocked: {', '.join(names)}{shown}")
         if self.error:
             parts.append(self.error)
         hidden = [name for name in self.limits_reached if name in HIDDEN_LIMITS]
