@@ -53,9 +53,9 @@ def test_unknown_termination_reason_refused() -> None:
 
 
 def test_summary_names_blocked_calls_and_unenforced_limits() -> None:
-    v = SecurityViolation(violation_type="blocked_syscall", syscall="ptrace")
+    v = SecurityViolation(violation_type="blocked_syscall", syscall="ptrace", description="ptrace: not here")
     line = _result(exit_code=1, security_violations=[v, v], unenforced_limits=["memory_mb (no cgroup)"]).summary()
-    assert "violation" in line and "2 blocked: ptrace (first: " in line and "memory_mb" in line
+    assert "violation" in line and "2 blocked: ptrace (first: ptrace: not here)" in line and "memory_mb" in line
 
 
 def test_violation_ids_are_unique() -> None:
