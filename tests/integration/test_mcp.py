@@ -410,8 +410,15 @@ def test_the_daemons_mcp_isolates_take_its_slots(tmp_path: Any) -> None:
     try:
         argv = [STOCKADE, "mcp", "call-tool", "--config", str(path), "--socket", daemon.socket_path, "bad", "count"]
         assert subprocess.run(argv, capture_output=True, text=True, timeout=300).returncode == 0
-        with Client(daemon.socket_path) as client, pytest.raises(DaemonBusyError, match="no sandbox slot"):
-            client.execute(code="print(1)")  # the kept server holds the daemon's only slot
+        with Client(daemon.socket_path) as client:
+            with pytest.raises(DaemonBusyError, match="no sandbox slot"):
+                client.execute(code="print(1)")  # the kept server holds the daemon's only slot
+            # ...and status says so (found by a new user: a kept server was in no status or metric).
+            status = client.status()
+            (kept,) = status["active_sandboxes"]
+            assert (kept["kind"], kept["mcp_server"], kept["runtime"], status["total_count"]) == (
+                "mcp", "bad", "process", 1
+            )
     finally:
         assert daemon.stop() == 0, daemon.logs()
         daemon.cleanup()

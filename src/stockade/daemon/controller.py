@@ -425,6 +425,15 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         if not caller.waits:
             self.slots.refuse_unless_free(caller.owner)
 
+    def _kept_mcp(self) -> list[ActiveSandbox]:
+        """The MCP servers it keeps (mcp.call_tool), each in an isolate of its own."""
+        mcp = sys.modules.get("stockade.daemon.mcp")
+        return mcp.active(self) if mcp is not None else []
+
+    def active_count(self) -> int:
+        """Isolates open for callers now: runs, held sandboxes, kept MCP servers (/health, metrics)."""
+        return len(self.running) + len(self.held) + len(self._kept_mcp())
+
     def status(self, caller: Caller) -> Status:
         """What runs: the caller's own sandboxes and runs (an admin's: everyone's), and
         the daemon-wide counts. Another owner's ids, runtimes and timings are not
@@ -458,6 +467,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             )
             for r in self.running.values()
         ]
+        everything += self._kept_mcp()
         return Status(
             active_sandboxes=[e for e in everything if caller.may_touch(e.owner)],
             total_count=len(everything),

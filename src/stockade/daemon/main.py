@@ -112,7 +112,7 @@ def _observers(config: DaemonConfig, controller: Controller) -> Observers:
     try:
         from ..metrics import Metrics
 
-        metrics = Metrics(active=lambda: len(controller.running) + len(controller.held))
+        metrics = Metrics(active=controller.active_count)
     except ImportError as exc:
         log.info("no metrics: %s", exc)
     audit = None

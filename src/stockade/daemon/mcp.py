@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from ..errors import ConfigError
-from ..protocol.models import Answer, Caller, Request
+from ..protocol.models import ActiveSandbox, Answer, Caller, Request
 from .controller import Controller
 from .observers import Observers
 
@@ -44,6 +45,7 @@ class McpResult(Answer):
 class _Kept:
     host: Any  # ToolHost, entered by ``task``
     task: asyncio.Task[None]
+    caller: Caller
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     calls: int = 0  # in flight: never ended under them
 
@@ -55,6 +57,26 @@ class _Hosts:
 
 
 _hosts: weakref.WeakKeyDictionary[Controller, _Hosts] = weakref.WeakKeyDictionary()
+
+
+def active(controller: Controller) -> list[ActiveSandbox]:
+    """The isolates of the MCP servers this daemon keeps, for ``status``: each holds a slot."""
+    hosts = _hosts.get(controller)
+    if hosts is None:
+        return []
+    now = time.monotonic()
+    return [
+        ActiveSandbox(
+            kind="mcp",
+            runtime=runtime,
+            owner=kept.caller.owner,
+            owner_uid=kept.caller.uid,
+            uptime_seconds=round(now - started, 3),
+            mcp_server=server_id,
+        )
+        for kept in list(hosts.kept.values())
+        for server_id, runtime, started in kept.host.kept()
+    ]
 
 
 async def call_tool(controller: Controller, request: McpCall, caller: Caller) -> McpResult:
@@ -130,7 +152,7 @@ async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
                         ready.set_exception(exc)
                     raise
 
-            kept = _Kept(host, asyncio.create_task(keep(), name="stockade-mcp-host"), stop)
+            kept = _Kept(host, asyncio.create_task(keep(), name="stockade-mcp-host"), caller, stop)
             try:
                 await ready
             except BaseException:  # it did not start, or its caller went away meanwhile: nothing kept

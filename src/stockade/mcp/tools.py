@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class _Live:
     done: anyio.Event = field(default_factory=anyio.Event)
     error: str | None = None
     seen: dict[str, int] = field(default_factory=dict)  # its counters at the last verdict
+    started: float = field(default_factory=time.monotonic)
 
     def alive(self) -> bool:
         return not self.done.is_set() and self.output.exit_code is None and self.output.broken is None
@@ -93,6 +95,14 @@ class ToolHost:
         if tasks is not None:
             tasks.cancel_scope.cancel()  # a server still starting for a caller that left ends here too
             await tasks.__aexit__(None, None, None)
+
+    def kept(self) -> list[tuple[str, str, float]]:
+        """The persistent servers running now: ``(server_id, runtime, started)`` (monotonic)."""
+        return [
+            (server_id, live.sandbox.runtime, live.started)
+            for server_id, live in self._live.items()
+            if live.sandbox is not None and live.alive()
+        ]
 
     async def aclose(self) -> None:
         for server_id in list(self._live):

@@ -352,7 +352,7 @@ class Cancelled(Answer):
 
 
 class ActiveSandbox(Answer):
-    kind: Literal["held", "execute"]
+    kind: Literal["held", "execute", "mcp"]
     runtime: str
     owner: str
     owner_uid: int | None = None
@@ -365,6 +365,7 @@ class ActiveSandbox(Answer):
     closing: bool = False
     processes: list[ProcessInfo] = Field(default_factory=list, description="a held sandbox's background processes")
     published: list[PublishedPort] = Field(default_factory=list, description="a held sandbox's published ports")
+    mcp_server: str | None = Field(default=None, description="the MCP server a kept isolate runs (kind mcp)")
 
 
 class Status(Answer):

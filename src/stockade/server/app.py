@@ -218,7 +218,7 @@ def create_app(door: HttpDoor) -> FastAPI:
             version=__version__,
             policy_digest=default_policy().digest,
             runtimes_available=available,
-            active_sandboxes=len(controller.running) + len(controller.held),
+            active_sandboxes=controller.active_count(),
             placement=placement,
         )
 
