@@ -71,7 +71,7 @@ def add_parser(subparsers: Any) -> None:
     call.set_defaults(func=cmd_mcp)
     gateway = mcp_sub.add_parser(
         "gateway",
-        help="an MCP server (stdio) offering every configured server's tools, each call routed into its isolate",
+        help="an MCP server (stdio, or --http) offering every configured server's tools, each call run in its isolate",
         description="Launch this in place of the real MCP servers: it offers their exposed tools (named server.tool "
         "where names collide), resources and prompts, and runs each call as isolation_config.json says.",
     )
@@ -87,7 +87,7 @@ def add_parser(subparsers: Any) -> None:
     gateway.set_defaults(func=cmd_gateway)
     serve = mcp_sub.add_parser(
         "serve",
-        help="an MCP server (stdio) offering stockade itself: run_code, exec, write_file, read_file, list_dir",
+        help="an MCP server (stdio, or --http) offering stockade: run_code, exec, write_file, read_file, list_dir",
         description="One sandbox for the MCP session, under the policy these flags give (as `stockade run`'s), "
         "made at the first call and closed when the session ends.",
         allow_abbrev=False,

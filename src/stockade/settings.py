@@ -223,7 +223,9 @@ def listen_address(raw: str, name: str) -> tuple[str, int]:
         given = f"[{given.strip('[]')}]:{DEFAULT_HTTP_PORT}" if ":" in given else f"{given}:{DEFAULT_HTTP_PORT}"
     host, sep, port = given.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or host.isdigit() or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if sep and host and not host.isdigit() and port.isdigit() and int(port) > 65535:
+        raise ConfigError(f"{name}={raw!r}: port {int(port)} is out of range (0-65535; 0: any free one)")
+    if not sep or not host or host.isdigit() or not port.isdigit():
         raise ConfigError(f"{name}={raw!r} is not HOST:PORT (e.g. 127.0.0.1:8002)")
     return host, int(port)
 

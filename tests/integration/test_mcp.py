@@ -417,7 +417,10 @@ def test_the_daemons_mcp_isolates_take_its_slots(tmp_path: Any) -> None:
             status = client.status()
             (kept,) = status["active_sandboxes"]
             assert (kept["kind"], kept["mcp_server"], kept["runtime"], status["total_count"]) == (
-                "mcp", "bad", "process", 1
+                "mcp",
+                "bad",
+                "process",
+                1,
             )
     finally:
         assert daemon.stop() == 0, daemon.logs()

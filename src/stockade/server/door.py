@@ -139,6 +139,10 @@ class HttpDoor:
             value, scheme = request.query_params.get("token", ""), "bearer"
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
             self.observers.auth_failure("http", client_address(request), request.url.path)
+            if request.url.path in QUERY_TOKEN_PATHS:
+                raise AuthenticationError(
+                    "Authentication failed: a valid 'Authorization: Bearer <token>' or '?token=<token>' is required"
+                )
             raise AuthenticationError("Authentication failed: a valid 'Authorization: Bearer <token>' is required")
 
     def check_rate(self, request: Request) -> None:
