@@ -73,6 +73,7 @@ def add_parsers(subparsers: Any) -> None:
     rm.add_argument("name", metavar="NAME")
     for sub in (put, ls, rm):
         sub.add_argument("--socket", metavar="PATH", help="the daemon's socket (default: $STOCKADE_SOCKET)")
+        sub.add_argument("--token-file", metavar="FILE", help="the daemon's HMAC token (default: $STOCKADE_AUTH_TOKEN)")
         sub.set_defaults(func=cmd_secrets)
 
 
@@ -83,9 +84,12 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     from .errors import StockadeError
     from .settings import current
 
-    token = current().secret("auth_token")
     try:
-        with Client(args.socket or None, auth_token=token, retry=None) as client:
+        if args.token_file:
+            client = Client(args.socket or None, token_file=args.token_file, retry=None)
+        else:
+            client = Client(args.socket or None, auth_token=current().secret("auth_token"), retry=None)
+        with client:
             if args.secrets_cmd == "put":
                 value = sys.stdin.read().rstrip("\n") if not sys.stdin.isatty() else ""
                 if not value:
