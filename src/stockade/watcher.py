@@ -53,6 +53,8 @@ class Watcher:
         self.moving: dict[int, str] = {}  # cookie -> the path a directory left, until its moved_to (or the batch ends)
         self.last: str | None = None  # the line printed last: a burst of the same event is said once
         self.root_is_dir = os.path.isdir(root)
+        # The kernel's views a recursive watch stays out of (but one its root is in: asked for).
+        self.views = [v for v in ("/proc", "/sys", "/dev") if not (root == v or root.startswith(v + "/"))]
         self.root_wd = -1
 
     def add(self, path: str, top: bool = False) -> None:
@@ -90,7 +92,14 @@ class Watcher:
             if say_created:
                 for entry_path, is_dir in entries:
                     self.say("created", entry_path, is_dir)
-            stack += [(entry_path, False) for entry_path, is_dir in reversed(entries) if is_dir]
+            stack += [
+                (entry_path, False) for entry_path, is_dir in reversed(entries) if is_dir and self.walks(entry_path)
+            ]
+
+    def walks(self, directory: str) -> bool:
+        """Whether a recursive watch goes into ``directory``: not into /proc, /sys or /dev (the
+        kernel's views, with no events to give and trees without end) unless its root is there."""
+        return not any(directory == view or directory.startswith(view + "/") for view in self.views)
 
     def say(self, kind: str, path: str, is_dir: bool, always: bool = False) -> None:
         if not always and kind != "lost" and kind not in self.kinds:
