@@ -200,7 +200,7 @@ class Policy(Checked):
     )
     trust: TrustLevel | None = field(
         default=None,
-        metadata=describe("how far the code is trusted: the strongest available level meeting its minimum"),
+        metadata=describe("how far the code is trusted: its level's runtime, or the nearest stronger one available"),
     )
     timeout_seconds: float = field(
         default=30.0, metadata=describe("wall-clock limit of a run, seconds", gt=0, le=MAX_TIMEOUT_S)

@@ -74,7 +74,7 @@ def test_executions_land_on_the_node_with_the_resource_asked_for(cluster: LocalR
                 assert isolate.node not in gvisor_node and isolate.runtime_name == "process"
             finally:
                 await placement.release(isolate)
-        # A trust takes the strongest level a node offers that the trust accepts.
+        # A trust takes its own level where a node offers it (verified: gvisor).
         result = await one_shot(placement, SMALL.replace(trust="verified"), argv=["true"])
         assert (result.termination_reason, result.runtime_used) == ("completed", "gvisor")
 

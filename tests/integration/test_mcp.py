@@ -307,6 +307,18 @@ def test_direct_is_honoured_only_when_the_config_says_so() -> None:
     assert strongest.policy_for("s", None).trust == "trusted"  # type: ignore[union-attr]
 
 
+def test_isolated_runs_on_the_strongest_runtime_that_works_here(manager: RuntimeManager) -> None:
+    """A trust picks its own level now (trusted: process); MCP's "isolated" still means the
+    strongest runtime this host runs."""
+    config = IsolationConfig.parse({"mcp_servers": {"s": {"command": "x", "execution_mode": "isolated"}}})
+    policy = config.policy_for("s", None)
+    assert policy is not None
+    placed = ToolHost(config, manager)._placed(policy)
+    working = {a.name for a in manager.doctor() if a.available}
+    best = next(name for name in ("microvm", "gvisor", "process") if name in working)
+    assert (placed.runtime, placed.trust) == (best, None)
+
+
 def test_the_config_is_found_where_settings_say(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STOCKADE_CONFIG_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match=f"no MCP isolation config at {tmp_path}/isolation_config.json"):

@@ -50,8 +50,8 @@ def test_the_runtimes_a_policy_may_be_placed_on() -> None:
     assert runtime_choices(Policy(runtime="gvisor")) == (["gvisor"], "runtime gvisor")
     assert runtime_choices(Policy(isolation="microvm")) == (["microvm"], "runtime microvm")
     # A trust: every level it accepts, strongest first (the cluster's nodes say which exist).
-    assert runtime_choices(Policy(trust="verified"))[0] == ["microvm", "gvisor"]
-    assert runtime_choices(Policy(trust="trusted"))[0] == ["microvm", "gvisor", "process"]
+    assert runtime_choices(Policy(trust="verified"))[0] == ["gvisor", "microvm"]
+    assert runtime_choices(Policy(trust="trusted"))[0] == ["process", "gvisor", "microvm"]
 
 
 def test_serve_flags_give_the_placement_setting_or_name_what_is_missing() -> None:

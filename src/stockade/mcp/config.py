@@ -186,7 +186,8 @@ class IsolationConfig(BaseModel):
             "environment_name": server.environment_name,
         }
         if mode == "isolated":
-            fields["trust"] = "trusted"  # the strongest runtime available that meets it (and serves the policy)
+            # Any runtime will do; ToolHost puts it on the strongest that works here (and serves the policy).
+            fields["trust"] = "trusted"
         else:
             fields["runtime"] = mode
         try:

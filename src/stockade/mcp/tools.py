@@ -31,7 +31,8 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CONNECTION_CLOSED
 
 from ..errors import ConfigError, StockadeError
-from ..runtimes.manager import RuntimeManager
+from ..policy import Policy
+from ..runtimes.manager import RuntimeManager, default_manager
 from ..sdk import Sandbox
 from .config import IsolationConfig, ServerConfig
 from .transport import ServerOutput, process_transport
@@ -95,6 +96,14 @@ class ToolHost:
         if tasks is not None:
             tasks.cancel_scope.cancel()  # a server still starting for a caller that left ends here too
             await tasks.__aexit__(None, None, None)
+
+    def _placed(self, policy: Policy) -> Policy:
+        """``execution_mode: "isolated"`` (a policy with a trust: config.py) runs on the strongest
+        runtime that works here and serves it, not on its trust's own level."""
+        if policy.trust is None:
+            return policy
+        runtime = (self.manager or default_manager()).strongest(policy)
+        return policy.replace(runtime=runtime.name, trust=None)
 
     def kept(self) -> list[tuple[str, str, float]]:
         """The persistent servers running now: ``(server_id, runtime, started)`` (monotonic)."""
@@ -178,7 +187,7 @@ class ToolHost:
                 yield session, None, output
             return
         async with self._admit():
-            sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(policy, manager=self.manager))
+            sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(self._placed(policy), manager=self.manager))
             try:
                 process = await anyio.to_thread.run_sync(lambda: sandbox.spawn([server.command, *server.args]))
                 async with process_transport(process, output) as (read, write), ClientSession(read, write) as session:
@@ -247,7 +256,7 @@ class ToolHost:
 
     async def _serve_kept(self, live: _Live, server_id: str, server: ServerConfig, policy: Any) -> None:
         try:
-            live.sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(policy, manager=self.manager))
+            live.sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(self._placed(policy), manager=self.manager))
             process = await anyio.to_thread.run_sync(lambda: live.sandbox.spawn([server.command, *server.args]))  # type: ignore[union-attr]
             async with process_transport(process, live.output) as (read, write), ClientSession(read, write) as session:
                 await _initialise(session, server_id, live.output, self._timeout(server_id, None))

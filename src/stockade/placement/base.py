@@ -232,10 +232,10 @@ async def one_shot(
 
 
 def runtime_choices(policy: Policy) -> tuple[list[str], str]:
-    """The runtimes that may serve ``policy``, strongest first, and why (for a refusal).
+    """The runtimes that may serve ``policy``, in the order they are preferred, and why (for a refusal).
 
     A policy that names a runtime or a level gets exactly that; one that names a
-    trust gets the levels its trust accepts (the strongest a node offers wins);
+    trust gets the levels its trust accepts, its own level first (the first a node offers wins);
     otherwise the default. As ``RuntimeManager.select`` on one host, without
     asking this host what it has: the nodes say what they have.
     """
@@ -244,6 +244,6 @@ def runtime_choices(policy: Policy) -> tuple[list[str], str]:
         return [name], f"runtime {name}"
     if policy.trust:
         minimum = trust_map()[policy.trust]
-        names = [LEVEL_RUNTIME[level] for level in reversed(LEVELS) if level != "none" and rank(level) >= rank(minimum)]
+        names = [LEVEL_RUNTIME[level] for level in LEVELS if level != "none" and rank(level) >= rank(minimum)]
         return names, f"trust {policy.trust!r} (at least {minimum})"
     return [DEFAULT_RUNTIME], f"runtime {DEFAULT_RUNTIME}"

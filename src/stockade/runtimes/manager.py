@@ -112,7 +112,8 @@ class RuntimeManager:
         return [self.availability(name) for name in RUNTIME_NAMES]
 
     def select(self, policy: Policy) -> Runtime:
-        """The runtime for ``policy``: by name, by level, or the strongest that its trust accepts."""
+        """The runtime for ``policy``: by name, by level, or by trust: the level its trust maps to, or
+        the nearest stronger one available when that one is not (never a weaker one)."""
         minimum = trust_map()[policy.trust] if policy.trust else None
         if policy.runtime or policy.isolation:
             runtime = self.get(policy.runtime or LEVEL_TO_RUNTIME[policy.isolation or DEFAULT_RUNTIME])
@@ -131,9 +132,18 @@ class RuntimeManager:
             return _check_egress(runtime, policy)
         if minimum is None:
             return _check_egress(self.get(DEFAULT_RUNTIME), policy)
+        return self._first_available(policy, minimum, [level for level in LEVELS if rank(level) >= rank(minimum)])
+
+    def strongest(self, policy: Policy) -> Runtime:
+        """The strongest runtime that works here and serves ``policy``, at least its trust's level
+        (MCP's ``execution_mode: "isolated"``)."""
+        minimum = trust_map()[policy.trust] if policy.trust else "process"
+        return self._first_available(policy, minimum, [lv for lv in reversed(LEVELS) if rank(lv) >= rank(minimum)])
+
+    def _first_available(self, policy: Policy, minimum: str, levels: list[str]) -> Runtime:
         reasons = []
-        for level in reversed(LEVELS):  # strongest first
-            if rank(level) < rank(minimum) or level == "none":
+        for level in levels:
+            if level == "none":
                 continue
             if policy.network_policy == "allowlist" and not self.get(LEVEL_TO_RUNTIME[level]).egress_proxy:
                 reasons.append(f"{level}: does not offer network_policy 'allowlist'")
