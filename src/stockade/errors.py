@@ -323,22 +323,32 @@ def error_code(exc: BaseException) -> str:
     return "internal"
 
 
-# C0 controls but tab, DEL and C1 controls: what a terminal acts on (ESC sequences, erased lines).
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0)]}
+# What a terminal acts on or hides: C0 controls but tab and newline, DEL, C1 controls; and the
+# marks that reorder or hide text (bidirectional overrides and isolates, zero-width characters).
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+_CONTROLS.update(
+    {c: f"\\u{c:04x}" for c in [*range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFEFF]}
+)
 
 
 def printable(text: str) -> str:
     """``text`` from an isolate (a server's stderr, a name it chose) safe to quote in a message a
-    terminal or a log shows: control characters written as ``\\xNN``, so that none can erase,
-    hide or forge what surrounds it."""
-    return text.translate(_CONTROLS)
+    terminal or a log shows: what would erase, hide, reorder or forge what surrounds it written as
+    ``\\xNN``/``\\uNNNN``, and each line after the first indented, so that none can pass for a
+    line of stockade's own."""
+    return text.translate(_CONTROLS).replace("\n", "\n    ")
+
+
+AUTH_FAILED = "Authentication failed"  # all a daemon says of a refused signature, to anyone
 
 
 def refused_signature(message: str, signed: bool) -> str:
-    """A daemon's "Authentication failed" (which says no more, to anyone) with what the client,
-    which knows whether it signed, can tell its user."""
+    """A daemon's ``AUTH_FAILED`` with what the client, which knows whether it signed, can tell
+    its user; any other refusal coded ``auth`` (a uid not allowed, an admin's call) as it is."""
+    if message != AUTH_FAILED:
+        return message
     if signed:
-        return f"{message}: the daemon refused this token (it has another)"
+        return f"{message}: the daemon refused this signature (another token than its own, or a request too old)"
     return (
         f"{message}: the daemon requires signed requests: give its token "
         "(--token-file FILE, STOCKADE_AUTH_TOKEN, or Client(token_file=...))"

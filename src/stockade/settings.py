@@ -88,6 +88,7 @@ class Settings:
     agent_max_requests: int = 20
     http_stall_timeout: float = 60.0
     http_header_timeout: float = 10.0
+    http_max_per_network: int = 128
     audit_log: str | None = ""  # "": beside the state, "off" -> None
     audit_max_bytes: int = 64 * 1024 * 1024
     build_packages: bool = False
@@ -309,6 +310,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "agent_max_requests": _int(1),
     "http_stall_timeout": _seconds,
     "http_header_timeout": _seconds,
+    "http_max_per_network": _int(1),
     "audit_log": _audit,
     "audit_max_bytes": _int(4096),
     "build_packages": _switch,

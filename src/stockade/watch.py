@@ -22,7 +22,10 @@ FileEventKind = Literal["created", "modified", "closed_write", "attrib", "delete
 KINDS: tuple[str, ...] = get_args(FileEventKind)[:-1]  # "lost" is always said
 MAX_LINE = 64 * 1024  # a path is at most 4 KiB, 24 KiB once JSON-escaped: more is not the watcher's
 READY_TIMEOUT_S = 60.0  # watching a tree means a watch per directory, set before watch() returns
-POLL_S = 0.05
+# Each read of the watcher is a call to the sandbox (through a daemon, a request: 100 a second per
+# uid are served): a watch starting polls from 10 ms, slower as it takes longer (a tree's watches
+# take a while), then every 50 ms.
+START_POLL_S, POLL_S = 0.01, 0.05
 STOP_WAIT_S = 10.0  # for a killed watcher to be reaped (its agent answers at once)
 
 
@@ -97,16 +100,16 @@ class _Lines:
     def _line(self, line: bytes) -> None:
         try:
             said = json.loads(line) if len(line) <= MAX_LINE else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's depth
             said = None
         if not isinstance(said, dict):
             self.lost += 1
             return
         kind, path, is_dir = said.get("kind"), said.get("path"), said.get("dir")
         if kind in KINDS or kind == "lost":
-            if isinstance(path, str) and isinstance(is_dir, bool):
+            if isinstance(path, str) and isinstance(is_dir, bool) and self.ready:
                 self.events.append(FileEvent(kind, path, is_dir))
-                return
+                return  # (none comes before "ready" from a real watcher: one that does is not kept)
         elif isinstance(said.get("ready"), int):
             self.ready = True
             return
@@ -163,14 +166,15 @@ class FileWatch:
         watch = cls(spawn(argv, source), path)
         try:
             watch.process.write(b"", eof=True)  # the program is whole: python3 runs it
-            until = time.monotonic() + READY_TIMEOUT_S
+            until, pause = time.monotonic() + READY_TIMEOUT_S, START_POLL_S
             while True:
                 code = watch.process.exit_code  # before the read: output that came before the end is in it
                 watch._lines.feed_read(*watch.process.read(), watch.process.dropped)
                 if watch._lines.ready:
                     return watch
                 watch._lines.check_started(code, until)
-                time.sleep(POLL_S / 5)
+                time.sleep(pause)
+                pause = min(pause * 1.5, POLL_S * 4)
         except BaseException:
             watch.stop()
             raise
@@ -247,14 +251,15 @@ class AsyncFileWatch:
         watch = cls(await spawn(argv, source), path)
         try:
             await watch.process.write(b"", eof=True)
-            until = time.monotonic() + READY_TIMEOUT_S
+            until, pause = time.monotonic() + READY_TIMEOUT_S, START_POLL_S
             while True:
                 code = watch.process.exit_code
                 watch._lines.feed_read(*await watch.process.read(), watch.process.dropped)
                 if watch._lines.ready:
                     return watch
                 watch._lines.check_started(code, until)
-                await asyncio.sleep(POLL_S / 5)
+                await asyncio.sleep(pause)
+                pause = min(pause * 1.5, POLL_S * 4)
         except BaseException:
             await asyncio.shield(watch.stop())
             raise

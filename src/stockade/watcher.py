@@ -51,7 +51,7 @@ class Watcher:
         self.root, self.recursive, self.kinds = root, recursive, kinds
         self.paths: dict[int, str] = {}  # wd -> the path it watches
         self.moving: dict[int, str] = {}  # cookie -> the path a directory left, until its moved_to (or the batch ends)
-        self.last: str | None = None  # the line printed last: a burst of the same event is said once
+        self.last: str | None = None  # the "modified"/"created" line printed last in this read
         self.root_is_dir = os.path.isdir(root)
         # The kernel's views a recursive watch stays out of (but one its root is in: asked for).
         self.views = [v for v in ("/proc", "/sys", "/dev") if not (root == v or root.startswith(v + "/"))]
@@ -105,9 +105,12 @@ class Watcher:
         if not always and kind != "lost" and kind not in self.kinds:
             return
         line = json.dumps({"kind": kind, "path": path, "dir": is_dir})
+        # A burst of writes to one file is one "modified" (and a file found by a walk and by its
+        # watch at once, one "created"); the same event again after another, or in a later read
+        # of the kernel's queue, is said again.
         if line != self.last:
-            self.last = line
             sys.stdout.write(line + "\n")
+        self.last = line if kind in ("modified", "created") else None
 
     def moved_out(self, old: str) -> None:
         """A watched directory left for somewhere unwatched: stop watching it and what is under it."""
@@ -171,6 +174,7 @@ class Watcher:
             for old in self.moving.values():  # moved out of the tree: no moved_to came with it
                 self.moved_out(old)
             self.moving.clear()
+            self.last = None
             sys.stdout.flush()
 
 

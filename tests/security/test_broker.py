@@ -341,7 +341,7 @@ def test_a_broker_that_cannot_start_says_why_changes_no_directory_and_leaves_no_
         for extra, said in [
             (("--user", "no-such-user-here", "--socket", sock), "--user no-such-user-here: no such user"),
             (("--daemon-group", "no-such-group-here", "--socket", sock), "--daemon-group no-such-group-here: no such"),
-            (("--socket", sock), f"its directory {where} is not searchable by others (mode 0700)"),
+            (("--socket", sock), f"its directory {where} is searchable by neither its group nor others (mode 0700)"),
             (("--user", "root", "--daemon-group", "root", "--socket", os.path.join(broker.dir, "x.sock")),
              "could not drop root to root"),
         ]:  # fmt: skip

@@ -87,15 +87,16 @@ def ids_of(name: str) -> tuple[int, int]:
 
 def prepare_run_dir(broker: str, run_dir: str = RUN_DIR) -> None:
     """``run_dir`` and the broker's private directory in it (as root, before dropping). Stockade's
-    own /run/stockade is made 0755; a directory given for the socket (``--socket``) is left as it
-    is, and refused when the daemon could not reach the socket through it."""
+    own /run/stockade, or a directory made here, is made 0755; one that was there already (a
+    ``--socket`` elsewhere) is left as it is, and refused when no group or other may search it."""
     uid, gid = ids_of(broker)
+    made = not os.path.isdir(run_dir)
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    if os.path.abspath(run_dir) == RUN_DIR:
+    if made or os.path.abspath(run_dir) == RUN_DIR:
         os.chmod(run_dir, 0o755)  # noqa: S103 - traversed by the daemon to reach the broker's socket and key
-    elif not os.stat(run_dir).st_mode & 0o001:
+    elif not os.stat(run_dir).st_mode & 0o011:  # others, or a group (the daemon's, as the admin set it)
         raise ConfigError(
-            f"--socket: its directory {run_dir} is not searchable by others (mode "
+            f"--socket: its directory {run_dir} is searchable by neither its group nor others (mode "
             f"{os.stat(run_dir).st_mode & 0o777:04o}), so the daemon's user could not reach the socket: "
             "make it 0755 or put the socket elsewhere (nothing was changed)"
         )

@@ -51,7 +51,7 @@ class Observers:
         self._auth_failures: dict[tuple[str, str], tuple[float, int]] = {}
         # Records of failures from every peer together: many addresses (an IPv6 /64 holds plenty) must
         # not rotate the log away either. Past it, failures are counted in the next record written.
-        self._auth_records = TokenBucket(AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST)
+        self._auth_records: dict[str, TokenBucket] = {}  # per door: a flood at one leaves the other's records
         self._auth_unrecorded = 0
 
     DELAY_S = 0.002
@@ -150,7 +150,8 @@ class Observers:
         if window is not None and now - window[0] < self.AUTH_WINDOW_S:
             self._auth_failures[key] = (window[0], window[1] + 1)
             return
-        if not self._auth_records.take(1.0, now):
+        budget = self._auth_records.setdefault(door, TokenBucket(AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST, now))
+        if not budget.take(1.0, now):
             self._auth_unrecorded += 1
             return
         elsewhere, self._auth_unrecorded = self._auth_unrecorded, 0

@@ -157,7 +157,7 @@ class _Exchange:
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         while True:
             try:
-                request = await _next_event(client, self.reader)
+                request = await _next_event(client, self.reader, head=True)
             except h11.RemoteProtocolError as exc:
                 # Not HTTP: answered 400, and recorded and counted as any refusal is.
                 self.gate.record(EgressRequest(host="?", port=0, method="?", allowed=False,
@@ -405,11 +405,15 @@ class _Exchange:
             pass
 
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, head: bool = False) -> Any:
+    """The next event; ``head``: the isolate's next request, where a hang-up in the middle of
+    its head is the end of the connection (nothing was asked, so nothing is refused), not an error."""
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await asyncio.wait_for(reader.read(_CHUNK), IDLE_TIMEOUT_S)
+            if head and not data:
+                return None
             conn.receive_data(data)
             continue
         if event is h11.PAUSED:

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, StockadeError, error_code, public_message, wire_errno
+from ..errors import AUTH_FAILED, ConfigError, StockadeError, error_code, public_message, wire_errno
 from ..protocol import auth
 from ..protocol.models import Caller
 from ..protocol.peer import Peer
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stockade.daemon")
 
-AUTH_FAILED = "Authentication failed"
 RATE_LIMITED = "Rate limit exceeded"
 Emit = Callable[[str, bytes], None]
 Admitted = tuple[Method, Any, Any]  # the method, its request (a model), the id

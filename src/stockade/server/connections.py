@@ -46,27 +46,41 @@ class _Refusals:
 _refusals = _Refusals()
 
 
+# Said to a connection refused as it opens, before it is read: a client retries a 503 as it would not
+# a reset. (The bytes fit any socket buffer: the descriptor goes at once.)
+REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 55\r\n\r\n"
+    b'{"error": "too many connections open", "code": "busy"}\n'
+)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the connection caps and the header timeout above."""
 
     header_timeout_s = 10.0  # set per server by ``guarded_protocol``
+    max_per_network = MAX_PER_PEER
+    open_per_network: dict[str, int] = {}  # each server's class has its own (guarded_protocol)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
-        self._network = ""
+        self._network: str | None = None  # counted in open_per_network while set
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._network = peer_network(self.client[0] if self.client else None)
+        network = peer_network(self.client[0] if self.client else None)
+        self.open_per_network[network] = self.open_per_network.get(network, 0) + 1
+        self._network = network
         why = None
         if len(self.connections) > MAX_CONNECTIONS:
             why = f"{MAX_CONNECTIONS} connections open"
-        elif sum(1 for c in self.connections if getattr(c, "_network", None) == self._network) > MAX_PER_PEER:
-            why = f"{MAX_PER_PEER} connections open from {self._network}"
+        elif self.open_per_network[network] > self.max_per_network:
+            why = f"{self.max_per_network} connections open from {network}"
         if why is not None:
             _refusals.note(self.loop.time(), why)
-            transport.abort()  # its descriptor goes now; connection_lost forgets it
+            transport.write(REFUSED)
+            transport.close()  # connection_lost forgets it
             return
         self._arm()
 
@@ -82,6 +96,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._network is not None:
+            left = self.open_per_network[self._network] - 1
+            if left:
+                self.open_per_network[self._network] = left
+            else:
+                del self.open_per_network[self._network]
+            self._network = None
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -99,6 +120,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def guarded_protocol(header_timeout_s: float) -> type[GuardedHttpProtocol]:
-    """The protocol class for one server, with its header timeout."""
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"header_timeout_s": header_timeout_s})
+def guarded_protocol(header_timeout_s: float, max_per_network: int = MAX_PER_PEER) -> type[GuardedHttpProtocol]:
+    """The protocol class for one server: its header timeout, its cap per client network."""
+    fields = {"header_timeout_s": header_timeout_s, "max_per_network": max_per_network, "open_per_network": {}}
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), fields)

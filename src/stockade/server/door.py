@@ -25,6 +25,7 @@ Client addresses are the socket's: no ``X-Forwarded-For`` is believed.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -45,6 +46,7 @@ from ..errors import (
     HTTP_STATUS,
     AuthenticationError,
     CallTooLargeError,
+    InvalidRequestError,
     RateLimitError,
     StockadeError,
     error_code,
@@ -84,6 +86,7 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 BODY_PIECE = 1 << 20  # a counted body goes out in pieces of this size
+BODY_MIN_RATE = 64 << 10  # bytes a second a request body must come at, at least (a 16 MiB one: 266 s)
 COUNTED_BODY = 64 << 10  # bodies larger than this are counted (a smaller one waits in uvicorn's buffer)
 # The HTTP API's one principal, who owns what it holds (see ``HttpDoor.caller``).
 HTTP_OWNER = "http"
@@ -102,6 +105,7 @@ class HttpDoor:
         health: Callable[[], list[str]],
         max_body_bytes: int = 16 * 1024 * 1024,
         host_names: frozenset[str] = LOOPBACK_NAMES,
+        body_timeout_s: float = 10.0,
     ) -> None:
         self.controller = controller
         self.observers = observers
@@ -111,6 +115,7 @@ class HttpDoor:
         self.runtimes_available = health
         self.max_body_bytes = max_body_bytes
         self.host_names = host_names | LOOPBACK_NAMES
+        self.body_timeout_s = body_timeout_s  # and a second per BODY_MIN_RATE bytes it declares
 
     @staticmethod
     def caller(request: Request) -> Caller:
@@ -211,7 +216,9 @@ class Guard:
 
         request = Request(scope)
         try:
-            if request.url.path not in OPEN_PATHS:
+            if request.url.path in OPEN_PATHS:
+                _refuse_a_body(request)  # answered to anyone: nothing of theirs is waited for
+            else:
                 self.door.check_host(request)
                 self.door.check_rate(request)
                 self.door.check_token(request)
@@ -242,21 +249,39 @@ class Guard:
                          status if headers_done else 499, elapsed * 1000)  # fmt: skip
 
     async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:
+        """The whole body, read before the app runs: at most ``max_body_bytes``, and in time (the
+        header timeout and a second per BODY_MIN_RATE bytes declared, or of the cap when chunked),
+        so that a client cannot hold its connection, and a request slot, by sending it slowly."""
         limit = self.door.max_body_bytes
         too_large = CallTooLargeError(f"Request too large: the body is over {limit} bytes")
+        declared = limit
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise too_large
+            if name == b"content-length" and value.isdigit():
+                if int(value) > limit:
+                    raise too_large
+                declared = int(value)
+        allowed_s = self.door.body_timeout_s + declared / BODY_MIN_RATE
         body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return _replay(message, receive)  # the client went away: the app sees it
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                raise too_large
+        try:
+            async with asyncio.timeout(allowed_s):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return _replay(message, receive)  # the client went away: the app sees it
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise InvalidRequestError(f"the request's body did not arrive within {allowed_s:.0f} s") from None
         return _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
+
+
+def _refuse_a_body(request: Request) -> None:
+    """An open route takes no body: one declared is refused before a byte of it is read."""
+    length = request.headers.get("content-length", "0").strip()
+    if (length.isdigit() and int(length) > 0) or not length.isdigit() or "transfer-encoding" in request.headers:
+        raise InvalidRequestError(f"{request.url.path} takes no request body")
 
 
 def _error_code(body: bytes) -> str | None:

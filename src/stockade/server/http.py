@@ -98,6 +98,7 @@ async def start(config: DaemonConfig, controller: Controller, observers: Observe
         agent_rps=config.agent_max_requests,
         health=lambda: sorted(controller.working_runtimes),
         max_body_bytes=config.max_request_bytes,
+        body_timeout_s=config.http_header_timeout,
     )
     server = _Server(
         uvicorn.Config(
@@ -107,7 +108,8 @@ async def start(config: DaemonConfig, controller: Controller, observers: Observe
             lifespan="off",
             server_header=False,
             proxy_headers=False,  # a client's address is its socket's: no X-Forwarded-For is believed
-            http=guarded_protocol(config.http_header_timeout),  # connections capped, heads timed
+            # Connections capped (in all, per client network) and their request heads timed.
+            http=guarded_protocol(config.http_header_timeout, config.http_max_per_network),
             # Requests under way past it are answered 503 at once: each one holds memory. (Connections
             # past MAX_CONNECTIONS are closed before they ask; this counts requests.)
             limit_concurrency=MAX_CONNECTIONS + 1,
