@@ -186,11 +186,7 @@ class LocalRayCluster:
 
     def start(self, timeout: float = 180.0) -> LocalRayCluster:
         try:
-            self._assign_ports()
-            head = self.nodes[0]
-            self._launch(head, head=True)
-            self.address = f"127.0.0.1:{head.ports['port']}"
-            self._wait_for_log(head, "Ray runtime started", time.monotonic() + timeout)
+            self._start_head(time.monotonic() + timeout)
             self._wait_for(1, time.monotonic() + timeout)
             for index in range(1, len(self.nodes)):
                 self._join(index, time.monotonic() + timeout)
@@ -214,6 +210,26 @@ class LocalRayCluster:
             return int(out.stdout.decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
             return 0
+
+    def _start_head(self, deadline: float) -> None:
+        """Start the head; one that gives up on its own raylet (Ray's 30 s wait for it to register,
+        which a loaded machine can miss: "The current node timed out during startup") is killed,
+        with everything it started, and started again on fresh ports, until ``deadline``."""
+        head = self.nodes[0]
+        attempt = 0
+        while True:
+            attempt += 1
+            self._assign_ports()
+            self._launch(head, head=True)
+            self.address = f"127.0.0.1:{head.ports['port']}"
+            try:
+                self._wait_for_log(head, "Ray runtime started", deadline)
+                return
+            except RuntimeError as exc:
+                self.kill_node(0)
+                _kill_until_gone(lambda: holders(self._node_log_here), "the Ray head")  # its GCS too
+                if "timed out during startup" not in str(exc) or time.monotonic() > deadline - JOIN_WAIT_S:
+                    raise RuntimeError(f"{exc}\n(attempt {attempt})") from None
 
     def _join(self, index: int, deadline: float) -> None:
         """Start worker node ``index``; one that gives up joining (Ray's own 30 s wait for the
