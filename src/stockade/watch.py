@@ -9,6 +9,7 @@ on its own, bounded, and one that does not parse is counted in ``lost``, never t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -71,8 +72,13 @@ def watcher_command(path: str, recursive: bool, kinds: Iterable[str] | None) -> 
     unknown = [k for k in chosen if k not in KINDS]
     if unknown or not chosen:
         raise ValueError(f"events must name some of {', '.join(KINDS)}; not {unknown or chosen!r}")
-    source = (Path(__file__).with_name("watcher.py")).read_bytes()
-    return ["python3", "-I", "-S", "-", path, "1" if recursive else "0", ",".join(chosen)], source
+    return ["python3", "-I", "-S", "-", path, "1" if recursive else "0", ",".join(chosen)], _watcher_source()
+
+
+@functools.cache
+def _watcher_source() -> bytes:
+    """watcher.py's text, read once (it goes to each watcher's stdin)."""
+    return Path(__file__).with_name("watcher.py").read_bytes()
 
 
 class _Lines:

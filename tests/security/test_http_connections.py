@@ -19,7 +19,7 @@ import pytest
 
 from stockade.client import Client
 from stockade.ratelimit import peer_network
-from stockade.server.connections import MAX_PER_PEER
+from stockade.server.connections import MAX_PER_NETWORK
 from tests.daemon_harness import Daemon, start_daemon
 
 HEADER_TIMEOUT_S = 2
@@ -141,14 +141,14 @@ def test_idle_connections_from_one_network_neither_lock_others_out_nor_use_up_de
     before = _fds(daemon.proc.pid)
     held: list[socket.socket] = []
     try:
-        for _ in range(MAX_PER_PEER + 200):
+        for _ in range(MAX_PER_NETWORK + 200):
             held.append(_connect(address))
         # Those past the cap are answered 503 at once, unheard; the rest stay until the header timeout.
         deadline = time.monotonic() + 20
         while (refused := sum(_refused_now(s) for s in held)) < 200 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert refused == 200 and not any(_refused_now(s) for s in held[:MAX_PER_PEER]), refused
-        assert _fds(daemon.proc.pid) <= before + MAX_PER_PEER + 10
+        assert refused == 200 and not any(_refused_now(s) for s in held[:MAX_PER_NETWORK]), refused
+        assert _fds(daemon.proc.pid) <= before + MAX_PER_NETWORK + 10
         # A client of another network is served meanwhile (the attacker's /24 is full, not the server),
         with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.1.1"), timeout=30) as other:
             assert other.get(f"{daemon.http_url}/health").status_code == 200
@@ -158,7 +158,7 @@ def test_idle_connections_from_one_network_neither_lock_others_out_nor_use_up_de
     finally:
         for sock in held:
             sock.close()
-    assert f"closed 1 connection(s) unheard ({MAX_PER_PEER} connections open from 127.0.0.0/24)" in daemon.logs()
+    assert f"closed 1 connection(s) unheard ({MAX_PER_NETWORK} connections open from 127.0.0.0/24)" in daemon.logs()
 
 
 def test_the_cap_per_network_is_a_setting(process_runtime: str) -> None:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 log = logging.getLogger("stockade.daemon")
-AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST = 1.0, 60.0  # auth_failure records, from all peers together
+AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST = 1.0, 60.0  # auth_failure records of a door, from all its peers
 
 
 class Observers:
@@ -47,11 +47,12 @@ class Observers:
         self._missed: dict[str, int] = {}
         self._pending: list[tuple[Caller, str | None, ExecResult, bool, bool]] = []
         self._timer: asyncio.TimerHandle | None = None
-        # (door, peer's network) -> (when its last auth_failure record was written, failures since, unwritten)
+        # (door, peer's network) -> (when its last auth_failure record was written, failures since)
         self._auth_failures: dict[tuple[str, str], tuple[float, int]] = {}
-        # Records of failures from every peer together: many addresses (an IPv6 /64 holds plenty) must
-        # not rotate the log away either. Past it, failures are counted in the next record written.
-        self._auth_records: dict[str, TokenBucket] = {}  # per door: a flood at one leaves the other's records
+        # Each door's budget of records from all its peers together: many addresses (an IPv6 /48 holds
+        # 65,536 networks) must not rotate the log away either, and a flood at one door leaves the
+        # other's records. Past it, failures are counted in the next record written.
+        self._auth_records: dict[str, TokenBucket] = {}
         self._auth_unrecorded = 0
 
     DELAY_S = 0.002

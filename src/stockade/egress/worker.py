@@ -64,8 +64,8 @@ class Worker:
         self.keeper_out = keeper_out
         self._send_lock = threading.Lock()  # replies (main thread) and events (the proxy's)
         self._refusal_lock = threading.Lock()
-        self._burst: list[EgressRequest] | None = None  # an open window: its first refusal, once one came
-        self._burst_count = 0
+        self._window = False  # open: refusals are counted into ``_burst``, said at its end
+        self._burst: tuple[EgressRequest, int] | None = None  # the window's first unsaid refusal, and how many
         self.gate: Gate | None = None
         self.stop: Any = None
 
@@ -122,12 +122,11 @@ class Worker:
         in one message a window: a flood of refusals costs the keeper a message per window, not
         one per request. Called in the proxy's event loop."""
         with self._refusal_lock:
-            if self._burst is not None:
-                if not self._burst:
-                    self._burst.append(request)  # the burst's example
-                self._burst_count += 1
+            if self._window:
+                example, count = self._burst or (request, 0)
+                self._burst = (example, count + 1)
                 return
-            self._burst, self._burst_count = [], 0  # a window opens: what comes in it is counted
+            self._window = True
         self.send({"event": "refused", "request": request.to_dict(), "count": 1})
         asyncio.get_running_loop().call_later(REFUSAL_WINDOW_S, self._said_burst)
 
@@ -139,16 +138,15 @@ class Worker:
         """Say the refusals counted in the open window (a run's ``take`` asks first, so that its
         counts are whole); whether there were any. ``closing``: a quiet window closes."""
         with self._refusal_lock:
-            burst, count = self._burst, self._burst_count
-            if not burst:
+            if self._burst is None:
                 if closing:
-                    self._burst = None  # the next refusal is said at once
+                    self._window = False  # the next refusal is said at once
                 return False
-            self._burst, self._burst_count = [], 0
+            (example, count), self._burst = self._burst, None
             # Sent under the lock: a take's flush and the window's must not cross.
             while count > 0:
                 said = min(count, MAX_REFUSALS_SAID)
-                self.send({"event": "refused", "request": burst[0].to_dict(), "count": said})
+                self.send({"event": "refused", "request": example.to_dict(), "count": said})
                 count -= said
         return True
 

@@ -4,13 +4,14 @@ uvicorn takes every connection the kernel hands it and waits for its request
 head for ever; its concurrency limit answers requests 503, but only once they
 have come. So idle connections, which pass no token check, could hold every
 request slot (each one's 503) and then every descriptor of the daemon, its
-Unix socket and its isolates included. Here a connection is closed at once
-when the server already holds ``MAX_CONNECTIONS``, or ``MAX_PER_PEER`` from
-the client's network (an IPv4 /24, an IPv6 /64), and a request head must be
-complete within the header timeout of the connection's start (or of the end
-of its last answer, for a kept-alive one). A request under way is not timed
-here: its answer is its own (the stall timeout covers a client that stops
-reading it).
+Unix socket and its isolates included. Here a connection is answered 503 and
+closed as it opens when the server already holds ``MAX_CONNECTIONS``, or its
+cap (``STOCKADE_HTTP_MAX_PER_NETWORK``) from the client's network (an IPv4
+/24, an IPv6 /64), and a request head must be complete within the header
+timeout of the connection's start (or of the end of its last answer, for a
+kept-alive one). The body's time is the door's (``server/door.py``); a
+request under way is not timed here: its answer is its own (the stall
+timeout covers a client that stops reading it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..ratelimit import peer_network
 
 log = logging.getLogger("stockade.daemon")
 MAX_CONNECTIONS = 1024
-MAX_PER_PEER = 128
+MAX_PER_NETWORK = 128  # the default of STOCKADE_HTTP_MAX_PER_NETWORK (settings.py, which imports no uvicorn)
 REFUSAL_LOG_EVERY_S = 60.0  # a flood of refused connections is said once a minute, not per connection
 
 
@@ -59,7 +60,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the connection caps and the header timeout above."""
 
     header_timeout_s = 10.0  # set per server by ``guarded_protocol``
-    max_per_network = MAX_PER_PEER
+    max_per_network = MAX_PER_NETWORK
     open_per_network: dict[str, int] = {}  # each server's class has its own (guarded_protocol)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -120,7 +121,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def guarded_protocol(header_timeout_s: float, max_per_network: int = MAX_PER_PEER) -> type[GuardedHttpProtocol]:
+def guarded_protocol(header_timeout_s: float, max_per_network: int = MAX_PER_NETWORK) -> type[GuardedHttpProtocol]:
     """The protocol class for one server: its header timeout, its cap per client network."""
     fields = {"header_timeout_s": header_timeout_s, "max_per_network": max_per_network, "open_per_network": {}}
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), fields)

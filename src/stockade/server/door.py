@@ -280,7 +280,7 @@ class Guard:
 def _refuse_a_body(request: Request) -> None:
     """An open route takes no body: one declared is refused before a byte of it is read."""
     length = request.headers.get("content-length", "0").strip()
-    if (length.isdigit() and int(length) > 0) or not length.isdigit() or "transfer-encoding" in request.headers:
+    if not length.isdigit() or int(length) > 0 or "transfer-encoding" in request.headers:
         raise InvalidRequestError(f"{request.url.path} takes no request body")
 
 
