@@ -89,7 +89,7 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
     with open(log_path, "wb") as out:
         # Verbose: pip's output to the terminal as it comes, and to the log, which says why it failed.
         sink = subprocess.PIPE if verbose else out
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env, cwd=work,
                                 start_new_session=True)  # fmt: skip
         pairs = ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
         shown = [threading.Thread(target=_tee, args=(pipe, mine, out), daemon=True)
@@ -150,14 +150,16 @@ def _why(log: bytes, allow_source: bool) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _pip_command() -> tuple[str, ...]:
-    """pip run by the isolates' interpreter (console scripts then start with its path)."""
+    """pip run by the isolates' interpreter (console scripts then start with its path). Isolated
+    (``-I``): ``-m`` would otherwise import ``pip`` from the working directory first, and a build
+    runs as root from wherever its caller stands (a directory a sandbox may have written)."""
     python = system_python()
     probe = subprocess.run([python, "-I", "-c", "import pip"], capture_output=True, timeout=60, check=False)
     if probe.returncode == 0:
-        return (python, "-m", "pip")
-    own = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, timeout=60, check=False)
+        return (python, "-I", "-m", "pip")
+    own = subprocess.run([sys.executable, "-I", "-m", "pip", "--version"], capture_output=True, timeout=60, check=False)
     if own.returncode == 0:
-        return (sys.executable, "-m", "pip", "--python", python)  # this pip, run by that interpreter
+        return (sys.executable, "-I", "-m", "pip", "--python", python)  # this pip, run by that interpreter
     raise PolicyError(f"packages: no pip for {python} (apt install python3-pip)")
 
 

@@ -31,6 +31,9 @@ MAX_METADATA = 64 << 10
 _PAX = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 _LONG_NAMES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _COPY = 1 << 20
+# What tarfile raises on an archive it cannot read: its own errors, and the ones a hostile header
+# the walk above let through could still raise from inside its parsing.
+_MALFORMED = (tarfile.TarError, ValueError, IndexError, EOFError, RecursionError)
 
 # Path components; the regular file whose bytes go there (a hard link's: its target's), None for a directory.
 _Plan = tuple[tuple[str, ...], tarfile.TarInfo | None]
@@ -53,7 +56,7 @@ def unpack(
     _check_headers(archive, src)
     try:
         tar = tarfile.open(fileobj=archive, mode="r:")  # a plain tar: no decompression
-    except tarfile.TarError as exc:
+    except _MALFORMED as exc:
         raise UnsafeArchiveError(f"the archive of {src} from the sandbox is not a tar: {exc}") from None
     with tar:
         plans, skipped = _check(tar, cap, max_files, src, links == "skip")
@@ -103,7 +106,7 @@ def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str, skip_symlin
     while True:
         try:
             member = tar.next()
-        except tarfile.TarError as exc:
+        except _MALFORMED as exc:
             raise UnsafeArchiveError(f"the archive of {src} from the sandbox is malformed: {exc}") from None
         if member is None:
             return plans, skipped
@@ -148,43 +151,56 @@ def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str, skip_symlin
 
 
 def _check_headers(archive: IO[bytes], src: str) -> None:
-    """Walk the headers as ``tarfile`` will, before it reads any: a PAX member is refused (the
-    packing step writes GNU's format, which has none, and ``tarfile`` holds PAX records as a dict
-    many times their size: a hostile 40 MiB archive of them took a GiB), and so is a GNU long
-    name or link over ``MAX_METADATA``. A header ``tarfile`` would refuse ends the walk: it
-    refuses it too, before it reads further."""
+    """Walk every header as ``tarfile`` will, before it reads any, each parsed by ``tarfile``'s own
+    ``TarInfo.frombuf`` (so a field reads here as it will there). Refused: a header it cannot read
+    before the archive's end (``tarfile`` would stop there and hand back a shortened archive as
+    whole); a PAX member (the packing step writes GNU's format, which has none, and ``tarfile``
+    holds PAX records as a dict many times their size, copied into each member after a global
+    one: a hostile 2 MiB archive took a GiB); a sparse member (``tarfile`` reads its extension
+    blocks into a list before anything can refuse it); a GNU long name or link over
+    ``MAX_METADATA``, or more of them in a row than one of each (``tarfile`` follows a chain of
+    them by recursion)."""
     archive.seek(0)
-    while len(block := archive.read(512)) == 512 and block.count(0) != 512:
-        size = _declared_size(block[124:136])
-        kind = block[156:157]
-        if size is None or kind == tarfile.GNUTYPE_SPARSE:
-            break  # tarfile refuses the header, or _check the sparse member, before going on
+    in_a_row = 0  # GNU long names and links just before the member they name
+    while len(block := archive.read(512)) == 512 and block.count(0) != 512:  # a zero block: the end
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except (tarfile.HeaderError, ValueError) as exc:
+            what = "is not a tar" if archive.tell() == 512 else "has a header tar cannot read"
+            raise UnsafeArchiveError(
+                f"the archive of {src} from the sandbox {what} ({exc}); nothing was written"
+            ) from None
+        kind, size = info.type, info.size
+        if size < 0:  # base-256 sizes can be negative: one would step the walk backwards
+            raise UnsafeArchiveError(f"the archive of {src} declares a negative size; nothing was written")
         if kind in _PAX:
             raise UnsafeArchiveError(
                 f"the archive of {src} from the sandbox holds PAX records, which the packing step never "
                 "writes; nothing was written"
             )
-        if kind in _LONG_NAMES and size > MAX_METADATA:
+        if kind == tarfile.GNUTYPE_SPARSE:
             raise UnsafeArchiveError(
-                f"the archive of {src} from the sandbox holds a long name of {size} bytes, over "
-                f"{MAX_METADATA}; nothing was written"
+                f"the archive of {src} holds {info.name!r}, a sparse file: a download writes regular files "
+                "and directories only; nothing was written"
             )
+        if kind in _LONG_NAMES:
+            in_a_row += 1
+            if size > MAX_METADATA:
+                raise UnsafeArchiveError(
+                    f"the archive of {src} from the sandbox holds a long name of {size} bytes, over "
+                    f"{MAX_METADATA}; nothing was written"
+                )
+            if in_a_row > len(_LONG_NAMES):
+                raise UnsafeArchiveError(
+                    f"the archive of {src} from the sandbox holds a chain of long names, which the packing "
+                    "step never writes; nothing was written"
+                )
+        else:
+            in_a_row = 0
         # The data tarfile steps over: a long name's, a regular member's and an unknown type's only.
         if kind in _LONG_NAMES or kind in tarfile.REGULAR_TYPES or kind not in tarfile.SUPPORTED_TYPES:
             archive.seek(-(-size // 512) * 512, os.SEEK_CUR)
     archive.seek(0)
-
-
-def _declared_size(field: bytes) -> int | None:
-    """A header's size field as ``tarfile`` reads it (octal up to the first NUL, or GNU base-256);
-    None when it is neither, or negative."""
-    if field[:1] in (b"\x80", b"\xff"):
-        return None if field[:1] == b"\xff" else int.from_bytes(field[1:], "big")
-    try:
-        value = int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        return None
-    return value if value >= 0 else None
 
 
 def _existing(local_dir: str, paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:

@@ -469,3 +469,28 @@ def test_a_components_supervisor_gets_no_token_or_session_key(process_runtime: s
                                                          b"STOCKADE_SESSION_KEY="))]  # fmt: skip
     finally:
         run("stop", "quiet")
+
+
+def test_a_components_supervisor_imports_nothing_from_the_callers_directory(
+    process_runtime: str, tmp_path: Path
+) -> None:
+    # `stockade start` run from a directory a sandbox wrote (a writable mount): the supervisor it
+    # leaves running as root must not import a planted stockade package from there.
+    plant = tmp_path / "plant"
+    (plant / "stockade").mkdir(parents=True)
+    marker = tmp_path / "ran-as-host"
+    (plant / "stockade" / "__init__.py").write_text("")
+    (plant / "stockade" / "components.py").write_text(f"open({str(marker)!r}, 'w').write('planted')\n")
+    script = os.path.join(os.path.dirname(sys.executable), "stockade")  # a console script: no cwd on sys.path
+    env = {**os.environ, "STOCKADE_STATE_DIR": str(tmp_path / "state")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([script, *args], env=env, cwd=plant, capture_output=True, text=True, timeout=120)
+
+    started = run("start", "--name", "planted", "--", "sleep", "30")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert json.loads(run("status", "planted", "--json").stdout)[0]["status"] == "running"
+        assert not marker.exists()
+    finally:
+        run("stop", "planted")

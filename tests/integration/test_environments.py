@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -218,6 +219,27 @@ def test_env_ls_and_rm(store: str) -> None:
     assert not os.path.exists(environments.env_path(env_id))
     assert cli("env", "rm", "two") == cli_env.EXIT_ERROR
     assert cli("env", "ls", "--json") == 0
+
+
+def test_a_build_imports_nothing_from_its_callers_directory(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A build runs as root from wherever its caller stands, which may be a directory a sandbox
+    # wrote (a writable mount): `python -m pip` there would import its pip first.
+    planted = tmp_path / "pip"
+    planted.mkdir()
+    marker = tmp_path / "ran-as-host"
+    code = f"open({str(marker)!r}, 'w').write('planted')\nraise SystemExit(3)\n"
+    (planted / "__init__.py").write_text(code)
+    (planted / "__main__.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    environment_build._pip_command.cache_clear()
+    try:
+        env_id = environments.build(["six"], name="from-planted-dir")
+    finally:
+        environment_build._pip_command.cache_clear()
+    assert not marker.exists()
+    assert env_id in {e.id for e in environments.listing()}
 
 
 def test_a_failed_build_says_what_pip_said(

@@ -196,6 +196,37 @@ def test_pax_records_and_huge_long_names_are_refused_before_tarfile_reads_them(t
     assert (tmp_path / "f" / ("d" * 200) / ("n" * 250)).read_bytes() == b"ok"
 
 
+def test_headers_are_read_as_tarfile_reads_them_and_one_it_cannot_read_is_refused(tmp_path: Path) -> None:
+    bomb = pax_archive(records=200_000)
+    # tarfile's own parser strips \x1c-\x1f around a number, bytes.strip() does not: a walk of its own
+    # that gave up on such a field let the PAX bomb behind it through (a GiB on the host).
+    odd = header("d", tarfile.DIRTYPE, 0, size_field=b"\x1c0".ljust(12, b"\0")) + bomb
+    assert "holds PAX records" in refused(odd, tmp_path / "a")
+    # A header tarfile cannot read mid-archive would end it there, silently shorter: refused.
+    good = header("f", tarfile.REGTYPE, 2) + b"ok".ljust(512, b"\0")
+    assert "a header tar cannot read" in refused(good + b"\x01" * 512 + bomb, tmp_path / "b")
+    # Sparse members are refused before tarfile reads their extension blocks into a list.
+    sparse = bytearray(header("s", tarfile.GNUTYPE_SPARSE, 0))
+    sparse[482] = 1  # "extended": blocks follow
+    sparse[148:156] = b" " * 8
+    sparse[148:156] = b"%06o\0 " % sum(sparse[:512])
+    assert "a sparse file" in refused(bytes(sparse) + b"\xff" * 512 * 4, tmp_path / "c")
+    # A chain of GNU long names: tarfile follows it by recursion (RecursionError past ~300).
+    chain = b"".join(header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 512) + b"n" * 511 + b"\0" for _ in range(400))
+    assert "a chain of long names" in refused(chain + good, tmp_path / "d")
+    # One long name and one long link before their member is what GNU tar writes: let through.
+    fine = io.BytesIO()
+    with tarfile.open(fileobj=fine, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("l" * 150)
+        info.type, info.linkname = tarfile.LNKTYPE, "t" * 150
+        target = tarfile.TarInfo("t" * 150)
+        target.size = 1
+        tar.addfile(target, io.BytesIO(b"1"))
+        tar.addfile(info)
+    fine.seek(0)
+    assert unpack(fine, str(tmp_path / "e"), 1 << 20, 10, "/w", False, False)[0] == 2
+
+
 def test_an_upload_of_many_links_is_held_to_its_cap_before_the_spool_grows(tmp_path: Path) -> None:
     # A sandbox that writes a share can fill it with links or empty directories, which have no data
     # to weigh: each entry is held to max_bytes before it is written, not the archive after.
