@@ -32,6 +32,7 @@ MAX_INPUT_FILES = 8  # stdin files the relay has not taken yet
 INPUT_FILE_CAP = 1024 * 1024
 MAX_QUEUED_INPUT = 4 * 1024 * 1024  # stdin from a client not yet written to the isolate
 OUTPUT_FILE_MAX = 2 * components_relay.FILE_CAP  # a larger output file is not the relay's
+EXIT_RECORD_MAX = 1024  # the relay's exit record, {"exit_code": N}: anything longer is not its
 # How often the relay's files are looked at: soon after something moved, then less
 # often; while `exec` or `attach` clients wait, never less often than SESSION_POLL_S.
 ACTIVE_POLL_S, SESSION_POLL_S, IDLE_POLL_S = 0.02, 0.05, 0.5
@@ -268,9 +269,11 @@ class Pump:
                     elif tag == b"e":
                         job.on_output("stderr", payload)
                     elif tag == b"x":
+                        if len(payload) > EXIT_RECORD_MAX:
+                            raise ValueError("an exit record is a short object")
                         code = json.loads(payload).get("exit_code")
                         job.ending = (code if isinstance(code, int) else None, None)
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 job.ending = (None, _tampered("its output file is garbled"))
             n += 1
         if n == job.next_out:

@@ -494,3 +494,21 @@ def test_a_components_supervisor_imports_nothing_from_the_callers_directory(
         assert not marker.exists()
     finally:
         run("stop", "planted")
+
+
+def test_a_forged_exit_record_ends_the_run_not_its_supervisor(cli: Cli) -> None:
+    # The relay's output files are in the isolate's /tmp, which its command can write: an exit record
+    # nested past any parser's depth must end the run as tampered with, and the restarts go on.
+    forge = (
+        "import struct, time\n"
+        "p = b'[' * 100000 + b']' * 100000\n"
+        "open('/tmp/.stockade-component/j1.o.1', 'wb').write(b'x' + struct.pack('>I', len(p)) + p)\n"
+        "time.sleep(60)\n"
+    )
+    started = cli(
+        "start", "--name", "forger", "--restart", "always", "--max-restarts", "1", "--", "python3", "-c", forge
+    )
+    assert started.returncode == 0, started.stderr
+    _wait(lambda: _status(cli, "forger")["status"] == "failed", timeout=90)
+    state = _status(cli, "forger")
+    assert "output file is garbled" in str(state["error"]) and "gave up after 1 restarts" in str(state["error"]), state

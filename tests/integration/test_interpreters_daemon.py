@@ -120,3 +120,47 @@ def test_http_cells_interrupts_and_restarts(daemon: Daemon) -> None:
         bad_name = http.post(cell, json={"session": "", "code": "1"})
         assert bad_name.status_code in (400, 422), bad_name.text
         assert http.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
+
+
+# What code inside can make its results hold: text UTF-8 cannot carry (a lone surrogate), JSON nested
+# deeper than any encoder recurses, a file name that is not UTF-8.
+ODD = (
+    "import json\n"
+    "class Odd:\n"
+    "    def _repr_html_(self): return '<b>\\udcff</b>'\n"
+    "class Deep:\n"
+    "    def __init__(self, n): self.n = n\n"
+    "    def _repr_json_(self):\n"
+    "        v = 0\n"
+    "        for _ in range(self.n): v = [v]\n"
+    "        return v\n"
+    "open(b'/tmp/name-\\xff', 'w').close()\n"
+)
+
+
+def test_what_utf8_or_an_encoder_cannot_carry_is_answered_not_lost(daemon: Daemon) -> None:
+    with Client(daemon.socket_path, timeout=60) as client, client.sandbox() as sb:
+        py = sb.interpreter("odd")
+        py.run(ODD)
+        odd = py.run("Odd()")
+        assert odd.results[0].html == "<b>\\xff</b>"  # the surrogate as its byte's escape, not a lost answer
+        for depth in (64, 65, 200, 975):
+            deep = py.run(f"Deep({depth})")  # answered (not a hang, not a dropped connection)
+            assert deep.success and deep.results[0].text is not None
+            # Deeper than 64 levels: left out by the agent (the host would not take it), its repr stays.
+            assert ("application/json" in deep.results[0].data) == (depth <= 64), depth
+        names = [e["name"] for e in sb.list_dir("/tmp")]
+        assert "name-\\xff" in names, names  # a name that is not UTF-8, as its byte's escape
+        assert py.run("1 + 1").results[0].text == "2"  # the sandbox and its session are still there
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        sandbox = http.post("/api/v1/sandboxes", json={}).json()["sandbox_id"]
+        cell = f"/api/v1/sandboxes/{sandbox}/run_code"
+        assert http.post(cell, json={"session": "odd", "code": ODD}).status_code == 200
+        html = http.post(cell, json={"session": "odd", "code": "Odd()"})
+        assert html.status_code == 200 and html.json()["results"][0]["data"]["text/html"] == "<b>\\xff</b>"
+        deep = http.post(cell, json={"session": "odd", "code": "Deep(975)"})
+        assert deep.status_code == 200 and "application/json" not in deep.json()["results"][0]["data"]
+        listing = http.get(f"/api/v1/sandboxes/{sandbox}/files/list", params={"path": "/tmp"})
+        assert listing.status_code == 200 and "name-\\xff" in [e["name"] for e in listing.json()["entries"]]
+        assert http.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200

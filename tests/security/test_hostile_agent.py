@@ -186,6 +186,10 @@ def test_an_error_class_is_chosen_by_the_host(hostile: Callable[[Reply], Hostile
     [
         (lambda sb: sb.read_file("/x"), lambda i: _result(i, {"data": 5})),
         (lambda sb: sb.list_dir("/"), lambda i: _result(i, {"entries": "no"})),
+        (lambda sb: sb.list_dir("/"), lambda i: _result(i, {"entries": [{"name": ["a"], "type": "file", "size": 1}]})),
+        (lambda sb: sb.list_dir("/"), lambda i: _result(i, {"entries": [{"name": "a", "type": "x", "size": 1}]})),
+        (lambda sb: sb.list_dir("/"), lambda i: _result(i, {"entries": [{"name": "a", "type": "dir"}]})),
+        (lambda sb: sb.read_file("/x"), lambda i: _frame(b"[" * 100_000 + b"]" * 100_000)),
         (lambda sb: sb.read_file("/x"), lambda i: _frame(b"garbage")),
     ],
 )

@@ -35,6 +35,8 @@ else:
 REPLY_MAX = 6 << 20
 # A repr longer than this is cut (an accidental huge value must not fill the reply).
 TEXT_MAX = 64 << 10
+# Levels a JSON display value may nest: the host takes no deeper one (runtimes/cells.py, the same number).
+MAX_JSON_DEPTH = 64
 _REPRS = (
     ("_repr_html_", "text/html"),
     ("_repr_markdown_", "text/markdown"),
@@ -245,6 +247,8 @@ def _add(data: dict[str, Any], mime: str, value: Any) -> None:
         elif isinstance(value, str):
             data[mime] = value  # already base64, as IPython allows
     elif mime == "application/json":
+        if not _nested_within(value, MAX_JSON_DEPTH):
+            return  # the host would not take it (runtimes/cells.py)
         try:
             jsoncodec.dumps(value)
         except (TypeError, ValueError):
@@ -252,6 +256,18 @@ def _add(data: dict[str, Any], mime: str, value: Any) -> None:
         data[mime] = value
     elif isinstance(value, str):
         data[mime] = value
+
+
+def _nested_within(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and dicts at most ``limit`` levels deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return False
+            stack.extend((inner, depth + 1) for inner in (item.values() if isinstance(item, dict) else item))
+    return True
 
 
 def _figures() -> list[dict[str, Any]]:

@@ -113,7 +113,7 @@ def decode_payload(payload: bytes) -> Any:
     """Bytes to JSON; RPCError(PARSE_ERROR) for bad UTF-8 or bad JSON."""
     try:
         return jsoncodec.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise RPCError(PARSE_ERROR, "Parse error", str(exc)) from None
 
 

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..checked import utf8_text
 from ..errors import (
     AgentError,
     CallTooLargeError,
@@ -382,7 +383,9 @@ class HeldSandboxes:
 
     async def list_dir(self, request: ListDir, caller: Caller) -> DirListing:
         async def listing(held: Held) -> list[dict[str, Any]]:
-            return await self._file_call(request.path, held.sandbox.alist_dir(request.path))
+            entries = await self._file_call(request.path, held.sandbox.alist_dir(request.path))
+            # A name that is not UTF-8 (os.listdir's surrogates) as its bytes' escapes: JSON carries text.
+            return [{**e, "name": utf8_text(e["name"])} for e in entries]
 
         return DirListing(path=request.path, entries=await self._held_call(request, caller, listing))
 

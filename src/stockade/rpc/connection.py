@@ -331,7 +331,15 @@ class Connection(asyncio.Protocol):
 
     def send(self, response: dict[str, Any]) -> None:
         if self.transport is not None and not self._lost:
-            self.transport.write(self.server.codec.encode(response))
+            try:
+                line = self.server.codec.encode(response)
+            except (ValueError, TypeError, RecursionError) as exc:
+                # An answer its codec cannot write (what an isolate said that no check above caught):
+                # an error answer in its place, never a request left unanswered.
+                log.error("cannot encode the answer to request %r: %s", response.get("id"), exc)
+                why = f"the answer could not be encoded ({type(exc).__name__})"
+                line = self.server.codec.encode(error_answer(response.get("id"), why, "internal", None))
+            self.transport.write(line)
 
     def _emitter(self, msg_id: Any) -> Callable[[str, bytes], None]:
         def emit(stream: str, data: bytes) -> None:

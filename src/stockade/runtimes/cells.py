@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checked import utf8_text
 from ..result import CELL_KINDS, MAX_CELL_MIME_TYPES, MAX_CELL_RESULTS, CellException, CellOutput
+
+# Levels a JSON display value may nest (lists and dicts): past them the host's own encoders (and a
+# client's parser) would recurse too deep to answer. The agent's kernel leaves deeper ones out.
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ def _output(said: Any) -> CellOutput:
         raise ValueError("a cell output's kind or data is not one")
     if not all(isinstance(mime, str) for mime in data):
         raise ValueError("a cell output's MIME types are text")
-    return CellOutput(kind=kind, data=data)
+    return CellOutput(kind=kind, data={utf8_text(mime): _text_tree(value, 1) for mime, value in data.items()})
 
 
 def _exception(said: Any) -> CellException:
@@ -52,7 +57,21 @@ def _exception(said: Any) -> CellException:
         raise ValueError("a cell exception is {name, value, traceback}")
     if not all(isinstance(v, str) for v in said.values()):
         raise ValueError("a cell exception's fields are text")
-    return CellException(**said)
+    return CellException(**{k: utf8_text(v) for k, v in said.items()})
+
+
+def _text_tree(value: Any, depth: int) -> Any:
+    """``value`` (a list or dict at level ``depth``) with every text as UTF-8 can carry it;
+    ValueError past ``MAX_JSON_DEPTH`` levels."""
+    if isinstance(value, str):
+        return utf8_text(value)
+    if isinstance(value, list | dict) and depth > MAX_JSON_DEPTH:
+        raise ValueError(f"a cell output nests deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, list):
+        return [_text_tree(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {utf8_text(str(k)): _text_tree(v, depth + 1) for k, v in value.items()}
+    return value
 
 
 def cell_fields(cell: Cell | None, interpreter_lost: bool, error: str | None) -> dict[str, Any]:

@@ -56,8 +56,8 @@ class AgentFiles:
     async def alist_dir(self, path: str) -> list[dict[str, Any]]:
         reply = await self._file_call("list_dir", {"path": path})
         entries = reply.get("entries") if isinstance(reply, dict) else None
-        if not isinstance(entries, list):
-            raise self._broke_protocol("list_dir reply has no entries")
+        if not isinstance(entries, list) or not all(map(_entry, entries)):
+            raise self._broke_protocol("list_dir reply has no entries, or one that is not {name, type, size}")
         return entries
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644, append: bool = False) -> None:
@@ -96,3 +96,18 @@ class AgentFiles:
             raise self._broke_protocol(f"read_file sent {len(piece)} bytes where at most {max_bytes} were asked for")
         size = reply.get("size")
         return piece, reply.get("truncated") is True, size if isinstance(size, int) and size >= 0 else 0
+
+
+_KINDS = ("file", "dir", "symlink", "other")
+
+
+def _entry(said: Any) -> bool:
+    """Whether one entry of the agent's listing is one (it comes from inside the isolate)."""
+    return (
+        isinstance(said, dict)
+        and set(said) == {"name", "type", "size"}
+        and isinstance(said["name"], str)
+        and said["type"] in _KINDS
+        and isinstance(said["size"], int)
+        and not isinstance(said["size"], bool)
+    )

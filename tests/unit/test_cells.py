@@ -1,0 +1,65 @@
+"""A stateful interpreter's account of a cell, read on the host (runtimes/cells.py): it comes from
+inside the isolate, so text UTF-8 cannot carry and nesting no encoder can walk are what a
+subverted agent would send."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from stockade.checked import utf8_text
+from stockade.result import ExecResult
+from stockade.runtimes.cells import MAX_JSON_DEPTH, Cell, cell_fields, read_cell
+
+
+def nested(levels: int) -> Any:
+    value: Any = 0
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def said(value: Any) -> dict[str, Any]:
+    data = {"text/plain": "v", "application/json": value}
+    return {"execution_count": 1, "outputs": [{"kind": "execute_result", "data": data}], "exception": None}
+
+
+def a_result(cell: Cell) -> ExecResult:
+    base = {"success": True, "termination_reason": "completed", "runtime_used": "process", "policy_digest": "x"}
+    return ExecResult(**base, **cell_fields(cell, False, None))
+
+
+def test_json_deeper_than_the_limit_is_not_said_and_the_result_still_encodes() -> None:
+    kept = read_cell(said(nested(MAX_JSON_DEPTH)))
+    assert kept is not None and kept.results[0].data["application/json"] == nested(MAX_JSON_DEPTH)
+    for levels in (MAX_JSON_DEPTH + 1, 5000):
+        cell = read_cell(said(nested(levels)))
+        assert cell is not None and cell.results == [] and cell.execution_count is None
+    result = a_result(kept)
+    assert json.loads(result.to_json())["results"][0]["data"]["application/json"] == nested(MAX_JSON_DEPTH)
+
+
+def test_lone_surrogates_become_escapes_everywhere_a_cell_holds_text() -> None:
+    cell = read_cell(
+        {
+            "execution_count": 2,
+            "outputs": [
+                {
+                    "kind": "display_data",
+                    "data": {"text/html": "<b>\udcff</b>", "application/json": {"k\ud800": ["\udc80"]}},
+                }
+            ],
+            "exception": {"name": "E\udcfe", "value": "v", "traceback": "t\ud800"},
+        }
+    )
+    assert cell is not None and cell.exception is not None
+    assert cell.results[0].data == {"text/html": "<b>\\xff</b>", "application/json": {"k\\ud800": ["\\x80"]}}
+    assert (cell.exception.name, cell.exception.traceback) == ("E\\xfe", "t\\ud800")
+    result = a_result(cell)
+    result.to_json().encode("utf-8")  # nothing left that UTF-8 cannot carry
+
+
+def test_utf8_text() -> None:
+    assert utf8_text("plain") == "plain" and utf8_text("café ☕") == "café ☕"
+    assert utf8_text("a\udcffb") == "a\\xffb"  # a name read with surrogateescape: its byte
+    assert utf8_text("\ud800\udcff") == "\\ud800\\udcff"  # not from bytes: the code points
