@@ -22,6 +22,7 @@ written to storage the daemon's host cannot rewrite, and compare the last hash `
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,6 +35,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from .errors import ConfigError
 
 log = logging.getLogger("stockade.audit")
 
@@ -102,8 +105,39 @@ def _seq_of(raw: bytes) -> int | None:
     return seq if type(seq) is int else None
 
 
+class AuditLogBusy(ConfigError):
+    """Another writer holds the audit log: two on one file would break its chain."""
+
+
+def lock_path(path: str) -> str:
+    """The file a writer of ``path`` locks: hidden, and not named like a rotated file (``path.N``)."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.lock")
+
+
+def _lock_for_one_writer(path: str) -> int | None:
+    """An exclusive lock on ``lock_path(path)``, held while the log is open: one writer per file.
+    None where the lock cannot be made (no directory yet): the log goes on, as it does when it
+    cannot be written, and says so."""
+    try:
+        fd = os.open(lock_path(path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.warning("audit log %s: cannot take its one-writer lock (%s); a second writer is not refused", path, exc)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditLogBusy(
+            f"the audit log {path} is written by another process (it holds {lock_path(path)}): "
+            "two writers on one file would break its chain"
+        ) from None
+    return fd
+
+
 class AuditLog:
-    """Appends audit records to ``path`` from one writer thread; see the module's docstring."""
+    """Appends audit records to ``path`` from one writer thread; see the module's docstring.
+    One writer per file: a second ``AuditLog`` on it while this one is open raises ``AuditLogBusy``."""
 
     def __init__(
         self, path: str, *, max_bytes: int = 64 * 1024 * 1024, backups: int = 10, queue_size: int = 100_000
@@ -111,6 +145,7 @@ class AuditLog:
         if max_bytes < 1 or backups < 1 or queue_size < 1:
             raise ValueError("max_bytes, backups and queue_size must be at least 1")
         self._path, self._max_bytes, self._backups = path, max_bytes, backups
+        self._writer_lock: int | None = _lock_for_one_writer(path)
         self._queue: queue.Queue[_Item | None] = queue.Queue(queue_size)
         self._lock = threading.Lock()  # guards _closed, _dropped, _pending_drops
         self._closed = False
@@ -163,6 +198,9 @@ class AuditLog:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("audit writer still busy after %.1fs; %d records not yet written", timeout, self._queue.qsize())
+        elif self._writer_lock is not None:
+            os.close(self._writer_lock)  # the next writer may take the file
+            self._writer_lock = None
 
     # The writer thread.
 

@@ -207,31 +207,28 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def _gateway_audit(asked: str | None) -> Any:
     """The gateway's audit log: ``asked``, else its own file in the state directory. One writer per
     file keeps its hash chain whole: a second gateway at once writes a file named for its pid."""
-    import fcntl
     import os
 
-    from .audit import AuditLog
+    from .audit import AuditLog, AuditLogBusy
     from .settings import current
 
     if asked == "off":
         return None
-    path = asked
-    if path is None:
-        directory = current().state_dir
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        path = os.path.join(directory, "mcp-gateway.audit.log")
-    lock = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until this process ends
-    except BlockingIOError:
-        os.close(lock)
-        if asked is not None:
+    if asked is not None:
+        try:
+            return AuditLog(asked)
+        except AuditLogBusy:
             from .errors import ConfigError
 
             raise ConfigError(f"--audit-log {asked}: another gateway writes it") from None
+    directory = current().state_dir
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, "mcp-gateway.audit.log")
+    try:
+        return AuditLog(path)
+    except AuditLogBusy:
         root, ext = os.path.splitext(path)
-        path = f"{root}-{os.getpid()}{ext}"
-    return AuditLog(path)
+        return AuditLog(f"{root}-{os.getpid()}{ext}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

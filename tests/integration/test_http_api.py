@@ -615,3 +615,29 @@ def test_the_daemons_audit_log_rotates_and_keeps_its_chain(process_runtime: str)
     os.unlink(files[1])
     broken = subprocess.run([*verify[:5], files[0], *files[2:]], capture_output=True, text=True, timeout=60)
     assert broken.returncode == 1 and files[2] in broken.stdout
+
+
+def test_a_second_daemon_on_one_audit_log_refuses_to_start_and_writes_nothing_to_it(process_runtime: str) -> None:
+    daemon = start_daemon(http="127.0.0.1:0")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+        env.update(STOCKADE_AUDIT_LOG=daemon.audit_log, STOCKADE_DAEMON_USER="root")
+        other = os.path.join(os.path.dirname(daemon.audit_log), "other.sock")
+        taken = urlsplit(daemon.http_url or "").netloc  # the first's port: it would fail there too, later
+        second = subprocess.run(
+            [sys.executable, "-m", "stockade.cli", "serve", "--socket", other, "--http", taken],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 125, second.stderr
+        assert f"the audit log {daemon.audit_log} is written by another process" in second.stderr
+        assert "is another daemon running? STOCKADE_AUDIT_LOG gives this one its own" in second.stderr
+        with httpx.Client(base_url=daemon.http_url or "", timeout=60) as http:
+            assert _execute(http, code="print(1)").status_code == 200  # the first goes on writing
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    with open(daemon.audit_log) as f:
+        events = [json.loads(line)["event"] for line in f]
+    assert events.count("admin") == 2 and len(events) >= 3  # its own start and stop only
+    verify = subprocess.run([sys.executable, "-m", "stockade.cli", "audit", "verify", daemon.audit_log],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert verify.returncode == 0 and "audit chain ok" in verify.stdout, verify.stdout + verify.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade.audit import GENESIS, AuditLog, verify, verify_main
+from stockade.audit import GENESIS, AuditLog, AuditLogBusy, verify, verify_main
 
 
 def lines_of(path: Path) -> list[bytes]:
@@ -356,3 +356,20 @@ def test_an_mcp_calls_record_keeps_the_names_of_the_secrets_it_used(tmp_path: Pa
     (record,) = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert [e["substituted"] for e in record["egress"]] == [["APIKEY"], []]
     assert "[redacted]" not in json.dumps(record["egress"])
+
+
+def test_one_writer_per_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    first = AuditLog(str(path))
+    first.record("a")
+    with pytest.raises(
+        AuditLogBusy, match=r"audit.log is written by another process \(it holds .*\.audit\.log\.lock\)"
+    ):
+        AuditLog(str(path))  # a second writer would break the chain: refused before it writes
+    first.close()
+    second = AuditLog(str(path))  # the first is closed: its lock with it
+    second.record("b")
+    second.close()
+    assert [r["event"] for r in records(path)] == ["a", "b"]
+    assert verify([str(path)]).first_break is None
+    assert sorted(os.listdir(tmp_path)) == [".audit.log.lock", "audit.log"]  # not named like a rotated file

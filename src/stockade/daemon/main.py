@@ -60,6 +60,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     http = None
+    started = False
     try:
         if config.unix_socket and config.daemon_user is None:
             await server.start()  # a live daemon's socket is never claimed: nothing of this start to undo
@@ -79,6 +80,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         observers.admin(
             _DAEMON, "daemon.start", where or "", http=http.url if http else None, instance=controller.instance_id
         )
+        started = True
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -97,7 +99,8 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
             await http.close(1.0)
         await server.close(0.0)
         await controller.shutdown(0.0)
-        observers.admin(_DAEMON, "daemon.stop", config.socket if config.unix_socket else "")
+        if started:  # a start that failed was never recorded: neither is its end
+            observers.admin(_DAEMON, "daemon.stop", config.socket if config.unix_socket else "")
         observers.close()
         settings.install(None)
         log.info("stopped")
@@ -117,10 +120,13 @@ def _observers(config: DaemonConfig, controller: Controller) -> Observers:
         log.info("no metrics: %s", exc)
     audit = None
     if config.audit_log is not None:
-        from ..audit import AuditLog
+        from ..audit import AuditLog, AuditLogBusy
 
         os.makedirs(os.path.dirname(config.audit_log) or ".", mode=0o700, exist_ok=True)
-        audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes)
+        try:
+            audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes)
+        except AuditLogBusy as exc:
+            raise AuditLogBusy(f"{exc}: is another daemon running? STOCKADE_AUDIT_LOG gives this one its own") from None
         log.info("audit log: %s", config.audit_log)
     return Observers(metrics, audit, pools=controller.placement.pool_statistics)
 
