@@ -20,9 +20,9 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument(
         "--http",
         nargs="?",
-        const="127.0.0.1:8002",
+        const="",  # --http alone: $STOCKADE_HTTP's address, else the default
         metavar="HOST:PORT",
-        help="serve the HTTP API too (default 127.0.0.1:8002; $STOCKADE_HTTP); without a token, loopback only",
+        help="serve the HTTP API too (alone: $STOCKADE_HTTP, else 127.0.0.1:8002); without a token, loopback only",
     )
     serve.add_argument("--api-token-file", metavar="FILE", help="the HTTP API's bearer token (or $STOCKADE_API_TOKEN)")
     serve.add_argument("--no-socket", action="store_true", help="serve the HTTP API instead of the Unix socket")

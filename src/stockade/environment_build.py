@@ -85,6 +85,10 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
            if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP") and not k.startswith("STOCKADE_")}  # fmt: skip
     env.update({"PIP_ROOT_USER_ACTION": "ignore", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
                 "PIP_NO_WARN_SCRIPT_LOCATION": "1", "PYTHONNOUSERSITE": "1"})  # fmt: skip
+    # pip's temporary directories inside the build's own: a pip killed (^C, a timeout) leaves them
+    # there, and they go with the build, not into /tmp.
+    env["TMPDIR"] = os.path.join(work, "pip-tmp")
+    os.mkdir(env["TMPDIR"], 0o700)
     log_path = os.path.join(work, "pip.log")
     with open(log_path, "wb") as out:
         # Verbose: pip's output to the terminal as it comes, and to the log, which says why it failed.
@@ -111,6 +115,7 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
         if status is None:
             raise PolicyError(f"packages: pip did not finish within {build_timeout():g} s (STOCKADE_ENV_BUILD_TIMEOUT; "
                               "stockade env build makes an environment ahead of time)")  # fmt: skip
+    remove_tree(env["TMPDIR"])
     with open(log_path, "rb") as f:
         log = f.read()
     os.unlink(log_path)

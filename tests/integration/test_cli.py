@@ -217,3 +217,12 @@ def test_the_isolate_begun_before_the_flags_are_read_leaves_nothing(args: tuple[
         except OSError:
             continue  # released while listed
     assert leases == [], "a sandbox uid is still leased to the CLI's isolate"
+
+
+@pytest.mark.parametrize("command", [["doctor"], ["status"], ["env", "ls"]])
+def test_a_bad_setting_is_said_by_every_command_not_a_traceback(command: list[str]) -> None:
+    env = {**os.environ, "STOCKADE_POOL_SIZE": "abc"}
+    done = subprocess.run([sys.executable, "-m", "stockade.cli", *command], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 125, done.stderr
+    assert "stockade: STOCKADE_POOL_SIZE='abc' is not an integer" in done.stderr and "Traceback" not in done.stderr

@@ -242,6 +242,18 @@ def test_a_build_imports_nothing_from_its_callers_directory(
     assert env_id in {e.id for e in environments.listing()}
 
 
+def test_pips_temporary_files_go_with_its_build(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pip that is killed (^C, the build's timeout) leaves its temporary directories: they are made
+    # inside the build's own, which goes with it, not in /tmp.
+    leaves = "import sys, tempfile; print('TMP', tempfile.mkdtemp(prefix='pip-unpack-')); sys.exit(9)"
+    monkeypatch.setattr(environment_build, "_pip_command", lambda: (sys.executable, "-c", leaves))
+    with pytest.raises(PolicyError, match=r"exit 9") as failed:
+        environments.build(["stockade-temp-probe"], name="leaves-temp")
+    (left,) = [line.split()[1] for line in str(failed.value).splitlines() if line.startswith("TMP ")]
+    assert left.startswith(os.path.join(store, "tmp") + os.sep), left
+    assert not os.path.exists(left) and os.listdir(os.path.join(store, "tmp")) == []
+
+
 def test_a_failed_build_says_what_pip_said(
     store: str, manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -157,3 +157,8 @@ def test_the_daemon_s_config_is_the_settings_with_its_flags() -> None:
     served = config.with_http("127.0.0.1:0", unix_socket=False)
     assert (served.http, served.unix_socket, served.max_sandboxes) == (("127.0.0.1", 0), False, 3)
     assert config.http is None  # a copy: the settings read at start stay as they were
+    # `--http` alone: $STOCKADE_HTTP's address where it is set, else the default.
+    assert config.with_http("").http == ("127.0.0.1", 8002)
+    from_env = DaemonConfig.from_env({"STOCKADE_HTTP": "127.0.0.1:8814"})
+    assert from_env.with_http("").http == ("127.0.0.1", 8814)
+    assert from_env.with_http("127.0.0.1:9").http == ("127.0.0.1", 9)

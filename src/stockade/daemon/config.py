@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..settings import Secret, Settings, listen_address, loopback
+from ..settings import DEFAULT_HTTP_PORT, Secret, Settings, listen_address, loopback
 
 if TYPE_CHECKING:
     from ..rpc.server import ServerSettings
@@ -87,7 +87,12 @@ class DaemonConfig(Settings):
                 raise ConfigError(
                     f"--api-token-file {api_token_file} is too short (use at least 16 characters; `stockade token new`)"
                 )
-        address = self.http if listen is None else listen_address(listen, "--http")
+        if listen:
+            address: tuple[str, int] | None = listen_address(listen, "--http")
+        elif listen == "":  # --http alone
+            address = self.http or ("127.0.0.1", DEFAULT_HTTP_PORT)
+        else:
+            address = self.http
         _check_exposure(address, token)
         if not unix_socket and address is None:
             raise ConfigError("--no-socket leaves the daemon no door: give --http too")
