@@ -72,7 +72,7 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise FieldError("Input should be a valid tuple")
+            raise FieldError("Input should be a list")
         items = []
         problems: Problems = []  # every item's, not only the first wrong one's
         for i, item in enumerate(value):

@@ -148,10 +148,10 @@ def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[
                 raise ValueError(f"{raw!r}: NAME @ URL needs one URL")
             text = f"{name}{extras or ''} @ {url}"
         else:
-            spec, _, marker = rest.partition(";")
-            spec = "".join(spec.split())
+            given, _, marker = rest.partition(";")
+            spec = "".join(given.split())
             if not _SPEC.match(spec):
-                raise ValueError(f"{raw!r}: {spec!r} is not a version specifier")
+                raise ValueError(f"{raw!r}: {given.strip()!r} is not a version specifier (such as '>=2.1,<3')")
             text = name + (extras or "") + spec
         marker = " ".join(marker.split())
         if marker and not _MARKER.fullmatch(marker):
@@ -238,7 +238,10 @@ def content_id(requirements: tuple[str, ...], allow_source: bool = False) -> str
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"{name!r} is not an environment name (letters, digits, '.', '_', '-'; at most 64)")
+        raise ValueError(
+            f"{name!r} is not an environment name "
+            "(1-64 of letters, digits, '.', '_', '-', starting with a letter or digit)"
+        )
     return name
 
 
@@ -279,7 +282,7 @@ def existing(name: str) -> str:
     """The id of the built environment ``name`` points at; ValueError naming it if there is none."""
     env_id = named(name)
     if env_id is None or not os.path.isdir(env_path(env_id)):
-        raise ValueError(f"{name!r} does not exist in {store_root()} "
+        raise ValueError(f"{name!r} does not exist on this host "
                          f"(stockade env ls lists them; stockade env build {name} PACKAGE... makes it)")  # fmt: skip
     return env_id
 

@@ -156,6 +156,14 @@ def _check_environment(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _check_runtime(value: str | None) -> str | None:
+    if value is not None and value not in RUNTIME_NAMES:
+        near = nearest(value, RUNTIME_NAMES)
+        hint = f"; did you mean {near!r}?" if near else ""
+        raise ValueError(f"{value!r} is no runtime (one of {', '.join(RUNTIME_NAMES)}){hint}")
+    return value
+
+
 def _check_pids_limit(value: int) -> int:
     if value < MIN_PIDS_LIMIT:
         raise ValueError(
@@ -194,7 +202,9 @@ class Policy(Checked):
     """What an isolate may do and use. Unknown fields are errors (naming the nearest one), and
     values are taken as JSON gives them (no ``"256"`` read as 256, no ``true`` as 1)."""
 
-    runtime: str | None = field(default=None, metadata=describe(f"a runtime by name ({', '.join(RUNTIME_NAMES)})"))
+    runtime: str | None = field(
+        default=None, metadata=describe(f"a runtime by name ({', '.join(RUNTIME_NAMES)})", check=_check_runtime)
+    )
     isolation: IsolationLevel | None = field(
         default=None, metadata=describe("the isolation level to use (none: no isolation at all, for tests)")
     )

@@ -260,4 +260,6 @@ def test_sessions_are_python_only_and_read_no_stdin(sb: Sandbox) -> None:
     for name in ("", "x" * 65, "bad\nname"):  # refused before anything is sent, by the sandbox's own error
         with pytest.raises(InvalidRequestError, match="session must be a name of 1 to 64 printable characters"):
             sb.run_code("1", session=name)
+    with pytest.raises(InvalidRequestError, match=r"printable characters, not 123 \(int\)$"):
+        sb.run_code("1", session=123)  # type: ignore[arg-type]
     assert sb.run_code("print(2)").stdout == "2\n"

@@ -95,7 +95,7 @@ def test_bad_flags_are_clear_errors() -> None:
     r = cli("run")
     assert r.returncode == 125 and "no command" in r.stderr
     r = cli("run", "--runtime", "warp", "--", "true")
-    assert r.returncode == 125 and "unknown runtime" in r.stderr
+    assert r.returncode == 125 and "runtime: 'warp' is no runtime" in r.stderr
     r = cli("run", "--mount", "/proc:/x", "--", "true")
     assert r.returncode == 125 and "filesystem_access" in r.stderr
 

@@ -144,6 +144,11 @@ def test_requirements_are_refused_when_they_are_not_plain(bad: str, store: str) 
         Policy(packages=[bad])
 
 
+def test_a_bad_version_specifier_is_quoted_as_given(store: str) -> None:
+    with pytest.raises(PolicyError, match=r"'not a valid req!!': 'a valid req!!' is not a version specifier"):
+        Policy(packages=["not a valid req!!"])
+
+
 def test_a_missing_environment_is_a_policy_error_naming_it(store: str, small: str) -> None:
     with pytest.raises(PolicyError, match=r"environment_name: 'nope' does not exist.*stockade env ls"):
         Policy(environment_name="nope")
@@ -155,6 +160,9 @@ def test_a_missing_environment_is_a_policy_error_naming_it(store: str, small: st
         Policy(environment_name="small", filesystem_access=[f"{store}:/opt/stockade"])
     with pytest.raises(PolicyError, match="not an environment name"):
         Policy(environment_name="../etc")
+    for leading in ("-x", ".hidden", "."):  # every character allowed, but not first: the message says so
+        with pytest.raises(PolicyError, match="starting with a letter or digit"):
+            Policy(environment_name=leading)
 
 
 def test_the_digest_says_which_environment(small: str, store: str) -> None:

@@ -269,6 +269,11 @@ def test_a_host_port_already_taken_is_refused_by_name_and_the_sandbox_lives(
             assert sb.exec(["true"]).success
             _, free = sb.publish("0:8000")  # another port goes
             assert free != port
+            # The same host port again, from the sandbox that holds it: said as that, not "another program".
+            with pytest.raises(
+                InvalidRequestError, match=rf"this sandbox already publishes 127.0.0.1:{free} \(to its port 8000\)"
+            ):
+                sb.publish(f"{free}:9000")
 
 
 def test_publishing_needs_a_loopback(process_runtime: str) -> None:

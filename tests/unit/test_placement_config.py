@@ -23,7 +23,7 @@ def test_a_backend_by_name_json_or_dict() -> None:
 @pytest.mark.parametrize(
     ("value", "words"),
     [
-        ("kubernetes", "does not match any of the expected tags: 'local', 'ray'"),
+        ("kubernetes", "type: 'kubernetes' is no placement (local, or ray with its address)"),
         ('{"type": "ray"}', "ray.address: Field required"),
         ('{"type": "ray", "address": "h:1", "adress": "x"}', "ray.adress: unknown field"),
         ('{"type": "local", "address": "h:1"}', "local.address: unknown field"),

@@ -154,7 +154,7 @@ def test_json_values_become_the_fields_types() -> None:
         ({"memory_mb": 256.0}, "memory_mb: Input should be a valid integer"),
         ({"timeout_seconds": float("nan")}, "timeout_seconds: Input should be greater than 0"),
         ({"timeout_seconds": 10**400}, "timeout_seconds: Input should be a valid number"),
-        ({"allowed_hosts": "a.example"}, "allowed_hosts: Input should be a valid tuple"),
+        ({"allowed_hosts": "a.example"}, "allowed_hosts: Input should be a list"),
         ({"environment": {"A": 1}}, "environment.A: Input should be a valid string"),
         ({"filesystem_access": ["/srv", {"source": "/srv", "mode": "rw"}]}, "filesystem_access.1.mode: unknown field"),
         ({"filesystem_access": ["/srv", "/proc:/p"]}, "filesystem_access.1: source /proc may not be shared"),
@@ -209,3 +209,13 @@ def test_the_json_schema_is_read_from_the_fields() -> None:
     assert memory["description"] == "memory limit, MB"
     assert schema["properties"]["network_policy"]["enum"] == ["none", "loopback", "allowlist"]
     assert schema["$defs"]["Mount"]["required"] == ["source"]
+
+
+def test_a_runtime_that_is_none_of_stockades_is_refused_when_the_policy_is_made() -> None:
+    with pytest.raises(
+        PolicyError, match=r"runtime: 'docker' is no runtime \(one of process, gvisor, microvm, fake\)$"
+    ):
+        Policy(runtime="docker")
+    with pytest.raises(PolicyError, match=r"did you mean 'gvisor'\?"):
+        Policy.build(runtime="gvisr")
+    assert Policy(runtime="microvm").runtime == "microvm" and Policy().runtime is None

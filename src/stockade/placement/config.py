@@ -84,9 +84,16 @@ def parse_placement(value: str | dict[str, Any] | None) -> PlacementConfig:
         config: PlacementConfig = _adapter.validate_python(value)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'type'}: "
-            + ("unknown field" if err["type"] == "unexpected_keyword_argument" else err["msg"])
-            for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'type'}: " + _problem(err) for err in exc.errors()
         )
         raise ConfigError(f"placement: {problems}") from None
     return config
+
+
+def _problem(err: Any) -> str:
+    """One validation error in the words of a placement's settings."""
+    if err["type"] == "unexpected_keyword_argument":
+        return "unknown field"
+    if err["type"] == "union_tag_invalid":
+        return f"{err['ctx']['tag']!r} is no placement (local, or ray with its address)"
+    return str(err["msg"])

@@ -95,9 +95,8 @@ def code_request(code: str, language: str, session: str | None, stdin: bytes | s
     if session is None:
         return "run_code", code_params(code, language)
     if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_NAME or not session.isprintable():
-        raise InvalidRequestError(
-            f"session must be a name of 1 to {MAX_SESSION_NAME} printable characters, not {str(session)[:80]!r}"
-        )
+        got = repr(session[:80]) if isinstance(session, str) else f"{str(session)[:80]} ({type(session).__name__})"
+        raise InvalidRequestError(f"session must be a name of 1 to {MAX_SESSION_NAME} printable characters, not {got}")
     if language != "python":
         raise InvalidRequestError(f"a session runs Python, not {language!r}: leave session out for {language}")
     if stdin:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgentError, AgentProtocolError, PolicyError, start_error
+from ..errors import AgentError, AgentProtocolError, InvalidRequestError, PolicyError, start_error
 from ..limits import check_call_size
 from ..policy import Policy
 from .agent_requests import exec_params, job_limits
@@ -79,6 +79,12 @@ class AgentProcesses:
             raise PolicyError(
                 "publishing a port needs network_policy='loopback': the isolate has no loopback otherwise"
             )
+        for held in self.forwarders:
+            if host_port and held.address == (address, host_port):
+                raise InvalidRequestError(
+                    f"publish {address}:{host_port} -> {port}: this sandbox already publishes {address}:{host_port} "
+                    f"(to its port {held.port}); pick another host port, or 0 for any free one"
+                )
         forwarder = self._forwarder(address, host_port, port, turn)
         self.forwarders.append(forwarder)
         return forwarder.address

@@ -75,7 +75,9 @@ class Zygote:
             )
         except OSError as exc:
             host.close()
-            raise SandboxStartError(f"cannot start the zygote {python}: {exc.strerror}") from None
+            raise SandboxStartError(
+                f"cannot start the zygote {python} (the isolates' interpreter, STOCKADE_GUEST_PYTHON): {exc.strerror}"
+            ) from None
         finally:
             child.close()
         self.ctl = host
