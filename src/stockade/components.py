@@ -211,7 +211,8 @@ def stop(name: str, store: ComponentStore, timeout: float = 15.0) -> ComponentSt
     """Stop the component: SIGTERM to its supervisor (which closes the isolate), SIGKILL after ``timeout``."""
     state = store.state(name)
     pid, started = state.supervisor_pid, state.supervisor_start
-    if state.status in ("starting", "running") and pid is not None:
+    running = state.status in ("starting", "running")
+    if running and pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -221,8 +222,10 @@ def stop(name: str, store: ComponentStore, timeout: float = 15.0) -> ComponentSt
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # its isolate dies with it
     state = store.state(name)
-    if state.status in ("starting", "running") or state.error == SUPERVISOR_GONE:
-        state.status, state.error, state.exit_code = "stopped", None, None  # we ended it: a stop, not a failure
+    if running and (state.status in ("starting", "running") or state.error == SUPERVISOR_GONE):
+        # We ended it (a supervisor we killed reads as gone): a stop, not a failure. One that had
+        # ended before keeps its account of why.
+        state.status, state.error, state.exit_code = "stopped", None, None
         store.save(state)
     return state
 

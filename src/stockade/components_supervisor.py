@@ -193,7 +193,7 @@ class Supervisor:
         except SandboxError as exc:  # the isolate died (a violation, the agent gone)
             exit_code, error = None, str(exc)
         finally:
-            why = "the component's run ended" if not self.stopping else "the component was stopped"
+            why = "the component was stopped" if self.stopping else _run_ended(ending[0] if ending else None)
             self.control.unserve(why)
             if pump is not None:
                 pump.shutdown(why)
@@ -248,3 +248,13 @@ class _Log:
 
 def main(name: str) -> int:
     return Supervisor(name, ComponentStore()).run()
+
+
+def _run_ended(said: tuple[int | None, str | None] | None) -> str:
+    """What an attached client is told when the command's run ends: how, where that is known."""
+    if said is None:
+        return "the component's run ended"
+    code, error = said
+    if error:
+        return f"the component's run ended: {error}"
+    return f"the component's run ended (exit status {code})" if code is not None else "the component's run ended"

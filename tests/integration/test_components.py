@@ -120,9 +120,13 @@ def test_killed_supervisor_is_reported_and_its_isolate_dies(
     _wait(lambda: _status(cli, "victim")["status"] == "failed")
     assert "supervisor is gone" in str(_status(cli, "victim")["error"])
     _wait(lambda: not processes_with_arg(marker))
+    assert cli("stop", "victim").returncode == 0  # it had ended already: it keeps its account of why
+    assert _status(cli, "victim")["status"] == "failed" and "supervisor is gone" in str(_status(cli, "victim")["error"])
 
 
 def test_bad_input(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    negative = cli("logs", "any", "--tail-bytes", "-5")
+    assert negative.returncode == 2 and "--tail-bytes: -5: give 0 or more" in negative.stderr, negative.stderr
     for args in (("start", "--name", "Bad Name", "--", "true"), ("start", "--name", "x"), ("logs", "nobody")):
         out = cli(*args)
         assert out.returncode == 125, (args, out.stderr)
@@ -326,6 +330,18 @@ def test_attach_talks_to_a_stdio_server(cli: Cli, tmp_path: Path) -> None:
         assert cli("stop", "stdio").returncode == 0
         assert client.wait(timeout=30) == 1
         assert client.stderr is not None and b"stopped" in client.stderr.read()
+    finally:
+        _end(client)
+    # It ends by itself: the client is told how.
+    assert cli("start", "--name", "quits", "--stdin", "--", "sh", "-c", "read -r line; exit 4").returncode == 0
+    client = _client(tmp_path, "attach", "quits", stdin=subprocess.PIPE)
+    try:
+        assert client.stdin is not None
+        client.stdin.write(b"bye\n")
+        client.stdin.flush()
+        assert client.wait(timeout=30) == 1
+        assert client.stderr is not None
+        assert b"component quits: the component's run ended (exit status 4)" in client.stderr.read()
     finally:
         _end(client)
 
