@@ -202,6 +202,19 @@ def test_on_violation_kill_ends_the_sandbox_during_the_run(gvisor: str, manager:
             sandbox.exec(["true"])
 
 
+def test_asking_to_be_traced_twice_is_no_violation_but_attaching_to_the_agent_is(
+    gvisor: str, manager: RuntimeManager
+) -> None:
+    # PTRACE_TRACEME is allowed inside gVisor; a second one fails with EPERM by the kernel's own rules.
+    with Sandbox(Policy(runtime="gvisor", on_violation="kill"), manager=manager) as sandbox:
+        r = sandbox.run_code(LIBC + "for _ in range(3): print(libc.ptrace(0, 0, 0, 0), ctypes.get_errno())")
+        assert (r.termination_reason, r.stdout) == ("completed", "0 0\n-1 1\n-1 1\n"), r.summary()
+        assert {v.violation_type for v in r.security_violations} == {"sensitive_syscall"}, r.security_violations
+        assert not any(v.blocked for v in r.security_violations)
+        r = sandbox.run_code(LIBC + "libc.ptrace(16, 1, 0, 0)")  # PTRACE_ATTACH to the agent: refused
+        assert r.termination_reason == "violation", r.summary()
+
+
 def test_a_run_without_violations_is_not_ended_by_the_watch(gvisor: str, manager: RuntimeManager) -> None:
     with Sandbox(Policy(runtime="gvisor", on_violation="kill"), manager=manager) as sandbox:
         for _ in range(2):  # the log is read all along: only a refused call ends the sandbox

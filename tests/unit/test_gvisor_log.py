@@ -138,3 +138,25 @@ def test_records_whose_newlines_come_late_are_read_one_by_one() -> None:
             report = read(log, size)
             assert report.counts == {"ptrace": 2, "mount": 1} and report.blocked == 3, (pad, size)
             assert all("operation not permitted" in v.description for v in report.records)
+
+
+def test_a_process_asking_to_be_traced_again_is_no_refusal() -> None:
+    # PTRACE_TRACEME is allowed; a second one fails (EPERM: already traced) by the kernel's own rules.
+    # An attach to the agent that fails the same way is a refusal, and ends a run under kill.
+    log = call(b"python3", b"ptrace", b"PTRACE_TRACEME, 0x0, 0x0, 0x0", b" = 0 (0x0) (3.0\xc2\xb5s)")
+    log += call(
+        b"python3",
+        b"ptrace",
+        b"PTRACE_TRACEME, 0x0, 0x0, 0x0",
+        b" = 0 (0x0) errno=1 (operation not permitted) (1.1\xc2\xb5s)",
+    )
+    log += call(
+        b"python3",
+        b"ptrace",
+        b"PTRACE_ATTACH, 0x1, 0x0, 0x0",
+        b" = 0 (0x0) errno=1 (operation not permitted) (1.4\xc2\xb5s)",
+    )
+    seen = SentryLog().feed(log)
+    assert [(s.blocked, s.by_policy) for s in seen] == [(False, False), (False, False), (True, True)]
+    records = [s.build() for s in seen]
+    assert [r.violation_type for r in records] == ["sensitive_syscall", "sensitive_syscall", "blocked_syscall"]
