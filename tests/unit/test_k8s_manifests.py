@@ -245,3 +245,27 @@ def test_a_controller_option_without_its_image_or_in_the_sandboxes_namespace_is_
     cmd = [sys.executable, "-m", "stockade.cli", "k8s", "manifests", "--image", IMAGE, "--ray-address", "h:1"]
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "give the controller's image too" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"namespace": "Bad_NS"}, "namespace 'Bad_NS' is not a Kubernetes namespace name"),
+        ({"namespace": "-x"}, "namespace '-x' is not a Kubernetes namespace name"),
+        ({"controller_image": "c:1", "controller_namespace": "a" * 64}, "controller namespace 'aaaa"),
+        ({"image": ""}, "image '' is not an image reference"),
+        ({"image": "a b"}, "image 'a b' is not an image reference"),
+        ({"controller_image": "c:1", "ray_address": "notanaddress"}, "Ray address 'notanaddress' is not HOST:PORT"),
+    ],
+)
+def test_what_kubernetes_would_refuse_is_refused_here_by_name(given: dict[str, Any], said: str) -> None:
+    with pytest.raises(ValueError, match=said):
+        manifests(**{"image": "registry.example/stockade-agent:1", **given})
+
+
+def test_good_names_and_addresses_go_through() -> None:
+    for address in ("auto", "ray-head:6379", "10.0.0.5:6379", "[fd00::1]:6379"):
+        docs = manifests(
+            "r.example/a:1", namespace="sandboxes-1", controller_image="r.example/c:1", ray_address=address
+        )
+        assert docs[0]["metadata"]["name"] == "sandboxes-1"

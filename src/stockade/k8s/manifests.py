@@ -23,6 +23,7 @@ resources (requests equal to limits: the Guaranteed class) and the size of its
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..policy import Policy
@@ -36,6 +37,8 @@ AGENT_UID = 1000
 # the scheduler adds it to the pod's requests.
 _KATA_OVERHEAD = {"kata-qemu": {"memory": "160Mi", "cpu": "250m"}, "kata-fc": {"memory": "130Mi", "cpu": "250m"}}
 _HANDLERS = {"gvisor": "runsc", "kata-qemu": "kata-qemu", "kata-fc": "kata-fc"}
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # RFC 1123, as Kubernetes names namespaces
+_HOST_PORT = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
 
 
 def runtime_classes() -> list[dict[str, Any]]:
@@ -175,6 +178,17 @@ def manifests(
         raise ValueError(f"warm pool size {warm}: at least 0")
     if ray_address is not None and controller_image is None:
         raise ValueError("a Ray address is the controller's placement: give the controller's image too")
+    for what, value in (("namespace", namespace), ("controller namespace", controller_namespace)):
+        if value is not None and not _DNS_LABEL.fullmatch(value):
+            raise ValueError(
+                f"{what} {value!r} is not a Kubernetes namespace name (1-63 of a-z, 0-9, '-', "
+                "starting and ending with a letter or digit)"
+            )
+    for what, value in (("image", image), ("controller image", controller_image)):
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise ValueError(f"{what} {value!r} is not an image reference (such as registry.example/stockade:1)")
+    if ray_address is not None and ray_address != "auto" and not _HOST_PORT.fullmatch(ray_address):
+        raise ValueError(f"Ray address {ray_address!r} is not HOST:PORT (the cluster's GCS, such as ray-head:6379)")
     policy = policy or Policy()
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {
