@@ -418,15 +418,15 @@ def _main(argv: list[str], program: bool, one_run: bool) -> int:
             return status
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:
+            _close_factories(factory, args)
+            os._exit(141)
         except Exception as exc:
             from .errors import StockadeError
 
             if isinstance(exc, StockadeError):  # one a command did not word itself (a bad setting): said, exit 125
                 return fail_for(exc)
             raise
-        except BrokenPipeError:
-            _close_factories(factory, args)
-            os._exit(141)
     finally:
         _close_factories(factory, args)
 

@@ -10,17 +10,6 @@ from typing import Any
 from . import cli, cli_outcome
 
 
-def _count(text: str) -> int:
-    """A number of bytes: 0 or more (argparse names the flag when this refuses)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: give 0 or more")
-    return value
-
-
 def add_parsers(sub: Any, policy_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the component commands to the CLI's subparsers; ``policy_flags`` adds the Policy's
     flags to ``start`` (a component has no per-run limits)."""
@@ -68,7 +57,7 @@ def add_parsers(sub: Any, policy_flags: Callable[[argparse.ArgumentParser], None
 
     logs = sub.add_parser("logs", help="what a component wrote")
     logs.add_argument("name")
-    logs.add_argument("--tail-bytes", type=_count, metavar="N", help="only the last N bytes")
+    logs.add_argument("--tail-bytes", type=cli_outcome.whole_number(0), metavar="N", help="only the last N bytes")
     logs.add_argument("-f", "--follow", action="store_true", help="print what it writes, until it ends (or Ctrl-C)")
     logs.set_defaults(func=cmd_logs)
 

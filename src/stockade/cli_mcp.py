@@ -100,7 +100,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
-    from .errors import StockadeError
+    from .errors import StockadeError, printable
 
     try:
         arguments = json.loads(args.arguments)
@@ -132,7 +132,9 @@ def cmd_mcp(args: argparse.Namespace) -> int:
             if item.type == "text":
                 print(item.text)
             else:
-                print(f"[{item.type} content: {getattr(item, 'mime_type', None) or 'no type'}]")
+                # A line of stockade's own: what the server chose in it (its type, its MIME type) escaped.
+                kind = printable(f"{item.type} content: {getattr(item, 'mime_type', None) or 'no type'}")
+                print(f"[{kind}]")
     return EXIT_TOOL_ERROR if result.is_error else 0
 
 
@@ -215,12 +217,15 @@ def _gateway_audit(asked: str | None) -> Any:
     if asked == "off":
         return None
     if asked is not None:
+        from .errors import ConfigError
+
+        where = os.path.dirname(os.path.abspath(asked))
+        if not os.path.isdir(where):  # a typo would lose every record, with only a warning
+            raise ConfigError(f"--audit-log {asked}: there is no directory {where}")
         try:
             return AuditLog(asked)
-        except AuditLogBusy:
-            from .errors import ConfigError
-
-            raise ConfigError(f"--audit-log {asked}: another gateway writes it") from None
+        except AuditLogBusy as exc:
+            raise ConfigError(f"--audit-log: {exc}") from None
     directory = current().state_dir
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, "mcp-gateway.audit.log")

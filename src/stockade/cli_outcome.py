@@ -13,6 +13,7 @@ import sys
 
 TYPE_CHECKING = False  # not typing's: a run through the daemon imports neither typing nor re
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from .result import ExecResult
@@ -88,3 +89,19 @@ def exit_status(termination_reason: str, exit_code: int | None) -> int:
     if exit_code < 0:
         return 128 - exit_code
     return int(exit_code)
+
+
+def whole_number(least: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``least`` (argparse names the flag when it refuses)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: give {least} or more")
+        return value
+
+    return parse

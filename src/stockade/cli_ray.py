@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from .cli_outcome import whole_number
+
 DEFAULT_ISOLATES = 64
 
 
@@ -20,20 +22,10 @@ def add_parser(subparsers: Any) -> None:
         'resources)".',
     )
     resources.add_argument(
-        "--isolates", type=_positive, default=DEFAULT_ISOLATES, metavar="N",
+        "--isolates", type=whole_number(1), default=DEFAULT_ISOLATES, metavar="N",
         help=f"isolates of each runtime at once on this node (default {DEFAULT_ISOLATES})",
     )  # fmt: skip
     resources.set_defaults(func=cmd_ray_resources)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: at least 1")
-    return value
 
 
 def node_resources(isolates: int) -> dict[str, int]:

@@ -185,11 +185,11 @@ def start(
     from .settings import worker_environment
 
     # Its own environment, less the daemon's tokens and a session key: it needs none of them.
-    env = worker_environment({"STOCKADE_STATE_DIR": os.path.abspath(os.path.dirname(store.root))})
-    # -P -s and "/": -m would import from the working directory first (one a sandbox may have written).
+    env = worker_environment({"STOCKADE_STATE_DIR": os.path.dirname(store.root)})
+    # -P: -m would import from the working directory first (one a sandbox may have written). The
+    # directory itself stays the caller's: relative settings mean what they meant to the caller.
     subprocess.Popen(
-        [sys.executable, "-P", "-s", "-m", "stockade.components", name],
-        cwd="/",
+        [sys.executable, "-P", "-m", "stockade.components", name],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

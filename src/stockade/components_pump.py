@@ -185,7 +185,8 @@ class Pump:
         # No deadline: the relay inherits the call's limits, and a timeout's CPU backstop is one of them.
         result = self.sandbox.run_code(code, "python", timeout=UNBOUNDED, on_output=collect)
         report: Any = None
-        with contextlib.suppress(ValueError, IndexError):
+        # The isolate's words (its command can replace the json module the relay imports): read as such.
+        with contextlib.suppress(ValueError, IndexError, RecursionError):
             report = json.loads(said["stdout"].decode(errors="replace").strip().splitlines()[-1])
         if not isinstance(report, dict) or result.termination_reason != "completed":
             why = result.error or said["stderr"].decode(errors="replace").strip()[-500:] or "no report"
@@ -305,8 +306,8 @@ class Pump:
         except AgentError:
             return  # it answered, but could not run the probe (its pids limit?): next time
         try:
-            alive = json.loads(result.stdout)
-        except ValueError:
+            alive = json.loads(result.stdout[:65536])
+        except (ValueError, RecursionError):  # the isolate's words, as the launch report's
             return
         if not isinstance(alive, dict):
             return

@@ -93,7 +93,7 @@ def _pip(work: str, allow_source: bool, verbose: bool) -> None:
     with open(log_path, "wb") as out:
         # Verbose: pip's output to the terminal as it comes, and to the log, which says why it failed.
         sink = subprocess.PIPE if verbose else out
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env, cwd=work,
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
                                 start_new_session=True)  # fmt: skip
         pairs = ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
         shown = [threading.Thread(target=_tee, args=(pipe, mine, out), daemon=True)

@@ -160,6 +160,7 @@ def _check_headers(archive: IO[bytes], src: str) -> None:
     blocks into a list before anything can refuse it); a GNU long name or link over
     ``MAX_METADATA``, or more of them in a row than one of each (``tarfile`` follows a chain of
     them by recursion)."""
+    end = archive.seek(0, os.SEEK_END)
     archive.seek(0)
     in_a_row = 0  # GNU long names and links just before the member they name
     while len(block := archive.read(512)) == 512 and block.count(0) != 512:  # a zero block: the end
@@ -199,6 +200,11 @@ def _check_headers(archive: IO[bytes], src: str) -> None:
             in_a_row = 0
         # The data tarfile steps over: a long name's, a regular member's and an unknown type's only.
         if kind in _LONG_NAMES or kind in tarfile.REGULAR_TYPES or kind not in tarfile.SUPPORTED_TYPES:
+            if size > end - archive.tell():
+                raise UnsafeArchiveError(
+                    f"the archive of {src} declares {info.name!r} of {size} bytes, more than it holds; "
+                    "nothing was written"
+                )
             archive.seek(-(-size // 512) * 512, os.SEEK_CUR)
     archive.seek(0)
 

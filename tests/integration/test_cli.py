@@ -226,3 +226,9 @@ def test_a_bad_setting_is_said_by_every_command_not_a_traceback(command: list[st
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 125, done.stderr
     assert "stockade: STOCKADE_POOL_SIZE='abc' is not an integer" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_cli_with_141_and_no_traceback() -> None:
+    command = " ".join(STOCKADE) + " run -- sh -c 'yes | head -n 300000' | head -1"
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (141, "y\n") and "Traceback" not in done.stderr, done.stderr

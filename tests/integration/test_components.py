@@ -528,3 +528,20 @@ def test_a_forged_exit_record_ends_the_run_not_its_supervisor(cli: Cli) -> None:
     _wait(lambda: _status(cli, "forger")["status"] == "failed", timeout=90)
     state = _status(cli, "forger")
     assert "output file is garbled" in str(state["error"]) and "gave up after 1 restarts" in str(state["error"]), state
+
+
+def test_a_planted_json_module_costs_the_relay_not_the_supervisor(cli: Cli) -> None:
+    # The relay and its liveness probe run in the isolate, where the command can plant modules they
+    # import: what they print is then the command's, and the host reads it as such.
+    plant = (
+        "open('/work/json.py', 'w').write(\"def dumps(*a, **k):\\n    return '[' * 200000\\n\")\n"
+        "import time\ntime.sleep(120)\n"
+    )
+    assert cli("start", "--name", "planter", "--", "python3", "-c", plant).returncode == 0
+    _wait(lambda: _status(cli, "planter")["status"] == "running")
+    time.sleep(7)  # past the liveness probe's 5 s of quiet: it runs once, and reads the planted answer
+    state = _status(cli, "planter")
+    assert state["status"] == "running" and state["restarts"] == 0, state
+    refused = cli("exec", "planter", "--", "true")  # its relay's launch report is the planted one too
+    assert refused.returncode == 125 and "the relay did not start in the isolate" in refused.stderr, refused
+    assert _status(cli, "planter")["status"] == "running"

@@ -129,10 +129,10 @@ ODD = (
     "class Odd:\n"
     "    def _repr_html_(self): return '<b>\\udcff</b>'\n"
     "class Deep:\n"
-    "    def __init__(self, n): self.n = n\n"
+    "    def __init__(self, n, tuples=False): self.n, self.tuples = n, tuples\n"
     "    def _repr_json_(self):\n"
     "        v = 0\n"
-    "        for _ in range(self.n): v = [v]\n"
+    "        for _ in range(self.n): v = (v,) if self.tuples else [v]\n"
     "        return v\n"
     "open(b'/tmp/name-\\xff', 'w').close()\n"
 )
@@ -144,8 +144,8 @@ def test_what_utf8_or_an_encoder_cannot_carry_is_answered_not_lost(daemon: Daemo
         py.run(ODD)
         odd = py.run("Odd()")
         assert odd.results[0].html == "<b>\\xff</b>"  # the surrogate as its byte's escape, not a lost answer
-        for depth in (64, 65, 200, 975):
-            deep = py.run(f"Deep({depth})")  # answered (not a hang, not a dropped connection)
+        for depth, tuples in ((64, False), (65, False), (200, False), (975, False), (100, True), (5000, True)):
+            deep = py.run(f"Deep({depth}, {tuples})")  # answered (not a hang, not a dropped connection)
             assert deep.success and deep.results[0].text is not None
             # Deeper than 64 levels: left out by the agent (the host would not take it), its repr stays.
             assert ("application/json" in deep.results[0].data) == (depth <= 64), depth

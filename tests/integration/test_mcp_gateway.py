@@ -39,6 +39,15 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
             "docs": {**hostile, "args": ["/mcp/hostile.py", "--resource", "file:///shared/doc"], "tools": {}},
             "evil": {**hostile, "args": ["/mcp/hostile.py", "--resource", "file:///shared/doc"], "tools": {}},
             "notes": {**hostile, "args": ["/mcp/hostile.py", "--resource", "file:///notes"], "tools": {}},
+            # Names of another server's, and one outside MCP's: never shown as that server's, left out.
+            "namer": {**hostile, "args": ["/mcp/hostile.py", "--names", "time.convert_time,bad\x1bname"]},
+            # A tool its config does not expose takes no name: time's get_current_time stays bare.
+            "quiet": {
+                **hostile,
+                "args": ["/mcp/hostile.py", "--names", "get_current_time"],
+                "expose": "listed",
+                "tools": {"refuse": {}},
+            },
         }
     }
     path = tmp_path / "isolation_config.json"
@@ -57,6 +66,8 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
                 assert "get_current_time" in names and "convert_time" not in names  # listed only
                 assert {"bad.echo", "worse.echo", "bad.snoop", "worse.sleep"} <= names  # collisions named
                 assert not [n for n in names if n.startswith(("broken", "stalled"))]
+                assert "namer.time.convert_time" in names and "time.convert_time" not in names
+                assert not [n for n in names if n.endswith("name")]  # the one named "bad\\x1bname"
                 uris = [str(r.uri) for r in (await session.list_resources()).resources]
                 assert uris == ["file:///notes"]
                 notes = await session.read_resource("file:///notes")
@@ -72,6 +83,10 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
                 assert slept.is_error and "timed out after 2 s" in slept.content[0].text
                 snooped = await session.call_tool("worse.snoop", {"secret-looking": "x" * 10})
                 assert snooped.meta["stockade"]["violation_counts"].get("socket") == 1
+                refused = await session.call_tool("quiet.refuse", {})
+                said = refused.content[0].text
+                assert refused.is_error and "quiet.refuse: the server answered error -32000: \\x1b]0;PWNED" in said
+                assert "\x1b" not in said and "\nstockade: forged line" not in said, said
                 missing = await session.call_tool("nope", {})
                 assert missing.is_error and "no tool 'nope'" in missing.content[0].text
 
@@ -80,9 +95,9 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
     calls = [r for r in records if r["event"] == "mcp.call"]
     assert [(r["server"], r["tool"], r["outcome"]) for r in calls] == [
         ("time", "get_current_time", "ok"), ("bad", "flood", "error"), ("bad", "echo", "ok"),
-        ("worse", "sleep", "error"), ("worse", "snoop", "ok"),
+        ("worse", "sleep", "error"), ("worse", "snoop", "ok"), ("quiet", "refuse", "error"),
     ]  # fmt: skip
-    snoop = calls[-1]
+    snoop = calls[-2]
     assert snoop["argument_bytes"] > 10 and "x" * 10 not in json.dumps(snoop), snoop
     assert snoop["violations"] == {"socket": 1, "ptrace": 1}
     assert verify([str(audit)]).ok

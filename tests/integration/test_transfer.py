@@ -324,8 +324,8 @@ CASES = {
     "device": (UnsafeArchiveError, "device node"),
     "fifo": (UnsafeArchiveError, "FIFO"),
     "sparse": (UnsafeArchiveError, "sparse file"),
-    "bomb": (TransferError, r"declare over|malformed|unexpected end"),
-    "truncated": (UnsafeArchiveError, r"malformed|unexpected end|ends before"),
+    "bomb": (TransferError, r"declare over|more than it holds"),
+    "truncated": (UnsafeArchiveError, r"more than it holds|ends before"),
     "garbage": (UnsafeArchiveError, "not a tar"),
     "negative": (UnsafeArchiveError, r"negative size|malformed"),  # base-256 sizes can be negative
 }

@@ -214,6 +214,10 @@ def test_headers_are_read_as_tarfile_reads_them_and_one_it_cannot_read_is_refuse
     # A chain of GNU long names: tarfile follows it by recursion (RecursionError past ~300).
     chain = b"".join(header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 512) + b"n" * 511 + b"\0" for _ in range(400))
     assert "a chain of long names" in refused(chain + good, tmp_path / "d")
+    # A size no file holds (base-256 lets it reach 2**88): refused, not a seek that fails.
+    for size in (1 << 62, 1 << 63, 1 << 87):
+        huge = header("h", tarfile.REGTYPE, 0, size_field=b"\x80" + size.to_bytes(11, "big"))
+        assert "more than it holds" in refused(huge + b"\0" * 1024, tmp_path / f"h{size.bit_length()}")
     # One long name and one long link before their member is what GNU tar writes: let through.
     fine = io.BytesIO()
     with tarfile.open(fileobj=fine, mode="w", format=tarfile.GNU_FORMAT) as tar:

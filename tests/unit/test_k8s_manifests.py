@@ -254,6 +254,7 @@ def test_a_controller_option_without_its_image_or_in_the_sandboxes_namespace_is_
         ({"namespace": "-x"}, "namespace '-x' is not a Kubernetes namespace name"),
         ({"controller_image": "c:1", "controller_namespace": "a" * 64}, "controller namespace 'aaaa"),
         ({"image": ""}, "image '' is not an image reference"),
+        ({"namespace": "a" * 60, "controller_image": "c:1"}, "controller namespace 'a{60}-system' is not"),
         ({"image": "a b"}, "image 'a b' is not an image reference"),
         ({"controller_image": "c:1", "ray_address": "notanaddress"}, "Ray address 'notanaddress' is not HOST:PORT"),
     ],

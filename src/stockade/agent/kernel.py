@@ -251,7 +251,7 @@ def _add(data: dict[str, Any], mime: str, value: Any) -> None:
             return  # the host would not take it (runtimes/cells.py)
         try:
             jsoncodec.dumps(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return
         data[mime] = value
     elif isinstance(value, str):
@@ -259,11 +259,12 @@ def _add(data: dict[str, Any], mime: str, value: Any) -> None:
 
 
 def _nested_within(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests lists and dicts at most ``limit`` levels deep (walked without recursion)."""
+    """Whether ``value`` nests lists, tuples (JSON arrays too) and dicts at most ``limit`` levels
+    deep (walked without recursion)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
+        if isinstance(item, (list, tuple, dict)):
             if depth > limit:
                 return False
             stack.extend((inner, depth + 1) for inner in (item.values() if isinstance(item, dict) else item))

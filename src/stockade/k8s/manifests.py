@@ -178,7 +178,8 @@ def manifests(
         raise ValueError(f"warm pool size {warm}: at least 0")
     if ray_address is not None and controller_image is None:
         raise ValueError("a Ray address is the controller's placement: give the controller's image too")
-    for what, value in (("namespace", namespace), ("controller namespace", controller_namespace)):
+    derived = f"{namespace}-system" if controller_image is not None and controller_namespace is None else None
+    for what, value in (("namespace", namespace), ("controller namespace", controller_namespace or derived)):
         if value is not None and not _DNS_LABEL.fullmatch(value):
             raise ValueError(
                 f"{what} {value!r} is not a Kubernetes namespace name (1-63 of a-z, 0-9, '-', "

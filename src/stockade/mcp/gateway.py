@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +28,14 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 
 from ..audit import AuditLog
+from ..errors import printable
 from .config import IsolationConfig
 from .http import serve_http
 from .tools import ToolError, ToolHost, call_record
 
 log = logging.getLogger("stockade.mcp")
 SEPARATOR = "."
+_MCP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what MCP's specification allows a tool's name
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Gateway:
             try:
                 answers[server_id] = await self.host.request(server_id, _describe)
             except Exception as exc:  # noqa: BLE001 - whatever one server does (an answer of the wrong shape too) costs only it
-                self.unavailable[server_id] = str(exc) or type(exc).__name__
+                self.unavailable[server_id] = printable(str(exc) or type(exc).__name__)  # its words, escaped
                 log.warning("MCP server %s offers nothing here: %s", server_id, self.unavailable[server_id])
 
         async with anyio.create_task_group() as tasks:  # one that hangs costs its own timeout, not the others'
@@ -70,16 +73,20 @@ class Gateway:
         offered_by = Counter(uri for _, resources, _ in found.values() for uri in {str(r.uri) for r in resources})
         for uri in sorted(u for u, count in offered_by.items() if count > 1):
             log.warning("MCP resource %s is offered by more than one server: by none here", uri)
-        tool_names = _final_names({s: [t.name for t in tools] for s, (tools, _, _) in found.items()})
-        prompt_names = _final_names({s: [p.name for p in prompts] for s, (_, _, prompts) in found.items()})
-        for server_id, (tools, resources, prompts) in found.items():
+        # Only what a server may offer here is named: a tool its config does not expose takes no
+        # name from another server's, and a name outside MCP's characters is not passed on.
+        exposed = {s: [t for t in tools if self.config.exposes(s, t.name) and _well_named(s, "tool", t.name)]
+                   for s, (tools, _, _) in found.items()}  # fmt: skip
+        kept = {s: [p for p in prompts if _well_named(s, "prompt", p.name)] for s, (_, _, prompts) in found.items()}
+        tool_names = _final_names({s: [t.name for t in tools] for s, tools in exposed.items()})
+        prompt_names = _final_names({s: [p.name for p in prompts] for s, prompts in kept.items()})
+        for server_id, (_, resources, _) in found.items():
             offer = self.offers[server_id] = Offer()
-            for tool in tools:
-                if self.config.exposes(server_id, tool.name):
-                    name = tool_names[server_id, tool.name]
-                    offer.tools[name] = (tool.name, tool.model_copy(update={"name": name}))
+            for tool in exposed[server_id]:
+                name = tool_names[server_id, tool.name]
+                offer.tools[name] = (tool.name, tool.model_copy(update={"name": name}))
             offer.resources = {str(r.uri): r for r in resources if offered_by[str(r.uri)] == 1}
-            for prompt in prompts:
+            for prompt in kept[server_id]:
                 name = prompt_names[server_id, prompt.name]
                 offer.prompts[name] = (prompt.name, prompt.model_copy(update={"name": name}))
 
@@ -172,11 +179,26 @@ async def _describe(session: ClientSession) -> tuple[list[types.Tool], list[type
     return tools, resources, prompts
 
 
+def _well_named(server_id: str, kind: str, name: str) -> bool:
+    """Whether a server's tool or prompt name is one MCP allows (1-128 of ``A-Za-z0-9_.-``); one
+    that is not (a control character, a space) is left out, and said once."""
+    if _MCP_NAME.fullmatch(name):
+        return True
+    log.warning(
+        "MCP server %s offers a %s named %s, outside MCP's names: left out",
+        server_id,
+        kind,
+        printable(repr(name[:200])),
+    )
+    return False
+
+
 def _final_names(offered: dict[str, list[str]]) -> dict[tuple[str, str], str]:
     """Each (server, name) its name here: its own where no other server's takes it, else
-    ``server.name`` (unique: a server id holds no ``.``), so that no server shadows another's tool,
-    whatever it calls its own (a tool named ``github.create_issue`` by another server included)."""
-    final = {(s, n): n for s, names in offered.items() for n in names}
+    ``server.name`` (unique: a server id holds no ``.``), so that no server shadows another's tool.
+    A name of a server's own that holds a ``.`` is always ``server.name``: a tool that one server
+    calls ``github.create_issue`` is never shown as if it were the ``github`` server's."""
+    final = {(s, n): n if SEPARATOR not in n else f"{s}{SEPARATOR}{n}" for s, names in offered.items() for n in names}
     while clashes := {name for name, count in Counter(final.values()).items() if count > 1}:
         # ``server.name`` differs for every (server, name): each pass only names more of them so.
         final = {key: f"{key[0]}{SEPARATOR}{key[1]}" if name in clashes else name for key, name in final.items()}

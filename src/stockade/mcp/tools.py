@@ -30,7 +30,7 @@ from mcp import ClientSession, MCPError, types
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CONNECTION_CLOSED
 
-from ..errors import ConfigError, StockadeError
+from ..errors import ConfigError, StockadeError, printable
 from ..policy import Policy
 from ..runtimes.manager import RuntimeManager, default_manager
 from ..sdk import Sandbox
@@ -43,7 +43,8 @@ DEFAULT_TIMEOUT_S = 30.0
 
 
 class ToolError(StockadeError):
-    """A tool call that did not get an answer from its server: why, and what the isolate did."""
+    """A tool call that did not get an answer from its server, or got a JSON-RPC error: why, and
+    what the isolate did."""
 
     code = "tool_error"
 
@@ -148,13 +149,16 @@ class ToolHost:
         server's ``timeout_secs`` (else ``ToolError``)."""
         server = self.config.server(server_id)
         timeout = self._timeout(server_id, None)
-        with _unwrapped():
-            if server.lifecycle == "persistent":
-                live = await self._persistent(server_id, server)
-                assert live.session is not None
-                return await _within(timeout, server_id, ask(live.session))
-            async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
-                return await _within(timeout, server_id, ask(session))
+        try:
+            with _unwrapped():
+                if server.lifecycle == "persistent":
+                    live = await self._persistent(server_id, server)
+                    assert live.session is not None
+                    return await _within(timeout, server_id, ask(live.session))
+                async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
+                    return await _within(timeout, server_id, ask(session))
+        except MCPError as exc:
+            raise _answered_error(server_id, exc) from None
 
     async def _call_ephemeral(
         self, server_id: str, server: ServerConfig, tool: str, arguments: dict[str, Any], timeout: float
@@ -165,6 +169,8 @@ class ToolHost:
                     result = await session.call_tool(tool, arguments)
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                     if output.exit_code is None and output.broken is None:
+                        if isinstance(exc, MCPError):
+                            raise _answered_error(f"{server_id}.{tool}", exc) from None
                         raise
                     raise ToolError(f"{server_id} ended during the call: {output.describe(exc)}") from None
             if deadline.cancelled_caught:
@@ -206,6 +212,8 @@ class ToolHost:
                 result = await live.session.call_tool(tool, arguments)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                 if live.alive() and not _closed(exc):
+                    if isinstance(exc, MCPError):
+                        raise _answered_error(f"{server_id}.{tool}", exc) from None
                     raise
                 await self._stop(server_id, live)  # started again at the next call
                 raise ToolError(f"{server_id} ended during the call: {live.output.describe(exc)}") from None
@@ -369,3 +377,9 @@ def _with_verdict(result: types.CallToolResult, verdict: dict[str, Any]) -> type
     meta = dict(result.meta or {})
     meta["stockade"] = verdict
     return result.model_copy(update={"meta": meta})
+
+
+def _answered_error(what: str, exc: MCPError) -> ToolError:
+    """A JSON-RPC error the server answered (an unknown tool, bad arguments): its words are the
+    server's, untrusted, so they come escaped (no terminal control, no line of their own)."""
+    return ToolError(f"{what}: the server answered error {exc.code}: {printable(str(exc.message)[:2000])}")

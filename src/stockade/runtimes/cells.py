@@ -49,7 +49,13 @@ def _output(said: Any) -> CellOutput:
         raise ValueError("a cell output's kind or data is not one")
     if not all(isinstance(mime, str) for mime in data):
         raise ValueError("a cell output's MIME types are text")
-    return CellOutput(kind=kind, data={utf8_text(mime): _text_tree(value, 1) for mime, value in data.items()})
+    kept = {}
+    for mime, value in data.items():
+        try:
+            kept[utf8_text(mime)] = _text_tree(value, 1)
+        except _TooDeep:
+            continue  # that format is left out; the others (its text/plain) stay
+    return CellOutput(kind=kind, data=kept)
 
 
 def _exception(said: Any) -> CellException:
@@ -60,13 +66,17 @@ def _exception(said: Any) -> CellException:
     return CellException(**{k: utf8_text(v) for k, v in said.items()})
 
 
+class _TooDeep(ValueError):
+    """A display value nested deeper than ``MAX_JSON_DEPTH``."""
+
+
 def _text_tree(value: Any, depth: int) -> Any:
     """``value`` (a list or dict at level ``depth``) with every text as UTF-8 can carry it;
     ValueError past ``MAX_JSON_DEPTH`` levels."""
     if isinstance(value, str):
         return utf8_text(value)
     if isinstance(value, list | dict) and depth > MAX_JSON_DEPTH:
-        raise ValueError(f"a cell output nests deeper than {MAX_JSON_DEPTH} levels")
+        raise _TooDeep(f"a cell output nests deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, list):
         return [_text_tree(v, depth + 1) for v in value]
     if isinstance(value, dict):
