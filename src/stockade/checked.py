@@ -242,23 +242,6 @@ class Checked:
         return core_schema.no_info_before_validator_function(coerce, handler(source))
 
 
-def utf8_text(text: str) -> str:
-    """``text`` as UTF-8 can carry it. A lone surrogate (a name that was not UTF-8, read as
-    ``os.listdir`` reads it; a JSON escape an isolate wrote) becomes a backslash escape of its
-    byte (``\\xff``) or of itself, so that no answer holding it fails to encode."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def json_value(value: Any) -> Any:
     """``value`` as JSON has it: a policy's or a result's dataclass as its ``to_dict``, a tuple as a
     list, bytes as base64 (the standard alphabet, as every other byte field of the daemon's

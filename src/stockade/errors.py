@@ -339,6 +339,23 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS).replace("\n", "\n    ")
 
 
+def utf8_text(text: str) -> str:
+    """``text`` as UTF-8 can carry it. A lone surrogate (a name that was not UTF-8, read as
+    ``os.listdir`` reads it; a JSON escape an isolate wrote) becomes a backslash escape of its
+    byte (``\\xff``) or of itself, so that no answer holding it fails to encode."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 AUTH_FAILED = "Authentication failed"  # all a daemon says of a refused signature, to anyone
 
 
@@ -358,7 +375,8 @@ def refused_signature(message: str, signed: bool) -> str:
 def public_message(exc: BaseException) -> str:
     """What a caller is told of ``exc``: its message, or for a fault in stockade itself
     (``internal``) only its class, since the message may hold the daemon's internals."""
-    return str(exc) if error_code(exc) != "internal" else f"Internal error: {type(exc).__name__}"
+    # Text UTF-8 can carry: a message may quote what an isolate said (a path, a server's words).
+    return utf8_text(str(exc)) if error_code(exc) != "internal" else f"Internal error: {type(exc).__name__}"
 
 
 def error_from_code(code: Any, message: str, errno: Any = None) -> StockadeError:

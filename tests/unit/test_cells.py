@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stockade.checked import utf8_text
+from stockade.errors import PathNotFoundError, public_message, utf8_text
 from stockade.result import ExecResult
 from stockade.runtimes.cells import MAX_JSON_DEPTH, Cell, cell_fields, read_cell
 
@@ -63,3 +63,5 @@ def test_utf8_text() -> None:
     assert utf8_text("plain") == "plain" and utf8_text("café ☕") == "café ☕"
     assert utf8_text("a\udcffb") == "a\\xffb"  # a name read with surrogateescape: its byte
     assert utf8_text("\ud800\udcff") == "\\ud800\\udcff"  # not from bytes: the code points
+    # An error's message may quote what an isolate said: what either door sends of it encodes.
+    assert public_message(PathNotFoundError("no /work/\udcff")) == "no /work/\\xff"

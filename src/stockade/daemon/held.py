@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..checked import utf8_text
 from ..errors import (
     AgentError,
     CallTooLargeError,
@@ -31,6 +30,7 @@ from ..errors import (
     SandboxLostError,
     SandboxOSError,
     sandbox_os_error,
+    utf8_text,
 )
 from ..placement import Isolate, Placement
 from ..protocol.models import (

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checked import utf8_text
+from ..errors import utf8_text
 from ..result import CELL_KINDS, MAX_CELL_MIME_TYPES, MAX_CELL_RESULTS, CellException, CellOutput
 
-# Levels a JSON display value may nest (lists and dicts): past them the host's own encoders (and a
+# Levels a JSON display value may nest (arrays and objects): past them the host's own encoders (and a
 # client's parser) would recurse too deep to answer. The agent's kernel leaves deeper ones out.
 MAX_JSON_DEPTH = 64
 
