@@ -231,16 +231,23 @@ class _Log:
     def __init__(self, path: str) -> None:
         self.path = path
         self.f = open(path, "ab", buffering=0)
+        self.line_open = False  # the last output written ended mid-line
 
     def write(self, stream: str, data: bytes) -> None:
+        if not data:
+            return
         self.f.write(data)
+        self.line_open = not data.endswith(b"\n")
         if self.f.tell() > LOG_ROTATE_BYTES:
             self.f.close()
             os.replace(self.path, self.path + ".1")
             self.f = open(self.path, "ab", buffering=0)
 
     def note(self, text: str) -> None:
-        self.write("stderr", f"[stockade] {text}\n".encode())
+        # On a line of its own, even after output that ended mid-line. The component writes this
+        # file too, and can print the same words: `stockade status` is the account to trust.
+        lead = "\n" if self.line_open else ""
+        self.write("stderr", f"{lead}[stockade] {text}\n".encode())
 
     def close(self) -> None:
         self.f.close()

@@ -348,7 +348,7 @@ def test_attach_talks_to_a_stdio_server(cli: Cli, tmp_path: Path) -> None:
 
 def test_on_failure_backs_off_and_gives_up_at_the_limit(cli: Cli) -> None:
     out = cli("start", "--name", "crash", "--restart", "on-failure", "--max-restarts", "2", "--",
-              "sh", "-c", "echo crashing; exit 3")  # fmt: skip
+              "sh", "-c", "echo crashing; printf 'no newline'; exit 3")  # fmt: skip
     assert out.returncode in (0, 1), out.stderr
     _wait(lambda: _status(cli, "crash")["status"] == "failed", timeout=60)
     state = _status(cli, "crash")
@@ -358,6 +358,8 @@ def test_on_failure_backs_off_and_gives_up_at_the_limit(cli: Cli) -> None:
     assert log.count("crashing") == 3
     assert log.index("restarting in 1 s") < log.index("restarting in 2 s")  # the backoff doubles
     assert "not restarting" in log
+    # Each note on a line of its own, even after output that ended mid-line.
+    assert "no newline[stockade]" not in log and log.count("no newline\n[stockade] ") == 3, log
 
 
 def test_restart_policies_on_clean_exits(cli: Cli) -> None:
