@@ -97,3 +97,15 @@ def signal_name(sig: Any) -> str:
         said = f"signal must be one of {', '.join(SIGNALS)} (a name, a signal.Signals, a number)"
         raise ValueError(f"{said}, not {sig!r}")
     return str(name)
+
+
+def check_env(env: object) -> None:
+    """A run's ``env``: None, or names mapped to text; else TypeError naming the first that is not,
+    on the host, before anything is sent (the agent would refuse it less clearly)."""
+    if env is None:
+        return
+    if not isinstance(env, dict):
+        raise TypeError(f"env must map names to text (str to str), not {type(env).__name__}")
+    for name, value in env.items():
+        if type(name) is not str or type(value) is not str:
+            raise TypeError(f"env must map names to text (str to str), not {name!r}: {value!r}")

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .errors import SandboxClosedError
 from .limits import argv_list, check_call_size, check_code
 from .policy import Policy, policy_of
 from .result import ExecResult
@@ -271,6 +272,8 @@ class Sandbox:
         self._sandbox.close()
 
     def __enter__(self) -> Sandbox:
+        if self._sandbox.closed:
+            raise SandboxClosedError("the sandbox is closed")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -357,12 +360,15 @@ class AsyncSandbox:
             placement = shared_local(manager or default_manager())
         self._placement = placement
         self._isolate: Isolate | None = None
+        self._closed = False  # aclose() ran: no start again, and calls say so
         # One request at a time reaches the agent: calls gathered on one sandbox queue here.
         self._turn = asyncio.Lock()
         self._publish = list(publish)
         self.published: dict[int, tuple[str, int]] = {}  # as Sandbox.published
 
     async def start(self) -> AsyncSandbox:
+        if self._closed:
+            raise SandboxClosedError("the sandbox is closed")
         if self._isolate is None:
             self._isolate = await self._placement.acquire(self.policy)
             try:
@@ -418,6 +424,8 @@ class AsyncSandbox:
         return self._held().scratch_dir
 
     def _held(self) -> Isolate:
+        if self._closed:
+            raise SandboxClosedError("the sandbox is closed")
         if self._isolate is None:
             raise RuntimeError("AsyncSandbox is not started: use 'async with' or 'await sb.start()'")
         return self._isolate
@@ -506,6 +514,7 @@ class AsyncSandbox:
 
     async def aclose(self) -> None:
         """Release the isolate (idempotent)."""
+        self._closed = True
         isolate, self._isolate = self._isolate, None
         if isolate is not None:
             await self._placement.release(isolate)
@@ -518,15 +527,23 @@ class AsyncSandbox:
 
 
 async def arun(argv: list[str], policy: Policy | dict[str, Any] | None = None, **kwargs: Any) -> ExecResult:
-    """``run`` in a thread: the same keywords."""
+    """``run`` in a thread: the same keywords (checked here, so that a mistake names ``arun``)."""
+    _as_call("arun", policy, kwargs, _RUN_KEYWORDS)
     return await asyncio.to_thread(run, argv, policy, **kwargs)
 
 
 async def arun_code(
     code: str, language: str = "python", policy: Policy | dict[str, Any] | None = None, **kwargs: Any
 ) -> ExecResult:
-    """``run_code`` in a thread: the same keywords."""
+    """``run_code`` in a thread: the same keywords (checked here, so that a mistake names ``arun_code``)."""
+    _as_call("arun_code", policy, kwargs, _RUN_CODE_KEYWORDS)
     return await asyncio.to_thread(run_code, code, language, policy, **kwargs)
+
+
+def _as_call(call: str, policy: Policy | dict[str, Any] | None, kwargs: dict[str, Any], own: tuple[str, ...]) -> None:
+    """What the blocking call would refuse of ``kwargs``, refused here: its error names ``call``."""
+    fields = {k: v for k, v in kwargs.items() if k not in own and k != "timeout"}
+    policy_of(call, policy, fields, kwargs.get("timeout"), own)
 
 
 def warm_up(manager: RuntimeManager | None = None) -> None:

@@ -63,6 +63,8 @@ def test_closed_sandbox_refuses_and_close_is_idempotent(runtime: str, manager: R
     assert sandbox.closed
     with pytest.raises(stockade.SandboxClosedError):
         sandbox.exec(["true"])
+    with pytest.raises(stockade.SandboxClosedError), sandbox:
+        pass  # entered again once closed: said, not a block whose first call fails
 
 
 def test_async_sandbox(runtime: str, manager: RuntimeManager) -> None:
@@ -71,7 +73,12 @@ def test_async_sandbox(runtime: str, manager: RuntimeManager) -> None:
             path = f"{sandbox.scratch_dir}/a"
             await sandbox.write_file(path, b"async")
             r = await sandbox.exec(["cat", path])
-            return r.stdout, await sandbox.read_file(path)
+            said = r.stdout, await sandbox.read_file(path)
+        with pytest.raises(stockade.SandboxClosedError, match="the sandbox is closed"):
+            await sandbox.exec(["true"])  # as the blocking Sandbox says it
+        with pytest.raises(stockade.SandboxClosedError):
+            await sandbox.start()
+        return said
 
     assert asyncio.run(main()) == ("async", b"async")
 

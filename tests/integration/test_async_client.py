@@ -100,3 +100,23 @@ def test_errors_map_as_for_the_blocking_client(signed: Daemon) -> None:
 
     asyncio.run(scenario())
     assert os.path.exists(signed.socket_path)
+
+
+def test_both_clients_take_the_token_from_the_environment_as_the_cli_does(
+    signed: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stockade.client import Client
+
+    monkeypatch.setenv("STOCKADE_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("STOCKADE_SOCKET", signed.socket_path)
+    with Client() as client:
+        assert client.ping() == "pong"
+
+    async def scenario() -> None:
+        async with AsyncClient() as client:
+            assert await client.ping() == "pong"
+
+    asyncio.run(scenario())
+    monkeypatch.delenv("STOCKADE_AUTH_TOKEN")
+    with Client() as client, pytest.raises(AuthenticationError):
+        client.ping()  # unsigned: refused

@@ -695,7 +695,9 @@ def test_socket_permissions_and_stale_socket(process_runtime: str, tmp_path: os.
     d = start_daemon({"STOCKADE_SOCKET_PERMS": "0640"}, socket_path=path)
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
-        second = start_daemon(socket_path=path, wait=False)
+        # An audit log of its own: on the first's, it would be refused for that before the socket.
+        own_audit = {"STOCKADE_AUDIT_LOG": os.path.join(str(tmp_path), "second-audit.log")}
+        second = start_daemon(own_audit, socket_path=path, wait=False)
         assert second.proc.wait(timeout=30) == 125
         assert "already listening" in second.logs()
         assert Client(path).ping() == "pong"  # the live daemon kept its socket

@@ -124,7 +124,7 @@ def test_a_held_sandbox_publishes_ports_through_the_daemon(http: tuple[Daemon, h
             # Refused, with what was wrong: a non-loopback host side, a host port already taken.
             with pytest.raises(InvalidRequestError, match="must be a loopback address"):
                 sb.publish("0.0.0.0:9000:8000")
-            with pytest.raises(InvalidRequestError, match=f"publish 127.0.0.1:{port} -> 8000: .*already in use"):
+            with pytest.raises(InvalidRequestError, match=f"publish 127.0.0.1:{port} -> 8000: this sandbox already"):
                 sb.publish(f"{port}:8000")
             server.kill()
         for ended in (port, again[1]):  # the forwards ended with the sandbox

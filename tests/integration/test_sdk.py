@@ -213,3 +213,26 @@ manager.close()
 def test_a_forked_child_that_exits_leaves_its_parents_sandbox_alone(process_runtime: str) -> None:
     parent = subprocess.run([sys.executable, "-c", FORKING], capture_output=True, timeout=120, check=False)
     assert parent.returncode == 0 and parent.stdout == b"alive\n", parent.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor"])
+def test_a_sandbox_its_owner_drops_is_collected_and_closed(runtime: str, manager: RuntimeManager) -> None:
+    # Nothing of stockade's may keep a dropped sandbox alive (the seccomp supervisor held one
+    # through its violation callback): a long-running agent server would leak isolates.
+    import gc
+    import weakref
+
+    require(runtime)
+    sb = stockade.Sandbox(runtime=runtime, manager=manager)
+    assert sb.exec(["true"]).success
+    inner = sb._sandbox
+    pid = inner.isolate_pid()
+    dropped = weakref.ref(inner)
+    del sb, inner
+    gc.collect()
+    assert dropped() is None
+    if pid is not None:
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}")  # its isolate ended with it

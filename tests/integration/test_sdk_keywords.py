@@ -76,6 +76,8 @@ def test_the_async_sandbox_refuses_a_timeout_above_the_policys_too(process_runti
             r"Sandbox\(\) got an unexpected keyword argument 'memroy' \(did you mean 'memory_mb'\?\)",
         ),
         (lambda: AsyncSandbox(pids=8), r"AsyncSandbox\(\) got .* 'pids' \(did you mean 'pids_limit'\?\)"),
+        (lambda: asyncio.run(stockade.arun(["true"], timout=5)), r"^arun\(\) got .* 'timout' \(did you mean"),
+        (lambda: asyncio.run(stockade.arun_code("1", stdn="x")), r"^arun_code\(\) got .* 'stdn' \(did you mean"),
     ],
 )
 def test_a_keyword_that_is_neither_the_calls_nor_a_policy_field_names_the_nearest(call: object, said: str) -> None:
@@ -138,3 +140,16 @@ def test_a_per_call_timeout_is_seconds_above_zero_and_the_sandbox_takes_the_poli
         assert sb.exec([Path("/bin/echo"), "path"]).stdout == "path\n"  # a path object, as subprocess takes
     with pytest.raises(PolicyError, match="timeout or timeout_seconds, not both"):
         Sandbox(runtime=process_runtime, timeout=5, timeout_seconds=6)
+
+
+def test_a_held_sandboxs_calls_refuse_mistyped_arguments_on_the_host(process_runtime: str) -> None:
+    with Sandbox() as sb:
+        with pytest.raises(TypeError, match=r"env must map names to text \(str to str\), not 'A': 1"):
+            sb.exec(["true"], env={"A": 1})  # type: ignore[dict-item]
+        with pytest.raises(TypeError, match=r"env must map names to text .*, not list"):
+            sb.run_code("1", env=[("A", "1")])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"cwd must be a path inside the sandbox \(str\), not int"):
+            sb.exec(["true"], cwd=5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"mode must be a permission as an int \(such as 0o644\), not '644'"):
+            sb.write_file("/work/x", "x", mode="644")  # type: ignore[arg-type]
+        assert sb.exec(["sh", "-c", "echo $A"], env={"A": "ok"}).stdout == "ok\n"  # nothing was sent, nothing broke

@@ -30,6 +30,7 @@ from stockade.agent.wire import MAX_DATA_BYTES
 from stockade.limits import MAX_CALL_BYTES
 from stockade.policy import MAX_OUTPUT_BYTES
 from stockade.runtimes.manager import RuntimeManager
+from tests.conftest import require
 from tests.helpers import processes_with_arg, run_sharing, shared_directory
 
 
@@ -696,6 +697,24 @@ def test_agent_cannot_be_killed_or_read(sb: Sandbox) -> None:
     )
     assert "READ" not in r.stdout and r.stdout.split() == ["13", "13", "13"], r.stdout + r.stderr
     assert sb.exec(["true"]).success  # the agent survived SIGKILL from inside
+
+
+@pytest.mark.parametrize("runtime", ["process", "gvisor", "microvm"])
+def test_the_agent_heeds_no_signal_the_code_sends_it(runtime: str, manager: RuntimeManager) -> None:
+    # `kill -INT 1`, `pkill python3`: Python's SIGINT handler ended the agent (pid 1 takes the signals
+    # it handles), and gVisor's kernel gives its pid 1 no such shelter for the others.
+    require(runtime)
+    with Sandbox(Policy(runtime=runtime, timeout_seconds=120), manager=manager) as box:
+        r = box.exec(
+            ["sh", "-c", "for s in INT TERM HUP QUIT USR1 USR2 ALRM; do kill -$s 1; done; kill -TERM -1; echo sent"]
+        )
+        assert "sent" in r.stdout or r.exit_code is not None
+        assert box.exec(["echo", "alive"]).stdout == "alive\n"  # the agent is still there
+        # What it starts still has them at their defaults: SIGINT is a KeyboardInterrupt, SIGTERM ends it.
+        code = "import os, signal\ntry:\n    os.kill(os.getpid(), 2)\nexcept KeyboardInterrupt:\n    print(2)\n"
+        assert box.run_code(code).stdout == "2\n"
+        ended = box.exec(["sh", "-c", "kill -TERM $$; echo survived"])
+        assert ended.exit_code == -15 and "survived" not in ended.stdout, ended
 
 
 def test_no_inherited_descriptors(sb: Sandbox) -> None:

@@ -59,6 +59,21 @@ RLIMITS = {
 }
 
 
+# Signals the code could end its agent with (``kill -INT 1``, ``pkill python3``): a pid 1 ignores
+# those it has no handler for, but gVisor's kernel does not, and Python has one for SIGINT. The
+# agent heeds none of them (server.py); a child gets them back at their defaults here (an exec
+# resets a handler by itself).
+UNHEEDED_BY_THE_AGENT = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+)
+
+
 def bootstrap(setup: str, entry: str) -> str:
     """The ``-c`` program of an isolate's agent.
 
@@ -344,6 +359,8 @@ def settle_child(stdin: int, stdout: int, stderr: int, fd3: int, fd4: int) -> No
     os.setpgid(0, 0)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for number in UNHEEDED_BY_THE_AGENT:
+        signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
     install_stdio()
 
 

@@ -59,15 +59,14 @@ def _signals_as_fresh() -> None:
     """Every signal that whoever started the agent left ignored, back at its default: an ignored
     signal stays ignored across fork and exec, and a host started in the background (``cmd &``,
     ``nohup``) ignores SIGINT and SIGQUIT, so the code's interrupts, a cell's timeout and a
-    ``kill -INT`` of its own would reach nothing. SIGINT gets Python's handler (KeyboardInterrupt),
-    as an interpreter that found it at its default installs."""
+    ``kill -INT`` of its own would reach nothing. (The agent then heeds none of the signals that
+    would end it: ``runner.UNHEEDED_BY_THE_AGENT``; what it starts gets them at their defaults.)"""
     for number in signal.valid_signals():
         if number in (signal.SIGKILL, signal.SIGSTOP, *_KEPT_IGNORED):
             continue
         try:
             if signal.getsignal(number) == signal.SIG_IGN:
-                handler = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
-                signal.signal(number, handler)
+                signal.signal(number, signal.SIG_DFL)
         except (OSError, ValueError):
             continue  # a number the kernel or libc keeps to itself
 
@@ -94,6 +93,8 @@ class Agent(Commands, Interpreters, Processes):
         _signals_as_fresh()
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        for number in runners.UNHEEDED_BY_THE_AGENT:  # the code's to send, not to end the agent with
+            signal.signal(number, lambda *_: None)
         self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {
             "ping": self.ping,
             "exec": self.exec,

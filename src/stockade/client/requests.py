@@ -97,6 +97,10 @@ class Requests:
             if auth_token is not None:
                 raise TypeError("give auth_token or token_file, not both")
             auth_token = read_token_file(token_file)
+        elif auth_token is None:  # as the socket: the settings' (STOCKADE_AUTH_TOKEN), as the CLI takes it
+            from ..settings import current
+
+            auth_token = current().secret("auth_token")
         self._token = auth_token
         self.timeout = timeout
         if retry is not None and not isinstance(retry, Retry):

@@ -86,6 +86,8 @@ def run_params(
 
 def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
     """The agent's ``exec`` request for ``argv`` (before the run's common fields)."""
+    if cwd is not None and not isinstance(cwd, str):
+        raise TypeError(f"cwd must be a path inside the sandbox (str), not {type(cwd).__name__}")
     return {"argv": list(argv), "cwd": cwd}
 
 

@@ -28,7 +28,7 @@ from ..errors import (
     SandboxError,
     start_error,
 )
-from ..limits import check_call_size
+from ..limits import check_call_size, check_env
 from ..policy import Policy
 from ..result import EgressRequest, ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
 from .agent_requests import code_request, exec_params, run_params
@@ -379,6 +379,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
         check_call_size("stdin", raw_stdin)  # before anything is sent or counted (limits.py)
         check_call_size("code", params.get("code"))
+        check_env(env)
         env = {**self.environment_env, **self.policy.environment, **(env or {})}
         wait = run_params(
             params, self.policy, raw_stdin, env, timeout, on_output is not None, self.one_shot, self.forks_counted

@@ -24,6 +24,8 @@ class AgentFiles:
         def _broke_protocol(self, what: str) -> AgentProtocolError: ...
 
     async def awrite_file(self, path: str, data: bytes | str, mode: int = 0o644, append: bool = False) -> None:
+        if isinstance(mode, bool) or not isinstance(mode, int):
+            raise TypeError(f"mode must be a permission as an int (such as 0o644), not {mode!r}")
         raw = data.encode() if isinstance(data, str) else data
         check_call_size("write_file data", raw)
         params: dict[str, Any] = {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}

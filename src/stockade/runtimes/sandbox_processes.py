@@ -79,7 +79,7 @@ class AgentProcesses:
             raise PolicyError(
                 "publishing a port needs network_policy='loopback': the isolate has no loopback otherwise"
             )
-        for held in self.forwarders:
+        for held in self.forwarders:  # (one port inside may have several host ports: each a forward)
             if host_port and held.address == (address, host_port):
                 raise InvalidRequestError(
                     f"publish {address}:{host_port} -> {port}: this sandbox already publishes {address}:{host_port} "

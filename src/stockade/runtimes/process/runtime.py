@@ -19,6 +19,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ... import environments
@@ -73,8 +74,15 @@ class ProcessSandbox(AgentSandbox):
         self.egress_worker: EgressWorker | None = None  # started with the isolate under an allowlist
         self._released = False
         # The supervisor records a violation before it lets the blocked call return,
-        # so every violation of a run is in the log by the time its reply is.
-        supervisor.supervisor().watch(listener, self._count_violation, network=policy.network_policy == "allowlist")
+        # so every violation of a run is in the log by the time its reply is. It holds the
+        # sandbox weakly: a sandbox its owner drops is collected (and closed), as on every runtime.
+        counted = weakref.WeakMethod(self._count_violation)
+
+        def count(*args: Any, **kwargs: Any) -> None:
+            if (method := counted()) is not None:
+                method(*args, **kwargs)
+
+        supervisor.supervisor().watch(listener, count, network=policy.network_policy == "allowlist")
 
     def usage(self, peak: bool = True) -> IsolateUsage:
         return self.cgroup.usage(peak) if self.cgroup else IsolateUsage()
