@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 import socket
 import time
 import weakref
@@ -65,6 +66,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
 
     def __init__(self, policy: Policy, conn: socket.socket, cold_start_ms: float) -> None:
         self.policy = policy
+        self._owner_pid = os.getpid()  # a forked child holds a copy of this handle, not the sandbox
         self.channel = AgentChannel(conn, self._agent_notice, self._redacted, self._abandoned)
         self.cold_start_ms = cold_start_ms
         # PATH, PYTHONPATH and the cache directories of the policy's Python environment, which
@@ -288,7 +290,8 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         self.close()
 
     def __del__(self) -> None:  # a forgotten sandbox must not outlive its handle
-        if not getattr(self, "_closed", True):
+        # ...in the process that made it: a forked child's exit must not end its parent's sandbox.
+        if not getattr(self, "_closed", True) and getattr(self, "_owner_pid", None) == os.getpid():
             try:
                 self.close()
             except Exception:  # noqa: BLE001, S110 - nothing to report to at interpreter teardown
