@@ -32,7 +32,7 @@ def test_file_calls_raise_the_stdlib_class_of_their_errno(daemon: Daemon) -> Non
         cases = [
             (lambda: sb.read_file("/tmp/missing"), FileNotFoundError, errno.ENOENT, "/tmp/missing"),
             (lambda: sb.list_dir("/tmp/missing"), FileNotFoundError, errno.ENOENT, "/tmp/missing"),
-            (lambda: sb.write_file("/tmp/missing/x", "x"), FileNotFoundError, errno.ENOENT, "/tmp/missing/x"),
+            (lambda: sb.write_file("/tmp/file/x", "x"), NotADirectoryError, errno.ENOTDIR, "/tmp/file/x"),
             (lambda: sb.write_file("/tmp", "x"), IsADirectoryError, errno.EISDIR, "/tmp"),
             (lambda: sb.list_dir("/tmp/file"), NotADirectoryError, errno.ENOTDIR, "/tmp/file"),
             (lambda: sb.write_file("/proc/version", "x"), PermissionError, errno.EACCES, "/proc/version"),

@@ -29,6 +29,14 @@ def write_file(params: dict[str, Any]) -> dict[str, Any]:
             wire.INVALID_PARAMS, f"mode {mode:#o}: no file in a sandbox may be set-user-ID or set-group-ID"
         )
     append = params.get("append", False) is True  # at the end of what is there, instead of over it
+    parent = os.path.dirname(path)
+    if parent:
+        # As E2B's files.write does: a file is written where it is asked for, its directories made
+        # first (0o755 less the umask), with no more right than the code beside this agent has.
+        try:
+            os.makedirs(parent, 0o755, exist_ok=True)
+        except FileExistsError:
+            pass  # a file where a directory would be: the open below says ENOTDIR, naming the path asked for
     fd = open_regular(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), mode)
     try:
         wire.write_all(fd, data)

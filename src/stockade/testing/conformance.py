@@ -191,6 +191,9 @@ async def files_persist_across_calls(isolate: Isolate) -> None:
         await isolate.arun_code(f"open('{tmp}/out.bin', 'wb').write(bytes(range(256)))")
         assert await isolate.aread_file(f"{tmp}/out.bin") == bytes(range(256))
         assert {"data.txt", "out.bin"} == {e["name"] for e in await isolate.alist_dir(tmp)}
+        await isolate.awrite_file(f"{tmp}/new/deeper/x.txt", "x")  # its directories made first
+        assert await isolate.aread_file(f"{tmp}/new/deeper/x.txt") == b"x"
+        await _raises(isolate.awrite_file(f"{tmp}/data.txt/x", "x"), SandboxError, "data.txt")
     finally:
         await isolate.aexec(["rm", "-rf", tmp])
 
