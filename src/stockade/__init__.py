@@ -23,11 +23,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "run": "sdk",
     "run_code": "sdk",
-    "arun": "sdk",
-    "arun_code": "sdk",
+    "arun": "sdk_async",
+    "arun_code": "sdk_async",
     "warm_up": "sdk",
     "Sandbox": "sdk",
-    "AsyncSandbox": "sdk",
+    "AsyncSandbox": "sdk_async",
     "Interpreter": "sdk",
     "Policy": "policy",
     "Mount": "policy",
@@ -105,7 +105,8 @@ if TYPE_CHECKING:
     from .policy import Mount, Policy
     from .result import CellException, CellOutput, ExecResult, ResourceUsage, SecurityViolation
     from .runtimes.manager import RuntimeManager
-    from .sdk import AsyncSandbox, Interpreter, Sandbox, arun, arun_code, run, run_code, warm_up
+    from .sdk import Interpreter, Sandbox, run, run_code, warm_up
+    from .sdk_async import AsyncSandbox, arun, arun_code
     from .watch import FileEvent, FileWatch
 
 

@@ -286,7 +286,7 @@ def test_files_move_through_the_object_store_with_limits(cluster: LocalRayCluste
 
 
 def test_an_async_sandbox_holds_an_isolate_of_the_cluster(cluster: LocalRayCluster, tmp_path: Any) -> None:
-    from stockade.sdk import AsyncSandbox
+    from stockade.sdk_async import AsyncSandbox
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "rows.csv").write_text("a,b\n1,2\n3,4\n")

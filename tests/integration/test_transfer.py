@@ -28,7 +28,7 @@ from stockade.client import AsyncClient, Client
 from stockade.errors import PathNotFoundError, TransferError, TransferTooLargeError, UnsafeArchiveError
 from stockade.result import ExecResult
 from stockade.runtimes.manager import RuntimeManager
-from stockade.sdk import AsyncSandbox
+from stockade.sdk_async import AsyncSandbox
 from stockade.transfer import DEFAULT_MAX_FILES, download
 from stockade.transfer_scripts import PACK
 from tests.conftest import availability, require

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from stockade.errors import CallTooLargeError
 from stockade.result import ExecResult
 from stockade.runtimes.manager import RuntimeManager
-from stockade.sdk import AsyncSandbox
+from stockade.sdk_async import AsyncSandbox
 from stockade.server.sandboxfusion import (
     LANGUAGES,
     CommandRunResult,

@@ -162,7 +162,7 @@ class RunCodeResponse(BaseModel):
 
 
 class HeldSandbox(Protocol):
-    """What ``run`` needs of a held stockade sandbox (``stockade.sdk.AsyncSandbox`` has it)."""
+    """What ``run`` needs of a held stockade sandbox (``stockade.sdk_async.AsyncSandbox`` has it)."""
 
     async def write_file(self, path: str, data: bytes) -> None: ...
 
