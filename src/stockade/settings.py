@@ -92,6 +92,9 @@ class Settings:
     audit_log: str | None = ""  # "": beside the state, "off" -> None
     audit_max_bytes: int = 64 * 1024 * 1024
     build_packages: bool = False
+    # The ``fake`` runtime (isolation ``none``: commands run as the daemon, unconfined) for the
+    # daemon's callers: off, or any caller of a root daemon would be root.
+    allow_unisolated: bool = False
     state_dir: str = field(default_factory=default_state_dir)
     daemon_user: str | None = None  # `stockade serve` as root becomes it (unset: stockade if it exists; root: stays)
     # The runtimes
@@ -210,9 +213,13 @@ def _ids(raw: str, name: str) -> frozenset[int]:
         raise ConfigError(f"{name}={raw!r} is not a comma-separated list of numeric ids") from None
 
 
-def _token(raw: str, name: str) -> Secret:
+def token_setting(raw: str, name: str) -> Secret:
+    """A token's value, checked: long enough, and no template's placeholder."""
     if len(raw) < 16:
         raise ConfigError(f"{name} is too short (use at least 16 characters; `stockade token new`)")
+    if any(c in raw for c in "<> \t") or not raw.isprintable():
+        # A template's placeholder left in place (``<token-from-...>``) would be a token anyone can read.
+        raise ConfigError(f"{name} looks like a placeholder, not a token (make one with `stockade token new`)")
     return Secret(raw)
 
 
@@ -292,8 +299,8 @@ def _timeout(raw: str, name: str) -> float | None:
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "socket_perms": _octal,
     "session_key": lambda raw, name: Secret(raw),
-    "auth_token": _token,
-    "api_token": _token,
+    "auth_token": token_setting,
+    "api_token": token_setting,
     "max_requests": _int(1),
     "allowed_uids": _ids,
     "allowed_gids": _ids,
@@ -314,6 +321,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "audit_log": _audit,
     "audit_max_bytes": _int(4096),
     "build_packages": _switch,
+    "allow_unisolated": _switch,
     "pool_size": _int(0),
     "pool_shapes": _int(1),
     "cgroup_parent": _cgroup_parent,

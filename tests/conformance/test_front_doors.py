@@ -190,7 +190,7 @@ class InProcessDoor(Door):
 
     @staticmethod
     async def _controller() -> Controller:
-        return Controller(DaemonConfig(pool_size=0))
+        return Controller(DaemonConfig(pool_size=0, allow_unisolated=True))  # its fake runtime, in this process
 
     def call(self, method: str, params: dict[str, Any]) -> Outcome:
         try:

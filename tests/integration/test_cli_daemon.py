@@ -388,8 +388,8 @@ finally:
         f.write("\\n".join(sorted(sys.modules)))
 sys.exit(status)
 """
-HEAVY = ("pydantic", "pydantic_core", "stockade.policy", "stockade.client", "stockade.result", "stockade.sdk", "stockade.sdk_async",
-         "stockade.runtimes", "stockade.protocol.models", "asyncio", "argparse")  # fmt: skip
+HEAVY = ("pydantic", "pydantic_core", "stockade.policy", "stockade.client", "stockade.result", "stockade.sdk",
+         "stockade.sdk_async", "stockade.runtimes", "stockade.protocol.models", "asyncio", "argparse")  # fmt: skip
 
 
 def _heavy(loaded: set[str]) -> set[str]:

@@ -43,7 +43,8 @@ def test_a_create_whose_caller_goes_away_closes_the_sandbox_it_started() -> None
     runtime = SlowRuntime()
 
     async def scenario() -> None:
-        controller = Controller(DaemonConfig(max_sandboxes=2, pool_size=0), manager=OneRuntime(runtime))
+        config = DaemonConfig(max_sandboxes=2, pool_size=0, allow_unisolated=True)  # the fake runtime
+        controller = Controller(config, manager=OneRuntime(runtime))
         try:
             task = asyncio.create_task(controller.create(SandboxCreate(), unix_caller(0)))
             await asyncio.sleep(0.05)
@@ -64,7 +65,8 @@ def test_a_cold_run_abandoned_before_it_began_gives_its_slot_back() -> None:
     runtime = SlowRuntime()
 
     async def scenario() -> None:
-        controller = Controller(DaemonConfig(max_sandboxes=1, pool_size=0), manager=OneRuntime(runtime))
+        config = DaemonConfig(max_sandboxes=1, pool_size=0, allow_unisolated=True)  # the fake runtime
+        controller = Controller(config, manager=OneRuntime(runtime))
         try:
             answers: list[object] = []
             abandon = controller.execute_now(ExecuteRequest(command=["true"]), unix_caller(0), answers.append)

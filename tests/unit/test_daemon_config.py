@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from stockade.daemon.config import DaemonConfig
@@ -27,3 +29,28 @@ def test_a_per_uid_cap_is_off_unless_set() -> None:
     assert DaemonConfig.from_env({"STOCKADE_MAX_SANDBOXES_PER_UID": "2"}).max_sandboxes_per_uid == 2
     with pytest.raises(ConfigError, match="STOCKADE_MAX_SANDBOXES_PER_UID"):
         DaemonConfig.from_env({"STOCKADE_MAX_SANDBOXES_PER_UID": "0"})
+
+
+@pytest.mark.parametrize("name", ["STOCKADE_AUTH_TOKEN", "STOCKADE_API_TOKEN"])
+@pytest.mark.parametrize("value", ["<token-from-/etc/stockade/token>", "a token with spaces", "tok\x1bken-0123456789"])
+def test_a_placeholder_is_no_token(name: str, value: str) -> None:
+    # The shipped env file's placeholder, left in place, would be a token anyone can read in the repository.
+    with pytest.raises(ConfigError, match=f"{name} looks like a placeholder"):
+        DaemonConfig.from_env({name: value})
+    assert DaemonConfig.from_env({name: "Zx8-_0123456789abcdef"}).secret(name.removeprefix("STOCKADE_").lower())
+
+
+def test_a_socket_every_user_may_write_needs_a_token() -> None:
+    for perms in ("0666", "0602", "0777"):
+        with pytest.raises(ConfigError, match=f"STOCKADE_SOCKET_PERMS={perms} lets every user"):
+            DaemonConfig.from_env({"STOCKADE_SOCKET_PERMS": perms})
+        signed = DaemonConfig.from_env({"STOCKADE_SOCKET_PERMS": perms, "STOCKADE_AUTH_TOKEN": "x" * 24})
+        assert signed.socket_perms == int(perms, 8)
+    assert DaemonConfig.from_env({"STOCKADE_SOCKET_PERMS": "0660"}).socket_perms == 0o660
+
+
+def test_an_api_token_file_is_checked_as_the_variable_is(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("<token-from-stockade-token-new>\n")
+    with pytest.raises(ConfigError, match=f"--api-token-file {token} looks like a placeholder"):
+        DaemonConfig.from_env({}).with_http("127.0.0.1:0", str(token))

@@ -20,7 +20,8 @@ def test_the_call_after_a_given_up_one_waits_for_it_and_the_sandbox_keeps_its_st
     cleanup: list[str] = []
 
     async def scenario() -> None:
-        controller = Controller(DaemonConfig(max_sandboxes=2, pool_size=0), manager=RuntimeManager(pool_size=0))
+        config = DaemonConfig(max_sandboxes=2, pool_size=0, allow_unisolated=True)  # the fake runtime
+        controller = Controller(config, manager=RuntimeManager(pool_size=0))
         try:
             caller = unix_caller(0)
             created = await controller.create(SandboxCreate(**FAKE), caller)

@@ -113,7 +113,7 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 20) -> N
 
 
 def _controller(placement: Remote) -> Controller:
-    return Controller(DaemonConfig(max_sandboxes=2, pool_size=0), placement=placement)
+    return Controller(DaemonConfig(max_sandboxes=2, pool_size=0, allow_unisolated=True), placement=placement)
 
 
 def test_a_cancelled_remote_run_is_answered_killed_and_its_isolate_released() -> None:

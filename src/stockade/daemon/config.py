@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..settings import DEFAULT_HTTP_PORT, Secret, Settings, listen_address, loopback
+from ..settings import DEFAULT_HTTP_PORT, Secret, Settings, listen_address, loopback, token_setting
 
 if TYPE_CHECKING:
     from ..rpc.server import ServerSettings
@@ -83,10 +83,8 @@ class DaemonConfig(Settings):
                     token = f.read().strip() or None
             except OSError as exc:
                 raise ConfigError(f"--api-token-file {api_token_file}: {exc.strerror}") from None
-            if token is not None and len(token) < 16:
-                raise ConfigError(
-                    f"--api-token-file {api_token_file} is too short (use at least 16 characters; `stockade token new`)"
-                )
+            if token is not None:
+                token = token_setting(token, f"--api-token-file {api_token_file}").value
         if listen:
             address: tuple[str, int] | None = listen_address(listen, "--http")
         elif listen == "":  # --http alone
@@ -104,6 +102,12 @@ class DaemonConfig(Settings):
         config = cls.load(env)
         assert isinstance(config, DaemonConfig)
         _check_exposure(config.http, config.secret("api_token"))
+        if config.socket_perms & 0o002 and config.auth_token is None:
+            raise ConfigError(
+                f"STOCKADE_SOCKET_PERMS={config.socket_perms:04o} lets every user of this host connect, and without "
+                "STOCKADE_AUTH_TOKEN every one of them could run code here: use 0600 or 0660 (a group's "
+                "members: STOCKADE_ALLOWED_GIDS), or set a token"
+            )
         return config
 
 

@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from ..errors import DaemonBusyError, NotFoundError, RunCancelledError, SandboxError
+from ..errors import DaemonBusyError, NotFoundError, PolicyError, RunCancelledError, SandboxError
 from ..placement import Isolate, Placement, open_placement
 from ..placement.config import LocalPlacementConfig
 from ..placement.local import LocalPlacement
+from ..policy import Policy
 from ..protocol.models import (
     ActiveSandbox,
     Caller,
@@ -123,6 +124,18 @@ class Controller(HeldSandboxes, BackgroundProcesses):
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    def runtime_for(self, policy: Policy) -> str:
+        """The runtime the placement would run ``policy`` on; ``fake`` (no isolation at all) is
+        refused unless the daemon's owner allowed it (``STOCKADE_ALLOW_UNISOLATED``)."""
+        runtime = self.placement.runtime_for(policy)
+        if runtime == "fake" and not self.config.allow_unisolated:
+            raise PolicyError(
+                "runtime fake (isolation none) runs commands as the daemon itself, unconfined: "
+                "this daemon does not serve it (its owner may allow it with STOCKADE_ALLOW_UNISOLATED=1, "
+                "for tests on a host of their own)"
+            )
+        return runtime
 
     async def connect_placement(self) -> dict[str, Any]:
         """At the start: reach the placement (this host's default runtime and its pool, or a Ray
@@ -223,7 +236,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         asked once: a second ask would count a second miss).
         """
         request.check_sizes()
-        runtime = self.placement.runtime_for(request.policy)
+        runtime = self.runtime_for(request.policy)
         if not self.slots.take_now(caller.owner):
             return None  # the awaited path says why, or waits for a slot
         try:
@@ -267,7 +280,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         """One ``execute``: a slot (waiting in the queue if need be), a warm isolate or a
         cold one, the run, the isolate's end."""
         request.check_sizes()
-        runtime = self.placement.runtime_for(request.policy)
+        runtime = self.runtime_for(request.policy)
         await self._take_slot(caller)
         try:
             # A warm isolate is handed over on the event loop itself; only building
@@ -482,6 +495,8 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         a minute old (a check starts a real sandbox of each runtime, a VM boot for microVM,
         outside the slots), a cluster's as its nodes advertise them."""
         found = await self.placement.runtimes()
+        if not self.config.allow_unisolated:  # refused to every caller (runtime_for): not listed
+            found = [a for a in found if a["name"] != "fake"]
         self.working_runtimes = {a["name"] for a in found if a["available"] and a["name"] != "fake"}
         return found
 

@@ -33,6 +33,7 @@ from ..errors import (
     utf8_text,
 )
 from ..placement import Isolate, Placement
+from ..policy import Policy
 from ..protocol.models import (
     Caller,
     Closed,
@@ -122,6 +123,9 @@ class HeldSandboxes:
     _closing: set[asyncio.Task[None]]  # idle sandboxes being closed
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
 
+    def runtime_for(self, policy: Policy) -> str:
+        raise NotImplementedError
+
     def _track(self, delta: int) -> None:
         raise NotImplementedError
 
@@ -134,7 +138,7 @@ class HeldSandboxes:
     async def create(self, request: SandboxCreate, caller: Caller) -> SandboxCreated:
         policy = request.policy
         idle_timeout = self._idle_timeout(request.idle_timeout)
-        self.placement.runtime_for(policy)  # a policy it cannot serve is refused before a slot is taken
+        self.runtime_for(policy)  # a policy it cannot serve is refused before a slot is taken
         await self._take_slot(caller)
         try:
             # A caller cancelled meanwhile (a client gone) leaves nothing: the placement releases
