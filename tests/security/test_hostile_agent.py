@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -241,3 +245,56 @@ def test_an_agent_cannot_report_violations_where_the_host_watches_itself(
     result = run_exec(sb, ["true"])
     assert result.success and result.security_violations == [], result.summary()
     assert not sb.killed
+
+
+FLOODER = r"""
+import socket, struct, sys
+guest = socket.socket(fileno=int(sys.argv[1]))
+(length,) = struct.unpack("<I", guest.recv(4, socket.MSG_WAITALL))
+guest.recv(length, socket.MSG_WAITALL)  # the request; then notifications, as fast as the host takes them
+note = b'{"jsonrpc": "2.0", "method": "x", "params": {}}'
+burst = (struct.pack("<I", len(note)) + note) * 20000
+while True:
+    guest.sendall(burst)
+"""
+
+
+@pytest.mark.parametrize("kind", ["blocking", "event loop"])
+def test_an_agent_flooding_notifications_cannot_hold_the_loop_past_the_deadline(kind: str) -> None:
+    # Frames written as fast as the host reads them kept the loop in one reader callback: the
+    # call's timer never ran (nor did anything else on a daemon's loop) until the agent stopped.
+    host, guest = socket.socketpair()
+    flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(guest.fileno())], pass_fds=[guest.fileno()])
+    guest.close()
+    sb = HostileSandbox(host)
+    guard = threading.Timer(60, flooder.kill)  # a host that never takes the loop back still ends this test
+    guard.start()
+    try:
+        ticks: list[float] = []
+
+        async def with_heartbeat() -> ExecResult:
+            async def beat() -> None:
+                while True:
+                    ticks.append(time.monotonic())
+                    await asyncio.sleep(0.1)
+
+            beating = asyncio.create_task(beat())
+            try:
+                return await sb.aexec(["true"], timeout=0.5)
+            finally:
+                beating.cancel()
+
+        t0 = time.monotonic()
+        result = sb.exec(["true"], timeout=0.5) if kind == "blocking" else asyncio.run(with_heartbeat())
+        took = time.monotonic() - t0
+        assert result.termination_reason == "timeout" and sb.killed, result.summary()
+        # Timed out near its deadline (generous on a loaded host), not whenever the flood ended.
+        assert took < 15, took
+        if kind == "event loop":
+            gaps = [b - a for a, b in itertools.pairwise(ticks)]
+            assert len(ticks) >= 3 and max(gaps) < 5, gaps  # the loop's other work went on meanwhile
+    finally:
+        guard.cancel()
+        flooder.kill()
+        flooder.wait()
+        sb.close()

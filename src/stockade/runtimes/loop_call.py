@@ -11,6 +11,12 @@ from ..agent import wire
 from ..errors import AgentProtocolError
 from .agent_waits import Deadline, agent_waits
 
+# Frames one readiness callback handles before it gives the loop back (the watch is level-triggered:
+# the rest are read in the next turn). An agent that writes frames as fast as the host reads them
+# would otherwise keep this loop in one callback: its call's own timer, and every other caller of
+# the loop (a daemon's), would wait until it stopped.
+FRAMES_PER_TURN = 64
+
 
 def decode_message(payload: bytes) -> dict[str, Any]:
     try:
@@ -111,6 +117,7 @@ class LoopCall:
         self._end(TimeoutError("the agent did not answer in time"))
 
     def _receive(self) -> None:
+        frames = 0
         while not self.ended:
             need = wire.HEADER_SIZE if self.length is None else self.length
             try:
@@ -145,6 +152,9 @@ class LoopCall:
                 return
             if finished:
                 self._end(result)
+                return
+            frames += 1
+            if frames >= FRAMES_PER_TURN:
                 return
 
     def _end(self, outcome: Any) -> None:
