@@ -150,7 +150,9 @@ def serve_upstreams() -> Iterator[Upstreams]:
     secrets_file = os.path.join(where, "secrets.json")
     fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"API_KEY": SECRET_VALUE, "OTHER_KEY": "sk-other-0d1e2f3a4b5c"}, f)
+        bound = ["*.stockade.test"]  # a daemon's callers are refused a secret stored with no hosts
+        json.dump({"API_KEY": {"value": SECRET_VALUE, "hosts": bound},
+                   "OTHER_KEY": {"value": "sk-other-0d1e2f3a4b5c", "hosts": bound}}, f)  # fmt: skip
     saved = {k: os.environ.get(k) for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE",
                                             "STOCKADE_SECRETS_FILE", "STOCKADE_BROKER_SOCKET")}  # fmt: skip
     os.environ.update(

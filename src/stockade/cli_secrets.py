@@ -106,7 +106,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(listed, indent=2))
                 for entry in [] if args.json else listed:
-                    hosts = "any host" if entry["hosts"] is None else ", ".join(entry["hosts"]) or "no host"
+                    hosts = "no host (none given)" if entry["hosts"] is None else ", ".join(entry["hosts"]) or "no host"
                     print(f"{entry['name']:<32} {entry['source']:<10} {hosts}")
     except StockadeError as exc:
         return cli_outcome.fail_for(exc)  # with --json, on stdout too

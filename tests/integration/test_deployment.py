@@ -100,7 +100,7 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
     os.makedirs(logs, mode=0o700)
     secrets = os.path.join(where, "secrets.json")
     with open(secrets, "w") as f:
-        json.dump({"API_KEY": SECRET_VALUE}, f)
+        json.dump({"API_KEY": {"value": SECRET_VALUE, "hosts": ["*.stockade.test"]}}, f)
     os.chmod(secrets, 0o600)
     os.chown(secrets, pwd.getpwnam("stockade-secrets").pw_uid, -1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}

@@ -8,14 +8,16 @@ in its network namespace, HTTP and HTTPS servers on the host's loopback
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from stockade import Policy, Sandbox
 from stockade.egress.gate import ADMIT_BURST, ADMIT_PER_S
 from stockade.egress.worker import REFUSAL_WINDOW_S
-from stockade.errors import RuntimeUnavailableError
+from stockade.errors import PolicyError, RuntimeUnavailableError
 from stockade.result import EgressRequest
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
@@ -324,7 +326,6 @@ def test_through_the_daemon_the_result_and_the_audit_log_name_each_request_and_n
     up: Upstreams,
 ) -> None:
     require("process")
-    import os
 
     from stockade.client import Client
     from tests.daemon_harness import start_daemon
@@ -364,6 +365,34 @@ def test_through_the_daemon_the_result_and_the_audit_log_name_each_request_and_n
         assert SECRET_VALUE not in daemon.logs()
     finally:
         daemon.cleanup()
+
+
+def test_a_secret_stored_with_no_hosts_is_for_a_library_not_for_a_daemons_callers(
+    up: Upstreams, manager: RuntimeManager, tmp_path: Path
+) -> None:
+    # Any caller of a daemon may grant its secrets: one stored with no hosts could be bound to the
+    # caller's own server, and its value sent there (every local user, through a token-less HTTP API).
+    require("process")
+    from stockade.client import Client
+    from tests.daemon_harness import start_daemon
+
+    hostless = tmp_path / "secrets.json"
+    hostless.write_text(json.dumps({"API_KEY": SECRET_VALUE}))
+    hostless.chmod(0o600)
+    env = {k: os.environ[k] for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE")}
+    env["STOCKADE_SECRETS_FILE"] = str(hostless)
+    policy = allow(up, "api.stockade.test", secrets=("API_KEY",))
+    daemon = start_daemon(env=env)
+    try:
+        with Client(daemon.socket_path) as client, pytest.raises(PolicyError, match="names no hosts it may be sent"):
+            client.execute(["true"], policy=policy.to_dict())
+    finally:
+        daemon.cleanup()
+    # The one trusted program that uses stockade as a library may.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STOCKADE_SECRETS_FILE", str(hostless))
+        with Sandbox(policy, manager=manager) as sb:
+            assert sb.exec(["true"]).success
 
 
 def test_names_resolve_through_the_host_for_allowed_hosts_only(up: Upstreams, manager: RuntimeManager) -> None:

@@ -221,3 +221,13 @@ def test_cbor_frames_come_whole_however_they_are_cut_and_an_oversized_one_is_ski
     framer = codec.framer(1024)
     assert framer.single(first) == first[4:] and framer.single(first + second) is None
     assert framer.feed(first[:7]) == [] and framer.end() == []  # a frame cut short by the end is no request
+
+
+def test_a_secret_stored_with_no_hosts_is_granted_only_where_one_caller_may_grant_it() -> None:
+    # The broker (and a daemon) serve many callers: each could bind it to a server of its own.
+    from stockade.broker.store import SecretStore, parse_secrets
+
+    store = SecretStore(parse_secrets({"ANY": "sk-any-123456"}, "secrets file"))
+    with pytest.raises(PolicyError, match=r'names no hosts it may be sent to.*"ANY": \{"value"'):
+        store.check_grant("ANY", ["attacker.example"])
+    assert store.check_grant("ANY", ["attacker.example"], hostless=True).value == "sk-any-123456"  # a library's

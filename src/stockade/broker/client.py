@@ -118,7 +118,8 @@ class SecretSource:
                 raise
         if self.store_path is not None:
             store = SecretStore.load(self.store_path)
-            return {g.name: store.check_grant(g.name, g.hosts).value for g in grants}
+            hostless = not SERVING_CALLERS
+            return {g.name: store.check_grant(g.name, g.hosts, hostless=hostless).value for g in grants}
         raise PolicyError(
             "this policy grants secrets, and no secrets broker or file is configured: run `stockade secretd` and "
             "set STOCKADE_BROKER_SOCKET, or set STOCKADE_SECRETS_FILE (docs/security.md: The broker; docs/egress.md)"
@@ -131,6 +132,10 @@ class SecretSource:
             except (ConfigError, PolicyError):
                 pass  # the broker drops a dead isolate's registration by itself
 
+
+# Set by a daemon at its start: its callers are many principals, and a secret its file stores with
+# no hosts is then refused to all of them (SecretStore.check_grant). A library's one caller may use it.
+SERVING_CALLERS = False
 
 _source: SecretSource | None = None
 _source_key: tuple[str | None, ...] = ()

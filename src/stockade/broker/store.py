@@ -79,11 +79,21 @@ class SecretStore:
         stored = self._all.get(name)
         return stored.hosts if stored is not None else None
 
-    def check_grant(self, name: str, hosts: Iterable[str]) -> StoredSecret:
-        """The secret ``name``, if it exists and may be bound to every one of ``hosts``."""
+    def check_grant(self, name: str, hosts: Iterable[str], *, hostless: bool = False) -> StoredSecret:
+        """The secret ``name``, if it exists and may be bound to every one of ``hosts``.
+
+        ``hostless``: one stored with no hosts may be bound to any, which only a process with one
+        trusted caller allows (stockade as a library). Where several may grant it (the broker, a
+        daemon), any of them could bind it to a server of its own and be sent its value there."""
         stored = self._all.get(name)
         if stored is None:
             raise PolicyError(f"secret {name} is not known to the secrets broker")
+        if stored.hosts is None and not hostless:
+            raise PolicyError(
+                f"secret {name} names no hosts it may be sent to, and every caller here may grant it (one could "
+                f'send it to a server of its own): give it hosts in its file, {{"{name}": {{"value": ..., '
+                '"hosts": ["api.example.com"]}}'
+            )
         if stored.hosts == ():
             where = (
                 "its entry in the broker's secrets file names none"

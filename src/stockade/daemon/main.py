@@ -29,6 +29,9 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     if config.daemon_user == KEEP_ROOT:
         config = config.replace(daemon_user=None)
     settings.install(config)  # read once, at the start: the whole process uses these
+    from ..broker import client as secrets_client
+
+    secrets_client.SERVING_CALLERS = True  # a secret with no hosts: none of the callers may grant it
     prepare_audit_dir(config)
     controller = Controller(config)
     observers = _observers(config, controller)
