@@ -1,0 +1,102 @@
+"""The egress proxy's own bounds on what one connection from an isolate may make it do, driven
+in this process (its gate's rate made small) against an upstream on this host's loopback."""
+
+from __future__ import annotations
+
+import http.server
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from stockade import Policy
+from stockade.egress.gate import Gate
+from stockade.egress.proxy import proxy
+from stockade.ratelimit import TokenBucket
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # kept alive: the proxy goes on to the next request
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _served(gate: Gate) -> tuple[socket.socket, Callable[[], None]]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = proxy().serve(gate, listener)
+    client = socket.create_connection(listener.getsockname(), timeout=20)
+    return client, stop
+
+
+def _answers(client: socket.socket) -> list[str]:
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    return [status.decode() for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+
+
+def _gate(port: int, burst: float = 1000.0) -> Gate:
+    policy = Policy(network_policy="allowlist", allowed_hosts=[f"127.0.0.1:{port}"], allowed_cidrs=["127.0.0.0/8"])
+    gate = Gate(policy, {})
+    gate._admitted = TokenBucket(0.001, burst)  # what a flood would have spent, spent already
+    return gate
+
+
+def test_each_plain_request_on_a_kept_alive_connection_is_charged_to_the_isolates_rate(upstream: int) -> None:
+    # Each is a connection (and a lookup) upstream: one connection from the isolate, pipelining
+    # thousands of requests, made them ~3x past the rate a new connection is held to.
+    client, stop = _served(_gate(upstream, burst=2))  # the connection itself, then one more
+    try:
+        client.sendall(f"GET http://127.0.0.1:{upstream}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 5)
+        assert _answers(client) == ["200", "200", "429"]
+    finally:
+        client.close()
+        stop()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[169.254.169.254/", "http://127.0.0.1:99999/", "http://h:80:80/", "http://h:-1/"]
+)
+def test_a_malformed_url_is_answered_recorded_and_counted(upstream: int, url: str) -> None:
+    # Dropped unanswered before, with nothing recorded: no violation, so no end to a run that kills on one.
+    gate = _gate(upstream)
+    client, stop = _served(gate)
+    try:
+        client.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert _answers(client) == ["400"]
+        records, _ = gate.take_records()
+        assert [(r.allowed, r.reason, r.path) for r in records] == [(False, "a malformed URL", url)]
+    finally:
+        client.close()
+        stop()
+
+
+def test_a_request_head_is_held_to_16_kib(upstream: int) -> None:
+    client, stop = _served(_gate(upstream))
+    try:
+        many = "".join(f"X-{i}: 1\r\n" for i in range(3000))  # ~27 KiB of one-byte headers
+        client.sendall(f"GET http://127.0.0.1:{upstream}/ HTTP/1.1\r\nHost: x\r\n{many}\r\n".encode())
+        assert _answers(client) == ["431"]  # Request Header Fields Too Large
+    finally:
+        client.close()
+        stop()
