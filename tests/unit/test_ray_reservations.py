@@ -81,3 +81,26 @@ def test_drain_takes_out_everything() -> None:
     kept.keep(Reservation("g2", "n2", LARGE))
     assert sorted(r.group for r in kept.drain()) == ["g1", "g2"]
     assert len(kept) == 0 and kept.groups() == []
+
+
+def test_a_cluster_lost_under_a_claim_is_an_unavailable_runtime_not_an_internal_error() -> None:
+    # Ray raised TaskPlacementGroupRemoved out of the reservation once its head was stopped: it
+    # reached the HTTP door as a 500 with a traceback in the log.
+    import asyncio
+
+    import ray.exceptions
+
+    from stockade.errors import RuntimeUnavailableError, error_code
+    from stockade.placement.config import RayPlacementConfig
+    from stockade.placement.ray import RayPlacement
+    from stockade.policy import Policy
+
+    placement = RayPlacement(RayPlacementConfig(type="ray", address="127.0.0.1:6391"))
+
+    async def lost(policy: Policy) -> object:
+        raise ray.exceptions.TaskPlacementGroupRemoved()
+
+    placement._claim_on_cluster = lost  # type: ignore[method-assign, assignment]
+    with pytest.raises(RuntimeUnavailableError, match=r"127\.0\.0\.1:6391 failed this claim") as caught:
+        asyncio.run(placement.acquire(Policy()))
+    assert error_code(caught.value) == "runtime_unavailable"

@@ -315,6 +315,19 @@ class RayPlacement:
         release.add_done_callback(self._claims.discard)
 
     async def _claim(self, policy: Policy) -> Isolate:
+        import ray.exceptions
+
+        try:
+            return await self._claim_on_cluster(policy)
+        except ray.exceptions.RayError as exc:
+            # Ray's own word for a cluster that went away under the claim (its placement group
+            # removed, its GCS gone): the runtime is unavailable, said as the other doors say it.
+            raise RuntimeUnavailableError(
+                f"the Ray cluster at {self.config.address} failed this claim ({type(exc).__name__}): it may "
+                "be gone; /health and `stockade daemon status` say whether it is reachable"
+            ) from None
+
+    async def _claim_on_cluster(self, policy: Policy) -> Isolate:
         await _off_loop(self._connect)
         await self.check()  # a cluster gone since the connection: said now, not after Ray's own wait
         if self.unreachable is not None:

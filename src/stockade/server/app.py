@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, TypeVar
@@ -52,6 +53,8 @@ from . import sandboxfusion, seed
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response
 from .processes import add_process_routes
 from .sse import ClientDisconnected, event_stream, run_while_connected, until_disconnect
+
+log = logging.getLogger("stockade.daemon")
 
 T = TypeVar("T")
 # Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
@@ -118,6 +121,13 @@ def create_app(door: HttpDoor) -> FastAPI:
 
     @app.exception_handler(StockadeError)
     async def stockade_error(request: Request, exc: StockadeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # A fault of the daemon's own (or of a library under it, such as Ray's client): answered in
+        # the API's shape, as the socket door answers it, and logged with its traceback there.
+        log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(exc)
 
     @app.exception_handler(ClientDisconnected)
