@@ -66,6 +66,10 @@ ATTACKS = textwrap.dedent("""
         os._exit(0)
     if os.waitpid(child, 0)[1] != 0:
         print("i386-chmod no-i386-emulation")
+    import socket
+    for family, kind in (("vsock", 40), ("packet", 17), ("alg", 38), ("unix", 1), ("netlink", 16), ("inet", 2)):
+        attempt(f"socket-{family}", lambda: socket.socket(kind, socket.SOCK_DGRAM if kind != 38 else 5).close())
+    attempt("socketpair-inet", lambda: [s.close() for s in socket.socketpair(socket.AF_INET)])
     attempt("plain-open", lambda: os.close(os.open(os.path.join(d, "p"), os.O_CREAT | os.O_WRONLY, 0o644)))
     attempt("plain-chmod", lambda: os.chmod(os.path.join(d, "p"), 0o755))
 """)
@@ -112,6 +116,13 @@ def test_a_program_started_as_runsc_and_qemu_are_cannot_set_a_set_id_bit() -> No
         assert (walled["openat2"], walled["io_uring_setup"]) == ("ENOSYS", "ENOSYS"), walled
         if free["i386-chmod"] == "EFAULT":
             assert walled["i386-chmod"] == "ENOSYS", walled
+        # Taken over, neither opens a socket family beyond unix, inet, inet6 and netlink: AF_VSOCK
+        # (no namespace holds it) reaches the host's vsock ports and the hypervisor.
+        assert free["socket-vsock"] != "EAFNOSUPPORT" and free["socket-packet"] == "allowed", free
+        for family in ("vsock", "packet", "alg"):
+            assert walled[f"socket-{family}"] == "EAFNOSUPPORT", walled
+        assert walled["socketpair-inet"] == "EAFNOSUPPORT", walled
+        assert [walled[f"socket-{f}"] for f in ("unix", "netlink", "inet")] == ["allowed"] * 3, walled
         assert (walled["plain-chmod"], walled["plain-open"]) == ("allowed", "allowed"), walled  # nothing else
         assert stat.S_IMODE(os.stat(os.path.join(walled_dir, "p")).st_mode) == 0o755
     finally:

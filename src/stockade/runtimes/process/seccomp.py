@@ -315,6 +315,18 @@ _UNREADABLE_MODES = tuple(
 )
 
 
+# The socket families a host program may open: runsc (its network "none") and QEMU (no network
+# device) need Unix sockets, and at most the address families of their own empty network namespace
+# and netlink. Taken over, either would otherwise open AF_VSOCK (no namespace holds it: it reaches
+# the host's vsock ports and the hypervisor), AF_PACKET, or a family loaded as a module on first use.
+_HOST_SOCKET_FAMILIES = (
+    Rule("socket", "errno", "HIGH", "a socket family no host program needs", errno=errno.EAFNOSUPPORT,
+         report=False, when={"arg": 0, "op": "not_in", "values": [1, 2, 10, 16]}),
+    Rule("socketpair", "errno", "HIGH", "only unix sockets come in pairs", errno=errno.EAFNOSUPPORT,
+         report=False, when={"arg": 0, "op": "not_in", "values": [1]}),
+)  # fmt: skip
+
+
 # Of the set-ID calls, those that change a mode are skipped with success (errno 0) on the host:
 # a guest's 9p asks QEMU to chmod a directory it makes in a set-group-ID directory with the bit
 # the kernel added (EPERM would fail the mkdir), and what stays is the mode the host gave it.
@@ -325,7 +337,8 @@ _SKIPPED_ON_HOST = ("chmod", "fchmod", "fchmodat", "fchmodat2")
 def host_program() -> bytes:
     """BPF for the host programs that hold an isolate (runsc, with its Sentry and gofer; QEMU):
     the profile's set-ID rules (a file made with such a mode: EPERM; a mode changed to one:
-    skipped), the calls whose mode it cannot read, every call through another ABI and every
+    skipped), the calls whose mode it cannot read, socket families beyond unix, inet, inet6 and
+    netlink (EAFNOSUPPORT), every call through another ABI and every
     number the table does not name (ENOSYS, as from a kernel without them); anything else is
     allowed, the program's own filter deciding. The outer wall: it holds should the Sentry or
     the guest's kernel fall, as the filters inside them then no longer would."""
@@ -334,7 +347,7 @@ def host_program() -> bytes:
         for r in set_id_rules()
     )
     enosys = RET_ERRNO | errno.ENOSYS
-    return compile_profile(rules + _UNREADABLE_MODES, unknown=enosys, other=enosys)
+    return compile_profile(rules + _UNREADABLE_MODES + _HOST_SOCKET_FAMILIES, unknown=enosys, other=enosys)
 
 
 def rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
