@@ -117,6 +117,8 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
             value = float(value)
         except OverflowError:  # an integer past any float (JSON allows one): no number a bound holds
             raise FieldError("Input should be a valid number") from None
+        if not math.isfinite(value):  # NaN holds no bound and says nothing a bound's words would name
+            raise FieldError("Input should be a finite number")
     for name, word, holds in (
         ("gt", "greater than", operator.gt),
         ("ge", "greater than or equal to", operator.ge),

@@ -289,6 +289,15 @@ def _placement(raw: str, name: str) -> PlacementConfig:
         raise ConfigError(f"{name}: {str(exc).removeprefix('placement: ')}") from None
 
 
+def _one_of(*choices: str) -> Callable[[str, str], str]:
+    def parse(raw: str, name: str) -> str:
+        if raw not in choices:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
 def _timeout(raw: str, name: str) -> float | None:
     try:
         return float(raw)
@@ -328,6 +337,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "sandbox_uids": _uid_range,
     "trust_map": _trust_map,
     "microvm_snapshots": _switch,
+    "gvisor_platform": _one_of("systrap", "ptrace", "kvm"),  # runsc's platforms
+    "microvm_accel": _one_of("tcg", "kvm"),
     "env_store": _path,
     "env_build_timeout": _timeout,
     "placement": _placement,

@@ -61,9 +61,11 @@ def test_a_trust_gets_its_own_level_or_the_nearest_stronger_one(
 
 
 def test_untrusted_refuses_rather_than_downgrade(mgr: RuntimeManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Break the microvm runtime for real (QEMU refuses an unknown accelerator):
-    # the process and gvisor runtimes still work, and must not be used instead.
-    monkeypatch.setenv("STOCKADE_MICROVM_ACCEL", "no-such-accel")
+    # Break the microvm runtime for real (QEMU refuses an unknown accelerator; the setting itself
+    # takes only tcg or kvm): the process and gvisor runtimes still work, and must not be used instead.
+    from stockade.runtimes.microvm import runtime as microvm
+
+    monkeypatch.setattr(microvm, "_choose_accel", lambda runtime: "no-such-accel")
     try:
         assert not mgr.cached_availability("microvm").available
         with pytest.raises(RuntimeUnavailableError, match=r"untrusted.*microvm or stronger.*never falls back"):

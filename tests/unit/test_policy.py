@@ -152,7 +152,9 @@ def test_json_values_become_the_fields_types() -> None:
     [
         ({"memory_mb": True}, "memory_mb: Input should be a valid integer"),
         ({"memory_mb": 256.0}, "memory_mb: Input should be a valid integer"),
-        ({"timeout_seconds": float("nan")}, "timeout_seconds: Input should be greater than 0"),
+        ({"timeout_seconds": float("nan")}, "timeout_seconds: Input should be a finite number"),
+        ({"cpu_limit": float("nan")}, "cpu_limit: Input should be a finite number"),  # not "at most 2"
+        ({"cpu_limit": float("inf")}, "cpu_limit: Input should be a finite number"),
         ({"timeout_seconds": 10**400}, "timeout_seconds: Input should be a valid number"),
         ({"allowed_hosts": "a.example"}, "allowed_hosts: Input should be a list"),
         ({"environment": {"A": 1}}, "environment.A: Input should be a valid string"),

@@ -162,3 +162,11 @@ def test_the_daemon_s_config_is_the_settings_with_its_flags() -> None:
     from_env = DaemonConfig.from_env({"STOCKADE_HTTP": "127.0.0.1:8814"})
     assert from_env.with_http("").http == ("127.0.0.1", 8814)
     assert from_env.with_http("127.0.0.1:9").http == ("127.0.0.1", 9)
+
+
+@pytest.mark.parametrize(("name", "good"), [("STOCKADE_GVISOR_PLATFORM", "ptrace"), ("STOCKADE_MICROVM_ACCEL", "tcg")])
+def test_a_platform_or_accelerator_is_one_the_program_has(name: str, good: str) -> None:
+    # Unchecked, a misspelt one failed every start later, with the program's own fatal error.
+    with pytest.raises(ConfigError, match=f"{name}='bogus': expected one of"):
+        Settings.load({name: "bogus"})
+    assert good in dataclasses.astuple(Settings.load({name: good}))
