@@ -46,7 +46,7 @@ def _procs(files: list[str]) -> set[int]:
         try:
             with open(path) as f:
                 found.update(int(x) for x in f.read().split())
-        except FileNotFoundError:
+        except OSError:  # removed, or being removed (ENODEV)
             continue
     return found
 
@@ -102,3 +102,43 @@ def test_when_the_zygote_dies_with_its_host_the_next_start_sweeps(process_runtim
         fresh.close()
     for d in info["dirs"] + info["spare_dirs"]:
         assert not os.path.exists(d), f"stale cgroup {d} was not swept"
+
+
+HOSTED = r"""
+import json, subprocess, time
+from stockade.runtimes.host_program import spawn_in_cgroup
+from stockade.runtimes.process.cgroups import SweptCgroupManager
+cgroup = SweptCgroupManager().get().create()
+# A stand-in for a QEMU (or a Sentry) its guest took over: it ignores its host, and has a child.
+proc = spawn_in_cgroup(["sh", "-c", "sleep 3600.5 & exec sleep 3600.25"], cgroup, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, label="stand-in")
+deadline = time.monotonic() + 10
+while len(open(cgroup.procs_files[0]).read().split()) < 2 and time.monotonic() < deadline:
+    time.sleep(0.02)
+print(json.dumps({"procs": cgroup.procs_files, "dirs": list(dict.fromkeys(cgroup.dirs.values()))}), flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_hosted_program_that_ignores_its_host_dies_with_it(process_runtime: str) -> None:
+    # runsc and QEMU end when their agent's channel closes, which a guest that took its kernel
+    # (or QEMU) over need not heed: their keeper kills them, and all of their cgroup, instead.
+    host = subprocess.Popen([sys.executable, "-c", HOSTED], stdout=subprocess.PIPE, text=True)
+    info: dict[str, Any] = {"procs": [], "dirs": []}
+    try:
+        assert host.stdout is not None
+        info = json.loads(host.stdout.readline())
+        assert len(_procs(info["procs"])) == 2, "the stand-in and its child should be running"
+        os.kill(host.pid, signal.SIGKILL)
+        host.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while (_procs(info["procs"]) or any(map(os.path.exists, info["dirs"]))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _procs(info["procs"]) == set(), "a hosted program outlived its host"
+        assert [d for d in info["dirs"] if os.path.exists(d)] == [], "its cgroup was left on disk"
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        for pid in _procs(info["procs"]):
+            os.kill(pid, signal.SIGKILL)

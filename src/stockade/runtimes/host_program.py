@@ -18,6 +18,12 @@
   guest's kernel fall, a set-ID file planted there would lend that uid to any
   host user who runs it.
 - **Under Landlock**, where the runtime gives rules (QEMU's jail).
+- **Ended with their host** by a keeper of their own: a small process outside
+  the isolate that holds a pipe from the host and a pidfd of the program, and
+  on the pipe's end (the host let go of the isolate, or died) kills the program
+  and whatever is left in the isolate's cgroup, then removes the group. A guest (or a Sentry) taken over
+  would otherwise keep running, on its leased uid, when its host is SIGKILLed:
+  the agent's end of the channel closing is the only other thing that ends it.
 
 Seccomp and Landlock confine the thread that asks and what it starts from then
 on, so a thread made for one spawn takes them on and ends: the caller's other
@@ -27,6 +33,8 @@ threads keep their freedom, and no code runs between fork and exec
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import threading
 from typing import IO
@@ -83,4 +91,99 @@ def spawn_in_cgroup(
     thread.join()
     if failure:
         raise failure[0]
+    _keep(started[0], cgroup)
     return started[0]
+
+
+# The keeper: stdlib only, started with -I -S (no site, nothing of the caller's environment).
+_KEEPER = r"""
+import os, signal, sys, time
+pidfd, procs = int(sys.argv[1]), sys.argv[2:]
+groups = [os.path.dirname(path) for path in procs]
+while os.read(0, 512):
+    pass
+try:
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+except OSError:
+    pass
+deadline = time.monotonic() + 10
+while procs and time.monotonic() < deadline:
+    left = []
+    for path in procs:
+        try:
+            pids = open(path).read().split()
+        except OSError:
+            continue  # removed by its host already
+        left += [path] if pids else []
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(int(pid))
+            except OSError:
+                continue
+            try:
+                if pid in open(path).read().split():  # still this group's: the pidfd pins that process
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    procs = left
+    time.sleep(0.05)
+for group in groups:  # emptied: removed (one its host removed already is gone)
+    try:
+        os.rmdir(group)
+    except OSError:
+        pass
+"""
+_keepers: dict[int, tuple[subprocess.Popen[bytes], int]] = {}  # program pid -> its keeper, the pipe's write end
+_keepers_lock = threading.Lock()
+
+
+def _keep(proc: subprocess.Popen[bytes], cgroup: IsolateCgroup | None) -> None:
+    """Start ``proc``'s keeper (above); ``let_go`` ends it once the host has ended the isolate."""
+    from .process.zygote import system_python
+
+    read_end, write_end = os.pipe()  # neither inherited by anything else the host starts
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return  # gone already: nothing to keep
+    try:
+        keeper = subprocess.Popen(
+            [system_python(), "-I", "-S", "-c", _KEEPER, str(pidfd), *(cgroup.procs_files if cgroup else ())],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(pidfd,),
+            env={},
+            start_new_session=True,  # a terminal's Ctrl-C to the host's group leaves it to do its work
+        )
+    except OSError:
+        os.close(write_end)
+        return  # no keeper: the isolate still ends with its agent's channel, as it did without one
+    finally:
+        os.close(read_end)
+        os.close(pidfd)
+    with _keepers_lock:
+        _keepers[proc.pid] = (keeper, write_end)
+
+
+def let_go(proc: subprocess.Popen[bytes] | None) -> None:
+    """End ``proc``'s keeper: called once the host has ended the isolate itself (its program
+    reaped, its cgroup killed), so that the keeper finds nothing left to kill."""
+    if proc is None:
+        return
+    with _keepers_lock:
+        kept = _keepers.pop(proc.pid, None)
+    if kept is None:
+        return
+    keeper, write_end = kept
+    os.close(write_end)
+    try:
+        keeper.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            keeper.kill()
+        keeper.wait()

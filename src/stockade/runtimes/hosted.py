@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from ..policy import Policy
 from .base import IsolateUsage
+from .host_program import let_go
 from .process.cgroups import IsolateCgroup, pid_alive
 from .process.factory import release_uid
 from .process.uids import UidAllocator, UidLease, UidRange, processes_of
@@ -82,6 +83,7 @@ class HostedSandbox(AgentSandbox):
             os.close(self.pidfd)
             self.pidfd = -1
         _end_isolate(self.cgroup, self.uids)
+        let_go(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _release_program(self) -> None:
@@ -101,6 +103,7 @@ def abandon_start(
     if proc is not None:
         proc.wait()
     _end_isolate(cgroup, uids)
+    let_go(proc)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
