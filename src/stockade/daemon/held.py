@@ -376,7 +376,8 @@ class HeldSandboxes:
             if len(data) > limit and (request.max_bytes is None or request.max_bytes > READ_FILE_MAX):
                 raise CallTooLargeError(
                     f"{request.path} is larger than the {READ_FILE_MAX >> 20} MiB one read_file answers through "
-                    "the daemon: download it (a tar stream in pieces), or read its first bytes with max_bytes"
+                    "the daemon: download it (the SDK's download, a tar stream in pieces; over HTTP, "
+                    "split it first with a command, `split -b 16M`), or read its first bytes with max_bytes"
                 )
             return data[:limit]
 
