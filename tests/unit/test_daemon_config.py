@@ -40,15 +40,6 @@ def test_a_placeholder_is_no_token(name: str, value: str) -> None:
     assert DaemonConfig.from_env({name: "Zx8-_0123456789abcdef"}).secret(name.removeprefix("STOCKADE_").lower())
 
 
-def test_a_socket_every_user_may_write_needs_a_token() -> None:
-    for perms in ("0666", "0602", "0777"):
-        with pytest.raises(ConfigError, match=f"STOCKADE_SOCKET_PERMS={perms} lets every user"):
-            DaemonConfig.from_env({"STOCKADE_SOCKET_PERMS": perms})
-        signed = DaemonConfig.from_env({"STOCKADE_SOCKET_PERMS": perms, "STOCKADE_AUTH_TOKEN": "x" * 24})
-        assert signed.socket_perms == int(perms, 8)
-    assert DaemonConfig.from_env({"STOCKADE_SOCKET_PERMS": "0660"}).socket_perms == 0o660
-
-
 def test_an_api_token_file_is_checked_as_the_variable_is(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("<token-from-stockade-token-new>\n")

@@ -102,12 +102,6 @@ class DaemonConfig(Settings):
         config = cls.load(env)
         assert isinstance(config, DaemonConfig)
         _check_exposure(config.http, config.secret("api_token"))
-        if config.socket_perms & 0o002 and config.auth_token is None:
-            raise ConfigError(
-                f"STOCKADE_SOCKET_PERMS={config.socket_perms:04o} lets every user of this host connect, and without "
-                "STOCKADE_AUTH_TOKEN every one of them could run code here: use 0600 or 0660 (a group's "
-                "members: STOCKADE_ALLOWED_GIDS), or set a token"
-            )
         return config
 
 

@@ -136,6 +136,14 @@ class RPCServer:
             os.chmod(path, self.config.socket_perms)
         log.info("listening on %s (mode %04o, auth %s)", path, self.config.socket_perms,
                  "hmac" if self.config.auth_key else "off")  # fmt: skip
+        if self.config.socket_perms & 0o002 and not (
+            self.config.auth_key or self.config.allowed_uids or self.config.allowed_gids
+        ):
+            log.warning(
+                "the socket's mode %04o lets every user of this host run code through it (each sees only its own "
+                "sandboxes); 0600 or 0660, STOCKADE_ALLOWED_UIDS/GIDS or STOCKADE_AUTH_TOKEN keep them out",
+                self.config.socket_perms,
+            )
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop accepting, let requests in progress answer for up to ``grace_s``, then drop connections."""
