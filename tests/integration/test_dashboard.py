@@ -235,6 +235,7 @@ def test_real_runs_show_up_with_their_violation_and_chart(driver: Any, stockade:
     ok = live.execute(agent_id="dashboard-ok", code=OK)
     failed = live.execute(agent_id="dashboard-fails", code=FAILS)
     blocked = live.execute(agent_id="dashboard-escape", code=PTRACE)
+    slow = live.execute(agent_id="dashboard-slow", code="import time; time.sleep(60)", timeout_seconds=1)
     # What the daemon answered, before what the page shows of it.
     assert (ok["success"], ok["exit_code"], ok["stdout"]) == (True, 0, "hello from the dashboard test\n")
     assert (failed["success"], failed["termination_reason"], failed["exit_code"]) == (False, "completed", 3)
@@ -243,12 +244,14 @@ def test_real_runs_show_up_with_their_violation_and_chart(driver: Any, stockade:
     assert violation["detection_layer"] == "SECCOMP" and violation["blocked"] is True
 
     rows = {}
-    for answer in (ok, failed, blocked):
+    assert (slow["termination_reason"], slow["exit_code"]) == ("timeout", -9)
+    for answer in (ok, failed, blocked, slow):
         rows[answer["execution_id"]] = wait_for(driver, shows_row(answer["execution_id"]), "a run's row")
     for answer, agent, outcome, kind, violations in (
         (ok, "dashboard-ok", "completed", "ok", "0"),
         (failed, "dashboard-fails", "completed (exit 3)", "fail", "0"),
         (blocked, "dashboard-escape", "completed", "ok", "1"),  # refused with EPERM; the code went on
+        (slow, "dashboard-slow", "timeout", "fail", "0"),  # the program chose no exit status: none is shown
     ):
         row = rows[answer["execution_id"]]
         ident, agent_cell, runtime, outcome_cell, duration, cold, violations_cell, _finished = row["cells"]
@@ -267,13 +270,13 @@ def test_real_runs_show_up_with_their_violation_and_chart(driver: Any, stockade:
     assert (severity, layer) == (violation["severity"], "SECCOMP")
 
     # One point per run that had a cold start to show (a warm isolate's can be ~0 ms, never below).
-    points = sum(1 for answer in (ok, failed, blocked) if answer["cold_start_time_ms"] > 0)
-    assert points > 0, (ok, failed, blocked)
+    points = sum(1 for answer in (ok, failed, blocked, slow) if answer["cold_start_time_ms"] > 0)
+    assert points > 0, (ok, failed, blocked, slow)
     state = wait_for(
         driver, state_when(lambda s: ["process", points] in s["polylines"]), "the process line of the chart"
     )
     assert [runtime for runtime, _ in state["polylines"]] == ["process"]
-    assert state["executions"] == 3
+    assert state["executions"] == 4
     assert state["banner"] is None and not state["authShown"]
     assert any(item.startswith("process") for item in state["legend"])
     assert any(label.endswith(" ms") for label in state["yLabels"])

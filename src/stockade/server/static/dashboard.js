@@ -96,7 +96,9 @@
     const row = el("tr");
     row.dataset.executionId = String(ex.execution_id ?? "");
     let outcome = ex.termination_reason || (ex.success ? "completed" : "failed");
-    if (!ex.success && ex.exit_code !== null && ex.exit_code !== undefined) outcome += ` (exit ${ex.exit_code})`;
+    // The program's own exit status, where it chose one: a timeout's or a limit's SIGKILL (-9) says nothing more.
+    const ended = !ex.termination_reason || ex.termination_reason === "completed";
+    if (!ex.success && ended && ex.exit_code !== null && ex.exit_code !== undefined) outcome += ` (exit ${ex.exit_code})`;
     const seconds = ex.execution_time_seconds;
     const violations = el("td", ex.violations ?? 0, "num");
     if (ex.violations > 0) violations.classList.add("warn");
