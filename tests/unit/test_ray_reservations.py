@@ -104,3 +104,24 @@ def test_a_cluster_lost_under_a_claim_is_an_unavailable_runtime_not_an_internal_
     with pytest.raises(RuntimeUnavailableError, match=r"127\.0\.0\.1:6391 failed this claim") as caught:
         asyncio.run(placement.acquire(Policy()))
     assert error_code(caught.value) == "runtime_unavailable"
+
+
+def test_a_node_offers_only_the_runtimes_it_is_told_to() -> None:
+    # Each runtime a node offers gets a warm pool there: a microVM's is a QEMU each.
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import require
+
+    require("process")
+    said = subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "ray", "resources", "--runtime", "process", "--isolates", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert said.returncode == 0 and json.loads(said.stdout) == {"stockade_process": 3}, said.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "ray", "resources", "--runtime", "fake"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "invalid choice: 'fake'" in refused.stderr
