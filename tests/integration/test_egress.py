@@ -544,7 +544,7 @@ print(json.dumps({"refused": refused, "junk": answer[:12].decode(errors="replace
 """)
         out = json.loads(result.stdout.strip().splitlines()[-1])
         assert out["refused"] >= 100 - 64  # past the cap, connections are closed at once
-        assert out["junk"].startswith("HTTP/1.1 400") and out["huge"].startswith("HTTP/1.1 400")
+        assert out["junk"].startswith("HTTP/1.1 400") and out["huge"].startswith("HTTP/1.1 431")
         # The proxy still serves this sandbox afterwards.
         again = sb.run_code(
             f"import urllib.request; print(urllib.request.urlopen('http://api.stockade.test:{up.http.port}/', "

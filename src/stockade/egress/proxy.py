@@ -164,10 +164,7 @@ class _Exchange:
             try:
                 request = await _next_event(client, self.reader, head=True)
             except h11.RemoteProtocolError as exc:
-                # Not HTTP: answered 400, and recorded and counted as any refusal is.
-                self.gate.record(EgressRequest(host="?", port=0, method="?", allowed=False,
-                                               reason=f"not an HTTP request: {exc}"))  # fmt: skip
-                await self._answer(client, 400, f"bad request: {exc}")
+                await self._refuse_head(client, exc)
                 return
             if not isinstance(request, h11.Request):
                 return  # the client closed
@@ -240,7 +237,11 @@ class _Exchange:
         upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             while True:
-                request = await _next_event(client, self.reader)
+                try:
+                    request = await _next_event(client, self.reader, head=True)
+                except h11.RemoteProtocolError as exc:
+                    await self._refuse_head(client, exc)
+                    return
                 if not isinstance(request, h11.Request):
                     return
                 if not await self._exchange(client, request, upstream, up_reader, up_writer, host, port, "https"):
@@ -411,6 +412,12 @@ class _Exchange:
                 last = exc if isinstance(exc, OSError) else OSError(f"timed out after {CONNECT_TIMEOUT_S:g} s")
         raise Refused(f"cannot connect to {host}:{port}: {last}", 502)
 
+    async def _refuse_head(self, client: h11.Connection, exc: h11.RemoteProtocolError) -> None:
+        """A head that is not HTTP, or past the cap (431): answered, recorded and counted as any refusal is."""
+        self.gate.record(EgressRequest(host="?", port=0, method="?", allowed=False,
+                                       reason=f"not an HTTP request: {exc}"))  # fmt: skip
+        await self._answer(client, exc.error_status_hint, f"bad request: {exc}")
+
     async def _answer(self, client: h11.Connection, status: int, message: str) -> None:
         body = (message + "\n").encode()
         headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
@@ -428,19 +435,32 @@ class _Exchange:
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, head: bool = False) -> Any:
     """The next event; ``head``: the isolate's next request, where a hang-up in the middle of
     its head is the end of the connection (nothing was asked, so nothing is refused), not an error."""
+    fed = 0  # of this head: read no more than its cap (h11's own holds only while a head is incomplete)
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await asyncio.wait_for(reader.read(_CHUNK), IDLE_TIMEOUT_S)
+            want = min(_CHUNK, MAX_REQUEST_HEAD_BYTES + 1 - fed) if head else _CHUNK
+            if want <= 0:
+                raise h11.RemoteProtocolError("the request head is larger than 16 KiB", error_status_hint=431)
+            data = await asyncio.wait_for(reader.read(want), IDLE_TIMEOUT_S)
             if head and not data:
                 return None
+            fed += len(data)
             conn.receive_data(data)
             continue
         if event is h11.PAUSED:
             return None
         if isinstance(event, h11.ConnectionClosed):
             return None
+        if head and isinstance(event, h11.Request) and _head_size(event) > MAX_REQUEST_HEAD_BYTES:
+            # Whole already (a head that came pipelined behind the one before): held to the cap all the same.
+            raise h11.RemoteProtocolError("the request head is larger than 16 KiB", error_status_hint=431)
         return event
+
+
+def _head_size(request: h11.Request) -> int:
+    """About the bytes of ``request``'s head as sent: its request line and each header line."""
+    return len(request.method) + len(request.target) + 12 + sum(len(n) + len(v) + 4 for n, v in request.headers)
 
 
 def _split_authority(target: str, default_port: int) -> tuple[str, int]:
