@@ -140,20 +140,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .errors import StockadeError
 
     try:
-        config = DaemonConfig.from_env()
-        if args.socket or args.token_file or args.user or args.placement or args.ray_address:
+        # The flags over the variables, then read once: a flag's value stands where its variable's would
+        # (a --token-file over an env file's STOCKADE_AUTH_TOKEN, which is then not read at all).
+        env = dict(os.environ)
+        if args.placement or args.ray_address:
+            env["STOCKADE_PLACEMENT"] = _placement_flags(args.placement, args.ray_address)
+        if args.socket:
+            env["STOCKADE_SOCKET"] = args.socket
+        if args.token_file:
             from .client import read_token_file
 
-            env = dict(os.environ)
-            if args.placement or args.ray_address:
-                env["STOCKADE_PLACEMENT"] = _placement_flags(args.placement, args.ray_address)
-            if args.socket:
-                env["STOCKADE_SOCKET"] = args.socket
-            if args.token_file:
-                env["STOCKADE_AUTH_TOKEN"] = read_token_file(args.token_file)
-            if args.user:
-                env["STOCKADE_DAEMON_USER"] = args.user
-            config = DaemonConfig.from_env(env)
+            env["STOCKADE_AUTH_TOKEN"] = read_token_file(args.token_file)
+        if args.user:
+            env["STOCKADE_DAEMON_USER"] = args.user
+        config = DaemonConfig.from_env(env)
         if args.http is not None or args.api_token_file or args.no_socket:
             config = config.with_http(args.http, args.api_token_file, unix_socket=not args.no_socket)
         from .daemon.privileges import daemon_user_for, own_audit_log

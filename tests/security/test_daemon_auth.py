@@ -390,3 +390,18 @@ def test_token_files_on_both_sides_may_end_in_a_newline(process_runtime: str, tm
         Client(d.socket_path, token_file=os.path.join(str(tmp_path), "missing"))
     assert d.stop() == 0
     assert TOKEN not in d.logs()
+
+
+def test_a_token_file_stands_over_an_env_files_placeholder(process_runtime: str, tmp_path: Path) -> None:
+    # An env file kept from before (its placeholder in place) beside the unit's --token-file: the
+    # flag's token is the daemon's, and the placeholder is never read.
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    placeholder = {"STOCKADE_AUTH_TOKEN": "<token-from-/etc/stockade/token>"}
+    d = start_daemon(placeholder, args=("--token-file", str(token_file)))
+    try:
+        with Client(d.socket_path, auth_token=TOKEN) as c:
+            assert c.ping() == "pong"
+    finally:
+        assert d.stop() == 0, d.logs()

@@ -125,3 +125,27 @@ def test_a_node_offers_only_the_runtimes_it_is_told_to() -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode == 2 and "invalid choice: 'fake'" in refused.stderr
+
+
+def test_a_nodes_own_refusal_stays_what_it_is() -> None:
+    # Ray wraps what the node's actor raised (RayTaskError, itself a RayError): a policy the node
+    # refused is the caller's mistake, not a cluster gone.
+    import asyncio
+
+    import ray.exceptions
+
+    from stockade.errors import PolicyError
+    from stockade.placement.config import RayPlacementConfig
+    from stockade.placement.ray import RayPlacement
+    from stockade.policy import Policy
+
+    placement = RayPlacement(RayPlacementConfig(type="ray", address="127.0.0.1:6391"))
+    refused = PolicyError("the node refused this policy")
+
+    async def wrapped(policy: Policy) -> object:
+        raise ray.exceptions.RayTaskError("acquire", "traceback of the node", refused).as_instanceof_cause()
+
+    placement._claim_on_cluster = wrapped  # type: ignore[method-assign, assignment]
+    with pytest.raises(PolicyError, match="the node refused this policy") as caught:
+        asyncio.run(placement.acquire(Policy()))
+    assert caught.value is refused

@@ -35,7 +35,7 @@ def write_file(params: dict[str, Any]) -> dict[str, Any]:
         # first (0o755 less the umask), with no more right than the code beside this agent has.
         try:
             os.makedirs(parent, 0o755, exist_ok=True)
-        except FileExistsError:
+        except (FileExistsError, NotADirectoryError):
             pass  # a file where a directory would be: the open below says ENOTDIR, naming the path asked for
     fd = open_regular(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), mode)
     try:

@@ -26,9 +26,9 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import DaemonBusyError, RuntimeUnavailableError
+from ..errors import DaemonBusyError, RuntimeUnavailableError, StockadeError
 from .base import reach, runtime_choices
-from .ray_isolate import NodeHandle, RayIsolate, lost_node
+from .ray_isolate import NodeHandle, RayIsolate, _cause, lost_node
 from .ray_node import StockadeNode
 from .ray_reservations import KeptReservations, Reservation, shape_of
 
@@ -320,6 +320,9 @@ class RayPlacement:
         try:
             return await self._claim_on_cluster(policy)
         except ray.exceptions.RayError as exc:
+            cause = _cause(exc)
+            if isinstance(cause, StockadeError):
+                raise cause from None  # the node's own answer (a policy it refused, a start that failed)
             # Ray's own word for a cluster that went away under the claim (its placement group
             # removed, its GCS gone): the runtime is unavailable, said as the other doors say it.
             raise RuntimeUnavailableError(

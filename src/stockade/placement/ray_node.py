@@ -36,6 +36,11 @@ class StockadeNode:
     def __init__(self, runtimes: list[str], pool_size: int) -> None:
         import ray
 
+        from ..broker import client as secrets_client
+
+        # Its isolates' egress runs here, for whoever holds the placement (a daemon's callers):
+        # a secret its file stores with no hosts is refused to them, as a daemon refuses it.
+        secrets_client.SERVING_CALLERS = True
         self.node_id = ray.get_runtime_context().get_node_id()
         # The node's own isolates are a local placement's: its warm pools, its hand-overs.
         self.local = LocalPlacement(LocalPlacementConfig(pool_size=pool_size))

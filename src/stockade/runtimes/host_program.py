@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import threading
 from typing import IO
 
@@ -135,39 +136,44 @@ for group in groups:  # emptied: removed (one its host removed already is gone)
     except OSError:
         pass
 """
-_keepers: dict[int, tuple[subprocess.Popen[bytes], int]] = {}  # program pid -> its keeper, the pipe's write end
+# program -> its keeper and the pipe's write end; by the Popen, never by pid: a pid freed when the
+# program is reaped may be a later program's before its isolate's release lets the keeper go.
+_keepers: dict[subprocess.Popen[bytes], tuple[subprocess.Popen[bytes], int]] = {}
 _keepers_lock = threading.Lock()
 
 
 def _keep(proc: subprocess.Popen[bytes], cgroup: IsolateCgroup | None) -> None:
-    """Start ``proc``'s keeper (above); ``let_go`` ends it once the host has ended the isolate."""
-    from .process.zygote import system_python
-
-    read_end, write_end = os.pipe()  # neither inherited by anything else the host starts
+    """Start ``proc``'s keeper (above); ``let_go`` ends it once the host has ended the isolate.
+    Never fails the spawn: without a keeper, the isolate still ends with its agent's channel."""
+    try:
+        read_end, write_end = os.pipe()  # neither inherited by anything else the host starts
+    except OSError:
+        return
+    keeper = None
     try:
         pidfd = os.pidfd_open(proc.pid)
+        try:
+            keeper = subprocess.Popen(
+                # This interpreter (a host's, new enough for pidfds), with nothing of its site or environment.
+                [sys.executable, "-I", "-S", "-c", _KEEPER, str(pidfd), *(cgroup.procs_files if cgroup else ())],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(pidfd,),
+                env={},
+                start_new_session=True,  # a terminal's Ctrl-C to the host's group leaves it to do its work
+            )
+        finally:
+            os.close(pidfd)
     except OSError:
-        os.close(read_end)
-        os.close(write_end)
-        return  # gone already: nothing to keep
-    try:
-        keeper = subprocess.Popen(
-            [system_python(), "-I", "-S", "-c", _KEEPER, str(pidfd), *(cgroup.procs_files if cgroup else ())],
-            stdin=read_end,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(pidfd,),
-            env={},
-            start_new_session=True,  # a terminal's Ctrl-C to the host's group leaves it to do its work
-        )
-    except OSError:
-        os.close(write_end)
-        return  # no keeper: the isolate still ends with its agent's channel, as it did without one
+        pass  # the program gone already, or no process to spare
     finally:
         os.close(read_end)
-        os.close(pidfd)
+    if keeper is None:
+        os.close(write_end)
+        return
     with _keepers_lock:
-        _keepers[proc.pid] = (keeper, write_end)
+        _keepers[proc] = (keeper, write_end)
 
 
 def let_go(proc: subprocess.Popen[bytes] | None) -> None:
@@ -176,7 +182,7 @@ def let_go(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is None:
         return
     with _keepers_lock:
-        kept = _keepers.pop(proc.pid, None)
+        kept = _keepers.pop(proc, None)
     if kept is None:
         return
     keeper, write_end = kept

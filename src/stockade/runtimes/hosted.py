@@ -78,12 +78,14 @@ class HostedSandbox(AgentSandbox):
             with contextlib.suppress(OSError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        self._release_program()
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-        _end_isolate(self.cgroup, self.uids)
-        let_go(self.proc)
+        try:
+            self._release_program()
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
+            _end_isolate(self.cgroup, self.uids)
+        finally:
+            let_go(self.proc)  # what the host could not end, its keeper does
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _release_program(self) -> None:
@@ -102,8 +104,10 @@ def abandon_start(
             os.killpg(proc.pid, signal.SIGKILL)
     if proc is not None:
         proc.wait()
-    _end_isolate(cgroup, uids)
-    let_go(proc)
+    try:
+        _end_isolate(cgroup, uids)
+    finally:
+        let_go(proc)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -193,7 +193,8 @@ async def files_persist_across_calls(isolate: Isolate) -> None:
         assert {"data.txt", "out.bin"} == {e["name"] for e in await isolate.alist_dir(tmp)}
         await isolate.awrite_file(f"{tmp}/new/deeper/x.txt", "x")  # its directories made first
         assert await isolate.aread_file(f"{tmp}/new/deeper/x.txt") == b"x"
-        await _raises(isolate.awrite_file(f"{tmp}/data.txt/x", "x"), SandboxError, "data.txt")
+        await _raises(isolate.awrite_file(f"{tmp}/data.txt/x", "x"), SandboxError, "data.txt/x")
+        await _raises(isolate.awrite_file(f"{tmp}/data.txt/sub/x", "x"), SandboxError, "data.txt/sub/x")
     finally:
         await isolate.aexec(["rm", "-rf", tmp])
 
