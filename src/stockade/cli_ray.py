@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from .cli_outcome import whole_number
+from .isolation import RUNTIME_NAMES
 
 DEFAULT_ISOLATES = 64
 
@@ -33,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
     resources.set_defaults(func=cmd_ray_resources)
 
 
-SERVED = ("process", "gvisor", "microvm")  # never the fake one
+SERVED = tuple(name for name in RUNTIME_NAMES if name != "fake")  # a node never offers the fake one
 
 
 def node_resources(isolates: int, runtimes: list[str] | None = None) -> dict[str, int]:

@@ -192,8 +192,7 @@ class _Exchange:
             upstream = await self._open(host, port)
         except Refused as exc:
             record.reason = str(exc)
-            self.gate.record(record)
-            await self._answer(client, exc.status, str(exc))
+            await self._refuse(client, exc.status, record)
             return
         up_reader, up_writer = upstream
         self.writer.write(client.send(h11.Response(status_code=200, headers=[], reason=b"Connection established")))
@@ -264,16 +263,14 @@ class _Exchange:
             hostname, port = parts.hostname, parts.port or 80  # a bad [IPv6] or port raises
         except ValueError:
             # A refusal like any other: recorded, answered and counted (it ends a run that kills on one).
-            reason = "a malformed URL"
-            self.gate.record(EgressRequest(host="?", port=0, method=method, path=target[:200], allowed=False,
-                                           reason=reason))  # fmt: skip
-            await self._answer(client, 400, reason)
+            await self._refuse(client, 400, EgressRequest(host="?", port=0, method=method, path=target[:200],
+                                                          allowed=False, reason="a malformed URL"))  # fmt: skip
             return False
         if parts.scheme != "http" or not hostname:
             reason = "only http:// URLs and CONNECT go through this proxy"
-            self.gate.record(EgressRequest(host=hostname or "?", port=port, method=method,
-                                           path=parts.path or target[:200], allowed=False, reason=reason))  # fmt: skip
-            await self._answer(client, 400, reason)
+            await self._refuse(client, 400, EgressRequest(host=hostname or "?", port=port, method=method,
+                                                          path=parts.path or target[:200], allowed=False,
+                                                          reason=reason))  # fmt: skip
             return False
         self.relayed += 1
         if self.relayed > 1 and not self.gate.admit(time.monotonic()):
@@ -285,9 +282,9 @@ class _Exchange:
         try:
             up_reader, up_writer = await self._open(host, port)
         except Refused as exc:
-            self.gate.record(EgressRequest(host=host, port=port, method=method, path=parts.path or "/",
-                                           allowed=False, reason=str(exc)))  # fmt: skip
-            await self._answer(client, exc.status, str(exc))
+            await self._refuse(client, exc.status, EgressRequest(host=host, port=port, method=method,
+                                                                 path=parts.path or "/", allowed=False,
+                                                                 reason=str(exc)))  # fmt: skip
             return client.their_state is not h11.MUST_CLOSE
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         origin = h11.Request(method=request.method, target=path.encode(), headers=_without_proxy_headers(request))
@@ -412,11 +409,17 @@ class _Exchange:
                 last = exc if isinstance(exc, OSError) else OSError(f"timed out after {CONNECT_TIMEOUT_S:g} s")
         raise Refused(f"cannot connect to {host}:{port}: {last}", 502)
 
+    async def _refuse(self, client: h11.Connection, status: int, record: EgressRequest, said: str = "") -> None:
+        """A refused request: recorded (and so counted: a violation of its sandbox's), then answered
+        ``status`` with ``said``, or the record's reason."""
+        said = said or record.reason  # as given: recording trims the record's own
+        self.gate.record(record)
+        await self._answer(client, status, said)
+
     async def _refuse_head(self, client: h11.Connection, exc: h11.RemoteProtocolError) -> None:
-        """A head that is not HTTP, or past the cap (431): answered, recorded and counted as any refusal is."""
-        self.gate.record(EgressRequest(host="?", port=0, method="?", allowed=False,
-                                       reason=f"not an HTTP request: {exc}"))  # fmt: skip
-        await self._answer(client, exc.error_status_hint, f"bad request: {exc}")
+        """A head that is not HTTP, or past the cap (431): refused as any request is."""
+        record = EgressRequest(host="?", port=0, method="?", allowed=False, reason=f"not an HTTP request: {exc}")
+        await self._refuse(client, exc.error_status_hint, record, f"bad request: {exc}")
 
     async def _answer(self, client: h11.Connection, status: int, message: str) -> None:
         body = (message + "\n").encode()

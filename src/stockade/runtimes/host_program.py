@@ -115,14 +115,21 @@ while procs and time.monotonic() < deadline:
             pids = open(path).read().split()
         except OSError:
             continue  # removed by its host already
-        left += [path] if pids else []
+        if pids:
+            left.append(path)
+        pinned = {}
         for pid in pids:
             try:
-                fd = os.pidfd_open(int(pid))
+                pinned[pid] = os.pidfd_open(int(pid))
             except OSError:
-                continue
+                pass  # gone meanwhile
+        try:
+            still = set(open(path).read().split())  # read again once pinned: a pid listed now is that process
+        except OSError:
+            still = set()
+        for pid, fd in pinned.items():
             try:
-                if pid in open(path).read().split():  # still this group's: the pidfd pins that process
+                if pid in still:
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
             except OSError:
                 pass

@@ -78,14 +78,11 @@ class HostedSandbox(AgentSandbox):
             with contextlib.suppress(OSError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        try:
-            self._release_program()
-            if self.pidfd >= 0:
-                os.close(self.pidfd)
-                self.pidfd = -1
-            _end_isolate(self.cgroup, self.uids)
-        finally:
-            let_go(self.proc)  # what the host could not end, its keeper does
+        self._release_program()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        _end_isolate(self.proc, self.cgroup, self.uids)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _release_program(self) -> None:
@@ -104,23 +101,24 @@ def abandon_start(
             os.killpg(proc.pid, signal.SIGKILL)
     if proc is not None:
         proc.wait()
-    try:
-        _end_isolate(cgroup, uids)
-    finally:
-        let_go(proc)
+    _end_isolate(proc, cgroup, uids)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _end_isolate(cgroup: IsolateCgroup | None, uids: Sequence[UidLease]) -> None:
-    """Kill what is left of the isolate and give its uids back once nothing runs as them."""
-    if cgroup is not None:
-        cgroup.kill()
-        gone = cgroup.remove()
-    else:
-        # No cgroup to empty (a host without one): a Sentry or gofer that outlived runsc
-        # still runs as a leased uid, which must not go to another isolate before it ends.
-        gone = kill_uid_processes({lease.uid for lease in uids})
-    release_uids(uids, gone)
+def _end_isolate(proc: subprocess.Popen[bytes] | None, cgroup: IsolateCgroup | None, uids: Sequence[UidLease]) -> None:
+    """Kill what is left of the isolate and give its uids back once nothing runs as them; then let
+    its program's keeper go (which ends whatever this could not)."""
+    try:
+        if cgroup is not None:
+            cgroup.kill()
+            gone = cgroup.remove()
+        else:
+            # No cgroup to empty (a host without one): a Sentry or gofer that outlived runsc
+            # still runs as a leased uid, which must not go to another isolate before it ends.
+            gone = kill_uid_processes({lease.uid for lease in uids})
+        release_uids(uids, gone)
+    finally:
+        let_go(proc)
 
 
 def kill_uid_processes(uids: set[int], wait_s: float = 5.0) -> bool:
