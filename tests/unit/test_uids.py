@@ -138,7 +138,7 @@ def test_without_a_cgroup_a_uid_is_given_back_only_once_nothing_runs_as_it() -> 
         while not processes_of({uid}) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert processes_of({uid}) == [left.pid]
-        _end_isolate(None, [lease])
+        _end_isolate(None, None, [lease])  # no program, no cgroup
         assert left.wait(timeout=10) == -9
         assert not os.path.exists(lease._path)
     finally:
