@@ -620,3 +620,43 @@ def test_a_flood_of_refused_requests_costs_the_host_a_message_a_window_and_is_co
             assert result.egress_requests_dropped > 0 and answered < int(out["sent"])  # type: ignore[call-overload]
         junk = [r for r in result.egress_requests if r.method == "?"]  # type: ignore[attr-defined]
         assert junk and "not an HTTP request" in junk[0].reason
+
+
+def test_a_runs_egress_account_is_taken_off_the_event_loop(
+    up: Upstreams, manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon's loop serves every caller: the worker's account of a run (a round trip to a process
+    the isolate's flood may keep busy) must not hold it. Here the account is answered only once the
+    loop has run something else: taken on the loop, it would wait out its 20 s and say so."""
+    import asyncio
+    import threading
+
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        isolate = sb._sandbox
+        assert isolate.egress is not None
+        asking, answered_by_loop = threading.Event(), threading.Event()
+        loop_ran: list[bool] = []
+        real_take = isolate.egress.take
+
+        def slow_take() -> tuple[list[EgressRequest], int, int]:
+            asking.set()
+            loop_ran.append(answered_by_loop.wait(20))
+            return real_take()
+
+        monkeypatch.setattr(isolate.egress, "take", slow_take)
+
+        async def main() -> object:
+            async def answer_when_asked() -> None:
+                while not asking.is_set():
+                    await asyncio.sleep(0.01)
+                answered_by_loop.set()
+
+            helper = asyncio.create_task(answer_when_asked())
+            result = await isolate.arun_code(FETCH + f"print(fetch('http://other.stockade.test:{up.http.port}/')[0])")
+            await helper
+            return result
+
+        result = asyncio.run(main())
+    assert loop_ran == [True], "the egress account was taken on the event loop"
+    assert result.stdout.strip() == "403"  # type: ignore[attr-defined]
+    assert [r.host for r in result.egress_requests] == ["other.stockade.test"]  # type: ignore[attr-defined]

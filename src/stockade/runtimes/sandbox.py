@@ -36,7 +36,7 @@ from .agent_requests import code_request, exec_params, run_params
 from .base import BASE_ENV, IsolateUsage
 from .blocking import run_blocking
 from .cells import cell_fields
-from .channel import AgentChannel, awaited
+from .channel import BLOCKING_CALLER, AgentChannel, awaited
 from .judgement import judge
 from .loop_call import LoopCall
 from .publish import AgentRelay, Forwarder
@@ -338,20 +338,40 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         run = self._begin_run(params, stdin, env, timeout, on_output, execution_id)
         guard = CallbackGuard(on_output)
 
-        def answered(reply: Any) -> None:
+        # A blocking caller's loop is its own: nothing else waits on it.
+        off_loop = self.egress is not None and not BLOCKING_CALLER.get()
+
+        def settled(reply: Any, interrupted: bool) -> ExecResult | Exception:
             try:
-                result = self._settle_run(run, guard, reply)
+                return self._settle_run(run, guard, reply, interrupted)
             except Exception as exc:  # noqa: BLE001 - handed to the caller, as an awaited run would raise it
-                done(exc)
+                return exc
+
+        def answered(reply: Any) -> None:
+            interrupted = self.channel.last_interrupted  # this run's: set as its call let go of the turn
+            if not off_loop:
+                done(settled(reply, interrupted))
                 return
-            done(result)
+            # The egress worker's account is a round trip to a process the isolate's own traffic may
+            # keep busy (up to its timeout): asked from a thread, so that the loop (a daemon's, serving
+            # every other caller) never waits on it.
+            loop.run_in_executor(None, settled, reply, interrupted).add_done_callback(deliver)
+
+        def deliver(taken: asyncio.Future[ExecResult | Exception]) -> None:
+            if call.aborted:  # its caller went away meanwhile
+                return
+            if taken.cancelled() or taken.exception() is not None:  # the loop's executor shut down under it
+                done(SandboxError("the run ended but its result was lost: the event loop was shutting down"))
+                return
+            done(taken.result())
 
         loop = asyncio.get_running_loop()
-        return self.channel.start(
+        call = self.channel.start(
             loop, method, run.params, run.wait, guard.callback, answered, lambda: self._open_run(run)
         )
+        return call
 
-    def _settle_run(self, run: PendingRun, guard: CallbackGuard, reply: Any) -> ExecResult:
+    def _settle_run(self, run: PendingRun, guard: CallbackGuard, reply: Any, interrupted: bool) -> ExecResult:
         """The result of a run from the agent's reply, or from the exception that ended the call.
 
         A timeout, a lost or garbled connection ends the isolate and is a verdict
@@ -359,14 +379,14 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         caller's output callback) is raised.
         """
         if isinstance(reply, _RUN_ENDINGS):
-            return self._finish_run(run, None, self._ended(reply))
+            return self._finish_run(run, None, self._ended(reply), interrupted)
         if isinstance(reply, Exception):
             raise start_error(reply)  # no such program: FileNotFoundError, as subprocess.run raises
         try:
             verdict = read_verdict(reply)
         except AgentProtocolError as exc:
-            return self._finish_run(run, None, self._ended(exc))
-        return guard.check(self._finish_run(run, verdict, None))
+            return self._finish_run(run, None, self._ended(exc), interrupted)
+        return guard.check(self._finish_run(run, verdict, None, interrupted))
 
     def _begin_run(
         self,
@@ -452,7 +472,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         self._mark_dead(None)
         return AgentProtocolError(f"{what}; the isolate was killed")
 
-    def _finish_run(self, run: PendingRun, verdict: Verdict | None, error: str | None) -> ExecResult:
+    def _finish_run(self, run: PendingRun, verdict: Verdict | None, error: str | None, interrupted: bool) -> ExecResult:
         elapsed = time.monotonic() - run.started
         after = self.usage()
         # The worker's account first: every refusal it reported before it is counted by then.
@@ -461,7 +481,6 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         report = self.violation_log.take()
         timeout = run.params.get("timeout")  # the run's own, when it had one shorter than the policy's
         limit = float(timeout) if isinstance(timeout, (int, float)) else self.policy.timeout_seconds
-        interrupted = self.channel.last_interrupted  # this run's: set as its call let go of the turn
         return self._result(
             verdict, error, elapsed, run.before, after, report, run.execution_id, limit, egress, interrupted
         )
