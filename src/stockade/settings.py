@@ -95,6 +95,8 @@ class Settings:
     # The ``fake`` runtime (isolation ``none``: commands run as the daemon, unconfined) for the
     # daemon's callers: off, or any caller of a root daemon would be root.
     allow_unisolated: bool = False
+    # Host directories a shared path (filesystem_access) must lead into; None: anywhere others may read.
+    mount_roots: tuple[str, ...] | None = None
     state_dir: str = field(default_factory=default_state_dir)
     daemon_user: str | None = None  # `stockade serve` as root becomes it (unset: stockade if it exists; root: stays)
     # The runtimes
@@ -238,6 +240,18 @@ def listen_address(raw: str, name: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _mount_roots(raw: str, name: str) -> tuple[str, ...]:
+    """Comma-separated absolute directories, or ``none`` (no host path may be shared)."""
+    if raw.strip().lower() == "none":
+        return ()
+    roots = []
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        if not item.startswith("/") or "\0" in item:
+            raise ConfigError(f"{name} entry {item!r} is not an absolute path (or set {name}=none)")
+        roots.append(os.path.normpath(item))
+    return tuple(roots)
+
+
 def _audit(raw: str, name: str) -> str | None:
     return None if raw.lower() == "off" else raw
 
@@ -331,6 +345,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "audit_max_bytes": _int(4096),
     "build_packages": _switch,
     "allow_unisolated": _switch,
+    "mount_roots": _mount_roots,
     "pool_size": _int(0),
     "pool_shapes": _int(1),
     "cgroup_parent": _cgroup_parent,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ... import environments
 from ...agent import linux
 from ...egress import PROXY_PORT
-from ...environments import ENV_ROOT
+from ...environments import ENV_ROOT, store_root
 from ...errors import PolicyError
 from ...policy import Policy, default_policy, forbidden_source
 from ...settings import current
@@ -338,6 +338,21 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         }
 
 
+def _check_within_roots(where: str, real: str) -> None:
+    """A host that names its mount roots (STOCKADE_MOUNT_ROOTS) shares nothing outside them, but
+    its own Python environments (the store every sandbox may name an environment of). ``real``:
+    where the source leads, which is what is mounted (no sandbox can swap a step of the way since:
+    ``_check_unswappable``)."""
+    roots = current().mount_roots
+    if roots is None:
+        return
+    allowed = [os.path.realpath(r) for r in (*roots, store_root())]
+    if any(real == root or real.startswith(root.rstrip("/") + "/") for root in allowed):
+        return
+    named = ",".join(roots) or "none"
+    raise PolicyError(f"{where} leads to {real}, outside what this host shares (STOCKADE_MOUNT_ROOTS={named})")
+
+
 def _check_unswappable(where: str, path: str, st: os.stat_result, last: bool) -> None:
     """A step on the way to a shared path that no sandbox can swap for a link of its own between
     this check and runsc's or QEMU's open of the source as root: not a link or directory of a
@@ -376,6 +391,7 @@ def check_mount_sources(policy: Policy) -> None:
         real = os.path.realpath(mount.source)
         if forbidden_source(real):
             raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
+        _check_within_roots(where, real)
         if os.getuid() != 0:
             continue
         # Every directory on the way, as named and where a link leads: runsc and QEMU resolve the

@@ -1,0 +1,105 @@
+"""STOCKADE_MOUNT_ROOTS: a host that names the directories it shares shares nothing else, whatever
+path a caller names, and wherever a link of its own would lead."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+import stockade
+from stockade.environments import store_root
+from stockade.errors import PolicyError
+from stockade.runtimes.manager import RuntimeManager
+from stockade.runtimes.process.runtime import check_mount_sources
+from stockade.settings import ConfigError, Settings
+from tests.daemon_harness import start_daemon
+
+
+@pytest.fixture
+def tree() -> Iterator[tuple[str, str]]:
+    """``(allowed, outside)``: two directories open to others, each holding a file ``f``."""
+    top = tempfile.mkdtemp(prefix="stockade-roots-")
+    try:
+        os.chmod(top, 0o755)
+        for name in ("allowed", "outside"):
+            os.mkdir(os.path.join(top, name), 0o755)
+            with open(os.path.join(top, name, "f"), "w") as f:
+                f.write(f"{name}\n")
+            os.chmod(os.path.join(top, name, "f"), 0o644)
+        yield os.path.join(top, "allowed"), os.path.join(top, "outside")
+    finally:
+        shutil.rmtree(top)
+
+
+def test_only_paths_below_the_roots_are_shared(
+    process_runtime: str, manager: RuntimeManager, tree: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allowed, outside = tree
+    monkeypatch.setenv("STOCKADE_MOUNT_ROOTS", allowed)
+    r = stockade.run(["cat", "/data/f"], manager=manager, filesystem_access=[f"{allowed}:/data"])
+    assert r.stdout == "allowed\n", r.summary() + r.stderr
+    with pytest.raises(PolicyError, match=f"leads to {outside}, outside what this host shares"):
+        stockade.run(["true"], manager=manager, filesystem_access=[f"{outside}:/data"])
+    # Named below a root, a link leads out of it: what it leads to is what would be mounted.
+    os.symlink(outside, os.path.join(allowed, "way-out"))
+    with pytest.raises(PolicyError, match=f"way-out leads to {outside}, outside"):
+        stockade.run(["true"], manager=manager, filesystem_access=[f"{allowed}/way-out:/data"])
+    # A name that only begins like a root is not below it.
+    os.mkdir(f"{allowed}-not", 0o755)
+    with pytest.raises(PolicyError, match=r"allowed-not leads to .*, outside what this host shares"):
+        stockade.run(["true"], manager=manager, filesystem_access=[f"{allowed}-not:/data"])
+
+
+def test_none_shares_nothing_but_the_hosts_own_environments(
+    tree: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allowed, _ = tree
+    monkeypatch.setenv("STOCKADE_MOUNT_ROOTS", "none")
+    with pytest.raises(PolicyError, match=r"STOCKADE_MOUNT_ROOTS=none\)"):
+        check_mount_sources(stockade.Policy(filesystem_access=[f"{allowed}:/data"]))
+    # The environment store is what every caller may name an environment of (environments.py mounts it).
+    env_dir = tempfile.mkdtemp(dir=_store())
+    try:
+        os.chmod(env_dir, 0o755)
+        check_mount_sources(stockade.Policy(filesystem_access=[f"{env_dir}:/opt/stockade/env"]))
+    finally:
+        os.rmdir(env_dir)
+
+
+def _store() -> str:
+    os.makedirs(store_root(), mode=0o755, exist_ok=True)
+    return store_root()
+
+
+def test_a_malformed_root_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="STOCKADE_MOUNT_ROOTS entry 'srv' is not an absolute path"):
+        Settings.load({"STOCKADE_MOUNT_ROOTS": "/data,srv"})
+    assert Settings.load({"STOCKADE_MOUNT_ROOTS": "/data/, /srv/x/.."}).mount_roots == ("/data", "/srv")
+    assert Settings.load({}).mount_roots is None
+
+
+def test_a_daemons_http_caller_is_refused_outside_the_roots(process_runtime: str, tree: tuple[str, str]) -> None:
+    allowed, outside = tree
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_MOUNT_ROOTS": allowed})
+    try:
+        assert daemon.http_url is not None
+        with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+
+            def execute(source: str) -> httpx.Response:
+                body = {"agent_id": "tester", "command": ["cat", "/data/f"], "filesystem_access": [f"{source}:/data"]}
+                return http.post("/api/v1/sandbox/execute", json=body)
+
+            ok = execute(allowed)
+            assert ok.status_code == 200 and ok.json()["output"] == "allowed\n", ok.text
+            refused = execute(outside)
+            assert (refused.status_code, refused.json()["code"]) == (422, "policy"), refused.text
+            assert f"leads to {outside}, outside what this host shares" in refused.json()["error"]
+            assert "outside\n" not in refused.text
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        daemon.cleanup()
