@@ -67,6 +67,8 @@ def _handler(upstream: Upstream) -> type[http.server.BaseHTTPRequestHandler]:
             self.send_header("X-Echo-Authorization", headers.get("authorization", ""))  # as an error page might
             if gzipped:
                 self.send_header("Content-Encoding", "gzip")
+                if self.path.startswith("/gzip-anyway-split"):  # a second header that says otherwise
+                    self.send_header("Content-Encoding", "identity")
             self.end_headers()
             self.wfile.write(body)
 

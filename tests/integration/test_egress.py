@@ -473,7 +473,8 @@ def get(path):
             return reply.status, body.decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-print(json.dumps({{"asked": get("/leak"), "anyway": get("/gzip-anyway/leak")}}))
+print(json.dumps({{"asked": get("/leak"), "anyway": get("/gzip-anyway/leak"),
+                  "split": get("/gzip-anyway-split/leak")}}))
 """
     with Sandbox(allow(up, "api.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
         handle = sb.run_code("import os; print(os.environ['API_KEY'])").stdout.strip()
@@ -481,6 +482,7 @@ print(json.dumps({{"asked": get("/leak"), "anyway": get("/gzip-anyway/leak")}}))
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["asked"] == [200, f"the key is {handle}\n"]  # identity asked for, the value turned back
     assert out["anyway"][0] == 502 and "compressed" in out["anyway"][1]
+    assert out["split"][0] == 502 and "compressed" in out["split"][1]  # each Content-Encoding header is read
     assert SECRET_VALUE not in result.stdout and "[REDACTED" not in result.stdout
 
 

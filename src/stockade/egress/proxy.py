@@ -349,8 +349,10 @@ class _Exchange:
             reply_headers = [(n, self.gate.redact_reply(v)) for n, v in response.headers]
             reason = self.gate.redact_reply(response.reason)
             if redactor is not None:
-                encoding = dict((n.lower(), v) for n, v in response.headers).get(b"content-encoding", b"identity")
-                if guarded and encoding.strip().lower() != b"identity":
+                # Every header of the name, every coding in each: a client may read the first, or all.
+                codings = {c.strip().lower() for n, v in response.headers if n.lower() == b"content-encoding"
+                           for c in v.split(b",")}  # fmt: skip
+                if guarded and codings - {b"identity", b""}:
                     # Asked for identity; a compressed reply could carry a value the proxy cannot see.
                     raise _Unreadable("the host answered with a compressed body, which the proxy cannot check")
                 # A reply that may change length is re-framed (chunked).
