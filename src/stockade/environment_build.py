@@ -47,10 +47,7 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) 
     if not verbose:
         log.warning("building a Python environment for %s (once; cached as %s)", ", ".join(reqs), env_id)
     try:
-        with open(os.path.join(work, "requirements.txt"), "w") as f:
-            f.write("\n".join(reqs) + "\n")
-        _pip(work, allow_source, verbose)
-        os.unlink(os.path.join(work, "requirements.txt"))
+        _pip(work, reqs, allow_source, verbose)
         target = os.path.join(work, "python")
         if os.path.isdir(os.path.join(target, "bin")):
             os.rename(os.path.join(target, "bin"), os.path.join(work, "bin"))
@@ -74,11 +71,13 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) 
         raise
 
 
-def _pip(work: str, allow_source: bool, verbose: bool) -> None:
-    cmd = [*_pip_command(), "install", "--target", os.path.join(work, "python"), "--no-compile",
-           "-r", os.path.join(work, "requirements.txt")]  # fmt: skip
+def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) -> None:
+    cmd = [*_pip_command(), "install", "--target", os.path.join(work, "python"), "--no-compile"]
     if not allow_source:
         cmd.append("--only-binary=:all:")
+    # Each requirement one argument after "--": never a requirements file's line, whose tail pip
+    # reads as per-requirement options (--global-option there would make it build from source).
+    cmd += ["--", *reqs]
     # pip keeps the host's own settings (its index, proxy, certificates); never stockade's (a daemon's tokens,
     # a session key) nor the interpreter's overrides. A build's setup code could read its environment.
     env = {k: v for k, v in os.environ.items()

@@ -57,7 +57,6 @@ _ID = re.compile(r"^[0-9a-f]{32}$")
 _REQ = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(\[[A-Za-z0-9._,\s-]*\])?\s*(.*)$")
 _CLAUSE = r"(?:===|~=|==|!=|<=|>=|<|>)[A-Za-z0-9.*+!_-]+"
 _SPEC = re.compile(rf"^(?:{_CLAUSE}(?:,{_CLAUSE})*)?$")
-_MARKER = re.compile(r"^[\w\s.<>=!~\"'()-]+$")
 # pip options (config files, PIP_* variables) that change which packages a requirement list installs.
 _PIP_KEYS = ("index-url", "extra-index-url", "find-links", "no-index", "constraint", "pre", "only-binary",
              "no-binary", "prefer-binary", "use-feature")  # fmt: skip
@@ -154,8 +153,13 @@ def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[
                 raise ValueError(f"{raw!r}: {given.strip()!r} is not a version specifier (such as '>=2.1,<3')")
             text = name + (extras or "") + spec
         marker = " ".join(marker.split())
-        if marker and not _MARKER.fullmatch(marker):
-            raise ValueError(f"{raw!r}: {marker!r} is not an environment marker")
+        if marker:
+            from packaging.markers import InvalidMarker, Marker  # only for a marker: most lists have none
+
+            try:  # PEP 508's grammar, not a look-alike: pip would read "--option" after one as its own
+                Marker(marker)
+            except InvalidMarker:
+                raise ValueError(f"{raw!r}: {marker!r} is not an environment marker") from None
         out.add(text + (f" ; {marker}" if marker else ""))
     return tuple(sorted(out))
 

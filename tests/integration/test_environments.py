@@ -137,8 +137,13 @@ def test_the_content_address_is_stable(small: str, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize(
-    "bad", ["-r other.txt", "--index-url=https://example.org", "./local/pkg", "six; $(reboot)", "six @", "six=>=1"]
-)
+    "bad",
+    [
+        "-r other.txt", "--index-url=https://example.org", "./local/pkg", "six; $(reboot)", "six @", "six=>=1",
+        # pip reads a requirement line's "--option" tail as its own: --global-option means "build from source"
+        'six ; python_version>"3" --global-option=x', "six ; os_name=='posix' --install-option=--prefix=/",
+    ],
+)  # fmt: skip
 def test_requirements_are_refused_when_they_are_not_plain(bad: str, store: str) -> None:
     with pytest.raises(PolicyError, match="packages"):
         Policy(packages=[bad])
@@ -248,6 +253,54 @@ def test_a_build_imports_nothing_from_its_callers_directory(
         environment_build._pip_command.cache_clear()
     assert not marker.exists()
     assert env_id in {e.id for e in environments.listing()}
+
+
+def _probe_distributions(where: Path, marker: Path) -> None:
+    """A wheel and an sdist of ``stockade-sdist-probe`` in ``where``; the sdist's setup.py writes ``marker``."""
+    import tarfile
+    import zipfile
+
+    dist_info = "stockade_sdist_probe-1.0.dist-info"
+    files = {
+        "stockade_sdist_probe/__init__.py": "",
+        f"{dist_info}/METADATA": "Metadata-Version: 2.1\nName: stockade-sdist-probe\nVersion: 1.0\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(where / "stockade_sdist_probe-1.0-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+        wheel.writestr(f"{dist_info}/RECORD", "".join(f"{name},,\n" for name in [*files, f"{dist_info}/RECORD"]))
+    source = where / "stockade_sdist_probe-1.0"
+    (source / "stockade_sdist_probe").mkdir(parents=True)
+    (source / "stockade_sdist_probe" / "__init__.py").write_text("")
+    (source / "PKG-INFO").write_text(files[f"{dist_info}/METADATA"])
+    (source / "setup.py").write_text(
+        f"open({str(marker)!r}, 'w').write('setup.py ran on the host')\n"
+        "from setuptools import setup\n"
+        "setup(name='stockade-sdist-probe', version='1.0', packages=['stockade_sdist_probe'])\n"
+    )
+    with tarfile.open(where / "stockade_sdist_probe-1.0.tar.gz", "w:gz") as sdist:
+        sdist.add(source, arcname=source.name)
+
+
+def test_no_requirement_text_makes_pip_build_from_source(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past normalise (which refuses it), a requirement reaches pip as one argument, never as a
+    # requirements file's line: its "--global-option" tail is no option there, and no sdist is built.
+    links, marker = tmp_path / "links", tmp_path / "setup-py-ran"
+    links.mkdir()
+    _probe_distributions(links, marker)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    smuggled = 'stockade-sdist-probe ; python_version>"3" --global-option=x'
+    with pytest.raises(PolicyError, match="pip could not install them"):
+        environment_build.make("0" * 32, (smuggled,), False, False)
+    assert not marker.exists()
+    # The same distributions, asked for plainly: the wheel is installed, and setup.py never runs.
+    env_id = environments.build(["stockade-sdist-probe"], name="sdist-probe")
+    assert os.path.isdir(os.path.join(environments.env_path(env_id), "python", "stockade_sdist_probe"))
+    assert not marker.exists()
 
 
 def test_pips_temporary_files_go_with_its_build(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
