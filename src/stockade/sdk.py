@@ -252,13 +252,21 @@ class Sandbox:
         overwrite: bool = False,
         executable: bool = False,
         links: Links = "refuse",
+        vcs: bool = False,
     ) -> TransferSummary:
         """Copy ``remote_path`` (a directory's contents, or a file) into ``local_dir`` on the host:
         regular files and directories only, checked before a byte is written (docs/sdk.md)."""
         from .transfer import download
 
         return download(
-            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable, links=links
+            self,
+            remote_path,
+            local_dir,
+            max_bytes=max_bytes,
+            overwrite=overwrite,
+            executable=executable,
+            links=links,
+            vcs=vcs,
         )
 
     @property

@@ -203,12 +203,20 @@ class AsyncSandbox:
         overwrite: bool = False,
         executable: bool = False,
         links: Links = "refuse",
+        vcs: bool = False,
     ) -> TransferSummary:
         """``Sandbox.download``: the host's tar work and checks in a thread."""
         from .transfer import adownload
 
         return await adownload(
-            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable, links=links
+            self,
+            remote_path,
+            local_dir,
+            max_bytes=max_bytes,
+            overwrite=overwrite,
+            executable=executable,
+            links=links,
+            vcs=vcs,
         )
 
     async def aclose(self) -> None:

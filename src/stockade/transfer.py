@@ -177,18 +177,20 @@ def download(
     overwrite: bool = False,
     executable: bool = False,
     links: Links = "refuse",
+    vcs: bool = False,
 ) -> TransferSummary:
     """Copy ``remote_path`` from the sandbox into ``local_dir`` on the host (made if missing):
     a directory's contents, or a file by its name. Only regular files and directories are
     written: a hard link as a copy of its file; a symbolic link, device or FIFO in the archive
     is refused (``UnsafeArchiveError``), symbolic links left out instead with ``links="skip"``
     (counted in ``skipped``). The archive is capped at ``max_bytes`` (default 256 MiB) and
-    ``max_files`` members (100,000).
+    ``max_files`` files and directories (100,000).
 
     What the sandbox sends is the untrusted code's: a file that already exists under
     ``local_dir`` is refused unless ``overwrite`` (a planted ``.git/hooks/...`` or ``.envrc``
-    would run later on the host), and files are written without execute bits unless
-    ``executable``."""
+    would run later on the host), so is a ``.git`` or ``.hg`` directory unless ``vcs`` (its
+    configuration names commands git or hg run there unasked), and files are written without
+    execute bits unless ``executable``."""
     cap = _cap(max_bytes)
     members = _cap(max_files, DEFAULT_MAX_FILES, "max_files")
     src = _remote(remote_path, "remote_path")
@@ -205,7 +207,7 @@ def download(
             _remove(sandbox, base)
         archive.seek(0)
         files, directories, size, skipped = unpack(
-            archive, os.fspath(local_dir), cap, members, src, overwrite, executable, links
+            archive, os.fspath(local_dir), cap, members, src, overwrite, executable, links, vcs
         )
         return TransferSummary(files=files, directories=directories, bytes=size, skipped=skipped)
 
@@ -383,9 +385,10 @@ async def adownload(
     overwrite: bool = False,
     executable: bool = False,
     links: Links = "refuse",
+    vcs: bool = False,
 ) -> TransferSummary:
     """``download`` for an async sandbox (``AsyncRemoteSandbox``): the host's work in a thread."""
     return await _in_thread(
         sandbox, download, remote_path, local_dir, max_bytes=max_bytes, max_files=max_files,
-        overwrite=overwrite, executable=executable, links=links,
+        overwrite=overwrite, executable=executable, links=links, vcs=vcs,
     )  # fmt: skip

@@ -35,6 +35,8 @@ _COPY = 1 << 20
 # the walk above let through could still raise from inside its parsing.
 _MALFORMED = (tarfile.TarError, ValueError, IndexError, EOFError, RecursionError)
 
+# Version control directories whose configuration runs commands (git's core.fsmonitor, hg's hooks).
+_VCS = {".git": "git", ".hg": "hg"}
 # Path components; the regular file whose bytes go there (a hard link's: its target's), None for a directory.
 _Plan = tuple[tuple[str, ...], tarfile.TarInfo | None]
 Links = Literal["refuse", "skip"]  # what a download does with a symbolic link
@@ -50,6 +52,7 @@ def unpack(
     overwrite: bool,
     executable: bool,
     links: Links = "refuse",
+    vcs: bool = False,
 ) -> tuple[int, int, int, int]:
     """Check every member of the untrusted ``archive``, then write them below ``local_dir``:
     the files, directories and bytes written, and the symbolic links left out."""
@@ -59,7 +62,7 @@ def unpack(
     except _MALFORMED as exc:
         raise UnsafeArchiveError(f"the archive of {src} from the sandbox is not a tar: {exc}") from None
     with tar:
-        plans, skipped = _check(tar, cap, max_files, src, links == "skip")
+        plans, dirs, skipped = _check(tar, cap, max_files, src, links == "skip", vcs)
         if not overwrite:
             there = _existing(local_dir, [p for p, m in plans if m is not None])
             if there:
@@ -73,7 +76,7 @@ def unpack(
             root = reopen_directory(handle)
         finally:
             os.close(handle)
-        files = dirs = size = 0
+        files = size = 0
         held: tuple[tuple[str, ...], int] | None = None  # the last parent directory, kept open
         try:
             for parts, member in plans:
@@ -83,9 +86,7 @@ def unpack(
                     if held is not None:
                         os.close(held[1])
                     held = (where, fd)
-                if member is None:
-                    dirs += 1 if parts else 0
-                else:
+                if member is not None:
                     _write(tar, held[1], parts, member, executable)
                     files += 1
                     size += member.size
@@ -96,27 +97,46 @@ def unpack(
     return files, dirs, size, skipped
 
 
-def _check(tar: tarfile.TarFile, cap: int, max_files: int, src: str, skip_symlinks: bool) -> tuple[list[_Plan], int]:
+def _check(
+    tar: tarfile.TarFile, cap: int, max_files: int, src: str, skip_symlinks: bool, vcs: bool
+) -> tuple[list[_Plan], int, int]:
     """Every member, checked before a byte is written: regular files and directories only
     (a hard link as a copy of its file), names inside, sizes and counts under the caps; and
-    the number of symbolic links left out."""
+    the numbers of directories it makes and of symbolic links left out."""
     plans: list[_Plan] = []
     files: dict[tuple[str, ...], tarfile.TarInfo] = {}  # the regular files so far, by name
-    total = skipped = 0
+    # Every directory the writes will make, named or not: one member's name of 128 components
+    # makes 128 of them, so it is these, not the members, that max_files counts.
+    directories: set[tuple[str, ...]] = set()
+    total = skipped = named_directories = 0
     while True:
         try:
             member = tar.next()
         except _MALFORMED as exc:
             raise UnsafeArchiveError(f"the archive of {src} from the sandbox is malformed: {exc}") from None
         if member is None:
-            return plans, skipped
+            return plans, len(directories), skipped
         if len(plans) + skipped >= max_files:
             raise TransferTooLargeError(
                 f"download of {src} has over {max_files} members (max_files); nothing was written"
             )
         parts = _parts(member.name)
+        if not vcs and (found := next((p for p in parts if p.lower() in _VCS), None)):
+            raise UnsafeArchiveError(
+                f"the archive of {src} holds {member.name!r}: a {found} directory's configuration names commands "
+                f"{_VCS[found.lower()]} runs on the host, unasked, in any directory below it (a shell prompt's "
+                "status, an editor); vcs=True writes it; nothing was written"
+            )
+        kept = parts if member.isdir() else parts[:-1]
+        directories.update(kept[:depth] for depth in range(1, len(kept) + 1))
+        made = len(plans) - named_directories + len(directories) + (not member.isdir())  # with this member's
+        if made > max_files:
+            raise TransferTooLargeError(
+                f"download of {src} makes over {max_files} files and directories (max_files); nothing was written"
+            )
         if member.isdir():
             plans.append((parts, None))
+            named_directories += 1
             continue
         if member.issym() and skip_symlinks:
             skipped += 1

@@ -266,6 +266,13 @@ elif case == "sparse":
 elif case == "many":
     for i in range(int(sys.argv[5])):
         add(f"m{i}")
+elif case == "deep":  # names of 100 components: each member makes 99 directories
+    for i in range(int(sys.argv[5])):
+        add(f"d{i}/" + "x/" * 98 + "f")
+elif case == "git":  # git runs core.fsmonitor in any directory below it, unasked
+    add(".git/config", b"[core]\n\tfsmonitor = touch /tmp/pwned\n")
+elif case == "hg":
+    add("sub/.hg/hgrc", b"[hooks]\npre-status = touch /tmp/pwned\n")
 elif case == "garbage":
     buf = io.BytesIO(os.urandom(4096)); tar = None
 if case in ("bomb", "truncated", "negative"):
@@ -328,6 +335,8 @@ CASES = {
     "truncated": (UnsafeArchiveError, r"more than it holds|ends before"),
     "garbage": (UnsafeArchiveError, "not a tar"),
     "negative": (UnsafeArchiveError, r"negative size|malformed"),  # base-256 sizes can be negative
+    "git": (UnsafeArchiveError, r"'.git/config': a .git directory's configuration names commands git runs"),
+    "hg": (UnsafeArchiveError, r"'sub/.hg/hgrc': a .hg directory's configuration names commands hg runs"),
 }
 
 
@@ -383,6 +392,20 @@ def test_a_flood_of_members_is_refused(hostile_box: Sandbox, tmp_path: Path) -> 
     assert download(small, "/work/src", tmp_path / "ok", max_files=11).files == 11  # type: ignore[arg-type]
     with pytest.raises(TransferTooLargeError, match="over 10 members"):
         download(small, "/work/src", tmp_path / "refused", max_files=10)  # type: ignore[arg-type]
+    # Few members, each named 100 components deep: the directories they make are what is counted.
+    deep = Hostile(hostile_box, "deep", tmp_path, "30")
+    with pytest.raises(TransferTooLargeError, match="makes over 1000 files and directories"):
+        download(deep, "/work/src", tmp_path / "deep", max_files=1000)  # type: ignore[arg-type]
+    assert not (tmp_path / "deep").exists()
+    summary = download(deep, "/work/src", tmp_path / "deep", max_files=31 + 2970)  # type: ignore[arg-type]
+    assert (summary.files, summary.directories) == (31, 30 * 99)  # every directory made is told
+    assert leftovers(hostile_box) == []
+
+
+def test_a_version_control_directory_is_written_only_when_asked(hostile_box: Sandbox, tmp_path: Path) -> None:
+    summary = download(Hostile(hostile_box, "git", tmp_path), "/work/src", tmp_path / "out", vcs=True)  # type: ignore[arg-type]
+    assert (summary.files, summary.directories) == (2, 1)
+    assert (tmp_path / "out" / ".git" / "config").read_bytes().startswith(b"[core]")
     assert leftovers(hostile_box) == []
 
 

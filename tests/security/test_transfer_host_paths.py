@@ -267,4 +267,4 @@ def test_an_existing_file_deep_below_local_dir_is_not_replaced_unasked(tmp_path:
         tar.addfile(info, io.BytesIO(b"EVIL!"))
     archive.seek(0)
     with pytest.raises(TransferError, match=r"exists \(1 file\(s\) would be replaced\)"):
-        unpack(archive, str(deep), 1 << 20, 10, "/w", False, False)
+        unpack(archive, str(deep), 1 << 20, 100, "/w", False, False)

@@ -373,12 +373,20 @@ class AsyncRemoteSandbox(SandboxHandle):
         overwrite: bool = False,
         executable: bool = False,
         links: Links = "refuse",
+        vcs: bool = False,
     ) -> TransferSummary:
         """``RemoteSandbox.download``, awaited (the host's side in a thread)."""
         from ..transfer import adownload
 
         return await adownload(
-            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable, links=links
+            self,
+            remote_path,
+            local_dir,
+            max_bytes=max_bytes,
+            overwrite=overwrite,
+            executable=executable,
+            links=links,
+            vcs=vcs,
         )
 
     async def close(self) -> None:

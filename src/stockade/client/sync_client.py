@@ -468,12 +468,20 @@ class RemoteSandbox(SandboxHandle):
         overwrite: bool = False,
         executable: bool = False,
         links: Links = "refuse",
+        vcs: bool = False,
     ) -> TransferSummary:
         """The SDK's ``Sandbox.download``, through the daemon's file and exec calls."""
         from ..transfer import download
 
         return download(
-            self, remote_path, local_dir, max_bytes=max_bytes, overwrite=overwrite, executable=executable, links=links
+            self,
+            remote_path,
+            local_dir,
+            max_bytes=max_bytes,
+            overwrite=overwrite,
+            executable=executable,
+            links=links,
+            vcs=vcs,
         )
 
     def close(self) -> None:
