@@ -198,6 +198,32 @@ def test_a_message_of_millions_of_values_cuts_its_server_off(manager: RuntimeMan
     anyio.run(go)
 
 
+def test_nothing_a_server_sends_stops_the_host_process(manager: RuntimeManager) -> None:
+    """Two messages whose handling once held the GIL for hours, every thread of the process (a
+    daemon's other callers) stopped: an unclosed string full of escaped quotes, counted by a pattern
+    that rescanned it from each; and a result its own outputSchema's pattern backtracks on."""
+    host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
+    ticks: list[float] = []
+
+    async def go() -> None:
+        async with host, anyio.create_task_group() as tasks:
+
+            async def tick() -> None:
+                while True:
+                    ticks.append(time.monotonic())
+                    await anyio.sleep(0.1)
+
+            tasks.start_soon(tick)
+            assert text_of(await host.call("bad", "unclosed")) == "after the unclosed"
+            redos = await host.call("bad", "redos")  # passed on as the server sent it, unchecked here
+            assert redos.structured_content == {"s": "a" * 100 + "b"}
+            tasks.cancel_scope.cancel()
+
+    anyio.run(go)
+    # Both calls took seconds, the loop ran all along: the old code stopped it for hours.
+    assert len(ticks) > 10
+
+
 def test_a_server_that_chatters_without_end_is_cut_off_and_its_stderr_cannot_steer_a_terminal(
     manager: RuntimeManager,
 ) -> None:
@@ -288,6 +314,11 @@ def test_a_fetch_server_reaches_its_allowed_host_through_the_proxy_and_nothing_e
          r"mcp_servers\.s: allowed host 'bad host' is not a host name"),
         ({"default_execution_mode": "vm"}, r"default_execution_mode: Input should be"),
         ({"mcp_servers": {"git.hub": {"command": "x"}}}, r"mcp_servers: .*'git\.hub' is not a server id"),
+        # Each tool's policy is made as the config is read (a daemon's caller's, on its event loop).
+        ({"mcp_servers": {f"s{i}": {"command": "x"} for i in range(65)}},
+         r"mcp_servers: Dictionary should have at most 64 items"),
+        ({"mcp_servers": {f"s{i}": {"command": "x", "tools": {f"t{j}": {} for j in range(300)}} for i in range(4)}},
+         r"mcp_servers: 1200 tools are listed, more than 1024 in all"),
     ],
 )  # fmt: skip
 def test_a_bad_config_is_refused_naming_the_path(data: dict[str, Any], expected: str) -> None:

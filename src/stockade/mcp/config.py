@@ -25,6 +25,10 @@ from ..policy import Policy
 
 CONFIG_NAME = "isolation_config.json"
 MAX_CONFIG_BYTES = 1 << 20
+# Each tool's policy is made (checked) as the config is read, a daemon's caller's on its event loop:
+# far more than any real file needs, far less than a 16 MiB request could name.
+MAX_SERVERS = 64
+MAX_TOOLS = 1024  # listed, over all servers
 ExecutionMode = Literal["direct", "process", "gvisor", "microvm", "unikernel", "isolated"]
 # An isolate's own options: a persistent server's tools share one isolate, so these are the server's.
 ISOLATE_OPTIONS = ("execution_mode", "memory_mb", "vcpus", "network_enabled", "mounts")
@@ -103,7 +107,7 @@ class IsolationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     default_execution_mode: ExecutionMode = "process"  # stockade's default runtime; "isolated": the strongest
-    mcp_servers: dict[str, ServerConfig] = Field(default_factory=dict)
+    mcp_servers: dict[str, ServerConfig] = Field(default_factory=dict, max_length=MAX_SERVERS)
     source: str = Field(default="", exclude=True)  # the file it was read from, for messages
 
     @field_validator("mcp_servers")
@@ -112,6 +116,8 @@ class IsolationConfig(BaseModel):
         for name in servers:
             if not name or "/" in name or "." in name:
                 raise ValueError(f"{name!r} is not a server id (no '/' or '.': the gateway names tools server.tool)")
+        if (listed := sum(len(server.tools) for server in servers.values())) > MAX_TOOLS:
+            raise ValueError(f"{listed} tools are listed, more than {MAX_TOOLS} in all")
         return servers
 
     @classmethod

@@ -53,6 +53,27 @@ class ToolError(StockadeError):
         self.verdict = verdict or {}
 
 
+class _Session(ClientSession):
+    """The SDK's client session, less its check of a tool's result against the tool's
+    ``outputSchema``. Both come from the server: the check says nothing of a server that is not
+    trusted, and a schema of its choosing (a ``pattern`` that backtracks without end in ``re``,
+    which holds the GIL) stopped every thread of this process, a daemon's other callers
+    included, for as long as the server liked. A client of the gateway or of the daemon checks
+    the result against the schema it was listed, if it wants, in a process of its own."""
+
+    async def validate_tool_result(self, name: str, result: types.CallToolResult) -> None:
+        return None
+
+
+async def _call_tool(session: ClientSession, who: str, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
+    """The server's result of ``tool``: an answer of another kind (an input request, an extension's
+    claimed result, which this host never asks for) is a ``ToolError``, not the SDK's own error."""
+    result = await session.call_tool(tool, arguments, allow_input_required=True, allow_claimed=True)
+    if not isinstance(result, types.CallToolResult):
+        raise ToolError(f"{who} answered with a {type(result).__name__}, not a tool's result: it was not asked for one")
+    return result
+
+
 @dataclass
 class _Live:
     """A persistent server: its isolate and its session, kept by a task of their own (``_keep``)."""
@@ -166,7 +187,7 @@ class ToolHost:
         async with self._ephemeral_session(server_id, server, tool) as (session, sandbox, output):
             with anyio.move_on_after(timeout) as deadline:
                 try:
-                    result = await session.call_tool(tool, arguments)
+                    result = await _call_tool(session, f"{server_id}.{tool}", tool, arguments)
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                     if output.exit_code is None and output.broken is None:
                         if isinstance(exc, MCPError):
@@ -188,7 +209,7 @@ class ToolHost:
         output = ServerOutput()
         if policy is None:  # direct: the config says so itself
             params = StdioServerParameters(command=server.command, args=list(server.args), env=server.env or None)
-            async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            async with stdio_client(params) as (read, write), _Session(read, write) as session:
                 await _initialise(session, server_id, output, self._timeout(server_id, None))
                 yield session, None, output
             return
@@ -196,7 +217,7 @@ class ToolHost:
             sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(self._placed(policy), manager=self.manager))
             try:
                 process = await anyio.to_thread.run_sync(lambda: sandbox.spawn([server.command, *server.args]))
-                async with process_transport(process, output) as (read, write), ClientSession(read, write) as session:
+                async with process_transport(process, output) as (read, write), _Session(read, write) as session:
                     await _initialise(session, server_id, output, self._timeout(server_id, None))
                     yield session, sandbox, output
             finally:
@@ -209,7 +230,7 @@ class ToolHost:
         assert live.session is not None and live.sandbox is not None
         with anyio.move_on_after(timeout) as deadline:
             try:
-                result = await live.session.call_tool(tool, arguments)
+                result = await _call_tool(live.session, f"{server_id}.{tool}", tool, arguments)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                 if live.alive() and not _closed(exc):
                     if isinstance(exc, MCPError):
@@ -266,7 +287,7 @@ class ToolHost:
         try:
             live.sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(self._placed(policy), manager=self.manager))
             process = await anyio.to_thread.run_sync(lambda: live.sandbox.spawn([server.command, *server.args]))  # type: ignore[union-attr]
-            async with process_transport(process, live.output) as (read, write), ClientSession(read, write) as session:
+            async with process_transport(process, live.output) as (read, write), _Session(read, write) as session:
                 await _initialise(session, server_id, live.output, self._timeout(server_id, None))
                 live.session = session
                 live.ready.set()

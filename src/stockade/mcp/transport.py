@@ -30,7 +30,10 @@ from ..runtimes.spawned import Process
 
 MAX_LINE = 16 << 20  # one JSON-RPC message
 MAX_VALUES = 1_000_000  # JSON values in one message (~50-100 bytes each once parsed)
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes and all
+# What opens or closes a JSON string: a quote, or an escape pair (whose quote closes nothing).
+# Each match consumes what it matched: one pass, never a rescan (a pattern for a whole string
+# rescanned an unclosed one from each escaped quote in it: quadratic, GIL held, a host stopped).
+_QUOTING = re.compile(rb'\\.|"', re.DOTALL)
 MAX_STDERR = 64 << 10  # kept of what the server says on stderr, for an error message
 # What a server may make this host process read and parse, its isolate's limits not covering it: a
 # few large results at once, then a steady rate far above any conversation's. A server past it
@@ -156,11 +159,20 @@ async def process_transport(
 def _values(line: bytes) -> int:
     """At most how many JSON values ``line`` holds: its separators and openings, those inside its
     strings too unless that quick count passes ``MAX_VALUES`` (then they are taken out first)."""
-    quick = line.count(b",") + line.count(b"[") + line.count(b"{")
+    quick = _openings(line)
     if quick <= MAX_VALUES:
         return quick
-    bare = _STRING.sub(b'""', line)
-    return bare.count(b",") + bare.count(b"[") + bare.count(b"{")
+    count, start, inside = 0, 0, False
+    for token in _QUOTING.finditer(line):
+        if token.group() == b'"':
+            if not inside:
+                count += _openings(line, start, token.start())
+            inside, start = not inside, token.end()
+    return count + (0 if inside else _openings(line, start, len(line)))
+
+
+def _openings(line: bytes, start: int = 0, end: int | None = None) -> int:
+    return line.count(b",", start, end) + line.count(b"[", start, end) + line.count(b"{", start, end)
 
 
 def _parse(line: bytes) -> SessionMessage | Exception:
