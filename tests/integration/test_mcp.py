@@ -224,6 +224,27 @@ def test_nothing_a_server_sends_stops_the_host_process(manager: RuntimeManager) 
     assert len(ticks) > 10
 
 
+def test_a_server_whose_messages_cost_too_much_to_read_is_cut_off(
+    manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within the byte and message rates, a message's shape sets what it costs this process to parse
+    (the GIL held): nested lists, a notification a second, took most of a core. The budget is
+    lowered here so that the test does not depend on how fast this host parses."""
+    from stockade.mcp import transport
+
+    monkeypatch.setattr(transport, "MAX_PARSE_CPU_PER_S", 0.01)
+    monkeypatch.setattr(transport, "MAX_PARSE_CPU_BURST", 0.2)
+    host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=90)), manager)
+
+    async def go() -> None:
+        async with host:
+            with pytest.raises(ToolError, match="bad ended during the call: its messages took more than 1% of a core"):
+                await host.call("bad", "nest")
+            assert text_of(await host.call("bad", "echo", {"a": 1})) == {"a": 1}  # started again
+
+    anyio.run(go)
+
+
 def test_a_server_that_chatters_without_end_is_cut_off_and_its_stderr_cannot_steer_a_terminal(
     manager: RuntimeManager,
 ) -> None:

@@ -10,6 +10,7 @@
 - ``unclosed``: one line of a few MiB, a string opened and never closed, full of escaped quotes and
   commas (a count of its values that rescans the string from each quote is quadratic), then its answer.
 - ``redos``: answers structured content that its own ``outputSchema``'s pattern backtracks on without end.
+- ``nest``: notifications of nested lists (cheap to send, dear to parse), one a second, for a minute.
 - ``echo``: answers with its arguments (a well-behaved tool beside the others).
 - ``count``: how many calls this server has answered (a persistent server's keep their count).
 - ``die``: the server exits in the middle of the call.
@@ -32,8 +33,8 @@ import time
 
 STALL = sys.argv[sys.argv.index("--stall") + 1] if "--stall" in sys.argv else None
 RESOURCE = sys.argv[sys.argv.index("--resource") + 1] if "--resource" in sys.argv else None
-TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "bloat", "unclosed", "redos", "echo", "count", "die", "hog",
-         "chatter", "escape", "refuse"]  # fmt: skip
+TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "bloat", "unclosed", "redos", "nest", "echo", "count", "die",
+         "hog", "chatter", "escape", "refuse"]  # fmt: skip
 # Python's re tries every way to split the a's between the two branches before it fails at the "b".
 REDOS_SCHEMA = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a|aa)+$"}}}
 NAMES = sys.argv[sys.argv.index("--names") + 1].split(",") if "--names" in sys.argv else []
@@ -126,6 +127,15 @@ def call(name, arguments):
     if name == "redos":
         return {"content": [{"type": "text", "text": "see structuredContent"}],
                 "structuredContent": {"s": "a" * 100 + "b"}, "isError": False}  # fmt: skip
+    if name == "nest":
+        data = "[" + ",".join(["[" * 32 + "]" * 32] * 7000) + "]"
+        line = '{"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": ' + data
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            sys.stdout.write(line + "}}\n")
+            sys.stdout.flush()
+            time.sleep(1.0)
+        return text("after the nest")
     if name == "chatter":
         end = time.monotonic() + 60
         while time.monotonic() < end:

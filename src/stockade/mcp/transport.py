@@ -40,6 +40,10 @@ MAX_STDERR = 64 << 10  # kept of what the server says on stderr, for an error me
 # (notifications without end, asked for or not) is cut off as one that floods its stdout is.
 MAX_BYTES_PER_S, MAX_BYTES_BURST = 4 << 20, 64 << 20
 MAX_MESSAGES_PER_S, MAX_MESSAGES_BURST = 500.0, 5000.0
+# CPU seconds a second this process may spend reading a server's messages (counting and parsing
+# them, with the GIL held): the byte and message rates above do not bound it, as a message's
+# shape sets its cost (deep nesting parses ten times slower a byte than a flat list).
+MAX_PARSE_CPU_PER_S, MAX_PARSE_CPU_BURST = 0.1, 2.0
 # How long the reader waits for output while there is none. The agent serves one call at a time, so a
 # process's output is asked for, not pushed: often while a conversation is under way (a reply is due
 # soon after a request), seldom while it is quiet (an idle server costs the agent next to nothing).
@@ -89,6 +93,7 @@ async def process_transport(
         buffer = bytearray()
         read = TokenBucket(MAX_BYTES_PER_S, MAX_BYTES_BURST)
         messages = TokenBucket(MAX_MESSAGES_PER_S, MAX_MESSAGES_BURST)
+        parsing = TokenBucket(MAX_PARSE_CPU_PER_S, MAX_PARSE_CPU_BURST)
         while not stop.is_set():
             ended = process.exit_code is not None
             out, err = process.read()
@@ -103,14 +108,22 @@ async def process_transport(
             while (end := buffer.find(b"\n")) >= 0:
                 line = bytes(buffer[:end])
                 del buffer[: end + 1]
+                started = time.thread_time()
                 if _values(line) > MAX_VALUES:
                     output.broken = f"it wrote a message of more than {MAX_VALUES} JSON values"
                     return
                 if not messages.take():
                     output.broken = f"it wrote more than {MAX_MESSAGES_PER_S:g} messages a second for too long"
                     return
-                if line.strip():
-                    anyio.from_thread.run(read_writer.send, _parse(line))
+                parsed = _parse(line) if line.strip() else None
+                if not parsing.take(time.thread_time() - started):
+                    output.broken = (
+                        f"its messages took more than {MAX_PARSE_CPU_PER_S:.0%} of a core of this host's to read, "
+                        "for too long"
+                    )
+                    return
+                if parsed is not None:
+                    anyio.from_thread.run(read_writer.send, parsed)
             if len(buffer) > MAX_LINE:
                 output.broken = f"it wrote more than {MAX_LINE} bytes without a line's end"
                 return
