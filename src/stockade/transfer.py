@@ -37,6 +37,7 @@ from .errors import (
     TransferError,
     TransferTooLargeError,
     UnsafeArchiveError,
+    printable,
 )
 from .limits import MAX_CALL_BYTES
 from .result import ExecResult
@@ -318,10 +319,11 @@ def _limits_named(memory: int) -> str:
 
 
 def _why(result: ExecResult) -> str:
+    """What a failed transfer step said: the sandbox's words, so no terminal control in them."""
     said = (result.stderr or result.error or "").strip()
     if len(said) > 2000:
         said = "..." + said[-2000:]
-    return said or result.summary()
+    return printable(said) or result.summary()
 
 
 # ---- async ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
-from .errors import SandboxError, StockadeError, os_error_named
+from .errors import SandboxError, StockadeError, os_error_named, printable
 
 FileEventKind = Literal["created", "modified", "closed_write", "attrib", "deleted", "moved_from", "moved_to", "lost"]
 KINDS: tuple[str, ...] = get_args(FileEventKind)[:-1]  # "lost" is always said
@@ -104,6 +104,9 @@ class _Lines:
             self._line(line)
 
     def _line(self, line: bytes) -> None:
+        if not line.startswith(b"{"):  # no parse for it: a flood of empty lines cost seconds a MiB in exceptions
+            self.lost += 1
+            return
         try:
             said = json.loads(line) if len(line) <= MAX_LINE else None
         except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's depth
@@ -151,9 +154,9 @@ class _Lines:
         """Why the watcher ended before it was ready."""
         if self.error is not None:
             message, name = self.error
-            return os_error_named(name, message, self.path)
+            return os_error_named(name, printable(message), self.path)  # the sandbox's words: no terminal control
         said = self.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {code}"]
-        return SandboxError(f"cannot watch {self.path}: the watcher ended ({said[0][:500]})")
+        return SandboxError(f"cannot watch {self.path}: the watcher ended ({printable(said[0][:500])})")
 
 
 class FileWatch:

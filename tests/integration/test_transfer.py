@@ -221,6 +221,9 @@ def test_what_a_download_refuses_from_the_isolates_own_files(tmp_path: Path, mgr
 HOSTILE = r"""
 import io, os, sys, tarfile
 case, out, piece, outside = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if case == "loud":  # a failure whose words would steer the terminal that shows the error
+    sys.stderr.write("\x1b[2J\x1b]0;owned\x07\x1b[32mdownload OK\x1b[0m\n")
+    sys.exit(2)
 buf = io.BytesIO()
 tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT)
 
@@ -335,6 +338,7 @@ CASES = {
     "truncated": (UnsafeArchiveError, r"more than it holds|ends before"),
     "garbage": (UnsafeArchiveError, "not a tar"),
     "negative": (UnsafeArchiveError, r"negative size|malformed"),  # base-256 sizes can be negative
+    "loud": (TransferError, r"packing /work/src in the sandbox failed: \\x1b\[2J\\x1b\]0;owned\\x07"),
     "git": (UnsafeArchiveError, r"'.git/config': a .git directory's configuration names commands git runs"),
     "hg": (UnsafeArchiveError, r"'sub/.hg/hgrc': a .hg directory's configuration names commands hg runs"),
 }
