@@ -213,7 +213,9 @@ class EgressRequest(Serialised):
     path: str | None = field(default=None, metadata=describe("the request's path, without its query (null: a tunnel)"))
     scheme: Literal["http", "https", "tunnel", "dns", "tcp"] = "http"
     allowed: bool
-    reason: str = field(default="", metadata=describe("why it was refused"))
+    reason: str = field(
+        default="", metadata=describe("why it was refused, or why an allowed one failed (its host not reached)")
+    )
     status: int | None = field(default=None, metadata=describe("the upstream's HTTP status"))
     bytes_sent: int = 0
     bytes_received: int = 0

@@ -662,3 +662,35 @@ def test_a_runs_egress_account_is_taken_off_the_event_loop(
     assert loop_ran == [True], "the egress account was taken on the event loop"
     assert result.stdout.strip() == "403"  # type: ignore[attr-defined]
     assert [r.host for r in result.egress_requests] == ["other.stockade.test"]  # type: ignore[attr-defined]
+
+
+def test_an_allowed_host_that_cannot_be_reached_is_a_failure_not_a_violation(
+    up: Upstreams, manager: RuntimeManager
+) -> None:
+    """The policy let it through; the host did not answer: said in the request's record, not
+    reported as something the code tried that it may not (a false alarm for whoever reads them)."""
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    policy = allow(up, "api.stockade.test").replace(allowed_hosts=[f"api.stockade.test:{port}"])
+    with Sandbox(policy, manager=manager) as sb:
+        out, result = run(
+            sb,
+            f"""
+print(json.dumps({{"down": via_proxy("http://api.stockade.test:{port}/"),
+                   "tunnel": fetch("https://api.stockade.test:{port}/"),
+                   "refused": via_proxy("http://elsewhere.stockade.test:{port}/")}}))
+""",
+        )
+    assert out["down"][0] == 502 and "cannot connect to api.stockade.test" in out["down"][1]  # type: ignore[index]
+    records = {(r.method, r.host): r for r in result.egress_requests}  # type: ignore[attr-defined]
+    for method in ("GET", "CONNECT"):
+        failed = records[(method, "api.stockade.test")]
+        assert failed.allowed and "cannot connect to api.stockade.test" in failed.reason, failed
+    assert not records[("GET", "elsewhere.stockade.test")].allowed
+    # Only the request the policy refused is a violation.
+    assert [v.description for v in result.security_violations] == [  # type: ignore[attr-defined]
+        f"GET elsewhere.stockade.test:{port} refused: elsewhere.stockade.test:{port} is not in allowed_hosts"
+    ]

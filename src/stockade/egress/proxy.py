@@ -40,7 +40,7 @@ from ..result import EgressRequest
 from .allowlist import normalise_name
 from .dns import NameService
 from .gate import Gate
-from .resolver import Refused, lookup, resolve
+from .resolver import Refused, Unreachable, lookup, resolve
 
 log = logging.getLogger("stockade.egress")
 _CHUNK = 65536
@@ -191,7 +191,7 @@ class _Exchange:
                 raise Refused("CONNECT needs host:port", 400)
             upstream = await self._open(host, port)
         except Refused as exc:
-            record.reason = str(exc)
+            record.reason, record.allowed = str(exc), isinstance(exc, Unreachable)
             await self._refuse(client, exc.status, record)
             return
         up_reader, up_writer = upstream
@@ -283,7 +283,8 @@ class _Exchange:
             up_reader, up_writer = await self._open(host, port)
         except Refused as exc:
             await self._refuse(client, exc.status, EgressRequest(host=host, port=port, method=method,
-                                                                 path=parts.path or "/", allowed=False,
+                                                                 path=parts.path or "/",
+                                                                 allowed=isinstance(exc, Unreachable),
                                                                  reason=str(exc)))  # fmt: skip
             return client.their_state is not h11.MUST_CLOSE
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -409,11 +410,12 @@ class _Exchange:
                 )
             except (OSError, TimeoutError) as exc:
                 last = exc if isinstance(exc, OSError) else OSError(f"timed out after {CONNECT_TIMEOUT_S:g} s")
-        raise Refused(f"cannot connect to {host}:{port}: {last}", 502)
+        raise Unreachable(f"cannot connect to {host}:{port}: {last}")
 
     async def _refuse(self, client: h11.Connection, status: int, record: EgressRequest, said: str = "") -> None:
-        """A refused request: recorded (and so counted: a violation of its sandbox's), then answered
-        ``status`` with ``said``, or the record's reason."""
+        """A refused request: recorded (and so counted: a violation of its sandbox's, unless the
+        policy allowed it and its host could not be reached), then answered ``status`` with ``said``,
+        or the record's reason."""
         said = said or record.reason  # as given: recording trims the record's own
         self.gate.record(record)
         await self._answer(client, status, said)

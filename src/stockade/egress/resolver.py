@@ -27,6 +27,14 @@ class Refused(Exception):
         self.status = status
 
 
+class Unreachable(Refused):
+    """A request the policy allows whose host could not be resolved or reached: a failure to say,
+    not a violation of the isolate's (502)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, 502)
+
+
 def pinned_addresses(host: str, lines: Iterable[str]) -> list[Any]:
     """The addresses the hosts(5) ``lines`` (``STOCKADE_EGRESS_HOSTS_FILE``) give ``host``: names
     pinned ahead of DNS (an internal name, a test's servers). None: ask DNS."""
@@ -51,7 +59,7 @@ async def resolve(gate: Gate, host: str, port: int, rule: HostRule) -> list[Any]
             async with gate.resolving:  # a few at a time per sandbox: the resolver's threads are everyone's
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise Refused(f"cannot resolve {host}: {exc}", 502) from None
+            raise Unreachable(f"cannot resolve {host}: {exc}") from None
         found = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
     usable = gate.allowlist.usable(rule, found)
     if not usable:
