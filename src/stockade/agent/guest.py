@@ -58,6 +58,7 @@ _OLD_ROOT = "/.oldroot"
 _NOBODY = 65534
 _P9_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+_RUN_ENV = ("PATH", "HOME", "TMPDIR", "LANG")  # init's exports (runtimes/microvm/image.py)
 
 
 def main() -> runner.Program:
@@ -89,7 +90,9 @@ def main() -> runner.Program:
     conn: Any = server.FdConn(PORT_FD)  # the slice of a socket the agent uses
     guarded = program is not None and _guard_guest(conn, program, answers)
     server.freeze_heap()
-    agent = server.Agent(conn, dict(os.environ))
+    # What init exported for it (the host's BASE_ENV), not what its shell and the kernel added (PWD,
+    # SHLVL, TERM): a run sees the same environment on every runtime.
+    agent = server.Agent(conn, {k: os.environ[k] for k in _RUN_ENV if k in os.environ})
     agent.guest_seccomp = guarded
     return server.serve_until_done(agent)  # pid 1: when it exits, the kernel ends the namespace
 

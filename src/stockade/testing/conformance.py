@@ -19,6 +19,7 @@ removes, so checks do not see each other's files.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -92,6 +93,18 @@ async def a_command_killed_by_a_signal_says_so(isolate: Isolate) -> None:
 async def stdin_env_and_cwd_reach_the_command(isolate: Isolate) -> None:
     r = await isolate.aexec(["sh", "-c", "cat; echo $GREETING; pwd"], stdin=b"piped\n", env={"GREETING": "hi"}, cwd="/")
     assert r.stdout.splitlines() == ["piped", "hi", "/"], r.summary()
+
+
+@check()
+async def a_run_sees_the_base_environment_and_no_more(isolate: Isolate) -> None:
+    from ..runtimes.base import BASE_ENV
+
+    code = "import json, os; print(json.dumps(dict(os.environ)))"
+    for r in (await isolate.aexec(["python3", "-c", code]), await isolate.arun_code(code)):
+        assert r.success, r.summary()
+        seen = json.loads(r.stdout)  # (HOME and TMPDIR are a temporary directory's under fake)
+        assert sorted(set(seen) - {"MPLBACKEND"}) == sorted(BASE_ENV), seen
+        assert (seen["PATH"], seen["LANG"]) == (BASE_ENV["PATH"], BASE_ENV["LANG"]), seen
 
 
 @check()
