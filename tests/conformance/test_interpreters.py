@@ -53,6 +53,27 @@ def test_cells_share_variables_imports_and_the_working_directory(sb: Sandbox) ->
         assert py.run("_ * 2").results[0].text == "84"  # the last value, as in IPython
 
 
+def test_a_cell_awaits_at_its_top_and_a_semicolon_hides_its_value(sb: Sandbox) -> None:
+    with sb.interpreter("notebook") as py:
+        first = py.run(
+            "import asyncio\n"
+            "async def later(x):\n    await asyncio.sleep(0.01)\n    return x\n"
+            "background = asyncio.ensure_future(later('kept'))\n"  # a task that outlives its cell
+            "value = await later(20)\n"
+            "await later(value + 1)"
+        )
+        assert first.success, first.exception
+        assert [(r.kind, r.text) for r in first.results] == [("execute_result", "21")]
+        second = py.run("[x async for x in (await asyncio.sleep(0, r) for r in ())], await background")
+        assert [r.text for r in second.results] == ["([], 'kept')"], second.exception
+        assert py.run("value * 2;").results == []  # run, not shown
+        assert py.run("hidden = value;  # a comment after it").results == []
+        assert [r.text for r in py.run("'a;b'").results] == ["'a;b'"]  # a semicolon in a string is no end
+        interrupted = py.run("await asyncio.sleep(3600)", timeout=2)
+        assert interrupted.exception is not None and interrupted.exception.name == "KeyboardInterrupt"
+        assert [r.text for r in py.run("value").results] == ["20"]  # the state survives
+
+
 def test_display_and_rich_reprs_come_back_typed(sb: Sandbox) -> None:
     code = (
         "import base64\n"

@@ -151,26 +151,69 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], outputs: list
     import linecache
 
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # source lines in tracebacks
+    # A notebook's: ``await`` at the top of a cell, its coroutine run on the interpreter's own loop.
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     try:
         tree = ast.parse(code, filename)
         value_code = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):  # the last expression's value is the result
             last = tree.body.pop()
             assert isinstance(last, ast.Expr)
-            value_code = compile(ast.Expression(last.value), filename, "eval", dont_inherit=True)
-        body = compile(tree, filename, "exec", dont_inherit=True)
+            value_code = compile(ast.Expression(last.value), filename, "eval", flags, dont_inherit=True)
+        body = compile(tree, filename, "exec", flags, dont_inherit=True)
         _interruptible(True)
         try:
-            exec(body, namespace)  # noqa: S102 - inside the isolate, by design
-            value = eval(value_code, namespace) if value_code else None  # noqa: S307
+            _awaited(eval(body, namespace))  # noqa: S307 - inside the isolate, by design
+            value = _awaited(eval(value_code, namespace)) if value_code else None  # noqa: S307
         finally:
             _interruptible(False)
+        if value_code is not None and _ends_quietly(code):
+            value = None  # a notebook's "x;": the value is not shown
         if value is not None:
             namespace["_"] = value
             outputs.append(_output("execute_result", value))
         return None
     except BaseException as exc:  # noqa: BLE001 - every exception of the cell is its result, SystemExit too
         return _exception(exc, filename)
+
+
+_loop: Any = None  # the interpreter's event loop, made at its first awaiting cell: tasks outlive a cell
+
+
+def _awaited(result: Any) -> Any:
+    """``result`` of a cell's code, its coroutine run to its end when it awaited at the top."""
+    import inspect
+
+    if not inspect.iscoroutine(result):
+        return result
+    global _loop
+    import asyncio
+
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+    task = _loop.create_task(result)
+    try:
+        return _loop.run_until_complete(task)
+    except BaseException:
+        task.cancel()  # interrupted: ended at the loop's next turn, not left to resume in a later cell
+        raise
+
+
+def _ends_quietly(code: str) -> bool:
+    """Whether the cell's last token is ``;``, which hides its value in a notebook."""
+    import io
+    import tokenize
+
+    quiet = False
+    skipped = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT)
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(code).readline):
+            if token.type not in skipped:
+                quiet = token.string == ";"
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    return quiet
 
 
 def _interruptible(on: bool) -> None:
