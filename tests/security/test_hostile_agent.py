@@ -120,8 +120,10 @@ def test_garbage_ends_the_run_with_an_error_and_the_isolate(
     assert isinstance(result, ExecResult)
     assert not result.success and result.termination_reason == "error", result.summary()
     assert result.error and "isolate" in result.error, result.error
+    assert result.error.endswith("; the sandbox has ended: its files, processes and interpreters are gone")
     assert sb.killed, "a garbling agent's isolate must be killed"
-    with pytest.raises(SandboxError, match="has ended"):
+    # The next call says what took the sandbox down, not a guess among three causes.
+    with pytest.raises(SandboxError, match=r"the isolate ended during a run \(error: .*isolate.*\); start a new"):
         sb.exec(["true"])
 
 

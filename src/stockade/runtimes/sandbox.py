@@ -88,6 +88,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         # command and is then torn down, so its agent is told not to fork a runner
         # ahead for a next one; that fork would compete for the CPU with the caller.
         self.one_shot = False
+        self._ended_by: str | None = None  # what the run that took the isolate down said, for the next call
         self.forks_counted = False  # its pids_limit is a cgroup's, which counts refused forks (job_limits)
         # The current run's violations, bounded (violations.py); the runtime feeds it.
         self.violation_log = ViolationLog()
@@ -509,6 +510,12 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         if after.cpu_seconds is not None and before.cpu_seconds is not None:
             cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
         cell = cell_fields(said.cell, said.interpreter_lost, error)
+        if self._dead and not self.one_shot and reason != "violation":  # a violation's error says it was killed
+            # A kept sandbox the run took down with it (a timeout, gVisor's memory limit is its whole
+            # sandbox's): the run's error says what the caller has lost, and the next call says why.
+            said, gone = cell["error"], "the sandbox has ended: its files, processes and interpreters are gone"
+            cell["error"] = f"{said}; {gone}" if said else gone
+            self._ended_by = f"{reason}: {said}" if said else reason
         egress: dict[str, Any] = {}
         if self.egress is not None:
             # A secret's value never leaves in a result: output, a cell's results, the error.
@@ -552,7 +559,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         if self._cancelled is not None:
             return f"the isolate was ended: {self._cancelled}"
         if self._kill_reason != "violation":
-            return "the isolate has ended (killed, out of memory or timed out)"
+            return f"the isolate ended during a run ({self._ended_by})" if self._ended_by else "the isolate has ended"
         self._collect_violations()
         names = self.violation_log.names()
         named = f" ({', '.join(names)})" if names else ""
