@@ -22,15 +22,17 @@ same components.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Literal
 
@@ -101,8 +103,10 @@ class ComponentStore:
         """Record a new component ``name``. One of that name that has ended is kept, its spec and
         its last exit, unless ``replace``: a name is not taken over by accident (as Docker's)."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+        _check_own(self.root)
         directory = self.path(name)
-        if os.path.exists(directory):
+        if os.path.lexists(directory):
+            _check_own(directory)  # one another user made there would be theirs to rewrite
             try:
                 current: ComponentState | None = self.state(name)
             except StockadeError:
@@ -125,6 +129,17 @@ class ComponentStore:
         }  # fmt: skip
         _write_json(self.path(name, "spec.json"), spec)
         self.save(ComponentState(name, "starting"))
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """The component's lock, held while its state is read and changed by more than one process
+        at once (``stop`` and its supervisor's start: neither acts on a state the other just left)."""
+        fd = os.open(self.path(name, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def spec(self, name: str) -> dict[str, Any]:
         with open(self.path(name, "spec.json")) as f:
@@ -209,9 +224,15 @@ def start(
 
 def stop(name: str, store: ComponentStore, timeout: float = 15.0) -> ComponentState:
     """Stop the component: SIGTERM to its supervisor (which closes the isolate), SIGKILL after ``timeout``."""
-    state = store.state(name)
-    pid, started = state.supervisor_pid, state.supervisor_start
-    running = state.status in ("starting", "running")
+    with store.locked(name):
+        state = store.state(name)
+        pid, started = state.supervisor_pid, state.supervisor_start
+        running = state.status in ("starting", "running")
+        if running and pid is None:
+            # Its supervisor has not said who it is yet: it reads this under the same lock, and ends.
+            state.status, state.error, state.exit_code = "stopped", None, None
+            store.save(state)
+            return state
     if running and pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -310,9 +331,23 @@ def _open_log(path: str) -> BinaryIO | None:
 
 def _write_json(path: str, value: object) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # one a crash left, or a link: the file is made afresh, never opened through one
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
         json.dump(value, f)
     os.replace(tmp, path)  # readers never see half a file
+
+
+def _check_own(directory: str) -> None:
+    """``directory`` is a directory of this user's that no one else may write: its files are
+    trusted (what to run, which pid to signal), written and appended to as this user, maybe root."""
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise StockadeError(
+            f"{directory} is not a directory of this user's that only it may write (uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): components keep their state only where no one else can "
+            "change it (STOCKADE_STATE_DIR)"
+        )
 
 
 def _start_time(pid: int) -> str | None:

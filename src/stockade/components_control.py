@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import queue
+import select
 import signal
 import socket
 import struct
@@ -262,6 +263,13 @@ class _Session:
         with self._lock:
             return self._backlog
 
+    def gone(self) -> bool:
+        """Whether the client closed its connection: a hang-up both ways, not only its end of input
+        (``shutdown(SHUT_WR)``: it still reads the answer)."""
+        poller = select.poll()
+        poller.register(self.conn, select.POLLHUP)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+
     def _write(self) -> None:
         while True:
             line = self._queue.get()
@@ -316,7 +324,8 @@ class _Session:
         while (message := lines.next()) is not None:
             try:
                 if "stdin" in message:
-                    job.feed(unb64(message["stdin"]))
+                    if not job.feed(unb64(message["stdin"]), self.gone):
+                        break
                 elif message.get("eof") is True:
                     job.close_stdin()
                 elif isinstance(message.get("signal"), int):
@@ -340,7 +349,9 @@ class _Session:
                 break
             if "stdin" in message and main is not None and pump is not None:
                 try:
-                    main.feed(unb64(message["stdin"]))
+                    if not main.feed(unb64(message["stdin"]), self.gone):
+                        message = None  # gone: nobody waits for an answer
+                        break
                 except ValueError:
                     break
                 pump.wake()

@@ -31,7 +31,12 @@ RELAY_DIR = ".stockade-component"  # in the isolate's scratch directory
 MAX_INPUT_FILES = 8  # stdin files the relay has not taken yet
 INPUT_FILE_CAP = 1024 * 1024
 MAX_QUEUED_INPUT = 4 * 1024 * 1024  # stdin from a client not yet written to the isolate
+FEED_CHECK_S = 0.5  # how often a client waiting for room in its command's stdin is checked for being gone
 OUTPUT_FILE_MAX = 2 * components_relay.FILE_CAP  # a larger output file is not the relay's
+# Output files a relay may have written that the host has not read: its window, and the last ones
+# of its end, written whatever the window (a file for each pipe's rest, one for its exit record).
+MAX_UNREAD_FILES = components_relay.MAX_UNACKED + 3
+OUTPUT_PIECE = 256 * 1024  # output passed to a client at once: base64 in a JSON line, under its MAX_LINE
 EXIT_RECORD_MAX = 1024  # the relay's exit record, {"exit_code": N}: anything longer is not its
 # How often the relay's files are looked at: soon after something moved, then less
 # often; while `exec` or `attach` clients wait, never less often than SESSION_POLL_S.
@@ -80,12 +85,18 @@ class Job:
         self._queued = 0  # bytes in _input
         self._signals: deque[int] = deque()
 
-    def feed(self, data: bytes) -> None:
-        """Queue ``data`` for its stdin; waits while MAX_QUEUED_INPUT bytes are queued (the client's backpressure)."""
+    def feed(self, data: bytes, gone: Callable[[], bool] = lambda: False) -> bool:
+        """Queue ``data`` for its stdin; waits while MAX_QUEUED_INPUT bytes are queued (the client's
+        backpressure). False, nothing queued, when ``gone`` says its client left meanwhile: a command
+        that never reads its stdin would otherwise keep the client's thread here for good."""
         with self._lock:
-            self._lock.wait_for(lambda: self._queued < MAX_QUEUED_INPUT or self.ended, timeout=None)
+            while self._queued >= MAX_QUEUED_INPUT and not self.ended:
+                if gone():
+                    return False
+                self._lock.wait(FEED_CHECK_S)
             self._input.append(data)
             self._queued += len(data)
+            return True
 
     def close_stdin(self) -> None:
         with self._lock:
@@ -258,17 +269,22 @@ class Pump:
         return moved
 
     def _read_output(self, job: Job, entries: dict[str, Any]) -> bool:
-        if job.paused():
-            return False  # its client reads slowly: the relay stops reading the command's pipes
         n = job.next_out
-        while job.ending is None and f"{job.jid}.o.{n}" in entries:
+        # At most the relay's window of unread files, and none while its client reads slowly (the
+        # relay then stops reading the command's pipes): the command can write files of its own
+        # there too (a sparse one costs it 4 KiB for 2 MiB read here, outside its cgroup).
+        while job.ending is None and f"{job.jid}.o.{n}" in entries and not job.paused():
+            if n - job.next_out >= MAX_UNREAD_FILES:
+                job.ending = (None, _tampered(f"more than {MAX_UNREAD_FILES} output files await reading"))
+                break
             data = self.sandbox.read_file(f"{self.directory}/{job.jid}.o.{n}", max_bytes=OUTPUT_FILE_MAX)
             try:
                 for tag, payload in _records(data):
-                    if tag == b"o":
-                        job.on_output("stdout", payload)
-                    elif tag == b"e":
-                        job.on_output("stderr", payload)
+                    if tag in (b"o", b"e"):
+                        # In pieces a client's line holds (a record is the command's to size: one it
+                        # wrote itself may fill the file).
+                        for at in range(0, len(payload), OUTPUT_PIECE):
+                            job.on_output("stdout" if tag == b"o" else "stderr", payload[at : at + OUTPUT_PIECE])
                     elif tag == b"x":
                         if len(payload) > EXIT_RECORD_MAX:
                             raise ValueError("an exit record is a short object")

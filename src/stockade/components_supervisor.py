@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .components import LOG_ROTATE_BYTES, MAX_BACKOFF_S, STABLE_RUN_S, ComponentStore, _start_time
 from .components_pump import ACTIVE_POLL_S, IDLE_POLL_S, SESSION_POLL_S, Job, LaunchError, Pump
@@ -66,10 +66,6 @@ class Supervisor:
         from .policy import Policy
         from .runtimes.manager import RuntimeManager
 
-        state = self.state
-        state.supervisor_pid, state.supervisor_start = os.getpid(), _start_time(os.getpid())
-        self.store.save(state)
-
         def on_term(*_: object) -> None:
             if not self.stopping:  # once: a second signal must not cut the clean-up short
                 self.stopping = True
@@ -77,6 +73,14 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
+        with self.store.locked(self.name):
+            # A stop that came before this supervisor said who it is could signal nobody: it left
+            # "stopped", read here under the same lock.
+            if self.store.state(self.name).status == "stopped":
+                return 0
+            state = self.state
+            state.supervisor_pid, state.supervisor_start = os.getpid(), _start_time(os.getpid())
+            self.store.save(state)
         manager = None
         try:
             self.control = ControlServer(self.store.path(self.name))
@@ -230,7 +234,7 @@ def _exit_error(exit_code: int | None, policy: Policy) -> str | None:
 class _Log:
     def __init__(self, path: str) -> None:
         self.path = path
-        self.f = open(path, "ab", buffering=0)
+        self.f = _append(path)
         self.line_open = False  # the last output written ended mid-line
 
     def write(self, stream: str, data: bytes) -> None:
@@ -241,7 +245,7 @@ class _Log:
         if self.f.tell() > LOG_ROTATE_BYTES:
             self.f.close()
             os.replace(self.path, self.path + ".1")
-            self.f = open(self.path, "ab", buffering=0)
+            self.f = _append(self.path)
 
     def note(self, text: str) -> None:
         # On a line of its own, even after output that ended mid-line. The component writes this
@@ -251,6 +255,12 @@ class _Log:
 
     def close(self) -> None:
         self.f.close()
+
+
+def _append(path: str) -> BinaryIO:
+    """The log, opened to append, never through a link (the supervisor may be root)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return open(fd, "ab", buffering=0)
 
 
 def main(name: str) -> int:

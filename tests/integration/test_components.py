@@ -3,6 +3,7 @@ their limit, a killed supervisor."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -293,6 +294,101 @@ def test_exec_stdin_concurrency_interrupt_and_a_vanished_client(cli: Cli, tmp_pa
         finally:
             _end(client)
     assert _status(cli, "box")["status"] == "running"
+
+
+# Inside the component: output files for the next `exec` (its job j2), each one record of 2 MiB that is
+# mostly a hole (4 KiB of the isolate's memory): read, each would be 2 MiB of the supervisor's.
+STAGE_SPARSE = """
+import os, struct, time
+d = "/tmp/.stockade-component"
+while not os.path.isdir(d):
+    time.sleep(0.05)
+size = 2 * 1024 * 1024 - 5
+for n in range(2, 42):
+    with open(f"{d}/j2.t.{n}", "wb") as f:
+        f.write(b"o" + struct.pack(">I", size))
+        f.truncate(5 + size)
+    os.rename(f"{d}/j2.t.{n}", f"{d}/j2.o.{n}")
+print("staged", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_output_files_staged_for_an_exec_end_it_as_tampered_with(cli: Cli) -> None:
+    """The supervisor reads at most a relay's window of a job's output files, and none while its
+    client reads slowly: 40 staged files, 80 MiB to read for 160 KiB of the isolate's."""
+    assert cli("start", "--name", "stager", "--memory", "128", "--", "python3", "-c", STAGE_SPARSE).returncode == 0
+    _wait(lambda: "staged" in cli("logs", "stager").stdout)
+    tricked = cli("exec", "stager", "--", "sh", "-c", "echo hi; sleep 30")
+    assert tricked.returncode == 125, tricked
+    assert "more than 11 output files await reading" in tricked.stderr, tricked.stderr
+    assert len(tricked.stdout) <= 12 * 2 * 1024 * 1024  # what it read before it stopped
+    assert _status(cli, "stager")["status"] == "running"
+
+
+def test_an_exec_client_that_leaves_while_its_command_reads_no_input_takes_the_command(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Its input queued to the limit, the client's thread waited for room that never came: the
+    client's going away was never seen, and its command ran on."""
+    assert cli("start", "--name", "box", "--", "sleep", "3600").returncode == 0
+    marker = f"{random.randrange(10**6, 10**7)}.5"
+    client = _client(tmp_path, "exec", "-i", "box", "--", "sleep", marker, stdin=subprocess.PIPE)
+    try:
+        _wait(lambda: len(processes_with_arg(marker)) >= 2)  # the client, and the command in the isolate
+        assert client.stdin is not None
+        fd = client.stdin.fileno()
+        os.set_blocking(fd, False)  # the client stops reading once the supervisor does: no wait on it
+        sent, deadline = 0, time.monotonic() + 20
+        while sent < 12 << 20 and time.monotonic() < deadline:  # past what is queued for a command's stdin
+            with contextlib.suppress(BlockingIOError):
+                sent += os.write(fd, b"x" * (1 << 16))
+                continue
+            time.sleep(0.05)
+        assert sent > 4 << 20, sent  # the queue filled: the supervisor's thread waits for room
+        client.kill()
+        client.wait(timeout=30)
+        _wait(lambda: not processes_with_arg(marker), timeout=30)
+    finally:
+        _end(client)
+    assert _status(cli, "box")["status"] == "running"
+
+
+def test_a_stop_before_the_supervisor_says_who_it_is_sticks(tmp_path: Path) -> None:
+    from stockade.components import ComponentStore, stop
+    from stockade.components_supervisor import Supervisor
+
+    store = ComponentStore(str(tmp_path))
+    store.create("early", ["sleep", "3600"], {"runtime": "fake"}, "no")
+    assert stop("early", store).status == "stopped"  # no pid to signal yet: said under the lock
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert Supervisor("early", store).run() == 0  # it reads that, and starts nothing
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    state = store.state("early")
+    assert (state.status, state.supervisor_pid, state.started_at) == ("stopped", None, None)
+
+
+def test_a_state_directory_someone_else_may_write_is_refused(tmp_path: Path) -> None:
+    from stockade.components import ComponentStore
+    from stockade.errors import StockadeError
+
+    store = ComponentStore(str(tmp_path))
+    os.makedirs(store.root, mode=0o700)
+    planted = os.path.join(store.root, "web")
+    os.mkdir(planted)
+    os.chmod(planted, 0o777)  # as another user's would be: theirs to rewrite
+    with pytest.raises(StockadeError, match=r"web is not a directory of this user's that only it may write"):
+        store.create("web", ["true"], {}, "no")
+    os.chmod(planted, 0o700)
+    os.symlink(str(tmp_path / "elsewhere"), os.path.join(planted, "spec.json.tmp"))  # a link where it writes
+    store.create("web", ["true"], {}, "no")
+    assert not (tmp_path / "elsewhere").exists() and store.spec("web")["argv"] == ["true"]
+    os.chmod(store.root, 0o777)
+    with pytest.raises(StockadeError, match=r"components is not a directory of this user's"):
+        store.create("api", ["true"], {}, "no")
 
 
 def test_attach_talks_to_a_stdio_server(cli: Cli, tmp_path: Path) -> None:
