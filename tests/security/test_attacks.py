@@ -593,6 +593,10 @@ SYSCALL_ATTACKS = {
     "clone": "libc.syscall(56, 0x20000000 | 17, 0, 0, 0, 0)",
     "ioctl": "libc.ioctl(0, 0x5412, ctypes.c_char_p(b'x'))",
     "open_tree_attr": "libc.syscall(467, -100, b'/tmp', 1, None, 0)",  # open_tree with attributes (6.15)
+    # A filter of the code's own takes from the host's one BPF JIT budget (net.core.bpf_jit_limit).
+    "seccomp": "libc.syscall(317, 0x100000001, 0, 0)",  # SET_MODE_FILTER: the kernel reads op's low 32 bits
+    "prctl": "libc.prctl(22, 2, 0, 0, 0)",  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    "prlimit64": "libc.syscall(302, 1, 7, 0, 0)",  # the agent's RLIMIT_NOFILE, even read
 }
 
 
@@ -604,6 +608,21 @@ def test_dangerous_syscall_blocked_and_reported_by_host(sb: Sandbox, syscall: st
     assert syscall in blocked(r)
     v = next(v for v in r.security_violations if v.syscall == syscall)
     assert v.blocked and v.detection_layer == "SECCOMP" and v.description
+
+
+def test_host_wide_kernel_budgets_are_out_of_reach(sb: Sandbox) -> None:
+    """Kernel budgets one count for the whole host (no uid, namespace or cgroup share) are not the
+    code's to spend: a kernel AIO context (fs.aio-max-nr: one isolate held all of it) is ENOSYS,
+    as from a kernel without AIO; what stays allowed of seccomp and the limits, still works."""
+    r = sb.run_code(
+        LIBC + "ctx = ctypes.c_ulong(0)\n"
+        "print(libc.syscall(206, 128, ctypes.byref(ctx)), ctypes.get_errno())\n"  # io_setup
+        "print(libc.syscall(317, 2, 0, ctypes.byref(ctypes.c_uint(0x7FFF0000))))\n"  # GET_ACTION_AVAIL: ALLOW
+        "import resource; print(resource.prlimit(0, resource.RLIMIT_NOFILE) == resource.getrlimit(7))\n"
+        "print(libc.prctl(38, 1, 0, 0, 0))"  # PR_SET_NO_NEW_PRIVS
+    )
+    assert r.stdout.splitlines() == ["-1 38", "0", "True", "0"], r.summary()
+    assert r.security_violations == []
 
 
 def test_syscalls_the_profile_does_not_know_are_refused_and_reported(sb: Sandbox) -> None:
