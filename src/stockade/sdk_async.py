@@ -7,9 +7,10 @@ caller's event loop: a held sandbox's calls queue in one turn, with no thread of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import SandboxClosedError
@@ -122,6 +123,16 @@ class AsyncSandbox:
         """A writable directory inside the sandbox (``/tmp`` in every isolating runtime)."""
         return self._held().scratch_dir
 
+    @contextlib.asynccontextmanager
+    async def _next_turn(self) -> AsyncIterator[Isolate]:
+        """This sandbox's turn, once a call given up before it has ended: a caller that stopped
+        waiting (``asyncio.wait_for`` timed out) leaves its run to finish in the isolate, and the
+        next call queues behind it rather than being refused as "in progress"."""
+        async with self._turn:
+            isolate = self._held()
+            await isolate.settled()
+            yield isolate
+
     def _held(self) -> Isolate:
         if self._closed:
             raise SandboxClosedError("the sandbox is closed")
@@ -141,10 +152,8 @@ class AsyncSandbox:
     ) -> ExecResult:
         """``Sandbox.exec``, awaited."""
         command = argv_list(argv)
-        async with self._turn:
-            return await self._held().aexec(
-                command, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output
-            )
+        async with self._next_turn() as isolate:
+            return await isolate.aexec(command, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output)
 
     async def run_code(
         self,
@@ -158,8 +167,8 @@ class AsyncSandbox:
         session: str | None = None,
     ) -> ExecResult:
         """``Sandbox.run_code``, awaited."""
-        async with self._turn:
-            return await self._held().arun_code(
+        async with self._next_turn() as isolate:
+            return await isolate.arun_code(
                 code, language, stdin=stdin, env=env, timeout=timeout, on_output=on_output, session=session
             )
 
@@ -171,20 +180,20 @@ class AsyncSandbox:
 
     async def close_interpreter(self, session: str) -> bool:
         """End ``session``'s interpreter (``Interpreter.restart``)."""
-        async with self._turn:
-            return await self._held().aclose_interpreter(session)
+        async with self._next_turn() as isolate:
+            return await isolate.aclose_interpreter(session)
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        async with self._turn:
-            await self._held().awrite_file(path, data, mode)
+        async with self._next_turn() as isolate:
+            await isolate.awrite_file(path, data, mode)
 
     async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
-        async with self._turn:
-            return await self._held().aread_file(path, max_bytes)
+        async with self._next_turn() as isolate:
+            return await isolate.aread_file(path, max_bytes)
 
     async def list_dir(self, path: str) -> list[dict[str, Any]]:
-        async with self._turn:
-            return await self._held().alist_dir(path)
+        async with self._next_turn() as isolate:
+            return await isolate.alist_dir(path)
 
     async def upload(
         self, local_path: str | os.PathLike[str], remote_dir: str, *, max_bytes: int | None = None

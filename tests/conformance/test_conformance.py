@@ -174,6 +174,21 @@ def test_calls_gathered_on_one_async_sandbox_take_turns(runtime: str, manager: R
     assert asyncio.run(main()) == ["0\n", "1\n", "2\n", "3\n"]
 
 
+def test_a_call_after_one_given_up_on_an_async_sandbox_waits_its_turn(runtime: str, manager: RuntimeManager) -> None:
+    """A caller that stops waiting (``asyncio.wait_for``) leaves its run to finish in the isolate: the
+    next call queues behind it, as agent loops expect, rather than being refused as in progress."""
+
+    async def main() -> tuple[str, str]:
+        async with stockade.AsyncSandbox(Policy(runtime=runtime), manager=manager) as sandbox:
+            path = f"{sandbox.scratch_dir}/given-up"
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sandbox.exec(["sh", "-c", f"sleep 1; echo done > {path}"]), 0.2)
+            after = await sandbox.exec(["cat", path])  # the first run had ended by then, its file written
+            return after.stdout, (await sandbox.read_file(path)).decode()
+
+    assert asyncio.run(main()) == ("done\n", "done\n")
+
+
 def test_a_slow_host_on_either_side_of_a_frame_is_waited_for(sb: Sandbox) -> None:
     # A host that sends a request in pieces, or reads a large reply late: the
     # agent must wait (under gVisor its socket could say EAGAIN, and the agent
