@@ -101,3 +101,32 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
     assert snoop["argument_bytes"] > 10 and "x" * 10 not in json.dumps(snoop), snoop
     assert snoop["violations"] == {"socket": 1, "ptrace": 1}
     assert verify([str(audit)]).ok
+
+
+def test_the_gateway_runs_at_most_its_isolates_at_once(tmp_path: Any) -> None:
+    """As a daemon's slots: a kept server holds the only one here, so another server's isolate waits
+    STOCKADE_QUEUE_TIMEOUT for it, and the call is then refused by name, not run past the cap."""
+    require("process")
+    hostile = {"command": "python3", "args": ["/mcp/hostile.py"], "expose": "all", "timeout_secs": 60,
+               "mounts": [{"host_path": HOSTILE_DIR, "guest_path": "/mcp"}]}  # fmt: skip
+    config = {"mcp_servers": {"kept": {**hostile, "lifecycle": "persistent"}, "other": hostile}}
+    path = tmp_path / "isolation_config.json"
+    path.write_text(json.dumps(config))
+    params = StdioServerParameters(
+        command=STOCKADE, args=["mcp", "gateway", "--config", str(path), "--audit-log", "off"],
+        env={**os.environ, "STOCKADE_POOL_SIZE": "0", "STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_TIMEOUT": "2"},
+    )  # fmt: skip
+
+    async def drive() -> None:
+        with anyio.fail_after(300):
+            async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()  # each server surveyed in turn, in the one slot
+                kept = await session.call_tool("kept.echo", {"a": 1})  # its isolate now holds the slot
+                assert not kept.is_error and json.loads(kept.content[0].text) == {"a": 1}
+                other = await session.call_tool("other.echo", {"b": 2})
+                said = other.content[0].text
+                assert other.is_error and "the gateway runs 1 isolates already (STOCKADE_MAX_SANDBOXES)" in said
+                again = await session.call_tool("kept.count", {})  # the kept one goes on
+                assert not again.is_error and json.loads(again.content[0].text) == 2
+
+    anyio.run(drive)

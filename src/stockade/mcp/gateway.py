@@ -15,10 +15,12 @@ a read of it could not say whose answer it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,7 +161,29 @@ async def serve(
 ) -> None:
     """The gateway on this process's stdin and stdout (until the client closes them), or on
     streamable HTTP at ``http`` (until the process is stopped)."""
-    async with ToolHost(config) as host:
+    from ..settings import current
+
+    # As a daemon's slots: past STOCKADE_MAX_SANDBOXES isolates at once (each up to its memory_mb; an
+    # agent's parallel calls, kept servers), a call waits STOCKADE_QUEUE_TIMEOUT for one to end.
+    settings = current()
+    slots = anyio.Semaphore(settings.max_sandboxes)
+
+    @contextlib.asynccontextmanager
+    async def admit() -> AsyncIterator[None]:
+        try:
+            with anyio.fail_after(settings.queue_timeout):
+                await slots.acquire()
+        except TimeoutError:
+            raise ToolError(
+                f"the gateway runs {settings.max_sandboxes} isolates already (STOCKADE_MAX_SANDBOXES), and none "
+                f"ended within {settings.queue_timeout:g} s (STOCKADE_QUEUE_TIMEOUT)"
+            ) from None
+        try:
+            yield
+        finally:
+            slots.release()
+
+    async with ToolHost(config, admit=admit) as host:
         gateway = Gateway(config, host, audit)
         await gateway.survey()
         server = gateway.server()
