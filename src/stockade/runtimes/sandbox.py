@@ -31,18 +31,17 @@ from ..errors import (
 )
 from ..limits import check_call_size, check_env
 from ..policy import Policy
-from ..result import EgressRequest, ExecResult, ResourceUsage, SecurityViolation, TerminationReason, new_id
+from ..result import EgressRequest, ExecResult, SecurityViolation, TerminationReason, new_id
 from .agent_requests import code_request, exec_params, run_params
 from .base import BASE_ENV, IsolateUsage
 from .blocking import run_blocking
-from .cells import cell_fields
 from .channel import BLOCKING_CALLER, AgentChannel, awaited
-from .judgement import judge
 from .loop_call import LoopCall
 from .publish import AgentRelay, Forwarder
 from .sandbox_files import AgentFiles
 from .sandbox_processes import AgentProcesses
-from .verdict import CallbackGuard, OutputCallback, PendingRun, Verdict, read_verdict
+from .sandbox_results import AgentResults
+from .verdict import CallbackGuard, OutputCallback, PendingRun, read_verdict
 from .violations import ViolationLog, ViolationReport
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ _RUN_ENDINGS = (TimeoutError, EOFError, OSError, AgentProtocolError)
 open_isolates: weakref.WeakSet[AgentSandbox] = weakref.WeakSet()
 
 
-class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
+class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
     """A live isolate with a guest agent at the other end of ``self.channel``."""
 
     runtime_name: str
@@ -472,80 +471,6 @@ class AgentSandbox(AgentFiles, AgentProcesses, abc.ABC):
         """The agent answered with something no honest agent sends: the isolate is killed."""
         self._mark_dead(None)
         return AgentProtocolError(f"{what}; the isolate was killed")
-
-    def _finish_run(self, run: PendingRun, verdict: Verdict | None, error: str | None, interrupted: bool) -> ExecResult:
-        elapsed = time.monotonic() - run.started
-        after = self.usage()
-        # The worker's account first: every refusal it reported before it is counted by then.
-        egress = self.egress.take() if self.egress is not None else None
-        self._collect_violations()
-        report = self.violation_log.take()
-        timeout = run.params.get("timeout")  # the run's own, when it had one shorter than the policy's
-        limit = float(timeout) if isinstance(timeout, (int, float)) else self.policy.timeout_seconds
-        return self._result(
-            verdict, error, elapsed, run.before, after, report, run.execution_id, limit, egress, interrupted
-        )
-
-    def _result(
-        self,
-        verdict: Verdict | None,
-        error: str | None,
-        elapsed: float,
-        before: IsolateUsage,
-        after: IsolateUsage,
-        report: ViolationReport,
-        execution_id: str,
-        timeout_s: float | None = None,
-        egress_taken: tuple[list[EgressRequest], int] | None = None,
-        interrupted: bool = False,
-    ) -> ExecResult:
-        said = verdict or Verdict()  # no verdict: the agent said nothing
-        judged = judge(
-            self.policy, said, error, before, after, report,
-            killed_for=self._kill_reason, cancelled=self._cancelled, timeout_s=timeout_s, interrupted=interrupted,
-        )  # fmt: skip
-        reason, error, exit_code = judged.reason, judged.error, said.exit_code
-        stdout, stderr = judged.stdout, judged.stderr
-        cpu = None
-        if after.cpu_seconds is not None and before.cpu_seconds is not None:
-            cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
-        cell = cell_fields(said.cell, said.interpreter_lost, error)
-        if self._dead and not self.one_shot and reason != "violation":  # a violation's error says it was killed
-            # A kept sandbox the run took down with it (a timeout, gVisor's memory limit is its whole
-            # sandbox's): the run's error says what the caller has lost, and the next call says why.
-            said, gone = cell["error"], "the sandbox has ended: its files, processes and interpreters are gone"
-            cell["error"] = f"{said}; {gone}" if said else gone
-            self._ended_by = f"{reason}: {said}" if said else reason
-        egress: dict[str, Any] = {}
-        if self.egress is not None:
-            # A secret's value never leaves in a result: output, a cell's results, the error.
-            stdout, stderr = self._redacted(stdout), self._redacted(stderr)
-            cell = self.egress.redact_fields(cell)
-            records, dropped = egress_taken or ([], 0)
-            egress = {"egress_requests": records, "egress_requests_dropped": dropped,
-                      "secrets_redacted": self.egress.redactor.take_count()}  # fmt: skip
-        return ExecResult(
-            execution_id=execution_id,
-            success=reason == "completed" and exit_code == 0,
-            stdout=stdout.decode("utf-8", errors="replace"),
-            stderr=stderr.decode("utf-8", errors="replace"),
-            stdout_bytes=stdout,
-            stderr_bytes=stderr,
-            exit_code=exit_code,
-            termination_reason=reason,
-            security_violations=report.records,
-            violation_counts=report.counts,
-            violations_dropped=report.dropped,
-            execution_time_seconds=round(elapsed, 6),
-            cold_start_time_ms=round(self.cold_start_ms, 3),
-            resource_usage=ResourceUsage(cpu_seconds=cpu, memory_peak_mb=after.memory_peak_mb),
-            runtime_used=self.runtime_name,
-            policy_digest=self.policy.digest,
-            unenforced_limits=list(self.unenforced_limits),
-            limits_reached=judged.reached,
-            **cell,
-            **egress,
-        )
 
     def _mark_dead(self, reason: TerminationReason | None) -> None:
         if reason and self._kill_reason is None:
