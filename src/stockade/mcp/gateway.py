@@ -74,7 +74,7 @@ class Gateway:
         found = {s: answers[s] for s in self.config.mcp_servers if s in answers}  # in the config's order
         offered_by = Counter(uri for _, resources, _ in found.values() for uri in {str(r.uri) for r in resources})
         for uri in sorted(u for u, count in offered_by.items() if count > 1):
-            log.warning("MCP resource %s is offered by more than one server: by none here", uri)
+            log.warning("MCP resource %s is offered by more than one server: by none here", printable(uri[:500]))
         # Only what a server may offer here is named: a tool its config does not expose takes no
         # name from another server's, and a name outside MCP's characters is not passed on.
         exposed = {s: [t for t in tools if self.config.exposes(s, t.name) and _well_named(s, "tool", t.name)]
