@@ -60,6 +60,7 @@ class Supervisor:
         self.log = _Log(store.path(name, "log"))
         self.control: ControlServer | None = None
         self.stopping = False
+        self._closing = False
 
     def run(self) -> int:
         from .components_control import ControlServer
@@ -69,7 +70,8 @@ class Supervisor:
         def on_term(*_: object) -> None:
             if not self.stopping:  # once: a second signal must not cut the clean-up short
                 self.stopping = True
-                raise _Stop
+                if not self._closing:  # closing: raised once the isolate is closed (_close)
+                    raise _Stop
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
@@ -156,10 +158,10 @@ class Supervisor:
                 # keep the address its clients know (or fail to start while another holds it).
                 specs[i] = f"{host}:{host_port}:{port}"
         except (StockadeError, OSError) as exc:  # the host port taken meanwhile: a failed run, restarted as any
-            sandbox.close()
+            self._close(sandbox)
             return _Outcome(None, f"cannot publish: {exc}", time.monotonic() - began)
         except BaseException:
-            sandbox.close()
+            self._close(sandbox)
             raise
         self.state.published = published
         pump: Pump | None = None
@@ -205,8 +207,20 @@ class Supervisor:
                 after = sandbox.usage(peak=False)
                 if after.oom_kills > before.oom_kills:
                     error = f"out of memory: the {policy.memory_mb} MB limit was reached"
-            sandbox.close()
+            self._close(sandbox)
         return _Outcome(exit_code, error or _exit_error(exit_code, policy), time.monotonic() - began)
+
+    def _close(self, sandbox: AgentSandbox) -> None:
+        """Close the isolate whole. A stop that comes meanwhile is raised once it is closed: raised
+        in the middle, it cut the kill short (the isolate then counts as closed, and nothing
+        finishes it)."""
+        self._closing = True
+        try:
+            sandbox.close()
+        finally:
+            self._closing = False
+        if self.stopping:
+            raise _Stop
 
     def _main_output(self, stream: str, data: bytes) -> None:
         self.log.write(stream, data)

@@ -11,7 +11,7 @@ from .agent import linux
 from .isolation import LEVEL_INFO, NOT_OFFERED, trust_map
 from .runtimes.manager import RuntimeManager
 from .runtimes.process.cgroup_layout import detect_layout
-from .settings import unknown_variables
+from .settings import current, unknown_variables
 
 
 def _user_namespaces() -> str:
@@ -28,6 +28,35 @@ def _user_namespaces() -> str:
     except OSError:
         pass
     return "enabled"
+
+
+# What one isolate may hold of two host-wide counts, at the most a policy allows (pids_limit 4096,
+# max_open_files 65536): both are kernel-wide, no cgroup, uid or namespace shares them out.
+MOST_PIDS, MOST_FILES = 4096, 4096 * 65536
+
+
+def kernel_budgets(max_sandboxes: int) -> list[str]:
+    """Host-wide counts too small for what isolates may hold: filled, processes outside any isolate
+    (unprivileged ones first, for files) and new isolates of every runtime fail."""
+    checks = (
+        ("fs.file-max", "every open file", MOST_FILES, "one isolate (max_open_files x pids_limit)",
+         "9223372036854775807"),
+        ("kernel.pid_max", "every task", (max_sandboxes + 1) * MOST_PIDS,
+         "STOCKADE_MAX_SANDBOXES isolates (x pids_limit), and the host", "4194304"),
+    )  # fmt: skip
+    said = []
+    for name, counts, need, holder, advice in checks:
+        try:
+            with open(f"/proc/sys/{name.replace('.', '/')}") as f:
+                have = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if have < need:
+            said.append(
+                f"{name} = {have} counts {counts} on the host, and {holder} may take {need}: "
+                f"set it higher (sysctl -w {name}={advice}, as systemd does at boot)"
+            )
+    return said
 
 
 def collect() -> dict[str, Any]:
@@ -56,6 +85,7 @@ def collect() -> dict[str, Any]:
             "cgroup_problems": layout.problems,
             "landlock_abi": linux.landlock_abi(),
             "settings_problems": unknown_variables(),
+            "kernel_budget_problems": kernel_budgets(current().max_sandboxes),
         },
         "runtimes": runtimes,
     }
@@ -70,6 +100,7 @@ def render(report: dict[str, Any]) -> str:
     ]
     lines += [f"          ! {p}" for p in host["cgroup_problems"]]
     lines += [f"settings  ! {p}" for p in host["settings_problems"]]
+    lines += [f"kernel    ! {p}" for p in host["kernel_budget_problems"]]
     abi = host["landlock_abi"]
     lines.append(f"landlock  {'ABI ' + str(abi) if abi else 'not available (an extra layer only)'}")
     lines.append("")

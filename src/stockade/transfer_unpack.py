@@ -37,6 +37,7 @@ _MALFORMED = (tarfile.TarError, ValueError, IndexError, EOFError, RecursionError
 
 # Version control directories whose configuration runs commands (git's core.fsmonitor, hg's hooks).
 _VCS = {".git": "git", ".hg": "hg"}
+_BARE_GIT = frozenset({"HEAD", "objects", "refs"})  # what makes a directory a repository to git
 # Path components; the regular file whose bytes go there (a hard link's: its target's), None for a directory.
 _Plan = tuple[tuple[str, ...], tarfile.TarInfo | None]
 Links = Literal["refuse", "skip"]  # what a download does with a symbolic link
@@ -108,6 +109,7 @@ def _check(
     # Every directory the writes will make, named or not: one member's name of 128 components
     # makes 128 of them, so it is these, not the members, that max_files counts.
     directories: set[tuple[str, ...]] = set()
+    marks: dict[tuple[str, ...], set[str]] = {}  # directories holding what makes a bare git repository
     total = skipped = named_directories = 0
     while True:
         try:
@@ -115,6 +117,8 @@ def _check(
         except _MALFORMED as exc:
             raise UnsafeArchiveError(f"the archive of {src} from the sandbox is malformed: {exc}") from None
         if member is None:
+            if not vcs:
+                _refuse_bare_repositories(marks, src)
             return plans, len(directories), skipped
         if len(plans) + skipped >= max_files:
             raise TransferTooLargeError(
@@ -127,8 +131,14 @@ def _check(
                 f"{_VCS[found.lower()]} runs on the host, unasked, in any directory below it (a shell prompt's "
                 "status, an editor); vcs=True writes it; nothing was written"
             )
+        for depth, part in enumerate(parts):
+            if part in _BARE_GIT:
+                marks.setdefault(parts[:depth], set()).add(part)
         kept = parts if member.isdir() else parts[:-1]
-        directories.update(kept[:depth] for depth in range(1, len(kept) + 1))
+        for depth in range(len(kept), 0, -1):  # from the deepest: its parents are known once it is
+            if kept[:depth] in directories:
+                break
+            directories.add(kept[:depth])
         made = len(plans) - named_directories + len(directories) + (not member.isdir())  # with this member's
         if made > max_files:
             raise TransferTooLargeError(
@@ -168,6 +178,18 @@ def _check(
             )
         plans.append((parts, member))
         files[parts] = member
+
+
+def _refuse_bare_repositories(marks: dict[tuple[str, ...], set[str]], src: str) -> None:
+    """A directory laid out as a bare git repository is one to git, whatever its name (HEAD with
+    objects or refs beside it: git's own test), and its config's commands run as a .git's do."""
+    for where, names in marks.items():
+        if "HEAD" in names and names & {"objects", "refs"}:
+            raise UnsafeArchiveError(
+                f"the archive of {src} holds {'/'.join(where) or 'its top'}, laid out as a git repository (HEAD, "
+                f"{' and '.join(sorted(names - {'HEAD'}))}): git runs what its config names there, unasked; "
+                "vcs=True writes it; nothing was written"
+            )
 
 
 def _check_headers(archive: IO[bytes], src: str) -> None:

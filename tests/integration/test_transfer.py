@@ -274,6 +274,11 @@ elif case == "deep":  # names of 100 components: each member makes 99 directorie
         add(f"d{i}/" + "x/" * 98 + "f")
 elif case == "git":  # git runs core.fsmonitor in any directory below it, unasked
     add(".git/config", b"[core]\n\tfsmonitor = touch /tmp/pwned\n")
+elif case == "bare":  # no .git anywhere: a bare repository's layout is one to git all the same
+    add("project/evil/HEAD", b"ref: refs/heads/main\n")
+    add("project/evil/config", b"[core]\n\tworktree = ..\n\tfsmonitor = touch /tmp/pwned\n")
+    add("project/evil/objects/", type=tarfile.DIRTYPE)
+    add("project/evil/refs/", type=tarfile.DIRTYPE)
 elif case == "hg":
     add("sub/.hg/hgrc", b"[hooks]\npre-status = touch /tmp/pwned\n")
 elif case == "garbage":
@@ -340,6 +345,7 @@ CASES = {
     "negative": (UnsafeArchiveError, r"negative size|malformed"),  # base-256 sizes can be negative
     "loud": (TransferError, r"packing /work/src in the sandbox failed: \\x1b\[2J\\x1b\]0;owned\\x07"),
     "git": (UnsafeArchiveError, r"'.git/config': a .git directory's configuration names commands git runs"),
+    "bare": (UnsafeArchiveError, r"holds project/evil, laid out as a git repository \(HEAD, objects and refs\)"),
     "hg": (UnsafeArchiveError, r"'sub/.hg/hgrc': a .hg directory's configuration names commands hg runs"),
 }
 

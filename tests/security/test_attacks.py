@@ -625,6 +625,35 @@ def test_host_wide_kernel_budgets_are_out_of_reach(sb: Sandbox) -> None:
     assert r.security_violations == []
 
 
+# Loopback TCP connections whose receivers never read: bytes queued in socket buffers, up to 384 MiB.
+SOCKET_BUFFERS = """
+import socket, time
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(512); addr = ls.getsockname()
+keep, total, chunk, started = [], 0, b"x" * 262144, time.monotonic()
+while total < 384 << 20 and len(keep) < 100 and time.monotonic() - started < 20:
+    c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 20)
+    c.connect(addr); s, _ = ls.accept(); c.setblocking(False)
+    stalls = 0
+    while total < 384 << 20 and stalls < 3:
+        try:
+            total += c.send(chunk); stalls = 0
+        except BlockingIOError:
+            stalls += 1; time.sleep(0.01)
+    keep.append((c, s))
+print(total >> 20)
+"""
+
+
+def test_socket_buffers_are_the_isolates_memory(process_runtime: str, manager: RuntimeManager) -> None:
+    """Buffers of sockets nobody reads count against memory_mb: uncharged (cgroup v1 counts them only
+    once its group says so), one isolate's unread loopback connections held the host's whole
+    tcp_mem, and every socket on the host, in every isolate, was cut to its minimum buffer."""
+    r = run(manager, SOCKET_BUFFERS, network_policy="loopback", memory_mb=128, timeout_seconds=60)
+    queued = int(r.stdout.split()[-1]) if r.stdout.strip() else 0
+    # Held near its 128 MB (or the isolate ended by its memory limit): never the 384 MiB it asked for.
+    assert queued < 200 or r.termination_reason == "memory_limit", r.summary()
+
+
 def test_syscalls_the_profile_does_not_know_are_refused_and_reported(sb: Sandbox) -> None:
     # 337: in x86_64's hole, where the kernel put uretprobe (335) and uprobe (336); 470: past 6.18's newest.
     r = sb.run_code(

@@ -80,6 +80,10 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         log.info("daemon instance %s", controller.instance_id)
         for problem in settings.unknown_variables():
             log.warning("%s", problem)
+        from ..doctor import kernel_budgets
+
+        for problem in kernel_budgets(config.max_sandboxes):  # what `stockade doctor` says of them too
+            log.warning("%s", problem)
         observers.admin(
             _DAEMON, "daemon.start", where or "", http=http.url if http else None, instance=controller.instance_id
         )

@@ -450,6 +450,11 @@ def _write_v1_memory(group: str, mem: int, limit: _Limit) -> None:
     """
     memory = os.path.join(group, "memory.limit_in_bytes")
     memsw = os.path.join(group, "memory.memsw.limit_in_bytes")
+    # Socket buffers: v1 charges a group's TCP and UDP buffers only once this is written (v2 always
+    # does). Uncharged, one isolate's unread loopback connections held the host's whole tcp_mem
+    # (and udp_mem): every socket on the host, in every isolate, was cut to its minimum buffer.
+    # Written before anything of the code's runs, so every socket it makes is counted.
+    limit.write(os.path.join(group, "memory.kmem.tcp.limit_in_bytes"), str(mem), optional=True)
     if not os.path.exists(memsw):
         limit.write(memory, str(mem))
         return
