@@ -694,3 +694,34 @@ print(json.dumps({{"down": via_proxy("http://api.stockade.test:{port}/"),
     assert [v.description for v in result.security_violations] == [  # type: ignore[attr-defined]
         f"GET elsewhere.stockade.test:{port} refused: elsewhere.stockade.test:{port} is not in allowed_hosts"
     ]
+
+
+def test_the_next_run_waits_for_the_last_ones_account(
+    up: Upstreams, manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run given up while its account is taken (off the loop): the next one must not start before
+    that account is, or it would take the next run's records and violations into a result nobody
+    reads, and a refused request would vanish from every report."""
+    import asyncio
+    import time
+
+    from stockade import AsyncSandbox
+
+    async def main() -> object:
+        async with AsyncSandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+            isolate = sb._held()
+            real_take = isolate.egress.take  # type: ignore[attr-defined]
+
+            def slow_take() -> tuple[list[EgressRequest], int, int]:
+                time.sleep(2)  # the worker busy with the isolate's traffic, as its timeout allows
+                return real_take()
+
+            monkeypatch.setattr(isolate.egress, "take", slow_take)  # type: ignore[attr-defined]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sb.run_code("print('A')"), 0.8)
+            return await sb.run_code(FETCH + f"print(fetch('http://other.stockade.test:{up.http.port}/')[0])")
+
+    result = asyncio.run(main())
+    assert result.stdout.strip() == "403", result.summary()  # type: ignore[attr-defined]
+    assert [(r.host, r.allowed) for r in result.egress_requests] == [("other.stockade.test", False)]  # type: ignore[attr-defined]
+    assert result.violation_counts == {"network_egress": 1}  # type: ignore[attr-defined]

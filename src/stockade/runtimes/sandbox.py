@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import os
 import socket
 import time
@@ -40,7 +41,7 @@ from .loop_call import LoopCall
 from .publish import AgentRelay, Forwarder
 from .sandbox_files import AgentFiles
 from .sandbox_processes import AgentProcesses
-from .sandbox_results import AgentResults
+from .sandbox_results import AgentResults, accounts
 from .verdict import CallbackGuard, OutputCallback, PendingRun, read_verdict
 from .violations import ViolationLog, ViolationReport
 
@@ -87,6 +88,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         # command and is then torn down, so its agent is told not to fork a runner
         # ahead for a next one; that fork would compete for the CPU with the caller.
         self.one_shot = False
+        self._settling: concurrent.futures.Future[Any] | None = None  # the last run's account, taken off the loop
         self._ended_by: str | None = None  # what the run that took the isolate down said, for the next call
         self.forks_counted = False  # its pids_limit is a cgroup's, which counts refused forks (job_limits)
         # The current run's violations, bounded (violations.py); the runtime feeds it.
@@ -225,8 +227,11 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         )
 
     async def settled(self) -> None:
-        """Return once no call to the agent is in flight (a call given up is left to finish)."""
+        """Return once no call to the agent is in flight (a call given up is left to finish), and
+        the last run's account is taken."""
         await self.channel.settled()
+        if (taking := self._settling) is not None:
+            await asyncio.wait([asyncio.wrap_future(taking)])
 
     def interrupt(self, session: str | None = None) -> bool:
         """Interrupt the run in progress from another thread: SIGINT to it (a cell raises
@@ -353,15 +358,22 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
                 done(settled(reply, interrupted))
                 return
             # The egress worker's account is a round trip to a process the isolate's own traffic may
-            # keep busy (up to its timeout): asked from a thread, so that the loop (a daemon's, serving
-            # every other caller) never waits on it.
-            loop.run_in_executor(None, settled, reply, interrupted).add_done_callback(deliver)
+            # keep busy (up to its timeout): asked from a thread of stockade's own, so that neither the
+            # loop (a daemon's, serving every other caller) nor its default pool waits on it. The next
+            # run waits for it (_open_run): it takes the records and violations up to its own start.
+            try:
+                taking = accounts().submit(settled, reply, interrupted)
+            except RuntimeError:  # the interpreter is going: no thread starts now, the loop waits instead
+                done(settled(reply, interrupted))
+                return
+            self._settling = taking
+            asyncio.wrap_future(taking, loop=loop).add_done_callback(deliver)
 
         def deliver(taken: asyncio.Future[ExecResult | Exception]) -> None:
             if call.aborted:  # its caller went away meanwhile
                 return
-            if taken.cancelled() or taken.exception() is not None:  # the loop's executor shut down under it
-                done(SandboxError("the run ended but its result was lost: the event loop was shutting down"))
+            if taken.cancelled() or taken.exception() is not None:
+                done(SandboxError(f"the run ended but its result was lost: {taken.exception()!r}"))
                 return
             done(taken.result())
 
@@ -413,6 +425,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         """The run's turn has come (a blocking caller may have waited for it): its counters and
         its violation report start here, not before, so that they are its own."""
         self._check_usable()
+        self._await_account()
         run.before, self.baseline = self.baseline or self.usage(peak=False), None
         self._collect_violations()
         # What was reported since the last run (a process that run left running) opens this

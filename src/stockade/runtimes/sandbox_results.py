@@ -3,12 +3,16 @@ the isolate used and tried, with its egress account and no secret's value in it.
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..errors import SandboxError
 from ..result import EgressRequest, ExecResult, ResourceUsage, TerminationReason
 from .base import IsolateUsage
 from .cells import cell_fields
+from .channel import BLOCKING_CALLER
 from .judgement import judge
 from .verdict import PendingRun, Verdict
 from .violations import ViolationLog, ViolationReport
@@ -16,6 +20,19 @@ from .violations import ViolationLog, ViolationReport
 if TYPE_CHECKING:
     from ..policy import Policy
     from .egress import Egress
+
+
+_account_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_account_pool_lock = threading.Lock()
+
+
+def accounts() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that take egress workers' accounts of runs (a few: each waits on one worker)."""
+    global _account_pool
+    with _account_pool_lock:
+        if _account_pool is None:
+            _account_pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="stockade-account")
+        return _account_pool
 
 
 class AgentResults:
@@ -33,6 +50,8 @@ class AgentResults:
         _ended_by: str | None
         _kill_reason: TerminationReason | None
         _cancelled: str | None
+
+        _settling: concurrent.futures.Future[Any] | None
 
         def usage(self, peak: bool = True) -> IsolateUsage: ...
         def _collect_violations(self) -> None: ...
@@ -75,12 +94,6 @@ class AgentResults:
         if after.cpu_seconds is not None and before.cpu_seconds is not None:
             cpu = max(0.0, after.cpu_seconds - before.cpu_seconds)
         cell = cell_fields(said.cell, said.interpreter_lost, error)
-        if self._dead and not self.one_shot and reason != "violation":  # a violation's error says it was killed
-            # A kept sandbox the run took down with it (a timeout, gVisor's memory limit is its whole
-            # sandbox's): the run's error says what the caller has lost, and the next call says why.
-            told, gone = cell["error"], "the sandbox has ended: its files, processes and interpreters are gone"
-            cell["error"] = f"{told}; {gone}" if told else gone
-            self._ended_by = f"{reason}: {told}" if told else reason
         egress: dict[str, Any] = {}
         if self.egress is not None:
             # A secret's value never leaves in a result: output, a cell's results, the error.
@@ -89,6 +102,12 @@ class AgentResults:
             records, dropped = egress_taken or ([], 0)
             egress = {"egress_requests": records, "egress_requests_dropped": dropped,
                       "secrets_redacted": self.egress.redactor.take_count()}  # fmt: skip
+        if self._dead and not self.one_shot and reason != "violation":  # a violation's error says it was killed
+            # A kept sandbox the run took down with it (a timeout, gVisor's memory limit is its whole
+            # sandbox's): the run's error says what the caller has lost, and the next call says why.
+            told, gone = cell["error"], "the sandbox has ended: its files, processes and interpreters are gone"
+            cell["error"] = f"{told}; {gone}" if told else gone
+            self._ended_by = f"{reason}: {told}" if told else reason
         return ExecResult(
             execution_id=execution_id,
             success=reason == "completed" and exit_code == 0,
@@ -111,3 +130,13 @@ class AgentResults:
             **cell,
             **egress,
         )
+
+    def _await_account(self) -> None:
+        """The last run's account taken before this one starts: taken later, it would take this
+        run's egress records and violations with it, into a result nobody reads."""
+        taking = self._settling
+        if taking is None or taking.done():
+            return
+        if not BLOCKING_CALLER.get():
+            raise SandboxError("another call to this sandbox is in progress (the last run's account is being taken)")
+        concurrent.futures.wait([taking])  # a blocking caller's loop is its own
