@@ -597,6 +597,8 @@ SYSCALL_ATTACKS = {
     "seccomp": "libc.syscall(317, 0x100000001, 0, 0)",  # SET_MODE_FILTER: the kernel reads op's low 32 bits
     "prctl": "libc.prctl(22, 2, 0, 0, 0)",  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
     "prlimit64": "libc.syscall(302, 1, 7, 0, 0)",  # the agent's RLIMIT_NOFILE, even read
+    # SO_ATTACH_FILTER: a classic BPF program, JIT-compiled into the same budget as a seccomp filter.
+    "setsockopt": "libc.setsockopt(os.open('/dev/null', 0), 1, 26, None, 0)",
 }
 
 
