@@ -62,18 +62,23 @@ def test_none_shares_nothing_but_the_hosts_own_environments(
     monkeypatch.setenv("STOCKADE_MOUNT_ROOTS", "none")
     with pytest.raises(PolicyError, match=r"STOCKADE_MOUNT_ROOTS=none\)"):
         check_mount_sources(stockade.Policy(filesystem_access=[f"{allowed}:/data"]))
-    # The environment store is what every caller may name an environment of (environments.py mounts it).
-    env_dir = tempfile.mkdtemp(dir=_store())
+    # An environment of the store is what any caller may name (environments.py mounts it), read-only
+    # where environments go; the store itself, or one written, or elsewhere inside, is not.
+    env_dir = tempfile.mkdtemp(dir=_store("envs"))
     try:
         os.chmod(env_dir, 0o755)
         check_mount_sources(stockade.Policy(filesystem_access=[f"{env_dir}:/opt/stockade/env"]))
+        for shared in (f"{env_dir}:/opt/stockade/env:rw", f"{env_dir}:/data", f"{store_root()}:/opt/stockade/env"):
+            with pytest.raises(PolicyError, match="outside what this host shares"):
+                check_mount_sources(stockade.Policy(filesystem_access=[shared]))
     finally:
         os.rmdir(env_dir)
 
 
-def _store() -> str:
-    os.makedirs(store_root(), mode=0o755, exist_ok=True)
-    return store_root()
+def _store(*parts: str) -> str:
+    path = os.path.join(store_root(), *parts)
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    return path
 
 
 def test_a_malformed_root_is_refused_by_name() -> None:

@@ -27,7 +27,7 @@ from ...agent import linux
 from ...egress import PROXY_PORT
 from ...environments import ENV_ROOT, store_root
 from ...errors import PolicyError
-from ...policy import Policy, default_policy, forbidden_source
+from ...policy import Mount, Policy, default_policy, forbidden_source
 from ...settings import current
 from ..base import BASE_ENV, Availability, IsolateUsage
 from ..egress import attach_egress
@@ -338,19 +338,25 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         }
 
 
-def _check_within_roots(where: str, real: str) -> None:
+def _check_within_roots(where: str, mount: Mount, real: str) -> None:
     """A host that names its mount roots (STOCKADE_MOUNT_ROOTS) shares nothing outside them, but
-    its own Python environments (the store every sandbox may name an environment of). ``real``:
-    where the source leads, which is what is mounted (no sandbox can swap a step of the way since:
-    ``_check_unswappable``)."""
+    its own Python environments, read-only where environments go (any sandbox may name one).
+    ``real``: where the source leads, which is what is mounted (as root, no sandbox can swap a step
+    of the way since: ``_check_unswappable``)."""
     roots = current().mount_roots
     if roots is None:
         return
-    allowed = [os.path.realpath(r) for r in (*roots, store_root())]
-    if any(real == root or real.startswith(root.rstrip("/") + "/") for root in allowed):
+    if mount.target == ENV_ROOT and not mount.writable and _below(real, os.path.join(store_root(), "envs")):
+        return
+    if any(_below(real, root) for root in roots):
         return
     named = ",".join(roots) or "none"
     raise PolicyError(f"{where} leads to {real}, outside what this host shares (STOCKADE_MOUNT_ROOTS={named})")
+
+
+def _below(path: str, root: str) -> bool:
+    root = os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _check_unswappable(where: str, path: str, st: os.stat_result, last: bool) -> None:
@@ -391,7 +397,7 @@ def check_mount_sources(policy: Policy) -> None:
         real = os.path.realpath(mount.source)
         if forbidden_source(real):
             raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
-        _check_within_roots(where, real)
+        _check_within_roots(where, mount, real)
         if os.getuid() != 0:
             continue
         # Every directory on the way, as named and where a link leads: runsc and QEMU resolve the
