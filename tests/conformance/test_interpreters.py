@@ -69,6 +69,10 @@ def test_a_cell_awaits_at_its_top_and_a_semicolon_hides_its_value(sb: Sandbox) -
         assert py.run("value * 2;").results == []  # run, not shown
         assert py.run("hidden = value;  # a comment after it").results == []
         assert [r.text for r in py.run("'a;b'").results] == ["'a;b'"]  # a semicolon in a string is no end
+        # A coroutine only named is a value, as in IPython: not run.
+        named = py.run("ran = []\nasync def f():\n    ran.append(1)\nf()")
+        assert named.results[0].text.startswith("<coroutine object f at "), named.results
+        assert [r.text for r in py.run("ran").results] == ["[]"]
         interrupted = py.run("await asyncio.sleep(3600)", timeout=2)
         assert interrupted.exception is not None and interrupted.exception.name == "KeyboardInterrupt"
         assert [r.text for r in py.run("value").results] == ["20"]  # the state survives

@@ -163,8 +163,8 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], outputs: list
         body = compile(tree, filename, "exec", flags, dont_inherit=True)
         _interruptible(True)
         try:
-            _awaited(eval(body, namespace))  # noqa: S307 - inside the isolate, by design
-            value = _awaited(eval(value_code, namespace)) if value_code else None  # noqa: S307
+            _run(body, namespace)
+            value = _run(value_code, namespace) if value_code else None
         finally:
             _interruptible(False)
         if value_code is not None and _ends_quietly(code):
@@ -180,11 +180,13 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], outputs: list
 _loop: Any = None  # the interpreter's event loop, made at its first awaiting cell: tasks outlive a cell
 
 
-def _awaited(result: Any) -> Any:
-    """``result`` of a cell's code, its coroutine run to its end when it awaited at the top."""
+def _run(code: Any, namespace: dict[str, Any]) -> Any:
+    """What a cell's ``code`` gives: run to its end on the interpreter's loop when it awaits at its
+    top (the compiler marks such code a coroutine's); a coroutine the cell only names, as its value."""
     import inspect
 
-    if not inspect.iscoroutine(result):
+    result = eval(code, namespace)  # noqa: S307 - inside the isolate, by design
+    if not code.co_flags & inspect.CO_COROUTINE:
         return result
     global _loop
     import asyncio
@@ -196,7 +198,10 @@ def _awaited(result: Any) -> Any:
     try:
         return _loop.run_until_complete(task)
     except BaseException:
-        task.cancel()  # interrupted: ended at the loop's next turn, not left to resume in a later cell
+        # Interrupted: ended at the loop's next turn, not left to resume in a later cell, and its
+        # end taken, so that no "exception never retrieved" is said in a later cell's output.
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise
 
 
