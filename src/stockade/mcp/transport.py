@@ -30,10 +30,11 @@ from ..runtimes.spawned import Process
 
 MAX_LINE = 16 << 20  # one JSON-RPC message
 MAX_VALUES = 1_000_000  # JSON values in one message (~50-100 bytes each once parsed)
-# What opens or closes a JSON string: a quote, or an escape pair (whose quote closes nothing).
-# Each match consumes what it matched: one pass, never a rescan (a pattern for a whole string
-# rescanned an unclosed one from each escaped quote in it: quadratic, GIL held, a host stopped).
-_QUOTING = re.compile(rb'\\.|"', re.DOTALL)
+# A JSON string's escape pairs, then its strings: two passes in C, each match consuming what it
+# matched, so nothing is scanned twice (one pattern for a whole string rescanned an unclosed one
+# from each escaped quote in it: quadratic, the GIL held, a host stopped for hours).
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
 MAX_STDERR = 64 << 10  # kept of what the server says on stderr, for an error message
 # What a server may make this host process read and parse, its isolate's limits not covering it: a
 # few large results at once, then a steady rate far above any conversation's. A server past it
@@ -175,17 +176,12 @@ def _values(line: bytes) -> int:
     quick = _openings(line)
     if quick <= MAX_VALUES:
         return quick
-    count, start, inside = 0, 0, False
-    for token in _QUOTING.finditer(line):
-        if token.group() == b'"':
-            if not inside:
-                count += _openings(line, start, token.start())
-            inside, start = not inside, token.end()
-    return count + (0 if inside else _openings(line, start, len(line)))
+    bare = _STRING.sub(b'""', _ESCAPE.sub(b"", line))  # an unclosed string's rest stays, counted: over, not under
+    return _openings(bare)
 
 
-def _openings(line: bytes, start: int = 0, end: int | None = None) -> int:
-    return line.count(b",", start, end) + line.count(b"[", start, end) + line.count(b"{", start, end)
+def _openings(line: bytes) -> int:
+    return line.count(b",") + line.count(b"[") + line.count(b"{")
 
 
 def _parse(line: bytes) -> SessionMessage | Exception:
