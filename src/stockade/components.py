@@ -31,6 +31,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -134,7 +135,10 @@ class ComponentStore:
     def locked(self, name: str) -> Iterator[None]:
         """The component's lock, held while its state is read and changed by more than one process
         at once (``stop`` and its supervisor's start: neither acts on a state the other just left)."""
-        fd = os.open(self.path(name, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path(name, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise StockadeError(f"no component named {name!r}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -330,12 +334,17 @@ def _open_log(path: str) -> BinaryIO | None:
 
 
 def _write_json(path: str, value: object) -> None:
-    tmp = path + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # one a crash left, or a link: the file is made afresh, never opened through one
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)  # readers never see half a file
+    # A fresh name of its own for each write (two writers at once, a link planted there: neither is
+    # a file this one opens), renamed over the file: readers never see half of it.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    try:
+        with open(fd, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _check_own(directory: str) -> None:

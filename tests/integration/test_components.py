@@ -369,6 +369,10 @@ def test_a_stop_before_the_supervisor_says_who_it_is_sticks(tmp_path: Path) -> N
             signal.signal(sig, handler)
     state = store.state("early")
     assert (state.status, state.supervisor_pid, state.started_at) == ("stopped", None, None)
+    from stockade.errors import StockadeError
+
+    with pytest.raises(StockadeError, match="no component named 'nosuch'"):
+        stop("nosuch", store)
 
 
 def test_a_state_directory_someone_else_may_write_is_refused(tmp_path: Path) -> None:
