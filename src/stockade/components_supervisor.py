@@ -199,6 +199,7 @@ class Supervisor:
         except SandboxError as exc:  # the isolate died (a violation, the agent gone)
             exit_code, error = None, str(exc)
         finally:
+            self._closing = True  # from here to the isolate's close, a stop waits (_close raises it)
             why = "the component was stopped" if self.stopping else _run_ended(ending[0] if ending else None)
             self.control.unserve(why)
             if pump is not None:

@@ -37,7 +37,9 @@ _MALFORMED = (tarfile.TarError, ValueError, IndexError, EOFError, RecursionError
 
 # Version control directories whose configuration runs commands (git's core.fsmonitor, hg's hooks).
 _VCS = {".git": "git", ".hg": "hg"}
-_BARE_GIT = frozenset({"HEAD", "objects", "refs"})  # what makes a directory a repository to git
+# What makes a directory a repository to git: HEAD, with objects and refs beside it or in the
+# directory its commondir names (lowercased: a case-insensitive directory matches any case).
+_BARE_GIT = frozenset({"head", "objects", "refs", "commondir"})
 # Path components; the regular file whose bytes go there (a hard link's: its target's), None for a directory.
 _Plan = tuple[tuple[str, ...], tarfile.TarInfo | None]
 Links = Literal["refuse", "skip"]  # what a download does with a symbolic link
@@ -132,8 +134,8 @@ def _check(
                 "status, an editor); vcs=True writes it; nothing was written"
             )
         for depth, part in enumerate(parts):
-            if part in _BARE_GIT:
-                marks.setdefault(parts[:depth], set()).add(part)
+            if part.lower() in _BARE_GIT:
+                marks.setdefault(parts[:depth], set()).add(part.lower())
         kept = parts if member.isdir() else parts[:-1]
         for depth in range(len(kept), 0, -1):  # from the deepest: its parents are known once it is
             if kept[:depth] in directories:
@@ -184,10 +186,10 @@ def _refuse_bare_repositories(marks: dict[tuple[str, ...], set[str]], src: str) 
     """A directory laid out as a bare git repository is one to git, whatever its name (HEAD with
     objects or refs beside it: git's own test), and its config's commands run as a .git's do."""
     for where, names in marks.items():
-        if "HEAD" in names and names & {"objects", "refs"}:
+        if "head" in names and names - {"head"}:
             raise UnsafeArchiveError(
                 f"the archive of {src} holds {'/'.join(where) or 'its top'}, laid out as a git repository (HEAD, "
-                f"{' and '.join(sorted(names - {'HEAD'}))}): git runs what its config names there, unasked; "
+                f"{' and '.join(sorted(names - {'head'}))}): git runs what its config names there, unasked; "
                 "vcs=True writes it; nothing was written"
             )
 

@@ -640,7 +640,7 @@ def test_a_runs_egress_account_is_taken_off_the_event_loop(
         loop_ran: list[bool] = []
         real_take = isolate.egress.take
 
-        def slow_take() -> tuple[list[EgressRequest], int, int]:
+        def slow_take() -> tuple[list[EgressRequest], int]:
             asking.set()
             loop_ran.append(answered_by_loop.wait(20))
             return real_take()
@@ -712,7 +712,7 @@ def test_the_next_run_waits_for_the_last_ones_account(
             isolate = sb._held()
             real_take = isolate.egress.take  # type: ignore[attr-defined]
 
-            def slow_take() -> tuple[list[EgressRequest], int, int]:
+            def slow_take() -> tuple[list[EgressRequest], int]:
                 time.sleep(2)  # the worker busy with the isolate's traffic, as its timeout allows
                 return real_take()
 

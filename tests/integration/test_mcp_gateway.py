@@ -105,7 +105,8 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
 
 def test_the_gateway_runs_at_most_its_isolates_at_once(tmp_path: Any) -> None:
     """As a daemon's slots: a kept server holds the only one here, so another server's isolate waits
-    STOCKADE_QUEUE_TIMEOUT for it, and the call is then refused by name, not run past the cap."""
+    STOCKADE_QUEUE_TIMEOUT for it, and the call is then refused by name, not run past the cap. (The
+    survey at the start asks each server in turn in the one slot, however long each takes.)"""
     require("process")
     hostile = {"command": "python3", "args": ["/mcp/hostile.py"], "expose": "all", "timeout_secs": 60,
                "mounts": [{"host_path": HOSTILE_DIR, "guest_path": "/mcp"}]}  # fmt: skip

@@ -279,6 +279,10 @@ elif case == "bare":  # no .git anywhere: a bare repository's layout is one to g
     add("project/evil/config", b"[core]\n\tworktree = ..\n\tfsmonitor = touch /tmp/pwned\n")
     add("project/evil/objects/", type=tarfile.DIRTYPE)
     add("project/evil/refs/", type=tarfile.DIRTYPE)
+elif case == "commondir":  # HEAD here, objects and refs where its commondir says: a repository to git
+    add("a/HEAD", b"ref: refs/heads/main\n")
+    add("a/commondir", b"../b\n")
+    add("b/config", b"[core]\n\tfsmonitor = touch /tmp/pwned\n")
 elif case == "hg":
     add("sub/.hg/hgrc", b"[hooks]\npre-status = touch /tmp/pwned\n")
 elif case == "garbage":
@@ -346,6 +350,7 @@ CASES = {
     "loud": (TransferError, r"packing /work/src in the sandbox failed: \\x1b\[2J\\x1b\]0;owned\\x07"),
     "git": (UnsafeArchiveError, r"'.git/config': a .git directory's configuration names commands git runs"),
     "bare": (UnsafeArchiveError, r"holds project/evil, laid out as a git repository \(HEAD, objects and refs\)"),
+    "commondir": (UnsafeArchiveError, r"holds a, laid out as a git repository \(HEAD, commondir\)"),
     "hg": (UnsafeArchiveError, r"'sub/.hg/hgrc': a .hg directory's configuration names commands hg runs"),
 }
 

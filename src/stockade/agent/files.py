@@ -103,7 +103,8 @@ def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
     kind = os.fstat(fd).st_mode
     if not stat.S_ISREG(kind):
         os.close(fd)
-        # A directory is EISDIR, as open() says; a FIFO, socket or device EINVAL (no errno names them):
+        # A directory is EISDIR, as open() says; a FIFO or device EINVAL (no errno names them; a socket
+        # fails to open at all, ENXIO):
         # either way the caller gets an OSError, as for every file call's failure.
         data = {"errno": errno.EISDIR if stat.S_ISDIR(kind) else errno.EINVAL}
         raise wire.RPCError(wire.INVALID_PARAMS, f"{path} is not a regular file", data)

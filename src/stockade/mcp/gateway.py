@@ -165,13 +165,15 @@ async def serve(
 
     # As a daemon's slots: past STOCKADE_MAX_SANDBOXES isolates at once (each up to its memory_mb; an
     # agent's parallel calls, kept servers), a call waits STOCKADE_QUEUE_TIMEOUT for one to end.
+    # The survey at the start waits as long as it takes: each server is asked in turn, however many.
     settings = current()
     slots = anyio.Semaphore(settings.max_sandboxes)
+    surveyed = False
 
     @contextlib.asynccontextmanager
     async def admit() -> AsyncIterator[None]:
         try:
-            with anyio.fail_after(settings.queue_timeout):
+            with anyio.fail_after(settings.queue_timeout if surveyed else None):
                 await slots.acquire()
         except TimeoutError:
             raise ToolError(
@@ -186,6 +188,15 @@ async def serve(
     async with ToolHost(config, admit=admit) as host:
         gateway = Gateway(config, host, audit)
         await gateway.survey()
+        surveyed = True
+        kept = [s for s, server in config.mcp_servers.items() if server.lifecycle == "persistent"]
+        if len(kept) >= settings.max_sandboxes:
+            log.warning(
+                "%d persistent MCP servers, and the gateway runs %d isolates at once (STOCKADE_MAX_SANDBOXES): "
+                "once they are all started, no other server's call gets one",
+                len(kept),
+                settings.max_sandboxes,
+            )
         server = gateway.server()
         if http is not None:
             assert token is not None

@@ -345,12 +345,17 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
 
         # A blocking caller's loop is its own: nothing else waits on it.
         off_loop = self.egress is not None and not BLOCKING_CALLER.get()
+        # This run's account (its usage, violations, egress) taken: the next run waits for it, from
+        # the moment this one opens (the turn is free again before ``answered`` runs).
+        account: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def settled(reply: Any, interrupted: bool) -> ExecResult | Exception:
             try:
                 return self._settle_run(run, guard, reply, interrupted)
             except Exception as exc:  # noqa: BLE001 - handed to the caller, as an awaited run would raise it
                 return exc
+            finally:
+                account.set_result(None)
 
         def answered(reply: Any) -> None:
             interrupted = self.channel.last_interrupted  # this run's: set as its call let go of the turn
@@ -366,20 +371,21 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
             except RuntimeError:  # the interpreter is going: no thread starts now, the loop waits instead
                 done(settled(reply, interrupted))
                 return
-            self._settling = taking
             asyncio.wrap_future(taking, loop=loop).add_done_callback(deliver)
 
         def deliver(taken: asyncio.Future[ExecResult | Exception]) -> None:
             if call.aborted:  # its caller went away meanwhile
                 return
-            if taken.cancelled() or taken.exception() is not None:
-                done(SandboxError(f"the run ended but its result was lost: {taken.exception()!r}"))
-                return
-            done(taken.result())
+            if taken.cancelled():
+                done(SandboxError("the run ended but its result was lost: its account was cancelled"))
+            elif (failed := taken.exception()) is not None:
+                done(SandboxError(f"the run ended but its result was lost: {failed!r}"))
+            else:
+                done(taken.result())
 
         loop = asyncio.get_running_loop()
         call = self.channel.start(
-            loop, method, run.params, run.wait, guard.callback, answered, lambda: self._open_run(run)
+            loop, method, run.params, run.wait, guard.callback, answered, lambda: self._open_run(run, account)
         )
         return call
 
@@ -421,7 +427,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         )
         return PendingRun(params, wait, IsolateUsage(), 0.0, execution_id)  # opened by _open_run
 
-    def _open_run(self, run: PendingRun) -> None:
+    def _open_run(self, run: PendingRun, account: concurrent.futures.Future[None]) -> None:
         """The run's turn has come (a blocking caller may have waited for it): its counters and
         its violation report start here, not before, so that they are its own."""
         self._check_usable()
@@ -432,6 +438,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         # run's report, marked: a call made between runs is not a call reported nowhere.
         self.violation_log.begin_run()
         run.started = time.monotonic()
+        self._settling = account
 
     async def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any:
         """A request other than a run: an agent that garbles its answer or stops answering

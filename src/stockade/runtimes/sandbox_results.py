@@ -31,7 +31,11 @@ def accounts() -> concurrent.futures.ThreadPoolExecutor:
     global _account_pool
     with _account_pool_lock:
         if _account_pool is None:
-            _account_pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="stockade-account")
+            from ..settings import current
+
+            # One a sandbox that may run at once: a worker kept busy delays only its own results.
+            workers = max(8, current().max_sandboxes)
+            _account_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="stockade-account")
         return _account_pool
 
 

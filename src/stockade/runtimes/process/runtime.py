@@ -340,14 +340,17 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
 
 def _check_within_roots(where: str, mount: Mount, real: str) -> None:
     """A host that names its mount roots (STOCKADE_MOUNT_ROOTS) shares nothing outside them, but
-    its own Python environments, read-only where environments go (any sandbox may name one).
+    its own Python environments, one at a time, read-only where environments go (any sandbox may name one).
     ``real``: where the source leads, which is what is mounted (as root, no sandbox can swap a step
     of the way since: ``_check_unswappable``)."""
     roots = current().mount_roots
     if roots is None:
         return
-    if mount.target == ENV_ROOT and not mount.writable and _below(real, os.path.join(store_root(), "envs")):
-        return
+    if mount.target == ENV_ROOT and not mount.writable:
+        # One environment (envs/ID), or one being built (tmp/BUILD: its caches are primed so)
+        store = os.path.realpath(store_root())
+        if any(_below(real, top) and real != top for top in (f"{store}/envs", f"{store}/tmp")):
+            return
     if any(_below(real, root) for root in roots):
         return
     named = ",".join(roots) or "none"
