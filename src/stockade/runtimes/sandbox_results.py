@@ -106,7 +106,8 @@ class AgentResults:
             records, dropped = egress_taken or ([], 0)
             egress = {"egress_requests": records, "egress_requests_dropped": dropped,
                       "secrets_redacted": self.egress.redactor.take_count()}  # fmt: skip
-        if self._dead and not self.one_shot and reason != "violation":  # a violation's error says it was killed
+        # A violation's error says it was killed, a close's or a cancel's that its caller ended it.
+        if self._dead and not self.one_shot and reason != "violation" and self._cancelled is None:
             # A kept sandbox the run took down with it (a timeout, gVisor's memory limit is its whole
             # sandbox's): the run's error says what the caller has lost, and the next call says why.
             told, gone = cell["error"], "the sandbox has ended: its files, processes and interpreters are gone"
