@@ -65,12 +65,15 @@ class _Session(ClientSession):
         return None
 
 
-async def _call_tool(session: ClientSession, who: str, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
+async def _call_tool(
+    session: ClientSession, server_id: str, tool: str, arguments: dict[str, Any]
+) -> types.CallToolResult:
     """The server's result of ``tool``: an answer of another kind (an input request, an extension's
     claimed result, which this host never asks for) is a ``ToolError``, not the SDK's own error."""
     result = await session.call_tool(tool, arguments, allow_input_required=True, allow_claimed=True)
     if not isinstance(result, types.CallToolResult):
-        raise ToolError(f"{who} answered with a {type(result).__name__}, not a tool's result: it was not asked for one")
+        kind = type(result).__name__
+        raise ToolError(f"{server_id}.{tool} answered with a {kind}, not a tool's result: it was not asked for one")
     return result
 
 
@@ -187,7 +190,7 @@ class ToolHost:
         async with self._ephemeral_session(server_id, server, tool) as (session, sandbox, output):
             with anyio.move_on_after(timeout) as deadline:
                 try:
-                    result = await _call_tool(session, f"{server_id}.{tool}", tool, arguments)
+                    result = await _call_tool(session, server_id, tool, arguments)
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                     if output.exit_code is None and output.broken is None:
                         if isinstance(exc, MCPError):
@@ -230,7 +233,7 @@ class ToolHost:
         assert live.session is not None and live.sandbox is not None
         with anyio.move_on_after(timeout) as deadline:
             try:
-                result = await _call_tool(live.session, f"{server_id}.{tool}", tool, arguments)
+                result = await _call_tool(live.session, server_id, tool, arguments)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                 if live.alive() and not _closed(exc):
                     if isinstance(exc, MCPError):

@@ -349,7 +349,7 @@ def _check_within_roots(where: str, mount: Mount, real: str) -> None:
     if mount.target == ENV_ROOT and not mount.writable:
         # One environment (envs/ID), or one being built (tmp/BUILD: its caches are primed so)
         store = os.path.realpath(store_root())
-        if any(_below(real, top) and real != top for top in (f"{store}/envs", f"{store}/tmp")):
+        if real.startswith((f"{store}/envs/", f"{store}/tmp/")):
             return
     if any(_below(real, root) for root in roots):
         return
