@@ -247,6 +247,25 @@ def test_a_server_whose_messages_cost_too_much_to_read_is_cut_off(
     anyio.run(go)
 
 
+def test_a_server_started_per_call_draws_on_one_read_budget(
+    manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a server's messages may cost the host to read is its server's, not its process's: before,
+    an ephemeral server (a process per call) brought a fresh burst to every call, so a hostile one
+    was given its seconds of the host's CPU again at each. Here the burst holds two calls' results
+    and refills at a byte a second: the third call is cut off."""
+    from stockade.mcp import transport
+
+    monkeypatch.setattr(transport, "MAX_BYTES_PER_S", 1)
+    monkeypatch.setattr(transport, "MAX_BYTES_BURST", 75_000)
+    host = ToolHost(config(bad=hostile()), manager)  # ephemeral
+    payload = {"a": "a" * 30_000}
+    assert text_of(call(host, "bad", "echo", payload)) == payload
+    assert text_of(call(host, "bad", "echo", payload)) == payload
+    with pytest.raises(ToolError, match="bad ended during the call: it wrote more than 0 MiB a second"):
+        call(host, "bad", "echo", payload)
+
+
 def test_a_server_that_chatters_without_end_is_cut_off_and_its_stderr_cannot_steer_a_terminal(
     manager: RuntimeManager,
 ) -> None:

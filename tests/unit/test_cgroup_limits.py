@@ -235,3 +235,25 @@ def test_a_group_left_by_a_remove_is_waited_for_when_asked(tmp_path: Path, monke
     assert cgroups.retry_leftovers(wait_s=30) == 0
     assert not group.exists() and time.monotonic() - started < 20
     assert cgroups.retry_leftovers(wait_s=30) == 0  # nothing left: returns at once
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_a_v1_memory_controller_without_socket_buffer_charging_is_a_layout_problem(
+    offered: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    group = tmp_path / "memory" / "stockade"
+    group.mkdir(parents=True)
+    (group / "memory.limit_in_bytes").write_text(UNLIMITED_V1)
+    if offered:
+        (group / "memory.kmem.tcp.limit_in_bytes").write_text(UNLIMITED_V1)
+    monkeypatch.setattr(cgroup_layout, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(cgroup_layout, "_own_cgroups", lambda: {"memory": "/stockade"})
+    monkeypatch.setattr(cgroup_layout, "_cgroup2_mount", lambda: None)
+    monkeypatch.setattr(cgroup_layout, "cgroup_parent_setting", lambda: None)
+    layout = cgroup_layout.detect_layout()
+    assert layout.v1_parents == {"memory": str(group)}
+    said = [p for p in layout.problems if "memory.kmem.tcp.limit_in_bytes" in p]
+    if offered:
+        assert said == []
+    else:
+        assert len(said) == 1 and "tcp_mem" in said[0]

@@ -35,7 +35,7 @@ from ..policy import Policy
 from ..runtimes.manager import RuntimeManager, default_manager
 from ..sdk import Sandbox
 from .config import IsolationConfig, ServerConfig
-from .transport import ServerOutput, process_transport
+from .transport import ReadBudget, ServerOutput, process_transport
 
 T = TypeVar("T")
 log = logging.getLogger("stockade.mcp")
@@ -108,6 +108,7 @@ class ToolHost:
         self._admit = admit or contextlib.nullcontext
         self._live: dict[str, _Live] = {}
         self._starting: dict[str, anyio.Lock] = {}
+        self._budgets: dict[str, ReadBudget] = {}  # by server: every process of one draws on its one
         self._tasks: TaskGroup | None = None  # where persistent servers' keepers run (async with ToolHost)
 
     async def __aenter__(self) -> ToolHost:
@@ -157,6 +158,9 @@ class ToolHost:
             if server.lifecycle == "persistent":
                 return await self._call_persistent(server_id, server, tool, arguments or {}, timeout)
             return await self._call_ephemeral(server_id, server, tool, arguments or {}, timeout)
+
+    def _budget(self, server_id: str) -> ReadBudget:
+        return self._budgets.setdefault(server_id, ReadBudget())
 
     def _timeout(self, server_id: str, tool: str | None) -> float:
         """How long ``tool`` (None: its server, started) may take: its ``timeout_secs``."""
@@ -220,7 +224,10 @@ class ToolHost:
             sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(self._placed(policy), manager=self.manager))
             try:
                 process = await anyio.to_thread.run_sync(lambda: sandbox.spawn([server.command, *server.args]))
-                async with process_transport(process, output) as (read, write), _Session(read, write) as session:
+                async with (
+                    process_transport(process, output, self._budget(server_id)) as (read, write),
+                    _Session(read, write) as session,
+                ):
                     await _initialise(session, server_id, output, self._timeout(server_id, None))
                     yield session, sandbox, output
             finally:
@@ -290,7 +297,10 @@ class ToolHost:
         try:
             live.sandbox = await anyio.to_thread.run_sync(lambda: Sandbox(self._placed(policy), manager=self.manager))
             process = await anyio.to_thread.run_sync(lambda: live.sandbox.spawn([server.command, *server.args]))  # type: ignore[union-attr]
-            async with process_transport(process, live.output) as (read, write), _Session(read, write) as session:
+            async with (
+                process_transport(process, live.output, self._budget(server_id)) as (read, write),
+                _Session(read, write) as session,
+            ):
                 await _initialise(session, server_id, live.output, self._timeout(server_id, None))
                 live.session = session
                 live.ready.set()

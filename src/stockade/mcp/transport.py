@@ -53,6 +53,34 @@ POLL_IDLE_S = 0.05
 BUSY_FOR_S = 2.0  # after a message either way
 
 
+class ReadBudget:
+    """What one server's messages may cost this host to read: its bytes, its messages and the CPU
+    time parsing them. Kept by the server's name, not its process, so that every process of it
+    draws on one budget: an ephemeral server started per call, or a kept one started again after
+    it was cut off, would otherwise bring a fresh burst each time. Locked: calls of one server
+    read in threads of their own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = TokenBucket(MAX_BYTES_PER_S, MAX_BYTES_BURST)
+        self._messages = TokenBucket(MAX_MESSAGES_PER_S, MAX_MESSAGES_BURST)
+        self._parsing = TokenBucket(MAX_PARSE_CPU_PER_S, MAX_PARSE_CPU_BURST)
+
+    def overdrawn(self, read: int = 0, messages: int = 0, cpu_s: float = 0.0) -> str | None:
+        """Take what was just spent; why the server is cut off when it is past its budget."""
+        with self._lock:
+            if read and not self._bytes.take(read):
+                return f"it wrote more than {MAX_BYTES_PER_S >> 20} MiB a second for too long"
+            if messages and not self._messages.take(messages):
+                return f"it wrote more than {MAX_MESSAGES_PER_S:g} messages a second for too long"
+            if cpu_s and not self._parsing.take(cpu_s):
+                return (
+                    f"its messages took more than {MAX_PARSE_CPU_PER_S:.0%} of a core of this host's to read, "
+                    "for too long"
+                )
+            return None
+
+
 @dataclass
 class ServerOutput:
     """What the transport saw of its server besides messages: stderr (the last MAX_STDERR bytes)."""
@@ -81,9 +109,10 @@ class ServerOutput:
 
 @asynccontextmanager
 async def process_transport(
-    process: Process, output: ServerOutput
+    process: Process, output: ServerOutput, budget: ReadBudget
 ) -> AsyncIterator[tuple[ObjectReceiveStream[SessionMessage | Exception], ObjectSendStream[SessionMessage]]]:
-    """``(read_stream, write_stream)`` for ``mcp.ClientSession``, over ``process``'s stdin and stdout."""
+    """``(read_stream, write_stream)`` for ``mcp.ClientSession``, over ``process``'s stdin and stdout,
+    read within ``budget`` (its server's)."""
     # Few parsed messages wait for the session: each may be large.
     read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](4)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](16)
@@ -92,9 +121,6 @@ async def process_transport(
 
     def read_loop() -> None:
         buffer = bytearray()
-        read = TokenBucket(MAX_BYTES_PER_S, MAX_BYTES_BURST)
-        messages = TokenBucket(MAX_MESSAGES_PER_S, MAX_MESSAGES_BURST)
-        parsing = TokenBucket(MAX_PARSE_CPU_PER_S, MAX_PARSE_CPU_BURST)
         while not stop.is_set():
             ended = process.exit_code is not None
             out, err = process.read()
@@ -102,8 +128,8 @@ async def process_transport(
                 last_message[0] = time.monotonic()
             if err:
                 output.note_stderr(err)
-            if not read.take(len(out) + len(err)):
-                output.broken = f"it wrote more than {MAX_BYTES_PER_S >> 20} MiB a second for too long"
+            if (why := budget.overdrawn(read=len(out) + len(err))) is not None:
+                output.broken = why
                 return
             buffer += out
             while (end := buffer.find(b"\n")) >= 0:
@@ -113,15 +139,12 @@ async def process_transport(
                 if _values(line) > MAX_VALUES:
                     output.broken = f"it wrote a message of more than {MAX_VALUES} JSON values"
                     return
-                if not messages.take():
-                    output.broken = f"it wrote more than {MAX_MESSAGES_PER_S:g} messages a second for too long"
+                if (why := budget.overdrawn(messages=1)) is not None:
+                    output.broken = why
                     return
                 parsed = _parse(line) if line.strip() else None
-                if not parsing.take(time.thread_time() - started):
-                    output.broken = (
-                        f"its messages took more than {MAX_PARSE_CPU_PER_S:.0%} of a core of this host's to read, "
-                        "for too long"
-                    )
+                if (why := budget.overdrawn(cpu_s=time.thread_time() - started)) is not None:
+                    output.broken = why
                     return
                 if parsed is not None:
                     anyio.from_thread.run(read_writer.send, parsed)

@@ -96,6 +96,13 @@ def detect_layout() -> CgroupLayout:
                 parent = os.path.join(CGROUP_ROOT, ctrl)
             if _writable_dir(parent):
                 layout.v1_parents[ctrl] = parent
+                if ctrl == "memory" and not os.path.exists(os.path.join(parent, "memory.kmem.tcp.limit_in_bytes")):
+                    # cgroups.py charges socket buffers through this file; without it, one isolate's
+                    # unread connections can hold the host's whole tcp_mem.
+                    layout.problems.append(
+                        "cgroup v1 memory: this kernel offers no memory.kmem.tcp.limit_in_bytes, so isolates' "
+                        "socket buffers are not charged to their memory_mb (one isolate can fill the host's tcp_mem)"
+                    )
             else:
                 layout.problems.append(f"cgroup v1 {ctrl}: {parent} is not writable by uid {os.getuid()}")
     mount = _cgroup2_mount()
