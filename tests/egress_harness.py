@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 
 NAMES = ("api.stockade.test", "other.stockade.test", "echo.stockade.test")
 SECRET_VALUE = "sk-live-7f3a9c2e1b8d4f6a0c5e"  # what the tests' secret holds (never seen inside)
+ODD_VALUE = 'sk-odd-"q\\9<Z>&/x'  # one JSON, URLs and HTML write escaped
 
 
 @dataclass
@@ -154,7 +155,8 @@ def serve_upstreams() -> Iterator[Upstreams]:
     with os.fdopen(fd, "w") as f:
         bound = ["*.stockade.test"]  # a daemon's callers are refused a secret stored with no hosts
         json.dump({"API_KEY": {"value": SECRET_VALUE, "hosts": bound},
-                   "OTHER_KEY": {"value": "sk-other-0d1e2f3a4b5c", "hosts": bound}}, f)  # fmt: skip
+                   "OTHER_KEY": {"value": "sk-other-0d1e2f3a4b5c", "hosts": bound},
+                   "ODD_KEY": {"value": ODD_VALUE, "hosts": bound}}, f)  # fmt: skip
     saved = {k: os.environ.get(k) for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE",
                                             "STOCKADE_SECRETS_FILE", "STOCKADE_BROKER_SOCKET")}  # fmt: skip
     os.environ.update(

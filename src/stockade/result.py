@@ -222,6 +222,13 @@ class EgressRequest(Serialised):
     secrets_used: list[str] = field(
         default_factory=list, metadata=describe("the names of the secrets put in (never values)")
     )
+    open: bool = field(
+        default=False,
+        metadata=describe(
+            "a tunnel the isolate still held as the run ended: the bytes it moved since the last run's "
+            "account; what it moves later is in later runs' records"
+        ),
+    )
 
 
 @dataclass(kw_only=True)

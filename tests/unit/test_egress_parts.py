@@ -32,6 +32,8 @@ from stockade.policy import Policy
         ("*.example.com", "evilexample.com", 443, False),
         ("[::1]:8443", "::1", 8443, True),
         ("10.0.0.5", "10.0.0.5", 22, True),
+        ("*.0.10", "10.1.0.10", 80, False),  # a name's wildcard never lets an address through
+        ("*.example.com", "::ffff:10.0.0.1", 80, False),
     ],
 )
 def test_rules_match_names_wildcards_addresses_and_ports(rule: str, host: str, port: int, matches: bool) -> None:
@@ -109,6 +111,36 @@ def test_redaction_counts_and_finds_values_split_across_chunks() -> None:
         assert out == b"abc<handle>def<handle>" and stream.count == 2
 
 
+def test_a_value_an_echoing_server_escaped_is_taken_out_too() -> None:
+    """A value with characters JSON, URLs or HTML escape came back through a header-echo endpoint
+    (httpbin's ``/headers``) escaped, past the redaction of its bytes, for the code to unescape."""
+    import html
+    import urllib.parse
+
+    value = "sk-\"q\\9<Z>&/x y'"
+    echoed = [
+        json.dumps({"authorization": value}),  # Python, most libraries
+        json.dumps({"authorization": value}).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"),
+        json.dumps({"authorization": value}).replace("/", "\\/"),  # PHP
+        urllib.parse.quote(value, safe=""),
+        urllib.parse.quote_plus(value),
+        html.escape(value),
+        f"<b>{html.escape(value, quote=False)}</b>".replace('"', "&#34;").replace("'", "&#39;"),  # Go
+    ]
+    redactor = Redactor.markers({"K": value})
+    gate = Gate(Policy(network_policy="allowlist", allowed_hosts=["api.example.com"],
+                       secrets=[{"name": "K", "hosts": ["api.example.com"]}]), {"K": value})  # fmt: skip
+    handle = gate.env()["K"].encode()
+    for body in echoed:
+        out = redactor.text(body)
+        assert "[REDACTED:K]" in out and "sk-" not in out, (body, out)
+        stream = gate.reply_redactor()
+        assert stream is not None
+        back = stream.feed(body.encode()) + stream.flush()
+        assert handle in back and b"sk-" not in back, (body, back)
+        assert gate.redact_reply(body.encode()).count(handle) == 1
+
+
 def test_the_sandbox_ca_vouches_for_its_hosts_only() -> None:
     ca = SandboxCA("test", ["api.example.com"])
     with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as f:
@@ -143,7 +175,17 @@ def test_the_sandbox_ca_vouches_for_its_hosts_only() -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["64:ff9b::a9fe:a9fe", "::7f00:1", "::ffff:10.0.0.1", "2002:a9fe:a9fe::1", "fec0::1", "ff02::1"]
+    "address",
+    [
+        "64:ff9b::a9fe:a9fe",
+        "::7f00:1",
+        "::ffff:10.0.0.1",
+        "::ffff:0:a9fe:a9fe",
+        "::ffff:0:7f00:1",
+        "2002:a9fe:a9fe::1",
+        "fec0::1",
+        "ff02::1",
+    ],
 )
 def test_an_ipv6_address_carrying_an_inside_address_is_not_public(address: str) -> None:
     allowed = Allowlist(["*.example.com"])
@@ -231,3 +273,23 @@ def test_a_secret_stored_with_no_hosts_is_granted_only_where_one_caller_may_gran
     with pytest.raises(PolicyError, match=r'names no hosts it may be sent to.*"ANY": \{"value"'):
         store.check_grant("ANY", ["attacker.example"])
     assert store.check_grant("ANY", ["attacker.example"], hostless=True).value == "sk-any-123456"  # a library's
+
+
+def test_a_dns_query_dropped_unanswered_is_counted() -> None:
+    """Too big, past the queries answered at once, or not DNS at all: dropped as a busy server
+    would, and before, counted nowhere: the run's egress_requests_dropped said nothing of them."""
+    import asyncio
+
+    from stockade.egress import dns
+
+    gate = Gate(Policy(network_policy="allowlist", allowed_hosts=["api.example.com"]), {})
+
+    async def never(name: str) -> list[object]:
+        raise AssertionError("nothing here is looked up")
+
+    service = dns.NameService(gate, never)
+    service.datagram_received(b"\0" * (dns.MAX_QUERY_BYTES + 1), ("127.0.0.1", 5353))
+    asyncio.run(service._answer(b"not a query", ("127.0.0.1", 5353)))
+    service.pending = {object() for _ in range(dns.MAX_PENDING)}  # type: ignore[misc]
+    service.datagram_received(b"\0" * 20, ("127.0.0.1", 5353))
+    assert gate.take_records() == ([], 3)

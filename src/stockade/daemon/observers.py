@@ -221,6 +221,7 @@ def _egress_fields(result: ExecResult) -> dict[str, Any]:
             "bytes_sent": r.bytes_sent,
             "bytes_received": r.bytes_received,
             "substituted": r.secrets_used,
+            "open": r.open,
         }
         for r in result.egress_requests
     ]

@@ -109,6 +109,8 @@ class Allowlist:
         wanted = _canonical(host)
         address = _address(wanted)
         for rule in self.rules:
+            if address is not None and rule.address != address:
+                continue  # an address is let through by its own rule or a network, never a name's (*.0.10)
             if rule.matches(wanted, port):
                 return rule
         if address is not None and self.network_allows(address):
@@ -127,18 +129,20 @@ class Allowlist:
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _COMPATIBLE = ipaddress.ip_network("::/96")
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT's IPv4-translated addresses (RFC 2765)
 
 
 def public(address: IPAddress) -> bool:
     """A globally routable unicast address, with any IPv4 address an IPv6 one carries public too
-    (mapped, IPv4-compatible, NAT64, 6to4, Teredo): ``64:ff9b::a9fe:a9fe`` is the metadata service."""
+    (mapped, IPv4-compatible, IPv4-translated, NAT64, 6to4, Teredo): ``64:ff9b::a9fe:a9fe`` is the
+    metadata service."""
     if not address.is_global or address.is_multicast:
         return False
     if isinstance(address, ipaddress.IPv6Address):
         if address.is_site_local:
             return False
         embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
-        if address in _NAT64 or address in _COMPATIBLE:
+        if address in _NAT64 or address in _COMPATIBLE or address in _TRANSLATED:
             embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         return all(public(inner) for inner in embedded if inner is not None)
     return True

@@ -32,6 +32,7 @@ log = logging.getLogger("stockade.egress")
 DNS_PORT = 53
 TTL = 30
 MAX_QUERY_BYTES = 512  # a plain DNS query; the isolate has no reason to send more
+MAX_PENDING = 64  # queries being answered at once (a slow lookup each)
 
 Resolve = Callable[[str], Awaitable[list[Any]]]
 
@@ -47,8 +48,9 @@ class NameService(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if len(data) > MAX_QUERY_BYTES or len(self.pending) >= 64:
-            return  # too big, or a flood: dropped, as a busy server would
+        if len(data) > MAX_QUERY_BYTES or len(self.pending) >= MAX_PENDING:
+            self.gate.drop()  # too big, or a flood: dropped, as a busy server would, and counted
+            return
         if not self.gate.admit(time.monotonic()):
             return  # past the isolate's rate: dropped unread, counted
         task = asyncio.get_running_loop().create_task(self._answer(data, addr))
@@ -59,6 +61,7 @@ class NameService(asyncio.DatagramProtocol):
         try:
             query = dns.message.from_wire(data)
         except (dns.exception.DNSException, ValueError):
+            self.gate.drop()  # not a query: unanswered, counted
             return
         reply = dns.message.make_response(query)
         if len(query.question) != 1:

@@ -10,18 +10,23 @@ taken by the run it belongs to (``take_records``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import fcntl
 import secrets as random_tokens
+import select
+import sys
+import termios
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..policy import Policy, SecretGrant
 from ..ratelimit import TokenBucket
 from ..result import EgressRequest, SecurityViolation
 from . import PROXY_PORT
 from .allowlist import Allowlist, HostRule, parse_rule
-from .redact import Redactor, StreamRedactor
+from .redact import Redactor, StreamRedactor, written_forms
 
 if TYPE_CHECKING:
     from .ca import SandboxCA
@@ -52,6 +57,55 @@ class Binding:
         return any(rule.matches(host, port) for rule in self.rules)
 
 
+class Flow:
+    """A request or a tunnel under way, in its sandbox's account from the moment it opens (before
+    the isolate hears that it has): each run's account takes what it moved since the last (a tunnel
+    a background process holds open spans runs, each charged with its own bytes), and a run whose
+    process used it and ended at once is not left out while the proxy finishes with it. Its
+    counters are the record's own, moved on the proxy's loop, taken under the gate's lock."""
+
+    __slots__ = ("client", "done", "reading", "record", "taken")
+
+    def __init__(self, record: EgressRequest, client: Any = None) -> None:
+        self.record = record
+        self.client = client  # a tunnel's socket from the isolate: what it sent and the proxy has not read
+        self.reading = False  # a tunnel's pump waits for the isolate, nothing of it in hand
+        self.done = False  # the isolate's side is over: its tunnel's end read, or its reply written whole
+        self.taken: tuple[int, int, int | None, str] | None = None  # as last taken; None: never
+
+    def take(self, closing: bool) -> EgressRequest | None:
+        """Its record for what happened since the last take; None when there is nothing new."""
+        r = self.record
+        now = (r.bytes_sent, r.bytes_received, r.status, r.reason)
+        if now == self.taken:
+            return None
+        sent, received = self.taken[:2] if self.taken is not None else (0, 0)
+        self.taken = now
+        return dataclasses.replace(r, bytes_sent=r.bytes_sent - sent, bytes_received=r.bytes_received - received,
+                                   open=not (closing or self.done))  # fmt: skip
+
+    def owed(self) -> int:
+        """What of the isolate's this tunnel's socket holds that the proxy has not read yet (more
+        may wait on the isolate's side, its socket's queue held back by this one's window)."""
+        if self.client is None or self.done:
+            return 0
+        try:
+            return int.from_bytes(fcntl.ioctl(self.client.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
+        except OSError:
+            return 0
+
+    def ending(self) -> bool:
+        """Whether the isolate's side has ended and the proxy has yet to read that it has."""
+        if self.client is None or self.done:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self.client.fileno(), select.POLLRDHUP)
+            return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
+        except OSError:
+            return False
+
+
 class Gate:
     def __init__(
         self,
@@ -77,7 +131,7 @@ class Gate:
         )
         self.redactor = Redactor.markers({b.grant.name: b.value for b in self.bindings})
         # In a reply, each value goes back to its handle (head and body), counted with the run's others.
-        self._to_handles = {b.value.encode(): b.handle.encode() for b in self.bindings}
+        self._to_handles = {w.encode(): b.handle.encode() for b in self.bindings for w in written_forms(b.value)}
         self._reply_head = Redactor(self._to_handles, tally=self.redactor)
         self.ca: SandboxCA | None = None
         if self.bindings:
@@ -88,6 +142,7 @@ class Gate:
         self._lock = threading.Lock()
         self._records: list[EgressRequest] = []
         self._dropped = 0
+        self._flows: set[Flow] = set()  # requests and tunnels under way
 
     # ---- what the isolate is given ------------------------------------------------------
 
@@ -143,19 +198,16 @@ class Gate:
     # ---- what it did --------------------------------------------------------------------
 
     def record(self, request: EgressRequest) -> None:
-        if request.reason and self.redactor:
-            request.reason = self.redactor.text(request.reason)  # whatever a reason quoted, never a value
-        # Bounded, whatever the isolate asked for: 256 records fit the worker's answer to its keeper.
-        request.host, request.reason = request.host[:MAX_HOST_CHARS], request.reason[:MAX_REASON_CHARS]
-        if request.path is not None:
-            request.path = request.path[:MAX_PATH_CHARS]
+        """A request refused, or one that failed before it was under way."""
         with self._lock:
-            if len(self._records) < MAX_RECORDS:
-                self._records.append(request)
-            else:
-                self._dropped += 1
+            self._keep(request)
         if not request.allowed and self.on_refused is not None:
             self.on_refused(request)
+
+    def drop(self) -> None:
+        """A request dropped unanswered (not one the isolate could have meant): counted, not recorded."""
+        with self._lock:
+            self._dropped += 1
 
     def admit(self, now: float) -> bool:
         """Whether a new connection or name query (at ``now``, monotonic seconds) is served; one
@@ -166,11 +218,45 @@ class Gate:
             self._dropped += 1
             return False
 
-    def take_records(self) -> tuple[list[EgressRequest], int]:
+    def open_flow(self, record: EgressRequest, client: Any = None) -> Flow:
+        flow = Flow(record, client)
         with self._lock:
+            self._flows.add(flow)
+        return flow
+
+    def close_flow(self, flow: Flow) -> None:
+        """What it did since it was last taken (all of it, never taken while under way) recorded."""
+        with self._lock:
+            self._flows.discard(flow)
+            self._keep(flow.take(closing=True))
+
+    def open_flows(self) -> list[Flow]:
+        with self._lock:
+            return list(self._flows)
+
+    def take_records(self) -> tuple[list[EgressRequest], int]:
+        """The run's records: each request and tunnel that ended since the last take, and what each
+        still under way did since then (``open``)."""
+        with self._lock:
+            for flow in self._flows:
+                self._keep(flow.take(closing=False))
             records, self._records = self._records, []
             dropped, self._dropped = self._dropped, 0
         return records, dropped
+
+    def _keep(self, record: EgressRequest | None) -> None:
+        if record is None:
+            return
+        if record.reason and self.redactor:
+            record.reason = self.redactor.text(record.reason)  # whatever a reason quoted, never a value
+        # Bounded, whatever the isolate asked for: 256 records fit the worker's answer to its keeper.
+        record.host, record.reason = record.host[:MAX_HOST_CHARS], record.reason[:MAX_REASON_CHARS]
+        if record.path is not None:
+            record.path = record.path[:MAX_PATH_CHARS]
+        if len(self._records) < MAX_RECORDS:
+            self._records.append(record)
+        else:
+            self._dropped += 1
 
 
 def refused_violation(request: EgressRequest) -> SecurityViolation:

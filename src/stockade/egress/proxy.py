@@ -39,7 +39,8 @@ import h11
 from ..result import EgressRequest
 from .allowlist import normalise_name
 from .dns import NameService
-from .gate import Gate
+from .gate import Flow, Gate
+from .heads import end_to_end, for_bound_host, head_size, split_authority
 from .resolver import Refused, Unreachable, lookup, resolve
 
 log = logging.getLogger("stockade.egress")
@@ -52,6 +53,8 @@ MAX_REQUEST_HEAD_BYTES = 16 * 1024
 MAX_CONNECTIONS = 64  # open at once per gate: more are refused
 CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 300.0  # a connection with nothing to say for this long is closed
+# A run's account waits this long at most for its tunnels' last bytes (within the keeper's TAKE_TIMEOUT_S).
+SETTLE_MOST_S = 1.0
 
 
 class _Unreadable(Exception):
@@ -114,6 +117,26 @@ class EgressProxy:
                     asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
 
         return stop
+
+    def settle(self, gate: Gate) -> None:
+        """Wait for what the isolate has sent into its open tunnels to pass: a run's account is
+        asked for as its process ends, while the proxy may still be reading what it sent last.
+        Waited for until each tunnel has ended or is quiet (nothing of the isolate's unread, no end
+        unread) twice in a row, ``SETTLE_MOST_S`` at most: not the stream of a background process
+        the host takes slowly. What is still to come is the next account's."""
+
+        def quiet(flow: Flow) -> bool:
+            return flow.done or (flow.reading and flow.owed() == 0 and not flow.ending())
+
+        async def caught_up() -> None:
+            end, in_a_row = time.monotonic() + SETTLE_MOST_S, 0
+            while in_a_row < 2 and time.monotonic() < end:
+                in_a_row = in_a_row + 1 if all(quiet(f) for f in gate.open_flows() if f.client) else 0
+                await asyncio.sleep(0.002)
+
+        if any(f.client for f in gate.open_flows()) and self.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(caught_up(), self.loop).result(timeout=SETTLE_MOST_S + 1)
 
 
 _upstream: ssl.SSLContext | None = None
@@ -184,7 +207,7 @@ class _Exchange:
     # ---- CONNECT ----------------------------------------------------------------------
 
     async def _connect(self, client: h11.Connection, request: h11.Request) -> None:
-        host, port = _split_authority(request.target.decode("ascii", "replace"), 443)
+        host, port = split_authority(request.target.decode("ascii", "replace"), 443)
         record = EgressRequest(host=host or "?", port=port, method="CONNECT", scheme="tunnel", allowed=False)
         try:
             if not host:
@@ -195,17 +218,21 @@ class _Exchange:
             await self._refuse(client, exc.status, record)
             return
         up_reader, up_writer = upstream
-        self.writer.write(client.send(h11.Response(status_code=200, headers=[], reason=b"Connection established")))
-        leftover = client.trailing_data[0]
         if self.gate.bound(host, port):
-            await self._terminate(host, port, leftover, up_reader, up_writer)
+            self.writer.write(client.send(h11.Response(status_code=200, headers=[], reason=b"Connection established")))
+            await self._terminate(host, port, client.trailing_data[0], up_reader, up_writer)
             return
         record.allowed = True
-        if leftover:
-            up_writer.write(leftover)
-        sent, received = await _relay_both(self.reader, self.writer, up_reader, up_writer)
-        record.bytes_sent, record.bytes_received = sent + len(leftover), received
-        self.gate.record(record)
+        # In the account before the isolate hears the tunnel is open (flows: gate.py).
+        flow = self.gate.open_flow(record, self.writer.get_extra_info("socket"))
+        try:
+            self.writer.write(client.send(h11.Response(status_code=200, headers=[], reason=b"Connection established")))
+            if leftover := client.trailing_data[0]:
+                up_writer.write(leftover)
+                record.bytes_sent += len(leftover)
+            await _relay_both(self.reader, self.writer, up_reader, up_writer, flow)
+        finally:
+            self.gate.close_flow(flow)
 
     async def _terminate(
         self, host: str, port: int, leftover: bytes, up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter
@@ -288,7 +315,7 @@ class _Exchange:
                                                                  reason=str(exc)))  # fmt: skip
             return client.their_state is not h11.MUST_CLOSE
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        origin = h11.Request(method=request.method, target=path.encode(), headers=_without_proxy_headers(request))
+        origin = h11.Request(method=request.method, target=path.encode(), headers=request.headers)
         upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             return await self._exchange(client, origin, upstream, up_reader, up_writer, host, port, "http")
@@ -311,7 +338,7 @@ class _Exchange:
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
         method = request.method.decode("ascii", "replace")
         record = EgressRequest(host=host, port=port, method=method, path=path, scheme=scheme, allowed=True)
-        headers = [(n, v) for n, v in request.headers]
+        headers = end_to_end(request.headers)
         terminated = scheme == "https"  # TLS terminated here for a bound host, and verified upstream
         # A host a secret is bound to, over TLS or plain HTTP (no value is put in there, but one may come
         # back): its replies must be readable, to turn every value back into its handle.
@@ -322,10 +349,16 @@ class _Exchange:
             self.gate.record(record)
             await self._answer(client, 400, record.reason)
             return False
+        if headers is None:
+            record.allowed, record.reason = False, "a request framed two ways (a length and chunks, or two lengths)"
+            self.gate.record(record)
+            await self._answer(client, 400, record.reason)
+            return False
         if guarded:
-            headers = _for_bound_host(headers, host, port)
+            headers = for_bound_host(headers, host, port)
         if terminated:
             headers, record.secrets_used = self.gate.substitute(host, port, headers)
+        flow = self.gate.open_flow(record)  # in the account before a byte of it is sent
         try:
             up_writer.write(upstream.send(h11.Request(method=request.method, target=request.target, headers=headers)))
             while True:  # the body
@@ -374,6 +407,7 @@ class _Exchange:
                 elif isinstance(event, h11.EndOfMessage):
                     if redactor is not None and (rest := redactor.flush()):
                         self.writer.write(client.send(h11.Data(data=rest)))
+                    flow.done = True  # whole once written: the isolate may read it and end at once
                     self.writer.write(client.send(h11.EndOfMessage()))
                     await self.writer.drain()
                     break
@@ -391,7 +425,7 @@ class _Exchange:
                     await self._answer(client, 502, f"upstream failed: {why}")
             return False
         finally:
-            self.gate.record(record)
+            self.gate.close_flow(flow)
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -459,71 +493,49 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, head: 
             return None
         if isinstance(event, h11.ConnectionClosed):
             return None
-        if head and isinstance(event, h11.Request) and _head_size(event) > MAX_REQUEST_HEAD_BYTES:
+        if head and isinstance(event, h11.Request) and head_size(event) > MAX_REQUEST_HEAD_BYTES:
             # Whole already (a head that came pipelined behind the one before): held to the cap all the same.
             raise h11.RemoteProtocolError("the request head is larger than 16 KiB", error_status_hint=431)
         return event
 
 
-def _head_size(request: h11.Request) -> int:
-    """About the bytes of ``request``'s head as sent: its request line and each header line."""
-    return len(request.method) + len(request.target) + 12 + sum(len(n) + len(v) + 4 for n, v in request.headers)
-
-
-def _split_authority(target: str, default_port: int) -> tuple[str, int]:
-    host, port = target, default_port
-    if target.startswith("["):
-        end = target.find("]")
-        host, rest = target[1:end], target[end + 1 :]
-        if rest.startswith(":") and rest[1:].isdigit():
-            port = int(rest[1:])
-    elif target.count(":") == 1:
-        host, _, number = target.partition(":")
-        if not number.isdigit():
-            return "", 0
-        port = int(number)
-    if not 0 < port < 65536:
-        return "", 0
-    return normalise_name(host), port
-
-
-# Request headers a bound host never gets from the isolate: its own Host (set from the tunnel's
-# target: no fronting to another origin on a shared front), encodings and ranges (a compressed
-# or partial reply could carry a value past the redactor).
-_DROPPED_FOR_BOUND = (b"host", b"accept-encoding", b"te", b"range", b"if-range")
-
-
-def _for_bound_host(headers: list[tuple[bytes, bytes]], host: str, port: int) -> list[tuple[bytes, bytes]]:
-    authority = host if port == 443 else f"{host}:{port}"
-    if ":" in host:
-        authority = f"[{host}]" if port == 443 else f"[{host}]:{port}"
-    kept = [(n, v) for n, v in headers if n.lower() not in _DROPPED_FOR_BOUND]
-    return [(b"host", authority.encode()), *kept, (b"accept-encoding", b"identity")]
-
-
-def _without_proxy_headers(request: h11.Request) -> list[tuple[bytes, bytes]]:
-    return [(n, v) for n, v in request.headers if n.lower() not in (b"proxy-connection", b"proxy-authorization")]
-
-
 async def _relay_both(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
-) -> tuple[int, int]:  # fmt: skip
-    """Copy both ways until both ends have finished; bytes (to the host, from it)."""
+    up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, flow: Flow,
+) -> None:  # fmt: skip
+    """Copy both ways until both ends have finished, counting into ``flow`` as bytes pass."""
+    record = flow.record
 
-    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> int:
-        total = 0
+    async def to_host() -> None:
         try:
-            while data := await asyncio.wait_for(source.read(_CHUNK), IDLE_TIMEOUT_S):
-                total += len(data)
-                sink.write(data)
-                await sink.drain()
-            if sink.can_write_eof():
-                sink.write_eof()
+            while True:
+                flow.reading = True
+                try:
+                    data = await asyncio.wait_for(reader.read(_CHUNK), IDLE_TIMEOUT_S)
+                finally:
+                    flow.reading = False
+                if not data:
+                    break
+                record.bytes_sent += len(data)
+                up_writer.write(data)
+                await up_writer.drain()
+            if up_writer.can_write_eof():
+                up_writer.write_eof()
         except (ConnectionError, OSError, TimeoutError):
-            sink.transport.abort()
-        return total
+            up_writer.transport.abort()
+        finally:
+            flow.done = True
 
-    sent, received = await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+    async def to_isolate() -> None:
+        try:
+            while data := await asyncio.wait_for(up_reader.read(_CHUNK), IDLE_TIMEOUT_S):
+                record.bytes_received += len(data)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError, TimeoutError):
+            writer.transport.abort()
+
+    await asyncio.gather(to_host(), to_isolate())
     up_writer.transport.abort()
-    return sent, received

@@ -9,9 +9,32 @@ replaces each value and counts the replacements.
 
 from __future__ import annotations
 
+import html
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from urllib.parse import quote, quote_plus
+
+
+def written_forms(value: str) -> Iterator[str]:
+    """``value`` and the ways a server that echoes it commonly writes it: escaped in a JSON string
+    (as Python and most libraries do, as Go does, with ``/`` escaped as PHP does), percent-encoded
+    (as a path or a form) and in HTML (as Python and as Go escape it). A value is visible ASCII
+    (check_value), so these are all: the code could unescape any of them. A host that writes it
+    another way (base64, reversed) is not caught: bind a secret only to hosts that do not echo it."""
+    in_json = json.dumps(value)[1:-1]
+    forms = {
+        value,
+        in_json,
+        in_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"),
+        in_json.replace("/", "\\/"),
+        quote(value, safe=""),
+        quote(value),
+        quote_plus(value),
+        html.escape(value),
+        html.escape(value, quote=False).replace('"', "&#34;").replace("'", "&#39;"),
+    }
+    yield from sorted(forms)
 
 
 class Redactor:
@@ -27,8 +50,9 @@ class Redactor:
 
     @classmethod
     def markers(cls, values: Mapping[str, str]) -> Redactor:
-        """Each value of ``values`` (name -> value) by ``[REDACTED:NAME]``: what leaves an isolate."""
-        return cls({v.encode(): f"[REDACTED:{k}]".encode() for k, v in values.items()})
+        """Each value of ``values`` (name -> value), written any of its ways (``written_forms``),
+        by ``[REDACTED:NAME]``: what leaves an isolate."""
+        return cls({w.encode(): f"[REDACTED:{k}]".encode() for k, v in values.items() for w in written_forms(v)})
 
     def __bool__(self) -> bool:
         return bool(self._pairs)

@@ -100,6 +100,7 @@ class Worker:
             if self.gate is None:
                 raise RuntimeError("take before serve")
             self._say_burst()  # before the answer: the keeper counts them into the run it takes
+            proxy().settle(self.gate)
             records, dropped = self.gate.take_records()
             return {"ok": True, "records": [r.to_dict() for r in records], "dropped": dropped,
                     "redacted": self.gate.redactor.take_count()}  # fmt: skip
