@@ -171,7 +171,8 @@ def test_a_request_framed_two_ways_is_refused_not_passed_on(recorder: tuple[int,
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
         client.sendall(
             f"POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n".encode() + body
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+            + body
         )
         assert _answers(client) == ["400"]
         (record,) = gate.take_records()[0]
