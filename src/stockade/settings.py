@@ -115,6 +115,8 @@ class Settings:
     # Egress and secrets (docs/egress.md)
     egress_ca_file: str | None = None
     egress_hosts_file: str | None = None
+    # Networks a policy may let a sandbox reach besides public addresses; None: any (allowed_cidrs decides).
+    egress_networks: tuple[str, ...] | None = None
     secrets_file: str | None = None
     broker_socket: str | None = None
     session_key: Secret | None = None
@@ -252,6 +254,22 @@ def _mount_roots(raw: str, name: str) -> tuple[str, ...]:
     return tuple(roots)
 
 
+def _networks(raw: str, name: str) -> tuple[str, ...]:
+    """Comma-separated networks (CIDR), or ``none`` (public addresses only)."""
+    import ipaddress
+
+    if raw.strip().lower() == "none":
+        return ()
+    networks = []
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            why = f"{name} entry {item!r} is not a network such as 10.0.0.0/8 (or set {name}=none)"
+            raise ConfigError(why) from None
+    return tuple(networks)
+
+
 def _audit(raw: str, name: str) -> str | None:
     return None if raw.lower() == "off" else raw
 
@@ -346,6 +364,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "build_packages": _switch,
     "allow_unisolated": _switch,
     "mount_roots": _mount_roots,
+    "egress_networks": _networks,
     "pool_size": _int(0),
     "pool_shapes": _int(1),
     "cgroup_parent": _cgroup_parent,

@@ -852,3 +852,33 @@ def test_a_tunnels_bytes_are_charged_to_the_run_that_moved_them(manager: Runtime
             assert tunnels(sb.run_code("print(3)")) == [(50_000, False)]  # the rest, once
     finally:
         sink.close()
+
+
+def test_a_host_that_names_its_networks_lets_no_policy_reach_past_them(
+    up: Upstreams, manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy connects from the host's network: a caller's policy that named 127.0.0.0/8 or the
+    metadata address reached the daemon's own ports, other sandboxes' published ones and the
+    cloud's credentials. STOCKADE_EGRESS_NETWORKS bounds what any policy may name."""
+    from stockade.errors import ConfigError
+    from stockade.settings import current
+
+    monkeypatch.setenv("STOCKADE_EGRESS_NETWORKS", "10.0.0.0/8")
+    for fields in ({"allowed_cidrs": ["127.0.0.0/8"]}, {"allowed_cidrs": ["10.0.0.0/7"]},
+                   {"allowed_hosts": ["169.254.169.254"]}, {"allowed_hosts": ["[::1]:80"]}):  # fmt: skip
+        policy = Policy(network_policy="allowlist", **fields)  # type: ignore[arg-type]
+        with pytest.raises(PolicyError, match=r"outside the networks .* \(STOCKADE_EGRESS_NETWORKS=10.0.0.0/8\)"):
+            Sandbox(policy, manager=manager)
+    with Sandbox(Policy(network_policy="allowlist", allowed_cidrs=["10.1.0.0/16"], allowed_hosts=["8.8.8.8:53",
+                                                                                              "10.2.3.4"]),
+                 manager=manager) as sb:  # fmt: skip
+        assert sb.exec(["true"]).exit_code == 0
+    monkeypatch.setenv("STOCKADE_EGRESS_NETWORKS", "127.0.0.0/8")  # what the harness's upstreams need
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        out, _ = run(sb, f'print(json.dumps({{"r": fetch("http://api.stockade.test:{up.http.port}/")}}))')
+    assert out["r"][0] == 200  # type: ignore[index]
+    monkeypatch.setenv("STOCKADE_EGRESS_NETWORKS", "127.0.0.1")  # a network's text, an address
+    assert current().egress_networks == ("127.0.0.1/32",)
+    monkeypatch.setenv("STOCKADE_EGRESS_NETWORKS", "none, 10/8")
+    with pytest.raises(ConfigError, match="STOCKADE_EGRESS_NETWORKS entry 'none' is not a network"):
+        current()

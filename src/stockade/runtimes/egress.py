@@ -18,7 +18,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..egress.redact import Redactor
-from ..errors import ConfigError
+from ..errors import ConfigError, PolicyError
 from ..policy import Policy
 from ..result import EgressRequest, SecurityViolation
 
@@ -97,6 +97,34 @@ class Egress:
                 self._source.close(self.sandbox_id)
 
 
+def check_networks(policy: Policy, networks: tuple[str, ...] | None) -> None:
+    """``STOCKADE_EGRESS_NETWORKS``: what a policy names beyond public addresses (``allowed_cidrs``,
+    an address in ``allowed_hosts``) lies inside the host's networks. The proxy connects from the
+    host's own network: named there, the host's loopback (the daemon's ports, other sandboxes'
+    published ones) or the cloud's metadata service would be any caller's to reach."""
+    if networks is None:
+        return
+    import ipaddress
+
+    from ..egress.allowlist import parse_rule, public
+
+    allowed = [ipaddress.ip_network(n) for n in networks]
+    named = ",".join(networks) or "none"
+
+    def inside(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+        return any(network.version == a.version and network.subnet_of(a) for a in allowed)  # type: ignore[arg-type]
+
+    for cidr in policy.allowed_cidrs:
+        if not inside(ipaddress.ip_network(cidr, strict=False)):
+            raise PolicyError(f"allowed_cidrs {cidr} is outside the networks this host lets sandboxes reach "
+                              f"(STOCKADE_EGRESS_NETWORKS={named})")  # fmt: skip
+    for host in policy.allowed_hosts:
+        address = parse_rule(host).address
+        if address is not None and not public(address) and not inside(ipaddress.ip_network(address)):
+            raise PolicyError(f"allowed_hosts {host} is outside the networks this host lets sandboxes reach "
+                              f"(STOCKADE_EGRESS_NETWORKS={named})")  # fmt: skip
+
+
 def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
     """Give ``sandbox`` (about to serve ``policy``) its allow-list, its handles and its CA bundle."""
     if policy.network_policy != "allowlist":
@@ -107,6 +135,7 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
     from ..settings import current
 
     settings = current()
+    check_networks(policy, settings.egress_networks)
     sandbox_id = uuid.uuid4().hex
     sockets, worker = sandbox._take_egress()
     source = None
