@@ -149,10 +149,22 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 
+# What an environment may hold: no more than exec takes (one NAME=value of at most 128 KiB, the
+# kernel's MAX_ARG_STRLEN), and in all far less than its arguments' share of the stack.
+MAX_ENV_ENTRY_BYTES, MAX_ENV_BYTES = 128 << 10, 1 << 20
+
+
 def _check_environment(env: dict[str, str]) -> dict[str, str]:
+    total = 0
     for key, value in env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise ValueError(f"environment variable {key!r} has an invalid name or value")
+        size = len(key.encode()) + len(value.encode()) + 2  # NAME=value and its NUL, as exec counts it
+        if size > MAX_ENV_ENTRY_BYTES:
+            raise ValueError(f"environment variable {key[:64]!r} is {size} bytes: at most {MAX_ENV_ENTRY_BYTES}")
+        total += size
+    if total > MAX_ENV_BYTES:
+        raise ValueError(f"the environment is {total} bytes: at most {MAX_ENV_BYTES}")
     return env
 
 

@@ -76,7 +76,8 @@ class TokenBucket:
 
 
 def peer_network(host: str | None) -> str:
-    """The network a client is counted in: its /24 (IPv4, mapped IPv4 too) or its /64 (IPv6)."""
+    """The network a client is counted in: its /24 (IPv4, mapped IPv4 too) or its /64 (IPv6); the
+    host's loopback, all of it, is one (any local user may send from any of 127.0.0.0/8)."""
     if not host:
         return ""
     try:
@@ -85,5 +86,7 @@ def peer_network(host: str | None) -> str:
         return host
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
+    if address.is_loopback:
+        return "loopback"
     prefix = 24 if address.version == 4 else 64
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))

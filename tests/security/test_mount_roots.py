@@ -43,15 +43,21 @@ def test_only_paths_below_the_roots_are_shared(
     monkeypatch.setenv("STOCKADE_MOUNT_ROOTS", allowed)
     r = stockade.run(["cat", "/data/f"], manager=manager, filesystem_access=[f"{allowed}:/data"])
     assert r.stdout == "allowed\n", r.summary() + r.stderr
-    with pytest.raises(PolicyError, match=f"leads to {outside}, outside what this host shares"):
+    with pytest.raises(PolicyError, match=f"{outside} is outside what this host shares"):
         stockade.run(["true"], manager=manager, filesystem_access=[f"{outside}:/data"])
+    # Named outside, it is refused unread: a link there that leads inside is not followed either.
+    os.symlink(os.path.join(allowed, "f"), os.path.join(outside, "way-in"))
+    with pytest.raises(PolicyError, match=f"{outside}/way-in is outside what this host shares"):
+        stockade.run(["true"], manager=manager, filesystem_access=[f"{outside}/way-in:/data"])
+    with pytest.raises(PolicyError, match=f"{outside}/nothing is outside what this host shares"):
+        stockade.run(["true"], manager=manager, filesystem_access=[f"{outside}/nothing:/data"])
     # Named below a root, a link leads out of it: what it leads to is what would be mounted.
     os.symlink(outside, os.path.join(allowed, "way-out"))
     with pytest.raises(PolicyError, match=f"way-out leads to {outside}, outside"):
         stockade.run(["true"], manager=manager, filesystem_access=[f"{allowed}/way-out:/data"])
     # A name that only begins like a root is not below it.
     os.mkdir(f"{allowed}-not", 0o755)
-    with pytest.raises(PolicyError, match=r"allowed-not leads to .*, outside what this host shares"):
+    with pytest.raises(PolicyError, match=r"allowed-not is outside what this host shares"):
         stockade.run(["true"], manager=manager, filesystem_access=[f"{allowed}-not:/data"])
 
 
@@ -103,8 +109,30 @@ def test_a_daemons_http_caller_is_refused_outside_the_roots(process_runtime: str
             assert ok.status_code == 200 and ok.json()["output"] == "allowed\n", ok.text
             refused = execute(outside)
             assert (refused.status_code, refused.json()["code"]) == (422, "policy"), refused.text
-            assert f"leads to {outside}, outside what this host shares" in refused.json()["error"]
+            assert f"{outside} is outside what this host shares" in refused.json()["error"]
             assert "outside\n" not in refused.text
     finally:
         assert daemon.stop() == 0, daemon.logs()
         daemon.cleanup()
+
+
+@pytest.mark.skipif(
+    os.getuid() != 0, reason="the walk of a shared path's parents is a root daemon's (it can read anything)"
+)
+def test_a_caller_learns_nothing_of_what_a_closed_directory_holds(tree: tuple[str, str]) -> None:
+    """A root daemon said "does not exist" of a missing path below a 0700 directory, and "not
+    searchable" of a present one: any caller could list /root by asking. One answer for both,
+    named or reached through a link of the caller's."""
+    allowed, _ = tree
+    closed = os.path.join(allowed, "closed")
+    os.mkdir(closed, 0o700)
+    with open(os.path.join(closed, "there"), "w") as f:
+        f.write("x")
+    os.symlink(os.path.join(closed, "there"), os.path.join(allowed, "to-there"))
+    os.symlink(os.path.join(closed, "missing"), os.path.join(allowed, "to-missing"))
+    said = []
+    for name in ("closed/there", "closed/missing", "to-there", "to-missing"):
+        with pytest.raises(PolicyError) as refused:
+            check_mount_sources(stockade.Policy(filesystem_access=[f"{allowed}/{name}:/data"]))
+        said.append(str(refused.value).replace(name, "NAME"))
+    assert len(set(said)) == 1 and f"{closed} is not searchable by others" in said[0], said

@@ -373,3 +373,30 @@ def test_one_writer_per_file(tmp_path: Path) -> None:
     assert [r["event"] for r in records(path)] == ["a", "b"]
     assert verify([str(path)]).first_break is None
     assert sorted(os.listdir(tmp_path)) == [".audit.log.lock", "audit.log"]  # not named like a rotated file
+
+
+def test_what_one_run_writes_to_the_log_is_bounded_whatever_its_code_did(tmp_path: Path) -> None:
+    """A run's code chooses how many violations and requests it makes: listed one line (and one
+    entry) each, a loop of refused syscalls wrote 2 MB a second and aged every other tenant's
+    history out of the rotated files. The first are listed, the rest counted."""
+    from stockade.daemon import observers
+    from stockade.protocol.models import Caller
+    from stockade.result import EgressRequest, ExecResult, SecurityViolation
+
+    violations = [SecurityViolation(violation_type="syscall_blocked", detection_layer="SECCOMP", description="x")] * 40
+    requests = [EgressRequest(host="h.test", port=443, method="GET", allowed=True)] * 100
+    result = ExecResult(success=False, termination_reason="violation", runtime_used="process", policy_digest="d",
+                        security_violations=violations, violation_counts={"syscall_blocked": 45},
+                        violations_dropped=5, egress_requests=requests, egress_requests_dropped=7)  # fmt: skip
+    log = AuditLog(str(tmp_path / "audit.log"))
+    watching = observers.Observers(audit=log)
+    watching._record(Caller(owner="uid 1000", door="unix"), None, result, False, False)
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    events = [r["event"] for r in records]
+    assert events == ["execution"] + ["violation"] * observers.MAX_AUDITED_VIOLATIONS + ["violations_uncounted"]
+    (execution,) = [r for r in records if r["event"] == "execution"]
+    assert len(execution["egress"]) == observers.MAX_AUDITED_EGRESS
+    assert execution["egress_dropped"] == 7 + 100 - observers.MAX_AUDITED_EGRESS
+    assert records[-1]["dropped"] == 5 + 40 - observers.MAX_AUDITED_VIOLATIONS
+    assert records[-1]["counts"] == {"syscall_blocked": 45}

@@ -93,6 +93,16 @@ def test_bad_environment_names_refused() -> None:
         Policy.build(environment={"A=B": "x"})
 
 
+def test_an_environment_no_exec_could_take_is_refused() -> None:
+    # Past the kernel's limits anyway (a run failed "Argument list too long"), and before, a daemon's
+    # cache of policies kept 256 of them: 8 MiB each, sent by any caller.
+    with pytest.raises(PolicyError, match=r"environment variable 'BIG' is 131074 bytes: at most 131072"):
+        Policy.build(environment={"BIG": "x" * 131069})  # BIG=, its value and the NUL
+    with pytest.raises(PolicyError, match=r"the environment is \d+ bytes: at most 1048576"):
+        Policy.build(environment={f"V{i}": "x" * (100 << 10) for i in range(11)})
+    assert Policy.build(environment={"OK": "x" * (100 << 10)}).environment["OK"]
+
+
 def test_coerce_accepts_dict_and_overrides() -> None:
     p = coerce_policy({"memory_mb": 128}, timeout_seconds=5, cpu_limit=None)
     assert p.memory_mb == 128 and p.timeout_seconds == 5 and p.cpu_limit == 1.0
@@ -221,3 +231,15 @@ def test_a_runtime_that_is_none_of_stockades_is_refused_when_the_policy_is_made(
     with pytest.raises(PolicyError, match=r"did you mean 'gvisor'\?"):
         Policy.build(runtime="gvisr")
     assert Policy(runtime="microvm").runtime == "microvm" and Policy().runtime is None
+
+
+def test_the_http_apis_cache_of_policies_holds_no_large_request() -> None:
+    # Keyed by what a caller sent: 256 distinct environments of a MiB each were kept for the daemon's life.
+    from stockade.server import seed
+
+    small = seed.SeedExecuteRequest(agent_id="a", code="1", environment={"A": "1"})
+    large = seed.SeedExecuteRequest(agent_id="a", code="1", environment={"A": "x" * 100_000})
+    seed._policy.cache_clear()
+    assert small.policy() is small.policy()  # built once
+    assert large.policy().environment["A"] == "x" * 100_000
+    assert seed._policy.cache_info().currsize == 1

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any, TypeVar
 
-from fastapi import Body, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,7 +51,7 @@ from ..result import ExecResult
 from ..rpc.methods import read_request
 from . import sandboxfusion, seed
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response
-from .processes import add_process_routes
+from .processes import RAW_BODY, add_process_routes
 from .sse import ClientDisconnected, event_stream, run_while_connected, until_disconnect
 
 log = logging.getLogger("stockade.daemon")
@@ -271,7 +271,11 @@ def create_app(door: HttpDoor) -> FastAPI:
         return await _held_run(door, door.caller(request), "sandbox.run_code", sandbox_id, body, stream)
 
     @app.put(
-        "/api/v1/sandboxes/{sandbox_id}/files", name="sandbox.write_file", response_model=FileWritten, responses=_ERRORS
+        "/api/v1/sandboxes/{sandbox_id}/files",
+        name="sandbox.write_file",
+        response_model=FileWritten,
+        responses=_ERRORS,
+        openapi_extra=RAW_BODY,
     )
     async def write_file(
         request: Request,
@@ -280,8 +284,8 @@ def create_app(door: HttpDoor) -> FastAPI:
         mode: str = Query(
             default="644", pattern="^[0-7]{1,4}$", description="the file's mode in octal, as chmod takes it"
         ),
-        data: bytes = Body(default=b"", media_type="application/octet-stream"),
     ) -> Any:
+        data = await request.body()
         params = {"sandbox_id": sandbox_id, "path": path, "mode": int(mode, 8), "data": base64.b64encode(data).decode()}
         return await door.call("sandbox.write_file", params, door.caller(request))
 
@@ -395,7 +399,9 @@ def create_app(door: HttpDoor) -> FastAPI:
         }
 
     static = resources.files("stockade.server") / "static"
-    page_headers = {"Content-Security-Policy": "default-src 'self'", "Cache-Control": "no-cache"}
+    # Never framed by another page (the token form inside one would be clickjacked).
+    page_headers = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+                    "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}  # fmt: skip
 
     @app.get("/", name="dashboard.page", response_class=Response, include_in_schema=False)
     async def page() -> Response:

@@ -9,9 +9,13 @@ closed as it opens when the server already holds ``MAX_CONNECTIONS``, or its
 cap (``STOCKADE_HTTP_MAX_PER_NETWORK``) from the client's network (an IPv4
 /24, an IPv6 /64), and a request head must be complete within the header
 timeout of the connection's start (or of the end of its last answer, for a
-kept-alive one). The body's time is the door's (``server/door.py``); a
-request under way is not timed here: its answer is its own (the stall
-timeout covers a client that stops reading it).
+kept-alive one), and hold at most ``MAX_HEAD_BYTES`` (httptools gathers a
+header whole before it hands it on, and uvicorn keeps each: a head of 24 MiB
+of short headers took 400 MiB of the daemon's memory). The body's time is
+the door's (``server/door.py``); a request under way is not timed here: its
+answer is its own (the stall timeout covers a client that stops reading it).
+There is no WebSocket: an ``Upgrade`` is answered as the plain request it also
+is (``http.py`` runs uvicorn with ``ws="none"``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ log = logging.getLogger("stockade.daemon")
 MAX_CONNECTIONS = 1024
 MAX_PER_NETWORK = 128  # the default of STOCKADE_HTTP_MAX_PER_NETWORK (settings.py, which imports no uvicorn)
 REFUSAL_LOG_EVERY_S = 60.0  # a flood of refused connections is said once a minute, not per connection
+MAX_HEAD_BYTES = 64 << 10  # a request's line and headers
 
 
 class _Refusals:
@@ -54,6 +59,11 @@ REFUSED = (
     b"Content-Type: application/json\r\nContent-Length: 55\r\n\r\n"
     b'{"error": "too many connections open", "code": "busy"}\n'
 )
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 77\r\n\r\n"
+    b'{"error": "the request line and headers are larger than 64 KiB", "code": "bad"}\n'
+)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -67,6 +77,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
         self._network: str | None = None  # counted in open_per_network while set
+        self._head_bytes: int | None = 0  # of the head being read; None: none is (a body, an answer)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -85,9 +96,34 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is None:
+            super().data_received(data)
+            return
+        room = MAX_HEAD_BYTES - self._head_bytes
+        self._head_bytes += min(len(data), room)
+        if room > 0:
+            super().data_received(data[:room])  # a body after the head in the same read: taken below
+        if self._head_bytes is not None and len(data) > room:
+            if not self.transport.is_closing():
+                self.transport.write(HEAD_TOO_LARGE)
+                self.transport.close()
+            return
+        if len(data) > room and not self.transport.is_closing():
+            self.data_received(data[room:])
+
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._head_bytes = None
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._head_bytes = 0  # the next request's head, pipelined or kept alive
+        super().on_message_complete()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """Quiet: a request that asks for an upgrade is answered as the request it is (no log line per
+        request for any client to fill the log with)."""
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # a request that came already starts now: not to be timed

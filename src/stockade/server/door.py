@@ -53,7 +53,7 @@ from ..errors import (
     public_message,
 )
 from ..protocol.models import Caller
-from ..ratelimit import SlidingWindowLimiter
+from ..ratelimit import SlidingWindowLimiter, peer_network
 from ..rpc.methods import answer, read_request
 
 log = logging.getLogger("stockade.daemon")
@@ -151,9 +151,10 @@ class HttpDoor:
             raise AuthenticationError("Authentication failed: a valid 'Authorization: Bearer <token>' is required")
 
     def check_rate(self, request: Request) -> None:
-        client = client_address(request)
-        if not self.per_client.allow(client):
-            raise RateLimitError(f"Rate limit exceeded for client {client}", self.per_client.wait_s(client))
+        # By the client's network, as connections are counted: one host has many addresses.
+        network = peer_network(client_address(request))
+        if not self.per_client.allow(network):
+            raise RateLimitError(f"Rate limit exceeded for client network {network}", self.per_client.wait_s(network))
 
     def check_agent(self, agent_id: str | None) -> None:
         if agent_id is not None and not self.per_agent.allow(agent_id):
@@ -186,8 +187,7 @@ class Guard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return  # nothing but HTTP reaches the routes (no WebSocket is served, the lifespan is off)
         started = time.monotonic()
         status = 500
         headers_done = False

@@ -108,6 +108,9 @@ async def start(config: DaemonConfig, controller: Controller, observers: Observe
             lifespan="off",
             server_header=False,
             proxy_headers=False,  # a client's address is its socket's: no X-Forwarded-For is believed
+            # No WebSocket routes: an upgrade handed to a WebSocket protocol left its HTTP connection's
+            # count behind (connections.py), 128 of them shutting a client network out for good.
+            ws="none",
             # Connections capped (in all, per client network) and their request heads timed.
             http=guarded_protocol(config.http_header_timeout, config.http_max_per_network),
             # Requests under way past it are answered 503 at once: each one holds memory. (Connections

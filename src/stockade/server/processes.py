@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..protocol.models import ProcessInfo, ProcessList, ProcessOutput, Published
@@ -26,6 +26,13 @@ class HttpPublish(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     port: int | str = Field(description="PORT, HOST_PORT:PORT or ADDRESS:HOST_PORT:PORT (a loopback address)")
+
+
+# A body taken as the bytes it is, whatever its Content-Type says (a ``bytes`` Body parameter is
+# JSON-decoded when the client calls it JSON: "hello" with its quotes wrote 5 bytes, not 7).
+RAW_BODY: dict[str, Any] = {
+    "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+}
 
 
 def add_process_routes(app: FastAPI, door: HttpDoor, errors: dict[int | str, Any]) -> None:
@@ -56,14 +63,14 @@ def add_process_routes(app: FastAPI, door: HttpDoor, errors: dict[int | str, Any
         return await door.call("sandbox.process_read", params, door.caller(request))
 
     @app.post(processes + "/{handle}/stdin", name="sandbox.process_write", response_model=ProcessInfo,
-              responses=errors)  # fmt: skip
+              responses=errors, openapi_extra=RAW_BODY)  # fmt: skip
     async def process_write(
         request: Request,
         sandbox_id: str,
         handle: str,
         eof: bool = Query(default=False, description="then close its stdin"),
-        data: bytes = Body(default=b"", media_type="application/octet-stream"),
     ) -> Any:
+        data = await request.body()
         params = {"sandbox_id": sandbox_id, "handle": handle, "data": base64.b64encode(data).decode(), "eof": eof}
         return await door.call("sandbox.process_write", params, door.caller(request))
 

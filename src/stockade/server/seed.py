@@ -78,16 +78,13 @@ class SeedExecuteRequest(BaseModel):
                 "network_policy: 'full' is not offered: a stockade isolate has no route out of the host "
                 "(use 'none' or 'restricted', its own loopback)"
             )
-        return _policy(
-            RUNTIME_OF[self.runtime] if self.runtime else None,
-            self.trust_level,
-            self.timeout_seconds,
-            self.memory_limit_mb,
-            self.cpu_limit,
-            NETWORK_OF[self.network_policy],
-            tuple(self.filesystem_access),
-            tuple(sorted(self.environment.items())),
-        )
+        shares, environment = tuple(self.filesystem_access), tuple(sorted(self.environment.items()))
+        # Kept only while small: the cache must not hold what callers sent (256 environments of a MiB).
+        small = sum(map(len, shares)) + sum(len(k) + len(v) for k, v in environment) <= MAX_CACHED_CHARS
+        build = _policy if small else _policy.__wrapped__
+        runtime = RUNTIME_OF[self.runtime] if self.runtime else None
+        return build(runtime, self.trust_level, self.timeout_seconds, self.memory_limit_mb, self.cpu_limit,
+                     NETWORK_OF[self.network_policy], shares, environment)  # fmt: skip
 
     def to_request(self) -> ExecuteRequest:
         return ExecuteRequest(
@@ -105,6 +102,9 @@ POLICY_FIELDS = frozenset(
     {"runtime", "trust_level", "timeout_seconds", "memory_limit_mb", "cpu_limit", "network_policy",
      "filesystem_access", "environment"}
 )  # fmt: skip
+
+
+MAX_CACHED_CHARS = 4096
 
 
 @functools.lru_cache(maxsize=256)

@@ -357,8 +357,35 @@ def _check_within_roots(where: str, mount: Mount, real: str) -> None:
     raise PolicyError(f"{where} leads to {real}, outside what this host shares (STOCKADE_MOUNT_ROOTS={named})")
 
 
-def _below(path: str, root: str) -> bool:
-    root = os.path.realpath(root)
+def _check_named_within_roots(where: str, mount: Mount) -> None:
+    """Under STOCKADE_MOUNT_ROOTS, the path as named lies below a root too (its links are followed
+    later, where the isolate's builder would follow them): outside, it is refused unread."""
+    roots = current().mount_roots
+    if roots is None or (mount.target == ENV_ROOT and not mount.writable):
+        return  # an environment is checked where it leads (_check_within_roots)
+    named = os.path.normpath(mount.source)
+    if any(_below(named, root) or _below(named, root, resolved=False) for root in roots):
+        return
+    shown = ",".join(roots) or "none"
+    raise PolicyError(f"{where} is outside what this host shares (STOCKADE_MOUNT_ROOTS={shown})")
+
+
+def _check_way_in(where: str, source: str) -> None:
+    """Each directory above ``source``, as named, is there and searchable by others; else one
+    message, whichever it is (a caller learns nothing of what a 0700 directory holds)."""
+    path = ""
+    for part in source.strip("/").split("/")[:-1]:
+        path += "/" + part
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise PolicyError(f"{where} does not exist on this host") from None
+        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
+            raise PolicyError(f"{where} is not accessible to the sandbox's uid: {path} is not searchable by others")
+
+
+def _below(path: str, root: str, resolved: bool = True) -> bool:
+    root = os.path.realpath(root) if resolved else root
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
@@ -392,12 +419,19 @@ def check_mount_sources(policy: Policy) -> None:
     isolate (as root): they must be open to others. Say so before building anything."""
     for i, mount in enumerate(policy.filesystem_access):
         where = f"filesystem_access[{i}]: {mount.source}"
-        if not os.path.exists(mount.source):
-            raise PolicyError(f"{where} does not exist on this host")
+        # Nothing is said of the path itself before its name is checked and its way in is open to
+        # others: a caller must not learn what a 0700 directory holds, or where a link in it leads,
+        # from which error it gets.
+        _check_named_within_roots(where, mount)
         # The policy checked its name; a link (/var/lock -> /run/lock, one of a caller's own) is
         # checked where it leads too. (What the sandbox's uid may open is the boundary: this says
         # so early, and plainly.)
         real = os.path.realpath(mount.source)
+        if os.getuid() == 0:
+            _check_way_in(where, mount.source)
+            _check_way_in(where, real)
+        if not os.path.exists(mount.source):
+            raise PolicyError(f"{where} does not exist on this host")
         if forbidden_source(real):
             raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
         _check_within_roots(where, mount, real)
