@@ -70,6 +70,7 @@ class Settings:
     # The daemon (docs/daemon.md, docs/deployment.md)
     socket: str = field(default_factory=default_socket_path)
     socket_perms: int = 0o600
+    socket_group: str | None = None  # the socket's group (a name or a gid); unset: the daemon's own
     auth_token: Secret | None = None
     max_requests: int = 100
     allowed_uids: frozenset[int] | None = None

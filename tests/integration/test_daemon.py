@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -1044,3 +1045,24 @@ def test_the_client_takes_a_policy_object_as_well_as_a_dict(daemon: Daemon) -> N
             assert sb.exec(["sh", "-c", "echo $WHO"]).stdout == "policy-object\n"
         with pytest.raises(PolicyError, match="memory_mb"):
             c.execute(["true"], policy={"memory_mb": 1})  # refused before it is sent
+
+
+def test_the_sockets_group_is_a_setting(process_runtime: str, tmp_path: Path) -> None:
+    """Under supervisord (user=root, no group of its own) the socket was root's group: a client in
+    the daemon's group, as the docs say to make one, could not connect."""
+    import grp
+
+    gid = grp.getgrnam("nogroup").gr_gid
+    daemon = start_daemon(env={"STOCKADE_SOCKET_GROUP": "nogroup", "STOCKADE_SOCKET_PERMS": "0660"})
+    try:
+        st = os.stat(daemon.socket_path)
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o660)
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    socket_path = str(tmp_path / "s.sock")
+    env = {**os.environ, "STOCKADE_SOCKET_GROUP": "no-such-group-here", "STOCKADE_SOCKET": socket_path,
+           "STOCKADE_POOL_SIZE": "0", "STOCKADE_AUDIT_LOG": "off"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "stockade.cli", "serve"], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 125 and "STOCKADE_SOCKET_GROUP='no-such-group-here': no such group" in done.stderr
+    assert not os.path.exists(socket_path)

@@ -338,6 +338,27 @@ def test_without_a_token_the_api_refuses_to_serve_beyond_loopback(host: str, tmp
     assert f"refusing to serve the HTTP API on {host} without a token" in done.stderr
 
 
+def test_a_port_the_api_cannot_have_is_refused_before_anything_listens(tmp_path: object) -> None:
+    """A busy port was found once the Unix socket listened (its file left behind), and a daemon
+    that gives root up bound the HTTP API's port after it had: one below 1024 was refused."""
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+    env.update(STOCKADE_SOCKET=os.path.join(str(tmp_path), "d.sock"), STOCKADE_AUDIT_LOG="off", STOCKADE_POOL_SIZE="0")
+    try:
+        done = subprocess.run([sys.executable, "-m", "stockade.cli", "serve", "--http", f"127.0.0.1:{port}"],
+                              env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        busy.close()
+    assert done.returncode == 125, done.stderr
+    assert f"cannot serve the HTTP API on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "listening on" not in done.stderr and not os.path.exists(env["STOCKADE_SOCKET"])
+
+
 def test_rate_limits_answer_429_with_retry_after(process_runtime: str) -> None:
     daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_AGENT_MAX_REQUESTS": "2", "STOCKADE_MAX_REQUESTS": "8"})
     assert daemon.http_url is not None

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+import httpx
 import pytest
 
 from stockade.client import Client
@@ -145,3 +146,52 @@ def test_a_daemon_that_gives_root_up_keeps_its_audit_log_in_a_directory_root_mak
         from stockade.runtimes.process.cgroups import CgroupManager
 
         CgroupManager().sweep()
+
+
+def test_a_daemon_whose_user_could_not_reach_its_audit_log_does_not_start() -> None:
+    """A state directory of mode 0700 (systemd's StateDirectoryMode, as the unit had it): the daemon
+    started, gave root up and lost every record, its start's too, saying so only in its log."""
+    require("process")
+    subprocess.run([sys.executable, "-m", "stockade.cli", "setup-users"], check=True, capture_output=True, timeout=120)
+    state = tempfile.mkdtemp(prefix="stockade-state-")
+    os.chmod(state, 0o700)
+    socket_path = os.path.join(state, "s.sock")
+    env = {**os.environ, "STOCKADE_DAEMON_USER": "stockade", "STOCKADE_AUDIT_LOG": "", "STOCKADE_STATE_DIR": state,
+           "STOCKADE_SOCKET": socket_path, "STOCKADE_POOL_SIZE": "0"}  # fmt: skip
+    try:
+        done = subprocess.run([sys.executable, "-m", "stockade.cli", "serve"], env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 125, done.stderr
+        assert f"{state} (mode 0700) is not searchable by it" in done.stderr, done.stderr
+        assert not os.path.exists(socket_path)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_daemon_that_gives_root_up_binds_its_http_port_first() -> None:
+    """Its HTTP port was bound after root had gone: a port below 1024 (as cli.md says a daemon that
+    gives root up may take) failed the start, after the Unix socket listened."""
+    require("process")
+    subprocess.run([sys.executable, "-m", "stockade.cli", "setup-users"], check=True, capture_output=True, timeout=120)
+    import socket
+
+    for port in range(1000, 1010):  # a free port below 1024
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", port))
+            break
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    audit = tempfile.mkdtemp(prefix="stockade-audit-")
+    os.chmod(audit, 0o755)
+    daemon = start_daemon(env={"STOCKADE_DAEMON_USER": "stockade", "STOCKADE_AUDIT_LOG": os.path.join(audit, "d", "a")},
+                          http=f"127.0.0.1:{port}")  # fmt: skip
+    try:
+        assert "gave up root" in daemon.logs()
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        daemon.cleanup()
+        shutil.rmtree(audit, ignore_errors=True)

@@ -4,6 +4,7 @@
 | --- | --- | --- |
 | STOCKADE_SOCKET | /run/stockade/stockade.sock (root), $XDG_RUNTIME_DIR/stockade.sock | the Unix socket |
 | STOCKADE_SOCKET_PERMS | 0600 | socket file mode, octal |
+| STOCKADE_SOCKET_GROUP | unset | the socket's group, a name or a gid (unset: the daemon's own) |
 | STOCKADE_AUTH_TOKEN | unset | HMAC token; every request must then be signed |
 | STOCKADE_MAX_REQUESTS | 100 | requests per client per second (sliding window) |
 | STOCKADE_ALLOWED_UIDS / _GIDS | unset | comma-separated peers allowed (SO_PEERCRED) |
@@ -56,6 +57,20 @@ class DaemonConfig(Settings):
 
     unix_socket: bool = True  # False: the HTTP API alone (``stockade serve --http --no-socket``)
 
+    def socket_gid(self) -> int | None:
+        """STOCKADE_SOCKET_GROUP's gid; a name this host does not know is a ConfigError naming it."""
+        group = self.socket_group
+        if group is None:
+            return None
+        if group.isdigit():
+            return int(group)
+        import grp
+
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"STOCKADE_SOCKET_GROUP={group!r}: no such group on this host") from None
+
     def server_settings(self) -> ServerSettings:
         """What the Unix-socket server (rpc/server.py) takes of this config."""
         from ..rpc.server import ServerSettings
@@ -63,6 +78,7 @@ class DaemonConfig(Settings):
         return ServerSettings(
             socket_path=self.socket,
             socket_perms=self.socket_perms,
+            socket_gid=self.socket_gid(),
             auth_key=self.secret("auth_token"),
             allowed_uids=self.allowed_uids,
             allowed_gids=self.allowed_gids,

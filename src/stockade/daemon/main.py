@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from types import ModuleType
 
 from .. import settings
 from ..protocol.models import Caller
@@ -33,10 +34,20 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
 
     secrets_client.SERVING_CALLERS = True  # a secret with no hosts: none of the callers may grant it
     prepare_audit_dir(config)
+    http_door: ModuleType | None = None
+    if config.http is not None:
+        from ..server import http as http_door
     controller = Controller(config)
     observers = _observers(config, controller)
     controller.listeners.append(observers)
-    rpc_settings = config.server_settings()
+    try:
+        rpc_settings = config.server_settings()
+        # The HTTP port first: one this user may not bind, or a busy one, is refused before anything listens.
+        http_sock = http_door.bind(config) if http_door is not None else None
+    except BaseException:
+        await controller.shutdown(0.0)
+        observers.close()
+        raise
     server = RPCServer(rpc_settings, METHODS, JsonLines(), controller, observers, answers=controller.answers)
     if config.daemon_user is not None:
         # Bound as root (in root's /run/stockade), then root goes, before any request is read.
@@ -45,6 +56,8 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
                 await server.start()
             drop_root(config, controller)
         except BaseException:
+            if http_sock is not None:
+                http_sock.close()
             await server.close(0.0)
             await controller.shutdown(0.0)
             observers.close()
@@ -68,14 +81,14 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         if config.unix_socket and config.daemon_user is None:
             await server.start()  # a live daemon's socket is never claimed: nothing of this start to undo
     except BaseException:
+        if http_sock is not None:
+            http_sock.close()
         await controller.shutdown(0.0)
         observers.close()
         raise
     try:
-        if config.http is not None:
-            from ..server import http as http_door
-
-            http = await http_door.start(config, controller, observers)
+        if http_door is not None and http_sock is not None:
+            http = await http_door.start(config, controller, observers, http_sock)
         where = config.socket if config.unix_socket else None
         log.info("daemon instance %s", controller.instance_id)
         for problem in settings.unknown_variables():

@@ -85,6 +85,31 @@ def _audit_log_for(path: str, uid: int, gid: int) -> None:
         log_st = os.lstat(path)
         if stat.S_ISREG(log_st.st_mode) and log_st.st_nlink == 1:
             os.chown(path, uid, gid, follow_symlinks=False)  # opened by root a moment ago
+    _check_reachable(path, uid, gid)
+
+
+def _check_reachable(path: str, uid: int, gid: int) -> None:
+    """Each directory above the audit log's own is searchable by the daemon's user: else it starts,
+    gives root up, and every record is lost (a state directory of mode 0700, as systemd's default
+    StateDirectoryMode made /var/lib/stockade)."""
+    where = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    while True:
+        st = os.stat(where)
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            raise ConfigError(
+                f"the audit log {path}: the daemon's user (uid {uid}) cannot reach it once root is given up: "
+                f"{where} (mode {stat.S_IMODE(st.st_mode):04o}) is not searchable by it. Make it 0711 "
+                "(systemd: StateDirectoryMode=0711), or set STOCKADE_AUDIT_LOG to a file the user can reach"
+            )
+        if where == "/":
+            return
+        where = os.path.dirname(where)
 
 
 AUTO_USER = "stockade"

@@ -62,6 +62,14 @@ class HttpService:
             await self.task
 
 
+def bind(config: DaemonConfig) -> socket.socket:
+    """The HTTP API's listening socket (port 0: any free one): bound as the daemon starts, before
+    its Unix socket and before it gives root up (a port below 1024, a busy one, refused first)."""
+    assert config.http is not None
+    host, port = config.http
+    return _bind(host, port, config.http_stall_timeout)
+
+
 def _bind(host: str, port: int, stall_timeout_s: float) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, named: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
@@ -85,11 +93,8 @@ def _bind(host: str, port: int, stall_timeout_s: float) -> socket.socket:
     return sock
 
 
-async def start(config: DaemonConfig, controller: Controller, observers: Observers) -> HttpService:
-    """Bind ``config.http`` (port 0: any free one) and serve the API on this loop."""
-    assert config.http is not None
-    host, port = config.http
-    sock = _bind(host, port, config.http_stall_timeout)
+async def start(config: DaemonConfig, controller: Controller, observers: Observers, sock: socket.socket) -> HttpService:
+    """Serve the API on this loop, on ``sock`` (``bind``'s)."""
     door = HttpDoor(
         controller,
         observers,
