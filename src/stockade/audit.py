@@ -411,7 +411,11 @@ def verify_main(paths: Sequence[str], out: TextIO | None = None) -> int:
     if report.last_hash is None:
         print(f"audit chain ok: no lines in {len(paths)} file(s)", file=out)
         return 0
-    older = f"; seq {report.first_seq} starts it, older lines rotated out" if report.first_seq else ""
+    older = (
+        f"; seq {report.first_seq} starts it, older lines missing (rotated out, not given, or removed)"
+        if report.first_seq
+        else ""
+    )
     print(
         f"audit chain ok: {report.lines} lines, seq {report.first_seq}..{report.last_seq}{older}; "
         f"last line's sha256 {report.last_hash} (compare with a copy kept elsewhere: a chain cannot show a cut end)",

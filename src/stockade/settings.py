@@ -220,11 +220,11 @@ def _ids(raw: str, name: str) -> frozenset[int]:
 
 def token_setting(raw: str, name: str) -> Secret:
     """A token's value, checked: long enough, and no template's placeholder."""
-    if len(raw) < 16:
-        raise ConfigError(f"{name} is too short (use at least 16 characters; `stockade token new`)")
     if any(c in raw for c in "<> \t") or not raw.isprintable():
         # A template's placeholder left in place (``<token-from-...>``) would be a token anyone can read.
         raise ConfigError(f"{name} looks like a placeholder, not a token (make one with `stockade token new`)")
+    if len(raw) < 16:
+        raise ConfigError(f"{name} is too short (use at least 16 characters; `stockade token new`)")
     return Secret(raw)
 
 

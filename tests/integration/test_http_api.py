@@ -151,6 +151,9 @@ def test_health_names_the_default_policy_and_what_works(http: httpx.Client) -> N
     assert health["status"] == "healthy" and health["service"] == "stockade"
     assert health["policy_digest"] == Policy().digest and "process" in health["runtimes_available"]
     assert health["active_sandboxes"] == 0
+    for path in ("/health", "/"):  # as uptime checkers ask: answered as GET is, without a body
+        head = http.head(path)
+        assert head.status_code == 200 and head.content == b"", (path, head.status_code)
     # A runtimes check (a real sandbox of each) says what works; /health lists it from then on.
     checked = http.get("/api/v1/runtimes", timeout=300)
     assert checked.status_code == 200, checked.text

@@ -153,7 +153,9 @@ def test_rotation_drops_beyond_backups_and_the_rest_still_verifies(tmp_path: Pat
     assert report.ok and report.first_seq is not None and report.first_seq > 0 and report.last_seq == 79
     out = io.StringIO()
     assert verify_main(files, out) == 0
-    assert f"seq {report.first_seq} starts it, older lines rotated out" in out.getvalue()
+    assert (
+        f"seq {report.first_seq} starts it, older lines missing (rotated out, not given, or removed)" in out.getvalue()
+    )
 
 
 def test_a_missing_middle_file_breaks_at_the_next_files_first_line(tmp_path: Path) -> None:

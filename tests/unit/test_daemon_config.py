@@ -32,7 +32,9 @@ def test_a_per_uid_cap_is_off_unless_set() -> None:
 
 
 @pytest.mark.parametrize("name", ["STOCKADE_AUTH_TOKEN", "STOCKADE_API_TOKEN"])
-@pytest.mark.parametrize("value", ["<token-from-/etc/stockade/token>", "a token with spaces", "tok\x1bken-0123456789"])
+@pytest.mark.parametrize(
+    "value", ["<token-from-/etc/stockade/token>", "<token>", "a token with spaces", "tok\x1bken-0123456789"]
+)
 def test_a_placeholder_is_no_token(name: str, value: str) -> None:
     # The shipped env file's placeholder, left in place, would be a token anyone can read in the repository.
     with pytest.raises(ConfigError, match=f"{name} looks like a placeholder"):

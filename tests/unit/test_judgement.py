@@ -22,7 +22,12 @@ def _judge(policy: Policy | None = None, said: Verdict | None = None, **kw: Any)
 
 def test_a_clean_exit_completes_and_a_signal_is_a_kill() -> None:
     assert _judge() == ("completed", None)
-    assert _judge(said=Verdict(exit_code=-9)) == ("killed", None)
+    # Said to be none of stockade's: `sh -c 'kill -TERM $$'` read as if stockade had killed it.
+    assert _judge(said=Verdict(exit_code=-9)) == (
+        "killed",
+        "it died of SIGKILL, from inside the sandbox or its kernel (stockade sent none)",
+    )
+    assert _judge(said=Verdict(exit_code=-signal.SIGXFSZ))[1].startswith("it wrote past max_file_size_bytes=")
 
 
 def test_an_interrupt_is_named_only_where_the_run_ended_of_it() -> None:
@@ -31,7 +36,10 @@ def test_an_interrupt_is_named_only_where_the_run_ended_of_it() -> None:
 
     assert _judge(said=Verdict(exit_code=-signal.SIGINT), interrupted=True) == ("killed", "interrupted (SIGINT)")
     assert _judge(said=Verdict(exit_code=0), interrupted=True) == ("completed", None)  # it caught the SIGINT
-    assert _judge(said=Verdict(exit_code=-signal.SIGINT)) == ("killed", None)  # its own kill -INT: not ours
+    assert _judge(said=Verdict(exit_code=-signal.SIGINT)) == (  # its own kill -INT: not ours
+        "killed",
+        "it died of SIGINT, from inside the sandbox or its kernel (stockade sent none)",
+    )
     stopped = Cell(3, exception=CellException(name="KeyboardInterrupt", value="", traceback=""))
     assert _judge(said=Verdict(exit_code=1, cell=stopped), interrupted=True) == (
         "killed",

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 CALL_TIMEOUT_S = 10.0
 
 
+# What each method asks, as a refusal names it to a caller who never heard of the broker's methods.
+_ASKED = {"register": "this sandbox's secrets", "fetch": "a secret's value", "release": "the sandbox's release"}
+
+
 class BrokerClient:
     """Signed calls to the broker over one Unix socket connection (reopened when it breaks)."""
 
@@ -57,7 +61,7 @@ class BrokerClient:
         if not wire.verify(answer, self.key, self.nonces):
             raise ConfigError("the secrets broker's answer failed authentication (is the session key right?)")
         if answer.get("error") is not None:
-            raise PolicyError(f"the secrets broker refused {method}: {answer['error']}")
+            raise PolicyError(f"the secrets broker refused {_ASKED.get(method, method)}: {answer['error']}")
         if answer.get("id") != request["id"]:
             raise ConfigError(f"the secrets broker answered request {answer.get('id')!r}, not {request['id']}")
         result = answer.get("result")

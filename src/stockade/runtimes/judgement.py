@@ -80,6 +80,14 @@ def judge(
             error = "interrupted (SIGINT)"
     elif exit_code is not None and exit_code < 0:
         reason = "killed"
+        # None of the above: the signal was not stockade's (the code's own, a crash, another process).
+        if exit_code == -signal.SIGXFSZ:
+            error = error or f"it wrote past max_file_size_bytes={policy.max_file_size_bytes} (SIGXFSZ)"
+        else:
+            error = (
+                error
+                or f"it died of {_signal_name(-exit_code)}, from inside the sandbox or its kernel (stockade sent none)"
+            )
     else:
         reason = "completed"
     if reason == "memory_limit":
@@ -151,3 +159,10 @@ def hit_cpu_limit(policy: Policy, exit_code: int | None, before: IsolateUsage, a
     if after.cpu_seconds is not None and before.cpu_seconds is not None:
         used = after.cpu_seconds - before.cpu_seconds
     return exit_code == -signal.SIGKILL and used is not None and used >= limit
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -217,7 +217,9 @@ def create_app(door: HttpDoor) -> FastAPI:
         What it finds working, ``/health``'s ``runtimes_available`` lists from then on."""
         return await door.call("runtimes", {}, door.caller(request))
 
-    @app.get("/health", name="health", response_model=seed.Health)
+    @app.api_route(
+        "/health", methods=["GET", "HEAD"], name="health", response_model=seed.Health
+    )  # HEAD: uptime checkers
     async def health() -> seed.Health:
         available = door.runtimes_available()
         placement = await controller.placement_health()
@@ -403,7 +405,9 @@ def create_app(door: HttpDoor) -> FastAPI:
     page_headers = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
                     "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}  # fmt: skip
 
-    @app.get("/", name="dashboard.page", response_class=Response, include_in_schema=False)
+    @app.api_route(
+        "/", methods=["GET", "HEAD"], name="dashboard.page", response_class=Response, include_in_schema=False
+    )
     async def page() -> Response:
         return Response((static / "dashboard.html").read_bytes(), media_type="text/html", headers=page_headers)
 
