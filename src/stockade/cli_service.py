@@ -158,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = config.with_http(args.http, args.api_token_file, unix_socket=not args.no_socket)
         from .daemon.privileges import daemon_user_for, own_audit_log
 
-        config = config.replace(daemon_user=daemon_user_for(config.daemon_user))
+        config = config.replace(daemon_user=daemon_user_for(config.daemon_user, config.placement.type))
         from .settings import is_set
 
         config = own_audit_log(config, given=is_set("audit_log"))

@@ -82,6 +82,8 @@ def collect() -> dict[str, Any]:
             "user_namespaces": _user_namespaces(),
             "cgroup_version": layout.version,
             "cgroup_limits": sorted(layout.limits),
+            # Where isolates' groups are made (STOCKADE_CGROUP_PARENT, or beside this process's own)
+            "cgroup_parents": {**layout.v1_parents, **({"v2": layout.v2_parent} if layout.v2_parent else {})},
             "cgroup_problems": layout.problems,
             "landlock_abi": linux.landlock_abi(),
             "settings_problems": unknown_variables(),
@@ -98,6 +100,9 @@ def render(report: dict[str, Any]) -> str:
         f"userns    {host['user_namespaces']}",
         f"cgroups   {host['cgroup_version']}; limits enforceable: {', '.join(host['cgroup_limits']) or 'none'}",
     ]
+    parents = host["cgroup_parents"]
+    if parents:
+        lines.append("          isolates' groups under: " + ", ".join(f"{k} {v}" for k, v in sorted(parents.items())))
     lines += [f"          ! {p}" for p in host["cgroup_problems"]]
     lines += [f"settings  ! {p}" for p in host["settings_problems"]]
     lines += [f"kernel    ! {p}" for p in host["kernel_budget_problems"]]

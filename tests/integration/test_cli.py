@@ -149,6 +149,14 @@ def test_doctor() -> None:
     assert any(p.startswith("kernel.pid_max = ") for p in budgets) == small, budgets
     human = cli("doctor").stdout
     assert "process" in human and "landlock" in human
+    # Where isolates' groups go, as deployment.md says doctor prints.
+    from stockade.runtimes.process.cgroup_layout import detect_layout
+
+    layout = detect_layout()
+    parents = report["host"]["cgroup_parents"]
+    assert parents.get("memory") == layout.v1_parents.get("memory") and parents.get("v2") == layout.v2_parent
+    if parents:
+        assert "isolates' groups under: " in human
 
 
 def test_doctor_names_a_misspelt_setting() -> None:

@@ -195,3 +195,15 @@ def test_a_daemon_that_gives_root_up_binds_its_http_port_first() -> None:
         assert daemon.stop() == 0, daemon.logs()
         daemon.cleanup()
         shutil.rmtree(audit, ignore_errors=True)
+
+
+def test_placed_on_a_ray_cluster_the_daemon_keeps_root_unless_told_otherwise() -> None:
+    """Given root up, its Ray driver could not write the session directory of this host's node (a
+    node started as root owns it), and Ray aborted the daemon."""
+    from stockade.daemon.privileges import daemon_user_for
+
+    subprocess.run([sys.executable, "-m", "stockade.cli", "setup-users"], check=True, capture_output=True, timeout=120)
+    assert daemon_user_for(None, "local") == "stockade"
+    assert daemon_user_for(None, "ray") is None
+    assert daemon_user_for("stockade", "ray") == "stockade"  # a node started as that user: the operator says so
+    assert daemon_user_for("root", "local") is None

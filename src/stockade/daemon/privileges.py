@@ -116,14 +116,20 @@ AUTO_USER = "stockade"
 KEEP_ROOT = "root"
 
 
-def daemon_user_for(asked: str | None) -> str | None:
+def daemon_user_for(asked: str | None, placement: str = "local") -> str | None:
     """Who ``stockade serve`` becomes: ``asked`` (``STOCKADE_DAEMON_USER``); unset, started as root,
-    ``stockade`` when that account exists; ``root``: nobody, root is kept."""
+    ``stockade`` when that account exists, on this host's placement; ``root``: nobody, root is kept.
+    Placed on a Ray cluster, unset keeps root: the daemon's Ray driver writes into the session
+    directory of this host's node, which a node started as root owns (given root up, Ray aborted
+    the daemon); a node started as the daemon's user is for STOCKADE_DAEMON_USER to say."""
     if asked == KEEP_ROOT:
         return None
     if asked:
         return asked
     if os.geteuid() != 0:
+        return None
+    if placement != "local":
+        log.info("placement %s: the daemon keeps root (STOCKADE_DAEMON_USER names a user to become)", placement)
         return None
     try:
         identities.ids_of(AUTO_USER)
