@@ -193,7 +193,8 @@ def test_clients_are_counted_by_network() -> None:
 def test_upgrade_requests_leave_no_connection_counted_behind(process_runtime: str) -> None:
     """A WebSocket upgrade was handed to uvicorn's WebSocket protocol, which dropped the HTTP one
     without its end: its connection stayed counted, and 128 such requests shut the client's
-    network out until a restart. There is no WebSocket here: each is answered as plain HTTP."""
+    network out until a restart. There is no WebSocket here: each is refused, as a request
+    asking for any other protocol is (422: its body would not reach the route, a file written empty)."""
     started = start_daemon(http="127.0.0.1:0", env={"STOCKADE_HTTP_MAX_PER_NETWORK": "3"})
     try:
         upgrade = (b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -201,7 +202,8 @@ def test_upgrade_requests_leave_no_connection_counted_behind(process_runtime: st
         for _ in range(8):
             sock = _connect(_address(started))
             sock.sendall(upgrade)
-            assert not _answer(sock).startswith(b"HTTP/1.1 503 ")
+            answer = _answer(sock)
+            assert answer.startswith(b"HTTP/1.1 422 ") and b"no upgrade" in answer, answer  # nor busy (503)
             sock.close()
         time.sleep(0.5)  # the server sees each close
         assert httpx.get(f"{started.http_url}/health", timeout=30).status_code == 200
@@ -223,6 +225,19 @@ def test_a_request_head_is_held_to_64_kib(daemon: Daemon) -> None:
             assert _answer(sock).startswith(b"HTTP/1.1 431 "), head[:40]
         finally:
             sock.close()
+    # A request just under the cap with the next one pipelined behind it, in one read: two heads,
+    # each under the cap (counted as one from where the last read ended, the second was refused).
+    sock = _connect(_address(daemon))
+    try:
+        first = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 64_000 + b"\r\n\r\n"
+        second = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"b" * 4_000 + b"\r\n\r\n"
+        sock.sendall(first + second)
+        said = b""
+        while said.count(b"HTTP/1.1 ") < 2 and (more := sock.recv(65536)):  # both answers, in any reads
+            said += more
+        assert [said.count(b"HTTP/1.1 200 "), said.count(b"HTTP/1.1 ")] == [2, 2], said[:200]
+    finally:
+        sock.close()
     # A large body after a head, in the same reads, is a body: not counted as the head.
     sock = _connect(_address(daemon))
     try:

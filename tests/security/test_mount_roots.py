@@ -136,3 +136,11 @@ def test_a_caller_learns_nothing_of_what_a_closed_directory_holds(tree: tuple[st
             check_mount_sources(stockade.Policy(filesystem_access=[f"{allowed}/{name}:/data"]))
         said.append(str(refused.value).replace(name, "NAME"))
     assert len(set(said)) == 1 and f"{closed} is not searchable by others" in said[0], said
+    # Nor where a link inside it leads, reached through a link of the caller's: root's realpath went
+    # through the closed directory, and the error named the hidden link's target.
+    hidden_target = os.path.join(allowed, "..", "elsewhere-" + os.path.basename(closed))
+    os.symlink(hidden_target, os.path.join(closed, "hidden"))
+    os.symlink(os.path.join(closed, "hidden"), os.path.join(allowed, "via"))
+    with pytest.raises(PolicyError) as refused:
+        check_mount_sources(stockade.Policy(filesystem_access=[f"{allowed}/via/x:/data"]))
+    assert "elsewhere" not in str(refused.value) and f"{closed} is not searchable by others" in str(refused.value)

@@ -293,3 +293,17 @@ def test_a_dns_query_dropped_unanswered_is_counted() -> None:
     service.pending = {object() for _ in range(dns.MAX_PENDING)}  # type: ignore[misc]
     service.datagram_received(b"\0" * 20, ("127.0.0.1", 5353))
     assert gate.take_records() == ([], 3)
+
+
+def test_a_flow_taken_open_is_said_to_close_even_when_it_moved_nothing_more() -> None:
+    from stockade.egress.gate import Flow
+    from stockade.result import EgressRequest
+
+    flow = Flow(EgressRequest(host="h.test", port=443, method="CONNECT", scheme="tunnel", allowed=True))
+    flow.record.bytes_sent = 100
+    first = flow.take(closing=False)
+    assert first is not None and (first.bytes_sent, first.open) == (100, True)
+    assert flow.take(closing=False) is None  # a run in which it moved nothing: nothing to say
+    last = flow.take(closing=True)  # closed idle: before, nothing said it ever closed
+    assert last is not None and (last.bytes_sent, last.bytes_received, last.open) == (0, 0, False)
+    assert flow.take(closing=True) is None

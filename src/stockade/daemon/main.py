@@ -49,23 +49,28 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         observers.close()
         raise
     server = RPCServer(rpc_settings, METHODS, JsonLines(), controller, observers, answers=controller.answers)
-    if config.daemon_user is not None:
-        # Bound as root (in root's /run/stockade), then root goes, before any request is read.
-        try:
+
+    async def abandon() -> None:
+        """A start that failed (or was interrupted) before serving: nothing of it is left."""
+        if http_sock is not None:
+            http_sock.close()
+        await server.close(0.0)  # its socket file only if it made it
+        await controller.shutdown(0.0)
+        observers.close()
+
+    try:
+        if config.daemon_user is not None:
+            # Bound as root (in root's /run/stockade), then root goes, before any request is read.
             if config.unix_socket:
                 await server.start()
             drop_root(config, controller)
-        except BaseException:
-            if http_sock is not None:
-                http_sock.close()
-            await server.close(0.0)
-            await controller.shutdown(0.0)
-            observers.close()
-            raise
-    # Reach where isolates run now: on this host, the default runtime's zygote, its pool, and the
-    # sweep of whatever a previous daemon killed with SIGKILL left behind; on a cluster, its
-    # nodes' actors. One that cannot be reached is said at the start (and the daemon still serves).
-    described = await controller.connect_placement()
+        # Reach where isolates run now: on this host, the default runtime's zygote, its pool, and the
+        # sweep of whatever a previous daemon killed with SIGKILL left behind; on a cluster, its
+        # nodes' actors. One that cannot be reached is said at the start (and the daemon still serves).
+        described = await controller.connect_placement()
+    except BaseException:
+        await abandon()
+        raise
     if controller.placement.remote:
         if described.get("reachable", True):
             log.info("placement %s: %d node(s)", controller.placement.name, len(described.get("nodes", [])))
@@ -81,14 +86,15 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         if config.unix_socket and config.daemon_user is None:
             await server.start()  # a live daemon's socket is never claimed: nothing of this start to undo
     except BaseException:
-        if http_sock is not None:
-            http_sock.close()
-        await controller.shutdown(0.0)
-        observers.close()
+        await abandon()
         raise
     try:
         if http_door is not None and http_sock is not None:
-            http = await http_door.start(config, controller, observers, http_sock)
+            try:
+                http = await http_door.start(config, controller, observers, http_sock)
+            except BaseException:
+                http_sock.close()  # uvicorn's, once it serves: closed with it
+                raise
         where = config.socket if config.unix_socket else None
         log.info("daemon instance %s", controller.instance_id)
         for problem in settings.unknown_variables():

@@ -71,18 +71,20 @@ class Flow:
         self.client = client  # a tunnel's socket from the isolate: what it sent and the proxy has not read
         self.reading = False  # a tunnel's pump waits for the isolate, nothing of it in hand
         self.done = False  # the isolate's side is over: its tunnel's end read, or its reply written whole
-        self.taken: tuple[int, int, int | None, str] | None = None  # as last taken; None: never
+        # As last taken: bytes each way, status, reason, still open; None: never taken.
+        self.taken: tuple[int, int, int | None, str, bool] | None = None
 
     def take(self, closing: bool) -> EgressRequest | None:
-        """Its record for what happened since the last take; None when there is nothing new."""
+        """Its record for what happened since the last take (its end included: a tunnel taken open
+        that then closed idle is said to have closed); None when there is nothing new."""
         r = self.record
-        now = (r.bytes_sent, r.bytes_received, r.status, r.reason)
+        now = (r.bytes_sent, r.bytes_received, r.status, r.reason, not (closing or self.done))
         if now == self.taken:
             return None
         sent, received = self.taken[:2] if self.taken is not None else (0, 0)
         self.taken = now
         return dataclasses.replace(r, bytes_sent=r.bytes_sent - sent, bytes_received=r.bytes_received - received,
-                                   open=not (closing or self.done))  # fmt: skip
+                                   open=now[4])  # fmt: skip
 
     def owed(self) -> int:
         """What of the isolate's this tunnel's socket holds that the proxy has not read yet (more

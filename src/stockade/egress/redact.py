@@ -19,9 +19,10 @@ from urllib.parse import quote, quote_plus
 def written_forms(value: str) -> Iterator[str]:
     """``value`` and the ways a server that echoes it commonly writes it: escaped in a JSON string
     (as Python and most libraries do, as Go does, with ``/`` escaped as PHP does), percent-encoded
-    (as a path or a form) and in HTML (as Python and as Go escape it). A value is visible ASCII
-    (check_value), so these are all: the code could unescape any of them. A host that writes it
-    another way (base64, reversed) is not caught: bind a secret only to hosts that do not echo it."""
+    (as a path, or a form: ``+`` for a space) and in HTML (as Python and as Go escape it). A value
+    is visible ASCII and inner spaces (check_value): the code could unescape any of these. A host
+    that writes it another way (base64, reversed) is not caught: bind a secret only to hosts that
+    do not echo it."""
     in_json = json.dumps(value)[1:-1]
     forms = {
         value,

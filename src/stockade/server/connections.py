@@ -14,8 +14,8 @@ header whole before it hands it on, and uvicorn keeps each: a head of 24 MiB
 of short headers took 400 MiB of the daemon's memory). The body's time is
 the door's (``server/door.py``); a request under way is not timed here: its
 answer is its own (the stall timeout covers a client that stops reading it).
-There is no WebSocket: an ``Upgrade`` is answered as the plain request it also
-is (``http.py`` runs uvicorn with ``ws="none"``).
+There is no WebSocket: uvicorn runs with ``ws="none"`` (``http.py``), and the
+door refuses a request that asks for an upgrade (``door.py``).
 """
 
 from __future__ import annotations
@@ -97,20 +97,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_bytes is None:
-            super().data_received(data)
-            return
-        room = MAX_HEAD_BYTES - self._head_bytes
-        self._head_bytes += min(len(data), room)
-        if room > 0:
-            super().data_received(data[:room])  # a body after the head in the same read: taken below
-        if self._head_bytes is not None and len(data) > room:
-            if not self.transport.is_closing():
-                self.transport.write(HEAD_TOO_LARGE)
-                self.transport.close()
-            return
-        if len(data) > room and not self.transport.is_closing():
-            self.data_received(data[room:])
+        # Fed in pieces no longer than the head being read has room for: a head still incomplete
+        # at its cap is refused. A request that ends inside a piece starts the next head's count
+        # at 0 (what of that head the piece held goes uncounted: at most one cap's worth more).
+        while data:
+            if self._head_bytes is None:  # a body, or an answer being sent: nothing to count
+                super().data_received(data)
+                return
+            room = MAX_HEAD_BYTES - self._head_bytes
+            if room <= 0:
+                if not self.transport.is_closing():
+                    self.transport.write(HEAD_TOO_LARGE)
+                    self.transport.close()
+                return
+            piece, data = data[:room], data[room:]
+            self._head_bytes += len(piece)
+            super().data_received(piece)
+            if self.transport.is_closing():
+                return
 
     def on_headers_complete(self) -> None:
         self._disarm()
@@ -122,8 +126,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def _unsupported_upgrade_warning(self) -> None:
-        """Quiet: a request that asks for an upgrade is answered as the request it is (no log line per
-        request for any client to fill the log with)."""
+        """Quiet: a request that asks for an upgrade is answered (refused, by the door) without a log
+        line per request for any client to fill the log with."""
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # a request that came already starts now: not to be timed

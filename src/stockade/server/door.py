@@ -216,6 +216,7 @@ class Guard:
 
         request = Request(scope)
         try:
+            _refuse_an_upgrade(request)
             if request.url.path in OPEN_PATHS:
                 _refuse_a_body(request)  # answered to anyone: nothing of theirs is waited for
             else:
@@ -275,6 +276,15 @@ class Guard:
         except TimeoutError:
             raise InvalidRequestError(f"the request's body did not arrive within {allowed_s:.0f} s") from None
         return _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
+
+
+def _refuse_an_upgrade(request: Request) -> None:
+    """No protocol but HTTP is served here: a request asking to switch is refused. (Answered as
+    the plain request it also is, its body never reached the route: the parser takes what follows
+    an upgrade's head for the other protocol, and a file written with it came out empty.)"""
+    tokens = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
+    if "upgrade" in tokens and "upgrade" in request.headers:
+        raise InvalidRequestError("this server speaks HTTP only: no upgrade (WebSocket or other) is served")
 
 
 def _refuse_a_body(request: Request) -> None:

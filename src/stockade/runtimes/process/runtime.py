@@ -20,6 +20,7 @@ import stat
 import threading
 import time
 import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ... import environments
@@ -370,18 +371,41 @@ def _check_named_within_roots(where: str, mount: Mount) -> None:
     raise PolicyError(f"{where} is outside what this host shares (STOCKADE_MOUNT_ROOTS={shown})")
 
 
-def _check_way_in(where: str, source: str) -> None:
-    """Each directory above ``source``, as named, is there and searchable by others; else one
-    message, whichever it is (a caller learns nothing of what a 0700 directory holds)."""
-    path = ""
-    for part in source.strip("/").split("/")[:-1]:
-        path += "/" + part
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise PolicyError(f"{where} does not exist on this host") from None
+def _resolved_as_others(where: str, source: str) -> str:
+    """Where ``source`` leads, its links followed one step at a time, each directory it goes
+    through searchable by others before anything below it is looked at; else one message,
+    whichever it is (a caller learns nothing of what a 0700 directory holds, nor where a link in
+    one leads). A last step that is missing is left for the caller to find missing."""
+    parts = deque(p for p in source.split("/") if p)
+    resolved, links = "/", 0
+    while parts:
+        part = parts.popleft()
+        if part in (".", ".."):
+            resolved = resolved if part == "." else os.path.dirname(resolved)
+            continue
+        st = os.stat(resolved)
         if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
-            raise PolicyError(f"{where} is not accessible to the sandbox's uid: {path} is not searchable by others")
+            raise PolicyError(f"{where} is not accessible to the sandbox's uid: {resolved} is not searchable by others")
+        step = os.path.join(resolved, part)
+        try:
+            st = os.lstat(step)
+        except OSError:
+            if parts:
+                raise PolicyError(f"{where} does not exist on this host") from None
+            return step
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                raise PolicyError(f"{where} leads through more than {MAX_LINKS} links")
+            target = os.readlink(step)
+            parts.extendleft(reversed([p for p in target.split("/") if p]))
+            resolved = "/" if target.startswith("/") else resolved
+            continue
+        resolved = step
+    return resolved
+
+
+MAX_LINKS = 40  # as the kernel follows at most
 
 
 def _below(path: str, root: str, resolved: bool = True) -> bool:
@@ -426,10 +450,9 @@ def check_mount_sources(policy: Policy) -> None:
         # The policy checked its name; a link (/var/lock -> /run/lock, one of a caller's own) is
         # checked where it leads too. (What the sandbox's uid may open is the boundary: this says
         # so early, and plainly.)
-        real = os.path.realpath(mount.source)
-        if os.getuid() == 0:
-            _check_way_in(where, mount.source)
-            _check_way_in(where, real)
+        # As root, resolved a step at a time as others may: realpath would follow a link inside a
+        # 0700 directory, and an error naming where it leads would say what only root may read.
+        real = _resolved_as_others(where, mount.source) if os.getuid() == 0 else os.path.realpath(mount.source)
         if not os.path.exists(mount.source):
             raise PolicyError(f"{where} does not exist on this host")
         if forbidden_source(real):
