@@ -307,3 +307,12 @@ def test_a_flow_taken_open_is_said_to_close_even_when_it_moved_nothing_more() ->
     last = flow.take(closing=True)  # closed idle: before, nothing said it ever closed
     assert last is not None and (last.bytes_sent, last.bytes_received, last.open) == (0, 0, False)
     assert flow.take(closing=True) is None
+
+
+def test_a_value_that_is_another_ones_escaped_form_stands_for_itself() -> None:
+    # "a%2Fb" is "a/b" percent-encoded, and a secret of its own: before, whichever came last won,
+    # and a reply holding one came back with the other's handle.
+    redactor = Redactor.markers({"SLASH": "sk-a/b", "ESCAPED": "sk-a%2Fb"})
+    assert redactor.text("sk-a%2Fb sk-a/b") == "[REDACTED:ESCAPED] [REDACTED:SLASH]"
+    redactor = Redactor.markers({"ESCAPED": "sk-a%2Fb", "SLASH": "sk-a/b"})
+    assert redactor.text("sk-a%2Fb sk-a/b") == "[REDACTED:ESCAPED] [REDACTED:SLASH]"

@@ -26,7 +26,7 @@ from ..ratelimit import TokenBucket
 from ..result import EgressRequest, SecurityViolation
 from . import PROXY_PORT
 from .allowlist import Allowlist, HostRule, parse_rule
-from .redact import Redactor, StreamRedactor, written_forms
+from .redact import Redactor, StreamRedactor, each_form
 
 if TYPE_CHECKING:
     from .ca import SandboxCA
@@ -133,7 +133,7 @@ class Gate:
         )
         self.redactor = Redactor.markers({b.grant.name: b.value for b in self.bindings})
         # In a reply, each value goes back to its handle (head and body), counted with the run's others.
-        self._to_handles = {w.encode(): b.handle.encode() for b in self.bindings for w in written_forms(b.value)}
+        self._to_handles = each_form({b.value: b.handle for b in self.bindings})
         self._reply_head = Redactor(self._to_handles, tally=self.redactor)
         self.ca: SandboxCA | None = None
         if self.bindings:

@@ -38,6 +38,15 @@ def written_forms(value: str) -> Iterator[str]:
     yield from sorted(forms)
 
 
+def each_form(replacements: Mapping[str, str]) -> dict[bytes, bytes]:
+    """``replacements`` (value -> what stands for it) with every written form of each value: a
+    value's own bytes stand for it even where they are another value's escaped form (``a%2Fb``
+    and ``a/b``: the first is its own secret, not the second one escaped)."""
+    forms = {w.encode(): r.encode() for v, r in replacements.items() for w in written_forms(v)}
+    forms.update((v.encode(), r.encode()) for v, r in replacements.items())
+    return forms
+
+
 class Redactor:
     """Replaces each value of ``replacements`` (value -> what stands for it) and counts the
     replacements, its own or (``tally``) another redactor's: one count for a run."""
@@ -53,7 +62,7 @@ class Redactor:
     def markers(cls, values: Mapping[str, str]) -> Redactor:
         """Each value of ``values`` (name -> value), written any of its ways (``written_forms``),
         by ``[REDACTED:NAME]``: what leaves an isolate."""
-        return cls({w.encode(): f"[REDACTED:{k}]".encode() for k, v in values.items() for w in written_forms(v)})
+        return cls(each_form({v: f"[REDACTED:{k}]" for k, v in values.items()}))
 
     def __bool__(self) -> bool:
         return bool(self._pairs)
