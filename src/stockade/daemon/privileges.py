@@ -129,7 +129,6 @@ def daemon_user_for(asked: str | None, placement: str = "local") -> str | None:
     if os.geteuid() != 0:
         return None
     if placement != "local":
-        log.info("placement %s: the daemon keeps root (STOCKADE_DAEMON_USER names a user to become)", placement)
         return None
     try:
         identities.ids_of(AUTO_USER)

@@ -346,13 +346,11 @@ class _Exchange:
         if terminated and not request.target.startswith((b"/", b"*")):
             # An absolute URL inside the tunnel would name another origin than the one the value is for.
             record.allowed, record.reason = False, "inside a tunnel to a bound host, only origin-form targets"
-            self.gate.record(record)
-            await self._answer(client, 400, record.reason)
+            await self._refuse(client, 400, record)
             return False
         if headers is None:
             record.allowed, record.reason = False, "a request framed two ways (a length and chunks, or two lengths)"
-            self.gate.record(record)
-            await self._answer(client, 400, record.reason)
+            await self._refuse(client, 400, record)
             return False
         if guarded:
             headers = for_bound_host(headers, host, port)
