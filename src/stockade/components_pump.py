@@ -343,6 +343,10 @@ def _tampered(why: object) -> str:
 
 def _records(data: bytes) -> list[tuple[bytes, bytes]]:
     """An output file's records: (tag, data); ValueError if it is not the relay's format."""
+    if not data:
+        # The relay writes a file only to hold a record: an empty one is the command's (or one it
+        # is still writing), and read as none it would skip a number the relay's own file then takes.
+        raise ValueError("an empty output file")
     records = []
     at = 0
     while at < len(data):

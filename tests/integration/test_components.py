@@ -616,11 +616,14 @@ def test_a_components_supervisor_imports_nothing_from_the_callers_directory(
 
 def test_a_forged_exit_record_ends_the_run_not_its_supervisor(cli: Cli) -> None:
     # The relay's output files are in the isolate's /tmp, which its command can write: an exit record
-    # nested past any parser's depth must end the run as tampered with, and the restarts go on.
+    # nested past any parser's depth must end the run as tampered with, and the restarts go on. Written
+    # whole and renamed, as the relay writes: a file the supervisor lists while it is still empty is read
+    # as no records (a forger's own race), and the run would end only when the command does.
     forge = (
-        "import struct, time\n"
+        "import os, struct, time\n"
         "p = b'[' * 100000 + b']' * 100000\n"
-        "open('/tmp/.stockade-component/j1.o.1', 'wb').write(b'x' + struct.pack('>I', len(p)) + p)\n"
+        "open('/tmp/.stockade-component/j1.t.f', 'wb').write(b'x' + struct.pack('>I', len(p)) + p)\n"
+        "os.rename('/tmp/.stockade-component/j1.t.f', '/tmp/.stockade-component/j1.o.1')\n"
         "time.sleep(60)\n"
     )
     started = cli(
@@ -630,6 +633,17 @@ def test_a_forged_exit_record_ends_the_run_not_its_supervisor(cli: Cli) -> None:
     _wait(lambda: _status(cli, "forger")["status"] == "failed", timeout=90)
     state = _status(cli, "forger")
     assert "output file is garbled" in str(state["error"]) and "gave up after 1 restarts" in str(state["error"]), state
+
+
+def test_an_empty_output_file_planted_ends_the_run_as_tampered_with(cli: Cli) -> None:
+    # Read as no records, it would move the supervisor past the number the relay writes next: the
+    # command's output and exit would then never be read.
+    plant = "import time\nopen('/tmp/.stockade-component/j1.o.1', 'wb').close()\ntime.sleep(60)\n"
+    started = cli("start", "--name", "blank", "--", "python3", "-c", plant)
+    # `start` answers once the run is up, or with its failure where that came first
+    assert started.returncode == 0 or "output file is garbled" in started.stderr, started
+    _wait(lambda: _status(cli, "blank")["status"] == "failed", timeout=30)
+    assert "output file is garbled" in str(_status(cli, "blank")["error"])
 
 
 def test_a_planted_json_module_costs_the_relay_not_the_supervisor(cli: Cli) -> None:
