@@ -507,8 +507,10 @@ def test_a_daemon_whose_cluster_is_unreachable_says_so_at_start_and_in_health() 
         assert "the Ray cluster at 127.0.0.1:9 is unreachable" in daemon.logs()
         with httpx.Client(base_url=daemon.http_url, timeout=30) as http:
             health = http.get("/health").json()
+            ready = http.get("/ready")  # no traffic to it, for a readiness check
         assert health["status"] == "degraded" and health["runtimes_available"] == []
         assert health["placement"] == {"type": "ray", "reachable": False, "nodes": 0}
+        assert ready.status_code == 503 and ready.json() == health, ready.text
         with Client(daemon.socket_path) as client:
             (said,) = client.runtimes()  # behind the socket's checks: why
             assert said["available"] is False and "127.0.0.1:9 is unreachable" in said["reason"]

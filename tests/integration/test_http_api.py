@@ -151,7 +151,9 @@ def test_health_names_the_default_policy_and_what_works(http: httpx.Client) -> N
     assert health["status"] == "healthy" and health["service"] == "stockade"
     assert health["policy_digest"] == Policy().digest and "process" in health["runtimes_available"]
     assert health["active_sandboxes"] == 0
-    for path in ("/health", "/"):  # as uptime checkers ask: answered as GET is, without a body
+    ready = http.get("/ready")  # a readiness check's: /health's answer, 200 while healthy
+    assert ready.status_code == 200 and ready.json()["status"] == "healthy", ready.text
+    for path in ("/health", "/ready", "/"):  # as uptime checkers ask: answered as GET is, without a body
         head = http.head(path)
         assert head.status_code == 200 and head.content == b"", (path, head.status_code)
     # A runtimes check (a real sandbox of each) says what works; /health lists it from then on.
@@ -312,7 +314,8 @@ def test_a_token_guards_everything_but_health_and_the_page(process_runtime: str)
             assert refused.headers["www-authenticate"] == "Bearer"
         for path in ("/metrics", "/api/v1/sandbox/status", "/api/v1/dashboard", "/openapi.json"):
             assert http.get(path).status_code == 401, path
-        assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
+        for path in ("/health", "/ready", "/"):
+            assert http.get(path).status_code == 200, path
         ok = http.post("/api/v1/sandbox/execute", json={"agent_id": "a", "code": "print(1)"},
                        headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
         assert ok.json()["stdout"] == "1\n"

@@ -59,7 +59,7 @@ def _command(ray_address: str | None) -> list[str]:
 
 
 def _container(image: str, ray_address: str | None) -> dict[str, Any]:
-    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    probe = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
     container: dict[str, Any] = {
         "name": "controller",
         "image": image,
@@ -67,7 +67,8 @@ def _container(image: str, ray_address: str | None) -> dict[str, Any]:
         "command": _command(ray_address),
         "env": _env(ray_address),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        # Ready once it answers; /health says "degraded" (still 200) while its Ray cluster is unreachable.
+        # Ready while /health would say "healthy": /ready answers 503 while no runtime works or its Ray
+        # cluster is unreachable (no traffic then: a request would only be refused).
         "readinessProbe": {**probe, "initialDelaySeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/v1/ping", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},

@@ -7,7 +7,7 @@ Errors are answered ``{"error": message, "code": code}`` with the HTTP status
 of their code (``errors.HTTP_STATUS``); a refused request never reaches a
 sandbox.
 
-- Auth: ``Authorization: Bearer <token>`` on everything but ``/health``, the
+- Auth: ``Authorization: Bearer <token>`` on everything but ``/health``, ``/ready``, the
   dashboard's page and its static files, checked with ``hmac.compare_digest``.
 - Rate limits: per client address and per ``agent_id`` (429, ``Retry-After``).
 - Capacity: a full daemon answers 503 at once; the HTTP door never queues.
@@ -217,10 +217,7 @@ def create_app(door: HttpDoor) -> FastAPI:
         What it finds working, ``/health``'s ``runtimes_available`` lists from then on."""
         return await door.call("runtimes", {}, door.caller(request))
 
-    @app.api_route(
-        "/health", methods=["GET", "HEAD"], name="health", response_model=seed.Health
-    )  # HEAD: uptime checkers
-    async def health() -> seed.Health:
+    async def health_now() -> seed.Health:
         available = door.runtimes_available()
         placement = await controller.placement_health()
         reachable = placement is None or placement.get("reachable", True)
@@ -233,6 +230,26 @@ def create_app(door: HttpDoor) -> FastAPI:
             active_sandboxes=controller.active_count(),
             placement=placement,
         )
+
+    @app.api_route(
+        "/health", methods=["GET", "HEAD"], name="health", response_model=seed.Health
+    )  # HEAD: uptime checkers
+    async def health() -> seed.Health:
+        return await health_now()
+
+    @app.api_route(
+        "/ready",
+        methods=["GET", "HEAD"],
+        name="ready",
+        response_model=seed.Health,
+        responses={503: {"model": seed.Health}},
+    )
+    async def ready() -> JSONResponse:
+        """``/health``'s answer, with 503 while it is degraded: for a load balancer's or Kubernetes'
+        readiness check, which sends no traffic to a controller that cannot run anything (no runtime
+        seen to work, its Ray cluster unreachable). ``/health`` stays 200 for whoever reads its body."""
+        now = await health_now()
+        return JSONResponse(now.model_dump(), status_code=200 if now.status == "healthy" else 503)
 
     @app.get(
         "/metrics", name="metrics", response_class=Response, responses={**_ERRORS, 200: {"content": {"text/plain": {}}}}

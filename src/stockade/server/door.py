@@ -59,7 +59,9 @@ from ..rpc.methods import answer, read_request
 log = logging.getLogger("stockade.daemon")
 # Answered to anyone, uncounted: health checks (ours, SandboxFusion's) and the dashboard's
 # page, which asks for the token itself.
-OPEN_PATHS = frozenset({"/health", "/v1/ping", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css"})
+OPEN_PATHS = frozenset(
+    {"/health", "/ready", "/v1/ping", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css"}
+)
 # Routes whose clients cannot send a header (SandboxFusion's): the token may come as ``?token=``.
 QUERY_TOKEN_PATHS = frozenset({"/run_code"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
