@@ -3,7 +3,8 @@
 ``upload`` packs a host file or directory into a tar on the host, writes it
 into the isolate in pieces of at most one call's data (``write_file``, 7 MiB)
 and unpacks it there with the isolate's ``tar``. ``download`` has the isolate's
-``tar`` pack a path into pieces under ``/tmp``, reads them back (``read_file``)
+``tar`` pack a path into pieces under ``/tmp``, reads them back (``read_file``),
+each seam between two held to both (a read redacts a secret's value alone),
 and unpacks them on the host. Only ``write_file``, ``read_file`` and ``exec``
 are used, so the same code serves the SDK's ``Sandbox``, the daemon's
 ``RemoteSandbox`` and every runtime (docs/sdk.md, "Directories").
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol, TypeVar
 
 from .agent.wire import MAX_FILE_PIECE
+from .broker.store import MAX_VALUE_BYTES
 from .errors import (
     PathNotFoundError,
     StockadeError,
@@ -58,6 +60,10 @@ from .transfer_unpack import LINKS, Links, unpack
 DEFAULT_MAX_BYTES = 256 << 20  # the archive, either way
 DEFAULT_MAX_FILES = 100_000  # members of a downloaded archive
 _MIN_PIECE = 64 << 10  # an upload's pieces shrink to this for a small max_file_size_bytes, no further
+# A download's seams: each piece is read, and redacted, alone; a secret's value written across two
+# pieces is in the seam between them, whole while it is no longer than this (its longest written
+# form: each character escaped as "&quot;" is, six bytes), or than half a piece.
+SEAM_BYTES = 6 * MAX_VALUE_BYTES
 
 T = TypeVar("T")
 
@@ -202,13 +208,14 @@ def download(
     base = f"/tmp/.stockade-download-{secrets.token_hex(8)}"
     with tempfile.TemporaryFile() as archive:
         try:
-            size, piece = _pack_remote(sandbox, normal, parent or ".", name, base, cap, _memory_limit(sandbox))
-            _fetch(sandbox, base, size, piece, archive)
+            size, piece, seam = _pack_remote(sandbox, normal, parent or ".", name, base, cap, _memory_limit(sandbox))
+            _fetch(sandbox, base, size, piece, seam, archive)
         finally:
             _remove(sandbox, base)
         archive.seek(0)
+        stop = getattr(sandbox, "stop_if_cancelled", None)  # an async download's: a cancel ends the writing
         files, directories, size, skipped = unpack(
-            archive, os.fspath(local_dir), cap, members, src, overwrite, executable, links, vcs
+            archive, os.fspath(local_dir), cap, members, src, overwrite, executable, links, vcs, stop
         )
         return TransferSummary(files=files, directories=directories, bytes=size, skipped=skipped)
 
@@ -224,9 +231,9 @@ def _memory_limit(sandbox: Any) -> int:
 
 def _pack_remote(
     sandbox: Transferable, src: str, parent: str, name: str, base: str, cap: int, memory: int
-) -> tuple[int, int]:
-    """Have the isolate's tar pack ``src`` into pieces; the archive's size and the pieces'."""
-    limits = [str(cap), str(MAX_FILE_PIECE), str(memory), str(STAGING_RESERVE)]
+) -> tuple[int, int, int]:
+    """Have the isolate's tar pack ``src`` into pieces; the archive's size, the pieces' and the seams'."""
+    limits = [str(cap), str(MAX_FILE_PIECE), str(memory), str(STAGING_RESERVE), str(SEAM_BYTES)]
     result = sandbox.exec(["sh", "-c", PACK, "sh", src, parent, name, base, *limits])
     if result.exit_code == NOT_FOUND:
         error = PathNotFoundError(f"{src}: no such file or directory in the sandbox")
@@ -251,29 +258,49 @@ def _pack_remote(
             "does not fit: staging it would end the sandbox. Download a part of it, or give the sandbox more "
             "memory_mb and disk_mb; nothing was packed"
         )
-    if not result.success or said is None:
+    fields = result.stdout.split()
+    if not result.success or len(fields) != 4 or not all(f.isdigit() for f in fields):
         raise TransferError(f"packing {src} in the sandbox failed: {_why(result)}")
-    status, size, piece = said
-    if not 512 <= piece <= MAX_FILE_PIECE:
-        raise TransferError(f"packing {src} in the sandbox failed: it cut pieces of {piece} bytes")
+    status, size, piece, seam = map(int, fields)
+    if not 512 <= piece <= MAX_FILE_PIECE or not 0 < seam * 2 <= piece:
+        raise TransferError(f"packing {src} in the sandbox failed: it cut pieces of {piece} bytes, seams of {seam}")
     if size > cap:
         raise TransferTooLargeError(
             f"download of {src} is too large: over {cap} bytes as an archive (max_bytes); nothing was written"
         )
-    if status not in (0, 1) or size == 0:  # GNU tar's 1: a file changed as it was read, the archive stands
+    if status == 1:  # GNU tar's "some files differ": one changed, or shrank and was padded with zeros
+        raise TransferError(
+            f"download of {src}: a file changed in the sandbox while it was packed, and its copy would not be "
+            f"what the sandbox holds ({_why(result)}); nothing was written: download it again once nothing "
+            "writes it"
+        )
+    if status != 0 or size == 0:
         raise TransferError(f"packing {src} in the sandbox failed: tar exited {status}: {_why(result)}")
-    return size, piece
+    return size, piece, seam
 
 
-def _fetch(sandbox: Transferable, base: str, size: int, piece_size: int, archive: IO[bytes]) -> None:
-    """Read the pieces into ``archive``: each exactly as long as the packing step said."""
+def _fetch(sandbox: Transferable, base: str, size: int, piece_size: int, seam: int, archive: IO[bytes]) -> None:
+    """Read the pieces into ``archive``: each exactly as long as the packing step said, and each
+    seam the two pieces' ends it joins, as read (a read that took a secret's value out is shorter,
+    or no longer matches: one written across two pieces is whole in their seam)."""
+    tail = b""
     for index in range(-(-size // piece_size)):
         want = min(piece_size, size - index * piece_size)
         piece = _read(sandbox, f"{base}.{index:06d}", want + 1)
         if len(piece) != want:
             raise TransferError(
-                f"a piece of the archive changed in the sandbox while it was read ({len(piece)} bytes, not {want})"
+                f"a piece of the archive changed in the sandbox while it was read ({len(piece)} bytes, not {want}), "
+                "or held a secret's value, which a download does not bring out; nothing was written"
             )
+        if index:
+            joined = tail + piece[:seam]
+            if _read(sandbox, f"{base}.s{index - 1:06d}", len(joined) + 1) != joined:
+                raise TransferError(
+                    "two pieces of the archive do not meet as they were read: one changed in the sandbox while "
+                    "it was read, or a secret's value is written across them, which a download does not bring "
+                    "out; nothing was written"
+                )
+        tail = piece[-seam:]
         archive.write(piece)
 
 
@@ -341,9 +368,14 @@ class _Blocking:
     def cancel(self) -> None:
         self._cancelled.set()
 
-    def _wait(self, call: Callable[[], Awaitable[T]]) -> T:
+    def stop_if_cancelled(self) -> None:
+        """Raise once the transfer is cancelled: between the host's writes, which make no call."""
         if self._cancelled.is_set():
             raise TransferError("the transfer was cancelled")
+
+    def _wait(self, call: Callable[[], Awaitable[T]], cleanup: bool = False) -> T:
+        if not cleanup:  # the pieces' removal runs after a cancel too: it is what a cancel leaves
+            self.stop_if_cancelled()
 
         async def run() -> T:
             return await call()
@@ -357,17 +389,21 @@ class _Blocking:
         return self._wait(lambda: self._sandbox.read_file(path, max_bytes))
 
     def exec(self, argv: list[str], /) -> ExecResult:
-        return self._wait(lambda: self._sandbox.exec(argv))
+        return self._wait(lambda: self._sandbox.exec(argv), cleanup=argv[:3] == ["sh", "-c", REMOVE])
 
 
 async def _in_thread(sandbox: AsyncTransferable, work: Any, *args: Any, **kwargs: Any) -> TransferSummary:
     bridge = _Blocking(sandbox, asyncio.get_running_loop())
+    worker = asyncio.ensure_future(asyncio.to_thread(work, bridge, *args, **kwargs))
     try:
-        summary: TransferSummary = await asyncio.to_thread(work, bridge, *args, **kwargs)
+        return await asyncio.shield(worker)
     except asyncio.CancelledError:
-        bridge.cancel()  # the thread stops at its next call into the sandbox
+        # The thread stops at its next call into the sandbox, or the next file it writes; the
+        # cancel is answered once it has, and removed the pieces: nothing lands after it.
+        bridge.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(worker)
         raise
-    return summary
 
 
 async def aupload(

@@ -24,10 +24,13 @@ DF_OF = """df_of() { set -- $(df -P -k -- "$1" | tail -n 1); echo "$4 $3"; }
 # scratch space or, given the sandbox's memory limit, its memory (68: "SIZE FREE USED"): staging
 # it anyway would end the sandbox, and everything in it, for memory.
 # GNU's format, named: long names as GNU headers, never PAX records (transfer_unpack.py refuses
-# them). It answers "TAR_STATUS SIZE PIECE_SIZE".
+# them). Where two pieces meet, a seam: the last SEAM bytes of one and the first of the next,
+# BASE.s000000 after BASE.000000 (each piece's read is redacted alone: a secret's value written
+# across two would come through; the host holds each seam to the pieces as it read them). It
+# answers "TAR_STATUS SIZE PIECE_SIZE SEAM".
 PACK = (
     DF_OF
-    + """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6 memory=$7 reserve=$8
+    + """src=$1 parent=$2 name=$3 out=$4 max=$5 piece=$6 memory=$7 reserve=$8 seam=$9
 if [ -L "$src" ]; then readlink -- "$src"; exit 65
 elif [ -d "$src" ]; then set -- -C "$src" .
 elif [ -e "$src" ]; then set -- -C "$parent" "./$name"
@@ -35,6 +38,10 @@ else echo "$src: No such file or directory" >&2; exit 66
 fi
 size=$(tar --format=gnu -cf - --exclude="${out##*/}.*" "$@" 2>/dev/null | head -c "$((max + 1))" | wc -c)
 [ "$size" -gt "$max" ] && { echo "$size"; exit 67; }
+blocks=$(ulimit -f)
+case $blocks in *[!0-9]*|'') ;; *) [ "$((blocks * 512))" -lt "$piece" ] && piece=$((blocks * 512)) ;; esac
+[ "$((seam * 2))" -gt "$piece" ] && seam=$((piece / 2))  # a seam is a file too: within the limit
+staged=$((size + (size - 1) / piece * 2 * seam))
 room=$(df_of /tmp)
 free=$((${room%% *} * 1024)) rest=${room#* }
 used=$((${rest%% *} * 1024))
@@ -42,14 +49,17 @@ if [ -d /work ] && [ "$(stat -c %d /tmp)" != "$(stat -c %d /work)" ]; then  # gV
   there=$(df_of /work) rest=${there#* }
   used=$((used + ${rest%% *} * 1024))
 fi
-if [ "$size" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + size + reserve))" -gt "$memory" ]; }; then
-  echo "$size $free $used"; exit 68
+if [ "$staged" -gt "$free" ] || { [ "$memory" -gt 0 ] && [ "$((used + staged + reserve))" -gt "$memory" ]; }; then
+  echo "$staged $free $used"; exit 68
 fi
-blocks=$(ulimit -f)
-case $blocks in *[!0-9]*|'') ;; *) [ "$((blocks * 512))" -lt "$piece" ] && piece=$((blocks * 512)) ;; esac
 { tar --format=gnu -cf - --exclude="${out##*/}.*" "$@"; echo $? >"$out.rc"; } | head -c "$((max + 1))" \
   | split -a 6 -d -b "$piece" - "$out." || { echo "cutting the archive into pieces failed" >&2; exit 70; }
-echo "$(cat -- "$out.rc") $(cat -- "$out".[0-9]* 2>/dev/null | wc -c) $piece"
+last=
+for part in "$out".[0-9]*; do
+  [ -n "$last" ] && { tail -c "$seam" -- "$last"; head -c "$seam" -- "$part"; } >"$out.s${last##*.}"
+  last=$part
+done
+echo "$(cat -- "$out.rc") $(cat -- "$out".[0-9]* 2>/dev/null | wc -c) $piece $seam"
 """
 )
 REMOVE = 'rm -f -- "$1".*'

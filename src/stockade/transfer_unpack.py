@@ -9,7 +9,10 @@ a hard link to a file earlier in the archive is written as a copy of that
 file's bytes (counted against the cap again), and a symbolic link is refused,
 or left out when the caller asks (``links="skip"``). Devices, FIFOs, sparse
 members, absolute names and ``..`` are refused, and so are archives over the
-byte or member caps. ``transfer.download`` is its one caller.
+byte or member caps, members that could not all be written (a file with
+members below it), and what the host holds in their way (a file or a link
+where a directory goes): each before the first write. ``transfer.download``
+is its one caller.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 import tarfile
+from collections.abc import Callable
 from typing import IO, Literal
 
-from .errors import TransferError, TransferTooLargeError, UnsafeArchiveError
+from .errors import TransferError, TransferTooLargeError, UnsafeArchiveError, printable
 from .transfer_paths import open_local, reopen_directory
 
 MAX_DEPTH = 128  # path components of a member
@@ -31,6 +36,9 @@ MAX_METADATA = 64 << 10
 _PAX = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 _LONG_NAMES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _COPY = 1 << 20
+# What a directory made on the host is charged against max_bytes: a block of the filesystem's (a
+# small archive of long names makes thousands of them, each taking one whatever it holds).
+DIRECTORY_BYTES = 4096
 # What tarfile raises on an archive it cannot read: its own errors, and the ones a hostile header
 # the walk above let through could still raise from inside its parsing.
 _MALFORMED = (tarfile.TarError, ValueError, IndexError, EOFError, RecursionError)
@@ -56,9 +64,12 @@ def unpack(
     executable: bool,
     links: Links = "refuse",
     vcs: bool = False,
+    stop: Callable[[], None] | None = None,
 ) -> tuple[int, int, int, int]:
-    """Check every member of the untrusted ``archive``, then write them below ``local_dir``:
-    the files, directories and bytes written, and the symbolic links left out."""
+    """Check every member of the untrusted ``archive``, and what each would meet below
+    ``local_dir``, then write them there: the files, directories and bytes written, and the
+    symbolic links left out. ``stop`` is called before each file and each MiB written (it raises
+    to end the writing: an async download's cancel)."""
     _check_headers(archive, src)
     try:
         tar = tarfile.open(fileobj=archive, mode="r:")  # a plain tar: no decompression
@@ -66,38 +77,81 @@ def unpack(
         raise UnsafeArchiveError(f"the archive of {src} from the sandbox is not a tar: {exc}") from None
     with tar:
         plans, dirs, skipped = _check(tar, cap, max_files, src, links == "skip", vcs)
-        if not overwrite:
-            there = _existing(local_dir, [p for p, m in plans if m is not None])
-            if there:
-                first = os.path.join(local_dir, *there[0])
-                raise TransferError(
-                    f"download of {src}: {first} exists ({len(there)} file(s) would be replaced): "
-                    "pass overwrite=True to replace them; nothing was written"
-                )
+        # In path order, each directory's members follow it and one another: each path is
+        # walked from where the last one's walk left off, not from the top.
+        plans.sort(key=lambda plan: plan[0])
+        there = _existing(local_dir, plans, src)
+        if there and not overwrite:
+            first = printable(os.path.join(local_dir, *there[0]))
+            raise TransferError(
+                f"download of {src}: {first} exists ({len(there)} file(s) would be replaced): "
+                "pass overwrite=True to replace them; nothing was written"
+            )
         handle = open_local(local_dir, create=True)
         try:
-            root = reopen_directory(handle)
+            walk = _Walk(reopen_directory(handle), make=True)
         finally:
             os.close(handle)
         files = size = 0
-        held: tuple[tuple[str, ...], int] | None = None  # the last parent directory, kept open
         try:
             for parts, member in plans:
-                where = parts if member is None else parts[:-1]
-                if held is None or held[0] != where:
-                    fd = _directory(root, where, parts)
-                    if held is not None:
-                        os.close(held[1])
-                    held = (where, fd)
+                if stop is not None:
+                    stop()
+                try:
+                    parent = walk.to(parts if member is None else parts[:-1])
+                except OSError as exc:
+                    raise TransferError(
+                        f"cannot write {_named(parts)}: {_named(walk.failed)} is not a directory here "
+                        f"(links are not followed): {exc.strerror}"
+                    ) from None
                 if member is not None:
-                    _write(tar, held[1], parts, member, executable)
+                    _write(tar, parent, parts, member, executable, stop)
                     files += 1
                     size += member.size
         finally:
-            if held is not None:
-                os.close(held[1])
-            os.close(root)
+            walk.close()
     return files, dirs, size, skipped
+
+
+class _Walk:
+    """Directory descriptors along the last path walked below ``root`` (which it owns), none
+    opened through a link: a path in order reuses its parents' opens."""
+
+    def __init__(self, root: int, make: bool) -> None:
+        self.root, self.make = root, make
+        self.chain: list[tuple[str, int]] = []
+        self.failed: tuple[str, ...] = ()  # the path a walk that raised could not open
+
+    def to(self, parts: tuple[str, ...]) -> int:
+        """``parts``'s descriptor (made, when making); OSError for one that is not a directory."""
+        common = 0
+        while common < min(len(self.chain), len(parts)) and self.chain[common][0] == parts[common]:
+            common += 1
+        while len(self.chain) > common:
+            os.close(self.chain.pop()[1])
+        flags = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDONLY if self.make else os.O_PATH)
+        for depth in range(common, len(parts)):
+            parent = self.chain[-1][1] if self.chain else self.root
+            try:
+                if self.make:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(parts[depth], 0o755, dir_fd=parent)
+                fd = os.open(parts[depth], flags, dir_fd=parent)
+            except OSError:
+                self.failed = parts[: depth + 1]
+                raise
+            self.chain.append((parts[depth], fd))
+        return self.chain[-1][1] if self.chain else self.root
+
+    def close(self) -> None:
+        while self.chain:
+            os.close(self.chain.pop()[1])
+        os.close(self.root)
+
+
+def _named(parts: tuple[str, ...]) -> str:
+    """A member's path as a message may quote it: the isolate chose it."""
+    return printable("/".join(parts))
 
 
 def _check(
@@ -140,11 +194,21 @@ def _check(
         for depth in range(len(kept), 0, -1):  # from the deepest: its parents are known once it is
             if kept[:depth] in directories:
                 break
+            if kept[:depth] in files:
+                raise UnsafeArchiveError(
+                    f"the archive of {src} holds {member.name!r} below {_named(kept[:depth])}, a file before it; "
+                    "nothing was written"
+                )
             directories.add(kept[:depth])
         made = len(plans) - named_directories + len(directories) + (not member.isdir())  # with this member's
         if made > max_files:
             raise TransferTooLargeError(
                 f"download of {src} makes over {max_files} files and directories (max_files); nothing was written"
+            )
+        if total + len(directories) * DIRECTORY_BYTES > cap:
+            raise TransferTooLargeError(
+                f"download of {src} is too large: its files and the {len(directories)} directories it makes "
+                f"({DIRECTORY_BYTES} bytes each) come to over {cap} bytes (max_bytes); nothing was written"
             )
         if member.isdir():
             plans.append((parts, None))
@@ -173,8 +237,12 @@ def _check(
             )
         if member.size < 0:  # base-256 sizes can be negative: one would offset the cap
             raise UnsafeArchiveError(f"the archive's {member.name!r} declares a negative size; nothing was written")
+        if parts in directories:
+            raise UnsafeArchiveError(
+                f"the archive of {src} holds {member.name!r}, a file where it makes a directory; nothing was written"
+            )
         total += member.size
-        if total > cap:
+        if total + len(directories) * DIRECTORY_BYTES > cap:
             raise TransferTooLargeError(
                 f"download of {src} is too large: its files declare over {cap} bytes (max_bytes); nothing was written"
             )
@@ -188,7 +256,7 @@ def _refuse_bare_repositories(marks: dict[tuple[str, ...], set[str]], src: str) 
     for where, names in marks.items():
         if "head" in names and names - {"head"}:
             raise UnsafeArchiveError(
-                f"the archive of {src} holds {'/'.join(where) or 'its top'}, laid out as a git repository (HEAD, "
+                f"the archive of {src} holds {_named(where) or 'its top'}, laid out as a git repository (HEAD, "
                 f"{' and '.join(sorted(names - {'head'}))}): git runs what its config names there, unasked; "
                 "vcs=True writes it; nothing was written"
             )
@@ -253,31 +321,47 @@ def _check_headers(archive: IO[bytes], src: str) -> None:
     archive.seek(0)
 
 
-def _existing(local_dir: str, paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
-    """The files of ``paths`` already below ``local_dir`` (an entry of any kind, a link included),
-    its directories walked one at a time without following a link, as the writes will walk them."""
+def _existing(local_dir: str, plans: list[_Plan], src: str) -> list[tuple[str, ...]]:
+    """The files of ``plans`` (in path order) already below ``local_dir``, an entry of any kind (a
+    link included); what the writes could not pass (a file or a link where a directory goes, a
+    directory where a file goes) refused. Walked as the writes will walk, without following a link."""
     try:
         handle = open_local(local_dir)
     except FileNotFoundError:
         return []
-    there = []
     try:
-        for parts in paths:
-            fd = os.dup(handle)
-            try:
-                for part in parts[:-1]:
-                    inner = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                    os.close(fd)
-                    fd = inner
-                os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-                there.append(parts)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                    raise TransferError(f"cannot check {os.path.join(local_dir, *parts)}: {exc.strerror}") from None
-            finally:
-                os.close(fd)
+        walk = _Walk(os.dup(handle), make=False)
     finally:
         os.close(handle)
+    there = []
+    try:
+        for parts, member in plans:
+            where = parts if member is None else parts[:-1]
+            try:
+                parent = walk.to(where)
+                if member is None:
+                    continue
+                found = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue  # made by the writes
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                    raise TransferError(
+                        f"download of {src}: {printable(os.path.join(local_dir, *walk.failed))} is not a directory "
+                        f"here (links are not followed), where the archive {'makes' if member is None else 'writes'} "
+                        f"{_named(parts)}; nothing was written"
+                    ) from None
+                raise TransferError(
+                    f"cannot check {printable(os.path.join(local_dir, *parts))}: {exc.strerror}"
+                ) from None
+            if stat.S_ISDIR(found.st_mode):
+                raise TransferError(
+                    f"download of {src}: {printable(os.path.join(local_dir, *parts))} is a directory here, where the "
+                    "archive writes a file; nothing was written"
+                )
+            there.append(parts)
+    finally:
+        walk.close()
     return there
 
 
@@ -306,30 +390,13 @@ def _kind(member: tarfile.TarInfo) -> str:
     return f"{kind} {member.linkname!r}" if kind.endswith(" to") else kind
 
 
-def _directory(root: int, parts: tuple[str, ...], wanted: tuple[str, ...]) -> int:
-    """An open descriptor of ``parts`` below ``root``, each made if missing and none a link."""
-    fd = os.dup(root)
-    try:
-        for part in parts:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=fd)
-            try:
-                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as exc:
-                raise TransferError(
-                    f"cannot write {'/'.join(wanted)}: {'/'.join(parts)} is not a directory here "
-                    f"(links are not followed): {exc.strerror}"
-                ) from None
-            os.close(fd)
-            fd = inner
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _write(
-    tar: tarfile.TarFile, parent: int, parts: tuple[str, ...], member: tarfile.TarInfo, executable: bool
+    tar: tarfile.TarFile,
+    parent: int,
+    parts: tuple[str, ...],
+    member: tarfile.TarInfo,
+    executable: bool,
+    stop: Callable[[], None] | None,
 ) -> None:
     """Write one regular file: to a fresh name in its directory, then renamed over its own."""
     source = tar.extractfile(member)
@@ -342,6 +409,8 @@ def _write(
         with os.fdopen(fd, "wb") as out:
             left = member.size
             while left:
+                if stop is not None:
+                    stop()
                 chunk = source.read(min(_COPY, left))
                 if not chunk:
                     raise UnsafeArchiveError(f"the archive's {member.name!r} ends before its declared size")
@@ -353,7 +422,7 @@ def _write(
         try:
             os.replace(temp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
         except OSError as exc:
-            raise TransferError(f"cannot write {'/'.join(parts)}: {exc.strerror}") from None
+            raise TransferError(f"cannot write {_named(parts)}: {exc.strerror}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=parent)

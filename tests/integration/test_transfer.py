@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 
 from stockade import Policy, Sandbox
+from stockade.agent.wire import MAX_FILE_PIECE
 from stockade.client import AsyncClient, Client
+from stockade.egress.redact import Redactor
 from stockade.errors import PathNotFoundError, TransferError, TransferTooLargeError, UnsafeArchiveError
 from stockade.result import ExecResult
 from stockade.runtimes.manager import RuntimeManager
@@ -220,7 +222,7 @@ def test_what_a_download_refuses_from_the_isolates_own_files(tmp_path: Path, mgr
 # the pieces the host asked for, and the packing step's answer ("status size") for it.
 HOSTILE = r"""
 import io, os, sys, tarfile
-case, out, piece, outside = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+case, out, piece, seam, outside = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 if case == "loud":  # a failure whose words would steer the terminal that shows the error
     sys.stderr.write("\x1b[2J\x1b]0;owned\x07\x1b[32mdownload OK\x1b[0m\n")
     sys.exit(2)
@@ -258,7 +260,7 @@ elif case == "hardlink-copies":
     add("ln/pwned.txt", b"inside")
 elif case == "hardlink-flood":
     add("big.bin", b"x" * 4096)
-    for i in range(int(sys.argv[5])):
+    for i in range(int(sys.argv[6])):
         add(f"hl{i}", type=tarfile.LNKTYPE, linkname="big.bin")
 elif case == "device":
     add("null", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
@@ -267,10 +269,10 @@ elif case == "fifo":
 elif case == "sparse":
     add("sparse", type=tarfile.GNUTYPE_SPARSE)
 elif case == "many":
-    for i in range(int(sys.argv[5])):
+    for i in range(int(sys.argv[6])):
         add(f"m{i}")
 elif case == "deep":  # names of 100 components: each member makes 99 directories
-    for i in range(int(sys.argv[5])):
+    for i in range(int(sys.argv[6])):
         add(f"d{i}/" + "x/" * 98 + "f")
 elif case == "git":  # git runs core.fsmonitor in any directory below it, unasked
     add(".git/config", b"[core]\n\tfsmonitor = touch /tmp/pwned\n")
@@ -287,6 +289,15 @@ elif case == "hg":
     add("sub/.hg/hgrc", b"[hooks]\npre-status = touch /tmp/pwned\n")
 elif case == "garbage":
     buf = io.BytesIO(os.urandom(4096)); tar = None
+elif case == "file-then-dir":  # each member fine alone: together, one would stop the writes half-way
+    add("x", b"file")
+    add("x/y", b"below a file")
+elif case == "dir-then-file":
+    add("d/", type=tarfile.DIRTYPE)
+    add("d", b"a file where a directory is")
+elif case == "terminal":  # names that would steer the terminal showing the error they end in
+    add("\x1b[2Jz", b"file")
+    add("\x1b[2Jz/\x1b]0;owned\x07", b"below it")
 if case in ("bomb", "truncated", "negative"):
     info = tarfile.TarInfo("bomb.bin")
     info.size = {"bomb": 10 << 30, "truncated": 100000, "negative": -(1 << 20)}[case]
@@ -300,7 +311,10 @@ else:
 for i in range(0, len(data), piece):
     with open(f"{out}.{i // piece:06d}", "wb") as f:
         f.write(data[i:i + piece])
-print(0, len(data), piece)
+    if i:  # the seam between this piece and the one before, as the packing step writes it
+        with open(f"{out}.s{i // piece - 1:06d}", "wb") as f:
+            f.write(data[i - seam:i] + data[i:i + seam])
+print(1 if case == "changed" else 0, len(data), piece, seam)
 """
 
 
@@ -318,8 +332,8 @@ class Hostile:
 
     def exec(self, argv: list[str], /) -> ExecResult:
         if argv[:3] == ["sh", "-c", PACK]:
-            out, piece = argv[7], argv[9]
-            argv = ["python3", "/work/hostile.py", self.case, out, piece, str(self.outside), *self.extra]
+            out, piece, seam = argv[7], argv[9], str(min(int(argv[12]), int(argv[9]) // 2))
+            argv = ["python3", "/work/hostile.py", self.case, out, piece, seam, str(self.outside), *self.extra]
         return self.sb.exec(argv)
 
 
@@ -352,6 +366,10 @@ CASES = {
     "bare": (UnsafeArchiveError, r"holds project/evil, laid out as a git repository \(HEAD, objects and refs\)"),
     "commondir": (UnsafeArchiveError, r"holds a, laid out as a git repository \(HEAD, commondir\)"),
     "hg": (UnsafeArchiveError, r"'sub/.hg/hgrc': a .hg directory's configuration names commands hg runs"),
+    "file-then-dir": (UnsafeArchiveError, r"holds 'x/y' below x, a file before it"),
+    "dir-then-file": (UnsafeArchiveError, r"holds 'd', a file where it makes a directory"),
+    "terminal": (UnsafeArchiveError, r"below \\x1b\[2Jz, a file before it"),
+    "changed": (TransferError, r"a file changed in the sandbox while it was packed"),
 }
 
 
@@ -414,6 +432,10 @@ def test_a_flood_of_members_is_refused(hostile_box: Sandbox, tmp_path: Path) -> 
     assert not (tmp_path / "deep").exists()
     summary = download(deep, "/work/src", tmp_path / "deep", max_files=31 + 2970)  # type: ignore[arg-type]
     assert (summary.files, summary.directories) == (31, 30 * 99)  # every directory made is told
+    # A directory takes a block of the host's disk whatever it holds: 2970 of them are over 1 MiB.
+    with pytest.raises(TransferTooLargeError, match=r"the \d+ directories it makes \(4096 bytes each\) come to"):
+        download(deep, "/work/src", tmp_path / "deep-capped", max_bytes=1 << 20)  # type: ignore[arg-type]
+    assert not (tmp_path / "deep-capped").exists()
     assert leftovers(hostile_box) == []
 
 
@@ -593,3 +615,104 @@ def test_pieces_fit_a_small_max_file_size(tmp_path: Path, mgr: RuntimeManager) -
         assert sb.download("/work/many", tmp_path / "back").files == 12
         assert snapshot(tmp_path / "back") == snapshot(src)
         assert leftovers(sb) == []
+
+
+def test_what_the_host_holds_in_the_way_is_refused_before_a_write(tmp_path: Path, mgr: RuntimeManager) -> None:
+    """A file, or a link, where the archive makes a directory, and a directory where it writes a file:
+    none could be written over, so the download is refused before its first write, overwrite or not."""
+    require("process")
+    with Sandbox(runtime="process", manager=mgr) as sb:
+        made = sb.exec(["sh", "-c", "mkdir -p /work/t/x && echo 1 > /work/t/a.txt && echo 2 > /work/t/x/y"])
+        assert made.success, made.summary()
+        local, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+        local.mkdir()
+        elsewhere.mkdir()
+        (local / "x").write_text("a host file\n")
+        for overwrite in (False, True):
+            with pytest.raises(TransferError, match=r"out/x is not a directory here .*where the archive makes x;"):
+                sb.download("/work/t", local, overwrite=overwrite)
+            assert sorted(p.name for p in local.iterdir()) == ["x"]  # a.txt, before it in order, not written
+        (local / "x").unlink()
+        (local / "x").symlink_to(elsewhere)
+        with pytest.raises(TransferError, match=r"out/x is not a directory here \(links are not followed\)"):
+            sb.download("/work/t", local, overwrite=True)
+        assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in local.iterdir()) == ["x"]
+        (local / "x").unlink()
+        (local / "x").mkdir()
+        (local / "x" / "y").mkdir()
+        with pytest.raises(TransferError, match=r"out/x/y is a directory here, where the archive writes a file"):
+            sb.download("/work/t", local, overwrite=True)
+        assert not (local / "a.txt").exists()
+        (local / "x" / "y").rmdir()
+        assert sb.download("/work/t", local).files == 2  # nothing in the way: both written
+        assert (local / "x" / "y").read_text() == "2\n"
+        assert leftovers(sb) == []
+
+
+class Redacting:
+    """A sandbox whose file reads take a secret's value out, each read alone, as a sandbox with a
+    secret bound does (``Redactor``, the one it uses)."""
+
+    def __init__(self, sb: Sandbox, value: str) -> None:
+        self.sb, self.redactor = sb, Redactor.markers({"API_KEY": value})
+
+    def write_file(self, path: str, data: bytes, mode: int, /) -> None:
+        self.sb.write_file(path, data, mode)
+
+    def read_file(self, path: str, max_bytes: int | None = None, /) -> bytes:
+        return self.redactor.bytes(self.sb.read_file(path, max_bytes))
+
+    def exec(self, argv: list[str], /) -> ExecResult:
+        return self.sb.exec(argv)
+
+
+def test_a_secret_written_across_two_pieces_of_a_download_is_not_brought_out(
+    tmp_path: Path, mgr: RuntimeManager
+) -> None:
+    require("process")
+    value = "sk-live-0123456789abcdefghijklmnopqrstuv"
+    # The file's bytes start after the archive's 512-byte header: the value sits across the first cut.
+    before = MAX_FILE_PIECE - 512 - len(value) // 2
+    write = f"import sys; open(sys.argv[1], 'wb').write(b'a' * {before} + sys.argv[2].encode() + b'b' * 4096)"
+    with Sandbox(runtime="process", manager=mgr, disk_mb=64) as sb:
+        assert sb.exec(["python3", "-c", write, "/work/across.bin", value]).success
+        assert sb.exec(["python3", "-c", write, "/work/clean.bin", "x" * len(value)]).success
+        redacting = Redacting(sb, value)
+        with pytest.raises(TransferError, match=r"do not meet as they were read: .*a secret.s value"):
+            download(redacting, "/work/across.bin", tmp_path / "across")  # type: ignore[arg-type]
+        assert not (tmp_path / "across").exists() and redacting.redactor.count >= 1
+        got = download(redacting, "/work/clean.bin", tmp_path / "clean")  # type: ignore[arg-type]
+        assert got.bytes == before + len(value) + 4096  # two pieces and their seam, as they were
+        assert leftovers(sb) == []
+
+
+def test_a_cancelled_async_download_writes_nothing_after_its_cancel(tmp_path: Path, mgr: RuntimeManager) -> None:
+    require("process")
+    many = "import os\nfor i in range(20000):\n    open(f'/work/many/f{i:05d}', 'w').write('x')\n"
+    local = tmp_path / "out"
+
+    async def main() -> None:
+        async with AsyncSandbox(runtime="process", manager=mgr, disk_mb=256, memory_mb=512) as sb:
+            assert (await sb.exec(["sh", "-c", f'mkdir /work/many && python3 -c "{many}"'])).success
+            task = asyncio.ensure_future(sb.download("/work/many", local))
+            while not (local.exists() and any(local.iterdir())):  # the host has begun to write
+                assert not task.done(), "the download ended before it could be cancelled"
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            written = sorted(p.name for p in local.iterdir())
+            await asyncio.sleep(1)
+            assert sorted(p.name for p in local.iterdir()) == written  # nothing after the cancel
+            assert 0 < len(written) < 20000 and not [n for n in written if n.startswith(".stockade-")]
+            assert [e["name"] for e in await sb.list_dir("/tmp") if e["name"].startswith(".stockade-")] == []
+            # Cancelled while its pieces are read: they are removed all the same.
+            assert (await sb.exec(["sh", "-c", "head -c 40000000 /dev/zero > /work/big.bin"])).success
+            task = asyncio.ensure_future(sb.download("/work/big.bin", tmp_path / "big"))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert [e["name"] for e in await sb.list_dir("/tmp") if e["name"].startswith(".stockade-")] == []
+
+    asyncio.run(main())
