@@ -106,12 +106,16 @@ class ComponentStore:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         _check_own(self.root)
         directory = self.path(name)
-        if os.path.lexists(directory):
-            _check_own(directory)  # one another user made there would be theirs to rewrite
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+        _check_own(directory)  # one another user made there would be theirs to rewrite
+        # Checked and written under the lock: two starts of one name at once would otherwise both
+        # find it free, and the second's supervisor would run unrecorded, out of `stop`'s reach.
+        with self.locked(name):
             try:
                 current: ComponentState | None = self.state(name)
             except StockadeError:
-                current = None  # a directory left without its state: nothing of it to keep
+                current = None  # a directory left without its state (or just made): nothing of it to keep
             if current is not None and current.status in ("starting", "running"):
                 raise StockadeError(f"component {name!r} is already {current.status}; stop it first")
             if current is not None and not replace:
@@ -122,14 +126,12 @@ class ComponentStore:
             for leftover in ("state.json", "spec.json"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, leftover))
-        else:
-            os.mkdir(directory, 0o700)
-        spec = {
-            "argv": argv, "policy": policy, "restart": restart, "max_restarts": max_restarts, "stdin": stdin,
-            "publish": publish or [],
-        }  # fmt: skip
-        _write_json(self.path(name, "spec.json"), spec)
-        self.save(ComponentState(name, "starting"))
+            spec = {
+                "argv": argv, "policy": policy, "restart": restart, "max_restarts": max_restarts, "stdin": stdin,
+                "publish": publish or [],
+            }  # fmt: skip
+            _write_json(self.path(name, "spec.json"), spec)
+            self.save(ComponentState(name, "starting"))
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[None]:

@@ -100,7 +100,7 @@ class _Lines:
                 del self.buffer[: end + 1]
                 try:
                     message = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # nested past the parser's depth: no message either
                     return None
                 return message if isinstance(message, dict) else None
             if len(self.buffer) > MAX_LINE:
@@ -321,27 +321,35 @@ class _Session:
             lambda: self.backlog() > MAX_BACKLOG,
         )
         pump.submit(job)
-        while (message := lines.next()) is not None:
-            try:
-                if "stdin" in message:
-                    if not job.feed(unb64(message["stdin"]), self.gone):
-                        break
-                elif message.get("eof") is True:
-                    job.close_stdin()
-                elif isinstance(message.get("signal"), int):
-                    job.signal(message["signal"])
-            except ValueError:
-                break
-            pump.wake()
-        if not job.ended:  # its client is gone: so is its command
-            job.signal(signal.SIGKILL)
-            pump.wake()
+        try:
+            while (message := lines.next()) is not None:
+                try:
+                    if "stdin" in message:
+                        if not job.feed(unb64(message["stdin"]), self.gone):
+                            break
+                    elif message.get("eof") is True:
+                        job.close_stdin()
+                    elif isinstance(message.get("signal"), int):
+                        job.signal(message["signal"])
+                except (ValueError, TypeError):
+                    break
+                pump.wake()
+        finally:
+            if not job.ended:  # its client is gone (or sent what ended its session): so is its command
+                job.signal(signal.SIGKILL)
+                pump.wake()
 
     def _attach(self, lines: _Lines) -> None:
         why = self.server.attach(self)
         if why is not None:
             self.finish({"error": why})
             return
+        try:
+            self._attached(lines)
+        finally:  # whatever ended the session: the next client may attach
+            self.server.detach(self, "detached")
+
+    def _attached(self, lines: _Lines) -> None:
         pump, main = self.server.current()
         self.send({"attached": True})
         while (message := lines.next()) is not None:
@@ -352,7 +360,7 @@ class _Session:
                     if not main.feed(unb64(message["stdin"]), self.gone):
                         message = None  # gone: nobody waits for an answer
                         break
-                except ValueError:
+                except (ValueError, TypeError):
                     break
                 pump.wake()
         if message is not None and pump is not None:
@@ -366,7 +374,6 @@ class _Session:
         if pump is not None:
             pump.after_tick(lambda: self.server.detach(self, "detached"))
             self.finished.wait(DETACH_WAIT_S)
-        self.server.detach(self, "detached")
 
 
 # ---- the client's side (the CLI) -----------------------------------------------------------------

@@ -42,6 +42,10 @@ EXIT_RECORD_MAX = 1024  # the relay's exit record, {"exit_code": N}: anything lo
 # often; while `exec` or `attach` clients wait, never less often than SESSION_POLL_S.
 ACTIVE_POLL_S, SESSION_POLL_S, IDLE_POLL_S = 0.02, 0.05, 0.5
 LIVENESS_S = 5.0  # how often a quiet relay is checked for being alive
+LAUNCH_REPORT_S = 30.0  # a relay that has not said it started by then was held up by the command
+# Entries in the exchange directory: each job's relay keeps a few dozen at most. The command can
+# make its own there, and each poll lists them all on the host: thousands are its, not a relay's.
+MAX_EXCHANGE_ENTRIES = 4096
 
 
 class LaunchError(StockadeError):
@@ -193,10 +197,23 @@ class Pump:
             if len(said[stream]) < 65536:
                 said[stream] += data
 
-        # No deadline: the relay inherits the call's limits, and a timeout's CPU backstop is one of them.
-        result = self.sandbox.run_code(code, "python", timeout=UNBOUNDED, on_output=collect)
+        # No deadline on the call: the relay inherits its limits, and a timeout's CPU backstop is one
+        # of them. The command can stop the relay (SIGSTOP, same uid) before it reports, though: then
+        # the isolate is ended from here, and the run with it, rather than the supervisor waiting for
+        # ever. `-I`: no module of the command's (a planted ./subprocess.py, a PYTHONPATH) is imported.
+        held_up = threading.Timer(
+            LAUNCH_REPORT_S,
+            self.sandbox.cancel,
+            [f"the relay of job {jid} did not report within {LAUNCH_REPORT_S:g} s: something in the isolate held it"],
+        )
+        held_up.daemon = True
+        held_up.start()
+        try:
+            result = self.sandbox.exec(["python3", "-I", "-c", code], timeout=UNBOUNDED, on_output=collect)
+        finally:
+            held_up.cancel()
         report: Any = None
-        # The isolate's words (its command can replace the json module the relay imports): read as such.
+        # The isolate's words (its command runs as the relay does, and can print for it): read as such.
         with contextlib.suppress(ValueError, IndexError, RecursionError):
             report = json.loads(said["stdout"].decode(errors="replace").strip().splitlines()[-1])
         if not isinstance(report, dict) or result.termination_reason != "completed":
@@ -222,12 +239,17 @@ class Pump:
                 job.finish(None, str(exc))
         moved = bool(new)
         if self.jobs:
+            lost: object = None
             try:
-                entries = {str(e.get("name")): e for e in self.sandbox.list_dir(self.directory)}
+                listed = self.sandbox.list_dir(self.directory)
             except SandboxOSError as exc:  # the agent answered: the isolate lives, its relays' files do not
-                entries = {}
+                listed, lost = [], exc
+            if len(listed) > MAX_EXCHANGE_ENTRIES:
+                listed, lost = [], f"{len(listed)} entries in its directory, over {MAX_EXCHANGE_ENTRIES}"
+            entries = {str(e.get("name")): e for e in listed}
+            if lost is not None:
                 for job in self.jobs.values():
-                    job.ending = (None, _tampered(exc))
+                    job.ending = (None, _tampered(lost))
             for jid, job in list(self.jobs.items()):
                 try:
                     moved = self._send_input(job, entries) or moved
@@ -289,7 +311,11 @@ class Pump:
                         if len(payload) > EXIT_RECORD_MAX:
                             raise ValueError("an exit record is a short object")
                         code = json.loads(payload).get("exit_code")
-                        job.ending = (code if isinstance(code, int) else None, None)
+                        # Popen's returncode: 0-255, or -N for a signal. Another is no exit of the
+                        # command's (a client would exit with 256, which its shell reads as 0).
+                        if type(code) is not int or not -64 <= code <= 255:
+                            raise ValueError("not an exit status")
+                        job.ending = (code, None)
             except (ValueError, AttributeError, RecursionError):
                 job.ending = (None, _tampered("its output file is garbled"))
             n += 1
@@ -318,7 +344,7 @@ class Pump:
             "print(json.dumps(found))\n"
         )
         try:
-            result = self.sandbox.run_code(probe, "python", timeout=10)
+            result = self.sandbox.exec(["python3", "-I", "-c", probe], timeout=10)  # -I: as the relay's launch
         except AgentError:
             return  # it answered, but could not run the probe (its pids limit?): next time
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 
 class _Stop(Exception):
-    """SIGTERM reached the supervisor."""
+    """SIGTERM reached the supervisor: raised at the main thread's next safe point."""
 
 
 @dataclass
@@ -61,18 +62,38 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.stopping = False
         self._closing = False
+        self._sandbox: AgentSandbox | None = None  # the run's isolate, for a stop to end
+        self._pump: Pump | None = None
+        self._stopped = threading.Event()
+
+    def _on_stop(self, stop_r: int) -> None:
+        """The stop's thread: ends the run's isolate, whatever call the main thread is in (one the
+        isolate holds up, a relay's launch, ends with it), and wakes the main thread's waits."""
+        with contextlib.suppress(OSError):
+            os.read(stop_r, 1)
+        self._stopped.set()
+        if self._pump is not None:
+            self._pump.wake()
+        sandbox = self._sandbox
+        if sandbox is not None and not self._closing:
+            sandbox.cancel("the component was stopped")
 
     def run(self) -> int:
         from .components_control import ControlServer
         from .policy import Policy
         from .runtimes.manager import RuntimeManager
 
+        # The handler only sets a flag and writes a byte: raised from it, the stop could land in an
+        # event loop's callback (an agent reply being read), which logs it and goes on, the stop lost;
+        # and a lock the main thread holds there would deadlock it. The rest is the stop thread's.
+        stop_r, stop_w = os.pipe()
+
         def on_term(*_: object) -> None:
             if not self.stopping:  # once: a second signal must not cut the clean-up short
                 self.stopping = True
-                if not self._closing:  # closing: raised once the isolate is closed (_close)
-                    raise _Stop
+                os.write(stop_w, b"\0")
 
+        threading.Thread(target=self._on_stop, args=(stop_r,), name="stop", daemon=True).start()
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         with self.store.locked(self.name):
@@ -139,14 +160,20 @@ class Supervisor:
             state.status = "starting"
             self.store.save(state)
             self.log.note(f"restarting in {backoff:g} s (restart policy {restart_policy})")
-            time.sleep(backoff)
+            if self._stopped.wait(backoff):
+                raise _Stop
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def _run_once(self, policy: Policy, manager: Any) -> _Outcome:
         """One isolate, one run of the command; the isolate is closed when it ends."""
         assert self.control is not None
+        if self.stopping:
+            raise _Stop
         began = time.monotonic()
         sandbox: AgentSandbox = manager.select(policy).start(policy)
+        self._sandbox = sandbox
+        if self.stopping:  # came while it started: the stop's thread found no isolate to end
+            self._close(sandbox)
         try:
             published = {}
             specs = self.spec.get("publish", [])
@@ -168,7 +195,7 @@ class Supervisor:
         ending: list[tuple[int | None, str | None]] = []
         before = sandbox.usage(peak=False)
         try:
-            pump = Pump(sandbox)
+            pump = self._pump = Pump(sandbox)
             main = Job(
                 list(self.spec["argv"]),
                 bool(self.spec.get("stdin")),
@@ -188,15 +215,15 @@ class Supervisor:
                 self.store.save(state)
                 self.control.serve(pump, main)
             interval = ACTIVE_POLL_S
-            while not ending:
+            while not ending and not self.stopping:
                 moved = pump.tick()
                 if ending:
                     break
                 busy = len(pump.jobs) > 1 or self.control.attached
                 interval = ACTIVE_POLL_S if moved else min(interval * 2, SESSION_POLL_S if busy else IDLE_POLL_S)
                 pump.wait(interval)
-            exit_code, error = ending[0]
-        except SandboxError as exc:  # the isolate died (a violation, the agent gone)
+            exit_code, error = ending[0] if ending else (None, None)
+        except SandboxError as exc:  # the isolate died (a violation, the agent gone, a stop)
             exit_code, error = None, str(exc)
         finally:
             self._closing = True  # from here to the isolate's close, a stop waits (_close raises it)
@@ -220,6 +247,7 @@ class Supervisor:
             sandbox.close()
         finally:
             self._closing = False
+            self._sandbox = self._pump = None
         if self.stopping:
             raise _Stop
 

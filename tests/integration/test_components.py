@@ -646,18 +646,82 @@ def test_an_empty_output_file_planted_ends_the_run_as_tampered_with(cli: Cli) ->
     assert "output file is garbled" in str(_status(cli, "blank")["error"])
 
 
-def test_a_planted_json_module_costs_the_relay_not_the_supervisor(cli: Cli) -> None:
-    # The relay and its liveness probe run in the isolate, where the command can plant modules they
-    # import: what they print is then the command's, and the host reads it as such.
+def test_modules_planted_by_the_command_reach_neither_the_relay_nor_its_probe(cli: Cli) -> None:
+    # The relay and its liveness probe run in the isolate, as the command's uid, from /work: they run
+    # isolated (`python3 -I`), so what the command plants there or names in PYTHONPATH is not imported.
     plant = (
-        "open('/work/json.py', 'w').write(\"def dumps(*a, **k):\\n    return '[' * 200000\\n\")\n"
+        "for name in ('json', 'subprocess'):\n"
+        "    open(f'/work/{name}.py', 'w').write('import time\\ntime.sleep(3600)\\n')\n"
         "import time\ntime.sleep(120)\n"
     )
-    assert cli("start", "--name", "planter", "--", "python3", "-c", plant).returncode == 0
+    started = cli("start", "--name", "planter", "--env", "PYTHONPATH=/work", "--", "python3", "-c", plant)
+    assert started.returncode == 0, started.stderr
     _wait(lambda: _status(cli, "planter")["status"] == "running")
-    time.sleep(7)  # past the liveness probe's 5 s of quiet: it runs once, and reads the planted answer
+    _wait(lambda: cli("exec", "planter", "--", "test", "-e", "/work/subprocess.py").returncode == 0)
+    time.sleep(6)  # past the liveness probe's 5 s of quiet: it runs once, with the modules there
+    ran = cli("exec", "planter", "--", "echo", "still served")
+    assert ran.returncode == 0 and ran.stdout == "still served\n", ran
     state = _status(cli, "planter")
     assert state["status"] == "running" and state["restarts"] == 0, state
-    refused = cli("exec", "planter", "--", "true")  # its relay's launch report is the planted one too
-    assert refused.returncode == 125 and "the relay did not start in the isolate" in refused.stderr, refused
-    assert _status(cli, "planter")["status"] == "running"
+
+
+def test_a_relay_the_command_holds_up_ends_the_run_not_the_supervisor(cli: Cli) -> None:
+    # Same uid as its relays, the command can stop each one before it reports: the launch is given
+    # 30 s, then the isolate is ended (an exec's client told why), and the run with it.
+    stopper = (
+        "import os, signal, time\n"
+        "seen = {int(p) for p in os.listdir('/proc') if p.isdigit()}\n"
+        "print('stopping', flush=True)\n"
+        "while True:\n"
+        "    for p in os.listdir('/proc'):\n"
+        "        if p.isdigit() and int(p) not in seen:\n"
+        "            seen.add(int(p))\n"
+        "            try:\n"
+        "                os.kill(int(p), signal.SIGSTOP)\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    time.sleep(0.002)\n"
+    )
+    started = cli("start", "--name", "stopper", "--max-restarts", "0", "--restart", "on-failure", "--", "python3", "-c",
+                  stopper)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    _wait(lambda: "stopping" in cli("logs", "stopper").stdout)
+    held = cli("exec", "stopper", "--", "echo", "never")
+    assert held.returncode == 125 and "did not report within 30 s" in held.stderr, held
+    _wait(lambda: _status(cli, "stopper")["status"] == "failed", timeout=60)
+    assert "did not report within 30 s" in str(_status(cli, "stopper")["error"])
+
+
+def test_a_forged_exit_status_out_of_range_ends_the_run_as_tampered_with(cli: Cli) -> None:
+    # 256 would reach `stockade exec`'s caller as 0 (an exit status is a byte), True as 1.
+    forge = (
+        "import os, struct, time\n"
+        "p = b'{\"exit_code\": 256}'\n"
+        "open('/tmp/.stockade-component/j1.t.f', 'wb').write(b'x' + struct.pack('>I', len(p)) + p)\n"
+        "os.rename('/tmp/.stockade-component/j1.t.f', '/tmp/.stockade-component/j1.o.1')\n"
+        "time.sleep(60)\n"
+    )
+    started = cli("start", "--name", "wrapped", "--", "python3", "-c", forge)
+    assert started.returncode == 0 or "output file is garbled" in started.stderr, started
+    _wait(lambda: _status(cli, "wrapped")["status"] == "failed", timeout=30)
+    state = _status(cli, "wrapped")
+    assert "output file is garbled" in str(state["error"]) and state["exit_code"] is None, state
+
+
+def test_a_garbled_control_line_ends_its_session_and_frees_the_attach(cli: Cli, tmp_path: Path) -> None:
+    # A line nested past the parser's depth ended the session's thread before it detached: no
+    # client could attach again until the run ended.
+    assert cli("start", "--name", "held", "--stdin", "--", "cat").returncode == 0
+    _wait(lambda: _status(cli, "held")["status"] == "running")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(tmp_path / "components" / "held" / "control.sock"))
+        sock.sendall(b'{"op": "attach"}\n')
+        assert b'"attached"' in sock.recv(4096)
+        sock.sendall(b"[" * 200000 + b"\n")
+        ended = b""
+        while chunk := sock.recv(4096):
+            ended += chunk
+        assert b'"end": "detached"' in ended, ended
+    attached = cli("attach", "held", stdin="hello\n")
+    assert attached.returncode == 0 and "hello" in attached.stdout, attached

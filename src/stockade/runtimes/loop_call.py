@@ -84,6 +84,7 @@ class LoopCall:
         """Stop watching the agent; ``done`` will not be called."""
         self.aborted = True
         self._finish()
+        self._let_go()
 
     def drop(self) -> None:
         """Its loop was closed with the call in flight: let go of the call as an abort would,
@@ -163,11 +164,25 @@ class LoopCall:
             if self.starting:
                 self.loop.call_soon(self._deliver, outcome)
             else:
-                self.done(outcome)
+                self._hand_over(outcome)
 
     def _deliver(self, outcome: Any) -> None:
         if not self.aborted:
-            self.done(outcome)
+            self._hand_over(outcome)
+
+    def _hand_over(self, outcome: Any) -> None:
+        done = self.done
+        self._let_go()
+        done(outcome)
+
+    def _let_go(self) -> None:
+        """Drop what an ended call holds. The call and its bound reader are a reference cycle, freed
+        only by a collection of the oldest generation: it would keep the request's frame and, through
+        ``done``, the reply (a listing of thousands of names, a file's bytes) alive until then."""
+        self.on_readable = self.on_message = _ignored
+        self.done = _ignored
+        self.unsent = memoryview(b"")
+        self.received = bytearray()
 
     def _finish(self) -> None:
         if self.ended:
@@ -187,6 +202,11 @@ class LoopCall:
                     pass  # closed under the call (the sandbox was closed): nothing to restore
         finally:
             self.release()  # even when Ctrl-C lands in here: the channel's turn is never kept
+
+
+def _ignored(*_: Any) -> Any:
+    """What an ended call's callbacks become (``LoopCall._let_go``)."""
+    return None
 
 
 def settle_outcome(future: asyncio.Future[Any], outcome: Any) -> None:
