@@ -15,6 +15,7 @@ import asyncio
 import base64
 import itertools
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -300,3 +302,91 @@ def test_an_agent_flooding_notifications_cannot_hold_the_loop_past_the_deadline(
         flooder.kill()
         flooder.wait()
         sb.close()
+
+
+def _output_note(data: bytes) -> bytes:
+    return _frame({"jsonrpc": "2.0", "method": "output", "params": {"stream": "stdout", "data": wire.b64encode(data)}})
+
+
+def test_streamed_output_past_the_policys_cap_ends_the_isolate(
+    hostile: Callable[[Reply], HostileSandbox], run_exec: Callable[..., ExecResult]
+) -> None:
+    # The honest agent cuts its stream at max_output_bytes; one that does not was let stream on,
+    # each chunk handed to the caller (a daemon's client that reads nothing buffered GBs of it).
+    chunk = b"x" * 60000
+    sb = hostile(lambda i: _output_note(chunk) * 40 + _result(i, {"exit_code": 0, "stdout": "", "stderr": ""}))
+    got: list[bytes] = []
+    result = run_exec(sb, ["true"], on_output=lambda stream, data: got.append(data))
+    assert result.termination_reason == "error" and sb.killed, result.summary()
+    assert result.error and "streamed more output than the run's max_output_bytes" in result.error, result.error
+    assert sum(map(len, got)) <= sb.policy.max_output_bytes  # what reached the caller: within the cap
+
+
+def test_a_notification_larger_than_the_agents_ends_the_isolate(
+    hostile: Callable[[Reply], HostileSandbox], run_exec: Callable[..., ExecResult]
+) -> None:
+    # Each costs the host ~30 times its size to decode: the agent's are under 100 KiB.
+    note = _frame(b'{"jsonrpc": "2.0", "method": "violation", "params": {"x": [' + b"[0]," * 200000 + b"[0]]}}")
+    sb = hostile(lambda i: note * 20 + _result(i, {"exit_code": 0, "stdout": "", "stderr": ""}))
+    result = run_exec(sb, ["true"])
+    assert result.termination_reason == "error" and sb.killed, result.summary()
+    assert result.error and "a notification of 800" in result.error, result.error
+
+
+def test_the_runtimes_last_words_are_quoted_without_terminal_control(tmp_path: Path) -> None:
+    from stockade.runtimes.microvm.console import CONSOLE, QemuOutput
+
+    # A microVM guest's root writes the console, which errors quote: it steers no terminal.
+    output = QemuOutput(str(tmp_path))
+    try:
+        writer = os.open(tmp_path / CONSOLE, os.O_WRONLY | os.O_NONBLOCK)  # as QEMU opens it
+        os.write(writer, b"\x1b]0;pwned\x07\x1b[2J\r\nstockade: ERROR forged line\r\n")
+        os.close(writer)
+        said = output.last_words()
+    finally:
+        output.spawned()
+        output.close()
+    assert "\x1b" not in said and "\x07" not in said and "\r" not in said, repr(said)
+    assert "\\x1b]0;pwned\\x07" in said and "\n    stockade: ERROR forged line" in said, repr(said)
+
+
+PROCESS_ANSWERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "spawn: a pid that is text": ("spawn", {"handle": "p1", "pid": "x"}),
+    "spawn: a pid that is a list": ("spawn", {"handle": "p1", "pid": [1]}),
+    "read: dropped not a dict": ("read", {"dropped": [], "stdout": "", "stderr": ""}),
+    "read: stdout not base64": ("read", {"dropped": {}, "stdout": "%%%", "stderr": ""}),
+    "read: stdout of 5000 digits": ("read", {"dropped": {}, "stdout": "1" * 4999, "stderr": ""}),
+    "read: a dropped count that is text": ("read", {"dropped": {"stdout": "9"}, "stdout": "", "stderr": ""}),
+    "list: not processes": ("list", {"processes": [1, "x", None]}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROCESS_ANSWERS))
+def test_a_garbled_answer_about_a_background_process_ends_the_isolate(
+    hostile: Callable[..., HostileSandbox], name: str
+) -> None:
+    # Read as given, each raised ValueError, TypeError or AttributeError in the caller's hands (a
+    # daemon's "internal error", with a traceback in its log), and the isolate lived on.
+    call, bad = PROCESS_ANSWERS[name]
+    summary = {"handle": "p1", "pid": 42, "argv": ["sleep", "9"], "running": True, "exit_code": None}
+
+    said = [""]  # the method of the request being answered
+
+    def answer(request: dict[str, Any]) -> None:
+        said[0] = request["method"]
+
+    def reply(i: int) -> bytes:
+        method = said[0]
+        if method == "spawn":
+            return _result(i, bad if call == "spawn" else {"handle": "p1", "pid": 42})
+        if method == "proc_read":
+            return _result(i, {**summary, **bad})
+        return _result(i, bad if call == "list" else summary)
+
+    sb = hostile(reply, answer)
+    with pytest.raises(AgentProtocolError, match=r"the agent.s answer to (spawn|proc_read|proc_list) .*isolate"):
+        process = sb.spawn(["sleep", "9"])
+        if call == "read":
+            process.read()
+        sb.processes()
+    assert sb.killed

@@ -42,6 +42,8 @@ _ORPHAN_CHECK_S = 1.0
 
 # Requests that run something a SIGINT can stop.
 INTERRUPTIBLE = ("exec", "run_code", "run_cell")
+# The agent's notifications: output, a read of at most 64 KiB in base64 (~88 KiB), and violations.
+MAX_NOTIFICATION_BYTES = 256 * 1024
 
 
 class AgentChannel:
@@ -112,8 +114,22 @@ class AgentChannel:
             self._turn.release()
             raise
 
+        # What the agent may stream of a run's output: its cap, as the agent cuts it (a component's
+        # run, collect=False, has none). An agent that streams more is not the host's: more would reach
+        # a caller, or the buffer of a daemon's client that reads nothing, unbounded.
+        cap = params.get("max_output_bytes")
+        streamed = [cap if isinstance(cap, int) and params.get("collect", True) is not False else None]
+
         def on_message(payload: bytes) -> tuple[bool, Any]:
-            return self._reply(decode_message(payload), msg_id, on_output)
+            message = decode_message(payload)
+            if len(payload) > MAX_NOTIFICATION_BYTES and "id" not in message:
+                # Decoded once, and the call (and the isolate) ends: a frame of 10 MiB of "[0]," costs
+                # the host ~250 MB and seconds of its GIL to decode, and a reply comes once, a
+                # notification any number of times.
+                raise AgentProtocolError(
+                    f"the agent sent a notification of {len(payload)} bytes, over its {MAX_NOTIFICATION_BYTES}"
+                )
+            return self._reply(message, msg_id, on_output, streamed)
 
         def release() -> None:
             call, self._current = self._current, None
@@ -211,10 +227,13 @@ class AgentChannel:
                 current.drop()
         # Otherwise the release of that call closes the descriptor, once its loop has seen the end.
 
-    def _reply(self, message: dict[str, Any], msg_id: int, on_output: OutputCallback | None) -> tuple[bool, Any]:
-        """(True, result) for the reply to ``msg_id``; (False, None) after a notification; raises its error."""
+    def _reply(
+        self, message: dict[str, Any], msg_id: int, on_output: OutputCallback | None, left: list[int | None]
+    ) -> tuple[bool, Any]:
+        """(True, result) for the reply to ``msg_id``; (False, None) after a notification; raises its error.
+        ``left``: how much more output the run may stream (None: no cap)."""
         if "id" not in message:
-            self._notification(message, on_output)
+            self._notification(message, on_output, left)
             return False, None
         if message.get("id") != msg_id:
             raise AgentProtocolError(f"reply for id {message.get('id')!r}, expected {msg_id}")
@@ -223,7 +242,7 @@ class AgentChannel:
             raise agent_error(err.get("code"), err.get("message", "agent error"), err.get("data"))
         return True, message.get("result")
 
-    def _notification(self, message: dict[str, Any], on_output: OutputCallback | None) -> None:
+    def _notification(self, message: dict[str, Any], on_output: OutputCallback | None, left: list[int | None]) -> None:
         params = message.get("params")
         if not isinstance(params, dict):
             return
@@ -234,7 +253,12 @@ class AgentChannel:
             return
         stream = params.get("stream")
         if stream in ("stdout", "stderr"):
-            on_output(stream, self._redact(b64_field(params.get("data"))))
+            data = b64_field(params.get("data"))
+            if left[0] is not None:
+                left[0] -= len(data)
+                if left[0] < 0:
+                    raise AgentProtocolError("the agent streamed more output than the run's max_output_bytes")
+            on_output(stream, self._redact(data))
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -44,7 +44,7 @@ import time
 from typing import Any
 
 from .. import environments
-from ..errors import RuntimeUnavailableError, SandboxStartError
+from ..errors import RuntimeUnavailableError, SandboxStartError, printable
 from ..policy import Policy, default_policy
 from ..settings import current
 from .base import Availability
@@ -134,7 +134,7 @@ class GvisorSandbox(HostedSandbox):
     def last_words(self) -> str:
         if self.err_fd >= 0:
             drain().flush(self.err_fd)
-        return self._stderr.text()[-LAST_WORDS:].strip()
+        return printable(self._stderr.text()[-LAST_WORDS:].strip())  # it may quote what the guest did
 
     def attach_sentry(self) -> None:
         """Open a pidfd on the Sentry (the sandbox process) once it has started."""

@@ -32,6 +32,7 @@ class AgentProcesses:
         async def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any: ...
         def _redacted(self, data: bytes) -> bytes: ...
         def _check_usable(self) -> None: ...
+        def _broke_protocol(self, what: str) -> AgentProtocolError: ...
 
     def spawn(
         self,
@@ -104,9 +105,10 @@ class AgentProcesses:
 
     async def aproc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """A background-process call to the agent; its answer as an object (a garbled one is refused)."""
-        said = await self._agent_call(method, params, timeout)
-        if not isinstance(said, dict):
-            raise AgentProtocolError(f"the agent's answer to {method} is not an object")
+        said: dict[str, Any] = await self._agent_call(method, params, timeout)
+        wrong = _wrong_answer(method, said)
+        if wrong is not None:  # read as given, it would raise in the caller's hands (a daemon's 500)
+            raise self._broke_protocol(f"the agent's answer to {method} {wrong}")
         if method == "proc_read" and self.egress is not None and self.egress.redactor:
             for stream in ("stdout", "stderr"):  # a background process's output leaves redacted too
                 if isinstance(said.get(stream), str):
@@ -115,3 +117,48 @@ class AgentProcesses:
 
     def proc_call(self, method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         return run_blocking(self.aproc_call(method, params, timeout))
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 1 << 63
+
+
+def _summary_wrong(said: dict[str, Any]) -> str | None:
+    """What is wrong with a process's summary as the agent sends it (``Spawned.summary``)."""
+    argv = said.get("argv")
+    code = said.get("exit_code")
+    if not isinstance(said.get("handle"), str) or not _count(said.get("pid")):
+        return "names no process (a handle and a pid)"
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        return "has an argv that is not a list of strings"
+    if not isinstance(said.get("running"), bool) or not (code is None or type(code) is int):
+        return "has a state that is not running and an exit code"
+    return None
+
+
+def _wrong_answer(method: str, said: Any) -> str | None:
+    """What is wrong with the agent's answer to a background-process call (None: nothing)."""
+    if not isinstance(said, dict):
+        return "is not an object"
+    if method in ("spawn", "tunnel_open"):
+        if not isinstance(said.get("handle"), str) or not _count(said.get("pid")):
+            return "names no process (a handle and a pid)"
+        return None
+    if method == "proc_write":
+        return None if _count(said.get("queued")) else "says no queued byte count"
+    if method == "proc_list":
+        listed = said.get("processes")
+        if not isinstance(listed, list) or not all(isinstance(p, dict) for p in listed):
+            return "is not a list of processes"
+        return next((f"lists a process that {w}" for p in listed if (w := _summary_wrong(p))), None)
+    wrong = _summary_wrong(said)  # proc_read, proc_wait, proc_kill
+    if wrong is None and method == "proc_read":
+        dropped = said.get("dropped")
+        if not isinstance(dropped, dict) or not all(_count(dropped.get(s, 0)) for s in ("stdout", "stderr")):
+            return "has a dropped count that is not a count of bytes per stream"
+        for stream in ("stdout", "stderr"):
+            try:
+                base64.b64decode(said.get(stream, ""), validate=True)
+            except (ValueError, TypeError):
+                return f"has {stream} that is not base64"
+    return wrong

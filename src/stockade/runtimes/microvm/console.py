@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 
+from ...errors import printable
 from ..drain import Lines, Tail, drain
 
 CONSOLE = "console.log"  # the FIFO in the run directory that QEMU's -serial file: writes to
@@ -68,7 +69,8 @@ class QemuOutput:
         for name, fd, tail in (("QEMU", self.stderr_fd, self._stderr), ("console", self.console_fd, self._console)):
             if not self._closed:
                 drain().flush(fd)
-            text = tail.text().strip()
+            # The guest writes the console (its root, any escape sequence): quoted as its words.
+            text = printable(tail.text().replace("\r\n", "\n").strip())
             if text:
                 parts.append(f"{name}: {text}")
         return " | ".join(parts)
