@@ -28,9 +28,15 @@ with stockade.Sandbox(Policy(runtime=sys.argv[1], timeout_seconds=60)) as sb:
     command = sb.exec(["python3", "-c", probe]).stdout
     with sb.interpreter() as py:
         py.run("x = 41")
-        threading.Timer(1.0, py.interrupt).start()
+        # Interrupted once the cell runs (sent before, it would reach nothing); short sleeps, as Python
+        # heeds a SIGINT that lands just before a sleep begins only once that sleep ends.
+        sleeping = threading.Event()
+        threading.Thread(target=lambda: sleeping.wait(30) and py.interrupt()).start()
         began = time.monotonic()
-        cell = py.run("import time; time.sleep(30)")
+        cell = py.run(
+            "import time\nprint('sleeping', flush=True)\nfor _ in range(600):\n    time.sleep(0.05)",
+            on_output=lambda s, d: sleeping.set(),
+        )
         took = time.monotonic() - began
         after = py.run("x + 1")
 print(json.dumps({

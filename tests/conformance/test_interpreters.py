@@ -161,12 +161,18 @@ def test_an_interrupt_from_another_thread_stops_the_cell_and_keeps_the_state(sb:
     assert r.error == "interrupted (the cell raised KeyboardInterrupt; its interpreter keeps its state)"
     after = py.run("marker")
     assert after.results[0].text == "'kept'" and after.execution_count == 3
-    # A cell that catches the interrupt ends as it chooses: completed.
-    timer = threading.Timer(1.0, py.interrupt)
+    # A cell that catches the interrupt ends as it chooses: completed. Sent once the cell is in its try;
+    # short sleeps, as Python heeds a SIGINT that lands just before a sleep begins only once it ends.
+    inside = threading.Event()
+    timer = threading.Thread(target=lambda: inside.wait(30) and py.interrupt())
     timer.start()
-    caught = py.run("import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    print('caught')")
+    caught = py.run(
+        "import time\ntry:\n    print('waiting', flush=True)\n    while True:\n        time.sleep(0.05)\n"
+        "except KeyboardInterrupt:\n    print('caught')",
+        on_output=lambda stream, data: inside.set(),
+    )
     timer.join()
-    assert (caught.termination_reason, caught.error, caught.stdout) == ("completed", None, "caught\n")
+    assert (caught.termination_reason, caught.error, caught.stdout) == ("completed", None, "waiting\ncaught\n")
 
 
 def test_an_interpreters_interrupt_touches_only_its_own_cells(sb: Sandbox) -> None:
@@ -197,8 +203,20 @@ def test_an_interpreters_interrupt_touches_only_its_own_cells(sb: Sandbox) -> No
 
 
 def test_an_interrupted_command_or_program_reads_killed_and_says_why(sb: Sandbox) -> None:
-    for run in (lambda: sb.exec(["sleep", "30"]), lambda: sb.run_code("import time\ntime.sleep(30)")):
-        timer = threading.Timer(1.0, sb.interrupt)
+    # Interrupted once its output shows it runs: sent before the run, an interrupt reaches nothing.
+    # The program sleeps in short turns: Python heeds a SIGINT that lands just before a sleep begins
+    # only once that sleep ends.
+    started = threading.Event()
+    runs = (
+        lambda: sb.exec(["sh", "-c", "echo go; exec sleep 30"], on_output=lambda stream, data: started.set()),
+        lambda: sb.run_code(
+            "import time\nprint('go', flush=True)\nfor _ in range(600):\n    time.sleep(0.05)",
+            on_output=lambda s, d: started.set(),
+        ),
+    )
+    for run in runs:
+        started.clear()
+        timer = threading.Thread(target=lambda: started.wait(30) and sb.interrupt())
         timer.start()
         r = run()
         timer.join()
@@ -216,10 +234,13 @@ def test_an_interpreter_that_ignores_interrupts_is_killed_and_the_next_cell_star
     assert fresh.execution_count == 1 and fresh.results[0].text == "False"
     # An interrupt from another thread is heeded as fast, or the interpreter goes the same way.
     py.run("lost = 1\nimport signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)")
-    timer = threading.Timer(1.0, py.interrupt)
+    spinning = threading.Event()  # interrupted once it runs: sent before, the interrupt reaches nothing
+    timer = threading.Thread(target=lambda: spinning.wait(30) and py.interrupt())
     timer.start()
     began = time.monotonic()
-    r = py.run("while True:\n    pass\n", timeout=50)
+    r = py.run(
+        "print('spinning', flush=True)\nwhile True:\n    pass\n", timeout=50, on_output=lambda s, d: spinning.set()
+    )
     timer.join()
     assert time.monotonic() - began < 40, "the interrupt was ignored until the cell's timeout"
     assert (r.termination_reason, r.exception) == ("killed", None)

@@ -43,8 +43,11 @@ def test_a_fork_refused_at_the_pids_limit_is_reported(manager: RuntimeManager) -
         assert sb.exec(["true"]).limits_reached == []  # its children waited for: the next run forks freely
 
 
+# Each child lives until the parent is done forking (it closes the pipe's end they wait on), however
+# slowly a loaded host lets it fork: they all count against the limit together.
 FORKS = """
-import os, time
+import os
+r, w = os.pipe()
 children = []
 for _ in range(10):
     try:
@@ -53,9 +56,11 @@ for _ in range(10):
         print(f"refused after {len(children)}", end=", ")
         break
     if pid == 0:
-        time.sleep(0.3)
+        os.close(w)
+        os.read(r, 1)
         os._exit(0)
     children.append(pid)
+os.close(w)
 for pid in children:
     os.waitpid(pid, 0)
 print("went on")

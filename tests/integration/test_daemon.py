@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -272,12 +273,12 @@ def test_closing_a_held_sandbox_ends_its_call_in_progress_at_once(daemon: Daemon
 
 def test_a_call_on_a_connection_owned_sandbox_is_let_finish_when_its_client_goes(daemon: Daemon) -> None:
     # The sandbox closes with its connection, but not under the call still running in it.
-    marker = "4246.375"
+    marker, gate = "4246.375", "4246.625"  # the call ends itself once the test ends its `sleep gate`
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(daemon.socket_path)
         s.sendall(b'{"method": "sandbox.create", "params": {}, "id": 1}\n')
         sid = json.loads(s.makefile("rb").readline())["result"]["sandbox_id"]
-        command = ["sh", "-c", f"sleep {marker} & sleep 1.5; kill %1"]
+        command = ["sh", "-c", f"sleep {marker} & sleep {gate}; kill %1"]
         request = {"method": "sandbox.exec", "params": {"sandbox_id": sid, "command": command}, "id": 2}
         s.sendall(json.dumps(request).encode() + b"\n")
         deadline = time.monotonic() + 10
@@ -290,6 +291,10 @@ def test_a_call_on_a_connection_owned_sandbox_is_let_finish_when_its_client_goes
     with Client(daemon.socket_path) as watcher:
         (entry,) = watcher.status()["active_sandboxes"]  # still holding its slot, and saying why
         assert entry["sandbox_id"] == sid and entry["closing"] is True
+    for pid in processes_with_arg(gate):  # the call's end, now: its shell kills its own sleep, then exits
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f.read().split(b"\0")[:2] == [b"sleep", gate.encode()]:
+                os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while processes_with_arg(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -525,16 +530,21 @@ def test_a_client_that_does_not_read_its_answers_is_paused(process_runtime: str)
 def test_large_pipelined_requests_are_not_parked_in_memory(process_runtime: str) -> None:
     # While one request runs, the requests piped in behind it wait in the daemon:
     # up to about a MiB of them, not 64 lines of the line limit (here 4 MiB each).
-    d = start_daemon({"STOCKADE_MAX_REQUEST_BYTES": str(4 << 20), "STOCKADE_MAX_REQUESTS": "1000000"})
+    # A short shutdown grace: the daemon reads no more of this connection, so never sees it close,
+    # and the first request runs on until the stop ends it.
+    d = start_daemon(
+        {"STOCKADE_MAX_REQUEST_BYTES": str(4 << 20), "STOCKADE_MAX_REQUESTS": "1000000", "STOCKADE_SHUTDOWN_GRACE": "1"}
+    )
     try:
-        busy = {"method": "execute", "params": {"command": ["sleep", "3"]}, "id": 1}
+        busy = {"method": "execute", "params": {"command": ["sleep", "30"]}, "id": 1}
         big = b'{"method": "ping", "params": {"pad": "' + b"x" * (3 << 20) + b'"}, "id": 2}\n'
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(d.socket_path)
             s.sendall(json.dumps(busy).encode() + b"\n")
+            running_execution(d.socket_path, timeout=30)  # what comes next waits behind it
             s.setblocking(False)
             sent, stalled_since, stalled = 0, 0.0, False
-            deadline = time.monotonic() + 2.5  # within the 3 s the first request runs
+            deadline = time.monotonic() + 20  # well within the 30 s the first request runs
             while not stalled and sent < 96 << 20 and time.monotonic() < deadline:
                 try:
                     sent += s.send(big[sent % len(big) :])
@@ -740,7 +750,7 @@ def test_sigterm_lets_running_work_finish(process_runtime: str) -> None:
 
     t = threading.Thread(target=long_run)
     t.start()
-    time.sleep(0.4)
+    running_execution(d.socket_path, timeout=30)  # admitted and running when the signal comes
     assert d.stop(signal.SIGTERM) == 0
     t.join(30)
     assert results == ["done\n"]
@@ -821,10 +831,10 @@ def test_sigkill_during_execution_then_restart_and_retry(process_runtime: str) -
     try:
         result = call_with_retry(lambda: client.execute(["echo", "back"]), max_retries=3, backoff=0.2)
         assert result.stdout == "back\n"
-        assert _cgroups_of(old_pid) == [], "the restarted daemon did not sweep the dead one's cgroups"
         deadline = time.monotonic() + 30  # the sweep runs as the daemon reaches its runtimes: maybe after the call
-        while any(os.path.exists(p) for p in left) and time.monotonic() < deadline:
+        while (_cgroups_of(old_pid) or any(os.path.exists(p) for p in left)) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert _cgroups_of(old_pid) == [], "the restarted daemon did not sweep the dead one's cgroups"
         assert [p for p in left if os.path.exists(p)] == [], "nor the dead one's gVisor and microVM directories"
     finally:
         assert restarted.stop() == 0

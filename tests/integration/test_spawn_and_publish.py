@@ -377,7 +377,17 @@ def test_a_sandbox_closed_from_another_thread_says_so_to_its_calls(manager: Runt
         assert (r.termination_reason, r.error) == ("killed", "the sandbox was closed during this call")
     with Sandbox(policy, manager=manager) as sb:
         sleeper = sb.spawn(["sleep", "60"])
-        timer = threading.Timer(1.0, sb.close)
+        channel = sb._sandbox.channel  # type: ignore[attr-defined]
+
+        def close_once_waiting() -> None:  # closed while the wait is in flight, not before it is sent
+            deadline = time.monotonic() + 30
+            while channel._current is None or channel._running != "proc_wait":
+                if time.monotonic() > deadline:
+                    break  # closed all the same: the wait's error says what came first
+                time.sleep(0.01)
+            sb.close()
+
+        timer = threading.Thread(target=close_once_waiting)
         timer.start()
         with pytest.raises(SandboxClosedError, match=r"the sandbox was closed during this call \(proc_wait\)"):
             sleeper.wait()

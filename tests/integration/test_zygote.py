@@ -26,6 +26,20 @@ def _next_pid(fifo: int, timeout: float) -> int | None:
     return int(os.read(fifo, 64)) if ready else None
 
 
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    """Until ``pid`` has exited (gone, or a zombie its parent has not reaped yet): its descriptors closed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return
+        except (FileNotFoundError, ProcessLookupError):  # reaped before or while it was read
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not exit within {timeout:g} s")
+
+
 def test_spares_that_keep_dying_are_no_longer_forked(process_runtime: str) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root: the spare must fail at its uid change, which only root attempts")
@@ -41,8 +55,9 @@ def test_spares_that_keep_dying_are_no_longer_forked(process_runtime: str) -> No
         config = {"cgroup_procs": [path], "outer_uid": -5, "outer_gid": -5}
         for _ in range(DEAD_SPARES_TO_STOP):
             zygote.prepare([path], -5, -5)
-            assert _next_pid(fifo, 10) is not None  # a spare was forked (and dies)
-            time.sleep(0.1)
+            spare = _next_pid(fifo, 10)
+            assert spare is not None  # a spare was forked (and dies)
+            _wait_gone(spare)  # dead before the request comes: it is counted as one that died before use
             host, guest = socket.socketpair()
             zygote.spawn(config, guest.fileno())
             guest.close()

@@ -30,6 +30,7 @@ from stockade.agent.wire import MAX_DATA_BYTES
 from stockade.limits import MAX_CALL_BYTES
 from stockade.policy import MAX_OUTPUT_BYTES
 from stockade.runtimes.manager import RuntimeManager
+from stockade.runtimes.process import cgroups
 from tests.conftest import require
 from tests.helpers import processes_with_arg, run_sharing, shared_directory
 
@@ -944,7 +945,13 @@ def test_close_leaves_nothing_behind(process_runtime: str, manager: RuntimeManag
     sandbox.exec(["sh", "-c", f"(sleep {marker} &); echo"])
     assert processes_with_arg(marker)
     sandbox.close()
+    deadline = time.monotonic() + 30  # killed by the close; on a loaded host the dying may take a while
+    while processes_with_arg(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert processes_with_arg(marker) == []
+    # A group whose processes were still dying when the close stopped waiting is kept to be removed
+    # later (at the next isolate's start, or the runtime's close): as they do, here.
+    cgroups.retry_leftovers(wait_s=30)
     for d in cgroup_dirs:
         assert not os.path.exists(d), d
     with open("/proc/self/mountinfo") as f:

@@ -68,12 +68,23 @@ def broker() -> Iterator[Running]:
             assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
             assert time.monotonic() < deadline, "secretd did not start"
             time.sleep(0.05)
-        time.sleep(0.2)  # bound before it dropped root: wait for it to listen as itself
+        # Bound before it dropped root: wait for it to listen as itself (root gone from its uids).
+        while _uids(process.pid) != {pwd.getpwnam("stockade-secrets").pw_uid}:
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, f"secretd did not drop root: uids {_uids(process.pid)}"
+            time.sleep(0.05)
         yield Running(process, sock, key_file, wire.read_key(key_file), where)
     finally:
         process.terminate()
         process.wait(10)
         shutil.rmtree(where)
+
+
+def _uids(pid: int) -> set[int]:
+    """The real, effective, saved and filesystem uids of ``pid``."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("Uid:"))
+    return {int(uid) for uid in line.split()[1:]}
 
 
 def as_user(user: str, code: str) -> dict[str, object]:

@@ -62,12 +62,28 @@ def test_threads_sharing_a_sandbox_wait_their_turn(sb: FakeSandbox) -> None:
     assert all(lines[k][:5] == "start" and lines[k + 1] == "end" + lines[k][5:] for k in range(0, 8, 2)), lines
 
 
+def _until(go: str) -> str:
+    """A command that waits for the file ``go`` (made by the test once it is done with the run in
+    flight), however long a loaded host takes to get there."""
+    return f"until [ -e {go} ]; do sleep 0.01; done"
+
+
+async def _in_flight(sb: FakeSandbox) -> None:
+    deadline = time.monotonic() + 30
+    while not sb.channel._turn.locked():
+        assert time.monotonic() < deadline, "the call never started"
+        await asyncio.sleep(0.01)
+
+
 def test_an_async_caller_finding_the_channel_busy_is_refused_not_queued(sb: FakeSandbox) -> None:
+    go = f"{sb.scratch_dir}/go"
+
     async def main() -> str:
-        first = asyncio.ensure_future(sb.aexec(["sh", "-c", "sleep 0.5; echo first"]))
-        await asyncio.sleep(0.1)
+        first = asyncio.ensure_future(sb.aexec(["sh", "-c", f"{_until(go)}; echo first"]))
+        await _in_flight(sb)
         with pytest.raises(SandboxError, match="another call to this sandbox is in progress"):
             await sb.aexec(["echo", "second"])
+        open(go, "w").close()  # the fake runtime's scratch is on the host
         return (await first).stdout
 
     assert asyncio.run(main()) == "first\n"
@@ -78,13 +94,15 @@ def test_an_async_caller_that_gives_up_leaves_the_run_to_finish_and_the_sandbox_
     # A daemon client whose connection dropped, asyncio.wait_for: the agent's answer is read
     # when it comes and dropped; the isolate (its files, its interpreters) is kept.
     sb.write_file(f"{sb.scratch_dir}/kept", b"state")
+    go = f"{sb.scratch_dir}/go"
 
     async def main() -> str:
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(sb.aexec(["sh", "-c", f"sleep 0.6; echo done > {sb.scratch_dir}/ran"]), 0.2)
+            await asyncio.wait_for(sb.aexec(["sh", "-c", f"{_until(go)}; echo done > {sb.scratch_dir}/ran"]), 0.2)
         with pytest.raises(SandboxError, match="another call to this sandbox is in progress"):
             await sb.aexec(["true"])  # the given-up run still holds the channel
-        for _ in range(100):
+        open(go, "w").close()  # on the host (the fake runtime's scratch): the channel is the run's
+        for _ in range(600):
             await asyncio.sleep(0.05)
             if not sb.channel._turn.locked():
                 break
@@ -111,11 +129,12 @@ def test_a_call_given_up_on_a_loop_that_then_closed_does_not_hold_the_sandbox_fo
 def test_ctrl_c_during_a_blocking_call_lets_go_of_the_channel() -> None:
     sandbox = FakeRuntime().start(Policy(timeout_seconds=20))
     try:
-        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
+        # Ctrl-C once the run's output shows it under way: not before the call (nor outside pytest.raises).
+        running = threading.Event()
+        threading.Thread(target=lambda: running.wait(30) and os.kill(os.getpid(), signal.SIGINT)).start()
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            sandbox.exec(["sleep", "10"])
+            sandbox.exec(["sh", "-c", "echo go; exec sleep 10"], on_output=lambda stream, data: running.set())
         assert time.monotonic() - started < 5
         # Nothing would read the agent's late answer: the isolate was ended, and says why.
         with pytest.raises(SandboxError, match="stopped waiting for exec before the agent answered"):
@@ -127,9 +146,16 @@ def test_ctrl_c_during_a_blocking_call_lets_go_of_the_channel() -> None:
 
 
 def test_an_interrupt_from_another_thread_reaches_a_blocking_run(sb: FakeSandbox) -> None:
-    threading.Timer(0.3, sb.interrupt).start()
-    result = sb.run_code("import time\ntry:\n    time.sleep(10)\nexcept KeyboardInterrupt:\n    print('stopped')")
-    assert result.stdout == "stopped\n"
+    # Sent once the code is in its try (its output says so); it sleeps in short turns, as Python heeds
+    # a SIGINT that lands just before a sleep begins only once that sleep ends.
+    inside = threading.Event()
+    threading.Thread(target=lambda: inside.wait(30) and sb.interrupt()).start()
+    result = sb.run_code(
+        "import time\ntry:\n    print('waiting', flush=True)\n    for _ in range(200):\n        time.sleep(0.05)\n"
+        "except KeyboardInterrupt:\n    print('stopped')",
+        on_output=lambda stream, data: inside.set(),
+    )
+    assert result.stdout == "waiting\nstopped\n"
     assert sb.interrupt() is False  # nothing runs now
     assert sb.exec(["echo", "still"]).stdout == "still\n"
 
