@@ -224,6 +224,24 @@ def test_an_interrupted_command_or_program_reads_killed_and_says_why(sb: Sandbox
     assert sb.exec(["true"]).termination_reason == "completed"  # the next run is judged on its own
 
 
+def test_an_interrupt_the_cell_did_not_heed_is_sent_again_before_its_interpreter_is_killed(sb: Sandbox) -> None:
+    # A SIGINT that lands just before a sleep begins is heeded only when the sleep ends: the agent sends
+    # it again. Here the cell's handler lets the first one go by, as that race does.
+    py = sb.interpreter("again")
+    py.run(
+        "import signal, time\nseen = []\nkept = 'yes'\n"
+        "def once(signum, frame):\n    seen.append(signum)\n    if len(seen) > 1:\n        raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGINT, once)"
+    )
+    going = threading.Event()
+    sender = threading.Thread(target=lambda: going.wait(30) and py.interrupt())
+    sender.start()
+    r = py.run("print('go', flush=True)\ntime.sleep(30)", timeout=50, on_output=lambda s, d: going.set())
+    sender.join()
+    assert r.exception is not None and r.exception.name == "KeyboardInterrupt", r.summary()
+    assert py.run("(kept, len(seen))").results[0].text == "('yes', 2)"  # the same interpreter: not killed
+
+
 def test_an_interpreter_that_ignores_interrupts_is_killed_and_the_next_cell_starts_fresh(sb: Sandbox) -> None:
     py = sb.interpreter("stubborn")
     py.run("lost = 1\nimport signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)")  # ready before the clock runs

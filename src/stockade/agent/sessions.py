@@ -29,6 +29,10 @@ else:
 
 # How long an interrupted cell has to stop before its interpreter is killed.
 INTERRUPT_GRACE_S = 2.0
+# When an interrupted cell still runs, the SIGINT is sent again: one that lands just before a sleep
+# (or another blocking call) begins is heeded only when that call returns, as CPython checks for
+# signals when a call is interrupted, not before it starts.
+INTERRUPT_AGAIN_S = 0.5
 # How long a closed interpreter has to run its atexit handlers before it is killed.
 CLOSE_GRACE_S = 1.0
 MAX_SESSIONS = 16
@@ -144,6 +148,7 @@ class Interpreters:
         expected: int | None = None
         timed_out = False
         kill_at: float | None = None
+        again_at: float | None = None
         watch_conn = True
         while True:
             if run.status is None and interpreter.pid in self.exited:
@@ -154,13 +159,16 @@ class Interpreters:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 timed_out, deadline = True, None
-                kill_at = now + INTERRUPT_GRACE_S
+                kill_at, again_at = now + INTERRUPT_GRACE_S, now + INTERRUPT_AGAIN_S
                 interpreter.interrupted = True
+                _signal(interpreter.pid, signal.SIGINT)
+            if again_at is not None and now >= again_at:
+                again_at = None
                 _signal(interpreter.pid, signal.SIGINT)
             if kill_at is not None and now >= kill_at:
                 runner.kill_group(interpreter.pid)  # it did not stop at the interrupt: its state goes
                 kill_at = None
-            waits = [t for t in (deadline, kill_at) if t is not None]
+            waits = [t for t in (deadline, again_at, kill_at) if t is not None]
             wait = max(0.0, min(waits) - now) if waits else None
             watched = [self.conn.fileno()] if watch_conn else []
             reading, writing = self.spawned_fds()
@@ -174,6 +182,7 @@ class Interpreters:
                     interpreter.interrupted = True
                     if kill_at is None:
                         kill_at = time.monotonic() + INTERRUPT_GRACE_S
+                        again_at = time.monotonic() + INTERRUPT_AGAIN_S
             if self._wake_r in ready:
                 self._drain_wakeups()
                 self._reap()
