@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import components_relay
-from .errors import AgentError, SandboxOSError, StockadeError
+from .errors import AgentError, SandboxError, SandboxOSError, StockadeError
 
 if TYPE_CHECKING:
     from .runtimes.sandbox import AgentSandbox
@@ -43,9 +43,15 @@ EXIT_RECORD_MAX = 1024  # the relay's exit record, {"exit_code": N}: anything lo
 ACTIVE_POLL_S, SESSION_POLL_S, IDLE_POLL_S = 0.02, 0.05, 0.5
 LIVENESS_S = 5.0  # how often a quiet relay is checked for being alive
 LAUNCH_REPORT_S = 30.0  # a relay that has not said it started by then was held up by the command
+# First in the relay's code and its probe's: the interpreter's own library only on the import path.
+# The command shares their uid and cwd: a ./subprocess.py or a PYTHONPATH of its would be imported.
+STDLIB_ONLY = (
+    "import sys\n"
+    "sys.path[:] = [p for p in sys.path if p.startswith((sys.base_prefix + '/', sys.base_exec_prefix + '/'))]\n"
+)
 # Entries in the exchange directory: each job's relay keeps a few dozen at most. The command can
-# make its own there, and each poll lists them all on the host: thousands are its, not a relay's.
-MAX_EXCHANGE_ENTRIES = 4096
+# make its own there, and each poll lists them all on the host: thousands more are its, not a relay's.
+MAX_EXCHANGE_ENTRIES, ENTRIES_PER_JOB = 4096, 64
 
 
 class LaunchError(StockadeError):
@@ -190,7 +196,8 @@ class Pump:
 
         self._seq += 1
         jid = f"j{self._seq}"
-        code = f"{self._relay}\nlaunch({self.directory!r}, {jid!r}, {list(job.argv)!r}, {bool(job.keep_stdin)!r})\n"
+        launch = f"launch({self.directory!r}, {jid!r}, {list(job.argv)!r}, {bool(job.keep_stdin)!r})"
+        code = f"{STDLIB_ONLY}exec(compile({self._relay!r}, 'components_relay', 'exec'))\n{launch}\n"
         said: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
 
         def collect(stream: str, data: bytes) -> None:
@@ -200,18 +207,28 @@ class Pump:
         # No deadline on the call: the relay inherits its limits, and a timeout's CPU backstop is one
         # of them. The command can stop the relay (SIGSTOP, same uid) before it reports, though: then
         # the isolate is ended from here, and the run with it, rather than the supervisor waiting for
-        # ever. `-I`: no module of the command's (a planted ./subprocess.py, a PYTHONPATH) is imported.
-        held_up = threading.Timer(
-            LAUNCH_REPORT_S,
-            self.sandbox.cancel,
-            [f"the relay of job {jid} did not report within {LAUNCH_REPORT_S:g} s: something in the isolate held it"],
-        )
+        # ever. Run by the agent's own interpreter (`run_code`: no PATH to follow, no argument size
+        # limit), with no module of the command's on its path (STDLIB_ONLY).
+        why = f"the relay of job {jid} did not report within {LAUNCH_REPORT_S:g} s: something in the isolate held it"
+        fired = threading.Event()
+
+        def end_it() -> None:
+            fired.set()
+            self.sandbox.cancel(why)
+
+        held_up = threading.Timer(LAUNCH_REPORT_S, end_it)
         held_up.daemon = True
         held_up.start()
         try:
-            result = self.sandbox.exec(["python3", "-I", "-c", code], timeout=UNBOUNDED, on_output=collect)
+            result = self.sandbox.run_code(code, "python", timeout=UNBOUNDED, on_output=collect)
+        except SandboxError:
+            if fired.is_set():  # the call saw the isolate end (or its run killed, below): said the same way
+                raise LaunchError(why, permanent=False) from None
+            raise
         finally:
             held_up.cancel()
+        if fired.is_set():
+            raise LaunchError(why, permanent=False)
         report: Any = None
         # The isolate's words (its command runs as the relay does, and can print for it): read as such.
         with contextlib.suppress(ValueError, IndexError, RecursionError):
@@ -244,8 +261,9 @@ class Pump:
                 listed = self.sandbox.list_dir(self.directory)
             except SandboxOSError as exc:  # the agent answered: the isolate lives, its relays' files do not
                 listed, lost = [], exc
-            if len(listed) > MAX_EXCHANGE_ENTRIES:
-                listed, lost = [], f"{len(listed)} entries in its directory, over {MAX_EXCHANGE_ENTRIES}"
+            most = MAX_EXCHANGE_ENTRIES + ENTRIES_PER_JOB * len(self.jobs)
+            if len(listed) > most:
+                listed, lost = [], f"{len(listed)} entries in its directory, over {most}"
             entries = {str(e.get("name")): e for e in listed}
             if lost is not None:
                 for job in self.jobs.values():
@@ -336,7 +354,7 @@ class Pump:
         self._quiet_since = now
         pids = {jid: job.relay_pid for jid, job in self.jobs.items() if job.relay_pid is not None}
         probe = (
-            "import json, os\nfound = {}\n"
+            f"{STDLIB_ONLY}import json, os\nfound = {{}}\n"
             f"for jid, pid in {pids!r}.items():\n"
             "    try:\n        os.kill(pid, 0)\n        found[jid] = True\n"
             "    except ProcessLookupError:\n        found[jid] = False\n"
@@ -344,7 +362,7 @@ class Pump:
             "print(json.dumps(found))\n"
         )
         try:
-            result = self.sandbox.exec(["python3", "-I", "-c", probe], timeout=10)  # -I: as the relay's launch
+            result = self.sandbox.run_code(probe, "python", timeout=10)
         except AgentError:
             return  # it answered, but could not run the probe (its pids limit?): next time
         try:

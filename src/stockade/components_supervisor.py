@@ -72,9 +72,9 @@ class Supervisor:
         with contextlib.suppress(OSError):
             os.read(stop_r, 1)
         self._stopped.set()
-        if self._pump is not None:
-            self._pump.wake()
-        sandbox = self._sandbox
+        pump, sandbox = self._pump, self._sandbox  # read once: the main thread clears them at the close
+        if pump is not None:
+            pump.wake()
         if sandbox is not None and not self._closing:
             sandbox.cancel("the component was stopped")
 
@@ -193,8 +193,9 @@ class Supervisor:
         self.state.published = published
         pump: Pump | None = None
         ending: list[tuple[int | None, str | None]] = []
-        before = sandbox.usage(peak=False)
+        before = None
         try:
+            before = sandbox.usage(peak=False)  # in the try: a stop's cancel may have ended the isolate
             pump = self._pump = Pump(sandbox)
             main = Job(
                 list(self.spec["argv"]),
@@ -233,7 +234,7 @@ class Supervisor:
                 pump.shutdown(why)
             with contextlib.suppress(Exception):
                 after = sandbox.usage(peak=False)
-                if after.oom_kills > before.oom_kills:
+                if before is not None and after.oom_kills > before.oom_kills:
                     error = f"out of memory: the {policy.memory_mb} MB limit was reached"
             self._close(sandbox)
         return _Outcome(exit_code, error or _exit_error(exit_code, policy), time.monotonic() - began)

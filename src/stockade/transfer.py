@@ -262,19 +262,20 @@ def _pack_remote(
     if not result.success or len(fields) != 4 or not all(f.isdigit() for f in fields):
         raise TransferError(f"packing {src} in the sandbox failed: {_why(result)}")
     status, size, piece, seam = map(int, fields)
-    if not 512 <= piece <= MAX_FILE_PIECE or not 0 < seam * 2 <= piece:
+    if not 512 <= piece <= MAX_FILE_PIECE or seam != min(SEAM_BYTES, piece // 2):
         raise TransferError(f"packing {src} in the sandbox failed: it cut pieces of {piece} bytes, seams of {seam}")
     if size > cap:
         raise TransferTooLargeError(
             f"download of {src} is too large: over {cap} bytes as an archive (max_bytes); nothing was written"
         )
-    if status == 1:  # GNU tar's "some files differ": one changed, or shrank and was padded with zeros
+    # GNU tar's 1, "some files differ": a file or directory changed as it was read (the bytes are the
+    # file's, as tar read them: taken), or a file shrank and tar padded it with zeros (not its bytes).
+    if status == 1 and "shrank" in (result.stderr or ""):
         raise TransferError(
-            f"download of {src}: a file changed in the sandbox while it was packed, and its copy would not be "
-            f"what the sandbox holds ({_why(result)}); nothing was written: download it again once nothing "
-            "writes it"
+            f"download of {src}: a file shrank in the sandbox while it was packed, and tar padded its copy with "
+            f"zeros ({_why(result)}); nothing was written: download it again once nothing writes it"
         )
-    if status != 0 or size == 0:
+    if status not in (0, 1) or size == 0:
         raise TransferError(f"packing {src} in the sandbox failed: tar exited {status}: {_why(result)}")
     return size, piece, seam
 
@@ -401,8 +402,13 @@ async def _in_thread(sandbox: AsyncTransferable, work: Any, *args: Any, **kwargs
         # The thread stops at its next call into the sandbox, or the next file it writes; the
         # cancel is answered once it has, and removed the pieces: nothing lands after it.
         bridge.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(worker)
+        while not worker.done():
+            try:
+                await asyncio.shield(worker)
+            except asyncio.CancelledError:
+                continue  # cancelled again: the thread still has to stop
+            except Exception:  # noqa: BLE001 - its own end (the cancel, raised in it): the caller's is raised
+                break
         raise
 
 

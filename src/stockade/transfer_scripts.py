@@ -40,6 +40,7 @@ size=$(tar --format=gnu -cf - --exclude="${out##*/}.*" "$@" 2>/dev/null | head -
 [ "$size" -gt "$max" ] && { echo "$size"; exit 67; }
 blocks=$(ulimit -f)
 case $blocks in *[!0-9]*|'') ;; *) [ "$((blocks * 512))" -lt "$piece" ] && piece=$((blocks * 512)) ;; esac
+[ "$piece" -lt 512 ] && { echo "files of at most $piece bytes (max_file_size_bytes) hold no piece" >&2; exit 70; }
 [ "$((seam * 2))" -gt "$piece" ] && seam=$((piece / 2))  # a seam is a file too: within the limit
 staged=$((size + (size - 1) / piece * 2 * seam))
 room=$(df_of /tmp)

@@ -196,8 +196,8 @@ def _check(
                 break
             if kept[:depth] in files:
                 raise UnsafeArchiveError(
-                    f"the archive of {src} holds {member.name!r} below {_named(kept[:depth])}, a file before it; "
-                    "nothing was written"
+                    f"the archive of {src} holds {member.name!r}, which needs {_named(kept[:depth])} to be a "
+                    "directory: it holds a file there before it; nothing was written"
                 )
             directories.add(kept[:depth])
         made = len(plans) - named_directories + len(directories) + (not member.isdir())  # with this member's
@@ -244,7 +244,13 @@ def _check(
         total += member.size
         if total + len(directories) * DIRECTORY_BYTES > cap:
             raise TransferTooLargeError(
-                f"download of {src} is too large: its files declare over {cap} bytes (max_bytes); nothing was written"
+                f"download of {src} is too large: its files declare over {cap} bytes (max_bytes)"
+                + (
+                    f", with {DIRECTORY_BYTES} bytes for each of the {n} directories it makes"
+                    if (n := len(directories))
+                    else ""
+                )
+                + "; nothing was written"
             )
         plans.append((parts, member))
         files[parts] = member

@@ -657,14 +657,17 @@ def test_an_empty_output_file_planted_ends_the_run_as_tampered_with(cli: Cli) ->
 
 
 def test_modules_planted_by_the_command_reach_neither_the_relay_nor_its_probe(cli: Cli) -> None:
-    # The relay and its liveness probe run in the isolate, as the command's uid, from /work: they run
-    # isolated (`python3 -I`), so what the command plants there or names in PYTHONPATH is not imported.
+    # The relay and its liveness probe run in the isolate, as the command's uid, from /work: what the
+    # command plants there or names in PYTHONPATH is not imported, nor a python3 its PATH names first.
     plant = (
+        "import os\nos.makedirs('/work/bin')\n"
         "for name in ('json', 'subprocess'):\n"
         "    open(f'/work/{name}.py', 'w').write('import time\\ntime.sleep(3600)\\n')\n"
+        "open('/work/bin/python3', 'w').write('#!/bin/sh\\nexec sleep 3600\\n')\nos.chmod('/work/bin/python3', 0o755)\n"
         "import time\ntime.sleep(120)\n"
     )
-    started = cli("start", "--name", "planter", "--env", "PYTHONPATH=/work", "--", "python3", "-c", plant)
+    env = ["--env", "PYTHONPATH=/work", "--env", "PATH=/work/bin:/usr/bin:/bin"]
+    started = cli("start", "--name", "planter", *env, "--", "/usr/bin/python3", "-c", plant)
     assert started.returncode == 0, started.stderr
     _wait(lambda: _status(cli, "planter")["status"] == "running")
     _wait(lambda: cli("exec", "planter", "--", "test", "-e", "/work/subprocess.py").returncode == 0)

@@ -151,7 +151,7 @@ def test_health_names_the_default_policy_and_what_works(http: httpx.Client) -> N
     assert health["status"] == "healthy" and health["service"] == "stockade"
     assert health["policy_digest"] == Policy().digest and "process" in health["runtimes_available"]
     assert health["active_sandboxes"] == 0
-    ready = http.get("/ready")  # a readiness check's: /health's answer, 200 while healthy
+    ready = http.get("/ready")  # a readiness check: /health's answer, 200 on one host once it serves
     assert ready.status_code == 200 and ready.json()["status"] == "healthy", ready.text
     for path in ("/health", "/ready", "/"):  # as uptime checkers ask: answered as GET is, without a body
         head = http.head(path)

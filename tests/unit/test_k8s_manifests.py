@@ -201,7 +201,7 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
     assert env["STOCKADE_API_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": TOKEN_SECRET, "key": "token"}}
     serve = "/opt/stockade/.venv/bin/stockade serve --http 0.0.0.0:8002 --no-socket"
     assert pod["automountServiceAccountToken"] is False
-    # Traffic only while it can run something (503 from /ready otherwise); restarted only when it stops answering.
+    # Traffic only while its placement is reachable (503 from /ready otherwise); restarted when it stops answering.
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v1/ping", "port": "http"}
     # Its metrics are scraped with its own token, from the port the Service names.

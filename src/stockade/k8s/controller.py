@@ -67,8 +67,8 @@ def _container(image: str, ray_address: str | None) -> dict[str, Any]:
         "command": _command(ray_address),
         "env": _env(ray_address),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        # Ready while /health would say "healthy": /ready answers 503 while no runtime works or its Ray
-        # cluster is unreachable (no traffic then: a request would only be refused).
+        # /ready answers 503 while its Ray cluster is unreachable (no traffic then: a request would only
+        # be refused).
         "readinessProbe": {**probe, "initialDelaySeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/v1/ping", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},

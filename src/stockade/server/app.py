@@ -245,11 +245,14 @@ def create_app(door: HttpDoor) -> FastAPI:
         responses={503: {"model": seed.Health}},
     )
     async def ready() -> JSONResponse:
-        """``/health``'s answer, with 503 while it is degraded: for a load balancer's or Kubernetes'
-        readiness check, which sends no traffic to a controller that cannot run anything (no runtime
-        seen to work, its Ray cluster unreachable). ``/health`` stays 200 for whoever reads its body."""
+        """``/health``'s answer, with 503 while the controller's Ray cluster is unreachable: for a load
+        balancer's or Kubernetes' readiness check, which then sends no traffic to a controller that could
+        only refuse it (and the cluster is looked at again each time). On one host it is ready once it
+        serves: a runtime seen to work is learnt from runs, which a controller left without traffic
+        would never get. ``/health`` stays 200 for whoever reads its body."""
         now = await health_now()
-        return JSONResponse(now.model_dump(), status_code=200 if now.status == "healthy" else 503)
+        unreachable = now.placement is not None and not now.placement.get("reachable", True)
+        return JSONResponse(now.model_dump(), status_code=503 if unreachable else 200)
 
     @app.get(
         "/metrics", name="metrics", response_class=Response, responses={**_ERRORS, 200: {"content": {"text/plain": {}}}}
