@@ -226,7 +226,7 @@ def test_an_interrupted_command_or_program_reads_killed_and_says_why(sb: Sandbox
 
 def test_an_interrupt_the_cell_did_not_heed_is_sent_again_before_its_interpreter_is_killed(sb: Sandbox) -> None:
     # A SIGINT that lands just before a sleep begins is heeded only when the sleep ends: the agent sends
-    # it again. Here the cell's handler lets the first one go by, as that race does.
+    # it again until the kill. Here the cell's handler lets the first one it sees go by, as that race does.
     py = sb.interpreter("again")
     py.run(
         "import signal, time\nseen = []\nkept = 'yes'\n"
@@ -239,7 +239,7 @@ def test_an_interrupt_the_cell_did_not_heed_is_sent_again_before_its_interpreter
     r = py.run("print('go', flush=True)\ntime.sleep(30)", timeout=50, on_output=lambda s, d: going.set())
     sender.join()
     assert r.exception is not None and r.exception.name == "KeyboardInterrupt", r.summary()
-    assert py.run("(kept, len(seen))").results[0].text == "('yes', 2)"  # the same interpreter: not killed
+    assert py.run("kept").results[0].text == "'yes'"  # the same interpreter: not killed
 
 
 def test_an_interpreter_that_ignores_interrupts_is_killed_and_the_next_cell_starts_fresh(sb: Sandbox) -> None:

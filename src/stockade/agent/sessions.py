@@ -29,9 +29,10 @@ else:
 
 # How long an interrupted cell has to stop before its interpreter is killed.
 INTERRUPT_GRACE_S = 2.0
-# When an interrupted cell still runs, the SIGINT is sent again: one that lands just before a sleep
-# (or another blocking call) begins is heeded only when that call returns, as CPython checks for
-# signals when a call is interrupted, not before it starts.
+# While an interrupted cell still runs, the SIGINT is sent again this often until the kill: one that
+# lands just before a sleep (or another blocking call) begins is heeded only when that call returns,
+# as CPython checks for signals when a call is interrupted, not before it starts (and two sent
+# before it looks are one to its handler).
 INTERRUPT_AGAIN_S = 0.5
 # How long a closed interpreter has to run its atexit handlers before it is killed.
 CLOSE_GRACE_S = 1.0
@@ -163,11 +164,11 @@ class Interpreters:
                 interpreter.interrupted = True
                 _signal(interpreter.pid, signal.SIGINT)
             if again_at is not None and now >= again_at:
-                again_at = None
+                again_at = now + INTERRUPT_AGAIN_S
                 _signal(interpreter.pid, signal.SIGINT)
             if kill_at is not None and now >= kill_at:
                 runner.kill_group(interpreter.pid)  # it did not stop at the interrupt: its state goes
-                kill_at = None
+                kill_at = again_at = None
             waits = [t for t in (deadline, again_at, kill_at) if t is not None]
             wait = max(0.0, min(waits) - now) if waits else None
             watched = [self.conn.fileno()] if watch_conn else []
