@@ -142,7 +142,7 @@ def _check_room(sandbox: Transferable, local_path: str | os.PathLike[str], dest:
     limit would end the sandbox)."""
     memory = _memory_limit(sandbox)
     check = sandbox.exec(["sh", "-c", ROOM, "sh", dest, str(size), str(memory), str(STAGING_RESERVE)])
-    said = _three_numbers(check)
+    said = _numbers(check, 3)
     if check.exit_code == NO_ROOM and said is not None:
         free, need, used = said
         raise TransferError(
@@ -249,7 +249,7 @@ def _pack_remote(
         raise TransferTooLargeError(
             f"download of {src} is too large: over {cap} bytes as an archive (max_bytes); nothing was packed"
         )
-    said = _three_numbers(result)
+    said = _numbers(result, 3)
     if result.exit_code == NO_ROOM and said is not None:
         size, free, used = said
         raise TransferError(
@@ -258,10 +258,10 @@ def _pack_remote(
             "does not fit: staging it would end the sandbox. Download a part of it, or give the sandbox more "
             "memory_mb and disk_mb; nothing was packed"
         )
-    fields = result.stdout.split()
-    if not result.success or len(fields) != 4 or not all(f.isdigit() for f in fields):
+    answer = _numbers(result, 4)
+    if not result.success or answer is None:
         raise TransferError(f"packing {src} in the sandbox failed: {_why(result)}")
-    status, size, piece, seam = map(int, fields)
+    status, size, piece, seam = answer
     if not 512 <= piece <= MAX_FILE_PIECE or seam != min(SEAM_BYTES, piece // 2):
         raise TransferError(f"packing {src} in the sandbox failed: it cut pieces of {piece} bytes, seams of {seam}")
     if size > cap:
@@ -333,12 +333,12 @@ def _remove(sandbox: Transferable, base: str) -> None:
         sandbox.exec(["sh", "-c", REMOVE, "sh", base])
 
 
-def _three_numbers(result: ExecResult) -> tuple[int, int, int] | None:
-    """The three numbers a transfer script answers with, or None when its answer is not that."""
+def _numbers(result: ExecResult, count: int) -> tuple[int, ...] | None:
+    """The ``count`` numbers a transfer script answers with, or None when its answer is not that."""
     fields = result.stdout.split()
-    if len(fields) != 3 or not all(f.isdigit() for f in fields):
+    if len(fields) != count or not all(f.isdigit() for f in fields):
         return None
-    return int(fields[0]), int(fields[1]), int(fields[2])
+    return tuple(map(int, fields))
 
 
 def _limits_named(memory: int) -> str:
