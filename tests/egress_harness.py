@@ -158,10 +158,12 @@ def serve_upstreams() -> Iterator[Upstreams]:
                    "OTHER_KEY": {"value": "sk-other-0d1e2f3a4b5c", "hosts": bound},
                    "ODD_KEY": {"value": ODD_VALUE, "hosts": bound}}, f)  # fmt: skip
     saved = {k: os.environ.get(k) for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE",
-                                            "STOCKADE_SECRETS_FILE", "STOCKADE_BROKER_SOCKET")}  # fmt: skip
-    os.environ.update(
-        {"STOCKADE_EGRESS_HOSTS_FILE": hosts, "STOCKADE_EGRESS_CA_FILE": ca, "STOCKADE_SECRETS_FILE": secrets_file}
-    )
+                                            "STOCKADE_EGRESS_NETWORKS", "STOCKADE_SECRETS_FILE",
+                                            "STOCKADE_BROKER_SOCKET")}  # fmt: skip
+    # The upstreams listen on the host's loopback: a daemon's callers may name it only where the
+    # host lets them (unset, a daemon lets them reach public addresses alone).
+    os.environ.update({"STOCKADE_EGRESS_HOSTS_FILE": hosts, "STOCKADE_EGRESS_CA_FILE": ca,
+                       "STOCKADE_EGRESS_NETWORKS": "127.0.0.0/8", "STOCKADE_SECRETS_FILE": secrets_file})  # fmt: skip
     os.environ.pop("STOCKADE_BROKER_SOCKET", None)
     try:
         yield Upstreams(plain, secure, where, secrets_file)

@@ -436,6 +436,7 @@ def worker_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]
 # ---- the process's settings --------------------------------------------------------------
 
 _installed: Settings | None = None
+_serving = False
 _parsed: tuple[tuple[tuple[str, str], ...], Settings] | None = None
 _lock = threading.Lock()
 
@@ -446,6 +447,29 @@ def install(settings: Settings | None) -> None:
     global _installed
     with _lock:
         _installed = settings
+
+
+def serve_callers() -> None:
+    """Say that this process serves many callers (a daemon, a Ray node's actor), from its start:
+    what a library's one caller may choose for itself is then the operator's to allow (a secret
+    stored with no hosts, a network beyond public addresses: ``egress_networks``)."""
+    global _serving
+    _serving = True
+
+
+def serving_callers() -> bool:
+    return _serving
+
+
+def egress_networks(settings: Settings) -> tuple[str, ...] | None:
+    """The networks a policy may let a sandbox reach beyond public addresses: STOCKADE_EGRESS_NETWORKS;
+    unset, any (None) for a library's one caller, and none for a process that serves callers: the
+    proxy connects from the host's own network, where a caller naming 127.0.0.1 or 169.254.169.254
+    would reach the daemon's ports, a Ray cluster's, other sandboxes' published ones, the cloud's
+    metadata service."""
+    if settings.egress_networks is None and _serving:
+        return ()
+    return settings.egress_networks
 
 
 def current() -> Settings:

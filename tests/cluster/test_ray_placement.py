@@ -8,6 +8,8 @@ every process of a worker node is SIGKILLed at once.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -238,6 +240,33 @@ def test_kept_room_goes_back_to_a_claim_that_needs_it(
     # went back for it, not because they expired (how long it took is no measure on a loaded host).
     monkeypatch.setattr(ray_placement, "_KEPT_IDLE_S", 3600.0)
     _run(_with_placement(cluster, body, claim_timeout=60))
+
+
+def test_a_node_actor_that_dies_on_a_live_node_is_started_again(cluster: LocalRayCluster) -> None:
+    """A node's actor killed on a node that lives on (the kernel's OOM killer, a crash) kept its
+    handle: every claim Ray placed on that node failed until the daemon restarted. The gVisor node
+    is the only one of its kind here: its claims have nowhere else to go."""
+    gvisor = Policy(runtime="gvisor", cpu_limit=0.25, memory_mb=256)
+
+    async def body(placement: RayPlacement) -> None:
+        isolate = await placement.acquire(gvisor)
+        assert isinstance(isolate, RayIsolate)
+        try:
+            described = await isolate._node.actor.describe.remote()
+            os.kill(described["pid"], signal.SIGKILL)
+            result = await isolate.aexec(["true"])
+            assert result.termination_reason == "lost" and "ActorDiedError" in (result.error or ""), result.error
+        finally:
+            await placement.release(isolate)
+        for _ in range(2):
+            again = await placement.acquire(gvisor)
+            try:
+                assert again.node == isolate.node
+                assert (await again.aexec(["true"])).termination_reason == "completed"
+            finally:
+                await placement.release(again)
+
+    _run(_with_placement(cluster, body))
 
 
 def test_a_run_nobody_streams_is_one_call_and_given_up_as_a_streamed_one_is(cluster: LocalRayCluster) -> None:

@@ -115,6 +115,7 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
         "STOCKADE_POOL_SIZE": "1", "STOCKADE_POOL_SHAPES": "1",
         "STOCKADE_EGRESS_HOSTS_FILE": os.environ["STOCKADE_EGRESS_HOSTS_FILE"],
         "STOCKADE_EGRESS_CA_FILE": os.environ["STOCKADE_EGRESS_CA_FILE"],
+        "STOCKADE_EGRESS_NETWORKS": "127.0.0.0/8",  # the test's upstreams, on the host's loopback
     })  # fmt: skip
     supervisord = subprocess.Popen([SUPERVISORD, "-n", "-c", CONF], env=env, start_new_session=True)
     ctl = ["supervisorctl", "-c", CONF]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -351,7 +353,7 @@ def test_through_the_daemon_the_result_and_the_audit_log_name_each_request_and_n
     from stockade.client import Client
     from tests.daemon_harness import start_daemon
 
-    env = {k: os.environ[k] for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE", "STOCKADE_SECRETS_FILE")}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("STOCKADE_EGRESS", "STOCKADE_SECRETS_FILE"))}
     daemon = start_daemon(env=env)
     try:
         policy = allow(up, "api.stockade.test", secrets=("API_KEY",))
@@ -400,7 +402,7 @@ def test_a_secret_stored_with_no_hosts_is_for_a_library_not_for_a_daemons_caller
     hostless = tmp_path / "secrets.json"
     hostless.write_text(json.dumps({"API_KEY": SECRET_VALUE}))
     hostless.chmod(0o600)
-    env = {k: os.environ[k] for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE")}
+    env = {k: v for k, v in os.environ.items() if k.startswith("STOCKADE_EGRESS")}
     env["STOCKADE_SECRETS_FILE"] = str(hostless)
     policy = allow(up, "api.stockade.test", secrets=("API_KEY",))
     daemon = start_daemon(env=env)
@@ -857,6 +859,74 @@ def test_a_tunnels_bytes_are_charged_to_the_run_that_moved_them(manager: Runtime
             assert tunnels(sb.run_code("print(3)")) == [(50_000, False)]  # the rest, once
     finally:
         sink.close()
+
+
+def test_a_daemon_lets_its_callers_reach_no_private_network_unless_the_host_names_it(up: Upstreams) -> None:
+    """Unset, STOCKADE_EGRESS_NETWORKS was any network for a daemon's callers too: a caller's
+    policy naming 127.0.0.1:6379 had the proxy connect a sandbox to a Ray cluster's GCS (root on
+    every node), or to 169.254.169.254. A process serving callers takes unset as none."""
+    require("process")
+    from stockade.client import Client
+    from tests.daemon_harness import start_daemon
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("STOCKADE_EGRESS") and k != "STOCKADE_EGRESS_NETWORKS"}
+    daemon = start_daemon(env=env)
+    try:
+        with Client(daemon.socket_path) as client:
+            for fields in ({"allowed_cidrs": ["127.0.0.0/8"]}, {"allowed_hosts": [f"127.0.0.1:{up.http.port}"]},
+                           {"allowed_hosts": ["169.254.169.254"]}, {"allowed_cidrs": ["10.0.0.0/8"]}):  # fmt: skip
+                policy = Policy(network_policy="allowlist", **fields)  # type: ignore[arg-type]
+                with pytest.raises(PolicyError, match=r"outside .* \(STOCKADE_EGRESS_NETWORKS unset: none for a"):
+                    client.execute(["true"], policy=policy.to_dict())
+            # Public names are a caller's to allow; one the host pins to its loopback is still refused.
+            policy = Policy(network_policy="allowlist", allowed_hosts=[f"api.stockade.test:{up.http.port}"])
+            code = FETCH + f'print(json.dumps({{"r": fetch("http://api.stockade.test:{up.http.port}/")}}))'
+            result = client.execute(code=code, policy=policy.to_dict())
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["r"][0] == 403, result.stdout
+        assert [(r.host, r.allowed) for r in result.egress_requests] == [("api.stockade.test", False)]
+    finally:
+        daemon.cleanup()
+
+
+def test_an_address_of_the_hosts_own_is_no_public_address_for_an_allowlist() -> None:
+    """A public address the host holds reaches what listens on every interface there (a Ray
+    cluster's ports, sshd), as its loopback would: a name resolving to it is refused unless
+    allowed_cidrs holds it, and a daemon's caller may name it only inside STOCKADE_EGRESS_NETWORKS.
+    Checked in a network namespace of its own, holding a global address on its loopback."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a network namespace holding an address of its own")
+    script = """
+import ipaddress, json, subprocess
+from stockade import Policy
+from stockade.egress.allowlist import Allowlist, host_address, parse_rule
+from stockade.errors import PolicyError
+from stockade.runtimes.egress import check_networks
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["ip", "addr", "add", "1.2.3.4/32", "dev", "lo"], check=True)
+own, other = ipaddress.ip_address("1.2.3.4"), ipaddress.ip_address("1.2.3.5")
+rule = parse_rule("api.test")
+def named(networks):
+    try:
+        check_networks(Policy(network_policy="allowlist", allowed_hosts=["1.2.3.4:22"]), networks)
+        return "allowed"
+    except PolicyError as exc:
+        return str(exc)
+print(json.dumps({
+    "own": host_address(own), "other": host_address(other), "loopback": host_address(ipaddress.ip_address("::1")),
+    "usable": [str(a) for a in Allowlist(["api.test"]).usable(rule, [own, other])],
+    "in_cidrs": [str(a) for a in Allowlist(["api.test"], ["1.2.3.4/32"]).usable(rule, [own])],
+    "named_none": named(()), "named_inside": named(("1.2.3.0/24",)), "named_library": named(None),
+}))
+"""
+    done = subprocess.run(["unshare", "--net", sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert (seen["own"], seen["other"], seen["loopback"]) == (True, False, True)
+    assert seen["usable"] == ["1.2.3.5"] and seen["in_cidrs"] == ["1.2.3.4"]
+    assert "allowed_hosts 1.2.3.4:22 is outside the networks" in seen["named_none"]
+    assert seen["named_inside"] == seen["named_library"] == "allowed"
 
 
 def test_a_host_that_names_its_networks_lets_no_policy_reach_past_them(

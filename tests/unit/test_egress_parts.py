@@ -316,3 +316,31 @@ def test_a_value_that_is_another_ones_escaped_form_stands_for_itself() -> None:
     assert redactor.text("sk-a%2Fb sk-a/b") == "[REDACTED:ESCAPED] [REDACTED:SLASH]"
     redactor = Redactor.markers({"ESCAPED": "sk-a%2Fb", "SLASH": "sk-a/b"})
     assert redactor.text("sk-a%2Fb sk-a/b") == "[REDACTED:ESCAPED] [REDACTED:SLASH]"
+
+
+def test_a_process_serving_callers_takes_unset_egress_networks_as_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stockade import settings
+
+    monkeypatch.setattr(settings, "_serving", False)
+    monkeypatch.delenv("STOCKADE_EGRESS_NETWORKS", raising=False)
+    assert settings.egress_networks(settings.current()) is None  # a library's one caller: any
+    settings.serve_callers()
+    assert settings.serving_callers() and settings.egress_networks(settings.current()) == ()
+    monkeypatch.setenv("STOCKADE_EGRESS_NETWORKS", "10.0.0.0/8")
+    assert settings.egress_networks(settings.current()) == ("10.0.0.0/8",)
+
+
+def test_a_ray_node_whose_egress_networks_hold_the_cluster_does_not_start() -> None:
+    from stockade.errors import ConfigError
+    from stockade.placement.ray_node import refuse_cluster_networks
+
+    cluster = ["10.0.0.5", "10.0.0.2:6379"]
+    refuse_cluster_networks(None, cluster)
+    refuse_cluster_networks((), cluster)
+    refuse_cluster_networks(("192.168.0.0/16",), cluster)
+    with pytest.raises(ConfigError, match=r"holds 10\.0\.0\.0/24, where this Ray cluster.s 10\.0\.0\.5"):
+        refuse_cluster_networks(("10.0.0.0/24",), cluster)
+    with pytest.raises(ConfigError, match=r"cluster's 10\.0\.0\.2 is"):
+        refuse_cluster_networks(("10.0.0.2/32",), ["192.168.1.1", "10.0.0.2:6379"])
+    with pytest.raises(ConfigError, match=r"cluster's ::1 is"):
+        refuse_cluster_networks(("::1/128",), ["[::1]:6379"])

@@ -216,9 +216,10 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
         assert json.loads(env["STOCKADE_PLACEMENT"]["value"]) == {"type": "ray", "address": ray_address}
         # A driver runs on a node: the pod joins the cluster (offering nothing), then serves.
         assert container["command"][:2] == ["/bin/sh", "-c"] and env["RAY_ADDRESS"]["value"] == ray_address
+        # Ray's workers on the node inherit no API token, and nothing is scheduled there (no memory either).
         assert container["command"][2] == (
-            '/opt/stockade/.venv/bin/ray start --address="$RAY_ADDRESS" --num-cpus=0 --disable-usage-stats'
-            f" && exec {serve}"
+            'env -u STOCKADE_API_TOKEN /opt/stockade/.venv/bin/ray start --address="$RAY_ADDRESS" --num-cpus=0 '
+            f"--num-gpus=0 --memory=0 --disable-usage-stats && exec {serve}"
         )
         assert enforce == "restricted"
         security = container["securityContext"]
@@ -229,6 +230,9 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
         assert container["command"] == serve.split()
         assert container["securityContext"]["privileged"] is True
         assert pod["nodeSelector"] == {ISOLATION_HOST_LABEL: "true"}
+        # Its callers share none of the pod's files, and their sandboxes reach public addresses only.
+        assert env["STOCKADE_MOUNT_ROOTS"]["value"] == env["STOCKADE_EGRESS_NETWORKS"]["value"] == "none"
+        assert set(container["resources"]["limits"]) == {"cpu", "memory"}
     # The sandboxes' namespace stays restricted either way.
     assert docs[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
@@ -260,6 +264,15 @@ def test_a_controller_option_without_its_image_or_in_the_sandboxes_namespace_is_
         ({"namespace": "a" * 60, "controller_image": "c:1"}, "controller namespace 'a{60}-system' is not"),
         ({"image": "a b"}, "image 'a b' is not an image reference"),
         ({"controller_image": "c:1", "ray_address": "notanaddress"}, "Ray address 'notanaddress' is not HOST:PORT"),
+        ({"controller_image": "c:1", "ray_address": "auto"}, "'auto' cannot find it"),
+        ({"controller_image": "c:1", "ray_address": "h:99999"}, "Ray address 'h:99999' is not HOST:PORT"),
+        ({"controller_image": "c:1", "ray_address": "h:0"}, "Ray address 'h:0' is not HOST:PORT"),
+        ({"controller_namespace": "ctl"}, "a controller namespace is the controller's: give the controller's image"),
+        # Applied, a Namespace object's Pod Security label would merge into a namespace the cluster shares.
+        ({"namespace": "default"}, "namespace 'default' is one the cluster shares"),
+        ({"namespace": "kube-system"}, "namespace 'kube-system' is one the cluster shares"),
+        ({"controller_image": "c:1", "controller_namespace": "kube-node-lease"}, "'kube-node-lease' is one the"),
+        ({"controller_image": "c:1", "controller_namespace": "default"}, "controller namespace 'default' is one"),
     ],
 )
 def test_what_kubernetes_would_refuse_is_refused_here_by_name(given: dict[str, Any], said: str) -> None:
@@ -268,7 +281,7 @@ def test_what_kubernetes_would_refuse_is_refused_here_by_name(given: dict[str, A
 
 
 def test_good_names_and_addresses_go_through() -> None:
-    for address in ("auto", "ray-head:6379", "10.0.0.5:6379", "[fd00::1]:6379"):
+    for address in ("ray-head:6379", "10.0.0.5:6379", "[fd00::1]:6379", "h:65535"):
         docs = manifests(
             "r.example/a:1", namespace="sandboxes-1", controller_image="r.example/c:1", ray_address=address
         )

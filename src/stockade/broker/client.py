@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, PolicyError
 from ..policy import SecretGrant
 from ..protocol import auth
+from ..settings import serving_callers
 from . import wire
 from .store import SecretStore
 
@@ -122,7 +123,7 @@ class SecretSource:
                 raise
         if self.store_path is not None:
             store = SecretStore.load(self.store_path)
-            hostless = not SERVING_CALLERS
+            hostless = not serving_callers()  # a daemon's callers are many: none may use it (check_grant)
             return {g.name: store.check_grant(g.name, g.hosts, hostless=hostless).value for g in grants}
         raise PolicyError(
             "this policy grants secrets, and no secrets broker or file is configured: run `stockade secretd` and "
@@ -136,10 +137,6 @@ class SecretSource:
             except (ConfigError, PolicyError):
                 pass  # the broker drops a dead isolate's registration by itself
 
-
-# Set by a daemon at its start: its callers are many principals, and a secret its file stores with
-# no hosts is then refused to all of them (SecretStore.check_grant). A library's one caller may use it.
-SERVING_CALLERS = False
 
 _source: SecretSource | None = None
 _source_key: tuple[str | None, ...] = ()

@@ -30,9 +30,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     if config.daemon_user == KEEP_ROOT:
         config = config.replace(daemon_user=None)
     settings.install(config)  # read once, at the start: the whole process uses these
-    from ..broker import client as secrets_client
-
-    secrets_client.SERVING_CALLERS = True  # a secret with no hosts: none of the callers may grant it
+    settings.serve_callers()  # a secret with no hosts, a private network: the operator's to allow, not a caller's
     prepare_audit_dir(config)
     http_door: ModuleType | None = None
     if config.http is not None:

@@ -8,14 +8,16 @@ are compared lowercased, without a trailing dot.
 A name is only half the check: the proxy resolves it itself and connects to
 an address it resolved to (so no second lookup can be steered elsewhere), and
 refuses every address that is not globally routable (private, loopback,
-link-local, ...) unless ``allowed_cidrs`` holds it. An address rule names its
-address, which may then be reached whatever it is.
+link-local, ...) or is one of the host's own, unless ``allowed_cidrs`` holds
+it. An address rule names its address, which may then be reached whatever it
+is (a host bounds both: STOCKADE_EGRESS_NETWORKS, runtimes/egress.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -121,10 +123,10 @@ class Allowlist:
         return any(address in network for network in self.networks)
 
     def usable(self, rule: HostRule, addresses: Iterable[IPAddress]) -> list[IPAddress]:
-        """Of the addresses a name resolved to, those it may be reached at: globally routable,
-        or in ``allowed_cidrs``, or the very address a rule names."""
+        """Of the addresses a name resolved to, those it may be reached at: globally routable and
+        not this host's own, or in ``allowed_cidrs``, or the very address a rule names."""
         named = rule.address
-        return [a for a in addresses if a == named or self.network_allows(a) or public(a)]
+        return [a for a in addresses if a == named or self.network_allows(a) or (public(a) and not host_address(a))]
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -146,6 +148,20 @@ def public(address: IPAddress) -> bool:
             embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         return all(public(inner) for inner in embedded if inner is not None)
     return True
+
+
+def host_address(address: IPAddress) -> bool:
+    """Whether ``address`` is one of this host's own: its route is local (the kernel would send to it
+    from the address itself). The proxy connects from the host's network, where a public address of
+    the host's reaches whatever listens on every interface (a Ray cluster's ports, sshd), as its
+    loopback would: no public address for an allow-list."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((str(address), 9))  # a route looked up; UDP sends nothing
+        except OSError:
+            return False  # no route to it from here
+        return ipaddress.ip_address(str(probe.getsockname()[0]).split("%")[0]) == address
 
 
 def _canonical(host: str) -> str:

@@ -44,7 +44,13 @@ def _env(ray_address: str | None) -> list[dict[str, Any]]:
     if ray_address:
         env.append({"name": "RAY_ADDRESS", "value": ray_address})
     else:
-        env.append({"name": "STOCKADE_DAEMON_USER", "value": "root"})  # the pod is the isolation host
+        env += [
+            {"name": "STOCKADE_DAEMON_USER", "value": "root"},  # the pod is the isolation host
+            # Said, though a daemon's default: callers share none of the pod's files, and their sandboxes'
+            # egress reaches public addresses only (not the cloud's metadata, the cluster's services).
+            {"name": "STOCKADE_MOUNT_ROOTS", "value": "none"},
+            {"name": "STOCKADE_EGRESS_NETWORKS", "value": "none"},
+        ]
     return env
 
 
@@ -54,7 +60,12 @@ def _command(ray_address: str | None) -> list[str]:
         return serve
     # A Ray driver runs on a node of its cluster: the pod joins it first as a node that offers
     # nothing (no CPU, no stockade_* resource: no isolate is ever placed on it).
-    join = f'{VENV}/bin/ray start --address="$RAY_ADDRESS" --num-cpus=0 --disable-usage-stats'
+    # No API token in the node's environment: Ray's workers on the node would inherit it (memory,
+    # resources none either: nothing is ever scheduled there).
+    join = (
+        f'env -u STOCKADE_API_TOKEN {VENV}/bin/ray start --address="$RAY_ADDRESS" --num-cpus=0 --num-gpus=0 '
+        "--memory=0 --disable-usage-stats"
+    )
     return ["/bin/sh", "-c", f"{join} && exec {' '.join(serve)}"]
 
 
@@ -88,7 +99,7 @@ def _container(image: str, ray_address: str | None) -> dict[str, Any]:
     else:
         container["securityContext"] = {"privileged": True, "runAsUser": 0}
         container["resources"]["requests"] = {"cpu": "2", "memory": "4Gi"}  # its isolates run in it
-        container["resources"]["limits"] = {"memory": "16Gi"}
+        container["resources"]["limits"] = {"cpu": "8", "memory": "16Gi"}
     return container
 
 

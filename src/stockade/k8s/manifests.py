@@ -38,7 +38,10 @@ AGENT_UID = 1000
 _KATA_OVERHEAD = {"kata-qemu": {"memory": "160Mi", "cpu": "250m"}, "kata-fc": {"memory": "130Mi", "cpu": "250m"}}
 _HANDLERS = {"gvisor": "runsc", "kata-qemu": "kata-qemu", "kata-fc": "kata-fc"}
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # RFC 1123, as Kubernetes names namespaces
-_HOST_PORT = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+_HOST_PORT = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+# Namespaces the output must not relabel: applied, its Namespace object's Pod Security label would
+# merge into theirs (a shared namespace made privileged, or its pods refused under restricted).
+_SHARED_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
 def runtime_classes() -> list[dict[str, Any]]:
@@ -178,6 +181,8 @@ def manifests(
         raise ValueError(f"warm pool size {warm}: at least 0")
     if ray_address is not None and controller_image is None:
         raise ValueError("a Ray address is the controller's placement: give the controller's image too")
+    if controller_namespace is not None and controller_image is None:
+        raise ValueError("a controller namespace is the controller's: give the controller's image too")
     derived = f"{namespace}-system" if controller_image is not None and controller_namespace is None else None
     for what, value in (("namespace", namespace), ("controller namespace", controller_namespace or derived)):
         if value is not None and not _DNS_LABEL.fullmatch(value):
@@ -185,11 +190,21 @@ def manifests(
                 f"{what} {value!r} is not a Kubernetes namespace name (1-63 of a-z, 0-9, '-', "
                 "starting and ending with a letter or digit)"
             )
+        if value is not None and (value in _SHARED_NAMESPACES or value.startswith("kube-")):
+            raise ValueError(
+                f"{what} {value!r} is one the cluster shares: the output labels its namespaces for Pod Security "
+                "admission, which would change what that namespace admits; name one of stockade's own"
+            )
     for what, value in (("image", image), ("controller image", controller_image)):
         if value is not None and (not value or any(c.isspace() for c in value)):
             raise ValueError(f"{what} {value!r} is not an image reference (such as registry.example/stockade:1)")
-    if ray_address is not None and ray_address != "auto" and not _HOST_PORT.fullmatch(ray_address):
-        raise ValueError(f"Ray address {ray_address!r} is not HOST:PORT (the cluster's GCS, such as ray-head:6379)")
+    if ray_address is not None:
+        matched = _HOST_PORT.fullmatch(ray_address)
+        if matched is None or not 0 < int(matched.group(2)) < 65536:
+            raise ValueError(
+                f"Ray address {ray_address!r} is not HOST:PORT (the cluster's GCS, such as ray-head:6379; the pod "
+                "joins the cluster there, so 'auto' cannot find it)"
+            )
     policy = policy or Policy()
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {

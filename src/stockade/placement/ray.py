@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import threading
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import DaemonBusyError, RuntimeUnavailableError, StockadeError
 from .base import reach, runtime_choices
-from .ray_isolate import NodeHandle, RayIsolate, _cause, lost_node
+from .ray_isolate import NodeHandle, RayIsolate, _cause, actor_died, lost_node
 from .ray_node import StockadeNode
 from .ray_reservations import KeptReservations, Reservation, shape_of
 
@@ -113,6 +114,7 @@ class RayPlacement:
     def __init__(self, config: RayPlacementConfig) -> None:
         self.config = config
         self.instance = uuid.uuid4().hex[:8]
+        self._actors_started = itertools.count(1)  # numbers the node actors' names
         self._nodes: dict[str, NodeHandle] = {}
         self._cluster: list[dict[str, Any]] = []
         self._cluster_at = 0.0
@@ -221,6 +223,8 @@ class RayPlacement:
             alive = {n["NodeID"] for n in self._cluster}
             for gone in set(self._nodes) - alive:
                 del self._nodes[gone]  # its actor died with it
+            for node_id in [i for i, handle in self._nodes.items() if handle.dead]:
+                del self._nodes[node_id]  # its actor is gone; the node, if alive, gets another below
             for info in self._cluster:
                 runtimes = sorted(
                     k[len(RESOURCE_PREFIX) :] for k in info.get("Resources", {}) if k.startswith(RESOURCE_PREFIX)
@@ -237,7 +241,8 @@ class RayPlacement:
 
         actor_class = ray.remote(StockadeNode)
         return actor_class.options(
-            name=f"stockade-node-{info['NodeID'][:16]}-{self.instance}",
+            # One more each time: a dead actor's name may still be taken when the next one starts.
+            name=f"stockade-node-{info['NodeID'][:16]}-{self.instance}-{next(self._actors_started)}",
             num_cpus=0,
             max_restarts=0,
             max_concurrency=1000,
@@ -343,11 +348,16 @@ class RayPlacement:
             self._give_back(expired)
             if reservation is None:
                 reservation = await self._reserve(policy, runtime, bundle)
+            node = None
             try:
                 node = self._nodes.get(reservation.node_id)
-                if node is None:
+                if node is None or node.dead:
                     await self._refresh(force=True)
-                    node = self._nodes[reservation.node_id]
+                    node = self._nodes.get(reservation.node_id)
+                if node is None:  # the node left the cluster since Ray placed the group there
+                    await _removed(reservation.group)
+                    last = RuntimeUnavailableError(f"the Ray node {reservation.node_id} left the cluster")
+                    continue
                 # The node runs the runtime reserved for it, not its own pick for a trust (it may have
                 # a stronger one this placement did not ask Ray for).
                 placed = policy if policy.runtime == runtime else policy.replace(runtime=runtime)
@@ -358,6 +368,7 @@ class RayPlacement:
                     raise
                 if (doubtful := self._nodes.get(reservation.node_id)) is not None:
                     doubtful.suspect = True  # what is kept there is given back, not tried next
+                    doubtful.dead = doubtful.dead or (doubtful is node and actor_died(exc))
                 last = exc  # the node went between the reservation and the hand-over
                 continue
             except BaseException:

@@ -50,6 +50,14 @@ def lost_node(exc: BaseException) -> bool:
     return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.NodeDiedError | ray.exceptions.ObjectLostError)
 
 
+def actor_died(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ray saying the actor is dead for good (no restarts: killed, out of
+    memory, crashed), whether or not its node lives on."""
+    import ray.exceptions
+
+    return isinstance(exc, ray.exceptions.ActorDiedError)
+
+
 class RayIsolate(RemoteRuns):
     """An isolate on a Ray node, held by that node's ``StockadeNode`` actor."""
 
@@ -88,6 +96,7 @@ class RayIsolate(RemoteRuns):
             f"({type(exc).__name__})"
         )
         self._node.suspect = True
+        self._node.dead = self._node.dead or actor_died(exc)
         return self.lost
 
     async def _run(self, kind: str, call: dict[str, Any], on_output: OutputCallback | None) -> ExecResult:
@@ -270,3 +279,6 @@ class NodeHandle:
         self.address = address
         self.actor = actor
         self.suspect = False
+        # Its actor died for good: the placement's next look at the cluster starts another on the node
+        # if the node lives (a node actor killed by the kernel's OOM killer must not take the node away).
+        self.dead = False

@@ -13,6 +13,7 @@ loop, and a run's output goes back as a Ray streaming generator, piece by piece.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import NotFoundError
+from ..errors import ConfigError, NotFoundError
 from ..policy import Policy
 from ..runtimes.sandbox import AgentSandbox
 from .base import Isolate
@@ -30,18 +31,44 @@ from .local import LocalPlacement
 OUTPUT, RESULT = "out", "result"
 
 
+def refuse_cluster_networks(networks: tuple[str, ...] | None, addresses: list[str]) -> None:
+    """``ConfigError`` when ``networks`` (the node's STOCKADE_EGRESS_NETWORKS) hold one of the
+    cluster's ``addresses`` (the node's, the GCS's, ``host:port`` or not): a caller's allow-list
+    could then have the node's egress proxy connect an isolate to Ray's ports, and whoever
+    reaches the GCS runs code on every node."""
+    allowed = [ipaddress.ip_network(n) for n in networks or ()]
+    for text in addresses:
+        host = text.rpartition(":")[0] if text.count(":") == 1 or text.startswith("[") else text
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            continue  # a name: Ray gives addresses
+        inside = [str(n) for n in allowed if address in n]
+        if inside:
+            raise ConfigError(
+                f"STOCKADE_EGRESS_NETWORKS holds {inside[0]}, where this Ray cluster's {address} is: a caller's "
+                "allow-list could reach Ray's ports from an isolate (code on every node); leave the cluster's "
+                "network out of it"
+            )
+
+
 class StockadeNode:
     """One per node and placement; ``runtimes``: the ones the node advertises (warmed now)."""
 
     def __init__(self, runtimes: list[str], pool_size: int) -> None:
         import ray
+        import ray.util
 
-        from ..broker import client as secrets_client
+        from ..settings import current, egress_networks, serve_callers
 
-        # Its isolates' egress runs here, for whoever holds the placement (a daemon's callers):
-        # a secret its file stores with no hosts is refused to them, as a daemon refuses it.
-        secrets_client.SERVING_CALLERS = True
-        self.node_id = ray.get_runtime_context().get_node_id()
+        # Its isolates' egress runs here, for whoever holds the placement (a daemon's callers): a secret
+        # its file stores with no hosts, a private network not in STOCKADE_EGRESS_NETWORKS are refused
+        # to them, as a daemon refuses them.
+        serve_callers()
+        context = ray.get_runtime_context()
+        node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        refuse_cluster_networks(egress_networks(current()), [node_ip, context.gcs_address])
+        self.node_id = context.get_node_id()
         # The node's own isolates are a local placement's: its warm pools, its hand-overs.
         self.local = LocalPlacement(LocalPlacementConfig(pool_size=pool_size))
         self.isolates: dict[str, Isolate] = {}

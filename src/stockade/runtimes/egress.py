@@ -97,19 +97,22 @@ class Egress:
                 self._source.close(self.sandbox_id)
 
 
-def check_networks(policy: Policy, networks: tuple[str, ...] | None) -> None:
-    """``STOCKADE_EGRESS_NETWORKS``: what a policy names beyond public addresses (``allowed_cidrs``,
-    an address in ``allowed_hosts``) lies inside the host's networks. The proxy connects from the
-    host's own network: named there, the host's loopback (the daemon's ports, other sandboxes'
-    published ones) or the cloud's metadata service would be any caller's to reach."""
+def check_networks(policy: Policy, networks: tuple[str, ...] | None, unset: bool = False) -> None:
+    """``STOCKADE_EGRESS_NETWORKS``: what a policy names beyond public addresses that are not the
+    host's own (``allowed_cidrs``, an address in ``allowed_hosts``) lies inside the host's networks.
+    The proxy connects from the host's own network: named there, the host's loopback (the daemon's
+    ports, other sandboxes' published ones) or the cloud's metadata service would be any caller's to
+    reach. ``unset``: the setting is (``networks`` is then what a process serving callers takes)."""
     if networks is None:
         return
     import ipaddress
 
-    from ..egress.allowlist import parse_rule, public
+    from ..egress.allowlist import host_address, parse_rule, public
 
     allowed = [ipaddress.ip_network(n) for n in networks]
-    named = ",".join(networks) or "none"
+    named = "=" + (",".join(networks) or "none")
+    if unset:
+        named = " unset: none for a daemon's callers"
 
     def inside(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
         return any(network.version == a.version and network.subnet_of(a) for a in allowed)  # type: ignore[arg-type]
@@ -117,12 +120,14 @@ def check_networks(policy: Policy, networks: tuple[str, ...] | None) -> None:
     for cidr in policy.allowed_cidrs:
         if not inside(ipaddress.ip_network(cidr, strict=False)):
             raise PolicyError(f"allowed_cidrs {cidr} is outside the networks this host lets sandboxes reach "
-                              f"(STOCKADE_EGRESS_NETWORKS={named})")  # fmt: skip
+                              f"(STOCKADE_EGRESS_NETWORKS{named})")  # fmt: skip
     for host in policy.allowed_hosts:
         address = parse_rule(host).address
-        if address is not None and not public(address) and not inside(ipaddress.ip_network(address)):
+        if address is None:
+            continue
+        if (not public(address) or host_address(address)) and not inside(ipaddress.ip_network(address)):
             raise PolicyError(f"allowed_hosts {host} is outside the networks this host lets sandboxes reach "
-                              f"(STOCKADE_EGRESS_NETWORKS={named})")  # fmt: skip
+                              f"(STOCKADE_EGRESS_NETWORKS{named})")  # fmt: skip
 
 
 def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
@@ -132,10 +137,10 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
     # Here, not at the top: a runtime that never serves an allowlist never loads the CA's code.
     from ..egress.ca import ca_entry, trust_bundle
     from ..egress.gate import CA_BUNDLE_PATH
-    from ..settings import current
+    from ..settings import current, egress_networks
 
     settings = current()
-    check_networks(policy, settings.egress_networks)
+    check_networks(policy, egress_networks(settings), unset=settings.egress_networks is None)
     sandbox_id = uuid.uuid4().hex
     sockets, worker = sandbox._take_egress()
     source = None
