@@ -431,7 +431,10 @@ class RayPlacement:
         try:
             if isolate.lost is None:
                 with contextlib.suppress(Exception):  # a node lost now: its isolates went with it
-                    released = await isolate._node.actor.release.remote(isolate.id)
+                    # Bounded: a wedged actor must not keep the room booked (given back below instead).
+                    released = await asyncio.wait_for(
+                        isolate._node.actor.release.remote(isolate.id), self.config.claim_timeout * 4
+                    )
         finally:
             # Its room stays booked for the next claim of its shape, unless its node is in doubt
             # or the placement is closing (what aclose has drained is not refilled behind it).
