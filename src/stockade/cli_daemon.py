@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import _socket
 import binascii
+import math
 import os
 import sys
+import time
 
 from .agent import jsoncodec
 from .cli import MAX_STDIN, _daemon_token
@@ -75,6 +77,7 @@ FLAGS: tuple[tuple[str, str, type, tuple[str, ...] | None, bool], ...] = (
 POLICY_FIELDS = tuple(f[0] for f in FLAGS)
 DEFAULT_TIMEOUT_S = 30.0  # Policy.timeout_seconds's default: bounds the wait for an answer
 CLIENT_TIMEOUT_S = 30.0  # what the Client adds to the run's timeout (its own default timeout)
+LINE_LIMIT = 64 << 20  # the longest line of an answer: the SDK client's (client/answers.py; a test holds them equal)
 _MSG_ID = 1
 
 # The other options of run and exec-code: flag -> (dest, type; None for a switch).
@@ -271,14 +274,19 @@ def _request(call: str, payload: Any, stdin: bytes, fields: dict[str, Any], stre
 def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, fields: dict[str, Any]) -> int:
     """Send the request, stream the output to this process's own, and report the answer."""
     timeout = fields.get("timeout_seconds", DEFAULT_TIMEOUT_S)
-    wait = (timeout if isinstance(timeout, (int, float)) else DEFAULT_TIMEOUT_S) + CLIENT_TIMEOUT_S
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or not 0 < timeout <= 1e6:
+        # The daemon would refuse it too (at most 600 s); refused here, as the in-process run words it,
+        # before a wait that is not a number of seconds is set.
+        said = _policy_error(args) or f"invalid policy: --timeout {timeout!r} is not a number of seconds"
+        return fail(said, "policy")
+    wait = timeout + CLIENT_TIMEOUT_S
     if token:
         from .protocol import auth
 
         line = auth.signed_line(request, token) + b"\n"
     else:
         line = jsoncodec.dumps(request).encode() + b"\n"
-    reader = _Lines(sock)
+    reader = _Lines(sock, wait)
     try:
         sock.settimeout(wait)
         try:
@@ -309,8 +317,8 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
         return fail(f"the stockade daemon did not answer within {wait:g} s")
     except (OSError, EOFError) as exc:
         return fail(f"lost the connection to the stockade daemon: {exc}")
-    except _InvalidAnswer:
-        return fail("the daemon sent an invalid response")
+    except _InvalidAnswer as exc:
+        return fail(f"the daemon sent an invalid response{exc}")
     if stream_error is not None:
         raise stream_error
     return _report(args, answer, signed=bool(token))
@@ -333,6 +341,9 @@ def _report(args: Any, answer: dict[str, Any], signed: bool) -> int:
     if not isinstance(result, dict):
         return fail("the daemon's answer to execute has no result")
     reason, exit_code = result.get("termination_reason"), result.get("exit_code")
+    if exit_code is not None and not (type(exit_code) is int and -64 <= exit_code <= 255):
+        # An exit status is 0-255, or minus a signal's number: 256 would be exit status 0 here.
+        return fail("the daemon sent an invalid response: an exit code out of range")
     clean = reason == "completed" and not any(
         result.get(name) for name in ("security_violations", "unenforced_limits", "limits_reached")
     )
@@ -363,7 +374,7 @@ def _policy_error(args: Any) -> str | None:
 
 
 class _InvalidAnswer(Exception):
-    """A line from the daemon that is not a JSON object."""
+    """A line from the daemon that is not a JSON object (``str``: what more to say, or nothing)."""
 
 
 def _answer(line: bytes) -> dict[str, Any]:
@@ -377,17 +388,34 @@ def _answer(line: bytes) -> dict[str, Any]:
 
 
 class _Lines:
-    """The answer's lines, as they come."""
+    """The answer's lines, as they come: each at most ``LINE_LIMIT`` bytes, all within ``wait``
+    seconds of the first (output lines ahead of the answer restart no clock: a daemon that
+    trickles bytes cannot hold the CLI past its wait)."""
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, wait: float) -> None:
         self.sock = sock
         self.buffer = b""
+        self.deadline = time.monotonic() + wait
 
     def next(self) -> bytes:
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                raise EOFError("the daemon closed the connection")
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
+        end = self.buffer.find(b"\n")
+        if end < 0:
+            # Each chunk searched once and kept in a list: a line's cost is its length.
+            chunks, size = [self.buffer], len(self.buffer)
+            while end < 0:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    raise EOFError("the daemon closed the connection")
+                found = chunk.find(b"\n")
+                end = size + found if found >= 0 else -1
+                chunks.append(chunk)
+                size += len(chunk)
+                if end < 0 and size > LINE_LIMIT:
+                    raise _InvalidAnswer(f": a line longer than {LINE_LIMIT} bytes")
+            self.buffer = b"".join(chunks)
+        line, self.buffer = self.buffer[:end], self.buffer[end + 1 :]
         return line

@@ -153,11 +153,12 @@ class Client(Requests):
         """One attempt: ``line`` sent, its answer read (``ConnectionLost`` when either fails)."""
         with self._lock:
             try:
+                deadline = time.monotonic() + wait
                 sock = self._send(line, wait)
                 if isinstance(sock, Answer):
                     return sock  # the daemon's refusal, sent before it hung up
-                while not reply.take(answer := parse(self._read_line(sock), answer_type)):
-                    pass
+                while not reply.take(answer := parse(self._read_line(sock, deadline), answer_type)):
+                    self._within(sock, deadline)
                 self._answered = True
                 return answer
             except ConnectionLost:
@@ -202,12 +203,21 @@ class Client(Requests):
         the answer that says why is still there to read.
         """
         try:
-            answer = parse(self._read_line(sock), Answer)
+            answer = parse(self._read_line(sock, time.monotonic() + (self._sock_timeout or self.timeout)), Answer)
         except (OSError, EOFError, StockadeError):
             return None
         return answer if answer.error is not None else None
 
-    def _read_line(self, sock: socket.socket) -> bytes:
+    def _within(self, sock: socket.socket, deadline: float) -> None:
+        """Bound the next receive by what is left of the answer's wait: output ahead of the answer,
+        or an answer that comes in pieces, restarts no clock (a daemon that trickles cannot hold
+        the call past its timeout). The kernel's bound says it (EAGAIN), as for the first."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BlockingIOError("the answer's wait is over")
+        self._bound(sock, left)
+
+    def _read_line(self, sock: socket.socket, deadline: float) -> bytes:
         # Each chunk searched once, and kept in a list: a long answer (a file's data) costs
         # its length, not its length times the number of chunks it came in.
         end = self._buffer.find(b"\n")
@@ -229,6 +239,7 @@ class Client(Requests):
             if size > LINE_LIMIT:
                 self._drop()  # the rest of that line is still coming: the connection is of no more use
                 raise StockadeError(f"the daemon sent an answer longer than {LINE_LIMIT} bytes")
+            self._within(sock, deadline)
 
     # ---- methods (what each sends: Requests) --------------------------------------------
 

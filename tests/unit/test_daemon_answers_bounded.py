@@ -1,0 +1,173 @@
+"""A daemon's answer, as the clients read it, is bounded in time and size whatever the daemon does.
+
+The socket may be anyone's (``STOCKADE_SOCKET`` names it): a thread plays a
+daemon that trickles (output lines for another request, or an answer a byte
+at a time), that sends a line without end, or an exit status no process has.
+Each client must end the call by itself, within its wait, and say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from stockade.cli_daemon import LINE_LIMIT
+from stockade.client import AsyncClient, Client
+from stockade.client.answers import LINE_LIMIT as CLIENT_LINE_LIMIT
+from stockade.errors import DaemonUnavailableError
+
+Behaviour = Callable[[socket.socket, int], None]
+
+
+def output_lines(conn: socket.socket, msg_id: int) -> None:
+    """Output for a request that is not the caller's, every 0.2 s, then a byte of an answer at a time."""
+    for _ in range(5):
+        conn.sendall(json.dumps({"id": msg_id + 1000, "output": {"stream": "stdout", "data": ""}}).encode() + b"\n")
+        time.sleep(0.2)
+    conn.sendall(b'{"id":')
+    while True:
+        conn.sendall(b" ")
+        time.sleep(0.2)
+
+
+def endless_line(conn: socket.socket, msg_id: int) -> None:
+    chunk = b"a" * (1 << 20)
+    while True:
+        conn.sendall(chunk)
+
+
+def exit_256(conn: socket.socket, msg_id: int) -> None:
+    result = {"termination_reason": "completed", "exit_code": 256, "stdout": "", "stderr": ""}
+    conn.sendall(json.dumps({"id": msg_id, "result": result, "error": None}).encode() + b"\n")
+
+
+class Daemon:
+    """One connection at a time: its request line read, then ``behaviour`` until the client goes."""
+
+    def __init__(self, path: str, behaviour: Behaviour) -> None:
+        self.path, self.behaviour = path, behaviour
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\n" not in data:
+                piece = conn.recv(1 << 16)
+                if not piece:
+                    return
+                data += piece
+            try:
+                self.behaviour(conn, int(json.loads(data.split(b"\n")[0])["id"]))
+            except OSError:
+                pass  # the client went away: as it should
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def daemon(tmp_path: os.PathLike[str]) -> Iterator[Callable[[Behaviour], Daemon]]:
+    made: list[Daemon] = []
+
+    def make(behaviour: Behaviour) -> Daemon:
+        made.append(Daemon(os.path.join(str(tmp_path), f"d{len(made)}.sock"), behaviour))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def _ended(call: Callable[[], object], within_s: float = 60.0) -> BaseException | None:
+    """What ``call`` raised (None: it returned), or a failure if it was still waiting after ``within_s``."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # what the test looks at
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within_s)
+    assert outcome, f"the call was still waiting after {within_s} s"
+    return outcome[0]
+
+
+def test_the_sync_clients_wait_is_for_the_answer_not_for_each_read(daemon: Callable[[Behaviour], Daemon]) -> None:
+    """Its bound was the kernel's, per receive: each line of output, each byte, began it again."""
+    fake = daemon(output_lines)
+    with Client(fake.path, timeout=1.5, retry=None) as client:
+        raised = _ended(lambda: client.call("status"))
+    assert isinstance(raised, DaemonUnavailableError) and "did not answer status within 1.5 s" in str(raised)
+
+
+def test_the_async_client_too(daemon: Callable[[Behaviour], Daemon]) -> None:
+    fake = daemon(output_lines)
+
+    async def go() -> None:
+        async with AsyncClient(fake.path, timeout=1.5, retry=None) as client:
+            await client.call("status")
+
+    raised = _ended(lambda: asyncio.run(go()))
+    assert isinstance(raised, DaemonUnavailableError) and "within 1.5 s" in str(raised)
+
+
+def _run(socket_path: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "STOCKADE_SOCKET": socket_path}
+    argv = [sys.executable, "-m", "stockade.cli", "run", *flags, "--", "true"]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_stockade_run_ends_its_wait_for_a_trickling_daemon(daemon: Callable[[Behaviour], Daemon]) -> None:
+    # The wait is the run's timeout and the client's 30 s: a daemon sending a byte every 0.2 s held it forever.
+    done = _run(daemon(output_lines).path, "--timeout", "1")
+    assert done.returncode == 125
+    assert "stockade: the stockade daemon did not answer within 31 s" in done.stderr, done.stderr
+
+
+def test_stockade_run_refuses_a_line_without_end_and_an_exit_status_no_process_has(
+    daemon: Callable[[Behaviour], Daemon],
+) -> None:
+    assert LINE_LIMIT == CLIENT_LINE_LIMIT
+    done = _run(daemon(endless_line).path)
+    assert done.returncode == 125
+    assert f"the daemon sent an invalid response: a line longer than {LINE_LIMIT} bytes" in done.stderr, done.stderr
+    # Exit status 256 was exit status 0 here.
+    done = _run(daemon(exit_256).path)
+    assert done.returncode == 125 and "an exit code out of range" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "1e300"])
+def test_a_timeout_that_is_no_number_of_seconds_is_refused_naming_the_flag(
+    timeout: str, daemon: Callable[[Behaviour], Daemon]
+) -> None:
+    # It reached the socket's settimeout first: a traceback and exit status 1, the command's own.
+    done = _run(daemon(exit_256).path, "--timeout", timeout)
+    assert done.returncode == 125 and "--timeout (timeout_seconds)" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
