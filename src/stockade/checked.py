@@ -24,6 +24,7 @@ from typing import Any, Literal
 from .errors import PolicyError
 
 Problems = list[tuple[tuple[str | int, ...], str]]
+MAX_PROBLEMS_SAID = 20  # a message names this many (``problems`` holds them all: each list is bounded)
 
 
 class FieldError(ValueError):
@@ -54,6 +55,16 @@ def _number_text(value: float) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
+def _check_length(
+    value: list[Any] | tuple[Any, ...] | dict[Any, Any], what: str, bounds: typing.Mapping[str, Any]
+) -> None:
+    """A list or dict past its field's ``max_length`` is refused before its items are looked at:
+    a request of two million wrong items was as many problems, seconds and gigabytes to say."""
+    limit = bounds.get("max_length")
+    if limit is not None and len(value) > limit:
+        raise FieldError(f"{what} should have at most {limit} items after validation, not {len(value)}")
+
+
 def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
     """``value`` as a field of type ``kind`` takes it (strictly: as JSON gives it, a list for a
     tuple), within ``bounds``; else ``FieldError`` in pydantic's words, which every door has used."""
@@ -73,6 +84,7 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise FieldError("Input should be a list")
+        _check_length(value, "List", bounds)
         items = []
         problems: Problems = []  # every item's, not only the first wrong one's
         for i, item in enumerate(value):
@@ -89,6 +101,7 @@ def check_value(value: Any, kind: Any, bounds: typing.Mapping[str, Any]) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise FieldError("Input should be a valid dictionary")
+        _check_length(value, "Dictionary", bounds)
         wrong: Problems = [
             ((str(key),), "Input should be a valid string")
             for key, item in value.items()
@@ -164,10 +177,13 @@ def build_fields(cls: type, given: dict[str, Any], problems: Problems) -> dict[s
     added to ``problems`` as (where, message), an unknown field with the nearest known name."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
-    for name in given:
-        if name not in known:
-            near = nearest(str(name), known)
-            problems.append(((str(name),), f"unknown field (did you mean {near}?)" if near else "unknown field"))
+    unknown = [name for name in given if name not in known]
+    named = MAX_PROBLEMS_SAID // 2  # each with its nearest known name (a search of them all); the rest counted
+    for name in unknown[:named]:
+        near = nearest(str(name), known)
+        problems.append(((str(name),), f"unknown field (did you mean {near}?)" if near else "unknown field"))
+    if len(unknown) > named:
+        problems.append(((), f"{len(unknown) - named} more unknown fields"))
     for name, spec in known.items():
         if name not in given:
             if spec.default is not dataclasses.MISSING:
@@ -205,7 +221,11 @@ def set_fields(obj: Any, values: dict[str, Any]) -> None:
 
 
 def problems_error(problems: Problems) -> PolicyError:
-    said = "; ".join(f"{'.'.join(map(str, loc)) or 'policy'}: {message}" for loc, message in problems)
+    said = "; ".join(
+        f"{'.'.join(map(str, loc)) or 'policy'}: {message}" for loc, message in problems[:MAX_PROBLEMS_SAID]
+    )
+    if len(problems) > MAX_PROBLEMS_SAID:
+        said += f"; and {len(problems) - MAX_PROBLEMS_SAID} more"
     error = PolicyError("invalid policy: " + said)
     error.problems = tuple(problems)
     return error

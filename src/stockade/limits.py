@@ -19,6 +19,12 @@ from .agent.wire import MAX_DATA_BYTES
 from .errors import CallTooLargeError, InvalidRequestError
 
 MAX_CALL_BYTES = MAX_DATA_BYTES
+# Items of a list a request may hold: a command's arguments; a policy's hosts, networks, mounts, secrets,
+# packages; an environment's variables. Each bounds what a wrong request makes the check go through
+# (and say) before it is refused: two million wrong items took seconds and gigabytes.
+MAX_ARGV_ITEMS = 16384
+MAX_LIST_ITEMS = 256
+MAX_ENV_ITEMS = 4096
 _CHARS_UNDER = MAX_CALL_BYTES // 4  # no text this long is over the limit: UTF-8 takes at most 4 bytes a character
 
 

@@ -28,7 +28,7 @@ from .agent.wire import MAX_DATA_BYTES
 from .checked import Checked, checked_fields, describe, nearest, problems_error, set_fields
 from .errors import PolicyError
 from .isolation import RUNTIME_NAMES
-from .limits import check_timeout
+from .limits import MAX_ENV_ITEMS, MAX_LIST_ITEMS, check_timeout
 
 IsolationLevel = Literal["none", "process", "gvisor", "microvm"]
 TrustLevel = Literal["trusted", "verified", "untrusted"]
@@ -116,7 +116,7 @@ class SecretGrant(Checked):
     carries the handle with ``format`` filled with the value, for ``hosts`` only."""
 
     name: str
-    hosts: tuple[str, ...]
+    hosts: tuple[str, ...] = field(metadata=describe("the hosts it is sent to", max_length=MAX_LIST_ITEMS))
     header: str = "Authorization"
     format: str = "Bearer {value}"
 
@@ -276,28 +276,32 @@ class Policy(Checked):
         default=(),
         metadata=describe(
             "with network_policy allowlist: the hosts it may reach through the proxy (NAME, *.DOMAIN, an "
-            "address; :PORT optional)"
+            "address; :PORT optional)",
+            max_length=MAX_LIST_ITEMS,
         ),
     )
     allowed_cidrs: tuple[str, ...] = field(
         default=(),
         metadata=describe(
             "with network_policy allowlist: private networks an allowed name may resolve to, or that may be "
-            "reached by address (CIDR)"
+            "reached by address (CIDR)",
+            max_length=MAX_LIST_ITEMS,
         ),
     )
     secrets: tuple[SecretGrant, ...] = field(
         default=(),
         metadata=describe(
             "secrets the code uses but never holds: NAME@HOST[,HOST] (it sees a handle; the proxy puts the "
-            "value in the bound header for those hosts)"
+            "value in the bound header for those hosts)",
+            max_length=MAX_LIST_ITEMS,
         ),
     )
     filesystem_access: tuple[Mount, ...] = field(
-        default=(), metadata=describe("a host path shared in, read-only unless :rw")
+        default=(), metadata=describe("a host path shared in, read-only unless :rw", max_length=MAX_LIST_ITEMS)
     )
     environment: dict[str, str] = field(
-        default_factory=dict, metadata=describe("environment variables of the code", check=_check_environment)
+        default_factory=dict,
+        metadata=describe("environment variables of the code", check=_check_environment, max_length=MAX_ENV_ITEMS),
     )
     on_violation: Literal["deny", "kill"] = field(
         default="deny", metadata=describe("deny: the call fails with EPERM and is reported; kill: the run ends")
@@ -321,6 +325,7 @@ class Policy(Checked):
             "Python requirements (pip's syntax): the environment they make, built on first use from wheels "
             "and cached by content",
             check=_normalise_packages,
+            max_length=MAX_LIST_ITEMS,
         ),
     )
     environment_id: str | None = field(

@@ -243,3 +243,28 @@ def test_the_http_apis_cache_of_policies_holds_no_large_request() -> None:
     assert small.policy() is small.policy()  # built once
     assert large.policy().environment["A"] == "x" * 100_000
     assert seed._policy.cache_info().currsize == 1
+
+
+def test_a_list_or_dict_past_its_bound_is_one_problem_and_a_message_names_twenty() -> None:
+    """Two million wrong items were two million problems: ten seconds to check, a message of megabytes."""
+    from stockade.errors import InvalidRequestError
+    from stockade.protocol.models import ExecuteRequest, SandboxExec, parse
+
+    for fields, said in (
+        ({"allowed_hosts": [0] * 2_000_000}, "allowed_hosts: List should have at most 256 items after validation"),
+        ({"secrets": [{"name": "A", "hosts": ["x.example"] * 257}]}, "secrets.0.hosts: List should have at most 256"),
+        ({"environment": {str(i): 0 for i in range(5000)}}, "environment: Dictionary should have at most 4096"),
+    ):
+        with pytest.raises(PolicyError) as caught:
+            Policy.build(**fields)
+        assert str(caught.value).startswith(f"invalid policy: {said}") and len(caught.value.problems) == 1
+    with pytest.raises(PolicyError) as caught:
+        Policy.build(allowed_hosts=[0] * 200)
+    assert len(caught.value.problems) == 200
+    assert str(caught.value).endswith("allowed_hosts.19: Input should be a valid string; and 180 more")
+    with pytest.raises(PolicyError, match=r"k9: unknown field; policy: 99990 more unknown fields$"):
+        Policy.build(**{f"k{i}": 0 for i in range(100_000)})
+    with pytest.raises(InvalidRequestError, match="command: List should have at most 16384 items after"):
+        parse(ExecuteRequest, {"command": [0] * 100_000}, "execute request")
+    with pytest.raises(InvalidRequestError, match="env: Dictionary should have at most 4096 items, not"):
+        parse(SandboxExec, {"sandbox_id": "s", "command": ["true"], "env": {str(i): 0 for i in range(5000)}}, "exec")

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -28,7 +29,7 @@ from pydantic import (
 )
 
 from ..errors import InvalidRequestError, PolicyError
-from ..limits import check_call_size
+from ..limits import MAX_ARGV_ITEMS, MAX_ENV_ITEMS, MAX_LIST_ITEMS, check_call_size
 from ..policy import Policy, default_policy
 
 Language = Literal["python", "bash"]
@@ -43,7 +44,24 @@ def _no_nul(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_no_nul)]
 Path = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
-Argv = Annotated[list[Text], Field(min_length=1, description="the command and its arguments")]
+Argv = Annotated[
+    list[Text], Field(min_length=1, max_length=MAX_ARGV_ITEMS, description="the command and its arguments")
+]
+
+
+def items_at_most(limit: int) -> BeforeValidator:
+    """A dict's bound checked before its items are (pydantic checks ``max_length`` after: a request
+    of half a million wrong items was as many errors, seconds and hundreds of MB to say)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, dict) and len(value) > limit:
+            raise ValueError(f"Dictionary should have at most {limit} items, not {len(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+Env = Annotated[dict[str, str], items_at_most(MAX_ENV_ITEMS), Field(max_length=MAX_ENV_ITEMS)]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False, description="seconds")]
 AgentId = Annotated[str, Field(min_length=1, max_length=128, description="who the run is for (audit, metrics)")]
 
@@ -132,7 +150,9 @@ class SecretPut(Request):
     name: str
     value: SecretStr
     # Required: one bound to any host would go wherever any caller's policy names (its own server).
-    hosts: list[str] = Field(min_length=1, description="the only hosts a policy may bind it to")
+    hosts: list[str] = Field(
+        min_length=1, max_length=MAX_LIST_ITEMS, description="the only hosts a policy may bind it to"
+    )
 
 
 class SecretRef(Request):
@@ -140,7 +160,7 @@ class SecretRef(Request):
 
 
 class _HeldRun(SandboxRef, _WithStdin):
-    env: dict[str, str] | None = Field(default=None, description="environment for this call, over the policy's")
+    env: Env | None = Field(default=None, description="environment for this call, over the policy's")
     timeout: Seconds | None = Field(default=None, description="this call's own limit (the policy's still holds)")
 
 
@@ -182,7 +202,7 @@ class SandboxSpawn(SandboxRef):
 
     command: Argv
     cwd: Path | None = None
-    env: dict[str, str] | None = Field(default=None, description="environment over the policy's")
+    env: Env | None = Field(default=None, description="environment over the policy's")
     stdin_b64: str | None = Field(default=None, description="its first input, base64 (more: process_write)")
     _stdin: bytes = PrivateAttr(default=b"")
 

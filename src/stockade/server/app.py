@@ -36,10 +36,12 @@ from ..daemon.methods import METHODS
 from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError
 from ..policy import Policy, default_policy
 from ..protocol.models import (
+    Argv,
     Caller,
     Cancelled,
     Closed,
     DirListing,
+    Env,
     FileWritten,
     InterpreterClosed,
     Interrupted,
@@ -74,10 +76,10 @@ class HttpSandboxCreate(BaseModel):
 class HttpExec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    command: list[str] = Field(min_length=1)
+    command: Argv
     cwd: str | None = None
     stdin: str | None = None
-    env: dict[str, str] | None = None
+    env: Env | None = None
     timeout: float | None = Field(default=None, gt=0)
 
 
@@ -87,7 +89,7 @@ class HttpRunCode(BaseModel):
     code: str
     language: str = "python"
     stdin: str | None = None
-    env: dict[str, str] | None = None
+    env: Env | None = None
     timeout: float | None = Field(default=None, gt=0)
     session: str | None = Field(
         default=None, description="run the code as a cell of this stateful interpreter (python; no stdin)"

@@ -9,16 +9,16 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..protocol.models import ProcessInfo, ProcessList, ProcessOutput, Published
+from ..protocol.models import Argv, Env, ProcessInfo, ProcessList, ProcessOutput, Published
 from .door import HttpDoor
 
 
 class HttpSpawn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    command: list[str] = Field(min_length=1)
+    command: Argv
     cwd: str | None = None
-    env: dict[str, str] | None = None
+    env: Env | None = None
     stdin_b64: str | None = Field(default=None, description="its first input, base64")
 
 

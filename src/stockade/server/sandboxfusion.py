@@ -47,13 +47,14 @@ import base64
 import math
 import posixpath
 import shlex
-from typing import Any, Literal, Protocol, get_args
+from typing import Annotated, Any, Literal, Protocol, get_args
 
 from pydantic import BaseModel, Field
 
 from ..errors import CallTooLargeError, InvalidRequestError, SandboxError
 from ..limits import MAX_CALL_BYTES
 from ..policy import MAX_MEMORY_MB, MAX_TIMEOUT_S
+from ..protocol.models import items_at_most
 from ..result import ExecResult
 
 # SandboxFusion's ``Language`` (sandbox/runners/types.py): a request naming any
@@ -105,6 +106,7 @@ _MKDIR_TIMEOUT_S = 10.0
 
 
 MAX_FETCH_NAMES = 1024  # names in one fetch_files
+MAX_FILES = 4096  # files in one request's files (each is a write of its own)
 
 
 class RequestNotSupported(ValueError):
@@ -132,8 +134,8 @@ class RunCodeRequest(BaseModel):
     code: str = Field(..., examples=['print("hello")'], description="the code to run")
     stdin: str | None = Field(default=None, examples=[""], description="optional string passed to the code's stdin")
     language: Language = Field(..., examples=["python"], description="the language to run the code in")
-    files: dict[str, str | None] = Field(
-        default={}, description="file path -> base64-encoded content, written before the run"
+    files: Annotated[dict[str, str | None], items_at_most(MAX_FILES)] = Field(
+        default={}, max_length=MAX_FILES, description="file path -> base64-encoded content, written before the run"
     )
     fetch_files: list[str] = Field(
         default=[], max_length=MAX_FETCH_NAMES, description="file paths to return (base64) after the run"

@@ -29,8 +29,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import PolicyError
+from ..limits import MAX_LIST_ITEMS
 from ..policy import MAX_CPU, MAX_MEMORY_MB, MAX_TIMEOUT_S, Policy
-from ..protocol.models import ExecuteRequest, Language
+from ..protocol.models import Argv, Env, ExecuteRequest, Language
 from ..result import ExecResult, SecurityViolation
 
 SeedRuntime = Literal["gvisor", "firecracker", "microvm", "process"]
@@ -54,7 +55,7 @@ class SeedExecuteRequest(BaseModel):
 
     agent_id: Annotated[str, Field(min_length=1, max_length=128, description="who the run is for")]
     code: str | None = Field(default=None, description="the code to run (or give command)")
-    command: Annotated[list[str], Field(min_length=1)] | None = Field(default=None, description="an argv to run")
+    command: Argv | None = Field(default=None, description="an argv to run")
     language: Language = "python"
     runtime: SeedRuntime | None = Field(default=None, description="left out: the daemon's default runtime")
     trust_level: Literal["trusted", "verified", "untrusted"] | None = None
@@ -62,8 +63,10 @@ class SeedExecuteRequest(BaseModel):
     memory_limit_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB)
     cpu_limit: float = Field(default=1.0, ge=0.01, le=MAX_CPU)
     network_policy: Literal["none", "restricted", "full"] = "none"
-    filesystem_access: list[str] = Field(default_factory=list, description="host paths shared in: SRC[:DST][:rw]")
-    environment: dict[str, str] = Field(default_factory=dict)
+    filesystem_access: list[str] = Field(
+        default_factory=list, max_length=MAX_LIST_ITEMS, description="host paths shared in: SRC[:DST][:rw]"
+    )
+    environment: Env = Field(default_factory=dict)
     stdin: str | None = None
 
     @model_validator(mode="after")
