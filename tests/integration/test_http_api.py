@@ -431,6 +431,22 @@ def test_rate_limits_answer_429_with_retry_after(process_runtime: str) -> None:
     assert daemon.stop() == 0, daemon.logs()
 
 
+def test_requests_without_the_token_do_not_use_up_the_token_holders_rate(process_runtime: str) -> None:
+    """Loopback is one network: a local user with no token flooding it with wrong tokens had the
+    token's holder answered 429. Requests without the token draw on a window of their own."""
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_API_TOKEN": TOKEN, "STOCKADE_MAX_REQUESTS": "8"})
+    assert daemon.http_url is not None
+    good, bad = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer wrong-token-0000000000"}
+    try:
+        with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+            answers = _in_one_window(lambda i: http.get("/api/v1/sandbox/status", headers=bad if i < 11 else good), 12)
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    codes = [a.status_code for a in answers]
+    assert set(codes[:11]) == {401, 429} and codes[11] == 200, codes
+    assert "client network loopback (no token)" in answers[10].json()["error"]
+
+
 def test_a_full_daemon_answers_503_at_once(process_runtime: str) -> None:
     daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_TIMEOUT": "120"})
     assert daemon.http_url is not None

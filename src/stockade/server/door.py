@@ -137,26 +137,32 @@ class HttpDoor:
                 f"Host {host[:64]!r} is not this server: without an API token only its loopback names are served"
             )
 
-    def check_token(self, request: Request) -> None:
+    def authenticated(self, request: Request) -> bool:
+        """Whether ``request`` carries the token (any request does when there is none)."""
         if self.token is None:
-            return
+            return True
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" and request.url.path in QUERY_TOKEN_PATHS:
             value, scheme = request.query_params.get("token", ""), "bearer"
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
-            self.observers.auth_failure("http", client_address(request), request.url.path)
-            if request.url.path in QUERY_TOKEN_PATHS:
-                raise AuthenticationError(
-                    "Authentication failed: a valid 'Authorization: Bearer <token>' or '?token=<token>' is required"
-                )
-            raise AuthenticationError("Authentication failed: a valid 'Authorization: Bearer <token>' is required")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token)
 
-    def check_rate(self, request: Request) -> None:
-        # By the client's network, as connections are counted: one host has many addresses.
+    def refuse_token(self, request: Request) -> None:
+        self.observers.auth_failure("http", client_address(request), request.url.path)
+        if request.url.path in QUERY_TOKEN_PATHS:
+            raise AuthenticationError(
+                "Authentication failed: a valid 'Authorization: Bearer <token>' or '?token=<token>' is required"
+            )
+        raise AuthenticationError("Authentication failed: a valid 'Authorization: Bearer <token>' is required")
+
+    def check_rate(self, request: Request, authenticated: bool = True) -> None:
+        # By the client's network, as connections are counted: one host has many addresses. Requests
+        # without the token draw on a window of their own: every local user shares loopback's, and
+        # one who floods it with wrong tokens must not have the token's holder refused.
         network = peer_network(client_address(request))
-        if not self.per_client.allow(network):
-            raise RateLimitError(f"Rate limit exceeded for client network {network}", self.per_client.wait_s(network))
+        key = network if authenticated else f"{network} (no token)"
+        if not self.per_client.allow(key):
+            raise RateLimitError(f"Rate limit exceeded for client network {key}", self.per_client.wait_s(key))
 
     def check_agent(self, agent_id: str | None) -> None:
         if agent_id is not None and not self.per_agent.allow(agent_id):
@@ -223,8 +229,10 @@ class Guard:
                 _refuse_a_body(request)  # answered to anyone: nothing of theirs is waited for
             else:
                 self.door.check_host(request)
-                self.door.check_rate(request)
-                self.door.check_token(request)
+                authenticated = self.door.authenticated(request)
+                self.door.check_rate(request, authenticated)
+                if not authenticated:
+                    self.door.refuse_token(request)
                 if not _small_answer(request):
                     self.door.controller.answers.refuse_new(HTTP_OWNER)
             receive = await self._bounded_body(scope, receive)
