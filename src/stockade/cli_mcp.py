@@ -100,7 +100,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
-    from .errors import StockadeError, printable
+    from .errors import StockadeError, printable, without_controls
 
     try:
         arguments = json.loads(args.arguments)
@@ -130,7 +130,9 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     else:
         for item in result.content:
             if item.type == "text":
-                print(item.text)
+                # The server's words, escaped where a terminal would act on them (a title set, the screen
+                # cleared, the clipboard written): --json has them exactly.
+                print(without_controls(item.text))
             else:
                 # A line of stockade's own: what the server chose in it (its type, its MIME type) escaped.
                 kind = printable(f"{item.type} content: {getattr(item, 'mime_type', None) or 'no type'}")

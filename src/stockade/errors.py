@@ -339,6 +339,12 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS).replace("\n", "\n    ")
 
 
+def without_controls(text: str) -> str:
+    """``text`` from an isolate shown whole (a tool's output, its description): its lines and tabs
+    kept, what a terminal would act on or hide written as ``\\xNN``/``\\uNNNN`` (``printable``'s)."""
+    return text.translate(_CONTROLS)
+
+
 def utf8_text(text: str) -> str:
     """``text`` as UTF-8 can carry it. A lone surrogate (a name that was not UTF-8, read as
     ``os.listdir`` reads it; a JSON escape an isolate wrote) becomes a backslash escape of its

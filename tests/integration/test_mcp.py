@@ -81,6 +81,19 @@ def test_call_tool_runs_a_real_server_in_a_fresh_isolate(manager: RuntimeManager
     assert hidden.returncode == 125 and "'convert_time' of MCP server 'time' is not offered" in hidden.stderr
 
 
+def test_call_tool_shows_a_servers_text_without_what_a_terminal_would_act_on(tmp_path: Any) -> None:
+    """The text was printed as the server wrote it: a title set, the screen cleared, a line forged."""
+    require("process")
+    path = tmp_path / "isolation_config.json"
+    path.write_text(json.dumps({"mcp_servers": {"bad": hostile()}}))
+    argv = [STOCKADE, "mcp", "call-tool", "--config", str(path)]
+    shown = subprocess.run([*argv, "bad", "shout", "{}"], capture_output=True, text=True, timeout=600)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == "\\x1b]0;PWNED\\x07\\x1b[31mred\\x0d\nstockade: forged line\n"
+    exact = subprocess.run([*argv, "--json", "bad", "shout", "{}"], capture_output=True, text=True, timeout=600)
+    assert json.loads(exact.stdout)["content"][0]["text"] == "\x1b]0;PWNED\x07\x1b[31mred\r\nstockade: forged line"
+
+
 def test_a_persistent_server_keeps_its_isolate_and_is_started_again_when_it_dies(manager: RuntimeManager) -> None:
     host = ToolHost(config(time={**TIME, "lifecycle": "persistent", "expose": "all"}), manager)
 

@@ -62,12 +62,20 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
         with anyio.fail_after(600):
             async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
-                names = {t.name for t in (await session.list_tools()).tools}
+                tools = {t.name: t for t in (await session.list_tools()).tools}
+                names = set(tools)
                 assert "get_current_time" in names and "convert_time" not in names  # listed only
                 assert {"bad.echo", "worse.echo", "bad.snoop", "worse.sleep"} <= names  # collisions named
                 assert not [n for n in names if n.startswith(("broken", "stalled"))]
                 assert "namer.time.convert_time" in names and "time.convert_time" not in names
                 assert not [n for n in names if n.endswith("name")]  # the one named "bad\\x1bname"
+                # Dressed as time's: the title clients show first says whose it is; no terminal controls in
+                # what it says of itself; no icon the client would fetch from where the server chose.
+                dressed = tools["namer.time.convert_time"]
+                assert dressed.title == "namer: time.get_current_time"
+                assert dressed.annotations is not None and dressed.annotations.title == "namer: time.get_current_time"
+                assert dressed.description == "the time \\x1b]0;PWNED\\x07\\x1b[31mred\\x0d\nstockade: forged line"
+                assert [str(i.src) for i in dressed.icons or []] == ["data:image/png;base64,iVBORw0KGgo="]
                 uris = [str(r.uri) for r in (await session.list_resources()).resources]
                 assert uris == ["file:///notes"]
                 notes = await session.read_resource("file:///notes")

@@ -30,7 +30,7 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 
 from ..audit import AuditLog
-from ..errors import printable
+from ..errors import printable, without_controls
 from .config import IsolationConfig
 from .http import serve_http
 from .tools import ToolError, ToolHost, call_record
@@ -86,11 +86,11 @@ class Gateway:
             offer = self.offers[server_id] = Offer()
             for tool in exposed[server_id]:
                 name = tool_names[server_id, tool.name]
-                offer.tools[name] = (tool.name, tool.model_copy(update={"name": name}))
+                offer.tools[name] = (tool.name, _as_offered(tool, name, server_id))
             offer.resources = {str(r.uri): r for r in resources if offered_by[str(r.uri)] == 1}
             for prompt in kept[server_id]:
                 name = prompt_names[server_id, prompt.name]
-                offer.prompts[name] = (prompt.name, prompt.model_copy(update={"name": name}))
+                offer.prompts[name] = (prompt.name, _as_offered(prompt, name, server_id))
 
     # ---- the MCP server's handlers --------------------------------------------------------
 
@@ -212,6 +212,26 @@ async def _describe(session: ClientSession) -> tuple[list[types.Tool], list[type
     resources = (await session.list_resources()).resources if capabilities.resources else []
     prompts = (await session.list_prompts()).prompts if capabilities.prompts else []
     return tools, resources, prompts
+
+
+def _as_offered(item: Any, name: str, server_id: str) -> Any:
+    """A server's tool or prompt as this gateway offers it: under its final name; a title the server
+    gave it (which clients show before the name) said to be that server's, so that none passes for
+    another server's; its description without terminal controls; only icons carried inline (a URL
+    would have the client fetch what the isolated server put in it, past its network policy)."""
+    update: dict[str, Any] = {"name": name}
+    if item.title:
+        update["title"] = f"{server_id}: {without_controls(item.title)}"
+    if item.description:
+        update["description"] = without_controls(item.description)
+    if item.icons:
+        update["icons"] = [i for i in item.icons if str(i.src).startswith("data:")] or None
+    annotations = getattr(item, "annotations", None)
+    if annotations is not None and annotations.title:
+        update["annotations"] = annotations.model_copy(
+            update={"title": f"{server_id}: {without_controls(annotations.title)}"}
+        )
+    return item.model_copy(update=update)
 
 
 def _well_named(server_id: str, kind: str, name: str) -> bool:
