@@ -277,6 +277,15 @@ def test_a_server_started_per_call_draws_on_one_read_budget(
     assert text_of(call(host, "bad", "echo", payload)) == payload
     with pytest.raises(ToolError, match="bad ended during the call: it wrote more than 0 MiB a second"):
         call(host, "bad", "echo", payload)
+    # A daemon gives all of one caller's hosts one budget: a config sent again with the server renamed
+    # (another host) brought a fresh burst each time, read by the daemon's own process.
+    shared = transport.ReadBudget()
+    first = ToolHost(config(bad=hostile()), manager, budget=shared)
+    assert text_of(call(first, "bad", "echo", payload)) == payload
+    assert text_of(call(first, "bad", "echo", payload)) == payload
+    renamed = ToolHost(config(other=hostile()), manager, budget=shared)
+    with pytest.raises(ToolError, match="other ended during the call: it wrote more than 0 MiB a second"):
+        call(renamed, "other", "echo", payload)
 
 
 def test_a_server_that_chatters_without_end_is_cut_off_and_its_stderr_cannot_steer_a_terminal(

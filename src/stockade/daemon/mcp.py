@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -26,6 +26,9 @@ from ..errors import ConfigError
 from ..protocol.models import ActiveSandbox, Answer, Caller, Request
 from .controller import Controller
 from .observers import Observers
+
+if TYPE_CHECKING:
+    from ..mcp.transport import ReadBudget
 
 MAX_HOSTS_PER_OWNER = 16  # configs kept at once for one owner; its least recently used idle one goes first
 
@@ -54,6 +57,9 @@ class _Kept:
 class _Hosts:
     kept: dict[tuple[str, str], _Kept] = field(default_factory=dict)  # the most recently used last
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # What reading each caller's servers may cost the daemon (mcp/transport.py): one per caller, whatever
+    # configs it sends, kept for the daemon's life (a caller's budget refills as it is not used).
+    budgets: dict[str, ReadBudget] = field(default_factory=dict)
 
 
 _hosts: weakref.WeakKeyDictionary[Controller, _Hosts] = weakref.WeakKeyDictionary()
@@ -131,6 +137,7 @@ def _audit(controller: Controller, caller: Caller, record: dict[str, Any]) -> No
 
 async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
     from ..mcp.tools import ToolHost
+    from ..mcp.transport import ReadBudget
 
     hosts = _hosts.setdefault(controller, _Hosts())
     digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -138,7 +145,8 @@ async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
     async with hosts.locks.setdefault(key, asyncio.Lock()):  # one host per key, however many ask at once
         kept = hosts.kept.pop(key, None)
         if kept is None or kept.task.done():
-            host = ToolHost(config, controller.manager, admit=lambda: _slot(controller, caller))
+            budget = hosts.budgets.setdefault(caller.owner, ReadBudget())
+            host = ToolHost(config, controller.manager, admit=lambda: _slot(controller, caller), budget=budget)
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             stop = asyncio.Event()
 

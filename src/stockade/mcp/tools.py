@@ -101,6 +101,7 @@ class ToolHost:
         config: IsolationConfig,
         manager: RuntimeManager | None = None,
         admit: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+        budget: ReadBudget | None = None,
     ) -> None:
         self.config = config
         self.manager = manager
@@ -109,6 +110,9 @@ class ToolHost:
         self._live: dict[str, _Live] = {}
         self._starting: dict[str, anyio.Lock] = {}
         self._budgets: dict[str, ReadBudget] = {}  # by server: every process of one draws on its one
+        # Or one for all of them: a daemon's, per caller, who could otherwise bring a fresh budget with
+        # each config it sends (a server renamed is another host), all read by the daemon's process.
+        self._budget_for_all = budget
         self._tasks: TaskGroup | None = None  # where persistent servers' keepers run (async with ToolHost)
 
     async def __aenter__(self) -> ToolHost:
@@ -160,6 +164,8 @@ class ToolHost:
             return await self._call_ephemeral(server_id, server, tool, arguments or {}, timeout)
 
     def _budget(self, server_id: str) -> ReadBudget:
+        if self._budget_for_all is not None:
+            return self._budget_for_all
         return self._budgets.setdefault(server_id, ReadBudget())
 
     def _timeout(self, server_id: str, tool: str | None) -> float:
