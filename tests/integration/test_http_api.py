@@ -325,6 +325,32 @@ def test_a_client_that_disconnects_before_its_answer_ends_the_run(daemon: Daemon
     assert len(lines) == 1 and " hung_up " in lines[0] and marker not in lines[0], daemon.logs()
 
 
+def test_a_held_sandbox_whose_client_left_before_its_id_came_is_closed(daemon: Daemon, http: httpx.Client) -> None:
+    """Its id never reached anyone: it held a slot until its idle timeout (600 s), nobody's to close."""
+    assert daemon.http_url is not None
+    address = urlsplit(daemon.http_url)
+    # A shape no warm isolate has: made cold, while its client is already gone.
+    body = json.dumps({"agent_id": "left", "policy": {"memory_mb": 320, "pids_limit": 99}}).encode()
+    head = (
+        f"POST /api/v1/sandboxes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    for _ in range(3):
+        with socket.create_connection((address.hostname, address.port), timeout=10) as s:
+            s.sendall(head + body)
+
+    def none_held() -> bool:
+        held = http.get("/api/v1/sandbox/status").json()["active_sandboxes"]
+        return not [a for a in held if a.get("agent_id") == "left"]
+
+    _wait_until(none_held, what="the sandboxes of clients that left are closed")
+    created = http.post("/api/v1/sandboxes", json={"agent_id": "stays"})  # one whose client stays is kept
+    assert created.status_code == 201
+    held = http.get("/api/v1/sandbox/status").json()["active_sandboxes"]
+    assert [a["agent_id"] for a in held if a.get("agent_id") in ("left", "stays")] == ["stays"]
+    assert http.delete(f"/api/v1/sandboxes/{created.json()['sandbox_id']}").status_code == 200
+
+
 # ---- auth, limits, capacity ------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import Callable
 from importlib import resources
@@ -270,7 +271,17 @@ def create_app(door: HttpDoor) -> FastAPI:
     )
     async def create(request: Request, body: HttpSandboxCreate) -> Any:
         door.check_agent(body.agent_id)
-        return await door.call("sandbox.create", body.model_dump(exclude_none=True), door.caller(request))
+        caller = door.caller(request)
+        # A sandbox whose id never reached its client is nobody's to use or close: it held a slot until
+        # its idle timeout. Its making ends with its client, and one made as the client left is closed.
+        created = await until_disconnect(
+            request, door.call("sandbox.create", body.model_dump(exclude_none=True), caller)
+        )
+        if await request.is_disconnected():
+            with contextlib.suppress(StockadeError):
+                await door.call("sandbox.close", {"sandbox_id": created.sandbox_id}, caller)
+            raise ClientDisconnected("the client disconnected: its sandbox was closed")
+        return created
 
     @app.post(
         "/api/v1/sandboxes/{sandbox_id}/exec",
