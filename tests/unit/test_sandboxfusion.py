@@ -262,6 +262,14 @@ def test_an_unsupported_language_is_refused() -> None:
     assert {"python", "bash", "cpp", "racket"} <= set(LANGUAGES)
 
 
+def test_a_file_name_that_is_empty_or_holds_a_nul_is_refused_by_name() -> None:
+    # It failed deep in the file calls, as a sandbox error here and an invalid request there.
+    for fields in ({"files": {"a\x00b": "eA=="}}, {"files": {"": "eA=="}}, {"fetch_files": ["ok", "x\x00"]}):
+        with pytest.raises(ValidationError, match=r"is no file name \(empty, or holding a NUL byte\)"):
+            RunCodeRequest(code="1", language="python", **fields)
+    assert RunCodeRequest(code="1", language="python", files={"a/b": None}, fetch_files=["c"]).files == {"a/b": None}
+
+
 class _NoSandbox:
     async def write_file(self, path: str, data: bytes) -> None:
         raise AssertionError("touched")

@@ -49,9 +49,9 @@ import posixpath
 import shlex
 from typing import Annotated, Any, Literal, Protocol, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from ..errors import CallTooLargeError, InvalidRequestError, SandboxError
+from ..errors import CallTooLargeError, InvalidRequestError, SandboxError, printable
 from ..limits import MAX_CALL_BYTES
 from ..policy import MAX_MEMORY_MB, MAX_TIMEOUT_S
 from ..protocol.models import items_at_most
@@ -140,6 +140,16 @@ class RunCodeRequest(BaseModel):
     fetch_files: list[str] = Field(
         default=[], max_length=MAX_FETCH_NAMES, description="file paths to return (base64) after the run"
     )
+
+    @field_validator("files", "fetch_files")
+    @classmethod
+    def _names(cls, value: dict[str, str | None] | list[str]) -> dict[str, str | None] | list[str]:
+        # Refused here, named: an empty name, or one with a NUL (no path holds one), failed deep in
+        # the file calls, one way or another as to where it was.
+        for name in value:
+            if not name or "\x00" in name:
+                raise ValueError(f"{printable(repr(name[:200]))} is no file name (empty, or holding a NUL byte)")
+        return value
 
 
 class CommandRunResult(BaseModel):
