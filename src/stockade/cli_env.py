@@ -92,6 +92,7 @@ def _python() -> str:
 
 def _list(args: argparse.Namespace) -> int:
     from . import environments
+    from .errors import printable
 
     entries = environments.listing()
     if args.json:
@@ -102,7 +103,9 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "ID", "SIZE", "CREATED", "REQUIREMENTS")]
     for e in entries:
-        rows.append((",".join(e.names) or "-", e.id[:12], _size(e.size_bytes), e.created, " ".join(e.requirements)))
+        # A store's manifests are files: what they say is shown without what a terminal would act on.
+        said = printable(" ".join(e.requirements))
+        rows.append((",".join(e.names) or "-", e.id[:12], _size(e.size_bytes), printable(e.created), said))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])

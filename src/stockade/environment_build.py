@@ -25,7 +25,6 @@ import time
 from typing import IO, TextIO
 
 from .environments import (
-    ENV_ROOT,
     MANIFEST,
     build_timeout,
     canonical,
@@ -33,7 +32,8 @@ from .environments import (
     run_env,
     store_dir,
 )
-from .errors import PolicyError
+from .errors import PolicyError, printable
+from .policy import ENV_ROOT
 from .runtimes.process.zygote import system_python
 
 log = logging.getLogger("stockade.environments")
@@ -45,7 +45,7 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) 
     work = tempfile.mkdtemp(prefix=f"{env_id}.{os.getpid()}.", dir=store_dir("tmp"))
     os.chmod(work, 0o755)  # noqa: S103 - every sandbox uid reads it (the cache step mounts it)
     if not verbose:
-        log.warning("building a Python environment for %s (once; cached as %s)", ", ".join(reqs), env_id)
+        log.warning("building a Python environment for %s (once; cached as %s)", printable(", ".join(reqs)), env_id)
     try:
         _pip(work, reqs, allow_source, verbose)
         target = os.path.join(work, "python")
@@ -92,8 +92,10 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) ->
     with open(log_path, "wb") as out:
         # Verbose: pip's output to the terminal as it comes, and to the log, which says why it failed.
         sink = subprocess.PIPE if verbose else out
+        # In a directory of its own, empty: pip reads an argument that names a file where it runs
+        # as that file, and builds an archive so named from source whatever --only-binary says.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
-                                start_new_session=True)  # fmt: skip
+                                cwd=env["TMPDIR"], start_new_session=True)  # fmt: skip
         pairs = ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
         shown = [threading.Thread(target=_tee, args=(pipe, mine, out), daemon=True)
                  for pipe, mine in pairs if pipe is not None]  # fmt: skip
@@ -187,8 +189,9 @@ def _prime_caches(work: str) -> None:
     from .runtimes.manager import RuntimeManager
     from .sdk import run_code
 
-    policy = Policy(filesystem_access=(Mount(source=work, target=ENV_ROOT),), environment=run_env(),
-                    timeout_seconds=120.0, memory_mb=1024, max_output_bytes=7 * 1024 * 1024)  # fmt: skip
+    # Mounted as the runtime mounts an environment (no caller may name its root: Policy refuses it).
+    policy = Policy(environment=run_env(), timeout_seconds=120.0, memory_mb=1024,
+                    max_output_bytes=7 * 1024 * 1024).with_mount(Mount(source=work, target=ENV_ROOT))  # fmt: skip
     manager = RuntimeManager(pool_size=0)
     try:
         result = run_code(_PRIME, policy=policy, manager=manager)

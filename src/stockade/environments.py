@@ -36,14 +36,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import PolicyError
+from .errors import PolicyError, printable
+from .policy import ENV_ROOT
 from .runtimes.process.zygote import system_python
 from .settings import current
 
 if TYPE_CHECKING:
     from .policy import Policy
 
-ENV_ROOT = "/opt/stockade/env"  # where every runtime mounts the environment (agent/rootfs.py says it too)
 CACHE_HOME = "/tmp/.cache"  # XDG_CACHE_HOME inside; the environment's cache/ is copied there
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"  # runtimes/base.py's BASE_ENV["PATH"]
 SYSTEM_STORE = "/var/cache/stockade/envs"
@@ -55,7 +55,8 @@ log = logging.getLogger("stockade.environments")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _REQ = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(\[[A-Za-z0-9._,\s-]*\])?\s*(.*)$")
-_CLAUSE = r"(?:===|~=|==|!=|<=|>=|<|>)[A-Za-z0-9.*+!_-]+"
+_CLAUSE = r"(?:~=|==|!=|<=|>=|<|>)[A-Za-z0-9.*+!_-]+"
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # all but tab, which is a space here
 _SPEC = re.compile(rf"^(?:{_CLAUSE}(?:,{_CLAUSE})*)?$")
 # pip options (config files, PIP_* variables) that change which packages a requirement list installs.
 _PIP_KEYS = ("index-url", "extra-index-url", "find-links", "no-index", "constraint", "pre", "only-binary",
@@ -121,8 +122,10 @@ def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[
     configuration, and a path would not say what the environment holds."""
     out = set()
     for raw in requirements:
-        if not isinstance(raw, str) or "\0" in raw or "\n" in raw:
-            raise ValueError(f"{raw!r} is not a requirement")
+        # No control characters (a marker's quoted text could hold any): the text is shown by
+        # `stockade env ls` and the daemon's log, where they would steer a terminal.
+        if not isinstance(raw, str) or _CONTROL.search(raw):
+            raise ValueError(f"{printable(repr(raw)[:300])} is not a requirement (it holds control characters)")
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
         if not line:
             continue
@@ -149,7 +152,7 @@ def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[
         else:
             given, _, marker = rest.partition(";")
             spec = "".join(given.split())
-            if not _SPEC.match(spec):
+            if not _SPEC.match(spec) or not _versions(spec):
                 raise ValueError(f"{raw!r}: {given.strip()!r} is not a version specifier (such as '>=2.1,<3')")
             text = name + (extras or "") + spec
         marker = " ".join(marker.split())
@@ -162,6 +165,23 @@ def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[
                 raise ValueError(f"{raw!r}: {marker!r} is not an environment marker") from None
         out.add(text + (f" ; {marker}" if marker else ""))
     return tuple(sorted(out))
+
+
+def _versions(spec: str) -> bool:
+    """Whether ``spec`` is a specifier PEP 440 reads, of versions: not ``===`` (any text, which pip
+    takes for a file's name when one so named is where it runs: ``x===1.tar.gz`` built a local
+    archive from source), nor ``==1.zip``."""
+    if not spec:
+        return True
+    if "===" in spec:
+        return False
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        SpecifierSet(spec)
+    except InvalidSpecifier:
+        return False
+    return True
 
 
 def canonical(name: str) -> str:

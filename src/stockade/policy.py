@@ -57,6 +57,7 @@ MIN_CPU = 0.01
 # Host paths never shared into an isolate, even when asked: they hand over the host.
 _FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot")
 # Isolate paths a mount may not cover: the runtime builds them itself.
+ENV_ROOT = "/opt/stockade/env"  # where every runtime mounts a Python environment (agent/rootfs.py says it too)
 _RESERVED_TARGETS = ("/", "/proc", "/dev", "/usr", "/etc", "/tmp", "/work", "/bin", "/sbin", "/lib", "/lib64")
 
 
@@ -349,17 +350,19 @@ class Policy(Checked):
         targets = [m.target for m in self.filesystem_access]
         if len(targets) != len(set(targets)):
             raise ValueError("filesystem_access has two mounts on the same target")
+        for target in targets:
+            # The environment's place is the runtime's, with or without one: a caller's mount there
+            # passed as one (its source let by STOCKADE_MOUNT_ROOTS as the store's own would be).
+            if target == ENV_ROOT or target.startswith(ENV_ROOT + "/") or ENV_ROOT.startswith(target + "/"):
+                raise ValueError(f"filesystem_access target {target} would cover the environment's place, {ENV_ROOT}")
         self._check_egress()
         if self.environment_name is None and not self.packages and self.environment_id is None:
             return
         # On the host that reads the policy: environment_name or packages become the content id,
         # which the digest then covers (docs/environments.md).
-        from .environments import ENV_ROOT, resolve
+        from .environments import resolve
 
         object.__setattr__(self, "environment_id", resolve(self.environment_name, self.packages, self.environment_id))
-        for m in self.filesystem_access:
-            if m.target == ENV_ROOT or m.target.startswith(ENV_ROOT + "/") or ENV_ROOT.startswith(m.target + "/"):
-                raise ValueError(f"filesystem_access target {m.target} would cover the environment at {ENV_ROOT}")
 
     def _check_egress(self) -> None:
         if self.network_policy != "allowlist":

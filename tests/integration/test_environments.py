@@ -142,6 +142,11 @@ def test_the_content_address_is_stable(small: str, monkeypatch: pytest.MonkeyPat
         "-r other.txt", "--index-url=https://example.org", "./local/pkg", "six; $(reboot)", "six @", "six=>=1",
         # pip reads a requirement line's "--option" tail as its own: --global-option means "build from source"
         'six ; python_version>"3" --global-option=x', "six ; os_name=='posix' --install-option=--prefix=/",
+        # Any text (===), or a version that is a file's name: pip took it for the archive so named
+        # where it ran, and built it from source on the host.
+        "probe===1.tar.gz", "probe==1.tar.gz", "probe==1.zip",
+        # What `stockade env ls` and the daemon's log would show raw: a title set, the screen cleared.
+        'six ; platform_release == "\x1b]0;OWNED\x07\x1b[2J"',
     ],
 )  # fmt: skip
 def test_requirements_are_refused_when_they_are_not_plain(bad: str, store: str) -> None:
@@ -300,6 +305,29 @@ def test_no_requirement_text_makes_pip_build_from_source(
     # The same distributions, asked for plainly: the wheel is installed, and setup.py never runs.
     env_id = environments.build(["stockade-sdist-probe"], name="sdist-probe")
     assert os.path.isdir(os.path.join(environments.env_path(env_id), "python", "stockade_sdist_probe"))
+    assert not marker.exists()
+
+
+def test_pip_takes_no_file_of_its_callers_directory_for_a_requirement(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past normalise (which refuses "==="), pip read "probe===1.tar.gz" as the archive of that name
+    # where it ran, the caller's directory, and ran its build backend on the host.
+    import tarfile
+
+    marker = tmp_path / "backend-ran"
+    source = tmp_path / "probe"
+    source.mkdir()
+    (source / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "probe_backend"\nbackend-path = ["."]\n'
+    )
+    (source / "probe_backend.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with tarfile.open(tmp_path / "probe===1.tar.gz", "w:gz") as sdist:
+        sdist.add(source, arcname="probe")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(PolicyError, match="pip could not install them"):
+        environment_build.make("0" * 32, ("probe===1.tar.gz",), False, False)
     assert not marker.exists()
 
 

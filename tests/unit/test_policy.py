@@ -268,3 +268,12 @@ def test_a_list_or_dict_past_its_bound_is_one_problem_and_a_message_names_twenty
         parse(ExecuteRequest, {"command": [0] * 100_000}, "execute request")
     with pytest.raises(InvalidRequestError, match="env: Dictionary should have at most 4096 items, not"):
         parse(SandboxExec, {"sandbox_id": "s", "command": ["true"], "env": {str(i): 0 for i in range(5000)}}, "exec")
+
+
+def test_no_caller_mount_covers_the_environments_place_with_or_without_an_environment() -> None:
+    """Without an environment a caller's mount there was let by, its source passed under
+    STOCKADE_MOUNT_ROOTS as the store's own would be (a build in progress, its pip.log)."""
+    for target in ("/opt/stockade/env", "/opt/stockade", "/opt/stockade/env/python", "/opt"):
+        with pytest.raises(PolicyError, match=f"target {target} would cover the environment's place"):
+            Policy(filesystem_access=[f"/srv:{target}"])
+    assert Policy(filesystem_access=["/srv:/opt/other"]).filesystem_access[0].target == "/opt/other"

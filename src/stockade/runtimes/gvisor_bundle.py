@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 from ..agent import runner
 from ..agent.commands import AGENT_FDS
 from ..agent.rootfs import INNER_UID, write_etc_extras
-from ..environments import CACHE_HOME, ENV_ROOT
-from ..policy import Policy
+from ..environments import CACHE_HOME
+from ..policy import ENV_ROOT, Policy
 from .base import BASE_ENV
 from .hosted import readable_by_all
 from .process import seccomp

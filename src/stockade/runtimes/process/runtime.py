@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from ... import environments
 from ...agent import linux
 from ...egress import PROXY_PORT
-from ...environments import ENV_ROOT, store_root
+from ...environments import store_root
 from ...errors import PolicyError
-from ...policy import Mount, Policy, default_policy, forbidden_source
+from ...policy import ENV_ROOT, Mount, Policy, default_policy, forbidden_source
 from ...settings import current
 from ..base import BASE_ENV, Availability, IsolateUsage
 from ..egress import attach_egress
