@@ -915,6 +915,7 @@ def named(networks):
 print(json.dumps({
     "own": host_address(own), "other": host_address(other), "loopback": host_address(ipaddress.ip_address("::1")),
     "usable": [str(a) for a in Allowlist(["api.test"]).usable(rule, [own, other])],
+    "nat64": [str(a) for a in Allowlist(["api.test"]).usable(rule, [ipaddress.ip_address("64:ff9b::102:304")])],
     "in_cidrs": [str(a) for a in Allowlist(["api.test"], ["1.2.3.4/32"]).usable(rule, [own])],
     "named_none": named(()), "named_inside": named(("1.2.3.0/24",)), "named_library": named(None),
 }))
@@ -925,6 +926,7 @@ print(json.dumps({
     seen = json.loads(done.stdout)
     assert (seen["own"], seen["other"], seen["loopback"]) == (True, False, True)
     assert seen["usable"] == ["1.2.3.5"] and seen["in_cidrs"] == ["1.2.3.4"]
+    assert seen["nat64"] == []  # the host's own, carried in an IPv6 address
     assert "allowed_hosts 1.2.3.4:22 is outside the networks" in seen["named_none"]
     assert seen["named_inside"] == seen["named_library"] == "allowed"
 

@@ -289,7 +289,7 @@ def test_an_admin_registers_secrets_through_the_daemon_and_they_rest_encrypted(b
     upstreams = serve_upstreams()
     up = next(upstreams)
     env = {"STOCKADE_BROKER_SOCKET": broker.socket, "STOCKADE_SESSION_KEY_FILE": broker.key_file,
-           **{k: os.environ[k] for k in ("STOCKADE_EGRESS_HOSTS_FILE", "STOCKADE_EGRESS_CA_FILE")}}  # fmt: skip
+           **{k: v for k, v in os.environ.items() if k.startswith("STOCKADE_EGRESS")}}  # fmt: skip
     daemon = start_daemon(env=env)
     registered = "sk-registered-5d2c8b1e"
     try:

@@ -127,6 +127,40 @@ def test_the_sync_clients_wait_is_for_the_answer_not_for_each_read(daemon: Calla
     assert isinstance(raised, DaemonUnavailableError) and "did not answer status within 1.5 s" in str(raised)
 
 
+def test_the_sync_clients_wait_bounds_sending_a_long_request_too(tmp_path: os.PathLike[str]) -> None:
+    """Each send was bounded alone: a daemon reading 16 KiB every 0.2 s held a 3 MB request past its wait."""
+    path = os.path.join(str(tmp_path), "slow.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    done = threading.Event()
+
+    def read_slowly() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(0.5)
+            while not done.is_set():
+                try:
+                    if not conn.recv(16 << 10):
+                        return
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    try:
+        with Client(path, timeout=1.5, retry=None) as client:
+            raised = _ended(lambda: client.call("ping", {"padding": "a" * 3_000_000}))
+        assert isinstance(raised, DaemonUnavailableError) and "within 1.5 s" in str(raised), raised
+    finally:
+        done.set()
+        listener.close()
+        reader.join(10)
+
+
 def test_the_async_client_too(daemon: Callable[[Behaviour], Daemon]) -> None:
     fake = daemon(output_lines)
 

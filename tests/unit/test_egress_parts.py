@@ -344,3 +344,25 @@ def test_a_ray_node_whose_egress_networks_hold_the_cluster_does_not_start() -> N
         refuse_cluster_networks(("10.0.0.2/32",), ["192.168.1.1", "10.0.0.2:6379"])
     with pytest.raises(ConfigError, match=r"cluster's ::1 is"):
         refuse_cluster_networks(("::1/128",), ["[::1]:6379"])
+    # A GCS given by name, as Ray keeps it (ray-head:6379): resolved, not skipped.
+    with pytest.raises(ConfigError, match=r"cluster's 127\.0\.0\.1 is"):
+        refuse_cluster_networks(("127.0.0.0/8",), ["192.168.1.1", "localhost:6379"])
+    refuse_cluster_networks(("127.0.0.0/8",), ["no-such-host.invalid:6379"])  # unresolved: nothing to hold
+
+
+def test_a_host_without_ipv6_holds_no_ipv6_address_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel booted with ipv6.disable=1 refuses an AF_INET6 socket: every name with an AAAA record
+    made the proxy's address check raise instead of going on with its IPv4 addresses."""
+    from stockade.egress import allowlist
+
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object, **kwargs: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(allowlist.socket, "socket", no_ipv6)
+    rule = parse_rule("example.com")
+    found = [ipaddress.ip_address("2606:4700::1"), ipaddress.ip_address("1.1.1.1")]
+    assert Allowlist(["example.com"]).usable(rule, found) == found

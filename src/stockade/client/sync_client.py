@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import socket
 import struct
@@ -154,7 +155,7 @@ class Client(Requests):
         with self._lock:
             try:
                 deadline = time.monotonic() + wait
-                sock = self._send(line, wait)
+                sock = self._send(line, wait, deadline)
                 if isinstance(sock, Answer):
                     return sock  # the daemon's refusal, sent before it hung up
                 while not reply.take(answer := parse(self._read_line(sock, deadline), answer_type)):
@@ -174,7 +175,7 @@ class Client(Requests):
                 self._drop()  # a half-read answer (Ctrl-C, a bad line) must not reach the next call
                 raise
 
-    def _send(self, line: bytes, wait: float) -> socket.socket | Answer:
+    def _send(self, line: bytes, wait: float, deadline: float) -> socket.socket | Answer:
         """Send ``line``: on the kept connection, or on a new one when the daemon hung that
         one up since its last answer (it restarted, or stopped: a new connection says
         which). The socket to read the answer from; or the refusal the daemon sent
@@ -184,7 +185,7 @@ class Client(Requests):
             sock = self._connect()
             self._bound(sock, wait)
             try:
-                _send_all(sock, line)
+                _send_all(sock, line, functools.partial(self._within, sock, deadline))
                 return sock
             except _NothingSent:
                 refusal = self._refusal(sock)
@@ -380,15 +381,24 @@ class Client(Requests):
         return result
 
 
-def _send_all(sock: socket.socket, line: bytes) -> None:
+# What one send takes of a request: the kernel's bound on a send (SO_SNDTIMEO) starts again with each
+# buffer it waits for, so a send of MBs to a daemon that reads a little at a time is bounded by nothing.
+_SEND_PIECE = 64 << 10
+
+
+def _send_all(sock: socket.socket, line: bytes, within: Callable[[], None]) -> None:
     """``sock.sendall(line)``, telling a connection hung up before a byte went out
-    (``_NothingSent``: the request never reached the daemon) from one that broke after."""
+    (``_NothingSent``: the request never reached the daemon) from one that broke after; each
+    piece after the first sent within what is left of the call's wait (``within``: a daemon that
+    reads slowly held a long request past it, each send bounded alone)."""
+    view = memoryview(line)
     try:
-        sent = sock.send(line)
+        sent = sock.send(view[:_SEND_PIECE])
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise _NothingSent from exc
-    if sent < len(line):  # a long request: a failure from here on is one after some of it went out
-        sock.sendall(memoryview(line)[sent:])
+    while sent < len(line):  # a long request: a failure from here on is one after some of it went out
+        within()
+        sent += sock.send(view[sent : sent + _SEND_PIECE])
 
 
 class RemoteSandbox(SandboxHandle):

@@ -155,13 +155,20 @@ def host_address(address: IPAddress) -> bool:
     from the address itself). The proxy connects from the host's network, where a public address of
     the host's reaches whatever listens on every interface (a Ray cluster's ports, sshd), as its
     loopback would: no public address for an allow-list."""
+    if isinstance(address, ipaddress.IPv6Address):
+        # One carrying an IPv4 address (mapped, NAT64, 6to4, ...) reaches that one: it is checked too.
+        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+        if address in _NAT64 or address in _COMPATIBLE or address in _TRANSLATED:
+            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if any(host_address(inner) for inner in embedded if inner is not None):
+            return True
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
             probe.connect((str(address), 9))  # a route looked up; UDP sends nothing
-        except OSError:
-            return False  # no route to it from here
-        return ipaddress.ip_address(str(probe.getsockname()[0]).split("%")[0]) == address
+            return ipaddress.ip_address(str(probe.getsockname()[0]).split("%")[0]) == address
+    except OSError:
+        return False  # no route to it from here (or no IPv6 on this host at all: none of its own)
 
 
 def _canonical(host: str) -> str:

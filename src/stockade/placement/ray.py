@@ -430,11 +430,15 @@ class RayPlacement:
         released = False
         try:
             if isolate.lost is None:
-                with contextlib.suppress(Exception):  # a node lost now: its isolates went with it
+                try:
                     # Bounded: a wedged actor must not keep the room booked (given back below instead).
                     released = await asyncio.wait_for(
                         isolate._node.actor.release.remote(isolate.id), self.config.claim_timeout * 4
                     )
+                except TimeoutError:
+                    isolate._node.suspect = True  # nothing more is kept there, nor tried there first
+                except Exception as exc:  # noqa: BLE001 - a node lost now: its isolates went with it
+                    log.debug("releasing isolate %s on node %s: %s", isolate.id, isolate.node, exc)
         finally:
             # Its room stays booked for the next claim of its shape, unless its node is in doubt
             # or the placement is closing (what aclose has drained is not refilled behind it).

@@ -33,23 +33,36 @@ OUTPUT, RESULT = "out", "result"
 
 def refuse_cluster_networks(networks: tuple[str, ...] | None, addresses: list[str]) -> None:
     """``ConfigError`` when ``networks`` (the node's STOCKADE_EGRESS_NETWORKS) hold one of the
-    cluster's ``addresses`` (the node's, the GCS's, ``host:port`` or not): a caller's allow-list
-    could then have the node's egress proxy connect an isolate to Ray's ports, and whoever
-    reaches the GCS runs code on every node."""
+    cluster's ``addresses`` (the nodes', the GCS's; ``host:port`` or not, a name resolved): a
+    caller's allow-list could then have the node's egress proxy connect an isolate to Ray's
+    ports, and whoever reaches the GCS runs code on every node."""
     allowed = [ipaddress.ip_network(n) for n in networks or ()]
+    if not allowed:
+        return
     for text in addresses:
         host = text.rpartition(":")[0] if text.count(":") == 1 or text.startswith("[") else text
-        try:
-            address = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            continue  # a name: Ray gives addresses
-        inside = [str(n) for n in allowed if address in n]
-        if inside:
-            raise ConfigError(
-                f"STOCKADE_EGRESS_NETWORKS holds {inside[0]}, where this Ray cluster's {address} is: a caller's "
-                "allow-list could reach Ray's ports from an isolate (code on every node); leave the cluster's "
-                "network out of it"
-            )
+        for address in _resolved(host.strip("[]")):
+            inside = [str(n) for n in allowed if address in n]
+            if inside:
+                raise ConfigError(
+                    f"STOCKADE_EGRESS_NETWORKS holds {inside[0]}, where this Ray cluster's {address} is: a caller's "
+                    "allow-list could reach Ray's ports from an isolate (code on every node); leave the cluster's "
+                    "network out of it"
+                )
+
+
+def _resolved(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """``host``'s addresses: itself when it is one, else what it resolves to (a GCS given as a name,
+    ray-head:6379, is one Ray does not resolve); none when it does not resolve."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
 
 
 class StockadeNode:
@@ -66,8 +79,11 @@ class StockadeNode:
         # to them, as a daemon refuses them.
         serve_callers()
         context = ray.get_runtime_context()
-        node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
-        refuse_cluster_networks(egress_networks(current()), [node_ip, context.gcs_address])
+        networks = egress_networks(current())
+        if networks:  # the cluster's addresses: this node's, the GCS's, every node's now
+            node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+            nodes = [str(n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+            refuse_cluster_networks(networks, [node_ip, context.gcs_address, *nodes])
         self.node_id = context.get_node_id()
         # The node's own isolates are a local placement's: its warm pools, its hand-overs.
         self.local = LocalPlacement(LocalPlacementConfig(pool_size=pool_size))
