@@ -25,6 +25,7 @@ from .errors import PolicyError
 
 Problems = list[tuple[tuple[str | int, ...], str]]
 MAX_PROBLEMS_SAID = 20  # a message names this many (``problems`` holds them all: each list is bounded)
+_NAME_SAID = 64  # of an unknown field's name
 
 
 class FieldError(ValueError):
@@ -180,8 +181,12 @@ def build_fields(cls: type, given: dict[str, Any], problems: Problems) -> dict[s
     unknown = [name for name in given if name not in known]
     named = MAX_PROBLEMS_SAID // 2  # each with its nearest known name (a search of them all); the rest counted
     for name in unknown[:named]:
-        near = nearest(str(name), known)
-        problems.append(((str(name),), f"unknown field (did you mean {near}?)" if near else "unknown field"))
+        text = str(name)
+        # No known name is longer than this: a longer one is not searched (the search is as long as
+        # the name), and is said cut.
+        near = nearest(text, known) if len(text) <= _NAME_SAID else None
+        shown = text if len(text) <= _NAME_SAID else text[:_NAME_SAID] + "..."
+        problems.append(((shown,), f"unknown field (did you mean {near}?)" if near else "unknown field"))
     if len(unknown) > named:
         problems.append(((), f"{len(unknown) - named} more unknown fields"))
     for name, spec in known.items():

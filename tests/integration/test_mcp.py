@@ -277,15 +277,19 @@ def test_a_server_started_per_call_draws_on_one_read_budget(
     assert text_of(call(host, "bad", "echo", payload)) == payload
     with pytest.raises(ToolError, match="bad ended during the call: it wrote more than 0 MiB a second"):
         call(host, "bad", "echo", payload)
-    # A daemon gives all of one caller's hosts one budget: a config sent again with the server renamed
-    # (another host) brought a fresh burst each time, read by the daemon's own process.
-    shared = transport.ReadBudget()
-    first = ToolHost(config(bad=hostile()), manager, budget=shared)
+    # A daemon has each of one caller's servers draw on the caller's budget too: a config sent again
+    # with the server renamed (another server) brought a fresh burst each time, read by the daemon.
+    caller = transport.ReadBudget()  # one server's worth, here
+    first = ToolHost(config(bad=hostile()), manager, budget=caller)
     assert text_of(call(first, "bad", "echo", payload)) == payload
     assert text_of(call(first, "bad", "echo", payload)) == payload
-    renamed = ToolHost(config(other=hostile()), manager, budget=shared)
-    with pytest.raises(ToolError, match="other ended during the call: it wrote more than 0 MiB a second"):
+    renamed = ToolHost(config(other=hostile()), manager, budget=caller)
+    with pytest.raises(ToolError, match=r"other ended during the call: .* \(with its caller's other MCP servers\)"):
         call(renamed, "other", "echo", payload)
+    # Below the caller's ceiling, one server's spending does not cut another off.
+    roomy = ToolHost(config(a=hostile(), b=hostile()), manager, budget=transport.ReadBudget(scale=4))
+    for server in ("a", "a", "b", "b"):
+        assert text_of(call(roomy, server, "echo", payload)) == payload
 
 
 def test_a_server_that_chatters_without_end_is_cut_off_and_its_stderr_cannot_steer_a_terminal(
@@ -383,6 +387,19 @@ def test_a_fetch_server_reaches_its_allowed_host_through_the_proxy_and_nothing_e
          r"mcp_servers: Dictionary should have at most 64 items"),
         ({"mcp_servers": {f"s{i}": {"command": "x", "tools": {f"t{j}": {} for j in range(300)}} for i in range(4)}},
          r"mcp_servers: 1200 tools are listed, more than 1024 in all"),
+        # Each list and map refused by its count, before its items: two million wrong args held a
+        # daemon's loop for 15 s while each was said.
+        ({"mcp_servers": {"s": {"command": "x", "args": [0] * 100_000}}},
+         r"mcp_servers\.s\.args: List should have at most 16384 items, not 100000$"),
+        ({"mcp_servers": {"s": {"command": "x", "env": {str(i): 0 for i in range(5000)}}}},
+         r"mcp_servers\.s\.env: Dictionary should have at most 4096 items"),
+        ({"mcp_servers": {"s": {"command": "x", "tools": {str(i): 0 for i in range(2000)}}}},
+         r"mcp_servers\.s\.tools: Dictionary should have at most 1024 items"),
+        ({"mcp_servers": {"s": {"command": "x", "mounts": [0] * 1000}}},
+         r"mcp_servers\.s\.mounts: List should have at most 256 items"),
+        ({"mcp_servers": {"s": {"command": "x", "allowed_hosts": [0] * 1000}}},
+         r"mcp_servers\.s\.allowed_hosts: List should have at most 256 items"),
+        ({"mcp_servers": {str(i): 0 for i in range(1000)}}, r"mcp_servers: Dictionary should have at most 64 items"),
     ],
 )  # fmt: skip
 def test_a_bad_config_is_refused_naming_the_path(data: dict[str, Any], expected: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.types import ResourceLink
 
 from stockade.audit import verify
 from tests.conftest import require
@@ -76,8 +77,10 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
                 assert dressed.annotations is not None and dressed.annotations.title == "namer: time.get_current_time"
                 assert dressed.description == "the time \\x1b]0;PWNED\\x07\\x1b[31mred\\x0d\nstockade: forged line"
                 assert [str(i.src) for i in dressed.icons or []] == ["data:image/png;base64,iVBORw0KGgo="]
-                uris = [str(r.uri) for r in (await session.list_resources()).resources]
-                assert uris == ["file:///notes"]
+                resources = (await session.list_resources()).resources
+                assert [str(r.uri) for r in resources] == ["file:///notes"]
+                assert resources[0].title == "notes: github: Issues" and "\x1b" not in (resources[0].description or "")
+                assert [str(i.src) for i in resources[0].icons or []] == ["data:image/png;base64,iVBORw0KGgo="]
                 notes = await session.read_resource("file:///notes")
                 assert notes.contents[0].text == "file:///notes from --resource file:///notes"
                 now = await session.call_tool("get_current_time", {"timezone": "Asia/Tokyo"})
@@ -95,6 +98,9 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
                 said = refused.content[0].text
                 assert refused.is_error and "quiet.refuse: the server answered error -32000: \\x1b]0;PWNED" in said
                 assert "\x1b" not in said and "\nstockade: forged line" not in said, said
+                linked = (await session.call_tool("bad.link", {})).content[0]
+                assert isinstance(linked, ResourceLink) and linked.title == "bad: time: clock"
+                assert [str(i.src) for i in linked.icons or []] == ["data:image/png;base64,iVBORw0KGgo="]
                 missing = await session.call_tool("nope", {})
                 assert missing.is_error and "no tool 'nope'" in missing.content[0].text
 
@@ -103,9 +109,9 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
     calls = [r for r in records if r["event"] == "mcp.call"]
     assert [(r["server"], r["tool"], r["outcome"]) for r in calls] == [
         ("time", "get_current_time", "ok"), ("bad", "flood", "error"), ("bad", "echo", "ok"),
-        ("worse", "sleep", "error"), ("worse", "snoop", "ok"), ("quiet", "refuse", "error"),
+        ("worse", "sleep", "error"), ("worse", "snoop", "ok"), ("quiet", "refuse", "error"), ("bad", "link", "ok"),
     ]  # fmt: skip
-    snoop = calls[-2]
+    snoop = calls[-3]
     assert snoop["argument_bytes"] > 10 and "x" * 10 not in json.dumps(snoop), snoop
     assert snoop["violations"] == {"socket": 1, "ptrace": 1}
     assert verify([str(audit)]).ok

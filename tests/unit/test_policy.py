@@ -264,10 +264,18 @@ def test_a_list_or_dict_past_its_bound_is_one_problem_and_a_message_names_twenty
     assert str(caught.value).endswith("allowed_hosts.19: Input should be a valid string; and 180 more")
     with pytest.raises(PolicyError, match=r"k9: unknown field; policy: 99990 more unknown fields$"):
         Policy.build(**{f"k{i}": 0 for i in range(100_000)})
+    # A long name is not searched for its nearest (as long as it is), and is said cut.
+    with pytest.raises(PolicyError) as caught:
+        Policy.build(**{str(i) * 700_000: 0 for i in range(10)})
+    assert len(str(caught.value)) < 2000 and "0000000000...: unknown field" in str(caught.value)
     with pytest.raises(InvalidRequestError, match="command: List should have at most 16384 items after"):
         parse(ExecuteRequest, {"command": [0] * 100_000}, "execute request")
     with pytest.raises(InvalidRequestError, match="env: Dictionary should have at most 4096 items, not"):
         parse(SandboxExec, {"sandbox_id": "s", "command": ["true"], "env": {str(i): 0 for i in range(5000)}}, "exec")
+    from stockade.daemon.mcp import McpCall
+
+    with pytest.raises(InvalidRequestError, match="config: Dictionary should have at most 16 items, not 100000"):
+        parse(McpCall, {"config": {str(i): 0 for i in range(100_000)}, "server": "s", "tool": "t"}, "mcp call")
 
 
 def test_no_caller_mount_covers_the_environments_place_with_or_without_an_environment() -> None:

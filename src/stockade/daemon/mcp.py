@@ -18,12 +18,12 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
 from ..errors import ConfigError
-from ..protocol.models import ActiveSandbox, Answer, Caller, Request
+from ..protocol.models import ActiveSandbox, Answer, Caller, Request, items_at_most
 from .controller import Controller
 from .observers import Observers
 
@@ -34,7 +34,9 @@ MAX_HOSTS_PER_OWNER = 16  # configs kept at once for one owner; its least recent
 
 
 class McpCall(Request):
-    config: dict[str, Any] = Field(description="the isolation config (isolation_config.json's contents)")
+    config: Annotated[dict[str, Any], items_at_most(16)] = Field(
+        description="the isolation config (isolation_config.json's contents)"
+    )
     server: str
     tool: str
     arguments: dict[str, Any] = Field(default_factory=dict)
@@ -42,6 +44,11 @@ class McpCall(Request):
 
 class McpResult(Answer):
     result: dict[str, Any]  # the MCP CallToolResult, as JSON (with _meta.stockade)
+
+
+# A caller's budget for reading all of its MCP servers, in servers' worth (mcp/transport.py's rates):
+# a few busy ones at once, and no more however many configs it sends.
+CALLER_SERVERS = 4
 
 
 @dataclass
@@ -57,8 +64,8 @@ class _Kept:
 class _Hosts:
     kept: dict[tuple[str, str], _Kept] = field(default_factory=dict)  # the most recently used last
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
-    # What reading each caller's servers may cost the daemon (mcp/transport.py): one per caller, whatever
-    # configs it sends, kept for the daemon's life (a caller's budget refills as it is not used).
+    # What reading each caller's servers may cost the daemon (mcp/transport.py), each server drawing on
+    # its own and on its caller's, whatever configs it sends; kept for the daemon's life (it refills).
     budgets: dict[str, ReadBudget] = field(default_factory=dict)
 
 
@@ -145,7 +152,7 @@ async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
     async with hosts.locks.setdefault(key, asyncio.Lock()):  # one host per key, however many ask at once
         kept = hosts.kept.pop(key, None)
         if kept is None or kept.task.done():
-            budget = hosts.budgets.setdefault(caller.owner, ReadBudget())
+            budget = hosts.budgets.setdefault(caller.owner, ReadBudget(scale=CALLER_SERVERS))
             host = ToolHost(config, controller.manager, admit=lambda: _slot(controller, caller), budget=budget)
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             stop = asyncio.Event()

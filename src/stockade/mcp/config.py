@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, PolicyError
+from ..limits import MAX_ARGV_ITEMS, MAX_LIST_ITEMS
 from ..policy import Policy
+from ..protocol.models import Env, items_at_most
 
 CONFIG_NAME = "isolation_config.json"
 MAX_CONFIG_BYTES = 1 << 20
@@ -29,6 +31,9 @@ MAX_CONFIG_BYTES = 1 << 20
 # far more than any real file needs, far less than a 16 MiB request could name.
 MAX_SERVERS = 64
 MAX_TOOLS = 1024  # listed, over all servers
+# Each list and map of a config bounded, and checked by its count before its items (a config of
+# two million wrong args held a daemon's loop for 15 s while each was said).
+Items = Annotated[tuple[str, ...], items_at_most(MAX_LIST_ITEMS)]
 ExecutionMode = Literal["direct", "process", "gvisor", "microvm", "unikernel", "isolated"]
 # An isolate's own options: a persistent server's tools share one isolate, so these are the server's.
 ISOLATE_OPTIONS = ("execution_mode", "memory_mb", "vcpus", "network_enabled", "mounts")
@@ -71,24 +76,24 @@ class ToolOptions(BaseModel):
     vcpus: float | None = Field(default=None, gt=0)
     timeout_secs: float | None = Field(default=None, gt=0)
     network_enabled: bool | None = None
-    mounts: tuple[MountConfig, ...] | None = None
-    env_vars: dict[str, str] | None = None
+    mounts: Annotated[tuple[MountConfig, ...], items_at_most(MAX_LIST_ITEMS)] | None = None
+    env_vars: Env | None = None
 
 
 class ServerConfig(ToolOptions):
     """One MCP server: how to start it (stdio), what it may reach, and its tools."""
 
     command: str = Field(min_length=1)
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
+    args: Annotated[tuple[str, ...], items_at_most(MAX_ARGV_ITEMS)] = ()
+    env: Env = Field(default_factory=dict)
     lifecycle: Literal["ephemeral", "persistent"] = "ephemeral"
     expose: Literal["listed", "all"] = "listed"
-    allowed_hosts: tuple[str, ...] = ()
-    allowed_cidrs: tuple[str, ...] = ()
-    secrets: tuple[Any, ...] = ()  # SecretGrant or NAME@HOST: checked by Policy
-    packages: tuple[str, ...] = ()
+    allowed_hosts: Items = ()
+    allowed_cidrs: Items = ()
+    secrets: Annotated[tuple[Any, ...], items_at_most(MAX_LIST_ITEMS)] = ()  # SecretGrant or NAME@HOST: Policy's
+    packages: Items = ()
     environment_name: str | None = None
-    tools: dict[str, ToolOptions] = Field(default_factory=dict)
+    tools: Annotated[dict[str, ToolOptions], items_at_most(MAX_TOOLS)] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _persistent_tools_share_the_isolate(self) -> ServerConfig:
@@ -107,7 +112,9 @@ class IsolationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     default_execution_mode: ExecutionMode = "process"  # stockade's default runtime; "isolated": the strongest
-    mcp_servers: dict[str, ServerConfig] = Field(default_factory=dict, max_length=MAX_SERVERS)
+    mcp_servers: Annotated[dict[str, ServerConfig], items_at_most(MAX_SERVERS)] = Field(
+        default_factory=dict, max_length=MAX_SERVERS
+    )
     source: str = Field(default="", exclude=True)  # the file it was read from, for messages
 
     @field_validator("mcp_servers")

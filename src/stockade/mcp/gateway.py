@@ -87,7 +87,8 @@ class Gateway:
             for tool in exposed[server_id]:
                 name = tool_names[server_id, tool.name]
                 offer.tools[name] = (tool.name, _as_offered(tool, name, server_id))
-            offer.resources = {str(r.uri): r for r in resources if offered_by[str(r.uri)] == 1}
+            offer.resources = {str(r.uri): _as_offered(r, None, server_id) for r in resources
+                               if offered_by[str(r.uri)] == 1}  # fmt: skip
             for prompt in kept[server_id]:
                 name = prompt_names[server_id, prompt.name]
                 offer.prompts[name] = (prompt.name, _as_offered(prompt, name, server_id))
@@ -115,7 +116,7 @@ class Gateway:
             return _error(f"{server_id}.{tool}: {said}")
         verdict = (result.meta or {}).get("stockade", {})
         self._record(server_id, tool, size, "tool_error" if result.is_error else "ok", verdict)
-        return result
+        return result.model_copy(update={"content": [_linked(c, server_id) for c in result.content]})
 
     async def list_resources(self, _ctx: Any, _params: Any) -> types.ListResourcesResult:
         return types.ListResourcesResult(resources=[r for o in self.offers.values() for r in o.resources.values()])
@@ -135,7 +136,9 @@ class Gateway:
         if found is None:
             raise MCPError(code=types.INVALID_PARAMS, message=f"no prompt {params.name!r} here")
         server_id, name = found
-        return await self.host.request(server_id, lambda session: session.get_prompt(name, params.arguments))
+        prompt = await self.host.request(server_id, lambda session: session.get_prompt(name, params.arguments))
+        messages = [m.model_copy(update={"content": _linked(m.content, server_id)}) for m in prompt.messages]
+        return prompt.model_copy(update={"messages": messages})
 
     def server(self) -> Server[Any]:
         return Server(
@@ -214,12 +217,13 @@ async def _describe(session: ClientSession) -> tuple[list[types.Tool], list[type
     return tools, resources, prompts
 
 
-def _as_offered(item: Any, name: str, server_id: str) -> Any:
-    """A server's tool or prompt as this gateway offers it: under its final name; a title the server
-    gave it (which clients show before the name) said to be that server's, so that none passes for
-    another server's; its description without terminal controls; only icons carried inline (a URL
-    would have the client fetch what the isolated server put in it, past its network policy)."""
-    update: dict[str, Any] = {"name": name}
+def _as_offered(item: Any, name: str | None, server_id: str) -> Any:
+    """A server's tool, prompt or resource as this gateway offers it: under its final name (None: its
+    own); a title the server gave it (which clients show before the name) said to be that server's,
+    so that none passes for another server's; its description without terminal controls; only icons
+    carried inline (a URL would have the client fetch what the isolated server put in it, past its
+    network policy)."""
+    update: dict[str, Any] = {"name": name} if name is not None else {}
     if item.title:
         update["title"] = f"{server_id}: {without_controls(item.title)}"
     if item.description:
@@ -227,11 +231,16 @@ def _as_offered(item: Any, name: str, server_id: str) -> Any:
     if item.icons:
         update["icons"] = [i for i in item.icons if str(i.src).startswith("data:")] or None
     annotations = getattr(item, "annotations", None)
-    if annotations is not None and annotations.title:
+    if annotations is not None and getattr(annotations, "title", None):
         update["annotations"] = annotations.model_copy(
             update={"title": f"{server_id}: {without_controls(annotations.title)}"}
         )
     return item.model_copy(update=update)
+
+
+def _linked(content: Any, server_id: str) -> Any:
+    """A tool's or prompt's content item: a link to a resource offered as a resource is (``_as_offered``)."""
+    return _as_offered(content, None, server_id) if isinstance(content, types.ResourceLink) else content
 
 
 def _well_named(server_id: str, kind: str, name: str) -> bool:

@@ -110,9 +110,9 @@ class ToolHost:
         self._live: dict[str, _Live] = {}
         self._starting: dict[str, anyio.Lock] = {}
         self._budgets: dict[str, ReadBudget] = {}  # by server: every process of one draws on its one
-        # Or one for all of them: a daemon's, per caller, who could otherwise bring a fresh budget with
-        # each config it sends (a server renamed is another host), all read by the daemon's process.
-        self._budget_for_all = budget
+        # And each on ``budget`` too: a daemon's, per caller, who could otherwise bring fresh budgets with
+        # each config it sends (a server renamed is another one), all read by the daemon's process.
+        self._caller_budget = budget
         self._tasks: TaskGroup | None = None  # where persistent servers' keepers run (async with ToolHost)
 
     async def __aenter__(self) -> ToolHost:
@@ -164,9 +164,10 @@ class ToolHost:
             return await self._call_ephemeral(server_id, server, tool, arguments or {}, timeout)
 
     def _budget(self, server_id: str) -> ReadBudget:
-        if self._budget_for_all is not None:
-            return self._budget_for_all
-        return self._budgets.setdefault(server_id, ReadBudget())
+        budget = self._budgets.get(server_id)
+        if budget is None:
+            budget = self._budgets[server_id] = ReadBudget(above=self._caller_budget)
+        return budget
 
     def _timeout(self, server_id: str, tool: str | None) -> float:
         """How long ``tool`` (None: its server, started) may take: its ``timeout_secs``."""

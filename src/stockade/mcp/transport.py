@@ -58,16 +58,27 @@ class ReadBudget:
     time parsing them. Kept by the server's name, not its process, so that every process of it
     draws on one budget: an ephemeral server started per call, or a kept one started again after
     it was cut off, would otherwise bring a fresh burst each time. Locked: calls of one server
-    read in threads of their own."""
+    read in threads of their own. ``above``: a budget it draws on too (a daemon's caller's, ``scale``
+    servers' worth, for all of its servers: a config sent again with a server renamed is another
+    server, with a fresh budget of its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scale: float = 1.0, above: ReadBudget | None = None) -> None:
         self._lock = threading.Lock()
-        self._bytes = TokenBucket(MAX_BYTES_PER_S, MAX_BYTES_BURST)
-        self._messages = TokenBucket(MAX_MESSAGES_PER_S, MAX_MESSAGES_BURST)
-        self._parsing = TokenBucket(MAX_PARSE_CPU_PER_S, MAX_PARSE_CPU_BURST)
+        self._bytes = TokenBucket(MAX_BYTES_PER_S * scale, MAX_BYTES_BURST * scale)
+        self._messages = TokenBucket(MAX_MESSAGES_PER_S * scale, MAX_MESSAGES_BURST * scale)
+        self._parsing = TokenBucket(MAX_PARSE_CPU_PER_S * scale, MAX_PARSE_CPU_BURST * scale)
+        self.above = above
 
     def overdrawn(self, read: int = 0, messages: int = 0, cpu_s: float = 0.0) -> str | None:
         """Take what was just spent; why the server is cut off when it is past its budget."""
+        why = self._spend(read, messages, cpu_s)
+        if why is None and self.above is not None:
+            why = self.above.overdrawn(read, messages, cpu_s)
+            if why is not None:
+                why += " (with its caller's other MCP servers)"
+        return why
+
+    def _spend(self, read: int, messages: int, cpu_s: float) -> str | None:
         with self._lock:
             if read and not self._bytes.take(read):
                 return f"it wrote more than {MAX_BYTES_PER_S >> 20} MiB a second for too long"

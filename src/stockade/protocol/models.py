@@ -50,12 +50,14 @@ Argv = Annotated[
 
 
 def items_at_most(limit: int) -> BeforeValidator:
-    """A dict's bound checked before its items are (pydantic checks ``max_length`` after: a request
-    of half a million wrong items was as many errors, seconds and hundreds of MB to say)."""
+    """A dict's or tuple's bound checked before its items are (pydantic checks ``max_length`` after
+    them for those, before them for a list only: a request of half a million wrong items was as many
+    errors, seconds and hundreds of MB to say)."""
 
     def check(value: Any) -> Any:
-        if isinstance(value, dict) and len(value) > limit:
-            raise ValueError(f"Dictionary should have at most {limit} items, not {len(value)}")
+        if isinstance(value, (dict, list, tuple)) and len(value) > limit:
+            kind = "Dictionary" if isinstance(value, dict) else "List"
+            raise ValueError(f"{kind} should have at most {limit} items, not {len(value)}")
         return value
 
     return BeforeValidator(check)
