@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import posixpath
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -116,7 +117,9 @@ class _Lines:
             return
         kind, path, is_dir = said.get("kind"), said.get("path"), said.get("dir")
         if kind in KINDS or kind == "lost":
-            if isinstance(path, str) and isinstance(is_dir, bool) and self.ready:
+            # The sandbox's code runs as the watcher's uid and may write its stdout: an event is kept
+            # only for the watched path or one below it, as the watcher names it (no "..", no other root).
+            if isinstance(path, str) and isinstance(is_dir, bool) and self.ready and self._inside(path):
                 self.events.append(FileEvent(kind, path, is_dir))
                 return  # (none comes before "ready" from a real watcher: one that does is not kept)
         elif isinstance(said.get("ready"), int):
@@ -126,6 +129,12 @@ class _Lines:
             self.error = (said["error"][:4096], said["errno"][:32])
             return
         self.lost += 1
+
+    def _inside(self, path: str) -> bool:
+        if path == self.path:
+            return True
+        root = posixpath.normpath(self.path)
+        return posixpath.normpath(path) == path and (path == root or path.startswith(root.rstrip("/") + "/"))
 
     def feed_read(self, stdout: bytes, stderr: bytes, dropped: dict[str, int]) -> None:
         """What one ``read()`` of the watcher gave (its stderr kept for an early end's error),

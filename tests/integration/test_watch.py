@@ -4,6 +4,7 @@ the daemon; the host reading the watcher's output as the sandbox's own, bounded 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
@@ -163,6 +164,16 @@ def test_the_host_reads_the_watchers_output_as_untrusted_lines() -> None:
     lines.feed_read(b'{"kind": "created", "path": "/w/d"', b"", {"stdout": 100})  # the agent dropped some
     lines.feed_read(b', "dir": false}\n', b"", {"stdout": 100})
     assert lines.take() == [FileEvent("created", "/w/d", False)] and lines.lost == 8
+    # The sandbox's code may write the watcher's stdout (its uid): an event outside the watched path,
+    # or named another way than the watcher names one, is not kept (a caller copying by it followed "..").
+    forged = _Lines("/w/")
+    forged.feed(b'{"ready": 1}\n')
+    for path in ("/etc/passwd", "../../host/x", "/w/../etc", "/w//x", "/wx", "w/x", "/w/./x"):
+        forged.feed(json.dumps({"kind": "deleted", "path": path, "dir": False}).encode() + b"\n")
+    assert forged.take() == [] and forged.lost == 7
+    for path in ("/w/", "/w", "/w/a b\nc", "/w/d/e"):  # the root as given or named, and names of any bytes
+        forged.feed(json.dumps({"kind": "lost", "path": path, "dir": True}).encode() + b"\n")
+    assert [e.path for e in forged.take()] == ["/w/", "/w", "/w/a b\nc", "/w/d/e"]
 
 
 @pytest.fixture
