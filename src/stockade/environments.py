@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from .errors import PolicyError, printable
 from .policy import ENV_ROOT
 from .runtimes.process.zygote import system_python
-from .settings import current
+from .settings import current, serving_callers
 
 if TYPE_CHECKING:
     from .policy import Policy
@@ -341,6 +341,8 @@ def share(policy: Policy) -> Policy:
                 "builds none for a caller (STOCKADE_BUILD_PACKAGES=0): an administrator builds it with "
                 f"`stockade env build NAME {' '.join(policy.packages)}`"
             )
+        if serving_callers():
+            _check_room(policy.packages)
         try:
             build(policy.packages, expected_id=policy.environment_id)
         except PermissionError as exc:  # e.g. a daemon that gave root up: it reads root's store, builds nothing in it
@@ -353,6 +355,19 @@ def share(policy: Policy) -> Policy:
         _check_open_to_others(path)
     mount = Mount(source=path, target=ENV_ROOT)
     return policy.with_mount(mount)
+
+
+def _check_room(packages: tuple[str, ...]) -> None:
+    """A daemon's callers build into the store up to STOCKADE_ENV_STORE_LIMIT_MB: each spelling of
+    a requirement list is an environment of its own, kept (``six``, ``six>=0``, ``six>=0.0``...)."""
+    limit = current().env_store_limit_mb
+    held = sum(e.size_bytes for e in listing()) >> 20
+    if held >= limit:
+        raise PolicyError(
+            f"packages: the environment store {store_root()} holds {held} MiB, its limit for callers' builds "
+            f"(STOCKADE_ENV_STORE_LIMIT_MB={limit}): an administrator removes some (stockade env ls, "
+            f"stockade env rm) or builds this one: `stockade env build NAME {' '.join(packages)}`"
+        )
 
 
 def _check_open_to_others(path: str) -> None:

@@ -113,6 +113,9 @@ class Settings:
     # Python environments (docs/environments.md)
     env_store: str | None = None
     env_build_timeout: float | None = None
+    # What a daemon's callers' builds (packages=, STOCKADE_BUILD_PACKAGES=1) may fill the store to: each
+    # spelling of a requirement list is an environment of its own, kept.
+    env_store_limit_mb: int = 20480
     # Egress and secrets (docs/egress.md)
     egress_ca_file: str | None = None
     egress_hosts_file: str | None = None
@@ -376,6 +379,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "microvm_accel": _one_of("tcg", "kvm"),
     "env_store": _path,
     "env_build_timeout": _timeout,
+    "env_store_limit_mb": _int(1),
     "placement": _placement,
 }
 

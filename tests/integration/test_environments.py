@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import stockade
-from stockade import Policy, PolicyError, environment_build, environments
+from stockade import Policy, PolicyError, environment_build, environments, settings
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -329,6 +329,27 @@ def test_pip_takes_no_file_of_its_callers_directory_for_a_requirement(
     with pytest.raises(PolicyError, match="pip could not install them"):
         environment_build.make("0" * 32, ("probe===1.tar.gz",), False, False)
     assert not marker.exists()
+
+
+def test_a_daemons_callers_build_into_the_store_up_to_its_limit(
+    store: str, small: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each spelling of a requirement list was an environment of its own, kept: a caller could fill the
+    # host's disk one build at a time. A store at its limit builds nothing more for callers.
+    planted = os.path.join(store, "envs", "f" * 32)
+    os.makedirs(planted)
+    try:
+        with open(os.path.join(planted, environments.MANIFEST), "w") as f:
+            json.dump({"requirements": ["big"], "size_bytes": 3 << 20}, f)
+        monkeypatch.setenv("STOCKADE_ENV_STORE_LIMIT_MB", "2")
+        monkeypatch.setattr(settings, "_serving", True)
+        environments.share(Policy(environment_name="small"))  # built already: a store at its limit serves it
+        policy = Policy(packages=["six>=0"])
+        with pytest.raises(PolicyError, match=r"holds 3 MiB, its limit for callers' builds \(STOCKADE_ENV_STORE_LIMIT"):
+            environments.share(policy)
+        assert not os.path.isdir(environments.env_path(policy.environment_id or ""))
+    finally:
+        environment_build.remove_tree(planted)
 
 
 def test_pips_temporary_files_go_with_its_build(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
