@@ -255,7 +255,7 @@ def test_a_node_actor_that_dies_on_a_live_node_is_started_again(cluster: LocalRa
             described = await isolate._node.actor.describe.remote()
             os.kill(described["pid"], signal.SIGKILL)
             result = await isolate.aexec(["true"])
-            assert result.termination_reason == "lost" and "ActorDiedError" in (result.error or ""), result.error
+            assert result.termination_reason == "lost", result.error
         finally:
             await placement.release(isolate)
         for _ in range(2):
