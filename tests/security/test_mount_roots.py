@@ -14,6 +14,7 @@ import pytest
 import stockade
 from stockade.environments import store_root
 from stockade.errors import PolicyError
+from stockade.policy import Mount
 from stockade.runtimes.manager import RuntimeManager
 from stockade.runtimes.process.runtime import check_mount_sources
 from stockade.settings import ConfigError, Settings
@@ -68,15 +69,22 @@ def test_none_shares_nothing_but_the_hosts_own_environments(
     monkeypatch.setenv("STOCKADE_MOUNT_ROOTS", "none")
     with pytest.raises(PolicyError, match=r"STOCKADE_MOUNT_ROOTS=none\)"):
         check_mount_sources(stockade.Policy(filesystem_access=[f"{allowed}:/data"]))
-    # An environment of the store is what any caller may name (environments.py mounts it), read-only
-    # where environments go; the store itself, or one written, or elsewhere inside, is not.
+    # An environment of the store is shared as the runtime mounts it (environments.share), read-only
+    # where environments go; the store itself, or one written, or elsewhere inside, is not. No caller
+    # names that place at all: one that did passed here as the store's own (a build in progress).
     env_dir = tempfile.mkdtemp(dir=_store("envs"))
     try:
         os.chmod(env_dir, 0o755)
-        check_mount_sources(stockade.Policy(filesystem_access=[f"{env_dir}:/opt/stockade/env"]))
-        for shared in (f"{env_dir}:/opt/stockade/env:rw", f"{env_dir}:/data", f"{store_root()}:/opt/stockade/env"):
+        base = stockade.Policy()
+        check_mount_sources(base.with_mount(Mount(source=env_dir, target="/opt/stockade/env")))
+        for mount in (Mount(source=env_dir, target="/opt/stockade/env", writable=True),
+                      Mount(source=store_root(), target="/opt/stockade/env")):  # fmt: skip
             with pytest.raises(PolicyError, match="outside what this host shares"):
-                check_mount_sources(stockade.Policy(filesystem_access=[shared]))
+                check_mount_sources(base.with_mount(mount))
+        with pytest.raises(PolicyError, match="outside what this host shares"):
+            check_mount_sources(stockade.Policy(filesystem_access=[f"{env_dir}:/data"]))
+        with pytest.raises(PolicyError, match="would cover the environment's place"):
+            stockade.Policy(filesystem_access=[f"{env_dir}:/opt/stockade/env"])
     finally:
         os.rmdir(env_dir)
 
