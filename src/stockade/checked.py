@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from .errors import PolicyError
+from .errors import PolicyError, printable
 
 Problems = list[tuple[tuple[str | int, ...], str]]
 MAX_PROBLEMS_SAID = 20  # a message names this many (``problems`` holds them all: each list is bounded)
@@ -185,7 +185,7 @@ def build_fields(cls: type, given: dict[str, Any], problems: Problems) -> dict[s
         # No known name is longer than this: a longer one is not searched (the search is as long as
         # the name), and is said cut.
         near = nearest(text, known) if len(text) <= _NAME_SAID else None
-        shown = text if len(text) <= _NAME_SAID else text[:_NAME_SAID] + "..."
+        shown = printable(text if len(text) <= _NAME_SAID else text[:_NAME_SAID] + "...")
         problems.append(((shown,), f"unknown field (did you mean {near}?)" if near else "unknown field"))
     if len(unknown) > named:
         problems.append(((), f"{len(unknown) - named} more unknown fields"))

@@ -341,10 +341,16 @@ def share(policy: Policy) -> Policy:
                 "builds none for a caller (STOCKADE_BUILD_PACKAGES=0): an administrator builds it with "
                 f"`stockade env build NAME {' '.join(policy.packages)}`"
             )
-        if serving_callers():
-            _check_room(policy.packages)
         try:
-            build(policy.packages, expected_id=policy.environment_id)
+            if serving_callers():
+                # One caller's build at a time, its room checked under the lock: builds begun together
+                # all passed the check, and filled the store past its limit between them.
+                with _locked("callers"):
+                    if not os.path.isdir(path):
+                        _check_room(policy.packages)
+                        build(policy.packages, expected_id=policy.environment_id)
+            else:
+                build(policy.packages, expected_id=policy.environment_id)
         except PermissionError as exc:  # e.g. a daemon that gave root up: it reads root's store, builds nothing in it
             raise PolicyError(
                 f"packages: the environment of {', '.join(policy.packages)} is not built here, and this process "

@@ -325,25 +325,15 @@ def error_code(exc: BaseException) -> str:
 
 # What a terminal acts on or hides: C0 controls but tab and newline, DEL, C1 controls; and the
 # marks that reorder or hide text (bidirectional overrides and isolates, zero-width and invisible
-# characters, a soft hyphen, interlinear annotations, and the tag characters that spell text a
-# model reads and a person does not see).
+# characters, fillers, a soft hyphen, interlinear annotations, the line and paragraph separators
+# that some viewers break lines at, and the tag characters and variation selectors that spell
+# text a model reads and a person does not see).
 _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0xAD]}
-_CONTROLS.update(
-    {
-        c: f"\\u{c:04x}"
-        for c in [
-            0x061C,
-            0x180E,
-            *range(0x200B, 0x2010),
-            *range(0x202A, 0x202F),
-            *range(0x2060, 0x2065),
-            *range(0x2066, 0x206A),
-            0xFEFF,
-            *range(0xFFF9, 0xFFFC),
-        ]
-    }
-)
-_CONTROLS.update({c: f"\\U{c:08x}" for c in range(0xE0000, 0xE0080)})
+_INVISIBLE = [0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180E, *range(0x200B, 0x2010), 0x2028, 0x2029]
+_INVISIBLE += [*range(0x202A, 0x202F), *range(0x2060, 0x206A), 0x3164, *range(0xFE00, 0xFE10), 0xFEFF, 0xFFA0]
+_INVISIBLE += [*range(0xFFF9, 0xFFFC)]
+_CONTROLS.update({c: f"\\u{c:04x}" for c in _INVISIBLE})
+_CONTROLS.update({c: f"\\U{c:08x}" for c in [*range(0xE0000, 0xE0080), *range(0xE0100, 0xE01F0)]})
 
 
 def printable(text: str) -> str:

@@ -353,8 +353,8 @@ class Policy(Checked):
         for target in targets:
             # The environment's place is the runtime's, with or without one: a caller's mount there
             # passed as one (its source let by STOCKADE_MOUNT_ROOTS as the store's own would be).
-            if target == ENV_ROOT or target.startswith(ENV_ROOT + "/") or ENV_ROOT.startswith(target + "/"):
-                raise ValueError(f"filesystem_access target {target} would cover the environment's place, {ENV_ROOT}")
+            if target == ENV_ROOT or target.startswith(ENV_ROOT + "/"):
+                raise ValueError(f"filesystem_access target {target} is the environment's place, {ENV_ROOT}")
         self._check_egress()
         if self.environment_name is None and not self.packages and self.environment_id is None:
             return
@@ -363,6 +363,9 @@ class Policy(Checked):
         from .environments import resolve
 
         object.__setattr__(self, "environment_id", resolve(self.environment_name, self.packages, self.environment_id))
+        for target in targets:
+            if ENV_ROOT.startswith(target + "/"):
+                raise ValueError(f"filesystem_access target {target} would cover the environment at {ENV_ROOT}")
 
     def _check_egress(self) -> None:
         if self.network_policy != "allowlist":

@@ -64,11 +64,18 @@ class _AsyncSpawned(Protocol):  # AsyncProcess, AsyncRemoteProcess
     async def wait(self, timeout: float | None = None) -> int | None: ...
 
 
+def watched_path(path: str) -> str:
+    """``path`` as the watcher is given it, and names what is below it: absolute, in its plain form
+    (``/w//d/`` is ``/w/d``), so that each event's path is one the host checks as below it."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"path must be an absolute path inside the sandbox, not {path!r}")
+    return posixpath.normpath(path)
+
+
 def watcher_command(path: str, recursive: bool, kinds: Iterable[str] | None) -> tuple[list[str], bytes]:
     """The argv and stdin that start a watcher on ``path`` (the program is read from stdin, so that
     ``processes()`` lists a short argv)."""
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ValueError(f"path must be an absolute path inside the sandbox, not {path!r}")
+    path = watched_path(path)
     chosen = list(KINDS) if kinds is None else [kinds] if isinstance(kinds, str) else list(kinds)
     unknown = [k for k in chosen if k not in KINDS]
     if unknown or not chosen:
@@ -180,6 +187,7 @@ class FileWatch:
     def start(
         cls, spawn: Callable[[list[str], bytes], _Spawned], path: str, recursive: bool, kinds: Iterable[str] | None
     ) -> FileWatch:
+        path = watched_path(path)
         argv, source = watcher_command(path, recursive, kinds)
         watch = cls(spawn(argv, source), path)
         try:
@@ -265,6 +273,7 @@ class AsyncFileWatch:
         recursive: bool,
         kinds: Iterable[str] | None,
     ) -> AsyncFileWatch:
+        path = watched_path(path)
         argv, source = watcher_command(path, recursive, kinds)
         watch = cls(await spawn(argv, source), path)
         try:

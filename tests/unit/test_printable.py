@@ -16,6 +16,8 @@ from stockade.errors import printable, without_controls
         ("a\u200bb\ufeff", "a\\u200bb\\ufeff"),  # zero-width
         ("a\u00adb\u2062c\u061c\u180e\ufff9", "a\\xadb\\u2062c\\u061c\\u180e\\ufff9"),  # invisible
         ("say \U000e0068\U000e0069", "say \\U000e0068\\U000e0069"),  # tag characters: text a person does not see
+        ("v\ufe0f\U000e0100\u3164\u115f\u034f", "v\\ufe0f\\U000e0100\\u3164\\u115f\\u034f"),  # selectors, fillers
+        ("ok\u2028stockade: forged\u2029", "ok\\u2028stockade: forged\\u2029"),  # lines, to some viewers
         ("tab\tand\nlines", "tab\tand\nlines"),  # kept
         ("plain é 中", "plain é 中"),
     ],

@@ -32,8 +32,25 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_SERVERS = 64
 MAX_TOOLS = 1024  # listed, over all servers
 # Each list and map of a config bounded, and checked by its count before its items (a config of
-# two million wrong args held a daemon's loop for 15 s while each was said).
+# two million wrong args held a daemon's loop for 15 s while each was said); and all of them together,
+# counted before anything is checked (lists each within its bound, 30 servers' worth, took 65 s and 13 GB).
 Items = Annotated[tuple[str, ...], items_at_most(MAX_LIST_ITEMS)]
+MAX_CONFIG_VALUES = 100_000
+
+
+def count_values(data: Any, limit: int) -> int:
+    """The items of the lists and maps in ``data`` together, counted until past ``limit``."""
+    count, stack = 0, [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            count += len(value)
+            if count > limit:
+                break
+            stack.extend(value.values() if isinstance(value, dict) else value)
+    return count
+
+
 ExecutionMode = Literal["direct", "process", "gvisor", "microvm", "unikernel", "isolated"]
 # An isolate's own options: a persistent server's tools share one isolate, so these are the server's.
 ISOLATE_OPTIONS = ("execution_mode", "memory_mb", "vcpus", "network_enabled", "mounts")
@@ -117,14 +134,25 @@ class IsolationConfig(BaseModel):
     )
     source: str = Field(default="", exclude=True)  # the file it was read from, for messages
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        if (held := count_values(data, MAX_CONFIG_VALUES)) > MAX_CONFIG_VALUES:
+            raise ValueError(f"the config holds more than {MAX_CONFIG_VALUES} values in its lists and maps ({held}+)")
+        servers = data.get("mcp_servers") if isinstance(data, dict) else None
+        if isinstance(servers, dict):
+            tools = [s.get("tools") for s in servers.values() if isinstance(s, dict)]
+            listed = sum(len(t) for t in tools if isinstance(t, dict))
+            if listed > MAX_TOOLS:
+                raise ValueError(f"mcp_servers: {listed} tools are listed, more than {MAX_TOOLS} in all")
+        return data
+
     @field_validator("mcp_servers")
     @classmethod
     def _names(cls, servers: dict[str, ServerConfig]) -> dict[str, ServerConfig]:
         for name in servers:
             if not name or "/" in name or "." in name:
                 raise ValueError(f"{name!r} is not a server id (no '/' or '.': the gateway names tools server.tool)")
-        if (listed := sum(len(server.tools) for server in servers.values())) > MAX_TOOLS:
-            raise ValueError(f"{listed} tools are listed, more than {MAX_TOOLS} in all")
         return servers
 
     @classmethod

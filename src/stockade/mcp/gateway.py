@@ -223,9 +223,11 @@ def _as_offered(item: Any, name: str | None, server_id: str) -> Any:
     so that none passes for another server's; its description without terminal controls; only icons
     carried inline (a URL would have the client fetch what the isolated server put in it, past its
     network policy)."""
-    update: dict[str, Any] = {"name": name} if name is not None else {}
+    update: dict[str, Any] = {"name": name} if name is not None else {"name": without_controls(item.name)}
     if item.title:
         update["title"] = f"{server_id}: {without_controls(item.title)}"
+    elif name is None:  # a resource's own name is what a client shows without a title: said to be its server's
+        update["title"] = f"{server_id}: {update['name']}"
     if item.description:
         update["description"] = without_controls(item.description)
     if item.icons:

@@ -81,12 +81,12 @@ class ReadBudget:
     def _spend(self, read: int, messages: int, cpu_s: float) -> str | None:
         with self._lock:
             if read and not self._bytes.take(read):
-                return f"it wrote more than {MAX_BYTES_PER_S >> 20} MiB a second for too long"
+                return f"it wrote more than {int(self._bytes.rate) >> 20} MiB a second for too long"
             if messages and not self._messages.take(messages):
-                return f"it wrote more than {MAX_MESSAGES_PER_S:g} messages a second for too long"
+                return f"it wrote more than {self._messages.rate:g} messages a second for too long"
             if cpu_s and not self._parsing.take(cpu_s):
                 return (
-                    f"its messages took more than {MAX_PARSE_CPU_PER_S:.0%} of a core of this host's to read, "
+                    f"its messages took more than {self._parsing.rate:.0%} of a core of this host's to read, "
                     "for too long"
                 )
             return None
