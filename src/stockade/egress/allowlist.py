@@ -143,11 +143,17 @@ def public(address: IPAddress) -> bool:
     if isinstance(address, ipaddress.IPv6Address):
         if address.is_site_local:
             return False
-        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
-        if address in _NAT64 or address in _COMPATIBLE or address in _TRANSLATED:
-            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        return all(public(inner) for inner in embedded if inner is not None)
+        return all(public(inner) for inner in _carried(address))
     return True
+
+
+def _carried(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 one carries (mapped, IPv4-compatible, IPv4-translated, NAT64,
+    6to4, Teredo's server): each reaches that address, and is checked as it."""
+    embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+    if address in _NAT64 or address in _COMPATIBLE or address in _TRANSLATED:
+        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [inner for inner in embedded if inner is not None]
 
 
 def host_address(address: IPAddress) -> bool:
@@ -155,13 +161,8 @@ def host_address(address: IPAddress) -> bool:
     from the address itself). The proxy connects from the host's network, where a public address of
     the host's reaches whatever listens on every interface (a Ray cluster's ports, sshd), as its
     loopback would: no public address for an allow-list."""
-    if isinstance(address, ipaddress.IPv6Address):
-        # One carrying an IPv4 address (mapped, NAT64, 6to4, ...) reaches that one: it is checked too.
-        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
-        if address in _NAT64 or address in _COMPATIBLE or address in _TRANSLATED:
-            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        if any(host_address(inner) for inner in embedded if inner is not None):
-            return True
+    if isinstance(address, ipaddress.IPv6Address) and any(host_address(inner) for inner in _carried(address)):
+        return True
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
