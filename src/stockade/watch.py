@@ -73,9 +73,8 @@ def watched_path(path: str) -> str:
 
 
 def watcher_command(path: str, recursive: bool, kinds: Iterable[str] | None) -> tuple[list[str], bytes]:
-    """The argv and stdin that start a watcher on ``path`` (the program is read from stdin, so that
-    ``processes()`` lists a short argv)."""
-    path = watched_path(path)
+    """The argv and stdin that start a watcher on ``path`` (``watched_path``'s; the program is read
+    from stdin, so that ``processes()`` lists a short argv)."""
     chosen = list(KINDS) if kinds is None else [kinds] if isinstance(kinds, str) else list(kinds)
     unknown = [k for k in chosen if k not in KINDS]
     if unknown or not chosen:
@@ -94,6 +93,8 @@ class _Lines:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._root = posixpath.normpath(path)
+        self._below = self._root.rstrip("/") + "/"
         self.pending = b""
         self.events: list[FileEvent] = []
         self.ready = False
@@ -138,10 +139,9 @@ class _Lines:
         self.lost += 1
 
     def _inside(self, path: str) -> bool:
-        if path == self.path:
+        if path in (self.path, self._root):
             return True
-        root = posixpath.normpath(self.path)
-        return posixpath.normpath(path) == path and (path == root or path.startswith(root.rstrip("/") + "/"))
+        return path.startswith(self._below) and posixpath.normpath(path) == path
 
     def feed_read(self, stdout: bytes, stderr: bytes, dropped: dict[str, int]) -> None:
         """What one ``read()`` of the watcher gave (its stderr kept for an early end's error),
