@@ -110,7 +110,7 @@ class ServerConfig(ToolOptions):
     secrets: Annotated[tuple[Any, ...], items_at_most(MAX_LIST_ITEMS)] = ()  # SecretGrant or NAME@HOST: Policy's
     packages: Items = ()
     environment_name: str | None = None
-    tools: Annotated[dict[str, ToolOptions], items_at_most(MAX_TOOLS)] = Field(default_factory=dict)
+    tools: dict[str, ToolOptions] = Field(default_factory=dict)  # all servers' together: IsolationConfig's bound
 
     @model_validator(mode="after")
     def _persistent_tools_share_the_isolate(self) -> ServerConfig:
