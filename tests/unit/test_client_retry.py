@@ -32,6 +32,7 @@ from stockade.errors import (
     SandboxOSError,
 )
 from tests.daemon_harness import TOKEN
+from tests.unix_server import UnixServer
 
 HANG_UP = None  # an answer that is no answer: the connection is closed once the request is read
 Script = Callable[[dict[str, Any]], dict[str, Any] | None]
@@ -49,23 +50,13 @@ class FakeDaemon:
         self.script = script
         self.one_answer_each = one_answer_each
         self.requests: list[dict[str, Any]] = []
-        self.connections = 0
         self.lock = threading.Lock()
         self.closed = threading.Semaphore(0)  # released as each connection is closed
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.server = UnixServer(path, self._answer)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+    @property
+    def connections(self) -> int:
+        return self.server.connections
 
     def _answer(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as lines:
@@ -85,9 +76,7 @@ class FakeDaemon:
         return [r["method"] for r in self.requests]
 
     def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.thread.join(10)
+        self.server.close()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from stockade.cli_daemon import LINE_LIMIT
 from stockade.client import AsyncClient, Client
 from stockade.client.answers import LINE_LIMIT as CLIENT_LINE_LIMIT
 from stockade.errors import DaemonUnavailableError
+from tests.unix_server import UnixServer
 
 Behaviour = Callable[[socket.socket, int], None]
 
@@ -51,23 +52,11 @@ def exit_256(conn: socket.socket, msg_id: int) -> None:
 
 
 class Daemon:
-    """One connection at a time: its request line read, then ``behaviour`` until the client goes."""
+    """Each connection: its request line read, then ``behaviour`` until the client goes."""
 
     def __init__(self, path: str, behaviour: Behaviour) -> None:
         self.path, self.behaviour = path, behaviour
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+        self.server = UnixServer(path, self._answer)
 
     def _answer(self, conn: socket.socket) -> None:
         with conn:
@@ -83,9 +72,7 @@ class Daemon:
                 pass  # the client went away: as it should
 
     def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.thread.join(10)
+        self.server.close()
 
 
 @pytest.fixture
@@ -129,14 +116,9 @@ def test_the_sync_clients_wait_is_for_the_answer_not_for_each_read(daemon: Calla
 
 def test_the_sync_clients_wait_bounds_sending_a_long_request_too(tmp_path: os.PathLike[str]) -> None:
     """Each send was bounded alone: a daemon reading 16 KiB every 0.2 s held a 3 MB request past its wait."""
-    path = os.path.join(str(tmp_path), "slow.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen()
     done = threading.Event()
 
-    def read_slowly() -> None:
-        conn, _ = listener.accept()
+    def read_slowly(conn: socket.socket) -> None:
         with conn:
             conn.settimeout(0.5)
             while not done.is_set():
@@ -149,16 +131,14 @@ def test_the_sync_clients_wait_bounds_sending_a_long_request_too(tmp_path: os.Pa
                     return
                 time.sleep(0.2)
 
-    reader = threading.Thread(target=read_slowly, daemon=True)
-    reader.start()
+    slow = UnixServer(os.path.join(str(tmp_path), "slow.sock"), read_slowly)
     try:
-        with Client(path, timeout=1.5, retry=None) as client:
+        with Client(slow.path, timeout=1.5, retry=None) as client:
             raised = _ended(lambda: client.call("ping", {"padding": "a" * 3_000_000}))
         assert isinstance(raised, DaemonUnavailableError) and "within 1.5 s" in str(raised), raised
     finally:
         done.set()
-        listener.close()
-        reader.join(10)
+        slow.close()
 
 
 def test_the_async_client_too(daemon: Callable[[Behaviour], Daemon]) -> None:
