@@ -311,6 +311,69 @@ def test_a_run_nobody_streams_is_one_call_and_given_up_as_a_streamed_one_is(clus
     _run(_with_placement(cluster, body))
 
 
+class _ReplyLost:
+    """A node actor's handle whose hand-over replies are lost on the way back: the hand-over is
+    made on the node, then Ray says the actor was unreachable (as a network partition does)."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+        self.acquire = self
+
+    def remote(self, *args: Any) -> Any:
+        import ray.exceptions
+
+        async def lost() -> Any:
+            await self._actor.acquire.remote(*args)
+            raise ray.exceptions.ActorUnavailableError("the reply was lost (a test's fault)", None)
+
+        return lost()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._actor, name)
+
+
+def test_a_hand_over_whose_reply_is_lost_is_released_on_its_node(cluster: LocalRayCluster) -> None:
+    # The node made the isolate and lived on; the placement, told the actor was unreachable, tried
+    # elsewhere. The isolate made for nobody was held on its node for the actor's whole life.
+    async def body(placement: RayPlacement) -> None:
+        import time
+
+        import ray
+
+        await placement._refresh(force=True)
+        nodes = list(placement._nodes.values())
+        real = {node.node_id: node.actor for node in nodes}
+        for node in nodes:
+            node.actor = _ReplyLost(node.actor)
+        try:
+            with pytest.raises(RuntimeUnavailableError, match="lost during the hand-over"):
+                await placement.acquire(SMALL)
+        finally:
+            for node in nodes:
+                node.actor = real[node.node_id]
+        deadline = time.monotonic() + 60
+        while True:
+            held = [(await actor.describe.remote())["isolates"] for actor in real.values()]
+            if not any(held):
+                break
+            assert time.monotonic() < deadline, f"isolates made for nobody are still held: {held}"
+            await asyncio.sleep(0.2)
+
+        # A release that reaches the node before the hand-over it names: that hand-over never holds.
+        actor = real[nodes[0].node_id]
+        assert await actor.release.remote("early") is False
+        with pytest.raises(ray.exceptions.RayTaskError, match="given up"):
+            await actor.acquire.remote(SMALL.canonical_json(), "early")
+        making = actor.acquire.remote(SMALL.canonical_json(), "racing")
+        await actor.release.remote("racing")  # submitted after it: while it is made, or once it is held
+        await asyncio.gather(making, return_exceptions=True)
+        assert (await actor.describe.remote())["isolates"] == 0
+        result = await one_shot(placement, SMALL, argv=["echo", "after"])  # and claims go on
+        assert result.stdout == "after\n"
+
+    _run(_with_placement(cluster, body))
+
+
 def test_files_move_through_the_object_store_with_limits(cluster: LocalRayCluster) -> None:
     big = bytes(range(256)) * 4096  # 1 MiB: past Ray's inline size, so through the object store
 

@@ -348,7 +348,7 @@ class RayPlacement:
             self._give_back(expired)
             if reservation is None:
                 reservation = await self._reserve(policy, runtime, bundle)
-            node = None
+            node, isolate_id, asked = None, uuid.uuid4().hex, False
             try:
                 node = self._nodes.get(reservation.node_id)
                 if node is None or node.dead:
@@ -361,11 +361,14 @@ class RayPlacement:
                 # The node runs the runtime reserved for it, not its own pick for a trust (it may have
                 # a stronger one this placement did not ask Ray for).
                 placed = policy if policy.runtime == runtime else policy.replace(runtime=runtime)
-                info = await node.actor.acquire.remote(placed.canonical_json())
+                asked = True
+                info = await node.actor.acquire.remote(placed.canonical_json(), isolate_id)
             except Exception as exc:
                 await _removed(reservation.group)
                 if not lost_node(exc):
                     raise
+                if asked and node is not None and not actor_died(exc):
+                    self._forget(node, isolate_id)  # the actor may live on and have handed it over
                 if (doubtful := self._nodes.get(reservation.node_id)) is not None:
                     doubtful.suspect = True  # what is kept there is given back, not tried next
                     doubtful.dead = doubtful.dead or (doubtful is node and actor_died(exc))
@@ -409,6 +412,18 @@ class RayPlacement:
             if not ready.done():
                 ready.cancel()
         return Reservation(group, table["bundles_to_node_id"][0], shape_of(bundle))
+
+    def _forget(self, node: NodeHandle, isolate_id: str) -> None:
+        """A hand-over Ray said failed (the actor unreachable), released on the node in the
+        background: had it been made, nobody would hold it. The node remembers one it has not made yet."""
+
+        async def release() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(node.actor.release.remote(isolate_id), self.config.claim_timeout * 4)
+
+        task = asyncio.ensure_future(release())
+        self._claims.add(task)
+        task.add_done_callback(self._claims.discard)
 
     def _usable(self, node_id: str) -> bool:
         node = self._nodes.get(node_id)

@@ -18,10 +18,11 @@ import json
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import ConfigError, NotFoundError
+from ..errors import ConfigError, NotFoundError, SandboxError
 from ..policy import Policy
 from ..runtimes.sandbox import AgentSandbox
 from .base import Isolate
@@ -29,6 +30,7 @@ from .config import LocalPlacementConfig
 from .local import LocalPlacement
 
 OUTPUT, RESULT = "out", "result"
+_GIVEN_UP_KEPT = 4096  # ids released before their hand-over, remembered (the oldest forgotten first)
 
 
 def refuse_cluster_networks(networks: tuple[str, ...] | None, addresses: list[str]) -> None:
@@ -88,6 +90,9 @@ class StockadeNode:
         # The node's own isolates are a local placement's: its warm pools, its hand-overs.
         self.local = LocalPlacement(LocalPlacementConfig(pool_size=pool_size))
         self.isolates: dict[str, Isolate] = {}
+        # A hand-over whose reply the placement never got (Ray said the actor was unreachable) is
+        # released by its id, maybe before this actor has handed it over: remembered, it is not.
+        self._given_up: OrderedDict[str, None] = OrderedDict()
         self.runtimes = runtimes
         for name in runtimes:  # kept full by this actor from now on (pool.py's refill thread)
             self.local.manager.get(name).warm_up()
@@ -101,11 +106,17 @@ class StockadeNode:
             "isolates": len(self.isolates),  # handed out and not yet released
         }
 
-    async def acquire(self, policy_json: str) -> dict[str, Any]:
+    async def acquire(self, policy_json: str, isolate_id: str) -> dict[str, Any]:
+        """An isolate for ``policy_json``, held under ``isolate_id`` (the placement's pick, so that
+        it can release one whose hand-over it never heard of)."""
         started = time.monotonic()
+        if isolate_id in self.isolates or isolate_id in self._given_up:
+            raise SandboxError(f"isolate {isolate_id} was already handed over or given up on node {self.node_id}")
         policy = Policy(**json.loads(policy_json))
         sandbox = await self.local.acquire(policy)
-        isolate_id = os.urandom(8).hex()
+        if self._given_up.pop(isolate_id, 0) is None:  # released while it was being made
+            await self.local.release(sandbox)
+            raise SandboxError(f"isolate {isolate_id} was given up by its holder before its hand-over")
         self.isolates[isolate_id] = sandbox
         return {
             "id": isolate_id,
@@ -192,8 +203,12 @@ class StockadeNode:
         return await self._get(isolate_id).aclose_interpreter(session)
 
     async def release(self, isolate_id: str) -> bool:
+        """Whether ``isolate_id`` was held here (now released); one not handed over yet never will be."""
         sandbox = self.isolates.pop(isolate_id, None)
         if sandbox is None:
+            self._given_up[isolate_id] = None
+            while len(self._given_up) > _GIVEN_UP_KEPT:
+                self._given_up.popitem(last=False)
             return False
         await self.local.release(sandbox)
         return True
