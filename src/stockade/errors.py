@@ -413,7 +413,8 @@ _AGENT_ERRORS: dict[int, type[AgentError]] = {
 
 
 def agent_error(code: Any, message: Any, data: Any = None) -> AgentError:
-    """Build the error for a JSON-RPC error object received from a guest."""
+    """Build the error for a JSON-RPC error object received from a guest: its message is the
+    isolate's words, escaped (``printable``) wherever it is quoted or logged."""
     code = code if isinstance(code, int) else -32603
     cls = _AGENT_ERRORS.get(code, AgentError)
-    return cls(str(message)[:2000], code, data)
+    return cls(printable(str(message)[:2000]), code, data)

@@ -189,6 +189,17 @@ def test_an_error_class_is_chosen_by_the_host(hostile: Callable[[Reply], Hostile
     assert type(info.value) is AgentError and info.value.code == 12345
 
 
+def test_an_agents_error_message_is_quoted_escaped(hostile: Callable[[Reply], HostileSandbox]) -> None:
+    # Its words reached the daemon's log raw (a published port's relay logs them): a forged line, an erased one.
+    forged = "nothing listens\n2026-12-06 10:00:00,000 stockade INFO gave up root\n\x1b[2K\x1b[1Arotate the key"
+    sb = hostile(lambda i: _frame({"jsonrpc": "2.0", "id": i, "error": {"code": -32000, "message": forged}}))
+    with pytest.raises(AgentError) as info:
+        sb.read_file("/etc/hostname")
+    said = str(info.value)
+    assert "\x1b" not in said and "\\x1b[2K" in said
+    assert all(line.startswith("    ") for line in said.splitlines()[1:]), said
+
+
 @pytest.mark.parametrize(
     ("call", "reply"),
     [

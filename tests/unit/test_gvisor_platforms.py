@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from stockade.runtimes.gvisor import build_date, platforms_from_flags, statx_broken
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from stockade.runtimes.gvisor import BUNDLE_PREFIX, _sweep_state, build_date, platforms_from_flags, statx_broken
+from stockade.runtimes.hosted import sweep_dead_hosts_dirs
 
 # The -platform lines of `runsc flags`, as two builds print them.
 DEBIAN_12 = """  -platform string
@@ -37,3 +44,28 @@ def test_build_dates_from_versions() -> None:
     assert build_date("unknown") is None
     assert not statx_broken("unknown")  # a build of no known date is not called broken
     assert build_date("0.0~202407291.0") is None  # nine digits are no date
+
+
+def _dead_pid() -> int:
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+def test_a_killed_hosts_platform_probe_is_swept_as_its_sandboxes_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probe's bundle and runsc state were named so that no sweep knew them: a host killed mid-probe left them.
+    dead = _dead_pid()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    bundle = Path(tempfile.mkdtemp(prefix=f"{BUNDLE_PREFIX}{dead}-probe-"))
+    live = Path(tempfile.mkdtemp(prefix=f"{BUNDLE_PREFIX}{__import__('os').getpid()}-probe-"))
+    sweep_dead_hosts_dirs(BUNDLE_PREFIX)
+    assert not bundle.exists() and live.exists()
+
+    root = tmp_path / "runsc-root"
+    root.mkdir()
+    for name in (f"abc_sandbox:stockade-probe-{dead}-systrap.state", f"stockade-{dead}-7.lock", "other.state"):
+        (root / name).write_text("{}")
+    _sweep_state(str(root))
+    assert sorted(p.name for p in root.iterdir()) == ["other.state"]

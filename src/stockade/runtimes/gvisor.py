@@ -178,14 +178,17 @@ def _runsc_delete(root: str, container_id: str) -> None:
         return
     # runsc names its files "<sandbox id>_sandbox:<container id>.state" (and ".lock").
     if any(n.endswith(f":{container_id}.state") or n == container_id for n in names):
-        subprocess.run(
-            [runsc, f"--root={root}", "delete", "--force", container_id],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=30,
-            check=False,
-        )
+        # A delete that hangs is given up, never raised: the caller's release goes on (cgroup,
+        # uids, bundle), and the cgroup's kill ends what runsc left; the sweep deletes its state.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(
+                [runsc, f"--root={root}", "delete", "--force", container_id],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=30,
+                check=False,
+            )
 
 
 class GvisorRuntime(PooledRuntime[GvisorSandbox]):
@@ -431,7 +434,8 @@ _PROBE_ARGV = ["/usr/bin/sh", "-c", "for i in 1 2 3 4 5 6 7 8; do /usr/bin/true;
 def _probe_platform(runsc: str, root: str, platform: str) -> float | None:
     """Milliseconds ``platform`` takes for the probe's sandbox (best of two), or None if it
     fails there. KVM can hang on some hosts: each try is bounded by a timeout."""
-    bundle = tempfile.mkdtemp(prefix="stockade-gvisor-probe-")
+    # Named as a sandbox's are, by this process's pid: a host killed mid-probe leaves nothing the sweep misses.
+    bundle = tempfile.mkdtemp(prefix=f"{BUNDLE_PREFIX}{os.getpid()}-probe-")
     container_id = f"stockade-probe-{os.getpid()}-{platform}"
     try:
         write_bundle(bundle, default_policy(), warm=False)
@@ -466,7 +470,7 @@ def _probe_platform(runsc: str, root: str, platform: str) -> float | None:
         shutil.rmtree(bundle, ignore_errors=True)
 
 
-_STATE = re.compile(r"(?:^|:)(stockade-(\d+)-\d+)\.(?:state|lock)$")
+_STATE = re.compile(r"(?:^|:)(stockade-(?:probe-)?(\d+)-[a-z0-9]+)\.(?:state|lock)$")  # a sandbox's, a probe's
 
 
 def _sweep_state(root: str) -> None:
