@@ -159,9 +159,10 @@ class Metrics:
         self.execution_duration.labels(runtime).observe(max(0.0, result.execution_time_seconds))
         if cold_start and result.cold_start_time_ms > 0:
             self.cold_start.labels(runtime).observe(result.cold_start_time_ms / 1000)
-        self._observe_violations(result.security_violations, result.violation_counts)
+        self.observe_violations(result.security_violations, result.violation_counts)
 
-    def _observe_violations(self, records: list[SecurityViolation], counts: dict[str, int]) -> None:
+    def observe_violations(self, records: list[SecurityViolation], counts: dict[str, int]) -> None:
+        """Count a report's violations: a run's, an MCP call's, a held sandbox's after its last run."""
         kept: dict[str, list[SecurityViolation]] = {}
         for v in records:
             self.violations.labels(self._type(v.violation_type), v.severity).inc()

@@ -374,6 +374,24 @@ def test_a_hand_over_whose_reply_is_lost_is_released_on_its_node(cluster: LocalR
     _run(_with_placement(cluster, body))
 
 
+def test_what_an_isolate_did_after_its_last_run_is_taken_from_its_node(cluster: LocalRayCluster) -> None:
+    # A held sandbox's leftovers (a daemon audits them as it closes the sandbox) come from its node.
+    refused = "import ctypes\nfor _ in range(3):\n    ctypes.CDLL(None).ptrace(16, 1, 0, 0)\n"
+
+    async def body(placement: RayPlacement) -> None:
+        isolate = await placement.acquire(SMALL)
+        try:
+            process = await asyncio.to_thread(isolate.spawn, ["python3", "-c", refused])
+            assert await asyncio.to_thread(process.wait, 60) == 0
+            report, egress = await isolate.atake_report()
+            assert (report.counts, egress) == ({"ptrace": 3}, [])
+            assert (await isolate.atake_report())[0].counts == {}  # taken once
+        finally:
+            await placement.release(isolate)
+
+    _run(_with_placement(cluster, body))
+
+
 def test_files_move_through_the_object_store_with_limits(cluster: LocalRayCluster) -> None:
     big = bytes(range(256)) * 4096  # 1 MiB: past Ray's inline size, so through the object store
 

@@ -308,3 +308,53 @@ def test_a_port_relayed_through_the_agent_takes_turns_with_the_daemons_and_async
             assert [r.stdout for r in answers[5:]] == [f"{i}\n" for i in range(5)]  # type: ignore[union-attr]
 
     asyncio.run(asyncio.wait_for(in_process(), 180))
+
+
+# A background process's refused calls, made while no run goes: ptrace(PTRACE_ATTACH, 1) three times.
+REFUSED_THRICE = "import ctypes\nfor _ in range(3):\n    ctypes.CDLL(None).ptrace(16, 1, 0, 0)\n"
+
+
+def _violations_counted(api: httpx.Client) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in api.get("/metrics").text.splitlines()
+        if line.startswith("stockade_violations_total{")
+    )
+
+
+def test_a_held_sandboxs_life_and_what_it_did_after_its_last_run_are_audited(
+    http: tuple[Daemon, httpx.Client],
+) -> None:
+    # A background process (or one a run left running) made calls no run reported: the sandbox
+    # was made, the process started and the calls refused with no record, no metric, at all.
+    daemon, api = http
+    before = _violations_counted(api)
+    created = api.post("/api/v1/sandboxes", json={"agent_id": "auditee"})
+    assert created.status_code == 201, created.text
+    sandbox = created.json()["sandbox_id"]
+    base = f"/api/v1/sandboxes/{sandbox}/processes"
+    started = api.post(base, json={"command": ["python3", "-c", REFUSED_THRICE]})
+    assert started.status_code == 201, started.text
+    handle = started.json()["handle"]
+    ended = api.post(f"{base}/{handle}/wait", params={"timeout": 60}).json()
+    assert ended["exit_code"] == 0, ended
+    assert api.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
+    deadline = time.monotonic() + 30
+    while True:  # the audit log's writer thread appends as it can, a batch at a time
+        with open(daemon.audit_log) as f:
+            records = [json.loads(line) for line in f if sandbox in line]
+        events = [r["event"] for r in records]
+        if ("sandbox.end" in events and events.count("violation") >= 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    by_event = {r["event"]: r for r in records}
+    assert by_event["sandbox.create"]["agent_id"] == "auditee"
+    assert by_event["sandbox.create"]["policy_digest"] == created.json()["policy_digest"]
+    spawn = by_event["sandbox.spawn"]
+    assert (spawn["program"], spawn["handle"], spawn["door"]) == ("python3", handle, "http")
+    assert REFUSED_THRICE not in json.dumps(records)  # its arguments are code: never in the log
+    end = by_event["sandbox.end"]
+    assert (end["ended"], end["runs"], end["leftovers_taken"], end["violations"]) == ("closed", 0, True, 3), end
+    refused = [r for r in records if r["event"] == "violation"]
+    assert [(r["syscall"], r["between_runs"], r["agent_id"]) for r in refused] == [("ptrace", True, "auditee")] * 3
+    assert _violations_counted(api) == before + 3

@@ -36,6 +36,9 @@ from ..protocol.models import (
 from ..runtimes.spawned import SHARED_SLICE_S, Process
 from .held import Held
 
+if TYPE_CHECKING:
+    from .controller import ExecutionListener
+
 T = TypeVar("T")
 # Processes of one held sandbox the daemon remembers (the agent holds at most 64 live ones).
 MAX_REMEMBERED = 256
@@ -54,6 +57,7 @@ class BackgroundProcesses:
 
         async def _held_call(self, request: SandboxRef, caller: Caller, call: Callable[[Held], Awaitable[T]]) -> T: ...
         async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+        def _tell(self, event: Callable[[ExecutionListener], None]) -> None: ...
 
     async def spawn(self, request: SandboxSpawn, caller: Caller) -> ProcessInfo:
         async def start(held: Held) -> ProcessInfo:
@@ -62,6 +66,12 @@ class BackgroundProcesses:
             )
             held.processes[process.handle] = process
             _prune(held.processes)
+            # Metadata only, as for a run: the program, never its arguments (code, often) or input.
+            self._tell(lambda listener: listener.sandbox_event(
+                caller, "sandbox.spawn", agent_id=held.agent_id, sandbox_id=held.sandbox_id,
+                policy_digest=held.sandbox.policy.digest, handle=process.handle, pid=process.pid,
+                program=request.command[0][:256],
+            ))  # fmt: skip
             return _info(process)
 
         return await self._held_call(request, caller, start)

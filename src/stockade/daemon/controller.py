@@ -45,6 +45,7 @@ from ..result import ExecResult, new_id
 from ..runtimes.agent_requests import code_params, exec_params
 from ..runtimes.manager import RuntimeManager
 from ..runtimes.verdict import OutputCallback
+from ..runtimes.violations import Leftovers
 from .answers import AnswerBudget
 from .background import BackgroundProcesses, process_infos
 from .config import DaemonConfig
@@ -62,7 +63,8 @@ TEARDOWN_DELAY_S = 0.005
 
 
 class ExecutionListener(Protocol):
-    """Told of every finished ``execute`` (metrics, the audit log, the dashboard's history).
+    """Told of every finished ``execute`` (metrics, the audit log, the dashboard's history), and
+    of a held sandbox's life: made, a background process started in it, ended.
 
     Called on the event loop, in the turn the result is ready: it must not block.
     """
@@ -72,6 +74,16 @@ class ExecutionListener(Protocol):
     ) -> None:
         """``held``: a held sandbox's run; ``cold_start``: the result's cold start is this
         isolate's first (a held sandbox's later runs repeat it)."""
+
+    def sandbox_event(self, caller: Caller, event: str, **fields: Any) -> None:
+        """``sandbox.create``, ``sandbox.spawn``: metadata of it only (no argument, no input)."""
+
+    def sandbox_ended(
+        self, caller: Caller, agent_id: str | None, sandbox_id: str, ended: str, runs: int, leftovers: Leftovers | None
+    ) -> None:
+        """A held sandbox's end (``ended``: why), with what it did after its last run (a process
+        that run left running, a background one): its violations and egress, None when they
+        could not be taken (its isolate lost)."""
 
 
 @dataclass(slots=True)
@@ -390,6 +402,14 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             except Exception:
                 log.exception("an execution listener failed")
 
+    def _tell(self, event: Callable[[ExecutionListener], None]) -> None:
+        """Tell each listener of a held sandbox's ``event`` (one listener's failure is logged)."""
+        for listener in self.listeners:
+            try:
+                event(listener)
+            except Exception:
+                log.exception("a listener failed")
+
     def _started(self, runtime: str, caller: Caller, agent_id: str | None, sandbox: Isolate | None = None) -> Running:
         """Count a running execute in, under an id drawn now: ``status`` shows it while the
         run is going and the ExecResult carries it, so a caller can match the two."""
@@ -520,7 +540,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             held.sandbox.kill()
         for held in list(self.held.values()):
             try:
-                await self._close(held, interrupt="the daemon stopped during this call")
+                await self._close(held, interrupt="the daemon stopped during this call", ended="daemon stopped")
             except SandboxError:
                 pass
         try:

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import (
     AgentError,
@@ -59,9 +59,13 @@ from ..result import ExecResult
 from ..runtimes.agent_requests import check_call_timeout, code_request, exec_params
 from ..runtimes.spawned import Process
 from ..runtimes.verdict import OutputCallback
+from ..runtimes.violations import Leftovers
 from .answers import AnswerBudget, answer_size
 from .config import DaemonConfig
 from .slots import Slots
+
+if TYPE_CHECKING:
+    from .controller import ExecutionListener
 
 T = TypeVar("T")
 log = logging.getLogger("stockade.daemon")
@@ -69,6 +73,9 @@ log = logging.getLogger("stockade.daemon")
 # Ids of sandboxes closed for idleness, remembered (up to this many) so that a
 # late call learns why its sandbox is gone instead of "no sandbox".
 EXPIRED_REMEMBERED = 1024
+
+# How long a closing sandbox's report of what it did after its last run is waited for.
+LEFTOVERS_WAIT_S = 10.0
 
 # The most one read_file answers (the client's answer line, base64, stays under its 64 MiB).
 READ_FILE_MAX = 32 << 20
@@ -135,6 +142,9 @@ class HeldSandboxes:
     def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None) -> None:
         raise NotImplementedError
 
+    def _tell(self, event: Callable[[ExecutionListener], None]) -> None:
+        raise NotImplementedError
+
     async def create(self, request: SandboxCreate, caller: Caller) -> SandboxCreated:
         policy = request.policy
         idle_timeout = self._idle_timeout(request.idle_timeout)
@@ -153,6 +163,10 @@ class HeldSandboxes:
         held = Held(sandbox_id, sandbox, caller, request.agent_id, connection, idle_timeout)
         self.held[sandbox_id] = held
         self._watch_idle(held)
+        self._tell(lambda listener: listener.sandbox_event(
+            caller, "sandbox.create", agent_id=request.agent_id, sandbox_id=sandbox_id,
+            runtime=sandbox.runtime_name, policy_digest=policy.digest, keep=request.keep,
+        ))  # fmt: skip
         return SandboxCreated(
             sandbox_id=sandbox_id,
             runtime=sandbox.runtime_name,
@@ -247,15 +261,15 @@ class HeldSandboxes:
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)
         log.info("closing sandbox %s of %s: idle for %g s", held.sandbox_id, held.caller.owner, held.idle_timeout_s)
-        task = asyncio.get_running_loop().create_task(self._close_quietly(held))
+        task = asyncio.get_running_loop().create_task(self._close_quietly(held, "idle"))
         self._closing.add(task)  # a task nobody awaits must be referenced until it ends
         task.add_done_callback(self._closing.discard)
 
-    async def _close_quietly(self, held: Held) -> None:
+    async def _close_quietly(self, held: Held, ended: str) -> None:
         try:
-            await self._close(held)
+            await self._close(held, ended=ended)
         except Exception:
-            log.exception("closing idle sandbox %s failed", held.sandbox_id)
+            log.exception("closing %s sandbox %s failed", ended, held.sandbox_id)
 
     def sandbox_call_now(
         self, request: SandboxExec | SandboxRunCode, caller: Caller, done: Callable[[ExecResult | Exception], None]
@@ -424,17 +438,19 @@ class HeldSandboxes:
     async def close_sandbox(self, request: SandboxRef, caller: Caller) -> Closed:
         held = self._lookup(request, caller)
         why = f"the sandbox was closed by {caller.owner} (sandbox.close) during this call"
-        await self._close(held, interrupt=why)
+        await self._close(held, interrupt=why, ended="closed")
         return Closed(sandbox_id=held.sandbox_id)
 
-    async def _close(self, held: Held, interrupt: str | None = None) -> None:
-        """Close a held sandbox and free its slot.
+    async def _close(self, held: Held, interrupt: str | None = None, ended: str = "closed") -> None:
+        """Close a held sandbox and free its slot; ``ended``: why (the listeners are told).
 
         A call in progress on it ends first: at once when ``interrupt`` says why
         (its isolate is ended, and the call answered ``killed`` with that
         reason), else when it is done. Its agent connection is never closed
         under a call still reading it: that call would wait out its timeout.
-        Calls still waiting their turn then find it closed.
+        Calls still waiting their turn then find it closed. What it did after
+        its last run (a process that run left running) is taken before its
+        isolate goes, for the audit log and metrics: no run reports it.
         """
         if self.held.pop(held.sandbox_id, None) is None:
             return
@@ -446,15 +462,29 @@ class HeldSandboxes:
             if held.calls and interrupt is not None:
                 held.sandbox.cancel(interrupt)
             async with held.lock:  # a call still reading its agent ends first
+                leftovers = await _leftovers(held)
                 await self.placement.release(held.sandbox)
         finally:
             del self.closing[held.sandbox_id]
             self.slots.release(held.caller.owner)
+        self._tell(lambda listener: listener.sandbox_ended(
+            held.caller, held.agent_id, held.sandbox_id, ended, held.runs, leftovers
+        ))  # fmt: skip
 
     async def close_connection(self, connection: int) -> None:
         """Close the sandboxes a connection held (not kept ones), each once its call, if any, is done."""
         for held in [h for h in self.held.values() if h.connection == connection]:
-            await self._close(held)
+            await self._close(held, ended="connection closed")
+
+
+async def _leftovers(held: Held) -> Leftovers | None:
+    """What ``held`` did after its last run, or None when it cannot be taken in time (its isolate
+    lost, its node gone): a process that run left running is reported by no run."""
+    try:
+        return await asyncio.wait_for(held.sandbox.atake_report(), LEFTOVERS_WAIT_S)
+    except Exception as exc:  # noqa: BLE001 - the sandbox goes all the same; said in the record
+        log.info("sandbox %s: what it did after its last run could not be taken: %s", held.sandbox_id, exc)
+        return None
 
 
 def _held_params(request: SandboxExec | SandboxRunCode) -> tuple[str, dict[str, Any]]:

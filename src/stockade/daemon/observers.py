@@ -15,6 +15,7 @@ or a token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol.models import Caller
 from ..ratelimit import TokenBucket, peer_network
-from ..result import ExecResult
+from ..result import EgressRequest, ExecResult, SecurityViolation
+from ..runtimes.violations import Leftovers, ViolationReport
 from ..server.history import History
 
 if TYPE_CHECKING:
@@ -114,29 +116,73 @@ class Observers:
             exit_code=result.exit_code,
             seconds=round(result.execution_time_seconds, 6),
             violations=sum(result.violation_counts.values()) or len(result.security_violations),
-            **_egress_fields(result),
+            **_egress_fields(result.egress_requests, result.egress_requests_dropped, result.secrets_redacted),
         )
-        listed = result.security_violations[:MAX_AUDITED_VIOLATIONS]
+        self._violations(
+            caller, agent_id, {"execution_id": result.execution_id}, result.security_violations,
+            result.violation_counts, result.violations_dropped,
+        )  # fmt: skip
+
+    def _violations(
+        self,
+        caller: Caller,
+        agent_id: str | None,
+        where: dict[str, Any],
+        records: list[SecurityViolation],
+        counts: dict[str, int],
+        dropped: int,
+    ) -> None:
+        """A report's violation records, the first MAX_AUDITED_VIOLATIONS; the rest counted."""
+        assert self.audit is not None
+        listed = records[:MAX_AUDITED_VIOLATIONS]
         for v in listed:
             self.audit.record(
                 "violation",
                 owner=caller.owner,
                 agent_id=agent_id,
-                execution_id=result.execution_id,
+                **where,
                 violation_type=v.violation_type,
                 syscall=v.syscall,
                 severity=v.severity,
                 detection_layer=v.detection_layer,
                 blocked=v.blocked,
+                between_runs=v.between_runs,
             )
-        unlisted = result.violations_dropped + len(result.security_violations) - len(listed)
+        unlisted = dropped + len(records) - len(listed)
         if unlisted:
-            self.audit.record(
-                "violations_uncounted",
-                execution_id=result.execution_id,
-                counts=dict(result.violation_counts),
-                dropped=unlisted,
-            )
+            self.audit.record("violations_uncounted", **where, counts=dict(counts), dropped=unlisted)
+
+    # ---- a held sandbox's life -------------------------------------------------------------
+
+    def sandbox_event(self, caller: Caller, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, owner=caller.owner, door=caller.door, **fields)
+
+    def sandbox_ended(
+        self, caller: Caller, agent_id: str | None, sandbox_id: str, ended: str, runs: int, leftovers: Leftovers | None
+    ) -> None:
+        """A held sandbox's end, and what it did after its last run: no run's record has it."""
+        report, egress = leftovers if leftovers is not None else (ViolationReport(), [])
+        # Reported as a run's are, marked as made while no run was going.
+        records = [dataclasses.replace(v, between_runs=True) for v in report.records]
+        if self.metrics is not None:
+            self.metrics.observe_violations(records, report.counts)
+        self.history.violations(caller.owner, agent_id, None, records)
+        if self.audit is None:
+            return
+        self.audit.record(
+            "sandbox.end",
+            owner=caller.owner,
+            door=caller.door,
+            agent_id=agent_id,
+            sandbox_id=sandbox_id,
+            ended=ended,
+            runs=runs,
+            leftovers_taken=leftovers is not None,
+            violations=sum(report.counts.values()),
+            **_egress_fields(egress, 0, 0),
+        )
+        self._violations(caller, agent_id, {"sandbox_id": sandbox_id}, records, report.counts, report.dropped)
 
     # ---- the doors -----------------------------------------------------------------------
 
@@ -208,14 +254,14 @@ class Observers:
             self.audit.close()
 
 
-def _egress_fields(result: ExecResult) -> dict[str, Any]:
-    """A run's egress, for its execution record: each request (allowed or refused) and the names
-    of the secrets put into it, never a value. (``substituted``, ``redactions``: the audit log
-    blanks any field named like a secret.)"""
-    if not result.egress_requests and not result.egress_requests_dropped and not result.secrets_redacted:
+def _egress_fields(requests: list[EgressRequest], dropped: int, redactions: int) -> dict[str, Any]:
+    """A run's egress (or a held sandbox's after its last run), for its record: each request
+    (allowed or refused) and the names of the secrets put into it, never a value.
+    (``substituted``, ``redactions``: the audit log blanks any field named like a secret.)"""
+    if not requests and not dropped and not redactions:
         return {}
-    listed = result.egress_requests[:MAX_AUDITED_EGRESS]
-    requests = [
+    listed = requests[:MAX_AUDITED_EGRESS]
+    kept = [
         {
             "host": r.host,
             "port": r.port,
@@ -232,5 +278,4 @@ def _egress_fields(result: ExecResult) -> dict[str, Any]:
         }
         for r in listed
     ]
-    dropped = result.egress_requests_dropped + len(result.egress_requests) - len(listed)
-    return {"egress": requests, "egress_dropped": dropped, "redactions": result.secrets_redacted}
+    return {"egress": kept, "egress_dropped": dropped + len(requests) - len(listed), "redactions": redactions}

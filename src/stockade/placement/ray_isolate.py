@@ -25,7 +25,9 @@ from .remote import RemoteRuns
 
 if TYPE_CHECKING:
     from ..policy import Policy
+    from ..result import EgressRequest
     from ..runtimes.verdict import OutputCallback
+    from ..runtimes.violations import ViolationReport
     from .ray import RayPlacement
     from .ray_reservations import Reservation
 
@@ -195,6 +197,11 @@ class RayIsolate(RemoteRuns):
             return bool(await self._call("interrupt", session))
         except SandboxLostError:
             return False
+
+    async def atake_report(self) -> tuple[ViolationReport, list[EgressRequest]]:
+        """What the isolate did since its last run's report, as its node took it."""
+        report, egress = await self._call("take_report")
+        return report, egress
 
     async def _call(self, method: str, *args: Any) -> Any:
         self._check()

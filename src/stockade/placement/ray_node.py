@@ -202,6 +202,10 @@ class StockadeNode:
     async def close_interpreter(self, isolate_id: str, session: str) -> bool:
         return await self._get(isolate_id).aclose_interpreter(session)
 
+    async def take_report(self, isolate_id: str) -> tuple[Any, Any]:
+        """What the isolate did since its last run's report (``Isolate.atake_report``)."""
+        return await self._get(isolate_id).atake_report()
+
     async def release(self, isolate_id: str) -> bool:
         """Whether ``isolate_id`` was held here (now released); one not handed over yet never will be."""
         sandbox = self.isolates.pop(isolate_id, None)

@@ -113,6 +113,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         self._collect_violations()
         return self.violation_log.take(), egress
 
+    async def atake_report(self) -> tuple[ViolationReport, list[EgressRequest]]:
+        await self.settled()  # the last run's account first: what it did is its own
+        return await asyncio.wrap_future(accounts().submit(self.take_report))  # the worker: a round trip
+
     def _take_egress(self) -> tuple[list[socket.socket], EgressWorker]:
         """The egress proxy's TCP listener and name service UDP socket, both on the isolate's own
         loopback, and the worker started to serve them; a runtime without them refuses network_policy

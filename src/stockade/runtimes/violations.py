@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..result import MAX_VIOLATION_NAMES, MAX_VIOLATION_RECORDS, OTHER_VIOLATIONS, SecurityViolation
+from ..result import MAX_VIOLATION_NAMES, MAX_VIOLATION_RECORDS, OTHER_VIOLATIONS, EgressRequest, SecurityViolation
 
 
 @dataclass
@@ -76,3 +76,7 @@ class ViolationLog:
         with self._lock:
             report, self._report = self._report, ViolationReport()
             return report
+
+
+# What an isolate did outside any run's report (after its last run): its violations, its egress requests.
+Leftovers = tuple[ViolationReport, list[EgressRequest]]
