@@ -150,6 +150,35 @@ def test_a_hostile_server_is_contained_and_what_it_tried_is_in_the_verdict(
     anyio.run(go)
 
 
+@pytest.mark.parametrize("lifecycle", ["ephemeral", "persistent"])
+def test_what_a_server_did_is_said_however_it_answers_and_outside_calls(
+    manager: RuntimeManager, lifecycle: str
+) -> None:
+    # A server hid its refused calls by answering an error (the verdict was empty), and what a
+    # listing's isolate, or a kept server since its last call, did was said nowhere.
+    reports: list[tuple[str, str, dict[str, Any]]] = []
+    server = hostile(lifecycle=lifecycle, args=["/mcp/hostile.py", "--ptrace-on-list"])
+    host = ToolHost(config(bad=server), manager, on_report=lambda *said: reports.append(said))
+
+    async def go() -> None:
+        async with host:
+            with pytest.raises(ToolError, match="answered error -32602") as hidden:
+                await host.call("bad", "hide")
+            assert hidden.value.verdict["violation_counts"] == {"ptrace": 2}, hidden.value.verdict
+            assert [v["syscall"] for v in hidden.value.verdict["security_violations"]] == ["ptrace", "ptrace"]
+            assert [t.name for t in await host.list_tools("bad")][:1] == ["snoop"]
+            if lifecycle == "ephemeral":  # the listing's own isolate, reported as it ends
+                assert _said(reports) == [("bad", "request", {"ptrace": 1})]
+
+    anyio.run(go)
+    if lifecycle == "persistent":  # the kept server's, since its last call, reported as it stops
+        assert _said(reports) == [("bad", "stop", {"ptrace": 1})]
+
+
+def _said(reports: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, dict[str, int]]]:
+    return [(server, what, verdict["violation_counts"]) for server, what, verdict in reports]
+
+
 @pytest.mark.parametrize("runtime", ["gvisor", "microvm"])
 def test_a_hostile_server_is_contained_under_the_stronger_runtimes_too(runtime: str) -> None:
     require(runtime)
@@ -461,6 +490,8 @@ def test_through_the_daemon_a_persistent_server_outlives_each_call_tool(tmp_path
 
         counts = [json.loads(json.loads(call_tool("count").stdout)["content"][0]["text"]) for _ in range(3)]
         assert counts == [1, 2, 3]  # one server, kept by the daemon across three processes
+        hid = call_tool("hide")  # its refused calls, then an error: they are in the call's record all the same
+        assert hid.returncode == 125 and "answered error -32602" in hid.stderr, hid.stderr
         died = call_tool("die")
         assert died.returncode == 125 and "bad ended during the call" in died.stderr and "exited with 3" in died.stderr
         again = json.loads(call_tool("count").stdout)
@@ -481,11 +512,12 @@ def test_through_the_daemon_a_persistent_server_outlives_each_call_tool(tmp_path
         while True:
             with open(audit) as f:
                 records = [json.loads(line) for line in f if '"mcp.call"' in line]
-            if len(records) >= 5 or time.monotonic() > deadline:
+            if len(records) >= 6 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        expected = [("count", "ok")] * 3 + [("die", "error"), ("count", "ok")]
+        expected = [("count", "ok")] * 3 + [("hide", "error"), ("die", "error"), ("count", "ok")]
         assert [(r["tool"], r["outcome"]) for r in records] == expected
+        assert records[3]["violations"] == {"ptrace": 2}, records[3]
         assert records[0]["server"] == "bad" and records[0]["runtime"] == "process" and records[0]["door"] == "unix"
     finally:
         assert daemon.stop() == 0, daemon.logs()

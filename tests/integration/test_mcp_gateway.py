@@ -42,10 +42,11 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
             "notes": {**hostile, "args": ["/mcp/hostile.py", "--resource", "file:///notes"], "tools": {}},
             # Names of another server's, and one outside MCP's: never shown as that server's, left out.
             "namer": {**hostile, "args": ["/mcp/hostile.py", "--names", "time.convert_time,bad\x1bname"]},
-            # A tool its config does not expose takes no name: time's get_current_time stays bare.
+            # A tool its config does not expose takes no name: time's get_current_time stays bare. What
+            # its listing's isolate did (a refused call) is in the log though no tool call reports it.
             "quiet": {
                 **hostile,
-                "args": ["/mcp/hostile.py", "--names", "get_current_time"],
+                "args": ["/mcp/hostile.py", "--names", "get_current_time", "--ptrace-on-list"],
                 "expose": "listed",
                 "tools": {"refuse": {}},
             },
@@ -114,6 +115,8 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
     snoop = calls[-3]
     assert snoop["argument_bytes"] > 10 and "x" * 10 not in json.dumps(snoop), snoop
     assert snoop["violations"] == {"socket": 1, "ptrace": 1}
+    reports = [(r["server"], r["what"], r["violations"]) for r in records if r["event"] == "mcp.report"]
+    assert reports and all(said == ("quiet", "request", {"ptrace": 1}) for said in reports), reports
     assert verify([str(audit)]).ok
 
 

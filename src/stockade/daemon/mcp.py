@@ -113,16 +113,17 @@ async def call_tool(controller: Controller, request: McpCall, caller: Caller) ->
     try:
         result = await kept.host.call(request.server, request.tool, request.arguments)
     except ToolError as exc:
-        _audit(controller, caller, call_record(request.server, request.tool, size, "error", exc.verdict, str(exc)))
+        record = call_record(request.server, request.tool, size, "error", exc.verdict, str(exc))
+        _observe(controller, caller, "mcp.call", record, exc.verdict)
         raise ConfigError(str(exc)) from None
     except Exception as exc:
-        _audit(controller, caller, call_record(request.server, request.tool, size, "error", {}, str(exc)))
+        _observe(controller, caller, "mcp.call", call_record(request.server, request.tool, size, "error", {}, str(exc)))
         raise
     finally:
         kept.calls -= 1
     verdict = (result.meta or {}).get("stockade", {})
     outcome = "tool_error" if result.is_error else "ok"
-    _audit(controller, caller, call_record(request.server, request.tool, size, outcome, verdict))
+    _observe(controller, caller, "mcp.call", call_record(request.server, request.tool, size, outcome, verdict), verdict)
     return McpResult(result=result.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
@@ -136,14 +137,17 @@ async def _slot(controller: Controller, caller: Caller) -> AsyncIterator[None]:
         controller.slots.release(caller.owner)
 
 
-def _audit(controller: Controller, caller: Caller, record: dict[str, Any]) -> None:
+def _observe(
+    controller: Controller, caller: Caller, event: str, record: dict[str, Any], verdict: dict[str, Any] | None = None
+) -> None:
+    """An MCP call's (or an isolate's report's) audit record, and its violations counted."""
     for listener in controller.listeners:
-        if isinstance(listener, Observers):  # the audit log's keeper
-            listener.mcp_call(caller, record)
+        if isinstance(listener, Observers):  # the audit log's and the metrics' keeper
+            listener.mcp_event(caller, event, record, verdict or {})
 
 
 async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
-    from ..mcp.tools import ToolHost
+    from ..mcp.tools import ToolHost, report_record
     from ..mcp.transport import ReadBudget
 
     hosts = _hosts.setdefault(controller, _Hosts())
@@ -153,7 +157,12 @@ async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
         kept = hosts.kept.pop(key, None)
         if kept is None or kept.task.done():
             budget = hosts.budgets.setdefault(caller.owner, ReadBudget(scale=CALLER_SERVERS))
-            host = ToolHost(config, controller.manager, admit=lambda: _slot(controller, caller), budget=budget)
+            host = ToolHost(
+                config, controller.manager, admit=lambda: _slot(controller, caller), budget=budget,
+                on_report=lambda server, what, verdict: _observe(
+                    controller, caller, "mcp.report", report_record(server, what, verdict), verdict
+                ),
+            )  # fmt: skip
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             stop = asyncio.Event()
 

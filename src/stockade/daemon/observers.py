@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol.models import Caller
 from ..ratelimit import TokenBucket, peer_network
-from ..result import EgressRequest, ExecResult, SecurityViolation
+from ..result import EgressRequest, ExecResult, SecurityViolation, validate
 from ..runtimes.violations import Leftovers, ViolationReport
 from ..server.history import History
 
@@ -219,10 +219,15 @@ class Observers:
                     del self._auth_failures[quiet]
                     self._auth_unrecorded += count
 
-    def mcp_call(self, caller: Caller, record: dict[str, Any]) -> None:
-        """One MCP tool call the daemon made for ``caller`` (mcp.call_tool): ``mcp/tools.call_record``."""
+    def mcp_event(self, caller: Caller, event: str, record: dict[str, Any], verdict: dict[str, Any]) -> None:
+        """One MCP tool call the daemon made for ``caller`` (``mcp.call``: ``mcp/tools.call_record``), or
+        what a server's isolate did outside one (``mcp.report``); ``verdict``'s violations counted."""
+        records = [validate(SecurityViolation, v) for v in verdict.get("security_violations") or []]
+        counts = verdict.get("violation_counts") or {}
+        if self.metrics is not None and (records or counts):
+            self.metrics.observe_violations(records, counts)
         if self.audit is not None:
-            self.audit.record("mcp.call", owner=caller.owner, door=caller.door, **record)
+            self.audit.record(event, owner=caller.owner, door=caller.door, **record)
 
     def admin(self, caller: Caller, action: str, target: str, **details: Any) -> None:
         if self.audit is not None:

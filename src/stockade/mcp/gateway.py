@@ -33,7 +33,7 @@ from ..audit import AuditLog
 from ..errors import printable, without_controls
 from .config import IsolationConfig
 from .http import serve_http
-from .tools import ToolError, ToolHost, call_record
+from .tools import ToolError, ToolHost, call_record, report_record
 
 log = logging.getLogger("stockade.mcp")
 SEPARATOR = "."
@@ -188,7 +188,11 @@ async def serve(
         finally:
             slots.release()
 
-    async with ToolHost(config, admit=admit) as host:
+    def reported(server_id: str, what: str, verdict: dict[str, Any]) -> None:
+        if audit is not None:  # what an isolate did outside a tool call (a listing's, a kept server's)
+            audit.record("mcp.report", **report_record(server_id, what, verdict))
+
+    async with ToolHost(config, admit=admit, on_report=reported) as host:
         gateway = Gateway(config, host, audit)
         await gateway.survey()
         surveyed = True

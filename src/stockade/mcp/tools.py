@@ -102,8 +102,12 @@ class ToolHost:
         manager: RuntimeManager | None = None,
         admit: Callable[[], AbstractAsyncContextManager[None]] | None = None,
         budget: ReadBudget | None = None,
+        on_report: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
+        # Told what an isolate did outside any tool call's verdict, when it did anything: a listing's
+        # isolate (``request``), a kept server's since its last call as it stops. (server, what, verdict)
+        self._on_report = on_report
         self.manager = manager
         # Held around each isolate's life: a daemon's slots (an ephemeral call's, a kept server's).
         self._admit = admit or contextlib.nullcontext
@@ -190,8 +194,11 @@ class ToolHost:
                     live = await self._persistent(server_id, server)
                     assert live.session is not None
                     return await _within(timeout, server_id, ask(live.session))
-                async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
-                    return await _within(timeout, server_id, ask(session))
+                async with self._ephemeral_session(server_id, server, None) as (session, sandbox, _output):
+                    try:
+                        return await _within(timeout, server_id, ask(session))
+                    finally:
+                        await self._report(server_id, "request", sandbox, "ephemeral")
         except MCPError as exc:
             raise _answered_error(server_id, exc) from None
 
@@ -203,16 +210,17 @@ class ToolHost:
                 try:
                     result = await _call_tool(session, server_id, tool, arguments)
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
+                    # What the isolate did is said whichever way the call went: a server could
+                    # otherwise hide its refused calls by answering an error.
+                    verdict = await _verdict(sandbox, "ephemeral")
                     if output.exit_code is None and output.broken is None:
                         if isinstance(exc, MCPError):
-                            raise _answered_error(f"{server_id}.{tool}", exc) from None
+                            raise _answered_error(f"{server_id}.{tool}", exc, verdict) from None
                         raise
-                    raise ToolError(f"{server_id} ended during the call: {output.describe(exc)}") from None
+                    raise ToolError(f"{server_id} ended during the call: {output.describe(exc)}", verdict) from None
             if deadline.cancelled_caught:
                 verdict = await _end(sandbox, "timeout")
                 raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
-            if sandbox is None:
-                return _with_verdict(result, {"runtime": "direct", "isolate": "none"})
             return _with_verdict(result, await _verdict(sandbox, "ephemeral"))
 
     @asynccontextmanager
@@ -249,12 +257,13 @@ class ToolHost:
             try:
                 result = await _call_tool(live.session, server_id, tool, arguments)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
+                verdict = await _verdict(live.sandbox, "persistent", live.seen)  # said either way
                 if live.alive() and not _closed(exc):
                     if isinstance(exc, MCPError):
-                        raise _answered_error(f"{server_id}.{tool}", exc) from None
+                        raise _answered_error(f"{server_id}.{tool}", exc, verdict) from None
                     raise
                 await self._stop(server_id, live)  # started again at the next call
-                raise ToolError(f"{server_id} ended during the call: {live.output.describe(exc)}") from None
+                raise ToolError(f"{server_id} ended during the call: {live.output.describe(exc)}", verdict) from None
         if deadline.cancelled_caught:
             verdict = await _end(live.sandbox, "timeout")
             await self._stop(server_id, live)  # started again at the next call
@@ -325,8 +334,24 @@ class ToolHost:
         del self._live[server_id]
         current.stop.set()
         if current.sandbox is not None:  # a session stuck in a dead server's read ends with its isolate
+            await self._report(server_id, "stop", current.sandbox, "persistent", current.seen)
             await anyio.to_thread.run_sync(current.sandbox.close)
         await current.done.wait()
+
+    async def _report(
+        self, server_id: str, what: str, sandbox: Sandbox | None, isolate: str, seen: dict[str, int] | None = None
+    ) -> None:
+        """Tell ``on_report`` what ``sandbox`` did since its last verdict, if it did anything."""
+        if self._on_report is None or sandbox is None:
+            return
+        with anyio.CancelScope(shield=True):  # taken even as its caller goes: else it is said nowhere
+            try:
+                verdict = await _verdict(sandbox, isolate, seen)
+            except Exception as exc:  # noqa: BLE001 - the isolate goes all the same
+                log.info("MCP server %s: what its isolate did could not be taken: %s", server_id, exc)
+                return
+        if verdict["violation_counts"] or verdict["egress_requests"]:
+            self._on_report(server_id, what, verdict)
 
 
 @contextlib.contextmanager
@@ -368,9 +393,11 @@ async def _initialise(session: ClientSession, server_id: str, output: ServerOutp
         raise ToolError(f"MCP server {server_id} did not answer initialize in {timeout:g} s (its timeout_secs)")
 
 
-async def _verdict(sandbox: Sandbox, isolate: str, seen: dict[str, int] | None = None) -> dict[str, Any]:
+async def _verdict(sandbox: Sandbox | None, isolate: str, seen: dict[str, int] | None = None) -> dict[str, Any]:
     """What the isolate did since its last report (taken on the host: nothing need run inside), and
     the limits it hit (``seen``: a kept isolate's counters at its last report)."""
+    if sandbox is None:
+        return {"runtime": "direct", "isolate": "none"}
     # On this host: memory, cgroup files, a round trip to the egress worker; off the event loop all the same.
     report, egress = await anyio.to_thread.run_sync(sandbox._sandbox.take_report)
     usage = await anyio.to_thread.run_sync(sandbox._sandbox.usage)
@@ -414,13 +441,19 @@ def call_record(
     }  # fmt: skip
 
 
+def report_record(server_id: str, what: str, verdict: dict[str, Any]) -> dict[str, Any]:
+    """An isolate's report outside a tool call (``mcp.report``: ``ToolHost``'s ``on_report``)."""
+    record = call_record(server_id, "", 0, what, verdict)
+    return {k: record[k] for k in ("server", "runtime", "violations", "egress")} | {"what": what}
+
+
 def _with_verdict(result: types.CallToolResult, verdict: dict[str, Any]) -> types.CallToolResult:
     meta = dict(result.meta or {})
     meta["stockade"] = verdict
     return result.model_copy(update={"meta": meta})
 
 
-def _answered_error(what: str, exc: MCPError) -> ToolError:
+def _answered_error(what: str, exc: MCPError, verdict: dict[str, Any] | None = None) -> ToolError:
     """A JSON-RPC error the server answered (an unknown tool, bad arguments): its words are the
     server's, untrusted, so they come escaped (no terminal control, no line of their own)."""
-    return ToolError(f"{what}: the server answered error {exc.code}: {printable(str(exc.message)[:2000])}")
+    return ToolError(f"{what}: the server answered error {exc.code}: {printable(str(exc.message)[:2000])}", verdict)
