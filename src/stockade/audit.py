@@ -248,6 +248,7 @@ class AuditLog:
     def _write(self, event: str, ts: str, fields: dict[str, Any]) -> bool:
         if self._before_write is not None:
             self._before_write()
+        fd = None
         try:
             fd = self._fd if self._fd is not None else self._open()
             record = {**fields, "seq": self._seq, "ts": ts, "event": event, "prev": self._prev}
@@ -256,6 +257,11 @@ class AuditLog:
                 fd = self._rotate()
             _write_all(fd, line + b"\n")
         except (OSError, ValueError) as e:
+            if fd is not None:  # a line cut short (a full disk): no torn line left for the next to chain to
+                try:
+                    os.ftruncate(fd, self._size)
+                except OSError as cut:
+                    log.error("audit log %s: a partial line could not be taken back: %s", self._path, cut)
             self._lost += 1
             if self._lost == 1:
                 log.error("audit log %s cannot be written (%s); records are lost until it can", self._path, e)
@@ -346,6 +352,7 @@ class VerifyReport:
     first_seq: int | None = None  # > 0: the oldest lines were rotated out (their files not given)
     last_seq: int | None = None
     last_hash: str | None = None  # compare with a copy kept elsewhere: a chain cannot show a cut tail
+    dropped: int = 0  # records the log says it lost (its audit_dropped lines' counts)
 
 
 def verify(paths: Sequence[str]) -> VerifyReport:
@@ -355,6 +362,7 @@ def verify(paths: Sequence[str]) -> VerifyReport:
     last_seq = 0
     last_where = ""
     count = 0
+    dropped = 0
 
     def broken(where: str, why: str) -> VerifyReport:
         return VerifyReport(False, count, f"{where}: {why}", first_seq, last_seq if last is not None else None, None)
@@ -374,6 +382,8 @@ def verify(paths: Sequence[str]) -> VerifyReport:
                 prev = record.get("prev") if isinstance(record, dict) else None
                 if type(seq) is not int or not isinstance(prev, str):
                     return broken(where, "not an audit record (no seq or prev)")
+                if record.get("event") == "audit_dropped" and type(record.get("count")) is int:
+                    dropped += record["count"]
                 if last is None:
                     if seq == 0 and prev != GENESIS:
                         return broken(where, "the first line (seq 0) must have prev = 64 zeros")
@@ -391,11 +401,12 @@ def verify(paths: Sequence[str]) -> VerifyReport:
                 count += 1
     if last is None:
         return VerifyReport(True, 0, None)
-    return VerifyReport(True, count, None, first_seq, last_seq, hashlib.sha256(last).hexdigest())
+    return VerifyReport(True, count, None, first_seq, last_seq, hashlib.sha256(last).hexdigest(), dropped)
 
 
 def verify_main(paths: Sequence[str], out: TextIO | None = None) -> int:
-    """``stockade audit verify FILE...``: one line on ``out``; 0 intact, 1 broken, 2 unreadable."""
+    """``stockade audit verify FILE...``: one line on ``out``; 0 intact, 1 broken, 2 unreadable,
+    3 intact but saying records were lost (``audit_dropped``: a full queue, a failed write)."""
     out = out if out is not None else sys.stdout
     if not paths:
         print("usage: stockade audit verify FILE... (oldest first: audit.log.2 audit.log.1 audit.log)", file=out)
@@ -416,9 +427,14 @@ def verify_main(paths: Sequence[str], out: TextIO | None = None) -> int:
         if report.first_seq
         else ""
     )
+    lost = (
+        f"; but {report.dropped} records were lost before they could be written (its audit_dropped lines)"
+        if report.dropped
+        else ""
+    )
     print(
-        f"audit chain ok: {report.lines} lines, seq {report.first_seq}..{report.last_seq}{older}; "
+        f"audit chain ok: {report.lines} lines, seq {report.first_seq}..{report.last_seq}{older}{lost}; "
         f"last line's sha256 {report.last_hash} (compare with a copy kept elsewhere: a chain cannot show a cut end)",
         file=out,
     )
-    return 0
+    return 3 if report.dropped else 0

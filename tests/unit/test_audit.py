@@ -276,6 +276,48 @@ def test_a_full_queue_counts_drops_and_puts_the_loss_on_the_chain(tmp_path: Path
     assert [r["i"] for r in got[1:6]] == [0, 1, 2, 3, 4]
     assert (got[-1]["count"], got[-1]["reason"]) == (3, "queue full")
     assert verify([str(path)]).ok and log.dropped == 3
+    # The chain holds, and says what it lost: verify says so too, and exits 3 (a loss is no pass).
+    assert verify([str(path)]).dropped == 3
+    out = io.StringIO()
+    assert verify_main([str(path)], out) == 3
+    assert "but 3 records were lost before they could be written" in out.getvalue()
+
+
+# A write cut short by the disk (here the file size limit: part of the line written, then EFBIG), then
+# the next records written: the partial line was left, and the chain read "not JSON" there for good.
+_CUT_SHORT = """
+import os, resource, signal, sys
+from stockade.audit import AuditLog
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+path = sys.argv[1]
+log = AuditLog(path)
+log.record("before")
+log.close()
+writes = []
+def before_write():  # the second write ("after") finds the disk with room again
+    writes.append(None)
+    if len(writes) == 2:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+log = AuditLog(path)
+log._before_write = before_write
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 100, resource.RLIM_INFINITY))
+log.record("evidence", filler="y" * 5000)  # 100 bytes of it fit
+log.record("after")
+log.close()
+"""
+
+
+def test_a_write_cut_short_leaves_no_torn_line_and_the_loss_is_on_the_chain(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.log"
+    subprocess.run([sys.executable, "-c", _CUT_SHORT, str(path)], check=True, timeout=60)
+    got = records(path)
+    assert [r["event"] for r in got] == ["before", "after", "audit_dropped"], got
+    assert (got[-1]["count"], got[-1]["reason"]) == (1, "write failed")
+    report = verify([str(path)])
+    assert report.ok and report.dropped == 1, report
 
 
 def test_write_failures_are_logged_not_raised_and_counted_on_the_chain(tmp_path: Path) -> None:

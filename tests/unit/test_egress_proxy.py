@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from stockade import Policy
-from stockade.egress.gate import Gate
+from stockade.egress.gate import MAX_METHOD_CHARS, MAX_PATH_CHARS, Gate
 from stockade.egress.proxy import proxy
 from stockade.ratelimit import TokenBucket
 
@@ -88,6 +88,21 @@ def test_a_malformed_url_is_answered_recorded_and_counted(upstream: int, url: st
         assert _answers(client) == ["400"]
         records, _ = gate.take_records()
         assert [(r.allowed, r.reason, r.path) for r in records] == [(False, "a malformed URL", url)]
+    finally:
+        client.close()
+        stop()
+
+
+def test_a_records_fields_are_bounded_whatever_the_isolate_sent(upstream: int) -> None:
+    # The method is the isolate's own token: 15,000 characters of one made a run's audit record 145 KB.
+    gate = _gate(upstream)
+    client, stop = _served(gate)
+    try:
+        method = "M" * 10_000  # within the 16 KiB a head may take
+        client.sendall(f"{method} http://10.0.0.1:{upstream}/{'p' * 4000} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        _answers(client)
+        (record,) = gate.take_records()[0]
+        assert record.method == "M" * MAX_METHOD_CHARS and len(record.path or "") <= MAX_PATH_CHARS, record
     finally:
         client.close()
         stop()

@@ -38,7 +38,7 @@ MAX_REFUSALS_SAID = 1_000_000  # in one message of a worker's: a burst of refusa
 # them each is dropped unread (counted with the records not kept), so that a flood costs the host a
 # counter, not a parse, a record and a message each. Far above what a package manager or crawler makes.
 ADMIT_PER_S, ADMIT_BURST = 500.0, 1000.0
-MAX_HOST_CHARS, MAX_PATH_CHARS, MAX_REASON_CHARS = 255, 1024, 512  # of one record's fields
+MAX_HOST_CHARS, MAX_PATH_CHARS, MAX_REASON_CHARS, MAX_METHOD_CHARS = 255, 1024, 512, 32  # of one record's fields
 HANDLE_PREFIX = "stockade-secret-"
 # Inside the isolate: the CA bundle the proxy's certificates verify against (written at hand-over).
 CA_BUNDLE_PATH = "/tmp/stockade-ca-certificates.crt"
@@ -253,6 +253,7 @@ class Gate:
             record.reason = self.redactor.text(record.reason)  # whatever a reason quoted, never a value
         # Bounded, whatever the isolate asked for: 256 records fit the worker's answer to its keeper.
         record.host, record.reason = record.host[:MAX_HOST_CHARS], record.reason[:MAX_REASON_CHARS]
+        record.method = record.method[:MAX_METHOD_CHARS]  # the isolate's token: up to a whole head's 16 KiB
         if record.path is not None:
             record.path = record.path[:MAX_PATH_CHARS]
         if len(self._records) < MAX_RECORDS:
