@@ -199,6 +199,7 @@ def _pair() -> list[socket.socket]:
     "answer",
     [
         "{'ok': True, 'env': {'X': 'y' * (8 << 20)}}",  # bigger than any honest answer
+        "{'ok': True, 'env': {}, 'x': ['y' * (512 << 10)] * 16}",  # as big, each of its strings within bounds
         "{'ok': True, 'env': {}, 'x': [{}] * 50000}",  # small in bytes, huge in objects
         "keeper_out.sendall(msgpack.packb({'ok': True})) or {'ok': True, 'env': {}}",  # two answers to one ask
     ],

@@ -96,9 +96,12 @@ class Observers:
                 log.exception("recording an execution failed")
 
     def _record(self, caller: Caller, agent_id: str | None, result: ExecResult, held: bool, cold_start: bool) -> None:
-        if self.metrics is not None:
-            self.metrics.observe_execution(result, cold_start=cold_start)
-        self.history.execution(caller.owner, agent_id, result, cold_start)
+        try:  # the audit record is written whatever became of the counts
+            if self.metrics is not None:
+                self.metrics.observe_execution(result, cold_start=cold_start)
+            self.history.execution(caller.owner, agent_id, result, cold_start)
+        except Exception:
+            log.exception("counting an execution failed")
         if self.audit is None:
             return
         self.audit.record(

@@ -253,11 +253,18 @@ class EgressWorker:
     def _read(self) -> None:
         # No message bigger than the largest honest one, and none of many tiny objects (1 MiB of empty
         # maps unpacks to tens of MiB).
+        # The unpacker builds a message as its bytes come (its buffer bounds only what it has not read
+        # yet): a message's size is counted here, from the end of the one before.
         unpacker = msgpack.Unpacker(max_buffer_size=MAX_REPLY, max_array_len=1024, max_map_len=1024)
+        fed = boundary = 0
         try:
             while data := self._sock.recv(65536):
+                fed += len(data)
+                if fed - boundary > MAX_REPLY:
+                    raise ValueError(f"a message larger than {MAX_REPLY} bytes")
                 unpacker.feed(data)
                 for message in unpacker:
+                    boundary = unpacker.tell()
                     if not isinstance(message, dict):
                         raise ValueError("a message that is not a map")
                     if message.get("event") == "refused":
