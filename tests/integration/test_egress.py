@@ -407,8 +407,10 @@ def test_a_secret_stored_with_no_hosts_is_for_a_library_not_for_a_daemons_caller
     policy = allow(up, "api.stockade.test", secrets=("API_KEY",))
     daemon = start_daemon(env=env)
     try:
-        with Client(daemon.socket_path) as client, pytest.raises(PolicyError, match="names no hosts it may be sent"):
+        with Client(daemon.socket_path) as client, pytest.raises(PolicyError, match="is not granted for") as refused:
             client.execute(["true"], policy=policy.to_dict())
+        assert "names no hosts" not in str(refused.value)  # a caller is not told; the daemon's log says why
+        assert "names no hosts it may be sent" in daemon.logs()
     finally:
         daemon.cleanup()
     # The one trusted program that uses stockade as a library may.

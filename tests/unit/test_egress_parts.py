@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import tempfile
@@ -237,13 +238,15 @@ def test_a_vault_secret_registered_before_hosts_were_required_is_bound_to_none(t
     store.vault = Vault(where)
     assert store.hosts_of("OLD") == ()
     with pytest.raises(PolicyError, match=r"may be bound to no host.*secrets put OLD --host"):
-        store.check_grant("OLD", ["attacker.example"])
+        store.check_grant("OLD", ["attacker.example"], hostless=True)
     Vault(where).put("OLD", "sk-old-123456", ["api.example.com"])  # registered again, with its hosts
     store.vault = Vault(where)
     assert store.check_grant("OLD", ["api.example.com"]).value == "sk-old-123456"
     # A secrets file's entry of no hosts is refused too, naming where it stands (put cannot mend it).
     with pytest.raises(PolicyError, match="its entry in the broker's secrets file names none"):
-        SecretStore(parse_secrets({"F": {"value": "sk-file-1", "hosts": []}}, "secrets file")).check_grant("F", ["a.b"])
+        SecretStore(parse_secrets({"F": {"value": "sk-file-1", "hosts": []}}, "secrets file")).check_grant(
+            "F", ["a.b"], hostless=True
+        )
 
 
 def test_cbor_frames_come_whole_however_they_are_cut_and_an_oversized_one_is_skipped() -> None:
@@ -265,14 +268,31 @@ def test_cbor_frames_come_whole_however_they_are_cut_and_an_oversized_one_is_ski
     assert framer.feed(first[:7]) == [] and framer.end() == []  # a frame cut short by the end is no request
 
 
-def test_a_secret_stored_with_no_hosts_is_granted_only_where_one_caller_may_grant_it() -> None:
+def test_a_secret_stored_with_no_hosts_is_granted_only_where_one_caller_may_grant_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # The broker (and a daemon) serve many callers: each could bind it to a server of its own.
     from stockade.broker.store import SecretStore, parse_secrets
 
     store = SecretStore(parse_secrets({"ANY": "sk-any-123456"}, "secrets file"))
-    with pytest.raises(PolicyError, match=r'names no hosts it may be sent to.*"ANY": \{"value"'):
+    with pytest.raises(PolicyError, match=r"secret ANY is not granted for attacker\.example"):
         store.check_grant("ANY", ["attacker.example"])
+    assert re.search(r'names no hosts it may be sent to.*"ANY": \{"value"', caplog.text)  # said to the admin
     assert store.check_grant("ANY", ["attacker.example"], hostless=True).value == "sk-any-123456"  # a library's
+
+
+def test_many_callers_learn_neither_which_secrets_exist_nor_their_hosts() -> None:
+    # secrets.list is an admin's: a refusal told any caller both, one guess at a time.
+    from stockade.broker.store import SecretStore, parse_secrets
+
+    store = SecretStore(parse_secrets({"PAYROLL": {"value": "sk-pay-1", "hosts": ["payroll.corp"]}}, "secrets file"))
+    said = []
+    for name in ("PAYROLL", "NO_SUCH"):
+        with pytest.raises(PolicyError) as refused:
+            store.check_grant(name, ["x.example.com"])
+        said.append(str(refused.value).replace(name, "NAME"))
+    assert said[0] == said[1] and "payroll.corp" not in said[0], said
+    assert store.check_grant("PAYROLL", ["payroll.corp"]).value == "sk-pay-1"
 
 
 def test_a_dns_query_dropped_unanswered_is_counted() -> None:

@@ -12,6 +12,7 @@ or others (``0600``): a secrets file anyone else can read is not used.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterable
@@ -23,6 +24,8 @@ from ..errors import ConfigError, PolicyError
 
 if TYPE_CHECKING:
     from .vault import Vault
+
+log = logging.getLogger("stockade.secrets")
 
 MAX_FILE_BYTES = 1 << 20
 
@@ -84,12 +87,28 @@ class SecretStore:
 
         ``hostless``: one stored with no hosts may be bound to any, which only a process with one
         trusted caller allows (stockade as a library). Where several may grant it (the broker, a
-        daemon), any of them could bind it to a server of its own and be sent its value there."""
+        daemon), any of them could bind it to a server of its own and be sent its value there; and
+        none of them learns from a refusal which secrets exist or the hosts each is kept for
+        (``secrets.list`` is an admin's): they get one refusal, and this process's log says why."""
+        hosts = tuple(hosts)
         stored = self._all.get(name)
+        why = self._refusal(name, hosts, stored, hostless)
+        if why is None:
+            assert stored is not None
+            return stored
+        if hostless:  # its one trusted caller: told why
+            raise PolicyError(why)
+        log.warning("a grant of secret %s was refused: %s", name, why)
+        raise PolicyError(
+            f"secret {name} is not granted for {', '.join(hosts) or 'no host'}: the secrets broker has no such "
+            "secret, or keeps it for other hosts (an admin sees which: `stockade secrets ls`, and its log says why)"
+        )
+
+    def _refusal(self, name: str, hosts: tuple[str, ...], stored: StoredSecret | None, hostless: bool) -> str | None:
         if stored is None:
-            raise PolicyError(f"secret {name} is not known to the secrets broker")
+            return f"secret {name} is not known to the secrets broker"
         if stored.hosts is None and not hostless:
-            raise PolicyError(
+            return (
                 f"secret {name} names no hosts it may be sent to, and every caller here may grant it (one could "
                 f'send it to a server of its own): give it hosts in its file, {{"{name}": {{"value": ..., '
                 '"hosts": ["api.example.com"]}}'
@@ -100,15 +119,14 @@ class SecretStore:
                 if self.from_file(name)
                 else f"registered before hosts were required, put it again: `stockade secrets put {name} --host ...`"
             )
-            raise PolicyError(f"secret {name} may be bound to no host: {where}")
+            return f"secret {name} may be bound to no host: {where}"
         if stored.hosts is not None:
             permitted = [parse_rule(h) for h in stored.hosts]
             for host in hosts:
                 rule = parse_rule(host)
                 if not any(_within(rule.host, p.host) and (p.port is None or p.port == rule.port) for p in permitted):
-                    raise PolicyError(f"secret {name} may not be bound to {host}: its keeper allows only "
-                                      f"{', '.join(stored.hosts)}")  # fmt: skip
-        return stored
+                    return f"secret {name} may not be bound to {host}: its keeper allows only {', '.join(stored.hosts)}"
+        return None
 
 
 def _within(host: str, permitted: str) -> bool:
