@@ -209,8 +209,12 @@ def _broker_config(args: argparse.Namespace) -> Any:
         try:
             state_dir = args.state_dir or DEFAULT_STATE_DIR
             try:
-                os.makedirs(state_dir, mode=0o700, exist_ok=True)
-                os.chown(state_dir, broker_uid, -1)
+                parent = os.path.dirname(os.path.abspath(state_dir))
+                os.makedirs(parent, mode=0o755, exist_ok=True)
+                identities.root_only(parent, "--state-dir: its parent")
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(state_dir, 0o700)
+                identities.own_directory(state_dir, broker_uid, -1)
             except OSError as exc:
                 raise ConfigError(f"--state-dir {state_dir}: {exc.strerror}") from None
             identities.drop_to(args.user)

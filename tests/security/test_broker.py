@@ -26,7 +26,7 @@ import pytest
 from stockade import Policy, Sandbox
 from stockade.broker import wire
 from stockade.broker.client import BrokerClient
-from stockade.errors import PolicyError, StockadeError
+from stockade.errors import ConfigError, PolicyError, StockadeError
 from stockade.protocol import auth
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
@@ -363,3 +363,37 @@ def test_a_broker_that_cannot_start_says_why_changes_no_directory_and_leaves_no_
         assert not os.path.exists(sock) and not os.path.exists(os.path.join(broker.dir, "x.sock"))
     finally:
         shutil.rmtree(where)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777])
+def test_secretd_never_writes_through_a_link_another_user_planted(broker: Running, mode: int) -> None:
+    # Started as root with --socket in a directory others may write, it chowned a link planted there
+    # (<dir>/secretd -> any root directory) to its user, mode 0700; and --state-dir the same.
+    from stockade.broker import identities
+
+    shared = tempfile.mkdtemp(prefix="stockade-broker-shared-")
+    victim = tempfile.mkdtemp(prefix="stockade-broker-victim-")
+    try:
+        os.chmod(shared, mode)
+        nobody = pwd.getpwnam("nobody").pw_uid
+        os.symlink(victim, os.path.join(shared, "secretd"))
+        os.lchown(os.path.join(shared, "secretd"), nobody, -1)  # planted by another user
+        with pytest.raises(ConfigError, match=r"must be root's and writable by root alone"):
+            identities.prepare_run_dir("stockade-secrets", shared)
+        os.chmod(shared, 0o755)  # root's alone now: a link in it (root's own doing) is still not followed
+        with pytest.raises(OSError):
+            identities.prepare_run_dir("stockade-secrets", shared)
+        assert (os.stat(victim).st_uid, os.stat(victim).st_mode & 0o777) == (0, 0o700)  # untouched
+        state = os.path.join(shared, "state")
+        os.chmod(shared, mode)
+        done = subprocess.run(
+            [STOCKADE, "secretd", "--secrets-file", os.path.join(broker.dir, "secrets.json"), "--allow-uid", "0",
+             "--socket", os.path.join(broker.dir, "y.sock"), "--key-file", os.path.join(broker.dir, "y.key"),
+             "--state-dir", state],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 125 and "--state-dir: its parent" in done.stderr, done.stderr
+        assert not os.path.exists(state)
+    finally:
+        shutil.rmtree(shared)
+        shutil.rmtree(victim)

@@ -18,6 +18,7 @@ uid). Nothing else there is readable by a sandbox uid.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -100,10 +101,32 @@ def prepare_run_dir(broker: str, run_dir: str = RUN_DIR) -> None:
             f"{os.stat(run_dir).st_mode & 0o777:04o}), so the daemon's user could not reach the socket: "
             "make it 0755 or put the socket elsewhere (nothing was changed)"
         )
+    root_only(run_dir, "--socket: its directory")
     private = os.path.join(run_dir, "secretd")
-    os.makedirs(private, mode=0o700, exist_ok=True)
-    os.chown(private, uid, gid)
-    os.chmod(private, 0o700)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(private, 0o700)
+    own_directory(private, uid, gid)
+
+
+def root_only(path: str, what: str) -> None:
+    """Refuse ``path`` (a directory root writes in for the broker) unless root owns it and no one
+    else may write in it: another user could put a link there for root to chown or bind through."""
+    st = os.stat(path)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise ConfigError(
+            f"{what} {path} belongs to uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}: root writes the "
+            "broker's files there, so it must be root's and writable by root alone (nothing was changed)"
+        )
+
+
+def own_directory(path: str, uid: int, gid: int) -> None:
+    """Give the directory ``path`` itself (never where a link at it leads) to ``uid``, mode 0700."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def drop_to(name: str) -> None:
