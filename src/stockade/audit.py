@@ -156,8 +156,9 @@ class AuditLog:
         self._size = self._seq = self._lost = 0
         self._prev = GENESIS
         self._before_write: Callable[[], None] | None = None  # tests: stands for a stalled disk
+        # Started by the first record: a daemon that gives root up makes its log as root and records
+        # once root is gone, so that its writer is no thread of root's (capabilities are per thread).
         self._thread = threading.Thread(target=self._run, name="stockade-audit", daemon=True)
-        self._thread.start()
 
     @property
     def dropped(self) -> int:
@@ -185,17 +186,21 @@ class AuditLog:
             except queue.Full:
                 self._dropped += 1
                 self._pending_drops += 1
+            if self._thread.ident is None:
+                self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Writes what is queued and stops the writer, waiting at most ``timeout`` seconds. Idempotent."""
         with self._lock:
             self._closed = True
+            started = self._thread.ident is not None
         self._stop.set()
         try:
             self._queue.put_nowait(None)  # wakes the writer at once
         except queue.Full:
             pass
-        self._thread.join(timeout)
+        if started:
+            self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("audit writer still busy after %.1fs; %d records not yet written", timeout, self._queue.qsize())
         elif self._writer_lock is not None:

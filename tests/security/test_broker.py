@@ -129,8 +129,10 @@ def test_the_layout_and_identities(broker: Running) -> None:
     secrets_gid = grp.getgrnam("stockade-secrets").gr_gid
     assert "stockade" in grp.getgrnam("stockade-secrets").gr_mem  # the daemon reads the key through the group
     with open(f"/proc/{broker.process.pid}/status") as f:
-        uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
-    assert set(uids) == {str(secrets_uid)}  # root is gone: real, effective, saved and filesystem uids
+        status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    assert set(status["Uid"].split()) == {str(secrets_uid)}  # root is gone: real, effective, saved, filesystem
+    caps = [int(status[c], 16) for c in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")]
+    assert caps == [0] * 5 and status["NoNewPrivs"] == "1", status  # none left, none to gain by an exec
     key = os.stat(broker.key_file)
     assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o640, secrets_uid, secrets_gid)
     sock = os.stat(broker.socket)

@@ -77,6 +77,14 @@ def test_the_daemon_gives_root_up_and_still_builds_limits_and_ends_isolates() ->
                 assert sb.exec(["echo", "meanwhile"]).stdout == "meanwhile\n"
         assert "gave up root: the daemon runs as stockade" in daemon.logs()
         assert os.stat(os.path.dirname(log)).st_uid == uid and os.path.getsize(log) > 0
+        # Every thread's capabilities, not only the main one's: they are per thread, and one started as
+        # root (the audit log's writer) kept the whole bounding set, for whatever it would exec.
+        threads = os.listdir(f"/proc/{daemon.proc.pid}/task")
+        assert len(threads) > 1  # the audit log's writer among them, by now
+        for task in threads:
+            with open(f"/proc/{daemon.proc.pid}/task/{task}/status") as f:
+                caps = dict(line.rstrip("\n").split(":\t", 1) for line in f if line.startswith("Cap"))
+            assert (int(caps["CapBnd"], 16), int(caps["CapPrm"], 16)) == (kept, kept), (task, caps)
         # Stopped, it ends cleanly, its socket in root's directory and all: and the groups it was
         # handed as root (which it cannot remove) go with its root zygote.
         assert daemon.stop() == 0, daemon.logs()

@@ -130,10 +130,15 @@ def own_directory(path: str, uid: int, gid: int) -> None:
 
 
 def drop_to(name: str) -> None:
-    """Become ``name`` for good: its uid, its gid, its supplementary groups; no capabilities left."""
+    """Become ``name`` for good: its uid, its gid, its supplementary groups; no capabilities left,
+    not even in the bounding set, and none to gain through an exec (``no_new_privs``)."""
+    from ..agent import linux
+
     entry = pwd.getpwnam(name)
+    linux.drop_bounding_set()  # while root may (CAP_SETPCAP); the uid change empties the rest
     os.setgroups(os.getgrouplist(name, entry.pw_gid))
     os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
     os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
     if os.geteuid() == 0 or os.getuid() == 0:
         raise ConfigError(f"could not drop root to {name}")
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
