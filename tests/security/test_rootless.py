@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from stockade.result import validate
 
 NOBODY = 65534
 PACKAGES = ["stockade", "pydantic", "pydantic_core", "typing_extensions", "annotated_types", "typing_inspection",
-            "h11", "dns", "pydantic_settings", "dotenv", "msgpack"]  # fmt: skip
+            "h11", "dns", "pydantic_settings", "dotenv", "msgpack", "cbor2", "cryptography", "cffi",
+            "_cffi_backend"]  # fmt: skip
 
 CHILD = r"""
 import json, os, stockade
@@ -182,3 +184,53 @@ def test_rootless_qemu_jail_still_holds(portable_site: str) -> None:
     assert "return" in report["free_disk"], "the attack itself does not work: the test would prove nothing"
     assert "Permission denied" in str(report["jailed_disk"]), report
     assert report["jailed_spawn_rc"] == -31 and not report["spawned"], report
+
+
+# As the daemon's own user, with its token: a run through it, and its memory and environment read.
+DAEMON_PEER = r"""
+import json, sys
+from stockade.client import Client
+out = {"stdout": Client(sys.argv[1]).execute(code="print(6 * 7)").stdout}
+for what in ("environ", "mem"):
+    try:
+        with open(f"/proc/{sys.argv[2]}/{what}", "rb") as f:
+            out[what] = "read: " + repr(f.read(64))
+    except OSError as exc:
+        out[what] = exc.strerror
+print(json.dumps(out))
+"""
+
+
+def test_a_rootless_daemons_memory_is_closed_to_its_own_uid(process_runtime: str, portable_site: str) -> None:
+    # Without root, its egress workers run as its uid: one taken over through the proxy could read
+    # the daemon's environment (its token) and memory (every sandbox's secrets) through /proc.
+    if os.getuid() != 0:
+        pytest.skip("switching to another uid needs root; this session already runs rootless")
+    where = tempfile.mkdtemp(prefix="stockade-rootless-daemon-")
+    os.chown(where, NOBODY, NOBODY)
+    sock = os.path.join(where, "d.sock")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": portable_site, "HOME": "/nonexistent", "XDG_RUNTIME_DIR": "/tmp",
+           "STOCKADE_SOCKET": sock, "STOCKADE_AUDIT_LOG": os.path.join(where, "audit.log"),
+           "STOCKADE_POOL_SIZE": "0", "STOCKADE_AUTH_TOKEN": "canary-token-7a41"}  # fmt: skip
+    daemon = subprocess.Popen(
+        ["/usr/bin/python3", "-m", "stockade.cli", "serve"], env=env, cwd="/", user=NOBODY, group=NOBODY,
+        extra_groups=[], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            assert daemon.poll() is None, daemon.stderr.read().decode() if daemon.stderr else ""
+            assert time.monotonic() < deadline, "the rootless daemon did not start"
+            time.sleep(0.05)
+        out = subprocess.run(
+            ["/usr/bin/python3", "-c", DAEMON_PEER, sock, str(daemon.pid)],
+            env=env, cwd="/", user=NOBODY, group=NOBODY, extra_groups=[],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout)
+        assert seen == {"stdout": "42\n", "environ": "Permission denied", "mem": "Permission denied"}, seen
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        shutil.rmtree(where)

@@ -157,6 +157,12 @@ def _observers(config: DaemonConfig, controller: Controller) -> Observers:
 
 def serve(config: DaemonConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s stockade %(levelname)s %(message)s")
+    from ..agent import linux
+
+    # Not dumpable: no other process of its uid may read its memory or environment (/proc/PID/mem,
+    # environ, fds) or attach to it. Without root, its egress workers run as its own uid: one taken
+    # over through the proxy it serves would otherwise read its token and every sandbox's secrets.
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
     from .. import environments
 
     environments.BUILD_ON_DEMAND = config.build_packages
