@@ -339,12 +339,15 @@ def test_a_held_sandboxs_life_and_what_it_did_after_its_last_run_are_audited(
     ended = api.post(f"{base}/{handle}/wait", params={"timeout": 60}).json()
     assert ended["exit_code"] == 0, ended
     assert api.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
+    assert api.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 404  # refused: an attempt on the record too
     deadline = time.monotonic() + 30
     while True:  # the audit log's writer thread appends as it can, a batch at a time
         with open(daemon.audit_log) as f:
             records = [json.loads(line) for line in f if sandbox in line]
         events = [r["event"] for r in records]
-        if ("sandbox.end" in events and events.count("violation") >= 3) or time.monotonic() > deadline:
+        if ("sandbox.end" in events and events.count("violation") >= 3 and events.count("admin") >= 2) or (
+            time.monotonic() > deadline
+        ):
             break
         time.sleep(0.1)
     by_event = {r["event"]: r for r in records}
@@ -358,3 +361,7 @@ def test_a_held_sandboxs_life_and_what_it_did_after_its_last_run_are_audited(
     refused = [r for r in records if r["event"] == "violation"]
     assert [(r["syscall"], r["between_runs"], r["agent_id"]) for r in refused] == [("ptrace", True, "auditee")] * 3
     assert _violations_counted(api) == before + 3
+    closes = [
+        (r.get("refused"), r["door"]) for r in records if r["event"] == "admin" and r["action"] == "sandbox.close"
+    ]
+    assert closes == [(None, "http"), ("not_found", "http")], closes

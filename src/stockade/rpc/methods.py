@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..errors import error_code
 from ..protocol.models import Caller, Request, parse
 from ..result import ExecResult
 from ..runtimes.verdict import OutputCallback
@@ -71,10 +72,16 @@ async def answer(
 ) -> Any:
     """Answer ``request`` as a door does: the handler's call, and an administrative act
     (ending a run, closing a sandbox, registering a secret) told to the observers (the
-    audit log) once it is done, by its target's id or name."""
-    result = await method.call(handler, request, caller, on_output)
-    if method.admin_action:
-        target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", None)
-        target = target or getattr(request, "name", "")  # a secret's name (secrets.*), never its value
-        observers.admin(caller, method.name, str(target))
+    audit log) once it is done, or refused (``refused``: the error's code), by its target's
+    id or name: an attempt on another's run is on the record too."""
+    if not method.admin_action:
+        return await method.call(handler, request, caller, on_output)
+    target = getattr(request, "sandbox_id", None) or getattr(request, "execution_id", None)
+    target = str(target or getattr(request, "name", ""))  # a secret's name (secrets.*), never its value
+    try:
+        result = await method.call(handler, request, caller, on_output)
+    except Exception as exc:
+        observers.admin(caller, method.name, target, refused=error_code(exc))
+        raise
+    observers.admin(caller, method.name, target)
     return result
