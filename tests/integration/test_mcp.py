@@ -157,7 +157,9 @@ def test_what_a_server_did_is_said_however_it_answers_and_outside_calls(
     # A server hid its refused calls by answering an error (the verdict was empty), and what a
     # listing's isolate, or a kept server since its last call, did was said nowhere.
     reports: list[tuple[str, str, dict[str, Any]]] = []
-    server = hostile(lifecycle=lifecycle, args=["/mcp/hostile.py", "--ptrace-on-list"])
+    server = hostile(
+        lifecycle=lifecycle, args=["/mcp/hostile.py", "--ptrace-on-list"], tools={"hide": {"timeout_secs": 3}}
+    )
     host = ToolHost(config(bad=server), manager, on_report=lambda *said: reports.append(said))
 
     async def go() -> None:
@@ -166,6 +168,10 @@ def test_what_a_server_did_is_said_however_it_answers_and_outside_calls(
                 await host.call("bad", "hide")
             assert hidden.value.verdict["violation_counts"] == {"ptrace": 2}, hidden.value.verdict
             assert [v["syscall"] for v in hidden.value.verdict["security_violations"]] == ["ptrace", "ptrace"]
+            with pytest.raises(ToolError, match="timed out after 3 s") as hung:  # or by hanging past its timeout
+                await host.call("bad", "hide", {"then": "sleep"})
+            assert hung.value.verdict["violation_counts"] == {"ptrace": 2}, hung.value.verdict
+            assert hung.value.verdict["termination_reason"] == "timeout"
             assert [t.name for t in await host.list_tools("bad")][:1] == ["snoop"]
             if lifecycle == "ephemeral":  # the listing's own isolate, reported as it ends
                 assert _said(reports) == [("bad", "request", {"ptrace": 1})]

@@ -194,11 +194,8 @@ class ToolHost:
                     live = await self._persistent(server_id, server)
                     assert live.session is not None
                     return await _within(timeout, server_id, ask(live.session))
-                async with self._ephemeral_session(server_id, server, None) as (session, sandbox, _output):
-                    try:
-                        return await _within(timeout, server_id, ask(session))
-                    finally:
-                        await self._report(server_id, "request", sandbox, "ephemeral")
+                async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
+                    return await _within(timeout, server_id, ask(session))
         except MCPError as exc:
             raise _answered_error(server_id, exc) from None
 
@@ -219,7 +216,7 @@ class ToolHost:
                         raise
                     raise ToolError(f"{server_id} ended during the call: {output.describe(exc)}", verdict) from None
             if deadline.cancelled_caught:
-                verdict = await _end(sandbox, "timeout")
+                verdict = await _end(sandbox, "timeout", "ephemeral")
                 raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
             return _with_verdict(result, await _verdict(sandbox, "ephemeral"))
 
@@ -246,6 +243,9 @@ class ToolHost:
                     await _initialise(session, server_id, output, self._timeout(server_id, None))
                     yield session, sandbox, output
             finally:
+                # What it did since its last verdict (a listing's isolate: all of it), before it goes.
+                if not sandbox.closed:
+                    await self._report(server_id, "request" if tool is None else "end", sandbox, "ephemeral")
                 await anyio.to_thread.run_sync(sandbox.close)
 
     async def _call_persistent(
@@ -265,7 +265,7 @@ class ToolHost:
                 await self._stop(server_id, live)  # started again at the next call
                 raise ToolError(f"{server_id} ended during the call: {live.output.describe(exc)}", verdict) from None
         if deadline.cancelled_caught:
-            verdict = await _end(live.sandbox, "timeout")
+            verdict = await _end(live.sandbox, "timeout", "persistent", live.seen)
             await self._stop(server_id, live)  # started again at the next call
             raise ToolError(f"{server_id}.{tool} timed out after {timeout:g} s; its isolate was killed", verdict)
         return _with_verdict(result, await _verdict(live.sandbox, "persistent", live.seen))
@@ -334,7 +334,8 @@ class ToolHost:
         del self._live[server_id]
         current.stop.set()
         if current.sandbox is not None:  # a session stuck in a dead server's read ends with its isolate
-            await self._report(server_id, "stop", current.sandbox, "persistent", current.seen)
+            if not current.sandbox.closed:  # one ended at a timeout said its verdict then
+                await self._report(server_id, "stop", current.sandbox, "persistent", current.seen)
             await anyio.to_thread.run_sync(current.sandbox.close)
         await current.done.wait()
 
@@ -399,7 +400,8 @@ async def _verdict(sandbox: Sandbox | None, isolate: str, seen: dict[str, int] |
     if sandbox is None:
         return {"runtime": "direct", "isolate": "none"}
     # On this host: memory, cgroup files, a round trip to the egress worker; off the event loop all the same.
-    report, egress = await anyio.to_thread.run_sync(sandbox._sandbox.take_report)
+    taken = await anyio.to_thread.run_sync(sandbox._sandbox.take_report)
+    report, egress = taken.report, taken.egress
     usage = await anyio.to_thread.run_sync(sandbox._sandbox.usage)
     oom_before = (seen or {}).get("oom_kills", 0)
     if seen is not None:
@@ -415,15 +417,24 @@ async def _verdict(sandbox: Sandbox | None, isolate: str, seen: dict[str, int] |
         "cpu_seconds": usage.cpu_seconds,
         "unenforced_limits": list(sandbox._sandbox.unenforced_limits),
         "egress_requests": [r.to_dict() for r in egress],
+        "egress_requests_dropped": taken.egress_dropped,
     }
 
 
-async def _end(sandbox: Sandbox | None, reason: str) -> dict[str, Any]:
+async def _end(
+    sandbox: Sandbox | None, reason: str, isolate: str, seen: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """End ``sandbox`` for ``reason``: its verdict, taken first (a server that hangs past its
+    timeout after refused calls must not hide them), then its isolate closed."""
     if sandbox is None:
         return {"runtime": "direct", "termination_reason": reason}
-    runtime = sandbox._sandbox.runtime_name
+    try:
+        verdict = await _verdict(sandbox, isolate, seen)
+    except Exception as exc:  # noqa: BLE001 - it is ended all the same
+        log.info("an MCP isolate's verdict could not be taken as it was ended: %s", exc)
+        verdict = {"runtime": sandbox._sandbox.runtime_name}
     await anyio.to_thread.run_sync(sandbox.close)
-    return {"runtime": runtime, "termination_reason": reason}
+    return {**verdict, "termination_reason": reason}
 
 
 def call_record(
