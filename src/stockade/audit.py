@@ -187,7 +187,11 @@ class AuditLog:
                 self._dropped += 1
                 self._pending_drops += 1
             if self._thread.ident is None:
-                self._thread.start()
+                try:
+                    self._thread.start()
+                except RuntimeError as exc:  # no thread to be had now (a host out of them): the next record tries
+                    self._thread = threading.Thread(target=self._run, name="stockade-audit", daemon=True)
+                    log.error("audit log %s: its writer could not start (%s); records wait for it", self._path, exc)
 
     def close(self, timeout: float = 5.0) -> None:
         """Writes what is queued and stops the writer, waiting at most ``timeout`` seconds. Idempotent."""
@@ -253,18 +257,19 @@ class AuditLog:
     def _write(self, event: str, ts: str, fields: dict[str, Any]) -> bool:
         if self._before_write is not None:
             self._before_write()
-        fd = None
+        writing: tuple[int, int] | None = None  # (fd, its size) while a line is being written
         try:
             fd = self._fd if self._fd is not None else self._open()
             record = {**fields, "seq": self._seq, "ts": ts, "event": event, "prev": self._prev}
             line = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
             if self._size and self._size + len(line) + 1 > self._max_bytes:
                 fd = self._rotate()
+            writing = (fd, os.fstat(fd).st_size)
             _write_all(fd, line + b"\n")
         except (OSError, ValueError) as e:
-            if fd is not None:  # a line cut short (a full disk): no torn line left for the next to chain to
+            if writing is not None:  # a line cut short (a full disk): no torn line left for the next to chain to
                 try:
-                    os.ftruncate(fd, self._size)
+                    os.ftruncate(*writing)
                 except OSError as cut:
                     log.error("audit log %s: a partial line could not be taken back: %s", self._path, cut)
             self._lost += 1

@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,32 @@ def test_what_one_run_writes_to_the_log_is_bounded_whatever_its_code_did(tmp_pat
     assert execution["egress_dropped"] == 7 + 100 - observers.MAX_AUDITED_EGRESS
     assert records[-1]["dropped"] == 5 + 40 - observers.MAX_AUDITED_VIOLATIONS
     assert records[-1]["counts"] == {"syscall_blocked": 45}
+
+
+def test_a_rotation_that_fails_touches_no_other_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The log's descriptor is closed by the rotation before it fails: taking a partial line back then
+    # truncated whatever file had just been given that descriptor's number (here, zero-padded it).
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data\n")
+    log = AuditLog(str(tmp_path / "audit.log"), max_bytes=300)
+    log.record("one", x="a" * 100)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "audit.log").exists() or not (tmp_path / "audit.log").read_bytes().endswith(b"\n"):
+        assert time.monotonic() < deadline, "the first record was never written"
+        time.sleep(0.01)
+    held: list[int] = []
+
+    def failing_replace(src: str, dst: str) -> None:  # another thread opens a file meanwhile: it gets that number
+        held.append(os.open(victim, os.O_RDWR))
+        raise OSError(28, "No space left on device")
+
+    stall = Stall()
+    log._before_write = stall
+    log.record("two", x="b" * 200)  # past max_bytes: a rotation
+    assert stall.parked.wait(10)
+    monkeypatch.setattr("stockade.audit.os.replace", failing_replace)
+    stall.release.set()
+    log.close()
+    for fd in held:
+        os.close(fd)
+    assert held and victim.read_text() == "precious data\n"
