@@ -35,3 +35,26 @@ def test_failures_from_many_addresses_are_counted_not_each_recorded(tmp_path: Pa
     counted += sum(int(r["count"]) for r in records if r["event"] == "auth_failures_unrecorded")  # type: ignore[call-overload]
     assert counted + len(failures) == 3050  # every failure recorded or counted, none lost
     assert int(rest["count"]) > 2900  # type: ignore[call-overload]
+
+
+def test_refused_administrative_acts_are_recorded_within_a_budget_and_the_rest_counted(tmp_path: Path) -> None:
+    # Each refused close of a made-up sandbox id was a record: a loop of them rotated the log in minutes.
+    from stockade.daemon.observers import REFUSED_BURST
+    from stockade.protocol.models import Caller
+
+    path = tmp_path / "audit.log"
+    observers = Observers(audit=AuditLog(str(path)))
+    flooder, other = Caller("uid 1000", "unix"), Caller("uid 1001", "unix")
+    for i in range(3000):
+        observers.admin(flooder, "sandbox.close", f"sb-made-up-{i}", refused="not_found")
+    observers.admin(other, "execute.cancel", "e-1", refused="not_found")  # another owner's budget is its own
+    observers.admin(flooder, "sandbox.close", "sb-real")  # and acts done are never held back
+    observers.close()
+    records = _records(path)
+    refused = [r for r in records if r["event"] == "admin" and r.get("refused") and r["owner"] == "uid 1000"]
+    assert REFUSED_BURST <= len(refused) <= REFUSED_BURST + 5, len(refused)
+    assert [r["target"] for r in records if r["event"] == "admin" and r["owner"] == "uid 1001"] == ["e-1"]
+    assert any(r["event"] == "admin" and r["target"] == "sb-real" and "refused" not in r for r in records)
+    (rest,) = [r for r in records if r["event"] == "admin_refusals_unrecorded"]
+    counted = sum(int(r["unrecorded_before"]) for r in refused) + int(rest["count"])  # type: ignore[call-overload]
+    assert counted + len(refused) == 3000 and rest["owner"] == "uid 1000"  # every one recorded or counted

@@ -533,16 +533,16 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         await self.wait_idle(grace_s)
         if (mcp := sys.modules.get("stockade.daemon.mcp")) is not None:
             await mcp.close_all(self)  # the MCP servers it keeps, with their isolates
-        if self._closing:  # idle sandboxes being closed: done before the runtimes close
+        if self._closing:  # sandboxes being closed: done before the runtimes close
             await asyncio.gather(*self._closing, return_exceptions=True)
         self._teardown_now()
         for held in list(self.held.values()):
             held.sandbox.kill()
-        for held in list(self.held.values()):
-            try:
-                await self._close(held, interrupt="the daemon stopped during this call", ended="daemon stopped")
-            except SandboxError:
-                pass
+        why = "the daemon stopped during this call"
+        closing = [self._close(held, interrupt=why, ended="daemon stopped") for held in list(self.held.values())]
+        for failed in await asyncio.gather(*closing, return_exceptions=True):  # at once: each may wait for its report
+            if isinstance(failed, BaseException) and not isinstance(failed, SandboxError):
+                log.error("closing a held sandbox at the stop failed: %r", failed)
         try:
             await self.placement.aclose()
         except Exception:

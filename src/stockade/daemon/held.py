@@ -127,7 +127,7 @@ class HeldSandboxes:
     answers: AnswerBudget
     closing: dict[str, Held]  # held sandboxes being closed (a call of theirs may still run)
     _expired: OrderedDict[str, tuple[str, str]]  # sandbox id -> (owner, why)
-    _closing: set[asyncio.Task[None]]  # idle sandboxes being closed
+    _closing: set[asyncio.Task[None]]  # sandboxes being closed (idle ones, and every close in flight)
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
 
     def runtime_for(self, policy: Policy) -> str:
@@ -458,18 +458,29 @@ class HeldSandboxes:
             held.idle_timer.cancel()
             held.idle_timer = None
         self.closing[held.sandbox_id] = held  # listed by ``status`` until its slot is free
+        # A task of its own: a close whose caller goes (a client gone, the daemon stopping) still
+        # releases the isolate, frees its slot and says so; the daemon's stop waits for it.
+        ending = asyncio.ensure_future(self._end_held(held, interrupt, ended))
+        self._closing.add(ending)
+        ending.add_done_callback(self._closing.discard)
+        await asyncio.shield(ending)
+
+    async def _end_held(self, held: Held, interrupt: str | None, ended: str) -> None:
+        leftovers = None
         try:
             if held.calls and interrupt is not None:
                 held.sandbox.cancel(interrupt)
             async with held.lock:  # a call still reading its agent ends first
-                leftovers = await _leftovers(held)
-                await self.placement.release(held.sandbox)
+                try:
+                    leftovers = await _leftovers(held)
+                finally:
+                    await self.placement.release(held.sandbox)
         finally:
             del self.closing[held.sandbox_id]
             self.slots.release(held.caller.owner)
-        self._tell(lambda listener: listener.sandbox_ended(
-            held.caller, held.agent_id, held.sandbox_id, ended, held.runs, leftovers
-        ))  # fmt: skip
+            self._tell(lambda listener: listener.sandbox_ended(
+                held.caller, held.agent_id, held.sandbox_id, ended, held.runs, leftovers
+            ))  # fmt: skip
 
     async def close_connection(self, connection: int) -> None:
         """Close the sandboxes a connection held (not kept ones), each once its call, if any, is done."""

@@ -37,6 +37,7 @@ log = logging.getLogger("stockade.daemon")
 # second and aged every other tenant's history out of the rotated files within minutes.)
 MAX_AUDITED_VIOLATIONS, MAX_AUDITED_EGRESS = 16, 64
 AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST = 1.0, 60.0  # auth_failure records of a door, from all its peers
+REFUSED_PER_S, REFUSED_BURST = 1.0, 60.0  # records of refused administrative acts, per owner
 
 
 class Observers:
@@ -60,6 +61,7 @@ class Observers:
         # other's records. Past it, failures are counted in the next record written.
         self._auth_records: dict[str, TokenBucket] = {}
         self._auth_unrecorded = 0
+        self._refusals: dict[str, tuple[TokenBucket, int]] = {}  # owner -> its budget, refusals not written
 
     DELAY_S = 0.002
     AUTH_WINDOW_S = 10.0
@@ -165,7 +167,8 @@ class Observers:
         self, caller: Caller, agent_id: str | None, sandbox_id: str, ended: str, runs: int, leftovers: Leftovers | None
     ) -> None:
         """A held sandbox's end, and what it did after its last run: no run's record has it."""
-        report, egress = leftovers if leftovers is not None else (ViolationReport(), [])
+        taken = leftovers if leftovers is not None else Leftovers(ViolationReport())
+        report = taken.report
         # Reported as a run's are, marked as made while no run was going.
         records = [dataclasses.replace(v, between_runs=True) for v in report.records]
         if self.metrics is not None:
@@ -183,7 +186,7 @@ class Observers:
             runs=runs,
             leftovers_taken=leftovers is not None,
             violations=sum(report.counts.values()),
-            **_egress_fields(egress, 0, 0),
+            **_egress_fields(taken.egress, taken.egress_dropped, 0),
         )
         self._violations(caller, agent_id, {"sandbox_id": sandbox_id}, records, report.counts, report.dropped)
 
@@ -233,8 +236,28 @@ class Observers:
             self.audit.record(event, owner=caller.owner, door=caller.door, **record)
 
     def admin(self, caller: Caller, action: str, target: str, **details: Any) -> None:
-        if self.audit is not None:
-            self.audit.record("admin", owner=caller.owner, door=caller.door, action=action, target=target, **details)
+        """An administrative act, or one refused (``refused``): those at most REFUSED_PER_S an owner
+        (REFUSED_BURST at once), the rest counted in its next one written (``unrecorded_before``),
+        so that a loop of made-up ids cannot rotate the log's real records away."""
+        if self.audit is None:
+            return
+        if "refused" in details:
+            now = time.monotonic()
+            budget = self._refusals.get(caller.owner)
+            if budget is None:
+                if len(self._refusals) >= 4096:  # owners that went quiet: their unrecorded counts said now
+                    for quiet, (_, count) in list(self._refusals.items())[:1024]:
+                        del self._refusals[quiet]
+                        if count:
+                            self.audit.record("admin_refusals_unrecorded", owner=quiet, count=count)
+                budget = self._refusals[caller.owner] = (TokenBucket(REFUSED_PER_S, REFUSED_BURST, now), 0)
+            bucket, unrecorded = budget
+            if not bucket.take(1.0, now):
+                self._refusals[caller.owner] = (bucket, unrecorded + 1)
+                return
+            self._refusals[caller.owner] = (bucket, 0)
+            details["unrecorded_before"] = unrecorded
+        self.audit.record("admin", owner=caller.owner, door=caller.door, action=action, target=target, **details)
 
     def exposition(self) -> tuple[bytes, str]:
         self.flush()
@@ -259,6 +282,9 @@ class Observers:
                     self.audit.record("auth_failures_unrecorded", door=door, peer=peer, count=count)
             if self._auth_unrecorded:
                 self.audit.record("auth_failures_unrecorded", door="any", peer="any", count=self._auth_unrecorded)
+            for owner, (_, count) in self._refusals.items():
+                if count:
+                    self.audit.record("admin_refusals_unrecorded", owner=owner, count=count)
             self.audit.close()
 
 

@@ -16,11 +16,11 @@ from ..isolation import LEVELS, rank, trust_map
 
 if TYPE_CHECKING:
     from ..policy import Policy
-    from ..result import EgressRequest, ExecResult
+    from ..result import ExecResult
     from ..runtimes.publish import AsyncTurn
     from ..runtimes.spawned import Process
     from ..runtimes.verdict import OutputCallback
-    from ..runtimes.violations import ViolationReport
+    from ..runtimes.violations import Leftovers
 
 log = logging.getLogger("stockade.placement")
 
@@ -142,7 +142,7 @@ class Isolate(Protocol):
         """Return once no call is in flight (a call given up by its caller included)."""
         ...
 
-    async def atake_report(self) -> tuple[ViolationReport, list[EgressRequest]]:
+    async def atake_report(self) -> Leftovers:
         """What the isolate did since its last run's report (a process a run left running, a
         background one): the violations and egress requests, taken once the last run's are."""
         ...

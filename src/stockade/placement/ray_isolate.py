@@ -20,14 +20,13 @@ from ..errors import CallTooLargeError, SandboxError, SandboxLostError
 from ..limits import argv_list, check_call_size
 from ..result import ExecResult, validate
 from ..runtimes.spawned import Process, listed_processes
+from ..runtimes.violations import Leftovers
 from .ray_node import OUTPUT, RESULT
 from .remote import RemoteRuns
 
 if TYPE_CHECKING:
     from ..policy import Policy
-    from ..result import EgressRequest
     from ..runtimes.verdict import OutputCallback
-    from ..runtimes.violations import ViolationReport
     from .ray import RayPlacement
     from .ray_reservations import Reservation
 
@@ -198,10 +197,12 @@ class RayIsolate(RemoteRuns):
         except SandboxLostError:
             return False
 
-    async def atake_report(self) -> tuple[ViolationReport, list[EgressRequest]]:
+    async def atake_report(self) -> Leftovers:
         """What the isolate did since its last run's report, as its node took it."""
-        report, egress = await self._call("take_report")
-        return report, egress
+        taken = await self._call("take_report")
+        if not isinstance(taken, Leftovers):
+            raise SandboxError(f"node {self._node.node_id} answered take_report with {type(taken).__name__}")
+        return taken
 
     async def _call(self, method: str, *args: Any) -> Any:
         self._check()

@@ -202,7 +202,7 @@ class StockadeNode:
     async def close_interpreter(self, isolate_id: str, session: str) -> bool:
         return await self._get(isolate_id).aclose_interpreter(session)
 
-    async def take_report(self, isolate_id: str) -> tuple[Any, Any]:
+    async def take_report(self, isolate_id: str) -> Any:
         """What the isolate did since its last run's report (``Isolate.atake_report``)."""
         return await self._get(isolate_id).atake_report()
 

@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..limits import check_call_size, check_env
 from ..policy import Policy
-from ..result import EgressRequest, ExecResult, SecurityViolation, TerminationReason, new_id
+from ..result import ExecResult, SecurityViolation, TerminationReason, new_id
 from .agent_requests import code_request, exec_params, run_params
 from .base import BASE_ENV, IsolateUsage
 from .blocking import run_blocking
@@ -43,7 +43,7 @@ from .sandbox_files import AgentFiles
 from .sandbox_processes import AgentProcesses
 from .sandbox_results import AgentResults, accounts
 from .verdict import CallbackGuard, OutputCallback, PendingRun, read_verdict
-from .violations import ViolationLog, ViolationReport
+from .violations import Leftovers, ViolationLog
 
 if TYPE_CHECKING:
     from ..egress.workers import EgressWorker
@@ -106,14 +106,14 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         are not handed over as they happen (gVisor's log) reads what is pending."""
         return None
 
-    def take_report(self) -> tuple[ViolationReport, list[EgressRequest]]:
+    def take_report(self) -> Leftovers:
         """What the isolate did since the last run's report, for work that is not a run (a spawned
         MCP server's tool call): the violations it was refused, and its egress requests."""
-        egress = self.egress.take()[0] if self.egress is not None else []
+        egress, dropped = self.egress.take() if self.egress is not None else ([], 0)
         self._collect_violations()
-        return self.violation_log.take(), egress
+        return Leftovers(self.violation_log.take(), egress, dropped)
 
-    async def atake_report(self) -> tuple[ViolationReport, list[EgressRequest]]:
+    async def atake_report(self) -> Leftovers:
         await self.settled()  # the last run's account first: what it did is its own
         return await asyncio.wrap_future(accounts().submit(self.take_report))  # the worker: a round trip
 

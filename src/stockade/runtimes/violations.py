@@ -78,5 +78,11 @@ class ViolationLog:
             return report
 
 
-# What an isolate did outside any run's report (after its last run): its violations, its egress requests.
-Leftovers = tuple[ViolationReport, list[EgressRequest]]
+@dataclass
+class Leftovers:
+    """What an isolate did outside any run's report (after its last run, or an MCP call's since
+    the last): its violations, its egress requests (the first the worker kept) and how many more."""
+
+    report: ViolationReport
+    egress: list[EgressRequest] = field(default_factory=list)
+    egress_dropped: int = 0
