@@ -311,22 +311,38 @@ def test_a_run_nobody_streams_is_one_call_and_given_up_as_a_streamed_one_is(clus
     _run(_with_placement(cluster, body))
 
 
-class _ReplyLost:
-    """A node actor's handle whose hand-over replies are lost on the way back: the hand-over is
-    made on the node, then Ray says the actor was unreachable (as a network partition does)."""
+class _Partitioned:
+    """One method of a node actor's handle, as a network partition has it: its first ``lost`` calls
+    are made on the node but their replies lost; then ``unreachable`` calls never reach it."""
 
-    def __init__(self, actor: Any) -> None:
-        self._actor = actor
-        self.acquire = self
+    def __init__(self, method: Any, lost: int = 0, unreachable: int = 0) -> None:
+        self.method, self.lost, self.unreachable = method, lost, unreachable
 
     def remote(self, *args: Any) -> Any:
         import ray.exceptions
 
-        async def lost() -> Any:
-            await self._actor.acquire.remote(*args)
-            raise ray.exceptions.ActorUnavailableError("the reply was lost (a test's fault)", None)
+        async def call() -> Any:
+            fault = ray.exceptions.ActorUnavailableError("partitioned (a test's fault)", None)
+            if self.unreachable > 0:
+                self.unreachable -= 1
+                raise fault
+            answer = await self.method.remote(*args)
+            if self.lost > 0:
+                self.lost -= 1
+                raise fault
+            return answer
 
-        return lost()
+        return call()
+
+
+class _ReplyLost:
+    """A node actor's handle whose hand-over replies are lost on the way back (the hand-over is made
+    on the node, then Ray says the actor was unreachable), and whose next release does not reach it."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+        self.acquire = _Partitioned(actor.acquire, lost=1_000)
+        self.release = _Partitioned(actor.release, unreachable=1)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._actor, name)
@@ -348,16 +364,16 @@ def test_a_hand_over_whose_reply_is_lost_is_released_on_its_node(cluster: LocalR
         try:
             with pytest.raises(RuntimeUnavailableError, match="lost during the hand-over"):
                 await placement.acquire(SMALL)
+            deadline = time.monotonic() + 60
+            while True:  # released once the partition lets a release through (the first does not reach)
+                held = [(await actor.describe.remote())["isolates"] for actor in real.values()]
+                if not any(held):
+                    break
+                assert time.monotonic() < deadline, f"isolates made for nobody are still held: {held}"
+                await asyncio.sleep(0.2)
         finally:
             for node in nodes:
                 node.actor = real[node.node_id]
-        deadline = time.monotonic() + 60
-        while True:
-            held = [(await actor.describe.remote())["isolates"] for actor in real.values()]
-            if not any(held):
-                break
-            assert time.monotonic() < deadline, f"isolates made for nobody are still held: {held}"
-            await asyncio.sleep(0.2)
 
         # A release that reaches the node before the hand-over it names: that hand-over never holds.
         actor = real[nodes[0].node_id]
@@ -383,9 +399,9 @@ def test_what_an_isolate_did_after_its_last_run_is_taken_from_its_node(cluster: 
         try:
             process = await asyncio.to_thread(isolate.spawn, ["python3", "-c", refused])
             assert await asyncio.to_thread(process.wait, 60) == 0
-            report, egress = await isolate.atake_report()
-            assert (report.counts, egress) == ({"ptrace": 3}, [])
-            assert (await isolate.atake_report())[0].counts == {}  # taken once
+            taken = await isolate.atake_report()
+            assert (taken.report.counts, taken.egress, taken.egress_dropped) == ({"ptrace": 3}, [], 0)
+            assert (await isolate.atake_report()).report.counts == {}  # taken once
         finally:
             await placement.release(isolate)
 

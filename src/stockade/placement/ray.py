@@ -124,6 +124,7 @@ class RayPlacement:
         self.unreachable: str | None = None
         self._held: set[RayIsolate] = set()
         self._claims: set[asyncio.Future[Any]] = set()  # claims under way, and give-backs of unclaimed ones
+        self._forgets: set[asyncio.Future[None]] = set()  # releases of hand-overs whose replies were lost
         self._checked_at = 0.0
         self._reconnect: asyncio.Task[dict[str, Any]] | None = None
         self._connecting = threading.Lock()
@@ -415,15 +416,31 @@ class RayPlacement:
 
     def _forget(self, node: NodeHandle, isolate_id: str) -> None:
         """A hand-over Ray said failed (the actor unreachable), released on the node in the
-        background: had it been made, nobody would hold it. The node remembers one it has not made yet."""
+        background: had it been made, nobody would hold it. The node remembers one it has not made
+        yet. Tried again while the actor cannot be reached (a partition heals), until it answers or is
+        dead; ``aclose`` ends the tries (it kills the actors, and their isolates with them)."""
 
         async def release() -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(node.actor.release.remote(isolate_id), self.config.claim_timeout * 4)
+            import ray.exceptions
+
+            wait = 0.5
+            until = time.monotonic() + self.config.claim_timeout * 4
+            while True:
+                try:
+                    await asyncio.wait_for(node.actor.release.remote(isolate_id), self.config.claim_timeout)
+                    return
+                except ray.exceptions.ActorDiedError:
+                    return  # its isolates went with it
+                except Exception as exc:  # noqa: BLE001 - unreachable still: tried again
+                    if time.monotonic() + wait > until:
+                        log.warning("isolate %s on node %s could not be released: %s", isolate_id, node.node_id, exc)
+                        return
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 8.0)
 
         task = asyncio.ensure_future(release())
-        self._claims.add(task)
-        task.add_done_callback(self._claims.discard)
+        self._forgets.add(task)
+        task.add_done_callback(self._forgets.discard)
 
     def _usable(self, node_id: str) -> bool:
         node = self._nodes.get(node_id)
@@ -502,6 +519,8 @@ class RayPlacement:
             self._reconnect.cancel()
         while self._claims:  # a claim's caller gone: what it gets is given back before the nodes stop
             await asyncio.gather(*list(self._claims), return_exceptions=True)
+        for forget in list(self._forgets):  # the actors are killed below, with what they hold
+            forget.cancel()
         nodes, self._nodes = list(self._nodes.values()), {}
         gone = self.unreachable is not None and self._connected
         if gone:
