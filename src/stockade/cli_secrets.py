@@ -200,6 +200,15 @@ def _broker_config(args: argparse.Namespace) -> Any:
     if as_root:
         # As root: the layout, the key and the socket (in root's /run/stockade), each given to
         # the broker's user; then root goes, before a secret is read or a request answered.
+        # Every directory root writes in for the broker is checked before anything is written.
+        state_dir = args.state_dir or DEFAULT_STATE_DIR
+        try:
+            parent = os.path.dirname(os.path.abspath(state_dir))
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+            identities.root_only(parent, "--state-dir: its parent")
+            identities.root_only(os.path.dirname(os.path.abspath(key_file)), "--key-file: its directory")
+        except OSError as exc:
+            raise ConfigError(f"--state-dir {state_dir} or --key-file {key_file}: {exc.strerror}") from None
         identities.prepare_run_dir(args.user, os.path.dirname(os.path.abspath(socket_path)))
         broker_uid, _ = identities.ids_of(args.user)
         # Read by root for the broker, and only if the broker owns it: its directory may be root's alone.
@@ -207,11 +216,7 @@ def _broker_config(args: argparse.Namespace) -> Any:
         wire.write_key(key_file, key, gid, owner=broker_uid)
         listener = listen(socket_path, socket_gid, owner=broker_uid)
         try:
-            state_dir = args.state_dir or DEFAULT_STATE_DIR
             try:
-                parent = os.path.dirname(os.path.abspath(state_dir))
-                os.makedirs(parent, mode=0o755, exist_ok=True)
-                identities.root_only(parent, "--state-dir: its parent")
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(state_dir, 0o700)
                 identities.own_directory(state_dir, broker_uid, -1)

@@ -395,7 +395,19 @@ def test_secretd_never_writes_through_a_link_another_user_planted(broker: Runnin
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert done.returncode == 125 and "--state-dir: its parent" in done.stderr, done.stderr
-        assert not os.path.exists(state)
+        assert not os.path.exists(state)  # and nothing else was written before it was refused:
+        assert not os.path.exists(os.path.join(broker.dir, "y.key")) and not os.path.exists(
+            os.path.join(broker.dir, "y.sock")
+        )
+        # A directory root's alone, below one another user may swap (writable, no sticky bit): refused too.
+        inner = os.path.join(shared, "inner")
+        os.mkdir(inner, 0o755)
+        if mode == 0o777:
+            with pytest.raises(ConfigError, match=r"above it belongs to uid 0 with mode 0777"):
+                identities.prepare_run_dir("stockade-secrets", inner)
+        else:  # the sticky bit: no other user may move or replace what root made there
+            identities.prepare_run_dir("stockade-secrets", inner)
+            assert os.stat(os.path.join(inner, "secretd")).st_uid == pwd.getpwnam("stockade-secrets").pw_uid
     finally:
         shutil.rmtree(shared)
         shutil.rmtree(victim)

@@ -82,8 +82,11 @@ def test_the_daemon_gives_root_up_and_still_builds_limits_and_ends_isolates() ->
         threads = os.listdir(f"/proc/{daemon.proc.pid}/task")
         assert len(threads) > 1  # the audit log's writer among them, by now
         for task in threads:
-            with open(f"/proc/{daemon.proc.pid}/task/{task}/status") as f:
-                caps = dict(line.rstrip("\n").split(":\t", 1) for line in f if line.startswith("Cap"))
+            try:
+                with open(f"/proc/{daemon.proc.pid}/task/{task}/status") as f:
+                    caps = dict(line.rstrip("\n").split(":\t", 1) for line in f if line.startswith("Cap"))
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that ended since it was listed
             assert (int(caps["CapBnd"], 16), int(caps["CapPrm"], 16)) == (kept, kept), (task, caps)
         # Stopped, it ends cleanly, its socket in root's directory and all: and the groups it was
         # handed as root (which it cannot remove) go with its root zygote.

@@ -110,13 +110,27 @@ def prepare_run_dir(broker: str, run_dir: str = RUN_DIR) -> None:
 
 def root_only(path: str, what: str) -> None:
     """Refuse ``path`` (a directory root writes in for the broker) unless root owns it and no one
-    else may write in it: another user could put a link there for root to chown or bind through."""
-    st = os.stat(path)
+    else may write in it, nor swap it or a directory above it (each root's, and writable by others
+    only with the sticky bit): another user could put a link there for root to chown or bind through."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
     if st.st_uid != 0 or st.st_mode & 0o022:
         raise ConfigError(
             f"{what} {path} belongs to uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}: root writes the "
             "broker's files there, so it must be root's and writable by root alone (nothing was changed)"
         )
+    above = os.path.dirname(real)
+    while True:
+        st = os.stat(above)
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & 0o1000):
+            raise ConfigError(
+                f"{what} {path}: {above} above it belongs to uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}, "
+                "so another user could swap the way to it: every directory above must be root's, and writable "
+                "by others only with the sticky bit (nothing was changed)"
+            )
+        if above == "/":
+            return
+        above = os.path.dirname(above)
 
 
 def own_directory(path: str, uid: int, gid: int) -> None:

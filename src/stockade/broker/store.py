@@ -100,8 +100,8 @@ class SecretStore:
             raise PolicyError(why)
         log.warning("a grant of secret %s was refused: %s", name, why)
         raise PolicyError(
-            f"secret {name} is not granted for {', '.join(hosts) or 'no host'}: the secrets broker has no such "
-            "secret, or keeps it for other hosts (an admin sees which: `stockade secrets ls`, and its log says why)"
+            f"secret {name} is not granted for {', '.join(hosts) or 'no host'}: no such secret is kept here, or "
+            "it is kept for other hosts (an admin sees which: `stockade secrets ls`; the log says why)"
         )
 
     def _refusal(self, name: str, hosts: tuple[str, ...], stored: StoredSecret | None, hostless: bool) -> str | None:
