@@ -48,3 +48,14 @@ def test_an_abandoned_suspect_is_put_back_after_a_while(saved: str) -> None:
 def test_an_empty_snapshot_is_never_found(saved: str) -> None:
     Path(saved).write_bytes(b"")
     assert snapshot.find(KEY) is None
+
+
+def test_a_save_a_killed_host_left_half_written_is_recognised_for_removal() -> None:
+    # Tens of MB each, and nothing removed them: the next save sweeps those whose process is gone.
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert snapshot._abandoned(f"{KEY}.vmstate.{gone.pid}.tmp")
+    assert not snapshot._abandoned(f"{KEY}.vmstate.{os.getpid()}.tmp")  # a save under way
+    assert not snapshot._abandoned(f"{KEY}.vmstate") and not snapshot._abandoned("notes.tmp")

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from ...errors import SandboxStartError
+from ..process.cgroups import pid_alive
 from . import image as guest_image
 
 QMP_TIMEOUT_S = 60.0
@@ -154,15 +155,24 @@ def save(qmp_path: str, target: str, deadline: float) -> None:
         os.chmod(tmp, 0o600)  # a guest's memory, even a pristine one
         os.replace(tmp, target)
         # Snapshots are made for one shape and this host's accelerator: any other is
-        # of an older QEMU build or command line, which can never restore it.
+        # of an older QEMU build or command line, which can never restore it. A save a
+        # killed host left half-written (tens of MB) goes too.
         for name in os.listdir(os.path.dirname(target)):
             other = os.path.join(os.path.dirname(target), name)
-            if name.endswith(".vmstate") and other != target:
+            if (name.endswith(".vmstate") and other != target) or _abandoned(name):
                 with contextlib.suppress(OSError):
                     os.unlink(other)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _abandoned(name: str) -> bool:
+    """Whether ``name`` is a save's temporary file (``KEY.vmstate.PID.tmp``) whose process is gone."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[-1] != "tmp" or parts[-3] != "vmstate" or not parts[-2].isdigit():
+        return False
+    return not pid_alive(int(parts[-2]))
 
 
 class _Qmp:
