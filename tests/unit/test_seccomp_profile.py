@@ -321,3 +321,22 @@ def test_the_host_programs_filter_refuses_set_id_modes_and_nothing_else() -> Non
     assert {r.syscall for r in seccomp.set_id_rules()} == {
         "chmod", "fchmod", "fchmodat", "fchmodat2", "creat", "mknod", "mknodat", "open", "openat"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("allowlist", [False, True])
+def test_a_process_isolates_filter_stops_route_sockets_to_count_them(allowlist: bool) -> None:
+    # What a netlink socket queues is charged to no cgroup: a 64 MB isolate held gigabytes of the host's
+    # memory in route sockets' queues. The supervisor counts them (netlink.asks: no profile rule refuses
+    # them); other protocols are refused and reported by the profile; a microVM's guest (the profile
+    # itself) keeps them: its queues are the VM's own memory.
+    from stockade.runtimes.process import netlink
+
+    isolate = netlink.program(allowlist=allowlist)
+    socket_nr = NR["socket"]
+    assert run_bpf(isolate, socket_nr, (16, 3, 0, 0, 0, 0)) == seccomp.RET_USER_NOTIF
+    assert netlink.asks(socket_nr, (16, 3, 0, 0, 0, 0)) and not netlink.asks(socket_nr, (16, 3, 4, 0, 0, 0))
+    assert seccomp.rule_for(socket_nr, (16, 3, 4, 0, 0, 0)) is not None  # sock_diag: refused, reported
+    assert run_bpf(isolate, socket_nr, (2, 1, 0, 0, 0, 0)) == seccomp.RET_ALLOW  # TCP
+    connect = run_bpf(isolate, NR["connect"], (3, 0, 16, 0, 0, 0))
+    assert connect == (seccomp.RET_USER_NOTIF if allowlist else seccomp.RET_ALLOW)  # netcalls.py's, if any
+    assert run_bpf(seccomp.compile_profile(), socket_nr, (16, 3, 0, 0, 0, 0)) == seccomp.RET_ALLOW  # the guest's

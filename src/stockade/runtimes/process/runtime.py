@@ -36,7 +36,7 @@ from ..pool import PooledRuntime, WarmPool
 from ..publish import AgentRelay, AsyncTurn, Forwarder
 from ..reaper import Reaper
 from ..sandbox import AgentSandbox
-from . import netcalls, seccomp, supervisor
+from . import netlink, supervisor
 from .cgroups import IsolateCgroup
 from .factory import IsolateFactory, dispose, outer_ids, release_uid
 from .handshake import kill_pidfd, pid_of, receive_isolate
@@ -222,7 +222,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         """The seccomp program and the Landlock ABI, read once."""
         with self._lock:
             if self._bpf is None:
-                self._bpf = seccomp.default_program()
+                self._bpf = netlink.program(allowlist=False)
                 self._landlock_abi = linux.landlock_abi()
             return self._bpf
 
@@ -332,7 +332,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
                 for m in policy.filesystem_access
             ],
             # An allowlist isolate's filter stops its network calls too, to report direct attempts.
-            "seccomp_bpf": base64.b64encode(netcalls.program() if allowlist else bpf).decode(),
+            "seccomp_bpf": base64.b64encode(netlink.program(allowlist=True) if allowlist else bpf).decode(),
             "landlock_abi": self._landlock_abi,
             "base_env": BASE_ENV,
             "hard_limits": {"max_open_files": 65536, "max_processes": 4096},

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from ...agent import linux
 from ...ratelimit import TokenBucket
 from ...result import SecurityViolation
-from . import seccomp
+from . import netlink, seccomp
 
 # (the call's name, whether it was refused, what makes its record): the record is
 # built only while the run's report has room, so a flood costs a count, not a model.
@@ -43,6 +43,7 @@ class Supervisor:
         self._epoll = select.epoll()
         self._sinks: dict[int, ViolationSink] = {}
         self._network: set[int] = set()  # listeners whose isolates' network calls are read (netcalls.py)
+        self._netlink: dict[int, list[int]] = {}  # listener -> threads let make a netlink socket (netlink.py)
         self._budgets: dict[int, TokenBucket] = {}
         self._paused: dict[int, float] = {}  # listener -> when it is read again (its budget spent)
         self._lock = threading.Lock()
@@ -66,6 +67,7 @@ class Supervisor:
         """The owner is done with the isolate: stop watching and close the fd."""
         with self._lock:
             self._network.discard(listener_fd)
+            self._netlink.pop(listener_fd, None)
             self._budgets.pop(listener_fd, None)
             self._paused.pop(listener_fd, None)
             if self._sinks.pop(listener_fd, None) is None:
@@ -138,6 +140,10 @@ class Supervisor:
         with self._lock:
             sink = self._sinks.get(fd)
             network = fd in self._network
+            let_through = self._netlink.setdefault(fd, []) if sink is not None else []
+        if netlink.asks(nr, args):
+            netlink.answer(fd, notif_id, pid, let_through)
+            return
         if network and self._network_call(fd, notif_id, pid, nr, args, sink):
             return
         rule = seccomp.rule_for(nr, args)
