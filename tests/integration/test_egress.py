@@ -99,6 +99,15 @@ try:
     datagram = "sent"
 except OSError as exc:
     datagram = exc.strerror
+# The same from an address whose low 32 bits are zero (a page at 0x200000000): it went unreported.
+import ctypes, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                         ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.sendto.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+high = libc.mmap(0x200000000, 4096, 3, 0x22 | 0x100000, -1, 0)  # MAP_FIXED_NOREPLACE
+ctypes.memmove(high, struct.pack("<H", 2) + struct.pack("!H4s8x", 53, socket.inet_aton("198.51.100.8")), 16)
+high_sent = libc.sendto(udp.fileno(), b"query", 5, 0, high, 16) if high == 0x200000000 else "not mapped"
 no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({{}}))
 try:
     no_proxy.open("http://api.stockade.test:{up.http.port}/direct", timeout=5)
@@ -111,15 +120,22 @@ print(json.dumps({{
     "outside_v6": direct(("2001:db8::1", 80)),
     "ignoring_the_proxy": ignored,
     "datagram": datagram,
+    "high_sent": high_sent,
     "through_the_proxy": fetch("http://api.stockade.test:{up.http.port}/via-proxy"),
 }}))
 """,
         )
     assert out["host_loopback"] == "Connection refused"  # its own loopback: nothing of the host's there
     assert out["outside"] == out["outside_v6"] == out["datagram"] == "Network is unreachable"
+    assert out["high_sent"] == -1
     # Each direct attempt is reported, with where it tried to go; its own loopback is not an attempt.
     direct = sorted(v.description.split(" refused")[0] for v in result.security_violations)  # type: ignore[attr-defined]
-    assert direct == ["connect to 192.0.2.1:80", "connect to [2001:db8::1]:80", "sendto to 198.51.100.7:53"]
+    assert direct == [
+        "connect to 192.0.2.1:80",
+        "connect to [2001:db8::1]:80",
+        "sendto to 198.51.100.7:53",
+        "sendto to 198.51.100.8:53",
+    ]
     assert {v.detection_layer for v in result.security_violations} == {"NETWORK"}  # type: ignore[attr-defined]
     assert out["ignoring_the_proxy"] == "URLError"  # no name service, no route: nowhere to go
     status, body = out["through_the_proxy"]  # type: ignore[misc]

@@ -34,8 +34,10 @@ ANSWER = errno.ENETUNREACH
 _WHY = "under network_policy allowlist the destination is read: loopback goes on, anything else is refused"
 RULES = (
     Rule("connect", "notify", "MEDIUM", _WHY),
-    # With no address (a connected socket: what send() is), sendto is let through by the filter itself.
+    # With no address (a connected socket: what send() is), sendto is let through by the filter itself;
+    # an address is a pointer, any of whose 64 bits may be the set ones (a page at 0x200000000).
     Rule("sendto", "notify", "MEDIUM", _WHY, when={"arg": 4, "op": "masked_any", "value": 0xFFFFFFFF}),
+    Rule("sendto", "notify", "MEDIUM", _WHY, when={"arg": 4, "op": "masked_any", "value": 0xFFFFFFFF, "high": True}),
 )
 _AF_INET, _AF_INET6 = 2, 10
 

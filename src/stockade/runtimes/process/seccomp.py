@@ -210,7 +210,8 @@ def conditions(rule: Rule) -> list[dict[str, Any]]:
 
 def _test(cond: dict[str, Any], fail: int) -> list[bytes]:
     """Instructions that fall through when ``cond`` holds and jump ``fail`` past their end otherwise."""
-    offset = 16 + 8 * int(cond["arg"])  # low 32 bits of args[i] in struct seccomp_data
+    # args[i] in struct seccomp_data: its low 32 bits, or its high ones ("high": a pointer's upper word)
+    offset = 16 + 8 * int(cond["arg"]) + (4 if cond.get("high") else 0)
     load = _insn(_LD_ABS, offset)
     op = cond["op"]
     if op == "eq":
@@ -238,7 +239,7 @@ def _condition(rule: Rule) -> list[bytes]:
 
 
 def _holds(cond: dict[str, Any], args: tuple[int, ...]) -> bool:
-    value = args[int(cond["arg"])] & 0xFFFFFFFF
+    value = (args[int(cond["arg"])] >> (32 if cond.get("high") else 0)) & 0xFFFFFFFF
     op = cond["op"]
     return bool(
         (op == "eq" and value == cond["value"])
