@@ -171,9 +171,12 @@ class Observers:
         report = taken.report
         # Reported as a run's are, marked as made while no run was going.
         records = [dataclasses.replace(v, between_runs=True) for v in report.records]
-        if self.metrics is not None:
-            self.metrics.observe_violations(records, report.counts)
-        self.history.violations(caller.owner, agent_id, None, records)
+        try:  # the audit record is written whatever became of the counts, as a run's is
+            if self.metrics is not None:
+                self.metrics.observe_violations(records, report.counts)
+            self.history.violations(caller.owner, agent_id, None, records)
+        except Exception:
+            log.exception("counting a sandbox's end failed")
         if self.audit is None:
             return
         self.audit.record(
