@@ -364,7 +364,9 @@ class Pump:
         try:
             result = self.sandbox.run_code(probe, "python", timeout=10)
         except AgentError:
-            return  # it answered, but could not run the probe (its pids limit?): next time
+            return  # it answered, but could not run the probe (its pids limit?, its runner stopped?): next time
+        finally:
+            self._quiet_since = time.monotonic()  # a probe held up (to its timeout) is not followed by another at once
         try:
             alive = json.loads(result.stdout[:65536])
         except (ValueError, RecursionError):  # the isolate's words, as the launch report's

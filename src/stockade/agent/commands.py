@@ -7,6 +7,7 @@ import errno
 import os
 import resource
 import select
+import time
 
 from . import jsoncodec, wire
 from . import runner as runners
@@ -23,6 +24,11 @@ else:  # the C modules behind signal and socket: their Python wrappers import en
 # After an answer, how long a held sandbox's agent leaves the host to read it
 # before it forks the next runner (see Commands._spare_when_idle).
 SPARE_DELAY_S = 0.005
+# How long the agent waits on a runner it forked, for its "ready", for it to take its job and for
+# its exec together (a run's own timeout, if sooner): the code can stop a runner (SIGSTOP, same
+# uid) at any of them. Past it the runner is killed and the call answered with an error, well
+# before the host's limit on a call's answer (30 s) would end the isolate.
+RUNNER_WAIT_S = 10.0
 
 
 class Commands:
@@ -33,14 +39,19 @@ class Commands:
     exited: dict[int, int]
     _watched: set[int]
     _spare: runners.Runner | None
+    _spare_ready: bool  # its "ready" read (a request came first: read when it is dispatched)
     _eager_spare: bool
 
     def _spawn_exec(self, argv: list[str], params: dict[str, Any]) -> tuple[int, int, int, int | None]:
         context = self._job_context(params)
         if _spawnable(context["limits"]):
             return self._posix_spawn(argv, context)
-        runner = self._dispatch({"kind": "exec", "argv": argv, **context})
-        failure = runners.read_all(runner.report_r)
+        until = _runner_until(params)
+        runner = self._dispatch({"kind": "exec", "argv": argv, **context}, until)
+        failure = runners.read_report(runner.report_r, until - time.monotonic())
+        if failure is None:
+            self._discard(runner)
+            raise wire.RPCError(wire.INTERNAL_ERROR, _held_up("did not start the command"))
         os.close(runner.report_r)
         if failure:
             self._watched.discard(runner.pid)
@@ -93,7 +104,7 @@ class Commands:
 
     def _spawn_python(self, code: str, params: dict[str, Any]) -> tuple[int, int, int, int | None]:
         """Run ``code`` in a forked copy of this already-started interpreter (no exec, no start-up)."""
-        runner = self._dispatch({"kind": "python", "code": code, **self._job_context(params)})
+        runner = self._dispatch({"kind": "python", "code": code, **self._job_context(params)}, _runner_until(params))
         os.close(runner.report_r)
         return runner.pid, runner.out_r, runner.err_r, runner.in_w
 
@@ -111,7 +122,7 @@ class Commands:
             "stream": stream,
         }
 
-    def _dispatch(self, job: dict[str, Any]) -> runners.Runner:
+    def _dispatch(self, job: dict[str, Any], until: float) -> runners.Runner:
         """Hand ``job`` to the runner forked ahead of time (or to a new one).
 
         Both ``exec`` and ``run_code`` go through a runner: a forked copy of the
@@ -124,31 +135,46 @@ class Commands:
         runner, self._spare = self._spare, None
         if runner is not None:
             self._watched.add(runner.pid)
-        if runner is None or not runners.send_job(runner.job_w, payload):
+            # Half the time for it: a stopped spare leaves the other half to one forked now.
+            half = time.monotonic() + (until - time.monotonic()) / 2
+            if not (self._spare_ready or runners.ready(runner, half - time.monotonic())):
+                self._discard(runner)
+                runner = None
+        if runner is None or not runners.send_job(runner, payload, until - time.monotonic()):
             if runner is not None:
                 self._discard(runner)
             runner = runners.fork(False, self._forget_host)
             self._watched.add(runner.pid)
-            if not runners.ready(runner) or not runners.send_job(runner.job_w, payload):
+            if not runners.ready(runner, until - time.monotonic()) or not runners.send_job(
+                runner, payload, until - time.monotonic()
+            ):
                 self._discard(runner)
-                raise wire.RPCError(wire.INTERNAL_ERROR, "the runner died before it got its job")
+                raise wire.RPCError(wire.INTERNAL_ERROR, _held_up("died, or did not take its job"))
         return runner
 
     def prepare_spare(self, warm: bool = True) -> None:
         """Fork the next runner now, while nobody waits for it.
 
         ``warm=False`` skips the warm-ups: right for an isolate built on demand,
-        whose first request is already on its way.
+        whose first request is already on its way. A request that comes before
+        the runner is ready is not kept waiting: the runner's "ready" is then
+        read when the request needs it.
         """
         if self._spare is None:
             try:
                 self._spare = runners.fork(warm, self._forget_host)
+                self._spare_ready = False
             except OSError:
                 self._spare = None  # e.g. pids limit reached: fork on demand instead
         if warm and not self._request_pending():
             runners.warm_up()  # the fork made our own pages copy-on-write again
-        if self._spare is not None and not runners.ready(self._spare):
-            self._discard(self._spare)
+        if self._spare is None or self._spare_ready:
+            return
+        readable, _, _ = select.select([self._spare.report_r, self.conn.fileno()], [], [], RUNNER_WAIT_S)
+        if self._spare.report_r in readable:
+            self._spare_ready = runners.ready(self._spare, 0)
+        if not (self._spare_ready or self.conn.fileno() in readable):
+            self._discard(self._spare)  # dead, or stopped by the code: the next request forks its own
             self._spare = None
 
     def _forget_host(self) -> None:
@@ -162,6 +188,8 @@ class Commands:
         self.exited.pop(runner.pid, None)
         runners.kill_group(runner.pid)
         for fd in (runner.out_r, runner.err_r, runner.in_w, runner.report_r, runner.job_w):
+            if fd < 0:
+                continue  # given up already (send_job)
             try:
                 os.close(fd)
             except OSError:
@@ -243,3 +271,19 @@ def _spawn_failure(program: str, cwd: str, step: str, err: int) -> wire.RPCError
     if step == "limits":
         return wire.RPCError(wire.INTERNAL_ERROR, f"cannot apply the policy's limits: {os.strerror(err)}", data)
     return wire.RPCError(wire.INVALID_PARAMS, f"cannot use {cwd!r} as the working directory: {os.strerror(err)}", data)
+
+
+def _runner_until(params: dict[str, Any]) -> float:
+    """When the runner of a call must have started its job: RUNNER_WAIT_S, or the run's timeout if sooner."""
+    timeout = params.get("timeout")
+    if isinstance(timeout, (int, float)) and 0 < timeout < RUNNER_WAIT_S:
+        return time.monotonic() + timeout
+    return time.monotonic() + RUNNER_WAIT_S
+
+
+def _held_up(what: str) -> str:
+    return (
+        f"the runner forked for this call {what} in time (the run's timeout, at most {RUNNER_WAIT_S:g} s): "
+        "something in the sandbox may have stopped or killed it (it runs as the code does), or the "
+        "sandbox's limits left it no room"
+    )

@@ -87,17 +87,21 @@ def start(env: dict[str, str], cwd: str, limits: dict[str, Any], forget: Callabl
         _serve(main.__dict__)
     for fd in (out_w, err_w, cmd_r, reply_w):
         os.close(fd)
-    for fd in (out_r, err_r, reply_r):
+    # All four non-blocking: the agent writes the cell as the interpreter takes it, from the loop
+    # that waits for its reply, so that a stopped interpreter (SIGSTOP, by something of the same
+    # uid) is interrupted at the timeout, then killed, like any other.
+    for fd in (out_r, err_r, cmd_w, reply_r):
         os.set_blocking(fd, False)
     return Kernel(pid, out_r, err_r, cmd_w, reply_r)
 
 
-def send_cell(kernel: Kernel, code: str) -> None:
+def cell_frame(kernel: Kernel, code: str) -> bytes:
+    """The frame that hands ``code`` to the interpreter."""
     # A SIGINT the agent sent the last cell may have come after that cell ended (it is then
     # pending, blocked): the interpreter drops it before this cell, and only then.
     cell = {"code": code, "drop_interrupt": kernel.interrupted}
     kernel.interrupted = False
-    wire.write_all(kernel.cmd_w, wire.encode_frame(jsoncodec.dumps(cell).encode()))
+    return wire.encode_frame(jsoncodec.dumps(cell).encode())
 
 
 # ---- inside the interpreter -------------------------------------------------------------

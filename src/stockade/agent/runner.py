@@ -34,7 +34,9 @@ import gc
 import io
 import os
 import resource
+import select
 import sys
+import time
 import types
 
 from . import jsoncodec, wire
@@ -232,10 +234,10 @@ def _clear_module(namespace: dict[str, Any]) -> None:
         namespace[name] = None
 
 
-def ready(runner: Runner) -> bool:
-    """Wait for the runner's one-byte "ready" (sent once its warm-up is done)."""
+def ready(runner: Runner, within: float) -> bool:
+    """Wait (at most ``within`` s) for the runner's one-byte "ready" (sent once its warm-up is done)."""
     try:
-        return os.read(runner.report_r, 1) == b"w"
+        return _waited(runner.report_r, False, time.monotonic() + within) and os.read(runner.report_r, 1) == b"w"
     except OSError:
         return False
 
@@ -371,14 +373,46 @@ def read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def send_job(fd: int, job: bytes) -> bool:
+def read_report(fd: int, within: float) -> bytes | None:
+    """What a runner reports before its exec (nothing if it execs), or None if it has not in ``within`` s."""
+    until = time.monotonic() + within
+    chunks: list[bytes] = []
+    while _waited(fd, False, until):
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+    return None
+
+
+def send_job(runner: Runner, job: bytes, within: float) -> bool:
+    """Hand a ready runner its job (its ``job_w`` closed after); False if not taken in ``within`` s."""
+    fd, runner.job_w = runner.job_w, -1
+    until = time.monotonic() + within
     try:
-        wire.write_all(fd, job)
+        os.set_blocking(fd, False)
+        view = memoryview(job)
+        while view:
+            if not _waited(fd, True, until):
+                return False
+            view = view[os.write(fd, view) :]
         return True
     except OSError:
         return False
     finally:
         os.close(fd)
+
+
+def _waited(fd: int, writing: bool, until: float) -> bool:
+    """Wait until ``fd`` is readable (writable), or ``until`` (monotonic): False then.
+
+    Every wait of the agent's on a process it started is bounded: the code runs as the same uid,
+    and can stop that process (SIGSTOP) before it reads or writes; the agent, single-threaded,
+    would answer nothing more, file calls included.
+    """
+    left = max(0.0, until - time.monotonic())
+    readable, writable, _ = select.select([] if writing else [fd], [fd] if writing else [], [], left)
+    return bool(readable or writable)
 
 
 def install_stdio() -> None:

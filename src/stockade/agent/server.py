@@ -81,6 +81,7 @@ class Agent(Commands, Interpreters, Processes):
         # re-parented to us as pid 1, discarded spares) is reaped and forgotten.
         self._watched: set[int] = set()
         self._spare: runners.Runner | None = None  # a python runner forked ahead of the next run_code
+        self._spare_ready = False
         self._answered = False
         self._last = False  # the host said no request follows: fork nothing ahead
         self._eager_spare = False  # the host comes straight back: fork the next runner at once

@@ -75,11 +75,8 @@ class Interpreters:
         interpreter, new = self._interpreter(session, params)
         stream = params.get("stream") is True
         run = runner.Run(interpreter.pid, interpreter.out_r, interpreter.err_r, max_output, stream, True)
-        try:
-            kernel.send_cell(interpreter, code)
-        except OSError:
-            pass  # it died: its end is collected below, as any run's
-        reply, timed_out = self._collect_cell(run, interpreter, started + timeout if timeout else None)
+        cell_frame = kernel.cell_frame(interpreter, code)
+        reply, timed_out = self._collect_cell(run, interpreter, cell_frame, started + timeout if timeout else None)
         cell: Any = None
         if reply is not None:
             try:
@@ -142,9 +139,13 @@ class Interpreters:
         return interpreter, True
 
     def _collect_cell(
-        self, run: runner.Run, interpreter: kernel.Kernel, deadline: float | None
+        self, run: runner.Run, interpreter: kernel.Kernel, cell_frame: bytes, deadline: float | None
     ) -> tuple[bytes | None, bool]:
-        """Read the cell's output and reply; (the reply, whether the cell was interrupted at its timeout)."""
+        """Hand the interpreter its cell, read the cell's output and reply; (the reply, whether the cell
+        was interrupted at its timeout). Nothing here waits on the interpreter but the loop's select:
+        the cell can stop its interpreter, close its reply pipe, or both, and is timed out all the same."""
+        sending = memoryview(cell_frame)
+        reply_open = True
         reply = bytearray()
         expected: int | None = None
         timed_out = False
@@ -172,11 +173,20 @@ class Interpreters:
             waits = [t for t in (deadline, again_at, kill_at) if t is not None]
             wait = max(0.0, min(waits) - now) if waits else None
             watched = [self.conn.fileno()] if watch_conn else []
+            replies = [interpreter.reply_r] if reply_open else []
+            cells = [interpreter.cmd_w] if sending else []
             reading, writing = self.spawned_fds()
             ready, writable, _ = select.select(
-                [*watched, self._wake_r, interpreter.reply_r, *run.fds, *reading], writing, [], wait
+                [*watched, self._wake_r, *replies, *run.fds, *reading], [*cells, *writing], [], wait
             )
             self.service_spawned(ready, writable)
+            if interpreter.cmd_w in writable:
+                try:
+                    sending = sending[os.write(interpreter.cmd_w, sending) :]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    sending = sending[:0]  # it is gone: its end is collected here, as any run's
             if self.conn.fileno() in ready:
                 watch_conn = self.frame_during_run(interpreter.pid, group=False)
                 if watch_conn:  # watched on: it was an interrupt, which the cell has as long to heed as a timeout's
@@ -193,7 +203,7 @@ class Interpreters:
                 except BlockingIOError:
                     chunk = None
                 if chunk == b"":
-                    run.status = self._wait_for(interpreter.pid)  # the pipe closed: it is ending
+                    reply_open = False  # it is ending (or the cell closed the pipe): its end comes by SIGCHLD
                 elif chunk:
                     reply += chunk
                     if expected is None and len(reply) >= wire.HEADER_SIZE:
