@@ -651,6 +651,8 @@ SYSCALL_ATTACKS = {
     "clone": "libc.syscall(56, 0x20000000 | 17, 0, 0, 0, 0)",
     "ioctl": "libc.ioctl(0, 0x5412, ctypes.c_char_p(b'x'))",
     "open_tree_attr": "libc.syscall(467, -100, b'/tmp', 1, None, 0)",  # open_tree with attributes (6.15)
+    "modify_ldt": "libc.syscall(154, 0, None, 0)",  # read the LDT: 0 bytes, allowed by the kernel
+    "memfd_secret": "libc.syscall(447, 0)",  # memory out of the kernel's direct map
     # A filter of the code's own takes from the host's one BPF JIT budget (net.core.bpf_jit_limit).
     "seccomp": "libc.syscall(317, 0x100000001, 0, 0)",  # SET_MODE_FILTER: the kernel reads op's low 32 bits
     "prctl": "libc.prctl(22, 2, 0, 0, 0)",  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER

@@ -22,7 +22,7 @@ REQUIRED = [
     "unshare", "kexec_load", "kexec_file_load", "reboot", "init_module", "finit_module", "delete_module",
     "quotactl", "syslog", "swapon", "swapoff", "bpf", "perf_event_open", "keyctl", "add_key", "request_key",
     "userfaultfd", "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm", "acct", "settimeofday",
-    "clock_settime", "adjtimex", "io_uring_setup",
+    "clock_settime", "adjtimex", "io_uring_setup", "modify_ldt", "memfd_secret",
 ]  # fmt: skip
 
 
