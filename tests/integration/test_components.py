@@ -57,7 +57,7 @@ def _status(cli: Callable[..., subprocess.CompletedProcess[str]], name: str) -> 
     return result
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 20) -> None:
+def _wait(predicate: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"

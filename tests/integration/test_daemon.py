@@ -41,12 +41,14 @@ def daemon(process_runtime: str) -> Iterator[Daemon]:
 def test_seed_health_check_verbatim(daemon: Daemon) -> None:
     if shutil.which("socat") is None:
         pytest.skip("socat is not installed (make deps installs it)")
+    # The seed's line, but for socat's -t: by default it gives the answer 0.5 s after its input's
+    # end, and a daemon on a loaded host may take longer (the daemon closes once it has answered).
     out = subprocess.run(
-        f'echo \'{{"method": "ping", "params": {{}}, "id": 1}}\' | socat - UNIX-CONNECT:{daemon.socket_path}',
+        f'echo \'{{"method": "ping", "params": {{}}, "id": 1}}\' | socat -t 60 - UNIX-CONNECT:{daemon.socket_path}',
         shell=True,
         capture_output=True,
         text=True,
-        timeout=10,
+        timeout=90,
     )
     assert out.stdout == '{"result": "pong", "error": null, "id": 1}\n'
 
@@ -268,6 +270,9 @@ def test_closing_a_held_sandbox_ends_its_call_in_progress_at_once(daemon: Daemon
         (r,) = results
         assert r.termination_reason == "killed", r.summary()
         assert r.error == f"the sandbox was closed by uid {os.getuid()} (sandbox.close) during this call"
+        deadline = time.monotonic() + 30  # killed, though not necessarily reaped when the answer is read
+        while processes_with_arg(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert processes_with_arg(marker) == [] and owner.status()["total_count"] == 0
 
 
@@ -286,11 +291,15 @@ def test_a_call_on_a_connection_owned_sandbox_is_let_finish_when_its_client_goes
             time.sleep(0.02)
         assert processes_with_arg(marker), "the call never started"
     # The client is gone; its call runs on (the sandbox is already being closed), then all of it goes.
-    time.sleep(0.5)
-    assert processes_with_arg(marker), "the call was cut short when its client went"
     with Client(daemon.socket_path) as watcher:
-        (entry,) = watcher.status()["active_sandboxes"]  # still holding its slot, and saying why
+        deadline = time.monotonic() + 30
+        while True:  # the daemon sees the connection's end when it can
+            (entry,) = watcher.status()["active_sandboxes"]  # still holding its slot, and saying why
+            if entry["closing"] is True or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert entry["sandbox_id"] == sid and entry["closing"] is True
+    assert processes_with_arg(marker), "the call was cut short when its client went"
     for pid in processes_with_arg(gate):  # the call's end, now: its shell kills its own sleep, then exits
         with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
             if f.read().split(b"\0")[:2] == [b"sleep", gate.encode()]:
@@ -367,23 +376,24 @@ def test_an_idle_held_sandbox_is_closed_and_a_late_call_says_why(process_runtime
     marker = "4244.625"
     try:
         with Client(d.socket_path) as c:
-            sid = c.create_sandbox(keep=True, idle_timeout=1.0)
+            # 3 s: each step below comes well within it after the last, on a loaded host too.
+            sid = c.create_sandbox(keep=True, idle_timeout=3.0)
             (entry,) = c.status()["active_sandboxes"]
-            assert entry["sandbox_id"] == sid and entry["idle_timeout"] == 1.0
+            assert entry["sandbox_id"] == sid and entry["idle_timeout"] == 3.0
             # A call that outlasts the timeout is not cut short: idleness counts between calls.
-            r = c.sandbox_exec(sid, ["sh", "-c", f"sleep {marker} & sleep 1.5; echo done"])
+            r = c.sandbox_exec(sid, ["sh", "-c", f"sleep {marker} & sleep 4; echo done"])
             assert r.stdout == "done\n", r.summary()
             assert processes_with_arg(marker), "the sandbox's background process should run while it is held"
             assert c.sandbox_exec(sid, ["true"]).success  # the clock starts again after each call
             with pytest.raises(DaemonBusyError):
                 c.execute(["true"])  # the held sandbox has the only slot
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 30
             while c.status()["total_count"] and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert c.status()["total_count"] == 0, "the idle sandbox was not closed"
             with pytest.raises(
                 NotFoundError,
-                match=r"closed after 1 s without a call or a connection to a published port \(idle_timeout\)",
+                match=r"closed after 3 s without a call or a connection to a published port \(idle_timeout\)",
             ):
                 c.sandbox_exec(sid, ["true"])
             assert processes_with_arg(marker) == [], "the closed sandbox's process ran on"
@@ -766,12 +776,12 @@ def test_sigterm_past_the_grace_ends_a_warm_execute_and_leaves_nothing(process_r
     pid = d.proc.pid
     started = time.monotonic()
     assert d.stop(signal.SIGTERM) == 0, d.logs()
-    assert time.monotonic() - started < 10
-    t.join(10)
+    assert time.monotonic() - started < 45  # not the run's 60 s: it was ended, not waited for
+    t.join(30)
     # Past the grace the run is ended and its client answered (killed: "the daemon stopped
     # during this run"), not left to find its connection gone.
     assert errors == []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # the zygote's own clean-up may take up to 20 s
     while (processes_with_arg(marker) or _cgroups_of(pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_with_arg(marker) == [] and _cgroups_of(pid) == []

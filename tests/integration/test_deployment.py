@@ -165,7 +165,10 @@ def test_supervisord_runs_the_broker_first_as_its_user_and_the_daemon_uses_it(up
         with Client(env["STOCKADE_SOCKET"]) as client, client.sandbox(policy.to_dict()) as sb:
             forks = [p for p in _children(daemon_pid) if b"stockade.egress.worker" in _cmdline(p)]
             assert len(forks) == 1, forks  # the fork server; the worker is its child
-            workers = _children(forks[0])
+            # The one-shot run's own worker ends a moment after its answer: this sandbox's is then alone.
+            deadline = time.monotonic() + 30
+            while len(workers := _children(forks[0])) != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert len(workers) == 1, workers
             worker = _status(workers[0])
             # Forked by root's fork server, started before the daemon gave root up: its isolate's own uid.

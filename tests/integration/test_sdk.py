@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import select
 import subprocess
 import sys
 import tempfile
@@ -230,12 +231,15 @@ def test_a_sandbox_its_owner_drops_is_collected_and_closed(runtime: str, manager
     assert sb.exec(["true"]).success
     inner = sb._sandbox
     pid = inner.isolate_pid()
+    # Held by pidfd: a number freed may be a later process's by the time it is looked up.
+    pidfd = os.pidfd_open(pid) if pid is not None else None
     dropped = weakref.ref(inner)
     del sb, inner
     gc.collect()
     assert dropped() is None
-    if pid is not None:
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not os.path.exists(f"/proc/{pid}")  # its isolate ended with it
+    if pidfd is not None:
+        try:
+            ended, _, _ = select.select([pidfd], [], [], 30)
+            assert ended, "its isolate did not end with it"
+        finally:
+            os.close(pidfd)

@@ -115,14 +115,20 @@ def test_a_spawned_python_program_s_output_comes_as_it_prints(process_runtime: s
         server.kill()
 
 
-def _get(url: str, attempts: int = 100) -> bytes:
-    for _ in range(attempts):
+def _get(url: str, attempts: int | None = None) -> bytes:
+    """``url``'s body, asked for until the server inside answers (60 s: it starts as slowly as a
+    loaded host lets it), or ``attempts`` times."""
+    deadline = time.monotonic() + 60
+    tried = 0
+    while True:
+        tried += 1
         try:
             with urllib.request.urlopen(url, timeout=10) as answer:
                 return bytes(answer.read())
         except (urllib.error.URLError, ConnectionError):
+            if (attempts is not None and tried >= attempts) or time.monotonic() > deadline:
+                raise AssertionError(f"nothing answered at {url}") from None
             time.sleep(0.1)  # the server inside is still starting
-    raise AssertionError(f"nothing answered at {url}")
 
 
 def test_a_published_port_reaches_the_isolates_loopback_and_nothing_else(

@@ -877,7 +877,7 @@ def test_timeout_even_when_sigterm_is_ignored(process_runtime: str, manager: Run
         manager, "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: pass", timeout_seconds=1
     )
     assert r.termination_reason == "timeout"
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # killed at its timeout, not left to run on
 
 
 def test_output_flood_is_cut(process_runtime: str, manager: RuntimeManager) -> None:
@@ -1026,7 +1026,7 @@ def test_a_fifo_or_device_in_place_of_a_file_does_not_hang_the_agent(sb: Sandbox
                  lambda: sb.read_file("/work/zero"), lambda: sb.write_file("/work/zero", "x")):  # fmt: skip
         with pytest.raises(stockade.AgentError):
             call()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # refused at once, not after the host's 30 s for each
     sb.write_file("/work/ok.txt", "fine")
     assert sb.read_file("/work/ok.txt") == b"fine"
 

@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -17,6 +18,8 @@ from stockade.errors import AuthenticationError, RateLimitError
 from stockade.protocol import auth
 from tests.daemon_harness import TOKEN, Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
 from tests.helpers import processes_with_arg
+
+T = TypeVar("T")
 
 NOBODY = 65534
 
@@ -172,11 +175,23 @@ def test_nonce_cache_forgets_only_what_its_window_no_longer_accepts() -> None:
     assert "a" * 16 not in cache._seen and not cache.add("b" * 16, now=1061.5)
 
 
+def _in_one_window(burst: Callable[[], T]) -> T:
+    """``burst``'s answers, once it took under a second: its requests all in one window of the
+    limit's, which a loaded host spreading them over more would not show (then tried again)."""
+    for _ in range(5):
+        began = time.monotonic()
+        answers = burst()
+        if time.monotonic() - began < 1:
+            return answers
+        time.sleep(1.1)  # its window has passed
+    raise AssertionError("no burst went out within a second in five tries")
+
+
 def test_rate_limit_is_exact_at_the_boundary(process_runtime: str) -> None:
     d = start_daemon({"STOCKADE_MAX_REQUESTS": "5"})
     try:
         ping = b'{"method": "ping", "params": {}, "id": 1}\n'
-        replies = [json.loads(r) for r in raw_exchange(d.socket_path, *[ping] * 6)]
+        replies = _in_one_window(lambda: [json.loads(r) for r in raw_exchange(d.socket_path, *[ping] * 6)])
         assert [r["result"] for r in replies[:5]] == ["pong"] * 5
         assert replies[5]["error"] == "Rate limit exceeded"
         time.sleep(1.1)  # the sliding window has moved on
@@ -189,10 +204,18 @@ def test_rate_limit_counts_per_uid_across_connections(process_runtime: str) -> N
     d = start_daemon({"STOCKADE_MAX_REQUESTS": "4"})
     try:
         a, b = Client(d.socket_path), Client(d.socket_path)
-        for client in (a, b, a, b):
-            assert client.ping() == "pong"
-        with pytest.raises(RateLimitError):
-            a.ping()
+
+        def burst() -> list[object]:
+            answers: list[object] = []
+            for client in (a, b, a, b, a):
+                try:
+                    answers.append(client.ping())
+                except RateLimitError as exc:
+                    answers.append(exc)
+            return answers
+
+        answers = _in_one_window(burst)
+        assert answers[:4] == ["pong"] * 4 and isinstance(answers[4], RateLimitError), answers
         a.close()
         b.close()
     finally:

@@ -149,7 +149,7 @@ def test_close_leaves_nothing_behind(gvisor: str, manager: RuntimeManager) -> No
     sandbox.exec(["sh", "-c", "(sleep 600 &) ; echo"])
     assert processes_with_arg(container_id)
     sandbox.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while processes_with_arg(container_id) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_with_arg(container_id) == []

@@ -25,7 +25,7 @@ sb.exec(["sh", "-c", "(setsid sleep 3600.75 &); echo"])
 # waiting for a config) must die with the host too.
 import time
 runtime = manager.get("process")
-deadline = time.monotonic() + 10
+deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     nxt = runtime.factory.spare()[0]
     if nxt is not None and sum(len(open(p).read().split()) for p in nxt.procs_files[:1]) >= 2:
@@ -68,12 +68,13 @@ def _kill_host(kill_zygote_first: bool) -> dict[str, Any]:
         if host.poll() is None:
             host.kill()
             host.wait()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # by PDEATHSIG, and the zygote's own
     while _procs(info["procs"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _procs(info["procs"]) == set(), "processes of the isolate outlived their host"
     if info["procs"]:
         assert info["spare"], "the zygote had no spare child ready for the next isolate"
+    deadline = time.monotonic() + 30
     while _procs(info["spare"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _procs(info["spare"]) == set(), "the zygote's spare child outlived its host"
