@@ -815,16 +815,19 @@ def test_the_agent_heeds_no_signal_the_code_sends_it(runtime: str, manager: Runt
     # it handles), and gVisor's kernel gives its pid 1 no such shelter for the others.
     require(runtime)
     with Sandbox(Policy(runtime=runtime, timeout_seconds=120), manager=manager) as box:
-        r = box.exec(
-            ["sh", "-c", "for s in INT TERM HUP QUIT USR1 USR2 ALRM; do kill -$s 1; done; kill -TERM -1; echo sent"]
-        )
+        # Those that end a process, and those that stop one (TSTP TTIN TTOU), by number: 34 and 64 are
+        # SIGRTMIN and SIGRTMAX (sh has no names for them).
+        names = "INT TERM HUP QUIT USR1 USR2 ALRM VTALRM PROF IO PWR XCPU ABRT TRAP 16 TSTP TTIN TTOU 34 50 64"
+        r = box.exec(["sh", "-c", f"for s in {names}; do kill -$s 1; done; kill -TERM -1; echo sent"])
         assert "sent" in r.stdout or r.exit_code is not None
-        assert box.exec(["echo", "alive"]).stdout == "alive\n"  # the agent is still there
+        assert box.exec(["echo", "alive"], timeout=20).stdout == "alive\n"  # the agent is still there, not stopped
         # What it starts still has them at their defaults: SIGINT is a KeyboardInterrupt, SIGTERM ends it.
         code = "import os, signal\ntry:\n    os.kill(os.getpid(), 2)\nexcept KeyboardInterrupt:\n    print(2)\n"
         assert box.run_code(code).stdout == "2\n"
         ended = box.exec(["sh", "-c", "kill -TERM $$; echo survived"])
         assert ended.exit_code == -15 and "survived" not in ended.stdout, ended
+        ended = box.exec(["sh", "-c", "kill -PWR $$; echo survived"])
+        assert ended.exit_code == -30 and "survived" not in ended.stdout, ended
 
 
 def test_no_inherited_descriptors(sb: Sandbox) -> None:

@@ -29,6 +29,7 @@ SPARE_DELAY_S = 0.005
 # uid) at any of them. Past it the runner is killed and the call answered with an error, well
 # before the host's limit on a call's answer (30 s) would end the isolate.
 RUNNER_WAIT_S = 10.0
+RUNNER_WAIT_MIN_S = 1.0  # within the host's grace past a run's timeout (HOST_TIMEOUT_GRACE_S, 2 s)
 
 
 class Commands:
@@ -68,6 +69,11 @@ class Commands:
         posix_spawn cannot set the child's rlimits, so the agent takes the
         policy's limits itself, as hard limits: every exec of a sandbox runs
         under the same policy, and the agent is as untrusted as its children.
+
+        The one wait of the agent's without an end of its own: the vfork returns once the child
+        has exec'd, and the code, same uid, can stop the child first (it must win a race of
+        microseconds). posix_spawn holds the GIL: no thread of the agent's could end the wait.
+        The host's bound on the call ends the sandbox then (docs/protocol.md).
         """
         _limit_self(context["limits"])
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -137,12 +143,13 @@ class Commands:
             self._watched.add(runner.pid)
             # Half the time for it: a stopped spare leaves the other half to one forked now.
             half = time.monotonic() + (until - time.monotonic()) / 2
-            if not (self._spare_ready or runners.ready(runner, half - time.monotonic())):
+            if not (
+                (self._spare_ready or runners.ready(runner, half - time.monotonic()))
+                and runners.send_job(runner, payload, half - time.monotonic())
+            ):
                 self._discard(runner)
                 runner = None
-        if runner is None or not runners.send_job(runner, payload, until - time.monotonic()):
-            if runner is not None:
-                self._discard(runner)
+        if runner is None:
             runner = runners.fork(False, self._forget_host)
             self._watched.add(runner.pid)
             if not runners.ready(runner, until - time.monotonic()) or not runners.send_job(
@@ -274,10 +281,11 @@ def _spawn_failure(program: str, cwd: str, step: str, err: int) -> wire.RPCError
 
 
 def _runner_until(params: dict[str, Any]) -> float:
-    """When the runner of a call must have started its job: RUNNER_WAIT_S, or the run's timeout if sooner."""
+    """When the runner of a call must have started its job: RUNNER_WAIT_S, or the run's timeout if
+    sooner, but never under RUNNER_WAIT_MIN_S (a shorter timeout is the run's: it times out as a run)."""
     timeout = params.get("timeout")
     if isinstance(timeout, (int, float)) and 0 < timeout < RUNNER_WAIT_S:
-        return time.monotonic() + timeout
+        return time.monotonic() + max(timeout, RUNNER_WAIT_MIN_S)
     return time.monotonic() + RUNNER_WAIT_S
 
 

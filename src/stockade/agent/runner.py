@@ -61,10 +61,11 @@ RLIMITS = {
 }
 
 
-# Signals the code could end its agent with (``kill -INT 1``, ``pkill python3``): a pid 1 ignores
-# those it has no handler for, but gVisor's kernel does not, and Python has one for SIGINT. The
-# agent heeds none of them (server.py); a child gets them back at their defaults here (an exec
-# resets a handler by itself).
+# Signals the code could end or stop its agent with (``kill -INT 1``, ``pkill python3``): a pid 1
+# ignores those it has no handler for, but gVisor's kernel does not, and Python has one for SIGINT.
+# The agent heeds none of them (server.py); a child gets them back at their defaults here (an exec
+# resets a handler by itself). Every signal whose default ends or stops a process, save SIGKILL and
+# SIGSTOP (no process can catch them) and the faults (a real one would repeat under a handler).
 UNHEEDED_BY_THE_AGENT = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -73,6 +74,18 @@ UNHEEDED_BY_THE_AGENT = (
     signal.SIGUSR1,
     signal.SIGUSR2,
     signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGIO,
+    signal.SIGPWR,
+    signal.SIGXCPU,
+    signal.SIGABRT,
+    signal.SIGTRAP,
+    signal.SIGSTKFLT,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
 )
 
 
