@@ -33,7 +33,10 @@ def up() -> Iterator[Upstreams]:
 @pytest.fixture
 def daemon(up: Upstreams) -> Iterator[Daemon]:
     require("process")
-    started = start_daemon(env={k: v for k, v in os.environ.items() if k.startswith("STOCKADE_EGRESS")})
+    # The callers' store (a session's own, once a test asked for one), and a daemon that builds a
+    # server's packages itself: its test then needs no build of an earlier test's.
+    passed = {k: v for k, v in os.environ.items() if k.startswith(("STOCKADE_EGRESS", "STOCKADE_ENV_STORE"))}
+    started = start_daemon(env={**passed, "STOCKADE_BUILD_PACKAGES": "1"})
     try:
         yield started
     finally:
