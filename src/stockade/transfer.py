@@ -336,7 +336,9 @@ def _remove(sandbox: Transferable, base: str) -> None:
 def _numbers(result: ExecResult, count: int) -> tuple[int, ...] | None:
     """The ``count`` numbers a transfer script answers with, or None when its answer is not that."""
     fields = result.stdout.split()
-    if len(fields) != count or not all(f.isdigit() for f in fields):
+    # ASCII digits, a count's length at most: str.isdigit takes "²", int() then refuses it (and a
+    # sandbox writes the file one of these numbers is read from).
+    if len(fields) != count or not all(f.isascii() and f.isdigit() and len(f) <= 20 for f in fields):
         return None
     return tuple(map(int, fields))
 

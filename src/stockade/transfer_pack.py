@@ -122,7 +122,12 @@ def _add_file(tar: tarfile.TarFile, spool: IO[bytes], cap: int, fd: int, arcname
         now = os.fstat(f.fileno())
         info = _info(arcname, now, tarfile.REGTYPE)
         info.size = now.st_size
-        tar.addfile(_held_to_cap(info, spool, cap, packed), f)
+        try:
+            tar.addfile(_held_to_cap(info, spool, cap, packed), f)
+        except OSError as exc:
+            if "unexpected end of data" not in str(exc):  # tarfile's word for a file cut short
+                raise
+            raise TransferError(f"{arcname} shrank while it was packed (something writes it)") from None
     packed.files += 1
     packed.bytes += info.size
 

@@ -6,11 +6,13 @@ writes (a shared ``filesystem_access`` mount): a link the sandbox planted on
 the way would have the host, as root, read a private tree into the sandbox or
 write the sandbox's files into ``/etc/cron.d``. So the path is resolved one
 component at a time, each held open (``O_PATH | O_NOFOLLOW``), and a symbolic
-link is followed only when root owns it: a sandbox's files are its leased
-uid's (rootless, the caller's own, which is why the caller's links are not
-trusted either), while the system's links (``/var/run -> /run``, ``/lib``)
-still work. Below the opened directory, nothing is ever followed
-(transfer_pack.py, transfer_unpack.py).
+link is followed only when root owns it, and only root could have put it
+where it is: a sandbox's files are its leased uid's (rootless, the caller's
+own, which is why the caller's links are not trusted either), and a sandbox
+that writes a directory can move root's links there (or the directories that
+hold them) onto the names the host looks up. The system's links
+(``/var/run -> /run``, ``/lib``) still work. Below the opened directory,
+nothing is ever followed (transfer_pack.py, transfer_unpack.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def open_local(path: str, *, create: bool = False) -> int:
     todo = path.split("/")
     fd = os.open("/" if path.startswith("/") else ".", _PATH)
     links = 0
+    # Whether a name looked up from here on could have been moved into place by someone but root:
+    # a directory on the way whose entries another uid may change.
+    movable = _others_may_rename_in(os.fstat(fd))
     try:
         while todo:
             name = todo.pop(0)
@@ -52,7 +57,7 @@ def open_local(path: str, *, create: bool = False) -> int:
             st = os.fstat(inner)
             if stat.S_ISLNK(st.st_mode):
                 try:
-                    target = _trusted_target(inner, st, path, name)
+                    target = _trusted_target(inner, st, path, name, movable)
                 finally:
                     os.close(inner)
                 links += 1
@@ -62,9 +67,11 @@ def open_local(path: str, *, create: bool = False) -> int:
                 if target.startswith("/"):
                     os.close(fd)
                     fd = os.open("/", _PATH)
+                    movable = _others_may_rename_in(os.fstat(fd))
                 continue
             os.close(fd)
             fd = inner
+            movable = movable or _others_may_rename_in(st)
             if todo and not stat.S_ISDIR(st.st_mode):  # "file/" too, as the kernel says
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
     except BaseException:
@@ -73,13 +80,27 @@ def open_local(path: str, *, create: bool = False) -> int:
     return fd
 
 
-def _trusted_target(link: int, st: os.stat_result, path: str, name: str) -> str:
+def _trusted_target(link: int, st: os.stat_result, path: str, name: str, movable: bool) -> str:
     if st.st_uid != 0:
         raise TransferError(
             f"{path}: {name!r} on the way is a symbolic link owned by uid {st.st_uid}, not root (a sandbox "
             "writing a shared directory could have made it): it is not followed; name the real directory instead"
         )
+    if movable:
+        raise TransferError(
+            f"{path}: {name!r} on the way is a symbolic link below a directory whose entries a uid other than "
+            "root may change (a sandbox writing a shared directory could have moved a link of root's there): "
+            "it is not followed; name the real directory instead"
+        )
     return os.readlink("", dir_fd=link)
+
+
+def _others_may_rename_in(st: os.stat_result) -> bool:
+    """Whether a uid other than root may add, remove or rename entries of the directory ``st``: its
+    owner, or anyone its group or other write bit lets in (the sticky bit keeps root's entries root's)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    return st.st_uid != 0 or (bool(st.st_mode & 0o022) and not st.st_mode & stat.S_ISVTX)
 
 
 def reopen_directory(handle: int) -> int:

@@ -89,6 +89,46 @@ def test_links_root_owns_are_followed_others_are_not(tmp_path: Path, manager: Ru
     assert not (real / "again").exists()
 
 
+def test_a_link_of_roots_that_a_sandbox_moved_onto_the_name_is_not_followed(
+    tmp_path: Path, manager: RuntimeManager
+) -> None:
+    # The sandbox cannot make a link root owns, but it can move one that is already in a directory
+    # it writes (or the root-owned directory that holds one) onto the name the host looks up.
+    require("process")
+    victim = private_tree(tmp_path / "root-only")
+    with (
+        shared_directory(0o777) as share,
+        Sandbox(runtime="process", manager=manager, filesystem_access=[f"{share}:/share:rw"]) as sb,
+    ):
+        os.symlink(victim, os.path.join(share, "cache"))  # root's own link, for its own reasons
+        os.mkdir(os.path.join(share, "kept"), 0o755)
+        os.symlink(victim, os.path.join(share, "kept", "inner"))  # in a directory only root writes
+        moved = sb.exec(["sh", "-c", "mkdir -p /work/out && echo evil > /work/out/evil "
+                                     "&& mv /share/cache /share/results && mv /share/kept /share/moved"])  # fmt: skip
+        assert moved.success, moved.summary()
+        assert os.lstat(os.path.join(share, "results")).st_uid == 0
+        for attempt in (
+            lambda: sb.download("/work/out", os.path.join(share, "results")),
+            lambda: sb.upload(os.path.join(share, "results"), "/work/in"),
+            lambda: sb.download("/work/out", os.path.join(share, "moved", "inner", "deeper")),
+            lambda: sb.upload(os.path.join(share, "moved", "inner"), "/work/in"),
+        ):
+            with pytest.raises(TransferError, match="whose entries a uid other than root may change"):
+                attempt()
+        assert sorted(p.name for p in victim.iterdir()) == ["canary.txt"]
+        assert sb.exec(["test", "-e", "/work/in"]).exit_code == 1
+    # Where only root can move them (a root-only directory, or a sticky one: /tmp), root's links work.
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    (tmp_path / "real").mkdir()
+    (sticky / "via").symlink_to(tmp_path / "real")
+    with Sandbox(runtime="process", manager=manager) as sb:
+        sb.exec(["sh", "-c", "mkdir /work/out && echo x > /work/out/x"])
+        assert sb.download("/work/out", sticky / "via" / "down").files == 1
+    assert (tmp_path / "real" / "down" / "x").read_text() == "x\n"
+
+
 # In sandbox A: swap /share/d (a directory with a decoy) and /share/l (a link to a private
 # directory) as fast as it can, for as long as the test runs.
 FLIP = r"""
@@ -268,3 +308,36 @@ def test_an_existing_file_deep_below_local_dir_is_not_replaced_unasked(tmp_path:
     archive.seek(0)
     with pytest.raises(TransferError, match=r"exists \(1 file\(s\) would be replaced\)"):
         unpack(archive, str(deep), 1 << 20, 100, "/w", False, False)
+
+
+def test_a_file_that_shrinks_while_it_is_packed_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sandbox writing a shared file can cut it short between the size read and the copy: tarfile
+    # then raised a bare OSError naming no file.
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "data").write_bytes(b"x" * 100_000)
+    real = os.fstat
+
+    def cut_short(fd: int) -> os.stat_result:  # the size read before the copy, larger than what is there
+        st = real(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return st
+        fields = list(st)
+        fields[stat.ST_SIZE] = st.st_size + 65536
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", cut_short)
+    with tempfile.TemporaryFile() as spool, pytest.raises(TransferError, match="data shrank while it was packed"):
+        pack(str(tmp_path / "tree"), spool, 64 << 20)
+
+
+def test_a_transfer_scripts_answer_is_read_as_ascii_counts_only() -> None:
+    # The sandbox writes the file one of these numbers is read from: "²" passed isdigit, then int().
+    from types import SimpleNamespace
+
+    from stockade.transfer import _numbers
+
+    def said(text: str) -> tuple[int, ...] | None:
+        return _numbers(SimpleNamespace(stdout=text), 2)  # type: ignore[arg-type]
+
+    assert said("12 34\n") == (12, 34)
+    assert said("² 3") is None and said("1" * 5000 + " 3") is None and said("١٢ 3") is None
