@@ -52,14 +52,20 @@ _SHOW_WARNING = r"(FigureCanvasAgg is non-interactive|Matplotlib is currently us
 
 
 class Kernel:
-    """The agent's handle on one interpreter: its pid and pipes."""
+    """The agent's handle on one interpreter: its pid and pipes (``out_r``, ``err_r``: -1 once closed,
+    at their end: a cell can close its stdout, and the number is then another descriptor's)."""
 
     def __init__(self, pid: int, out_r: int, err_r: int, cmd_w: int, reply_r: int) -> None:
         self.pid, self.out_r, self.err_r, self.cmd_w, self.reply_r = pid, out_r, err_r, cmd_w, reply_r
         self.interrupted = False  # a SIGINT was sent during the last cell
 
-    def fds(self) -> tuple[int, ...]:
-        return (self.out_r, self.err_r, self.cmd_w, self.reply_r)
+    def output_fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.out_r, self.err_r) if fd >= 0)
+
+    def outputs_left(self, still_open: set[int]) -> None:
+        """After a cell: those of its output pipes that reached their end were closed."""
+        self.out_r = self.out_r if self.out_r in still_open else -1
+        self.err_r = self.err_r if self.err_r in still_open else -1
 
 
 def start(env: dict[str, str], cwd: str, limits: dict[str, Any], forget: Callable[[], None]) -> Kernel:

@@ -143,7 +143,7 @@ class Run:
     def __init__(self, pid: int, out_fd: int, err_fd: int, max_output: int, stream: bool, collect: bool) -> None:
         self.pid = pid
         self.collect = collect  # False: stream only (long-lived components), no buffer, no output cap
-        self.fds = {out_fd: "stdout", err_fd: "stderr"}
+        self.fds = {fd: name for fd, name in ((out_fd, "stdout"), (err_fd, "stderr")) if fd >= 0}  # -1: closed
         self.buffers: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self.total = 0
         self.max_output = max_output

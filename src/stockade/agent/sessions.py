@@ -90,6 +90,7 @@ class Interpreters:
             self._forget(session, still_open=set(run.fds))
             exit_code = os.waitstatus_to_exitcode(run.status)
         else:
+            interpreter.outputs_left(set(run.fds))
             exit_code = _cell_exit_code(cell.get("exception"))
         return {
             "exit_code": exit_code,
@@ -113,7 +114,7 @@ class Interpreters:
         if self._wait_for(interpreter.pid, CLOSE_GRACE_S) is None:
             runner.kill_group(interpreter.pid)
             self._wait_for(interpreter.pid)
-        for fd in (interpreter.out_r, interpreter.err_r, interpreter.reply_r):
+        for fd in (*interpreter.output_fds(), interpreter.reply_r):
             os.close(fd)
         return {"closed": True}
 
