@@ -19,6 +19,7 @@ import pytest
 
 from stockade import AsyncSandbox, Policy, Sandbox
 from stockade.errors import InvalidRequestError, PolicyError, SandboxClosedError, StockadeError
+from stockade.runtimes import publish
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -332,11 +333,14 @@ while True:
 
 @pytest.mark.parametrize("runtime", ["process", "gvisor"])
 def test_clients_that_go_away_leave_nothing_behind_and_close_ends_the_rest(
-    runtime: str, manager: RuntimeManager
+    runtime: str, manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Clients that reset or drop their connections mid-way leave no tunnel in the agent and no
-    thread on the host; closing the sandbox ends the connections still open at once."""
+    """Clients that reset or drop their connections mid-way, or close them as clients do (a FIN, which
+    TCP cannot tell from a half-close) to a server that never closes its side, leave no tunnel in the
+    agent and no thread on the host (the side left gets HALF_CLOSED_IDLE_S without a byte), and the
+    sandbox idles again; closing the sandbox ends the connections still open at once."""
     require(runtime)
+    monkeypatch.setattr(publish, "HALF_CLOSED_IDLE_S", 1.0)
     policy = Policy(runtime=runtime, network_policy="loopback", timeout_seconds=60)
     sb = Sandbox(policy, manager=manager, publish=[7100])
     try:
@@ -347,11 +351,12 @@ def test_clients_that_go_away_leave_nothing_behind_and_close_ends_the_rest(
             time.sleep(0.1)
         address = sb.published[7100]
         threads_before = threading.active_count()
-        for _ in range(12):
+        for i in range(24):
             conn = socket.create_connection(address, timeout=30)
             conn.sendall(b"half a request")
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()  # a reset
+            if i % 2:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # a reset, or a close as any client's
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             tunnels = [p for p in sb.processes() if p["argv"][0] == "tcp"]
@@ -360,6 +365,9 @@ def test_clients_that_go_away_leave_nothing_behind_and_close_ends_the_rest(
             time.sleep(0.2)
         assert [p for p in sb.processes() if p["argv"][0] == "tcp"] == []
         assert threading.active_count() <= threads_before
+        asked = time.monotonic()
+        active = sb._sandbox.port_activity()  # type: ignore[attr-defined]  # "now" while a connection is open
+        assert active is not None and active < asked  # in use no more: its idle timeout runs
         waiting = socket.create_connection(address, timeout=30)
         time.sleep(0.5)  # it is relayed (or being set up) when the sandbox closes
     finally:

@@ -32,6 +32,7 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -53,7 +54,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stockade.publish")
 _CHUNK = 65536
-MAX_CONNECTIONS = 64  # relayed at once per published port (each takes two host threads)
+MAX_CONNECTIONS = 64  # relayed at once per published port (each takes a host thread or two)
+# Once one side of a connection has ended (its client closed, or half-closed), how long the other
+# may go without a byte before the connection ends: a client's close is a half-close as far as TCP
+# tells, and a server inside that never closes its side held the relay, its slot and the sandbox's
+# idleness for good.
+HALF_CLOSED_IDLE_S = 60.0
 # The turn of an owner whose calls are made on an event loop: that loop, and the lock its calls
 # queue on (the daemon's ``Held.lock``, ``AsyncSandbox``'s). The channel refuses a caller on a
 # loop that finds it busy (channel.py), so a relay's thread must not take it beside them.
@@ -223,10 +229,7 @@ class Forwarder(_PublishedPort):
             _refuse(client)
             _shut(inner)
             return
-        back = threading.Thread(target=_relay, args=(inner, client), daemon=True)
-        back.start()
         _relay(client, inner)
-        back.join()
         self._forget(client, inner)
         client.close()
         inner.close()
@@ -278,12 +281,13 @@ class AgentRelay(_PublishedPort):
         handle = None
         gone = threading.Event()  # either side ended abnormally: the whole connection goes
         sent = threading.Event()  # the client sent something (or its side ended): poll soon
+        ended = threading.Event()  # the client's side ended (its end passed on to the port inside)
         try:
             handle = self._call("tunnel_open", {"port": self.port})["handle"]
             self._mark_reached(client)
-            upstream = threading.Thread(target=self._upstream, args=(client, handle, gone, sent), daemon=True)
+            upstream = threading.Thread(target=self._upstream, args=(client, handle, gone, sent, ended), daemon=True)
             upstream.start()
-            self._downstream(client, handle, gone, sent)
+            self._downstream(client, handle, gone, sent, ended)
             upstream.join(30)  # the client finishes its side (a half-closed HTTP exchange: at once)
         except Exception as exc:  # noqa: BLE001 - nothing listens, the sandbox closed: this connection ends
             log.info("published port %s (relayed): %s", self.port, exc)
@@ -298,13 +302,16 @@ class AgentRelay(_PublishedPort):
             else:
                 _shut(client)
 
-    def _upstream(self, client: socket.socket, handle: str, gone: threading.Event, sent: threading.Event) -> None:
+    def _upstream(
+        self, client: socket.socket, handle: str, gone: threading.Event, sent: threading.Event, ended: threading.Event
+    ) -> None:
         """What the host's client sends, written to the port inside (then its end)."""
         try:
             while not gone.is_set() and (data := client.recv(_CHUNK)):
                 self._write(handle, data, eof=False, gone=gone)
                 sent.set()
             self._write(handle, b"", eof=True, gone=gone)
+            ended.set()
         except Exception:  # noqa: BLE001 - a reset client, a closed sandbox: the connection goes
             gone.set()
         sent.set()
@@ -320,13 +327,19 @@ class AgentRelay(_PublishedPort):
                     raise
                 gone.wait(self.BEHIND_WAIT_S)  # the port inside is behind: wait for it
 
-    def _downstream(self, client: socket.socket, handle: str, gone: threading.Event, sent: threading.Event) -> None:
-        """What the port inside sends, to the host's client, until the port closes its side."""
+    def _downstream(
+        self, client: socket.socket, handle: str, gone: threading.Event, sent: threading.Event, ended: threading.Event
+    ) -> None:
+        """What the port inside sends, to the host's client, until the port closes its side (or is
+        quiet for HALF_CLOSED_IDLE_S once the client's side has ended)."""
         idle = self.POLL_MIN_S
+        quiet_since: float | None = None  # once the client's side has ended: the port's last byte, or that end
         while not gone.is_set():
             sent.clear()
             said = self._call("proc_read", {"handle": handle})
             data = base64.b64decode(said.get("stdout") or "")
+            if ended.is_set() and (data or quiet_since is None):
+                quiet_since = time.monotonic()
             if data:
                 client.sendall(data)
                 idle = self.POLL_MIN_S
@@ -334,6 +347,8 @@ class AgentRelay(_PublishedPort):
                 with contextlib.suppress(OSError):
                     client.shutdown(socket.SHUT_WR)
                 return
+            elif quiet_since is not None and time.monotonic() - quiet_since > HALF_CLOSED_IDLE_S:
+                return  # the connection ends (its tunnel is closed by the caller)
             elif sent.wait(idle):
                 idle = self.POLL_MIN_S
             else:
@@ -374,18 +389,34 @@ def connect_inside(pidfd: int, port: int, timeout: float = 10.0) -> socket.socke
     return made[0]
 
 
-def _relay(source: socket.socket, sink: socket.socket) -> None:
-    """Copy one direction until its end, which is passed on (half-close); a failure ends both."""
+def _relay(client: socket.socket, inner: socket.socket) -> None:
+    """Both directions of a connection, in this thread: each copied until its end, which is passed
+    on (half-close); once one has ended, the other until HALF_CLOSED_IDLE_S without a byte. A
+    failure ends both."""
+    going = {client.fileno(): (client, inner), inner.fileno(): (inner, client)}  # source -> sink
+    poller = select.poll()
+    for fd in going:
+        poller.register(fd, select.POLLIN)
     try:
-        while data := source.recv(_CHUNK):
-            sink.sendall(data)
-        sink.shutdown(socket.SHUT_WR)
+        while going:
+            quiet_limit = None if len(going) == 2 else HALF_CLOSED_IDLE_S * 1000
+            ready = poller.poll(quiet_limit)
+            if not ready:
+                break  # the side left has been quiet too long since the other ended
+            for fd, _ in ready:
+                source, sink = going[fd]
+                data = source.recv(_CHUNK)
+                if data:
+                    sink.sendall(data)
+                    continue
+                sink.shutdown(socket.SHUT_WR)
+                poller.unregister(fd)
+                del going[fd]
     except OSError:
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        pass
+    for sock in (client, inner):  # ended both ways now (a no-op on a connection both sides closed)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _refuse(client: socket.socket) -> None:
