@@ -378,3 +378,42 @@ def test_a_hiding_path_does_not_escape_on_violation_kill(gvisor: str, manager: R
         )
         assert r.termination_reason == "violation" and r.violation_counts == {"mount": 1}, r.summary()
         assert "survived" not in r.stdout
+
+
+# Opens every pipe of the agent's (gVisor lets a task open another's descriptors through
+# /proc/<pid>/fd) and drains them: the SIGCHLD wake-ups among them.
+PIPE_THIEF = """
+import os, time
+held = {}
+open("/tmp/thieving", "w").close()
+while True:
+    for n in os.listdir("/proc/1/fd"):
+        try:
+            if n not in held and os.readlink(f"/proc/1/fd/{n}").startswith("pipe:"):
+                held[n] = os.open(f"/proc/1/fd/{n}", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            pass
+    for fd in held.values():
+        try:
+            os.read(fd, 65536)
+        except OSError:
+            pass
+    time.sleep(0.001)
+"""
+
+
+def test_a_run_ends_when_the_agents_wake_ups_are_stolen(gvisor: str, manager: RuntimeManager) -> None:
+    # The agent learnt of a run's end only from its SIGCHLD wake-up pipe: drained by the code, every
+    # run waited out its timeout (or, without one, for ever). A run whose pipes have ended is now
+    # looked for with waitpid too. (Its output may be stolen: the code's own doing.)
+    with Sandbox(Policy(runtime="gvisor", timeout_seconds=120), manager=manager) as sb:
+        sb.spawn(["python3", "-c", PIPE_THIEF])
+        deadline = time.monotonic() + 60
+        while not any(e["name"] == "thieving" for e in sb.list_dir("/tmp")):
+            assert time.monotonic() < deadline, "the thief did not start"
+            time.sleep(0.1)
+        for _ in range(3):
+            started = time.monotonic()
+            r = sb.exec(["sh", "-c", "exit 3"], timeout=20)
+            assert r.termination_reason == "completed" and r.exit_code == 3, r.summary()
+            assert time.monotonic() - started < 15  # not its timeout
