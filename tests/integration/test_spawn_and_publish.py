@@ -101,6 +101,12 @@ def test_an_ended_process_keeps_its_handle_as_popen_keeps_its_returncode(
             ended.append(p)
         assert ended[-1].poll() == 0 and len(sb.processes()) <= MAX_ENDED + 2
         later.kill("SIGKILL")
+    # Nor do ended ones whose pipes a daemon they started holds: at the cap, the oldest let go.
+    with Sandbox(Policy(runtime=process_runtime, pids_limit=256), manager=manager) as sb:
+        for i in range(MAX_SPAWNED + 2):
+            p = sb.spawn(["sh", "-c", f"setsid sleep 1000.{i} & echo started; exit 0"])
+            assert p.wait(30) == 0 and p.read()[0] == b"started\n"
+        assert sb.spawn(["true"]).wait(30) == 0
 
 
 def test_a_spawned_python_program_s_output_comes_as_it_prints(process_runtime: str, manager: RuntimeManager) -> None:

@@ -90,7 +90,9 @@ class Processes:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise wire.RPCError(wire.INVALID_PARAMS, "argv must be a non-empty list of strings")
         self._forget_ended()
-        if sum(not p.tunnel and not _settled(p) for p in self._spawned.values()) >= MAX_SPAWNED:
+        if self._unsettled() >= MAX_SPAWNED:
+            self._let_go_of_held_pipes()
+        if self._unsettled() >= MAX_SPAWNED:
             raise wire.RPCError(
                 wire.INVALID_PARAMS, f"at most {MAX_SPAWNED} background processes: wait for or kill one"
             )
@@ -264,6 +266,22 @@ class Processes:
             while fd in proc.fds and not (proc.tunnel and len(proc.output["stdout"]) >= OUTPUT_BUFFER):
                 if not _read(proc, fd):
                     break
+
+    def _unsettled(self) -> int:
+        return sum(not p.tunnel and not _settled(p) for p in self._spawned.values())
+
+    def _let_go_of_held_pipes(self) -> None:
+        """At the cap: processes that ended (and the host was told so) but whose pipes something
+        they started holds open (``setsid daemon &``) let go of those pipes, oldest first, rather
+        than keep their slots for good; what that descendant writes there from now on is dropped."""
+        for proc in list(self._spawned.values()):
+            if self._unsettled() < MAX_SPAWNED:
+                return
+            if not proc.tunnel and proc.status is not None and proc.end_told and proc.fds:
+                for fd in proc.fds:
+                    os.close(fd)
+                proc.fds.clear()
+                self._forget_ended()
 
     def _forget_ended(self) -> None:
         """Settle ended processes whose output was all read: their stdin closed, their exit status
