@@ -76,11 +76,13 @@ def unpack(
     except _MALFORMED as exc:
         raise UnsafeArchiveError(f"the archive of {src} from the sandbox is not a tar: {exc}") from None
     with tar:
-        plans, dirs, skipped = _check(tar, cap, max_files, src, links == "skip", vcs)
+        plans, dirs, skipped, marks = _check(tar, cap, max_files, src, links == "skip", vcs)
         # In path order, each directory's members follow it and one another: each path is
         # walked from where the last one's walk left off, not from the top.
         plans.sort(key=lambda plan: plan[0])
         there = _existing(local_dir, plans, src)
+        if not vcs:
+            _refuse_repositories_with_what_is_there(local_dir, marks, src)
         if there and not overwrite:
             first = printable(os.path.join(local_dir, *there[0]))
             raise TransferError(
@@ -156,10 +158,11 @@ def _named(parts: tuple[str, ...]) -> str:
 
 def _check(
     tar: tarfile.TarFile, cap: int, max_files: int, src: str, skip_symlinks: bool, vcs: bool
-) -> tuple[list[_Plan], int, int]:
+) -> tuple[list[_Plan], int, int, dict[tuple[str, ...], set[str]]]:
     """Every member, checked before a byte is written: regular files and directories only
     (a hard link as a copy of its file), names inside, sizes and counts under the caps; and
-    the numbers of directories it makes and of symbolic links left out."""
+    the numbers of directories it makes and of symbolic links left out, and the directories it
+    puts what makes a bare git repository in (with those names)."""
     plans: list[_Plan] = []
     files: dict[tuple[str, ...], tarfile.TarInfo] = {}  # the regular files so far, by name
     # Every directory the writes will make, named or not: one member's name of 128 components
@@ -175,7 +178,7 @@ def _check(
         if member is None:
             if not vcs:
                 _refuse_bare_repositories(marks, src)
-            return plans, len(directories), skipped
+            return plans, len(directories), skipped, marks
         if len(plans) + skipped >= max_files:
             raise TransferTooLargeError(
                 f"download of {src} has over {max_files} members (max_files); nothing was written"
@@ -256,16 +259,43 @@ def _check(
         files[parts] = member
 
 
-def _refuse_bare_repositories(marks: dict[tuple[str, ...], set[str]], src: str) -> None:
+def _refuse_bare_repositories(marks: dict[tuple[str, ...], set[str]], src: str, there: str = "") -> None:
     """A directory laid out as a bare git repository is one to git, whatever its name (HEAD with
     objects or refs beside it: git's own test), and its config's commands run as a .git's do."""
     for where, names in marks.items():
         if "head" in names and names - {"head"}:
             raise UnsafeArchiveError(
                 f"the archive of {src} holds {_named(where) or 'its top'}, laid out as a git repository (HEAD, "
-                f"{' and '.join(sorted(names - {'head'}))}): git runs what its config names there, unasked; "
-                "vcs=True writes it; nothing was written"
+                f"{' and '.join(sorted(names - {'head'}))}){there}: git runs what its config names there, "
+                "unasked; vcs=True writes it; nothing was written"
             )
+
+
+def _refuse_repositories_with_what_is_there(local_dir: str, marks: dict[tuple[str, ...], set[str]], src: str) -> None:
+    """The same layout made of this archive and what its directories below ``local_dir`` hold
+    already (one download writes objects and refs, the next HEAD and a config)."""
+    try:
+        handle = open_local(local_dir)
+    except FileNotFoundError:
+        return
+    try:
+        walk = _Walk(os.dup(handle), make=False)
+    finally:
+        os.close(handle)
+    combined: dict[tuple[str, ...], set[str]] = {}
+    try:
+        for where, names in sorted(marks.items()):
+            try:
+                listed = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=walk.to(where))
+            except OSError:
+                continue  # not there yet: the archive's alone, checked already
+            try:
+                combined[where] = names | ({name.lower() for name in os.listdir(listed)} & _BARE_GIT)
+            finally:
+                os.close(listed)
+    finally:
+        walk.close()
+    _refuse_bare_repositories(combined, src, " with what is there already")
 
 
 def _check_headers(archive: IO[bytes], src: str) -> None:

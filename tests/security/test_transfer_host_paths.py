@@ -341,3 +341,35 @@ def test_a_transfer_scripts_answer_is_read_as_ascii_counts_only() -> None:
 
     assert said("12 34\n") == (12, 34)
     assert said("² 3") is None and said("1" * 5000 + " 3") is None and said("١٢ 3") is None
+
+
+def _tar_of(entries: dict[str, bytes | None]) -> io.BytesIO:
+    """A GNU tar of ``entries``: a file's bytes, or None for a directory."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    out.seek(0)
+    return out
+
+
+@pytest.mark.parametrize("first", ["store", "head"])
+def test_a_bare_repository_laid_out_over_two_downloads_is_refused(tmp_path: Path, first: str) -> None:
+    # Each archive alone is no repository; the second one's names with what the first left are.
+    store = {"evil/": None, "evil/objects/": None, "evil/refs/": None}
+    head = {"evil/HEAD": b"ref: refs/heads/main\n", "evil/config": b"[core]\n\tfsmonitor = touch /tmp/pwned\n"}
+    one, two = (store, head) if first == "store" else (head, store)
+    assert unpack(_tar_of(one), str(tmp_path / "results"), 1 << 20, 100, "/work/x", False, False)[0] >= 0
+    with pytest.raises(UnsafeArchiveError, match=r"laid out as a git repository .* with what is there already"):
+        unpack(_tar_of(two), str(tmp_path / "results"), 1 << 20, 100, "/work/x", False, False)
+    written = sorted(p.name for p in (tmp_path / "results" / "evil").iterdir())
+    assert written == sorted(Path(n).name for n in one if n != "evil/"), written  # nothing of the second
+    # Asked for (vcs=True), it is written; and names elsewhere are nobody's business.
+    unpack(_tar_of(two), str(tmp_path / "results"), 1 << 20, 100, "/work/x", False, False, vcs=True)
+    unpack(_tar_of({"other/HEAD": b"x"}), str(tmp_path / "results"), 1 << 20, 100, "/work/x", False, False)
