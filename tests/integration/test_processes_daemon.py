@@ -158,6 +158,10 @@ def test_the_http_api_publishes_a_port_but_no_service_port(http: tuple[Daemon, h
     # The HTTP API's caller is not root: it does not get the daemon's root to take a service port.
     low = api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": "80:7000"})
     assert low.status_code == 422 and "below 1024, which only root may bind" in low.json()["error"], low.text
+    # Nor another loopback address, where a port would answer for a host service bound to one only.
+    for spec in ("::1:6379:7000", "127.0.0.53:0:7000"):
+        elsewhere = api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": spec})
+        assert elsewhere.status_code == 422 and "only root chooses the host address" in elsewhere.json()["error"]
     assert api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": True}).status_code == 422
     assert api.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
     with pytest.raises(OSError):
@@ -167,11 +171,11 @@ def test_the_http_api_publishes_a_port_but_no_service_port(http: tuple[Daemon, h
         with open(daemon.audit_log) as f:
             acts = [json.loads(line) for line in f if '"admin"' in line]
         published = [(a["target"], a["door"], a.get("refused")) for a in acts if a["action"] == "sandbox.publish"]
-        if len(published) >= 2 or time.monotonic() > deadline:
+        if len(published) >= 4 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    # The port asked first, then the service port refused: an attempt is on the record too.
-    assert published == [(sandbox, "http", None), (sandbox, "http", "invalid_params")], published
+    # The port asked first, then the service port and the other addresses refused: attempts are on the record too.
+    assert published == [(sandbox, "http", None), *[(sandbox, "http", "invalid_params")] * 3], published
 
 
 def test_the_async_client_publishes_too(http: tuple[Daemon, httpx.Client]) -> None:

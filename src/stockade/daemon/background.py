@@ -48,6 +48,7 @@ MAX_PUBLISHED = 16
 # Below it, binding needs root: a caller that is not root does not get the daemon's root to take
 # one of the host's service ports (and answer in that service's place on its loopback).
 FIRST_UNPRIVILEGED_PORT = 1024
+DEFAULT_ADDRESS = "127.0.0.1"  # where a caller that is not root publishes (parse_publish's default)
 
 
 class BackgroundProcesses:
@@ -79,11 +80,18 @@ class BackgroundProcesses:
     async def publish(self, request: SandboxPublish, caller: Caller) -> Published:
         from ..runtimes.publish import parse_publish  # the daemon's loop imports no relay it does not run
 
-        _, host_port, port = parse_publish(request.port)
+        address, host_port, port = parse_publish(request.port)
         if 0 < host_port < FIRST_UNPRIVILEGED_PORT and not caller.admin:
             raise InvalidRequestError(
                 f"publish {request.port!r}: host port {host_port} is below {FIRST_UNPRIVILEGED_PORT}, "
                 "which only root may bind: ask for another, or 0 (any free one)"
+            )
+        if address != DEFAULT_ADDRESS and not caller.admin:
+            # On another loopback address a port would answer in the place of a host service bound
+            # to one of them only (::1 where it listens on 127.0.0.1, which "localhost" may try first).
+            raise InvalidRequestError(
+                f"publish {request.port!r}: only root chooses the host address; a port is published on "
+                f"{DEFAULT_ADDRESS}: ask for HOST_PORT:PORT or PORT"
             )
 
         async def forward(held: Held) -> Published:
