@@ -32,7 +32,6 @@ import errno
 import ipaddress
 import logging
 import os
-import select
 import socket
 import struct
 import threading
@@ -54,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stockade.publish")
 _CHUNK = 65536
-MAX_CONNECTIONS = 64  # relayed at once per published port (each takes a host thread or two)
+MAX_CONNECTIONS = 64  # relayed at once per published port (each takes two host threads)
 # Once one side of a connection has ended (its client closed, or half-closed), how long the other
 # may go without a byte before the connection ends: a client's close is a half-close as far as TCP
 # tells, and a server inside that never closes its side held the relay, its slot and the sandbox's
@@ -390,33 +389,48 @@ def connect_inside(pidfd: int, port: int, timeout: float = 10.0) -> socket.socke
 
 
 def _relay(client: socket.socket, inner: socket.socket) -> None:
-    """Both directions of a connection, in this thread: each copied until its end, which is passed
-    on (half-close); once one has ended, the other until HALF_CLOSED_IDLE_S without a byte. A
-    failure ends both."""
-    going = {client.fileno(): (client, inner), inner.fileno(): (inner, client)}  # source -> sink
-    poller = select.poll()
-    for fd in going:
-        poller.register(fd, select.POLLIN)
+    """Both directions of a connection, one in a thread of its own (a blocked send must not stop
+    the other direction: a server that answers as it reads would wait for ever on a client that
+    sends as it reads). Each is copied until its end, which is passed on (half-close); the
+    direction that ends first then watches the other, which gets HALF_CLOSED_IDLE_S without a
+    byte (read or sent) before the connection ends. A failure ends both."""
+    moved = [time.monotonic()]  # when a byte last went either way (or a direction ended)
+    up_done, down_done = threading.Event(), threading.Event()
+
+    def down() -> None:
+        _copy(inner, client, moved)
+        down_done.set()
+        _watch(up_done, moved, client, inner)
+
+    back = threading.Thread(target=down, name="stockade-publish-down", daemon=True)
+    back.start()
+    _copy(client, inner, moved)
+    up_done.set()
+    _watch(down_done, moved, client, inner)
+    back.join()
+
+
+def _copy(source: socket.socket, sink: socket.socket, moved: list[float]) -> None:
     try:
-        while going:
-            quiet_limit = None if len(going) == 2 else HALF_CLOSED_IDLE_S * 1000
-            ready = poller.poll(quiet_limit)
-            if not ready:
-                break  # the side left has been quiet too long since the other ended
-            for fd, _ in ready:
-                source, sink = going[fd]
-                data = source.recv(_CHUNK)
-                if data:
-                    sink.sendall(data)
-                    continue
-                sink.shutdown(socket.SHUT_WR)
-                poller.unregister(fd)
-                del going[fd]
+        while data := source.recv(_CHUNK):
+            sink.sendall(data)
+            moved[0] = time.monotonic()
+        sink.shutdown(socket.SHUT_WR)
     except OSError:
-        pass
-    for sock in (client, inner):  # ended both ways now (a no-op on a connection both sides closed)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+    moved[0] = time.monotonic()
+
+
+def _watch(other_done: threading.Event, moved: list[float], *sockets: socket.socket) -> None:
+    """This direction has ended: the other has until HALF_CLOSED_IDLE_S passes without a byte."""
+    while not other_done.wait(max(0.0, moved[0] + HALF_CLOSED_IDLE_S - time.monotonic())):
+        if time.monotonic() - moved[0] >= HALF_CLOSED_IDLE_S:
+            for sock in sockets:  # wakes the other direction's recv or send: it ends
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            return
 
 
 def _refuse(client: socket.socket) -> None:
