@@ -96,11 +96,12 @@ def _trusted_target(link: int, st: os.stat_result, path: str, name: str, movable
 
 
 def _others_may_rename_in(st: os.stat_result) -> bool:
-    """Whether a uid other than root may add, remove or rename entries of the directory ``st``: its
-    owner, or anyone its group or other write bit lets in (the sticky bit keeps root's entries root's)."""
+    """Whether a uid other than root may add or rename entries of the directory ``st``: its owner,
+    or anyone its group or other write bit lets in. Sticky or not: the sticky bit keeps root's
+    entries there, but another uid may still move one of root's links in from elsewhere."""
     if not stat.S_ISDIR(st.st_mode):
         return False
-    return st.st_uid != 0 or (bool(st.st_mode & 0o022) and not st.st_mode & stat.S_ISVTX)
+    return st.st_uid != 0 or bool(st.st_mode & 0o022)
 
 
 def reopen_directory(handle: int) -> int:

@@ -11,12 +11,15 @@ times its size in memory (tarfile's PAX records).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import stat
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,24 +72,37 @@ def test_a_link_planted_in_a_share_steers_neither_a_download_nor_an_upload(
         assert sb.upload(os.path.join(share, "real", "here"), "/work/back").files == 1
 
 
-def test_links_root_owns_are_followed_others_are_not(tmp_path: Path, manager: RuntimeManager) -> None:
+@contextlib.contextmanager
+def root_only_directory() -> Iterator[Path]:
+    """A directory where only root adds or moves entries, on a path of such directories (not below
+    /tmp, whose sticky bit lets another uid move a link of root's in)."""
+    base = Path(tempfile.mkdtemp(prefix="stockade-links-", dir="/run"))
+    try:
+        os.chmod(base, 0o755)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_links_root_owns_are_followed_others_are_not(manager: RuntimeManager) -> None:
     require("process")
-    real = tmp_path / "real"
-    (real / "tree").mkdir(parents=True)
-    (real / "tree" / "f").write_text("f")
-    via = tmp_path / "via"
-    via.symlink_to("real")  # the host's own link, as /var/run -> /run is
-    with Sandbox(runtime="process", manager=manager) as sb:
-        sb.exec(["sh", "-c", "mkdir /work/out && echo x > /work/out/x"])
-        assert sb.download("/work/out", via / "down").files == 1
-        assert (real / "down" / "x").read_text() == "x\n"
-        assert sb.upload(via / "tree", "/work/in").files == 1
-        os.lchown(via, 54321, 54321)  # the same link, now another user's
-        with pytest.raises(TransferError, match="owned by uid 54321"):
-            sb.download("/work/out", via / "again")
-        with pytest.raises(TransferError, match="owned by uid 54321"):
-            sb.upload(via / "tree", "/work/again")
-    assert not (real / "again").exists()
+    with root_only_directory() as base:
+        real = base / "real"
+        (real / "tree").mkdir(parents=True)
+        (real / "tree" / "f").write_text("f")
+        via = base / "via"
+        via.symlink_to("real")  # the host's own link, as /var/run -> /run is
+        with Sandbox(runtime="process", manager=manager) as sb:
+            sb.exec(["sh", "-c", "mkdir /work/out && echo x > /work/out/x"])
+            assert sb.download("/work/out", via / "down").files == 1
+            assert (real / "down" / "x").read_text() == "x\n"
+            assert sb.upload(via / "tree", "/work/in").files == 1
+            os.lchown(via, 54321, 54321)  # the same link, now another user's
+            with pytest.raises(TransferError, match="owned by uid 54321"):
+                sb.download("/work/out", via / "again")
+            with pytest.raises(TransferError, match="owned by uid 54321"):
+                sb.upload(via / "tree", "/work/again")
+        assert not (real / "again").exists()
 
 
 def test_a_link_of_roots_that_a_sandbox_moved_onto_the_name_is_not_followed(
@@ -117,16 +133,18 @@ def test_a_link_of_roots_that_a_sandbox_moved_onto_the_name_is_not_followed(
                 attempt()
         assert sorted(p.name for p in victim.iterdir()) == ["canary.txt"]
         assert sb.exec(["test", "-e", "/work/in"]).exit_code == 1
-    # Where only root can move them (a root-only directory, or a sticky one: /tmp), root's links work.
-    sticky = tmp_path / "sticky"
-    sticky.mkdir()
-    os.chmod(sticky, 0o1777)
-    (tmp_path / "real").mkdir()
-    (sticky / "via").symlink_to(tmp_path / "real")
-    with Sandbox(runtime="process", manager=manager) as sb:
-        sb.exec(["sh", "-c", "mkdir /work/out && echo x > /work/out/x"])
-        assert sb.download("/work/out", sticky / "via" / "down").files == 1
-    assert (tmp_path / "real" / "down" / "x").read_text() == "x\n"
+    # A sticky directory (/tmp) keeps root's entries, but one of root's links can be moved in.
+    with root_only_directory() as base:
+        sticky = base / "sticky"
+        sticky.mkdir()
+        os.chmod(sticky, 0o1777)
+        (base / "real").mkdir()
+        (sticky / "via").symlink_to(base / "real")
+        with Sandbox(runtime="process", manager=manager) as sb:
+            sb.exec(["sh", "-c", "mkdir /work/out && echo x > /work/out/x"])
+            with pytest.raises(TransferError, match="whose entries a uid other than root may change"):
+                sb.download("/work/out", sticky / "via" / "down")
+        assert not (base / "real" / "down").exists()
 
 
 # In sandbox A: swap /share/d (a directory with a decoy) and /share/l (a link to a private
