@@ -42,6 +42,7 @@ class Commands:
     _spare: runners.Runner | None
     _spare_ready: bool  # its "ready" read (a request came first: read when it is dispatched)
     _eager_spare: bool
+    _pending: list[bytes]  # requests read while a run was in progress (server.py)
 
     def _spawn_exec(self, argv: list[str], params: dict[str, Any]) -> tuple[int, int, int, int | None]:
         context = self._job_context(params)
@@ -175,7 +176,7 @@ class Commands:
                 self._spare = None  # e.g. pids limit reached: fork on demand instead
         if warm and not self._request_pending():
             runners.warm_up()  # the fork made our own pages copy-on-write again
-        if self._spare is None or self._spare_ready:
+        if self._spare is None or self._spare_ready or self._pending:
             return
         readable, _, _ = select.select([self._spare.report_r, self.conn.fileno()], [], [], RUNNER_WAIT_S)
         if self._spare.report_r in readable:
@@ -219,6 +220,8 @@ class Commands:
         self._eager_spare = self._request_pending()  # it came back while the runner was forked
 
     def _request_pending(self, wait_s: float = 0) -> bool:
+        if self._pending:  # read while a run was in progress: waiting already
+            return True
         ready, _, _ = select.select([self.conn.fileno()], [], [], wait_s)
         return bool(ready)
 

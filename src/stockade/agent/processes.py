@@ -271,13 +271,15 @@ class Processes:
         return sum(not p.tunnel and not _settled(p) for p in self._spawned.values())
 
     def _let_go_of_held_pipes(self) -> None:
-        """At the cap: processes that ended (and the host was told so) but whose pipes something
-        they started holds open (``setsid daemon &``) let go of those pipes, oldest first, rather
-        than keep their slots for good; what that descendant writes there from now on is dropped."""
+        """At the cap: processes that ended (the host was told so, and has read what they wrote) but
+        whose pipes something they started holds open (``setsid daemon &``) let go of those pipes,
+        oldest first, rather than keep their slots for good; what that descendant writes there from
+        now on is dropped."""
         for proc in list(self._spawned.values()):
             if self._unsettled() < MAX_SPAWNED:
                 return
-            if not proc.tunnel and proc.status is not None and proc.end_told and proc.fds:
+            read = not any(proc.output.values())
+            if not proc.tunnel and proc.status is not None and proc.end_told and proc.fds and read:
                 for fd in proc.fds:
                     os.close(fd)
                 proc.fds.clear()

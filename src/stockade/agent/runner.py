@@ -81,7 +81,7 @@ UNHEEDED_BY_THE_AGENT = (
     signal.SIGXCPU,
     signal.SIGABRT,
     signal.SIGTRAP,
-    signal.SIGSTKFLT,
+    getattr(signal, "SIGSTKFLT", 16),  # Python 3.11 names it; a guest's python3 may be older
     signal.SIGTSTP,
     signal.SIGTTIN,
     signal.SIGTTOU,
@@ -263,7 +263,12 @@ def fork(warm: bool, forget: Callable[[], None]) -> Runner:
     in_r, in_w = os.pipe2(os.O_CLOEXEC)
     job_r, job_w = os.pipe2(os.O_CLOEXEC)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # the pids limit: the caller tries again later, and these must not pile up
+        for fd in (out_r, out_w, err_r, err_w, in_r, in_w, job_r, job_w, report_r, report_w):
+            os.close(fd)
+        raise
     if pid == 0:
         _main(in_r, out_w, err_w, job_r, report_w, warm, forget)
     for fd in (out_w, err_w, in_r, job_r, report_w):
@@ -408,7 +413,10 @@ def send_job(runner: Runner, job: bytes, within: float) -> bool:
         while view:
             if not _waited(fd, True, until):
                 return False
-            view = view[os.write(fd, view) :]
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:  # writable, but not for this much (gVisor's pipes): wait again
+                continue
         return True
     except OSError:
         return False
