@@ -6,11 +6,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from stockade.result import ExecResult
+
+T = TypeVar("T")
 
 
 def processes_with_arg(marker: str) -> list[int]:
@@ -81,3 +84,20 @@ def run_sharing(argv: list[str], runtime: str, share: str, access: str = "rw") -
         return run(argv, runtime=runtime, manager=own, filesystem_access=[f"{share}:/data:{access}"])
     finally:
         own.close()
+
+
+def returned_within(seconds: float, call: Callable[[], T]) -> T | BaseException:
+    """``call``'s result, or what it raised; a failed test if it is still waiting after ``seconds``."""
+    outcome: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"the call was still waiting after {seconds} s"
+    return outcome[0]

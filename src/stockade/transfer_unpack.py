@@ -274,14 +274,9 @@ def _refuse_bare_repositories(marks: dict[tuple[str, ...], set[str]], src: str, 
 def _refuse_repositories_with_what_is_there(local_dir: str, marks: dict[tuple[str, ...], set[str]], src: str) -> None:
     """The same layout made of this archive and what its directories below ``local_dir`` hold
     already (one download writes objects and refs, the next HEAD and a config)."""
-    try:
-        handle = open_local(local_dir)
-    except FileNotFoundError:
+    walk = _walk_below(local_dir)
+    if walk is None:
         return
-    try:
-        walk = _Walk(os.dup(handle), make=False)
-    finally:
-        os.close(handle)
     combined: dict[tuple[str, ...], set[str]] = {}
     try:
         for where, names in sorted(marks.items()):
@@ -357,18 +352,25 @@ def _check_headers(archive: IO[bytes], src: str) -> None:
     archive.seek(0)
 
 
+def _walk_below(local_dir: str) -> _Walk | None:
+    """A walk below ``local_dir`` as it is now, opening without making; None if it is not there yet."""
+    try:
+        handle = open_local(local_dir)
+    except FileNotFoundError:
+        return None
+    try:
+        return _Walk(os.dup(handle), make=False)
+    finally:
+        os.close(handle)
+
+
 def _existing(local_dir: str, plans: list[_Plan], src: str) -> list[tuple[str, ...]]:
     """The files of ``plans`` (in path order) already below ``local_dir``, an entry of any kind (a
     link included); what the writes could not pass (a file or a link where a directory goes, a
     directory where a file goes) refused. Walked as the writes will walk, without following a link."""
-    try:
-        handle = open_local(local_dir)
-    except FileNotFoundError:
+    walk = _walk_below(local_dir)
+    if walk is None:
         return []
-    try:
-        walk = _Walk(os.dup(handle), make=False)
-    finally:
-        os.close(handle)
     there = []
     try:
         for parts, member in plans:

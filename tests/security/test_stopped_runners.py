@@ -8,10 +8,8 @@ agent (single-threaded), and every later call of the sandbox with it, file calls
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,8 +17,7 @@ from stockade import ExecResult, Policy, Sandbox
 from stockade.errors import SandboxError
 from stockade.runtimes.manager import RuntimeManager
 from stockade.runtimes.spawned import Process
-
-T = TypeVar("T")
+from tests.helpers import returned_within
 
 STOPPER = """
 import os, signal, time
@@ -36,23 +33,6 @@ while True:
                 pass
     time.sleep(0.002)
 """
-
-
-def within(seconds: float, call: Callable[[], T]) -> T | BaseException:
-    """``call``'s result or exception, or a failed test if it has not returned in ``seconds``."""
-    outcome: list[T | BaseException] = []
-
-    def target() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as exc:  # handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"the call did not return in {seconds} s: the agent is wedged"
-    return outcome[0]
 
 
 @pytest.fixture
@@ -72,7 +52,7 @@ def stopped(process_runtime: str, manager: RuntimeManager) -> Iterator[Sandbox]:
 
 
 def answered(sandbox: Sandbox) -> None:
-    listed = within(15, lambda: sandbox.list_dir("/tmp"))
+    listed = returned_within(15, lambda: sandbox.list_dir("/tmp"))
     assert not isinstance(listed, BaseException) and any(e["name"] == "stopping" for e in listed), listed
 
 
@@ -81,7 +61,7 @@ def test_runners_stopped_before_their_job_leave_the_agent_answering(stopped: San
     # spare before or after its "ready" (the pause lets the stopper find it), one forked on demand
     # at any point, or not before its short job is done (a race the test cannot decide). Whichever
     # it is, the call is answered within its timeout, and the agent answers on.
-    first = within(60, lambda: stopped.run_code("print('served')", timeout=30))
+    first = returned_within(60, lambda: stopped.run_code("print('served')", timeout=30))
     assert not isinstance(first, BaseException) and first.stdout.strip() == "served", first
     answered(stopped)
     for call in (
@@ -92,11 +72,11 @@ def test_runners_stopped_before_their_job_leave_the_agent_answering(stopped: San
     ):
         time.sleep(1)
         started = time.monotonic()
-        said = within(40, call)
+        said = returned_within(40, call)
         assert isinstance(said, (SandboxError, ExecResult)), said
         assert time.monotonic() - started < 25, said  # its timeout, the grace, not the host's 30 s
         answered(stopped)
-    spawned = within(25, lambda: stopped.spawn(["sleep", "100"]))  # started, then stopped; or held up
+    spawned = returned_within(25, lambda: stopped.spawn(["sleep", "100"]))  # started, then stopped; or held up
     assert isinstance(spawned, (Process, SandboxError)), spawned
     answered(stopped)
 
@@ -118,9 +98,9 @@ def test_a_stopped_interpreter_is_timed_out_while_it_takes_a_large_cell(
             assert time.monotonic() < deadline, "the interpreter was not stopped"
             time.sleep(0.1)
         large = "x = 1\n" + "#" * (1 << 20) + "\nprint(x)\n"
-        said = within(30, lambda: sandbox.run_code(large, session="s", timeout=3))
+        said = returned_within(30, lambda: sandbox.run_code(large, session="s", timeout=3))
         assert not isinstance(said, BaseException) and said.termination_reason == "timeout", said
-        after = within(30, lambda: sandbox.run_code("print('fresh')", session="s", timeout=20))
+        after = returned_within(30, lambda: sandbox.run_code("print('fresh')", session="s", timeout=20))
         assert not isinstance(after, BaseException) and after.stdout.strip() == "fresh", after
 
 
@@ -129,11 +109,11 @@ def test_a_cell_that_closes_its_reply_pipe_is_still_timed_out(process_runtime: s
     # deadline: a cell that closed it and ran on held the agent until the host ended the sandbox.
     with Sandbox(Policy(runtime="process", timeout_seconds=120), manager=manager) as sandbox:
         started = time.monotonic()
-        said = within(30, lambda: sandbox.run_code("import os, time\nos.closerange(3, 64)\ntime.sleep(60)\n",
+        said = returned_within(30, lambda: sandbox.run_code("import os, time\nos.closerange(3, 64)\ntime.sleep(60)\n",
                                                    session="s", timeout=2))  # fmt: skip
         assert not isinstance(said, BaseException) and said.termination_reason == "timeout", said
         assert time.monotonic() - started < 25  # not the host's end of the sandbox
-        after = within(30, lambda: sandbox.run_code("print('fresh')", session="s", timeout=20))
+        after = returned_within(30, lambda: sandbox.run_code("print('fresh')", session="s", timeout=20))
         assert not isinstance(after, BaseException) and after.stdout.strip() == "fresh", after
 
 

@@ -24,6 +24,7 @@ from stockade.cli_daemon import LINE_LIMIT
 from stockade.client import AsyncClient, Client
 from stockade.client.answers import LINE_LIMIT as CLIENT_LINE_LIMIT
 from stockade.errors import DaemonUnavailableError
+from tests.helpers import returned_within
 from tests.unix_server import UnixServer
 
 Behaviour = Callable[[socket.socket, int], None]
@@ -90,20 +91,8 @@ def daemon(tmp_path: os.PathLike[str]) -> Iterator[Callable[[Behaviour], Daemon]
 
 def _ended(call: Callable[[], object], within_s: float = 60.0) -> BaseException | None:
     """What ``call`` raised (None: it returned), or a failure if it was still waiting after ``within_s``."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            outcome.append(None)
-        except BaseException as exc:  # what the test looks at
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(within_s)
-    assert outcome, f"the call was still waiting after {within_s} s"
-    return outcome[0]
+    outcome = returned_within(within_s, call)
+    return outcome if isinstance(outcome, BaseException) else None
 
 
 def test_the_sync_clients_wait_is_for_the_answer_not_for_each_read(daemon: Callable[[Behaviour], Daemon]) -> None:

@@ -61,6 +61,11 @@ RLIMITS = {
 }
 
 
+# A run (a command, a cell's interpreter) whose pipes have all ended is looked for with waitpid
+# this often too, not only when SIGCHLD comes through the wake-up pipe: under gVisor the code can
+# open the agent's descriptors through /proc/1/fd and drain that pipe (docs/runtime-gvisor.md).
+REAP_POLL_S = 0.25
+
 # Signals the code could end or stop its agent with (``kill -INT 1``, ``pkill python3``): a pid 1
 # ignores those it has no handler for, but gVisor's kernel does not, and Python has one for SIGINT.
 # The agent heeds none of them (server.py); a child gets them back at their defaults here (an exec

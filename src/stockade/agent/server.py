@@ -48,10 +48,6 @@ DEFAULT_MAX_OUTPUT = 1024 * 1024
 # After the main process exits, how long to keep reading output that a
 # background grandchild may still be writing into the same pipes.
 DRAIN_GRACE_S = 0.05
-# A run whose pipes have all ended is looked for with waitpid this often too, not only when SIGCHLD
-# comes through the wake-up pipe: under gVisor the code can open the agent's descriptors through
-# /proc/1/fd and drain that pipe (docs/runtime-gvisor.md).
-REAP_POLL_S = 0.25
 
 
 # Python's own: ignored in the agent, so that its writes see EPIPE and EFBIG; what it starts gets
@@ -282,7 +278,7 @@ class Agent(Commands, Interpreters, Processes):
                 self._reap()
                 if run.pid in self.exited:
                     continue
-                waits.append(now + REAP_POLL_S)
+                waits.append(now + runners.REAP_POLL_S)
             wait = max(0.0, min(waits) - now) if waits else None
             watched = [self.conn.fileno()] if watch_conn else []
             feeding = [run.stdin_fd] if run.stdin_fd is not None else []

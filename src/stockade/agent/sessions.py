@@ -34,8 +34,6 @@ INTERRUPT_GRACE_S = 2.0
 # as CPython checks for signals when a call is interrupted, not before it starts (and two sent
 # before it looks are one to its handler).
 INTERRUPT_AGAIN_S = 0.5
-# How often an interpreter whose pipes have all ended is looked for with waitpid (server.py's).
-REAP_POLL_S = 0.25
 # How long a closed interpreter has to run its atexit handlers before it is killed.
 CLOSE_GRACE_S = 1.0
 MAX_SESSIONS = 16
@@ -174,11 +172,11 @@ class Interpreters:
                 runner.kill_group(interpreter.pid)  # it did not stop at the interrupt: its state goes
                 kill_at = again_at = None
             waits = [t for t in (deadline, again_at, kill_at) if t is not None]
-            if not (run.fds or reply_open):  # its end is looked for, not only waited for (server.REAP_POLL_S)
+            if not (run.fds or reply_open):  # its end is looked for, not only waited for (runner.REAP_POLL_S)
                 self._reap()
                 if interpreter.pid in self.exited:
                     continue
-                waits.append(now + REAP_POLL_S)
+                waits.append(now + runner.REAP_POLL_S)
             wait = max(0.0, min(waits) - now) if waits else None
             watched = [self.conn.fileno()] if watch_conn else []
             replies = [interpreter.reply_r] if reply_open else []
