@@ -597,6 +597,32 @@ def test_without_a_token_only_this_hosts_own_names_are_served(http: httpx.Client
         assert http.get("/api/v1/sandbox/status", headers={"Host": host}).status_code == 200
 
 
+def test_a_request_another_sites_page_had_a_browser_send_is_refused(http: httpx.Client) -> None:
+    # fetch(url, {mode: "no-cors", method: "POST", body: new Blob([json])}): no Content-Type, the
+    # loopback Host, and the page's Origin; an <img> GET says only Sec-Fetch-Site.
+    body = json.dumps({"agent_id": "a", "code": "print('ran')"}).encode()
+    evil = http.post("/api/v1/sandbox/execute", content=body, headers={"Origin": "https://evil.example"})
+    assert (evil.status_code, evil.json()["code"]) == (401, "auth") and "evil.example" in evil.json()["error"]
+    port = http.base_url.port
+    other_port = http.post("/api/v1/sandbox/execute", content=body, headers={"Origin": f"http://127.0.0.1:{port + 1}"})
+    assert (other_port.status_code, other_port.json()["code"]) == (401, "auth")
+    for site in ("cross-site", "same-site"):
+        image = http.get("/api/v1/runtimes", headers={"Sec-Fetch-Site": site})
+        assert (image.status_code, image.json()["code"]) == (401, "auth") and site in image.json()["error"]
+    # Without a JSON Content-Type a body is refused whatever sent it (FastAPI's strict check).
+    plain = http.post("/api/v1/sandbox/execute", content=body)
+    assert plain.status_code in (400, 415, 422) and "ran" not in plain.text
+    # The dashboard's own requests, and programs that are no browser, are served.
+    own = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+    assert (
+        http.post("/api/v1/sandbox/execute", json={"agent_id": "a", "code": "print('ran')"}, headers=own).json()[
+            "stdout"
+        ]
+        == "ran\n"
+    )
+    assert http.get("/api/v1/sandbox/status", headers={"Sec-Fetch-Site": "none"}).status_code == 200
+
+
 def test_a_forwarded_for_header_is_not_believed(process_runtime: str) -> None:
     daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_MAX_REQUESTS": "3"})
     assert daemon.http_url is not None

@@ -85,6 +85,33 @@ def test_tampered_request_is_refused(signed_daemon: Daemon) -> None:
     assert json.loads(reply)["error"] == "Authentication failed"
 
 
+def test_a_uid_that_failed_authentication_has_its_large_requests_refused_unread(signed_daemon: Daemon) -> None:
+    # Checking a signature decodes and re-encodes the whole request in the loop every caller
+    # shares: a caller without the token sent 16 MiB lines of numbers and held it a second each.
+    big = {"method": "execute", "params": {"command": ["true"], "stdin": "x" * 100_000}}
+    (refused,) = raw_exchange(signed_daemon.socket_path, _line({**big, "id": 1}))
+    assert json.loads(refused)["error"] == "Authentication failed"  # read in full: no failure before it
+    small, unread = raw_exchange(
+        signed_daemon.socket_path, b'{"method": "ping", "id": 2}\n', _line({**big, "id": 3, "hmac": "0" * 64})
+    )
+    assert json.loads(small)["error"] == "Authentication failed"
+    answer = json.loads(unread)
+    assert answer["error_code"] == "auth" and answer["id"] is None
+    assert "over 65536 bytes are refused unread" in answer["error"]
+    # Signed, it is refused as the first request of a connection, served on one that carried a signed one.
+    (first,) = raw_exchange(signed_daemon.socket_path, _line(auth.sign({**big, "id": 4}, TOKEN)))
+    assert "refused unread" in json.loads(first)["error"]
+    ping, served = raw_exchange(
+        signed_daemon.socket_path,
+        _line(auth.sign({"method": "ping", "params": {}, "id": 5}, TOKEN)),
+        _line(auth.sign({**big, "id": 6}, TOKEN)),
+    )
+    assert json.loads(ping)["result"] == "pong"
+    assert json.loads(served)["result"]["exit_code"] == 0
+    # The flood is one warning in the log, not one per request.
+    assert signed_daemon.logs().count("authentication failed: uid=") == 1
+
+
 def test_a_signed_request_verifies_once_whatever_its_spacing() -> None:
     line = auth.signed_line({"method": "execute", "params": {"code": "print(1)"}, "id": 7}, TOKEN)
     request = json.loads(line)

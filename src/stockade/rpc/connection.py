@@ -58,6 +58,7 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.number = number
         self.limit = server.config.max_request_bytes
+        self.proven = False  # whether a request of its passed authentication (rpc/server.py AUTH_PENALTY_S)
         self.transport: asyncio.Transport | None = None
         self.peer = Peer(0, -1, -1)
         self.caller: Caller = unix_caller(-1, number)
@@ -246,11 +247,12 @@ class Connection(asyncio.Protocol):
         if line is TOO_LARGE:
             self.send(error_answer(None, f"Request too large: over {self.limit} bytes", "invalid_request"))
             return
-        admitted = self.server.admit(line, self.peer, self.caller.owner)
+        admitted = self.server.admit(line, self.peer, self.caller.owner, self.proven)
         if isinstance(admitted, dict):
             self.send(admitted)
             self._logged("refused", admitted, started)
             return
+        self.proven = True  # authenticated, where requests are signed
         method, request, msg_id = admitted
         handler = self.server.handler
         if method.immediate is not None:

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +49,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("stockade.daemon")
 
 RATE_LIMITED = "Rate limit exceeded"
+# Checking a signature decodes the whole request and encodes it again, in the event loop every
+# connection shares: a 16 MiB line of numbers held it for over a second, the rate limit never
+# reached. A uid that failed authentication has shown it may lack the token: for AUTH_PENALTY_S,
+# a line of its past UNPROVEN_LINE_BYTES is refused unread, on every connection of its that
+# has not yet carried a signed request.
+AUTH_PENALTY_S = 60.0
+UNPROVEN_LINE_BYTES = 64 * 1024
 Emit = Callable[[str, bytes], None]
 Admitted = tuple[Method, Any, Any]  # the method, its request (a model), the id
 
@@ -92,6 +100,7 @@ class RPCServer:
             answers.unsent.append(self.unsent_bytes)
         self._listener = listener  # bound already (the broker binds as root, then drops)
         self.nonces = auth.NonceCache(config.replay_window_s)
+        self.auth_failures = AuthFailures(AUTH_PENALTY_S)
         # max_requests holds per connection and per peer uid alike. Every
         # request a connection makes is also its uid's, under the same limit, so a
         # uid's window always holds at least what any one of its connections' would:
@@ -175,13 +184,23 @@ class RPCServer:
 
     # ---- one request ----------------------------------------------------------------
 
-    def admit(self, line: bytes, peer: Peer, owner: str) -> Admitted | dict[str, Any]:
+    def admit(self, line: bytes, peer: Peer, owner: str, proven: bool = False) -> Admitted | dict[str, Any]:
         """A request line's method, request and id, or the error answer that refuses it.
 
-        In this order: JSON, shape, rate limits, shutdown, authentication, method, unread
-        answers (``owner``'s), request.
+        In this order: size after a failed authentication (``proven``: the connection carried a
+        signed request already), JSON, shape, rate limits, shutdown, authentication, method,
+        unread answers (``owner``'s), request.
         """
         codec = self.codec
+        key = self.config.auth_key
+        if key is not None and not proven and len(line) > UNPROVEN_LINE_BYTES and self.auth_failures.recent(peer.uid):
+            return error_answer(
+                None,
+                f"{AUTH_FAILED}: uid {peer.uid} failed authentication within {AUTH_PENALTY_S:g} s, and until then its "
+                f"requests over {UNPROVEN_LINE_BYTES} bytes are refused unread (but on a connection that has "
+                "carried a signed request already)",
+                "auth",
+            )
         try:
             request = codec.decode(line)
         except ValueError:  # UnicodeDecodeError is one
@@ -197,9 +216,9 @@ class RPCServer:
             return error_answer(msg_id, RATE_LIMITED, "rate_limit")
         if self.stopping:
             return error_answer(msg_id, "Shutting down: no new requests", "unavailable")
-        key = self.config.auth_key
         if key is not None and not auth.verify(request, key, self.nonces, encode=codec.canonical):
-            log.warning("authentication failed: uid=%d method=%r", peer.uid, str(request.get("method"))[:64])
+            if self.auth_failures.note(peer.uid):  # once a window per uid: a flood of them is one line
+                log.warning("authentication failed: uid=%d method=%r", peer.uid, str(request.get("method"))[:64])
             self.observers.auth_failure("unix", f"uid {peer.uid} pid {peer.pid}", str(request.get("method"))[:64])
             return error_answer(msg_id, AUTH_FAILED, "auth")
         name, params = request.get("method"), request.get("params", {})
@@ -239,6 +258,31 @@ class RPCServer:
         if code == "internal":
             log.error("internal error in %s", method, exc_info=exc)
         return error_answer(msg_id, public_message(exc), code, wire_errno(exc))
+
+
+class AuthFailures:
+    """When each uid last failed authentication, for ``penalty_s``; at most ``max_uids`` kept."""
+
+    def __init__(self, penalty_s: float, max_uids: int = 4096) -> None:
+        self.penalty_s = penalty_s
+        self.max_uids = max_uids
+        self._last: dict[int, float] = {}  # oldest failure first
+
+    def recent(self, uid: int) -> bool:
+        at = self._last.get(uid)
+        return at is not None and time.monotonic() - at < self.penalty_s
+
+    def note(self, uid: int) -> bool:
+        """Record a failure of ``uid``'s; True when it had none within the window."""
+        first = not self.recent(uid)
+        now = time.monotonic()
+        self._last.pop(uid, None)
+        while self._last and (
+            len(self._last) >= self.max_uids or now - next(iter(self._last.values())) >= self.penalty_s
+        ):
+            del self._last[next(iter(self._last))]
+        self._last[uid] = now
+        return first
 
 
 def _claim_socket_path(path: str) -> None:

@@ -65,6 +65,9 @@ OPEN_PATHS = frozenset(
 # Routes whose clients cannot send a header (SandboxFusion's): the token may come as ``?token=``.
 QUERY_TOKEN_PATHS = frozenset({"/run_code"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# Sec-Fetch-Site values of a request a browser sent for this server's own page, or for its user's
+# own act (an address typed, a bookmark): the dashboard's.
+SAME_SITE_FETCHES = frozenset({"same-origin", "none"})
 # Polled, not asked: no log line each (a scrape every 15 s, a health check, the dashboard's files).
 QUIET_PATHS = OPEN_PATHS | {"/metrics", "/api/v1/sandbox/status", "/api/v1/dashboard"}
 
@@ -135,6 +138,31 @@ class HttpDoor:
         if name not in self.host_names:
             raise AuthenticationError(
                 f"Host {host[:64]!r} is not this server: without an API token only its loopback names are served"
+            )
+
+    def check_site(self, request: Request) -> None:
+        """A request another site's page had a browser send is refused, token or not.
+
+        A page can have its visitor's browser send a request to this server (a form, an image,
+        ``fetch`` in ``no-cors`` mode) with a body but none of its headers: without a token,
+        nothing else tells it from a local program's. The browser says whose page asked: in
+        ``Sec-Fetch-Site`` (``same-site`` is another port of this host: another local server's
+        page), and in ``Origin`` (checked against ``Host`` only without a token: behind a proxy
+        with one, ``Host`` may name the service otherwise, and no other site's page can send the
+        token). A program that is no browser sends neither header."""
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site.strip().lower() not in SAME_SITE_FETCHES:
+            raise AuthenticationError(
+                f"refused: a page of another site had a browser send this request (Sec-Fetch-Site: {site[:32]!r})"
+            )
+        origin = request.headers.get("origin")
+        if origin is None or self.token is not None:
+            return
+        host = request.headers.get("host", "").lower()
+        if origin.strip().lower() not in (f"http://{host}", f"https://{host}"):
+            raise AuthenticationError(
+                f"refused: a page of another origin ({origin[:64]!r}, not this server's {host[:64]!r}) had a "
+                "browser send this request"
             )
 
     def authenticated(self, request: Request) -> bool:
@@ -229,6 +257,7 @@ class Guard:
                 _refuse_a_body(request)  # answered to anyone: nothing of theirs is waited for
             else:
                 self.door.check_host(request)
+                self.door.check_site(request)
                 authenticated = self.door.authenticated(request)
                 self.door.check_rate(request, authenticated)
                 if not authenticated:
