@@ -105,8 +105,9 @@ def test_a_restart_between_two_calls_is_not_noticed_but_its_sandboxes_are_lost(f
                 client.sandbox_exec(kept, ["true"])
             assert isinstance(caught.value, NotFoundError)
             assert str(caught.value) == (
-                f"sandbox {kept!r} belonged to daemon instance {old[:8]}, which is no longer running "
-                f"(this daemon is instance {new}): it was lost when that daemon stopped"
+                f"sandbox {kept!r} is not this daemon's: its id names daemon instance {old[:8]}, which is "
+                f"not running (this daemon is instance {new}); a sandbox that instance made ended "
+                "when it stopped"
             )
             with pytest.raises(SandboxLostError):
                 client.sandbox_read_file(kept, "/work/x")

@@ -386,3 +386,18 @@ def test_a_host_without_ipv6_holds_no_ipv6_address_of_its_own(monkeypatch: pytes
     rule = parse_rule("example.com")
     found = [ipaddress.ip_address("2606:4700::1"), ipaddress.ip_address("1.1.1.1")]
     assert Allowlist(["example.com"]).usable(rule, found) == found
+
+
+def test_a_secrets_file_that_is_not_json_is_refused_with_the_shape_it_should_have(tmp_path: object) -> None:
+    # A .env-style file is the usual mistake: the error shows the shape, and none of the file's bytes.
+    from stockade.broker.store import SecretStore
+    from stockade.errors import ConfigError
+
+    path = os.path.join(str(tmp_path), "secrets")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write("OPENAI_API_KEY=sk-live-0123456789\n")
+    with pytest.raises(ConfigError) as caught:
+        SecretStore.load(path)
+    assert "is not JSON" in str(caught.value)
+    assert '{"NAME": {"value": "...", "hosts": ["api.example.com"]}}' in str(caught.value)
+    assert "sk-live" not in str(caught.value)

@@ -72,7 +72,10 @@ class SecretStore:
         try:
             document = json.loads(raw)
         except ValueError as exc:
-            raise ConfigError(f"secrets file {path} is not JSON: {exc}") from None
+            raise ConfigError(
+                f"secrets file {path} is not JSON: {exc} (expected "
+                '{"NAME": {"value": "...", "hosts": ["api.example.com"]}}, one entry per secret)'
+            ) from None
         return cls(parse_secrets(document, f"secrets file {path}"))
 
     def names(self) -> list[str]:

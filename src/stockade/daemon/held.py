@@ -227,8 +227,9 @@ class HeldSandboxes:
         made = _SANDBOX_ID.fullmatch(sandbox_id)
         if made is not None and made[1] != self.instance_id[:8]:
             raise SandboxLostError(
-                f"sandbox {sandbox_id!r} belonged to daemon instance {made[1]}, which is no longer running "
-                f"(this daemon is instance {self.instance_id}): it was lost when that daemon stopped"
+                f"sandbox {sandbox_id!r} is not this daemon's: its id names daemon instance {made[1]}, which is "
+                f"not running (this daemon is instance {self.instance_id}); a sandbox that instance made ended "
+                "when it stopped"
             )
 
     # ---- idle held sandboxes ---------------------------------------------------------
