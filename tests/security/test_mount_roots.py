@@ -16,7 +16,7 @@ from stockade.environments import store_root
 from stockade.errors import PolicyError
 from stockade.policy import Mount
 from stockade.runtimes.manager import RuntimeManager
-from stockade.runtimes.process.runtime import check_mount_sources
+from stockade.runtimes.shared_paths import check_mount_sources
 from stockade.settings import ConfigError, Settings
 from tests.daemon_harness import start_daemon
 

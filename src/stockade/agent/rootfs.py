@@ -10,6 +10,7 @@ isolate.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from . import linux, wire
@@ -200,9 +201,29 @@ def _mount_hiding_source(host: str, target: str) -> bool:
 
 
 def bind(source: str, target: str, writable: bool) -> None:
+    """``source`` at ``target`` with the mounts below it, each of them nosuid, nodev and (unless
+    ``writable``) read-only: a mount below a shared path keeps its own flags otherwise (a tmpfs
+    under a read-only share was writable, with devices and set-user-ID files)."""
     linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
-    flags = linux.MS_NOSUID | linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
-    _remount(target, flags)
+    attrs = linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV | (0 if writable else linux.MOUNT_ATTR_RDONLY)
+    try:
+        linux.mount_setattr_recursive(target, attrs)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        flags = linux.MS_NOSUID | linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
+        for point in _mounts_at_or_below(target):  # Linux < 5.12: one remount each, top first
+            _remount(point, flags)
+
+
+def _mounts_at_or_below(target: str) -> list[str]:
+    """The mount points at ``target`` and below it, as /proc/self/mountinfo lists them."""
+    points = []
+    for line in read_bytes("/proc/self/mountinfo").decode(errors="surrogateescape").splitlines():
+        point = linux.mountinfo_path(line.split(" ")[4])
+        if point == target or point.startswith(target.rstrip("/") + "/"):
+            points.append(point)
+    return points
 
 
 def _remount(target: str, flags: int) -> None:

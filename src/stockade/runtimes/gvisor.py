@@ -252,7 +252,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         self.stop_pool()
 
     def _build(self, policy: Policy, warm: bool = False) -> GvisorSandbox:
-        from .process.runtime import check_mount_sources  # same rules for shared paths
+        from .shared_paths import check_mount_sources  # same rules for shared paths
 
         started = time.monotonic()
         check_mount_sources(policy)

@@ -212,7 +212,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
         self, policy: Policy, accel: str | None = None, boot_timeout: float = BOOT_TIMEOUT_S, restore: bool = True
     ) -> MicrovmSandbox:
         """Start a VM for ``policy``: restored from a snapshot when one fits, booted otherwise."""
-        from ..process.runtime import check_mount_sources  # same rules for shared paths
+        from ..shared_paths import check_mount_sources  # same rules for shared paths
 
         started = time.monotonic()
         check_mount_sources(policy)

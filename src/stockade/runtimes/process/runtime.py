@@ -16,26 +16,23 @@ import os
 import platform
 import signal
 import socket
-import stat
 import threading
 import time
 import weakref
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ... import environments
 from ...agent import linux
 from ...egress import PROXY_PORT
-from ...environments import store_root
 from ...errors import PolicyError
-from ...policy import ENV_ROOT, Mount, Policy, default_policy, forbidden_source
-from ...settings import current
+from ...policy import ENV_ROOT, Policy, default_policy
 from ..base import BASE_ENV, Availability, IsolateUsage
 from ..egress import attach_egress
 from ..pool import PooledRuntime, WarmPool
 from ..publish import AgentRelay, AsyncTurn, Forwarder
 from ..reaper import Reaper
 from ..sandbox import AgentSandbox
+from ..shared_paths import check_mount_sources
 from . import netlink, supervisor
 from .cgroups import IsolateCgroup
 from .factory import IsolateFactory, dispose, outer_ids, release_uid
@@ -339,145 +336,7 @@ class ProcessRuntime(PooledRuntime[ProcessSandbox]):
         }
 
 
-def _check_within_roots(where: str, mount: Mount, real: str) -> None:
-    """A host that names its mount roots (STOCKADE_MOUNT_ROOTS) shares nothing outside them, but
-    its own Python environments, one at a time, read-only where environments go (any sandbox may name one).
-    ``real``: where the source leads, which is what is mounted (as root, no sandbox can swap a step
-    of the way since: ``_check_unswappable``)."""
-    roots = current().mount_roots
-    if roots is None:
-        return
-    if mount.target == ENV_ROOT and not mount.writable:
-        # One environment (envs/ID), or one being built (tmp/BUILD: its caches are primed so)
-        store = os.path.realpath(store_root())
-        if real.startswith((f"{store}/envs/", f"{store}/tmp/")):
-            return
-    if any(_below(real, root) for root in roots):
-        return
-    named = ",".join(roots) or "none"
-    raise PolicyError(f"{where} leads to {real}, outside what this host shares (STOCKADE_MOUNT_ROOTS={named})")
-
-
-def _check_named_within_roots(where: str, mount: Mount) -> None:
-    """Under STOCKADE_MOUNT_ROOTS, the path as named lies below a root too (its links are followed
-    later, where the isolate's builder would follow them): outside, it is refused unread."""
-    roots = current().mount_roots
-    if roots is None or (mount.target == ENV_ROOT and not mount.writable):
-        return  # an environment is checked where it leads (_check_within_roots)
-    named = os.path.normpath(mount.source)
-    if any(_below(named, root) or _below(named, root, resolved=False) for root in roots):
-        return
-    shown = ",".join(roots) or "none"
-    raise PolicyError(f"{where} is outside what this host shares (STOCKADE_MOUNT_ROOTS={shown})")
-
-
-def _resolved_as_others(where: str, source: str) -> str:
-    """Where ``source`` leads, its links followed one step at a time, each directory it goes
-    through searchable by others before anything below it is looked at; else one message,
-    whichever it is (a caller learns nothing of what a 0700 directory holds, nor where a link in
-    one leads). A last step that is missing is left for the caller to find missing."""
-    parts = deque(p for p in source.split("/") if p)
-    resolved, links = "/", 0
-    while parts:
-        part = parts.popleft()
-        if part in (".", ".."):
-            resolved = resolved if part == "." else os.path.dirname(resolved)
-            continue
-        st = os.stat(resolved)
-        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
-            raise PolicyError(f"{where} is not accessible to the sandbox's uid: {resolved} is not searchable by others")
-        step = os.path.join(resolved, part)
-        try:
-            st = os.lstat(step)
-        except OSError:
-            if parts:
-                raise PolicyError(f"{where} does not exist on this host") from None
-            return step
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > MAX_LINKS:
-                raise PolicyError(f"{where} leads through more than {MAX_LINKS} links")
-            target = os.readlink(step)
-            parts.extendleft(reversed([p for p in target.split("/") if p]))
-            resolved = "/" if target.startswith("/") else resolved
-            continue
-        resolved = step
-    return resolved
-
-
-MAX_LINKS = 40  # as the kernel follows at most
-
-
-def _below(path: str, root: str, resolved: bool = True) -> bool:
-    root = os.path.realpath(root) if resolved else root
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _check_unswappable(where: str, path: str, st: os.stat_result, last: bool) -> None:
-    """A step on the way to a shared path that no sandbox can swap for a link of its own between
-    this check and runsc's or QEMU's open of the source as root: not a link or directory of a
-    sandbox uid's (one made in another share), and, above the source, no directory others may
-    write without the sticky bit (another sandbox's read-write share is one)."""
-    first, last_uid = current().sandbox_uids
-    if first <= st.st_uid <= last_uid:
-        kind = "a link" if stat.S_ISLNK(st.st_mode) else "an entry"
-        raise PolicyError(
-            f"{where}: {path} is {kind} of uid {st.st_uid}, a sandbox's: it may not be on the way to a shared path"
-        )
-    if not last and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise PolicyError(
-            f"{where} lies below {path}, which others may write (mode {stat.S_IMODE(st.st_mode):04o}, no sticky "
-            "bit): a sandbox that writes it (another share) could swap the way for a link; share a path whose "
-            "parents only their owners may change"
-        )
-
-
 def _default_limits() -> tuple[int, int, float]:
     """The limits most isolates run with, written when a spare's group is made."""
     limits = default_policy()
     return limits.memory_mb, limits.pids_limit, limits.cpu_limit
-
-
-def check_mount_sources(policy: Policy) -> None:
-    """Shared paths are opened with the sandbox's uid, a different one for each
-    isolate (as root): they must be open to others. Say so before building anything."""
-    for i, mount in enumerate(policy.filesystem_access):
-        where = f"filesystem_access[{i}]: {mount.source}"
-        # Nothing is said of the path itself before its name is checked and its way in is open to
-        # others: a caller must not learn what a 0700 directory holds, or where a link in it leads,
-        # from which error it gets.
-        _check_named_within_roots(where, mount)
-        # The policy checked its name; a link (/var/lock -> /run/lock, one of a caller's own) is
-        # checked where it leads too. (What the sandbox's uid may open is the boundary: this says
-        # so early, and plainly.)
-        # As root, resolved a step at a time as others may: realpath would follow a link inside a
-        # 0700 directory, and an error naming where it leads would say what only root may read.
-        real = _resolved_as_others(where, mount.source) if os.getuid() == 0 else os.path.realpath(mount.source)
-        if not os.path.exists(mount.source):
-            raise PolicyError(f"{where} does not exist on this host")
-        if forbidden_source(real):
-            raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
-        _check_within_roots(where, mount, real)
-        if os.getuid() != 0:
-            continue
-        # Every directory on the way, as named and where a link leads: runsc and QEMU resolve the
-        # source as root before their leased uids reach it, so a link to below a 0700 directory
-        # must not be their way in.
-        for named in dict.fromkeys((mount.source, real)):
-            path = ""
-            parts = named.strip("/").split("/")
-            for depth, part in enumerate(parts):
-                path += "/" + part
-                _check_unswappable(where, path, os.lstat(path), last=depth == len(parts) - 1)
-                st = os.stat(path)
-                if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
-                    raise PolicyError(
-                        f"{where} is not accessible to the sandbox's uid: {path} is not searchable by others"
-                    )
-        st = os.stat(mount.source)
-        need = stat.S_IROTH | (stat.S_IWOTH if mount.writable and stat.S_ISDIR(st.st_mode) else 0)
-        if st.st_mode & need != need:
-            raise PolicyError(
-                f"{where} is not accessible to the sandbox's uid "
-                f"(needs to be {'readable and writable' if need & stat.S_IWOTH else 'readable'} by others)"
-            )
