@@ -51,6 +51,10 @@ def blocked(result: ExecResult) -> set[str]:
 
 
 LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+MMAP = (  # libc's mmap, its address as a number
+    "libc.mmap.restype = ctypes.c_void_p\n"
+    "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n"
+)
 
 
 @pytest.mark.parametrize("runtime", ["process", "microvm"])
@@ -657,6 +661,7 @@ SYSCALL_ATTACKS = {
     "seccomp": "libc.syscall(317, 0x100000001, 0, 0)",  # SET_MODE_FILTER: the kernel reads op's low 32 bits
     "prctl": "libc.prctl(22, 2, 0, 0, 0)",  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
     "prlimit64": "libc.syscall(302, 1, 7, 0, 0)",  # the agent's RLIMIT_NOFILE, even read
+    "setrlimit": "libc.syscall(160, 4, (ctypes.c_ulong * 2)(0, 0))",  # RLIMIT_CORE 0: a host helper per crash
     # SO_ATTACH_FILTER: a classic BPF program, JIT-compiled into the same budget as a seccomp filter.
     "setsockopt": "libc.setsockopt(os.open('/dev/null', 0), 1, 26, None, 0)",
 }
@@ -670,6 +675,68 @@ def test_dangerous_syscall_blocked_and_reported_by_host(sb: Sandbox, syscall: st
     assert syscall in blocked(r)
     v = next(v for v in r.security_violations if v.syscall == syscall)
     assert v.blocked and v.detection_layer == "SECCOMP" and v.description
+
+
+def test_the_core_limit_stays_where_a_crash_runs_no_host_helper(sb: Sandbox) -> None:
+    """A core_pattern pipe (systemd-coredump, apport) runs a helper as root, outside the isolate's
+    cgroups and fed its memory, for every crash at RLIMIT_CORE 0; at 1 the kernel gives the core up.
+    Lowering it is refused and reported, its new value's pointer anywhere (a low word of 0 too)."""
+    r = sb.run_code(
+        LIBC + "import resource\n"
+        "print(resource.getrlimit(resource.RLIMIT_CORE) == resource.prlimit(0, resource.RLIMIT_CORE) == (1, 1))\n"
+        "try:\n    resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); print('lowered')\n"
+        "except ValueError:\n    print('refused')\n"  # Python's word for setrlimit's EPERM
+         + MMAP + "at = libc.mmap(0x200000000000, 4096, 3, 0x100022, -1, 0)\n"  # MAP_FIXED_NOREPLACE, zeroed
+        "print(at == 0x200000000000, libc.syscall(302, 0, 4, ctypes.c_void_p(at), None), ctypes.get_errno())\n"
+        "print(resource.getrlimit(resource.RLIMIT_CORE))"
+    )
+    assert r.stdout.splitlines() == ["True", "refused", "True -1 1", "(1, 1)"], r.summary()
+    assert blocked(r) == {"prlimit64"} and len(r.security_violations) == 2
+
+
+def test_no_real_time_or_raised_priority_whatever_the_host_started_it_with(process_runtime: str) -> None:
+    # A host that gave stockade's service RLIMIT_RTPRIO (or RLIMIT_NICE): SCHED_FIFO code runs past
+    # its CPU quota where the kernel has no real-time group scheduling.
+    import resource
+
+    before = [resource.getrlimit(r) for r in (resource.RLIMIT_RTPRIO, resource.RLIMIT_NICE)]
+    try:
+        resource.setrlimit(resource.RLIMIT_RTPRIO, (50, 50))  # the zygote the manager starts inherits them
+        resource.setrlimit(resource.RLIMIT_NICE, (30, 30))
+    except ValueError:
+        resource.setrlimit(resource.RLIMIT_RTPRIO, before[0])
+        pytest.skip("this host's root lacks CAP_SYS_RESOURCE: no limit can be raised to start an isolate under")
+    own = RuntimeManager(pool_size=0)
+    try:
+        r = run(
+            own,
+            "import os, resource\n"
+            "print(resource.getrlimit(resource.RLIMIT_RTPRIO), resource.getrlimit(resource.RLIMIT_NICE))\n"
+            "try:\n    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10)); print('real-time')\n"
+            "except PermissionError:\n    print('refused')",
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_RTPRIO, before[0])
+        resource.setrlimit(resource.RLIMIT_NICE, before[1])
+        own.close()
+    assert r.stdout.splitlines() == ["(0, 0) (0, 0)", "refused"], r.summary()
+
+
+def test_huge_pages_are_answered_as_on_a_host_without_them(sb: Sandbox) -> None:
+    """hugetlb pages are charged to no memory cgroup: on a host with a pool, they held 3x an
+    isolate's memory limit. The filter answers ENOMEM, as a host with no pool does, unreported (a
+    database tries them, then falls back). Each call is one the kernel itself would refuse
+    otherwise (a length of 0, no name): ENOMEM can only be the filter's."""
+    r = sb.run_code(
+        LIBC + MMAP + "for flags in (0x40022, 0x22):\n"  # MAP_PRIVATE | MAP_ANONYMOUS, with MAP_HUGETLB and without
+        "    libc.mmap(None, 0, 3, flags, -1, 0); print(ctypes.get_errno())\n"
+        "for flags in (4, 0):\n"  # memfd_create with MFD_HUGETLB and without, no name: EFAULT
+        "    libc.syscall(319, None, flags); print(ctypes.get_errno())\n"
+        "for flags in (0o4000 | 0o1000, 0o1000):\n"  # shmget IPC_CREAT, with SHM_HUGETLB and without, size 0
+        "    libc.syscall(29, 0, 0, flags | 0o600); print(ctypes.get_errno())"
+    )
+    assert r.stdout.split() == ["12", "22", "12", "14", "12", "22"], r.summary()
+    assert r.security_violations == []
 
 
 def test_host_wide_kernel_budgets_are_out_of_reach(sb: Sandbox) -> None:

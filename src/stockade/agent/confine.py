@@ -383,7 +383,14 @@ def bring_up_loopback() -> None:
 
 
 def _set_hard_rlimits(limits: dict[str, int]) -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # RLIMIT_CORE 1, not 0: a core_pattern pipe helper (systemd-coredump, apport) is run as root for
+    # a crash whatever the limit, but 1 (the kernel's mark for the helper's own crash) makes it give
+    # the core up. No file is written at 1 either (less than a page). The filter keeps it there.
+    resource.setrlimit(resource.RLIMIT_CORE, (1, 1))
+    # No real-time scheduling (SCHED_FIFO runs past the CPU quota where the host has no RT group
+    # scheduling) and no raised priority, whatever limits the host started stockade with.
+    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
     for key, which in (
         ("max_open_files", resource.RLIMIT_NOFILE),
         ("max_processes", resource.RLIMIT_NPROC),
