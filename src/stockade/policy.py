@@ -155,12 +155,17 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 MAX_ENV_ENTRY_BYTES, MAX_ENV_BYTES = 128 << 10, 1 << 20
 
 
-def _check_environment(env: dict[str, str]) -> dict[str, str]:
+def check_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` as exec can pass it (a policy's, a call's): names without ``=`` or NUL, values
+    without NUL, each text or the bytes os.fsdecode kept, and within exec's bounds."""
     total = 0
     for key, value in env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise ValueError(f"environment variable {key!r} has an invalid name or value")
-        size = len(key.encode()) + len(value.encode()) + 2  # NAME=value and its NUL, as exec counts it
+        try:  # NAME=value and its NUL, as exec counts it
+            size = len(key.encode("utf-8", "surrogateescape")) + len(value.encode("utf-8", "surrogateescape")) + 2
+        except UnicodeEncodeError:
+            raise ValueError(f"environment variable {key!r} holds a lone surrogate: no text exec can pass") from None
         if size > MAX_ENV_ENTRY_BYTES:
             raise ValueError(f"environment variable {key[:64]!r} is {size} bytes: at most {MAX_ENV_ENTRY_BYTES}")
         total += size
@@ -202,7 +207,7 @@ def _normalise_packages(value: tuple[str, ...]) -> tuple[str, ...]:
     return normalise(value)
 
 
-def _check_environment_name(value: str | None) -> str | None:
+def check_environment_name(value: str | None) -> str | None:
     from .environments import check_name, existing
 
     if value is not None:
@@ -302,7 +307,7 @@ class Policy(Checked):
     )
     environment: dict[str, str] = field(
         default_factory=dict,
-        metadata=describe("environment variables of the code", check=_check_environment, max_length=MAX_ENV_ITEMS),
+        metadata=describe("environment variables of the code", check=check_environment, max_length=MAX_ENV_ITEMS),
     )
     on_violation: Literal["deny", "kill"] = field(
         default="deny", metadata=describe("deny: the call fails with EPERM and is reported; kill: the run ends")
@@ -317,7 +322,7 @@ class Policy(Checked):
         default=None,
         metadata=describe(
             "a Python environment by name (stockade env build NAME), mounted read-only at /opt/stockade/env",
-            check=_check_environment_name,
+            check=check_environment_name,
         ),
     )
     packages: tuple[str, ...] = field(

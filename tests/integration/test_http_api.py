@@ -225,6 +225,37 @@ def test_a_held_sandbox_is_a_resource(http: httpx.Client) -> None:
     assert missing.status_code == 404
 
 
+def _post_escaped(http: httpx.Client, path: str, body: object) -> httpx.Response:
+    """``body`` as JSON with every character past ASCII escaped (httpx's own cannot write a lone surrogate)."""
+    return http.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+def test_a_held_sandboxs_calls_check_their_environment_and_text_as_a_one_shot_does(http: httpx.Client) -> None:
+    # They reached the agent, and came back as its errors (400 "agent"); /run_code's stdin was a 500.
+    sid = http.post("/api/v1/sandboxes", json={}).json()["sandbox_id"]
+    for body, said in (
+        ({"command": ["true"], "env": {"A=B": "x"}}, "environment variable 'A=B' has an invalid name or value"),
+        ({"command": ["true"], "env": {"": "x"}}, "environment variable '' has an invalid name or value"),
+        ({"command": ["true"], "env": {"A": "\ud800"}}, "environment variable 'A' holds a lone surrogate"),
+        ({"command": ["echo", "\ud800"]}, "holds a lone surrogate"),
+    ):
+        refused = _post_escaped(http, f"/api/v1/sandboxes/{sid}/exec", body)
+        assert (refused.status_code, refused.json()["code"]) == (422, "invalid_params"), refused.text
+        assert said in refused.json()["error"]
+    spawned = http.post(f"/api/v1/sandboxes/{sid}/processes", json={"command": ["true"], "env": {"A=B": "x"}})
+    assert spawned.status_code == 422 and "'A=B'" in spawned.json()["error"]
+    # A file name's undecodable byte (os.fsdecode's escape) is an argument a program can be given.
+    escaped = _post_escaped(http, f"/api/v1/sandboxes/{sid}/exec", {"command": ["printf", "%s", "\udcff"]})
+    assert escaped.json()["stdout_bytes"] == "/w==", escaped.text
+    answer = _post_escaped(
+        http,
+        "/run_code",
+        {"code": "import sys; print(len(sys.stdin.buffer.read()))", "language": "python", "stdin": "\ud800"},
+    )
+    assert answer.status_code == 200 and answer.json()["run_result"]["stdout"] == "3\n", answer.text
+    http.delete(f"/api/v1/sandboxes/{sid}")
+
+
 def test_a_held_sandbox_closes_after_its_idle_timeout(http: httpx.Client) -> None:
     sid = http.post("/api/v1/sandboxes", json={"idle_timeout": 1}).json()["sandbox_id"]
     _wait_until(lambda: http.get("/api/v1/sandbox/status").json()["total_count"] == 0)

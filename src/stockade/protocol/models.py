@@ -30,7 +30,7 @@ from pydantic import (
 
 from ..errors import InvalidRequestError, PolicyError
 from ..limits import MAX_ARGV_ITEMS, MAX_ENV_ITEMS, MAX_LIST_ITEMS, check_call_size
-from ..policy import Policy, default_policy
+from ..policy import Policy, check_environment, default_policy
 
 Language = Literal["python", "bash"]
 
@@ -39,6 +39,10 @@ def _no_nul(value: str) -> str:
     # The kernel ends a C string at a NUL: a path or an argument holding one cannot mean what it says.
     if "\0" in value:
         raise ValueError("must not contain a NUL byte")
+    try:
+        value.encode("utf-8", "surrogateescape")  # text, or the bytes os.fsdecode kept
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate: no text a program can be given") from None
     return value
 
 
@@ -63,7 +67,9 @@ def items_at_most(limit: int) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-Env = Annotated[dict[str, str], items_at_most(MAX_ENV_ITEMS), Field(max_length=MAX_ENV_ITEMS)]
+Env = Annotated[
+    dict[str, str], items_at_most(MAX_ENV_ITEMS), Field(max_length=MAX_ENV_ITEMS), AfterValidator(check_environment)
+]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False, description="seconds")]
 AgentId = Annotated[str, Field(min_length=1, max_length=128, description="who the run is for (audit, metrics)")]
 

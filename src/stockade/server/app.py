@@ -505,7 +505,7 @@ class _HeldForFusion:
         await self.call("sandbox.write_file", path=path, data=base64.b64encode(data).decode())
 
     async def run_code(self, code: str, language: str, *, stdin: str | bytes, timeout: float) -> ExecResult:
-        raw = stdin.encode() if isinstance(stdin, str) else stdin
+        raw = stdin.encode(errors="surrogatepass") if isinstance(stdin, str) else stdin  # as the request models
         stdin_field = {"stdin_b64": base64.b64encode(raw).decode()} if raw else {}
         result: ExecResult = await self.call(
             "sandbox.run_code", code=code, language=language, timeout=timeout, **stdin_field
