@@ -110,6 +110,9 @@ BROKEN: dict[str, Answer] = {
     "result of the wrong shape": lambda r: _line({"result": {"exit_code": "zero"}, "id": r["id"]}),
     "no result and no error": lambda r: _line({"result": None, "error": None, "id": r["id"]}),
     "another request's answer": lambda r: _line({"result": _exec_result(), "id": 999}),
+    "another request's error": lambda r: _line(
+        {"result": None, "error": "no sandbox", "error_code": "not_found", "id": 9}
+    ),
 }
 
 
@@ -138,6 +141,13 @@ def test_an_error_answer_maps_to_its_class(
     refused = {"result": None, "error": "Authentication failed", "error_code": code}
     client = scripted(lambda r: _line({**refused, "id": r["id"]}))
     with pytest.raises(error, match="Authentication failed"):
+        client.execute(code="pass")
+
+
+def test_a_refusal_of_the_connection_itself_carries_no_id_and_is_taken(scripted: Callable[[Answer], Client]) -> None:
+    refused = {"result": None, "error": "Request too large: over 16 bytes", "error_code": "invalid_request", "id": None}
+    client = scripted(lambda r: _line(refused))
+    with pytest.raises(StockadeError, match="Request too large"):
         client.execute(code="pass")
 
 

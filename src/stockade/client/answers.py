@@ -70,8 +70,9 @@ class Reply:
         """Take one line; True once it is the answer."""
         output = answer.output
         if not isinstance(output, dict) or "result" in answer.model_fields_set:
-            # An error about the connection itself (a refusal) carries no id; anything else must be ours.
-            if answer.id != self.msg_id and "id" in answer.model_fields_set and answer.error_code is None:
+            # An error about the connection itself (a refusal) carries no id (null); anything else must be ours.
+            refusal = answer.id is None and answer.error_code is not None
+            if answer.id != self.msg_id and "id" in answer.model_fields_set and not refusal:
                 raise StockadeError(f"the daemon answered request {answer.id!r}, not {self.msg_id}")
             return True
         # A callback that raises is not called again, and its exception waits for
