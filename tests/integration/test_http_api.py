@@ -141,6 +141,16 @@ def test_a_request_of_many_wrong_items_is_refused_by_its_count_before_its_items_
         assert said in answer.json()["error"] and len(answer.text) < 3000, (path, answer.text[:500])
 
 
+def test_an_unknown_field_is_answered_with_the_nearest_the_route_has(http: httpx.Client) -> None:
+    # The seed's route names memory_limit_mb where the policy says memory_mb: a user writes the other.
+    seed = _execute(http, code="1", memory_mb=128)
+    assert seed.status_code == 422 and "memory_mb: unknown field (did you mean 'memory_limit_mb'?)" in seed.text
+    sid = http.post("/api/v1/sandboxes", json={}).json()["sandbox_id"]
+    held = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"comand": ["true"]})
+    assert held.status_code == 422 and "comand: unknown field (did you mean 'command'?)" in held.text
+    http.delete(f"/api/v1/sandboxes/{sid}")
+
+
 def test_full_network_is_refused_rather_than_run_with_less(http: httpx.Client) -> None:
     answer = _execute(http, code="print(1)", network_policy="full")
     assert (answer.status_code, answer.json()["code"]) == (422, "policy")

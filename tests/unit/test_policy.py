@@ -287,3 +287,13 @@ def test_no_caller_mount_covers_the_environments_place_with_or_without_an_enviro
     # Above it, a mount is a caller's (its source is checked as any other): refused only over an environment.
     for target in ("/opt/other", "/opt", "/opt/stockade"):
         assert Policy(filesystem_access=[f"/srv:{target}"]).filesystem_access[0].target == target
+
+
+def test_a_requests_unknown_field_is_answered_with_the_nearest_it_has() -> None:
+    from stockade.errors import InvalidRequestError
+    from stockade.protocol.models import SandboxExec, parse
+
+    with pytest.raises(InvalidRequestError, match=r"comand: unknown field \(did you mean 'command'\?\)"):
+        parse(SandboxExec, {"sandbox_id": "sb-1", "comand": ["true"]}, "sandbox.exec")
+    with pytest.raises(InvalidRequestError, match=r"zzzzzz: unknown field$"):  # nothing near: no guess
+        parse(SandboxExec, {"sandbox_id": "sb-1", "command": ["true"], "zzzzzz": 1}, "sandbox.exec")

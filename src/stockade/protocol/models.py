@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..checked import nearest
 from ..errors import InvalidRequestError, PolicyError
 from ..limits import MAX_ARGV_ITEMS, MAX_ENV_ITEMS, MAX_LIST_ITEMS, check_call_size
 from ..policy import Policy, check_environment, default_policy
@@ -448,8 +449,15 @@ def unix_caller(uid: int, connection: int | None = None) -> Caller:
     return Caller(f"uid {uid}", "unix", admin=uid == 0, uid=uid, connection=connection)
 
 
-def request_error(exc: ValidationError, what: str) -> InvalidRequestError | PolicyError:
-    """pydantic's report on a request as the error that names each field it refuses."""
+def unknown_field(loc: list[str], model: Any = None) -> str:
+    """What to say of a field ``model`` does not have at ``loc``: the name it has nearest to it."""
+    fields = getattr(model, "model_fields", None) if isinstance(model, type) else None
+    near = nearest(loc[-1], fields) if fields and len(loc) == 1 else None
+    return f"unknown field (did you mean {near!r}?)" if near else "unknown field"
+
+
+def request_error(exc: ValidationError, what: str, model: Any = None) -> InvalidRequestError | PolicyError:
+    """pydantic's report on a request (``model``'s, where known) as the error that names each field it refuses."""
     parts: list[str] = []
     policy_only = True
     for err in exc.errors():
@@ -461,7 +469,7 @@ def request_error(exc: ValidationError, what: str) -> InvalidRequestError | Poli
             parts += [f"{field}.{part}" for part in str(cause).removeprefix("invalid policy: ").split("; ")]
             continue
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {message}" if err["type"] != "extra_forbidden" else f"{field}: unknown field")
+        parts.append(f"{field}: {message if err['type'] != 'extra_forbidden' else unknown_field(loc, model)}")
     text = "; ".join(parts)[:2000]
     if policy_only:
         return PolicyError(f"invalid policy: {text.replace('policy.', '')}")
@@ -473,7 +481,7 @@ def parse(model: type[Request], params: dict[str, Any] | None, what: str) -> Any
     try:
         return model.model_validate(params or {})
     except ValidationError as exc:
-        raise request_error(exc, what) from None
+        raise request_error(exc, what, model) from None
 
 
 def _b64decode(value: str, name: str) -> bytes:

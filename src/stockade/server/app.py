@@ -49,6 +49,7 @@ from ..protocol.models import (
     SandboxCreated,
     SandboxInfo,
     request_error,
+    unknown_field,
 )
 from ..result import ExecResult
 from ..rpc.methods import read_request
@@ -149,10 +150,15 @@ def create_app(door: HttpDoor) -> FastAPI:
                 {"error": "Invalid JSON in the request body", "code": "invalid_request"}, status_code=400
             )
         parts, fields = [], set()
+        body_field = getattr(request.scope.get("route"), "body_field", None)
+        model = getattr(getattr(body_field, "field_info", None), "annotation", None)  # the route's body model
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
             fields.add(loc[0] if loc else "")
-            parts.append(f"{'.'.join(loc) or 'body'}: {str(err.get('msg', '')).removeprefix('Value error, ')}")
+            said = str(err.get("msg", "")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden" and loc:
+                said = unknown_field(loc, model)
+            parts.append(f"{'.'.join(loc) or 'body'}: {said}")
         text = "; ".join(parts)[:2000]
         if fields <= POLICY_FIELDS:  # only the policy is wrong: answered as the other doors answer it
             return error_response(PolicyError(f"invalid policy: {text}"))
