@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from stockade import Policy
 from stockade.client import AsyncClient, NotFoundError
 from stockade.errors import AnswerLostError, AuthenticationError, DaemonUnavailableError
 from tests.daemon_harness import TOKEN, Daemon, start_daemon
@@ -49,7 +50,10 @@ def test_every_method_awaited(signed: Daemon) -> None:
 def test_an_async_sandbox_handle(signed: Daemon) -> None:
     async def scenario() -> None:
         async with AsyncClient(signed.socket_path, auth_token=TOKEN) as client:
-            async with client.sandbox(idle_timeout=60) as sb:
+            async with client.sandbox(idle_timeout=60, memory_mb=256) as sb:
+                # Described as the SDK's Sandbox is: its runtime, its policy's digest, where code may write.
+                assert (sb.runtime, sb.policy_digest, sb.memory_mb) == ("process", Policy(memory_mb=256).digest, 256)
+                assert sb.scratch_dir == "/tmp" and repr(sb) == f"AsyncRemoteSandbox({sb.sandbox_id!r})"
                 await sb.write_file("/work/f.txt", b"kept")
                 assert await sb.read_file("/work/f.txt") == b"kept"
                 assert "f.txt" in [e["name"] for e in await sb.list_dir("/work")]

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from stockade import Policy
 from stockade.client import AnswerLostError, AsyncClient, Client, RemoteSandbox, Retry, SandboxLostError
 from stockade.errors import DaemonUnavailableError, NotFoundError
 from stockade.result import ExecResult
@@ -89,10 +90,11 @@ def test_a_restart_between_two_calls_is_not_noticed_but_its_sandboxes_are_lost(f
         # Another process of the same user takes it up by its id, as E2B's Sandbox.connect does.
         code = ("import sys\nfrom stockade.client import Client\nwith Client(sys.argv[1]) as c:\n"
                 "    sb = c.connect_sandbox(sys.argv[2])\n    sb.write_file('/work/x', 'from the other')\n"
-                "    print(sb.memory_mb)")  # fmt: skip
+                "    print(sb.memory_mb, sb.runtime, sb.policy_digest)")  # fmt: skip
         other = subprocess.run([sys.executable, "-c", code, first.socket_path, kept], capture_output=True, text=True,
                                timeout=120)  # fmt: skip
-        assert other.returncode == 0 and other.stdout == "256\n", other.stderr
+        assert other.returncode == 0, other.stderr
+        assert other.stdout == f"256 process {Policy(memory_mb=256).digest}\n"
         assert client.connect_sandbox(kept).read_file("/work/x") == b"from the other"
         with pytest.raises(NotFoundError, match="no sandbox 'sb-nope'"):
             client.connect_sandbox("sb-nope")

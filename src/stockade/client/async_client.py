@@ -14,7 +14,7 @@ from ..result import ExecResult
 from ..runtimes.spawned import spawned_or_killed
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
 from .processes import AsyncRemoteProcess, spawn_params
-from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle, published_address
+from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle, described, published_address
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class AsyncClient(Requests):
     ) -> AsyncIterator[AsyncRemoteSandbox]:
         """``Client.sandbox`` for asyncio: ``async with client.sandbox(policy) as sb: await sb.exec([...])``."""
         made = await self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))
-        handle = AsyncRemoteSandbox(self, str(made["sandbox_id"]), made.get("memory_mb"))
+        handle = AsyncRemoteSandbox(self, **described(made))
         try:
             for spec in publish:
                 await handle.publish(spec)
@@ -229,7 +229,7 @@ class AsyncClient(Requests):
     async def connect_sandbox(self, sandbox_id: str) -> AsyncRemoteSandbox:
         """``Client.connect_sandbox``, awaited."""
         made = await self.call("sandbox.get", {"sandbox_id": sandbox_id})
-        return AsyncRemoteSandbox(self, str(made["sandbox_id"]), made.get("memory_mb"))
+        return AsyncRemoteSandbox(self, **described(made))
 
     async def create_sandbox(
         self,
@@ -301,8 +301,8 @@ async def _refusal(reader: asyncio.StreamReader) -> Answer | None:
 class AsyncRemoteSandbox(SandboxHandle):
     """``RemoteSandbox`` for an ``AsyncClient``: the same methods, awaited."""
 
-    def __init__(self, client: AsyncClient, sandbox_id: str, memory_mb: int | None = None) -> None:
-        super().__init__(sandbox_id, memory_mb)
+    def __init__(self, client: AsyncClient, sandbox_id: str, memory_mb: int | None = None, **said: Any) -> None:
+        super().__init__(sandbox_id, memory_mb, **said)  # said: runtime, policy_digest
         self.client = client
 
     async def exec(self, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:

@@ -224,13 +224,21 @@ class Requests:
 
 
 class SandboxHandle:
-    """What both handles on a held sandbox keep: its id, whether it was closed, its memory limit
-    (which its scratch disk counts in: a download checks it) when the daemon said, and the ports
-    published through it (port inside -> (host address, host port), as ``Sandbox.published``)."""
+    """What both handles on a held sandbox keep: its id, whether it was closed, what the daemon
+    said of it (its runtime, its policy's digest, its memory limit, which its scratch disk counts
+    in: a download checks it), and the ports published through it (port inside -> (host address,
+    host port), as ``Sandbox.published``)."""
 
-    def __init__(self, sandbox_id: str, memory_mb: int | None = None) -> None:
+    scratch_dir = "/tmp"  # a directory inside that code may write, on every runtime (as Sandbox's)
+
+    def __init__(
+        self, sandbox_id: str, memory_mb: int | None = None, *, runtime: str | None = None,
+        policy_digest: str | None = None,
+    ) -> None:  # fmt: skip
         self.sandbox_id = sandbox_id
         self.memory_mb = memory_mb
+        self.runtime = runtime
+        self.policy_digest = policy_digest
         self.closed = False
         self.published: dict[int, tuple[str, int]] = {}
 
@@ -239,13 +247,21 @@ class SandboxHandle:
         self.published[int(answer["port"])] = address
         return address
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sandbox_id!r}{', closed' if self.closed else ''})"
+
+
+def described(answer: dict[str, Any]) -> dict[str, Any]:
+    """A handle's fields from a ``sandbox.create`` or ``sandbox.get`` answer."""
+    return {
+        "sandbox_id": str(answer["sandbox_id"]), "memory_mb": answer.get("memory_mb"),
+        "runtime": answer.get("runtime"), "policy_digest": answer.get("policy_digest"),
+    }  # fmt: skip
+
 
 def published_address(answer: dict[str, Any]) -> tuple[str, int]:
     """The host address and port of a ``sandbox.publish`` answer."""
     return str(answer["address"]), int(answer["host_port"])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.sandbox_id!r}{', closed' if self.closed else ''})"
 
 
 def _build(model: type[_R], method: str, **fields: Any) -> _R:

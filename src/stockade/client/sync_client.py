@@ -18,7 +18,7 @@ from ..result import ExecResult
 from ..runtimes.spawned import Process
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
 from .processes import DaemonProcessCalls, spawn_params
-from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle, published_address
+from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle, described, published_address
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
 if TYPE_CHECKING:
@@ -290,7 +290,7 @@ class Client(Requests):
             sb.exec(["python3", "/work/x.py"]).stdout
         """
         made = self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))
-        handle = RemoteSandbox(self, str(made["sandbox_id"]), made.get("memory_mb"))
+        handle = RemoteSandbox(self, **described(made))
         try:
             for spec in publish:
                 handle.publish(spec)
@@ -305,7 +305,7 @@ class Client(Requests):
         ``NotFoundError`` when the caller holds no such sandbox, ``SandboxLostError`` when it
         was a daemon's that has stopped since. ``with`` closes it; without, it stays."""
         made = self.call("sandbox.get", {"sandbox_id": sandbox_id})
-        return RemoteSandbox(self, str(made["sandbox_id"]), made.get("memory_mb"))
+        return RemoteSandbox(self, **described(made))
 
     def create_sandbox(
         self,
@@ -408,8 +408,8 @@ class RemoteSandbox(SandboxHandle):
     (its idle timeout, its connection's end, a restart) is not an error.
     """
 
-    def __init__(self, client: Client, sandbox_id: str, memory_mb: int | None = None) -> None:
-        super().__init__(sandbox_id, memory_mb)
+    def __init__(self, client: Client, sandbox_id: str, memory_mb: int | None = None, **said: Any) -> None:
+        super().__init__(sandbox_id, memory_mb, **said)  # said: runtime, policy_digest
         self.client = client
 
     def __enter__(self) -> RemoteSandbox:
