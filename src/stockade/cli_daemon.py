@@ -327,7 +327,7 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
 def _report(args: Any, answer: dict[str, Any], signed: bool) -> int:
     """The answer as the CLI reports a run: a clean completed run from its JSON alone,
     anything else (``--json``, a summary to print) through its ``ExecResult``."""
-    if answer.get("id", _MSG_ID) != _MSG_ID and answer.get("error_code") is None:
+    if answer.get("id", _MSG_ID) != _MSG_ID and not (answer.get("id") is None and answer.get("error_code")):
         return fail(f"the daemon answered request {answer['id']!r}, not {_MSG_ID}")
     if answer.get("error") is not None:
         if answer.get("error_code") == "policy":
@@ -344,9 +344,12 @@ def _report(args: Any, answer: dict[str, Any], signed: bool) -> int:
     if exit_code is not None and not (type(exit_code) is int and -64 <= exit_code <= 255):
         # An exit status is 0-255, or minus a signal's number: 256 would be exit status 0 here.
         return fail("the daemon sent an invalid response: an exit code out of range")
-    clean = reason == "completed" and not any(
-        result.get(name) for name in ("security_violations", "unenforced_limits", "limits_reached")
-    )
+    egress = result.get("egress_requests")
+    clean = (
+        reason == "completed"
+        and not any(result.get(name) for name in ("security_violations", "unenforced_limits", "limits_reached"))
+        and not (isinstance(egress, list) and any(isinstance(r, dict) and r.get("reason") for r in egress))
+    )  # else through the ExecResult: its summary line says what failed
     if clean and not args.json and (exit_code is None or type(exit_code) is int):
         return exit_status("completed", exit_code)
     from pydantic import ValidationError

@@ -65,6 +65,7 @@ def report(args: Any, result: ExecResult) -> int:
         or result.security_violations
         or result.unenforced_limits
         or result.limits_reached
+        or result.failed_egress()
     ):
         from .errors import printable
 

@@ -316,8 +316,13 @@ class ExecResult(Serialised):
                 out[name] = None
         return out
 
+    def failed_egress(self) -> list[EgressRequest]:
+        """The requests the egress proxy let through whose host was not reached (a name that does not
+        resolve, a refused connection): the code sees only the proxy's 502."""
+        return [r for r in self.egress_requests if r.allowed and r.reason]
+
     def summary(self) -> str:
-        """One line for humans: how it ended and what was blocked."""
+        """One line for humans: how it ended, what was blocked, and what allowed requests failed."""
         parts = [f"{self.termination_reason}"]
         if self.exit_code is not None:
             parts.append(f"exit {self.exit_code}")
@@ -328,6 +333,10 @@ class ExecResult(Serialised):
             # The first one's own words: a name alone ("network_egress") does not say what to change.
             shown = f" (first: {first[:SUMMARY_FIRST_CHARS]})" if first else ""
             parts.append(f"{total} blocked: {', '.join(names)}{shown}")
+        if failed := self.failed_egress():
+            request = failed[0]
+            reason = f"{request.host}:{request.port}: {request.reason}"[:SUMMARY_FIRST_CHARS]
+            parts.append(f"{len(failed)} allowed request(s) failed (first: {reason})")
         if self.error:
             parts.append(self.error)
         hidden = [name for name in self.limits_reached if name in HIDDEN_LIMITS]

@@ -246,3 +246,14 @@ def test_a_reader_that_goes_away_ends_the_cli_with_141_and_no_traceback() -> Non
     command = " ".join(STOCKADE) + " run -- sh -c 'yes | head -n 300000' | head -1"
     done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout) == (141, "y\n") and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_allowed_request_that_failed_upstream_is_said_with_why() -> None:
+    # The code sees only the proxy's 502; the reason (a name that does not resolve) was in --json alone.
+    fetch = (
+        "import urllib.request\ntry:\n    urllib.request.urlopen('http://nowhere.invalid/', timeout=20)\n"
+        "except Exception as e:\n    print(e)"
+    )
+    r = cli("run", "--network", "allowlist", "--allow-host", "nowhere.invalid", "--", "python3", "-c", fetch)
+    assert r.returncode == 0 and r.stdout == "HTTP Error 502: Bad Gateway\n", r.stderr
+    assert "1 allowed request(s) failed (first: nowhere.invalid:80: cannot resolve nowhere.invalid" in r.stderr
