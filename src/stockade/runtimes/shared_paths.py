@@ -176,5 +176,6 @@ def check_mount_sources(policy: Policy) -> None:
         if st.st_mode & need != need:
             raise PolicyError(
                 f"{where} is not accessible to the sandbox's uid "
-                f"(needs to be {'readable and writable' if need & stat.S_IWOTH else 'readable'} by others)"
+                f"(needs to be {'readable and writable' if need & stat.S_IWOTH else 'readable'} by others: "
+                f"chmod o+{'rwx' if need & stat.S_IWOTH else 'rx'} opens it to every local user too; docs/policy.md)"
             )
