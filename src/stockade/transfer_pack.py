@@ -123,13 +123,30 @@ def _add_file(tar: tarfile.TarFile, spool: IO[bytes], cap: int, fd: int, arcname
         info = _info(arcname, now, tarfile.REGTYPE)
         info.size = now.st_size
         try:
-            tar.addfile(_held_to_cap(info, spool, cap, packed), f)
-        except OSError as exc:
-            if "unexpected end of data" not in str(exc):  # tarfile's word for a file cut short
-                raise
+            tar.addfile(_held_to_cap(info, spool, cap, packed), _Sized(f, info.size))
+        except _Shrank:
             raise TransferError(f"{arcname} shrank while it was packed (something writes it)") from None
     packed.files += 1
     packed.bytes += info.size
+
+
+class _Shrank(Exception):
+    """A file ended before the size its header was written with."""
+
+
+class _Sized:
+    """A file read for ``size`` bytes, that says so (``_Shrank``) when it ends before them."""
+
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self.f, self.left = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(want)
+        if len(data) < want:
+            raise _Shrank
+        self.left -= len(data)
+        return data
 
 
 def _held_to_cap(info: tarfile.TarInfo, spool: IO[bytes], cap: int, packed: Packed) -> tarfile.TarInfo:
