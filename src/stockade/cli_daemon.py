@@ -79,6 +79,7 @@ DEFAULT_TIMEOUT_S = 30.0  # Policy.timeout_seconds's default: bounds the wait fo
 CLIENT_TIMEOUT_S = 30.0  # what the Client adds to the run's timeout (its own default timeout)
 LINE_LIMIT = 64 << 20  # the longest line of an answer: the SDK client's (client/answers.py; a test holds them equal)
 _MSG_ID = 1
+UNPROVEN = "unproven"  # errors.UNPROVEN (not imported: errors is not needed on the lean path)
 
 # The other options of run and exec-code: flag -> (dest, type; None for a switch).
 _COMMON: dict[str, tuple[str, type | None]] = {
@@ -303,6 +304,15 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
         stream_error: Exception | None = None
         while True:
             answer = _answer(reader.next())
+            if answer.get("error_code") == UNPROVEN and token and line:
+                # Refused unread (a process of this uid failed authentication lately): a signed
+                # ping proves the connection, and the request goes again, signed afresh, once.
+                sock.sendall(auth.signed_line({"method": "ping", "params": {}, "id": _MSG_ID + 1}, token) + b"\n")
+                if _answer(reader.next()).get("result") != "pong":
+                    return fail("the stockade daemon refused this token's ping", "auth")
+                sock.sendall(auth.signed_line(request, token) + b"\n")
+                line = b""
+                continue
             output = answer.get("output")
             if isinstance(output, dict) and "result" not in answer:
                 # A write that fails is not tried again, and its exception waits for the answer.

@@ -274,6 +274,10 @@ ERROR_CODES: dict[str, type[StockadeError]] = {
     "too_large": CallTooLargeError,
     "policy": PolicyError,
     "auth": AuthenticationError,
+    # A large request refused unread on a connection that carried no signed request yet, its uid
+    # having failed authentication lately: a signed client proves the connection (a ping) and
+    # sends it again (rpc/server.py AUTH_PENALTY_S).
+    "unproven": AuthenticationError,
     "rate_limit": RateLimitError,
     "busy": DaemonBusyError,
     "unavailable": DaemonUnavailableError,
@@ -299,6 +303,7 @@ HTTP_STATUS: dict[str, int] = {
     "too_large": 413,
     "policy": 422,
     "auth": 401,
+    "unproven": 401,
     "rate_limit": 429,
     "busy": 503,
     "unavailable": 503,
@@ -368,6 +373,7 @@ def utf8_text(text: str) -> str:
 
 
 AUTH_FAILED = "Authentication failed"  # all a daemon says of a refused signature, to anyone
+UNPROVEN = "unproven"  # the code of a large request refused unread (ERROR_CODES)
 
 
 def refused_signature(message: str, signed: bool) -> str:

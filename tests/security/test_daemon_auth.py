@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ from typing import TypeVar
 
 import pytest
 
-from stockade.client import Client, DaemonBusyError, NotFoundError
-from stockade.errors import AuthenticationError, RateLimitError
+from stockade import cli_daemon
+from stockade.client import AsyncClient, Client, DaemonBusyError, NotFoundError
+from stockade.errors import UNPROVEN, AuthenticationError, RateLimitError
 from stockade.protocol import auth
 from tests.daemon_harness import TOKEN, Daemon, execute_in_background, raw_exchange, running_execution, start_daemon
 from tests.helpers import processes_with_arg
@@ -96,11 +98,11 @@ def test_a_uid_that_failed_authentication_has_its_large_requests_refused_unread(
     )
     assert json.loads(small)["error"] == "Authentication failed"
     answer = json.loads(unread)
-    assert answer["error_code"] == "auth" and answer["id"] is None
+    assert answer["error_code"] == "unproven" and answer["id"] is None
     assert "over 65536 bytes are refused unread" in answer["error"]
     # Signed, it is refused as the first request of a connection, served on one that carried a signed one.
     (first,) = raw_exchange(signed_daemon.socket_path, _line(auth.sign({**big, "id": 4}, TOKEN)))
-    assert "refused unread" in json.loads(first)["error"]
+    assert json.loads(first)["error_code"] == "unproven"
     ping, served = raw_exchange(
         signed_daemon.socket_path,
         _line(auth.sign({"method": "ping", "params": {}, "id": 5}, TOKEN)),
@@ -110,6 +112,45 @@ def test_a_uid_that_failed_authentication_has_its_large_requests_refused_unread(
     assert json.loads(served)["result"]["exit_code"] == 0
     # The flood is one warning in the log, not one per request.
     assert signed_daemon.logs().count("authentication failed: uid=") == 1
+
+
+def test_what_no_signed_client_sends_counts_as_a_failed_authentication(process_runtime: str) -> None:
+    # A line that is JSON but no object, or an id of the wrong kind, was decoded in full each time.
+    for line in (b"[" + b"1," * 40_000 + b"1]\n", _line({"method": "ping", "id": [0] * 40_000})):
+        d = start_daemon({"STOCKADE_AUTH_TOKEN": TOKEN})
+        try:
+            (refused,) = raw_exchange(d.socket_path, line)
+            assert json.loads(refused)["error_code"] == "invalid_request"
+            (again,) = raw_exchange(d.socket_path, line)
+            assert json.loads(again)["error_code"] == "unproven"
+        finally:
+            assert d.stop() == 0
+
+
+def test_a_signed_client_of_a_uid_that_failed_authentication_is_served_all_the_same(
+    signed_daemon: Daemon, tmp_path: Path
+) -> None:
+    # Another process of the same uid with a stale token must not cost the right one its large calls:
+    # a call refused unread is sent again on a connection a signed ping proved.
+    with Client(signed_daemon.socket_path, auth_token="0" * 64) as stale, pytest.raises(AuthenticationError):
+        stale.ping()
+    with Client(signed_daemon.socket_path, auth_token=TOKEN) as right:
+        assert right.execute(["wc", "-c"], stdin=b"x" * 100_000).stdout.strip() == "100000"
+
+    async def awaited() -> str:
+        async with AsyncClient(signed_daemon.socket_path, auth_token=TOKEN) as client:
+            return (await client.execute(["wc", "-c"], stdin=b"y" * 100_000)).stdout.strip()
+
+    assert asyncio.run(awaited()) == "100000"
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    cli = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "stockade"), "run", "--socket", signed_daemon.socket_path,
+         "--token-file", str(token), "--require-daemon", "--", "sh", "-c", 'echo ${#1}', "sh", "z" * 70_000],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (cli.returncode, cli.stdout) == (0, "70000\n"), cli.stderr
+    assert cli_daemon.UNPROVEN == UNPROVEN
 
 
 def test_a_signed_request_verifies_once_whatever_its_spacing() -> None:

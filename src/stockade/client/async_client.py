@@ -9,7 +9,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ..errors import NotFoundError, StockadeError
+from ..errors import UNPROVEN, NotFoundError, StockadeError
 from ..result import ExecResult
 from ..runtimes.spawned import spawned_or_killed
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
@@ -105,6 +105,7 @@ class AsyncClient(Requests):
     ) -> Answer:
         attempts: Attempts | None = None  # made at the first failure: nothing to pay on the usual call
         wait = timeout or self.timeout
+        proved = False
         while True:
             # Each attempt is signed afresh: a nonce the daemon saw would be refused as a replay.
             reply = Reply(next(self._ids), on_output, signed=self._token is not None)
@@ -117,6 +118,12 @@ class AsyncClient(Requests):
             else:
                 if answer.error is None:
                     return reply.outcome(answer)
+                if answer.error_code == UNPROVEN and self._token is not None and not proved:
+                    proved = True  # refused unread: a signed ping proves the connection, then again
+                    ping = Reply(next(self._ids), None, signed=True)
+                    line = request_line("ping", {}, ping.msg_id, self._token, streamed=False)
+                    ping.outcome(await self._exchange(line, ping, wait, Answer, "ping"))
+                    continue
                 attempts = attempts or Attempts(self.retry, method)
                 refused = attempts.after_refusal(answer.error_code, answer.error)
                 if refused is None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ..errors import NotFoundError, StockadeError
+from ..errors import UNPROVEN, NotFoundError, StockadeError
 from ..result import ExecResult
 from ..runtimes.spawned import Process
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
@@ -131,6 +131,7 @@ class Client(Requests):
     ) -> Answer:
         attempts: Attempts | None = None  # made at the first failure: nothing to pay on the usual call
         wait = timeout or self.timeout
+        proved = False
         while True:
             # Each attempt is signed afresh: a nonce the daemon saw would be refused as a replay.
             reply = Reply(next(self._ids), on_output, signed=self._token is not None)
@@ -143,12 +144,21 @@ class Client(Requests):
             else:
                 if answer.error is None:
                     return reply.outcome(answer)
+                if answer.error_code == UNPROVEN and self._token is not None and not proved:
+                    proved = True  # refused unread: a signed ping proves the connection, then again
+                    self._ping_signed(wait)
+                    continue
                 attempts = attempts or Attempts(self.retry, method)
                 refused = attempts.after_refusal(answer.error_code, answer.error)
                 if refused is None:
                     return reply.outcome(answer)
                 pause = refused
             time.sleep(pause)
+
+    def _ping_signed(self, wait: float) -> None:
+        reply = Reply(next(self._ids), None, signed=True)
+        line = request_line("ping", {}, reply.msg_id, self._token, streamed=False)
+        reply.outcome(self._exchange(line, reply, wait, Answer, "ping"))
 
     def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer], method: str) -> Answer:
         """One attempt: ``line`` sent, its answer read (``ConnectionLost`` when either fails)."""

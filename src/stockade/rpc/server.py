@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AUTH_FAILED, ConfigError, StockadeError, error_code, public_message, wire_errno
+from ..errors import AUTH_FAILED, UNPROVEN, ConfigError, StockadeError, error_code, public_message, wire_errno
 from ..protocol import auth
 from ..protocol.models import Caller
 from ..protocol.peer import Peer
@@ -51,9 +51,11 @@ log = logging.getLogger("stockade.daemon")
 RATE_LIMITED = "Rate limit exceeded"
 # Checking a signature decodes the whole request and encodes it again, in the event loop every
 # connection shares: a 16 MiB line of numbers held it for over a second, the rate limit never
-# reached. A uid that failed authentication has shown it may lack the token: for AUTH_PENALTY_S,
-# a line of its past UNPROVEN_LINE_BYTES is refused unread, on every connection of its that
-# has not yet carried a signed request.
+# reached. A uid that failed authentication (or sent what no signed client sends: a line that is
+# not a JSON object, an id of the wrong kind) has shown it may lack the token: for
+# AUTH_PENALTY_S, a line of its past UNPROVEN_LINE_BYTES is refused unread ("unproven") on every
+# connection of its that has not yet carried a signed request. A signed client then proves the
+# connection with a ping and sends the line again (client/, cli_daemon.py).
 AUTH_PENALTY_S = 60.0
 UNPROVEN_LINE_BYTES = 64 * 1024
 Emit = Callable[[str, bytes], None]
@@ -197,21 +199,26 @@ class RPCServer:
             return error_answer(
                 None,
                 f"{AUTH_FAILED}: uid {peer.uid} failed authentication within {AUTH_PENALTY_S:g} s, and until then its "
-                f"requests over {UNPROVEN_LINE_BYTES} bytes are refused unread (but on a connection that has "
-                "carried a signed request already)",
-                "auth",
+                f"requests over {UNPROVEN_LINE_BYTES} bytes are refused unread on a connection that has carried no "
+                "signed request yet (send a signed ping on it first)",
+                UNPROVEN,
             )
+        refusal = None
         try:
             request = codec.decode(line)
         except ValueError:  # UnicodeDecodeError is one
-            return error_answer(None, f"Invalid {codec.name}", "invalid_request")
+            refusal = f"Invalid {codec.name}"
         except RecursionError:  # json's parser recurses: [[[[... a million deep
-            return error_answer(None, f"Invalid {codec.name}: nested too deeply", "invalid_request")
-        if not isinstance(request, dict):
-            return error_answer(None, f"Invalid request: expected a {codec.name} object", "invalid_request")
-        msg_id = request.get("id")
-        if not isinstance(msg_id, (int, str, type(None))) or isinstance(msg_id, bool):
-            return error_answer(None, "Invalid request: id must be a number, a string or null", "invalid_request")
+            refusal = f"Invalid {codec.name}: nested too deeply"
+        else:
+            if not isinstance(request, dict):
+                refusal = f"Invalid request: expected a {codec.name} object"
+            elif not isinstance(msg_id := request.get("id"), (int, str, type(None))) or isinstance(msg_id, bool):
+                refusal = "Invalid request: id must be a number, a string or null"
+        if refusal is not None:
+            if key is not None:
+                self.auth_failures.note(peer.uid)  # no signed client sends it
+            return error_answer(None, refusal, "invalid_request")
         if not self.per_uid.allow(peer.uid):
             return error_answer(msg_id, RATE_LIMITED, "rate_limit")
         if self.stopping:
