@@ -6,30 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import subprocess
-from collections.abc import Iterator
+import sys
+from typing import Any
 from unittest import mock
 
 import pytest
 
-import stockade
 from stockade.agent import linux, rootfs
-from stockade.runtimes.shared_paths import check_mount_sources
-from tests.helpers import run_sharing, shared_directory
+from tests.helpers import shared_directory
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="the test mounts filesystems on the host: root only")
-
-
-@contextlib.contextmanager
-def mounted(kind: str, where: str, options: str = "") -> Iterator[None]:
-    """A ``kind`` filesystem mounted at ``where`` on the host for the test, unmounted after."""
-    os.makedirs(where, exist_ok=True)
-    subprocess.run(["mount", "-t", kind, *(["-o", options] if options else []), kind, where], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", where], check=True)
 
 
 def _options(mountinfo: str, point: str) -> set[str]:
@@ -41,33 +30,85 @@ def _options(mountinfo: str, point: str) -> set[str]:
     raise AssertionError(f"{point} is not mounted:\n{mountinfo}")
 
 
+def in_a_mount_namespace_of_its_own(code: str, *args: str) -> dict[str, Any]:
+    """``code`` run by a Python in a private mount namespace of its own (``unshare -m``), given
+    ``mount(kind, where, options="", source=None)`` and ``refusal(source)`` (check_mount_sources'
+    words, or None): what it mounts for the test goes with it, whatever becomes of the test. The
+    JSON object it prints last."""
+    prelude = (
+        "import json, os, subprocess, sys\n"
+        "import stockade\n"
+        "from stockade.runtimes.shared_paths import check_mount_sources\n"
+        "def mount(kind, where, options='', source=None):\n"
+        "    os.makedirs(where, exist_ok=True)\n"
+        "    opts = ['--bind'] if kind == 'bind' else ['-t', kind] + (['-o', options] if options else [])\n"
+        "    subprocess.run(['mount', *opts, source or kind, where], check=True)\n"
+        "def refusal(source):\n"
+        "    try:\n"
+        "        check_mount_sources(stockade.Policy(filesystem_access=[source + ':/data']))\n"
+        "    except stockade.PolicyError as exc:\n"
+        "        return str(exc)\n"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", prelude + code, *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    said: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return said
+
+
 @pytest.mark.parametrize("access", ["ro", "rw"])
 def test_a_mount_below_a_share_is_confined_as_the_share(process_runtime: str, access: str) -> None:
     with shared_directory(0o777) as share:
-        sub = os.path.join(share, "sub")
-        with mounted("tmpfs", sub, "mode=1777"):
-            r = run_sharing(
-                ["sh", "-c", "cat /proc/self/mountinfo; echo planted > /data/sub/x && echo wrote"], "process", share,
-                access,
-            )  # fmt: skip
-            options = _options(r.stdout, "/data/sub")
-            assert {"nosuid", "nodev"} <= options, options
-            if access == "ro":
-                assert "ro" in options and "wrote" not in r.stdout
-                assert not os.path.exists(os.path.join(sub, "x"))
-            else:
-                assert "rw" in options and "wrote" in r.stdout
+        said = in_a_mount_namespace_of_its_own(
+            "from tests.helpers import run_sharing\n"
+            "share, access = sys.argv[1:]\n"
+            "mount('tmpfs', share + '/sub', 'mode=1777')\n"
+            "r = run_sharing(['sh', '-c', 'cat /proc/self/mountinfo; echo planted > /data/sub/x && echo wrote'],"
+            " 'process', share, access)\n"
+            "print(json.dumps({'stdout': r.stdout, 'planted': os.path.exists(share + '/sub/x')}))",
+            share, access,
+        )  # fmt: skip
+    options = _options(said["stdout"], "/data/sub")
+    assert {"nosuid", "nodev"} <= options, options
+    if access == "ro":
+        assert "ro" in options and "wrote" not in said["stdout"] and not said["planted"]
+    else:
+        assert "rw" in options and "wrote" in said["stdout"] and said["planted"]
 
 
 @pytest.mark.parametrize("kind", ["proc", "devpts", "sysfs"])
-def test_a_share_holding_a_mount_of_the_hosts_own_is_refused(kind: str) -> None:
-    with shared_directory(0o755) as share, mounted(kind, os.path.join(share, "chroot", kind)):
-        with pytest.raises(stockade.PolicyError, match=f"holds a {kind} mount at {share}/chroot/{kind}"):
-            check_mount_sources(stockade.Policy(filesystem_access=[f"{share}/chroot:/data"]))
-        with pytest.raises(stockade.PolicyError, match=f"holds a {kind} mount"):
-            check_mount_sources(stockade.Policy(filesystem_access=[f"{share}:/data"]))
-        os.mkdir(os.path.join(share, "plain"), 0o755)
-        check_mount_sources(stockade.Policy(filesystem_access=[f"{share}/plain:/data"]))  # nothing mounted below it
+def test_a_share_showing_a_mount_of_the_hosts_own_is_refused(kind: str) -> None:
+    with shared_directory(0o755) as share:
+        said = in_a_mount_namespace_of_its_own(
+            "share, kind = sys.argv[1:]\n"
+            "mount(kind, f'{share}/chroot/{kind}')\n"
+            "os.mkdir(share + '/plain', 0o755)\n"
+            "within = {'proc': 'sys', 'devpts': 'ptmx', 'sysfs': 'kernel'}[kind]\n"
+            "print(json.dumps({name: refusal(share + path) for name, path in (('chroot', '/chroot'), ('share', ''),"
+            " ('within', f'/chroot/{kind}/{within}'), ('plain', '/plain'))}))",
+            share, kind,
+        )  # fmt: skip
+    assert f"shows a {kind} mount ({share}/chroot/{kind})" in said["chroot"]
+    assert f"shows a {kind} mount" in said["share"] and f"shows a {kind} mount" in said["within"]
+    assert said["plain"] is None  # nothing mounted below it
+
+
+def test_a_share_showing_a_bind_of_a_path_no_share_may_name_is_refused() -> None:
+    # A bind of /run (or of /) below a directory showed the host's /run in the sandbox, sockets and all.
+    with shared_directory(0o755) as share:
+        said = in_a_mount_namespace_of_its_own(
+            "share = sys.argv[1]\n"
+            "mount('bind', share + '/run', source='/run')\n"
+            "mount('bind', share + '/hostroot', source='/')\n"
+            "mount('bind', share + '/docs', source='/usr/share')\n"
+            "print(json.dumps({p: refusal(share + p) for p in ('', '/run', '/hostroot', '/docs')}))",
+            share,
+        )  # fmt: skip
+    assert f"shows {share}/run, which is /run: it may not be shared" in said[""]
+    assert "which is /run" in said["/run"] and "which is /:" in said["/hostroot"]
+    assert said["/docs"] is None  # a bind of what a share may name is shared as it is
 
 
 def _bind_in_a_mount_namespace_of_its_own(share: str, target: str, writable: bool, without_setattr: bool) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import deque
+from dataclasses import dataclass
 
 from ..agent import linux
 from ..environments import store_root
@@ -122,16 +123,52 @@ HOST_FILESYSTEMS = frozenset(
 )  # fmt: skip
 
 
-def _check_mounts_below(where: str, real: str) -> None:
-    """No mount at or below ``real`` is of a filesystem in HOST_FILESYSTEMS (/proc/self/mountinfo)."""
+NOT_SHARED = "it may not be shared into a sandbox"
+
+
+@dataclass(frozen=True)
+class _Mount:
+    """One line of /proc/self/mountinfo: a mount of ``device``'s ``root`` at ``point``."""
+
+    device: str
+    root: str
+    point: str
+    kind: str
+
+
+def _mount_table() -> list[_Mount]:
     with open("/proc/self/mountinfo", "rb") as f:
-        table = f.read().decode(errors="surrogateescape")
-    for line in table.splitlines():
+        lines = f.read().decode(errors="surrogateescape").splitlines()
+    table = []
+    for line in lines:
         fields = line.split(" ")
-        point = linux.mountinfo_path(fields[4])
         kind = fields[fields.index("-", 6) + 1]
-        if kind in HOST_FILESYSTEMS and (point == real or point.startswith(real.rstrip("/") + "/")):
-            raise PolicyError(f"{where} holds a {kind} mount at {point}, which may not be shared into a sandbox")
+        table.append(_Mount(fields[2], linux.mountinfo_path(fields[3]), linux.mountinfo_path(fields[4]), kind))
+    return table
+
+
+def _check_mounts(where: str, real: str) -> None:
+    """What a share of ``real`` shows, from the mount it lies in and every mount below it, is of
+    no filesystem in HOST_FILESYSTEMS (a chroot's /proc, or a path within one), and is nothing
+    mounted elsewhere at a path no share may name (a bind of /run, or of /, below a directory)."""
+    table = _mount_table()
+    # The mount ``real`` lies in: the deepest mount point above it (the last mounted, of several).
+    _, holding = max((len(m.point), i) for i, m in enumerate(table) if _below(real, m.point, resolved=False))
+    inside = os.path.relpath(real, table[holding].point)
+    shown = [(table[holding], os.path.normpath(os.path.join(table[holding].root, inside)))]
+    shown += [(m, m.root) for i, m in enumerate(table) if i != holding and _below(m.point, real, resolved=False)]
+    for mount, root in shown:
+        if mount.kind in HOST_FILESYSTEMS:
+            raise PolicyError(
+                f"{where} shows a {mount.kind} mount ({mount.point}): it may not be shared into a sandbox"
+            )
+        for other in table:  # where else the same files are mounted: what a bind below the share shows
+            if other.device == mount.device and _below(root, other.root, resolved=False):
+                origin = os.path.normpath(os.path.join(other.point, os.path.relpath(root, other.root)))
+                if forbidden_source(origin):
+                    raise PolicyError(
+                        f"{where} shows {mount.point}, which is {origin}: it may not be shared into a sandbox"
+                    )
 
 
 def check_mount_sources(policy: Policy) -> None:
@@ -154,7 +191,7 @@ def check_mount_sources(policy: Policy) -> None:
         if forbidden_source(real):
             raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
         _check_within_roots(where, mount, real)
-        _check_mounts_below(where, real)
+        _check_mounts(where, real)
         if os.getuid() != 0:
             continue
         # Every directory on the way, as named and where a link leads: runsc and QEMU resolve the
@@ -177,5 +214,6 @@ def check_mount_sources(policy: Policy) -> None:
             raise PolicyError(
                 f"{where} is not accessible to the sandbox's uid "
                 f"(needs to be {'readable and writable' if need & stat.S_IWOTH else 'readable'} by others: "
-                f"chmod o+{'rwx' if need & stat.S_IWOTH else 'rx'} opens it to every local user too; docs/policy.md)"
+                f"chmod o+{'rwx' if need & stat.S_IWOTH else 'rx' if stat.S_ISDIR(st.st_mode) else 'r'} opens it to "
+                "every local user too; docs/policy.md)"
             )
