@@ -662,6 +662,13 @@ def test_a_request_another_sites_page_had_a_browser_send_is_refused(http: httpx.
         == "ran\n"
     )
     assert http.get("/api/v1/sandbox/status", headers={"Sec-Fetch-Site": "none"}).status_code == 200
+    # The browser's Sec-Fetch-Site stands over an Origin it may send as "null" (no-referrer pages);
+    # an origin that names no port is its scheme's default one.
+    null = {"Origin": "null", "Sec-Fetch-Site": "same-origin"}
+    assert http.get("/api/v1/sandbox/status", headers=null).status_code == 200
+    assert http.get("/api/v1/sandbox/status", headers={"Origin": "null"}).status_code == 401
+    default_port = {"Host": "localhost:80", "Origin": "http://localhost"}
+    assert http.get("/api/v1/sandbox/status", headers=default_port).status_code == 200
 
 
 def test_a_forwarded_for_header_is_not_believed(process_runtime: str) -> None:
@@ -672,6 +679,18 @@ def test_a_forwarded_for_header_is_not_believed(process_runtime: str) -> None:
             http.get("/api/v1/sandbox/status", headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(6)
         ]
         assert 429 in codes  # one client, whatever it says it forwards for
+    assert daemon.stop() == 0, daemon.logs()
+
+
+def test_with_a_token_another_sites_page_is_no_concern_of_the_sites_check(process_runtime: str) -> None:
+    # No page of another site can send the token: a gateway that adds it for a sibling site's app is served.
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_API_TOKEN": TOKEN})
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        site = {"Sec-Fetch-Site": "same-site", "Origin": "https://app.example"}
+        assert http.get("/api/v1/sandbox/status", headers=site).status_code == 401  # no token
+        served = http.get("/api/v1/sandbox/status", headers={**site, "Authorization": f"Bearer {TOKEN}"})
+        assert served.status_code == 200
     assert daemon.stop() == 0, daemon.logs()
 
 

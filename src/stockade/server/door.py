@@ -141,25 +141,28 @@ class HttpDoor:
             )
 
     def check_site(self, request: Request) -> None:
-        """A request another site's page had a browser send is refused, token or not.
+        """Without a token, a request another site's page had a browser send is refused.
 
         A page can have its visitor's browser send a request to this server (a form, an image,
         ``fetch`` in ``no-cors`` mode) with a body but none of its headers: without a token,
         nothing else tells it from a local program's. The browser says whose page asked: in
         ``Sec-Fetch-Site`` (``same-site`` is another port of this host: another local server's
-        page), and in ``Origin`` (checked against ``Host`` only without a token: behind a proxy
-        with one, ``Host`` may name the service otherwise, and no other site's page can send the
-        token). A program that is no browser sends neither header."""
-        site = request.headers.get("sec-fetch-site")
-        if site is not None and site.strip().lower() not in SAME_SITE_FETCHES:
-            raise AuthenticationError(
-                f"refused: a page of another site had a browser send this request (Sec-Fetch-Site: {site[:32]!r})"
-            )
-        origin = request.headers.get("origin")
-        if origin is None or self.token is not None:
+        page), or, where it sends none, in ``Origin``, against ``Host``. A program that is no
+        browser sends neither header. (With a token, no other site's page can send it.)"""
+        if self.token is not None:
             return
-        host = request.headers.get("host", "").lower()
-        if origin.strip().lower() not in (f"http://{host}", f"https://{host}"):
+        site = request.headers.get("sec-fetch-site")
+        if site is not None:
+            if site.strip().lower() not in SAME_SITE_FETCHES:
+                raise AuthenticationError(
+                    f"refused: a page of another site had a browser send this request (Sec-Fetch-Site: {site[:32]!r})"
+                )
+            return  # the browser's own word, which no page can change: Origin may be "null" then
+        origin, host = request.headers.get("origin"), request.headers.get("host", "")
+        if origin is None:
+            return
+        page = _origin_of(origin)
+        if page is None or page != _origin_of(f"{request.url.scheme}://{host}"):
             raise AuthenticationError(
                 f"refused: a page of another origin ({origin[:64]!r}, not this server's {host[:64]!r}) had a "
                 "browser send this request"
@@ -200,6 +203,20 @@ class HttpDoor:
         """One method of the shared table (``daemon/methods.py``), as the Unix socket calls it."""
         method = METHODS[name]
         return await answer(method, self.controller, read_request(method, params), caller, on_output, self.observers)
+
+
+def _origin_of(url: str) -> tuple[str, str, int] | None:
+    """``url``'s scheme, host and port, the port its scheme's default where none is named (so
+    that ``http://localhost`` is ``localhost:80``); None for what names no origin (``null``)."""
+    scheme, sep, rest = url.strip().lower().partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        return None
+    host, colon, port = rest.rpartition(":") if not rest.endswith("]") else (rest, "", "")
+    if not colon:
+        host, port = rest, ""
+    if not port:
+        return scheme, host, 443 if scheme == "https" else 80
+    return (scheme, host, int(port)) if port.isdigit() else None
 
 
 def _small_answer(request: Request) -> bool:
