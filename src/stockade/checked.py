@@ -162,7 +162,8 @@ def nearest(name: str, known: typing.Iterable[str]) -> str | None:
     names = list(known)
     if _OTHER_NAMES.get(name) in names:
         return _OTHER_NAMES[name]
-    begun = [k for k in names if k.startswith(name)]
+    # One it begins whole words of: "files" is not filesystem_access's beginning.
+    begun = [k for k in names if k.startswith(name) and k[len(name) : len(name) + 1] in ("", "_")]
     if name and begun:
         return min(begun, key=len)
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.7)

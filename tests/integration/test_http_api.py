@@ -145,6 +145,8 @@ def test_an_unknown_field_is_answered_with_the_nearest_the_route_has(http: httpx
     # The seed's route names memory_limit_mb where the policy says memory_mb: a user writes the other.
     seed = _execute(http, code="1", memory_mb=128)
     assert seed.status_code == 422 and "memory_mb: unknown field (did you mean 'memory_limit_mb'?)" in seed.text
+    files = _execute(http, code="1", files={"a.txt": "x"})  # SandboxFusion's field: no host paths to share
+    assert files.status_code == 422 and "files: unknown field" in files.text and "filesystem" not in files.text
     sid = http.post("/api/v1/sandboxes", json={}).json()["sandbox_id"]
     held = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"comand": ["true"]})
     assert held.status_code == 422 and "comand: unknown field (did you mean 'command'?)" in held.text

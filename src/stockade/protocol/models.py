@@ -449,10 +449,14 @@ def unix_caller(uid: int, connection: int | None = None) -> Caller:
     return Caller(f"uid {uid}", "unix", admin=uid == 0, uid=uid, connection=connection)
 
 
-def unknown_field(loc: list[str], model: Any = None) -> str:
-    """What to say of a field ``model`` does not have at ``loc``: the name it has nearest to it."""
+GUESSED_FIELDS = 10  # unknown fields said with the nearest known one; the rest without (a search each)
+
+
+def unknown_field(loc: list[str], model: Any = None, guessed: int = 0) -> str:
+    """What to say of a field ``model`` does not have at ``loc``: the name it has nearest to it
+    (``guessed``: how many were said so already, at most GUESSED_FIELDS are)."""
     fields = getattr(model, "model_fields", None) if isinstance(model, type) else None
-    near = nearest(loc[-1], fields) if fields and len(loc) == 1 else None
+    near = nearest(loc[-1][:64], fields) if fields and len(loc) == 1 and guessed < GUESSED_FIELDS else None
     return f"unknown field (did you mean {near!r}?)" if near else "unknown field"
 
 
@@ -460,7 +464,7 @@ def request_error(exc: ValidationError, what: str, model: Any = None) -> Invalid
     """pydantic's report on a request (``model``'s, where known) as the error that names each field it refuses."""
     parts: list[str] = []
     policy_only = True
-    for err in exc.errors():
+    for guessed, err in enumerate(exc.errors()):
         loc = [str(p) for p in err["loc"]]
         policy_only = policy_only and bool(loc) and loc[0] == "policy"
         field = ".".join(loc) or what
@@ -469,7 +473,7 @@ def request_error(exc: ValidationError, what: str, model: Any = None) -> Invalid
             parts += [f"{field}.{part}" for part in str(cause).removeprefix("invalid policy: ").split("; ")]
             continue
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {message if err['type'] != 'extra_forbidden' else unknown_field(loc, model)}")
+        parts.append(f"{field}: {message if err['type'] != 'extra_forbidden' else unknown_field(loc, model, guessed)}")
     text = "; ".join(parts)[:2000]
     if policy_only:
         return PolicyError(f"invalid policy: {text.replace('policy.', '')}")
