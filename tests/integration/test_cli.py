@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -249,11 +250,25 @@ def test_a_reader_that_goes_away_ends_the_cli_with_141_and_no_traceback() -> Non
 
 
 def test_an_allowed_request_that_failed_upstream_is_said_with_why() -> None:
-    # The code sees only the proxy's 502; the reason (a name that does not resolve) was in --json alone.
+    # The code sees only the proxy's 502; why (nothing listens there) was in --json alone.
+    port = closed_port()
+    r = cli("run", *reach_closed_port(port))
+    assert r.returncode == 0 and r.stdout == "502\n", r.stderr
+    assert f"1 allowed request(s) failed (first: localhost:{port}: " in r.stderr
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (one just let go of)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reach_closed_port(port: int) -> list[str]:
+    """``stockade run``'s arguments for a GET of localhost:``port`` through the egress proxy."""
     fetch = (
-        "import urllib.request\ntry:\n    urllib.request.urlopen('http://nowhere.invalid/', timeout=20)\n"
-        "except Exception as e:\n    print(e)"
+        "import http.client\nc = http.client.HTTPConnection('127.0.0.1', 3128, timeout=20)\n"
+        f"c.request('GET', 'http://localhost:{port}/')\nprint(c.getresponse().status)"
     )
-    r = cli("run", "--network", "allowlist", "--allow-host", "nowhere.invalid", "--", "python3", "-c", fetch)
-    assert r.returncode == 0 and r.stdout == "HTTP Error 502: Bad Gateway\n", r.stderr
-    assert "1 allowed request(s) failed (first: nowhere.invalid:80: cannot resolve nowhere.invalid" in r.stderr
+    return ["--network", "allowlist", "--allow-host", f"localhost:{port}", "--allow-cidr", "127.0.0.0/8", "--",
+            "python3", "-c", fetch]  # fmt: skip
