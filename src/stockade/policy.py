@@ -161,11 +161,11 @@ def check_environment(env: dict[str, str]) -> dict[str, str]:
     total = 0
     for key, value in env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
-            raise ValueError(f"environment variable {key!r} has an invalid name or value")
+            raise ValueError(f"environment variable {key[:64]!r} has an invalid name or value")
         try:  # NAME=value and its NUL, as exec counts it
             size = len(key.encode("utf-8", "surrogateescape")) + len(value.encode("utf-8", "surrogateescape")) + 2
         except UnicodeEncodeError:
-            raise ValueError(f"environment variable {key!r} holds a lone surrogate: no text exec can pass") from None
+            raise ValueError(f"environment variable {key[:64]!r} holds a lone surrogate: no text to pass") from None
         if size > MAX_ENV_ENTRY_BYTES:
             raise ValueError(f"environment variable {key[:64]!r} is {size} bytes: at most {MAX_ENV_ENTRY_BYTES}")
         total += size

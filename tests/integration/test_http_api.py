@@ -254,6 +254,10 @@ def test_a_held_sandboxs_calls_check_their_environment_and_text_as_a_one_shot_do
         refused = _post_escaped(http, f"/api/v1/sandboxes/{sid}/exec", body)
         assert (refused.status_code, refused.json()["code"]) == (422, "invalid_params"), refused.text
         assert said in refused.json()["error"]
+    for path, body in ((f"/api/v1/sandboxes/{sid}/run_code", {"code": "'\ud800'"}),
+                       ("/api/v1/sandbox/execute", {"agent_id": "a", "code": "'\ud800'"})):  # fmt: skip
+        source = _post_escaped(http, path, body)  # it failed inside, the interpreter handed no source
+        assert source.status_code == 422 and "code: holds a lone surrogate: no source text" in source.text
     spawned = http.post(f"/api/v1/sandboxes/{sid}/processes", json={"command": ["true"], "env": {"A=B": "x"}})
     assert spawned.status_code == 422 and "'A=B'" in spawned.json()["error"]
     # A file name's undecodable byte (os.fsdecode's escape) is an argument a program can be given.

@@ -48,6 +48,17 @@ def _no_nul(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_no_nul)]
+
+
+def _source_text(value: str) -> str:
+    try:
+        value.encode("utf-8")  # what the interpreter is handed (surrogateescape's bytes are no source either)
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate: no source text") from None
+    return value
+
+
+Code = Annotated[str, AfterValidator(_source_text)]
 Path = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
 Argv = Annotated[
     list[Text], Field(min_length=1, max_length=MAX_ARGV_ITEMS, description="the command and its arguments")
@@ -128,7 +139,7 @@ class ExecuteRequest(_WithPolicy, _WithStdin):
     """``execute``: one command or piece of code in a fresh isolate."""
 
     command: Argv | None = None
-    code: str | None = None
+    code: Code | None = None
     language: Language = "python"
     agent_id: AgentId | None = None
 
@@ -184,7 +195,7 @@ Session = Annotated[
 
 
 class SandboxRunCode(_HeldRun):
-    code: str
+    code: Code
     language: Language = "python"
     session: Session | None = Field(
         default=None, description="run the code as a cell of this stateful interpreter (python; no stdin)"
