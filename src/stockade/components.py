@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Literal
 
 from .errors import PolicyError, StockadeError
+from .owned_paths import check_owned
 
 Status = Literal["starting", "running", "stopped", "failed"]
 RestartPolicy = Literal["no", "on-failure", "always"]
@@ -80,6 +81,9 @@ class ComponentState:
 class ComponentStore:
     def __init__(self, root: str | None = None) -> None:
         self.root = os.path.join(root or state_dir(), "components")
+        # Its files say what to run and which pid to signal, as this user, maybe root: no other
+        # user may change them, nor swap a directory on the way (STOCKADE_STATE_DIR's parent).
+        check_owned(self.root, "components' state (STOCKADE_STATE_DIR)")
 
     def path(self, name: str, *parts: str) -> str:
         return os.path.join(self.root, check_name(name), *parts)

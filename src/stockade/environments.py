@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import PolicyError, printable
+from .owned_paths import check_owned
 from .policy import ENV_ROOT
 from .runtimes.process.zygote import system_python
 from .settings import current, serving_callers
@@ -83,15 +84,26 @@ def pin_root_view() -> None:
 
 
 def store_root() -> str:
+    """The store, checked to be one no other user can change (what it holds runs in sandboxes,
+    and a build writes there as this user, maybe root): it and the way to it this user's or root's."""
     if _pinned_store is not None:
         return _pinned_store
     configured = current().env_store
     if configured:
-        return configured
-    if os.getuid() == 0:
-        return SYSTEM_STORE  # not under /root (0700): each sandbox's own uid reads it
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "stockade", "envs")
+        root = configured
+    elif os.getuid() == 0:
+        root = SYSTEM_STORE  # not under /root (0700): each sandbox's own uid reads it
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "stockade", "envs")
+    if root not in _owned_stores:
+        check_owned(root, "the environment store (STOCKADE_ENV_STORE)")
+        if os.path.isdir(root):
+            _owned_stores.add(root)  # as it stays: no other user can change the way to it
+    return root
+
+
+_owned_stores: set[str] = set()
 
 
 def store_dir(*parts: str) -> str:
