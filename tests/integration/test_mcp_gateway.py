@@ -78,9 +78,12 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
                 assert dressed.annotations is not None and dressed.annotations.title == "namer: time.get_current_time"
                 assert dressed.description == "the time \\x1b]0;PWNED\\x07\\x1b[31mred\\x0d\nstockade: forged line"
                 assert [str(i.src) for i in dressed.icons or []] == ["data:image/png;base64,iVBORw0KGgo="]
+                described = dressed.input_schema["properties"]["q"]["description"]
+                assert described == "the query \\U000e0049"  # in the schema too: no hidden text
                 resources = (await session.list_resources()).resources
                 assert [str(r.uri) for r in resources] == ["file:///notes"]
                 assert resources[0].title == "notes: github: Issues" and "\x1b" not in (resources[0].description or "")
+                assert resources[0].mime_type is None  # "text/x\x1b[8m" is no media type
                 assert [str(i.src) for i in resources[0].icons or []] == ["data:image/png;base64,iVBORw0KGgo="]
                 notes = await session.read_resource("file:///notes")
                 assert notes.contents[0].text == "file:///notes from --resource file:///notes"

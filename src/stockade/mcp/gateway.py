@@ -241,7 +241,39 @@ def _as_offered(item: Any, name: str | None, server_id: str) -> Any:
         update["annotations"] = annotations.model_copy(
             update={"title": f"{server_id}: {without_controls(annotations.title)}"}
         )
+    # What a model reads beside the description (a schema's titles and descriptions, a prompt's
+    # arguments) or a client shows (a resource's type): the same, or hidden text reached it.
+    for schema in ("input_schema", "output_schema"):
+        if getattr(item, schema, None) is not None:
+            update[schema] = _shown(getattr(item, schema))
+    if getattr(item, "arguments", None):
+        update["arguments"] = [
+            a.model_copy(
+                update={k: without_controls(v) for k in ("name", "title", "description") if (v := getattr(a, k))}
+            )
+            for a in item.arguments
+        ]
+    mime = getattr(item, "mime_type", None)
+    if mime is not None and not _MEDIA_TYPE.fullmatch(mime):
+        update["mime_type"] = None
     return item.model_copy(update=update)
+
+
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]{0,63}/[A-Za-z0-9][\w.+-]{0,63}(; ?[\w.+-]{1,64}=[\w.+-]{1,64}){0,4}")
+SCHEMA_DEPTH = 32  # deeper than any schema a tool means: what lies below is left out
+
+
+def _shown(value: Any, depth: int = 0) -> Any:
+    """A JSON value with every string in it, keys too, without terminal controls or hidden text."""
+    if isinstance(value, str):
+        return without_controls(value)
+    if depth >= SCHEMA_DEPTH:
+        return None
+    if isinstance(value, dict):
+        return {without_controls(str(k)): _shown(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown(v, depth + 1) for v in value]
+    return value
 
 
 def _linked(content: Any, server_id: str) -> Any:
