@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import cli, cli_outcome
+from .errors import printable
 
 
 def add_parsers(sub: Any, policy_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -102,7 +103,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     print(HEADER)
     print(_component_line(state))
     if state.status == "failed":  # said on stderr too, where a script looks for why
-        print(f"stockade start: {args.name} failed: {state.error or 'see stockade logs ' + args.name}", file=sys.stderr)
+        said = printable(state.error) if state.error else f"see stockade logs {args.name}"
+        print(f"stockade start: {args.name} failed: {said}", file=sys.stderr)
         return 1
     return 0
 
@@ -218,7 +220,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         return cli_outcome.fail(str(exc))
     if why == "detached":
         return 0
-    print(f"stockade: component {args.name}: {why}", file=sys.stderr)
+    print(f"stockade: component {args.name}: {printable(why)}", file=sys.stderr)
     return 1
 
 
@@ -227,7 +229,9 @@ def _component_line(state: Any) -> str:
 
     uptime = f"{time.time() - state.started_at:.0f}s" if state.status == "running" and state.started_at else "-"
     exited = "last exit" if state.status in ("running", "starting") else "exit"  # a run before this one's
-    detail = state.error or (f"{exited} {state.exit_code}" if state.exit_code is not None else "")
+    # An error may carry words of the isolate's (a start that failed): no terminal controls.
+    ended = f"{exited} {state.exit_code}" if state.exit_code is not None else ""
+    detail = printable(state.error) if state.error else ended
     if state.published and state.status == "running":
         detail = " ".join(f"{where}->{port}" for port, where in sorted(state.published.items())) + (
             f"  {detail}" if detail else ""
