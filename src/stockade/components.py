@@ -108,6 +108,7 @@ class ComponentStore:
         """Record a new component ``name``. One of that name that has ended is kept, its spec and
         its last exit, unless ``replace``: a name is not taken over by accident (as Docker's)."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+        check_owned(self.root, "components' state (STOCKADE_STATE_DIR)")  # what was made just now too
         _check_own(self.root)
         directory = self.path(name)
         with contextlib.suppress(FileExistsError):

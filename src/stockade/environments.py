@@ -110,6 +110,7 @@ def store_dir(*parts: str) -> str:
     """A folder of the store (made if need be)."""
     path = os.path.join(store_root(), *parts)
     os.makedirs(path, mode=0o755, exist_ok=True)
+    check_owned(path, "the environment store (STOCKADE_ENV_STORE)")  # what was made just now too
     if os.geteuid() == 0:  # leased uids (runsc's gofer, QEMU) reach environments by path, whatever the umask
         for depth in range(len(parts) + 1):
             folder = os.path.join(store_root(), *parts[:depth])

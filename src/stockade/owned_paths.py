@@ -2,11 +2,13 @@
 environment a sandbox gets. Such a directory must be one no other user can change, nor swap
 for one of their own: it is this user's (or root's) and writable by no one else, and so is
 every directory above it, but for one writable by others with the sticky bit (/tmp), where no
-user may move another's entries."""
+user may move another's entries (a group that is the owner's own counts as the owner)."""
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 
 from .errors import ConfigError
@@ -37,7 +39,7 @@ def _check_way(way: str, path: str, what: str) -> None:
             return  # made later, by this user, below directories checked here
         if stat.S_ISLNK(st.st_mode) and st.st_uid in (0, me):
             continue  # where it leads is the other way checked
-        others_write = st.st_mode & 0o022
+        others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _private_group(st))
         last = depth == len(parts)
         if (
             not stat.S_ISDIR(st.st_mode)
@@ -49,3 +51,13 @@ def _check_way(way: str, path: str, what: str) -> None:
                 "another user could change what is kept there or swap it: it and every directory above it must be "
                 f"root's or uid {me}'s, and writable by no one else (above it, by others only with the sticky bit)"
             )
+
+
+def _private_group(st: os.stat_result) -> bool:
+    """Whether the directory's group is its owner's own: named as the owner, no other member (the
+    group Debian, Ubuntu and Fedora give each user, whose umask 002 makes directories 0775)."""
+    try:
+        owner, group = pwd.getpwuid(st.st_uid), grp.getgrgid(st.st_gid)
+    except KeyError:
+        return False
+    return group.gr_name == owner.pw_name and owner.pw_gid == st.st_gid and set(group.gr_mem) <= {owner.pw_name}

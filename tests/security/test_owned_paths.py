@@ -70,3 +70,14 @@ def test_components_and_environments_are_kept_only_where_no_other_user_can_chang
         said = subprocess.run([STOCKADE, *command], env=env, capture_output=True, text=True, timeout=60)
         assert said.returncode != 0 and f"{theirs} belongs to uid {NOBODY}" in said.stderr, (command, said.stderr)
     assert os.listdir(theirs) == []  # nothing made in it
+
+
+def test_a_directory_its_owners_own_group_may_write_is_the_owners(place: str) -> None:
+    # Debian, Ubuntu and Fedora give each user a group of their own and umask 002: ~/.local is 0775.
+    own = os.path.join(place, "own")
+    os.mkdir(own)
+    os.chmod(own, 0o775)  # root's, group root (root's own, no other member)
+    check_owned(os.path.join(own, "state"), "the test's")
+    os.chown(own, 0, NOBODY)  # a group of others': nogroup
+    with pytest.raises(NotOwnedError, match="writable by no one else"):
+        check_owned(os.path.join(own, "state"), "the test's")

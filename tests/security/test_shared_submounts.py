@@ -18,6 +18,7 @@ import pytest
 from stockade.agent import linux, rootfs
 from tests.helpers import shared_directory
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.helpers from there
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="the test mounts filesystems on the host: root only")
 
 
@@ -51,7 +52,7 @@ def in_a_mount_namespace_of_its_own(code: str, *args: str) -> dict[str, Any]:
     )
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", sys.executable, "-c", prelude + code, *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     said: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
@@ -90,7 +91,7 @@ def test_a_share_showing_a_mount_of_the_hosts_own_is_refused(kind: str) -> None:
             " ('within', f'/chroot/{kind}/{within}'), ('plain', '/plain'))}))",
             share, kind,
         )  # fmt: skip
-    assert f"shows a {kind} mount ({share}/chroot/{kind})" in said["chroot"]
+    assert f"shows a {kind} mount at {share}/chroot/{kind}" in said["chroot"]
     assert f"shows a {kind} mount" in said["share"] and f"shows a {kind} mount" in said["within"]
     assert said["plain"] is None  # nothing mounted below it
 
@@ -100,15 +101,21 @@ def test_a_share_showing_a_bind_of_a_path_no_share_may_name_is_refused() -> None
     with shared_directory(0o755) as share:
         said = in_a_mount_namespace_of_its_own(
             "share = sys.argv[1]\n"
-            "mount('bind', share + '/run', source='/run')\n"
-            "mount('bind', share + '/hostroot', source='/')\n"
-            "mount('bind', share + '/docs', source='/usr/share')\n"
-            "print(json.dumps({p: refusal(share + p) for p in ('', '/run', '/hostroot', '/docs')}))",
+            "mount('tmpfs', '/run')\n"  # this namespace's own /run: what is made in it stays here
+            "os.makedirs('/run/user/1000')\n"
+            "mount('bind', share + '/u/user', source='/run/user/1000')\n"
+            "said = {'/u': refusal(share + '/u')}\n"  # (before /r: a bind of /run shows it elsewhere too)
+            "mount('bind', share + '/r/run', source='/run')\n"
+            "mount('bind', share + '/h/hostroot', source='/')\n"
+            "mount('bind', '/run/host', source='/')\n"  # a toolbox's view of its host, beside /
+            "mount('bind', share + '/d/docs', source='/usr/share')\n"
+            "print(json.dumps({**said, **{p: refusal(share + p) for p in ('/r', '/h', '/d')}}))",
             share,
         )  # fmt: skip
-    assert f"shows {share}/run, which is /run: it may not be shared" in said[""]
-    assert "which is /run" in said["/run"] and "which is /:" in said["/hostroot"]
-    assert said["/docs"] is None  # a bind of what a share may name is shared as it is
+    assert f"shows {share}/r/run, which is /run: it may not be shared" in said["/r"]
+    assert "which is /run/user/1000:" in said["/u"]
+    assert "which is /:" in said["/h"]  # mounted at / and at /run/host: both paths no share may name
+    assert said["/d"] is None  # /usr/share, a path a share may name (and /run/host/usr/share too)
 
 
 def _bind_in_a_mount_namespace_of_its_own(share: str, target: str, writable: bool, without_setattr: bool) -> str:

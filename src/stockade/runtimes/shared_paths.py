@@ -149,26 +149,34 @@ def _mount_table() -> list[_Mount]:
 
 def _check_mounts(where: str, real: str) -> None:
     """What a share of ``real`` shows, from the mount it lies in and every mount below it, is of
-    no filesystem in HOST_FILESYSTEMS (a chroot's /proc, or a path within one), and is nothing
-    mounted elsewhere at a path no share may name (a bind of /run, or of /, below a directory)."""
+    no filesystem in HOST_FILESYSTEMS (a chroot's /proc, or a path within one); and no mount below
+    it shows files the host mounts only at paths no share may name (a bind of /run, /run/user/N
+    or / below a directory). Files the host also mounts where a share may name them (/usr/share,
+    beside a toolbox's /run/host/usr/share) are shared as that path would be."""
     table = _mount_table()
     # The mount ``real`` lies in: the deepest mount point above it (the last mounted, of several).
-    _, holding = max((len(m.point), i) for i, m in enumerate(table) if _below(real, m.point, resolved=False))
-    inside = os.path.relpath(real, table[holding].point)
-    shown = [(table[holding], os.path.normpath(os.path.join(table[holding].root, inside)))]
-    shown += [(m, m.root) for i, m in enumerate(table) if i != holding and _below(m.point, real, resolved=False)]
-    for mount, root in shown:
+    above = [(len(m.point), i) for i, m in enumerate(table) if _below(real, m.point, resolved=False)]
+    if not above:  # a chroot, whose root is no mount it can see
+        raise PolicyError(f"{where}: no mount of this host's holds {real}, so what it shows cannot be checked")
+    held = table[max(above)[1]]
+    below = [m for m in table if m is not held and _below(m.point, real, resolved=False)]
+    for mount in [held, *below]:
         if mount.kind in HOST_FILESYSTEMS:
-            raise PolicyError(
-                f"{where} shows a {mount.kind} mount ({mount.point}): it may not be shared into a sandbox"
-            )
-        for other in table:  # where else the same files are mounted: what a bind below the share shows
-            if other.device == mount.device and _below(root, other.root, resolved=False):
-                origin = os.path.normpath(os.path.join(other.point, os.path.relpath(root, other.root)))
-                if forbidden_source(origin):
-                    raise PolicyError(
-                        f"{where} shows {mount.point}, which is {origin}: it may not be shared into a sandbox"
-                    )
+            raise PolicyError(f"{where} shows a {mount.kind} mount at {mount.point}: {NOT_SHARED}")
+    for mount in below:  # where else the host mounts the same files, outside the share
+        elsewhere = [
+            os.path.normpath(os.path.join(other.point, os.path.relpath(mount.root, other.root)))
+            for other in table
+            if other.device == mount.device
+            and _below(mount.root, other.root, resolved=False)
+            and not _below(other.point, real, resolved=False)
+        ]
+        if elsewhere and all(forbidden_source(p) and not _below(p, INACCESSIBLE, resolved=False) for p in elsewhere):
+            raise PolicyError(f"{where} shows {mount.point}, which is {elsewhere[0]}: {NOT_SHARED}")
+
+
+# What systemd's InaccessiblePaths= mounts over a path: an empty directory (or file) of mode 000.
+INACCESSIBLE = "/run/systemd/inaccessible"
 
 
 def check_mount_sources(policy: Policy) -> None:
