@@ -675,6 +675,8 @@ def test_a_request_another_sites_page_had_a_browser_send_is_refused(http: httpx.
     assert http.get("/api/v1/sandbox/status", headers={"Origin": "null"}).status_code == 401
     default_port = {"Host": "localhost:80", "Origin": "http://localhost"}
     assert http.get("/api/v1/sandbox/status", headers=default_port).status_code == 200
+    for odd in ({"Origin": b"http://localhost:\xb2"}, {"Host": b"localhost:\xb2", "Origin": b"http://localhost:80"}):
+        assert http.get("/api/v1/sandbox/status", headers=odd).status_code == 401  # "\xb2" is a digit: was a 500
 
 
 def test_a_forwarded_for_header_is_not_believed(process_runtime: str) -> None:
@@ -697,6 +699,9 @@ def test_with_a_token_another_sites_page_is_no_concern_of_the_sites_check(proces
         assert http.get("/api/v1/sandbox/status", headers=site).status_code == 401  # no token
         served = http.get("/api/v1/sandbox/status", headers={**site, "Authorization": f"Bearer {TOKEN}"})
         assert served.status_code == 200
+        # Another site altogether is not, token or not (a gateway that adds it would serve any page).
+        cross = {"Sec-Fetch-Site": "cross-site", "Authorization": f"Bearer {TOKEN}"}
+        assert http.get("/api/v1/sandbox/status", headers=cross).status_code == 401
     assert daemon.stop() == 0, daemon.logs()
 
 

@@ -141,17 +141,22 @@ class HttpDoor:
             )
 
     def check_site(self, request: Request) -> None:
-        """Without a token, a request another site's page had a browser send is refused.
+        """A request another site's page had a browser send is refused (with a token, only one of
+        another site altogether).
 
         A page can have its visitor's browser send a request to this server (a form, an image,
         ``fetch`` in ``no-cors`` mode) with a body but none of its headers: without a token,
         nothing else tells it from a local program's. The browser says whose page asked: in
         ``Sec-Fetch-Site`` (``same-site`` is another port of this host: another local server's
         page), or, where it sends none, in ``Origin``, against ``Host``. A program that is no
-        browser sends neither header. (With a token, no other site's page can send it.)"""
-        if self.token is not None:
-            return
+        browser sends neither header."""
         site = request.headers.get("sec-fetch-site")
+        if self.token is not None:
+            # No other site's page can send the token, but a gateway that adds it for a page may:
+            # one of a sibling site (same-site) is served, another site's is not.
+            if site is not None and site.strip().lower() == "cross-site":
+                raise AuthenticationError("refused: a page of another site had a browser send this request")
+            return
         if site is not None:
             if site.strip().lower() not in SAME_SITE_FETCHES:
                 raise AuthenticationError(
@@ -216,7 +221,9 @@ def _origin_of(url: str) -> tuple[str, str, int] | None:
         host, port = rest, ""
     if not port:
         return scheme, host, 443 if scheme == "https" else 80
-    return (scheme, host, int(port)) if port.isdigit() else None
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):  # "²" is a digit too
+        return None
+    return scheme, host, int(port)
 
 
 def _small_answer(request: Request) -> bool:
