@@ -71,6 +71,7 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
                 assert not [n for n in names if n.startswith(("broken", "stalled"))]
                 assert "namer.time.convert_time" in names and "time.convert_time" not in names
                 assert not [n for n in names if n.endswith("name")]  # the one named "bad\\x1bname"
+                assert not [n for n in names if "hidden_enum" in n]  # escaped, its enum would be another's
                 # Dressed as time's: the title clients show first says whose it is; no terminal controls in
                 # what it says of itself; no icon the client would fetch from where the server chose.
                 dressed = tools["namer.time.convert_time"]

@@ -42,7 +42,7 @@ import time
 STALL = sys.argv[sys.argv.index("--stall") + 1] if "--stall" in sys.argv else None
 RESOURCE = sys.argv[sys.argv.index("--resource") + 1] if "--resource" in sys.argv else None
 TOOLS = ["snoop", "sleep", "garbage", "fork", "flood", "bloat", "unclosed", "redos", "nest", "echo", "count", "die",
-         "hog", "chatter", "escape", "refuse", "shout", "link", "hide"]  # fmt: skip
+         "hog", "chatter", "escape", "refuse", "shout", "link", "hide", "hidden_enum"]  # fmt: skip
 # Python's re tries every way to split the a's between the two branches before it fails at the "b".
 REDOS_SCHEMA = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a|aa)+$"}}}
 NAMES = sys.argv[sys.argv.index("--names") + 1].split(",") if "--names" in sys.argv else []
@@ -190,7 +190,11 @@ for line in sys.stdin:
     elif method == "tools/list":
         if "--ptrace-on-list" in sys.argv:
             ctypes.CDLL(None).ptrace(16, 1, 0, 0)
-        schemas = {"redos": {"outputSchema": REDOS_SCHEMA}}
+        schemas = {
+            "redos": {"outputSchema": REDOS_SCHEMA},
+            # An argument's value the server reads back, hidden text in it.
+            "hidden_enum": {"inputSchema": {"type": "object", "properties": {"q": {"enum": ["a\u202eb"]}}}},
+        }
         listed = [{"name": n, "inputSchema": {"type": "object"}, **schemas.get(n, {}),
                    **(DRESSED if n in NAMES else {})} for n in TOOLS + NAMES]  # fmt: skip
         result = {"tools": listed}

@@ -77,9 +77,11 @@ class Gateway:
             log.warning("MCP resource %s is offered by more than one server: by none here", printable(uri[:500]))
         # Only what a server may offer here is named: a tool its config does not expose takes no
         # name from another server's, and a name outside MCP's characters is not passed on.
-        exposed = {s: [t for t in tools if self.config.exposes(s, t.name) and _well_named(s, "tool", t.name)]
+        exposed = {s: [t for t in tools if self.config.exposes(s, t.name) and _well_named(s, "tool", t.name)
+                       and _plain_structure(s, "tool", t)]
                    for s, (tools, _, _) in found.items()}  # fmt: skip
-        kept = {s: [p for p in prompts if _well_named(s, "prompt", p.name)] for s, (_, _, prompts) in found.items()}
+        kept = {s: [p for p in prompts if _well_named(s, "prompt", p.name) and _plain_structure(s, "prompt", p)]
+                for s, (_, _, prompts) in found.items()}  # fmt: skip
         tool_names = _final_names({s: [t.name for t in tools] for s, tools in exposed.items()})
         prompt_names = _final_names({s: [p.name for p in prompts] for s, prompts in kept.items()})
         for server_id, (_, resources, _) in found.items():
@@ -242,15 +244,14 @@ def _as_offered(item: Any, name: str | None, server_id: str) -> Any:
             update={"title": f"{server_id}: {without_controls(annotations.title)}"}
         )
     # What a model reads beside the description (a schema's titles and descriptions, a prompt's
-    # arguments) or a client shows (a resource's type): the same, or hidden text reached it.
+    # arguments') or a client shows (a resource's type): the same, or hidden text reached it. What
+    # the server reads back (names, enums, patterns) is left as it is: _plain_structure checked it.
     for schema in ("input_schema", "output_schema"):
         if getattr(item, schema, None) is not None:
-            update[schema] = _shown(getattr(item, schema))
+            update[schema] = _readable(getattr(item, schema))
     if getattr(item, "arguments", None):
         update["arguments"] = [
-            a.model_copy(
-                update={k: without_controls(v) for k in ("name", "title", "description") if (v := getattr(a, k))}
-            )
+            a.model_copy(update={k: without_controls(v) for k in ("title", "description") if (v := getattr(a, k))})
             for a in item.arguments
         ]
     mime = getattr(item, "mime_type", None)
@@ -259,20 +260,62 @@ def _as_offered(item: Any, name: str | None, server_id: str) -> Any:
     return item.model_copy(update=update)
 
 
-_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]{0,63}/[A-Za-z0-9][\w.+-]{0,63}(; ?[\w.+-]{1,64}=[\w.+-]{1,64}){0,4}")
-SCHEMA_DEPTH = 32  # deeper than any schema a tool means: what lies below is left out
+_MEDIA_TYPE = re.compile(
+    r'[A-Za-z0-9][\w.+-]{0,63}/[A-Za-z0-9][\w.+-]{0,63}(; ?[\w.+-]{1,64}=("[\w .+/=-]{0,64}"|[\w.+-]{1,64})){0,4}',
+    re.ASCII,
+)
+SCHEMA_DEPTH = 64  # deeper than any schema a tool means: one deeper is left out
+_READ = frozenset({"title", "description", "$comment"})  # what people and models read in a schema
 
 
-def _shown(value: Any, depth: int = 0) -> Any:
-    """A JSON value with every string in it, keys too, without terminal controls or hidden text."""
+def _plain_structure(server_id: str, kind: str, item: Any) -> bool:
+    """Whether what the server reads back of a tool's schemas or a prompt's arguments (keys,
+    names, enums, patterns: all but what people read) holds no terminal controls or hidden
+    text, and its schemas nest no deeper than SCHEMA_DEPTH; one that does is left out, and said
+    once (escaped, it would ask for arguments the server does not know)."""
+    schemas = [getattr(item, n) for n in ("input_schema", "output_schema") if getattr(item, n, None) is not None]
+    found = next((f for f in map(_hidden_in, schemas) if f is not None), None)
+    for argument in getattr(item, "arguments", None) or []:
+        if found is None and without_controls(argument.name) != argument.name:
+            found = f"an argument named {argument.name[:64]!r}"
+    if found is None:
+        return True
+    log.warning("MCP server %s offers a %s %s with %s: left out", server_id, kind, printable(item.name[:200]),
+                printable(found))  # fmt: skip
+    return False
+
+
+def _hidden_in(value: Any, depth: int = 0) -> str | None:
+    """Where a schema's structure holds text ``without_controls`` would change, or nests past
+    SCHEMA_DEPTH (None: nowhere)."""
+    if depth > SCHEMA_DEPTH:
+        return f"a schema nested deeper than {SCHEMA_DEPTH}"
     if isinstance(value, str):
-        return without_controls(value)
-    if depth >= SCHEMA_DEPTH:
-        return None
+        return f"{value[:64]!r} in its schema" if without_controls(value) != value else None
     if isinstance(value, dict):
-        return {without_controls(str(k)): _shown(v, depth + 1) for k, v in value.items()}
+        for key, item in value.items():
+            if without_controls(str(key)) != key:
+                return f"a key {str(key)[:64]!r} in its schema"
+            if (key in _READ and isinstance(item, str)) or key == "examples":
+                continue  # read by people, shown escaped (_readable); a property so named is checked
+            if (found := _hidden_in(item, depth + 1)) is not None:
+                return found
+    elif isinstance(value, list):
+        return next((f for f in (_hidden_in(item, depth + 1) for item in value) if f is not None), None)
+    return None
+
+
+def _readable(value: Any, read: bool = False) -> Any:
+    """A schema with what people and models read in it (titles, descriptions, comments, examples)
+    without terminal controls or hidden text; ``read``: every string of ``value`` is such."""
+    if isinstance(value, str):
+        return without_controls(value) if read else value
+    if isinstance(value, dict):
+        return {
+            k: _readable(v, read or (k in _READ and isinstance(v, str)) or k == "examples") for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_shown(v, depth + 1) for v in value]
+        return [_readable(v, read) for v in value]
     return value
 
 

@@ -45,7 +45,7 @@ class _Sparing(logging.Filter):
         now = time.monotonic()
         if now - self._window >= 60:
             if self._left_out:
-                record.msg = f"{record.msg} ({self._left_out} such MCP client records left out in the last minute)"
+                record.msg = f"{record.msg} ({self._left_out} records of this log left out before it)"
             self._window, self._said, self._left_out = now, 0, 0
         self._said += 1
         if self._said > self.per_minute:
@@ -54,9 +54,12 @@ class _Sparing(logging.Filter):
         return True
 
 
-# The SDK's client session logs to "client".
-SDK_CLIENT_LOG = logging.getLogger("client")
-SDK_CLIENT_LOG.addFilter(_Sparing())
+# The SDK's loggers that what a server sends sets off (its client session logs to "client"),
+# each with a budget of its own: one flooded does not silence the others.
+SDK_LOGS = ("client", "mcp.shared.jsonrpc_dispatcher", "mcp.shared.dispatcher", "mcp.client.stdio",
+            "mcp.shared.tool_name_validation")  # fmt: skip
+for _name in SDK_LOGS:
+    logging.getLogger(_name).addFilter(_Sparing())
 
 MAX_LINE = 16 << 20  # one JSON-RPC message
 MAX_VALUES = 1_000_000  # JSON values in one message (~50-100 bytes each once parsed)
