@@ -308,8 +308,11 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
                 # Refused unread (a process of this uid failed authentication lately): a signed
                 # ping proves the connection, and the request goes again, signed afresh, once.
                 sock.sendall(auth.signed_line({"method": "ping", "params": {}, "id": _MSG_ID + 1}, token) + b"\n")
-                if _answer(reader.next()).get("result") != "pong":
-                    return fail("the stockade daemon refused this token's ping", "auth")
+                ping = _answer(reader.next())
+                if ping.get("error") is not None:
+                    return _report(args, {**ping, "id": _MSG_ID}, signed=True)  # its own refusal, as the run's
+                if ping.get("id") != _MSG_ID + 1 or ping.get("result") != "pong":
+                    return fail("the daemon sent an invalid response to a ping")
                 sock.sendall(auth.signed_line(request, token) + b"\n")
                 line = b""
                 continue

@@ -151,6 +151,11 @@ def test_a_signed_client_of_a_uid_that_failed_authentication_is_served_all_the_s
     )  # fmt: skip
     assert (cli.returncode, cli.stdout) == (0, "70000\n"), cli.stderr
     assert cli_daemon.UNPROVEN == UNPROVEN
+    # Each was refused unread first, and sent again (the answer log is written a moment after).
+    deadline = time.monotonic() + 30
+    while signed_daemon.logs().count(" refused unproven") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert signed_daemon.logs().count(" refused unproven") == 3, signed_daemon.logs()
 
 
 def test_a_signed_request_verifies_once_whatever_its_spacing() -> None:

@@ -105,12 +105,14 @@ class AsyncClient(Requests):
     ) -> Answer:
         attempts: Attempts | None = None  # made at the first failure: nothing to pay on the usual call
         wait = timeout or self.timeout
-        proved = False
+        proofs, prove = 0, False
         while True:
             # Each attempt is signed afresh: a nonce the daemon saw would be refused as a replay.
             reply = Reply(next(self._ids), on_output, signed=self._token is not None)
             line = request_line(method, params, reply.msg_id, self._token, streamed=on_output is not None)
             try:
+                if prove:  # a signed ping proves the connection the request then goes on
+                    await self._ping_signed(wait)
                 answer = await self._exchange(line, reply, wait, answer_type, method)
             except ConnectionLost as lost:
                 attempts = attempts or Attempts(self.retry, method)
@@ -118,11 +120,11 @@ class AsyncClient(Requests):
             else:
                 if answer.error is None:
                     return reply.outcome(answer)
-                if answer.error_code == UNPROVEN and self._token is not None and not proved:
-                    proved = True  # refused unread: a signed ping proves the connection, then again
-                    ping = Reply(next(self._ids), None, signed=True)
-                    line = request_line("ping", {}, ping.msg_id, self._token, streamed=False)
-                    ping.outcome(await self._exchange(line, ping, wait, Answer, "ping"))
+                # Refused unread (a process of this uid failed authentication lately): proved, then
+                # sent again; twice at most (the connection may be lost between the two).
+                prove = answer.error_code == UNPROVEN and self._token is not None and proofs < 2
+                if prove:
+                    proofs += 1
                     continue
                 attempts = attempts or Attempts(self.retry, method)
                 refused = attempts.after_refusal(answer.error_code, answer.error)
@@ -130,6 +132,11 @@ class AsyncClient(Requests):
                     return reply.outcome(answer)
                 pause = refused
             await asyncio.sleep(pause)
+
+    async def _ping_signed(self, wait: float) -> None:
+        reply = Reply(next(self._ids), None, signed=True)
+        line = request_line("ping", {}, reply.msg_id, self._token, streamed=False)
+        reply.outcome(await self._exchange(line, reply, wait, Answer, "ping"))
 
     async def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer], method: str) -> Answer:
         """One attempt: ``line`` sent, its answer read (``ConnectionLost`` when either fails)."""

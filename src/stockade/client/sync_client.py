@@ -131,12 +131,14 @@ class Client(Requests):
     ) -> Answer:
         attempts: Attempts | None = None  # made at the first failure: nothing to pay on the usual call
         wait = timeout or self.timeout
-        proved = False
+        proofs, prove = 0, False
         while True:
             # Each attempt is signed afresh: a nonce the daemon saw would be refused as a replay.
             reply = Reply(next(self._ids), on_output, signed=self._token is not None)
             line = request_line(method, params, reply.msg_id, self._token, streamed=on_output is not None)
             try:
+                if prove:  # a signed ping proves the connection the request then goes on
+                    self._ping_signed(wait)
                 answer = self._exchange(line, reply, wait, answer_type, method)
             except ConnectionLost as lost:
                 attempts = attempts or Attempts(self.retry, method)
@@ -144,9 +146,11 @@ class Client(Requests):
             else:
                 if answer.error is None:
                     return reply.outcome(answer)
-                if answer.error_code == UNPROVEN and self._token is not None and not proved:
-                    proved = True  # refused unread: a signed ping proves the connection, then again
-                    self._ping_signed(wait)
+                # Refused unread (a process of this uid failed authentication lately): proved, then
+                # sent again; twice at most (the connection may be lost between the two).
+                prove = answer.error_code == UNPROVEN and self._token is not None and proofs < 2
+                if prove:
+                    proofs += 1
                     continue
                 attempts = attempts or Attempts(self.retry, method)
                 refused = attempts.after_refusal(answer.error_code, answer.error)
