@@ -231,7 +231,7 @@ def _component_line(state: Any) -> str:
     exited = "last exit" if state.status in ("running", "starting") else "exit"  # a run before this one's
     # An error may carry words of the isolate's (a start that failed): no terminal controls.
     ended = f"{exited} {state.exit_code}" if state.exit_code is not None else ""
-    detail = printable(state.error) if state.error else ended
+    detail = " ".join(printable(state.error).split()) if state.error else ended  # one line of the table
     if state.published and state.status == "running":
         detail = " ".join(f"{where}->{port}" for port, where in sorted(state.published.items())) + (
             f"  {detail}" if detail else ""

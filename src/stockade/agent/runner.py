@@ -477,8 +477,9 @@ def apply_rlimits(limits: dict[str, Any]) -> None:
     ``cpu_soft_seconds`` lowers RLIMIT_CPU's soft limit below its hard one, so
     that the process gets SIGXCPU there, before SIGKILL at the hard limit.
     """
-    if resource.getrlimit(resource.RLIMIT_CORE) != (1, 1):  # 1: the process runtime's, for good (confine.py)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    core = resource.getrlimit(resource.RLIMIT_CORE)
+    if core != (1, 1):  # (1, 1): the process runtime's, for good (confine.py); 1 here too where it may be
+        resource.setrlimit(resource.RLIMIT_CORE, (1, 1) if core[1] != 0 else (0, 0))
     for key, which in RLIMITS.items():
         value = limits.get(key)
         if isinstance(value, int) and value >= 0:

@@ -475,7 +475,8 @@ def request_error(exc: ValidationError, what: str, model: Any = None) -> Invalid
     """pydantic's report on a request (``model``'s, where known) as the error that names each field it refuses."""
     parts: list[str] = []
     policy_only = True
-    for guessed, err in enumerate(exc.errors()):
+    guessed = 0
+    for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         policy_only = policy_only and bool(loc) and loc[0] == "policy"
         field = ".".join(loc) or what
@@ -484,7 +485,9 @@ def request_error(exc: ValidationError, what: str, model: Any = None) -> Invalid
             parts += [f"{field}.{part}" for part in str(cause).removeprefix("invalid policy: ").split("; ")]
             continue
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {message if err['type'] != 'extra_forbidden' else unknown_field(loc, model, guessed)}")
+        if err["type"] == "extra_forbidden":
+            message, guessed = unknown_field(loc, model, guessed), guessed + 1
+        parts.append(f"{field}: {message}")
     text = "; ".join(parts)[:2000]
     if policy_only:
         return PolicyError(f"invalid policy: {text.replace('policy.', '')}")

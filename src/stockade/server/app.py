@@ -152,12 +152,13 @@ def create_app(door: HttpDoor) -> FastAPI:
         parts, fields = [], set()
         body_field = getattr(request.scope.get("route"), "body_field", None)
         model = getattr(getattr(body_field, "field_info", None), "annotation", None)  # the route's body model
-        for guessed, err in enumerate(exc.errors()):
+        guessed = 0
+        for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
             fields.add(loc[0] if loc else "")
             said = str(err.get("msg", "")).removeprefix("Value error, ")
             if err.get("type") == "extra_forbidden" and loc:
-                said = unknown_field(loc, model, guessed)
+                said, guessed = unknown_field(loc, model, guessed), guessed + 1
             parts.append(f"{'.'.join(loc) or 'body'}: {said}")
         text = "; ".join(parts)[:2000]
         if fields <= POLICY_FIELDS:  # only the policy is wrong: answered as the other doors answer it
