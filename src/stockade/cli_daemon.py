@@ -361,7 +361,10 @@ def _report(args: Any, answer: dict[str, Any], signed: bool) -> int:
     clean = (
         reason == "completed"
         and not any(result.get(name) for name in ("security_violations", "unenforced_limits", "limits_reached"))
-        and not (isinstance(egress, list) and any(isinstance(r, dict) and r.get("reason") for r in egress))
+        and not (
+            isinstance(egress, list)
+            and any(isinstance(r, dict) and r.get("allowed") and r.get("reason") for r in egress)
+        )  # ExecResult.failed_egress, on its JSON
     )  # else through the ExecResult: its summary line says what failed
     if clean and not args.json and (exit_code is None or type(exit_code) is int):
         return exit_status("completed", exit_code)

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO, Literal
 from .errors import PolicyError, StockadeError
 from .owned_paths import check_owned
 
+STATE_WHAT = "components' state (STOCKADE_STATE_DIR)"  # as an owned_paths refusal names it
 Status = Literal["starting", "running", "stopped", "failed"]
 RestartPolicy = Literal["no", "on-failure", "always"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -83,7 +84,7 @@ class ComponentStore:
         self.root = os.path.join(root or state_dir(), "components")
         # Its files say what to run and which pid to signal, as this user, maybe root: no other
         # user may change them, nor swap a directory on the way (STOCKADE_STATE_DIR's parent).
-        check_owned(self.root, "components' state (STOCKADE_STATE_DIR)")
+        check_owned(self.root, STATE_WHAT)
 
     def path(self, name: str, *parts: str) -> str:
         return os.path.join(self.root, check_name(name), *parts)
@@ -108,7 +109,7 @@ class ComponentStore:
         """Record a new component ``name``. One of that name that has ended is kept, its spec and
         its last exit, unless ``replace``: a name is not taken over by accident (as Docker's)."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        check_owned(self.root, "components' state (STOCKADE_STATE_DIR)")  # what was made just now too
+        check_owned(self.root, STATE_WHAT)  # what was made just now too
         _check_own(self.root)
         directory = self.path(name)
         with contextlib.suppress(FileExistsError):

@@ -97,20 +97,21 @@ def store_root() -> str:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(base, "stockade", "envs")
     if root not in _owned_stores:
-        check_owned(root, "the environment store (STOCKADE_ENV_STORE)")
+        check_owned(root, STORE_WHAT)
         if os.path.isdir(root):
             _owned_stores.add(root)  # as it stays: no other user can change the way to it
     return root
 
 
 _owned_stores: set[str] = set()
+STORE_WHAT = "the environment store (STOCKADE_ENV_STORE)"  # as an owned_paths refusal names it
 
 
 def store_dir(*parts: str) -> str:
     """A folder of the store (made if need be)."""
     path = os.path.join(store_root(), *parts)
     os.makedirs(path, mode=0o755, exist_ok=True)
-    check_owned(path, "the environment store (STOCKADE_ENV_STORE)")  # what was made just now too
+    check_owned(path, STORE_WHAT)  # what was made just now too
     if os.geteuid() == 0:  # leased uids (runsc's gofer, QEMU) reach environments by path, whatever the umask
         for depth in range(len(parts) + 1):
             folder = os.path.join(store_root(), *parts[:depth])

@@ -119,6 +119,19 @@ def mountinfo_path(field: str) -> str:
     return field
 
 
+def mount_table() -> list[tuple[str, str, str, str]]:
+    """This process's mounts, in /proc/self/mountinfo's order: (device, its root mounted, mount
+    point, filesystem type) each."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        lines = f.read().decode(errors="surrogateescape").splitlines()
+    table = []
+    for line in lines:
+        fields = line.split(" ")
+        kind = fields[fields.index("-", 6) + 1]  # after the optional fields, which end with "-"
+        table.append((fields[2], mountinfo_path(fields[3]), mountinfo_path(fields[4]), kind))
+    return table
+
+
 def umount2(target: str, flags: int) -> None:
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 

@@ -218,12 +218,8 @@ def bind(source: str, target: str, writable: bool) -> None:
 
 def _mounts_at_or_below(target: str) -> list[str]:
     """The mount points at ``target`` and below it, as /proc/self/mountinfo lists them."""
-    points = []
-    for line in read_bytes("/proc/self/mountinfo").decode(errors="surrogateescape").splitlines():
-        point = linux.mountinfo_path(line.split(" ")[4])
-        if point == target or point.startswith(target.rstrip("/") + "/"):
-            points.append(point)
-    return points
+    below = target.rstrip("/") + "/"
+    return [point for _, _, point, _ in linux.mount_table() if point == target or point.startswith(below)]
 
 
 def _remount(target: str, flags: int) -> None:

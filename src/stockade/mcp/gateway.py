@@ -296,13 +296,19 @@ def _hidden_in(value: Any, depth: int = 0) -> str | None:
         for key, item in value.items():
             if without_controls(str(key)) != key:
                 return f"a key {str(key)[:64]!r} in its schema"
-            if (key in _READ and isinstance(item, str)) or key == "examples":
-                continue  # read by people, shown escaped (_readable); a property so named is checked
+            if _read_by_people(key, item):
+                continue  # shown escaped (_readable)
             if (found := _hidden_in(item, depth + 1)) is not None:
                 return found
     elif isinstance(value, list):
         return next((f for f in (_hidden_in(item, depth + 1) for item in value) if f is not None), None)
     return None
+
+
+def _read_by_people(key: str, value: Any) -> bool:
+    """Whether a schema's ``key`` holds what people and models read: a title, description or
+    comment (not a property so named, whose value is a schema), or examples."""
+    return (key in _READ and isinstance(value, str)) or key == "examples"
 
 
 def _readable(value: Any, read: bool = False) -> Any:
@@ -311,9 +317,7 @@ def _readable(value: Any, read: bool = False) -> Any:
     if isinstance(value, str):
         return without_controls(value) if read else value
     if isinstance(value, dict):
-        return {
-            k: _readable(v, read or (k in _READ and isinstance(v, str)) or k == "examples") for k, v in value.items()
-        }
+        return {k: _readable(v, read or _read_by_people(k, v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_readable(v, read) for v in value]
     return value

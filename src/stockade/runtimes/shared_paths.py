@@ -136,24 +136,13 @@ class _Mount:
     kind: str
 
 
-def _mount_table() -> list[_Mount]:
-    with open("/proc/self/mountinfo", "rb") as f:
-        lines = f.read().decode(errors="surrogateescape").splitlines()
-    table = []
-    for line in lines:
-        fields = line.split(" ")
-        kind = fields[fields.index("-", 6) + 1]
-        table.append(_Mount(fields[2], linux.mountinfo_path(fields[3]), linux.mountinfo_path(fields[4]), kind))
-    return table
-
-
 def _check_mounts(where: str, real: str) -> None:
     """What a share of ``real`` shows, from the mount it lies in and every mount below it, is of
     no filesystem in HOST_FILESYSTEMS (a chroot's /proc, or a path within one); and no mount below
     it shows files the host mounts only at paths no share may name (a bind of /run, /run/user/N
     or / below a directory). Files the host also mounts where a share may name them (/usr/share,
     beside a toolbox's /run/host/usr/share) are shared as that path would be."""
-    table = _mount_table()
+    table = [_Mount(*entry) for entry in linux.mount_table()]
     # The mount ``real`` lies in: the deepest mount point above it (the last mounted, of several).
     above = [(len(m.point), i) for i, m in enumerate(table) if _below(real, m.point, resolved=False)]
     if not above:  # a chroot, whose root is no mount it can see
