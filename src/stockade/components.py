@@ -79,6 +79,10 @@ class ComponentState:
     updated_at: float = field(default_factory=time.time)
 
 
+class NoComponent(StockadeError):
+    """No component of that name (or it was removed while this waited for its lock)."""
+
+
 class ComponentStore:
     def __init__(self, root: str | None = None) -> None:
         self.root = os.path.join(root or state_dir(), "components")
@@ -112,12 +116,9 @@ class ComponentStore:
         check_owned(self.root, STATE_WHAT)  # what was made just now too
         _check_own(self.root)
         directory = self.path(name)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(directory, 0o700)
-        _check_own(directory)  # one another user made there would be theirs to rewrite
         # Checked and written under the lock: two starts of one name at once would otherwise both
         # find it free, and the second's supervisor would run unrecorded, out of `stop`'s reach.
-        with self.locked(name):
+        with self._made_and_locked(name):
             try:
                 current: ComponentState | None = self.state(name)
             except StockadeError:
@@ -140,18 +141,45 @@ class ComponentStore:
             self.save(ComponentState(name, "starting"))
 
     @contextlib.contextmanager
+    def _made_and_locked(self, name: str) -> Iterator[None]:
+        """The component's directory, made if it is not there, and its lock."""
+        for _ in range(3):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.path(name), 0o700)
+            _check_own(self.path(name))  # one another user made there would be theirs to rewrite
+            with contextlib.ExitStack() as held:
+                try:
+                    held.enter_context(self.locked(name))
+                except NoComponent:
+                    continue  # removed (`rm`) while this waited for its lock: made anew
+                yield
+                return
+        raise StockadeError(f"component {name!r} was removed while it was being started; try again")
+
+    @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[None]:
         """The component's lock, held while its state is read and changed by more than one process
-        at once (``stop`` and its supervisor's start: neither acts on a state the other just left)."""
-        try:
-            fd = os.open(self.path(name, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            raise StockadeError(f"no component named {name!r}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        at once (``stop``, ``remove`` and its supervisor's start: none acts on a state another just left)."""
+        path = self.path(name, "lock")
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                raise NoComponent(f"no component named {name!r}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # A `remove` that held it took the file away with its directory: the lock got now
+                # is of no file anyone else will find, so take the one there now (or say it is gone).
+                held = os.fstat(fd)
+                try:
+                    there = os.lstat(path)
+                except FileNotFoundError:
+                    there = None
+                if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+                    yield
+                    return
+            finally:
+                os.close(fd)
 
     def spec(self, name: str) -> dict[str, Any]:
         with open(self.path(name, "spec.json")) as f:
@@ -168,7 +196,7 @@ class ComponentStore:
             with open(self.path(name, "state.json")) as f:
                 state = ComponentState(**json.load(f))
         except FileNotFoundError:
-            raise StockadeError(f"no component named {name!r}") from None
+            raise NoComponent(f"no component named {name!r}") from None
         if state.status in ("starting", "running"):
             if state.supervisor_pid is None:
                 if time.time() - state.updated_at > SUPERVISOR_START_S:
@@ -264,14 +292,19 @@ def stop(name: str, store: ComponentStore, timeout: float = 15.0) -> ComponentSt
 
 
 def remove(name: str, store: ComponentStore, force: bool = False) -> ComponentState:
-    """Delete the component: its state, spec and logs. A running one only with ``force`` (stopped first)."""
-    state = store.state(name)
-    if state.status in ("starting", "running"):
+    """Delete the component: its state, spec and logs. A running one only with ``force`` (stopped first).
+    Checked and deleted under its lock: a start of the name at the same moment is either kept whole
+    or removed whole, never left running with its record gone."""
+    for _ in range(3):
+        with store.locked(name):
+            state = store.state(name)
+            if state.status not in ("starting", "running"):
+                store.remove(name)
+                return state
         if not force:
             raise StockadeError(f"component {name!r} is {state.status}: stop it first, or rm --force")
-        state = stop(name, store)
-    store.remove(name)
-    return state
+        stop(name, store)
+    raise StockadeError(f"component {name!r} was started again while it was being removed; try again")
 
 
 def read_log(name: str, store: ComponentStore, tail_bytes: int | None = None) -> bytes:
@@ -379,12 +412,6 @@ def _same_process(pid: int | None, start_time: str | None) -> bool:
     return pid is not None and start_time is not None and _start_time(pid) == start_time
 
 
-if __name__ == "__main__":
-    from stockade.components_supervisor import main
-
-    sys.exit(main(sys.argv[1]))
-
-
 def component_publish(spec: str) -> str:
     """A component's ``--publish`` with its host side fixed: ``PORT`` is the same port on the host
     (a component's address should not change when it restarts), ``0:PORT`` any free one."""
@@ -394,3 +421,9 @@ def component_publish(spec: str) -> str:
     if spec.strip().isdigit():
         host_port = port
     return f"{address}:{host_port}:{port}"
+
+
+if __name__ == "__main__":
+    from stockade.components_supervisor import main
+
+    sys.exit(main(sys.argv[1]))

@@ -329,9 +329,10 @@ class _Session:
                             break
                     elif message.get("eof") is True:
                         job.close_stdin()
-                    elif isinstance(message.get("signal"), int):
-                        job.signal(message["signal"])
-                except (ValueError, TypeError):
+                    elif "signal" in message:
+                        job.signal(_signal_number(message["signal"]))
+                except (ValueError, TypeError) as exc:
+                    self.finish({"error": f"exec: a bad message ({exc}): its command was killed", "exit_code": None})
                     break
                 pump.wake()
         finally:
@@ -486,3 +487,10 @@ def stdout_writer(stream: str, data: bytes) -> None:
     out = sys.stdout if stream == "stdout" else sys.stderr
     out.buffer.write(data)
     out.flush()
+
+
+def _signal_number(value: object) -> int:
+    """A signal a client may send (a number the relay in the isolate takes: a file name's digits)."""
+    if type(value) is not int or not 0 < value < signal.NSIG:
+        raise ValueError(f"not a signal number: {value!r}")
+    return value

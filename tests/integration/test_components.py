@@ -3,6 +3,7 @@ their limit, a killed supervisor."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -732,3 +733,28 @@ def test_a_garbled_control_line_ends_its_session_and_frees_the_attach(cli: Cli, 
         assert b'"end": "detached"' in ended, ended
     attached = cli("attach", "held", stdin="hello\n")
     assert attached.returncode == 0 and "hello" in attached.stdout, attached
+
+
+def test_a_control_signal_that_is_no_signal_ends_the_session_and_leaves_no_file(cli: Cli, tmp_path: Path) -> None:
+    # -9 (or True, or 1000) was written into the relay's directory as a signal file it never took:
+    # left there for good, one per message.
+    assert cli("start", "--name", "box", "--", "sleep", "300").returncode == 0
+    _wait(lambda: _status(cli, "box")["status"] == "running")
+    for bad in (-9, True, 1000, "9"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(tmp_path / "components" / "box" / "control.sock"))
+            sock.sendall(b'{"op": "exec", "argv": ["sh", "-c", "echo started; exec sleep 300"], "stdin": false}\n')
+            reader = sock.makefile("rb")
+            while b"started" not in base64.b64decode(json.loads(reader.readline()).get("data", "")):
+                pass
+            sock.sendall(json.dumps({"signal": bad}).encode() + b"\n")
+            ended = reader.read()
+            assert b"a bad message" in ended and b"its command was killed" in ended, (bad, ended)
+    # Each killed command's relay takes its signal file, and its files go with it (those left are
+    # the listing's own).
+    def cleaned() -> bool:
+        names = cli("exec", "box", "--", "ls", "/tmp/.stockade-component").stdout.split()
+        return len({name.split(".")[0] for name in names}) <= 1 and not any(".k." in name for name in names)
+
+    _wait(cleaned, timeout=30)

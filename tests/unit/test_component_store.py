@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade.components import ComponentState, ComponentStore
+from stockade.components import ComponentState, ComponentStore, remove
 from stockade.errors import StockadeError
 
 
@@ -69,3 +69,71 @@ def _create_named(
         said.put("started")
     except StockadeError as exc:
         said.put(str(exc))
+
+
+def _remove_named(
+    root: str, name: str, go: multiprocessing.synchronize.Event, said: multiprocessing.Queue[str]
+) -> None:
+    go.wait(30)
+    try:
+        said.put(remove(name, ComponentStore(root)).status)
+    except StockadeError as exc:
+        said.put(str(exc))
+
+
+def test_a_remove_is_checked_and_done_under_the_components_lock(tmp_path: Path) -> None:
+    # It read the state unlocked, then deleted the directory: a start of the name in between ran
+    # with its record deleted under it, out of `stop`'s reach.
+    tmp_path.chmod(0o700)
+    store = ComponentStore(str(tmp_path))
+    store.create("held", ["true"], {}, "no")
+    store.save(ComponentState("held", "stopped"))
+    context = multiprocessing.get_context("fork")
+    said: multiprocessing.Queue[str] = context.Queue()
+    go = context.Event()
+    racer = context.Process(target=_remove_named, args=(str(tmp_path), "held", go, said))
+    racer.start()
+    with store.locked("held"):  # a start of it holds this while it records
+        go.set()
+        with pytest.raises(queue.Empty):
+            said.get(timeout=1)
+        assert store.state("held").status == "stopped"
+        store.save(ComponentState("held", "starting"))  # the start recorded, then lets go
+    said_after = said.get(timeout=30)
+    racer.join(30)
+    assert "is starting: stop it first" in said_after, said_after
+    assert store.state("held").status == "starting"  # kept whole
+
+
+def test_a_start_that_waited_for_a_removed_components_lock_makes_it_anew(tmp_path: Path) -> None:
+    # Its lock was of the directory `rm` deleted: it went on to write into a directory that was gone.
+    tmp_path.chmod(0o700)
+    store = ComponentStore(str(tmp_path))
+    store.create("held", ["true"], {}, "no")
+    store.save(ComponentState("held", "stopped"))
+    context = multiprocessing.get_context("fork")
+    said: multiprocessing.Queue[str] = context.Queue()
+    go = context.Event()
+    racer = context.Process(target=_create_named, args=(str(tmp_path), "held", go, said))
+    racer.start()
+    with store.locked("held"):  # as `rm` holds it while it deletes
+        go.set()
+        with pytest.raises(queue.Empty):
+            said.get(timeout=1)
+        store.remove("held")
+    assert said.get(timeout=30) == "started"
+    racer.join(30)
+    assert store.state("held").status == "starting"
+    assert store.spec("held")["argv"] == ["true"]
+
+
+def test_a_removed_component_is_gone_for_those_that_wait_for_its_lock(tmp_path: Path) -> None:
+    tmp_path.chmod(0o700)
+    store = ComponentStore(str(tmp_path))
+    store.create("held", ["true"], {}, "no")
+    store.save(ComponentState("held", "stopped"))
+    assert remove("held", store).status == "stopped"
+    with pytest.raises(StockadeError, match="no component named 'held'"):
+        remove("held", store)
+    with pytest.raises(StockadeError, match="no component named 'held'"), store.locked("held"):
+        pass
