@@ -751,6 +751,7 @@ def test_a_control_signal_that_is_no_signal_ends_the_session_and_leaves_no_file(
             sock.sendall(json.dumps({"signal": bad}).encode() + b"\n")
             ended = reader.read()
             assert b"a bad message" in ended and b"its command was killed" in ended, (bad, ended)
+
     # Each killed command's relay takes its signal file, and its files go with it (those left are
     # the listing's own).
     def cleaned() -> bool:

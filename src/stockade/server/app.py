@@ -54,7 +54,7 @@ from ..protocol.models import (
 from ..result import ExecResult
 from ..rpc.methods import read_request
 from . import sandboxfusion, seed
-from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response
+from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response, routed_path
 from .processes import RAW_BODY, add_process_routes
 from .sse import ClientDisconnected, event_stream, run_while_connected, until_disconnect
 
@@ -131,7 +131,7 @@ def create_app(door: HttpDoor) -> FastAPI:
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         # A fault of the daemon's own (or of a library under it, such as Ray's client): answered in
         # the API's shape, as the socket door answers it, and logged with its traceback there.
-        log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("internal error in %s %s", request.method, routed_path(request), exc_info=exc)
         return error_response(exc)
 
     @app.exception_handler(ClientDisconnected)

@@ -167,7 +167,7 @@ class HttpDoor:
         if origin is None:
             return
         page = _origin_of(origin)
-        if page is None or page != _origin_of(f"{request.url.scheme}://{host}"):
+        if page is None or page != _origin_of(f"{request.scope['scheme']}://{host}"):
             raise AuthenticationError(
                 f"refused: a page of another origin ({origin[:64]!r}, not this server's {host[:64]!r}) had a "
                 "browser send this request"
@@ -179,13 +179,13 @@ class HttpDoor:
             return True
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" and request.url.path in QUERY_TOKEN_PATHS:
+        if scheme.lower() != "bearer" and routed_path(request) in QUERY_TOKEN_PATHS:
             value, scheme = request.query_params.get("token", ""), "bearer"
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token)
 
     def refuse_token(self, request: Request) -> None:
-        self.observers.auth_failure("http", client_address(request), request.url.path)
-        if request.url.path in QUERY_TOKEN_PATHS:
+        self.observers.auth_failure("http", client_address(request), routed_path(request))
+        if routed_path(request) in QUERY_TOKEN_PATHS:
             raise AuthenticationError(
                 "Authentication failed: a valid 'Authorization: Bearer <token>' or '?token=<token>' is required"
             )
@@ -229,10 +229,18 @@ def _origin_of(url: str) -> tuple[str, str, int] | None:
 def _small_answer(request: Request) -> bool:
     """A control or status call (cancel, close, interrupt, status, a sandbox's description, the
     metrics): taken even while the HTTP API's unread answers fill its share, as on the socket."""
-    path = request.url.path
+    path = routed_path(request)
     if request.method == "DELETE" or path in ("/api/v1/sandbox/status", "/metrics") or path.endswith("/interrupt"):
         return True
     return request.method == "GET" and path.startswith("/api/v1/sandboxes/") and path.count("/") == 4
+
+
+def routed_path(request: Request) -> str:
+    """The path the router dispatches on: the request line's. Never ``request.url.path``, which a
+    Starlette before 1.0.1 rebuilt from the Host header (``Host: x/health?`` named an open path
+    while the router ran the asked one: CVE-2026-48710)."""
+    path: str = request.scope["path"]
+    return path
 
 
 def client_address(request: Request) -> str:
@@ -277,7 +285,7 @@ class Guard:
         request = Request(scope)
         try:
             _refuse_an_upgrade(request)
-            if request.url.path in OPEN_PATHS:
+            if routed_path(request) in OPEN_PATHS:
                 _refuse_a_body(request)  # answered to anyone: nothing of theirs is waited for
             else:
                 self.door.check_host(request)
@@ -308,7 +316,7 @@ class Guard:
             code = code or str(status)
             elapsed = time.monotonic() - started
             self.door.observers.request("http", name, code, elapsed)
-            if request.url.path not in QUIET_PATHS:  # as the socket's lines; never a body, a query or a token
+            if routed_path(request) not in QUIET_PATHS:  # as the socket's lines; never a body, a query or a token
                 log.info("http %s %s %s %s (%d) %.1fms", client_address(request), request.method, name, code,
                          status if headers_done else 499, elapsed * 1000)  # fmt: skip
 
@@ -354,7 +362,7 @@ def _refuse_a_body(request: Request) -> None:
     """An open route takes no body: one declared is refused before a byte of it is read."""
     length = request.headers.get("content-length", "0").strip()
     if not length.isdigit() or int(length) > 0 or "transfer-encoding" in request.headers:
-        raise InvalidRequestError(f"{request.url.path} takes no request body")
+        raise InvalidRequestError(f"{routed_path(request)} takes no request body")
 
 
 def _error_code(body: bytes) -> str | None:
