@@ -10,6 +10,7 @@ because the attack was broken.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -81,7 +82,9 @@ class _Qemu:
             if jail.seccomp_supported(argv[0]):
                 argv += ["-sandbox", jail.SECCOMP]
             argv[:0] = jail.prefix(uid, "tcg")
-            self.proc = spawn_in_cgroup(argv, None, **pipes, label="stockade-microvm", landlock=rules)
+            self.proc = spawn_in_cgroup(
+                argv, None, **pipes, label="stockade-microvm", landlock=rules, listens_only=True
+            )
         else:
             self.proc = subprocess.Popen(argv, **pipes, start_new_session=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -163,6 +166,86 @@ def test_a_jailed_qemu_cannot_open_host_files_outside_its_allow_list(scratch: st
         assert jailed.end() == 0
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+@pytest.fixture
+def host_service(scratch: str) -> Iterator[str]:
+    """A Unix socket any uid may connect to (as the system bus's, /dev/log's, or a rootless
+    user's own session bus is to its QEMU), listening in ``scratch``."""
+    path = os.path.join(scratch, "service.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen(8)
+    yield path
+    server.close()
+
+
+def test_a_jailed_qemu_connects_to_no_unix_socket_on_the_host(
+    scratch: str, host_service: str, qemu_uid: int | None
+) -> None:
+    # Landlock does not govern connect() to a path's socket, nor does a network namespace hold
+    # it: a QEMU taken over reached any host service's socket others may open (rootless: the
+    # user's session bus, and through it systemd --user).
+    rundir = _for_qemu(tempfile.mkdtemp(prefix="stockade-jail-run-"), qemu_uid)
+    try:
+        to_service = {"execute": "chardev-add", "arguments": {"id": "c", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": host_service}}, "server": False}}}}  # fmt: skip
+        free = _Qemu(False, rundir)
+        assert "return" in free.ask(to_service), "the attack itself does not work: the test would prove nothing"
+        free.end()
+        jailed = _Qemu(True, rundir, qemu_uid)
+        answer = jailed.ask(to_service)
+        assert "error" in answer and "Permission denied" in str(answer["error"]), answer
+        # ... while it still listens in its run directory, as the runtime's sockets do.
+        own = {"execute": "chardev-add", "arguments": {"id": "s", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": os.path.join(rundir, "own.sock")}}, "server": True,
+            "wait": False}}}}  # fmt: skip
+        assert "return" in jailed.ask(own), "a jailed QEMU must still listen in its run directory"
+        assert jailed.end() == 0
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+DATAGRAM_PROBE = r"""
+import json, socket, sys
+out = {}
+for name, make in (("socket", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)),
+                   ("socketpair", lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)[0])):
+    try:
+        make().sendto(b"from the jail", sys.argv[1]); out[name] = "sent"
+    except OSError as e:
+        out[name] = e.errno
+print(json.dumps(out))
+"""
+
+
+def test_a_jailed_qemu_sends_no_datagram_to_a_unix_socket_on_the_host(scratch: str, qemu_uid: int | None) -> None:
+    # A datagram needs no connect(): sendto() names the path (/dev/log, journald's socket).
+    path = os.path.join(scratch, "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+        log.bind(path)
+        os.chmod(path, 0o777)
+        argv = ["/usr/bin/python3", "-I", "-S", "-c", DATAGRAM_PROBE, path]
+        free = json.loads(_run(argv).stdout)
+        assert free == {"socket": "sent", "socketpair": "sent"}, "the attack itself does not work"
+        rundir = _for_qemu(tempfile.mkdtemp(prefix="stockade-jail-run-"), qemu_uid)
+        try:
+            rules = jail.file_rules(Policy(), _qemu(), rundir, rundir, ())
+            proc = spawn_in_cgroup(
+                [*jail.prefix(qemu_uid, "tcg"), *argv], None, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, label="stockade-microvm", landlock=rules, listens_only=True,
+            )  # fmt: skip
+            out, err = proc.communicate(timeout=_GUARD_S)
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+        assert proc.returncode == 0, err
+        assert json.loads(out) == {"socket": errno.EACCES, "socketpair": errno.EACCES}
+        log.setblocking(False)
+        got = [log.recv(64) for _ in range(2)]
+        assert got == [b"from the jail"] * 2  # the free probe's two, and nothing of the jailed one's
+        with pytest.raises(BlockingIOError):
+            log.recv(64)
 
 
 PROBE = r"""

@@ -58,9 +58,11 @@ def spawn_in_cgroup(
     label: str,
     pass_fds: tuple[int, ...] = (),
     landlock: list[tuple[str, int]] | None = None,
+    listens_only: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in ``cgroup``, under the host filter and ``landlock``'s (path, rights) rules
-    (None: no Landlock; ignored where the kernel has none), in a session of its own."""
+    (None: no Landlock; ignored where the kernel has none), in a session of its own.
+    ``listens_only``: it connects to no socket (``seccomp.host_program``)."""
     joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
     started: list[subprocess.Popen[bytes]] = []
     failure: list[BaseException] = []
@@ -70,7 +72,7 @@ def spawn_in_cgroup(
             # A filter, or restrict_self, needs no_new_privs without CAP_SYS_ADMIN (root in a
             # container may lack it); nothing runsc or QEMU start needs to gain privileges.
             linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-            linux.seccomp_install(seccomp.host_program())
+            linux.seccomp_install(seccomp.host_program(listens_only))
             if landlock is not None and LANDLOCK_ABI:
                 linux.landlock_restrict(LANDLOCK_ABI, landlock, deny_tcp=True, scope=True)
             started.append(

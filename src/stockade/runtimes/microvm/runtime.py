@@ -355,6 +355,7 @@ class MicrovmRuntime(PooledRuntime[MicrovmSandbox]):
                 proc = spawn_in_cgroup(
                     cmd, cgroup, stdin=subprocess.DEVNULL, stdout=err, stderr=err, label="stockade-microvm",
                     pass_fds=(*boot_fds, *(() if state_fd is None else (state_fd,))), landlock=rules,
+                    listens_only=True,
                 )  # fmt: skip
             finally:
                 for fd in boot_fds:

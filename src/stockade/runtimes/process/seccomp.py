@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import struct
 from dataclasses import dataclass, replace
 from functools import cache
@@ -334,21 +335,39 @@ _HOST_SOCKET_FAMILIES = (
 _SKIPPED_ON_HOST = ("chmod", "fchmod", "fchmodat", "fchmodat2")
 
 
+# A program that only listens (QEMU: its QMP and agent sockets are servers) reaches no socket by
+# its path: a network namespace of its own holds no filesystem's sockets, and Landlock does not
+# govern connecting to them (a host service's, the user's session bus, a rootless daemon's).
+# connect() is refused, and so are the datagram sockets that would send to a path without it.
+_LISTENS_ONLY = (
+    Rule("connect", "errno", "HIGH", "a program that only listens connects to nothing", errno=errno.EACCES,
+         report=False),
+    Rule("socket", "errno", "HIGH", "a unix datagram socket sends to any path", errno=errno.EACCES,
+         report=False, when=[{"arg": 0, "op": "eq", "value": 1}, {"arg": 1, "op": "masked_eq", "mask": 0xF,
+                                                                    "value": socket.SOCK_DGRAM}]),
+    Rule("socketpair", "errno", "HIGH", "a unix datagram socket sends to any path", errno=errno.EACCES,
+         report=False, when={"arg": 1, "op": "masked_eq", "mask": 0xF, "value": socket.SOCK_DGRAM}),
+)  # fmt: skip
+
+
 @cache
-def host_program() -> bytes:
+def host_program(listens_only: bool = False) -> bytes:
     """BPF for the host programs that hold an isolate (runsc, with its Sentry and gofer; QEMU):
     the profile's set-ID rules (a file made with such a mode: EPERM; a mode changed to one:
     skipped), the calls whose mode it cannot read, socket families beyond unix, inet, inet6 and
     netlink (EAFNOSUPPORT), every call through another ABI and every
     number the table does not name (ENOSYS, as from a kernel without them); anything else is
     allowed, the program's own filter deciding. The outer wall: it holds should the Sentry or
-    the guest's kernel fall, as the filters inside them then no longer would."""
+    the guest's kernel fall, as the filters inside them then no longer would.
+    ``listens_only`` (QEMU's; runsc's gofer and Sentry connect to each other): no connect(), and
+    no unix datagram socket (EACCES)."""
     rules = tuple(
         replace(r, action="errno", errno=0 if r.syscall in _SKIPPED_ON_HOST else errno.EPERM, report=False)
         for r in set_id_rules()
     )
+    rules += _UNREADABLE_MODES + _HOST_SOCKET_FAMILIES + (_LISTENS_ONLY if listens_only else ())
     enosys = RET_ERRNO | errno.ENOSYS
-    return compile_profile(rules + _UNREADABLE_MODES + _HOST_SOCKET_FAMILIES, unknown=enosys, other=enosys)
+    return compile_profile(rules, unknown=enosys, other=enosys)
 
 
 def rule_for(nr: int, args: tuple[int, ...]) -> Rule | None:
