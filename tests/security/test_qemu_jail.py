@@ -207,6 +207,58 @@ def test_a_jailed_qemu_connects_to_no_unix_socket_on_the_host(
         shutil.rmtree(rundir, ignore_errors=True)
 
 
+RUNDIR_PROBE = r"""
+import json, os, socket, sys
+rundir, out = sys.argv[1], {}
+for name, make in (("file", lambda p: open(p, "w").close()), ("directory", os.mkdir),
+                   ("link", lambda p: os.symlink("x", p)), ("fifo", os.mkfifo)):
+    try:
+        make(os.path.join(rundir, name)); out[name] = "made"
+    except OSError as e:
+        out[name] = e.errno
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(os.path.join(rundir, "own.sock")); sock.listen(1)
+out["socket"] = "listening"
+os.unlink(os.path.join(rundir, "own.sock"))
+with open(os.path.join(rundir, "console"), "w") as f:  # the FIFO the host made, as QEMU opens its -serial file:
+    f.write("console")
+out["console"] = "written"
+print(json.dumps(out))
+"""
+
+
+def test_a_jailed_qemu_makes_no_file_in_its_run_directory(scratch: str, qemu_uid: int | None) -> None:
+    # Its run directory allowed everything: taken over, it filled the host's disk there, past
+    # every limit of the VM's. Its sockets and the console FIFO the host made are all it needs.
+    if not jail.LANDLOCK_ABI:
+        pytest.skip("this kernel has no Landlock")
+    rundir = _for_qemu(tempfile.mkdtemp(prefix="stockade-jail-run-"), qemu_uid)
+    try:
+        os.mkfifo(os.path.join(rundir, "console"), 0o600)
+        _for_qemu(os.path.join(rundir, "console"), qemu_uid)
+        reader = os.open(os.path.join(rundir, "console"), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            rules = jail.file_rules(Policy(), _qemu(), rundir, rundir, ())
+            proc = spawn_in_cgroup(
+                [*jail.prefix(qemu_uid, "tcg"), "/usr/bin/python3", "-I", "-S", "-c", RUNDIR_PROBE, rundir], None,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, label="stockade-microvm",
+                landlock=rules, listens_only=True,
+            )  # fmt: skip
+            out, err = proc.communicate(timeout=_GUARD_S)
+            assert os.read(reader, 64) == b"console"
+        finally:
+            os.close(reader)
+        assert proc.returncode == 0, err
+        refused = errno.EACCES
+        assert json.loads(out) == {
+            "file": refused, "directory": refused, "link": refused, "fifo": refused,
+            "socket": "listening", "console": "written",
+        }  # fmt: skip
+        assert sorted(os.listdir(rundir)) == ["console"]
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
 DATAGRAM_PROBE = r"""
 import json, socket, sys
 out = {}

@@ -182,6 +182,9 @@ _PROGRAMS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")  # its own program and l
 _CONFIG = ("/etc/ld.so.cache", "/etc/ld.so.preload", "/etc/gnutls", "/etc/libnl", "/etc/selinux", "/etc/qemu")
 # CPUs, NUMA nodes, huge-page and KVM module settings, its own status: all world-readable.
 _KERNEL_VIEWS = ("/proc", "/sys/devices/system", "/sys/bus", "/sys/kernel/mm", "/sys/module")
+RUNDIR_RIGHTS = (
+    _READ | linux.LL_WRITE_FILE | linux.LL_TRUNCATE | linux.LL_MAKE_SOCK | linux.LL_REMOVE_FILE
+)  # fmt: skip
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom", "/dev/random", "/dev/kvm")
 
 
@@ -202,7 +205,10 @@ def file_rules(
     # would let it write sysctls.
     rules.append(("/proc", _READ | linux.LL_WRITE_FILE))
     rules += [(path, _READ | linux.LL_WRITE_FILE | linux.LL_IOCTL_DEV) for path in _DEVICES]
-    rules.append((rundir, everything))  # its sockets and the guest's console log
+    # Its run directory: its sockets (made, and removed as it closes them) and the console's
+    # FIFO, which the host made. No file or directory of its own: taken over, it could otherwise
+    # fill the host's disk there, outside every limit the VM has.
+    rules.append((rundir, RUNDIR_RIGHTS))
     # The shell that starts QEMU writes its own pid into the isolate's cgroups first.
     rules += [(path, linux.LL_WRITE_FILE | linux.LL_TRUNCATE) for path in cgroup_files]
     rules += [(m.source, everything if m.writable else _READ) for m in policy.filesystem_access]
