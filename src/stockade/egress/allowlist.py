@@ -108,7 +108,7 @@ class Allowlist:
 
     def rule_for(self, host: str, port: int) -> HostRule | None:
         """The rule that lets ``host`` (a name or an address's text) be reached on ``port``, or None."""
-        wanted = _canonical(host)
+        wanted = canonical_host(host)
         address = _address(wanted)
         for rule in self.rules:
             if address is not None and rule.address != address:
@@ -172,7 +172,11 @@ def host_address(address: IPAddress) -> bool:
         return False  # no route to it from here (or no IPv6 on this host at all: none of its own)
 
 
-def _canonical(host: str) -> str:
+def canonical_host(host: str) -> str:
+    """A target's host as the rules are written: an address's canonical text (``[0:0::1]`` is
+    ``::1``), a name lowercased without its trailing dot. Every check of a host, the secrets'
+    bindings too, and its record take this one form: another spelling of a bound address would
+    otherwise be a host no secret is bound to, its replies passed on unredacted."""
     address = _address(host.strip("[]"))
     return str(address) if address is not None else normalise_name(host)
 

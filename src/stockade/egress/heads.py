@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import h11
 
-from .allowlist import normalise_name
+from .allowlist import canonical_host
 
 
 def head_size(request: h11.Request) -> int:
@@ -29,7 +29,7 @@ def split_authority(target: str, default_port: int) -> tuple[str, int]:
         port = int(number)
     if not 0 < port < 65536:
         return "", 0
-    return normalise_name(host), port
+    return canonical_host(host), port
 
 
 # Request headers a bound host never gets from the isolate: its own Host (set from the tunnel's

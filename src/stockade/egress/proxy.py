@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import h11
 
 from ..result import EgressRequest
-from .allowlist import normalise_name
+from .allowlist import canonical_host
 from .dns import NameService
 from .gate import Flow, Gate
 from .heads import end_to_end, for_bound_host, head_size, split_authority
@@ -239,21 +239,29 @@ class _Exchange:
     ) -> None:
         """TLS with the isolate (the sandbox's CA) and with the host (verified), HTTP between."""
         assert self.gate.ca is not None
+
+        def failed(reason: str) -> None:
+            # Allowed, and not reached as asked: in the account as a failure (the tunnel was opened
+            # upstream), never as a refusal, which counts against the isolate (an upstream with a
+            # bad certificate would otherwise be the code's violation, and end a run that kills).
+            self.gate.record(EgressRequest(host=host, port=port, method="CONNECT", scheme="https", allowed=True,
+                                           reason=reason))  # fmt: skip
+
         if leftover:  # a client speaks TLS only once told the tunnel is open: this one did not wait
+            failed("the isolate sent data before the tunnel was open")
             up_writer.transport.abort()
             return
         try:
             await self.writer.start_tls(self.gate.ca.server_context(host))
         except (ssl.SSLError, ConnectionError, OSError) as exc:
-            log.info("egress: TLS with the isolate for %s failed: %s", host, exc)
+            failed(f"TLS with the isolate failed (does it trust the sandbox's CA?): {exc}")
             up_writer.transport.abort()
             return
         try:
             await up_writer.start_tls(upstream_context(self.gate.upstream_ca), server_hostname=host)
         except (ssl.SSLError, ConnectionError, OSError) as exc:
             reason = f"upstream TLS failed: {exc}"
-            self.gate.record(EgressRequest(host=host, port=port, method="CONNECT", scheme="https", allowed=False,
-                                           reason=reason))  # fmt: skip
+            failed(reason)
             client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
             with contextlib.suppress(Exception):
                 if isinstance(await _next_event(client, self.reader), h11.Request):
@@ -305,7 +313,7 @@ class _Exchange:
             # connection is, or one kept-alive connection would make them past the isolate's rate.
             await self._answer(client, 429, "past this sandbox's rate of new connections")
             return False
-        host = normalise_name(hostname)
+        host = canonical_host(hostname)
         try:
             up_reader, up_writer = await self._open(host, port)
         except Refused as exc:
