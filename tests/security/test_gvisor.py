@@ -417,3 +417,29 @@ def test_a_run_ends_when_the_agents_wake_ups_are_stolen(gvisor: str, manager: Ru
             r = sb.exec(["sh", "-c", "exit 3"], timeout=20)
             assert r.termination_reason == "completed" and r.exit_code == 3, r.summary()
             assert time.monotonic() - started < 15  # not its timeout
+
+
+def test_a_start_that_fails_after_the_sandbox_owns_its_parts_releases_them_once(
+    gvisor: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The failed start released its parts, and left the sandbox open: collected, it released them
+    # all again (the uids' leases, the cgroup, runsc's state).
+    import gc
+
+    from stockade.errors import SandboxStartError
+    from stockade.runtimes import gvisor as gvisor_runtime
+    from stockade.runtimes import hosted
+
+    ended: list[object] = []
+    real_end = hosted._end_isolate
+    monkeypatch.setattr(hosted, "_end_isolate", lambda *args: (ended.append(args[0]), real_end(*args))[1])
+
+    def no_answer(self: object, timeout: float = 0) -> None:
+        raise TimeoutError("no pong")
+
+    monkeypatch.setattr(gvisor_runtime.GvisorSandbox, "ping", no_answer)
+    runtime = gvisor_runtime.GvisorRuntime()
+    with pytest.raises(SandboxStartError, match="did not start"):
+        runtime.start(Policy())
+    gc.collect()
+    assert len(ended) == 1, ended

@@ -37,6 +37,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -100,6 +101,21 @@ def state_root() -> str:
     if os.getuid() == 0:
         return "/run/stockade/runsc"
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"stockade-runsc-{os.getuid()}")
+
+
+def made_state_root(root: str) -> str:
+    """``root``, made if need be, once it is known to be this user's alone: runsc keeps each
+    container's state there (its pids among it), and ``runsc delete`` acts on what it finds. A
+    directory another user made first (``/tmp/stockade-runsc-UID`` without XDG_RUNTIME_DIR) would
+    let them plant state that has runsc signal a pid of their choosing."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SandboxStartError(
+            f"{root} (runsc's state) must be a directory owned by uid {os.geteuid()} with mode 0700; it is "
+            f"{stat.filemode(st.st_mode)} owned by uid {st.st_uid} (set XDG_RUNTIME_DIR, or remove it)"
+        )
+    return root
 
 
 class GvisorSandbox(HostedSandbox):
@@ -278,7 +294,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
             if cgroup is not None:
                 _apply_limits(cgroup, policy, setup=True)
-            os.makedirs(self._root, mode=0o700, exist_ok=True)
+            made_state_root(self._root)
             # Only the Sentry logs (--debug-command=boot), into a FIFO the host drains, opened
             # here first so that runsc's open of it does not wait for a reader.
             log_path = os.path.join(bundle, SENTRY_LOG)
@@ -318,13 +334,14 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             return sandbox
         except BaseException:
             guest.close()
+            if sandbox is not None:
+                sandbox.close()  # it owns every part; closed, it is not released again when collected
+                raise
             host.close()
             # runsc's sandbox and gofer go first (as _release does): without a cgroup, the
             # uids are given back once nothing runs as them, and runsc made those processes.
             _runsc_delete(self._root, container_id)
             abandon_start(proc, cgroup, bundle, uids)
-            if sandbox is not None:
-                sandbox._forget_logs()
             for fd in (log_fd, err_fd):
                 if fd >= 0:
                     os.close(fd)
@@ -444,7 +461,7 @@ def _probe_platform(runsc: str, root: str, platform: str) -> float | None:
         config["process"]["args"] = _PROBE_ARGV
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump(config, f)
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        made_state_root(root)
         best: float | None = None
         for _ in range(2):
             started = time.monotonic()
@@ -476,9 +493,9 @@ _STATE = re.compile(r"(?:^|:)(stockade-(?:probe-)?(\d+)-[a-z0-9]+)\.(?:state|loc
 def _sweep_state(root: str) -> None:
     """Delete containers whose stockade process is gone (a SIGKILLed host's leftovers)."""
     try:
-        names = os.listdir(root)
-    except OSError:
-        return
+        names = os.listdir(made_state_root(root))
+    except (OSError, SandboxStartError):
+        return  # none, or not this user's to act on (a start says why)
     for name in names:
         match = _STATE.search(name)
         if match is None:
