@@ -429,7 +429,9 @@ def test_what_one_run_writes_to_the_log_is_bounded_whatever_its_code_did(tmp_pat
     from stockade.result import EgressRequest, ExecResult, SecurityViolation
 
     violations = [SecurityViolation(violation_type="syscall_blocked", detection_layer="SECCOMP", description="x")] * 40
-    requests = [EgressRequest(host="h.test", port=443, method="GET", allowed=True)] * 100
+    # Each as long as the code can make it: a path, a method, a name, and the reason it failed.
+    long = "x" * 4000
+    requests = [EgressRequest(host=long, port=443, method=long, path=long, allowed=True, reason=long)] * 100
     result = ExecResult(success=False, termination_reason="violation", runtime_used="process", policy_digest="d",
                         security_violations=violations, violation_counts={"syscall_blocked": 45},
                         violations_dropped=5, egress_requests=requests, egress_requests_dropped=7)  # fmt: skip
@@ -443,6 +445,8 @@ def test_what_one_run_writes_to_the_log_is_bounded_whatever_its_code_did(tmp_pat
     (execution,) = [r for r in records if r["event"] == "execution"]
     assert len(execution["egress"]) == observers.MAX_AUDITED_EGRESS
     assert execution["egress_dropped"] == 7 + 100 - observers.MAX_AUDITED_EGRESS
+    assert len(execution["egress"][0]["path"]) < 300
+    assert (tmp_path / "audit.log").stat().st_size < 128 * 1024  # the whole run's records
     assert records[-1]["dropped"] == 5 + 40 - observers.MAX_AUDITED_VIOLATIONS
     assert records[-1]["counts"] == {"syscall_blocked": 45}
 

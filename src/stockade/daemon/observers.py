@@ -36,6 +36,10 @@ log = logging.getLogger("stockade.daemon")
 # code chooses how many it makes: listed without end, a loop of refused syscalls wrote 2 MB a
 # second and aged every other tenant's history out of the rotated files within minutes.)
 MAX_AUDITED_VIOLATIONS, MAX_AUDITED_EGRESS = 16, 64
+# An egress entry's texts, which the code chooses (a path, a method, a host that does not
+# resolve): cut shorter than the log's own cut, so that a run's record stays tens of KiB and a
+# tenant's loop of runs cannot age everyone else's history out of the rotated files as fast.
+MAX_AUDITED_TEXT = 256
 AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST = 1.0, 60.0  # auth_failure records of a door, from all its peers
 REFUSED_PER_S, REFUSED_BURST = 1.0, 60.0  # records of refused administrative acts, per owner
 
@@ -300,13 +304,13 @@ def _egress_fields(requests: list[EgressRequest], dropped: int, redactions: int)
     listed = requests[:MAX_AUDITED_EGRESS]
     kept = [
         {
-            "host": r.host,
+            "host": _short(r.host),
             "port": r.port,
-            "method": r.method,
-            "path": r.path,
+            "method": _short(r.method),
+            "path": _short(r.path),
             "scheme": r.scheme,
             "allowed": r.allowed,
-            "reason": r.reason or None,
+            "reason": _short(r.reason) or None,
             "status": r.status,
             "bytes_sent": r.bytes_sent,
             "bytes_received": r.bytes_received,
@@ -316,3 +320,9 @@ def _egress_fields(requests: list[EgressRequest], dropped: int, redactions: int)
         for r in listed
     ]
     return {"egress": kept, "egress_dropped": dropped + len(requests) - len(listed), "redactions": redactions}
+
+
+def _short(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_AUDITED_TEXT:
+        return text
+    return f"{text[:MAX_AUDITED_TEXT]}...[cut {len(text) - MAX_AUDITED_TEXT} chars]"

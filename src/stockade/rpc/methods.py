@@ -9,6 +9,7 @@ broker). A door parses the request with ``read_request``, then answers at once
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -82,6 +83,11 @@ async def answer(
         result = await method.call(handler, request, caller, on_output)
     except Exception as exc:
         observers.admin(caller, method.name, target, refused=error_code(exc))
+        raise
+    except asyncio.CancelledError:
+        # Its caller went away (or the daemon is stopping) before it ended: on the record too,
+        # said as such (it may have taken effect, in part or whole).
+        observers.admin(caller, method.name, target, cancelled=True)
         raise
     observers.admin(caller, method.name, target)
     return result
