@@ -35,6 +35,12 @@ from stockade.policy import Policy
         ("10.0.0.5", "10.0.0.5", 22, True),
         ("*.0.10", "10.1.0.10", 80, False),  # a name's wildcard never lets an address through
         ("*.example.com", "::ffff:10.0.0.1", 80, False),
+        # A name only as a host names it: an escaped dot read as text matched the wildcard, while a
+        # resolver takes "x\.co" for one label under .uk (not under .co.uk).
+        ("*.co.uk", "x\\.co.uk", 443, False),
+        ("*.co.uk", "x.co.uk", 443, True),
+        ("*.example.com", "a b.example.com", 443, False),
+        ("[0::1]:443", "0:0:0:0:0:0:0:1", 443, True),  # an address in any spelling
     ],
 )
 def test_rules_match_names_wildcards_addresses_and_ports(rule: str, host: str, port: int, matches: bool) -> None:
@@ -313,6 +319,40 @@ def test_a_dns_query_dropped_unanswered_is_counted() -> None:
     service.pending = {object() for _ in range(dns.MAX_PENDING)}  # type: ignore[misc]
     service.datagram_received(b"\0" * 20, ("127.0.0.1", 5353))
     assert gate.take_records() == ([], 3)
+
+
+def test_a_dns_response_sent_as_a_query_is_dropped_and_an_escaped_name_refused() -> None:
+    import asyncio
+
+    import dns.message
+    import dns.rcode
+
+    from stockade.egress import dns as name_service
+
+    gate = Gate(Policy(network_policy="allowlist", allowed_hosts=["*.co.uk"]), {})
+    looked_up: list[str] = []
+
+    async def resolve(name: str) -> list[object]:
+        looked_up.append(name)
+        return []
+
+    service = name_service.NameService(gate, resolve)
+    answered: list[bytes] = []
+    service.transport = type("T", (), {"sendto": lambda self, data, addr: answered.append(data)})()  # type: ignore[assignment]
+    response = dns.message.make_response(dns.message.make_query("x.co.uk", "A"))
+    asyncio.run(service._answer(response.to_wire(), ("127.0.0.1", 5353)))  # raised in its task, unanswered
+    assert answered == [] and gate.take_records() == ([], 1)
+    asyncio.run(service._answer(dns.message.make_query("x\\.co.uk", "A").to_wire(), ("127.0.0.1", 5353)))
+    assert looked_up == [] and dns.message.from_wire(answered[0]).rcode() == dns.rcode.REFUSED
+    (refused,), _ = gate.take_records()
+    assert not refused.allowed
+
+
+def test_a_scoped_ipv6_address_is_no_host_the_policy_names() -> None:
+    # "fe80::1%eth0" passed for fe80::1 in a named network: the caller chose the interface.
+    allowlist = Allowlist([], ["fe80::/10"])
+    assert allowlist.rule_for("fe80::1", 80) is not None
+    assert allowlist.rule_for("fe80::1%eth0", 80) is None
 
 
 def test_a_flow_taken_open_is_said_to_close_even_when_it_moved_nothing_more() -> None:

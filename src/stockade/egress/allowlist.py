@@ -89,6 +89,13 @@ def parse_network(text: str) -> IPNetwork:
         raise ValueError(f"allowed CIDR {text!r} is not an address or network (e.g. 10.0.0.0/8)") from None
 
 
+def is_host_name(name: str) -> bool:
+    """Whether ``name`` (normalised) is a host's name: labels of letters, digits, ``-`` and ``_``.
+    Nothing else is checked against a rule: ``x\\.co.uk`` matched ``*.co.uk`` as text, and a
+    resolver reads its escaped dot as part of a label (a name under .uk, not under .co.uk)."""
+    return len(name) <= 253 and _NAME.fullmatch(name) is not None
+
+
 def normalise_name(host: str) -> str:
     return host.strip().lower().rstrip(".")
 
@@ -110,6 +117,10 @@ class Allowlist:
         """The rule that lets ``host`` (a name or an address's text) be reached on ``port``, or None."""
         wanted = canonical_host(host)
         address = _address(wanted)
+        if address is None and not is_host_name(wanted):
+            return None
+        if getattr(address, "scope_id", None):
+            return None  # "fe80::1%eth0": the caller would choose the interface
         for rule in self.rules:
             if address is not None and rule.address != address:
                 continue  # an address is let through by its own rule or a network, never a name's (*.0.10)

@@ -25,7 +25,7 @@ import dns.rdatatype
 import dns.rrset
 
 from ..result import EgressRequest
-from .allowlist import normalise_name
+from .allowlist import is_host_name, normalise_name
 from .gate import Gate
 
 log = logging.getLogger("stockade.egress")
@@ -60,10 +60,10 @@ class NameService(asyncio.DatagramProtocol):
     async def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
             query = dns.message.from_wire(data)
+            reply = dns.message.make_response(query)  # refuses a response (QR set) as a query
         except (dns.exception.DNSException, ValueError):
             self.gate.drop()  # not a query: unanswered, counted
             return
-        reply = dns.message.make_response(query)
         if len(query.question) != 1:
             reply.set_rcode(dns.rcode.FORMERR)
         else:
@@ -74,7 +74,8 @@ class NameService(asyncio.DatagramProtocol):
     async def _fill(self, question: dns.rrset.RRset, reply: dns.message.Message) -> None:
         name = normalise_name(question.name.to_text())
         kind = dns.rdatatype.to_text(question.rdtype)
-        if self.gate.allowlist.rule_for(name, 0) is None and not self._named_any_port(name):
+        allowed = is_host_name(name) and (self.gate.allowlist.rule_for(name, 0) or self._named_any_port(name))
+        if not allowed:
             reply.set_rcode(dns.rcode.REFUSED)
             self.gate.record(EgressRequest(host=name, port=DNS_PORT, method=f"QUERY {kind}", scheme="dns",
                                            allowed=False, reason=f"{name} is not in allowed_hosts"))  # fmt: skip
