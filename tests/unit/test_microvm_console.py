@@ -35,6 +35,22 @@ def test_oom_reports_are_counted_once_however_the_console_is_cut(tmp_path: os.Pa
     assert output.count_oom_kills() == 3
 
 
+def test_a_process_named_like_a_report_counts_no_kill(tmp_path: os.PathLike[str]) -> None:
+    # Matched anywhere in a line, a process named "oom-kill:" made one kill count as three.
+    output = QemuOutput(str(tmp_path))
+    try:
+        with open(os.path.join(str(tmp_path), CONSOLE), "ab", buffering=0) as console:
+            console.write(
+                b"[   12.3] oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),task=oom-kill:,pid=321,uid=1000\r\n"
+                b"[   12.4] Out of memory: Killed process 321 (oom-kill:) total-vm:1024kB, anon-rss:512kB\r\n"
+                b"[   12.5] Memory cgroup out of memory: Killed process 322 (Killed process) total-vm:1kB\r\n"
+                b"[   12.6] a line that says Out of memory: Killed process 1 (x) in its middle\r\n"
+            )
+            assert output.count_oom_kills() == 2
+    finally:
+        output.close()
+
+
 def test_last_words_are_the_ends_of_both(tmp_path: os.PathLike[str]) -> None:
     output = QemuOutput(str(tmp_path))
     try:

@@ -24,7 +24,9 @@ from ..drain import Lines, Tail, drain
 CONSOLE = "console.log"  # the FIFO in the run directory that QEMU's -serial file: writes to
 LAST_WORDS = 400  # bytes of the console, and of QEMU's stderr, kept: the last ones
 MAX_LINE = 4096  # a longer console line is dropped whole: no OOM report is that long
-_OOM = re.compile(rb"Out of memory: Killed process|oom-kill:")
+# One line per kill, at KERN_ERR (shown under `quiet`), matched from the line's start: the killed
+# process's name comes after, so a program named "oom-kill:" or "Killed process" counts no kill.
+_OOM = re.compile(rb"(?:\[[ 0-9.]*\] )?(?:Out of memory|Memory cgroup out of memory): Killed process \d+ ")
 
 
 class QemuOutput:
@@ -88,4 +90,4 @@ class QemuOutput:
     def _read_console(self, chunk: bytes) -> None:
         self._console.feed(chunk)
         for line in self._lines.feed(chunk):
-            self.oom_kills += len(_OOM.findall(line))
+            self.oom_kills += _OOM.match(line) is not None
