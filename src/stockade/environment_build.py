@@ -31,6 +31,7 @@ from .environments import (
     python_identity,
     run_env,
     store_dir,
+    store_root,
 )
 from .errors import PolicyError, printable
 from .policy import ENV_ROOT
@@ -40,14 +41,22 @@ log = logging.getLogger("stockade.environments")
 _PLAIN = re.compile(r"[\w+-][\w.+-]*(/[\w+-][\w.+-]*)*")  # a relative path a sandbox may name in the caches
 
 
-def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) -> None:
+# A build stops before it leaves the store's disk with less free than this (a wheel is a zip: a
+# small download can unpack to any size), and a daemon's callers' build at their share of the store.
+MIN_FREE_BYTES = 1 << 30
+WATCH_S = 0.5  # how often a running pip's tree and the disk are looked at
+
+
+def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, budget: int | None = None) -> None:
+    """Build ``env_id`` into the store; ``budget``: the most bytes it may hold (None: what the disk has,
+    down to MIN_FREE_BYTES)."""
     sweep_tmp()
     work = tempfile.mkdtemp(prefix=f"{env_id}.{os.getpid()}.", dir=store_dir("tmp"))
     os.chmod(work, 0o755)  # noqa: S103 - every sandbox uid reads it (the cache step mounts it)
     if not verbose:
         log.warning("building a Python environment for %s (once; cached as %s)", printable(", ".join(reqs)), env_id)
     try:
-        _pip(work, reqs, allow_source, verbose)
+        _pip(work, reqs, allow_source, verbose, budget)
         target = os.path.join(work, "python")
         if os.path.isdir(os.path.join(target, "bin")):
             os.rename(os.path.join(target, "bin"), os.path.join(work, "bin"))
@@ -59,6 +68,7 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) 
         set_modes(work, writable=True)
         if os.path.isdir(os.path.join(target, "matplotlib")):
             _prime_caches(work)
+        _within_room(work, budget)  # its bytecode and caches too
         manifest = {"id": env_id, "requirements": list(reqs), "python": python_identity()["version"],
                     "sources": allow_source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "installed": _installed(target), "size_bytes": _size(work)}  # fmt: skip
@@ -71,7 +81,7 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) 
         raise
 
 
-def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) -> None:
+def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, budget: int | None) -> None:
     cmd = [*_pip_command(), "install", "--target", os.path.join(work, "python"), "--no-compile"]
     if not allow_source:
         cmd.append("--only-binary=:all:")
@@ -102,10 +112,9 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) ->
         for thread in shown:
             thread.start()
         status: int | None = None
+        overrun: PolicyError | None = None
         try:
-            status = proc.wait(timeout=build_timeout())
-        except subprocess.TimeoutExpired:
-            pass
+            status, overrun = _wait_within(proc, work, budget)
         finally:
             if proc.returncode is None:  # timed out, or interrupted: pip and its builds go, first
                 with contextlib.suppress(OSError):
@@ -113,6 +122,8 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) ->
                 proc.wait()
             for thread in shown:  # pip has ended: they read to its pipes' end
                 thread.join(timeout=10)
+        if overrun is not None:
+            raise overrun
         if status is None:
             raise PolicyError(f"packages: pip did not finish within {build_timeout():g} s (STOCKADE_ENV_BUILD_TIMEOUT; "
                               "stockade env build makes an environment ahead of time)")  # fmt: skip
@@ -124,6 +135,40 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool) ->
     if status != 0:
         said = ("\n" + "\n".join(tail)) if tail and not verbose else ""  # verbose: shown as it came
         raise PolicyError(f"packages: pip could not install them (exit {status}){_why(log, allow_source)}{said}")
+
+
+def _wait_within(proc: subprocess.Popen[bytes], work: str, budget: int | None) -> tuple[int | None, PolicyError | None]:
+    """pip's exit status once it ends, within the build's time and room: (None, None) past the
+    time, (None, why) past the room (the caller kills it either way)."""
+    deadline = time.monotonic() + build_timeout()
+    while True:
+        try:
+            return proc.wait(timeout=max(0.0, min(WATCH_S, deadline - time.monotonic()))), None
+        except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() >= deadline:
+            return None, None
+        try:
+            _within_room(work, budget)
+        except PolicyError as exc:
+            return None, exc
+
+
+def _within_room(work: str, budget: int | None) -> None:
+    """Refuse a build that fills the disk past MIN_FREE_BYTES, or holds more than ``budget``."""
+    free = shutil.disk_usage(work).free
+    if free < MIN_FREE_BYTES:
+        raise PolicyError(
+            f"packages: the build stopped: the disk holding the environment store {store_root()} has "
+            f"{free >> 20} MiB free, under the {MIN_FREE_BYTES >> 20} MiB a build leaves (a package that "
+            "unpacks to more than the disk holds?)"
+        )
+    if budget is not None and (held := _size(work)) > budget:
+        raise PolicyError(
+            f"packages: the build stopped at {held >> 20} MiB, past the {budget >> 20} MiB left of the store's "
+            "limit for callers' builds (STOCKADE_ENV_STORE_LIMIT_MB): an administrator builds it with "
+            "`stockade env build`"
+        )
 
 
 def _tee(source: IO[bytes], shown: TextIO | None, log: IO[bytes]) -> None:
@@ -220,7 +265,14 @@ def _installed(target: str) -> list[str]:
 
 
 def _size(path: str) -> int:
-    return sum(os.lstat(os.path.join(top, n)).st_size for top, _, files in os.walk(path) for n in files)
+    """The bytes of the files in ``path`` (a sparse file's whole length), read while pip may still
+    be moving them."""
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(top, name)).st_size
+    return total
 
 
 def set_modes(path: str, writable: bool) -> None:

@@ -361,8 +361,8 @@ def share(policy: Policy) -> Policy:
                 # all passed the check, and filled the store past its limit between them.
                 with _locked("callers"):
                     if not os.path.isdir(path):
-                        _check_room(policy.packages)
-                        build(policy.packages, expected_id=policy.environment_id)
+                        room = _room_left(policy.packages)
+                        build(policy.packages, expected_id=policy.environment_id, budget=room)
             else:
                 build(policy.packages, expected_id=policy.environment_id)
         except PermissionError as exc:  # e.g. a daemon that gave root up: it reads root's store, builds nothing in it
@@ -377,17 +377,19 @@ def share(policy: Policy) -> Policy:
     return policy.with_mount(mount)
 
 
-def _check_room(packages: tuple[str, ...]) -> None:
-    """A daemon's callers build into the store up to STOCKADE_ENV_STORE_LIMIT_MB: each spelling of
-    a requirement list is an environment of its own, kept (``six``, ``six>=0``, ``six>=0.0``...)."""
+def _room_left(packages: tuple[str, ...]) -> int:
+    """The bytes a daemon's caller's build may take: callers build into the store up to
+    STOCKADE_ENV_STORE_LIMIT_MB, each spelling of a requirement list an environment of its own,
+    kept (``six``, ``six>=0``, ``six>=0.0``...), and the build is stopped past what is left."""
     limit = current().env_store_limit_mb
-    held = sum(e.size_bytes for e in listing()) >> 20
-    if held >= limit:
+    held = sum(e.size_bytes for e in listing())
+    if held >> 20 >= limit:
         raise PolicyError(
-            f"packages: the environment store {store_root()} holds {held} MiB, its limit for callers' builds "
+            f"packages: the environment store {store_root()} holds {held >> 20} MiB, its limit for callers' builds "
             f"(STOCKADE_ENV_STORE_LIMIT_MB={limit}): an administrator removes some (stockade env ls, "
             f"stockade env rm) or builds this one: `stockade env build NAME {' '.join(packages)}`"
         )
+    return (limit << 20) - held
 
 
 def _check_open_to_others(path: str) -> None:
@@ -410,8 +412,9 @@ def run_env(root: str = ENV_ROOT, cache: str = CACHE_HOME, path: str = BASE_PATH
 
 
 def build(requirements: Iterable[str], name: str | None = None, allow_source: bool = False, verbose: bool = False,
-          expected_id: str | None = None) -> str:  # fmt: skip
+          expected_id: str | None = None, budget: int | None = None) -> str:  # fmt: skip
     """Build (or find) the environment of ``requirements``; point ``name`` at it. Returns its id.
+    ``budget``: the most bytes the build may hold (a daemon's caller's); it never fills the disk.
 
     ``verbose``: pip writes to this terminal (its progress bars); otherwise its output
     is kept and its last lines are the error. Concurrent builds of one id wait on its
@@ -434,7 +437,7 @@ def build(requirements: Iterable[str], name: str | None = None, allow_source: bo
                 try:
                     from . import environment_build  # it imports this module
 
-                    environment_build.make(env_id, reqs, allow_source, verbose)
+                    environment_build.make(env_id, reqs, allow_source, verbose, budget)
                 except PolicyError as exc:
                     _failures[env_id] = (time.monotonic(), str(exc))
                     raise

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -350,6 +351,59 @@ def test_a_daemons_callers_build_into_the_store_up_to_its_limit(
         assert not os.path.isdir(environments.env_path(policy.environment_id or ""))
     finally:
         environment_build.remove_tree(planted)
+
+
+def _bomb_wheel(where: Path, mib: int) -> None:
+    """A wheel of ``stockade-bomb-probe`` a few hundred KiB big that unpacks to ``mib`` MiB of zeros."""
+    import zipfile
+
+    dist_info = "stockade_bomb_probe-1.0.dist-info"
+    files = {
+        "stockade_bomb_probe/__init__.py": "",
+        f"{dist_info}/METADATA": "Metadata-Version: 2.1\nName: stockade-bomb-probe\nVersion: 1.0\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(where / "stockade_bomb_probe-1.0-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+        with wheel.open("stockade_bomb_probe/zeros.bin", "w") as zeros:
+            for _ in range(mib):
+                zeros.write(bytes(1 << 20))
+        names = [*files, "stockade_bomb_probe/zeros.bin", f"{dist_info}/RECORD"]
+        wheel.writestr(f"{dist_info}/RECORD", "".join(f"{name},,\n" for name in names))
+
+
+def test_a_callers_build_that_unpacks_past_the_stores_room_is_stopped(
+    store: str, small: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wheel is a zip: a small download that unpacks to any size filled the disk, the limit
+    # being checked only before a build began.
+    links = tmp_path / "links"
+    links.mkdir()
+    _bomb_wheel(links, 200)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    held = sum(e.size_bytes for e in environments.listing()) >> 20
+    monkeypatch.setenv("STOCKADE_ENV_STORE_LIMIT_MB", str(held + 50))
+    monkeypatch.setattr(settings, "_serving", True)
+    policy = Policy(packages=["stockade-bomb-probe"])
+    with pytest.raises(PolicyError, match=r"the build stopped at \d+ MiB, past the \d+ MiB left of the store's limit"):
+        environments.share(policy)
+    assert not os.path.isdir(environments.env_path(policy.environment_id or ""))
+    assert os.listdir(os.path.join(store, "tmp")) == []
+
+
+def test_no_build_leaves_the_disk_without_room(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    links = tmp_path / "links"
+    links.mkdir()
+    _bomb_wheel(links, 1)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    # As if the disk were that near full: an administrator's build too stops short of it.
+    monkeypatch.setattr(environment_build, "MIN_FREE_BYTES", shutil.disk_usage(store).free + (1 << 30))
+    with pytest.raises(PolicyError, match=r"the build stopped: the disk holding the environment store .* MiB free"):
+        environments.build(["stockade-bomb-probe"], name="no-room")
+    assert os.listdir(os.path.join(store, "tmp")) == []
 
 
 def test_pips_temporary_files_go_with_its_build(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
