@@ -264,22 +264,12 @@ def test_a_build_imports_nothing_from_its_callers_directory(
 def _probe_distributions(where: Path, marker: Path) -> None:
     """A wheel and an sdist of ``stockade-sdist-probe`` in ``where``; the sdist's setup.py writes ``marker``."""
     import tarfile
-    import zipfile
 
-    dist_info = "stockade_sdist_probe-1.0.dist-info"
-    files = {
-        "stockade_sdist_probe/__init__.py": "",
-        f"{dist_info}/METADATA": "Metadata-Version: 2.1\nName: stockade-sdist-probe\nVersion: 1.0\n",
-        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    with zipfile.ZipFile(where / "stockade_sdist_probe-1.0-py3-none-any.whl", "w") as wheel:
-        for name, text in files.items():
-            wheel.writestr(name, text)
-        wheel.writestr(f"{dist_info}/RECORD", "".join(f"{name},,\n" for name in [*files, f"{dist_info}/RECORD"]))
+    metadata = _wheel(where, "stockade-sdist-probe")
     source = where / "stockade_sdist_probe-1.0"
     (source / "stockade_sdist_probe").mkdir(parents=True)
     (source / "stockade_sdist_probe" / "__init__.py").write_text("")
-    (source / "PKG-INFO").write_text(files[f"{dist_info}/METADATA"])
+    (source / "PKG-INFO").write_text(metadata)
     (source / "setup.py").write_text(
         f"open({str(marker)!r}, 'w').write('setup.py ran on the host')\n"
         "from setuptools import setup\n"
@@ -353,24 +343,29 @@ def test_a_daemons_callers_build_into_the_store_up_to_its_limit(
         environment_build.remove_tree(planted)
 
 
-def _bomb_wheel(where: Path, mib: int) -> None:
-    """A wheel of ``stockade-bomb-probe`` a few hundred KiB big that unpacks to ``mib`` MiB of zeros."""
+def _wheel(where: Path, project: str, zeros_mib: int = 0) -> str:
+    """A wheel of ``project`` 1.0 in ``where`` (its package empty, and ``zeros.bin`` of ``zeros_mib``
+    MiB of zeros: a few hundred KiB that unpack to that many); its METADATA."""
     import zipfile
 
-    dist_info = "stockade_bomb_probe-1.0.dist-info"
+    module = project.replace("-", "_")
+    dist_info = f"{module}-1.0.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {project}\nVersion: 1.0\n"
     files = {
-        "stockade_bomb_probe/__init__.py": "",
-        f"{dist_info}/METADATA": "Metadata-Version: 2.1\nName: stockade-bomb-probe\nVersion: 1.0\n",
+        f"{module}/__init__.py": "",
+        f"{dist_info}/METADATA": metadata,
         f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    with zipfile.ZipFile(where / "stockade_bomb_probe-1.0-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
+    with zipfile.ZipFile(where / f"{module}-1.0-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
         for name, text in files.items():
             wheel.writestr(name, text)
-        with wheel.open("stockade_bomb_probe/zeros.bin", "w") as zeros:
-            for _ in range(mib):
-                zeros.write(bytes(1 << 20))
-        names = [*files, "stockade_bomb_probe/zeros.bin", f"{dist_info}/RECORD"]
-        wheel.writestr(f"{dist_info}/RECORD", "".join(f"{name},,\n" for name in names))
+        if zeros_mib:
+            files[f"{module}/zeros.bin"] = ""
+            with wheel.open(f"{module}/zeros.bin", "w") as zeros:
+                for _ in range(zeros_mib):
+                    zeros.write(bytes(1 << 20))
+        wheel.writestr(f"{dist_info}/RECORD", "".join(f"{name},,\n" for name in [*files, f"{dist_info}/RECORD"]))
+    return metadata
 
 
 def test_a_callers_build_that_unpacks_past_the_stores_room_is_stopped(
@@ -380,7 +375,7 @@ def test_a_callers_build_that_unpacks_past_the_stores_room_is_stopped(
     # being checked only before a build began.
     links = tmp_path / "links"
     links.mkdir()
-    _bomb_wheel(links, 200)
+    _wheel(links, "stockade-bomb-probe", zeros_mib=200)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     held = sum(e.size_bytes for e in environments.listing()) >> 20
@@ -396,7 +391,7 @@ def test_a_callers_build_that_unpacks_past_the_stores_room_is_stopped(
 def test_no_build_leaves_the_disk_without_room(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     links = tmp_path / "links"
     links.mkdir()
-    _bomb_wheel(links, 1)
+    _wheel(links, "stockade-bomb-probe", zeros_mib=1)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     # As if the disk were that near full: an administrator's build too stops short of it.

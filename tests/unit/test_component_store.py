@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+from collections.abc import Callable
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import pytest
@@ -39,24 +41,43 @@ def test_starts_of_one_name_at_once_record_one(tmp_path: Path) -> None:
     assert ComponentStore(str(tmp_path)).state("race").status == "starting"
 
 
-def test_a_start_is_checked_and_recorded_under_the_components_lock(tmp_path: Path) -> None:
+def _stopped_component(tmp_path: Path) -> ComponentStore:
+    """A store holding one component, "held", that has stopped."""
     tmp_path.chmod(0o700)
     store = ComponentStore(str(tmp_path))
     store.create("held", ["true"], {}, "no")
     store.save(ComponentState("held", "stopped"))
+    return store
+
+
+def _racing(
+    tmp_path: Path, racer: Callable[[str, str, Event, multiprocessing.Queue[str]], None]
+) -> tuple[Event, multiprocessing.Queue[str], Callable[[], str]]:
+    """``racer`` (on "held") in a process forked before the test takes the lock (a child holding a
+    copy of the lock's descriptor would hold it too), waiting for its go; and what it says."""
     context = multiprocessing.get_context("fork")
     said: multiprocessing.Queue[str] = context.Queue()
     go = context.Event()
-    # Forked before the lock is taken: a child holding a copy of the lock's descriptor would hold it too.
-    racer = context.Process(target=_create_named, args=(str(tmp_path), "held", go, said))
-    racer.start()
+    process = context.Process(target=racer, args=(str(tmp_path), "held", go, said))
+    process.start()
+
+    def answer() -> str:
+        text = said.get(timeout=30)
+        process.join(30)
+        return text
+
+    return go, said, answer
+
+
+def test_a_start_is_checked_and_recorded_under_the_components_lock(tmp_path: Path) -> None:
+    store = _stopped_component(tmp_path)
+    go, said, answer = _racing(tmp_path, _create_named)
     with store.locked("held"):  # as a `stop`, or another start, holds it
         go.set()
         with pytest.raises(queue.Empty):
             said.get(timeout=1)  # it waits for the lock: nothing checked, nothing written
         assert store.state("held").status == "stopped"
-    assert said.get(timeout=30) == "started"
-    racer.join(30)
+    assert answer() == "started"
     assert store.state("held").status == "starting"
 
 
@@ -84,54 +105,35 @@ def _remove_named(
 def test_a_remove_is_checked_and_done_under_the_components_lock(tmp_path: Path) -> None:
     # It read the state unlocked, then deleted the directory: a start of the name in between ran
     # with its record deleted under it, out of `stop`'s reach.
-    tmp_path.chmod(0o700)
-    store = ComponentStore(str(tmp_path))
-    store.create("held", ["true"], {}, "no")
-    store.save(ComponentState("held", "stopped"))
-    context = multiprocessing.get_context("fork")
-    said: multiprocessing.Queue[str] = context.Queue()
-    go = context.Event()
-    racer = context.Process(target=_remove_named, args=(str(tmp_path), "held", go, said))
-    racer.start()
+    store = _stopped_component(tmp_path)
+    go, said, answer = _racing(tmp_path, _remove_named)
     with store.locked("held"):  # a start of it holds this while it records
         go.set()
         with pytest.raises(queue.Empty):
             said.get(timeout=1)
         assert store.state("held").status == "stopped"
         store.save(ComponentState("held", "starting"))  # the start recorded, then lets go
-    said_after = said.get(timeout=30)
-    racer.join(30)
+    said_after = answer()
     assert "is starting: stop it first" in said_after, said_after
     assert store.state("held").status == "starting"  # kept whole
 
 
 def test_a_start_that_waited_for_a_removed_components_lock_makes_it_anew(tmp_path: Path) -> None:
     # Its lock was of the directory `rm` deleted: it went on to write into a directory that was gone.
-    tmp_path.chmod(0o700)
-    store = ComponentStore(str(tmp_path))
-    store.create("held", ["true"], {}, "no")
-    store.save(ComponentState("held", "stopped"))
-    context = multiprocessing.get_context("fork")
-    said: multiprocessing.Queue[str] = context.Queue()
-    go = context.Event()
-    racer = context.Process(target=_create_named, args=(str(tmp_path), "held", go, said))
-    racer.start()
+    store = _stopped_component(tmp_path)
+    go, said, answer = _racing(tmp_path, _create_named)
     with store.locked("held"):  # as `rm` holds it while it deletes
         go.set()
         with pytest.raises(queue.Empty):
             said.get(timeout=1)
         store.remove("held")
-    assert said.get(timeout=30) == "started"
-    racer.join(30)
+    assert answer() == "started"
     assert store.state("held").status == "starting"
     assert store.spec("held")["argv"] == ["true"]
 
 
 def test_a_removed_component_is_gone_for_those_that_wait_for_its_lock(tmp_path: Path) -> None:
-    tmp_path.chmod(0o700)
-    store = ComponentStore(str(tmp_path))
-    store.create("held", ["true"], {}, "no")
-    store.save(ComponentState("held", "stopped"))
+    store = _stopped_component(tmp_path)
     assert remove("held", store).status == "stopped"
     with pytest.raises(StockadeError, match="no component named 'held'"):
         remove("held", store)
