@@ -416,6 +416,39 @@ def test_a_sandbox_closed_from_another_thread_says_so_to_its_calls(manager: Runt
             sb.exec(["true"])  # and after
 
 
+def test_a_port_published_as_its_sandbox_closes_is_closed_with_it(manager: RuntimeManager) -> None:
+    # The forwarder made while close went through the list was added after it: its listener, its
+    # thread and its descriptor of the isolate stayed for the rest of the process.
+    require("process")
+    with Sandbox(Policy(runtime="process", network_policy="loopback"), manager=manager) as sb:
+        before = set(threading.enumerate())
+        isolate = sb._sandbox  # type: ignore[attr-defined]
+        made: list[Any] = []
+        real = isolate._forwarder
+
+        def closed_meanwhile(*args: Any) -> Any:
+            made.append(real(*args))
+            closer = threading.Thread(target=isolate.close)
+            closer.start()
+            closer.join(30)
+            return made[0]
+
+        isolate._forwarder = closed_meanwhile
+        with pytest.raises(SandboxClosedError, match="closed while its port was being published"):
+            sb.publish(8000)
+    (forwarder,) = made
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(forwarder.address, timeout=5).close()
+
+    def forwarding() -> set[threading.Thread]:
+        return {t for t in set(threading.enumerate()) - before if t.name.startswith("stockade-publish-")}
+
+    deadline = time.monotonic() + 30
+    while forwarding() and time.monotonic() < deadline:
+        time.sleep(0.01)  # its accept thread ends once it wakes
+    assert not forwarding()
+
+
 def test_a_program_or_directory_that_is_not_there_raises_as_subprocess_does(manager: RuntimeManager) -> None:
     require("process")
     with Sandbox(Policy(runtime="process", timeout_seconds=60), manager=manager) as sb:

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import os
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -74,6 +75,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         self.environment_env = run_env(path=BASE_ENV["PATH"]) if policy.environment_id else {}
         self.unenforced_limits: list[str] = []
         self.forwarders: list[Forwarder | AgentRelay] = []  # published ports, closed with the isolate
+        self.forwarders_lock = threading.Lock()
         # Under network_policy "allowlist": the egress proxy's gate, its secrets and their redaction.
         self.egress: Egress | None = None
         self.roots_written = False  # the host's CA roots are in egress.CA_BUNDLE_PATH already (pool)
@@ -275,8 +277,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
             return
         if self._kill_reason is None:  # a call in flight (another thread's) reads why it ended
             self._cancelled, self._kill_reason = "the sandbox was closed during this call", "killed"
-        self._closed = True
-        for forwarder in self.forwarders:
+        with self.forwarders_lock:  # a publish that ends after this closes its own forwarder
+            self._closed = True
+            forwarders = list(self.forwarders)
+        for forwarder in forwarders:
             forwarder.close()
         if self.egress is not None:
             self.egress.close()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
+import threading
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgentError, AgentProtocolError, InvalidRequestError, PolicyError, start_error
+from ..errors import AgentError, AgentProtocolError, InvalidRequestError, PolicyError, SandboxClosedError, start_error
 from ..limits import check_call_size
 from ..policy import Policy
 from .agent_requests import exec_params, job_limits
@@ -26,6 +27,8 @@ class AgentProcesses:
         environment_env: dict[str, str]
         egress: Egress | None
         forwarders: list[Forwarder | AgentRelay]
+        forwarders_lock: threading.Lock
+        _closed: bool
         runtime_name: str
         forks_counted: bool
 
@@ -87,7 +90,13 @@ class AgentProcesses:
                     f"(to its port {held.port}); pick another host port, or 0 for any free one"
                 )
         forwarder = self._forwarder(address, host_port, port, turn)
-        self.forwarders.append(forwarder)
+        with self.forwarders_lock:  # against a close at the same moment, which closes those it finds
+            kept = not self._closed
+            if kept:
+                self.forwarders.append(forwarder)
+        if not kept:
+            forwarder.close()
+            raise SandboxClosedError("the sandbox was closed while its port was being published")
         return forwarder.address
 
     def port_activity(self) -> float | None:
