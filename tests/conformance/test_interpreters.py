@@ -316,6 +316,73 @@ def test_a_cell_that_forges_the_interpreters_reply_only_ends_its_own_interpreter
     assert sb.exec(["echo", "ok"]).stdout == "ok\n"
 
 
+FORGE = (
+    "import json, os, struct\n"
+    "body = json.dumps({'execution_count': 999, 'outputs': [{'kind': 'execute_result',"
+    " 'data': {'text/plain': 'FORGED'}}], 'exception': None}).encode()\n"
+    "os.write(4, struct.pack('<I', len(body)) + body)\n"
+)
+
+
+def test_a_well_formed_forged_reply_ends_the_interpreter_and_puts_no_cell_out_of_step(sb: Sandbox) -> None:
+    # Taken as the cell's answer, it put every later answer one cell behind: the next cell's
+    # loop ran past its timeout while it read as the cell before's success.
+    with sb.interpreter("out-of-step") as py:
+        py.run("x = 1")
+        forged = py.run(FORGE + "import time\ntime.sleep(1)\n'real value'", timeout=30)
+        assert [r.text for r in forged.results] == [] and forged.error is not None and "state is lost" in forged.error
+        after = py.run("'next value'")
+        assert [r.text for r in after.results] == ["'next value'"] and after.execution_count == 1, after
+        looped = py.run("while True: pass", timeout=2)
+        assert looped.termination_reason == "timeout", looped
+        assert [r.text for r in py.run("'and the next'").results] == ["'and the next'"]
+
+
+def test_a_forged_reply_nested_past_the_decoders_depth_ends_the_interpreter(sb: Sandbox) -> None:
+    # The agent's decoder raised RecursionError, which nothing caught: the call failed, and the
+    # interpreter went on looping past its cell's timeout.
+    with sb.interpreter("deep") as py:
+        deep = "body = b'[' * 200000 + b']' * 200000\nimport os, struct\n"
+        deep += "os.write(4, struct.pack('<I', len(body)) + body)\n"
+        started = time.monotonic()
+        r = py.run(deep + "while True: pass", timeout=2)
+        assert r.error is not None and "state is lost" in r.error, r
+        assert time.monotonic() - started < 30
+        assert [x.text for x in py.run("2 + 2").results] == ["4"]
+
+
+def test_a_cells_json_results_are_bounded_in_values(sb: Sandbox) -> None:
+    # Six MiB of "[{},{},...]" cost the host ~300 MB and a second of the daemon's loop, every cell.
+    with sb.interpreter("values") as py:
+        r = py.run(
+            "class J:\n    def __init__(self, n): self.n = n\n    def _repr_json_(self): return [{}] * self.n\n"
+            "    def __repr__(self): return f'J({self.n})'\n"
+            "display(J(150000))\n"  # past one value's bound: its JSON left out, its text kept
+            "display(J(90000), J(90000), J(90000))"  # past the cell's: the last left out, and said
+        )
+        texts = [x.data.get("text/plain") for x in r.results]
+        assert texts[:3] == ["J(150000)", "J(90000)", "J(90000)"] and "application/json" not in r.results[0].data, texts
+        assert [len(x.data["application/json"]) for x in r.results[1:3]] == [90000, 90000]
+        assert "result(s) left out" in str(texts[-1]) and "J(90000)" not in texts[3:], texts
+
+
+def test_an_exception_whose_class_lies_about_its_name_is_still_the_cells_exception(sb: Sandbox) -> None:
+    # Its reply could not be made: the interpreter ended, and the cell read as a success.
+    with sb.interpreter("liar") as py:
+        r = py.run(
+            "class Meta(type):\n    @property\n    def __name__(cls): return object()\n"
+            "class Liar(Exception, metaclass=Meta): pass\n"
+            "class Odd(str):\n    def __getitem__(self, i): raise TypeError('no')\n"
+            "class Said(Exception):\n    def __str__(self): return Odd('odd')\n"
+            "try:\n    raise Said()\nexcept Said:\n    pass\n"
+            "raise Liar('x')"
+        )
+        assert not r.success and r.exception is not None and r.exception.name == "Liar", r
+        said = py.run("raise Said()")
+        assert said.exception is not None and (said.exception.name, said.exception.value) == ("Said", "odd"), said
+        assert [x.text for x in py.run("'kept'").results] == ["'kept'"]  # the same interpreter
+
+
 def test_sessions_are_python_only_and_read_no_stdin(sb: Sandbox) -> None:
     with pytest.raises(InvalidRequestError, match="session runs Python"):
         sb.run_code("echo hi", "bash", session="s")

@@ -9,7 +9,7 @@ from typing import Any
 
 from stockade.errors import PathNotFoundError, public_message, utf8_text
 from stockade.result import ExecResult
-from stockade.runtimes.cells import MAX_JSON_DEPTH, Cell, cell_fields, read_cell
+from stockade.runtimes.cells import MAX_CELL_VALUES, MAX_JSON_DEPTH, Cell, cell_fields, read_cell
 
 
 def nested(levels: int) -> Any:
@@ -65,3 +65,11 @@ def test_utf8_text() -> None:
     assert utf8_text("\ud800\udcff") == "\\ud800\\udcff"  # not from bytes: the code points
     # An error's message may quote what an isolate said: what either door sends of it encodes.
     assert public_message(PathNotFoundError("no /work/\udcff")) == "no /work/\\xff"
+
+
+def test_json_past_the_cells_values_is_not_said() -> None:
+    # A subverted agent's account of a cell: copied value by value, each costing the host ~100 bytes.
+    at_limit = read_cell(said([{}] * (MAX_CELL_VALUES - 2)))  # the list, its dicts, and its text
+    assert at_limit is not None and len(at_limit.results[0].data["application/json"]) == MAX_CELL_VALUES - 2
+    cell = read_cell(said([{"k": 1}] * MAX_CELL_VALUES))
+    assert cell is not None and cell.results[0].data == {"text/plain": "v"}

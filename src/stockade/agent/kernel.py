@@ -35,8 +35,13 @@ else:
 REPLY_MAX = 6 << 20
 # A repr longer than this is cut (an accidental huge value must not fill the reply).
 TEXT_MAX = 64 << 10
-# Levels a JSON display value may nest: the host takes no deeper one (runtimes/cells.py, the same number).
+# Levels a JSON display value may nest, and values it may hold: the host takes no deeper or larger
+# one (runtimes/cells.py, the same numbers). Decoded, each value costs the host ~100 bytes: six
+# MiB of "[{},{},...]" was ~300 MB of the daemon's memory and a second of its loop, every cell.
 MAX_JSON_DEPTH = 64
+MAX_JSON_VALUES = 100_000
+MAX_REPLY_VALUES = 2 * MAX_JSON_VALUES  # in one cell's whole reply: past it, results are left out
+MAX_CELL_RESULTS = 1000  # result.MAX_CELL_RESULTS (the agent imports nothing of the host's)
 _REPRS = (
     ("_repr_html_", "text/html"),
     ("_repr_markdown_", "text/markdown"),
@@ -58,6 +63,9 @@ class Kernel:
     def __init__(self, pid: int, out_r: int, err_r: int, cmd_w: int, reply_r: int) -> None:
         self.pid, self.out_r, self.err_r, self.cmd_w, self.reply_r = pid, out_r, err_r, cmd_w, reply_r
         self.interrupted = False  # a SIGINT was sent during the last cell
+        # The cell's own word, echoed in its reply: a reply the cell wrote itself, or one of a cell
+        # before, is not the answer to the cell just sent (sessions.py then ends the interpreter).
+        self.nonce = ""
 
     def output_fds(self) -> tuple[int, ...]:
         return tuple(fd for fd in (self.out_r, self.err_r) if fd >= 0)
@@ -90,7 +98,10 @@ def start(env: dict[str, str], cwd: str, limits: dict[str, Any], forget: Callabl
             main = runner.become_main()
         except BaseException:  # noqa: BLE001
             os._exit(126)
-        _serve(main.__dict__)
+        try:
+            _serve(main.__dict__)
+        finally:  # nothing of the agent's below this frame runs in the interpreter: it only ends
+            os._exit(70)
     for fd in (out_w, err_w, cmd_r, reply_w):
         os.close(fd)
     # All four non-blocking: the agent writes the cell as the interpreter takes it, from the loop
@@ -105,7 +116,8 @@ def cell_frame(kernel: Kernel, code: str) -> bytes:
     """The frame that hands ``code`` to the interpreter."""
     # A SIGINT the agent sent the last cell may have come after that cell ended (it is then
     # pending, blocked): the interpreter drops it before this cell, and only then.
-    cell = {"code": code, "drop_interrupt": kernel.interrupted}
+    kernel.nonce = os.urandom(16).hex()
+    cell = {"code": code, "drop_interrupt": kernel.interrupted, "nonce": kernel.nonce}
     kernel.interrupted = False
     return wire.encode_frame(jsoncodec.dumps(cell).encode())
 
@@ -148,7 +160,7 @@ def _serve(namespace: dict[str, Any]) -> None:
                 stream.flush()  # before the reply: the agent has the cell's output when it reads it
             except Exception:  # noqa: BLE001, S112
                 continue
-        reply = {"execution_count": count, "outputs": outputs, "exception": exception}
+        reply = {"execution_count": count, "outputs": outputs, "exception": exception, "nonce": cell.get("nonce")}
         try:
             wire.write_all(4, _bounded_frame(reply))
         except OSError:
@@ -242,15 +254,21 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
     tb = exc.__traceback__
     while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell-"):
         tb = tb.tb_next  # the interpreter's own frames: not the cell's
+    # Each as plain text, whatever the cell's classes make of __name__, __str__ and slicing: the
+    # reply must be made, or the interpreter ends and the cell reads as a success.
+    name = _TYPE_NAME.__get__(type(exc), type)
     try:
-        value = str(exc)
+        value = _plain(str(exc))
     except Exception:  # noqa: BLE001
-        value = f"<{type(exc).__name__}: str() failed>"
-    lines = traceback.format_exception(type(exc), exc, tb)
+        value = f"<{name}: str() failed>"
+    try:
+        lines = "".join(_plain(line) for line in traceback.format_exception(type(exc), exc, tb))
+    except Exception:  # noqa: BLE001
+        lines = f"{name}: {value}\n"
     said: dict[str, Any] = {
-        "name": type(exc).__name__,
+        "name": name,
         "value": value[:TEXT_MAX],
-        "traceback": "".join(lines)[-TEXT_MAX:],
+        "traceback": lines[-TEXT_MAX:],
     }
     if isinstance(exc, SystemExit):  # the cell's exit code, as a script's would be (the agent takes it out)
         code = exc.code
@@ -261,6 +279,16 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
             except Exception:  # noqa: BLE001, S110 - a closed stderr, a __str__ that raises: the cell's result stands
                 pass
     return said
+
+
+_TYPE_NAME = type.__dict__["__name__"]  # a class's own name, past a metaclass's __name__ property
+
+
+def _plain(text: Any) -> str:
+    """``text`` as an exact ``str`` (a subclass's slicing or encoding may do anything)."""
+    if not isinstance(text, str):
+        raise TypeError("not text")
+    return str.__str__(text)
 
 
 def _output(kind: str, obj: Any) -> dict[str, Any]:
@@ -305,7 +333,7 @@ def _add(data: dict[str, Any], mime: str, value: Any) -> None:
         elif isinstance(value, str):
             data[mime] = value  # already base64, as IPython allows
     elif mime == "application/json":
-        if not _nested_within(value, MAX_JSON_DEPTH):
+        if not json_within(value, MAX_JSON_DEPTH, MAX_JSON_VALUES):
             return  # the host would not take it (runtimes/cells.py)
         try:
             jsoncodec.dumps(value)
@@ -316,16 +344,24 @@ def _add(data: dict[str, Any], mime: str, value: Any) -> None:
         data[mime] = value
 
 
-def _nested_within(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests lists, tuples (JSON arrays too) and dicts at most ``limit`` levels
-    deep (walked without recursion)."""
+def json_within(value: Any, depth_limit: int, values_limit: int) -> bool:
+    """Whether ``value`` nests lists, tuples (JSON arrays too) and dicts at most ``depth_limit``
+    levels deep and holds at most ``values_limit`` values, keys counted (walked without recursion)."""
     stack = [(value, 1)]
+    seen = 0
     while stack:
         item, depth = stack.pop()
+        seen += 1
+        if seen > values_limit:
+            return False
         if isinstance(item, (list, tuple, dict)):
-            if depth > limit:
+            if depth > depth_limit:
                 return False
-            stack.extend((inner, depth + 1) for inner in (item.values() if isinstance(item, dict) else item))
+            if isinstance(item, dict):
+                seen += len(item)
+                stack.extend((inner, depth + 1) for inner in item.values())
+            else:
+                stack.extend((inner, depth + 1) for inner in item)
     return True
 
 
@@ -355,13 +391,20 @@ def _bounded_frame(reply: dict[str, Any]) -> bytes:
     payload = jsoncodec.dumps(reply).encode()
     outputs = reply["outputs"]
     dropped = 0
-    while len(payload) > REPLY_MAX and outputs:
+    while (len(payload) > REPLY_MAX or not reply_within(reply)) and outputs:
         outputs.pop()
         dropped += 1
-        note = f"[{dropped} result(s) left out: a cell's results are limited to {REPLY_MAX} bytes]"
+        note = (f"[{dropped} result(s) left out: a cell's results are limited to {REPLY_MAX} bytes and "
+                f"{MAX_REPLY_VALUES} JSON values]")  # fmt: skip
         kept = [*outputs, {"kind": "display_data", "data": {"text/plain": note}}]
         payload = jsoncodec.dumps({**reply, "outputs": kept}).encode()
     return wire.encode_frame(payload)
+
+
+def reply_within(reply: dict[str, Any]) -> bool:
+    """Whether a cell's reply nests and holds no more than the host takes of one (its few fields
+    around the results given their levels and values)."""
+    return json_within(reply, MAX_JSON_DEPTH + 4, MAX_REPLY_VALUES + 10 * MAX_CELL_RESULTS)
 
 
 def _read_exact(fd: int, n: int) -> bytes:

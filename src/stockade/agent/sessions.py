@@ -77,18 +77,14 @@ class Interpreters:
         run = runner.Run(interpreter.pid, interpreter.out_r, interpreter.err_r, max_output, stream, True)
         cell_frame = kernel.cell_frame(interpreter, code)
         reply, timed_out = self._collect_cell(run, interpreter, cell_frame, started + timeout if timeout else None)
-        cell: Any = None
-        if reply is not None:
-            try:
-                cell = jsoncodec.loads(reply)
-            except ValueError:
-                cell = None  # not the interpreter's answer (the cell wrote to the pipe): ends it
-        if run.status is None and not isinstance(cell, dict):
-            runner.kill_group(interpreter.pid)
-            run.status = self._wait_for(interpreter.pid)
-        if run.status is not None:
+        cell = _answer_to(reply, interpreter.nonce)
+        if run.status is not None or cell is None:
+            if run.status is None:  # no answer to this cell from the interpreter: it ends
+                runner.kill_group(interpreter.pid)
+                run.status = self._wait_for(interpreter.pid)
+            cell = None
             self._forget(session, still_open=set(run.fds))
-            exit_code = os.waitstatus_to_exitcode(run.status)
+            exit_code = os.waitstatus_to_exitcode(run.status or 0)
         else:
             interpreter.outputs_left(set(run.fds))
             exit_code = _cell_exit_code(cell.get("exception"))
@@ -100,7 +96,7 @@ class Interpreters:
             "output_truncated": run.output_truncated,
             "scratch_full": runner.scratch_full(),
             "duration": time.monotonic() - started,
-            "cell": cell if run.status is None else None,
+            "cell": cell,
             "new_session": new,
         }
 
@@ -258,6 +254,23 @@ def _session_param(params: dict[str, Any]) -> str:
             wire.INVALID_PARAMS, f"session must be a name of 1 to {MAX_SESSION_NAME} printable characters"
         )
     return session
+
+
+def _answer_to(reply: bytes | None, nonce: str) -> dict[str, Any] | None:
+    """The interpreter's answer to the cell it was sent ``nonce`` with, or None. The cell can write
+    to the reply pipe too: an answer it wrote for an earlier cell's nonce, or none, would put every
+    later cell's answer one behind (a cell's loop past its timeout read as the next one's); one
+    nested past the decoder's depth raised; one of more values than a display result may hold
+    would cost the host its decoding many times over."""
+    if reply is None:
+        return None
+    try:
+        cell = jsoncodec.loads(reply)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(cell, dict) or cell.pop("nonce", None) != nonce or not kernel.reply_within(cell):
+        return None
+    return cell
 
 
 def _reply_size(header: bytes) -> int | None:

@@ -17,6 +17,9 @@ from ..result import CELL_KINDS, MAX_CELL_MIME_TYPES, MAX_CELL_RESULTS, CellExce
 # Levels a JSON display value may nest (arrays and objects): past them the host's own encoders (and a
 # client's parser) would recurse too deep to answer. The agent's kernel leaves deeper ones out.
 MAX_JSON_DEPTH = 64
+# Values (keys counted) one cell's JSON results may hold in all: past them a result's JSON is left
+# out. The agent's kernel keeps within them; a cell that writes its own account may not.
+MAX_CELL_VALUES = 200_000
 
 
 @dataclass(frozen=True)
@@ -32,15 +35,16 @@ def read_cell(said: Any) -> Cell | None:
     count = said.get("execution_count")
     outputs = said.get("outputs")
     exception = said.get("exception")
+    budget = [MAX_CELL_VALUES]
     try:
-        results = [_output(o) for o in outputs[:MAX_CELL_RESULTS]] if isinstance(outputs, list) else []
+        results = [_output(o, budget) for o in outputs[:MAX_CELL_RESULTS]] if isinstance(outputs, list) else []
         raised = _exception(exception) if exception is not None else None
     except ValueError:
         return Cell(execution_count=None)
     return Cell(count if isinstance(count, int) and not isinstance(count, bool) else None, results, raised)
 
 
-def _output(said: Any) -> CellOutput:
+def _output(said: Any, budget: list[int]) -> CellOutput:
     """One display result as the agent reported it, checked (it comes from inside the isolate)."""
     if not isinstance(said, dict) or set(said) != {"kind", "data"}:
         raise ValueError("a cell output is {kind, data}")
@@ -52,7 +56,7 @@ def _output(said: Any) -> CellOutput:
     kept = {}
     for mime, value in data.items():
         try:
-            kept[utf8_text(mime)] = _text_tree(value, 1)
+            kept[utf8_text(mime)] = _text_tree(value, 1, budget)
         except _TooDeep:
             continue  # that format is left out; the others (its text/plain) stay
     return CellOutput(kind=kind, data=kept)
@@ -67,20 +71,24 @@ def _exception(said: Any) -> CellException:
 
 
 class _TooDeep(ValueError):
-    """A display value nested deeper than ``MAX_JSON_DEPTH``."""
+    """A display value nested deeper than ``MAX_JSON_DEPTH``, or past the cell's values."""
 
 
-def _text_tree(value: Any, depth: int) -> Any:
+def _text_tree(value: Any, depth: int, budget: list[int]) -> Any:
     """``value`` (a list or dict at level ``depth``) with every text as UTF-8 can carry it;
-    ValueError past ``MAX_JSON_DEPTH`` levels."""
+    ValueError past ``MAX_JSON_DEPTH`` levels or the values left in ``budget`` (a one-item list,
+    spent as values are copied)."""
+    budget[0] -= 1 + (len(value) if isinstance(value, dict) else 0)
+    if budget[0] < 0:
+        raise _TooDeep(f"a cell's results hold more than {MAX_CELL_VALUES} values")
     if isinstance(value, str):
         return utf8_text(value)
     if isinstance(value, list | dict) and depth > MAX_JSON_DEPTH:
         raise _TooDeep(f"a cell output nests deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, list):
-        return [_text_tree(v, depth + 1) for v in value]
+        return [_text_tree(v, depth + 1, budget) for v in value]
     if isinstance(value, dict):
-        return {utf8_text(str(k)): _text_tree(v, depth + 1) for k, v in value.items()}
+        return {utf8_text(str(k)): _text_tree(v, depth + 1, budget) for k, v in value.items()}
     return value
 
 
