@@ -331,6 +331,7 @@ def test_a_well_formed_forged_reply_ends_the_interpreter_and_puts_no_cell_out_of
         py.run("x = 1")
         forged = py.run(FORGE + "import time\ntime.sleep(1)\n'real value'", timeout=30)
         assert [r.text for r in forged.results] == [] and forged.error is not None and "state is lost" in forged.error
+        assert "its answer to the cell was not the interpreter's" in forged.error  # not "stockade sent none"
         after = py.run("'next value'")
         assert [r.text for r in after.results] == ["'next value'"] and after.execution_count == 1, after
         looped = py.run("while True: pass", timeout=2)

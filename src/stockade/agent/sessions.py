@@ -78,8 +78,9 @@ class Interpreters:
         cell_frame = kernel.cell_frame(interpreter, code)
         reply, timed_out = self._collect_cell(run, interpreter, cell_frame, started + timeout if timeout else None)
         cell = _answer_to(reply, interpreter.nonce)
+        refused = run.status is None and cell is None
         if run.status is not None or cell is None:
-            if run.status is None:  # no answer to this cell from the interpreter: it ends
+            if refused:  # no answer to this cell from the interpreter: it ends
                 runner.kill_group(interpreter.pid)
                 run.status = self._wait_for(interpreter.pid)
             cell = None
@@ -97,6 +98,7 @@ class Interpreters:
             "scratch_full": runner.scratch_full(),
             "duration": time.monotonic() - started,
             "cell": cell,
+            "answer_refused": refused,  # the agent killed it, for an answer not the interpreter's
             "new_session": new,
         }
 

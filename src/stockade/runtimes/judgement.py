@@ -83,6 +83,11 @@ def judge(
         # None of the above: the signal was not stockade's (the code's own, a crash, another process).
         if exit_code == -signal.SIGXFSZ:
             error = error or f"it wrote past max_file_size_bytes={policy.max_file_size_bytes} (SIGXFSZ)"
+        elif said.answer_refused:
+            error = error or (
+                "the agent ended the interpreter: its answer to the cell was not the interpreter's (the cell "
+                "wrote to its reply pipe) or past its bounds"
+            )
         else:
             error = (
                 error

@@ -60,6 +60,7 @@ class Verdict:
     truncated: bool = False
     cell: Cell | None = None  # a stateful interpreter's account of its cell (run_cell)
     interpreter_lost: bool = False  # run_cell: the interpreter died in the cell; its state is gone
+    answer_refused: bool = False  # run_cell: the agent ended it, its answer not the interpreter's
     scratch_full: bool = False  # a scratch directory had no room left as the run ended (disk_mb)
 
 
@@ -76,6 +77,7 @@ def read_verdict(reply: Any) -> Verdict:
         truncated=reply.get("output_truncated") is True,
         cell=read_cell(reply.get("cell")),
         interpreter_lost="cell" in reply and reply.get("cell") is None,
+        answer_refused=reply.get("answer_refused") is True,
         scratch_full=reply.get("scratch_full") is True,
     )
 
