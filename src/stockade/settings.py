@@ -121,6 +121,8 @@ class Settings:
     egress_hosts_file: str | None = None
     # Networks a policy may let a sandbox reach besides public addresses; None: any (allowed_cidrs decides).
     egress_networks: tuple[str, ...] | None = None
+    # The host ports a daemon's callers that are not root may name to publish on (None: any from 1024).
+    publish_ports: tuple[int, int] | None = None
     secrets_file: str | None = None
     broker_socket: str | None = None
     session_key: Secret | None = None
@@ -299,6 +301,17 @@ def _uid_range(raw: str, name: str) -> tuple[int, int]:
     return first, last
 
 
+def _port_range(raw: str, name: str) -> tuple[int, int]:
+    first_s, sep, last_s = raw.partition("-")
+    try:
+        first, last = int(first_s), int(last_s)
+    except ValueError:
+        first = last = -1
+    if not sep or not 1024 <= first <= last <= 65535:
+        raise ConfigError(f"{name}={raw!r}: expected 'first-last', two ports with 1024 <= first <= last <= 65535")
+    return first, last
+
+
 def _trust_map(raw: str, name: str) -> dict[str, str]:
     mapping = {}
     for item in filter(None, (x.strip() for x in raw.split(","))):
@@ -369,6 +382,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "allow_unisolated": _switch,
     "mount_roots": _mount_roots,
     "egress_networks": _networks,
+    "publish_ports": _port_range,
     "pool_size": _int(0),
     "pool_shapes": _int(1),
     "cgroup_parent": _cgroup_parent,

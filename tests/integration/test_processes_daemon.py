@@ -374,3 +374,32 @@ def test_a_held_sandboxs_life_and_what_it_did_after_its_last_run_are_audited(
         (r.get("refused"), r["door"]) for r in records if r["event"] == "admin" and r["action"] == "sandbox.close"
     ]
     assert closes == [(None, "http"), ("not_found", "http")], closes
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_shared_daemon_lets_its_callers_name_only_the_host_ports_it_gives_them(process_runtime: str) -> None:
+    # Any port from 1024 was a caller's to take: one a host service uses while it is down (or
+    # before it starts) would then be answered by a tenant's sandbox, for the host's own clients.
+    given = _free_port()
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_PUBLISH_PORTS": f"{given}-{given}"})
+    assert daemon.http_url is not None
+    try:
+        with httpx.Client(base_url=daemon.http_url, timeout=60) as api:
+            made = api.post("/api/v1/sandboxes", json={"policy": {"network_policy": "loopback"}})
+            sandbox = made.json()["sandbox_id"]
+            service = 6379 if given != 6379 else 6380
+            outside = api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": f"{service}:7000"})
+            assert outside.status_code == 422, outside.text
+            assert f"outside {given}-{given}, the ports this daemon lets its callers name" in outside.json()["error"]
+            inside = api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": f"{given}:7000"})
+            assert inside.status_code == 201 and inside.json()["host_port"] == given, inside.text
+            free = api.post(f"/api/v1/sandboxes/{sandbox}/ports", json={"port": 7001})  # any free one
+            assert free.status_code == 201, free.text
+            assert api.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
+    finally:
+        assert daemon.stop() == 0, daemon.logs()

@@ -24,6 +24,7 @@ def test_values_are_typed_and_secrets_kept_out_of_reprs() -> None:
     assert Settings.load({"STOCKADE_AUDIT_LOG": "off"}).audit_log is None
     assert Settings.load({"STOCKADE_STATE_DIR": "/srv/st"}).audit_log == "/srv/st/audit.log"
     assert Settings.load({"STOCKADE_POOL_SIZE": ""}).pool_size == 2  # set but empty: the default
+    assert Settings.load({"STOCKADE_PUBLISH_PORTS": "20000-20099"}).publish_ports == (20000, 20099)
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,8 @@ def test_values_are_typed_and_secrets_kept_out_of_reprs() -> None:
         ("STOCKADE_SOCKET_PERMS", "rw"),
         ("STOCKADE_POOL_SHAPES", "0"),
         ("STOCKADE_SANDBOX_UIDS", "5-1"),
+        ("STOCKADE_PUBLISH_PORTS", "80-90"),
+        ("STOCKADE_PUBLISH_PORTS", "9000"),
         ("STOCKADE_CGROUP_PARENT", "../x"),
         ("STOCKADE_TRUST_MAP", "untrusted=chroot"),
         ("STOCKADE_HTTP", "nowhere:port"),

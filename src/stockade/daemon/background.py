@@ -34,6 +34,7 @@ from ..protocol.models import (
     SandboxSpawn,
 )
 from ..runtimes.spawned import SHARED_SLICE_S, Process
+from ..settings import current
 from .held import Held
 
 if TYPE_CHECKING:
@@ -85,6 +86,14 @@ class BackgroundProcesses:
             raise InvalidRequestError(
                 f"publish {request.port!r}: host port {host_port} is below {FIRST_UNPRIVILEGED_PORT}, "
                 "which only root may bind: ask for another, or 0 (any free one)"
+            )
+        ports = current().publish_ports
+        if host_port and ports is not None and not caller.admin and not ports[0] <= host_port <= ports[1]:
+            # On a daemon several tenants share, a port a host service uses (one that is down, or
+            # not started yet) would be one a caller's sandbox answers on, for the host's clients.
+            raise InvalidRequestError(
+                f"publish {request.port!r}: host port {host_port} is outside {ports[0]}-{ports[1]}, the ports "
+                "this daemon lets its callers name (STOCKADE_PUBLISH_PORTS): ask for one of them, or 0 (any free one)"
             )
         if address != DEFAULT_ADDRESS and not caller.admin:
             # On another loopback address a port would answer in the place of a host service bound
