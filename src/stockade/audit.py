@@ -43,6 +43,11 @@ log = logging.getLogger("stockade.audit")
 GENESIS = "0" * 64
 MAX_STRING = 2048
 MAX_DEPTH = 16
+# A run's egress in its record: the first requests, and texts the code chooses (a path, a method,
+# a host that does not resolve) cut shorter than the log's own cut, so that one run's record
+# stays tens of KiB and a tenant's loop of runs cannot age everyone else's history out as fast.
+MAX_AUDITED_EGRESS = 64
+MAX_AUDITED_TEXT = 256
 BATCH = 1024
 REDACTED = "[redacted]"
 SECRET_WORDS = "token secret password passwd hmac authorization api_key apikey cookie credential private_key".split()
@@ -69,6 +74,13 @@ def _clean(value: Any, depth: int = 0) -> Any:
         return [_clean(v, depth + 1) for v in value]
     s = value if isinstance(value, str) else str(value)
     return s if len(s) <= MAX_STRING else f"{s[:MAX_STRING]}...[cut {len(s) - MAX_STRING} chars]"
+
+
+def short_text(text: str | None) -> str | None:
+    """``text`` cut at MAX_AUDITED_TEXT characters, saying how many were cut."""
+    if text is None or len(text) <= MAX_AUDITED_TEXT:
+        return text
+    return f"{text[:MAX_AUDITED_TEXT]}...[cut {len(text) - MAX_AUDITED_TEXT} chars]"
 
 
 def _now() -> str:

@@ -146,7 +146,10 @@ class ComponentStore:
         for _ in range(3):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(self.path(name), 0o700)
-            _check_own(self.path(name))  # one another user made there would be theirs to rewrite
+            try:
+                _check_own(self.path(name))  # one another user made there would be theirs to rewrite
+            except FileNotFoundError:
+                continue  # removed (`rm`) just now: made anew
             with contextlib.ExitStack() as held:
                 try:
                     held.enter_context(self.locked(name))
@@ -207,7 +210,11 @@ class ComponentStore:
         return state
 
     def remove(self, name: str) -> None:
-        shutil.rmtree(self.path(name))
+        """Delete the component's directory (its lock held): moved out of its name first, so that a
+        start waiting for the lock finds no directory there (and makes one), never half of this."""
+        gone = os.path.join(self.root, f".removed.{check_name(name)}.{os.getpid()}.{time.monotonic_ns()}")
+        os.rename(self.path(name), gone)
+        shutil.rmtree(gone)
 
 
 def start(

@@ -127,7 +127,7 @@ def qemu(confined, *messages):
         argv[:0] = jail.prefix(None, "tcg")
         argv += ["-sandbox", jail.SECCOMP]
         rules = jail.file_rules(Policy(), sys.argv[1], rundir, rundir, ())
-        proc = spawn_in_cgroup(argv, None, **pipes, label="stockade-microvm", landlock=rules)
+        proc = spawn_in_cgroup(argv, None, **pipes, label="stockade-microvm", landlock=rules, listens_only=True)
     else:
         proc = subprocess.Popen(argv, **pipes)
     answers = []

@@ -403,6 +403,17 @@ def test_an_mcp_calls_record_keeps_the_names_of_the_secrets_it_used(tmp_path: Pa
     assert "[redacted]" not in json.dumps(record["egress"])
 
 
+def test_an_mcp_calls_egress_is_bounded_as_a_runs_is() -> None:
+    from stockade.audit import MAX_AUDITED_EGRESS
+    from stockade.mcp.tools import call_record
+
+    long = "x" * 4000
+    verdict = {"egress_requests": [{"host": long, "port": 443, "method": long, "allowed": True}] * 100}
+    record = call_record("srv", "fetch", 12, "ok", verdict)
+    assert len(record["egress"]) == MAX_AUDITED_EGRESS and record["egress_dropped"] == 100 - MAX_AUDITED_EGRESS
+    assert all(len(e["host"]) < 300 and len(e["method"]) < 300 for e in record["egress"])
+
+
 def test_one_writer_per_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     first = AuditLog(str(path))

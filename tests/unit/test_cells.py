@@ -69,7 +69,14 @@ def test_utf8_text() -> None:
 
 def test_json_past_the_cells_values_is_not_said() -> None:
     # A subverted agent's account of a cell: copied value by value, each costing the host ~100 bytes.
-    at_limit = read_cell(said([{}] * (MAX_CELL_VALUES - 2)))  # the list, its dicts, and its text
-    assert at_limit is not None and len(at_limit.results[0].data["application/json"]) == MAX_CELL_VALUES - 2
-    cell = read_cell(said([{"k": 1}] * MAX_CELL_VALUES))
-    assert cell is not None and cell.results[0].data == {"text/plain": "v"}
+    at_limit = read_cell(said([{}] * (MAX_CELL_VALUES - 1)))  # the list and its dicts
+    assert at_limit is not None and len(at_limit.results[0].data["application/json"]) == MAX_CELL_VALUES - 1
+    cell = read_cell(said([{}] * MAX_CELL_VALUES))
+    assert cell is not None and cell.results[0].data == {"text/plain": "v"}  # its text kept
+    # The budget is the cell's: a second result's JSON past what the first left is left out, its
+    # text kept, and nothing is spent on a value refused.
+    half = {"kind": "display_data", "data": {"text/plain": "h", "application/json": [0] * (MAX_CELL_VALUES // 2)}}
+    three = read_cell({"execution_count": 1, "outputs": [half, half, half], "exception": None})
+    assert three is not None and [sorted(r.data) for r in three.results] == [
+        ["application/json", "text/plain"], ["text/plain"], ["text/plain"]
+    ]  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import time
 from collections.abc import Callable
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -52,28 +53,42 @@ def _stopped_component(tmp_path: Path) -> ComponentStore:
 
 def _racing(
     tmp_path: Path, racer: Callable[[str, str, Event, multiprocessing.Queue[str]], None]
-) -> tuple[Event, multiprocessing.Queue[str], Callable[[], str]]:
+) -> tuple[Callable[[], None], multiprocessing.Queue[str], Callable[[], str]]:
     """``racer`` (on "held") in a process forked before the test takes the lock (a child holding a
-    copy of the lock's descriptor would hold it too), waiting for its go; and what it says."""
+    copy of the lock's descriptor would hold it too); what sets it going and returns once it waits
+    for the lock (the kernel's list of locks shows it blocked), and what it says."""
     context = multiprocessing.get_context("fork")
     said: multiprocessing.Queue[str] = context.Queue()
     go = context.Event()
     process = context.Process(target=racer, args=(str(tmp_path), "held", go, said))
     process.start()
 
+    def waiting() -> None:
+        go.set()
+        deadline = time.monotonic() + 30
+        while not _blocked_on_a_lock(process.pid or 0):
+            assert time.monotonic() < deadline, "the racer never waited for the lock"
+            time.sleep(0.01)
+
     def answer() -> str:
         text = said.get(timeout=30)
         process.join(30)
         return text
 
-    return go, said, answer
+    return waiting, said, answer
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Whether ``pid`` waits for a flock (/proc/locks: "N: -> FLOCK ADVISORY WRITE PID ...")."""
+    with open("/proc/locks") as f:
+        return any(line.split()[1:3] == ["->", "FLOCK"] and line.split()[5] == str(pid) for line in f)
 
 
 def test_a_start_is_checked_and_recorded_under_the_components_lock(tmp_path: Path) -> None:
     store = _stopped_component(tmp_path)
-    go, said, answer = _racing(tmp_path, _create_named)
+    waiting, said, answer = _racing(tmp_path, _create_named)
     with store.locked("held"):  # as a `stop`, or another start, holds it
-        go.set()
+        waiting()
         with pytest.raises(queue.Empty):
             said.get(timeout=1)  # it waits for the lock: nothing checked, nothing written
         assert store.state("held").status == "stopped"
@@ -106,9 +121,9 @@ def test_a_remove_is_checked_and_done_under_the_components_lock(tmp_path: Path) 
     # It read the state unlocked, then deleted the directory: a start of the name in between ran
     # with its record deleted under it, out of `stop`'s reach.
     store = _stopped_component(tmp_path)
-    go, said, answer = _racing(tmp_path, _remove_named)
+    waiting, said, answer = _racing(tmp_path, _remove_named)
     with store.locked("held"):  # a start of it holds this while it records
-        go.set()
+        waiting()
         with pytest.raises(queue.Empty):
             said.get(timeout=1)
         assert store.state("held").status == "stopped"
@@ -121,9 +136,9 @@ def test_a_remove_is_checked_and_done_under_the_components_lock(tmp_path: Path) 
 def test_a_start_that_waited_for_a_removed_components_lock_makes_it_anew(tmp_path: Path) -> None:
     # Its lock was of the directory `rm` deleted: it went on to write into a directory that was gone.
     store = _stopped_component(tmp_path)
-    go, said, answer = _racing(tmp_path, _create_named)
+    waiting, said, answer = _racing(tmp_path, _create_named)
     with store.locked("held"):  # as `rm` holds it while it deletes
-        go.set()
+        waiting()
         with pytest.raises(queue.Empty):
             said.get(timeout=1)
         store.remove("held")

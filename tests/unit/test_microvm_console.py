@@ -45,8 +45,9 @@ def test_a_process_named_like_a_report_counts_no_kill(tmp_path: os.PathLike[str]
                 b"[   12.4] Out of memory: Killed process 321 (oom-kill:) total-vm:1024kB, anon-rss:512kB\r\n"
                 b"[   12.5] Memory cgroup out of memory: Killed process 322 (Killed process) total-vm:1kB\r\n"
                 b"[   12.6] a line that says Out of memory: Killed process 1 (x) in its middle\r\n"
+                b"[   12.7] Out of memory (oom_kill_allocating_task): Killed process 323 (python3)\r\n"
             )
-            assert output.count_oom_kills() == 2
+            assert output.count_oom_kills() == 3
     finally:
         output.close()
 

@@ -40,7 +40,7 @@ TEXT_MAX = 64 << 10
 # MiB of "[{},{},...]" was ~300 MB of the daemon's memory and a second of its loop, every cell.
 MAX_JSON_DEPTH = 64
 MAX_JSON_VALUES = 100_000
-MAX_REPLY_VALUES = 2 * MAX_JSON_VALUES  # in one cell's whole reply: past it, results are left out
+MAX_REPLY_VALUES = 2 * MAX_JSON_VALUES  # in one cell's JSON results, all told: past it, results are left out
 MAX_CELL_RESULTS = 1000  # result.MAX_CELL_RESULTS (the agent imports nothing of the host's)
 _REPRS = (
     ("_repr_html_", "text/html"),
@@ -402,9 +402,14 @@ def _bounded_frame(reply: dict[str, Any]) -> bytes:
 
 
 def reply_within(reply: dict[str, Any]) -> bool:
-    """Whether a cell's reply nests and holds no more than the host takes of one (its few fields
-    around the results given their levels and values)."""
-    return json_within(reply, MAX_JSON_DEPTH + 4, MAX_REPLY_VALUES + 10 * MAX_CELL_RESULTS)
+    """Whether a cell's JSON results hold no more values, in all, than the host takes of one cell's
+    (runtimes/cells.py), and its reply nests no deeper than theirs may."""
+    outputs = reply.get("outputs")
+    values = [v for o in outputs if isinstance(o, dict) and isinstance(o.get("data"), dict)
+              for v in o["data"].values() if not isinstance(v, str)] if isinstance(outputs, list) else []  # fmt: skip
+    return json_within(values, MAX_JSON_DEPTH + 1, MAX_REPLY_VALUES + 1) and json_within(
+        reply, MAX_JSON_DEPTH + 4, MAX_REPLY_VALUES + 100 * MAX_CELL_RESULTS
+    )
 
 
 def _read_exact(fd: int, n: int) -> bytes:

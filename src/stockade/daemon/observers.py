@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..audit import MAX_AUDITED_EGRESS, short_text
 from ..protocol.models import Caller
 from ..ratelimit import TokenBucket, peer_network
 from ..result import EgressRequest, ExecResult, SecurityViolation, validate
@@ -35,11 +36,7 @@ log = logging.getLogger("stockade.daemon")
 # What one run may write to the audit log: listed one by one up to these, counted past them. (Its
 # code chooses how many it makes: listed without end, a loop of refused syscalls wrote 2 MB a
 # second and aged every other tenant's history out of the rotated files within minutes.)
-MAX_AUDITED_VIOLATIONS, MAX_AUDITED_EGRESS = 16, 64
-# An egress entry's texts, which the code chooses (a path, a method, a host that does not
-# resolve): cut shorter than the log's own cut, so that a run's record stays tens of KiB and a
-# tenant's loop of runs cannot age everyone else's history out of the rotated files as fast.
-MAX_AUDITED_TEXT = 256
+MAX_AUDITED_VIOLATIONS = 16
 AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST = 1.0, 60.0  # auth_failure records of a door, from all its peers
 REFUSED_PER_S, REFUSED_BURST = 1.0, 60.0  # records of refused administrative acts, per owner
 
@@ -304,13 +301,13 @@ def _egress_fields(requests: list[EgressRequest], dropped: int, redactions: int)
     listed = requests[:MAX_AUDITED_EGRESS]
     kept = [
         {
-            "host": _short(r.host),
+            "host": short_text(r.host),
             "port": r.port,
-            "method": _short(r.method),
-            "path": _short(r.path),
+            "method": short_text(r.method),
+            "path": short_text(r.path),
             "scheme": r.scheme,
             "allowed": r.allowed,
-            "reason": _short(r.reason) or None,
+            "reason": short_text(r.reason) or None,
             "status": r.status,
             "bytes_sent": r.bytes_sent,
             "bytes_received": r.bytes_received,
@@ -320,9 +317,3 @@ def _egress_fields(requests: list[EgressRequest], dropped: int, redactions: int)
         for r in listed
     ]
     return {"egress": kept, "egress_dropped": dropped + len(requests) - len(listed), "redactions": redactions}
-
-
-def _short(text: str | None) -> str | None:
-    if text is None or len(text) <= MAX_AUDITED_TEXT:
-        return text
-    return f"{text[:MAX_AUDITED_TEXT]}...[cut {len(text) - MAX_AUDITED_TEXT} chars]"

@@ -30,6 +30,7 @@ from mcp import ClientSession, MCPError, types
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CONNECTION_CLOSED
 
+from ..audit import MAX_AUDITED_EGRESS, short_text
 from ..errors import ConfigError, StockadeError, printable
 from ..policy import Policy
 from ..runtimes.manager import RuntimeManager, default_manager
@@ -447,15 +448,21 @@ def call_record(
         "runtime": verdict.get("runtime"), "violations": verdict.get("violation_counts") or {},
         # The names as the daemon's execution records carry them (``substituted``): the audit log
         # redacts any field named like a secret ("secrets_used" included), names and all.
-        "egress": [{**{k: r.get(k) for k in ("host", "port", "method", "allowed")},
-                    "substituted": r.get("secrets_used") or []} for r in egress],
+        "egress": [{"host": _text(r.get("host")), "port": r.get("port"), "method": _text(r.get("method")),
+                    "allowed": r.get("allowed"), "substituted": r.get("secrets_used") or []}
+                   for r in egress[:MAX_AUDITED_EGRESS]],
+        "egress_dropped": max(0, len(egress) - MAX_AUDITED_EGRESS),
     }  # fmt: skip
+
+
+def _text(value: Any) -> str | None:
+    return short_text(value) if isinstance(value, str) else None
 
 
 def report_record(server_id: str, what: str, verdict: dict[str, Any]) -> dict[str, Any]:
     """An isolate's report outside a tool call (``mcp.report``: ``ToolHost``'s ``on_report``)."""
     record = call_record(server_id, "", 0, what, verdict)
-    return {k: record[k] for k in ("server", "runtime", "violations", "egress")} | {"what": what}
+    return {k: record[k] for k in ("server", "runtime", "violations", "egress", "egress_dropped")} | {"what": what}
 
 
 def _with_verdict(result: types.CallToolResult, verdict: dict[str, Any]) -> types.CallToolResult:

@@ -18,7 +18,7 @@ from ..result import CELL_KINDS, MAX_CELL_MIME_TYPES, MAX_CELL_RESULTS, CellExce
 # client's parser) would recurse too deep to answer. The agent's kernel leaves deeper ones out.
 MAX_JSON_DEPTH = 64
 # Values (keys counted) one cell's JSON results may hold in all: past them a result's JSON is left
-# out. The agent's kernel keeps within them; a cell that writes its own account may not.
+# out, its text kept. The agent's kernel keeps within them; a cell that writes its own account may not.
 MAX_CELL_VALUES = 200_000
 
 
@@ -55,10 +55,14 @@ def _output(said: Any, budget: list[int]) -> CellOutput:
         raise ValueError("a cell output's MIME types are text")
     kept = {}
     for mime, value in data.items():
-        try:
-            kept[utf8_text(mime)] = _text_tree(value, 1, budget)
-        except _TooDeep:
+        if isinstance(value, str):
+            kept[utf8_text(mime)] = utf8_text(value)
+            continue
+        size = _values_within(value, budget[0])
+        if size is None:
             continue  # that format is left out; the others (its text/plain) stay
+        budget[0] -= size
+        kept[utf8_text(mime)] = _text_tree(value)
     return CellOutput(kind=kind, data=kept)
 
 
@@ -70,25 +74,31 @@ def _exception(said: Any) -> CellException:
     return CellException(**{k: utf8_text(v) for k, v in said.items()})
 
 
-class _TooDeep(ValueError):
-    """A display value nested deeper than ``MAX_JSON_DEPTH``, or past the cell's values."""
+def _values_within(value: Any, most: int) -> int | None:
+    """The values ``value`` holds (keys counted), if no more than ``most`` and nested at most
+    ``MAX_JSON_DEPTH`` levels of lists and dicts; None otherwise (walked without recursion)."""
+    stack, seen = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if isinstance(item, list | dict):
+            if depth > MAX_JSON_DEPTH:
+                return None
+            seen += len(item) if isinstance(item, dict) else 0
+            stack.extend((inner, depth + 1) for inner in (item.values() if isinstance(item, dict) else item))
+        if seen > most:
+            return None
+    return seen
 
 
-def _text_tree(value: Any, depth: int, budget: list[int]) -> Any:
-    """``value`` (a list or dict at level ``depth``) with every text as UTF-8 can carry it;
-    ValueError past ``MAX_JSON_DEPTH`` levels or the values left in ``budget`` (a one-item list,
-    spent as values are copied)."""
-    budget[0] -= 1 + (len(value) if isinstance(value, dict) else 0)
-    if budget[0] < 0:
-        raise _TooDeep(f"a cell's results hold more than {MAX_CELL_VALUES} values")
+def _text_tree(value: Any) -> Any:
+    """``value`` (checked by ``_values_within``) with every text as UTF-8 can carry it."""
     if isinstance(value, str):
         return utf8_text(value)
-    if isinstance(value, list | dict) and depth > MAX_JSON_DEPTH:
-        raise _TooDeep(f"a cell output nests deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, list):
-        return [_text_tree(v, depth + 1, budget) for v in value]
+        return [_text_tree(v) for v in value]
     if isinstance(value, dict):
-        return {utf8_text(str(k)): _text_tree(v, depth + 1, budget) for k, v in value.items()}
+        return {utf8_text(str(k)): _text_tree(v) for k, v in value.items()}
     return value
 
 

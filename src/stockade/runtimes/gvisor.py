@@ -335,7 +335,13 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         except BaseException:
             guest.close()
             if sandbox is not None:
-                sandbox.close()  # it owns every part; closed, it is not released again when collected
+                # It owns every part; closed, it is not released again when collected. runsc first,
+                # as abandon_start does (its Sentry may not be watched yet: no wait for it to end).
+                if proc is not None:
+                    with contextlib.suppress(OSError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(Exception):  # the start's own error is the one to raise
+                    sandbox.close()
                 raise
             host.close()
             # runsc's sandbox and gofer go first (as _release does): without a cgroup, the

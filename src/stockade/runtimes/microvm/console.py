@@ -26,7 +26,9 @@ LAST_WORDS = 400  # bytes of the console, and of QEMU's stderr, kept: the last o
 MAX_LINE = 4096  # a longer console line is dropped whole: no OOM report is that long
 # One line per kill, at KERN_ERR (shown under `quiet`), matched from the line's start: the killed
 # process's name comes after, so a program named "oom-kill:" or "Killed process" counts no kill.
-_OOM = re.compile(rb"(?:\[[ 0-9.]*\] )?(?:Out of memory|Memory cgroup out of memory): Killed process \d+ ")
+_OOM = re.compile(
+    rb"(?:\[[ 0-9.]*\] )?(?:Out of memory(?: \([a-z_]+\))?|Memory cgroup out of memory): Killed process \d+ "
+)
 
 
 class QemuOutput:

@@ -338,15 +338,16 @@ _SKIPPED_ON_HOST = ("chmod", "fchmod", "fchmodat", "fchmodat2")
 # A program that only listens (QEMU: its QMP and agent sockets are servers) reaches no socket by
 # its path: a network namespace of its own holds no filesystem's sockets, and Landlock does not
 # govern connecting to them (a host service's, the user's session bus, a rootless daemon's).
-# connect() is refused, and so are the datagram sockets that would send to a path without it.
+# connect() is refused, and so is every unix socket but a stream or a seqpacket one: a datagram
+# socket sends to any path without connecting (and the kernel makes a SOCK_RAW one a datagram one).
+_UNIX_CONNECTED_TYPES = {"arg": 1, "op": "not_in", "mask": 0xF, "values": [socket.SOCK_STREAM, socket.SOCK_SEQPACKET]}
 _LISTENS_ONLY = (
     Rule("connect", "errno", "HIGH", "a program that only listens connects to nothing", errno=errno.EACCES,
          report=False),
     Rule("socket", "errno", "HIGH", "a unix datagram socket sends to any path", errno=errno.EACCES,
-         report=False, when=[{"arg": 0, "op": "eq", "value": 1}, {"arg": 1, "op": "masked_eq", "mask": 0xF,
-                                                                    "value": socket.SOCK_DGRAM}]),
+         report=False, when=[{"arg": 0, "op": "eq", "value": 1}, _UNIX_CONNECTED_TYPES]),
     Rule("socketpair", "errno", "HIGH", "a unix datagram socket sends to any path", errno=errno.EACCES,
-         report=False, when={"arg": 1, "op": "masked_eq", "mask": 0xF, "value": socket.SOCK_DGRAM}),
+         report=False, when=_UNIX_CONNECTED_TYPES),
 )  # fmt: skip
 
 
