@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import InvalidRequestError, NotFoundError
+from ..limits import check_call_size
 from ..protocol.models import (
     Caller,
     ProcessInfo,
@@ -57,7 +58,14 @@ class BackgroundProcesses:
 
     if TYPE_CHECKING:  # the HeldSandboxes mixin's, which this works beside
 
-        async def _held_call(self, request: SandboxRef, caller: Caller, call: Callable[[Held], Awaitable[T]]) -> T: ...
+        async def _held_call(
+            self,
+            request: SandboxRef,
+            caller: Caller,
+            call: Callable[[Held], Awaitable[T]],
+            large_answer: bool = False,
+            carries: int = 0,
+        ) -> T: ...
         async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
         def _tell(self, event: Callable[[ExecutionListener], None]) -> None: ...
 
@@ -137,12 +145,14 @@ class BackgroundProcesses:
         return await self._held_call(request, caller, read)
 
     async def process_write(self, request: ProcessWrite, caller: Caller) -> ProcessInfo:
+        check_call_size("stdin", request.data_bytes())  # before it waits its turn holding the data
+
         async def write(held: Held) -> ProcessInfo:
             process = _process(held, request.handle)
             await self._blocking(process.write, request.data_bytes(), eof=request.eof)
             return _info(process)
 
-        return await self._held_call(request, caller, write)
+        return await self._held_call(request, caller, write, carries=len(request.data_bytes()) + len(request.data))
 
     async def process_wait(self, request: ProcessWait, caller: Caller) -> ProcessInfo:
         until = time.monotonic() + request.timeout

@@ -131,6 +131,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self._expired: OrderedDict[str, tuple[str, str]] = OrderedDict()  # sandbox id -> (owner, why)
         self._closing: set[asyncio.Task[None]] = set()
         self._settling: set[asyncio.Task[None]] = set()
+        self._waiting: dict[str, tuple[int, int]] = {}
         self._cold_starts: set[asyncio.Task[None]] = set()  # execute_now's runs building an isolate
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import (
     AgentError,
     CallTooLargeError,
+    DaemonBusyError,
     InvalidRequestError,
     NotFoundError,
     SandboxLostError,
@@ -32,6 +33,7 @@ from ..errors import (
     sandbox_os_error,
     utf8_text,
 )
+from ..limits import check_call_size
 from ..placement import Isolate, Placement
 from ..policy import Policy
 from ..protocol.models import (
@@ -79,6 +81,13 @@ LEFTOVERS_WAIT_S = 10.0
 
 # The most one read_file answers (the client's answer line, base64, stays under its 64 MiB).
 READ_FILE_MAX = 32 << 20
+
+# What one owner's calls waiting for their held sandboxes' turn may hold (a held sandbox runs one
+# call at a time): so many calls, and so many bytes of their data (a file, stdin, code). Past
+# either, "busy" at once: a waiting call keeps its request, and an HTTP client's that went away
+# still waits.
+MAX_WAITING_CALLS = 64
+MAX_WAITING_BYTES = 64 << 20
 
 # A held sandbox's id: its daemon instance's first 8 digits, then 16 random ones.
 _SANDBOX_ID = re.compile(r"sb-([0-9a-f]{8})-[0-9a-f]{16}")
@@ -129,6 +138,7 @@ class HeldSandboxes:
     _expired: OrderedDict[str, tuple[str, str]]  # sandbox id -> (owner, why)
     _closing: set[asyncio.Task[None]]  # sandboxes being closed (idle ones, and every close in flight)
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
+    _waiting: dict[str, tuple[int, int]]  # owner -> its calls waiting for a held sandbox's turn, their bytes
 
     def runtime_for(self, policy: Policy) -> str:
         raise NotImplementedError
@@ -319,17 +329,33 @@ class HeldSandboxes:
         caller: Caller,
         call: Callable[[Held], Awaitable[T]],
         large_answer: bool = False,
+        carries: int = 0,
     ) -> T:
         """``call`` on the held sandbox ``request`` names, in its turn (one call at a time reaches its
         agent). ``large_answer``: refused if its caller's unread answers filled their share while it
-        waited (daemon/answers.py)."""
+        waited (daemon/answers.py). ``carries``: the bytes of data the request holds while it waits."""
         held = self._lookup(request, caller)
+        owner = caller.owner
+        calls, held_bytes = self._waiting.get(owner, (0, 0))
+        if held.lock.locked() and (calls >= MAX_WAITING_CALLS or held_bytes + carries > MAX_WAITING_BYTES):
+            raise DaemonBusyError(
+                f"{calls} calls of {owner}'s already wait for their sandboxes' turn, holding {held_bytes >> 20} MiB "
+                f"(at most {MAX_WAITING_CALLS} calls and {MAX_WAITING_BYTES >> 20} MiB): wait for them to end "
+                "(a held sandbox runs one call at a time)"
+            )
         held.calls += 1  # from here, waiting for the lock included: not idle
+        self._waiting[owner] = (calls + 1, held_bytes + carries)
         try:
             await held.lock.acquire()
         except BaseException:
             held.calls -= 1
             raise
+        finally:
+            calls, held_bytes = self._waiting[owner]
+            if calls > 1:
+                self._waiting[owner] = (calls - 1, held_bytes - carries)
+            else:
+                del self._waiting[owner]
         self._track(+1)
         ended_later = False
         try:
@@ -370,15 +396,17 @@ class HeldSandboxes:
             self._observe(caller, held.agent_id, result, held)
             return result
 
-        return await self._held_call(request, caller, run, large_answer=True)
+        carries = len(stdin) + len(getattr(request, "code", "") or "")
+        return await self._held_call(request, caller, run, large_answer=True, carries=carries)
 
     async def write_file(self, request: WriteFile, caller: Caller) -> FileWritten:
         data = request.data_bytes()
+        check_call_size("write_file data", data)  # before it waits its turn holding the data
 
         async def write(held: Held) -> None:
             await self._file_call(request.path, held.sandbox.awrite_file(request.path, data, request.mode))
 
-        await self._held_call(request, caller, write)
+        await self._held_call(request, caller, write, carries=len(data) + len(request.data))
         return FileWritten(path=request.path, size=len(data))
 
     async def read_file(self, request: ReadFile, caller: Caller) -> FileData:
@@ -482,6 +510,13 @@ class HeldSandboxes:
             self._tell(lambda listener: listener.sandbox_ended(
                 held.caller, held.agent_id, held.sandbox_id, ended, held.runs, leftovers
             ))  # fmt: skip
+
+    async def close_unanswered(self, sandbox_id: str) -> None:
+        """Close a sandbox its caller went away before being told of (a kept one: its connection's
+        end does not close it, and no one knows its id)."""
+        held = self.held.get(sandbox_id)
+        if held is not None:
+            await self._close(held, ended="connection closed")
 
     async def close_connection(self, connection: int) -> None:
         """Close the sandboxes a connection held (not kept ones), each once its call, if any, is done."""

@@ -74,7 +74,12 @@ def _method_list() -> list[Method]:
             ends_with_caller=True,
         ),
         Method("execute.cancel", CancelRequest, _cancel, admin_action=True, small_answer=True),
-        Method("sandbox.create", SandboxCreate, lambda c, r, caller, out: c.create(r, caller)),
+        Method(
+            "sandbox.create",
+            SandboxCreate,
+            lambda c, r, caller, out: c.create(r, caller),
+            unanswered=lambda c, created: c.close_unanswered(created.sandbox_id),
+        ),
         Method(
             "sandbox.exec",
             SandboxExec,

@@ -321,6 +321,8 @@ class Connection(asyncio.Protocol):
         """Answer a request that has to wait."""
         try:
             response = await self.server.call(method, request, self.caller, msg_id, self._emitter(msg_id))
+            if self._lost and method.unanswered is not None and response.get("error") is None:
+                await method.unanswered(self.server.handler, response.get("result"))
             self.send(response)
             self._logged(method.name, response.get("result") if response["error"] is None else response, started)
         finally:

@@ -42,6 +42,9 @@ class Method:
     # unread answers fill their share (daemon/answers.py), so that the caller can still cancel,
     # interrupt, close and look.
     small_answer: bool = False
+    # What undoes its result when its caller went away before the answer could be sent: a kept
+    # sandbox whose id nobody learned would hold its caller's slot until it idled out.
+    unanswered: Callable[[Any, Any], Awaitable[None]] | None = None
 
 
 class Handler(Protocol):
