@@ -290,3 +290,30 @@ def test_what_a_worker_leaves_behind_is_killed_with_it() -> None:
     """)
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "killed", done.stdout + done.stderr
+
+
+def test_the_fork_server_imports_nothing_from_its_keepers_script_directory(tmp_path: object) -> None:
+    # Its module path was the keeper's, first entry and all: root running a script from a
+    # directory another user may write (or `python -m` there) had the fork server, root with every
+    # capability, import what that user planted there (socket.py, msgpack.py) at its next start.
+    require("process")
+    where = tempfile.mkdtemp(prefix="stockade-keeper-")
+    try:
+        script = os.path.join(where, "keeper.py")
+        with open(script, "w") as f:
+            f.write(
+                textwrap.dedent("""
+                from stockade.egress.workers import fork_server
+                server = fork_server()
+                with open(f"/proc/{server._proc.pid}/environ", "rb") as environ:
+                    said = dict(v.split(b"=", 1) for v in environ.read().split(b"\\0") if b"=" in v)
+                print(said[b"PYTHONPATH"].decode())
+            """)
+            )
+        done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        path = done.stdout.strip().split(os.pathsep)
+        assert where not in path and path, path
+        assert any(os.path.isdir(os.path.join(p, "stockade")) for p in path), path  # its own modules still
+    finally:
+        shutil.rmtree(where, ignore_errors=True)

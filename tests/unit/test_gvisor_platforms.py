@@ -64,7 +64,7 @@ def test_a_killed_hosts_platform_probe_is_swept_as_its_sandboxes_are(
     assert not bundle.exists() and live.exists()
 
     root = tmp_path / "runsc-root"
-    root.mkdir()
+    root.mkdir(mode=0o700)  # this user's alone, as runsc's state root must be
     for name in (f"abc_sandbox:stockade-probe-{dead}-systrap.state", f"stockade-{dead}-7.lock", "other.state"):
         (root / name).write_text("{}")
     _sweep_state(str(root))

@@ -218,16 +218,22 @@ def serve_forks(ctl: socket.socket, uids: tuple[int, int] | None) -> None:
             request = msgpack.unpackb(raw)
             if isinstance(request, dict) and "kill" in request:
                 # A keeper without root may not signal a worker that runs as its isolate's uid: it asks.
-                if request["kill"] in workers:
-                    os.kill(request["kill"], signal.SIGKILL)  # not reaped yet: still that worker
-                ctl.send(msgpack.packb({"killed": request["kill"] in workers}))
+                target = request["kill"]
+                known = type(target) is int and target in workers
+                if known:
+                    os.kill(target, signal.SIGKILL)  # not reaped yet: still that worker
+                ctl.send(msgpack.packb({"killed": known}))
                 continue
             uid = request.get("uid") if isinstance(request, dict) else None
             refused = _refusal(uid, uids, len(fds))
             if refused:
                 ctl.send(msgpack.packb({"error": refused}))
                 continue
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # no pid or memory left now: said, and the server serves on (kills too)
+                ctl.send(msgpack.packb({"error": f"cannot start a worker: {exc.strerror}"}))
+                continue
             if pid == 0:
                 ctl.close()
                 _worker(fds[0], uid if uids is not None else None)

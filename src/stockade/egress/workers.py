@@ -39,6 +39,14 @@ TAKE_TIMEOUT_S = 10.0
 WORKER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
+def module_path() -> list[str]:
+    """This process's module path without what its start put first: the directory of the script
+    it runs, or the one ``python -m`` ran in (for the fork server, root's, a directory another user
+    may write), unless it is where stockade itself comes from."""
+    own = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return [p for i, p in enumerate(sys.path) if p and (i > 0 or os.path.abspath(p) == own)]
+
+
 class ForkServer:
     """``python -P -s -m stockade.egress.worker``: forks this process's workers (``fork_server()``)."""
 
@@ -46,8 +54,8 @@ class ForkServer:
         keeper, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # The keeper's own module path, whatever made it (a venv, PYTHONPATH); -s: no user site of the
-            # user it runs as, -P: not the current directory.
-            env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            # user it runs as, -P: not the current directory, nor the keeper's script's or `-m`'s.
+            env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(module_path())}
             argv = [sys.executable, "-P", "-s", "-m", "stockade.egress.worker"]
             if os.geteuid() == 0:  # it forks workers only as a uid of the sandbox range
                 from ..settings import current
