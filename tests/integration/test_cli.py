@@ -272,3 +272,14 @@ def reach_closed_port(port: int) -> list[str]:
     )
     return ["--network", "allowlist", "--allow-host", f"localhost:{port}", "--allow-cidr", "127.0.0.0/8", "--",
             "python3", "-c", fetch]  # fmt: skip
+
+
+def test_a_one_shot_run_that_exits_at_once_leaves_nothing_of_its_isolate(tmp_path: Path) -> None:
+    # The reaper's thread, tearing the isolate down after the run, ended with the interpreter:
+    # every `stockade run --isolation none` left its scratch directory behind.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    for _ in range(3):
+        r = subprocess.run([*STOCKADE, "run", "--isolation", "none", "--", "true"], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == []

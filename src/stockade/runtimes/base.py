@@ -60,8 +60,12 @@ class Runtime(abc.ABC):
     def start(self, policy: Policy) -> AgentSandbox:
         """Start an isolate under ``policy``; raises SandboxStartError naming the failed step."""
 
-    def close(self) -> None:  # noqa: B027 - most runtimes hold nothing runtime-wide
-        """Release runtime-wide resources (pools, helper processes)."""
+    def close(self) -> None:
+        """Release runtime-wide resources (pools, helper processes); the one-shot isolates it
+        disposed of are torn down first (a process that exits would otherwise end its reaper's
+        thread halfway, and leave what that was removing)."""
+        if self._reaper is not None:
+            self._reaper.join(10.0)
 
     # -- one-shot isolates: taken, then disposed of (a pooled runtime overrides these) --------
 
