@@ -95,8 +95,8 @@ def setns(fd: int, nstype: int) -> None:
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     ret = _libc.mount(
-        source.encode() if source else None,
-        target.encode(),
+        os.fsencode(source) if source else None,
+        os.fsencode(target),
         fstype.encode() if fstype else None,
         ctypes.c_ulong(flags),
         data.encode() if data else None,
@@ -108,7 +108,7 @@ def mount_setattr_recursive(target: str, attr_set: int) -> None:
     """Set ``attr_set`` (MOUNT_ATTR_*) on the mount at ``target`` and every mount below it, and
     clear nothing (Linux 5.12: ENOSYS before)."""
     attr = ctypes.create_string_buffer(struct.pack("QQQQ", attr_set, 0, 0, 0), 32)
-    ret = _libc.syscall(_NR_MOUNT_SETATTR, _AT_FDCWD, target.encode(), _AT_RECURSIVE, attr, ctypes.c_size_t(32))
+    ret = _libc.syscall(_NR_MOUNT_SETATTR, _AT_FDCWD, os.fsencode(target), _AT_RECURSIVE, attr, ctypes.c_size_t(32))
     _check(ret, f"mount_setattr {target}")
 
 
@@ -133,11 +133,11 @@ def mount_table() -> list[tuple[str, str, str, str]]:
 
 
 def umount2(target: str, flags: int) -> None:
-    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+    _check(_libc.umount2(os.fsencode(target), flags), f"umount {target}")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.syscall(_NR_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
+    _check(_libc.syscall(_NR_PIVOT_ROOT, os.fsencode(new_root), os.fsencode(put_old)), "pivot_root")
 
 
 def sethostname(name: str) -> None:
@@ -178,7 +178,7 @@ def open_beneath(dirfd: int, path: str, flags: int) -> int:
     /proc magic link (openat2 with RESOLVE_BENEATH, NO_SYMLINKS, NO_MAGICLINKS, NO_XDEV)."""
     resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
     how = ctypes.create_string_buffer(struct.pack("QQQ", flags | os.O_CLOEXEC, 0, resolve), 24)
-    fd = _libc.syscall(_NR_OPENAT2, dirfd, path.encode(), how, ctypes.c_size_t(24))
+    fd = _libc.syscall(_NR_OPENAT2, dirfd, os.fsencode(path), how, ctypes.c_size_t(24))
     return _check(fd, f"openat2 {path}")
 
 

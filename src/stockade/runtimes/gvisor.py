@@ -45,7 +45,7 @@ import time
 from typing import Any
 
 from .. import environments
-from ..errors import RuntimeUnavailableError, SandboxStartError, printable
+from ..errors import PolicyError, RuntimeUnavailableError, SandboxStartError, printable
 from ..policy import Policy, default_policy
 from ..settings import current
 from .base import Availability
@@ -101,6 +101,21 @@ def state_root() -> str:
     if os.getuid() == 0:
         return "/run/stockade/runsc"
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"stockade-runsc-{os.getuid()}")
+
+
+def _check_utf8_paths(policy: Policy) -> None:
+    """runsc reads its bundle's paths as UTF-8 text: a shared path named in other bytes (kept by
+    os.fsdecode as lone surrogates, which the process runtime and a microVM take) would come to it
+    changed, and its sandbox fail to start with no word of why."""
+    for m in policy.filesystem_access:
+        for what, path in (("source", m.source), ("target", m.target)):
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PolicyError(
+                    f"filesystem_access {what} {printable(path)!r}: gVisor takes only paths that are UTF-8 "
+                    "text (runsc reads them so): rename it, or use the process or microvm runtime"
+                ) from None
 
 
 def made_state_root(root: str) -> str:
@@ -272,6 +287,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
 
         started = time.monotonic()
         check_mount_sources(policy)
+        _check_utf8_paths(policy)
         shared = environments.share(policy)  # its Python environment: one more read-only bind
         runsc = runsc_binary()
         if runsc is None:
