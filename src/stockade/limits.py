@@ -51,6 +51,16 @@ def check_call_size(field: str, data: bytes | bytearray | memoryview | str | Non
         )
 
 
+def publish_specs(publish: Any) -> list[int | str]:
+    """A ``publish=`` keyword's specs: a list of them, or one (``publish=8000``, ``"9000:8000"``;
+    a string is one spec, never its characters)."""
+    if isinstance(publish, (int, str)) and not isinstance(publish, bool):
+        return [publish]
+    if isinstance(publish, (list, tuple)):
+        return list(publish)
+    raise TypeError(f"publish takes a port spec or a list of them (8000, '9000:8000'), not {publish!r}")
+
+
 def argv_list(argv: Any) -> list[str]:
     """``argv`` as a list of strings (a path object as its string, as ``subprocess`` takes one),
     refusing a string: ``run("ls -l")`` would run a program named "l"."""

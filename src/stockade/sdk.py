@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import SandboxClosedError
-from .limits import argv_list, check_call_size, check_code
+from .limits import argv_list, check_call_size, check_code, publish_specs
 from .policy import Policy, policy_of
 from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
@@ -116,7 +116,7 @@ class Sandbox:
         # port inside -> (host address, host port) of its published forward
         self.published: dict[int, tuple[str, int]] = {}
         try:
-            for spec in publish:
+            for spec in publish_specs(publish):
                 self.publish(spec)
         except BaseException:
             self._sandbox.close()

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import SandboxClosedError
-from .limits import argv_list
+from .limits import argv_list, publish_specs
 from .policy import Policy, policy_of
 from .result import ExecResult
 from .runtimes.manager import RuntimeManager, default_manager
@@ -63,7 +63,7 @@ class AsyncSandbox:
         self._closed = False  # aclose() ran: no start again, and calls say so
         # One request at a time reaches the agent: calls gathered on one sandbox queue here.
         self._turn = asyncio.Lock()
-        self._publish = list(publish)
+        self._publish = publish_specs(publish)
         self.published: dict[int, tuple[str, int]] = {}  # as Sandbox.published
 
     async def start(self) -> AsyncSandbox:

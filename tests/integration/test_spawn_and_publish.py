@@ -460,3 +460,15 @@ def test_a_program_or_directory_that_is_not_there_raises_as_subprocess_does(mana
                 start(["true"], cwd="/nope")
             with pytest.raises(PermissionError, match="cannot execute '/etc/passwd'"):
                 start(["/etc/passwd"])
+
+
+def test_publish_takes_one_spec_or_a_list_and_a_string_is_one_spec(manager: RuntimeManager) -> None:
+    # "8000" was taken as four specs: host port 8 was published first, then "0" was refused.
+    require("process")
+    policy = Policy(runtime="process", network_policy="loopback")
+    with Sandbox(policy, manager=manager, publish="8000") as sb:
+        assert list(sb.published) == [8000]
+    with Sandbox(policy, manager=manager, publish=8001) as sb:
+        assert list(sb.published) == [8001]
+    with pytest.raises(TypeError, match="publish takes a port spec or a list of them"):
+        Sandbox(policy, manager=manager, publish=8000.5)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import UNPROVEN, NotFoundError, StockadeError
+from ..limits import publish_specs
 from ..result import ExecResult
 from ..runtimes.spawned import spawned_or_killed
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
@@ -234,7 +235,7 @@ class AsyncClient(Requests):
         made = await self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))
         handle = AsyncRemoteSandbox(self, **described(made))
         try:
-            for spec in publish:
+            for spec in publish_specs(publish):
                 await handle.publish(spec)
             yield handle
         finally:

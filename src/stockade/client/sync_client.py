@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ..errors import UNPROVEN, NotFoundError, StockadeError
+from ..limits import publish_specs
 from ..result import ExecResult
 from ..runtimes.spawned import Process
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
@@ -306,7 +307,7 @@ class Client(Requests):
         made = self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))
         handle = RemoteSandbox(self, **described(made))
         try:
-            for spec in publish:
+            for spec in publish_specs(publish):
                 handle.publish(spec)
         except BaseException:
             handle.close()
