@@ -72,6 +72,8 @@ def argv_list(argv: Any) -> list[str]:
     for i, word in enumerate(command):
         if not isinstance(word, str):
             raise TypeError(f"argv[{i}] must be a string, not {type(word).__name__}: {word!r}")
+        if "\0" in word:
+            raise InvalidRequestError(f"argv[{i}] holds a NUL byte, which no program's argument can: {word[:64]!r}")
     if not command:
         raise InvalidRequestError("argv is empty: give the command to run")
     return command
@@ -117,7 +119,8 @@ def signal_name(sig: Any) -> str:
 
 def check_env(env: object) -> None:
     """A run's ``env``: None, or names mapped to text; else TypeError naming the first that is not,
-    on the host, before anything is sent (the agent would refuse it less clearly)."""
+    or InvalidRequestError naming one exec cannot pass, on the host, before anything is sent (the
+    agent would refuse it less clearly)."""
     if env is None:
         return
     if not isinstance(env, dict):
@@ -125,3 +128,14 @@ def check_env(env: object) -> None:
     for name, value in env.items():
         if type(name) is not str or type(value) is not str:
             raise TypeError(f"env must map names to text (str to str), not {name!r}: {value!r}")
+        if (problem := env_entry_problem(name, value)) is not None:
+            raise InvalidRequestError(problem)
+
+
+def env_entry_problem(name: str, value: str) -> str | None:
+    """What makes ``name=value`` no environment entry exec can pass, or None."""
+    if not name or "=" in name or "\0" in name:
+        return f"environment variable {name[:64]!r} has an invalid name: a name is not empty and holds no '=' or NUL"
+    if "\0" in value:
+        return f"environment variable {name[:64]!r} has a NUL byte in its value: exec cannot pass one"
+    return None

@@ -28,7 +28,7 @@ from .agent.wire import MAX_DATA_BYTES
 from .checked import Checked, checked_fields, describe, nearest, problems_error, set_fields
 from .errors import PolicyError
 from .isolation import RUNTIME_NAMES
-from .limits import MAX_ENV_ITEMS, MAX_LIST_ITEMS, check_timeout
+from .limits import MAX_ENV_ITEMS, MAX_LIST_ITEMS, check_timeout, env_entry_problem
 
 IsolationLevel = Literal["none", "process", "gvisor", "microvm"]
 TrustLevel = Literal["trusted", "verified", "untrusted"]
@@ -160,8 +160,8 @@ def check_environment(env: dict[str, str]) -> dict[str, str]:
     without NUL, each text or the bytes os.fsdecode kept, and within exec's bounds."""
     total = 0
     for key, value in env.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise ValueError(f"environment variable {key[:64]!r} has an invalid name or value")
+        if (problem := env_entry_problem(key, value)) is not None:
+            raise ValueError(problem)
         try:  # NAME=value and its NUL, as exec counts it
             size = len(key.encode("utf-8", "surrogateescape")) + len(value.encode("utf-8", "surrogateescape")) + 2
         except UnicodeEncodeError:

@@ -246,8 +246,8 @@ def test_a_held_sandboxs_calls_check_their_environment_and_text_as_a_one_shot_do
     # They reached the agent, and came back as its errors (400 "agent"); /run_code's stdin was a 500.
     sid = http.post("/api/v1/sandboxes", json={}).json()["sandbox_id"]
     for body, said in (
-        ({"command": ["true"], "env": {"A=B": "x"}}, "environment variable 'A=B' has an invalid name or value"),
-        ({"command": ["true"], "env": {"": "x"}}, "environment variable '' has an invalid name or value"),
+        ({"command": ["true"], "env": {"A=B": "x"}}, "environment variable 'A=B' has an invalid name"),
+        ({"command": ["true"], "env": {"": "x"}}, "environment variable '' has an invalid name"),
         ({"command": ["true"], "env": {"A": "\ud800"}}, "environment variable 'A' holds a lone surrogate"),
         ({"command": ["echo", "\ud800"]}, "holds a lone surrogate"),
     ):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import stockade
-from stockade import Policy
+from stockade import Policy, Sandbox
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
 
@@ -243,3 +243,28 @@ def test_a_sandbox_its_owner_drops_is_collected_and_closed(runtime: str, manager
             assert ended, "its isolate did not end with it"
         finally:
             os.close(pidfd)
+
+
+def test_what_no_program_path_or_environment_can_hold_is_refused_by_name_before_it_is_sent(
+    process_runtime: str,
+) -> None:
+    # In-process, each reached the agent and came back as "AgentError: ValueError: embedded null
+    # byte" (a daemon answered each by name): a NUL in an argument, a path, an environment entry;
+    # a mode out of a permission's range read "mode must be an integer permission".
+    from stockade.errors import InvalidRequestError
+
+    with Sandbox() as sb:
+        cases = [
+            (lambda: sb.exec(["echo", "a\0"]), r"argv\[1\] holds a NUL byte"),
+            (lambda: sb.exec(["true"], cwd="/\0"), "cwd holds a NUL byte"),
+            (lambda: sb.exec(["true"], env={"A": "\0"}), "'A' has a NUL byte in its value"),
+            (lambda: sb.exec(["true"], env={"A=B": "1"}), "'A=B' has an invalid name"),
+            (lambda: sb.write_file("/work/a\0b", b"x"), "path holds a NUL byte"),
+            (lambda: sb.read_file("/a\0"), "path holds a NUL byte"),
+            (lambda: sb.write_file("/work/m", b"x", mode=0o77777), "is no file permission"),
+            (lambda: sb.write_file("/work/m", b"x", mode=0o4755), "set-user-ID or set-group-ID"),
+        ]
+        for call, said in cases:
+            with pytest.raises(InvalidRequestError, match=said):
+                call()
+        assert sb.exec(["echo", "still here"]).stdout == "still here\n"

@@ -88,6 +88,8 @@ def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
     """The agent's ``exec`` request for ``argv`` (before the run's common fields)."""
     if cwd is not None and not isinstance(cwd, str):
         raise TypeError(f"cwd must be a path inside the sandbox (str), not {type(cwd).__name__}")
+    if cwd is not None and "\0" in cwd:
+        raise InvalidRequestError(f"cwd holds a NUL byte, which no path can: {cwd[:64]!r}")
     return {"argv": list(argv), "cwd": cwd}
 
 

@@ -6,7 +6,7 @@ import base64
 from typing import TYPE_CHECKING, Any
 
 from ..agent import wire
-from ..errors import AgentError, AgentProtocolError, SandboxError, sandbox_os_error
+from ..errors import AgentError, AgentProtocolError, InvalidRequestError, SandboxError, sandbox_os_error
 from ..limits import check_call_size
 from .blocking import run_blocking
 from .verdict import b64_field
@@ -26,6 +26,10 @@ class AgentFiles:
     async def awrite_file(self, path: str, data: bytes | str, mode: int = 0o644, append: bool = False) -> None:
         if isinstance(mode, bool) or not isinstance(mode, int):
             raise TypeError(f"mode must be a permission as an int (such as 0o644), not {mode!r}")
+        if not 0 <= mode <= 0o7777:
+            raise InvalidRequestError(f"mode {mode:#o} is no file permission: one is 0 to 0o7777 (such as 0o644)")
+        if mode & 0o6000:
+            raise InvalidRequestError(f"mode {mode:#o}: no file in a sandbox may be set-user-ID or set-group-ID")
         raw = data.encode() if isinstance(data, str) else data
         check_call_size("write_file data", raw)
         params: dict[str, Any] = {"path": path, "data": base64.b64encode(raw).decode(), "mode": mode}
@@ -77,6 +81,9 @@ class AgentFiles:
         The agent reports an OS error's errno as data. It is untrusted: a false
         ENOENT only changes which error the caller gets, never what happens.
         """
+        path = params.get("path")
+        if isinstance(path, str) and "\0" in path:
+            raise InvalidRequestError(f"path holds a NUL byte, which no path can: {path[:64]!r}")
         try:
             return await self._agent_call(method, params, 30.0)
         except AgentError as exc:
