@@ -184,6 +184,8 @@ def policy_fields(args: Any) -> dict[str, Any]:
     (``cli._build_policy`` validates them here; the daemon, when it runs the command).
     ``args.policy_fields`` names the Policy's fields among the parser's destinations."""
     fields: dict[str, Any] = {}
+    if args.policy_file == "":
+        raise SystemExit(fail("--policy-file: give the path of a JSON file of Policy fields (it was empty)"))
     if args.policy_file:
         fields.update(_policy_file(args.policy_file))
     env = dict(fields.get("environment") or {})
@@ -207,6 +209,8 @@ def daemon_socket(args: Any) -> tuple[str | None, str | None]:
     """Where to send the run, and the flag that makes the daemon required (None: it may
     run in-process instead): ``--socket``, else ``$STOCKADE_SOCKET``, else with
     ``--require-daemon`` the daemon's default socket, else nowhere."""
+    if args.socket == "":
+        raise SystemExit(fail("--socket: give the daemon's socket path (it was empty)"))
     if args.socket:
         return args.socket, "--socket"
     required = "--require-daemon" if args.require_daemon else None

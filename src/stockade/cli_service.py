@@ -145,6 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env = dict(os.environ)
         if args.placement or args.ray_address:
             env["STOCKADE_PLACEMENT"] = _placement_flags(args.placement, args.ray_address)
+        if args.socket == "":
+            raise StockadeError("--socket: give the path to listen on (it was empty)")
         if args.socket:
             env["STOCKADE_SOCKET"] = args.socket
         if args.token_file:

@@ -283,3 +283,19 @@ def test_a_one_shot_run_that_exits_at_once_leaves_nothing_of_its_isolate(tmp_pat
                            text=True, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_socket_or_policy_file_flag_that_names_nothing_usable_is_refused_by_name(tmp_path: Path) -> None:
+    # An empty --socket ran in-process (or served on the default socket); a missing directory was
+    # made, as root; a path too long for a Unix socket ended in a traceback; an empty
+    # --policy-file was ignored.
+    for args, said in [
+        (("run", "--socket", "", "--", "true"), "--socket: give the daemon's socket path (it was empty)"),
+        (("run", "--policy-file", "", "--", "true"), "--policy-file: give the path of a JSON file"),
+        (("serve", "--socket", ""), "--socket: give the path to listen on (it was empty)"),
+        (("serve", "--socket", str(tmp_path / "missing" / "d.sock")), "is not there: make it first"),
+        (("serve", "--socket", str(tmp_path / ("x" * 120))), "a Unix socket's path is at most 107"),
+    ]:
+        r = cli(*args)
+        assert r.returncode == 125 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "missing").exists()

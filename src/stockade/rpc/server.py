@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AUTH_FAILED, UNPROVEN, ConfigError, StockadeError, error_code, public_message, wire_errno
+from ..paths import default_socket_path
 from ..protocol import auth
 from ..protocol.models import Caller
 from ..protocol.peer import Peer
@@ -134,6 +135,7 @@ class RPCServer:
         if self._listener is not None:
             self._server = await loop.create_unix_server(lambda: Connection(self, next(self._ids)), sock=self._listener)
         else:
+            _check_socket_path(path)
             os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
             _claim_socket_path(path)
             old_umask = os.umask(0o777 & ~self.config.socket_perms)  # never wider than asked, not even briefly
@@ -290,6 +292,27 @@ class AuthFailures:
             del self._last[next(iter(self._last))]
         self._last[uid] = now
         return first
+
+
+# A Unix socket's path, as sockaddr_un holds it (108 bytes with its NUL).
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def _check_socket_path(path: str) -> None:
+    """Refuse a path no socket can be made at: too long for sockaddr_un, or in a directory that is
+    not there (only the default's, /run/stockade or the user's runtime directory, is made)."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"socket path {path!r} is {size} bytes: a Unix socket's path is at most {MAX_SOCKET_PATH_BYTES} "
+            "(name a shorter one: --socket, STOCKADE_SOCKET)"
+        )
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory) and directory != os.path.dirname(default_socket_path()):
+        raise ConfigError(
+            f"socket path {path!r}: its directory {directory} is not there: make it first, or name another "
+            "(--socket, STOCKADE_SOCKET)"
+        )
 
 
 def _claim_socket_path(path: str) -> None:
