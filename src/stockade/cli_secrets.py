@@ -91,9 +91,13 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             client = Client(args.socket or None, auth_token=current().secret("auth_token"), retry=None)
         with client:
             if args.secrets_cmd == "put":
-                value = sys.stdin.read().rstrip("\n") if not sys.stdin.isatty() else ""
+                if sys.stdin.isatty():
+                    print("stockade: give the value on standard input (not as an argument): "
+                          f"stockade secrets put {args.name} ... < file", file=sys.stderr)  # fmt: skip
+                    return EXIT_ERROR
+                value = sys.stdin.read().rstrip("\n")
                 if not value:
-                    print("stockade: give the value on standard input (not as an argument)", file=sys.stderr)
+                    print("stockade: standard input was empty: the secret's value is what it holds", file=sys.stderr)
                     return EXIT_ERROR
                 client.call("secrets.put", {"name": args.name, "value": value, "hosts": args.host})
                 print(f"{args.name}: registered")

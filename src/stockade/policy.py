@@ -98,7 +98,9 @@ def forbidden_source(path: str) -> bool:
 
 
 def _clean_abs(path: str, what: str) -> str:
-    if not path.startswith("/") or "\0" in path:
+    if "\0" in path:
+        raise PolicyError(f"{what} {path!r} holds a NUL byte, which no path can")
+    if not path.startswith("/"):
         raise PolicyError(f"{what} {path!r} must be an absolute path")
     try:
         path.encode("utf-8", "surrogateescape")  # what names a file: text, or the bytes os.fsdecode kept

@@ -299,3 +299,21 @@ def test_a_socket_or_policy_file_flag_that_names_nothing_usable_is_refused_by_na
         r = cli(*args)
         assert r.returncode == 125 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_share_the_sandboxes_uid_cannot_reach_is_refused_without_advice_to_open_it(tmp_path: Path) -> None:
+    # It said "chmod o+rwx opens it to every local user too" of /etc: advice that would open a
+    # system directory to everyone. It says what is missing, and to share a directory made for it.
+    import shutil
+    import tempfile
+
+    parent = tempfile.mkdtemp(prefix="stockade-share-")  # searchable by others, unlike pytest's tmp_path
+    os.chmod(parent, 0o755)
+    private = os.path.join(parent, "private")
+    os.mkdir(private, 0o755)  # others may read it, not write it: a writable share it cannot be
+    try:
+        r = cli("run", "--mount", f"{private}:/x:rw", "--", "true")
+    finally:
+        shutil.rmtree(parent)
+    assert r.returncode == 125 and "needs to be readable and writable by others" in r.stderr, r.stderr
+    assert "Share a directory made for the sandbox instead" in r.stderr and "chmod" not in r.stderr

@@ -297,3 +297,8 @@ def test_a_requests_unknown_field_is_answered_with_the_nearest_it_has() -> None:
         parse(SandboxExec, {"sandbox_id": "sb-1", "comand": ["true"]}, "sandbox.exec")
     with pytest.raises(InvalidRequestError, match=r"zzzzzz: unknown field$"):  # nothing near: no guess
         parse(SandboxExec, {"sandbox_id": "sb-1", "command": ["true"], "zzzzzz": 1}, "sandbox.exec")
+
+
+def test_a_path_with_a_nul_byte_is_refused_as_such() -> None:
+    with pytest.raises(PolicyError, match="holds a NUL byte, which no path can"):
+        Policy(filesystem_access=[{"source": "/srv/a\0b", "target": "/data"}])

@@ -208,9 +208,11 @@ def check_mount_sources(policy: Policy) -> None:
         st = os.stat(mount.source)
         need = stat.S_IROTH | (stat.S_IWOTH if mount.writable and stat.S_ISDIR(st.st_mode) else 0)
         if st.st_mode & need != need:
+            # Said as what the sandbox's uid lacks, and never as a chmod to run: opening a system
+            # directory (/etc) to every local user is no fix; a directory made for the sandbox is.
             raise PolicyError(
-                f"{where} is not accessible to the sandbox's uid "
-                f"(needs to be {'readable and writable' if need & stat.S_IWOTH else 'readable'} by others: "
-                f"chmod o+{'rwx' if need & stat.S_IWOTH else 'rx' if stat.S_ISDIR(st.st_mode) else 'r'} opens it to "
-                "every local user too; docs/policy.md)"
+                f"{where} is not accessible to the sandbox's uid: it needs to be "
+                f"{'readable and writable' if need & stat.S_IWOTH else 'readable'} by others, which would open "
+                f"{mount.source} to every local user too. Share a directory made for the sandbox instead "
+                "(a writable one: docs/policy.md says how several sandboxes may share one)"
             )
