@@ -39,6 +39,8 @@ def _check_way(way: str, path: str, what: str) -> None:
             return  # made later, by this user, below directories checked here
         if stat.S_ISLNK(st.st_mode) and st.st_uid in (0, me):
             continue  # where it leads is the other way checked
+        if not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+            raise NotOwnedError(f"{what} {path}: {walked} is not a directory")
         others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _private_group(st))
         last = depth == len(parts)
         if (

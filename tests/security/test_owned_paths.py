@@ -81,3 +81,12 @@ def test_a_directory_its_owners_own_group_may_write_is_the_owners(place: str) ->
     os.chown(own, 0, NOBODY)  # a group of others': nogroup
     with pytest.raises(NotOwnedError, match="writable by no one else"):
         check_owned(os.path.join(own, "state"), "the test's")
+
+
+def test_a_file_where_a_directory_is_named_is_said_to_be_one(tmp_path: object) -> None:
+    # It read "belongs to uid 0 with mode 0644, so another user could change what is kept there".
+    a_file = os.path.join(str(tmp_path), "a-file")
+    with open(a_file, "w"):
+        pass
+    with pytest.raises(NotOwnedError, match=r"a-file is not a directory$"):
+        check_owned(os.path.join(a_file, "components"), "the state")
