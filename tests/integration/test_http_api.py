@@ -260,6 +260,10 @@ def test_a_held_sandboxs_calls_check_their_environment_and_text_as_a_one_shot_do
         assert source.status_code == 422 and "code: holds a lone surrogate: no source text" in source.text
     spawned = http.post(f"/api/v1/sandboxes/{sid}/processes", json={"command": ["true"], "env": {"A=B": "x"}})
     assert spawned.status_code == 422 and "'A=B'" in spawned.json()["error"]
+    # A policy's settings under "policy", as the socket's execute takes them: said where they go.
+    nested = http.post("/api/v1/sandbox/execute", json={"agent_id": "a", "command": ["true"], "policy": {}})
+    assert nested.status_code == 422, nested.text
+    assert "policy: unknown field (this request takes the policy's settings at its top level" in nested.json()["error"]
     # A file name's undecodable byte (os.fsdecode's escape) is an argument a program can be given.
     escaped = _post_escaped(http, f"/api/v1/sandboxes/{sid}/exec", {"command": ["printf", "%s", "\udcff"]})
     assert escaped.json()["stdout_bytes"] == "/w==", escaped.text

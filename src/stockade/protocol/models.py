@@ -467,6 +467,11 @@ def unknown_field(loc: list[str], model: Any = None, guessed: int = 0) -> str:
     """What to say of a field ``model`` does not have at ``loc``: the name it has nearest to it
     (``guessed``: how many were said so already, at most GUESSED_FIELDS are)."""
     fields = getattr(model, "model_fields", None) if isinstance(model, type) else None
+    if loc == ["policy"] and fields:
+        # A request that takes a policy's settings at its top level (the HTTP API's execute): said so.
+        named = [f for f in ("timeout_seconds", "memory_mb", "memory_limit_mb", "network_policy") if f in fields]
+        if named:
+            return f"unknown field (this request takes the policy's settings at its top level: {', '.join(named)}, ...)"
     near = nearest(loc[-1][:64], fields) if fields and len(loc) == 1 and guessed < GUESSED_FIELDS else None
     return f"unknown field (did you mean {near!r}?)" if near else "unknown field"
 
