@@ -117,6 +117,12 @@ def signal_name(sig: Any) -> str:
     return str(name)
 
 
+def stdin_bytes(stdin: bytes | str) -> bytes:
+    """A call's stdin as bytes: text as UTF-8, a lone surrogate as its UTF-8 form, as every door
+    takes text stdin (the daemon's JSON can hold one; bytes come as bytes)."""
+    return stdin.encode("utf-8", "surrogatepass") if isinstance(stdin, str) else stdin
+
+
 def check_env(env: object) -> None:
     """A run's ``env``: None, or names mapped to text; else TypeError naming the first that is not,
     or InvalidRequestError naming one exec cannot pass, on the host, before anything is sent (the

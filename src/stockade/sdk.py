@@ -16,6 +16,7 @@ from .errors import SandboxClosedError
 from .limits import argv_list, check_call_size, check_code, publish_specs
 from .policy import Policy, policy_of
 from .result import ExecResult
+from .runtimes.agent_requests import check_session
 from .runtimes.manager import RuntimeManager, default_manager
 from .runtimes.publish import parse_publish
 from .runtimes.sandbox import AgentSandbox
@@ -112,6 +113,8 @@ class Sandbox:
         **policy_fields: Any,
     ) -> None:
         self.policy = policy_of("Sandbox", policy, policy_fields, timeout, _SANDBOX_KEYWORDS)
+        if manager is not None and not isinstance(manager, RuntimeManager):
+            raise TypeError(f"manager must be a RuntimeManager, not {type(manager).__name__}: {manager!r}")
         self._sandbox = (manager or default_manager()).select(self.policy).start(self.policy)
         # port inside -> (host address, host port) of its published forward
         self.published: dict[int, tuple[str, int]] = {}
@@ -304,7 +307,7 @@ class Interpreter:
 
     def __init__(self, sandbox: Sandbox, name: str) -> None:
         self.sandbox = sandbox
-        self.name = name
+        self.name = check_session(name)  # refused now, not at its first cell
 
     def __repr__(self) -> str:
         return f"Interpreter({self.name!r}, runtime={self.sandbox.runtime!r})"

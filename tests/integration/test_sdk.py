@@ -268,3 +268,26 @@ def test_what_no_program_path_or_environment_can_hold_is_refused_by_name_before_
             with pytest.raises(InvalidRequestError, match=said):
                 call()
         assert sb.exec(["echo", "still here"]).stdout == "still here\n"
+
+
+def test_arguments_of_the_wrong_kind_are_refused_by_name_before_anything_runs(process_runtime: str) -> None:
+    # Each failed later and elsewhere: 'str' object has no attribute 'select'; unsupported operand
+    # type(s) for +: 'float' and 'str'; 'int' object is not callable (after an isolate was taken);
+    # an interpreter named 5 at its first cell; a text stdin with a lone surrogate, a bare
+    # UnicodeEncodeError (the daemon's client sent its UTF-8 form).
+    from stockade.errors import InvalidRequestError
+
+    with pytest.raises(TypeError, match="manager must be a RuntimeManager, not str"):
+        Sandbox(manager="x")  # type: ignore[arg-type]
+    with Sandbox() as sb:
+        with pytest.raises(InvalidRequestError, match="session must be a name of 1 to 64 printable characters"):
+            sb.interpreter(5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="session must be a name"):
+            sb.interpreter("")
+        with pytest.raises(TypeError, match="on_output must be a callable"):
+            sb.exec(["true"], on_output=5)  # type: ignore[arg-type]
+        sleeper = sb.spawn(["sleep", "5"])
+        with pytest.raises(TypeError, match="timeout must be a number of seconds, not str"):
+            sleeper.wait("1")  # type: ignore[arg-type]
+        sleeper.kill()
+        assert sb.exec(["cat"], stdin="\ud800").stdout_bytes == "\ud800".encode("utf-8", "surrogatepass")

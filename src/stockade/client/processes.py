@@ -13,7 +13,7 @@ import base64
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..limits import argv_list, check_call_size, signal_name
+from ..limits import argv_list, check_call_size, signal_name, stdin_bytes
 from ..protocol.models import (
     MAX_PROCESS_WAIT_S,
     ProcessKill,
@@ -35,7 +35,7 @@ WAIT_SLICE_S = 10.0
 def spawn_params(
     sandbox_id: str, argv: list[str], stdin: bytes | str, env: dict[str, str] | None, cwd: str | None
 ) -> dict[str, Any]:
-    raw = stdin.encode() if isinstance(stdin, str) else stdin
+    raw = stdin_bytes(stdin)
     check_call_size("stdin", raw)
     fields = {"sandbox_id": sandbox_id, "command": argv_list(argv), "env": env, "cwd": cwd}
     if raw:

@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTooLargeError, SandboxError, SandboxLostError
-from ..limits import argv_list, check_call_size
+from ..limits import argv_list, check_call_size, stdin_bytes
 from ..result import ExecResult, validate
 from ..runtimes.spawned import Process, listed_processes
 from ..runtimes.violations import Leftovers
@@ -218,7 +218,7 @@ class RayIsolate(RemoteRuns):
     ) -> Process:
         """A background process on the isolate's node (blocking: from a thread, as on one host).
         Its calls (``Process.read``, ``wait``, ...) are this isolate's ``proc_call``."""
-        raw = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+        raw = bytes(stdin_bytes(stdin))
         check_call_size("stdin", raw)
         said = self._wait_for("spawn", argv_list(argv), raw, env, cwd, wait=_CALL_WAIT_S)
         return Process(self, str(said["handle"]), int(said["pid"]), list(argv))

@@ -93,14 +93,20 @@ def exec_params(argv: list[str], cwd: str | None = None) -> dict[str, Any]:
     return {"argv": list(argv), "cwd": cwd}
 
 
+def check_session(session: Any) -> str:
+    """An interpreter's name: 1 to MAX_SESSION_NAME printable characters; InvalidRequestError if not."""
+    if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_NAME or not session.isprintable():
+        got = repr(session[:80]) if isinstance(session, str) else f"{str(session)[:80]} ({type(session).__name__})"
+        raise InvalidRequestError(f"session must be a name of 1 to {MAX_SESSION_NAME} printable characters, not {got}")
+    return session
+
+
 def code_request(code: str, language: str, session: str | None, stdin: bytes | str = b"") -> tuple[str, dict[str, Any]]:
     """The agent method and params for code: ``run_code``, or ``run_cell`` in a session's interpreter."""
     check_code(code, language)
     if session is None:
         return "run_code", code_params(code, language)
-    if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_NAME or not session.isprintable():
-        got = repr(session[:80]) if isinstance(session, str) else f"{str(session)[:80]} ({type(session).__name__})"
-        raise InvalidRequestError(f"session must be a name of 1 to {MAX_SESSION_NAME} printable characters, not {got}")
+    check_session(session)
     if language != "python":
         raise InvalidRequestError(f"a session runs Python, not {language!r}: leave session out for {language}")
     if stdin:

@@ -31,7 +31,7 @@ from ..errors import (
     SandboxError,
     start_error,
 )
-from ..limits import check_call_size, check_env
+from ..limits import check_call_size, check_env, stdin_bytes
 from ..policy import Policy
 from ..result import ExecResult, SecurityViolation, TerminationReason, new_id
 from .agent_requests import code_request, exec_params, run_params
@@ -424,8 +424,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         execution_id: str | None = None,
     ) -> PendingRun:
         self._check_usable()
+        if on_output is not None and not callable(on_output):
+            raise TypeError(f"on_output must be a callable (stream, data), not {type(on_output).__name__}")
         execution_id = execution_id or new_id()
-        raw_stdin = stdin.encode() if isinstance(stdin, str) else stdin
+        raw_stdin = stdin_bytes(stdin)
         check_call_size("stdin", raw_stdin)  # before anything is sent or counted (limits.py)
         check_call_size("code", params.get("code"))
         check_env(env)

@@ -7,7 +7,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AgentError, AgentProtocolError, InvalidRequestError, PolicyError, SandboxClosedError, start_error
-from ..limits import check_call_size
+from ..limits import check_call_size, stdin_bytes
 from ..policy import Policy
 from .agent_requests import exec_params, job_limits
 from .blocking import run_blocking
@@ -58,7 +58,7 @@ class AgentProcesses:
         cwd: str | None = None,
     ) -> Process:
         """``spawn``, awaited (a Ray node's actor starts one for its caller so)."""
-        raw = stdin.encode() if isinstance(stdin, str) else stdin
+        raw = stdin_bytes(stdin)
         check_call_size("stdin", raw)
         params = {
             **exec_params(argv, cwd),

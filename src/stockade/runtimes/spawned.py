@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..limits import check_call_size, signal_name
+from ..limits import check_call_size, check_timeout, signal_name
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -71,6 +71,7 @@ class Process:
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the end (at most ``timeout`` s); the exit code, or None if it still runs."""
+        check_timeout(timeout)
         until = None if timeout is None else time.monotonic() + timeout
         # A published port relayed through the agent (gVisor, microVM) needs the sandbox's turn
         # between slices: short ones then, and a pause that lets its threads take it.
