@@ -198,8 +198,14 @@ def _daemon_token(args: Any) -> str | None:
     if not args.token_file:
         # Read here, not through settings.py: the lean path through a daemon imports no more than it uses.
         return os.environ.get("STOCKADE_AUTH_TOKEN")
-    with open(args.token_file) as f:
-        return f.read().strip()
+    try:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise SystemExit(fail(f"--token-file {args.token_file}: {exc.strerror or exc}")) from None
+    if not token:
+        raise SystemExit(fail(f"--token-file {args.token_file}: the file is empty"))
+    return token
 
 
 def _early_factory(argv: list[str], daemon_checked: bool = False) -> Any:

@@ -62,8 +62,13 @@ def _build(args: argparse.Namespace) -> int:
 
     requirements = list(args.packages)
     for path in args.requirements:
-        with open(path, encoding="utf-8") as f:
-            requirements += f.read().splitlines()
+        try:
+            with open(path, encoding="utf-8") as f:
+                requirements += f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"stockade: -r {path}: {why}", file=sys.stderr)
+            return 2
     environments.check_name(args.name)
     reqs = environments.normalise(requirements, args.allow_source)
     if not reqs:

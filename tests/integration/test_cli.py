@@ -317,3 +317,12 @@ def test_a_share_the_sandboxes_uid_cannot_reach_is_refused_without_advice_to_ope
         shutil.rmtree(parent)
     assert r.returncode == 125 and "needs to be readable and writable by others" in r.stderr, r.stderr
     assert "Share a directory made for the sandbox instead" in r.stderr and "chmod" not in r.stderr
+
+
+def test_a_file_flag_naming_no_file_is_named_in_its_error(tmp_path: Path) -> None:
+    # Both said only "[Errno 2] No such file or directory: '/nonexistent'".
+    missing = str(tmp_path / "nonexistent")
+    token = cli("run", "--socket", str(tmp_path / "d.sock"), "--token-file", missing, "--", "true")
+    assert token.returncode == 125 and f"--token-file {missing}: No such file or directory" in token.stderr, token
+    reqs = cli("env", "build", "x", "-r", missing)
+    assert reqs.returncode == 2 and f"-r {missing}: No such file or directory" in reqs.stderr, reqs
