@@ -83,6 +83,9 @@ def test_the_worker_runs_as_its_isolates_uid_with_nothing_of_its_keeper(
         for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(status[caps], 16) == 0, caps
         assert status["NoNewPrivs"].strip() == "1"
+        with open(f"/proc/{worker.pid}/limits") as f:  # not its keeper's (root's, the daemon's)
+            limits = {line[:26].strip(): line[26:].split()[:2] for line in f.readlines()[1:]}
+        assert limits["Max open files"] == ["1024", "1024"] and limits["Max core file size"] == ["0", "0"], limits
         with open(f"/proc/{worker.pid}/environ", "rb") as f:
             environ = f.read()
         assert b"STOCKADE" not in environ and all(v.encode() not in environ for v in canaries.values())

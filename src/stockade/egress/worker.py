@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import encodings.idna  # noqa: F401  (a name lookup imports it; a worker may not read the install)
 import os
+import resource
 import select
 import signal
 import socket
@@ -152,11 +153,18 @@ class Worker:
         return True
 
 
+WORKER_FILES = 1024  # a worker's descriptors, at most
+
+
 def give_up_root(uid: int | None) -> None:
     """Become ``uid`` (its gid the same number) for good, with no groups or capabilities; then,
     whoever it runs as, gain nothing through exec (no_new_privs) and be unreadable through /proc
     by the keeper's own uid (not dumpable). Called while single-threaded: the bounding set, the
     capability sets and no_new_privs are per thread."""
+    # What a worker taken over could hold of its keeper's limits (root's, the daemon's): the proxy
+    # keeps at most a few hundred descriptors (MAX_CONNECTIONS a gate, two each), and dumps no core.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (WORKER_FILES, WORKER_FILES))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if uid is not None and os.geteuid() == 0:
         linux.drop_bounding_set()
         os.setgroups([])
