@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stockade.runtimes.gvisor import BUNDLE_PREFIX, _sweep_state, build_date, platforms_from_flags, statx_broken
+from stockade.runtimes.gvisor import BUNDLE_PREFIX, build_date, platforms_from_flags, statx_broken
+from stockade.runtimes.gvisor_state import sweep_state
 from stockade.runtimes.hosted import sweep_dead_hosts_dirs
 
 # The -platform lines of `runsc flags`, as two builds print them.
@@ -67,5 +68,5 @@ def test_a_killed_hosts_platform_probe_is_swept_as_its_sandboxes_are(
     root.mkdir(mode=0o700)  # this user's alone, as runsc's state root must be
     for name in (f"abc_sandbox:stockade-probe-{dead}-systrap.state", f"stockade-{dead}-7.lock", "other.state"):
         (root / name).write_text("{}")
-    _sweep_state(str(root))
+    sweep_state(str(root))
     assert sorted(p.name for p in root.iterdir()) == ["other.state"]

@@ -37,7 +37,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import tempfile
 import threading
@@ -52,10 +51,11 @@ from .base import Availability
 from .drain import Tail, drain, weak
 from .gvisor_bundle import HostIds, write_bundle
 from .gvisor_log import SentryLog
+from .gvisor_state import made_state_root, runsc_binary, runsc_delete, state_root, sweep_state
 from .host_program import spawn_in_cgroup
 from .hosted import HostedSandbox, abandon_start, closed_to_others, lease_uids, sweep_dead_hosts_dirs
 from .pool import PooledRuntime, WarmPool
-from .process.cgroups import IsolateCgroup, SweptCgroupManager, pid_alive
+from .process.cgroups import IsolateCgroup, SweptCgroupManager
 from .process.uids import UidLease
 from .process.zygote import AGENT_PARENT, system_python
 from .reaper import Reaper
@@ -93,16 +93,6 @@ def gvisor_shape(policy: Policy) -> tuple[Any, ...]:
     )
 
 
-def runsc_binary() -> str | None:
-    return shutil.which("runsc") or (os.path.exists("/usr/bin/runsc") and "/usr/bin/runsc") or None
-
-
-def state_root() -> str:
-    if os.getuid() == 0:
-        return "/run/stockade/runsc"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"stockade-runsc-{os.getuid()}")
-
-
 def _check_utf8_paths(policy: Policy) -> None:
     """runsc reads its bundle's paths as UTF-8 text: a shared path named in other bytes (kept by
     os.fsdecode as lone surrogates, which the process runtime and a microVM take) would come to it
@@ -116,21 +106,6 @@ def _check_utf8_paths(policy: Policy) -> None:
                     f"filesystem_access {what} {printable(path)!r}: gVisor takes only paths that are UTF-8 "
                     "text (runsc reads them so): rename it, or use the process or microvm runtime"
                 ) from None
-
-
-def made_state_root(root: str) -> str:
-    """``root``, made if need be, once it is known to be this user's alone: runsc keeps each
-    container's state there (its pids among it), and ``runsc delete`` acts on what it finds. A
-    directory another user made first (``/tmp/stockade-runsc-UID`` without XDG_RUNTIME_DIR) would
-    let them plant state that has runsc signal a pid of their choosing."""
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    st = os.lstat(root)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise SandboxStartError(
-            f"{root} (runsc's state) must be a directory owned by uid {os.geteuid()} with mode 0700; it is "
-            f"{stat.filemode(st.st_mode)} owned by uid {st.st_uid} (set XDG_RUNTIME_DIR, or remove it)"
-        )
-    return root
 
 
 class GvisorSandbox(HostedSandbox):
@@ -195,31 +170,8 @@ class GvisorSandbox(HostedSandbox):
         self.log_fd = self.err_fd = -1
 
     def _release_program(self) -> None:
-        _runsc_delete(self.root, self.container_id)
+        runsc_delete(self.root, self.container_id)
         self._forget_logs()
-
-
-def _runsc_delete(root: str, container_id: str) -> None:
-    runsc = runsc_binary()
-    if runsc is None:
-        return
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    # runsc names its files "<sandbox id>_sandbox:<container id>.state" (and ".lock").
-    if any(n.endswith(f":{container_id}.state") or n == container_id for n in names):
-        # A delete that hangs is given up, never raised: the caller's release goes on (cgroup,
-        # uids, bundle), and the cgroup's kill ends what runsc left; the sweep deletes its state.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(
-                [runsc, f"--root={root}", "delete", "--force", container_id],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=30,
-                check=False,
-            )
 
 
 class GvisorRuntime(PooledRuntime[GvisorSandbox]):
@@ -271,7 +223,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
 
     def _sweep_own(self) -> None:
         """runsc's state and bundles left by a host that died (its cgroups go with the others)."""
-        _sweep_state(self._root)
+        sweep_state(self._root)
         sweep_dead_hosts_dirs(BUNDLE_PREFIX)
 
     # ---- sandboxes ----------------------------------------------------------------------
@@ -362,7 +314,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             host.close()
             # runsc's sandbox and gofer go first (as _release does): without a cgroup, the
             # uids are given back once nothing runs as them, and runsc made those processes.
-            _runsc_delete(self._root, container_id)
+            runsc_delete(self._root, container_id)
             abandon_start(proc, cgroup, bundle, uids)
             for fd in (log_fd, err_fd):
                 if fd >= 0:
@@ -500,31 +452,10 @@ def _probe_platform(runsc: str, root: str, platform: str) -> float | None:
                 proc.wait()
                 return None
             finally:
-                _runsc_delete(root, container_id)  # not timed: the same for every platform
+                runsc_delete(root, container_id)  # not timed: the same for every platform
             if status != 0:
                 return None
             best = elapsed if best is None else min(best, elapsed)
         return best
     finally:
         shutil.rmtree(bundle, ignore_errors=True)
-
-
-_STATE = re.compile(r"(?:^|:)(stockade-(?:probe-)?(\d+)-[a-z0-9]+)\.(?:state|lock)$")  # a sandbox's, a probe's
-
-
-def _sweep_state(root: str) -> None:
-    """Delete containers whose stockade process is gone (a SIGKILLed host's leftovers)."""
-    try:
-        names = os.listdir(made_state_root(root))
-    except (OSError, SandboxStartError):
-        return  # none, or not this user's to act on (a start says why)
-    for name in names:
-        match = _STATE.search(name)
-        if match is None:
-            continue
-        base, pid = match.group(1), int(match.group(2))
-        if pid_alive(pid):
-            continue  # its owner lives
-        _runsc_delete(root, base)
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(root, name))  # what runsc delete could not remove
