@@ -56,7 +56,7 @@ def publish_specs(publish: Any) -> list[int | str]:
     a string is one spec, never its characters)."""
     if isinstance(publish, (int, str)) and not isinstance(publish, bool):
         return [publish]
-    if isinstance(publish, (list, tuple)):
+    if not isinstance(publish, (bytes, bytearray, dict)) and hasattr(publish, "__iter__"):
         return list(publish)
     raise TypeError(f"publish takes a port spec or a list of them (8000, '9000:8000'), not {publish!r}")
 

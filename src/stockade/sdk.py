@@ -115,11 +115,12 @@ class Sandbox:
         self.policy = policy_of("Sandbox", policy, policy_fields, timeout, _SANDBOX_KEYWORDS)
         if manager is not None and not isinstance(manager, RuntimeManager):
             raise TypeError(f"manager must be a RuntimeManager, not {type(manager).__name__}: {manager!r}")
+        specs = publish_specs(publish)  # refused before an isolate is started for it
         self._sandbox = (manager or default_manager()).select(self.policy).start(self.policy)
         # port inside -> (host address, host port) of its published forward
         self.published: dict[int, tuple[str, int]] = {}
         try:
-            for spec in publish_specs(publish):
+            for spec in specs:
                 self.publish(spec)
         except BaseException:
             self._sandbox.close()

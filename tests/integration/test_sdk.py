@@ -289,5 +289,8 @@ def test_arguments_of_the_wrong_kind_are_refused_by_name_before_anything_runs(pr
         sleeper = sb.spawn(["sleep", "5"])
         with pytest.raises(TypeError, match="timeout must be a number of seconds, not str"):
             sleeper.wait("1")  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="give seconds, 0 or more"):
+            sleeper.wait(-1)
+        assert sleeper.wait(0) is None  # asked once, without waiting
         sleeper.kill()
         assert sb.exec(["cat"], stdin="\ud800").stdout_bytes == "\ud800".encode("utf-8", "surrogatepass")

@@ -115,7 +115,8 @@ def test_a_spawned_python_program_s_output_comes_as_it_prints(process_runtime: s
         server = sb.spawn(["python3", "-c", "print('ready'); import time; time.sleep(60)"])
         said = b""
         deadline = time.monotonic() + 30
-        while b"ready" not in said and time.monotonic() < deadline and server.poll() is None:
+        # Until its whole line: "ready" and its newline may come in two reads.
+        while b"ready\n" not in said and time.monotonic() < deadline and server.poll() is None:
             said += server.read()[0]
             time.sleep(0.05)
         assert said == b"ready\n" and server.poll() is None  # while it still runs
@@ -470,5 +471,7 @@ def test_publish_takes_one_spec_or_a_list_and_a_string_is_one_spec(manager: Runt
         assert list(sb.published) == [8000]
     with Sandbox(policy, manager=manager, publish=8001) as sb:
         assert list(sb.published) == [8001]
+    with Sandbox(policy, manager=manager, publish=range(8002, 8004)) as sb:  # any iterable of specs
+        assert sorted(sb.published) == [8002, 8003]
     with pytest.raises(TypeError, match="publish takes a port spec or a list of them"):
         Sandbox(policy, manager=manager, publish=8000.5)  # type: ignore[arg-type]

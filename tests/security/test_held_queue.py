@@ -69,7 +69,15 @@ def test_calls_waiting_for_a_held_sandbox_are_bounded_and_an_oversized_one_never
             oversized.sendall(_write(sb.sandbox_id, data))
             refused = _answer(oversized)
             assert refused["error"] is not None and "too large" in str(refused["error"]), refused
-            # At the limit: these wait their turn, holding their data; the next is refused "busy".
+            # The same as a spawn's first input: refused before it waits too.
+            spawn = socket.socket(socket.AF_UNIX)
+            waiting.append(spawn)
+            spawn.connect(daemon.socket_path)
+            spawn.settimeout(30)
+            spawn.sendall(_line("sandbox.spawn", {"sandbox_id": sb.sandbox_id, "command": ["cat"], "stdin_b64": data}))
+            refused = _answer(spawn)
+            assert refused["error"] is not None and "too large" in str(refused["error"]), refused
+            # Up to the limit: these wait their turn, holding their data; one past it is refused "busy".
             data = base64.b64encode(bytes(MAX_CALL_BYTES)).decode()
             holding = 0
             while holding + 2 * MAX_CALL_BYTES <= MAX_WAITING_BYTES:

@@ -70,6 +70,8 @@ class BackgroundProcesses:
         def _tell(self, event: Callable[[ExecutionListener], None]) -> None: ...
 
     async def spawn(self, request: SandboxSpawn, caller: Caller) -> ProcessInfo:
+        check_call_size("stdin", request.stdin_bytes())  # before it waits its turn holding the data
+
         async def start(held: Held) -> ProcessInfo:
             process: Process = await self._blocking(
                 held.sandbox.spawn, request.command, stdin=request.stdin_bytes(), env=request.env, cwd=request.cwd
@@ -84,7 +86,8 @@ class BackgroundProcesses:
             ))  # fmt: skip
             return _info(process)
 
-        return await self._held_call(request, caller, start)
+        carries = len(request.stdin_bytes()) + len(request.stdin_b64 or "")
+        return await self._held_call(request, caller, start, carries=carries)
 
     async def publish(self, request: SandboxPublish, caller: Caller) -> Published:
         from ..runtimes.publish import parse_publish  # the daemon's loop imports no relay it does not run

@@ -337,7 +337,8 @@ class HeldSandboxes:
         held = self._lookup(request, caller)
         owner = caller.owner
         calls, held_bytes = self._waiting.get(owner, (0, 0))
-        if held.lock.locked() and (calls >= MAX_WAITING_CALLS or held_bytes + carries > MAX_WAITING_BYTES):
+        # held.calls: the one running and those waiting (the lock reads free while it is handed on).
+        if held.calls and (calls >= MAX_WAITING_CALLS or held_bytes + carries > MAX_WAITING_BYTES):
             raise DaemonBusyError(
                 f"{calls} calls of {owner}'s already wait for their sandboxes' turn, holding {held_bytes >> 20} MiB "
                 f"(at most {MAX_WAITING_CALLS} calls and {MAX_WAITING_BYTES >> 20} MiB): wait for them to end "
@@ -396,7 +397,9 @@ class HeldSandboxes:
             self._observe(caller, held.agent_id, result, held)
             return result
 
-        carries = len(stdin) + len(getattr(request, "code", "") or "")
+        # What it holds while it waits: its stdin as sent (text or base64) and decoded, its code.
+        sent = len(request.stdin or "") + len(request.stdin_b64 or "")
+        carries = len(stdin) + sent + len(getattr(request, "code", "") or "")
         return await self._held_call(request, caller, run, large_answer=True, carries=carries)
 
     async def write_file(self, request: WriteFile, caller: Caller) -> FileWritten:

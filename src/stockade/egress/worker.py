@@ -163,7 +163,9 @@ def give_up_root(uid: int | None) -> None:
     capability sets and no_new_privs are per thread."""
     # What a worker taken over could hold of its keeper's limits (root's, the daemon's): the proxy
     # keeps at most a few hundred descriptors (MAX_CONNECTIONS a gate, two each), and dumps no core.
-    resource.setrlimit(resource.RLIMIT_NOFILE, (WORKER_FILES, WORKER_FILES))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    files = WORKER_FILES if hard == resource.RLIM_INFINITY else min(WORKER_FILES, hard)  # never above its keeper's
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if uid is not None and os.geteuid() == 0:
         linux.drop_bounding_set()

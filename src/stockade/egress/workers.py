@@ -44,7 +44,8 @@ def module_path() -> list[str]:
     it runs, or the one ``python -m`` ran in (for the fork server, root's, a directory another user
     may write), unless it is where stockade itself comes from."""
     own = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return [p for i, p in enumerate(sys.path) if p and (i > 0 or os.path.abspath(p) == own)]
+    first = 0 if sys.flags.safe_path else 1  # under -P nothing was put first: the path is PYTHONPATH's
+    return [p for i, p in enumerate(sys.path) if p and (i >= first or os.path.abspath(p) == own)]
 
 
 class ForkServer:

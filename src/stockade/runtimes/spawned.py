@@ -12,11 +12,13 @@ import asyncio
 import base64
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..limits import check_call_size, check_timeout, signal_name
+from ..errors import InvalidRequestError
+from ..limits import check_call_size, signal_name
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -71,7 +73,7 @@ class Process:
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the end (at most ``timeout`` s); the exit code, or None if it still runs."""
-        check_timeout(timeout)
+        _check_wait(timeout)
         until = None if timeout is None else time.monotonic() + timeout
         # A published port relayed through the agent (gVisor, microVM) needs the sandbox's turn
         # between slices: short ones then, and a pause that lets its threads take it.
@@ -225,3 +227,13 @@ class AsyncProcess(AwaitedFollow):
 
     async def kill(self, signal: str | int = "SIGTERM") -> None:
         await self._call(self._process.kill, signal)
+
+
+def _check_wait(timeout: Any) -> None:
+    """A wait's ``timeout``: None (until the end), or seconds, 0 included (ask once)."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}: {timeout!r}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidRequestError(f"timeout={timeout!r}: give seconds, 0 or more (or None: until it ends)")
