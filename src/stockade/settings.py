@@ -290,26 +290,26 @@ def _cgroup_parent(raw: str, name: str) -> str:
     return "/" + "/".join(p for p in parts if p)
 
 
-def _uid_range(raw: str, name: str) -> tuple[int, int]:
-    first_s, sep, last_s = raw.partition("-")
-    try:
-        first, last = int(first_s), int(last_s)
-    except ValueError:
-        first = last = -1
-    if not sep or not 1000 <= first <= last < 2**32 - 1:
-        raise ConfigError(f"{name}={raw!r}: expected 'first-last', two uids with 1000 <= first <= last < 4294967295")
-    return first, last
+def _range(what: str, lowest: int, highest: int) -> Callable[[str, str], tuple[int, int]]:
+    """A parser of ``first-last``: two numbers with ``lowest <= first <= last <= highest``."""
+
+    def parse(raw: str, name: str) -> tuple[int, int]:
+        first_s, sep, last_s = raw.partition("-")
+        try:
+            first, last = int(first_s), int(last_s)
+        except ValueError:
+            first = last = -1
+        if not sep or not lowest <= first <= last <= highest:
+            raise ConfigError(
+                f"{name}={raw!r}: expected 'first-last', two {what} with {lowest} <= first <= last <= {highest}"
+            )
+        return first, last
+
+    return parse
 
 
-def _port_range(raw: str, name: str) -> tuple[int, int]:
-    first_s, sep, last_s = raw.partition("-")
-    try:
-        first, last = int(first_s), int(last_s)
-    except ValueError:
-        first = last = -1
-    if not sep or not 1024 <= first <= last <= 65535:
-        raise ConfigError(f"{name}={raw!r}: expected 'first-last', two ports with 1024 <= first <= last <= 65535")
-    return first, last
+_uid_range = _range("uids", 1000, 2**32 - 2)
+_port_range = _range("ports", 1024, 65535)
 
 
 def _trust_map(raw: str, name: str) -> dict[str, str]:
