@@ -15,8 +15,9 @@ its VMM, QEMU is started with as little as it needs:
 - **a network namespace of its own** (and an IPC one): the VM has no network
   device, so QEMU needs no network; taken over, it reaches no host address,
   no abstract Unix socket and no other process's System V IPC. Its sockets
-  only listen: the host filter refuses it ``connect()`` and unix datagram
-  sockets, so no host service's socket is reached by its path either.
+  only listen: the host filter refuses it ``connect()`` and every unix
+  socket but a stream or seqpacket one, so no host service's socket is
+  reached by its path either.
 - **Landlock**: QEMU opens only what it needs: read its own program, the
   libraries and ``/usr`` (the guest's ``/usr`` is that share), the guest
   image, a few files of ``/etc``, ``/proc`` and ``/sys``; read and write
