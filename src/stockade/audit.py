@@ -72,15 +72,17 @@ def _clean(value: Any, depth: int = 0) -> Any:
         return {str(k): REDACTED if _secret_key(str(k)) else _clean(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_clean(v, depth + 1) for v in value]
-    s = value if isinstance(value, str) else str(value)
-    return s if len(s) <= MAX_STRING else f"{s[:MAX_STRING]}...[cut {len(s) - MAX_STRING} chars]"
+    return _cut(value if isinstance(value, str) else str(value), MAX_STRING)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut at ``limit`` characters, saying how many were cut."""
+    return text if len(text) <= limit else f"{text[:limit]}...[cut {len(text) - limit} chars]"
 
 
 def short_text(text: str | None) -> str | None:
     """``text`` cut at MAX_AUDITED_TEXT characters, saying how many were cut."""
-    if text is None or len(text) <= MAX_AUDITED_TEXT:
-        return text
-    return f"{text[:MAX_AUDITED_TEXT]}...[cut {len(text) - MAX_AUDITED_TEXT} chars]"
+    return None if text is None else _cut(text, MAX_AUDITED_TEXT)
 
 
 def _now() -> str:

@@ -36,7 +36,7 @@ REPLY_MAX = 6 << 20
 # A repr longer than this is cut (an accidental huge value must not fill the reply).
 TEXT_MAX = 64 << 10
 # Levels a JSON display value may nest, and values it may hold: the host takes no deeper or larger
-# one (runtimes/cells.py, the same numbers). Decoded, each value costs the host ~100 bytes: six
+# one (runtimes/cells.py reads these). Decoded, each value costs the host ~100 bytes: six
 # MiB of "[{},{},...]" was ~300 MB of the daemon's memory and a second of its loop, every cell.
 MAX_JSON_DEPTH = 64
 MAX_JSON_VALUES = 100_000
@@ -333,7 +333,7 @@ def _add(data: dict[str, Any], mime: str, value: Any) -> None:
         elif isinstance(value, str):
             data[mime] = value  # already base64, as IPython allows
     elif mime == "application/json":
-        if not json_within(value, MAX_JSON_DEPTH, MAX_JSON_VALUES):
+        if json_values(value, MAX_JSON_DEPTH, MAX_JSON_VALUES) is None:
             return  # the host would not take it (runtimes/cells.py)
         try:
             jsoncodec.dumps(value)
@@ -344,25 +344,25 @@ def _add(data: dict[str, Any], mime: str, value: Any) -> None:
         data[mime] = value
 
 
-def json_within(value: Any, depth_limit: int, values_limit: int) -> bool:
-    """Whether ``value`` nests lists, tuples (JSON arrays too) and dicts at most ``depth_limit``
-    levels deep and holds at most ``values_limit`` values, keys counted (walked without recursion)."""
-    stack = [(value, 1)]
-    seen = 0
+def json_values(value: Any, depth_limit: int, most: int) -> int | None:
+    """The values ``value`` holds (keys counted), if it nests lists, tuples (JSON arrays too) and
+    dicts at most ``depth_limit`` levels deep and holds at most ``most``; else None (walked without
+    recursion). The host counts a cell's results with this too (runtimes/cells.py)."""
+    stack, seen = [(value, 1)], 0
     while stack:
         item, depth = stack.pop()
         seen += 1
-        if seen > values_limit:
-            return False
         if isinstance(item, (list, tuple, dict)):
             if depth > depth_limit:
-                return False
+                return None
             if isinstance(item, dict):
                 seen += len(item)
                 stack.extend((inner, depth + 1) for inner in item.values())
             else:
                 stack.extend((inner, depth + 1) for inner in item)
-    return True
+        if seen > most:
+            return None
+    return seen
 
 
 def _figures() -> list[dict[str, Any]]:
@@ -407,8 +407,9 @@ def reply_within(reply: dict[str, Any]) -> bool:
     outputs = reply.get("outputs")
     values = [v for o in outputs if isinstance(o, dict) and isinstance(o.get("data"), dict)
               for v in o["data"].values() if not isinstance(v, str)] if isinstance(outputs, list) else []  # fmt: skip
-    return json_within(values, MAX_JSON_DEPTH + 1, MAX_REPLY_VALUES + 1) and json_within(
-        reply, MAX_JSON_DEPTH + 4, MAX_REPLY_VALUES + 100 * MAX_CELL_RESULTS
+    return (
+        json_values(values, MAX_JSON_DEPTH + 1, MAX_REPLY_VALUES + 1) is not None
+        and json_values(reply, MAX_JSON_DEPTH + 4, MAX_REPLY_VALUES + 100 * MAX_CELL_RESULTS) is not None
     )
 
 

@@ -58,14 +58,7 @@ class BackgroundProcesses:
 
     if TYPE_CHECKING:  # the HeldSandboxes mixin's, which this works beside
 
-        async def _held_call(
-            self,
-            request: SandboxRef,
-            caller: Caller,
-            call: Callable[[Held], Awaitable[T]],
-            large_answer: bool = False,
-            carries: int = 0,
-        ) -> T: ...
+        async def _held_call(self, request: SandboxRef, caller: Caller, call: Callable[[Held], Awaitable[T]]) -> T: ...
         async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
         def _tell(self, event: Callable[[ExecutionListener], None]) -> None: ...
 
@@ -86,8 +79,7 @@ class BackgroundProcesses:
             ))  # fmt: skip
             return _info(process)
 
-        carries = len(request.stdin_bytes()) + len(request.stdin_b64 or "")
-        return await self._held_call(request, caller, start, carries=carries)
+        return await self._held_call(request, caller, start)
 
     async def publish(self, request: SandboxPublish, caller: Caller) -> Published:
         from ..runtimes.publish import parse_publish  # the daemon's loop imports no relay it does not run
@@ -155,7 +147,7 @@ class BackgroundProcesses:
             await self._blocking(process.write, request.data_bytes(), eof=request.eof)
             return _info(process)
 
-        return await self._held_call(request, caller, write, carries=len(request.data_bytes()) + len(request.data))
+        return await self._held_call(request, caller, write)
 
     async def process_wait(self, request: ProcessWait, caller: Caller) -> ProcessInfo:
         until = time.monotonic() + request.timeout

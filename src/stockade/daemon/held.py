@@ -329,13 +329,13 @@ class HeldSandboxes:
         caller: Caller,
         call: Callable[[Held], Awaitable[T]],
         large_answer: bool = False,
-        carries: int = 0,
     ) -> T:
         """``call`` on the held sandbox ``request`` names, in its turn (one call at a time reaches its
         agent). ``large_answer``: refused if its caller's unread answers filled their share while it
-        waited (daemon/answers.py). ``carries``: the bytes of data the request holds while it waits."""
+        waited (daemon/answers.py)."""
         held = self._lookup(request, caller)
         owner = caller.owner
+        carries = _carried(request)
         calls, held_bytes = self._waiting.get(owner, (0, 0))
         # held.calls: the one running and those waiting (the lock reads free while it is handed on).
         if held.calls and (calls >= MAX_WAITING_CALLS or held_bytes + carries > MAX_WAITING_BYTES):
@@ -397,10 +397,7 @@ class HeldSandboxes:
             self._observe(caller, held.agent_id, result, held)
             return result
 
-        # What it holds while it waits: its stdin as sent (text or base64) and decoded, its code.
-        sent = len(request.stdin or "") + len(request.stdin_b64 or "")
-        carries = len(stdin) + sent + len(getattr(request, "code", "") or "")
-        return await self._held_call(request, caller, run, large_answer=True, carries=carries)
+        return await self._held_call(request, caller, run, large_answer=True)
 
     async def write_file(self, request: WriteFile, caller: Caller) -> FileWritten:
         data = request.data_bytes()
@@ -409,7 +406,7 @@ class HeldSandboxes:
         async def write(held: Held) -> None:
             await self._file_call(request.path, held.sandbox.awrite_file(request.path, data, request.mode))
 
-        await self._held_call(request, caller, write, carries=len(data) + len(request.data))
+        await self._held_call(request, caller, write)
         return FileWritten(path=request.path, size=len(data))
 
     async def read_file(self, request: ReadFile, caller: Caller) -> FileData:
@@ -535,6 +532,14 @@ async def _leftovers(held: Held) -> Leftovers | None:
     except Exception as exc:  # noqa: BLE001 - the sandbox goes all the same; said in the record
         log.info("sandbox %s: what it did after its last run could not be taken: %s", held.sandbox_id, exc)
         return None
+
+
+def _carried(request: SandboxRef) -> int:
+    """The bytes of data ``request`` holds while it waits its sandbox's turn: what it was sent
+    (text, base64, code) and what that decodes to (a file's bytes, stdin)."""
+    sent = sum(len(getattr(request, name, None) or "") for name in ("data", "stdin", "stdin_b64", "code"))
+    decoded = getattr(request, "data_bytes", None) or getattr(request, "stdin_bytes", None)
+    return sent + (len(decoded()) if decoded is not None else 0)
 
 
 def _held_params(request: SandboxExec | SandboxRunCode) -> tuple[str, dict[str, Any]]:

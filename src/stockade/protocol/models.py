@@ -30,7 +30,7 @@ from pydantic import (
 
 from ..checked import nearest
 from ..errors import InvalidRequestError, PolicyError
-from ..limits import MAX_ARGV_ITEMS, MAX_ENV_ITEMS, MAX_LIST_ITEMS, check_call_size
+from ..limits import MAX_ARGV_ITEMS, MAX_ENV_ITEMS, MAX_LIST_ITEMS, check_call_size, stdin_bytes
 from ..policy import Policy, check_environment, default_policy
 
 Language = Literal["python", "bash"]
@@ -122,7 +122,7 @@ class _WithStdin(Request):
         if self.stdin_b64 is not None:
             self._stdin = _b64decode(self.stdin_b64, "stdin_b64")
         elif self.stdin:
-            self._stdin = self.stdin.encode(errors="surrogatepass")
+            self._stdin = stdin_bytes(self.stdin)
         return self
 
     def stdin_bytes(self) -> bytes:

@@ -11,15 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..agent import kernel
 from ..errors import utf8_text
 from ..result import CELL_KINDS, MAX_CELL_MIME_TYPES, MAX_CELL_RESULTS, CellException, CellOutput
 
 # Levels a JSON display value may nest (arrays and objects): past them the host's own encoders (and a
-# client's parser) would recurse too deep to answer. The agent's kernel leaves deeper ones out.
-MAX_JSON_DEPTH = 64
-# Values (keys counted) one cell's JSON results may hold in all: past them a result's JSON is left
-# out, its text kept. The agent's kernel keeps within them; a cell that writes its own account may not.
-MAX_CELL_VALUES = 200_000
+# client's parser) would recurse too deep to answer. Values (keys counted) one cell's JSON results may
+# hold in all: past them a result's JSON is left out, its text kept. The agent's kernel keeps within
+# both (the same numbers, its own); a cell that writes its own account may not.
+MAX_JSON_DEPTH = kernel.MAX_JSON_DEPTH
+MAX_CELL_VALUES = kernel.MAX_REPLY_VALUES
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def _output(said: Any, budget: list[int]) -> CellOutput:
         if isinstance(value, str):
             kept[utf8_text(mime)] = utf8_text(value)
             continue
-        size = _values_within(value, budget[0])
+        size = kernel.json_values(value, MAX_JSON_DEPTH, budget[0])
         if size is None:
             continue  # that format is left out; the others (its text/plain) stay
         budget[0] -= size
@@ -74,25 +75,8 @@ def _exception(said: Any) -> CellException:
     return CellException(**{k: utf8_text(v) for k, v in said.items()})
 
 
-def _values_within(value: Any, most: int) -> int | None:
-    """The values ``value`` holds (keys counted), if no more than ``most`` and nested at most
-    ``MAX_JSON_DEPTH`` levels of lists and dicts; None otherwise (walked without recursion)."""
-    stack, seen = [(value, 1)], 0
-    while stack:
-        item, depth = stack.pop()
-        seen += 1
-        if isinstance(item, list | dict):
-            if depth > MAX_JSON_DEPTH:
-                return None
-            seen += len(item) if isinstance(item, dict) else 0
-            stack.extend((inner, depth + 1) for inner in (item.values() if isinstance(item, dict) else item))
-        if seen > most:
-            return None
-    return seen
-
-
 def _text_tree(value: Any) -> Any:
-    """``value`` (checked by ``_values_within``) with every text as UTF-8 can carry it."""
+    """``value`` (checked by ``kernel.json_values``) with every text as UTF-8 can carry it."""
     if isinstance(value, str):
         return utf8_text(value)
     if isinstance(value, list):

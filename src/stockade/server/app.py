@@ -35,6 +35,7 @@ from .. import __version__
 from ..daemon.controller import Controller
 from ..daemon.methods import METHODS
 from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError
+from ..limits import stdin_bytes
 from ..policy import Policy, default_policy
 from ..protocol.models import (
     Argv,
@@ -512,7 +513,7 @@ class _HeldForFusion:
         await self.call("sandbox.write_file", path=path, data=base64.b64encode(data).decode())
 
     async def run_code(self, code: str, language: str, *, stdin: str | bytes, timeout: float) -> ExecResult:
-        raw = stdin.encode(errors="surrogatepass") if isinstance(stdin, str) else stdin  # as the request models
+        raw = stdin_bytes(stdin)  # as the request models take text stdin
         stdin_field = {"stdin_b64": base64.b64encode(raw).decode()} if raw else {}
         result: ExecResult = await self.call(
             "sandbox.run_code", code=code, language=language, timeout=timeout, **stdin_field
