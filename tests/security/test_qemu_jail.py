@@ -207,6 +207,18 @@ def test_a_jailed_qemu_connects_to_no_unix_socket_on_the_host(
         shutil.rmtree(rundir, ignore_errors=True)
 
 
+def _jailed(argv: list[str], rundir: str, uid: int | None) -> tuple[subprocess.Popen[bytes], bytes, bytes]:
+    """A stand-in for a QEMU taken over: ``argv`` run as the runtime starts QEMU (its prefix, the
+    Landlock rules of ``rundir``, the host filter of a program that only listens), to its end."""
+    rules = jail.file_rules(Policy(), _qemu(), rundir, rundir, ())
+    proc = spawn_in_cgroup(
+        [*jail.prefix(uid, "tcg"), *argv], None, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, label="stockade-microvm", landlock=rules, listens_only=True,
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=_GUARD_S)
+    return proc, out, err
+
+
 RUNDIR_PROBE = r"""
 import json, os, socket, sys
 rundir, out = sys.argv[1], {}
@@ -238,13 +250,7 @@ def test_a_jailed_qemu_makes_no_file_in_its_run_directory(scratch: str, qemu_uid
         _for_qemu(os.path.join(rundir, "console"), qemu_uid)
         reader = os.open(os.path.join(rundir, "console"), os.O_RDONLY | os.O_NONBLOCK)
         try:
-            rules = jail.file_rules(Policy(), _qemu(), rundir, rundir, ())
-            proc = spawn_in_cgroup(
-                [*jail.prefix(qemu_uid, "tcg"), "/usr/bin/python3", "-I", "-S", "-c", RUNDIR_PROBE, rundir], None,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, label="stockade-microvm",
-                landlock=rules, listens_only=True,
-            )  # fmt: skip
-            out, err = proc.communicate(timeout=_GUARD_S)
+            proc, out, err = _jailed(["/usr/bin/python3", "-I", "-S", "-c", RUNDIR_PROBE, rundir], rundir, qemu_uid)
             assert os.read(reader, 64) == b"console"
         finally:
             os.close(reader)
@@ -286,12 +292,7 @@ def test_a_jailed_qemu_sends_no_datagram_to_a_unix_socket_on_the_host(scratch: s
         assert set(free.values()) == {"sent"}, f"the attack itself does not work: {free}"
         rundir = _for_qemu(tempfile.mkdtemp(prefix="stockade-jail-run-"), qemu_uid)
         try:
-            rules = jail.file_rules(Policy(), _qemu(), rundir, rundir, ())
-            proc = spawn_in_cgroup(
-                [*jail.prefix(qemu_uid, "tcg"), *argv], None, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, label="stockade-microvm", landlock=rules, listens_only=True,
-            )  # fmt: skip
-            out, err = proc.communicate(timeout=_GUARD_S)
+            proc, out, err = _jailed(argv, rundir, qemu_uid)
         finally:
             shutil.rmtree(rundir, ignore_errors=True)
         assert proc.returncode == 0, err
