@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import socket
@@ -221,6 +222,10 @@ def test_a_held_sandbox_is_a_resource(http: httpx.Client) -> None:
         assert http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/tmp/j"}).content == body
     nope = http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work/nope"})
     assert (nope.status_code, nope.json()["code"]) == (404, "path_not_found") and "/work/nope" in nope.json()["error"]
+    assert nope.json()["errno"] == errno.ENOENT
+    # Any other OS error of a file call carries its errno too, as the socket's answer does.
+    folder = http.get(f"/api/v1/sandboxes/{sid}/files", params={"path": "/work"})
+    assert (folder.status_code, folder.json()["code"], folder.json()["errno"]) == (400, "agent", errno.EISDIR)
     listing = http.get(f"/api/v1/sandboxes/{sid}/files/list", params={"path": "/work"}).json()
     assert [e["name"] for e in listing["entries"]] == ["blob"]
     ran = http.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": ["wc", "-c", "/work/blob"]}).json()

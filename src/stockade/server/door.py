@@ -51,6 +51,7 @@ from ..errors import (
     StockadeError,
     error_code,
     public_message,
+    wire_errno,
 )
 from ..protocol.models import Caller
 from ..ratelimit import SlidingWindowLimiter, peer_network
@@ -75,6 +76,7 @@ QUIET_PATHS = OPEN_PATHS | {"/metrics", "/api/v1/sandbox/status", "/api/v1/dashb
 class ErrorBody(BaseModel):
     error: str
     code: str
+    errno: int | None = None  # a file call's OS error in the sandbox (its stdlib class, as the socket's)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -87,7 +89,11 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers["Retry-After"] = "1"
     elif isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse({"error": message, "code": code}, status_code=HTTP_STATUS[code], headers=headers)
+    body: dict[str, object] = {"error": message, "code": code}
+    number = wire_errno(exc)
+    if number is not None:
+        body["errno"] = number
+    return JSONResponse(body, status_code=HTTP_STATUS[code], headers=headers)
 
 
 BODY_PIECE = 1 << 20  # a counted body goes out in pieces of this size
