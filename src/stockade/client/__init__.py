@@ -32,10 +32,11 @@ from ..errors import AnswerLostError, DaemonBusyError, NotFoundError, SandboxLos
 from .async_client import AsyncClient, AsyncRemoteSandbox
 from .processes import AsyncRemoteProcess
 from .requests import CodeOptions, ExecOptions, RunOptions, read_token_file
-from .retry import SAFE_TO_RESEND, Retry, call_with_retry
+from .retry import RESENT_WHEN_ASKED, SAFE_TO_RESEND, Retry, call_with_retry
 from .sync_client import Client, RemoteInterpreter, RemoteSandbox
 
 __all__ = [
+    "RESENT_WHEN_ASKED",
     "SAFE_TO_RESEND",
     "AnswerLostError",
     "AsyncClient",

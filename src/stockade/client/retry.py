@@ -12,8 +12,12 @@ one attempt). A call is tried again, after a wait that doubles each time, when:
   the method is safe to send twice (``SAFE_TO_RESEND``: reading, listing,
   status, closing...). A request that may have run and is not safe to send
   twice (``execute``, ``sandbox.exec``/``run_code``/``write_file``/``create``)
-  is not sent again: the call raises ``AnswerLostError``, unless the client's
-  ``Retry`` has ``resend_unsafe=True``.
+  is not sent again: the call raises ``AnswerLostError``. A client's ``Retry``
+  with ``resend_unsafe=True`` sends a run (``RESENT_WHEN_ASKED``: code, a
+  command, a file's whole bytes) again, the caller having said that its runs
+  may run twice; what makes something that a second request would make twice
+  (a sandbox, a published port, a background process, stdin written) is
+  never sent again.
 
 An answer that does not come within the client's ``timeout`` (30 s) ends the
 call at once (``DaemonUnavailableError``): the daemon is there but slow, and
@@ -55,6 +59,13 @@ SAFE_TO_RESEND = frozenset(
 )
 
 
+# Methods ``Retry(resend_unsafe=True)`` sends again after a lost answer: runs, which the caller
+# who asked knows are safe to run twice, and a whole file's bytes (written twice, the same file).
+# Any other method outside SAFE_TO_RESEND would make a second sandbox, forward, process or stdin
+# write, which nothing undoes: it is never sent again.
+RESENT_WHEN_ASKED = frozenset({"execute", "sandbox.exec", "sandbox.run_code", "sandbox.write_file"})
+
+
 @dataclass(frozen=True)
 class Retry:
     """How a client tries a call again (the module's docstring says when).
@@ -64,9 +75,10 @@ class Retry:
     one, up to ``max_backoff_s``: 1, 2 s by default (three tries, as the
     seed's ``call_with_retry``). Each try is bounded by the client's
     ``timeout``. ``retry_busy``: a ``busy`` refusal (no free slot, a full
-    queue) is tried again too. ``resend_unsafe``: a request that may have run
-    (an ``execute`` whose connection broke before its answer) is sent again;
-    it may then run twice.
+    queue) is tried again too. ``resend_unsafe``: a run that may have run (an
+    ``execute``, ``sandbox.exec``/``run_code``/``write_file`` whose connection
+    broke before its answer) is sent again; it may then run twice. Nothing
+    sends a ``sandbox.create``, ``publish``, ``spawn`` or process call twice.
     """
 
     attempts: int = 3
@@ -145,10 +157,11 @@ class Attempts:
         """The wait before the next attempt, after ``lost``; or raises the call's error."""
         self.made += 1
         unsafe = lost.sent and self.method not in SAFE_TO_RESEND
-        if unsafe and not self.retry.resend_unsafe:
+        if unsafe and not (self.retry.resend_unsafe and self.method in RESENT_WHEN_ASKED):
+            again = " (Retry(resend_unsafe=True) re-sends it)" if self.method in RESENT_WHEN_ASKED else ""
             raise AnswerLostError(
                 f"{lost} after the {self.method} request went out, before its answer: it may have run, "
-                "so it was not sent again (Retry(resend_unsafe=True) re-sends it)"
+                f"so it was not sent again{again}"
             ) from None
         wait = next(self._waits, None) if lost.retryable else None
         if wait is None:
