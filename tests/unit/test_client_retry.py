@@ -319,6 +319,19 @@ def test_async_safe_resent_unsafe_not_stale_replaced(fake: Callable[..., FakeDae
     assert restarts.methods() == ["ping", "execute", "ping"] and restarts.connections == 3
 
 
+def test_an_async_client_goes_on_under_a_later_event_loop(fake: Callable[..., FakeDaemon]) -> None:
+    # One asyncio.run after another (a script's steps, a test's loop each): the first loop's
+    # connection cannot serve the next one. Before, every later call failed ("Event loop is
+    # closed", "attached to a different loop") but one in three, and no connection was replaced.
+    daemon = fake(pong)
+    client = AsyncClient(daemon.path, timeout=10, retry=None)
+    for _ in range(4):
+        assert asyncio.run(client.ping()) == "pong"
+    # The fake serves one connection at a time: each was ended for the daemon when left.
+    assert daemon.connections == 4
+    asyncio.run(client.aclose())
+
+
 # ---- a file call's OS error is its stdlib class -------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -36,7 +37,9 @@ class AsyncClient(Requests):
     time, each answered before the next is sent (a lock keeps them in order on
     the connection): for runs in parallel, use a client each. A call that
     times out or is cancelled drops the connection, so that its late answer is
-    never taken for the next call's.
+    never taken for the next call's. A client used under another event loop
+    than its last call's (one ``asyncio.run`` after another) leaves the old
+    loop's connection and opens one of the new loop's.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class AsyncClient(Requests):
         self._writer: asyncio.StreamWriter | None = None
         self._answered = False  # the connection has carried an answer: one that fails now went stale
         self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop the connection and lock are of
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -61,16 +65,34 @@ class AsyncClient(Requests):
         await self.aclose()
 
     async def aclose(self) -> None:
-        writer = self._writer
+        writer = self._writer if self._loop is asyncio.get_running_loop() else None
         self._drop()
         if writer is not None:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
     def _drop(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except RuntimeError:
+            # Its event loop is closed (a client used again after an asyncio.run): nothing can
+            # close the transport through it, so the daemon is told the connection is done
+            # (its socket shut down) and the socket is closed when the transport is collected.
+            with contextlib.suppress(OSError):
+                writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+
+    def _on_this_loop(self) -> None:
+        """Leave a connection and a lock of another event loop (one ``asyncio.run`` after
+        another, a test's loop each): they cannot serve this one, whose calls they would fail."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                self._drop()
+                self._lock = asyncio.Lock()
+            self._loop = loop
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is None or self._writer is None:
@@ -141,6 +163,7 @@ class AsyncClient(Requests):
 
     async def _exchange(self, line: bytes, reply: Reply, wait: float, answer_type: type[Answer], method: str) -> Answer:
         """One attempt: ``line`` sent, its answer read (``ConnectionLost`` when either fails)."""
+        self._on_this_loop()
         async with self._lock:
             try:
                 return await asyncio.wait_for(self._send_and_read(line, reply, answer_type), wait)
