@@ -661,6 +661,13 @@ SYSCALL_ATTACKS = {
     "seccomp": "libc.syscall(317, 0x100000001, 0, 0)",  # SET_MODE_FILTER: the kernel reads op's low 32 bits
     "prctl": "libc.prctl(22, 2, 0, 0, 0)",  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
     "prlimit64": "libc.syscall(302, 1, 7, 0, 0)",  # the agent's RLIMIT_NOFILE, even read
+    # The agent's scheduling: SCHED_IDLE, a CPU of its own, nice 19, the idle I/O class (3 << 13).
+    "sched_setscheduler": "libc.syscall(144, 1, 5, (ctypes.c_int * 1)(0))",
+    "sched_setparam": "libc.syscall(142, 1, (ctypes.c_int * 1)(0))",
+    "sched_setattr": "libc.syscall(314, 1, (ctypes.c_uint * 14)(56, 5), 0)",
+    "sched_setaffinity": "libc.syscall(203, 1, 8, (ctypes.c_ulong * 1)(1))",
+    "setpriority": "libc.setpriority(0, 1, 19)",
+    "ioprio_set": "libc.syscall(251, 1, 1, 3 << 13)",
     # SO_ATTACH_FILTER: a classic BPF program, JIT-compiled into the same budget as a seccomp filter.
     "setsockopt": "libc.setsockopt(os.open('/dev/null', 0), 1, 26, None, 0)",
 }
@@ -674,6 +681,30 @@ def test_dangerous_syscall_blocked_and_reported_by_host(sb: Sandbox, syscall: st
     assert syscall in blocked(r)
     v = next(v for v in r.security_violations if v.syscall == syscall)
     assert v.blocked and v.detection_layer == "SECCOMP" and v.description
+
+
+def test_the_agents_scheduling_is_out_of_reach_but_the_codes_own_is_not(sb: Sandbox) -> None:
+    """Lowered by the code, the agent (pid 1) would answer late or never: SCHED_IDLE, nice 19 or
+    the idle I/O class for it, or for every process of the isolate's uid (the agent's too), are
+    refused and reported above and here; the code's own processes take what it asks for, and
+    nothing is reported of that."""
+    r = sb.run_code(
+        LIBC + "import os\n"
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "os.setpriority(os.PRIO_PROCESS, 0, 19)\n"
+        "print(os.sched_getscheduler(0) == os.SCHED_IDLE, len(os.sched_getaffinity(0)), os.getpriority(0, 0))\n"
+        "print(libc.syscall(251, 1, 0, 3 << 13))\n"  # IOPRIO_WHO_PROCESS, itself: the idle class
+        "for who in ('os.setpriority(os.PRIO_USER, 0, 19)', 'libc.syscall(251, 3, 0, 3 << 13)',"
+        " 'libc.syscall(251, 2, 1, 3 << 13)', 'os.setpriority(os.PRIO_PGRP, 1, 19)'):\n"
+        "    try:\n"
+        "        print(eval(who), ctypes.get_errno())\n"
+        "    except OSError as e:\n"
+        "        print(-1, e.errno)\n"
+        "print(os.getpriority(os.PRIO_PROCESS, 1))"
+    )
+    assert r.stdout.splitlines() == ["True 1 19", "0", "-1 1", "-1 1", "-1 1", "-1 1", "0"], r.summary()
+    assert r.violation_counts == {"setpriority": 2, "ioprio_set": 2}, r.summary()
 
 
 def test_the_core_limit_stays_where_a_crash_runs_no_host_helper(sb: Sandbox) -> None:
