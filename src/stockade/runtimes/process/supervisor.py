@@ -43,7 +43,7 @@ class Supervisor:
         self._epoll = select.epoll()
         self._sinks: dict[int, ViolationSink] = {}
         self._network: set[int] = set()  # listeners whose isolates' network calls are read (netcalls.py)
-        self._netlink: dict[int, list[int]] = {}  # listener -> threads let make a netlink socket (netlink.py)
+        self._netlink: dict[int, list[netlink.LetThrough]] = {}  # listener -> threads let make a netlink socket
         self._budgets: dict[int, TokenBucket] = {}
         self._paused: dict[int, float] = {}  # listener -> when it is read again (its budget spent)
         self._lock = threading.Lock()
@@ -120,12 +120,12 @@ class Supervisor:
                     with contextlib.suppress(OSError):  # retired meanwhile: its hang-up says so
                         self._epoll.modify(fd, select.EPOLLIN)
 
-    def _spend(self, fd: int) -> None:
-        """One notification of ``fd``'s answered: past its budget, stop reading it for a while."""
+    def _spend(self, fd: int, cost: float = 1.0) -> None:
+        """A notification of ``fd``'s answered, ``cost`` of its budget: past it, stop reading ``fd`` for a while."""
         now = time.monotonic()
         with self._lock:
             budget = self._budgets.get(fd)
-            if budget is None or budget.take(1.0, now) or fd in self._paused:
+            if budget is None or budget.take(cost, now) or fd in self._paused:
                 return
             self._paused[fd] = budget.ready_at(NOTIFY_RESUME)
             with contextlib.suppress(OSError):
@@ -142,6 +142,7 @@ class Supervisor:
             network = fd in self._network
             let_through = self._netlink.setdefault(fd, []) if sink is not None else []
         if netlink.asks(nr, args):
+            self._spend(fd, netlink.COST - 1)  # its /proc reads: several refusals' work
             netlink.answer(fd, notif_id, pid, let_through)
             return
         if network and self._network_call(fd, notif_id, pid, nr, args, sink):
