@@ -219,6 +219,32 @@ def test_a_tool_that_never_answers_is_ended_at_its_timeout(manager: RuntimeManag
         call(host, "bad", "sleep")
 
 
+def test_a_cancelled_call_ends_its_isolate_with_it(manager: RuntimeManager) -> None:
+    """A client may cancel a call (MCP's notifications/cancelled, a session ended). The isolate's
+    close was not shielded: cancelled, it never ran, so the server lived on past its timeout_secs,
+    outside the slot its call gave back (three cancels, three servers, with one slot)."""
+    import uuid
+
+    from tests.helpers import processes_with_arg
+
+    tag = f"--tag={uuid.uuid4()}"  # the server's processes, found by their command line
+    host = ToolHost(config(bad=hostile(args=["/mcp/hostile.py", tag], tools={"sleep": {"timeout_secs": 600}})), manager)
+
+    async def go() -> None:
+        async with host:
+            for _ in range(2):
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(host.call, "bad", "sleep")
+                        with anyio.fail_after(60):
+                            while not processes_with_arg(tag):  # the call is under way, in its isolate
+                                await anyio.sleep(0.05)
+                        scope.cancel()
+                assert not processes_with_arg(tag)  # ended with the call, not at the tool's 600 s
+
+    anyio.run(go)
+
+
 @pytest.mark.parametrize("lifecycle", ["ephemeral", "persistent"])
 def test_a_server_that_never_answers_initialize_is_ended_in_time(manager: RuntimeManager, lifecycle: str) -> None:
     stalled = hostile(lifecycle=lifecycle, timeout_secs=2, args=["/mcp/hostile.py", "--stall", "initialize"])
@@ -558,6 +584,10 @@ def test_a_daemons_mcp_call_ends_with_its_caller(tmp_path: Any) -> None:
         with Client(daemon.socket_path, timeout=120) as client:
             assert client.execute(code="print(1)").stdout == "1\n"
         assert time.monotonic() - started < 60 and not processes_with_arg(tag)  # not the tool's 600 s
+        with open(daemon.audit_log) as f:  # and the call is in the log, as ended by its caller
+            calls = [json.loads(line) for line in f if '"mcp.call"' in line]
+        said = [(r["tool"], r["outcome"], r["error"]) for r in calls]
+        assert said == [("sleep", "cancelled", "its caller went away")]
     finally:
         assert daemon.stop() == 0, daemon.logs()
         daemon.cleanup()

@@ -13,8 +13,10 @@ import sys
 from typing import Any
 
 import anyio
+import pytest
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceLink
 
 from stockade.audit import verify
@@ -33,6 +35,7 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
             "time": {**TIME, "tools": {"get_current_time": {}}},
             "bad": {**hostile, "lifecycle": "persistent"},
             "worse": {**hostile, "tools": {"sleep": {"timeout_secs": 2}}},
+            "slow": {**hostile, "tools": {"sleep": {"timeout_secs": 600}}},
             "broken": {"command": "no-such-server"},
             # It never says what it offers: the gateway serves the others all the same.
             "stalled": {**hostile, "args": ["/mcp/hostile.py", "--stall", "tools/list"], "timeout_secs": 3},
@@ -97,6 +100,9 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
                 assert json.loads(echoed.content[0].text) == {"after": "the flood"}
                 slept = await session.call_tool("worse.sleep", {})
                 assert slept.is_error and "timed out after 2 s" in slept.content[0].text
+                # Given up by the client (notifications/cancelled): its isolate ends with it, recorded.
+                with pytest.raises(MCPError, match="timed out"):
+                    await session.call_tool("slow.sleep", {}, read_timeout_seconds=1)
                 snooped = await session.call_tool("worse.snoop", {"secret-looking": "x" * 10})
                 assert snooped.meta["stockade"]["violation_counts"].get("socket") == 1
                 refused = await session.call_tool("quiet.refuse", {})
@@ -114,7 +120,8 @@ def test_the_gateway_offers_every_servers_tools_and_contains_each(tmp_path: Any)
     calls = [r for r in records if r["event"] == "mcp.call"]
     assert [(r["server"], r["tool"], r["outcome"]) for r in calls] == [
         ("time", "get_current_time", "ok"), ("bad", "flood", "error"), ("bad", "echo", "ok"),
-        ("worse", "sleep", "error"), ("worse", "snoop", "ok"), ("quiet", "refuse", "error"), ("bad", "link", "ok"),
+        ("worse", "sleep", "error"), ("slow", "sleep", "cancelled"), ("worse", "snoop", "ok"),
+        ("quiet", "refuse", "error"), ("bad", "link", "ok"),
     ]  # fmt: skip
     snoop = calls[-3]
     assert snoop["argument_bytes"] > 10 and "x" * 10 not in json.dumps(snoop), snoop

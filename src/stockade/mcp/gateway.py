@@ -116,6 +116,9 @@ class Gateway:
             said = str(exc) or type(exc).__name__
             self._record(server_id, tool, size, "error", {}, said)
             return _error(f"{server_id}.{tool}: {said}")
+        except BaseException:  # cancelled by its client (notifications/cancelled, a session ended)
+            self._record(server_id, tool, size, "cancelled", {}, "cancelled by the client")
+            raise
         verdict = (result.meta or {}).get("stockade", {})
         self._record(server_id, tool, size, "tool_error" if result.is_error else "ok", verdict)
         return result.model_copy(update={"content": [_linked(c, server_id) for c in result.content]})

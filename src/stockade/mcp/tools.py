@@ -247,7 +247,10 @@ class ToolHost:
                 # What it did since its last verdict (a listing's isolate: all of it), before it goes.
                 if not sandbox.closed:
                     await self._report(server_id, "request" if tool is None else "end", sandbox, "ephemeral")
-                await anyio.to_thread.run_sync(sandbox.close)
+                # Closed even as its caller goes (a call cancelled): else the isolate lived on,
+                # past its timeout and outside the slot it gives back here.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(sandbox.close)
 
     async def _call_persistent(
         self, server_id: str, server: ServerConfig, tool: str, arguments: dict[str, Any], timeout: float
@@ -434,7 +437,8 @@ async def _end(
     except Exception as exc:  # noqa: BLE001 - it is ended all the same
         log.info("an MCP isolate's verdict could not be taken as it was ended: %s", exc)
         verdict = {"runtime": sandbox._sandbox.runtime_name}
-    await anyio.to_thread.run_sync(sandbox.close)
+    with anyio.CancelScope(shield=True):  # closed even as its caller goes
+        await anyio.to_thread.run_sync(sandbox.close)
     return {**verdict, "termination_reason": reason}
 
 
