@@ -58,5 +58,15 @@ def test_an_agent_runs_code_and_moves_files_in_one_sandbox_for_its_session() -> 
                 assert outside.is_error
                 bad = await session.call_tool("exec", {"command": []})
                 assert bad.is_error and "command" in bad.content[0].text
+                # Arguments by each tool's schema: the session's sandbox is never the client's to name,
+                # and a wrong type is the tool's error, not an internal one.
+                for tool, args, said in [
+                    ("run_code", {"code": "1", "sandbox_id": "sb-x"}, "no argument 'sandbox_id' (it takes code,"),
+                    ("write_file", {"path": "a", "content_base64": 5}, "content_base64 must be a string, not int"),
+                    ("write_file", {"path": "a", "content": {"a": 1}}, "content must be a string, not dict"),
+                    ("read_file", {}, "missing argument 'path'"),
+                ]:
+                    refused = await session.call_tool(tool, args)
+                    assert refused.is_error and refused.content[0].text.startswith(f"{tool}: {said}"), refused
 
     anyio.run(drive)

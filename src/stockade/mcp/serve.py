@@ -104,8 +104,11 @@ class StockadeTools:
             return _text(f"{params.name}: {exc}", error=True)
 
     async def _call(self, session: str, name: str, args: dict[str, Any]) -> types.CallToolResult:
-        if name not in {t.name for t in TOOLS}:
+        tool = next((t for t in TOOLS if t.name == name), None)
+        if tool is None:
             return _text(f"no tool {name!r}: {', '.join(t.name for t in TOOLS)}", error=True)
+        if (problem := _arguments_problem(tool, args)) is not None:
+            return _text(f"{name}: {problem}", error=True)
         sandbox_id = await self._sandbox(session)
         if name == "run_code":
             code = SandboxRunCode(sandbox_id=sandbox_id, **args)
@@ -182,6 +185,23 @@ async def serve(policy: Policy, http: str | None = None, token: str | None = Non
     finally:
         await tools.close()
         await controller.shutdown(0.0)
+
+
+def _arguments_problem(tool: types.Tool, args: dict[str, Any]) -> str | None:
+    """What is wrong with ``args`` by ``tool``'s schema, before any reaches a request: an argument it
+    does not take (``sandbox_id`` is the session's, never the client's), one it needs, a text that is
+    none. The request models check the rest (numbers, the command's list, the mode's range)."""
+    properties = tool.input_schema["properties"]
+    unknown = sorted(set(args) - set(properties))
+    if unknown:
+        return f"no argument {', '.join(map(repr, unknown))} (it takes {', '.join(properties)})"
+    missing = [key for key in tool.input_schema.get("required", []) if key not in args]
+    if missing:
+        return f"missing argument {', '.join(map(repr, missing))}"
+    for key, value in args.items():
+        if properties[key].get("type") == "string" and not isinstance(value, str):
+            return f"{key} must be a string, not {type(value).__name__}"
+    return None
 
 
 def _session_id(ctx: Any) -> str:

@@ -83,7 +83,10 @@ MAX_PARSE_CPU_PER_S, MAX_PARSE_CPU_BURST = 0.1, 2.0
 # soon after a request), seldom while it is quiet (an idle server costs the agent next to nothing).
 POLL_BUSY_S = 0.0005
 POLL_IDLE_S = 0.05
-BUSY_FOR_S = 2.0  # after a message either way
+BUSY_FOR_S = 2.0  # after a message either way (a whole one: bytes that end no line keep nothing busy)
+# A read of less than this that ended no message is waited after as an empty one: a server that
+# trickles bytes (a line that never ends) would otherwise keep the reader asking without a pause.
+SMALL_READ = 4096
 
 
 class ReadBudget:
@@ -165,21 +168,23 @@ async def process_transport(
 
     def read_loop() -> None:
         buffer = bytearray()
+        scanned = 0  # of the buffer, found to hold no line's end: each byte is looked at once
         while not stop.is_set():
             ended = process.exit_code is not None
+            began = time.thread_time()
             out, err = process.read()
-            if out:
-                last_message[0] = time.monotonic()
             if err:
                 output.note_stderr(err)
             if (why := budget.overdrawn(read=len(out) + len(err))) is not None:
                 output.broken = why
                 return
             buffer += out
-            while (end := buffer.find(b"\n")) >= 0:
+            ended_lines = 0
+            while (end := buffer.find(b"\n", scanned)) >= 0:
                 line = bytes(buffer[:end])
                 del buffer[: end + 1]
-                started = time.thread_time()
+                scanned = 0
+                ended_lines += 1
                 if _values(line) > MAX_VALUES:
                     output.broken = f"it wrote a message of more than {MAX_VALUES} JSON values"
                     return
@@ -187,11 +192,20 @@ async def process_transport(
                     output.broken = why
                     return
                 parsed = _parse(line) if line.strip() else None
-                if (why := budget.overdrawn(cpu_s=time.thread_time() - started)) is not None:
+                # The read, the search and the parse are the server's to pay for, with the GIL held.
+                spent, began = time.thread_time() - began, time.thread_time()
+                if (why := budget.overdrawn(cpu_s=spent)) is not None:
                     output.broken = why
                     return
                 if parsed is not None:
                     anyio.from_thread.run(read_writer.send, parsed)
+            scanned = len(buffer)
+            if ended_lines:
+                last_message[0] = time.monotonic()
+            elif out or err:  # bytes that end no message cost their read too
+                if (why := budget.overdrawn(cpu_s=time.thread_time() - began)) is not None:
+                    output.broken = why
+                    return
             if len(buffer) > MAX_LINE:
                 output.broken = f"it wrote more than {MAX_LINE} bytes without a line's end"
                 return
@@ -202,7 +216,7 @@ async def process_transport(
             if ended:
                 output.exit_code = process.exit_code
                 return
-            if not out and not err:
+            if not ended_lines and len(out) + len(err) < SMALL_READ:
                 busy = time.monotonic() - last_message[0] < BUSY_FOR_S
                 process.wait(POLL_BUSY_S if busy else POLL_IDLE_S)
 
