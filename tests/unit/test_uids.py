@@ -45,10 +45,10 @@ def _allocator(tmp_path: Path, first: int, last: int) -> UidAllocator:
 
 
 def test_leases_are_distinct_until_released(tmp_path: Path) -> None:
-    # Two allocators stand for two stockade processes on one host.
-    one, two = _allocator(tmp_path, 1879048192, 1879048193), _allocator(tmp_path, 1879048192, 1879048193)
+    # Two allocators stand for two stockade processes on one host (root's: the even places of the range).
+    one, two = _allocator(tmp_path, 1879048192, 1879048195), _allocator(tmp_path, 1879048192, 1879048195)
     a, b = one.lease(), two.lease()
-    assert {a.uid, b.uid} == {1879048192, 1879048193}
+    assert {a.uid, b.uid} == {1879048192, 1879048194}
     with pytest.raises(SandboxStartError, match=r"every uid .* is in use"):
         one.lease()
     a.release()
@@ -75,7 +75,7 @@ def test_a_uid_whose_dead_holder_left_a_running_isolate_is_skipped(tmp_path: Pat
     procs.write_text("")  # the zygote finished its clean-up: the group is empty
     assert allocator.lease().uid == 1879048192
     procs.unlink()  # or gone altogether
-    assert _allocator(tmp_path, 1879048192, 1879048193).lease().uid == 1879048193  # 1879048192 is held
+    assert _allocator(tmp_path, 1879048192, 1879048194).lease().uid == 1879048194  # 1879048192 is held
 
 
 def test_a_range_holding_a_host_group_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,3 +169,26 @@ def test_a_kept_lease_of_no_cgroup_stays_out_of_reach_while_its_uid_runs(tmp_pat
         left.kill()
         left.wait()
     assert allocator.lease([]).uid == 1879200001
+
+
+def test_root_and_a_daemon_that_gave_root_up_never_lease_one_uid(tmp_path: Path) -> None:
+    """Such a daemon leases from a directory of its own user's, which root's processes do not read
+    (nor it theirs): before, both took from the whole range, and two live isolates could get one uid
+    (its per-user quotas, files in shared paths). Now root's processes take the even places of the
+    range, the daemon the odd."""
+    root = _allocator(tmp_path, 1879048192, 1879048195)
+    daemon = _allocator(tmp_path, 1879048192, 1879048195)
+    daemon.hand_to(os.getuid(), os.getgid())  # (this user stands for the daemon's here)
+    roots, daemons = [root.lease(), root.lease()], [daemon.lease(), daemon.lease()]
+    assert sorted(lease.uid for lease in roots) == [1879048192, 1879048194]
+    assert sorted(lease.uid for lease in daemons) == [1879048193, 1879048195]
+    with pytest.raises(SandboxStartError, match="every uid at the odd places of STOCKADE_SANDBOX_UIDS"):
+        daemon.lease()
+    with pytest.raises(SandboxStartError, match="every uid at the even places of STOCKADE_SANDBOX_UIDS"):
+        root.lease()
+    for lease in roots + daemons:
+        lease.release()
+    lonely = _allocator(tmp_path, 1879048192, 1879048192)
+    lonely.hand_to(os.getuid(), os.getgid())
+    with pytest.raises(SandboxStartError, match="holds no uid for a daemon that gave root up"):
+        lonely.lease()

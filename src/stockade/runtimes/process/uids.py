@@ -18,6 +18,11 @@ a uid is never handed out while in use. Files of dead holders are swept when
 an allocator first leases. The lock directory is per kernel: two stockade
 installs on one kernel that do not share ``/run`` need disjoint ranges.
 
+A daemon that gives root up leases from a directory of its user's own
+(``hand_to``), which root's processes do not read, and they from one it
+cannot read: so the two never take the same uid, each takes its own half of
+the range, root's processes the even places in it, such a daemon the odd.
+
 Rootless, stockade cannot switch uids: every isolate runs as the caller's own
 uid and shares its per-user quotas (docs/threat-model.md says so).
 """
@@ -129,6 +134,7 @@ class UidAllocator:
     def __init__(self, uid_range: UidRange, lock_dir: str = LOCK_DIR) -> None:
         self.range = uid_range
         self.lock_dir = lock_dir
+        self._half = 0  # the places in the range this allocator takes: even (root's), odd (hand_to)
         self._checked = False
 
     def lease(self, cgroup_procs: list[str] | None = None) -> UidLease:
@@ -151,26 +157,34 @@ class UidAllocator:
             self._check_lock_dir()
             self.sweep()
             self._checked = True
-        size = self.range.last - self.range.first + 1
+        size = (self.range.last - self.range.first + 1 - self._half + 1) // 2  # the uids of this half
+        if size == 0:
+            raise SandboxStartError(
+                f"STOCKADE_SANDBOX_UIDS ({self.range.first}-{self.range.last}) holds no uid for a daemon that gave "
+                "root up: it takes every other uid of the range (root's processes the rest), so it needs two at least"
+            )
         # Where the search starts is no secret (the flock decides who holds a uid), only spread:
         # the system's randomness, through random's, not secrets' (whose import, OpenSSL's start
         # included, would hold up the CLI's early ask for its isolate's spare: factory.py).
         start = random.SystemRandom().randrange(size)
         for step in range(size):
-            uid = self.range.first + (start + step) % size
+            uid = self.range.first + self._half + 2 * ((start + step) % size)
             lease = self._try(uid)
             if lease is not None:
                 return lease
+        which = "the odd" if self._half else "the even"
         raise SandboxStartError(
-            f"every uid of STOCKADE_SANDBOX_UIDS ({self.range.first}-{self.range.last}) is in use by a live isolate"
+            f"every uid at {which} places of STOCKADE_SANDBOX_UIDS ({self.range.first}-{self.range.last}) "
+            "is in use by a live isolate"
         )
 
     def hand_to(self, uid: int, gid: int) -> None:
         """Before this process drops root to ``uid``: leases in a directory of that user's own
         (``/run/stockade/uids-<uid>``), made by root if missing and only then given to it; root
-        never touches what is in it, nor shares its own. A host whose daemon gives root up leaves
-        STOCKADE_SANDBOX_UIDS to it (root processes there take another range)."""
+        never touches what is in it, nor shares its own. Neither can see the other's leases, so
+        from here this allocator takes the odd places of the range, root's processes the even."""
         self.lock_dir = f"{self.lock_dir}-{uid}"
+        self._half = 1
         try:
             os.mkdir(self.lock_dir, 0o700)
             os.chown(self.lock_dir, uid, gid, follow_symlinks=False)
