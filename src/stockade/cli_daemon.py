@@ -38,6 +38,7 @@ import time
 from .agent import jsoncodec
 from .cli import MAX_STDIN, _daemon_token
 from .cli_outcome import exit_status, fail, stream
+from .daemon_peer import impostor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -247,6 +248,8 @@ def via_daemon(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -
                 )
             print(f"stockade: no daemon answers on {path} ({reason}); running in-process", file=sys.stderr)
             return None
+        if (why := impostor(sock, path, os.environ.get("STOCKADE_DAEMON_USER"))) is not None:
+            return fail(f"refused to talk to {why}")
         payload, stdin = produce()
         return _exchange(args, sock, _request(call, payload, stdin, fields, streamed=not args.json), token, fields)
     finally:

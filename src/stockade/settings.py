@@ -6,7 +6,8 @@ installs them (``install``), and passes them down; everything else asks
 library, those of its environment, parsed once for each distinct set of
 ``STOCKADE_*`` variables (a program, or a test, that changes them gets them
 parsed again). No other module reads a ``STOCKADE_*`` variable, except the
-lean command line (cli_daemon.py: ``STOCKADE_SOCKET``, ``STOCKADE_AUTH_TOKEN``).
+lean command line (cli_daemon.py: ``STOCKADE_SOCKET``, ``STOCKADE_AUTH_TOKEN``,
+``STOCKADE_DAEMON_USER``).
 
 Every variable is text, parsed by its own function below, which refuses a
 malformed value with a ``ConfigError`` naming the variable; an unknown

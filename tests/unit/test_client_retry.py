@@ -393,3 +393,53 @@ def test_async_file_errors_are_stdlib_classes_too(fake: Callable[..., FakeDaemon
                 await client.sandbox_write_file("sb-1", "/work/x", b"data")
 
     asyncio.run(scenario())
+
+
+# ---- who may answer as the daemon -----------------------------------------------------------------
+
+IMPOSTOR = """
+import os, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(sys.argv[1])
+os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+sock.listen()  # the kernel keeps who listened: nobody
+print("ready", flush=True)
+sock.settimeout(60)
+for _ in range(3):
+    conn, _ = sock.accept()
+    conn.settimeout(10)
+    print(len(conn.recv(65536)), flush=True)  # what the client sent it: nothing, its connection closed
+    conn.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a listener of another user's is made by root")
+def test_a_listener_that_runs_as_no_daemons_user_is_sent_nothing(tmp_path: os.PathLike[str]) -> None:
+    """A daemon that is down leaves its socket's name to whoever can write its directory; before,
+    a listener put there got every request (code, files, signed requests), its answers taken as the
+    daemon's. Now each client asks who listens, and sends nothing to a process of another user's."""
+    import subprocess
+    import sys
+
+    path = os.path.join(str(tmp_path), "d.sock")
+    listener = subprocess.Popen([sys.executable, "-c", IMPOSTOR, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline() == "ready\n"
+        said = r"refused to talk to the process listening on .*d\.sock \(pid \d+\) runs as uid 65534"
+        with pytest.raises(DaemonUnavailableError, match=said):
+            Client(path, timeout=10, retry=FAST).execute(code="print('secret')")
+
+        async def through_async() -> None:
+            with pytest.raises(DaemonUnavailableError, match=said):
+                await AsyncClient(path, timeout=10, retry=FAST).execute(code="print('secret')")
+
+        asyncio.run(through_async())
+        stockade = os.path.join(os.path.dirname(sys.executable), "stockade")
+        cli = subprocess.run([stockade, "run", "--", "echo", "secret"], env={**os.environ, "STOCKADE_SOCKET": path},
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert cli.returncode == 125 and "runs as uid 65534" in cli.stderr and "secret" not in cli.stdout, cli
+        out, _ = listener.communicate(timeout=60)
+        assert out.split() == ["0", "0", "0"]  # three connections, not a byte on any
+    finally:
+        listener.kill()
+        listener.wait()

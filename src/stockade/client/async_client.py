@@ -97,9 +97,13 @@ class AsyncClient(Requests):
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is None or self._writer is None:
             try:
-                self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path, limit=LINE_LIMIT)
+                reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=LINE_LIMIT)
             except OSError as exc:
                 raise unreachable(self.socket_path, exc) from None
+            if (refused := self._impostor(writer.get_extra_info("socket"))) is not None:
+                writer.close()
+                raise refused
+            self._reader, self._writer = reader, writer
             self._answered = False
         return self._reader, self._writer
 

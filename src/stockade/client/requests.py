@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import itertools
+import socket
 from collections.abc import Callable
 from typing import Any, TypedDict, TypeVar
 
+from ..daemon_peer import impostor
 from ..errors import AuthenticationError
 from ..limits import argv_list, check_call_size
 from ..policy import Policy, policy_of
@@ -32,7 +34,7 @@ from ..protocol.models import (
     WriteFile,
     parse,
 )
-from .retry import NO_RETRY, Retry
+from .retry import NO_RETRY, ConnectionLost, Retry
 
 PolicyArg = Policy | dict[str, Any] | None
 _EXECUTE_KEYWORDS = ("command", "code", "language", "policy", "stdin", "on_output")
@@ -107,6 +109,14 @@ class Requests:
             raise TypeError(f"retry must be a Retry or None, not {type(retry).__name__}")
         self.retry = NO_RETRY if retry is None else retry
         self._ids = itertools.count(1)
+        from ..settings import current
+
+        self._daemon_user = current().daemon_user  # who else may listen as the daemon (daemon_peer.py)
+
+    def _impostor(self, sock: socket.socket) -> ConnectionLost | None:
+        """The error for a connection whose listener is no daemon's process (daemon_peer.py)."""
+        why = impostor(sock, self.socket_path, self._daemon_user)
+        return None if why is None else ConnectionLost(f"refused to talk to {why}", sent=False, retryable=False)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.socket_path!r}, auth={'hmac' if self._token else 'off'})"

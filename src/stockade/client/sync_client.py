@@ -71,6 +71,9 @@ class Client(Requests):
             except OSError as exc:
                 sock.close()
                 raise unreachable(self.socket_path, exc) from None
+            if (refused := self._impostor(sock)) is not None:
+                sock.close()
+                raise refused
             # Blocking from here on, with the wait bounded by the kernel
             # (SO_RCVTIMEO, SO_SNDTIMEO): a Python timeout would poll() before
             # every send and receive, two more system calls on each request.

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import socket
-import struct
 from dataclasses import dataclass
 
-_PEERCRED = struct.Struct("3i")
+from ..daemon_peer import credentials
 
 
 @dataclass(frozen=True)
@@ -18,4 +17,4 @@ class Peer:
 
 def peer_of(sock: socket.socket) -> Peer:
     """The peer's pid, uid and gid as the kernel recorded them at connect; OSError if unreadable."""
-    return Peer(*_PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)))
+    return Peer(*credentials(sock))
