@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import components_relay
 from .errors import AgentError, SandboxError, SandboxOSError, StockadeError
+from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from .runtimes.sandbox import AgentSandbox
@@ -41,6 +42,11 @@ EXIT_RECORD_MAX = 1024  # the relay's exit record, {"exit_code": N}: anything lo
 # How often the relay's files are looked at: soon after something moved, then less
 # often; while `exec` or `attach` clients wait, never less often than SESSION_POLL_S.
 ACTIVE_POLL_S, SESSION_POLL_S, IDLE_POLL_S = 0.02, 0.05, 0.5
+# A component's output read into its log, a second sustained and at once (``Job.budget``): reading
+# it (the agent's calls, the log's writes) is this host's work, outside the isolate's cgroup (a
+# command writing without end held a fifth of a host core). Past it, no file is read until it has
+# refilled, and the relay's window holds the command back: nothing is lost.
+LOG_PER_S, LOG_BURST = 1 << 20, 16 << 20
 LIVENESS_S = 5.0  # how often a quiet relay is checked for being alive
 LAUNCH_REPORT_S = 30.0  # a relay that has not said it started by then was held up by the command
 # First in the relay's code and its probe's: the interpreter's own library only on the import path.
@@ -77,12 +83,14 @@ class Job:
         on_output: Callable[[str, bytes], None],
         on_end: Callable[[int | None, str | None], None],
         paused: Callable[[], bool] = lambda: False,
+        budget: TokenBucket | None = None,
     ) -> None:
         self.argv = argv
         self.keep_stdin = keep_stdin
         self.on_output = on_output
         self.on_end = on_end
         self.paused = paused
+        self.budget = budget  # what reading its output may cost this host (the main command's: its log)
         self.jid = ""
         self.relay_pid: int | None = None  # in the isolate's pid namespace
         self.next_out = 1
@@ -317,7 +325,11 @@ class Pump:
             if n - job.next_out >= MAX_UNREAD_FILES:
                 job.ending = (None, _tampered(f"more than {MAX_UNREAD_FILES} output files await reading"))
                 break
+            if job.budget is not None and job.budget.spend(0.0) <= 0:
+                break  # read once it has refilled: the relay's window holds the command back meanwhile
             data = self.sandbox.read_file(f"{self.directory}/{job.jid}.o.{n}", max_bytes=OUTPUT_FILE_MAX)
+            if job.budget is not None:
+                job.budget.spend(len(data))
             try:
                 for tag, payload in _records(data):
                     if tag in (b"o", b"e"):

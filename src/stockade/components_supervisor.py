@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .components import LOG_ROTATE_BYTES, MAX_BACKOFF_S, STABLE_RUN_S, ComponentStore, _start_time
-from .components_pump import ACTIVE_POLL_S, IDLE_POLL_S, SESSION_POLL_S, Job, LaunchError, Pump
+from .components_pump import ACTIVE_POLL_S, IDLE_POLL_S, LOG_BURST, LOG_PER_S, SESSION_POLL_S, Job, LaunchError, Pump
 from .errors import SandboxError, StockadeError
+from .ratelimit import TokenBucket
 from .runtimes.publish import parse_publish
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class Supervisor:
         self.spec = store.spec(name)
         self.state = store.state(name)
         self.log = _Log(store.path(name, "log"))
+        # Across its restarts: one started again brings no fresh burst (components_pump.py LOG_PER_S).
+        self._log_budget = TokenBucket(LOG_PER_S, LOG_BURST)
         self.control: ControlServer | None = None
         self.stopping = False
         self._closing = False
@@ -202,6 +205,7 @@ class Supervisor:
                 bool(self.spec.get("stdin")),
                 self._main_output,
                 lambda code, error: ending.append((code, error)),
+                budget=self._log_budget,
             )
             try:
                 pump.start(main)

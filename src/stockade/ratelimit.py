@@ -70,6 +70,12 @@ class TokenBucket:
         self.tokens -= amount
         return True
 
+    def spend(self, amount: float, now: float | None = None) -> float:
+        """Take ``amount``, a cost known once paid, into debt if need be; what is left (below 0: owed)."""
+        self.take(0.0, now)
+        self.tokens -= amount
+        return self.tokens
+
     def ready_at(self, amount: float) -> float:
         """When the bucket will hold ``amount`` (monotonic seconds; now or earlier if it does)."""
         return self.at + max(0.0, amount - self.tokens) / self.rate
