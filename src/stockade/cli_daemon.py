@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import _socket
 import binascii
+import errno
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ import time
 from .agent import jsoncodec
 from .cli import MAX_STDIN, _daemon_token
 from .cli_outcome import exit_status, fail, stream
-from .daemon_peer import impostor
+from .daemon_peer import connect, impostor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ FLAGS: tuple[tuple[str, str, type, tuple[str, ...] | None, bool], ...] = (
 POLICY_FIELDS = tuple(f[0] for f in FLAGS)
 DEFAULT_TIMEOUT_S = 30.0  # Policy.timeout_seconds's default: bounds the wait for an answer
 CLIENT_TIMEOUT_S = 30.0  # what the Client adds to the run's timeout (its own default timeout)
+# A connect's errors that say no daemon is there (no socket, a dead one's, one not ours to use): the
+# run goes on in-process. Any other (a full backlog past the wait) says one is, and ends the command.
+NO_DAEMON = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.ENOTSOCK, errno.EACCES, errno.EPERM})
 LINE_LIMIT = 64 << 20  # the longest line of an answer: the SDK client's (client/answers.py; a test holds them equal)
 _MSG_ID = 1
 UNPROVEN = "unproven"  # errors.UNPROVEN (not imported: errors is not needed on the lean path)
@@ -237,17 +241,20 @@ def via_daemon(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -
         return fail(str(exc))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(CLIENT_TIMEOUT_S)
         try:
-            sock.connect(path)
+            connect(sock, path, CLIENT_TIMEOUT_S)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             if required:
                 return fail(
                     f"cannot reach the stockade daemon at {path}: {reason} ({required}: not running in-process)"
                 )
+            if exc.errno not in NO_DAEMON:  # one is there, and did not take the connection in time
+                return fail(f"the stockade daemon at {path} did not take the connection: {reason} (not running "
+                            "in-process: a daemon is there)")  # fmt: skip
             print(f"stockade: no daemon answers on {path} ({reason}); running in-process", file=sys.stderr)
             return None
+        sock.settimeout(CLIENT_TIMEOUT_S)
         if (why := impostor(sock, path, os.environ.get("STOCKADE_DAEMON_USER"))) is not None:
             return fail(f"refused to talk to {why}")
         payload, stdin = produce()

@@ -1,4 +1,9 @@
-"""Who may answer a client as the stockade daemon: the process listening on its socket.
+"""A client's side of the daemon's socket: how it connects, and who may answer as the daemon.
+
+A connect waits for room in the daemon's listen backlog (``connect``): a non-blocking one
+fails at once while the backlog is full, which anyone who may connect can keep it, and the
+command line took that failure for "no daemon" and ran the command in-process, outside the
+daemon's limits and audit log.
 
 A client sends the daemon code, file contents and signed requests. A socket path
 is only a name: a daemon that is down leaves it to whoever can write its
@@ -21,6 +26,7 @@ import pwd
 import struct
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
 DEFAULT_DAEMON_USER = "stockade"  # daemon/privileges.py AUTO_USER
 _known: dict[str | None, frozenset[int]] = {}  # (not functools.cache: the lean command line imports this)
 
@@ -41,6 +47,16 @@ def daemon_uids(daemon_user: str | None) -> frozenset[int]:
                 uids.add(int(name))
     known = _known[daemon_user] = frozenset(uids)
     return known
+
+
+def connect(sock: _socket.socket, path: str, timeout: float) -> None:
+    """Connect ``sock`` to the daemon's socket at ``path``, blocking: a full backlog is waited
+    for (the kernel bounds the wait by SO_SNDTIMEO: ``timeout``; past it, ``BlockingIOError``).
+    The socket is left blocking with SO_SNDTIMEO set; OSError as ``connect`` raises it."""
+    seconds = int(timeout)
+    sock.settimeout(None)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _TIMEVAL.pack(seconds, int((timeout - seconds) * 1e6)))
+    sock.connect(path)
 
 
 def credentials(sock: _socket.socket) -> tuple[int, int, int]:

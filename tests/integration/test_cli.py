@@ -298,6 +298,24 @@ def test_a_socket_or_policy_file_flag_that_names_nothing_usable_is_refused_by_na
     ]:
         r = cli(*args)
         assert r.returncode == 125 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_a_socket_directory_another_could_take_the_name_in_is_refused(tmp_path: Path) -> None:
+    # Without XDG_RUNTIME_DIR the default socket falls back to /tmp/stockade-UID, which another user
+    # could make first: the daemon listened in it, and its owner put a socket of theirs in its place.
+    open_to_all, theirs = tmp_path / "open", tmp_path / "theirs"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    theirs.mkdir()
+    if os.geteuid() == 0:
+        os.chown(theirs, 65534, 65534)
+    for where, said in [
+        (open_to_all, "others may write its directory"),
+        *([(theirs, "belongs to uid 65534, who could put a socket of theirs")] if os.geteuid() == 0 else []),
+    ]:
+        r = cli("serve", "--socket", str(where / "d.sock"))
+        assert r.returncode == 125 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (where / "d.sock").exists()
     assert not (tmp_path / "missing").exists()
 
 

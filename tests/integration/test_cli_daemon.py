@@ -493,3 +493,50 @@ def test_an_allowed_request_that_failed_upstream_is_said_through_the_daemon_too(
         assert f"1 allowed request(s) failed (first: localhost:{port}: " in r.stderr
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_daemon_whose_backlog_is_full_is_waited_for_not_run_around(tmp_path: Path) -> None:
+    """Anyone who may connect can keep the daemon's listen backlog full. A connect that failed at
+    once on it (EAGAIN) was taken for "no daemon", and the command ran in-process, outside the
+    daemon's limits and audit log; now the connect waits for room, as a client would."""
+    path = str(tmp_path / "d.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    held = []
+    for _ in range(8):  # the backlog filled: the next connect finds no room
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            break
+        held.append(s)
+    else:
+        pytest.fail("the backlog never filled")
+    got: list[bytes] = []
+
+    def make_room_later() -> None:
+        time.sleep(1.5)
+        for s in held:
+            s.close()
+        listener.settimeout(30)
+        while True:  # the held ones' (closed), then the command's
+            conn, _ = listener.accept()
+            conn.settimeout(30)
+            line = conn.makefile("rb").readline()
+            conn.close()
+            if line:
+                got.append(line)
+                return
+
+    server = threading.Thread(target=make_room_later, daemon=True)
+    server.start()
+    try:
+        r = cli("run", "--", "echo", "ran-in-process", env={"STOCKADE_SOCKET": path}, timeout=60)
+    finally:
+        server.join(40)
+        listener.close()
+    assert "running in-process" not in r.stderr and "ran-in-process" not in r.stdout, r
+    assert r.returncode == 125 and got and json.loads(got[0])["method"] == "execute", (r, got)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
+from ..daemon_peer import connect
 from ..errors import UNPROVEN, NotFoundError, StockadeError
 from ..limits import publish_specs
 from ..result import ExecResult
@@ -65,9 +66,8 @@ class Client(Requests):
     def _connect(self) -> socket.socket:
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
             try:
-                sock.connect(self.socket_path)
+                connect(sock, self.socket_path, self.timeout)  # a full backlog is waited for
             except OSError as exc:
                 sock.close()
                 raise unreachable(self.socket_path, exc) from None

@@ -133,14 +133,21 @@ class RPCServer:
         loop = asyncio.get_running_loop()
         path = self.config.socket_path
         if self._listener is not None:
-            self._server = await loop.create_unix_server(lambda: Connection(self, next(self._ids)), sock=self._listener)
+            self._server = await loop.create_unix_server(
+                lambda: Connection(self, next(self._ids)), sock=self._listener, backlog=LISTEN_BACKLOG
+            )
         else:
             _check_socket_path(path)
             os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+            _check_socket_dir(path)
             _claim_socket_path(path)
             old_umask = os.umask(0o777 & ~self.config.socket_perms)  # never wider than asked, not even briefly
             try:
-                self._server = await loop.create_unix_server(lambda: Connection(self, next(self._ids)), path)
+                # A deep backlog: clients wait for room in it (daemon_peer.connect), while a peer
+                # over its connection limit is answered and closed only once accepted.
+                self._server = await loop.create_unix_server(
+                    lambda: Connection(self, next(self._ids)), path, backlog=LISTEN_BACKLOG
+                )
             finally:
                 os.umask(old_umask)
             self._made_socket = True
@@ -298,6 +305,9 @@ class AuthFailures:
 MAX_SOCKET_PATH_BYTES = 107
 
 
+LISTEN_BACKLOG = 1024  # (net.core.somaxconn caps it)
+
+
 def _check_socket_path(path: str) -> None:
     """Refuse a path no socket can be made at: too long for sockaddr_un, or in a directory that is
     not there (only the default's, /run/stockade or the user's runtime directory, is made)."""
@@ -312,6 +322,25 @@ def _check_socket_path(path: str) -> None:
         raise ConfigError(
             f"socket path {path!r}: its directory {directory} is not there: make it first, or name another "
             "(--socket, STOCKADE_SOCKET)"
+        )
+
+
+def _check_socket_dir(path: str) -> None:
+    """Refuse a directory whose owner or others could take the socket's name from the daemon (rename
+    it, bind their own): one of another user's (made first by them where the default falls back to,
+    /tmp/stockade-UID without XDG_RUNTIME_DIR), or one others may write without the sticky bit."""
+    directory = os.path.dirname(path) or "."
+    st = os.stat(directory)
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(
+            f"socket path {path!r}: its directory {directory} belongs to uid {st.st_uid}, who could put a socket "
+            "of theirs in the daemon's place: use a directory of your own (--socket, STOCKADE_SOCKET)"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"socket path {path!r}: others may write its directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}) "
+            "and put a socket of theirs in the daemon's place: use one only you can write, or one with the "
+            "sticky bit (--socket, STOCKADE_SOCKET)"
         )
 
 
