@@ -94,8 +94,9 @@ class Connection(asyncio.Protocol):
         self.caller = unix_caller(self.peer.uid, self.number)
         # A refused peer is answered once and dropped: closing here means the
         # transport never starts reading.
+        refusals = self.server.answer_log.refusals
         if not self.server.peer_allowed(self.peer):
-            log.warning("refused peer pid=%d uid=%d gid=%d", self.peer.pid, self.peer.uid, self.peer.gid)
+            refusals.note(self.peer.uid, f"peer (gid {self.peer.gid}, not allowed)", logging.WARNING)
             self.send(error_answer(None, f"Permission denied: uid {self.peer.uid} is not allowed", "auth"))
             self.transport.close()
             return
@@ -103,7 +104,7 @@ class Connection(asyncio.Protocol):
         if open_now >= self.server.config.max_connections:
             # Each connection holds a file descriptor: without a bound, one local
             # user could leave the daemon none to start isolates with.
-            log.warning("refused peer pid=%d uid=%d: %d connections open", self.peer.pid, self.peer.uid, open_now)
+            refusals.note(self.peer.uid, f"connection (past {open_now} open)", logging.WARNING)
             message = f"Too many connections: uid {self.peer.uid} has {open_now} open (STOCKADE_MAX_CONNECTIONS)"
             self.send(error_answer(None, message, "busy"))
             self.transport.close()
@@ -381,6 +382,40 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
 
 
+class Refusals:
+    """Refused requests and connections in the log, a line a window per uid at most: what a peer
+    sends to be refused (lines of garbage, bad signatures, connections past its limit) is its own
+    choice, and a line each flooded the daemon's log (110,000 lines in 5 s, hiding its warnings)."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._counts: dict[int, dict[str, int]] = {}
+        self._levels: dict[int, int] = {}
+        self._said_at: dict[int, float] = {}
+        self._due: dict[int, asyncio.TimerHandle] = {}
+
+    def note(self, uid: int, what: str, level: int = logging.INFO) -> None:
+        """Count a refusal of ``uid``'s: said at once when its last line is a window old, else
+        with the others at the window's end (none is left unsaid)."""
+        counts = self._counts.setdefault(uid, {})
+        counts[what] = counts.get(what, 0) + 1
+        self._levels[uid] = max(level, self._levels.get(uid, level))
+        wait = self._said_at.get(uid, -self.window_s) + self.window_s - time.monotonic()
+        if wait <= 0:
+            self._say(uid)
+        elif uid not in self._due:
+            self._due[uid] = asyncio.get_running_loop().call_later(wait, self._say, uid)
+
+    def _say(self, uid: int) -> None:
+        self._due.pop(uid, None)
+        counts = self._counts.pop(uid, {})
+        level = self._levels.pop(uid, logging.INFO)
+        self._said_at[uid] = time.monotonic()
+        if counts:
+            said = ", ".join(f"{n} {what}" for what, n in counts.items())
+            log.log(level, "uid=%d refused %s (a line each %g s at most)", uid, said, self.window_s)
+
+
 class AnswerLog:
     """The log line and the request metrics of each answer, a moment after the answer.
 
@@ -394,6 +429,7 @@ class AnswerLog:
     def __init__(self, observe: Callable[[str, str, str, float], None], delay_s: float = 0.002) -> None:
         self.observe = observe  # (door, method, code, seconds): the request metrics
         self.delay_s = delay_s
+        self.refusals = Refusals()
         self._pending: list[tuple[int, str, str, str, float]] = []
         self._timer: asyncio.TimerHandle | None = None
 
@@ -409,7 +445,9 @@ class AnswerLog:
         pending, self._pending = self._pending, []
         for uid, method, outcome, run, elapsed_ms in pending:
             self.observe("unix", method, outcome, elapsed_ms / 1000)
-            if method != "ping":
+            if method == "refused":  # refused before any method was read: counted, said now and then
+                self.refusals.note(uid, outcome)
+            elif method != "ping":
                 log.info("uid=%d %s %s%s %.1fms", uid, method, outcome, run, elapsed_ms)
 
 

@@ -199,8 +199,9 @@ class RPCServer:
         """A request line's method, request and id, or the error answer that refuses it.
 
         In this order: size after a failed authentication (``proven``: the connection carried a
-        signed request already), JSON, shape, rate limits, shutdown, authentication, method,
-        unread answers (``owner``'s), request.
+        signed request already), rate limits (before the line is parsed: garbage counts too, and
+        past the limit costs no parse), JSON, shape, shutdown, authentication, method, unread
+        answers (``owner``'s), request.
         """
         codec = self.codec
         key = self.config.auth_key
@@ -212,6 +213,8 @@ class RPCServer:
                 "signed request yet (send a signed ping on it first)",
                 UNPROVEN,
             )
+        if not self.per_uid.allow(peer.uid):
+            return error_answer(None, RATE_LIMITED, "rate_limit")  # (an answer without an id is the refusal's)
         refusal = None
         try:
             request = codec.decode(line)
@@ -223,13 +226,11 @@ class RPCServer:
             if not isinstance(request, dict):
                 refusal = f"Invalid request: expected a {codec.name} object"
             elif not isinstance(msg_id := request.get("id"), (int, str, type(None))) or isinstance(msg_id, bool):
-                refusal = "Invalid request: id must be a number, a string or null"
+                refusal = "Invalid request: id must be an integer, a string or null"
         if refusal is not None:
             if key is not None:
                 self.auth_failures.note(peer.uid)  # no signed client sends it
             return error_answer(None, refusal, "invalid_request")
-        if not self.per_uid.allow(peer.uid):
-            return error_answer(msg_id, RATE_LIMITED, "rate_limit")
         if self.stopping:
             return error_answer(msg_id, "Shutting down: no new requests", "unavailable")
         if key is not None and not auth.verify(request, key, self.nonces, encode=codec.canonical):
