@@ -165,6 +165,20 @@ def _refused(daemon: Daemon, code: str) -> int:
     return sum(int(n) for n in re.findall(rf"[ ,](\d+) {code}\b", daemon.logs()))
 
 
+def test_a_request_signed_before_the_daemon_started_is_refused(process_runtime: str) -> None:
+    """The nonces a daemon has seen die with it: a signed request caught before a restart (from a
+    listener put in its place, a log) ran again on the next daemon, within the freshness window."""
+    caught = auth.signed_line({"method": "execute", "params": {"command": ["true"]}, "id": 1}, TOKEN) + b"\n"
+    d = start_daemon({"STOCKADE_AUTH_TOKEN": TOKEN})
+    try:
+        (answer,) = raw_exchange(d.socket_path, caught)
+        assert json.loads(answer)["error"] == "Authentication failed"
+        fresh = auth.signed_line({"method": "ping", "params": {}, "id": 2}, TOKEN) + b"\n"
+        assert json.loads(raw_exchange(d.socket_path, fresh)[0])["result"] == "pong"
+    finally:
+        assert d.stop() == 0
+
+
 def test_a_signed_request_verifies_once_whatever_its_spacing() -> None:
     line = auth.signed_line({"method": "execute", "params": {"code": "print(1)"}, "id": 7}, TOKEN)
     request = json.loads(line)
@@ -378,6 +392,24 @@ def test_peer_with_another_uid_is_refused_before_any_request(process_runtime: st
         assert "uid=65534 refused 1 peer (gid 65534, not allowed)" in d.logs()
         assert Client(d.socket_path).ping() == "pong"  # root is still served
         assert "lets every user" not in d.logs()  # its peers are held to a list: nothing to warn of
+    finally:
+        assert d.stop() == 0
+
+
+def test_an_isolates_uid_is_never_served(process_runtime: str, needs_root: None) -> None:
+    """Code in an isolate that reached the daemon's socket (a shared path that holds it) was a caller
+    of its own: each isolate its own uid, its own sandbox quota, rate and connections."""
+    d = start_daemon({"STOCKADE_SOCKET_PERMS": "0666", "STOCKADE_AUTH_TOKEN": ""})
+    try:
+        _open_socket_dir(d)
+        isolate_uid = 1879048192 + 77  # in STOCKADE_SANDBOX_UIDS's default range
+        out = subprocess.run(
+            ["/usr/bin/python3", "-c", PEER_PROBE, d.socket_path, "ping", "{}"],
+            user=isolate_uid, group=isolate_uid, extra_groups=[], capture_output=True, text=True, timeout=30, cwd="/",
+        )  # fmt: skip
+        seen = json.loads(out.stdout)
+        assert f"Permission denied: uid {isolate_uid}" in seen["first"] and seen["reply"] == "", seen
+        assert '"pong"' in _as_nobody(d.socket_path, unsolicited=False)["reply"]  # another user is served as before
     finally:
         assert d.stop() == 0
 

@@ -82,6 +82,7 @@ class DaemonConfig(Settings):
             auth_key=self.secret("auth_token"),
             allowed_uids=self.allowed_uids,
             allowed_gids=self.allowed_gids,
+            refused_uids=self.sandbox_uids,
             max_requests=self.max_requests,
             max_connections=self.max_connections,
             max_request_bytes=self.max_request_bytes,

@@ -64,9 +64,14 @@ class NonceCache:
     # which would cost each one a walk to the oldest entry.
     SWEEP_EVERY_S = 1.0
 
-    def __init__(self, window_s: float = DEFAULT_WINDOW_S, max_entries: int = 1_000_000) -> None:
+    def __init__(
+        self, window_s: float = DEFAULT_WINDOW_S, max_entries: int = 1_000_000, since: float | None = None
+    ) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
+        # No request signed before this (its server's start) is taken: the nonces seen before it
+        # are not known here, and a request caught then could be sent again after a restart.
+        self.since = since
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._sweep_at = -math.inf
 
@@ -112,6 +117,8 @@ def verify(
     now = time.time() if now is None else now
     ts, nonce = request.get("ts"), request.get("nonce")
     if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not abs(now - ts) <= nonces.window_s:
+        return False
+    if nonces.since is not None and not ts >= nonces.since:
         return False
     if not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
         return False

@@ -73,6 +73,9 @@ class ServerSettings:
     auth_key: str | bytes | None = None  # every request signed with it (HMAC), or None: no signatures
     allowed_uids: frozenset[int] | None = None
     allowed_gids: frozenset[int] | None = None
+    # Uids never served (first, last): the isolates' own. No isolate calls the daemon; one that reached
+    # its socket (a shared path holding it) would be a caller of its own, with its own quotas.
+    refused_uids: tuple[int, int] | None = None
     max_requests: int = 100
     max_connections: int = 64
     max_request_bytes: int = 16 * 1024 * 1024
@@ -102,7 +105,7 @@ class RPCServer:
         if answers is not None:
             answers.unsent.append(self.unsent_bytes)
         self._listener = listener  # bound already (the broker binds as root, then drops)
-        self.nonces = auth.NonceCache(config.replay_window_s)
+        self.nonces = auth.NonceCache(config.replay_window_s, since=time.time())  # before the socket exists
         self.auth_failures = AuthFailures(AUTH_PENALTY_S)
         # max_requests holds per connection and per peer uid alike. Every
         # request a connection makes is also its uid's, under the same limit, so a
@@ -190,6 +193,9 @@ class RPCServer:
 
     def peer_allowed(self, peer: Peer) -> bool:
         if self.config.allowed_uids is not None and peer.uid not in self.config.allowed_uids:
+            return False
+        refused = self.config.refused_uids
+        if refused is not None and refused[0] <= peer.uid <= refused[1]:
             return False
         return self.config.allowed_gids is None or peer.gid in self.config.allowed_gids
 
