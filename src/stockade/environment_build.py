@@ -15,13 +15,13 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import IO, TextIO
 
 from .environments import (
@@ -44,6 +44,11 @@ _PLAIN = re.compile(r"[\w+-][\w.+-]*(/[\w+-][\w.+-]*)*")  # a relative path a sa
 # A build stops before it leaves the store's disk with less free than this (a wheel is a zip: a
 # small download can unpack to any size), and a daemon's callers' build at their share of the store.
 MIN_FREE_BYTES = 1 << 30
+MIN_FREE_INODES = 100_000  # the same for files: a wheel of empty files takes inodes, not bytes
+MAX_CALLER_FILES = 100_000  # files and directories of a daemon's caller's build (pandas + matplotlib: ~10,000)
+# Directories below an environment's root: no package needs as many. A tree that deep was a walk
+# of the store this module could not finish (Python's own walks recurse), every later build's too.
+MAX_DEPTH = 64
 WATCH_S = 0.5  # how often a running pip's tree and the disk are looked at
 
 
@@ -71,13 +76,15 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, 
         _within_room(work, budget)  # its bytecode and caches too
         manifest = {"id": env_id, "requirements": list(reqs), "python": python_identity()["version"],
                     "sources": allow_source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "installed": _installed(target), "size_bytes": _size(work)}  # fmt: skip
+                    "installed": _installed(target), "size_bytes": _size(work)[0]}  # fmt: skip
         with open(os.path.join(work, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         set_modes(work, writable=False)
         os.rename(work, os.path.join(store_dir("envs"), env_id))  # whole, or not there at all
-    except BaseException:
+    except BaseException as exc:
         remove_tree(work)
+        if isinstance(exc, OSError):  # (a wheel's file the host cannot write): a failed build, remembered
+            raise PolicyError(f"packages: the build failed: {printable(str(exc))}") from None
         raise
 
 
@@ -94,6 +101,8 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, bu
            if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP") and not k.startswith("STOCKADE_")}  # fmt: skip
     env.update({"PIP_ROOT_USER_ACTION": "ignore", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
                 "PIP_NO_WARN_SCRIPT_LOCATION": "1", "PYTHONNOUSERSITE": "1"})  # fmt: skip
+    if budget is not None:  # a caller's: what pip would cache (a download of any size) is outside the store
+        env["PIP_NO_CACHE_DIR"] = "1"
     # pip's temporary directories inside the build's own: a pip killed (^C, a timeout) leaves them
     # there, and they go with the build, not into /tmp.
     env["TMPDIR"] = os.path.join(work, "pip-tmp")
@@ -104,8 +113,11 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, bu
         sink = subprocess.PIPE if verbose else out
         # In a directory of its own, empty: pip reads an argument that names a file where it runs
         # as that file, and builds an archive so named from source whatever --only-binary says.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
-                                cwd=env["TMPDIR"], start_new_session=True)  # fmt: skip
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
+                                    cwd=env["TMPDIR"], start_new_session=True)  # fmt: skip
+        except OSError as exc:
+            raise PolicyError(f"packages: pip could not start: {exc.strerror or exc}") from None
         pairs = ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
         shown = [threading.Thread(target=_tee, args=(pipe, mine, out), daemon=True)
                  for pipe, mine in pairs if pipe is not None]  # fmt: skip
@@ -155,19 +167,27 @@ def _wait_within(proc: subprocess.Popen[bytes], work: str, budget: int | None) -
 
 
 def _within_room(work: str, budget: int | None) -> None:
-    """Refuse a build that fills the disk past MIN_FREE_BYTES, or holds more than ``budget``."""
-    free = shutil.disk_usage(work).free
-    if free < MIN_FREE_BYTES:
+    """Refuse a build that fills the disk past MIN_FREE_BYTES or MIN_FREE_INODES, lies deeper than
+    MAX_DEPTH, or (``budget``: a daemon's caller's) holds more than it or MAX_CALLER_FILES."""
+    disk = os.statvfs(work)
+    free = disk.f_bavail * disk.f_frsize
+    if free < MIN_FREE_BYTES or disk.f_favail < MIN_FREE_INODES:
         raise PolicyError(
             f"packages: the build stopped: the disk holding the environment store {store_root()} has "
-            f"{free >> 20} MiB free, under the {MIN_FREE_BYTES >> 20} MiB a build leaves (a package that "
-            "unpacks to more than the disk holds?)"
+            f"{free >> 20} MiB and {disk.f_favail} files free, under the {MIN_FREE_BYTES >> 20} MiB and "
+            f"{MIN_FREE_INODES} a build leaves (a package that unpacks to more than the disk holds?)"
         )
-    if budget is not None and (held := _size(work)) > budget:
+    held, files = _size(work)
+    if budget is not None and held > budget:
         raise PolicyError(
             f"packages: the build stopped at {held >> 20} MiB, past the {budget >> 20} MiB left of the store's "
             "limit for callers' builds (STOCKADE_ENV_STORE_LIMIT_MB): an administrator builds it with "
             "`stockade env build`"
+        )
+    if budget is not None and files > MAX_CALLER_FILES:
+        raise PolicyError(
+            f"packages: the build stopped at {files} files, past the {MAX_CALLER_FILES} a caller's build may "
+            "make: an administrator builds it with `stockade env build`"
         )
 
 
@@ -264,37 +284,70 @@ def _installed(target: str) -> list[str]:
     return out
 
 
-def _size(path: str) -> int:
-    """The bytes of the files in ``path`` (a sparse file's whole length), read while pip may still
-    be moving them."""
-    total = 0
-    for top, _, files in os.walk(path):
-        for name in files:
+def _walk(path: str, max_depth: int | None = MAX_DEPTH) -> Iterator[tuple[str, list[os.DirEntry[str]]]]:
+    """Each directory of the tree at ``path``, top down, with its entries (no link followed); by a
+    list, not recursion, so a tree of any depth is walked (and removed); PolicyError past
+    ``max_depth`` levels. Entries that go meanwhile (pip still moving them) are passed over."""
+    stack = [(path, 0)]
+    while stack:
+        top, depth = stack.pop()
+        if max_depth is not None and depth > max_depth:
+            raise PolicyError(f"packages: the build stopped: its files lie more than {max_depth} directories deep")
+        try:
+            with os.scandir(top) as listed:
+                entries = list(listed)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        yield top, entries
+        stack.extend((e.path, depth + 1) for e in entries if e.is_dir(follow_symlinks=False))
+
+
+def _size(path: str, max_depth: int | None = MAX_DEPTH) -> tuple[int, int]:
+    """What the tree at ``path`` takes of the disk: its bytes (blocks, directories too: a sparse
+    file's), and its files and directories (inodes), read while pip may still be moving them."""
+    total, count = 0, 0
+    for _top, entries in _walk(path, max_depth):
+        for entry in entries:
             with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(top, name)).st_size
-    return total
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+                count += 1
+    return total, count
 
 
 def set_modes(path: str, writable: bool) -> None:
     """Readable by every uid; read-only when done (executables keep their x bits)."""
     w = 0o200 if writable else 0
-    for top, _dirs, files in os.walk(path):
+    for top, entries in _walk(path):
         os.chmod(top, 0o555 | w)  # noqa: S103 - read by every sandbox uid
-        for n in files:
-            p = os.path.join(top, n)
-            if not os.path.islink(p):
-                os.chmod(p, (0o555 if os.stat(p).st_mode & 0o111 else 0o444) | w)
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) and not entry.is_symlink():
+                os.chmod(entry.path, (0o555 if entry.stat().st_mode & 0o111 else 0o444) | w)
 
 
 def remove_tree(path: str) -> None:
-    for top, _, _ in os.walk(path):
+    """Remove the tree at ``path``, whatever its modes or depth (nothing raised)."""
+    walked = []
+    for top, entries in _walk(path, max_depth=None):
         with contextlib.suppress(OSError):
             os.chmod(top, 0o755)  # noqa: S103 - about to be removed
-    shutil.rmtree(path, ignore_errors=True)
+        walked.append((top, entries))
+    for top, entries in reversed(walked):  # the deepest first: each directory empty once reached
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(top)
+
+
+def held_by_builds() -> int:
+    """The bytes of the builds under way in the store (and of any that could not be removed)."""
+    return _size(store_dir("tmp"), max_depth=None)[0]
 
 
 def sweep_tmp() -> None:
-    """Builds and removals whose process died (``<id>.<pid>.<random>``)."""
+    """Builds and removals whose process died (``<id>.<pid>.<random>``); one that cannot be
+    removed is logged and left, never a failure of the build that sweeps."""
     where = store_dir("tmp")
     for entry in os.listdir(where):
         pid = entry.split(".")[1] if entry.count(".") >= 2 else ""
@@ -302,6 +355,9 @@ def sweep_tmp() -> None:
             if pid.isdigit():
                 os.kill(int(pid), 0)
         except ProcessLookupError:
-            remove_tree(os.path.join(where, entry))
+            try:
+                remove_tree(os.path.join(where, entry))
+            except Exception as exc:  # noqa: BLE001 - said, and the build goes on
+                log.warning("could not remove %s: %s", os.path.join(where, entry), exc)
         except PermissionError:
             pass  # alive, another user's

@@ -127,6 +127,13 @@ def env_path(env_id: str) -> str:
 # ---- what an environment is: requirements, interpreter, pip's configuration ------------
 
 
+MAX_REQUIREMENT_CHARS = 1024  # one requirement's text (it is logged, and an argument of pip's)
+MAX_REQUIREMENTS = 512  # in one list (pip's command line holds them all)
+# What pip takes a requirement ending so for: an archive's file name (pip's ARCHIVE_EXTENSIONS).
+_ARCHIVES = (".zip", ".whl", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz", ".tlz",
+             ".tar.lz", ".tar.lzma")  # fmt: skip
+
+
 def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[str, ...]:
     """PEP 508 requirements, one form each (project names canonical, spaces dropped), sorted, unique.
 
@@ -135,11 +142,16 @@ def normalise(requirements: Iterable[str], allow_source: bool = False) -> tuple[
     pip options, paths and bare URLs are refused: indexes come from pip's own
     configuration, and a path would not say what the environment holds."""
     out = set()
-    for raw in requirements:
+    for count, raw in enumerate(requirements, 1):
+        if count > MAX_REQUIREMENTS:
+            raise ValueError(f"more than {MAX_REQUIREMENTS} requirements: build such an environment with a "
+                             "requirements file (stockade env build NAME -r FILE)")  # fmt: skip
         # No control characters (a marker's quoted text could hold any): the text is shown by
         # `stockade env ls` and the daemon's log, where they would steer a terminal.
         if not isinstance(raw, str) or _CONTROL.search(raw):
             raise ValueError(f"{printable(repr(raw)[:300])} is not a requirement (it holds control characters)")
+        if len(raw) > MAX_REQUIREMENT_CHARS:
+            raise ValueError(f"{raw[:60]!r}...: a requirement is at most {MAX_REQUIREMENT_CHARS} characters")
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
         if not line:
             continue
@@ -187,7 +199,7 @@ def _versions(spec: str) -> bool:
     archive from source), nor ``==1.zip``."""
     if not spec:
         return True
-    if "===" in spec:
+    if "===" in spec or spec.lower().endswith(_ARCHIVES):  # ==1.0+local.whl: a local version, or a file
         return False
     from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
@@ -381,8 +393,10 @@ def _room_left(packages: tuple[str, ...]) -> int:
     """The bytes a daemon's caller's build may take: callers build into the store up to
     STOCKADE_ENV_STORE_LIMIT_MB, each spelling of a requirement list an environment of its own,
     kept (``six``, ``six>=0``, ``six>=0.0``...), and the build is stopped past what is left."""
+    from .environment_build import held_by_builds  # (it imports this module)
+
     limit = current().env_store_limit_mb
-    held = sum(e.size_bytes for e in listing())
+    held = sum(e.size_bytes for e in listing()) + held_by_builds()  # builds under way, or left by one
     if held >> 20 >= limit:
         raise PolicyError(
             f"packages: the environment store {store_root()} holds {held >> 20} MiB, its limit for callers' builds "

@@ -146,6 +146,10 @@ def test_the_content_address_is_stable(small: str, monkeypatch: pytest.MonkeyPat
         # Any text (===), or a version that is a file's name: pip took it for the archive so named
         # where it ran, and built it from source on the host.
         "probe===1.tar.gz", "probe==1.tar.gz", "probe==1.zip",
+        # A local version that is an archive's name too: pip built "six==1.0+a.tar.gz" from source, if so named.
+        "probe==1.0+local.whl", "probe==1.0+a.tar.gz",
+        # Logged whole and an argument of pip's: 300,000 characters were an internal error, and no failure.
+        "six==1.0+" + "a" * 2000,
         # What `stockade env ls` and the daemon's log would show raw: a title set, the screen cleared.
         'six ; platform_release == "\x1b]0;OWNED\x07\x1b[2J"',
     ],
@@ -343,9 +347,9 @@ def test_a_daemons_callers_build_into_the_store_up_to_its_limit(
         environment_build.remove_tree(planted)
 
 
-def _wheel(where: Path, project: str, zeros_mib: int = 0) -> str:
+def _wheel(where: Path, project: str, zeros_mib: int = 0, extra: dict[str, str] | None = None) -> str:
     """A wheel of ``project`` 1.0 in ``where`` (its package empty, and ``zeros.bin`` of ``zeros_mib``
-    MiB of zeros: a few hundred KiB that unpack to that many); its METADATA."""
+    MiB of zeros: a few hundred KiB that unpack to that many; ``extra`` files too); its METADATA."""
     import zipfile
 
     module = project.replace("-", "_")
@@ -355,6 +359,7 @@ def _wheel(where: Path, project: str, zeros_mib: int = 0) -> str:
         f"{module}/__init__.py": "",
         f"{dist_info}/METADATA": metadata,
         f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        **(extra or {}),
     }
     with zipfile.ZipFile(where / f"{module}-1.0-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
         for name, text in files.items():
@@ -388,6 +393,76 @@ def test_a_callers_build_that_unpacks_past_the_stores_room_is_stopped(
     assert os.listdir(os.path.join(store, "tmp")) == []
 
 
+def test_a_package_whose_files_lie_too_deep_is_stopped_and_leaves_nothing(
+    store: str, small: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python's walks of a tree recurse: a wheel 1,600 directories deep broke the build's walk, its
+    # clean-up and, left behind, every later build's sweep. No package needs 64 levels.
+    links = tmp_path / "links"
+    links.mkdir()
+    _wheel(links, "stockade-deep-probe", extra={"stockade_deep_probe/" + "d/" * 100 + "f.py": ""})
+    _wheel(links, "stockade-plain-probe")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    with pytest.raises(PolicyError, match=r"the build stopped: its files lie more than 64 directories deep"):
+        environments.build(["stockade-deep-probe"], name="deep")
+    assert os.listdir(os.path.join(store, "tmp")) == []
+    assert environments.build(["stockade-plain-probe"])  # and the store goes on
+
+
+def test_a_tree_of_any_depth_is_removed(tmp_path: Path) -> None:
+    # Left by a build (a SIGKILLed one's), deeper than Python's recursion: the sweep removes it.
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):
+        os.mkdir("d", 0o555, dir_fd=fd)  # and read-only, as a finished build's
+        below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o444, dir_fd=fd))
+    os.close(fd)
+    environment_build.remove_tree(str(tmp_path / "d"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_callers_build_of_more_files_than_it_may_make_is_stopped(
+    store: str, small: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Empty files take the disk's inodes, not its bytes: 80,000 were counted as 2.9 MB of a caller's
+    # 10 MiB (their directories, and inodes, not at all).
+    links = tmp_path / "links"
+    links.mkdir()
+    _wheel(links, "stockade-files-probe", extra={f"stockade_files_probe/f{i}.txt": "" for i in range(300)})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setattr(environment_build, "MAX_CALLER_FILES", 200)
+    monkeypatch.setattr(settings, "_serving", True)
+    policy = Policy(packages=["stockade-files-probe"])
+    with pytest.raises(PolicyError, match=r"the build stopped at \d+ files, past the 200 a caller's build may make"):
+        environments.share(policy)
+    assert os.listdir(os.path.join(store, "tmp")) == []
+    environments._failures.clear()  # (a failed build is not tried again for a minute)
+    monkeypatch.setattr(settings, "_serving", False)
+    assert environments.build(["stockade-files-probe"])  # an administrator's: no such cap
+
+
+def test_a_callers_build_keeps_no_pip_cache_and_a_pip_that_cannot_start_is_a_failed_build(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pip caches what it downloads outside the store, uncounted: a caller's build keeps nothing there.
+    seen: list[dict[str, str]] = []
+
+    def cannot_start(*args: Any, **kwargs: Any) -> None:
+        seen.append(kwargs["env"])
+        raise OSError(errno.E2BIG, "Argument list too long")
+
+    monkeypatch.setattr(environment_build.subprocess, "Popen", cannot_start)
+    for budget in (None, 1 << 30):
+        with pytest.raises(PolicyError, match="packages: pip could not start: Argument list too long"):
+            environments.build(["six>=0.0.0.1"] if budget else ["six>=0.0.0.2"], budget=budget)
+    assert [env.get("PIP_NO_CACHE_DIR") for env in seen] == [None, "1"]
+    assert os.listdir(os.path.join(store, "tmp")) == []
+
+
 def test_no_build_leaves_the_disk_without_room(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     links = tmp_path / "links"
     links.mkdir()
@@ -396,7 +471,7 @@ def test_no_build_leaves_the_disk_without_room(store: str, tmp_path: Path, monke
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     # As if the disk were that near full: an administrator's build too stops short of it.
     monkeypatch.setattr(environment_build, "MIN_FREE_BYTES", shutil.disk_usage(store).free + (1 << 30))
-    with pytest.raises(PolicyError, match=r"the build stopped: the disk holding the environment store .* MiB free"):
+    with pytest.raises(PolicyError, match=r"the build stopped: the disk holding the environment store .* files free"):
         environments.build(["stockade-bomb-probe"], name="no-room")
     assert os.listdir(os.path.join(store, "tmp")) == []
 
