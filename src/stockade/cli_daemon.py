@@ -79,6 +79,7 @@ FLAGS: tuple[tuple[str, str, type, tuple[str, ...] | None, bool], ...] = (
 POLICY_FIELDS = tuple(f[0] for f in FLAGS)
 DEFAULT_TIMEOUT_S = 30.0  # Policy.timeout_seconds's default: bounds the wait for an answer
 CLIENT_TIMEOUT_S = 30.0  # what the Client adds to the run's timeout (its own default timeout)
+UNAVAILABLE = "unavailable"  # --json's code where the daemon could not be reached or answer (errors.py's)
 # A connect's errors that say no daemon is there (no socket, a dead one's, one not ours to use): the
 # run goes on in-process. Any other (a full backlog past the wait) says one is, and ends the command.
 NO_DAEMON = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.ENOTSOCK, errno.EACCES, errno.EPERM})
@@ -247,16 +248,17 @@ def via_daemon(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -
             reason = exc.strerror or str(exc)
             if required:
                 return fail(
-                    f"cannot reach the stockade daemon at {path}: {reason} ({required}: not running in-process)"
+                    f"cannot reach the stockade daemon at {path}: {reason} ({required}: not running in-process)",
+                    UNAVAILABLE,
                 )
             if exc.errno not in NO_DAEMON:  # one is there, and did not take the connection in time
                 return fail(f"the stockade daemon at {path} did not take the connection: {reason} (not running "
-                            "in-process: a daemon is there)")  # fmt: skip
+                            "in-process: a daemon is there)", UNAVAILABLE)  # fmt: skip
             print(f"stockade: no daemon answers on {path} ({reason}); running in-process", file=sys.stderr)
             return None
         sock.settimeout(CLIENT_TIMEOUT_S)
         if (why := impostor(sock, path, os.environ.get("STOCKADE_DAEMON_USER"))) is not None:
-            return fail(f"refused to talk to {why}")
+            return fail(f"refused to talk to {why}", UNAVAILABLE)
         payload, stdin = produce()
         return _exchange(args, sock, _request(call, payload, stdin, fields, streamed=not args.json), token, fields)
     finally:
@@ -313,7 +315,7 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
             except (OSError, EOFError, _InvalidAnswer):
                 refusal = None
             if refusal is None or refusal.get("error") is None:
-                return fail(f"lost the connection to the stockade daemon: {exc}")
+                return fail(f"lost the connection to the stockade daemon: {exc}", UNAVAILABLE)
             return _report(args, refusal, signed=bool(token))
         stream_error: Exception | None = None
         while True:
@@ -341,9 +343,9 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
                 continue
             break
     except TimeoutError:
-        return fail(f"the stockade daemon did not answer within {wait:g} s")
+        return fail(f"the stockade daemon did not answer within {wait:g} s", UNAVAILABLE)
     except (OSError, EOFError) as exc:
-        return fail(f"lost the connection to the stockade daemon: {exc}")
+        return fail(f"lost the connection to the stockade daemon: {exc}", UNAVAILABLE)
     except _InvalidAnswer as exc:
         return fail(f"the daemon sent an invalid response{exc}")
     if stream_error is not None:

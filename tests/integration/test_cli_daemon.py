@@ -334,6 +334,9 @@ def test_require_daemon_refuses_to_run_in_process(dead_socket: str) -> None:
     r = cli("exec-code", "--socket", dead_socket, "print('ran')")
     assert (r.returncode, r.stdout) == (125, "")
     assert r.stderr.endswith("Connection refused (--socket: not running in-process)\n")
+    # With --json, the code of a daemon out of reach, as an error answer names it (not "error").
+    r = cli("run", "--json", "--socket", dead_socket, "--", "echo", "ran")
+    assert r.returncode == 125 and json.loads(r.stdout)["code"] == "unavailable", r
 
 
 def test_require_daemon_alone_uses_the_default_socket() -> None:
