@@ -4,6 +4,7 @@ running one), ``image build`` (the microVM guest image), ``token new`` and ``aud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -134,6 +135,17 @@ def _placement_flags(placement: str | None, ray_address: str | None) -> str:
     return json.dumps({"type": "ray", "address": ray_address})
 
 
+def _warn_if_others_read(flag: str, path: str | None) -> None:
+    """Say so when a token's file is readable by every local user: any of them could sign requests
+    with it (a Kubernetes secret's volume is 0644 by default, so this is said, not refused)."""
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_mode & 0o004:
+            print(f"stockade: warning: {flag} {path} is readable by every user on this host, who could sign requests "
+                  "with it: chmod o-r it", file=sys.stderr)  # fmt: skip
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon.config import DaemonConfig
     from .daemon.main import serve
@@ -153,6 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from .client import read_token_file
 
             env["STOCKADE_AUTH_TOKEN"] = read_token_file(args.token_file)
+        for flag, path in (("--token-file", args.token_file), ("--api-token-file", args.api_token_file)):
+            _warn_if_others_read(flag, path)
         if args.user:
             env["STOCKADE_DAEMON_USER"] = args.user
         config = DaemonConfig.from_env(env)

@@ -179,6 +179,21 @@ def test_a_request_signed_before_the_daemon_started_is_refused(process_runtime: 
         assert d.stop() == 0
 
 
+def test_a_token_file_every_user_may_read_is_warned_of(process_runtime: str, tmp_path: Path) -> None:
+    open_token, own_token = tmp_path / "open", tmp_path / "own"
+    for path, mode in ((open_token, 0o644), (own_token, 0o600)):
+        path.write_text(TOKEN + "\n")
+        path.chmod(mode)
+    for path, warned in ((open_token, True), (own_token, False)):
+        d = start_daemon(args=("--token-file", str(path)))
+        try:
+            assert Client(d.socket_path, token_file=str(path)).ping() == "pong"
+            said = f"--token-file {path} is readable by every user on this host, who could sign requests"
+            assert (said in d.logs()) == warned, d.logs()
+        finally:
+            assert d.stop() == 0
+
+
 def test_a_signed_request_verifies_once_whatever_its_spacing() -> None:
     line = auth.signed_line({"method": "execute", "params": {"code": "print(1)"}, "id": 7}, TOKEN)
     request = json.loads(line)
