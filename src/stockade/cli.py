@@ -35,7 +35,7 @@ TYPE_CHECKING = False  # not typing's: a run through the daemon imports neither 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
-    from typing import Any
+    from typing import Any, NoReturn
 
 
 MAX_STDIN = MAX_DATA_BYTES  # what fits one agent frame, base64-encoded
@@ -313,7 +313,19 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
     every parser's): building them imports the Policy, which the other subcommands do without."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="stockade", description="Run untrusted code behind real isolation.")
+    class Parser(argparse.ArgumentParser):
+        """argparse's; a usage error of a command given --json is one JSON document on stdout too,
+        as its every other failure is (code ``usage``), then the usual usage and exit 2."""
+
+        def error(self, message: str) -> NoReturn:
+            words = sys.argv[1:]
+            if "--json" in words[: words.index("--") if "--" in words else None]:
+                import json
+
+                print(json.dumps({"error": message, "code": "usage"}))
+            super().error(message)
+
+    parser = Parser(prog="stockade", description="Run untrusted code behind real isolation.")
 
     def policy_flags(sub: argparse.ArgumentParser, name: str, one_run: bool = True) -> None:
         if command in ("*", name):

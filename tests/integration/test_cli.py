@@ -344,3 +344,17 @@ def test_a_file_flag_naming_no_file_is_named_in_its_error(tmp_path: Path) -> Non
     assert token.returncode == 125 and f"--token-file {missing}: No such file or directory" in token.stderr, token
     reqs = cli("env", "build", "x", "-r", missing)
     assert reqs.returncode == 2 and f"-r {missing}: No such file or directory" in reqs.stderr, reqs
+
+
+def test_a_usage_error_of_a_json_command_is_json_too() -> None:
+    # Every other failure of a --json command is one JSON document on stdout; a flag argparse refused
+    # was only its usage, on stderr, which a program reading stdout could not tell from a crash.
+    for args, said in [
+        (("run", "--json", "--bogus", "--", "true"), "unrecognized arguments: --bogus"),
+        (("exec-code", "--json", "--memory", "abc", "print(1)"), "argument --memory: invalid int value: 'abc'"),
+    ]:
+        r = cli(*args)
+        assert r.returncode == 2 and json.loads(r.stdout) == {"error": said, "code": "usage"}, r
+        assert "usage: stockade" in r.stderr
+    plain = cli("run", "--bogus", "--", "true")  # without --json: the usage alone
+    assert plain.returncode == 2 and plain.stdout == "" and "unrecognized arguments: --bogus" in plain.stderr
