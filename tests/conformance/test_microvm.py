@@ -109,6 +109,7 @@ print(json.dumps({
     "me": [os.getpid(), os.getppid()],
     "agent": {k: status(1)[k].strip() for k in ("Uid", "CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")},
     "mounts": sorted(l.split()[4] for l in open("/proc/self/mountinfo")),
+    "kernel_cmdline": open("/proc/cmdline").read(),
     "passwd": open("/etc/passwd").read(),
     "hostname": os.uname().nodename,
     "root_writes": [attempt(lambda: open("/new", "w")), attempt(lambda: os.mkdir("/etc/new")),
@@ -146,7 +147,9 @@ def test_the_code_sees_an_isolate_not_the_whole_guest(vm: MicrovmSandbox) -> Non
     assert seen["agent"] == {"Uid": "1000\t1000\t1000\t1000", "CapEff": "0" * 16, "CapPrm": "0" * 16,
                              "CapBnd": "0" * 16, "NoNewPrivs": "1", "Seccomp": "2"}  # fmt: skip
     devices = ["/dev/" + name for name in ("full", "null", "random", "urandom", "zero")]
-    assert seen["mounts"] == sorted(["/", "/usr", "/proc", "/dev", *devices, "/dev/shm", "/tmp", "/work"])
+    assert seen["mounts"] == sorted(["/", "/usr", "/proc", "/proc/cmdline", "/dev", *devices, "/dev/shm", "/tmp",
+                                     "/work"])  # fmt: skip
+    assert seen["kernel_cmdline"] == ""  # the guest's (its init's flags, the host's vsock ports): none of the code's
     assert seen["passwd"] == (
         "root:x:0:0:root:/root:/usr/sbin/nologin\n"
         "sandbox:x:1000:1000:sandbox:/work:/bin/sh\n"

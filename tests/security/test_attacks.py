@@ -747,6 +747,12 @@ def test_dangerous_syscall_blocked_and_reported_by_host(sb: Sandbox, syscall: st
     assert v.blocked and v.detection_layer == "SECCOMP" and v.description
 
 
+def test_the_kernel_command_line_is_not_shown(sb: Sandbox) -> None:
+    # The host's (boot parameters, a cloud's seed URL): empty, as gVisor shows a kernel's own.
+    r = sb.run_code("print(repr(open('/proc/cmdline').read()), open('/proc/self/cmdline').read() != '')")
+    assert r.stdout == "'' True\n", r.summary()
+
+
 def test_the_agents_scheduling_is_out_of_reach_but_the_codes_own_is_not(sb: Sandbox) -> None:
     """Lowered by the code, the agent (pid 1) would answer late or never: SCHED_IDLE, nice 19 or
     the idle I/O class for it, or for every process of the isolate's uid (the agent's too), are

@@ -40,6 +40,7 @@ from .rootfs import (
     INNER_UID,
     bind,
     bind_extra,
+    hide_kernel_cmdline,
     make_dev,
     make_etc,
     make_scratch,
@@ -135,6 +136,7 @@ def prepare_root(agent_files: dict[str, bytes]) -> None:
 
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     make_dev(old)
+    hide_kernel_cmdline()
     write_etc_extras(old)
     for path, data in agent_files.items():
         full = f"{AGENT_HOME}/{path}"

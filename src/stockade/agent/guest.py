@@ -173,6 +173,7 @@ def _make_root(scratch_mb: int, shares: list[tuple[str, str, bool]]) -> None:
             os.symlink(f"usr/{name}", "/" + name)
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     rootfs.make_dev(old)
+    rootfs.hide_kernel_cmdline()
     # Made by the guest's root, not (as in a process isolate) by uid 1000 of a user namespace.
     rootfs.make_scratch(scratch_mb, owner=(rootfs.INNER_UID, rootfs.INNER_GID))
     rootfs.make_etc(old, {"hostname": HOSTNAME})
