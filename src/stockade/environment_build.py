@@ -45,7 +45,7 @@ _PLAIN = re.compile(r"[\w+-][\w.+-]*(/[\w+-][\w.+-]*)*")  # a relative path a sa
 # small download can unpack to any size), and a daemon's callers' build at their share of the store.
 MIN_FREE_BYTES = 1 << 30
 MIN_FREE_INODES = 100_000  # the same for files: a wheel of empty files takes inodes, not bytes
-MAX_CALLER_FILES = 100_000  # files and directories of a daemon's caller's build (pandas + matplotlib: ~10,000)
+MAX_CALLER_FILES = 250_000  # files and directories of a caller's build, pip's temporary ones and bytecode included
 # Directories below an environment's root: no package needs as many. A tree that deep was a walk
 # of the store this module could not finish (Python's own walks recurse), every later build's too.
 MAX_DEPTH = 64
@@ -171,7 +171,8 @@ def _within_room(work: str, budget: int | None) -> None:
     MAX_DEPTH, or (``budget``: a daemon's caller's) holds more than it or MAX_CALLER_FILES."""
     disk = os.statvfs(work)
     free = disk.f_bavail * disk.f_frsize
-    if free < MIN_FREE_BYTES or disk.f_favail < MIN_FREE_INODES:
+    # (A file system that counts no inodes says 0 of them: btrfs, a tmpfs of nr_inodes=0.)
+    if free < MIN_FREE_BYTES or (disk.f_files and disk.f_favail < MIN_FREE_INODES):
         raise PolicyError(
             f"packages: the build stopped: the disk holding the environment store {store_root()} has "
             f"{free >> 20} MiB and {disk.f_favail} files free, under the {MIN_FREE_BYTES >> 20} MiB and "
@@ -296,8 +297,8 @@ def _walk(path: str, max_depth: int | None = MAX_DEPTH) -> Iterator[tuple[str, l
         try:
             with os.scandir(top) as listed:
                 entries = list(listed)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # gone meanwhile; or not this user's to read (another's build): what it may see
         yield top, entries
         stack.extend((e.path, depth + 1) for e in entries if e.is_dir(follow_symlinks=False))
 
@@ -325,11 +326,16 @@ def set_modes(path: str, writable: bool) -> None:
 
 
 def remove_tree(path: str) -> None:
-    """Remove the tree at ``path``, whatever its modes or depth (nothing raised)."""
+    """Remove the tree at ``path``, whatever its modes or depth (nothing raised; what this user
+    may not remove is left)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o755)  # noqa: S103 - about to be removed
     walked = []
     for top, entries in _walk(path, max_depth=None):
-        with contextlib.suppress(OSError):
-            os.chmod(top, 0o755)  # noqa: S103 - about to be removed
+        for entry in entries:  # each directory made readable before the walk lists it
+            if entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.chmod(entry.path, 0o755)  # noqa: S103 - about to be removed
         walked.append((top, entries))
     for top, entries in reversed(walked):  # the deepest first: each directory empty once reached
         for entry in entries:

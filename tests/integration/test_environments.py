@@ -424,6 +424,46 @@ def test_a_tree_of_any_depth_is_removed(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_a_file_system_that_counts_no_inodes_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # btrfs, or a tmpfs of nr_inodes=0, says 0 inodes free of 0: every build was refused as out of them.
+    real = os.statvfs(tmp_path)
+    uncounted = os.statvfs_result((real.f_bsize, real.f_frsize, real.f_blocks, real.f_bfree, real.f_bavail,
+                                   0, 0, 0, real.f_flag, real.f_namemax))  # fmt: skip
+    monkeypatch.setattr(environment_build.os, "statvfs", lambda path: uncounted)
+    monkeypatch.setattr(environment_build, "MIN_FREE_BYTES", 0)
+    environment_build._within_room(str(tmp_path), None)  # nothing raised
+    counted = os.statvfs_result((*uncounted[:5], 1000, 10, 10, *uncounted[8:]))
+    monkeypatch.setattr(environment_build.os, "statvfs", lambda path: counted)
+    with pytest.raises(PolicyError, match="10 files free"):
+        environment_build._within_room(str(tmp_path), None)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a tree of another user's is made by root")
+def test_a_tree_with_directories_its_user_may_not_read_is_removed_as_far_as_it_may_be() -> None:
+    # The walk raised on a directory it could not list (mode 0300), so a failed build's clean-up
+    # raised in its turn, and a store's count of builds under way (another user's among them) failed.
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="stockade-tree-")
+    try:
+        os.chmod(where, 0o755)
+        tree = os.path.join(where, "t")
+        os.makedirs(os.path.join(tree, "a", "b", "c"))
+        open(os.path.join(tree, "a", "b", "c", "f"), "w").close()
+        os.chmod(os.path.join(tree, "a", "b"), 0o300)
+        for top, dirs, files in os.walk(where):
+            for name in [top, *[os.path.join(top, n) for n in dirs + files]]:
+                os.chown(name, 65534, 65534)
+        script = ("import sys; from stockade import environment_build as b\n"
+                  "print(b._size(sys.argv[1])[1]); b.remove_tree(sys.argv[1]); print('removed')")  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", script, tree], user=65534, group=65534, extra_groups=[],
+                             capture_output=True, text=True, timeout=60, cwd="/")  # fmt: skip
+        assert out.returncode == 0 and out.stdout.split()[1:] == ["removed"], out.stderr
+        assert not os.path.exists(tree)  # its owner made each directory readable on the way down
+    finally:
+        environment_build.remove_tree(where)
+
+
 def test_a_callers_build_of_more_files_than_it_may_make_is_stopped(
     store: str, small: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
