@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
@@ -101,3 +103,61 @@ def returned_within(seconds: float, call: Callable[[], T]) -> T | BaseException:
     thread.join(seconds)
     assert outcome, f"the call was still waiting after {seconds} s"
     return outcome[0]
+
+
+@contextlib.contextmanager
+def full_backlog(path: str) -> Iterator[tuple[socket.socket, list[socket.socket]]]:
+    """A listener at ``path`` whose backlog is full (the next connect finds no room), and the
+    connections that fill it."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                s.close()
+                break
+            held.append(s)
+        else:
+            raise AssertionError("the backlog never filled")
+        yield listener, held
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
+
+
+def wait_in_connect(tids: Callable[[], list[int]], within: float = 60) -> bool:
+    """Whether one of ``tids()`` (threads, or processes' main threads: asked again each look) is
+    seen blocked in connect(2) within ``within`` seconds."""
+    connect = "42 "  # x86_64's connect, as /proc/TID/syscall starts
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for tid in tids():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{tid}/syscall") as f:
+                    if f.read().startswith(connect):
+                        return True
+        time.sleep(0.01)
+    return False
+
+
+def make_room_and_read(listener: socket.socket, held: list[socket.socket]) -> bytes:
+    """Empty the backlog (the held connections closed, each accepted), and return the first line
+    a connection that waited for room sends."""
+    for s in held:
+        s.close()
+    held.clear()
+    listener.settimeout(30)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            line = conn.makefile("rb").readline()
+        if line:
+            return line

@@ -257,7 +257,11 @@ def via_daemon(args: Any, call: str, produce: Callable[[], tuple[Any, bytes]]) -
             print(f"stockade: no daemon answers on {path} ({reason}); running in-process", file=sys.stderr)
             return None
         sock.settimeout(CLIENT_TIMEOUT_S)
-        if (why := impostor(sock, path, os.environ.get("STOCKADE_DAEMON_USER"))) is not None:
+        try:
+            why = impostor(sock, path, os.environ.get("STOCKADE_DAEMON_USER"))
+        except OSError as exc:
+            return fail(f"the stockade daemon at {path} did not take the connection: {exc.strerror}", UNAVAILABLE)
+        if why is not None:
             return fail(f"refused to talk to {why}", UNAVAILABLE)
         payload, stdin = produce()
         return _exchange(args, sock, _request(call, payload, stdin, fields, streamed=not args.json), token, fields)

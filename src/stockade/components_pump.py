@@ -44,9 +44,10 @@ EXIT_RECORD_MAX = 1024  # the relay's exit record, {"exit_code": N}: anything lo
 ACTIVE_POLL_S, SESSION_POLL_S, IDLE_POLL_S = 0.02, 0.05, 0.5
 # A component's output read into its log, a second sustained and at once (``Job.budget``): reading
 # it (the agent's calls, the log's writes) is this host's work, outside the isolate's cgroup (a
-# command writing without end held a fifth of a host core). Past it, no file is read until it has
-# refilled, and the relay's window holds the command back: nothing is lost.
-LOG_PER_S, LOG_BURST = 1 << 20, 16 << 20
+# command writing without end held a fifth of a host core; each MiB a second costs ~1% of one). Past
+# it, no file is read until it has refilled, and the relay's window holds the command back: nothing
+# is lost.
+LOG_PER_S, LOG_BURST = 4 << 20, 64 << 20
 LIVENESS_S = 5.0  # how often a quiet relay is checked for being alive
 LAUNCH_REPORT_S = 30.0  # a relay that has not said it started by then was held up by the command
 # First in the relay's code and its probe's: the interpreter's own library only on the import path.

@@ -21,6 +21,7 @@ Imports nothing of stockade's: the lean command line (cli_daemon.py) uses it.
 from __future__ import annotations
 
 import _socket
+import errno
 import os
 import pwd
 import struct
@@ -57,12 +58,18 @@ def connect(sock: _socket.socket, path: str, timeout: float) -> None:
     sock.settimeout(None)
     sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _TIMEVAL.pack(seconds, int((timeout - seconds) * 1e6)))
     sock.connect(path)
+    try:
+        sock.getpeername()
+    except OSError as exc:  # a connect cut short by a signal is "done" to Python, and not connected
+        raise OSError(errno.EAGAIN, "the daemon did not take the connection (interrupted)") from exc
 
 
 def credentials(sock: _socket.socket) -> tuple[int, int, int]:
     """The pid, uid and gid of ``sock``'s peer as the kernel recorded them (at its connect, or its
     listen); OSError if unreadable. The daemon's and the broker's first check too (protocol/peer.py)."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))
+    if pid == 0 and uid == -1:  # what the kernel says of a socket with no peer: none to name
+        raise OSError(errno.ENOTCONN, "not connected")
     return pid, uid, gid
 
 

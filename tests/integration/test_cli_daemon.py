@@ -28,6 +28,7 @@ import pytest
 from stockade import cli_daemon
 from stockade.cli import _build_policy, _flag_type, build_parser
 from tests.daemon_harness import TOKEN, Daemon, start_daemon
+from tests.helpers import full_backlog, make_room_and_read, wait_in_connect
 
 STOCKADE = os.path.join(os.path.dirname(sys.executable), "stockade")
 
@@ -503,43 +504,16 @@ def test_a_daemon_whose_backlog_is_full_is_waited_for_not_run_around(tmp_path: P
     once on it (EAGAIN) was taken for "no daemon", and the command ran in-process, outside the
     daemon's limits and audit log; now the connect waits for room, as a client would."""
     path = str(tmp_path / "d.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen(0)
-    held = []
-    for _ in range(8):  # the backlog filled: the next connect finds no room
-        s = socket.socket(socket.AF_UNIX)
-        s.setblocking(False)
+    with full_backlog(path) as (listener, held):
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}, "STOCKADE_SOCKET": path}
+        proc = subprocess.Popen([STOCKADE, "run", "--", "echo", "ran-in-process"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         try:
-            s.connect(path)
-        except BlockingIOError:
-            s.close()
-            break
-        held.append(s)
-    else:
-        pytest.fail("the backlog never filled")
-    got: list[bytes] = []
-
-    def make_room_later() -> None:
-        time.sleep(1.5)
-        for s in held:
-            s.close()
-        listener.settimeout(30)
-        while True:  # the held ones' (closed), then the command's
-            conn, _ = listener.accept()
-            conn.settimeout(30)
-            line = conn.makefile("rb").readline()
-            conn.close()
-            if line:
-                got.append(line)
-                return
-
-    server = threading.Thread(target=make_room_later, daemon=True)
-    server.start()
-    try:
-        r = cli("run", "--", "echo", "ran-in-process", env={"STOCKADE_SOCKET": path}, timeout=60)
-    finally:
-        server.join(40)
-        listener.close()
-    assert "running in-process" not in r.stderr and "ran-in-process" not in r.stdout, r
-    assert r.returncode == 125 and got and json.loads(got[0])["method"] == "execute", (r, got)
+            assert wait_in_connect(lambda: [proc.pid]), "the command never waited in connect"
+            got = make_room_and_read(listener, held)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert "running in-process" not in err and "ran-in-process" not in out, (out, err)
+    assert proc.returncode == 125 and json.loads(got)["method"] == "execute", (err, got)

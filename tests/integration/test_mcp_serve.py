@@ -68,5 +68,7 @@ def test_an_agent_runs_code_and_moves_files_in_one_sandbox_for_its_session() -> 
                 ]:
                     refused = await session.call_tool(tool, args)
                     assert refused.is_error and refused.content[0].text.startswith(f"{tool}: {said}"), refused
+                nulls = await session.call_tool("run_code", {"code": "print(7)", "session": None, "timeout": None})
+                assert not nulls.is_error and nulls.content[0].text.startswith("7\n")  # null: left out
 
     anyio.run(drive)

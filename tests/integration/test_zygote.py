@@ -207,6 +207,25 @@ def test_a_root_zygote_refuses_an_isolate_as_root_or_a_pid_written_outside_a_cgr
         os.rmdir(where)
 
 
+def test_a_zygote_serving_a_daemon_that_gave_root_up_refuses_roots_uids(process_runtime: str) -> None:
+    """Root's processes lease the even places of the range, such a daemon the odd (uids.py), neither
+    seeing the other's leases: its zygote holds a daemon taken over to its own half."""
+    if os.getuid() != 0:
+        pytest.skip("needs root: a rootless zygote has no more power than its caller")
+    zygote = Zygote(odd_uids_only=True)
+    try:
+        host, guest = socket.socketpair()
+        zygote.spawn({"cgroup_procs": [], "outer_uid": 1879048192, "outer_gid": 1879048192}, guest.fileno())
+        guest.close()
+        host.settimeout(10)
+        assert host.recv(1) == b"E"  # an even place: root's
+        said = host.recv(65536)
+        assert b"is root's to lease (an even place of" in said, said
+        host.close()
+    finally:
+        zygote.close()
+
+
 def test_a_zygote_serving_given_groups_writes_through_no_link_and_nowhere_else(process_runtime: str) -> None:
     """A daemon that gave root up owns its groups: a link it puts there, or a path it makes up, reaches nothing."""
     if os.getuid() != 0:

@@ -443,3 +443,29 @@ def test_a_listener_that_runs_as_no_daemons_user_is_sent_nothing(tmp_path: os.Pa
     finally:
         listener.kill()
         listener.wait()
+
+
+def test_an_async_client_waits_for_room_in_a_full_backlog(tmp_path: os.PathLike[str]) -> None:
+    """The event loop's connect takes a full backlog's EAGAIN for a connection under way, and hands
+    back a socket that is not connected: the call then failed at once, its listener called an
+    impostor (uid -1). Now the connect waits for room, as Client's does."""
+    import threading
+
+    from tests.helpers import full_backlog, make_room_and_read, wait_in_connect
+
+    path = os.path.join(str(tmp_path), "d.sock")
+    with full_backlog(path) as (listener, held):
+        got: list[bytes] = []
+
+        def make_room() -> None:
+            assert wait_in_connect(lambda: [int(t) for t in os.listdir("/proc/self/task")]), "no wait in connect"
+            got.append(make_room_and_read(listener, held))
+
+        async def call() -> None:
+            client = AsyncClient(path, timeout=30, retry=None)
+            threading.Thread(target=make_room, daemon=True).start()
+            with pytest.raises(DaemonUnavailableError, match="lost the connection"):
+                await client.ping()  # (the listener reads the request, then closes)
+
+        asyncio.run(call())
+    assert json.loads(got[0])["method"] == "ping"

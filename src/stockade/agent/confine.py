@@ -265,6 +265,7 @@ def egress_sockets(proxy_port: int) -> list[int]:
 # namespace) under which it may write a pid. A daemon taken over must not get an isolate run as
 # root or as an account, nor have root write anywhere but into its own groups' process lists.
 SANDBOX_UIDS: tuple[int, int] | None = None
+ODD_UIDS_ONLY = False  # a daemon that gives root up: the odd places of the range (root's the even)
 CGROUP_PARENTS: dict[str, int] = {}  # a parent's path -> a descriptor of it
 _CGROUP_ROOT = "/sys/fs/cgroup/"
 _PROCS = ("cgroup.procs", "tasks")
@@ -272,10 +273,11 @@ _PROCS = ("cgroup.procs", "tasks")
 
 def hold_to(uids: str | None, cgroup_parents: list[str]) -> None:
     """At the zygote's start: the uid range (``first-last``) and the cgroup parents it serves."""
-    global SANDBOX_UIDS
+    global SANDBOX_UIDS, ODD_UIDS_ONLY
     if uids:
-        first, _, last = uids.partition("-")
-        SANDBOX_UIDS = (int(first), int(last))
+        span, _, half = uids.partition(":")
+        first, _, last = span.partition("-")
+        SANDBOX_UIDS, ODD_UIDS_ONLY = (int(first), int(last)), half == "odd"
     for parent in cgroup_parents:
         CGROUP_PARENTS[parent] = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
@@ -288,6 +290,8 @@ def check_request(request: dict[str, Any]) -> None:
     uid, gid = request.get("outer_uid"), request.get("outer_gid")
     if not isinstance(uid, int) or not first <= uid <= last or gid not in (None, uid):
         raise ValueError(f"outer uid {uid!r} (gid {gid!r}) is not one of the sandbox uids {first}-{last}")
+    if ODD_UIDS_ONLY and (uid - first) % 2 != 1:
+        raise ValueError(f"outer uid {uid} is root's to lease (an even place of {first}-{last}), not this daemon's")
     for path in request.get("cgroup_procs") or []:
         if CGROUP_PARENTS:
             _beneath(path)

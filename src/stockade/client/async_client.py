@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
+from ..daemon_peer import connect
 from ..errors import UNPROVEN, NotFoundError, StockadeError
 from ..limits import publish_specs
 from ..result import ExecResult
@@ -96,10 +97,18 @@ class AsyncClient(Requests):
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is None or self._writer is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=LINE_LIMIT)
+                # In a thread, blocking: a full backlog is waited for (daemon_peer.connect), where the
+                # event loop's non-blocking connect takes EAGAIN for a connection under way.
+                await asyncio.to_thread(connect, sock, self.socket_path, self.timeout)
+                sock.setblocking(False)
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
             except OSError as exc:
+                sock.close()
                 raise unreachable(self.socket_path, exc) from None
+            # (Cancelled meanwhile: the thread may still be in its connect, the socket is left to it,
+            # closed once it is dropped, never under it.)
             if (refused := self._impostor(writer.get_extra_info("socket"))) is not None:
                 writer.close()
                 raise refused

@@ -34,7 +34,7 @@ from ..protocol.models import (
     WriteFile,
     parse,
 )
-from .retry import NO_RETRY, ConnectionLost, Retry
+from .retry import NO_RETRY, ConnectionLost, Retry, unreachable
 
 PolicyArg = Policy | dict[str, Any] | None
 _EXECUTE_KEYWORDS = ("command", "code", "language", "policy", "stdin", "on_output")
@@ -114,8 +114,12 @@ class Requests:
         self._daemon_user = current().daemon_user  # who else may listen as the daemon (daemon_peer.py)
 
     def _impostor(self, sock: socket.socket) -> ConnectionLost | None:
-        """The error for a connection whose listener is no daemon's process (daemon_peer.py)."""
-        why = impostor(sock, self.socket_path, self._daemon_user)
+        """The error for a connection whose listener is no daemon's process (daemon_peer.py), or
+        that is not connected after all (a connect cut short: tried again)."""
+        try:
+            why = impostor(sock, self.socket_path, self._daemon_user)
+        except OSError as exc:
+            return unreachable(self.socket_path, exc)
         return None if why is None else ConnectionLost(f"refused to talk to {why}", sent=False, retryable=False)
 
     def __repr__(self) -> str:

@@ -119,7 +119,7 @@ async def call_tool(controller: Controller, request: McpCall, caller: Caller) ->
     except Exception as exc:
         _observe(controller, caller, "mcp.call", call_record(request.server, request.tool, size, "error", {}, str(exc)))
         raise
-    except BaseException:  # its caller went away: the call was ended with its isolate
+    except BaseException:  # its caller went away: the call was ended (an ephemeral server's isolate with it)
         record = call_record(request.server, request.tool, size, "cancelled", {}, "its caller went away")
         _observe(controller, caller, "mcp.call", record)
         raise

@@ -97,7 +97,8 @@ class StockadeTools:
         return types.ListToolsResult(tools=TOOLS)
 
     async def call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
-        args = dict(params.arguments or {})
+        # null for an argument left out (bridges with strict schemas send every field): not given.
+        args = {key: value for key, value in (params.arguments or {}).items() if value is not None}
         try:
             return await self._call(_session_id(ctx), params.name, args)
         except (StockadeError, ValidationError, ValueError) as exc:

@@ -432,12 +432,12 @@ async def _end(
     timeout after refused calls must not hide them), then its isolate closed."""
     if sandbox is None:
         return {"runtime": "direct", "termination_reason": reason}
-    try:
-        verdict = await _verdict(sandbox, isolate, seen)
-    except Exception as exc:  # noqa: BLE001 - it is ended all the same
-        log.info("an MCP isolate's verdict could not be taken as it was ended: %s", exc)
-        verdict = {"runtime": sandbox._sandbox.runtime_name}
-    with anyio.CancelScope(shield=True):  # closed even as its caller goes
+    with anyio.CancelScope(shield=True):  # taken and closed even as its caller goes
+        try:
+            verdict = await _verdict(sandbox, isolate, seen)
+        except Exception as exc:  # noqa: BLE001 - it is ended all the same
+            log.info("an MCP isolate's verdict could not be taken as it was ended: %s", exc)
+            verdict = {"runtime": sandbox._sandbox.runtime_name}
         await anyio.to_thread.run_sync(sandbox.close)
     return {**verdict, "termination_reason": reason}
 

@@ -169,6 +169,7 @@ async def process_transport(
     def read_loop() -> None:
         buffer = bytearray()
         scanned = 0  # of the buffer, found to hold no line's end: each byte is looked at once
+        opened = 0.0  # when the line now in the buffer began (a message coming in pieces)
         while not stop.is_set():
             ended = process.exit_code is not None
             began = time.thread_time()
@@ -178,6 +179,8 @@ async def process_transport(
             if (why := budget.overdrawn(read=len(out) + len(err))) is not None:
                 output.broken = why
                 return
+            if out and not buffer:
+                opened = time.monotonic()
             buffer += out
             ended_lines = 0
             while (end := buffer.find(b"\n", scanned)) >= 0:
@@ -217,7 +220,10 @@ async def process_transport(
                 output.exit_code = process.exit_code
                 return
             if not ended_lines and len(out) + len(err) < SMALL_READ:
-                busy = time.monotonic() - last_message[0] < BUSY_FOR_S
+                # Busy after a whole message, or while a line that began lately comes in pieces; a
+                # line kept open longer (a trickle) keeps nothing busy.
+                now = time.monotonic()
+                busy = now - last_message[0] < BUSY_FOR_S or (bool(buffer) and now - opened < BUSY_FOR_S)
                 process.wait(POLL_BUSY_S if busy else POLL_IDLE_S)
 
     async def reader() -> None:

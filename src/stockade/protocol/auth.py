@@ -69,9 +69,13 @@ class NonceCache:
     ) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
-        # No request signed before this (its server's start) is taken: the nonces seen before it
-        # are not known here, and a request caught then could be sent again after a restart.
-        self.since = since
+        # No request signed before this (its server's start, a whole second: a client's ts may be
+        # coarse) is taken: the nonces seen before it are not known here, and a request caught then
+        # could be sent again after a restart. Held only for one window from the start (by the
+        # monotonic clock): past it, no ts the window accepts is older, and a wall clock stepped
+        # back later cannot make every request look too old.
+        self.since = math.floor(since) if since is not None else None
+        self.since_until = time.monotonic() + window_s
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._sweep_at = -math.inf
 
@@ -118,7 +122,7 @@ def verify(
     ts, nonce = request.get("ts"), request.get("nonce")
     if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not abs(now - ts) <= nonces.window_s:
         return False
-    if nonces.since is not None and not ts >= nonces.since:
+    if nonces.since is not None and ts < nonces.since and time.monotonic() < nonces.since_until:
         return False
     if not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
         return False

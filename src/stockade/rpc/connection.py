@@ -96,7 +96,8 @@ class Connection(asyncio.Protocol):
         # transport never starts reading.
         refusals = self.server.answer_log.refusals
         if not self.server.peer_allowed(self.peer):
-            refusals.note(self.peer.uid, f"peer (gid {self.peer.gid}, not allowed)", logging.WARNING)
+            said = f"peer (pid {self.peer.pid}, gid {self.peer.gid}, not allowed)"
+            refusals.note(self.peer.uid, said, logging.WARNING)
             self.send(error_answer(None, f"Permission denied: uid {self.peer.uid} is not allowed", "auth"))
             self.transport.close()
             return
@@ -104,7 +105,7 @@ class Connection(asyncio.Protocol):
         if open_now >= self.server.config.max_connections:
             # Each connection holds a file descriptor: without a bound, one local
             # user could leave the daemon none to start isolates with.
-            refusals.note(self.peer.uid, f"connection (past {open_now} open)", logging.WARNING)
+            refusals.note(self.peer.uid, f"connection (pid {self.peer.pid}, past {open_now} open)", logging.WARNING)
             message = f"Too many connections: uid {self.peer.uid} has {open_now} open (STOCKADE_MAX_CONNECTIONS)"
             self.send(error_answer(None, message, "busy"))
             self.transport.close()

@@ -78,7 +78,7 @@ class IsolateFactory:
         with self._lock:
             if self._zygote is not None:
                 self._zygote.close()  # one started before knew no groups to hold requests to
-            self._zygote = Zygote(cgroup_parents=manager.parents())
+            self._zygote = Zygote(cgroup_parents=manager.parents(), odd_uids_only=True)
         self.zygote()
         if self._uids is None:
             self._uids = UidAllocator(UidRange.from_env())

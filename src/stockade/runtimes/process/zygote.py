@@ -41,6 +41,7 @@ class Zygote:
         wait: bool = True,
         sandbox_uids: tuple[int, int] | bool | None = True,
         cgroup_parents: list[str] | None = None,
+        odd_uids_only: bool = False,
     ) -> None:
         python = python or system_python()
         # As root: the uids it may make isolates run as (True: the settings'), fixed now, so that a caller
@@ -52,7 +53,8 @@ class Zygote:
 
             sandbox_uids = current().sandbox_uids
         if isinstance(sandbox_uids, tuple):
-            uids = [f"{sandbox_uids[0]}-{sandbox_uids[1]}"]
+            # A daemon that gives root up leases the odd places of the range (uids.py): held to them.
+            uids = [f"{sandbox_uids[0]}-{sandbox_uids[1]}" + (":odd" if odd_uids_only else "")]
             if cgroup_parents:  # a daemon about to give root up: its delegated groups, the only ones
                 uids.append("\n".join(cgroup_parents))
         self.python = python
