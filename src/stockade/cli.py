@@ -318,8 +318,7 @@ def build_parser(command: str = "*") -> argparse.ArgumentParser:
         as its every other failure is (code ``usage``), then the usual usage and exit 2."""
 
         def error(self, message: str) -> NoReturn:
-            words = sys.argv[1:]
-            if "--json" in words[: words.index("--") if "--" in words else None]:
+            if cli_outcome.json_failures:  # the command line given --json (_main)
                 import json
 
                 print(json.dumps({"error": message, "code": "usage"}))
@@ -417,6 +416,8 @@ def _main(argv: list[str], program: bool, one_run: bool) -> int:
                 args.cmd, args.version = argv[0], False
                 args.func = cmd_run if argv[0] == "run" else cmd_exec_code
         if args is None:
+            words = argv[: argv.index("--")] if "--" in argv else argv
+            cli_outcome.json_failures = "--json" in words  # a usage error said in JSON too (build_parser)
             parser = build_parser(next((w for w in argv if not w.startswith("-")), ""))
             args, extra = parser.parse_known_args(argv)
             if extra:

@@ -141,7 +141,10 @@ def _warn_if_others_read(flag: str, path: str | None) -> None:
     if not path:
         return
     with contextlib.suppress(OSError):
-        if os.stat(path).st_mode & 0o004:
+        where = os.path.dirname(os.path.realpath(path))
+        while where != "/" and os.stat(where).st_mode & 0o001:  # every directory above it searchable
+            where = os.path.dirname(where)
+        if os.stat(path).st_mode & 0o004 and where == "/":
             print(f"stockade: warning: {flag} {path} is readable by every user on this host, who could sign requests "
                   "with it: chmod o-r it", file=sys.stderr)  # fmt: skip
 

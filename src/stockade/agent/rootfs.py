@@ -37,11 +37,13 @@ def make_dev(old: str) -> None:
 
 
 def hide_kernel_cmdline() -> None:
-    """/proc/cmdline, empty: the kernel's command line (the host's; a microVM's, its init's flags)
-    is none of the code's business (boot parameters, a cloud's seed URL, its vsock ports). Needs
-    /dev/null (``make_dev``) and /proc."""
-    linux.mount("/dev/null", "/proc/cmdline", None, linux.MS_BIND)
-    _remount("/proc/cmdline", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
+    """/proc/cmdline (and /proc/bootconfig, which quotes it), empty: the kernel's command line (the
+    host's; a microVM's, its init's flags) is none of the code's business (boot parameters, a
+    cloud's seed URL, its vsock ports). Needs /dev/null (``make_dev``) and /proc."""
+    for path in ("/proc/cmdline", "/proc/bootconfig"):
+        if os.path.exists(path):
+            linux.mount("/dev/null", path, None, linux.MS_BIND)
+            _remount(path, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
 
 
 def make_scratch(size_mb: int, owner: tuple[int, int] | None = None) -> None:

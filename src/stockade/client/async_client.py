@@ -10,7 +10,6 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ..daemon_peer import connect
 from ..errors import UNPROVEN, NotFoundError, StockadeError
 from ..limits import publish_specs
 from ..result import ExecResult
@@ -99,22 +98,38 @@ class AsyncClient(Requests):
         if self._reader is None or self._writer is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                # In a thread, blocking: a full backlog is waited for (daemon_peer.connect), where the
-                # event loop's non-blocking connect takes EAGAIN for a connection under way.
-                await asyncio.to_thread(connect, sock, self.socket_path, self.timeout)
-                sock.setblocking(False)
+                await self._connect_socket(sock)
                 reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
             except OSError as exc:
                 sock.close()
                 raise unreachable(self.socket_path, exc) from None
-            # (Cancelled meanwhile: the thread may still be in its connect, the socket is left to it,
-            # closed once it is dropped, never under it.)
+            except BaseException:
+                sock.close()
+                raise
             if (refused := self._impostor(writer.get_extra_info("socket"))) is not None:
                 writer.close()
                 raise refused
             self._reader, self._writer = reader, writer
             self._answered = False
         return self._reader, self._writer
+
+    async def _connect_socket(self, sock: socket.socket) -> None:
+        """Connect ``sock``, waiting up to the client's ``timeout`` for room in a full listen backlog:
+        a Unix socket's non-blocking connect is done at once or fails with EAGAIN, which the event
+        loop's own connect would take for a connection under way (and hand back one not connected).
+        Past the wait, ``BlockingIOError``: nothing was sent."""
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self.timeout, 0.001
+        while True:
+            try:
+                sock.connect(self.socket_path)
+                return
+            except BlockingIOError:
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     async def call(
         self,
@@ -179,6 +194,9 @@ class AsyncClient(Requests):
         self._on_this_loop()
         async with self._lock:
             try:
+                # A connection first, within the client's own wait for one: a full backlog past the
+                # call's wait is a request never sent (tried again), not one that may have run.
+                await self._connect()
                 return await asyncio.wait_for(self._send_and_read(line, reply, answer_type), wait)
             except TimeoutError:
                 self._drop()

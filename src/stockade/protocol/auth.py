@@ -74,7 +74,7 @@ class NonceCache:
         # could be sent again after a restart. Held only for one window from the start (by the
         # monotonic clock): past it, no ts the window accepts is older, and a wall clock stepped
         # back later cannot make every request look too old.
-        self.since = math.floor(since) if since is not None else None
+        self.since = since
         self.since_until = time.monotonic() + window_s
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._sweep_at = -math.inf
@@ -101,6 +101,12 @@ class NonceCache:
         self._sweep_at = now + self.SWEEP_EVERY_S
 
 
+def _before(ts: float, since: float) -> bool:
+    """Whether ``ts`` was stamped before ``since``: a whole second (a coarse clock's) counts from the
+    second ``since`` falls in, any other ts from ``since`` itself."""
+    return ts < (math.floor(since) if float(ts).is_integer() else since)
+
+
 def verify(
     request: dict[str, Any],
     token: str | bytes,
@@ -122,7 +128,7 @@ def verify(
     ts, nonce = request.get("ts"), request.get("nonce")
     if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not abs(now - ts) <= nonces.window_s:
         return False
-    if nonces.since is not None and ts < nonces.since and time.monotonic() < nonces.since_until:
+    if nonces.since is not None and time.monotonic() < nonces.since_until and _before(ts, nonces.since):
         return False
     if not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
         return False

@@ -96,8 +96,7 @@ class Connection(asyncio.Protocol):
         # transport never starts reading.
         refusals = self.server.answer_log.refusals
         if not self.server.peer_allowed(self.peer):
-            said = f"peer (pid {self.peer.pid}, gid {self.peer.gid}, not allowed)"
-            refusals.note(self.peer.uid, said, logging.WARNING)
+            refusals.note(self.peer.uid, "peer (not allowed)", logging.WARNING, pid=self.peer.pid)
             self.send(error_answer(None, f"Permission denied: uid {self.peer.uid} is not allowed", "auth"))
             self.transport.close()
             return
@@ -105,7 +104,7 @@ class Connection(asyncio.Protocol):
         if open_now >= self.server.config.max_connections:
             # Each connection holds a file descriptor: without a bound, one local
             # user could leave the daemon none to start isolates with.
-            refusals.note(self.peer.uid, f"connection (pid {self.peer.pid}, past {open_now} open)", logging.WARNING)
+            refusals.note(self.peer.uid, f"connection (past {open_now} open)", logging.WARNING, pid=self.peer.pid)
             message = f"Too many connections: uid {self.peer.uid} has {open_now} open (STOCKADE_MAX_CONNECTIONS)"
             self.send(error_answer(None, message, "busy"))
             self.transport.close()
@@ -392,15 +391,21 @@ class Refusals:
         self.window_s = window_s
         self._counts: dict[int, dict[str, int]] = {}
         self._levels: dict[int, int] = {}
+        self._pids: dict[int, deque[int]] = {}  # the last few refused processes of each uid, named
         self._said_at: dict[int, float] = {}
         self._due: dict[int, asyncio.TimerHandle] = {}
 
-    def note(self, uid: int, what: str, level: int = logging.INFO) -> None:
-        """Count a refusal of ``uid``'s: said at once when its last line is a window old, else
-        with the others at the window's end (none is left unsaid)."""
+    def note(self, uid: int, what: str, level: int = logging.INFO, pid: int | None = None) -> None:
+        """Count a refusal of ``uid``'s (``what``: a few kinds, never a process's own words): said at
+        once when its last line is a window old, else with the others at the window's end (none is
+        left unsaid). ``pid``: the refused process, one of the last 3 named."""
         counts = self._counts.setdefault(uid, {})
         counts[what] = counts.get(what, 0) + 1
         self._levels[uid] = max(level, self._levels.get(uid, level))
+        if pid is not None:
+            pids = self._pids.setdefault(uid, deque(maxlen=3))
+            if pid not in pids:
+                pids.append(pid)
         wait = self._said_at.get(uid, -self.window_s) + self.window_s - time.monotonic()
         if wait <= 0:
             self._say(uid)
@@ -411,10 +416,12 @@ class Refusals:
         self._due.pop(uid, None)
         counts = self._counts.pop(uid, {})
         level = self._levels.pop(uid, logging.INFO)
+        pids = self._pids.pop(uid, ())
         self._said_at[uid] = time.monotonic()
         if counts:
             said = ", ".join(f"{n} {what}" for what, n in counts.items())
-            log.log(level, "uid=%d refused %s (a line each %g s at most)", uid, said, self.window_s)
+            by = f" (lately pid {', '.join(map(str, pids))})" if pids else ""
+            log.log(level, "uid=%d refused %s%s (a line each %g s at most)", uid, said, by, self.window_s)
 
 
 class AnswerLog:
