@@ -39,8 +39,9 @@ from ..protocol.models import Caller
 from ..protocol.peer import Peer
 from ..ratelimit import SlidingWindowLimiter
 from . import methods
+from .answer_log import AnswerLog
 from .codec import Codec
-from .connection import AnswerLog, Connection, LinesUnderWay, error_answer
+from .connection import Connection, LinesUnderWay, error_answer
 from .methods import Method, read_request
 
 if TYPE_CHECKING:
