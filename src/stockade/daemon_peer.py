@@ -27,7 +27,7 @@ import pwd
 import struct
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
-_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 DEFAULT_DAEMON_USER = "stockade"  # daemon/privileges.py AUTO_USER
 _known: dict[str | None, frozenset[int]] = {}  # (not functools.cache: the lean command line imports this)
 
@@ -50,13 +50,19 @@ def daemon_uids(daemon_user: str | None) -> frozenset[int]:
     return known
 
 
+def timeval(timeout: float) -> bytes:
+    """``timeout`` seconds as a struct timeval for SO_RCVTIMEO / SO_SNDTIMEO; never all zero,
+    which to the kernel means no limit at all."""
+    seconds = int(timeout)
+    return _TIMEVAL.pack(seconds, max(1 if seconds == 0 else 0, int((timeout - seconds) * 1e6)))
+
+
 def connect(sock: _socket.socket, path: str, timeout: float) -> None:
     """Connect ``sock`` to the daemon's socket at ``path``, blocking: a full backlog is waited
     for (the kernel bounds the wait by SO_SNDTIMEO: ``timeout``; past it, ``BlockingIOError``).
     The socket is left blocking with SO_SNDTIMEO set; OSError as ``connect`` raises it."""
-    seconds = int(timeout)
     sock.settimeout(None)
-    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _TIMEVAL.pack(seconds, int((timeout - seconds) * 1e6)))
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, timeval(timeout))
     sock.connect(path)
     try:
         sock.getpeername()

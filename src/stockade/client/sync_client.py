@@ -7,13 +7,12 @@ import contextlib
 import functools
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ..daemon_peer import connect
+from ..daemon_peer import connect, timeval
 from ..errors import UNPROVEN, NotFoundError, StockadeError
 from ..limits import publish_specs
 from ..result import ExecResult
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
     from ..transfer import TransferSummary
     from ..transfer_unpack import Links
     from ..watch import FileWatch
-
-_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 
 
 class _NothingSent(Exception):
@@ -74,10 +71,9 @@ class Client(Requests):
             if (refused := self._impostor(sock)) is not None:
                 sock.close()
                 raise refused
-            # Blocking from here on, with the wait bounded by the kernel
+            # connect() left it blocking, each wait bounded by the kernel
             # (SO_RCVTIMEO, SO_SNDTIMEO): a Python timeout would poll() before
             # every send and receive, two more system calls on each request.
-            sock.settimeout(None)
             self._sock, self._buffer, self._sock_timeout, self._answered = sock, b"", None, False
         return self._sock
 
@@ -85,8 +81,7 @@ class Client(Requests):
         """Bound each send and receive on ``sock`` to ``timeout`` seconds (set only when it changes)."""
         if timeout == self._sock_timeout:
             return
-        seconds = int(timeout)
-        limit = _TIMEVAL.pack(seconds, max(1 if seconds == 0 else 0, int((timeout - seconds) * 1e6)))
+        limit = timeval(timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         self._sock_timeout = timeout
