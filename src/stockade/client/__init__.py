@@ -31,9 +31,10 @@ from __future__ import annotations
 from ..errors import AnswerLostError, DaemonBusyError, NotFoundError, SandboxLostError
 from .async_client import AsyncClient, AsyncRemoteSandbox
 from .processes import AsyncRemoteProcess
+from .remote_sandbox import RemoteInterpreter, RemoteSandbox
 from .requests import CodeOptions, ExecOptions, RunOptions, read_token_file
 from .retry import RESENT_WHEN_ASKED, SAFE_TO_RESEND, Retry, call_with_retry
-from .sync_client import Client, RemoteInterpreter, RemoteSandbox
+from .sync_client import Client
 
 __all__ = [
     "RESENT_WHEN_ASKED",
