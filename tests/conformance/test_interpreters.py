@@ -395,3 +395,80 @@ def test_sessions_are_python_only_and_read_no_stdin(sb: Sandbox) -> None:
     with pytest.raises(InvalidRequestError, match=r"printable characters, not 123 \(int\)$"):
         sb.run_code("1", session=123)  # type: ignore[arg-type]
     assert sb.run_code("print(2)").stdout == "2\n"
+
+
+def test_a_timeout_while_a_result_is_shown_interrupts_it_and_keeps_the_state(sb: Sandbox) -> None:
+    # A value's __repr__ and an exception's __str__ are the cell's code too: an interrupt that found
+    # them uninterruptible ended the interpreter (its state lost).
+    with sb.interpreter("showing") as py:
+        py.run(
+            "import time\nkept = 'yes'\nclass Slow:\n    def __repr__(self):\n        time.sleep(60)\n"
+            "class Raised(Exception):\n    def __str__(self):\n        time.sleep(60)\n        return 'never'\n"
+        )
+        for cell in ("Slow()", "raise Raised()"):
+            r = py.run(cell, timeout=1)
+            assert r.termination_reason == "timeout" and r.exception is not None, r
+            assert r.exception.name == "KeyboardInterrupt" and "/.stockade/" not in r.exception.traceback, r
+            assert r.error is not None and "keeps its state" in r.error, r
+        after = py.run("kept")
+        assert [x.text for x in after.results] == ["'yes'"] and after.execution_count == 4, after
+
+
+def test_an_interrupt_between_cells_keeps_the_state_whatever_threads_the_cell_left(sb: Sandbox) -> None:
+    # The kernel may give a process's SIGINT to any thread that takes it: a mask on the main
+    # thread alone let a cell's thread take it, and the next cell's read ended the interpreter.
+    with sb.interpreter("threads") as py:
+        pid = (
+            py.run(
+                "import os, threading\nkept = 'yes'\n"
+                "threading.Thread(target=threading.Event().wait, daemon=True).start()\nos.getpid()"
+            )
+            .results[0]
+            .text
+        )
+        assert sb.exec(["kill", "-INT", pid]).exit_code == 0
+        late = py.run("kept")  # it came between cells: this cell's, as one sent as it is handed over
+        assert late.exception is not None and late.exception.name == "KeyboardInterrupt", late
+        after = py.run("kept")
+        assert [x.text for x in after.results] == ["'yes'"] and after.execution_count == 3, after
+
+
+def test_many_results_are_left_out_at_once_their_value_kept_and_said(sb: Sandbox) -> None:
+    # Cut one at a time, each cut measured the whole reply again: 50,000 displays took past a minute,
+    # the interpreter was killed at its timeout; and results past 1,000 went unsaid, the value too.
+    with sb.interpreter("many") as py:
+        r = py.run("for i in range(20000):\n    display(i)\n'THE ANSWER'", timeout=50)
+        assert r.termination_reason == "completed" and len(r.results) == 1000, r.termination_reason
+        assert [x.text for x in r.results[:3]] == ["0", "1", "2"]
+        assert (r.results[-2].kind, r.results[-2].text) == ("execute_result", "'THE ANSWER'")
+        assert r.results[-1].text is not None and r.results[-1].text.startswith("[19002 result(s) left out")
+        bundle = py.run(  # past the host's MIME types a result: the cell's results were all dropped
+            "class Many:\n    def _repr_mimebundle_(self, **kw):\n"
+            "        return {f'text/x-{i}': str(i) for i in range(40)}\nMany()"
+        )
+        assert len(bundle.results) == 1 and len(bundle.results[0].data) == 32, bundle.results
+        assert bundle.results[0].data["text/plain"].startswith("<__main__.Many object")
+
+
+def test_a_cells_exit_code_is_its_own_whatever_its_int_does(sb: Sandbox) -> None:
+    with sb.interpreter("exit") as py:
+        py.run("kept = 'yes'")
+        r = py.run("class Code(int):\n    def __and__(self, other): raise ValueError('no')\nraise SystemExit(Code(3))")
+        assert (r.exit_code, r.exception and r.exception.name) == (3, "SystemExit"), r
+        assert [x.text for x in py.run("kept").results] == ["'yes'"]
+
+
+def test_a_cells_output_and_results_together_stay_within_one_answer(manager: RuntimeManager) -> None:
+    # With 7 MiB of output (9.3 MiB as base64), 5 MiB of results passed the agent's 10 MiB frame:
+    # the whole cell came back as an error, its output lost with it.
+    require("process")
+    policy = Policy(runtime="process", timeout_seconds=60, max_output_bytes=7 << 20, memory_mb=512)
+    with Sandbox(policy, manager=manager) as big, big.interpreter("big") as py:
+        r = py.run(
+            "import sys\nsys.stdout.write('a' * (6 << 20))\n"
+            "class H:\n    def _repr_html_(self): return 'h' * (5 << 20)\n    def __repr__(self): return 'H'\nH()"
+        )
+        assert r.success and len(r.stdout) == 6 << 20, r.error
+        note = r.results[-1].text
+        assert note is not None and "an answer is limited to 10485760 bytes" in note, r.results
+        assert [x.text for x in py.run("'kept'").results] == ["'kept'"]

@@ -8,9 +8,11 @@ display protocol has it: ``_repr_html_``, ``_repr_png_``, ...) and its
 ``exception`` (name, value, and a traceback of the cell's own frames).
 stdout and stderr go to pipes the agent reads as for any run.
 
-SIGINT interrupts the cell that runs (KeyboardInterrupt) and nothing else:
-between cells it is blocked, and one that arrived late is discarded before
-the next cell, so the namespace survives an interrupt.
+SIGINT interrupts the cell that runs (KeyboardInterrupt), showing its results
+included, and nothing else: between cells the handler only notes it (whichever
+of the cell's threads the kernel gave it to: a mask would hold it off the main
+thread alone), and one that arrived late is discarded before the next cell, so
+the namespace survives an interrupt.
 
 The agent treats the reply as untrusted, as everything from inside: the cell
 can write to the reply pipe too.
@@ -42,6 +44,7 @@ MAX_JSON_DEPTH = 64
 MAX_JSON_VALUES = 100_000
 MAX_REPLY_VALUES = 2 * MAX_JSON_VALUES  # in one cell's JSON results, all told: past it, results are left out
 MAX_CELL_RESULTS = 1000  # result.MAX_CELL_RESULTS (the agent imports nothing of the host's)
+MAX_MIME_TYPES = 31  # result.MAX_CELL_MIME_TYPES, less one: room for text/plain
 _REPRS = (
     ("_repr_html_", "text/html"),
     ("_repr_markdown_", "text/markdown"),
@@ -139,8 +142,10 @@ def _serve(namespace: dict[str, Any]) -> None:
     # A cell's output comes as it is printed, line by line, as a notebook's does (run_code's too
     # when streamed): a cell that prints and sleeps is watched, not heard from at its end.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    outputs: list[dict[str, Any]] = []
-    namespace["display"] = lambda *objs: outputs.extend(_output("display_data", o) for o in objs)
+    signal.signal(signal.SIGINT, _on_interrupt)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since the fork (start)
+    results = _Results()
+    namespace["display"] = results.display
     count = 0
     while True:
         try:
@@ -149,30 +154,90 @@ def _serve(namespace: dict[str, Any]) -> None:
         except (EOFError, OSError, ValueError):
             _end(namespace)
         count += 1
-        outputs.clear()
+        results.clear()
         if cell.get("drop_interrupt") is True:
-            while signal.SIGINT in signal.sigpending():
-                signal.sigwait({signal.SIGINT})
-        exception = _run_cell(str(cell.get("code", "")), f"<cell-{count}>", namespace, outputs)
-        outputs.extend(_figures())
+            _heed_signals()  # one noted by the C handler only: its Python handler first
+            _interrupt.waiting = False
+        exception = _run_cell(str(cell.get("code", "")), f"<cell-{count}>", namespace, results)
+        reply = {"execution_count": count, "exception": exception, "nonce": cell.get("nonce")}
+        try:
+            wire.write_all(4, _bounded_frame(reply, results))
+        except OSError:
+            _end(namespace)
+
+
+class _Interrupt:
+    """Whether a cell runs (SIGINT raises KeyboardInterrupt in it), and whether one came while none did."""
+
+    running = False
+    waiting = False
+
+
+_interrupt = _Interrupt()
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    # Python runs a signal's handler in the main thread, whichever thread the kernel gave it to.
+    if _interrupt.running:
+        raise KeyboardInterrupt
+    _interrupt.waiting = True
+
+
+def _heed_signals() -> None:
+    """Nothing: a call lets CPython run the handlers of signals already caught."""
+
+
+class _Results:
+    """What a cell shows: ``display()``'s and its figures (at most MAX_CELL_RESULTS - 2 of them: room
+    for its value and the note of those left out), then its value."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, Any]] = []
+        self.left_out = 0
+
+    def clear(self) -> None:
+        self.outputs, self.left_out = [], 0
+
+    def display(self, *objs: Any) -> None:
+        for obj in objs:
+            if len(self.outputs) < MAX_CELL_RESULTS - 2:
+                self.outputs.append(_output("display_data", obj))
+            else:
+                self.left_out += 1  # not rendered: a loop of displays costs no more past the cap
+
+
+def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: _Results) -> Any:
+    """Run one cell and show its results; its exception as ``{name, value, traceback}``, or None.
+    Interruptible to its end: a value's ``__repr__``, an exception's ``__str__`` and the figures
+    are the cell's code too, and an interrupt that found them uninterruptible ended the interpreter."""
+    import linecache
+
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # source lines in tracebacks
+    _interrupt.running = True
+    try:
+        if _interrupt.waiting:  # sent as the cell was handed over: it is this cell's
+            _interrupt.waiting = False
+            raise KeyboardInterrupt
+        exception = _evaluate(code, filename, namespace, results)
+        results.outputs.extend(_figures(MAX_CELL_RESULTS - 1 - len(results.outputs), results))
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()  # before the reply: the agent has the cell's output when it reads it
             except Exception:  # noqa: BLE001, S112
                 continue
-        reply = {"execution_count": count, "outputs": outputs, "exception": exception, "nonce": cell.get("nonce")}
-        try:
-            wire.write_all(4, _bounded_frame(reply))
-        except OSError:
-            _end(namespace)
+        return exception
+    except BaseException as exc:  # noqa: BLE001 - showing the results failed: said plainly, no more of its code run
+        _interrupt.running = False  # before any call: a second interrupt must not end the interpreter here
+        name = _TYPE_NAME.__get__(type(exc), type)
+        said = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        return {"name": name, "value": "", "traceback": f"{name} (the cell's results were being shown: {said})\n"}
+    finally:
+        _interrupt.running = False  # no call before it: a signal's handler runs only at a call
 
 
-def _run_cell(code: str, filename: str, namespace: dict[str, Any], outputs: list[dict[str, Any]]) -> Any:
-    """Run one cell; its exception as ``{name, value, traceback}``, or None."""
+def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: _Results) -> Any:
     import ast
-    import linecache
 
-    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # source lines in tracebacks
     # A notebook's: ``await`` at the top of a cell, its coroutine run on the interpreter's own loop.
     flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     try:
@@ -183,17 +248,13 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], outputs: list
             assert isinstance(last, ast.Expr)
             value_code = compile(ast.Expression(last.value), filename, "eval", flags, dont_inherit=True)
         body = compile(tree, filename, "exec", flags, dont_inherit=True)
-        _interruptible(True)
-        try:
-            _run(body, namespace)
-            value = _run(value_code, namespace) if value_code else None
-        finally:
-            _interruptible(False)
+        _run(body, namespace)
+        value = _run(value_code, namespace) if value_code else None
         if value_code is not None and _ends_quietly(code):
             value = None  # a notebook's "x;": the value is not shown
         if value is not None:
             namespace["_"] = value
-            outputs.append(_output("execute_result", value))
+            results.outputs.append(_output("execute_result", value))
         return None
     except BaseException as exc:  # noqa: BLE001 - every exception of the cell is its result, SystemExit too
         return _exception(exc, filename)
@@ -243,17 +304,10 @@ def _ends_quietly(code: str) -> bool:
     return quiet
 
 
-def _interruptible(on: bool) -> None:
-    """SIGINT reaches the cell while it runs; one sent meanwhile waits, and is delivered at once then."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK if on else signal.SIG_BLOCK, {signal.SIGINT})
-
-
 def _exception(exc: BaseException, filename: str) -> dict[str, str]:
     import traceback
 
-    tb = exc.__traceback__
-    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell-"):
-        tb = tb.tb_next  # the interpreter's own frames: not the cell's
+    tb = _cells_own(exc.__traceback__)
     # Each as plain text, whatever the cell's classes make of __name__, __str__ and slicing: the
     # reply must be made, or the interpreter ends and the cell reads as a success.
     name = _TYPE_NAME.__get__(type(exc), type)
@@ -272,13 +326,30 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
     }
     if isinstance(exc, SystemExit):  # the cell's exit code, as a script's would be (the agent takes it out)
         code = exc.code
-        said["exit_code"] = 0 if code is None else (code & 0xFF if isinstance(code, int) else 1)
+        said["exit_code"] = 0 if code is None else (int.__and__(code, 0xFF) if isinstance(code, int) else 1)
         if code is not None and not isinstance(code, int):
             try:
                 print(code, file=sys.stderr)  # sys.exit("why") says why, as a script's does
             except Exception:  # noqa: BLE001, S110 - a closed stderr, a __str__ that raises: the cell's result stands
                 pass
     return said
+
+
+def _cells_own(tb: Any) -> Any:
+    """``tb`` from the cell's first frame on, without the SIGINT handler's (the interpreter's own)."""
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell-"):
+        tb = tb.tb_next
+    entries, entry = [], tb
+    while entry is not None:
+        entries.append(entry)
+        entry = entry.tb_next
+    kept = [e for e in entries if e.tb_frame.f_code is not _on_interrupt.__code__]
+    if len(kept) == len(entries):
+        return tb
+    rebuilt = None
+    for entry in reversed(kept):
+        rebuilt = type(entry)(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
 
 
 _TYPE_NAME = type.__dict__["__name__"]  # a class's own name, past a metaclass's __name__ property
@@ -300,9 +371,10 @@ def _output(kind: str, obj: Any) -> dict[str, Any]:
             bundle = bundle[0]
         if isinstance(bundle, dict):
             for mime, value in bundle.items():
-                _add(data, str(mime), value)
+                if len(data) < MAX_MIME_TYPES:  # the host takes no more (result.MAX_CELL_MIME_TYPES)
+                    _add(data, str(mime), value)
         for method, mime in _REPRS:
-            if mime not in data:
+            if mime not in data and len(data) < MAX_MIME_TYPES:
                 _add(data, mime, _call(getattr(obj, method, None)))
     if "text/plain" not in data:
         try:
@@ -365,16 +437,20 @@ def json_values(value: Any, depth_limit: int, most: int) -> int | None:
     return seen
 
 
-def _figures() -> list[dict[str, Any]]:
-    """The matplotlib figures the cell shown or left open, as PNG; then closed (as IPython's inline backend)."""
+def _figures(room: int, results: _Results) -> list[dict[str, Any]]:
+    """The matplotlib figures the cell shown or left open, as PNG, ``room`` at most (the others
+    counted as left out); then closed (as IPython's inline backend)."""
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is None:
         return []
     import io
 
-    shown = []
+    shown: list[dict[str, Any]] = []
     try:
         for number in plt.get_fignums():
+            if len(shown) >= room:
+                results.left_out += 1
+                continue
             figure = plt.figure(number)
             png = io.BytesIO()
             figure.savefig(png, format="png", bbox_inches="tight")
@@ -387,18 +463,52 @@ def _figures() -> list[dict[str, Any]]:
     return shown
 
 
-def _bounded_frame(reply: dict[str, Any]) -> bytes:
-    payload = jsoncodec.dumps(reply).encode()
-    outputs = reply["outputs"]
-    dropped = 0
-    while (len(payload) > REPLY_MAX or not reply_within(reply)) and outputs:
-        outputs.pop()
-        dropped += 1
-        note = (f"[{dropped} result(s) left out: a cell's results are limited to {REPLY_MAX} bytes and "
-                f"{MAX_REPLY_VALUES} JSON values]")  # fmt: skip
-        kept = [*outputs, {"kind": "display_data", "data": {"text/plain": note}}]
-        payload = jsoncodec.dumps({**reply, "outputs": kept}).encode()
+def _bounded_frame(reply: dict[str, Any], results: _Results) -> bytes:
+    """The cell's reply framed, with as many of its results as its bounds take."""
+    room = REPLY_MAX - len(jsoncodec.dumps({**reply, "outputs": []}))
+    payload = jsoncodec.dumps({**reply, "outputs": fitted(results.outputs, room, results.left_out)}).encode()
+    if len(payload) > REPLY_MAX:  # its exception and nonce alone: not so, but the frame must stay within
+        payload = jsoncodec.dumps({**reply, "outputs": [], "exception": None}).encode()
     return wire.encode_frame(payload)
+
+
+# Bytes kept for the note of results left out.
+_NOTE_ROOM = 300
+
+
+def fitted(outputs: list[Any], room: int, left_out: int = 0, why: str = "") -> list[Any]:
+    """As many of a cell's ``outputs`` as fit ``room`` bytes of JSON and the values one cell's
+    results may hold (MAX_REPLY_VALUES), the value (``execute_result``) first, the others in their
+    order, then a note of how many were left out (``left_out`` of them before). Linear: each
+    is measured once (a reply cut one result at a time was measured once a result, 50,000
+    displays a minute). ``why``: the note's reason, when it is not the cell's own bounds."""
+    bytes_left, values_left = room - _NOTE_ROOM, MAX_REPLY_VALUES
+    first = [i for i, o in enumerate(outputs) if isinstance(o, dict) and o.get("kind") == "execute_result"]
+    rest = set(range(len(outputs))).difference(first)
+    kept: set[int] = set()
+    for i in [*first, *sorted(rest)]:
+        size = len(jsoncodec.dumps(outputs[i])) + 1  # with its comma
+        values = _json_values_of(outputs[i])
+        if size > bytes_left or values is None or values > values_left or len(kept) >= MAX_CELL_RESULTS - 1:
+            left_out += 1
+            continue
+        kept.add(i)
+        bytes_left, values_left = bytes_left - size, values_left - values
+    shown = [outputs[i] for i in sorted(kept)]
+    if left_out:
+        why = why or (f"a cell's results are limited to {MAX_CELL_RESULTS}, {REPLY_MAX} bytes and "
+                      f"{MAX_REPLY_VALUES} JSON values")  # fmt: skip
+        note = f"[{left_out} result(s) left out: {why}]"
+        shown.append({"kind": "display_data", "data": {"text/plain": note}})
+    return shown
+
+
+def _json_values_of(output: Any) -> int | None:
+    """The JSON values of one result's non-text formats (as ``reply_within`` counts them), or None."""
+    data = output.get("data") if isinstance(output, dict) else None
+    values = [v for v in data.values() if not isinstance(v, str)] if isinstance(data, dict) else [output]
+    found = json_values(values, MAX_JSON_DEPTH + 1, MAX_REPLY_VALUES + 1)
+    return None if found is None else found - 1
 
 
 def reply_within(reply: dict[str, Any]) -> bool:
@@ -416,7 +526,10 @@ def reply_within(reply: dict[str, Any]) -> bool:
 def _read_exact(fd: int, n: int) -> bytes:
     chunks = []
     while n:
-        chunk = os.read(fd, min(n, 1 << 20))
+        try:
+            chunk = os.read(fd, min(n, 1 << 20))
+        except KeyboardInterrupt:  # a cell's own SIGINT handler, between cells: nothing read is lost
+            continue
         if not chunk:
             raise EOFError
         chunks.append(chunk)

@@ -89,15 +89,17 @@ class Interpreters:
         else:
             interpreter.outputs_left(set(run.fds))
             exit_code = _cell_exit_code(cell.get("exception"))
+        stdout = wire.b64encode(b"".join(run.buffers["stdout"]))
+        stderr = wire.b64encode(b"".join(run.buffers["stderr"]))
         return {
             "exit_code": exit_code,
-            "stdout": wire.b64encode(b"".join(run.buffers["stdout"])),
-            "stderr": wire.b64encode(b"".join(run.buffers["stderr"])),
+            "stdout": stdout,
+            "stderr": stderr,
             "timed_out": timed_out,
             "output_truncated": run.output_truncated,
             "scratch_full": runner.scratch_full(),
             "duration": time.monotonic() - started,
-            "cell": cell,
+            "cell": _within_frame(cell, wire.MAX_FRAME - len(stdout) - len(stderr) - _ANSWER_ROOM),
             "answer_refused": refused,  # the agent killed it, for an answer not the interpreter's
             "new_session": new,
         }
@@ -273,6 +275,22 @@ def _answer_to(reply: bytes | None, nonce: str) -> dict[str, Any] | None:
     if not isinstance(cell, dict) or cell.pop("nonce", None) != nonce or not kernel.reply_within(cell):
         return None
     return cell
+
+
+# Bytes of a run_cell answer besides its output and its cell (the JSON-RPC envelope, the other fields).
+_ANSWER_ROOM = 4096
+
+
+def _within_frame(cell: dict[str, Any] | None, room: int) -> dict[str, Any] | None:
+    """``cell`` with as many of its results as fit ``room`` bytes: with a cell's output (up to the
+    policy's 7 MiB, 4/3 of it as base64) its 6 MiB of results could pass an answer's frame, and
+    the whole cell's answer was then an error."""
+    if cell is None or len(jsoncodec.dumps(cell)) <= room:
+        return cell
+    outputs = cell.get("outputs")
+    rest = len(jsoncodec.dumps({**cell, "outputs": []}))
+    why = f"with the cell's output, an answer is limited to {wire.MAX_FRAME} bytes"
+    return {**cell, "outputs": kernel.fitted(outputs if isinstance(outputs, list) else [], room - rest, 0, why)}
 
 
 def _reply_size(header: bytes) -> int | None:
