@@ -52,7 +52,10 @@ def _handler(upstream: Upstream) -> type[http.server.BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms wait for an ACK
 
-        def do_GET(self) -> None:
+        def do_HEAD(self) -> None:
+            self.do_GET(head=True)
+
+        def do_GET(self, head: bool = False) -> None:
             headers = {k.lower(): v for k, v in self.headers.items()}
             upstream.seen.append(headers)
             body = json.dumps({"path": self.path, "headers": headers}).encode()
@@ -66,12 +69,15 @@ def _handler(upstream: Upstream) -> type[http.server.BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("X-Echo-Authorization", headers.get("authorization", ""))  # as an error page might
+            if self.path.startswith("/name-echo"):  # the token as a header's name
+                self.send_header(f"X-{headers.get('authorization', '').split(' ')[-1]}", "1")
             if gzipped:
                 self.send_header("Content-Encoding", "gzip")
                 if self.path.startswith("/gzip-anyway-split"):  # a second header that says otherwise
                     self.send_header("Content-Encoding", "identity")
             self.end_headers()
-            self.wfile.write(body)
+            if not head:
+                self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass

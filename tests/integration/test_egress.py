@@ -460,10 +460,10 @@ print(json.dumps({"allowed": lookup("api.stockade.test"), "refused": lookup("evi
 REPLY_TRICKS = """
 import gzip, http.client, json, os, ssl
 handle = os.environ["API_KEY"]
-def tunnel(path, headers, target=None):
+def tunnel(path, headers, target=None, method="GET"):
     conn = http.client.HTTPSConnection("127.0.0.1", 3128, timeout=20, context=ssl.create_default_context())
     conn.set_tunnel("api.stockade.test", {port})
-    conn.request("GET", target or path, headers={{"Authorization": "Bearer " + handle, **headers}})
+    conn.request(method, target or path, headers={{"Authorization": "Bearer " + handle, **headers}})
     reply = conn.getresponse()
     body = reply.read()
     if reply.getheader("Content-Encoding") == "gzip":
@@ -474,6 +474,10 @@ print(json.dumps({{
     "gzip_anyway": tunnel("/gzip-anyway", {{}}),
     "fronted": tunnel("/fronted", {{"Host": "other.stockade.test"}}),
     "absolute": tunnel("/", {{}}, target="https://other.stockade.test/abs"),
+    "schemeless": tunnel("/", {{}}, target="//other.stockade.test/abs"),
+    "routed": tunnel("/routed", {{"X-Forwarded-Host": "other.stockade.test", "Forwarded": "host=other.stockade.test",
+                                 "X-Original-URL": "/admin"}}),
+    "name_echo": tunnel("/name-echo", {{}}),
 }}))
 """
 
@@ -491,10 +495,28 @@ def test_no_reply_trick_gets_the_value_into_the_isolate(up: Upstreams, manager: 
     assert asked["status"] == 200 and "gzip" not in json.dumps(asked["head"]).lower()  # asked for identity
     assert asked["head"]["x-echo-authorization"].startswith("Bearer stockade-secret-")  # h11 writes names lowercased
     assert out["gzip_anyway"]["status"] == 502 and "compressed" in out["gzip_anyway"]["body"]
-    assert out["absolute"]["status"] == 400
+    assert out["absolute"]["status"] == 400 and out["schemeless"]["status"] == 400
+    assert out["name_echo"]["status"] == 502 and "in a header's name" in out["name_echo"]["body"]
     seen = up.https.seen[before:]
-    assert [s["host"] for s in seen] == [f"api.stockade.test:{up.https.port}"] * 3  # never the fronted origin
+    assert [s["host"] for s in seen] == [f"api.stockade.test:{up.https.port}"] * 5  # never the fronted origin
     assert all(s["accept-encoding"] == "identity" for s in seen)
+    routed = seen[3]  # what a front routes by instead of Host: not passed on to a bound host
+    assert not {"x-forwarded-host", "forwarded", "x-original-url"} & set(routed), routed
+
+
+def test_a_reply_without_a_body_says_nothing_of_the_values_length(up: Upstreams, manager: RuntimeManager) -> None:
+    """A HEAD's reply kept the host's Content-Length: that of the body the value was echoed in."""
+    with Sandbox(allow(up, "api.stockade.test", secrets=("API_KEY",)), manager=manager) as sb:
+        tunnel = REPLY_TRICKS.split("print(json.dumps(", maxsplit=1)[0].format(port=up.https.port)
+        result = sb.run_code(tunnel + 'print(json.dumps(tunnel("/", {}, method="HEAD")))')
+    assert result.exit_code == 0, result.stderr
+    head = json.loads(result.stdout.strip().splitlines()[-1])
+    assert head["status"] == 200 and head["body"] == "", head
+    assert "content-length" not in {k.lower() for k in head["head"]}, head
+    assert head["head"]["x-echo-authorization"].startswith("Bearer stockade-secret-")
+    assert result.secrets_redacted == 1  # the echoed header, once
+    (request,) = result.egress_requests
+    assert request.method == "HEAD" and request.bytes_received == 0, request
 
 
 # Inside the isolate: a tunnel opened through the proxy by hand (``s``, its answer's head in ``head``).

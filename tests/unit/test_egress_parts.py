@@ -441,3 +441,14 @@ def test_a_secrets_file_that_is_not_json_is_refused_with_the_shape_it_should_hav
     assert "is not JSON" in str(caught.value)
     assert '{"NAME": {"value": "...", "hosts": ["api.example.com"]}}' in str(caught.value)
     assert "sk-live" not in str(caught.value)
+
+
+def test_a_wildcard_secret_may_be_bound_to_its_own_wildcard_and_names_below_it_only() -> None:
+    from stockade.broker.store import SecretStore, parse_secrets
+
+    store = SecretStore(parse_secrets({"W": {"value": "sk-wild-1", "hosts": ["*.stockade.test"]}}, "secrets file"))
+    for within in ("*.stockade.test", "api.stockade.test", "*.a.stockade.test"):
+        assert store.check_grant("W", [within]).value == "sk-wild-1", within
+    for beyond in ("stockade.test", "*.other.test", "evilstockade.test", "*.evilstockade.test"):
+        with pytest.raises(PolicyError, match="is not granted for"):
+            store.check_grant("W", [beyond])

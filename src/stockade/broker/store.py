@@ -133,6 +133,8 @@ class SecretStore:
 
 
 def _within(host: str, permitted: str) -> bool:
+    if host == permitted:  # "*.example.com" asked of a keeper that allows "*.example.com"
+        return True
     if permitted.startswith("*."):
         bare = host.removeprefix("*.")
         return bare.endswith(permitted[1:]) and len(bare) > len(permitted) - 1

@@ -33,16 +33,20 @@ def split_authority(target: str, default_port: int) -> tuple[str, int]:
 
 
 # Request headers a bound host never gets from the isolate: its own Host (set from the tunnel's
-# target: no fronting to another origin on a shared front), encodings and ranges (a compressed
-# or partial reply could carry a value past the redactor).
-_DROPPED_FOR_BOUND = (b"host", b"accept-encoding", b"te", b"range", b"if-range")
+# target: no fronting to another origin on a shared front), the headers a front routes by instead
+# of Host (the same fronting), encodings and ranges (a compressed or partial reply could carry a
+# value past the redactor).
+_DROPPED_FOR_BOUND = (b"host", b"forwarded", b"x-original-url", b"x-rewrite-url", b"accept-encoding", b"te",
+                      b"range", b"if-range")  # fmt: skip
 
 
 def for_bound_host(headers: list[tuple[bytes, bytes]], host: str, port: int) -> list[tuple[bytes, bytes]]:
     authority = host if port == 443 else f"{host}:{port}"
     if ":" in host:
         authority = f"[{host}]" if port == 443 else f"[{host}]:{port}"
-    kept = [(n, v) for n, v in headers if n.lower() not in _DROPPED_FOR_BOUND]
+    kept = [
+        (n, v) for n, v in headers if n.lower() not in _DROPPED_FOR_BOUND and not n.lower().startswith(b"x-forwarded-")
+    ]
     return [(b"host", authority.encode()), *kept, (b"accept-encoding", b"identity")]
 
 

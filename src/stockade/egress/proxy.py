@@ -351,8 +351,9 @@ class _Exchange:
         # A host a secret is bound to, over TLS or plain HTTP (no value is put in there, but one may come
         # back): its replies must be readable, to turn every value back into its handle.
         guarded = terminated or self.gate.bound(host, port)
-        if terminated and not request.target.startswith((b"/", b"*")):
-            # An absolute URL inside the tunnel would name another origin than the one the value is for.
+        if terminated and (not request.target.startswith((b"/", b"*")) or request.target.startswith(b"//")):
+            # An absolute URL inside the tunnel would name another origin than the one the value is
+            # for; so would "//host/path" to a server that reads it as a URL without its scheme.
             record.allowed, record.reason = False, "inside a tunnel to a bound host, only origin-form targets"
             await self._refuse(client, 400, record)
             return False
@@ -385,6 +386,9 @@ class _Exchange:
                 raise ConnectionError("the host closed without a reply")
             record.status = response.status_code
             redactor = self.gate.reply_redactor()
+            if any(self.gate.redact_reply(n) != n for n, _ in response.headers):
+                # A header's name is no place for a value, and no handle is a header's name.
+                raise _Unreadable("the host answered with a secret's value in a header's name")
             # Every value turned back into its handle, in the head as in the body.
             reply_headers = [(n, self.gate.redact_reply(v)) for n, v in response.headers]
             reason = self.gate.redact_reply(response.reason)
@@ -395,23 +399,24 @@ class _Exchange:
                 if guarded and codings - {b"identity", b""}:
                     # Asked for identity; a compressed reply could carry a value the proxy cannot see.
                     raise _Unreadable("the host answered with a compressed body, which the proxy cannot check")
-                # A reply that may change length is re-framed (chunked).
+                # A reply that may change length is re-framed (chunked); a reply with no body (HEAD,
+                # 204, 304) loses its length too, which would say how long the value in the body is.
                 reply_headers = [(n, v) for n, v in reply_headers if n.lower() != b"content-length"]
                 if request.method == b"HEAD" or response.status_code in (204, 304):
-                    reply_headers = [(n, self.gate.redact_reply(v)) for n, v in response.headers]
                     redactor = None
             self.writer.write(client.send(h11.Response(status_code=response.status_code, headers=reply_headers,
                                                         reason=reason)))  # fmt: skip
             while True:
                 event = await _next_event(upstream, up_reader)
                 if isinstance(event, h11.Data):
-                    record.bytes_received += len(event.data)
                     data = redactor.feed(event.data) if redactor is not None else event.data
+                    record.bytes_received += len(data)  # what the isolate got: not the values' lengths
                     if data:
                         self.writer.write(client.send(h11.Data(data=data)))
                         await self.writer.drain()
                 elif isinstance(event, h11.EndOfMessage):
                     if redactor is not None and (rest := redactor.flush()):
+                        record.bytes_received += len(rest)
                         self.writer.write(client.send(h11.Data(data=rest)))
                     flow.done = True  # whole once written: the isolate may read it and end at once
                     self.writer.write(client.send(h11.EndOfMessage()))
