@@ -441,6 +441,21 @@ def test_a_token_guards_everything_but_health_and_the_page(process_runtime: str)
     assert rest["count"] == 6 and rest["peer"] == "loopback"  # counted by network (the loopback is one)
 
 
+def test_a_request_refused_for_its_page_or_host_is_recorded_as_a_wrong_token_is(process_runtime: str) -> None:
+    # A page that had a browser send a request (CSRF), or a name rebound to loopback, left no trace.
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_API_TOKEN": TOKEN})  # stopped below
+    assert daemon.http_url is not None
+    with httpx.Client(base_url=daemon.http_url, timeout=60) as http:
+        refused = http.post("/api/v1/sandbox/execute", json={"agent_id": "a", "code": "1"},
+                            headers={"Authorization": f"Bearer {TOKEN}", "Sec-Fetch-Site": "cross-site"})  # fmt: skip
+        assert (refused.status_code, refused.json()["code"]) == (401, "auth")
+    daemon.stop()
+    with open(daemon.audit_log) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    (failure,) = [r for r in records if r["event"] == "auth_failure"]
+    assert failure["method"] == "/api/v1/sandbox/execute (host or site)" and failure["peer"] == "127.0.0.1", failure
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_without_a_token_the_api_refuses_to_serve_beyond_loopback(host: str, tmp_path: object) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import socket
 import time
@@ -224,7 +225,9 @@ def test_a_request_head_is_held_to_64_kib(daemon: Daemon) -> None:
         try:
             with contextlib.suppress(OSError):  # the server may close before all of it is sent
                 sock.sendall(head)
-            assert _answer(sock).startswith(b"HTTP/1.1 431 "), head[:40]
+            said = _answer(sock)
+            assert said.startswith(b"HTTP/1.1 431 "), head[:40]
+            assert json.loads(said.partition(b"\r\n\r\n")[2])["code"] == "too_large", said  # whole, in the table
         finally:
             sock.close()
     # A request just under the cap with the next one pipelined behind it, in one read: two heads,
@@ -248,3 +251,59 @@ def test_a_request_head_is_held_to_64_kib(daemon: Daemon) -> None:
         assert not _answer(sock).startswith(b"HTTP/1.1 431 ")
     finally:
         sock.close()
+
+
+def test_the_bodies_a_network_holds_at_once_are_bounded(daemon: Daemon) -> None:
+    """Each body is read whole before its route runs, up to 16 MiB, over up to 266 s: 32
+    connections each holding a body just under the cap took half a GiB of the daemon's memory."""
+    address = _address(daemon)
+    put = b"PUT /api/v1/sandboxes/none/files?path=/work/f HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+    held: list[socket.socket] = []
+    try:
+        for _ in range(8):  # 124 MiB of the loopback's 128 MiB, waiting for the rest of each body
+            sock = _connect(address)
+            sock.sendall(put % (16 << 20) + b"x" * (31 << 19))
+            held.append(sock)
+        extra = _connect(address)
+        held.append(extra)
+        with contextlib.suppress(OSError):  # refused as its bytes come: the server may close before all are sent
+            extra.sendall(put % (8 << 20) + b"x" * (8 << 20))
+        said = _answer(extra)
+        assert said.startswith(b"HTTP/1.1 503 ") and b'"busy"' in said and b"bodies being read" in said, said[:300]
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 30  # given back once the server has seen those connections end
+    while True:
+        sock = _connect(address)
+        try:
+            sock.sendall(put % (1 << 20) + b"x" * (1 << 20))
+            said = _answer(sock)
+        finally:
+            sock.close()
+        if not said.startswith(b"HTTP/1.1 503 ") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert said.startswith(b"HTTP/1.1 404 "), said[:300]  # read whole, then routed: no such sandbox
+
+
+def test_a_client_that_hangs_up_mid_body_is_a_hang_up_not_an_internal_error(daemon: Daemon) -> None:
+    """The route read the rest and failed: a 500 in the metrics, an ERROR and its traceback in the
+    log, and there the request's path, decoded, whose newlines wrote lines of the attacker's own."""
+    forged = "x%0A2026-12-07%2008:00:00,000%20stockade%20WARNING%20audit%20log%20disabled"
+    for method, path in (
+        ("PUT", f"/api/v1/sandboxes/{forged}/files?path=/work/b"),
+        ("POST", "/api/v1/sandbox/execute"),
+    ):
+        sock = _connect(_address(daemon))
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n0123456789".encode())
+        sock.close()
+    with httpx.Client(base_url=daemon.http_url or "", timeout=30) as http:
+        deadline = time.monotonic() + 30
+        while 'code="hung_up"' not in (metrics := http.get("/metrics").text) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    counted = [line for line in metrics.splitlines() if line.startswith("stockade_requests_total{")]
+    assert any('code="hung_up"' in line for line in counted), counted
+    assert not any('code="internal"' in line or 'code="invalid_request"' in line for line in counted), counted
+    logs = daemon.logs()
+    assert "internal error" not in logs and "audit log disabled" not in logs, logs[-2000:]

@@ -30,11 +30,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..daemon.controller import Controller
 from ..daemon.methods import METHODS
-from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError
+from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError, printable
 from ..limits import stdin_bytes
 from ..policy import Policy, default_policy
 from ..protocol.models import (
@@ -132,11 +133,13 @@ def create_app(door: HttpDoor) -> FastAPI:
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         # A fault of the daemon's own (or of a library under it, such as Ray's client): answered in
         # the API's shape, as the socket door answers it, and logged with its traceback there.
-        log.error("internal error in %s %s", request.method, routed_path(request), exc_info=exc)
+        path = printable(routed_path(request)[:256].replace("\n", "\\n"))  # the client's words: no line of ours
+        log.error("internal error in %s %s", request.method, path, exc_info=exc)
         return error_response(exc)
 
     @app.exception_handler(ClientDisconnected)
-    async def client_gone(request: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(ClientDisconnect)  # a body read after the client went (the door reads most first)
+    async def client_gone(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # nobody reads it: the metrics do
 
     @app.exception_handler(RequestValidationError)
@@ -167,7 +170,9 @@ def create_app(door: HttpDoor) -> FastAPI:
         return error_response(InvalidRequestError(f"invalid request: {text}"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's "error parsing the body": the client went
+            return Response(status_code=499)
         code = {404: "not_found", 405: "invalid_request"}.get(exc.status_code, "invalid_request")
         return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
 

@@ -21,6 +21,7 @@ door refuses a request that asks for an upgrade (``door.py``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -54,15 +55,17 @@ _refusals = _Refusals()
 
 # Said to a connection refused as it opens, before it is read: a client retries a 503 as it would not
 # a reset. (The bytes fit any socket buffer: the descriptor goes at once.)
-REFUSED = (
-    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
-    b"Content-Type: application/json\r\nContent-Length: 55\r\n\r\n"
-    b'{"error": "too many connections open", "code": "busy"}\n'
-)
-HEAD_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
-    b"Content-Type: application/json\r\nContent-Length: 77\r\n\r\n"
-    b'{"error": "the request line and headers are larger than 64 KiB", "code": "bad"}\n'
+def _answer(status: str, error: str, code: str, *headers: str) -> bytes:
+    """A whole answer in the API's shape (``{error, code}``), its length counted."""
+    body = json.dumps({"error": error, "code": code}).encode() + b"\n"
+    head = [f"HTTP/1.1 {status}", "Connection: close", *headers, "Content-Type: application/json",
+            f"Content-Length: {len(body)}"]  # fmt: skip
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + body
+
+
+REFUSED = _answer("503 Service Unavailable", "too many connections open", "busy", "Retry-After: 1")
+HEAD_TOO_LARGE = _answer(
+    "431 Request Header Fields Too Large", "the request line and headers are larger than 64 KiB", "too_large"
 )
 
 

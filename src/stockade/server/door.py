@@ -56,6 +56,7 @@ from ..errors import (
 from ..protocol.models import Caller
 from ..ratelimit import SlidingWindowLimiter, peer_network
 from ..rpc.methods import answer, read_request
+from .bodies import BodyBudget
 
 log = logging.getLogger("stockade.daemon")
 # Answered to anyone, uncounted: health checks (ours, SandboxFusion's) and the dashboard's
@@ -127,6 +128,7 @@ class HttpDoor:
         self.max_body_bytes = max_body_bytes
         self.host_names = host_names | LOOPBACK_NAMES
         self.body_timeout_s = body_timeout_s  # and a second per BODY_MIN_RATE bytes it declares
+        self.bodies = BodyBudget()  # what requests' bodies being read hold, in all and by network
 
     @staticmethod
     def caller(request: Request) -> Caller:
@@ -178,6 +180,17 @@ class HttpDoor:
                 f"refused: a page of another origin ({origin[:64]!r}, not this server's {host[:64]!r}) had a "
                 "browser send this request"
             )
+
+    def check_origin(self, request: Request) -> None:
+        """``check_host`` and ``check_site``; a refusal is rated and recorded as a wrong token is (a
+        page that had a browser send it, a rebound name: the audit log is where that shows)."""
+        try:
+            self.check_host(request)
+            self.check_site(request)
+        except AuthenticationError:
+            self.check_rate(request, authenticated=False)
+            self.observers.auth_failure("http", client_address(request), f"{routed_path(request)} (host or site)")
+            raise
 
     def authenticated(self, request: Request) -> bool:
         """Whether ``request`` carries the token (any request does when there is none)."""
@@ -289,20 +302,22 @@ class Guard:
             await send(message)
 
         request = Request(scope)
+        held = _Held(peer_network(request.client.host if request.client is not None else None))
         try:
             _refuse_an_upgrade(request)
             if routed_path(request) in OPEN_PATHS:
                 _refuse_a_body(request)  # answered to anyone: nothing of theirs is waited for
             else:
-                self.door.check_host(request)
-                self.door.check_site(request)
                 authenticated = self.door.authenticated(request)
+                self.door.check_origin(request)
                 self.door.check_rate(request, authenticated)
                 if not authenticated:
                     self.door.refuse_token(request)
                 if not _small_answer(request):
                     self.door.controller.answers.refuse_new(HTTP_OWNER)
-            receive = await self._bounded_body(scope, receive)
+            receive = await self._bounded_body(scope, receive, held)
+        except _HungUp:
+            pass  # no answer: counted and logged as a hang-up below
         except StockadeError as exc:
             await error_response(exc)(scope, receive, send_noting)
         else:
@@ -313,6 +328,7 @@ class Guard:
                     code, status, headers_done = "internal", 500, True
                 raise
         finally:
+            self.door.bodies.give_back(held.network, held.size)
             route = scope.get("route")
             name = getattr(route, "name", None) or ("auth" if status == 401 else "unknown")
             if not headers_done or status == 499:
@@ -326,10 +342,11 @@ class Guard:
                 log.info("http %s %s %s %s (%d) %.1fms", client_address(request), request.method, name, code,
                          status if headers_done else 499, elapsed * 1000)  # fmt: skip
 
-    async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:
+    async def _bounded_body(self, scope: Scope, receive: Receive, held: _Held) -> Receive:
         """The whole body, read before the app runs: at most ``max_body_bytes``, and in time (the
         header timeout and a second per BODY_MIN_RATE bytes declared, or of the cap when chunked),
-        so that a client cannot hold its connection, and a request slot, by sending it slowly."""
+        so that a client cannot hold its connection, and a request slot, by sending it slowly; and
+        within what the door may hold of bodies (``bodies.BodyBudget``: counted in ``held``)."""
         limit = self.door.max_body_bytes
         too_large = CallTooLargeError(f"Request too large: the body is over {limit} bytes")
         declared = limit
@@ -339,20 +356,27 @@ class Guard:
                     raise too_large
                 declared = int(value)
         allowed_s = self.door.body_timeout_s + declared / BODY_MIN_RATE
-        body, more = bytearray(), True
+        pieces: list[bytes] = []
+        more = True
         try:
             async with asyncio.timeout(allowed_s):
                 while more:
                     message = await receive()
                     if message["type"] != "http.request":
-                        return _replay(message, receive)  # the client went away: the app sees it
-                    body += message.get("body", b"")
+                        raise _HungUp  # the client went away: nothing is run for it
+                    piece = message.get("body", b"")
                     more = message.get("more_body", False)
-                    if len(body) > limit:
+                    if held.size + len(piece) > limit:
                         raise too_large
+                    self.door.bodies.take(held.network, len(piece))
+                    held.size += len(piece)
+                    pieces.append(piece)
         except TimeoutError:
             raise InvalidRequestError(f"the request's body did not arrive within {allowed_s:.0f} s") from None
-        return _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
+        # Given on as the pieces came (the app joins them): not copied whole once more here.
+        last = len(pieces) - 1
+        return _replay([{"type": "http.request", "body": p, "more_body": i < last} for i, p in enumerate(pieces)]
+                       or [{"type": "http.request", "body": b"", "more_body": False}], receive)  # fmt: skip
 
 
 def _refuse_an_upgrade(request: Request) -> None:
@@ -383,9 +407,20 @@ def _error_code(body: bytes) -> str | None:
     return code if code in HTTP_STATUS else None  # one of the codes: a label of bounded values
 
 
-def _replay(first: Message, receive: Receive) -> Receive:
-    """A ``receive`` that gives ``first``, then whatever the server sends next (a disconnect)."""
-    pending: list[Message] = [first]
+class _HungUp(Exception):
+    """The client went away before its request's body had come."""
+
+
+class _Held:
+    """What one request's body holds of the door's budget, and from which network."""
+
+    def __init__(self, network: str) -> None:
+        self.network, self.size = network, 0
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that gives ``messages``, then whatever the server sends next (a disconnect)."""
+    pending = messages[::-1]
 
     async def replay() -> Message:
         return pending.pop() if pending else await receive()
