@@ -390,6 +390,65 @@ def test_a_hand_over_whose_reply_is_lost_is_released_on_its_node(cluster: LocalR
     _run(_with_placement(cluster, body))
 
 
+class _RunUnreachable:
+    """A node actor's handle whose next run does not reach the node (Ray says the actor is
+    unreachable, not dead); everything else goes through."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+        self.result_of = _Partitioned(actor.result_of, unreachable=1)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._actor, name)
+
+
+def test_an_isolate_said_lost_while_its_node_lives_on_is_released_there(cluster: LocalRayCluster) -> None:
+    # A run Ray could not deliver (the actor unreachable for a moment) made the isolate "lost", and
+    # its release was then skipped: it lived on in its node, its room given back to Ray.
+    async def body(placement: RayPlacement) -> None:
+        import time
+
+        isolate = await placement.acquire(SMALL)
+        assert isinstance(isolate, RayIsolate)
+        node = isolate._node
+        real = node.actor
+        node.actor = _RunUnreachable(real)
+        try:
+            lost = await isolate.aexec(["echo", "never"])
+            assert lost.termination_reason == "lost" and "ActorUnavailableError" in (lost.error or ""), lost
+            await placement.release(isolate)
+            deadline = time.monotonic() + 60
+            while (await real.describe.remote())["isolates"]:
+                assert time.monotonic() < deadline, "the isolate said lost is still held on its node"
+                await asyncio.sleep(0.2)
+        finally:
+            node.actor = real
+
+    _run(_with_placement(cluster, body))
+
+
+def test_a_sandbox_on_the_cluster_reports_the_digest_of_the_policy_it_was_asked_for(cluster: LocalRayCluster) -> None:
+    # The cluster wrote the runtime it chose into every policy: a default one's results carried
+    # another digest than its create answer and /health, and a client's check of it failed.
+    async def body(placement: RayPlacement) -> None:
+        for policy in (Policy(), Policy(isolation="process", cpu_limit=0.25, memory_mb=256)):
+            isolate = await placement.acquire(policy)
+            try:
+                assert isolate.policy.digest == policy.digest
+                assert (await isolate.aexec(["true"])).policy_digest == policy.digest
+            finally:
+                await placement.release(isolate)
+        trusted = Policy(trust="verified", cpu_limit=0.25, memory_mb=256)  # the runtime chosen is written in
+        isolate = await placement.acquire(trusted)
+        try:
+            assert isolate.policy.runtime == isolate.runtime_name and isolate.policy.digest != trusted.digest
+            assert (await isolate.aexec(["true"])).policy_digest == isolate.policy.digest
+        finally:
+            await placement.release(isolate)
+
+    _run(_with_placement(cluster, body))
+
+
 def test_what_an_isolate_did_after_its_last_run_is_taken_from_its_node(cluster: LocalRayCluster) -> None:
     # A held sandbox's leftovers (a daemon audits them as it closes the sandbox) come from its node.
     refused = "import ctypes\nfor _ in range(3):\n    ctypes.CDLL(None).ptrace(16, 1, 0, 0)\n"

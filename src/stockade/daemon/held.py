@@ -173,6 +173,7 @@ class HeldSandboxes:
         held = Held(sandbox_id, sandbox, caller, request.agent_id, connection, idle_timeout)
         self.held[sandbox_id] = held
         self._watch_idle(held)
+        policy = sandbox.policy  # as it runs: a cluster writes the runtime it chose into a trust's
         self._tell(lambda listener: listener.sandbox_event(
             caller, "sandbox.create", agent_id=request.agent_id, sandbox_id=sandbox_id,
             runtime=sandbox.runtime_name, policy_digest=policy.digest, keep=request.keep,

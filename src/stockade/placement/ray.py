@@ -231,9 +231,8 @@ class RayPlacement:
                     k[len(RESOURCE_PREFIX) :] for k in info.get("Resources", {}) if k.startswith(RESOURCE_PREFIX)
                 )
                 if runtimes and info["NodeID"] not in self._nodes:
-                    self._nodes[info["NodeID"]] = NodeHandle(
-                        info["NodeID"], info["NodeManagerAddress"], self._spawn(info, runtimes)
-                    )
+                    actor = await _off_loop(self._spawn, info, runtimes)  # named: GCS calls, which may wait
+                    self._nodes[info["NodeID"]] = NodeHandle(info["NodeID"], info["NodeManagerAddress"], actor)
             return self._cluster
 
     def _spawn(self, info: dict[str, Any], runtimes: list[str]) -> Any:
@@ -360,8 +359,11 @@ class RayPlacement:
                     last = RuntimeUnavailableError(f"the Ray node {reservation.node_id} left the cluster")
                     continue
                 # The node runs the runtime reserved for it, not its own pick for a trust (it may have
-                # a stronger one this placement did not ask Ray for).
-                placed = policy if policy.runtime == runtime else policy.replace(runtime=runtime)
+                # a stronger one this placement did not ask Ray for). A policy that names a runtime
+                # or a level (or nothing: the default) is the node's to pick the same way: kept as
+                # it came, its digest the one its caller checks.
+                chooses = policy.trust is not None and not policy.runtime and not policy.isolation
+                placed = policy.replace(runtime=runtime) if chooses else policy
                 asked = True
                 info = await node.actor.acquire.remote(placed.canonical_json(), isolate_id)
             except Exception as exc:
@@ -460,17 +462,27 @@ class RayPlacement:
         isolate.closed = True
         self._held.discard(isolate)
         released = False
+        node = isolate._node
         try:
-            if isolate.lost is None:
+            if isolate.lost is not None:
+                # Said lost for Ray's word that the actor could not be reached, which is not that it
+                # died: the isolate may live on there, its room given back to Ray below. Released
+                # in the background, tried again until the actor answers or is dead.
+                if not node.dead:
+                    self._forget(node, isolate.id)
+            else:
                 try:
                     # Bounded: a wedged actor must not keep the room booked (given back below instead).
                     released = await asyncio.wait_for(
-                        isolate._node.actor.release.remote(isolate.id), self.config.claim_timeout * 4
+                        node.actor.release.remote(isolate.id), self.config.claim_timeout * 4
                     )
                 except TimeoutError:
-                    isolate._node.suspect = True  # nothing more is kept there, nor tried there first
-                except Exception as exc:  # noqa: BLE001 - a node lost now: its isolates went with it
+                    node.suspect = True  # nothing more is kept there, nor tried there first
+                    self._forget(node, isolate.id)
+                except Exception as exc:  # noqa: BLE001 - a node lost now: its isolates went with it, if it died
                     log.debug("releasing isolate %s on node %s: %s", isolate.id, isolate.node, exc)
+                    if not actor_died(exc):
+                        self._forget(node, isolate.id)
         finally:
             # Its room stays booked for the next claim of its shape, unless its node is in doubt
             # or the placement is closing (what aclose has drained is not refilled behind it).

@@ -45,9 +45,12 @@ def _cause(exc: Exception) -> Exception:
 
 
 def lost_node(exc: BaseException) -> bool:
-    """Whether ``exc`` is Ray saying the node (or the actor on it) is gone."""
+    """Whether ``exc`` is Ray saying the node (or the actor on it) is gone, or cannot be reached
+    (``ActorUnavailableError``: it may yet answer). Not a fetch that was only slow."""
     import ray.exceptions
 
+    if isinstance(exc, ray.exceptions.ObjectFetchTimedOutError):
+        return False
     return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.NodeDiedError | ray.exceptions.ObjectLostError)
 
 
@@ -137,7 +140,8 @@ class RayIsolate(RemoteRuns):
 
     @staticmethod
     async def _replied(ref: Any) -> ExecResult:
-        """The one reply. A caller that goes away cancels the run on the node, as the end of a stream does."""
+        """The one reply. A caller that goes away cancels the call: a run not yet begun on its node
+        is dropped; one under way is left to end there, as a stream's is."""
         import ray
 
         try:
