@@ -75,6 +75,10 @@ def test_every_manifest_is_valid() -> None:
         _validate(doc)
     handlers = {d["metadata"]["name"]: d["handler"] for d in docs if d["kind"] == "RuntimeClass"}
     assert handlers == {"gvisor": "runsc", "kata-qemu": "kata-qemu", "kata-fc": "kata-fc"}
+    # Kata pods go only to the nodes kata-deploy installed it on (and labelled so).
+    selectors = {d["metadata"]["name"]: d.get("scheduling") for d in docs if d["kind"] == "RuntimeClass"}
+    kata = {"nodeSelector": {"katacontainers.io/kata-runtime": "true"}}
+    assert selectors == {"gvisor": None, "kata-qemu": kata, "kata-fc": kata}
 
 
 def test_the_validation_catches_a_wrong_field() -> None:

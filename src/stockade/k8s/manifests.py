@@ -37,6 +37,9 @@ AGENT_UID = 1000
 # the scheduler adds it to the pod's requests.
 _KATA_OVERHEAD = {"kata-qemu": {"memory": "160Mi", "cpu": "250m"}, "kata-fc": {"memory": "130Mi", "cpu": "250m"}}
 _HANDLERS = {"gvisor": "runsc", "kata-qemu": "kata-qemu", "kata-fc": "kata-fc"}
+# The label kata-deploy puts on each node it installs Kata on (and its own RuntimeClasses select):
+# a Kata pod scheduled elsewhere would fail at its sandbox's creation, after the scheduler chose it.
+_KATA_NODES = {"katacontainers.io/kata-runtime": "true"}
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # RFC 1123, as Kubernetes names namespaces
 _HOST_PORT = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 # Namespaces the output must not relabel: applied, its Namespace object's Pod Security label would
@@ -56,6 +59,7 @@ def runtime_classes() -> list[dict[str, Any]]:
         }
         if name in _KATA_OVERHEAD:
             rc["overhead"] = {"podFixed": dict(_KATA_OVERHEAD[name])}
+            rc["scheduling"] = {"nodeSelector": dict(_KATA_NODES)}
         classes.append(rc)
     return classes
 
