@@ -192,6 +192,9 @@ def test_the_sandbox_ca_vouches_for_its_hosts_only() -> None:
         "2002:a9fe:a9fe::1",
         "fec0::1",
         "ff02::1",
+        "168.63.129.16",  # Azure's WireServer: public, and the host's own service inside Azure
+        "::ffff:168.63.129.16",
+        "100.100.100.200",  # Alibaba's metadata, in the shared (carrier NAT) range
     ],
 )
 def test_an_ipv6_address_carrying_an_inside_address_is_not_public(address: str) -> None:

@@ -145,11 +145,16 @@ _COMPATIBLE = ipaddress.ip_network("::/96")
 _TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT's IPv4-translated addresses (RFC 2765)
 
 
+# Public addresses a cloud answers inside its own network as a host's service: Azure's WireServer
+# (its VM agent's channel, and DNS). Metadata services elsewhere are link-local, not public.
+_CLOUD_INTERNAL = frozenset({ipaddress.IPv4Address("168.63.129.16")})
+
+
 def public(address: IPAddress) -> bool:
     """A globally routable unicast address, with any IPv4 address an IPv6 one carries public too
     (mapped, IPv4-compatible, IPv4-translated, NAT64, 6to4, Teredo): ``64:ff9b::a9fe:a9fe`` is the
-    metadata service."""
-    if not address.is_global or address.is_multicast:
+    metadata service. Not a cloud's host service at a public address (``_CLOUD_INTERNAL``)."""
+    if not address.is_global or address.is_multicast or address in _CLOUD_INTERNAL:
         return False
     if isinstance(address, ipaddress.IPv6Address):
         if address.is_site_local:
