@@ -5,7 +5,8 @@ pipe and answers each with a frame holding its ``execution_count``, its
 ``outputs`` (the last expression's value, what ``display()`` showed, and the
 matplotlib figures the cell left open, each a MIME bundle as IPython's
 display protocol has it: ``_repr_html_``, ``_repr_png_``, ...) and its
-``exception`` (name, value, and a traceback of the cell's own frames).
+``exception`` (name, value, and a traceback of the cell's own frames); the
+results, and the bounds of the reply that carries them, are display.py's.
 stdout and stderr go to pipes the agent reads as for any run.
 
 SIGINT interrupts the cell that runs (KeyboardInterrupt), showing its results
@@ -23,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import jsoncodec, runner, wire
+from . import display, jsoncodec, runner, wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,28 +34,6 @@ if TYPE_CHECKING:
 else:
     import _signal as signal
 
-# The most one cell's reply (its display data) may hold: it travels in one agent frame.
-REPLY_MAX = 6 << 20
-# A repr longer than this is cut (an accidental huge value must not fill the reply).
-TEXT_MAX = 64 << 10
-# Levels a JSON display value may nest, and values it may hold: the host takes no deeper or larger
-# one (runtimes/cells.py reads these). Decoded, each value costs the host ~100 bytes: six
-# MiB of "[{},{},...]" was ~300 MB of the daemon's memory and a second of its loop, every cell.
-MAX_JSON_DEPTH = 64
-MAX_JSON_VALUES = 100_000
-MAX_REPLY_VALUES = 2 * MAX_JSON_VALUES  # in one cell's JSON results, all told: past it, results are left out
-MAX_CELL_RESULTS = 1000  # result.MAX_CELL_RESULTS (the agent imports nothing of the host's)
-MAX_MIME_TYPES = 31  # result.MAX_CELL_MIME_TYPES, less one: room for text/plain
-_REPRS = (
-    ("_repr_html_", "text/html"),
-    ("_repr_markdown_", "text/markdown"),
-    ("_repr_svg_", "image/svg+xml"),
-    ("_repr_png_", "image/png"),
-    ("_repr_jpeg_", "image/jpeg"),
-    ("_repr_latex_", "text/latex"),
-    ("_repr_json_", "application/json"),
-)
-_BINARY = ("image/png", "image/jpeg")
 # What matplotlib's Agg backend says when a cell calls plt.show(): the figure is shown anyway.
 _SHOW_WARNING = r"(FigureCanvasAgg is non-interactive|Matplotlib is currently using agg)"
 
@@ -144,7 +123,7 @@ def _serve(namespace: dict[str, Any]) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     signal.signal(signal.SIGINT, _on_interrupt)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since the fork (start)
-    results = _Results()
+    results = display.Results()
     namespace["display"] = results.display
     count = 0
     while True:
@@ -161,7 +140,7 @@ def _serve(namespace: dict[str, Any]) -> None:
         exception = _run_cell(str(cell.get("code", "")), f"<cell-{count}>", namespace, results)
         reply = {"execution_count": count, "exception": exception, "nonce": cell.get("nonce")}
         try:
-            wire.write_all(4, _bounded_frame(reply, results))
+            wire.write_all(4, display.bounded_frame(reply, results))
         except OSError:
             _end(namespace)
 
@@ -187,26 +166,7 @@ def _heed_signals() -> None:
     """Nothing: a call lets CPython run the handlers of signals already caught."""
 
 
-class _Results:
-    """What a cell shows: ``display()``'s and its figures (at most MAX_CELL_RESULTS - 2 of them: room
-    for its value and the note of those left out), then its value."""
-
-    def __init__(self) -> None:
-        self.outputs: list[dict[str, Any]] = []
-        self.left_out = 0
-
-    def clear(self) -> None:
-        self.outputs, self.left_out = [], 0
-
-    def display(self, *objs: Any) -> None:
-        for obj in objs:
-            if len(self.outputs) < MAX_CELL_RESULTS - 2:
-                self.outputs.append(_output("display_data", obj))
-            else:
-                self.left_out += 1  # not rendered: a loop of displays costs no more past the cap
-
-
-def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: _Results) -> Any:
+def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: display.Results) -> Any:
     """Run one cell and show its results; its exception as ``{name, value, traceback}``, or None.
     Interruptible to its end: a value's ``__repr__``, an exception's ``__str__`` and the figures
     are the cell's code too, and an interrupt that found them uninterruptible ended the interpreter."""
@@ -219,7 +179,7 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: _Res
             _interrupt.waiting = False
             raise KeyboardInterrupt
         exception = _evaluate(code, filename, namespace, results)
-        results.outputs.extend(_figures(MAX_CELL_RESULTS - 1 - len(results.outputs), results))
+        results.outputs.extend(display.figures(display.MAX_CELL_RESULTS - 1 - len(results.outputs), results))
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()  # before the reply: the agent has the cell's output when it reads it
@@ -235,7 +195,7 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: _Res
         _interrupt.running = False  # no call before it: a signal's handler runs only at a call
 
 
-def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: _Results) -> Any:
+def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: display.Results) -> Any:
     import ast
 
     # A notebook's: ``await`` at the top of a cell, its coroutine run on the interpreter's own loop.
@@ -254,7 +214,7 @@ def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: _Res
             value = None  # a notebook's "x;": the value is not shown
         if value is not None:
             namespace["_"] = value
-            results.outputs.append(_output("execute_result", value))
+            results.outputs.append(display.output("execute_result", value))
         return None
     except BaseException as exc:  # noqa: BLE001 - every exception of the cell is its result, SystemExit too
         return _exception(exc, filename)
@@ -321,8 +281,8 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
         lines = f"{name}: {value}\n"
     said: dict[str, Any] = {
         "name": name,
-        "value": value[:TEXT_MAX],
-        "traceback": lines[-TEXT_MAX:],
+        "value": value[: display.TEXT_MAX],
+        "traceback": lines[-display.TEXT_MAX :],
     }
     if isinstance(exc, SystemExit):  # the cell's exit code, as a script's would be (the agent takes it out)
         code = exc.code
@@ -360,167 +320,6 @@ def _plain(text: Any) -> str:
     if not isinstance(text, str):
         raise TypeError("not text")
     return str.__str__(text)
-
-
-def _output(kind: str, obj: Any) -> dict[str, Any]:
-    """``obj`` as a MIME bundle (IPython's display protocol), ``text/plain`` always."""
-    data: dict[str, Any] = {}
-    if not isinstance(obj, type):  # a class's _repr_html_ is an unbound function
-        bundle = _call(getattr(obj, "_repr_mimebundle_", None), include=None, exclude=None)
-        if isinstance(bundle, tuple):
-            bundle = bundle[0]
-        if isinstance(bundle, dict):
-            for mime, value in bundle.items():
-                if len(data) < MAX_MIME_TYPES:  # the host takes no more (result.MAX_CELL_MIME_TYPES)
-                    _add(data, str(mime), value)
-        for method, mime in _REPRS:
-            if mime not in data and len(data) < MAX_MIME_TYPES:
-                _add(data, mime, _call(getattr(obj, method, None)))
-    if "text/plain" not in data:
-        try:
-            text = repr(obj)
-        except Exception as exc:  # noqa: BLE001
-            text = f"<repr failed: {type(exc).__name__}: {exc}>"
-        data["text/plain"] = text if len(text) <= TEXT_MAX else text[:TEXT_MAX] + "…"
-    return {"kind": kind, "data": data}
-
-
-def _call(method: Any, **kwargs: Any) -> Any:
-    if not callable(method):
-        return None
-    try:
-        return method(**kwargs)
-    except Exception:  # noqa: BLE001 - a broken _repr_*_ costs its format, not the cell
-        return None
-
-
-def _add(data: dict[str, Any], mime: str, value: Any) -> None:
-    if isinstance(value, tuple) and len(value) == 2:
-        value = value[0]  # (data, metadata)
-    if value is None:
-        return
-    if mime in _BINARY:
-        if isinstance(value, (bytes, bytearray)):
-            data[mime] = wire.b64encode(bytes(value))
-        elif isinstance(value, str):
-            data[mime] = value  # already base64, as IPython allows
-    elif mime == "application/json":
-        if json_values(value, MAX_JSON_DEPTH, MAX_JSON_VALUES) is None:
-            return  # the host would not take it (runtimes/cells.py)
-        try:
-            jsoncodec.dumps(value)
-        except (TypeError, ValueError, RecursionError):
-            return
-        data[mime] = value
-    elif isinstance(value, str):
-        data[mime] = value
-
-
-def json_values(value: Any, depth_limit: int, most: int) -> int | None:
-    """The values ``value`` holds (keys counted), if it nests lists, tuples (JSON arrays too) and
-    dicts at most ``depth_limit`` levels deep and holds at most ``most``; else None (walked without
-    recursion). The host counts a cell's results with this too (runtimes/cells.py)."""
-    stack, seen = [(value, 1)], 0
-    while stack:
-        item, depth = stack.pop()
-        seen += 1
-        if isinstance(item, (list, tuple, dict)):
-            if depth > depth_limit:
-                return None
-            if isinstance(item, dict):
-                seen += len(item)
-                stack.extend((inner, depth + 1) for inner in item.values())
-            else:
-                stack.extend((inner, depth + 1) for inner in item)
-        if seen > most:
-            return None
-    return seen
-
-
-def _figures(room: int, results: _Results) -> list[dict[str, Any]]:
-    """The matplotlib figures the cell shown or left open, as PNG, ``room`` at most (the others
-    counted as left out); then closed (as IPython's inline backend)."""
-    plt = sys.modules.get("matplotlib.pyplot")
-    if plt is None:
-        return []
-    import io
-
-    shown: list[dict[str, Any]] = []
-    try:
-        for number in plt.get_fignums():
-            if len(shown) >= room:
-                results.left_out += 1
-                continue
-            figure = plt.figure(number)
-            png = io.BytesIO()
-            figure.savefig(png, format="png", bbox_inches="tight")
-            data = {"image/png": wire.b64encode(png.getvalue()), "text/plain": repr(figure)}
-            shown.append({"kind": "display_data", "data": data})
-    except Exception as exc:  # noqa: BLE001 - a figure that cannot be drawn is said, not fatal
-        print(f"stockade: a figure could not be drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
-    finally:
-        plt.close("all")
-    return shown
-
-
-def _bounded_frame(reply: dict[str, Any], results: _Results) -> bytes:
-    """The cell's reply framed, with as many of its results as its bounds take."""
-    room = REPLY_MAX - len(jsoncodec.dumps({**reply, "outputs": []}))
-    payload = jsoncodec.dumps({**reply, "outputs": fitted(results.outputs, room, results.left_out)}).encode()
-    if len(payload) > REPLY_MAX:  # its exception and nonce alone: not so, but the frame must stay within
-        payload = jsoncodec.dumps({**reply, "outputs": [], "exception": None}).encode()
-    return wire.encode_frame(payload)
-
-
-# Bytes kept for the note of results left out.
-_NOTE_ROOM = 300
-
-
-def fitted(outputs: list[Any], room: int, left_out: int = 0, why: str = "") -> list[Any]:
-    """As many of a cell's ``outputs`` as fit ``room`` bytes of JSON and the values one cell's
-    results may hold (MAX_REPLY_VALUES), the value (``execute_result``) first, the others in their
-    order, then a note of how many were left out (``left_out`` of them before). Linear: each
-    is measured once (a reply cut one result at a time was measured once a result, 50,000
-    displays a minute). ``why``: the note's reason, when it is not the cell's own bounds."""
-    bytes_left, values_left = room - _NOTE_ROOM, MAX_REPLY_VALUES
-    first = [i for i, o in enumerate(outputs) if isinstance(o, dict) and o.get("kind") == "execute_result"]
-    rest = set(range(len(outputs))).difference(first)
-    kept: set[int] = set()
-    for i in [*first, *sorted(rest)]:
-        size = len(jsoncodec.dumps(outputs[i])) + 1  # with its comma
-        values = _json_values_of(outputs[i])
-        if size > bytes_left or values is None or values > values_left or len(kept) >= MAX_CELL_RESULTS - 1:
-            left_out += 1
-            continue
-        kept.add(i)
-        bytes_left, values_left = bytes_left - size, values_left - values
-    shown = [outputs[i] for i in sorted(kept)]
-    if left_out:
-        why = why or (f"a cell's results are limited to {MAX_CELL_RESULTS}, {REPLY_MAX} bytes and "
-                      f"{MAX_REPLY_VALUES} JSON values")  # fmt: skip
-        note = f"[{left_out} result(s) left out: {why}]"
-        shown.append({"kind": "display_data", "data": {"text/plain": note}})
-    return shown
-
-
-def _json_values_of(output: Any) -> int | None:
-    """The JSON values of one result's non-text formats (as ``reply_within`` counts them), or None."""
-    data = output.get("data") if isinstance(output, dict) else None
-    values = [v for v in data.values() if not isinstance(v, str)] if isinstance(data, dict) else [output]
-    found = json_values(values, MAX_JSON_DEPTH + 1, MAX_REPLY_VALUES + 1)
-    return None if found is None else found - 1
-
-
-def reply_within(reply: dict[str, Any]) -> bool:
-    """Whether a cell's JSON results hold no more values, in all, than the host takes of one cell's
-    (runtimes/cells.py), and its reply nests no deeper than theirs may."""
-    outputs = reply.get("outputs")
-    values = [v for o in outputs if isinstance(o, dict) and isinstance(o.get("data"), dict)
-              for v in o["data"].values() if not isinstance(v, str)] if isinstance(outputs, list) else []  # fmt: skip
-    return (
-        json_values(values, MAX_JSON_DEPTH + 1, MAX_REPLY_VALUES + 1) is not None
-        and json_values(reply, MAX_JSON_DEPTH + 4, MAX_REPLY_VALUES + 100 * MAX_CELL_RESULTS) is not None
-    )
 
 
 def _read_exact(fd: int, n: int) -> bytes:

@@ -17,7 +17,7 @@ import os
 import select
 import time
 
-from . import jsoncodec, kernel, runner, wire
+from . import display, jsoncodec, kernel, runner, wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ class Interpreters:
                     reply += chunk
                     if expected is None and len(reply) >= wire.HEADER_SIZE:
                         expected = _reply_size(bytes(reply[: wire.HEADER_SIZE]))
-                    if expected is None or expected > kernel.REPLY_MAX + wire.HEADER_SIZE:
+                    if expected is None or expected > display.REPLY_MAX + wire.HEADER_SIZE:
                         runner.kill_group(interpreter.pid)  # not an answer the interpreter sends
             for fd in [f for f in ready if f in run.fds]:
                 self._read_output(run, fd)
@@ -272,7 +272,7 @@ def _answer_to(reply: bytes | None, nonce: str) -> dict[str, Any] | None:
         cell = jsoncodec.loads(reply)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(cell, dict) or cell.pop("nonce", None) != nonce or not kernel.reply_within(cell):
+    if not isinstance(cell, dict) or cell.pop("nonce", None) != nonce or not display.reply_within(cell):
         return None
     return cell
 
@@ -290,7 +290,7 @@ def _within_frame(cell: dict[str, Any] | None, room: int) -> dict[str, Any] | No
     outputs = cell.get("outputs")
     rest = len(jsoncodec.dumps({**cell, "outputs": []}))
     why = f"with the cell's output, an answer is limited to {wire.MAX_FRAME} bytes"
-    return {**cell, "outputs": kernel.fitted(outputs if isinstance(outputs, list) else [], room - rest, 0, why)}
+    return {**cell, "outputs": display.fitted(outputs if isinstance(outputs, list) else [], room - rest, 0, why)}
 
 
 def _reply_size(header: bytes) -> int | None:

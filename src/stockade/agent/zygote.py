@@ -45,6 +45,7 @@ AGENT_MODULES = (
     "__init__",
     "commands",
     "confine",
+    "display",
     "files",
     "jsoncodec",
     "kernel",

@@ -1,4 +1,4 @@
-"""A stateful interpreter's account of a cell (agent/kernel.py), read on the host.
+"""A stateful interpreter's account of a cell (agent/kernel.py, agent/display.py), read on the host.
 
 The account is untrusted, as everything from inside: the cell's own code can
 write it. It is read into ``CellOutput``/``CellException`` models with their
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..agent import kernel
+from ..agent import display
 from ..errors import utf8_text
 from ..result import CELL_KINDS, MAX_CELL_MIME_TYPES, MAX_CELL_RESULTS, CellException, CellOutput
 
@@ -19,8 +19,8 @@ from ..result import CELL_KINDS, MAX_CELL_MIME_TYPES, MAX_CELL_RESULTS, CellExce
 # client's parser) would recurse too deep to answer. Values (keys counted) one cell's JSON results may
 # hold in all: past them a result's JSON is left out, its text kept. The agent's kernel keeps within
 # both (the same numbers, its own); a cell that writes its own account may not.
-MAX_JSON_DEPTH = kernel.MAX_JSON_DEPTH
-MAX_CELL_VALUES = kernel.MAX_REPLY_VALUES
+MAX_JSON_DEPTH = display.MAX_JSON_DEPTH
+MAX_CELL_VALUES = display.MAX_REPLY_VALUES
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _output(said: Any, budget: list[int]) -> CellOutput:
         if isinstance(value, str):
             kept[utf8_text(mime)] = utf8_text(value)
             continue
-        size = kernel.json_values(value, MAX_JSON_DEPTH, budget[0])
+        size = display.json_values(value, MAX_JSON_DEPTH, budget[0])
         if size is None:
             continue  # that format is left out; the others (its text/plain) stay
         budget[0] -= size
@@ -76,7 +76,7 @@ def _exception(said: Any) -> CellException:
 
 
 def _text_tree(value: Any) -> Any:
-    """``value`` (checked by ``kernel.json_values``) with every text as UTF-8 can carry it."""
+    """``value`` (checked by ``display.json_values``) with every text as UTF-8 can carry it."""
     if isinstance(value, str):
         return utf8_text(value)
     if isinstance(value, list):
