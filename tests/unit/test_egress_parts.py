@@ -10,6 +10,7 @@ import socket
 import ssl
 import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from stockade.egress.allowlist import Allowlist, parse_rule
 from stockade.egress.ca import SandboxCA
 from stockade.egress.gate import Gate
 from stockade.egress.redact import Redactor, StreamRedactor
-from stockade.errors import PolicyError
+from stockade.errors import ConfigError, PolicyError
 from stockade.policy import Policy
 
 
@@ -208,7 +209,6 @@ def test_an_ipv6_address_carrying_an_inside_address_is_not_public(address: str) 
 @pytest.mark.parametrize("value", ["sk-abc\r", "sk abc ", " sk", "sk\tx", "sk\x7fx", "ключ"])
 def test_a_secret_value_that_cannot_stand_in_a_header_is_refused_when_stored(value: str, tmp_path: object) -> None:
     from stockade.broker.store import parse_secrets
-    from stockade.errors import ConfigError
 
     with pytest.raises(ConfigError, match="visible ASCII"):
         parse_secrets({"K": value}, "secrets file")
@@ -394,7 +394,6 @@ def test_a_process_serving_callers_takes_unset_egress_networks_as_none(monkeypat
 
 
 def test_a_ray_node_whose_egress_networks_hold_the_cluster_does_not_start() -> None:
-    from stockade.errors import ConfigError
     from stockade.placement.ray_node import refuse_cluster_networks
 
     cluster = ["10.0.0.5", "10.0.0.2:6379"]
@@ -434,7 +433,6 @@ def test_a_host_without_ipv6_holds_no_ipv6_address_of_its_own(monkeypatch: pytes
 def test_a_secrets_file_that_is_not_json_is_refused_with_the_shape_it_should_have(tmp_path: object) -> None:
     # A .env-style file is the usual mistake: the error shows the shape, and none of the file's bytes.
     from stockade.broker.store import SecretStore
-    from stockade.errors import ConfigError
 
     path = os.path.join(str(tmp_path), "secrets")
     with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
@@ -455,3 +453,30 @@ def test_a_wildcard_secret_may_be_bound_to_its_own_wildcard_and_names_below_it_o
     for beyond in ("stockade.test", "*.other.test", "evilstockade.test", "*.evilstockade.test"):
         with pytest.raises(PolicyError, match="is not granted for"):
             store.check_grant("W", [beyond])
+
+
+def test_a_request_sent_back_to_the_broker_client_is_no_answer(tmp_path: Path) -> None:
+    # Requests and answers are signed with one key: a socket that reflects a request gave the
+    # client an answer with its own id and an empty result.
+    from stockade.broker import wire
+    from stockade.broker.client import BrokerClient
+
+    path = str(tmp_path / "broker.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def reflect() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            header = conn.recv(4, socket.MSG_WAITALL)
+            conn.sendall(header + conn.recv(wire.length_of(header), socket.MSG_WAITALL))
+
+    thread = threading.Thread(target=reflect, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ConfigError, match="sent a request back, not an answer"):
+            BrokerClient(path, b"k" * 32).call("ping", {})
+    finally:
+        thread.join(10)
+        listener.close()

@@ -61,6 +61,8 @@ class BrokerClient:
                     raise ConfigError(f"cannot reach the secrets broker at {self.path}: {exc.strerror}") from None
         if not wire.verify(answer, self.key, self.nonces):
             raise ConfigError("the secrets broker's answer failed authentication (is the session key right?)")
+        if "method" in answer:  # signed under the same key: a request sent back is no answer
+            raise ConfigError("the secrets broker's socket sent a request back, not an answer")
         if answer.get("error") is not None:
             raise PolicyError(f"the secrets broker refused {_ASKED.get(method, method)}: {answer['error']}")
         if answer.get("id") != request["id"]:

@@ -6,7 +6,8 @@ Requests are ``{"method", "params", "id", "ts", "nonce", "hmac"}``, answers
 under the session key of the map without it, in canonical CBOR (RFC 8949
 core deterministic encoding: the same map always gives the same bytes). Both
 sides refuse a frame whose HMAC is wrong, whose ``ts`` is outside the replay
-window, or whose nonce they have seen (protocol/auth.py, shared with the daemon).
+window, or whose nonce they have seen (protocol/auth.py, shared with the daemon); the client also
+refuses an "answer" that is a request (one key signs both ways: a request sent back verifies).
 """
 
 from __future__ import annotations
