@@ -7,8 +7,9 @@ Errors are answered ``{"error": message, "code": code}`` with the HTTP status
 of their code (``errors.HTTP_STATUS``); a refused request never reaches a
 sandbox.
 
-- Auth: ``Authorization: Bearer <token>`` on everything but ``/health``, ``/ready``, the
-  dashboard's page and its static files, checked with ``hmac.compare_digest``.
+- Auth: ``Authorization: Bearer <token>`` on everything but ``door.OPEN_PATHS`` (``/health``,
+  ``/ready``, ``/v1/ping``, the dashboard's page and its two files), checked with
+  ``hmac.compare_digest``.
 - Rate limits: per client address and per ``agent_id`` (429, ``Retry-After``).
 - Capacity: a full daemon answers 503 at once; the HTTP door never queues.
 - A client that goes away ends its one-shot run (its isolate is killed); a
