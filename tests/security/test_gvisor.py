@@ -114,6 +114,18 @@ def test_namespace_tricks_stay_inside_gvisor(sb: Sandbox) -> None:
         assert "never reached the host" in reports[0].description
 
 
+def test_a_namespace_made_by_clone_is_refused_as_the_process_runtime_refuses_it(sb: Sandbox) -> None:
+    # Only unshare is traced: clone with CLONE_NEWUSER made a namespace (root in it) no report named.
+    r = sb.run_code(
+        LIBC + "import os, threading\nrc = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)\n"
+        "if rc == 0:\n    os._exit(0)\nprint(rc, ctypes.get_errno())\n"
+        "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+        "thread = threading.Thread(target=print, args=('thread',))\nthread.start()\nthread.join()"  # by clone3
+    )
+    assert r.stdout.split() == ["-1", "1", "7", "thread"], r.summary()  # EPERM; a plain fork and a thread work
+    assert not any(v.syscall == "clone" and not v.blocked for v in r.security_violations), r.security_violations
+
+
 def test_fork_bomb_contained(gvisor: str, manager: RuntimeManager) -> None:
     r = run(
         manager,

@@ -147,7 +147,7 @@ def test_a_gvisor_container_whose_inner_filter_is_gone_still_plants_no_set_id_fi
 
     require("gvisor")
     no_filter = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": []}
-    monkeypatch.setattr(gvisor_bundle, "SET_ID_FILTER", no_filter)
+    monkeypatch.setattr(gvisor_bundle, "OCI_FILTER", no_filter)
     if not outer_wall:
         monkeypatch.setattr(seccomp, "host_program", lambda listens_only=False: ALLOW_ALL)
     with shared_directory(0o777) as share:

@@ -300,6 +300,12 @@ def compile_profile(
 SET_ID = 0o6000  # S_ISUID | S_ISGID
 
 
+def namespace_clone_rule() -> Rule:
+    """The profile's rule for ``clone`` with a ``CLONE_NEW*`` flag."""
+    (rule,) = [r for r in load_profile() if r.syscall == "clone" and r.when is not None]
+    return rule
+
+
 def set_id_rules() -> tuple[Rule, ...]:
     """The profile's rules that refuse a set-user-ID or set-group-ID mode (chmod, open with
     O_CREAT, mknod, ...): in a shared directory such a file would make any host user who may
