@@ -471,4 +471,32 @@ def test_a_cells_output_and_results_together_stay_within_one_answer(manager: Run
         assert r.success and len(r.stdout) == 6 << 20, r.error
         note = r.results[-1].text
         assert note is not None and "an answer is limited to 10485760 bytes" in note, r.results
+        # An exception's text is cut too (64 Ki characters, up to 12 bytes each as JSON writes them).
+        raised = py.run("import sys\nsys.stdout.write('a' * (7 << 20))\nraise ValueError('\\u00e9' * 70000)")
+        assert len(raised.stdout) == 7 << 20 and raised.exception is not None, raised.error
+        assert raised.exception.name == "ValueError" and raised.exception.value == "\u00e9" * 1024
         assert [x.text for x in py.run("'kept'").results] == ["'kept'"]
+
+
+def test_a_cells_own_interrupt_handler_is_the_cells_and_cannot_end_the_interpreter_between_cells(
+    sb: Sandbox,
+) -> None:
+    # default_int_handler set by a cell raised between cells (the reply's write, the next cell's
+    # read), where nothing catches it: the interpreter ended, its state lost.
+    with sb.interpreter("handler") as py:
+        py.run("import os, signal, threading\nkept = 'yes'\nsignal.signal(signal.SIGINT, signal.default_int_handler)")
+        go, sent = f"{sb.scratch_dir}/handler-go", f"{sb.scratch_dir}/handler-sent"
+        py.run(  # a thread of the cell's that interrupts its interpreter once told: between cells
+            "def interrupt():\n    while not os.path.exists(GO):\n        time.sleep(0.01)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n    open(SENT, 'w').close()\n"
+            f"import time\nGO, SENT = {go!r}, {sent!r}\nthreading.Thread(target=interrupt, daemon=True).start()"
+        )
+        sb.write_file(go, b"")
+        deadline = time.monotonic() + 60
+        while sb.exec(["test", "-e", sent]).exit_code != 0:
+            assert time.monotonic() < deadline, "the cell's thread never sent its interrupt"
+            time.sleep(0.05)
+        late = py.run("kept")
+        assert late.exception is not None and late.exception.name == "KeyboardInterrupt", late
+        after = py.run("kept, signal.getsignal(signal.SIGINT) is signal.default_int_handler")
+        assert [x.text for x in after.results] == ["('yes', True)"] and after.execution_count == 4, after

@@ -10,10 +10,11 @@ results, and the bounds of the reply that carries them, are display.py's.
 stdout and stderr go to pipes the agent reads as for any run.
 
 SIGINT interrupts the cell that runs (KeyboardInterrupt), showing its results
-included, and nothing else: between cells the handler only notes it (whichever
-of the cell's threads the kernel gave it to: a mask would hold it off the main
-thread alone), and one that arrived late is discarded before the next cell, so
-the namespace survives an interrupt.
+included, and nothing else. Between cells the main thread blocks it and the
+interpreter's own handler is in place, whatever handler a cell set (it is put
+back for the next cell): one the kernel gives to a thread a cell left running
+is only noted, and one that arrived late is discarded before the next cell,
+so the namespace survives an interrupt.
 
 The agent treats the reply as untrusted, as everything from inside: the cell
 can write to the reply pipe too.
@@ -121,8 +122,7 @@ def _serve(namespace: dict[str, Any]) -> None:
     # A cell's output comes as it is printed, line by line, as a notebook's does (run_code's too
     # when streamed): a cell that prints and sleeps is watched, not heard from at its end.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    signal.signal(signal.SIGINT, _on_interrupt)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since the fork (start)
+    signal.signal(signal.SIGINT, _on_interrupt)  # blocked since the fork (start) until a cell runs
     results = display.Results()
     namespace["display"] = results.display
     count = 0
@@ -135,7 +135,9 @@ def _serve(namespace: dict[str, Any]) -> None:
         count += 1
         results.clear()
         if cell.get("drop_interrupt") is True:
-            _heed_signals()  # one noted by the C handler only: its Python handler first
+            while signal.SIGINT in signal.sigpending():  # blocked, waiting for the main thread
+                signal.sigwait({signal.SIGINT})
+            _heed_signals()  # one a thread took, noted by the C handler only: its Python handler first
             _interrupt.waiting = False
         exception = _run_cell(str(cell.get("code", "")), f"<cell-{count}>", namespace, results)
         reply = {"execution_count": count, "exception": exception, "nonce": cell.get("nonce")}
@@ -146,10 +148,12 @@ def _serve(namespace: dict[str, Any]) -> None:
 
 
 class _Interrupt:
-    """Whether a cell runs (SIGINT raises KeyboardInterrupt in it), and whether one came while none did."""
+    """Whether a cell runs (SIGINT raises KeyboardInterrupt in it), whether one came while none did,
+    and the SIGINT handler the cells set (None: the interpreter's own), in place while a cell runs."""
 
     running = False
     waiting = False
+    cells_handler: Any = None
 
 
 _interrupt = _Interrupt()
@@ -166,6 +170,28 @@ def _heed_signals() -> None:
     """Nothing: a call lets CPython run the handlers of signals already caught."""
 
 
+def _cells_turn() -> None:
+    """The cells' SIGINT handler back in place, and SIGINT let through: one that waited is this
+    cell's (raised here, in the cell, by the handler)."""
+    if _interrupt.cells_handler is not None:
+        signal.signal(signal.SIGINT, _interrupt.cells_handler)
+        _interrupt.cells_handler = None
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if _interrupt.waiting:  # sent as the cell was handed over: it is this cell's
+        _interrupt.waiting = False
+        raise KeyboardInterrupt
+
+
+def _interpreters_turn() -> None:
+    """SIGINT blocked on the main thread and the interpreter's handler in place until the next
+    cell, the cell's kept for it: a handler of the cell's (``default_int_handler``) that raised
+    between cells (in the reply's write, the next cell's read) ended the interpreter."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, _on_interrupt)
+    if previous is not _on_interrupt:
+        _interrupt.cells_handler = previous
+
+
 def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: display.Results) -> Any:
     """Run one cell and show its results; its exception as ``{name, value, traceback}``, or None.
     Interruptible to its end: a value's ``__repr__``, an exception's ``__str__`` and the figures
@@ -175,9 +201,6 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: disp
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # source lines in tracebacks
     _interrupt.running = True
     try:
-        if _interrupt.waiting:  # sent as the cell was handed over: it is this cell's
-            _interrupt.waiting = False
-            raise KeyboardInterrupt
         exception = _evaluate(code, filename, namespace, results)
         results.outputs.extend(display.figures(display.MAX_CELL_RESULTS - 1 - len(results.outputs), results))
         for stream in (sys.stdout, sys.stderr):
@@ -193,6 +216,15 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: disp
         return {"name": name, "value": "", "traceback": f"{name} (the cell's results were being shown: {said})\n"}
     finally:
         _interrupt.running = False  # no call before it: a signal's handler runs only at a call
+        # Each call may run the cell's handler for a SIGINT that came just then, which may raise:
+        # once more (it is taken by then; the agent sends another only half a second later).
+        try:
+            _interpreters_turn()
+        except BaseException:  # noqa: BLE001
+            try:
+                _interpreters_turn()
+            except BaseException:  # noqa: BLE001, S110
+                pass
 
 
 def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: display.Results) -> Any:
@@ -201,6 +233,7 @@ def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: disp
     # A notebook's: ``await`` at the top of a cell, its coroutine run on the interpreter's own loop.
     flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     try:
+        _cells_turn()
         tree = ast.parse(code, filename)
         value_code = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):  # the last expression's value is the result
@@ -325,10 +358,7 @@ def _plain(text: Any) -> str:
 def _read_exact(fd: int, n: int) -> bytes:
     chunks = []
     while n:
-        try:
-            chunk = os.read(fd, min(n, 1 << 20))
-        except KeyboardInterrupt:  # a cell's own SIGINT handler, between cells: nothing read is lost
-            continue
+        chunk = os.read(fd, min(n, 1 << 20))
         if not chunk:
             raise EOFError
         chunks.append(chunk)

@@ -279,6 +279,8 @@ def _answer_to(reply: bytes | None, nonce: str) -> dict[str, Any] | None:
 
 # Bytes of a run_cell answer besides its output and its cell (the JSON-RPC envelope, the other fields).
 _ANSWER_ROOM = 4096
+# Bytes of JSON a cell's exception keeps when its answer is cut to fit; past them its text is cut.
+_EXCEPTION_ROOM = 64 << 10
 
 
 def _within_frame(cell: dict[str, Any] | None, room: int) -> dict[str, Any] | None:
@@ -288,9 +290,17 @@ def _within_frame(cell: dict[str, Any] | None, room: int) -> dict[str, Any] | No
     if cell is None or len(jsoncodec.dumps(cell)) <= room:
         return cell
     outputs = cell.get("outputs")
-    rest = len(jsoncodec.dumps({**cell, "outputs": []}))
+    exception = cell.get("exception")
+    if isinstance(exception, dict) and len(jsoncodec.dumps(exception)) > _EXCEPTION_ROOM:
+        # Its text (64 Ki characters each, up to 12 bytes a character as JSON writes them): its start
+        # and its traceback's end, where the cell's own frame and the exception are.
+        value, trace = exception.get("value"), exception.get("traceback")
+        exception = {**exception, "value": value[:1024] if isinstance(value, str) else value,
+                     "traceback": trace[-4096:] if isinstance(trace, str) else trace}  # fmt: skip
+    rest = len(jsoncodec.dumps({**cell, "outputs": [], "exception": exception}))
     why = f"with the cell's output, an answer is limited to {wire.MAX_FRAME} bytes"
-    return {**cell, "outputs": display.fitted(outputs if isinstance(outputs, list) else [], room - rest, 0, why)}
+    kept = display.fitted(outputs if isinstance(outputs, list) else [], room - rest, 0, why)
+    return {**cell, "outputs": kept, "exception": exception}
 
 
 def _reply_size(header: bytes) -> int | None:
