@@ -111,3 +111,45 @@ def test_a_consumer_that_fails_does_not_stop_the_others() -> None:
         os.close(fd)
     drain.forget(bad_r)
     drain.forget(good_r)
+
+
+def test_a_pipe_read_at_a_rate_is_left_unread_past_it_and_its_writer_waits() -> None:
+    # The Sentry's log: a flood of traced calls cost the drain's one thread a third of the CPU the
+    # flood took. Read at a rate, the pipe fills, and its writer (the Sentry, the code with it) waits.
+    import time
+
+    drain = Drain()
+    r, w = os.pipe()
+    read = 0
+    lock = threading.Lock()
+
+    def consume(chunk: bytes) -> None:
+        nonlocal read
+        with lock:
+            read += len(chunk)
+
+    rate = 64 << 10
+    started = time.monotonic()
+    drain.watch(r, consume, per_s=rate)
+    os.set_blocking(w, False)
+    written = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # a writer as fast as it can go for a second
+        try:
+            written += os.write(w, b"x" * 65536)
+        except BlockingIOError:
+            time.sleep(0.01)
+    with lock:
+        taken = read
+    elapsed = time.monotonic() - started
+    # At most a second's worth at once and the rate since (and the one read that went past it).
+    assert taken <= rate + rate * elapsed + 65536, (taken, elapsed)
+    assert written <= taken + (1 << 20), "the writer did not wait for the reader"  # what the pipe holds
+    for _ in range(100):  # what is there is read when asked, past the rate
+        drain.flush(r)
+        with lock:
+            if read == written:
+                break
+    assert read == written
+    os.close(w)
+    drain.forget(r)

@@ -7,7 +7,11 @@ host's disk, and reading the file back reads all of it into memory. A pipe
 holds 64 KiB. One thread reads every registered pipe as it fills and hands
 each chunk to its consumer, which keeps what it needs and no more (a tail of
 bounded size, counted violations). A writer that outpaces the thread waits
-for it: a flood slows down; the host does not fill up.
+for it: a flood slows down; the host does not fill up. A pipe may also be read
+at a rate (``watch(..., per_s=...)``): past it the thread leaves the pipe
+unread for a while, so that its writer waits, and what the host spends
+parsing a flood (the Sentry's log: every traced call a JSON record) is bounded
+by the pipe's rate, not by the isolate's CPU.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ import select
 import struct
 import termios
 import threading
+import time
 import weakref
 from collections.abc import Callable
+
+from ..ratelimit import TokenBucket
 
 READ_CHUNK = 65536
 
@@ -32,15 +39,20 @@ class Drain:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._consumers: dict[int, Consumer] = {}
+        self._rates: dict[int, TokenBucket] = {}  # the pipes read at a rate, their bytes
+        self._paused: dict[int, float] = {}  # pipes left unread, until when (monotonic)
         self._lock = threading.Lock()  # one reader of a pipe at a time, so chunks stay in order
         self._thread: threading.Thread | None = None
 
-    def watch(self, fd: int, consume: Consumer) -> None:
+    def watch(self, fd: int, consume: Consumer, per_s: int | None = None) -> None:
         """Take ownership of ``fd`` (a pipe's or FIFO's read end): ``consume`` gets each chunk read
-        from it, in order, from the drain's thread or from a caller of ``flush``."""
+        from it, in order, from the drain's thread or from a caller of ``flush``; by the thread,
+        ``per_s`` bytes a second at most (a second's worth at once), when given."""
         os.set_blocking(fd, False)
         with self._lock:
             self._consumers[fd] = consume
+            if per_s is not None:
+                self._rates[fd] = TokenBucket(per_s, per_s)
             self._epoll.register(fd, select.EPOLLIN)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="stockade-drain", daemon=True)
@@ -67,6 +79,8 @@ class Drain:
         with self._lock:
             if self._consumers.pop(fd, None) is None:
                 return
+            self._rates.pop(fd, None)
+            self._paused.pop(fd, None)
             try:
                 self._epoll.unregister(fd)
             except OSError:
@@ -75,14 +89,17 @@ class Drain:
 
     def _loop(self) -> None:
         while True:
+            with self._lock:
+                wake = min(self._paused.values(), default=None)
             try:
-                events = self._epoll.poll()
+                events = self._epoll.poll(-1 if wake is None else max(0.0, wake - time.monotonic()))
             except InterruptedError:
                 continue
+            self._resume_due()
             for fd, _mask in events:
                 with self._lock:
                     consume = self._consumers.get(fd)
-                    if consume is None:
+                    if consume is None or fd in self._paused:
                         continue
                     chunk = _read(fd, READ_CHUNK)
                     if chunk:
@@ -90,6 +107,7 @@ class Drain:
                             consume(chunk)
                         except Exception:  # noqa: BLE001, S110 - one consumer's bug must not stop every isolate's drain
                             pass
+                        self._charge(fd, len(chunk))
                     elif chunk == b"":
                         # Every writer is gone: stop polling, but leave the fd open. Only the
                         # owner's ``forget`` closes it, so its number cannot be reused (by the
@@ -98,6 +116,26 @@ class Drain:
                             self._epoll.unregister(fd)
                         except OSError:
                             pass
+
+
+    def _charge(self, fd: int, size: int) -> None:
+        """Count ``size`` bytes read from ``fd`` (the lock held): one past its rate is left unread
+        until the rate has paid for what it took."""
+        rate = self._rates.get(fd)
+        if rate is not None and rate.spend(size) < 0:
+            self._paused[fd] = rate.ready_at(0.0)
+            try:
+                self._epoll.unregister(fd)  # not polled at all: a hang-up would be reported meanwhile
+            except OSError:
+                pass  # retired (its writers gone): nothing more to read
+
+    def _resume_due(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            for fd in [fd for fd, due in self._paused.items() if due <= now]:
+                del self._paused[fd]
+                if fd in self._consumers:
+                    self._epoll.register(fd, select.EPOLLIN)
 
 
 def _read(fd: int, size: int) -> bytes | None:

@@ -68,6 +68,10 @@ GVISOR_MIN_MB = 64
 START_TIMEOUT_S = 60.0
 PLATFORM_PROBE_TIMEOUT_S = 20.0
 SENTRY_LOG = "sentry.log"  # a FIFO in the bundle: the Sentry's debug log, drained by the host
+# Bytes a second of it the host reads and parses, a second's worth at once (a start writes ~13 KB;
+# a traced call, ~250 bytes): past it the Sentry waits to write, and the code's next traced call
+# with it. A flood cost the host's one drain thread a third of the CPU the flood took.
+SENTRY_LOG_PER_S = 256 << 10
 STDERR_KEPT = 4096  # bytes of runsc's stderr the host keeps (the last ones)
 LAST_WORDS = 600  # of which an error quotes this many
 # Syscalls gVisor traces for us: a call to one of these is reported, blocked or not.
@@ -135,7 +139,7 @@ class GvisorSandbox(HostedSandbox):
         self._sentry_log = SentryLog()
         self._stderr = Tail(STDERR_KEPT)
         drain().watch(err_fd, self._stderr.feed)
-        drain().watch(log_fd, weak(self._read_log))
+        drain().watch(log_fd, weak(self._read_log), per_s=SENTRY_LOG_PER_S)
 
     def last_words(self) -> str:
         if self.err_fd >= 0:
