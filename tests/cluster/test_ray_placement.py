@@ -269,6 +269,56 @@ def test_a_node_actor_that_dies_on_a_live_node_is_started_again(cluster: LocalRa
     _run(_with_placement(cluster, body))
 
 
+def test_a_node_actor_made_for_a_look_at_the_cluster_that_was_cancelled_is_kept(cluster: LocalRayCluster) -> None:
+    # The actor is made in a thread (GCS calls): a connect (a daemon's start, a reconnect) cancelled
+    # meanwhile left it made and known to nobody, holding its pool and zygotes, and the next claim
+    # made the node another.
+    import threading
+
+    gvisor = Policy(runtime="gvisor", cpu_limit=0.25, memory_mb=256)
+
+    async def body(placement: RayPlacement) -> None:
+        isolate = await placement.acquire(gvisor)
+        assert isinstance(isolate, RayIsolate)
+        node_id = isolate.node
+        os.kill((await isolate._node.actor.describe.remote())["pid"], signal.SIGKILL)
+        assert (await isolate.aexec(["true"])).termination_reason == "lost"
+        await placement.release(isolate)
+        entered, go = threading.Event(), threading.Event()
+        spawn = placement._spawn
+        made: list[Any] = []
+
+        def held_spawn(info: dict[str, Any], runtimes: list[str]) -> Any:
+            entered.set()
+            go.wait(60)
+            made.append(spawn(info, runtimes))
+            return made[-1]
+
+        placement._spawn = held_spawn  # type: ignore[method-assign]
+        try:
+            looking = asyncio.ensure_future(placement.connect())
+            assert await asyncio.to_thread(entered.wait, 60), "no node actor was made again"
+            looking.cancel()
+            await asyncio.gather(looking, return_exceptions=True)
+            go.set()
+            deadline = asyncio.get_running_loop().time() + 60
+            while node_id not in placement._nodes:
+                assert asyncio.get_running_loop().time() < deadline, "the actor made was not kept for its node"
+                await asyncio.sleep(0.05)
+            assert placement._nodes[node_id].actor is made[0]
+            again = await placement.acquire(gvisor)  # served by that actor: no other is made
+            try:
+                assert (await again.aexec(["true"])).termination_reason == "completed"
+            finally:
+                await placement.release(again)
+            assert len(made) == 1
+        finally:
+            go.set()
+            placement._spawn = spawn  # type: ignore[method-assign]
+
+    _run(_with_placement(cluster, body))
+
+
 def test_a_run_nobody_streams_is_one_call_and_given_up_as_a_streamed_one_is(cluster: LocalRayCluster) -> None:
     # Without on_output the result comes in one reply; a caller that goes away leaves the run
     # to end on its node, exactly as when it streamed: the isolate takes no other call meanwhile.
@@ -425,6 +475,27 @@ def test_an_isolate_said_lost_while_its_node_lives_on_is_released_there(cluster:
             node.actor = real
 
     _run(_with_placement(cluster, body))
+
+
+def test_closing_the_placement_leaves_no_release_of_its_own_running(cluster: LocalRayCluster) -> None:
+    # A held isolate said lost was released at the close by a background task begun after the
+    # close had cancelled the others: it tried a killed actor for minutes, or died with the loop.
+    async def scenario() -> None:
+        placement = open_placement({"type": "ray", "address": cluster.address, "pool_size": 1})
+        assert isinstance(placement, RayPlacement)
+        await placement.connect()
+        try:
+            isolate = await placement.acquire(SMALL)
+            assert isinstance(isolate, RayIsolate)
+            unreachable = _RunUnreachable(isolate._node.actor)
+            unreachable.release = _Partitioned(isolate._node.actor.release, unreachable=1_000)  # type: ignore[attr-defined]
+            isolate._node.actor = unreachable
+            assert (await isolate.aexec(["true"])).termination_reason == "lost"
+        finally:
+            await placement.aclose()
+        assert not placement._forgets, placement._forgets
+
+    _run(scenario())
 
 
 def test_a_sandbox_on_the_cluster_reports_the_digest_of_the_policy_it_was_asked_for(cluster: LocalRayCluster) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import socket
@@ -231,9 +232,26 @@ class RayPlacement:
                     k[len(RESOURCE_PREFIX) :] for k in info.get("Resources", {}) if k.startswith(RESOURCE_PREFIX)
                 )
                 if runtimes and info["NodeID"] not in self._nodes:
-                    actor = await _off_loop(self._spawn, info, runtimes)  # named: GCS calls, which may wait
-                    self._nodes[info["NodeID"]] = NodeHandle(info["NodeID"], info["NodeManagerAddress"], actor)
+                    # Named: GCS calls, which may wait. Made whether or not this claim waits for it (its
+                    # caller may go): an actor made for nobody would hold its pool and zygotes for good.
+                    spawning = asyncio.ensure_future(_off_loop(self._spawn, info, runtimes))
+                    spawning.add_done_callback(functools.partial(self._adopt, info))
+                    await asyncio.shield(spawning)
             return self._cluster
+
+    def _adopt(self, info: dict[str, Any], spawning: asyncio.Future[Any]) -> None:
+        """A node actor just made: the node's, unless it has one by now or the placement is closing."""
+        if spawning.cancelled() or spawning.exception() is not None:
+            return
+        actor = spawning.result()
+        if self._closing or info["NodeID"] in self._nodes:
+            import ray
+
+            killing = asyncio.ensure_future(_off_loop(ray.kill, actor))
+            self._claims.add(killing)
+            killing.add_done_callback(self._claims.discard)
+            return
+        self._nodes[info["NodeID"]] = NodeHandle(info["NodeID"], info["NodeManagerAddress"], actor)
 
     def _spawn(self, info: dict[str, Any], runtimes: list[str]) -> Any:
         import ray
@@ -420,7 +438,10 @@ class RayPlacement:
         """A hand-over Ray said failed (the actor unreachable), released on the node in the
         background: had it been made, nobody would hold it. The node remembers one it has not made
         yet. Tried again while the actor cannot be reached (a partition heals), until it answers or is
-        dead; ``aclose`` ends the tries (it kills the actors, and their isolates with them)."""
+        dead; ``aclose`` ends the tries (it kills the actors, and their isolates with them), and
+        none is begun once it has."""
+        if self._closing:
+            return
 
         async def release() -> None:
             import ray.exceptions
