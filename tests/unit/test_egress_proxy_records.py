@@ -196,3 +196,41 @@ def test_a_tunnel_to_a_bound_host_is_recorded_however_it_ends(
     assert len(records) == 2 and all(r.allowed and r.method == "CONNECT" for r in records), records
     assert reasons[0].startswith("TLS with the isolate failed") and "before the tunnel was open" in reasons[1], reasons
     assert refused == []
+
+
+def test_a_value_in_a_reply_headers_name_is_refused_whatever_its_case() -> None:
+    # h11 hands a reply's header names lowercased: a value with a capital in it, lowercased, was
+    # not found there, and reached the isolate as the header's name.
+    value = "sk-MixedCase-Secret-42"
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        for _ in range(2):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                name = value if _ == 0 else value.upper()
+                conn.sendall(
+                    f"HTTP/1.1 200 OK\r\nX-{name}: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".encode()
+                )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    rule = f"127.0.0.1:{port}"
+    policy = Policy(network_policy="allowlist", allowed_hosts=[rule], secrets=[{"name": "KEY", "hosts": [rule]}])
+    gate = Gate(policy, {"KEY": value})
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = proxy().serve(gate, listener)
+    try:
+        for _ in range(2):  # as the host wrote it; all in capitals
+            reply = _exchange(listener.getsockname(), f"GET http://{rule}/ HTTP/1.1\r\nHost: {rule}\r\n\r\n".encode())
+            assert reply.startswith(b"HTTP/1.1 502 ") and b"in a header's name" in reply, reply
+            assert value.lower().encode() not in reply.lower(), reply
+    finally:
+        stop()
+        server.close()
+        thread.join(10)

@@ -191,6 +191,10 @@ class Gate:
         """A reply's head (a header value, the reason): each value back to its handle, counted."""
         return self._reply_head.bytes(data)
 
+    def in_header_name(self, name: bytes) -> bool:
+        """Whether a reply's header name carries a value (in any case: names are case-blind)."""
+        return self._reply_head.found_in_any_case(name)
+
     def reply_redactor(self) -> StreamRedactor | None:
         """For a reply body passing through the proxy: each value back to its handle."""
         if not self.bindings:

@@ -386,7 +386,7 @@ class _Exchange:
                 raise ConnectionError("the host closed without a reply")
             record.status = response.status_code
             redactor = self.gate.reply_redactor()
-            if any(self.gate.redact_reply(n) != n for n, _ in response.headers):
+            if any(self.gate.in_header_name(n) for n, _ in response.headers.raw_items()):
                 # A header's name is no place for a value, and no handle is a header's name.
                 raise _Unreadable("the host answered with a secret's value in a header's name")
             # Every value turned back into its handle, in the head as in the body.

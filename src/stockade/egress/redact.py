@@ -9,6 +9,7 @@ replaces each value and counts the replacements.
 
 from __future__ import annotations
 
+import builtins
 import html
 import json
 import threading
@@ -77,6 +78,12 @@ class Redactor:
                 data = data.replace(value, marker)
         self._tally.add(found)
         return data
+
+    def found_in_any_case(self, data: builtins.bytes) -> bool:
+        """Whether a value appears in ``data`` whatever the case of either (a header's name, which
+        HTTP may lowercase on its way)."""
+        folded = data.lower()
+        return any(value.lower() in folded for value, _ in self._pairs)
 
     def text(self, data: str) -> str:
         if not self._pairs or not data:

@@ -1,4 +1,4 @@
-"""What the HTTP door holds of request bodies being read: bounded, daemon-wide.
+"""What the HTTP door holds of request bodies (read, and held while their requests run): bounded.
 
 Each body is read whole before its route runs (``door.Guard``), up to the
 request cap (16 MiB), over as long as its size allows at the slowest rate a
