@@ -18,15 +18,17 @@ class NotOwnedError(ConfigError):
     """A directory, or one above it, that another user could change (the message says which)."""
 
 
-def check_owned(path: str, what: str) -> None:
+def check_owned(path: str, what: str, sticky: bool = False) -> None:
     """Refuse ``path`` (``what`` names it: a setting, a store) unless it and every directory
     above it are as the module says, as named and where its links lead (each link on the way
-    this user's or root's); a part of it not made yet is checked once it is."""
+    this user's or root's); a part of it not made yet is checked once it is. ``sticky``: ``path``
+    too may be writable by others with the sticky bit (a socket's directory: no other user may
+    move the socket made there)."""
     for way in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
-        _check_way(way, path, what)
+        _check_way(way, path, what, sticky)
 
 
-def _check_way(way: str, path: str, what: str) -> None:
+def _check_way(way: str, path: str, what: str, sticky: bool) -> None:
     me = os.geteuid()
     parts = [p for p in way.split("/") if p]
     walked = "/"
@@ -42,7 +44,7 @@ def _check_way(way: str, path: str, what: str) -> None:
         if not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
             raise NotOwnedError(f"{what} {path}: {walked} is not a directory")
         others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _private_group(st))
-        last = depth == len(parts)
+        last = depth == len(parts) and not sticky
         if (
             not stat.S_ISDIR(st.st_mode)
             or st.st_uid not in (0, me)

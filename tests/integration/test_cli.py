@@ -303,15 +303,18 @@ def test_a_socket_or_policy_file_flag_that_names_nothing_usable_is_refused_by_na
 def test_a_socket_directory_another_could_take_the_name_in_is_refused(tmp_path: Path) -> None:
     # Without XDG_RUNTIME_DIR the default socket falls back to /tmp/stockade-UID, which another user
     # could make first: the daemon listened in it, and its owner put a socket of theirs in its place.
-    open_to_all, theirs = tmp_path / "open", tmp_path / "theirs"
+    open_to_all, theirs, below_theirs = tmp_path / "open", tmp_path / "theirs", tmp_path / "above" / "mine"
     open_to_all.mkdir()
     open_to_all.chmod(0o777)
     theirs.mkdir()
+    below_theirs.mkdir(parents=True)  # mine, in one another user could swap for their own
     if os.geteuid() == 0:
         os.chown(theirs, 65534, 65534)
+        os.chown(below_theirs.parent, 65534, 65534)
     for where, said in [
         (open_to_all, "others may write its directory"),
         *([(theirs, "belongs to uid 65534, who could put a socket of theirs")] if os.geteuid() == 0 else []),
+        *([(below_theirs, f"{below_theirs.parent} belongs to uid 65534")] if os.geteuid() == 0 else []),
     ]:
         r = cli("serve", "--socket", str(where / "d.sock"))
         assert r.returncode == 125 and said in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AUTH_FAILED, UNPROVEN, ConfigError, StockadeError, error_code, public_message, wire_errno
+from ..owned_paths import check_owned
 from ..paths import default_socket_path
 from ..protocol import auth
 from ..protocol.models import Caller
@@ -350,6 +351,9 @@ def _check_socket_dir(path: str) -> None:
             "and put a socket of theirs in the daemon's place: use one only you can write, or one with the "
             "sticky bit (--socket, STOCKADE_SOCKET)"
         )
+    # And above it: a directory another user may change could have this one moved and another put
+    # in its place.
+    check_owned(directory, f"socket path {path!r}: its directory", sticky=True)
 
 
 def _claim_socket_path(path: str) -> None:
