@@ -20,6 +20,7 @@ import pytest
 from stockade import Policy, Sandbox
 from stockade.errors import InvalidRequestError
 from stockade.runtimes.manager import RuntimeManager
+from stockade.sdk import Interpreter
 from tests.conformance.test_run_code_like_python import RUNTIMES
 from tests.conftest import require
 
@@ -475,28 +476,57 @@ def test_a_cells_output_and_results_together_stay_within_one_answer(manager: Run
         raised = py.run("import sys\nsys.stdout.write('a' * (7 << 20))\nraise ValueError('\\u00e9' * 70000)")
         assert len(raised.stdout) == 7 << 20 and raised.exception is not None, raised.error
         assert raised.exception.name == "ValueError" and raised.exception.value == "\u00e9" * 1024
+        named = py.run("import sys\nsys.stdout.write('a' * (7 << 20))\nraise type('E' * (3 << 20), (Exception,), {})()")
+        assert len(named.stdout) == 7 << 20 and named.exception is not None, named.error
+        assert named.exception.name == "E" * 1024, named.exception.name[:80]
         assert [x.text for x in py.run("'kept'").results] == ["'kept'"]
+
+
+def _interrupt_between_cells(sb: Sandbox, py: Interpreter, tag: str) -> None:
+    """A SIGINT to ``py``'s interpreter from a thread its cell left, sent once that cell has ended."""
+    go, sent = f"{sb.scratch_dir}/{tag}-go", f"{sb.scratch_dir}/{tag}-sent"
+    py.run(
+        "import os, signal, threading, time\n"
+        "def interrupt(go, sent):\n    while not os.path.exists(go):\n        time.sleep(0.01)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n    open(sent, 'w').close()\n"
+        f"threading.Thread(target=interrupt, args=({go!r}, {sent!r}), daemon=True).start()"
+    )
+    sb.write_file(go, b"")
+    deadline = time.monotonic() + 60
+    while sb.exec(["test", "-e", sent]).exit_code != 0:
+        assert time.monotonic() < deadline, "the cell's thread never sent its interrupt"
+        time.sleep(0.05)
 
 
 def test_a_cells_own_interrupt_handler_is_the_cells_and_cannot_end_the_interpreter_between_cells(
     sb: Sandbox,
 ) -> None:
     # default_int_handler set by a cell raised between cells (the reply's write, the next cell's
-    # read), where nothing catches it: the interpreter ended, its state lost.
+    # read), where nothing catches it: the interpreter ended, its state lost. An interrupt that
+    # comes between cells is the next cell's, as the cells' own handler takes it.
     with sb.interpreter("handler") as py:
-        py.run("import os, signal, threading\nkept = 'yes'\nsignal.signal(signal.SIGINT, signal.default_int_handler)")
-        go, sent = f"{sb.scratch_dir}/handler-go", f"{sb.scratch_dir}/handler-sent"
-        py.run(  # a thread of the cell's that interrupts its interpreter once told: between cells
-            "def interrupt():\n    while not os.path.exists(GO):\n        time.sleep(0.01)\n"
-            "    os.kill(os.getpid(), signal.SIGINT)\n    open(SENT, 'w').close()\n"
-            f"import time\nGO, SENT = {go!r}, {sent!r}\nthreading.Thread(target=interrupt, daemon=True).start()"
-        )
-        sb.write_file(go, b"")
-        deadline = time.monotonic() + 60
-        while sb.exec(["test", "-e", sent]).exit_code != 0:
-            assert time.monotonic() < deadline, "the cell's thread never sent its interrupt"
-            time.sleep(0.05)
+        py.run("import signal\nkept = 'yes'\nsignal.signal(signal.SIGINT, signal.default_int_handler)")
+        _interrupt_between_cells(sb, py, "default")
         late = py.run("kept")
         assert late.exception is not None and late.exception.name == "KeyboardInterrupt", late
         after = py.run("kept, signal.getsignal(signal.SIGINT) is signal.default_int_handler")
-        assert [x.text for x in after.results] == ["('yes', True)"] and after.execution_count == 4, after
+        assert [x.text for x in after.results] == ["('yes', True)"], after
+        py.run("heard = []\nsignal.signal(signal.SIGINT, lambda *_: heard.append(1))")  # its own handler
+        _interrupt_between_cells(sb, py, "own")
+        assert [x.text for x in py.run("kept, heard").results] == ["('yes', [1])"]
+        py.run("signal.signal(signal.SIGINT, signal.SIG_IGN)")  # ignored
+        _interrupt_between_cells(sb, py, "ignored")
+        ignored = py.run("kept")
+        assert [x.text for x in ignored.results] == ["'yes'"] and ignored.exception is None, ignored
+        py.run("signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})")  # a mask of its own carries on
+        masked = py.run("signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())")
+        assert [x.text for x in masked.results] == ["True"], masked
+
+
+def test_an_interrupt_disposition_set_from_c_is_left_in_place(sb: Sandbox) -> None:
+    # A library that sets SIGINT's handler from C (an embedded runtime): Python's signal module
+    # does not see it, and swapping in the interpreter's own between cells threw it away.
+    with sb.interpreter("from-c") as py:
+        py.run("import ctypes, os, signal\nctypes.CDLL(None).signal(signal.SIGINT, ctypes.c_void_p(1))")  # SIG_IGN
+        survived = py.run("os.kill(os.getpid(), signal.SIGINT)\n'survived'")
+        assert [x.text for x in survived.results] == ["'survived'"], survived

@@ -22,6 +22,7 @@ can write to the reply pipe too.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 
@@ -135,8 +136,8 @@ def _serve(namespace: dict[str, Any]) -> None:
         count += 1
         results.clear()
         if cell.get("drop_interrupt") is True:
-            while signal.SIGINT in signal.sigpending():  # blocked, waiting for the main thread
-                signal.sigwait({signal.SIGINT})
+            while signal.sigtimedwait({signal.SIGINT}, 0) is not None:  # blocked, waiting for the main thread
+                pass
             _heed_signals()  # one a thread took, noted by the C handler only: its Python handler first
             _interrupt.waiting = False
         exception = _run_cell(str(cell.get("code", "")), f"<cell-{count}>", namespace, results)
@@ -149,11 +150,13 @@ def _serve(namespace: dict[str, Any]) -> None:
 
 class _Interrupt:
     """Whether a cell runs (SIGINT raises KeyboardInterrupt in it), whether one came while none did,
-    and the SIGINT handler the cells set (None: the interpreter's own), in place while a cell runs."""
+    and what the cells left of SIGINT for the next cell: the Python handler they set (None: the
+    interpreter's own, or one set from C, which is left in place), and whether they block it."""
 
     running = False
     waiting = False
     cells_handler: Any = None
+    cells_block: bool | None = None
 
 
 _interrupt = _Interrupt()
@@ -171,13 +174,20 @@ def _heed_signals() -> None:
 
 
 def _cells_turn() -> None:
-    """The cells' SIGINT handler back in place, and SIGINT let through: one that waited is this
-    cell's (raised here, in the cell, by the handler)."""
-    if _interrupt.cells_handler is not None:
-        signal.signal(signal.SIGINT, _interrupt.cells_handler)
+    """SIGINT as the cells left it: their handler, their mask. One that came for this cell while
+    none ran (noted by the interpreter's handler) is this cell's: raised here, in the cell, or sent
+    again to the cell's own handler (which may ignore it)."""
+    handler, blocked = _interrupt.cells_handler, _interrupt.cells_block
+    if handler is not None:
+        signal.signal(signal.SIGINT, handler)
         _interrupt.cells_handler = None
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    if _interrupt.waiting:  # sent as the cell was handed over: it is this cell's
+        if _interrupt.waiting:
+            _interrupt.waiting = False
+            signal.pthread_kill(_thread.get_ident(), signal.SIGINT)  # pending until the unblock below
+    _interrupt.cells_block = None
+    if not blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if _interrupt.waiting:
         _interrupt.waiting = False
         raise KeyboardInterrupt
 
@@ -185,11 +195,16 @@ def _cells_turn() -> None:
 def _interpreters_turn() -> None:
     """SIGINT blocked on the main thread and the interpreter's handler in place until the next
     cell, the cell's kept for it: a handler of the cell's (``default_int_handler``) that raised
-    between cells (in the reply's write, the next cell's read) ended the interpreter."""
+    between cells (in the reply's write, the next cell's read) ended the interpreter. Each step
+    may be cut short by a handler of the cell's and taken again (``_run_cell``): each is read
+    before it is changed, and kept before it is."""
+    if _interrupt.cells_block is None:
+        _interrupt.cells_block = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())  # read only
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    previous = signal.signal(signal.SIGINT, _on_interrupt)
-    if previous is not _on_interrupt:
-        _interrupt.cells_handler = previous
+    current = signal.getsignal(signal.SIGINT)
+    if current is not _on_interrupt and current is not None:  # None: one set from C, left to it
+        _interrupt.cells_handler = current
+        signal.signal(signal.SIGINT, _on_interrupt)
 
 
 def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: display.Results) -> Any:
@@ -199,6 +214,7 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: disp
     import linecache
 
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # source lines in tracebacks
+    exception, failed = None, None
     _interrupt.running = True
     try:
         exception = _evaluate(code, filename, namespace, results)
@@ -208,12 +224,8 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: disp
                 stream.flush()  # before the reply: the agent has the cell's output when it reads it
             except Exception:  # noqa: BLE001, S112
                 continue
-        return exception
-    except BaseException as exc:  # noqa: BLE001 - showing the results failed: said plainly, no more of its code run
-        _interrupt.running = False  # before any call: a second interrupt must not end the interpreter here
-        name = _TYPE_NAME.__get__(type(exc), type)
-        said = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        return {"name": name, "value": "", "traceback": f"{name} (the cell's results were being shown: {said})\n"}
+    except BaseException as exc:  # noqa: BLE001 - outside the cell's own code (its results shown): said below
+        failed = exc  # no call here: the cell's handler is still in place
     finally:
         _interrupt.running = False  # no call before it: a signal's handler runs only at a call
         # Each call may run the cell's handler for a SIGINT that came just then, which may raise:
@@ -225,6 +237,12 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: disp
                 _interpreters_turn()
             except BaseException:  # noqa: BLE001, S110
                 pass
+    if failed is not None:
+        name = _TYPE_NAME.__get__(type(failed), type)[:1024]
+        said = "interrupted" if isinstance(failed, KeyboardInterrupt) else "failed"
+        return {"name": name, "value": "", "traceback": f"{name} (outside the cell's code, as it began or its "
+                f"results were shown: {said})\n"}  # fmt: skip
+    return exception
 
 
 def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: display.Results) -> Any:
@@ -313,7 +331,7 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
     except Exception:  # noqa: BLE001
         lines = f"{name}: {value}\n"
     said: dict[str, Any] = {
-        "name": name,
+        "name": name[:1024],  # a class may be named anything, at any length
         "value": value[: display.TEXT_MAX],
         "traceback": lines[-display.TEXT_MAX :],
     }

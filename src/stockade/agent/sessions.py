@@ -294,10 +294,11 @@ def _within_frame(cell: dict[str, Any] | None, room: int) -> dict[str, Any] | No
     if isinstance(exception, dict) and len(jsoncodec.dumps(exception)) > _EXCEPTION_ROOM:
         # Its text (64 Ki characters each, up to 12 bytes a character as JSON writes them): its start
         # and its traceback's end, where the cell's own frame and the exception are.
-        value, trace = exception.get("value"), exception.get("traceback")
-        exception = {**exception, "value": value[:1024] if isinstance(value, str) else value,
-                     "traceback": trace[-4096:] if isinstance(trace, str) else trace}  # fmt: skip
+        cut = {"name": slice(0, 1024), "value": slice(0, 1024), "traceback": slice(-4096, None)}
+        exception = {k: v[cut[k]] if k in cut and isinstance(v, str) else v for k, v in exception.items()}
     rest = len(jsoncodec.dumps({**cell, "outputs": [], "exception": exception}))
+    if rest > room:  # more than its output leaves, in what no cell of the kernel's holds: none of it
+        return {**cell, "outputs": [], "exception": None}
     why = f"with the cell's output, an answer is limited to {wire.MAX_FRAME} bytes"
     kept = display.fitted(outputs if isinstance(outputs, list) else [], room - rest, 0, why)
     return {**cell, "outputs": kept, "exception": exception}
