@@ -54,6 +54,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("stockade.publish")
 _CHUNK = 65536
 MAX_CONNECTIONS = 64  # relayed at once per published port (each takes two host threads)
+# Relayed at once by this process, every port of every isolate together: anyone on the host may
+# open connections to a published port, and each takes two descriptors (the daemon's soft limit
+# is systemd's 1,024) and two threads.
+MAX_RELAYED = 256
+_relayed = threading.BoundedSemaphore(MAX_RELAYED)
 # Once one side of a connection has ended (its client closed, or half-closed), how long the other
 # may go without a byte before the connection ends: a client's close is a half-close as far as TCP
 # tells, and a server inside that never closes its side held the relay, its slot and the sandbox's
@@ -92,6 +97,11 @@ def parse_publish(spec: int | str) -> tuple[str, int, int]:
     if not loopback:
         raise InvalidRequestError(f"publish {spec!r}: the host side must be a loopback address, not {address}")
     return address, host_port, port
+
+
+# How long an accept that failed (no descriptor, no memory) waits before the next, doubling to the most.
+_ACCEPT_PAUSE_S = 0.05
+_ACCEPT_PAUSE_MAX_S = 1.0
 
 
 class _PublishedPort:
@@ -140,20 +150,39 @@ class _PublishedPort:
             _shut(sock)  # their relays end at once, not after their client's next byte
 
     def _accept(self) -> None:
+        pause = _ACCEPT_PAUSE_S
         while True:
             try:
                 client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._closed.is_set():
+                    return
+                # Out of descriptors or memory for a moment (EMFILE, ENFILE, ENOBUFS: anyone on the
+                # host may open connections to the port): the port serves again once there are some.
+                log.warning("published port %s: accept failed (%s), trying again", self.address, exc.strerror)
+                self._closed.wait(pause)
+                pause = min(pause * 2, _ACCEPT_PAUSE_MAX_S)
+                continue
+            pause = _ACCEPT_PAUSE_S
             if not self._slots.acquire(blocking=False):
                 _refuse(client)  # as many as it serves at once are open
                 continue
-            threading.Thread(target=self._serve_one, args=(client,), daemon=True).start()
+            if not _relayed.acquire(blocking=False):
+                self._slots.release()
+                _refuse(client)  # as many as the host relays at once are open
+                continue
+            try:
+                threading.Thread(target=self._serve_one, args=(client,), daemon=True).start()
+            except RuntimeError:  # no thread to be had now: this one refused, its slots given back
+                _relayed.release()
+                self._slots.release()
+                _refuse(client)
 
     def _serve_one(self, client: socket.socket) -> None:
         try:
             self._serve(client)
         finally:
+            _relayed.release()
             self._slots.release()
 
     def _keep(self, *sockets: socket.socket, reached: bool = True) -> bool:
