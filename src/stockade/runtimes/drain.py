@@ -117,7 +117,6 @@ class Drain:
                         except OSError:
                             pass
 
-
     def _charge(self, fd: int, size: int) -> None:
         """Count ``size`` bytes read from ``fd`` (the lock held): one past its rate is left unread
         until the rate has paid for what it took."""
