@@ -205,14 +205,14 @@ def test_a_value_in_a_reply_headers_name_is_refused_whatever_its_case() -> None:
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
-        for _ in range(2):
+        for i in range(2):
             try:
-                conn, _ = server.accept()
+                conn, _address = server.accept()
             except OSError:
                 return
             with conn:
                 conn.recv(65536)
-                name = value if _ == 0 else value.upper()
+                name = value if i == 0 else value.upper()
                 conn.sendall(
                     f"HTTP/1.1 200 OK\r\nX-{name}: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".encode()
                 )
