@@ -236,6 +236,8 @@ class RayPlacement:
                     # caller may go): an actor made for nobody would hold its pool and zygotes for good.
                     spawning = asyncio.ensure_future(_off_loop(self._spawn, info, runtimes))
                     spawning.add_done_callback(functools.partial(self._adopt, info))
+                    self._claims.add(spawning)  # aclose waits for it: the actor is then killed
+                    spawning.add_done_callback(self._claims.discard)
                     await asyncio.shield(spawning)
             return self._cluster
 
@@ -244,7 +246,8 @@ class RayPlacement:
         if spawning.cancelled() or spawning.exception() is not None:
             return
         actor = spawning.result()
-        if self._closing or info["NodeID"] in self._nodes:
+        known = self._nodes.get(info["NodeID"])
+        if self._closing or (known is not None and not known.dead):
             import ray
 
             killing = asyncio.ensure_future(_off_loop(ray.kill, actor))
