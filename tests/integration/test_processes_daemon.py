@@ -69,6 +69,13 @@ def test_spawn_write_read_wait_kill_and_status(http: tuple[Daemon, httpx.Client]
     assert client.post(f"{base}/{handle}/kill", params={"signal": "SIGSEGV"}).status_code == 422
     assert client.post(f"{base}/{handle}/wait", params={"timeout": 601}).status_code == 422
     assert client.post(base, json={"command": []}).status_code == 422
+    # An argv of MBs is remembered cut: 256 of them held half a GiB, all of it in each status answer.
+    long = client.post(base, json={"command": ["true", "a" * (100 << 10), *["b" * 100] * 100]}).json()
+    assert long["argv"][:2] == ["true", "a" * 1024 + "…"] and long["argv"][-1] == "…", long["argv"][:3]
+    assert sum(map(len, long["argv"])) < 4200
+    with Client(daemon.socket_path) as rpc:
+        (shown,) = [s for s in rpc.status()["active_sandboxes"] if s["sandbox_id"] == sandbox]
+    assert [p["argv"] for p in shown["processes"] if p["handle"] == long["handle"]] == [long["argv"]]
     assert client.delete(f"/api/v1/sandboxes/{sandbox}").status_code == 200
 
 

@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # Processes of one held sandbox the daemon remembers (the agent holds at most 64 live ones).
 MAX_REMEMBERED = 256
+# Characters of a process's argv the daemon keeps (and answers, in status too), each argument 1 KiB
+# at most: an argv may be ~2 MiB, and 256 of them were half a GiB of the daemon's memory, all of it
+# in every answer to status.
+ARGV_KEPT = 4096
+ARG_KEPT = 1024
 # Ports one held sandbox may publish: each is a listener of the daemon's, and up to 64
 # connections relayed at once, two daemon threads each.
 MAX_PUBLISHED = 16
@@ -69,6 +74,7 @@ class BackgroundProcesses:
             process: Process = await self._blocking(
                 held.sandbox.spawn, request.command, stdin=request.stdin_bytes(), env=request.env, cwd=request.cwd
             )
+            process.argv = kept_argv(process.argv)
             held.processes[process.handle] = process
             _prune(held.processes)
             # Metadata only, as for a run: the program, never its arguments (code, often) or input.
@@ -181,6 +187,20 @@ class BackgroundProcesses:
             return ProcessList(sandbox_id=held.sandbox_id, processes=[_info(p) for p in held.processes.values()])
 
         return await self._held_call(request, caller, listing)
+
+
+def kept_argv(argv: list[str]) -> list[str]:
+    """``argv`` as the daemon remembers it: each argument cut at ARG_KEPT characters, the whole at
+    ARGV_KEPT, ``…`` where something was cut."""
+    kept, left = [], ARGV_KEPT
+    for arg in argv:
+        if left <= 0:
+            kept.append("…")
+            break
+        piece = arg[: min(left, ARG_KEPT)]
+        kept.append(piece if len(piece) == len(arg) else piece + "…")
+        left -= len(piece)
+    return kept
 
 
 def _prune(processes: dict[str, Process]) -> None:
