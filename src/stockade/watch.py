@@ -67,9 +67,9 @@ class _AsyncSpawned(Protocol):  # AsyncProcess, AsyncRemoteProcess
 def watched_path(path: str) -> str:
     """``path`` as the watcher is given it, and names what is below it: absolute, in its plain form
     (``/w//d/`` is ``/w/d``), so that each event's path is one the host checks as below it."""
-    if not isinstance(path, str) or not path.startswith("/"):
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         raise ValueError(f"path must be an absolute path inside the sandbox, not {path!r}")
-    return posixpath.normpath(path)
+    return "/" + posixpath.normpath(path).lstrip("/")  # POSIX keeps a leading "//" apart: not here
 
 
 def watcher_command(path: str, recursive: bool, kinds: Iterable[str] | None) -> tuple[list[str], bytes]:
@@ -141,7 +141,8 @@ class _Lines:
     def _inside(self, path: str) -> bool:
         if path in (self.path, self._root):
             return True
-        return path.startswith(self._below) and posixpath.normpath(path) == path
+        # No name holds a NUL: a path with one is made up (the watcher's output is the sandbox's).
+        return path.startswith(self._below) and "\0" not in path and posixpath.normpath(path) == path
 
     def feed_read(self, stdout: bytes, stderr: bytes, dropped: dict[str, int]) -> None:
         """What one ``read()`` of the watcher gave (its stderr kept for an early end's error),

@@ -14,7 +14,7 @@ from stockade import AsyncSandbox, FileEvent, Policy, Sandbox
 from stockade.client import AsyncClient, Client
 from stockade.errors import PathNotFoundError
 from stockade.runtimes.manager import RuntimeManager
-from stockade.watch import MAX_LINE, FileWatch, _Lines
+from stockade.watch import MAX_LINE, FileWatch, _Lines, watched_path
 from tests.conftest import require
 from tests.daemon_harness import Daemon, start_daemon
 
@@ -170,12 +170,16 @@ def test_the_host_reads_the_watchers_output_as_untrusted_lines() -> None:
     # or named another way than the watcher names one, is not kept (a caller copying by it followed "..").
     forged = _Lines("/w/")
     forged.feed(b'{"ready": 1}\n')
-    for path in ("/etc/passwd", "../../host/x", "/w/../etc", "/w//x", "/wx", "w/x", "/w/./x"):
+    for path in ("/etc/passwd", "../../host/x", "/w/../etc", "/w//x", "/wx", "w/x", "/w/./x", "/w/a\0b"):
         forged.feed(json.dumps({"kind": "deleted", "path": path, "dir": False}).encode() + b"\n")
-    assert forged.take() == [] and forged.lost == 7
+    assert forged.take() == [] and forged.lost == 8  # no name holds a NUL
     for path in ("/w/", "/w", "/w/a b\nc", "/w/d/e"):  # the root as given or named, and names of any bytes
         forged.feed(json.dumps({"kind": "lost", "path": path, "dir": True}).encode() + b"\n")
     assert [e.path for e in forged.take()] == ["/w/", "/w", "/w/a b\nc", "/w/d/e"]
+    # A path given with a leading "//" (POSIX keeps one apart) is watched, and named, as "/".
+    assert watched_path("//w/d/") == "/w/d" and watched_path("///w") == "/w"
+    with pytest.raises(ValueError, match="absolute path"):
+        watched_path("/w/a\0b")
 
 
 @pytest.fixture
