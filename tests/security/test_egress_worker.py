@@ -306,10 +306,16 @@ def test_the_fork_server_imports_nothing_from_its_keepers_script_directory(tmp_p
         with open(script, "w") as f:
             f.write(
                 textwrap.dedent("""
+                import time
                 from stockade.egress.workers import fork_server
                 server = fork_server()
-                with open(f"/proc/{server._proc.pid}/environ", "rb") as environ:
-                    said = dict(v.split(b"=", 1) for v in environ.read().split(b"\\0") if b"=" in v)
+                # Popen returns once the exec has closed its error pipe, which is before the kernel
+                # has written the new program's environment: until then /proc says none.
+                deadline = time.monotonic() + 30
+                while not (raw := open(f"/proc/{server._proc.pid}/environ", "rb").read()):
+                    assert time.monotonic() < deadline, "the fork server never showed an environment"
+                    time.sleep(0.01)
+                said = dict(v.split(b"=", 1) for v in raw.split(b"\\0") if b"=" in v)
                 print(said[b"PYTHONPATH"].decode())
             """)
             )
