@@ -530,3 +530,38 @@ def test_an_interrupt_disposition_set_from_c_is_left_in_place(sb: Sandbox) -> No
         py.run("import ctypes, os, signal\nctypes.CDLL(None).signal(signal.SIGINT, ctypes.c_void_p(1))")  # SIG_IGN
         survived = py.run("os.kill(os.getpid(), signal.SIGINT)\n'survived'")
         assert [x.text for x in survived.results] == ["'survived'"], survived
+
+
+# A program that sends SIGINT to the pid it is given, as fast as it can, for 1.5 s.
+FLOOD = (
+    "import os, sys, time\nend = time.monotonic() + 1.5\n"
+    "while time.monotonic() < end:\n    os.kill(int(sys.argv[1]), 2)"
+)
+
+
+def test_a_flood_of_interrupts_ends_cells_not_their_interpreter(sb: Sandbox) -> None:
+    # With default_int_handler set by a cell, a burst of SIGINTs (a host's interrupt frames, a
+    # thread's) found it in place between cells, where its KeyboardInterrupt ended the interpreter.
+    with sb.interpreter("flood") as py:
+        py.run("import os, signal, subprocess, sys\nkept = 'yes'")
+        py.run("signal.signal(signal.SIGINT, signal.default_int_handler)")
+        py.run(f"flood = subprocess.Popen([sys.executable, '-c', {FLOOD!r}, str(os.getpid())])")
+        for _ in range(10):  # cells in the flood: each may be interrupted, none ends the interpreter
+            py.run("1")
+        deadline = time.monotonic() + 60
+        while [x.text for x in py.run("flood.poll()").results] != ["0"]:  # until the flood has ended
+            assert time.monotonic() < deadline, "the flood never ended"
+            time.sleep(0.1)
+        after = py.run("kept")
+        assert [x.text for x in after.results] == ["'yes'"] and after.execution_count > 13, after
+
+
+def test_an_event_loops_interrupt_handler_hears_an_interrupt_between_cells_once(sb: Sandbox) -> None:
+    with sb.interpreter("loop-handler") as py:
+        py.run(
+            "import asyncio, signal\nheard = []\nawait asyncio.sleep(0)\n"
+            "asyncio.get_running_loop().add_signal_handler(signal.SIGINT, lambda: heard.append(1))"
+        )  # (a last expression too is taken in the cell's coroutine, the loop running)
+        _interrupt_between_cells(sb, py, "loop")
+        heard = py.run("await asyncio.sleep(0.2)\nheard")
+        assert [x.text for x in heard.results] == ["[1]"] and heard.exception is None, heard

@@ -10,11 +10,13 @@ results, and the bounds of the reply that carries them, are display.py's.
 stdout and stderr go to pipes the agent reads as for any run.
 
 SIGINT interrupts the cell that runs (KeyboardInterrupt), showing its results
-included, and nothing else. Between cells the main thread blocks it and the
-interpreter's own handler is in place, whatever handler a cell set (it is put
-back for the next cell): one the kernel gives to a thread a cell left running
-is only noted, and one that arrived late is discarded before the next cell,
-so the namespace survives an interrupt.
+included, and nothing else. The interpreter's own handler stays in place: a
+cell's ``signal.signal(SIGINT, ...)`` is kept by the kernel and used while a
+cell runs (``getsignal`` says it), so that between cells, where a handler's
+exception would end the interpreter, none of the cell's runs. There the main
+thread also blocks SIGINT; one the kernel gives to a thread a cell left running
+is only noted, and one that arrived late is discarded before the next cell, so
+the namespace survives an interrupt.
 
 The agent treats the reply as untrusted, as everything from inside: the cell
 can write to the reply pipe too.
@@ -22,7 +24,6 @@ can write to the reply pipe too.
 
 from __future__ import annotations
 
-import _thread
 import os
 import sys
 
@@ -123,7 +124,8 @@ def _serve(namespace: dict[str, Any]) -> None:
     # A cell's output comes as it is printed, line by line, as a notebook's does (run_code's too
     # when streamed): a cell that prints and sleeps is watched, not heard from at its end.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    signal.signal(signal.SIGINT, _on_interrupt)  # blocked since the fork (start) until a cell runs
+    _set_handler(signal.SIGINT, _on_interrupt)  # blocked since the fork (start) until a cell runs
+    signal.signal, signal.getsignal = _cells_signal, _cells_getsignal  # the signal module's too: it calls these
     results = display.Results()
     namespace["display"] = results.display
     count = 0
@@ -149,24 +151,52 @@ def _serve(namespace: dict[str, Any]) -> None:
 
 
 class _Interrupt:
-    """Whether a cell runs (SIGINT raises KeyboardInterrupt in it), whether one came while none did,
-    and what the cells left of SIGINT for the next cell: the Python handler they set (None: the
-    interpreter's own, or one set from C, which is left in place), and whether they block it."""
+    """Whether a cell runs (SIGINT is the cell's then), whether one came while none did, and what
+    the cells left of SIGINT for the next cell: their handler, and whether they block it."""
 
     running = False
     waiting = False
-    cells_handler: Any = None
+    cells_handler: Any = signal.default_int_handler
     cells_block: bool | None = None
 
 
 _interrupt = _Interrupt()
+_set_handler, _get_handler = signal.signal, signal.getsignal  # the originals, before the cells' replace them
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
-    # Python runs a signal's handler in the main thread, whichever thread the kernel gave it to.
-    if _interrupt.running:
-        raise KeyboardInterrupt
-    _interrupt.waiting = True
+    """SIGINT, the interpreter's only handler: Python runs it in the main thread, whichever thread
+    the kernel gave the signal to. In a cell, what the cells' handler says; between cells, noted."""
+    if not _interrupt.running:
+        _interrupt.waiting = True
+        return
+    handler = _interrupt.cells_handler
+    if isinstance(handler, int) and handler == signal.SIG_IGN:
+        return
+    if isinstance(handler, int) and handler == signal.SIG_DFL:  # as asked: the interpreter ends, as a program would
+        _set_handler(signal.SIGINT, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGINT)
+        return
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, frame)
+        return
+    raise KeyboardInterrupt
+
+
+def _cells_signal(signalnum: int, handler: Any) -> Any:
+    """``signal.signal`` in the interpreter: SIGINT's handler is kept for the cells (``_on_interrupt``
+    uses it), the others set as they would be."""
+    if signalnum != signal.SIGINT:
+        return _set_handler(signalnum, handler)
+    _set_handler(signal.SIGINT, _on_interrupt)  # Python's own checks: the main thread only; pending handlers run
+    if not callable(handler) and not (isinstance(handler, int) and handler in (signal.SIG_IGN, signal.SIG_DFL)):
+        raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
+    previous, _interrupt.cells_handler = _interrupt.cells_handler, handler
+    return previous
+
+
+def _cells_getsignal(signalnum: int) -> Any:
+    return _interrupt.cells_handler if signalnum == signal.SIGINT else _get_handler(signalnum)
 
 
 def _heed_signals() -> None:
@@ -174,37 +204,22 @@ def _heed_signals() -> None:
 
 
 def _cells_turn() -> None:
-    """SIGINT as the cells left it: their handler, their mask. One that came for this cell while
-    none ran (noted by the interpreter's handler) is this cell's: raised here, in the cell, or sent
-    again to the cell's own handler (which may ignore it)."""
-    handler, blocked = _interrupt.cells_handler, _interrupt.cells_block
-    if handler is not None:
-        signal.signal(signal.SIGINT, handler)
-        _interrupt.cells_handler = None
-        if _interrupt.waiting:
-            _interrupt.waiting = False
-            signal.pthread_kill(_thread.get_ident(), signal.SIGINT)  # pending until the unblock below
-    _interrupt.cells_block = None
+    """SIGINT let through as the cells left its mask; one that came for this cell while none ran
+    (noted by the handler) is this cell's, as its handler says."""
+    blocked, _interrupt.cells_block = _interrupt.cells_block, None
     if not blocked:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if _interrupt.waiting:
         _interrupt.waiting = False
-        raise KeyboardInterrupt
+        _on_interrupt(signal.SIGINT, None)
 
 
 def _interpreters_turn() -> None:
-    """SIGINT blocked on the main thread and the interpreter's handler in place until the next
-    cell, the cell's kept for it: a handler of the cell's (``default_int_handler``) that raised
-    between cells (in the reply's write, the next cell's read) ended the interpreter. Each step
-    may be cut short by a handler of the cell's and taken again (``_run_cell``): each is read
-    before it is changed, and kept before it is."""
+    """SIGINT blocked on the main thread until the next cell (its mask as the cell left it, kept).
+    A handler runs here only as the interpreter's: it notes, it does not raise."""
     if _interrupt.cells_block is None:
         _interrupt.cells_block = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())  # read only
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    current = signal.getsignal(signal.SIGINT)
-    if current is not _on_interrupt and current is not None:  # None: one set from C, left to it
-        _interrupt.cells_handler = current
-        signal.signal(signal.SIGINT, _on_interrupt)
 
 
 def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: display.Results) -> Any:
@@ -225,18 +240,10 @@ def _run_cell(code: str, filename: str, namespace: dict[str, Any], results: disp
             except Exception:  # noqa: BLE001, S112
                 continue
     except BaseException as exc:  # noqa: BLE001 - outside the cell's own code (its results shown): said below
-        failed = exc  # no call here: the cell's handler is still in place
+        failed = exc  # no call here: a SIGINT is still the cell's
     finally:
         _interrupt.running = False  # no call before it: a signal's handler runs only at a call
-        # Each call may run the cell's handler for a SIGINT that came just then, which may raise:
-        # once more (it is taken by then; the agent sends another only half a second later).
-        try:
-            _interpreters_turn()
-        except BaseException:  # noqa: BLE001
-            try:
-                _interpreters_turn()
-            except BaseException:  # noqa: BLE001, S110
-                pass
+        _interpreters_turn()
     if failed is not None:
         name = _TYPE_NAME.__get__(type(failed), type)[:1024]
         said = "interrupted" if isinstance(failed, KeyboardInterrupt) else "failed"
@@ -253,15 +260,19 @@ def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: disp
     try:
         _cells_turn()
         tree = ast.parse(code, filename)
-        value_code = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):  # the last expression's value is the result
-            last = tree.body.pop()
+        shows = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)  # the last expression's value is the result
+        if shows:
+            # Kept by the cell's own code, so that it is taken where the rest runs (in the cell's
+            # coroutine, when it awaits: its loop running, as in a notebook).
+            last = tree.body[-1]
             assert isinstance(last, ast.Expr)
-            value_code = compile(ast.Expression(last.value), filename, "eval", flags, dont_inherit=True)
-        body = compile(tree, filename, "exec", flags, dont_inherit=True)
-        _run(body, namespace)
-        value = _run(value_code, namespace) if value_code else None
-        if value_code is not None and _ends_quietly(code):
+            kept = ast.Assign(targets=[ast.Name(id=_VALUE, ctx=ast.Store())], value=last.value)
+            tree.body[-1] = ast.copy_location(kept, last)
+            ast.fix_missing_locations(tree)
+        namespace.pop(_VALUE, None)
+        _run(compile(tree, filename, "exec", flags, dont_inherit=True), namespace)
+        value = namespace.pop(_VALUE, None)
+        if shows and _ends_quietly(code):
             value = None  # a notebook's "x;": the value is not shown
         if value is not None:
             namespace["_"] = value
@@ -271,6 +282,7 @@ def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: disp
         return _exception(exc, filename)
 
 
+_VALUE = "__stockade_cell_value__"  # where a cell's code leaves its last expression's value
 _loop: Any = None  # the interpreter's event loop, made at its first awaiting cell: tasks outlive a cell
 
 
