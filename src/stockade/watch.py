@@ -142,7 +142,12 @@ class _Lines:
         if path in (self.path, self._root):
             return True
         # No name holds a NUL: a path with one is made up (the watcher's output is the sandbox's).
-        return path.startswith(self._below) and "\0" not in path and posixpath.normpath(path) == path
+        return (
+            path.startswith(self._below)
+            and not path.startswith("//")  # (normpath keeps a leading "//" apart: named so, it is made up)
+            and "\0" not in path
+            and posixpath.normpath(path) == path
+        )
 
     def feed_read(self, stdout: bytes, stderr: bytes, dropped: dict[str, int]) -> None:
         """What one ``read()`` of the watcher gave (its stderr kept for an early end's error),

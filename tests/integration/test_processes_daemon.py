@@ -73,6 +73,8 @@ def test_spawn_write_read_wait_kill_and_status(http: tuple[Daemon, httpx.Client]
     long = client.post(base, json={"command": ["true", "a" * (100 << 10), *["b" * 100] * 100]}).json()
     assert long["argv"][:2] == ["true", "a" * 1024 + "…"] and long["argv"][-1] == "…", long["argv"][:3]
     assert sum(map(len, long["argv"])) < 4200
+    empty = client.post(base, json={"command": ["true", *[""] * 10_000]}).json()["argv"]
+    assert len(empty) < 4200 and empty[-1] == "…", len(empty)
     with Client(daemon.socket_path) as rpc:
         (shown,) = [s for s in rpc.status()["active_sandboxes"] if s["sandbox_id"] == sandbox]
     assert [p["argv"] for p in shown["processes"] if p["handle"] == long["handle"]] == [long["argv"]]

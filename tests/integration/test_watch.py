@@ -176,6 +176,10 @@ def test_the_host_reads_the_watchers_output_as_untrusted_lines() -> None:
     for path in ("/w/", "/w", "/w/a b\nc", "/w/d/e"):  # the root as given or named, and names of any bytes
         forged.feed(json.dumps({"kind": "lost", "path": path, "dir": True}).encode() + b"\n")
     assert [e.path for e in forged.take()] == ["/w/", "/w", "/w/a b\nc", "/w/d/e"]
+    root = _Lines("/")  # a watch of "/": what is below it is named with one "/" first
+    root.feed(b'{"ready": 1}\n{"kind": "created", "path": "//x", "dir": false}\n')
+    root.feed(b'{"kind": "created", "path": "/x", "dir": false}\n')
+    assert [e.path for e in root.take()] == ["/x"] and root.lost == 1
     # A path given with a leading "//" (POSIX keeps one apart) is watched, and named, as "/".
     assert watched_path("//w/d/") == "/w/d" and watched_path("///w") == "/w"
     with pytest.raises(ValueError, match="absolute path"):

@@ -199,7 +199,7 @@ def kept_argv(argv: list[str]) -> list[str]:
             break
         piece = arg[: min(left, ARG_KEPT)]
         kept.append(piece if len(piece) == len(arg) else piece + "…")
-        left -= len(piece)
+        left -= len(piece) + 1  # and its place: 200,000 empty arguments are an argv too
     return kept
 
 

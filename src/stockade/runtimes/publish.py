@@ -245,7 +245,7 @@ class Forwarder(_PublishedPort):
             self._busy += 1
         try:
             inner = connect_inside(self.pidfd, self.port)
-        except (OSError, SandboxError) as exc:  # nothing listens there (yet): this connection ends
+        except (OSError, SandboxError, RuntimeError) as exc:  # nothing listens there (yet), no thread: it ends
             log.info("published port %s: %s", self.port, exc)
             _refuse(client)
             return
@@ -257,8 +257,13 @@ class Forwarder(_PublishedPort):
             _refuse(client)
             _shut(inner)
             return
-        _relay(client, inner)
-        self._forget(client, inner)
+        try:
+            _relay(client, inner)
+        except RuntimeError:  # its second thread could not start: refused, as one past the cap is
+            _refuse(client)
+            _shut(inner)
+        finally:
+            self._forget(client, inner)
         client.close()
         inner.close()
 
