@@ -565,3 +565,42 @@ def test_an_event_loops_interrupt_handler_hears_an_interrupt_between_cells_once(
         _interrupt_between_cells(sb, py, "loop")
         heard = py.run("await asyncio.sleep(0.2)\nheard")
         assert [x.text for x in heard.results] == ["[1]"] and heard.exception is None, heard
+
+
+def test_interrupt_dispositions_a_cell_sets_hold_as_in_python(sb: Sandbox) -> None:
+    with sb.interpreter("dispositions") as py:
+        py.run("import _thread, os, signal, subprocess, sys, threading, time")
+        # An ignore is the process's own: a program the cell starts inherits it.
+        survived = py.run(
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "subprocess.run(['sh', '-c', 'kill -INT $$; echo survived'], capture_output=True).stdout"
+        )
+        assert [x.text for x in survived.results] == ["b'survived\\n'"], survived
+        # With SIG_DFL, interrupt_main does nothing (as Python's since 3.10): it ended the interpreter.
+        quiet = py.run("signal.signal(signal.SIGINT, signal.SIG_DFL)\n_thread.interrupt_main()\ntime.sleep(0.1)\n'ok'")
+        assert [x.text for x in quiet.results] == ["'ok'"] and quiet.execution_count == 3, quiet
+        # A refusal names the cell's own frames only.
+        refused = py.run("signal.signal(signal.SIGINT, None)")
+        assert refused.exception is not None and refused.exception.name == "TypeError", refused
+        assert "/.stockade/" not in refused.exception.traceback, refused.exception.traceback
+        py.run("signal.signal(signal.SIGINT, signal.default_int_handler)")
+        # A process a cell's thread forks between cells is interrupted as any Python program is.
+        go, forked = f"{sb.scratch_dir}/fork-go", f"{sb.scratch_dir}/fork-pid"
+        py.run(
+            "def fork_later(go, forked):\n    while not os.path.exists(go):\n        time.sleep(0.01)\n"
+            "    pid = os.fork()\n    if pid == 0:\n        try:\n            time.sleep(30)\n"
+            "        except KeyboardInterrupt:\n            os._exit(7)\n        os._exit(0)\n"
+            "    with open(forked + '.tmp', 'w') as f:\n        f.write(str(pid))\n"
+            "    os.rename(forked + '.tmp', forked)\n"
+            f"threading.Thread(target=fork_later, args=({go!r}, {forked!r}), daemon=True).start()"
+        )
+        sb.write_file(go, b"")
+        deadline = time.monotonic() + 60
+        while sb.exec(["test", "-e", forked]).exit_code != 0:
+            assert time.monotonic() < deadline, "the cell's thread never forked"
+            time.sleep(0.05)
+        child = py.run(
+            f"pid = int(open({forked!r}).read())\ntime.sleep(0.5)\nos.kill(pid, signal.SIGINT)\n"
+            "os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])"
+        )
+        assert [x.text for x in child.results] == ["7"], child

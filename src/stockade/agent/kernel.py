@@ -126,6 +126,7 @@ def _serve(namespace: dict[str, Any]) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     _set_handler(signal.SIGINT, _on_interrupt)  # blocked since the fork (start) until a cell runs
     signal.signal, signal.getsignal = _cells_signal, _cells_getsignal  # the signal module's too: it calls these
+    os.register_at_fork(after_in_child=_as_cells_set_it)
     results = display.Results()
     namespace["display"] = results.display
     count = 0
@@ -184,19 +185,32 @@ def _on_interrupt(signum: int, frame: Any) -> None:
 
 
 def _cells_signal(signalnum: int, handler: Any) -> Any:
-    """``signal.signal`` in the interpreter: SIGINT's handler is kept for the cells (``_on_interrupt``
-    uses it), the others set as they would be."""
+    """``signal.signal`` in the interpreter: a SIGINT function is kept for the cells (``_on_interrupt``
+    calls it), ``SIG_IGN`` and ``SIG_DFL`` set as they are (no handler of the cells' runs then, and
+    programs started inherit an ignore); every other signal's handler set as it would be."""
+    _get_handler(signalnum)  # Python's own refusal of what is no signal number
     if signalnum != signal.SIGINT:
         return _set_handler(signalnum, handler)
     _set_handler(signal.SIGINT, _on_interrupt)  # Python's own checks: the main thread only; pending handlers run
-    if not callable(handler) and not (isinstance(handler, int) and handler in (signal.SIG_IGN, signal.SIG_DFL)):
+    plain = isinstance(handler, int) and handler in (signal.SIG_IGN, signal.SIG_DFL)
+    if not callable(handler) and not plain:
         raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
     previous, _interrupt.cells_handler = _interrupt.cells_handler, handler
+    if plain:
+        _set_handler(signal.SIGINT, handler)
     return previous
 
 
 def _cells_getsignal(signalnum: int) -> Any:
+    _get_handler(signalnum)  # Python's own refusal of what is no signal number
     return _interrupt.cells_handler if signalnum == signal.SIGINT else _get_handler(signalnum)
+
+
+def _as_cells_set_it() -> None:
+    """In a process a cell forks: SIGINT as the cells set it, and Python's own signal functions (no
+    cell of this interpreter's runs there, and none ends between cells)."""
+    signal.signal, signal.getsignal = _set_handler, _get_handler
+    _set_handler(signal.SIGINT, _interrupt.cells_handler)
 
 
 def _heed_signals() -> None:
@@ -359,14 +373,14 @@ def _exception(exc: BaseException, filename: str) -> dict[str, str]:
 
 
 def _cells_own(tb: Any) -> Any:
-    """``tb`` from the cell's first frame on, without the SIGINT handler's (the interpreter's own)."""
+    """``tb`` from the cell's first frame on, without the interpreter's own frames (``_OWN_CODE``)."""
     while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell-"):
         tb = tb.tb_next
     entries, entry = [], tb
     while entry is not None:
         entries.append(entry)
         entry = entry.tb_next
-    kept = [e for e in entries if e.tb_frame.f_code is not _on_interrupt.__code__]
+    kept = [e for e in entries if e.tb_frame.f_code not in _OWN_CODE]
     if len(kept) == len(entries):
         return tb
     rebuilt = None
@@ -375,6 +389,8 @@ def _cells_own(tb: Any) -> Any:
     return rebuilt
 
 
+# The interpreter's own frames a cell's traceback may pass through: not the cell's to be shown.
+_OWN_CODE = frozenset(f.__code__ for f in (_on_interrupt, _cells_signal, _cells_getsignal))
 _TYPE_NAME = type.__dict__["__name__"]  # a class's own name, past a metaclass's __name__ property
 
 
