@@ -119,11 +119,14 @@ def test_an_exception_is_structured_with_the_cells_frames_only_and_the_state_sur
     syntax = py.run("def broken(:\n")
     assert syntax.exception is not None and syntax.exception.name == "SyntaxError"
     assert '"<cell-4>", line 1' in syntax.exception.traceback
+    outside = py.run("x = 1\nreturn x").exception  # found by the compiler, not the parser: its line shown too
+    assert outside is not None and outside.name == "SyntaxError" and "return x" in outside.traceback, outside
+    assert "During handling" not in outside.traceback
     assert py.run("print(kept)").stdout == "still here\n"
     ended = py.run("import sys\nsys.exit(3)")  # in a notebook this ends the cell, not the kernel
     assert ended.exception is not None and ended.exception.name == "SystemExit"
     assert (ended.exit_code, ended.success) == (3, False)  # its code, as a script's would be
-    assert py.run("kept").execution_count == 7
+    assert py.run("kept").execution_count == 8
     ends = ("sys.exit(0)", "sys.exit()", "sys.exit('bye')", "sys.exit('3')")
     assert [(r.exit_code, r.success, r.stderr) for r in map(py.run, ends)] == [
         (0, True, ""),

@@ -284,7 +284,16 @@ def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: disp
             tree.body[-1] = ast.copy_location(kept, last)
             ast.fix_missing_locations(tree)
         namespace.pop(_VALUE, None)
-        _run(compile(tree, filename, "exec", flags, dont_inherit=True), namespace)
+        try:
+            code_object = compile(tree, filename, "exec", flags, dont_inherit=True)
+        except SyntaxError as found:
+            # One the compiler finds (``return`` outside a function), not the parser, carries no
+            # source line (it reads one only from a file): the cell's own, as a script's is shown.
+            lines = code.splitlines()
+            if found.text is None and isinstance(found.lineno, int) and 0 < found.lineno <= len(lines):
+                found.text = lines[found.lineno - 1] + "\n"
+            raise
+        _run(code_object, namespace)
         value = namespace.pop(_VALUE, None)
         if shows and _ends_quietly(code):
             value = None  # a notebook's "x;": the value is not shown
