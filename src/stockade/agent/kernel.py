@@ -11,9 +11,10 @@ stdout and stderr go to pipes the agent reads as for any run.
 
 SIGINT interrupts the cell that runs (KeyboardInterrupt), showing its results
 included, and nothing else. The interpreter's own handler stays in place: a
-cell's ``signal.signal(SIGINT, ...)`` is kept by the kernel and used while a
+function a cell sets for SIGINT is kept by the kernel and called only while a
 cell runs (``getsignal`` says it), so that between cells, where a handler's
-exception would end the interpreter, none of the cell's runs. There the main
+exception would end the interpreter, none of the cell's runs (``SIG_IGN`` and
+``SIG_DFL`` are set as they are: no code runs for them). There the main
 thread also blocks SIGINT; one the kernel gives to a thread a cell left running
 is only noted, and one that arrived late is discarded before the next cell, so
 the namespace survives an interrupt.
@@ -48,8 +49,9 @@ class Kernel:
     def __init__(self, pid: int, out_r: int, err_r: int, cmd_w: int, reply_r: int) -> None:
         self.pid, self.out_r, self.err_r, self.cmd_w, self.reply_r = pid, out_r, err_r, cmd_w, reply_r
         self.interrupted = False  # a SIGINT was sent during the last cell
-        # The cell's own word, echoed in its reply: a reply the cell wrote itself, or one of a cell
-        # before, is not the answer to the cell just sent (sessions.py then ends the interpreter).
+        # The cell's own word, echoed in its reply: a reply left from a cell before, or one a program
+        # the cell started wrote, is not the answer to the cell just sent (sessions.py then ends the
+        # interpreter). The cell itself can read it: what a session's cells say is theirs to say.
         self.nonce = ""
 
     def output_fds(self) -> tuple[int, ...]:

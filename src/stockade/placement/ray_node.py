@@ -154,7 +154,7 @@ class StockadeNode:
                 yield item
             yield (RESULT, task.result().to_json())
         finally:
-            if not task.done():  # the caller went away: the run ends with it
+            if not task.done():  # the caller went away: given up (the agent's call ends on its node)
                 task.cancel()
 
     async def result_of(self, isolate_id: str, kind: str, call: dict[str, Any]) -> str:
