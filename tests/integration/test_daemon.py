@@ -1048,7 +1048,10 @@ def test_a_violation_flood_leaves_the_daemons_memory_bounded(runtime: str) -> No
         r = c.execute(code=flood(4), policy={"runtime": runtime, "timeout_seconds": 60})
         after = _memory_kb(pid)
     made = int(r.stdout)
-    assert made > 10 * MAX_VIOLATION_RECORDS and r.violation_counts["ptrace"] == made, r.summary()
+    # Past its report's bound, a flood is only counted. (gVisor's is slowed by the host's read of the
+    # Sentry's log, 256 KiB/s: about a thousand traced calls a second.)
+    least = (10 if runtime == "process" else 2) * MAX_VIOLATION_RECORDS
+    assert made > least and r.violation_counts["ptrace"] == made, r.summary()
     grew = {key: (value - before) // 1024 for key, value in after.items()}
     assert grew["VmHWM"] < 50 and grew["VmRSS"] < 50, f"the daemon grew by {grew} MB during/after {made} violations"
     assert daemon.stop() == 0, daemon.logs()
