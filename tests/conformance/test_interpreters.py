@@ -494,10 +494,15 @@ def _interrupt_between_cells(sb: Sandbox, py: Interpreter, tag: str) -> None:
         "    os.kill(os.getpid(), signal.SIGINT)\n    open(sent, 'w').close()\n"
         f"threading.Thread(target=interrupt, args=({go!r}, {sent!r}), daemon=True).start()"
     )
+    _go_and_wait(sb, go, sent, "the cell's thread never sent its interrupt")
+
+
+def _go_and_wait(sb: Sandbox, go: str, done: str, never: str) -> None:
+    """Make the file ``go`` in ``sb``, which a cell's thread waits for, then wait for it to make ``done``."""
     sb.write_file(go, b"")
     deadline = time.monotonic() + 60
-    while sb.exec(["test", "-e", sent]).exit_code != 0:
-        assert time.monotonic() < deadline, "the cell's thread never sent its interrupt"
+    while sb.exec(["test", "-e", done]).exit_code != 0:
+        assert time.monotonic() < deadline, never
         time.sleep(0.05)
 
 
@@ -597,11 +602,7 @@ def test_interrupt_dispositions_a_cell_sets_hold_as_in_python(sb: Sandbox) -> No
             "    os.rename(forked + '.tmp', forked)\n"
             f"threading.Thread(target=fork_later, args=({go!r}, {forked!r}), daemon=True).start()"
         )
-        sb.write_file(go, b"")
-        deadline = time.monotonic() + 60
-        while sb.exec(["test", "-e", forked]).exit_code != 0:
-            assert time.monotonic() < deadline, "the cell's thread never forked"
-            time.sleep(0.05)
+        _go_and_wait(sb, go, forked, "the cell's thread never forked")
         child = py.run(
             f"pid = int(open({forked!r}).read())\ntime.sleep(0.5)\nos.kill(pid, signal.SIGINT)\n"
             "os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])"

@@ -163,11 +163,19 @@ def figures(room: int, results: Results) -> list[dict[str, Any]]:
 
 def bounded_frame(reply: dict[str, Any], results: Results) -> bytes:
     """The cell's reply framed, with as many of its results as its bounds take."""
-    room = REPLY_MAX - len(jsoncodec.dumps({**reply, "outputs": []}))
-    payload = jsoncodec.dumps({**reply, "outputs": fitted(results.outputs, room, results.left_out)}).encode()
-    if len(payload) > REPLY_MAX:  # its exception and nonce alone: not so, but the frame must stay within
+    payload = jsoncodec.dumps(within(reply, results.outputs, REPLY_MAX, results.left_out)).encode()
+    if len(payload) > REPLY_MAX:  # not so (``fitted`` counts each result's bytes), but the frame must stay within
         payload = jsoncodec.dumps({**reply, "outputs": [], "exception": None}).encode()
     return wire.encode_frame(payload)
+
+
+def within(reply: dict[str, Any], outputs: list[Any], room: int, left_out: int = 0, why: str = "") -> dict[str, Any]:
+    """``reply`` with as many of ``outputs`` as keep its JSON within ``room`` bytes (``fitted``); with
+    none, and no exception, when what else it holds does not fit already."""
+    rest = len(jsoncodec.dumps({**reply, "outputs": []}))
+    if rest > room:
+        return {**reply, "outputs": [], "exception": None}
+    return {**reply, "outputs": fitted(outputs, room - rest, left_out, why)}
 
 
 # Bytes kept for the note of results left out.

@@ -296,12 +296,8 @@ def _within_frame(cell: dict[str, Any] | None, room: int) -> dict[str, Any] | No
         # and its traceback's end, where the cell's own frame and the exception are.
         cut = {"name": slice(0, 1024), "value": slice(0, 1024), "traceback": slice(-4096, None)}
         exception = {k: v[cut[k]] if k in cut and isinstance(v, str) else v for k, v in exception.items()}
-    rest = len(jsoncodec.dumps({**cell, "outputs": [], "exception": exception}))
-    if rest > room:  # more than its output leaves, in what no cell of the kernel's holds: none of it
-        return {**cell, "outputs": [], "exception": None}
     why = f"with the cell's output, an answer is limited to {wire.MAX_FRAME} bytes"
-    kept = display.fitted(outputs if isinstance(outputs, list) else [], room - rest, 0, why)
-    return {**cell, "outputs": kept, "exception": exception}
+    return display.within({**cell, "exception": exception}, outputs if isinstance(outputs, list) else [], room, 0, why)
 
 
 def _reply_size(header: bytes) -> int | None:
