@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import random
 import re
 import socket
 import ssl
@@ -117,6 +118,26 @@ def test_redaction_counts_and_finds_values_split_across_chunks() -> None:
         stream = StreamRedactor({b"0123456789": b"<handle>"})
         out = stream.feed(data[:cut]) + stream.feed(data[cut:]) + stream.flush()
         assert out == b"abc<handle>def<handle>" and stream.count == 2
+
+
+def test_a_reply_sent_a_byte_at_a_time_is_scanned_in_pieces_and_still_redacted() -> None:
+    # Each one-byte piece had every value looked for in all the bytes held back: an upstream that
+    # sent its reply a byte at a time cost the egress worker a scan of ~the longest value per byte.
+    value = b"v" * 15 + b"-the-secret-value-" + b"w" * 15
+    data = (b"x" * 1000 + value) * 20 + b"y" * 77
+    stream = StreamRedactor({value: b"<handle>"})
+    pieces = [stream.feed(data[i : i + 1]) for i in range(len(data))]
+    out = b"".join(pieces) + stream.flush()
+    assert out == (b"x" * 1000 + b"<handle>") * 20 + b"y" * 77 and stream.count == 20
+    # Each scan took in at least the value's length of new bytes: a few dozen scans, not thousands.
+    assert sum(1 for p in pieces if p) <= len(data) // len(value) + 1, sum(1 for p in pieces if p)
+    rng = random.Random(7)
+    for _ in range(200):  # any cuts, a value whole in what flush is left with included
+        stream = StreamRedactor({value: b"<handle>", b"short": b"<s>"})
+        sample = rng.choice([b"", b"short", value, b"ab"]) * rng.randint(0, 3) + data[: rng.randint(0, 200)] + value
+        cuts = sorted(rng.sample(range(len(sample) + 1), k=min(len(sample) + 1, rng.randint(0, 12))))
+        got = b"".join(stream.feed(sample[a:b]) for a, b in zip([0, *cuts], [*cuts, len(sample)], strict=True))
+        assert got + stream.flush() == sample.replace(value, b"<handle>").replace(b"short", b"<s>")
 
 
 def test_a_value_an_echoing_server_escaped_is_taken_out_too() -> None:

@@ -7,6 +7,7 @@ import http.server
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -203,3 +204,56 @@ def test_a_request_is_passed_on_framed_as_read_without_its_hop_by_hop_headers(
     names = [line.split(b":")[0].lower() for line in head.split(b"\r\n")[1:]]
     assert sorted(names) == [b"host", b"transfer-encoding", b"x-end"], head
     assert body == b"3\r\nabc\r\n0\r\n\r\n"
+
+
+@pytest.fixture
+def flooder() -> Iterator[int]:
+    """An upstream that sends to each connection until the connection is gone."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopped = threading.Event()
+
+    def flood(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while not stopped.is_set():
+                    conn.sendall(b"x" * 65536)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stopped.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=flood, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1]
+    stopped.set()
+    listener.close()
+
+
+def test_a_tunnel_whose_isolate_stops_reading_is_closed_after_the_idle_bound(
+    flooder: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proxy waited on the isolate's side of the tunnel to drain with no bound: an isolate that
+    # stopped reading held the connection, its upstream and a slot of the gate's 64 for its lifetime.
+    monkeypatch.setattr("stockade.egress.proxy.IDLE_TIMEOUT_S", 1.0)
+    gate = _gate(flooder)
+    client, stop = _served(gate)
+    try:
+        # The isolate sends nothing more and reads nothing, while the proxy's writes to it back up.
+        client.sendall(f"CONNECT 127.0.0.1:{flooder} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        deadline = time.monotonic() + 20
+        while not gate.open_flows() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gate.open_flows(), "the tunnel never opened"
+        while gate.open_flows() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not gate.open_flows(), "the tunnel was still open 20 s after its isolate stopped reading"
+        (record,) = gate.take_records()[0]
+        assert record.method == "CONNECT" and record.bytes_received > 0, record
+    finally:
+        client.close()
+        stop()

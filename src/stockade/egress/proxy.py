@@ -373,7 +373,7 @@ class _Exchange:
                 if isinstance(event, h11.Data):
                     record.bytes_sent += len(event.data)
                     up_writer.write(upstream.send(event))
-                    await up_writer.drain()
+                    await _drained(up_writer)
                 elif isinstance(event, h11.EndOfMessage):
                     up_writer.write(upstream.send(event))
                     break
@@ -413,14 +413,14 @@ class _Exchange:
                     record.bytes_received += len(data)  # what the isolate got: not the values' lengths
                     if data:
                         self.writer.write(client.send(h11.Data(data=data)))
-                        await self.writer.drain()
+                        await _drained(self.writer)
                 elif isinstance(event, h11.EndOfMessage):
                     if redactor is not None and (rest := redactor.flush()):
                         record.bytes_received += len(rest)
                         self.writer.write(client.send(h11.Data(data=rest)))
                     flow.done = True  # whole once written: the isolate may read it and end at once
                     self.writer.write(client.send(h11.EndOfMessage()))
-                    await self.writer.drain()
+                    await _drained(self.writer)
                     break
                 else:
                     raise ConnectionError("the host closed in the middle of its reply")
@@ -479,9 +479,16 @@ class _Exchange:
             self.writer.write(client.send(h11.Response(status_code=status, headers=headers, reason=reason)))
             self.writer.write(client.send(h11.Data(data=body)))
             self.writer.write(client.send(h11.EndOfMessage()))
-            await self.writer.drain()
+            await _drained(self.writer)
         except (h11.ProtocolError, ConnectionError, OSError):
             pass
+
+
+async def _drained(writer: asyncio.StreamWriter) -> None:
+    """``writer.drain()``, held to the idle bound: a peer that stops reading (the isolate, or a host
+    that takes a request's body no further) would otherwise hold its connection, and its slot of the
+    gate's ``MAX_CONNECTIONS``, for as long as the sandbox lives. TimeoutError (an OSError) past it."""
+    await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, head: bool = False) -> Any:
@@ -529,7 +536,7 @@ async def _relay_both(
                     break
                 record.bytes_sent += len(data)
                 up_writer.write(data)
-                await up_writer.drain()
+                await _drained(up_writer)
             if up_writer.can_write_eof():
                 up_writer.write_eof()
         except (ConnectionError, OSError, TimeoutError):
@@ -542,7 +549,7 @@ async def _relay_both(
             while data := await asyncio.wait_for(up_reader.read(_CHUNK), IDLE_TIMEOUT_S):
                 record.bytes_received += len(data)
                 writer.write(data)
-                await writer.drain()
+                await _drained(writer)
             if writer.can_write_eof():
                 writer.write_eof()
         except (ConnectionError, OSError, TimeoutError):
