@@ -41,15 +41,15 @@ from ..protocol.models import (
     SelfTest,
     Status,
 )
-from ..result import ExecResult, new_id
+from ..result import ExecResult, TerminationReason, new_id
 from ..runtimes.agent_requests import code_params, exec_params
 from ..runtimes.manager import RuntimeManager
 from ..runtimes.verdict import OutputCallback
-from ..runtimes.violations import Leftovers
+from ..runtimes.violations import Leftovers, ViolationReport
 from .answers import AnswerBudget
 from .background import BackgroundProcesses, process_infos
 from .config import DaemonConfig
-from .held import Held, HeldSandboxes, settle_once
+from .held import LEFTOVERS_WAIT_S, MAX_ERROR_CHARS, Held, HeldSandboxes, settle_once
 from .slots import Slots
 
 T = TypeVar("T")
@@ -131,6 +131,7 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self._expired: OrderedDict[str, tuple[str, str]] = OrderedDict()  # sandbox id -> (owner, why)
         self._closing: set[asyncio.Task[None]] = set()
         self._settling: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Task[None]] = set()  # runs without a result, told once their report is in
         self._waiting: dict[str, tuple[int, int]] = {}
         self._cold_starts: set[asyncio.Task[None]] = set()  # execute_now's runs building an isolate
 
@@ -348,17 +349,24 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self.working_runtimes.add(sandbox.runtime_name)
         execution_id = running.execution_id
 
+        answered = reporting = False
+
         def bookkeeping() -> None:
-            self._dispose_after_answer(sandbox)
+            if reporting:  # disposed of once its report is taken (_record_unanswered)
+                asyncio.get_running_loop().call_soon(sandbox.kill)
+            else:
+                self._dispose_after_answer(sandbox)
             self._ended(execution_id)
 
-        answered = False
-
         def deliver(outcome: ExecResult | Exception) -> None:
-            nonlocal answered
+            nonlocal answered, reporting
             answered = True
             if isinstance(outcome, ExecResult):
                 self._observe(running.caller, running.agent_id, outcome)
+            else:  # no result (the agent's error, no such program): the run is told all the same
+                reporting = True
+                said = f"{type(outcome).__name__}: {outcome}"[:MAX_ERROR_CHARS]
+                self._record_unanswered(running, sandbox, request, "error", said)
             done(outcome)
 
         finish = settle_once(deliver, bookkeeping)
@@ -373,14 +381,40 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             raise
 
         def abandon() -> None:
+            nonlocal reporting
             call.abort()
             if not answered:
                 # The code ran, and its caller is gone: no answer, but the run is still
                 # told to the listeners (the audit log, metrics), as ended by that.
-                self._observe(running.caller, running.agent_id, _abandoned(running, sandbox, request))
+                reporting = True
+                why = "its caller went away before the answer; the run was ended"
+                self._record_unanswered(running, sandbox, request, "killed", why)
             finish(None)
 
         return abandon
+
+    def _record_unanswered(
+        self, running: Running, sandbox: Isolate, request: ExecuteRequest, reason: TerminationReason, error: str
+    ) -> None:
+        """Tell the listeners of a one-shot run that has no result (given up by its caller, or
+        answered with an error), with what its isolate's report holds: the calls it was refused
+        and its egress, which no result carries (a caller that hung up at once would otherwise
+        hide every escape attempt its code made). The isolate is disposed of once it is taken."""
+
+        async def record() -> None:
+            try:
+                leftovers: Leftovers | None = await asyncio.wait_for(sandbox.atake_report(), LEFTOVERS_WAIT_S)
+            except Exception as exc:  # noqa: BLE001 - said in the log; the run is recorded all the same
+                log.info("execution %s: its isolate's report could not be taken: %s", running.execution_id, exc)
+                leftovers = None
+            finally:
+                self._dispose_after_answer(sandbox)
+            self._observe(running.caller, running.agent_id, _unanswered(running, sandbox, request, reason, error,
+                                                                        leftovers))  # fmt: skip
+
+        task = asyncio.get_running_loop().create_task(record())
+        self._recording.add(task)  # referenced until it ends; the shutdown waits for it
+        task.add_done_callback(self._recording.discard)
 
     async def _take_slot(self, caller: Caller) -> None:
         if caller.waits:
@@ -536,6 +570,8 @@ class Controller(HeldSandboxes, BackgroundProcesses):
             await mcp.close_all(self)  # the MCP servers it keeps, with their isolates
         if self._closing:  # sandboxes being closed: done before the runtimes close
             await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._recording:  # runs without a result, each waiting (boundedly) for its isolate's report
+            await asyncio.gather(*self._recording, return_exceptions=True)
         self._teardown_now()
         for held in list(self.held.values()):
             held.sandbox.kill()
@@ -552,14 +588,30 @@ class Controller(HeldSandboxes, BackgroundProcesses):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _abandoned(running: Running, sandbox: Isolate, request: ExecuteRequest) -> ExecResult:
-    """What is known of a run whose caller went away before its answer: it was ended."""
+def _unanswered(
+    running: Running,
+    sandbox: Isolate,
+    request: ExecuteRequest,
+    reason: TerminationReason,
+    error: str,
+    leftovers: Leftovers | None,
+) -> ExecResult:
+    """What is known of a run that has no result: how it ended, and what its isolate's report
+    holds (None: it could not be taken, which the error says)."""
+    if leftovers is None:
+        leftovers, error = Leftovers(ViolationReport()), f"{error} (its isolate's report could not be taken)"
+    report = leftovers.report
     return ExecResult(
         execution_id=running.execution_id,
         success=False,
-        termination_reason="killed",
-        error="its caller went away before the answer; the run was ended",
+        termination_reason=reason,
+        error=error,
         execution_time_seconds=round(time.monotonic() - running.started, 6),
         runtime_used=sandbox.runtime_name,
         policy_digest=request.policy.digest,
+        security_violations=report.records,
+        violation_counts=report.counts,
+        violations_dropped=report.dropped,
+        egress_requests=leftovers.egress,
+        egress_requests_dropped=leftovers.egress_dropped,
     )

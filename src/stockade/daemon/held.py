@@ -57,7 +57,7 @@ from ..protocol.models import (
     SandboxRunCode,
     WriteFile,
 )
-from ..result import ExecResult
+from ..result import ExecResult, new_id
 from ..runtimes.agent_requests import check_call_timeout, code_request, exec_params
 from ..runtimes.spawned import Process
 from ..runtimes.verdict import OutputCallback
@@ -78,6 +78,7 @@ EXPIRED_REMEMBERED = 1024
 
 # How long a closing sandbox's report of what it did after its last run is waited for.
 LEFTOVERS_WAIT_S = 10.0
+MAX_ERROR_CHARS = 2000  # of the error a run without a result is recorded with (the agent's words, maybe)
 
 # The most one read_file answers (the client's answer line, base64, stays under its 64 MiB).
 READ_FILE_MAX = 32 << 20
@@ -303,9 +304,10 @@ class HeldSandboxes:
         held.calls += 1
         self._track(+1)
 
+        started = time.monotonic()
+
         def deliver(outcome: ExecResult | Exception) -> None:
-            if isinstance(outcome, ExecResult):
-                self._observe(caller, held.agent_id, outcome, held)
+            self._observe_held(caller, held, outcome, started)
             done(outcome)
 
         finish = settle_once(deliver, functools.partial(self._held_call_ended, held))
@@ -315,6 +317,22 @@ class HeldSandboxes:
             self._held_call_ended(held)
             raise
         return lambda: None
+
+    def _observe_held(self, caller: Caller, held: Held, outcome: ExecResult | Exception, started: float) -> None:
+        """Tell the listeners of a held sandbox's run, one without a result too (the agent's
+        error, no such program): what the isolate was refused meanwhile opens its next report
+        (its next run's, or its end's)."""
+        if not isinstance(outcome, ExecResult):
+            outcome = ExecResult(
+                execution_id=new_id(),
+                success=False,
+                termination_reason="error",
+                error=f"{type(outcome).__name__}: {outcome}"[:MAX_ERROR_CHARS],
+                execution_time_seconds=round(time.monotonic() - started, 6),
+                runtime_used=held.sandbox.runtime_name,
+                policy_digest=held.sandbox.policy.digest,
+            )
+        self._observe(caller, held.agent_id, outcome, held)
 
     def _held_call_ended(self, held: Held) -> None:
         held.lock.release()
@@ -394,9 +412,21 @@ class HeldSandboxes:
         stdin = request.stdin_bytes()
 
         async def run(held: Held) -> ExecResult:
-            result = await held.sandbox.arun_request(method, params, stdin, request.env, request.timeout, on_output)
-            self._observe(caller, held.agent_id, result, held)
-            return result
+            outcome: asyncio.Future[ExecResult | Exception] = asyncio.get_running_loop().create_future()
+            started = time.monotonic()
+
+            def deliver(answer: ExecResult | Exception) -> None:
+                # Told when the run ends, whether or not its caller still waits: one that hung up
+                # has its run finish in the isolate (_held_call), and the run is recorded then.
+                self._observe_held(caller, held, answer, started)
+                if not outcome.done():
+                    outcome.set_result(answer)
+
+            held.sandbox.start_run(method, params, stdin, request.env, request.timeout, on_output, deliver)
+            answer = await outcome
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
 
         return await self._held_call(request, caller, run, large_answer=True)
 

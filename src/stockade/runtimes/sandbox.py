@@ -42,9 +42,9 @@ from .loop_call import LoopCall
 from .publish import AgentRelay, Forwarder
 from .sandbox_files import AgentFiles
 from .sandbox_processes import AgentProcesses
-from .sandbox_results import AgentResults, accounts
+from .sandbox_results import AgentResults, accounts, settle_account
 from .verdict import CallbackGuard, OutputCallback, PendingRun, read_verdict
-from .violations import Leftovers, ViolationLog
+from .violations import Leftovers, ViolationLog, unclaimed_run
 
 if TYPE_CHECKING:
     from ..egress.workers import EgressWorker
@@ -91,6 +91,9 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         # ahead for a next one; that fork would compete for the CPU with the caller.
         self.one_shot = False
         self._settling: concurrent.futures.Future[Any] | None = None  # the last run's account, taken off the loop
+        self._settling_run: PendingRun | None = None  # the run that account is of
+        # A run's account taken into a result its caller gave up before it came: the next report has it.
+        self._unclaimed: ExecResult | None = None
         self._ended_by: str | None = None  # what the run that took the isolate down said, for the next call
         self.forks_counted = False  # its pids_limit is a cgroup's, which counts refused forks (job_limits)
         # The current run's violations, bounded (violations.py); the runtime feeds it.
@@ -113,7 +116,9 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         MCP server's tool call): the violations it was refused, and its egress requests."""
         egress, dropped = self.egress.take() if self.egress is not None else ([], 0)
         self._collect_violations()
-        return Leftovers(self.violation_log.take(), egress, dropped)
+        taken = Leftovers(self.violation_log.take(), egress, dropped)
+        unclaimed, self._unclaimed = self._unclaimed, None
+        return taken if unclaimed is None else unclaimed_run(unclaimed, taken)
 
     async def atake_report(self) -> Leftovers:
         await self.settled()  # the last run's account first: what it did is its own
@@ -363,9 +368,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
             except Exception as exc:  # noqa: BLE001 - handed to the caller, as an awaited run would raise it
                 return exc
             finally:
-                account.set_result(None)
+                settle_account(account)
 
         def answered(reply: Any) -> None:
+            run.answered = True  # its account is this callback's to take, whatever becomes of the call
             interrupted = self.channel.last_interrupted  # this run's: set as its call let go of the turn
             if not off_loop:
                 done(settled(reply, interrupted))
@@ -382,7 +388,9 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
             asyncio.wrap_future(taking, loop=loop).add_done_callback(deliver)
 
         def deliver(taken: asyncio.Future[ExecResult | Exception]) -> None:
-            if call.aborted:  # its caller went away meanwhile
+            if call.aborted:  # its caller went away meanwhile: what the run did goes in the next report
+                if not taken.cancelled() and isinstance(result := taken.result(), ExecResult):
+                    self._unclaimed = result
                 return
             if taken.cancelled():
                 done(SandboxError("the run ended but its result was lost: its account was cancelled"))
@@ -448,7 +456,7 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         # run's report, marked: a call made between runs is not a call reported nowhere.
         self.violation_log.begin_run()
         run.started = time.monotonic()
-        self._settling = account
+        self._settling, self._settling_run = account, run
 
     async def _agent_call(self, method: str, params: dict[str, Any], timeout: float) -> Any:
         """A request other than a run: an agent that garbles its answer or stops answering
@@ -470,6 +478,11 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
     def _abandoned(self, method: str) -> None:
         if not self._dead and not self._closed:
             self.cancel(f"its caller stopped waiting for {method} before the agent answered, which ended the isolate")
+        run, account = self._settling_run, self._settling
+        if run is not None and account is not None and not run.answered:
+            # Given up before its answer: no result takes its account. What it did (its violations,
+            # its egress) stays for the next report (``take_report``), which need not wait for it.
+            settle_account(account)
 
     def _check_usable(self) -> None:
         if self._closed:

@@ -39,6 +39,15 @@ def accounts() -> concurrent.futures.ThreadPoolExecutor:
         return _account_pool
 
 
+def settle_account(account: concurrent.futures.Future[None]) -> None:
+    """A run's account is taken, or will never be (its run given up before its answer): whichever
+    of the two says so first (the other finds it settled)."""
+    try:
+        account.set_result(None)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class AgentResults:
     """How ``AgentSandbox`` turns a finished run into its ``ExecResult``."""
 

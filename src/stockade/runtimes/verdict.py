@@ -89,6 +89,7 @@ class PendingRun:
     before: IsolateUsage
     started: float
     execution_id: str  # the result's: drawn when the run begins, or given by its caller
+    answered: bool = False  # the agent's answer (or the call's end) came: the run's account is being taken
 
 
 def b64_field(value: Any) -> bytes:

@@ -20,7 +20,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..result import MAX_VIOLATION_NAMES, MAX_VIOLATION_RECORDS, OTHER_VIOLATIONS, EgressRequest, SecurityViolation
+from ..result import (
+    MAX_VIOLATION_NAMES,
+    MAX_VIOLATION_RECORDS,
+    OTHER_VIOLATIONS,
+    EgressRequest,
+    ExecResult,
+    SecurityViolation,
+)
 
 
 @dataclass
@@ -86,3 +93,18 @@ class Leftovers:
     report: ViolationReport
     egress: list[EgressRequest] = field(default_factory=list)
     egress_dropped: int = 0
+
+
+def unclaimed_run(result: ExecResult, taken: Leftovers) -> Leftovers:
+    """``taken`` with, before it, the account of a run whose result its caller gave up before
+    it came (``AgentSandbox.take_report``): its violations and egress are no one else's."""
+    report = ViolationReport(list(result.security_violations), dict(result.violation_counts))
+    for record in taken.report.records:
+        if len(report.records) < MAX_VIOLATION_RECORDS:
+            report.records.append(record)
+    for name, count in taken.report.counts.items():
+        under = OTHER_VIOLATIONS if name not in report.counts and len(report.counts) >= MAX_VIOLATION_NAMES else name
+        report.counts[under] = report.counts.get(under, 0) + count
+    report.blocked = taken.report.blocked + sum(v.blocked for v in result.security_violations)
+    egress = [*result.egress_requests, *taken.egress]  # each bounded by the worker already
+    return Leftovers(report, egress, result.egress_requests_dropped + taken.egress_dropped)

@@ -1,0 +1,214 @@
+"""A run the daemon started is told to its listeners (the audit log, metrics, the dashboard) with
+what its isolate's report holds, whatever became of its answer: a caller that hung up, an agent
+that answered an error. Each hid the calls the host refused the code (its escape attempts)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from stockade.agent import wire
+from stockade.daemon.config import DaemonConfig
+from stockade.daemon.controller import Controller
+from stockade.policy import Policy
+from stockade.protocol.models import Caller, ExecuteRequest, SandboxCreate, SandboxExec, unix_caller
+from stockade.result import ExecResult, SecurityViolation
+from stockade.runtimes.base import Availability, Runtime
+from stockade.runtimes.manager import RuntimeManager
+from stockade.runtimes.sandbox import AgentSandbox
+
+
+class Scripted(AgentSandbox):
+    runtime_name = "scripted"
+
+    def kill(self) -> None:
+        pass
+
+    def _release(self) -> None:
+        pass
+
+
+class ScriptedRuntime(Runtime):
+    """An isolate whose agent, for each run, has the host count a refused ``unshare`` (as the
+    process runtime's seccomp supervisor does, from its own thread), then answers as ``answer``
+    says: ``"verdict"`` after ``delay_s``, ``"error"``, or ``"never"``."""
+
+    name, isolation = "scripted", "none"
+
+    def __init__(self, answer: str, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.answer, self.delay_s = answer, delay_s
+
+    def detect(self) -> Availability:
+        return Availability(self.name, True, self.isolation, "test")
+
+    def start(self, policy: Policy) -> Scripted:
+        host, guest = socket.socketpair()
+        sandbox = Scripted(policy, host, 1.0)
+
+        def agent() -> None:
+            with guest:
+                while True:
+                    try:
+                        request = json.loads(wire.read_frame(guest))
+                    except Exception:  # the host closed its end
+                        return
+                    reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"]}
+                    if request.get("method") not in ("exec", "run_code"):
+                        guest.sendall(wire.encode_message({**reply, "result": {}}))
+                        continue
+                    refused = SecurityViolation(
+                        violation_type="blocked_syscall", syscall="unshare", severity="CRITICAL"
+                    )
+                    sandbox._count_violation("unshare", True, lambda v=refused: v)
+                    if self.answer == "never":
+                        continue  # the code goes on until it is ended
+                    time.sleep(self.delay_s)
+                    if self.answer == "error":
+                        reply["error"] = {"code": -32603, "message": "oops"}
+                    else:
+                        reply["result"] = {"exit_code": 0, "stdout": "", "stderr": ""}
+                    guest.sendall(wire.encode_message(reply))
+
+        threading.Thread(target=agent, daemon=True).start()
+        return sandbox
+
+
+class One(RuntimeManager):
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(pool_size=0)
+        self.runtime = runtime
+
+    def select(self, policy: Policy) -> Runtime:
+        return self.runtime
+
+    def get(self, name: str) -> Runtime:
+        return self.runtime
+
+
+class Told:
+    """A listener: each execution it is told of."""
+
+    def __init__(self) -> None:
+        self.executions: list[ExecResult] = []
+
+    def execution(self, caller: Caller, agent_id: str | None, result: ExecResult, *args: Any) -> None:
+        self.executions.append(result)
+
+    def sandbox_event(self, *args: Any, **fields: Any) -> None:
+        pass
+
+    def sandbox_ended(self, *args: Any) -> None:
+        pass
+
+
+def _controller(runtime: Runtime) -> tuple[Controller, Told]:
+    controller = Controller(DaemonConfig(max_sandboxes=2, pool_size=0), manager=One(runtime))
+    told = Told()
+    controller.listeners.append(told)  # type: ignore[arg-type]  # the calls it is told of, nothing more
+    return controller, told
+
+
+async def _told(told: Told, n: int = 1) -> list[ExecResult]:
+    deadline = time.monotonic() + 15
+    while len(told.executions) < n:
+        assert time.monotonic() < deadline, f"told of {len(told.executions)} executions, not {n}"
+        await asyncio.sleep(0.02)
+    return told.executions
+
+
+def test_a_one_shot_run_answered_with_an_error_is_told_with_its_violations() -> None:
+    # An agent the code took over answered an error instead of its verdict: the run was told nowhere.
+    async def scenario() -> None:
+        controller, told = _controller(ScriptedRuntime("error"))
+        try:
+            with pytest.raises(Exception, match="oops"):
+                await controller.execute(ExecuteRequest(command=["true"]), unix_caller(0))
+            (result,) = await _told(told)
+            assert result.termination_reason == "error" and "oops" in (result.error or "")
+            assert result.violation_counts == {"unshare": 1}
+            assert [v.syscall for v in result.security_violations] == ["unshare"]
+            assert await controller.wait_idle(5)
+        finally:
+            await controller.shutdown(0.0)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("path", ["execute", "execute_now"])
+def test_a_one_shot_run_whose_caller_hung_up_is_told_with_its_violations(path: str) -> None:
+    # Told as "killed" with no violations: a client that hung up once its code had made its
+    # escape attempts hid every one of them from the audit log and the escape-attempt metric.
+    async def scenario() -> None:
+        controller, told = _controller(ScriptedRuntime("never"))
+        try:
+            if path == "execute":
+                task = asyncio.create_task(controller.execute(ExecuteRequest(command=["true"]), unix_caller(0)))
+            else:
+                answers: list[object] = []
+                abandon = controller.execute_now(ExecuteRequest(command=["true"]), unix_caller(0), answers.append)
+                assert abandon is not None
+            deadline = time.monotonic() + 10
+            while not any(r.sandbox is not None for r in controller.running.values()):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # the agent has had the run, and the host counted its refused call
+            if path == "execute":
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            else:
+                abandon()
+            (result,) = await _told(told)
+            assert result.termination_reason == "killed" and "went away" in (result.error or "")
+            assert result.violation_counts == {"unshare": 1}, result
+            assert await controller.wait_idle(5) and controller.slots.free == 2
+        finally:
+            await controller.shutdown(0.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_held_sandboxs_run_whose_caller_hung_up_is_told_when_it_ends() -> None:
+    # The run was left to finish in the isolate (a kept sandbox stays in step with its agent), and
+    # its result dropped untold: the sandbox's end then said it had run nothing.
+    async def scenario() -> None:
+        controller, told = _controller(ScriptedRuntime("verdict", delay_s=0.5))
+        caller = unix_caller(0)
+        try:
+            created = await controller.create(SandboxCreate(), caller)
+            run = SandboxExec(sandbox_id=created.sandbox_id, command=["true"])
+            task = asyncio.create_task(controller.sandbox_run(run, caller))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert told.executions == []  # not yet: the run goes on
+            (result,) = await _told(told)
+            assert result.termination_reason == "completed" and result.violation_counts == {"unshare": 1}
+            assert controller.held[created.sandbox_id].runs == 1
+        finally:
+            await controller.shutdown(0.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_held_sandboxs_run_answered_with_an_error_is_told() -> None:
+    async def scenario() -> None:
+        controller, told = _controller(ScriptedRuntime("error"))
+        caller = unix_caller(0)
+        try:
+            created = await controller.create(SandboxCreate(), caller)
+            run = SandboxExec(sandbox_id=created.sandbox_id, command=["true"])
+            with pytest.raises(Exception, match="oops"):
+                await controller.sandbox_run(run, caller)
+            (result,) = await _told(told)
+            assert result.termination_reason == "error" and "oops" in (result.error or "")
+        finally:
+            await controller.shutdown(0.0)
+
+    asyncio.run(scenario())
