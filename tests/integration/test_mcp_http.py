@@ -27,14 +27,15 @@ TOKEN = "t0ken-for-the-mcp-door-3f9a1c"
 
 
 @contextmanager
-def door(tmp_path: Any, *args: str) -> Iterator[str]:
-    """``stockade mcp ARGS --http 127.0.0.1:0``; its URL while it runs."""
+def door(tmp_path: Any, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``stockade mcp ARGS --http 127.0.0.1:0`` (``env`` added to its environment); its URL while it runs."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     proc = subprocess.Popen(
         [STOCKADE, "mcp", *args, "--http", "127.0.0.1:0", "--token-file", str(token_file)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "STOCKADE_POOL_SIZE": "0", "STOCKADE_CONFIG_DIR": str(tmp_path)}, start_new_session=True,
+        env={**os.environ, "STOCKADE_POOL_SIZE": "0", "STOCKADE_CONFIG_DIR": str(tmp_path), **(env or {})},
+        start_new_session=True,
     )  # fmt: skip
     try:
         assert proc.stderr is not None
@@ -83,6 +84,40 @@ def test_serve_over_http_needs_the_token_and_gives_each_session_its_own_sandbox(
             assert "mine" not in second[0].content[0].text  # another session: another sandbox
 
         anyio.run(two_sessions)
+
+
+def test_serve_keeps_a_sandbox_to_one_session_the_sdk_checked_and_ends_it_with_the_session(tmp_path: Any) -> None:
+    # (1) On the stateless wire (2026-07-28) the SDK checks no Mcp-Session-Id: every such client
+    # shared the sandbox keyed "", and one that named another session's id was served in its sandbox.
+    # (2) A session's first calls, made at once, each made a sandbox; the session kept the last.
+    # (3) A session its client ended kept its sandbox, and its slot, until the idle timeout.
+    require("process")
+    env = {"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_TIMEOUT": "3"}
+    with door(tmp_path, "serve", "--memory", "128", env=env) as url:
+        modern = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json, text/event-stream",
+                  "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "list_dir"}  # fmt: skip
+        meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}}  # fmt: skip
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "list_dir", "arguments": {"path": "/work"}, "_meta": meta}}  # fmt: skip
+        refused = httpx.post(url, json=call, headers=modern, timeout=60)
+        assert refused.status_code == 400 and "has no sessions" in refused.text, refused.text
+
+        async def parallel_first_calls() -> None:
+            client = create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"})
+            async with client, streamable_http_client(url, http_client=client) as (read, write), \
+                    ClientSession(read, write) as session:  # fmt: skip
+                await session.initialize()
+                async with anyio.create_task_group() as calls:
+                    for name in ("a", "b", "c"):
+                        calls.start_soon(session.call_tool, "write_file", {"path": f"/work/{name}", "content": name})
+                listed = await session.call_tool("exec", {"command": ["ls", "/work"]})
+                assert listed.content[0].text.split()[:4] == ["a", "b", "c", "[completed,"], listed.content[0].text
+            # The client ended its session on the way out (DELETE): its sandbox, and the one slot, are free.
+
+        anyio.run(parallel_first_calls)
+        (fresh,) = anyio.run(session_calls, url, ("exec", {"command": ["ls", "/work"]}))
+        assert not fresh.is_error and fresh.content[0].text.split()[:1] == ["[completed,"], fresh.content[0].text
 
 
 def test_the_gateway_over_http(tmp_path: Any) -> None:

@@ -13,7 +13,7 @@ import hmac
 import ipaddress
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -21,10 +21,11 @@ import uvicorn
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ..errors import ConfigError
 from ..server.connections import MAX_CONNECTIONS, guarded_protocol
@@ -78,8 +79,49 @@ class _BearerOnly:
         await self.app(scope, receive, send)
 
 
-async def serve_http(server: Server[Any], address: str, token: str) -> None:
-    """``server`` at ``http://HOST:PORT/mcp`` until this task is cancelled; the URL goes to stderr."""
+class _SessionsOnly:
+    """For a door that keeps state per MCP session (``mcp serve``): a request on the stateless
+    wire (a ``MCP-Protocol-Version`` past the handshake's, 2026-07-28) is refused, since the SDK
+    serves it with no session at all and checks no ``Mcp-Session-Id`` it names; a session the
+    client ends (``DELETE``) is told to ``ended`` once the SDK has ended it."""
+
+    def __init__(self, app: Any, ended: Callable[[str], Awaitable[None]]) -> None:
+        self.app = app
+        self.ended = ended
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or [])
+        version = headers.get(b"mcp-protocol-version", b"").decode("latin-1")
+        if version and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            said = (f"protocol version {version[:40]!r} has no sessions, and this door keeps a sandbox per MCP "
+                    f"session: connect with a session (protocol version {LATEST_HANDSHAKE_VERSION})")  # fmt: skip
+            error = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": said}}
+            await JSONResponse(error, status_code=400)(scope, receive, send)
+            return
+        status = 0
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watched)
+        session = headers.get(b"mcp-session-id", b"").decode("latin-1")
+        if scope.get("method") == "DELETE" and session and 200 <= status < 300:
+            await self.ended(session)
+
+
+async def serve_http(
+    server: Server[Any],
+    address: str,
+    token: str,
+    session_ended: Callable[[str], Awaitable[None]] | None = None,
+    session_idle_s: float | None = SESSION_IDLE_S,
+) -> None:
+    """``server`` at ``http://HOST:PORT/mcp`` until this task is cancelled; the URL goes to stderr.
+    ``session_ended``: for a door that keeps state per session (``_SessionsOnly``); sessions end
+    after ``session_idle_s`` without a request (None: only when the client ends them)."""
     host, port = parse_address(address)
     if len(token) < 16:
         raise ConfigError("the MCP door's token is shorter than 16 characters: `stockade token new --file F` makes one")
@@ -88,7 +130,10 @@ async def serve_http(server: Server[Any], address: str, token: str) -> None:
         allowed_hosts=[f"{name}:*" for name in ("127.0.0.1", "localhost", "[::1]")],
         allowed_origins=[f"http://{name}:*" for name in ("127.0.0.1", "localhost", "[::1]")],
     )
-    manager = StreamableHTTPSessionManager(app=server, security_settings=security, session_idle_timeout=SESSION_IDLE_S)
+    manager = StreamableHTTPSessionManager(app=server, security_settings=security, session_idle_timeout=session_idle_s)
+    endpoint: Any = manager.handle_request
+    if session_ended is not None:
+        endpoint = _SessionsOnly(endpoint, session_ended)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -96,7 +141,7 @@ async def serve_http(server: Server[Any], address: str, token: str) -> None:
             yield
 
     # A Route, not a Mount: /mcp itself is the endpoint (a Mount would redirect it to /mcp/).
-    app = Starlette(routes=[Route(PATH, endpoint=_Asgi(manager.handle_request))], lifespan=lifespan)
+    app = Starlette(routes=[Route(PATH, endpoint=_Asgi(endpoint))], lifespan=lifespan)
     config = uvicorn.Config(
         _BearerOnly(app, token),
         host=host,

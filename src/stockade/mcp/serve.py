@@ -15,6 +15,7 @@ import json
 import logging
 from typing import Any
 
+import anyio
 from mcp import types
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
@@ -89,9 +90,12 @@ class StockadeTools:
         self.controller = controller
         self.policy = policy
         self.caller = Caller("mcp", "mcp")
-        # Each MCP session's sandbox, by its Mcp-Session-Id (stdio has one session, keyed "").
+        # Each MCP session's sandbox, by its Mcp-Session-Id (stdio has one session, keyed ""): one the
+        # SDK has checked (http.py refuses the stateless wire, which checks none).
         self._sandboxes: dict[str, str] = {}
         self._made: list[str] = []
+        # A session's first calls may come at once: one makes its sandbox, the others wait for it.
+        self._making: dict[str, anyio.Lock] = {}
 
     async def list_tools(self, _ctx: Any, _params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=TOOLS)
@@ -134,6 +138,11 @@ class StockadeTools:
         return _text(json.dumps(listing.entries), structured={"entries": listing.entries})
 
     async def _sandbox(self, session: str) -> str:
+        lock = self._making.setdefault(session, anyio.Lock())
+        async with lock:
+            return await self._sandbox_of(session)
+
+    async def _sandbox_of(self, session: str) -> str:
         sandbox_id = self._sandboxes.get(session)
         if sandbox_id is not None and sandbox_id not in self.controller.held:
             del self._sandboxes[session]
@@ -145,11 +154,21 @@ class StockadeTools:
         if sandbox_id is None:
             for gone in [k for k, v in self._sandboxes.items() if v not in self.controller.held]:
                 del self._sandboxes[gone]  # sessions whose sandboxes ended idle, asked for no more
+                if gone != session:
+                    self._making.pop(gone, None)
             created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
             sandbox_id = self._sandboxes[session] = created.sandbox_id
             self._made = [*(m for m in self._made if m in self.controller.held), sandbox_id]  # gone ones forgotten
             log.info("an MCP session's sandbox: %s (%s)", sandbox_id, created.runtime)
         return sandbox_id
+
+    async def end_session(self, session: str) -> None:
+        """The client ended ``session`` (over HTTP): its sandbox goes with it, files and all."""
+        self._making.pop(session, None)
+        sandbox_id = self._sandboxes.pop(session, None)
+        if sandbox_id is not None and sandbox_id in self.controller.held:
+            log.info("an MCP session ended: its sandbox %s is closed", sandbox_id)
+            await self.controller.close_sandbox(SandboxRef(sandbox_id=sandbox_id), self.caller)
 
     async def close(self) -> None:
         for sandbox_id in self._made:
@@ -179,7 +198,8 @@ async def serve(policy: Policy, http: str | None = None, token: str | None = Non
         server = tools.server()
         if http is not None:
             assert token is not None
-            await serve_http(server, http, token)
+            # A session lasts as long as its sandbox would without a call (the SDK's own default is 30 min).
+            await serve_http(server, http, token, tools.end_session, config.sandbox_idle_timeout)
         else:
             async with stdio_server() as (read, write):
                 await server.run(read, write, server.create_initialization_options())
