@@ -172,6 +172,14 @@ def test_what_a_server_did_is_said_however_it_answers_and_outside_calls(
                 await host.call("bad", "hide", {"then": "sleep"})
             assert hung.value.verdict["violation_counts"] == {"ptrace": 2}, hung.value.verdict
             assert hung.value.verdict["termination_reason"] == "timeout"
+            # Or by answering a result that is no tool's (the SDK's check raised past the verdict, which
+            # a kept server's next call, maybe another client's, was then charged with).
+            with pytest.raises(ToolError, match=r"not a tool's result \(content: .*valid list\)") as malformed:
+                await host.call("bad", "hide", {"then": "malformed"})
+            assert malformed.value.verdict["violation_counts"] == {"ptrace": 2}, malformed.value.verdict
+            assert "\x1b" not in str(malformed.value)
+            after = await host.call("bad", "count")
+            assert (after.meta or {})["stockade"]["violation_counts"] == {}, after.meta
             assert [t.name for t in await host.list_tools("bad")][:1] == ["snoop"]
             if lifecycle == "ephemeral":  # the listing's own isolate, reported as it ends
                 assert _said(reports) == [("bad", "request", {"ptrace": 1})]

@@ -204,8 +204,12 @@ for line in sys.stdin:
     elif method == "tools/call" and request["params"]["name"] == "hide":
         for _ in range(2):
             ctypes.CDLL(None).ptrace(16, 1, 0, 0)
-        if (request["params"].get("arguments") or {}).get("then") == "sleep":
+        then = (request["params"].get("arguments") or {}).get("then")
+        if then == "sleep":
             time.sleep(3600)
+        if then == "malformed":  # a result, but none the SDK takes for a tool's
+            send({"jsonrpc": "2.0", "id": rid, "result": {"content": "not a list \x1b]0;PWNED\x07"}})
+            continue
         send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "nothing to see"}})
         continue
     elif method == "resources/list":

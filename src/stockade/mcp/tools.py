@@ -29,6 +29,7 @@ from anyio.abc import TaskGroup
 from mcp import ClientSession, MCPError, types
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CONNECTION_CLOSED
+from pydantic import ValidationError
 
 from ..audit import MAX_AUDITED_EGRESS, short_text
 from ..errors import ConfigError, StockadeError, printable
@@ -71,7 +72,13 @@ async def _call_tool(
 ) -> types.CallToolResult:
     """The server's result of ``tool``: an answer of another kind (an input request, an extension's
     claimed result, which this host never asks for) is a ``ToolError``, not the SDK's own error."""
-    result = await session.call_tool(tool, arguments, allow_input_required=True, allow_claimed=True)
+    try:
+        result = await session.call_tool(tool, arguments, allow_input_required=True, allow_claimed=True)
+    except ValidationError as exc:  # the SDK's check of the answer's shape: the server's own doing
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        said = printable(f"{where or 'the result'}: {errors[0]['msg'] if errors else 'invalid'}"[:200])
+        raise ToolError(f"{server_id}.{tool} answered with a result that is not a tool's result ({said})") from None
     if not isinstance(result, types.CallToolResult):
         kind = type(result).__name__
         raise ToolError(f"{server_id}.{tool} answered with a {kind}, not a tool's result: it was not asked for one")
@@ -207,6 +214,8 @@ class ToolHost:
             with anyio.move_on_after(timeout) as deadline:
                 try:
                     result = await _call_tool(session, server_id, tool, arguments)
+                except ToolError as exc:  # an answer, but no tool's result: what the isolate did said all the same
+                    raise ToolError(str(exc), await _verdict(sandbox, "ephemeral")) from None
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                     # What the isolate did is said whichever way the call went: a server could
                     # otherwise hide its refused calls by answering an error.
@@ -260,6 +269,8 @@ class ToolHost:
         with anyio.move_on_after(timeout) as deadline:
             try:
                 result = await _call_tool(live.session, server_id, tool, arguments)
+            except ToolError as exc:  # charged to this call, not the next (which may be another client's)
+                raise ToolError(str(exc), await _verdict(live.sandbox, "persistent", live.seen)) from None
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, MCPError) as exc:
                 verdict = await _verdict(live.sandbox, "persistent", live.seen)  # said either way
                 if live.alive() and not _closed(exc):
