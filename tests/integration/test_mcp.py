@@ -221,6 +221,28 @@ def test_a_hostile_server_is_contained_under_the_stronger_runtimes_too(runtime: 
         manager.close()
 
 
+def test_as_many_sessions_at_once_as_anyio_has_threads_all_get_answers(manager: RuntimeManager) -> None:
+    # Each session's reader held one of anyio's shared thread tokens for its life: with as many
+    # sessions as tokens (40, a gateway or daemon with that many slots), none could write its
+    # initialize, and every call failed after its timeout, "blaming" its server. Four tokens here.
+    host = ToolHost(config(bad=hostile(timeout_secs=20)), manager)
+    answers: list[str] = []
+
+    async def go() -> None:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = 4
+        async with host, anyio.create_task_group() as calls:
+            for _ in range(4):
+                calls.start_soon(one)
+
+    async def one() -> None:
+        result = await host.call("bad", "echo", {"n": 1})
+        answers.append(result.content[0].text)
+
+    anyio.run(go)
+    assert answers == ['{"n": 1}'] * 4
+
+
 def test_a_tool_that_never_answers_is_ended_at_its_timeout(manager: RuntimeManager) -> None:
     host = ToolHost(config(bad=hostile(tools={"sleep": {"timeout_secs": 2}})), manager)
     with pytest.raises(ToolError, match=r"bad.sleep timed out after 2 s; its isolate was killed"):

@@ -229,7 +229,9 @@ async def process_transport(
     async def reader() -> None:
         async with read_writer:
             try:
-                await anyio.to_thread.run_sync(read_loop, abandon_on_cancel=True)
+                # A thread for the session's whole life, outside anyio's shared limiter (40 threads):
+                # as many sessions at once as it holds would leave none of them a thread to write with.
+                await anyio.to_thread.run_sync(read_loop, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
             except Exception as exc:  # noqa: BLE001 - the sandbox went away under it: the session learns so
                 output.broken = output.broken or f"its sandbox stopped answering: {exc}"
 
