@@ -328,17 +328,26 @@ def error_code(exc: BaseException) -> str:
     return "internal"
 
 
-# What a terminal acts on or hides: C0 controls but tab and newline, DEL, C1 controls; and the
-# marks that reorder or hide text (bidirectional overrides and isolates, zero-width and invisible
-# characters, fillers, a soft hyphen, interlinear annotations, the line and paragraph separators
-# that some viewers break lines at, and the tag characters and variation selectors that spell
-# text a model reads and a person does not see).
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0xAD]}
-_INVISIBLE = [0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180E, *range(0x200B, 0x2010), 0x2028, 0x2029]
-_INVISIBLE += [*range(0x202A, 0x202F), *range(0x2060, 0x206A), 0x3164, *range(0xFE00, 0xFE10), 0xFEFF, 0xFFA0]
-_INVISIBLE += [*range(0xFFF9, 0xFFFC)]
-_CONTROLS.update({c: f"\\u{c:04x}" for c in _INVISIBLE})
-_CONTROLS.update({c: f"\\U{c:08x}" for c in [*range(0xE0000, 0xE0080), *range(0xE0100, 0xE01F0)]})
+# What a terminal acts on or hides: C0 controls but tab and newline, DEL, C1 controls; and what
+# reorders or hides text: every Default_Ignorable_Code_Point of Unicode's DerivedCoreProperties
+# (bidirectional overrides and isolates, zero-width and invisible characters, fillers, a soft
+# hyphen, variation selectors, the tag characters, and the unassigned ones kept for more of them:
+# each can spell text a model reads and a person does not see, as a pair used as 0 and 1 can),
+# interlinear annotations, and the line and paragraph separators some viewers break lines at.
+_controls: dict[int, str] = {}  # built at the first use (4,000 entries: not a cost of every import)
+
+
+def _control_table() -> dict[int, str]:
+    if not _controls:
+        table = {c: f"\\x{c:02x}" for c in [*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0xAD]}
+        ignorable = [0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, *range(0x180B, 0x1810), *range(0x200B, 0x2010)]
+        ignorable += [*range(0x202A, 0x202F), *range(0x2060, 0x2070), 0x3164, *range(0xFE00, 0xFE10), 0xFEFF]
+        ignorable += [0xFFA0, *range(0xFFF0, 0xFFF9), *range(0x1BCA0, 0x1BCA4), *range(0x1D173, 0x1D17B)]
+        ignorable += [*range(0xE0000, 0xE1000)]
+        table.update({c: f"\\u{c:04x}" if c <= 0xFFFF else f"\\U{c:08x}" for c in ignorable})
+        table.update({c: f"\\u{c:04x}" for c in [*range(0xFFF9, 0xFFFC), 0x2028, 0x2029]})
+        _controls.update(table)
+    return _controls
 
 
 def printable(text: str) -> str:
@@ -346,13 +355,13 @@ def printable(text: str) -> str:
     terminal or a log shows: what would erase, hide, reorder or forge what surrounds it written as
     ``\\xNN``/``\\uNNNN``, and each line after the first indented, so that none can pass for a
     line of stockade's own."""
-    return text.translate(_CONTROLS).replace("\n", "\n    ")
+    return text.translate(_control_table()).replace("\n", "\n    ")
 
 
 def without_controls(text: str) -> str:
     """``text`` from an isolate shown whole (a tool's output, its description): its lines and tabs
     kept, what a terminal would act on or hide written as ``\\xNN``/``\\uNNNN`` (``printable``'s)."""
-    return text.translate(_CONTROLS)
+    return text.translate(_control_table())
 
 
 def utf8_text(text: str) -> str:
