@@ -286,7 +286,11 @@ class Guard:
                 code = _error_code(message.get("body", b""))  # and sent as any body is, below
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+                headers = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    # What an answer holds (runs' output, files, another owner's counts) is no cache's to keep.
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
                 headers_done = True
             elif message["type"] == "http.response.body" and len(body := message.get("body", b"")) > COUNTED_BODY:
                 # A send returns once its bytes are written to the connection, where they wait
