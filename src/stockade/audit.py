@@ -134,7 +134,11 @@ def _lock_for_one_writer(path: str) -> int | None:
     None where the lock cannot be made (no directory yet): the log goes on, as it does when it
     cannot be written, and says so."""
     try:
-        fd = os.open(lock_path(path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # Non-blocking: a FIFO put there would hold the open (and the daemon's start) until a reader came.
+        fd = os.open(lock_path(path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{lock_path(path)} is not a regular file")
     except OSError as exc:
         log.warning("audit log %s: cannot take its one-writer lock (%s); a second writer is not refused", path, exc)
         return None
@@ -327,11 +331,15 @@ class AuditLog:
     @staticmethod
     def _tail_of(path: str) -> list[bytes]:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: no wait
         except FileNotFoundError:
             return []
         try:
-            return _tail(fd, os.fstat(fd).st_size)[0]
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("audit log %s is not a regular file: the chain starts afresh", path)
+                return []
+            return _tail(fd, st.st_size)[0]
         finally:
             os.close(fd)
 

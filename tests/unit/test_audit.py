@@ -352,6 +352,25 @@ def test_a_symlink_is_not_followed(tmp_path: Path) -> None:
     assert target.read_bytes() == b""
 
 
+def test_a_fifo_put_beside_the_log_holds_up_neither_its_start_nor_its_writes(tmp_path: Path) -> None:
+    # The one-writer lock was opened for writing, and the last backup for reading, each blocking on
+    # a FIFO until another process opened its other end: the daemon's start, or its writer, hung.
+    path = tmp_path / "audit.log"
+    os.mkfifo(str(path) + ".lock")
+    os.mkfifo(str(path) + ".1")
+    made: list[AuditLog] = []
+    start = threading.Thread(target=lambda: made.append(AuditLog(str(path))), daemon=True)
+    start.start()
+    start.join(10)
+    assert made, "opening the log waited on the FIFO at its lock"
+    made[0].record("a")
+    closing = threading.Thread(target=made[0].close, daemon=True)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive(), "the writer waited on the FIFO at the last backup"
+    assert [r["event"] for r in records(path)] == ["a"]
+
+
 def test_close_is_idempotent_and_later_records_are_ignored(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     log = AuditLog(str(path))
