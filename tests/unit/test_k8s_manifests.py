@@ -208,6 +208,9 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
     # Traffic only while its placement is reachable (503 from /ready otherwise); restarted when it stops answering.
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v1/ping", "port": "http"}
+    startup = container["startupProbe"]  # the liveness probe waits for a start of up to ten minutes
+    assert startup["httpGet"] == {"path": "/v1/ping", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 600
     # Its metrics are scraped with its own token, from the port the Service names.
     assert service["spec"]["ports"] == [{"name": "http", "port": 8002, "targetPort": "http", "protocol": "TCP"}]
     assert service["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"

@@ -82,6 +82,9 @@ def _container(image: str, ray_address: str | None) -> dict[str, Any]:
         # be refused).
         "readinessProbe": {**probe, "initialDelaySeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/v1/ping", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
+        # Its start (joining the Ray cluster, filling the warm pool) may take minutes on a busy node: the
+        # liveness probe waits for it, or would restart a pod that is only starting, again and again.
+        "startupProbe": {"httpGet": {"path": "/v1/ping", "port": "http"}, "periodSeconds": 5, "failureThreshold": 120},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [{"name": "state", "mountPath": STATE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
     }
