@@ -239,7 +239,7 @@ def test_a_tunnel_whose_isolate_stops_reading_is_closed_after_the_idle_bound(
 ) -> None:
     # The proxy waited on the isolate's side of the tunnel to drain with no bound: an isolate that
     # stopped reading held the connection, its upstream and a slot of the gate's 64 for its lifetime.
-    monkeypatch.setattr("stockade.egress.proxy.IDLE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("stockade.egress.exchange.IDLE_TIMEOUT_S", 1.0)
     gate = _gate(flooder)
     client, stop = _served(gate)
     try:

@@ -52,8 +52,9 @@ import msgpack
 from ..agent import linux
 from ..policy import Policy
 from ..result import EgressRequest
+from .exchange import upstream_context
 from .gate import MAX_REFUSALS_SAID, Gate
-from .proxy import proxy, upstream_context
+from .proxy import proxy
 
 MAX_MESSAGE = 4 << 20  # a policy and its secrets' values; nothing bigger comes from a keeper
 REFUSAL_WINDOW_S = 0.05  # refusals after the first of a burst are said together, once a window
