@@ -20,7 +20,7 @@ import stockade
 from stockade import ExecResult, Policy
 from stockade.result import MAX_VIOLATION_RECORDS, SecurityViolation
 from stockade.runtimes.manager import RuntimeManager
-from stockade.runtimes.process import seccomp
+from stockade.runtimes.process import netcalls, seccomp
 from stockade.runtimes.process.supervisor import NOTIFY_BURST, NOTIFY_PER_S
 from tests.conftest import require
 
@@ -161,3 +161,35 @@ def test_a_flood_is_held_to_its_budget_and_other_isolates_are_answered_meanwhile
     assert_bounded_and_exact(r, made)
     # Its burst, then its rate, for the flood's time (and a second's slack for a slow host).
     assert made <= NOTIFY_BURST + NOTIFY_PER_S * (seconds + 1), made
+
+
+@pytest.mark.parametrize("fault", [None, "the judging itself fails"])
+def test_a_call_the_supervisor_cannot_read_neither_ends_it_nor_goes_unanswered(
+    fault: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An allowlist isolate's connect() with a kernel-half address: the host's read of it at
+    # /proc/PID/mem raised OverflowError (not an OSError), which ended the one thread answering
+    # every isolate's blocked calls: each later one, anyone's, waited in the kernel until its run's
+    # timeout, reported nowhere.
+    require("process")
+    attack = (
+        "import ctypes, socket\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+        "s = socket.socket()\n"
+        "print(libc.syscall(42, s.fileno(), ctypes.c_void_p(0xffffffffffff0000), 16), ctypes.get_errno())\n"
+    )
+    mount = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n" \
+        "print(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None), ctypes.get_errno())\n"  # fmt: skip
+    if fault is not None:  # whatever else a notification could make fail: the call is refused, the thread goes on
+
+        def broken(*args: object) -> None:
+            raise RuntimeError(fault)
+
+        monkeypatch.setattr(netcalls, "destination", broken)
+    allowlist = Policy(network_policy="allowlist", allowed_hosts=["example.com"], timeout_seconds=20)
+    attacked = stockade.run_code(attack, policy=allowlist)
+    assert attacked.termination_reason == "completed", attacked
+    # EFAULT from the kernel, the call let through; or EPERM, refused by the host that could not judge it.
+    assert attacked.stdout.split() == ["-1", "14" if fault is None else "1"], attacked.stdout
+    victim = stockade.run_code(mount, policy=Policy(timeout_seconds=20))
+    assert victim.termination_reason == "completed" and victim.stdout.split() == ["-1", "1"], victim
+    assert victim.violation_counts == {"mount": 1}, victim.violation_counts

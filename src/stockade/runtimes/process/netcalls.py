@@ -51,10 +51,10 @@ def destination(pid: int, nr: int, args: tuple[int, ...]) -> tuple[str, int] | N
         return None
     try:
         address, length = (args[1], args[2]) if nr == CONNECT else (args[4], args[5])
-        if not address or length < 2:
-            return None
+        if not address or length < 2 or address >= 1 << 63:
+            return None  # a kernel-half pointer (past off_t): the call itself faults
         raw = os.pread(fd, min(length, 28), address)
-    except OSError:
+    except (OSError, OverflowError, ValueError):
         return None
     finally:
         os.close(fd)

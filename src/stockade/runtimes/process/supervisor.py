@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import threading
@@ -26,6 +27,7 @@ from . import netlink, seccomp
 # (the call's name, whether it was refused, what makes its record): the record is
 # built only while the run's report has room, so a flood costs a count, not a model.
 ViolationSink = Callable[[str, bool, Callable[[], SecurityViolation]], None]
+log = logging.getLogger("stockade.seccomp")
 
 
 # Notifications one isolate may have answered, per second sustained (and in a burst). Each costs
@@ -59,7 +61,7 @@ class Supervisor:
             self._budgets[listener_fd] = TokenBucket(NOTIFY_PER_S, NOTIFY_BURST)
             self._paused.pop(listener_fd, None)
             self._epoll.register(listener_fd, select.EPOLLIN)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # (a thread that died: another)
                 self._thread = threading.Thread(target=self._loop, name="stockade-seccomp", daemon=True)
                 self._thread.start()
 
@@ -104,10 +106,13 @@ class Supervisor:
             except InterruptedError:
                 continue
             for fd, mask in events:
-                if mask & select.EPOLLIN:
-                    self._answer(fd)
-                elif mask & (select.EPOLLHUP | select.EPOLLERR):
-                    self._retire(fd)
+                try:
+                    if mask & select.EPOLLIN:
+                        self._answer(fd)
+                    elif mask & (select.EPOLLHUP | select.EPOLLERR):
+                        self._retire(fd)
+                except Exception:  # this thread serves every isolate: one notification never ends it
+                    log.exception("seccomp listener %d: a notification could not be handled", fd)
             if resume is not None:
                 self._resume_due(time.monotonic())
 
@@ -137,6 +142,16 @@ class Supervisor:
         if notif is None:
             return  # ENOENT: the caller died meanwhile; EBADF: forgotten
         notif_id, pid, nr, args = notif
+        try:
+            self._decide(fd, notif_id, pid, nr, args)
+        except Exception:
+            # Whatever the call held (a pointer no read could follow), it is answered: refused, and
+            # said in the log; a call left unanswered would wait in the kernel until its run's end.
+            log.exception("seccomp: call %d of pid %d could not be judged; it is refused", nr, pid)
+            with contextlib.suppress(OSError):
+                linux.seccomp_notif_deny(fd, notif_id, errno.EPERM)
+
+    def _decide(self, fd: int, notif_id: int, pid: int, nr: int, args: tuple[int, ...]) -> None:
         with self._lock:
             sink = self._sinks.get(fd)
             network = fd in self._network
