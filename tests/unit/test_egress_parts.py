@@ -140,6 +140,31 @@ def test_a_reply_sent_a_byte_at_a_time_is_scanned_in_pieces_and_still_redacted()
         assert got + stream.flush() == sample.replace(value, b"<handle>").replace(b"short", b"<s>")
 
 
+def test_a_value_that_holds_another_is_never_taken_for_it_however_the_reply_is_cut() -> None:
+    # Half of a value A in hand, a value B it begins with (or holds) was replaced inside it: A no
+    # longer matched, and its other half went to the isolate.
+    rng = random.Random(11)
+    for outer, inner in (
+        (b"sk-live-ORG42-7f3a9c1e5b2d4f60", b"sk-live-ORG42"),  # a prefix
+        (b"zz-PARTONE-sk-inner-PARTTWO-zz", b"sk-inner"),  # inside
+        (b"tok-aaaa-tail", b"aaaa-tail"),  # a suffix
+    ):
+        values = {outer: b"<A>", inner: b"<B>"}
+        for _ in range(150):
+            parts = [rng.choice([outer, inner, b"x" * rng.randint(0, 40), outer[: rng.randint(1, len(outer))]])
+                     for _ in range(rng.randint(1, 6))]  # fmt: skip
+            sample = b"".join(parts)
+            one = StreamRedactor(values)
+            expected = one.feed(sample) + one.flush()
+            assert outer not in expected and inner not in expected
+            for size in (1, 2, 3, 5, 8, 13):
+                stream = StreamRedactor(values)
+                got = b"".join(stream.feed(sample[i : i + size]) for i in range(0, len(sample), size))
+                got += stream.flush()
+                assert got == expected, (size, sample, got)
+                assert stream.count == one.count
+
+
 def test_a_value_an_echoing_server_escaped_is_taken_out_too() -> None:
     """A value with characters JSON, URLs or HTML escape came back through a header-echo endpoint
     (httpbin's ``/headers``) escaped, past the redaction of its bytes, for the code to unescape."""

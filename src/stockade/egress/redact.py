@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import html
 import json
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from urllib.parse import quote, quote_plus
@@ -117,37 +118,53 @@ class Redactor:
 
 class StreamRedactor:
     """``Redactor`` over a byte stream cut anywhere: a value split between two chunks is still
-    found. Holds back at most twice the longest value's length until ``flush``: what arrives in
-    small pieces is scanned once enough of it is in hand, not at each piece (an upstream that
-    sends a reply a byte at a time would have had every value looked for in the held-back bytes
-    once per byte, on the egress worker's CPU, outside the isolate's cgroup)."""
+    found, and a value is never taken for a shorter one it begins with or holds (a value A that
+    holds a value B, half of A in hand: B replaced in it would leave A's other half to pass).
+
+    What comes is held until more than twice the longest value's length less one is in hand, then
+    scanned once (not at each piece: an upstream that sends a reply a byte at a time would have
+    every value looked for in the held-back bytes once per byte, on the egress worker's CPU,
+    outside the isolate's cgroup). Only matches that begin more than that length less one from the
+    end are replaced and sent on: every value that could begin there is whole in hand, so the
+    longest is the one found. The rest is held raw, for the next scan or ``flush``."""
 
     def __init__(self, values: Mapping[bytes, bytes]) -> None:
-        self._pairs = sorted(((v, r) for v, r in values.items() if v), key=lambda p: -len(p[0]))
-        self._keep = max((len(v) for v, _ in self._pairs), default=1) - 1
+        self._values = {v: r for v, r in values.items() if v}
+        longest_first = sorted(self._values, key=len, reverse=True)
+        self._pattern = re.compile(b"|".join(map(re.escape, longest_first))) if longest_first else None
+        self._keep = max(map(len, longest_first), default=1) - 1
         self._held = bytearray()
         self.count = 0
 
     def feed(self, data: bytes) -> bytes:
-        if not self._pairs:
+        if self._pattern is None:
             return data
         self._held += data
         if len(self._held) <= 2 * self._keep:
             return b""  # at most the held-back part, and as much again: scanned with what comes next
-        whole, self._held = bytes(self._held), bytearray()
-        for value, replacement in self._pairs:
-            if value in whole:
-                self.count += whole.count(value)
-                whole = whole.replace(value, replacement)
-        # The last bytes may be the start of a value the next piece ends.
-        cut = max(0, len(whole) - self._keep)
-        self._held += whole[cut:]
-        return whole[:cut]
+        whole = bytes(self._held)
+        out, end = self._replace(whole, len(whole) - self._keep)
+        self._held = bytearray(whole[end:])
+        return out
 
     def flush(self) -> bytes:
-        held, self._held = bytes(self._held), bytearray()
-        for value, replacement in self._pairs:
-            if value in held:
-                self.count += held.count(value)
-                held = held.replace(value, replacement)
-        return held
+        whole, self._held = bytes(self._held), bytearray()
+        if self._pattern is None:
+            return whole
+        return self._replace(whole, len(whole) + 1)[0]
+
+    def _replace(self, data: bytes, cut: int) -> tuple[bytes, int]:
+        """``data`` up to ``cut`` (or the end of a match that begins before it) with every value
+        replaced; and where that part ends."""
+        assert self._pattern is not None
+        pieces: list[bytes] = []
+        done = 0
+        for match in self._pattern.finditer(data):
+            if match.start() >= cut:
+                break
+            pieces += [data[done : match.start()], self._values[match.group()]]
+            done = match.end()
+            self.count += 1
+        end = max(done, min(cut, len(data)))
+        pieces.append(data[done:end])
+        return b"".join(pieces), end
