@@ -120,6 +120,35 @@ def test_serve_keeps_a_sandbox_to_one_session_the_sdk_checked_and_ends_it_with_t
         assert not fresh.is_error and fresh.content[0].text.split()[:1] == ["[completed,"], fresh.content[0].text
 
 
+def test_a_request_naming_two_sessions_is_refused(tmp_path: Any) -> None:
+    # The SDK reads a header's first value, the door read its last: a DELETE naming one's own
+    # session, then another's, ended the first and closed the second one's sandbox.
+    require("process")
+    auth = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json, text/event-stream"}
+
+    def session(url: str) -> dict[str, str]:
+        params = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "c", "version": "1"}}
+        hello = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+        opened = httpx.post(url, json=hello, headers=auth, timeout=60)
+        headers = {**auth, "Mcp-Session-Id": opened.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-06-18"}
+        httpx.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers, timeout=60)
+        return headers
+
+    def call(url: str, headers: dict[str, str], name: str, arguments: dict[str, Any]) -> str:
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+        return httpx.post(url, json=body, headers=headers, timeout=120).text
+
+    with door(tmp_path, "serve", "--memory", "128") as url:
+        victim = session(url)
+        assert "wrote" in call(url, victim, "write_file", {"path": "/work/secret", "content": "victim-data"})
+        mine = session(url)
+        both = [*auth.items(), ("Mcp-Session-Id", mine["Mcp-Session-Id"]),
+                ("Mcp-Session-Id", victim["Mcp-Session-Id"]), ("MCP-Protocol-Version", "2025-06-18")]  # fmt: skip
+        refused = httpx.delete(url, headers=both, timeout=60)
+        assert refused.status_code == 400 and "one session" in refused.text, refused.text
+        assert "victim-data" in call(url, victim, "read_file", {"path": "/work/secret"})
+
+
 def test_the_gateway_over_http(tmp_path: Any) -> None:
     require("process")
     server = {"command": "python3", "args": ["/mcp/hostile.py"], "expose": "all",

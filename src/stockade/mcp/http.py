@@ -90,11 +90,18 @@ class _SessionsOnly:
         self.ended = ended
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope.get("headers") or [])
-        version = headers.get(b"mcp-protocol-version", b"").decode("latin-1")
+        headers: dict[bytes, list[bytes]] = {}
+        for name, value in scope.get("headers") or []:
+            headers.setdefault(name, []).append(value)
+        said = None
+        if any(len(headers.get(name, ())) > 1 for name in (b"mcp-session-id", b"mcp-protocol-version")):
+            # One to the SDK, another to the door: a DELETE of one's own session ending another's sandbox.
+            said = "a request names one session and one protocol version at most"
+        version = b"".join(headers.get(b"mcp-protocol-version", [])).decode("latin-1")
         if version and version not in HANDSHAKE_PROTOCOL_VERSIONS:
             said = (f"protocol version {version[:40]!r} has no sessions, and this door keeps a sandbox per MCP "
                     f"session: connect with a session (protocol version {LATEST_HANDSHAKE_VERSION})")  # fmt: skip
+        if said is not None:
             error = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": said}}
             await JSONResponse(error, status_code=400)(scope, receive, send)
             return
@@ -107,7 +114,7 @@ class _SessionsOnly:
             await send(message)
 
         await self.app(scope, receive, watched)
-        session = headers.get(b"mcp-session-id", b"").decode("latin-1")
+        session = b"".join(headers.get(b"mcp-session-id", [])).decode("latin-1")
         if scope.get("method") == "DELETE" and session and 200 <= status < 300:
             await self.ended(session)
 

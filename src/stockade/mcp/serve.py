@@ -36,7 +36,7 @@ from ..protocol.models import (
     WriteFile,
 )
 from ..result import ExecResult
-from .http import serve_http
+from .http import SESSION_IDLE_S, serve_http
 
 log = logging.getLogger("stockade.mcp")
 MAX_READ_BYTES = 1 << 20  # what read_file returns at most unless asked for less
@@ -139,8 +139,14 @@ class StockadeTools:
 
     async def _sandbox(self, session: str) -> str:
         lock = self._making.setdefault(session, anyio.Lock())
-        async with lock:
-            return await self._sandbox_of(session)
+        try:
+            async with lock:
+                return await self._sandbox_of(session)
+        finally:
+            # None made (the host busy, say), and none waits: kept, it would outlive a session that ends idle.
+            if session not in self._sandboxes and lock.statistics().tasks_waiting == 0:
+                if self._making.get(session) is lock:
+                    del self._making[session]
 
     async def _sandbox_of(self, session: str) -> str:
         sandbox_id = self._sandboxes.get(session)
@@ -198,8 +204,10 @@ async def serve(policy: Policy, http: str | None = None, token: str | None = Non
         server = tools.server()
         if http is not None:
             assert token is not None
-            # A session lasts as long as its sandbox would without a call (the SDK's own default is 30 min).
-            await serve_http(server, http, token, tools.end_session, config.sandbox_idle_timeout)
+            # A session lasts as long as its sandbox would without a call; the SDK's 30 minutes where
+            # sandboxes never idle out (a session its client left without ending it is let go).
+            idle = config.sandbox_idle_timeout or SESSION_IDLE_S
+            await serve_http(server, http, token, tools.end_session, idle)
         else:
             async with stdio_server() as (read, write):
                 await server.run(read, write, server.create_initialization_options())
