@@ -37,13 +37,16 @@ class Scripted(AgentSandbox):
 class ScriptedRuntime(Runtime):
     """An isolate whose agent, for each run, has the host count a refused ``unshare`` (as the
     process runtime's seccomp supervisor does, from its own thread), then answers as ``answer``
-    says: ``"verdict"`` after ``delay_s``, ``"error"``, or ``"never"``."""
+    says: ``"verdict"`` once ``release`` is set, ``"error"``, or ``"never"``."""
 
     name, isolation = "scripted", "none"
 
-    def __init__(self, answer: str, delay_s: float = 0.0) -> None:
+    def __init__(self, answer: str) -> None:
         super().__init__()
-        self.answer, self.delay_s = answer, delay_s
+        self.answer = answer
+        self.release = threading.Event()  # a "verdict" waits for it: its caller goes first
+        if answer != "verdict":
+            self.release.set()
 
     def detect(self) -> Availability:
         return Availability(self.name, True, self.isolation, "test")
@@ -69,7 +72,7 @@ class ScriptedRuntime(Runtime):
                     sandbox._count_violation("unshare", True, lambda v=refused: v)
                     if self.answer == "never":
                         continue  # the code goes on until it is ended
-                    time.sleep(self.delay_s)
+                    self.release.wait(30)
                     if self.answer == "error":
                         reply["error"] = {"code": -32603, "message": "oops"}
                     else:
@@ -115,6 +118,14 @@ def _controller(runtime: Runtime) -> tuple[Controller, Told]:
     return controller, told
 
 
+async def _counted(controller: Controller) -> None:
+    """Until the run's isolate has had the host count its refused call."""
+    deadline = time.monotonic() + 15
+    while not any(r.sandbox is not None and r.sandbox.violation_log.names() for r in controller.running.values()):
+        assert time.monotonic() < deadline, "the run's refused call was never counted"
+        await asyncio.sleep(0.02)
+
+
 async def _told(told: Told, n: int = 1) -> list[ExecResult]:
     deadline = time.monotonic() + 15
     while len(told.executions) < n:
@@ -154,11 +165,7 @@ def test_a_one_shot_run_whose_caller_hung_up_is_told_with_its_violations(path: s
                 answers: list[object] = []
                 abandon = controller.execute_now(ExecuteRequest(command=["true"]), unix_caller(0), answers.append)
                 assert abandon is not None
-            deadline = time.monotonic() + 10
-            while not any(r.sandbox is not None for r in controller.running.values()):
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.3)  # the agent has had the run, and the host counted its refused call
+            await _counted(controller)  # the agent has had the run, and the host counted its refused call
             if path == "execute":
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -178,16 +185,22 @@ def test_a_held_sandboxs_run_whose_caller_hung_up_is_told_when_it_ends() -> None
     # The run was left to finish in the isolate (a kept sandbox stays in step with its agent), and
     # its result dropped untold: the sandbox's end then said it had run nothing.
     async def scenario() -> None:
-        controller, told = _controller(ScriptedRuntime("verdict", delay_s=0.5))
+        runtime = ScriptedRuntime("verdict")
+        controller, told = _controller(runtime)
         caller = unix_caller(0)
         try:
             created = await controller.create(SandboxCreate(), caller)
+            held = controller.held[created.sandbox_id].sandbox
             run = SandboxExec(sandbox_id=created.sandbox_id, command=["true"])
             task = asyncio.create_task(controller.sandbox_run(run, caller))
-            await asyncio.sleep(0.2)
+            deadline = time.monotonic() + 15
+            while not held.violation_log.names():  # type: ignore[attr-defined]  # an AgentSandbox here
+                assert time.monotonic() < deadline, "the run never reached its agent"
+                await asyncio.sleep(0.02)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             assert told.executions == []  # not yet: the run goes on
+            runtime.release.set()
             (result,) = await _told(told)
             assert result.termination_reason == "completed" and result.violation_counts == {"unshare": 1}
             assert controller.held[created.sandbox_id].runs == 1

@@ -304,27 +304,30 @@ class HeldSandboxes:
         held.calls += 1
         self._track(+1)
 
-        started = time.monotonic()
+        started, execution_id = time.monotonic(), new_id()
 
         def deliver(outcome: ExecResult | Exception) -> None:
-            self._observe_held(caller, held, outcome, started)
+            self._observe_held(caller, held, outcome, started, execution_id)
             done(outcome)
 
         finish = settle_once(deliver, functools.partial(self._held_call_ended, held))
         try:
-            held.sandbox.start_run(method, params, request.stdin_bytes(), request.env, request.timeout, None, finish)
+            stdin = request.stdin_bytes()
+            held.sandbox.start_run(method, params, stdin, request.env, request.timeout, None, finish, execution_id)
         except BaseException:
             self._held_call_ended(held)
             raise
         return lambda: None
 
-    def _observe_held(self, caller: Caller, held: Held, outcome: ExecResult | Exception, started: float) -> None:
+    def _observe_held(
+        self, caller: Caller, held: Held, outcome: ExecResult | Exception, started: float, execution_id: str
+    ) -> None:
         """Tell the listeners of a held sandbox's run, one without a result too (the agent's
-        error, no such program): what the isolate was refused meanwhile opens its next report
-        (its next run's, or its end's)."""
+        error, no such program) under the id its run had: what the isolate was refused meanwhile
+        opens its next report (its next run's, or its end's)."""
         if not isinstance(outcome, ExecResult):
             outcome = ExecResult(
-                execution_id=new_id(),
+                execution_id=execution_id,
                 success=False,
                 termination_reason="error",
                 error=f"{type(outcome).__name__}: {outcome}"[:MAX_ERROR_CHARS],
@@ -413,16 +416,17 @@ class HeldSandboxes:
 
         async def run(held: Held) -> ExecResult:
             outcome: asyncio.Future[ExecResult | Exception] = asyncio.get_running_loop().create_future()
-            started = time.monotonic()
+            started, execution_id = time.monotonic(), new_id()
 
             def deliver(answer: ExecResult | Exception) -> None:
                 # Told when the run ends, whether or not its caller still waits: one that hung up
                 # has its run finish in the isolate (_held_call), and the run is recorded then.
-                self._observe_held(caller, held, answer, started)
+                self._observe_held(caller, held, answer, started, execution_id)
                 if not outcome.done():
                     outcome.set_result(answer)
 
-            held.sandbox.start_run(method, params, stdin, request.env, request.timeout, on_output, deliver)
+            sandbox = held.sandbox
+            sandbox.start_run(method, params, stdin, request.env, request.timeout, on_output, deliver, execution_id)
             answer = await outcome
             if isinstance(answer, Exception):
                 raise answer

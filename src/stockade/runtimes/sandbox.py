@@ -92,7 +92,8 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         self.one_shot = False
         self._settling: concurrent.futures.Future[Any] | None = None  # the last run's account, taken off the loop
         self._settling_run: PendingRun | None = None  # the run that account is of
-        # A run's account taken into a result its caller gave up before it came: the next report has it.
+        # The last run's result from when its account is taken until its caller has it: one whose
+        # caller gave up meanwhile (or whose output callback failed) is the next report's.
         self._unclaimed: ExecResult | None = None
         self._ended_by: str | None = None  # what the run that took the isolate down said, for the next call
         self.forks_counted = False  # its pids_limit is a cgroup's, which counts refused forks (job_limits)
@@ -370,11 +371,16 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
             finally:
                 settle_account(account)
 
+        def hand(outcome: ExecResult | Exception) -> None:
+            if outcome is self._unclaimed:
+                self._unclaimed = None  # claimed
+            done(outcome)
+
         def answered(reply: Any) -> None:
             run.answered = True  # its account is this callback's to take, whatever becomes of the call
             interrupted = self.channel.last_interrupted  # this run's: set as its call let go of the turn
             if not off_loop:
-                done(settled(reply, interrupted))
+                hand(settled(reply, interrupted))
                 return
             # The egress worker's account is a round trip to a process the isolate's own traffic may
             # keep busy (up to its timeout): asked from a thread of stockade's own, so that neither the
@@ -383,21 +389,19 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
             try:
                 taking = accounts().submit(settled, reply, interrupted)
             except RuntimeError:  # the interpreter is going: no thread starts now, the loop waits instead
-                done(settled(reply, interrupted))
+                hand(settled(reply, interrupted))
                 return
             asyncio.wrap_future(taking, loop=loop).add_done_callback(deliver)
 
         def deliver(taken: asyncio.Future[ExecResult | Exception]) -> None:
-            if call.aborted:  # its caller went away meanwhile: what the run did goes in the next report
-                if not taken.cancelled() and isinstance(result := taken.result(), ExecResult):
-                    self._unclaimed = result
+            if call.aborted:  # its caller went away meanwhile: what the run did stays for the next report
                 return
             if taken.cancelled():
                 done(SandboxError("the run ended but its result was lost: its account was cancelled"))
             elif (failed := taken.exception()) is not None:
                 done(SandboxError(f"the run ended but its result was lost: {failed!r}"))
             else:
-                done(taken.result())
+                hand(taken.result())
 
         loop = asyncio.get_running_loop()
         call = self.channel.start(
@@ -412,15 +416,18 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         (a result that says so); any other exception (the agent's own error, the
         caller's output callback) is raised.
         """
-        if isinstance(reply, _RUN_ENDINGS):
-            return self._finish_run(run, None, self._ended(reply), interrupted)
-        if isinstance(reply, Exception):
+        if isinstance(reply, Exception) and not isinstance(reply, _RUN_ENDINGS):
             raise start_error(reply)  # no such program: FileNotFoundError, as subprocess.run raises
-        try:
-            verdict = read_verdict(reply)
-        except AgentProtocolError as exc:
-            return self._finish_run(run, None, self._ended(exc), interrupted)
-        return guard.check(self._finish_run(run, verdict, None, interrupted))
+        if isinstance(reply, _RUN_ENDINGS):
+            verdict, error = None, self._ended(reply)
+        else:
+            try:
+                verdict, error = read_verdict(reply), None
+            except AgentProtocolError as exc:
+                verdict, error = None, self._ended(exc)
+        # Kept until its caller has it (``hand``), before the account is said to be taken.
+        result = self._unclaimed = self._finish_run(run, verdict, error, interrupted)
+        return guard.check(result) if verdict is not None else result
 
     def _begin_run(
         self,
