@@ -991,15 +991,16 @@ def test_an_answered_execute_is_killed_at_once_and_torn_down_by_shutdown(
     # window must tear it down rather than leave its cgroups behind.
     import asyncio
 
-    from stockade.daemon import controller as controller_module
+    from stockade.daemon import oneshot as oneshot_module
     from stockade.daemon.config import DaemonConfig
+    from stockade.daemon.controller import Controller
     from stockade.protocol.models import ExecuteRequest, unix_caller
 
-    monkeypatch.setattr(controller_module, "TEARDOWN_DELAY_S", 3600.0)
+    monkeypatch.setattr(oneshot_module, "TEARDOWN_DELAY_S", 3600.0)
     marker = "4243.375"
 
     async def scenario() -> None:
-        controller = controller_module.Controller(DaemonConfig(pool_size=1))
+        controller = Controller(DaemonConfig(pool_size=1))
         try:
             request = ExecuteRequest(command=["sh", "-c", f"sleep {marker} & echo started"])
             result = await controller.execute(request, unix_caller(0))
