@@ -74,7 +74,7 @@ def test_async_file_calls_raise_the_same(daemon: Daemon) -> None:
 def test_a_read_through_the_daemon_is_bounded_and_says_what_to_do_instead(daemon: Daemon) -> None:
     """One read_file answer is one line the daemon holds: at most 32 MiB, the same for both
     clients; a larger file is refused with its way out (download, or max_bytes)."""
-    from stockade.daemon.held import READ_FILE_MAX
+    from stockade.daemon.held_calls import READ_FILE_MAX
     from stockade.errors import CallTooLargeError
 
     policy = {"disk_mb": 128, "max_file_size_bytes": 1 << 27, "memory_mb": 512}

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade.client import Client
-from stockade.daemon.held import MAX_WAITING_BYTES
+from stockade.daemon.held_calls import MAX_WAITING_BYTES
 from stockade.limits import MAX_CALL_BYTES
 from tests.daemon_harness import Daemon, start_daemon
 

@@ -45,6 +45,7 @@ from .answers import AnswerBudget
 from .background import BackgroundProcesses, process_infos
 from .config import DaemonConfig
 from .held import Held, HeldSandboxes
+from .held_calls import HeldCalls
 from .oneshot import OneShotRuns, Running
 from .slots import Slots
 
@@ -76,7 +77,7 @@ class ExecutionListener(Protocol):
         could not be taken (its isolate lost)."""
 
 
-class Controller(OneShotRuns, HeldSandboxes, BackgroundProcesses):
+class Controller(OneShotRuns, HeldSandboxes, HeldCalls, BackgroundProcesses):
     def __init__(
         self, config: DaemonConfig, manager: RuntimeManager | None = None, placement: Placement | None = None
     ) -> None:

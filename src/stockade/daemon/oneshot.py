@@ -22,7 +22,8 @@ from ..result import ExecResult, TerminationReason, new_id
 from ..runtimes.agent_requests import code_params, exec_params
 from ..runtimes.verdict import OutputCallback
 from ..runtimes.violations import Leftovers, ViolationReport
-from .held import LEFTOVERS_WAIT_S, MAX_ERROR_CHARS, Held, settle_once
+from .held import LEFTOVERS_WAIT_S, Held
+from .held_calls import MAX_ERROR_CHARS, settle_once
 from .slots import Slots
 
 log = logging.getLogger("stockade.daemon")
