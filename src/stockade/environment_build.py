@@ -95,10 +95,7 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, bu
     # Each requirement one argument after "--": never a requirements file's line, whose tail pip
     # reads as per-requirement options (--global-option there would make it build from source).
     cmd += ["--", *reqs]
-    # pip keeps the host's own settings (its index, proxy, certificates); never stockade's (a daemon's tokens,
-    # a session key) nor the interpreter's overrides. A build's setup code could read its environment.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP") and not k.startswith("STOCKADE_")}  # fmt: skip
+    env = pip_environment(os.environ)
     env.update({"PIP_ROOT_USER_ACTION": "ignore", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
                 "PIP_NO_WARN_SCRIPT_LOCATION": "1", "PYTHONNOUSERSITE": "1"})  # fmt: skip
     if budget is not None:  # a caller's: what pip would cache (a download of any size) is outside the store
@@ -141,12 +138,34 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, bu
                               "stockade env build makes an environment ahead of time)")  # fmt: skip
     remove_tree(env["TMPDIR"])
     with open(log_path, "rb") as f:
-        log = f.read()
+        output = f.read()
     os.unlink(log_path)
-    tail = log[-2000:].decode(errors="replace").strip().splitlines()[-12:]
+    tail = output[-2000:].decode(errors="replace").strip().splitlines()[-12:]
     if status != 0:
-        said = ("\n" + "\n".join(tail)) if tail and not verbose else ""  # verbose: shown as it came
-        raise PolicyError(f"packages: pip could not install them (exit {status}){_why(log, allow_source)}{said}")
+        if budget is not None:
+            # A caller's build: pip's last lines may be a build's own output (a wheel's dependency named by
+            # URL is built from source whatever --only-binary says), whatever its code read on this host.
+            # The host's log has them; the caller, why in general terms.
+            log.warning("packages %s: pip exited %d:\n%s", printable(", ".join(reqs)), status,
+                        printable("\n".join(tail)))  # fmt: skip
+            said = " (pip's last lines are in the host's log)"
+        else:
+            said = ("\n" + "\n".join(tail)) if tail and not verbose else ""  # verbose: shown as it came
+        raise PolicyError(f"packages: pip could not install them (exit {status}){_why(output, allow_source)}{said}")
+
+
+# What pip is given of the host's environment: its settings (index, proxy, certificates, locale),
+# nothing else. A build's code (a wheel's dependency named by URL is built from source, whatever
+# --only-binary says) reads its environment: a daemon's tokens, a cloud's keys must not be there.
+_PIP_KEEPS = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "USER", "LOGNAME", "XDG_CONFIG_HOME",
+                        "XDG_CACHE_HOME", "NETRC", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+                        "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"})  # fmt: skip
+
+
+def pip_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The environment pip runs in: ``_PIP_KEEPS`` (proxies in either case), ``PIP_*`` and ``LC_*``."""
+    return {k: v for k, v in environ.items()
+            if k.upper() in _PIP_KEEPS or k.startswith(("PIP_", "LC_"))}  # fmt: skip
 
 
 def _wait_within(proc: subprocess.Popen[bytes], work: str, budget: int | None) -> tuple[int | None, PolicyError | None]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -62,11 +63,8 @@ _SPEC = re.compile(rf"^(?:{_CLAUSE}(?:,{_CLAUSE})*)?$")
 # pip options (config files, PIP_* variables) that change which packages a requirement list installs.
 _PIP_KEYS = ("index-url", "extra-index-url", "find-links", "no-index", "constraint", "pre", "only-binary",
              "no-binary", "prefer-binary", "use-feature")  # fmt: skip
-_failures: dict[str, tuple[float, str]] = {}
-# Whether a policy's ``packages`` may build its environment on first use: on in a
-# process of the caller's own (the SDK, the CLI); the daemon sets it from
-# STOCKADE_BUILD_PACKAGES (off by default: a build runs pip on the host for the caller).
-BUILD_ON_DEMAND = True
+_failures: dict[str, tuple[float, str]] = {}  # env id -> (when its build failed, why), oldest first
+MAX_FAILURES = 1024
 
 
 _pinned_store: str | None = None  # pin_root_view's
@@ -361,7 +359,10 @@ def share(policy: Policy) -> Policy:
     if not os.path.isdir(path):
         if not policy.packages:
             raise PolicyError(f"environment {policy.environment_id} is no longer in {store_root()} (stockade env ls)")
-        if not BUILD_ON_DEMAND:
+        # A policy's ``packages`` builds its environment on first use in a process of the caller's own
+        # (the SDK, the CLI); in one that serves callers (a daemon, a Ray node's actor) only where its
+        # operator said so (STOCKADE_BUILD_PACKAGES, off by default: a build runs pip on the host).
+        if serving_callers() and not current().build_packages:
             raise PolicyError(
                 f"packages: the environment of {', '.join(policy.packages)} is not built here, and this daemon "
                 "builds none for a caller (STOCKADE_BUILD_PACKAGES=0): an administrator builds it with "
@@ -453,11 +454,22 @@ def build(requirements: Iterable[str], name: str | None = None, allow_source: bo
 
                     environment_build.make(env_id, reqs, allow_source, verbose, budget)
                 except PolicyError as exc:
-                    _failures[env_id] = (time.monotonic(), str(exc))
+                    _remember_failure(env_id, str(exc))
                     raise
     if name is not None:
         _point(name, env_id)
     return env_id
+
+
+def _remember_failure(env_id: str, said: str) -> None:
+    """A failed build, not tried again for ``FAILURE_MEMORY_S``: those past it forgotten, and at
+    most ``MAX_FAILURES`` kept (each spelling of a caller's requirements is an id of its own)."""
+    now = time.monotonic()
+    for old in [k for k, (at, _) in _failures.items() if now - at >= FAILURE_MEMORY_S]:
+        del _failures[old]
+    while len(_failures) >= MAX_FAILURES:
+        del _failures[next(iter(_failures))]  # the oldest
+    _failures[env_id] = (now, said)
 
 
 def build_timeout() -> float:
@@ -465,9 +477,20 @@ def build_timeout() -> float:
     return configured if configured is not None else BUILD_TIMEOUT_S
 
 
+# An environment's lock is one of this many files, by its id: a file per id tried (a caller's
+# failed builds, each spelling an id of its own) grew the store without end.
+LOCK_FILES = 256
+
+
 @contextlib.contextmanager
 def _locked(env_id: str) -> Iterator[None]:
-    fd = os.open(os.path.join(store_dir("locks"), env_id + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """``env_id``'s lock, held across processes (``callers``: the one of callers' builds)."""
+    name = (
+        env_id
+        if env_id == "callers"
+        else f"env-{int(hashlib.sha256(env_id.encode()).hexdigest(), 16) % LOCK_FILES:02x}"
+    )
+    fd = os.open(os.path.join(store_dir("locks"), name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + build_timeout()
     try:
         while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -338,6 +339,7 @@ def test_a_daemons_callers_build_into_the_store_up_to_its_limit(
             json.dump({"requirements": ["big"], "size_bytes": 3 << 20}, f)
         monkeypatch.setenv("STOCKADE_ENV_STORE_LIMIT_MB", "2")
         monkeypatch.setattr(settings, "_serving", True)
+        monkeypatch.setenv("STOCKADE_BUILD_PACKAGES", "1")
         environments.share(Policy(environment_name="small"))  # built already: a store at its limit serves it
         policy = Policy(packages=["six>=0"])
         with pytest.raises(PolicyError, match=r"holds \d+ MiB, its limit for callers' builds \(STOCKADE_ENV_STORE"):
@@ -386,11 +388,76 @@ def test_a_callers_build_that_unpacks_past_the_stores_room_is_stopped(
     held = sum(e.size_bytes for e in environments.listing()) >> 20
     monkeypatch.setenv("STOCKADE_ENV_STORE_LIMIT_MB", str(held + 50))
     monkeypatch.setattr(settings, "_serving", True)
+    monkeypatch.setenv("STOCKADE_BUILD_PACKAGES", "1")
     policy = Policy(packages=["stockade-bomb-probe"])
     with pytest.raises(PolicyError, match=r"the build stopped at \d+ MiB, past the \d+ MiB left of the store's limit"):
         environments.share(policy)
     assert not os.path.isdir(environments.env_path(policy.environment_id or ""))
     assert os.listdir(os.path.join(store, "tmp")) == []
+
+
+def test_a_callers_build_gives_pip_none_of_the_hosts_secrets_and_the_caller_none_of_its_output(
+    store: str, small: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wheel's dependency named by URL is built from source whatever --only-binary says: its build
+    # code ran with the daemon's whole environment, and its output came back in the caller's error.
+    import tarfile
+
+    seen = tmp_path / "seen.json"
+    setup = (
+        "import json, os, sys\n"
+        f"json.dump(sorted(os.environ), open({str(seen)!r}, 'w'))\n"
+        "print('LEAKED', os.environ.get('CLOUD_SECRET_KEY'))\nsys.exit(1)\n"
+    )
+    sdist = tmp_path / "stockade-leak-src-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        info = "Metadata-Version: 2.1\nName: stockade-leak-src\nVersion: 1.0\n"
+        for name, text in {"setup.py": setup, "PKG-INFO": info}.items():
+            data = text.encode()
+            member = tarfile.TarInfo(f"stockade-leak-src-1.0/{name}")
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    links = tmp_path / "links"
+    links.mkdir()
+    _wheel(links, "stockade-leak-probe", extra={
+        "stockade_leak_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: stockade-leak-probe\n"
+        f"Version: 1.0\nRequires-Dist: stockade-leak-src @ file://{sdist}\n"})  # fmt: skip
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("CLOUD_SECRET_KEY", "hunter2-cloud")
+    monkeypatch.setattr(settings, "_serving", True)
+    monkeypatch.setenv("STOCKADE_BUILD_PACKAGES", "1")
+    with pytest.raises(PolicyError, match=r"pip could not install them \(exit 1\).*in the host's log") as refused:
+        environments.share(Policy(packages=["stockade-leak-probe"]))
+    assert "LEAKED" not in str(refused.value) and "hunter2" not in str(refused.value)
+    environment = json.loads(seen.read_text())  # the build's code ran: what it could read
+    assert "CLOUD_SECRET_KEY" not in environment and "PIP_FIND_LINKS" in environment, environment
+
+
+def test_a_process_that_serves_callers_builds_for_them_only_where_its_operator_said_so(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the daemon read STOCKADE_BUILD_PACKAGES (into a module global whose default was on): a Ray
+    # node's actor, which serves callers too, ran pip on its host for any caller's packages=.
+    monkeypatch.setattr(settings, "_serving", True)
+    monkeypatch.delenv("STOCKADE_BUILD_PACKAGES", raising=False)
+    with pytest.raises(PolicyError, match="STOCKADE_BUILD_PACKAGES=0"):
+        environments.share(Policy(packages=["stockade-never-built"]))
+
+
+def test_failed_builds_leave_a_bounded_trace(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each id tried left a lock file in the store and an entry in memory, for the process's life:
+    # each spelling of a caller's failing requirements is an id of its own.
+    monkeypatch.setattr(environments, "LOCK_FILES", 2)
+    monkeypatch.setattr(environments, "MAX_FAILURES", 3)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))  # empty: nothing is found
+    for n in range(6):
+        with pytest.raises(PolicyError, match="pip could not install them"):
+            environments.build([f"stockade-missing-{n}"])
+    locks = [name for name in os.listdir(os.path.join(store, "locks")) if name.startswith("env-")]
+    assert len(locks) <= 2, locks
+    assert len(environments._failures) <= 3
 
 
 def test_a_package_whose_files_lie_too_deep_is_stopped_and_leaves_nothing(
@@ -476,6 +543,7 @@ def test_a_callers_build_of_more_files_than_it_may_make_is_stopped(
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     monkeypatch.setattr(environment_build, "MAX_CALLER_FILES", 200)
     monkeypatch.setattr(settings, "_serving", True)
+    monkeypatch.setenv("STOCKADE_BUILD_PACKAGES", "1")
     policy = Policy(packages=["stockade-files-probe"])
     with pytest.raises(PolicyError, match=r"the build stopped at \d+ files, past the 200 a caller's build may make"):
         environments.share(policy)

@@ -163,9 +163,6 @@ def serve(config: DaemonConfig) -> int:
     # environ, fds) or attach to it. Without root, its egress workers run as its own uid: one taken
     # over through the proxy it serves would otherwise read its token and every sandbox's secrets.
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
-    from .. import environments
-
-    environments.BUILD_ON_DEMAND = config.build_packages
     with asyncio.Runner() as runner:
         try:
             runner.run(run(config))
