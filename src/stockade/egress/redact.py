@@ -125,19 +125,21 @@ class StreamRedactor:
     scanned once (not at each piece: an upstream that sends a reply a byte at a time would have
     every value looked for in the held-back bytes once per byte, on the egress worker's CPU,
     outside the isolate's cgroup). Only matches that begin more than that length less one from the
-    end are replaced and sent on: every value that could begin there is whole in hand, so the
-    longest is the one found. The rest is held raw, for the next scan or ``flush``."""
+    end are replaced and sent on: every value that could begin there is whole in hand, so at each
+    place the longest value that begins there is the one found (the leftmost place first: of two
+    values that overlap without one holding the other, the later one's end is left). The rest is
+    held raw, for the next scan or ``flush``."""
 
     def __init__(self, values: Mapping[bytes, bytes]) -> None:
         self._values = {v: r for v, r in values.items() if v}
-        longest_first = sorted(self._values, key=len, reverse=True)
-        self._pattern = re.compile(b"|".join(map(re.escape, longest_first))) if longest_first else None
-        self._keep = max(map(len, longest_first), default=1) - 1
+        self._longest_first = tuple(sorted(self._values, key=len, reverse=True))
+        self._keep = max(map(len, self._longest_first), default=1) - 1
+        self._patterns: dict[tuple[bytes, ...], re.Pattern[bytes]] = {}
         self._held = bytearray()
         self.count = 0
 
     def feed(self, data: bytes) -> bytes:
-        if self._pattern is None:
+        if not self._values:
             return data
         self._held += data
         if len(self._held) <= 2 * self._keep:
@@ -149,17 +151,25 @@ class StreamRedactor:
 
     def flush(self) -> bytes:
         whole, self._held = bytes(self._held), bytearray()
-        if self._pattern is None:
-            return whole
         return self._replace(whole, len(whole) + 1)[0]
 
     def _replace(self, data: bytes, cut: int) -> tuple[bytes, int]:
         """``data`` up to ``cut`` (or the end of a match that begins before it) with every value
         replaced; and where that part ends."""
-        assert self._pattern is not None
+        # The values in hand looked for one by one first (a fast search each): a pattern of them all
+        # would try each at every byte (Python's re has no trie), ten times slower on a reply of none.
+        present = tuple(v for v in self._longest_first if v in data)
+        if not present:
+            end = min(cut, len(data))
+            return data[:end], end
+        pattern = self._patterns.get(present)
+        if pattern is None:
+            if len(self._patterns) >= 64:
+                self._patterns.clear()
+            pattern = self._patterns[present] = re.compile(b"|".join(map(re.escape, present)))
         pieces: list[bytes] = []
         done = 0
-        for match in self._pattern.finditer(data):
+        for match in pattern.finditer(data):
             if match.start() >= cut:
                 break
             pieces += [data[done : match.start()], self._values[match.group()]]
