@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -32,5 +33,53 @@ def test_a_session_whose_sandbox_could_not_be_made_leaves_nothing_behind(monkeyp
             assert tools._making == {} and tools._sandboxes == {}
         finally:
             await controller.shutdown(0.0)
+
+    anyio.run(scenario)
+
+
+def test_a_sessions_calls_share_one_sandbox_after_a_make_that_failed() -> None:
+    # The first call's make failed and its lock was forgotten while the call it woke held it: a
+    # third call took a new lock and made a second sandbox beside the second call's.
+    async def scenario() -> None:
+        made: list[str] = []
+        held: set[str] = set()
+        go = [anyio.Event(), anyio.Event()]
+
+        async def create(*args: Any) -> Any:
+            n = len(made) + sum(1 for e in go if e.is_set())
+            await go[min(n, 1)].wait()
+            if not made and not go[1].is_set():
+                raise DaemonBusyError("busy: no sandbox slot became free")
+            sandbox_id = f"sb-{len(made) + 1}"
+            made.append(sandbox_id)
+            held.add(sandbox_id)
+            return SimpleNamespace(sandbox_id=sandbox_id, runtime="fake")
+
+        controller = SimpleNamespace(create=create, held=held, config=SimpleNamespace(sandbox_idle_timeout=None))
+        tools = StockadeTools(controller, Policy())  # type: ignore[arg-type]
+        got: list[str] = []
+
+        async def call() -> None:
+            try:
+                got.append(await tools._sandbox("S"))
+            except DaemonBusyError:
+                got.append("busy")
+
+        async def until(check: Any) -> None:
+            with anyio.fail_after(10):
+                while not check():
+                    await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as calls:
+            calls.start_soon(call)  # its make waits, then fails
+            await until(lambda: "S" in tools._making and tools._making["S"].locked())
+            calls.start_soon(call)  # waits for the first's lock
+            await until(lambda: tools._making["S"].statistics().tasks_waiting == 1)
+            go[0].set()
+            await until(lambda: got == ["busy"])
+            calls.start_soon(call)  # after the failure, while the second call holds the lock
+            await anyio.sleep(0.05)
+            go[1].set()
+        assert got[0] == "busy" and got[1:] == ["sb-1", "sb-1"] and made == ["sb-1"], (got, made)
 
     anyio.run(scenario)

@@ -143,10 +143,16 @@ class StockadeTools:
             async with lock:
                 return await self._sandbox_of(session)
         finally:
-            # None made (the host busy, say), and none waits: kept, it would outlive a session that ends idle.
-            if session not in self._sandboxes and lock.statistics().tasks_waiting == 0:
-                if self._making.get(session) is lock:
-                    del self._making[session]
+            # None made (the host busy, say): kept, it would outlive a session that ends idle.
+            if session not in self._sandboxes:
+                self._drop_lock(session)
+
+    def _drop_lock(self, session: str) -> None:
+        """Forget ``session``'s lock, unless a call holds it or waits for it (one woken to take it
+        holds it already): a call after would make another, and a second sandbox with it."""
+        lock = self._making.get(session)
+        if lock is not None and not lock.locked() and lock.statistics().tasks_waiting == 0:
+            del self._making[session]
 
     async def _sandbox_of(self, session: str) -> str:
         sandbox_id = self._sandboxes.get(session)
@@ -161,7 +167,7 @@ class StockadeTools:
             for gone in [k for k, v in self._sandboxes.items() if v not in self.controller.held]:
                 del self._sandboxes[gone]  # sessions whose sandboxes ended idle, asked for no more
                 if gone != session:
-                    self._making.pop(gone, None)
+                    self._drop_lock(gone)
             created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
             sandbox_id = self._sandboxes[session] = created.sandbox_id
             self._made = [*(m for m in self._made if m in self.controller.held), sandbox_id]  # gone ones forgotten
