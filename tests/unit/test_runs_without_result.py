@@ -5,6 +5,7 @@ that answered an error. Each hid the calls the host refused the code (its escape
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import threading
@@ -17,11 +18,12 @@ from stockade.agent import wire
 from stockade.daemon.config import DaemonConfig
 from stockade.daemon.controller import Controller
 from stockade.policy import Policy
-from stockade.protocol.models import Caller, ExecuteRequest, SandboxCreate, SandboxExec, unix_caller
+from stockade.protocol.models import Caller, ExecuteRequest, SandboxCreate, SandboxExec, SandboxRef, unix_caller
 from stockade.result import ExecResult, SecurityViolation
 from stockade.runtimes.base import Availability, Runtime
 from stockade.runtimes.manager import RuntimeManager
 from stockade.runtimes.sandbox import AgentSandbox
+from stockade.runtimes.violations import Leftovers
 
 
 class Scripted(AgentSandbox):
@@ -41,9 +43,9 @@ class ScriptedRuntime(Runtime):
 
     name, isolation = "scripted", "none"
 
-    def __init__(self, answer: str) -> None:
+    def __init__(self, answer: str, output: bool = False) -> None:
         super().__init__()
-        self.answer = answer
+        self.answer, self.output = answer, output  # output: each run writes a line before its answer
         self.release = threading.Event()  # a "verdict" waits for it: its caller goes first
         if answer != "verdict":
             self.release.set()
@@ -72,6 +74,9 @@ class ScriptedRuntime(Runtime):
                     sandbox._count_violation("unshare", True, lambda v=refused: v)
                     if self.answer == "never":
                         continue  # the code goes on until it is ended
+                    if self.output:
+                        line = {"stream": "stdout", "data": base64.b64encode(b"hi\n").decode()}
+                        guest.sendall(wire.encode_message(wire.notification("output", line)))
                     self.release.wait(30)
                     if self.answer == "error":
                         reply["error"] = {"code": -32603, "message": "oops"}
@@ -96,10 +101,11 @@ class One(RuntimeManager):
 
 
 class Told:
-    """A listener: each execution it is told of."""
+    """A listener: each execution it is told of, and what each held sandbox's end reported."""
 
     def __init__(self) -> None:
         self.executions: list[ExecResult] = []
+        self.leftovers: list[Leftovers | None] = []
 
     def execution(self, caller: Caller, agent_id: str | None, result: ExecResult, *args: Any) -> None:
         self.executions.append(result)
@@ -108,7 +114,7 @@ class Told:
         pass
 
     def sandbox_ended(self, *args: Any) -> None:
-        pass
+        self.leftovers.append(args[-1])
 
 
 def _controller(runtime: Runtime) -> tuple[Controller, Told]:
@@ -221,6 +227,35 @@ def test_a_held_sandboxs_run_answered_with_an_error_is_told() -> None:
                 await controller.sandbox_run(run, caller)
             (result,) = await _told(told)
             assert result.termination_reason == "error" and "oops" in (result.error or "")
+        finally:
+            await controller.shutdown(0.0)
+
+    asyncio.run(scenario())
+
+
+def test_the_refused_calls_of_runs_whose_output_callback_failed_are_in_the_sandboxs_report() -> None:
+    # A run whose caller's output callback raised had its result, and so its refused calls, dropped;
+    # kept instead as unclaimed, it was overwritten by the next run's before any report took it.
+    def broken(stream: str, data: bytes) -> None:
+        raise RuntimeError("the client went away")
+
+    async def scenario() -> None:
+        runtime = ScriptedRuntime("verdict", output=True)
+        runtime.release.set()  # each run answers at once
+        controller, told = _controller(runtime)
+        caller = unix_caller(0)
+        try:
+            created = await controller.create(SandboxCreate(), caller)
+            run = SandboxExec(sandbox_id=created.sandbox_id, command=["true"])
+            for _ in range(2):
+                with pytest.raises(RuntimeError, match="went away"):
+                    await controller.sandbox_run(run, caller, broken)
+            result = await controller.sandbox_run(run, caller)
+            assert result.violation_counts == {"unshare": 1}
+            await controller.close_sandbox(SandboxRef(sandbox_id=created.sandbox_id), caller)
+            assert [r.termination_reason for r in told.executions] == ["error", "error", "completed"]
+            (leftovers,) = told.leftovers
+            assert leftovers is not None and leftovers.report.counts == {"unshare": 2}, leftovers
         finally:
             await controller.shutdown(0.0)
 

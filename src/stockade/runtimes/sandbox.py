@@ -44,7 +44,7 @@ from .sandbox_files import AgentFiles
 from .sandbox_processes import AgentProcesses
 from .sandbox_results import AgentResults, accounts, settle_account
 from .verdict import CallbackGuard, OutputCallback, PendingRun, read_verdict
-from .violations import Leftovers, ViolationLog, unclaimed_run
+from .violations import Leftovers, ViolationLog, merged, of_result
 
 if TYPE_CHECKING:
     from ..egress.workers import EgressWorker
@@ -93,8 +93,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         self._settling: concurrent.futures.Future[Any] | None = None  # the last run's account, taken off the loop
         self._settling_run: PendingRun | None = None  # the run that account is of
         # The last run's result from when its account is taken until its caller has it: one whose
-        # caller gave up meanwhile (or whose output callback failed) is the next report's.
+        # caller gave up meanwhile (or whose output callback failed) is the next report's, with those
+        # of earlier runs no caller had (``_unclaimed_before``).
         self._unclaimed: ExecResult | None = None
+        self._unclaimed_before: Leftovers | None = None
         self._ended_by: str | None = None  # what the run that took the isolate down said, for the next call
         self.forks_counted = False  # its pids_limit is a cgroup's, which counts refused forks (job_limits)
         # The current run's violations, bounded (violations.py); the runtime feeds it.
@@ -119,7 +121,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
         self._collect_violations()
         taken = Leftovers(self.violation_log.take(), egress, dropped)
         unclaimed, self._unclaimed = self._unclaimed, None
-        return taken if unclaimed is None else unclaimed_run(unclaimed, taken)
+        before, self._unclaimed_before = self._unclaimed_before, None
+        if unclaimed is not None:
+            taken = merged(of_result(unclaimed), taken)
+        return taken if before is None else merged(before, taken)
 
     async def atake_report(self) -> Leftovers:
         await self.settled()  # the last run's account first: what it did is its own
@@ -426,6 +431,9 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
             except AgentProtocolError as exc:
                 verdict, error = None, self._ended(exc)
         # Kept until its caller has it (``hand``), before the account is said to be taken.
+        if (earlier := self._unclaimed) is not None:  # a run before it whose caller never had it
+            kept = self._unclaimed_before
+            self._unclaimed_before = of_result(earlier) if kept is None else merged(kept, of_result(earlier))
         result = self._unclaimed = self._finish_run(run, verdict, error, interrupted)
         return guard.check(result) if verdict is not None else result
 

@@ -95,16 +95,26 @@ class Leftovers:
     egress_dropped: int = 0
 
 
-def unclaimed_run(result: ExecResult, taken: Leftovers) -> Leftovers:
-    """``taken`` with, before it, the account of a run whose result its caller gave up before
-    it came (``AgentSandbox.take_report``): its violations and egress are no one else's."""
-    report = ViolationReport(list(result.security_violations), dict(result.violation_counts))
-    for record in taken.report.records:
+MAX_LEFTOVER_EGRESS = 256  # egress records kept when reports are merged (each is bounded already)
+
+
+def of_result(result: ExecResult) -> Leftovers:
+    """What a run's result says it did, as a report no result carries (its caller never had it)."""
+    blocked = sum(v.blocked for v in result.security_violations)
+    report = ViolationReport(list(result.security_violations), dict(result.violation_counts), blocked)
+    return Leftovers(report, list(result.egress_requests), result.egress_requests_dropped)
+
+
+def merged(first: Leftovers, then: Leftovers) -> Leftovers:
+    """Two reports as one, bounded as one is: ``first``'s records first."""
+    report = ViolationReport(list(first.report.records), dict(first.report.counts), first.report.blocked)
+    for record in then.report.records:
         if len(report.records) < MAX_VIOLATION_RECORDS:
             report.records.append(record)
-    for name, count in taken.report.counts.items():
+    for name, count in then.report.counts.items():
         under = OTHER_VIOLATIONS if name not in report.counts and len(report.counts) >= MAX_VIOLATION_NAMES else name
         report.counts[under] = report.counts.get(under, 0) + count
-    report.blocked = taken.report.blocked + sum(v.blocked for v in result.security_violations)
-    egress = [*result.egress_requests, *taken.egress]  # each bounded by the worker already
-    return Leftovers(report, egress, result.egress_requests_dropped + taken.egress_dropped)
+    report.blocked += then.report.blocked
+    egress = [*first.egress, *then.egress]
+    dropped = first.egress_dropped + then.egress_dropped + max(0, len(egress) - MAX_LEFTOVER_EGRESS)
+    return Leftovers(report, egress[:MAX_LEFTOVER_EGRESS], dropped)
