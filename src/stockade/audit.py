@@ -334,6 +334,9 @@ class AuditLog:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: no wait
         except FileNotFoundError:
             return []
+        except OSError as exc:  # a link (ELOOP), unreadable: the log goes on all the same
+            log.warning("audit log %s cannot be read (%s): the chain starts afresh", path, exc)
+            return []
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

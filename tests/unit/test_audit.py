@@ -371,6 +371,17 @@ def test_a_fifo_put_beside_the_log_holds_up_neither_its_start_nor_its_writes(tmp
     assert [r["event"] for r in records(path)] == ["a"]
 
 
+def test_a_link_put_at_the_last_backup_does_not_stop_the_log(tmp_path: Path) -> None:
+    # Opened with O_NOFOLLOW, it raised ELOOP out of every open of the log: every record was lost.
+    path = tmp_path / "audit.log"
+    (tmp_path / "elsewhere").write_text('{"seq": 41}\n')
+    os.symlink(tmp_path / "elsewhere", str(path) + ".1")
+    log = AuditLog(str(path))
+    log.record("a")
+    log.close()
+    assert [r["event"] for r in records(path)] == ["a"]
+
+
 def test_close_is_idempotent_and_later_records_are_ignored(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     log = AuditLog(str(path))
