@@ -100,8 +100,9 @@ def test_serve_keeps_a_sandbox_to_one_session_the_sdk_checked_and_ends_it_with_t
                 "io.modelcontextprotocol/clientCapabilities": {}}  # fmt: skip
         call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                 "params": {"name": "list_dir", "arguments": {"path": "/work"}, "_meta": meta}}  # fmt: skip
-        refused = httpx.post(url, json=call, headers=modern, timeout=60)
-        assert refused.status_code == 400 and "has no sessions" in refused.text, refused.text
+        for version in ("2026-07-28", ""):  # an empty one reaches the SDK's stateless entry too
+            refused = httpx.post(url, json=call, headers={**modern, "MCP-Protocol-Version": version}, timeout=60)
+            assert refused.status_code == 400 and "has no sessions" in refused.text, refused.text
 
         async def parallel_first_calls() -> None:
             client = create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"})

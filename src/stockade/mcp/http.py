@@ -97,8 +97,9 @@ class _SessionsOnly:
         if any(len(headers.get(name, ())) > 1 for name in (b"mcp-session-id", b"mcp-protocol-version")):
             # One to the SDK, another to the door: a DELETE of one's own session ending another's sandbox.
             said = "a request names one session and one protocol version at most"
-        version = b"".join(headers.get(b"mcp-protocol-version", [])).decode("latin-1")
-        if version and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+        given = headers.get(b"mcp-protocol-version")
+        version = b"".join(given or []).decode("latin-1")
+        if given is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:  # an empty one too, as the SDK reads it
             said = (f"protocol version {version[:40]!r} has no sessions, and this door keeps a sandbox per MCP "
                     f"session: connect with a session (protocol version {LATEST_HANDSHAKE_VERSION})")  # fmt: skip
         if said is not None:
