@@ -50,6 +50,8 @@ class Supervisor:
         self._paused: dict[int, float] = {}  # listener -> when it is read again (its budget spent)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._log_budget = TokenBucket(1.0, 10.0)  # calls that could not be judged, logged whole
+        self._unlogged = 0
 
     def watch(self, listener_fd: int, sink: ViolationSink, network: bool = False) -> None:
         """Take ownership of ``listener_fd``; ``sink`` gets each violation, from this thread.
@@ -144,12 +146,23 @@ class Supervisor:
         notif_id, pid, nr, args = notif
         try:
             self._decide(fd, notif_id, pid, nr, args)
-        except Exception:
+        except Exception:  # noqa: BLE001 - logged (rate-limited) by _said_unjudged, from inside this handler
             # Whatever the call held (a pointer no read could follow), it is answered: refused, and
             # said in the log; a call left unanswered would wait in the kernel until its run's end.
-            log.exception("seccomp: call %d of pid %d could not be judged; it is refused", nr, pid)
             with contextlib.suppress(OSError):
                 linux.seccomp_notif_deny(fd, notif_id, errno.EPERM)
+            self._said_unjudged(nr, pid)
+
+    def _said_unjudged(self, nr: int, pid: int) -> None:
+        """Log a call that could not be judged: a few a second with their traceback (an isolate could
+        make the same one thousands of times a second), the rest counted into the next."""
+        with self._lock:
+            if not self._log_budget.take(1.0, time.monotonic()):
+                self._unlogged += 1
+                return
+            unlogged, self._unlogged = self._unlogged, 0
+        more = f" ({unlogged} more since, not logged)" if unlogged else ""
+        log.exception("seccomp: call %d of pid %d could not be judged; it is refused%s", nr, pid, more)
 
     def _decide(self, fd: int, notif_id: int, pid: int, nr: int, args: tuple[int, ...]) -> None:
         with self._lock:
