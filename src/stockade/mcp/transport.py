@@ -13,7 +13,6 @@ where a large message a server means (a text, an image) is mostly one string.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from mcp import types
 from mcp.shared.message import SessionMessage
 
 from ..errors import printable
+from ..jsonvalues import values_at_most
 from ..ratelimit import TokenBucket
 from ..runtimes.spawned import Process
 
@@ -63,11 +63,6 @@ for _name in SDK_LOGS:
 
 MAX_LINE = 16 << 20  # one JSON-RPC message
 MAX_VALUES = 1_000_000  # JSON values in one message (~50-100 bytes each once parsed)
-# A JSON string's escape pairs, then its strings: two passes in C, each match consuming what it
-# matched, so nothing is scanned twice (one pattern for a whole string rescanned an unclosed one
-# from each escaped quote in it: quadratic, the GIL held, a host stopped for hours).
-_ESCAPE = re.compile(rb"\\.", re.DOTALL)
-_STRING = re.compile(rb'"[^"]*"')
 MAX_STDERR = 64 << 10  # kept of what the server says on stderr, for an error message
 # What a server may make this host process read and parse, its isolate's limits not covering it: a
 # few large results at once, then a steady rate far above any conversation's. A server past it
@@ -188,7 +183,7 @@ async def process_transport(
                 del buffer[: end + 1]
                 scanned = 0
                 ended_lines += 1
-                if _values(line) > MAX_VALUES:
+                if values_at_most(line, MAX_VALUES) > MAX_VALUES:
                     output.broken = f"it wrote a message of more than {MAX_VALUES} JSON values"
                     return
                 if (why := budget.overdrawn(messages=1)) is not None:
@@ -257,20 +252,6 @@ async def process_transport(
             write_stream.close()
             read_stream.close()
             tasks.cancel_scope.cancel()
-
-
-def _values(line: bytes) -> int:
-    """At most how many JSON values ``line`` holds: its separators and openings, those inside its
-    strings too unless that quick count passes ``MAX_VALUES`` (then they are taken out first)."""
-    quick = _openings(line)
-    if quick <= MAX_VALUES:
-        return quick
-    bare = _STRING.sub(b'""', _ESCAPE.sub(b"", line))  # an unclosed string's rest stays, counted: over, not under
-    return _openings(bare)
-
-
-def _openings(line: bytes) -> int:
-    return line.count(b",") + line.count(b"[") + line.count(b"{")
 
 
 def _parse(line: bytes) -> SessionMessage | Exception:
