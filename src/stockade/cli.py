@@ -279,6 +279,8 @@ def _stdin_code(language: str) -> tuple[str, str]:
 
 def cmd_exec_code(args: Any) -> int:
     language = args.language
+    if args.file and args.code is not None:  # one of them would be run, the other dropped unsaid
+        return fail("exec-code: give CODE or -f FILE, not both")
     if args.file:
         try:
             with open(args.file, "rb") as f:

@@ -114,6 +114,10 @@ def test_exec_code_forms(tmp_path: Path) -> None:
     assert cli("exec-code", "--language", "bash", "-f", str(script)).stdout == "42\n"
     r = cli("exec-code", "--json", "raise SystemExit(4)")
     assert json.loads(r.stdout)["exit_code"] == 4 and r.returncode == 4
+    # Both CODE and -f FILE: one was run and the other dropped unsaid.
+    for args in (("-f", str(script), "print(1)"), ("print(1)", "-f", str(script))):
+        both = cli("exec-code", *args)
+        assert both.returncode == 125 and "give CODE or -f FILE, not both" in both.stderr, both
 
 
 def test_exec_code_reads_a_source_file_as_python_does(tmp_path: Path) -> None:
