@@ -350,7 +350,10 @@ class Policy(Checked):
         try:
             self._check_together()
         except ValueError as exc:
-            raise problems_error([((), str(exc).removeprefix("invalid policy: "))]) from None
+            said = str(exc).removeprefix("invalid policy: ")
+            error = problems_error([((), said)])
+            error.args = (f"invalid policy: {said}",)  # it names its fields itself: no "policy: " before it
+            raise error from None
 
     def _check_together(self) -> None:
         """What no field says alone: mount targets, the egress fields, the environment."""

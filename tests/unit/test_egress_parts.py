@@ -55,6 +55,15 @@ def test_malformed_rules_are_refused_by_name(bad: str) -> None:
         parse_rule(bad)
 
 
+@pytest.mark.parametrize("url", ["https://api.openai.com", "http://api.openai.com/", "api.openai.com/v1"])
+def test_a_url_given_for_a_host_is_told_so(url: str) -> None:
+    # Its scheme was read as the host and "//api..." as the port: "port must be 1-65535".
+    with pytest.raises(
+        PolicyError, match=r"^invalid policy: allowed host .*: give a host name \('api.openai.com'\), not a URL$"
+    ):
+        Policy(network_policy="allowlist", allowed_hosts=[url])
+
+
 def test_only_global_addresses_unless_a_network_or_the_rule_names_them() -> None:
     allowed = Allowlist(["api.example.com", "10.1.2.3"], ["192.168.0.0/16"])
     rule = allowed.rule_for("api.example.com", 443)
