@@ -95,7 +95,12 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, bu
     # Each requirement one argument after "--": never a requirements file's line, whose tail pip
     # reads as per-requirement options (--global-option there would make it build from source).
     cmd += ["--", *reqs]
-    env = pip_environment(os.environ)
+    # A caller's build: pip's own settings and nothing else of the host's (see pip_environment); an
+    # administrator's keeps theirs (a compiler's CC, CFLAGS for --allow-source), never stockade's
+    # (a daemon's tokens) nor the interpreter's overrides.
+    env = pip_environment(os.environ) if budget is not None else {
+        k: v for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP") and not k.startswith("STOCKADE_")}  # fmt: skip
     env.update({"PIP_ROOT_USER_ACTION": "ignore", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
                 "PIP_NO_WARN_SCRIPT_LOCATION": "1", "PYTHONNOUSERSITE": "1"})  # fmt: skip
     if budget is not None:  # a caller's: what pip would cache (a download of any size) is outside the store
@@ -154,12 +159,14 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, bu
         raise PolicyError(f"packages: pip could not install them (exit {status}){_why(output, allow_source)}{said}")
 
 
-# What pip is given of the host's environment: its settings (index, proxy, certificates, locale),
-# nothing else. A build's code (a wheel's dependency named by URL is built from source, whatever
+# What pip is given of the host's environment for a caller's build: its settings (index, proxy,
+# certificates, locale, every place pip reads a pip.conf from: the environment's id counts those
+# too), nothing else. A build's code (a wheel's dependency named by URL is built from source, whatever
 # --only-binary says) reads its environment: a daemon's tokens, a cloud's keys must not be there.
 _PIP_KEEPS = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "USER", "LOGNAME", "XDG_CONFIG_HOME",
-                        "XDG_CACHE_HOME", "NETRC", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
-                        "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"})  # fmt: skip
+                        "XDG_CONFIG_DIRS", "XDG_CACHE_HOME", "NETRC", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                        "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                        "ALL_PROXY"})  # fmt: skip
 
 
 def pip_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:

@@ -13,7 +13,7 @@ as root, since every sandbox uid must read it; else ``$XDG_CACHE_HOME/stockade/e
     envs/<id>/       python/ (PYTHONPATH), bin/ (console scripts), cache/ (copied to
                      $XDG_CACHE_HOME in each isolate), stockade-env.json; read-only
     names/<name>     the id a name points at (several names may share one)
-    locks/<id>.lock  flock'd while <id> is built or removed
+    locks/env-XXXX.lock  flock'd while an id is built or removed (ids share 65,536 by a hash)
     tmp/             builds under way (renamed into envs/ when whole) and removals
 
 Every run imports this module (``share``); few build or name an environment, so the store's own
@@ -32,6 +32,7 @@ import os
 import re
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ _PIP_KEYS = ("index-url", "extra-index-url", "find-links", "no-index", "constrai
              "no-binary", "prefer-binary", "use-feature")  # fmt: skip
 _failures: dict[str, tuple[float, str]] = {}  # env id -> (when its build failed, why), oldest first
 MAX_FAILURES = 1024
+_failures_lock = threading.Lock()
 
 
 _pinned_store: str | None = None  # pin_root_view's
@@ -465,11 +467,13 @@ def _remember_failure(env_id: str, said: str) -> None:
     """A failed build, not tried again for ``FAILURE_MEMORY_S``: those past it forgotten, and at
     most ``MAX_FAILURES`` kept (each spelling of a caller's requirements is an id of its own)."""
     now = time.monotonic()
-    for old in [k for k, (at, _) in _failures.items() if now - at >= FAILURE_MEMORY_S]:
-        del _failures[old]
-    while len(_failures) >= MAX_FAILURES:
-        del _failures[next(iter(_failures))]  # the oldest
-    _failures[env_id] = (now, said)
+    with _failures_lock:  # builds of several threads (an SDK's) end at once
+        for old in [k for k, (at, _) in _failures.items() if now - at >= FAILURE_MEMORY_S]:
+            del _failures[old]
+        while len(_failures) >= MAX_FAILURES:
+            del _failures[next(iter(_failures))]  # the oldest
+        _failures.pop(env_id, None)  # (a rebuild's: to the end, the newest)
+        _failures[env_id] = (now, said)
 
 
 def build_timeout() -> float:
@@ -479,7 +483,7 @@ def build_timeout() -> float:
 
 # An environment's lock is one of this many files, by its id: a file per id tried (a caller's
 # failed builds, each spelling an id of its own) grew the store without end.
-LOCK_FILES = 256
+LOCK_FILES = 65536  # (found by trying, a spelling that shares another's lock would take ~65,000 failed builds)
 
 
 @contextlib.contextmanager
@@ -488,7 +492,7 @@ def _locked(env_id: str) -> Iterator[None]:
     name = (
         env_id
         if env_id == "callers"
-        else f"env-{int(hashlib.sha256(env_id.encode()).hexdigest(), 16) % LOCK_FILES:02x}"
+        else f"env-{int(hashlib.sha256(env_id.encode()).hexdigest(), 16) % LOCK_FILES:04x}"
     )
     fd = os.open(os.path.join(store_dir("locks"), name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + build_timeout()
