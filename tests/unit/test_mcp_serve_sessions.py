@@ -10,7 +10,7 @@ import pytest
 
 from stockade.daemon.config import DaemonConfig
 from stockade.daemon.controller import Controller
-from stockade.errors import DaemonBusyError
+from stockade.errors import DaemonBusyError, SandboxLostError
 from stockade.mcp.serve import StockadeTools
 from stockade.policy import Policy
 
@@ -81,5 +81,45 @@ def test_a_sessions_calls_share_one_sandbox_after_a_make_that_failed() -> None:
             await anyio.sleep(0.05)
             go[1].set()
         assert got[0] == "busy" and got[1:] == ["sb-1", "sb-1"] and made == ["sb-1"], (got, made)
+
+    anyio.run(scenario)
+
+
+def test_a_sandbox_made_for_a_session_that_ended_meanwhile_is_closed() -> None:
+    # A DELETE that came while the session's first call made its sandbox: the sandbox, made after,
+    # was kept for a session that was gone, and nothing ever closed it.
+    async def scenario() -> None:
+        held: set[str] = set()
+        closed: list[str] = []
+        started, release = anyio.Event(), anyio.Event()
+
+        async def create(*args: Any) -> Any:
+            started.set()
+            await release.wait()
+            held.add("sb-1")
+            return SimpleNamespace(sandbox_id="sb-1", runtime="fake")
+
+        async def close_sandbox(ref: Any, caller: Any) -> None:
+            closed.append(ref.sandbox_id)
+            held.discard(ref.sandbox_id)
+
+        controller = SimpleNamespace(create=create, close_sandbox=close_sandbox, held=held,
+                                     config=SimpleNamespace(sandbox_idle_timeout=None))  # fmt: skip
+        tools = StockadeTools(controller, Policy())  # type: ignore[arg-type]
+        said: list[BaseException] = []
+
+        async def first_call() -> None:
+            try:
+                await tools._sandbox("S")
+            except SandboxLostError as exc:
+                said.append(exc)
+
+        async with anyio.create_task_group() as calls:
+            calls.start_soon(first_call)
+            await started.wait()
+            await tools.end_session("S")  # the client's DELETE, while the make is under way
+            release.set()
+        assert closed == ["sb-1"] and held == set() and tools._sandboxes == {}, (closed, held)
+        assert said and "ended while its sandbox was being made" in str(said[0])
 
     anyio.run(scenario)

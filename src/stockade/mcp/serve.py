@@ -96,6 +96,7 @@ class StockadeTools:
         self._made: list[str] = []
         # A session's first calls may come at once: one makes its sandbox, the others wait for it.
         self._making: dict[str, anyio.Lock] = {}
+        self._creating: dict[str, bool] = {}  # sessions whose sandbox is being made -> whether they ended meanwhile
 
     async def list_tools(self, _ctx: Any, _params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=TOOLS)
@@ -168,14 +169,24 @@ class StockadeTools:
                 del self._sandboxes[gone]  # sessions whose sandboxes ended idle, asked for no more
                 if gone != session:
                     self._drop_lock(gone)
-            created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
+            self._creating[session] = False
+            try:
+                created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
+            finally:
+                ended = self._creating.pop(session)
+            if ended:  # its client ended the session meanwhile: nobody would ever close this one
+                await self.controller.close_sandbox(SandboxRef(sandbox_id=created.sandbox_id), self.caller)
+                raise SandboxLostError("this MCP session ended while its sandbox was being made")
             sandbox_id = self._sandboxes[session] = created.sandbox_id
             self._made = [*(m for m in self._made if m in self.controller.held), sandbox_id]  # gone ones forgotten
             log.info("an MCP session's sandbox: %s (%s)", sandbox_id, created.runtime)
         return sandbox_id
 
     async def end_session(self, session: str) -> None:
-        """The client ended ``session`` (over HTTP): its sandbox goes with it, files and all."""
+        """The client ended ``session`` (over HTTP): its sandbox goes with it, files and all (one being
+        made is closed once it is)."""
+        if session in self._creating:
+            self._creating[session] = True
         self._making.pop(session, None)
         sandbox_id = self._sandboxes.pop(session, None)
         if sandbox_id is not None and sandbox_id in self.controller.held:
