@@ -123,3 +123,27 @@ def test_a_sandbox_made_for_a_session_that_ended_meanwhile_is_closed() -> None:
         assert said and "ended while its sandbox was being made" in str(said[0])
 
     anyio.run(scenario)
+
+
+def test_an_argument_of_the_wrong_kind_is_said_as_the_daemons_doors_say_it() -> None:
+    # pydantic's own report reached the agent: "1 validation error for SandboxExec ... For further
+    # information visit https://errors.pydantic.dev/...".
+    from mcp import types
+
+    async def scenario() -> types.CallToolResult:
+        async def create(*args: Any) -> Any:
+            return SimpleNamespace(sandbox_id="sb-1", runtime="fake")
+
+        async def sandbox_run(*args: Any) -> Any:
+            raise AssertionError("a request its model refused was run")
+
+        controller = SimpleNamespace(create=create, held={"sb-1"}, sandbox_run=sandbox_run,
+                                     config=SimpleNamespace(sandbox_idle_timeout=None))  # fmt: skip
+        tools = StockadeTools(controller, Policy())  # type: ignore[arg-type]
+        params = types.CallToolRequestParams(name="exec", arguments={"command": "ls -l"})
+        return await tools.call_tool(SimpleNamespace(request=None), params)
+
+    answer = anyio.run(scenario)
+    (said,) = answer.content
+    assert answer.is_error and said.text.startswith("exec: invalid arguments: command: Input should be a valid list")
+    assert "pydantic" not in said.text and "validation error for" not in said.text, said.text

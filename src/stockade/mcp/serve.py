@@ -34,6 +34,7 @@ from ..protocol.models import (
     SandboxRef,
     SandboxRunCode,
     WriteFile,
+    request_error,
 )
 from ..result import ExecResult
 from .http import SESSION_IDLE_S, serve_http
@@ -106,7 +107,9 @@ class StockadeTools:
         args = {key: value for key, value in (params.arguments or {}).items() if value is not None}
         try:
             return await self._call(_session_id(ctx), params.name, args)
-        except (StockadeError, ValidationError, ValueError) as exc:
+        except ValidationError as exc:  # as the daemon's doors word it: each argument refused, by name
+            return _text(f"{params.name}: {request_error(exc, 'arguments')}", error=True)
+        except (StockadeError, ValueError) as exc:
             return _text(f"{params.name}: {exc}", error=True)
 
     async def _call(self, session: str, name: str, args: dict[str, Any]) -> types.CallToolResult:
