@@ -121,6 +121,8 @@ def _flag_help(field: Any, repeated: bool = False) -> str:
 
 
 def _build_policy(args: Any) -> Any:
+    import re
+
     from .cli_daemon import policy_fields
     from .errors import PolicyError
     from .policy import CLI_FLAGS, Policy
@@ -133,7 +135,11 @@ def _build_policy(args: Any) -> Any:
         for i, part in enumerate(parts):
             field, sep, rest = part.partition(":")
             name = field.split(".")[0].split("[")[0]
-            if not sep:
+            if not sep or " " in field:  # a problem of fields together: each it names, by its flag too
+                said = part
+                for named in sorted({w for w in re.findall(r"[a-z_]+", part) if w in CLI_FLAGS}):
+                    said = re.sub(rf"\b{named}\b", f"{CLI_FLAGS[named][0]} ({named})", said, count=1)
+                parts[i] = said
                 continue
             if getattr(args, name, None) not in (None, []):  # a flag gave it
                 if name in CLI_FLAGS:

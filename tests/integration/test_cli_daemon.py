@@ -465,7 +465,10 @@ def test_with_json_a_failure_is_a_json_object_on_stdout_too(daemon: Daemon, thro
     for argv, code, said in (
         (["--", "no-such-program-here"], "path_not_found", "cannot execute 'no-such-program-here'"),
         (["--memory", "99999", "--", "true"], "policy", "--memory (memory_mb)"),
-    ):
+        # A problem of two fields together names both flags (it named the Policy's fields only).
+        (["--allow-host", "api.example.com", "--", "true"], "policy",
+         "--allow-host (allowed_hosts) needs --network (network_policy) 'allowlist'"),
+    ):  # fmt: skip
         r = cli("run", "--json", *argv, env=env)
         failure = json.loads(r.stdout)
         assert r.returncode == 125 and failure["code"] == code and said in failure["error"], r
