@@ -302,3 +302,14 @@ def test_a_requests_unknown_field_is_answered_with_the_nearest_it_has() -> None:
 def test_a_path_with_a_nul_byte_is_refused_as_such() -> None:
     with pytest.raises(PolicyError, match="holds a NUL byte, which no path can"):
         Policy(filesystem_access=[{"source": "/srv/a\0b", "target": "/data"}])
+
+
+def test_a_policy_setting_given_beside_the_policy_is_told_where_it_goes() -> None:
+    # {"memory_mb": 256} for a held sandbox's create was "unknown field", with nothing to say why.
+    from stockade.errors import InvalidRequestError
+    from stockade.protocol.models import SandboxCreate, parse
+
+    with pytest.raises(
+        InvalidRequestError, match=r'memory_mb: unknown field \(a policy setting: put it under "policy"\)'
+    ):
+        parse(SandboxCreate, {"memory_mb": 256}, "sandbox.create request")

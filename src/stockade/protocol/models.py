@@ -11,6 +11,7 @@ about the policy).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import binascii
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -472,8 +473,14 @@ def unknown_field(loc: list[str], model: Any = None, guessed: int = 0) -> str:
         named = [f for f in ("timeout_seconds", "memory_mb", "memory_limit_mb", "network_policy") if f in fields]
         if named:
             return f"unknown field (this request takes the policy's settings at its top level: {', '.join(named)}, ...)"
+    if fields and "policy" in fields and len(loc) == 1 and loc[0] in _POLICY_FIELD_NAMES:
+        # A request that takes its policy under "policy" (a held sandbox's create): the field is one of its.
+        return 'unknown field (a policy setting: put it under "policy")'
     near = nearest(loc[-1][:64], fields) if fields and len(loc) == 1 and guessed < GUESSED_FIELDS else None
     return f"unknown field (did you mean {near!r}?)" if near else "unknown field"
+
+
+_POLICY_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Policy))
 
 
 def request_error(exc: ValidationError, what: str, model: Any = None) -> InvalidRequestError | PolicyError:
