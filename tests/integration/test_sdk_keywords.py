@@ -18,6 +18,8 @@ def test_a_per_call_timeout_above_the_policys_is_refused_not_capped(process_runt
     with Sandbox(Policy(runtime=process_runtime, timeout_seconds=5)) as sb:
         with pytest.raises(PolicyError, match=r"timeout=6 is above the policy's timeout_seconds=5"):
             sb.exec(["true"], timeout=6)
+        with pytest.raises(PolicyError, match=r"timeout=1000000 is above"):  # as typed, not 1e+06
+            sb.exec(["true"], timeout=10**6)
         with pytest.raises(PolicyError, match="timeout_seconds=5"):
             sb.run_code("pass", timeout=6)
         assert sb.exec(["true"], timeout=5).success  # the sandbox is still usable

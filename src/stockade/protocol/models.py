@@ -11,8 +11,8 @@ about the policy).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import binascii
+import dataclasses
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 

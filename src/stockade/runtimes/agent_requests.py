@@ -42,8 +42,9 @@ def job_limits(policy: Policy, timeout: float | None = None, *, forks_counted: b
 def check_call_timeout(timeout: float | None, policy: Policy) -> None:
     """A call's own ``timeout`` may shorten its policy's, never lengthen it (``PolicyError``)."""
     if timeout is not None and timeout != UNBOUNDED and timeout > policy.timeout_seconds:
+        shown = f"{timeout:.0f}" if float(timeout).is_integer() else repr(timeout)  # as typed: 1000000, not 1e+06
         raise PolicyError(
-            f"timeout={timeout:g} is above the policy's timeout_seconds={policy.timeout_seconds:g}: "
+            f"timeout={shown} is above the policy's timeout_seconds={policy.timeout_seconds:g}: "
             "a call may shorten its run, not lengthen it (raise timeout_seconds in the policy)"
         )
 
