@@ -108,20 +108,15 @@ class HeldSandboxes:
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
     _waiting: dict[str, tuple[int, int]]  # owner -> its calls waiting for a held sandbox's turn, their bytes
 
-    def runtime_for(self, policy: Policy) -> str:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the other parts' and the controller's own (no stub of them here shadows them)
 
-    def _track(self, delta: int) -> None:
-        raise NotImplementedError
-
-    async def _take_slot(self, caller: Caller) -> None:
-        raise NotImplementedError
-
-    def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None) -> None:
-        raise NotImplementedError
-
-    def _tell(self, event: Callable[[ExecutionListener], None]) -> None:
-        raise NotImplementedError
+        def runtime_for(self, policy: Policy) -> str: ...
+        def _track(self, delta: int) -> None: ...
+        async def _take_slot(self, caller: Caller) -> None: ...
+        def _observe(
+            self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None
+        ) -> None: ...
+        def _tell(self, event: Callable[[ExecutionListener], None]) -> None: ...
 
     async def create(self, request: SandboxCreate, caller: Caller) -> SandboxCreated:
         policy = request.policy

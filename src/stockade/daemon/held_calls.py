@@ -14,7 +14,7 @@ import base64
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import (
     AgentError,
@@ -72,17 +72,14 @@ class HeldCalls:
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
     _waiting: dict[str, tuple[int, int]]  # owner -> its calls waiting for a held sandbox's turn, their bytes
 
-    def _track(self, delta: int) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the other parts' and the controller's own (no stub of them here shadows them)
 
-    def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None) -> None:
-        raise NotImplementedError
-
-    def _lookup(self, request: SandboxRef, caller: Caller) -> Held:
-        raise NotImplementedError
-
-    def _watch_idle(self, held: Held, delay: float | None = None) -> None:
-        raise NotImplementedError
+        def _track(self, delta: int) -> None: ...
+        def _observe(
+            self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None
+        ) -> None: ...
+        def _lookup(self, request: SandboxRef, caller: Caller) -> Held: ...
+        def _watch_idle(self, held: Held, delay: float | None = None) -> None: ...
 
     def sandbox_call_now(
         self, request: SandboxExec | SandboxRunCode, caller: Caller, done: Callable[[ExecResult | Exception], None]

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import NotFoundError, RunCancelledError
 from ..placement import Isolate, Placement
@@ -58,17 +59,14 @@ class OneShotRuns:
     _recording: set[asyncio.Task[None]]
     _cold_starts: set[asyncio.Task[None]]
 
-    def runtime_for(self, policy: Policy) -> str:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the other parts' and the controller's own (no stub of them here shadows them)
 
-    def _track(self, delta: int) -> None:
-        raise NotImplementedError
-
-    async def _take_slot(self, caller: Caller) -> None:
-        raise NotImplementedError
-
-    def _observe(self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None) -> None:
-        raise NotImplementedError
+        def runtime_for(self, policy: Policy) -> str: ...
+        def _track(self, delta: int) -> None: ...
+        async def _take_slot(self, caller: Caller) -> None: ...
+        def _observe(
+            self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None
+        ) -> None: ...
 
     def _dispose_after_answer(self, sandbox: Isolate) -> None:
         """Kill ``sandbox`` right after its answer is written; tear it down a little later.

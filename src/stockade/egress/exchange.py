@@ -74,13 +74,9 @@ class Exchange:
     async def run(self) -> None:
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         while True:
-            try:
-                request = await _next_event(client, self.reader, head=True)
-            except h11.RemoteProtocolError as exc:
-                await self._refuse_head(client, exc)
+            request = await self._next_request(client)
+            if request is None:
                 return
-            if not isinstance(request, h11.Request):
-                return  # the client closed
             method = request.method.decode("ascii", "replace")
             if method == "CONNECT":
                 await self._connect(client, request)
@@ -161,12 +157,8 @@ class Exchange:
         upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             while True:
-                try:
-                    request = await _next_event(client, self.reader, head=True)
-                except h11.RemoteProtocolError as exc:
-                    await self._refuse_head(client, exc)
-                    return
-                if not isinstance(request, h11.Request):
+                request = await self._next_request(client)
+                if request is None:
                     return
                 if not await self._exchange(client, request, upstream, up_reader, up_writer, host, port, "https"):
                     return
@@ -354,6 +346,16 @@ class Exchange:
         said = said or record.reason  # as given: recording trims the record's own
         self.gate.record(record)
         await self._answer(client, status, said)
+
+    async def _next_request(self, client: h11.Connection) -> h11.Request | None:
+        """The isolate's next request; None once the connection is over (it closed, or sent a head
+        that was refused, and answered so)."""
+        try:
+            request = await _next_event(client, self.reader, head=True)
+        except h11.RemoteProtocolError as exc:
+            await self._refuse_head(client, exc)
+            return None
+        return request if isinstance(request, h11.Request) else None
 
     async def _refuse_head(self, client: h11.Connection, exc: h11.RemoteProtocolError) -> None:
         """A head that is not HTTP, or past the cap (431): refused as any request is."""
