@@ -9,6 +9,7 @@ full of commas (code, a CSV) is not taken for a flood.
 
 from __future__ import annotations
 
+import json
 import re
 
 # A JSON string's escape pairs, then its strings: two passes in C, each match consuming what it
@@ -21,7 +22,9 @@ _STRING = re.compile(rb'"[^"]*"')
 def values_at_most(data: bytes, limit: int) -> int:
     """At most how many JSON values ``data`` holds: exact enough past ``limit`` to refuse on."""
     quick = openings(data)
-    if quick <= limit:
+    if quick <= limit or json.detect_encoding(data) != "utf-8":
+        # UTF-16 or 32 (json's parser reads them too): their strings cannot be told byte by byte, and
+        # an escape's NUL half taken for a character left a stray quote that hid the whole flood.
         return quick
     bare = _STRING.sub(b'""', _ESCAPE.sub(b"", data))  # an unclosed string's rest stays, counted: over, not under
     return openings(bare)

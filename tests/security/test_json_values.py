@@ -33,5 +33,15 @@ def test_a_flood_of_values_is_refused_unparsed_and_text_full_of_commas_is_not() 
         assert answer_http.status_code == 422 and "more than 200000 JSON values" in answer_http.text, answer_http.text
         fine = httpx.post(url, json={"agent_id": "a", "code": code}, timeout=120)
         assert fine.status_code == 200 and fine.json()["stdout"] == "1000000\n", fine.text[:300]
+        # A file written raw is data, never counted: a CSV of 300,000 commas.
+        created = httpx.post(daemon.http_url + "/api/v1/sandboxes", json={}, timeout=120).json()
+        csv = b"1,2,3\n" * 150_000
+        written = httpx.put(f"{daemon.http_url}/api/v1/sandboxes/{created['sandbox_id']}/files",
+                            params={"path": "/work/data.csv"}, content=csv, timeout=120)  # fmt: skip
+        assert written.status_code == 200 and written.json()["size"] == len(csv), written.text
+        # UTF-16 (json's parser reads it): an escape's NUL half once made the count take a flood for a string.
+        hidden = '{"id": 3, "method": "ping", "params": {"x": ["\\"", ' + ", ".join(["{}"] * 300_000) + ', "\\""]}}'
+        (answer16,) = raw_exchange(daemon.socket_path, hidden.encode("utf-16-le") + b"\n\x00", timeout=60)
+        assert "more than 200000 JSON values" in answer16.decode("utf-8", "replace"), answer16[:300]
     finally:
         daemon.stop()

@@ -22,13 +22,14 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from importlib import resources
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -37,6 +38,7 @@ from .. import __version__
 from ..daemon.controller import Controller
 from ..daemon.methods import METHODS
 from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError, printable
+from ..jsonvalues import values_at_most
 from ..limits import stdin_bytes
 from ..policy import Policy, default_policy
 from ..protocol.models import (
@@ -56,6 +58,7 @@ from ..protocol.models import (
 )
 from ..result import ExecResult
 from ..rpc.methods import read_request
+from ..rpc.server import MAX_REQUEST_VALUES
 from . import sandboxfusion, seed
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response, routed_path
 from .processes import RAW_BODY, add_process_routes
@@ -110,6 +113,28 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
 
 
+class JsonBodyRoute(APIRoute):
+    """A route whose body is parsed as JSON (a request model) counts its values first: more than
+    ``MAX_REQUEST_VALUES`` are refused unparsed, as on the socket (each is a Python object once
+    parsed: 16 MiB of ``[{},{},...]`` took the daemon half a GiB). A route that reads its body raw
+    (a file written, a process's stdin) has no body field, and its bytes are data, never counted."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+        if self.body_field is None:
+            return handle
+
+        async def counted(request: Request) -> Response:
+            if "json" in request.headers.get("content-type", ""):
+                body = await request.body()  # (read once: the handler is given it as kept)
+                if values_at_most(body, MAX_REQUEST_VALUES) > MAX_REQUEST_VALUES:
+                    said = f"Invalid request: more than {MAX_REQUEST_VALUES} JSON values (a file or code is one string)"
+                    return error_response(InvalidRequestError(said))
+            return await handle(request)
+
+        return counted
+
+
 def create_app(door: HttpDoor) -> FastAPI:
     app = FastAPI(
         redirect_slashes=False,  # /api/v1/sandboxes/ is not found, never redirected to another method's route
@@ -121,6 +146,7 @@ def create_app(door: HttpDoor) -> FastAPI:
         version=__version__,
         description="Run code and tools nobody has vetted behind real isolation boundaries.",
     )
+    app.router.route_class = JsonBodyRoute
     controller = door.controller
 
     app.add_middleware(Guard, door=door)

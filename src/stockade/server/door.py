@@ -53,11 +53,9 @@ from ..errors import (
     public_message,
     wire_errno,
 )
-from ..jsonvalues import openings, values_at_most
 from ..protocol.models import Caller
 from ..ratelimit import SlidingWindowLimiter, peer_network
 from ..rpc.methods import answer, read_request
-from ..rpc.server import MAX_REQUEST_VALUES
 from .bodies import BodyBudget
 
 log = logging.getLogger("stockade.daemon")
@@ -379,11 +377,6 @@ class Guard:
                     pieces.append(piece)
         except TimeoutError:
             raise InvalidRequestError(f"the request's body did not arrive within {allowed_s:.0f} s") from None
-        if sum(map(openings, pieces)) > MAX_REQUEST_VALUES:  # over, never under: then counted exactly, whole
-            if values_at_most(b"".join(pieces), MAX_REQUEST_VALUES) > MAX_REQUEST_VALUES:
-                raise InvalidRequestError(
-                    f"Invalid request: more than {MAX_REQUEST_VALUES} JSON values (a file or code is one string)"
-                )
         # Given on as the pieces came (the app joins them): not copied whole once more here.
         last = len(pieces) - 1
         return _replay([{"type": "http.request", "body": p, "more_body": i < last} for i, p in enumerate(pieces)]
