@@ -138,7 +138,9 @@ def _build_policy(args: Any) -> Any:
             if not sep or " " in field:  # a problem of fields together: each it names, by its flag too
                 said = part
                 for named in sorted({w for w in re.findall(r"[a-z_]+", part) if w in CLI_FLAGS}):
-                    said = re.sub(rf"\b{named}\b", f"{CLI_FLAGS[named][0]} ({named})", said, count=1)
+                    # A field's name standing alone: not a part of a host, a path or a word ("packages.x.com").
+                    alone = rf"(?<![\w./'@:-]){named}(?![\w./'@:-])"
+                    said = re.sub(alone, f"{CLI_FLAGS[named][0]} ({named})", said, count=1)
                 parts[i] = said
                 continue
             if getattr(args, name, None) not in (None, []):  # a flag gave it

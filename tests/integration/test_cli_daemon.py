@@ -468,6 +468,11 @@ def test_with_json_a_failure_is_a_json_object_on_stdout_too(daemon: Daemon, thro
         # A problem of two fields together names both flags (it named the Policy's fields only).
         (["--allow-host", "api.example.com", "--", "true"], "policy",
          "--allow-host (allowed_hosts) needs --network (network_policy) 'allowlist'"),
+        # A field's name inside a host is the host's: left as it is.
+        (["--network", "allowlist", "--allow-host", "https://secrets.example.com/x", "--", "true"], "policy",
+         "allowed host 'https://secrets.example.com/x': give a host name ('secrets.example.com'), not a URL"),
+        (["--network", "allowlist", "--allow-host", "10.0.0.0/8", "--", "true"], "policy",
+         "'10.0.0.0/8' is a network: give it in --allow-cidr (allowed_cidrs)"),
     ):  # fmt: skip
         r = cli("run", "--json", *argv, env=env)
         failure = json.loads(r.stdout)

@@ -58,9 +58,13 @@ def parse_rule(text: str) -> HostRule:
     port: int | None = None
     host = raw
     if "://" in raw or ("/" in raw and not raw.startswith("[")):
-        # A URL pasted whole: its scheme read as the host and "//..." as the port said nothing useful.
-        name = raw.split("://", 1)[-1].split("/", 1)[0]
-        raise ValueError(f"allowed host {text!r}: give a host name ({name!r}), not a URL")
+        try:
+            ipaddress.ip_network(raw, strict=False)
+        except ValueError:
+            # A URL pasted whole: its scheme read as the host and "//..." as the port said nothing useful.
+            name = raw.split("://", 1)[-1].split("/", 1)[0]
+            raise ValueError(f"allowed host {text!r}: give a host name ({name!r}), not a URL") from None
+        raise ValueError(f"allowed host {text!r} is a network: give it in allowed_cidrs")
     if raw.startswith("["):  # [v6] or [v6]:port
         end = raw.find("]")
         if end < 0:

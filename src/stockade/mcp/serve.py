@@ -145,6 +145,8 @@ class StockadeTools:
         lock = self._making.setdefault(session, anyio.Lock())
         try:
             async with lock:
+                if self._making.get(session) is not lock:  # the session ended while this call waited its turn
+                    raise SandboxLostError("this MCP session ended while this call waited for its sandbox")
                 return await self._sandbox_of(session)
         finally:
             # None made (the host busy, say): kept, it would outlive a session that ends idle.

@@ -42,7 +42,8 @@ def job_limits(policy: Policy, timeout: float | None = None, *, forks_counted: b
 def check_call_timeout(timeout: float | None, policy: Policy) -> None:
     """A call's own ``timeout`` may shorten its policy's, never lengthen it (``PolicyError``)."""
     if timeout is not None and timeout != UNBOUNDED and timeout > policy.timeout_seconds:
-        shown = f"{timeout:.0f}" if float(timeout).is_integer() else repr(timeout)  # as typed: 1000000, not 1e+06
+        # As typed: 1000000, not 1e+06 (a whole number of up to 16 digits; past that, as Python writes it).
+        shown = f"{timeout:.0f}" if float(timeout).is_integer() and abs(timeout) < 1e16 else repr(timeout)
         raise PolicyError(
             f"timeout={shown} is above the policy's timeout_seconds={policy.timeout_seconds:g}: "
             "a call may shorten its run, not lengthen it (raise timeout_seconds in the policy)"
