@@ -235,7 +235,7 @@ class RPCServer:
             return error_answer(None, RATE_LIMITED, "rate_limit")  # (an answer without an id is the refusal's)
         refusal = None
         try:
-            if values_at_most(line, MAX_REQUEST_VALUES) > MAX_REQUEST_VALUES:
+            if codec.name == "JSON" and values_at_most(line, MAX_REQUEST_VALUES) > MAX_REQUEST_VALUES:
                 raise _TooManyValues
             request = codec.decode(line)
         except _TooManyValues:
