@@ -19,6 +19,17 @@ _ESCAPE = re.compile(rb"\\.", re.DOTALL)
 _STRING = re.compile(rb'"[^"]*"')
 
 
+# The values one request to the daemon may hold, on either door (a file, code or stdin is one string).
+MAX_REQUEST_VALUES = 200_000
+
+
+def too_many_values(request: bytes) -> str | None:
+    """Why a request to the daemon (a JSON body, a line) is refused unparsed; None when it is not."""
+    if values_at_most(request, MAX_REQUEST_VALUES) <= MAX_REQUEST_VALUES:
+        return None
+    return f"Invalid request: more than {MAX_REQUEST_VALUES} JSON values (a file or code is one string)"
+
+
 def values_at_most(data: bytes, limit: int) -> int:
     """At most how many JSON values ``data`` holds: exact enough past ``limit`` to refuse on."""
     quick = openings(data)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AUTH_FAILED, UNPROVEN, ConfigError, StockadeError, error_code, public_message, wire_errno
-from ..jsonvalues import values_at_most
+from ..jsonvalues import too_many_values
 from ..owned_paths import check_owned
 from ..paths import default_socket_path
 from ..protocol import auth
@@ -62,15 +62,6 @@ RATE_LIMITED = "Rate limit exceeded"
 # connection with a ping and sends the line again (client/, cli_daemon.py).
 AUTH_PENALTY_S = 60.0
 UNPROVEN_LINE_BYTES = 64 * 1024
-# The JSON values one request may hold (each a Python object once parsed: 16 MiB of "[{},{},...]"
-# took half a GiB); a request's file, code or stdin is one string, whatever its size.
-MAX_REQUEST_VALUES = 200_000
-
-
-class _TooManyValues(Exception):
-    pass
-
-
 Emit = Callable[[str, bytes], None]
 Admitted = tuple[Method, Any, Any]  # the method, its request (a model), the id
 
@@ -233,24 +224,21 @@ class RPCServer:
             )
         if not self.per_uid.allow(peer.uid):
             return error_answer(None, RATE_LIMITED, "rate_limit")  # (an answer without an id is the refusal's)
-        refusal = None
-        try:
-            if codec.name == "JSON" and values_at_most(line, MAX_REQUEST_VALUES) > MAX_REQUEST_VALUES:
-                raise _TooManyValues
-            request = codec.decode(line)
-        except _TooManyValues:
-            refusal = (
-                f"Invalid request: more than {MAX_REQUEST_VALUES} {codec.name} values (a file or code is one string)"
-            )
-        except ValueError:  # UnicodeDecodeError is one
-            refusal = f"Invalid {codec.name}"
-        except RecursionError:  # json's parser recurses: [[[[... a million deep
-            refusal = f"Invalid {codec.name}: nested too deeply"
-        else:
-            if not isinstance(request, dict):
-                refusal = f"Invalid request: expected a {codec.name} object"
-            elif not isinstance(msg_id := request.get("id"), (int, str, type(None))) or isinstance(msg_id, bool):
-                refusal = "Invalid request: id must be an integer, a string or null"
+        # Counted before it is parsed (each JSON value a Python object once it is: 16 MiB of "[{},...]"
+        # took half a GiB); the broker's CBOR frames are small and not JSON.
+        refusal = too_many_values(line) if codec.name == "JSON" else None
+        if refusal is None:
+            try:
+                request = codec.decode(line)
+            except ValueError:  # UnicodeDecodeError is one
+                refusal = f"Invalid {codec.name}"
+            except RecursionError:  # json's parser recurses: [[[[... a million deep
+                refusal = f"Invalid {codec.name}: nested too deeply"
+            else:
+                if not isinstance(request, dict):
+                    refusal = f"Invalid request: expected a {codec.name} object"
+                elif not isinstance(msg_id := request.get("id"), (int, str, type(None))) or isinstance(msg_id, bool):
+                    refusal = "Invalid request: id must be an integer, a string or null"
         if refusal is not None:
             if key is not None:
                 self.auth_failures.note(peer.uid)  # no signed client sends it

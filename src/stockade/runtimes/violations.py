@@ -56,9 +56,7 @@ class ViolationLog:
         run has room (past that it is never called). Returns how many refused calls the run has had."""
         with self._lock:
             report = self._report
-            if name not in report.counts and len(report.counts) >= MAX_VIOLATION_NAMES:
-                name = OTHER_VIOLATIONS
-            report.counts[name] = report.counts.get(name, 0) + times
+            _count(report.counts, name, times)
             if blocked:
                 report.blocked += times
             if len(report.records) < MAX_VIOLATION_RECORDS:
@@ -95,6 +93,13 @@ class Leftovers:
     egress_dropped: int = 0
 
 
+def _count(counts: dict[str, int], name: str, times: int) -> None:
+    """``times`` more under ``name``: under ``OTHER_VIOLATIONS`` once ``MAX_VIOLATION_NAMES`` are counted."""
+    if name not in counts and len(counts) >= MAX_VIOLATION_NAMES:
+        name = OTHER_VIOLATIONS
+    counts[name] = counts.get(name, 0) + times
+
+
 MAX_LEFTOVER_EGRESS = 256  # egress records kept when reports are merged (each is bounded already)
 
 
@@ -112,8 +117,7 @@ def merged(first: Leftovers, then: Leftovers) -> Leftovers:
         if len(report.records) < MAX_VIOLATION_RECORDS:
             report.records.append(record)
     for name, count in then.report.counts.items():
-        under = OTHER_VIOLATIONS if name not in report.counts and len(report.counts) >= MAX_VIOLATION_NAMES else name
-        report.counts[under] = report.counts.get(under, 0) + count
+        _count(report.counts, name, count)
     report.blocked += then.report.blocked
     egress = [*first.egress, *then.egress]
     dropped = first.egress_dropped + then.egress_dropped + max(0, len(egress) - MAX_LEFTOVER_EGRESS)

@@ -38,7 +38,7 @@ from .. import __version__
 from ..daemon.controller import Controller
 from ..daemon.methods import METHODS
 from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError, printable
-from ..jsonvalues import values_at_most
+from ..jsonvalues import too_many_values
 from ..limits import stdin_bytes
 from ..policy import Policy, default_policy
 from ..protocol.models import (
@@ -58,7 +58,6 @@ from ..protocol.models import (
 )
 from ..result import ExecResult
 from ..rpc.methods import read_request
-from ..rpc.server import MAX_REQUEST_VALUES
 from . import sandboxfusion, seed
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response, routed_path
 from .processes import RAW_BODY, add_process_routes
@@ -126,9 +125,8 @@ class JsonBodyRoute(APIRoute):
 
         async def counted(request: Request) -> Response:
             if "json" in request.headers.get("content-type", ""):
-                body = await request.body()  # (read once: the handler is given it as kept)
-                if values_at_most(body, MAX_REQUEST_VALUES) > MAX_REQUEST_VALUES:
-                    said = f"Invalid request: more than {MAX_REQUEST_VALUES} JSON values (a file or code is one string)"
+                # (The body read once: the handler is given it as kept.)
+                if (said := too_many_values(await request.body())) is not None:
                     return error_response(InvalidRequestError(said))
             return await handle(request)
 
