@@ -97,7 +97,6 @@ class StockadeTools:
         self._made: list[str] = []
         # A session's first calls may come at once: one makes its sandbox, the others wait for it.
         self._making: dict[str, anyio.Lock] = {}
-        self._creating: dict[str, bool] = {}  # sessions whose sandbox is being made -> whether they ended meanwhile
 
     async def list_tools(self, _ctx: Any, _params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=TOOLS)
@@ -145,9 +144,16 @@ class StockadeTools:
         lock = self._making.setdefault(session, anyio.Lock())
         try:
             async with lock:
-                if self._making.get(session) is not lock:  # the session ended while this call waited its turn
+                # end_session forgets the session's lock: a call holding it finds the session gone.
+                if self._making.get(session) is not lock:
                     raise SandboxLostError("this MCP session ended while this call waited for its sandbox")
-                return await self._sandbox_of(session)
+                sandbox_id = await self._sandbox_of(session)
+                if self._making.get(session) is not lock:  # ended while its sandbox was made: none would close it
+                    self._sandboxes.pop(session, None)
+                    if sandbox_id in self.controller.held:
+                        await self.controller.close_sandbox(SandboxRef(sandbox_id=sandbox_id), self.caller)
+                    raise SandboxLostError("this MCP session ended while its sandbox was being made")
+                return sandbox_id
         finally:
             # None made (the host busy, say): kept, it would outlive a session that ends idle.
             if session not in self._sandboxes:
@@ -174,14 +180,7 @@ class StockadeTools:
                 del self._sandboxes[gone]  # sessions whose sandboxes ended idle, asked for no more
                 if gone != session:
                     self._drop_lock(gone)
-            self._creating[session] = False
-            try:
-                created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
-            finally:
-                ended = self._creating.pop(session)
-            if ended:  # its client ended the session meanwhile: nobody would ever close this one
-                await self.controller.close_sandbox(SandboxRef(sandbox_id=created.sandbox_id), self.caller)
-                raise SandboxLostError("this MCP session ended while its sandbox was being made")
+            created = await self.controller.create(SandboxCreate(policy=self.policy, keep=True), self.caller)
             sandbox_id = self._sandboxes[session] = created.sandbox_id
             self._made = [*(m for m in self._made if m in self.controller.held), sandbox_id]  # gone ones forgotten
             log.info("an MCP session's sandbox: %s (%s)", sandbox_id, created.runtime)
@@ -190,9 +189,7 @@ class StockadeTools:
     async def end_session(self, session: str) -> None:
         """The client ended ``session`` (over HTTP): its sandbox goes with it, files and all (one being
         made is closed once it is)."""
-        if session in self._creating:
-            self._creating[session] = True
-        self._making.pop(session, None)
+        self._making.pop(session, None)  # a call making its sandbox now closes it once made (_sandbox)
         sandbox_id = self._sandboxes.pop(session, None)
         if sandbox_id is not None and sandbox_id in self.controller.held:
             log.info("an MCP session ended: its sandbox %s is closed", sandbox_id)
