@@ -41,7 +41,7 @@ def node_resources(isolates: int, runtimes: list[str] | None = None) -> dict[str
     """``{"stockade_process": N, ...}`` for every usable runtime of this host among ``runtimes``
     (default: all it serves); one asked for that is not usable here is refused."""
     from .errors import RuntimeUnavailableError
-    from .placement.ray import resource_name
+    from .placement.ray_cluster import resource_name
     from .runtimes.manager import RuntimeManager
 
     manager = RuntimeManager(pool_size=0)

@@ -115,7 +115,7 @@ def test_a_claim_whose_caller_goes_away_leaves_nothing_held(cluster: LocalRayClu
         while True:  # what is still booked is only what released isolates left for the next claims
             kept = {g.id.hex() for g in placement._kept.groups()}
             live = [i for i, g in placement_group_table().items() if g["state"] != "REMOVED" and i not in kept]
-            held = [(await n.actor.describe.remote())["isolates"] for n in placement._nodes.values()]
+            held = [(await n.actor.describe.remote())["isolates"] for n in placement.cluster.nodes.values()]
             if not live and not any(held):
                 break
             assert time.monotonic() < deadline, f"left behind: {len(live)} reservations, isolates {held}"
@@ -285,7 +285,7 @@ def test_a_node_actor_made_for_a_look_at_the_cluster_that_was_cancelled_is_kept(
         assert (await isolate.aexec(["true"])).termination_reason == "lost"
         await placement.release(isolate)
         entered, go = threading.Event(), threading.Event()
-        spawn = placement._spawn
+        spawn = placement.cluster._spawn
         made: list[Any] = []
 
         def held_spawn(info: dict[str, Any], runtimes: list[str]) -> Any:
@@ -294,7 +294,7 @@ def test_a_node_actor_made_for_a_look_at_the_cluster_that_was_cancelled_is_kept(
             made.append(spawn(info, runtimes))
             return made[-1]
 
-        placement._spawn = held_spawn  # type: ignore[method-assign]
+        placement.cluster._spawn = held_spawn  # type: ignore[method-assign]
         try:
             looking = asyncio.ensure_future(placement.connect())
             assert await asyncio.to_thread(entered.wait, 60), "no node actor was made again"
@@ -302,10 +302,10 @@ def test_a_node_actor_made_for_a_look_at_the_cluster_that_was_cancelled_is_kept(
             await asyncio.gather(looking, return_exceptions=True)
             go.set()
             deadline = asyncio.get_running_loop().time() + 60
-            while node_id not in placement._nodes:
+            while node_id not in placement.cluster.nodes:
                 assert asyncio.get_running_loop().time() < deadline, "the actor made was not kept for its node"
                 await asyncio.sleep(0.05)
-            assert placement._nodes[node_id].actor is made[0]
+            assert placement.cluster.nodes[node_id].actor is made[0]
             again = await placement.acquire(gvisor)  # served by that actor: no other is made
             try:
                 assert (await again.aexec(["true"])).termination_reason == "completed"
@@ -314,7 +314,7 @@ def test_a_node_actor_made_for_a_look_at_the_cluster_that_was_cancelled_is_kept(
             assert len(made) == 1
         finally:
             go.set()
-            placement._spawn = spawn  # type: ignore[method-assign]
+            placement.cluster._spawn = spawn  # type: ignore[method-assign]
 
     _run(_with_placement(cluster, body))
 
@@ -406,8 +406,8 @@ def test_a_hand_over_whose_reply_is_lost_is_released_on_its_node(cluster: LocalR
 
         import ray
 
-        await placement._refresh(force=True)
-        nodes = list(placement._nodes.values())
+        await placement.cluster.refresh(force=True)
+        nodes = list(placement.cluster.nodes.values())
         real = {node.node_id: node.actor for node in nodes}
         for node in nodes:
             node.actor = _ReplyLost(node.actor)

@@ -17,21 +17,15 @@ own kernel, as on one host. A node that goes away ends the runs on it with
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import itertools
 import logging
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DaemonBusyError, RuntimeUnavailableError, StockadeError
 from .base import reach, runtime_choices
+from .ray_cluster import RayCluster, advertised, off_loop, removed, resource_name
 from .ray_isolate import NodeHandle, RayIsolate, _cause, actor_died, lost_node
-from .ray_node import StockadeNode
 from .ray_reservations import KeptReservations, Reservation, shape_of
 
 if TYPE_CHECKING:
@@ -39,67 +33,12 @@ if TYPE_CHECKING:
     from .base import Isolate
     from .config import RayPlacementConfig
 
-T = TypeVar("T")
 log = logging.getLogger("stockade.placement")
-RESOURCE_PREFIX = "stockade_"
 MiB = 1024 * 1024
-_NODES_TTL_S = 1.0  # how long a read of the cluster's nodes is reused by acquires
-_CHECK_TTL_S = 2.0  # how long a check of the cluster's reachability (for /health) is reused
 _ACQUIRE_TRIES = 3  # a node lost between reservation and hand-over: the next try lands elsewhere
 _KEPT_IDLE_S = 30.0  # how long a released isolate's room stays booked for a claim of its shape
 # A new reservation not placed within this may be waiting for room the kept ones hold: they go back.
 _RESERVE_GRACE_S = 0.5
-_REMOVE_WAIT_S = 10.0  # a give-back waits no longer for a GCS that has gone away
-
-
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """A TCP connection to the cluster's GCS, or the OSError that says why there is none."""
-    if address == "auto":
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-        pass
-
-
-def resource_name(runtime: str) -> str:
-    return f"{RESOURCE_PREFIX}{runtime}"
-
-
-async def _off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn`` in a daemon thread of its own. A call to the GCS may never return once the cluster
-    is gone: neither the event loop's executor (which ``asyncio.run`` waits for at its end) nor
-    the interpreter's exit may wait for it."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = fn(*args, **kwargs), None
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="stockade-ray-call", daemon=True).start()
-    return await future
-
-
-async def _removed(group: Any) -> None:
-    """A placement group given back, off the event loop: it is a call to the GCS, which may be gone."""
-    from ray.util.placement_group import remove_placement_group
-
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(asyncio.shield(_off_loop(remove_placement_group, group)), _REMOVE_WAIT_S)
 
 
 async def _resolved(ref: Any) -> Any:
@@ -114,161 +53,25 @@ class RayPlacement:
 
     def __init__(self, config: RayPlacementConfig) -> None:
         self.config = config
-        self.instance = uuid.uuid4().hex[:8]
-        self._actors_started = itertools.count(1)  # numbers the node actors' names
-        self._nodes: dict[str, NodeHandle] = {}
-        self._cluster: list[dict[str, Any]] = []
-        self._cluster_at = 0.0
-        self._lock = asyncio.Lock()
-        self._connected = False
-        self._owns_connection = False
-        self.unreachable: str | None = None
         self._held: set[RayIsolate] = set()
         self._claims: set[asyncio.Future[Any]] = set()  # claims under way, and give-backs of unclaimed ones
         self._forgets: set[asyncio.Future[None]] = set()  # releases of hand-overs whose replies were lost
-        self._checked_at = 0.0
-        self._reconnect: asyncio.Task[dict[str, Any]] | None = None
-        self._connecting = threading.Lock()
+        self.cluster = RayCluster(config, self._claims)
         self._kept = KeptReservations(config.kept_reservations, _KEPT_IDLE_S)
         self._expiry: asyncio.TimerHandle | None = None  # gives back what was kept too long unused
         self._closing = False
         self._reserving = 0  # claims waiting for a new reservation to be placed: nothing is kept meanwhile
-        self._gcs_address = config.address  # "auto" until a connection says which GCS it found
-
-    # -- the cluster ---------------------------------------------------------------------------
-
-    def _connect(self) -> None:
-        with self._connecting:  # a claim and /health's reconnection may both try
-            self._connect_once()
-
-    def _connect_once(self) -> None:
-        import ray
-
-        if self._connected:
-            return
-        if ray.is_initialized():  # inside a Ray job (an RL trainer's driver, say): its connection
-            self._connected = True
-            self._learn_gcs_address()
-            return
-        try:
-            _probe(self.config.address)  # ray.init would retry a dead address for minutes
-            ray.init(
-                address=self.config.address,
-                namespace=self.config.namespace,
-                logging_level=logging.ERROR,
-                log_to_driver=False,
-            )
-        except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster, in its words
-            self.unreachable = f"the Ray cluster at {self.config.address} is unreachable: {exc}"
-            raise RuntimeUnavailableError(self.unreachable) from None
-        self._owns_connection = True
-        self.unreachable = None
-        self._connected = True
-        if self.config.address == "auto":
-            self._learn_gcs_address()
-
-    def _learn_gcs_address(self) -> None:
-        """The GCS that ``auto`` (or a Ray job's own connection) found, for later probes."""
-        import ray
-
-        with contextlib.suppress(Exception):
-            self._gcs_address = str(ray.get_runtime_context().gcs_address)
 
     async def connect(self) -> dict[str, Any]:
         """Reach the cluster and start every stockade node's actor now (a daemon does this at start)."""
-        await _off_loop(self._connect)
-        await self._refresh(force=True)
-        await asyncio.gather(*(self._node_ready(n) for n in list(self._nodes.values())), return_exceptions=True)
+        await self.cluster.connect()
         return self.describe()
 
     async def check(self) -> dict[str, Any]:
-        """``describe()`` after a fresh look at the GCS (a TCP connection, at most every
-        _CHECK_TTL_S): a cluster gone since the start is said, and one that came back after an
-        unreachable start is connected to in the background."""
-        if time.monotonic() - self._checked_at >= _CHECK_TTL_S:
-            self._checked_at = time.monotonic()
-            try:
-                await asyncio.wait_for(_off_loop(_probe, self._gcs_address, 1.0), 1.5)
-            except (OSError, TimeoutError, ValueError) as exc:
-                if self.unreachable is None and self._connected:
-                    # Ray itself ends a driver that cannot reach its GCS for 60 s
-                    # (gcs_rpc_server_reconnect_timeout_s): a supervisor starts the daemon again.
-                    log.error("lost the Ray cluster at %s: %s", self._gcs_address, exc)
-                self.unreachable = f"the Ray cluster at {self._gcs_address} is unreachable: {exc or 'timed out'}"
-            else:
-                if self._connected:
-                    self.unreachable = None
-                elif self._reconnect is None or self._reconnect.done():
-                    self._reconnect = asyncio.get_running_loop().create_task(self._quiet_connect())
+        """``describe()`` after a fresh look at the GCS (at most every few seconds): a cluster gone
+        since the start is said, and one that came back is connected to in the background."""
+        await self.cluster.check()
         return self.describe()
-
-    async def _quiet_connect(self) -> dict[str, Any]:
-        try:
-            return await self.connect()
-        except Exception:  # noqa: BLE001 - said by describe(): its error
-            return self.describe()
-
-    async def _node_ready(self, node: NodeHandle) -> None:
-        # A node actor that never comes up must not hold up the daemon's start: its claims fail instead.
-        await asyncio.wait_for(node.actor.describe.remote(), self.config.claim_timeout * 4)
-
-    async def _refresh(self, force: bool = False) -> list[dict[str, Any]]:
-        """The cluster's alive nodes (read at most every _NODES_TTL_S), and an actor on each stockade node."""
-        import ray
-
-        async with self._lock:
-            if not force and time.monotonic() - self._cluster_at < _NODES_TTL_S:
-                return self._cluster
-            nodes = await _off_loop(ray.nodes)
-            self._cluster = [n for n in nodes if n.get("Alive")]
-            self._cluster_at = time.monotonic()
-            alive = {n["NodeID"] for n in self._cluster}
-            for gone in set(self._nodes) - alive:
-                del self._nodes[gone]  # its actor died with it
-            for node_id in [i for i, handle in self._nodes.items() if handle.dead]:
-                del self._nodes[node_id]  # its actor is gone; the node, if alive, gets another below
-            for info in self._cluster:
-                runtimes = sorted(
-                    k[len(RESOURCE_PREFIX) :] for k in info.get("Resources", {}) if k.startswith(RESOURCE_PREFIX)
-                )
-                if runtimes and info["NodeID"] not in self._nodes:
-                    # Named: GCS calls, which may wait. Made whether or not this claim waits for it (its
-                    # caller may go): an actor made for nobody would hold its pool and zygotes for good.
-                    spawning = asyncio.ensure_future(_off_loop(self._spawn, info, runtimes))
-                    spawning.add_done_callback(functools.partial(self._adopt, info))
-                    self._claims.add(spawning)  # aclose waits for it: the actor is then killed
-                    spawning.add_done_callback(self._claims.discard)
-                    await asyncio.shield(spawning)
-            return self._cluster
-
-    def _adopt(self, info: dict[str, Any], spawning: asyncio.Future[Any]) -> None:
-        """A node actor just made: the node's, unless it has one by now or the placement is closing."""
-        if spawning.cancelled() or spawning.exception() is not None:
-            return
-        actor = spawning.result()
-        known = self._nodes.get(info["NodeID"])
-        if self._closing or (known is not None and not known.dead):
-            import ray
-
-            killing = asyncio.ensure_future(_off_loop(ray.kill, actor))
-            self._claims.add(killing)
-            killing.add_done_callback(self._claims.discard)
-            return
-        self._nodes[info["NodeID"]] = NodeHandle(info["NodeID"], info["NodeManagerAddress"], actor)
-
-    def _spawn(self, info: dict[str, Any], runtimes: list[str]) -> Any:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        actor_class = ray.remote(StockadeNode)
-        return actor_class.options(
-            # One more each time: a dead actor's name may still be taken when the next one starts.
-            name=f"stockade-node-{info['NodeID'][:16]}-{self.instance}-{next(self._actors_started)}",
-            num_cpus=0,
-            max_restarts=0,
-            max_concurrency=1000,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(info["NodeID"], soft=False),
-        ).remote(runtimes, self.config.pool_size)
 
     # -- isolates ------------------------------------------------------------------------------
 
@@ -357,13 +160,13 @@ class RayPlacement:
             ) from None
 
     async def _claim_on_cluster(self, policy: Policy) -> Isolate:
-        await _off_loop(self._connect)
+        await self.cluster.connect_once()
         await self.check()  # a cluster gone since the connection: said now, not after Ray's own wait
-        if self.unreachable is not None:
-            raise RuntimeUnavailableError(self.unreachable)
+        if self.cluster.unreachable is not None:
+            raise RuntimeUnavailableError(self.cluster.unreachable)
         last: BaseException | None = None
         for _ in range(_ACQUIRE_TRIES):
-            cluster = await self._refresh(force=last is not None)
+            cluster = await self.cluster.refresh(force=last is not None)
             runtime, bundle = self._choose(policy, cluster)
             reservation, expired = self._kept.take(shape_of(bundle), self._usable)
             self._give_back(expired)
@@ -371,12 +174,12 @@ class RayPlacement:
                 reservation = await self._reserve(policy, runtime, bundle)
             node, isolate_id, asked = None, uuid.uuid4().hex, False
             try:
-                node = self._nodes.get(reservation.node_id)
+                node = self.cluster.nodes.get(reservation.node_id)
                 if node is None or node.dead:
-                    await self._refresh(force=True)
-                    node = self._nodes.get(reservation.node_id)
+                    await self.cluster.refresh(force=True)
+                    node = self.cluster.nodes.get(reservation.node_id)
                 if node is None:  # the node left the cluster since Ray placed the group there
-                    await _removed(reservation.group)
+                    await removed(reservation.group)
                     last = RuntimeUnavailableError(f"the Ray node {reservation.node_id} left the cluster")
                     continue
                 # The node runs the runtime reserved for it, not its own pick for a trust (it may have
@@ -388,18 +191,18 @@ class RayPlacement:
                 asked = True
                 info = await node.actor.acquire.remote(placed.canonical_json(), isolate_id)
             except Exception as exc:
-                await _removed(reservation.group)
+                await removed(reservation.group)
                 if not lost_node(exc):
                     raise
                 if asked and node is not None and not actor_died(exc):
                     self._forget(node, isolate_id)  # the actor may live on and have handed it over
-                if (doubtful := self._nodes.get(reservation.node_id)) is not None:
+                if (doubtful := self.cluster.nodes.get(reservation.node_id)) is not None:
                     doubtful.suspect = True  # what is kept there is given back, not tried next
                     doubtful.dead = doubtful.dead or (doubtful is node and actor_died(exc))
                 last = exc  # the node went between the reservation and the hand-over
                 continue
             except BaseException:
-                await _removed(reservation.group)
+                await removed(reservation.group)
                 raise
             isolate = RayIsolate(self, node, info, placed, reservation)
             self._held.add(isolate)
@@ -410,7 +213,7 @@ class RayPlacement:
         """Room for one isolate, booked now: a placement group Ray places, and the node it chose."""
         from ray.util.placement_group import placement_group, placement_group_table
 
-        group = await _off_loop(placement_group, [bundle], strategy="STRICT_PACK")  # a GCS call
+        group = await off_loop(placement_group, [bundle], strategy="STRICT_PACK")  # a GCS call
         self._reserving += 1
         ready = asyncio.ensure_future(_resolved(group.ready()))
         try:
@@ -427,9 +230,9 @@ class RayPlacement:
                         f"no node of the Ray cluster had room for {runtime} (cpu_limit={policy.cpu_limit:g}, "
                         f"memory_mb={policy.memory_mb}) within {self.config.claim_timeout:g} s"
                     ) from None
-            table = await _off_loop(placement_group_table, group)
+            table = await off_loop(placement_group_table, group)
         except BaseException:
-            await _removed(group)
+            await removed(group)
             raise
         finally:
             self._reserving -= 1
@@ -469,13 +272,13 @@ class RayPlacement:
         task.add_done_callback(self._forgets.discard)
 
     def _usable(self, node_id: str) -> bool:
-        node = self._nodes.get(node_id)
+        node = self.cluster.nodes.get(node_id)
         return node is not None and not node.suspect
 
     def _give_back(self, reservations: list[Reservation]) -> None:
         """Placement groups removed in the background (aclose waits for them)."""
         for reservation in reservations:
-            removal = asyncio.ensure_future(_removed(reservation.group))
+            removal = asyncio.ensure_future(removed(reservation.group))
             self._claims.add(removal)
             removal.add_done_callback(self._claims.discard)
 
@@ -514,7 +317,7 @@ class RayPlacement:
             if keep and self._kept.keep(isolate.reservation):
                 self._expire_later()
             else:
-                await _removed(isolate.reservation.group)
+                await removed(isolate.reservation.group)
 
     def _expire_later(self) -> None:
         due = self._kept.next_expiry()
@@ -529,66 +332,35 @@ class RayPlacement:
             self._expire_later()
 
     def describe(self) -> dict[str, Any]:
-        nodes = [
-            {"node_id": n.node_id, "address": n.address, "resources": dict(info.get("Resources", {}))}
-            for info in self._cluster
-            for n in [self._nodes.get(info["NodeID"])]
-            if n is not None
-        ]
+        cluster = self.cluster
         described = {
             "type": "ray", "address": self.config.address, "namespace": self.config.namespace,
-            "reachable": self._connected and self.unreachable is None, "error": self.unreachable,
-            "nodes": nodes, "held": len(self._held), "kept_reservations": len(self._kept),
+            "reachable": cluster.connected and cluster.unreachable is None, "error": cluster.unreachable,
+            "nodes": cluster.described_nodes(), "held": len(self._held), "kept_reservations": len(self._kept),
         }  # fmt: skip
         described["runtimes"] = sorted(advertised(described))
         return described
 
     async def aclose(self) -> None:
         """Every held isolate released and every node actor shut down (its pools, its zygotes), then killed."""
-        import ray
-
         self._closing = True
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        if self._reconnect is not None:
-            self._reconnect.cancel()
+        self.cluster.stop_connecting()
         while self._claims:  # a claim's caller gone: what it gets is given back before the nodes stop
             await asyncio.gather(*list(self._claims), return_exceptions=True)
         for forget in list(self._forgets):  # the actors are killed below, with what they hold
             forget.cancel()
-        nodes, self._nodes = list(self._nodes.values()), {}
-        gone = self.unreachable is not None and self._connected
+        gone = self.cluster.gone
+        nodes = self.cluster.forget_nodes()
         if gone:
-            # The cluster went away: its actors went with it or cannot be asked, and ray.shutdown
-            # would wait for its GCS until Ray ends the process (60 s): nothing to wait for.
+            # The cluster went away: its actors went with it or cannot be asked. Nothing to wait for.
             self._held.clear()
             nodes = []
         for isolate in list(self._held):
             await self.release(isolate)
         kept = self._kept.drain()
         if not gone:
-            await asyncio.gather(*(_removed(r.group) for r in kept))
-        if nodes:
-            await asyncio.gather(*(self._stop(n) for n in nodes), return_exceptions=True)
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                ray.kill(node.actor)
-        self._connected = False
-        if self._owns_connection and not gone:
-            self._owns_connection = False
-            await _off_loop(ray.shutdown)  # the connection it made: the next placement makes its own
-
-    async def _stop(self, node: NodeHandle) -> None:
-        await asyncio.wait_for(node.actor.shutdown.remote(), 30)
-
-
-def advertised(described: dict[str, Any]) -> dict[str, int]:
-    """The runtimes a cluster's nodes advertise (``stockade_<runtime>``), each with how many nodes do."""
-    offered: dict[str, int] = {}
-    for node in described.get("nodes", []):
-        for resource in node.get("resources", {}):
-            if resource.startswith(RESOURCE_PREFIX):
-                name = resource[len(RESOURCE_PREFIX) :]
-                offered[name] = offered.get(name, 0) + 1
-    return offered
+            await asyncio.gather(*(removed(r.group) for r in kept))
+        await self.cluster.close(nodes, gone)
