@@ -19,7 +19,7 @@ from stockade import ExecResult, Policy, Sandbox
 from stockade.runtimes.manager import RuntimeManager
 from stockade.runtimes.process import cgroups as process_cgroups
 from tests.conftest import require
-from tests.helpers import processes_with_arg
+from tests.helpers import processes_with_arg, shared_directory
 
 
 @pytest.fixture
@@ -124,6 +124,43 @@ def test_a_namespace_made_by_clone_is_refused_as_the_process_runtime_refuses_it(
     )
     assert r.stdout.split() == ["-1", "1", "7", "thread"], r.summary()  # EPERM; a plain fork and a thread work
     assert not any(v.syscall == "clone" and not v.blocked for v in r.security_violations), r.security_violations
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="rootless, runsc and the code are the caller's uid (threat-model.md)")
+def test_a_read_only_share_stays_read_only_for_code_in_a_user_namespace(gvisor: str, manager: RuntimeManager) -> None:
+    # gVisor lets code make a user namespace (no privilege needed) and mount a share again
+    # read-write there; the gofer had bound it as it came (Linux ignores "ro" on a first bind),
+    # so its writes reached the host. Now the host's kernel holds it read-only.
+    with shared_directory(0o777) as share, shared_directory(0o755) as parent:
+        host_file = os.path.join(share, "kept")
+        with open(host_file, "w") as f:
+            f.write("as it was\n")
+        os.chmod(host_file, 0o666)
+        single = os.path.join(parent, "single")  # a file shared alone, writable by all
+        with open(single, "w") as f:
+            f.write("one file\n")
+        os.chmod(single, 0o666)
+        script = (
+            "mount -o remount,bind,rw /mnt/ro && echo remounted; mount -o remount,bind,rw /mnt/one.txt; "
+            "echo written >> /mnt/ro/kept; touch /mnt/ro/planted; echo written >> /mnt/one.txt; true"
+        )
+        r = run(
+            manager,
+            f"import subprocess\nr = subprocess.run(['unshare', '-Urm', 'sh', '-c', {script!r}], capture_output=True,"
+            " text=True)\nprint(r.stdout, r.stderr)",
+            filesystem_access=[f"{share}:/mnt/ro", f"{single}:/mnt/one.txt"],
+        )
+        assert "remounted" in r.stdout, r.summary()  # gVisor's own kernel let it mount again
+        assert r.stdout.count("Read-only file system") == 3, r.summary()  # the host's refused each write
+        assert os.listdir(share) == ["kept"]
+        with open(host_file) as f:
+            assert f.read() == "as it was\n"
+        with open(single) as f:
+            assert f.read() == "one file\n"
+        # A writable share beside it is still written.
+        with shared_directory(0o777) as writable:
+            w = run(manager, "open('/mnt/rw/made', 'w').write('yes')", filesystem_access=[f"{writable}:/mnt/rw:rw"])
+            assert w.success and os.path.exists(os.path.join(writable, "made")), w.summary()
 
 
 def test_fork_bomb_contained(gvisor: str, manager: RuntimeManager) -> None:

@@ -120,9 +120,9 @@ def mountinfo_path(field: str) -> str:
 
 
 def mount_table() -> list[tuple[str, str, str, str]]:
-    """This process's mounts, in /proc/self/mountinfo's order: (device, its root mounted, mount
-    point, filesystem type) each."""
-    with open("/proc/self/mountinfo", "rb") as f:
+    """This thread's mounts (a thread may have unshared its namespace), in mountinfo's order:
+    (device, its root mounted, mount point, filesystem type) each."""
+    with open("/proc/thread-self/mountinfo", "rb") as f:
         lines = f.read().decode(errors="surrogateescape").splitlines()
     table = []
     for line in lines:

@@ -262,7 +262,7 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
         try:
             cgroup = manager.create() if manager.layout.version != "none" else None
             uids = lease_uids(2, cgroup)
-            write_bundle(bundle, shared, warm, HostIds(uids[0].uid, uids[1].uid) if uids else None)
+            read_only = write_bundle(bundle, shared, warm, HostIds(uids[0].uid, uids[1].uid) if uids else None)
             unenforced = ["memory_mb, pids_limit, cpu_limit: no usable cgroup on this host"]
             if cgroup is not None:
                 _apply_limits(cgroup, policy, setup=True)
@@ -285,7 +285,13 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
             err_fd, err_w = os.pipe2(os.O_CLOEXEC)
             try:
                 proc = spawn_in_cgroup(
-                    cmd, cgroup, stdin=guest.fileno(), stdout=guest.fileno(), stderr=err_w, label="stockade-gvisor"
+                    cmd,
+                    cgroup,
+                    stdin=guest.fileno(),
+                    stdout=guest.fileno(),
+                    stderr=err_w,
+                    label="stockade-gvisor",
+                    read_only=read_only,
                 )
             finally:
                 os.close(err_w)
@@ -329,7 +335,8 @@ class GvisorRuntime(PooledRuntime[GvisorSandbox]):
 def _apply_limits(cgroup: IsolateCgroup, policy: Policy, setup: bool = False) -> list[str]:
     # The group holds gVisor itself (the Sentry's and gofer's host threads) and,
     # under the ptrace platform, several host tasks per sandboxed process: its
-    # count is a generous backstop; RLIMIT_NPROC inside gVisor is the exact limit.
+    # count is a generous backstop; RLIMIT_NPROC inside gVisor is the exact limit, which code in a
+    # user namespace of gVisor's escapes (docs/runtime-gvisor.md): then this ends the sandbox.
     memory = max(policy.memory_mb, GVISOR_MIN_MB)
     missing = cgroup.apply_limits(memory, policy.pids_limit * 4 + GVISOR_TASKS, policy.cpu_limit, setup=setup)
     if policy.memory_mb < GVISOR_MIN_MB:

@@ -102,9 +102,16 @@ def _oci_filter() -> dict[str, Any]:
 OCI_FILTER = _oci_filter()
 
 
-def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = None) -> None:
+def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = None) -> list[tuple[str, str]]:
     """The bundle of one container for ``policy`` (``warm``: its agent forks a runner ahead;
-    ``ids``: the host uids it maps, as root; None: runsc's own one-to-one map)."""
+    ``ids``: the host uids it maps, as root; None: runsc's own one-to-one map).
+
+    As root, each read-only share's source in the spec is a place in the bundle, empty on the
+    host: the pairs returned (the share, that place) are bound there read-only in runsc's own
+    mount namespace (``spawn_in_cgroup``), so that the host's kernel refuses writes to it. The
+    gofer binds a source as it is told with ``ro`` among the flags of a first bind, which Linux
+    ignores: only the Sentry held it read-only, and code in a user namespace of gVisor's (which
+    needs no privilege) could mount the share again read-write and write through to the host."""
     rootfs = os.path.join(bundle, "rootfs")
     for name in ("usr", "proc", "dev", "tmp", "work", "etc", "opt/stockade/agent"):
         os.makedirs(os.path.join(rootfs, name), mode=0o755)
@@ -144,9 +151,15 @@ def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = 
         os.makedirs(os.path.join(etc, "alternatives"))
         mounts.append({"destination": "/etc/alternatives", "type": "bind", "source": "/etc/alternatives",
                        "options": ["rbind", "ro"]})  # fmt: skip
+    read_only: list[tuple[str, str]] = []
     for m in policy.filesystem_access:
-        _mount_point(rootfs, m.target, os.path.isdir(m.source))
-        mounts.append({"destination": m.target, "type": "bind", "source": os.path.realpath(m.source),
+        directory = os.path.isdir(m.source)
+        _mount_point(rootfs, m.target, directory)
+        source = os.path.realpath(m.source)
+        if ids is not None and not m.writable:
+            read_only.append((source, _placeholder(bundle, len(read_only), directory)))
+            source = read_only[-1][1]
+        mounts.append({"destination": m.target, "type": "bind", "source": source,
                        "options": ["rbind", "rw" if m.writable else "ro", "nosuid", "nodev"]})  # fmt: skip
     readable_by_all(rootfs)  # the gofer reads it on a leased uid
     env = {**BASE_ENV, "STOCKADE_AGENT_FD": "stdio", "STOCKADE_AGENT_WARM": "1" if warm else "0"}
@@ -185,6 +198,22 @@ def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = 
         config["linux"].update(uidMappings=maps, gidMappings=maps)
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f)
+    return read_only
+
+
+def _placeholder(bundle: str, index: int, directory: bool) -> str:
+    """An empty place in the bundle for a read-only share's bind: traversable, as the bundle is,
+    by the gofer's leased uid."""
+    shares = os.path.join(bundle, "shares")
+    if index == 0:
+        os.mkdir(shares)
+        os.chmod(shares, 0o711)  # noqa: S103 - traversable, whatever the umask: the gofer reaches the shares
+    path = os.path.join(shares, str(index))
+    if directory:
+        os.mkdir(path, 0o700)  # covered by the share's own root
+    else:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    return path
 
 
 def _mount_point(rootfs: str, target: str, directory: bool) -> None:

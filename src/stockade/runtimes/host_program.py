@@ -40,7 +40,7 @@ import sys
 import threading
 from typing import IO
 
-from ..agent import linux
+from ..agent import linux, rootfs
 from .process import seccomp
 from .process.cgroups import IsolateCgroup
 
@@ -59,16 +59,27 @@ def spawn_in_cgroup(
     pass_fds: tuple[int, ...] = (),
     landlock: list[tuple[str, int]] | None = None,
     listens_only: bool = False,
+    read_only: list[tuple[str, str]] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in ``cgroup``, under the host filter and ``landlock``'s (path, rights) rules
     (None: no Landlock; ignored where the kernel has none), in a session of its own.
-    ``listens_only``: it connects to no socket (``seccomp.host_program``)."""
+    ``listens_only``: it connects to no socket (``seccomp.host_program``). ``read_only``: (source,
+    place) pairs, as root: the program runs in a mount namespace of its own where each source is
+    bound at its place read-only (the mounts below it too), nosuid and nodev; the host's
+    namespace never sees them, and they go with the program's last process."""
     joins = " ".join(f'echo $$ > "{p}";' for p in (cgroup.procs_files if cgroup else []))
     started: list[subprocess.Popen[bytes]] = []
     failure: list[BaseException] = []
 
     def walled() -> None:
         try:
+            if read_only:
+                # This thread's own (unshare takes its filesystem context with it), inherited by
+                # what it starts; private first, so that no bind here reaches the host's namespace.
+                linux.unshare(linux.CLONE_NEWNS)
+                linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                for source, place in read_only:
+                    rootfs.bind(source, place, writable=False)
             # A filter, or restrict_self, needs no_new_privs without CAP_SYS_ADMIN (root in a
             # container may lack it); nothing runsc or QEMU start needs to gain privileges.
             linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
