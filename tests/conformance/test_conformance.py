@@ -133,6 +133,20 @@ def test_common_tools_work(sb: Sandbox, request: pytest.FixtureRequest) -> None:
     assert r.stdout.split() == ["a", "b", "f", "g", "4"], (r.stdout, r.stderr)
 
 
+def test_multiprocessing_locks_work_in_dev_shm_and_it_is_capped(runtime: str, manager: RuntimeManager) -> None:
+    # POSIX semaphores live in /dev/shm: under gVisor it was gVisor's own, root's, and
+    # multiprocessing.Lock() raised PermissionError.
+    r = stockade.run_code(
+        "import multiprocessing, os, stat\nmultiprocessing.Lock()\n"
+        "print(oct(stat.S_IMODE(os.stat('/dev/shm').st_mode)))\n"
+        "open('/dev/shm/fill', 'wb').write(b'x' * (16 << 20))",
+        runtime=runtime, manager=manager, disk_mb=4, memory_mb=256, timeout_seconds=20,
+    )  # fmt: skip
+    assert r.stdout == "0o1777\n", r.summary()
+    if runtime != "fake":  # the fake runtime's /dev/shm is the host's
+        assert "No space left on device" in r.stderr, r.summary()
+
+
 def _runsc_statx_broken() -> bool:
     runsc = gvisor.runsc_binary()
     return runsc is not None and gvisor.statx_broken(gvisor._runsc_version(runsc))

@@ -146,6 +146,9 @@ def write_bundle(bundle: str, policy: Policy, warm: bool, ids: HostIds | None = 
          "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=1777"]},
         {"destination": "/work", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=0777"]},
+        # gVisor's own /dev/shm is root's (0755): POSIX semaphores (multiprocessing's locks) need it.
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "nodev", f"size={policy.disk_mb}m", "mode=1777"]},
     ]  # fmt: skip
     if os.path.isdir("/etc/alternatives"):
         os.makedirs(os.path.join(etc, "alternatives"))
