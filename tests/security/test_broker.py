@@ -170,6 +170,40 @@ def _raw_call(path: str, body: bytes) -> dict[str, object]:
         return wire.decode(s.recv(wire.length_of(header), socket.MSG_WAITALL))
 
 
+USER_NAMESPACE_PROBE = """
+import ctypes, json, socket, sys
+if sys.argv[1] == "own":
+    assert ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0, ctypes.get_errno()  # CLONE_NEWUSER
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(3)
+s.connect(%(sock)r)
+try:
+    said = s.recv(4096)
+except TimeoutError:
+    said = b""
+print(json.dumps({"refused": b"is not allowed" in said, "said": said.decode("latin-1")}))
+"""
+
+
+def test_the_daemons_user_in_a_user_namespace_of_its_own_is_refused(broker: Running) -> None:
+    # A rootless isolate run by the daemon's user keeps that uid and its supplementary groups (an
+    # unprivileged process may not drop them), the socket's group among them: with the socket shared
+    # in, it listed, put and deleted the broker's secrets. Only the broker's own namespace is served.
+    probe = USER_NAMESPACE_PROBE % {"sock": broker.socket}
+    entry = pwd.getpwnam("stockade")
+    groups = [g.gr_gid for g in grp.getgrall() if "stockade" in g.gr_mem]
+    said = {}
+    for where in ("same", "own"):
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", probe, where], user=entry.pw_uid, group=entry.pw_gid,
+            extra_groups=groups, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        said[where] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["same"] == {"refused": False, "said": ""}, said  # served: it waits for a request
+    assert said["own"]["refused"], said
+
+
 def test_forged_replayed_and_expired_messages_are_refused(broker: Running) -> None:
     ping = {"method": "ping", "params": {}, "id": 1}
     good = wire.canonical(auth.sign(ping, broker.key, encode=wire.canonical))
@@ -202,6 +236,8 @@ def test_a_daemon_taken_over_gets_only_what_live_isolates_are_granted(broker: Ru
     for hosts in ({}, {"hosts": None}, {"hosts": []}):  # a secret of its own bound to any host, its server's
         with pytest.raises(StockadeError, match="hosts"):
             client.call("put", {"name": "MINE", "value": "x", **hosts})
+    with pytest.raises(StockadeError, match="hosts"):  # a grant for no host is none
+        client.call("register", {"sandbox": "none", "pid": os.getpid(), "grants": [{"name": "API_KEY", "hosts": []}]})
     mgr = RuntimeManager(pool_size=0)
     try:
         with Sandbox(Policy(timeout_seconds=30), manager=mgr) as sb:
@@ -210,6 +246,9 @@ def test_a_daemon_taken_over_gets_only_what_live_isolates_are_granted(broker: Ru
             with pytest.raises(PolicyError, match=r"API_KEY is not granted for evil\.com"):
                 client.call("register", {"sandbox": "s1", "pid": pid,
                                          "grants": [{"name": "API_KEY", "hosts": ["evil.com"]}]})  # fmt: skip
+            with pytest.raises(PolicyError, match=r"API_KEY is not granted for bad host!"):  # refused, not a crash
+                client.call("register", {"sandbox": "s1", "pid": pid,
+                                         "grants": [{"name": "API_KEY", "hosts": ["bad host!"]}]})  # fmt: skip
             client.call("register", {"sandbox": "s1", "pid": pid, "grants": grant})
             assert client.call("fetch", {"sandbox": "s1", "name": "API_KEY"}) == {"value": VALUE}
             with pytest.raises(PolicyError, match="does not grant"):

@@ -78,7 +78,7 @@ class BrokerConfig:
 
 class Grant(Request):
     name: str
-    hosts: list[str]
+    hosts: list[str] = Field(min_length=1)  # a value is bound to the hosts it may be sent to, never to none
 
 
 class Register(Request):
@@ -274,6 +274,10 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
         socket_gid=config.socket_gid,
         auth_key=config.key,
         allowed_uids=config.allowed_uids,
+        # The daemon is in this broker's user namespace. An isolate is not: a rootless one run by the
+        # daemon's user keeps that user's uid and supplementary groups (an unprivileged process may
+        # not drop them), and with them the socket's group, should the socket be shared with it.
+        same_user_namespace=True,
         max_requests=MAX_REQUESTS_PER_S,
         max_connections=MAX_CONNECTIONS_PER_UID,
         max_request_bytes=wire.MAX_FRAME,

@@ -123,10 +123,15 @@ class SecretStore:
                 else f"registered before hosts were required, put it again: `stockade secrets put {name} --host ...`"
             )
             return f"secret {name} may be bound to no host: {where}"
+        if not hosts:
+            return f"secret {name} was asked for no host: a grant names the hosts its value may be sent to"
         if stored.hosts is not None:
             permitted = [parse_rule(h) for h in stored.hosts]
             for host in hosts:
-                rule = parse_rule(host)
+                try:
+                    rule = parse_rule(host)
+                except ValueError as exc:
+                    return f"secret {name} may not be bound to {host!r}: {exc}"
                 if not any(_within(rule.host, p.host) and (p.port is None or p.port == rule.port) for p in permitted):
                     return f"secret {name} may not be bound to {host}: its keeper allows only {', '.join(stored.hosts)}"
         return None
