@@ -341,7 +341,11 @@ def _exchange(args: Any, sock: Any, request: dict[str, Any], token: str | None, 
                 # A write that fails is not tried again, and its exception waits for the answer.
                 if answer.get("id") == _MSG_ID and stream_error is None:
                     try:
-                        stream(str(output.get("stream")), binascii.a2b_base64(str(output.get("data", ""))))
+                        data = binascii.a2b_base64(str(output.get("data", "")))
+                    except binascii.Error:
+                        raise _InvalidAnswer(": an output chunk that is not base64") from None
+                    try:
+                        stream(str(output.get("stream")), data)
                     except Exception as exc:  # noqa: BLE001 - raised once the answer is read
                         stream_error = exc
                 continue
@@ -419,7 +423,7 @@ class _InvalidAnswer(Exception):
 def _answer(line: bytes) -> dict[str, Any]:
     try:
         answer = jsoncodec.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON; nested past the parser's depth
         answer = None
     if not isinstance(answer, dict):
         raise _InvalidAnswer

@@ -81,7 +81,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     import json
 
     from .client import Client
-    from .errors import StockadeError
+    from .errors import StockadeError, printable
     from .settings import current
 
     try:
@@ -106,12 +106,18 @@ def cmd_secrets(args: argparse.Namespace) -> int:
                 print(f"{args.name}: {'removed' if gone else 'not registered'}")
                 return 0 if gone else 1
             else:
-                listed = client.call("secrets.list", {})["secrets"]
+                answer = client.call("secrets.list", {})
+                listed = answer.get("secrets") if isinstance(answer, dict) else None
+                if not isinstance(listed, list) or not all(isinstance(entry, dict) for entry in listed):
+                    raise StockadeError("the daemon sent an invalid response to secrets.list")
                 if args.json:
                     print(json.dumps(listed, indent=2))
                 for entry in [] if args.json else listed:
-                    hosts = "no host (none given)" if entry["hosts"] is None else ", ".join(entry["hosts"]) or "no host"
-                    print(f"{entry['name']:<32} {entry['source']:<10} {hosts}")
+                    # The daemon's words (a name, hosts): a terminal's escape sequences in them shown, not obeyed.
+                    given = entry.get("hosts")
+                    hosts = "no host (none given)" if given is None else ", ".join(map(str, given)) or "no host"
+                    name, source = printable(str(entry.get("name"))), printable(str(entry.get("source")))
+                    print(f"{name:<32} {source:<10} {printable(hosts)}")
     except StockadeError as exc:
         return cli_outcome.fail_for(exc)  # with --json, on stdout too
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 
 from .cli import _daemon_token
 from .cli_outcome import fail
+from .errors import printable
 
 
 def add_parsers(sub: Any) -> None:
@@ -107,14 +108,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             if args.daemon_cmd == "ping":
                 started = time.monotonic()
                 answer = client.ping()
-                print(f"{answer} from {client.socket_path} in {(time.monotonic() - started) * 1000:.1f} ms")
+                # The daemon's words: a terminal's escape sequences in them are shown, not obeyed.
+                shown = printable(str(answer))
+                print(f"{shown} from {printable(client.socket_path)} in {(time.monotonic() - started) * 1000:.1f} ms")
                 return 0
             report: Any = getattr(client, args.daemon_cmd)()
         except StockadeError as exc:
             return fail(str(exc))
     print(json.dumps(report, indent=2))
     if args.daemon_cmd == "selftest" and not report.get("ok"):
-        print(f"stockade: self-test failed: {report.get('message')}", file=sys.stderr)
+        print(f"stockade: self-test failed: {printable(str(report.get('message')))}", file=sys.stderr)
         return 1
     return 0
 

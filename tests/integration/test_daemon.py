@@ -468,6 +468,27 @@ def test_pipelined_requests_are_answered_in_order(daemon: Daemon) -> None:
     assert answers[6]["error"] == "Invalid JSON"
 
 
+def test_a_read_of_many_pipelined_requests_is_answered_whole_in_order(daemon: Daemon) -> None:
+    # One read of tiny requests is split into frames only as far as the connection's queue has room
+    # (it was all at once: 87,000 objects a read); the rest wait in the framer, reading paused,
+    # behind a run that takes its time, and all are answered, the last one's even after the
+    # end of file (rate-limited ones too: every line gets its answer).
+    count = 3000
+    lines = [{"method": "execute", "params": {"command": ["sh", "-c", "sleep 0.3"]}, "id": 0}]
+    lines += [{"method": "ping", "params": {}, "id": n} for n in range(1, count + 1)]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(daemon.socket_path)
+        s.sendall(b"".join(json.dumps(x).encode() + b"\n" for x in lines)[:-1])  # the last without its newline
+        s.shutdown(socket.SHUT_WR)
+        answers = [json.loads(x) for x in s.makefile("rb").read().splitlines()]
+    assert [a["id"] for a in answers[:1]] == [0] and answers[0]["result"]["exit_code"] == 0
+    answered = [a["id"] for a in answers[1:]]
+    assert len(answered) == count, len(answered)
+    assert [n for n in answered if n is not None] == sorted(n for n in answered if n is not None)
+    assert answers[-1]["id"] in (count, None)  # the last line, or its rate limit's refusal
+
+
 def test_a_client_that_hangs_up_mid_run_ends_its_run(daemon: Daemon) -> None:
     # Its answer can go nowhere: the isolate is killed and its slot freed at
     # once, not when the command would have ended. A policy of a shape the pool

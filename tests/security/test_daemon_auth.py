@@ -228,6 +228,14 @@ def test_a_signed_request_verifies_once_whatever_its_spacing() -> None:
     assert not auth.verify(request, "0" * 64, auth.NonceCache())
 
 
+@pytest.mark.parametrize("ts", [10**400, -(10**400), 2**53 + 1])
+def test_a_signed_timestamp_past_a_floats_range_is_refused_not_raised(ts: int) -> None:
+    # abs(now - 10**400) raised OverflowError: the daemon dropped the connection with a traceback.
+    request = {"method": "ping", "params": {}, "id": 5, "ts": ts, "nonce": "abcdefgh12345678"}
+    request["hmac"] = auth.compute_hmac(request, TOKEN)
+    assert auth.verify(request, TOKEN, auth.NonceCache()) is False
+
+
 @pytest.mark.parametrize("token", ["", "k", TOKEN, "t" * 64, "long" * 40, "clé-ünïcode"])
 def test_the_mac_is_hmac_sha256_as_the_seed_computes_it(token: str) -> None:
     # Keyed once and copied per message, it must still be exactly the seed's

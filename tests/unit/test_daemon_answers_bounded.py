@@ -52,6 +52,27 @@ def exit_256(conn: socket.socket, msg_id: int) -> None:
     conn.sendall(json.dumps({"id": msg_id, "result": result, "error": None}).encode() + b"\n")
 
 
+def bad_chunk(conn: socket.socket, msg_id: int) -> None:
+    conn.sendall(json.dumps({"id": msg_id, "output": {"stream": "stdout", "data": "abc"}}).encode() + b"\n")
+    exit_256(conn, msg_id)
+
+
+def deep(conn: socket.socket, msg_id: int) -> None:
+    conn.sendall(b"[" * 100_000 + b"\n")
+
+
+ESCAPES = "\x1b]0;PWNED\x07\x1b[2J"  # a window's title set, the screen cleared
+
+
+def escapes_said(conn: socket.socket, msg_id: int) -> None:
+    conn.sendall(json.dumps({"id": msg_id, "result": ESCAPES, "error": None}).encode() + b"\n")
+
+
+def escapes_in_a_report(conn: socket.socket, msg_id: int) -> None:
+    report = {"ok": False, "message": ESCAPES, "secrets": [{"name": ESCAPES, "source": ESCAPES, "hosts": [ESCAPES]}]}
+    conn.sendall(json.dumps({"id": msg_id, "result": report, "error": None}).encode() + b"\n")
+
+
 class Daemon:
     """Each connection: its request line read, then ``behaviour`` until the client goes."""
 
@@ -174,3 +195,37 @@ def test_a_timeout_that_is_no_number_of_seconds_is_refused_naming_the_flag(
     done = _run(daemon(exit_256).path, "--timeout", timeout)
     assert done.returncode == 125 and "--timeout (timeout_seconds)" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_stockade_run_says_an_answer_it_cannot_read_is_invalid_not_a_traceback(
+    daemon: Callable[[Behaviour], Daemon],
+) -> None:
+    # An output chunk that is not base64, an answer nested past the parser's depth: a traceback and
+    # exit status 1, which is the command's own.
+    for behaviour, said in ((bad_chunk, "an output chunk that is not base64"), (deep, "invalid response")):
+        done = _run(daemon(behaviour).path)
+        assert done.returncode == 125 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "behaviour"),
+    [(["daemon", "ping"], escapes_said), (["daemon", "selftest"], escapes_in_a_report),
+     (["secrets", "ls"], escapes_in_a_report)],
+)  # fmt: skip
+def test_a_daemons_words_reach_the_terminal_as_text_not_as_escape_sequences(
+    command: list[str], behaviour: Behaviour, daemon: Callable[[Behaviour], Daemon]
+) -> None:
+    env = {**os.environ, "STOCKADE_SOCKET": daemon(behaviour).path}
+    done = subprocess.run([sys.executable, "-m", "stockade.cli", *command], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert "\x1b" not in done.stdout + done.stderr and "\x07" not in done.stdout + done.stderr, done
+    assert "PWNED" in done.stdout + done.stderr, done
+
+
+def test_stockade_secrets_ls_says_a_listing_of_the_wrong_shape_is_invalid(
+    daemon: Callable[[Behaviour], Daemon],
+) -> None:
+    env = {**os.environ, "STOCKADE_SOCKET": daemon(escapes_said).path}  # a string where the listing goes
+    done = subprocess.run([sys.executable, "-m", "stockade.cli", "secrets", "ls"], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "invalid response" in done.stderr and "Traceback" not in done.stderr, done

@@ -322,14 +322,38 @@ def test_cbor_frames_come_whole_however_they_are_cut_and_an_oversized_one_is_ski
     stream = first + second
     for cut in range(len(stream)):
         framer = codec.framer(1024)
-        frames = framer.feed(stream[:cut]) + framer.feed(stream[cut:])
+        frames = framer.feed(stream[:cut], 64) + framer.feed(stream[cut:], 64)
         assert [codec.decode(f)["id"] for f in frames if f is not None] == [1, 2]
     framer = codec.framer(16)
     huge = (1000).to_bytes(4, "big") + b"x" * 1000
-    assert framer.feed(huge[:500]) == [TOO_LARGE] and framer.feed(huge[500:] + first[:0]) == []
+    assert framer.feed(huge[:500], 64) == [TOO_LARGE] and framer.feed(huge[500:] + first[:0], 64) == []
     framer = codec.framer(1024)
     assert framer.single(first) == first[4:] and framer.single(first + second) is None
-    assert framer.feed(first[:7]) == [] and framer.end() == []  # a frame cut short by the end is no request
+    assert framer.feed(first[:7], 64) == [] and framer.end() == []  # a frame cut short by the end is no request
+
+
+def test_a_read_of_tiny_frames_is_split_only_as_far_as_the_reader_has_room() -> None:
+    # 256 KiB of "1\n" (or of one-byte CBOR frames) became ~87,000 objects at once, queued before
+    # the bound on a connection's queue could pause its reading: 60 connections, +170 MB.
+    from stockade.broker import wire
+    from stockade.rpc.codec import TOO_LARGE, JsonLines
+
+    for framer, one, size in (
+        (JsonLines().framer(16), b"1\n", 2),
+        (wire.CborFrames(b"k" * 32).framer(16), b"\0\0\0\x011", 5),
+    ):
+        flood = one * ((256 << 10) // size)
+        assert framer.feed(flood, 64) == [b"1"] * 64 and framer.pending and framer.buffered == 0
+        taken = 64
+        while framer.pending:
+            got = framer.feed(b"", 64)
+            assert 0 < len(got) <= 64
+            taken += len(got)
+        assert taken == len(flood) // size and framer.end() == []
+    lines = JsonLines().framer(16)
+    assert lines.feed(b"1\n2\n" + b"x" * 40, 1) == [b"1"] and lines.pending and lines.buffered == 40
+    assert lines.feed(b"", 8) == [b"2", TOO_LARGE] and not lines.pending  # the line over the limit, then
+    assert lines.feed(b"yy\n3\n\n\n4", 8) == [b"3"] and lines.end() == [b"4"]  # its tail skipped; blanks none
 
 
 def test_a_secret_stored_with_no_hosts_is_granted_only_where_one_caller_may_grant_it(

@@ -110,7 +110,7 @@ class _Frames:
         length = int.from_bytes(data[:4], "big")
         return data[4:] if length == len(data) - 4 and length <= self.limit else None
 
-    def feed(self, data: bytes) -> list[bytes | None]:
+    def feed(self, data: bytes, room: int) -> list[bytes | None]:
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
@@ -118,18 +118,20 @@ class _Frames:
         buffer = self._buffer
         buffer += data
         frames: list[bytes | None] = []
-        while len(buffer) >= 4:
-            length = int.from_bytes(buffer[:4], "big")
+        start = 0
+        while len(buffer) - start >= 4 and len(frames) < room:
+            length = int.from_bytes(buffer[start : start + 4], "big")
             if length > self.limit:
                 frames.append(None)  # codec.TOO_LARGE
-                dropped = min(length, len(buffer) - 4)
+                dropped = min(length, len(buffer) - start - 4)
                 self._skip = length - dropped
-                del buffer[: 4 + dropped]
+                start += 4 + dropped
                 continue
-            if len(buffer) < 4 + length:
+            if len(buffer) - start < 4 + length:
                 break
-            frames.append(bytes(buffer[4 : 4 + length]))
-            del buffer[: 4 + length]
+            frames.append(bytes(buffer[start + 4 : start + 4 + length]))
+            start += 4 + length
+        del buffer[:start]
         return frames
 
     def end(self) -> list[bytes | None]:
@@ -137,8 +139,16 @@ class _Frames:
         return []
 
     @property
+    def pending(self) -> bool:
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return False
+        length = int.from_bytes(buffer[:4], "big")
+        return length > self.limit or len(buffer) >= 4 + length  # TOO_LARGE, or a whole frame
+
+    @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return 0 if self.pending else len(self._buffer)
 
 
 class CborFrames:

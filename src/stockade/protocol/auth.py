@@ -126,7 +126,11 @@ def verify(
         return False
     now = time.time() if now is None else now
     ts, nonce = request.get("ts"), request.get("nonce")
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not abs(now - ts) <= nonces.window_s:
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        return False
+    if isinstance(ts, int) and not -(2**53) <= ts <= 2**53:  # as a float it would overflow, or not be itself
+        return False
+    if not abs(now - ts) <= nonces.window_s:
         return False
     if nonces.since is not None and time.monotonic() < nonces.since_until and _before(ts, nonces.since):
         return False

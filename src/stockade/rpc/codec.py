@@ -20,14 +20,23 @@ TOO_LARGE = None  # a frame's place in the queue when it was over the limit: ans
 
 
 class Framer(Protocol):
+    """Bytes in, frames out, at most as many at a time as the reader has room for: one read
+    (256 KiB) of tiny frames would otherwise be tens of thousands of objects at once, before any
+    bound on what a connection may queue could pause its reading."""
+
     def single(self, data: bytes) -> bytes | None:
         """``data`` as one whole frame when it is exactly that and nothing is buffered (the fast path)."""
 
-    def feed(self, data: bytes) -> list[bytes | None]:
-        """The frames ``data`` completes (``TOO_LARGE`` for one over the limit)."""
+    def feed(self, data: bytes, room: int) -> list[bytes | None]:
+        """The frames ``data`` completes (``TOO_LARGE`` for one over the limit), at most ``room``;
+        the others stay buffered (``pending``), for the next ``feed`` (``data`` may be empty)."""
 
     def end(self) -> list[bytes | None]:
-        """At end of file: what is left that still counts as a frame."""
+        """At end of file, once nothing is ``pending``: what is left that still counts as a frame."""
+
+    @property
+    def pending(self) -> bool:
+        """Whether whole frames are buffered, left for want of room."""
 
     @property
     def buffered(self) -> int:
@@ -52,6 +61,8 @@ class _Lines:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._buffer = bytearray()
+        self._searched = 0  # bytes at the buffer's start known to hold no newline
+        self._pending = False
         self._skipping = False  # inside an oversized line: dropped up to its newline
 
     def single(self, data: bytes) -> bytes | None:
@@ -62,7 +73,7 @@ class _Lines:
             return data[:end].strip()
         return None
 
-    def feed(self, data: bytes) -> list[bytes | None]:
+    def feed(self, data: bytes, room: int) -> list[bytes | None]:
         if self._skipping:
             end = data.find(b"\n")
             if end < 0:
@@ -71,19 +82,23 @@ class _Lines:
             self._skipping = False
         frames: list[bytes | None] = []
         buffer = self._buffer
-        searched = len(buffer)  # what it held has no newline: only the new bytes are searched
         buffer += data
-        start, end = 0, buffer.find(b"\n", searched)
-        while end >= 0:
-            frames.append(self._frame(bytes(buffer[start:end])))
+        start, end = 0, buffer.find(b"\n", self._searched)
+        while end >= 0 and len(frames) < room:
+            frame = self._frame(bytes(buffer[start:end]))
+            if frame != b"":  # a blank line is no request
+                frames.append(frame)
             start = end + 1
             end = buffer.find(b"\n", start)
         del buffer[:start]
-        if len(buffer) > self.limit:
+        self._pending = end >= 0
+        self._searched = 0 if self._pending else len(buffer)
+        if not self._pending and len(buffer) > self.limit:
             buffer.clear()
+            self._searched = 0
             frames.append(TOO_LARGE)
             self._skipping = True
-        return [f for f in frames if f != b""]
+        return frames
 
     def end(self) -> list[bytes | None]:
         if self._skipping or not self._buffer:
@@ -94,8 +109,14 @@ class _Lines:
         return [last] if last != b"" else []
 
     @property
+    def pending(self) -> bool:
+        return self._pending
+
+    @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        if not self._pending:
+            return len(self._buffer)
+        return len(self._buffer) - self._buffer.rfind(b"\n") - 1  # after the last whole line
 
     def _frame(self, line: bytes) -> bytes | None:
         return TOO_LARGE if len(line) > self.limit else line.strip()

@@ -124,8 +124,7 @@ class Connection(asyncio.Protocol):
                 if frame:
                     self._answer_guarded(frame)
                 return
-        for frame in self._framer.feed(data):
-            self._queue(frame)
+        self._take(data)
         self._track_line()
         self._pump()
 
@@ -134,10 +133,9 @@ class Connection(asyncio.Protocol):
             # Closed, not just shut for writing (as socat does after its request):
             # no answer can reach it, so nothing more is run for it.
             return False  # the transport closes; connection_lost ends what still runs
-        for frame in self._framer.end():
-            self._queue(frame)
-        self._track_line()
         self._eof = True
+        self._take()
+        self._track_line()
         self._pump()
         return True  # keep the writing half open: the queued requests are still answered
 
@@ -188,9 +186,16 @@ class Connection(asyncio.Protocol):
 
     # ---- answering, in order ----------------------------------------------------------
 
-    def _queue(self, frame: bytes | None) -> None:
-        self._lines.append(frame)
-        self._queued_bytes += len(frame) if frame is not None else 0
+    def _take(self, data: bytes = b"") -> None:
+        """Frames from ``data`` and what the framer holds, as many as the queue has room for (the
+        rest stay in the framer, and reading pauses: ``_flow``); at the end of file, the last."""
+        for frame in self._framer.feed(data, MAX_QUEUED_LINES - len(self._lines)):
+            self._lines.append(frame)
+            self._queued_bytes += len(frame) if frame is not None else 0
+        if self._eof and not self._framer.pending:
+            for frame in self._framer.end():  # empties the framer: a second call finds nothing
+                self._lines.append(frame)
+                self._queued_bytes += len(frame) if frame is not None else 0
 
     def _pump(self) -> None:
         """Answer queued lines until one has to wait (or none is left)."""
@@ -198,7 +203,12 @@ class Connection(asyncio.Protocol):
             return  # called back from inside an answer: the loop below goes on
         self._pumping = True
         try:
-            while self._lines and not self._busy and not self._write_paused and not self._lost:
+            while not self._busy and not self._write_paused and not self._lost:
+                if not self._lines and self._framer.pending:
+                    self._take()  # what one read brought beyond the queue's room
+                    self._track_line()
+                if not self._lines:
+                    break
                 line = self._lines.popleft()
                 self._queued_bytes -= len(line) if line is not None else 0
                 if not self._answer_guarded(line):
@@ -224,6 +234,7 @@ class Connection(asyncio.Protocol):
             return
         if (
             self._write_paused
+            or self._framer.pending
             or len(self._lines) >= MAX_QUEUED_LINES
             or self._queued_bytes >= MAX_QUEUED_BYTES
             or self.line_under_way == "waiting"
@@ -296,7 +307,7 @@ class Connection(asyncio.Protocol):
                 self._logged(method, outcome, started)
             else:
                 self._failed(outcome, method, msg_id, started)
-            if self._lines or self._eof:
+            if self._lines or self._framer.pending or self._eof:
                 # A turn later: the run's slot and isolate are handed back once this returns.
                 asyncio.get_running_loop().call_soon(self._pump)
 
