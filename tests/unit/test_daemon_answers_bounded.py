@@ -229,3 +229,47 @@ def test_stockade_secrets_ls_says_a_listing_of_the_wrong_shape_is_invalid(
     done = subprocess.run([sys.executable, "-m", "stockade.cli", "secrets", "ls"], env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "invalid response" in done.stderr and "Traceback" not in done.stderr, done
+
+
+def answering(result: object, output: object = None) -> Behaviour:
+    """A daemon that answers every request with ``result`` (after one ``output`` line, if given)."""
+
+    def behaviour(conn: socket.socket, msg_id: int) -> None:
+        if output is not None:
+            conn.sendall(json.dumps({"id": msg_id, "output": output}).encode() + b"\n")
+        conn.sendall(json.dumps({"id": msg_id, "result": result, "error": None}).encode() + b"\n")
+
+    return behaviour
+
+
+@pytest.mark.parametrize(
+    ("result", "call", "said"),
+    [
+        ({"data": "abc"}, lambda c: c.sandbox_read_file("s", "/f"), "data is not base64"),
+        ({}, lambda c: c.create_sandbox(), r"no sandbox_id \(str\)"),
+        ({"address": "127.0.0.1", "host_port": "notint", "port": 8000}, lambda c: c.sandbox_publish("s", 8000),
+         r"no host_port \(int\)"),
+        ({"entries": 5}, lambda c: c.sandbox_list_dir("s", "/"), r"no entries \(list\)"),
+        ({"closed": "yes"}, lambda c: c.close_interpreter("s", "main"), r"no closed \(bool\)"),
+        ([[]] * 2_000_001, lambda c: c.status(), "more than 2000000 JSON values"),
+    ],
+)  # fmt: skip
+def test_an_answer_of_the_wrong_shape_is_a_stockade_error_naming_it(
+    result: object, call: Callable[[Client], object], said: str, daemon: Callable[[Behaviour], Daemon]
+) -> None:
+    # It raised binascii.Error, KeyError or ValueError from the client, or was handed on as it came;
+    # a line of 20 million empty lists took the client 2 GB.
+    from stockade.errors import StockadeError
+
+    with Client(daemon(answering(result)).path, timeout=30, retry=None) as client:
+        with pytest.raises(StockadeError, match=said):
+            call(client)
+
+
+def test_an_output_chunk_that_is_not_base64_is_a_stockade_error(daemon: Callable[[Behaviour], Daemon]) -> None:
+    from stockade.errors import StockadeError
+
+    fake = daemon(answering({"exit_code": 0}, output={"stream": "stdout", "data": "abc"}))
+    with Client(fake.path, timeout=30, retry=None) as client:
+        with pytest.raises(StockadeError, match="an output chunk that is not base64"):
+            client.execute(["true"], on_output=lambda stream, data: None)

@@ -18,12 +18,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..errors import AuthenticationError, SandboxOSError, StockadeError, error_from_code, refused_signature
+from ..jsonvalues import values_at_most
 from ..protocol import auth
 from ..result import ExecResult
 
 # An answer is one line: a file's data (up to 32 MiB, base64: daemon/held.py READ_FILE_MAX) or a run's output
 # (JSON escapes can take six bytes a character) stay well under this.
 LINE_LIMIT = 64 << 20
+# The values an answer may hold (a directory's listing, a status of many sandboxes stay well under).
+MAX_ANSWER_VALUES = 2_000_000
 
 
 class Answer(BaseModel):
@@ -79,7 +82,11 @@ class Reply:
         # the answer: left unread, that would be taken for the next call's.
         if self.on_output is not None and self.callback_error is None and answer.id == self.msg_id:
             try:
-                self.on_output(str(output.get("stream")), base64.b64decode(str(output.get("data", ""))))
+                data = base64.b64decode(str(output.get("data", "")), validate=True)
+            except ValueError:  # binascii.Error
+                raise StockadeError("the daemon sent an invalid response: an output chunk that is not base64") from None
+            try:
+                self.on_output(str(output.get("stream")), data)
             except Exception as exc:  # noqa: BLE001 - raised by outcome(), once the answer is read
                 self.callback_error = exc
         return False
@@ -110,6 +117,9 @@ def exec_result(method: str, answer: Answer) -> ExecResult:
 
 
 def parse(line: bytes, answer_type: type[Answer]) -> Answer:
+    if values_at_most(line, MAX_ANSWER_VALUES) > MAX_ANSWER_VALUES:
+        # Parsed, each value is an object of its own: a 60 MiB line of "[[],[],...]" took 2 GB.
+        raise StockadeError(f"the daemon sent an invalid response: more than {MAX_ANSWER_VALUES} JSON values")
     try:
         # Fields this client does not know (a newer daemon's) are skipped, at any
         # depth: a client older than its daemon still reads its results.

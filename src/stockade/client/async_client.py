@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import socket
@@ -16,7 +15,17 @@ from ..result import ExecResult
 from ..runtimes.spawned import spawned_or_killed
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, read_answer_line, request_line
 from .processes import AsyncRemoteProcess, spawn_params
-from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, SandboxHandle, described, published_address
+from .requests import (
+    CodeOptions,
+    ExecOptions,
+    PolicyArg,
+    Requests,
+    SandboxHandle,
+    answered,
+    answered_bytes,
+    described,
+    published_address,
+)
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
 if TYPE_CHECKING:
@@ -309,7 +318,8 @@ class AsyncClient(Requests):
         timeout: float | None = None,
         **policy_fields: Any,
     ) -> str:
-        return str((await self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields)))["sandbox_id"])
+        said = await self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))
+        return answered(said, "sandbox_id", str)
 
     async def sandbox_exec(self, sandbox_id: str, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
         return await self._run(*self._sandbox_exec(sandbox_id, command, options), options.get("on_output"))
@@ -325,15 +335,17 @@ class AsyncClient(Requests):
 
     async def sandbox_read_file(self, sandbox_id: str, path: str, max_bytes: int | None = None) -> bytes:
         with naming(path):
-            return base64.b64decode((await self.call(*self._read_file(sandbox_id, path, max_bytes)))["data"])
+            return answered_bytes(await self.call(*self._read_file(sandbox_id, path, max_bytes)), "data")
 
     async def sandbox_list_dir(self, sandbox_id: str, path: str) -> list[dict[str, Any]]:
         with naming(path):
-            entries: list[dict[str, Any]] = (await self.call(*self._list_dir(sandbox_id, path)))["entries"]
+            entries: list[dict[str, Any]] = answered(
+                await self.call(*self._list_dir(sandbox_id, path)), "entries", list
+            )
         return entries
 
     async def close_interpreter(self, sandbox_id: str, session: str) -> bool:
-        closed: bool = (await self.call(*self._close_interpreter(sandbox_id, session)))["closed"]
+        closed = answered(await self.call(*self._close_interpreter(sandbox_id, session)), "closed", bool)
         return closed
 
     async def sandbox_publish(self, sandbox_id: str, spec: int | str) -> tuple[str, int]:
@@ -343,7 +355,7 @@ class AsyncClient(Requests):
     async def interrupt_sandbox(self, sandbox_id: str, session: str | None = None) -> bool:
         """``Client.interrupt_sandbox``: on a connection of its own."""
         async with AsyncClient(self.socket_path, self._token, self.timeout, retry=None) as other:
-            interrupted: bool = (await other.call(*other._interrupt(sandbox_id, session)))["interrupted"]
+            interrupted = answered(await other.call(*other._interrupt(sandbox_id, session)), "interrupted", bool)
         return interrupted
 
     async def close_sandbox(self, sandbox_id: str) -> None:
@@ -404,7 +416,7 @@ class AsyncRemoteSandbox(SandboxHandle):
 
     async def processes(self) -> list[dict[str, Any]]:
         said = await self.client.call("sandbox.processes", {"sandbox_id": self.sandbox_id})
-        listed: list[dict[str, Any]] = said["processes"]
+        listed: list[dict[str, Any]] = answered(said, "processes", list)
         return listed
 
     async def watch(self, path: str, *, recursive: bool = False, events: Iterable[str] | None = None) -> AsyncFileWatch:

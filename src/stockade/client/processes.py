@@ -23,7 +23,7 @@ from ..protocol.models import (
     SandboxSpawn,
 )
 from ..runtimes.spawned import AwaitedFollow
-from .requests import _build, _params
+from .requests import _build, _params, answered_bytes
 
 if TYPE_CHECKING:
     from .async_client import AsyncClient
@@ -97,7 +97,7 @@ class AsyncRemoteProcess(AwaitedFollow):
         for stream, count in said.get("dropped", {}).items():
             if stream in self.dropped:
                 self.dropped[stream] += int(count)
-        return base64.b64decode(said["stdout"]), base64.b64decode(said["stderr"])
+        return answered_bytes(said, "stdout"), answered_bytes(said, "stderr")
 
     async def read(self) -> tuple[bytes, bytes]:
         said = await self.client.call("sandbox.process_read", self._ref(ProcessRef, "sandbox.process_read"))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypedDict, TypeVar
 
 from ..daemon_peer import impostor
-from ..errors import AuthenticationError
+from ..errors import AuthenticationError, StockadeError
 from ..limits import argv_list, check_call_size
 from ..policy import Policy, policy_of
 from ..protocol.models import (
@@ -37,6 +37,7 @@ from ..protocol.models import (
 from .retry import NO_RETRY, ConnectionLost, Retry, unreachable
 
 PolicyArg = Policy | dict[str, Any] | None
+_T = TypeVar("_T")
 _EXECUTE_KEYWORDS = ("command", "code", "language", "policy", "stdin", "on_output")
 _SANDBOX_KEYWORDS = ("policy", "keep", "idle_timeout", "publish")
 
@@ -258,7 +259,7 @@ class SandboxHandle:
 
     def _note_published(self, answer: dict[str, Any]) -> tuple[str, int]:
         address = published_address(answer)
-        self.published[int(answer["port"])] = address
+        self.published[answered(answer, "port", int)] = address
         return address
 
     def __repr__(self) -> str:
@@ -268,14 +269,31 @@ class SandboxHandle:
 def described(answer: dict[str, Any]) -> dict[str, Any]:
     """A handle's fields from a ``sandbox.create`` or ``sandbox.get`` answer."""
     return {
-        "sandbox_id": str(answer["sandbox_id"]), "memory_mb": answer.get("memory_mb"),
+        "sandbox_id": answered(answer, "sandbox_id", str), "memory_mb": answer.get("memory_mb"),
         "runtime": answer.get("runtime"), "policy_digest": answer.get("policy_digest"),
     }  # fmt: skip
 
 
 def published_address(answer: dict[str, Any]) -> tuple[str, int]:
     """The host address and port of a ``sandbox.publish`` answer."""
-    return str(answer["address"]), int(answer["host_port"])
+    return answered(answer, "address", str), answered(answer, "host_port", int)
+
+
+def answered(answer: Any, name: str, kind: type[_T]) -> _T:
+    """``answer[name]``, which must be a ``kind``: the StockadeError that says so otherwise (a daemon's
+    answer of the wrong shape raised KeyError, ValueError or binascii.Error from here, or went on)."""
+    value = answer.get(name) if isinstance(answer, dict) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise StockadeError(f"the daemon sent an invalid response: no {name} ({kind.__name__}) in its answer")
+    return value
+
+
+def answered_bytes(answer: Any, name: str) -> bytes:
+    """``answer[name]`` decoded from base64 (a file's data, a process's output)."""
+    try:
+        return base64.b64decode(answered(answer, name, str), validate=True)
+    except ValueError:  # binascii.Error
+        raise StockadeError(f"the daemon sent an invalid response: {name} is not base64") from None
 
 
 def _build(model: type[_R], method: str, **fields: Any) -> _R:

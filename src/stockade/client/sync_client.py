@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import functools
 import socket
 import threading
@@ -17,7 +16,16 @@ from ..limits import publish_specs
 from ..result import ExecResult
 from .answers import LINE_LIMIT, Answer, ExecAnswer, Reply, exec_result, naming, parse, request_line
 from .remote_sandbox import RemoteSandbox
-from .requests import CodeOptions, ExecOptions, PolicyArg, Requests, described, published_address
+from .requests import (
+    CodeOptions,
+    ExecOptions,
+    PolicyArg,
+    Requests,
+    answered,
+    answered_bytes,
+    described,
+    published_address,
+)
 from .retry import Attempts, ConnectionLost, Retry, hung_up_before_sending, lost_after_sending, unanswered, unreachable
 
 
@@ -325,7 +333,7 @@ class Client(Requests):
         """A held sandbox's id. ``keep``: it outlives this connection; ``idle_timeout``: seconds
         without a call before the daemon closes it (default and most: the daemon's setting).
         A sandbox ends with its daemon: after a restart, a call on it raises ``SandboxLostError``."""
-        return str(self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields))["sandbox_id"])
+        return answered(self.call(*self._create(policy, keep, idle_timeout, timeout, policy_fields)), "sandbox_id", str)
 
     def sandbox_exec(self, sandbox_id: str, command: list[str], **options: Unpack[ExecOptions]) -> ExecResult:
         """``command`` in a held sandbox; ``stdin`` (text or bytes), ``env``, ``cwd``, ``timeout``, ``on_output``."""
@@ -346,17 +354,17 @@ class Client(Requests):
         """A file of a held sandbox (its first ``max_bytes``); a missing one raises ``PathNotFoundError``,
         a ``FileNotFoundError``."""
         with naming(path):
-            return base64.b64decode(self.call(*self._read_file(sandbox_id, path, max_bytes))["data"])
+            return answered_bytes(self.call(*self._read_file(sandbox_id, path, max_bytes)), "data")
 
     def sandbox_list_dir(self, sandbox_id: str, path: str) -> list[dict[str, Any]]:
         """A directory's entries in a held sandbox, as the SDK's ``Sandbox.list_dir`` gives them."""
         with naming(path):
-            entries: list[dict[str, Any]] = self.call(*self._list_dir(sandbox_id, path))["entries"]
+            entries: list[dict[str, Any]] = answered(self.call(*self._list_dir(sandbox_id, path)), "entries", list)
         return entries
 
     def close_interpreter(self, sandbox_id: str, session: str) -> bool:
         """End a session's interpreter in a held sandbox; False when it had none running."""
-        closed: bool = self.call(*self._close_interpreter(sandbox_id, session))["closed"]
+        closed = answered(self.call(*self._close_interpreter(sandbox_id, session)), "closed", bool)
         return closed
 
     def sandbox_publish(self, sandbox_id: str, spec: int | str) -> tuple[str, int]:
@@ -371,7 +379,7 @@ class Client(Requests):
         Sent on a connection of its own: this client's may be waiting for that run.
         """
         with Client(self.socket_path, self._token, self.timeout, retry=None) as other:
-            interrupted: bool = other.call(*other._interrupt(sandbox_id, session))["interrupted"]
+            interrupted = answered(other.call(*other._interrupt(sandbox_id, session)), "interrupted", bool)
         return interrupted
 
     def close_sandbox(self, sandbox_id: str) -> None:
