@@ -106,6 +106,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         said = printable(state.error) if state.error else f"see stockade logs {args.name}"
         print(f"stockade start: {args.name} failed: {said}", file=sys.stderr)
         return 1
+    if state.started_at is None and state.status == "starting":  # its first run failed; it is tried again
+        said = printable(state.error) if state.error else f"see stockade logs {args.name}"
+        print(f"stockade start: {args.name} did not start: {said}; it is started again (--restart "
+              f"{args.restart}) until `stockade stop {args.name}`", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -243,6 +243,7 @@ def start(
     fixed = [component_publish(spec) for spec in publish or []]
     if fixed and checked.network_policy != "loopback":
         raise PolicyError("--publish needs --network loopback: the isolate has no loopback otherwise")
+    _check_distinct(fixed)
     store.create(name, argv, policy, restart, max_restarts, stdin, fixed, replace)
     from .settings import worker_environment
 
@@ -262,11 +263,24 @@ def start(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         state = store.state(name)
-        # Its first isolate is up (it may already have ended and be restarting), or it ended for good.
-        if state.started_at is not None or state.status in ("stopped", "failed"):
+        # Its first isolate is up (it may already have ended and be restarting), or it ended for
+        # good, or its first run failed before its command ran (a port taken) and it is restarting:
+        # the caller is told that now, not after 120 s.
+        if state.started_at is not None or state.status in ("stopped", "failed") or state.restarts or state.error:
             return
         time.sleep(0.05)
     raise StockadeError(f"component {name!r} did not start within 120 s")
+
+
+def _check_distinct(fixed: list[str]) -> None:
+    """One host port for one published port: a second would fail every run of the component."""
+    seen: dict[str, int] = {}
+    for spec in fixed:
+        address, host_port, port = spec.rsplit(":", 2)
+        if host_port == "0":
+            continue
+        if (twice := seen.setdefault(f"{address}:{host_port}", int(port))) != int(port):
+            raise PolicyError(f"--publish: host port {address}:{host_port} is given for ports {twice} and {port}")
 
 
 def stop(name: str, store: ComponentStore, timeout: float = 15.0) -> ComponentState:
@@ -321,8 +335,14 @@ def read_log(name: str, store: ComponentStore, tail_bytes: int | None = None) ->
     for part in ("log.1", "log"):
         with contextlib.suppress(FileNotFoundError), open(store.path(name, part), "rb") as f:
             chunks.append(f.read())
-    data = b"".join(chunks)
-    return data[-tail_bytes:] if tail_bytes else data
+    return _tail(b"".join(chunks), tail_bytes)
+
+
+def _tail(data: bytes, tail_bytes: int | None) -> bytes:
+    """Its last ``tail_bytes`` (None: all of it; 0: none, for ``logs -f`` of new output only)."""
+    if tail_bytes is None:
+        return data
+    return data[-tail_bytes:] if tail_bytes > 0 else b""
 
 
 def follow_log(
@@ -344,7 +364,7 @@ def follow_log(
         with contextlib.suppress(FileNotFoundError), open(store.path(name, "log.1"), "rb") as old:
             held = old.read()
         held += f.read() if f is not None else b""
-        write(held[-tail_bytes:] if tail_bytes else held)
+        write(_tail(held, tail_bytes))
         ending = False
         while True:
             chunk = f.read(65536) if f is not None else b""
@@ -357,7 +377,21 @@ def follow_log(
                 now = None
             if now is not None and (f is None or now.st_ino != os.fstat(f.fileno()).st_ino):
                 if f is not None:
-                    f.close()  # read to its end: the writer had moved on to the new file
+                    # Read to its end: the writer had moved on. Once (log.1 is the file read), the
+                    # rest is in the new log; more than once (a reader slower than the writer), log.1
+                    # is a later file, and what came between them is gone.
+                    finished = os.fstat(f.fileno()).st_ino
+                    f.close()
+                    later = _open_log(store.path(name, "log.1"))
+                    if later is not None and os.fstat(later.fileno()).st_ino not in (finished, now.st_ino):
+                        write(
+                            b"\n[stockade] logs -f: output is missing here: the log rotated away more than once "
+                            b"while this was read\n"
+                        )
+                        with later:
+                            write(later.read())
+                    elif later is not None:
+                        later.close()
                 f = _open_log(path)
                 continue
             if ending or not os.path.isdir(store.path(name)):

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from .components_pump import Job, Pump
 
 SOCKET = "control.sock"
+MAX_SESSIONS = 32  # exec and attach clients served at once (each two threads and a descriptor)
+ACCEPT_PAUSE_S, ACCEPT_PAUSE_MAX_S = 0.05, 1.0
 MAX_LINE = 1024 * 1024
 CHUNK = 64 * 1024
 DETACH_WAIT_S = 30.0  # for the supervisor's next look at the output, after a client detaches
@@ -138,6 +140,7 @@ class ControlServer:
         self._main: Job | None = None
         self._attached: _Session | None = None
         self._closed = False
+        self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
         threading.Thread(target=self._accept, name="control", daemon=True).start()
 
     @property
@@ -200,18 +203,34 @@ class ControlServer:
             os.unlink(self.path)
 
     def _accept(self) -> None:
+        pause = ACCEPT_PAUSE_S
         while True:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 if self._closed:
                     return
+                # Out of descriptors for a moment (EMFILE, ENFILE): tried again after a pause, not
+                # at once (that pinned a core for as long as the descriptors were held).
+                time.sleep(pause)
+                pause = min(pause * 2, ACCEPT_PAUSE_MAX_S)
                 continue
-            if not _trusted_peer(conn):
-                conn.close()
+            pause = ACCEPT_PAUSE_S
+            if not _trusted_peer(conn) or not self._sessions.acquire(blocking=False):
+                conn.close()  # another user's; or as many sessions as are served at once are open
                 continue
             session = _Session(conn, self)
-            threading.Thread(target=session.serve, name="control-client", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(session,), name="control-client", daemon=True).start()
+            except RuntimeError:  # no thread to spare: this client goes, the next is served
+                self._sessions.release()
+                conn.close()
+
+    def _serve(self, session: _Session) -> None:
+        try:
+            session.serve()
+        finally:
+            self._sessions.release()
 
 
 def _trusted_peer(conn: socket.socket) -> bool:

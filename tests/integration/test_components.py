@@ -246,6 +246,47 @@ def test_follow_log_across_rotation(tmp_path: Path) -> None:
         follower.join(timeout=30)
     assert not follower.is_alive()
     assert b"".join(got) == b"one\ntwo\nthree\nfour\n"
+    assert components.read_log("fake", store, tail_bytes=0) == b""  # --tail-bytes 0: none (it was all)
+    assert components.read_log("fake", store, tail_bytes=5) == b"four\n"
+
+
+def test_follow_log_says_what_a_reader_slower_than_two_rotations_missed(tmp_path: Path) -> None:
+    # Blocked on its output while the log rotated twice, it read its old file to its end, then the
+    # newest log: the file between them (10 MiB of output) went missing without a word.
+    from stockade import components
+
+    store = components.ComponentStore(str(tmp_path))
+    store.create("fake", ["true"], {}, "no")
+    state = store.state("fake")
+    me = os.getpid()
+    state.status, state.supervisor_pid, state.supervisor_start = "running", me, components._start_time(me)
+    store.save(state)
+    log, rotated = Path(store.path("fake", "log")), store.path("fake", "log.1")
+    log.write_bytes(b"first\n")
+    got: list[bytes] = []
+
+    def slow_reader(data: bytes) -> None:
+        if not got:  # while this reader is held up, the writer goes on: two rotations
+            for text in (b"lost\n", b"second\n"):
+                os.replace(log, rotated)
+                log.write_bytes(text)
+            os.replace(log, rotated)
+            log.write_bytes(b"third\n")
+        got.append(data)
+
+    follower = threading.Thread(
+        target=components.follow_log, args=("fake", store, slow_reader), kwargs={"poll_s": 0.02}
+    )
+    follower.start()
+    try:
+        _wait(lambda: b"third\n" in b"".join(got))
+    finally:
+        state.status = "stopped"
+        store.save(state)
+        follower.join(timeout=30)
+    said = b"".join(got)
+    assert said.startswith(b"first\n") and said.endswith(b"second\nthird\n"), said
+    assert b"output is missing here: the log rotated away more than once" in said, said
 
 
 def test_exec_runs_in_the_components_isolate(cli: Cli) -> None:
@@ -570,6 +611,20 @@ def test_publish_needs_a_loopback(cli: Callable[..., subprocess.CompletedProcess
     assert f"stockade start: busy failed: cannot publish: publish 127.0.0.1:{port} -> 8000" in busy.stderr
     assert "Address already in use (another program holds it" in busy.stderr, busy.stderr
     assert cli("rm", "--force", "busy").returncode == 0
+    # With a restart policy it waited 120 s and said only that: now at once, with why, and that it goes on.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        flapping = cli("start", "--name", "busy", "--network", "loopback", "--publish", f"{port}:8000",
+                       "--restart", "on-failure", "--", "sleep", "9")  # fmt: skip
+        waited = time.monotonic() - began
+    assert flapping.returncode == 1 and waited < 60, (waited, flapping.stderr)
+    assert f"stockade start: busy did not start: cannot publish: publish 127.0.0.1:{port}" in flapping.stderr
+    assert "it is started again (--restart on-failure) until `stockade stop busy`" in flapping.stderr
+    assert cli("rm", "--force", "busy").returncode == 0
+    twice = cli("start", "--name", "twice", "--network", "loopback", "--publish", "18091:8000", "--publish",
+                "18091:9000", "--", "sleep", "1")  # fmt: skip
+    assert twice.returncode == 125 and "host port 127.0.0.1:18091 is given for ports 8000 and 9000" in twice.stderr
 
 
 def test_a_components_supervisor_gets_no_token_or_session_key(process_runtime: str, tmp_path: Path) -> None:
