@@ -19,25 +19,38 @@ from urllib.parse import quote, quote_plus
 
 
 def written_forms(value: str) -> Iterator[str]:
-    """``value`` and the ways a server that echoes it commonly writes it: escaped in a JSON string
-    (as Python and most libraries do, as Go does, with ``/`` escaped as PHP does), percent-encoded
-    (as a path, or a form: ``+`` for a space) and in HTML (as Python and as Go escape it). A value
-    is visible ASCII and inner spaces (check_value): the code could unescape any of these. A host
-    that writes it another way (base64, reversed) is not caught: bind a secret only to hosts that
-    do not echo it."""
+    """``value`` and the ways a server that echoes it commonly writes it: in upper or lower case;
+    escaped in a JSON string (as Python and most libraries do, as Go does, with ``/`` escaped as
+    PHP does, or every character as ``\\uXXXX``); percent-encoded (as a path, or a form: ``+`` for
+    a space; hex digits in either case); in HTML (as Python, Go and PHP escape it, or with
+    numeric entities, decimal or hex). A value is visible ASCII and inner spaces (check_value):
+    the code could unescape any of these. A host that writes it another way (base64, reversed)
+    is not caught: bind a secret only to hosts that do not echo it."""
     in_json = json.dumps(value)[1:-1]
+    encoded = {quote(value, safe=""), quote(value), quote_plus(value)}
+    special = {c: ord(c) for c in "&<>\"'/"}
     forms = {
         value,
+        value.upper(),
+        value.lower(),
         in_json,
         in_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"),
         in_json.replace("/", "\\/"),
-        quote(value, safe=""),
-        quote(value),
-        quote_plus(value),
+        "".join(f"\\u{ord(c):04x}" for c in value),
+        "".join(f"\\u{ord(c):04X}" for c in value),
+        *encoded,
+        *(_PERCENT.sub(lambda m: m.group(0).lower(), e) for e in encoded),
         html.escape(value),
+        html.escape(value).replace("&#x27;", "&#039;"),  # PHP's htmlspecialchars, ENT_QUOTES
         html.escape(value, quote=False).replace('"', "&#34;").replace("'", "&#39;"),
+        "".join(f"&#x{special[c]:x};" if c in special else c for c in value),
+        "".join(f"&#x{special[c]:X};" if c in special else c for c in value),
+        "".join(f"&#{special[c]};" if c in special else c for c in value),
     }
     yield from sorted(forms)
+
+
+_PERCENT = re.compile("%[0-9A-F]{2}")
 
 
 def each_form(replacements: Mapping[str, str]) -> dict[bytes, bytes]:
