@@ -15,6 +15,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ from stockade.policy import MIN_PIDS_LIMIT
 from stockade.runtimes import gvisor
 from stockade.runtimes.manager import RuntimeManager
 from tests.conftest import require
+from tests.helpers import shared_directory
 
 RUNTIMES = ["process", "gvisor", "fake"]
 
@@ -131,6 +133,23 @@ def test_common_tools_work(sb: Sandbox, request: pytest.FixtureRequest) -> None:
     tmp = sb.scratch_dir
     r = sb.exec(["sh", "-c", f"cd {tmp} && printf 'b\\na\\n' > f && sort f && cp f g && ls && stat -c %s g"])
     assert r.stdout.split() == ["a", "b", "f", "g", "4"], (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("runtime", [r for r in RUNTIMES if r != "fake"])  # the fake one mounts nothing
+def test_paths_shared_below_work_and_tmp_are_there(runtime: str, manager: RuntimeManager) -> None:
+    # /work and /tmp are scratch tmpfs: under gVisor a share's mount point there was left to the
+    # gofer, which (on a leased uid) may not make it in the bundle, and no sandbox started.
+    require(runtime)
+    with shared_directory(0o755) as share:
+        with open(os.path.join(share, "data.csv"), "w") as f:
+            f.write("a,b\n")
+        os.chmod(os.path.join(share, "data.csv"), 0o644)
+        r = stockade.run(
+            ["sh", "-c", "cat /work/data/data.csv /tmp/one/data.csv"],
+            runtime=runtime, manager=manager, timeout_seconds=20,
+            filesystem_access=[f"{share}:/work/data", f"{share}/data.csv:/tmp/one/data.csv"],
+        )  # fmt: skip
+        assert r.stdout == "a,b\na,b\n", r.summary()
 
 
 def test_multiprocessing_locks_work_in_dev_shm_and_it_is_capped(runtime: str, manager: RuntimeManager) -> None:

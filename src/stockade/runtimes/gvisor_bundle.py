@@ -64,7 +64,6 @@ _SEED = (
     "    pass\n"
 )
 _BOOT_WITH_ENV = _SEED + CONTAINER_BOOT
-_SCRATCH = ("/tmp", "/work")  # tmpfs of the Sentry's own: a mount point there is made inside
 
 
 class HostIds(NamedTuple):
@@ -222,8 +221,6 @@ def _placeholder(bundle: str, index: int, directory: bool) -> str:
 def _mount_point(rootfs: str, target: str, directory: bool) -> None:
     """``target``'s mount point in the bundle's root (read-only, root's: runsc's gofer runs as
     the container's root, mapped to an unprivileged uid, and may not make it there)."""
-    if any(target.startswith(scratch + "/") for scratch in _SCRATCH):
-        return
     path = os.path.join(rootfs, target.lstrip("/"))
     parts = target.strip("/").split("/")
     if any(os.path.islink(os.path.join(rootfs, *parts[:i])) for i in range(1, len(parts) + 1)):
