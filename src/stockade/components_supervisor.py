@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .components import LOG_ROTATE_BYTES, MAX_BACKOFF_S, STABLE_RUN_S, ComponentStore, _start_time
 from .components_pump import ACTIVE_POLL_S, IDLE_POLL_S, LOG_BURST, LOG_PER_S, SESSION_POLL_S, Job, LaunchError, Pump
-from .errors import SandboxError, StockadeError
+from .errors import DaemonBusyError, SandboxError, SandboxStartError, StockadeError
 from .ratelimit import TokenBucket
 from .runtimes.publish import parse_publish
 
@@ -173,7 +173,14 @@ class Supervisor:
         if self.stopping:
             raise _Stop
         began = time.monotonic()
-        sandbox: AgentSandbox = manager.select(policy).start(policy)
+        try:
+            sandbox: AgentSandbox = manager.select(policy).start(policy)
+        except (SandboxStartError, DaemonBusyError, OSError) as exc:
+            if self.state.started_at is None:
+                raise  # never started: no run would (a share gone, a runtime that cannot start it)
+            # It ran before: a start that failed now (the host short of memory or processes for a
+            # moment) is a failed run, and the restart policy applies.
+            return _Outcome(None, f"its isolate could not be started: {exc}", time.monotonic() - began)
         self._sandbox = sandbox
         if self.stopping:  # came while it started: the stop's thread found no isolate to end
             self._close(sandbox)

@@ -396,6 +396,46 @@ def test_an_exec_client_that_leaves_while_its_command_reads_no_input_takes_the_c
     assert _status(cli, "box")["status"] == "running"
 
 
+def test_an_isolate_that_fails_to_start_on_a_restart_is_a_failed_run_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start that failed for a moment (the host short of memory) ended the component "failed" with
+    # its restart policy never applied. Only a first start that fails is final (no run would start).
+    from stockade.components import ComponentStore
+    from stockade.components_supervisor import Supervisor
+    from stockade.errors import SandboxStartError
+    from stockade.runtimes.manager import RuntimeManager
+
+    store = ComponentStore(str(tmp_path))
+    store.create("flaky", ["true"], {"runtime": "fake"}, "always", max_restarts=2)
+    select, starts = RuntimeManager.select, [0]
+
+    def failing_after_the_first(manager: RuntimeManager, policy: object) -> object:
+        runtime = select(manager, policy)  # type: ignore[arg-type]
+
+        class Flaky:
+            def start(self, policy: object) -> object:
+                starts[0] += 1
+                if starts[0] > 1:
+                    raise SandboxStartError("no memory to spare")
+                return runtime.start(policy)  # type: ignore[arg-type]
+
+        return Flaky()
+
+    monkeypatch.setattr(RuntimeManager, "select", failing_after_the_first)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert Supervisor("flaky", store).run() == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    state = store.state("flaky")
+    assert (state.status, state.restarts, starts[0]) == ("failed", 2, 3), state
+    assert state.error == (
+        "its isolate could not be started: no memory to spare; gave up after 2 restarts in a row (--max-restarts 2)"
+    )
+
+
 def test_a_stop_before_the_supervisor_says_who_it_is_sticks(tmp_path: Path) -> None:
     from stockade.components import ComponentStore, stop
     from stockade.components_supervisor import Supervisor
