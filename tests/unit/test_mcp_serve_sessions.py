@@ -154,3 +154,16 @@ def test_an_argument_of_the_wrong_kind_is_said_as_the_daemons_doors_say_it() -> 
     (said,) = answer.content
     assert answer.is_error and said.text.startswith("exec: invalid arguments: command: Input should be a valid list")
     assert "pydantic" not in said.text and "validation error for" not in said.text, said.text
+
+
+def test_over_http_a_sessions_sandbox_idles_out_with_it_even_where_sandboxes_never_do() -> None:
+    # The SDK ends a session left idle (30 minutes where sandboxes never idle out) and tells no one:
+    # the session's sandbox stayed until the door stopped.
+    from stockade.mcp.http import SESSION_IDLE_S
+    from stockade.mcp.serve import sessions_config
+
+    never = DaemonConfig(pool_size=0, sandbox_idle_timeout=None)
+    assert sessions_config(never, http=True).sandbox_idle_timeout == SESSION_IDLE_S
+    assert sessions_config(DaemonConfig(sandbox_idle_timeout=120.0), http=True).sandbox_idle_timeout == 120.0
+    # On stdio one client holds the one session: its sandbox lasts as long as it does.
+    assert sessions_config(DaemonConfig(sandbox_idle_timeout=120.0), http=False).sandbox_idle_timeout is None

@@ -211,22 +211,28 @@ class StockadeTools:
         )
 
 
+def sessions_config(config: DaemonConfig, http: bool) -> DaemonConfig:
+    """On stdio, one session, one client: its sandbox lives as long as it does. Over HTTP a session
+    lasts as long as its sandbox would without a call, and one never idles out for 30 minutes (the
+    SDK's): the SDK ends a session left idle and tells nobody, so its sandbox must go by then too."""
+    if not http:
+        return config.replace(sandbox_idle_timeout=None)
+    if config.sandbox_idle_timeout is None:
+        return config.replace(sandbox_idle_timeout=SESSION_IDLE_S)
+    return config
+
+
 async def serve(policy: Policy, http: str | None = None, token: str | None = None) -> None:
     """stockade's tools on this process's stdin and stdout (until the client closes them), or on
     streamable HTTP at ``http`` (until the process is stopped)."""
-    config = DaemonConfig.from_env()
-    if http is None:  # one session, one client: its sandbox lives as long as it does
-        config = config.replace(sandbox_idle_timeout=None)
+    config = sessions_config(DaemonConfig.from_env(), http is not None)
     controller = Controller(config)
     tools = StockadeTools(controller, policy)
     try:
         server = tools.server()
         if http is not None:
             assert token is not None
-            # A session lasts as long as its sandbox would without a call; the SDK's 30 minutes where
-            # sandboxes never idle out (a session its client left without ending it is let go).
-            idle = config.sandbox_idle_timeout or SESSION_IDLE_S
-            await serve_http(server, http, token, tools.end_session, idle)
+            await serve_http(server, http, token, tools.end_session, config.sandbox_idle_timeout)
         else:
             async with stdio_server() as (read, write):
                 await server.run(read, write, server.create_initialization_options())
