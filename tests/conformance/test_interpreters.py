@@ -462,6 +462,55 @@ def test_a_cells_exit_code_is_its_own_whatever_its_int_does(sb: Sandbox) -> None
         assert [x.text for x in py.run("kept").results] == ["'yes'"]
 
 
+def test_a_process_a_cell_forks_ends_at_the_cells_end_as_a_scripts_child_does(sb: Sandbox) -> None:
+    # The child went back to the interpreter's loop: it answered for the cell (the parent's wait
+    # never ended) and then read every later cell itself.
+    with sb.interpreter("forks") as py:
+        py.run("import os, time\nstate = 'kept'\nme = os.getpid()")
+        r = py.run(
+            "pid = os.fork()\nif pid == 0:\n    print('child')\nelse:\n    os.waitpid(pid, 0)\n    print('parent done')"
+        )
+        assert r.success and sorted(r.stdout.splitlines()) == ["child", "parent done"], r
+        failing = py.run("pid = os.fork()\nif pid == 0:\n    raise ValueError('in the child')\n"
+                         "print('exit', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")  # fmt: skip
+        assert failing.success and failing.stdout == "exit 1\n", failing  # its error is its own, on stderr
+        assert "ValueError: in the child" in failing.stderr
+        exiting = py.run("pid = os.fork()\nif pid == 0:\n    raise SystemExit(7)\n"
+                         "print('exit', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")  # fmt: skip
+        assert exiting.stdout == "exit 7\n", exiting
+        after = py.run("state, os.getpid() == me")
+        assert [x.text for x in after.results] == ["('kept', True)"], after  # the interpreter answers, not a child
+
+
+def test_a_module_named_as_the_standard_librarys_in_the_working_directory_breaks_no_cell(sb: Sandbox) -> None:
+    # The interpreter imported inspect, tokenize and asyncio for itself from the cells' path, which
+    # begins with their working directory: a data script named tokenize.py broke every cell, restarts too.
+    with sb.interpreter("shadowed") as py:
+        workdir = py.run("import os\nos.getcwd()").results[0].text.strip("'")  # where an interpreter starts
+        for name in ("inspect", "tokenize", "asyncio", "io"):
+            sb.write_file(f"{workdir}/{name}.py", "raise RuntimeError('not the standard library')\n")
+        py.restart()  # a fresh interpreter, started there
+        r = py.run("x = 41\nx + 1;")
+        assert r.success and r.results == [], r  # the semicolon read by tokenize
+        awaited = py.run("async def answer():\n    return x + 1\nawait answer()")
+        assert [v.text for v in awaited.results] == ["42"], awaited
+    for name in ("inspect", "tokenize", "asyncio", "io"):
+        sb.exec(["rm", f"{workdir}/{name}.py"])  # the module's other tests share its sandbox
+
+
+def test_a_forged_reply_cannot_make_a_cell_read_as_killed_by_a_limit(sb: Sandbox) -> None:
+    # A negative exit code is a signal's death: -24 read as cpu_limit, -25 as a file past its limit.
+    forge = (
+        "import json, os, struct, sys\nf = sys._getframe()\nwhile 'cell' not in f.f_locals:\n    f = f.f_back\n"
+        "body = json.dumps({'execution_count': 1, 'exception': {'name': 'X', 'value': '', 'traceback': '',"
+        " 'exit_code': -24}, 'nonce': f.f_locals['cell']['nonce']}).encode()\n"
+        "os.write(4, struct.pack('<I', len(body)) + body)\nos.dup2(os.open('/dev/null', os.O_WRONLY), 4)\n"
+    )
+    with sb.interpreter("forged-code") as py:
+        r = py.run(forge)
+        assert r.exit_code == 1 and r.termination_reason != "cpu_limit" and not r.limits_reached, r
+
+
 def test_a_cells_output_and_results_together_stay_within_one_answer(manager: RuntimeManager) -> None:
     # With 7 MiB of output (9.3 MiB as base64), 5 MiB of results passed the agent's 10 MiB frame:
     # the whole cell came back as an error, its output lost with it.

@@ -82,6 +82,7 @@ def start(env: dict[str, str], cwd: str, limits: dict[str, Any], forget: Callabl
             os.environ.clear()
             os.environ.update(env)
             os.environ.setdefault("MPLBACKEND", "Agg")
+            _own_modules()  # before the cells' path: theirs begins with their working directory
             main = runner.become_main()
         except BaseException:  # noqa: BLE001
             os._exit(126)
@@ -112,16 +113,27 @@ def cell_frame(kernel: Kernel, code: str) -> bytes:
 # ---- inside the interpreter -------------------------------------------------------------
 
 
-def _serve(namespace: dict[str, Any]) -> None:
-    """The interpreter's loop; never returns."""
+def _own_modules() -> None:
+    """The standard library's modules the interpreter uses, loaded from the agent's path: once the
+    cells' path begins with their working directory, a cell's ``inspect.py`` or ``tokenize.py``
+    there (a data script's name) would be taken for them and break every cell, restarts included.
+    Loaded now too, not when a cell fails or is interrupted: an interrupted cell's account then
+    comes at once (its grace before a kill is short), whatever the isolate's speed."""
     import ast
+    import io
     import linecache
+    import tokenize
     import traceback
     import warnings
 
-    # Loaded now, not when a cell fails or is interrupted: an interrupted cell's account then
-    # comes at once (its grace before a kill is short), whatever the isolate's speed.
-    del ast, linecache, traceback
+    del ast, io, linecache, tokenize, traceback, warnings
+
+
+def _serve(namespace: dict[str, Any]) -> None:
+    """The interpreter's loop; never returns."""
+    import warnings
+
+    interpreter = os.getpid()
     warnings.filterwarnings("ignore", message=_SHOW_WARNING)
     # A cell's output comes as it is printed, line by line, as a notebook's does (run_code's too
     # when streamed): a cell that prints and sleeps is watched, not heard from at its end.
@@ -146,6 +158,10 @@ def _serve(namespace: dict[str, Any]) -> None:
             _heed_signals()  # one a thread took, noted by the C handler only: its Python handler first
             _interrupt.waiting = False
         exception = _run_cell(str(cell.get("code", "")), f"<cell-{count}>", namespace, results)
+        if os.getpid() != interpreter:
+            # A process the cell forked, at the cell's end: it ends as a script's child would (its
+            # exception said on stderr), and neither answers for the cell nor reads the next one.
+            _end(namespace, exception)
         reply = {"execution_count": count, "exception": exception, "nonce": cell.get("nonce")}
         try:
             wire.write_all(4, display.bounded_frame(reply, results))
@@ -210,9 +226,15 @@ def _cells_getsignal(signalnum: int) -> Any:
 
 def _as_cells_set_it() -> None:
     """In a process a cell forks: SIGINT as the cells set it, and Python's own signal functions (no
-    cell of this interpreter's runs there, and none ends between cells)."""
+    cell of this interpreter's runs there, and none ends between cells); and none of the pipes the
+    cells come on and are answered on, which are the interpreter's alone."""
     signal.signal, signal.getsignal = _set_handler, _get_handler
     _set_handler(signal.SIGINT, _interrupt.cells_handler)
+    for fd in (3, 4):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _heed_signals() -> None:
@@ -308,19 +330,18 @@ def _evaluate(code: str, filename: str, namespace: dict[str, Any], results: disp
 
 
 _VALUE = "__stockade_cell_value__"  # where a cell's code leaves its last expression's value
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: code compiled with a top-level await
 _loop: Any = None  # the interpreter's event loop, made at its first awaiting cell: tasks outlive a cell
 
 
 def _run(code: Any, namespace: dict[str, Any]) -> Any:
     """What a cell's ``code`` gives: run to its end on the interpreter's loop when it awaits at its
     top (the compiler marks such code a coroutine's); a coroutine the cell only names, as its value."""
-    import inspect
-
     result = eval(code, namespace)  # noqa: S307 - inside the isolate, by design
-    if not code.co_flags & inspect.CO_COROUTINE:
+    if not code.co_flags & _CO_COROUTINE:
         return result
     global _loop
-    import asyncio
+    asyncio = _own_import("asyncio")
 
     if _loop is None or _loop.is_closed():
         _loop = asyncio.new_event_loop()
@@ -423,6 +444,31 @@ def _read_exact(fd: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _end(namespace: dict[str, Any]) -> None:
-    """The session closed: end as a program ends (threads, atexit, open files flushed); never returns."""
-    runner.Program(compile("", runner.PROGRAM_FILE, "exec", dont_inherit=True), namespace).end(None)
+def _own_import(name: str) -> Any:
+    """A module of the standard library's that the interpreter needs only now and then (asyncio,
+    for a cell that awaits), imported without the cells' working directory on the path."""
+    if name not in sys.modules:
+        cells_path = sys.path[:]
+        sys.path[:] = [p for p in cells_path if p]  # "": the working directory, the cells' own
+        try:
+            __import__(name)
+        finally:
+            sys.path[:] = cells_path
+    return sys.modules[name]
+
+
+def _end(namespace: dict[str, Any], exception: dict[str, Any] | None = None) -> None:
+    """End as a program ends (threads, atexit, open files flushed); never returns. The session
+    closed (no ``exception``), or a process a cell forked came to the cell's end: its exception
+    said as a script's on stderr, its exit status 1 (or SystemExit's)."""
+    ending: BaseException | None = None
+    if exception is not None:
+        status = exception.get("exit_code")
+        if not isinstance(status, int):
+            status = 1
+            try:
+                sys.stderr.write(str(exception.get("traceback", "")))
+            except Exception:  # noqa: BLE001, S110 - a closed stderr: the status still says it
+                pass
+        ending = SystemExit(status)
+    runner.Program(compile("", runner.PROGRAM_FILE, "exec", dont_inherit=True), namespace).end(ending)

@@ -325,4 +325,6 @@ def _cell_exit_code(exception: object) -> int:
     if not isinstance(exception, dict):
         return 0
     code = exception.pop("exit_code", 1)
-    return code if isinstance(code, int) and not isinstance(code, bool) else 1
+    # An exit status, 0-255, as the kernel makes it: the reply is the cells' to write, and a negative
+    # code is a signal's death, which the host would take for a limit's kill (cpu_limit, SIGXFSZ).
+    return code if isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255 else 1
