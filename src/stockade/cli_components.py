@@ -191,7 +191,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from . import components, components_control
+    from . import components, components_client
     from .errors import StockadeError
 
     argv = list(args.command)
@@ -201,7 +201,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return cli_outcome.fail("exec: no command given (stockade exec NAME -- CMD ARGS...)")
     stdin = sys.stdin.buffer if args.interactive else None
     try:
-        code, error = components_control.exec_command(
+        code, error = components_client.exec_command(
             components.ComponentStore(), args.name, argv, stdin, cli_outcome.stream
         )
     except (StockadeError, OSError) as exc:
@@ -212,7 +212,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    from . import components, components_control
+    from . import components, components_client
     from .errors import StockadeError
 
     def write(data: bytes) -> None:
@@ -220,7 +220,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        why = components_control.attach(components.ComponentStore(), args.name, sys.stdin.buffer, write)
+        why = components_client.attach(components.ComponentStore(), args.name, sys.stdin.buffer, write)
     except (StockadeError, OSError) as exc:
         return cli_outcome.fail(str(exc))
     if why == "detached":

@@ -108,19 +108,27 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             else:
                 answer = client.call("secrets.list", {})
                 listed = answer.get("secrets") if isinstance(answer, dict) else None
-                if not isinstance(listed, list) or not all(isinstance(entry, dict) for entry in listed):
+                if not isinstance(listed, list) or not all(_listed(entry) for entry in listed):
                     raise StockadeError("the daemon sent an invalid response to secrets.list")
                 if args.json:
                     print(json.dumps(listed, indent=2))
                 for entry in [] if args.json else listed:
                     # The daemon's words (a name, hosts): a terminal's escape sequences in them shown, not obeyed.
                     given = entry.get("hosts")
-                    hosts = "no host (none given)" if given is None else ", ".join(map(str, given)) or "no host"
+                    hosts = "no host (none given)" if given is None else ", ".join(given) or "no host"
                     name, source = printable(str(entry.get("name"))), printable(str(entry.get("source")))
                     print(f"{name:<32} {source:<10} {printable(hosts)}")
     except StockadeError as exc:
         return cli_outcome.fail_for(exc)  # with --json, on stdout too
     return 0
+
+
+def _listed(entry: Any) -> bool:
+    """Whether a daemon's listing of one secret has the shape ``secrets ls`` prints."""
+    if not isinstance(entry, dict):
+        return False
+    hosts = entry.get("hosts")
+    return hosts is None or (isinstance(hosts, list) and all(isinstance(h, str) for h in hosts))
 
 
 def cmd_setup_users(args: argparse.Namespace) -> int:

@@ -274,13 +274,16 @@ def start(
 
 def _check_distinct(fixed: list[str]) -> None:
     """One host port for one published port: a second would fail every run of the component."""
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for spec in fixed:
         address, host_port, port = spec.rsplit(":", 2)
         if host_port == "0":
             continue
-        if (twice := seen.setdefault(f"{address}:{host_port}", int(port))) != int(port):
-            raise PolicyError(f"--publish: host port {address}:{host_port} is given for ports {twice} and {port}")
+        if (twice := seen.get(f"{address}:{host_port}")) is not None:
+            raise PolicyError(
+                f"--publish: host port {address}:{host_port} is given twice (for ports {twice} and {port})"
+            )
+        seen[f"{address}:{host_port}"] = port
 
 
 def stop(name: str, store: ComponentStore, timeout: float = 15.0) -> ComponentState:
@@ -383,15 +386,21 @@ def follow_log(
                     finished = os.fstat(f.fileno()).st_ino
                     f.close()
                     later = _open_log(store.path(name, "log.1"))
-                    if later is not None and os.fstat(later.fileno()).st_ino not in (finished, now.st_ino):
-                        write(
-                            b"\n[stockade] logs -f: output is missing here: the log rotated away more than once "
-                            b"while this was read\n"
-                        )
-                        with later:
+                    f = _open_log(path)  # the newest, opened after log.1: not a file log.1 has become since
+                    if later is None:
+                        continue
+                    with later:
+                        after = os.fstat(later.fileno()).st_ino
+                        try:  # rotated again between the two opens: the file that was log then is gone
+                            still = os.stat(store.path(name, "log.1")).st_ino == after
+                        except FileNotFoundError:
+                            still = False
+                        if after != finished or not still:
+                            write(b"\n[stockade] logs -f: output may be missing here: the log rotated more than "
+                                  b"once while this was read\n")  # fmt: skip
+                        if after != finished:  # a file after the one read: what it holds comes next
                             write(later.read())
-                    elif later is not None:
-                        later.close()
+                    continue
                 f = _open_log(path)
                 continue
             if ending or not os.path.isdir(store.path(name)):

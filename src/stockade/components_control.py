@@ -31,16 +31,12 @@ import select
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import IO, TYPE_CHECKING, Any
-
-from .errors import StockadeError
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .components import ComponentStore
     from .components_pump import Job, Pump
 
 SOCKET = "control.sock"
@@ -70,7 +66,7 @@ def unb64(text: Any) -> bytes:
 
 
 @contextlib.contextmanager
-def _address(directory: str) -> Iterator[str]:
+def socket_address(directory: str) -> Iterator[str]:
     """The socket's path, or a short alias of it: a Unix socket's path must fit 108 bytes."""
     path = os.path.join(directory, SOCKET)
     if len(os.fsencode(path)) < 100:
@@ -83,11 +79,11 @@ def _address(directory: str) -> Iterator[str]:
         os.close(fd)
 
 
-def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+def send_line(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
 
 
-class _Lines:
+class Lines:
     """JSON objects, one a line, from a socket; None at its end (or a line past MAX_LINE)."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -129,7 +125,7 @@ class ControlServer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # no moment when the socket is open to others
         try:
-            with _address(directory) as address:
+            with socket_address(directory) as address:
                 self.sock.bind(address)
         finally:
             os.umask(old)
@@ -219,10 +215,13 @@ class ControlServer:
             if not _trusted_peer(conn) or not self._sessions.acquire(blocking=False):
                 conn.close()  # another user's; or as many sessions as are served at once are open
                 continue
-            session = _Session(conn, self)
+            session: _Session | None = None
             try:
+                session = _Session(conn, self)  # starts its writer
                 threading.Thread(target=self._serve, args=(session,), name="control-client", daemon=True).start()
-            except RuntimeError:  # no thread to spare: this client goes, the next is served
+            except RuntimeError:  # no thread to spare: this client goes (its writer too), the next is served
+                if session is not None:
+                    session.finish()
                 self._sessions.release()
                 conn.close()
 
@@ -307,7 +306,7 @@ class _Session:
 
     def serve(self) -> None:
         try:
-            lines = _Lines(self.conn)
+            lines = Lines(self.conn)
             request = lines.next()
             op = request.get("op") if request else None
             if op == "exec" and request is not None:
@@ -321,7 +320,7 @@ class _Session:
             self._writer.join()
             self.conn.close()
 
-    def _exec(self, request: dict[str, Any], lines: _Lines) -> None:
+    def _exec(self, request: dict[str, Any], lines: Lines) -> None:
         from .components_pump import Job
 
         argv = request.get("argv")
@@ -359,7 +358,7 @@ class _Session:
                 job.signal(signal.SIGKILL)
                 pump.wake()
 
-    def _attach(self, lines: _Lines) -> None:
+    def _attach(self, lines: Lines) -> None:
         why = self.server.attach(self)
         if why is not None:
             self.finish({"error": why})
@@ -369,7 +368,7 @@ class _Session:
         finally:  # whatever ended the session: the next client may attach
             self.server.detach(self, "detached")
 
-    def _attached(self, lines: _Lines) -> None:
+    def _attached(self, lines: Lines) -> None:
         pump, main = self.server.current()
         self.send({"attached": True})
         while (message := lines.next()) is not None:
@@ -397,115 +396,6 @@ class _Session:
 
 
 # ---- the client's side (the CLI) -----------------------------------------------------------------
-
-
-def connect(store: ComponentStore, name: str) -> socket.socket:
-    state = store.state(name)
-    if state.status != "running":
-        raise StockadeError(f"component {name!r} is {state.status}, not running")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with _address(store.path(name)) as address:
-            sock.connect(address)
-    except OSError as exc:
-        sock.close()
-        raise StockadeError(
-            f"component {name!r}: its supervisor does not answer on {store.path(name, SOCKET)}: {exc.strerror}"
-        ) from None
-    return sock
-
-
-class _Sender:
-    """Messages to the supervisor from two threads (the stdin relay, Ctrl-C)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.lock = threading.Lock()
-
-    def __call__(self, message: dict[str, Any]) -> None:
-        with self.lock, contextlib.suppress(OSError):
-            _send(self.sock, message)
-
-
-def _relay_stdin(stdin: IO[bytes], send: _Sender, at_end: dict[str, Any]) -> None:
-    fd = stdin.fileno()
-    while True:
-        try:
-            data = os.read(fd, CHUNK)
-        except OSError:
-            data = b""
-        if not data:
-            send(at_end)
-            return
-        send({"stdin": b64(data)})
-
-
-def exec_command(
-    store: ComponentStore,
-    name: str,
-    argv: list[str],
-    stdin: IO[bytes] | None,
-    write: Callable[[str, bytes], None],
-) -> tuple[int | None, str | None]:
-    """``stockade exec``: run ``argv`` in the component's isolate; its (exit code, error).
-
-    A first Ctrl-C is passed on to the command (SIGINT); a second one leaves, and the command is killed.
-    """
-    sock = connect(store, name)
-    with sock:
-        send = _Sender(sock)
-        send({"op": "exec", "argv": argv, "stdin": stdin is not None})
-        if stdin is not None:
-            threading.Thread(target=_relay_stdin, args=(stdin, send, {"eof": True}), daemon=True).start()
-        lines = _Lines(sock)
-        interrupted = False
-        while True:
-            try:
-                message = lines.next()
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                interrupted = True
-                send({"signal": int(signal.SIGINT)})
-                continue
-            if message is None:
-                return None, "lost the connection to the component's supervisor"
-            if "stream" in message:
-                stream = message["stream"] if message["stream"] in ("stdout", "stderr") else "stderr"
-                write(stream, unb64(message.get("data")))
-            elif "exit_code" in message or "error" in message:
-                code = message.get("exit_code")
-                error = message.get("error")
-                return (code if isinstance(code, int) else None), (str(error) if error is not None else None)
-
-
-def attach(store: ComponentStore, name: str, stdin: IO[bytes], write: Callable[[bytes], None]) -> str:
-    """``stockade attach``: relay ``stdin`` to the component's stdin and its stdout to ``write``
-    until ``stdin`` ends (returns ``"detached"``) or the run does (returns why)."""
-    sock = connect(store, name)
-    with sock:
-        send = _Sender(sock)
-        send({"op": "attach"})
-        lines = _Lines(sock)
-        first = lines.next()
-        if first is None or "error" in first or first.get("attached") is not True:
-            why = first.get("error") if first else "lost the connection to the component's supervisor"
-            raise StockadeError(f"component {name!r}: cannot attach: {why}")
-        threading.Thread(target=_relay_stdin, args=(stdin, send, {"detach": True}), daemon=True).start()
-        while True:
-            message = lines.next()
-            if message is None:
-                return "lost the connection to the component's supervisor"
-            if message.get("stream") == "stdout":
-                write(unb64(message.get("data")))
-            elif "end" in message or "error" in message:
-                return str(message.get("end") or message.get("error"))
-
-
-def stdout_writer(stream: str, data: bytes) -> None:
-    out = sys.stdout if stream == "stdout" else sys.stderr
-    out.buffer.write(data)
-    out.flush()
 
 
 def _signal_number(value: object) -> int:

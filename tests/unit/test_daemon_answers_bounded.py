@@ -225,10 +225,12 @@ def test_a_daemons_words_reach_the_terminal_as_text_not_as_escape_sequences(
 def test_stockade_secrets_ls_says_a_listing_of_the_wrong_shape_is_invalid(
     daemon: Callable[[Behaviour], Daemon],
 ) -> None:
-    env = {**os.environ, "STOCKADE_SOCKET": daemon(escapes_said).path}  # a string where the listing goes
-    done = subprocess.run([sys.executable, "-m", "stockade.cli", "secrets", "ls"], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert done.returncode != 0 and "invalid response" in done.stderr and "Traceback" not in done.stderr, done
+    listings = [ESCAPES, {"secrets": [{"name": "K", "hosts": 5}]}, {"secrets": [{"name": "K", "hosts": "abc"}]}]
+    for listing in listings:  # a string where the listing goes; hosts that are no list of names
+        env = {**os.environ, "STOCKADE_SOCKET": daemon(answering(listing)).path}
+        done = subprocess.run([sys.executable, "-m", "stockade.cli", "secrets", "ls"], env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode != 0 and "invalid response" in done.stderr and "Traceback" not in done.stderr, done
 
 
 def answering(result: object, output: object = None) -> Behaviour:

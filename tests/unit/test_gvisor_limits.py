@@ -49,3 +49,36 @@ def test_the_agent_keeps_the_descriptors_it_needs(tmp_path: os.PathLike[str]) ->
     # each command still gets the policy's limit from the agent (a runner when lower).
     assert _rlimits(os.path.join(tmp_path, "a"), Policy(max_open_files=16))["RLIMIT_NOFILE"] == AGENT_FDS
     assert _rlimits(os.path.join(tmp_path, "b"), Policy(max_open_files=1000))["RLIMIT_NOFILE"] == 1000
+
+
+def test_with_mapped_uids_a_read_only_share_is_bound_by_the_host_and_a_writable_one_as_it_is(
+    tmp_path: os.PathLike[str],
+) -> None:
+    # The gofer binds a source as the spec says, and Linux ignores "ro" on a first bind: a read-only
+    # share's source is a place in the bundle, which the host binds read-only before runsc starts.
+    shares = os.path.join(tmp_path, "shares")
+    os.makedirs(os.path.join(shares, "ro"))
+    os.makedirs(os.path.join(shares, "rw"))
+    with open(os.path.join(shares, "one.txt"), "w") as f:
+        f.write("x")
+    policy = Policy(filesystem_access=[f"{shares}/ro:/work/ro", f"{shares}/rw:/mnt/rw:rw", f"{shares}/one.txt:/one"])
+    for ids, expected in ((None, 0), (gvisor_bundle.HostIds(1879048193, 1879048195), 2)):
+        bundle = os.path.join(tmp_path, f"bundle-{expected}")
+        os.makedirs(bundle)
+        read_only = gvisor_bundle.write_bundle(bundle, policy, warm=False, ids=ids)
+        with open(os.path.join(bundle, "config.json")) as f:
+            sources = {m["destination"]: m["source"] for m in json.load(f)["mounts"]}
+        assert len(read_only) == expected
+        assert sources["/mnt/rw"] == os.path.join(shares, "rw")  # written through the gofer, as it was
+        if ids is None:  # rootless: runsc and the code are the caller; nothing to bind
+            assert sources["/work/ro"] == os.path.join(shares, "ro") and sources["/one"] == os.path.join(
+                shares, "one.txt"
+            )
+            continue
+        assert read_only == [
+            (os.path.join(shares, "ro"), sources["/work/ro"]),
+            (os.path.join(shares, "one.txt"), sources["/one"]),
+        ]
+        assert os.path.isdir(sources["/work/ro"]) and os.path.isfile(sources["/one"])  # places of the right kind
+        assert all(place.startswith(os.path.join(bundle, "shares") + "/") for _, place in read_only)
+        assert os.path.isdir(os.path.join(bundle, "rootfs", "work", "ro"))  # its mount point, made below /work too

@@ -113,7 +113,7 @@ def mount_setattr_recursive(target: str, attr_set: int) -> None:
 
 
 def mountinfo_path(field: str) -> str:
-    """A path as /proc/self/mountinfo writes it: space, tab, newline and backslash octal-escaped."""
+    """A path as mountinfo writes it: space, tab, newline and backslash octal-escaped."""
     for code in ("\\040", "\\011", "\\012", "\\134"):
         field = field.replace(code, chr(int(code[1:], 8)))
     return field

@@ -227,7 +227,7 @@ def bind(source: str, target: str, writable: bool) -> None:
 
 
 def _mounts_at_or_below(target: str) -> list[str]:
-    """The mount points at ``target`` and below it, as /proc/self/mountinfo lists them."""
+    """The mount points at ``target`` and below it, as this thread's mountinfo lists them (linux.mount_table)."""
     below = target.rstrip("/") + "/"
     return [point for _, _, point, _ in linux.mount_table() if point == target or point.startswith(below)]
 

@@ -28,8 +28,9 @@ class Framer(Protocol):
         """``data`` as one whole frame when it is exactly that and nothing is buffered (the fast path)."""
 
     def feed(self, data: bytes, room: int) -> list[bytes | None]:
-        """The frames ``data`` completes (``TOO_LARGE`` for one over the limit), at most ``room``;
-        the others stay buffered (``pending``), for the next ``feed`` (``data`` may be empty)."""
+        """The frames ``data`` completes (``TOO_LARGE`` for one over the limit), at most ``room``
+        and one ``TOO_LARGE`` (a line cut short at the limit); the others stay buffered
+        (``pending``), for the next ``feed`` (``data`` may be empty)."""
 
     def end(self) -> list[bytes | None]:
         """At end of file, once nothing is ``pending``: what is left that still counts as a frame."""

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from ..protocol.models import Caller, unix_caller
-from ..protocol.peer import Peer, peer_of
+from ..protocol.peer import Peer, in_my_user_namespace, peer_of
 from ..result import ExecResult
 from .codec import TOO_LARGE
 
@@ -95,7 +95,9 @@ class Connection(asyncio.Protocol):
         # A refused peer is answered once and dropped: closing here means the
         # transport never starts reading.
         refusals = self.server.answer_log.refusals
-        if not self.server.peer_allowed(self.peer):
+        if not self.server.peer_allowed(self.peer) or (
+            self.server.config.same_user_namespace and not in_my_user_namespace(sock, self.peer.pid)
+        ):
             refusals.note(self.peer.uid, "peer (not allowed)", logging.WARNING, pid=self.peer.pid)
             self.send(error_answer(None, f"Permission denied: uid {self.peer.uid} is not allowed", "auth"))
             self.transport.close()

@@ -201,8 +201,6 @@ class RPCServer:
         refused = self.config.refused_uids
         if refused is not None and refused[0] <= peer.uid <= refused[1]:
             return False
-        if self.config.same_user_namespace and not _in_my_user_namespace(peer.pid):
-            return False
         return self.config.allowed_gids is None or peer.gid in self.config.allowed_gids
 
     # ---- one request ----------------------------------------------------------------
@@ -383,20 +381,3 @@ def _claim_socket_path(path: str) -> None:
     finally:
         probe.close()
     raise ConfigError(f"another daemon is already listening on {path}")
-
-
-def _in_my_user_namespace(pid: int) -> bool:
-    """Whether process ``pid`` (a peer's, as SO_PEERCRED names it: 0 for one in a pid namespace this
-    process cannot see) is in this process's user namespace; False when that cannot be read.
-
-    Told by its uid map, which any process may read (its ``ns/user`` link only one that may trace
-    it: not the broker's user, the daemon's). Read from here, a process in this namespace shows this
-    namespace's own map; one in a namespace an unprivileged user made shows a map of that user's
-    uid alone, which is not this one's (the whole range at the top; many uids in a container)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/uid_map", "rb") as theirs, open("/proc/self/uid_map", "rb") as mine:
-            return theirs.read() == mine.read()
-    except OSError:
-        return False

@@ -128,7 +128,7 @@ NOT_SHARED = "it may not be shared into a sandbox"
 
 @dataclass(frozen=True)
 class _Mount:
-    """One line of /proc/self/mountinfo: a mount of ``device``'s ``root`` at ``point``."""
+    """One line of mountinfo (linux.mount_table): a mount of ``device``'s ``root`` at ``point``."""
 
     device: str
     root: str
