@@ -80,3 +80,14 @@ def test_json_past_the_cells_values_is_not_said() -> None:
     assert three is not None and [sorted(r.data) for r in three.results] == [
         ["application/json", "text/plain"], ["text/plain"], ["text/plain"]
     ]  # fmt: skip
+
+
+def test_an_image_that_is_no_base64_text_is_left_out_and_its_text_stays() -> None:
+    # A _repr_png_ (or a forged account) of anything passed as it was: .png raised binascii.Error,
+    # and mcp serve's image content for a JSON value was no image.
+    good = "iVBORw0KGgo="
+    for bad in ("not base64!", {"a": 1}, ["x"], "é"):
+        data = {"text/plain": "<Figure>", "image/png": bad, "image/jpeg": good}
+        cell = read_cell({"execution_count": 1, "outputs": [{"kind": "display_data", "data": data}], "exception": None})
+        assert cell is not None and cell.results[0].data == {"text/plain": "<Figure>", "image/jpeg": good}, bad
+        assert cell.results[0].png is None

@@ -8,6 +8,7 @@ output and verdict stand on their own.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,8 @@ def _output(said: Any, budget: list[int]) -> CellOutput:
         raise ValueError("a cell output's MIME types are text")
     kept = {}
     for mime, value in data.items():
+        if mime in _BASE64_TYPES and not _base64(value):
+            continue  # an image that is no base64 text is left out (a client would decode it); its text stays
         if isinstance(value, str):
             kept[utf8_text(mime)] = utf8_text(value)
             continue
@@ -65,6 +68,19 @@ def _output(said: Any, budget: list[int]) -> CellOutput:
         budget[0] -= size
         kept[utf8_text(mime)] = _text_tree(value)
     return CellOutput(kind=kind, data=kept)
+
+
+_BASE64_TYPES = frozenset({"image/png", "image/jpeg"})
+
+
+def _base64(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        base64.b64decode(value, validate=True)
+    except ValueError:  # binascii.Error; a character past ASCII
+        return False
+    return True
 
 
 def _exception(said: Any) -> CellException:
