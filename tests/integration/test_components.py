@@ -18,11 +18,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.conftest import require
 from tests.helpers import processes_with_arg
+
+if TYPE_CHECKING:
+    from stockade.components import ComponentState, ComponentStore
 
 CLI = [sys.executable, "-m", "stockade.cli"]
 
@@ -215,8 +219,8 @@ def test_logs_follow_prints_new_output_until_the_component_ends(cli: Cli, tmp_pa
         _end(follow)
 
 
-def test_follow_log_across_rotation(tmp_path: Path) -> None:
-    """``follow_log`` reads a rotated log to its end, then the new one (no component needed)."""
+def _running_record(tmp_path: Path) -> tuple[ComponentStore, ComponentState]:
+    """A component's record that reads as running (this process its supervisor), and no component."""
     from stockade import components
 
     store = components.ComponentStore(str(tmp_path))
@@ -225,6 +229,14 @@ def test_follow_log_across_rotation(tmp_path: Path) -> None:
     me = os.getpid()
     state.status, state.supervisor_pid, state.supervisor_start = "running", me, components._start_time(me)
     store.save(state)
+    return store, state
+
+
+def test_follow_log_across_rotation(tmp_path: Path) -> None:
+    """``follow_log`` reads a rotated log to its end, then the new one (no component needed)."""
+    from stockade import components
+
+    store, state = _running_record(tmp_path)
     log = Path(store.path("fake", "log"))
     log.write_bytes(b"one\n")
     got: list[bytes] = []
@@ -255,12 +267,7 @@ def test_follow_log_says_what_a_reader_slower_than_two_rotations_missed(tmp_path
     # newest log: the file between them (10 MiB of output) went missing without a word.
     from stockade import components
 
-    store = components.ComponentStore(str(tmp_path))
-    store.create("fake", ["true"], {}, "no")
-    state = store.state("fake")
-    me = os.getpid()
-    state.status, state.supervisor_pid, state.supervisor_start = "running", me, components._start_time(me)
-    store.save(state)
+    store, state = _running_record(tmp_path)
     log, rotated = Path(store.path("fake", "log")), store.path("fake", "log.1")
     log.write_bytes(b"first\n")
     got: list[bytes] = []
