@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Literal
@@ -76,6 +77,7 @@ class ComponentState:
     runtime: str | None = None
     policy_digest: str | None = None
     published: dict[str, str] = field(default_factory=dict)  # port inside -> host address:port
+    launch: str | None = None  # the start that made this record: only its supervisor runs
     updated_at: float = field(default_factory=time.time)
 
 
@@ -109,9 +111,10 @@ class ComponentStore:
         stdin: bool = False,
         publish: list[str] | None = None,
         replace: bool = False,
-    ) -> None:
-        """Record a new component ``name``. One of that name that has ended is kept, its spec and
-        its last exit, unless ``replace``: a name is not taken over by accident (as Docker's)."""
+    ) -> str:
+        """Record a new component ``name``; the word its supervisor is started with (``launch``).
+        One of that name that has ended is kept, its spec and its last exit, unless ``replace``: a
+        name is not taken over by accident (as Docker's)."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         check_owned(self.root, STATE_WHAT)  # what was made just now too
         _check_own(self.root)
@@ -138,7 +141,9 @@ class ComponentStore:
                 "publish": publish or [],
             }  # fmt: skip
             _write_json(self.path(name, "spec.json"), spec)
-            self.save(ComponentState(name, "starting"))
+            launch = uuid.uuid4().hex
+            self.save(ComponentState(name, "starting", launch=launch))
+            return launch
 
     @contextlib.contextmanager
     def _made_and_locked(self, name: str) -> Iterator[None]:
@@ -244,7 +249,7 @@ def start(
     if fixed and checked.network_policy != "loopback":
         raise PolicyError("--publish needs --network loopback: the isolate has no loopback otherwise")
     _check_distinct(fixed)
-    store.create(name, argv, policy, restart, max_restarts, stdin, fixed, replace)
+    launch = store.create(name, argv, policy, restart, max_restarts, stdin, fixed, replace)
     from .settings import worker_environment
 
     # Its own environment, less the daemon's tokens and a session key: it needs none of them.
@@ -252,7 +257,7 @@ def start(
     # -P: -m would import from the working directory first (one a sandbox may have written). The
     # directory itself stays the caller's: relative settings mean what they meant to the caller.
     subprocess.Popen(
-        [sys.executable, "-P", "-m", "stockade.components", name],
+        [sys.executable, "-P", "-m", "stockade.components", name, launch],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -476,4 +481,4 @@ def component_publish(spec: str) -> str:
 if __name__ == "__main__":
     from stockade.components_supervisor import main
 
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -54,9 +54,10 @@ class _Outcome:
 
 
 class Supervisor:
-    def __init__(self, name: str, store: ComponentStore) -> None:
+    def __init__(self, name: str, store: ComponentStore, launch: str) -> None:
         self.name = name
         self.store = store
+        self.launch = launch  # the start that made this supervisor, as its record names it
         self.spec = store.spec(name)
         self.state = store.state(name)
         self.log = _Log(store.path(name, "log"))
@@ -100,11 +101,14 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         with self.store.locked(self.name):
-            # A stop that came before this supervisor said who it is could signal nobody: it left
-            # "stopped", read here under the same lock.
-            if self.store.state(self.name).status == "stopped":
+            # Only the supervisor its record waits for runs: not when a stop came before it said who
+            # it is (it could signal nobody: it left "stopped"), nor when it started so late that the
+            # record reads "never started" (its start was told it failed) or a start --replace
+            # made a record of its own since (whose supervisor would run beside it, out of reach).
+            state = self.store.state(self.name)
+            if state.launch != self.launch or state.status != "starting" or state.supervisor_pid is not None:
                 return 0
-            state = self.state
+            self.state = state
             state.supervisor_pid, state.supervisor_start = os.getpid(), _start_time(os.getpid())
             self.store.save(state)
         manager = None
@@ -318,8 +322,8 @@ def _append(path: str) -> BinaryIO:
     return open(fd, "ab", buffering=0)
 
 
-def main(name: str) -> int:
-    return Supervisor(name, ComponentStore()).run()
+def main(name: str, launch: str) -> int:
+    return Supervisor(name, ComponentStore(), launch).run()
 
 
 def _run_ended(said: tuple[int | None, str | None] | None) -> str:

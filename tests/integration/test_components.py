@@ -414,7 +414,7 @@ def test_an_isolate_that_fails_to_start_on_a_restart_is_a_failed_run_restarted(
     from stockade.runtimes.manager import RuntimeManager
 
     store = ComponentStore(str(tmp_path))
-    store.create("flaky", ["true"], {"runtime": "fake"}, "always", max_restarts=2)
+    launch = store.create("flaky", ["true"], {"runtime": "fake"}, "always", max_restarts=2)
     select, starts = RuntimeManager.select, [0]
 
     def failing_after_the_first(manager: RuntimeManager, policy: object) -> object:
@@ -432,7 +432,7 @@ def test_an_isolate_that_fails_to_start_on_a_restart_is_a_failed_run_restarted(
     monkeypatch.setattr(RuntimeManager, "select", failing_after_the_first)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        assert Supervisor("flaky", store).run() == 0
+        assert Supervisor("flaky", store, launch).run() == 0
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -448,11 +448,11 @@ def test_a_stop_before_the_supervisor_says_who_it_is_sticks(tmp_path: Path) -> N
     from stockade.components_supervisor import Supervisor
 
     store = ComponentStore(str(tmp_path))
-    store.create("early", ["sleep", "3600"], {"runtime": "fake"}, "no")
+    launch = store.create("early", ["sleep", "3600"], {"runtime": "fake"}, "no")
     assert stop("early", store).status == "stopped"  # no pid to signal yet: said under the lock
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        assert Supervisor("early", store).run() == 0  # it reads that, and starts nothing
+        assert Supervisor("early", store, launch).run() == 0  # it reads that, and starts nothing
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -462,6 +462,29 @@ def test_a_stop_before_the_supervisor_says_who_it_is_sticks(tmp_path: Path) -> N
 
     with pytest.raises(StockadeError, match="no component named 'nosuch'"):
         stop("nosuch", store)
+
+
+def test_a_supervisor_that_starts_late_runs_nothing_beside_the_one_a_replace_started(tmp_path: Path) -> None:
+    # A supervisor slower than 30 s to say who it is (a loaded host) left a record that reads "never
+    # started"; `start --replace` then made a new record and supervisor, and the late one ran too.
+    from stockade import components
+    from stockade.components_supervisor import Supervisor
+
+    store = components.ComponentStore(str(tmp_path))
+    late = store.create("slow", ["sleep", "3600"], {"runtime": "fake"}, "no")
+    state = store.state("slow")
+    state.updated_at -= components.SUPERVISOR_START_S + 1  # its start was told it did not start
+    components._write_json(store.path("slow", "state.json"), components.asdict(state))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert store.state("slow").status == "failed"
+        assert Supervisor("slow", store, late).run() == 0  # it starts nothing
+        replaced = store.create("slow", ["sleep", "3600"], {"runtime": "fake"}, "no", replace=True)
+        assert Supervisor("slow", store, late).run() == 0  # the record is the replace's now: not its
+        assert store.state("slow").supervisor_pid is None and replaced != late
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def test_a_state_directory_someone_else_may_write_is_refused(tmp_path: Path) -> None:
