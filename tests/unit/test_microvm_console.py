@@ -70,3 +70,31 @@ def test_last_words_are_the_ends_of_both(tmp_path: os.PathLike[str]) -> None:
     finally:
         output.close()
     assert os.listdir(str(tmp_path)) == [CONSOLE]  # the FIFO: it holds nothing on the disk
+
+
+def test_a_console_flood_is_read_at_a_rate_and_a_judgement_still_reads_it_all(tmp_path: os.PathLike[str]) -> None:
+    # A guest's kernel taken over could write the console without end: every line is parsed in the
+    # host's one drain thread, which serves every isolate's pipes. It is read at a rate, as gVisor's
+    # log is; the count a run's judgement takes still reads everything written before it.
+    import time
+
+    from stockade.runtimes.microvm.console import OUTPUT_PER_S
+
+    output = QemuOutput(str(tmp_path))
+    try:
+        fd = os.open(os.path.join(str(tmp_path), CONSOLE), os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            written, deadline = 0, time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # a second of writing as fast as the pipe takes it
+                try:
+                    written += os.write(fd, b"\n" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            assert written < 3 * OUTPUT_PER_S, written  # the drain held it to its rate (and a pipe's worth)
+            assert output.count_oom_kills() == 0  # a judgement reads what the pipe holds, whatever the rate
+            os.write(fd, b"\n" * 4096 + OOM)
+            assert output.count_oom_kills() == 1
+        finally:
+            os.close(fd)
+    finally:
+        output.close()

@@ -24,6 +24,7 @@ from ..drain import Lines, Tail, drain
 CONSOLE = "console.log"  # the FIFO in the run directory that QEMU's -serial file: writes to
 LAST_WORDS = 400  # bytes of the console, and of QEMU's stderr, kept: the last ones
 MAX_LINE = 4096  # a longer console line is dropped whole: no OOM report is that long
+OUTPUT_PER_S = 256 << 10  # the console's, and QEMU's stderr's, bytes read a second (a boot writes a few KiB)
 # One line per kill, at KERN_ERR (shown under `quiet`), matched from the line's start: the killed
 # process's name comes after, so a program named "oom-kill:" or "Killed process" counts no kill.
 _OOM = re.compile(
@@ -52,8 +53,12 @@ class QemuOutput:
         self._console = Tail(LAST_WORDS)
         self._stderr = Tail(LAST_WORDS)
         self._closed = False
-        drain().watch(self.console_fd, self._read_console)
-        drain().watch(self.stderr_fd, self._stderr.feed)
+        # Each read at a rate, as gVisor's log is (drain.py): a guest's kernel taken over could
+        # write the console without end, and every line read is parsed in the host's one drain
+        # thread, which serves every isolate. Past the rate the guest waits; a judgement's
+        # ``flush`` still reads all that was written before it.
+        drain().watch(self.console_fd, self._read_console, per_s=OUTPUT_PER_S)
+        drain().watch(self.stderr_fd, self._stderr.feed, per_s=OUTPUT_PER_S)
 
     def spawned(self) -> None:
         """QEMU has its copy of the stderr pipe: drop ours, so the pipe ends when QEMU does."""
