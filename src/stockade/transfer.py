@@ -229,6 +229,16 @@ def _memory_limit(sandbox: Any) -> int:
     return mb << 20 if isinstance(mb, int) and not isinstance(mb, bool) else 0
 
 
+def _least_piece(sandbox: Any) -> int:
+    """The smallest piece the isolate may cut a download into: its files' size limit in whole
+    512-byte blocks, at most _MIN_PIECE, where the handle knows its policy (512 where it does not).
+    The isolate says what it cut: pieces of 512 bytes would make a GiB two million reads."""
+    limit = getattr(getattr(sandbox, "policy", None), "max_file_size_bytes", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return 512
+    return max(512, min(_MIN_PIECE, limit // 512 * 512))
+
+
 def _pack_remote(
     sandbox: Transferable, src: str, parent: str, name: str, base: str, cap: int, memory: int
 ) -> tuple[int, int, int]:
@@ -262,7 +272,7 @@ def _pack_remote(
     if not result.success or answer is None:
         raise TransferError(f"packing {src} in the sandbox failed: {_why(result)}")
     status, size, piece, seam = answer
-    if not 512 <= piece <= MAX_FILE_PIECE or seam != min(SEAM_BYTES, piece // 2):
+    if not _least_piece(sandbox) <= piece <= MAX_FILE_PIECE or seam != min(SEAM_BYTES, piece // 2):
         raise TransferError(f"packing {src} in the sandbox failed: it cut pieces of {piece} bytes, seams of {seam}")
     if size > cap:
         raise TransferTooLargeError(

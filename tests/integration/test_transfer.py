@@ -376,6 +376,27 @@ CASES = {
 }
 
 
+class TinyPieces(Hostile):
+    """A packing step that cuts 512-byte pieces, under a policy whose files may be far larger."""
+
+    @property
+    def policy(self) -> object:
+        return self.sb.policy
+
+    def exec(self, argv: list[str], /) -> ExecResult:
+        if argv[:3] == ["sh", "-c", PACK]:
+            argv = [*argv[:9], "512", *argv[10:12], "256", *argv[13:]]
+        return super().exec(argv)
+
+
+def test_a_download_cut_in_pieces_smaller_than_the_policy_needs_is_refused(
+    hostile_box: Sandbox, tmp_path: Path
+) -> None:
+    # The isolate says what it cut: 512-byte pieces would make a GiB's download two million reads.
+    with pytest.raises(TransferError, match="it cut pieces of 512 bytes"):
+        download(TinyPieces(hostile_box, "dotdot", tmp_path / "o"), "/work/src", tmp_path / "out")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_hostile_archive_is_refused_and_nothing_lands_outside(
     case: str, hostile_box: Sandbox, tmp_path: Path
