@@ -127,6 +127,8 @@ class RayPlacement:
         # A caller cancelled between two of them would leave a reservation, or an isolate on
         # its node, that nobody holds: the claim runs to its end as a task of its own, and
         # what it got is given back when its caller has gone.
+        if self._closing:  # what it got would be given back to nothing (its node's actor stopped)
+            raise RuntimeUnavailableError("the ray placement is closing: it places no more isolates")
         claim = asyncio.ensure_future(self._claim(policy))
         self._claims.add(claim)
         claim.add_done_callback(self._claims.discard)
@@ -189,16 +191,25 @@ class RayPlacement:
                 chooses = policy.trust is not None and not policy.runtime and not policy.isolation
                 placed = policy.replace(runtime=runtime) if chooses else policy
                 asked = True
-                info = await node.actor.acquire.remote(placed.canonical_json(), isolate_id)
+                # Bounded: an actor alive but wedged would hold this claim, its room and the daemon's
+                # shutdown (which waits for claims) for good.
+                info = await asyncio.wait_for(
+                    node.actor.acquire.remote(placed.canonical_json(), isolate_id), self.config.claim_timeout * 4
+                )
             except Exception as exc:
                 await removed(reservation.group)
-                if not lost_node(exc):
+                if not lost_node(exc) and not isinstance(exc, TimeoutError):
                     raise
                 if asked and node is not None and not actor_died(exc):
                     self._forget(node, isolate_id)  # the actor may live on and have handed it over
                 if (doubtful := self.cluster.nodes.get(reservation.node_id)) is not None:
                     doubtful.suspect = True  # what is kept there is given back, not tried next
                     doubtful.dead = doubtful.dead or (doubtful is node and actor_died(exc))
+                if isinstance(exc, TimeoutError):
+                    exc = RuntimeUnavailableError(
+                        f"the Ray node {reservation.node_id} did not hand an isolate over within "
+                        f"{self.config.claim_timeout * 4:g} s"
+                    )
                 last = exc  # the node went between the reservation and the hand-over
                 continue
             except BaseException:
@@ -270,6 +281,17 @@ class RayPlacement:
         task = asyncio.ensure_future(release())
         self._forgets.add(task)
         task.add_done_callback(self._forgets.discard)
+
+    def track(self, ending: asyncio.Future[Any]) -> None:
+        """An isolate's release begun elsewhere (``kill``, ``dispose``): ``aclose`` waits for it, so
+        that its room is given back before the connection goes."""
+        self._claims.add(ending)
+        ending.add_done_callback(self._claims.discard)
+
+    def lost(self, isolate: RayIsolate) -> None:
+        """An isolate whose node was lost: its room goes back now (Ray moves a lost node's groups
+        onto the nodes left, where it would book room for nothing until its holder closed it)."""
+        self._give_back([isolate.reservation])
 
     def _usable(self, node_id: str) -> bool:
         node = self.cluster.nodes.get(node_id)
@@ -352,6 +374,7 @@ class RayPlacement:
             await asyncio.gather(*list(self._claims), return_exceptions=True)
         for forget in list(self._forgets):  # the actors are killed below, with what they hold
             forget.cancel()
+        await self.cluster.check(fresh=True)  # not a look seconds old: one slow probe would skip the clean-up
         gone = self.cluster.gone
         nodes = self.cluster.forget_nodes()
         if gone:

@@ -175,13 +175,18 @@ class RayCluster:
         """Reach the cluster and start every stockade node's actor now (a daemon does this at start)."""
         await self.connect_once()
         await self.refresh(force=True)
-        await asyncio.gather(*(self._node_ready(n) for n in list(self.nodes.values())), return_exceptions=True)
+        nodes = list(self.nodes.values())
+        ready = await asyncio.gather(*(self._node_ready(n) for n in nodes), return_exceptions=True)
+        for node, outcome in zip(nodes, ready, strict=True):
+            if isinstance(outcome, BaseException):  # its claims fail (and say so); the log says why here
+                log.error("the stockade actor on Ray node %s (%s) is not ready: %s", node.node_id, node.address,
+                          outcome or type(outcome).__name__)  # fmt: skip
 
-    async def check(self) -> None:
-        """A fresh look at the GCS (a TCP connection, at most every _CHECK_TTL_S): a cluster gone
-        since the start is said in ``unreachable``, and one that came back after an unreachable
-        start is connected to in the background."""
-        if time.monotonic() - self._checked_at < _CHECK_TTL_S:
+    async def check(self, fresh: bool = False) -> None:
+        """A fresh look at the GCS (a TCP connection, at most every _CHECK_TTL_S unless ``fresh``): a
+        cluster gone since the start is said in ``unreachable``, and one that came back after an
+        unreachable start is connected to in the background (not once the placement is closing)."""
+        if not fresh and time.monotonic() - self._checked_at < _CHECK_TTL_S:
             return
         self._checked_at = time.monotonic()
         try:
@@ -195,7 +200,7 @@ class RayCluster:
         else:
             if self.connected:
                 self.unreachable = None
-            elif self._reconnect is None or self._reconnect.done():
+            elif not self.closing and (self._reconnect is None or self._reconnect.done()):
                 self._reconnect = asyncio.get_running_loop().create_task(self._quiet_connect())
 
     async def _quiet_connect(self) -> None:

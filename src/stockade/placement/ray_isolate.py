@@ -95,12 +95,15 @@ class RayIsolate(RemoteRuns):
             raise SandboxLostError(f"isolate {self.id} was released")
 
     def _mark_lost(self, exc: BaseException) -> str:
+        first = self.lost is None
         self.lost = (
             f"the Ray node {self._node.node_id} ({self._node.address}) that held isolate {self.id} was lost "
             f"({type(exc).__name__})"
         )
         self._node.suspect = True
         self._node.dead = self._node.dead or actor_died(exc)
+        if first:
+            self._placement.lost(self)
         return self.lost
 
     async def _run(self, kind: str, call: dict[str, Any], on_output: OutputCallback | None) -> ExecResult:
@@ -275,6 +278,11 @@ class RayIsolate(RemoteRuns):
 
     async def alist_dir(self, path: str) -> list[dict[str, Any]]:
         return list(await self._call("list_dir", path))
+
+    def kill(self) -> None:
+        super().kill()
+        assert self._ending is not None
+        self._placement.track(self._ending)  # aclose waits for it
 
     async def _release(self) -> None:
         try:
