@@ -999,3 +999,33 @@ def test_a_host_that_names_its_networks_lets_no_policy_reach_past_them(
     monkeypatch.setenv("STOCKADE_EGRESS_NETWORKS", "none, 10/8")
     with pytest.raises(ConfigError, match="STOCKADE_EGRESS_NETWORKS entry 'none' is not a network"):
         current()
+
+
+def test_a_clusters_machines_are_not_reached_whatever_the_allow_list_says(
+    up: Upstreams, manager: RuntimeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Ray node's proxy reached another node's public address, named by a caller's allow-list: its
+    # dashboard's job API, its GCS (code on every node). The node's actor names the cluster's machines
+    # (refuse_peers); its isolates' workers refuse them, however named, and its policy check too.
+    import ipaddress
+
+    from stockade.egress import allowlist
+    from stockade.runtimes.egress import check_networks
+
+    url = f"http://api.stockade.test:{up.http.port}/echo"
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        out, _ = run(sb, f"print(json.dumps(fetch({url!r})))")
+        assert out[0] == 200, out  # type: ignore[index]
+    monkeypatch.setattr(allowlist, "_peers", frozenset({ipaddress.ip_address("127.0.0.1")}))
+    with Sandbox(allow(up, "api.stockade.test"), manager=manager) as sb:
+        out, result = run(sb, f"print(json.dumps(fetch({url!r})))")
+        assert out[0] != 200, out  # type: ignore[index]
+        assert any(not r.allowed for r in result.egress_requests), result.egress_requests  # type: ignore[attr-defined]
+    peer = Policy(network_policy="allowlist", allowed_hosts=["1.2.3.4:8265"])  # a public address: a node's
+    monkeypatch.setattr(allowlist, "_peers", frozenset({ipaddress.ip_address("1.2.3.4")}))
+    with pytest.raises(PolicyError, match=r"allowed_hosts 1\.2\.3\.4:8265 is outside the networks"):
+        check_networks(peer, ())
+    rule = allowlist.parse_rule("api.example.com")
+    mapped = ipaddress.ip_address("::ffff:1.2.3.4")
+    other = ipaddress.ip_address("5.6.7.8")
+    assert allowlist.Allowlist(["api.example.com"], refused=["1.2.3.4"]).usable(rule, [mapped, other]) == [other]

@@ -115,11 +115,13 @@ def _port(text: str, whole: str) -> int:
 
 
 class Allowlist:
-    """A policy's ``allowed_hosts`` and ``allowed_cidrs``, checked."""
+    """A policy's ``allowed_hosts`` and ``allowed_cidrs``, checked; ``refused``: addresses never
+    reached, however named (a Ray cluster's machines: ``refuse_peers``)."""
 
-    def __init__(self, hosts: Iterable[str], cidrs: Iterable[str] = ()) -> None:
+    def __init__(self, hosts: Iterable[str], cidrs: Iterable[str] = (), refused: Iterable[str] = ()) -> None:
         self.rules = tuple(parse_rule(h) for h in hosts)
         self.networks = tuple(parse_network(c) for c in cidrs)
+        self.refused = frozenset(ipaddress.ip_address(a) for a in refused)
 
     def rule_for(self, host: str, port: int) -> HostRule | None:
         """The rule that lets ``host`` (a name or an address's text) be reached on ``port``, or None."""
@@ -143,9 +145,35 @@ class Allowlist:
 
     def usable(self, rule: HostRule, addresses: Iterable[IPAddress]) -> list[IPAddress]:
         """Of the addresses a name resolved to, those it may be reached at: globally routable and
-        not this host's own, or in ``allowed_cidrs``, or the very address a rule names."""
+        not this host's own, or in ``allowed_cidrs``, or the very address a rule names; never one of
+        ``refused``."""
         named = rule.address
-        return [a for a in addresses if a == named or self.network_allows(a) or (public(a) and not host_address(a))]
+        reached = [a for a in addresses if not _among(a, self.refused)]
+        return [a for a in reached if a == named or self.network_allows(a) or (public(a) and not host_address(a))]
+
+
+# The machines of the cluster this host is a node of (a Ray node's actor says them: refuse_peers): as
+# the host's own addresses, public or not, no allow-list reaches them. Reached, a Ray node's dashboard,
+# GCS or client port runs code on every node.
+_peers: frozenset[IPAddress] = frozenset()
+
+
+def refuse_peers(addresses: Iterable[IPAddress]) -> None:
+    """From now on, ``addresses`` count as this host's own (``host_address``), and are handed to
+    each egress worker this process starts to refuse (``peers``)."""
+    global _peers
+    _peers = frozenset(addresses)
+
+
+def peers() -> list[str]:
+    return sorted(str(a) for a in _peers)
+
+
+def _among(address: IPAddress, addresses: frozenset[IPAddress]) -> bool:
+    """``address`` is one of ``addresses``, or an IPv6 one carries one of them."""
+    if address in addresses:
+        return True
+    return isinstance(address, ipaddress.IPv6Address) and any(inner in addresses for inner in _carried(address))
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -185,6 +213,8 @@ def host_address(address: IPAddress) -> bool:
     from the address itself). The proxy connects from the host's network, where a public address of
     the host's reaches whatever listens on every interface (a Ray cluster's ports, sshd), as its
     loopback would: no public address for an allow-list."""
+    if _among(address, _peers):
+        return True  # a machine of this host's cluster (refuse_peers)
     if isinstance(address, ipaddress.IPv6Address) and any(host_address(inner) for inner in _carried(address)):
         return True
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET

@@ -17,7 +17,7 @@ import select
 import sys
 import termios
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,8 +116,9 @@ class Gate:
         on_refused: Callable[[EgressRequest], None] | None = None,
         upstream_ca: str | None = None,
         pinned_hosts: str | None = None,
+        refused: Iterable[str] = (),
     ) -> None:
-        self.allowlist = Allowlist(policy.allowed_hosts, policy.allowed_cidrs)
+        self.allowlist = Allowlist(policy.allowed_hosts, policy.allowed_cidrs, refused)  # refused: allowlist.peers
         self.upstream_ca = upstream_ca  # STOCKADE_EGRESS_CA_FILE's PEM: roots trusted upstream beside the host's
         # Lookups in flight for this sandbox: the resolver's threads are every sandbox's.
         self.resolving = asyncio.Semaphore(MAX_LOOKUPS)

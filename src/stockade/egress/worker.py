@@ -114,8 +114,11 @@ class Worker:
             for sock in sockets:
                 sock.close()
             raise ValueError("serve takes a listener and a name service socket, once")
+        refused = message.get("refused") or []
+        if not isinstance(refused, list) or not all(isinstance(a, str) for a in refused):
+            raise ValueError("serve's refused addresses are a list of addresses")
         gate = Gate(Policy(**message["policy"]), message.get("values") or {}, self.refused,
-                    message.get("upstream_ca"), message.get("pinned_hosts"))  # fmt: skip
+                    message.get("upstream_ca"), message.get("pinned_hosts"), refused)  # fmt: skip
         self.stop = proxy().serve(gate, *sockets)
         self.gate = gate
         return {"ok": True, "env": gate.env(), "ca": gate.ca.pem if gate.ca is not None else None}

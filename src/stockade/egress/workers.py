@@ -174,12 +174,13 @@ class EgressWorker:
 
     def serve(
         self, policy: Policy, values: Mapping[str, str], sockets: list[socket.socket],
-        upstream_ca: str | None, pinned_hosts: str | None,
+        upstream_ca: str | None, pinned_hosts: str | None, refused: list[str] | None = None,
     ) -> tuple[dict[str, str], bytes | None]:  # fmt: skip
-        """Hand the worker its sandbox (``upstream_ca``: PEM; ``pinned_hosts``: hosts(5) text): returns
-        the variables its runs get and its CA (PEM)."""
+        """Hand the worker its sandbox (``upstream_ca``: PEM; ``pinned_hosts``: hosts(5) text;
+        ``refused``: addresses never reached, allowlist.peers): returns the variables its runs get
+        and its CA (PEM)."""
         message = {"op": "serve", "policy": policy.to_dict(), "values": dict(values),
-                   "upstream_ca": upstream_ca, "pinned_hosts": pinned_hosts}  # fmt: skip
+                   "upstream_ca": upstream_ca, "pinned_hosts": pinned_hosts, "refused": refused or []}  # fmt: skip
         try:
             reply = self._ask(message, [s.fileno() for s in sockets], SERVE_TIMEOUT_S)
         except EgressWorkerLost as exc:

@@ -31,6 +31,7 @@ from .local import LocalPlacement
 
 OUTPUT, RESULT = "out", "result"
 _GIVEN_UP_KEPT = 4096  # ids released before their hand-over, remembered (the oldest forgotten first)
+_PEERS_TTL_S = 30.0  # how long a look at the cluster's machines is taken for the egress of hand-overs
 
 
 def refuse_cluster_networks(networks: tuple[str, ...] | None, addresses: list[str]) -> None:
@@ -42,8 +43,7 @@ def refuse_cluster_networks(networks: tuple[str, ...] | None, addresses: list[st
     if not allowed:
         return
     for text in addresses:
-        host = text.rpartition(":")[0] if text.count(":") == 1 or text.startswith("[") else text
-        for address in _resolved(host.strip("[]")):
+        for address in _resolved(_host_of(text)):
             inside = [str(n) for n in allowed if address in n]
             if inside:
                 raise ConfigError(
@@ -51,6 +51,12 @@ def refuse_cluster_networks(networks: tuple[str, ...] | None, addresses: list[st
                     "allow-list could reach Ray's ports from an isolate (code on every node); leave the cluster's "
                     "network out of it"
                 )
+
+
+def _host_of(text: str) -> str:
+    """The host of ``host:port``, ``[v6]:port`` or a bare host."""
+    host = text.rpartition(":")[0] if text.count(":") == 1 or text.startswith("[") else text
+    return host.strip("[]")
 
 
 def _resolved(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -81,11 +87,14 @@ class StockadeNode:
         # to them, as a daemon refuses them.
         serve_callers()
         context = ray.get_runtime_context()
+        self._gcs_address = str(context.gcs_address)
         networks = egress_networks(current())
         if networks:  # the cluster's addresses: this node's, the GCS's, every node's now
             node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
             nodes = [str(n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
             refuse_cluster_networks(networks, [node_ip, context.gcs_address, *nodes])
+        self._peers_at = 0.0
+        self._refuse_peers()
         self.node_id = context.get_node_id()
         # The node's own isolates are a local placement's: its warm pools, its hand-overs.
         self.local = LocalPlacement(LocalPlacementConfig(pool_size=pool_size))
@@ -96,6 +105,22 @@ class StockadeNode:
         self.runtimes = runtimes
         for name in runtimes:  # kept full by this actor from now on (pool.py's refill thread)
             self.local.manager.get(name).warm_up()
+
+    def _refuse_peers(self) -> None:
+        """The cluster's machines (this node, the GCS, every node Ray knows, alive or not) as this
+        host's own to its isolates' egress, public addresses or not (egress/allowlist.py
+        ``refuse_peers``): a caller's allow-list naming another node's public address had this
+        node's proxy reach its Ray ports, code on every node. Looked at again every _PEERS_TTL_S
+        at a hand-over, for the nodes that join."""
+        import ray
+        import ray.util
+
+        from ..egress.allowlist import refuse_peers
+
+        texts = [str(ray.util.get_node_ip_address()), self._gcs_address]  # type: ignore[no-untyped-call]
+        texts += [str(n.get("NodeManagerAddress", "")) for n in ray.nodes()]  # type: ignore[no-untyped-call]
+        refuse_peers(a for text in texts if _host_of(text) for a in _resolved(_host_of(text)))
+        self._peers_at = time.monotonic()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -113,6 +138,8 @@ class StockadeNode:
         if isolate_id in self.isolates or isolate_id in self._given_up:
             raise SandboxError(f"isolate {isolate_id} was already handed over or given up on node {self.node_id}")
         policy = Policy(**json.loads(policy_json))
+        if time.monotonic() - self._peers_at > _PEERS_TTL_S:
+            await asyncio.to_thread(self._refuse_peers)  # a GCS call, and names resolved
         sandbox = await self.local.acquire(policy)
         if self._given_up.pop(isolate_id, 0) is None:  # released while it was being made
             await self.local.release(sandbox)

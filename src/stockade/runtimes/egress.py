@@ -135,6 +135,7 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
     if policy.network_policy != "allowlist":
         return
     # Here, not at the top: a runtime that never serves an allowlist never loads the CA's code.
+    from ..egress.allowlist import peers
     from ..egress.ca import ca_entry, trust_bundle
     from ..egress.gate import CA_BUNDLE_PATH
     from ..settings import current, egress_networks
@@ -154,7 +155,7 @@ def attach_egress(sandbox: AgentSandbox, policy: Policy) -> None:
         worker.on_refused = egress.refused
         upstream_ca = _setting_file("STOCKADE_EGRESS_CA_FILE", settings.egress_ca_file)
         pinned_hosts = _setting_file("STOCKADE_EGRESS_HOSTS_FILE", settings.egress_hosts_file)
-        env, ca = worker.serve(policy, values, sockets, upstream_ca, pinned_hosts)
+        env, ca = worker.serve(policy, values, sockets, upstream_ca, pinned_hosts, peers())
     except BaseException:
         worker.close()
         if source is not None:
