@@ -110,6 +110,13 @@ def test_out_of_range_values_are_refused_naming_the_field(
     assert named in answer.json()["error"] and answer.json()["code"] == code
 
 
+def test_a_timeout_that_is_no_number_is_said_so(http: httpx.Client) -> None:
+    # NaN was said to be over the limit ("Input should be less than or equal to 600").
+    body = b'{"agent_id": "a", "code": "print(1)", "timeout_seconds": NaN}'
+    answer = http.post("/api/v1/sandbox/execute", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 422 and "timeout_seconds: Input should be a finite number" in answer.json()["error"]
+
+
 def test_bad_json_and_a_missing_agent_are_refused(http: httpx.Client) -> None:
     bad = http.post("/api/v1/sandbox/execute", content=b"{not json", headers={"content-type": "application/json"})
     assert (bad.status_code, bad.json()["code"]) == (400, "invalid_request")

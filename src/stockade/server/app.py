@@ -76,7 +76,9 @@ class HttpSandboxCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     policy: dict[str, Any] | None = Field(default=None, description="Policy fields; the defaults when left out")
-    idle_timeout: float | None = Field(default=None, gt=0, description="seconds without a call before it is closed")
+    idle_timeout: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="seconds without a call before it is closed"
+    )
     agent_id: str | None = Field(default=None, min_length=1, max_length=128)
 
 
@@ -87,7 +89,7 @@ class HttpExec(BaseModel):
     cwd: str | None = None
     stdin: str | None = None
     env: Env | None = None
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class HttpRunCode(BaseModel):
@@ -97,7 +99,7 @@ class HttpRunCode(BaseModel):
     language: str = "python"
     stdin: str | None = None
     env: Env | None = None
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     session: str | None = Field(
         default=None, description="run the code as a cell of this stateful interpreter (python; no stdin)"
     )
@@ -124,10 +126,11 @@ class JsonBodyRoute(APIRoute):
             return handle
 
         async def counted(request: Request) -> Response:
-            if "json" in request.headers.get("content-type", ""):
-                # (The body read once: the handler is given it as kept.)
-                if (said := too_many_values(await request.body())) is not None:
-                    return error_response(InvalidRequestError(said))
+            # Whatever its Content-Type says: FastAPI reads one of any case ("application/JSON") as
+            # JSON, and a test of the header's text let such a body be parsed uncounted. (The body
+            # read once: the handler is given it as kept.)
+            if (said := too_many_values(await request.body())) is not None:
+                return error_response(InvalidRequestError(said))
             return await handle(request)
 
         return counted
@@ -170,7 +173,8 @@ def create_app(door: HttpDoor) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
-        if request.method in ("POST", "PUT") and "json" not in content_type and "octet-stream" not in content_type:
+        lowered = content_type.lower()  # a media type's case is not its own (FastAPI reads any as JSON)
+        if request.method in ("POST", "PUT") and "json" not in lowered and "octet-stream" not in lowered:
             if any(tuple(err.get("loc", ())) == ("body",) for err in exc.errors()):
                 message = f"send the body as JSON, with 'Content-Type: application/json' (not {content_type!r})"
                 return JSONResponse({"error": message, "code": "invalid_request"}, status_code=400)

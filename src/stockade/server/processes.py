@@ -77,7 +77,10 @@ def add_process_routes(app: FastAPI, door: HttpDoor, errors: dict[int | str, Any
     @app.post(processes + "/{handle}/wait", name="sandbox.process_wait", response_model=ProcessInfo,
               responses=errors)  # fmt: skip
     async def process_wait(
-        request: Request, sandbox_id: str, handle: str, timeout: float = Query(default=0.0, ge=0, le=60)
+        request: Request,
+        sandbox_id: str,
+        handle: str,
+        timeout: float = Query(default=0.0, ge=0, le=60, allow_inf_nan=False),
     ) -> Any:
         params = {"sandbox_id": sandbox_id, "handle": handle, "timeout": timeout}
         return await door.call("sandbox.process_wait", params, door.caller(request))

@@ -59,9 +59,9 @@ class SeedExecuteRequest(BaseModel):
     language: Language = "python"
     runtime: SeedRuntime | None = Field(default=None, description="left out: the daemon's default runtime")
     trust_level: Literal["trusted", "verified", "untrusted"] | None = None
-    timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
+    timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     memory_limit_mb: int = Field(default=512, ge=16, le=MAX_MEMORY_MB)
-    cpu_limit: float = Field(default=1.0, ge=0.01, le=MAX_CPU)
+    cpu_limit: float = Field(default=1.0, ge=0.01, le=MAX_CPU, allow_inf_nan=False)
     network_policy: Literal["none", "restricted", "full"] = "none"
     filesystem_access: list[str] = Field(
         default_factory=list, max_length=MAX_LIST_ITEMS, description="host paths shared in: SRC[:DST][:rw]"
