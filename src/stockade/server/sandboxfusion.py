@@ -126,10 +126,8 @@ class LanguageNotSupported(RequestNotSupported):
 class RunCodeRequest(BaseModel):
     """The body of ``POST /run_code``, as SandboxFusion defines it (unknown fields ignored)."""
 
-    compile_timeout: float = Field(
-        default=10, allow_inf_nan=False, description="compile timeout for compiled languages, seconds"
-    )
-    run_timeout: float = Field(default=10, allow_inf_nan=False, description="code run timeout, seconds")
+    compile_timeout: float = Field(default=10, description="compile timeout for compiled languages, seconds")
+    run_timeout: float = Field(default=10, description="code run timeout, seconds")
     memory_limit_MB: int = Field(
         default=-1, description="maximum memory allowed in megabytes (-1: no limit of its own)"
     )
