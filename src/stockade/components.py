@@ -481,4 +481,6 @@ def component_publish(spec: str) -> str:
 if __name__ == "__main__":
     from stockade.components_supervisor import main
 
+    if len(sys.argv) != 3:  # (a start of an older stockade, waiting: its record is not this one's)
+        sys.exit("usage: python -m stockade.components NAME LAUNCH (started by `stockade start`)")
     sys.exit(main(sys.argv[1], sys.argv[2]))

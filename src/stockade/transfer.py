@@ -377,6 +377,7 @@ class _Blocking:
         self._loop = loop
         self._cancelled = threading.Event()
         self.memory_mb = _memory_limit(sandbox) >> 20 or None
+        self.policy = getattr(sandbox, "policy", None)  # its file size limit: the least piece (_least_piece)
 
     def cancel(self) -> None:
         self._cancelled.set()

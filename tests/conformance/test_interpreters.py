@@ -478,6 +478,14 @@ def test_a_process_a_cell_forks_ends_at_the_cells_end_as_a_scripts_child_does(sb
         exiting = py.run("pid = os.fork()\nif pid == 0:\n    raise SystemExit(7)\n"
                          "print('exit', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")  # fmt: skip
         assert exiting.stdout == "exit 7\n", exiting
+        # Below the interpreter's own children, descriptors 3 and 4 are theirs: a grandchild writes its
+        # parent's file there (the first fix closed them in every process a cell's process forked).
+        nested = py.run(
+            "pid = os.fork()\nif pid == 0:\n    f = open('/tmp/nested.txt', 'w')\n    inner = os.fork()\n"
+            "    if inner == 0:\n        f.write('from the grandchild')\n        f.close()\n        os._exit(0)\n"
+            "    os.waitpid(inner, 0)\n    os._exit(0)\nos.waitpid(pid, 0)\nprint(open('/tmp/nested.txt').read())"
+        )
+        assert nested.stdout == "from the grandchild\n", nested
         after = py.run("state, os.getpid() == me")
         assert [x.text for x in after.results] == ["('kept', True)"], after  # the interpreter answers, not a child
 
@@ -485,17 +493,19 @@ def test_a_process_a_cell_forks_ends_at_the_cells_end_as_a_scripts_child_does(sb
 def test_a_module_named_as_the_standard_librarys_in_the_working_directory_breaks_no_cell(sb: Sandbox) -> None:
     # The interpreter imported inspect, tokenize and asyncio for itself from the cells' path, which
     # begins with their working directory: a data script named tokenize.py broke every cell, restarts too.
+    names = ("inspect", "tokenize", "asyncio", "io")
     with sb.interpreter("shadowed") as py:
         workdir = py.run("import os\nos.getcwd()").results[0].text.strip("'")  # where an interpreter starts
-        for name in ("inspect", "tokenize", "asyncio", "io"):
-            sb.write_file(f"{workdir}/{name}.py", "raise RuntimeError('not the standard library')\n")
-        py.restart()  # a fresh interpreter, started there
-        r = py.run("x = 41\nx + 1;")
-        assert r.success and r.results == [], r  # the semicolon read by tokenize
-        awaited = py.run("async def answer():\n    return x + 1\nawait answer()")
-        assert [v.text for v in awaited.results] == ["42"], awaited
-    for name in ("inspect", "tokenize", "asyncio", "io"):
-        sb.exec(["rm", f"{workdir}/{name}.py"])  # the module's other tests share its sandbox
+        try:
+            for name in names:
+                sb.write_file(f"{workdir}/{name}.py", "raise RuntimeError('not the standard library')\n")
+            py.restart()  # a fresh interpreter, started there
+            r = py.run("import sys\nsys.path.insert(1, '.')\nx = 41\nx + 1;")  # "." too, not only ""
+            assert r.success and r.results == [], r  # the semicolon read by tokenize
+            awaited = py.run("async def answer():\n    return x + 1\nawait answer()")
+            assert [v.text for v in awaited.results] == ["42"], awaited
+        finally:
+            sb.exec(["rm", "-f", *(f"{workdir}/{name}.py" for name in names)])  # the module's tests share its sandbox
 
 
 def test_a_forged_reply_cannot_make_a_cell_read_as_killed_by_a_limit(sb: Sandbox) -> None:

@@ -389,6 +389,22 @@ class TinyPieces(Hostile):
         return super().exec(argv)
 
 
+def test_an_async_sandbox_knows_the_least_piece_of_its_policy_too() -> None:
+    # Its calls go through a bridge that carried its memory, not its policy: the floor was 512.
+    import asyncio
+
+    from stockade.transfer import _Blocking, _least_piece
+
+    class Held:
+        policy = Policy(max_file_size_bytes=1 << 20)
+        memory_mb = 256
+
+    async def bridged() -> int:
+        return _least_piece(_Blocking(Held(), asyncio.get_running_loop()))  # type: ignore[arg-type]
+
+    assert asyncio.run(bridged()) == _least_piece(Held()) == 64 << 10
+
+
 def test_a_download_cut_in_pieces_smaller_than_the_policy_needs_is_refused(
     hostile_box: Sandbox, tmp_path: Path
 ) -> None:

@@ -91,3 +91,14 @@ def test_an_image_that_is_no_base64_text_is_left_out_and_its_text_stays() -> Non
         cell = read_cell({"execution_count": 1, "outputs": [{"kind": "display_data", "data": data}], "exception": None})
         assert cell is not None and cell.results[0].data == {"text/plain": "<Figure>", "image/jpeg": good}, bad
         assert cell.results[0].png is None
+
+
+def test_an_image_in_base64_with_line_breaks_is_kept_without_them() -> None:
+    # base64.encodebytes writes a line break every 76 characters; IPython takes a _repr_png_ so written.
+    import base64
+
+    written = base64.encodebytes(bytes(range(256))).decode()
+    data = {"text/plain": "<Figure>", "image/png": written}
+    cell = read_cell({"execution_count": 1, "outputs": [{"kind": "display_data", "data": data}], "exception": None})
+    assert cell is not None and cell.results[0].png == bytes(range(256))
+    assert "\n" not in cell.results[0].data["image/png"]

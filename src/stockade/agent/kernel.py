@@ -119,6 +119,7 @@ def _own_modules() -> None:
     there (a data script's name) would be taken for them and break every cell, restarts included.
     Loaded now too, not when a cell fails or is interrupted: an interrupted cell's account then
     comes at once (its grace before a kill is short), whatever the isolate's speed."""
+    global _own_path
     import ast
     import io
     import linecache
@@ -127,6 +128,10 @@ def _own_modules() -> None:
     import warnings
 
     del ast, io, linecache, tokenize, traceback, warnings
+    _own_path = sys.path[:]  # for what is imported later (_own_import)
+
+
+_own_path: list[str] = []  # the agent's module path, before the cells' (their directory first)
 
 
 def _serve(namespace: dict[str, Any]) -> None:
@@ -228,13 +233,19 @@ def _as_cells_set_it() -> None:
     """In a process a cell forks: SIGINT as the cells set it, and Python's own signal functions (no
     cell of this interpreter's runs there, and none ends between cells); and none of the pipes the
     cells come on and are answered on, which are the interpreter's alone."""
+    global _pipes_closed
     signal.signal, signal.getsignal = _set_handler, _get_handler
     _set_handler(signal.SIGINT, _interrupt.cells_handler)
-    for fd in (3, 4):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    if not _pipes_closed:  # only in the interpreter's own children: below them, 3 and 4 are theirs
+        _pipes_closed = True  # (inherited by what they fork)
+        for fd in (3, 4):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_pipes_closed = False  # in a process a cell forked: the interpreter's pipes, closed
 
 
 def _heed_signals() -> None:
@@ -449,8 +460,8 @@ def _own_import(name: str) -> Any:
     for a cell that awaits), imported without the cells' working directory on the path."""
     if name not in sys.modules:
         cells_path = sys.path[:]
-        sys.path[:] = [p for p in cells_path if p]  # "": the working directory, the cells' own
         try:
+            sys.path[:] = _own_path  # not the cells' (their directory, "." or PYTHONPATH's entries)
             __import__(name)
         finally:
             sys.path[:] = cells_path

@@ -110,13 +110,13 @@ class Worker:
 
     def serve(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         sockets = [socket.socket(fileno=fd) for fd in fds]
-        if self.gate is not None or len(sockets) != 2:
-            for sock in sockets:
-                sock.close()
-            raise ValueError("serve takes a listener and a name service socket, once")
         refused = message.get("refused") or []
         if not isinstance(refused, list) or not all(isinstance(a, str) for a in refused):
-            raise ValueError("serve's refused addresses are a list of addresses")
+            refused = None
+        if self.gate is not None or len(sockets) != 2 or refused is None:
+            for sock in sockets:
+                sock.close()
+            raise ValueError("serve takes a listener and a name service socket, once, and addresses to refuse")
         gate = Gate(Policy(**message["policy"]), message.get("values") or {}, self.refused,
                     message.get("upstream_ca"), message.get("pinned_hosts"), refused)  # fmt: skip
         self.stop = proxy().serve(gate, *sockets)

@@ -175,6 +175,10 @@ class RayPlacement:
             if reservation is None:
                 reservation = await self._reserve(policy, runtime, bundle)
             node, isolate_id, asked = None, uuid.uuid4().hex, False
+            # Bounded: an actor alive but wedged would hold this claim, its room and the daemon's
+            # shutdown (which waits for claims) for good. Its own expiry, not a node's TimeoutError
+            # (Ray raises a node's exception as its class: a start that timed out there).
+            hand_over = asyncio.timeout(self.config.claim_timeout * 4)
             try:
                 node = self.cluster.nodes.get(reservation.node_id)
                 if node is None or node.dead:
@@ -191,21 +195,19 @@ class RayPlacement:
                 chooses = policy.trust is not None and not policy.runtime and not policy.isolation
                 placed = policy.replace(runtime=runtime) if chooses else policy
                 asked = True
-                # Bounded: an actor alive but wedged would hold this claim, its room and the daemon's
-                # shutdown (which waits for claims) for good.
-                info = await asyncio.wait_for(
-                    node.actor.acquire.remote(placed.canonical_json(), isolate_id), self.config.claim_timeout * 4
-                )
+                async with hand_over:
+                    info = await node.actor.acquire.remote(placed.canonical_json(), isolate_id)
             except Exception as exc:
                 await removed(reservation.group)
-                if not lost_node(exc) and not isinstance(exc, TimeoutError):
+                wedged = hand_over.expired()
+                if not lost_node(exc) and not wedged:
                     raise
                 if asked and node is not None and not actor_died(exc):
                     self._forget(node, isolate_id)  # the actor may live on and have handed it over
                 if (doubtful := self.cluster.nodes.get(reservation.node_id)) is not None:
                     doubtful.suspect = True  # what is kept there is given back, not tried next
                     doubtful.dead = doubtful.dead or (doubtful is node and actor_died(exc))
-                if isinstance(exc, TimeoutError):
+                if wedged:
                     exc = RuntimeUnavailableError(
                         f"the Ray node {reservation.node_id} did not hand an isolate over within "
                         f"{self.config.claim_timeout * 4:g} s"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import socket
 import time
@@ -30,6 +31,7 @@ from .config import LocalPlacementConfig
 from .local import LocalPlacement
 
 OUTPUT, RESULT = "out", "result"
+log = logging.getLogger("stockade.placement")
 _GIVEN_UP_KEPT = 4096  # ids released before their hand-over, remembered (the oldest forgotten first)
 _PEERS_TTL_S = 30.0  # how long a look at the cluster's machines is taken for the egress of hand-overs
 
@@ -93,7 +95,7 @@ class StockadeNode:
             node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
             nodes = [str(n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
             refuse_cluster_networks(networks, [node_ip, context.gcs_address, *nodes])
-        self._peers_at = 0.0
+        self._peers_at = time.monotonic()
         self._refuse_peers()
         self.node_id = context.get_node_id()
         # The node's own isolates are a local placement's: its warm pools, its hand-overs.
@@ -120,7 +122,6 @@ class StockadeNode:
         texts = [str(ray.util.get_node_ip_address()), self._gcs_address]  # type: ignore[no-untyped-call]
         texts += [str(n.get("NodeManagerAddress", "")) for n in ray.nodes()]  # type: ignore[no-untyped-call]
         refuse_peers(a for text in texts if _host_of(text) for a in _resolved(_host_of(text)))
-        self._peers_at = time.monotonic()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -139,7 +140,11 @@ class StockadeNode:
             raise SandboxError(f"isolate {isolate_id} was already handed over or given up on node {self.node_id}")
         policy = Policy(**json.loads(policy_json))
         if time.monotonic() - self._peers_at > _PEERS_TTL_S:
-            await asyncio.to_thread(self._refuse_peers)  # a GCS call, and names resolved
+            self._peers_at = time.monotonic()  # one look at a time: the acquires meanwhile take the last
+            try:
+                await asyncio.to_thread(self._refuse_peers)  # a GCS call, and names resolved
+            except Exception as exc:  # noqa: BLE001 - the last look stands
+                log.warning("the cluster's machines could not be looked at again (the last look stands): %s", exc)
         sandbox = await self.local.acquire(policy)
         if self._given_up.pop(isolate_id, 0) is None:  # released while it was being made
             await self.local.release(sandbox)

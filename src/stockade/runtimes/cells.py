@@ -56,8 +56,9 @@ def _output(said: Any, budget: list[int]) -> CellOutput:
     if not all(isinstance(mime, str) for mime in data):
         raise ValueError("a cell output's MIME types are text")
     kept = {}
-    for mime, value in data.items():
-        if mime in _BASE64_TYPES and not _base64(value):
+    for mime, said_value in data.items():
+        value = _base64(said_value) if mime in _BASE64_TYPES else said_value
+        if value is None and mime in _BASE64_TYPES:
             continue  # an image that is no base64 text is left out (a client would decode it); its text stays
         if isinstance(value, str):
             kept[utf8_text(mime)] = utf8_text(value)
@@ -73,14 +74,17 @@ def _output(said: Any, budget: list[int]) -> CellOutput:
 _BASE64_TYPES = frozenset({"image/png", "image/jpeg"})
 
 
-def _base64(value: Any) -> bool:
+def _base64(value: Any) -> str | None:
+    """``value`` as base64 text without its line breaks (``base64.encodebytes`` writes them, and
+    IPython takes a ``_repr_png_`` so written), or None when it is not base64."""
     if not isinstance(value, str):
-        return False
+        return None
+    bare = "".join(value.split())
     try:
-        base64.b64decode(value, validate=True)
+        base64.b64decode(bare, validate=True)
     except ValueError:  # binascii.Error; a character past ASCII
-        return False
-    return True
+        return None
+    return bare
 
 
 def _exception(said: Any) -> CellException:
