@@ -37,9 +37,7 @@ from ..protocol.models import (
 from ..runtimes.spawned import SHARED_SLICE_S, Process
 from ..settings import current
 from .held import Held
-
-if TYPE_CHECKING:
-    from .controller import ExecutionListener
+from .parts import ControllerCalls
 
 T = TypeVar("T")
 # Processes of one held sandbox the daemon remembers (the agent holds at most 64 live ones).
@@ -58,14 +56,13 @@ FIRST_UNPRIVILEGED_PORT = 1024
 DEFAULT_ADDRESS = "127.0.0.1"  # where a caller that is not root publishes (parse_publish's default)
 
 
-class BackgroundProcesses:
+class BackgroundProcesses(ControllerCalls):
     """Controller methods for background processes; mixed into ``Controller`` beside ``HeldSandboxes``."""
 
     if TYPE_CHECKING:  # the HeldSandboxes mixin's, which this works beside
 
         async def _held_call(self, request: SandboxRef, caller: Caller, call: Callable[[Held], Awaitable[T]]) -> T: ...
         async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
-        def _tell(self, event: Callable[[ExecutionListener], None]) -> None: ...
 
     async def spawn(self, request: SandboxSpawn, caller: Caller) -> ProcessInfo:
         check_call_size("stdin", request.stdin_bytes())  # before it waits its turn holding the data

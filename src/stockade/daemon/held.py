@@ -16,9 +16,8 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from ..errors import (
     InvalidRequestError,
@@ -26,7 +25,6 @@ from ..errors import (
     SandboxLostError,
 )
 from ..placement import Isolate, Placement
-from ..policy import Policy
 from ..protocol.models import (
     Caller,
     Closed,
@@ -36,16 +34,13 @@ from ..protocol.models import (
     SandboxInfo,
     SandboxRef,
 )
-from ..result import ExecResult
 from ..runtimes.agent_requests import check_call_timeout
 from ..runtimes.spawned import Process
 from ..runtimes.violations import Leftovers
 from .answers import AnswerBudget
 from .config import DaemonConfig
+from .parts import ControllerCalls
 from .slots import Slots
-
-if TYPE_CHECKING:
-    from .controller import ExecutionListener
 
 T = TypeVar("T")
 log = logging.getLogger("stockade.daemon")
@@ -91,7 +86,7 @@ class Held:
         return self.last_used if seen is None else max(self.last_used, seen)
 
 
-class HeldSandboxes:
+class HeldSandboxes(ControllerCalls):
     """The held sandboxes of a ``Controller``, and its methods that act on them."""
 
     # What the controller provides (controller.py).
@@ -107,16 +102,6 @@ class HeldSandboxes:
     _closing: set[asyncio.Task[None]]  # sandboxes being closed (idle ones, and every close in flight)
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
     _waiting: dict[str, tuple[int, int]]  # owner -> its calls waiting for a held sandbox's turn, their bytes
-
-    if TYPE_CHECKING:  # the other parts' and the controller's own (no stub of them here shadows them)
-
-        def runtime_for(self, policy: Policy) -> str: ...
-        def _track(self, delta: int) -> None: ...
-        async def _take_slot(self, caller: Caller) -> None: ...
-        def _observe(
-            self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None
-        ) -> None: ...
-        def _tell(self, event: Callable[[ExecutionListener], None]) -> None: ...
 
     async def create(self, request: SandboxCreate, caller: Caller) -> SandboxCreated:
         policy = request.policy

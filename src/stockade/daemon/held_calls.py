@@ -47,6 +47,7 @@ from ..runtimes.agent_requests import code_request, exec_params
 from ..runtimes.verdict import OutputCallback
 from .answers import AnswerBudget, answer_size
 from .held import Held
+from .parts import ControllerCalls
 
 T = TypeVar("T")
 
@@ -63,7 +64,7 @@ MAX_WAITING_CALLS = 64
 MAX_WAITING_BYTES = 64 << 20
 
 
-class HeldCalls:
+class HeldCalls(ControllerCalls):
     """The calls of a ``Controller``'s held sandboxes."""
 
     # What the controller provides (controller.py, held.py).
@@ -72,12 +73,8 @@ class HeldCalls:
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
     _waiting: dict[str, tuple[int, int]]  # owner -> its calls waiting for a held sandbox's turn, their bytes
 
-    if TYPE_CHECKING:  # the other parts' and the controller's own (no stub of them here shadows them)
+    if TYPE_CHECKING:  # HeldSandboxes' (held.py), which this works beside (no stub of them here shadows them)
 
-        def _track(self, delta: int) -> None: ...
-        def _observe(
-            self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None
-        ) -> None: ...
         def _lookup(self, request: SandboxRef, caller: Caller) -> Held: ...
         def _watch_idle(self, held: Held, delay: float | None = None) -> None: ...
 

@@ -13,18 +13,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..errors import NotFoundError, RunCancelledError
 from ..placement import Isolate, Placement
-from ..policy import Policy
 from ..protocol.models import Caller, Cancelled, CancelRequest, ExecuteRequest
 from ..result import ExecResult, TerminationReason, new_id
 from ..runtimes.agent_requests import code_params, exec_params
 from ..runtimes.verdict import OutputCallback
 from ..runtimes.violations import Leftovers, ViolationReport
-from .held import LEFTOVERS_WAIT_S, Held
+from .held import LEFTOVERS_WAIT_S
 from .held_calls import MAX_ERROR_CHARS, settle_once
+from .parts import ControllerCalls
 from .slots import Slots
 
 log = logging.getLogger("stockade.daemon")
@@ -47,7 +46,7 @@ class Running:
     cancelled: str | None = None  # why, once ``execute.cancel`` ended it
 
 
-class OneShotRuns:
+class OneShotRuns(ControllerCalls):
     """The one-shot runs of a ``Controller``, and its methods that start, end and tell them."""
 
     # What the controller provides (controller.py).
@@ -58,15 +57,6 @@ class OneShotRuns:
     _teardowns: dict[Isolate, asyncio.TimerHandle]
     _recording: set[asyncio.Task[None]]
     _cold_starts: set[asyncio.Task[None]]
-
-    if TYPE_CHECKING:  # the other parts' and the controller's own (no stub of them here shadows them)
-
-        def runtime_for(self, policy: Policy) -> str: ...
-        def _track(self, delta: int) -> None: ...
-        async def _take_slot(self, caller: Caller) -> None: ...
-        def _observe(
-            self, caller: Caller, agent_id: str | None, result: ExecResult, held: Held | None = None
-        ) -> None: ...
 
     def _dispose_after_answer(self, sandbox: Isolate) -> None:
         """Kill ``sandbox`` right after its answer is written; tear it down a little later.
