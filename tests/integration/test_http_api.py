@@ -144,6 +144,8 @@ def test_a_request_of_many_wrong_items_is_refused_by_its_count_before_its_items_
         ("/api/v1/sandboxes", {"policy": {"allowed_hosts": wrong}}, "allowed_hosts: List should have at most 256"),
         ("/api/v1/sandboxes", {"policy": {f"k{i}": 0 for i in range(99_999)}},
          "k9: unknown field; policy: 99989 more unknown fields"),
+        ("/api/v1/sandbox/execute", {"agent_id": "a", "code": "1", **{f"k{i}": 0 for i in range(99_999)}},
+         "99999 unknown fields ('k0', 'k1', 'k2', 'k3', 'k4', 'k5', 'k6', 'k7', 'k8', 'k9', ...)"),
     ):  # fmt: skip
         answer = http.post(path, json=body)
         assert answer.status_code in (400, 422), (path, answer.status_code, answer.text[:300])

@@ -30,7 +30,7 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -56,6 +56,7 @@ from ..protocol.models import (
     request_error,
     unknown_field,
 )
+from ..protocol.models import Request as RequestBody
 from ..result import ExecResult
 from ..rpc.methods import read_request
 from . import sandboxfusion, seed
@@ -70,10 +71,8 @@ T = TypeVar("T")
 POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
 
 
-class HttpSandboxCreate(BaseModel):
+class HttpSandboxCreate(RequestBody):
     """``POST /api/v1/sandboxes``: a held sandbox (closed by DELETE or after its idle timeout)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     policy: dict[str, Any] | None = Field(default=None, description="Policy fields; the defaults when left out")
     idle_timeout: float | None = Field(
@@ -82,9 +81,7 @@ class HttpSandboxCreate(BaseModel):
     agent_id: str | None = Field(default=None, min_length=1, max_length=128)
 
 
-class HttpExec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class HttpExec(RequestBody):
     command: Argv
     cwd: str | None = None
     stdin: str | None = None
@@ -92,9 +89,7 @@ class HttpExec(BaseModel):
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
-class HttpRunCode(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class HttpRunCode(RequestBody):
     code: str
     language: str = "python"
     stdin: str | None = None

@@ -7,24 +7,21 @@ import base64
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..protocol.models import Argv, Env, ProcessInfo, ProcessList, ProcessOutput, Published
+from ..protocol.models import Request as RequestBody
 from .door import HttpDoor
 
 
-class HttpSpawn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class HttpSpawn(RequestBody):
     command: Argv
     cwd: str | None = None
     env: Env | None = None
     stdin_b64: str | None = Field(default=None, description="its first input, base64")
 
 
-class HttpPublish(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class HttpPublish(RequestBody):
     port: int | str = Field(description="PORT, HOST_PORT:PORT or ADDRESS:HOST_PORT:PORT (a loopback address)")
 
 

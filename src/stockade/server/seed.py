@@ -26,12 +26,12 @@ from __future__ import annotations
 import functools
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from ..errors import PolicyError
 from ..limits import MAX_LIST_ITEMS
 from ..policy import MAX_CPU, MAX_MEMORY_MB, MAX_TIMEOUT_S, Policy
-from ..protocol.models import Argv, Env, ExecuteRequest, Language
+from ..protocol.models import Argv, Env, ExecuteRequest, Language, Request
 from ..result import ExecResult, SecurityViolation
 
 SeedRuntime = Literal["gvisor", "firecracker", "microvm", "process"]
@@ -47,11 +47,9 @@ REMEDIATION = {
 DEFAULT_REMEDIATION = "Review the code: it tried something its policy does not allow; the attempt was blocked."
 
 
-class SeedExecuteRequest(BaseModel):
+class SeedExecuteRequest(Request):
     """``POST /api/v1/sandbox/execute``: the seed's fields, and stockade's ``language``,
     ``command``, ``trust_level`` and ``stdin``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     agent_id: Annotated[str, Field(min_length=1, max_length=128, description="who the run is for")]
     code: str | None = Field(default=None, description="the code to run (or give command)")
