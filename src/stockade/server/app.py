@@ -22,14 +22,12 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -37,8 +35,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..daemon.controller import Controller
 from ..daemon.methods import METHODS
-from ..errors import HTTP_STATUS, InvalidRequestError, PolicyError, StockadeError, printable
-from ..jsonvalues import too_many_values
+from ..errors import HTTP_STATUS, InvalidRequestError, StockadeError, printable
 from ..limits import stdin_bytes
 from ..policy import Policy, default_policy
 from ..protocol.models import (
@@ -53,22 +50,17 @@ from ..protocol.models import (
     Interrupted,
     SandboxCreated,
     SandboxInfo,
-    request_error,
-    unknown_field,
 )
 from ..protocol.models import Request as RequestBody
 from ..result import ExecResult
 from ..rpc.methods import read_request
 from . import sandboxfusion, seed
+from .bodies_refused import JsonBodyRoute, checked, invalid_body
 from .door import ErrorBody, Guard, HttpDoor, describe_bearer, error_response, routed_path
 from .processes import RAW_BODY, add_process_routes
 from .sse import ClientDisconnected, event_stream, run_while_connected, until_disconnect
 
 log = logging.getLogger("stockade.daemon")
-
-T = TypeVar("T")
-# Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
-POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
 
 
 class HttpSandboxCreate(RequestBody):
@@ -105,32 +97,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# Request fields that are the policy's (seed 003's names, and a held sandbox's ``policy``).
-POLICY_FIELDS = {"policy", *seed.POLICY_FIELDS}
-
-
-class JsonBodyRoute(APIRoute):
-    """A route whose body is parsed as JSON (a request model) counts its values first: more than
-    ``MAX_REQUEST_VALUES`` are refused unparsed, as on the socket (each is a Python object once
-    parsed: 16 MiB of ``[{},{},...]`` took the daemon half a GiB). A route that reads its body raw
-    (a file written, a process's stdin) has no body field, and its bytes are data, never counted."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-        if self.body_field is None:
-            return handle
-
-        async def counted(request: Request) -> Response:
-            # Whatever its Content-Type says: FastAPI reads one of any case ("application/JSON") as
-            # JSON, and a test of the header's text let such a body be parsed uncounted. (The body
-            # read once: the handler is given it as kept.)
-            if (said := too_many_values(await request.body())) is not None:
-                return error_response(InvalidRequestError(said))
-            return await handle(request)
-
-        return counted
-
-
 def create_app(door: HttpDoor) -> FastAPI:
     app = FastAPI(
         redirect_slashes=False,  # /api/v1/sandboxes/ is not found, never redirected to another method's route
@@ -165,33 +131,7 @@ def create_app(door: HttpDoor) -> FastAPI:
     async def client_gone(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # nobody reads it: the metrics do
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        content_type = request.headers.get("content-type", "")
-        lowered = content_type.lower()  # a media type's case is not its own (FastAPI reads any as JSON)
-        if request.method in ("POST", "PUT") and "json" not in lowered and "octet-stream" not in lowered:
-            if any(tuple(err.get("loc", ())) == ("body",) for err in exc.errors()):
-                message = f"send the body as JSON, with 'Content-Type: application/json' (not {content_type!r})"
-                return JSONResponse({"error": message, "code": "invalid_request"}, status_code=400)
-        if any(err.get("type") == "json_invalid" for err in exc.errors()):
-            return JSONResponse(
-                {"error": "Invalid JSON in the request body", "code": "invalid_request"}, status_code=400
-            )
-        parts, fields = [], set()
-        body_field = getattr(request.scope.get("route"), "body_field", None)
-        model = getattr(getattr(body_field, "field_info", None), "annotation", None)  # the route's body model
-        guessed = 0
-        for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-            fields.add(loc[0] if loc else "")
-            said = str(err.get("msg", "")).removeprefix("Value error, ")
-            if err.get("type") == "extra_forbidden" and loc:
-                said, guessed = unknown_field(loc, model, guessed), guessed + 1
-            parts.append(f"{'.'.join(loc) or 'body'}: {said}")
-        text = "; ".join(parts)[:2000]
-        if fields <= POLICY_FIELDS:  # only the policy is wrong: answered as the other doors answer it
-            return error_response(PolicyError(f"invalid policy: {text}"))
-        return error_response(InvalidRequestError(f"invalid request: {text}"))
+    app.exception_handler(RequestValidationError)(invalid_body)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -212,7 +152,7 @@ def create_app(door: HttpDoor) -> FastAPI:
         """Run code or a command in a fresh isolate (seed 003); ``?stream=true`` sends its
         output as server-sent events (``output``, then ``result`` or ``error``)."""
         door.check_agent(body.agent_id)
-        job = _checked(body.to_request)
+        job = checked(body.to_request)
         caller = door.caller(request)
         execute = METHODS["execute"]
         if stream:
@@ -493,16 +433,6 @@ def create_app(door: HttpDoor) -> FastAPI:
         return Response(status_code=204)
 
     return app
-
-
-def _checked(build: Callable[[], T]) -> T:
-    """A request translated into stockade's model; pydantic's complaint, by field name."""
-    from pydantic import ValidationError
-
-    try:
-        return build()
-    except ValidationError as exc:
-        raise request_error(exc, "request") from None
 
 
 async def _held_run(door: HttpDoor, caller: Caller, name: str, sandbox_id: str, body: BaseModel, stream: bool) -> Any:
