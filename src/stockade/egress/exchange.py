@@ -16,15 +16,17 @@ import http
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import h11
 
 from ..result import EgressRequest
+from . import tunnel_check
 from .allowlist import canonical_host
 from .gate import Flow, Gate
-from .heads import end_to_end, for_bound_host, head_size, split_authority
+from .heads import end_to_end, for_bound_host, for_host, head_size, split_authority
 from .resolver import Refused, Unreachable, resolve
 
 _CHUNK = 65536
@@ -111,14 +113,18 @@ class Exchange:
         record.allowed = True
         # In the account before the isolate hears the tunnel is open (flows: gate.py).
         flow = self.gate.open_flow(record, self.writer.get_extra_info("socket"))
+        refused: str | None = None
         try:
             self.writer.write(client.send(h11.Response(status_code=200, headers=[], reason=b"Connection established")))
-            if leftover := client.trailing_data[0]:
-                up_writer.write(leftover)
-                record.bytes_sent += len(leftover)
-            await _relay_both(self.reader, self.writer, up_reader, up_writer, flow)
+            # Its first bytes held until they show the host they are for (tunnel_check.py: no fronting).
+            first = client.trailing_data[0]
+            refused = await _relay_both(self.reader, self.writer, up_reader, up_writer, flow, first,
+                                        lambda held: tunnel_check.check(held, host))  # fmt: skip
         finally:
-            self.gate.close_flow(flow)
+            if refused is None:
+                self.gate.close_flow(flow)
+            else:
+                self.gate.close_refused(flow, refused)
 
     async def _terminate(
         self, host: str, port: int, leftover: bytes, up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter
@@ -243,8 +249,11 @@ class Exchange:
             record.allowed, record.reason = False, "a request framed two ways (a length and chunks, or two lengths)"
             await self._refuse(client, 400, record)
             return False
+        default_port = 443 if terminated else 80
         if guarded:
-            headers = for_bound_host(headers, host, port)
+            headers = for_bound_host(headers, host, port, default_port)
+        else:
+            headers = for_host(headers, host, port, default_port)
         if terminated:
             headers, record.secrets_used = self.gate.substitute(host, port, headers)
         flow = self.gate.open_flow(record)  # in the account before a byte of it is sent
@@ -412,23 +421,40 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, head: 
 async def _relay_both(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, flow: Flow,
-) -> None:  # fmt: skip
-    """Copy both ways until both ends have finished, counting into ``flow`` as bytes pass."""
+    first: bytes, check: Callable[[bytes], str | tunnel_check.Need | None],
+) -> str | None:  # fmt: skip
+    """Copy both ways until both ends have finished, counting into ``flow`` as bytes pass; the
+    isolate's ``first`` bytes (and what follows) held until ``check`` passes them. What it
+    refused them for: both ends are closed then, nothing of them sent."""
     record = flow.record
+    refused: str | None = None
+
+    async def read() -> bytes:
+        flow.reading = True
+        try:
+            return await asyncio.wait_for(reader.read(_CHUNK), IDLE_TIMEOUT_S)
+        finally:
+            flow.reading = False
 
     async def to_host() -> None:
+        nonlocal refused
         try:
-            while True:
-                flow.reading = True
-                try:
-                    data = await asyncio.wait_for(reader.read(_CHUNK), IDLE_TIMEOUT_S)
-                finally:
-                    flow.reading = False
-                if not data:
+            data = first
+            while (said := check(data) if data else tunnel_check.MORE) is not None:
+                if isinstance(said, str):
+                    refused = said
+                    up_writer.transport.abort()
+                    writer.transport.abort()
+                    return
+                if not (more := await read()):
+                    data = b""  # ended before its first bytes said what they are: none are sent
                     break
+                data += more
+            while data:
                 record.bytes_sent += len(data)
                 up_writer.write(data)
                 await _drained(up_writer)
+                data = await read()
             if up_writer.can_write_eof():
                 up_writer.write_eof()
         except (ConnectionError, OSError, TimeoutError):
@@ -449,3 +475,4 @@ async def _relay_both(
 
     await asyncio.gather(to_host(), to_isolate())
     up_writer.transport.abort()
+    return refused

@@ -237,6 +237,15 @@ class Gate:
             self._flows.discard(flow)
             self._keep(flow.take(closing=True))
 
+    def close_refused(self, flow: Flow, reason: str) -> None:
+        """A tunnel refused for what it carried once open: its record a refusal (counted as one)."""
+        with self._lock:
+            flow.record.allowed, flow.record.reason = False, reason
+            self._flows.discard(flow)
+            self._keep(flow.take(closing=True))
+        if self.on_refused is not None:
+            self.on_refused(flow.record)
+
     def open_flows(self) -> list[Flow]:
         with self._lock:
             return list(self._flows)

@@ -32,22 +32,30 @@ def split_authority(target: str, default_port: int) -> tuple[str, int]:
     return canonical_host(host), port
 
 
-# Request headers a bound host never gets from the isolate: its own Host (set from the tunnel's
-# target: no fronting to another origin on a shared front), the headers a front routes by instead
-# of Host (the same fronting), encodings and ranges (a compressed or partial reply could carry a
-# value past the redactor).
-_DROPPED_FOR_BOUND = (b"host", b"forwarded", b"x-original-url", b"x-rewrite-url", b"accept-encoding", b"te",
-                      b"range", b"if-range")  # fmt: skip
+# Request headers no host gets from the isolate: its own Host (set from the target the proxy
+# checked: no fronting to another site behind a shared front), and the headers a front routes by
+# instead of Host (the same fronting).
+_FRONTING = (b"host", b"forwarded", b"x-original-url", b"x-rewrite-url")
+# And what a bound host never gets: encodings and ranges (a compressed or partial reply could
+# carry a value past the redactor).
+_UNREADABLE = (b"accept-encoding", b"te", b"range", b"if-range")
 
 
-def for_bound_host(headers: list[tuple[bytes, bytes]], host: str, port: int) -> list[tuple[bytes, bytes]]:
-    authority = host if port == 443 else f"{host}:{port}"
-    if ":" in host:
-        authority = f"[{host}]" if port == 443 else f"[{host}]:{port}"
-    kept = [
-        (n, v) for n, v in headers if n.lower() not in _DROPPED_FOR_BOUND and not n.lower().startswith(b"x-forwarded-")
-    ]
-    return [(b"host", authority.encode()), *kept, (b"accept-encoding", b"identity")]
+def for_host(headers: list[tuple[bytes, bytes]], host: str, port: int, default_port: int) -> list[tuple[bytes, bytes]]:
+    """``headers`` as they go to ``host``: its own authority as their ``Host``, nothing to route by instead."""
+    authority = f"[{host}]" if ":" in host else host
+    if port != default_port:
+        authority = f"{authority}:{port}"
+    kept = [(n, v) for n, v in headers if n.lower() not in _FRONTING and not n.lower().startswith(b"x-forwarded-")]
+    return [(b"host", authority.encode()), *kept]
+
+
+def for_bound_host(
+    headers: list[tuple[bytes, bytes]], host: str, port: int, default_port: int
+) -> list[tuple[bytes, bytes]]:
+    """As ``for_host``, asking for replies the redactor can read whole."""
+    kept = [(n, v) for n, v in for_host(headers, host, port, default_port) if n.lower() not in _UNREADABLE]
+    return [*kept, (b"accept-encoding", b"identity")]
 
 
 # Headers of one hop (RFC 9110 7.6.1), never passed on, and the framing, which the proxy writes itself.
