@@ -406,6 +406,26 @@ def test_a_server_that_chatters_without_end_is_cut_off_and_its_stderr_cannot_ste
     anyio.run(go)
 
 
+@pytest.mark.parametrize("lifecycle", ["ephemeral", "persistent"])
+def test_a_servers_environment_values_are_never_quoted_from_its_words(manager: RuntimeManager, lifecycle: str) -> None:
+    # Its stderr's last lines, and its error answers, go to the caller, the logs and the audit log:
+    # an env value (where most servers take their keys) in them was said as it is.
+    key = "s3cr3t-hostile-value"
+    server = hostile(lifecycle=lifecycle, env={"HOSTILE_KEY": key, "MODE": "debug"})
+    host = ToolHost(config(bad=server), manager)
+
+    async def go() -> None:
+        async with host:
+            with pytest.raises(ToolError, match="exited with 5") as ended:
+                await host.call("bad", "confess")
+            assert "token=[REDACTED:HOSTILE_KEY]" in str(ended.value) and key not in str(ended.value)
+            with pytest.raises(ToolError, match="answered error -32001") as answered:
+                await host.call("bad", "confess", {"how": "error"})
+            assert str(answered.value).endswith("bad key [REDACTED:HOSTILE_KEY]"), answered.value
+
+    anyio.run(go)
+
+
 def test_a_flooding_server_is_cut_off(manager: RuntimeManager) -> None:
     host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
 
@@ -464,6 +484,8 @@ def test_a_fetch_server_reaches_its_allowed_host_through_the_proxy_and_nothing_e
          r"no unikernel runtime"),
         ({"mcp_servers": {"s": {"command": "x", "lifecycle": "persistent", "tools": {"t": {"memory_mb": 64}}}}},
          r"mcp_servers\.s: tools\.t\.memory_mb: the tools of a persistent server share its isolate"),
+        ({"mcp_servers": {"s": {"command": "x", "lifecycle": "persistent", "tools": {"t": {"env_vars": {"A": "b"}}}}}},
+         r"mcp_servers\.s: tools\.t\.env_vars: the tools of a persistent server share its isolate"),
         ({"mcp_servers": {"s": {"command": "x", "network_enabled": True}}},
          r"mcp_servers\.s\.network_enabled: name the hosts it may reach"),
         ({"mcp_servers": {"s": {"command": "x", "mounts": [{"host_path": "/proc", "guest_path": "/p"}]}}},

@@ -53,7 +53,7 @@ def count_values(data: Any, limit: int) -> int:
 
 ExecutionMode = Literal["direct", "process", "gvisor", "microvm", "unikernel", "isolated"]
 # An isolate's own options: a persistent server's tools share one isolate, so these are the server's.
-ISOLATE_OPTIONS = ("execution_mode", "memory_mb", "vcpus", "network_enabled", "mounts")
+ISOLATE_OPTIONS = ("execution_mode", "memory_mb", "vcpus", "network_enabled", "mounts", "env_vars")
 # What a unikernel would need, and why this host has none: as `stockade doctor` words a missing runtime.
 UNIKERNEL_REFUSED = (
     "execution_mode 'unikernel' is not offered here: stockade has no unikernel runtime (its runtimes are "

@@ -32,6 +32,7 @@ from mcp.types import CONNECTION_CLOSED
 from pydantic import ValidationError
 
 from ..audit import MAX_AUDITED_EGRESS, short_text
+from ..egress.redact import Redactor
 from ..errors import ConfigError, StockadeError, printable
 from ..policy import Policy
 from ..runtimes.manager import RuntimeManager, default_manager
@@ -122,6 +123,7 @@ class ToolHost:
         self._live: dict[str, _Live] = {}
         self._starting: dict[str, anyio.Lock] = {}
         self._budgets: dict[str, ReadBudget] = {}  # by server: every process of one draws on its one
+        self._redactors: dict[str, Redactor | None] = {}  # by server: its environment's values (_hidden)
         # And each on ``budget`` too: a daemon's, per caller, who could otherwise bring fresh budgets with
         # each config it sends (a server renamed is another one), all read by the daemon's process.
         self._caller_budget = budget
@@ -170,10 +172,25 @@ class ToolHost:
                 f"{', '.join(sorted(server.tools)) or 'no tools'} (expose: listed)"
             )
         timeout = self._timeout(server_id, tool)
-        with _unwrapped():
-            if server.lifecycle == "persistent":
-                return await self._call_persistent(server_id, server, tool, arguments or {}, timeout)
-            return await self._call_ephemeral(server_id, server, tool, arguments or {}, timeout)
+        try:
+            with _unwrapped():
+                if server.lifecycle == "persistent":
+                    return await self._call_persistent(server_id, server, tool, arguments or {}, timeout)
+                return await self._call_ephemeral(server_id, server, tool, arguments or {}, timeout)
+        except ToolError as exc:
+            raise self._hidden_in(server_id, exc) from None
+
+    def _hidden(self, server_id: str) -> Redactor | None:
+        """What stands for each value of ``server_id``'s environment in what is said of it: a
+        server's words (its stderr, its errors) go to the caller, logs and the audit log, and the
+        values of its ``env`` are often its keys."""
+        if server_id not in self._redactors:
+            self._redactors[server_id] = hidden_values(self.config.server(server_id))
+        return self._redactors[server_id]
+
+    def _hidden_in(self, server_id: str, exc: ToolError) -> ToolError:
+        hidden = self._hidden(server_id)
+        return ToolError(hidden.text(str(exc)), exc.verdict) if hidden is not None else exc
 
     def _budget(self, server_id: str) -> ReadBudget:
         budget = self._budgets.get(server_id)
@@ -205,7 +222,9 @@ class ToolHost:
                 async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
                     return await _within(timeout, server_id, ask(session))
         except MCPError as exc:
-            raise _answered_error(server_id, exc) from None
+            raise self._hidden_in(server_id, _answered_error(server_id, exc)) from None
+        except ToolError as exc:
+            raise self._hidden_in(server_id, exc) from None
 
     async def _call_ephemeral(
         self, server_id: str, server: ServerConfig, tool: str, arguments: dict[str, Any], timeout: float
@@ -235,7 +254,7 @@ class ToolHost:
         self, server_id: str, server: ServerConfig, tool: str | None
     ) -> AsyncIterator[tuple[ClientSession, Sandbox | None, ServerOutput]]:
         policy = self.config.policy_for(server_id, tool)
-        output = ServerOutput()
+        output = ServerOutput(hidden=self._hidden(server_id))
         if policy is None:  # direct: the config says so itself
             params = StdioServerParameters(command=server.command, args=list(server.args), env=server.env or None)
             async with stdio_client(params) as (read, write), _Session(read, write) as session:
@@ -299,7 +318,7 @@ class ToolHost:
             policy = self.config.policy_for(server_id, None)
             if policy is None:
                 raise ConfigError(f"MCP server {server_id!r}: a persistent server runs in an isolate, not direct")
-            live = _Live()
+            live = _Live(output=ServerOutput(hidden=self._hidden(server_id)))
             self._tasks.start_soon(self._keep, live, server_id, server, policy)
             try:
                 await live.ready.wait()
@@ -318,7 +337,8 @@ class ToolHost:
                 with _unwrapped():  # a ToolError from inside the transport's task group, as itself
                     await self._serve_kept(live, server_id, server, policy)
         except Exception as exc:  # noqa: BLE001 - contained: the server's callers hear of it, the host goes on
-            live.error = str(exc) if isinstance(exc, StockadeError) else f"{type(exc).__name__}: {exc}"
+            error = str(exc) if isinstance(exc, StockadeError) else f"{type(exc).__name__}: {exc}"
+            live.error = live.output.hide(error)
             log.info("MCP server %s ended: %s (%s)", server_id, live.error, live.output.describe())
         finally:
             live.ready.set()
@@ -484,6 +504,19 @@ def _with_verdict(result: types.CallToolResult, verdict: dict[str, Any]) -> type
     meta = dict(result.meta or {})
     meta["stockade"] = verdict
     return result.model_copy(update={"meta": meta})
+
+
+MIN_HIDDEN_CHARS = 6  # shorter values ("1", "true", "debug") are no keys, and would blot out words
+
+
+def hidden_values(server: ServerConfig) -> Redactor | None:
+    """A redactor of the values of ``server``'s environment (its ``env``, its and its tools'
+    ``env_vars``) of MIN_HIDDEN_CHARS or more, each said as ``[REDACTED:NAME]``."""
+    values = {**server.env, **(server.env_vars or {})}
+    for tool in server.tools.values():
+        values.update(tool.env_vars or {})
+    kept = {name: value for name, value in values.items() if len(value) >= MIN_HIDDEN_CHARS}
+    return Redactor.markers(kept) if kept else None
 
 
 def _answered_error(what: str, exc: MCPError, verdict: dict[str, Any] | None = None) -> ToolError:

@@ -24,6 +24,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp import types
 from mcp.shared.message import SessionMessage
 
+from ..egress.redact import Redactor
 from ..errors import printable
 from ..jsonvalues import values_at_most
 from ..ratelimit import TokenBucket
@@ -130,6 +131,7 @@ class ServerOutput:
     stderr: bytearray = field(default_factory=bytearray)
     exit_code: int | None = None
     broken: str | None = None  # why the transport stopped reading, when the server did not just end
+    hidden: Redactor | None = None  # the values of the server's environment, never quoted (tools.hidden_values)
 
     def note_stderr(self, data: bytes) -> None:
         self.stderr += data
@@ -137,8 +139,9 @@ class ServerOutput:
 
     def describe(self, cause: BaseException | None = None) -> str:
         """What is known of why the server went: the transport's reason, its exit, its last
-        stderr lines and ``cause`` (the session's error), none of them able to steer a terminal."""
-        lines = self.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
+        stderr lines and ``cause`` (the session's error), none of them able to steer a terminal,
+        nor quoting a value of the server's environment."""
+        lines = self.hide(self.stderr.decode("utf-8", errors="replace")).strip().splitlines()[-5:]
         said = [printable(line) for line in lines]  # the server's words: no terminal control in them
         parts = [self.broken] if self.broken else []
         if self.exit_code is not None:
@@ -146,7 +149,10 @@ class ServerOutput:
         if said:
             parts.append("its stderr ends: " + " | ".join(said))
         described = "; ".join(parts) or "no word from it"
-        return f"{described} ({printable(str(cause))})" if cause is not None else described
+        return f"{described} ({printable(self.hide(str(cause)))})" if cause is not None else described
+
+    def hide(self, text: str) -> str:
+        return self.hidden.text(text) if self.hidden is not None else text
 
 
 @asynccontextmanager
