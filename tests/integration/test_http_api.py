@@ -451,6 +451,8 @@ def test_a_token_guards_everything_but_health_and_the_page(process_runtime: str)
     assert failure["door"] == "http" and failure["peer"] == "127.0.0.1" and failure["unrecorded_before"] == 0
     (rest,) = [r for r in records if r["event"] == "auth_failures_unrecorded"]
     assert rest["count"] == 6 and rest["peer"] == "loopback"  # counted by network (the loopback is one)
+    (stop,) = [r for r in records if r["event"] == "admin" and r["action"] == "daemon.stop"]
+    assert rest["seq"] < stop["seq"]  # what it heard is said before it says it stopped
 
 
 def test_a_request_refused_for_its_page_or_host_is_recorded_as_a_wrong_token_is(process_runtime: str) -> None:

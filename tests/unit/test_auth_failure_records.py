@@ -58,3 +58,27 @@ def test_refused_administrative_acts_are_recorded_within_a_budget_and_the_rest_c
     (rest,) = [r for r in records if r["event"] == "admin_refusals_unrecorded"]
     counted = sum(int(r["unrecorded_before"]) for r in refused) + int(rest["count"])  # type: ignore[call-overload]
     assert counted + len(refused) == 3000 and rest["owner"] == "uid 1000"  # every one recorded or counted
+
+
+def test_failures_counted_in_a_window_are_said_once_it_is_over(tmp_path: Path) -> None:
+    # A burst of bad tokens and then quiet was one record: the rest were held in memory until that
+    # network failed again or the log closed (lost with the process, were it killed).
+    import asyncio
+
+    from stockade.protocol.models import Caller
+
+    path = tmp_path / "audit.log"
+    observers = Observers(audit=AuditLog(str(path)))
+    observers.AUTH_WINDOW_S = 0.2
+
+    async def burst_then_quiet() -> None:
+        for _ in range(5):
+            observers.auth_failure("http", "203.0.113.9", "/metrics")
+        await asyncio.sleep(1.0)
+        observers.admin(Caller("uid 0", "unix", admin=True), "marker", "after the quiet")
+
+    asyncio.run(burst_then_quiet())
+    observers.close()
+    events = [(r["event"], r.get("count"), r.get("target")) for r in _records(path)]
+    assert events == [("auth_failure", None, None), ("auth_failures_unrecorded", 4, None),
+                      ("admin", None, "after the quiet")], events  # fmt: skip

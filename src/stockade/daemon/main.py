@@ -124,6 +124,7 @@ async def run(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
         await server.close(0.0)
         await controller.shutdown(0.0)
         if started:  # a start that failed was never recorded: neither is its end
+            observers.say_unrecorded()  # what the daemon heard before it stopped, said before the stop
             observers.admin(_DAEMON, "daemon.stop", config.socket if config.unix_socket else "")
         observers.close()
         settings.install(None)

@@ -15,6 +15,7 @@ or a token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -63,6 +64,7 @@ class Observers:
         self._auth_records: dict[str, TokenBucket] = {}
         self._auth_unrecorded = 0
         self._refusals: dict[str, tuple[TokenBucket, int]] = {}  # owner -> its budget, refusals not written
+        self._auth_timer: asyncio.TimerHandle | None = None  # when counted failures are next said (_say_later)
 
     DELAY_S = 0.002
     AUTH_WINDOW_S = 10.0
@@ -212,6 +214,7 @@ class Observers:
         window = self._auth_failures.get(key)
         if window is not None and now - window[0] < self.AUTH_WINDOW_S:
             self._auth_failures[key] = (window[0], window[1] + 1)
+            self._say_later()
             return
         budget = self._auth_records.setdefault(door, TokenBucket(AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST, now))
         if not budget.take(1.0, now):
@@ -228,6 +231,40 @@ class Observers:
                 if now - since >= self.AUTH_WINDOW_S:
                     del self._auth_failures[quiet]
                     self._auth_unrecorded += count
+
+    def _say_later(self) -> None:
+        """Failures counted in a window are said once it is over, not only with that peer's next
+        record: a burst of bad tokens and then quiet was one record (the rest held in memory, lost
+        with the process)."""
+        if self._auth_timer is None:
+            with contextlib.suppress(RuntimeError):  # no loop (a test driving it directly): said at close
+                self._auth_timer = asyncio.get_running_loop().call_later(self.AUTH_WINDOW_S, self._say_ended)
+
+    def _say_ended(self) -> None:
+        self._auth_timer = None
+        self.say_unrecorded(everything=False)
+        if any(count for _, count in self._auth_failures.values()):
+            self._say_later()
+
+    def say_unrecorded(self, everything: bool = True) -> None:
+        """Write the auth failures counted and not yet recorded: those whose window is over, or all.
+        Each door's budget of records holds for these too (a flood from many networks), what is
+        past it said together, once."""
+        if self.audit is None:
+            return
+        now = time.monotonic()
+        for (door, peer), (since, count) in list(self._auth_failures.items()):
+            if not count or not (everything or now - since >= self.AUTH_WINDOW_S):
+                continue
+            self._auth_failures[(door, peer)] = (since, 0)
+            budget = self._auth_records.setdefault(door, TokenBucket(AUTH_RECORDS_PER_S, AUTH_RECORDS_BURST, now))
+            if budget.take(1.0, now):
+                self.audit.record("auth_failures_unrecorded", door=door, peer=peer, count=count)
+            else:
+                self._auth_unrecorded += count
+        if self._auth_unrecorded:
+            self.audit.record("auth_failures_unrecorded", door="any", peer="any", count=self._auth_unrecorded)
+            self._auth_unrecorded = 0
 
     def mcp_event(self, caller: Caller, event: str, record: dict[str, Any], verdict: dict[str, Any]) -> None:
         """One MCP tool call the daemon made for ``caller`` (``mcp.call``: ``mcp/tools.call_record``), or
@@ -280,12 +317,11 @@ class Observers:
 
     def close(self) -> None:
         self.flush()
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
         if self.audit is not None:
-            for (door, peer), (_, count) in self._auth_failures.items():
-                if count:  # failures since that peer's last record: said before the log closes
-                    self.audit.record("auth_failures_unrecorded", door=door, peer=peer, count=count)
-            if self._auth_unrecorded:
-                self.audit.record("auth_failures_unrecorded", door="any", peer="any", count=self._auth_unrecorded)
+            self.say_unrecorded()  # what was counted since the daemon said it, before the log closes
             for owner, (_, count) in self._refusals.items():
                 if count:
                     self.audit.record("admin_refusals_unrecorded", owner=owner, count=count)
