@@ -342,6 +342,19 @@ def test_write_failures_are_logged_not_raised_and_counted_on_the_chain(tmp_path:
     assert log.dropped == 0 and verify([str(path)]).ok
 
 
+def test_losses_no_line_could_count_are_said_in_the_daemons_log_at_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A disk still full at close: the lost count lived in memory only, and verify said the chain was ok.
+    where = tmp_path / "never"
+    log = AuditLog(str(where / "audit.log"))  # its directory never appears: every write fails
+    for i in range(3):
+        log.record("lost", i=i)
+    with caplog.at_level("ERROR", logger="stockade.audit"):
+        log.close()
+    assert f"audit log {where}/audit.log closed with 3 records lost and not counted in it" in caplog.text
+
+
 def test_a_symlink_is_not_followed(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.write_bytes(b"")

@@ -193,15 +193,23 @@ def test_the_cli_writes_yaml_that_reads_back_as_the_same_objects() -> None:
 @pytest.mark.parametrize("ray_address", [None, "ray-head.ray:6379"])
 def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(ray_address: str | None) -> None:
     docs = manifests(IMAGE, levels=("gvisor",), controller_image=CONTROLLER_IMAGE, ray_address=ray_address)
-    controller = docs[-5:]
-    assert [d["kind"] for d in controller] == ["Namespace", "ServiceAccount", "Deployment", "Service", "ServiceMonitor"]
+    controller = docs[-6:]
+    assert [d["kind"] for d in controller] == [
+        "Namespace", "ServiceAccount", "PersistentVolumeClaim", "Deployment", "Service", "ServiceMonitor"
+    ]  # fmt: skip
     assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in controller} == {"stockade-system"}
     for doc in controller:
         _validate(doc)
-    namespace, _, deployment, service, monitor = controller
+    namespace, _, claim, deployment, service, monitor = controller
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
+    # The audit log outlives the pod (its state dir is an emptyDir: a rollout took the whole chain).
+    assert env["STOCKADE_AUDIT_LOG"]["value"] == "/var/lib/stockade/audit/audit.log"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["audit"]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+    assert {"name": "audit", "mountPath": "/var/lib/stockade/audit"} in container["volumeMounts"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and deployment["spec"]["strategy"]["type"] == "Recreate"
     assert env["STOCKADE_API_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": TOKEN_SECRET, "key": "token"}}
     serve = "/opt/stockade/.venv/bin/stockade serve --http 0.0.0.0:8002 --no-socket"
     assert pod["automountServiceAccountToken"] is False
@@ -232,6 +240,7 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
         security = container["securityContext"]
         assert security["capabilities"] == {"drop": ["ALL"]} and security["runAsNonRoot"] is True
         assert security["readOnlyRootFilesystem"] is True and security["privileged"] is False
+        assert pod["securityContext"]["fsGroup"] == security["runAsGroup"]  # its audit volume, writable
     else:  # its isolates run in its pod: a privileged one, only on the nodes given to it
         assert env["STOCKADE_PLACEMENT"]["value"] == "local" and enforce == "privileged"
         assert container["command"] == serve.split()

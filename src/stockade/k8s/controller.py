@@ -1,4 +1,4 @@
-"""The stockade controller in a cluster: its Deployment, Service and ServiceMonitor.
+"""The stockade controller in a cluster: its Deployment, audit volume, Service and ServiceMonitor.
 
 The controller is ``stockade serve`` with its HTTP API (``--http 0.0.0.0:8002
 --no-socket``), its bearer token from a Secret the operator makes, and its
@@ -29,6 +29,12 @@ PORT = 8002
 TOKEN_SECRET = "stockade-api-token"  # noqa: S105
 TOKEN_KEY = "token"  # noqa: S105
 STATE_DIR = "/var/lib/stockade"
+# The audit log on a volume of its own that outlives the pod (the state dir is an emptyDir: a rollout,
+# an eviction or a reschedule would take the whole hash chain with it). Its size: the log's default
+# rotation (10 backups of 64 MiB, and the file being written) and room to spare.
+AUDIT_DIR = f"{STATE_DIR}/audit"
+AUDIT_CLAIM = f"{NAME}-audit"
+AUDIT_SIZE = "1Gi"
 VENV = "/opt/stockade/.venv"  # deploy/docker/Dockerfile's
 ISOLATION_HOST_LABEL = "stockade.dev/isolation-host"
 _LABELS = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": "stockade"}
@@ -40,6 +46,7 @@ def _env(ray_address: str | None) -> list[dict[str, Any]]:
         {"name": "STOCKADE_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}},
         {"name": "STOCKADE_PLACEMENT", "value": placement},
         {"name": "HOME", "value": STATE_DIR},
+        {"name": "STOCKADE_AUDIT_LOG", "value": f"{AUDIT_DIR}/audit.log"},
     ]
     if ray_address:
         env.append({"name": "RAY_ADDRESS", "value": ray_address})
@@ -86,7 +93,11 @@ def _container(image: str, ray_address: str | None) -> dict[str, Any]:
         # liveness probe waits for it, or would restart a pod that is only starting, again and again.
         "startupProbe": {"httpGet": {"path": "/v1/ping", "port": "http"}, "periodSeconds": 5, "failureThreshold": 120},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
-        "volumeMounts": [{"name": "state", "mountPath": STATE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "state", "mountPath": STATE_DIR},
+            {"name": "audit", "mountPath": AUDIT_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
     }
     if ray_address:
         container["securityContext"] = {
@@ -113,10 +124,16 @@ def deployment(namespace: str, image: str, ray_address: str | None) -> dict[str,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,  # STOCKADE_SHUTDOWN_GRACE (10 s) for running work, then teardown
         "containers": [_container(image, ray_address)],
-        "volumes": [{"name": "state", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        "volumes": [
+            {"name": "state", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "audit", "persistentVolumeClaim": {"claimName": AUDIT_CLAIM}},
+        ],
     }
     if ray_address:
-        spec["securityContext"] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        # fsGroup: the audit volume is made writable for the controller's non-root user.
+        spec["securityContext"] = {"runAsNonRoot": True, "fsGroup": 1000,
+                                   "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
     else:
         spec["nodeSelector"] = {ISOLATION_HOST_LABEL: "true"}
         spec["tolerations"] = [{"key": ISOLATION_HOST_LABEL, "operator": "Exists", "effect": "NoSchedule"}]
@@ -130,6 +147,17 @@ def deployment(namespace: str, image: str, ray_address: str | None) -> dict[str,
             "strategy": {"type": "Recreate"},
             "template": {"metadata": {"labels": dict(_LABELS)}, "spec": spec},
         },
+    }
+
+
+def audit_claim(namespace: str) -> dict[str, Any]:
+    """The audit log's volume: the cluster's default StorageClass, one node's at a time (the
+    Deployment's one replica, recreated, never two at once)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": AUDIT_CLAIM, "namespace": namespace, "labels": dict(_LABELS)},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": AUDIT_SIZE}}},
     }
 
 
@@ -178,13 +206,14 @@ def service_monitor(namespace: str) -> dict[str, Any]:
 
 
 def controller(namespace: str, image: str, ray_address: str | None = None) -> list[dict[str, Any]]:
-    """The controller's namespace, service account, Deployment, Service and ServiceMonitor."""
+    """The controller's namespace, service account, audit volume, Deployment, Service and ServiceMonitor."""
     level = "restricted" if ray_address else "privileged"
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {
             "app.kubernetes.io/part-of": "stockade", "pod-security.kubernetes.io/enforce": level}}},
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": NAME, "namespace": namespace,
             "labels": dict(_LABELS)}, "automountServiceAccountToken": False},
+        audit_claim(namespace),
         deployment(namespace, image, ray_address),
         service(namespace),
         service_monitor(namespace),
