@@ -90,7 +90,7 @@ class Gateway:
                 name = tool_names[server_id, tool.name]
                 offer.tools[name] = (tool.name, _as_offered(tool, name, server_id))
             offer.resources = {str(r.uri): _as_offered(r, None, server_id) for r in resources
-                               if offered_by[str(r.uri)] == 1}  # fmt: skip
+                               if offered_by[str(r.uri)] == 1 and _plain_uri(server_id, "resource", r.uri)}  # fmt: skip
             for prompt in kept[server_id]:
                 name = prompt_names[server_id, prompt.name]
                 offer.prompts[name] = (prompt.name, _as_offered(prompt, name, server_id))
@@ -310,24 +310,41 @@ def _hidden_in(value: Any, depth: int = 0) -> str | None:
 
 def _read_by_people(key: str, value: Any) -> bool:
     """Whether a schema's ``key`` holds what people and models read: a title, description or
-    comment (not a property so named, whose value is a schema), or examples."""
-    return (key in _READ and isinstance(value, str)) or key == "examples"
+    comment, or examples (not a property so named, whose value is a schema)."""
+    return (key in _READ and isinstance(value, str)) or (key == "examples" and isinstance(value, list))
 
 
 def _readable(value: Any, read: bool = False) -> Any:
     """A schema with what people and models read in it (titles, descriptions, comments, examples)
-    without terminal controls or hidden text; ``read``: every string of ``value`` is such."""
+    without terminal controls or hidden text; ``read``: every string of ``value`` is such, keys too."""
     if isinstance(value, str):
         return without_controls(value) if read else value
     if isinstance(value, dict):
-        return {k: _readable(v, read or _read_by_people(k, v)) for k, v in value.items()}
+        return {(without_controls(k) if read else k): _readable(v, read or _read_by_people(k, v))
+                for k, v in value.items()}  # fmt: skip
     if isinstance(value, list):
         return [_readable(v, read) for v in value]
     return value
 
 
+def _plain_uri(server_id: str, kind: str, uri: Any) -> bool:
+    """Whether a resource's URI holds no terminal controls or hidden text (``file:///a\u202egpj.exe``
+    shows as ``…exe.jpg``); one that does is left out, and said (escaped, it would name another)."""
+    if without_controls(str(uri)) == str(uri):
+        return True
+    log.warning("MCP server %s offers a %s at %s: its URI holds hidden text; left out", server_id, kind,
+                printable(repr(str(uri)[:200])))  # fmt: skip
+    return False
+
+
 def _linked(content: Any, server_id: str) -> Any:
-    """A tool's or prompt's content item: a link to a resource offered as a resource is (``_as_offered``)."""
+    """A tool's or prompt's content item: a link to a resource offered as a resource is (``_as_offered``);
+    one, or a resource embedded, whose URI holds hidden text said to have been left out."""
+    if isinstance(content, (types.ResourceLink, types.EmbeddedResource)):
+        uri = content.uri if isinstance(content, types.ResourceLink) else content.resource.uri
+        if not _plain_uri(server_id, "resource in its content", uri):
+            said = f"[{server_id}: a resource whose URI holds hidden text, left out]"
+            return types.TextContent(type="text", text=said)
     return _as_offered(content, None, server_id) if isinstance(content, types.ResourceLink) else content
 
 
