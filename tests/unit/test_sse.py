@@ -38,6 +38,17 @@ def test_output_then_the_result_with_characters_split_across_chunks_kept_whole()
     assert ("output", {"stream": "stderr", "text": "warn\n"}) in events
 
 
+def test_output_that_ends_in_the_middle_of_a_character_says_it_as_the_result_does() -> None:
+    # The decoder held the last bytes for a next chunk that never came: the events lost them.
+    async def run(out: OutputCallback) -> dict[str, str]:
+        out("stdout", b"ok \xf0\x9f")  # half an emoji, and the end
+        return {"done": "yes"}
+
+    events = _events(asyncio.run(_drain(event_stream(run, json.dumps, cancel_on_disconnect=True))))
+    stdout = "".join(d["text"] for k, d in events if k == "output" and d["stream"] == "stdout")
+    assert stdout == "ok \ufffd" and events[-1] == ("result", {"done": "yes"})
+
+
 def test_a_reader_that_falls_behind_skips_output_but_never_the_result() -> None:
     chunk = b"x" * 1_000_000
 

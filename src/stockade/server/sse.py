@@ -69,6 +69,9 @@ def event_stream(
     async def work() -> None:
         try:
             result = await run(on_output)
+            for stream, decoder in decoders.items():  # a character its output ended in the middle of
+                if tail := decoder.decode(b"", final=True):
+                    events.put_nowait(sse("output", json.dumps({"stream": stream, "text": tail})))
             if skipped:
                 events.put_nowait(sse("skipped", json.dumps({"bytes": skipped})))
             events.put_nowait(sse("result", render(result)))
