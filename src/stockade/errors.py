@@ -382,6 +382,7 @@ def utf8_text(text: str) -> str:
 
 
 AUTH_FAILED = "Authentication failed"  # all a daemon says of a refused signature, to anyone
+RATE_LIMITED = "Rate limit exceeded"  # a socket's answer past its uid's rate (code rate_limit)
 UNPROVEN = "unproven"  # the code of a large request refused unread (ERROR_CODES)
 
 

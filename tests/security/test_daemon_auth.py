@@ -361,6 +361,18 @@ def test_lines_that_are_no_request_are_rate_limited_and_said_in_the_log_now_and_
         assert d.stop() == 0
 
 
+def test_lines_over_the_size_limit_count_against_the_rate_too(process_runtime: str) -> None:
+    # Refused unread, they skipped the limiter: a peer could have the daemon read them without end.
+    d = start_daemon({"STOCKADE_MAX_REQUESTS": "5", "STOCKADE_MAX_REQUEST_BYTES": "4096"})
+    try:
+        oversized = [b"x" * 5000 + b"\n"] * 8
+        replies = _in_one_window(lambda: [json.loads(r) for r in raw_exchange(d.socket_path, *oversized)])
+        assert [r["error"] for r in replies[:5]] == ["Request too large: over 4096 bytes"] * 5
+        assert {(r["error"], r["error_code"]) for r in replies[5:]} == {("Rate limit exceeded", "rate_limit")}
+    finally:
+        assert d.stop() == 0
+
+
 def test_rate_limit_counts_per_uid_across_connections(process_runtime: str) -> None:
     d = start_daemon({"STOCKADE_MAX_REQUESTS": "4"})
     try:

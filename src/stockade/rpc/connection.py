@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
+from ..errors import RATE_LIMITED
 from ..protocol.models import Caller, unix_caller
 from ..protocol.peer import Peer, in_my_user_namespace, peer_of
 from ..result import ExecResult
@@ -259,7 +260,11 @@ class Connection(asyncio.Protocol):
     def _answer(self, line: bytes | None) -> None:
         started = time.monotonic()
         if line is TOO_LARGE:
-            self.send(error_answer(None, f"Request too large: over {self.limit} bytes", "invalid_request"))
+            # Counted against its uid's rate as any line is: refused unread, but read all the same.
+            if not self.server.per_uid.allow(self.peer.uid):
+                self.send(error_answer(None, RATE_LIMITED, "rate_limit"))
+            else:
+                self.send(error_answer(None, f"Request too large: over {self.limit} bytes", "invalid_request"))
             return
         admitted = self.server.admit(line, self.peer, self.caller.owner, self.proven)
         if isinstance(admitted, dict):

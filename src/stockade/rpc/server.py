@@ -32,7 +32,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AUTH_FAILED, UNPROVEN, ConfigError, StockadeError, error_code, public_message, wire_errno
+from ..errors import (
+    AUTH_FAILED,
+    RATE_LIMITED,
+    UNPROVEN,
+    ConfigError,
+    StockadeError,
+    error_code,
+    public_message,
+    wire_errno,
+)
 from ..jsonvalues import too_many_values
 from ..owned_paths import check_owned
 from ..paths import default_socket_path
@@ -52,7 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stockade.daemon")
 
-RATE_LIMITED = "Rate limit exceeded"
 # Checking a signature decodes the whole request and encodes it again, in the event loop every
 # connection shares: a 16 MiB line of numbers held it for over a second, the rate limit never
 # reached. A uid that failed authentication (or sent what no signed client sends: a line that is
