@@ -60,16 +60,14 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, 
     os.chmod(work, 0o755)  # noqa: S103 - every sandbox uid reads it (the cache step mounts it)
     if not verbose:
         log.warning("building a Python environment for %s (once; cached as %s)", printable(", ".join(reqs)), env_id)
+    deadline = time.monotonic() + build_timeout()  # the whole build's: pip's and its bytecode's
     try:
-        _pip(work, reqs, allow_source, verbose, budget)
+        _pip(work, reqs, allow_source, verbose, budget, deadline)
         target = os.path.join(work, "python")
         if os.path.isdir(os.path.join(target, "bin")):
             os.rename(os.path.join(target, "bin"), os.path.join(work, "bin"))
         os.makedirs(os.path.join(work, "bin"), exist_ok=True)
-        # Bytecode by the isolates' interpreter, naming the path inside (never this store's).
-        subprocess.run([system_python(), "-I", "-m", "compileall", "-qq", "-j0", "-d", f"{ENV_ROOT}/python", target],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=build_timeout(), check=False)  # fmt: skip
+        _compile(work, target, budget, deadline)
         set_modes(work, writable=True)
         if os.path.isdir(os.path.join(target, "matplotlib")):
             _prime_caches(work)
@@ -80,7 +78,12 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, 
         with open(os.path.join(work, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         set_modes(work, writable=False)
-        os.rename(work, os.path.join(store_dir("envs"), env_id))  # whole, or not there at all
+        # Whole, or not there at all. Its own top is made read-only once it is in place: a directory
+        # moved to another takes writing to itself (its ".."), which only root may do without.
+        os.chmod(work, 0o755)  # noqa: S103 - read by every sandbox uid
+        place = os.path.join(store_dir("envs"), env_id)
+        os.rename(work, place)
+        os.chmod(place, 0o555)  # noqa: S103 - read by every sandbox uid
     except BaseException as exc:
         remove_tree(work)
         if isinstance(exc, OSError):  # (a wheel's file the host cannot write): a failed build, remembered
@@ -88,7 +91,82 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, 
         raise
 
 
-def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, budget: int | None) -> None:
+# What the bytecode step may take of the host's memory. A constant folded at compile time may be
+# 4 KiB from 16 bytes of source ('k00001'*585): a wheel of 44 KB made an 82 MB .pyc, and 286 MB of
+# the compiler's memory. A file past it is left to be compiled when an isolate imports it, in the
+# isolate's own memory.
+COMPILE_MEMORY_BYTES = 1 << 30
+# File by file, counting what it writes: the build's room is held to the byte (a watch each
+# WATCH_S let a fast compiler write over a hundred MiB past it), and no one .pyc is larger than the
+# room (RLIMIT_FSIZE: EFBIG, not the signal). Exit 3: past the room.
+_COMPILE = """\
+import errno, os, py_compile, resource, signal, sys
+memory, room, inside, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+written = 0
+for top, dirs, files in os.walk(root):
+    dirs.sort()
+    for name in sorted(files):
+        path = os.path.join(top, name)
+        if not name.endswith(".py") or os.path.islink(path):
+            continue
+        try:
+            made = py_compile.compile(path, dfile=os.path.join(inside, os.path.relpath(path, root)), doraise=True)
+        except OSError as e:
+            if e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
+                sys.exit(3)
+            continue
+        except (py_compile.PyCompileError, MemoryError, RecursionError, ValueError):
+            continue
+        written += os.path.getsize(made)
+        if written > room:
+            sys.exit(3)
+"""
+
+
+def _compile(work: str, target: str, budget: int | None, deadline: float) -> None:
+    """Bytecode by the isolates' interpreter, naming the path inside (never this store's), within
+    the build's time and room (what is left of ``budget``, or of the disk down to MIN_FREE_BYTES),
+    its memory bounded (COMPILE_MEMORY_BYTES)."""
+    disk = os.statvfs(work)
+    room = disk.f_bavail * disk.f_frsize - MIN_FREE_BYTES
+    if budget is not None:
+        room = min(room, budget - _size(work)[0])
+    if room <= 0:
+        _within_room(work, budget)  # says which
+    cmd = [system_python(), "-I", "-c", _COMPILE, str(COMPILE_MEMORY_BYTES), str(max(room, 1)),
+           f"{ENV_ROOT}/python", target]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        status, overrun = _wait_within(proc, work, budget, deadline)
+    finally:
+        _end_group(proc)
+    if overrun is not None:
+        raise overrun
+    if status is None:
+        raise PolicyError(
+            f"packages: the build did not finish within {build_timeout():g} s (its bytecode; "
+            "STOCKADE_ENV_BUILD_TIMEOUT; stockade env build makes an environment ahead of time)"
+        )
+    if status == 3:
+        _within_room(work, budget)  # says which room it is past
+        raise PolicyError("packages: the build stopped: its bytecode would be larger than the room it has left")
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """``proc`` and every process it started (its session's), ended: timed out, over its room or
+    interrupted, its workers would go on writing into a tree being removed."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _pip(
+    work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, budget: int | None, deadline: float
+) -> None:
     cmd = [*_pip_command(), "install", "--target", os.path.join(work, "python"), "--no-compile"]
     if not allow_source:
         cmd.append("--only-binary=:all:")
@@ -128,12 +206,9 @@ def _pip(work: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, bu
         status: int | None = None
         overrun: PolicyError | None = None
         try:
-            status, overrun = _wait_within(proc, work, budget)
+            status, overrun = _wait_within(proc, work, budget, deadline)
         finally:
-            if proc.returncode is None:  # timed out, or interrupted: pip and its builds go, first
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _end_group(proc)  # pip's builds too, whatever became of pip
             for thread in shown:  # pip has ended: they read to its pipes' end
                 thread.join(timeout=10)
         if overrun is not None:
@@ -175,10 +250,11 @@ def pip_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str
             if k.upper() in _PIP_KEEPS or k.startswith(("PIP_", "LC_"))}  # fmt: skip
 
 
-def _wait_within(proc: subprocess.Popen[bytes], work: str, budget: int | None) -> tuple[int | None, PolicyError | None]:
-    """pip's exit status once it ends, within the build's time and room: (None, None) past the
-    time, (None, why) past the room (the caller kills it either way)."""
-    deadline = time.monotonic() + build_timeout()
+def _wait_within(
+    proc: subprocess.Popen[bytes], work: str, budget: int | None, deadline: float
+) -> tuple[int | None, PolicyError | None]:
+    """``proc``'s exit status once it ends, within the build's time (``deadline``, monotonic) and
+    room: (None, None) past the time, (None, why) past the room (the caller kills it either way)."""
     while True:
         try:
             return proc.wait(timeout=max(0.0, min(WATCH_S, deadline - time.monotonic()))), None

@@ -583,6 +583,7 @@ def _delete(env_id: str) -> None:
     with _locked(env_id):
         gone = os.path.join(store_dir("tmp"), f"{env_id}.{os.getpid()}.removed-{os.urandom(4).hex()}")
         with contextlib.suppress(FileNotFoundError):
+            os.chmod(env_path(env_id), 0o755)  # noqa: S103 - a directory moved takes writing to itself (its "..")
             os.rename(env_path(env_id), gone)
             environment_build.remove_tree(gone)
     _failures.pop(env_id, None)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -595,6 +596,61 @@ def test_no_build_leaves_the_disk_without_room(store: str, tmp_path: Path, monke
     monkeypatch.setattr(environment_build, "MIN_FREE_BYTES", shutil.disk_usage(store).free + (1 << 30))
     with pytest.raises(PolicyError, match=r"the build stopped: the disk holding the environment store .* files free"):
         environments.build(["stockade-bomb-probe"], name="no-room")
+    assert os.listdir(os.path.join(store, "tmp")) == []
+
+
+def test_bytecode_is_made_naming_the_path_inside(store: str, small: str) -> None:
+    import marshal
+
+    cache = os.path.join(environments.env_path(small), "python", "__pycache__")
+    (made,) = [n for n in os.listdir(cache) if n.startswith("six.")]
+    with open(os.path.join(cache, made), "rb") as f:
+        code = marshal.loads(f.read()[16:])
+    assert code.co_filename == "/opt/stockade/env/python/six.py"  # where isolates see it, never the store
+
+
+def test_a_wheel_whose_bytecode_folds_past_the_room_is_stopped_while_it_compiles(
+    store: str, small: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only pip was watched: a constant folded at compile time is 4 KiB from 16 bytes of source, and
+    # a wheel of a few hundred KB filled a disk with bytecode before the build's room was looked at.
+    links = tmp_path / "links"
+    links.mkdir()
+    folded = "".join(f"a{i} = 'k{i:05}' * 585\n" for i in range(2000))  # ~7 MB of bytecode a module
+    _wheel(links, "stockade-fold-probe", extra={f"stockade_fold_probe/m{i}.py": folded for i in range(30)})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    held = sum(e.size_bytes for e in environments.listing()) >> 20
+    monkeypatch.setenv("STOCKADE_ENV_STORE_LIMIT_MB", str(held + 20))
+    monkeypatch.setattr(settings, "_serving", True)
+    monkeypatch.setenv("STOCKADE_BUILD_PACKAGES", "1")
+    policy = Policy(packages=["stockade-fold-probe"])
+    with pytest.raises(PolicyError, match=r"the build stopped at (\d+) MiB, past the \d+ MiB left") as stopped:
+        environments.share(policy)
+    at = int(str(stopped.value).split("stopped at ")[1].split(" MiB")[0])
+    assert at < 120, stopped.value  # stopped on the way (all of it compiled is ~240 MiB)
+    assert not os.path.isdir(environments.env_path(policy.environment_id or ""))
+    assert os.listdir(os.path.join(store, "tmp")) == []
+
+
+def test_the_bytecode_step_is_held_to_the_builds_time_with_every_process_it_started(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its timeout was one of its own (the build's time twice over), raised as no PolicyError (not
+    # remembered: tried again at once), and killed compileall alone: its workers went on writing.
+    pid_file = tmp_path / "worker.pid"
+    stalls = f"import os, time\nif os.fork() == 0:\n    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+    stalls += "time.sleep(3600)\n"
+    monkeypatch.setattr(environment_build, "_COMPILE", stalls)
+    monkeypatch.setattr(environment_build, "_pip", lambda work, *_: os.mkdir(os.path.join(work, "python")))
+    monkeypatch.setenv("STOCKADE_ENV_BUILD_TIMEOUT", "2")
+    with pytest.raises(PolicyError, match=r"did not finish within 2 s \(its bytecode"):
+        environments.build(["stockade-stall-probe"], name="stalls")
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:  # (reaped by init)
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{worker}"), "the bytecode step's worker outlived the build"
     assert os.listdir(os.path.join(store, "tmp")) == []
 
 

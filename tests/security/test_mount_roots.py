@@ -152,3 +152,15 @@ def test_a_caller_learns_nothing_of_what_a_closed_directory_holds(tree: tuple[st
     with pytest.raises(PolicyError) as refused:
         check_mount_sources(stockade.Policy(filesystem_access=[f"{allowed}/via/x:/data"]))
     assert "elsewhere" not in str(refused.value) and f"{closed} is not searchable by others" in str(refused.value)
+
+
+def test_no_writable_share_holds_the_environment_store_or_lies_in_it(store: str) -> None:
+    # Rootless, the store's files are the isolate's own uid's: read-only modes were no bar to a chmod,
+    # and a sandbox sharing its cache directory rewrote a package later sandboxes imported.
+    assert os.path.realpath(store_root()) == os.path.realpath(store)
+    store = os.path.realpath(store)
+    os.makedirs(os.path.join(store, "envs"), exist_ok=True)
+    for source in (os.path.dirname(store), store, os.path.join(store, "envs")):
+        policy = stockade.Policy(filesystem_access=[f"{source}:/data:rw"])
+        with pytest.raises(PolicyError, match=r"holds the Python environments' store \(.*\) or lies in it"):
+            check_mount_sources(policy)

@@ -234,3 +234,48 @@ def test_a_rootless_daemons_memory_is_closed_to_its_own_uid(process_runtime: str
         daemon.terminate()
         daemon.wait(30)
         shutil.rmtree(where)
+
+
+# An environment built and removed by an ordinary user: its directories are read-only once built.
+ENV_CHILD = r"""
+import json
+from stockade import environments
+built = environments.build(["stockade-rootless-probe"], name="rootless")
+listed = [e.id for e in environments.listing()]
+print(json.dumps({"built": built, "listed": listed, "removed": environments.remove("rootless"),
+                  "after": [e.id for e in environments.listing()]}))
+"""
+
+
+def test_a_rootless_user_builds_and_removes_an_environment(portable_site: str, tmp_path: Path) -> None:
+    # A built tree's directories are 0555 before it is moved into the store, and moving a directory
+    # to another takes writing to itself (its ".."): only root got past it, so every rootless build
+    # and removal failed with EACCES.
+    if os.getuid() != 0:
+        pytest.skip("switching to another uid needs root; this session already runs rootless")
+    from tests.integration.test_environments import _wheel
+
+    where = tempfile.mkdtemp(prefix="stockade-rootless-env-")
+    try:
+        os.chmod(where, 0o755)
+        links = Path(where) / "links"
+        links.mkdir(mode=0o755)
+        _wheel(links, "stockade-rootless-probe")
+        for wheel in links.iterdir():
+            wheel.chmod(0o644)
+        store = Path(where) / "store"
+        store.mkdir()
+        os.chown(store, NOBODY, NOBODY)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": portable_site, "HOME": "/nonexistent", "TMPDIR": "/tmp",
+               "STOCKADE_ENV_STORE": str(store), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links),
+               "PIP_NO_CACHE_DIR": "1"}  # fmt: skip
+        out = subprocess.run(
+            ["/usr/bin/python3", "-c", ENV_CHILD], env=env, cwd="/", user=NOBODY, group=NOBODY, extra_groups=[],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        report = json.loads(out.stdout)
+        assert report["listed"] == [report["built"]] and report["after"] == [], report
+        assert report["removed"] == f"removed rootless and its environment {report['built'][:12]}", report
+    finally:
+        subprocess.run(["rm", "-rf", "--", where], check=False, timeout=120)

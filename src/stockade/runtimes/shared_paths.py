@@ -37,6 +37,20 @@ def _check_within_roots(where: str, mount: Mount, real: str) -> None:
     raise PolicyError(f"{where} leads to {real}, outside what this host shares (STOCKADE_MOUNT_ROOTS={named})")
 
 
+def _check_not_over_the_store(where: str, mount: Mount, real: str) -> None:
+    """No writable share holds the environment store, nor lies in it: rootless, its files are the
+    isolate's own uid's, and their read-only modes no bar to a chmod (a sandbox rewrote a package
+    every later sandbox of that environment imported)."""
+    if not mount.writable:
+        return
+    store = os.path.realpath(store_root())
+    if _below(store, real, resolved=False) or _below(real, store, resolved=False):
+        raise PolicyError(
+            f"{where} leads to {real}, which holds the Python environments' store ({store}) or lies in it: "
+            "share it read-only, or a directory outside it"
+        )
+
+
 def _check_named_within_roots(where: str, mount: Mount) -> None:
     """Under STOCKADE_MOUNT_ROOTS, the path as named lies below a root too (its links are followed
     later, where the isolate's builder would follow them): outside, it is refused unread."""
@@ -188,6 +202,7 @@ def check_mount_sources(policy: Policy) -> None:
         if forbidden_source(real):
             raise PolicyError(f"{where} leads to {real}, which may not be shared into a sandbox")
         _check_within_roots(where, mount, real)
+        _check_not_over_the_store(where, mount, real)
         _check_mounts(where, real)
         if os.getuid() != 0:
             continue
