@@ -835,11 +835,11 @@ TUNNEL = (
     CONNECT.replace("{target}", "127.0.0.1:{port}")
     + r"""
 assert head.startswith(b"HTTP/1.1 200"), head
-s.sendall(b"x" * {first})
+s.sendall(b"\0" * {first})  # (no protocol's first bytes: not held as a request line that may be HTTP)
 if {hold}:
     while not os.path.exists("/tmp/go"):
         time.sleep(0.01)
-    s.sendall(b"y" * {later})
+    s.sendall(b"\1" * {later})
 s.close()
 """
 )

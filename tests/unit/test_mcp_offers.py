@@ -47,3 +47,30 @@ def test_a_resource_whose_uri_holds_hidden_text_is_left_out() -> None:
     plain = types.ResourceLink(type="resource_link", uri="file:///notes", name="n")
     offered = _linked(plain, "s")
     assert isinstance(offered, types.ResourceLink) and offered.title == "s: n"
+
+
+def test_every_value_a_servers_environment_may_hold_is_hidden_and_hidden_before_it_is_cut() -> None:
+    # By name, the last of one name's values was hidden alone: the server's own and another tool's
+    # were said as they are. And a value cut in two by a bound was said in part.
+    from mcp import MCPError
+
+    from stockade.mcp.config import IsolationConfig
+    from stockade.mcp.tools import _answered_error, hidden_values
+    from stockade.mcp.transport import MAX_STDERR, ServerOutput
+
+    config = IsolationConfig.parse({"mcp_servers": {"s": {
+        "command": "x", "env": {"API_KEY": "server-key-AAAAAA", "MODE": "debug"},
+        "env_vars": {"API_KEY": "server-vars-key-DDDD"},
+        "tools": {"a": {"env_vars": {"API_KEY": "tool-a-key-BBBBBB"}},
+                  "c": {"env_vars": {"API_KEY": "tool-c-key-CCCCCC"}}},
+    }}})  # fmt: skip
+    hidden = hidden_values(config.server("s"))
+    assert hidden is not None
+    said = hidden.text("server-key-AAAAAA tool-a-key-BBBBBB tool-c-key-CCCCCC server-vars-key-DDDD debug")
+    assert said == "[REDACTED:API_KEY] [REDACTED:API_KEY] [REDACTED:API_KEY] [REDACTED:API_KEY] debug"
+    straddling = "x" * 1990 + " key=tool-a-key-BBBBBB"
+    error = _answered_error("s.a", MCPError(-32001, straddling), None, hidden)
+    assert "tool-a-key" not in str(error) and "BBB" not in str(error), str(error)[-60:]
+    output = ServerOutput(hidden=hidden)
+    output.note_stderr(b"key=tool-c-key-CCCCCC\n" + b"y" * (MAX_STDERR - 12) + b"\nthe end\n")  # its start let go
+    assert "CC" not in output.describe() and output.describe().endswith("y | the end"), output.describe()[-40:]

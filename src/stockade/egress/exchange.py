@@ -421,11 +421,11 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, head: 
 async def _relay_both(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, flow: Flow,
-    first: bytes, check: Callable[[bytes], str | tunnel_check.Need | None],
+    first: bytes, check: Callable[[bytes], tunnel_check.More | tunnel_check.Refusal | None],
 ) -> str | None:  # fmt: skip
     """Copy both ways until both ends have finished, counting into ``flow`` as bytes pass; the
     isolate's ``first`` bytes (and what follows) held until ``check`` passes them. What it
-    refused them for: both ends are closed then, nothing of them sent."""
+    refused them for: the isolate is told, both ends closed, nothing of them sent."""
     record = flow.record
     refused: str | None = None
 
@@ -440,16 +440,23 @@ async def _relay_both(
         nonlocal refused
         try:
             data = first
-            while (said := check(data) if data else tunnel_check.MORE) is not None:
-                if isinstance(said, str):
-                    refused = said
+            said = check(data)
+            while said is not None:
+                if isinstance(said, tunnel_check.Refusal):
+                    refused = said.reason
                     up_writer.transport.abort()
-                    writer.transport.abort()
+                    writer.write(said.said)
+                    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                        await _drained(writer)
+                    writer.close()
                     return
                 if not (more := await read()):
-                    data = b""  # ended before its first bytes said what they are: none are sent
+                    record.reason = "the isolate closed it before its first bytes said what they are"
+                    data = b""  # none are sent
                     break
                 data += more
+                if len(data) >= said.needed:
+                    said = check(data)
             while data:
                 record.bytes_sent += len(data)
                 up_writer.write(data)

@@ -3,109 +3,153 @@
 A rule allows a host, but a connection goes to an address; a shared front (a
 CDN) at that address routes each connection by the name inside it: a TLS
 ClientHello's server name, or an HTTP request's ``Host``. A tunnel opened to
-an allowed name that then named another would reach any site on the same
-front, an attacker's own among them (domain fronting). So a plain tunnel's
-first bytes are read before they are passed on:
+an allowed name that then named another would reach another site on the same
+front (domain fronting). So a plain tunnel's first bytes are held until they
+show what they are:
 
-- a TLS ClientHello must name the tunnel's own host, or none (a tunnel to an
-  address the policy allows by address may name any: the address is what was
-  allowed); an encrypted ClientHello (ECH), whose real name is hidden, and a
-  malformed one are refused;
+- a TLS ClientHello must name the tunnel's own host (a tunnel to an address
+  the policy allows by address may name any, or none: the address is what was
+  allowed); one that names another or none, hides its name (an encrypted
+  ClientHello, ECH), is malformed, or comes after another TLS record is refused;
 - plain HTTP inside a tunnel is refused (its ``Host`` could change with each
   request): plain HTTP goes to the proxy as ``http://`` URLs, whose ``Host``
   the proxy sets;
 - anything else (SSH, a database's protocol) names no host, and passes.
 
-``check(first, host)`` answers ``MORE`` until the first bytes are enough to
-tell, then None (pass them on) or why they are refused.
+What this cannot see: the ``Host`` of HTTP inside the TLS, which a front may
+route by too. Only terminating the TLS (as the proxy does for a host a secret
+is bound to) would.
+
+``check(first, host)`` answers ``More(needed)`` until the first bytes are
+enough to tell (looked at again once ``needed`` bytes are held: a ClientHello
+sent a byte at a time costs no parse a byte), then None (pass them on) or a
+``Refusal``: why, and what the isolate is told before the tunnel closes.
 """
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import re
+from dataclasses import dataclass
 
 from .allowlist import canonical_host
 
-
-class Need(enum.Enum):
-    MORE = "more of the first bytes"
-
-
-MORE = Need.MORE
 MAX_HELLO_BYTES = 64 * 1024  # a ClientHello with post-quantum key shares is under 4 KiB
+MAX_HELLO_RECORDS = 16  # the records it may come in (clients use one to three)
 MAX_LINE_BYTES = 16 * 1024  # the proxy's own bound on a request head
 
 _HANDSHAKE, _CLIENT_HELLO = 0x16, 0x01
+_RECORD_TYPES = frozenset({0x14, 0x15, 0x16, 0x17, 0x18})  # change_cipher_spec .. heartbeat
 _SERVER_NAME, _ECH, _ESNI_DRAFT = 0x0000, 0xFE0D, 0xFFCE
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # an HTTP method's characters
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP method's characters
 _HTTP_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+[ \t]+\S+[ \t]+HTTP/", re.IGNORECASE)
+_NOT_IN_A_LINE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # no server takes these in a request line
+# A fatal TLS alert, access_denied: a TLS client says why it was closed, not "connection reset".
+_TLS_DENIED = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49])
+
+
+@dataclass(frozen=True)
+class More:
+    needed: int  # the least length of the first bytes worth looking at again
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    said: bytes  # what the isolate is told before the tunnel closes
+
+
+def check(first: bytes, host: str) -> More | Refusal | None:
+    """``More``, None (``first`` may go on to ``host``), or why the tunnel is refused."""
+    if not first:
+        return More(1)
+    if first[0] == _HANDSHAKE:
+        return _check_hello(first, host)
+    if first[0] in _RECORD_TYPES:
+        if len(first) < 2:
+            return More(2)
+        if first[1] == 0x03:  # a TLS record of another type first: a front may skip it, this would not look on
+            return _refused_tls("a TLS record before its ClientHello")
+    return _check_text(first)
+
+
+def _check_hello(first: bytes, host: str) -> More | Refusal | None:
+    try:
+        hello = _client_hello(first)
+    except _Malformed as exc:
+        return _refused_tls(f"a malformed TLS ClientHello ({exc})")
+    if isinstance(hello, More):
+        return hello
+    try:
+        named, hidden = _server_name(hello)
+    except _Malformed as exc:
+        return _refused_tls(f"a malformed TLS ClientHello ({exc})")
+    if hidden:
+        return _refused_tls("an encrypted ClientHello (ECH), which hides the host it is for")
+    if _is_address(host) or (named is not None and canonical_host(named) == host):
+        return None
+    if named is None:
+        return _refused_tls("its TLS ClientHello names no host (a front would route it by another name inside)")
+    return _refused_tls(f"its TLS ClientHello names another host ({named[:253]!r}) than the tunnel's")
+
+
+def _check_text(first: bytes) -> More | Refusal | None:
+    text = first.lstrip(b"\r\n")  # a server skips empty lines before a request
+    token = _TOKEN.match(text)
+    if not text or (token is not None and token.end() == len(text)):
+        return _more_of_a_line(first)  # empty lines, or a method, so far
+    if token is None or text[token.end() : token.end() + 1] not in (b" ", b"\t"):
+        return None  # no request line starts so
+    line_end = text.find(b"\n")
+    line = text if line_end < 0 else text[:line_end]
+    if _NOT_IN_A_LINE.search(line):
+        return None  # a byte no request line holds: another protocol (git's "0039git-upload-pack /x\0...")
+    if line_end < 0:
+        return _more_of_a_line(first)
+    if _HTTP_LINE.match(line):
+        return _refused_http("plain HTTP inside a tunnel (send it to the proxy as an http:// URL, whose Host it sets)")
+    return None
+
+
+def _more_of_a_line(first: bytes) -> More | Refusal:
+    """Waiting for the rest of what may be a request line: up to the proxy's bound on a head, past
+    which it is refused (passed on, it could be a request line the check never saw end)."""
+    if len(first) >= MAX_LINE_BYTES:
+        return _refused_http(f"first bytes that said nothing of what they are in {MAX_LINE_BYTES >> 10} KiB")
+    return More(len(first) + 1)
+
+
+def _refused_tls(reason: str) -> Refusal:
+    return Refusal(reason, _TLS_DENIED)
+
+
+def _refused_http(reason: str) -> Refusal:
+    body = f"stockade's egress proxy refused this tunnel: {reason}\n".encode()
+    head = f"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+    return Refusal(reason, head.encode() + b"Connection: close\r\n\r\n" + body)
 
 
 class _Malformed(Exception):
     pass
 
 
-def check(first: bytes, host: str) -> str | Need | None:
-    """``MORE``, None (``first`` may go on to ``host``), or why the tunnel is refused."""
-    if first[:1] == bytes([_HANDSHAKE]):
-        return _check_hello(first, host)
-    return _check_text(first)
-
-
-def _check_hello(first: bytes, host: str) -> str | Need | None:
-    try:
-        hello = _client_hello(first)
-    except _Malformed as exc:
-        return f"a malformed TLS ClientHello ({exc})"
-    if hello is None:
-        if len(first) > MAX_HELLO_BYTES:
-            return f"a TLS ClientHello larger than {MAX_HELLO_BYTES >> 10} KiB"
-        return MORE
-    try:
-        named, hidden = _server_name(hello)
-    except _Malformed as exc:
-        return f"a malformed TLS ClientHello ({exc})"
-    if hidden:
-        return "an encrypted ClientHello (ECH), which hides the host it is for"
-    if named is None or _is_address(host) or canonical_host(named) == host:
-        return None
-    return f"its TLS ClientHello names another host ({named[:253]!r}) than the tunnel's"
-
-
-def _check_text(first: bytes) -> str | Need | None:
-    text = first.lstrip(b"\r\n")  # a server skips empty lines before a request
-    if not text:
-        return MORE if len(first) < MAX_LINE_BYTES else None
-    token = _TOKEN.match(text)
-    if token is None:
-        return None
-    end = token.end()
-    if end == len(text):
-        return MORE if end < 32 else None  # a method still coming, or a word no method is
-    if text[end : end + 1] not in (b" ", b"\t"):
-        return None
-    line_end = text.find(b"\n")
-    if line_end < 0:
-        return MORE if len(first) < MAX_LINE_BYTES else None
-    if _HTTP_LINE.match(text[:line_end]):
-        return "plain HTTP inside a tunnel (send it to the proxy as an http:// URL, whose Host it sets)"
-    return None
-
-
-def _client_hello(first: bytes) -> bytes | None:
-    """The ClientHello's body, from however many records it spans; None: not all of it yet."""
+def _client_hello(first: bytes) -> bytes | More:
+    """The ClientHello's body, from however many records it spans; ``More``: not all of it yet."""
     message = b""
-    at = 0
-    while len(first) >= at + 5:
+    at = records = 0
+    while True:
+        if len(first) < at + 5:
+            return More(at + 5)
         if first[at] != _HANDSHAKE or first[at + 1] != 0x03:
             raise _Malformed("a record that is no handshake before the ClientHello ended")
+        records += 1
+        if records > MAX_HELLO_RECORDS:
+            raise _Malformed(f"a ClientHello in more than {MAX_HELLO_RECORDS} records")
         size = int.from_bytes(first[at + 3 : at + 5], "big")
         if not 0 < size <= 1 << 14:
             raise _Malformed(f"a record of {size} bytes")
-        message += first[at + 5 : at + 5 + size]  # what has come of it
-        at += 5 + size
+        piece = first[at + 5 : at + 5 + size]
+        message += piece
         if len(message) >= 4:
             if message[0] != _CLIENT_HELLO:
                 raise _Malformed("the first handshake message is no ClientHello")
@@ -114,7 +158,9 @@ def _client_hello(first: bytes) -> bytes | None:
                 raise _Malformed(f"a ClientHello of {length} bytes")
             if len(message) >= 4 + length:
                 return message[4 : 4 + length]
-    return None
+        if len(piece) < size:
+            return More(at + 5 + size)  # the rest of this record
+        at += 5 + size
 
 
 def _server_name(hello: bytes) -> tuple[str | None, bool]:

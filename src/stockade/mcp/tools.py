@@ -32,7 +32,7 @@ from mcp.types import CONNECTION_CLOSED
 from pydantic import ValidationError
 
 from ..audit import MAX_AUDITED_EGRESS, short_text
-from ..egress.redact import Redactor
+from ..egress.redact import Redactor, each_form
 from ..errors import ConfigError, StockadeError, printable
 from ..policy import Policy
 from ..runtimes.manager import RuntimeManager, default_manager
@@ -222,7 +222,7 @@ class ToolHost:
                 async with self._ephemeral_session(server_id, server, None) as (session, _sandbox, _output):
                     return await _within(timeout, server_id, ask(session))
         except MCPError as exc:
-            raise self._hidden_in(server_id, _answered_error(server_id, exc)) from None
+            raise _answered_error(server_id, exc, hidden=self._hidden(server_id)) from None
         except ToolError as exc:
             raise self._hidden_in(server_id, exc) from None
 
@@ -241,7 +241,7 @@ class ToolHost:
                     verdict = await _verdict(sandbox, "ephemeral")
                     if output.exit_code is None and output.broken is None:
                         if isinstance(exc, MCPError):
-                            raise _answered_error(f"{server_id}.{tool}", exc, verdict) from None
+                            raise _answered_error(f"{server_id}.{tool}", exc, verdict, output.hidden) from None
                         raise
                     raise ToolError(f"{server_id} ended during the call: {output.describe(exc)}", verdict) from None
             if deadline.cancelled_caught:
@@ -294,7 +294,7 @@ class ToolHost:
                 verdict = await _verdict(live.sandbox, "persistent", live.seen)  # said either way
                 if live.alive() and not _closed(exc):
                     if isinstance(exc, MCPError):
-                        raise _answered_error(f"{server_id}.{tool}", exc, verdict) from None
+                        raise _answered_error(f"{server_id}.{tool}", exc, verdict, live.output.hidden) from None
                     raise
                 await self._stop(server_id, live)  # started again at the next call
                 raise ToolError(f"{server_id} ended during the call: {live.output.describe(exc)}", verdict) from None
@@ -512,14 +512,21 @@ MIN_HIDDEN_CHARS = 6  # shorter values ("1", "true", "debug") are no keys, and w
 def hidden_values(server: ServerConfig) -> Redactor | None:
     """A redactor of the values of ``server``'s environment (its ``env``, its and its tools'
     ``env_vars``) of MIN_HIDDEN_CHARS or more, each said as ``[REDACTED:NAME]``."""
-    values = {**server.env, **(server.env_vars or {})}
-    for tool in server.tools.values():
-        values.update(tool.env_vars or {})
-    kept = {name: value for name, value in values.items() if len(value) >= MIN_HIDDEN_CHARS}
-    return Redactor.markers(kept) if kept else None
+    # By value, every source's: one name set in several places holds a value in each.
+    hidden = {
+        value: f"[REDACTED:{name}]"
+        for source in (server.env, server.env_vars or {}, *(t.env_vars or {} for t in server.tools.values()))
+        for name, value in source.items()
+        if len(value) >= MIN_HIDDEN_CHARS
+    }
+    return Redactor(each_form(hidden)) if hidden else None
 
 
-def _answered_error(what: str, exc: MCPError, verdict: dict[str, Any] | None = None) -> ToolError:
+def _answered_error(
+    what: str, exc: MCPError, verdict: dict[str, Any] | None = None, hidden: Redactor | None = None
+) -> ToolError:
     """A JSON-RPC error the server answered (an unknown tool, bad arguments): its words are the
-    server's, untrusted, so they come escaped (no terminal control, no line of their own)."""
-    return ToolError(f"{what}: the server answered error {exc.code}: {printable(str(exc.message)[:2000])}", verdict)
+    server's, untrusted, so they come escaped (no terminal control, no line of their own), its
+    environment's values hidden first (a value cut in two by the bound would be half said)."""
+    message = hidden.text(str(exc.message)) if hidden is not None else str(exc.message)
+    return ToolError(f"{what}: the server answered error {exc.code}: {printable(message[:2000])}", verdict)
