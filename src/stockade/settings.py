@@ -87,6 +87,7 @@ class Settings:
     sandbox_idle_timeout: float | None = 600.0
     http: tuple[str, int] | None = None
     api_token: Secret | None = None
+    metrics_token: Secret | None = None  # reads GET /metrics, and nothing else (a scraper's)
     agent_max_requests: int = 20
     http_stall_timeout: float = 60.0
     http_header_timeout: float = 10.0
@@ -162,7 +163,8 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def secret(self, name: str) -> str | None:
-        """A secret setting's value (``auth_token``, ``api_token``, ``session_key``): kept out of reprs."""
+        """A secret setting's value (``auth_token``, ``api_token``, ``metrics_token``, ``session_key``): kept
+        out of reprs."""
         value = getattr(self, name)
         return value.value if value is not None else None
 
@@ -360,6 +362,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "session_key": lambda raw, name: Secret(raw),
     "auth_token": token_setting,
     "api_token": token_setting,
+    "metrics_token": token_setting,
     "max_requests": _int(1),
     "allowed_uids": _ids,
     "allowed_gids": _ids,

@@ -455,6 +455,33 @@ def test_a_token_guards_everything_but_health_and_the_page(process_runtime: str)
     assert rest["seq"] < stop["seq"]  # what it heard is said before it says it stopped
 
 
+def test_the_metrics_token_reads_the_metrics_and_nothing_else(process_runtime: str) -> None:
+    # Prometheus held the API's own token: whoever read its scrape config could run code.
+    metrics = "a-metrics-token-" + "7" * 24
+    daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_API_TOKEN": TOKEN, "STOCKADE_METRICS_TOKEN": metrics})
+    try:
+        assert daemon.http_url is not None
+        with httpx.Client(base_url=daemon.http_url, timeout=60, headers={"Authorization": f"Bearer {metrics}"}) as http:
+            scraped = http.get("/metrics")
+            assert scraped.status_code == 200 and "stockade_executions_total" in scraped.text
+            for method, path in (
+                ("POST", "/api/v1/sandbox/execute"),
+                ("GET", "/api/v1/sandbox/status"),
+                ("GET", "/api/v1/dashboard"),
+                ("POST", "/api/v1/sandboxes"),
+                ("POST", "/metrics"),
+            ):
+                refused = http.request(method, path, json={"agent_id": "a", "code": "1"})
+                assert (refused.status_code, refused.json()["code"]) in ((401, "auth"), (405, "invalid_request")), path
+                assert refused.status_code == 401 or path == "/metrics", (method, path, refused.status_code)
+            wrong = http.get("/metrics", headers={"Authorization": "Bearer " + "x" * 40})
+            assert wrong.status_code == 401
+            api = http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})  # the API's token reads it too
+            assert api.status_code == 200
+    finally:
+        daemon.stop()
+
+
 def test_a_request_refused_for_its_page_or_host_is_recorded_as_a_wrong_token_is(process_runtime: str) -> None:
     # A page that had a browser send a request (CSRF), or a name rebound to loopback, left no trace.
     daemon = start_daemon(http="127.0.0.1:0", env={"STOCKADE_API_TOKEN": TOKEN})  # stopped below

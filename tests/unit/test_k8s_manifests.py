@@ -219,12 +219,16 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
     startup = container["startupProbe"]  # the liveness probe waits for a start of up to ten minutes
     assert startup["httpGet"] == {"path": "/v1/ping", "port": "http"}
     assert startup["periodSeconds"] * startup["failureThreshold"] == 600
-    # Its metrics are scraped with its own token, from the port the Service names.
+    # Its metrics are scraped from the port the Service names ...
     assert service["spec"]["ports"] == [{"name": "http", "port": 8002, "targetPort": "http", "protocol": "TCP"}]
     assert service["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
     (endpoint,) = monitor["spec"]["endpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
-    assert endpoint["authorization"]["credentials"] == {"name": TOKEN_SECRET, "key": "token"}
+    # ... with a token of its own, which reads the metrics and runs nothing.
+    assert endpoint["authorization"]["credentials"] == {"name": "stockade-metrics-token", "key": "token"}
+    assert env["STOCKADE_METRICS_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "stockade-metrics-token", "key": "token"}
+    }
     assert monitor["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     enforce = namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
     if ray_address:  # it only talks to the Ray cluster: restricted

@@ -2,7 +2,7 @@
 
 The controller is ``stockade serve`` with its HTTP API (``--http 0.0.0.0:8002
 --no-socket``), its bearer token from a Secret the operator makes, and its
-``/metrics`` scraped by Prometheus with that token (a prometheus-operator
+``/metrics`` scraped by Prometheus with a token of its own that reads nothing else (a prometheus-operator
 ServiceMonitor; a bare Prometheus reads the Service's ``prometheus.io/*``
 annotations and needs the token in its scrape config). Where it places
 isolates decides what its pod may do:
@@ -28,6 +28,9 @@ PORT = 8002
 # The Secret holding the API's bearer token, which the operator makes (docs/kubernetes.md): names, not values.
 TOKEN_SECRET = "stockade-api-token"  # noqa: S105
 TOKEN_KEY = "token"  # noqa: S105
+# Prometheus's own token, which reads /metrics and nothing else (STOCKADE_METRICS_TOKEN): a scraper
+# never holds the one that runs code. The operator makes it too.
+METRICS_SECRET = "stockade-metrics-token"  # noqa: S105
 STATE_DIR = "/var/lib/stockade"
 # The audit log on a volume of its own that outlives the pod (the state dir is an emptyDir: a rollout,
 # an eviction or a reschedule would take the whole hash chain with it). Its size: the log's default
@@ -44,6 +47,7 @@ def _env(ray_address: str | None) -> list[dict[str, Any]]:
     placement = json.dumps({"type": "ray", "address": ray_address}) if ray_address else "local"
     env: list[dict[str, Any]] = [
         {"name": "STOCKADE_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}},
+        {"name": "STOCKADE_METRICS_TOKEN", "valueFrom": {"secretKeyRef": {"name": METRICS_SECRET, "key": TOKEN_KEY}}},
         {"name": "STOCKADE_PLACEMENT", "value": placement},
         {"name": "HOME", "value": STATE_DIR},
         {"name": "STOCKADE_AUDIT_LOG", "value": f"{AUDIT_DIR}/audit.log"},
@@ -185,7 +189,7 @@ def service(namespace: str) -> dict[str, Any]:
 
 
 def service_monitor(namespace: str) -> dict[str, Any]:
-    """prometheus-operator's scrape of ``/metrics``, with the controller's own bearer token."""
+    """prometheus-operator's scrape of ``/metrics``, with the metrics token (it runs nothing)."""
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
@@ -198,7 +202,7 @@ def service_monitor(namespace: str) -> dict[str, Any]:
                     "port": "http",
                     "path": "/metrics",
                     "interval": "30s",
-                    "authorization": {"type": "Bearer", "credentials": {"name": TOKEN_SECRET, "key": TOKEN_KEY}},
+                    "authorization": {"type": "Bearer", "credentials": {"name": METRICS_SECRET, "key": TOKEN_KEY}},
                 }
             ],
         },

@@ -64,6 +64,7 @@ log = logging.getLogger("stockade.daemon")
 OPEN_PATHS = frozenset(
     {"/health", "/ready", "/v1/ping", "/", "/favicon.ico", "/static/dashboard.js", "/static/dashboard.css"}
 )
+METRICS_PATH = "/metrics"  # the one route the metrics token opens
 # Routes whose clients cannot send a header (SandboxFusion's): the token may come as ``?token=``.
 QUERY_TOKEN_PATHS = frozenset({"/run_code"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -118,10 +119,13 @@ class HttpDoor:
         max_body_bytes: int = 16 * 1024 * 1024,
         host_names: frozenset[str] = LOOPBACK_NAMES,
         body_timeout_s: float = 10.0,
+        metrics_token: str | None = None,
     ) -> None:
         self.controller = controller
         self.observers = observers
         self.token = token.encode() if token else None
+        # A scraper's: it reads the metrics, and runs nothing (Prometheus need not hold the API's token).
+        self.metrics_token = metrics_token.encode() if metrics_token else None
         self.per_client = SlidingWindowLimiter(client_rps)
         self.per_agent = SlidingWindowLimiter(agent_rps)
         self.runtimes_available = health
@@ -200,7 +204,17 @@ class HttpDoor:
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" and routed_path(request) in QUERY_TOKEN_PATHS:
             value, scheme = request.query_params.get("token", ""), "bearer"
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token)
+        if scheme.lower() != "bearer":
+            return False
+        presented = value.strip().encode()
+        if hmac.compare_digest(presented, self.token):
+            return True
+        return (
+            self.metrics_token is not None
+            and request.method in ("GET", "HEAD")
+            and routed_path(request) == METRICS_PATH
+            and hmac.compare_digest(presented, self.metrics_token)
+        )
 
     def refuse_token(self, request: Request) -> None:
         self.observers.auth_failure("http", client_address(request), routed_path(request))

@@ -99,6 +99,7 @@ async def start(config: DaemonConfig, controller: Controller, observers: Observe
         controller,
         observers,
         config.secret("api_token"),
+        metrics_token=config.secret("metrics_token"),
         client_rps=config.max_requests,
         agent_rps=config.agent_max_requests,
         health=lambda: sorted(controller.working_runtimes),
