@@ -727,6 +727,33 @@ def test_queue_waits_for_a_slot(process_runtime: str) -> None:
         assert d.stop() == 0
 
 
+def test_a_create_waiting_in_line_ends_with_its_caller(process_runtime: str) -> None:
+    # Its place in line was kept: once a slot came free, an isolate was built for a client that was
+    # gone, recorded as made, and closed again (a create and an end in the audit log for each).
+    d = start_daemon({"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_LIMIT": "4", "STOCKADE_QUEUE_TIMEOUT": "300"})
+    try:
+        with Client(d.socket_path) as holder:
+            sid = holder.create_sandbox()
+            for i in range(3):
+                with socket.socket(socket.AF_UNIX) as gone:
+                    gone.connect(d.socket_path)
+                    gone.sendall(b'{"method": "sandbox.create", "params": {}, "id": %d}\n' % i)
+                    deadline = time.monotonic() + 30
+                    while holder.status()["waiting"] < 1:  # in line, then hung up
+                        assert time.monotonic() < deadline, "the create never waited"
+                        time.sleep(0.02)
+            deadline = time.monotonic() + 30
+            while holder.status()["waiting"]:
+                assert time.monotonic() < deadline, "a create whose caller went kept its place in line"
+                time.sleep(0.05)
+            holder.close_sandbox(sid)
+    finally:
+        assert d.stop() == 0
+    with open(d.audit_log) as f:
+        creates = [r for r in map(json.loads, f) if r.get("event") == "sandbox.create"]
+    assert len(creates) == 1, creates
+
+
 def test_socket_permissions_and_stale_socket(process_runtime: str, tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(str(tmp_path), "d.sock")
     import socket as socketlib

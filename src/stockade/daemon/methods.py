@@ -79,6 +79,9 @@ def _method_list() -> list[Method]:
             SandboxCreate,
             lambda c, r, caller, out: c.create(r, caller),
             unanswered=lambda c, created: c.close_unanswered(created.sandbox_id),
+            # A create waiting in line for a slot, or starting its isolate, for a caller that is gone
+            # ends: it kept its place, built an isolate nobody would hear of, and closed it again.
+            ends_with_caller=True,
         ),
         Method(
             "sandbox.exec",
