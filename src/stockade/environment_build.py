@@ -98,19 +98,21 @@ def make(env_id: str, reqs: tuple[str, ...], allow_source: bool, verbose: bool, 
 COMPILE_MEMORY_BYTES = 1 << 30
 # File by file, counting what it writes: the build's room is held to the byte (a watch each
 # WATCH_S let a fast compiler write over a hundred MiB past it), and no one .pyc is larger than the
-# room (RLIMIT_FSIZE: EFBIG, not the signal). Exit 3: past the room.
+# room: RLIMIT_FSIZE one past it (a write that crosses it is cut short, not refused, and importlib
+# keeps what was written: a file of room + 1 bytes says it crossed). Exit 3: past the room. As
+# compileall: regular files, not below __pycache__.
 _COMPILE = """\
-import errno, os, py_compile, resource, signal, sys
+import errno, os, py_compile, resource, signal, stat, sys
 memory, room, inside, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+resource.setrlimit(resource.RLIMIT_FSIZE, (room + 1, room + 1))
 written = 0
 for top, dirs, files in os.walk(root):
-    dirs.sort()
+    dirs[:] = sorted(d for d in dirs if d != "__pycache__")
     for name in sorted(files):
         path = os.path.join(top, name)
-        if not name.endswith(".py") or os.path.islink(path):
+        if not name.endswith(".py") or not stat.S_ISREG(os.lstat(path).st_mode):
             continue
         try:
             made = py_compile.compile(path, dfile=os.path.join(inside, os.path.relpath(path, root)), doraise=True)

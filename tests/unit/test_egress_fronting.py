@@ -77,7 +77,7 @@ def test_a_tls_tunnel_must_name_its_own_host() -> None:
 def test_a_client_hello_is_read_whole_across_records_and_reads_looked_at_once_each_record_is() -> None:
     hello = _client_hello("attacker.example")
     size = int.from_bytes(hello[3:5], "big")
-    assert check(hello[:1], "allowed.test") == More(5) and check(hello[:4], "allowed.test") == More(5)
+    assert check(hello[:1], "allowed.test") == More(2) and check(hello[:4], "allowed.test") == More(5)
     for cut in (5, 40, len(hello) - 1):
         assert check(hello[:cut], "allowed.test") == More(5 + size), cut  # the rest of its record
     message = hello[5:]
@@ -121,10 +121,16 @@ def test_plain_http_inside_a_tunnel_is_refused_however_it_is_dressed_and_other_p
     for first in (b"GET / HTTP/1.1\r\nHost: attacker.example\r\n\r\n", b"\r\n\r\nget /x http/1.0\n",
                   b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"POST\t/ HTTP/1.1\r\n",
                   b"X" * 40 + b" / HTTP/1.1\r\n",  # a method of any length (servers route unknown ones too)
-                  "GET /\u00e9 HTTP/1.1\r\n".encode()):  # fmt: skip
+                  "GET /\u00e9 HTTP/1.1\r\n".encode(),
+                  # What a server may take for spaces (RFC 9112: VT, FF, a bare CR), control bytes in it.
+                  b"GET\x0b/\x0bHTTP/1.1\r\n", b"GET\x0c/ HTTP/1.1\r\n", b"GET\r/\rHTTP/1.1\r\n",
+                  b"GET /\x01 HTTP/1.1\r\n", b"GET / HTTP/1.1\x7f\r\n"):  # fmt: skip
         assert _said(check(first, "allowed.test")) == IN_A_TUNNEL, first
-    for partial in (b"GET", b"GET / HTTP/1.1", b"\r\n", b"HELLO"):
+    for partial in (b"GET", b"\r\n", b"HELLO"):
         assert check(partial, "allowed.test") == More(len(partial) + 1), partial
+    # A request line under way is looked at again once a line ends in what comes (not at each byte).
+    assert check(b"GET / HTTP/1.1", "allowed.test") == More(15, line_end=True)
+    assert check(b"GET /\x01", "allowed.test") == More(7, line_end=True)
     # Held to the proxy's bound on a head: past it, never passed on unseen.
     never = "first bytes that said nothing of what they are in 16 KiB"
     for endless in (b"\r\n" * 8192, b"GET /" + b"a" * 16400, b"X" * 16384):
@@ -133,7 +139,9 @@ def test_plain_http_inside_a_tunnel_is_refused_however_it_is_dressed_and_other_p
         assert refused.said.startswith(b"HTTP/1.1 403 Forbidden\r\n") and never.encode() in refused.said
     for other in (b"SSH-2.0-OpenSSH_9.2\r\n", b"\x00\x00\x00\x08\x04\xd2\x16\x2f", b"*1\r\n$4\r\nPING\r\n",
                   b"SET key value\r\n", b"\x80\x2e\x01\x03\x01",
-                  b"0039git-upload-pack /project.git\x00host=allowed.test\x00"):  # fmt: skip
+                  b"0039git-upload-pack /project.git\x00host=allowed.test\x00",
+                  # A database's message whose length's low byte is a TLS record's type (MySQL, MongoDB).
+                  b"\x16\x01\x00\x00\x03SELECT 1", b"\x17\x00\x00\x00\x01\x02"):  # fmt: skip
         assert check(other, "allowed.test") is None, other
 
 

@@ -72,5 +72,19 @@ def test_every_value_a_servers_environment_may_hold_is_hidden_and_hidden_before_
     error = _answered_error("s.a", MCPError(-32001, straddling), None, hidden)
     assert "tool-a-key" not in str(error) and "BBB" not in str(error), str(error)[-60:]
     output = ServerOutput(hidden=hidden)
-    output.note_stderr(b"key=tool-c-key-CCCCCC\n" + b"y" * (MAX_STDERR - 12) + b"\nthe end\n")  # its start let go
-    assert "CC" not in output.describe() and output.describe().endswith("y | the end"), output.describe()[-40:]
+    output.note_stderr(b"key=tool-c-key-CCCCCC\n" + b"y" * (MAX_STDERR - 30) + b"\nline two\nthe end\n")  # start let go
+    assert "CC" not in output.describe() and output.describe().endswith(": line two | the end"), output.describe()[-40:]
+
+
+def test_a_value_of_several_lines_cut_by_stderrs_bound_is_not_said_in_part() -> None:
+    from stockade.mcp.config import IsolationConfig
+    from stockade.mcp.tools import hidden_values
+    from stockade.mcp.transport import MAX_STDERR, ServerOutput
+
+    key = "-----BEGIN KEY-----\nAAAAsecretline1AAAA\nBBBBsecretline2BBBB\nCCCCsecretline3CCCC\n-----END KEY-----"
+    config = IsolationConfig.parse({"mcp_servers": {"s": {"command": "x", "env": {"PEM": key}}}})
+    output = ServerOutput(hidden=hidden_values(config.server("s")))
+    ahead = b"y" * (MAX_STDERR - len(key) + 10) + b"\nline two\n"  # the bound cuts the value's first line off
+    output.note_stderr(key.encode() + b"\n" + ahead + b"the end\n")
+    said = output.describe()
+    assert "secretline" not in said and "END KEY" not in said and said.endswith(": line two | the end"), said[-80:]

@@ -455,7 +455,9 @@ async def _relay_both(
                     data = b""  # none are sent
                     break
                 data += more
-                if len(data) >= said.needed:
+                if len(data) >= said.needed and (
+                    not said.line_end or b"\n" in more or len(data) >= tunnel_check.MAX_LINE_BYTES
+                ):
                     said = check(data)
             while data:
                 record.bytes_sent += len(data)

@@ -79,6 +79,11 @@ class Redactor:
         by ``[REDACTED:NAME]``: what leaves an isolate."""
         return cls(each_form({v: f"[REDACTED:{k}]" for k, v in values.items()}))
 
+    @property
+    def longest(self) -> int:
+        """The length, in bytes, of the longest form of a value it replaces."""
+        return len(self._pairs[0][0]) if self._pairs else 0
+
     def __bool__(self) -> bool:
         return bool(self._pairs)
 

@@ -42,8 +42,8 @@ _HANDSHAKE, _CLIENT_HELLO = 0x16, 0x01
 _RECORD_TYPES = frozenset({0x14, 0x15, 0x16, 0x17, 0x18})  # change_cipher_spec .. heartbeat
 _SERVER_NAME, _ECH, _ESNI_DRAFT = 0x0000, 0xFE0D, 0xFFCE
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP method's characters
-_HTTP_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+[ \t]+\S+[ \t]+HTTP/", re.IGNORECASE)
-_NOT_IN_A_LINE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # no server takes these in a request line
+# What a server may take for the spaces of a request line (RFC 9112 3: SP, HTAB, VT, FF, bare CR).
+_SPACES = b" \t\x0b\x0c\r"
 # A fatal TLS alert, access_denied: a TLS client says why it was closed, not "connection reset".
 _TLS_DENIED = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49])
 
@@ -51,6 +51,7 @@ _TLS_DENIED = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49])
 @dataclass(frozen=True)
 class More:
     needed: int  # the least length of the first bytes worth looking at again
+    line_end: bool = False  # and only once a line ends in what comes (or the bound on a line is reached)
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,13 @@ def check(first: bytes, host: str) -> More | Refusal | None:
     """``More``, None (``first`` may go on to ``host``), or why the tunnel is refused."""
     if not first:
         return More(1)
-    if first[0] == _HANDSHAKE:
-        return _check_hello(first, host)
     if first[0] in _RECORD_TYPES:
         if len(first) < 2:
             return More(2)
-        if first[1] == 0x03:  # a TLS record of another type first: a front may skip it, this would not look on
+        if first[1] == 0x03:  # TLS (another protocol's message may begin with the same byte)
+            if first[0] == _HANDSHAKE:
+                return _check_hello(first, host)
+            # A record of another type first: a front may skip it, and this would not look on.
             return _refused_tls("a TLS record before its ClientHello")
     return _check_text(first)
 
@@ -98,25 +100,25 @@ def _check_text(first: bytes) -> More | Refusal | None:
     token = _TOKEN.match(text)
     if not text or (token is not None and token.end() == len(text)):
         return _more_of_a_line(first)  # empty lines, or a method, so far
-    if token is None or text[token.end() : token.end() + 1] not in (b" ", b"\t"):
+    if token is None or text[token.end()] not in _SPACES:
         return None  # no request line starts so
     line_end = text.find(b"\n")
-    line = text if line_end < 0 else text[:line_end]
-    if _NOT_IN_A_LINE.search(line):
-        return None  # a byte no request line holds: another protocol (git's "0039git-upload-pack /x\0...")
     if line_end < 0:
-        return _more_of_a_line(first)
-    if _HTTP_LINE.match(line):
+        if b"\x00" in text:
+            return None  # no server takes a NUL in a request line: another protocol (git's "0039git-upload-pack /x\0")
+        return _more_of_a_line(first, line_end=True)
+    if b"http/" in text[:line_end].lower():  # whatever else the line holds, a server may take it for HTTP
         return _refused_http("plain HTTP inside a tunnel (send it to the proxy as an http:// URL, whose Host it sets)")
     return None
 
 
-def _more_of_a_line(first: bytes) -> More | Refusal:
-    """Waiting for the rest of what may be a request line: up to the proxy's bound on a head, past
-    which it is refused (passed on, it could be a request line the check never saw end)."""
+def _more_of_a_line(first: bytes, line_end: bool = False) -> More | Refusal:
+    """Waiting for the rest of what may be a request line (``line_end``: its end): up to the
+    proxy's bound on a head, past which it is refused (passed on, it could be a request line the
+    check never saw end)."""
     if len(first) >= MAX_LINE_BYTES:
         return _refused_http(f"first bytes that said nothing of what they are in {MAX_LINE_BYTES >> 10} KiB")
-    return More(len(first) + 1)
+    return More(len(first) + 1, line_end)
 
 
 def _refused_tls(reason: str) -> Refusal:

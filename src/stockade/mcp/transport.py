@@ -132,7 +132,7 @@ class ServerOutput:
     exit_code: int | None = None
     broken: str | None = None  # why the transport stopped reading, when the server did not just end
     hidden: Redactor | None = None  # the values of the server's environment, never quoted (tools.hidden_values)
-    cut: bool = False  # stderr's start was let go: its first line is a piece of one (a value's end, maybe)
+    cut: bool = False  # stderr's start was let go: what it begins with may be a piece of a value
 
     def note_stderr(self, data: bytes) -> None:
         self.stderr += data
@@ -144,8 +144,11 @@ class ServerOutput:
         """What is known of why the server went: the transport's reason, its exit, its last
         stderr lines and ``cause`` (the session's error), none of them able to steer a terminal,
         nor quoting a value of the server's environment."""
-        lines = self.hide(self.stderr.decode("utf-8", errors="replace")).strip().splitlines()
-        lines = lines[1 if self.cut else 0 :][-5:]
+        data = bytes(self.stderr)
+        if self.cut:  # from the first line that starts past where any hidden value cut in two could end
+            start = data.find(b"\n", self.hidden.longest if self.hidden is not None else 0)
+            data = data[start + 1 :] if start >= 0 else b""
+        lines = self.hide(data.decode("utf-8", errors="replace")).strip().splitlines()[-5:]
         said = [printable(line) for line in lines]  # the server's words: no terminal control in them
         parts = [self.broken] if self.broken else []
         if self.exit_code is not None:
