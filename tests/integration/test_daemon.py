@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,6 +211,13 @@ def test_an_execute_cancelled_while_its_isolate_starts_is_answered_cancelled(pro
 
     async def scenario() -> None:
         controller = Controller(DaemonConfig(pool_size=0))  # no warm isolate: each run starts one in a thread
+        told: list[tuple[str, str | None]] = []
+
+        class Listener:  # the audit log's and the metrics' view: the run is told, as ended by its caller
+            def execution(self, caller: object, agent_id: object, result: Any, held: bool, first: bool) -> None:
+                told.append((result.termination_reason, result.error))
+
+        controller.listeners.append(Listener())  # type: ignore[arg-type]
         try:
             task = asyncio.create_task(controller.execute(ExecuteRequest(command=["true"]), unix_caller(0)))
             for _ in range(1000):  # a few loop turns: the run is counted in before its isolate starts
@@ -222,6 +230,11 @@ def test_an_execute_cancelled_while_its_isolate_starts_is_answered_cancelled(pro
             with pytest.raises(RunCancelledError, match=r"cancelled by uid 0 \(execute.cancel\) before it started"):
                 await task
             assert controller.running == {}
+            for _ in range(200):
+                if told:
+                    break
+                await asyncio.sleep(0.05)
+            assert told == [("killed", "cancelled by uid 0 (execute.cancel) before it started")], told
         finally:
             await controller.shutdown(0.0)
 
@@ -752,6 +765,54 @@ def test_a_create_waiting_in_line_ends_with_its_caller(process_runtime: str) -> 
     with open(d.audit_log) as f:
         creates = [r for r in map(json.loads, f) if r.get("event") == "sandbox.create"]
     assert len(creates) == 1, creates
+
+
+def test_a_held_sandbox_whose_isolate_ended_is_closed_at_once_and_says_why(process_runtime: str) -> None:
+    # It kept its slot, its cgroups and its "running" processes until its idle timeout (10 minutes),
+    # every call answered that it had ended: an owner at its share was refused meanwhile.
+    d = start_daemon({"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_LIMIT": "0"})
+    try:
+        with Client(d.socket_path) as c:
+            sid = c.create_sandbox({"on_violation": "kill"})
+            ptrace = "import ctypes; ctypes.CDLL(None).ptrace(0, 0, 0, 0)"
+            killed = c.sandbox_exec(sid, ["python3", "-c", ptrace])
+            assert killed.termination_reason == "violation", killed.summary()
+            deadline = time.monotonic() + 30
+            while c.status()["total_count"]:
+                assert time.monotonic() < deadline, "the ended sandbox kept its slot"
+                time.sleep(0.05)
+            ended = rf"^sandbox '{sid}' has ended: the isolate was killed after a policy violation"
+            with pytest.raises(NotFoundError, match=ended):
+                c.sandbox_exec(sid, ["true"])
+            other = c.create_sandbox()  # its slot is free for the next
+            assert c.sandbox_exec(other, ["true"]).success
+    finally:
+        assert d.stop() == 0
+    with open(d.audit_log) as f:
+        ends = [r for r in map(json.loads, f) if r.get("event") == "sandbox.end"]
+    assert [(r["sandbox_id"], r["ended"]) for r in ends][:1] == [(sid, "lost")], ends
+
+
+def test_a_request_still_waiting_when_the_daemon_stops_is_answered_so(process_runtime: str) -> None:
+    # Its connection was closed under it: the client read an end of file, not why.
+    d = start_daemon({"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_LIMIT": "4", "STOCKADE_QUEUE_TIMEOUT": "300",
+                      "STOCKADE_SHUTDOWN_GRACE": "1"})  # fmt: skip
+    try:
+        with Client(d.socket_path) as holder, socket.socket(socket.AF_UNIX) as waiting:
+            holder.create_sandbox()
+            waiting.settimeout(60)
+            waiting.connect(d.socket_path)
+            waiting.sendall(b'{"method": "sandbox.create", "params": {}, "id": 7}\n')
+            deadline = time.monotonic() + 30
+            while holder.status()["waiting"] < 1:
+                assert time.monotonic() < deadline, "the create never waited"
+                time.sleep(0.02)
+            assert d.stop() == 0
+            answer = json.loads(waiting.makefile("rb").readline())
+            assert (answer["id"], answer["error_code"]) == (7, "unavailable"), answer
+            assert answer["error"] == "Shutting down: the daemon stopped before this request was done"
+    finally:
+        d.stop()
 
 
 def test_socket_permissions_and_stale_socket(process_runtime: str, tmp_path: os.PathLike[str]) -> None:

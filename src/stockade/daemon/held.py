@@ -217,11 +217,15 @@ class HeldSandboxes(ControllerCalls):
             f"sandbox {held.sandbox_id!r} was closed after {held.idle_timeout_s:g} s without a call "
             "or a connection to a published port (idle_timeout)"
         )
+        log.info("closing sandbox %s of %s: idle for %g s", held.sandbox_id, held.caller.owner, held.idle_timeout_s)
+        self._close_later(held, "idle", why)
+
+    def _close_later(self, held: Held, ended: str, why: str) -> None:
+        """Close ``held`` in a task of its own (``ended``: the listeners' word), its later calls told ``why``."""
         self._expired[held.sandbox_id] = (held.caller.owner, why)
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)
-        log.info("closing sandbox %s of %s: idle for %g s", held.sandbox_id, held.caller.owner, held.idle_timeout_s)
-        task = asyncio.get_running_loop().create_task(self._close_quietly(held, "idle"))
+        task = asyncio.get_running_loop().create_task(self._close_quietly(held, ended))
         self._closing.add(task)  # a task nobody awaits must be referenced until it ends
         task.add_done_callback(self._closing.discard)
 

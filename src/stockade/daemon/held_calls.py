@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -56,6 +57,8 @@ MAX_ERROR_CHARS = 2000  # of the error a run without a result is recorded with (
 # The most one read_file answers (the client's answer line, base64, stays under its 64 MiB).
 READ_FILE_MAX = 32 << 20
 
+log = logging.getLogger("stockade.daemon")
+
 # What one owner's calls waiting for their held sandboxes' turn may hold (a held sandbox runs one
 # call at a time): so many calls, and so many bytes of their data (a file, stdin, code). Past
 # either, "busy" at once: a waiting call keeps its request, and an HTTP client's that went away
@@ -77,6 +80,7 @@ class HeldCalls(ControllerCalls):
 
         def _lookup(self, request: SandboxRef, caller: Caller) -> Held: ...
         def _watch_idle(self, held: Held, delay: float | None = None) -> None: ...
+        def _close_later(self, held: Held, ended: str, why: str) -> None: ...
 
     def sandbox_call_now(
         self, request: SandboxExec | SandboxRunCode, caller: Caller, done: Callable[[ExecResult | Exception], None]
@@ -136,7 +140,16 @@ class HeldCalls(ControllerCalls):
         held.calls -= 1
         held.last_used = time.monotonic()
         self._track(-1)
-        if self.held.get(held.sandbox_id) is held:
+        if self.held.get(held.sandbox_id) is not held:
+            return
+        # An isolate the call found ended (a run's timeout took it down, a kill for a violation,
+        # its processes killed from outside) is no sandbox: closed now, its slot freed, not held
+        # until its idle timeout while every call is answered that it has ended.
+        ended = getattr(held.sandbox, "ended", None)  # an isolate elsewhere (a Ray node's) may not know
+        if ended:
+            log.info("closing sandbox %s of %s: %s", held.sandbox_id, held.caller.owner, ended)
+            self._close_later(held, "lost", f"sandbox {held.sandbox_id!r} has ended: {ended}")
+        else:
             self._watch_idle(held)
 
     async def _held_call(

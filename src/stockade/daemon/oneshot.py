@@ -164,9 +164,11 @@ class OneShotRuns(ControllerCalls):
                 self._ended(running.execution_id)
                 raise
         if running.cancelled is not None:  # while its isolate was being started
-            self._dispose_after_answer(sandbox)
+            why = f"{running.cancelled} before it started"
+            # Told to the listeners as any run ended by its caller is (the audit log had no record of it).
+            self._record_unanswered(running, sandbox, request, "killed", why)
             self._ended(running.execution_id)
-            raise RunCancelledError(f"{running.cancelled} before it started")
+            raise RunCancelledError(why)
         outcome: asyncio.Future[ExecResult | Exception] = asyncio.get_running_loop().create_future()
         abandon = self._launch(request, running, sandbox, outcome.set_result, on_output)
         try:

@@ -71,6 +71,7 @@ class Connection(asyncio.Protocol):
         self._pumping = False
         self._abandon: Callable[[], None] | None = None  # ends a run answered by callback
         self._task: asyncio.Task[None] | None = None
+        self._task_id: Any = None  # the id of the request it answers
         self._task_ends_with_caller = False
         self._write_paused = False
         self._eof = False
@@ -292,6 +293,7 @@ class Connection(asyncio.Protocol):
                 return
         self._busy = True
         self._task_ends_with_caller = method.ends_with_caller
+        self._task_id = msg_id
         self._task = asyncio.get_running_loop().create_task(self._awaited(method, request, msg_id, started))
 
     def _run_now(self, method: str, start: StartNow, msg_id: Any, started: float) -> bool:
@@ -391,8 +393,12 @@ class Connection(asyncio.Protocol):
         if self._abandon is not None:
             abandon, self._abandon = self._abandon, None
             abandon()
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
+            # Its answer would never come (a create starting its isolate, a call waiting its turn):
+            # said, rather than a connection closed under the client.
             self._task.cancel()
+            self.send(error_answer(self._task_id, "Shutting down: the daemon stopped before this request was done",
+                                   "unavailable"))  # fmt: skip
         if self.transport is not None:
             if self._write_paused:
                 self.transport.abort()  # its client reads nothing: its backlog would hold the close open

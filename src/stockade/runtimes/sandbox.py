@@ -283,6 +283,12 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def ended(self) -> str | None:
+        """Why the isolate has ended while its sandbox is not closed (a run's timeout or kill took
+        it down, a violation under ``on_violation: kill``); None while it runs."""
+        return self._death() if self._dead and not self._closed else None
+
     def close(self) -> None:
         if self._closed:
             return
