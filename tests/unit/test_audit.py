@@ -432,7 +432,7 @@ def test_verify_main_says_what_it_found_and_exits_accordingly(tmp_path: Path) ->
 def test_an_mcp_calls_record_keeps_the_names_of_the_secrets_it_used(tmp_path: Path) -> None:
     """Found by a new user: each egress entry of an mcp.call record read "[redacted]" in the log
     (a field named ``secrets_used`` looks like a secret to the redaction), names and empty lists alike."""
-    from stockade.mcp.tools import call_record
+    from stockade.mcp.records import call_record
 
     verdict = {"egress_requests": [
         {"host": "api.test", "port": 443, "method": "GET", "allowed": True, "secrets_used": ["APIKEY"]},
@@ -448,7 +448,7 @@ def test_an_mcp_calls_record_keeps_the_names_of_the_secrets_it_used(tmp_path: Pa
 
 def test_an_mcp_calls_egress_is_bounded_as_a_runs_is() -> None:
     from stockade.audit import MAX_AUDITED_EGRESS
-    from stockade.mcp.tools import call_record
+    from stockade.mcp.records import call_record
 
     long = "x" * 4000
     verdict = {"egress_requests": [{"host": long, "port": 443, "method": long, "allowed": True}] * 100}

@@ -55,7 +55,8 @@ def test_every_value_a_servers_environment_may_hold_is_hidden_and_hidden_before_
     from mcp import MCPError
 
     from stockade.mcp.config import IsolationConfig
-    from stockade.mcp.tools import _answered_error, hidden_values
+    from stockade.mcp.records import hidden_values
+    from stockade.mcp.tools import _answered_error
     from stockade.mcp.transport import MAX_STDERR, ServerOutput
 
     config = IsolationConfig.parse({"mcp_servers": {"s": {
@@ -78,7 +79,7 @@ def test_every_value_a_servers_environment_may_hold_is_hidden_and_hidden_before_
 
 def test_a_value_of_several_lines_cut_by_stderrs_bound_is_not_said_in_part() -> None:
     from stockade.mcp.config import IsolationConfig
-    from stockade.mcp.tools import hidden_values
+    from stockade.mcp.records import hidden_values
     from stockade.mcp.transport import MAX_STDERR, ServerOutput
 
     key = "-----BEGIN KEY-----\nAAAAsecretline1AAAA\nBBBBsecretline2BBBB\nCCCCsecretline3CCCC\n-----END KEY-----"

@@ -95,7 +95,8 @@ def active(controller: Controller) -> list[ActiveSandbox]:
 async def call_tool(controller: Controller, request: McpCall, caller: Caller) -> McpResult:
     try:
         from ..mcp.config import IsolationConfig
-        from ..mcp.tools import ToolError, call_record
+        from ..mcp.records import call_record
+        from ..mcp.tools import ToolError
     except ImportError as exc:
         raise ConfigError(f"this daemon has no MCP SDK: pip install 'stockade[mcp]' where it runs ({exc})") from None
     config = IsolationConfig.parse(request.config, "the request's config")
@@ -151,7 +152,8 @@ def _observe(
 
 
 async def _host(controller: Controller, config: Any, caller: Caller) -> _Kept:
-    from ..mcp.tools import ToolHost, report_record
+    from ..mcp.records import report_record
+    from ..mcp.tools import ToolHost
     from ..mcp.transport import ReadBudget
 
     hosts = _hosts.setdefault(controller, _Hosts())

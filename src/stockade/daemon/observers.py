@@ -267,7 +267,7 @@ class Observers:
             self._auth_unrecorded = 0
 
     def mcp_event(self, caller: Caller, event: str, record: dict[str, Any], verdict: dict[str, Any]) -> None:
-        """One MCP tool call the daemon made for ``caller`` (``mcp.call``: ``mcp/tools.call_record``), or
+        """One MCP tool call the daemon made for ``caller`` (``mcp.call``: ``mcp/records.call_record``), or
         what a server's isolate did outside one (``mcp.report``); ``verdict``'s violations counted."""
         records = [validate(SecurityViolation, v) for v in verdict.get("security_violations") or []]
         counts = verdict.get("violation_counts") or {}

@@ -33,7 +33,8 @@ from ..audit import AuditLog
 from ..errors import printable, without_controls
 from .config import IsolationConfig
 from .http import serve_http
-from .tools import ToolError, ToolHost, call_record, report_record
+from .records import call_record, report_record
+from .tools import ToolError, ToolHost
 
 log = logging.getLogger("stockade.mcp")
 SEPARATOR = "."

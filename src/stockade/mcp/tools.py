@@ -31,13 +31,13 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CONNECTION_CLOSED
 from pydantic import ValidationError
 
-from ..audit import MAX_AUDITED_EGRESS, short_text
-from ..egress.redact import Redactor, each_form
+from ..egress.redact import Redactor
 from ..errors import ConfigError, StockadeError, printable
 from ..policy import Policy
 from ..runtimes.manager import RuntimeManager, default_manager
 from ..sdk import Sandbox
 from .config import IsolationConfig, ServerConfig
+from .records import hidden_values
 from .transport import ReadBudget, ServerOutput, process_transport
 
 T = TypeVar("T")
@@ -473,53 +473,10 @@ async def _end(
     return {**verdict, "termination_reason": reason}
 
 
-def call_record(
-    server_id: str, tool: str, argument_bytes: int, outcome: str, verdict: dict[str, Any], error: str | None = None
-) -> dict[str, Any]:
-    """A tool call's audit record (``mcp.call``): never its arguments, its result or a secret's value."""
-    egress = verdict.get("egress_requests") or []
-    return {
-        "server": server_id, "tool": tool, "argument_bytes": argument_bytes, "outcome": outcome, "error": error,
-        "runtime": verdict.get("runtime"), "violations": verdict.get("violation_counts") or {},
-        # The names as the daemon's execution records carry them (``substituted``): the audit log
-        # redacts any field named like a secret ("secrets_used" included), names and all.
-        "egress": [{"host": _text(r.get("host")), "port": r.get("port"), "method": _text(r.get("method")),
-                    "allowed": r.get("allowed"), "substituted": r.get("secrets_used") or []}
-                   for r in egress[:MAX_AUDITED_EGRESS]],
-        "egress_dropped": max(0, len(egress) - MAX_AUDITED_EGRESS),
-    }  # fmt: skip
-
-
-def _text(value: Any) -> str | None:
-    return short_text(value) if isinstance(value, str) else None
-
-
-def report_record(server_id: str, what: str, verdict: dict[str, Any]) -> dict[str, Any]:
-    """An isolate's report outside a tool call (``mcp.report``: ``ToolHost``'s ``on_report``)."""
-    record = call_record(server_id, "", 0, what, verdict)
-    return {k: record[k] for k in ("server", "runtime", "violations", "egress", "egress_dropped")} | {"what": what}
-
-
 def _with_verdict(result: types.CallToolResult, verdict: dict[str, Any]) -> types.CallToolResult:
     meta = dict(result.meta or {})
     meta["stockade"] = verdict
     return result.model_copy(update={"meta": meta})
-
-
-MIN_HIDDEN_CHARS = 6  # shorter values ("1", "true", "debug") are no keys, and would blot out words
-
-
-def hidden_values(server: ServerConfig) -> Redactor | None:
-    """A redactor of the values of ``server``'s environment (its ``env``, its and its tools'
-    ``env_vars``) of MIN_HIDDEN_CHARS or more, each said as ``[REDACTED:NAME]``."""
-    # By value, every source's: one name set in several places holds a value in each.
-    hidden = {
-        value: f"[REDACTED:{name}]"
-        for source in (server.env, server.env_vars or {}, *(t.env_vars or {} for t in server.tools.values()))
-        for name, value in source.items()
-        if len(value) >= MIN_HIDDEN_CHARS
-    }
-    return Redactor(each_form(hidden)) if hidden else None
 
 
 def _answered_error(

@@ -131,7 +131,7 @@ class ServerOutput:
     stderr: bytearray = field(default_factory=bytearray)
     exit_code: int | None = None
     broken: str | None = None  # why the transport stopped reading, when the server did not just end
-    hidden: Redactor | None = None  # the values of the server's environment, never quoted (tools.hidden_values)
+    hidden: Redactor | None = None  # the values of the server's environment, never quoted (records.hidden_values)
     cut: bool = False  # stderr's start was let go: what it begins with may be a piece of a value
 
     def note_stderr(self, data: bytes) -> None:
