@@ -793,6 +793,36 @@ def test_a_held_sandbox_whose_isolate_ended_is_closed_at_once_and_says_why(proce
     assert [(r["sandbox_id"], r["ended"]) for r in ends][:1] == [(sid, "lost")], ends
 
 
+def test_a_call_waiting_its_turn_on_a_sandbox_whose_isolate_ends_is_told_why(process_runtime: str) -> None:
+    d = start_daemon({"STOCKADE_SHUTDOWN_GRACE": "1"})
+    try:
+        with Client(d.socket_path) as first, Client(d.socket_path) as second:
+            sid = first.create_sandbox({"on_violation": "kill"}, keep=True)
+            ptrace = "import ctypes, time; time.sleep(1); ctypes.CDLL(None).ptrace(0, 0, 0, 0)"
+            killed: list[ExecResult] = []
+            running = threading.Thread(target=lambda: killed.append(first.sandbox_exec(sid, ["python3", "-c", ptrace])))
+            running.start()
+            time.sleep(0.3)  # the first call holds the sandbox's turn: this one waits for it
+            with pytest.raises(NotFoundError, match=rf"^sandbox '{sid}' has ended: the isolate was killed after a"):
+                second.sandbox_exec(sid, ["true"])
+            running.join(60)
+            assert killed and killed[0].termination_reason == "violation"
+            # A stop is no loss: a sandbox whose call the stop ended is recorded as the stop's.
+            busy = first.create_sandbox(keep=True)
+            stopped: list[ExecResult] = []
+            slow = threading.Thread(target=lambda: stopped.append(first.sandbox_exec(busy, ["sleep", "30"])))
+            slow.start()
+            time.sleep(0.5)
+            assert d.stop() == 0  # past its grace (1 s), the call is ended
+            slow.join(60)
+            assert stopped and stopped[0].termination_reason == "killed", stopped
+    finally:
+        d.stop()
+    with open(d.audit_log) as f:
+        ends = {r["sandbox_id"]: r["ended"] for r in map(json.loads, f) if r.get("event") == "sandbox.end"}
+    assert ends == {sid: "lost", busy: "daemon stopped"}, ends
+
+
 def test_a_request_still_waiting_when_the_daemon_stops_is_answered_so(process_runtime: str) -> None:
     # Its connection was closed under it: the client read an end of file, not why.
     d = start_daemon({"STOCKADE_MAX_SANDBOXES": "1", "STOCKADE_QUEUE_LIMIT": "4", "STOCKADE_QUEUE_TIMEOUT": "300",

@@ -221,17 +221,20 @@ class HeldSandboxes(ControllerCalls):
         self._close_later(held, "idle", why)
 
     def _close_later(self, held: Held, ended: str, why: str) -> None:
-        """Close ``held`` in a task of its own (``ended``: the listeners' word), its later calls told ``why``."""
+        """Close ``held`` (``ended``: the listeners' word): out of the held sandboxes now, so that a
+        call waiting its turn is told ``why``, as later ones are; released in a task of its own."""
         self._expired[held.sandbox_id] = (held.caller.owner, why)
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)
+        if not self._take_out(held):
+            return
         task = asyncio.get_running_loop().create_task(self._close_quietly(held, ended))
         self._closing.add(task)  # a task nobody awaits must be referenced until it ends
         task.add_done_callback(self._closing.discard)
 
     async def _close_quietly(self, held: Held, ended: str) -> None:
         try:
-            await self._close(held, ended=ended)
+            await self._end_taken_out(held, None, ended)
         except Exception:
             log.exception("closing %s sandbox %s failed", ended, held.sandbox_id)
 
@@ -252,12 +255,21 @@ class HeldSandboxes(ControllerCalls):
         its last run (a process that run left running) is taken before its
         isolate goes, for the audit log and metrics: no run reports it.
         """
+        if self._take_out(held):
+            await self._end_taken_out(held, interrupt, ended)
+
+    def _take_out(self, held: Held) -> bool:
+        """``held`` out of the held sandboxes, listed by ``status`` as closing until its slot is
+        free; False: it was out already (closed, or being closed)."""
         if self.held.pop(held.sandbox_id, None) is None:
-            return
+            return False
         if held.idle_timer is not None:
             held.idle_timer.cancel()
             held.idle_timer = None
-        self.closing[held.sandbox_id] = held  # listed by ``status`` until its slot is free
+        self.closing[held.sandbox_id] = held
+        return True
+
+    async def _end_taken_out(self, held: Held, interrupt: str | None, ended: str) -> None:
         # A task of its own: a close whose caller goes (a client gone, the daemon stopping) still
         # releases the isolate, frees its slot and says so; the daemon's stop waits for it.
         ending = asyncio.ensure_future(self._end_held(held, interrupt, ended))

@@ -14,6 +14,7 @@ import base64
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -75,6 +76,7 @@ class HeldCalls(ControllerCalls):
     answers: AnswerBudget
     _settling: set[asyncio.Task[None]]  # calls given up by their callers, their sandbox's turn kept until they end
     _waiting: dict[str, tuple[int, int]]  # owner -> its calls waiting for a held sandbox's turn, their bytes
+    _expired: OrderedDict[str, tuple[str, str]]  # sandbox id -> (owner, why it was closed)
 
     if TYPE_CHECKING:  # HeldSandboxes' (held.py), which this works beside (no stub of them here shadows them)
 
@@ -136,20 +138,21 @@ class HeldCalls(ControllerCalls):
         self._observe(caller, held.agent_id, outcome, held)
 
     def _held_call_ended(self, held: Held) -> None:
+        still_held = self.held.get(held.sandbox_id) is held
+        # An isolate the call found ended (a kill for a violation, a run that took it down, its
+        # processes killed from outside) is no sandbox: closed now, its slot freed, rather than held
+        # until its idle timeout while every call is answered that it has ended. Out of the held
+        # before its turn passes on: a call waiting for it is told why. (An isolate elsewhere, a Ray
+        # node's, may not know.)
+        ended = getattr(held.sandbox, "ended", None) if still_held else None
+        if ended:
+            log.info("closing sandbox %s of %s: %s", held.sandbox_id, held.caller.owner, ended)
+            self._close_later(held, "lost", f"sandbox {held.sandbox_id!r} has ended: {ended}")
         held.lock.release()
         held.calls -= 1
         held.last_used = time.monotonic()
         self._track(-1)
-        if self.held.get(held.sandbox_id) is not held:
-            return
-        # An isolate the call found ended (a run's timeout took it down, a kill for a violation,
-        # its processes killed from outside) is no sandbox: closed now, its slot freed, not held
-        # until its idle timeout while every call is answered that it has ended.
-        ended = getattr(held.sandbox, "ended", None)  # an isolate elsewhere (a Ray node's) may not know
-        if ended:
-            log.info("closing sandbox %s of %s: %s", held.sandbox_id, held.caller.owner, ended)
-            self._close_later(held, "lost", f"sandbox {held.sandbox_id!r} has ended: {ended}")
-        else:
+        if still_held and not ended:
             self._watch_idle(held)
 
     async def _held_call(
@@ -190,7 +193,8 @@ class HeldCalls(ControllerCalls):
         ended_later = False
         try:
             if self.held.get(held.sandbox_id) is not held:  # closed while this call waited its turn
-                raise NotFoundError(f"sandbox {held.sandbox_id!r} was closed")
+                expired = self._expired.get(held.sandbox_id)
+                raise NotFoundError(expired[1] if expired is not None else f"sandbox {held.sandbox_id!r} was closed")
             if large_answer:
                 self.answers.refuse_new(caller.owner)
             return await call(held)

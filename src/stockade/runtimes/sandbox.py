@@ -285,9 +285,10 @@ class AgentSandbox(AgentFiles, AgentProcesses, AgentResults, abc.ABC):
 
     @property
     def ended(self) -> str | None:
-        """Why the isolate has ended while its sandbox is not closed (a run's timeout or kill took
-        it down, a violation under ``on_violation: kill``); None while it runs."""
-        return self._death() if self._dead and not self._closed else None
+        """Why the isolate has ended of itself while its sandbox is not closed (a violation under
+        ``on_violation: kill``, a run that took it down, its processes killed from outside); None
+        while it runs, or when its caller ended it (``cancel``: a close, the daemon's stop)."""
+        return self._death() if self._dead and not self._closed and self._cancelled is None else None
 
     def close(self) -> None:
         if self._closed:
