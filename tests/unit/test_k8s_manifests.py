@@ -227,7 +227,7 @@ def test_the_controller_is_valid_scraped_and_as_closed_as_its_placement_allows(r
     # ... with a token of its own, which reads the metrics and runs nothing.
     assert endpoint["authorization"]["credentials"] == {"name": "stockade-metrics-token", "key": "token"}
     assert env["STOCKADE_METRICS_TOKEN"]["valueFrom"] == {
-        "secretKeyRef": {"name": "stockade-metrics-token", "key": "token"}
+        "secretKeyRef": {"name": "stockade-metrics-token", "key": "token", "optional": True}
     }
     assert monitor["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     enforce = namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]

@@ -47,7 +47,11 @@ def _env(ray_address: str | None) -> list[dict[str, Any]]:
     placement = json.dumps({"type": "ray", "address": ray_address}) if ray_address else "local"
     env: list[dict[str, Any]] = [
         {"name": "STOCKADE_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}},
-        {"name": "STOCKADE_METRICS_TOKEN", "valueFrom": {"secretKeyRef": {"name": METRICS_SECRET, "key": TOKEN_KEY}}},
+        # Optional: without it the controller still starts (only its scrapes fail, naming the Secret).
+        {
+            "name": "STOCKADE_METRICS_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": METRICS_SECRET, "key": TOKEN_KEY, "optional": True}},
+        },
         {"name": "STOCKADE_PLACEMENT", "value": placement},
         {"name": "HOME", "value": STATE_DIR},
         {"name": "STOCKADE_AUDIT_LOG", "value": f"{AUDIT_DIR}/audit.log"},
