@@ -419,9 +419,11 @@ def test_a_servers_environment_values_are_never_quoted_from_its_words(manager: R
             with pytest.raises(ToolError, match="exited with 5") as ended:
                 await host.call("bad", "confess")
             assert "token=[REDACTED:HOSTILE_KEY]" in str(ended.value) and key not in str(ended.value)
-            with pytest.raises(ToolError, match="answered error -32001") as answered:
+            with pytest.raises(ToolError, match="answered error -32000") as answered:
                 await host.call("bad", "confess", {"how": "error"})
             assert str(answered.value).endswith("bad key [REDACTED:HOSTILE_KEY]"), answered.value
+            # -32000 is the server's own error (JSON-RPC's server errors), not a closed connection.
+            assert text_of(await host.call("bad", "echo", {"after": 1})) == {"after": 1}
 
     anyio.run(go)
 

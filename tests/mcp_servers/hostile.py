@@ -204,7 +204,7 @@ for line in sys.stdin:
     elif method == "tools/call" and request["params"]["name"] == "confess":  # its environment's value, said
         key = os.environ.get("HOSTILE_KEY", "")
         if (request["params"].get("arguments") or {}).get("how") == "error":
-            send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32001, "message": f"bad key {key}"}})
+            send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32000, "message": f"bad key {key}"}})
             continue
         sys.stderr.write(f"token={key}\n")
         sys.stderr.flush()

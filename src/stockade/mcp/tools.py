@@ -406,8 +406,13 @@ def _unwrapped() -> Iterator[None]:
 
 
 def _closed(exc: BaseException) -> bool:
-    """Whether ``exc`` says the session's connection is gone (not an error the server answered)."""
-    return not isinstance(exc, MCPError) or exc.error.code == CONNECTION_CLOSED
+    """Whether ``exc`` says the session's connection is gone (not an error the server answered).
+    The SDK says so with -32000, which servers use for errors of their own too (JSON-RPC's range of
+    server errors): only its own words are the SDK's."""
+    return not isinstance(exc, MCPError) or (exc.error.code == CONNECTION_CLOSED and exc.error.message == _CLOSED_SAID)
+
+
+_CLOSED_SAID = "Connection closed"  # the SDK's MCPError when the session's connection ends
 
 
 async def _within(timeout: float, server_id: str, answer: Awaitable[T]) -> T:
