@@ -428,6 +428,22 @@ def test_a_servers_environment_values_are_never_quoted_from_its_words(manager: R
     anyio.run(go)
 
 
+def test_a_servers_tools_are_read_from_every_page_of_its_listing(manager: RuntimeManager) -> None:
+    # Only the first page was read: a server that pages its tools offered the first of them alone.
+    paged = ToolHost(config(bad=hostile(args=["/mcp/hostile.py", "--pages", "3"])), manager)
+    names = [t.name for t in call_listing(paged)]
+    assert len(names) > 9 and names[:3] == ["snoop", "sleep", "garbage"] and "hidden_enum" in names, names
+    endless = ToolHost(config(bad=hostile(args=["/mcp/hostile.py", "--pages", "2", "--endless-pages"])), manager)
+    assert len(call_listing(endless)) == 2 * 64  # read no further than 64 pages
+
+
+def call_listing(host: ToolHost) -> list[Any]:
+    async def go() -> list[Any]:
+        return await host.list_tools("bad")
+
+    return anyio.run(go)
+
+
 def test_a_flooding_server_is_cut_off(manager: RuntimeManager) -> None:
     host = ToolHost(config(bad=hostile(lifecycle="persistent", timeout_secs=60)), manager)
 

@@ -16,6 +16,7 @@ a read of it could not say whose answer it is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -34,7 +35,7 @@ from ..errors import printable, without_controls
 from .config import IsolationConfig
 from .http import serve_http
 from .records import call_record, report_record
-from .tools import ToolError, ToolHost
+from .tools import ToolError, ToolHost, every_page
 
 log = logging.getLogger("stockade.mcp")
 SEPARATOR = "."
@@ -64,7 +65,7 @@ class Gateway:
 
         async def ask(server_id: str) -> None:
             try:
-                answers[server_id] = await self.host.request(server_id, _describe)
+                answers[server_id] = await self.host.request(server_id, functools.partial(_describe, server_id))
             except Exception as exc:  # noqa: BLE001 - whatever one server does (an answer of the wrong shape too) costs only it
                 self.unavailable[server_id] = printable(str(exc) or type(exc).__name__)  # its words, escaped
                 log.warning("MCP server %s offers nothing here: %s", server_id, self.unavailable[server_id])
@@ -219,11 +220,13 @@ async def serve(
             await server.run(read, write, server.create_initialization_options())
 
 
-async def _describe(session: ClientSession) -> tuple[list[types.Tool], list[types.Resource], list[types.Prompt]]:
+async def _describe(
+    server_id: str, session: ClientSession
+) -> tuple[list[types.Tool], list[types.Resource], list[types.Prompt]]:
     capabilities = session.server_capabilities or (await session.initialize()).capabilities
-    tools = (await session.list_tools()).tools if capabilities.tools else []
-    resources = (await session.list_resources()).resources if capabilities.resources else []
-    prompts = (await session.list_prompts()).prompts if capabilities.prompts else []
+    tools = await every_page(server_id, session.list_tools, "tools") if capabilities.tools else []
+    resources = await every_page(server_id, session.list_resources, "resources") if capabilities.resources else []
+    prompts = await every_page(server_id, session.list_prompts, "prompts") if capabilities.prompts else []
     return tools, resources, prompts
 
 

@@ -204,8 +204,8 @@ class ToolHost:
 
     async def list_tools(self, server_id: str) -> list[types.Tool]:
         """The tools ``server_id`` offers that its config exposes (asked of the server itself)."""
-        listed = await self.request(server_id, lambda session: session.list_tools())
-        return [t for t in listed.tools if self.config.exposes(server_id, t.name)]
+        listed = await self.request(server_id, lambda session: every_page(server_id, session.list_tools, "tools"))
+        return [t for t in listed if self.config.exposes(server_id, t.name)]
 
     async def request(self, server_id: str, ask: Callable[[ClientSession], Awaitable[T]]) -> T:
         """Any request of ``server_id`` (its capabilities, resources, prompts) by ``ask``: in its kept
@@ -403,6 +403,25 @@ def _unwrapped() -> Iterator[None]:
         if inner is group:
             raise
         raise inner from None
+
+
+MAX_PAGES = 64  # of one listing: a server whose cursors never end is read no further
+
+
+async def every_page(server_id: str, listing: Callable[..., Awaitable[Any]], field: str) -> list[Any]:
+    """Every item of a paginated listing (``session.list_tools``, ``field`` "tools"), its pages
+    followed by their ``nextCursor`` up to MAX_PAGES (only the first was read: a server that pages
+    its tools offered the first hundred or so)."""
+    found: list[Any] = []
+    params: types.PaginatedRequestParams | None = None
+    for _ in range(MAX_PAGES):
+        page = await listing(params=params)
+        found += getattr(page, field)
+        if not page.next_cursor:
+            return found
+        params = types.PaginatedRequestParams(cursor=page.next_cursor)
+    log.warning("MCP server %s lists its %s on more than %d pages: the rest are left out", server_id, field, MAX_PAGES)
+    return found
 
 
 def _closed(exc: BaseException) -> bool:
