@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -188,20 +189,23 @@ def test_a_token_file_every_user_may_read_is_warned_of(process_runtime: str, tmp
     import tempfile
 
     reachable = Path(tempfile.mkdtemp(prefix="stockade-token-"))
-    reachable.chmod(0o755)
-    open_token, own_token, hidden_token = reachable / "open", reachable / "own", tmp_path / "hidden"
-    for path, mode in ((open_token, 0o644), (own_token, 0o600), (hidden_token, 0o644)):
-        path.write_text(TOKEN + "\n")
-        path.chmod(mode)
-    os.chmod(tmp_path, 0o700)  # (its file's mode says nothing: nobody else reaches it)
-    for path, warned in ((open_token, True), (own_token, False), (hidden_token, False)):
-        d = start_daemon(args=("--token-file", str(path)))
-        try:
-            assert Client(d.socket_path, token_file=str(path)).ping() == "pong"
-            said = f"--token-file {path} is readable by every user on this host, who could sign requests"
-            assert (said in d.logs()) == warned, d.logs()
-        finally:
-            assert d.stop() == 0
+    try:
+        reachable.chmod(0o755)
+        open_token, own_token, hidden_token = reachable / "open", reachable / "own", tmp_path / "hidden"
+        for path, mode in ((open_token, 0o644), (own_token, 0o600), (hidden_token, 0o644)):
+            path.write_text(TOKEN + "\n")
+            path.chmod(mode)
+        os.chmod(tmp_path, 0o700)  # (its file's mode says nothing: nobody else reaches it)
+        for path, warned in ((open_token, True), (own_token, False), (hidden_token, False)):
+            d = start_daemon(args=("--token-file", str(path)))
+            try:
+                assert Client(d.socket_path, token_file=str(path)).ping() == "pong"
+                said = f"--token-file {path} is readable by every user on this host, who could sign requests"
+                assert (said in d.logs()) == warned, d.logs()
+            finally:
+                assert d.stop() == 0
+    finally:
+        shutil.rmtree(reachable)  # outside pytest's own temporary directories: removed here
 
 
 def test_the_start_bound_holds_for_one_window_and_takes_a_coarse_ts(monkeypatch: pytest.MonkeyPatch) -> None:
